@@ -1,0 +1,402 @@
+"""Configuration: `gateway.toml` parsed into typed, frozen objects.
+
+The dataclasses below are the one registry of settings. Their fields are the keys
+of the file (``upstream.url`` is ``UpstreamConfig.url``), their types are what
+the loader accepts, and `setting_paths()` lists them so a test can check that
+docs/configuration.md documents every one. Secrets are never in the file: the
+file names an environment variable and the value is resolved once, at load.
+
+Anything wrong refuses start-up with one line naming the full key path and what
+was expected, as a `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from gateway.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = "gateway.toml"
+
+# Environment variables that override the file (DESIGN.md, "Interfaces").
+ENV_CONFIG = "GATEWAY_CONFIG"
+ENV_DATABASE_URL = "GATEWAY_DATABASE_URL"
+ENV_UPSTREAM_URL = "GATEWAY_UPSTREAM_URL"
+ENV_UPSTREAM_API_KEY = "GATEWAY_UPSTREAM_API_KEY"
+ENV_ADMIN_TOKEN = "GATEWAY_ADMIN_TOKEN"
+
+
+def _setting(default: Any, *, minimum: float | None = None, secret: bool = False) -> Any:
+    return field(default=default, metadata={"min": minimum, "secret": secret})
+
+
+def _resolved(default: Any = "") -> Any:
+    """A value computed at load (a secret read from the environment), not a file key."""
+    return field(default=default, repr=False, metadata={"resolved": True, "secret": True})
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = _setting(8000, minimum=0)
+    workers: int = _setting(1, minimum=1)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_json_body_bytes: int = _setting(1_048_576, minimum=1)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    kind: Literal["dify"] = "dify"
+    url: str = "http://127.0.0.1:5001/v1"
+    api_key_env: str = "DIFY_API_KEY"
+    connect_timeout: float = _setting(5.0, minimum=0.001)
+    read_timeout: float = _setting(60.0, minimum=0.001)
+    total_timeout: float = _setting(600.0, minimum=0.001)
+    max_connections: int = _setting(512, minimum=1)
+    max_keepalive_connections: int = _setting(128, minimum=0)
+    keepalive_expiry: float = _setting(30.0, minimum=0)
+    transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    on_client_disconnect: Literal["drain", "stop"] = "drain"
+    disconnect_grace: float = _setting(120.0, minimum=0)
+    api_key: str = _resolved()
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    url: str = "sqlite:///gateway.db"
+    pool_min_size: int = _setting(1, minimum=0)
+    pool_max_size: int = _setting(10, minimum=1)
+    connect_timeout: float = _setting(5.0, minimum=0.001)
+    command_timeout: float = _setting(5.0, minimum=0.001)
+    spool_file: str = "gateway-spool.jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    mode: Literal["api_key"] = "api_key"
+    key_cache_ttl: float = _setting(30.0, minimum=0)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountingConfig:
+    timezone: str = "UTC"
+    default_plan: str = "free"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    token_env: str = ENV_ADMIN_TOKEN
+    token: str = _resolved()
+
+
+# The limits a plan can set and a per-user override can replace. An omitted limit
+# is unlimited; `advanced_rag` is a feature switch.
+LimitName = Literal[
+    "queries_per_day",
+    "tokens_per_day",
+    "tokens_per_month",
+    "web_searches_per_day",
+    "advanced_rag",
+    "file_size_mb",
+    "chat_history_days",
+    "max_concurrent_streams",
+]
+LIMIT_NAMES: tuple[LimitName, ...] = typing.get_args(LimitName)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    name: str = _resolved("")
+    queries_per_day: int | None = _setting(None, minimum=0)
+    tokens_per_day: int | None = _setting(None, minimum=0)
+    tokens_per_month: int | None = _setting(None, minimum=0)
+    web_searches_per_day: int | None = _setting(None, minimum=0)
+    advanced_rag: bool = True
+    file_size_mb: float | None = _setting(None, minimum=0)
+    chat_history_days: int | None = _setting(None, minimum=0)
+    max_concurrent_streams: int | None = _setting(None, minimum=0)
+
+    def with_overrides(self, overrides: Mapping[str, object]) -> Plan:
+        """This plan with per-user overrides applied (unknown names are ignored)."""
+        known = {k: v for k, v in overrides.items() if k in LIMIT_NAMES}
+        return dataclasses.replace(self, **known) if known else self  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    accounting: AccountingConfig = field(default_factory=AccountingConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    plans: Mapping[str, Plan] = field(default_factory=lambda: {"free": Plan(name="free")})
+    source: str | None = _resolved(None)
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.accounting.timezone)
+
+    def plan(self, name: str) -> Plan:
+        """The named plan, or the default plan when the name is no longer configured."""
+        return self.plans.get(name) or self.plans[self.accounting.default_plan]
+
+
+# --- loading -------------------------------------------------------------------
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
+) -> Config:
+    """Load and validate the configuration.
+
+    ``path`` defaults to ``$GATEWAY_CONFIG``, then ``./gateway.toml``; a missing
+    default file means built-in defaults. ``env`` defaults to ``os.environ``.
+    """
+    env = os.environ if env is None else env
+    explicit = path is not None or ENV_CONFIG in env
+    file = Path(path if path is not None else env.get(ENV_CONFIG, DEFAULT_CONFIG_FILE))
+    data: dict[str, Any] = {}
+    if file.exists() or explicit:
+        try:
+            with file.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{file}: no such configuration file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+    return parse_config(data, env=env, source=str(file) if data or explicit else None)
+
+
+def parse_config(
+    data: Mapping[str, Any], *, env: Mapping[str, str] | None = None, source: str | None = None
+) -> Config:
+    env = os.environ if env is None else env
+    data = dict(data)
+    plans_table = data.pop("plans", None)
+    config: Config = _build(Config, data, "", skip={"plans"})
+
+    plans: dict[str, Plan] = {}
+    if plans_table is None:
+        plans = dict(Config().plans)
+    elif not isinstance(plans_table, dict):
+        raise ConfigError(
+            f"plans: expected a table of [plans.NAME] tables, got {_kind(plans_table)}"
+        )
+    else:
+        for name, table in plans_table.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"plans.{name}: expected a table, got {_kind(table)}")
+            plans[name] = dataclasses.replace(_build(Plan, table, f"plans.{name}."), name=name)
+        if not plans:
+            raise ConfigError("plans: at least one [plans.NAME] table is required")
+
+    accounting = config.accounting
+    if accounting.default_plan not in plans:
+        raise ConfigError(
+            f"accounting.default_plan: no plan named {accounting.default_plan!r} "
+            f"(expected one of: {', '.join(sorted(plans))})"
+        )
+    try:
+        ZoneInfo(accounting.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"accounting.timezone: unknown time zone {accounting.timezone!r} "
+            "(expected an IANA name such as 'Asia/Ho_Chi_Minh' or 'UTC')"
+        ) from None
+
+    database = config.database
+    if ENV_DATABASE_URL in env:
+        database = dataclasses.replace(database, url=env[ENV_DATABASE_URL])
+    if not database.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise ConfigError(
+            f"database.url: unsupported URL {mask_url(database.url)!r} "
+            "(expected sqlite:///PATH or postgresql://USER@HOST/DB)"
+        )
+    if database.pool_min_size > database.pool_max_size:
+        raise ConfigError("database.pool_min_size: must not exceed database.pool_max_size")
+
+    upstream = config.upstream
+    if ENV_UPSTREAM_URL in env:
+        upstream = dataclasses.replace(upstream, url=env[ENV_UPSTREAM_URL])
+    if not upstream.url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"upstream.url: expected an http:// or https:// URL, got {upstream.url!r}"
+        )
+    api_key = env.get(ENV_UPSTREAM_API_KEY) or env.get(upstream.api_key_env, "")
+    upstream = dataclasses.replace(upstream, url=upstream.url.rstrip("/"), api_key=api_key)
+
+    admin = config.admin
+    admin = dataclasses.replace(
+        admin, token=env.get(ENV_ADMIN_TOKEN) or env.get(admin.token_env, "")
+    )
+
+    return dataclasses.replace(
+        config,
+        upstream=upstream,
+        database=database,
+        admin=admin,
+        plans=types.MappingProxyType(plans),
+        source=source,
+    )
+
+
+def _build(
+    cls: type[Any],
+    table: Mapping[str, Any],
+    prefix: str,
+    *,
+    skip: frozenset[str] | set[str] = frozenset(),
+) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("resolved")}
+    unknown = [key for key in table if key not in fields or key in skip]
+    if unknown:
+        choices = [name for name in fields if name not in skip]
+        close = difflib.get_close_matches(unknown[0], choices, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key ({hint}expected one of: {', '.join(choices)})"
+        )
+    values: dict[str, Any] = {}
+    for name, value in table.items():
+        f = fields[name]
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name}: expected a table, got {_kind(value)}")
+            values[name] = _build(tp, value, f"{prefix}{name}.")  # type: ignore[arg-type]
+        else:
+            values[name] = _coerce(value, tp, f"{prefix}{name}", f.metadata.get("min"))
+    return cls(**values)
+
+
+def _coerce(value: Any, tp: Any, path: str, minimum: float | None) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        # Only `X | None` unions occur; TOML has no null, so the value is an X.
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, path, minimum)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{path}: expected one of {choices}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {_kind(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {_kind(value)}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {_kind(value)}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {_kind(value)}")
+        return value
+    else:  # pragma: no cover - a setting of a type this loader does not know
+        raise TypeError(f"{path}: unsupported setting type {tp!r}")
+    if minimum is not None and value < minimum:
+        bound = int(minimum) if float(minimum).is_integer() else minimum
+        raise ConfigError(f"{path}: expected a number >= {bound}, got {value!r}")
+    return value
+
+
+def _kind(value: object) -> str:
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        dict: "a table",
+        list: "an array",
+    }
+    return (
+        f"{names.get(type(value), type(value).__name__)} ({value!r})"
+        if not isinstance(value, dict | list)
+        else names[type(value)]
+    )
+
+
+def mask_url(url: str) -> str:
+    """A database URL with its password replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+# --- introspection ---------------------------------------------------------------
+
+
+def setting_paths() -> list[str]:
+    """Every key the file accepts, as full paths (``plans.<name>.queries_per_day``)."""
+    paths: list[str] = []
+
+    def walk(cls: type[Any], prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("resolved") or f.name == "plans":
+                continue
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                paths.append(prefix + f.name)
+
+    walk(Config, "")
+    walk(Plan, "plans.<name>.")
+    return paths
+
+
+def render_config(config: Config) -> str:
+    """The effective configuration as TOML, secrets masked (for `gateway check-config`)."""
+    lines = [f"# effective configuration (source: {config.source or 'built-in defaults'})"]
+
+    def emit(title: str, obj: Any) -> None:
+        lines.append("")
+        lines.append(f"[{title}]")
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.name == "name" and isinstance(obj, Plan):
+                continue
+            if value is None:
+                lines.append(f"# {f.name} = unlimited")
+                continue
+            if f.metadata.get("secret"):
+                value = "***" if value else "(not set)"
+            elif f.name == "url" and isinstance(obj, DatabaseConfig):
+                value = mask_url(value)
+            lines.append(f"{f.name} = {_toml_value(value)}")
+
+    for section in ("server", "upstream", "database", "auth", "accounting", "admin"):
+        emit(section, getattr(config, section))
+    for name, plan in config.plans.items():
+        emit(f"plans.{name}", plan)
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

@@ -1,0 +1,94 @@
+"""The gateway's exceptions: one tree, each class knowing its HTTP status and code.
+
+    GatewayError
+    ├── ConfigError                 invalid configuration (start-up, reload, CLI)
+    ├── StorageError                the database failed or cannot be reached (503)
+    │   └── NotFound                 a user or key that does not exist (404)
+    ├── ClientError                 the caller's request is refused (4xx)
+    │   ├── Unauthorized             missing or bad credential (401)
+    │   ├── Forbidden                feature not in the user's plan (403)
+    │   ├── PayloadTooLarge          body or upload over a limit (413)
+    │   ├── BadRequest               malformed request (400)
+    │   └── QuotaExceeded            a plan limit is reached (429)
+    └── UpstreamError               the upstream failed before answering
+        ├── UpstreamUnavailable      connect error (502)
+        └── UpstreamTimeout          timeout before the first byte (504)
+
+Foreign exceptions are mapped to these at one boundary each: httpx errors in the
+proxy, asyncpg and sqlite3 errors in their storage backends. Every refusal the
+gateway makes is rendered in the upstream's own error shape (see
+`Upstream.error_body`), so frontends show it unchanged.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    status: int = 500
+    code: str = "internal_server_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class ConfigError(GatewayError):
+    """A configuration file or value that cannot be used; the message is one line."""
+
+    code = "invalid_config"
+
+
+class StorageError(GatewayError):
+    status = 503
+    code = "storage_unavailable"
+
+
+class NotFound(StorageError):
+    status = 404
+    code = "not_found"
+
+
+class ClientError(GatewayError):
+    status = 400
+    code = "invalid_param"
+
+
+class BadRequest(ClientError):
+    pass
+
+
+class Unauthorized(ClientError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ClientError):
+    status = 403
+    code = "feature_not_in_plan"
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    code = "request_too_large"
+
+
+class QuotaExceeded(ClientError):
+    status = 429
+    code = "quota_exceeded"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    code = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 502
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
