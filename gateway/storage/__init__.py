@@ -1,0 +1,75 @@
+"""Storage: one small async interface, two backends chosen by the URL scheme."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from gateway.config import DatabaseConfig
+from gateway.errors import ConfigError
+from gateway.storage.base import (
+    Admission,
+    AdmissionLimits,
+    ApiKey,
+    Counters,
+    DailyUsage,
+    OverrideValue,
+    Storage,
+    UsageEvent,
+    User,
+    UserSort,
+    UserSummary,
+    decide,
+)
+
+__all__ = [
+    "Admission",
+    "AdmissionLimits",
+    "ApiKey",
+    "Counters",
+    "DailyUsage",
+    "OverrideValue",
+    "Storage",
+    "UsageEvent",
+    "User",
+    "UserSort",
+    "UserSummary",
+    "decide",
+    "migrations",
+    "open_storage",
+]
+
+
+def migrations(backend: str) -> list[tuple[int, str]]:
+    """The versioned migrations of a backend: (version, SQL), in order.
+
+    Files are named ``NNNN_description.sql`` under ``sql/<backend>/``; a version
+    once released is never edited, only followed by a new file.
+    """
+    folder = resources.files("gateway.storage") / "sql" / backend
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+async def open_storage(config: DatabaseConfig) -> Storage:
+    """Connect to the database named by ``config.url`` (not yet migrated)."""
+    url = config.url
+    if url.startswith("sqlite:///"):
+        from gateway.storage.sqlite import SQLiteStorage
+
+        return await SQLiteStorage.open(
+            url.removeprefix("sqlite:///"), timeout=config.command_timeout
+        )
+    if url.startswith(("postgresql://", "postgres://")):
+        from gateway.storage.postgres import PostgresStorage
+
+        return await PostgresStorage.open(
+            url,
+            min_size=config.pool_min_size,
+            max_size=config.pool_max_size,
+            connect_timeout=config.connect_timeout,
+            command_timeout=config.command_timeout,
+        )
+    raise ConfigError(f"database.url: unsupported URL scheme in {url.split('://')[0]!r}")

@@ -1,0 +1,211 @@
+"""The storage interface and the records it deals in.
+
+Two backends implement `Storage`: SQLite (embedded, one machine) and PostgreSQL
+(production, many replicas). Counters are exact across processes because the
+database does the arithmetic: every counter changes only through an atomic,
+conditional upsert, never read-modify-write in the application.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Literal, Protocol
+
+OverrideValue = int | float | bool | None  # None: explicitly unlimited
+UserSort = Literal["id", "lifetime_tokens", "tokens_today"]
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    plan: str
+    overrides: Mapping[str, OverrideValue]
+    lifetime_prompt_tokens: int
+    lifetime_completion_tokens: int
+    lifetime_tokens: int
+    lifetime_cost: Decimal
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: str  # public identifier, safe to show and to revoke by
+    user_id: str
+    name: str
+    prefix: str  # the first characters of the secret, to recognise it
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class DailyUsage:
+    user_id: str
+    day: date
+    queries: int = 0
+    advanced_rag: int = 0
+    web_searches: int = 0
+    uploads: int = 0
+    upload_bytes: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost: Decimal = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionLimits:
+    """The limits admission enforces; None means unlimited."""
+
+    queries_per_day: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    queries_today: int = 0
+    tokens_today: int = 0
+    tokens_month: int = 0  # including today
+    web_searches_today: int = 0
+
+
+AdmissionLimit = Literal["queries_per_day", "tokens_per_day", "tokens_per_month"]
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    admitted: bool
+    refused_by: AdmissionLimit | None
+    counters: Counters  # after the reservation when admitted
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """One settled answer: a row of the ledger."""
+
+    answer_id: str  # the upstream's message id or workflow run id; unique
+    user_id: str
+    day: date
+    created_at: datetime
+    endpoint: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost: Decimal = Decimal(0)
+    currency: str = "USD"
+    outcome: str = "complete"
+    estimated: bool = False
+    web_searches: int = 0
+    conversation_id: str | None = None
+    request_id: str | None = None
+    upstream_latency_ms: float | None = None
+    overhead_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UserSummary:
+    user: User
+    today: DailyUsage = field(default_factory=lambda: DailyUsage(user_id="", day=date.min))
+
+
+def decide(counters: Counters, limits: AdmissionLimits) -> AdmissionLimit | None:
+    """Which limit, if any, refuses one more query given the current counters."""
+    if limits.queries_per_day is not None and counters.queries_today >= limits.queries_per_day:
+        return "queries_per_day"
+    if limits.tokens_per_day is not None and counters.tokens_today >= limits.tokens_per_day:
+        return "tokens_per_day"
+    if limits.tokens_per_month is not None and counters.tokens_month >= limits.tokens_per_month:
+        return "tokens_per_month"
+    return None
+
+
+class Storage(Protocol):
+    """What the gateway needs from a database. All methods are safe to call
+    concurrently from many tasks and from many processes sharing the database."""
+
+    async def migrate(self) -> int:
+        """Apply pending migrations; returns how many ran. Safe to run concurrently."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise `StorageError` unless the database answers."""
+        ...
+
+    # users
+    async def get_user(self, user_id: str) -> User | None: ...
+
+    async def ensure_user(self, user_id: str, *, plan: str) -> User:
+        """The user, created with ``plan`` if new."""
+        ...
+
+    async def set_plan(self, user_id: str, plan: str) -> None:
+        """Raises `NotFound` for an unknown user."""
+        ...
+
+    async def set_override(self, user_id: str, name: str, value: OverrideValue) -> None: ...
+
+    async def clear_override(self, user_id: str, name: str) -> None: ...
+
+    async def list_users(
+        self,
+        *,
+        day: date,
+        plan: str | None = None,
+        search: str | None = None,
+        sort: UserSort = "id",
+        descending: bool = False,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[UserSummary]: ...
+
+    async def count_users(self, *, plan: str | None = None, search: str | None = None) -> int: ...
+
+    # keys
+    async def create_key(
+        self, user_id: str, *, key_id: str, key_hash: str, prefix: str, name: str, now: datetime
+    ) -> ApiKey: ...
+
+    async def find_key(self, key_hash: str) -> ApiKey | None:
+        """The key with this hash, revoked or not."""
+        ...
+
+    async def revoke_key(self, key_id: str, *, now: datetime) -> ApiKey:
+        """Raises `NotFound` for an unknown key id; revoking twice keeps the first time."""
+        ...
+
+    async def list_keys(self, user_id: str) -> list[ApiKey]: ...
+
+    # accounting
+    async def admit(
+        self, user_id: str, *, day: date, month_start: date, limits: AdmissionLimits
+    ) -> Admission:
+        """Reserve one query for (user, day) only while every limit allows it,
+        atomically, in one round trip; return the counters either way."""
+        ...
+
+    async def refund(self, user_id: str, *, day: date) -> None:
+        """Give back one reserved query (no answer was produced)."""
+        ...
+
+    async def settle(self, event: UsageEvent) -> bool:
+        """Record one answer in the ledger, the day row and the lifetime totals,
+        in one transaction. Returns False, changing nothing, when the answer id
+        is already recorded."""
+        ...
+
+    async def daily(
+        self, start: date, end: date, *, user_id: str | None = None
+    ) -> list[DailyUsage]:
+        """Day rows with start <= day <= end, ordered by day then user."""
+        ...
+
+    def events(
+        self, start: date, end: date, *, user_id: str | None = None
+    ) -> AsyncIterator[UsageEvent]:
+        """Ledger rows with start <= day <= end in settle order, streamed in batches."""
+        ...

@@ -1,0 +1,476 @@
+"""The PostgreSQL backend (asyncpg): production, any number of gateway replicas.
+
+Every operation on the request path is ONE statement, so one round trip:
+admission is a conditional upsert whose ``ON CONFLICT ... WHERE`` is evaluated
+against the latest committed row under its row lock (that is what makes it exact
+across replicas), and settle is one statement of data-modifying CTEs whose
+ledger insert is idempotent on the answer id; a second settle of the same answer
+blocks on the unique index until the first commits, then inserts nothing and so
+updates nothing.
+
+asyncpg errors are mapped to `StorageError` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from datetime import date, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from gateway.errors import NotFound, StorageError
+from gateway.storage import migrations
+from gateway.storage.base import (
+    Admission,
+    AdmissionLimits,
+    ApiKey,
+    Counters,
+    DailyUsage,
+    OverrideValue,
+    UsageEvent,
+    User,
+    UserSort,
+    UserSummary,
+    decide,
+)
+
+# An arbitrary constant naming the advisory lock that serialises migrations
+# between processes starting at the same time.
+_MIGRATION_LOCK = 0x6761_7465_7761_79
+_EXPORT_BATCH = 1000
+
+_USER_COLUMNS = (
+    "u.id, u.plan, u.overrides, u.lifetime_prompt_tokens, u.lifetime_completion_tokens, "
+    "u.lifetime_tokens, u.lifetime_cost, u.created_at"
+)
+_DAILY_COLUMNS = (
+    "user_id, day, queries, advanced_rag, web_searches, uploads, upload_bytes, "
+    "prompt_tokens, completion_tokens, total_tokens, cost"
+)
+_EVENT_COLUMNS = (
+    "answer_id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens, "
+    "total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id, "
+    "request_id, upstream_latency_ms, overhead_ms"
+)
+_SORTS: dict[str, str] = {
+    "id": "u.id",
+    "lifetime_tokens": "u.lifetime_tokens",
+    "tokens_today": "coalesce(d.total_tokens, 0)",
+}
+_KEY_COLUMNS = "id, user_id, name, prefix, created_at, revoked_at"
+
+# $1 user, $2 day, $3 month start, $4 queries/day, $5 tokens/day, $6 tokens/month
+# (NULL = unlimited). `prev` is the month before today. A new day row is only
+# inserted when every limit allows one query; an existing one is only incremented
+# when its latest committed version still does. The outer SELECT reads `cur` from
+# the statement's snapshot: on a refusal those are the counters to report.
+_ADMIT = """
+WITH prev AS (
+    SELECT coalesce(sum(total_tokens), 0)::bigint AS tokens
+    FROM usage_daily WHERE user_id = $1 AND day >= $3 AND day < $2
+), res AS (
+    INSERT INTO usage_daily AS d (user_id, day, queries)
+    SELECT $1, $2, 1 FROM prev
+    WHERE coalesce($4::bigint > 0, true)
+      AND coalesce($5::bigint > 0, true)
+      AND coalesce(prev.tokens < $6::bigint, true)
+    ON CONFLICT (user_id, day) DO UPDATE SET queries = d.queries + 1
+    WHERE coalesce(d.queries < $4::bigint, true)
+      AND coalesce(d.total_tokens < $5::bigint, true)
+      AND coalesce(d.total_tokens + (SELECT tokens FROM prev) < $6::bigint, true)
+    RETURNING d.queries, d.total_tokens, d.web_searches
+)
+SELECT res.queries AS new_queries, res.total_tokens AS new_tokens,
+       res.web_searches AS new_web_searches,
+       coalesce(cur.queries, 0) AS queries, coalesce(cur.total_tokens, 0) AS tokens,
+       coalesce(cur.web_searches, 0) AS web_searches, prev.tokens AS prev_tokens
+FROM prev
+LEFT JOIN res ON true
+LEFT JOIN usage_daily cur ON cur.user_id = $1 AND cur.day = $2
+"""
+
+_SETTLE = f"""
+WITH ev AS (
+    INSERT INTO usage_events ({_EVENT_COLUMNS})
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+    ON CONFLICT (answer_id) DO NOTHING
+    RETURNING user_id, day, web_searches, prompt_tokens, completion_tokens, total_tokens, cost
+), daily AS (
+    INSERT INTO usage_daily AS d
+        (user_id, day, web_searches, prompt_tokens, completion_tokens, total_tokens, cost)
+    SELECT user_id, day, web_searches, prompt_tokens, completion_tokens, total_tokens, cost FROM ev
+    ON CONFLICT (user_id, day) DO UPDATE SET
+        web_searches = d.web_searches + excluded.web_searches,
+        prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = d.completion_tokens + excluded.completion_tokens,
+        total_tokens = d.total_tokens + excluded.total_tokens,
+        cost = d.cost + excluded.cost
+    RETURNING 1
+), lifetime AS (
+    UPDATE users u SET
+        lifetime_prompt_tokens = u.lifetime_prompt_tokens + ev.prompt_tokens,
+        lifetime_completion_tokens = u.lifetime_completion_tokens + ev.completion_tokens,
+        lifetime_tokens = u.lifetime_tokens + ev.total_tokens,
+        lifetime_cost = u.lifetime_cost + ev.cost
+    FROM ev WHERE u.id = ev.user_id
+    RETURNING 1
+)
+SELECT count(*) FROM ev
+"""
+
+
+@contextlib.contextmanager
+def _mapped() -> Iterator[None]:
+    """Map asyncpg and socket errors to the gateway's storage errors."""
+    try:
+        yield
+    except asyncpg.ForeignKeyViolationError as exc:
+        raise NotFound("unknown user") from exc
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        raise StorageError(f"PostgreSQL error: {type(exc).__name__}: {exc}") from exc
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=lambda v: orjson.dumps(v).decode(),
+        decoder=orjson.loads,
+    )
+
+
+def _user(row: Any) -> User:
+    return User(
+        id=row[0],
+        plan=row[1],
+        overrides=row[2],
+        lifetime_prompt_tokens=row[3],
+        lifetime_completion_tokens=row[4],
+        lifetime_tokens=row[5],
+        lifetime_cost=row[6],
+        created_at=row[7],
+    )
+
+
+def _key(row: Any) -> ApiKey:
+    return ApiKey(
+        id=row[0], user_id=row[1], name=row[2], prefix=row[3], created_at=row[4], revoked_at=row[5]
+    )
+
+
+def _daily(row: Any) -> DailyUsage:
+    return DailyUsage(*row)
+
+
+def _event(row: Any) -> UsageEvent:
+    return UsageEvent(*row)
+
+
+class PostgresStorage:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 5.0,
+    ) -> PostgresStorage:
+        with _mapped():
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=connect_timeout,
+                command_timeout=command_timeout,
+                init=_init_connection,
+            )
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def ping(self) -> None:
+        with _mapped():
+            await self._pool.fetchval("SELECT 1")
+
+    async def migrate(self) -> int:
+        with _mapped():
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations "
+                    "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                applied = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+                count = 0
+                for version, sql in migrations("postgres"):
+                    if version in applied:
+                        continue
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version) VALUES ($1)", version
+                    )
+                    count += 1
+                return count
+
+    # --- users --------------------------------------------------------------
+
+    async def get_user(self, user_id: str) -> User | None:
+        with _mapped():
+            row = await self._pool.fetchrow(
+                f"SELECT {_USER_COLUMNS} FROM users u WHERE u.id = $1", user_id
+            )
+        return _user(row) if row else None
+
+    async def ensure_user(self, user_id: str, *, plan: str) -> User:
+        # The no-op update makes RETURNING yield the row whether it was inserted or
+        # already there: one round trip either way.
+        with _mapped():
+            row = await self._pool.fetchrow(
+                "INSERT INTO users AS u (id, plan) VALUES ($1, $2) "
+                "ON CONFLICT (id) DO UPDATE SET id = u.id "
+                f"RETURNING {_USER_COLUMNS}",
+                user_id,
+                plan,
+            )
+        return _user(row)
+
+    async def set_plan(self, user_id: str, plan: str) -> None:
+        with _mapped():
+            status = await self._pool.execute(
+                "UPDATE users SET plan = $2 WHERE id = $1", user_id, plan
+            )
+        if status == "UPDATE 0":
+            raise NotFound(f"no user {user_id!r}")
+
+    async def set_override(self, user_id: str, name: str, value: OverrideValue) -> None:
+        with _mapped():
+            status = await self._pool.execute(
+                "UPDATE users SET overrides = overrides || jsonb_build_object($2::text, $3::jsonb) WHERE id = $1",
+                user_id,
+                name,
+                value,
+            )
+        if status == "UPDATE 0":
+            raise NotFound(f"no user {user_id!r}")
+
+    async def clear_override(self, user_id: str, name: str) -> None:
+        with _mapped():
+            status = await self._pool.execute(
+                "UPDATE users SET overrides = overrides - $2::text WHERE id = $1", user_id, name
+            )
+        if status == "UPDATE 0":
+            raise NotFound(f"no user {user_id!r}")
+
+    @staticmethod
+    def _user_filter(plan: str | None, search: str | None, first: int) -> tuple[str, list[Any]]:
+        clauses, params = [], []
+        if plan is not None:
+            params.append(plan)
+            clauses.append(f"u.plan = ${first + len(params) - 1}")
+        if search:
+            params.append(search)
+            clauses.append(f"strpos(lower(u.id), lower(${first + len(params) - 1})) > 0")
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    async def list_users(
+        self,
+        *,
+        day: date,
+        plan: str | None = None,
+        search: str | None = None,
+        sort: UserSort = "id",
+        descending: bool = False,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[UserSummary]:
+        where, params = self._user_filter(plan, search, first=4)
+        order = f"{_SORTS[sort]} {'DESC' if descending else 'ASC'}, u.id ASC"
+        daily = ", ".join(f"d.{c}" for c in _DAILY_COLUMNS.split(", "))
+        sql = (
+            f"SELECT {_USER_COLUMNS}, {daily} FROM users u "
+            f"LEFT JOIN usage_daily d ON d.user_id = u.id AND d.day = $1{where} "
+            f"ORDER BY {order} LIMIT $2 OFFSET $3"
+        )
+        with _mapped():
+            rows = await self._pool.fetch(sql, day, limit, offset, *params)
+        return [
+            UserSummary(
+                user=_user(row[:8]),
+                today=_daily(row[8:])
+                if row[8] is not None
+                else DailyUsage(user_id=row[0], day=day),
+            )
+            for row in rows
+        ]
+
+    async def count_users(self, *, plan: str | None = None, search: str | None = None) -> int:
+        where, params = self._user_filter(plan, search, first=1)
+        with _mapped():
+            return int(await self._pool.fetchval(f"SELECT count(*) FROM users u{where}", *params))
+
+    # --- keys ---------------------------------------------------------------
+
+    async def create_key(
+        self, user_id: str, *, key_id: str, key_hash: str, prefix: str, name: str, now: datetime
+    ) -> ApiKey:
+        with _mapped():
+            row = await self._pool.fetchrow(
+                "INSERT INTO api_keys (id, user_id, key_hash, prefix, name, created_at) "
+                f"VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_KEY_COLUMNS}",
+                key_id,
+                user_id,
+                key_hash,
+                prefix,
+                name,
+                now,
+            )
+        return _key(row)
+
+    async def find_key(self, key_hash: str) -> ApiKey | None:
+        with _mapped():
+            row = await self._pool.fetchrow(
+                f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = $1", key_hash
+            )
+        return _key(row) if row else None
+
+    async def revoke_key(self, key_id: str, *, now: datetime) -> ApiKey:
+        with _mapped():
+            row = await self._pool.fetchrow(
+                "UPDATE api_keys SET revoked_at = coalesce(revoked_at, $2) WHERE id = $1 "
+                f"RETURNING {_KEY_COLUMNS}",
+                key_id,
+                now,
+            )
+        if row is None:
+            raise NotFound(f"no key {key_id!r}")
+        return _key(row)
+
+    async def list_keys(self, user_id: str) -> list[ApiKey]:
+        with _mapped():
+            rows = await self._pool.fetch(
+                f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE user_id = $1 ORDER BY created_at, id",
+                user_id,
+            )
+        return [_key(row) for row in rows]
+
+    # --- accounting ---------------------------------------------------------
+
+    async def admit(
+        self, user_id: str, *, day: date, month_start: date, limits: AdmissionLimits
+    ) -> Admission:
+        with _mapped():
+            row = await self._pool.fetchrow(
+                _ADMIT,
+                user_id,
+                day,
+                month_start,
+                limits.queries_per_day,
+                limits.tokens_per_day,
+                limits.tokens_per_month,
+            )
+        assert row is not None  # `prev` always yields one row
+        if row["new_queries"] is not None:
+            tokens = row["new_tokens"]
+            return Admission(
+                admitted=True,
+                refused_by=None,
+                counters=Counters(
+                    queries_today=row["new_queries"],
+                    tokens_today=tokens,
+                    tokens_month=row["prev_tokens"] + tokens,
+                    web_searches_today=row["new_web_searches"],
+                ),
+            )
+        counters = Counters(
+            queries_today=row["queries"],
+            tokens_today=row["tokens"],
+            tokens_month=row["prev_tokens"] + row["tokens"],
+            web_searches_today=row["web_searches"],
+        )
+        refused = decide(counters, limits)
+        if refused is None:
+            # The snapshot predates a concurrent admission that took the last
+            # query; only the query counter moves under admission, so it was that.
+            refused = "queries_per_day"
+            if limits.queries_per_day is not None:
+                counters = Counters(
+                    queries_today=limits.queries_per_day,
+                    tokens_today=counters.tokens_today,
+                    tokens_month=counters.tokens_month,
+                    web_searches_today=counters.web_searches_today,
+                )
+        return Admission(admitted=False, refused_by=refused, counters=counters)
+
+    async def refund(self, user_id: str, *, day: date) -> None:
+        with _mapped():
+            await self._pool.execute(
+                "UPDATE usage_daily SET queries = queries - 1 WHERE user_id = $1 AND day = $2 AND queries > 0",
+                user_id,
+                day,
+            )
+
+    async def settle(self, event: UsageEvent) -> bool:
+        with _mapped():
+            inserted = await self._pool.fetchval(
+                _SETTLE,
+                event.answer_id,
+                event.user_id,
+                event.day,
+                event.created_at,
+                event.endpoint,
+                event.prompt_tokens,
+                event.completion_tokens,
+                event.total_tokens,
+                event.cost,
+                event.currency,
+                event.outcome,
+                event.estimated,
+                event.web_searches,
+                event.conversation_id,
+                event.request_id,
+                event.upstream_latency_ms,
+                event.overhead_ms,
+            )
+        return bool(inserted)
+
+    async def daily(
+        self, start: date, end: date, *, user_id: str | None = None
+    ) -> list[DailyUsage]:
+        sql = f"SELECT {_DAILY_COLUMNS} FROM usage_daily WHERE day >= $1 AND day <= $2"
+        params: list[Any] = [start, end]
+        if user_id is not None:
+            sql += " AND user_id = $3"
+            params.append(user_id)
+        with _mapped():
+            rows = await self._pool.fetch(sql + " ORDER BY day, user_id", *params)
+        return [_daily(row) for row in rows]
+
+    async def events(
+        self, start: date, end: date, *, user_id: str | None = None
+    ) -> AsyncIterator[UsageEvent]:
+        # Keyset pagination on seq rather than a cursor: no connection or
+        # transaction is held between batches while the consumer writes them out.
+        sql = f"SELECT seq, {_EVENT_COLUMNS} FROM usage_events WHERE day >= $1 AND day <= $2 AND seq > $3"
+        params: list[Any] = [start, end]
+        if user_id is not None:
+            sql += " AND user_id = $4"
+            params.append(user_id)
+        sql += f" ORDER BY seq LIMIT {_EXPORT_BATCH}"
+        last = 0
+        while True:
+            with _mapped():
+                rows = await self._pool.fetch(sql, start, end, last, *params[2:])
+            for row in rows:
+                yield _event(row[1:])
+            if len(rows) < _EXPORT_BATCH:
+                return
+            last = rows[-1][0]

@@ -1,0 +1,573 @@
+"""The SQLite backend: the embedded default, one machine, one or a few processes.
+
+One connection, owned by one dedicated thread: each storage operation is one
+synchronous function run on that thread, so it costs one hop off the event loop
+however many statements it runs. Writes take SQLite's write lock up front
+(``BEGIN IMMEDIATE``), which serialises them across connections and processes;
+that is what makes the conditional admission exact here. Money is TEXT holding an
+exact decimal, summed by the registered ``dec_add`` / ``dec_sum`` functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from gateway.errors import NotFound, StorageError
+from gateway.storage import migrations
+from gateway.storage.base import (
+    Admission,
+    AdmissionLimits,
+    ApiKey,
+    Counters,
+    DailyUsage,
+    OverrideValue,
+    UsageEvent,
+    User,
+    UserSort,
+    UserSummary,
+    decide,
+)
+
+T = TypeVar("T")
+
+_EXPORT_BATCH = 1000
+_USER_COLUMNS = (
+    "u.id, u.plan, u.overrides, u.lifetime_prompt_tokens, u.lifetime_completion_tokens, "
+    "u.lifetime_tokens, u.lifetime_cost, u.created_at"
+)
+_DAILY_COLUMNS = (
+    "user_id, day, queries, advanced_rag, web_searches, uploads, upload_bytes, "
+    "prompt_tokens, completion_tokens, total_tokens, cost"
+)
+_EVENT_COLUMNS = (
+    "answer_id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens, "
+    "total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id, "
+    "request_id, upstream_latency_ms, overhead_ms"
+)
+_SORTS: dict[str, str] = {
+    "id": "u.id",
+    "lifetime_tokens": "u.lifetime_tokens",
+    "tokens_today": "coalesce(d.total_tokens, 0)",
+}
+
+
+class _DecimalSum:
+    def __init__(self) -> None:
+        self.total = Decimal(0)
+
+    def step(self, value: str | None) -> None:
+        if value is not None:
+            self.total += Decimal(value)
+
+    def finalize(self) -> str:
+        return str(self.total)
+
+
+def _dec_add(a: str | None, b: str | None) -> str:
+    return str(Decimal(a or 0) + Decimal(b or 0))
+
+
+def _connect(path: str, timeout: float) -> sqlite3.Connection:
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves, so each transaction's
+    # extent is visible in the code rather than implied by the sqlite3 module.
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    # In WAL mode NORMAL loses no committed transaction on a process crash, only
+    # possibly the last ones on a power cut, and saves an fsync per commit.
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.create_function("dec_add", 2, _dec_add, deterministic=True)
+    conn.create_aggregate("dec_sum", 1, _DecimalSum)  # type: ignore[arg-type]
+    return conn
+
+
+def _statements(sql: str) -> Iterable[str]:
+    lines = [line for line in sql.splitlines() if not line.lstrip().startswith("--")]
+    for statement in "\n".join(lines).split(";"):
+        if statement.strip():
+            yield statement
+
+
+def _ts(value: datetime) -> str:
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to storage")
+    return value.astimezone(UTC).isoformat()
+
+
+def _user(row: sqlite3.Row | tuple[Any, ...]) -> User:
+    return User(
+        id=row[0],
+        plan=row[1],
+        overrides=orjson.loads(row[2]),
+        lifetime_prompt_tokens=row[3],
+        lifetime_completion_tokens=row[4],
+        lifetime_tokens=row[5],
+        lifetime_cost=Decimal(row[6]),
+        created_at=datetime.fromisoformat(row[7]),
+    )
+
+
+def _key(row: tuple[Any, ...]) -> ApiKey:
+    return ApiKey(
+        id=row[0],
+        user_id=row[1],
+        name=row[2],
+        prefix=row[3],
+        created_at=datetime.fromisoformat(row[4]),
+        revoked_at=datetime.fromisoformat(row[5]) if row[5] else None,
+    )
+
+
+def _daily(row: tuple[Any, ...]) -> DailyUsage:
+    return DailyUsage(
+        user_id=row[0],
+        day=date.fromisoformat(row[1]),
+        queries=row[2],
+        advanced_rag=row[3],
+        web_searches=row[4],
+        uploads=row[5],
+        upload_bytes=row[6],
+        prompt_tokens=row[7],
+        completion_tokens=row[8],
+        total_tokens=row[9],
+        cost=Decimal(row[10]),
+    )
+
+
+def _event(row: tuple[Any, ...]) -> UsageEvent:
+    return UsageEvent(
+        answer_id=row[0],
+        user_id=row[1],
+        day=date.fromisoformat(row[2]),
+        created_at=datetime.fromisoformat(row[3]),
+        endpoint=row[4],
+        prompt_tokens=row[5],
+        completion_tokens=row[6],
+        total_tokens=row[7],
+        cost=Decimal(row[8]),
+        currency=row[9],
+        outcome=row[10],
+        estimated=bool(row[11]),
+        web_searches=row[12],
+        conversation_id=row[13],
+        request_id=row[14],
+        upstream_latency_ms=row[15],
+        overhead_ms=row[16],
+    )
+
+
+def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+class SQLiteStorage:
+    def __init__(
+        self, path: str, conn: sqlite3.Connection, executor: ThreadPoolExecutor, timeout: float
+    ) -> None:
+        self._path = path
+        self._conn = conn
+        self._executor = executor
+        self._timeout = timeout
+
+    @classmethod
+    async def open(cls, path: str, *, timeout: float = 5.0) -> SQLiteStorage:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-sqlite")
+        loop = asyncio.get_running_loop()
+        try:
+            conn = await loop.run_in_executor(executor, _connect, path, timeout)
+        except sqlite3.Error as exc:
+            executor.shutdown(wait=False)
+            raise StorageError(f"cannot open SQLite database {path!r}: {exc}") from exc
+        return cls(path, conn, executor, timeout)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._executor, functools.partial(fn, self._conn, *args)
+            )
+        except sqlite3.IntegrityError as exc:
+            if "FOREIGN KEY" in str(exc):
+                raise NotFound("unknown user") from exc
+            raise StorageError(f"SQLite integrity error: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite error: {exc}") from exc
+
+    async def _tx(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._run(lambda conn, *a: _transaction(conn, lambda c: fn(c, *a)), *args)
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._conn.close)
+        self._executor.shutdown(wait=True)
+
+    async def ping(self) -> None:
+        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def migrate(self) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+            )
+            applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+            count = 0
+            for version, sql in migrations("sqlite"):
+                if version in applied:
+                    continue
+                for statement in _statements(sql):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                    (version, _ts(datetime.now(UTC))),
+                )
+                count += 1
+            return count
+
+        return await self._tx(run)
+
+    # --- users --------------------------------------------------------------
+
+    async def get_user(self, user_id: str) -> User | None:
+        def run(conn: sqlite3.Connection) -> User | None:
+            row = conn.execute(
+                f"SELECT {_USER_COLUMNS} FROM users u WHERE u.id = ?", (user_id,)
+            ).fetchone()
+            return _user(row) if row else None
+
+        return await self._run(run)
+
+    async def ensure_user(self, user_id: str, *, plan: str) -> User:
+        def run(conn: sqlite3.Connection) -> User:
+            conn.execute(
+                "INSERT INTO users (id, plan, created_at) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                (user_id, plan, _ts(datetime.now(UTC))),
+            )
+            return _user(
+                conn.execute(
+                    f"SELECT {_USER_COLUMNS} FROM users u WHERE u.id = ?", (user_id,)
+                ).fetchone()
+            )
+
+        return await self._tx(run)
+
+    async def set_plan(self, user_id: str, plan: str) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            if (
+                conn.execute("UPDATE users SET plan = ? WHERE id = ?", (plan, user_id)).rowcount
+                == 0
+            ):
+                raise NotFound(f"no user {user_id!r}")
+
+        await self._tx(run)
+
+    async def _change_overrides(
+        self, user_id: str, change: Callable[[dict[str, OverrideValue]], None]
+    ) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT overrides FROM users WHERE id = ?", (user_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no user {user_id!r}")
+            overrides = orjson.loads(row[0])
+            change(overrides)
+            conn.execute(
+                "UPDATE users SET overrides = ? WHERE id = ?",
+                (orjson.dumps(overrides).decode(), user_id),
+            )
+
+        await self._tx(run)
+
+    async def set_override(self, user_id: str, name: str, value: OverrideValue) -> None:
+        await self._change_overrides(user_id, lambda o: o.__setitem__(name, value))
+
+    async def clear_override(self, user_id: str, name: str) -> None:
+        def clear(overrides: dict[str, OverrideValue]) -> None:
+            overrides.pop(name, None)
+
+        await self._change_overrides(user_id, clear)
+
+    def _user_filter(self, plan: str | None, search: str | None) -> tuple[str, list[Any]]:
+        clauses, params = [], []
+        if plan is not None:
+            clauses.append("u.plan = ?")
+            params.append(plan)
+        if search:
+            clauses.append("instr(lower(u.id), lower(?)) > 0")
+            params.append(search)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    async def list_users(
+        self,
+        *,
+        day: date,
+        plan: str | None = None,
+        search: str | None = None,
+        sort: UserSort = "id",
+        descending: bool = False,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[UserSummary]:
+        where, params = self._user_filter(plan, search)
+        order = f"{_SORTS[sort]} {'DESC' if descending else 'ASC'}, u.id ASC"
+        sql = (
+            f"SELECT {_USER_COLUMNS}, d.{', d.'.join(_DAILY_COLUMNS.split(', '))} FROM users u "
+            "LEFT JOIN usage_daily d ON d.user_id = u.id AND d.day = ?"
+            f"{where} ORDER BY {order} LIMIT ? OFFSET ?"
+        )
+
+        def run(conn: sqlite3.Connection) -> list[UserSummary]:
+            rows = conn.execute(sql, (day.isoformat(), *params, limit, offset)).fetchall()
+            return [
+                UserSummary(
+                    user=_user(row[:8]),
+                    today=_daily(row[8:])
+                    if row[8] is not None
+                    else DailyUsage(user_id=row[0], day=day),
+                )
+                for row in rows
+            ]
+
+        return await self._run(run)
+
+    async def count_users(self, *, plan: str | None = None, search: str | None = None) -> int:
+        where, params = self._user_filter(plan, search)
+        return await self._run(
+            lambda conn: int(
+                conn.execute(f"SELECT count(*) FROM users u{where}", params).fetchone()[0]
+            )
+        )
+
+    # --- keys ---------------------------------------------------------------
+
+    async def create_key(
+        self, user_id: str, *, key_id: str, key_hash: str, prefix: str, name: str, now: datetime
+    ) -> ApiKey:
+        def run(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
+                raise NotFound(f"no user {user_id!r}")
+            conn.execute(
+                "INSERT INTO api_keys (id, user_id, key_hash, prefix, name, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (key_id, user_id, key_hash, prefix, name, _ts(now)),
+            )
+
+        await self._tx(run)
+        return ApiKey(
+            id=key_id,
+            user_id=user_id,
+            name=name,
+            prefix=prefix,
+            created_at=now.astimezone(UTC),
+            revoked_at=None,
+        )
+
+    async def find_key(self, key_hash: str) -> ApiKey | None:
+        def run(conn: sqlite3.Connection) -> ApiKey | None:
+            row = conn.execute(
+                "SELECT id, user_id, name, prefix, created_at, revoked_at FROM api_keys WHERE key_hash = ?",
+                (key_hash,),
+            ).fetchone()
+            return _key(row) if row else None
+
+        return await self._run(run)
+
+    async def revoke_key(self, key_id: str, *, now: datetime) -> ApiKey:
+        def run(conn: sqlite3.Connection) -> ApiKey:
+            conn.execute(
+                "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?",
+                (_ts(now), key_id),
+            )
+            row = conn.execute(
+                "SELECT id, user_id, name, prefix, created_at, revoked_at FROM api_keys WHERE id = ?",
+                (key_id,),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no key {key_id!r}")
+            return _key(row)
+
+        return await self._tx(run)
+
+    async def list_keys(self, user_id: str) -> list[ApiKey]:
+        def run(conn: sqlite3.Connection) -> list[ApiKey]:
+            rows = conn.execute(
+                "SELECT id, user_id, name, prefix, created_at, revoked_at FROM api_keys "
+                "WHERE user_id = ? ORDER BY created_at, id",
+                (user_id,),
+            ).fetchall()
+            return [_key(row) for row in rows]
+
+        return await self._run(run)
+
+    # --- accounting ---------------------------------------------------------
+
+    async def admit(
+        self, user_id: str, *, day: date, month_start: date, limits: AdmissionLimits
+    ) -> Admission:
+        today = day.isoformat()
+
+        def run(conn: sqlite3.Connection) -> Admission:
+            # Under BEGIN IMMEDIATE no other connection can write between this read
+            # and the increment below, so check-then-increment is atomic here.
+            row = conn.execute(
+                "SELECT coalesce(d.queries, 0), coalesce(d.total_tokens, 0), coalesce(d.web_searches, 0), "
+                "(SELECT coalesce(sum(total_tokens), 0) FROM usage_daily "
+                " WHERE user_id = ? AND day >= ? AND day < ?) "
+                "FROM (SELECT 1) LEFT JOIN usage_daily d ON d.user_id = ? AND d.day = ?",
+                (user_id, month_start.isoformat(), today, user_id, today),
+            ).fetchone()
+            counters = Counters(
+                queries_today=row[0],
+                tokens_today=row[1],
+                tokens_month=row[3] + row[1],
+                web_searches_today=row[2],
+            )
+            refused = decide(counters, limits)
+            if refused is not None:
+                return Admission(admitted=False, refused_by=refused, counters=counters)
+            conn.execute(
+                "INSERT INTO usage_daily (user_id, day, queries) VALUES (?, ?, 1) "
+                "ON CONFLICT (user_id, day) DO UPDATE SET queries = queries + 1",
+                (user_id, today),
+            )
+            return Admission(
+                admitted=True,
+                refused_by=None,
+                counters=Counters(
+                    queries_today=counters.queries_today + 1,
+                    tokens_today=counters.tokens_today,
+                    tokens_month=counters.tokens_month,
+                    web_searches_today=counters.web_searches_today,
+                ),
+            )
+
+        return await self._tx(run)
+
+    async def refund(self, user_id: str, *, day: date) -> None:
+        await self._tx(
+            lambda conn: conn.execute(
+                "UPDATE usage_daily SET queries = queries - 1 WHERE user_id = ? AND day = ? AND queries > 0",
+                (user_id, day.isoformat()),
+            )
+        )
+
+    async def settle(self, event: UsageEvent) -> bool:
+        cost = str(event.cost)
+
+        def run(conn: sqlite3.Connection) -> bool:
+            inserted = conn.execute(
+                f"INSERT INTO usage_events ({_EVENT_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (answer_id) DO NOTHING",
+                (
+                    event.answer_id,
+                    event.user_id,
+                    event.day.isoformat(),
+                    _ts(event.created_at),
+                    event.endpoint,
+                    event.prompt_tokens,
+                    event.completion_tokens,
+                    event.total_tokens,
+                    cost,
+                    event.currency,
+                    event.outcome,
+                    int(event.estimated),
+                    event.web_searches,
+                    event.conversation_id,
+                    event.request_id,
+                    event.upstream_latency_ms,
+                    event.overhead_ms,
+                ),
+            ).rowcount
+            if not inserted:
+                return False
+            conn.execute(
+                "INSERT INTO usage_daily (user_id, day, web_searches, prompt_tokens, completion_tokens, "
+                "total_tokens, cost) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (user_id, day) DO UPDATE SET "
+                "web_searches = web_searches + excluded.web_searches, "
+                "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                "completion_tokens = completion_tokens + excluded.completion_tokens, "
+                "total_tokens = total_tokens + excluded.total_tokens, "
+                "cost = dec_add(cost, excluded.cost)",
+                (
+                    event.user_id,
+                    event.day.isoformat(),
+                    event.web_searches,
+                    event.prompt_tokens,
+                    event.completion_tokens,
+                    event.total_tokens,
+                    cost,
+                ),
+            )
+            conn.execute(
+                "UPDATE users SET lifetime_prompt_tokens = lifetime_prompt_tokens + ?, "
+                "lifetime_completion_tokens = lifetime_completion_tokens + ?, "
+                "lifetime_tokens = lifetime_tokens + ?, lifetime_cost = dec_add(lifetime_cost, ?) "
+                "WHERE id = ?",
+                (
+                    event.prompt_tokens,
+                    event.completion_tokens,
+                    event.total_tokens,
+                    cost,
+                    event.user_id,
+                ),
+            )
+            return True
+
+        return await self._tx(run)
+
+    async def daily(
+        self, start: date, end: date, *, user_id: str | None = None
+    ) -> list[DailyUsage]:
+        sql = f"SELECT {_DAILY_COLUMNS} FROM usage_daily WHERE day >= ? AND day <= ?"
+        params: list[Any] = [start.isoformat(), end.isoformat()]
+        if user_id is not None:
+            sql += " AND user_id = ?"
+            params.append(user_id)
+        sql += " ORDER BY day, user_id"
+        return await self._run(
+            lambda conn: [_daily(row) for row in conn.execute(sql, params).fetchall()]
+        )
+
+    async def events(
+        self, start: date, end: date, *, user_id: str | None = None
+    ) -> AsyncIterator[UsageEvent]:
+        # Keyset pagination on seq: each batch is a short read, so a long export
+        # never holds a transaction open against the writers.
+        sql = f"SELECT seq, {_EVENT_COLUMNS} FROM usage_events WHERE day >= ? AND day <= ? AND seq > ?"
+        params: list[Any] = [start.isoformat(), end.isoformat()]
+        if user_id is not None:
+            sql += " AND user_id = ?"
+            params.append(user_id)
+        sql += f" ORDER BY seq LIMIT {_EXPORT_BATCH}"
+        last = 0
+        while True:
+            rows = await self._run(
+                lambda conn, after=last: conn.execute(
+                    sql, [*params[:2], after, *params[2:]]
+                ).fetchall()
+            )
+            for row in rows:
+                yield _event(row[1:])
+            if len(rows) < _EXPORT_BATCH:
+                return
+            last = rows[-1][0]

@@ -1,0 +1,366 @@
+"""The storage contract: one suite, run against SQLite and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from gateway.config import DatabaseConfig
+from gateway.errors import NotFound
+from gateway.storage import AdmissionLimits, Storage, UsageEvent, migrations, open_storage
+
+NOW = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
+DAY = date(2026, 11, 21)
+MONTH = date(2026, 11, 1)
+
+
+def event(
+    answer_id: str,
+    *,
+    user: str = "alice",
+    day: date = DAY,
+    tokens: int = 100,
+    cost: str = "0.0013030",
+    **kw: object,
+) -> UsageEvent:
+    return UsageEvent(
+        answer_id=answer_id,
+        user_id=user,
+        day=day,
+        created_at=NOW,
+        endpoint="chat-messages",
+        prompt_tokens=tokens - tokens // 4,
+        completion_tokens=tokens // 4,
+        total_tokens=tokens,
+        cost=Decimal(cost),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def test_migrate_is_idempotent(storage: Storage) -> None:
+    assert await storage.migrate() == 0
+    assert await storage.migrate() == 0
+
+
+async def test_ensure_user_creates_once(storage: Storage) -> None:
+    created = await storage.ensure_user("alice", plan="free")
+    assert (created.id, created.plan, created.lifetime_tokens, created.lifetime_cost) == (
+        "alice",
+        "free",
+        0,
+        0,
+    )
+    assert created.created_at.tzinfo is not None
+    again = await storage.ensure_user("alice", plan="pro")
+    assert again.plan == "free"
+    assert await storage.get_user("nobody") is None
+
+
+async def test_set_plan(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    await storage.set_plan("alice", "pro")
+    user = await storage.get_user("alice")
+    assert user is not None and user.plan == "pro"
+    with pytest.raises(NotFound):
+        await storage.set_plan("nobody", "pro")
+
+
+async def test_overrides(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    await storage.set_override("alice", "tokens_per_day", 5000)
+    await storage.set_override("alice", "advanced_rag", True)
+    await storage.set_override("alice", "queries_per_day", None)
+    user = await storage.get_user("alice")
+    assert user is not None
+    assert dict(user.overrides) == {
+        "tokens_per_day": 5000,
+        "advanced_rag": True,
+        "queries_per_day": None,
+    }
+    await storage.clear_override("alice", "tokens_per_day")
+    await storage.clear_override("alice", "not_set")
+    user = await storage.get_user("alice")
+    assert user is not None
+    assert dict(user.overrides) == {"advanced_rag": True, "queries_per_day": None}
+    with pytest.raises(NotFound):
+        await storage.set_override("nobody", "tokens_per_day", 1)
+    with pytest.raises(NotFound):
+        await storage.clear_override("nobody", "tokens_per_day")
+
+
+async def test_keys(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    key = await storage.create_key(
+        "alice", key_id="key_1", key_hash="h1", prefix="gwk_abcd", name="laptop", now=NOW
+    )
+    assert (key.id, key.user_id, key.name, key.prefix, key.revoked_at) == (
+        "key_1",
+        "alice",
+        "laptop",
+        "gwk_abcd",
+        None,
+    )
+    found = await storage.find_key("h1")
+    assert found is not None and found.id == "key_1" and found.created_at == NOW
+    assert await storage.find_key("h2") is None
+
+    revoked = await storage.revoke_key("key_1", now=NOW + timedelta(hours=1))
+    assert revoked.revoked_at == NOW + timedelta(hours=1)
+    again = await storage.revoke_key("key_1", now=NOW + timedelta(hours=2))
+    assert again.revoked_at == NOW + timedelta(hours=1)
+    found = await storage.find_key("h1")
+    assert found is not None and found.revoked_at is not None
+
+    await storage.create_key(
+        "alice", key_id="key_2", key_hash="h2", prefix="gwk_efgh", name="", now=NOW
+    )
+    assert [k.id for k in await storage.list_keys("alice")] == ["key_1", "key_2"]
+    with pytest.raises(NotFound):
+        await storage.revoke_key("key_404", now=NOW)
+    with pytest.raises(NotFound):
+        await storage.create_key(
+            "nobody", key_id="key_3", key_hash="h3", prefix="p", name="", now=NOW
+        )
+
+
+async def test_admit_reserves_until_the_daily_limit(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    limits = AdmissionLimits(queries_per_day=3)
+    results = [
+        await storage.admit("alice", day=DAY, month_start=MONTH, limits=limits) for _ in range(5)
+    ]
+    assert [r.admitted for r in results] == [True, True, True, False, False]
+    assert [r.counters.queries_today for r in results] == [1, 2, 3, 3, 3]
+    assert results[3].refused_by == "queries_per_day"
+    # another day starts from zero
+    tomorrow = await storage.admit(
+        "alice", day=DAY + timedelta(days=1), month_start=MONTH, limits=limits
+    )
+    assert tomorrow.admitted and tomorrow.counters.queries_today == 1
+
+
+async def test_admit_with_zero_and_unlimited(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    refused = await storage.admit(
+        "alice", day=DAY, month_start=MONTH, limits=AdmissionLimits(queries_per_day=0)
+    )
+    assert not refused.admitted and refused.refused_by == "queries_per_day"
+    assert refused.counters.queries_today == 0
+    for _ in range(3):
+        ok = await storage.admit("alice", day=DAY, month_start=MONTH, limits=AdmissionLimits())
+        assert ok.admitted
+    assert ok.counters.queries_today == 3
+
+
+async def test_admit_checks_tokens_today_and_this_month(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    # last month's usage does not count; earlier this month does
+    await storage.settle(event("old", day=date(2026, 10, 31), tokens=10_000))
+    await storage.settle(event("earlier", day=date(2026, 11, 2), tokens=600))
+    await storage.settle(event("today", tokens=300))
+
+    admission = await storage.admit(
+        "alice", day=DAY, month_start=MONTH, limits=AdmissionLimits(tokens_per_month=1000)
+    )
+    assert admission.admitted
+    assert (admission.counters.tokens_today, admission.counters.tokens_month) == (300, 900)
+
+    refused = await storage.admit(
+        "alice", day=DAY, month_start=MONTH, limits=AdmissionLimits(tokens_per_month=900)
+    )
+    assert not refused.admitted and refused.refused_by == "tokens_per_month"
+    assert refused.counters.tokens_month == 900 and refused.counters.queries_today == 1
+
+    refused = await storage.admit(
+        "alice", day=DAY, month_start=MONTH, limits=AdmissionLimits(tokens_per_day=300)
+    )
+    assert not refused.admitted and refused.refused_by == "tokens_per_day"
+
+    # a new day row respects the month limit too
+    refused = await storage.admit(
+        "alice",
+        day=date(2026, 11, 22),
+        month_start=MONTH,
+        limits=AdmissionLimits(tokens_per_month=900),
+    )
+    assert not refused.admitted and refused.refused_by == "tokens_per_month"
+    assert refused.counters.queries_today == 0
+
+
+async def test_refund(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    limits = AdmissionLimits(queries_per_day=1)
+    assert (await storage.admit("alice", day=DAY, month_start=MONTH, limits=limits)).admitted
+    assert not (await storage.admit("alice", day=DAY, month_start=MONTH, limits=limits)).admitted
+    await storage.refund("alice", day=DAY)
+    await storage.refund("alice", day=DAY)  # never below zero
+    (row,) = await storage.daily(DAY, DAY)
+    assert row.queries == 0
+    assert (await storage.admit("alice", day=DAY, month_start=MONTH, limits=limits)).admitted
+
+
+async def test_settle_records_once_with_exact_money(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    assert await storage.settle(event("m1", tokens=1168, cost="0.0013030", web_searches=1))
+    assert not await storage.settle(event("m1", tokens=1168, cost="0.0013030", web_searches=1))
+    assert await storage.settle(event("m2", tokens=100, cost="0E-7"))
+    assert await storage.settle(event("m3", tokens=32, cost="0.1"))
+    assert await storage.settle(event("m4", tokens=0, cost="0.2", estimated=True, outcome="cut"))
+
+    (row,) = await storage.daily(DAY, DAY)
+    assert row.total_tokens == 1300
+    assert row.prompt_tokens + row.completion_tokens == 1300
+    assert row.cost == Decimal("0.3013030")
+    assert row.web_searches == 1
+    user = await storage.get_user("alice")
+    assert user is not None
+    assert user.lifetime_tokens == 1300 and user.lifetime_cost == Decimal("0.3013030")
+    assert user.lifetime_prompt_tokens + user.lifetime_completion_tokens == 1300
+
+    events = [e async for e in storage.events(DAY, DAY)]
+    assert [e.answer_id for e in events] == ["m1", "m2", "m3", "m4"]
+    assert events[3].estimated and events[3].outcome == "cut"
+    assert events[0].cost == Decimal("0.0013030") and events[0].created_at == NOW
+
+
+async def test_settle_for_an_unknown_user(storage: Storage) -> None:
+    with pytest.raises(NotFound):
+        await storage.settle(event("m1", user="nobody"))
+
+
+async def test_daily_range_and_user_filter(storage: Storage) -> None:
+    for user in ("alice", "bob"):
+        await storage.ensure_user(user, plan="free")
+    for offset in range(5):
+        await storage.settle(event(f"a{offset}", day=DAY - timedelta(days=offset)))
+    await storage.settle(event("b0", user="bob"))
+    rows = await storage.daily(DAY - timedelta(days=2), DAY)
+    assert [(r.day, r.user_id) for r in rows] == [
+        (DAY - timedelta(days=2), "alice"),
+        (DAY - timedelta(days=1), "alice"),
+        (DAY, "alice"),
+        (DAY, "bob"),
+    ]
+    assert [r.user_id for r in await storage.daily(DAY, DAY, user_id="bob")] == ["bob"]
+
+
+async def test_events_stream_in_batches(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    await storage.ensure_user("bob", plan="free")
+    for i in range(2300):
+        await storage.settle(event(f"a{i:05}", user="alice" if i % 3 else "bob", tokens=1))
+    seen = [e.answer_id async for e in storage.events(DAY, DAY)]
+    assert seen == [f"a{i:05}" for i in range(2300)]
+    bob = [e async for e in storage.events(DAY, DAY, user_id="bob")]
+    assert len(bob) == 767 and {e.user_id for e in bob} == {"bob"}
+    assert [e async for e in storage.events(DAY + timedelta(days=1), DAY + timedelta(days=9))] == []
+
+
+async def test_list_users(storage: Storage) -> None:
+    for name, plan, tokens in (
+        ("carol", "pro", 50),
+        ("alice", "free", 10),
+        ("bob", "free", 500),
+        ("Alina", "pro", 0),
+    ):
+        await storage.ensure_user(name, plan=plan)
+        if tokens:
+            await storage.settle(
+                event(f"old-{name}", user=name, day=DAY - timedelta(days=1), tokens=tokens)
+            )
+    await storage.settle(event("today-alice", user="alice", tokens=7))
+
+    listed = await storage.list_users(day=DAY)
+    assert [s.user.id for s in listed] == ["Alina", "alice", "bob", "carol"]
+    by_tokens = await storage.list_users(day=DAY, sort="lifetime_tokens", descending=True)
+    assert [s.user.id for s in by_tokens] == ["bob", "carol", "alice", "Alina"]
+    today = await storage.list_users(day=DAY, sort="tokens_today", descending=True, limit=1)
+    assert [(s.user.id, s.today.total_tokens) for s in today] == [("alice", 7)]
+    assert [s.user.id for s in await storage.list_users(day=DAY, plan="pro")] == ["Alina", "carol"]
+    assert [s.user.id for s in await storage.list_users(day=DAY, search="ali")] == [
+        "Alina",
+        "alice",
+    ]
+    page = await storage.list_users(day=DAY, limit=2, offset=2)
+    assert [s.user.id for s in page] == ["bob", "carol"]
+    assert page[0].today.total_tokens == 0 and page[0].today.day == DAY
+    assert await storage.count_users() == 4
+    assert await storage.count_users(plan="free", search="b") == 1
+
+
+# --- concurrency: exactness across connections and processes ------------------------
+
+
+async def _two_stores(url: str) -> tuple[Storage, Storage]:
+    """Two independent connections (SQLite) / pools (PostgreSQL): stand-ins for two replicas."""
+    return await open_storage(DatabaseConfig(url=url)), await open_storage(DatabaseConfig(url=url))
+
+
+async def test_admission_race_is_exact(storage: Storage, database_url: str) -> None:
+    await storage.ensure_user("alice", plan="free")
+    limits = AdmissionLimits(queries_per_day=10)
+    for _ in range(5):  # 5 of 10 used: 5 left
+        assert (await storage.admit("alice", day=DAY, month_start=MONTH, limits=limits)).admitted
+    first, second = await _two_stores(database_url)
+    try:
+        results = await asyncio.gather(
+            *(
+                (first if i % 2 else second).admit(
+                    "alice", day=DAY, month_start=MONTH, limits=limits
+                )
+                for i in range(50)
+            )
+        )
+    finally:
+        await first.close()
+        await second.close()
+    assert sum(r.admitted for r in results) == 5
+    refused = [r for r in results if not r.admitted]
+    assert all(
+        r.refused_by == "queries_per_day" and r.counters.queries_today == 10 for r in refused
+    )
+    (row,) = await storage.daily(DAY, DAY)
+    assert row.queries == 10
+
+
+async def test_settle_race_records_once(storage: Storage, database_url: str) -> None:
+    await storage.ensure_user("alice", plan="free")
+    first, second = await _two_stores(database_url)
+    try:
+        results = await asyncio.gather(
+            *(
+                (first if i % 2 else second).settle(event(f"m{i // 10}", tokens=10))
+                for i in range(40)
+            )
+        )
+    finally:
+        await first.close()
+        await second.close()
+    assert sum(results) == 4
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 40
+    assert user.lifetime_cost == Decimal("0.0013030") * 4
+    (row,) = await storage.daily(DAY, DAY)
+    assert row.total_tokens == 40
+
+
+async def test_concurrent_migrations_on_a_fresh_database(
+    tmp_path, request: pytest.FixtureRequest, database_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    if database_url.startswith("sqlite"):
+        url = f"sqlite:///{tmp_path / 'fresh.db'}"
+        backend = "sqlite"
+    else:
+        url = await request.getfixturevalue("postgres").new_database_async()
+        backend = "postgres"
+    first, second = await _two_stores(url)
+    try:
+        counts = await asyncio.gather(first.migrate(), second.migrate())
+        assert sorted(counts) == [0, len(migrations(backend))]
+        assert await first.migrate() == 0
+    finally:
+        await first.close()
+        await second.close()
