@@ -1,0 +1,386 @@
+"""The `gateway` command line.
+
+Every command loads the configuration first; configuration and storage errors
+print one line and exit non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway import __version__
+from gateway.clock import SystemClock, periods_at
+from gateway.config import ENV_CONFIG, LIMIT_NAMES, Config, load_config, render_config
+from gateway.errors import ConfigError, GatewayError
+from gateway.keys import new_key
+from gateway.storage import OverrideValue, Storage, open_storage
+
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_CONFIG
+    try:
+        config = load_config(args.config)
+        result: int = args.handler(config, args)
+        return result
+    except ConfigError as exc:
+        print(f"gateway: configuration error: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    except GatewayError as exc:
+        print(f"gateway: error: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="Usage-metering gateway for LLM chat APIs."
+    )
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    parser.add_argument(
+        "--config",
+        "-c",
+        default=None,
+        help=f"configuration file (default: ${ENV_CONFIG} or ./gateway.toml)",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", default=None, help="bind address (default: server.host)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: server.port)")
+    serve.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: server.workers)"
+    )
+    serve.set_defaults(handler=_serve)
+
+    demo = commands.add_parser("demo", help="run the gateway with a built-in fake Dify upstream")
+    demo.add_argument("--port", type=int, default=8000, help="gateway port (default: 8000)")
+    demo.set_defaults(handler=_demo)
+
+    commands.add_parser("migrate", help="apply database migrations").set_defaults(
+        handler=_sync(_migrate)
+    )
+    commands.add_parser(
+        "check-config", help="validate and print the effective configuration"
+    ).set_defaults(handler=_check_config)
+
+    users = commands.add_parser("users", help="manage users").add_subparsers(
+        title="users commands", metavar="ACTION"
+    )
+    add = users.add_parser("add", help="create a user")
+    add.add_argument("id")
+    add.add_argument("--plan", default=None, help="plan (default: accounting.default_plan)")
+    add.set_defaults(handler=_sync(_users_add))
+    show = users.add_parser("show", help="a user's plan, usage today and lifetime totals")
+    show.add_argument("id")
+    show.set_defaults(handler=_sync(_users_show))
+    set_plan = users.add_parser("set-plan", help="change a user's plan")
+    set_plan.add_argument("id")
+    set_plan.add_argument("plan")
+    set_plan.set_defaults(handler=_sync(_users_set_plan))
+    set_limit = users.add_parser("set-limit", help="override one plan limit for a user")
+    set_limit.add_argument("id")
+    set_limit.add_argument("name", choices=LIMIT_NAMES)
+    set_limit.add_argument("value", help="a number, 'unlimited', or true/false for advanced_rag")
+    set_limit.set_defaults(handler=_sync(_users_set_limit))
+    clear_limit = users.add_parser("clear-limit", help="remove a per-user override")
+    clear_limit.add_argument("id")
+    clear_limit.add_argument("name", choices=LIMIT_NAMES)
+    clear_limit.set_defaults(handler=_sync(_users_clear_limit))
+    ls = users.add_parser("list", help="list users with their usage")
+    ls.add_argument("--plan", default=None)
+    ls.add_argument("--search", default=None, help="only ids containing this text")
+    ls.add_argument("--sort", choices=("id", "lifetime_tokens", "tokens_today"), default="id")
+    ls.add_argument("--desc", action="store_true", help="sort descending")
+    ls.add_argument("--limit", type=int, default=100)
+    ls.add_argument("--offset", type=int, default=0)
+    ls.set_defaults(handler=_sync(_users_list))
+
+    keys = commands.add_parser("keys", help="manage per-user gateway keys").add_subparsers(
+        title="keys commands", metavar="ACTION"
+    )
+    create = keys.add_parser("create", help="create a key for a user (printed once)")
+    create.add_argument("id", help="user id")
+    create.add_argument("--name", default="", help="a label for the key")
+    create.add_argument("--create-user", action="store_true", help="create the user if unknown")
+    create.set_defaults(handler=_sync(_keys_create))
+    revoke = keys.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(handler=_sync(_keys_revoke))
+    keys_list = keys.add_parser("list", help="a user's keys (ids and names, never secrets)")
+    keys_list.add_argument("id", help="user id")
+    keys_list.set_defaults(handler=_sync(_keys_list))
+    return parser
+
+
+Handler = Callable[[Config, argparse.Namespace], int]
+
+
+def _sync(fn: Callable[[Storage, Config, argparse.Namespace], Awaitable[int]]) -> Handler:
+    """Run an async command against a migrated storage."""
+
+    def handler(config: Config, args: argparse.Namespace) -> int:
+        async def run() -> int:
+            storage = await open_storage(config.database)
+            try:
+                await storage.migrate()
+                return await fn(storage, config, args)
+            finally:
+                await storage.close()
+
+        return asyncio.run(run())
+
+    return handler
+
+
+# --- serving ----------------------------------------------------------------------
+
+
+def _serve(config: Config, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    if config.source:
+        # Workers are separate processes: they find the same file through the environment.
+        os.environ[ENV_CONFIG] = os.path.abspath(config.source)
+    uvicorn.run(
+        "gateway.app:create_app",
+        factory=True,
+        host=args.host or config.server.host,
+        port=args.port if args.port is not None else config.server.port,
+        workers=args.workers or config.server.workers,
+        log_level=config.server.log_level,
+        loop="auto",  # uvloop where installed
+        http="auto",  # httptools where installed
+        server_header=False,
+    )
+    return 0
+
+
+def _demo(config: Config, args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(port=args.port)
+
+
+async def _migrate(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    # _sync has already migrated; report the state.
+    print(f"database {_describe_db(config)} is up to date")
+    return 0
+
+
+def _check_config(config: Config, args: argparse.Namespace) -> int:
+    sys.stdout.write(render_config(config))
+    return 0
+
+
+def _describe_db(config: Config) -> str:
+    from gateway.config import mask_url
+
+    return mask_url(config.database.url)
+
+
+# --- users --------------------------------------------------------------------------
+
+
+def _require_plan(config: Config, plan: str) -> None:
+    if plan not in config.plans:
+        raise ConfigError(
+            f"no plan named {plan!r} (expected one of: {', '.join(sorted(config.plans))})"
+        )
+
+
+async def _users_add(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    plan = args.plan or config.accounting.default_plan
+    _require_plan(config, plan)
+    existing = await storage.get_user(args.id)
+    if existing is not None:
+        print(f"user {args.id!r} already exists (plan {existing.plan})")
+        return EXIT_ERROR
+    await storage.ensure_user(args.id, plan=plan)
+    print(f"created user {args.id!r} on plan {plan}")
+    return 0
+
+
+async def _users_show(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    user = await storage.get_user(args.id)
+    if user is None:
+        print(f"gateway: error: no user {args.id!r}", file=sys.stderr)
+        return EXIT_ERROR
+    period = periods_at(SystemClock().now(), config.tz)
+    rows = await storage.daily(period.month_start, period.day, user_id=user.id)
+    today = next((r for r in rows if r.day == period.day), None)
+    month_tokens = sum(r.total_tokens for r in rows)
+    plan = config.plan(user.plan).with_overrides(user.overrides)
+
+    def limit(value: object) -> str:
+        return "unlimited" if value is None else str(value)
+
+    lines = [
+        f"user:      {user.id}",
+        f"plan:      {user.plan}"
+        + ("" if user.plan in config.plans else f" (not configured; using {plan.name})"),
+        f"created:   {user.created_at.astimezone(config.tz).isoformat(timespec='seconds')}",
+        f"lifetime:  {user.lifetime_tokens} tokens "
+        f"({user.lifetime_prompt_tokens} prompt, {user.lifetime_completion_tokens} completion), "
+        f"cost {user.lifetime_cost}",
+        f"today ({period.day.isoformat()}, {config.accounting.timezone}):",
+        f"  queries       {today.queries if today else 0} / {limit(plan.queries_per_day)}",
+        f"  tokens        {today.total_tokens if today else 0} / {limit(plan.tokens_per_day)}",
+        f"  web searches  {today.web_searches if today else 0} / {limit(plan.web_searches_per_day)}",
+        f"  cost          {today.cost if today else 0}",
+        f"this month:    {month_tokens} tokens / {limit(plan.tokens_per_month)}",
+    ]
+    if user.overrides:
+        lines.append(
+            "overrides:  " + ", ".join(f"{k}={limit(v)}" for k, v in sorted(user.overrides.items()))
+        )
+    keys = await storage.list_keys(user.id)
+    for key in keys:
+        state = (
+            f"revoked {key.revoked_at.isoformat(timespec='seconds')}"
+            if key.revoked_at
+            else "active"
+        )
+        lines.append(f"key:        {key.id}  {key.prefix}…  {key.name or '-'}  {state}")
+    print("\n".join(lines))
+    return 0
+
+
+async def _users_set_plan(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    _require_plan(config, args.plan)
+    await storage.set_plan(args.id, args.plan)
+    print(f"user {args.id!r} is now on plan {args.plan}")
+    return 0
+
+
+def parse_limit_value(name: str, raw: str) -> OverrideValue:
+    """A per-user override as typed on the command line or sent to the admin API."""
+    text = raw.strip().lower()
+    if name == "advanced_rag":
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+        raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+    if text in ("unlimited", "none"):
+        return None
+    try:
+        value: int | float = float(text) if name == "file_size_mb" else int(text)
+    except ValueError:
+        kind = "a number" if name == "file_size_mb" else "an integer"
+        raise ConfigError(f"{name}: expected {kind} >= 0 or 'unlimited', got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name}: expected a value >= 0, got {raw!r}")
+    return value
+
+
+async def _users_set_limit(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    value = parse_limit_value(args.name, args.value)
+    await storage.set_override(args.id, args.name, value)
+    print(f"user {args.id!r}: {args.name} = {'unlimited' if value is None else value} (override)")
+    return 0
+
+
+async def _users_clear_limit(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    await storage.clear_override(args.id, args.name)
+    print(f"user {args.id!r}: {args.name} follows the plan again")
+    return 0
+
+
+async def _users_list(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    day = periods_at(SystemClock().now(), config.tz).day
+    summaries = await storage.list_users(
+        day=day,
+        plan=args.plan,
+        search=args.search,
+        sort=args.sort,
+        descending=args.desc,
+        limit=args.limit,
+        offset=args.offset,
+    )
+    rows: list[tuple[Any, ...]] = [
+        ("USER", "PLAN", "LIFETIME TOKENS", "LIFETIME COST", "QUERIES TODAY", "TOKENS TODAY")
+    ]
+    for s in summaries:
+        rows.append(
+            (
+                s.user.id,
+                s.user.plan,
+                s.user.lifetime_tokens,
+                s.user.lifetime_cost,
+                s.today.queries,
+                s.today.total_tokens,
+            )
+        )
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(
+                str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
+            ).rstrip()
+        )
+    total = await storage.count_users(plan=args.plan, search=args.search)
+    print(f"({len(summaries)} of {total} users)")
+    return 0
+
+
+# --- keys --------------------------------------------------------------------------
+
+
+async def _keys_create(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    if args.create_user:
+        await storage.ensure_user(args.id, plan=config.accounting.default_plan)
+    key = new_key()
+    record = await storage.create_key(
+        args.id,
+        key_id=key.id,
+        key_hash=key.hash,
+        prefix=key.prefix,
+        name=args.name,
+        now=datetime.now(UTC),
+    )
+    print(
+        f"created key {record.id} for user {record.user_id!r}; it is shown only this once:",
+        file=sys.stderr,
+    )
+    print(key.secret)
+    return 0
+
+
+async def _keys_revoke(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    key = await storage.revoke_key(args.key_id, now=datetime.now(UTC))
+    assert key.revoked_at is not None
+    print(
+        f"key {key.id} of user {key.user_id!r} revoked at {key.revoked_at.isoformat(timespec='seconds')}"
+    )
+    return 0
+
+
+async def _keys_list(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    for key in await storage.list_keys(args.id):
+        state = (
+            f"revoked {key.revoked_at.isoformat(timespec='seconds')}"
+            if key.revoked_at
+            else "active"
+        )
+        print(
+            f"{key.id}  {key.prefix}…  {key.name or '-'}  {key.created_at.isoformat(timespec='seconds')}  {state}"
+        )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
