@@ -1,0 +1,138 @@
+"""Incremental Server-Sent Events decoder (sans-io).
+
+Implements the parsing half of the WHATWG SSE spec
+(https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+__all__ = ["SSEDecoder", "ServerSentEvent"]
+
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSentEvent:
+    event: str  # the `event:` field; "message" when the stream gave none
+    data: str  # data lines joined with "\n"
+    id: str | None = None  # the last event id in force when this event was dispatched
+    retry: int | None = None  # a `retry:` field seen in this event's block
+
+
+class SSEDecoder:
+    """Turn chunks of an ``text/event-stream`` body into events, as they arrive.
+
+    ``feed`` takes bytes split anywhere (inside a line, a ``\\r\\n`` pair or a UTF-8
+    character) and returns the events completed so far; ``flush`` ends the stream.
+    Only the unfinished last line is kept between calls, as bytes, so a character
+    split across chunks is decoded once it is whole.
+    """
+
+    __slots__ = ("_buf", "_data", "_event", "_last_id", "_pending_cr", "_retry", "_started")
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._buf = b""  # the unterminated tail; never holds a "\r" (that ends a line)
+        self._started = False  # past the place where a BOM may appear
+        self._pending_cr = False  # the last chunk ended in "\r": a leading "\n" is its pair
+        self._event = ""
+        self._data: list[str] = []
+        # The spec's "last event ID" starts as "" and "" means none; None stands for it.
+        self._last_id: str | None = None
+        self._retry: int | None = None
+
+    def feed(self, chunk: bytes) -> list[ServerSentEvent]:
+        if not chunk:
+            return []
+        if not self._started:
+            chunk = self._buf + chunk
+            self._buf = b""
+            # The BOM itself may arrive split across chunks, so wait until it can be told.
+            if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
+                self._buf = chunk
+                return []
+            self._started = True
+            if chunk.startswith(_BOM):
+                chunk = chunk[len(_BOM) :]
+        if self._pending_cr:
+            self._pending_cr = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            # Rare in practice (Dify sends "\n"), so normalise here and keep the common
+            # case below free of it. Replacing "\r\n" first is exact: the pairs cannot
+            # overlap, and what "\r" remains is a line end on its own.
+            self._pending_cr = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if self._buf:
+            chunk = self._buf + chunk
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            self._buf = chunk
+            return []
+        self._buf = chunk[end + 1 :]
+        # Splitting the decoded text on "\n" matches decoding line by line: a line end
+        # is ASCII, which is never part of a multi-byte or invalid sequence.
+        return self._lines(chunk[:end].decode("utf-8", "replace").split("\n"))
+
+    def flush(self) -> list[ServerSentEvent]:
+        """End the stream: return what is left and reset the decoder for reuse."""
+        lines = [self._buf.decode("utf-8", "replace")] if self._buf else []
+        # Deviation from the spec, which discards an event not closed by a blank line:
+        # Dify can close the connection right after its last `data:` line, and that
+        # line is often the `message_end` that carries the usage we meter.
+        if lines or self._data:
+            lines.append("")
+        events = self._lines(lines)
+        self._reset()
+        return events
+
+    def _lines(self, lines: list[str]) -> list[ServerSentEvent]:
+        events: list[ServerSentEvent] = []
+        data = self._data
+        for line in lines:
+            if not line:
+                if data:
+                    events.append(
+                        ServerSentEvent(
+                            event=self._event or "message",
+                            data="\n".join(data),
+                            id=self._last_id,
+                            retry=self._retry,
+                        )
+                    )
+                    data = self._data = []
+                # A block with no data (Dify's `event: ping`) still ends here.
+                self._event = ""
+                self._retry = None
+                continue
+            # Dify's events are single `data:` lines; test for that before the general case.
+            if line.startswith("data:"):
+                data.append(line[6:] if line.startswith(" ", 5) else line[5:])
+                continue
+            colon = line.find(":")
+            if colon == 0:
+                continue  # a comment
+            if colon < 0:
+                name, value = line, ""
+            else:
+                name = line[:colon]
+                value = line[colon + 2 :] if line.startswith(" ", colon + 1) else line[colon + 1 :]
+            if name == "event":
+                self._event = value
+            elif name == "data":
+                data.append(value)
+            elif name == "id":
+                if "\0" not in value:
+                    self._last_id = value or None
+            elif name == "retry" and value.isascii() and value.isdigit():
+                # Python refuses to parse more than 4300 digits (CVE-2020-10735); such a
+                # value is no delay anyone means, so it is ignored like any bad one.
+                with contextlib.suppress(ValueError):
+                    self._retry = int(value)
+        return events

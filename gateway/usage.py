@@ -1,0 +1,118 @@
+"""Usage values and the arithmetic on them: token counts, decimal prices, estimates.
+
+Pure logic, no I/O. Money is :class:`decimal.Decimal` end to end; Dify sends prices
+as decimal strings (``"0.0010330"``, ``"0E-7"``) and sometimes as JSON numbers, and
+both must come out exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Literal
+
+ZERO = Decimal(0)
+
+# Characters per token for estimates. English prose averages about four characters
+# per token with the GPT/Claude tokenizers; it is the usual rule of thumb and what
+# docs/usage.md documents as the estimate's method.
+CHARS_PER_TOKEN = 4
+
+Outcome = Literal[
+    "complete",  # the upstream reported usage
+    "error",  # the upstream sent an error event after producing text
+    "cut",  # the upstream connection ended without usage
+    "disconnected",  # the client left and the answer was stopped or timed out
+]
+
+
+def parse_decimal(value: object) -> Decimal:
+    """Parse a price as Dify sends it: a decimal string, an int, a float or null.
+
+    Floats go through ``repr`` so ``0.1`` becomes ``Decimal("0.1")``, not the binary
+    expansion. Anything else raises ``ValueError``.
+    """
+    if value is None or value == "":
+        return ZERO
+    if isinstance(value, bool):
+        raise ValueError(f"not a price: {value!r}")
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"not a price: {value!r}")
+        return Decimal(repr(value))
+    if isinstance(value, str):
+        try:
+            result = Decimal(value.strip())
+        except InvalidOperation:
+            raise ValueError(f"not a price: {value!r}") from None
+        if not result.is_finite():
+            raise ValueError(f"not a price: {value!r}")
+        return result
+    raise ValueError(f"not a price: {value!r}")
+
+
+def parse_tokens(value: object) -> int:
+    """Parse a token count: a non-negative integer (an integral float is accepted)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        raise ValueError(f"not a token count: {value!r}")
+    if isinstance(value, int):
+        result = value
+    elif isinstance(value, float) and value.is_integer():
+        result = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        result = int(value)
+    else:
+        raise ValueError(f"not a token count: {value!r}")
+    if result < 0:
+        raise ValueError(f"negative token count: {value!r}")
+    return result
+
+
+def estimate_tokens(chars: int) -> int:
+    """Tokens for ``chars`` characters of text, rounded up (see CHARS_PER_TOKEN)."""
+    return -(-max(chars, 0) // CHARS_PER_TOKEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What one answer consumed, as the upstream reported it (or as estimated)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost: Decimal = ZERO
+    currency: str = "USD"
+    estimated: bool = False
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            total_tokens=self.total_tokens + other.total_tokens,
+            cost=self.cost + other.cost,
+            currency=self.currency if self.total_tokens or self.cost else other.currency,
+            estimated=self.estimated or other.estimated,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Metered:
+    """The result of reading one upstream answer: who it was, what it cost.
+
+    ``usage`` is None when nothing is to be charged (an error before any text).
+    ``metadata`` is the answer's metadata object (``message_end.metadata``, or a
+    workflow's ``outputs``) for rules that look into it, such as web-search counting.
+    """
+
+    answer_id: str | None
+    task_id: str | None
+    conversation_id: str | None
+    usage: Usage | None
+    outcome: Outcome
+    error_code: str | None = None
+    metadata: dict[str, object] | None = None

@@ -1,0 +1,249 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.sse import ServerSentEvent, SSEDecoder
+
+E = ServerSentEvent
+
+
+def decode(chunks: list[bytes]) -> list[ServerSentEvent]:
+    decoder = SSEDecoder()
+    events = [event for chunk in chunks for event in decoder.feed(chunk)]
+    return events + decoder.flush()
+
+
+def one_byte_chunks(stream: bytes) -> list[bytes]:
+    return [stream[i : i + 1] for i in range(len(stream))]
+
+
+_ENVELOPE = {"conversation_id": "c1", "message_id": "m1", "task_id": "t1"}
+_USAGE = {"prompt_tokens": 12, "completion_tokens": 4, "total_price": "0E-7"}
+DIFY_BODIES = [
+    {"event": "message", **_ENVELOPE, "answer": a} for a in ["Bonjour", " à", " vous", " 👋"]
+]
+DIFY_BODIES.append({"event": "message_end", **_ENVELOPE, "metadata": {"usage": _USAGE}})
+
+
+def dify_stream() -> bytes:
+    """A chat answer as older Dify builds send it: spaced JSON, `\\uXXXX`, pings."""
+    events = [b"data: " + json.dumps(body).encode() + b"\n\n" for body in DIFY_BODIES]
+    return b"event: ping\n\n" + b"".join(events[:2]) + b"event: ping\n\n" + b"".join(events[2:])
+
+
+CASES: list[tuple[str, list[bytes], list[ServerSentEvent]]] = [
+    ("lf", [b"data: a\n\ndata: b\n\n"], [E("message", "a"), E("message", "b")]),
+    ("crlf", [b"data: a\r\n\r\ndata: b\r\n\r\n"], [E("message", "a"), E("message", "b")]),
+    ("cr", [b"data: a\r\rdata: b\r\r"], [E("message", "a"), E("message", "b")]),
+    ("mixed endings", [b"data: a\r\n\rdata: b\n\r\n"], [E("message", "a"), E("message", "b")]),
+    # A spurious empty line from a split "\r\n" would cut this block in two.
+    ("cr then lf across chunks", [b"data: a\r", b"\ndata: b\r", b"\n\r\n"], [E("message", "a\nb")]),
+    (
+        "cr chunk then lf chunk",
+        [b"data: a\r\n\r", b"\n", b"data: b\r\n\r\n"],
+        [E("message", "a"), E("message", "b")],
+    ),
+    (
+        "cr then cr across chunks",
+        [b"data: a\r", b"\rdata: b\r\r"],
+        [E("message", "a"), E("message", "b")],
+    ),
+    ("line split mid field", [b"da", b"ta: hel", b"lo\n", b"\n"], [E("message", "hello")]),
+    ("multi-line data", [b"data: a\ndata:\ndata:  b\n\n"], [E("message", "a\n\n b")]),
+    ("no space after colon", [b"data:a\n\n"], [E("message", "a")]),
+    ("only one space removed", [b"data:   a \n\n"], [E("message", "  a ")]),
+    ("field without colon", [b"data\ndata\n\n"], [E("message", "\n")]),
+    ("empty data line dispatches", [b"data:\n\n"], [E("message", "")]),
+    ("comments ignored", [b": hello\n:\ndata: a\n: mid\n\n"], [E("message", "a")]),
+    ("event field", [b"event: message_end\ndata: {}\n\n"], [E("message_end", "{}")]),
+    (
+        "event resets per block",
+        [b"event: x\ndata: 1\n\ndata: 2\n\n"],
+        [E("x", "1"), E("message", "2")],
+    ),
+    ("empty event is message", [b"event:\ndata: 1\n\n"], [E("message", "1")]),
+    ("last event wins", [b"event: a\nevent: b\ndata: 1\n\n"], [E("b", "1")]),
+    (
+        "id persists",
+        [b"id: 7\ndata: a\n\ndata: b\n\nid: 8\ndata: c\n\n"],
+        [E("message", "a", "7"), E("message", "b", "7"), E("message", "c", "8")],
+    ),
+    (
+        "empty id clears",
+        [b"id: 7\ndata: a\n\nid\ndata: b\n\n"],
+        [E("message", "a", "7"), E("message", "b")],
+    ),
+    ("id with nul ignored", [b"id: 1\n\nid: 2\x003\ndata: a\n\n"], [E("message", "a", "1")]),
+    ("id set by a block without data", [b"id: 5\n\ndata: a\n\n"], [E("message", "a", "5")]),
+    (
+        "retry",
+        [b"retry: 3000\ndata: a\n\ndata: b\n\n"],
+        [E("message", "a", None, 3000), E("message", "b")],
+    ),
+    ("retry with sign ignored", [b"retry: -1\ndata: a\n\n"], [E("message", "a")]),
+    ("retry with letters ignored", [b"retry: 10s\ndata: a\n\n"], [E("message", "a")]),
+    ("retry non-ascii digits ignored", ["retry: ١٢\ndata: a\n\n".encode()], [E("message", "a")]),
+    ("retry empty ignored", [b"retry:\ndata: a\n\n"], [E("message", "a")]),
+    ("retry too long ignored", [b"retry: " + b"9" * 5000 + b"\ndata: a\n\n"], [E("message", "a")]),
+    ("ping not dispatched", [b"event: ping\n\ndata: a\n\n"], [E("message", "a")]),
+    ("blank lines alone", [b"\n\n\r\n\r"], []),
+    ("unknown fields ignored", [b"foo: bar\nData: x\n data: y\ndata: a\n\n"], [E("message", "a")]),
+    ("field names are exact", [b"event : x\ndata: a\n\n"], [E("message", "a")]),
+    ("bom dropped", [b"\xef\xbb\xbfdata: a\n\n"], [E("message", "a")]),
+    ("bom split across chunks", [b"\xef", b"\xbb", b"\xbfdata: a\n\n"], [E("message", "a")]),
+    ("only one bom dropped", [b"\xef\xbb\xbf\xef\xbb\xbfdata: a\n\n"], []),
+    ("bom-like prefix kept", [b"\xef", b"data: a\n\n"], []),
+    ("bom mid-stream kept", [b"data: a\n\n\xef\xbb\xbfdata: b\n\n"], [E("message", "a")]),
+    ("utf-8 split", [b"data: \xc3", b"\xa9t\xe2\x82", b"\xac\n\n"], [E("message", "ét€")]),
+    ("utf-8 split after a line", [b"data: a\ndata: \xc3", b"\xa9\n\n"], [E("message", "a\n\xe9")]),
+    ("emoji one byte at a time", one_byte_chunks("data: 👋\n\n".encode()), [E("message", "👋")]),
+    ("invalid utf-8 replaced", [b"data: a\xffb\xe2\x82\n\n"], [E("message", "a\ufffdb\ufffd")]),
+    (
+        "flush dispatches unterminated line",
+        [b"data: a\n\ndata: b"],
+        [E("message", "a"), E("message", "b")],
+    ),
+    (
+        "flush dispatches without blank line",
+        [b"event: message_end\ndata: {}\n"],
+        [E("message_end", "{}")],
+    ),
+    ("flush after cr", [b"data: a\r"], [E("message", "a")]),
+    ("flush drops dataless block", [b"event: ping\n"], []),
+    ("flush of a comment", [b": bye"], []),
+    ("empty stream", [], []),
+    ("empty chunks", [b"", b"data: a\n", b"", b"\n", b""], [E("message", "a")]),
+    ("dify stream", [dify_stream()], [E("message", json.dumps(b)) for b in DIFY_BODIES]),
+]
+
+
+@pytest.mark.parametrize(("chunks", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_decode(chunks: list[bytes], expected: list[ServerSentEvent]) -> None:
+    assert decode(chunks) == expected
+
+
+@pytest.mark.parametrize(("chunks", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_decode_one_byte_at_a_time(chunks: list[bytes], expected: list[ServerSentEvent]) -> None:
+    assert decode(one_byte_chunks(b"".join(chunks))) == expected
+
+
+def test_dify_stream_json() -> None:
+    stream = dify_stream()
+    assert b"\\u00e0" in stream and b"\\ud83d\\udc4b" in stream  # old-style escapes
+    bodies = [json.loads(event.data) for event in decode([stream])]
+    assert "".join(b["answer"] for b in bodies[:-1]) == "Bonjour à vous 👋"
+    assert bodies[-1]["metadata"]["usage"]["total_price"] == "0E-7"
+
+
+def test_events_returned_as_soon_as_complete() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: a\n") == []
+    assert decoder.feed(b"\ndata: b\n\nda") == [E("message", "a"), E("message", "b")]
+    # A final "\r" ends the line at once; the decoder need not wait to see if "\n" follows.
+    assert decoder.feed(b"ta: c\r\r") == [E("message", "c")]
+    assert decoder.feed(b"\ndata: d") == []
+    assert decoder.flush() == [E("message", "d")]
+
+
+def test_flush_resets() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"\xef\xbb\xbfid: 1\nevent: x\nretry: 5\ndata: a") == []
+    assert decoder.flush() == [E("x", "a", "1", 5)]
+    # A fresh stream: no id, event or data carried over, and a BOM is dropped again.
+    assert decoder.feed(b"\xef\xbb\xbfdata: b\n\n") == [E("message", "b")]
+    assert decoder.flush() == []
+
+
+# Hypothesis: random events, written with random line endings and cut at random places.
+
+_text = st.text(st.characters(codec="utf-8", exclude_characters="\r\n\0"), max_size=12)
+
+
+@st.composite
+def _blocks(draw: st.DrawFn) -> list[tuple[str, str]]:
+    """One block as (name, value) lines; name "" is a comment, "data" lines may be 0."""
+    lines: list[tuple[str, str]] = []
+    if draw(st.booleans()):
+        lines.append(("event", draw(st.sampled_from(["", "message", "message_end", "ping"]))))
+    if draw(st.booleans()):
+        lines.append(("id", draw(_text | st.just("a\0b"))))
+    if draw(st.booleans()):
+        lines.append(("retry", draw(st.integers(0, 10**6).map(str) | st.just("1x"))))
+    if draw(st.booleans()):
+        lines.append(("", draw(_text)))
+    if draw(st.booleans()):
+        lines.append(("unknown", draw(_text)))
+    lines += [("data", v) for v in draw(st.lists(_text, max_size=3))]
+    return draw(st.permutations(lines))
+
+
+def _expected(blocks: list[list[tuple[str, str]]]) -> list[ServerSentEvent]:
+    """The spec's dispatch rules restated over whole blocks, as an independent oracle."""
+    events, last_id = [], None
+    for block in blocks:
+        event, data, retry = "", [], None
+        for name, value in block:
+            if name == "event":
+                event = value
+            elif name == "id" and "\0" not in value:
+                last_id = value or None
+            elif name == "retry" and value.isdigit():
+                retry = int(value)
+            elif name == "data":
+                data.append(value)
+        if data:
+            events.append(E(event or "message", "\n".join(data), last_id, retry))
+    return events
+
+
+@st.composite
+def _streams(draw: st.DrawFn, *, endings: list[bytes]) -> tuple[bytes, list[ServerSentEvent]]:
+    blocks = draw(st.lists(_blocks(), max_size=6))
+    out = [b"\xef\xbb\xbf"] if draw(st.booleans()) else []
+    previous = b""
+    lines: list[bytes] = []
+    for block in blocks:
+        lines += [(f"{n}: {v}" if n else f":{v}").encode() for n, v in block] + [b""]
+    # Dify may close without the last blank line; flush still dispatches that event.
+    if lines and draw(st.booleans()):
+        lines.pop()
+    for line in lines:
+        ending = draw(st.sampled_from(endings))
+        if previous == b"\r" and not line and ending == b"\n":
+            ending = b"\r\n"  # "\r" + "\n" would be one line end, not an empty line
+        out += [line, ending]
+        previous = ending
+    return b"".join(out), _expected(blocks)
+
+
+def _cuts(draw: st.DrawFn, stream: bytes) -> list[bytes]:
+    points = sorted(draw(st.sets(st.integers(0, len(stream)), max_size=len(stream) + 1)))
+    return [stream[i:j] for i, j in zip([0, *points], [*points, len(stream)], strict=True)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data(), _streams(endings=[b"\n"]))
+def test_any_chunking_gives_the_same_events(
+    data: st.DataObject, case: tuple[bytes, list[ServerSentEvent]]
+) -> None:
+    stream, expected = case
+    whole = decode([stream])
+    assert whole == expected
+    assert decode(_cuts(data.draw, stream)) == whole
+    assert decode(one_byte_chunks(stream)) == whole
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data(), _streams(endings=[b"\n", b"\r\n", b"\r"]))
+def test_any_chunking_and_line_endings_give_the_same_events(
+    data: st.DataObject, case: tuple[bytes, list[ServerSentEvent]]
+) -> None:
+    stream, expected = case
+    whole = decode([stream])
+    assert whole == expected
+    assert decode(_cuts(data.draw, stream)) == whole
+    assert decode(one_byte_chunks(stream)) == whole
