@@ -1,0 +1,535 @@
+"""The Dify Service API dialect: routes, user placement, stop calls and usage metering.
+
+Every wire fact used here is in /work/shared/protocols/dify.md (cited below as
+"dify.md"). Usage is read only from Dify's own answers, never from the client.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+from urllib.parse import quote
+
+import orjson
+
+from gateway.sse import ServerSentEvent
+from gateway.upstreams.base import Route
+from gateway.usage import (
+    ZERO,
+    Metered,
+    Outcome,
+    Usage,
+    estimate_tokens,
+    parse_decimal,
+    parse_tokens,
+)
+
+__all__ = ["DifyStreamMeter", "DifyUpstream"]
+
+# Module-level so tests can count parses by patching it; looked up at call time.
+_loads = orjson.loads
+
+# --- routing ---------------------------------------------------------------------------
+
+# Keyed by (method, path without surrounding slashes). ASGI methods are upper case.
+_EXACT_ROUTES: Final[dict[tuple[str, str], Route]] = {
+    ("POST", "chat-messages"): Route("chat", "chat-messages"),
+    ("POST", "completion-messages"): Route("completion", "completion-messages"),
+    ("POST", "workflows/run"): Route("workflow", "workflows/run"),
+    ("POST", "files/upload"): Route("upload", "files/upload"),
+    ("GET", "conversations"): Route("conversations", "conversations"),
+    ("GET", "messages"): Route("messages", "messages"),
+}
+_STOP_PATH: Final = re.compile(r"(chat-messages|completion-messages|workflows/tasks)/[^/]+/stop")
+# The ledger names stop calls without the task id, so they aggregate.
+_STOP_ROUTES: Final[dict[str, Route]] = {
+    prefix: Route("stop", f"{prefix}/stop")
+    for prefix in ("chat-messages", "completion-messages", "workflows/tasks")
+}
+# POST /workflows/{workflow_id}/run runs a specific published version (dify.md).
+_WORKFLOW_RUN_PATH: Final = re.compile(r"workflows/[^/]+/run")
+_WORKFLOW_RUN: Final = _EXACT_ROUTES[("POST", "workflows/run")]
+
+_STOP_PREFIXES: Final[dict[str, str]] = {
+    "chat": "/chat-messages/",
+    "completion": "/completion-messages/",
+    "workflow": "/workflows/tasks/",
+}
+
+# --- stream events ---------------------------------------------------------------------
+
+# Dify names the event in the JSON key "event", which it always writes first; spacing
+# varies by version (dify.md "JSON style varies"). Matching the start of the data
+# avoids parsing every text chunk; anything else falls back to a full parse.
+_EVENT_TYPE: Final = re.compile(r'\s*\{\s*"event"\s*:\s*"([a-z_]+)"')
+
+# Events whose answer text is counted for the estimate, and where the text sits.
+_TOP_LEVEL_TEXT: Final = frozenset({"message", "agent_message"})  # {"answer": ...}
+_WORKFLOW_TEXT: Final = "text_chunk"  # {"data": {"text": ...}}
+# Events that can carry usage or identifiers: always parsed. agent_thought's "thought"
+# repeats text already streamed as agent_message, so it only teaches ids (and only
+# while they are unknown, like any other event).
+_PARSED: Final = frozenset(
+    {
+        "message_end",
+        "workflow_started",
+        "workflow_finished",
+        "node_finished",
+        "error",
+        "message_replace",
+    }
+)
+# Events whose "id" is the message id; agent_thought's "id" is the thought's own id.
+_MESSAGE_ID_EVENTS: Final = frozenset(
+    {"message", "agent_message", "message_end", "message_replace"}
+)
+# Dify does not stream node_finished for these containers (they report through
+# iteration_completed / loop_completed), and their metadata totals repeat their
+# children's; skipped in case a version does send them, to never count twice.
+_CONTAINER_NODES: Final = frozenset({"iteration", "loop"})
+
+_NO_USAGE: Final = Usage()
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _is_zero(usage: Usage) -> bool:
+    return not usage.total_tokens and not usage.cost
+
+
+def _usage_from(raw: object) -> Usage:
+    """``message_end.metadata.usage`` (or the blocking equivalent) as a Usage.
+
+    Raises ``ValueError`` when the object or one of its numbers is malformed.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f"usage is not an object: {raw!r}")
+    prompt = parse_tokens(raw.get("prompt_tokens"))
+    completion = parse_tokens(raw.get("completion_tokens"))
+    total_raw = raw.get("total_tokens")
+    total = prompt + completion if total_raw is None else parse_tokens(total_raw)
+    price = raw.get("total_price")
+    if price is None:
+        # Prices are decimal strings or numbers (dify.md "Usage"); the parts are a
+        # fallback for a build that omits the total.
+        cost = parse_decimal(raw.get("prompt_price")) + parse_decimal(raw.get("completion_price"))
+    else:
+        cost = parse_decimal(price)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        cost=cost,
+        currency=_str_or_none(raw.get("currency")) or "USD",
+    )
+
+
+def _node_usage(data: dict[str, Any]) -> Usage:
+    """One ``node_finished.data``: price and total from ``execution_metadata``, the
+    prompt/completion split from ``outputs.usage`` (LLM nodes only; dify.md "Usage").
+    """
+    meta = data.get("execution_metadata")
+    outputs = data.get("outputs")
+    llm = outputs.get("usage") if isinstance(outputs, dict) else None
+    prompt = completion = 0
+    llm_total: int | None = None
+    if isinstance(llm, dict):
+        prompt = parse_tokens(llm.get("prompt_tokens"))
+        completion = parse_tokens(llm.get("completion_tokens"))
+        if llm.get("total_tokens") is not None:
+            llm_total = parse_tokens(llm.get("total_tokens"))
+    total = 0
+    cost = ZERO
+    currency = "USD"
+    if isinstance(meta, dict):
+        if meta.get("total_tokens") is not None:
+            total = parse_tokens(meta.get("total_tokens"))
+        elif llm_total is not None:
+            total = llm_total
+        cost = parse_decimal(meta.get("total_price"))
+        currency = _str_or_none(meta.get("currency")) or "USD"
+    elif meta is not None:
+        raise ValueError(f"execution_metadata is not an object: {meta!r}")
+    elif llm_total is not None:
+        total = llm_total
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        cost=cost,
+        currency=currency,
+    )
+
+
+def _prompt_chars(body: dict[str, Any]) -> int:
+    query = body.get("query")
+    chars = len(query) if isinstance(query, str) else 0
+    inputs = body.get("inputs")
+    if isinstance(inputs, dict):
+        chars += sum(len(v) for v in inputs.values() if isinstance(v, str))
+    return chars
+
+
+def _estimate(prompt_chars: int, text_chars: int) -> Usage:
+    prompt = estimate_tokens(prompt_chars)
+    completion = estimate_tokens(text_chars)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        cost=ZERO,
+        estimated=True,
+    )
+
+
+class DifyStreamMeter:
+    """Meters one streamed Dify answer (chat, agent, completion, chatflow or workflow).
+
+    Parses as little JSON as it can: plain text events are parsed once per event
+    type, then only measured (see ``feed``).
+    """
+
+    __slots__ = (
+        "_conversation_id",
+        "_error",
+        "_error_code",
+        "_malformed",
+        "_message_id",
+        "_message_usage",
+        "_metadata",
+        "_nodes",
+        "_overhead",
+        "_prompt_chars",
+        "_route",
+        "_task_id",
+        "_text_chars",
+        "_workflow_finished",
+        "_workflow_outputs",
+        "_workflow_run_id",
+        "_workflow_total",
+    )
+
+    def __init__(self, route: Route, body: dict[str, Any]) -> None:
+        self._route = route
+        self._prompt_chars = _prompt_chars(body)
+        self._task_id: str | None = None
+        self._message_id: str | None = None
+        self._conversation_id: str | None = None
+        self._workflow_run_id: str | None = None
+        # Answer text characters seen, and per text event type the length of the
+        # data around the text (learned from that type's first event).
+        self._text_chars = 0
+        self._overhead: dict[str, int] = {}
+        self._message_usage: Usage | None = None
+        self._metadata: dict[str, Any] | None = None
+        self._workflow_finished = False
+        self._workflow_total: int | None = None
+        self._workflow_outputs: dict[str, Any] | None = None
+        self._nodes = _NO_USAGE
+        self._error = False
+        self._error_code: str | None = None
+        self._malformed: list[str] = []
+
+    @property
+    def task_id(self) -> str | None:
+        return self._task_id
+
+    @property
+    def malformed(self) -> tuple[str, ...]:
+        """Types of the events whose JSON could not be read, in order, for the proxy to log."""
+        return tuple(self._malformed)
+
+    def feed(self, event: ServerSentEvent) -> None:
+        data = event.data
+        if not data:  # `event: ping` keep-alives carry no data (dify.md)
+            return
+        match = _EVENT_TYPE.match(data)
+        if match is not None:
+            kind = match.group(1)
+            overhead = self._overhead.get(kind)
+            if overhead is not None:
+                # The hot path. The answer's length is estimated as the data's length
+                # minus the envelope measured on this type's first event. Escapes
+                # inflate it (`\n` is two characters, `\uXXXX` six, as older Dify
+                # versions write non-ASCII) and envelopes can vary slightly; it is good
+                # enough for an estimate used only when Dify never reports usage.
+                extra = len(data) - overhead
+                if extra > 0:
+                    self._text_chars += extra
+                return
+            if not (
+                kind in _PARSED
+                or kind in _TOP_LEVEL_TEXT
+                or kind == _WORKFLOW_TEXT
+                or self._task_id is None  # learn the task id early to allow a stop call
+            ):
+                return
+            obj = self._parse(data, kind)
+        else:
+            obj = self._parse(data, None)
+            if obj is None:
+                return
+            kind = obj.get("event")
+            if not isinstance(kind, str):
+                return
+        if obj is None:
+            # A text event failing to parse does not hide usage; a usage event does.
+            if kind == "error":
+                self._error = True
+            return
+        self._handle(kind, obj, data)
+
+    def _parse(self, data: str, kind: str | None) -> dict[str, Any] | None:
+        try:
+            obj = _loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            return obj
+        if kind in _PARSED:
+            self._malformed.append(kind)
+        return None
+
+    def _handle(self, kind: str, obj: dict[str, Any], data: str) -> None:
+        self._learn_ids(kind, obj)
+        if kind in _TOP_LEVEL_TEXT:
+            self._count_text(kind, obj.get("answer"), data)
+        elif kind == _WORKFLOW_TEXT:
+            inner = obj.get("data")
+            self._count_text(kind, inner.get("text") if isinstance(inner, dict) else None, data)
+        elif kind == "message_end":
+            self._on_message_end(obj)
+        elif kind == "node_finished":
+            self._on_node_finished(obj)
+        elif kind == "workflow_finished":
+            self._on_workflow_finished(obj)
+        elif kind == "error":
+            self._error = True
+            if self._error_code is None:
+                self._error_code = _str_or_none(obj.get("code"))
+        # message_replace (moderation) swaps the shown answer but not what the model
+        # generated, so the text count stays; workflow_started only brings ids.
+
+    def _learn_ids(self, kind: str, obj: dict[str, Any]) -> None:
+        if self._task_id is None:
+            self._task_id = _str_or_none(obj.get("task_id"))
+        if self._conversation_id is None:
+            self._conversation_id = _str_or_none(obj.get("conversation_id"))
+        if self._message_id is None:
+            self._message_id = _str_or_none(obj.get("message_id"))
+            if self._message_id is None and kind in _MESSAGE_ID_EVENTS:
+                self._message_id = _str_or_none(obj.get("id"))
+        if self._workflow_run_id is None:
+            self._workflow_run_id = _str_or_none(obj.get("workflow_run_id"))
+
+    def _count_text(self, kind: str, text: object, data: str) -> None:
+        if not isinstance(text, str):
+            return
+        self._text_chars += len(text)
+        if kind not in self._overhead:
+            self._overhead[kind] = len(data) - len(text)
+
+    def _on_message_end(self, obj: dict[str, Any]) -> None:
+        metadata = obj.get("metadata")
+        if metadata is None:
+            return
+        if not isinstance(metadata, dict):
+            self._malformed.append("message_end")
+            return
+        self._metadata = metadata
+        raw = metadata.get("usage")
+        if raw is None:
+            return
+        try:
+            self._message_usage = _usage_from(raw)
+        except ValueError:
+            self._malformed.append("message_end")
+
+    def _on_node_finished(self, obj: dict[str, Any]) -> None:
+        data = obj.get("data")
+        if not isinstance(data, dict):
+            self._malformed.append("node_finished")
+            return
+        if data.get("node_type") in _CONTAINER_NODES:
+            return
+        try:
+            self._nodes = self._nodes + _node_usage(data)
+        except ValueError:
+            self._malformed.append("node_finished")
+
+    def _on_workflow_finished(self, obj: dict[str, Any]) -> None:
+        data = obj.get("data")
+        if not isinstance(data, dict):
+            self._malformed.append("workflow_finished")
+            return
+        total = data.get("total_tokens")
+        try:
+            self._workflow_total = None if total is None else parse_tokens(total)
+        except ValueError:
+            self._malformed.append("workflow_finished")
+            return
+        self._workflow_finished = True
+        outputs = data.get("outputs")
+        if isinstance(outputs, dict):
+            self._workflow_outputs = outputs
+
+    def _workflow_usage(self) -> Usage | None:
+        """Workflow usage (dify.md): the total from workflow_finished, price and split
+        summed over the nodes; None until workflow_finished arrived."""
+        if not self._workflow_finished:
+            return None
+        nodes = self._nodes
+        if self._workflow_total is None:
+            return nodes
+        return Usage(
+            prompt_tokens=nodes.prompt_tokens,
+            completion_tokens=nodes.completion_tokens,
+            total_tokens=self._workflow_total,
+            cost=nodes.cost,
+            currency=nodes.currency,
+        )
+
+    def _reported_usage(self) -> Usage | None:
+        message = self._message_usage
+        workflow = self._workflow_usage()
+        if message is None:
+            return workflow
+        # A chatflow sends message_end and workflow_finished in either order; the two
+        # describe the same run, so message_end alone is counted. Except for the known
+        # chatflow bug of all-zero usage (dify.md "Disconnects"): then the nodes' own
+        # reports, when they show tokens, are the better record.
+        if _is_zero(message):
+            alternative = workflow if workflow is not None else self._nodes
+            if not _is_zero(alternative):
+                return alternative
+        return message
+
+    def _partial_usage(self) -> Usage | None:
+        """The best lower bound when Dify reported no final usage: what finished nodes
+        reported, or an estimate from the text and the request, whichever is larger."""
+        estimate = _estimate(self._prompt_chars, self._text_chars) if self._text_chars else None
+        nodes = self._nodes if not _is_zero(self._nodes) else None
+        if estimate is None or nodes is None:
+            return estimate or nodes
+        return nodes if nodes.total_tokens >= estimate.total_tokens else estimate
+
+    def finish(self, *, cut: bool) -> Metered:
+        # `cut` does not change the outcome here: without usage, a cut stream and one
+        # that simply ended are both "cut" (Dify has no terminator; dify.md).
+        usage = self._reported_usage()
+        if usage is not None:
+            return self._metered(usage, "complete")
+        partial = self._partial_usage()
+        if self._error:
+            return self._metered(partial, "error", code=self._error_code)
+        # Naming the cause lets the ledger tell a broken usage event from a lost stream.
+        code = "malformed_usage" if self._malformed else None
+        return self._metered(partial, "cut", code=code)
+
+    def _metered(
+        self, usage: Usage | None, outcome: Outcome, *, code: str | None = None
+    ) -> Metered:
+        if self._route.kind == "workflow":
+            answer_id = self._workflow_run_id or self._message_id
+        else:
+            answer_id = self._message_id or self._workflow_run_id
+        metadata = self._metadata if self._metadata is not None else self._workflow_outputs
+        return Metered(
+            answer_id=answer_id,
+            task_id=self._task_id,
+            conversation_id=self._conversation_id,
+            usage=usage,
+            outcome=outcome,
+            error_code=code,
+            metadata=metadata,
+        )
+
+
+class DifyUpstream:
+    """The Dify Service API (``.../v1``), as described in dify.md."""
+
+    __slots__ = ()
+
+    kind = "dify"
+    user_field = "user"
+
+    def route(self, method: str, path: str) -> Route:
+        key = path.strip("/")
+        route = _EXACT_ROUTES.get((method, key))
+        if route is not None:
+            return route
+        if method == "POST":
+            match = _STOP_PATH.fullmatch(key)
+            if match is not None:
+                return _STOP_ROUTES[match.group(1)]
+            if _WORKFLOW_RUN_PATH.fullmatch(key):
+                return _WORKFLOW_RUN
+        return Route("other", key)
+
+    def error_body(self, status: int, code: str, message: str) -> bytes:
+        return orjson.dumps({"code": code, "message": message, "status": status})
+
+    def set_user(self, body: dict[str, Any], user_id: str) -> None:
+        body["user"] = user_id
+
+    def is_streaming(self, route: Route, body: dict[str, Any]) -> bool:
+        """A hint only: Dify streams when ``response_mode`` is "streaming", but agent
+        apps stream whatever was asked (dify.md), and the gateway cannot know the app
+        type. The proxy core decides from the response's Content-Type."""
+        return body.get("response_mode") == "streaming"
+
+    def stream_meter(self, route: Route, body: dict[str, Any]) -> DifyStreamMeter:
+        return DifyStreamMeter(route, body)
+
+    def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:
+        try:
+            obj = _loads(response)
+        except orjson.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict):
+            return Metered(None, None, None, None, "cut")
+        task_id = _str_or_none(obj.get("task_id"))
+        if "answer" not in obj and "data" not in obj and isinstance(obj.get("code"), str):
+            # An error body {"code","message","status"} (dify.md "Errors over HTTP").
+            return Metered(None, task_id, None, None, "error", error_code=obj["code"])
+        if route.kind == "workflow":
+            return self._meter_blocking_workflow(obj, task_id)
+        answer_id = _str_or_none(obj.get("message_id")) or _str_or_none(obj.get("id"))
+        conversation_id = _str_or_none(obj.get("conversation_id"))
+        metadata = obj.get("metadata")
+        metadata = metadata if isinstance(metadata, dict) else None
+        try:
+            usage: Usage | None = _usage_from(metadata.get("usage") if metadata else None)
+            outcome: Outcome = "complete"
+        except ValueError:
+            answer = obj.get("answer")
+            usage = None
+            if isinstance(answer, str) and answer:
+                usage = _estimate(_prompt_chars(body), len(answer))
+            outcome = "cut"
+        return Metered(answer_id, task_id, conversation_id, usage, outcome, metadata=metadata)
+
+    @staticmethod
+    def _meter_blocking_workflow(obj: dict[str, Any], task_id: str | None) -> Metered:
+        # A blocking workflow reports only data.total_tokens: no split, no price (dify.md).
+        run_id = _str_or_none(obj.get("workflow_run_id"))
+        data = obj.get("data")
+        if not isinstance(data, dict):
+            return Metered(run_id, task_id, None, None, "cut")
+        outputs = data.get("outputs")
+        metadata = outputs if isinstance(outputs, dict) else None
+        try:
+            total = data["total_tokens"]
+            usage = Usage(total_tokens=parse_tokens(total))
+        except (KeyError, ValueError):
+            return Metered(run_id, task_id, None, None, "cut", metadata=metadata)
+        return Metered(run_id, task_id, None, usage, "complete", metadata=metadata)
+
+    def stop_request(self, route: Route, task_id: str, user_id: str) -> tuple[str, bytes] | None:
+        prefix = _STOP_PREFIXES.get(route.kind)
+        if prefix is None:
+            return None
+        # The task id comes from Dify's stream, but it still goes into a path: quote it.
+        return f"{prefix}{quote(task_id, safe='')}/stop", orjson.dumps({"user": user_id})

@@ -1,0 +1,792 @@
+"""The Dify dialect, driven by event sequences shaped like /work/shared/protocols/dify.md."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.sse import ServerSentEvent
+from gateway.upstreams import dify, get_upstream
+from gateway.upstreams.base import Route
+from gateway.upstreams.dify import DifyStreamMeter, DifyUpstream
+from gateway.usage import Metered, Usage, estimate_tokens
+
+UP = DifyUpstream()
+CHAT = Route("chat", "chat-messages")
+COMPLETION = Route("completion", "completion-messages")
+WORKFLOW = Route("workflow", "workflows/run")
+PING = ServerSentEvent(event="ping", data="")
+
+
+def ev(obj: dict[str, Any] | str, *, id: str | None = None) -> ServerSentEvent:
+    data = obj if isinstance(obj, str) else orjson.dumps(obj).decode()
+    return ServerSentEvent(event="message", data=data, id=id)
+
+
+def run(
+    route: Route,
+    events: list[ServerSentEvent],
+    body: dict[str, Any] | None = None,
+    *,
+    cut: bool = False,
+) -> tuple[DifyStreamMeter, Metered]:
+    meter = UP.stream_meter(route, body if body is not None else {"query": "hi", "inputs": {}})
+    for event in events:
+        meter.feed(event)
+    return meter, meter.finish(cut=cut)
+
+
+# --- chat, as on the wire in dify.md's example -------------------------------------------
+
+DOC_MESSAGE_1 = (
+    '{"event":"message","conversation_id":"c1","message_id":"m1","created_at":1705398420,'
+    '"task_id":"t1","id":"m1","answer":"Hi"}'
+)
+DOC_MESSAGE_2 = (
+    '{"event":"message","conversation_id":"c1","message_id":"m1","created_at":1705398420,'
+    '"task_id":"t1","id":"m1","answer":" there"}'
+)
+DOC_USAGE: dict[str, Any] = {
+    "prompt_tokens": 1033,
+    "prompt_unit_price": "0.001",
+    "prompt_price_unit": "0.001",
+    "prompt_price": "0.0010330",
+    "completion_tokens": 135,
+    "completion_unit_price": "0.002",
+    "completion_price_unit": "0.001",
+    "completion_price": "0.0002700",
+    "total_tokens": 1168,
+    "total_price": "0.0013030",
+    "currency": "USD",
+    "latency": 1.38,
+}
+DOC_MESSAGE_END = (
+    '{"event":"message_end","conversation_id":"c1","message_id":"m1","created_at":1705398420,'
+    '"task_id":"t1","id":"m1","metadata":{"usage":'
+    + orjson.dumps(DOC_USAGE).decode()
+    + ',"retriever_resources":[]},"files":null}'
+)
+DOC_COMPLETE = Usage(
+    prompt_tokens=1033, completion_tokens=135, total_tokens=1168, cost=Decimal("0.0013030")
+)
+CHAT_ENVELOPE: dict[str, Any] = {
+    "conversation_id": "c1",
+    "message_id": "m1",
+    "created_at": 1705398420,
+    "task_id": "t1",
+    "id": "m1",
+}
+
+
+def message(
+    answer: str, *, event: str = "message", envelope: dict[str, Any] = CHAT_ENVELOPE
+) -> ServerSentEvent:
+    return ev({"event": event, **envelope, "answer": answer})
+
+
+def message_end(usage: Any, *, envelope: dict[str, Any] = CHAT_ENVELOPE) -> ServerSentEvent:
+    metadata = {"usage": usage, "retriever_resources": []}
+    return ev({"event": "message_end", **envelope, "metadata": metadata})
+
+
+def error(code: str = "provider_quota_exceeded", status: int = 400) -> ServerSentEvent:
+    # dify.md: envelope + {"code","status","message"}, no task_id.
+    return ev(
+        {
+            "event": "error",
+            "conversation_id": "c1",
+            "message_id": "m1",
+            "status": status,
+            "code": code,
+            "message": "Your quota for Dify Hosted Model Provider has been exhausted.",
+        }
+    )
+
+
+def test_chat_stream_from_the_doc() -> None:
+    events = [ev(DOC_MESSAGE_1), PING, ev(DOC_MESSAGE_2), ev(DOC_MESSAGE_END)]
+    meter, result = run(CHAT, events)
+    assert result == Metered(
+        answer_id="m1",
+        task_id="t1",
+        conversation_id="c1",
+        usage=DOC_COMPLETE,
+        outcome="complete",
+        metadata={"usage": DOC_USAGE, "retriever_resources": []},
+    )
+    assert result.usage is not None
+    assert str(result.usage.cost) == "0.0013030"
+    assert meter.malformed == ()
+
+
+def test_task_id_is_known_after_the_first_event() -> None:
+    meter = UP.stream_meter(CHAT, {})
+    assert meter.task_id is None
+    meter.feed(PING)
+    assert meter.task_id is None
+    meter.feed(ev(DOC_MESSAGE_1, id="1"))
+    assert meter.task_id == "t1"
+
+
+def test_task_id_from_an_unexpected_first_event() -> None:
+    meter = UP.stream_meter(CHAT, {})
+    meter.feed(ev({"event": "message_file", "id": "f1", "type": "image", "task_id": "t9"}))
+    assert meter.task_id == "t9"
+
+
+# --- agent, completion, chatflow -----------------------------------------------------------
+
+AGENT_ENVELOPE: dict[str, Any] = {
+    "conversation_id": "c2",
+    "message_id": "m2",
+    "created_at": 1705407629,
+    "task_id": "t2",
+    "id": "m2",
+}
+
+
+def agent_thought(position: int, thought: str, tool: str = "") -> ServerSentEvent:
+    return ev(
+        {
+            "event": "agent_thought",
+            "id": f"thought-{position}",  # not the message id
+            "task_id": "t2",
+            "message_id": "m2",
+            "position": position,
+            "thought": thought,
+            "observation": "",
+            "tool": tool,
+            "tool_labels": {},
+            "tool_input": "",
+            "created_at": 1705407629,
+            "message_files": [],
+            "conversation_id": "c2",
+        }
+    )
+
+
+def test_agent_stream() -> None:
+    usage = {**DOC_USAGE, "prompt_tokens": 500, "completion_tokens": 40, "total_tokens": 540}
+    usage["total_price"] = "0.0005800"
+    events = [
+        agent_thought(1, "", tool="dalle3"),
+        message("I drew", event="agent_message", envelope=AGENT_ENVELOPE),
+        message(" a cat.", event="agent_message", envelope=AGENT_ENVELOPE),
+        agent_thought(1, "I drew a cat.", tool="dalle3"),
+        ev({"event": "message_file", "id": "f1", "type": "image", "belongs_to": "assistant"}),
+        message_end(usage, envelope=AGENT_ENVELOPE),
+    ]
+    _, result = run(CHAT, events)
+    assert (result.answer_id, result.task_id, result.conversation_id) == ("m2", "t2", "c2")
+    assert result.outcome == "complete"
+    assert result.usage == Usage(
+        prompt_tokens=500, completion_tokens=40, total_tokens=540, cost=Decimal("0.0005800")
+    )
+
+
+COMPLETION_ENVELOPE: dict[str, Any] = {
+    "message_id": "m4",
+    "created_at": 1705407629,
+    "task_id": "t4",
+    "id": "m4",
+}
+
+
+def test_completion_stream() -> None:
+    usage: dict[str, Any] = {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}
+    usage |= {"total_price": "0.0000840", "currency": "RMB"}
+    events = [
+        message("Once", envelope=COMPLETION_ENVELOPE),
+        message(" upon a time", envelope=COMPLETION_ENVELOPE),
+        message_end(usage, envelope=COMPLETION_ENVELOPE),
+    ]
+    _, result = run(COMPLETION, events, {"inputs": {"topic": "cats"}, "query": ""})
+    assert (result.answer_id, result.task_id, result.conversation_id) == ("m4", "t4", None)
+    assert result.usage == Usage(
+        prompt_tokens=12,
+        completion_tokens=30,
+        total_tokens=42,
+        cost=Decimal("0.0000840"),
+        currency="RMB",
+    )
+
+
+CHATFLOW_ENVELOPE: dict[str, Any] = {
+    "conversation_id": "c3",
+    "message_id": "m3",
+    "created_at": 1705407629,
+    "task_id": "t3",
+    "id": "m3",
+}
+
+
+def workflow_started(task: str, run_id: str) -> ServerSentEvent:
+    data = {"id": run_id, "workflow_id": "w1", "sequence_number": 7, "created_at": 1705407629}
+    return ev(
+        {"event": "workflow_started", "task_id": task, "workflow_run_id": run_id, "data": data}
+    )
+
+
+def node_finished(
+    task: str,
+    run_id: str,
+    node_type: str,
+    *,
+    meta: dict[str, Any] | None = None,
+    llm: dict[str, Any] | None = None,
+    **extra: Any,
+) -> ServerSentEvent:
+    outputs: dict[str, Any] = {"text": "..."}
+    if llm is not None:
+        outputs["usage"] = llm
+    data = {
+        "id": f"exec-{node_type}",
+        "node_id": f"node-{node_type}",
+        "node_type": node_type,
+        "title": node_type.upper(),
+        "index": 2,
+        "inputs": {},
+        "outputs": outputs,
+        "status": "succeeded",
+        "elapsed_time": 0.5,
+        "execution_metadata": meta,
+        "created_at": 1705407629,
+        **extra,
+    }
+    return ev({"event": "node_finished", "task_id": task, "workflow_run_id": run_id, "data": data})
+
+
+def workflow_finished(task: str, run_id: str, total: Any, outputs: Any = None) -> ServerSentEvent:
+    data: dict[str, Any] = {
+        "id": run_id,
+        "workflow_id": "w1",
+        "status": "succeeded",
+        "outputs": outputs,
+        "error": None,
+        "elapsed_time": 2.1,
+        "total_steps": 4,
+        "created_at": 1705407629,
+        "finished_at": 1705407631,
+    }
+    if total is not None:
+        data["total_tokens"] = total
+    return ev(
+        {"event": "workflow_finished", "task_id": task, "workflow_run_id": run_id, "data": data}
+    )
+
+
+def llm_usage(prompt: int, completion: int, price: Any) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "total_price": price,
+        "currency": "USD",
+        "latency": 0.9,
+    }
+
+
+def llm_meta(total: int, price: Any) -> dict[str, Any]:
+    return {"total_tokens": total, "total_price": price, "currency": "USD"}
+
+
+CHATFLOW_LLM = node_finished(
+    "t3", "r3", "llm", meta=llm_meta(120, "0.0002000"), llm=llm_usage(100, 20, "0.0002000")
+)
+CHATFLOW_HEAD = [
+    workflow_started("t3", "r3"),
+    ev({"event": "node_started", "task_id": "t3", "workflow_run_id": "r3", "data": {}}),
+    message("Hello", envelope=CHATFLOW_ENVELOPE),
+    message(" world", envelope=CHATFLOW_ENVELOPE),
+    CHATFLOW_LLM,
+]
+CHATFLOW_END = message_end(llm_usage(100, 20, "0.0002000"), envelope=CHATFLOW_ENVELOPE)
+CHATFLOW_WF_END = workflow_finished("t3", "r3", 120, {"answer": "Hello world"})
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [[CHATFLOW_END, CHATFLOW_WF_END], [CHATFLOW_WF_END, CHATFLOW_END]],
+    ids=["message_end-first", "workflow_finished-first"],
+)
+def test_chatflow_counts_message_end_once_in_either_order(tail: list[ServerSentEvent]) -> None:
+    _, result = run(CHAT, [*CHATFLOW_HEAD, *tail])
+    assert result.outcome == "complete"
+    assert (result.answer_id, result.task_id, result.conversation_id) == ("m3", "t3", "c3")
+    assert result.usage == Usage(
+        prompt_tokens=100, completion_tokens=20, total_tokens=120, cost=Decimal("0.0002000")
+    )
+    assert result.metadata is not None and "usage" in result.metadata
+
+
+def test_chatflow_without_message_end_uses_the_workflow() -> None:
+    # dify.md: message_end is sometimes missing in chatflows.
+    _, result = run(CHAT, [*CHATFLOW_HEAD, CHATFLOW_WF_END])
+    assert result.outcome == "complete"
+    assert result.answer_id == "m3"
+    assert result.usage == Usage(
+        prompt_tokens=100, completion_tokens=20, total_tokens=120, cost=Decimal("0.0002000")
+    )
+    assert result.metadata == {"answer": "Hello world"}
+
+
+def test_chatflow_with_all_zero_message_end_prefers_the_nodes() -> None:
+    # dify.md: some chatflows report zero usage although an LLM ran.
+    zero = message_end(llm_usage(0, 0, "0"), envelope=CHATFLOW_ENVELOPE)
+    _, result = run(CHAT, [*CHATFLOW_HEAD, zero, CHATFLOW_WF_END])
+    assert result.usage is not None
+    assert (result.usage.total_tokens, result.usage.cost) == (120, Decimal("0.0002000"))
+
+
+def test_chatflow_without_llm_keeps_its_zero_usage() -> None:
+    zero = message_end(llm_usage(0, 0, "0"), envelope=CHATFLOW_ENVELOPE)
+    events = [workflow_started("t3", "r3"), message("Static", envelope=CHATFLOW_ENVELOPE), zero]
+    _, result = run(CHAT, [*events, workflow_finished("t3", "r3", 0)])
+    assert result.outcome == "complete"
+    assert result.usage == Usage()
+
+
+# --- workflow ------------------------------------------------------------------------------
+
+
+def text_chunk(text: str) -> ServerSentEvent:
+    data = {"text": text, "from_variable_selector": ["node-llm", "text"]}
+    return ev({"event": "text_chunk", "task_id": "t5", "workflow_run_id": "r5", "data": data})
+
+
+WORKFLOW_EVENTS = [
+    workflow_started("t5", "r5"),
+    node_finished("t5", "r5", "start", meta=None),
+    node_finished("t5", "r5", "llm", meta=llm_meta(60, "0.0000700"), llm=llm_usage(50, 10, "7E-5")),
+    node_finished("t5", "r5", "code", meta={}),
+    text_chunk("Summary: "),
+    text_chunk("cats sleep a lot."),
+    node_finished("t5", "r5", "llm", meta=llm_meta(35, "8E-7"), llm=llm_usage(30, 5, "8E-7")),
+]
+
+
+def test_workflow_sums_nodes_and_takes_the_total_from_workflow_finished() -> None:
+    events = [*WORKFLOW_EVENTS, workflow_finished("t5", "r5", 95, {"summary": "cats"})]
+    _, result = run(WORKFLOW, events, {"inputs": {"text": "a long text"}})
+    assert result == Metered(
+        answer_id="r5",
+        task_id="t5",
+        conversation_id=None,
+        usage=Usage(
+            prompt_tokens=80, completion_tokens=15, total_tokens=95, cost=Decimal("0.0000708")
+        ),
+        outcome="complete",
+        metadata={"summary": "cats"},
+    )
+
+
+def test_workflow_total_falls_back_to_the_node_totals() -> None:
+    _, result = run(WORKFLOW, [*WORKFLOW_EVENTS, workflow_finished("t5", "r5", None)])
+    assert result.usage is not None
+    assert result.usage.total_tokens == 95
+    assert result.metadata is None
+
+
+def test_workflow_does_not_count_iteration_containers_twice() -> None:
+    inner = {"iteration_id": "node-iteration", "iteration_index": 0}
+    events = [
+        workflow_started("t5", "r5"),
+        node_finished(
+            "t5", "r5", "llm", meta=llm_meta(10, "0.01"), llm=llm_usage(8, 2, "0.01"), **inner
+        ),
+        node_finished(
+            "t5", "r5", "llm", meta=llm_meta(10, "0.01"), llm=llm_usage(8, 2, "0.01"), **inner
+        ),
+        node_finished("t5", "r5", "iteration", meta=llm_meta(20, "0.02")),
+        workflow_finished("t5", "r5", 20),
+    ]
+    _, result = run(WORKFLOW, events)
+    assert result.usage == Usage(
+        prompt_tokens=16, completion_tokens=4, total_tokens=20, cost=Decimal("0.02")
+    )
+
+
+def test_workflow_cut_after_nodes_reports_what_the_nodes_reported() -> None:
+    _, result = run(WORKFLOW, WORKFLOW_EVENTS[:4], cut=True)
+    assert result.outcome == "cut"
+    assert result.answer_id == "r5"
+    assert result.usage == Usage(
+        prompt_tokens=50, completion_tokens=10, total_tokens=60, cost=Decimal("0.0000700")
+    )
+
+
+# --- prices and number forms ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("price", "expected"),
+    [
+        ("0.0013030", Decimal("0.0013030")),
+        ("0E-7", Decimal(0)),
+        ("8E-7", Decimal("0.0000008")),
+        ("0", Decimal(0)),
+        ("0.0", Decimal(0)),
+        (0.0013, Decimal("0.0013")),
+        (2, Decimal(2)),
+        (None, Decimal("0.0013030")),  # null: prompt_price + completion_price
+    ],
+)
+def test_prices(price: Any, expected: Decimal) -> None:
+    _, result = run(CHAT, [ev(DOC_MESSAGE_1), message_end({**DOC_USAGE, "total_price": price})])
+    assert result.outcome == "complete"
+    assert result.usage is not None
+    assert result.usage.cost == expected
+
+
+def test_missing_total_tokens_is_the_sum() -> None:
+    usage = {k: v for k, v in DOC_USAGE.items() if k != "total_tokens"}
+    _, result = run(CHAT, [message_end(usage)])
+    assert result.usage == DOC_COMPLETE
+
+
+def test_missing_total_price_sums_the_parts() -> None:
+    usage = {k: v for k, v in DOC_USAGE.items() if k != "total_price"}
+    _, result = run(CHAT, [message_end(usage)])
+    assert result.usage == DOC_COMPLETE
+
+
+def test_spaced_json_with_unicode_escapes() -> None:
+    # Older Dify: `json.dumps` defaults, spaces after separators and \uXXXX escapes.
+    def old(obj: dict[str, Any]) -> ServerSentEvent:
+        return ev(json.dumps(obj))
+
+    events = [
+        old({"event": "message", **CHAT_ENVELOPE, "answer": "你好"}),
+        old({"event": "message", **CHAT_ENVELOPE, "answer": "世界"}),
+        old({"event": "message_end", **CHAT_ENVELOPE, "metadata": {"usage": DOC_USAGE}}),
+    ]
+    assert events[0].data.startswith('{"event": "message", ')
+    assert "\\u4f60" in events[0].data
+    _, result = run(CHAT, events)
+    assert result.usage == DOC_COMPLETE
+    assert (result.answer_id, result.task_id, result.conversation_id) == ("m1", "t1", "c1")
+
+
+def test_escapes_only_inflate_the_estimate() -> None:
+    text = ["你好", "世界", "再见", "朋友们"]
+    events = [ev(json.dumps({"event": "message", **CHAT_ENVELOPE, "answer": t})) for t in text]
+    _, result = run(CHAT, events, {}, cut=True)
+    assert result.usage is not None
+    assert result.usage.completion_tokens >= estimate_tokens(len("".join(text)))
+
+
+def test_event_type_not_first_falls_back_to_a_full_parse() -> None:
+    reordered = '{"task_id":"t1","event":"message_end","message_id":"m1","metadata":{"usage":%s}}'
+    _, result = run(CHAT, [ev(reordered % orjson.dumps(DOC_USAGE).decode())])
+    assert result.outcome == "complete"
+    assert (result.answer_id, result.task_id, result.usage) == ("m1", "t1", DOC_COMPLETE)
+
+
+def test_unknown_events_are_ignored() -> None:
+    events = [
+        ev(DOC_MESSAGE_1),
+        ev({"event": "reasoning_chunk", "task_id": "t1", "data": {"text": "hmm"}}),
+        ev({"event": "brand_new_event", "task_id": "t1", "whatever": [1, 2]}),
+        ev({"event": "tts_message", "task_id": "t1", "audio": "UklGRg=="}),
+        ev('{"event":"ping"}'),
+        ev("not json at all"),
+        ev('["message_end"]'),
+        ev(DOC_MESSAGE_END),
+        ev({"event": "tts_message_end", "task_id": "t1", "audio": ""}),
+    ]
+    _, result = run(CHAT, events)
+    assert result.outcome == "complete"
+    assert result.usage == DOC_COMPLETE
+
+
+# --- failures ------------------------------------------------------------------------------
+
+TEXT = [
+    "The quick brown fox ",
+    "jumps over the lazy dog. ",
+    "Pack my box with five dozen liquor jugs. ",
+    "How vexingly quick daft zebras jump! ",
+    "Sphinx of black quartz, judge my vow.",
+]
+BODY = {"query": "Tell me a pangram", "inputs": {"tone": "dry", "n": 3}, "user": "u1"}
+PROMPT_ESTIMATE = estimate_tokens(len("Tell me a pangram") + len("dry"))
+
+
+@pytest.mark.parametrize(
+    ("events", "cut", "outcome", "code", "has_usage"),
+    [
+        ([error()], False, "error", "provider_quota_exceeded", False),
+        (
+            [*[message(t) for t in TEXT], error("internal_server_error", 500)],
+            False,
+            "error",
+            "internal_server_error",
+            True,
+        ),
+        ([message(t) for t in TEXT], True, "cut", None, True),
+        ([message(t) for t in TEXT], False, "cut", None, True),
+        ([], True, "cut", None, False),
+        ([], False, "cut", None, False),
+        ([PING, PING], False, "cut", None, False),
+        ([message("")], True, "cut", None, False),
+    ],
+    ids=[
+        "error-before-text",
+        "error-after-text",
+        "cut-after-text",
+        "ended-without-usage",
+        "cut-empty",
+        "no-events",
+        "only-pings",
+        "empty-text",
+    ],
+)
+def test_failures(
+    events: list[ServerSentEvent], cut: bool, outcome: str, code: str | None, has_usage: bool
+) -> None:
+    _, result = run(CHAT, events, BODY, cut=cut)
+    assert result.outcome == outcome
+    assert result.error_code == code
+    if not has_usage:
+        assert result.usage is None
+        return
+    usage = result.usage
+    assert usage is not None and usage.estimated
+    assert usage.cost == 0
+    assert usage.prompt_tokens == PROMPT_ESTIMATE
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    expected = len("".join(TEXT)) / 4
+    assert abs(usage.completion_tokens - expected) <= 0.2 * expected
+
+
+def test_no_events_knows_nothing() -> None:
+    _, result = run(CHAT, [])
+    assert result == Metered(None, None, None, None, "cut")
+
+
+@pytest.mark.parametrize(
+    "bad_end",
+    [
+        '{"event":"message_end","conversation_id":"c1","message_id":"m1","metadata":{"usage":{',
+        '{"event": "message_end", "task_id": "t1", "metadata": {"usage": {"prompt_tokens": "many"}}}',
+        '{"event":"message_end","task_id":"t1","metadata":{"usage":{"total_price":"cheap"}}}',
+        '{"event":"message_end","task_id":"t1","metadata":{"usage":[1033]}}',
+        '{"event":"message_end","task_id":"t1","metadata":"usage"}',
+    ],
+    ids=["truncated", "bad-tokens", "bad-price", "usage-not-object", "metadata-string"],
+)
+def test_malformed_message_end(bad_end: str) -> None:
+    meter, result = run(CHAT, [message(t) for t in TEXT] + [ev(bad_end)], BODY)
+    assert meter.malformed == ("message_end",)
+    assert result.outcome == "cut"
+    assert result.error_code == "malformed_usage"
+    assert result.usage is not None and result.usage.estimated
+    assert result.answer_id == "m1"
+
+
+def test_malformed_error_event_is_still_an_error() -> None:
+    meter, result = run(CHAT, [ev('{"event":"error","code":')])
+    assert meter.malformed == ("error",)
+    assert (result.outcome, result.error_code, result.usage) == ("error", None, None)
+
+
+def test_malformed_node_finished_does_not_stop_metering() -> None:
+    bad = node_finished("t5", "r5", "llm", meta={"total_tokens": -3, "total_price": "1"})
+    events = [*WORKFLOW_EVENTS, bad, workflow_finished("t5", "r5", 95)]
+    meter, result = run(WORKFLOW, events)
+    assert meter.malformed == ("node_finished",)
+    assert result.outcome == "complete"
+    assert result.usage is not None and result.usage.cost == Decimal("0.0000708")
+
+
+def test_plain_text_events_are_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = 0
+    loads = dify._loads
+
+    def counting(data: str | bytes) -> Any:
+        nonlocal calls
+        calls += 1
+        return loads(data)
+
+    monkeypatch.setattr(dify, "_loads", counting)
+    events = [message(f"token {i} ") for i in range(100)]
+    events[50:50] = [PING, ev({"event": "tts_message", "task_id": "t1", "audio": "AAAA"})]
+    _, result = run(CHAT, [*events, ev(DOC_MESSAGE_END)])
+    assert calls == 2  # the first message and message_end
+    assert result.usage == DOC_COMPLETE
+
+
+# --- blocking ------------------------------------------------------------------------------
+
+
+def blocking(obj: Any) -> bytes:
+    return obj if isinstance(obj, bytes) else orjson.dumps(obj)
+
+
+BLOCKING_CHAT: dict[str, Any] = {
+    "event": "message",
+    "task_id": "t1",
+    "id": "m1",
+    "message_id": "m1",
+    "conversation_id": "c1",
+    "mode": "chat",
+    "answer": "Hi there",
+    "metadata": {"usage": DOC_USAGE, "retriever_resources": []},
+    "created_at": 1705407629,
+}
+BLOCKING_WORKFLOW = {
+    "task_id": "t5",
+    "workflow_run_id": "r5",
+    "data": {
+        "id": "r5",
+        "workflow_id": "w1",
+        "status": "succeeded",
+        "outputs": {"summary": "cats"},
+        "error": None,
+        "elapsed_time": 2.1,
+        "total_tokens": 95,
+        "total_steps": 4,
+        "created_at": 1705407629,
+        "finished_at": 1705407631,
+    },
+}
+NO_ANSWER = Metered(None, None, None, None, "cut")
+
+
+@pytest.mark.parametrize(
+    ("route", "response", "expected"),
+    [
+        (
+            CHAT,
+            BLOCKING_CHAT,
+            Metered("m1", "t1", "c1", DOC_COMPLETE, "complete", metadata=BLOCKING_CHAT["metadata"]),
+        ),
+        (
+            COMPLETION,
+            {k: v for k, v in BLOCKING_CHAT.items() if k != "conversation_id"},
+            Metered("m1", "t1", None, DOC_COMPLETE, "complete", metadata=BLOCKING_CHAT["metadata"]),
+        ),
+        (
+            WORKFLOW,
+            BLOCKING_WORKFLOW,
+            Metered(
+                "r5", "t5", None, Usage(total_tokens=95), "complete", metadata={"summary": "cats"}
+            ),
+        ),
+        (
+            WORKFLOW,
+            {"task_id": "t5", "workflow_run_id": "r5", "data": {"outputs": None}},
+            Metered("r5", "t5", None, None, "cut"),
+        ),
+        (
+            CHAT,
+            {"code": "invalid_param", "message": "query is required", "status": 400},
+            Metered(None, None, None, None, "error", error_code="invalid_param"),
+        ),
+        (CHAT, b'{"event":"message","answer":"Hi', NO_ANSWER),
+        (CHAT, b"", NO_ANSWER),
+        (CHAT, [1, 2, 3], NO_ANSWER),
+        (WORKFLOW, {"result": "success"}, NO_ANSWER),
+        (CHAT, {"result": "success"}, NO_ANSWER),
+    ],
+    ids=[
+        "chat",
+        "completion",
+        "workflow",
+        "workflow-no-total",
+        "error-body",
+        "truncated",
+        "empty",
+        "array",
+        "irrelevant-workflow",
+        "irrelevant-chat",
+    ],
+)
+def test_meter_blocking(route: Route, response: Any, expected: Metered) -> None:
+    assert UP.meter_blocking(route, BODY, blocking(response)) == expected
+
+
+def test_blocking_answer_without_usage_is_estimated() -> None:
+    response = {**BLOCKING_CHAT, "answer": "".join(TEXT), "metadata": {}}
+    result = UP.meter_blocking(CHAT, BODY, blocking(response))
+    assert (result.outcome, result.answer_id) == ("cut", "m1")
+    assert result.usage is not None and result.usage.estimated
+    assert result.usage.completion_tokens == estimate_tokens(len("".join(TEXT)))
+
+
+# --- routing, stop, error body, user -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kind", "name"),
+    [
+        ("POST", "/chat-messages", "chat", "chat-messages"),
+        ("POST", "/chat-messages/", "chat", "chat-messages"),
+        ("POST", "/completion-messages", "completion", "completion-messages"),
+        ("POST", "/workflows/run", "workflow", "workflows/run"),
+        ("POST", "/workflows/run/", "workflow", "workflows/run"),
+        ("POST", "/workflows/0b5f-4a1c/run", "workflow", "workflows/run"),
+        ("POST", "/chat-messages/t1/stop", "stop", "chat-messages/stop"),
+        ("POST", "/completion-messages/t1/stop/", "stop", "completion-messages/stop"),
+        ("POST", "/workflows/tasks/t1/stop", "stop", "workflows/tasks/stop"),
+        ("POST", "/files/upload", "upload", "files/upload"),
+        ("GET", "/conversations", "conversations", "conversations"),
+        ("GET", "/messages", "messages", "messages"),
+        ("GET", "/chat-messages", "other", "chat-messages"),
+        ("POST", "/conversations", "other", "conversations"),
+        ("DELETE", "/conversations/c1", "other", "conversations/c1"),
+        ("POST", "/conversations/c1/name", "other", "conversations/c1/name"),
+        ("POST", "/messages/m1/feedbacks", "other", "messages/m1/feedbacks"),
+        ("GET", "/messages/m1/suggested", "other", "messages/m1/suggested"),
+        ("GET", "/parameters", "other", "parameters"),
+        ("POST", "/audio-to-text", "other", "audio-to-text"),
+        ("POST", "/chat-messages/t1/stop/more", "other", "chat-messages/t1/stop/more"),
+        ("POST", "/workflows/a/b/run", "other", "workflows/a/b/run"),
+        ("GET", "/", "other", ""),
+    ],
+)
+def test_route(method: str, path: str, kind: str, name: str) -> None:
+    assert UP.route(method, path) == Route(kind, name)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("route", "expected"),
+    [
+        (CHAT, ("/chat-messages/t-1/stop", b'{"user":"u1"}')),
+        (COMPLETION, ("/completion-messages/t-1/stop", b'{"user":"u1"}')),
+        (WORKFLOW, ("/workflows/tasks/t-1/stop", b'{"user":"u1"}')),
+        (Route("upload", "files/upload"), None),
+        (Route("other", "parameters"), None),
+    ],
+)
+def test_stop_request(route: Route, expected: tuple[str, bytes] | None) -> None:
+    assert UP.stop_request(route, "t-1", "u1") == expected
+
+
+def test_stop_request_quotes_the_task_id() -> None:
+    assert UP.stop_request(CHAT, "a/b?c", 'u"1') == (
+        "/chat-messages/a%2Fb%3Fc/stop",
+        b'{"user":"u\\"1"}',
+    )
+
+
+def test_error_body() -> None:
+    body = UP.error_body(429, "quota_exceeded", "Monthly quota reached")
+    assert body == b'{"code":"quota_exceeded","message":"Monthly quota reached","status":429}'
+
+
+def test_user_and_streaming() -> None:
+    body: dict[str, Any] = {"query": "hi", "user": "spoofed", "response_mode": "streaming"}
+    UP.set_user(body, "alice")
+    assert body["user"] == "alice"
+    assert UP.user_field == "user"
+    assert UP.kind == "dify"
+    assert UP.is_streaming(CHAT, body)
+    assert not UP.is_streaming(CHAT, {"response_mode": "blocking"})
+    assert not UP.is_streaming(CHAT, {})
+    assert isinstance(get_upstream("dify"), DifyUpstream)
+    assert isinstance(UP.stream_meter(CHAT, body), DifyStreamMeter)
