@@ -1,0 +1,1200 @@
+"""A fake of Dify's Service API as a plain ASGI app, for the test suite and ``gateway demo``.
+
+It speaks Dify 1.x's wire format (the protocol notes in dify.md): SSE answers whose
+``message_end`` carries usage, blocking JSON answers, Dify's error shape, stop endpoints,
+file upload and the conversation/message listings. Paths are served with or without a
+``/v1`` prefix, so it works as an upstream base of ``http://host:port`` or ``.../v1``.
+
+Tests steer it per request with headers:
+
+- ``x-fake-scenario``: one or more of the names in :data:`SCENARIOS`, comma-separated
+  (``agent,onebyte``). ``chat``/``completion``/``workflow`` name the path's own shape.
+- ``x-fake-prompt-tokens``, ``x-fake-completion-tokens``, ``x-fake-total-price``: usage.
+- ``x-fake-message-id``: a fixed message id (workflow run id for workflows).
+- ``x-fake-delay-ms``: the pause between events.
+- ``x-fake-status``: answer with this HTTP error status and no answer.
+
+Like Dify, an answer keeps being generated after the client disconnects; only the
+stop endpoint (same task id and user) ends it early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import mimetypes
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field, replace
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import Any, Final, NoReturn
+from urllib.parse import parse_qsl
+
+import orjson
+
+__all__ = ["ANSWER_PIECES", "SCENARIOS", "FakeDify", "RecordedRequest"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+JSON = dict[str, Any]
+Headers = list[tuple[bytes, bytes]]
+
+# Nine pieces so that a stop after k pieces bills exactly k * 15 of the default 135
+# completion tokens; non-ASCII so chunk splits land inside UTF-8 characters.
+ANSWER_PIECES: Final = (
+    "Xin chào",
+    "!",
+    " Tôi",
+    " có thể",
+    " giúp",
+    " gì",
+    " cho bạn",
+    " hôm nay",
+    "?",
+)
+
+_BASE_SHAPES: Final = frozenset({"chat", "completion", "workflow"})
+_CHAT_SHAPES: Final = frozenset({"agent", "chatflow", "chatflow_reversed"})
+_FORMATS: Final = frozenset({"spaced", "crlf", "onebyte"})
+_BEHAVIOURS: Final = frozenset({"error_midstream", "error_first", "cut", "title_delay", "hold"})
+_MODIFIERS: Final = _FORMATS | _BEHAVIOURS | {"status"}
+SCENARIOS: Final = _BASE_SHAPES | _CHAT_SHAPES | _MODIFIERS
+
+_CENT: Final = Decimal("0.0000001")  # Dify quantizes prices to 7 places
+_JSON_HEADERS: Final = ((b"content-type", b"application/json"),)
+# Werkzeug adds the charset to every text/* mimetype, so this is what Dify sends.
+_SSE_HEADERS: Final = ((b"content-type", b"text/event-stream; charset=utf-8"),)
+_STATUS_CODES: Final = {
+    400: "invalid_param",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "file_too_large",
+    415: "unsupported_file_type",
+    429: "too_many_requests",
+}
+
+# Node ids look like Dify's (millisecond timestamps from the editor).
+_START = ("1711528914102", "start", "Start")
+_LLM_A = ("1711528917469", "llm", "LLM")
+_CODE = ("1711528920123", "code", "Code")
+_LLM_B = ("1711528925011", "llm", "LLM 2")
+_END = ("1711528930555", "end", "End")
+_ANSWER = ("answer", "answer", "Answer")
+_Node = tuple[str, str, str]
+# workflow_finished fields that a blocking workflow answer leaves out
+_WORKFLOW_STREAM_ONLY: Final = frozenset({"created_by", "exceptions_count", "files"})
+
+
+class _UpstreamCut(Exception):
+    """Raised on purpose by scenario "cut" so uvicorn aborts the connection mid-body."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    method: str
+    path: str  # as received, including any /v1 prefix
+    query: dict[str, str]
+    headers: dict[str, str]  # lower-case names
+    body: bytes  # empty for uploads, which are counted, not kept
+    json: Any  # the parsed JSON body, or None
+
+
+@dataclass(frozen=True, slots=True)
+class _Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_price: Decimal
+    completion_price: Decimal
+    total_price: Decimal
+    prompt_unit_price: Decimal
+    completion_unit_price: Decimal
+    price_unit: Decimal
+    currency: str
+
+    def cut_to(self, produced: int, planned: int) -> _Usage:
+        """The usage of an answer stopped after `produced` of `planned` pieces."""
+        tokens = self.completion_tokens * produced // planned
+        price = (tokens * self.completion_unit_price * self.price_unit).quantize(
+            _CENT, ROUND_HALF_UP
+        )
+        return replace(
+            self,
+            completion_tokens=tokens,
+            total_tokens=self.prompt_tokens + tokens,
+            completion_price=price,
+            total_price=self.prompt_price + price,
+        )
+
+    def to_json(self, *, latency: float, first_token: float | None) -> JSON:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_unit_price": str(self.prompt_unit_price),
+            "prompt_price_unit": str(self.price_unit),
+            "prompt_price": str(self.prompt_price),
+            "completion_tokens": self.completion_tokens,
+            "completion_unit_price": str(self.completion_unit_price),
+            "completion_price_unit": str(self.price_unit),
+            "completion_price": str(self.completion_price),
+            "total_tokens": self.total_tokens,
+            "total_price": str(self.total_price),
+            "currency": self.currency,
+            "latency": latency,
+            "time_to_first_token": first_token,
+            "time_to_generate": None if first_token is None else latency - first_token,
+        }
+
+
+# The second LLM node of the workflow scenario costs a fixed amount, so a test can
+# predict the workflow's sums from the configured usage alone.
+_NODE_B_USAGE: Final = _Usage(
+    prompt_tokens=100,
+    completion_tokens=50,
+    total_tokens=150,
+    prompt_price=Decimal("0.0000500"),
+    completion_price=Decimal("0.0001000"),
+    total_price=Decimal("0.0001500"),
+    prompt_unit_price=Decimal("0.0005"),
+    completion_unit_price=Decimal("0.002"),
+    price_unit=Decimal("0.001"),
+    currency="USD",
+)
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _error_body(status: int, code: str, message: str) -> bytes:
+    return orjson.dumps({"code": code, "message": message, "status": status})
+
+
+def _headers(base: Sequence[tuple[bytes, bytes]], length: int | None = None) -> Headers:
+    headers = list(base)
+    if length is not None:
+        headers.append((b"content-length", str(length).encode()))
+    return headers
+
+
+async def _send_json(
+    send: Send, status: int, body: bytes, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    headers = _headers(_JSON_HEADERS, len(body)) + list(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+
+
+class _Out:
+    """Where an answer goes: SSE frames as they are made, or one JSON body at the end."""
+
+    __slots__ = ("_nl", "_onebyte", "_send", "_spaced", "count", "disconnected", "finished")
+
+    def __init__(self, send: Send, flags: frozenset[str]) -> None:
+        self._send = send
+        self._spaced = "spaced" in flags
+        self._nl = b"\r\n" if "crlf" in flags else b"\n"
+        self._onebyte = "onebyte" in flags
+        self.count = 0  # events made so far
+        self.disconnected = False
+        self.finished = False  # the final body message is on its way
+
+    def dumps(self, payload: JSON) -> bytes:
+        if self._spaced:
+            # Older Dify builds: json.dumps defaults, ", " / ": " and \uXXXX escapes.
+            return json.dumps(payload).encode("ascii")
+        return orjson.dumps(payload)
+
+    def frame(self, payload: JSON) -> bytes:
+        return b"data: " + self.dumps(payload) + self._nl + self._nl
+
+    def ping(self) -> bytes:
+        return b"event: ping" + self._nl + self._nl
+
+    async def start(self, status: int, headers: Headers) -> None:
+        await self._emit({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def write(self, data: bytes, *, more: bool = True) -> None:
+        if not more:
+            self.finished = True
+        if self._onebyte:
+            for i in range(len(data)):
+                chunk = data[i : i + 1]
+                await self._emit({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not more:
+                await self._emit({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        await self._emit({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def _emit(self, message: Message) -> None:
+        if self.disconnected:
+            return  # like Dify: the answer goes on, nobody reads it
+        try:
+            await self._send(message)
+        except OSError:  # ASGI 2.4 lets servers raise this once the client is gone
+            self.disconnected = True
+
+
+@dataclass(slots=True, eq=False)
+class _Run:
+    """One answer being generated: its ids, plan and progress."""
+
+    shape: str  # chat, completion, workflow, agent, chatflow, chatflow_reversed
+    flags: frozenset[str]
+    streaming: bool
+    user: str
+    usage: _Usage
+    pieces: Sequence[str]
+    delay: float
+    message_id: str
+    conversation_id: str | None
+    workflow_id: str
+    inputs: Any
+    task_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    workflow_run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.monotonic)
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    text: list[str] = field(default_factory=list)
+    first_token: float | None = None
+    result: JSON | None = None  # the blocking-mode body, once the answer is complete
+    error: JSON | None = None  # the error that ended the answer, if one did
+
+    @property
+    def chat_family(self) -> bool:
+        return self.shape not in ("completion", "workflow")
+
+    @property
+    def answer(self) -> str:
+        return "".join(self.text)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def usage_so_far(self) -> _Usage:
+        if self.stopped.is_set() and len(self.text) < len(self.pieces):
+            return self.usage.cut_to(len(self.text), len(self.pieces))
+        return self.usage
+
+    def usage_json(self, usage: _Usage) -> JSON:
+        first = None if self.first_token is None else self.first_token - self.started
+        return usage.to_json(latency=self.elapsed(), first_token=first)
+
+    def envelope(self, event: str) -> JSON:
+        if self.shape == "workflow":
+            return {"event": event, "task_id": self.task_id, "workflow_run_id": self.message_id}
+        head: JSON = {"event": event}
+        if self.chat_family:
+            head["conversation_id"] = self.conversation_id
+        head |= {"message_id": self.message_id, "created_at": self.created_at}
+        head |= {"task_id": self.task_id, "id": self.message_id}
+        return head
+
+    def workflow_event(self, event: str, data: JSON) -> JSON:
+        if self.shape == "workflow":
+            return self.envelope(event) | {"data": data}
+        head = self.envelope(event)
+        del head["id"]
+        return head | {"workflow_run_id": self.workflow_run_id, "data": data}
+
+    def node_id(self, node: _Node) -> str:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.task_id}/{node[0]}"))
+
+    def node_started(self, node: _Node, index: int, prev: _Node | None) -> JSON:
+        data = {
+            "id": self.node_id(node),
+            "node_id": node[0],
+            "node_type": node[1],
+            "title": node[2],
+            "index": index,
+            "predecessor_node_id": None if prev is None else prev[0],
+            "inputs": None,
+            "created_at": self.created_at,
+        }
+        return self.workflow_event("node_started", data)
+
+    def node_finished(
+        self, node: _Node, index: int, prev: _Node | None, outputs: JSON, usage: _Usage | None
+    ) -> JSON:
+        data = self.node_started(node, index, prev)["data"] | {
+            "process_data": None,
+            "outputs": outputs,
+            "status": "succeeded",
+            "error": None,
+            "elapsed_time": round(self.elapsed(), 6),
+            # Code nodes report an empty object, start/end nodes null: both occur.
+            "execution_metadata": (
+                ({} if node[1] == "code" else None)
+                if usage is None
+                else {
+                    "total_tokens": usage.total_tokens,
+                    "total_price": str(usage.total_price),
+                    "currency": usage.currency,
+                }
+            ),
+            "finished_at": int(time.time()),
+            "files": [],
+        }
+        return self.workflow_event("node_finished", data)
+
+    def llm_outputs(self, text: str, usage: _Usage) -> JSON:
+        return {"text": text, "usage": self.usage_json(usage), "finish_reason": "stop"}
+
+    def workflow_result(self, total_tokens: int, steps: int, outputs: JSON) -> JSON:
+        stopped = self.stopped.is_set()
+        return {
+            "id": self.workflow_run_id if self.shape != "workflow" else self.message_id,
+            "workflow_id": self.workflow_id,
+            "status": "stopped" if stopped else "succeeded",
+            "outputs": outputs,
+            "error": "Workflow execution stopped by user." if stopped else None,
+            "elapsed_time": round(self.elapsed(), 6),
+            "total_tokens": total_tokens,
+            "total_steps": steps,
+            "created_at": self.created_at,
+            "finished_at": int(time.time()),
+        }
+
+    def message_end(self, usage: _Usage) -> JSON:
+        metadata = {"usage": self.usage_json(usage), "retriever_resources": []}
+        return self.envelope("message_end") | {"metadata": metadata, "files": None}
+
+    def fail(self) -> JSON:
+        """Record the scenario's model failure and return its SSE error event."""
+        self.error = {
+            "code": "completion_request_error",
+            "message": "[openai] Server Unavailable Error, the model is overloaded",
+            "status": 400,
+        }
+        head = self.envelope("error")
+        head.pop("task_id")
+        head.pop("id", None)
+        return head | self.error
+
+
+class _MultipartCounter:
+    """Counts the bytes of a multipart/form-data file part without keeping them (RFC 7578).
+
+    Chunks are fed as they arrive. Whatever could be the start of a delimiter is held
+    back until the next chunk, so a boundary split across chunks is still found.
+    """
+
+    _FIELD_CAP = 64 * 1024
+    _HEADER_CAP = 16 * 1024
+
+    def __init__(self, boundary: bytes) -> None:
+        self._delim = b"\r\n--" + boundary
+        # The body opens with "--boundary" and no CRLF; pretending there was one makes
+        # the first delimiter look like all the others (RFC 2046 section 5.1.1).
+        self._buf = bytearray(b"\r\n")
+        self._state = "preamble"
+        self._name = ""
+        self._filename: str | None = None
+        self._content_type: str | None = None
+        self._size = 0
+        self._value = bytearray()
+        self.files: list[tuple[str, str, str | None, int]] = []  # name, filename, type, size
+        self.fields: dict[str, str] = {}
+        self.error: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self.error is None and self._state != "done":
+            self._buf += data
+            while self._step():
+                pass
+
+    def close(self) -> None:
+        if self.error is None and self._state != "done":
+            self.error = "multipart body ended before its closing delimiter"
+
+    def _step(self) -> bool:
+        buf, delim = self._buf, self._delim
+        if self._state == "preamble":
+            i = buf.find(delim)
+            if i < 0:
+                del buf[: max(0, len(buf) - len(delim) + 1)]
+                return False
+            del buf[: i + len(delim)]
+            self._state = "delimiter"
+            return True
+        if self._state == "delimiter":
+            if len(buf) < 2:
+                return False
+            if buf.startswith(b"--"):
+                self._state = "done"
+                buf.clear()
+                return False
+            i = buf.find(b"\r\n")
+            if i < 0 or buf[:i].strip(b" \t"):  # only whitespace may follow a delimiter
+                if i >= 0 or len(buf) > 1024:
+                    self.error = "malformed multipart delimiter line"
+                return False
+            del buf[: i + 2]
+            self._state = "headers"
+            return True
+        if self._state == "headers":
+            if len(buf) < 2:
+                return False
+            if buf.startswith(b"\r\n"):
+                head = b""
+                del buf[:2]
+            else:
+                i = buf.find(b"\r\n\r\n")
+                if i < 0:
+                    if len(buf) > self._HEADER_CAP:
+                        self.error = "multipart part headers too long"
+                    return False
+                head = bytes(buf[:i])
+                del buf[: i + 4]
+            self._begin(head)
+            self._state = "body"
+            return True
+        if self._state == "body":
+            i = buf.find(delim)
+            if i < 0:
+                safe = len(buf) - len(delim) + 1
+                if safe > 0:
+                    self._data(buf, safe)
+                    del buf[:safe]
+                return False
+            self._data(buf, i)
+            del buf[: i + len(delim)]
+            self._end()
+            self._state = "delimiter"
+            return True
+        return False
+
+    def _begin(self, head: bytes) -> None:
+        self._name, self._filename, self._content_type = "", None, None
+        self._size = 0
+        self._value.clear()
+        for line in head.decode("utf-8", "replace").split("\r\n"):
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            if key == "content-disposition":
+                params = _params(value)
+                self._name = params.get("name", "")
+                self._filename = params.get("filename")
+            elif key == "content-type":
+                self._content_type = value.strip()
+
+    def _data(self, buf: bytearray, n: int) -> None:
+        if self._filename is not None:
+            self._size += n
+        elif len(self._value) < self._FIELD_CAP:
+            self._value += buf[: min(n, self._FIELD_CAP - len(self._value))]
+
+    def _end(self) -> None:
+        if self._filename is not None:
+            self.files.append((self._name, self._filename, self._content_type, self._size))
+        else:
+            self.fields[self._name] = self._value.decode("utf-8", "replace")
+
+
+_PARAM = re.compile(r';\s*([A-Za-z0-9_.*-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+
+
+def _params(value: str) -> dict[str, str]:
+    """The parameters of a header value such as ``form-data; name="file"``."""
+    found: dict[str, str] = {}
+    for match in _PARAM.finditer(value):
+        text = match.group(2).strip()
+        if len(text) >= 2 and text[0] == text[-1] == '"':
+            text = re.sub(r"\\(.)", r"\1", text[1:-1])
+        found[match.group(1).lower()] = text
+    return found
+
+
+def _static(payload: JSON) -> bytes:
+    return orjson.dumps(payload)
+
+
+_PARAMETERS: Final = _static(
+    {
+        "opening_statement": "Xin chào! Hỏi tôi bất cứ điều gì.",
+        "suggested_questions": ["Bạn có thể làm gì?"],
+        "suggested_questions_after_answer": {"enabled": False},
+        "speech_to_text": {"enabled": False},
+        "text_to_speech": {"enabled": False, "voice": "", "language": ""},
+        "retriever_resource": {"enabled": True},
+        "annotation_reply": {"enabled": False},
+        "more_like_this": {"enabled": False},
+        "sensitive_word_avoidance": {"enabled": False},
+        "user_input_form": [],
+        "file_upload": {"image": {"enabled": False, "number_limits": 3}},
+        "system_parameters": {
+            "file_size_limit": 15,
+            "image_file_size_limit": 10,
+            "audio_file_size_limit": 50,
+            "video_file_size_limit": 100,
+            "workflow_file_upload_limit": 10,
+        },
+    }
+)
+_META: Final = _static({"tool_icons": {}})
+_INFO: Final = _static(
+    {
+        "name": "Fake Dify",
+        "description": "A fake Dify app served by the gateway's test suite",
+        "tags": [],
+        "mode": "chat",
+        "author_name": "gateway",
+    }
+)
+
+
+def _default_conversations() -> list[JSON]:
+    base = 1_705_398_420
+    return [
+        {
+            "id": f"c0a8e1f2-0000-4000-8000-00000000000{i}",
+            "name": name,
+            "inputs": {},
+            "status": "normal",
+            "introduction": "",
+            "created_at": base - 3600 * i,
+            "updated_at": base - 3600 * i + 60,
+        }
+        for i, name in enumerate(["Chào hỏi", "Weather in Hanoi", "Recipe ideas"], start=1)
+    ]
+
+
+def _default_messages() -> list[JSON]:
+    conversation = "c0a8e1f2-0000-4000-8000-000000000001"
+    pairs = [("Xin chào", "Xin chào! Tôi có thể giúp gì?"), ("Hello", "Hi there!"), ("?", "!")]
+    return [
+        {
+            "id": f"5ad4cb98-0000-4000-8000-00000000000{i}",
+            "conversation_id": conversation,
+            "parent_message_id": None,
+            "inputs": {},
+            "query": query,
+            "answer": answer,
+            "message_files": [],
+            "feedback": None,
+            "retriever_resources": [],
+            "agent_thoughts": [],
+            "status": "normal",
+            "error": None,
+            "message_tokens": 1033,
+            "answer_tokens": 135,
+            "total_tokens": 1168,
+            "total_price": "0.0013030",
+            "currency": "USD",
+            "created_at": 1_705_398_000 + 60 * i,
+        }
+        for i, (query, answer) in enumerate(pairs, start=1)
+    ]
+
+
+def _int_range(query: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise _HttpError(400, "invalid_param", f"{name} must be an integer in [{low}, {high}]")
+    return value
+
+
+def _user(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        # Dify's validate_app_token raises ValueError, which its API maps to 400.
+        raise _HttpError(400, "invalid_param", "Arg user must be provided.")
+    return value
+
+
+def _strip_v1(path: str) -> str:
+    return path[3:] if path.startswith("/v1/") else path
+
+
+_ROUTES: Final = (
+    ("POST", re.compile(r"/chat-messages"), "chat"),
+    ("POST", re.compile(r"/completion-messages"), "completion"),
+    ("POST", re.compile(r"/workflows/run"), "workflow"),
+    ("POST", re.compile(r"/workflows/tasks/(?P<task>[^/]+)/stop"), "stop"),
+    ("POST", re.compile(r"/workflows/(?P<workflow>[^/]+)/run"), "workflow"),
+    ("POST", re.compile(r"/(?:chat|completion)-messages/(?P<task>[^/]+)/stop"), "stop"),
+    ("POST", re.compile(r"/files/upload"), "upload"),
+    ("GET", re.compile(r"/conversations"), "conversations"),
+    ("GET", re.compile(r"/messages"), "messages"),
+    ("GET", re.compile(r"/parameters"), "parameters"),
+    ("GET", re.compile(r"/meta"), "meta"),
+    ("GET", re.compile(r"/info"), "info"),
+)
+
+
+class FakeDify:
+    """A fake Dify Service API; see the module docstring for the request headers."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        prompt_tokens: int = 1033,
+        completion_tokens: int = 135,
+        total_tokens: int | None = None,
+        prompt_price: str = "0.0010330",
+        completion_price: str = "0.0002700",
+        total_price: str | None = None,
+        prompt_unit_price: str = "0.001",
+        completion_unit_price: str = "0.002",
+        price_unit: str = "0.001",
+        currency: str = "USD",
+        answer: Sequence[str] = ANSWER_PIECES,
+        delay: float = 0.0,
+        title_delay: float = 0.3,
+        max_upload_bytes: int = 15 * 1024 * 1024,
+    ) -> None:
+        if len(answer) < 3:
+            raise ValueError("answer needs at least 3 pieces (error and cut scenarios send 2)")
+        self.api_key = api_key
+        prompt, completion = Decimal(prompt_price), Decimal(completion_price)
+        self.usage = _Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens
+            if total_tokens is None
+            else total_tokens,
+            prompt_price=prompt,
+            completion_price=completion,
+            total_price=prompt + completion if total_price is None else Decimal(total_price),
+            prompt_unit_price=Decimal(prompt_unit_price),
+            completion_unit_price=Decimal(completion_unit_price),
+            price_unit=Decimal(price_unit),
+            currency=currency,
+        )
+        self.answer = tuple(answer)
+        self.delay = delay
+        self.title_delay = title_delay
+        self.max_upload_bytes = max_upload_bytes
+        self.workflow_id = str(uuid.uuid4())
+
+        self.requests: list[RecordedRequest] = []
+        self.answers_started = 0
+        self.completed_answers = 0  # reached their natural end, or a stop
+        self.disconnects = 0  # clients that left while their answer was being made
+        self.stops: list[str] = []  # task ids named by stop calls
+        self.uploaded_bytes: list[int] = []
+        self.upload_fields: list[dict[str, str]] = []  # the form fields beside the file
+        self.holding = 0  # "hold" answers waiting on `release` right now
+        self.conversations: list[JSON] = _default_conversations()
+        self.messages: list[JSON] = _default_messages()
+        self._running: dict[str, _Run] = {}
+        self._release: asyncio.Event | None = None
+
+    # -- helpers for tests ---------------------------------------------------------
+
+    @property
+    def release(self) -> asyncio.Event:
+        """Set to let "hold" answers go on; made on first use, inside the running loop."""
+        if self._release is None:
+            self._release = asyncio.Event()
+        return self._release
+
+    def release_held(self) -> None:
+        self.release.set()
+
+    def hits(self, path: str) -> int:
+        """How many requests reached `path`; a ``/v1`` prefix is ignored on both sides."""
+        wanted = _strip_v1(path)
+        return sum(1 for r in self.requests if _strip_v1(r.path) == wanted)
+
+    def running_tasks(self) -> list[str]:
+        return list(self._running)
+
+    def expected_workflow_usage(
+        self, headers: dict[str, str] | None = None
+    ) -> tuple[int, int, int, Decimal]:
+        """(prompt, completion, total tokens, total price) summed over a workflow's nodes."""
+        a, b = self._usage_for(headers or {}), _NODE_B_USAGE
+        return (
+            a.prompt_tokens + b.prompt_tokens,
+            a.completion_tokens + b.completion_tokens,
+            a.total_tokens + b.total_tokens,
+            a.total_price + b.total_price,
+        )
+
+    # -- ASGI ----------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            await send({"type": "websocket.close", "code": 1000})
+            return
+        method: str = scope["method"]
+        path: str = scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        query = dict(
+            parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        )
+        kind, params = self._route(method, _strip_v1(path))
+
+        body = b""
+        if kind != "upload":  # uploads are streamed through the multipart counter
+            chunks = []
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+        parsed: Any = None
+        if body:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                parsed = orjson.loads(body)
+        self.requests.append(RecordedRequest(method, path, query, headers, body, parsed))
+
+        try:
+            if kind in ("not_found", "method_not_allowed"):
+                status = 404 if kind == "not_found" else 405
+                raise _HttpError(status, kind, f"The requested URL {path} is not served here.")
+            self._authorize(headers)
+            self._check_status(headers)
+            await self._dispatch(kind, params, headers, query, parsed, receive, send)
+        except _HttpError as exc:
+            extra = [(b"www-authenticate", b'Bearer realm="api"')] if exc.status == 401 else []
+            await _send_json(
+                send, exc.status, _error_body(exc.status, exc.code, exc.message), extra
+            )
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _route(self, method: str, path: str) -> tuple[str, dict[str, str]]:
+        allowed = False
+        for route_method, pattern, kind in _ROUTES:
+            match = pattern.fullmatch(path)
+            if match is not None:
+                if route_method == method:
+                    return kind, match.groupdict()
+                allowed = True
+        return ("method_not_allowed" if allowed else "not_found"), {}
+
+    def _authorize(self, headers: dict[str, str]) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _HttpError(
+                401, "unauthorized", "Authorization header must be provided and start with 'Bearer'"
+            )
+        if token.strip() != self.api_key:
+            raise _HttpError(401, "unauthorized", "Access token is invalid")
+
+    def _check_status(self, headers: dict[str, str]) -> None:
+        raw = headers.get("x-fake-status")
+        names = {n.strip() for n in headers.get("x-fake-scenario", "").split(",")}
+        if raw is None and "status" not in names:
+            return
+        try:
+            status = int(raw or 500)
+        except ValueError:
+            raise _HttpError(400, "invalid_param", "x-fake-status must be an integer") from None
+        code = _STATUS_CODES.get(
+            status, "internal_server_error" if status >= 500 else "bad_request"
+        )
+        raise _HttpError(status, code, f"Fake upstream answered {status} as asked")
+
+    async def _dispatch(
+        self,
+        kind: str,
+        params: dict[str, str],
+        headers: dict[str, str],
+        query: dict[str, str],
+        body: Any,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        if kind in ("chat", "completion", "workflow"):
+            run = self._plan(kind, params, headers, body)
+            await self._answer(run, receive, send)
+        elif kind == "stop":
+            await self._stop(params["task"], body, send)
+        elif kind == "upload":
+            await self._upload(headers, receive, send)
+        elif kind == "conversations":
+            await self._conversations(query, send)
+        elif kind == "messages":
+            await self._messages(query, send)
+        else:
+            static = {"parameters": _PARAMETERS, "meta": _META, "info": _INFO}[kind]
+            await _send_json(send, 200, static)
+
+    # -- answers -------------------------------------------------------------------
+
+    def _usage_for(self, headers: dict[str, str]) -> _Usage:
+        usage = self.usage
+        prompt = headers.get("x-fake-prompt-tokens")
+        completion = headers.get("x-fake-completion-tokens")
+        price = headers.get("x-fake-total-price")
+        try:
+            if prompt is not None or completion is not None:
+                p = usage.prompt_tokens if prompt is None else int(prompt)
+                c = usage.completion_tokens if completion is None else int(completion)
+                usage = replace(usage, prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+            if price is not None:
+                usage = replace(usage, total_price=Decimal(price))
+        except (ValueError, InvalidOperation):
+            raise _HttpError(400, "invalid_param", "bad x-fake usage header") from None
+        return usage
+
+    def _shape(self, kind: str, headers: dict[str, str]) -> tuple[str, frozenset[str]]:
+        names = frozenset(
+            n.strip() for n in headers.get("x-fake-scenario", "").split(",") if n.strip()
+        )
+        if unknown := names - SCENARIOS:
+            raise _HttpError(400, "invalid_param", f"unknown x-fake-scenario {sorted(unknown)}")
+        if wrong := names & _BASE_SHAPES - {kind}:
+            raise _HttpError(400, "invalid_param", f"scenario {sorted(wrong)} is not for {kind}")
+        shapes = names & _CHAT_SHAPES
+        if len(shapes) > 1 or (shapes and kind != "chat"):
+            raise _HttpError(400, "invalid_param", f"scenario {sorted(shapes)} is not for {kind}")
+        return (next(iter(shapes)) if shapes else kind), names & _MODIFIERS
+
+    def _plan(self, kind: str, params: dict[str, str], headers: dict[str, str], body: Any) -> _Run:
+        if not isinstance(body, dict):
+            raise _HttpError(400, "invalid_param", "The request body must be a JSON object.")
+        user = _user(body.get("user"))
+        shape, flags = self._shape(kind, headers)
+        streaming = body.get("response_mode") == "streaming"
+        if shape == "agent" and not streaming:
+            raise _HttpError(400, "invalid_param", "Agent Chat App does not support blocking mode")
+        delay = self.delay
+        if "x-fake-delay-ms" in headers:
+            try:
+                delay = float(headers["x-fake-delay-ms"]) / 1000
+            except ValueError:
+                raise _HttpError(400, "invalid_param", "bad x-fake-delay-ms") from None
+        conversation = body.get("conversation_id") if kind == "chat" else None
+        return _Run(
+            shape=shape,
+            flags=flags,
+            streaming=streaming,
+            user=user,
+            usage=self._usage_for(headers),
+            pieces=self.answer,
+            delay=delay,
+            message_id=headers.get("x-fake-message-id") or str(uuid.uuid4()),
+            conversation_id=(
+                (conversation if isinstance(conversation, str) and conversation else None)
+                or (str(uuid.uuid4()) if kind == "chat" else None)
+            ),
+            workflow_id=params.get("workflow") or self.workflow_id,
+            inputs=body.get("inputs") or {},
+        )
+
+    async def _answer(self, run: _Run, receive: Receive, send: Send) -> None:
+        out = _Out(send, run.flags)
+        watcher = asyncio.create_task(self._watch(receive, out))
+        self._running[run.task_id] = run
+        self.answers_started += 1
+        try:
+            if run.streaming:
+                await out.start(200, _headers(_SSE_HEADERS))
+            if run.shape == "workflow":
+                await self._workflow(run, out)
+            else:
+                await self._chat(run, out)
+            if run.streaming:
+                if "title_delay" in run.flags and run.error is None:
+                    # Dify names the conversation after message_end, before it closes.
+                    await asyncio.sleep(self.title_delay)
+                await out.write(b"", more=False)
+            else:
+                await self._blocking(run, out)
+        finally:
+            self._running.pop(run.task_id, None)
+            watcher.cancel()
+            await asyncio.wait([watcher])
+            if not watcher.cancelled():
+                watcher.exception()  # retrieved, so asyncio does not log it
+
+    async def _watch(self, receive: Receive, out: _Out) -> None:
+        """Notice the client leaving; the answer itself carries on regardless."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not out.finished:
+            out.disconnected = True
+            self.disconnects += 1
+
+    async def _blocking(self, run: _Run, out: _Out) -> None:
+        if run.error is not None:
+            status, body = run.error["status"], out.dumps(run.error)
+        else:
+            assert run.result is not None
+            status, body = 200, out.dumps(run.result)
+        await out.start(status, _headers(_JSON_HEADERS, len(body)))
+        await out.write(body, more=False)
+
+    async def _event(self, run: _Run, out: _Out, payload: JSON, *, pause: bool = True) -> None:
+        if pause:
+            await self._pause(run, out)
+        out.count += 1
+        if run.streaming:
+            await out.write(out.frame(payload))
+
+    async def _pause(self, run: _Run, out: _Out) -> None:
+        if out.count and run.delay > 0 and not run.stopped.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.stopped.wait(), run.delay)
+
+    async def _pieces(self, run: _Run, out: _Out, make: Callable[[str], JSON]) -> bool:
+        """Send the answer piece by piece; False when the scenario made it fail instead."""
+        if "error_first" in run.flags:
+            await self._event(run, out, run.fail())
+            return False
+        for piece in run.pieces:
+            await self._pause(run, out)
+            if run.stopped.is_set():
+                break
+            await self._event(run, out, make(piece), pause=False)
+            run.text.append(piece)
+            if len(run.text) == 1:
+                run.first_token = time.monotonic()
+                if run.streaming:
+                    await out.write(out.ping())
+                if "hold" in run.flags:
+                    self.holding += 1
+                    try:
+                        await _first_of(self.release, run.stopped)
+                    finally:
+                        self.holding -= 1
+            elif len(run.text) == 2:
+                if "error_midstream" in run.flags:
+                    await self._event(run, out, run.fail())
+                    return False
+                if "cut" in run.flags:
+                    await self._cut(run, out)
+        return True
+
+    async def _cut(self, run: _Run, out: _Out) -> NoReturn:
+        if not run.streaming:
+            # A blocking answer dies after promising more bytes than it sends.
+            partial = b'{"event": "message", "task_id": "' + run.task_id.encode()
+            await out.start(200, _headers(_JSON_HEADERS, 4096))
+            await out.write(partial)
+        raise _UpstreamCut(f"fake upstream cut task {run.task_id} on purpose (scenario 'cut')")
+
+    async def _node(
+        self, run: _Run, out: _Out, node: _Node, index: int, prev: _Node | None, outputs: JSON
+    ) -> None:
+        await self._event(run, out, run.node_started(node, index, prev))
+        await self._event(run, out, run.node_finished(node, index, prev, outputs, None))
+
+    async def _chat(self, run: _Run, out: _Out) -> None:
+        chatflow = run.shape in ("chatflow", "chatflow_reversed")
+        agent = run.shape == "agent"
+        thought_id = str(uuid.uuid4())
+
+        def thought(text: str) -> JSON:
+            head = run.envelope("agent_thought") | {"id": thought_id, "position": 1}
+            return head | {
+                "thought": text,
+                "observation": "",
+                "tool": "",
+                "tool_labels": {},
+                "tool_input": "",
+                "message_files": [],
+            }
+
+        def message(piece: str) -> JSON:
+            payload = run.envelope("agent_message" if agent else "message") | {"answer": piece}
+            if chatflow:
+                payload["from_variable_selector"] = [_LLM_A[0], "text"]
+            return payload
+
+        if chatflow:
+            started: JSON = {"id": run.workflow_run_id, "workflow_id": run.workflow_id}
+            started |= {"sequence_number": 1, "inputs": run.inputs, "created_at": run.created_at}
+            await self._event(run, out, run.workflow_event("workflow_started", started))
+            await self._node(run, out, _START, 1, None, run.inputs)
+            await self._event(run, out, run.node_started(_LLM_A, 2, _START))
+        if agent:
+            await self._event(run, out, thought(""))
+        if not await self._pieces(run, out, message):
+            return
+        usage, answer = run.usage_so_far(), run.answer
+        if agent:
+            await self._event(run, out, thought(answer))
+        end = run.message_end(usage)
+        if chatflow:
+            outputs = run.llm_outputs(answer, usage)
+            await self._event(run, out, run.node_finished(_LLM_A, 2, _START, outputs, usage))
+            steps = 2
+            if not run.stopped.is_set():
+                await self._node(run, out, _ANSWER, 3, _LLM_A, {"answer": answer})
+                steps = 3
+            result = run.workflow_result(usage.total_tokens, steps, {"answer": answer})
+            finished = run.workflow_event("workflow_finished", result)
+            # Dify versions disagree on which of the two comes last.
+            order = [end, finished] if run.shape == "chatflow" else [finished, end]
+            for payload in order:
+                await self._event(run, out, payload)
+        else:
+            await self._event(run, out, end)
+        mode = {"chat": "chat", "agent": "agent-chat", "completion": "completion"}
+        run.result = {"event": "message", "task_id": run.task_id, "id": run.message_id}
+        run.result["message_id"] = run.message_id
+        if run.chat_family:
+            run.result["conversation_id"] = run.conversation_id
+        run.result |= {
+            "mode": mode.get(run.shape, "advanced-chat"),
+            "answer": answer,
+            "metadata": end["metadata"],
+            "created_at": run.created_at,
+        }
+        self.completed_answers += 1
+
+    async def _workflow(self, run: _Run, out: _Out) -> None:
+        started: JSON = {"id": run.message_id, "workflow_id": run.workflow_id, "sequence_number": 1}
+        started |= {"inputs": run.inputs, "created_at": run.created_at}
+        await self._event(run, out, run.workflow_event("workflow_started", started))
+        await self._node(run, out, _START, 1, None, run.inputs)
+        await self._event(run, out, run.node_started(_LLM_A, 2, _START))
+
+        def chunk(piece: str) -> JSON:
+            data = {"text": piece, "from_variable_selector": [_LLM_A[0], "text"]}
+            return run.workflow_event("text_chunk", data)
+
+        if not await self._pieces(run, out, chunk):
+            return
+        usage, answer = run.usage_so_far(), run.answer
+        outputs = run.llm_outputs(answer, usage)
+        await self._event(run, out, run.node_finished(_LLM_A, 2, _START, outputs, usage))
+        total, steps = usage.total_tokens, 2
+        # A stop skips the nodes that have not started yet, as Dify's does.
+        if not run.stopped.is_set():
+            await self._node(run, out, _CODE, 3, _LLM_A, {"result": len(answer)})
+            steps += 1
+        if not run.stopped.is_set():
+            await self._event(run, out, run.node_started(_LLM_B, 4, _CODE))
+            outputs = run.llm_outputs("Tóm tắt: lời chào.", _NODE_B_USAGE)
+            finished = run.node_finished(_LLM_B, 4, _CODE, outputs, _NODE_B_USAGE)
+            await self._event(run, out, finished)
+            steps, total = steps + 1, total + _NODE_B_USAGE.total_tokens
+        if not run.stopped.is_set():
+            await self._node(run, out, _END, 5, _LLM_B, {"answer": answer})
+            steps += 1
+        data = run.workflow_result(total, steps, {"answer": answer})
+        data |= {"created_by": {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, run.user))}}
+        data |= {"exceptions_count": 0, "files": []}
+        await self._event(run, out, run.workflow_event("workflow_finished", data))
+        run.result = {"task_id": run.task_id, "workflow_run_id": run.message_id}
+        run.result["data"] = {k: v for k, v in data.items() if k not in _WORKFLOW_STREAM_ONLY}
+        self.completed_answers += 1
+
+    # -- other endpoints -----------------------------------------------------------
+
+    async def _stop(self, task_id: str, body: Any, send: Send) -> None:
+        user = _user(body.get("user") if isinstance(body, dict) else None)
+        self.stops.append(task_id)
+        run = self._running.get(task_id)
+        # Dify only honours a stop from the user who started the task, and says
+        # "success" either way.
+        if run is not None and run.user == user:
+            run.stopped.set()
+        await _send_json(send, 200, b'{"result":"success"}')
+
+    async def _upload(self, headers: dict[str, str], receive: Receive, send: Send) -> None:
+        content_type = headers.get("content-type", "")
+        boundary = _params(content_type).get("boundary")
+        if not content_type.lower().startswith("multipart/form-data") or not boundary:
+            raise _HttpError(400, "no_file_uploaded", "Please upload your file.")
+        counter = _MultipartCounter(boundary.encode("latin-1"))
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            counter.feed(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        counter.close()
+        if counter.error is not None:
+            raise _HttpError(400, "invalid_param", counter.error)
+        user = _user(counter.fields.get("user"))
+        if not any(name == "file" for name, *_ in counter.files):
+            raise _HttpError(400, "no_file_uploaded", "Please upload your file.")
+        if len(counter.files) > 1:
+            raise _HttpError(400, "too_many_files", "Only one file is allowed.")
+        _, filename, mime, size = counter.files[0]
+        self.uploaded_bytes.append(size)
+        self.upload_fields.append(dict(counter.fields))
+        if size > self.max_upload_bytes:
+            raise _HttpError(413, "file_too_large", f"File size exceeded. {size} > limit")
+        extension = filename.rpartition(".")[2].lower() if "." in filename else ""
+        info = {
+            "id": str(uuid.uuid4()),
+            "name": filename,
+            "size": size,
+            "extension": extension,
+            "mime_type": mime or mimetypes.guess_type(filename)[0] or "application/octet-stream",
+            "created_by": str(uuid.uuid5(uuid.NAMESPACE_URL, user)),
+            "created_at": int(time.time()),
+            "preview_url": None,
+        }
+        await _send_json(send, 201, orjson.dumps(info))
+
+    async def _conversations(self, query: dict[str, str], send: Send) -> None:
+        _user(query.get("user"))
+        limit = _int_range(query, "limit", 20, 1, 100)
+        items = self.conversations
+        last_id = query.get("last_id")
+        if last_id:
+            ids = [c.get("id") for c in items]
+            if last_id not in ids:
+                raise _HttpError(404, "not_found", "Last Conversation Not Exists.")
+            items = items[ids.index(last_id) + 1 :]
+        page = {"limit": limit, "has_more": len(items) > limit, "data": items[:limit]}
+        await _send_json(send, 200, orjson.dumps(page))
+
+    async def _messages(self, query: dict[str, str], send: Send) -> None:
+        _user(query.get("user"))
+        conversation = query.get("conversation_id")
+        if not conversation:
+            raise _HttpError(400, "invalid_param", "conversation_id is required")
+        limit = _int_range(query, "limit", 20, 1, 100)
+        items = [m for m in self.messages if m.get("conversation_id") == conversation]
+        if not items and all(c.get("id") != conversation for c in self.conversations):
+            raise _HttpError(404, "not_found", "Conversation Not Exists.")
+        first_id = query.get("first_id")
+        if first_id:
+            ids = [m.get("id") for m in items]
+            if first_id not in ids:
+                raise _HttpError(404, "not_found", "First Message Not Exists.")
+            items = items[: ids.index(first_id)]
+        # Dify pages backwards through history: the newest `limit` messages before
+        # first_id, oldest first; has_more says older ones remain.
+        page = {"limit": limit, "has_more": len(items) > limit, "data": items[-limit:]}
+        await _send_json(send, 200, orjson.dumps(page))
