@@ -1,0 +1,84 @@
+"""The ASGI application: routes, lifespan, and the dispatch to the proxy.
+
+Requests under /v1 go straight to the proxy (a plain ASGI callable, no router
+or middleware in between); the gateway's own endpoints are a small Starlette app.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from gateway.clock import Clock
+from gateway.config import Config, load_config
+from gateway.errors import StorageError
+from gateway.proxy import Proxy, Receive, Scope, Send
+from gateway.runtime import Gateway
+from gateway.storage import Storage
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    try:
+        await gateway.storage.ping()
+    except StorageError as exc:
+        return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+async def metrics(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    return PlainTextResponse(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+class GatewayApp:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.proxy = Proxy(gateway)
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            await gateway.start()
+            try:
+                yield
+            finally:
+                await gateway.stop()
+
+        self.site = Starlette(
+            routes=[
+                Route("/healthz", healthz),
+                Route("/readyz", readyz),
+                Route("/metrics", metrics),
+            ],
+            lifespan=lifespan,
+        )
+        self.site.state.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            await self.proxy(scope, receive, send)
+        else:
+            await self.site(scope, receive, send)
+
+
+def create_app(
+    config: Config | None = None,
+    *,
+    clock: Clock | None = None,
+    storage: Storage | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> GatewayApp:
+    """The gateway as an ASGI app (`uvicorn --factory gateway.app:create_app`)."""
+    return GatewayApp(
+        Gateway(config or load_config(), clock=clock, storage=storage, transport=transport)
+    )

@@ -1,0 +1,165 @@
+"""Recording settled answers so that none is ever lost or counted twice.
+
+The ledger write is idempotent on the answer id, so it can always be retried.
+When the database fails, the event is retried in the background with back-off;
+if it still fails (or the process is shutting down), it is appended to a local
+spool file, replayed at the next start. Every background task is referenced from
+`_tasks` and finished or spooled on `close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway.errors import StorageError
+from gateway.metrics import Metrics
+from gateway.storage import Storage, UsageEvent
+
+log = logging.getLogger("gateway.settle")
+
+RETRY_DELAYS: tuple[float, ...] = (0.05, 0.5, 2.0, 5.0, 15.0)
+
+
+def event_to_json(event: UsageEvent) -> bytes:
+    return orjson.dumps(dataclasses.asdict(event), default=str)
+
+
+def event_from_json(line: bytes) -> UsageEvent:
+    raw: dict[str, Any] = orjson.loads(line)
+    raw["day"] = date.fromisoformat(raw["day"])
+    raw["created_at"] = datetime.fromisoformat(raw["created_at"])
+    raw["cost"] = Decimal(raw["cost"])
+    return UsageEvent(**raw)
+
+
+class Settler:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        metrics: Metrics,
+        spool: Path | None,
+        retry_delays: Sequence[float] = RETRY_DELAYS,
+    ) -> None:
+        self._storage = storage
+        self._metrics = metrics
+        self._spool = spool
+        self._delays = tuple(retry_delays)
+        self._tasks: dict[asyncio.Task[None], UsageEvent] = {}
+        self._closing = False
+
+    async def record(self, event: UsageEvent) -> None:
+        """Write one answer now; on a storage error, retry in the background."""
+        try:
+            await self._write(event)
+        except StorageError as exc:
+            log.warning("ledger write for %s failed, will retry: %s", event.answer_id, exc.message)
+            self._metrics.inc("gateway_storage_errors_total", operation="settle")
+            if self._closing:
+                self._to_spool(event)
+                return
+            task = asyncio.create_task(self._retry(event), name=f"settle-retry-{event.answer_id}")
+            self._tasks[task] = event
+            task.add_done_callback(self._tasks.pop)
+
+    async def _write(self, event: UsageEvent) -> None:
+        if await self._storage.settle(event):
+            self._metrics.inc("gateway_answers_settled_total", outcome=event.outcome)
+            log.info(
+                "recorded answer %s for user %s: %d tokens, cost %s %s%s",
+                event.answer_id,
+                event.user_id,
+                event.total_tokens,
+                event.cost,
+                event.currency,
+                " (estimated)" if event.estimated else "",
+            )
+            if event.estimated:
+                self._metrics.inc("gateway_usage_estimated_total")
+        else:
+            self._metrics.inc("gateway_answers_duplicate_total")
+
+    async def _retry(self, event: UsageEvent) -> None:
+        for delay in self._delays:
+            await asyncio.sleep(delay)
+            self._metrics.inc("gateway_settle_retries_total")
+            try:
+                await self._write(event)
+                return
+            except StorageError as exc:
+                log.warning("ledger write for %s failed again: %s", event.answer_id, exc.message)
+        self._to_spool(event)
+
+    def _to_spool(self, event: UsageEvent) -> None:
+        self._metrics.inc("gateway_settle_spooled_total")
+        if self._spool is None:
+            log.error(
+                "LOST usage record (no spool file configured): %s", event_to_json(event).decode()
+            )
+            return
+        # One write of one line with O_APPEND: concurrent workers do not interleave.
+        fd = os.open(self._spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, event_to_json(event) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        log.error(
+            "usage record %s spooled to %s for replay at next start", event.answer_id, self._spool
+        )
+
+    async def replay(self) -> int:
+        """Settle what an earlier run spooled; returns how many lines were replayed."""
+        if self._spool is None or not self._spool.exists():
+            return 0
+        claimed = self._spool.with_name(f"{self._spool.name}.{os.getpid()}.replaying")
+        try:
+            os.rename(self._spool, claimed)  # atomic: only one worker replays a file
+        except FileNotFoundError:
+            return 0
+        count = 0
+        for line in claimed.read_bytes().splitlines():
+            if not line.strip():
+                continue
+            try:
+                event = event_from_json(line)
+            except (ValueError, TypeError, KeyError) as exc:
+                log.error("unreadable spooled usage record kept in %s: %s", self._spool, exc)
+                self._append_raw(line)
+                continue
+            try:
+                await self._write(event)
+                count += 1
+            except StorageError:
+                self._to_spool(event)
+        claimed.unlink()
+        return count
+
+    def _append_raw(self, line: bytes) -> None:
+        assert self._spool is not None
+        with self._spool.open("ab") as fh:
+            fh.write(line + b"\n")
+
+    @property
+    def pending(self) -> int:
+        return len(self._tasks)
+
+    async def close(self) -> None:
+        """Stop retrying: whatever is still pending goes to the spool file."""
+        self._closing = True
+        for task, event in list(self._tasks.items()):
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                self._to_spool(event)

@@ -1,0 +1,127 @@
+"""A running gateway in front of a fake Dify, both on real sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from gateway.app import create_app
+from gateway.clock import Clock
+from gateway.config import Config, parse_config
+from gateway.fake_upstream import FakeDify
+from gateway.keys import new_key
+from gateway.runtime import Gateway
+from gateway.storage import Storage, UsageEvent, open_storage
+from tests.servers import serve
+
+UPSTREAM_KEY = "app-upstream-secret"
+USER = "alice"
+
+
+@dataclass
+class Harness:
+    url: str  # the gateway's base URL (without /v1)
+    gateway: Gateway
+    storage: Storage
+    config: Config
+    key: str  # a gateway key of USER
+    key_id: str
+    fake: FakeDify | None = None
+    upstream_url: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def auth(self, key: str | None = None, **extra: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.key}", **extra}
+
+    async def events(self) -> list[UsageEvent]:
+        start = datetime(2000, 1, 1).date()
+        end = datetime(2100, 1, 1).date()
+        return [e async for e in self.storage.events(start, end)]
+
+    async def add_user(self, user_id: str, plan: str = "free") -> str:
+        await self.storage.ensure_user(user_id, plan=plan)
+        key = new_key()
+        await self.storage.create_key(
+            user_id,
+            key_id=key.id,
+            key_hash=key.hash,
+            prefix=key.prefix,
+            name="",
+            now=datetime.now(UTC),
+        )
+        return key.secret
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    database_url: str,
+    *,
+    fake: FakeDify | None = None,
+    upstream: Any = None,
+    upstream_url: str | None = None,
+    settings: dict[str, Any] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    clock: Clock | None = None,
+) -> AsyncIterator[Harness]:
+    """The gateway on a free port, in front of ``upstream`` (an ASGI app, default a
+    FakeDify) or of ``upstream_url``."""
+    if upstream is None and upstream_url is None:
+        fake = fake or FakeDify(api_key=UPSTREAM_KEY)
+        upstream = fake
+    async with contextlib.AsyncExitStack() as stack:
+        if upstream_url is None:
+            upstream_url = await stack.enter_async_context(serve(upstream)) + "/v1"
+        data = _merge(
+            {
+                "upstream": {"url": upstream_url, "api_key_env": "TEST_UPSTREAM_KEY"},
+                "database": {"url": database_url, "spool_file": ""},
+                "accounting": {"timezone": "UTC", "default_plan": "free"},
+                "plans": {"free": {}},
+            },
+            settings or {},
+        )
+        config = parse_config(data, env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY})
+        storage = await open_storage(config.database)
+        stack.push_async_callback(storage.close)
+        await storage.migrate()
+        await storage.ensure_user(USER, plan=config.accounting.default_plan)
+        key = new_key()
+        await storage.create_key(
+            USER,
+            key_id=key.id,
+            key_hash=key.hash,
+            prefix=key.prefix,
+            name="test",
+            now=datetime.now(UTC),
+        )
+        app = create_app(config, storage=storage, transport=transport, clock=clock)
+        url = await stack.enter_async_context(serve(app, lifespan="on"))
+        if fake is not None:
+            # Held answers must end before uvicorn can shut down.
+            stack.callback(fake.release_held)
+        yield Harness(
+            url=url,
+            gateway=app.gateway,
+            storage=storage,
+            config=config,
+            key=key.secret,
+            key_id=key.id,
+            fake=fake,
+            upstream_url=upstream_url,
+        )

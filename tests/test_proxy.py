@@ -1,0 +1,523 @@
+"""The streaming proxy end to end: real sockets, a fake Dify, a real database."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from gateway.fake_upstream import FakeDify
+from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+from tests.servers import serve
+
+CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "mallory"}
+FULL = (1033, 135, 1168, Decimal("0.0013030"))
+
+
+@pytest.fixture
+async def gw(sqlite_url: str) -> AsyncIterator[Harness]:
+    async with running_gateway(sqlite_url) as harness:
+        yield harness
+
+
+async def stream(
+    h: Harness, path: str, body: dict[str, Any], **headers: str
+) -> tuple[httpx.Response, bytes]:
+    async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+        async with client.stream("POST", path, json=body, headers=h.auth(**headers)) as response:
+            data = b"".join([chunk async for chunk in response.aiter_raw()])
+    return response, data
+
+
+def usage_of(event: Any) -> tuple[int, int, int, Decimal]:
+    return (event.prompt_tokens, event.completion_tokens, event.total_tokens, event.cost)
+
+
+def sse_events(data: bytes) -> list[dict[str, Any]]:
+    text = data.decode().replace("\r\n", "\n")
+    return [orjson.loads(line[5:]) for line in text.split("\n") if line.startswith("data:")]
+
+
+# --- byte-exact pass-through -------------------------------------------------------
+
+
+class Scripted:
+    """An upstream that answers every request with fixed chunks (and records requests)."""
+
+    def __init__(
+        self, chunks: list[bytes], *, content_type: bytes = b"text/event-stream", status: int = 200
+    ) -> None:
+        self.chunks = chunks
+        self.content_type = content_type
+        self.status = status
+        self.requests: list[tuple[dict[bytes, bytes], bytes, bytes]] = []
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.requests.append((dict(scope["headers"]), scope["query_string"], body))
+        if self.gate is not None:
+            await self.gate.wait()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": self.status,
+                "headers": [
+                    (b"content-type", self.content_type),
+                    (b"x-upstream", b"yes"),
+                    (b"keep-alive", b"timeout=5"),
+                ],
+            }
+        )
+        for chunk in self.chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+
+DIFY_EXAMPLE = (
+    b'data: {"event":"message","conversation_id":"c1","message_id":"m1","created_at":1705398420,"task_id":"t1","id":"m1","answer":"Hi"}\n\n'
+    b"event: ping\n\n"
+    b'data: {"event":"message","conversation_id":"c1","message_id":"m1","created_at":1705398420,"task_id":"t1","id":"m1","answer":" there"}\n\n'
+    b'data: {"event":"message_end","conversation_id":"c1","message_id":"m1","created_at":1705398420,"task_id":"t1","id":"m1","metadata":{"usage":{"prompt_tokens":1033,"prompt_unit_price":"0.001","prompt_price_unit":"0.001","prompt_price":"0.0010330","completion_tokens":135,"completion_unit_price":"0.002","completion_price_unit":"0.001","completion_price":"0.0002700","total_tokens":1168,"total_price":"0.0013030","currency":"USD","latency":1.38},"retriever_resources":[]},"files":null}\n\n'
+)
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [DIFY_EXAMPLE],
+        [DIFY_EXAMPLE[i : i + 1] for i in range(len(DIFY_EXAMPLE))],
+        [
+            DIFY_EXAMPLE.replace(b"\n", b"\r\n")[i : i + 7]
+            for i in range(0, len(DIFY_EXAMPLE) * 2, 7)
+        ],
+    ],
+    ids=["whole", "one-byte", "crlf-7-byte"],
+)
+async def test_stream_passes_through_byte_for_byte_and_is_metered(
+    sqlite_url: str, chunks: list[bytes]
+) -> None:
+    upstream = Scripted([c for c in chunks if c])
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        response, data = await stream(h, "/v1/chat-messages", CHAT)
+        await h.gateway.wait_finished(1)
+        assert response.status_code == 200
+        assert data == b"".join(chunks)
+        assert response.headers["content-type"] == "text/event-stream"
+        assert response.headers["x-upstream"] == "yes"
+        assert "keep-alive" not in response.headers  # hop-by-hop, dropped
+        (event,) = await h.events()
+        assert usage_of(event) == FULL
+        assert (event.answer_id, event.conversation_id, event.user_id, event.outcome) == (
+            "m1",
+            "c1",
+            USER,
+            "complete",
+        )
+        assert (
+            event.endpoint == "chat-messages"
+            and event.request_id == response.headers["x-request-id"]
+        )
+        headers, _, body = upstream.requests[0]
+        assert orjson.loads(body)["user"] == USER
+        assert headers[b"authorization"] == f"Bearer {UPSTREAM_KEY}".encode()
+        assert headers[b"x-trace-id"] == response.headers["x-request-id"].encode()
+        assert headers[b"accept-encoding"] == b"identity"
+
+
+# --- every Dify answer shape -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "scenario"),
+    [
+        ("/v1/chat-messages", "chat"),
+        ("/v1/chat-messages", "agent"),
+        ("/v1/chat-messages", "chatflow"),
+        ("/v1/chat-messages", "chatflow_reversed"),
+        ("/v1/chat-messages", "spaced"),
+        ("/v1/chat-messages", "crlf"),
+        ("/v1/chat-messages", "onebyte"),
+        ("/v1/chat-messages", "title_delay"),
+        ("/v1/completion-messages", "completion"),
+        ("/v1/completion-messages", "completion,spaced"),
+    ],
+)
+async def test_streamed_answers_are_recorded_once(gw: Harness, path: str, scenario: str) -> None:
+    response, data = await stream(
+        gw, path, CHAT, **{"x-fake-scenario": scenario, "x-fake-message-id": "msg-1"}
+    )
+    await gw.gateway.wait_finished(1)
+    assert response.status_code == 200
+    kinds = [e["event"] for e in sse_events(data)]
+    assert "message_end" in kinds
+    (event,) = await gw.events()
+    assert usage_of(event) == FULL
+    assert event.answer_id == "msg-1" and event.outcome == "complete" and not event.estimated
+
+
+@pytest.mark.parametrize("mode", ["streaming", "blocking"])
+async def test_workflow_runs_are_recorded(gw: Harness, mode: str) -> None:
+    body = {"inputs": {"q": "hi"}, "response_mode": mode, "user": "mallory"}
+    response, data = await stream(gw, "/v1/workflows/run", body, **{"x-fake-message-id": "run-1"})
+    await gw.gateway.wait_finished(1)
+    assert response.status_code == 200
+    (event,) = await gw.events()
+    assert gw.fake is not None
+    prompt, completion, total, cost = gw.fake.expected_workflow_usage()
+    assert event.answer_id == "run-1" and event.total_tokens == total
+    if mode == "streaming":  # node events carry the split and the price
+        assert (event.prompt_tokens, event.completion_tokens, event.cost) == (
+            prompt,
+            completion,
+            cost,
+        )
+    assert event.endpoint == "workflows/run"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat-messages", "/v1/completion-messages"])
+async def test_blocking_answers_are_recorded(gw: Harness, path: str) -> None:
+    response, data = await stream(
+        gw, path, {**CHAT, "response_mode": "blocking"}, **{"x-fake-message-id": "b-1"}
+    )
+    await gw.gateway.wait_finished(1)
+    assert response.status_code == 200
+    assert orjson.loads(data)["metadata"]["usage"]["total_tokens"] == 1168
+    (event,) = await gw.events()
+    assert usage_of(event) == FULL and event.answer_id == "b-1"
+
+
+async def test_the_same_answer_id_is_recorded_once(gw: Harness) -> None:
+    for _ in range(3):
+        await stream(gw, "/v1/chat-messages", CHAT, **{"x-fake-message-id": "same"})
+    await gw.gateway.wait_finished(3)
+    (event,) = await gw.events()
+    user = await gw.storage.get_user(USER)
+    assert user is not None and user.lifetime_tokens == 1168
+    assert gw.gateway.metrics.get("gateway_answers_duplicate_total") == 2
+
+
+# --- failures ---------------------------------------------------------------------------
+
+
+async def test_error_event_after_text_charges_an_estimate(gw: Harness) -> None:
+    response, data = await stream(
+        gw, "/v1/chat-messages", CHAT, **{"x-fake-scenario": "error_midstream"}
+    )
+    await gw.gateway.wait_finished(1)
+    assert [e["event"] for e in sse_events(data)][-1] == "error"
+    (event,) = await gw.events()
+    assert event.outcome == "error" and event.estimated
+    assert 0 < event.completion_tokens < 20 and event.cost == 0
+
+
+async def test_error_event_before_text_charges_nothing(gw: Harness) -> None:
+    await stream(gw, "/v1/chat-messages", CHAT, **{"x-fake-scenario": "error_first"})
+    await gw.gateway.wait_finished(1)
+    assert await gw.events() == []
+    (row,) = await gw.storage.daily(*_today(gw))
+    assert row.queries == 0  # the reserved query was given back
+
+
+async def test_upstream_cut_mid_stream_ends_with_an_error_event_and_an_estimate(
+    gw: Harness,
+) -> None:
+    response, data = await stream(gw, "/v1/chat-messages", CHAT, **{"x-fake-scenario": "cut"})
+    await gw.gateway.wait_finished(1)
+    events = sse_events(data)
+    assert [e["event"] for e in events[:2]] == ["message", "message"]
+    assert events[-1] == {
+        "code": "upstream_error",
+        "message": "The upstream connection was lost.",
+        "status": 502,
+    }
+    (event,) = await gw.events()
+    assert event.outcome == "cut" and event.estimated and event.total_tokens > 0
+
+
+async def test_upstream_http_errors_pass_through_and_refund(gw: Harness) -> None:
+    response, data = await stream(gw, "/v1/chat-messages", CHAT, **{"x-fake-status": "429"})
+    await gw.gateway.wait_finished(1)
+    assert response.status_code == 429
+    assert orjson.loads(data)["code"] == "too_many_requests"
+    assert await gw.events() == []
+    (row,) = await gw.storage.daily(*_today(gw))
+    assert row.queries == 0
+
+
+async def test_upstream_unreachable_is_502(sqlite_url: str) -> None:
+    async with serve(Scripted([])) as dead:  # a port that is certainly closed afterwards
+        pass
+    async with running_gateway(sqlite_url, upstream_url=dead + "/v1") as h:
+        response, data = await stream(h, "/v1/chat-messages", CHAT)
+        assert response.status_code == 502
+        assert orjson.loads(data) == {
+            "code": "upstream_unavailable",
+            "message": "The upstream service is unreachable.",
+            "status": 502,
+        }
+        assert response.headers["retry-after"] == "5"
+        (row,) = await h.storage.daily(*_today(h))
+        assert row.queries == 0
+
+
+async def test_upstream_slow_to_answer_is_504(sqlite_url: str) -> None:
+    upstream = Scripted([DIFY_EXAMPLE])
+    upstream.gate = asyncio.Event()  # never set: the upstream never sends its headers
+    async with running_gateway(
+        sqlite_url, upstream=upstream, settings={"upstream": {"read_timeout": 0.2}}
+    ) as h:
+        response, data = await stream(h, "/v1/chat-messages", CHAT)
+        assert response.status_code == 504
+        assert orjson.loads(data)["code"] == "upstream_timeout"
+        upstream.gate.set()
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "code"),
+    [
+        (httpx.ConnectError("refused"), 502, "upstream_unavailable"),
+        (httpx.ConnectTimeout("slow"), 504, "upstream_timeout"),
+        (httpx.ReadTimeout("slow"), 504, "upstream_timeout"),
+        (httpx.RemoteProtocolError("garbage"), 502, "upstream_unavailable"),
+    ],
+)
+async def test_transport_faults_map_to_gateway_errors(
+    sqlite_url: str, fault: Exception, status: int, code: str
+) -> None:
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise fault
+
+    async with running_gateway(
+        sqlite_url, upstream_url="http://upstream.invalid/v1", transport=httpx.MockTransport(fail)
+    ) as h:
+        response, data = await stream(h, "/v1/chat-messages", CHAT)
+        assert response.status_code == status
+        assert orjson.loads(data)["code"] == code
+        (row,) = await h.storage.daily(*_today(h))
+        assert row.queries == 0
+
+
+# --- the client leaving --------------------------------------------------------------
+
+
+async def _leave_after_first_event(h: Harness, **headers: str) -> None:
+    async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+        async with client.stream(
+            "POST", "/v1/chat-messages", json=CHAT, headers=h.auth(**headers)
+        ) as response:
+            async for chunk in response.aiter_raw():
+                if b'"event":"message"' in chunk:
+                    break  # leaving the block closes the connection mid-answer
+
+
+async def test_client_disconnect_still_charges_the_whole_answer_once(sqlite_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.02)
+    async with running_gateway(sqlite_url, fake=fake) as h:
+        await _leave_after_first_event(h)
+        await h.gateway.wait_finished(1)
+        (event,) = await h.events()
+        assert usage_of(event) == FULL and event.outcome == "disconnected" and not event.estimated
+        assert fake.completed_answers == 1 and fake.stops == []
+        assert h.gateway.metrics.get("gateway_client_disconnects_total") == 1
+
+
+async def test_client_disconnect_with_stop_policy_stops_the_answer(sqlite_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.05)
+    settings = {"upstream": {"on_client_disconnect": "stop"}}
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        await _leave_after_first_event(h)
+        await h.gateway.wait_finished(1)
+        assert len(fake.stops) == 1
+        stop = next(r for r in fake.requests if r.path.endswith("/stop"))
+        assert stop.json == {"user": USER}
+        assert stop.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+        (event,) = await h.events()
+        assert event.outcome == "disconnected" and not event.estimated
+        assert 0 < event.completion_tokens < 135  # only what was produced
+
+
+async def test_first_event_reaches_the_client_while_the_upstream_holds_the_rest(
+    gw: Harness,
+) -> None:
+    assert gw.fake is not None
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+        async with client.stream(
+            "POST", "/v1/chat-messages", json=CHAT, headers=gw.auth(**{"x-fake-scenario": "hold"})
+        ) as response:
+            chunks = response.aiter_raw()
+            first = await asyncio.wait_for(anext(chunks), timeout=5)
+            assert b'"event":"message"' in first and b"message_end" not in first
+            assert gw.fake.holding == 1  # the upstream has not sent the rest yet
+            gw.fake.release_held()
+            rest = b"".join([chunk async for chunk in chunks])
+    assert b"message_end" in rest
+    await gw.gateway.wait_finished(1)
+    assert len(await gw.events()) == 1
+
+
+# --- identity and rewriting ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("authorization", "message"),
+    [
+        (None, "Missing gateway key: send 'Authorization: Bearer <your key>'."),
+        ("Basic dXNlcjpwYXNz", "Missing gateway key: send 'Authorization: Bearer <your key>'."),
+        ("Bearer gwk_not-a-real-key", "Invalid gateway key."),
+        (f"Bearer {UPSTREAM_KEY}", "Invalid gateway key."),
+    ],
+)
+async def test_bad_credentials_are_401_in_dify_shape(
+    gw: Harness, authorization: str | None, message: str
+) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        response = await client.post("/v1/chat-messages", json=CHAT, headers=headers)
+    assert response.status_code == 401
+    assert response.json() == {"code": "unauthorized", "message": message, "status": 401}
+    assert response.headers["www-authenticate"] == 'Bearer realm="api"'
+    assert gw.fake is not None and gw.fake.requests == []
+
+
+async def test_a_revoke_in_process_takes_effect_at_once(gw: Harness) -> None:
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        assert (await client.get("/v1/parameters", headers=gw.auth())).status_code == 200
+        await gw.gateway.revoke_key(gw.key_id)
+        response = await client.get("/v1/parameters", headers=gw.auth())
+    assert response.status_code == 401
+    assert response.json()["message"] == "This gateway key has been revoked."
+
+
+async def test_user_is_replaced_in_body_query_and_form(gw: Harness) -> None:
+    assert gw.fake is not None
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        await client.get(
+            "/v1/conversations", params={"user": "mallory", "limit": "5"}, headers=gw.auth()
+        )
+        await client.get("/v1/messages?conversation_id=c1", headers=gw.auth())
+        await client.post(
+            "/v1/messages/m1/feedbacks",
+            json={"rating": "like", "user": "mallory"},
+            headers=gw.auth(),
+        )
+        upload = await client.post(
+            "/v1/files/upload",
+            files={"file": ("notes.txt", b"x" * 300_000, "text/plain")},
+            data={"user": "mallory"},
+            headers=gw.auth(),
+        )
+    conversations, messages, feedback = gw.fake.requests[:3]
+    assert conversations.query == {"user": USER, "limit": "5"}
+    assert messages.query == {"conversation_id": "c1", "user": USER}
+    assert feedback.json == {"rating": "like", "user": USER}
+    assert upload.status_code == 201
+    assert gw.fake.uploaded_bytes == [300_000]
+    # The client's own field is renamed in place (same length, so Content-Length
+    # stays exact) and ours is the only `user` the upstream sees.
+    assert gw.fake.upload_fields[0] == {"user": USER, "_ser": "mallory"}
+
+
+async def test_headers_both_ways(gw: Harness) -> None:
+    assert gw.fake is not None
+    headers = gw.auth(
+        **{
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "secret",
+            "Keep-Alive": "timeout=5",
+            "Proxy-Authorization": "Basic x",
+            "X-Trace-Id": "client-trace-1",
+            "X-Custom": "kept",
+        }
+    )
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        response = await client.get("/v1/parameters", headers=headers)
+    seen = gw.fake.requests[0].headers
+    assert seen["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert seen["x-trace-id"] == "client-trace-1" and seen["x-custom"] == "kept"
+    for hop in ("x-hop", "keep-alive", "proxy-authorization"):
+        assert hop not in seen
+    assert response.headers["x-request-id"] and response.headers["x-request-id"] != "client-trace-1"
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status", "code"),
+    [
+        (b"{not json", "application/json", 400, "invalid_param"),
+        (b"[1, 2]", "application/json", 400, "invalid_param"),
+        (b"", "application/json", 400, "invalid_param"),
+        (b'{"query": "' + b"x" * 2_000_000 + b'"}', "application/json", 413, "request_too_large"),
+    ],
+)
+async def test_bad_bodies_are_refused_in_dify_shape(
+    gw: Harness, content: bytes, content_type: str, status: int, code: str
+) -> None:
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        response = await client.post(
+            "/v1/chat-messages", content=content, headers=gw.auth(**{"Content-Type": content_type})
+        )
+    assert response.status_code == status
+    assert response.json()["code"] == code and response.json()["status"] == status
+    assert gw.fake is not None and gw.fake.requests == []
+
+
+async def test_oversized_body_without_content_length_is_refused(gw: Harness) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(40):
+            yield b"x" * 65536
+
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        response = await client.post(
+            "/v1/chat-messages",
+            content=body(),
+            headers=gw.auth(**{"Content-Type": "application/json"}),
+        )
+    assert response.status_code == 413
+
+
+async def test_official_sdk_streams_through_the_gateway(gw: Harness) -> None:
+    from dify_client import ChatClient  # type: ignore[import-untyped]
+
+    def chat() -> list[str]:
+        client = ChatClient(gw.key)
+        client.base_url = f"{gw.url}/v1"
+        response = client.create_chat_message(
+            inputs={}, query="Xin chào", user="sdk-user", response_mode="streaming"
+        )
+        response.raise_for_status()
+        return [line.decode() for line in response.iter_lines() if line]
+
+    lines = await asyncio.to_thread(chat)
+    assert any('"message_end"' in line for line in lines)
+    await gw.gateway.wait_finished(1)
+    (event,) = await gw.events()
+    assert usage_of(event) == FULL and event.user_id == USER
+    assert gw.fake is not None and gw.fake.requests[0].json["user"] == USER  # type: ignore[index]
+
+
+async def test_gateway_endpoints(gw: Harness) -> None:
+    await stream(gw, "/v1/chat-messages", CHAT)
+    await gw.gateway.wait_finished(1)
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        assert (await client.get("/readyz")).json() == {"status": "ready"}
+        metrics = (await client.get("/metrics")).text
+        assert 'gateway_answers_settled_total{outcome="complete"} 1' in metrics
+        assert (await client.get("/nope")).status_code == 404
+
+
+def _today(h: Harness) -> tuple[Any, Any]:
+    from gateway.clock import periods_at
+
+    day = periods_at(h.gateway.clock.now(), h.gateway.tz).day
+    return day, day
