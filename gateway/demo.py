@@ -1,0 +1,148 @@
+"""`gateway demo`: the gateway in front of a built-in fake Dify, ready to curl.
+
+Everything runs in one process and one event loop: the fake upstream on a free
+port, the gateway on the requested port, a fresh SQLite database in a temporary
+directory, a demo user with a key. The configuration file is written next to the
+database so that `gateway --config ... users show demo-user` reads the same data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.config import load_config
+from gateway.fake_upstream import FakeDify
+from gateway.keys import new_key
+from gateway.storage import open_storage
+
+DEMO_USER = "demo-user"
+
+_CONFIG = """\
+# Written by `gateway demo`.
+[server]
+port = {port}
+
+[upstream]
+kind = "dify"
+url = "{upstream}"
+api_key_env = "GATEWAY_DEMO_UPSTREAM_KEY"
+
+[database]
+url = "sqlite:///{db}"
+spool_file = "{spool}"
+
+[accounting]
+timezone = "Asia/Ho_Chi_Minh"
+default_plan = "free"
+
+[plans.free]
+queries_per_day = 50
+tokens_per_day = 200000
+web_searches_per_day = 5
+advanced_rag = false
+file_size_mb = 10
+chat_history_days = 30
+"""
+
+
+def run_demo(*, port: int = 8000, host: str = "127.0.0.1") -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_demo(host, port))
+    return 0
+
+
+async def _start(app: Any, host: str, port: int) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            await task
+            raise SystemExit(f"gateway demo: could not listen on {host}:{port}")
+        await asyncio.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    return server, task, bound
+
+
+async def _demo(host: str, port: int) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
+    upstream_key = "app-demo-" + secrets.token_hex(8)
+    fake = FakeDify(api_key=upstream_key, delay=0.05)
+    fake_server, fake_task, fake_port = await _start(fake, host, 0)
+
+    config_path = folder / "gateway.toml"
+    config_path.write_text(
+        _CONFIG.format(
+            port=port,
+            upstream=f"http://{host}:{fake_port}/v1",
+            db=folder / "gateway.db",
+            spool=folder / "spool.jsonl",
+        )
+    )
+    config = load_config(config_path, env={"GATEWAY_DEMO_UPSTREAM_KEY": upstream_key})
+
+    storage = await open_storage(config.database)
+    await storage.migrate()
+    await storage.ensure_user(DEMO_USER, plan="free")
+    key = new_key()
+    await storage.create_key(
+        DEMO_USER,
+        key_id=key.id,
+        key_hash=key.hash,
+        prefix=key.prefix,
+        name="demo",
+        now=datetime.now(UTC),
+    )
+    await storage.close()
+
+    try:
+        _, task, bound = await _start(create_app(config), host, port)
+    except SystemExit:
+        fake_server.should_exit = True
+        await fake_task
+        raise
+    base = f"http://{host}:{bound}"
+    print(
+        f"""
+Gateway demo: the gateway at {base}/v1 in front of a fake Dify at http://{host}:{fake_port}/v1
+Database and configuration: {folder}
+
+Ask a question as {DEMO_USER} (a streamed answer; the gateway records its usage):
+
+  curl -N {base}/v1/chat-messages \\
+    -H 'Authorization: Bearer {key.secret}' \\
+    -H 'Content-Type: application/json' \\
+    -d '{{"query": "Xin chào", "inputs": {{}}, "response_mode": "streaming", "user": "anyone"}}'
+
+Then see what was recorded:
+
+  gateway --config {config_path} users show {DEMO_USER}
+
+Also try "response_mode": "blocking", or POST {base}/v1/workflows/run with the same
+headers and '{{"inputs": {{}}, "response_mode": "streaming"}}'. Ctrl-C stops the demo.
+""",
+        flush=True,
+    )
+    sys.stdout.flush()
+    try:
+        await task
+    finally:
+        fake.release_held()
+        fake_server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await fake_task
