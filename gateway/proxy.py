@@ -114,11 +114,26 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-async def _stream_body(receive: Receive) -> AsyncIterator[bytes]:
+class _BodyFailure:
+    """Where a streamed request body records why it failed.
+
+    The transport consumes the body while sending and wraps whatever it raises
+    (as a connect or write error), so the cause - a client gone, a malformed
+    multipart body - is kept here to answer the client correctly.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+
+async def _stream_body(receive: Receive, failure: _BodyFailure) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise _ClientGone
+            failure.error = _ClientGone()
+            raise failure.error
         chunk = message.get("body", b"")
         if chunk:
             yield chunk
@@ -127,13 +142,17 @@ async def _stream_body(receive: Receive) -> AsyncIterator[bytes]:
 
 
 async def _rewritten_multipart(
-    receive: Receive, rewriter: UserFieldRewriter
+    receive: Receive, rewriter: UserFieldRewriter, failure: _BodyFailure
 ) -> AsyncIterator[bytes]:
-    async for chunk in _stream_body(receive):
-        out = rewriter.feed(chunk)
-        if out:
-            yield out
-    tail = rewriter.close()
+    try:
+        async for chunk in _stream_body(receive, failure):
+            out = rewriter.feed(chunk)
+            if out:
+                yield out
+        tail = rewriter.close()
+    except MultipartError as exc:
+        failure.error = exc
+        raise
     if tail:
         yield tail
 
@@ -285,6 +304,7 @@ class Proxy:
         # --- the request body, with `user` set to the authenticated user -------------
         media_type = content_type.split(b";", 1)[0].strip().lower()
         body: bytes | AsyncIterator[bytes] | None = None
+        failure = _BodyFailure()
         json_body: dict[str, Any] = {}
         if media_type == b"application/json" or (route.produces_answer and method in _BODY_METHODS):
             limit = config.server.max_json_body_bytes
@@ -307,13 +327,13 @@ class Proxy:
             if boundary is None:
                 raise BadRequest("The multipart body has no valid boundary.")
             rewriter = UserFieldRewriter(boundary, user_id, field=field)
-            body = _rewritten_multipart(receive, rewriter)
+            body = _rewritten_multipart(receive, rewriter, failure)
             if content_length is not None:
                 forward.append(
                     (b"content-length", str(content_length + rewriter.added_bytes).encode())
                 )
         elif method in _BODY_METHODS and (content_length or content_length is None):
-            body = _stream_body(receive)
+            body = _stream_body(receive, failure)
             if content_length is not None:
                 forward.append((b"content-length", str(content_length).encode()))
         if method in ("GET", "HEAD", "DELETE") or f"{field}=".encode() in query:
@@ -367,11 +387,12 @@ class Proxy:
         forwarded_at = time.perf_counter()
         try:
             response = await gw.client.send(request, stream=True)
-        except _ClientGone:
+        except (httpx.HTTPError, TimeoutError, _ClientGone, MultipartError) as exc:
             await self._refund(user_id, reserved_day, request_id)
-            raise
-        except (httpx.HTTPError, TimeoutError) as exc:
-            await self._refund(user_id, reserved_day, request_id)
+            if isinstance(failure.error, _ClientGone):
+                raise failure.error from exc
+            if isinstance(failure.error, MultipartError):
+                raise BadRequest(f"Malformed multipart body: {failure.error}") from exc
             if _is_timeout(exc):
                 gw.metrics.inc("gateway_upstream_errors_total", kind="timeout")
                 log.warning("request %s: upstream timed out before answering: %r", request_id, exc)
@@ -379,9 +400,6 @@ class Proxy:
             gw.metrics.inc("gateway_upstream_errors_total", kind="connect")
             log.warning("request %s: upstream unreachable: %r", request_id, exc)
             raise UpstreamUnavailable("The upstream service is unreachable.") from exc
-        except MultipartError as exc:
-            await self._refund(user_id, reserved_day, request_id)
-            raise BadRequest(f"Malformed multipart body: {exc}") from exc
 
         try:
             await self._respond(

@@ -521,3 +521,21 @@ def _today(h: Harness) -> tuple[Any, Any]:
 
     day = periods_at(h.gateway.clock.now(), h.gateway.tz).day
     return day, day
+
+
+async def test_malformed_multipart_is_400(gw: Harness) -> None:
+    body = b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\n\r\nhello'  # never closed
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        response = await client.post(
+            "/v1/files/upload",
+            content=body,
+            headers=gw.auth(**{"Content-Type": "multipart/form-data; boundary=XyZ"}),
+        )
+        no_boundary = await client.post(
+            "/v1/files/upload",
+            content=body,
+            headers=gw.auth(**{"Content-Type": "multipart/form-data"}),
+        )
+    assert response.status_code == 400 and response.json()["code"] == "invalid_param"
+    assert "multipart" in response.json()["message"].lower()
+    assert no_boundary.status_code == 400

@@ -1,0 +1,95 @@
+"""The settler never loses a usage record: retries, spool file, replay."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import StorageError
+from gateway.metrics import Metrics
+from gateway.settle import Settler, event_from_json, event_to_json
+from gateway.storage import Storage, UsageEvent
+
+EVENT = UsageEvent(
+    answer_id="m1",
+    user_id="alice",
+    day=date(2026, 11, 21),
+    created_at=datetime(2026, 11, 21, 3, 4, 5, tzinfo=UTC),
+    endpoint="chat-messages",
+    prompt_tokens=1033,
+    completion_tokens=135,
+    total_tokens=1168,
+    cost=Decimal("0.0013030"),
+    estimated=True,
+    outcome="cut",
+    upstream_latency_ms=12.5,
+)
+
+
+class Flaky:
+    """Delegates to a real storage, failing the first ``failures`` settles."""
+
+    def __init__(self, storage: Storage, failures: int) -> None:
+        self.storage = storage
+        self.failures = failures
+
+    async def settle(self, event: UsageEvent) -> bool:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StorageError("database unreachable")
+        return await self.storage.settle(event)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.storage, name)
+
+
+def test_events_round_trip_through_json() -> None:
+    assert event_from_json(event_to_json(EVENT)) == EVENT
+
+
+async def test_a_failed_write_is_retried(storage: Storage, tmp_path: Path) -> None:
+    await storage.ensure_user("alice", plan="free")
+    metrics = Metrics()
+    settler = Settler(
+        Flaky(storage, failures=2),
+        metrics=metrics,
+        spool=tmp_path / "spool",
+        retry_delays=(0, 0, 0),
+    )  # type: ignore[arg-type]
+    await settler.record(EVENT)
+    assert settler.pending == 1
+    await next(iter(settler._tasks))
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 1168
+    assert metrics.get("gateway_settle_retries_total") == 2
+    assert not (tmp_path / "spool").exists()
+
+
+async def test_records_that_cannot_be_written_are_spooled_and_replayed(
+    storage: Storage, tmp_path: Path
+) -> None:
+    await storage.ensure_user("alice", plan="free")
+    spool = tmp_path / "spool.jsonl"
+    settler = Settler(
+        Flaky(storage, failures=100), metrics=Metrics(), spool=spool, retry_delays=(0, 0)
+    )  # type: ignore[arg-type]
+    await settler.record(EVENT)
+    await next(iter(settler._tasks))
+    assert spool.read_bytes().count(b"\n") == 1
+
+    # Shutting down with a retry pending spools it too.
+    slow = Settler(Flaky(storage, failures=100), metrics=Metrics(), spool=spool, retry_delays=(60,))  # type: ignore[arg-type]
+    await slow.record(replace(EVENT, answer_id="m2"))
+    await slow.close()
+    assert spool.read_bytes().count(b"\n") == 2
+
+    # The next start replays both; replaying again changes nothing.
+    healthy = Settler(storage, metrics=Metrics(), spool=spool)
+    assert await healthy.replay() == 2
+    assert not spool.exists()
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 2 * 1168
+    assert await healthy.replay() == 0
