@@ -1,18 +1,33 @@
 """Who is asking: the end user behind a request.
 
-Per-user gateway keys, sent as ``Authorization: Bearer gwk_...``. Lookups are
-cached in-process for ``auth.key_cache_ttl`` seconds; `forget_key` drops an entry
-at once (a revoke in this process), other processes see a revoke within the TTL.
+Three modes (``auth.mode``), each a credential in ``Authorization: Bearer``:
+
+- ``api_key``: per-user gateway keys (``gwk_...``). Lookups are cached in-process
+  for ``auth.key_cache_ttl`` seconds; `forget_key` drops an entry at once (a
+  revoke in this process), other processes see a revoke within the TTL.
+- ``jwt``: a token signed by the operator's identity provider; ``sub`` (or the
+  configured claim) is the user. Only the one configured algorithm is accepted,
+  which refuses ``alg: none`` and HS/RS confusion (RFC 8725 section 3.1).
+- ``trusted_header``: a backend that already authenticated its user sends the
+  gateway's service key plus the user's id in a header. Without the service key
+  the header means nothing.
+
+Every failure is an `Unauthorized` whose message says what was wrong without
+echoing any secret.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hmac
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from gateway.config import AuthConfig
+import jwt
+
+from gateway.config import AuthConfig, JWTConfig
 from gateway.errors import Unauthorized
 from gateway.keys import hash_key
 from gateway.storage import ApiKey, Storage, User
@@ -26,6 +41,7 @@ V = TypeVar("V")
 class Identity:
     user_id: str
     key_id: str | None = None
+    plan: str | None = None  # a plan named by the credential, when the operator allows it
 
 
 def bearer_token(authorization: bytes | None) -> str | None:
@@ -70,13 +86,38 @@ class _TTLCache(Generic[K, V]):
 
 class Authenticator:
     def __init__(
-        self, storage: Storage, config: AuthConfig, *, clock: Callable[[], float] = time.monotonic
+        self,
+        storage: Storage,
+        config: AuthConfig,
+        *,
+        plans: Mapping[str, object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._storage = storage
+        self._config = config
+        self._plans = plans or {}
         self._keys: _TTLCache[str, ApiKey] = _TTLCache(config.key_cache_ttl, clock)
+        self._jwt = _JWTVerifier(config.jwt) if config.mode == "jwt" else None
+        self._service_key = config.trusted_header.service_key.encode()
 
-    async def authenticate(self, authorization: bytes | None) -> Identity:
+    async def authenticate(
+        self, authorization: bytes | None, user_header: bytes | None = None
+    ) -> Identity:
         token = bearer_token(authorization)
+        mode = self._config.mode
+        if mode == "jwt":
+            if token is None:
+                raise Unauthorized("Missing token: send 'Authorization: Bearer <token>'.")
+            assert self._jwt is not None
+            identity = self._jwt.verify(token)
+            if identity.plan is not None and identity.plan not in self._plans:
+                identity = Identity(user_id=identity.user_id)  # an unknown plan is ignored
+            return identity
+        if mode == "trusted_header":
+            return self._trusted(token, user_header)
+        return await self._api_key(token)
+
+    async def _api_key(self, token: str | None) -> Identity:
         if token is None:
             raise Unauthorized("Missing gateway key: send 'Authorization: Bearer <your key>'.")
         digest = hash_key(token)
@@ -90,11 +131,94 @@ class Authenticator:
             raise Unauthorized("This gateway key has been revoked.")
         return Identity(user_id=key.user_id, key_id=key.id)
 
+    def _trusted(self, token: str | None, user_header: bytes | None) -> Identity:
+        name = self._config.trusted_header.user_header
+        if token is None:
+            raise Unauthorized("Missing service key: send 'Authorization: Bearer <service key>'.")
+        # Constant-time comparison: the service key is a shared secret.
+        if not hmac.compare_digest(token.encode(), self._service_key):
+            raise Unauthorized("Invalid service key.")
+        user = (user_header or b"").decode("utf-8", "replace").strip()
+        if not user:
+            raise Unauthorized(f"Missing {name} header naming the end user.")
+        if len(user) > 255 or any(ord(c) < 32 for c in user):
+            raise Unauthorized(f"Invalid {name} header.")
+        return Identity(user_id=user)
+
     def forget_key(self, key_id: str) -> None:
         """Drop a key from the cache (after revoking it in this process)."""
         for digest, (_, key) in list(self._keys._entries.items()):
             if key.id == key_id:
                 self._keys.pop(digest)
+
+
+_JWT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (jwt.ExpiredSignatureError, "Token has expired."),
+    (jwt.ImmatureSignatureError, "Token is not yet valid."),
+    (jwt.InvalidAudienceError, "Token audience is not accepted."),
+    (jwt.InvalidIssuerError, "Token issuer is not accepted."),
+    (jwt.InvalidSignatureError, "Token signature is invalid."),
+    (jwt.InvalidAlgorithmError, "Token algorithm is not accepted."),
+)
+
+
+class _JWTVerifier:
+    def __init__(self, config: JWTConfig) -> None:
+        self._config = config
+        self._key: Any = None
+        self._jwks: jwt.PyJWKSet | None = None
+        if config.algorithm == "HS256":
+            self._key = config.secret
+        elif config.jwks_file:
+            self._jwks = jwt.PyJWKSet.from_json(config.key_text)
+        else:
+            self._key = config.key_text
+
+    def verify(self, token: str) -> Identity:
+        config = self._config
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.DecodeError:
+            raise Unauthorized("Token is malformed.") from None
+        alg = header.get("alg")
+        if alg != config.algorithm:
+            # Checked before anything else: `none` and a symmetric algorithm keyed
+            # with our public key are the classic forgeries.
+            raise Unauthorized(f"Token algorithm {str(alg)[:16]!r} is not accepted.")
+        key = self._key if self._jwks is None else self._jwk(header.get("kid"))
+        required = [config.user_claim] + (["exp"] if config.require_exp else [])
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[config.algorithm],
+                audience=config.audience or None,
+                issuer=config.issuer or None,
+                leeway=config.leeway,
+                options={"require": required, "verify_aud": bool(config.audience)},
+            )
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthorized(f"Token has no {exc.claim!r} claim.") from None
+        except jwt.InvalidTokenError as exc:
+            for kind, message in _JWT_ERRORS:
+                if isinstance(exc, kind):
+                    raise Unauthorized(message) from None
+            raise Unauthorized("Token is invalid.") from None
+        user = claims.get(config.user_claim)
+        if not isinstance(user, str) or not user or len(user) > 255:
+            raise Unauthorized(f"Token claim {config.user_claim!r} is not a user id.")
+        plan = claims.get(config.plan_claim) if config.plan_claim else None
+        return Identity(user_id=user, plan=plan if isinstance(plan, str) else None)
+
+    def _jwk(self, kid: object) -> Any:
+        assert self._jwks is not None
+        keys = self._jwks.keys
+        if kid is None and len(keys) == 1:
+            return keys[0]
+        for candidate in keys:
+            if candidate.key_id == kid:
+                return candidate
+        raise Unauthorized("Token key id is not known.")
 
 
 class UserDirectory:
@@ -107,10 +231,31 @@ class UserDirectory:
         self._users: _TTLCache[str, User] = _TTLCache(ttl, clock)
 
     async def get(self, user_id: str, *, default_plan: str) -> User:
+        """The user, created on the default plan if the gateway has not seen them."""
         user = self._users.get(user_id)
         if user is None:
             user = await self._storage.ensure_user(user_id, plan=default_plan)
             self._users.put(user_id, user)
+        return user
+
+    async def resolve(self, identity: Identity, *, default_plan: str, create: bool) -> User:
+        """The user behind a token or trusted header: created on first use, or
+        refused, as configured; a plan the credential names is applied."""
+        user = self._users.get(identity.user_id)
+        if user is None:
+            if create:
+                user = await self._storage.ensure_user(
+                    identity.user_id, plan=identity.plan or default_plan
+                )
+            else:
+                found = await self._storage.get_user(identity.user_id)
+                if found is None:
+                    raise Unauthorized("Unknown user.")
+                user = found
+        if identity.plan is not None and identity.plan != user.plan:
+            await self._storage.set_plan(user.id, identity.plan)
+            user = dataclasses.replace(user, plan=identity.plan)
+        self._users.put(user.id, user)
         return user
 
     def forget(self, user_id: str) -> None:

@@ -52,6 +52,7 @@ class ServerConfig:
     workers: int = _setting(1, minimum=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_json_body_bytes: int = _setting(1_048_576, minimum=1)
+    reload_interval: float = _setting(2.0, minimum=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +83,53 @@ class DatabaseConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class JWTConfig:
+    algorithm: Literal["HS256", "RS256", "ES256"] = "HS256"
+    secret_env: str = "GATEWAY_JWT_SECRET"
+    public_key_file: str = ""
+    jwks_file: str = ""
+    issuer: str = ""
+    audience: str = ""
+    leeway: float = _setting(0.0, minimum=0)
+    require_exp: bool = True
+    user_claim: str = "sub"
+    plan_claim: str = ""
+    secret: str = _resolved()  # the HS256 secret, from secret_env
+    key_text: str = _resolved()  # the PEM public key or JWKS document, read at load
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedHeaderConfig:
+    service_key_env: str = "GATEWAY_SERVICE_KEY"
+    user_header: str = "X-Gateway-User"
+    service_key: str = _resolved()
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
-    mode: Literal["api_key"] = "api_key"
+    mode: Literal["api_key", "jwt", "trusted_header"] = "api_key"
     key_cache_ttl: float = _setting(30.0, minimum=0)
+    unknown_users: Literal["create", "refuse"] = "create"
+    jwt: JWTConfig = field(default_factory=JWTConfig)
+    trusted_header: TrustedHeaderConfig = field(default_factory=TrustedHeaderConfig)
+
+
+Policy = Literal["closed", "open"]
+
+
+@dataclass(frozen=True, slots=True)
+class StorageErrorPolicy:
+    """What admission does, per check, when the database cannot be reached:
+    refuse with 503 (``closed``) or let the request through unreserved (``open``)."""
+
+    queries: Policy = "closed"
+    tokens: Policy = "closed"
+    streams: Policy = "open"
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    on_storage_error: StorageErrorPolicy = field(default_factory=StorageErrorPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +184,7 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     accounting: AccountingConfig = field(default_factory=AccountingConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     plans: Mapping[str, Plan] = field(default_factory=lambda: {"free": Plan(name="free")})
     source: str | None = _resolved(None)
@@ -242,15 +288,53 @@ def parse_config(
     admin = dataclasses.replace(
         admin, token=env.get(ENV_ADMIN_TOKEN) or env.get(admin.token_env, "")
     )
+    auth = _resolve_auth(config.auth, env, base=Path(source).parent if source else Path.cwd())
 
     return dataclasses.replace(
         config,
         upstream=upstream,
         database=database,
         admin=admin,
+        auth=auth,
         plans=types.MappingProxyType(plans),
         source=source,
     )
+
+
+def _resolve_auth(auth: AuthConfig, env: Mapping[str, str], *, base: Path) -> AuthConfig:
+    """Read the secrets and key files the chosen auth mode needs, refusing what is missing."""
+    jwt, trusted = auth.jwt, auth.trusted_header
+    if auth.mode == "jwt":
+        if jwt.algorithm == "HS256":
+            secret = env.get(jwt.secret_env, "")
+            if not secret:
+                raise ConfigError(
+                    f"auth.jwt.secret_env: the environment variable {jwt.secret_env} "
+                    "holding the HS256 secret is not set"
+                )
+            jwt = dataclasses.replace(jwt, secret=secret)
+        else:
+            if bool(jwt.public_key_file) == bool(jwt.jwks_file):
+                raise ConfigError(
+                    f"auth.jwt.public_key_file: {jwt.algorithm} needs exactly one of "
+                    "auth.jwt.public_key_file or auth.jwt.jwks_file"
+                )
+            key = "public_key_file" if jwt.public_key_file else "jwks_file"
+            path = base / getattr(jwt, key)
+            try:
+                text = path.read_text()
+            except OSError as exc:
+                raise ConfigError(f"auth.jwt.{key}: cannot read {path}: {exc.strerror}") from None
+            jwt = dataclasses.replace(jwt, key_text=text)
+    if auth.mode == "trusted_header":
+        service_key = env.get(trusted.service_key_env, "")
+        if not service_key:
+            raise ConfigError(
+                f"auth.trusted_header.service_key_env: the environment variable "
+                f"{trusted.service_key_env} holding the service key is not set"
+            )
+        trusted = dataclasses.replace(trusted, service_key=service_key)
+    return dataclasses.replace(auth, jwt=jwt, trusted_header=trusted)
 
 
 def _build(
@@ -375,12 +459,14 @@ def render_config(config: Config) -> str:
         lines.append(f"[{title}]")
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if f.name == "name" and isinstance(obj, Plan):
+            if (f.name == "name" and isinstance(obj, Plan)) or dataclasses.is_dataclass(value):
                 continue
             if value is None:
                 lines.append(f"# {f.name} = unlimited")
                 continue
             if f.metadata.get("secret"):
+                if f.name == "key_text":
+                    continue
                 value = "***" if value else "(not set)"
             elif f.name == "url" and isinstance(obj, DatabaseConfig):
                 value = mask_url(value)
@@ -388,6 +474,9 @@ def render_config(config: Config) -> str:
 
     for section in ("server", "upstream", "database", "auth", "accounting", "admin"):
         emit(section, getattr(config, section))
+    emit("auth.jwt", config.auth.jwt)
+    emit("auth.trusted_header", config.auth.trusted_header)
+    emit("admission.on_storage_error", config.admission.on_storage_error)
     for name, plan in config.plans.items():
         emit(f"plans.{name}", plan)
     return "\n".join(lines) + "\n"

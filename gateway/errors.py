@@ -27,11 +27,19 @@ class GatewayError(Exception):
     status: int = 500
     code: str = "internal_server_error"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        # Extra response headers for the refusal (Retry-After, X-RateLimit-*).
+        self.headers = headers or []
 
 
 class ConfigError(GatewayError):

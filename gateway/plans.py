@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from gateway.clock import Periods
-from gateway.config import Plan
+from gateway.config import Plan, StorageErrorPolicy
 from gateway.storage import Admission, AdmissionLimits, Counters
 
 # Error codes per limit, in the upstream's error body (issue: "a code per limit").
@@ -37,7 +37,19 @@ def admission_limits(plan: Plan) -> AdmissionLimits:
         queries_per_day=plan.queries_per_day,
         tokens_per_day=plan.tokens_per_day,
         tokens_per_month=plan.tokens_per_month,
+        max_concurrent_streams=plan.max_concurrent_streams,
     )
+
+
+def closed_checks(policy: StorageErrorPolicy, plan: Plan) -> list[str]:
+    """The checks that refuse a request when the database is unreachable: those
+    whose policy is ``closed`` and whose limit the plan actually sets."""
+    applies = {
+        "queries": plan.queries_per_day is not None,
+        "tokens": plan.tokens_per_day is not None or plan.tokens_per_month is not None,
+        "streams": plan.max_concurrent_streams is not None,
+    }
+    return [check for check, used in applies.items() if used and getattr(policy, check) == "closed"]
 
 
 @dataclass(frozen=True, slots=True)

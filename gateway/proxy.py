@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from datetime import date
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -38,9 +39,15 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
-from gateway.plans import LIMIT_CODES, admission_limits, refusal_message, reported_limit
+from gateway.plans import (
+    LIMIT_CODES,
+    admission_limits,
+    closed_checks,
+    refusal_message,
+    reported_limit,
+)
 from gateway.sse import SSEDecoder
-from gateway.storage import UsageEvent
+from gateway.storage import Lease, UsageEvent
 from gateway.upstreams import Route, StreamMeter
 from gateway.usage import Metered
 
@@ -74,7 +81,6 @@ _DROP_REQUEST = HOP_BY_HOP | {
     b"authorization",
     b"content-length",
     b"accept-encoding",
-    b"x-gateway-user",
 }
 _DROP_RESPONSE = HOP_BY_HOP | {b"x-request-id"}
 _SSE = b"text/event-stream"
@@ -82,6 +88,9 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Blocking answers are buffered (while also being forwarded) to read their usage;
 # past this size we stop buffering: no real answer body is anywhere near it.
 _MAX_BLOCKING_BODY = 16 * 1024 * 1024
+
+# A refusal for too many open answers has no reset time; clients may retry soon.
+_STREAM_RETRY_AFTER = 5
 
 # Request ids: unique per process by a counter, across processes by a random prefix;
 # cheaper than uuid4 on every request. Dify accepts them as X-Trace-Id
@@ -92,6 +101,18 @@ _ids = itertools.count(1)
 
 def new_request_id() -> str:
     return f"{_ID_PREFIX}-{next(_ids):x}"
+
+
+class _Ticket:
+    """The accounting state of one answer request."""
+
+    __slots__ = ("day", "lease_id", "reserved", "user_id")
+
+    def __init__(self, user_id: str, day: date, *, reserved: bool, lease_id: str | None) -> None:
+        self.user_id = user_id
+        self.day = day  # the local day the answer is counted on: the day it was asked
+        self.reserved = reserved  # a query is reserved and must be settled or refunded
+        self.lease_id = lease_id
 
 
 class _ClientGone(Exception):
@@ -223,7 +244,7 @@ class Proxy:
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         body = self.gw.upstream.error_body(exc.status, exc.code, exc.message)
-        extra = list(headers or ())
+        extra = [*exc.headers, *(headers or ())]
         if isinstance(exc, Unauthorized):
             extra.append((b"www-authenticate", b'Bearer realm="api"'))
         if isinstance(exc, StorageError | UpstreamError) and not any(
@@ -262,7 +283,13 @@ class Proxy:
         listed: frozenset[bytes] = frozenset()
         accept_encoding: bytes | None = None
         forward: list[tuple[bytes, bytes]] = []
+        user_header_name = gw.user_header
+        user_header: bytes | None = None
         for name, value in scope["headers"]:
+            if name == user_header_name:
+                # Only meaningful with the service key; never forwarded.
+                user_header = value
+                continue
             if name in _DROP_REQUEST:
                 if name == b"authorization":
                     authorization = value
@@ -288,7 +315,13 @@ class Proxy:
         forward.append(gw.upstream_authorization)
 
         try:
-            identity = await gw.auth.authenticate(authorization)
+            identity = await gw.auth.authenticate(authorization, user_header)
+            if config.auth.mode != "api_key":
+                await gw.users.resolve(
+                    identity,
+                    default_plan=config.accounting.default_plan,
+                    create=config.auth.unknown_users == "create",
+                )
         except StorageError as exc:
             gw.metrics.inc("gateway_storage_errors_total", operation="authenticate")
             raise StorageError("The usage database is unavailable; try again shortly.") from exc
@@ -340,46 +373,10 @@ class Proxy:
             query = _with_user(query, field, user_id).encode()
 
         # --- admission ---------------------------------------------------------------
-        reserved_day = None
+        ticket: _Ticket | None = None
         rate_headers: list[tuple[bytes, bytes]] = []
         if route.produces_answer:
-            try:
-                user = await gw.users.get(user_id, default_plan=config.accounting.default_plan)
-                plan = config.plan(user.plan).with_overrides(user.overrides)
-                periods = periods_at(gw.clock.now(), gw.tz)
-                admission = await gw.storage.admit(
-                    user_id,
-                    day=periods.day,
-                    month_start=periods.month_start,
-                    limits=admission_limits(plan),
-                )
-            except StorageError as exc:
-                gw.metrics.inc("gateway_storage_errors_total", operation="admit")
-                log.error(
-                    "request %s: admission failed, refusing (fail-closed): %s",
-                    request_id,
-                    exc.message,
-                )
-                raise StorageError("The usage database is unavailable; try again shortly.") from exc
-            shown = reported_limit(admission, plan, periods)
-            if shown is not None:
-                rate_headers = shown.headers()
-            if not admission.admitted:
-                assert admission.refused_by is not None and shown is not None
-                refusal = QuotaExceeded(
-                    refusal_message(
-                        admission.refused_by,
-                        shown.limit,
-                        shown.reset and shown.reset.astimezone(gw.tz),
-                    ),
-                    code=LIMIT_CODES[admission.refused_by],
-                )
-                retry = str(shown.retry_after(gw.clock.now())).encode()
-                await self._send_error(
-                    send, refusal, request_id, [(b"retry-after", retry), *rate_headers]
-                )
-                return
-            reserved_day = periods.day
+            ticket, rate_headers = await self._admit(user_id, request_id)
 
         # --- forward -----------------------------------------------------------------
         url = gw.upstream_url + path + ("?" + query.decode("latin-1") if query else "")
@@ -388,7 +385,7 @@ class Proxy:
         try:
             response = await gw.client.send(request, stream=True)
         except (httpx.HTTPError, TimeoutError, _ClientGone, MultipartError) as exc:
-            await self._refund(user_id, reserved_day, request_id)
+            await self._refund(ticket, request_id)
             if isinstance(failure.error, _ClientGone):
                 raise failure.error from exc
             if isinstance(failure.error, MultipartError):
@@ -411,7 +408,7 @@ class Proxy:
                 route=route,
                 user_id=user_id,
                 json_body=json_body,
-                reserved_day=reserved_day,
+                ticket=ticket,
                 rate_headers=rate_headers,
                 started=started,
                 forwarded_at=forwarded_at,
@@ -419,11 +416,77 @@ class Proxy:
         finally:
             await response.aclose()
 
-    async def _refund(self, user_id: str, day: Any, request_id: str) -> None:
-        if day is None:
-            return
+    async def _admit(
+        self, user_id: str, request_id: str
+    ) -> tuple[_Ticket, list[tuple[bytes, bytes]]]:
+        """Reserve the query (and a stream slot) or raise the refusal."""
+        gw = self.gw
+        config = gw.config
+        now = gw.clock.now()
+        periods = periods_at(now, gw.tz)
+        plan = config.plan(config.accounting.default_plan)
         try:
-            await self.gw.storage.refund(user_id, day=day)
+            user = await gw.users.get(user_id, default_plan=config.accounting.default_plan)
+            plan = config.plan(user.plan).with_overrides(user.overrides)
+            limits = admission_limits(plan)
+            lease = None
+            if limits.max_concurrent_streams is not None:
+                lease = Lease(id=request_id, expires_at=now + gw.lease_ttl)
+            admission = await gw.storage.admit(
+                user_id,
+                day=periods.day,
+                month_start=periods.month_start,
+                limits=limits,
+                now=now,
+                lease=lease,
+            )
+        except StorageError as exc:
+            gw.metrics.inc("gateway_storage_errors_total", operation="admit")
+            closed = closed_checks(config.admission.on_storage_error, plan)
+            if closed:
+                log.error(
+                    "request %s: admission could not reach the database; refused "
+                    "(fail-closed for %s): %s",
+                    request_id,
+                    ", ".join(closed),
+                    exc.message,
+                )
+                gw.metrics.inc("gateway_admission_storage_failures_total", policy="closed")
+                raise StorageError(
+                    "The usage database is unavailable; try again shortly.",
+                    headers=[(b"retry-after", b"5")],
+                ) from exc
+            log.error(
+                "request %s: admission could not reach the database; let through "
+                "unreserved (fail-open): %s",
+                request_id,
+                exc.message,
+            )
+            gw.metrics.inc("gateway_admission_storage_failures_total", policy="open")
+            return _Ticket(user_id, periods.day, reserved=False, lease_id=None), []
+
+        shown = reported_limit(admission, plan, periods)
+        rate_headers = shown.headers() if shown is not None else []
+        if not admission.admitted:
+            assert admission.refused_by is not None
+            limit = getattr(plan, admission.refused_by)
+            reset = shown.reset.astimezone(gw.tz) if shown and shown.reset else None
+            retry = shown.retry_after(now) if shown else _STREAM_RETRY_AFTER
+            raise QuotaExceeded(
+                refusal_message(admission.refused_by, limit, reset),
+                code=LIMIT_CODES[admission.refused_by],
+                headers=[(b"retry-after", str(retry).encode()), *rate_headers],
+            )
+        ticket = _Ticket(user_id, periods.day, reserved=True, lease_id=lease.id if lease else None)
+        return ticket, rate_headers
+
+    async def _refund(self, ticket: _Ticket | None, request_id: str) -> None:
+        """Return a reserved query (and its stream slot): no answer was produced."""
+        if ticket is None or not ticket.reserved:
+            return
+        ticket.reserved = False
+        try:
+            await self.gw.storage.refund(ticket.user_id, day=ticket.day, lease_id=ticket.lease_id)
         except StorageError as exc:
             self.gw.metrics.inc("gateway_storage_errors_total", operation="refund")
             log.error(
@@ -441,7 +504,7 @@ class Proxy:
         route: Route,
         user_id: str,
         json_body: dict[str, Any],
-        reserved_day: Any,
+        ticket: _Ticket | None,
         rate_headers: list[tuple[bytes, bytes]],
         started: float,
         forwarded_at: float,
@@ -452,13 +515,12 @@ class Proxy:
         headers.append((b"x-request-id", request_id.encode()))
         headers.extend(rate_headers)
         content_type = response.headers.get("content-type", "").encode("latin-1").lower()
-        metered = reserved_day is not None and 200 <= status < 300
+        metered = ticket is not None and 200 <= status < 300
         sse = metered and content_type.startswith(_SSE)
         blocking = metered and not sse and b"json" in content_type
-        if reserved_day is not None and not (sse or blocking):
+        if not (sse or blocking):
             # Non-2xx (or nothing we can read usage from): no answer was produced.
-            await self._refund(user_id, reserved_day, request_id)
-            reserved_day = None
+            await self._refund(ticket, request_id)
         gw.metrics.inc("gateway_requests_total", route=route.kind, status=f"{status // 100}xx")
 
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -523,12 +585,12 @@ class Proxy:
         else:
             result = gw.upstream.meter_blocking(route, json_body, bytes(buffer))
         finished = time.perf_counter()
+        assert ticket is not None
         await self._settle(
             result,
             request_id=request_id,
             route=route,
-            user_id=user_id,
-            day=reserved_day,
+            ticket=ticket,
             disconnected=disconnected,
             upstream_ms=(finished - forwarded_at) * 1000,
             overhead_ms=(forwarded_at - started) * 1000,
@@ -576,8 +638,7 @@ class Proxy:
         *,
         request_id: str,
         route: Route,
-        user_id: str,
-        day: Any,
+        ticket: _Ticket,
         disconnected: bool,
         upstream_ms: float,
         overhead_ms: float,
@@ -590,7 +651,7 @@ class Proxy:
                 result.outcome,
                 f", {result.error_code}" if result.error_code else "",
             )
-            await self._refund(user_id, day, request_id)
+            await self._refund(ticket, request_id)
             return
         if usage.estimated:
             log.warning(
@@ -602,8 +663,8 @@ class Proxy:
         await self.gw.settler.record(
             UsageEvent(
                 answer_id=result.answer_id or f"gw-{request_id}",
-                user_id=user_id,
-                day=day,
+                user_id=ticket.user_id,
+                day=ticket.day,
                 created_at=self.gw.clock.now(),
                 endpoint=route.name,
                 prompt_tokens=usage.prompt_tokens,
@@ -617,5 +678,6 @@ class Proxy:
                 request_id=request_id,
                 upstream_latency_ms=round(upstream_ms, 3),
                 overhead_ms=round(overhead_ms, 3),
-            )
+            ),
+            lease_id=ticket.lease_id,
         )

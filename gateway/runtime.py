@@ -7,16 +7,23 @@ request path reads everything it needs from here; nothing is created per request
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
-from datetime import UTC, datetime
+import os
+import signal
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
 
 from gateway.auth import Authenticator, UserDirectory
 from gateway.clock import Clock, SystemClock
-from gateway.config import Config
+from gateway.config import Config, load_config
+from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.settle import Settler
 from gateway.storage import Storage, open_storage
@@ -62,12 +69,19 @@ class Gateway:
         clock: Clock | None = None,
         storage: Storage | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.metrics = Metrics()
         self.upstream: Upstream = get_upstream(config.upstream.kind)
         self.upstream_url = config.upstream.url
+        self.user_header = config.auth.trusted_header.user_header.lower().encode()
+        # A stream lease outlives the longest an answer can take, so a crashed
+        # gateway's leases free themselves.
+        self.lease_ttl = timedelta(
+            seconds=config.upstream.total_timeout + config.upstream.disconnect_grace + 60
+        )
         self.upstream_authorization = (
             b"authorization",
             f"Bearer {config.upstream.api_key}".encode(),
@@ -75,10 +89,12 @@ class Gateway:
         self._storage = storage
         self._owns_storage = storage is None
         self._transport = transport
-        # Requests the proxy has completely finished (answer settled or refunded):
-        # lets tests and tools wait for the end of work without sleeping.
-        self.finished = 0
-        self._finished_changed: asyncio.Condition | None = None
+        self._env = env
+        # Requests the proxy has completely finished (answer settled or refunded)
+        # and configuration reloads: lets tests and tools wait without sleeping.
+        self.finished = Watermark()
+        self.reloads = Watermark()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def tz(self) -> ZoneInfo:
@@ -95,28 +111,100 @@ class Gateway:
             self._storage = await open_storage(self.config.database)
         self.storage: Storage = self._storage
         await self.storage.migrate()
-        ttl = self.config.auth.key_cache_ttl
-        self.auth = Authenticator(self.storage, self.config.auth)
-        self.users = UserDirectory(self.storage, ttl=ttl)
+        self._apply(self.config)
         spool = Path(self.config.database.spool_file) if self.config.database.spool_file else None
         self.settler = Settler(self.storage, metrics=self.metrics, spool=spool)
         replayed = await self.settler.replay()
         if replayed:
             log.info("replayed %d spooled usage records", replayed)
         self.client = make_client(self.config, self._transport)
+        source, interval = self.config.source, self.config.server.reload_interval
+        if source is not None and interval > 0:
+            self._spawn(self._watch(source, interval))
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            # Only possible in the main thread of a Unix process.
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, lambda: self._spawn(self.reload())
+            )
+            self._sighup = True
 
     async def request_finished(self) -> None:
-        self.finished += 1
-        if self._finished_changed is not None:
-            async with self._finished_changed:
-                self._finished_changed.notify_all()
+        self.finished.bump()
 
     async def wait_finished(self, count: int, timeout: float = 10.0) -> None:
         """Wait until ``count`` proxied requests have completely finished."""
-        if self._finished_changed is None:
-            self._finished_changed = asyncio.Condition()
-        async with asyncio.timeout(timeout), self._finished_changed:
-            await self._finished_changed.wait_for(lambda: self.finished >= count)
+        await self.finished.wait_for(count, timeout)
+
+    # --- configuration reload -------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read the configuration file; an invalid one is refused and logged,
+        and the running configuration stays in force."""
+        source = self.config.source
+        if source is None:
+            log.warning("configuration reload asked, but no configuration file is in use")
+            return False
+        try:
+            new = load_config(source, env=self._env)
+        except ConfigError as exc:
+            log.error(
+                "configuration reload refused, keeping the running configuration: %s", exc.message
+            )
+            self.metrics.inc("gateway_config_reloads_total", result="refused")
+            self.reloads.bump()
+            return False
+        # Connections and sockets are set up once: these sections need a restart.
+        fixed = [
+            name
+            for name in ("server", "upstream", "database")
+            if getattr(new, name) != getattr(self.config, name)
+        ]
+        if fixed:
+            log.warning(
+                "configuration sections %s changed; they take effect after a restart",
+                ", ".join(fixed),
+            )
+        self._apply(
+            dataclasses.replace(
+                new,
+                server=self.config.server,
+                upstream=self.config.upstream,
+                database=self.config.database,
+            )
+        )
+        log.info("configuration reloaded from %s (plans: %s)", source, ", ".join(new.plans))
+        self.metrics.inc("gateway_config_reloads_total", result="applied")
+        self.reloads.bump()
+        return True
+
+    def _apply(self, config: Config) -> None:
+        """Make ``config`` the one in force; caches derived from it start afresh."""
+        self.config = config
+        self._tz = config.tz
+        self.user_header = config.auth.trusted_header.user_header.lower().encode()
+        self.auth = Authenticator(self.storage, config.auth, plans=config.plans)
+        self.users = UserDirectory(self.storage, ttl=config.auth.key_cache_ttl)
+
+    async def _watch(self, path: str, interval: float) -> None:
+        def stamp() -> tuple[int, int] | None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            return st.st_mtime_ns, st.st_size
+
+        last = stamp()
+        while True:
+            await asyncio.sleep(interval)
+            current = stamp()
+            if current is not None and current != last:
+                last = current
+                await self.reload()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def revoke_key(self, key_id: str) -> None:
         """Revoke a key; it stops working in this process at once."""
@@ -124,7 +212,36 @@ class Gateway:
         self.auth.forget_key(key_id)
 
     async def stop(self) -> None:
+        if getattr(self, "_sighup", False):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.settler.close()
         await self.client.aclose()
         if self._owns_storage:
             await self.storage.close()
+
+
+class Watermark:
+    """A counter that can be awaited until it reaches a value."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._waiters: set[asyncio.Event] = set()
+
+    def bump(self) -> None:
+        self.value += 1
+        for waiter in self._waiters:
+            waiter.set()
+
+    async def wait_for(self, value: int, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while self.value < value:
+                waiter = asyncio.Event()
+                self._waiters.add(waiter)
+                try:
+                    await waiter.wait()
+                finally:
+                    self._waiters.discard(waiter)

@@ -58,10 +58,13 @@ class Settler:
         self._tasks: dict[asyncio.Task[None], UsageEvent] = {}
         self._closing = False
 
-    async def record(self, event: UsageEvent) -> None:
-        """Write one answer now; on a storage error, retry in the background."""
+    async def record(self, event: UsageEvent, *, lease_id: str | None = None) -> None:
+        """Write one answer now; on a storage error, retry in the background.
+
+        The answer's stream lease is released with the write; a retried or spooled
+        write leaves it to expire."""
         try:
-            await self._write(event)
+            await self._write(event, lease_id=lease_id)
         except StorageError as exc:
             log.warning("ledger write for %s failed, will retry: %s", event.answer_id, exc.message)
             self._metrics.inc("gateway_storage_errors_total", operation="settle")
@@ -72,8 +75,8 @@ class Settler:
             self._tasks[task] = event
             task.add_done_callback(self._tasks.pop)
 
-    async def _write(self, event: UsageEvent) -> None:
-        if await self._storage.settle(event):
+    async def _write(self, event: UsageEvent, *, lease_id: str | None = None) -> None:
+        if await self._storage.settle(event, lease_id=lease_id):
             self._metrics.inc("gateway_answers_settled_total", outcome=event.outcome)
             log.info(
                 "recorded answer %s for user %s: %d tokens, cost %s %s%s",

@@ -62,6 +62,7 @@ class AdmissionLimits:
     queries_per_day: int | None = None
     tokens_per_day: int | None = None
     tokens_per_month: int | None = None
+    max_concurrent_streams: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +71,24 @@ class Counters:
     tokens_today: int = 0
     tokens_month: int = 0  # including today
     web_searches_today: int = 0
+    open_streams: int = 0  # only counted when a stream limit applies
 
 
-AdmissionLimit = Literal["queries_per_day", "tokens_per_day", "tokens_per_month"]
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """An open answer's claim on one of the user's concurrent-stream slots.
+
+    Released when the answer is settled or its query refunded; a lease whose
+    gateway died simply expires.
+    """
+
+    id: str
+    expires_at: datetime
+
+
+AdmissionLimit = Literal[
+    "queries_per_day", "tokens_per_day", "tokens_per_month", "max_concurrent_streams"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +135,11 @@ def decide(counters: Counters, limits: AdmissionLimits) -> AdmissionLimit | None
         return "tokens_per_day"
     if limits.tokens_per_month is not None and counters.tokens_month >= limits.tokens_per_month:
         return "tokens_per_month"
+    if (
+        limits.max_concurrent_streams is not None
+        and counters.open_streams >= limits.max_concurrent_streams
+    ):
+        return "max_concurrent_streams"
     return None
 
 
@@ -182,20 +203,30 @@ class Storage(Protocol):
 
     # accounting
     async def admit(
-        self, user_id: str, *, day: date, month_start: date, limits: AdmissionLimits
+        self,
+        user_id: str,
+        *,
+        day: date,
+        month_start: date,
+        limits: AdmissionLimits,
+        now: datetime,
+        lease: Lease | None = None,
     ) -> Admission:
         """Reserve one query for (user, day) only while every limit allows it,
-        atomically, in one round trip; return the counters either way."""
+        atomically, in one round trip; return the counters either way. When
+        admitted and ``lease`` is given, the lease is taken in the same step
+        (open streams are counted only when ``limits.max_concurrent_streams`` is
+        set; leases expired at ``now`` do not count)."""
         ...
 
-    async def refund(self, user_id: str, *, day: date) -> None:
-        """Give back one reserved query (no answer was produced)."""
+    async def refund(self, user_id: str, *, day: date, lease_id: str | None = None) -> None:
+        """Give back one reserved query (no answer was produced) and its lease."""
         ...
 
-    async def settle(self, event: UsageEvent) -> bool:
+    async def settle(self, event: UsageEvent, *, lease_id: str | None = None) -> bool:
         """Record one answer in the ledger, the day row and the lifetime totals,
-        in one transaction. Returns False, changing nothing, when the answer id
-        is already recorded."""
+        in one transaction, releasing its lease. Returns False, changing nothing
+        else, when the answer id is already recorded."""
         ...
 
     async def daily(

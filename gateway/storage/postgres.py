@@ -29,12 +29,12 @@ from gateway.storage.base import (
     ApiKey,
     Counters,
     DailyUsage,
+    Lease,
     OverrideValue,
     UsageEvent,
     User,
     UserSort,
     UserSummary,
-    decide,
 )
 
 # An arbitrary constant naming the advisory lock that serialises migrations
@@ -62,64 +62,8 @@ _SORTS: dict[str, str] = {
 }
 _KEY_COLUMNS = "id, user_id, name, prefix, created_at, revoked_at"
 
-# $1 user, $2 day, $3 month start, $4 queries/day, $5 tokens/day, $6 tokens/month
-# (NULL = unlimited). `prev` is the month before today. A new day row is only
-# inserted when every limit allows one query; an existing one is only incremented
-# when its latest committed version still does. The outer SELECT reads `cur` from
-# the statement's snapshot: on a refusal those are the counters to report.
-_ADMIT = """
-WITH prev AS (
-    SELECT coalesce(sum(total_tokens), 0)::bigint AS tokens
-    FROM usage_daily WHERE user_id = $1 AND day >= $3 AND day < $2
-), res AS (
-    INSERT INTO usage_daily AS d (user_id, day, queries)
-    SELECT $1, $2, 1 FROM prev
-    WHERE coalesce($4::bigint > 0, true)
-      AND coalesce($5::bigint > 0, true)
-      AND coalesce(prev.tokens < $6::bigint, true)
-    ON CONFLICT (user_id, day) DO UPDATE SET queries = d.queries + 1
-    WHERE coalesce(d.queries < $4::bigint, true)
-      AND coalesce(d.total_tokens < $5::bigint, true)
-      AND coalesce(d.total_tokens + (SELECT tokens FROM prev) < $6::bigint, true)
-    RETURNING d.queries, d.total_tokens, d.web_searches
-)
-SELECT res.queries AS new_queries, res.total_tokens AS new_tokens,
-       res.web_searches AS new_web_searches,
-       coalesce(cur.queries, 0) AS queries, coalesce(cur.total_tokens, 0) AS tokens,
-       coalesce(cur.web_searches, 0) AS web_searches, prev.tokens AS prev_tokens
-FROM prev
-LEFT JOIN res ON true
-LEFT JOIN usage_daily cur ON cur.user_id = $1 AND cur.day = $2
-"""
-
-_SETTLE = f"""
-WITH ev AS (
-    INSERT INTO usage_events ({_EVENT_COLUMNS})
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-    ON CONFLICT (answer_id) DO NOTHING
-    RETURNING user_id, day, web_searches, prompt_tokens, completion_tokens, total_tokens, cost
-), daily AS (
-    INSERT INTO usage_daily AS d
-        (user_id, day, web_searches, prompt_tokens, completion_tokens, total_tokens, cost)
-    SELECT user_id, day, web_searches, prompt_tokens, completion_tokens, total_tokens, cost FROM ev
-    ON CONFLICT (user_id, day) DO UPDATE SET
-        web_searches = d.web_searches + excluded.web_searches,
-        prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
-        completion_tokens = d.completion_tokens + excluded.completion_tokens,
-        total_tokens = d.total_tokens + excluded.total_tokens,
-        cost = d.cost + excluded.cost
-    RETURNING 1
-), lifetime AS (
-    UPDATE users u SET
-        lifetime_prompt_tokens = u.lifetime_prompt_tokens + ev.prompt_tokens,
-        lifetime_completion_tokens = u.lifetime_completion_tokens + ev.completion_tokens,
-        lifetime_tokens = u.lifetime_tokens + ev.total_tokens,
-        lifetime_cost = u.lifetime_cost + ev.cost
-    FROM ev WHERE u.id = ev.user_id
-    RETURNING 1
-)
-SELECT count(*) FROM ev
-"""
+_ADMIT = "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_SETTLE = "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
 
 
 @contextlib.contextmanager
@@ -365,7 +309,14 @@ class PostgresStorage:
     # --- accounting ---------------------------------------------------------
 
     async def admit(
-        self, user_id: str, *, day: date, month_start: date, limits: AdmissionLimits
+        self,
+        user_id: str,
+        *,
+        day: date,
+        month_start: date,
+        limits: AdmissionLimits,
+        now: datetime,
+        lease: Lease | None = None,
     ) -> Admission:
         with _mapped():
             row = await self._pool.fetchrow(
@@ -376,49 +327,34 @@ class PostgresStorage:
                 limits.queries_per_day,
                 limits.tokens_per_day,
                 limits.tokens_per_month,
+                limits.max_concurrent_streams,
+                lease.id if lease else None,
+                lease.expires_at if lease else None,
+                now,
             )
-        assert row is not None  # `prev` always yields one row
-        if row["new_queries"] is not None:
-            tokens = row["new_tokens"]
-            return Admission(
-                admitted=True,
-                refused_by=None,
-                counters=Counters(
-                    queries_today=row["new_queries"],
-                    tokens_today=tokens,
-                    tokens_month=row["prev_tokens"] + tokens,
-                    web_searches_today=row["new_web_searches"],
-                ),
-            )
+        assert row is not None
         counters = Counters(
             queries_today=row["queries"],
-            tokens_today=row["tokens"],
-            tokens_month=row["prev_tokens"] + row["tokens"],
+            tokens_today=row["tokens_today"],
+            tokens_month=row["tokens_month"],
             web_searches_today=row["web_searches"],
+            open_streams=row["open_streams"],
         )
-        refused = decide(counters, limits)
-        if refused is None:
-            # The snapshot predates a concurrent admission that took the last
-            # query; only the query counter moves under admission, so it was that.
-            refused = "queries_per_day"
-            if limits.queries_per_day is not None:
-                counters = Counters(
-                    queries_today=limits.queries_per_day,
-                    tokens_today=counters.tokens_today,
-                    tokens_month=counters.tokens_month,
-                    web_searches_today=counters.web_searches_today,
-                )
-        return Admission(admitted=False, refused_by=refused, counters=counters)
+        refused = row["refused_by"]
+        return Admission(admitted=refused is None, refused_by=refused, counters=counters)
 
-    async def refund(self, user_id: str, *, day: date) -> None:
+    async def refund(self, user_id: str, *, day: date, lease_id: str | None = None) -> None:
         with _mapped():
             await self._pool.execute(
-                "UPDATE usage_daily SET queries = queries - 1 WHERE user_id = $1 AND day = $2 AND queries > 0",
+                "WITH released AS (DELETE FROM stream_leases WHERE id = $3) "
+                "UPDATE usage_daily SET queries = queries - 1 "
+                "WHERE user_id = $1 AND day = $2 AND queries > 0",
                 user_id,
                 day,
+                lease_id,
             )
 
-    async def settle(self, event: UsageEvent) -> bool:
+    async def settle(self, event: UsageEvent, *, lease_id: str | None = None) -> bool:
         with _mapped():
             inserted = await self._pool.fetchval(
                 _SETTLE,
@@ -439,6 +375,7 @@ class PostgresStorage:
                 event.request_id,
                 event.upstream_latency_ms,
                 event.overhead_ms,
+                lease_id,
             )
         return bool(inserted)
 

@@ -15,6 +15,7 @@ import functools
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -30,6 +31,7 @@ from gateway.storage.base import (
     ApiKey,
     Counters,
     DailyUsage,
+    Lease,
     OverrideValue,
     UsageEvent,
     User,
@@ -420,25 +422,45 @@ class SQLiteStorage:
     # --- accounting ---------------------------------------------------------
 
     async def admit(
-        self, user_id: str, *, day: date, month_start: date, limits: AdmissionLimits
+        self,
+        user_id: str,
+        *,
+        day: date,
+        month_start: date,
+        limits: AdmissionLimits,
+        now: datetime,
+        lease: Lease | None = None,
     ) -> Admission:
         today = day.isoformat()
 
         def run(conn: sqlite3.Connection) -> Admission:
-            # Under BEGIN IMMEDIATE no other connection can write between this read
-            # and the increment below, so check-then-increment is atomic here.
+            # Under BEGIN IMMEDIATE no other connection can write between these
+            # reads and the increment below, so check-then-increment is atomic here.
+            if conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
+                raise NotFound(f"no user {user_id!r}")
             row = conn.execute(
-                "SELECT coalesce(d.queries, 0), coalesce(d.total_tokens, 0), coalesce(d.web_searches, 0), "
+                "SELECT coalesce(d.queries, 0), coalesce(d.total_tokens, 0), "
+                "coalesce(d.web_searches, 0), "
                 "(SELECT coalesce(sum(total_tokens), 0) FROM usage_daily "
                 " WHERE user_id = ? AND day >= ? AND day < ?) "
                 "FROM (SELECT 1) LEFT JOIN usage_daily d ON d.user_id = ? AND d.day = ?",
                 (user_id, month_start.isoformat(), today, user_id, today),
             ).fetchone()
+            streams = 0
+            if limits.max_concurrent_streams is not None:
+                conn.execute(
+                    "DELETE FROM stream_leases WHERE user_id = ? AND expires_at <= ?",
+                    (user_id, _ts(now)),
+                )
+                streams = conn.execute(
+                    "SELECT count(*) FROM stream_leases WHERE user_id = ?", (user_id,)
+                ).fetchone()[0]
             counters = Counters(
                 queries_today=row[0],
                 tokens_today=row[1],
                 tokens_month=row[3] + row[1],
                 web_searches_today=row[2],
+                open_streams=streams,
             )
             refused = decide(counters, limits)
             if refused is not None:
@@ -448,31 +470,40 @@ class SQLiteStorage:
                 "ON CONFLICT (user_id, day) DO UPDATE SET queries = queries + 1",
                 (user_id, today),
             )
+            if lease is not None:
+                conn.execute(
+                    "INSERT INTO stream_leases (id, user_id, expires_at) VALUES (?, ?, ?)",
+                    (lease.id, user_id, _ts(lease.expires_at)),
+                )
+                streams += 1
             return Admission(
                 admitted=True,
                 refused_by=None,
-                counters=Counters(
-                    queries_today=counters.queries_today + 1,
-                    tokens_today=counters.tokens_today,
-                    tokens_month=counters.tokens_month,
-                    web_searches_today=counters.web_searches_today,
+                counters=replace(
+                    counters, queries_today=counters.queries_today + 1, open_streams=streams
                 ),
             )
 
         return await self._tx(run)
 
-    async def refund(self, user_id: str, *, day: date) -> None:
-        await self._tx(
-            lambda conn: conn.execute(
-                "UPDATE usage_daily SET queries = queries - 1 WHERE user_id = ? AND day = ? AND queries > 0",
+    async def refund(self, user_id: str, *, day: date, lease_id: str | None = None) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            if lease_id is not None:
+                conn.execute("DELETE FROM stream_leases WHERE id = ?", (lease_id,))
+            conn.execute(
+                "UPDATE usage_daily SET queries = queries - 1 "
+                "WHERE user_id = ? AND day = ? AND queries > 0",
                 (user_id, day.isoformat()),
             )
-        )
 
-    async def settle(self, event: UsageEvent) -> bool:
+        await self._tx(run)
+
+    async def settle(self, event: UsageEvent, *, lease_id: str | None = None) -> bool:
         cost = str(event.cost)
 
         def run(conn: sqlite3.Connection) -> bool:
+            if lease_id is not None:
+                conn.execute("DELETE FROM stream_leases WHERE id = ?", (lease_id,))
             inserted = conn.execute(
                 f"INSERT INTO usage_events ({_EVENT_COLUMNS}) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "

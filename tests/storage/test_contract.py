@@ -10,7 +10,7 @@ import pytest
 
 from gateway.config import DatabaseConfig
 from gateway.errors import NotFound
-from gateway.storage import AdmissionLimits, Storage, UsageEvent, migrations, open_storage
+from gateway.storage import AdmissionLimits, Lease, Storage, UsageEvent, migrations, open_storage
 
 NOW = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
 DAY = date(2026, 11, 21)
@@ -130,14 +130,15 @@ async def test_admit_reserves_until_the_daily_limit(storage: Storage) -> None:
     await storage.ensure_user("alice", plan="free")
     limits = AdmissionLimits(queries_per_day=3)
     results = [
-        await storage.admit("alice", day=DAY, month_start=MONTH, limits=limits) for _ in range(5)
+        await storage.admit("alice", day=DAY, month_start=MONTH, now=NOW, limits=limits)
+        for _ in range(5)
     ]
     assert [r.admitted for r in results] == [True, True, True, False, False]
     assert [r.counters.queries_today for r in results] == [1, 2, 3, 3, 3]
     assert results[3].refused_by == "queries_per_day"
     # another day starts from zero
     tomorrow = await storage.admit(
-        "alice", day=DAY + timedelta(days=1), month_start=MONTH, limits=limits
+        "alice", day=DAY + timedelta(days=1), month_start=MONTH, now=NOW, limits=limits
     )
     assert tomorrow.admitted and tomorrow.counters.queries_today == 1
 
@@ -145,12 +146,14 @@ async def test_admit_reserves_until_the_daily_limit(storage: Storage) -> None:
 async def test_admit_with_zero_and_unlimited(storage: Storage) -> None:
     await storage.ensure_user("alice", plan="free")
     refused = await storage.admit(
-        "alice", day=DAY, month_start=MONTH, limits=AdmissionLimits(queries_per_day=0)
+        "alice", day=DAY, month_start=MONTH, now=NOW, limits=AdmissionLimits(queries_per_day=0)
     )
     assert not refused.admitted and refused.refused_by == "queries_per_day"
     assert refused.counters.queries_today == 0
     for _ in range(3):
-        ok = await storage.admit("alice", day=DAY, month_start=MONTH, limits=AdmissionLimits())
+        ok = await storage.admit(
+            "alice", day=DAY, month_start=MONTH, now=NOW, limits=AdmissionLimits()
+        )
         assert ok.admitted
     assert ok.counters.queries_today == 3
 
@@ -163,19 +166,19 @@ async def test_admit_checks_tokens_today_and_this_month(storage: Storage) -> Non
     await storage.settle(event("today", tokens=300))
 
     admission = await storage.admit(
-        "alice", day=DAY, month_start=MONTH, limits=AdmissionLimits(tokens_per_month=1000)
+        "alice", day=DAY, month_start=MONTH, now=NOW, limits=AdmissionLimits(tokens_per_month=1000)
     )
     assert admission.admitted
     assert (admission.counters.tokens_today, admission.counters.tokens_month) == (300, 900)
 
     refused = await storage.admit(
-        "alice", day=DAY, month_start=MONTH, limits=AdmissionLimits(tokens_per_month=900)
+        "alice", day=DAY, month_start=MONTH, now=NOW, limits=AdmissionLimits(tokens_per_month=900)
     )
     assert not refused.admitted and refused.refused_by == "tokens_per_month"
     assert refused.counters.tokens_month == 900 and refused.counters.queries_today == 1
 
     refused = await storage.admit(
-        "alice", day=DAY, month_start=MONTH, limits=AdmissionLimits(tokens_per_day=300)
+        "alice", day=DAY, month_start=MONTH, now=NOW, limits=AdmissionLimits(tokens_per_day=300)
     )
     assert not refused.admitted and refused.refused_by == "tokens_per_day"
 
@@ -184,6 +187,7 @@ async def test_admit_checks_tokens_today_and_this_month(storage: Storage) -> Non
         "alice",
         day=date(2026, 11, 22),
         month_start=MONTH,
+        now=NOW,
         limits=AdmissionLimits(tokens_per_month=900),
     )
     assert not refused.admitted and refused.refused_by == "tokens_per_month"
@@ -193,13 +197,19 @@ async def test_admit_checks_tokens_today_and_this_month(storage: Storage) -> Non
 async def test_refund(storage: Storage) -> None:
     await storage.ensure_user("alice", plan="free")
     limits = AdmissionLimits(queries_per_day=1)
-    assert (await storage.admit("alice", day=DAY, month_start=MONTH, limits=limits)).admitted
-    assert not (await storage.admit("alice", day=DAY, month_start=MONTH, limits=limits)).admitted
+    assert (
+        await storage.admit("alice", day=DAY, month_start=MONTH, now=NOW, limits=limits)
+    ).admitted
+    assert not (
+        await storage.admit("alice", day=DAY, month_start=MONTH, now=NOW, limits=limits)
+    ).admitted
     await storage.refund("alice", day=DAY)
     await storage.refund("alice", day=DAY)  # never below zero
     (row,) = await storage.daily(DAY, DAY)
     assert row.queries == 0
-    assert (await storage.admit("alice", day=DAY, month_start=MONTH, limits=limits)).admitted
+    assert (
+        await storage.admit("alice", day=DAY, month_start=MONTH, now=NOW, limits=limits)
+    ).admitted
 
 
 async def test_settle_records_once_with_exact_money(storage: Storage) -> None:
@@ -303,13 +313,15 @@ async def test_admission_race_is_exact(storage: Storage, database_url: str) -> N
     await storage.ensure_user("alice", plan="free")
     limits = AdmissionLimits(queries_per_day=10)
     for _ in range(5):  # 5 of 10 used: 5 left
-        assert (await storage.admit("alice", day=DAY, month_start=MONTH, limits=limits)).admitted
+        assert (
+            await storage.admit("alice", day=DAY, month_start=MONTH, now=NOW, limits=limits)
+        ).admitted
     first, second = await _two_stores(database_url)
     try:
         results = await asyncio.gather(
             *(
                 (first if i % 2 else second).admit(
-                    "alice", day=DAY, month_start=MONTH, limits=limits
+                    "alice", day=DAY, month_start=MONTH, now=NOW, limits=limits
                 )
                 for i in range(50)
             )
@@ -364,3 +376,120 @@ async def test_concurrent_migrations_on_a_fresh_database(
     finally:
         await first.close()
         await second.close()
+
+
+# --- concurrent-stream leases -------------------------------------------------------
+
+
+def lease(name: str, *, minutes: int = 10) -> Lease:
+    return Lease(id=name, expires_at=NOW + timedelta(minutes=minutes))
+
+
+async def test_stream_leases_limit_open_answers(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    limits = AdmissionLimits(max_concurrent_streams=2)
+    first = await storage.admit(
+        "alice", day=DAY, month_start=MONTH, now=NOW, limits=limits, lease=lease("r1")
+    )
+    second = await storage.admit(
+        "alice", day=DAY, month_start=MONTH, now=NOW, limits=limits, lease=lease("r2")
+    )
+    third = await storage.admit(
+        "alice", day=DAY, month_start=MONTH, now=NOW, limits=limits, lease=lease("r3")
+    )
+    assert (first.admitted, second.admitted, third.admitted) == (True, True, False)
+    assert second.counters.open_streams == 2
+    assert third.refused_by == "max_concurrent_streams" and third.counters.open_streams == 2
+    assert third.counters.queries_today == 2  # a refusal reserves nothing
+
+    await storage.settle(event("m1"), lease_id="r1")  # an answer ends: its slot frees
+    assert (
+        await storage.admit(
+            "alice", day=DAY, month_start=MONTH, now=NOW, limits=limits, lease=lease("r4")
+        )
+    ).admitted
+    await storage.refund("alice", day=DAY, lease_id="r2")  # so does a refunded one
+    assert (
+        await storage.admit(
+            "alice", day=DAY, month_start=MONTH, now=NOW, limits=limits, lease=lease("r5")
+        )
+    ).admitted
+    assert not (
+        await storage.admit(
+            "alice", day=DAY, month_start=MONTH, now=NOW, limits=limits, lease=lease("r6")
+        )
+    ).admitted
+
+
+async def test_expired_leases_do_not_count(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    limits = AdmissionLimits(max_concurrent_streams=1)
+    assert (
+        await storage.admit(
+            "alice", day=DAY, month_start=MONTH, now=NOW, limits=limits, lease=lease("a", minutes=1)
+        )
+    ).admitted
+    later = NOW + timedelta(minutes=2)  # the gateway holding "a" died
+    admission = await storage.admit(
+        "alice", day=DAY, month_start=MONTH, now=later, limits=limits, lease=lease("b")
+    )
+    assert admission.admitted and admission.counters.open_streams == 1
+
+
+async def test_admitting_an_unknown_user_fails(storage: Storage) -> None:
+    with pytest.raises(NotFound):
+        await storage.admit("nobody", day=DAY, month_start=MONTH, now=NOW, limits=AdmissionLimits())
+
+
+async def test_stream_limit_race_is_exact(storage: Storage, database_url: str) -> None:
+    await storage.ensure_user("alice", plan="free")
+    limits = AdmissionLimits(max_concurrent_streams=3)
+    first, second = await _two_stores(database_url)
+    try:
+        results = await asyncio.gather(
+            *(
+                (first if i % 2 else second).admit(
+                    "alice",
+                    day=DAY,
+                    month_start=MONTH,
+                    now=NOW,
+                    limits=limits,
+                    lease=lease(f"r{i}"),
+                )
+                for i in range(30)
+            )
+        )
+    finally:
+        await first.close()
+        await second.close()
+    assert sum(r.admitted for r in results) == 3
+
+
+async def test_admissions_and_settles_interleave_without_deadlock(
+    storage: Storage, database_url: str
+) -> None:
+    await storage.ensure_user("alice", plan="free")
+    limits = AdmissionLimits(queries_per_day=1000, max_concurrent_streams=1000)
+    first, second = await _two_stores(database_url)
+    try:
+        work = []
+        for i in range(40):
+            store = first if i % 2 else second
+            work.append(
+                store.admit(
+                    "alice",
+                    day=DAY,
+                    month_start=MONTH,
+                    now=NOW,
+                    limits=limits,
+                    lease=lease(f"l{i}"),
+                )
+            )
+            work.append(store.settle(event(f"s{i}", tokens=1), lease_id=f"l{i - 1}"))
+        results = await asyncio.gather(*work)
+    finally:
+        await first.close()
+        await second.close()
+    assert all(results)
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 40
