@@ -7,7 +7,7 @@ or middleware in between); the gateway's own endpoints are a small Starlette app
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import httpx
 from starlette.applications import Starlette
@@ -77,8 +77,13 @@ def create_app(
     clock: Clock | None = None,
     storage: Storage | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> GatewayApp:
-    """The gateway as an ASGI app (`uvicorn --factory gateway.app:create_app`)."""
-    return GatewayApp(
-        Gateway(config or load_config(), clock=clock, storage=storage, transport=transport)
+    """The gateway as an ASGI app (`uvicorn --factory gateway.app:create_app`).
+
+    ``env`` is the environment that configuration reloads read (default: os.environ).
+    """
+    gateway = Gateway(
+        config or load_config(), clock=clock, storage=storage, transport=transport, env=env
     )
+    return GatewayApp(gateway)

@@ -7,13 +7,14 @@ import copy
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from gateway.app import create_app
 from gateway.clock import Clock
-from gateway.config import Config, parse_config
+from gateway.config import Config, load_config, parse_config
 from gateway.fake_upstream import FakeDify
 from gateway.keys import new_key
 from gateway.runtime import Gateway
@@ -78,9 +79,17 @@ async def running_gateway(
     settings: dict[str, Any] | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     clock: Clock | None = None,
+    env: dict[str, str] | None = None,
+    config_file: Path | None = None,
 ) -> AsyncIterator[Harness]:
     """The gateway on a free port, in front of ``upstream`` (an ASGI app, default a
-    FakeDify) or of ``upstream_url``."""
+    FakeDify) or of ``upstream_url``.
+
+    ``settings`` are merged into a base configuration; ``env`` adds environment
+    variables (secrets) the configuration reads. With ``config_file``, the merged
+    configuration is written there as TOML and loaded from it, so the gateway can
+    reload it.
+    """
     if upstream is None and upstream_url is None:
         fake = fake or FakeDify(api_key=UPSTREAM_KEY)
         upstream = fake
@@ -96,7 +105,12 @@ async def running_gateway(
             },
             settings or {},
         )
-        config = parse_config(data, env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY})
+        environment = {"TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})}
+        if config_file is not None:
+            config_file.write_text(to_toml(data))  # noqa: ASYNC240
+            config = load_config(config_file, env=environment)
+        else:
+            config = parse_config(data, env=environment)
         storage = await open_storage(config.database)
         stack.push_async_callback(storage.close)
         await storage.migrate()
@@ -110,7 +124,7 @@ async def running_gateway(
             name="test",
             now=datetime.now(UTC),
         )
-        app = create_app(config, storage=storage, transport=transport, clock=clock)
+        app = create_app(config, storage=storage, transport=transport, clock=clock, env=environment)
         url = await stack.enter_async_context(serve(app, lifespan="on"))
         if fake is not None:
             # Held answers must end before uvicorn can shut down.
@@ -125,3 +139,28 @@ async def running_gateway(
             fake=fake,
             upstream_url=upstream_url,
         )
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """A small TOML writer for test configurations (tables, strings, numbers, booleans)."""
+    scalars, tables = [], []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif isinstance(value, bool):
+            scalars.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, int | float):
+            scalars.append(f"{key} = {value!r}")
+        else:
+            scalars.append(f"{key} = {_quote(str(value))}")
+    out = []
+    if prefix and (scalars or not tables):
+        out.append(f"[{prefix}]")
+    out.extend(scalars)
+    for key, value in tables:
+        out.append(to_toml(value, f"{prefix}.{key}" if prefix else key))
+    return "\n".join(out) + "\n"
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

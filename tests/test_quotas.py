@@ -1,0 +1,362 @@
+"""Plans enforced before forwarding: exact under concurrency, calendar resets in
+the configured time zone, refusals a frontend can show, failure policies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+
+from gateway.clock import FixedClock
+from gateway.config import DatabaseConfig
+from gateway.fake_upstream import FakeDify
+from gateway.keys import new_key
+from gateway.storage import open_storage
+from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
+from tests.servers import serve
+from tests.tcpproxy import TCPProxy
+
+CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
+HCM = "Asia/Ho_Chi_Minh"  # UTC+7, no daylight saving
+
+
+def plans(**free: Any) -> dict[str, Any]:
+    return {"plans": {"free": free}, "accounting": {"timezone": HCM, "default_plan": "free"}}
+
+
+async def ask(client: httpx.AsyncClient, h: Harness, **headers: str) -> httpx.Response:
+    response = await client.post(f"{h.url}/v1/chat-messages", json=CHAT, headers=h.auth(**headers))
+    return response
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=20) as c:
+        yield c
+
+
+# --- exactness under concurrency ----------------------------------------------------
+
+
+async def test_forty_parallel_requests_with_five_left_forward_exactly_five_sqlite(
+    sqlite_url: str, client: httpx.AsyncClient
+) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(queries_per_day=5)) as h:
+        responses = await asyncio.gather(*(ask(client, h) for _ in range(40)))
+        await h.gateway.wait_finished(40)
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * 5 + [429] * 35
+    assert fake.hits("/chat-messages") == 5
+    assert {r.json()["code"] for r in responses if r.status_code == 429} == {"daily_query_limit"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _start_process(
+    config: Path, port: int, env: dict[str, str]
+) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "--config",
+        str(config),
+        "serve",
+        "--port",
+        str(port),
+        env={**os.environ, **env},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    async with asyncio.timeout(30):
+        # uvicorn says when the app (and its database) is ready
+        while line := await proc.stderr.readline():
+            if b"Application startup complete" in line:
+                return proc
+    raise RuntimeError(f"gateway process did not start (exit {await proc.wait()})")
+
+
+@pytest.mark.postgres
+async def test_forty_parallel_requests_across_two_processes_on_postgres(
+    postgres_dsn: str, tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute("TRUNCATE usage_events, usage_daily, api_keys, stream_leases, users CASCADE")
+    await conn.close()
+    storage = await open_storage(DatabaseConfig(url=postgres_dsn))
+    await storage.ensure_user(USER, plan="free")
+    key = new_key()
+    await storage.create_key(
+        USER, key_id=key.id, key_hash=key.hash, prefix=key.prefix, name="", now=datetime.now(UTC)
+    )
+    await storage.close()
+
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with serve(fake) as upstream:
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            to_toml(
+                {
+                    "server": {"log_level": "info", "reload_interval": 0},
+                    "upstream": {"url": upstream + "/v1", "api_key_env": "TEST_UPSTREAM_KEY"},
+                    "database": {"url": postgres_dsn, "spool_file": ""},
+                    **plans(queries_per_day=5),
+                }
+            )
+        )
+        ports = [_free_port(), _free_port()]
+        procs = [
+            await _start_process(config, port, {"TEST_UPSTREAM_KEY": UPSTREAM_KEY})
+            for port in ports
+        ]
+        try:
+            responses = await asyncio.gather(
+                *(
+                    client.post(
+                        f"http://127.0.0.1:{ports[i % 2]}/v1/chat-messages",
+                        json=CHAT,
+                        headers={"Authorization": f"Bearer {key.secret}"},
+                    )
+                    for i in range(40)
+                )
+            )
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                await proc.wait()
+    assert sorted(r.status_code for r in responses) == [200] * 5 + [429] * 35
+    assert fake.hits("/chat-messages") == 5
+    # both processes took part
+    served = {r.url.port for r in responses if r.status_code == 200} | {
+        r.url.port for r in responses
+    }
+    assert served == set(ports)
+
+
+# --- what a refusal looks like ------------------------------------------------------------
+
+
+async def test_daily_query_refusal_status_body_and_headers(
+    sqlite_url: str, client: httpx.AsyncClient
+) -> None:
+    clock = FixedClock(datetime(2026, 11, 21, 16, 0, tzinfo=UTC))  # 23:00 in Ho Chi Minh City
+    async with running_gateway(sqlite_url, settings=plans(queries_per_day=2), clock=clock) as h:
+        first = await ask(client, h)
+        second = await ask(client, h)
+        refused = await ask(client, h)
+    midnight = datetime(2026, 11, 21, 17, 0, tzinfo=UTC)  # 00:00 on the 22nd, local
+    assert first.status_code == 200 and first.headers["x-ratelimit-remaining"] == "1"
+    assert second.headers["x-ratelimit-remaining"] == "0"
+    assert refused.status_code == 429
+    assert refused.json() == {
+        "code": "daily_query_limit",
+        "message": "You have used all 2 questions of your plan for today. It resets at 2026-11-22 00:00 +07.",
+        "status": 429,
+    }
+    assert refused.headers["retry-after"] == "3600"
+    assert refused.headers["x-ratelimit-limit"] == "2"
+    assert refused.headers["x-ratelimit-remaining"] == "0"
+    assert refused.headers["x-ratelimit-used"] == "2"
+    assert refused.headers["x-ratelimit-resource"] == "queries_per_day"
+    assert refused.headers["x-ratelimit-reset"] == str(int(midnight.timestamp()))
+    assert refused.headers["content-type"] == "application/json"
+    assert refused.headers["x-request-id"]
+
+
+async def test_token_limits_refuse_after_the_answer_that_crossed_them(
+    sqlite_url: str, client: httpx.AsyncClient
+) -> None:
+    async with running_gateway(sqlite_url, settings=plans(tokens_per_day=1000)) as h:
+        crossing = await ask(client, h)
+        await h.gateway.wait_finished(1)
+        refused = await ask(client, h)
+        (event,) = await h.events()
+    # The answer that crossed the limit completes and is charged in full...
+    assert crossing.status_code == 200 and event.total_tokens == 1168
+    # ...and the next one is refused.
+    assert refused.status_code == 429 and refused.json()["code"] == "daily_token_limit"
+    assert refused.headers["x-ratelimit-resource"] == "tokens_per_day"
+    assert refused.headers["x-ratelimit-used"] == "1168"
+
+
+async def test_concurrent_stream_limit(sqlite_url: str, client: httpx.AsyncClient) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(
+        sqlite_url, fake=fake, settings=plans(max_concurrent_streams=1)
+    ) as h:
+        async with client.stream(
+            "POST",
+            f"{h.url}/v1/chat-messages",
+            json=CHAT,
+            headers=h.auth(**{"x-fake-scenario": "hold"}),
+        ) as held:
+            chunks = held.aiter_raw()
+            await anext(chunks)  # the first answer is open upstream
+            refused = await ask(client, h)
+            fake.release_held()
+            async for _ in chunks:
+                pass
+        await h.gateway.wait_finished(2)
+        after = await ask(client, h)  # the slot is free again
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "concurrent_stream_limit"
+    assert (
+        refused.json()["message"]
+        == "You already have 1 answers in progress. Wait for one to finish and try again."
+    )
+    assert refused.headers["retry-after"] == "5"
+    assert after.status_code == 200
+
+
+# --- calendar periods in the configured time zone -----------------------------------------
+
+
+async def test_daily_limits_reset_at_local_midnight(
+    sqlite_url: str, client: httpx.AsyncClient
+) -> None:
+    clock = FixedClock(datetime(2026, 11, 21, 16, 59, 59, tzinfo=UTC))  # 23:59:59 local
+    async with running_gateway(sqlite_url, settings=plans(queries_per_day=1), clock=clock) as h:
+        assert (await ask(client, h)).status_code == 200
+        assert (await ask(client, h)).status_code == 429
+        clock.advance(timedelta(seconds=2))  # 00:00:01 local, still the 21st in UTC
+        assert (await ask(client, h)).status_code == 200
+        await h.gateway.wait_finished(3)
+        days = sorted(e.day.isoformat() for e in await h.events())
+    assert days == ["2026-11-21", "2026-11-22"]
+
+
+async def test_monthly_limits_reset_at_the_local_first_of_the_month(
+    sqlite_url: str, client: httpx.AsyncClient
+) -> None:
+    clock = FixedClock(datetime(2026, 11, 30, 16, 30, tzinfo=UTC))  # 23:30 on Nov 30, local
+    async with running_gateway(sqlite_url, settings=plans(tokens_per_month=1000), clock=clock) as h:
+        assert (await ask(client, h)).status_code == 200
+        await h.gateway.wait_finished(1)
+        refused = await ask(client, h)
+        assert refused.json()["code"] == "monthly_token_limit"
+        assert refused.headers["retry-after"] == "1800"
+        clock.advance(timedelta(minutes=31))  # 00:01 on Dec 1 local
+        assert (await ask(client, h)).status_code == 200
+
+
+# --- refunds and overrides ---------------------------------------------------------------
+
+
+async def test_a_failed_upstream_gives_the_query_back(
+    sqlite_url: str, client: httpx.AsyncClient
+) -> None:
+    async with running_gateway(sqlite_url, settings=plans(queries_per_day=1)) as h:
+        failed = await ask(client, h, **{"x-fake-status": "500"})
+        await h.gateway.wait_finished(1)
+        ok = await ask(client, h)
+    assert failed.status_code == 500 and ok.status_code == 200
+
+
+async def test_per_user_overrides_replace_plan_limits(
+    sqlite_url: str, client: httpx.AsyncClient
+) -> None:
+    async with running_gateway(sqlite_url, settings=plans(queries_per_day=1)) as h:
+        await h.storage.set_override(USER, "queries_per_day", 3)
+        results = [(await ask(client, h)).status_code for _ in range(4)]
+        bob = await h.add_user("bob")
+        bob_results = [
+            (await ask(client, h, Authorization=f"Bearer {bob}")).status_code for _ in range(2)
+        ]
+    assert results == [200, 200, 200, 429]
+    assert bob_results == [200, 429]  # the plan's limit for everyone else
+
+
+# --- the database going away during admission ---------------------------------------------
+
+
+@pytest.fixture
+async def pg_behind_proxy(postgres_dsn: str) -> AsyncIterator[tuple[str, TCPProxy]]:
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute("TRUNCATE usage_events, usage_daily, api_keys, stream_leases, users CASCADE")
+    await conn.close()
+    proxy = TCPProxy("127.0.0.1", 5432)
+    await proxy.start()
+    base, _, database = postgres_dsn.rpartition("/")
+    user = base.split("//", 1)[1].split("@", 1)[0]
+    try:
+        yield f"postgresql://{user}@127.0.0.1:{proxy.port}/{database}", proxy
+    finally:
+        await proxy.cut()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ({}, 503),  # the default: closed for queries and tokens
+        ({"queries": "open", "tokens": "open"}, 200),
+        ({"queries": "open", "tokens": "closed"}, 503),
+    ],
+    ids=["default-closed", "all-open", "tokens-closed"],
+)
+async def test_database_down_during_admission(
+    pg_behind_proxy: tuple[str, TCPProxy],
+    tmp_path: Path,
+    client: httpx.AsyncClient,
+    policy: dict[str, str],
+    expected: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url, proxy = pg_behind_proxy
+    settings = {
+        **plans(queries_per_day=10, tokens_per_day=100_000),
+        "admission": {"on_storage_error": policy},
+        "database": {
+            "connect_timeout": 1.0,
+            "command_timeout": 2.0,
+            "spool_file": str(tmp_path / "spool.jsonl"),
+        },
+    }
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(url, fake=fake, settings=settings) as h:
+        assert (await ask(client, h)).status_code == 200  # warms the key and user caches
+        await h.gateway.wait_finished(1)
+        await proxy.cut()
+        response = await ask(client, h)
+        await h.gateway.wait_finished(2)
+        failures = h.gateway.metrics.get(
+            "gateway_admission_storage_failures_total",
+            policy="closed" if expected == 503 else "open",
+        )
+        await h.gateway.settler.close()  # a pending ledger retry goes to the spool
+        await proxy.restore()
+    assert response.status_code == expected
+    assert failures == 1
+    assert any("admission could not reach the database" in r.message for r in caplog.records)
+    if expected == 503:
+        assert response.json() == {
+            "code": "storage_unavailable",
+            "message": "The usage database is unavailable; try again shortly.",
+            "status": 503,
+        }
+        assert response.headers["retry-after"] == "5"
+        assert fake.hits("/chat-messages") == 1
+    else:
+        assert fake.hits("/chat-messages") == 2
+        # the answer went through; its usage could not be written, so it was spooled
+        spooled = [
+            orjson.loads(line) for line in (tmp_path / "spool.jsonl").read_bytes().splitlines()
+        ]
+        assert [s["total_tokens"] for s in spooled] == [1168]
