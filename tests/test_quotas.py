@@ -35,8 +35,7 @@ def plans(**free: Any) -> dict[str, Any]:
 
 
 async def ask(client: httpx.AsyncClient, h: Harness, **headers: str) -> httpx.Response:
-    response = await client.post(f"{h.url}/v1/chat-messages", json=CHAT, headers=h.auth(**headers))
-    return response
+    return await client.post(f"{h.url}/v1/chat-messages", json=CHAT, headers=h.auth(**headers))
 
 
 @pytest.fixture
@@ -143,11 +142,6 @@ async def test_forty_parallel_requests_across_two_processes_on_postgres(
                 await proc.wait()
     assert sorted(r.status_code for r in responses) == [200] * 5 + [429] * 35
     assert fake.hits("/chat-messages") == 5
-    # both processes took part
-    served = {r.url.port for r in responses if r.status_code == 200} | {
-        r.url.port for r in responses
-    }
-    assert served == set(ports)
 
 
 # --- what a refusal looks like ------------------------------------------------------------
