@@ -144,6 +144,36 @@ class AdminConfig:
     token: str = _resolved()
 
 
+Scalar = bool | int | float | str  # a JSON scalar a rule may write into a request
+
+
+@dataclass(frozen=True, slots=True)
+class WebSearchConfig:
+    # An answer used web search when one of these paths (dotted, into the answer's
+    # metadata - message_end.metadata, or a workflow's outputs) holds one of the values.
+    answer_paths: tuple[str, ...] = ("source",)
+    answer_values: tuple[str, ...] = ("web_search", "kb_fallback_web")
+    # A request asks for web search when this path of its JSON body holds one of
+    # these values ("" turns the check off).
+    request_path: str = "inputs.search_mode"
+    request_values: tuple[str, ...] = ("web",)
+    # Once the day's web searches are used up: refuse requests that ask for web
+    # search, or forward every answer request with `disable_path` set to
+    # `disable_value` so the app will not search (nor fall back to the web).
+    when_exhausted: Literal["refuse", "disable"] = "refuse"
+    disable_path: str = "inputs.allow_web_fallback"
+    disable_value: Scalar = False
+    count_timeout: float = _setting(1.0, minimum=0.001)
+
+
+@dataclass(frozen=True, slots=True)
+class AdvancedRagConfig:
+    # A request asks for advanced RAG when this path of its JSON body holds one of
+    # these values ("" turns the check off).
+    request_path: str = "inputs.rag_mode"
+    request_values: tuple[str, ...] = ("advanced",)
+
+
 # The limits a plan can set and a per-user override can replace. An omitted limit
 # is unlimited; `advanced_rag` is a feature switch.
 LimitName = Literal[
@@ -185,6 +215,8 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     accounting: AccountingConfig = field(default_factory=AccountingConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    web_search: WebSearchConfig = field(default_factory=WebSearchConfig)
+    advanced_rag: AdvancedRagConfig = field(default_factory=AdvancedRagConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     plans: Mapping[str, Plan] = field(default_factory=lambda: {"free": Plan(name="free")})
     source: str | None = _resolved(None)
@@ -325,6 +357,7 @@ def _resolve_auth(auth: AuthConfig, env: Mapping[str, str], *, base: Path) -> Au
                 text = path.read_text()
             except OSError as exc:
                 raise ConfigError(f"auth.jwt.{key}: cannot read {path}: {exc.strerror}") from None
+            _check_key(jwt.algorithm, key, text)
             jwt = dataclasses.replace(jwt, key_text=text)
     if auth.mode == "trusted_header":
         service_key = env.get(trusted.service_key_env, "")
@@ -335,6 +368,24 @@ def _resolve_auth(auth: AuthConfig, env: Mapping[str, str], *, base: Path) -> Au
             )
         trusted = dataclasses.replace(trusted, service_key=service_key)
     return dataclasses.replace(auth, jwt=jwt, trusted_header=trusted)
+
+
+def _check_key(algorithm: str, key: str, text: str) -> None:
+    """Refuse a key file that holds no usable key for ``algorithm`` now, rather than
+    failing on every request later."""
+    import jwt as pyjwt
+    from jwt.algorithms import get_default_algorithms
+
+    try:
+        if key == "jwks_file":
+            keys = pyjwt.PyJWKSet.from_json(text).keys
+            if not any(k.algorithm_name in (algorithm, "") for k in keys):
+                raise ValueError(f"no {algorithm} key in the set")
+        else:
+            get_default_algorithms()[algorithm].prepare_key(text)
+    except (pyjwt.PyJWTError, ValueError, TypeError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"auth.jwt.{key}: not a usable {algorithm} key ({detail})") from None
 
 
 def _build(
@@ -370,10 +421,21 @@ def _build(
 def _coerce(value: Any, tp: Any, path: str, minimum: float | None) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if tp == Scalar:
+        if isinstance(value, dict | list):
+            raise ConfigError(f"{path}: expected a string, number or boolean, got {_kind(value)}")
+        return value
     if origin in (typing.Union, types.UnionType):
-        # Only `X | None` unions occur; TOML has no null, so the value is an X.
+        # Otherwise only `X | None` unions occur; TOML has no null, so the value is an X.
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, path, minimum)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected an array of strings, got {_kind(value)}")
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ConfigError(f"{path}[{index}]: expected a string, got {_kind(item)}")
+        return tuple(value)
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
@@ -472,7 +534,16 @@ def render_config(config: Config) -> str:
                 value = mask_url(value)
             lines.append(f"{f.name} = {_toml_value(value)}")
 
-    for section in ("server", "upstream", "database", "auth", "accounting", "admin"):
+    for section in (
+        "server",
+        "upstream",
+        "database",
+        "auth",
+        "accounting",
+        "admin",
+        "web_search",
+        "advanced_rag",
+    ):
         emit(section, getattr(config, section))
     emit("auth.jwt", config.auth.jwt)
     emit("auth.trusted_header", config.auth.trusted_header)
@@ -483,6 +554,8 @@ def render_config(config: Config) -> str:
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

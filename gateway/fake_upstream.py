@@ -12,6 +12,8 @@ Tests steer it per request with headers:
 - ``x-fake-prompt-tokens``, ``x-fake-completion-tokens``, ``x-fake-total-price``: usage.
 - ``x-fake-message-id``: a fixed message id (workflow run id for workflows).
 - ``x-fake-delay-ms``: the pause between events.
+- ``x-fake-metadata``: a JSON object merged into ``message_end.metadata`` (and a
+  workflow's ``outputs``), e.g. ``{"source": "web_search"}``.
 - ``x-fake-status``: answer with this HTTP error status and no answer.
 
 Like Dify, an answer keeps being generated after the client disconnects; only the
@@ -275,6 +277,7 @@ class _Run:
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     text: list[str] = field(default_factory=list)
     first_token: float | None = None
+    extra_metadata: JSON = field(default_factory=dict)  # merged into message_end.metadata / outputs
     result: JSON | None = None  # the blocking-mode body, once the answer is complete
     error: JSON | None = None  # the error that ended the answer, if one did
 
@@ -364,7 +367,7 @@ class _Run:
             "id": self.workflow_run_id if self.shape != "workflow" else self.message_id,
             "workflow_id": self.workflow_id,
             "status": "stopped" if stopped else "succeeded",
-            "outputs": outputs,
+            "outputs": outputs | self.extra_metadata,
             "error": "Workflow execution stopped by user." if stopped else None,
             "elapsed_time": round(self.elapsed(), 6),
             "total_tokens": total_tokens,
@@ -375,6 +378,7 @@ class _Run:
 
     def message_end(self, usage: _Usage) -> JSON:
         metadata = {"usage": self.usage_json(usage), "retriever_resources": []}
+        metadata |= self.extra_metadata
         return self.envelope("message_end") | {"metadata": metadata, "files": None}
 
     def fail(self) -> JSON:
@@ -898,7 +902,16 @@ class FakeDify:
             except ValueError:
                 raise _HttpError(400, "invalid_param", "bad x-fake-delay-ms") from None
         conversation = body.get("conversation_id") if kind == "chat" else None
+        extra: Any = {}
+        if "x-fake-metadata" in headers:
+            try:
+                extra = orjson.loads(headers["x-fake-metadata"])
+            except orjson.JSONDecodeError:
+                extra = None
+            if not isinstance(extra, dict):
+                raise _HttpError(400, "invalid_param", "x-fake-metadata must be a JSON object")
         return _Run(
+            extra_metadata=extra,
             shape=shape,
             flags=flags,
             streaming=streaming,

@@ -184,6 +184,8 @@ class UserFieldRewriter:
         "_dash",
         "_error",
         "_field",
+        "_file_bytes",
+        "_in_file",
         "_keep",
         "_lf_dash",
         "_max_header",
@@ -228,6 +230,8 @@ class UserFieldRewriter:
         self._at_start = True  # nothing of the body consumed yet
         self._content_start = False  # _buf starts right after a part's header block
         self._content_bytes = 0
+        self._file_bytes = 0  # content of parts that carry a filename
+        self._in_file = False
         self._error: MultipartError | None = None
 
     @property
@@ -243,6 +247,11 @@ class UserFieldRewriter:
         so leaving them out would let a client stream any amount past a limit.
         """
         return self._content_bytes
+
+    @property
+    def file_bytes(self) -> int:
+        """Content seen so far in file parts (those whose headers give a filename)."""
+        return self._file_bytes
 
     def feed(self, chunk: bytes) -> bytes:
         """Take the next piece of the body; return the output ready to forward."""
@@ -316,6 +325,8 @@ class UserFieldRewriter:
                 raise MultipartError("--boundary after a bare CR or LF")
             out.append(buf[: i + 1])
             self._content_bytes += i - 1
+            if self._in_file:
+                self._file_bytes += i - 1
             self._buf = buf[i + 1 :]
             self._state = _DELIMITER
             return True
@@ -351,6 +362,7 @@ class UserFieldRewriter:
                 return False
             block = buf[2 : j + 2]
             out.append(self._headers(block, buf[: j + 4]))
+            self._in_file = b"filename" in block.lower()
             self._buf = buf[j + 4 :]
             self._state = _CONTENT
             self._content_start = True
@@ -386,6 +398,8 @@ class UserFieldRewriter:
             self._at_start = self._content_start = False
             if self._state == _CONTENT:
                 self._content_bytes += n
+                if self._in_file:
+                    self._file_bytes += n
 
     def _headers(self, block: bytes, raw: bytes) -> bytes:
         """Check one part's header lines (`block`) and return `raw` with the field renamed."""

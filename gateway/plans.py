@@ -22,6 +22,7 @@ LIMIT_CODES: dict[str, str] = {
     "tokens_per_day": "daily_token_limit",
     "tokens_per_month": "monthly_token_limit",
     "max_concurrent_streams": "concurrent_stream_limit",
+    "web_searches_per_day": "web_search_limit",
 }
 
 _MESSAGES: dict[str, str] = {
@@ -29,6 +30,7 @@ _MESSAGES: dict[str, str] = {
     "tokens_per_day": "You have used all {limit} tokens of your plan for today. It resets at {reset}.",
     "tokens_per_month": "You have used all {limit} tokens of your plan for this month. It resets at {reset}.",
     "max_concurrent_streams": "You already have {limit} answers in progress. Wait for one to finish and try again.",
+    "web_searches_per_day": "You have used all {limit} web searches of your plan for today. They reset at {reset}.",
 }
 
 

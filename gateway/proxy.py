@@ -19,35 +19,39 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from datetime import date
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qs, parse_qsl, urlencode
 
 import httpx
 import orjson
 
-from gateway.clock import periods_at
+from gateway.admission import Admitter, Ticket
+from gateway.bodies import (
+    FIELDS_ALLOWANCE,
+    BodyFailure,
+    ClientGone,
+    file_too_large,
+    read_body,
+    read_spool,
+    rewritten_multipart,
+    spool_multipart,
+    stream_body,
+)
 from gateway.errors import (
     BadRequest,
     GatewayError,
     PayloadTooLarge,
-    QuotaExceeded,
     StorageError,
     Unauthorized,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gateway.features import used_web_search
+from gateway.history import filter_conversations, filter_messages
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
-from gateway.plans import (
-    LIMIT_CODES,
-    admission_limits,
-    closed_checks,
-    refusal_message,
-    reported_limit,
-)
 from gateway.sse import SSEDecoder
-from gateway.storage import Lease, UsageEvent
+from gateway.storage import UsageEvent
 from gateway.upstreams import Route, StreamMeter
 from gateway.usage import Metered
 
@@ -85,12 +89,13 @@ _DROP_REQUEST = HOP_BY_HOP | {
 _DROP_RESPONSE = HOP_BY_HOP | {b"x-request-id"}
 _SSE = b"text/event-stream"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-# Blocking answers are buffered (while also being forwarded) to read their usage;
-# past this size we stop buffering: no real answer body is anywhere near it.
-_MAX_BLOCKING_BODY = 16 * 1024 * 1024
-
-# A refusal for too many open answers has no reset time; clients may retry soon.
-_STREAM_RETRY_AFTER = 5
+# Blocking answers and history pages are buffered to read them (answers are also
+# forwarded as they arrive); no real one comes anywhere near this size.
+_MAX_BUFFERED_BODY = 16 * 1024 * 1024
+# A multipart body is at most this much larger than the file it carries (part
+# headers, boundaries, other fields): with a Content-Length over the plan's file
+# size by more than this, the file is certainly too large.
+_MULTIPART_SLACK = FIELDS_ALLOWANCE + 64 * 1024
 
 # Request ids: unique per process by a counter, across processes by a random prefix;
 # cheaper than uuid4 on every request. Dify accepts them as X-Trace-Id
@@ -101,81 +106,6 @@ _ids = itertools.count(1)
 
 def new_request_id() -> str:
     return f"{_ID_PREFIX}-{next(_ids):x}"
-
-
-class _Ticket:
-    """The accounting state of one answer request."""
-
-    __slots__ = ("day", "lease_id", "reserved", "user_id")
-
-    def __init__(self, user_id: str, day: date, *, reserved: bool, lease_id: str | None) -> None:
-        self.user_id = user_id
-        self.day = day  # the local day the answer is counted on: the day it was asked
-        self.reserved = reserved  # a query is reserved and must be settled or refunded
-        self.lease_id = lease_id
-
-
-class _ClientGone(Exception):
-    """The client disconnected while the request body was being read."""
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-class _BodyFailure:
-    """Where a streamed request body records why it failed.
-
-    The transport consumes the body while sending and wraps whatever it raises
-    (as a connect or write error), so the cause - a client gone, a malformed
-    multipart body - is kept here to answer the client correctly.
-    """
-
-    __slots__ = ("error",)
-
-    def __init__(self) -> None:
-        self.error: Exception | None = None
-
-
-async def _stream_body(receive: Receive, failure: _BodyFailure) -> AsyncIterator[bytes]:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            failure.error = _ClientGone()
-            raise failure.error
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
-
-
-async def _rewritten_multipart(
-    receive: Receive, rewriter: UserFieldRewriter, failure: _BodyFailure
-) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in _stream_body(receive, failure):
-            out = rewriter.feed(chunk)
-            if out:
-                yield out
-        tail = rewriter.close()
-    except MultipartError as exc:
-        failure.error = exc
-        raise
-    if tail:
-        yield tail
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -222,13 +152,14 @@ def _with_user(query: bytes, field: str, user_id: str) -> str:
 class Proxy:
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
+        self.admitter = Admitter(gateway)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         request_id = new_request_id()
         try:
             await self._handle(scope, receive, send, request_id, started)
-        except _ClientGone:
+        except ClientGone:
             log.info("request %s: client left before sending its body", request_id)
         except GatewayError as exc:
             # Refusals raised before the response started.
@@ -337,13 +268,14 @@ class Proxy:
         # --- the request body, with `user` set to the authenticated user -------------
         media_type = content_type.split(b";", 1)[0].strip().lower()
         body: bytes | AsyncIterator[bytes] | None = None
-        failure = _BodyFailure()
+        failure = BodyFailure()
         json_body: dict[str, Any] = {}
+        upload: UserFieldRewriter | None = None
         if media_type == b"application/json" or (route.produces_answer and method in _BODY_METHODS):
             limit = config.server.max_json_body_bytes
             if content_length is not None and content_length > limit:
                 raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
-            raw = await _read_body(receive, limit)
+            raw = await read_body(receive, limit)
             if raw or route.produces_answer:
                 try:
                     parsed = orjson.loads(raw)
@@ -353,30 +285,31 @@ class Proxy:
                     raise BadRequest("The request body must be a JSON object.")
                 json_body = parsed
                 upstream.set_user(json_body, user_id)
-                body = orjson.dumps(json_body)
-                forward.append((b"content-length", str(len(body)).encode()))
         elif media_type == b"multipart/form-data":
             boundary = boundary_from_content_type(content_type.decode("latin-1"))
             if boundary is None:
                 raise BadRequest("The multipart body has no valid boundary.")
-            rewriter = UserFieldRewriter(boundary, user_id, field=field)
-            body = _rewritten_multipart(receive, rewriter, failure)
-            if content_length is not None:
-                forward.append(
-                    (b"content-length", str(content_length + rewriter.added_bytes).encode())
-                )
+            upload = UserFieldRewriter(boundary, user_id, field=field)
+            body, length = await self._multipart(
+                receive, route, user_id, upload, content_length, failure
+            )
+            if length is not None:
+                forward.append((b"content-length", str(length).encode()))
         elif method in _BODY_METHODS and (content_length or content_length is None):
-            body = _stream_body(receive, failure)
+            body = stream_body(receive, failure)
             if content_length is not None:
                 forward.append((b"content-length", str(content_length).encode()))
         if method in ("GET", "HEAD", "DELETE") or f"{field}=".encode() in query:
             query = _with_user(query, field, user_id).encode()
 
-        # --- admission ---------------------------------------------------------------
-        ticket: _Ticket | None = None
+        # --- admission (may rewrite the JSON body) ---------------------------------------
+        ticket: Ticket | None = None
         rate_headers: list[tuple[bytes, bytes]] = []
         if route.produces_answer:
-            ticket, rate_headers = await self._admit(user_id, request_id)
+            ticket, rate_headers = await self.admitter.admit(user_id, request_id, json_body)
+        if json_body:
+            body = orjson.dumps(json_body)
+            forward.append((b"content-length", str(len(body)).encode()))
 
         # --- forward -----------------------------------------------------------------
         url = gw.upstream_url + path + ("?" + query.decode("latin-1") if query else "")
@@ -384,9 +317,9 @@ class Proxy:
         forwarded_at = time.perf_counter()
         try:
             response = await gw.client.send(request, stream=True)
-        except (httpx.HTTPError, TimeoutError, _ClientGone, MultipartError) as exc:
-            await self._refund(ticket, request_id)
-            if isinstance(failure.error, _ClientGone):
+        except (httpx.HTTPError, TimeoutError, ClientGone, MultipartError, PayloadTooLarge) as exc:
+            await self.admitter.refund(ticket, request_id)
+            if isinstance(failure.error, ClientGone | PayloadTooLarge):
                 raise failure.error from exc
             if isinstance(failure.error, MultipartError):
                 raise BadRequest(f"Malformed multipart body: {failure.error}") from exc
@@ -409,6 +342,8 @@ class Proxy:
                 user_id=user_id,
                 json_body=json_body,
                 ticket=ticket,
+                upload=upload,
+                query=query,
                 rate_headers=rate_headers,
                 started=started,
                 forwarded_at=forwarded_at,
@@ -416,82 +351,40 @@ class Proxy:
         finally:
             await response.aclose()
 
-    async def _admit(
-        self, user_id: str, request_id: str
-    ) -> tuple[_Ticket, list[tuple[bytes, bytes]]]:
-        """Reserve the query (and a stream slot) or raise the refusal."""
-        gw = self.gw
-        config = gw.config
-        now = gw.clock.now()
-        periods = periods_at(now, gw.tz)
-        plan = config.plan(config.accounting.default_plan)
-        try:
-            user = await gw.users.get(user_id, default_plan=config.accounting.default_plan)
-            plan = config.plan(user.plan).with_overrides(user.overrides)
-            limits = admission_limits(plan)
-            lease = None
-            if limits.max_concurrent_streams is not None:
-                lease = Lease(id=request_id, expires_at=now + gw.lease_ttl)
-            admission = await gw.storage.admit(
-                user_id,
-                day=periods.day,
-                month_start=periods.month_start,
-                limits=limits,
-                now=now,
-                lease=lease,
-            )
-        except StorageError as exc:
-            gw.metrics.inc("gateway_storage_errors_total", operation="admit")
-            closed = closed_checks(config.admission.on_storage_error, plan)
-            if closed:
-                log.error(
-                    "request %s: admission could not reach the database; refused "
-                    "(fail-closed for %s): %s",
-                    request_id,
-                    ", ".join(closed),
-                    exc.message,
-                )
-                gw.metrics.inc("gateway_admission_storage_failures_total", policy="closed")
-                raise StorageError(
-                    "The usage database is unavailable; try again shortly.",
-                    headers=[(b"retry-after", b"5")],
-                ) from exc
-            log.error(
-                "request %s: admission could not reach the database; let through "
-                "unreserved (fail-open): %s",
-                request_id,
-                exc.message,
-            )
-            gw.metrics.inc("gateway_admission_storage_failures_total", policy="open")
-            return _Ticket(user_id, periods.day, reserved=False, lease_id=None), []
+    async def _multipart(
+        self,
+        receive: Receive,
+        route: Route,
+        user_id: str,
+        rewriter: UserFieldRewriter,
+        content_length: int | None,
+        failure: BodyFailure,
+    ) -> tuple[AsyncIterator[bytes], int | None]:
+        """A multipart body to forward, and its length when known.
 
-        shown = reported_limit(admission, plan, periods)
-        rate_headers = shown.headers() if shown is not None else []
-        if not admission.admitted:
-            assert admission.refused_by is not None
-            limit = getattr(plan, admission.refused_by)
-            reset = shown.reset.astimezone(gw.tz) if shown and shown.reset else None
-            retry = shown.retry_after(now) if shown else _STREAM_RETRY_AFTER
-            raise QuotaExceeded(
-                refusal_message(admission.refused_by, limit, reset),
-                code=LIMIT_CODES[admission.refused_by],
-                headers=[(b"retry-after", str(retry).encode()), *rate_headers],
-            )
-        ticket = _Ticket(user_id, periods.day, reserved=True, lease_id=lease.id if lease else None)
-        return ticket, rate_headers
-
-    async def _refund(self, ticket: _Ticket | None, request_id: str) -> None:
-        """Return a reserved query (and its stream slot): no answer was produced."""
-        if ticket is None or not ticket.reserved:
-            return
-        ticket.reserved = False
+        Uploads are held to the plan's ``file_size_mb``: decided from
+        Content-Length when that settles it; otherwise the body is spooled (to a
+        temporary file past 1 MB) and counted as it arrives, so no byte of a body
+        that turns out too large is forwarded.
+        """
+        limit = None
+        if route.kind == "upload":
+            mb = (await self.admitter.plan_of(user_id)).file_size_mb
+            limit = None if mb is None else int(mb * 1024 * 1024)
+        if (
+            limit is not None
+            and content_length is not None
+            and content_length > limit + _MULTIPART_SLACK
+        ):
+            raise file_too_large(limit)
+        if limit is None or (content_length is not None and content_length <= limit):
+            length = None if content_length is None else content_length + rewriter.added_bytes
+            return rewritten_multipart(receive, rewriter, failure, limit=limit), length
         try:
-            await self.gw.storage.refund(ticket.user_id, day=ticket.day, lease_id=ticket.lease_id)
-        except StorageError as exc:
-            self.gw.metrics.inc("gateway_storage_errors_total", operation="refund")
-            log.error(
-                "request %s: could not return the reserved query: %s", request_id, exc.message
-            )
+            spool, size = await spool_multipart(receive, rewriter, limit=limit)
+        except MultipartError as exc:
+            raise BadRequest(f"Malformed multipart body: {exc}") from exc
+        return read_spool(spool), size
 
     async def _respond(
         self,
@@ -504,7 +397,9 @@ class Proxy:
         route: Route,
         user_id: str,
         json_body: dict[str, Any],
-        ticket: _Ticket | None,
+        ticket: Ticket | None,
+        upload: UserFieldRewriter | None,
+        query: bytes,
         rate_headers: list[tuple[bytes, bytes]],
         started: float,
         forwarded_at: float,
@@ -520,13 +415,23 @@ class Proxy:
         blocking = metered and not sse and b"json" in content_type
         if not (sse or blocking):
             # Non-2xx (or nothing we can read usage from): no answer was produced.
-            await self._refund(ticket, request_id)
+            await self.admitter.refund(ticket, request_id)
         gw.metrics.inc("gateway_requests_total", route=route.kind, status=f"{status // 100}xx")
 
-        await send({"type": "http.response.start", "status": status, "headers": headers})
         if not (sse or blocking):
+            ok = 200 <= status < 300
+            if ok and route.kind in ("conversations", "messages") and b"json" in content_type:
+                days = (await self.admitter.plan_of(user_id)).chat_history_days
+                if days is not None:
+                    await self._history(send, response, status, headers, route, query, days)
+                    return
+            await send({"type": "http.response.start", "status": status, "headers": headers})
             await self._pass_through(send, response, request_id)
+            if ok and upload is not None and route.kind == "upload":
+                await self._count_upload(user_id, upload.file_bytes, request_id)
             return
+
+        await send({"type": "http.response.start", "status": status, "headers": headers})
 
         meter: StreamMeter | None = gw.upstream.stream_meter(route, json_body) if sse else None
         decoder = SSEDecoder() if sse else None
@@ -550,7 +455,7 @@ class Proxy:
                     if decoder is not None and meter is not None:
                         for event in decoder.feed(chunk):
                             meter.feed(event)
-                    elif len(buffer) < _MAX_BLOCKING_BODY:
+                    elif len(buffer) < _MAX_BUFFERED_BODY:
                         buffer += chunk
         except (httpx.HTTPError, TimeoutError) as exc:
             cut = True
@@ -596,6 +501,56 @@ class Proxy:
             overhead_ms=(forwarded_at - started) * 1000,
         )
 
+    async def _history(
+        self,
+        send: Send,
+        response: httpx.Response,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        route: Route,
+        query: bytes,
+        days: int,
+    ) -> None:
+        """A conversation or message page limited to the plan's history window."""
+        raw = bytearray()
+        async for chunk in response.aiter_bytes():
+            raw += chunk
+            if len(raw) > _MAX_BUFFERED_BODY:
+                raise UpstreamError("The upstream history page is too large to filter.")
+        try:
+            page = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            page = None
+        body = bytes(raw)
+        if isinstance(page, dict):
+            cutoff = self.gw.clock.now().timestamp() - days * 86400
+            if route.kind == "conversations":
+                params = parse_qs(query.decode("latin-1"))
+                sort_by = params.get("sort_by", ["-updated_at"])[0]
+                filtered = filter_conversations(page, cutoff, sort_by=sort_by)
+            else:
+                filtered = filter_messages(page, cutoff)
+            if filtered is not page:
+                body = orjson.dumps(filtered)
+        # aiter_bytes decoded any Content-Encoding: describe the new body instead.
+        headers = [(k, v) for k, v in headers if k not in (b"content-length", b"content-encoding")]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _count_upload(self, user_id: str, size: int, request_id: str) -> None:
+        periods_day = self.gw.today()
+        try:
+            await self.gw.storage.record_upload(user_id, day=periods_day, size=size)
+        except StorageError as exc:
+            self.gw.metrics.inc("gateway_storage_errors_total", operation="upload")
+            log.error(
+                "request %s: could not count an upload of %d bytes: %s",
+                request_id,
+                size,
+                exc.message,
+            )
+
     async def _pass_through(self, send: Send, response: httpx.Response, request_id: str) -> None:
         try:
             async for chunk in response.aiter_raw():
@@ -638,7 +593,7 @@ class Proxy:
         *,
         request_id: str,
         route: Route,
-        ticket: _Ticket,
+        ticket: Ticket,
         disconnected: bool,
         upstream_ms: float,
         overhead_ms: float,
@@ -651,7 +606,7 @@ class Proxy:
                 result.outcome,
                 f", {result.error_code}" if result.error_code else "",
             )
-            await self._refund(ticket, request_id)
+            await self.admitter.refund(ticket, request_id)
             return
         if usage.estimated:
             log.warning(
@@ -674,6 +629,7 @@ class Proxy:
                 currency=usage.currency,
                 outcome="disconnected" if disconnected else result.outcome,
                 estimated=usage.estimated,
+                web_searches=int(used_web_search(result.metadata, self.gw.config.web_search)),
                 conversation_id=result.conversation_id,
                 request_id=request_id,
                 upstream_latency_ms=round(upstream_ms, 3),

@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -100,6 +100,10 @@ class Gateway:
     def tz(self) -> ZoneInfo:
         return self._tz
 
+    def today(self) -> date:
+        """The local calendar day now, in the configured time zone."""
+        return self.clock.now().astimezone(self._tz).date()
+
     async def start(self) -> None:
         if not self.config.upstream.api_key:
             log.warning(
@@ -178,12 +182,16 @@ class Gateway:
         return True
 
     def _apply(self, config: Config) -> None:
-        """Make ``config`` the one in force; caches derived from it start afresh."""
-        self.config = config
-        self._tz = config.tz
+        """Make ``config`` the one in force; caches derived from it start afresh.
+
+        Everything is built before anything is swapped in, so a failure leaves the
+        running configuration whole.
+        """
+        auth = Authenticator(self.storage, config.auth, plans=config.plans)
+        users = UserDirectory(self.storage, ttl=config.auth.key_cache_ttl)
+        tz = config.tz
+        self.config, self._tz, self.auth, self.users = config, tz, auth, users
         self.user_header = config.auth.trusted_header.user_header.lower().encode()
-        self.auth = Authenticator(self.storage, config.auth, plans=config.plans)
-        self.users = UserDirectory(self.storage, ttl=config.auth.key_cache_ttl)
 
     async def _watch(self, path: str, interval: float) -> None:
         def stamp() -> tuple[int, int] | None:

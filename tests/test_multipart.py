@@ -576,3 +576,18 @@ def test_any_input_any_chunking_same_outcome(
         assert len(whole) == len(body) + added
         # Whatever is let through, the standard library reads our user, and only it.
         assert [v for n, v in fields(parse(whole, boundary)) if n == "user"] == [b"alice"]
+
+
+def test_file_bytes_count_only_parts_with_a_filename() -> None:
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.txt"\r\n\r\n0123456789\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="user"\r\n\r\nmallory\r\n'
+        b"--b--\r\n"
+    )
+    rewriter = UserFieldRewriter(b"b", "alice")
+    for i in range(0, len(body), 3):
+        rewriter.feed(body[i : i + 3])
+    rewriter.close()
+    assert rewriter.file_bytes == 10
+    assert rewriter.content_bytes == 5 + 10 + 7

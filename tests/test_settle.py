@@ -36,11 +36,11 @@ class Flaky:
         self.storage = storage
         self.failures = failures
 
-    async def settle(self, event: UsageEvent) -> bool:
+    async def settle(self, event: UsageEvent, *, lease_id: str | None = None) -> bool:
         if self.failures > 0:
             self.failures -= 1
             raise StorageError("database unreachable")
-        return await self.storage.settle(event)
+        return await self.storage.settle(event, lease_id=lease_id)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.storage, name)

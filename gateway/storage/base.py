@@ -211,12 +211,22 @@ class Storage(Protocol):
         limits: AdmissionLimits,
         now: datetime,
         lease: Lease | None = None,
+        advanced_rag: bool = False,
     ) -> Admission:
         """Reserve one query for (user, day) only while every limit allows it,
         atomically, in one round trip; return the counters either way. When
         admitted and ``lease`` is given, the lease is taken in the same step
         (open streams are counted only when ``limits.max_concurrent_streams`` is
-        set; leases expired at ``now`` do not count)."""
+        set; leases expired at ``now`` do not count); ``advanced_rag`` counts the
+        query as an advanced-RAG one too."""
+        ...
+
+    async def web_searches_today(self, user_id: str, *, day: date) -> int:
+        """The user's web-search count for the day (a plain read)."""
+        ...
+
+    async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
+        """Count one upload of ``size`` bytes on the user's day."""
         ...
 
     async def refund(self, user_id: str, *, day: date, lease_id: str | None = None) -> None:

@@ -62,7 +62,7 @@ _SORTS: dict[str, str] = {
 }
 _KEY_COLUMNS = "id, user_id, name, prefix, created_at, revoked_at"
 
-_ADMIT = "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_ADMIT = "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 _SETTLE = "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
 
 
@@ -317,6 +317,7 @@ class PostgresStorage:
         limits: AdmissionLimits,
         now: datetime,
         lease: Lease | None = None,
+        advanced_rag: bool = False,
     ) -> Admission:
         with _mapped():
             row = await self._pool.fetchrow(
@@ -331,6 +332,7 @@ class PostgresStorage:
                 lease.id if lease else None,
                 lease.expires_at if lease else None,
                 now,
+                advanced_rag,
             )
         assert row is not None
         counters = Counters(
@@ -342,6 +344,24 @@ class PostgresStorage:
         )
         refused = row["refused_by"]
         return Admission(admitted=refused is None, refused_by=refused, counters=counters)
+
+    async def web_searches_today(self, user_id: str, *, day: date) -> int:
+        with _mapped():
+            count = await self._pool.fetchval(
+                "SELECT web_searches FROM usage_daily WHERE user_id = $1 AND day = $2", user_id, day
+            )
+        return int(count or 0)
+
+    async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
+        with _mapped():
+            await self._pool.execute(
+                "INSERT INTO usage_daily AS d (user_id, day, uploads, upload_bytes) "
+                "VALUES ($1, $2, 1, $3) ON CONFLICT (user_id, day) DO UPDATE SET "
+                "uploads = d.uploads + 1, upload_bytes = d.upload_bytes + excluded.upload_bytes",
+                user_id,
+                day,
+                size,
+            )
 
     async def refund(self, user_id: str, *, day: date, lease_id: str | None = None) -> None:
         with _mapped():

@@ -430,6 +430,7 @@ class SQLiteStorage:
         limits: AdmissionLimits,
         now: datetime,
         lease: Lease | None = None,
+        advanced_rag: bool = False,
     ) -> Admission:
         today = day.isoformat()
 
@@ -466,9 +467,10 @@ class SQLiteStorage:
             if refused is not None:
                 return Admission(admitted=False, refused_by=refused, counters=counters)
             conn.execute(
-                "INSERT INTO usage_daily (user_id, day, queries) VALUES (?, ?, 1) "
-                "ON CONFLICT (user_id, day) DO UPDATE SET queries = queries + 1",
-                (user_id, today),
+                "INSERT INTO usage_daily (user_id, day, queries, advanced_rag) VALUES (?, ?, 1, ?) "
+                "ON CONFLICT (user_id, day) DO UPDATE SET queries = queries + 1, "
+                "advanced_rag = advanced_rag + excluded.advanced_rag",
+                (user_id, today, int(advanced_rag)),
             )
             if lease is not None:
                 conn.execute(
@@ -485,6 +487,26 @@ class SQLiteStorage:
             )
 
         return await self._tx(run)
+
+    async def web_searches_today(self, user_id: str, *, day: date) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT web_searches FROM usage_daily WHERE user_id = ? AND day = ?",
+                (user_id, day.isoformat()),
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._run(run)
+
+    async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
+        await self._tx(
+            lambda conn: conn.execute(
+                "INSERT INTO usage_daily (user_id, day, uploads, upload_bytes) VALUES (?, ?, 1, ?) "
+                "ON CONFLICT (user_id, day) DO UPDATE SET uploads = uploads + 1, "
+                "upload_bytes = upload_bytes + excluded.upload_bytes",
+                (user_id, day.isoformat(), size),
+            )
+        )
 
     async def refund(self, user_id: str, *, day: date, lease_id: str | None = None) -> None:
         def run(conn: sqlite3.Connection) -> None:

@@ -493,3 +493,29 @@ async def test_admissions_and_settles_interleave_without_deadlock(
     assert all(results)
     user = await storage.get_user("alice")
     assert user is not None and user.lifetime_tokens == 40
+
+
+async def test_advanced_rag_web_searches_and_uploads_are_counted(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    limits = AdmissionLimits()
+    await storage.admit(
+        "alice", day=DAY, month_start=MONTH, now=NOW, limits=limits, advanced_rag=True
+    )
+    await storage.admit("alice", day=DAY, month_start=MONTH, now=NOW, limits=limits)
+    assert await storage.web_searches_today("alice", day=DAY) == 0
+    await storage.settle(event("w1", web_searches=1))
+    await storage.settle(event("w2", web_searches=1))
+    assert await storage.web_searches_today("alice", day=DAY) == 2
+    assert await storage.web_searches_today("alice", day=DAY + timedelta(days=1)) == 0
+    await storage.record_upload("alice", day=DAY, size=1000)
+    await storage.record_upload("alice", day=DAY, size=24)
+    (row,) = await storage.daily(DAY, DAY)
+    assert (row.queries, row.advanced_rag, row.web_searches, row.uploads, row.upload_bytes) == (
+        2,
+        1,
+        2,
+        2,
+        1024,
+    )
+    admission = await storage.admit("alice", day=DAY, month_start=MONTH, now=NOW, limits=limits)
+    assert admission.counters.web_searches_today == 2

@@ -1,0 +1,1 @@
+"""The gateway's benchmark harness: ``python -m bench [--smoke]`` (docs/performance.md)."""

@@ -1,0 +1,775 @@
+"""python -m bench [--smoke] [--out FILE]: what the gateway costs, measured side by side.
+
+Paths, all in one run, against one fake upstream (bench/upstream.py):
+
+- ``direct``: the load generator to the upstream itself;
+- ``naive`` and ``fast``: bare pass-through proxies (bench/proxies.py);
+- ``gateway-sqlite`` and ``gateway-postgres``: ``python -m gateway serve``, one
+  worker, full accounting (a plan whose limits are all set, too high to refuse).
+
+Phases: saturation throughput (wrk, paths interleaved, CPU read from /proc),
+latency at a fixed rate (open loop, bench/loadgen.py), an optional py-spy
+profile of the gateway under wrk, database work per answer (pg_stat_database
+and a counting wire relay, bench/pgwire.py), and memory with many open streams
+(fresh processes). See docs/performance.md.
+
+The exit status is non-zero only when the harness itself fails (a server does
+not start, a path does not stream a complete answer); a missed target is
+reported, not an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import resource
+import secrets
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench import loadgen, report
+from bench import profile as profiling
+from bench.pgwire import WireCounter
+from bench.procs import Server, Servers, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+LUA = Path(__file__).resolve().parent / "post.lua"
+BODY = (
+    b'{"query":"What can you tell me about the weather in Hanoi today?","inputs":{},'
+    b'"response_mode":"streaming","conversation_id":"","user":"bench-client","files":[]}'
+)
+UPSTREAM_KEY = "app-bench-upstream-key"
+PATHS = ("direct", "naive", "fast", "gateway-sqlite", "gateway-postgres")
+GATEWAYS = ("gateway-sqlite", "gateway-postgres")
+# Limits high enough never to refuse, but all set, so that every check runs.
+PLAN = {
+    "queries_per_day": 1_000_000_000,
+    "tokens_per_day": 1_000_000_000_000,
+    "tokens_per_month": 10_000_000_000_000,
+    "max_concurrent_streams": 1_000_000,
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    smoke: bool
+    out: Path
+    connections: tuple[int, ...]
+    duration: int  # wrk seconds per round and cell
+    rounds: int
+    warmup: int
+    events: int
+    upstream_procs: int
+    rate: float
+    latency_seconds: float
+    latency_rounds: int
+    latency_delay_ms: float
+    streams: int
+    stream_delay_ms: float
+    db_answers: int
+    profile_seconds: int
+    postgres: str
+    paths: tuple[str, ...]
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="Measure the gateway against bare proxies."
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny durations (CI), ~40 s")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results file")
+    parser.add_argument("--connections", default="20,64", help="wrk connection levels")
+    parser.add_argument("--duration", type=int, default=None, help="wrk seconds per round")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved wrk rounds")
+    parser.add_argument("--events", type=int, default=20, help="message events per answer")
+    parser.add_argument("--upstream-procs", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--rate", type=float, default=100.0, help="latency phase answers/s")
+    parser.add_argument("--streams", type=int, default=None, help="open streams (memory)")
+    parser.add_argument("--profile", type=int, default=None, help="py-spy seconds (0: off)")
+    parser.add_argument(
+        "--postgres",
+        default=os.environ.get("BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        help="PostgreSQL server (a fresh database is created and dropped on it)",
+    )
+    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset")
+    args = parser.parse_args(argv)
+    smoke: bool = args.smoke
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    paths = tuple(p for p in args.paths.split(",") if p)
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        parser.error(f"unknown paths: {', '.join(sorted(unknown))} (known: {', '.join(PATHS)})")
+    return Settings(
+        smoke=smoke,
+        out=args.out or REPO / "bench" / "results" / f"{'smoke' if smoke else 'run'}-{stamp}.json",
+        connections=tuple(int(c) for c in args.connections.split(",")),
+        duration=args.duration or (1 if smoke else 7),
+        rounds=args.rounds or (1 if smoke else 2),
+        warmup=0 if smoke else 2,
+        events=args.events,
+        upstream_procs=args.upstream_procs,
+        rate=args.rate,
+        latency_seconds=1.0 if smoke else 6.0,
+        latency_rounds=1 if smoke else 3,
+        latency_delay_ms=20.0,
+        streams=args.streams or (200 if smoke else 2000),
+        stream_delay_ms=30_000.0,
+        db_answers=100 if smoke else 1000,
+        profile_seconds=args.profile if args.profile is not None else (0 if smoke else 10),
+        postgres=args.postgres,
+        paths=paths,
+    )
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    os_name = platform.platform()
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                os_name = f"{line.split('=', 1)[1].strip(chr(34))}, Linux {platform.release()}"
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+    ).stdout.strip()
+    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "os": os_name,
+        "commit": commit,
+        "wrk": (wrk.stdout or wrk.stderr).splitlines()[0] if (wrk.stdout or wrk.stderr) else "",
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def _raise_open_files(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        new = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+def _child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    # GATEWAY_* variables in the caller's environment would override the generated
+    # configuration (docs/configuration.md, "Environment overrides").
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["BENCH_DIFY_KEY"] = UPSTREAM_KEY
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    failed: int
+    errors: dict[str, int]
+    cpu_seconds: float
+
+
+@dataclass
+class _Cell:
+    """One path at one connection level, summed over the rounds."""
+
+    answers: int = 0
+    failed: int = 0
+    seconds: float = 0.0  # as wrk measured its runs
+    wall: float = 0.0  # as the harness did, around the CPU readings
+    proxy_cpu: float = 0.0
+    upstream_cpu: float = 0.0
+    wrk_cpu: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "answers": self.answers,
+            "failed": self.failed,
+            "seconds": round(self.seconds, 3),
+            "answers_per_s": self.answers / self.seconds if self.seconds else 0.0,
+            "cpu_seconds": {
+                "proxy": round(self.proxy_cpu, 2),
+                "upstream": round(self.upstream_cpu, 2),
+                "wrk": round(self.wrk_cpu, 2),
+            },
+            "cpu_cores": {
+                "proxy": self.proxy_cpu / self.wall,
+                "upstream": self.upstream_cpu / self.wall,
+                "wrk": self.wrk_cpu / self.wall,
+            },
+            "cpu_per_1000": 1000 * self.proxy_cpu / self.answers if self.answers else None,
+        }
+
+
+class Bench:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+        self.servers = Servers()
+        self.results: dict[str, Any] = {
+            "machine": machine(),
+            "settings": {
+                k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()
+            },
+            "notes": [],
+        }
+        self.upstream: list[Server] = []
+        self.upstream_port = free_port()
+        self.paths: dict[str, Server] = {}
+        self.keys: dict[str, str] = {}
+        self.pg_db: str | None = None
+        self.pg_url: str | None = None
+        self.sqlite_url = f"sqlite:///{self.tmp / 'gateway.db'}"
+
+    # --- servers -----------------------------------------------------------------------
+
+    async def start_upstream(self) -> None:
+        ready = []
+        for i in range(self.s.upstream_procs):
+            ready_file = self.tmp / f"upstream-{i}.ready"
+            ready.append(ready_file)
+            argv = [
+                sys.executable,
+                "-m",
+                "bench.upstream",
+                "--port",
+                str(self.upstream_port),
+                "--events",
+                str(self.s.events),
+                "--ready-file",
+                str(ready_file),
+            ]
+            server = Server(
+                f"upstream-{i}", argv, self.upstream_port, self.tmp / f"upstream-{i}.log", cwd=REPO
+            )
+            self.upstream.append(self.servers.add(server))
+        deadline = time.monotonic() + 20
+        while not all(f.exists() for f in ready):
+            for server in self.upstream:
+                assert server.proc is not None
+                if server.proc.poll() is not None:
+                    raise RuntimeError(f"{server.name} exited:\n{server.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the fake upstream did not start")
+            await asyncio.sleep(0.05)
+
+    def upstream_cpu(self) -> float:
+        return sum(server.cpu_seconds() for server in self.upstream)
+
+    def _gateway_config(self, name: str, database_url: str) -> Path:
+        plan = "\n".join(f"{k} = {v}" for k, v in PLAN.items())
+        path = self.tmp / f"{name}.toml"
+        path.write_text(
+            f"""# Generated by bench/run.py.
+[server]
+host = "127.0.0.1"
+workers = 1
+log_level = "warning"
+reload_interval = 0
+
+[upstream]
+url = "http://127.0.0.1:{self.upstream_port}/v1"
+api_key_env = "BENCH_DIFY_KEY"
+max_connections = {max(4096, self.s.streams * 2)}
+
+[database]
+url = "{database_url}"
+spool_file = ""
+
+[accounting]
+timezone = "UTC"
+default_plan = "bench"
+
+[plans.bench]
+{plan}
+"""
+        )
+        return path
+
+    def _start(self, path: str, name: str, *, database_url: str | None = None) -> Server:
+        port = free_port()
+        log = self.tmp / f"{name}.log"
+        if path in ("naive", "fast"):
+            argv = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                f"bench.proxies:create_{path}",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--log-level",
+                "warning",
+            ]
+            env = _child_env(
+                {
+                    "BENCH_UPSTREAM": f"http://127.0.0.1:{self.upstream_port}",
+                    "BENCH_MAX_CONNECTIONS": str(max(4096, self.s.streams * 2)),
+                }
+            )
+        else:
+            url = database_url or (self.sqlite_url if path == "gateway-sqlite" else self.pg_url)
+            assert url is not None
+            config = self._gateway_config(name, url)
+            argv = [sys.executable, "-m", "gateway", "--config", str(config), "serve"]
+            argv += ["--port", str(port)]
+            env = _child_env()
+        return self.servers.add(Server(name, argv, port, log, env=env, cwd=REPO))
+
+    def url(self, path: str) -> str:
+        port = self.upstream_port if path == "direct" else self.paths[path].port
+        return f"http://127.0.0.1:{port}/v1/chat-messages"
+
+    def key(self, path: str) -> str:
+        # Every path gets an Authorization header of the same size; only the
+        # gateways read it.
+        return self.keys.get(path) or next(iter(self.keys.values()), "none")
+
+    def headers(self, path: str, delay_ms: float = 0.0) -> dict[str, str]:
+        return {
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {self.key(path)}",
+            "x-bench-delay-ms": f"{delay_ms:g}",
+        }
+
+    # --- databases and users -----------------------------------------------------------
+
+    async def setup_databases(self) -> None:
+        if "gateway-postgres" in self.s.paths:
+            try:
+                conn = await asyncpg.connect(self.s.postgres, timeout=5)
+            except (OSError, asyncpg.PostgresError) as exc:
+                self.results["notes"].append(
+                    f"PostgreSQL at {self.s.postgres} unreachable ({exc}); gateway-postgres skipped"
+                )
+                self.s = Settings(
+                    **{
+                        **asdict(self.s),
+                        "paths": tuple(p for p in self.s.paths if p != "gateway-postgres"),
+                    }
+                )
+            else:
+                try:
+                    self.pg_db = f"gateway_bench_{os.getpid()}_{secrets.token_hex(3)}"
+                    await conn.execute(f'CREATE DATABASE "{self.pg_db}"')
+                finally:
+                    await conn.close()
+                base = self.s.postgres.rsplit("/", 1)[0]
+                self.pg_url = f"{base}/{self.pg_db}"
+        jobs = []
+        for path in GATEWAYS:
+            if path in self.s.paths:
+                url = self.sqlite_url if path == "gateway-sqlite" else self.pg_url
+                assert url is not None
+                jobs.append(self._create_user(path, self._gateway_config(f"{path}-cli", url)))
+        await asyncio.gather(*jobs)
+
+    async def _create_user(self, path: str, config: Path) -> None:
+        def cli(*args: str) -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "gateway", "--config", str(config), *args],
+                cwd=REPO,
+                env=_child_env(),
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=60,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"gateway {' '.join(args)} failed: {done.stderr.strip()}")
+            return done.stdout
+
+        await asyncio.to_thread(cli, "users", "add", "bench")
+        self.keys[path] = (await asyncio.to_thread(cli, "keys", "create", "bench")).split()[-1]
+
+    async def drop_database(self) -> None:
+        if self.pg_db is None:
+            return
+        conn = await asyncpg.connect(self.s.postgres, timeout=5)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{self.pg_db}" WITH (FORCE)')
+        finally:
+            await conn.close()
+        self.pg_db = None
+
+    async def pg_counters(self) -> tuple[int, int]:
+        """(xact_commit, xact_rollback) of the gateway's database, once no backend is
+        connected to it: a backend's statistics are flushed when it exits, so the
+        figures are then complete."""
+        conn = await asyncpg.connect(self.s.postgres, timeout=5)
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                row = await conn.fetchrow(
+                    "SELECT numbackends, xact_commit, xact_rollback FROM pg_stat_database "
+                    "WHERE datname = $1",
+                    self.pg_db,
+                )
+                assert row is not None
+                if row["numbackends"] == 0 or time.monotonic() > deadline:
+                    return int(row["xact_commit"]), int(row["xact_rollback"])
+                await asyncio.sleep(0.1)
+        finally:
+            await conn.close()
+
+    # --- phases --------------------------------------------------------------------------
+
+    async def start_paths(self) -> None:
+        for path in self.s.paths:
+            if path != "direct":
+                self.paths[path] = self._start(path, path)
+        await asyncio.gather(*(server.wait_listening() for server in self.paths.values()))
+
+    async def verify(self) -> None:
+        """Every path must stream a complete answer before anything is measured."""
+        for path in self.s.paths:
+            status, headers, body = await loadgen.fetch(self.url(path), self.headers(path), BODY)
+            messages = body.count(b'"event":"message",')
+            if status != 200 or messages != self.s.events or b'"event":"message_end"' not in body:
+                raise RuntimeError(
+                    f"{path}: expected a complete answer, got HTTP {status}, {messages} "
+                    f"message events: {body[:300]!r}"
+                )
+            if path in GATEWAYS and "x-request-id" not in {k.lower() for k in headers}:
+                raise RuntimeError(f"{path}: no X-Request-Id: is this the gateway?")
+
+    def _wrk(self, path: str, connections: int, seconds: int) -> WrkResult:
+        argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s"]
+        argv += ["-s", str(LUA), self.url(path).removesuffix("/v1/chat-messages")]
+        env = {**os.environ, "BENCH_AUTH": self.key(path), "BENCH_BODY": BODY.decode()}
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        assert proc.stdout is not None
+        output = proc.stdout.read().decode(errors="replace")
+        # wait4 rather than wait: the load generator's own CPU time.
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        line = next((ln for ln in output.splitlines() if ln.startswith("BENCH_JSON ")), None)
+        if proc.returncode != 0 or line is None:
+            raise RuntimeError(f"wrk failed ({proc.returncode}):\n{output}")
+        data = json.loads(line.removeprefix("BENCH_JSON "))
+        errors: dict[str, int] = data["errors"]
+        return WrkResult(
+            requests=data["requests"],
+            seconds=data["duration_us"] / 1e6,
+            failed=errors["status"],
+            errors=errors,
+            cpu_seconds=usage.ru_utime + usage.ru_stime,
+        )
+
+    async def throughput(self) -> None:
+        paths = self.s.paths
+        if self.s.warmup:
+            for path in paths:
+                await asyncio.to_thread(self._wrk, path, max(self.s.connections), self.s.warmup)
+        totals = {p: {str(c): _Cell() for c in self.s.connections} for p in paths}
+        for _ in range(self.s.rounds):
+            for connections in self.s.connections:
+                for path in paths:
+                    server = self.paths.get(path)
+                    proxy0 = server.cpu_seconds() if server else 0.0
+                    up0 = self.upstream_cpu()
+                    t0 = time.perf_counter()
+                    result = await asyncio.to_thread(self._wrk, path, connections, self.s.duration)
+                    cell = totals[path][str(connections)]
+                    cell.wall += time.perf_counter() - t0
+                    cell.answers += result.requests - result.failed
+                    cell.failed += sum(result.errors.values())
+                    cell.seconds += result.seconds
+                    cell.proxy_cpu += (server.cpu_seconds() - proxy0) if server else 0.0
+                    cell.upstream_cpu += self.upstream_cpu() - up0
+                    cell.wrk_cpu += result.cpu_seconds
+                    # Let the gateways settle the answers wrk cut off at the end.
+                    await asyncio.sleep(0.5)
+        self.results["throughput"] = {
+            path: {level: cell.as_json() for level, cell in by_level.items()}
+            for path, by_level in totals.items()
+        }
+
+    async def latency(self) -> None:
+        samples: dict[str, list[loadgen.Sample]] = {p: [] for p in self.s.paths}
+        for _ in range(self.s.latency_rounds):
+            for path in self.s.paths:
+                samples[path] += await loadgen.open_loop(
+                    self.url(path),
+                    self.headers(path, self.s.latency_delay_ms),
+                    BODY,
+                    rate=self.s.rate,
+                    duration=self.s.latency_seconds,
+                    warmup=0.3 if self.s.smoke else 0.5,
+                )
+                await asyncio.sleep(0.2)
+        out: dict[str, Any] = {}
+        for path, got in samples.items():
+            ok = [s for s in got if s.ok]
+            out[path] = {
+                "samples": len(ok),
+                "failed": len(got) - len(ok),
+                "failures": sorted({s.error for s in got if not s.ok})[:5],
+                "ttfb_ms": {
+                    q: 1000 * loadgen.percentile([s.ttfb for s in ok], float(q[1:]))
+                    for q in ("p50", "p90", "p99")
+                },
+                "ttlb_ms": {
+                    q: 1000 * loadgen.percentile([s.ttlb for s in ok], float(q[1:]))
+                    for q in ("p50", "p90", "p99")
+                },
+            }
+        self.results["latency"] = out
+
+    async def profile(self) -> None:
+        """py-spy on the gateway while wrk saturates it (not during measured runs:
+        sampling slows the target a little)."""
+        server = self.paths.get("gateway-postgres") or self.paths.get("gateway-sqlite")
+        if server is None:
+            return
+        seconds = self.s.profile_seconds
+        raw = self.s.out.with_suffix(".pyspy.txt")
+        load = asyncio.create_task(
+            asyncio.to_thread(self._wrk, server.name, max(self.s.connections), seconds + 2)
+        )
+        await asyncio.sleep(1)
+        summary = await asyncio.to_thread(profiling.record, server.pid, seconds, raw)
+        await load
+        if isinstance(summary, str):
+            self.results["notes"].append(f"profile skipped: {summary}")
+            return
+        self.results["profile"] = {"path": server.name, "raw": str(raw), **summary.as_json()}
+
+    async def _gateway_lifetime(
+        self, database_url: str, counter: WireCounter, *, warm: int, measured: int
+    ) -> Counter[str]:
+        """Start a gateway, send ``warm`` then ``measured`` answers one at a time, stop it
+        gracefully; return the round trips counted while the measured ones ran."""
+        server = self._start("gateway-postgres", "gateway-postgres-db", database_url=database_url)
+        try:
+            await server.wait_listening()
+            url = f"http://127.0.0.1:{server.port}/v1/chat-messages"
+            headers = self.headers("gateway-postgres")
+
+            async def send(count: int, settled: int) -> None:
+                got = await loadgen.answers(url, headers, BODY, count=count)
+                bad = [s.error for s in got if not s.ok]
+                if bad:
+                    raise RuntimeError(f"database phase: {len(bad)} answers failed: {bad[:3]}")
+                # The answer is settled after its stream ends: wait for the writes.
+                deadline = time.monotonic() + 10
+                while counter.round_trips["gateway_settle"] < settled:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("database phase: answers were not settled")
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.2)
+
+            base = counter.round_trips["gateway_settle"]
+            await send(warm, base + warm)
+            before = counter.snapshot()
+            if measured:
+                await send(measured, base + warm + measured)
+            return counter.snapshot() - before
+        finally:
+            await self.servers.stop(server, grace=15.0)
+
+    async def database(self) -> None:
+        """Database work per answer, two ways.
+
+        xact_commit: every statement asyncpg sends outside a transaction block is
+        its own transaction, so the commits are the statements, that is the round
+        trips. The statistics of a backend are complete once it has exited, so the
+        count is taken across whole gateway lifetimes: one that served W answers
+        and one that served W + N; the difference is N answers' worth.
+
+        On the wire: the gateway connects through a relay that counts each
+        ReadyForQuery, labelled with the statement it ended (bench/pgwire.py).
+        """
+        assert self.pg_url is not None
+        counter = WireCounter(*_host_port(self.pg_url))
+        port = await counter.start()
+        try:
+            relayed = _with_port(self.pg_url, port)
+            n, warm = self.s.db_answers, 20
+            x0 = sum(await self.pg_counters())
+            await self._gateway_lifetime(relayed, counter, warm=warm, measured=0)
+            x1 = sum(await self.pg_counters())
+            wire = await self._gateway_lifetime(relayed, counter, warm=warm, measured=n)
+            x2 = sum(await self.pg_counters())
+        finally:
+            await counter.close()
+        by_statement = {name: count / n for name, count in sorted(wire.items())}
+        admission = sum(v for k, v in by_statement.items() if "gateway_admit" in k)
+        settle = sum(v for k, v in by_statement.items() if "gateway_settle" in k)
+        self.results["database"] = {
+            "answers": n,
+            "xact_commit_per_answer": ((x2 - x1) - (x1 - x0)) / n,
+            "round_trips_per_answer": sum(wire.values()) / n,
+            "by_statement": by_statement,
+            "admission_round_trips": admission,
+            "settle_writes": wire.get("gateway_settle", 0) / n,
+            "settle_round_trips": settle,
+        }
+
+    async def memory(self) -> None:
+        fresh = {p: self._start(p, f"{p}-memory") for p in self.s.paths if p != "direct"}
+        await asyncio.gather(*(server.wait_listening() for server in fresh.values()))
+        out: dict[str, Any] = {}
+        try:
+            for path, server in fresh.items():
+                url = f"http://127.0.0.1:{server.port}/v1/chat-messages"
+                await loadgen.answers(url, self.headers(path), BODY, count=50, concurrency=10)
+                await asyncio.sleep(0.5)
+                before = server.rss_bytes()
+
+                async def measure(server: Server = server) -> int:
+                    await asyncio.sleep(1.0)
+                    peak = 0
+                    for _ in range(3):
+                        peak = max(peak, server.rss_bytes())
+                        await asyncio.sleep(0.3)
+                    return peak
+
+                opened, during = await loadgen.hold_streams(
+                    url,
+                    self.headers(path, self.s.stream_delay_ms),
+                    BODY,
+                    count=self.s.streams,
+                    measure=measure,
+                )
+                out[path] = {
+                    "streams": self.s.streams,
+                    "opened": opened,
+                    "rss_before": before,
+                    "rss_during": during,
+                    "per_stream_kb": (during - before) / max(opened, 1) / 1000,
+                }
+                if opened < self.s.streams:
+                    self.results["notes"].append(
+                        f"memory: only {opened} of {self.s.streams} streams opened on {path}"
+                    )
+                await self.servers.stop(server, grace=1.0)
+        finally:
+            for server in fresh.values():
+                await self.servers.stop(server, grace=1.0)
+        self.results["memory"] = out
+
+    def recorded(self) -> dict[str, int]:
+        """Answers in each gateway's ledger: a sanity check that accounting really ran."""
+        out: dict[str, int] = {}
+        db = self.tmp / "gateway.db"
+        if "gateway-sqlite" in self.s.paths and db.exists():
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                out["gateway-sqlite"] = conn.execute(
+                    "SELECT count(*) FROM usage_events"
+                ).fetchone()[0]
+        return out
+
+    async def recorded_postgres(self) -> int | None:
+        if self.pg_url is None:
+            return None
+        conn = await asyncpg.connect(self.pg_url, timeout=5)
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM usage_events"))
+        finally:
+            await conn.close()
+
+    # --- the whole run -------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        try:
+            await self.start_upstream()
+            await self.setup_databases()
+            await self.start_paths()
+            await self.verify()
+            await self.throughput()
+            await self.latency()
+            if self.s.profile_seconds:
+                await self.profile()
+            for server in list(self.paths.values()):
+                await self.servers.stop(server)
+            if "gateway-postgres" in self.s.paths:
+                await self.database()
+            await self.memory()
+            ledger = self.recorded()
+            pg = await self.recorded_postgres()
+            if pg is not None:
+                ledger["gateway-postgres"] = pg
+            self.results["ledger_rows"] = ledger
+            self.results["targets"] = report.targets(self.results)
+            return self.results
+        finally:
+            await self.servers.stop_all()
+            with contextlib.suppress(OSError, asyncpg.PostgresError):
+                await self.drop_database()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    netloc = url.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
+    host, _, port = netloc.partition(":")
+    return host or "127.0.0.1", int(port or 5432)
+
+
+def _with_port(url: str, port: int) -> str:
+    scheme, rest = url.split("://", 1)
+    netloc, _, path = rest.partition("/")
+    user, at, _ = netloc.rpartition("@")
+    return f"{scheme}://{user}{at}127.0.0.1:{port}/{path}"
+
+
+async def _main(settings: Settings) -> dict[str, Any]:
+    bench = Bench(settings)
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await bench.run()
+    finally:
+        bench.servers.kill_all()
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("bench: wrk not found (apt-get install -y wrk)", file=sys.stderr)
+        return 2
+    _raise_open_files(4 * settings.streams + 1024)
+    started = time.perf_counter()
+    try:
+        results = asyncio.run(_main(settings))
+    except (RuntimeError, OSError, asyncpg.PostgresError) as exc:
+        print(f"bench: failed: {exc}", file=sys.stderr)
+        return 1
+    results["elapsed_s"] = round(time.perf_counter() - started, 1)
+    settings.out.parent.mkdir(parents=True, exist_ok=True)
+    settings.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(report.render(results))
+    print(f"\n{results['elapsed_s']} s; results in {settings.out}")
+    return 0

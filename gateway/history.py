@@ -1,0 +1,58 @@
+"""The chat-history window: conversation and message lists limited to the plan's
+``chat_history_days`` (pure logic, no I/O).
+
+Dify pages these lists (dify.md, "Endpoints"): conversations newest first by
+default (``sort_by=-updated_at``; ``has_more`` means older ones follow), messages
+oldest first within a page that pages backwards (``has_more`` means older ones
+precede). Items are only ever removed from the old end, so once something was
+cut, everything beyond it is out of the window too and ``has_more`` becomes false.
+``limit`` is echoed unchanged: it is what was asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Conversations sorted by these ascend in time: the old end is the front.
+_ASCENDING = frozenset({"created_at", "updated_at"})
+
+
+def _timestamp(item: dict[str, Any], keys: tuple[str, ...]) -> float | None:
+    stamps = [item[k] for k in keys if isinstance(item.get(k), int | float)]
+    return max(stamps) if stamps else None
+
+
+def _inside(item: object, cutoff: float, keys: tuple[str, ...]) -> bool:
+    if not isinstance(item, dict):
+        return True
+    stamp = _timestamp(item, keys)
+    # An item without a timestamp is kept: the window cannot place it.
+    return stamp is None or stamp >= cutoff
+
+
+def filter_conversations(
+    page: dict[str, Any], cutoff: float, *, sort_by: str = "-updated_at"
+) -> dict[str, Any]:
+    """Keep the conversations active (created or updated) at or after ``cutoff``."""
+    data = page.get("data")
+    if not isinstance(data, list):
+        return page
+    kept = [item for item in data if _inside(item, cutoff, ("created_at", "updated_at"))]
+    if len(kept) == len(data):
+        return page
+    has_more = bool(page.get("has_more"))
+    if sort_by.lstrip("-") in _ASCENDING and not sort_by.startswith("-"):
+        # Oldest first: the removed ones were at the front; newer pages still follow.
+        return {**page, "data": kept, "has_more": has_more}
+    return {**page, "data": kept, "has_more": False}
+
+
+def filter_messages(page: dict[str, Any], cutoff: float) -> dict[str, Any]:
+    """Keep the messages created at or after ``cutoff``."""
+    data = page.get("data")
+    if not isinstance(data, list):
+        return page
+    kept = [item for item in data if _inside(item, cutoff, ("created_at",))]
+    if len(kept) == len(data):
+        return page
+    return {**page, "data": kept, "has_more": False}

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.config import AdvancedRagConfig, WebSearchConfig
+from gateway.features import (
+    asks_for_advanced_rag,
+    asks_for_web_search,
+    matches,
+    set_path,
+    used_web_search,
+    values_at,
+)
+
+RULE = WebSearchConfig()
+
+
+@pytest.mark.parametrize(
+    ("obj", "path", "found"),
+    [
+        ({"a": {"b": 1}}, "a.b", [1]),
+        ({"a": {"b": 1}}, "a.c", []),
+        ({"a": [{"b": 1}, {"b": 2}, {"c": 3}]}, "a.b", [1, 2]),
+        ({"a": {"b": [1, 2]}}, "a.b", [1, 2]),
+        ({"a": "text"}, "a.b", []),
+        ({"a": 1}, "", []),
+        ([{"a": 1}], "a", [1]),
+    ],
+)
+def test_values_at(obj: Any, path: str, found: list[Any]) -> None:
+    assert list(values_at(obj, path)) == found
+
+
+@pytest.mark.parametrize(
+    ("metadata", "used"),
+    [
+        ({"source": "web_search"}, True),
+        ({"source": "kb_fallback_web"}, True),
+        ({"source": "knowledge_base"}, False),
+        ({"usage": {}}, False),
+        ({}, False),
+        (None, False),
+        ({"source": ["kb", "web_search"]}, True),
+    ],
+)
+def test_web_search_in_answer_metadata(metadata: dict[str, Any] | None, used: bool) -> None:
+    assert used_web_search(metadata, RULE) is used
+
+
+def test_web_search_paths_are_configurable() -> None:
+    rule = WebSearchConfig(
+        answer_paths=("retriever_resources.source", "tool"), answer_values=("tavily",)
+    )
+    assert used_web_search({"retriever_resources": [{"source": "kb"}, {"source": "tavily"}]}, rule)
+    assert used_web_search({"tool": "tavily"}, rule)
+    assert not used_web_search({"source": "web_search"}, rule)
+
+
+@pytest.mark.parametrize(
+    ("body", "asks"),
+    [
+        ({"inputs": {"search_mode": "web"}}, True),
+        ({"inputs": {"search_mode": "kb"}}, False),
+        ({"inputs": {}}, False),
+        ({"query": "x"}, False),
+        ({"inputs": "web"}, False),
+    ],
+)
+def test_request_predicates(body: dict[str, Any], asks: bool) -> None:
+    assert asks_for_web_search(body, RULE) is asks
+    assert not asks_for_web_search(body, WebSearchConfig(request_path=""))
+
+
+def test_predicates_compare_scalars_as_text() -> None:
+    assert matches({"inputs": {"deep": True}}, "inputs.deep", ["true"])
+    assert matches({"inputs": {"level": 2}}, "inputs.level", ["2"])
+    assert not matches({"inputs": {"deep": {"x": 1}}}, "inputs.deep", ["true"])
+    assert asks_for_advanced_rag({"inputs": {"rag_mode": "advanced"}}, AdvancedRagConfig())
+
+
+def test_set_path() -> None:
+    body: dict[str, Any] = {"inputs": {"q": 1}}
+    set_path(body, "inputs.allow_web_fallback", False)
+    assert body == {"inputs": {"q": 1, "allow_web_fallback": False}}
+    other: dict[str, Any] = {"inputs": "not an object"}
+    set_path(other, "inputs.x.y", "off")
+    assert other == {"inputs": {"x": {"y": "off"}}}

@@ -1,0 +1,310 @@
+"""Web-search allowance, advanced-RAG gating, upload limits, the history window."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import date
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from gateway.errors import StorageError
+from gateway.fake_upstream import FakeDify
+from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+
+CHAT = {"query": "Tin tức hôm nay?", "inputs": {}, "response_mode": "streaming", "user": "x"}
+WEB = {**CHAT, "inputs": {"search_mode": "web"}}
+WEB_ANSWER = {"x-fake-metadata": orjson.dumps({"source": "web_search"}).decode()}
+FALLBACK_ANSWER = {"x-fake-metadata": orjson.dumps({"source": "kb_fallback_web"}).decode()}
+
+
+def plans(**free: Any) -> dict[str, Any]:
+    return {"plans": {"free": free}}
+
+
+async def post(h: Harness, path: str, body: dict[str, Any], **headers: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+        return await client.post(path, json=body, headers=h.auth(**headers))
+
+
+async def today_row(h: Harness) -> Any:
+    day = h.gateway.today()
+    rows = await h.storage.daily(day, day, user_id=USER)
+    return rows[0] if rows else None
+
+
+# --- web searches ------------------------------------------------------------------------
+
+
+async def test_web_searches_are_counted_from_chat_and_workflow_answers(sqlite_url: str) -> None:
+    async with running_gateway(sqlite_url, settings=plans()) as h:
+        await post(h, "/v1/chat-messages", CHAT, **WEB_ANSWER)
+        await post(
+            h, "/v1/workflows/run", {"inputs": {}, "response_mode": "streaming"}, **FALLBACK_ANSWER
+        )
+        await post(h, "/v1/chat-messages", {**CHAT, "response_mode": "blocking"}, **WEB_ANSWER)
+        await post(h, "/v1/chat-messages", CHAT)  # an answer from the knowledge base
+        await h.gateway.wait_finished(4)
+        events = await h.events()
+        row = await today_row(h)
+    assert [e.web_searches for e in events] == [1, 1, 1, 0]
+    assert row.web_searches == 3 and row.queries == 4
+
+
+async def test_web_search_requests_are_refused_once_the_allowance_is_spent(sqlite_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(web_searches_per_day=1)) as h:
+        first = await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)
+        await h.gateway.wait_finished(1)
+        refused = await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)
+        plain = await post(h, "/v1/chat-messages", CHAT)  # not asking for the web: still fine
+        await h.gateway.wait_finished(3)
+        row = await today_row(h)
+    assert first.status_code == 200 and plain.status_code == 200
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "web_search_limit"
+    assert refused.json()["message"].startswith(
+        "You have used all 1 web searches of your plan for today."
+    )
+    assert refused.headers["x-ratelimit-resource"] == "web_searches_per_day"
+    assert refused.headers["x-ratelimit-remaining"] == "0"
+    assert int(refused.headers["retry-after"]) > 0
+    assert fake.hits("/chat-messages") == 2
+    assert row.queries == 2  # the refusal reserved nothing
+
+
+async def test_spent_allowance_can_disable_web_search_instead_of_refusing(sqlite_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = {**plans(web_searches_per_day=1), "web_search": {"when_exhausted": "disable"}}
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        await post(h, "/v1/chat-messages", WEB, **FALLBACK_ANSWER)
+        await h.gateway.wait_finished(1)
+        asked = await post(h, "/v1/chat-messages", WEB)
+        plain = await post(h, "/v1/chat-messages", CHAT)
+    assert asked.status_code == 200 and plain.status_code == 200
+    first, second, third = (r.json for r in fake.requests)
+    assert "allow_web_fallback" not in first["inputs"]  # type: ignore[index]
+    assert second["inputs"] == {"search_mode": "web", "allow_web_fallback": False}  # type: ignore[index]
+    assert third["inputs"] == {"allow_web_fallback": False}  # type: ignore[index]
+
+
+@pytest.mark.parametrize("fault", ["error", "timeout"])
+async def test_web_search_count_fails_open(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fault: str
+) -> None:
+    settings = {**plans(web_searches_per_day=1), "web_search": {"count_timeout": 0.05}}
+    async with running_gateway(sqlite_url, settings=settings) as h:
+        await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)
+        await h.gateway.wait_finished(1)
+
+        async def broken(user_id: str, *, day: date) -> int:
+            if fault == "timeout":
+                await asyncio.Event().wait()  # never answers; the count_timeout fires
+            raise StorageError("database unreachable")
+
+        # Only the web-search count fails; admission and settle still work.
+        monkeypatch.setattr(h.storage, "web_searches_today", broken)
+        allowed = await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)
+        await h.gateway.wait_finished(2)
+        failures = h.gateway.metrics.get("gateway_web_search_count_failures_total")
+        row = await today_row(h)
+    assert allowed.status_code == 200
+    assert failures == 1
+    assert row.web_searches == 2  # over the allowance: a storage hiccup never blocks wrongly
+    assert any("fail-open" in r.message for r in caplog.records if r.levelno == logging.WARNING)
+
+
+# --- advanced RAG ---------------------------------------------------------------------
+
+
+ADVANCED = {**CHAT, "inputs": {"rag_mode": "advanced"}}
+
+
+async def test_advanced_rag_refused_when_not_in_the_plan(sqlite_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(advanced_rag=False)) as h:
+        refused = await post(h, "/v1/chat-messages", ADVANCED)
+        plain = await post(h, "/v1/chat-messages", CHAT)
+        await h.gateway.wait_finished(2)
+        row = await today_row(h)
+    assert refused.status_code == 403
+    assert refused.json() == {
+        "code": "feature_not_in_plan",
+        "message": "Advanced RAG is not included in your plan.",
+        "status": 403,
+    }
+    assert plain.status_code == 200 and fake.hits("/chat-messages") == 1
+    assert (row.queries, row.advanced_rag) == (1, 0)
+
+
+async def test_advanced_rag_counted_when_allowed(sqlite_url: str) -> None:
+    async with running_gateway(sqlite_url, settings=plans(advanced_rag=True)) as h:
+        await post(h, "/v1/chat-messages", ADVANCED)
+        await post(h, "/v1/chat-messages", CHAT)
+        await h.gateway.wait_finished(2)
+        row = await today_row(h)
+    assert (row.queries, row.advanced_rag) == (2, 1)
+
+
+# --- uploads ------------------------------------------------------------------------------
+
+BOUNDARY = "gatewaytestboundary"
+
+
+def multipart(size: int, user: str = "mallory") -> bytes:
+    return (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="user"\r\n\r\n{user}\r\n'
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + b"\x00" * size
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+
+
+async def upload(h: Harness, body: bytes, *, chunked: bool) -> httpx.Response:
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 65536):
+            yield body[i : i + 65536]
+
+    headers = h.auth(**{"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+    async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+        return await client.post(
+            "/v1/files/upload", content=chunks() if chunked else body, headers=headers
+        )
+
+
+MB = 1024 * 1024
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_uploads_over_the_plan_limit_are_refused_without_forwarding(
+    sqlite_url: str, chunked: bool
+) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(file_size_mb=1)) as h:
+        over = await upload(h, multipart(MB + 1), chunked=chunked)
+        far_over = await upload(h, multipart(3 * MB), chunked=chunked)
+        row = await today_row(h)
+    for response in (over, far_over):
+        assert response.status_code == 413
+        assert response.json() == {
+            "code": "file_too_large",
+            "message": "The file is larger than your plan allows (1 MB).",
+            "status": 413,
+        }
+    assert fake.requests == []  # the upstream received nothing
+    assert row is None  # nothing counted
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_uploads_under_the_limit_are_forwarded_and_counted(
+    sqlite_url: str, chunked: bool
+) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(file_size_mb=1)) as h:
+        exact = await upload(h, multipart(MB), chunked=chunked)  # exactly at the limit
+        small = await upload(h, multipart(1000), chunked=chunked)
+        row = await today_row(h)
+    assert exact.status_code == 201 and small.status_code == 201
+    assert fake.uploaded_bytes == [MB, 1000]
+    assert [f["user"] for f in fake.upload_fields] == [USER, USER]
+    assert row.uploads == 2
+    assert row.upload_bytes == MB + 1000  # the files, not the form fields
+
+
+async def test_json_body_cap_is_configurable(sqlite_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(
+        sqlite_url, fake=fake, settings={"server": {"max_json_body_bytes": 200}}
+    ) as h:
+        refused = await post(h, "/v1/chat-messages", {**CHAT, "query": "x" * 300})
+        fine = await post(h, "/v1/chat-messages", CHAT)
+    assert refused.status_code == 413 and refused.json()["code"] == "request_too_large"
+    assert fine.status_code == 200 and fake.hits("/chat-messages") == 1
+
+
+# --- the chat-history window -----------------------------------------------------------------
+
+
+async def test_conversation_history_is_limited_to_the_window(sqlite_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    now = int(time.time())
+    day = 86400
+    fake.conversations = [
+        {
+            "id": f"c{age}",
+            "name": "",
+            "inputs": {},
+            "status": "normal",
+            "introduction": "",
+            "created_at": now - 60 * day,
+            "updated_at": now - age * day,
+        }
+        for age in (1, 29, 31, 45)
+    ]
+    fake.messages = [
+        {
+            "id": f"m{age}",
+            "conversation_id": "old",
+            "query": "q",
+            "answer": "a",
+            "created_at": now - age * day,
+        }
+        for age in (40, 35)
+    ] + [
+        {
+            "id": f"n{age}",
+            "conversation_id": "edge",
+            "query": "q",
+            "answer": "a",
+            "created_at": now - age * day,
+        }
+        for age in (31, 29, 2)
+    ]
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(chat_history_days=30)) as h:
+        async with httpx.AsyncClient(base_url=h.url) as client:
+            conversations = await client.get(
+                "/v1/conversations", params={"limit": "4"}, headers=h.auth()
+            )
+            old = await client.get(
+                "/v1/messages", params={"conversation_id": "old"}, headers=h.auth()
+            )
+            edge = await client.get(
+                "/v1/messages", params={"conversation_id": "edge", "limit": "3"}, headers=h.auth()
+            )
+    assert conversations.status_code == 200
+    page = conversations.json()
+    assert [c["id"] for c in page["data"]] == ["c1", "c29"]
+    assert (page["limit"], page["has_more"]) == (4, False)
+    assert int(conversations.headers["content-length"]) == len(conversations.content)
+    assert old.json()["data"] == [] and old.json()["has_more"] is False
+    assert [m["id"] for m in edge.json()["data"]] == ["n29", "n2"]
+    assert edge.json()["has_more"] is False
+
+
+async def test_history_is_untouched_without_a_window(sqlite_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake, settings=plans()) as h:
+        async with httpx.AsyncClient(base_url=h.url) as client:
+            response = await client.get("/v1/conversations", headers=h.auth())
+    assert len(response.json()["data"]) == len(fake.conversations)
+
+
+async def test_large_non_file_fields_do_not_get_around_the_limit(sqlite_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    smuggled = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="padding"\r\n\r\n'.encode()
+        + b"x" * (200 * 1024)
+        + b"\r\n"
+        + multipart(10)
+    )
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(file_size_mb=1)) as h:
+        response = await upload(h, smuggled, chunked=True)
+    assert response.status_code == 413 and fake.requests == []
