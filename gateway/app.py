@@ -13,8 +13,9 @@ import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
+from gateway.admin import admin_routes, usage_routes
 from gateway.clock import Clock
 from gateway.config import Config, load_config
 from gateway.errors import StorageError
@@ -41,6 +42,10 @@ async def metrics(request: Request) -> Response:
     return PlainTextResponse(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
+# The gateway's own endpoints under /v1 (Dify has none of these paths).
+_OWN_V1_PATHS = frozenset({"/v1/usage", "/v1/usage/daily"})
+
+
 class GatewayApp:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
@@ -59,13 +64,16 @@ class GatewayApp:
                 Route("/healthz", healthz),
                 Route("/readyz", readyz),
                 Route("/metrics", metrics),
+                *usage_routes,
+                Mount("/admin", routes=admin_routes),
             ],
             lifespan=lifespan,
         )
         self.site.state.gateway = gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith("/v1/") and path not in _OWN_V1_PATHS:
             await self.proxy(scope, receive, send)
         else:
             await self.site(scope, receive, send)

@@ -11,8 +11,8 @@ import asyncio
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Literal
 
 from gateway import __version__
 from gateway.clock import SystemClock, periods_at
@@ -108,6 +108,30 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--limit", type=int, default=100)
     ls.add_argument("--offset", type=int, default=0)
     ls.set_defaults(handler=_sync(_users_list))
+
+    usage = commands.add_parser("usage", help="usage reports").add_subparsers(
+        title="usage commands", metavar="ACTION"
+    )
+    export = usage.add_parser("export", help="export the ledger (or daily rows) for a date range")
+    export.add_argument(
+        "--from",
+        dest="start",
+        type=_day,
+        default=None,
+        help="first day, YYYY-MM-DD (default: 29 days ago)",
+    )
+    export.add_argument(
+        "--to", dest="end", type=_day, default=None, help="last day, inclusive (default: today)"
+    )
+    export.add_argument("--user", default=None, help="only this user")
+    export.add_argument("--format", choices=("csv", "json"), default="csv")
+    export.add_argument(
+        "--daily", action="store_true", help="export daily rows instead of the ledger"
+    )
+    export.add_argument(
+        "--output", "-o", default=None, help="file to write (default: standard output)"
+    )
+    export.set_defaults(handler=_sync(_usage_export))
 
     keys = commands.add_parser("keys", help="manage per-user gateway keys").add_subparsers(
         title="keys commands", metavar="ACTION"
@@ -335,6 +359,58 @@ async def _users_list(storage: Storage, config: Config, args: argparse.Namespace
     total = await storage.count_users(plan=args.plan, search=args.search)
     print(f"({len(summaries)} of {total} users)")
     return 0
+
+
+# --- usage --------------------------------------------------------------------------
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got {text!r}") from None
+
+
+async def _usage_export(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    from gateway.export import encode, rows
+
+    today = periods_at(SystemClock().now(), config.tz).day
+    end = args.end or today
+    start = args.start or end - timedelta(days=29)
+    if end < start:
+        raise ConfigError("--to must not be before --from")
+    dataset: Literal["events", "daily"] = "daily" if args.daily else "events"
+    columns, source = rows(storage, dataset, start, end, user_id=args.user)
+    progress = None
+    if sys.stderr.isatty() and dataset == "events":
+        total = await storage.count_events(start, end, user_id=args.user)
+        progress = _progress_bar(total)
+    # A command-line tool: blocking writes are what it is for.
+    out = open(args.output, "wb") if args.output else sys.stdout.buffer  # noqa: SIM115, ASYNC230
+    try:
+        async for chunk in encode(columns, source, args.format, progress=progress):
+            out.write(chunk)
+    finally:
+        if args.output:
+            out.close()
+        else:
+            out.flush()
+    if progress is not None:
+        print(file=sys.stderr)
+    return 0
+
+
+def _progress_bar(total: int) -> Callable[[int], None]:
+    def show(done: int) -> None:
+        width = 30
+        filled = width * done // total if total else width
+        percent = 100 * done // total if total else 100
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} rows {percent}%"
+        )
+        sys.stderr.flush()
+
+    return show
 
 
 # --- keys --------------------------------------------------------------------------

@@ -144,6 +144,13 @@ class AdminConfig:
     token: str = _resolved()
 
 
+@dataclass(frozen=True, slots=True)
+class DashboardConfig:
+    locale: str = "vi-VN"
+    secure_cookie: bool = False
+    session_hours: float = _setting(12.0, minimum=0.01)
+
+
 Scalar = bool | int | float | str  # a JSON scalar a rule may write into a request
 
 
@@ -218,6 +225,7 @@ class Config:
     web_search: WebSearchConfig = field(default_factory=WebSearchConfig)
     advanced_rag: AdvancedRagConfig = field(default_factory=AdvancedRagConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     plans: Mapping[str, Plan] = field(default_factory=lambda: {"free": Plan(name="free")})
     source: str | None = _resolved(None)
 
@@ -541,6 +549,7 @@ def render_config(config: Config) -> str:
         "auth",
         "accounting",
         "admin",
+        "dashboard",
         "web_search",
         "advanced_rag",
     ):

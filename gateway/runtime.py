@@ -22,11 +22,13 @@ import httpx
 
 from gateway.auth import Authenticator, UserDirectory
 from gateway.clock import Clock, SystemClock
-from gateway.config import Config, load_config
-from gateway.errors import ConfigError
+from gateway.config import LIMIT_NAMES, Config, load_config
+from gateway.errors import BadRequest, ConfigError
+from gateway.keys import new_key
 from gateway.metrics import Metrics
+from gateway.reports import Reports
 from gateway.settle import Settler
-from gateway.storage import Storage, open_storage
+from gateway.storage import ApiKey, OverrideValue, Storage, open_storage
 from gateway.upstreams import Upstream, get_upstream
 
 log = logging.getLogger("gateway")
@@ -116,6 +118,7 @@ class Gateway:
         self.storage: Storage = self._storage
         await self.storage.migrate()
         self._apply(self.config)
+        self.reports = Reports(self)
         spool = Path(self.config.database.spool_file) if self.config.database.spool_file else None
         self.settler = Settler(self.storage, metrics=self.metrics, spool=spool)
         replayed = await self.settler.replay()
@@ -149,10 +152,16 @@ class Gateway:
             log.warning("configuration reload asked, but no configuration file is in use")
             return False
         try:
+            # A small local file, read like load_config reads it.
+            if not Path(source).read_bytes().strip():  # noqa: ASYNC240
+                # An emptied file (or one caught mid-write) would mean built-in
+                # defaults: unlimited plans. Never what an operator wants.
+                raise ConfigError(f"{source}: the configuration file is empty")
             new = load_config(source, env=self._env)
-        except ConfigError as exc:
+        except (ConfigError, OSError) as exc:
+            message = exc.message if isinstance(exc, ConfigError) else f"{source}: {exc}"
             log.error(
-                "configuration reload refused, keeping the running configuration: %s", exc.message
+                "configuration reload refused, keeping the running configuration: %s", message
             )
             self.metrics.inc("gateway_config_reloads_total", result="refused")
             self.reloads.bump()
@@ -168,14 +177,20 @@ class Gateway:
                 "configuration sections %s changed; they take effect after a restart",
                 ", ".join(fixed),
             )
-        self._apply(
-            dataclasses.replace(
-                new,
-                server=self.config.server,
-                upstream=self.config.upstream,
-                database=self.config.database,
+        try:
+            self._apply(
+                dataclasses.replace(
+                    new,
+                    server=self.config.server,
+                    upstream=self.config.upstream,
+                    database=self.config.database,
+                )
             )
-        )
+        except Exception:
+            log.exception("configuration reload refused, keeping the running configuration")
+            self.metrics.inc("gateway_config_reloads_total", result="refused")
+            self.reloads.bump()
+            return False
         log.info("configuration reloaded from %s (plans: %s)", source, ", ".join(new.plans))
         self.metrics.inc("gateway_config_reloads_total", result="applied")
         self.reloads.bump()
@@ -201,23 +216,67 @@ class Gateway:
                 return None
             return st.st_mtime_ns, st.st_size
 
-        last = stamp()
+        # Reload only once a change has held still for one interval, so an editor
+        # still writing the file is not caught half-way.
+        loaded = seen = stamp()
         while True:
             await asyncio.sleep(interval)
             current = stamp()
-            if current is not None and current != last:
-                last = current
+            if current is None or current == loaded:
+                seen = current
+                continue
+            if current != seen:
+                seen = current
+                continue
+            loaded = current
+            try:
                 await self.reload()
+            except Exception:  # the watcher must outlive any one bad reload
+                log.exception("configuration reload failed")
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def revoke_key(self, key_id: str) -> None:
+    # --- admin operations: storage changes plus the cache invalidations they need ---
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
         """Revoke a key; it stops working in this process at once."""
-        await self.storage.revoke_key(key_id, now=datetime.now(UTC))
+        key = await self.storage.revoke_key(key_id, now=datetime.now(UTC))
         self.auth.forget_key(key_id)
+        return key
+
+    async def create_key(self, user_id: str, *, name: str = "") -> tuple[ApiKey, str]:
+        """A new key for an existing user; returns the record and the secret (shown once)."""
+        key = new_key()
+        record = await self.storage.create_key(
+            user_id,
+            key_id=key.id,
+            key_hash=key.hash,
+            prefix=key.prefix,
+            name=name,
+            now=datetime.now(UTC),
+        )
+        return record, key.secret
+
+    async def set_plan(self, user_id: str, plan: str) -> None:
+        if plan not in self.config.plans:
+            raise BadRequest(
+                f"No plan named {plan!r} (plans: {', '.join(sorted(self.config.plans))})."
+            )
+        await self.storage.set_plan(user_id, plan)
+        self.users.forget(user_id)
+
+    async def set_override(self, user_id: str, name: str, value: OverrideValue) -> None:
+        if name not in LIMIT_NAMES:
+            raise BadRequest(f"No limit named {name!r} (limits: {', '.join(LIMIT_NAMES)}).")
+        await self.storage.set_override(user_id, name, value)
+        self.users.forget(user_id)
+
+    async def clear_override(self, user_id: str, name: str) -> None:
+        await self.storage.clear_override(user_id, name)
+        self.users.forget(user_id)
 
     async def stop(self) -> None:
         if getattr(self, "_sighup", False):

@@ -269,3 +269,15 @@ async def test_a_key_file_without_keys_is_refused_on_reload(
         await h.gateway.wait_finished(1)
     (error,) = gateway_records(caplog, logging.ERROR)
     assert "auth.jwt.jwks_file" in error.getMessage()
+
+
+async def test_an_emptied_file_is_refused(tmp_path: Path, sqlite_url: str) -> None:
+    path = tmp_path / "gateway.toml"
+    async with running_gateway(
+        sqlite_url, config_file=path, settings=limited(5, reload_interval=0)
+    ) as h:
+        running = h.gateway.config
+        path.write_text("\n")  # an editor that truncated the file before writing it
+        assert await h.gateway.reload() is False
+        assert h.gateway.config is running
+        assert h.gateway.metrics.get("gateway_config_reloads_total", result="refused") == 1

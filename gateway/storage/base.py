@@ -229,6 +229,10 @@ class Storage(Protocol):
         """Count one upload of ``size`` bytes on the user's day."""
         ...
 
+    async def open_streams(self, user_id: str, *, now: datetime) -> int:
+        """The user's stream leases not yet expired at ``now``."""
+        ...
+
     async def refund(self, user_id: str, *, day: date, lease_id: str | None = None) -> None:
         """Give back one reserved query (no answer was produced) and its lease."""
         ...
@@ -250,3 +254,11 @@ class Storage(Protocol):
     ) -> AsyncIterator[UsageEvent]:
         """Ledger rows with start <= day <= end in settle order, streamed in batches."""
         ...
+
+    def iter_daily(
+        self, start: date, end: date, *, user_id: str | None = None
+    ) -> AsyncIterator[DailyUsage]:
+        """Like `daily`, streamed in batches (for exports of any size)."""
+        ...
+
+    async def count_events(self, start: date, end: date, *, user_id: str | None = None) -> int: ...

@@ -363,6 +363,15 @@ class PostgresStorage:
                 size,
             )
 
+    async def open_streams(self, user_id: str, *, now: datetime) -> int:
+        with _mapped():
+            count = await self._pool.fetchval(
+                "SELECT count(*) FROM stream_leases WHERE user_id = $1 AND expires_at > $2",
+                user_id,
+                now,
+            )
+        return int(count)
+
     async def refund(self, user_id: str, *, day: date, lease_id: str | None = None) -> None:
         with _mapped():
             await self._pool.execute(
@@ -431,3 +440,32 @@ class PostgresStorage:
             if len(rows) < _EXPORT_BATCH:
                 return
             last = rows[-1][0]
+
+    async def iter_daily(
+        self, start: date, end: date, *, user_id: str | None = None
+    ) -> AsyncIterator[DailyUsage]:
+        # Keyset pagination on the primary key order (day, user_id).
+        where = "day >= $1 AND day <= $2 AND (day, user_id) > ($3, $4)"
+        params: list[Any] = []
+        if user_id is not None:
+            where += " AND user_id = $5"
+            params.append(user_id)
+        sql = f"SELECT {_DAILY_COLUMNS} FROM usage_daily WHERE {where} ORDER BY day, user_id LIMIT {_EXPORT_BATCH}"
+        after: tuple[date, str] = (date.min, "")
+        while True:
+            with _mapped():
+                rows = await self._pool.fetch(sql, start, end, after[0], after[1], *params)
+            for row in rows:
+                yield _daily(row)
+            if len(rows) < _EXPORT_BATCH:
+                return
+            after = (rows[-1]["day"], rows[-1]["user_id"])
+
+    async def count_events(self, start: date, end: date, *, user_id: str | None = None) -> int:
+        sql = "SELECT count(*) FROM usage_events WHERE day >= $1 AND day <= $2"
+        params: list[Any] = [start, end]
+        if user_id is not None:
+            sql += " AND user_id = $3"
+            params.append(user_id)
+        with _mapped():
+            return int(await self._pool.fetchval(sql, *params))

@@ -508,6 +508,16 @@ class SQLiteStorage:
             )
         )
 
+    async def open_streams(self, user_id: str, *, now: datetime) -> int:
+        return await self._run(
+            lambda conn: int(
+                conn.execute(
+                    "SELECT count(*) FROM stream_leases WHERE user_id = ? AND expires_at > ?",
+                    (user_id, _ts(now)),
+                ).fetchone()[0]
+            )
+        )
+
     async def refund(self, user_id: str, *, day: date, lease_id: str | None = None) -> None:
         def run(conn: sqlite3.Connection) -> None:
             if lease_id is not None:
@@ -624,3 +634,31 @@ class SQLiteStorage:
             if len(rows) < _EXPORT_BATCH:
                 return
             last = rows[-1][0]
+
+    async def iter_daily(
+        self, start: date, end: date, *, user_id: str | None = None
+    ) -> AsyncIterator[DailyUsage]:
+        # Keyset pagination on the primary key order (day, user_id).
+        where = "day >= ? AND day <= ? AND (day > ? OR (day = ? AND user_id > ?))"
+        extra: list[Any] = []
+        if user_id is not None:
+            where += " AND user_id = ?"
+            extra.append(user_id)
+        sql = f"SELECT {_DAILY_COLUMNS} FROM usage_daily WHERE {where} ORDER BY day, user_id LIMIT {_EXPORT_BATCH}"
+        after = ("", "")
+        while True:
+            params = [start.isoformat(), end.isoformat(), after[0], after[0], after[1], *extra]
+            rows = await self._run(lambda conn, p=params: conn.execute(sql, p).fetchall())
+            for row in rows:
+                yield _daily(row)
+            if len(rows) < _EXPORT_BATCH:
+                return
+            after = (rows[-1][1], rows[-1][0])
+
+    async def count_events(self, start: date, end: date, *, user_id: str | None = None) -> int:
+        sql = "SELECT count(*) FROM usage_events WHERE day >= ? AND day <= ?"
+        params: list[Any] = [start.isoformat(), end.isoformat()]
+        if user_id is not None:
+            sql += " AND user_id = ?"
+            params.append(user_id)
+        return await self._run(lambda conn: int(conn.execute(sql, params).fetchone()[0]))

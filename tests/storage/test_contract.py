@@ -519,3 +519,23 @@ async def test_advanced_rag_web_searches_and_uploads_are_counted(storage: Storag
     )
     admission = await storage.admit("alice", day=DAY, month_start=MONTH, now=NOW, limits=limits)
     assert admission.counters.web_searches_today == 2
+
+
+async def test_iter_daily_and_count_events(storage: Storage) -> None:
+    for user in ("alice", "bob"):
+        await storage.ensure_user(user, plan="free")
+    # 2 users x 550 days: more than one batch of 1000
+    for offset in range(550):
+        for user in ("alice", "bob"):
+            await storage.record_upload(user, day=DAY - timedelta(days=offset), size=offset)
+    start, end = DAY - timedelta(days=549), DAY
+    rows = [r async for r in storage.iter_daily(start, end)]
+    assert len(rows) == 1100
+    assert [(r.day, r.user_id) for r in rows] == sorted((r.day, r.user_id) for r in rows)
+    assert rows == await storage.daily(start, end)
+    bob = [r async for r in storage.iter_daily(start, end, user_id="bob")]
+    assert len(bob) == 550 and {r.user_id for r in bob} == {"bob"}
+    for i in range(3):
+        await storage.settle(event(f"e{i}", user="alice" if i else "bob"))
+    assert await storage.count_events(start, end) == 3
+    assert await storage.count_events(DAY, DAY, user_id="bob") == 1

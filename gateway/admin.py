@@ -1,0 +1,368 @@
+"""The admin API under /admin (JSON), and the end user's usage API under /v1/usage.
+
+Admin requests carry ``Authorization: Bearer <admin token>`` (compared in constant
+time). With no admin token configured the admin surface does not exist: 404.
+Errors use the same body shape as every other refusal of the gateway.
+"""
+
+from __future__ import annotations
+
+import hmac
+from datetime import date, timedelta
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from gateway.auth import bearer_token
+from gateway.config import LIMIT_NAMES
+from gateway.errors import BadRequest, GatewayError, NotFound, StorageError, Unauthorized
+from gateway.export import Dataset, Format, encode, rows
+from gateway.reports import daily_dict, money
+from gateway.storage import OverrideValue
+
+if TYPE_CHECKING:
+    from gateway.runtime import Gateway
+
+MAX_PAGE = 500
+MAX_DAYS = 366
+_SORTS = ("id", "lifetime_tokens", "tokens_today")
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+def json_response(gw: Gateway, data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def error_response(gw: Gateway, exc: GatewayError, *, realm: str = "admin") -> Response:
+    headers = {k.decode(): v.decode() for k, v in exc.headers}
+    if isinstance(exc, Unauthorized):
+        headers["www-authenticate"] = f'Bearer realm="{realm}"'
+    return Response(
+        gw.upstream.error_body(exc.status, exc.code, exc.message),
+        status_code=exc.status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def admin_token_matches(gw: Gateway, presented: str | None) -> bool:
+    expected = gw.config.admin.token
+    return (
+        bool(expected)
+        and presented is not None
+        and hmac.compare_digest(presented.encode(), expected.encode())
+    )
+
+
+def _admin(handler: Any) -> Any:
+    """Guard an admin endpoint: off without a token, 401 without the right one,
+    gateway errors rendered in the error shape."""
+
+    async def guarded(request: Request) -> Response:
+        gw = _gateway(request)
+        if not gw.config.admin.token:
+            return Response(status_code=404)
+        if not admin_token_matches(
+            gw, bearer_token(request.headers.get("authorization", "").encode("latin-1") or None)
+        ):
+            return error_response(gw, Unauthorized("A valid admin token is required."))
+        try:
+            response: Response = await handler(request, gw)
+            return response
+        except GatewayError as exc:
+            return error_response(gw, exc)
+
+    guarded.__name__ = handler.__name__
+    guarded.__doc__ = handler.__doc__
+    return guarded
+
+
+def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name}: expected an integer, got {raw!r}.") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name}: expected {low} to {high}, got {value}.")
+    return value
+
+
+def _choice(request: Request, name: str, choices: tuple[str, ...], default: str) -> str:
+    value = request.query_params.get(name, default)
+    if value not in choices:
+        raise BadRequest(f"{name}: expected one of {', '.join(choices)}, got {value!r}.")
+    return value
+
+
+def _date(request: Request, name: str, default: date) -> date:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise BadRequest(f"{name}: expected a date as YYYY-MM-DD, got {raw!r}.") from None
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError:
+        raise BadRequest("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return body
+
+
+def override_value(name: str, value: object) -> OverrideValue:
+    """A per-user override as JSON gives it: null is unlimited."""
+    if name == "advanced_rag":
+        if not isinstance(value, bool):
+            raise BadRequest("advanced_rag: expected true or false.")
+        return value
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise BadRequest(f"{name}: expected a number >= 0 or null (unlimited).")
+    if name != "file_size_mb" and not float(value).is_integer():
+        raise BadRequest(f"{name}: expected a whole number.")
+    return value if name == "file_size_mb" else int(value)
+
+
+# --- endpoints --------------------------------------------------------------------
+
+
+@_admin
+async def list_users(request: Request, gw: Gateway) -> Response:
+    """Users with their plan, lifetime and today's usage; paginated, sortable."""
+    limit = _int(request, "limit", 50, 1, MAX_PAGE)
+    offset = _int(request, "offset", 0, 0, 10**9)
+    sort = cast(
+        Literal["id", "lifetime_tokens", "tokens_today"], _choice(request, "sort", _SORTS, "id")
+    )
+    order = _choice(request, "order", ("asc", "desc"), "asc")
+    plan = request.query_params.get("plan") or None
+    search = request.query_params.get("search") or None
+    summaries = await gw.storage.list_users(
+        day=gw.today(),
+        plan=plan,
+        search=search,
+        sort=sort,
+        descending=order == "desc",
+        limit=limit,
+        offset=offset,
+    )
+    total = await gw.storage.count_users(plan=plan, search=search)
+    data = [
+        {
+            "id": s.user.id,
+            "plan": s.user.plan,
+            "created_at": s.user.created_at.isoformat(),
+            "lifetime": {
+                "prompt_tokens": s.user.lifetime_prompt_tokens,
+                "completion_tokens": s.user.lifetime_completion_tokens,
+                "total_tokens": s.user.lifetime_tokens,
+                "cost": money(s.user.lifetime_cost),
+            },
+            "today": daily_dict(s.today),
+        }
+        for s in summaries
+    ]
+    return json_response(gw, {"total": total, "limit": limit, "offset": offset, "data": data})
+
+
+@_admin
+async def get_user(request: Request, gw: Gateway) -> Response:
+    """One user: plan, overrides, limits and usage, keys, daily history."""
+    days = _int(request, "days", 30, 1, MAX_DAYS)
+    return json_response(gw, await gw.reports.detail(request.path_params["user_id"], days=days))
+
+
+@_admin
+async def set_plan(request: Request, gw: Gateway) -> Response:
+    """Move a user to another plan."""
+    user_id = request.path_params["user_id"]
+    plan = (await _json_body(request)).get("plan")
+    if not isinstance(plan, str):
+        raise BadRequest("plan: expected the name of a configured plan.")
+    await gw.set_plan(user_id, plan)
+    return json_response(gw, {"id": user_id, "plan": plan})
+
+
+def _limit_name(request: Request) -> str:
+    name: str = request.path_params["name"]
+    if name not in LIMIT_NAMES:
+        raise NotFound(f"No limit named {name!r} (limits: {', '.join(LIMIT_NAMES)}).")
+    return name
+
+
+@_admin
+async def set_limit(request: Request, gw: Gateway) -> Response:
+    """Override one plan limit for a user (`{"value": N}`; null is unlimited)."""
+    user_id, name = request.path_params["user_id"], _limit_name(request)
+    body = await _json_body(request)
+    if "value" not in body:
+        raise BadRequest(
+            "value: required (a number, null for unlimited, or a boolean for advanced_rag)."
+        )
+    value = override_value(name, body["value"])
+    await gw.set_override(user_id, name, value)
+    return json_response(gw, {"id": user_id, "name": name, "value": value})
+
+
+@_admin
+async def clear_limit(request: Request, gw: Gateway) -> Response:
+    """Remove a per-user override: the plan's limit applies again."""
+    user_id, name = request.path_params["user_id"], _limit_name(request)
+    await gw.clear_override(user_id, name)
+    return json_response(gw, {"id": user_id, "name": name, "value": "plan"})
+
+
+@_admin
+async def create_key(request: Request, gw: Gateway) -> Response:
+    """Create a key for a user; the secret is in this response only."""
+    user_id = request.path_params["user_id"]
+    name = (await _json_body(request)).get("name", "")
+    if not isinstance(name, str) or len(name) > 200:
+        raise BadRequest("name: expected a string of at most 200 characters.")
+    if await gw.storage.get_user(user_id) is None:
+        raise NotFound(f"No user {user_id!r}.")
+    record, secret = await gw.create_key(user_id, name=name)
+    return json_response(
+        gw,
+        {
+            "id": record.id,
+            "user_id": record.user_id,
+            "name": record.name,
+            "prefix": record.prefix,
+            "created_at": record.created_at.isoformat(),
+            "key": secret,
+        },
+        status=201,
+    )
+
+
+@_admin
+async def revoke_key(request: Request, gw: Gateway) -> Response:
+    """Revoke a key; it stops working at once in this process."""
+    key = await gw.revoke_key(request.path_params["key_id"])
+    assert key.revoked_at is not None
+    return json_response(
+        gw, {"id": key.id, "user_id": key.user_id, "revoked_at": key.revoked_at.isoformat()}
+    )
+
+
+def _export(dataset: Dataset) -> Any:
+    async def export(request: Request, gw: Gateway) -> Response:
+        today = gw.today()
+        start = _date(request, "from", today - timedelta(days=29))
+        end = _date(request, "to", today)
+        if end < start:
+            raise BadRequest("to: must not be before from.")
+        fmt = cast(Format, _choice(request, "format", ("csv", "json"), "csv"))
+        user_id = request.query_params.get("user") or None
+        columns, source = rows(gw.storage, dataset, start, end, user_id=user_id)
+        media = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"
+        filename = f"{dataset}-{start.isoformat()}-{end.isoformat()}{'-' + user_id if user_id else ''}.{fmt}"
+        safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in filename)
+        return StreamingResponse(
+            _guarded_stream(encode(columns, source, fmt)),
+            media_type=media,
+            headers={"content-disposition": f'attachment; filename="{safe}"'},
+        )
+
+    export.__name__ = f"export_{dataset}"
+    export.__doc__ = f"Export the {'ledger' if dataset == 'events' else 'daily rows'} for a date range, streamed."
+    return _admin(export)
+
+
+async def _guarded_stream(chunks: Any) -> Any:
+    # Headers are sent by now: a storage failure can only cut the body short,
+    # which the missing closing bracket / short CSV makes visible.
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except StorageError:
+        return
+
+
+async def openapi(request: Request) -> Response:
+    gw = _gateway(request)
+    if not gw.config.admin.token:
+        return Response(status_code=404)
+    from gateway.openapi import document
+
+    return json_response(gw, document())
+
+
+admin_routes: list[BaseRoute] = [
+    Route("/users", list_users, methods=["GET"]),
+    Route("/users/{user_id}", get_user, methods=["GET"]),
+    Route("/users/{user_id}/plan", set_plan, methods=["PUT"]),
+    Route("/users/{user_id}/limits/{name}", set_limit, methods=["PUT"]),
+    Route("/users/{user_id}/limits/{name}", clear_limit, methods=["DELETE"]),
+    Route("/users/{user_id}/keys", create_key, methods=["POST"]),
+    Route("/keys/{key_id}", revoke_key, methods=["DELETE"]),
+    Route("/export/events", _export("events"), methods=["GET"]),
+    Route("/export/daily", _export("daily"), methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+]
+
+
+# --- the end user's own usage: /v1/usage ---------------------------------------------------
+
+
+async def _end_user(request: Request, gw: Gateway) -> str:
+    config = gw.config
+    authorization = request.headers.get("authorization", "").encode("latin-1") or None
+    user_header = request.headers.get(config.auth.trusted_header.user_header, "").encode() or None
+    identity = await gw.auth.authenticate(authorization, user_header)
+    if config.auth.mode != "api_key":
+        await gw.users.resolve(
+            identity,
+            default_plan=config.accounting.default_plan,
+            create=config.auth.unknown_users == "create",
+        )
+    return identity.user_id
+
+
+async def my_usage(request: Request) -> Response:
+    """What the caller has used and has left, per limit of their plan."""
+    gw = _gateway(request)
+    try:
+        user_id = await _end_user(request, gw)
+        # Fresh from storage: the in-process user cache holds plans, not counters.
+        return json_response(gw, await gw.reports.usage(await gw.reports.user(user_id)))
+    except GatewayError as exc:
+        return error_response(gw, exc, realm="api")
+
+
+async def my_daily_usage(request: Request) -> Response:
+    """The caller's usage per local day, for a chart (`?days=30`, at most 366)."""
+    gw = _gateway(request)
+    try:
+        user_id = await _end_user(request, gw)
+        days = _int(request, "days", 30, 1, MAX_DAYS)
+        daily = await gw.reports.daily(user_id, days)
+        return json_response(
+            gw, {"user": user_id, "days": days, "data": [daily_dict(r) for r in daily]}
+        )
+    except GatewayError as exc:
+        return error_response(gw, exc, realm="api")
+
+
+usage_routes: list[BaseRoute] = [
+    Route("/v1/usage", my_usage, methods=["GET"]),
+    Route("/v1/usage/daily", my_daily_usage, methods=["GET"]),
+]

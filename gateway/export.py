@@ -1,0 +1,136 @@
+"""Exports of the ledger and the daily rows, as CSV or JSON, streamed.
+
+Rows come from storage in batches and leave as bytes in batches: memory stays
+flat however large the range (a year of ten thousand users' days is millions of
+rows). Money is written as exact decimal strings in both formats.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import date
+from typing import Any, Literal
+
+import orjson
+
+from gateway.reports import daily_dict, money
+from gateway.storage import DailyUsage, Storage, UsageEvent
+
+Format = Literal["csv", "json"]
+Dataset = Literal["events", "daily"]
+
+EVENT_COLUMNS: tuple[str, ...] = (
+    "answer_id",
+    "user_id",
+    "day",
+    "created_at",
+    "endpoint",
+    "conversation_id",
+    "request_id",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost",
+    "currency",
+    "outcome",
+    "estimated",
+    "web_searches",
+    "upstream_latency_ms",
+    "overhead_ms",
+)
+DAILY_COLUMNS: tuple[str, ...] = (
+    "user_id",
+    *daily_dict(DailyUsage(user_id="", day=date.min)).keys(),
+)
+
+# Rows per write: large enough to keep the per-chunk overhead low, small enough
+# that a chunk stays a few hundred KB at most.
+_ROWS_PER_CHUNK = 500
+
+
+def event_dict(event: UsageEvent) -> dict[str, Any]:
+    return {
+        "answer_id": event.answer_id,
+        "user_id": event.user_id,
+        "day": event.day.isoformat(),
+        "created_at": event.created_at.isoformat(),
+        "endpoint": event.endpoint,
+        "conversation_id": event.conversation_id,
+        "request_id": event.request_id,
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+        "total_tokens": event.total_tokens,
+        "cost": money(event.cost),
+        "currency": event.currency,
+        "outcome": event.outcome,
+        "estimated": event.estimated,
+        "web_searches": event.web_searches,
+        "upstream_latency_ms": event.upstream_latency_ms,
+        "overhead_ms": event.overhead_ms,
+    }
+
+
+def daily_row_dict(row: DailyUsage) -> dict[str, Any]:
+    return {"user_id": row.user_id, **daily_dict(row)}
+
+
+def rows(
+    storage: Storage, dataset: Dataset, start: date, end: date, *, user_id: str | None = None
+) -> tuple[Sequence[str], AsyncIterator[dict[str, Any]]]:
+    """The columns and the rows (as dicts) of a dataset."""
+    if dataset == "events":
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            async for event in storage.events(start, end, user_id=user_id):
+                yield event_dict(event)
+
+        return EVENT_COLUMNS, events()
+
+    async def daily() -> AsyncIterator[dict[str, Any]]:
+        async for row in storage.iter_daily(start, end, user_id=user_id):
+            yield daily_row_dict(row)
+
+    return DAILY_COLUMNS, daily()
+
+
+async def encode(
+    columns: Sequence[str],
+    source: AsyncIterator[dict[str, Any]],
+    fmt: Format,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> AsyncIterator[bytes]:
+    """The rows as CSV (with a header line) or as one JSON array, in chunks."""
+    count = 0
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\r\n")
+        writer.writeheader()
+        async for row in source:
+            writer.writerow(
+                {k: ("true" if v is True else "false" if v is False else v) for k, v in row.items()}
+            )
+            count += 1
+            if count % _ROWS_PER_CHUNK == 0:
+                yield buffer.getvalue().encode()
+                buffer.seek(0)
+                buffer.truncate()
+                if progress:
+                    progress(count)
+        yield buffer.getvalue().encode()
+    else:
+        parts: list[bytes] = [b"["]
+        async for row in source:
+            parts.append((b",\n" if count else b"\n") + orjson.dumps(row))
+            count += 1
+            if count % _ROWS_PER_CHUNK == 0:
+                yield b"".join(parts)
+                parts.clear()
+                if progress:
+                    progress(count)
+        parts.append(b"\n]\n")
+        yield b"".join(parts)
+    if progress:
+        progress(count)

@@ -1,0 +1,348 @@
+"""The OpenAPI 3.1 document of the admin API (served at /admin/openapi.json).
+
+Written out by hand so that it says what the API promises; a test checks that it
+names exactly the routes `gateway.admin.admin_routes` serves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway import __version__
+from gateway.config import LIMIT_NAMES
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {
+        400: "Invalid parameters",
+        401: "Missing or wrong admin token",
+        404: "No such user, key or limit",
+    }
+    return {str(code): _json(_ERROR, text[code]) for code in codes}
+
+
+_USER_ID = {"name": "user_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_LIMIT = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "enum": list(LIMIT_NAMES)},
+}
+_EXPORT_PARAMS = [
+    {
+        "name": "from",
+        "in": "query",
+        "schema": {"type": "string", "format": "date"},
+        "description": "First day (default: 29 days ago)",
+    },
+    {
+        "name": "to",
+        "in": "query",
+        "schema": {"type": "string", "format": "date"},
+        "description": "Last day, inclusive (default: today)",
+    },
+    {"name": "user", "in": "query", "schema": {"type": "string"}, "description": "Only this user"},
+    {
+        "name": "format",
+        "in": "query",
+        "schema": {"type": "string", "enum": ["csv", "json"], "default": "csv"},
+    },
+]
+_EXPORT_BODY = {
+    "description": "Rows, streamed (CSV with a header line, or a JSON array)",
+    "content": {
+        "text/csv": {"schema": {"type": "string"}},
+        "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+    },
+}
+_DAY = {
+    "type": "object",
+    "properties": {
+        name: {"type": "string"} if name in ("day", "cost") else {"type": "integer"}
+        for name in (
+            "day",
+            "queries",
+            "advanced_rag",
+            "web_searches",
+            "uploads",
+            "upload_bytes",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "cost",
+        )
+    },
+}
+_LIFETIME = {
+    "type": "object",
+    "properties": {
+        "prompt_tokens": {"type": "integer"},
+        "completion_tokens": {"type": "integer"},
+        "total_tokens": {"type": "integer"},
+        "cost": {"type": "string", "description": "Exact decimal"},
+    },
+}
+
+
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "gateway admin API",
+            "version": __version__,
+            "description": "Users, plans, overrides, keys and usage exports. "
+            "Authorise with `Authorization: Bearer <admin token>`.",
+        },
+        "components": {
+            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["code", "message", "status"],
+                    "properties": {
+                        "code": {"type": "string"},
+                        "message": {"type": "string"},
+                        "status": {"type": "integer"},
+                    },
+                },
+                "Day": _DAY,
+                "Lifetime": _LIFETIME,
+            },
+        },
+        "security": [{"adminToken": []}],
+        "paths": {
+            "/admin/users": {
+                "get": {
+                    "operationId": "listUsers",
+                    "summary": "Users with their plan, lifetime and today's usage",
+                    "parameters": [
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": 500,
+                                "default": 50,
+                            },
+                        },
+                        {
+                            "name": "offset",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 0, "default": 0},
+                        },
+                        {
+                            "name": "sort",
+                            "in": "query",
+                            "schema": {
+                                "type": "string",
+                                "enum": ["id", "lifetime_tokens", "tokens_today"],
+                                "default": "id",
+                            },
+                        },
+                        {
+                            "name": "order",
+                            "in": "query",
+                            "schema": {"type": "string", "enum": ["asc", "desc"], "default": "asc"},
+                        },
+                        {"name": "plan", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "search",
+                            "in": "query",
+                            "schema": {"type": "string"},
+                            "description": "Ids containing this text (case-insensitive)",
+                        },
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "total": {"type": "integer"},
+                                    "limit": {"type": "integer"},
+                                    "offset": {"type": "integer"},
+                                    "data": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "properties": {
+                                                "id": {"type": "string"},
+                                                "plan": {"type": "string"},
+                                                "created_at": {
+                                                    "type": "string",
+                                                    "format": "date-time",
+                                                },
+                                                "lifetime": {
+                                                    "$ref": "#/components/schemas/Lifetime"
+                                                },
+                                                "today": {"$ref": "#/components/schemas/Day"},
+                                            },
+                                        },
+                                    },
+                                },
+                            },
+                            "A page of users",
+                        ),
+                        **_errors(400, 401),
+                    },
+                }
+            },
+            "/admin/users/{user_id}": {
+                "get": {
+                    "operationId": "getUser",
+                    "summary": "One user: plan, overrides, limits and usage, keys, daily history",
+                    "parameters": [
+                        _USER_ID,
+                        {
+                            "name": "days",
+                            "in": "query",
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": 366,
+                                "default": 30,
+                            },
+                        },
+                    ],
+                    "responses": {
+                        "200": _json({"type": "object"}, "The user"),
+                        **_errors(400, 401, 404),
+                    },
+                }
+            },
+            "/admin/users/{user_id}/plan": {
+                "put": {
+                    "operationId": "setPlan",
+                    "summary": "Move a user to another plan",
+                    "parameters": [_USER_ID],
+                    "requestBody": {
+                        "required": True,
+                        **_json(
+                            {
+                                "type": "object",
+                                "required": ["plan"],
+                                "properties": {"plan": {"type": "string"}},
+                            },
+                            "The plan",
+                        ),
+                    },
+                    "responses": {
+                        "200": _json({"type": "object"}, "Done"),
+                        **_errors(400, 401, 404),
+                    },
+                }
+            },
+            "/admin/users/{user_id}/limits/{name}": {
+                "put": {
+                    "operationId": "setLimit",
+                    "summary": "Override one plan limit for a user",
+                    "parameters": [_USER_ID, _LIMIT],
+                    "requestBody": {
+                        "required": True,
+                        **_json(
+                            {
+                                "type": "object",
+                                "required": ["value"],
+                                "properties": {
+                                    "value": {
+                                        "type": ["number", "boolean", "null"],
+                                        "description": "null: unlimited",
+                                    }
+                                },
+                            },
+                            "The new limit",
+                        ),
+                    },
+                    "responses": {
+                        "200": _json({"type": "object"}, "Done"),
+                        **_errors(400, 401, 404),
+                    },
+                },
+                "delete": {
+                    "operationId": "clearLimit",
+                    "summary": "Remove a per-user override",
+                    "parameters": [_USER_ID, _LIMIT],
+                    "responses": {"200": _json({"type": "object"}, "Done"), **_errors(401, 404)},
+                },
+            },
+            "/admin/users/{user_id}/keys": {
+                "post": {
+                    "operationId": "createKey",
+                    "summary": "Create a gateway key for a user (the secret is returned once)",
+                    "parameters": [_USER_ID],
+                    "requestBody": {
+                        "required": False,
+                        **_json(
+                            {"type": "object", "properties": {"name": {"type": "string"}}},
+                            "A label",
+                        ),
+                    },
+                    "responses": {
+                        "201": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "id": {"type": "string"},
+                                    "user_id": {"type": "string"},
+                                    "name": {"type": "string"},
+                                    "prefix": {"type": "string"},
+                                    "created_at": {"type": "string", "format": "date-time"},
+                                    "key": {
+                                        "type": "string",
+                                        "description": "The secret, shown only here",
+                                    },
+                                },
+                            },
+                            "The new key",
+                        ),
+                        **_errors(400, 401, 404),
+                    },
+                }
+            },
+            "/admin/keys/{key_id}": {
+                "delete": {
+                    "operationId": "revokeKey",
+                    "summary": "Revoke a key",
+                    "parameters": [
+                        {
+                            "name": "key_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {"200": _json({"type": "object"}, "Revoked"), **_errors(401, 404)},
+                }
+            },
+            "/admin/export/events": {
+                "get": {
+                    "operationId": "exportEvents",
+                    "summary": "The usage ledger for a date range, streamed",
+                    "parameters": _EXPORT_PARAMS,
+                    "responses": {"200": _EXPORT_BODY, **_errors(400, 401)},
+                }
+            },
+            "/admin/export/daily": {
+                "get": {
+                    "operationId": "exportDaily",
+                    "summary": "Daily rows for a date range, streamed",
+                    "parameters": _EXPORT_PARAMS,
+                    "responses": {"200": _EXPORT_BODY, **_errors(400, 401)},
+                }
+            },
+            "/admin/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document",
+                    "security": [],
+                    "responses": {"200": _json({"type": "object"}, "The OpenAPI document")},
+                }
+            },
+        },
+    }

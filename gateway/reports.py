@@ -1,0 +1,171 @@
+"""What a user has used and has left, assembled for the usage API, the admin API,
+the dashboard and the CLI.
+
+Read-only views over storage: one place that knows how plan limits, overrides,
+counters and reset times fit together, so every surface says the same thing.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from gateway.clock import Periods, periods_at
+from gateway.config import LIMIT_NAMES, Plan
+from gateway.errors import NotFound
+from gateway.storage import DailyUsage, User
+
+if TYPE_CHECKING:
+    from gateway.runtime import Gateway
+
+# Limits whose "used" comes from a counter, and the period that resets them.
+_DAILY = ("queries_per_day", "tokens_per_day", "web_searches_per_day")
+_MONTHLY = ("tokens_per_month",)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def money(value: Decimal) -> str:
+    """Money as an exact decimal string (never a float in JSON)."""
+    return format(value.normalize(), "f") if value else "0"
+
+
+def daily_dict(row: DailyUsage) -> dict[str, Any]:
+    return {
+        "day": row.day.isoformat(),
+        "queries": row.queries,
+        "advanced_rag": row.advanced_rag,
+        "web_searches": row.web_searches,
+        "uploads": row.uploads,
+        "upload_bytes": row.upload_bytes,
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "total_tokens": row.total_tokens,
+        "cost": money(row.cost),
+    }
+
+
+def limits_view(
+    plan: Plan, today: DailyUsage, month_tokens: int, open_streams: int, periods: Periods
+) -> dict[str, dict[str, Any]]:
+    """Each limit of the (overridden) plan: used, limit, remaining, resets_at.
+
+    ``limit`` and ``remaining`` are null when unlimited; ``resets_at`` is null for
+    limits that do not reset with time.
+    """
+    used = {
+        "queries_per_day": today.queries,
+        "tokens_per_day": today.total_tokens,
+        "web_searches_per_day": today.web_searches,
+        "tokens_per_month": month_tokens,
+        "max_concurrent_streams": open_streams,
+        "advanced_rag": today.advanced_rag,
+    }
+    view: dict[str, dict[str, Any]] = {}
+    for name in LIMIT_NAMES:
+        limit = getattr(plan, name)
+        entry: dict[str, Any] = {"limit": limit}
+        if name == "advanced_rag":
+            entry = {
+                "allowed": bool(limit),
+                "used": used[name],
+                "resets_at": _iso(periods.day_resets_at),
+            }
+        elif name in used:
+            entry["used"] = used[name]
+            entry["remaining"] = None if limit is None else max(limit - used[name], 0)
+            reset = (
+                periods.day_resets_at
+                if name in _DAILY
+                else periods.month_resets_at
+                if name in _MONTHLY
+                else None
+            )
+            entry["resets_at"] = _iso(reset)
+        view[name] = entry
+    return view
+
+
+def fill_days(rows: list[DailyUsage], user_id: str, start: date, end: date) -> list[DailyUsage]:
+    """One row per day from ``start`` to ``end``, zeros where nothing happened."""
+    by_day = {row.day: row for row in rows}
+    days = (end - start).days + 1
+    return [
+        by_day.get(
+            start + timedelta(days=i), DailyUsage(user_id=user_id, day=start + timedelta(days=i))
+        )
+        for i in range(days)
+    ]
+
+
+class Reports:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+
+    def periods(self) -> Periods:
+        return periods_at(self.gw.clock.now(), self.gw.tz)
+
+    async def user(self, user_id: str) -> User:
+        user = await self.gw.storage.get_user(user_id)
+        if user is None:
+            raise NotFound(f"No user {user_id!r}.")
+        return user
+
+    def plan_of(self, user: User) -> Plan:
+        return self.gw.config.plan(user.plan).with_overrides(user.overrides)
+
+    async def usage(self, user: User) -> dict[str, Any]:
+        """The user's limits and what is left of them, with lifetime totals."""
+        periods = self.periods()
+        rows = await self.gw.storage.daily(periods.month_start, periods.day, user_id=user.id)
+        today = next(
+            (r for r in rows if r.day == periods.day), DailyUsage(user_id=user.id, day=periods.day)
+        )
+        streams = await self.gw.storage.open_streams(user.id, now=self.gw.clock.now())
+        plan = self.plan_of(user)
+        return {
+            "user": user.id,
+            "plan": plan.name,
+            "timezone": self.gw.config.accounting.timezone,
+            "day": periods.day.isoformat(),
+            "limits": limits_view(plan, today, sum(r.total_tokens for r in rows), streams, periods),
+            "today": daily_dict(today),
+            "lifetime": {
+                "prompt_tokens": user.lifetime_prompt_tokens,
+                "completion_tokens": user.lifetime_completion_tokens,
+                "total_tokens": user.lifetime_tokens,
+                "cost": money(user.lifetime_cost),
+            },
+        }
+
+    async def daily(self, user_id: str, days: int) -> list[DailyUsage]:
+        """The last ``days`` local days (today included), zero-filled."""
+        end = self.periods().day
+        start = end - timedelta(days=days - 1)
+        rows = await self.gw.storage.daily(start, end, user_id=user_id)
+        return fill_days(rows, user_id, start, end)
+
+    async def detail(self, user_id: str, *, days: int = 30) -> dict[str, Any]:
+        """Everything about one user, for admins."""
+        user = await self.user(user_id)
+        keys = await self.gw.storage.list_keys(user_id)
+        return {
+            **await self.usage(user),
+            "stored_plan": user.plan,
+            "overrides": dict(user.overrides),
+            "created_at": user.created_at.isoformat(),
+            "keys": [
+                {
+                    "id": k.id,
+                    "name": k.name,
+                    "prefix": k.prefix,
+                    "created_at": k.created_at.isoformat(),
+                    "revoked_at": _iso(k.revoked_at),
+                }
+                for k in keys
+            ],
+            "daily": [daily_dict(r) for r in await self.daily(user_id, days)],
+        }
