@@ -1,10 +1,14 @@
 """Python load generators (aiohttp): latency at a fixed rate, open streams, counted answers.
 
 Saturation throughput is wrk's job (bench/post.lua); these measure what wrk
-cannot: time to first and last byte at a fixed rate (open loop: requests start
-on schedule whether or not earlier ones have finished, and each is timed from
-its scheduled start, so a slow server cannot hide its queueing), holding
-thousands of streams open, and sending an exact number of answers.
+cannot: time to first and last byte at a fixed rate, holding thousands of
+streams open, and sending an exact number of answers.
+
+The latency generator is open loop: requests start on schedule whether or not
+earlier ones have finished (each on its own connection from a pool, a new one
+when none is free), so a slow server's queueing shows in its latency instead of
+slowing the generator down. Each request is timed from the moment it is
+actually sent; how late the generator itself started it is kept as ``lag``.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ _END = b'"event":"message_end"'
 @dataclass(frozen=True, slots=True)
 class Sample:
     ok: bool
-    ttfb: float  # seconds from the scheduled start to the first body byte
-    ttlb: float  # seconds from the scheduled start to the end of the answer
+    ttfb: float  # seconds from sending the request to the first body byte
+    ttlb: float  # seconds from sending the request to the end of the answer
     error: str = ""
+    lag: float = 0.0  # how late the generator started it (open loop only)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -54,8 +59,10 @@ async def _answer(
     url: str,
     headers: Mapping[str, str],
     body: bytes,
-    start: float,
+    scheduled: float | None = None,
 ) -> Sample:
+    start = time.perf_counter()
+    lag = start - scheduled if scheduled is not None else 0.0
     try:
         async with session.post(url, data=body, headers=headers) as response:
             first = await response.content.readany()
@@ -65,13 +72,13 @@ async def _answer(
                 tail = (tail + chunk)[-4096:]
             ttlb = time.perf_counter() - start
             if response.status != 200:
-                return Sample(False, ttfb, ttlb, f"HTTP {response.status}")
+                return Sample(False, ttfb, ttlb, f"HTTP {response.status}", lag)
             if _END not in tail:
-                return Sample(False, ttfb, ttlb, "answer without message_end")
-            return Sample(True, ttfb, ttlb)
+                return Sample(False, ttfb, ttlb, "answer without message_end", lag)
+            return Sample(True, ttfb, ttlb, "", lag)
     except (aiohttp.ClientError, TimeoutError) as exc:
         elapsed = time.perf_counter() - start
-        return Sample(False, elapsed, elapsed, f"{type(exc).__name__}: {exc}")
+        return Sample(False, elapsed, elapsed, f"{type(exc).__name__}: {exc}", lag)
 
 
 async def fetch(
@@ -120,7 +127,7 @@ async def answers(
 
     async def worker(session: aiohttp.ClientSession) -> None:
         for _ in queue:
-            samples.append(await _answer(session, url, headers, body, time.perf_counter()))
+            samples.append(await _answer(session, url, headers, body))
 
     async with _session() as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))

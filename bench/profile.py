@@ -1,11 +1,15 @@
 """Sampling the gateway under load with py-spy, and summarising where its time goes.
 
-``py-spy record --format raw`` writes collapsed stacks: one line per distinct
-stack, ``frame;frame;...;leaf COUNT``, each frame ``function (path)``. From
-them:
+``py-spy record --native --format raw`` writes collapsed stacks: one line per
+distinct stack, ``frame;frame;...;leaf COUNT``, each frame ``function (file:line)``,
+Python frames and C frames (the interpreter, uvloop, extension modules) mixed.
+From them, as shares of all samples:
 
-- ``by_package``: where the CPU is, by the package of the innermost frame (the
-  code actually running: the gateway, httpx, aiohttp, asyncio, ...);
+- ``garbage collection``: samples with the cyclic garbage collector on the stack
+  (it runs at whatever allocation crosses a threshold, so it is not charged to
+  that caller);
+- ``by_package``: the package of the innermost Python frame, that is the Python
+  code actually running (the gateway, httpx, aiohttp, asyncio, ...);
 - ``gateway_inclusive``: each gateway function with the share of samples in
   which it is on the stack (itself and everything it calls);
 - ``gateway_attributed``: each sample given to the innermost gateway frame on
@@ -28,6 +32,10 @@ from pathlib import Path
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<path>[^()]*?)(?::\d+)?\)$")
 _SITE = re.compile(r".*/site-packages/")
 _STDLIB = re.compile(r".*/lib/python3\.\d+/")
+GC = "garbage collection"
+_LOOP = "event loop (uvloop, C)"
+# The process's start-up frames sit at the root of every stack: not request work.
+_ROOT_FRAMES = ("gateway/__main__.py", "gateway/cli.py")
 
 
 def _where(path: str, repo: Path) -> str:
@@ -42,9 +50,14 @@ def _where(path: str, repo: Path) -> str:
     return path
 
 
+def _is_python(location: str) -> bool:
+    return location.endswith(".py") or location.startswith("<")
+
+
 def _package(location: str) -> str:
-    head = location.split("/", 1)[0]
-    return head.removesuffix(".py") if "/" in location or location.endswith(".py") else location
+    if location.startswith("<"):
+        return "(frozen stdlib)"
+    return location.split("/", 1)[0].removesuffix(".py")
 
 
 @dataclass
@@ -61,41 +74,53 @@ class Profile:
     def as_json(self, n: int = 20) -> dict[str, object]:
         return {
             "samples": self.samples,
+            "gc_pct": 100 * self.by_package[GC] / self.samples if self.samples else 0.0,
             "by_package_pct": dict(self.top(self.by_package, n)),
             "gateway_inclusive_pct": dict(self.top(self.gateway_inclusive, n)),
             "gateway_attributed_pct": dict(self.top(self.gateway_attributed, n)),
-            "leaf_functions_pct": dict(self.top(self.leaves, n)),
+            "python_leaf_pct": dict(self.top(self.leaves, n)),
         }
 
 
 def summarise(lines: Iterable[str], repo: Path) -> Profile:
     profile = Profile()
     for line in lines:
-        line = line.rstrip("\n")
-        if not line:
-            continue
-        stack, _, count_text = line.rpartition(" ")
+        stack, _, count_text = line.rstrip("\n").rpartition(" ")
         try:
             count = int(count_text)
         except ValueError:
             continue
-        frames = []
+        frames: list[tuple[str, str]] = []  # (location:function, location)
+        collecting = False
         for raw in stack.split(";"):
             match = _FRAME.match(raw)
             if match is None:
-                frames.append((raw, raw))
                 continue
+            collecting = collecting or match["func"].startswith("gc_collect")
             location = _where(match["path"], repo)
             frames.append((f"{location}:{match['func']}", location))
         if not frames:
             continue
         profile.samples += count
-        leaf_name, leaf_location = frames[-1]
-        profile.leaves[leaf_name] += count
-        profile.by_package[_package(leaf_location)] += count
-        own = [name for name, location in frames if location.startswith("gateway/")]
+        python = [(name, loc) for name, loc in frames if _is_python(loc)]
+        own = [
+            name
+            for name, loc in python
+            if loc.startswith("gateway/") and not loc.startswith(_ROOT_FRAMES)
+        ]
         for name in set(own):
             profile.gateway_inclusive[name] += count
+        if collecting:
+            profile.by_package[GC] += count
+            profile.gateway_attributed[GC] += count
+            profile.leaves[GC] += count
+            continue
+        leaf_name, leaf_location = python[-1] if python else (_LOOP, _LOOP)
+        if leaf_name == "asyncio/runners.py:Runner.run":
+            # Only the runner above: uvloop's own C code (polling, socket I/O, timers).
+            leaf_name = leaf_location = _LOOP
+        profile.leaves[leaf_name] += count
+        profile.by_package[_package(leaf_location)] += count
         profile.gateway_attributed[own[-1] if own else "outside gateway code"] += count
     return profile
 
@@ -116,7 +141,7 @@ def record(pid: int, seconds: int, out: Path, *, rate: int = 200) -> Profile | s
         return "py-spy not installed (pip install py-spy)"
     out.parent.mkdir(parents=True, exist_ok=True)
     argv = [spy, "record", "-p", str(pid), "-d", str(seconds), "-r", str(rate)]
-    argv += ["-f", "raw", "--nolineno", "-o", str(out)]
+    argv += ["--native", "-f", "raw", "--nolineno", "-o", str(out)]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not out.exists():
         return f"py-spy failed: {done.stderr.strip()[-500:]}"

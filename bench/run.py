@@ -36,13 +36,14 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import uvloop
 
 from bench import loadgen, report
 from bench import profile as profiling
@@ -58,6 +59,7 @@ BODY = (
 UPSTREAM_KEY = "app-bench-upstream-key"
 PATHS = ("direct", "naive", "fast", "gateway-sqlite", "gateway-postgres")
 GATEWAYS = ("gateway-sqlite", "gateway-postgres")
+PHASES = ("throughput", "latency", "profile", "database", "memory")
 # Limits high enough never to refuse, but all set, so that every check runs.
 PLAN = {
     "queries_per_day": 1_000_000_000,
@@ -87,6 +89,7 @@ class Settings:
     profile_seconds: int
     postgres: str
     paths: tuple[str, ...]
+    phases: tuple[str, ...]
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -109,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="PostgreSQL server (a fresh database is created and dropped on it)",
     )
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset")
+    parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset")
     args = parser.parse_args(argv)
     smoke: bool = args.smoke
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -116,6 +120,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     unknown = set(paths) - set(PATHS)
     if unknown:
         parser.error(f"unknown paths: {', '.join(sorted(unknown))} (known: {', '.join(PATHS)})")
+    phases = tuple(p for p in args.phases.split(",") if p)
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phases: {', '.join(sorted(unknown))} (known: {', '.join(PHASES)})")
     return Settings(
         smoke=smoke,
         out=args.out or REPO / "bench" / "results" / f"{'smoke' if smoke else 'run'}-{stamp}.json",
@@ -135,6 +143,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         profile_seconds=args.profile if args.profile is not None else (0 if smoke else 10),
         postgres=args.postgres,
         paths=paths,
+        phases=phases,
     )
 
 
@@ -238,6 +247,8 @@ class Bench:
         self.upstream: list[Server] = []
         self.upstream_port = free_port()
         self.paths: dict[str, Server] = {}
+        self.fresh: dict[str, Server] = {}
+        self.load: set[subprocess.Popen[bytes]] = set()  # running wrk processes
         self.keys: dict[str, str] = {}
         self.pg_db: str | None = None
         self.pg_url: str | None = None
@@ -445,10 +456,15 @@ default_plan = "bench"
     # --- phases --------------------------------------------------------------------------
 
     async def start_paths(self) -> None:
+        """Start every proxy, and (untouched until the memory phase) a fresh one of each
+        for measuring memory, which must not have grown its heap under wrk first."""
         for path in self.s.paths:
             if path != "direct":
                 self.paths[path] = self._start(path, path)
-        await asyncio.gather(*(server.wait_listening() for server in self.paths.values()))
+                if "memory" in self.s.phases:
+                    self.fresh[path] = self._start(path, f"{path}-memory")
+        servers = [*self.paths.values(), *self.fresh.values()]
+        await asyncio.gather(*(server.wait_listening() for server in servers))
 
     async def verify(self) -> None:
         """Every path must stream a complete answer before anything is measured."""
@@ -468,11 +484,15 @@ default_plan = "bench"
         argv += ["-s", str(LUA), self.url(path).removesuffix("/v1/chat-messages")]
         env = {**os.environ, "BENCH_AUTH": self.key(path), "BENCH_BODY": BODY.decode()}
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        assert proc.stdout is not None
-        output = proc.stdout.read().decode(errors="replace")
-        # wait4 rather than wait: the load generator's own CPU time.
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        self.load.add(proc)
+        try:
+            assert proc.stdout is not None
+            output = proc.stdout.read().decode(errors="replace")
+            # wait4 rather than wait: the load generator's own CPU time.
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        finally:
+            self.load.discard(proc)
         line = next((ln for ln in output.splitlines() if ln.startswith("BENCH_JSON ")), None)
         if proc.returncode != 0 or line is None:
             raise RuntimeError(f"wrk failed ({proc.returncode}):\n{output}")
@@ -509,7 +529,7 @@ default_plan = "bench"
                     cell.upstream_cpu += self.upstream_cpu() - up0
                     cell.wrk_cpu += result.cpu_seconds
                     # Let the gateways settle the answers wrk cut off at the end.
-                    await asyncio.sleep(0.5)
+                    await asyncio.sleep(0.2 if self.s.smoke else 0.5)
         self.results["throughput"] = {
             path: {level: cell.as_json() for level, cell in by_level.items()}
             for path, by_level in totals.items()
@@ -532,6 +552,10 @@ default_plan = "bench"
         for path, got in samples.items():
             ok = [s for s in got if s.ok]
             out[path] = {
+                "generator_lag_ms": {
+                    q: 1000 * loadgen.percentile([s.lag for s in got], float(q[1:]))
+                    for q in ("p50", "p99")
+                },
                 "samples": len(ok),
                 "failed": len(got) - len(ok),
                 "failures": sorted({s.error for s in got if not s.ok})[:5],
@@ -637,22 +661,25 @@ default_plan = "bench"
         }
 
     async def memory(self) -> None:
-        fresh = {p: self._start(p, f"{p}-memory") for p in self.s.paths if p != "direct"}
-        await asyncio.gather(*(server.wait_listening() for server in fresh.values()))
+        """RSS of a fresh process after a warm-up of 50 answers, then while
+        ``streams`` answers are open on a slow upstream (first event sent, the next
+        not due for ``stream_delay_ms``); per stream is the difference over the
+        streams that opened."""
         out: dict[str, Any] = {}
+        settle = 0.3 if self.s.smoke else 1.0
         try:
-            for path, server in fresh.items():
+            for path, server in self.fresh.items():
                 url = f"http://127.0.0.1:{server.port}/v1/chat-messages"
                 await loadgen.answers(url, self.headers(path), BODY, count=50, concurrency=10)
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(settle)
                 before = server.rss_bytes()
 
                 async def measure(server: Server = server) -> int:
-                    await asyncio.sleep(1.0)
+                    await asyncio.sleep(settle)
                     peak = 0
                     for _ in range(3):
                         peak = max(peak, server.rss_bytes())
-                        await asyncio.sleep(0.3)
+                        await asyncio.sleep(0.1)
                     return peak
 
                 opened, during = await loadgen.hold_streams(
@@ -673,10 +700,11 @@ default_plan = "bench"
                     self.results["notes"].append(
                         f"memory: only {opened} of {self.s.streams} streams opened on {path}"
                     )
-                await self.servers.stop(server, grace=1.0)
+                # Killed, not drained: nothing of it is measured any more.
+                await self.servers.stop(server, grace=0.2)
         finally:
-            for server in fresh.values():
-                await self.servers.stop(server, grace=1.0)
+            for server in self.fresh.values():
+                await self.servers.stop(server, grace=0.2)
         self.results["memory"] = out
 
     def recorded(self) -> dict[str, int]:
@@ -701,29 +729,58 @@ default_plan = "bench"
 
     # --- the whole run -------------------------------------------------------------------
 
+    async def _phase(self, name: str, *steps: Coroutine[Any, Any, None]) -> None:
+        """Run steps in order, adding the time they took to ``phase_seconds``."""
+        started = time.perf_counter()
+        try:
+            for step in steps:
+                await step
+        finally:
+            for step in steps:
+                step.close()  # the ones not reached, after a failure
+        timings = self.results.setdefault("phase_seconds", {})
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - started, 1)
+
     async def run(self) -> dict[str, Any]:
         try:
-            await self.start_upstream()
-            await self.setup_databases()
-            await self.start_paths()
-            await self.verify()
-            await self.throughput()
-            await self.latency()
-            if self.s.profile_seconds:
-                await self.profile()
-            for server in list(self.paths.values()):
-                await self.servers.stop(server)
-            if "gateway-postgres" in self.s.paths:
-                await self.database()
-            await self.memory()
+            await self._phase("start", self.start_upstream(), self.setup_databases())
+            await self._phase("start", self.start_paths(), self.verify())
+            phases = self.s.phases
+            if "throughput" in phases:
+                await self._phase("throughput", self.throughput())
+            if "latency" in phases:
+                await self._phase("latency", self.latency())
+            if "profile" in phases and self.s.profile_seconds:
+                await self._phase("profile", self.profile())
+            await self._phase("stop", *(self.servers.stop(s) for s in self.paths.values()))
+            if "memory" in phases:
+                await self._phase("memory", self.memory())
+            # Last: it needs every other connection to the database closed.
+            if "database" in phases and "gateway-postgres" in self.s.paths:
+                await self._phase("database", self.database())
             ledger = self.recorded()
             pg = await self.recorded_postgres()
             if pg is not None:
                 ledger["gateway-postgres"] = pg
             self.results["ledger_rows"] = ledger
+            for path, rows in ledger.items():
+                # Every answer a client saw complete must be in the ledger (answers
+                # cut off by wrk's end are recorded too, so this is a lower bound).
+                seen = 1 + sum(
+                    level["answers"]
+                    for level in self.results.get("throughput", {}).get(path, {}).values()
+                )
+                seen += self.results.get("latency", {}).get(path, {}).get("samples", 0)
+                if rows < seen:
+                    self.results["notes"].append(
+                        f"{path}: {rows} answers in the ledger, fewer than the {seen} completed"
+                    )
             self.results["targets"] = report.targets(self.results)
             return self.results
         finally:
+            for proc in list(self.load):
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
             await self.servers.stop_all()
             with contextlib.suppress(OSError, asyncpg.PostgresError):
                 await self.drop_database()
@@ -763,10 +820,13 @@ def main(argv: list[str] | None = None) -> int:
     _raise_open_files(4 * settings.streams + 1024)
     started = time.perf_counter()
     try:
-        results = asyncio.run(_main(settings))
+        results = uvloop.run(_main(settings))
     except (RuntimeError, OSError, asyncpg.PostgresError) as exc:
         print(f"bench: failed: {exc}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("bench: interrupted; every server it started is stopped", file=sys.stderr)
+        return 130
     results["elapsed_s"] = round(time.perf_counter() - started, 1)
     settings.out.parent.mkdir(parents=True, exist_ok=True)
     settings.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
