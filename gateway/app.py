@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
+from gateway import dashboard
 from gateway.admin import admin_routes, usage_routes
 from gateway.clock import Clock
 from gateway.config import Config, load_config
@@ -66,6 +67,7 @@ class GatewayApp:
                 Route("/metrics", metrics),
                 *usage_routes,
                 Mount("/admin", routes=admin_routes),
+                Mount("/dashboard", routes=dashboard.routes),
             ],
             lifespan=lifespan,
         )
