@@ -324,17 +324,9 @@ admin_routes: list[BaseRoute] = [
 
 
 async def _end_user(request: Request, gw: Gateway) -> str:
-    config = gw.config
     authorization = request.headers.get("authorization", "").encode("latin-1") or None
-    user_header = request.headers.get(config.auth.trusted_header.user_header, "").encode() or None
-    identity = await gw.auth.authenticate(authorization, user_header)
-    if config.auth.mode != "api_key":
-        await gw.users.resolve(
-            identity,
-            default_plan=config.accounting.default_plan,
-            create=config.auth.unknown_users == "create",
-        )
-    return identity.user_id
+    header = request.headers.get(gw.config.auth.trusted_header.user_header, "")
+    return await gw.identify(authorization, header.encode() or None)
 
 
 async def my_usage(request: Request) -> Response:

@@ -246,17 +246,10 @@ class Proxy:
         forward.append(gw.upstream_authorization)
 
         try:
-            identity = await gw.auth.authenticate(authorization, user_header)
-            if config.auth.mode != "api_key":
-                await gw.users.resolve(
-                    identity,
-                    default_plan=config.accounting.default_plan,
-                    create=config.auth.unknown_users == "create",
-                )
+            user_id = await gw.identify(authorization, user_header)
         except StorageError as exc:
             gw.metrics.inc("gateway_storage_errors_total", operation="authenticate")
             raise StorageError("The usage database is unavailable; try again shortly.") from exc
-        user_id = identity.user_id
         route = upstream.route(method, path)
         field = upstream.user_field
         if route.produces_answer:

@@ -135,6 +135,19 @@ class Gateway:
             )
             self._sighup = True
 
+    async def identify(self, authorization: bytes | None, user_header: bytes | None) -> str:
+        """The end user behind a request's credential (created on first use, or
+        refused, in the modes that can name users the gateway has not seen)."""
+        config = self.config
+        identity = await self.auth.authenticate(authorization, user_header)
+        if config.auth.mode != "api_key":
+            await self.users.resolve(
+                identity,
+                default_plan=config.accounting.default_plan,
+                create=config.auth.unknown_users == "create",
+            )
+        return identity.user_id
+
     async def request_finished(self) -> None:
         self.finished.bump()
 

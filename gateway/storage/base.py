@@ -15,6 +15,28 @@ from decimal import Decimal
 from typing import Literal, Protocol
 
 OverrideValue = int | float | bool | None  # None: explicitly unlimited
+
+# Column lists in the order the records take them; both backends' SQL uses them so
+# that a row maps onto its record the same way everywhere.
+USER_COLUMNS = (
+    "u.id, u.plan, u.overrides, u.lifetime_prompt_tokens, u.lifetime_completion_tokens, "
+    "u.lifetime_tokens, u.lifetime_cost, u.created_at"
+)
+DAILY_COLUMNS = (
+    "user_id, day, queries, advanced_rag, web_searches, uploads, upload_bytes, "
+    "prompt_tokens, completion_tokens, total_tokens, cost"
+)
+EVENT_COLUMNS = (
+    "answer_id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens, "
+    "total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id, "
+    "request_id, upstream_latency_ms, overhead_ms"
+)
+KEY_COLUMNS = "id, user_id, name, prefix, created_at, revoked_at"
+USER_SORTS: dict[str, str] = {
+    "id": "u.id",
+    "lifetime_tokens": "u.lifetime_tokens",
+    "tokens_today": "coalesce(d.total_tokens, 0)",
+}
 UserSort = Literal["id", "lifetime_tokens", "tokens_today"]
 
 

@@ -24,6 +24,11 @@ import orjson
 from gateway.errors import NotFound, StorageError
 from gateway.storage import migrations
 from gateway.storage.base import (
+    DAILY_COLUMNS,
+    EVENT_COLUMNS,
+    KEY_COLUMNS,
+    USER_COLUMNS,
+    USER_SORTS,
     Admission,
     AdmissionLimits,
     ApiKey,
@@ -42,25 +47,6 @@ from gateway.storage.base import (
 _MIGRATION_LOCK = 0x6761_7465_7761_79
 _EXPORT_BATCH = 1000
 
-_USER_COLUMNS = (
-    "u.id, u.plan, u.overrides, u.lifetime_prompt_tokens, u.lifetime_completion_tokens, "
-    "u.lifetime_tokens, u.lifetime_cost, u.created_at"
-)
-_DAILY_COLUMNS = (
-    "user_id, day, queries, advanced_rag, web_searches, uploads, upload_bytes, "
-    "prompt_tokens, completion_tokens, total_tokens, cost"
-)
-_EVENT_COLUMNS = (
-    "answer_id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens, "
-    "total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id, "
-    "request_id, upstream_latency_ms, overhead_ms"
-)
-_SORTS: dict[str, str] = {
-    "id": "u.id",
-    "lifetime_tokens": "u.lifetime_tokens",
-    "tokens_today": "coalesce(d.total_tokens, 0)",
-}
-_KEY_COLUMNS = "id, user_id, name, prefix, created_at, revoked_at"
 
 _ADMIT = "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 _SETTLE = "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
@@ -170,7 +156,7 @@ class PostgresStorage:
     async def get_user(self, user_id: str) -> User | None:
         with _mapped():
             row = await self._pool.fetchrow(
-                f"SELECT {_USER_COLUMNS} FROM users u WHERE u.id = $1", user_id
+                f"SELECT {USER_COLUMNS} FROM users u WHERE u.id = $1", user_id
             )
         return _user(row) if row else None
 
@@ -181,7 +167,7 @@ class PostgresStorage:
             row = await self._pool.fetchrow(
                 "INSERT INTO users AS u (id, plan) VALUES ($1, $2) "
                 "ON CONFLICT (id) DO UPDATE SET id = u.id "
-                f"RETURNING {_USER_COLUMNS}",
+                f"RETURNING {USER_COLUMNS}",
                 user_id,
                 plan,
             )
@@ -237,10 +223,10 @@ class PostgresStorage:
         offset: int = 0,
     ) -> list[UserSummary]:
         where, params = self._user_filter(plan, search, first=4)
-        order = f"{_SORTS[sort]} {'DESC' if descending else 'ASC'}, u.id ASC"
-        daily = ", ".join(f"d.{c}" for c in _DAILY_COLUMNS.split(", "))
+        order = f"{USER_SORTS[sort]} {'DESC' if descending else 'ASC'}, u.id ASC"
+        daily = ", ".join(f"d.{c}" for c in DAILY_COLUMNS.split(", "))
         sql = (
-            f"SELECT {_USER_COLUMNS}, {daily} FROM users u "
+            f"SELECT {USER_COLUMNS}, {daily} FROM users u "
             f"LEFT JOIN usage_daily d ON d.user_id = u.id AND d.day = $1{where} "
             f"ORDER BY {order} LIMIT $2 OFFSET $3"
         )
@@ -269,7 +255,7 @@ class PostgresStorage:
         with _mapped():
             row = await self._pool.fetchrow(
                 "INSERT INTO api_keys (id, user_id, key_hash, prefix, name, created_at) "
-                f"VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_KEY_COLUMNS}",
+                f"VALUES ($1, $2, $3, $4, $5, $6) RETURNING {KEY_COLUMNS}",
                 key_id,
                 user_id,
                 key_hash,
@@ -282,7 +268,7 @@ class PostgresStorage:
     async def find_key(self, key_hash: str) -> ApiKey | None:
         with _mapped():
             row = await self._pool.fetchrow(
-                f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = $1", key_hash
+                f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = $1", key_hash
             )
         return _key(row) if row else None
 
@@ -290,7 +276,7 @@ class PostgresStorage:
         with _mapped():
             row = await self._pool.fetchrow(
                 "UPDATE api_keys SET revoked_at = coalesce(revoked_at, $2) WHERE id = $1 "
-                f"RETURNING {_KEY_COLUMNS}",
+                f"RETURNING {KEY_COLUMNS}",
                 key_id,
                 now,
             )
@@ -301,7 +287,7 @@ class PostgresStorage:
     async def list_keys(self, user_id: str) -> list[ApiKey]:
         with _mapped():
             rows = await self._pool.fetch(
-                f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE user_id = $1 ORDER BY created_at, id",
+                f"SELECT {KEY_COLUMNS} FROM api_keys WHERE user_id = $1 ORDER BY created_at, id",
                 user_id,
             )
         return [_key(row) for row in rows]
@@ -411,7 +397,7 @@ class PostgresStorage:
     async def daily(
         self, start: date, end: date, *, user_id: str | None = None
     ) -> list[DailyUsage]:
-        sql = f"SELECT {_DAILY_COLUMNS} FROM usage_daily WHERE day >= $1 AND day <= $2"
+        sql = f"SELECT {DAILY_COLUMNS} FROM usage_daily WHERE day >= $1 AND day <= $2"
         params: list[Any] = [start, end]
         if user_id is not None:
             sql += " AND user_id = $3"
@@ -425,7 +411,7 @@ class PostgresStorage:
     ) -> AsyncIterator[UsageEvent]:
         # Keyset pagination on seq rather than a cursor: no connection or
         # transaction is held between batches while the consumer writes them out.
-        sql = f"SELECT seq, {_EVENT_COLUMNS} FROM usage_events WHERE day >= $1 AND day <= $2 AND seq > $3"
+        sql = f"SELECT seq, {EVENT_COLUMNS} FROM usage_events WHERE day >= $1 AND day <= $2 AND seq > $3"
         params: list[Any] = [start, end]
         if user_id is not None:
             sql += " AND user_id = $4"
@@ -450,7 +436,7 @@ class PostgresStorage:
         if user_id is not None:
             where += " AND user_id = $5"
             params.append(user_id)
-        sql = f"SELECT {_DAILY_COLUMNS} FROM usage_daily WHERE {where} ORDER BY day, user_id LIMIT {_EXPORT_BATCH}"
+        sql = f"SELECT {DAILY_COLUMNS} FROM usage_daily WHERE {where} ORDER BY day, user_id LIMIT {_EXPORT_BATCH}"
         after: tuple[date, str] = (date.min, "")
         while True:
             with _mapped():

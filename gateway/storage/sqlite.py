@@ -26,6 +26,10 @@ import orjson
 from gateway.errors import NotFound, StorageError
 from gateway.storage import migrations
 from gateway.storage.base import (
+    DAILY_COLUMNS,
+    EVENT_COLUMNS,
+    USER_COLUMNS,
+    USER_SORTS,
     Admission,
     AdmissionLimits,
     ApiKey,
@@ -43,24 +47,6 @@ from gateway.storage.base import (
 T = TypeVar("T")
 
 _EXPORT_BATCH = 1000
-_USER_COLUMNS = (
-    "u.id, u.plan, u.overrides, u.lifetime_prompt_tokens, u.lifetime_completion_tokens, "
-    "u.lifetime_tokens, u.lifetime_cost, u.created_at"
-)
-_DAILY_COLUMNS = (
-    "user_id, day, queries, advanced_rag, web_searches, uploads, upload_bytes, "
-    "prompt_tokens, completion_tokens, total_tokens, cost"
-)
-_EVENT_COLUMNS = (
-    "answer_id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens, "
-    "total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id, "
-    "request_id, upstream_latency_ms, overhead_ms"
-)
-_SORTS: dict[str, str] = {
-    "id": "u.id",
-    "lifetime_tokens": "u.lifetime_tokens",
-    "tokens_today": "coalesce(d.total_tokens, 0)",
-}
 
 
 class _DecimalSum:
@@ -253,7 +239,7 @@ class SQLiteStorage:
     async def get_user(self, user_id: str) -> User | None:
         def run(conn: sqlite3.Connection) -> User | None:
             row = conn.execute(
-                f"SELECT {_USER_COLUMNS} FROM users u WHERE u.id = ?", (user_id,)
+                f"SELECT {USER_COLUMNS} FROM users u WHERE u.id = ?", (user_id,)
             ).fetchone()
             return _user(row) if row else None
 
@@ -267,7 +253,7 @@ class SQLiteStorage:
             )
             return _user(
                 conn.execute(
-                    f"SELECT {_USER_COLUMNS} FROM users u WHERE u.id = ?", (user_id,)
+                    f"SELECT {USER_COLUMNS} FROM users u WHERE u.id = ?", (user_id,)
                 ).fetchone()
             )
 
@@ -330,9 +316,9 @@ class SQLiteStorage:
         offset: int = 0,
     ) -> list[UserSummary]:
         where, params = self._user_filter(plan, search)
-        order = f"{_SORTS[sort]} {'DESC' if descending else 'ASC'}, u.id ASC"
+        order = f"{USER_SORTS[sort]} {'DESC' if descending else 'ASC'}, u.id ASC"
         sql = (
-            f"SELECT {_USER_COLUMNS}, d.{', d.'.join(_DAILY_COLUMNS.split(', '))} FROM users u "
+            f"SELECT {USER_COLUMNS}, d.{', d.'.join(DAILY_COLUMNS.split(', '))} FROM users u "
             "LEFT JOIN usage_daily d ON d.user_id = u.id AND d.day = ?"
             f"{where} ORDER BY {order} LIMIT ? OFFSET ?"
         )
@@ -537,7 +523,7 @@ class SQLiteStorage:
             if lease_id is not None:
                 conn.execute("DELETE FROM stream_leases WHERE id = ?", (lease_id,))
             inserted = conn.execute(
-                f"INSERT INTO usage_events ({_EVENT_COLUMNS}) "
+                f"INSERT INTO usage_events ({EVENT_COLUMNS}) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (answer_id) DO NOTHING",
                 (
@@ -601,7 +587,7 @@ class SQLiteStorage:
     async def daily(
         self, start: date, end: date, *, user_id: str | None = None
     ) -> list[DailyUsage]:
-        sql = f"SELECT {_DAILY_COLUMNS} FROM usage_daily WHERE day >= ? AND day <= ?"
+        sql = f"SELECT {DAILY_COLUMNS} FROM usage_daily WHERE day >= ? AND day <= ?"
         params: list[Any] = [start.isoformat(), end.isoformat()]
         if user_id is not None:
             sql += " AND user_id = ?"
@@ -616,7 +602,9 @@ class SQLiteStorage:
     ) -> AsyncIterator[UsageEvent]:
         # Keyset pagination on seq: each batch is a short read, so a long export
         # never holds a transaction open against the writers.
-        sql = f"SELECT seq, {_EVENT_COLUMNS} FROM usage_events WHERE day >= ? AND day <= ? AND seq > ?"
+        sql = (
+            f"SELECT seq, {EVENT_COLUMNS} FROM usage_events WHERE day >= ? AND day <= ? AND seq > ?"
+        )
         params: list[Any] = [start.isoformat(), end.isoformat()]
         if user_id is not None:
             sql += " AND user_id = ?"
@@ -644,7 +632,7 @@ class SQLiteStorage:
         if user_id is not None:
             where += " AND user_id = ?"
             extra.append(user_id)
-        sql = f"SELECT {_DAILY_COLUMNS} FROM usage_daily WHERE {where} ORDER BY day, user_id LIMIT {_EXPORT_BATCH}"
+        sql = f"SELECT {DAILY_COLUMNS} FROM usage_daily WHERE {where} ORDER BY day, user_id LIMIT {_EXPORT_BATCH}"
         after = ("", "")
         while True:
             params = [start.isoformat(), end.isoformat(), after[0], after[0], after[1], *extra]
