@@ -24,19 +24,18 @@ import httpx
 import pytest
 from starlette.datastructures import Headers
 
-from gateway import dashboard
-from gateway.dashboard import (
+from gateway.dashboard.formats import number_format
+from gateway.dashboard.render import Html, render
+from gateway.dashboard.session import (
     COOKIE,
-    Html,
     csrf_token,
     new_session,
-    number_format,
-    render,
     safe_next,
     same_origin,
     session_key,
     session_valid,
 )
+from gateway.dashboard.users_table import PAGE_SIZE
 from gateway.keys import hash_key
 from gateway.storage import AdmissionLimits, UsageEvent
 from tests.harness import USER, Harness, running_gateway
@@ -387,7 +386,7 @@ async def test_the_table_sorts_filters_and_pages(sqlite_url: str) -> None:
 
         first = await c.get("/dashboard/")  # default: most lifetime tokens first
         assert ids(first.text)[:3] == ["user54", "user53", "user52"]
-        assert len(ids(first.text)) == dashboard.PAGE_SIZE
+        assert len(ids(first.text)) == PAGE_SIZE
         assert "56 users" in first.text  # and alice
         assert '<span class="badge">55.000</span>' in first.text
         second = await c.get("/dashboard/", params={"page": 2})

@@ -1,0 +1,327 @@
+"""One user's page at /dashboard/users/{id}, and the forms on it.
+
+Today's use against the user's limits, lifetime totals, the last 30 days (a chart
+drawn by ``static/dashboard.js`` from ``data-series``, with the same numbers in a
+table that needs no JavaScript), the plan, the keys and the export links. A form
+posts and then redirects back to the page (post/redirect/get), except creating a
+key: that answer is the page itself, the only place the new secret is ever shown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, tzinfo
+from decimal import Decimal
+from typing import Any, Final
+from urllib.parse import quote, urlencode
+
+import orjson
+from starlette.responses import RedirectResponse, Response
+
+from gateway.dashboard.formats import NumberFormat
+from gateway.dashboard.render import Html, badge, concat, message, options, render, user_path
+from gateway.dashboard.signin import Page, signed_in
+
+CHART_DAYS: Final = 30
+
+_LIMIT_LABELS: Final = {
+    "queries_per_day": "Queries per day",
+    "tokens_per_day": "Tokens per day",
+    "tokens_per_month": "Tokens per month",
+    "web_searches_per_day": "Web searches per day",
+    "advanced_rag": "Advanced RAG",
+    "file_size_mb": "Largest upload (MiB)",
+    "chat_history_days": "Chat history (days)",
+    "max_concurrent_streams": "Concurrent answers",
+}
+
+_USER = """<p class="crumbs"><a href="{base}/">Users</a> /</p>
+<h1 class="user-id">{id}</h1>
+<p class="muted">Plan <strong class="plan">{plan}</strong>{plan_note} · since {created} · today is {day} · times in {timezone}</p>
+{notice}{secret}<div class="grid">
+<section class="card">
+<h2>Today</h2>
+<div class="scroll">
+<table class="limits">
+<thead><tr><th scope="col">Limit</th><th scope="col" class="num">Used</th><th scope="col" class="num">Limit</th><th scope="col" class="num">Remaining</th><th scope="col">Resets</th></tr></thead>
+<tbody>
+{limits}</tbody>
+</table>
+</div>
+</section>
+<section class="card">
+<h2>Lifetime</h2>
+<dl class="totals">
+<dt>Total tokens</dt><dd>{lifetime_tokens}</dd>
+<dt>Prompt tokens</dt><dd>{prompt_tokens}</dd>
+<dt>Completion tokens</dt><dd>{completion_tokens}</dd>
+<dt>Cost</dt><dd>{lifetime_cost}</dd>
+</dl>
+<h2>Plan</h2>
+<form class="row" method="post" action="{user_url}/plan">
+{csrf}<label for="plan" class="visually-hidden">Plan</label>
+<select id="plan" name="plan">{plan_options}</select>
+<button type="submit">Change plan</button>
+</form>
+<h3>Overrides</h3>
+{overrides}</section>
+</div>
+<section class="card">
+<h2>Last {days} days</h2>
+<div id="chart" class="chart" role="img" aria-label="Tokens, queries and web searches per day, last {days} days" data-locale="{locale}" data-series="{series}"></div>
+<noscript><p class="muted">The chart needs JavaScript; the table below has the same numbers.</p></noscript>
+<details class="daily">
+<summary>Daily numbers</summary>
+<div class="scroll">
+<table>
+<thead><tr><th scope="col">Day</th><th scope="col" class="num">Tokens</th><th scope="col" class="num">Prompt</th><th scope="col" class="num">Completion</th><th scope="col" class="num">Queries</th><th scope="col" class="num">Web searches</th><th scope="col" class="num">Cost</th></tr></thead>
+<tbody>
+{daily}</tbody>
+</table>
+</div>
+</details>
+</section>
+<section class="card">
+<h2>Keys</h2>
+<div class="scroll">
+<table class="keys">
+<thead><tr><th scope="col">Id</th><th scope="col">Name</th><th scope="col">Prefix</th><th scope="col">Created</th><th scope="col">Status</th></tr></thead>
+<tbody>
+{keys}</tbody>
+</table>
+</div>
+<form class="row" method="post" action="{user_url}/keys">
+{csrf}<label for="key-name">New key</label>
+<input id="key-name" name="name" maxlength="100" placeholder="name (optional)">
+<button type="submit">Create key</button>
+</form>
+</section>
+<section class="card">
+<h2>Export</h2>
+<p>Last {days} days: ledger <a href="{events_csv}">CSV</a> · <a href="{events_json}">JSON</a>; daily rows <a href="{daily_csv}">CSV</a> · <a href="{daily_json}">JSON</a></p>
+<form class="row" method="get" action="{export}/events">
+<input type="hidden" name="user" value="{id}">
+<label>From <input type="date" name="from" value="{start}" required></label>
+<label>To <input type="date" name="to" value="{end}" required></label>
+<label>Format <select name="format"><option>csv</option><option>json</option></select></label>
+<button type="submit">Ledger</button>
+<button type="submit" formaction="{export}/daily">Daily rows</button>
+</form>
+</section>
+"""
+
+_LIMIT_ROW = """<tr><th scope="row">{label}</th><td class="num">{used}</td><td class="num">{limit}</td><td class="num">{remaining}{meter}</td><td>{resets}</td></tr>
+"""
+
+_DAY_ROW = """<tr><td>{day}</td><td class="num">{tokens}</td><td class="num">{prompt}</td><td class="num">{completion}</td><td class="num">{queries}</td><td class="num">{web}</td><td class="num">{cost}</td></tr>
+"""
+
+_KEY_ROW = """<tr><td><code>{id}</code></td><td>{name}</td><td><code>{prefix}…</code></td><td>{created}</td><td>{status}</td></tr>
+"""
+
+_REVOKE = """<form method="post" action="{action}" class="inline">
+{csrf}<button type="submit" class="danger">Revoke</button>
+</form>"""
+
+_SECRET = """<div class="notice secret" role="status">
+<p>Key <code>{id}</code> created. Copy the secret now: it is not shown again.</p>
+<code class="secret-value">{secret}</code>
+</div>
+"""
+
+_NOTICES: Final = {"plan": "Plan changed.", "revoked": "Key revoked."}
+
+
+def _when(iso: str | None, tz: tzinfo) -> str:
+    """An ISO 8601 time as ``2025-01-31 00:00`` in the accounting time zone."""
+    return "—" if iso is None else f"{datetime.fromisoformat(iso).astimezone(tz):%Y-%m-%d %H:%M}"
+
+
+def _amount(numbers: NumberFormat, value: object) -> str:
+    if value is None:
+        return "unlimited"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return numbers.number(value)
+    return numbers.decimal(Decimal(str(value)), places=2, min_places=0)
+
+
+def _limit_rows(numbers: NumberFormat, limits: Mapping[str, Mapping[str, Any]], tz: tzinfo) -> Html:
+    rows = []
+    for name, entry in limits.items():
+        label = _LIMIT_LABELS.get(name, name)
+        if "allowed" in entry:  # a feature switch with a daily count
+            cells = {
+                "used": numbers.number(entry["used"]),
+                "limit": "allowed" if entry["allowed"] else "not allowed",
+                "remaining": "—",
+                "meter": Html(""),
+                "resets": _when(entry.get("resets_at"), tz),
+            }
+        elif "used" in entry:
+            limit, used = entry["limit"], entry["used"]
+            meter = (
+                render('<meter min="0" max="{max}" value="{value}"></meter>', max=limit, value=used)
+                if limit
+                else Html("")
+            )
+            cells = {
+                "used": numbers.number(used),
+                "limit": _amount(numbers, limit),
+                "remaining": _amount(numbers, entry["remaining"]),
+                "meter": meter,
+                "resets": _when(entry.get("resets_at"), tz),
+            }
+        else:  # a size or a span, not a counter
+            cells = {
+                "used": "—",
+                "limit": _amount(numbers, entry["limit"]),
+                "remaining": "—",
+                "meter": Html(""),
+                "resets": "—",
+            }
+        rows.append(render(_LIMIT_ROW, label=label, **cells))
+    return concat(rows)
+
+
+def _overrides(numbers: NumberFormat, overrides: Mapping[str, Any]) -> Html:
+    if not overrides:
+        return Html('<p class="muted">None: the plan applies as configured.</p>\n')
+    items = concat(
+        render(
+            "<dt>{label}</dt><dd>{value}</dd>",
+            label=_LIMIT_LABELS.get(name, name),
+            value=_amount(numbers, value),
+        )
+        for name, value in sorted(overrides.items())
+    )
+    return render('<dl class="totals">{items}</dl>\n', items=items)
+
+
+async def _user_page(
+    page: Page, user_id: str, *, secret: tuple[str, str] | None = None, status: int = 200
+) -> Response:
+    gateway, base, numbers, tz = page.gateway, page.base, page.numbers, page.gateway.tz
+    detail = await gateway.reports.detail(user_id, days=CHART_DAYS)
+    user_url = user_path(base, user_id)
+    daily = detail["daily"]
+    start, end = daily[0]["day"], daily[-1]["day"]
+    export = f"{base}/export"  # see gateway.dashboard.exports
+
+    def export_link(kind: str, fmt: str) -> str:
+        params = {"from": start, "to": end, "user": user_id, "format": fmt}
+        return f"{export}/{kind}?{urlencode(params)}"
+
+    keys = concat(
+        render(
+            _KEY_ROW,
+            id=k["id"],
+            name=k["name"] or "—",
+            prefix=k["prefix"],
+            created=_when(k["created_at"], tz),
+            status=render("revoked {when}", when=_when(k["revoked_at"], tz))
+            if k["revoked_at"]
+            else render(
+                _REVOKE,
+                action=f"{user_url}/keys/{quote(k['id'], safe='')}/revoke",
+                csrf=page.csrf_field(),
+            ),
+        )
+        for k in detail["keys"]
+    ) or Html('<tr><td colspan="5" class="muted">No keys.</td></tr>\n')
+    days = concat(
+        render(
+            _DAY_ROW,
+            day=row["day"],
+            tokens=numbers.number(row["total_tokens"]),
+            prompt=numbers.number(row["prompt_tokens"]),
+            completion=numbers.number(row["completion_tokens"]),
+            queries=numbers.number(row["queries"]),
+            web=numbers.number(row["web_searches"]),
+            cost=numbers.money(Decimal(row["cost"])),
+        )
+        for row in reversed(daily)
+    )
+    series = [
+        {k: row[k] for k in ("day", "total_tokens", "queries", "web_searches")} for row in daily
+    ]
+    lifetime = detail["lifetime"]
+    stored = detail["stored_plan"]
+    plans = list(gateway.config.plans)
+    notice = _NOTICES.get(page.request.query_params.get("done", ""))
+    body = render(
+        _USER,
+        base=base,
+        id=user_id,
+        plan=detail["plan"],
+        plan_note=""
+        if stored == detail["plan"]
+        else f" (stored plan {stored!r} is no longer configured)",
+        created=_when(detail["created_at"], tz),
+        day=detail["day"],
+        timezone=detail["timezone"],
+        notice=render('<p class="notice" role="status">{n}</p>\n', n=notice) if notice else "",
+        secret=render(_SECRET, id=secret[0], secret=secret[1]) if secret else "",
+        limits=_limit_rows(numbers, detail["limits"], tz),
+        lifetime_tokens=badge(numbers.number(lifetime["total_tokens"]), lifetime["total_tokens"]),
+        prompt_tokens=numbers.number(lifetime["prompt_tokens"]),
+        completion_tokens=numbers.number(lifetime["completion_tokens"]),
+        lifetime_cost=numbers.money(Decimal(lifetime["cost"])),
+        user_url=user_url,
+        csrf=page.csrf_field(),
+        plan_options=options(((p, p) for p in plans), detail["plan"]),
+        overrides=_overrides(numbers, detail["overrides"]),
+        days=CHART_DAYS,
+        locale=numbers.locale,
+        series=orjson.dumps(series).decode(),
+        daily=days,
+        keys=keys,
+        export=export,
+        events_csv=export_link("events", "csv"),
+        events_json=export_link("events", "json"),
+        daily_csv=export_link("daily", "csv"),
+        daily_json=export_link("daily", "json"),
+        start=start,
+        end=end,
+    )
+    return page.document(user_id, body, script=True, status=status)
+
+
+@signed_in
+async def user(page: Page) -> Response:
+    return await _user_page(page, page.request.path_params["user_id"])
+
+
+def _back_to(page: Page, user_id: str, done: str) -> Response:
+    # Post/redirect/get: a reload shows the page instead of repeating the change.
+    return RedirectResponse(f"{user_path(page.base, user_id)}?done={done}", 303)
+
+
+@signed_in
+async def change_plan(page: Page) -> Response:
+    user_id = page.request.path_params["user_id"]
+    await page.gateway.reports.user(user_id)
+    await page.gateway.set_plan(user_id, page.form.get("plan", ""))
+    return _back_to(page, user_id, "plan")
+
+
+@signed_in
+async def create_key(page: Page) -> Response:
+    user_id = page.request.path_params["user_id"]
+    await page.gateway.reports.user(user_id)
+    record, secret = await page.gateway.create_key(user_id, name=page.form.get("name", "")[:100])
+    # The secret exists only in this response; the page is not stored (Cache-Control).
+    return await _user_page(page, user_id, secret=(record.id, secret), status=201)
+
+
+@signed_in
+async def revoke_key(page: Page) -> Response:
+    user_id, key_id = page.request.path_params["user_id"], page.request.path_params["key_id"]
+    keys = await page.gateway.storage.list_keys(user_id)
+    if not any(k.id == key_id for k in keys):
+        return message(
+            page.base, "Not found", f"No key {key_id!r} of this user.", status=404, csrf=page.csrf
+        )
+    await page.gateway.revoke_key(key_id)
+    return _back_to(page, user_id, "revoked")
