@@ -185,10 +185,4 @@ class Admitter:
         if ticket is None or not ticket.reserved:
             return
         ticket.reserved = False
-        try:
-            await self.gw.storage.refund(ticket.user_id, day=ticket.day, lease_id=ticket.lease_id)
-        except StorageError as exc:
-            self.gw.metrics.inc("gateway_storage_errors_total", operation="refund")
-            log.error(
-                "request %s: could not return the reserved query: %s", request_id, exc.message
-            )
+        await self.gw.settler.refund(ticket.user_id, day=ticket.day, lease_id=ticket.lease_id)

@@ -44,6 +44,12 @@ class Identity:
     plan: str | None = None  # a plan named by the credential, when the operator allows it
 
 
+def valid_user_id(user: str) -> bool:
+    """1 to 255 characters, none of them control characters (a user id goes into
+    query strings, form fields and logs)."""
+    return 0 < len(user) <= 255 and not any(ord(c) < 32 or ord(c) == 127 for c in user)
+
+
 def bearer_token(authorization: bytes | None) -> str | None:
     """The token of an ``Authorization: Bearer`` header (scheme case-insensitive)."""
     if not authorization:
@@ -141,7 +147,7 @@ class Authenticator:
         user = (user_header or b"").decode("utf-8", "replace").strip()
         if not user:
             raise Unauthorized(f"Missing {name} header naming the end user.")
-        if len(user) > 255 or any(ord(c) < 32 for c in user):
+        if not valid_user_id(user):
             raise Unauthorized(f"Invalid {name} header.")
         return Identity(user_id=user)
 
@@ -205,7 +211,7 @@ class _JWTVerifier:
                     raise Unauthorized(message) from None
             raise Unauthorized("Token is invalid.") from None
         user = claims.get(config.user_claim)
-        if not isinstance(user, str) or not user or len(user) > 255:
+        if not isinstance(user, str) or not valid_user_id(user):
             raise Unauthorized(f"Token claim {config.user_claim!r} is not a user id.")
         plan = claims.get(config.plan_claim) if config.plan_claim else None
         return Identity(user_id=user, plan=plan if isinstance(plan, str) else None)

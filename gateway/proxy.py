@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, parse_qsl, urlencode
+from urllib.parse import parse_qs, quote, unquote_plus
 
 import httpx
 import orjson
@@ -113,15 +113,26 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
-def _is_timeout(exc: BaseException) -> bool:
-    """Whether an upstream failure was a timeout (504) rather than a refusal (502)."""
+def _timeout_phase(exc: BaseException) -> str | None:
+    """For an upstream failure: "connect" or "read" if it was a timeout (504) and
+    in which phase, None if it was a refusal or a broken connection (502)."""
     cause = exc.__cause__
     if cause is not None and type(cause).__module__.startswith("aiohttp"):
         # httpx-aiohttp maps every aiohttp connection error, "connection refused"
         # included, to httpx.ConnectTimeout; the original exception tells the truth
-        # (aiohttp's timeouts subclass TimeoutError).
-        return isinstance(cause, TimeoutError)
-    return isinstance(exc, httpx.TimeoutException | TimeoutError)
+        # (aiohttp's timeouts subclass TimeoutError; its connect timeouts say so).
+        if not isinstance(cause, TimeoutError):
+            return None
+        return "connect" if "Connect" in type(cause).__name__ else "read"
+    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        return "connect"
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return "read"
+    return None
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return _timeout_phase(exc) is not None
 
 
 def _connection_tokens(value: bytes) -> frozenset[bytes]:
@@ -141,12 +152,47 @@ def _response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes
     ]
 
 
-def _with_user(query: bytes, field: str, user_id: str) -> str:
-    pairs = [
-        (k, v) for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True) if k != field
+# Characters a path segment may carry unescaped (RFC 3986 pchar, minus "%": any
+# percent sign in the decoded path is data and must be escaped again).
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+def _is_json(media_type: bytes) -> bool:
+    """JSON as Werkzeug's `get_json` (which Dify uses) takes it: application/json or
+    any application/*+json."""
+    return media_type == b"application/json" or (
+        media_type.startswith(b"application/") and media_type.endswith(b"+json")
+    )
+
+
+def canonical_path(path: str) -> str:
+    """The decoded request path, checked and re-escaped for the upstream URL.
+
+    The route is decided on this path, so the upstream must receive exactly this
+    path and nothing it could read differently: a decoded ``?`` or ``#`` would
+    end the path early, a ``.`` or ``..`` segment would be resolved to another
+    endpoint, and an empty segment or a control character is read differently by
+    different servers. Such paths are refused.
+    """
+    if any(c in "?#\\" or ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        raise BadRequest("The request path contains characters that are not allowed.")
+    segments = path.split("/")[1:]
+    for i, segment in enumerate(segments):
+        if segment in (".", "..") or (not segment and i != len(segments) - 1):
+            raise BadRequest("The request path must not contain empty, '.' or '..' segments.")
+    return quote(path, safe=_PATH_SAFE)
+
+
+def _with_user(query: bytes, field: str, user_id: str) -> bytes:
+    """The query string with ``field`` replaced by the user id; the other pairs are
+    kept byte for byte (re-encoding them could change what they mean)."""
+    kept = [
+        pair
+        for pair in query.split(b"&")
+        if pair and unquote_plus(pair.split(b"=", 1)[0].decode("latin-1")) != field
     ]
-    pairs.append((field, user_id))
-    return urlencode(pairs)
+    kept.append(f"{field}={quote(user_id, safe='')}".encode())
+    return b"&".join(kept)
 
 
 class Proxy:
@@ -204,7 +250,7 @@ class Proxy:
         config = gw.config
         upstream = gw.upstream
         method: str = scope["method"]
-        path: str = scope["path"][3:]  # strip "/v1"
+        path = canonical_path(scope["path"][3:])  # strip "/v1"
         query: bytes = scope.get("query_string", b"")
 
         authorization: bytes | None = None
@@ -235,6 +281,9 @@ class Proxy:
                         raise BadRequest("Invalid Content-Length header.") from None
                 continue
             if name == b"content-type":
+                if content_type:
+                    # Which one would the upstream read? Refuse rather than guess.
+                    raise BadRequest("More than one Content-Type header.")
                 content_type = value
             elif name == b"x-trace-id":
                 has_trace = True
@@ -245,6 +294,14 @@ class Proxy:
             forward.append((b"x-trace-id", request_id.encode()))
         forward.append(gw.upstream_authorization)
 
+        if method == "OPTIONS" and any(
+            k == b"access-control-request-method" for k, _ in scope["headers"]
+        ):
+            # A CORS preflight carries no credentials by design: forward it as it is
+            # (it produces no answer and names no user) so the upstream's CORS policy
+            # answers it.
+            await self._preflight(scope, send, path, query, forward, request_id)
+            return
         try:
             user_id = await gw.identify(authorization, user_header)
         except StorageError as exc:
@@ -252,8 +309,9 @@ class Proxy:
             raise StorageError("The usage database is unavailable; try again shortly.") from exc
         route = upstream.route(method, path)
         field = upstream.user_field
-        if route.produces_answer:
-            # Usage is read from the raw bytes: ask for them uncompressed.
+        if route.produces_answer or route.kind in ("conversations", "messages"):
+            # Usage is read from the raw bytes, and history pages may be filtered:
+            # ask for them uncompressed.
             forward.append((b"accept-encoding", b"identity"))
         elif accept_encoding is not None:
             forward.append((b"accept-encoding", accept_encoding))
@@ -264,7 +322,7 @@ class Proxy:
         failure = BodyFailure()
         json_body: dict[str, Any] = {}
         upload: UserFieldRewriter | None = None
-        if media_type == b"application/json" or (route.produces_answer and method in _BODY_METHODS):
+        if _is_json(media_type) or (route.produces_answer and method in _BODY_METHODS):
             limit = config.server.max_json_body_bytes
             if content_length is not None and content_length > limit:
                 raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
@@ -288,12 +346,18 @@ class Proxy:
             )
             if length is not None:
                 forward.append((b"content-length", str(length).encode()))
+        elif media_type == b"application/x-www-form-urlencoded":
+            limit = config.server.max_json_body_bytes
+            if content_length is not None and content_length > limit:
+                raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+            body = _with_user(await read_body(receive, limit), field, user_id)
+            forward.append((b"content-length", str(len(body)).encode()))
         elif method in _BODY_METHODS and (content_length or content_length is None):
             body = stream_body(receive, failure)
             if content_length is not None:
                 forward.append((b"content-length", str(content_length).encode()))
         if method in ("GET", "HEAD", "DELETE") or f"{field}=".encode() in query:
-            query = _with_user(query, field, user_id).encode()
+            query = _with_user(query, field, user_id)
 
         # --- admission (may rewrite the JSON body) ---------------------------------------
         ticket: Ticket | None = None
@@ -306,17 +370,56 @@ class Proxy:
 
         # --- forward -----------------------------------------------------------------
         url = gw.upstream_url + path + ("?" + query.decode("latin-1") if query else "")
-        request = gw.client.build_request(method, url, headers=forward, content=body)
+        timeout = gw.client.timeout
+        if route.produces_answer and not upstream.is_streaming(route, json_body):
+            # A blocking answer sends nothing until it is complete: wait as long as
+            # an answer may take, not just the gap allowed between two chunks.
+            timeout = gw.blocking_timeout
         forwarded_at = time.perf_counter()
         try:
+            request = gw.client.build_request(
+                method, url, headers=forward, content=body, timeout=timeout
+            )
             response = await gw.client.send(request, stream=True)
-        except (httpx.HTTPError, TimeoutError, ClientGone, MultipartError, PayloadTooLarge) as exc:
-            await self.admitter.refund(ticket, request_id)
-            if isinstance(failure.error, ClientGone | PayloadTooLarge):
+        except asyncio.CancelledError:
+            await asyncio.shield(self.admitter.refund(ticket, request_id))
+            raise
+        except (
+            httpx.HTTPError,
+            httpx.InvalidURL,
+            TimeoutError,
+            ClientGone,
+            MultipartError,
+            PayloadTooLarge,
+        ) as exc:
+            if isinstance(failure.error, ClientGone | PayloadTooLarge | MultipartError):
+                await self.admitter.refund(ticket, request_id)
+                if isinstance(failure.error, MultipartError):
+                    raise BadRequest(f"Malformed multipart body: {failure.error}") from exc
                 raise failure.error from exc
-            if isinstance(failure.error, MultipartError):
-                raise BadRequest(f"Malformed multipart body: {failure.error}") from exc
-            if _is_timeout(exc):
+            if isinstance(exc, httpx.InvalidURL):
+                await self.admitter.refund(ticket, request_id)
+                raise BadRequest("The request URL is not valid.") from exc
+            phase = _timeout_phase(exc)
+            if phase == "read" and ticket is not None and ticket.reserved:
+                # The request reached the upstream, which may well be answering (and
+                # billing) still: the query stays spent and an estimate is recorded.
+                gw.metrics.inc("gateway_upstream_errors_total", kind="answer_timeout")
+                log.warning(
+                    "request %s: upstream took too long to answer; charging an estimate", request_id
+                )
+                await self._settle(
+                    upstream.unanswered(route, json_body),
+                    request_id=request_id,
+                    route=route,
+                    ticket=ticket,
+                    disconnected=False,
+                    upstream_ms=(time.perf_counter() - forwarded_at) * 1000,
+                    overhead_ms=(forwarded_at - started) * 1000,
+                )
+                raise UpstreamTimeout("The upstream did not answer in time.") from exc
+            await self.admitter.refund(ticket, request_id)
+            if phase is not None:
                 gw.metrics.inc("gateway_upstream_errors_total", kind="timeout")
                 log.warning("request %s: upstream timed out before answering: %r", request_id, exc)
                 raise UpstreamTimeout("The upstream did not answer in time.") from exc
@@ -343,6 +446,31 @@ class Proxy:
             )
         finally:
             await response.aclose()
+
+    async def _preflight(
+        self,
+        scope: Scope,
+        send: Send,
+        path: str,
+        query: bytes,
+        forward: list[tuple[bytes, bytes]],
+        request_id: str,
+    ) -> None:
+        gw = self.gw
+        headers = [(k, v) for k, v in forward if k != b"authorization"]
+        url = gw.upstream_url + path + ("?" + query.decode("latin-1") if query else "")
+        try:
+            response = await gw.client.request("OPTIONS", url, headers=headers)
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable("The upstream service is unreachable.") from exc
+        out = _response_headers(response.headers.raw)
+        out = [(k, v) for k, v in out if k not in (b"content-length", b"content-encoding")]
+        out += [
+            (b"content-length", str(len(response.content)).encode()),
+            (b"x-request-id", request_id.encode()),
+        ]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": out})
+        await send({"type": "http.response.body", "body": response.content})
 
     async def _multipart(
         self,
@@ -402,7 +530,9 @@ class Proxy:
         headers = _response_headers(response.headers.raw)
         headers.append((b"x-request-id", request_id.encode()))
         headers.extend(rate_headers)
-        content_type = response.headers.get("content-type", "").encode("latin-1").lower()
+        content_type = next(
+            (v for k, v in response.headers.raw if k.lower() == b"content-type"), b""
+        ).lower()
         metered = ticket is not None and 200 <= status < 300
         sse = metered and content_type.startswith(_SSE)
         blocking = metered and not sse and b"json" in content_type
@@ -430,8 +560,8 @@ class Proxy:
         decoder = SSEDecoder() if sse else None
         buffer = bytearray()
         watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-        disconnected = False
-        cut = False
+        disconnected = stopped = cut = False
+        cancelled: asyncio.CancelledError | None = None
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(gw.config.upstream.total_timeout) as deadline:
@@ -439,7 +569,7 @@ class Proxy:
                     if not disconnected:
                         if watcher.done():
                             disconnected = True
-                            await self._client_left(request_id, route, meter, user_id)
+                            stopped = await self._client_left(request_id, route, meter, user_id)
                             deadline.reschedule(loop.time() + gw.config.upstream.disconnect_grace)
                         else:
                             await send(
@@ -468,12 +598,17 @@ class Proxy:
                         "more_body": True,
                     }
                 )
+        except asyncio.CancelledError as exc:
+            # The server is going away (or cancelled this request): what was read
+            # is still settled below, shielded, before the cancellation goes on.
+            cut = True
+            cancelled = exc
         finally:
             if not disconnected and watcher.done():
                 disconnected = True
                 gw.metrics.inc("gateway_client_disconnects_total")
             watcher.cancel()
-        if not disconnected:
+        if cancelled is None and not disconnected:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         if decoder is not None and meter is not None:
@@ -482,17 +617,33 @@ class Proxy:
             result = meter.finish(cut=cut or disconnected)
         else:
             result = gw.upstream.meter_blocking(route, json_body, bytes(buffer))
+        if (
+            cut
+            and not stopped
+            and result.outcome != "complete"
+            and meter is not None
+            and meter.task_id
+        ):
+            # We stopped reading an answer the upstream may still be generating
+            # (and billing): tell it to stop.
+            gw.keep(self._stop(request_id, route, meter.task_id, user_id))
         finished = time.perf_counter()
         assert ticket is not None
-        await self._settle(
-            result,
-            request_id=request_id,
-            route=route,
-            ticket=ticket,
-            disconnected=disconnected,
-            upstream_ms=(finished - forwarded_at) * 1000,
-            overhead_ms=(forwarded_at - started) * 1000,
+        settling = gw.keep(
+            self._settle(
+                result,
+                request_id=request_id,
+                route=route,
+                ticket=ticket,
+                disconnected=disconnected,
+                upstream_ms=(finished - forwarded_at) * 1000,
+                overhead_ms=(forwarded_at - started) * 1000,
+            )
         )
+        if cancelled is not None:
+            await asyncio.shield(settling)
+            raise cancelled
+        await settling
 
     async def _history(
         self,
@@ -504,27 +655,33 @@ class Proxy:
         query: bytes,
         days: int,
     ) -> None:
-        """A conversation or message page limited to the plan's history window."""
+        """A conversation or message page limited to the plan's history window.
+
+        Fails closed: a page that cannot be read is not passed on unfiltered.
+        """
         raw = bytearray()
-        async for chunk in response.aiter_bytes():
-            raw += chunk
-            if len(raw) > _MAX_BUFFERED_BODY:
-                raise UpstreamError("The upstream history page is too large to filter.")
+        try:
+            async for chunk in response.aiter_bytes():
+                raw += chunk
+                if len(raw) > _MAX_BUFFERED_BODY:
+                    raise UpstreamError("The upstream history page is too large to filter.")
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable("The upstream history page could not be read.") from exc
         try:
             page = orjson.loads(raw)
         except orjson.JSONDecodeError:
             page = None
-        body = bytes(raw)
-        if isinstance(page, dict):
-            cutoff = self.gw.clock.now().timestamp() - days * 86400
-            if route.kind == "conversations":
-                params = parse_qs(query.decode("latin-1"))
-                sort_by = params.get("sort_by", ["-updated_at"])[0]
-                filtered = filter_conversations(page, cutoff, sort_by=sort_by)
-            else:
-                filtered = filter_messages(page, cutoff)
-            if filtered is not page:
-                body = orjson.dumps(filtered)
+        if not isinstance(page, dict):
+            raise UpstreamError("The upstream history page is not a JSON object.")
+        cutoff = self.gw.clock.now().timestamp() - days * 86400
+        if route.kind == "conversations":
+            params = parse_qs(query.decode("latin-1"))
+            filtered = filter_conversations(
+                page, cutoff, sort_by=params.get("sort_by", ["-updated_at"])[0]
+            )
+        else:
+            filtered = filter_messages(page, cutoff)
+        body = bytes(raw) if filtered is page else orjson.dumps(filtered)
         # aiter_bytes decoded any Content-Encoding: describe the new body instead.
         headers = [(k, v) for k, v in headers if k not in (b"content-length", b"content-encoding")]
         headers.append((b"content-length", str(len(body)).encode()))
@@ -554,16 +711,22 @@ class Proxy:
 
     async def _client_left(
         self, request_id: str, route: Route, meter: StreamMeter | None, user_id: str
-    ) -> None:
+    ) -> bool:
+        """The client went away mid-answer; returns whether the answer was stopped."""
         gw = self.gw
         gw.metrics.inc("gateway_client_disconnects_total")
         policy = gw.config.upstream.on_client_disconnect
         log.info("request %s: client disconnected mid-answer; policy %s", request_id, policy)
         if policy != "stop" or meter is None or meter.task_id is None:
-            return
-        stop = gw.upstream.stop_request(route, meter.task_id, user_id)
+            return False
+        return await self._stop(request_id, route, meter.task_id, user_id)
+
+    async def _stop(self, request_id: str, route: Route, task_id: str, user_id: str) -> bool:
+        """Ask the upstream to stop generating an answer (same task id and user)."""
+        gw = self.gw
+        stop = gw.upstream.stop_request(route, task_id, user_id)
         if stop is None:
-            return
+            return False
         path, payload = stop
         try:
             reply = await gw.client.post(
@@ -571,14 +734,13 @@ class Proxy:
                 content=payload,
                 headers=[(b"content-type", b"application/json"), gw.upstream_authorization],
             )
-            log.info(
-                "request %s: stopped task %s upstream (%d)",
-                request_id,
-                meter.task_id,
-                reply.status_code,
-            )
         except httpx.HTTPError as exc:
-            log.warning("request %s: could not stop task %s: %r", request_id, meter.task_id, exc)
+            log.warning("request %s: could not stop task %s: %r", request_id, task_id, exc)
+            return False
+        log.info(
+            "request %s: stopped task %s upstream (%d)", request_id, task_id, reply.status_code
+        )
+        return reply.is_success
 
     async def _settle(
         self,

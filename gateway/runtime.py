@@ -33,6 +33,9 @@ from gateway.upstreams import Upstream, get_upstream
 
 log = logging.getLogger("gateway")
 
+# How long shutdown waits for answers still being recorded.
+SHUTDOWN_GRACE = 10.0
+
 
 def make_client(
     config: Config, transport: httpx.AsyncBaseTransport | None = None
@@ -79,6 +82,13 @@ class Gateway:
         self.upstream: Upstream = get_upstream(config.upstream.kind)
         self.upstream_url = config.upstream.url
         self.user_header = config.auth.trusted_header.user_header.lower().encode()
+        up = config.upstream
+        self.blocking_timeout = httpx.Timeout(
+            connect=up.connect_timeout,
+            read=up.total_timeout,
+            write=up.read_timeout,
+            pool=up.connect_timeout,
+        )
         # A stream lease outlives the longest an answer can take, so a crashed
         # gateway's leases free themselves.
         self.lease_ttl = timedelta(
@@ -97,6 +107,7 @@ class Gateway:
         self.finished = Watermark()
         self.reloads = Watermark()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._keep: set[asyncio.Task[Any]] = set()
 
     @property
     def tz(self) -> ZoneInfo:
@@ -127,11 +138,11 @@ class Gateway:
         self.client = make_client(self.config, self._transport)
         source, interval = self.config.source, self.config.server.reload_interval
         if source is not None and interval > 0:
-            self._spawn(self._watch(source, interval))
+            self.spawn(self._watch(source, interval))
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             # Only possible in the main thread of a Unix process.
             asyncio.get_running_loop().add_signal_handler(
-                signal.SIGHUP, lambda: self._spawn(self.reload())
+                signal.SIGHUP, lambda: self.spawn(self.reload())
             )
             self._sighup = True
 
@@ -247,10 +258,24 @@ class Gateway:
             except Exception:  # the watcher must outlive any one bad reload
                 log.exception("configuration reload failed")
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> None:
+        """Run a background job; it is cancelled at shutdown."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def idle(self, timeout: float = 10.0) -> None:
+        """Wait until the work that must finish (recording, stopping answers) is done."""
+        async with asyncio.timeout(timeout):
+            while self._keep:
+                await asyncio.wait(list(self._keep))
+
+    def keep(self, coro: Any) -> asyncio.Task[Any]:
+        """Run work that must finish (recording usage); shutdown waits for it."""
+        task = asyncio.create_task(coro)
+        self._keep.add(task)
+        task.add_done_callback(self._keep.discard)
+        return task
 
     # --- admin operations: storage changes plus the cache invalidations they need ---
 
@@ -294,6 +319,10 @@ class Gateway:
     async def stop(self) -> None:
         if getattr(self, "_sighup", False):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if self._keep:
+            # Answers being recorded finish first (bounded: a dead database sends
+            # their records to the spool in settler.close below).
+            await asyncio.wait(self._keep, timeout=SHUTDOWN_GRACE)
         for task in list(self._tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Sequence
 from datetime import date, datetime
 from decimal import Decimal
@@ -30,16 +31,20 @@ log = logging.getLogger("gateway.settle")
 RETRY_DELAYS: tuple[float, ...] = (0.05, 0.5, 2.0, 5.0, 15.0)
 
 
-def event_to_json(event: UsageEvent) -> bytes:
-    return orjson.dumps(dataclasses.asdict(event), default=str)
+def event_to_json(event: UsageEvent, lease_id: str | None = None) -> bytes:
+    record = dataclasses.asdict(event)
+    if lease_id is not None:
+        record["_lease_id"] = lease_id
+    return orjson.dumps(record, default=str)
 
 
-def event_from_json(line: bytes) -> UsageEvent:
+def event_from_json(line: bytes) -> tuple[UsageEvent, str | None]:
     raw: dict[str, Any] = orjson.loads(line)
+    lease_id = raw.pop("_lease_id", None)
     raw["day"] = date.fromisoformat(raw["day"])
     raw["created_at"] = datetime.fromisoformat(raw["created_at"])
     raw["cost"] = Decimal(raw["cost"])
-    return UsageEvent(**raw)
+    return UsageEvent(**raw), lease_id
 
 
 class Settler:
@@ -55,7 +60,7 @@ class Settler:
         self._metrics = metrics
         self._spool = spool
         self._delays = tuple(retry_delays)
-        self._tasks: dict[asyncio.Task[None], UsageEvent] = {}
+        self._tasks: dict[asyncio.Task[None], tuple[UsageEvent, str | None] | None] = {}
         self._closing = False
 
     async def record(self, event: UsageEvent, *, lease_id: str | None = None) -> None:
@@ -69,11 +74,39 @@ class Settler:
             log.warning("ledger write for %s failed, will retry: %s", event.answer_id, exc.message)
             self._metrics.inc("gateway_storage_errors_total", operation="settle")
             if self._closing:
-                self._to_spool(event)
+                self._to_spool(event, lease_id)
                 return
-            task = asyncio.create_task(self._retry(event), name=f"settle-retry-{event.answer_id}")
-            self._tasks[task] = event
+            task = asyncio.create_task(
+                self._retry(event, lease_id), name=f"settle-retry-{event.answer_id}"
+            )
+            self._tasks[task] = (event, lease_id)
             task.add_done_callback(self._tasks.pop)
+
+    async def refund(self, user_id: str, *, day: date, lease_id: str | None) -> None:
+        """Give back a reserved query (and its stream slot); retried in the
+        background if the database does not answer."""
+        try:
+            await self._storage.refund(user_id, day=day, lease_id=lease_id)
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation="refund")
+            log.warning("refund for %s failed, will retry: %s", user_id, exc.message)
+            if self._closing:
+                log.error("refund for %s on %s lost at shutdown", user_id, day)
+                return
+            task = asyncio.create_task(self._retry_refund(user_id, day, lease_id))
+            self._tasks[task] = None
+            task.add_done_callback(self._tasks.pop)
+
+    async def _retry_refund(self, user_id: str, day: date, lease_id: str | None) -> None:
+        for delay in self._delays:
+            await asyncio.sleep(delay)
+            try:
+                await self._storage.refund(user_id, day=day, lease_id=lease_id)
+                return
+            except StorageError as exc:
+                log.warning("refund for %s failed again: %s", user_id, exc.message)
+        # A refund is worth one query: not worth a spool of its own. Logged.
+        log.error("refund for %s on %s given up after retries", user_id, day)
 
     async def _write(self, event: UsageEvent, *, lease_id: str | None = None) -> None:
         if await self._storage.settle(event, lease_id=lease_id):
@@ -92,18 +125,18 @@ class Settler:
         else:
             self._metrics.inc("gateway_answers_duplicate_total")
 
-    async def _retry(self, event: UsageEvent) -> None:
+    async def _retry(self, event: UsageEvent, lease_id: str | None) -> None:
         for delay in self._delays:
             await asyncio.sleep(delay)
             self._metrics.inc("gateway_settle_retries_total")
             try:
-                await self._write(event)
+                await self._write(event, lease_id=lease_id)
                 return
             except StorageError as exc:
                 log.warning("ledger write for %s failed again: %s", event.answer_id, exc.message)
-        self._to_spool(event)
+        self._to_spool(event, lease_id)
 
-    def _to_spool(self, event: UsageEvent) -> None:
+    def _to_spool(self, event: UsageEvent, lease_id: str | None = None) -> None:
         self._metrics.inc("gateway_settle_spooled_total")
         if self._spool is None:
             log.error(
@@ -113,7 +146,7 @@ class Settler:
         # One write of one line with O_APPEND: concurrent workers do not interleave.
         fd = os.open(self._spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, event_to_json(event) + b"\n")
+            os.write(fd, event_to_json(event, lease_id) + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -123,30 +156,40 @@ class Settler:
 
     async def replay(self) -> int:
         """Settle what an earlier run spooled; returns how many lines were replayed."""
-        if self._spool is None or not self._spool.exists():
+        if self._spool is None:
             return 0
-        claimed = self._spool.with_name(f"{self._spool.name}.{os.getpid()}.replaying")
+        count = 0
+        # Files a crashed replay left behind are picked up again (replay is idempotent).
+        for claimed in [*self._spool.parent.glob(f"{self._spool.name}.*.replaying"), self._claim()]:
+            if claimed is None:
+                continue
+            for line in claimed.read_bytes().splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    event, lease_id = event_from_json(line)
+                except (ValueError, TypeError, KeyError) as exc:
+                    log.error("unreadable spooled usage record kept in %s: %s", self._spool, exc)
+                    self._append_raw(line)
+                    continue
+                try:
+                    await self._write(event, lease_id=lease_id)
+                    count += 1
+                except StorageError:
+                    self._to_spool(event, lease_id)
+            claimed.unlink()
+        return count
+
+    def _claim(self) -> Path | None:
+        assert self._spool is not None
+        claimed = self._spool.with_name(
+            f"{self._spool.name}.{os.getpid()}.{time.time_ns()}.replaying"
+        )
         try:
             os.rename(self._spool, claimed)  # atomic: only one worker replays a file
         except FileNotFoundError:
-            return 0
-        count = 0
-        for line in claimed.read_bytes().splitlines():
-            if not line.strip():
-                continue
-            try:
-                event = event_from_json(line)
-            except (ValueError, TypeError, KeyError) as exc:
-                log.error("unreadable spooled usage record kept in %s: %s", self._spool, exc)
-                self._append_raw(line)
-                continue
-            try:
-                await self._write(event)
-                count += 1
-            except StorageError:
-                self._to_spool(event)
-        claimed.unlink()
-        return count
+            return None
+        return claimed
 
     def _append_raw(self, line: bytes) -> None:
         assert self._spool is not None
@@ -160,9 +203,10 @@ class Settler:
     async def close(self) -> None:
         """Stop retrying: whatever is still pending goes to the spool file."""
         self._closing = True
-        for task, event in list(self._tasks.items()):
+        for task, pending in list(self._tasks.items()):
             task.cancel()
             try:
                 await task
             except asyncio.CancelledError:
-                self._to_spool(event)
+                if pending is not None:
+                    self._to_spool(*pending)

@@ -24,6 +24,7 @@ Outcome = Literal[
     "error",  # the upstream sent an error event after producing text
     "cut",  # the upstream connection ended without usage
     "disconnected",  # the client left and the answer was stopped or timed out
+    "timeout",  # the upstream took the request but did not answer in time
 ]
 
 

@@ -35,6 +35,7 @@ class Harness:
     key_id: str
     fake: FakeDify | None = None
     upstream_url: str = ""
+    app: Any = None
     headers: dict[str, str] = field(default_factory=dict)
 
     def auth(self, key: str | None = None, **extra: str) -> dict[str, str]:
@@ -138,6 +139,7 @@ async def running_gateway(
             key_id=key.id,
             fake=fake,
             upstream_url=upstream_url,
+            app=app,
         )
 
 

@@ -284,16 +284,19 @@ async def test_upstream_slow_to_answer_is_504(sqlite_url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("fault", "status", "code"),
+    ("fault", "status", "code", "charged"),
     [
-        (httpx.ConnectError("refused"), 502, "upstream_unavailable"),
-        (httpx.ConnectTimeout("slow"), 504, "upstream_timeout"),
-        (httpx.ReadTimeout("slow"), 504, "upstream_timeout"),
-        (httpx.RemoteProtocolError("garbage"), 502, "upstream_unavailable"),
+        (httpx.ConnectError("refused"), 502, "upstream_unavailable", False),
+        (httpx.ConnectTimeout("slow"), 504, "upstream_timeout", False),
+        (httpx.PoolTimeout("busy"), 504, "upstream_timeout", False),
+        (httpx.RemoteProtocolError("garbage"), 502, "upstream_unavailable", False),
+        # The request reached the upstream, which may be answering (and billing)
+        # still: the query stays spent and an estimate is recorded.
+        (httpx.ReadTimeout("slow"), 504, "upstream_timeout", True),
     ],
 )
 async def test_transport_faults_map_to_gateway_errors(
-    sqlite_url: str, fault: Exception, status: int, code: str
+    sqlite_url: str, fault: Exception, status: int, code: str, charged: bool
 ) -> None:
     def fail(request: httpx.Request) -> httpx.Response:
         raise fault
@@ -302,10 +305,18 @@ async def test_transport_faults_map_to_gateway_errors(
         sqlite_url, upstream_url="http://upstream.invalid/v1", transport=httpx.MockTransport(fail)
     ) as h:
         response, data = await stream(h, "/v1/chat-messages", CHAT)
+        await h.gateway.wait_finished(1)
         assert response.status_code == status
         assert orjson.loads(data)["code"] == code
         (row,) = await h.storage.daily(*_today(h))
-        assert row.queries == 0
+        events = await h.events()
+    assert row.queries == int(charged)
+    if charged:
+        (event,) = events
+        assert event.outcome == "timeout" and event.estimated and event.completion_tokens == 0
+        assert event.prompt_tokens == 2  # "Xin chào": 8 characters
+    else:
+        assert events == []
 
 
 # --- the client leaving --------------------------------------------------------------

@@ -47,7 +47,8 @@ class Flaky:
 
 
 def test_events_round_trip_through_json() -> None:
-    assert event_from_json(event_to_json(EVENT)) == EVENT
+    assert event_from_json(event_to_json(EVENT)) == (EVENT, None)
+    assert event_from_json(event_to_json(EVENT, "lease-1")) == (EVENT, "lease-1")
 
 
 async def test_a_failed_write_is_retried(storage: Storage, tmp_path: Path) -> None:

@@ -88,6 +88,11 @@ class Upstream(Protocol):
         """Usage of an answer given as one JSON body (blocking mode)."""
         ...
 
+    def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
+        """An estimate for an answer request the upstream took but never answered
+        in time (it may have generated, and billed, the answer all the same)."""
+        ...
+
     def stop_request(self, route: Route, task_id: str, user_id: str) -> tuple[str, bytes] | None:
         """The path (relative to the base) and JSON body that stop a running answer."""
         ...

@@ -527,6 +527,10 @@ class DifyUpstream:
             return Metered(run_id, task_id, None, None, "cut", metadata=metadata)
         return Metered(run_id, task_id, None, usage, "complete", metadata=metadata)
 
+    def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
+        # Only the prompt is known: the answer, if any, was never seen.
+        return Metered(None, None, None, _estimate(_prompt_chars(body), 0), "timeout")
+
     def stop_request(self, route: Route, task_id: str, user_id: str) -> tuple[str, bytes] | None:
         prefix = _STOP_PREFIXES.get(route.kind)
         if prefix is None:

@@ -1,0 +1,341 @@
+"""Regression tests for holes an independent review found: path spellings that
+dodged admission, JSON types that dodged the user rewrite, answers that went
+unrecorded on timeouts and cancellation, leaked stream slots, unfiltered history."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import date
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from gateway.errors import StorageError
+from gateway.fake_upstream import FakeDify
+from gateway.metrics import Metrics
+from gateway.settle import Settler
+from gateway.storage import Lease, Storage, UsageEvent
+from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+
+CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
+ONE_A_DAY = {
+    "plans": {
+        "free": {
+            "queries_per_day": 1,
+            "max_concurrent_streams": 1,
+            "file_size_mb": 1,
+            "chat_history_days": 1,
+        }
+    }
+}
+
+
+async def raw_request(
+    h: Harness, method: str, target: str, body: bytes = b"", **headers: str
+) -> tuple[int, bytes]:
+    """An HTTP/1.1 request with the target exactly as given (clients normalise paths)."""
+    host, port = h.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    lines = [
+        f"{method} {target} HTTP/1.1",
+        f"Host: {host}",
+        f"Authorization: Bearer {h.key}",
+        "Connection: close",
+        f"Content-Length: {len(body)}",
+    ]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    status = int(data.split(b" ", 2)[1])
+    return status, data.split(b"\r\n\r\n", 1)[1]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/chat-messages%3F",
+        "/v1/chat-messages%23",
+        "/v1/%2E/chat-messages",
+        "/v1/x/%2E%2E/chat-messages",
+        "/v1/x/../chat-messages",
+        "/v1//chat-messages",
+        "/v1/workflows/%00/run",
+        "/v1/parameters%7F",
+        "/v1/files%5Cupload",
+    ],
+)
+async def test_paths_that_could_reach_another_endpoint_are_refused(
+    sqlite_url: str, target: str
+) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake, settings=ONE_A_DAY) as h:
+        status, body = await raw_request(
+            h, "POST", target, orjson.dumps(CHAT), **{"Content-Type": "application/json"}
+        )
+        rows = await h.storage.daily(h.gateway.today(), h.gateway.today())
+    assert status == 400 and orjson.loads(body)["code"] == "invalid_param"
+    assert fake.requests == [] and rows == []  # nothing forwarded, nothing reserved
+
+
+async def test_escaped_characters_in_ids_still_work(sqlite_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake) as h:
+        status, _ = await raw_request(h, "GET", "/v1/messages/a%20b%2Fc/suggested")
+    assert status == 404  # the fake has no such route: what matters is what it was asked
+    assert fake.requests[0].path == "/v1/messages/a b/c/suggested"
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/merge-patch+json", "application/vnd.api+json; charset=utf-8"]
+)
+async def test_json_flavours_get_the_user_rewritten(sqlite_url: str, content_type: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake) as h:
+        async with httpx.AsyncClient(base_url=h.url) as client:
+            await client.post(
+                "/v1/chat-messages/t1/stop",
+                content=b'{"user":"victim"}',
+                headers=h.auth(**{"Content-Type": content_type}),
+            )
+            await client.request(
+                "DELETE",
+                "/v1/conversations/c1",
+                content=b'{"user":"victim"}',
+                headers=h.auth(**{"Content-Type": content_type}),
+            )
+    assert [r.json["user"] for r in fake.requests if r.json] == [USER, USER]  # type: ignore[index]
+
+
+async def test_urlencoded_forms_get_the_user_rewritten(sqlite_url: str) -> None:
+    upstream = Recorder()
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        async with httpx.AsyncClient(base_url=h.url) as client:
+            await client.post(
+                "/v1/audio-to-text", data={"user": "victim", "other": "a%b"}, headers=h.auth()
+            )
+    assert upstream.bodies == [b"other=a%25b&user=" + USER.encode()]
+
+
+async def test_two_content_types_are_refused(sqlite_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake) as h:
+        status, body = await raw_request(
+            h,
+            "POST",
+            "/v1/conversations/c1/name",
+            b'{"user":"victim"}',
+            **{"Content-Type": "application/json"},
+            **{"content-type": "text/plain"},
+        )
+    assert status == 400 and fake.requests == []
+
+
+class Recorder:
+    """An upstream that records request bodies and answers 200 {}."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.bodies.append(body)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+# --- answers that must not go unrecorded ------------------------------------------------
+
+
+async def test_a_blocking_answer_slower_than_the_read_timeout_is_recorded(sqlite_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.1)  # ~1 s to complete a blocking answer
+    settings = {**ONE_A_DAY, "upstream": {"read_timeout": 0.3}}
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            response = await client.post(
+                "/v1/chat-messages", json={**CHAT, "response_mode": "blocking"}, headers=h.auth()
+            )
+        await h.gateway.wait_finished(1)
+        (event,) = await h.events()
+    assert response.status_code == 200 and event.total_tokens == 1168
+
+
+async def test_a_cancelled_request_still_records_its_answer_and_frees_its_slot(
+    sqlite_url: str,
+) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.05)
+    async with running_gateway(sqlite_url, fake=fake, settings=ONE_A_DAY) as h:
+        proxy = h.gateway
+        app = h.app  # driven directly, so that the request task can be cancelled
+        sent: list[dict[str, Any]] = []
+        first_chunk = asyncio.Event()
+        body = orjson.dumps(CHAT)
+        delivered = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()  # the client never leaves
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if message.get("body"):
+                first_chunk.set()
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/chat-messages",
+            "query_string": b"",
+            "headers": [
+                (b"authorization", f"Bearer {h.key}".encode()),
+                (b"content-type", b"application/json"),
+            ],
+        }
+        task = asyncio.create_task(app(scope, receive, send))
+        await first_chunk.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await proxy.wait_finished(1)
+        (event,) = await h.events()
+        open_streams = await h.storage.open_streams(USER, now=proxy.clock.now())
+        await proxy.idle()
+    assert event.estimated and event.outcome == "cut" and event.total_tokens > 0
+    assert open_streams == 0  # the stream slot is free again
+    assert len(fake.stops) == 1  # and the upstream was told to stop generating
+
+
+async def test_an_answer_abandoned_at_the_total_timeout_is_stopped_upstream(
+    sqlite_url: str,
+) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.2)
+    async with running_gateway(
+        sqlite_url, fake=fake, settings={"upstream": {"total_timeout": 0.5}}
+    ) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            response = await client.post("/v1/chat-messages", json=CHAT, headers=h.auth())
+        await h.gateway.wait_finished(1)
+        await h.gateway.idle()
+        (event,) = await h.events()
+    assert response.status_code == 200 and b"upstream_error" in response.content
+    assert event.outcome == "cut" and event.estimated
+    assert len(fake.stops) == 1
+
+
+# --- leases and refunds survive storage blips ----------------------------------------------
+
+
+class Blip:
+    """A real storage whose next N settles (or refunds) fail."""
+
+    def __init__(self, storage: Storage, *, settles: int = 0, refunds: int = 0) -> None:
+        self.storage, self.settles, self.refunds = storage, settles, refunds
+
+    async def settle(self, event: UsageEvent, *, lease_id: str | None = None) -> bool:
+        if self.settles:
+            self.settles -= 1
+            raise StorageError("blip")
+        return await self.storage.settle(event, lease_id=lease_id)
+
+    async def refund(self, user_id: str, *, day: date, lease_id: str | None = None) -> None:
+        if self.refunds:
+            self.refunds -= 1
+            raise StorageError("blip")
+        await self.storage.refund(user_id, day=day, lease_id=lease_id)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.storage, name)
+
+
+async def test_a_retried_settle_still_releases_the_stream_lease(storage: Storage) -> None:
+    from tests.storage.test_contract import DAY, MONTH, NOW, event, lease
+
+    await storage.ensure_user("alice", plan="free")
+    from gateway.storage import AdmissionLimits
+
+    limits = AdmissionLimits(max_concurrent_streams=1)
+    assert (
+        await storage.admit(
+            "alice", day=DAY, month_start=MONTH, now=NOW, limits=limits, lease=lease("l1")
+        )
+    ).admitted
+    settler = Settler(Blip(storage, settles=1), metrics=Metrics(), spool=None, retry_delays=(0,))  # type: ignore[arg-type]
+    await settler.record(event("m1"), lease_id="l1")
+    await next(iter(settler._tasks))
+    assert await storage.open_streams("alice", now=NOW) == 0
+
+
+async def test_a_failed_refund_is_retried(storage: Storage) -> None:
+    from gateway.storage import AdmissionLimits
+    from tests.storage.test_contract import DAY, MONTH, NOW
+
+    await storage.ensure_user("alice", plan="free")
+    await storage.admit(
+        "alice",
+        day=DAY,
+        month_start=MONTH,
+        now=NOW,
+        limits=AdmissionLimits(),
+        lease=Lease("l1", NOW.replace(year=2030)),
+    )
+    settler = Settler(Blip(storage, refunds=1), metrics=Metrics(), spool=None, retry_delays=(0,))  # type: ignore[arg-type]
+    await settler.refund("alice", day=DAY, lease_id="l1")
+    await next(iter(settler._tasks))
+    (row,) = await storage.daily(DAY, DAY)
+    assert row.queries == 0 and await storage.open_streams("alice", now=NOW) == 0
+
+
+# --- history fails closed ---------------------------------------------------------------------
+
+
+class Garbled:
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-encoding", b"br")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"\x1b\x03\x00\xf8\xa5not json"})
+
+
+async def test_a_history_page_that_cannot_be_read_is_not_passed_on(sqlite_url: str) -> None:
+    async with running_gateway(sqlite_url, upstream=Garbled(), settings=ONE_A_DAY) as h:
+        async with httpx.AsyncClient(base_url=h.url) as client:
+            response = await client.get(
+                "/v1/conversations", headers=h.auth(**{"Accept-Encoding": "br, gzip"})
+            )
+    assert response.status_code == 502 and response.json()["code"] == "upstream_error"
+
+
+# --- CORS preflight ---------------------------------------------------------------------
+
+
+async def test_cors_preflight_is_forwarded_without_credentials(sqlite_url: str) -> None:
+    upstream = Recorder()
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        async with httpx.AsyncClient(base_url=h.url) as client:
+            response = await client.options(
+                "/v1/chat-messages",
+                headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+            )
+    assert response.status_code == 200 and upstream.bodies == [b""]
