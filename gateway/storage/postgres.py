@@ -63,6 +63,18 @@ def _mapped() -> Iterator[None]:
         raise StorageError(f"PostgreSQL error: {type(exc).__name__}: {exc}") from exc
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset hook: nothing to reset.
+
+    By default asyncpg resets every connection it takes back (RESET ALL, UNLISTEN,
+    unlock advisory locks...): one more round trip per statement, which doubled
+    the database round trips of every answer (measured in docs/performance.md).
+    The gateway leaves no session state behind - no SET, LISTEN, cursors or
+    session-level advisory locks (migrations lock per transaction) - and asyncpg
+    still rolls back a transaction left open before calling this.
+    """
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "jsonb",
@@ -121,6 +133,7 @@ class PostgresStorage:
                 timeout=connect_timeout,
                 command_timeout=command_timeout,
                 init=_init_connection,
+                reset=_keep_session,
             )
         return cls(pool)
 
