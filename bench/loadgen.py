@@ -35,6 +35,7 @@ class Sample:
     ttlb: float  # seconds from sending the request to the end of the answer
     error: str = ""
     lag: float = 0.0  # how late the generator started it (open loop only)
+    request_id: str = ""  # the gateway's X-Request-Id, to find the answer in its ledger
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -71,11 +72,12 @@ async def _answer(
             while chunk := await response.content.readany():
                 tail = (tail + chunk)[-4096:]
             ttlb = time.perf_counter() - start
+            request_id = response.headers.get("x-request-id", "")
             if response.status != 200:
-                return Sample(False, ttfb, ttlb, f"HTTP {response.status}", lag)
+                return Sample(False, ttfb, ttlb, f"HTTP {response.status}", lag, request_id)
             if _END not in tail:
-                return Sample(False, ttfb, ttlb, "answer without message_end", lag)
-            return Sample(True, ttfb, ttlb, "", lag)
+                return Sample(False, ttfb, ttlb, "answer without message_end", lag, request_id)
+            return Sample(True, ttfb, ttlb, "", lag, request_id)
     except (aiohttp.ClientError, TimeoutError) as exc:
         elapsed = time.perf_counter() - start
         return Sample(False, elapsed, elapsed, f"{type(exc).__name__}: {exc}", lag)
@@ -94,7 +96,7 @@ async def fetch(
 
 async def open_loop(
     url: str,
-    headers: Mapping[str, str],
+    headers: Sequence[Mapping[str, str]],
     body: bytes,
     *,
     rate: float,
@@ -113,21 +115,29 @@ async def open_loop(
             delay = scheduled - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_answer(session, url, headers, body, scheduled)))
+            request_headers = headers[i % len(headers)]
+            tasks.append(
+                asyncio.create_task(_answer(session, url, request_headers, body, scheduled))
+            )
         samples = await asyncio.gather(*tasks)
     return list(samples[skip:])
 
 
 async def answers(
-    url: str, headers: Mapping[str, str], body: bytes, *, count: int, concurrency: int = 1
+    url: str,
+    headers: Sequence[Mapping[str, str]],
+    body: bytes,
+    *,
+    count: int,
+    concurrency: int = 1,
 ) -> list[Sample]:
     """Exactly ``count`` answers, ``concurrency`` at a time, each read to the end."""
     queue = iter(range(count))
     samples: list[Sample] = []
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        for _ in queue:
-            samples.append(await _answer(session, url, headers, body))
+        for i in queue:
+            samples.append(await _answer(session, url, headers[i % len(headers)], body))
 
     async with _session() as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
@@ -136,7 +146,7 @@ async def answers(
 
 async def hold_streams(
     url: str,
-    headers: Mapping[str, str],
+    headers: Sequence[Mapping[str, str]],
     body: bytes,
     *,
     count: int,
@@ -161,7 +171,7 @@ async def hold_streams(
         if opened + failed == count:
             all_settled.set()
 
-    async def one(session: aiohttp.ClientSession) -> None:
+    async def one(session: aiohttp.ClientSession, headers: Mapping[str, str]) -> None:
         async with gate:
             try:
                 response = await session.post(url, data=body, headers=headers)
@@ -181,7 +191,7 @@ async def hold_streams(
             response.close()  # drop the connection mid-answer
 
     async with _session() as session:
-        tasks = [asyncio.create_task(one(session)) for _ in range(count)]
+        tasks = [asyncio.create_task(one(session, headers[i % len(headers)])) for i in range(count)]
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(all_settled.wait(), open_timeout)

@@ -1,13 +1,27 @@
 -- wrk script: POST one chat request per call, streamed answer, the same for every path.
--- Environment: BENCH_AUTH (the gateway key; the pass-throughs and the upstream ignore it),
--- BENCH_BODY (the JSON body). done() prints one JSON line that bench/run.py reads.
+-- Environment: BENCH_AUTH (gateway keys, comma-separated, used in turn; the pass-throughs
+-- and the upstream ignore them), BENCH_BODY (the JSON body). done() prints one JSON line
+-- that bench/run.py reads.
 wrk.method = "POST"
 wrk.path = "/v1/chat-messages"
 wrk.body = os.getenv("BENCH_BODY")
 wrk.headers["Content-Type"] = "application/json"
-local auth = os.getenv("BENCH_AUTH")
-if auth and auth ~= "" then
-  wrk.headers["Authorization"] = "Bearer " .. auth
+
+local keys = {}
+for key in string.gmatch(os.getenv("BENCH_AUTH") or "", "[^,]+") do
+  keys[#keys + 1] = key
+end
+if #keys > 0 then
+  wrk.headers["Authorization"] = "Bearer " .. keys[1]
+end
+if #keys > 1 then
+  -- Only with several users: a request() function costs wrk a Lua call per request.
+  local i = 0
+  request = function()
+    i = i % #keys + 1
+    wrk.headers["Authorization"] = "Bearer " .. keys[i]
+    return wrk.format()
+  end
 end
 
 function done(summary, latency, requests)

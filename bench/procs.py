@@ -34,13 +34,17 @@ def _stat_fields(pid: int) -> list[str]:
     return raw[raw.rindex(")") + 2 :].split()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process, from /proc/PID/stat (utime + stime)."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process, from /proc/PID/stat (utime, stime)."""
     try:
         fields = _stat_fields(pid)
     except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return 0.0, 0.0
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
 
 
 def group_pids(pgid: int) -> list[int]:
@@ -88,9 +92,13 @@ class Server:
         assert self.proc is not None
         return self.proc.pid
 
+    def cpu_times(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of every live process in the server's group."""
+        times = [cpu_times(pid) for pid in group_pids(self.pid)]
+        return sum(t[0] for t in times), sum(t[1] for t in times)
+
     def cpu_seconds(self) -> float:
-        """CPU time of every live process in the server's group."""
-        return sum(cpu_seconds(pid) for pid in group_pids(self.pid))
+        return sum(self.cpu_times())
 
     def rss_bytes(self) -> int:
         return sum(rss_bytes(pid) for pid in group_pids(self.pid))

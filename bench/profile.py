@@ -34,6 +34,22 @@ _SITE = re.compile(r".*/site-packages/")
 _STDLIB = re.compile(r".*/lib/python3\.\d+/")
 GC = "garbage collection"
 _LOOP = "event loop (uvloop, C)"
+# Innermost C frames that are system calls. A sample inside a socket write also
+# covers the time the process waits to run again after waking the receiver: on a
+# busy machine the woken process often takes the CPU at once.
+_SYSCALLS = {
+    "write": "socket writes (write, send*)",
+    "writev": "socket writes (write, send*)",
+    "send": "socket writes (write, send*)",
+    "sendto": "socket writes (write, send*)",
+    "sendmsg": "socket writes (write, send*)",
+    "read": "socket reads (read, recv*)",
+    "recv": "socket reads (read, recv*)",
+    "recvfrom": "socket reads (read, recv*)",
+    "recvmsg": "socket reads (read, recv*)",
+    "epoll_wait": "epoll_wait",
+    "epoll_pwait": "epoll_wait",
+}
 # The process's start-up frames sit at the root of every stack: not request work.
 _ROOT_FRAMES = ("gateway/__main__.py", "gateway/cli.py")
 
@@ -67,6 +83,7 @@ class Profile:
     gateway_inclusive: Counter[str] = field(default_factory=Counter)
     gateway_attributed: Counter[str] = field(default_factory=Counter)
     leaves: Counter[str] = field(default_factory=Counter)
+    syscalls: Counter[str] = field(default_factory=Counter)
 
     def top(self, counter: Counter[str], n: int = 15) -> list[tuple[str, float]]:
         return [(name, 100 * count / self.samples) for name, count in counter.most_common(n)]
@@ -79,6 +96,7 @@ class Profile:
             "gateway_inclusive_pct": dict(self.top(self.gateway_inclusive, n)),
             "gateway_attributed_pct": dict(self.top(self.gateway_attributed, n)),
             "python_leaf_pct": dict(self.top(self.leaves, n)),
+            "syscall_pct": dict(self.top(self.syscalls, n)),
         }
 
 
@@ -92,7 +110,11 @@ def summarise(lines: Iterable[str], repo: Path) -> Profile:
             continue
         frames: list[tuple[str, str]] = []  # (location:function, location)
         collecting = False
-        for raw in stack.split(";"):
+        raws = stack.split(";")
+        syscall = _SYSCALLS.get(raws[-1].split(" (", 1)[0])
+        if syscall:
+            profile.syscalls[syscall] += count
+        for raw in raws:
             match = _FRAME.match(raw)
             if match is None:
                 continue

@@ -54,7 +54,9 @@ def throughput_table(results: dict[str, Any]) -> str:
         "path",
         *(f"answers/s @{c}" for c in levels),
         f"proxy CPU @{top} (cores)",
+        "in kernel",
         "CPU s / 1,000 answers",
+        "with database",
         f"upstream CPU @{top}",
         f"wrk CPU @{top}",
         "failed",
@@ -63,12 +65,18 @@ def throughput_table(results: dict[str, Any]) -> str:
     for path, by_level in results["throughput"].items():
         at_top = by_level[top]
         failed = sum(level["failed"] for level in by_level.values())
+        proxied = path != "direct"
+        share = at_top.get("proxy_system_share")
         rows.append(
             [
                 path,
                 *(_num(by_level[c]["answers_per_s"]) for c in levels),
-                _num(at_top["cpu_cores"]["proxy"], 2) if path != "direct" else "-",
-                _num(at_top["cpu_per_1000"], 2) if path != "direct" else "-",
+                _num(at_top["cpu_cores"]["proxy"], 2) if proxied else "-",
+                _num(100 * share, 0, "%") if proxied and share is not None else "-",
+                _num(at_top["cpu_per_1000"], 2) if proxied else "-",
+                _num(at_top["cpu_per_1000_with_database"], 2)
+                if at_top["cpu_seconds"]["database"]
+                else "-",
                 _num(at_top["cpu_cores"]["upstream"], 2),
                 _num(at_top["cpu_cores"]["wrk"], 2),
                 str(failed),
@@ -110,7 +118,19 @@ def latency_table(results: dict[str, Any]) -> str:
                 str(r["failed"]),
             ]
         )
-    return _table(header, rows)
+    table = _table(header, rows)
+    own = [
+        f"{path} {r['ledger_overhead_ms']['p50']:.2f} ms p50, "
+        f"{r['ledger_overhead_ms']['p99']:.2f} ms p99"
+        for path, r in latency.items()
+        if "ledger_overhead_ms" in r
+    ]
+    if own:
+        table += (
+            "\n\nReceiving to forwarding, as the gateway recorded it (ledger overhead_ms, "
+            "same answers): " + "; ".join(own) + "."
+        )
+    return table
 
 
 def memory_table(results: dict[str, Any]) -> str:
@@ -284,9 +304,14 @@ def render(results: dict[str, Any]) -> str:
         parts.append("")
         parts.append(
             _table(
-                ["package of the running code", "% samples"],
+                ["package of the running Python code", "% samples"],
                 [[k, f"{v:.1f}"] for k, v in list(p["by_package_pct"].items())[:10]],
             )
+        )
+        calls = ", ".join(f"{k} {v:.1f}%" for k, v in p.get("syscall_pct", {}).items())
+        parts.append(
+            f"\nGarbage collection: {p['gc_pct']:.1f}% of samples. In system calls: {calls} "
+            "(a sample in a write includes waiting to run again after waking the receiver)."
         )
     for note in results.get("notes", []):
         parts.append(f"\nnote: {note}")

@@ -28,6 +28,7 @@ import os
 import platform
 import resource
 import secrets
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -48,7 +49,7 @@ import uvloop
 from bench import loadgen, report
 from bench import profile as profiling
 from bench.pgwire import WireCounter
-from bench.procs import Server, Servers, free_port
+from bench.procs import Server, Servers, cpu_seconds, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 LUA = Path(__file__).resolve().parent / "post.lua"
@@ -90,6 +91,8 @@ class Settings:
     postgres: str
     paths: tuple[str, ...]
     phases: tuple[str, ...]
+    users: int
+    gateway_command: tuple[str, ...]
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -113,6 +116,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     )
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset")
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset")
+    parser.add_argument(
+        "--users", type=int, default=1, help="gateway users the load is spread over, in turn"
+    )
+    parser.add_argument(
+        "--gateway-command",
+        default=None,
+        help="how to run the gateway's CLI, for A/B runs (default: this Python -m gateway)",
+    )
     args = parser.parse_args(argv)
     smoke: bool = args.smoke
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -134,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         events=args.events,
         upstream_procs=args.upstream_procs,
         rate=args.rate,
-        latency_seconds=1.0 if smoke else 6.0,
+        latency_seconds=0.6 if smoke else 6.0,
         latency_rounds=1 if smoke else 3,
         latency_delay_ms=20.0,
         streams=args.streams or (200 if smoke else 2000),
@@ -144,6 +155,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         postgres=args.postgres,
         paths=paths,
         phases=phases,
+        users=max(1, args.users),
+        gateway_command=tuple(
+            shlex.split(args.gateway_command)
+            if args.gateway_command
+            else (sys.executable, "-m", "gateway")
+        ),
     )
 
 
@@ -209,7 +226,9 @@ class _Cell:
     seconds: float = 0.0  # as wrk measured its runs
     wall: float = 0.0  # as the harness did, around the CPU readings
     proxy_cpu: float = 0.0
+    proxy_sys: float = 0.0  # the part of proxy_cpu spent in the kernel
     upstream_cpu: float = 0.0
+    db_cpu: float = 0.0  # PostgreSQL backends serving the gateway, when the server is local
     wrk_cpu: float = 0.0
 
     def as_json(self) -> dict[str, Any]:
@@ -220,15 +239,22 @@ class _Cell:
             "answers_per_s": self.answers / self.seconds if self.seconds else 0.0,
             "cpu_seconds": {
                 "proxy": round(self.proxy_cpu, 2),
+                "proxy_system": round(self.proxy_sys, 2),
                 "upstream": round(self.upstream_cpu, 2),
+                "database": round(self.db_cpu, 2),
                 "wrk": round(self.wrk_cpu, 2),
             },
             "cpu_cores": {
                 "proxy": self.proxy_cpu / self.wall,
                 "upstream": self.upstream_cpu / self.wall,
+                "database": self.db_cpu / self.wall,
                 "wrk": self.wrk_cpu / self.wall,
             },
+            "proxy_system_share": self.proxy_sys / self.proxy_cpu if self.proxy_cpu else None,
             "cpu_per_1000": 1000 * self.proxy_cpu / self.answers if self.answers else None,
+            "cpu_per_1000_with_database": (
+                1000 * (self.proxy_cpu + self.db_cpu) / self.answers if self.answers else None
+            ),
         }
 
 
@@ -249,7 +275,8 @@ class Bench:
         self.paths: dict[str, Server] = {}
         self.fresh: dict[str, Server] = {}
         self.load: set[subprocess.Popen[bytes]] = set()  # running wrk processes
-        self.keys: dict[str, str] = {}
+        self.latency_ids: dict[str, list[str]] = {}  # request ids of the latency samples
+        self.keys: dict[str, list[str]] = {}
         self.pg_db: str | None = None
         self.pg_url: str | None = None
         self.sqlite_url = f"sqlite:///{self.tmp / 'gateway.db'}"
@@ -352,7 +379,7 @@ default_plan = "bench"
             url = database_url or (self.sqlite_url if path == "gateway-sqlite" else self.pg_url)
             assert url is not None
             config = self._gateway_config(name, url)
-            argv = [sys.executable, "-m", "gateway", "--config", str(config), "serve"]
+            argv = [*self.s.gateway_command, "--config", str(config), "serve"]
             argv += ["--port", str(port)]
             env = _child_env()
         return self.servers.add(Server(name, argv, port, log, env=env, cwd=REPO))
@@ -361,17 +388,21 @@ default_plan = "bench"
         port = self.upstream_port if path == "direct" else self.paths[path].port
         return f"http://127.0.0.1:{port}/v1/chat-messages"
 
-    def key(self, path: str) -> str:
-        # Every path gets an Authorization header of the same size; only the
-        # gateways read it.
-        return self.keys.get(path) or next(iter(self.keys.values()), "none")
+    def keys_for(self, path: str) -> list[str]:
+        # Every path gets Authorization headers of the same size; only the gateways
+        # read them.
+        return self.keys.get(path) or next(iter(self.keys.values()), ["none"])
 
-    def headers(self, path: str, delay_ms: float = 0.0) -> dict[str, str]:
-        return {
-            "Content-Type": "application/json",
-            "Authorization": f"Bearer {self.key(path)}",
-            "x-bench-delay-ms": f"{delay_ms:g}",
-        }
+    def headers(self, path: str, delay_ms: float = 0.0) -> list[dict[str, str]]:
+        """One set of request headers per user, used in turn."""
+        return [
+            {
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {key}",
+                "x-bench-delay-ms": f"{delay_ms:g}",
+            }
+            for key in self.keys_for(path)
+        ]
 
     # --- databases and users -----------------------------------------------------------
 
@@ -402,13 +433,13 @@ default_plan = "bench"
             if path in self.s.paths:
                 url = self.sqlite_url if path == "gateway-sqlite" else self.pg_url
                 assert url is not None
-                jobs.append(self._create_user(path, self._gateway_config(f"{path}-cli", url)))
+                jobs.append(self._create_users(path, self._gateway_config(f"{path}-cli", url)))
         await asyncio.gather(*jobs)
 
-    async def _create_user(self, path: str, config: Path) -> None:
+    async def _create_users(self, path: str, config: Path) -> None:
         def cli(*args: str) -> str:
             done = subprocess.run(
-                [sys.executable, "-m", "gateway", "--config", str(config), *args],
+                [*self.s.gateway_command, "--config", str(config), *args],
                 cwd=REPO,
                 env=_child_env(),
                 capture_output=True,
@@ -421,7 +452,11 @@ default_plan = "bench"
             return done.stdout
 
         await asyncio.to_thread(cli, "users", "add", "bench")
-        self.keys[path] = (await asyncio.to_thread(cli, "keys", "create", "bench")).split()[-1]
+        keys = [(await asyncio.to_thread(cli, "keys", "create", "bench")).split()[-1]]
+        for i in range(2, self.s.users + 1):
+            created = await asyncio.to_thread(cli, "keys", "create", f"bench-{i}", "--create-user")
+            keys.append(created.split()[-1])
+        self.keys[path] = keys
 
     async def drop_database(self) -> None:
         if self.pg_db is None:
@@ -432,6 +467,20 @@ default_plan = "bench"
         finally:
             await conn.close()
         self.pg_db = None
+
+    async def db_cpu(self) -> dict[int, float]:
+        """CPU seconds so far of each PostgreSQL backend connected to the gateway's
+        database (from /proc: only when the server runs on this machine)."""
+        if self.pg_db is None or _host_port(self.s.postgres)[0] not in ("127.0.0.1", "localhost"):
+            return {}
+        conn = await asyncpg.connect(self.s.postgres, timeout=5)
+        try:
+            rows = await conn.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1", self.pg_db
+            )
+        finally:
+            await conn.close()
+        return {row["pid"]: cpu_seconds(row["pid"]) for row in rows}
 
     async def pg_counters(self) -> tuple[int, int]:
         """(xact_commit, xact_rollback) of the gateway's database, once no backend is
@@ -469,7 +518,7 @@ default_plan = "bench"
     async def verify(self) -> None:
         """Every path must stream a complete answer before anything is measured."""
         for path in self.s.paths:
-            status, headers, body = await loadgen.fetch(self.url(path), self.headers(path), BODY)
+            status, headers, body = await loadgen.fetch(self.url(path), self.headers(path)[0], BODY)
             messages = body.count(b'"event":"message",')
             if status != 200 or messages != self.s.events or b'"event":"message_end"' not in body:
                 raise RuntimeError(
@@ -482,7 +531,11 @@ default_plan = "bench"
     def _wrk(self, path: str, connections: int, seconds: int) -> WrkResult:
         argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s"]
         argv += ["-s", str(LUA), self.url(path).removesuffix("/v1/chat-messages")]
-        env = {**os.environ, "BENCH_AUTH": self.key(path), "BENCH_BODY": BODY.decode()}
+        env = {
+            **os.environ,
+            "BENCH_AUTH": ",".join(self.keys_for(path)),
+            "BENCH_BODY": BODY.decode(),
+        }
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         self.load.add(proc)
         try:
@@ -516,17 +569,22 @@ default_plan = "bench"
             for connections in self.s.connections:
                 for path in paths:
                     server = self.paths.get(path)
-                    proxy0 = server.cpu_seconds() if server else 0.0
+                    user0, sys0 = server.cpu_times() if server else (0.0, 0.0)
                     up0 = self.upstream_cpu()
+                    db0 = await self.db_cpu() if path == "gateway-postgres" else {}
                     t0 = time.perf_counter()
                     result = await asyncio.to_thread(self._wrk, path, connections, self.s.duration)
                     cell = totals[path][str(connections)]
                     cell.wall += time.perf_counter() - t0
+                    user1, sys1 = server.cpu_times() if server else (0.0, 0.0)
+                    db1 = await self.db_cpu() if path == "gateway-postgres" else {}
                     cell.answers += result.requests - result.failed
                     cell.failed += sum(result.errors.values())
                     cell.seconds += result.seconds
-                    cell.proxy_cpu += (server.cpu_seconds() - proxy0) if server else 0.0
+                    cell.proxy_cpu += (user1 - user0) + (sys1 - sys0)
+                    cell.proxy_sys += sys1 - sys0
                     cell.upstream_cpu += self.upstream_cpu() - up0
+                    cell.db_cpu += sum(cpu - db0.get(pid, 0.0) for pid, cpu in db1.items())
                     cell.wrk_cpu += result.cpu_seconds
                     # Let the gateways settle the answers wrk cut off at the end.
                     await asyncio.sleep(0.2 if self.s.smoke else 0.5)
@@ -545,9 +603,14 @@ default_plan = "bench"
                     BODY,
                     rate=self.s.rate,
                     duration=self.s.latency_seconds,
-                    warmup=0.3 if self.s.smoke else 0.5,
+                    warmup=0.2 if self.s.smoke else 0.5,
                 )
                 await asyncio.sleep(0.2)
+        self.latency_ids = {
+            path: [s.request_id for s in got if s.ok and s.request_id]
+            for path, got in samples.items()
+            if path in GATEWAYS
+        }
         out: dict[str, Any] = {}
         for path, got in samples.items():
             ok = [s for s in got if s.ok]
@@ -707,6 +770,43 @@ default_plan = "bench"
                 await self.servers.stop(server, grace=0.2)
         self.results["memory"] = out
 
+    async def gateway_overhead(self) -> None:
+        """The gateway's own record of the latency phase's answers: ``overhead_ms`` in
+        its ledger is the time from receiving the request to forwarding it
+        (authentication, the body, admission), so the added time to first byte
+        splits into that and the rest (the proxying itself)."""
+        for path, ids in self.latency_ids.items():
+            values: list[float] = []
+            if path == "gateway-sqlite":
+                with contextlib.closing(sqlite3.connect(self.tmp / "gateway.db")) as lite:
+                    for i in range(0, len(ids), 500):
+                        chunk = ids[i : i + 500]
+                        marks = ",".join("?" * len(chunk))
+                        values += [
+                            row[0]
+                            for row in lite.execute(
+                                "SELECT overhead_ms FROM usage_events "
+                                f"WHERE request_id IN ({marks})",
+                                chunk,
+                            )
+                        ]
+            elif self.pg_url is not None:
+                conn = await asyncpg.connect(self.pg_url, timeout=5)
+                try:
+                    rows = await conn.fetch(
+                        "SELECT overhead_ms FROM usage_events WHERE request_id = ANY($1)", ids
+                    )
+                finally:
+                    await conn.close()
+                values = [row[0] for row in rows]
+            values = [v for v in values if v is not None]
+            if values:
+                self.results["latency"][path]["ledger_overhead_ms"] = {
+                    "answers": len(values),
+                    "p50": loadgen.percentile(values, 50),
+                    "p99": loadgen.percentile(values, 99),
+                }
+
     def recorded(self) -> dict[str, int]:
         """Answers in each gateway's ledger: a sanity check that accounting really ran."""
         out: dict[str, int] = {}
@@ -758,6 +858,8 @@ default_plan = "bench"
             # Last: it needs every other connection to the database closed.
             if "database" in phases and "gateway-postgres" in self.s.paths:
                 await self._phase("database", self.database())
+            with contextlib.suppress(sqlite3.Error, asyncpg.PostgresError, OSError):
+                await self.gateway_overhead()
             ledger = self.recorded()
             pg = await self.recorded_postgres()
             if pg is not None:
