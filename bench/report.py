@@ -135,12 +135,14 @@ def latency_table(results: dict[str, Any]) -> str:
 
 def memory_table(results: dict[str, Any]) -> str:
     streams = results["settings"]["streams"]
+    after = results.get("rss_after_throughput", {})
     header = [
         "path",
         "RSS before",
         f"RSS with {streams:,} open streams",
         "per open stream",
         "opened",
+        "RSS after the throughput phase",
     ]
     rows = [
         [
@@ -149,6 +151,7 @@ def memory_table(results: dict[str, Any]) -> str:
             _num(r["rss_during"] / 2**20, 1, " MiB"),
             _num(r["per_stream_kb"], 1, " KB"),
             f"{r['opened']:,}",
+            _num(after[path] / 2**20, 1, " MiB") if path in after else "-",
         ]
         for path, r in results["memory"].items()
     ]

@@ -38,7 +38,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Coroutine, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -230,10 +230,12 @@ class _Cell:
     upstream_cpu: float = 0.0
     db_cpu: float = 0.0  # PostgreSQL backends serving the gateway, when the server is local
     wrk_cpu: float = 0.0
+    rounds: list[float] = field(default_factory=list)  # answers/s of each round
 
     def as_json(self) -> dict[str, Any]:
         return {
             "answers": self.answers,
+            "answers_per_s_by_round": [round(rate, 1) for rate in self.rounds],
             "failed": self.failed,
             "seconds": round(self.seconds, 3),
             "answers_per_s": self.answers / self.seconds if self.seconds else 0.0,
@@ -579,6 +581,7 @@ default_plan = "bench"
                     user1, sys1 = server.cpu_times() if server else (0.0, 0.0)
                     db1 = await self.db_cpu() if path == "gateway-postgres" else {}
                     cell.answers += result.requests - result.failed
+                    cell.rounds.append((result.requests - result.failed) / result.seconds)
                     cell.failed += sum(result.errors.values())
                     cell.seconds += result.seconds
                     cell.proxy_cpu += (user1 - user0) + (sys1 - sys0)
@@ -591,6 +594,10 @@ default_plan = "bench"
         self.results["throughput"] = {
             path: {level: cell.as_json() for level, cell in by_level.items()}
             for path, by_level in totals.items()
+        }
+        # Memory after tens of thousands of answers: growth here would be a leak.
+        self.results["rss_after_throughput"] = {
+            path: server.rss_bytes() for path, server in self.paths.items()
         }
 
     async def latency(self) -> None:

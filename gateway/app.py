@@ -7,6 +7,8 @@ or middleware in between); the gateway's own endpoints are a small Starlette app
 from __future__ import annotations
 
 import contextlib
+import gc
+import os
 from collections.abc import AsyncIterator, Mapping
 
 import httpx
@@ -43,6 +45,25 @@ async def metrics(request: Request) -> Response:
     return PlainTextResponse(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
+# Set by `gateway serve`: the process is a server and nothing else, so it may
+# tune the garbage collector for itself (not done for apps embedded in tests or tools).
+GC_TUNING_ENV = "GATEWAY_GC_TUNING"
+
+
+def tune_gc() -> None:
+    """Fewer, cheaper collections for a long-running server.
+
+    The objects alive after start-up (modules, configuration, caches) are moved
+    out of the collector's way, and the youngest generation is collected less
+    often: per-request garbage is mostly freed by reference counting anyway.
+    Measured: collection time under load went from 7.3% to 3.5% of samples
+    (docs/performance.md).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(7000, 20, 20)
+
+
 # The gateway's own endpoints under /v1 (Dify has none of these paths).
 _OWN_V1_PATHS = frozenset({"/v1/usage", "/v1/usage/daily"})
 
@@ -55,6 +76,8 @@ class GatewayApp:
         @contextlib.asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             await gateway.start()
+            if os.environ.get(GC_TUNING_ENV):
+                tune_gc()
             try:
                 yield
             finally:

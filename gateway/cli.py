@@ -179,6 +179,9 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     if config.source:
         # Workers are separate processes: they find the same file through the environment.
         os.environ[ENV_CONFIG] = os.path.abspath(config.source)
+    from gateway.app import GC_TUNING_ENV
+
+    os.environ[GC_TUNING_ENV] = "1"
     uvicorn.run(
         "gateway.app:create_app",
         factory=True,

@@ -14,6 +14,7 @@ import os
 import signal
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -58,11 +59,22 @@ def make_client(
     if transport is None and up.transport == "aiohttp":
         # Measured (issue 3, docs/performance.md): aiohttp's transport streams
         # several times faster than httpx's own under concurrency.
+        import aiohttp
         from httpx_aiohttp import AiohttpTransport
 
-        transport = AiohttpTransport(limits=limits)
+        def session() -> aiohttp.ClientSession:
+            connector = aiohttp.TCPConnector(
+                limit=up.max_connections, keepalive_timeout=up.keepalive_expiry
+            )
+            # No cookie jar: this one client serves every user.
+            return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+        transport = AiohttpTransport(limits=limits, client=session)
+    # The client is shared by all users: a cookie an upstream sets for one user's
+    # request must never ride along on another's. Cookies pass through as headers.
+    jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
     return httpx.AsyncClient(
-        transport=transport, limits=limits, timeout=timeout, follow_redirects=False
+        transport=transport, limits=limits, timeout=timeout, follow_redirects=False, cookies=jar
     )
 
 

@@ -339,3 +339,40 @@ async def test_cors_preflight_is_forwarded_without_credentials(sqlite_url: str) 
                 headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
             )
     assert response.status_code == 200 and upstream.bodies == [b""]
+
+
+class CookieSetter:
+    """An upstream that sets a cookie on every answer and records the cookies it got."""
+
+    def __init__(self) -> None:
+        self.cookies: list[bytes | None] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        self.cookies.append(dict(scope["headers"]).get(b"cookie"))
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"set-cookie", b"session=secret-of-the-first-user; Path=/"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_cookies_set_by_the_upstream_never_reach_other_users(
+    sqlite_url: str, transport: str
+) -> None:
+    upstream = CookieSetter()
+    async with running_gateway(
+        sqlite_url, upstream=upstream, settings={"upstream": {"transport": transport}}
+    ) as h:
+        other = await h.add_user("bob")
+        async with (
+            httpx.AsyncClient(base_url=h.url) as alice_client,
+            httpx.AsyncClient(base_url=h.url) as bob_client,
+        ):
+            first = await alice_client.get("/v1/parameters", headers=h.auth())
+            await bob_client.get("/v1/parameters", headers={"Authorization": f"Bearer {other}"})
+    assert first.headers["set-cookie"].startswith("session=")  # passed back to its own client
+    assert upstream.cookies == [None, None]  # but never sent upstream again
