@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -155,6 +156,9 @@ def _response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes
 # Characters a path segment may carry unescaped (RFC 3986 pchar, minus "%": any
 # percent sign in the decoded path is data and must be escaped again).
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
+_UNSAFE_PATH_CHARS = re.compile(r"[?#\\\x00-\x1f\x7f]")
+# "//" anywhere but a final "/" is fine; "." and ".." as whole segments are not.
+_UNSAFE_PATH_SEGMENT = re.compile(r"//|/\.\.?(?=/|$)")
 
 
 def _is_json(media_type: bytes) -> bool:
@@ -174,12 +178,10 @@ def canonical_path(path: str) -> str:
     endpoint, and an empty segment or a control character is read differently by
     different servers. Such paths are refused.
     """
-    if any(c in "?#\\" or ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+    if _UNSAFE_PATH_CHARS.search(path):
         raise BadRequest("The request path contains characters that are not allowed.")
-    segments = path.split("/")[1:]
-    for i, segment in enumerate(segments):
-        if segment in (".", "..") or (not segment and i != len(segments) - 1):
-            raise BadRequest("The request path must not contain empty, '.' or '..' segments.")
+    if _UNSAFE_PATH_SEGMENT.search(path):
+        raise BadRequest("The request path must not contain empty, '.' or '..' segments.")
     return quote(path, safe=_PATH_SAFE)
 
 
