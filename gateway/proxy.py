@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, unquote_plus
 
@@ -384,7 +384,7 @@ class Proxy:
             )
             response = await gw.client.send(request, stream=True)
         except asyncio.CancelledError:
-            await asyncio.shield(self.admitter.refund(ticket, request_id))
+            await self._kept(self.admitter.refund(ticket, request_id))
             raise
         except (
             httpx.HTTPError,
@@ -410,14 +410,16 @@ class Proxy:
                 log.warning(
                     "request %s: upstream took too long to answer; charging an estimate", request_id
                 )
-                await self._settle(
-                    upstream.unanswered(route, json_body),
-                    request_id=request_id,
-                    route=route,
-                    ticket=ticket,
-                    disconnected=False,
-                    upstream_ms=(time.perf_counter() - forwarded_at) * 1000,
-                    overhead_ms=(forwarded_at - started) * 1000,
+                await self._kept(
+                    self._settle(
+                        upstream.unanswered(route, json_body),
+                        request_id=request_id,
+                        route=route,
+                        ticket=ticket,
+                        disconnected=False,
+                        upstream_ms=(time.perf_counter() - forwarded_at) * 1000,
+                        overhead_ms=(forwarded_at - started) * 1000,
+                    )
                 )
                 raise UpstreamTimeout("The upstream did not answer in time.") from exc
             await self.admitter.refund(ticket, request_id)
@@ -631,7 +633,7 @@ class Proxy:
             gw.keep(self._stop(request_id, route, meter.task_id, user_id))
         finished = time.perf_counter()
         assert ticket is not None
-        settling = gw.keep(
+        await self._kept(
             self._settle(
                 result,
                 request_id=request_id,
@@ -643,9 +645,7 @@ class Proxy:
             )
         )
         if cancelled is not None:
-            await asyncio.shield(settling)
             raise cancelled
-        await settling
 
     async def _history(
         self,
@@ -743,6 +743,12 @@ class Proxy:
             "request %s: stopped task %s upstream (%d)", request_id, task_id, reply.status_code
         )
         return reply.is_success
+
+    async def _kept(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` (recording an answer, or giving its reservation back) as a
+        task the gateway keeps, shielded: a cancellation of the request - a client
+        gone, a server shutting down - must never cut a ledger write half-way."""
+        await asyncio.shield(self.gw.keep(work))
 
     async def _settle(
         self,

@@ -376,3 +376,51 @@ async def test_cookies_set_by_the_upstream_never_reach_other_users(
             await bob_client.get("/v1/parameters", headers={"Authorization": f"Bearer {other}"})
     assert first.headers["set-cookie"].startswith("session=")  # passed back to its own client
     assert upstream.cookies == [None, None]  # but never sent upstream again
+
+
+async def test_a_cancellation_during_the_ledger_write_does_not_lose_the_answer(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake) as h:
+        writing, release = asyncio.Event(), asyncio.Event()
+        real_settle = h.storage.settle
+
+        async def slow_settle(event: UsageEvent, *, lease_id: str | None = None) -> bool:
+            writing.set()
+            await release.wait()
+            return await real_settle(event, lease_id=lease_id)
+
+        monkeypatch.setattr(h.storage, "settle", slow_settle)
+        delivered = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": orjson.dumps(CHAT), "more_body": False}
+            await asyncio.Event().wait()
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/chat-messages",
+            "query_string": b"",
+            "headers": [
+                (b"authorization", f"Bearer {h.key}".encode()),
+                (b"content-type", b"application/json"),
+            ],
+        }
+        task = asyncio.create_task(h.app(scope, receive, send))
+        await writing.wait()  # the answer is complete and being recorded
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        await h.gateway.idle()
+        (event,) = await h.events()
+    assert event.total_tokens == 1168 and not event.estimated
