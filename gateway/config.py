@@ -29,7 +29,7 @@ from gateway.upstreams import DIALECTS
 
 DEFAULT_CONFIG_FILE = "gateway.toml"
 
-# Environment variables that override the file (DESIGN.md, "Interfaces").
+# Environment variables that override the file (docs/configuration.md, "Environment overrides").
 ENV_CONFIG = "GATEWAY_CONFIG"
 ENV_DATABASE_URL = "GATEWAY_DATABASE_URL"
 ENV_UPSTREAM_URL = "GATEWAY_UPSTREAM_URL"

@@ -57,7 +57,7 @@ def make_client(
         pool=up.connect_timeout,
     )
     if transport is None and up.transport == "aiohttp":
-        # Measured (issue 3, docs/performance.md): aiohttp's transport streams
+        # Measured (docs/performance.md): aiohttp's transport streams
         # several times faster than httpx's own under concurrency.
         import aiohttp
         from httpx_aiohttp import AiohttpTransport

@@ -1,6 +1,6 @@
 """The Dify Service API dialect: routes, user placement, stop calls and usage metering.
 
-Every wire fact used here is in /work/shared/protocols/dify.md (cited below as
+Every wire fact used here is in docs/upstreams/dify.md (cited below as
 "dify.md"). Usage is read only from Dify's own answers, never from the client.
 """
 
