@@ -109,11 +109,9 @@ def _serialised(body: dict[str, Any]) -> bytes:
     try:
         return orjson.dumps(body)
     except orjson.JSONEncodeError:
-        # orjson reads deeper documents than it writes (and integers wider than
-        # 64 bits); what cannot be written again cannot be forwarded.
-        raise BadRequest(
-            "The request body cannot be forwarded (nested too deeply or a number out of range)."
-        ) from None
+        # orjson reads deeper documents than it writes: what cannot be written
+        # again cannot be forwarded.
+        raise BadRequest("The request body is nested too deeply to forward.") from None
 
 
 class Exchange:
