@@ -87,7 +87,9 @@ _MAX_BUFFERED_BODY = 16 * 1024 * 1024
 # headers, boundaries, other fields): with a Content-Length over the plan's file
 # size by more than this, the file is certainly too large.
 _MULTIPART_SLACK = FIELDS_ALLOWANCE + 64 * 1024
+# Placeholders until `_parse` and `route` fill them in (never used before).
 _NO_ROUTE = Route("other", "")
+_NO_HEADERS = RequestHeaders([])
 
 # Request ids: unique per process by a counter, across processes by a random prefix;
 # cheaper than uuid4 on every request. Dialects may pass them on (as a trace id),
@@ -143,7 +145,7 @@ class Exchange:
         self.method = ""
         self.path = ""  # canonical, relative to the API base
         self.query = b""
-        self.headers = RequestHeaders([])
+        self.headers = _NO_HEADERS
         self.route = _NO_ROUTE
         self.user_id = ""
         self.json: dict[str, Any] | None = None  # the parsed JSON body, rewritten
