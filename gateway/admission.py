@@ -43,10 +43,13 @@ STREAM_RETRY_AFTER = 5
 class Ticket:
     """The accounting state of one answer request."""
 
-    __slots__ = ("body_changed", "day", "lease_id", "reserved", "user_id")
+    __slots__ = ("body_changed", "day", "lease_id", "plan", "reserved", "user_id")
 
-    def __init__(self, user_id: str, day: date, *, reserved: bool, lease_id: str | None) -> None:
+    def __init__(
+        self, user_id: str, day: date, *, reserved: bool, lease_id: str | None, plan: str = ""
+    ) -> None:
         self.user_id = user_id
+        self.plan = plan  # the plan's name, for metrics
         self.day = day  # the local day the answer is counted on: the day it was asked
         self.reserved = reserved  # a query is reserved and must be settled or refunded
         self.lease_id = lease_id
@@ -118,7 +121,13 @@ class Admitter:
             disabled = True
         else:
             disabled = False
-        ticket = Ticket(user_id, periods.day, reserved=True, lease_id=lease.id if lease else None)
+        ticket = Ticket(
+            user_id,
+            periods.day,
+            reserved=True,
+            lease_id=lease.id if lease else None,
+            plan=plan.name,
+        )
         ticket.body_changed = disabled
         return ticket, rate_headers
 
@@ -184,7 +193,7 @@ class Admitter:
             exc.message,
         )
         gw.metrics.inc("gateway_admission_storage_failures_total", policy="open")
-        return Ticket(user_id, periods.day, reserved=False, lease_id=None), []
+        return Ticket(user_id, periods.day, reserved=False, lease_id=None, plan=plan.name), []
 
     async def refund(self, ticket: Ticket | None, request_id: str) -> None:
         """Return a reserved query (and its stream slot): no answer was produced."""

@@ -12,9 +12,10 @@ import os
 from collections.abc import AsyncIterator, Mapping
 
 import httpx
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from gateway import dashboard
@@ -42,7 +43,7 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
-    return PlainTextResponse(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 # Set by `gateway serve`: the process is a server and nothing else, so it may

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import shutil
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
@@ -43,6 +46,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+def _config_after_commands(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--config`` after any subcommand too (``gateway serve --config FILE``),
+    as users type it. SUPPRESS keeps a subcommand from resetting a value given
+    before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                sub.add_argument(
+                    "--config", "-c", default=argparse.SUPPRESS, help="configuration file"
+                )
+                _config_after_commands(sub)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -147,6 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     keys_list = keys.add_parser("list", help="a user's keys (ids and names, never secrets)")
     keys_list.add_argument("id", help="user id")
     keys_list.set_defaults(handler=_sync(_keys_list))
+    _config_after_commands(parser)
     return parser
 
 
@@ -182,18 +199,40 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     from gateway.app import GC_TUNING_ENV
 
     os.environ[GC_TUNING_ENV] = "1"
-    uvicorn.run(
-        "gateway.app:create_app",
-        factory=True,
-        host=args.host or config.server.host,
-        port=args.port if args.port is not None else config.server.port,
-        workers=args.workers or config.server.workers,
-        log_level=config.server.log_level,
-        loop="auto",  # uvloop where installed
-        http="auto",  # httptools where installed
-        server_header=False,
-    )
+    workers = args.workers or config.server.workers
+    with _metrics_directory(workers):
+        uvicorn.run(
+            "gateway.app:create_app",
+            factory=True,
+            host=args.host or config.server.host,
+            port=args.port if args.port is not None else config.server.port,
+            workers=workers,
+            log_level=config.server.log_level,
+            loop="auto",  # uvloop where installed
+            http="auto",  # httptools where installed
+            server_header=False,
+        )
     return 0
+
+
+@contextlib.contextmanager
+def _metrics_directory(workers: int) -> Iterator[None]:
+    """Several workers share their metrics through files in a fresh directory
+    (prometheus_client's multiprocess mode; see docs/metrics.md). A directory
+    given in the environment is used as it is: wiping it between runs is then
+    the operator's."""
+    from gateway.metrics import MULTIPROC_ENV
+
+    if workers <= 1 or os.environ.get(MULTIPROC_ENV):
+        yield
+        return
+    path = tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.environ[MULTIPROC_ENV] = path  # the workers inherit it
+    try:
+        yield
+    finally:
+        del os.environ[MULTIPROC_ENV]
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _demo(config: Config, args: argparse.Namespace) -> int:

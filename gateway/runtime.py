@@ -334,6 +334,7 @@ class Gateway:
                 await task
         await self.settler.close()
         await self.client.aclose()
+        self.metrics.close()
         if self._owns_storage:
             await self.storage.close()
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -29,6 +29,13 @@ from gateway.storage import Storage, UsageEvent
 log = logging.getLogger("gateway.settle")
 
 RETRY_DELAYS: tuple[float, ...] = (0.05, 0.5, 2.0, 5.0, 15.0)
+
+
+class _Labels(NamedTuple):
+    """What the ledger row does not say but the metrics break usage down by."""
+
+    plan: str = ""
+    model: str = ""
 
 
 def event_to_json(event: UsageEvent, lease_id: str | None = None) -> bytes:
@@ -63,13 +70,16 @@ class Settler:
         self._tasks: dict[asyncio.Task[None], tuple[UsageEvent, str | None] | None] = {}
         self._closing = False
 
-    async def record(self, event: UsageEvent, *, lease_id: str | None = None) -> None:
+    async def record(
+        self, event: UsageEvent, *, lease_id: str | None = None, plan: str = "", model: str = ""
+    ) -> None:
         """Write one answer now; on a storage error, retry in the background.
 
         The answer's stream lease is released with the write; a retried or spooled
         write leaves it to expire."""
+        labels = _Labels(plan, model)
         try:
-            await self._write(event, lease_id=lease_id)
+            await self._write(event, lease_id=lease_id, labels=labels)
         except StorageError as exc:
             log.warning("ledger write for %s failed, will retry: %s", event.answer_id, exc.message)
             self._metrics.inc("gateway_storage_errors_total", operation="settle")
@@ -77,7 +87,7 @@ class Settler:
                 self._to_spool(event, lease_id)
                 return
             task = asyncio.create_task(
-                self._retry(event, lease_id), name=f"settle-retry-{event.answer_id}"
+                self._retry(event, lease_id, labels), name=f"settle-retry-{event.answer_id}"
             )
             self._tasks[task] = (event, lease_id)
             task.add_done_callback(self._tasks.pop)
@@ -108,9 +118,36 @@ class Settler:
         # A refund is worth one query: not worth a spool of its own. Logged.
         log.error("refund for %s on %s given up after retries", user_id, day)
 
-    async def _write(self, event: UsageEvent, *, lease_id: str | None = None) -> None:
-        if await self._storage.settle(event, lease_id=lease_id):
-            self._metrics.inc("gateway_answers_settled_total", outcome=event.outcome)
+    async def _write(
+        self, event: UsageEvent, *, lease_id: str | None = None, labels: _Labels | None = None
+    ) -> None:
+        began = time.perf_counter()
+        try:
+            settled = await self._storage.settle(event, lease_id=lease_id)
+        finally:
+            self._metrics.observe("gateway_settle_seconds", time.perf_counter() - began)
+        if settled:
+            metrics = self._metrics
+            metrics.inc("gateway_answers_settled_total", outcome=event.outcome)
+            plan, model = labels or _Labels()
+            metrics.inc(
+                "gateway_tokens_total", event.prompt_tokens, plan=plan, model=model, kind="prompt"
+            )
+            metrics.inc(
+                "gateway_tokens_total",
+                event.completion_tokens,
+                plan=plan,
+                model=model,
+                kind="completion",
+            )
+            # A metric is a float by nature; the ledger keeps the exact Decimal.
+            metrics.inc(
+                "gateway_cost_total",
+                float(event.cost),
+                plan=plan,
+                model=model,
+                currency=event.currency,
+            )
             log.info(
                 "recorded answer %s for user %s: %d tokens, cost %s %s%s",
                 event.answer_id,
@@ -125,12 +162,12 @@ class Settler:
         else:
             self._metrics.inc("gateway_answers_duplicate_total")
 
-    async def _retry(self, event: UsageEvent, lease_id: str | None) -> None:
+    async def _retry(self, event: UsageEvent, lease_id: str | None, labels: _Labels) -> None:
         for delay in self._delays:
             await asyncio.sleep(delay)
             self._metrics.inc("gateway_settle_retries_total")
             try:
-                await self._write(event, lease_id=lease_id)
+                await self._write(event, lease_id=lease_id, labels=labels)
                 return
             except StorageError as exc:
                 log.warning("ledger write for %s failed again: %s", event.answer_id, exc.message)

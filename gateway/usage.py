@@ -117,3 +117,10 @@ class Metered:
     outcome: Outcome
     error_code: str | None = None
     metadata: dict[str, object] | None = None
+
+    @property
+    def model(self) -> str:
+        """The model the upstream says answered, "" when it does not say (Dify's
+        chat answers name none)."""
+        model = self.metadata.get("model") if self.metadata else None
+        return model if isinstance(model, str) else ""
