@@ -15,6 +15,7 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from gateway.accounts import effective_plan
+from gateway.alerts import alert_request
 from gateway.clock import Periods, periods_at
 from gateway.config import Plan
 from gateway.errors import Forbidden, QuotaExceeded, StorageError
@@ -27,7 +28,7 @@ from gateway.plans import (
     refusal_message,
     reported_limit,
 )
-from gateway.storage import Lease
+from gateway.storage import AlertRequest, Lease
 
 if TYPE_CHECKING:
     from gateway.runtime import Gateway
@@ -43,13 +44,14 @@ STREAM_RETRY_AFTER = 5
 class Ticket:
     """The accounting state of one answer request."""
 
-    __slots__ = ("body_changed", "day", "lease_id", "plan", "reserved", "user_id")
+    __slots__ = ("alerts", "body_changed", "day", "lease_id", "plan", "reserved", "user_id")
 
     def __init__(
         self, user_id: str, day: date, *, reserved: bool, lease_id: str | None, plan: str = ""
     ) -> None:
         self.user_id = user_id
         self.plan = plan  # the plan's name, for metrics
+        self.alerts: AlertRequest | None = None  # the thresholds its settle checks
         self.day = day  # the local day the answer is counted on: the day it was asked
         self.reserved = reserved  # a query is reserved and must be settled or refunded
         self.lease_id = lease_id
@@ -129,6 +131,7 @@ class Admitter:
             plan=plan.name,
         )
         ticket.body_changed = disabled
+        ticket.alerts = alert_request(plan, config.alerts, periods)
         return ticket, rate_headers
 
     async def _web_searches_spent(

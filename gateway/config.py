@@ -12,6 +12,8 @@ was expected, as a `ConfigError`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import difflib
 import os
@@ -203,6 +205,38 @@ LIMIT_NAMES: tuple[LimitName, ...] = typing.get_args(LimitName)
 
 
 @dataclass(frozen=True, slots=True)
+class AlertsConfig:
+    """Threshold alerts (docs/admin.md, "Alerts"): announced once per user, limit,
+    period and threshold, by webhook and/or email, from a durable outbox."""
+
+    # Percentages of each limit a plan sets (queries, tokens, web searches; per
+    # day or month) that are announced when usage reaches them. Empty: no alerts.
+    thresholds: tuple[int, ...] = _setting((), minimum=1)
+    webhook_url: str = ""
+    # A Standard Webhooks secret: "whsec_" and the base64 of the key.
+    webhook_secret_env: str = "GATEWAY_WEBHOOK_SECRET"
+    webhook_timeout: float = _setting(10.0, minimum=0.001)
+    email_to: tuple[str, ...] = ()
+    email_from: str = "gateway@localhost"
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = _setting(25, minimum=1)
+    smtp_username: str = ""
+    smtp_password_env: str = "GATEWAY_SMTP_PASSWORD"
+    smtp_tls: Literal["none", "starttls", "tls"] = "none"
+    smtp_timeout: float = _setting(10.0, minimum=0.001)
+    max_attempts: int = _setting(10, minimum=1)
+    retry_initial: float = _setting(1.0, minimum=0)
+    retry_max: float = _setting(600.0, minimum=0)
+    poll_interval: float = _setting(2.0, minimum=0.01)
+    webhook_secret: str = _resolved()
+    smtp_password: str = _resolved()
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return (("webhook",) if self.webhook_url else ()) + (("email",) if self.email_to else ())
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     name: str = _resolved("")
     queries_per_day: int | None = _setting(None, minimum=0)
@@ -213,6 +247,8 @@ class Plan:
     file_size_mb: float | None = _setting(None, minimum=0)
     chat_history_days: int | None = _setting(None, minimum=0)
     max_concurrent_streams: int | None = _setting(None, minimum=0)
+    # Replaces alerts.thresholds for this plan ([] turns alerts off for it).
+    alert_thresholds: tuple[int, ...] | None = _setting(None, minimum=1)
 
     def with_overrides(self, overrides: Mapping[str, object]) -> Plan:
         """This plan with per-user overrides applied (unknown names are ignored)."""
@@ -232,6 +268,7 @@ class Config:
     advanced_rag: AdvancedRagConfig = field(default_factory=AdvancedRagConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     plans: Mapping[str, Plan] = field(default_factory=lambda: {"free": Plan(name="free")})
     source: str | None = _resolved(None)
 
@@ -338,6 +375,7 @@ def parse_config(
 
     return dataclasses.replace(
         config,
+        alerts=_resolve_alerts(config.alerts, env),
         upstream=upstream,
         database=database,
         admin=admin,
@@ -345,6 +383,40 @@ def parse_config(
         plans=types.MappingProxyType(plans),
         source=source,
     )
+
+
+def _resolve_alerts(alerts: AlertsConfig, env: Mapping[str, str]) -> AlertsConfig:
+    secret = ""
+    if alerts.webhook_url:
+        if not alerts.webhook_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"alerts.webhook_url: expected an http:// or https:// URL, got {alerts.webhook_url!r}"
+            )
+        secret = env.get(alerts.webhook_secret_env, "")
+        if not secret:
+            raise ConfigError(
+                f"alerts.webhook_secret_env: the environment variable {alerts.webhook_secret_env} "
+                "is not set (webhooks are always signed)"
+            )
+        if not _is_webhook_secret(secret):
+            raise ConfigError(
+                f"alerts.webhook_secret_env: {alerts.webhook_secret_env} is not a Standard "
+                "Webhooks secret ('whsec_' followed by base64)"
+            )
+    return dataclasses.replace(
+        alerts,
+        webhook_secret=secret,
+        smtp_password=env.get(alerts.smtp_password_env, "") if alerts.smtp_username else "",
+    )
+
+
+def _is_webhook_secret(secret: str) -> bool:
+    if not secret.startswith("whsec_"):
+        return False
+    try:
+        return bool(base64.b64decode(secret.removeprefix("whsec_"), validate=True))
+    except binascii.Error:
+        return False
 
 
 def _resolve_auth(auth: AuthConfig, env: Mapping[str, str], *, base: Path) -> AuthConfig:
@@ -448,12 +520,14 @@ def _coerce(value: Any, tp: Any, path: str, minimum: float | None) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, path, minimum)
     if origin is tuple:
+        item_type = args[0]
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected an array of strings, got {_kind(value)}")
-        for index, item in enumerate(value):
-            if not isinstance(item, str):
-                raise ConfigError(f"{path}[{index}]: expected a string, got {_kind(item)}")
-        return tuple(value)
+            items = "strings" if item_type is str else "integers"
+            raise ConfigError(f"{path}: expected an array of {items}, got {_kind(value)}")
+        return tuple(
+            _coerce(item, item_type, f"{path}[{index}]", minimum)
+            for index, item in enumerate(value)
+        )
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)

@@ -630,6 +630,7 @@ class Proxy:
             lease_id=ticket.lease_id,
             plan=ticket.plan,
             model=result.model,
+            alerts=ticket.alerts,
         )
 
     # --- the rest --------------------------------------------------------------------

@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 import httpx
 
 from gateway.accounts import issue_key, parse_override
+from gateway.alerts import OutboxWorker
 from gateway.auth import Authenticator, UserDirectory
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, load_config
@@ -148,6 +149,8 @@ class Gateway:
         if replayed:
             log.info("replayed %d spooled usage records", replayed)
         self.client = make_client(self.config, self._transport)
+        self.outbox = OutboxWorker(self.storage, lambda: self.config.alerts, self.clock)
+        self.spawn(self.outbox.run())
         source, interval = self.config.source, self.config.server.reload_interval
         if source is not None and interval > 0:
             self.spawn(self._watch(source, interval))

@@ -24,18 +24,20 @@ import orjson
 
 from gateway.errors import StorageError
 from gateway.metrics import Metrics
-from gateway.storage import Storage, UsageEvent
+from gateway.storage import AlertRequest, Storage, UsageEvent
 
 log = logging.getLogger("gateway.settle")
 
 RETRY_DELAYS: tuple[float, ...] = (0.05, 0.5, 2.0, 5.0, 15.0)
 
 
-class _Labels(NamedTuple):
-    """What the ledger row does not say but the metrics break usage down by."""
+class _Context(NamedTuple):
+    """What a settle needs besides the ledger row: the labels the metrics break
+    usage down by, and the alert thresholds the settle checks."""
 
     plan: str = ""
     model: str = ""
+    alerts: AlertRequest | None = None
 
 
 def event_to_json(event: UsageEvent, lease_id: str | None = None) -> bytes:
@@ -71,13 +73,19 @@ class Settler:
         self._closing = False
 
     async def record(
-        self, event: UsageEvent, *, lease_id: str | None = None, plan: str = "", model: str = ""
+        self,
+        event: UsageEvent,
+        *,
+        lease_id: str | None = None,
+        plan: str = "",
+        model: str = "",
+        alerts: AlertRequest | None = None,
     ) -> None:
         """Write one answer now; on a storage error, retry in the background.
 
         The answer's stream lease is released with the write; a retried or spooled
         write leaves it to expire."""
-        labels = _Labels(plan, model)
+        labels = _Context(plan, model, alerts)
         try:
             await self._write(event, lease_id=lease_id, labels=labels)
         except StorageError as exc:
@@ -119,17 +127,19 @@ class Settler:
         log.error("refund for %s on %s given up after retries", user_id, day)
 
     async def _write(
-        self, event: UsageEvent, *, lease_id: str | None = None, labels: _Labels | None = None
+        self, event: UsageEvent, *, lease_id: str | None = None, labels: _Context | None = None
     ) -> None:
         began = time.perf_counter()
         try:
-            settled = await self._storage.settle(event, lease_id=lease_id)
+            settled = await self._storage.settle(
+                event, lease_id=lease_id, alerts=labels.alerts if labels else None
+            )
         finally:
             self._metrics.observe("gateway_settle_seconds", time.perf_counter() - began)
         if settled:
             metrics = self._metrics
             metrics.inc("gateway_answers_settled_total", outcome=event.outcome)
-            plan, model = labels or _Labels()
+            plan, model, _ = labels or _Context()
             metrics.inc(
                 "gateway_tokens_total", event.prompt_tokens, plan=plan, model=model, kind="prompt"
             )
@@ -162,7 +172,7 @@ class Settler:
         else:
             self._metrics.inc("gateway_answers_duplicate_total")
 
-    async def _retry(self, event: UsageEvent, lease_id: str | None, labels: _Labels) -> None:
+    async def _retry(self, event: UsageEvent, lease_id: str | None, labels: _Context) -> None:
         for delay in self._delays:
             await asyncio.sleep(delay)
             self._metrics.inc("gateway_settle_retries_total")

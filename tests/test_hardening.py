@@ -249,11 +249,13 @@ class Blip:
     def __init__(self, storage: Storage, *, settles: int = 0, refunds: int = 0) -> None:
         self.storage, self.settles, self.refunds = storage, settles, refunds
 
-    async def settle(self, event: UsageEvent, *, lease_id: str | None = None) -> bool:
+    async def settle(
+        self, event: UsageEvent, *, lease_id: str | None = None, alerts: Any = None
+    ) -> bool:
         if self.settles:
             self.settles -= 1
             raise StorageError("blip")
-        return await self.storage.settle(event, lease_id=lease_id)
+        return await self.storage.settle(event, lease_id=lease_id, alerts=alerts)
 
     async def refund(self, user_id: str, *, day: date, lease_id: str | None = None) -> None:
         if self.refunds:
@@ -386,10 +388,12 @@ async def test_a_cancellation_during_the_ledger_write_does_not_lose_the_answer(
         writing, release = asyncio.Event(), asyncio.Event()
         real_settle = h.storage.settle
 
-        async def slow_settle(event: UsageEvent, *, lease_id: str | None = None) -> bool:
+        async def slow_settle(
+            event: UsageEvent, *, lease_id: str | None = None, alerts: Any = None
+        ) -> bool:
             writing.set()
             await release.wait()
-            return await real_settle(event, lease_id=lease_id)
+            return await real_settle(event, lease_id=lease_id, alerts=alerts)
 
         monkeypatch.setattr(h.storage, "settle", slow_settle)
         delivered = False

@@ -36,11 +36,13 @@ class Flaky:
         self.storage = storage
         self.failures = failures
 
-    async def settle(self, event: UsageEvent, *, lease_id: str | None = None) -> bool:
+    async def settle(
+        self, event: UsageEvent, *, lease_id: str | None = None, alerts: Any = None
+    ) -> bool:
         if self.failures > 0:
             self.failures -= 1
             raise StorageError("database unreachable")
-        return await self.storage.settle(event, lease_id=lease_id)
+        return await self.storage.settle(event, lease_id=lease_id, alerts=alerts)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.storage, name)

@@ -7,12 +7,20 @@ from importlib import resources
 from gateway.config import DatabaseConfig
 from gateway.errors import ConfigError
 from gateway.storage.base import (
+    ALERT_LIMITS,
     Admission,
     AdmissionLimits,
+    Alert,
+    AlertCheck,
+    AlertLimit,
+    AlertRequest,
     ApiKey,
     Counters,
+    Crossing,
     DailyUsage,
+    Delivery,
     Lease,
+    OutboxItem,
     OverrideValue,
     Storage,
     UsageEvent,
@@ -23,12 +31,20 @@ from gateway.storage.base import (
 )
 
 __all__ = [
+    "ALERT_LIMITS",
     "Admission",
     "AdmissionLimits",
+    "Alert",
+    "AlertCheck",
+    "AlertLimit",
+    "AlertRequest",
     "ApiKey",
     "Counters",
+    "Crossing",
     "DailyUsage",
+    "Delivery",
     "Lease",
+    "OutboxItem",
     "OverrideValue",
     "Storage",
     "UsageEvent",

@@ -24,22 +24,31 @@ import orjson
 from gateway.errors import NotFound, StorageError
 from gateway.storage import migrations
 from gateway.storage.base import (
+    ALERT_COLUMNS,
     DAILY_COLUMNS,
+    DELIVERY_COLUMNS,
     EVENT_COLUMNS,
     KEY_COLUMNS,
     USER_COLUMNS,
     USER_SORTS,
     Admission,
     AdmissionLimits,
+    Alert,
+    AlertRequest,
     ApiKey,
     Counters,
+    Crossing,
     DailyUsage,
+    Delivery,
     Lease,
+    OutboxItem,
     OverrideValue,
     UsageEvent,
     User,
     UserSort,
     UserSummary,
+    alerts_with_deliveries,
+    delivery,
 )
 
 # An arbitrary constant naming the advisory lock that serialises migrations
@@ -382,30 +391,84 @@ class PostgresStorage:
                 lease_id,
             )
 
-    async def settle(self, event: UsageEvent, *, lease_id: str | None = None) -> bool:
+    async def settle(
+        self, event: UsageEvent, *, lease_id: str | None = None, alerts: AlertRequest | None = None
+    ) -> bool:
+        if alerts is None or not alerts.checks:
+            with _mapped():
+                return bool(await self._pool.fetchval(_SETTLE, *_settle_args(event, lease_id)))
+        checks = [(c, t) for c in alerts.checks for t in c.thresholds]
         with _mapped():
-            inserted = await self._pool.fetchval(
-                _SETTLE,
-                event.answer_id,
-                event.user_id,
-                event.day,
-                event.created_at,
-                event.endpoint,
-                event.prompt_tokens,
-                event.completion_tokens,
-                event.total_tokens,
-                event.cost,
-                event.currency,
-                event.outcome,
-                event.estimated,
-                event.web_searches,
-                event.conversation_id,
-                event.request_id,
-                event.upstream_latency_ms,
-                event.overhead_ms,
-                lease_id,
+            async with self._pool.acquire() as conn, conn.transaction():
+                if not await conn.fetchval(_SETTLE, *_settle_args(event, lease_id)):
+                    return False
+                # The same transaction sees this settle's own counters; a crossing
+                # another replica records first makes this insert do nothing.
+                await conn.execute(
+                    _CROSSINGS,
+                    event.user_id,
+                    event.day,
+                    alerts.month_start,
+                    [c.limit for c, _ in checks],
+                    [c.period for c, _ in checks],
+                    [c.value for c, _ in checks],
+                    [t for _, t in checks],
+                    event.created_at,
+                    list(alerts.channels),
+                )
+        return True
+
+    # --- alerts -------------------------------------------------------------
+
+    async def claim_outbox(
+        self, *, now: datetime, claim_until: datetime, limit: int = 20
+    ) -> list[OutboxItem]:
+        with _mapped():
+            rows = await self._pool.fetch(_CLAIM, now, claim_until, limit)
+        return [_outbox_item(row) for row in rows]
+
+    async def outbox_delivered(self, item_id: int, *, now: datetime) -> None:
+        with _mapped():
+            await self._pool.execute(
+                "UPDATE alert_outbox SET attempts = attempts + 1, delivered_at = $2, "
+                "next_attempt_at = NULL, claimed_until = NULL, last_error = NULL WHERE id = $1",
+                item_id,
+                now,
             )
-        return bool(inserted)
+
+    async def outbox_failed(self, item_id: int, *, error: str, retry_at: datetime | None) -> None:
+        with _mapped():
+            await self._pool.execute(
+                "UPDATE alert_outbox SET attempts = attempts + 1, last_error = $2, "
+                "next_attempt_at = $3, claimed_until = NULL WHERE id = $1",
+                item_id,
+                error,
+                retry_at,
+            )
+
+    async def list_alerts(self, *, user_id: str | None = None, limit: int = 100) -> list[Alert]:
+        with _mapped():
+            rows = await self._pool.fetch(
+                f"SELECT {ALERT_COLUMNS} FROM notifications n "
+                "WHERE $1::text IS NULL OR n.user_id = $1 "
+                "ORDER BY n.created_at DESC, n.user_id, n.kind, n.threshold LIMIT $2",
+                user_id,
+                limit,
+            )
+            crossings = [(_crossing(row), row["created_at"]) for row in rows]
+            deliveries = await self._pool.fetch(
+                f"SELECT {DELIVERY_COLUMNS} FROM alert_outbox o "
+                "JOIN unnest($1::text[], $2::text[], $3::text[], $4::int[]) "
+                "AS k(user_id, kind, period, threshold) USING (user_id, kind, period, threshold) "
+                "ORDER BY o.channel",
+                [c.user_id for c, _ in crossings],
+                [c.limit for c, _ in crossings],
+                [c.period for c, _ in crossings],
+                [c.threshold for c, _ in crossings],
+            )
+        return alerts_with_deliveries(
+            crossings, [(_alert_key(row), _delivery(row)) for row in deliveries]
+        )
 
     async def daily(
         self, start: date, end: date, *, user_id: str | None = None
@@ -468,3 +531,108 @@ class PostgresStorage:
             params.append(user_id)
         with _mapped():
             return int(await self._pool.fetchval(sql, *params))
+
+
+def _settle_args(event: UsageEvent, lease_id: str | None) -> tuple[Any, ...]:
+    return (
+        event.answer_id,
+        event.user_id,
+        event.day,
+        event.created_at,
+        event.endpoint,
+        event.prompt_tokens,
+        event.completion_tokens,
+        event.total_tokens,
+        event.cost,
+        event.currency,
+        event.outcome,
+        event.estimated,
+        event.web_searches,
+        event.conversation_id,
+        event.request_id,
+        event.upstream_latency_ms,
+        event.overhead_ms,
+        lease_id,
+    )
+
+
+# The counters each alert limit compares with, as this transaction sees them; new
+# crossings go into notifications (once: its primary key) and queue one outbox
+# row per channel. One statement.
+_CROSSINGS = """
+WITH used AS (
+    SELECT
+        coalesce(max(queries) FILTER (WHERE day = $2), 0) AS queries_per_day,
+        coalesce(max(total_tokens) FILTER (WHERE day = $2), 0) AS tokens_per_day,
+        coalesce(max(web_searches) FILTER (WHERE day = $2), 0) AS web_searches_per_day,
+        coalesce(sum(total_tokens), 0) AS tokens_per_month
+    FROM usage_daily WHERE user_id = $1 AND day >= $3 AND day <= $2
+), checks AS (
+    SELECT c.kind, c.period, c.value, c.threshold,
+        CASE c.kind
+            WHEN 'queries_per_day' THEN u.queries_per_day
+            WHEN 'tokens_per_day' THEN u.tokens_per_day
+            WHEN 'web_searches_per_day' THEN u.web_searches_per_day
+            ELSE u.tokens_per_month
+        END AS used
+    FROM unnest($4::text[], $5::text[], $6::bigint[], $7::int[]) AS c(kind, period, value, threshold),
+        used u
+), new AS (
+    INSERT INTO notifications (user_id, kind, period, threshold, created_at, limit_value, used)
+    SELECT $1, kind, period, threshold, $8, value, used FROM checks
+    WHERE used * 100 >= value * threshold
+    ON CONFLICT DO NOTHING
+    RETURNING kind, period, threshold
+)
+INSERT INTO alert_outbox (user_id, kind, period, threshold, channel, created_at, next_attempt_at)
+SELECT $1, n.kind, n.period, n.threshold, ch, $8, $8 FROM new n, unnest($9::text[]) AS ch
+"""
+
+# SKIP LOCKED: rows another replica is claiming right now are left to it; the
+# claim itself (claimed_until) keeps them its own while it delivers.
+_CLAIM = f"""
+UPDATE alert_outbox o SET claimed_until = $2
+FROM notifications n
+WHERE o.id IN (
+    SELECT id FROM alert_outbox
+    WHERE next_attempt_at <= $1 AND (claimed_until IS NULL OR claimed_until <= $1)
+    ORDER BY next_attempt_at, id LIMIT $3
+    FOR UPDATE SKIP LOCKED
+) AND (n.user_id, n.kind, n.period, n.threshold) = (o.user_id, o.kind, o.period, o.threshold)
+RETURNING o.id, o.channel, o.created_at, o.attempts, {ALERT_COLUMNS}
+"""
+
+
+def _crossing(row: Any) -> Crossing:
+    return Crossing(
+        user_id=row["user_id"],
+        limit=row["kind"],
+        period=row["period"],
+        threshold=row["threshold"],
+        value=row["limit_value"],
+        used=row["used"],
+    )
+
+
+def _outbox_item(row: Any) -> OutboxItem:
+    return OutboxItem(
+        id=row["id"],
+        channel=row["channel"],
+        crossing=_crossing(row),
+        created_at=row["created_at"],
+        attempts=row["attempts"],
+    )
+
+
+def _alert_key(row: Any) -> tuple[str, str, str, int]:
+    return (row["user_id"], row["kind"], row["period"], row["threshold"])
+
+
+def _delivery(row: Any) -> Delivery:
+    return delivery(
+        row["channel"],
+        row["attempts"],
+        row["last_error"],
+        row["delivered_at"],
+        row["next_attempt_at"],
+    )
