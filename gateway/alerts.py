@@ -29,7 +29,14 @@ import orjson
 from gateway.clock import Clock, Periods
 from gateway.config import AlertsConfig, Plan
 from gateway.errors import StorageError
-from gateway.storage import ALERT_LIMITS, AlertCheck, AlertRequest, OutboxItem, Storage
+from gateway.storage import (
+    ALERT_LIMITS,
+    Alert,
+    AlertCheck,
+    AlertRequest,
+    OutboxItem,
+    Storage,
+)
 
 log = logging.getLogger("gateway.alerts")
 
@@ -58,6 +65,35 @@ def alert_request(plan: Plan, alerts: AlertsConfig, periods: Periods) -> AlertRe
     if not checks:
         return None
     return AlertRequest(tuple(checks), periods.month_start, alerts.channels)
+
+
+def alert_dict(alert: Alert) -> dict[str, Any]:
+    """A recorded crossing as the admin API shows it."""
+    c = alert.crossing
+    return {
+        "user_id": c.user_id,
+        "limit": c.limit,
+        "period": c.period,
+        "threshold": c.threshold,
+        "limit_value": c.value,
+        "used": c.used,
+        "created_at": alert.created_at.isoformat(),
+        "deliveries": [
+            {
+                "channel": d.channel,
+                "status": d.status,
+                "attempts": d.attempts,
+                "last_error": d.last_error,
+                "delivered_at": d.delivered_at.isoformat() if d.delivered_at else None,
+            }
+            for d in alert.deliveries
+        ],
+    }
+
+
+def describe(limit: str) -> str:
+    """The counter a limit watches, in words."""
+    return _LABELS[limit]
 
 
 # --- what is sent ----------------------------------------------------------------
@@ -95,7 +131,7 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
 
 def email_message(item: OutboxItem, alerts: AlertsConfig) -> EmailMessage:
     c = item.crossing
-    what = _LABELS[c.limit]
+    what = describe(c.limit)
     message = EmailMessage()
     message["From"] = alerts.email_from
     message["To"] = ", ".join(alerts.email_to)
@@ -123,8 +159,10 @@ class OutboxWorker:
         clock: Clock,
         *,
         batch: int = 20,
+        on_attempt: Callable[[], None] = lambda: None,
     ) -> None:
         self.storage = storage
+        self._on_attempt = on_attempt  # after each attempt is recorded (lets tests wait)
         self._settings = settings  # read each time: a reload may change them
         self.clock = clock
         self.batch = batch
@@ -169,6 +207,7 @@ class OutboxWorker:
             return 0
         for item in items:
             await self._attempt(item, self.alerts)
+            self._on_attempt()
         return len(items)
 
     async def _attempt(self, item: OutboxItem, alerts: AlertsConfig) -> None:

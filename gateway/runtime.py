@@ -119,6 +119,7 @@ class Gateway:
         # and configuration reloads: lets tests and tools wait without sleeping.
         self.finished = Watermark()
         self.reloads = Watermark()
+        self.outbox_attempts = Watermark()  # alert deliveries tried
         self._tasks: set[asyncio.Task[None]] = set()
         self._keep: set[asyncio.Task[Any]] = set()
 
@@ -149,7 +150,12 @@ class Gateway:
         if replayed:
             log.info("replayed %d spooled usage records", replayed)
         self.client = make_client(self.config, self._transport)
-        self.outbox = OutboxWorker(self.storage, lambda: self.config.alerts, self.clock)
+        self.outbox = OutboxWorker(
+            self.storage,
+            lambda: self.config.alerts,
+            self.clock,
+            on_attempt=self.outbox_attempts.bump,
+        )
         self.spawn(self.outbox.run())
         source, interval = self.config.source, self.config.server.reload_interval
         if source is not None and interval > 0:

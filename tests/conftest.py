@@ -22,7 +22,14 @@ from gateway.storage import Storage, open_storage
 
 ADMIN_DSN = os.environ.get("GATEWAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 REQUIRE_POSTGRES = os.environ.get("GATEWAY_REQUIRE_POSTGRES", "") not in ("", "0", "false")
-TABLES = ("usage_events", "usage_daily", "api_keys", "notifications", "users")
+TABLES = (
+    "usage_events",
+    "usage_daily",
+    "api_keys",
+    "alert_outbox",
+    "notifications",
+    "users",
+)
 
 
 def _dsn_for(database: str) -> str:
