@@ -159,10 +159,11 @@ class OutboxWorker:
         clock: Clock,
         *,
         batch: int = 20,
-        on_attempt: Callable[[], None] = lambda: None,
+        on_attempt: Callable[[str, str], None] = lambda channel, result: None,
     ) -> None:
         self.storage = storage
-        self._on_attempt = on_attempt  # after each attempt is recorded (lets tests wait)
+        # Told (channel, "delivered" | "retry" | "failed") once each attempt is recorded.
+        self._on_attempt = on_attempt
         self._settings = settings  # read each time: a reload may change them
         self.clock = clock
         self.batch = batch
@@ -206,11 +207,11 @@ class OutboxWorker:
             log.warning("alert outbox unavailable: %s", exc.message)
             return 0
         for item in items:
-            await self._attempt(item, self.alerts)
-            self._on_attempt()
+            result = await self._attempt(item, self.alerts)
+            self._on_attempt(item.channel, result)
         return len(items)
 
-    async def _attempt(self, item: OutboxItem, alerts: AlertsConfig) -> None:
+    async def _attempt(self, item: OutboxItem, alerts: AlertsConfig) -> str:
         try:
             if item.channel == "webhook" and alerts.webhook_url:
                 await self._webhook(item, alerts)
@@ -234,8 +235,9 @@ class OutboxWorker:
                 error,
             )
             await self.storage.outbox_failed(item.id, error=error[:500], retry_at=retry_at)
-            return
+            return "retry" if retry_at else "failed"
         await self.storage.outbox_delivered(item.id, now=self.clock.now())
+        return "delivered"
 
     async def _webhook(self, item: OutboxItem, alerts: AlertsConfig) -> None:
         body = orjson.dumps(payload(item))

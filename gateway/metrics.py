@@ -58,6 +58,10 @@ COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
         "Admissions decided without the database, by failure policy.",
         ("policy",),
     ),
+    "gateway_alert_deliveries_total": (
+        "Alert delivery attempts, by channel and result (delivered, retry, failed).",
+        ("channel", "result"),
+    ),
     "gateway_tokens_total": (
         "Tokens recorded in the ledger, by plan, model and kind (prompt or completion).",
         ("plan", "model", "kind"),

@@ -154,7 +154,7 @@ class Gateway:
             self.storage,
             lambda: self.config.alerts,
             self.clock,
-            on_attempt=self.outbox_attempts.bump,
+            on_attempt=self._alert_attempted,
         )
         self.spawn(self.outbox.run())
         source, interval = self.config.source, self.config.server.reload_interval
@@ -278,6 +278,10 @@ class Gateway:
                 await self.reload()
             except Exception:  # the watcher must outlive any one bad reload
                 log.exception("configuration reload failed")
+
+    def _alert_attempted(self, channel: str, result: str) -> None:
+        self.metrics.inc("gateway_alert_deliveries_total", channel=channel, result=result)
+        self.outbox_attempts.bump()
 
     def spawn(self, coro: Any) -> None:
         """Run a background job; it is cancelled at shutdown."""

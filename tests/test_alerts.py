@@ -143,6 +143,9 @@ async def test_a_crossing_is_sent_once_signed_and_retried_until_delivered(
         ]
         assert forty["deliveries"][0]["delivered_at"] is not None
     assert [p["data"]["threshold"] for p in receiver.verified] == [40, 90]
+    metrics = h.gateway.metrics
+    assert metrics.get("gateway_alert_deliveries_total", channel="webhook", result="retry") == 1
+    assert metrics.get("gateway_alert_deliveries_total", channel="webhook", result="delivered") == 2
     assert len(set(receiver.ids)) == 2
 
 
