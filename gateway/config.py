@@ -36,6 +36,11 @@ ENV_UPSTREAM_API_KEY = "GATEWAY_UPSTREAM_API_KEY"
 ENV_ADMIN_TOKEN = "GATEWAY_ADMIN_TOKEN"
 
 
+# The largest accounting.max_tokens_per_answer: a billion answers at this cap still
+# fit in a 64-bit counter.
+MAX_TOKENS_PER_ANSWER_LIMIT = 10**9
+
+
 def _setting(default: Any, *, minimum: float | None = None, secret: bool = False) -> Any:
     return field(default=default, metadata={"min": minimum, "secret": secret})
 
@@ -136,6 +141,9 @@ class AdmissionConfig:
 class AccountingConfig:
     timezone: str = "UTC"
     default_plan: str = "free"
+    # An answer reporting more tokens than this is recorded at this many, marked
+    # "clamped" (docs/proxy.md); the bound keeps sums far from 64-bit overflow.
+    max_tokens_per_answer: int = _setting(10_000_000, minimum=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +321,10 @@ def parse_config(
         )
     if database.pool_min_size > database.pool_max_size:
         raise ConfigError("database.pool_min_size: must not exceed database.pool_max_size")
+    if config.accounting.max_tokens_per_answer > MAX_TOKENS_PER_ANSWER_LIMIT:
+        raise ConfigError(
+            f"accounting.max_tokens_per_answer: must be at most {MAX_TOKENS_PER_ANSWER_LIMIT}"
+        )
 
     upstream = config.upstream
     if ENV_UPSTREAM_URL in env:

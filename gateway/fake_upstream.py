@@ -15,6 +15,8 @@ Tests steer it per request with headers:
 - ``x-fake-metadata``: a JSON object merged into ``message_end.metadata`` (and a
   workflow's ``outputs``), e.g. ``{"source": "web_search"}``.
 - ``x-fake-status``: answer with this HTTP error status and no answer.
+- ``x-fake-usage-json``: a JSON object whose fields replace those of every usage
+  object sent, raw (``{"total_tokens": 1e300}``), to play a misbehaving upstream.
 
 Like Dify, an answer keeps being generated after the client disconnects; only the
 stop endpoint (same task id and user) ends it early.
@@ -278,6 +280,7 @@ class _Run:
     text: list[str] = field(default_factory=list)
     first_token: float | None = None
     extra_metadata: JSON = field(default_factory=dict)  # merged into message_end.metadata / outputs
+    raw_usage: JSON = field(default_factory=dict)  # replaces fields of every usage object sent
     result: JSON | None = None  # the blocking-mode body, once the answer is complete
     error: JSON | None = None  # the error that ended the answer, if one did
 
@@ -299,7 +302,7 @@ class _Run:
 
     def usage_json(self, usage: _Usage) -> JSON:
         first = None if self.first_token is None else self.first_token - self.started
-        return usage.to_json(latency=self.elapsed(), first_token=first)
+        return {**usage.to_json(latency=self.elapsed(), first_token=first), **self.raw_usage}
 
     def envelope(self, event: str) -> JSON:
         if self.shape == "workflow":
@@ -910,8 +913,17 @@ class FakeDify:
                 extra = None
             if not isinstance(extra, dict):
                 raise _HttpError(400, "invalid_param", "x-fake-metadata must be a JSON object")
+        raw_usage: Any = {}
+        if "x-fake-usage-json" in headers:
+            try:
+                raw_usage = orjson.loads(headers["x-fake-usage-json"])
+            except orjson.JSONDecodeError:
+                raw_usage = None
+            if not isinstance(raw_usage, dict):
+                raise _HttpError(400, "invalid_param", "x-fake-usage-json must be a JSON object")
         return _Run(
             extra_metadata=extra,
+            raw_usage=raw_usage,
             shape=shape,
             flags=flags,
             streaming=streaming,
