@@ -57,6 +57,11 @@ class ServerConfig:
     workers: int = _setting(1, minimum=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_json_body_bytes: int = _setting(1_048_576, minimum=1)
+    # A request body may pause this long between pieces before it is answered 408.
+    body_timeout: float = _setting(30.0, minimum=0.001)
+    # Request headers beyond these are answered 431 (the request line not counted).
+    max_header_bytes: int = _setting(32_768, minimum=1)
+    max_headers: int = _setting(100, minimum=1)
     reload_interval: float = _setting(2.0, minimum=0)
 
 
