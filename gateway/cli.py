@@ -19,7 +19,6 @@ from gateway.clock import SystemClock, periods_at
 from gateway.config import ENV_CONFIG, LIMIT_NAMES, Config, load_config, render_config
 from gateway.errors import ConfigError, GatewayError
 from gateway.keys import new_key
-from gateway.limits import H11_HEAD_ALLOWANCE
 from gateway.storage import OverrideValue, Storage, open_storage
 
 EXIT_ERROR = 1
@@ -191,11 +190,9 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         workers=args.workers or config.server.workers,
         log_level=config.server.log_level,
         loop="auto",  # uvloop where installed
-        http="auto",  # httptools where installed
+        # httptools, with the request head bounded as it arrives (docs/configuration.md)
+        http="gateway.headlimit:BoundedHeadProtocol",
         server_header=False,
-        # h11's own head limit (a plain-text 400) sits above the gateway's, so the
-        # gateway's 431 decides (docs/configuration.md).
-        h11_max_incomplete_event_size=config.server.max_header_bytes + H11_HEAD_ALLOWANCE,
     )
     return 0
 

@@ -4,10 +4,10 @@ long a client may leave a promised body unsent.
 uvicorn bounds neither with its default parser: httptools takes any number of
 headers of any size, and nothing times out a body that a client announced
 (Content-Length) and then never sends, so such a client holds its connection, and
-a handler waiting on the body, indefinitely. The h11 parser has one byte limit on
-the whole head (``h11_max_incomplete_event_size``, answered with a plain-text
-400); `gateway serve` sets it above ``server.max_header_bytes`` so that the limit
-here decides, in the upstream's error shape (docs/configuration.md, ``[server]``).
+a handler waiting on the body, indefinitely. (The h11 parser has one byte limit
+on the whole head, ``h11_max_incomplete_event_size``, answered with a plain-text
+400.) These checks work under any server; `gateway serve` also bounds the head
+while it arrives (gateway/headlimit.py). See docs/configuration.md, ``[server]``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ErrorBody = Callable[[int, str, str], bytes]
-
-# Room for the request line beside the headers when uvicorn's h11 parser is used.
-H11_HEAD_ALLOWANCE = 8192
-
 
 def header_refusal(
     headers: Iterable[tuple[bytes, bytes]], *, max_bytes: int, max_count: int

@@ -15,9 +15,17 @@ import uvicorn
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Any, *, lifespan: str = "off") -> AsyncIterator[str]:
-    """Serve ``app`` on 127.0.0.1 and a free port; yields the base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan=lifespan)  # type: ignore[arg-type]
+async def serve(app: Any, *, lifespan: str = "off", http: str = "auto") -> AsyncIterator[str]:
+    """Serve ``app`` on 127.0.0.1 and a free port; yields the base URL. ``http``
+    names uvicorn's protocol ("h11", "httptools" or a "module:Class")."""
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan=lifespan,  # type: ignore[arg-type]
+        http=http,  # type: ignore[arg-type]
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(10):

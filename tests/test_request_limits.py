@@ -5,15 +5,23 @@ against a real uvicorn server, since HTTP clients will not send such requests.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 import pytest
 
+from gateway import headlimit
+from gateway.config import ENV_CONFIG
 from gateway.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+from tests.servers import serve
 
 TODAY = datetime.now(UTC).date()
 
@@ -150,3 +158,144 @@ async def test_a_body_within_the_deadline_goes_through(sqlite_url: str) -> None:
         await h.gateway.wait_finished(1)
     assert data.startswith(b"HTTP/1.1 200")
     assert fake.hits("/chat-messages") == 1
+
+
+# --- the head bounded while it arrives (gateway serve's protocol) -----------------
+
+
+async def echo_head_size(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers with the size of the headers it was given, after the whole body."""
+    while (await receive()).get("more_body", False):
+        pass
+    body = str(sum(len(k) + len(v) for k, v in scope["headers"])).encode()
+    length = str(len(body)).encode()
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", length)]}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+def head_limit_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A configuration file for the protocol to read, as a `gateway serve` worker does."""
+    config = tmp_path / "gateway.toml"
+    config.write_text("[server]\nmax_header_bytes = 1000\n\n[plans.free]\n")
+    monkeypatch.setenv(ENV_CONFIG, str(config))
+    headlimit._configured.cache_clear()
+    yield
+    headlimit._configured.cache_clear()
+
+
+PROTOCOL = "gateway.headlimit:BoundedHeadProtocol"
+
+
+@pytest.mark.usefixtures("head_limit_config")
+async def test_a_head_growing_without_end_is_cut_off_early() -> None:
+    async with serve(echo_head_size, http=PROTOCOL) as url:
+        data, sent = await flood_head(urlsplit(url).port or 0)
+    status_line, _, rest = data.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large"
+    assert orjson.loads(rest.partition(b"\r\n\r\n")[2]) == {
+        "code": "headers_too_large",
+        "message": "The request headers exceed 1000 bytes.",
+        "status": 431,
+    }
+    assert sent < FLOOD_BOUND  # refused while the head was still coming
+
+
+@pytest.mark.usefixtures("head_limit_config")
+async def test_heads_within_the_limit_are_served_with_any_body_and_on_keep_alive() -> None:
+    body = b"x" * 200_000  # arrives in the same reads as the head
+    request = (
+        b"POST / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 900 + b"\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    async with serve(echo_head_size, http=PROTOCOL) as url:
+        parts = urlsplit(url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        try:
+            answers = []
+            for _ in range(12):  # together far over the limit: each head counts alone
+                writer.write(request)
+                async with asyncio.timeout(10):
+                    answers.append(await reader.readuntil(b"\r\n\r\n"))
+                    length = int(
+                        answers[-1].lower().split(b"content-length: ")[1].split(b"\r\n")[0]
+                    )
+                    await reader.readexactly(length)
+        finally:
+            writer.close()
+    assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
+
+
+# What a client can have sent when the refusal reaches it: the kernel's socket
+# buffers on both sides (several MB on loopback) and the refusing side's linger.
+FLOOD_BOUND = 16 * 1024 * 1024
+
+
+async def flood_head(port: int) -> tuple[bytes, int]:
+    """Send a head that never ends; returns the answer and how much was sent
+    before it came."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        writer.write(b"POST /v1/chat-messages HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(b"a" * 65536)
+                await writer.drain()
+                sent += 65536
+                await asyncio.sleep(0)  # a yield, so the reader sees the answer at once
+
+    flooding = asyncio.create_task(flood())
+    try:
+        async with asyncio.timeout(10):
+            data = await reader.read()
+        return data, sent
+    finally:
+        flooding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flooding
+        writer.close()
+
+
+async def test_gateway_serve_cuts_off_an_endless_head(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        "[server]\nmax_header_bytes = 2000\nworkers = 2\nreload_interval = 0\n\n"
+        f'[database]\nurl = "sqlite:///{tmp_path}/gateway.db"\nspool_file = ""\n\n[plans.free]\n'
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "--config",
+        str(config),
+        "serve",
+        "--port",
+        str(port),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    try:
+        started = 0
+        async with asyncio.timeout(30):
+            while started < 2 and (line := await proc.stderr.readline()):
+                started += b"Application startup complete" in line
+        data, sent = await flood_head(port)
+    finally:
+        proc.terminate()
+        await proc.wait()
+    status_line, _, rest = data.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large"
+    assert orjson.loads(rest.partition(b"\r\n\r\n")[2]) == {
+        "code": "headers_too_large",
+        "message": "The request headers exceed 2000 bytes.",
+        "status": 431,
+    }
+    assert sent < FLOOD_BOUND
