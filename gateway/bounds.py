@@ -94,11 +94,6 @@ def bound_event(event: UsageEvent, *, max_tokens: int) -> tuple[UsageEvent, list
         values[name] = number
         if clamped:
             changed.append(name)
-    # Web searches are counted by the gateway, but from the upstream's metadata.
-    searches, clamped = bound_tokens(event.web_searches, max_tokens)
-    values["web_searches"] = searches
-    if clamped:
-        changed.append("web_searches")
     cost, clamped = bound_cost(event.cost)
     values["cost"] = cost
     if clamped:

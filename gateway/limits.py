@@ -21,6 +21,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ErrorBody = Callable[[int, str, str], bytes]
 
+
 def header_refusal(
     headers: Iterable[tuple[bytes, bytes]], *, max_bytes: int, max_count: int
 ) -> str | None:
