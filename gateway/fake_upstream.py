@@ -652,6 +652,19 @@ _ROUTES: Final = (
 )
 
 
+def _json_object_header(headers: dict[str, str], name: str) -> JSON:
+    """The JSON object a steering header holds ({} without the header)."""
+    if name not in headers:
+        return {}
+    try:
+        value = orjson.loads(headers[name])
+    except orjson.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise _HttpError(400, "invalid_param", f"{name} must be a JSON object")
+    return value
+
+
 class FakeDify:
     """A fake Dify Service API; see the module docstring for the request headers."""
 
@@ -905,22 +918,8 @@ class FakeDify:
             except ValueError:
                 raise _HttpError(400, "invalid_param", "bad x-fake-delay-ms") from None
         conversation = body.get("conversation_id") if kind == "chat" else None
-        extra: Any = {}
-        if "x-fake-metadata" in headers:
-            try:
-                extra = orjson.loads(headers["x-fake-metadata"])
-            except orjson.JSONDecodeError:
-                extra = None
-            if not isinstance(extra, dict):
-                raise _HttpError(400, "invalid_param", "x-fake-metadata must be a JSON object")
-        raw_usage: Any = {}
-        if "x-fake-usage-json" in headers:
-            try:
-                raw_usage = orjson.loads(headers["x-fake-usage-json"])
-            except orjson.JSONDecodeError:
-                raw_usage = None
-            if not isinstance(raw_usage, dict):
-                raise _HttpError(400, "invalid_param", "x-fake-usage-json must be a JSON object")
+        extra = _json_object_header(headers, "x-fake-metadata")
+        raw_usage = _json_object_header(headers, "x-fake-usage-json")
         return _Run(
             extra_metadata=extra,
             raw_usage=raw_usage,

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +19,7 @@ from gateway import headlimit
 from gateway.config import ENV_CONFIG
 from gateway.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
-from tests.servers import serve
+from tests.servers import free_port, serve, start_gateway
 
 TODAY = datetime.now(UTC).date()
 
@@ -193,13 +191,7 @@ PROTOCOL = "gateway.headlimit:BoundedHeadProtocol"
 async def test_a_head_growing_without_end_is_cut_off_early() -> None:
     async with serve(echo_head_size, http=PROTOCOL) as url:
         data, sent = await flood_head(urlsplit(url).port or 0)
-    status_line, _, rest = data.partition(b"\r\n")
-    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large"
-    assert orjson.loads(rest.partition(b"\r\n\r\n")[2]) == {
-        "code": "headers_too_large",
-        "message": "The request headers exceed 1000 bytes.",
-        "status": 431,
-    }
+    assert_refused_head(data, 1000)
     assert sent < FLOOD_BOUND  # refused while the head was still coming
 
 
@@ -233,6 +225,16 @@ async def test_heads_within_the_limit_are_served_with_any_body_and_on_keep_alive
 FLOOD_BOUND = 16 * 1024 * 1024
 
 
+def assert_refused_head(data: bytes, limit: int) -> None:
+    status_line, _, rest = data.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large"
+    assert orjson.loads(rest.partition(b"\r\n\r\n")[2]) == {
+        "code": "headers_too_large",
+        "message": f"The request headers exceed {limit} bytes.",
+        "status": 431,
+    }
+
+
 async def flood_head(port: int) -> tuple[bytes, int]:
     """Send a head that never ends; returns the answer and how much was sent
     before it came."""
@@ -262,40 +264,18 @@ async def flood_head(port: int) -> tuple[bytes, int]:
 
 
 async def test_gateway_serve_cuts_off_an_endless_head(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     config = tmp_path / "gateway.toml"
     config.write_text(
-        "[server]\nmax_header_bytes = 2000\nworkers = 2\nreload_interval = 0\n\n"
+        "[server]\nmax_header_bytes = 2000\nreload_interval = 0\n\n"
         f'[database]\nurl = "sqlite:///{tmp_path}/gateway.db"\nspool_file = ""\n\n[plans.free]\n'
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "--config",
-        str(config),
-        "serve",
-        "--port",
-        str(port),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
+    # Two workers: each is a spawned process that finds the limit in the configuration.
+    proc = await start_gateway(config, port, workers=2)
     try:
-        started = 0
-        async with asyncio.timeout(30):
-            while started < 2 and (line := await proc.stderr.readline()):
-                started += b"Application startup complete" in line
         data, sent = await flood_head(port)
     finally:
         proc.terminate()
         await proc.wait()
-    status_line, _, rest = data.partition(b"\r\n")
-    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large"
-    assert orjson.loads(rest.partition(b"\r\n\r\n")[2]) == {
-        "code": "headers_too_large",
-        "message": "The request headers exceed 2000 bytes.",
-        "status": 431,
-    }
+    assert_refused_head(data, 2000)
     assert sent < FLOOD_BOUND

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from datetime import UTC, date, datetime
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import orjson
 import pytest
@@ -23,6 +22,7 @@ from gateway.settle import Settler, event_from_json, event_to_json
 from gateway.storage import UsageEvent, open_storage
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
 from tests.tcpproxy import TCPProxy
+from tests.test_settle import EVENT
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
 BLOCKING = {**CHAT, "response_mode": "blocking"}
@@ -97,19 +97,6 @@ async def test_the_per_answer_cap_is_configurable(
 
 # --- bounds, pure -----------------------------------------------------------------
 
-EVENT = UsageEvent(
-    answer_id="m1",
-    user_id="alice",
-    day=date(2026, 11, 21),
-    created_at=datetime(2026, 11, 21, 3, 4, 5, tzinfo=UTC),
-    endpoint="chat-messages",
-    prompt_tokens=1033,
-    completion_tokens=135,
-    total_tokens=1168,
-    cost=Decimal("0.0013030"),
-    upstream_latency_ms=12.5,
-)
-
 
 def test_a_sane_event_passes_unchanged() -> None:
     assert bound_event(EVENT, max_tokens=CAP) == (EVENT, [])
@@ -118,7 +105,7 @@ def test_a_sane_event_passes_unchanged() -> None:
 def test_excess_price_digits_are_rounded_not_marked() -> None:
     event = UsageEvent(**{**_fields(EVENT), "cost": Decimal("1e-99999")})
     bounded, changed = bound_event(event, max_tokens=CAP)
-    assert (bounded.cost, bounded.outcome, changed) == (Decimal(0), "complete", [])
+    assert (bounded.cost, bounded.outcome, changed) == (Decimal(0), EVENT.outcome, [])
 
 
 def _fields(event: UsageEvent) -> dict[str, Any]:
@@ -164,21 +151,6 @@ def test_an_unwritable_spool_logs_the_whole_record(
     (line,) = [r.getMessage() for r in caplog.records if "LOST usage record" in r.getMessage()]
     written = line[line.index("{") :].encode()
     assert event_from_json(written)[0].total_tokens == 10**30
-
-
-@pytest.fixture
-async def pg_behind_proxy(postgres_dsn: str) -> AsyncIterator[tuple[str, TCPProxy]]:
-    conn = await asyncpg.connect(postgres_dsn)
-    await conn.execute("TRUNCATE usage_events, usage_daily, api_keys, stream_leases, users CASCADE")
-    await conn.close()
-    proxy = TCPProxy("127.0.0.1", 5432)
-    await proxy.start()
-    base, _, database = postgres_dsn.rpartition("/")
-    user = base.split("//", 1)[1].split("@", 1)[0]
-    try:
-        yield f"postgresql://{user}@127.0.0.1:{proxy.port}/{database}", proxy
-    finally:
-        await proxy.cut()
 
 
 @pytest.mark.postgres
