@@ -14,6 +14,7 @@ import logging
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
+from gateway.accounts import effective_plan
 from gateway.clock import Periods, periods_at
 from gateway.config import Plan
 from gateway.errors import Forbidden, QuotaExceeded, StorageError
@@ -42,13 +43,14 @@ STREAM_RETRY_AFTER = 5
 class Ticket:
     """The accounting state of one answer request."""
 
-    __slots__ = ("day", "lease_id", "reserved", "user_id")
+    __slots__ = ("body_changed", "day", "lease_id", "reserved", "user_id")
 
     def __init__(self, user_id: str, day: date, *, reserved: bool, lease_id: str | None) -> None:
         self.user_id = user_id
         self.day = day  # the local day the answer is counted on: the day it was asked
         self.reserved = reserved  # a query is reserved and must be settled or refunded
         self.lease_id = lease_id
+        self.body_changed = False  # admission rewrote the request body (web search off)
 
 
 class Admitter:
@@ -59,7 +61,7 @@ class Admitter:
         """The user's effective plan: their plan with their overrides applied."""
         config = self.gw.config
         user = await self.gw.users.get(user_id, default_plan=config.accounting.default_plan)
-        return config.plan(user.plan).with_overrides(user.overrides)
+        return effective_plan(config, user)
 
     async def admit(
         self, user_id: str, request_id: str, body: dict[str, Any]
@@ -113,7 +115,11 @@ class Admitter:
             # The allowance is used up: make sure this answer neither searches nor
             # falls back to the web.
             set_path(body, rule.disable_path, rule.disable_value)
+            disabled = True
+        else:
+            disabled = False
         ticket = Ticket(user_id, periods.day, reserved=True, lease_id=lease.id if lease else None)
+        ticket.body_changed = disabled
         return ticket, rate_headers
 
     async def _web_searches_spent(

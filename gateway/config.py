@@ -25,10 +25,11 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.errors import ConfigError
+from gateway.upstreams import DIALECTS
 
 DEFAULT_CONFIG_FILE = "gateway.toml"
 
-# Environment variables that override the file (DESIGN.md, "Interfaces").
+# Environment variables that override the file (docs/configuration.md, "Environment overrides").
 ENV_CONFIG = "GATEWAY_CONFIG"
 ENV_DATABASE_URL = "GATEWAY_DATABASE_URL"
 ENV_UPSTREAM_URL = "GATEWAY_UPSTREAM_URL"
@@ -43,6 +44,11 @@ MAX_TOKENS_PER_ANSWER_LIMIT = 10**9
 
 def _setting(default: Any, *, minimum: float | None = None, secret: bool = False) -> Any:
     return field(default=default, metadata={"min": minimum, "secret": secret})
+
+
+def _choice(default: str, choices: Mapping[str, object]) -> Any:
+    """A string setting whose allowed values are the keys of a registry."""
+    return field(default=default, metadata={"choices": choices})
 
 
 def _resolved(default: Any = "") -> Any:
@@ -67,7 +73,7 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    kind: Literal["dify"] = "dify"
+    kind: str = _choice("dify", DIALECTS)  # the dialects in gateway/upstreams
     url: str = "http://127.0.0.1:5001/v1"
     api_key_env: str = "DIFY_API_KEY"
     connect_timeout: float = _setting(5.0, minimum=0.001)
@@ -440,6 +446,10 @@ def _build(
             values[name] = _build(tp, value, f"{prefix}{name}.")  # type: ignore[arg-type]
         else:
             values[name] = _coerce(value, tp, f"{prefix}{name}", f.metadata.get("min"))
+            allowed = f.metadata.get("choices")
+            if allowed is not None and values[name] not in allowed:
+                listed = ", ".join(repr(c) for c in allowed)
+                raise ConfigError(f"{prefix}{name}: expected one of {listed}, got {value!r}")
     return cls(**values)
 
 

@@ -1,14 +1,18 @@
 """The proxy hot path: a plain ASGI callable for everything under /v1.
 
-Per request: authenticate, classify, admit (one storage round trip for answer
-routes), rewrite ``user`` and the upstream credential, forward with the shared
-httpx client, pass every upstream chunk to the client as it arrives, feed the
-same bytes to the SSE decoder and the dialect's meter, and settle the answer's
-usage once it is over - also when the client has gone (we keep reading, bounded
-by ``upstream.disconnect_grace``, or stop the answer upstream).
+One request goes through one pipeline (`Proxy._handle`): parse the request
+line and headers, authenticate the end user, read and rewrite the body (the
+dialect puts the user where its API reads it), admit an answer request (one
+storage round trip), forward it with the shared client, relay every upstream
+chunk to the client as it arrives while the dialect's meter reads the same
+bytes, and settle the answer's usage once it is over - also when the client has
+gone (we keep reading, bounded by ``upstream.disconnect_grace``, or stop the
+answer upstream). A reservation that is not settled by the end of the pipeline,
+whatever ended it, is given back: that is the one refund rule.
 
-Per-request state lives in locals; what can be computed once per process is.
-Headers stay raw byte pairs, filtered against module-level frozensets.
+The request's state travels in one slotted `Exchange`; what can be computed once
+per process is. Headers stay raw byte pairs (see `gateway.http`); upstream I/O
+errors arrive already mapped (see `gateway.upstream_client`).
 """
 
 from __future__ import annotations
@@ -17,11 +21,9 @@ import asyncio
 import itertools
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, quote, unquote_plus
 
 import httpx
 import orjson
@@ -44,16 +46,26 @@ from gateway.errors import (
     PayloadTooLarge,
     StorageError,
     Unauthorized,
+    UpstreamBroken,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from gateway.features import used_web_search
-from gateway.history import filter_conversations, filter_messages
+from gateway.http import (
+    Headers,
+    RequestHeaders,
+    canonical_path,
+    is_json,
+    request_headers,
+    response_headers,
+    with_param,
+)
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
 from gateway.sse import SSEDecoder
 from gateway.storage import UsageEvent
-from gateway.upstreams import Route, StreamMeter
+from gateway.upstream_client import UpstreamClient
+from gateway.upstreams import Prepared, Route, StreamMeter
 from gateway.usage import Metered
 
 if TYPE_CHECKING:
@@ -66,28 +78,6 @@ Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger("gateway.proxy")
 
-# RFC 9110 section 7.6.1: connection-specific fields are not forwarded.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-# Request headers the gateway sets itself rather than forwarding.
-_DROP_REQUEST = HOP_BY_HOP | {
-    b"host",
-    b"authorization",
-    b"content-length",
-    b"accept-encoding",
-}
-_DROP_RESPONSE = HOP_BY_HOP | {b"x-request-id"}
 _SSE = b"text/event-stream"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Blocking answers and history pages are buffered to read them (answers are also
@@ -97,10 +87,13 @@ _MAX_BUFFERED_BODY = 16 * 1024 * 1024
 # headers, boundaries, other fields): with a Content-Length over the plan's file
 # size by more than this, the file is certainly too large.
 _MULTIPART_SLACK = FIELDS_ALLOWANCE + 64 * 1024
+# Placeholders until `_parse` and `route` fill them in (never used before).
+_NO_ROUTE = Route("other", "")
+_NO_HEADERS = RequestHeaders([])
 
 # Request ids: unique per process by a counter, across processes by a random prefix;
-# cheaper than uuid4 on every request. Dify accepts them as X-Trace-Id
-# (1-128 of [A-Za-z0-9_-]).
+# cheaper than uuid4 on every request. Dialects may pass them on (as a trace id),
+# so they keep to [0-9a-f-].
 _ID_PREFIX = os.urandom(4).hex()
 _ids = itertools.count(1)
 
@@ -114,116 +107,514 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
-def _timeout_phase(exc: BaseException) -> str | None:
-    """For an upstream failure: "connect" or "read" if it was a timeout (504) and
-    in which phase, None if it was a refusal or a broken connection (502)."""
-    cause = exc.__cause__
-    if cause is not None and type(cause).__module__.startswith("aiohttp"):
-        # httpx-aiohttp maps every aiohttp connection error, "connection refused"
-        # included, to httpx.ConnectTimeout; the original exception tells the truth
-        # (aiohttp's timeouts subclass TimeoutError; its connect timeouts say so).
-        if not isinstance(cause, TimeoutError):
-            return None
-        return "connect" if "Connect" in type(cause).__name__ else "read"
-    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-        return "connect"
-    if isinstance(exc, httpx.TimeoutException | TimeoutError):
-        return "read"
-    return None
+def _serialised(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        # orjson reads deeper documents than it writes: what cannot be written
+        # again cannot be forwarded.
+        raise BadRequest("The request body is nested too deeply to forward.") from None
 
 
-def _is_timeout(exc: BaseException) -> bool:
-    return _timeout_phase(exc) is not None
+class Exchange:
+    """One request on its way through the proxy: what the pipeline steps share."""
 
-
-def _connection_tokens(value: bytes) -> frozenset[bytes]:
-    """Header names listed in a Connection header: hop-by-hop too (RFC 9110 7.6.1)."""
-    return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
-
-
-def _response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    listed: frozenset[bytes] = frozenset()
-    for name, value in raw:
-        if name.lower() == b"connection":
-            listed = _connection_tokens(value)
-    return [
-        (name.lower(), value)
-        for name, value in raw
-        if name.lower() not in _DROP_RESPONSE and name.lower() not in listed
-    ]
-
-
-# Characters a path segment may carry unescaped (RFC 3986 pchar, minus "%": any
-# percent sign in the decoded path is data and must be escaped again).
-_PATH_SAFE = "/:@!$&'()*+,;=-._~"
-_UNSAFE_PATH_CHARS = re.compile(r"[?#\\\x00-\x1f\x7f]")
-# "//" anywhere but a final "/" is fine; "." and ".." as whole segments are not.
-_UNSAFE_PATH_SEGMENT = re.compile(r"//|/\.\.?(?=/|$)")
-
-
-def _is_json(media_type: bytes) -> bool:
-    """JSON as Werkzeug's `get_json` (which Dify uses) takes it: application/json or
-    any application/*+json."""
-    return media_type == b"application/json" or (
-        media_type.startswith(b"application/") and media_type.endswith(b"+json")
+    __slots__ = (
+        "body",
+        "failure",
+        "forwarded_at",
+        "headers",
+        "json",
+        "method",
+        "path",
+        "prepared",
+        "query",
+        "rate_headers",
+        "request_id",
+        "route",
+        "started",
+        "ticket",
+        "upload",
+        "user_id",
     )
 
+    def __init__(self, request_id: str, started: float) -> None:
+        self.request_id = request_id
+        self.started = started  # perf_counter() when the request arrived
+        self.forwarded_at = started  # perf_counter() when it was sent upstream
+        self.method = ""
+        self.path = ""  # canonical, relative to the API base
+        self.query = b""
+        self.headers = _NO_HEADERS
+        self.route = _NO_ROUTE
+        self.user_id = ""
+        self.json: dict[str, Any] | None = None  # the parsed JSON body, rewritten
+        self.body: bytes | AsyncIterator[bytes] | None = None  # what is forwarded
+        self.failure = BodyFailure()  # what a streamed body raised
+        self.upload: UserFieldRewriter | None = None
+        self.prepared: Prepared | None = None
+        self.ticket: Ticket | None = None
+        self.rate_headers: Headers = []
 
-def canonical_path(path: str) -> str:
-    """The decoded request path, checked and re-escaped for the upstream URL.
+    @property
+    def answer_body(self) -> dict[str, Any]:
+        return self.json if self.json is not None else {}
 
-    The route is decided on this path, so the upstream must receive exactly this
-    path and nothing it could read differently: a decoded ``?`` or ``#`` would
-    end the path early, a ``.`` or ``..`` segment would be resolved to another
-    endpoint, and an empty segment or a control character is read differently by
-    different servers. Such paths are refused.
-    """
-    if _UNSAFE_PATH_CHARS.search(path):
-        raise BadRequest("The request path contains characters that are not allowed.")
-    if _UNSAFE_PATH_SEGMENT.search(path):
-        raise BadRequest("The request path must not contain empty, '.' or '..' segments.")
-    return quote(path, safe=_PATH_SAFE)
-
-
-def _with_user(query: bytes, field: str, user_id: str) -> bytes:
-    """The query string with ``field`` replaced by the user id; the other pairs are
-    kept byte for byte (re-encoding them could change what they mean)."""
-    kept = [
-        pair
-        for pair in query.split(b"&")
-        if pair and unquote_plus(pair.split(b"=", 1)[0].decode("latin-1")) != field
-    ]
-    kept.append(f"{field}={quote(user_id, safe='')}".encode())
-    return b"&".join(kept)
+    def timings(self) -> tuple[float, float]:
+        """(upstream, overhead) in milliseconds, as the ledger records them."""
+        now = time.perf_counter()
+        return (now - self.forwarded_at) * 1000, (self.forwarded_at - self.started) * 1000
 
 
 class Proxy:
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
         self.admitter = Admitter(gateway)
+        self.client = UpstreamClient(gateway)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
-        request_id = new_request_id()
+        x = Exchange(new_request_id(), time.perf_counter())
         try:
-            await self._handle(scope, receive, send, request_id, started)
+            await self._handle(x, scope, receive, send)
         except ClientGone:
-            log.info("request %s: client left before sending its body", request_id)
+            log.info("request %s: client left before sending its body", x.request_id)
         except GatewayError as exc:
             # Refusals raised before the response started.
-            await self._send_error(send, exc, request_id)
+            await self._send_error(send, exc, x.request_id)
         finally:
             await self.gw.request_finished()
 
-    async def _send_error(
-        self,
-        send: Send,
-        exc: GatewayError,
-        request_id: str,
-        headers: list[tuple[bytes, bytes]] | None = None,
+    async def _handle(self, x: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
+        self._parse(x, scope)
+        if x.headers.preflight and x.method == "OPTIONS":
+            await self._preflight(x, send)
+            return
+        await self._authenticate(x)
+        x.route = self.gw.upstream.route(x.method, x.path)
+        await self._read_body(x, receive)
+        self._rewrite(x)
+        try:
+            if x.route.produces_answer:
+                await self._admit(x)
+            response = await self._forward(x)
+            try:
+                await self._relay(x, response, receive, send)
+            finally:
+                await response.aclose()
+        finally:
+            if x.ticket is not None and x.ticket.reserved:
+                # Whatever ended the request before its answer was settled (a
+                # refusal, an upstream error, a bug, a cancellation), the query
+                # and the stream slot go back.
+                await self._kept(self.admitter.refund(x.ticket, x.request_id))
+
+    # --- parse -----------------------------------------------------------------------
+
+    def _parse(self, x: Exchange, scope: Scope) -> None:
+        x.method = scope["method"]
+        x.path = canonical_path(scope["path"][3:])  # strip "/v1"
+        x.query = scope.get("query_string", b"")
+        x.headers = request_headers(scope["headers"], self.gw.user_header)
+
+    # --- authenticate ----------------------------------------------------------------
+
+    async def _authenticate(self, x: Exchange) -> None:
+        gw = self.gw
+        try:
+            x.user_id = await gw.identify(x.headers.authorization, x.headers.user_header)
+        except StorageError as exc:
+            gw.metrics.inc("gateway_storage_errors_total", operation="authenticate")
+            raise StorageError("The usage database is unavailable; try again shortly.") from exc
+
+    # --- read and rewrite ------------------------------------------------------------
+
+    async def _read_body(self, x: Exchange, receive: Receive) -> None:
+        """Read the request body, parsing and checking what the gateway must read
+        (JSON and forms), before anything is reserved for it."""
+        headers = x.headers
+        route = x.route
+        media_type = headers.media_type
+        content_length = headers.content_length
+        field = self.gw.upstream.user_field
+        limit = self.gw.config.server.max_json_body_bytes
+        if is_json(media_type) or (route.produces_answer and x.method in _BODY_METHODS):
+            if content_length is not None and content_length > limit:
+                raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+            raw = await read_body(receive, limit)
+            if raw or route.produces_answer:
+                try:
+                    parsed = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    raise BadRequest("The request body is not valid JSON.") from None
+                if not isinstance(parsed, dict):
+                    raise BadRequest("The request body must be a JSON object.")
+                x.json = parsed
+        elif media_type == b"multipart/form-data":
+            boundary = boundary_from_content_type(headers.content_type.decode("latin-1"))
+            if boundary is None:
+                raise BadRequest("The multipart body has no valid boundary.")
+            x.upload = UserFieldRewriter(boundary, x.user_id, field=field)
+            x.body, length = await self._multipart(x, receive, x.upload)
+            if length is not None:
+                headers.forward.append((b"content-length", str(length).encode()))
+        elif media_type == b"application/x-www-form-urlencoded":
+            if content_length is not None and content_length > limit:
+                raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+            x.body = with_param(await read_body(receive, limit), field, x.user_id)
+        elif x.method in _BODY_METHODS and (content_length or content_length is None):
+            x.body = stream_body(receive, x.failure)
+            if content_length is not None:
+                headers.forward.append((b"content-length", str(content_length).encode()))
+
+    def _rewrite(self, x: Exchange) -> None:
+        """Let the dialect set the user (and what else it needs), then serialise the
+        JSON body: a body that cannot be forwarded is refused before admission."""
+        prepared = self.gw.upstream.prepare(
+            x.route, x.json, x.query, x.user_id, method=x.method, request_id=x.request_id
+        )
+        x.prepared = prepared
+        x.query = prepared.query
+        forward = x.headers.forward
+        if prepared.headers:
+            sent = {name for name, _ in forward}
+            forward += [(k, v) for k, v in prepared.headers if k not in sent]
+        forward.append(self.gw.upstream_authorization)
+        if x.route.produces_answer or x.route.is_history:
+            # Usage is read from the raw bytes, and history pages may be filtered:
+            # ask for them uncompressed.
+            forward.append((b"accept-encoding", b"identity"))
+        elif x.headers.accept_encoding is not None:
+            forward.append((b"accept-encoding", x.headers.accept_encoding))
+        x.json = prepared.body
+        if x.json is not None:
+            x.body = _serialised(x.json)
+
+    # --- admit -----------------------------------------------------------------------
+
+    async def _admit(self, x: Exchange) -> None:
+        x.ticket, x.rate_headers = await self.admitter.admit(x.user_id, x.request_id, x.answer_body)
+        if x.ticket.body_changed and x.json is not None:
+            x.body = _serialised(x.json)
+
+    # --- forward ---------------------------------------------------------------------
+
+    async def _forward(self, x: Exchange) -> httpx.Response:
+        gw = self.gw
+        url = gw.upstream_url + x.path + ("?" + x.query.decode("latin-1") if x.query else "")
+        headers = x.headers.forward
+        if isinstance(x.body, bytes):
+            headers.append((b"content-length", str(len(x.body)).encode()))
+        timeout = self.client.streaming_timeout
+        if x.route.produces_answer and not gw.upstream.is_streaming(x.route, x.answer_body):
+            # A blocking answer sends nothing until it is complete: wait as long as
+            # an answer may take, not just the gap allowed between two chunks.
+            timeout = gw.blocking_timeout
+        x.forwarded_at = time.perf_counter()
+        try:
+            return await self.client.open(
+                x.method, url, headers=headers, content=x.body, timeout=timeout, failure=x.failure
+            )
+        except UpstreamTimeout as exc:
+            ticket = x.ticket
+            if exc.phase == "read" and ticket is not None and ticket.reserved:
+                # The request reached the upstream, which may well be answering (and
+                # billing) still: the query stays spent and an estimate is recorded.
+                gw.metrics.inc("gateway_upstream_errors_total", kind="answer_timeout")
+                log.warning(
+                    "request %s: upstream took too long to answer; charging an estimate",
+                    x.request_id,
+                )
+                result = gw.upstream.unanswered(x.route, x.answer_body)
+                await self._kept(self._settle(x, result, disconnected=False))
+            else:
+                gw.metrics.inc("gateway_upstream_errors_total", kind="timeout")
+                log.warning(
+                    "request %s: upstream timed out before answering: %r", x.request_id, exc
+                )
+            raise
+        except UpstreamUnavailable as exc:
+            gw.metrics.inc("gateway_upstream_errors_total", kind="connect")
+            log.warning("request %s: upstream unreachable: %r", x.request_id, exc.__cause__)
+            raise
+
+    # --- relay -----------------------------------------------------------------------
+
+    async def _relay(
+        self, x: Exchange, response: httpx.Response, receive: Receive, send: Send
     ) -> None:
+        gw = self.gw
+        status = response.status_code
+        headers = response_headers(response.headers.raw)
+        headers.append((b"x-request-id", x.request_id.encode()))
+        headers.extend(x.rate_headers)
+        gw.metrics.inc("gateway_requests_total", route=x.route.kind, status=f"{status // 100}xx")
+        content_type = next(
+            (v for k, v in response.headers.raw if k.lower() == b"content-type"), b""
+        ).lower()
+        if x.ticket is None or not 200 <= status < 300:
+            # Not an answer (or a refused one): nothing to meter.
+            await self.admitter.refund(x.ticket, x.request_id)
+            await self._relay_plain(x, response, status, headers, content_type, send)
+            return
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await self._relay_answer(x, response, content_type.startswith(_SSE), receive, send)
+
+    async def _relay_plain(
+        self,
+        x: Exchange,
+        response: httpx.Response,
+        status: int,
+        headers: Headers,
+        content_type: bytes,
+        send: Send,
+    ) -> None:
+        ok = 200 <= status < 300
+        if ok and x.route.is_history and b"json" in content_type:
+            days = (await self.admitter.plan_of(x.user_id)).chat_history_days
+            if days is not None:
+                await self._history(x, send, response, status, headers, days)
+                return
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        try:
+            with self.client.reading():
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except UpstreamBroken as exc:
+            log.warning(
+                "request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__
+            )
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if ok and x.upload is not None and x.route.is_upload:
+            await self._count_upload(x.user_id, x.upload.file_bytes, x.request_id)
+
+    async def _relay_answer(
+        self, x: Exchange, response: httpx.Response, sse: bool, receive: Receive, send: Send
+    ) -> None:
+        """Pass an answer on as it arrives while metering it, then settle it.
+
+        A 2xx answer that is not SSE is read as one body (blocking mode), also
+        when it turns out unreadable: the dialect then charges an estimate.
+        """
+        gw = self.gw
+        upstream = gw.upstream
+        route = x.route
+        assert x.prepared is not None
+        meter: StreamMeter | None = upstream.stream_meter(route, x.answer_body) if sse else None
+        decoder = SSEDecoder() if sse else None
+        transform = upstream.stream_transform(route, x.prepared) if sse else None
+        buffer = bytearray()
+        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+        disconnected = stopped = cut = False
+        cancelled: asyncio.CancelledError | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            with self.client.reading():
+                async with asyncio.timeout(gw.config.upstream.total_timeout) as deadline:
+                    async for chunk in response.aiter_raw():
+                        if not disconnected:
+                            if watcher.done():
+                                disconnected = True
+                                stopped = await self._client_left(x, meter)
+                                if stopped and upstream.stops_by_closing:
+                                    cut = True  # closing the response stops the answer
+                                    break
+                                deadline.reschedule(
+                                    loop.time() + gw.config.upstream.disconnect_grace
+                                )
+                            else:
+                                out = chunk if transform is None else transform.feed(chunk)
+                                await send(
+                                    {"type": "http.response.body", "body": out, "more_body": True}
+                                )
+                        if decoder is not None and meter is not None:
+                            for event in decoder.feed(chunk):
+                                meter.feed(event)
+                        elif len(buffer) < _MAX_BUFFERED_BODY:
+                            buffer += chunk
+        except UpstreamBroken as exc:
+            cut = True
+            kind = "timeout" if exc.timed_out else "read"
+            gw.metrics.inc("gateway_upstream_errors_total", kind=f"mid_stream_{kind}")
+            log.warning(
+                "request %s: upstream stream ended abnormally (%s): %r",
+                x.request_id,
+                kind,
+                exc.__cause__,
+            )
+            if sse and not disconnected and not watcher.done():
+                error_event = upstream.stream_error(
+                    502, "upstream_error", "The upstream connection was lost."
+                )
+                await send({"type": "http.response.body", "body": error_event, "more_body": True})
+        except asyncio.CancelledError as exc:
+            # The server is going away (or cancelled this request): what was read
+            # is still settled below, shielded, before the cancellation goes on.
+            cut = True
+            cancelled = exc
+        finally:
+            if not disconnected and watcher.done():
+                disconnected = True
+                gw.metrics.inc("gateway_client_disconnects_total")
+            watcher.cancel()
+        if cancelled is None and not disconnected:
+            rest = b"" if transform is None or cut else transform.flush()
+            await send({"type": "http.response.body", "body": rest, "more_body": False})
+
+        if decoder is not None and meter is not None:
+            for event in decoder.flush():
+                meter.feed(event)
+            result = meter.finish(cut=cut or disconnected)
+        else:
+            result = upstream.meter_blocking(route, x.answer_body, bytes(buffer))
+        if (
+            cut
+            and not stopped
+            and result.outcome != "complete"
+            and meter is not None
+            and meter.task_id
+        ):
+            # We stopped reading an answer the upstream may still be generating
+            # (and billing): tell it to stop.
+            gw.keep(self._stop(x, meter.task_id))
+        await self._kept(self._settle(x, result, disconnected=disconnected))
+        if cancelled is not None:
+            raise cancelled
+
+    async def _history(
+        self,
+        x: Exchange,
+        send: Send,
+        response: httpx.Response,
+        status: int,
+        headers: Headers,
+        days: int,
+    ) -> None:
+        """A conversation or message page limited to the plan's history window.
+
+        Fails closed: a page that cannot be read is not passed on unfiltered.
+        """
+        raw = bytearray()
+        try:
+            with self.client.reading():
+                async for chunk in response.aiter_bytes():
+                    raw += chunk
+                    if len(raw) > _MAX_BUFFERED_BODY:
+                        raise UpstreamError("The upstream history page is too large to filter.")
+        except UpstreamBroken as exc:
+            raise UpstreamUnavailable("The upstream history page could not be read.") from exc
+        try:
+            page = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            page = None
+        if not isinstance(page, dict):
+            raise UpstreamError("The upstream history page is not a JSON object.")
+        cutoff = self.gw.clock.now().timestamp() - days * 86400
+        filtered = self.gw.upstream.filter_history(x.route, x.query, page, cutoff)
+        body = bytes(raw) if filtered is page else orjson.dumps(filtered)
+        # aiter_bytes decoded any Content-Encoding: describe the new body instead.
+        headers = [(k, v) for k, v in headers if k not in (b"content-length", b"content-encoding")]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _client_left(self, x: Exchange, meter: StreamMeter | None) -> bool:
+        """The client went away mid-answer; returns whether the answer was stopped."""
+        gw = self.gw
+        gw.metrics.inc("gateway_client_disconnects_total")
+        policy = gw.config.upstream.on_client_disconnect
+        log.info("request %s: client disconnected mid-answer; policy %s", x.request_id, policy)
+        if policy != "stop" or meter is None:
+            return False
+        if gw.upstream.stops_by_closing:
+            return True
+        if meter.task_id is None:
+            return False
+        return await self._stop(x, meter.task_id)
+
+    async def _stop(self, x: Exchange, task_id: str) -> bool:
+        """Ask the upstream to stop generating an answer (same task id and user)."""
+        gw = self.gw
+        stop = gw.upstream.stop_request(x.route, task_id, x.user_id)
+        if stop is None:
+            return False
+        path, payload = stop
+        try:
+            reply = await self.client.request(
+                "POST",
+                gw.upstream_url + path,
+                content=payload,
+                headers=[(b"content-type", b"application/json"), gw.upstream_authorization],
+            )
+        except UpstreamUnavailable as exc:
+            log.warning(
+                "request %s: could not stop task %s: %r", x.request_id, task_id, exc.__cause__
+            )
+            return False
+        log.info(
+            "request %s: stopped task %s upstream (%d)", x.request_id, task_id, reply.status_code
+        )
+        return reply.is_success
+
+    # --- settle ----------------------------------------------------------------------
+
+    async def _kept(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` (recording an answer, or giving its reservation back) as a
+        task the gateway keeps, shielded: a cancellation of the request - a client
+        gone, a server shutting down - must never cut a ledger write half-way."""
+        await asyncio.shield(self.gw.keep(work))
+
+    async def _settle(self, x: Exchange, result: Metered, *, disconnected: bool) -> None:
+        ticket = x.ticket
+        assert ticket is not None
+        request_id = x.request_id
+        usage = result.usage
+        if usage is None:
+            log.info(
+                "request %s: answer produced nothing to charge (%s%s); query returned",
+                request_id,
+                result.outcome,
+                f", {result.error_code}" if result.error_code else "",
+            )
+            await self.admitter.refund(ticket, request_id)
+            return
+        if usage.estimated:
+            log.warning(
+                "request %s: upstream reported no usage (%s); charging an estimate of %d tokens",
+                request_id,
+                result.outcome,
+                usage.total_tokens,
+            )
+        # From here the reservation is the ledger's to settle, not to refund.
+        ticket.reserved = False
+        upstream_ms, overhead_ms = x.timings()
+        await self.gw.settler.record(
+            UsageEvent(
+                answer_id=result.answer_id or f"gw-{request_id}",
+                user_id=ticket.user_id,
+                day=ticket.day,
+                created_at=self.gw.clock.now(),
+                endpoint=x.route.name,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                total_tokens=usage.total_tokens,
+                cost=usage.cost,
+                currency=usage.currency,
+                outcome="disconnected" if disconnected else result.outcome,
+                estimated=usage.estimated,
+                web_searches=int(used_web_search(result.metadata, self.gw.config.web_search)),
+                conversation_id=result.conversation_id,
+                request_id=request_id,
+                upstream_latency_ms=round(upstream_ms, 3),
+                overhead_ms=round(overhead_ms, 3),
+            ),
+            lease_id=ticket.lease_id,
+        )
+
+    # --- the rest --------------------------------------------------------------------
+
+    async def _send_error(self, send: Send, exc: GatewayError, request_id: str) -> None:
         body = self.gw.upstream.error_body(exc.status, exc.code, exc.message)
-        extra = [*exc.headers, *(headers or ())]
+        extra = list(exc.headers)
         if isinstance(exc, Unauthorized):
             extra.append((b"www-authenticate", b'Bearer realm="api"'))
         if isinstance(exc, StorageError | UpstreamError) and not any(
@@ -245,245 +636,23 @@ class Proxy:
         )
         await send({"type": "http.response.body", "body": body})
 
-    async def _handle(
-        self, scope: Scope, receive: Receive, send: Send, request_id: str, started: float
-    ) -> None:
-        gw = self.gw
-        config = gw.config
-        upstream = gw.upstream
-        method: str = scope["method"]
-        path = canonical_path(scope["path"][3:])  # strip "/v1"
-        query: bytes = scope.get("query_string", b"")
-
-        authorization: bytes | None = None
-        content_type = b""
-        content_length: int | None = None
-        has_trace = False
-        listed: frozenset[bytes] = frozenset()
-        accept_encoding: bytes | None = None
-        forward: list[tuple[bytes, bytes]] = []
-        user_header_name = gw.user_header
-        user_header: bytes | None = None
-        for name, value in scope["headers"]:
-            if name == user_header_name:
-                # Only meaningful with the service key; never forwarded.
-                user_header = value
-                continue
-            if name in _DROP_REQUEST:
-                if name == b"authorization":
-                    authorization = value
-                elif name == b"connection":
-                    listed = _connection_tokens(value)
-                elif name == b"accept-encoding":
-                    accept_encoding = value
-                elif name == b"content-length":
-                    try:
-                        content_length = int(value)
-                    except ValueError:
-                        raise BadRequest("Invalid Content-Length header.") from None
-                continue
-            if name == b"content-type":
-                if content_type:
-                    # Which one would the upstream read? Refuse rather than guess.
-                    raise BadRequest("More than one Content-Type header.")
-                content_type = value
-            elif name == b"x-trace-id":
-                has_trace = True
-            forward.append((name, value))
-        if listed:
-            forward = [(name, value) for name, value in forward if name not in listed]
-        if not has_trace:
-            forward.append((b"x-trace-id", request_id.encode()))
-        forward.append(gw.upstream_authorization)
-
-        if method == "OPTIONS" and any(
-            k == b"access-control-request-method" for k, _ in scope["headers"]
-        ):
-            # A CORS preflight carries no credentials by design: forward it as it is
-            # (it produces no answer and names no user) so the upstream's CORS policy
-            # answers it.
-            await self._preflight(scope, send, path, query, forward, request_id)
-            return
-        try:
-            user_id = await gw.identify(authorization, user_header)
-        except StorageError as exc:
-            gw.metrics.inc("gateway_storage_errors_total", operation="authenticate")
-            raise StorageError("The usage database is unavailable; try again shortly.") from exc
-        route = upstream.route(method, path)
-        field = upstream.user_field
-        if route.produces_answer or route.kind in ("conversations", "messages"):
-            # Usage is read from the raw bytes, and history pages may be filtered:
-            # ask for them uncompressed.
-            forward.append((b"accept-encoding", b"identity"))
-        elif accept_encoding is not None:
-            forward.append((b"accept-encoding", accept_encoding))
-
-        # --- the request body, with `user` set to the authenticated user -------------
-        media_type = content_type.split(b";", 1)[0].strip().lower()
-        body: bytes | AsyncIterator[bytes] | None = None
-        failure = BodyFailure()
-        json_body: dict[str, Any] = {}
-        upload: UserFieldRewriter | None = None
-        if _is_json(media_type) or (route.produces_answer and method in _BODY_METHODS):
-            limit = config.server.max_json_body_bytes
-            if content_length is not None and content_length > limit:
-                raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
-            raw = await read_body(receive, limit)
-            if raw or route.produces_answer:
-                try:
-                    parsed = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    raise BadRequest("The request body is not valid JSON.") from None
-                if not isinstance(parsed, dict):
-                    raise BadRequest("The request body must be a JSON object.")
-                json_body = parsed
-                upstream.set_user(json_body, user_id)
-        elif media_type == b"multipart/form-data":
-            boundary = boundary_from_content_type(content_type.decode("latin-1"))
-            if boundary is None:
-                raise BadRequest("The multipart body has no valid boundary.")
-            upload = UserFieldRewriter(boundary, user_id, field=field)
-            body, length = await self._multipart(
-                receive, route, user_id, upload, content_length, failure
-            )
-            if length is not None:
-                forward.append((b"content-length", str(length).encode()))
-        elif media_type == b"application/x-www-form-urlencoded":
-            limit = config.server.max_json_body_bytes
-            if content_length is not None and content_length > limit:
-                raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
-            body = _with_user(await read_body(receive, limit), field, user_id)
-            forward.append((b"content-length", str(len(body)).encode()))
-        elif method in _BODY_METHODS and (content_length or content_length is None):
-            body = stream_body(receive, failure)
-            if content_length is not None:
-                forward.append((b"content-length", str(content_length).encode()))
-        if method in ("GET", "HEAD", "DELETE") or f"{field}=".encode() in query:
-            query = _with_user(query, field, user_id)
-
-        # --- admission (may rewrite the JSON body) ---------------------------------------
-        ticket: Ticket | None = None
-        rate_headers: list[tuple[bytes, bytes]] = []
-        if route.produces_answer:
-            ticket, rate_headers = await self.admitter.admit(user_id, request_id, json_body)
-        if json_body:
-            body = orjson.dumps(json_body)
-            forward.append((b"content-length", str(len(body)).encode()))
-
-        # --- forward -----------------------------------------------------------------
-        url = gw.upstream_url + path + ("?" + query.decode("latin-1") if query else "")
-        timeout = gw.client.timeout
-        if route.produces_answer and not upstream.is_streaming(route, json_body):
-            # A blocking answer sends nothing until it is complete: wait as long as
-            # an answer may take, not just the gap allowed between two chunks.
-            timeout = gw.blocking_timeout
-        forwarded_at = time.perf_counter()
-        try:
-            request = gw.client.build_request(
-                method, url, headers=forward, content=body, timeout=timeout
-            )
-            response = await gw.client.send(request, stream=True)
-        except asyncio.CancelledError:
-            await self._kept(self.admitter.refund(ticket, request_id))
-            raise
-        except (
-            httpx.HTTPError,
-            httpx.InvalidURL,
-            TimeoutError,
-            ClientGone,
-            MultipartError,
-            PayloadTooLarge,
-        ) as exc:
-            if isinstance(failure.error, ClientGone | PayloadTooLarge | MultipartError):
-                await self.admitter.refund(ticket, request_id)
-                if isinstance(failure.error, MultipartError):
-                    raise BadRequest(f"Malformed multipart body: {failure.error}") from exc
-                raise failure.error from exc
-            if isinstance(exc, httpx.InvalidURL):
-                await self.admitter.refund(ticket, request_id)
-                raise BadRequest("The request URL is not valid.") from exc
-            phase = _timeout_phase(exc)
-            if phase == "read" and ticket is not None and ticket.reserved:
-                # The request reached the upstream, which may well be answering (and
-                # billing) still: the query stays spent and an estimate is recorded.
-                gw.metrics.inc("gateway_upstream_errors_total", kind="answer_timeout")
-                log.warning(
-                    "request %s: upstream took too long to answer; charging an estimate", request_id
-                )
-                await self._kept(
-                    self._settle(
-                        upstream.unanswered(route, json_body),
-                        request_id=request_id,
-                        route=route,
-                        ticket=ticket,
-                        disconnected=False,
-                        upstream_ms=(time.perf_counter() - forwarded_at) * 1000,
-                        overhead_ms=(forwarded_at - started) * 1000,
-                    )
-                )
-                raise UpstreamTimeout("The upstream did not answer in time.") from exc
-            await self.admitter.refund(ticket, request_id)
-            if phase is not None:
-                gw.metrics.inc("gateway_upstream_errors_total", kind="timeout")
-                log.warning("request %s: upstream timed out before answering: %r", request_id, exc)
-                raise UpstreamTimeout("The upstream did not answer in time.") from exc
-            gw.metrics.inc("gateway_upstream_errors_total", kind="connect")
-            log.warning("request %s: upstream unreachable: %r", request_id, exc)
-            raise UpstreamUnavailable("The upstream service is unreachable.") from exc
-
-        try:
-            await self._respond(
-                scope,
-                receive,
-                send,
-                response,
-                request_id=request_id,
-                route=route,
-                user_id=user_id,
-                json_body=json_body,
-                ticket=ticket,
-                upload=upload,
-                query=query,
-                rate_headers=rate_headers,
-                started=started,
-                forwarded_at=forwarded_at,
-            )
-        finally:
-            await response.aclose()
-
-    async def _preflight(
-        self,
-        scope: Scope,
-        send: Send,
-        path: str,
-        query: bytes,
-        forward: list[tuple[bytes, bytes]],
-        request_id: str,
-    ) -> None:
-        gw = self.gw
-        headers = [(k, v) for k, v in forward if k != b"authorization"]
-        url = gw.upstream_url + path + ("?" + query.decode("latin-1") if query else "")
-        try:
-            response = await gw.client.request("OPTIONS", url, headers=headers)
-        except httpx.HTTPError as exc:
-            raise UpstreamUnavailable("The upstream service is unreachable.") from exc
-        out = _response_headers(response.headers.raw)
+    async def _preflight(self, x: Exchange, send: Send) -> None:
+        """A CORS preflight carries no credentials by design: forwarded as it is
+        (it produces no answer and names no user) so the upstream's CORS policy
+        answers it."""
+        url = self.gw.upstream_url + x.path + ("?" + x.query.decode("latin-1") if x.query else "")
+        response = await self.client.request("OPTIONS", url, headers=x.headers.forward)
+        out = response_headers(response.headers.raw)
         out = [(k, v) for k, v in out if k not in (b"content-length", b"content-encoding")]
         out += [
             (b"content-length", str(len(response.content)).encode()),
-            (b"x-request-id", request_id.encode()),
+            (b"x-request-id", x.request_id.encode()),
         ]
         await send({"type": "http.response.start", "status": response.status_code, "headers": out})
         await send({"type": "http.response.body", "body": response.content})
 
     async def _multipart(
-        self,
-        receive: Receive,
-        route: Route,
-        user_id: str,
-        rewriter: UserFieldRewriter,
-        content_length: int | None,
-        failure: BodyFailure,
+        self, x: Exchange, receive: Receive, rewriter: UserFieldRewriter
     ) -> tuple[AsyncIterator[bytes], int | None]:
         """A multipart body to forward, and its length when known.
 
@@ -492,9 +661,10 @@ class Proxy:
         temporary file past 1 MB) and counted as it arrives, so no byte of a body
         that turns out too large is forwarded.
         """
+        content_length = x.headers.content_length
         limit = None
-        if route.kind == "upload":
-            mb = (await self.admitter.plan_of(user_id)).file_size_mb
+        if x.route.is_upload:
+            mb = (await self.admitter.plan_of(x.user_id)).file_size_mb
             limit = None if mb is None else int(mb * 1024 * 1024)
         if (
             limit is not None
@@ -504,196 +674,16 @@ class Proxy:
             raise file_too_large(limit)
         if limit is None or (content_length is not None and content_length <= limit):
             length = None if content_length is None else content_length + rewriter.added_bytes
-            return rewritten_multipart(receive, rewriter, failure, limit=limit), length
+            return rewritten_multipart(receive, rewriter, x.failure, limit=limit), length
         try:
             spool, size = await spool_multipart(receive, rewriter, limit=limit)
         except MultipartError as exc:
             raise BadRequest(f"Malformed multipart body: {exc}") from exc
         return read_spool(spool), size
 
-    async def _respond(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        response: httpx.Response,
-        *,
-        request_id: str,
-        route: Route,
-        user_id: str,
-        json_body: dict[str, Any],
-        ticket: Ticket | None,
-        upload: UserFieldRewriter | None,
-        query: bytes,
-        rate_headers: list[tuple[bytes, bytes]],
-        started: float,
-        forwarded_at: float,
-    ) -> None:
-        gw = self.gw
-        status = response.status_code
-        headers = _response_headers(response.headers.raw)
-        headers.append((b"x-request-id", request_id.encode()))
-        headers.extend(rate_headers)
-        content_type = next(
-            (v for k, v in response.headers.raw if k.lower() == b"content-type"), b""
-        ).lower()
-        metered = ticket is not None and 200 <= status < 300
-        sse = metered and content_type.startswith(_SSE)
-        blocking = metered and not sse and b"json" in content_type
-        if not (sse or blocking):
-            # Non-2xx (or nothing we can read usage from): no answer was produced.
-            await self.admitter.refund(ticket, request_id)
-        gw.metrics.inc("gateway_requests_total", route=route.kind, status=f"{status // 100}xx")
-
-        if not (sse or blocking):
-            ok = 200 <= status < 300
-            if ok and route.kind in ("conversations", "messages") and b"json" in content_type:
-                days = (await self.admitter.plan_of(user_id)).chat_history_days
-                if days is not None:
-                    await self._history(send, response, status, headers, route, query, days)
-                    return
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await self._pass_through(send, response, request_id)
-            if ok and upload is not None and route.kind == "upload":
-                await self._count_upload(user_id, upload.file_bytes, request_id)
-            return
-
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-
-        meter: StreamMeter | None = gw.upstream.stream_meter(route, json_body) if sse else None
-        decoder = SSEDecoder() if sse else None
-        buffer = bytearray()
-        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-        disconnected = stopped = cut = False
-        cancelled: asyncio.CancelledError | None = None
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(gw.config.upstream.total_timeout) as deadline:
-                async for chunk in response.aiter_raw():
-                    if not disconnected:
-                        if watcher.done():
-                            disconnected = True
-                            stopped = await self._client_left(request_id, route, meter, user_id)
-                            deadline.reschedule(loop.time() + gw.config.upstream.disconnect_grace)
-                        else:
-                            await send(
-                                {"type": "http.response.body", "body": chunk, "more_body": True}
-                            )
-                    if decoder is not None and meter is not None:
-                        for event in decoder.feed(chunk):
-                            meter.feed(event)
-                    elif len(buffer) < _MAX_BUFFERED_BODY:
-                        buffer += chunk
-        except (httpx.HTTPError, TimeoutError) as exc:
-            cut = True
-            kind = "timeout" if _is_timeout(exc) else "read"
-            gw.metrics.inc("gateway_upstream_errors_total", kind=f"mid_stream_{kind}")
-            log.warning(
-                "request %s: upstream stream ended abnormally (%s): %r", request_id, kind, exc
-            )
-            if sse and not disconnected and not watcher.done():
-                error_event = gw.upstream.error_body(
-                    502, "upstream_error", "The upstream connection was lost."
-                )
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": b"data: " + error_event + b"\n\n",
-                        "more_body": True,
-                    }
-                )
-        except asyncio.CancelledError as exc:
-            # The server is going away (or cancelled this request): what was read
-            # is still settled below, shielded, before the cancellation goes on.
-            cut = True
-            cancelled = exc
-        finally:
-            if not disconnected and watcher.done():
-                disconnected = True
-                gw.metrics.inc("gateway_client_disconnects_total")
-            watcher.cancel()
-        if cancelled is None and not disconnected:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        if decoder is not None and meter is not None:
-            for event in decoder.flush():
-                meter.feed(event)
-            result = meter.finish(cut=cut or disconnected)
-        else:
-            result = gw.upstream.meter_blocking(route, json_body, bytes(buffer))
-        if (
-            cut
-            and not stopped
-            and result.outcome != "complete"
-            and meter is not None
-            and meter.task_id
-        ):
-            # We stopped reading an answer the upstream may still be generating
-            # (and billing): tell it to stop.
-            gw.keep(self._stop(request_id, route, meter.task_id, user_id))
-        finished = time.perf_counter()
-        assert ticket is not None
-        await self._kept(
-            self._settle(
-                result,
-                request_id=request_id,
-                route=route,
-                ticket=ticket,
-                disconnected=disconnected,
-                upstream_ms=(finished - forwarded_at) * 1000,
-                overhead_ms=(forwarded_at - started) * 1000,
-            )
-        )
-        if cancelled is not None:
-            raise cancelled
-
-    async def _history(
-        self,
-        send: Send,
-        response: httpx.Response,
-        status: int,
-        headers: list[tuple[bytes, bytes]],
-        route: Route,
-        query: bytes,
-        days: int,
-    ) -> None:
-        """A conversation or message page limited to the plan's history window.
-
-        Fails closed: a page that cannot be read is not passed on unfiltered.
-        """
-        raw = bytearray()
-        try:
-            async for chunk in response.aiter_bytes():
-                raw += chunk
-                if len(raw) > _MAX_BUFFERED_BODY:
-                    raise UpstreamError("The upstream history page is too large to filter.")
-        except httpx.HTTPError as exc:
-            raise UpstreamUnavailable("The upstream history page could not be read.") from exc
-        try:
-            page = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            page = None
-        if not isinstance(page, dict):
-            raise UpstreamError("The upstream history page is not a JSON object.")
-        cutoff = self.gw.clock.now().timestamp() - days * 86400
-        if route.kind == "conversations":
-            params = parse_qs(query.decode("latin-1"))
-            filtered = filter_conversations(
-                page, cutoff, sort_by=params.get("sort_by", ["-updated_at"])[0]
-            )
-        else:
-            filtered = filter_messages(page, cutoff)
-        body = bytes(raw) if filtered is page else orjson.dumps(filtered)
-        # aiter_bytes decoded any Content-Encoding: describe the new body instead.
-        headers = [(k, v) for k, v in headers if k not in (b"content-length", b"content-encoding")]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
     async def _count_upload(self, user_id: str, size: int, request_id: str) -> None:
-        periods_day = self.gw.today()
         try:
-            await self.gw.storage.record_upload(user_id, day=periods_day, size=size)
+            await self.gw.storage.record_upload(user_id, day=self.gw.today(), size=size)
         except StorageError as exc:
             self.gw.metrics.inc("gateway_storage_errors_total", operation="upload")
             log.error(
@@ -702,101 +692,3 @@ class Proxy:
                 size,
                 exc.message,
             )
-
-    async def _pass_through(self, send: Send, response: httpx.Response, request_id: str) -> None:
-        try:
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as exc:
-            log.warning("request %s: upstream body ended abnormally: %r", request_id, exc)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _client_left(
-        self, request_id: str, route: Route, meter: StreamMeter | None, user_id: str
-    ) -> bool:
-        """The client went away mid-answer; returns whether the answer was stopped."""
-        gw = self.gw
-        gw.metrics.inc("gateway_client_disconnects_total")
-        policy = gw.config.upstream.on_client_disconnect
-        log.info("request %s: client disconnected mid-answer; policy %s", request_id, policy)
-        if policy != "stop" or meter is None or meter.task_id is None:
-            return False
-        return await self._stop(request_id, route, meter.task_id, user_id)
-
-    async def _stop(self, request_id: str, route: Route, task_id: str, user_id: str) -> bool:
-        """Ask the upstream to stop generating an answer (same task id and user)."""
-        gw = self.gw
-        stop = gw.upstream.stop_request(route, task_id, user_id)
-        if stop is None:
-            return False
-        path, payload = stop
-        try:
-            reply = await gw.client.post(
-                gw.upstream_url + path,
-                content=payload,
-                headers=[(b"content-type", b"application/json"), gw.upstream_authorization],
-            )
-        except httpx.HTTPError as exc:
-            log.warning("request %s: could not stop task %s: %r", request_id, task_id, exc)
-            return False
-        log.info(
-            "request %s: stopped task %s upstream (%d)", request_id, task_id, reply.status_code
-        )
-        return reply.is_success
-
-    async def _kept(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` (recording an answer, or giving its reservation back) as a
-        task the gateway keeps, shielded: a cancellation of the request - a client
-        gone, a server shutting down - must never cut a ledger write half-way."""
-        await asyncio.shield(self.gw.keep(work))
-
-    async def _settle(
-        self,
-        result: Metered,
-        *,
-        request_id: str,
-        route: Route,
-        ticket: Ticket,
-        disconnected: bool,
-        upstream_ms: float,
-        overhead_ms: float,
-    ) -> None:
-        usage = result.usage
-        if usage is None:
-            log.info(
-                "request %s: answer produced nothing to charge (%s%s); query returned",
-                request_id,
-                result.outcome,
-                f", {result.error_code}" if result.error_code else "",
-            )
-            await self.admitter.refund(ticket, request_id)
-            return
-        if usage.estimated:
-            log.warning(
-                "request %s: upstream reported no usage (%s); charging an estimate of %d tokens",
-                request_id,
-                result.outcome,
-                usage.total_tokens,
-            )
-        await self.gw.settler.record(
-            UsageEvent(
-                answer_id=result.answer_id or f"gw-{request_id}",
-                user_id=ticket.user_id,
-                day=ticket.day,
-                created_at=self.gw.clock.now(),
-                endpoint=route.name,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                total_tokens=usage.total_tokens,
-                cost=usage.cost,
-                currency=usage.currency,
-                outcome="disconnected" if disconnected else result.outcome,
-                estimated=usage.estimated,
-                web_searches=int(used_web_search(result.metadata, self.gw.config.web_search)),
-                conversation_id=result.conversation_id,
-                request_id=request_id,
-                upstream_latency_ms=round(upstream_ms, 3),
-                overhead_ms=round(overhead_ms, 3),
-            ),
-            lease_id=ticket.lease_id,
-        )

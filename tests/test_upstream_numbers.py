@@ -16,10 +16,10 @@ import pytest
 
 from gateway.bounds import CLAMPED, MAX_COST, bound_event
 from gateway.config import DatabaseConfig
-from gateway.fake_upstream import FakeDify
 from gateway.metrics import Metrics
 from gateway.settle import Settler, event_from_json, event_to_json
 from gateway.storage import UsageEvent, open_storage
+from gateway.testing.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
 from tests.tcpproxy import TCPProxy
 from tests.test_settle import EVENT

@@ -1,0 +1,180 @@
+"""Pure HTTP helpers for the proxy: paths, query strings and header filters.
+
+No I/O and no state (sans-io): each function takes bytes or strings and returns
+them, so each is tested exhaustively with tables (tests/test_http.py).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import quote, unquote_plus
+
+from gateway.errors import BadRequest
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 section 7.6.1: connection-specific fields are not forwarded.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Response headers the gateway sets itself rather than passing on.
+_DROP_RESPONSE: Final = HOP_BY_HOP | {b"x-request-id"}
+
+# Characters a path segment may carry unescaped (RFC 3986 pchar, minus "%": any
+# percent sign in the decoded path is data and must be escaped again).
+_PATH_SAFE: Final = "/:@!$&'()*+,;=-._~"
+_UNSAFE_PATH_CHARS: Final = re.compile(r"[?#\\\x00-\x1f\x7f]")
+# "//" anywhere but a final "/" is fine; "." and ".." as whole segments are not.
+_UNSAFE_PATH_SEGMENT: Final = re.compile(r"//|/\.\.?(?=/|$)")
+
+
+def canonical_path(path: str) -> str:
+    """The decoded request path, checked and re-escaped for the upstream URL.
+
+    The route is decided on this path, so the upstream must receive exactly this
+    path and nothing it could read differently: a decoded ``?`` or ``#`` would
+    end the path early, a ``.`` or ``..`` segment would be resolved to another
+    endpoint, and an empty segment or a control character is read differently by
+    different servers. Such paths are refused.
+    """
+    if _UNSAFE_PATH_CHARS.search(path):
+        raise BadRequest("The request path contains characters that are not allowed.")
+    if _UNSAFE_PATH_SEGMENT.search(path):
+        raise BadRequest("The request path must not contain empty, '.' or '..' segments.")
+    return quote(path, safe=_PATH_SAFE)
+
+
+def _param_name(pair: bytes) -> str:
+    """A query (or form) pair's name as the upstream's parser reads it: ``+`` is a
+    space and percent escapes are decoded."""
+    return unquote_plus(pair.split(b"=", 1)[0].decode("latin-1"))
+
+
+def with_param(query: bytes, name: str, value: str, *, add: bool = True) -> bytes:
+    """``query`` (or a urlencoded form body) with every pair named ``name`` replaced
+    by one ``name=value``.
+
+    Names are compared decoded (``%75ser`` and ``us%65r`` are ``user``), so no
+    spelling of the name slips past. The other pairs are kept byte for byte
+    (re-encoding them could change what they mean). With ``add`` False the pair
+    is only written when the query already named it.
+    """
+    pairs = [pair for pair in query.split(b"&") if pair]
+    kept = [pair for pair in pairs if _param_name(pair) != name]
+    if not add and len(kept) == len(pairs):
+        return query
+    kept.append(f"{name}={quote(value, safe='')}".encode())
+    return b"&".join(kept)
+
+
+def connection_tokens(value: bytes) -> frozenset[bytes]:
+    """Header names listed in a Connection header: hop-by-hop too (RFC 9110 7.6.1)."""
+    return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
+
+
+def response_headers(raw: Headers) -> Headers:
+    """An upstream response's headers as the client gets them: lower-cased names,
+    without hop-by-hop fields (listed in Connection or always) and ``x-request-id``."""
+    listed: frozenset[bytes] = frozenset()
+    for name, value in raw:
+        if name.lower() == b"connection":
+            listed = connection_tokens(value)
+    return [
+        (name.lower(), value)
+        for name, value in raw
+        if name.lower() not in _DROP_RESPONSE and name.lower() not in listed
+    ]
+
+
+def is_json(media_type: bytes) -> bool:
+    """JSON as Werkzeug's `get_json` (which Dify uses) takes it: application/json or
+    any application/*+json."""
+    return media_type == b"application/json" or (
+        media_type.startswith(b"application/") and media_type.endswith(b"+json")
+    )
+
+
+# Request headers the gateway sets itself rather than forwarding.
+_DROP_REQUEST: Final = HOP_BY_HOP | {
+    b"host",
+    b"authorization",
+    b"content-length",
+    b"accept-encoding",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHeaders:
+    """A client request's headers, split into what is forwarded and what the
+    gateway reads itself."""
+
+    forward: Headers  # to send upstream as they are (the gateway adds its own)
+    authorization: bytes | None = None
+    user_header: bytes | None = None  # the trusted user header, never forwarded
+    content_type: bytes = b""
+    content_length: int | None = None
+    accept_encoding: bytes | None = None
+    preflight: bool = False  # carries Access-Control-Request-Method
+
+    @property
+    def media_type(self) -> bytes:
+        return self.content_type.split(b";", 1)[0].strip().lower()
+
+
+def request_headers(raw: Headers, user_header: bytes) -> RequestHeaders:
+    """Split ASGI request headers (names already lower case); refuses a request
+    whose headers could be read two ways (two Content-Types, a bad Content-Length)."""
+    authorization = user = accept_encoding = None
+    content_type = b""
+    content_length: int | None = None
+    listed: frozenset[bytes] = frozenset()
+    preflight = False
+    forward: Headers = []
+    for name, value in raw:
+        if name == user_header:
+            user = value
+            continue
+        if name in _DROP_REQUEST:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"connection":
+                listed = connection_tokens(value)
+            elif name == b"accept-encoding":
+                accept_encoding = value
+            elif name == b"content-length":
+                try:
+                    content_length = int(value)
+                except ValueError:
+                    raise BadRequest("Invalid Content-Length header.") from None
+            continue
+        if name == b"content-type":
+            if content_type:
+                # Which one would the upstream read? Refuse rather than guess.
+                raise BadRequest("More than one Content-Type header.")
+            content_type = value
+        elif name == b"access-control-request-method":
+            preflight = True
+        forward.append((name, value))
+    if listed:
+        forward = [(name, value) for name, value in forward if name not in listed]
+    return RequestHeaders(
+        forward,
+        authorization=authorization,
+        user_header=user,
+        content_type=content_type,
+        content_length=content_length,
+        accept_encoding=accept_encoding,
+        preflight=preflight,
+    )
