@@ -15,7 +15,8 @@ import orjson
 import pytest
 
 from gateway.bounds import CLAMPED, MAX_COST, bound_event
-from gateway.config import DatabaseConfig
+from gateway.config import DatabaseConfig, parse_config
+from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.settle import Settler, event_from_json, event_to_json
 from gateway.storage import UsageEvent, open_storage
@@ -93,6 +94,12 @@ async def test_the_per_answer_cap_is_configurable(
         (event,) = await h.events()
     # The fake's default answer reports 1168 tokens: above this cap.
     assert (event.outcome, event.total_tokens) == (CLAMPED, 1000)
+
+
+def test_a_cap_that_could_overflow_the_sums_is_refused() -> None:
+    data = {"plans": {"free": {}}, "accounting": {"max_tokens_per_answer": 10**10}}
+    with pytest.raises(ConfigError, match=r"accounting\.max_tokens_per_answer: must be at most"):
+        parse_config(data, env={})
 
 
 # --- bounds, pure -----------------------------------------------------------------
