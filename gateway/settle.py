@@ -171,8 +171,9 @@ class Settler:
 
     async def _write(self, event: UsageEvent, *, lease_id: str | None = None) -> None:
         """Bound, then write. A failure other than the database's (a value the
-        driver refuses after all) is not worth retrying: it raises StorageError
-        so the event goes the retry-then-spool way and is never lost."""
+        driver refuses after all) is raised as StorageError too, so the event takes
+        the retry-then-spool way of any failed write: never lost, and never a
+        traceback on the request that produced it."""
         event = self._bounded(event)
         try:
             settled = await self._storage.settle(event, lease_id=lease_id)
