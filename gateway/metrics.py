@@ -38,6 +38,10 @@ COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
         "Answers charged by estimate because the upstream reported no usage.",
         (),
     ),
+    "gateway_usage_clamped_total": (
+        "Answers whose reported numbers were out of range and were recorded clamped.",
+        (),
+    ),
     "gateway_settle_retries_total": ("Ledger writes retried after a storage error.", ()),
     "gateway_settle_spooled_total": (
         "Ledger writes spooled to the local file after retries failed.",

@@ -147,13 +147,12 @@ def test_config_after_the_subcommand(
 async def test_uvicorn_runs_the_app_factory(config_file: Path) -> None:
     """The documented way to run it under uvicorn: the factory reads $GATEWAY_CONFIG."""
     import asyncio
-    import socket
 
     import httpx
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from tests.servers import free_port
+
+    port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
-import socket
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +18,7 @@ from gateway.metrics import COUNTERS, GAUGES, HISTOGRAMS, Metrics
 from gateway.storage import open_storage
 from gateway.testing.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, running_gateway, to_toml
-from tests.servers import serve
+from tests.servers import free_port, serve, start_gateway
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming"}
 SOURCE = Path(__file__).parent.parent / "gateway"
@@ -104,13 +101,6 @@ async def test_a_streamed_answer_is_measured(sqlite_url: str) -> None:
     assert value(after, "gateway_requests_total", route="chat", status="2xx") == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 async def fake_url() -> AsyncIterator[str]:
     async with serve(FakeDify(api_key=UPSTREAM_KEY)) as url:
@@ -139,29 +129,9 @@ async def test_serve_with_workers_sums_every_worker(tmp_path: Path, fake_url: st
             }
         )
     )
-    port = _free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "serve",
-        "--config",
-        str(config),
-        "--workers",
-        "2",
-        "--port",
-        str(port),
-        env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY, "PATH": "/usr/bin:/bin"},
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
+    port = free_port()
+    process = await start_gateway(config, port, {"TEST_UPSTREAM_KEY": UPSTREAM_KEY}, workers=2)
     try:
-        started = 0
-        async with asyncio.timeout(30):
-            while started < 2:  # each worker says so once it serves
-                line = await process.stderr.readline()
-                assert line, "gateway serve exited"
-                started += b"Application startup complete" in line
         url = f"http://127.0.0.1:{port}"
         asked = 8
         for _ in range(asked):
