@@ -34,6 +34,7 @@ from gateway.storage import (
     Alert,
     AlertCheck,
     AlertRequest,
+    Crossing,
     OutboxItem,
     Storage,
 )
@@ -67,9 +68,7 @@ def alert_request(plan: Plan, alerts: AlertsConfig, periods: Periods) -> AlertRe
     return AlertRequest(tuple(checks), periods.month_start, alerts.channels)
 
 
-def alert_dict(alert: Alert) -> dict[str, Any]:
-    """A recorded crossing as the admin API shows it."""
-    c = alert.crossing
+def crossing_dict(c: Crossing) -> dict[str, Any]:
     return {
         "user_id": c.user_id,
         "limit": c.limit,
@@ -77,6 +76,13 @@ def alert_dict(alert: Alert) -> dict[str, Any]:
         "threshold": c.threshold,
         "limit_value": c.value,
         "used": c.used,
+    }
+
+
+def alert_dict(alert: Alert) -> dict[str, Any]:
+    """A recorded crossing as the admin API shows it."""
+    return {
+        **crossing_dict(alert.crossing),
         "created_at": alert.created_at.isoformat(),
         "deliveries": [
             {
@@ -105,18 +111,10 @@ def message_id(item: OutboxItem) -> str:
 
 
 def payload(item: OutboxItem) -> dict[str, Any]:
-    c = item.crossing
     return {
         "type": EVENT_TYPE,
         "timestamp": item.created_at.isoformat(),
-        "data": {
-            "user_id": c.user_id,
-            "limit": c.limit,
-            "period": c.period,
-            "threshold": c.threshold,
-            "limit_value": c.value,
-            "used": c.used,
-        },
+        "data": crossing_dict(item.crossing),
     }
 
 

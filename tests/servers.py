@@ -47,6 +47,16 @@ async def serve(app: Any, *, lifespan: str = "off", http: str = "auto") -> Async
         await task
 
 
+async def read_body(receive: Any) -> bytes:
+    """The whole request body an ASGI app receives."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

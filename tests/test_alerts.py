@@ -24,7 +24,7 @@ from gateway.clock import periods_at
 from gateway.config import parse_config
 from gateway.errors import ConfigError
 from tests.harness import USER, Harness, running_gateway
-from tests.servers import serve
+from tests.servers import read_body, serve
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 ADMIN = "alerts-admin-token-0123456789abcdef"
@@ -45,12 +45,7 @@ class Receiver:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         self.ids.append(headers.get("webhook-id", ""))
         try:

@@ -18,6 +18,7 @@ from gateway.settle import Settler
 from gateway.storage import Lease, Storage, UsageEvent
 from gateway.testing.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+from tests.servers import read_body
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
 ONE_A_DAY = {
@@ -141,12 +142,7 @@ class Recorder:
         self.bodies: list[bytes] = []
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         self.bodies.append(body)
         await send(
             {
