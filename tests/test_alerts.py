@@ -72,9 +72,9 @@ def settings(**alerts: Any) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def gateway_with(sqlite_url: str, **alerts: Any) -> AsyncIterator[Harness]:
+async def gateway_with(database_url: str, **alerts: Any) -> AsyncIterator[Harness]:
     env = {"TEST_WEBHOOK_SECRET": SECRET, "GATEWAY_ADMIN_TOKEN": ADMIN}
-    async with running_gateway(sqlite_url, settings=settings(**alerts), env=env) as h:
+    async with running_gateway(database_url, settings=settings(**alerts), env=env) as h:
         yield h
 
 
@@ -95,13 +95,13 @@ async def admin_alerts(h: Harness) -> list[dict[str, Any]]:
 
 
 async def test_a_crossing_is_sent_once_signed_and_retried_until_delivered(
-    sqlite_url: str,
+    database_url: str,
 ) -> None:
     receiver = Receiver(failures=1)
     async with (
         serve(receiver) as url,
         gateway_with(
-            sqlite_url, webhook_url=url + "/hook", webhook_secret_env="TEST_WEBHOOK_SECRET"
+            database_url, webhook_url=url + "/hook", webhook_secret_env="TEST_WEBHOOK_SECRET"
         ) as h,
     ):
         await ask(h)  # 1168 of 2400: 40% crossed
