@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.errors import ConfigError
 from gateway.pricing import Price
+from gateway.upstreams import DIALECTS
 
 DEFAULT_CONFIG_FILE = "gateway.toml"
 
@@ -40,6 +41,11 @@ ENV_ADMIN_TOKEN = "GATEWAY_ADMIN_TOKEN"
 
 def _setting(default: Any, *, minimum: float | None = None, secret: bool = False) -> Any:
     return field(default=default, metadata={"min": minimum, "secret": secret})
+
+
+def _choice(default: str, choices: Mapping[str, object]) -> Any:
+    """A string setting whose allowed values are the keys of a registry."""
+    return field(default=default, metadata={"choices": choices})
 
 
 def _resolved(default: Any = "") -> Any:
@@ -59,7 +65,7 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    kind: Literal["dify"] = "dify"
+    kind: str = _choice("dify", DIALECTS)  # the dialects in gateway/upstreams
     url: str = "http://127.0.0.1:5001/v1"
     api_key_env: str = "DIFY_API_KEY"
     connect_timeout: float = _setting(5.0, minimum=0.001)
@@ -441,6 +447,10 @@ def _build(
             values[name] = _build(tp, value, f"{prefix}{name}.")  # type: ignore[arg-type]
         else:
             values[name] = _coerce(value, tp, f"{prefix}{name}", f.metadata.get("min"))
+            allowed = f.metadata.get("choices")
+            if allowed is not None and values[name] not in allowed:
+                listed = ", ".join(repr(c) for c in allowed)
+                raise ConfigError(f"{prefix}{name}: expected one of {listed}, got {value!r}")
     return cls(**values)
 
 

@@ -17,11 +17,9 @@ import asyncio
 import itertools
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, quote, unquote_plus
 
 import httpx
 import orjson
@@ -49,11 +47,18 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.features import used_web_search
-from gateway.history import filter_conversations, filter_messages
+from gateway.http import (
+    HOP_BY_HOP,
+    canonical_path,
+    connection_tokens,
+    is_json,
+    response_headers,
+    with_param,
+)
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
 from gateway.sse import SSEDecoder
 from gateway.storage import UsageEvent
-from gateway.upstreams import Route, StreamMeter
+from gateway.upstreams import Prepared, Route, StreamMeter
 from gateway.usage import Metered
 
 if TYPE_CHECKING:
@@ -66,20 +71,6 @@ Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger("gateway.proxy")
 
-# RFC 9110 section 7.6.1: connection-specific fields are not forwarded.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 # Request headers the gateway sets itself rather than forwarding.
 _DROP_REQUEST = HOP_BY_HOP | {
     b"host",
@@ -87,7 +78,6 @@ _DROP_REQUEST = HOP_BY_HOP | {
     b"content-length",
     b"accept-encoding",
 }
-_DROP_RESPONSE = HOP_BY_HOP | {b"x-request-id"}
 _SSE = b"text/event-stream"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Blocking answers and history pages are buffered to read them (answers are also
@@ -99,8 +89,8 @@ _MAX_BUFFERED_BODY = 16 * 1024 * 1024
 _MULTIPART_SLACK = FIELDS_ALLOWANCE + 64 * 1024
 
 # Request ids: unique per process by a counter, across processes by a random prefix;
-# cheaper than uuid4 on every request. Dify accepts them as X-Trace-Id
-# (1-128 of [A-Za-z0-9_-]).
+# cheaper than uuid4 on every request. Dialects may pass them on (as a trace id),
+# so they keep to [0-9a-f-].
 _ID_PREFIX = os.urandom(4).hex()
 _ids = itertools.count(1)
 
@@ -134,67 +124,6 @@ def _timeout_phase(exc: BaseException) -> str | None:
 
 def _is_timeout(exc: BaseException) -> bool:
     return _timeout_phase(exc) is not None
-
-
-def _connection_tokens(value: bytes) -> frozenset[bytes]:
-    """Header names listed in a Connection header: hop-by-hop too (RFC 9110 7.6.1)."""
-    return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
-
-
-def _response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    listed: frozenset[bytes] = frozenset()
-    for name, value in raw:
-        if name.lower() == b"connection":
-            listed = _connection_tokens(value)
-    return [
-        (name.lower(), value)
-        for name, value in raw
-        if name.lower() not in _DROP_RESPONSE and name.lower() not in listed
-    ]
-
-
-# Characters a path segment may carry unescaped (RFC 3986 pchar, minus "%": any
-# percent sign in the decoded path is data and must be escaped again).
-_PATH_SAFE = "/:@!$&'()*+,;=-._~"
-_UNSAFE_PATH_CHARS = re.compile(r"[?#\\\x00-\x1f\x7f]")
-# "//" anywhere but a final "/" is fine; "." and ".." as whole segments are not.
-_UNSAFE_PATH_SEGMENT = re.compile(r"//|/\.\.?(?=/|$)")
-
-
-def _is_json(media_type: bytes) -> bool:
-    """JSON as Werkzeug's `get_json` (which Dify uses) takes it: application/json or
-    any application/*+json."""
-    return media_type == b"application/json" or (
-        media_type.startswith(b"application/") and media_type.endswith(b"+json")
-    )
-
-
-def canonical_path(path: str) -> str:
-    """The decoded request path, checked and re-escaped for the upstream URL.
-
-    The route is decided on this path, so the upstream must receive exactly this
-    path and nothing it could read differently: a decoded ``?`` or ``#`` would
-    end the path early, a ``.`` or ``..`` segment would be resolved to another
-    endpoint, and an empty segment or a control character is read differently by
-    different servers. Such paths are refused.
-    """
-    if _UNSAFE_PATH_CHARS.search(path):
-        raise BadRequest("The request path contains characters that are not allowed.")
-    if _UNSAFE_PATH_SEGMENT.search(path):
-        raise BadRequest("The request path must not contain empty, '.' or '..' segments.")
-    return quote(path, safe=_PATH_SAFE)
-
-
-def _with_user(query: bytes, field: str, user_id: str) -> bytes:
-    """The query string with ``field`` replaced by the user id; the other pairs are
-    kept byte for byte (re-encoding them could change what they mean)."""
-    kept = [
-        pair
-        for pair in query.split(b"&")
-        if pair and unquote_plus(pair.split(b"=", 1)[0].decode("latin-1")) != field
-    ]
-    kept.append(f"{field}={quote(user_id, safe='')}".encode())
-    return b"&".join(kept)
 
 
 class Proxy:
@@ -258,7 +187,6 @@ class Proxy:
         authorization: bytes | None = None
         content_type = b""
         content_length: int | None = None
-        has_trace = False
         listed: frozenset[bytes] = frozenset()
         accept_encoding: bytes | None = None
         forward: list[tuple[bytes, bytes]] = []
@@ -273,7 +201,7 @@ class Proxy:
                 if name == b"authorization":
                     authorization = value
                 elif name == b"connection":
-                    listed = _connection_tokens(value)
+                    listed = connection_tokens(value)
                 elif name == b"accept-encoding":
                     accept_encoding = value
                 elif name == b"content-length":
@@ -287,13 +215,9 @@ class Proxy:
                     # Which one would the upstream read? Refuse rather than guess.
                     raise BadRequest("More than one Content-Type header.")
                 content_type = value
-            elif name == b"x-trace-id":
-                has_trace = True
             forward.append((name, value))
         if listed:
             forward = [(name, value) for name, value in forward if name not in listed]
-        if not has_trace:
-            forward.append((b"x-trace-id", request_id.encode()))
         forward.append(gw.upstream_authorization)
 
         if method == "OPTIONS" and any(
@@ -311,7 +235,7 @@ class Proxy:
             raise StorageError("The usage database is unavailable; try again shortly.") from exc
         route = upstream.route(method, path)
         field = upstream.user_field
-        if route.produces_answer or route.kind in ("conversations", "messages"):
+        if route.produces_answer or route.is_history:
             # Usage is read from the raw bytes, and history pages may be filtered:
             # ask for them uncompressed.
             forward.append((b"accept-encoding", b"identity"))
@@ -322,9 +246,9 @@ class Proxy:
         media_type = content_type.split(b";", 1)[0].strip().lower()
         body: bytes | AsyncIterator[bytes] | None = None
         failure = BodyFailure()
-        json_body: dict[str, Any] = {}
+        json_body: dict[str, Any] | None = None
         upload: UserFieldRewriter | None = None
-        if _is_json(media_type) or (route.produces_answer and method in _BODY_METHODS):
+        if is_json(media_type) or (route.produces_answer and method in _BODY_METHODS):
             limit = config.server.max_json_body_bytes
             if content_length is not None and content_length > limit:
                 raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
@@ -337,7 +261,6 @@ class Proxy:
                 if not isinstance(parsed, dict):
                     raise BadRequest("The request body must be a JSON object.")
                 json_body = parsed
-                upstream.set_user(json_body, user_id)
         elif media_type == b"multipart/form-data":
             boundary = boundary_from_content_type(content_type.decode("latin-1"))
             if boundary is None:
@@ -352,28 +275,35 @@ class Proxy:
             limit = config.server.max_json_body_bytes
             if content_length is not None and content_length > limit:
                 raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
-            body = _with_user(await read_body(receive, limit), field, user_id)
+            body = with_param(await read_body(receive, limit), field, user_id)
             forward.append((b"content-length", str(len(body)).encode()))
         elif method in _BODY_METHODS and (content_length or content_length is None):
             body = stream_body(receive, failure)
             if content_length is not None:
                 forward.append((b"content-length", str(content_length).encode()))
-        if method in ("GET", "HEAD", "DELETE") or f"{field}=".encode() in query:
-            query = _with_user(query, field, user_id)
+        prepared = upstream.prepare(
+            route, json_body, query, user_id, method=method, request_id=request_id
+        )
+        query = prepared.query
+        if prepared.headers:
+            sent = {name for name, _ in forward}
+            forward += [(k, v) for k, v in prepared.headers if k not in sent]
+        json_body = prepared.body
+        answer_body = json_body if json_body is not None else {}
 
         # --- admission (may rewrite the JSON body) ---------------------------------------
         ticket: Ticket | None = None
         rate_headers: list[tuple[bytes, bytes]] = []
         if route.produces_answer:
-            ticket, rate_headers = await self.admitter.admit(user_id, request_id, json_body)
-        if json_body:
+            ticket, rate_headers = await self.admitter.admit(user_id, request_id, answer_body)
+        if json_body is not None:
             body = orjson.dumps(json_body)
             forward.append((b"content-length", str(len(body)).encode()))
 
         # --- forward -----------------------------------------------------------------
         url = gw.upstream_url + path + ("?" + query.decode("latin-1") if query else "")
         timeout = gw.client.timeout
-        if route.produces_answer and not upstream.is_streaming(route, json_body):
+        if route.produces_answer and not upstream.is_streaming(route, answer_body):
             # A blocking answer sends nothing until it is complete: wait as long as
             # an answer may take, not just the gap allowed between two chunks.
             timeout = gw.blocking_timeout
@@ -412,7 +342,7 @@ class Proxy:
                 )
                 await self._kept(
                     self._settle(
-                        upstream.unanswered(route, json_body),
+                        upstream.unanswered(route, answer_body),
                         request_id=request_id,
                         route=route,
                         ticket=ticket,
@@ -440,7 +370,8 @@ class Proxy:
                 request_id=request_id,
                 route=route,
                 user_id=user_id,
-                json_body=json_body,
+                json_body=answer_body,
+                prepared=prepared,
                 ticket=ticket,
                 upload=upload,
                 query=query,
@@ -467,7 +398,7 @@ class Proxy:
             response = await gw.client.request("OPTIONS", url, headers=headers)
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable("The upstream service is unreachable.") from exc
-        out = _response_headers(response.headers.raw)
+        out = response_headers(response.headers.raw)
         out = [(k, v) for k, v in out if k not in (b"content-length", b"content-encoding")]
         out += [
             (b"content-length", str(len(response.content)).encode()),
@@ -493,7 +424,7 @@ class Proxy:
         that turns out too large is forwarded.
         """
         limit = None
-        if route.kind == "upload":
+        if route.is_upload:
             mb = (await self.admitter.plan_of(user_id)).file_size_mb
             limit = None if mb is None else int(mb * 1024 * 1024)
         if (
@@ -522,6 +453,7 @@ class Proxy:
         route: Route,
         user_id: str,
         json_body: dict[str, Any],
+        prepared: Prepared,
         ticket: Ticket | None,
         upload: UserFieldRewriter | None,
         query: bytes,
@@ -531,7 +463,7 @@ class Proxy:
     ) -> None:
         gw = self.gw
         status = response.status_code
-        headers = _response_headers(response.headers.raw)
+        headers = response_headers(response.headers.raw)
         headers.append((b"x-request-id", request_id.encode()))
         headers.extend(rate_headers)
         content_type = next(
@@ -547,14 +479,14 @@ class Proxy:
 
         if not (sse or blocking):
             ok = 200 <= status < 300
-            if ok and route.kind in ("conversations", "messages") and b"json" in content_type:
+            if ok and route.is_history and b"json" in content_type:
                 days = (await self.admitter.plan_of(user_id)).chat_history_days
                 if days is not None:
                     await self._history(send, response, status, headers, route, query, days)
                     return
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await self._pass_through(send, response, request_id)
-            if ok and upload is not None and route.kind == "upload":
+            if ok and upload is not None and route.is_upload:
                 await self._count_upload(user_id, upload.file_bytes, request_id)
             return
 
@@ -562,6 +494,7 @@ class Proxy:
 
         meter: StreamMeter | None = gw.upstream.stream_meter(route, json_body) if sse else None
         decoder = SSEDecoder() if sse else None
+        transform = gw.upstream.stream_transform(route, prepared) if sse else None
         buffer = bytearray()
         watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
         disconnected = stopped = cut = False
@@ -574,10 +507,14 @@ class Proxy:
                         if watcher.done():
                             disconnected = True
                             stopped = await self._client_left(request_id, route, meter, user_id)
+                            if stopped and gw.upstream.stops_by_closing:
+                                cut = True  # closing the response stops the answer
+                                break
                             deadline.reschedule(loop.time() + gw.config.upstream.disconnect_grace)
                         else:
+                            out = chunk if transform is None else transform.feed(chunk)
                             await send(
-                                {"type": "http.response.body", "body": chunk, "more_body": True}
+                                {"type": "http.response.body", "body": out, "more_body": True}
                             )
                     if decoder is not None and meter is not None:
                         for event in decoder.feed(chunk):
@@ -592,16 +529,10 @@ class Proxy:
                 "request %s: upstream stream ended abnormally (%s): %r", request_id, kind, exc
             )
             if sse and not disconnected and not watcher.done():
-                error_event = gw.upstream.error_body(
+                error_event = gw.upstream.stream_error(
                     502, "upstream_error", "The upstream connection was lost."
                 )
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": b"data: " + error_event + b"\n\n",
-                        "more_body": True,
-                    }
-                )
+                await send({"type": "http.response.body", "body": error_event, "more_body": True})
         except asyncio.CancelledError as exc:
             # The server is going away (or cancelled this request): what was read
             # is still settled below, shielded, before the cancellation goes on.
@@ -613,7 +544,8 @@ class Proxy:
                 gw.metrics.inc("gateway_client_disconnects_total")
             watcher.cancel()
         if cancelled is None and not disconnected:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            rest = b"" if transform is None or cut else transform.flush()
+            await send({"type": "http.response.body", "body": rest, "more_body": False})
 
         if decoder is not None and meter is not None:
             for event in decoder.flush():
@@ -676,13 +608,7 @@ class Proxy:
         if not isinstance(page, dict):
             raise UpstreamError("The upstream history page is not a JSON object.")
         cutoff = self.gw.clock.now().timestamp() - days * 86400
-        if route.kind == "conversations":
-            params = parse_qs(query.decode("latin-1"))
-            filtered = filter_conversations(
-                page, cutoff, sort_by=params.get("sort_by", ["-updated_at"])[0]
-            )
-        else:
-            filtered = filter_messages(page, cutoff)
+        filtered = self.gw.upstream.filter_history(route, query, page, cutoff)
         body = bytes(raw) if filtered is page else orjson.dumps(filtered)
         # aiter_bytes decoded any Content-Encoding: describe the new body instead.
         headers = [(k, v) for k, v in headers if k not in (b"content-length", b"content-encoding")]
@@ -719,7 +645,11 @@ class Proxy:
         gw.metrics.inc("gateway_client_disconnects_total")
         policy = gw.config.upstream.on_client_disconnect
         log.info("request %s: client disconnected mid-answer; policy %s", request_id, policy)
-        if policy != "stop" or meter is None or meter.task_id is None:
+        if policy != "stop" or meter is None:
+            return False
+        if gw.upstream.stops_by_closing:
+            return True
+        if meter.task_id is None:
             return False
         return await self._stop(request_id, route, meter.task_id, user_id)
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.history import filter_conversations, filter_messages
+from gateway.upstreams.dify_history import filter_conversations, filter_messages
 
 CUTOFF = 1_000
 

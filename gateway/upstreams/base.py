@@ -1,39 +1,99 @@
-"""The seam between the proxy core and one upstream API (Dify now, OpenAI next).
+"""The seam between the proxy core and one upstream API (a "dialect").
 
-The proxy core knows HTTP, SSE framing and accounting; a dialect knows the API:
-which paths produce billable answers, where the end user's id goes, how usage
-appears in a stream or a blocking body, how to stop a running answer, and the
-shape of an error body. Adding an upstream means adding one module here.
+The proxy core knows HTTP, SSE framing and accounting; a dialect knows the API.
+Adding an upstream means adding one module here and one line in the registry
+(``gateway/upstreams/__init__.py``); the proxy never names an endpoint, a field
+or a header of any one API. What a dialect provides, in the order the proxy
+uses it for one request:
+
+``route(method, path) -> Route``
+    Classifies a request (``path`` is relative to the API base, e.g.
+    "/chat-messages"). Which kinds of route exist is the dialect's business: the
+    proxy only reads the route's roles (``produces_answer``: metered and
+    admitted; ``is_history``: a page filtered to the plan's history window;
+    ``is_upload``: a file held to the plan's file size and counted), its
+    ``kind`` (a label for metrics and logs) and its ``name`` (the endpoint as
+    the ledger records it).
+
+``prepare(route, body, query, user_id, *, method, request_id) -> Prepared``
+    Puts the authenticated end user where this API reads it: into the parsed
+    JSON request body (``body``, rewritten in place; None when the request has
+    no JSON body) and/or the raw query string. May also rewrite the body for
+    metering (an OpenAI-style dialect asks for ``stream_options.include_usage``)
+    and add upstream request headers (Dify's ``x-trace-id``). Whatever the
+    dialect must remember about what it did goes in ``Prepared.memo``; the
+    proxy hands the ``Prepared`` back to ``stream_transform``. Runs before
+    admission, so a body it cannot handle is refused with nothing reserved.
+    Form and multipart bodies are not parsed: the proxy writes the user into
+    the field named ``user_field``.
+
+``is_streaming(route, body)``
+    A hint whether the answer will be SSE (it picks the upstream timeout; the
+    response's Content-Type decides how it is read).
+
+``stream_meter(route, body) -> StreamMeter``, ``meter_blocking(route, body, response)``,
+``unanswered(route, body)``
+    Usage of a streamed answer, of a blocking (one JSON body) answer, and an
+    estimate for an answer the upstream took but never answered in time.
+    ``body`` is always the JSON body as sent upstream.
+
+``stream_transform(route, prepared) -> StreamTransform | None``
+    Lets the dialect change what the client receives of a stream, e.g. hide
+    an SSE event it made the upstream add (an injected final usage chunk).
+    The meter still sees every upstream byte. None (the usual answer) costs
+    nothing per chunk: the upstream bytes are passed on untouched.
+
+``filter_history(route, query, page, cutoff) -> dict``
+    A history page (``route.is_history``) limited to items at or after the
+    POSIX time ``cutoff``; returns ``page`` itself when nothing was removed.
+
+``stop_request(route, task_id, user_id) -> (path, body) | None`` and ``stops_by_closing``
+    How a running answer is stopped upstream: a POST of ``body`` to ``path``,
+    or, for an API without a stop endpoint (``stops_by_closing`` True), by
+    closing the upstream connection - the proxy then stops reading and closes it.
+
+``error_body(status, code, message)`` and ``stream_error(status, code, message)``
+    The API's own error shapes, as a response body and as a complete SSE frame
+    sent when a stream breaks after its headers went out, so frontends show the
+    gateway's refusals unchanged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from gateway.sse import ServerSentEvent
 from gateway.usage import Metered
 
-RouteKind = Literal[
-    "chat",  # chat-messages (chat, agent, chatflow apps)
-    "completion",  # completion-messages
-    "workflow",  # workflows/run
-    "stop",  # stopping a running answer
-    "upload",  # file upload (multipart)
-    "conversations",  # conversation list
-    "messages",  # message history
-    "other",  # anything else: forwarded, not metered
-]
+Headers = list[tuple[bytes, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    kind: RouteKind
-    name: str  # the endpoint as the ledger records it, e.g. "chat-messages"
+    """One class of request, as a dialect sees it; the proxy reads only the roles."""
 
-    @property
-    def produces_answer(self) -> bool:
-        return self.kind in ("chat", "completion", "workflow")
+    kind: str  # a label for metrics and logs, e.g. "chat"
+    name: str  # the endpoint as the ledger records it, e.g. "chat-messages"
+    produces_answer: bool = False  # a billable answer: admitted, metered, settled
+    is_history: bool = False  # a history page, filtered to the plan's window
+    is_upload: bool = False  # a file upload, held to the plan's file size and counted
+
+
+@dataclass(slots=True)
+class Prepared:
+    """What ``prepare`` made of one request, before it is forwarded.
+
+    ``body`` is the JSON body to send (the same dict ``prepare`` was given,
+    rewritten), ``query`` the raw query string to send, ``headers`` upstream
+    request headers added unless the client sent a header of that name, and
+    ``memo`` anything the dialect wants back in ``stream_transform``.
+    """
+
+    body: dict[str, Any] | None
+    query: bytes
+    headers: Headers = field(default_factory=list)
+    memo: Any = None
 
 
 class StreamMeter(Protocol):
@@ -58,24 +118,52 @@ class StreamMeter(Protocol):
         ...
 
 
+class StreamTransform(Protocol):
+    """Changes the bytes of one stream on their way to the client.
+
+    ``feed`` gets every upstream chunk and returns what to send now (it may
+    hold bytes back, e.g. an incomplete event, and return b"" to send nothing);
+    ``flush`` returns what is still held when the stream is over.
+    """
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
 class Upstream(Protocol):
-    kind: str
+    """One upstream API's dialect; see the module docstring for the order of use."""
+
+    @property
+    def kind(self) -> str:
+        """The ``upstream.kind`` setting that selects this dialect."""
+        ...
+
+    @property
+    def user_field(self) -> str:
+        """The form / multipart field that names the end user."""
+        ...
+
+    @property
+    def stops_by_closing(self) -> bool:
+        """True when a running answer is stopped by closing the upstream connection."""
+        ...
 
     def route(self, method: str, path: str) -> Route:
         """Classify a request; ``path`` is relative to the API base, e.g. "/chat-messages"."""
         ...
 
-    def error_body(self, status: int, code: str, message: str) -> bytes:
-        """An error body in this API's own shape, so frontends show it unchanged."""
-        ...
-
-    def set_user(self, body: dict[str, Any], user_id: str) -> None:
-        """Write the authenticated end user into a JSON request body."""
-        ...
-
-    @property
-    def user_field(self) -> str:
-        """The query-string parameter / form field that names the end user."""
+    def prepare(
+        self,
+        route: Route,
+        body: dict[str, Any] | None,
+        query: bytes,
+        user_id: str,
+        *,
+        method: str,
+        request_id: str,
+    ) -> Prepared:
+        """Set the end user (and anything else the API needs) on a request."""
         ...
 
     def is_streaming(self, route: Route, body: dict[str, Any]) -> bool:
@@ -83,6 +171,10 @@ class Upstream(Protocol):
         ...
 
     def stream_meter(self, route: Route, body: dict[str, Any]) -> StreamMeter: ...
+
+    def stream_transform(self, route: Route, prepared: Prepared) -> StreamTransform | None:
+        """What to change in a stream before the client sees it; None: nothing."""
+        ...
 
     def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:
         """Usage of an answer given as one JSON body (blocking mode)."""
@@ -93,6 +185,20 @@ class Upstream(Protocol):
         in time (it may have generated, and billed, the answer all the same)."""
         ...
 
+    def filter_history(
+        self, route: Route, query: bytes, page: dict[str, Any], cutoff: float
+    ) -> dict[str, Any]:
+        """A history page without the items older than ``cutoff`` (POSIX seconds)."""
+        ...
+
     def stop_request(self, route: Route, task_id: str, user_id: str) -> tuple[str, bytes] | None:
         """The path (relative to the base) and JSON body that stop a running answer."""
+        ...
+
+    def error_body(self, status: int, code: str, message: str) -> bytes:
+        """An error body in this API's own shape, so frontends show it unchanged."""
+        ...
+
+    def stream_error(self, status: int, code: str, message: str) -> bytes:
+        """A complete SSE frame telling the client a stream broke after it began."""
         ...

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import re
 from typing import Any, Final
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
 import orjson
 
+from gateway.http import with_param
 from gateway.sse import ServerSentEvent
-from gateway.upstreams.base import Route
+from gateway.upstreams.base import Prepared, Route
+from gateway.upstreams.dify_history import filter_conversations, filter_messages
 from gateway.usage import (
     ZERO,
     Metered,
@@ -26,6 +28,15 @@ from gateway.usage import (
 
 __all__ = ["DifyStreamMeter", "DifyUpstream"]
 
+# --- routes ------------------------------------------------------------------------------
+
+CHAT: Final = Route("chat", "chat-messages", produces_answer=True)  # chat, agent, chatflow
+COMPLETION: Final = Route("completion", "completion-messages", produces_answer=True)
+WORKFLOW: Final = Route("workflow", "workflows/run", produces_answer=True)
+UPLOAD: Final = Route("upload", "files/upload", is_upload=True)
+CONVERSATIONS: Final = Route("conversations", "conversations", is_history=True)
+MESSAGES: Final = Route("messages", "messages", is_history=True)
+
 # Module-level so tests can count parses by patching it; looked up at call time.
 _loads = orjson.loads
 
@@ -33,12 +44,12 @@ _loads = orjson.loads
 
 # Keyed by (method, path without surrounding slashes). ASGI methods are upper case.
 _EXACT_ROUTES: Final[dict[tuple[str, str], Route]] = {
-    ("POST", "chat-messages"): Route("chat", "chat-messages"),
-    ("POST", "completion-messages"): Route("completion", "completion-messages"),
-    ("POST", "workflows/run"): Route("workflow", "workflows/run"),
-    ("POST", "files/upload"): Route("upload", "files/upload"),
-    ("GET", "conversations"): Route("conversations", "conversations"),
-    ("GET", "messages"): Route("messages", "messages"),
+    ("POST", "chat-messages"): CHAT,
+    ("POST", "completion-messages"): COMPLETION,
+    ("POST", "workflows/run"): WORKFLOW,
+    ("POST", "files/upload"): UPLOAD,
+    ("GET", "conversations"): CONVERSATIONS,
+    ("GET", "messages"): MESSAGES,
 }
 _STOP_PATH: Final = re.compile(r"(chat-messages|completion-messages|workflows/tasks)/[^/]+/stop")
 # The ledger names stop calls without the task id, so they aggregate.
@@ -48,7 +59,9 @@ _STOP_ROUTES: Final[dict[str, Route]] = {
 }
 # POST /workflows/{workflow_id}/run runs a specific published version (dify.md).
 _WORKFLOW_RUN_PATH: Final = re.compile(r"workflows/[^/]+/run")
-_WORKFLOW_RUN: Final = _EXACT_ROUTES[("POST", "workflows/run")]
+_WORKFLOW_RUN: Final = WORKFLOW
+# Dify reads the user from the query string of requests without a body (dify.md).
+_QUERY_USER_METHODS: Final = frozenset({"GET", "HEAD", "DELETE"})
 
 _STOP_PREFIXES: Final[dict[str, str]] = {
     "chat": "/chat-messages/",
@@ -454,6 +467,7 @@ class DifyUpstream:
 
     kind = "dify"
     user_field = "user"
+    stops_by_closing = False
 
     def route(self, method: str, path: str) -> Route:
         key = path.strip("/")
@@ -471,8 +485,40 @@ class DifyUpstream:
     def error_body(self, status: int, code: str, message: str) -> bytes:
         return orjson.dumps({"code": code, "message": message, "status": status})
 
-    def set_user(self, body: dict[str, Any], user_id: str) -> None:
-        body["user"] = user_id
+    def stream_error(self, status: int, code: str, message: str) -> bytes:
+        return b"data: " + self.error_body(status, code, message) + b"\n\n"
+
+    def prepare(
+        self,
+        route: Route,
+        body: dict[str, Any] | None,
+        query: bytes,
+        user_id: str,
+        *,
+        method: str,
+        request_id: str,
+    ) -> Prepared:
+        if body is not None:
+            body["user"] = user_id
+        # Requests without a body name the user in the query; any other request
+        # that names one there gets it replaced, in whatever spelling it was given.
+        query = with_param(query, "user", user_id, add=method in _QUERY_USER_METHODS)
+        # Dify accepts the request id as its trace id (1-128 of [A-Za-z0-9_-]), so
+        # its logs and the gateway's name the same request.
+        return Prepared(body, query, [(b"x-trace-id", request_id.encode())])
+
+    def stream_transform(self, route: Route, prepared: Prepared) -> None:
+        return None  # the client gets Dify's stream byte for byte
+
+    def filter_history(
+        self, route: Route, query: bytes, page: dict[str, Any], cutoff: float
+    ) -> dict[str, Any]:
+        if route.kind == "conversations":
+            params = parse_qs(query.decode("latin-1"))
+            return filter_conversations(
+                page, cutoff, sort_by=params.get("sort_by", ["-updated_at"])[0]
+            )
+        return filter_messages(page, cutoff)
 
     def is_streaming(self, route: Route, body: dict[str, Any]) -> bool:
         """A hint only: Dify streams when ``response_mode`` is "streaming", but agent

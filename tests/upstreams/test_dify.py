@@ -16,9 +16,9 @@ from gateway.upstreams.dify import DifyStreamMeter, DifyUpstream
 from gateway.usage import Metered, Usage, estimate_tokens
 
 UP = DifyUpstream()
-CHAT = Route("chat", "chat-messages")
-COMPLETION = Route("completion", "completion-messages")
-WORKFLOW = Route("workflow", "workflows/run")
+CHAT = dify.CHAT
+COMPLETION = dify.COMPLETION
+WORKFLOW = dify.WORKFLOW
 PING = ServerSentEvent(event="ping", data="")
 
 
@@ -750,7 +750,11 @@ def test_blocking_answer_without_usage_is_estimated() -> None:
     ],
 )
 def test_route(method: str, path: str, kind: str, name: str) -> None:
-    assert UP.route(method, path) == Route(kind, name)  # type: ignore[arg-type]
+    route = UP.route(method, path)
+    assert (route.kind, route.name) == (kind, name)
+    assert route.produces_answer == (kind in ("chat", "completion", "workflow"))
+    assert route.is_history == (kind in ("conversations", "messages"))
+    assert route.is_upload == (kind == "upload")
 
 
 @pytest.mark.parametrize(
@@ -759,7 +763,7 @@ def test_route(method: str, path: str, kind: str, name: str) -> None:
         (CHAT, ("/chat-messages/t-1/stop", b'{"user":"u1"}')),
         (COMPLETION, ("/completion-messages/t-1/stop", b'{"user":"u1"}')),
         (WORKFLOW, ("/workflows/tasks/t-1/stop", b'{"user":"u1"}')),
-        (Route("upload", "files/upload"), None),
+        (dify.UPLOAD, None),
         (Route("other", "parameters"), None),
     ],
 )
@@ -781,8 +785,11 @@ def test_error_body() -> None:
 
 def test_user_and_streaming() -> None:
     body: dict[str, Any] = {"query": "hi", "user": "spoofed", "response_mode": "streaming"}
-    UP.set_user(body, "alice")
-    assert body["user"] == "alice"
+    prepared = UP.prepare(CHAT, body, b"", "alice", method="POST", request_id="r-1")
+    assert prepared.body is body and body["user"] == "alice"
+    assert prepared.headers == [(b"x-trace-id", b"r-1")]
+    assert UP.stream_transform(CHAT, prepared) is None
+    assert not UP.stops_by_closing
     assert UP.user_field == "user"
     assert UP.kind == "dify"
     assert UP.is_streaming(CHAT, body)
@@ -790,3 +797,49 @@ def test_user_and_streaming() -> None:
     assert not UP.is_streaming(CHAT, {})
     assert isinstance(get_upstream("dify"), DifyUpstream)
     assert isinstance(UP.stream_meter(CHAT, body), DifyStreamMeter)
+
+
+@pytest.mark.parametrize(
+    ("method", "query", "expected"),
+    [
+        # Requests without a body always name the user in the query.
+        ("GET", b"", b"user=alice"),
+        ("GET", b"limit=20", b"limit=20&user=alice"),
+        ("DELETE", b"user=mallory", b"user=alice"),
+        ("HEAD", b"a=1", b"a=1&user=alice"),
+        # Others only get it replaced when they name one, in any spelling.
+        ("POST", b"", b""),
+        ("POST", b"a=1", b"a=1"),
+        ("POST", b"user=victim", b"user=alice"),
+        ("POST", b"%75ser=victim", b"user=alice"),
+        ("POST", b"a=1&us%65r=victim&b=2", b"a=1&b=2&user=alice"),
+    ],
+)
+def test_prepare_sets_the_query_user(method: str, query: bytes, expected: bytes) -> None:
+    prepared = UP.prepare(Route("other", "x"), None, query, "alice", method=method, request_id="r")
+    assert prepared.query == expected
+    assert prepared.body is None
+
+
+def test_stream_error_is_an_sse_frame_in_dify_shape() -> None:
+    frame = UP.stream_error(502, "upstream_error", "lost")
+    assert frame == b'data: {"code":"upstream_error","message":"lost","status":502}\n\n'
+
+
+def test_filter_history_by_route() -> None:
+    old = {"id": "o", "created_at": 10, "updated_at": 10}
+    new = {"id": "n", "created_at": 2000, "updated_at": 2000}
+    page = {"data": [new, old], "has_more": True}
+    assert UP.filter_history(dify.CONVERSATIONS, b"", page, 1000) == {
+        "data": [new],
+        "has_more": False,
+    }
+    ascending = {"data": [old, new], "has_more": True}
+    assert UP.filter_history(dify.CONVERSATIONS, b"sort_by=updated_at", ascending, 1000) == {
+        "data": [new],
+        "has_more": True,
+    }
+    assert UP.filter_history(dify.MESSAGES, b"", {"data": [old, new], "has_more": True}, 1000) == {
+        "data": [new],
+        "has_more": False,
+    }

@@ -1,0 +1,105 @@
+"""Pure HTTP helpers for the proxy: paths, query strings and header filters.
+
+No I/O and no state (sans-io): each function takes bytes or strings and returns
+them, so each is tested exhaustively with tables (tests/test_http.py).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+from urllib.parse import quote, unquote_plus
+
+from gateway.errors import BadRequest
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 section 7.6.1: connection-specific fields are not forwarded.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Response headers the gateway sets itself rather than passing on.
+_DROP_RESPONSE: Final = HOP_BY_HOP | {b"x-request-id"}
+
+# Characters a path segment may carry unescaped (RFC 3986 pchar, minus "%": any
+# percent sign in the decoded path is data and must be escaped again).
+_PATH_SAFE: Final = "/:@!$&'()*+,;=-._~"
+_UNSAFE_PATH_CHARS: Final = re.compile(r"[?#\\\x00-\x1f\x7f]")
+# "//" anywhere but a final "/" is fine; "." and ".." as whole segments are not.
+_UNSAFE_PATH_SEGMENT: Final = re.compile(r"//|/\.\.?(?=/|$)")
+
+
+def canonical_path(path: str) -> str:
+    """The decoded request path, checked and re-escaped for the upstream URL.
+
+    The route is decided on this path, so the upstream must receive exactly this
+    path and nothing it could read differently: a decoded ``?`` or ``#`` would
+    end the path early, a ``.`` or ``..`` segment would be resolved to another
+    endpoint, and an empty segment or a control character is read differently by
+    different servers. Such paths are refused.
+    """
+    if _UNSAFE_PATH_CHARS.search(path):
+        raise BadRequest("The request path contains characters that are not allowed.")
+    if _UNSAFE_PATH_SEGMENT.search(path):
+        raise BadRequest("The request path must not contain empty, '.' or '..' segments.")
+    return quote(path, safe=_PATH_SAFE)
+
+
+def _param_name(pair: bytes) -> str:
+    """A query (or form) pair's name as the upstream's parser reads it: ``+`` is a
+    space and percent escapes are decoded."""
+    return unquote_plus(pair.split(b"=", 1)[0].decode("latin-1"))
+
+
+def with_param(query: bytes, name: str, value: str, *, add: bool = True) -> bytes:
+    """``query`` (or a urlencoded form body) with every pair named ``name`` replaced
+    by one ``name=value``.
+
+    Names are compared decoded (``%75ser`` and ``us%65r`` are ``user``), so no
+    spelling of the name slips past. The other pairs are kept byte for byte
+    (re-encoding them could change what they mean). With ``add`` False the pair
+    is only written when the query already named it.
+    """
+    pairs = [pair for pair in query.split(b"&") if pair]
+    kept = [pair for pair in pairs if _param_name(pair) != name]
+    if not add and len(kept) == len(pairs):
+        return query
+    kept.append(f"{name}={quote(value, safe='')}".encode())
+    return b"&".join(kept)
+
+
+def connection_tokens(value: bytes) -> frozenset[bytes]:
+    """Header names listed in a Connection header: hop-by-hop too (RFC 9110 7.6.1)."""
+    return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
+
+
+def response_headers(raw: Headers) -> Headers:
+    """An upstream response's headers as the client gets them: lower-cased names,
+    without hop-by-hop fields (listed in Connection or always) and ``x-request-id``."""
+    listed: frozenset[bytes] = frozenset()
+    for name, value in raw:
+        if name.lower() == b"connection":
+            listed = connection_tokens(value)
+    return [
+        (name.lower(), value)
+        for name, value in raw
+        if name.lower() not in _DROP_RESPONSE and name.lower() not in listed
+    ]
+
+
+def is_json(media_type: bytes) -> bool:
+    """JSON as Werkzeug's `get_json` (which Dify uses) takes it: application/json or
+    any application/*+json."""
+    return media_type == b"application/json" or (
+        media_type.startswith(b"application/") and media_type.endswith(b"+json")
+    )
