@@ -506,7 +506,7 @@ def _decimal(value: Any, path: str, minimum: float | None) -> Decimal:
     """A price: a decimal string ("0.15", exact) or a TOML number (through its
     shortest repr, so 0.15 is 0.15 and not its binary expansion)."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ConfigError(f"{path}: expected a decimal string such as \"0.15\", got {_kind(value)}")
+        raise ConfigError(f'{path}: expected a decimal string such as "0.15", got {_kind(value)}')
     try:
         result = Decimal(value.strip() if isinstance(value, str) else repr(value))
     except InvalidOperation:

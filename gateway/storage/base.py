@@ -29,7 +29,7 @@ DAILY_COLUMNS = (
 EVENT_COLUMNS = (
     "answer_id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens, "
     "total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id, "
-    "request_id, upstream_latency_ms, overhead_ms"
+    "request_id, upstream_latency_ms, overhead_ms, model, cached_tokens, reasoning_tokens"
 )
 KEY_COLUMNS = "id, user_id, name, prefix, created_at, revoked_at"
 USER_SORTS: dict[str, str] = {
@@ -141,6 +141,9 @@ class UsageEvent:
     request_id: str | None = None
     upstream_latency_ms: float | None = None
     overhead_ms: float | None = None
+    model: str | None = None  # the model that answered, when the upstream names it
+    cached_tokens: int = 0  # of prompt_tokens, read from the provider's prompt cache
+    reasoning_tokens: int = 0  # of completion_tokens, spent reasoning
 
 
 @dataclass(frozen=True, slots=True)

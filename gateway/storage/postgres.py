@@ -50,6 +50,7 @@ _EXPORT_BATCH = 1000
 
 _ADMIT = "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 _SETTLE = "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+_SETTLE_MODEL = "SELECT gateway_settle_model($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
 
 
 @contextlib.contextmanager
@@ -383,9 +384,15 @@ class PostgresStorage:
             )
 
     async def settle(self, event: UsageEvent, *, lease_id: str | None = None) -> bool:
+        # Answers that name no model nor token parts (Dify's) skip the extra update.
+        extra = (
+            (event.model, event.cached_tokens, event.reasoning_tokens)
+            if event.model is not None or event.cached_tokens or event.reasoning_tokens
+            else ()
+        )
         with _mapped():
             inserted = await self._pool.fetchval(
-                _SETTLE,
+                _SETTLE_MODEL if extra else _SETTLE,
                 event.answer_id,
                 event.user_id,
                 event.day,
@@ -404,6 +411,7 @@ class PostgresStorage:
                 event.upstream_latency_ms,
                 event.overhead_ms,
                 lease_id,
+                *extra,
             )
         return bool(inserted)
 

@@ -154,6 +154,9 @@ def _event(row: tuple[Any, ...]) -> UsageEvent:
         request_id=row[14],
         upstream_latency_ms=row[15],
         overhead_ms=row[16],
+        model=row[17],
+        cached_tokens=row[18],
+        reasoning_tokens=row[19],
     )
 
 
@@ -527,7 +530,7 @@ class SQLiteStorage:
                 conn.execute("DELETE FROM stream_leases WHERE id = ?", (lease_id,))
             inserted = conn.execute(
                 f"INSERT INTO usage_events ({EVENT_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (answer_id) DO NOTHING",
                 (
                     event.answer_id,
@@ -547,6 +550,9 @@ class SQLiteStorage:
                     event.request_id,
                     event.upstream_latency_ms,
                     event.overhead_ms,
+                    event.model,
+                    event.cached_tokens,
+                    event.reasoning_tokens,
                 ),
             ).rowcount
             if not inserted:

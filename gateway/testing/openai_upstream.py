@@ -210,7 +210,12 @@ class _Answer:
             "created": self.created,
             "model": self.model,
             "choices": [
-                {"index": 0, "text": "".join(ANSWER_PIECES), "logprobs": None, "finish_reason": "stop"}
+                {
+                    "index": 0,
+                    "text": "".join(ANSWER_PIECES),
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
             ],
             "usage": self.chat_usage(),
         }
@@ -264,11 +269,12 @@ class _Answer:
         if self.path == "/embeddings":
             await FakeOpenAI._json(send, 200, orjson.dumps(self.embeddings()))
         elif not stream:
-            body = {
-                "/chat/completions": self.chat_completion,
-                "/completions": self.completion_body,
-                "/responses": lambda: self.response("completed", text="".join(ANSWER_PIECES)),
-            }[self.path]()
+            if self.path == "/chat/completions":
+                body = self.chat_completion()
+            elif self.path == "/completions":
+                body = self.completion_body()
+            else:
+                body = self.response("completed", text="".join(ANSWER_PIECES))
             await FakeOpenAI._json(send, 200, orjson.dumps(body))
         else:
             await send({"type": "http.response.start", "status": 200, "headers": list(_SSE)})
@@ -361,9 +367,7 @@ class _Answer:
             await send({"type": "http.response.body", "body": event, "more_body": True})
             if i == 1 and "error_midstream" in self.scenario:
                 error = error_body(500, "The server had an error while processing your request.")
-                await send(
-                    {"type": "http.response.body", "body": b"data: " + error + b"\n\n"}
-                )
+                await send({"type": "http.response.body", "body": b"data: " + error + b"\n\n"})
                 return
             if i == 1 and "hold" in self.scenario and await self._held(receive):
                 return

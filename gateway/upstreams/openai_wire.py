@@ -33,6 +33,7 @@ from gateway.usage import Metered, Outcome, Usage, estimate_tokens, parse_tokens
 __all__ = [
     "ChatStreamMeter",
     "ResponsesStreamMeter",
+    "UsageChunkFilter",
     "meter_body",
     "prompt_chars",
     "usage_from",
@@ -202,7 +203,6 @@ class ChatStreamMeter:
         "_prompt_chars",
         "_text_chars",
         "_usage",
-        "last_was_usage",
     )
 
     def __init__(self, body: dict[str, Any]) -> None:
@@ -215,9 +215,6 @@ class ChatStreamMeter:
         self._errored = False
         self._error_code: str | None = None
         self._malformed = False
-        # Whether the last event fed was the usage-only chunk (``choices: []``):
-        # the one a client that did not ask for usage must not see.
-        self.last_was_usage = False
 
     @property
     def task_id(self) -> str | None:
@@ -225,19 +222,21 @@ class ChatStreamMeter:
         return None
 
     def feed(self, event: ServerSentEvent) -> None:
-        self.last_was_usage = False
         data = event.data
         if not data:
             return
         if data == _DONE:
             self._done = True
             return
-        if _USAGE_OBJECT.search(data) is None and _ERROR_FIRST.match(data) is None:
-            if self._overhead is not None:
-                extra = len(data) - self._overhead
-                if extra > 0:
-                    self._text_chars += extra
-                return
+        if (
+            self._overhead is not None
+            and _USAGE_OBJECT.search(data) is None
+            and _ERROR_FIRST.match(data) is None
+        ):
+            extra = len(data) - self._overhead
+            if extra > 0:
+                self._text_chars += extra
+            return
         try:
             obj = _loads(data)
         except orjson.JSONDecodeError:
@@ -261,8 +260,6 @@ class ChatStreamMeter:
                 self._usage = usage_from(raw)
             except ValueError:
                 self._malformed = True
-                return
-            self.last_was_usage = obj.get("choices") == []
 
     @staticmethod
     def _chunk_text(obj: dict[str, Any]) -> int:
@@ -379,6 +376,75 @@ class ResponsesStreamMeter:
             )
         partial = _estimate(self._prompt_chars, self._text_chars) if self._text_chars else None
         if self._errored:
-            return Metered(None, None, None, partial, "error", error_code=self._error_code, model=model)
+            return Metered(
+                None, None, None, partial, "error", error_code=self._error_code, model=model
+            )
         code = "malformed_usage" if self._malformed else None
         return Metered(None, None, None, partial, "cut", error_code=code, model=model)
+
+
+# An event ends at an empty line; a line ends in CRLF, LF or a lone CR (SSE spec).
+_EVENT_END: Final = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
+_USAGE_OBJECT_BYTES: Final = re.compile(rb'"usage"\s*:\s*\{')
+
+
+def _is_usage_only(event: bytes) -> bool:
+    """Whether one raw SSE event is the usage-only chunk (``choices: []``, a usage
+    object) that ``stream_options.include_usage`` adds at the end of a stream."""
+    if _USAGE_OBJECT_BYTES.search(event) is None:
+        return False
+    data = b"\n".join(
+        line[5:].removeprefix(b" ")
+        for line in event.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        if line.startswith(b"data:")
+    )
+    try:
+        obj = _loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
+
+
+class UsageChunkFilter:
+    """Hides the usage-only chunk from a client that did not ask for usage.
+
+    The gateway sets ``stream_options.include_usage`` to meter a streamed chat
+    completion; a client that had not set it gets the stream it asked for: every
+    byte the same, but for that one event. Events are passed on as soon as they
+    are complete; only an incomplete last event is held back (a client cannot
+    act on half an event anyway). A chunk holding no usage object and ending at
+    an event boundary - nearly every chunk - is returned as it is.
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._held:
+            chunk = self._held + chunk
+            self._held = b""
+        if chunk.endswith((b"\n\n", b"\r\n\r\n")):
+            complete = chunk
+        else:
+            ends = [m.end() for m in _EVENT_END.finditer(chunk)]
+            if chunk.endswith(b"\r"):
+                # A CR at the very end may be half of a CRLF: not yet a boundary.
+                ends = [end for end in ends if end < len(chunk)]
+            cut = ends[-1] if ends else 0
+            complete, self._held = chunk[:cut], chunk[cut:]
+        if _USAGE_OBJECT_BYTES.search(complete) is None:
+            return complete
+        kept = bytearray()
+        start = 0
+        for match in _EVENT_END.finditer(complete):
+            event = complete[start : match.end()]
+            if not _is_usage_only(event):
+                kept += event
+            start = match.end()
+        return bytes(kept)
+
+    def flush(self) -> bytes:
+        held, self._held = self._held, b""
+        return b"" if _is_usage_only(held) else held
