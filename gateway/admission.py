@@ -42,13 +42,14 @@ STREAM_RETRY_AFTER = 5
 class Ticket:
     """The accounting state of one answer request."""
 
-    __slots__ = ("day", "lease_id", "reserved", "user_id")
+    __slots__ = ("body_changed", "day", "lease_id", "reserved", "user_id")
 
     def __init__(self, user_id: str, day: date, *, reserved: bool, lease_id: str | None) -> None:
         self.user_id = user_id
         self.day = day  # the local day the answer is counted on: the day it was asked
         self.reserved = reserved  # a query is reserved and must be settled or refunded
         self.lease_id = lease_id
+        self.body_changed = False  # admission rewrote the request body (web search off)
 
 
 class Admitter:
@@ -113,7 +114,11 @@ class Admitter:
             # The allowance is used up: make sure this answer neither searches nor
             # falls back to the web.
             set_path(body, rule.disable_path, rule.disable_value)
+            disabled = True
+        else:
+            disabled = False
         ticket = Ticket(user_id, periods.day, reserved=True, lease_id=lease.id if lease else None)
+        ticket.body_changed = disabled
         return ticket, rate_headers
 
     async def _web_searches_spent(

@@ -3,7 +3,7 @@
     GatewayError
     ├── ConfigError                 invalid configuration (start-up, reload, CLI)
     ├── StorageError                the database failed or cannot be reached (503)
-    │   └── NotFound                 a user or key that does not exist (404)
+    ├── NotFound                    a user or key that does not exist (404)
     ├── ClientError                 the caller's request is refused (4xx)
     │   ├── Unauthorized             missing or bad credential (401)
     │   ├── Forbidden                feature not in the user's plan (403)
@@ -12,10 +12,14 @@
     │   └── QuotaExceeded            a plan limit is reached (429)
     └── UpstreamError               the upstream failed before answering
         ├── UpstreamUnavailable      connect error (502)
-        └── UpstreamTimeout          timeout before the first byte (504)
+        ├── UpstreamTimeout          timeout before the first byte (504)
+        └── UpstreamBroken           the body ended abnormally (mid-answer)
 
-Foreign exceptions are mapped to these at one boundary each: httpx errors in the
-proxy, asyncpg and sqlite3 errors in their storage backends. Every refusal the
+A missing row is not an outage: `NotFound` is deliberately not a `StorageError`,
+so no caller that fails open (or retries) on a database failure does so for it.
+
+Foreign exceptions are mapped to these at one boundary each: httpx errors in
+`gateway.upstream_client`, asyncpg and sqlite3 errors in their storage backends. Every refusal the
 gateway makes is rendered in the upstream's own error shape (see
 `Upstream.error_body`), so frontends show it unchanged.
 """
@@ -53,7 +57,7 @@ class StorageError(GatewayError):
     code = "storage_unavailable"
 
 
-class NotFound(StorageError):
+class NotFound(GatewayError):
     status = 404
     code = "not_found"
 
@@ -100,3 +104,17 @@ class UpstreamUnavailable(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+
+    def __init__(self, message: str, *, phase: str = "connect") -> None:
+        super().__init__(message)
+        # "connect": the request never reached the upstream; "read": it did, and
+        # the upstream may be answering (and billing) still.
+        self.phase = phase
+
+
+class UpstreamBroken(UpstreamError):
+    """The upstream body ended abnormally after the response began."""
+
+    def __init__(self, message: str, *, timed_out: bool) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out

@@ -7,6 +7,7 @@ them, so each is tested exhaustively with tables (tests/test_http.py).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Final
 from urllib.parse import quote, unquote_plus
 
@@ -102,4 +103,78 @@ def is_json(media_type: bytes) -> bool:
     any application/*+json."""
     return media_type == b"application/json" or (
         media_type.startswith(b"application/") and media_type.endswith(b"+json")
+    )
+
+
+# Request headers the gateway sets itself rather than forwarding.
+_DROP_REQUEST: Final = HOP_BY_HOP | {
+    b"host",
+    b"authorization",
+    b"content-length",
+    b"accept-encoding",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHeaders:
+    """A client request's headers, split into what is forwarded and what the
+    gateway reads itself."""
+
+    forward: Headers  # to send upstream as they are (the gateway adds its own)
+    authorization: bytes | None = None
+    user_header: bytes | None = None  # the trusted user header, never forwarded
+    content_type: bytes = b""
+    content_length: int | None = None
+    accept_encoding: bytes | None = None
+    preflight: bool = False  # carries Access-Control-Request-Method
+
+    @property
+    def media_type(self) -> bytes:
+        return self.content_type.split(b";", 1)[0].strip().lower()
+
+
+def request_headers(raw: Headers, user_header: bytes) -> RequestHeaders:
+    """Split ASGI request headers (names already lower case); refuses a request
+    whose headers could be read two ways (two Content-Types, a bad Content-Length)."""
+    authorization = user = accept_encoding = None
+    content_type = b""
+    content_length: int | None = None
+    listed: frozenset[bytes] = frozenset()
+    preflight = False
+    forward: Headers = []
+    for name, value in raw:
+        if name == user_header:
+            user = value
+            continue
+        if name in _DROP_REQUEST:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"connection":
+                listed = connection_tokens(value)
+            elif name == b"accept-encoding":
+                accept_encoding = value
+            elif name == b"content-length":
+                try:
+                    content_length = int(value)
+                except ValueError:
+                    raise BadRequest("Invalid Content-Length header.") from None
+            continue
+        if name == b"content-type":
+            if content_type:
+                # Which one would the upstream read? Refuse rather than guess.
+                raise BadRequest("More than one Content-Type header.")
+            content_type = value
+        elif name == b"access-control-request-method":
+            preflight = True
+        forward.append((name, value))
+    if listed:
+        forward = [(name, value) for name, value in forward if name not in listed]
+    return RequestHeaders(
+        forward,
+        authorization=authorization,
+        user_header=user,
+        content_type=content_type,
+        content_length=content_length,
+        accept_encoding=accept_encoding,
+        preflight=preflight,
     )

@@ -1,14 +1,18 @@
 """The proxy hot path: a plain ASGI callable for everything under /v1.
 
-Per request: authenticate, classify, admit (one storage round trip for answer
-routes), rewrite ``user`` and the upstream credential, forward with the shared
-httpx client, pass every upstream chunk to the client as it arrives, feed the
-same bytes to the SSE decoder and the dialect's meter, and settle the answer's
-usage once it is over - also when the client has gone (we keep reading, bounded
-by ``upstream.disconnect_grace``, or stop the answer upstream).
+One request goes through one pipeline (`Proxy._handle`): parse the request
+line and headers, authenticate the end user, read and rewrite the body (the
+dialect puts the user where its API reads it), admit an answer request (one
+storage round trip), forward it with the shared client, relay every upstream
+chunk to the client as it arrives while the dialect's meter reads the same
+bytes, and settle the answer's usage once it is over - also when the client has
+gone (we keep reading, bounded by ``upstream.disconnect_grace``, or stop the
+answer upstream). A reservation that is not settled by the end of the pipeline,
+whatever ended it, is given back: that is the one refund rule.
 
-Per-request state lives in locals; what can be computed once per process is.
-Headers stay raw byte pairs, filtered against module-level frozensets.
+The request's state travels in one slotted `Exchange`; what can be computed once
+per process is. Headers stay raw byte pairs (see `gateway.http`); upstream I/O
+errors arrive already mapped (see `gateway.upstream_client`).
 """
 
 from __future__ import annotations
@@ -42,22 +46,25 @@ from gateway.errors import (
     PayloadTooLarge,
     StorageError,
     Unauthorized,
+    UpstreamBroken,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from gateway.features import used_web_search
 from gateway.http import (
-    HOP_BY_HOP,
+    Headers,
+    RequestHeaders,
     canonical_path,
-    connection_tokens,
     is_json,
+    request_headers,
     response_headers,
     with_param,
 )
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
 from gateway.sse import SSEDecoder
 from gateway.storage import UsageEvent
+from gateway.upstream_client import UpstreamClient
 from gateway.upstreams import Prepared, Route, StreamMeter
 from gateway.usage import Metered
 
@@ -71,13 +78,6 @@ Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger("gateway.proxy")
 
-# Request headers the gateway sets itself rather than forwarding.
-_DROP_REQUEST = HOP_BY_HOP | {
-    b"host",
-    b"authorization",
-    b"content-length",
-    b"accept-encoding",
-}
 _SSE = b"text/event-stream"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Blocking answers and history pages are buffered to read them (answers are also
@@ -87,6 +87,7 @@ _MAX_BUFFERED_BODY = 16 * 1024 * 1024
 # headers, boundaries, other fields): with a Content-Length over the plan's file
 # size by more than this, the file is certainly too large.
 _MULTIPART_SLACK = FIELDS_ALLOWANCE + 64 * 1024
+_NO_ROUTE = Route("other", "")
 
 # Request ids: unique per process by a counter, across processes by a random prefix;
 # cheaper than uuid4 on every request. Dialects may pass them on (as a trace id),
@@ -104,152 +105,139 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
-def _timeout_phase(exc: BaseException) -> str | None:
-    """For an upstream failure: "connect" or "read" if it was a timeout (504) and
-    in which phase, None if it was a refusal or a broken connection (502)."""
-    cause = exc.__cause__
-    if cause is not None and type(cause).__module__.startswith("aiohttp"):
-        # httpx-aiohttp maps every aiohttp connection error, "connection refused"
-        # included, to httpx.ConnectTimeout; the original exception tells the truth
-        # (aiohttp's timeouts subclass TimeoutError; its connect timeouts say so).
-        if not isinstance(cause, TimeoutError):
-            return None
-        return "connect" if "Connect" in type(cause).__name__ else "read"
-    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-        return "connect"
-    if isinstance(exc, httpx.TimeoutException | TimeoutError):
-        return "read"
-    return None
+def _serialised(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        # orjson reads deeper documents than it writes (and integers wider than
+        # 64 bits); what cannot be written again cannot be forwarded.
+        raise BadRequest(
+            "The request body cannot be forwarded (nested too deeply or a number out of range)."
+        ) from None
 
 
-def _is_timeout(exc: BaseException) -> bool:
-    return _timeout_phase(exc) is not None
+class Exchange:
+    """One request on its way through the proxy: what the pipeline steps share."""
+
+    __slots__ = (
+        "body",
+        "failure",
+        "forwarded_at",
+        "headers",
+        "json",
+        "method",
+        "path",
+        "prepared",
+        "query",
+        "rate_headers",
+        "request_id",
+        "route",
+        "started",
+        "ticket",
+        "upload",
+        "user_id",
+    )
+
+    def __init__(self, request_id: str, started: float) -> None:
+        self.request_id = request_id
+        self.started = started  # perf_counter() when the request arrived
+        self.forwarded_at = started  # perf_counter() when it was sent upstream
+        self.method = ""
+        self.path = ""  # canonical, relative to the API base
+        self.query = b""
+        self.headers = RequestHeaders([])
+        self.route = _NO_ROUTE
+        self.user_id = ""
+        self.json: dict[str, Any] | None = None  # the parsed JSON body, rewritten
+        self.body: bytes | AsyncIterator[bytes] | None = None  # what is forwarded
+        self.failure = BodyFailure()  # what a streamed body raised
+        self.upload: UserFieldRewriter | None = None
+        self.prepared: Prepared | None = None
+        self.ticket: Ticket | None = None
+        self.rate_headers: Headers = []
+
+    @property
+    def answer_body(self) -> dict[str, Any]:
+        return self.json if self.json is not None else {}
+
+    def timings(self) -> tuple[float, float]:
+        """(upstream, overhead) in milliseconds, as the ledger records them."""
+        now = time.perf_counter()
+        return (now - self.forwarded_at) * 1000, (self.forwarded_at - self.started) * 1000
 
 
 class Proxy:
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
         self.admitter = Admitter(gateway)
+        self.client = UpstreamClient(gateway)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
-        request_id = new_request_id()
+        x = Exchange(new_request_id(), time.perf_counter())
         try:
-            await self._handle(scope, receive, send, request_id, started)
+            await self._handle(x, scope, receive, send)
         except ClientGone:
-            log.info("request %s: client left before sending its body", request_id)
+            log.info("request %s: client left before sending its body", x.request_id)
         except GatewayError as exc:
             # Refusals raised before the response started.
-            await self._send_error(send, exc, request_id)
+            await self._send_error(send, exc, x.request_id)
         finally:
             await self.gw.request_finished()
 
-    async def _send_error(
-        self,
-        send: Send,
-        exc: GatewayError,
-        request_id: str,
-        headers: list[tuple[bytes, bytes]] | None = None,
-    ) -> None:
-        body = self.gw.upstream.error_body(exc.status, exc.code, exc.message)
-        extra = [*exc.headers, *(headers or ())]
-        if isinstance(exc, Unauthorized):
-            extra.append((b"www-authenticate", b'Bearer realm="api"'))
-        if isinstance(exc, StorageError | UpstreamError) and not any(
-            k == b"retry-after" for k, _ in extra
-        ):
-            extra.append((b"retry-after", b"5"))
-        self.gw.metrics.inc("gateway_refusals_total", code=exc.code)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": exc.status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"x-request-id", request_id.encode()),
-                    *extra,
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-    async def _handle(
-        self, scope: Scope, receive: Receive, send: Send, request_id: str, started: float
-    ) -> None:
-        gw = self.gw
-        config = gw.config
-        upstream = gw.upstream
-        method: str = scope["method"]
-        path = canonical_path(scope["path"][3:])  # strip "/v1"
-        query: bytes = scope.get("query_string", b"")
-
-        authorization: bytes | None = None
-        content_type = b""
-        content_length: int | None = None
-        listed: frozenset[bytes] = frozenset()
-        accept_encoding: bytes | None = None
-        forward: list[tuple[bytes, bytes]] = []
-        user_header_name = gw.user_header
-        user_header: bytes | None = None
-        for name, value in scope["headers"]:
-            if name == user_header_name:
-                # Only meaningful with the service key; never forwarded.
-                user_header = value
-                continue
-            if name in _DROP_REQUEST:
-                if name == b"authorization":
-                    authorization = value
-                elif name == b"connection":
-                    listed = connection_tokens(value)
-                elif name == b"accept-encoding":
-                    accept_encoding = value
-                elif name == b"content-length":
-                    try:
-                        content_length = int(value)
-                    except ValueError:
-                        raise BadRequest("Invalid Content-Length header.") from None
-                continue
-            if name == b"content-type":
-                if content_type:
-                    # Which one would the upstream read? Refuse rather than guess.
-                    raise BadRequest("More than one Content-Type header.")
-                content_type = value
-            forward.append((name, value))
-        if listed:
-            forward = [(name, value) for name, value in forward if name not in listed]
-        forward.append(gw.upstream_authorization)
-
-        if method == "OPTIONS" and any(
-            k == b"access-control-request-method" for k, _ in scope["headers"]
-        ):
-            # A CORS preflight carries no credentials by design: forward it as it is
-            # (it produces no answer and names no user) so the upstream's CORS policy
-            # answers it.
-            await self._preflight(scope, send, path, query, forward, request_id)
+    async def _handle(self, x: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
+        self._parse(x, scope)
+        if x.headers.preflight and x.method == "OPTIONS":
+            await self._preflight(x, send)
             return
+        await self._authenticate(x)
+        x.route = self.gw.upstream.route(x.method, x.path)
+        await self._read_body(x, receive)
+        self._rewrite(x)
         try:
-            user_id = await gw.identify(authorization, user_header)
+            if x.route.produces_answer:
+                await self._admit(x)
+            response = await self._forward(x)
+            try:
+                await self._relay(x, response, receive, send)
+            finally:
+                await response.aclose()
+        finally:
+            if x.ticket is not None and x.ticket.reserved:
+                # Whatever ended the request before its answer was settled (a
+                # refusal, an upstream error, a bug, a cancellation), the query
+                # and the stream slot go back.
+                await self._kept(self.admitter.refund(x.ticket, x.request_id))
+
+    # --- parse -----------------------------------------------------------------------
+
+    def _parse(self, x: Exchange, scope: Scope) -> None:
+        x.method = scope["method"]
+        x.path = canonical_path(scope["path"][3:])  # strip "/v1"
+        x.query = scope.get("query_string", b"")
+        x.headers = request_headers(scope["headers"], self.gw.user_header)
+
+    # --- authenticate ----------------------------------------------------------------
+
+    async def _authenticate(self, x: Exchange) -> None:
+        gw = self.gw
+        try:
+            x.user_id = await gw.identify(x.headers.authorization, x.headers.user_header)
         except StorageError as exc:
             gw.metrics.inc("gateway_storage_errors_total", operation="authenticate")
             raise StorageError("The usage database is unavailable; try again shortly.") from exc
-        route = upstream.route(method, path)
-        field = upstream.user_field
-        if route.produces_answer or route.is_history:
-            # Usage is read from the raw bytes, and history pages may be filtered:
-            # ask for them uncompressed.
-            forward.append((b"accept-encoding", b"identity"))
-        elif accept_encoding is not None:
-            forward.append((b"accept-encoding", accept_encoding))
 
-        # --- the request body, with `user` set to the authenticated user -------------
-        media_type = content_type.split(b";", 1)[0].strip().lower()
-        body: bytes | AsyncIterator[bytes] | None = None
-        failure = BodyFailure()
-        json_body: dict[str, Any] | None = None
-        upload: UserFieldRewriter | None = None
-        if is_json(media_type) or (route.produces_answer and method in _BODY_METHODS):
-            limit = config.server.max_json_body_bytes
+    # --- read and rewrite ------------------------------------------------------------
+
+    async def _read_body(self, x: Exchange, receive: Receive) -> None:
+        """Read the request body, parsing and checking what the gateway must read
+        (JSON and forms), before anything is reserved for it."""
+        headers = x.headers
+        route = x.route
+        media_type = headers.media_type
+        content_length = headers.content_length
+        field = self.gw.upstream.user_field
+        limit = self.gw.config.server.max_json_body_bytes
+        if is_json(media_type) or (route.produces_answer and x.method in _BODY_METHODS):
             if content_length is not None and content_length > limit:
                 raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
             raw = await read_body(receive, limit)
@@ -260,276 +248,201 @@ class Proxy:
                     raise BadRequest("The request body is not valid JSON.") from None
                 if not isinstance(parsed, dict):
                     raise BadRequest("The request body must be a JSON object.")
-                json_body = parsed
+                x.json = parsed
         elif media_type == b"multipart/form-data":
-            boundary = boundary_from_content_type(content_type.decode("latin-1"))
+            boundary = boundary_from_content_type(headers.content_type.decode("latin-1"))
             if boundary is None:
                 raise BadRequest("The multipart body has no valid boundary.")
-            upload = UserFieldRewriter(boundary, user_id, field=field)
-            body, length = await self._multipart(
-                receive, route, user_id, upload, content_length, failure
-            )
+            x.upload = UserFieldRewriter(boundary, x.user_id, field=field)
+            x.body, length = await self._multipart(x, receive, x.upload)
             if length is not None:
-                forward.append((b"content-length", str(length).encode()))
+                headers.forward.append((b"content-length", str(length).encode()))
         elif media_type == b"application/x-www-form-urlencoded":
-            limit = config.server.max_json_body_bytes
             if content_length is not None and content_length > limit:
                 raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
-            body = with_param(await read_body(receive, limit), field, user_id)
-            forward.append((b"content-length", str(len(body)).encode()))
-        elif method in _BODY_METHODS and (content_length or content_length is None):
-            body = stream_body(receive, failure)
+            x.body = with_param(await read_body(receive, limit), field, x.user_id)
+        elif x.method in _BODY_METHODS and (content_length or content_length is None):
+            x.body = stream_body(receive, x.failure)
             if content_length is not None:
-                forward.append((b"content-length", str(content_length).encode()))
-        prepared = upstream.prepare(
-            route, json_body, query, user_id, method=method, request_id=request_id
+                headers.forward.append((b"content-length", str(content_length).encode()))
+
+    def _rewrite(self, x: Exchange) -> None:
+        """Let the dialect set the user (and what else it needs), then serialise the
+        JSON body: a body that cannot be forwarded is refused before admission."""
+        prepared = self.gw.upstream.prepare(
+            x.route, x.json, x.query, x.user_id, method=x.method, request_id=x.request_id
         )
-        query = prepared.query
+        x.prepared = prepared
+        x.query = prepared.query
+        forward = x.headers.forward
         if prepared.headers:
             sent = {name for name, _ in forward}
             forward += [(k, v) for k, v in prepared.headers if k not in sent]
-        json_body = prepared.body
-        answer_body = json_body if json_body is not None else {}
+        forward.append(self.gw.upstream_authorization)
+        if x.route.produces_answer or x.route.is_history:
+            # Usage is read from the raw bytes, and history pages may be filtered:
+            # ask for them uncompressed.
+            forward.append((b"accept-encoding", b"identity"))
+        elif x.headers.accept_encoding is not None:
+            forward.append((b"accept-encoding", x.headers.accept_encoding))
+        x.json = prepared.body
+        if x.json is not None:
+            x.body = _serialised(x.json)
 
-        # --- admission (may rewrite the JSON body) ---------------------------------------
-        ticket: Ticket | None = None
-        rate_headers: list[tuple[bytes, bytes]] = []
-        if route.produces_answer:
-            ticket, rate_headers = await self.admitter.admit(user_id, request_id, answer_body)
-        if json_body is not None:
-            body = orjson.dumps(json_body)
-            forward.append((b"content-length", str(len(body)).encode()))
+    # --- admit -----------------------------------------------------------------------
 
-        # --- forward -----------------------------------------------------------------
-        url = gw.upstream_url + path + ("?" + query.decode("latin-1") if query else "")
-        timeout = gw.client.timeout
-        if route.produces_answer and not upstream.is_streaming(route, answer_body):
+    async def _admit(self, x: Exchange) -> None:
+        x.ticket, x.rate_headers = await self.admitter.admit(x.user_id, x.request_id, x.answer_body)
+        if x.ticket.body_changed and x.json is not None:
+            x.body = _serialised(x.json)
+
+    # --- forward ---------------------------------------------------------------------
+
+    async def _forward(self, x: Exchange) -> httpx.Response:
+        gw = self.gw
+        url = gw.upstream_url + x.path + ("?" + x.query.decode("latin-1") if x.query else "")
+        headers = x.headers.forward
+        if isinstance(x.body, bytes):
+            headers.append((b"content-length", str(len(x.body)).encode()))
+        timeout = self.client.streaming_timeout
+        if x.route.produces_answer and not gw.upstream.is_streaming(x.route, x.answer_body):
             # A blocking answer sends nothing until it is complete: wait as long as
             # an answer may take, not just the gap allowed between two chunks.
             timeout = gw.blocking_timeout
-        forwarded_at = time.perf_counter()
+        x.forwarded_at = time.perf_counter()
         try:
-            request = gw.client.build_request(
-                method, url, headers=forward, content=body, timeout=timeout
+            return await self.client.open(
+                x.method, url, headers=headers, content=x.body, timeout=timeout, failure=x.failure
             )
-            response = await gw.client.send(request, stream=True)
-        except asyncio.CancelledError:
-            await self._kept(self.admitter.refund(ticket, request_id))
-            raise
-        except (
-            httpx.HTTPError,
-            httpx.InvalidURL,
-            TimeoutError,
-            ClientGone,
-            MultipartError,
-            PayloadTooLarge,
-        ) as exc:
-            if isinstance(failure.error, ClientGone | PayloadTooLarge | MultipartError):
-                await self.admitter.refund(ticket, request_id)
-                if isinstance(failure.error, MultipartError):
-                    raise BadRequest(f"Malformed multipart body: {failure.error}") from exc
-                raise failure.error from exc
-            if isinstance(exc, httpx.InvalidURL):
-                await self.admitter.refund(ticket, request_id)
-                raise BadRequest("The request URL is not valid.") from exc
-            phase = _timeout_phase(exc)
-            if phase == "read" and ticket is not None and ticket.reserved:
+        except UpstreamTimeout as exc:
+            ticket = x.ticket
+            if exc.phase == "read" and ticket is not None and ticket.reserved:
                 # The request reached the upstream, which may well be answering (and
                 # billing) still: the query stays spent and an estimate is recorded.
                 gw.metrics.inc("gateway_upstream_errors_total", kind="answer_timeout")
                 log.warning(
-                    "request %s: upstream took too long to answer; charging an estimate", request_id
+                    "request %s: upstream took too long to answer; charging an estimate",
+                    x.request_id,
                 )
-                await self._kept(
-                    self._settle(
-                        upstream.unanswered(route, answer_body),
-                        request_id=request_id,
-                        route=route,
-                        ticket=ticket,
-                        disconnected=False,
-                        upstream_ms=(time.perf_counter() - forwarded_at) * 1000,
-                        overhead_ms=(forwarded_at - started) * 1000,
-                    )
-                )
-                raise UpstreamTimeout("The upstream did not answer in time.") from exc
-            await self.admitter.refund(ticket, request_id)
-            if phase is not None:
+                result = gw.upstream.unanswered(x.route, x.answer_body)
+                await self._kept(self._settle(x, result, disconnected=False))
+            else:
                 gw.metrics.inc("gateway_upstream_errors_total", kind="timeout")
-                log.warning("request %s: upstream timed out before answering: %r", request_id, exc)
-                raise UpstreamTimeout("The upstream did not answer in time.") from exc
+                log.warning(
+                    "request %s: upstream timed out before answering: %r", x.request_id, exc
+                )
+            raise
+        except UpstreamUnavailable as exc:
             gw.metrics.inc("gateway_upstream_errors_total", kind="connect")
-            log.warning("request %s: upstream unreachable: %r", request_id, exc)
-            raise UpstreamUnavailable("The upstream service is unreachable.") from exc
+            log.warning("request %s: upstream unreachable: %r", x.request_id, exc.__cause__)
+            raise
 
-        try:
-            await self._respond(
-                scope,
-                receive,
-                send,
-                response,
-                request_id=request_id,
-                route=route,
-                user_id=user_id,
-                json_body=answer_body,
-                prepared=prepared,
-                ticket=ticket,
-                upload=upload,
-                query=query,
-                rate_headers=rate_headers,
-                started=started,
-                forwarded_at=forwarded_at,
-            )
-        finally:
-            await response.aclose()
+    # --- relay -----------------------------------------------------------------------
 
-    async def _preflight(
-        self,
-        scope: Scope,
-        send: Send,
-        path: str,
-        query: bytes,
-        forward: list[tuple[bytes, bytes]],
-        request_id: str,
-    ) -> None:
-        gw = self.gw
-        headers = [(k, v) for k, v in forward if k != b"authorization"]
-        url = gw.upstream_url + path + ("?" + query.decode("latin-1") if query else "")
-        try:
-            response = await gw.client.request("OPTIONS", url, headers=headers)
-        except httpx.HTTPError as exc:
-            raise UpstreamUnavailable("The upstream service is unreachable.") from exc
-        out = response_headers(response.headers.raw)
-        out = [(k, v) for k, v in out if k not in (b"content-length", b"content-encoding")]
-        out += [
-            (b"content-length", str(len(response.content)).encode()),
-            (b"x-request-id", request_id.encode()),
-        ]
-        await send({"type": "http.response.start", "status": response.status_code, "headers": out})
-        await send({"type": "http.response.body", "body": response.content})
-
-    async def _multipart(
-        self,
-        receive: Receive,
-        route: Route,
-        user_id: str,
-        rewriter: UserFieldRewriter,
-        content_length: int | None,
-        failure: BodyFailure,
-    ) -> tuple[AsyncIterator[bytes], int | None]:
-        """A multipart body to forward, and its length when known.
-
-        Uploads are held to the plan's ``file_size_mb``: decided from
-        Content-Length when that settles it; otherwise the body is spooled (to a
-        temporary file past 1 MB) and counted as it arrives, so no byte of a body
-        that turns out too large is forwarded.
-        """
-        limit = None
-        if route.is_upload:
-            mb = (await self.admitter.plan_of(user_id)).file_size_mb
-            limit = None if mb is None else int(mb * 1024 * 1024)
-        if (
-            limit is not None
-            and content_length is not None
-            and content_length > limit + _MULTIPART_SLACK
-        ):
-            raise file_too_large(limit)
-        if limit is None or (content_length is not None and content_length <= limit):
-            length = None if content_length is None else content_length + rewriter.added_bytes
-            return rewritten_multipart(receive, rewriter, failure, limit=limit), length
-        try:
-            spool, size = await spool_multipart(receive, rewriter, limit=limit)
-        except MultipartError as exc:
-            raise BadRequest(f"Malformed multipart body: {exc}") from exc
-        return read_spool(spool), size
-
-    async def _respond(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        response: httpx.Response,
-        *,
-        request_id: str,
-        route: Route,
-        user_id: str,
-        json_body: dict[str, Any],
-        prepared: Prepared,
-        ticket: Ticket | None,
-        upload: UserFieldRewriter | None,
-        query: bytes,
-        rate_headers: list[tuple[bytes, bytes]],
-        started: float,
-        forwarded_at: float,
+    async def _relay(
+        self, x: Exchange, response: httpx.Response, receive: Receive, send: Send
     ) -> None:
         gw = self.gw
         status = response.status_code
         headers = response_headers(response.headers.raw)
-        headers.append((b"x-request-id", request_id.encode()))
-        headers.extend(rate_headers)
+        headers.append((b"x-request-id", x.request_id.encode()))
+        headers.extend(x.rate_headers)
+        gw.metrics.inc("gateway_requests_total", route=x.route.kind, status=f"{status // 100}xx")
         content_type = next(
             (v for k, v in response.headers.raw if k.lower() == b"content-type"), b""
         ).lower()
-        metered = ticket is not None and 200 <= status < 300
-        sse = metered and content_type.startswith(_SSE)
-        blocking = metered and not sse and b"json" in content_type
-        if not (sse or blocking):
-            # Non-2xx (or nothing we can read usage from): no answer was produced.
-            await self.admitter.refund(ticket, request_id)
-        gw.metrics.inc("gateway_requests_total", route=route.kind, status=f"{status // 100}xx")
-
-        if not (sse or blocking):
-            ok = 200 <= status < 300
-            if ok and route.is_history and b"json" in content_type:
-                days = (await self.admitter.plan_of(user_id)).chat_history_days
-                if days is not None:
-                    await self._history(send, response, status, headers, route, query, days)
-                    return
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await self._pass_through(send, response, request_id)
-            if ok and upload is not None and route.is_upload:
-                await self._count_upload(user_id, upload.file_bytes, request_id)
+        if x.ticket is None or not 200 <= status < 300:
+            # Not an answer (or a refused one): nothing to meter.
+            await self.admitter.refund(x.ticket, x.request_id)
+            await self._relay_plain(x, response, status, headers, content_type, send)
             return
-
         await send({"type": "http.response.start", "status": status, "headers": headers})
+        await self._relay_answer(x, response, content_type.startswith(_SSE), receive, send)
 
-        meter: StreamMeter | None = gw.upstream.stream_meter(route, json_body) if sse else None
+    async def _relay_plain(
+        self,
+        x: Exchange,
+        response: httpx.Response,
+        status: int,
+        headers: Headers,
+        content_type: bytes,
+        send: Send,
+    ) -> None:
+        ok = 200 <= status < 300
+        if ok and x.route.is_history and b"json" in content_type:
+            days = (await self.admitter.plan_of(x.user_id)).chat_history_days
+            if days is not None:
+                await self._history(x, send, response, status, headers, days)
+                return
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        try:
+            with self.client.reading():
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except UpstreamBroken as exc:
+            log.warning(
+                "request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__
+            )
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if ok and x.upload is not None and x.route.is_upload:
+            await self._count_upload(x.user_id, x.upload.file_bytes, x.request_id)
+
+    async def _relay_answer(
+        self, x: Exchange, response: httpx.Response, sse: bool, receive: Receive, send: Send
+    ) -> None:
+        """Pass an answer on as it arrives while metering it, then settle it.
+
+        A 2xx answer that is not SSE is read as one body (blocking mode), also
+        when it turns out unreadable: the dialect then charges an estimate.
+        """
+        gw = self.gw
+        upstream = gw.upstream
+        route = x.route
+        assert x.prepared is not None
+        meter: StreamMeter | None = upstream.stream_meter(route, x.answer_body) if sse else None
         decoder = SSEDecoder() if sse else None
-        transform = gw.upstream.stream_transform(route, prepared) if sse else None
+        transform = upstream.stream_transform(route, x.prepared) if sse else None
         buffer = bytearray()
         watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
         disconnected = stopped = cut = False
         cancelled: asyncio.CancelledError | None = None
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(gw.config.upstream.total_timeout) as deadline:
-                async for chunk in response.aiter_raw():
-                    if not disconnected:
-                        if watcher.done():
-                            disconnected = True
-                            stopped = await self._client_left(request_id, route, meter, user_id)
-                            if stopped and gw.upstream.stops_by_closing:
-                                cut = True  # closing the response stops the answer
-                                break
-                            deadline.reschedule(loop.time() + gw.config.upstream.disconnect_grace)
-                        else:
-                            out = chunk if transform is None else transform.feed(chunk)
-                            await send(
-                                {"type": "http.response.body", "body": out, "more_body": True}
-                            )
-                    if decoder is not None and meter is not None:
-                        for event in decoder.feed(chunk):
-                            meter.feed(event)
-                    elif len(buffer) < _MAX_BUFFERED_BODY:
-                        buffer += chunk
-        except (httpx.HTTPError, TimeoutError) as exc:
+            with self.client.reading():
+                async with asyncio.timeout(gw.config.upstream.total_timeout) as deadline:
+                    async for chunk in response.aiter_raw():
+                        if not disconnected:
+                            if watcher.done():
+                                disconnected = True
+                                stopped = await self._client_left(x, meter)
+                                if stopped and upstream.stops_by_closing:
+                                    cut = True  # closing the response stops the answer
+                                    break
+                                deadline.reschedule(
+                                    loop.time() + gw.config.upstream.disconnect_grace
+                                )
+                            else:
+                                out = chunk if transform is None else transform.feed(chunk)
+                                await send(
+                                    {"type": "http.response.body", "body": out, "more_body": True}
+                                )
+                        if decoder is not None and meter is not None:
+                            for event in decoder.feed(chunk):
+                                meter.feed(event)
+                        elif len(buffer) < _MAX_BUFFERED_BODY:
+                            buffer += chunk
+        except UpstreamBroken as exc:
             cut = True
-            kind = "timeout" if _is_timeout(exc) else "read"
+            kind = "timeout" if exc.timed_out else "read"
             gw.metrics.inc("gateway_upstream_errors_total", kind=f"mid_stream_{kind}")
             log.warning(
-                "request %s: upstream stream ended abnormally (%s): %r", request_id, kind, exc
+                "request %s: upstream stream ended abnormally (%s): %r",
+                x.request_id,
+                kind,
+                exc.__cause__,
             )
             if sse and not disconnected and not watcher.done():
-                error_event = gw.upstream.stream_error(
+                error_event = upstream.stream_error(
                     502, "upstream_error", "The upstream connection was lost."
                 )
                 await send({"type": "http.response.body", "body": error_event, "more_body": True})
@@ -552,7 +465,7 @@ class Proxy:
                 meter.feed(event)
             result = meter.finish(cut=cut or disconnected)
         else:
-            result = gw.upstream.meter_blocking(route, json_body, bytes(buffer))
+            result = upstream.meter_blocking(route, x.answer_body, bytes(buffer))
         if (
             cut
             and not stopped
@@ -562,31 +475,18 @@ class Proxy:
         ):
             # We stopped reading an answer the upstream may still be generating
             # (and billing): tell it to stop.
-            gw.keep(self._stop(request_id, route, meter.task_id, user_id))
-        finished = time.perf_counter()
-        assert ticket is not None
-        await self._kept(
-            self._settle(
-                result,
-                request_id=request_id,
-                route=route,
-                ticket=ticket,
-                disconnected=disconnected,
-                upstream_ms=(finished - forwarded_at) * 1000,
-                overhead_ms=(forwarded_at - started) * 1000,
-            )
-        )
+            gw.keep(self._stop(x, meter.task_id))
+        await self._kept(self._settle(x, result, disconnected=disconnected))
         if cancelled is not None:
             raise cancelled
 
     async def _history(
         self,
+        x: Exchange,
         send: Send,
         response: httpx.Response,
         status: int,
-        headers: list[tuple[bytes, bytes]],
-        route: Route,
-        query: bytes,
+        headers: Headers,
         days: int,
     ) -> None:
         """A conversation or message page limited to the plan's history window.
@@ -595,11 +495,12 @@ class Proxy:
         """
         raw = bytearray()
         try:
-            async for chunk in response.aiter_bytes():
-                raw += chunk
-                if len(raw) > _MAX_BUFFERED_BODY:
-                    raise UpstreamError("The upstream history page is too large to filter.")
-        except httpx.HTTPError as exc:
+            with self.client.reading():
+                async for chunk in response.aiter_bytes():
+                    raw += chunk
+                    if len(raw) > _MAX_BUFFERED_BODY:
+                        raise UpstreamError("The upstream history page is too large to filter.")
+        except UpstreamBroken as exc:
             raise UpstreamUnavailable("The upstream history page could not be read.") from exc
         try:
             page = orjson.loads(raw)
@@ -608,7 +509,7 @@ class Proxy:
         if not isinstance(page, dict):
             raise UpstreamError("The upstream history page is not a JSON object.")
         cutoff = self.gw.clock.now().timestamp() - days * 86400
-        filtered = self.gw.upstream.filter_history(route, query, page, cutoff)
+        filtered = self.gw.upstream.filter_history(x.route, x.query, page, cutoff)
         body = bytes(raw) if filtered is page else orjson.dumps(filtered)
         # aiter_bytes decoded any Content-Encoding: describe the new body instead.
         headers = [(k, v) for k, v in headers if k not in (b"content-length", b"content-encoding")]
@@ -616,63 +517,45 @@ class Proxy:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _count_upload(self, user_id: str, size: int, request_id: str) -> None:
-        periods_day = self.gw.today()
-        try:
-            await self.gw.storage.record_upload(user_id, day=periods_day, size=size)
-        except StorageError as exc:
-            self.gw.metrics.inc("gateway_storage_errors_total", operation="upload")
-            log.error(
-                "request %s: could not count an upload of %d bytes: %s",
-                request_id,
-                size,
-                exc.message,
-            )
-
-    async def _pass_through(self, send: Send, response: httpx.Response, request_id: str) -> None:
-        try:
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as exc:
-            log.warning("request %s: upstream body ended abnormally: %r", request_id, exc)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _client_left(
-        self, request_id: str, route: Route, meter: StreamMeter | None, user_id: str
-    ) -> bool:
+    async def _client_left(self, x: Exchange, meter: StreamMeter | None) -> bool:
         """The client went away mid-answer; returns whether the answer was stopped."""
         gw = self.gw
         gw.metrics.inc("gateway_client_disconnects_total")
         policy = gw.config.upstream.on_client_disconnect
-        log.info("request %s: client disconnected mid-answer; policy %s", request_id, policy)
+        log.info("request %s: client disconnected mid-answer; policy %s", x.request_id, policy)
         if policy != "stop" or meter is None:
             return False
         if gw.upstream.stops_by_closing:
             return True
         if meter.task_id is None:
             return False
-        return await self._stop(request_id, route, meter.task_id, user_id)
+        return await self._stop(x, meter.task_id)
 
-    async def _stop(self, request_id: str, route: Route, task_id: str, user_id: str) -> bool:
+    async def _stop(self, x: Exchange, task_id: str) -> bool:
         """Ask the upstream to stop generating an answer (same task id and user)."""
         gw = self.gw
-        stop = gw.upstream.stop_request(route, task_id, user_id)
+        stop = gw.upstream.stop_request(x.route, task_id, x.user_id)
         if stop is None:
             return False
         path, payload = stop
         try:
-            reply = await gw.client.post(
+            reply = await self.client.request(
+                "POST",
                 gw.upstream_url + path,
                 content=payload,
                 headers=[(b"content-type", b"application/json"), gw.upstream_authorization],
             )
-        except httpx.HTTPError as exc:
-            log.warning("request %s: could not stop task %s: %r", request_id, task_id, exc)
+        except UpstreamUnavailable as exc:
+            log.warning(
+                "request %s: could not stop task %s: %r", x.request_id, task_id, exc.__cause__
+            )
             return False
         log.info(
-            "request %s: stopped task %s upstream (%d)", request_id, task_id, reply.status_code
+            "request %s: stopped task %s upstream (%d)", x.request_id, task_id, reply.status_code
         )
         return reply.is_success
+
+    # --- settle ----------------------------------------------------------------------
 
     async def _kept(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` (recording an answer, or giving its reservation back) as a
@@ -680,17 +563,10 @@ class Proxy:
         gone, a server shutting down - must never cut a ledger write half-way."""
         await asyncio.shield(self.gw.keep(work))
 
-    async def _settle(
-        self,
-        result: Metered,
-        *,
-        request_id: str,
-        route: Route,
-        ticket: Ticket,
-        disconnected: bool,
-        upstream_ms: float,
-        overhead_ms: float,
-    ) -> None:
+    async def _settle(self, x: Exchange, result: Metered, *, disconnected: bool) -> None:
+        ticket = x.ticket
+        assert ticket is not None
+        request_id = x.request_id
         usage = result.usage
         if usage is None:
             log.info(
@@ -708,13 +584,16 @@ class Proxy:
                 result.outcome,
                 usage.total_tokens,
             )
+        # From here the reservation is the ledger's to settle, not to refund.
+        ticket.reserved = False
+        upstream_ms, overhead_ms = x.timings()
         await self.gw.settler.record(
             UsageEvent(
                 answer_id=result.answer_id or f"gw-{request_id}",
                 user_id=ticket.user_id,
                 day=ticket.day,
                 created_at=self.gw.clock.now(),
-                endpoint=route.name,
+                endpoint=x.route.name,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
                 total_tokens=usage.total_tokens,
@@ -733,3 +612,86 @@ class Proxy:
             ),
             lease_id=ticket.lease_id,
         )
+
+    # --- the rest --------------------------------------------------------------------
+
+    async def _send_error(self, send: Send, exc: GatewayError, request_id: str) -> None:
+        body = self.gw.upstream.error_body(exc.status, exc.code, exc.message)
+        extra = list(exc.headers)
+        if isinstance(exc, Unauthorized):
+            extra.append((b"www-authenticate", b'Bearer realm="api"'))
+        if isinstance(exc, StorageError | UpstreamError) and not any(
+            k == b"retry-after" for k, _ in extra
+        ):
+            extra.append((b"retry-after", b"5"))
+        self.gw.metrics.inc("gateway_refusals_total", code=exc.code)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": exc.status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"x-request-id", request_id.encode()),
+                    *extra,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _preflight(self, x: Exchange, send: Send) -> None:
+        """A CORS preflight carries no credentials by design: forwarded as it is
+        (it produces no answer and names no user) so the upstream's CORS policy
+        answers it."""
+        url = self.gw.upstream_url + x.path + ("?" + x.query.decode("latin-1") if x.query else "")
+        response = await self.client.request("OPTIONS", url, headers=x.headers.forward)
+        out = response_headers(response.headers.raw)
+        out = [(k, v) for k, v in out if k not in (b"content-length", b"content-encoding")]
+        out += [
+            (b"content-length", str(len(response.content)).encode()),
+            (b"x-request-id", x.request_id.encode()),
+        ]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": out})
+        await send({"type": "http.response.body", "body": response.content})
+
+    async def _multipart(
+        self, x: Exchange, receive: Receive, rewriter: UserFieldRewriter
+    ) -> tuple[AsyncIterator[bytes], int | None]:
+        """A multipart body to forward, and its length when known.
+
+        Uploads are held to the plan's ``file_size_mb``: decided from
+        Content-Length when that settles it; otherwise the body is spooled (to a
+        temporary file past 1 MB) and counted as it arrives, so no byte of a body
+        that turns out too large is forwarded.
+        """
+        content_length = x.headers.content_length
+        limit = None
+        if x.route.is_upload:
+            mb = (await self.admitter.plan_of(x.user_id)).file_size_mb
+            limit = None if mb is None else int(mb * 1024 * 1024)
+        if (
+            limit is not None
+            and content_length is not None
+            and content_length > limit + _MULTIPART_SLACK
+        ):
+            raise file_too_large(limit)
+        if limit is None or (content_length is not None and content_length <= limit):
+            length = None if content_length is None else content_length + rewriter.added_bytes
+            return rewritten_multipart(receive, rewriter, x.failure, limit=limit), length
+        try:
+            spool, size = await spool_multipart(receive, rewriter, limit=limit)
+        except MultipartError as exc:
+            raise BadRequest(f"Malformed multipart body: {exc}") from exc
+        return read_spool(spool), size
+
+    async def _count_upload(self, user_id: str, size: int, request_id: str) -> None:
+        try:
+            await self.gw.storage.record_upload(user_id, day=self.gw.today(), size=size)
+        except StorageError as exc:
+            self.gw.metrics.inc("gateway_storage_errors_total", operation="upload")
+            log.error(
+                "request %s: could not count an upload of %d bytes: %s",
+                request_id,
+                size,
+                exc.message,
+            )

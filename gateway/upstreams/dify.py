@@ -541,7 +541,11 @@ class DifyUpstream:
         except orjson.JSONDecodeError:
             obj = None
         if not isinstance(obj, dict):
-            return Metered(None, None, None, None, "cut")
+            # A 2xx answer that cannot be read (not JSON, or cut off past the
+            # buffer): Dify produced, and billed, something. Charge an estimate
+            # from the prompt and the bytes that came, never nothing.
+            usage = _estimate(_prompt_chars(body), len(response))
+            return Metered(None, None, None, usage, "cut", error_code="unreadable_answer")
         task_id = _str_or_none(obj.get("task_id"))
         if "answer" not in obj and "data" not in obj and isinstance(obj.get("code"), str):
             # An error body {"code","message","status"} (dify.md "Errors over HTTP").

@@ -687,9 +687,6 @@ NO_ANSWER = Metered(None, None, None, None, "cut")
             {"code": "invalid_param", "message": "query is required", "status": 400},
             Metered(None, None, None, None, "error", error_code="invalid_param"),
         ),
-        (CHAT, b'{"event":"message","answer":"Hi', NO_ANSWER),
-        (CHAT, b"", NO_ANSWER),
-        (CHAT, [1, 2, 3], NO_ANSWER),
         (WORKFLOW, {"result": "success"}, NO_ANSWER),
         (CHAT, {"result": "success"}, NO_ANSWER),
     ],
@@ -699,15 +696,37 @@ NO_ANSWER = Metered(None, None, None, None, "cut")
         "workflow",
         "workflow-no-total",
         "error-body",
-        "truncated",
-        "empty",
-        "array",
         "irrelevant-workflow",
         "irrelevant-chat",
     ],
 )
 def test_meter_blocking(route: Route, response: Any, expected: Metered) -> None:
     assert UP.meter_blocking(route, BODY, blocking(response)) == expected
+
+
+@pytest.mark.parametrize(
+    "response",
+    [b'{"event":"message","answer":"Hi', b"", b"[1, 2, 3]", b"<html>Bad gateway</html>"],
+    ids=["truncated", "empty", "array", "html"],
+)
+def test_unreadable_blocking_answer_is_charged_an_estimate(response: bytes) -> None:
+    # Dify answered 2xx: whatever it generated was billed, so the user is too.
+    result = UP.meter_blocking(CHAT, BODY, response)
+    prompt = PROMPT_ESTIMATE
+    completion = estimate_tokens(len(response))
+    assert result == Metered(
+        None,
+        None,
+        None,
+        Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            estimated=True,
+        ),
+        "cut",
+        error_code="unreadable_answer",
+    )
 
 
 def test_blocking_answer_without_usage_is_estimated() -> None:
