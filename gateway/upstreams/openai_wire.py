@@ -47,6 +47,8 @@ _loads = orjson.loads
 _USAGE_OBJECT: Final = re.compile(r'"usage"\s*:\s*\{')
 _ERROR_FIRST: Final = re.compile(r'\s*\{\s*"error"\s*:')
 _DONE: Final = "[DONE]"
+# The text of a chunk: delta.content (chat) or text (completions), as a JSON string.
+_CHUNK_TEXT: Final = re.compile(r'"(?:content|text)"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 # Responses events whose JSON matters; the others are text (counted) or ignored.
 _RESPONSE_FINAL: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
@@ -167,7 +169,10 @@ def meter_body(body: dict[str, Any], response: bytes) -> Metered:
     except orjson.JSONDecodeError:
         obj = None
     if not isinstance(obj, dict):
-        return Metered(None, None, None, None, "cut")
+        # A 2xx answer that cannot be read (not JSON, or cut off past the buffer):
+        # the upstream produced, and billed, something. Charge an estimate.
+        usage = _estimate(prompt_chars(body), len(response))
+        return Metered(None, None, None, usage, "cut", error_code="unreadable_answer")
     model = _str_or_none(obj.get("model"))
     if "error" in obj and "usage" not in obj:
         return Metered(None, None, None, None, "error", error_code=_error_code(obj["error"]))
@@ -189,17 +194,15 @@ class ChatStreamMeter:
     ``data: [DONE]``).
 
     Only chunks that can carry usage or an error are parsed, and the first one
-    (for the model). Answer text is measured, for an estimate when no usage
-    comes, as each chunk's length less the envelope of the first chunk.
+    (for the model). Answer text is measured in the others without parsing them,
+    for an estimate when no usage comes.
     """
 
     __slots__ = (
-        "_done",
         "_error_code",
         "_errored",
         "_malformed",
         "_model",
-        "_overhead",
         "_prompt_chars",
         "_text_chars",
         "_usage",
@@ -207,11 +210,10 @@ class ChatStreamMeter:
 
     def __init__(self, body: dict[str, Any]) -> None:
         self._prompt_chars = prompt_chars(body)
+        # "" once the first chunk was read and named no model.
         self._model: str | None = None
-        self._overhead: int | None = None
         self._text_chars = 0
         self._usage: Usage | None = None
-        self._done = False
         self._errored = False
         self._error_code: str | None = None
         self._malformed = False
@@ -226,16 +228,16 @@ class ChatStreamMeter:
         if not data:
             return
         if data == _DONE:
-            self._done = True
             return
         if (
-            self._overhead is not None
+            self._model is not None
             and _USAGE_OBJECT.search(data) is None
             and _ERROR_FIRST.match(data) is None
         ):
-            extra = len(data) - self._overhead
-            if extra > 0:
-                self._text_chars += extra
+            # The hot path: the text is measured where it sits, unparsed (escapes
+            # count as written; good enough for an estimate).
+            for match in _CHUNK_TEXT.finditer(data):
+                self._text_chars += len(match.group(1))
             return
         try:
             obj = _loads(data)
@@ -249,11 +251,8 @@ class ChatStreamMeter:
             self._error_code = self._error_code or _error_code(obj["error"])
             return
         if self._model is None:
-            self._model = _str_or_none(obj.get("model"))
-        text = self._chunk_text(obj)
-        self._text_chars += text
-        if self._overhead is None:
-            self._overhead = len(data) - text
+            self._model = _str_or_none(obj.get("model")) or ""
+        self._text_chars += self._chunk_text(obj)
         raw = obj.get("usage")
         if raw is not None:
             try:
@@ -275,17 +274,18 @@ class ChatStreamMeter:
         return chars
 
     def finish(self, *, cut: bool) -> Metered:
+        model = self._model or None
         if self._usage is not None:
-            return Metered(None, None, None, self._usage, "complete", model=self._model)
+            return Metered(None, None, None, self._usage, "complete", model=model)
         # As for Dify: without reported usage, an answer that produced text is
         # charged an estimate, one that produced none is not charged.
         partial = _estimate(self._prompt_chars, self._text_chars) if self._text_chars else None
         if self._errored:
             return Metered(
-                None, None, None, partial, "error", error_code=self._error_code, model=self._model
+                None, None, None, partial, "error", error_code=self._error_code, model=model
             )
         code = "malformed_usage" if self._malformed else None
-        return Metered(None, None, None, partial, "cut", error_code=code, model=self._model)
+        return Metered(None, None, None, partial, "cut", error_code=code, model=model)
 
 
 class ResponsesStreamMeter:
