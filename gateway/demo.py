@@ -22,9 +22,9 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import load_config
-from gateway.fake_upstream import FakeDify
 from gateway.keys import new_key
 from gateway.storage import open_storage
+from gateway.testing.fake_upstream import FakeDify
 
 DEMO_USER = "demo-user"
 

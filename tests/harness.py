@@ -15,10 +15,10 @@ import httpx
 from gateway.app import create_app
 from gateway.clock import Clock
 from gateway.config import Config, load_config, parse_config
-from gateway.fake_upstream import FakeDify
 from gateway.keys import new_key
 from gateway.runtime import Gateway
 from gateway.storage import Storage, UsageEvent, open_storage
+from gateway.testing.fake_upstream import FakeDify
 from tests.servers import serve
 
 UPSTREAM_KEY = "app-upstream-secret"

@@ -15,7 +15,7 @@ import orjson
 import pytest
 import uvicorn
 
-from gateway.fake_upstream import ANSWER_PIECES, FakeDify
+from gateway.testing.fake_upstream import ANSWER_PIECES, FakeDify
 
 ANSWER = "".join(ANSWER_PIECES)
 USAGE_KEYS = {

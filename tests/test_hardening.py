@@ -13,10 +13,10 @@ import orjson
 import pytest
 
 from gateway.errors import StorageError
-from gateway.fake_upstream import FakeDify
 from gateway.metrics import Metrics
 from gateway.settle import Settler
 from gateway.storage import Lease, Storage, UsageEvent
+from gateway.testing.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}

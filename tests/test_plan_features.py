@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from gateway.errors import StorageError
-from gateway.fake_upstream import FakeDify
+from gateway.testing.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 
 CHAT = {"query": "Tin tức hôm nay?", "inputs": {}, "response_mode": "streaming", "user": "x"}

@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from gateway.fake_upstream import FakeDify
+from gateway.testing.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 from tests.servers import serve
 

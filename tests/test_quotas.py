@@ -19,9 +19,9 @@ import pytest
 
 from gateway.clock import FixedClock
 from gateway.config import DatabaseConfig
-from gateway.fake_upstream import FakeDify
 from gateway.keys import new_key
 from gateway.storage import open_storage
+from gateway.testing.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
 from tests.servers import serve
 from tests.tcpproxy import TCPProxy
