@@ -13,11 +13,12 @@ Tests steer it per request with headers:
 - ``x-fake-prompt-tokens``, ``x-fake-completion-tokens``, ``x-fake-cached-tokens``,
   ``x-fake-reasoning-tokens``: the usage it reports;
 - ``x-fake-model``: the model it says answered (default: the one asked for);
+- ``x-fake-delay-ms``: the pause between two streamed events;
 - ``x-fake-status``: answer with this HTTP error status, in OpenAI's error shape;
 - ``x-fake-scenario``: ``cut`` (the connection drops after the text, before any
   usage), ``no_usage`` (ignore ``include_usage``, as some compatible servers do),
   ``error_midstream`` (an error ``data:`` line after the first piece),
-  ``hold`` (stop after the first piece until the client closes the connection or
+  ``hold`` (pause after the first piece until the client closes the connection or
   `release_held` is called).
 
 Like OpenAI, an answer stops being generated when its client closes the
@@ -79,6 +80,7 @@ class FakeOpenAI:
         self.api_key = api_key
         self.models = models
         self.requests: list[RecordedRequest] = []
+        self.sent: list[bytes] = []  # each streamed answer's body, as sent
         self.closed = 0  # streamed answers whose client closed the connection mid-answer
         self.closed_event = asyncio.Event()
         self._release = asyncio.Event()
@@ -151,6 +153,7 @@ class _Answer:
         self.completion = int(headers.get("x-fake-completion-tokens", str(len(ANSWER_PIECES))))
         self.cached = int(headers.get("x-fake-cached-tokens", "0"))
         self.reasoning = int(headers.get("x-fake-reasoning-tokens", "0"))
+        self.delay = int(headers.get("x-fake-delay-ms", "0")) / 1000
         self.created = int(time.time())
         self.id = {
             "/chat/completions": f"chatcmpl-fake{n:06d}",
@@ -361,37 +364,41 @@ class _Answer:
 
     async def _stream(self, events: list[bytes], receive: Receive, send: Send) -> None:
         pieces = len(ANSWER_PIECES)
-        for i, event in enumerate(events):
-            if "cut" in self.scenario and i > pieces:
-                raise _Cut("scenario cut: the connection drops before the usage")
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-            if i == 1 and "error_midstream" in self.scenario:
-                error = error_body(500, "The server had an error while processing your request.")
-                await send({"type": "http.response.body", "body": b"data: " + error + b"\n\n"})
-                return
-            if i == 1 and "hold" in self.scenario and await self._held(receive):
-                return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _held(self, receive: Receive) -> bool:
-        """Wait for the client to close (True: the answer stops) or a release."""
-
-        async def closed() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        gone = asyncio.ensure_future(closed())
-        released = asyncio.ensure_future(self.fake._release.wait())
+        sent = bytearray()
+        self.fake.sent.append(b"")
+        gone = asyncio.ensure_future(_closed(receive))
         try:
-            await asyncio.wait({gone, released}, return_when=asyncio.FIRST_COMPLETED)
+            for i, event in enumerate(events):
+                if "cut" in self.scenario and i > pieces:
+                    raise _Cut("scenario cut: the connection drops before the usage")
+                if i and self.delay:
+                    await asyncio.wait({gone}, timeout=self.delay)
+                if gone.done():
+                    # Like OpenAI: the client closed the stream, the answer stops.
+                    self.fake.closed += 1
+                    self.fake.closed_event.set()
+                    return
+                sent += event
+                self.fake.sent[-1] = bytes(sent)
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+                if i == 1 and "error_midstream" in self.scenario:
+                    error = error_body(
+                        500, "The server had an error while processing your request."
+                    )
+                    await send({"type": "http.response.body", "body": b"data: " + error + b"\n\n"})
+                    return
+                if i == 1 and "hold" in self.scenario:
+                    released = asyncio.ensure_future(self.fake._release.wait())
+                    await asyncio.wait({gone, released}, return_when=asyncio.FIRST_COMPLETED)
+                    released.cancel()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             gone.cancel()
-            released.cancel()
-        if gone.done() and not gone.cancelled():
-            self.fake.closed += 1
-            self.fake.closed_event.set()
-            return True
-        return False
+
+
+async def _closed(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _data(obj: JSON) -> bytes:

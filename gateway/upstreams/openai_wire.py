@@ -135,6 +135,14 @@ def _estimate(prompt: int, text: int) -> Usage:
     )
 
 
+def _partial(prompt: int, text: int, *, started: bool) -> Usage | None:
+    """The charge for a stream that reported no usage. As for Dify, an answer that
+    produced text is charged an estimate and one that produced none is not; but a
+    stream the upstream had begun and that was then cut (OpenAI bills the prompt
+    of an answer stopped by closing it) is charged at least its prompt."""
+    return _estimate(prompt, text) if text or started else None
+
+
 def _answer_chars(obj: dict[str, Any]) -> int:
     """Characters of answer text in a blocking body (chat, completion or response)."""
     chars = 0
@@ -277,9 +285,7 @@ class ChatStreamMeter:
         model = self._model or None
         if self._usage is not None:
             return Metered(None, None, None, self._usage, "complete", model=model)
-        # As for Dify: without reported usage, an answer that produced text is
-        # charged an estimate, one that produced none is not charged.
-        partial = _estimate(self._prompt_chars, self._text_chars) if self._text_chars else None
+        partial = _partial(self._prompt_chars, self._text_chars, started=cut and model is not None)
         if self._errored:
             return Metered(
                 None, None, None, partial, "error", error_code=self._error_code, model=model
@@ -302,6 +308,7 @@ class ResponsesStreamMeter:
         "_model",
         "_overhead",
         "_prompt_chars",
+        "_started",
         "_text_chars",
         "_usage",
     )
@@ -309,6 +316,7 @@ class ResponsesStreamMeter:
     def __init__(self, body: dict[str, Any]) -> None:
         self._prompt_chars = prompt_chars(body)
         self._model: str | None = None
+        self._started = False  # response.created seen
         self._overhead: dict[str, int] = {}
         self._text_chars = 0
         self._usage: Usage | None = None
@@ -357,6 +365,7 @@ class ResponsesStreamMeter:
             self._malformed = kind in _RESPONSE_FINAL
             return
         self._model = _str_or_none(response.get("model")) or self._model
+        self._started = True
         if kind == "response.failed":
             self._errored = True
             self._error_code = self._error_code or _error_code(response.get("error"))
@@ -374,7 +383,7 @@ class ResponsesStreamMeter:
             return Metered(
                 None, None, None, self._usage, outcome, error_code=self._error_code, model=model
             )
-        partial = _estimate(self._prompt_chars, self._text_chars) if self._text_chars else None
+        partial = _partial(self._prompt_chars, self._text_chars, started=cut and self._started)
         if self._errored:
             return Metered(
                 None, None, None, partial, "error", error_code=self._error_code, model=model

@@ -595,3 +595,27 @@ def test_toml_numbers_are_read_as_their_decimal_text() -> None:
     config = parse_config({"prices": {"m": {"input": 0.1, "output": 3}}}, env={})
     assert config.prices["m"].input == Decimal("0.1")
     assert config.prices["m"].output == Decimal(3)
+
+
+@pytest.mark.parametrize(
+    ("meter", "first"),
+    [
+        (
+            ChatStreamMeter,
+            b'data: {"id":"c","model":"m","choices":[{"delta":{"role":"assistant"}}]}\n\n',
+        ),
+        (
+            ResponsesStreamMeter,
+            b'event: response.created\ndata: {"type":"response.created","response":{"model":"m"}}\n\n',
+        ),
+    ],
+)
+def test_a_begun_stream_cut_before_any_text_is_charged_its_prompt(meter: Any, first: bytes) -> None:
+    body = {"messages": [{"content": "x" * 40}], "input": "y" * 40}
+    cut = meter(body)
+    _feed(cut, first)
+    usage = cut.finish(cut=True).usage
+    assert usage is not None and usage.estimated and usage.prompt_tokens == 20
+    ended = meter(body)
+    _feed(ended, first)
+    assert ended.finish(cut=False).usage is None  # ended without text: nothing produced
