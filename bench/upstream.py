@@ -1,7 +1,7 @@
 """A fast fake Dify upstream: a hand-written asyncio protocol on uvloop + httptools.
 
 Every ``POST .../chat-messages`` gets a streamed chat answer in Dify's wire format
-(/work/shared/protocols/dify.md, "Example"): ``events`` ``message`` events of 40
+(docs/upstreams/dify.md, "Example"): ``events`` ``message`` events of 40
 bytes of answer text each, then ``message_end`` with ``metadata.usage`` (compact
 JSON), each event its own HTTP chunk and its own write. The first event goes out
 with the response head; the others follow ``delay_ms`` apart (0: one event per

@@ -31,7 +31,7 @@ from gateway.upstreams import DIALECTS
 
 DEFAULT_CONFIG_FILE = "gateway.toml"
 
-# Environment variables that override the file (DESIGN.md, "Interfaces").
+# Environment variables that override the file (docs/configuration.md, "Environment overrides").
 ENV_CONFIG = "GATEWAY_CONFIG"
 ENV_DATABASE_URL = "GATEWAY_DATABASE_URL"
 ENV_UPSTREAM_URL = "GATEWAY_UPSTREAM_URL"
@@ -236,7 +236,7 @@ class Config:
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     plans: Mapping[str, Plan] = field(default_factory=lambda: {"free": Plan(name="free")})
     # [prices."MODEL"]: what a million tokens of a model cost, for upstreams that
-    # report tokens but no money (docs/openai.md).
+    # report tokens but no money (docs/upstreams/openai.md).
     prices: Mapping[str, Price] = field(default_factory=dict)
     source: str | None = _resolved(None)
 

@@ -1,7 +1,7 @@
 """Prices per model and the cost of an answer: pure arithmetic on decimals.
 
 Upstreams such as OpenAI report tokens but not money, so the gateway prices the
-tokens itself from the table in ``[prices."MODEL"]`` (docs/openai.md). Prices are
+tokens itself from the table in ``[prices."MODEL"]`` (docs/upstreams/openai.md). Prices are
 per one million tokens, as providers publish them; the arithmetic is exact
 (``Decimal`` all the way, the division a shift of the exponent).
 """

@@ -1,4 +1,5 @@
-"""The admin dashboard at /dashboard: a users table and a page per user (issue 6).
+"""The admin dashboard at /dashboard: a users table and a page per user
+(docs/admin.md, "The dashboard").
 
 Mounted by the app as ``Mount("/dashboard", routes=dashboard.routes)``; every
 handler finds the gateway at ``request.app.state.gateway``. With no admin token

@@ -1,6 +1,6 @@
 """A fake of Dify's Service API as a plain ASGI app, for the test suite and ``gateway demo``.
 
-It speaks Dify 1.x's wire format (the protocol notes in dify.md): SSE answers whose
+It speaks Dify 1.x's wire format (the protocol notes in docs/upstreams/dify.md): SSE answers whose
 ``message_end`` carries usage, blocking JSON answers, Dify's error shape, stop endpoints,
 file upload and the conversation/message listings. Paths are served with or without a
 ``/v1`` prefix, so it works as an upstream base of ``http://host:port`` or ``.../v1``.

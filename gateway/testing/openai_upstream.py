@@ -1,6 +1,6 @@
 """A fake OpenAI-compatible API as a plain ASGI app, for the test suite.
 
-It speaks the wire format of docs/openai.md: ``/chat/completions`` and
+It speaks the wire format of docs/upstreams/openai.md: ``/chat/completions`` and
 ``/completions`` (blocking, or streamed as ``data:`` chunks ending in
 ``data: [DONE]``, with the usage-only last chunk only when the request set
 ``stream_options.include_usage``), ``/embeddings``, ``/responses`` (blocking, or

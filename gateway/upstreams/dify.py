@@ -1,6 +1,6 @@
 """The Dify Service API dialect: routes, user placement, stop calls and usage metering.
 
-Every wire fact used here is in /work/shared/protocols/dify.md (cited below as
+Every wire fact used here is in docs/upstreams/dify.md (cited below as
 "dify.md"). Usage is read only from Dify's own answers, never from the client.
 """
 
@@ -544,8 +544,8 @@ class DifyUpstream:
             # A 2xx answer that cannot be read (not JSON, or cut off past the
             # buffer): Dify produced, and billed, something. Charge an estimate
             # from the prompt and the bytes that came, never nothing.
-            usage = _estimate(_prompt_chars(body), len(response))
-            return Metered(None, None, None, usage, "cut", error_code="unreadable_answer")
+            guess = _estimate(_prompt_chars(body), len(response))
+            return Metered(None, None, None, guess, "cut", error_code="unreadable_answer")
         task_id = _str_or_none(obj.get("task_id"))
         if "answer" not in obj and "data" not in obj and isinstance(obj.get("code"), str):
             # An error body {"code","message","status"} (dify.md "Errors over HTTP").

@@ -1,7 +1,7 @@
 """The chat-history window: conversation and message lists limited to the plan's
 ``chat_history_days`` (pure logic, no I/O).
 
-Dify pages these lists (dify.md, "Endpoints"): conversations newest first by
+Dify pages these lists (docs/upstreams/dify.md, "Endpoints"): conversations newest first by
 default (``sort_by=-updated_at``; ``has_more`` means older ones follow), messages
 oldest first within a page that pages backwards (``has_more`` means older ones
 precede). Items are only ever removed from the old end, so once something was

@@ -2,7 +2,7 @@
 
 Metered: ``/chat/completions`` and ``/completions`` (blocking or streamed),
 ``/embeddings`` and ``/responses`` (blocking or streamed). Usage comes from the
-upstream's own answer (docs/openai.md): to get it in a streamed chat completion,
+upstream's own answer (docs/upstreams/openai.md): to get it in a streamed chat completion,
 the gateway sets ``stream_options.include_usage`` and, when the client had not
 asked for it, hides the extra usage chunk from the client. OpenAI reports tokens
 only; the cost comes from the ``[prices]`` table.

@@ -1,7 +1,7 @@
 """Usage in OpenAI's wire format, read without I/O: blocking bodies and streams.
 
 The shapes are those of the official API reference and the ``openai`` SDK's
-types (docs/openai.md, "Wire format"):
+types (docs/upstreams/openai.md, "Wire format"):
 
 - chat completions and completions: ``usage`` = ``{prompt_tokens,
   completion_tokens, total_tokens, prompt_tokens_details.cached_tokens,

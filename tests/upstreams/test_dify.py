@@ -1,4 +1,4 @@
-"""The Dify dialect, driven by event sequences shaped like /work/shared/protocols/dify.md."""
+"""The Dify dialect, driven by event sequences shaped like docs/upstreams/dify.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
--- Initial schema (DESIGN.md, "Storage").
+-- Initial schema (what each table holds: docs/proxy.md and docs/quotas.md).
 CREATE TABLE users (
     id text PRIMARY KEY,
     plan text NOT NULL,

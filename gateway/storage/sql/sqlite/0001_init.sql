@@ -1,4 +1,4 @@
--- Initial schema (DESIGN.md, "Storage"). Money is TEXT holding an exact decimal;
+-- Initial schema (what each table holds: docs/proxy.md and docs/quotas.md). Money is TEXT holding an exact decimal;
 -- the backend registers dec_add / dec_sum so arithmetic on it never goes through
 -- a float. Dates are ISO 'YYYY-MM-DD' text and times ISO-8601 text in UTC, both of
 -- which sort correctly as strings.
