@@ -190,7 +190,8 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         workers=args.workers or config.server.workers,
         log_level=config.server.log_level,
         loop="auto",  # uvloop where installed
-        http="auto",  # httptools where installed
+        # httptools, with the request head bounded as it arrives (docs/configuration.md)
+        http="gateway.headlimit:BoundedHeadProtocol",
         server_header=False,
     )
     return 0

@@ -39,6 +39,11 @@ ENV_UPSTREAM_API_KEY = "GATEWAY_UPSTREAM_API_KEY"
 ENV_ADMIN_TOKEN = "GATEWAY_ADMIN_TOKEN"
 
 
+# The largest accounting.max_tokens_per_answer: a billion answers at this cap still
+# fit in a 64-bit counter.
+MAX_TOKENS_PER_ANSWER_LIMIT = 10**9
+
+
 def _setting(default: Any, *, minimum: float | None = None, secret: bool = False) -> Any:
     return field(default=default, metadata={"min": minimum, "secret": secret})
 
@@ -60,6 +65,11 @@ class ServerConfig:
     workers: int = _setting(1, minimum=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_json_body_bytes: int = _setting(1_048_576, minimum=1)
+    # A request body may pause this long between pieces before it is answered 408.
+    body_timeout: float = _setting(30.0, minimum=0.001)
+    # Request headers beyond these are answered 431 (the request line not counted).
+    max_header_bytes: int = _setting(32_768, minimum=1)
+    max_headers: int = _setting(100, minimum=1)
     reload_interval: float = _setting(2.0, minimum=0)
 
 
@@ -144,6 +154,9 @@ class AdmissionConfig:
 class AccountingConfig:
     timezone: str = "UTC"
     default_plan: str = "free"
+    # An answer reporting more tokens than this is recorded at this many, marked
+    # "clamped" (docs/proxy.md); the bound keeps sums far from 64-bit overflow.
+    max_tokens_per_answer: int = _setting(10_000_000, minimum=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +349,10 @@ def parse_config(
         )
     if database.pool_min_size > database.pool_max_size:
         raise ConfigError("database.pool_min_size: must not exceed database.pool_max_size")
+    if config.accounting.max_tokens_per_answer > MAX_TOKENS_PER_ANSWER_LIMIT:
+        raise ConfigError(
+            f"accounting.max_tokens_per_answer: must be at most {MAX_TOKENS_PER_ANSWER_LIMIT}"
+        )
 
     upstream = config.upstream
     if ENV_UPSTREAM_URL in env:

@@ -10,6 +10,7 @@ _HELP: dict[str, str] = {
     "gateway_answers_settled_total": "Answers recorded in the ledger, by outcome.",
     "gateway_answers_duplicate_total": "Answers whose id was already in the ledger (not counted again).",
     "gateway_usage_estimated_total": "Answers charged by estimate because the upstream reported no usage.",
+    "gateway_usage_clamped_total": "Answers whose reported numbers were out of range and were recorded clamped.",
     "gateway_settle_retries_total": "Ledger writes retried after a storage error.",
     "gateway_settle_spooled_total": "Ledger writes spooled to the local file after retries failed.",
     "gateway_storage_errors_total": "Storage errors on the request path, by operation.",

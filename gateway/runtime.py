@@ -143,7 +143,12 @@ class Gateway:
         self._apply(self.config)
         self.reports = Reports(self)
         spool = Path(self.config.database.spool_file) if self.config.database.spool_file else None
-        self.settler = Settler(self.storage, metrics=self.metrics, spool=spool)
+        self.settler = Settler(
+            self.storage,
+            metrics=self.metrics,
+            spool=spool,
+            max_tokens_per_answer=self.config.accounting.max_tokens_per_answer,
+        )
         replayed = await self.settler.replay()
         if replayed:
             log.info("replayed %d spooled usage records", replayed)
@@ -246,6 +251,8 @@ class Gateway:
         self.config, self._tz, self.auth, self.users = config, tz, auth, users
         self.upstream = upstream
         self.user_header = config.auth.trusted_header.user_header.lower().encode()
+        if hasattr(self, "settler"):  # a reload: the settler exists from the start
+            self.settler.max_tokens_per_answer = config.accounting.max_tokens_per_answer
 
     async def _watch(self, path: str, interval: float) -> None:
         def stamp() -> tuple[int, int] | None:

@@ -4,9 +4,6 @@ the configured time zone, refusals a frontend can show, failure policies."""
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,7 +20,7 @@ from gateway.keys import new_key
 from gateway.storage import open_storage
 from gateway.testing.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
-from tests.servers import serve
+from tests.servers import free_port, serve, start_gateway
 from tests.tcpproxy import TCPProxy
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
@@ -60,37 +57,6 @@ async def test_forty_parallel_requests_with_five_left_forward_exactly_five_sqlit
     assert {r.json()["code"] for r in responses if r.status_code == 429} == {"daily_query_limit"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def _start_process(
-    config: Path, port: int, env: dict[str, str]
-) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "--config",
-        str(config),
-        "serve",
-        "--port",
-        str(port),
-        env={**os.environ, **env},
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    async with asyncio.timeout(30):
-        # uvicorn says when the app (and its database) is ready
-        while line := await proc.stderr.readline():
-            if b"Application startup complete" in line:
-                return proc
-    raise RuntimeError(f"gateway process did not start (exit {await proc.wait()})")
-
-
 @pytest.mark.postgres
 async def test_forty_parallel_requests_across_two_processes_on_postgres(
     postgres_dsn: str, tmp_path: Path, client: httpx.AsyncClient
@@ -119,10 +85,9 @@ async def test_forty_parallel_requests_across_two_processes_on_postgres(
                 }
             )
         )
-        ports = [_free_port(), _free_port()]
+        ports = [free_port(), free_port()]
         procs = [
-            await _start_process(config, port, {"TEST_UPSTREAM_KEY": UPSTREAM_KEY})
-            for port in ports
+            await start_gateway(config, port, {"TEST_UPSTREAM_KEY": UPSTREAM_KEY}) for port in ports
         ]
         try:
             responses = await asyncio.gather(
@@ -278,21 +243,6 @@ async def test_per_user_overrides_replace_plan_limits(
 
 
 # --- the database going away during admission ---------------------------------------------
-
-
-@pytest.fixture
-async def pg_behind_proxy(postgres_dsn: str) -> AsyncIterator[tuple[str, TCPProxy]]:
-    conn = await asyncpg.connect(postgres_dsn)
-    await conn.execute("TRUNCATE usage_events, usage_daily, api_keys, stream_leases, users CASCADE")
-    await conn.close()
-    proxy = TCPProxy("127.0.0.1", 5432)
-    await proxy.start()
-    base, _, database = postgres_dsn.rpartition("/")
-    user = base.split("//", 1)[1].split("@", 1)[0]
-    try:
-        yield f"postgresql://{user}@127.0.0.1:{proxy.port}/{database}", proxy
-    finally:
-        await proxy.cut()
 
 
 @pytest.mark.postgres
