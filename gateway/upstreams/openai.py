@@ -26,10 +26,12 @@ from gateway.upstreams.base import Prepared, Route
 from gateway.upstreams.openai_wire import (
     ChatStreamMeter,
     ResponsesStreamMeter,
-    UsageChunkFilter,
+    has_usage_object,
+    is_usage_only,
     meter_body,
     prompt_chars,
 )
+from gateway.upstreams.transforms import DropEvents
 from gateway.usage import Metered, Usage, estimate_tokens
 
 if TYPE_CHECKING:
@@ -163,8 +165,11 @@ class OpenAIUpstream:
             meter = ChatStreamMeter(body)
         return _PricedMeter(meter, self, _requested_model(body))
 
-    def stream_transform(self, route: Route, prepared: Prepared) -> UsageChunkFilter | None:
-        return UsageChunkFilter() if prepared.memo == _HIDE_USAGE else None
+    def stream_transform(self, route: Route, prepared: Prepared) -> DropEvents | None:
+        if prepared.memo != _HIDE_USAGE:
+            return None
+        # The client did not ask for the usage chunk: it gets the stream without it.
+        return DropEvents(is_usage_only, may_drop=has_usage_object)
 
     def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:
         return self.priced(meter_body(body, response), _requested_model(body))

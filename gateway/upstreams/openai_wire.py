@@ -33,7 +33,8 @@ from gateway.usage import Metered, Outcome, Usage, estimate_tokens, parse_tokens
 __all__ = [
     "ChatStreamMeter",
     "ResponsesStreamMeter",
-    "UsageChunkFilter",
+    "has_usage_object",
+    "is_usage_only",
     "meter_body",
     "prompt_chars",
     "usage_from",
@@ -392,15 +393,18 @@ class ResponsesStreamMeter:
         return Metered(None, None, None, partial, "cut", error_code=code, model=model)
 
 
-# An event ends at an empty line; a line ends in CRLF, LF or a lone CR (SSE spec).
-_EVENT_END: Final = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
 _USAGE_OBJECT_BYTES: Final = re.compile(rb'"usage"\s*:\s*\{')
 
 
-def _is_usage_only(event: bytes) -> bool:
+def has_usage_object(events: bytes) -> bool:
+    """Whether raw SSE bytes may hold a usage chunk (a cheap test, no parsing)."""
+    return _USAGE_OBJECT_BYTES.search(events) is not None
+
+
+def is_usage_only(event: bytes) -> bool:
     """Whether one raw SSE event is the usage-only chunk (``choices: []``, a usage
     object) that ``stream_options.include_usage`` adds at the end of a stream."""
-    if _USAGE_OBJECT_BYTES.search(event) is None:
+    if not has_usage_object(event):
         return False
     data = b"\n".join(
         line[5:].removeprefix(b" ")
@@ -412,48 +416,3 @@ def _is_usage_only(event: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
-
-
-class UsageChunkFilter:
-    """Hides the usage-only chunk from a client that did not ask for usage.
-
-    The gateway sets ``stream_options.include_usage`` to meter a streamed chat
-    completion; a client that had not set it gets the stream it asked for: every
-    byte the same, but for that one event. Events are passed on as soon as they
-    are complete; only an incomplete last event is held back (a client cannot
-    act on half an event anyway). A chunk holding no usage object and ending at
-    an event boundary - nearly every chunk - is returned as it is.
-    """
-
-    __slots__ = ("_held",)
-
-    def __init__(self) -> None:
-        self._held = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self._held:
-            chunk = self._held + chunk
-            self._held = b""
-        if chunk.endswith((b"\n\n", b"\r\n\r\n")):
-            complete = chunk
-        else:
-            ends = [m.end() for m in _EVENT_END.finditer(chunk)]
-            if chunk.endswith(b"\r"):
-                # A CR at the very end may be half of a CRLF: not yet a boundary.
-                ends = [end for end in ends if end < len(chunk)]
-            cut = ends[-1] if ends else 0
-            complete, self._held = chunk[:cut], chunk[cut:]
-        if _USAGE_OBJECT_BYTES.search(complete) is None:
-            return complete
-        kept = bytearray()
-        start = 0
-        for match in _EVENT_END.finditer(complete):
-            event = complete[start : match.end()]
-            if not _is_usage_only(event):
-                kept += event
-            start = match.end()
-        return bytes(kept)
-
-    def flush(self) -> bytes:
-        held, self._held = self._held, b""
-        return b"" if _is_usage_only(held) else held

@@ -22,11 +22,13 @@ from gateway.upstreams.openai import OpenAIUpstream
 from gateway.upstreams.openai_wire import (
     ChatStreamMeter,
     ResponsesStreamMeter,
-    UsageChunkFilter,
+    has_usage_object,
+    is_usage_only,
     meter_body,
     prompt_chars,
     usage_from,
 )
+from gateway.upstreams.transforms import DropEvents
 from gateway.usage import Usage
 
 PRICES = {
@@ -330,8 +332,17 @@ def test_responses_stream_errors(event: bytes, code: str, charged: bool) -> None
 # --- hiding the usage chunk ---------------------------------------------------------------
 
 
+def _hiding_usage() -> DropEvents:
+    up = dialect()
+    route = up.route("POST", "/chat/completions")
+    prepared = up.prepare(route, {"stream": True}, b"", "a", method="POST", request_id="r")
+    transform = up.stream_transform(route, prepared)
+    assert isinstance(transform, DropEvents)
+    return transform
+
+
 def _filtered(chunks: list[bytes]) -> bytes:
-    f = UsageChunkFilter()
+    f = _hiding_usage()
     return b"".join(f.feed(chunk) for chunk in chunks) + f.flush()
 
 
@@ -358,9 +369,10 @@ def test_any_chunking_gives_the_same_bytes(cuts: list[int]) -> None:
 
 
 def test_a_chunk_without_usage_is_passed_as_it_is() -> None:
-    f = UsageChunkFilter()
+    f = _hiding_usage()
     chunk = b'data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
     assert f.feed(chunk) is chunk
+    assert not has_usage_object(chunk) and not is_usage_only(chunk)
 
 
 @pytest.mark.parametrize(
