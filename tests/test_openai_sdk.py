@@ -204,7 +204,7 @@ async def test_models_pass_through_unmetered(gw: Harness, fake: FakeOpenAI) -> N
     assert await gw.events() == []
 
 
-async def test_exports_show_model_and_token_parts(database_url: str, fake: FakeOpenAI) -> None:
+async def test_usage_admin_and_exports_show_model_and_token_parts(database_url: str, fake: FakeOpenAI) -> None:
     env = {"GATEWAY_ADMIN_TOKEN": "admin-token"}
     async with running_gateway(
         database_url, upstream=fake, settings=openai_settings(), env=env
@@ -216,6 +216,20 @@ async def test_exports_show_model_and_token_parts(database_url: str, fake: FakeO
             admin = {"Authorization": "Bearer admin-token"}
             as_json = await http.get("/admin/export/events?format=json", headers=admin)
             as_csv = await http.get("/admin/export/events?format=csv", headers=admin)
+            mine = (await http.get("/v1/usage", headers=h.auth())).json()
+            detail = (await http.get(f"/admin/users/{USER}", headers=admin)).json()
+    by_model = {
+        "model": "gpt-4o-mini",
+        "answers": 1,
+        "prompt_tokens": 1200,
+        "cached_tokens": 400,
+        "completion_tokens": 700,
+        "reasoning_tokens": 300,
+        "total_tokens": 1900,
+        "cost": "0.00057",
+    }
+    assert mine["month_by_model"] == [by_model]  # what the end user sees
+    assert detail["month_by_model"] == [by_model]  # and the admin
     (row,) = orjson.loads(as_json.content)
     assert (row["model"], row["cached_tokens"], row["reasoning_tokens"]) == (
         "gpt-4o-mini",

@@ -27,6 +27,7 @@ from gateway.storage.base import (
     DAILY_COLUMNS,
     EVENT_COLUMNS,
     KEY_COLUMNS,
+    MODEL_USAGE_SELECT,
     USER_COLUMNS,
     USER_SORTS,
     Admission,
@@ -35,11 +36,13 @@ from gateway.storage.base import (
     Counters,
     DailyUsage,
     Lease,
+    ModelUsage,
     OverrideValue,
     UsageEvent,
     User,
     UserSort,
     UserSummary,
+    model_usage,
 )
 
 # An arbitrary constant naming the advisory lock that serialises migrations
@@ -49,6 +52,7 @@ _EXPORT_BATCH = 1000
 
 
 _ADMIT = "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+_USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="sum(cost)", p1="$1", p2="$2", p3="$3")
 _SETTLE = "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
 _SETTLE_MODEL = "SELECT gateway_settle_model($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
 
@@ -476,3 +480,8 @@ class PostgresStorage:
             params.append(user_id)
         with _mapped():
             return int(await self._pool.fetchval(sql, *params))
+
+    async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[ModelUsage]:
+        with _mapped():
+            rows = await self._pool.fetch(_USAGE_BY_MODEL, user_id, start, end)
+        return [model_usage(row, row[7]) for row in rows]

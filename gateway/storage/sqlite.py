@@ -28,6 +28,7 @@ from gateway.storage import migrations
 from gateway.storage.base import (
     DAILY_COLUMNS,
     EVENT_COLUMNS,
+    MODEL_USAGE_SELECT,
     USER_COLUMNS,
     USER_SORTS,
     Admission,
@@ -36,15 +37,18 @@ from gateway.storage.base import (
     Counters,
     DailyUsage,
     Lease,
+    ModelUsage,
     OverrideValue,
     UsageEvent,
     User,
     UserSort,
     UserSummary,
     decide,
+    model_usage,
 )
 
 T = TypeVar("T")
+_USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="dec_sum(cost)", p1="?", p2="?", p3="?")
 
 _EXPORT_BATCH = 1000
 
@@ -659,3 +663,12 @@ class SQLiteStorage:
             sql += " AND user_id = ?"
             params.append(user_id)
         return await self._run(lambda conn: int(conn.execute(sql, params).fetchone()[0]))
+
+    async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[ModelUsage]:
+        params = (user_id, start.isoformat(), end.isoformat())
+        return await self._run(
+            lambda conn: [
+                model_usage(row, Decimal(row[7] or "0"))
+                for row in conn.execute(_USAGE_BY_MODEL, params).fetchall()
+            ]
+        )
