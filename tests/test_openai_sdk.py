@@ -204,7 +204,9 @@ async def test_models_pass_through_unmetered(gw: Harness, fake: FakeOpenAI) -> N
     assert await gw.events() == []
 
 
-async def test_usage_admin_and_exports_show_model_and_token_parts(database_url: str, fake: FakeOpenAI) -> None:
+async def test_usage_admin_and_exports_show_model_and_token_parts(
+    database_url: str, fake: FakeOpenAI
+) -> None:
     env = {"GATEWAY_ADMIN_TOKEN": "admin-token"}
     async with running_gateway(
         database_url, upstream=fake, settings=openai_settings(), env=env
