@@ -198,14 +198,8 @@ def meter_body(body: dict[str, Any], response: bytes) -> Metered:
     return Metered(None, None, None, usage, outcome, model=model)
 
 
-class ChatStreamMeter:
-    """Meters a streamed chat completion or completion (``data:`` chunks, then
-    ``data: [DONE]``).
-
-    Only chunks that can carry usage or an error are parsed, and the first one
-    (for the model). Answer text is measured in the others without parsing them,
-    for an estimate when no usage comes.
-    """
+class _StreamMeter:
+    """What both stream meters keep, and how a stream's result is decided."""
 
     __slots__ = (
         "_error_code",
@@ -213,14 +207,15 @@ class ChatStreamMeter:
         "_malformed",
         "_model",
         "_prompt_chars",
+        "_started",
         "_text_chars",
         "_usage",
     )
 
     def __init__(self, body: dict[str, Any]) -> None:
         self._prompt_chars = prompt_chars(body)
-        # "" once the first chunk was read and named no model.
         self._model: str | None = None
+        self._started = False  # the upstream began the answer (a first chunk, response.created)
         self._text_chars = 0
         self._usage: Usage | None = None
         self._errored = False
@@ -232,6 +227,29 @@ class ChatStreamMeter:
         # OpenAI has no stop endpoint: an answer is stopped by closing its stream.
         return None
 
+    def finish(self, *, cut: bool) -> Metered:
+        model, code = self._model, self._error_code
+        if self._usage is not None:
+            outcome: Outcome = "error" if self._errored else "complete"
+            return Metered(None, None, None, self._usage, outcome, error_code=code, model=model)
+        partial = _partial(self._prompt_chars, self._text_chars, started=cut and self._started)
+        if self._errored:
+            return Metered(None, None, None, partial, "error", error_code=code, model=model)
+        code = "malformed_usage" if self._malformed else None
+        return Metered(None, None, None, partial, "cut", error_code=code, model=model)
+
+
+class ChatStreamMeter(_StreamMeter):
+    """Meters a streamed chat completion or completion (``data:`` chunks, then
+    ``data: [DONE]``).
+
+    Only chunks that can carry usage or an error are parsed, and the first one
+    (for the model). Answer text is measured in the others without parsing them,
+    for an estimate when no usage comes.
+    """
+
+    __slots__ = ()
+
     def feed(self, event: ServerSentEvent) -> None:
         data = event.data
         if not data:
@@ -239,7 +257,7 @@ class ChatStreamMeter:
         if data == _DONE:
             return
         if (
-            self._model is not None
+            self._started
             and _USAGE_OBJECT.search(data) is None
             and _ERROR_FIRST.match(data) is None
         ):
@@ -259,8 +277,9 @@ class ChatStreamMeter:
             self._errored = True
             self._error_code = self._error_code or _error_code(obj["error"])
             return
-        if self._model is None:
-            self._model = _str_or_none(obj.get("model")) or ""
+        if not self._started:
+            self._started = True
+            self._model = _str_or_none(obj.get("model"))
         self._text_chars += self._chunk_text(obj)
         raw = obj.get("usage")
         if raw is not None:
@@ -282,52 +301,19 @@ class ChatStreamMeter:
                     chars += _text_chars(choice.get("text"))
         return chars
 
-    def finish(self, *, cut: bool) -> Metered:
-        model = self._model or None
-        if self._usage is not None:
-            return Metered(None, None, None, self._usage, "complete", model=model)
-        partial = _partial(self._prompt_chars, self._text_chars, started=cut and model is not None)
-        if self._errored:
-            return Metered(
-                None, None, None, partial, "error", error_code=self._error_code, model=model
-            )
-        code = "malformed_usage" if self._malformed else None
-        return Metered(None, None, None, partial, "cut", error_code=code, model=model)
 
-
-class ResponsesStreamMeter:
+class ResponsesStreamMeter(_StreamMeter):
     """Meters a streamed response (``event: response.*`` events).
 
     The event type is in the SSE ``event:`` field, so text deltas are measured
     without parsing; the final event's ``response.usage`` is the usage.
     """
 
-    __slots__ = (
-        "_error_code",
-        "_errored",
-        "_malformed",
-        "_model",
-        "_overhead",
-        "_prompt_chars",
-        "_started",
-        "_text_chars",
-        "_usage",
-    )
+    __slots__ = ("_overhead",)
 
     def __init__(self, body: dict[str, Any]) -> None:
-        self._prompt_chars = prompt_chars(body)
-        self._model: str | None = None
-        self._started = False  # response.created seen
+        super().__init__(body)
         self._overhead: dict[str, int] = {}
-        self._text_chars = 0
-        self._usage: Usage | None = None
-        self._errored = False
-        self._error_code: str | None = None
-        self._malformed = False
-
-    @property
-    def task_id(self) -> str | None:
-        return None
 
     def feed(self, event: ServerSentEvent) -> None:
         data = event.data
@@ -376,21 +362,6 @@ class ResponsesStreamMeter:
             self._usage = usage_from(response["usage"])
         except ValueError:
             self._malformed = True
-
-    def finish(self, *, cut: bool) -> Metered:
-        model = self._model
-        if self._usage is not None:
-            outcome: Outcome = "error" if self._errored else "complete"
-            return Metered(
-                None, None, None, self._usage, outcome, error_code=self._error_code, model=model
-            )
-        partial = _partial(self._prompt_chars, self._text_chars, started=cut and self._started)
-        if self._errored:
-            return Metered(
-                None, None, None, partial, "error", error_code=self._error_code, model=model
-            )
-        code = "malformed_usage" if self._malformed else None
-        return Metered(None, None, None, partial, "cut", error_code=code, model=model)
 
 
 _USAGE_OBJECT_BYTES: Final = re.compile(rb'"usage"\s*:\s*\{')
