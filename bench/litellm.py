@@ -49,7 +49,7 @@ PRICE = '[prices."gpt-4o-mini"]\ninput = "0.15"\ncached_input = "0.075"\noutput 
 def litellm_executable() -> str | None:
     explicit = os.environ.get("BENCH_LITELLM")
     if explicit:
-        return explicit
+        return shutil.which(explicit)
     local = REPO / "bench" / ".litellm-venv" / "bin" / "litellm"
     if local.exists():
         return str(local)

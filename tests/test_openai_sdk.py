@@ -399,3 +399,20 @@ async def test_drain_policy_reads_on_and_records_the_reported_usage(
     assert fake.closed == 0
     assert event.outcome in ("complete", "disconnected") and not event.estimated
     assert event.cost == MINI_COST
+
+
+async def test_prices_follow_a_reload(sqlite_url: str, fake: FakeOpenAI, tmp_path: Any) -> None:
+    path = tmp_path / "gateway.toml"
+    async with running_gateway(
+        sqlite_url, upstream=fake, settings=openai_settings(), config_file=path
+    ) as h:
+        async with client(h) as sdk:
+            await sdk.chat.completions.create(model="gpt-4o-mini", messages=[])
+            await h.gateway.wait_finished(1)
+            path.write_text(path.read_text().replace('output = "0.60"', 'output = "1.20"'))
+            assert await h.gateway.reload()
+            await sdk.chat.completions.create(model="gpt-4o-mini", messages=[])
+            await h.gateway.wait_finished(2)
+        first, second = await h.events()
+    # 700 more output tokens at 0.60 more per million.
+    assert (first.cost, second.cost) == (MINI_COST, MINI_COST + Decimal("0.00042"))
