@@ -22,11 +22,13 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.errors import ConfigError
+from gateway.pricing import Price
 from gateway.upstreams import DIALECTS
 
 DEFAULT_CONFIG_FILE = "gateway.toml"
@@ -283,6 +285,9 @@ class Config:
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     plans: Mapping[str, Plan] = field(default_factory=lambda: {"free": Plan(name="free")})
+    # [prices."MODEL"]: what a million tokens of a model cost, for upstreams that
+    # report tokens but no money (docs/upstreams/openai.md).
+    prices: Mapping[str, Price] = field(default_factory=dict)
     source: str | None = _resolved(None)
 
     @property
@@ -328,7 +333,8 @@ def parse_config(
     env = os.environ if env is None else env
     data = dict(data)
     plans_table = data.pop("plans", None)
-    config: Config = _build(Config, data, "", skip={"plans"})
+    prices_table = data.pop("prices", None)
+    config: Config = _build(Config, data, "", skip={"plans", "prices"})
 
     plans: dict[str, Plan] = {}
     if plans_table is None:
@@ -344,6 +350,17 @@ def parse_config(
             plans[name] = dataclasses.replace(_build(Plan, table, f"plans.{name}."), name=name)
         if not plans:
             raise ConfigError("plans: at least one [plans.NAME] table is required")
+
+    prices: dict[str, Price] = {}
+    if prices_table is not None:
+        if not isinstance(prices_table, dict):
+            raise ConfigError(
+                f"prices: expected a table of [prices.MODEL] tables, got {_kind(prices_table)}"
+            )
+        for name, table in prices_table.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"prices.{name}: expected a table, got {_kind(table)}")
+            prices[name] = _build(Price, table, f"prices.{name}.")
 
     accounting = config.accounting
     if accounting.default_plan not in plans:
@@ -398,6 +415,7 @@ def parse_config(
         admin=admin,
         auth=auth,
         plans=types.MappingProxyType(plans),
+        prices=types.MappingProxyType(prices),
         source=source,
     )
 
@@ -550,6 +568,8 @@ def _coerce(value: Any, tp: Any, path: str, minimum: float | None) -> Any:
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{path}: expected one of {choices}, got {value!r}")
         return value
+    if tp is Decimal:
+        return _decimal(value, path, minimum)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {_kind(value)}")
@@ -571,6 +591,22 @@ def _coerce(value: Any, tp: Any, path: str, minimum: float | None) -> Any:
         bound = int(minimum) if float(minimum).is_integer() else minimum
         raise ConfigError(f"{path}: expected a number >= {bound}, got {value!r}")
     return value
+
+
+def _decimal(value: Any, path: str, minimum: float | None) -> Decimal:
+    """A price: a decimal string ("0.15", exact) or a TOML number (through its
+    shortest repr, so 0.15 is 0.15 and not its binary expansion)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ConfigError(f'{path}: expected a decimal string such as "0.15", got {_kind(value)}')
+    try:
+        result = Decimal(value.strip() if isinstance(value, str) else repr(value))
+    except InvalidOperation:
+        raise ConfigError(f"{path}: expected a decimal number, got {value!r}") from None
+    if not result.is_finite():
+        raise ConfigError(f"{path}: expected a finite decimal number, got {value!r}")
+    if minimum is not None and result < Decimal(repr(minimum)):
+        raise ConfigError(f"{path}: expected a number >= {minimum:g}, got {value!r}")
+    return result
 
 
 def _kind(value: object) -> str:
@@ -609,7 +645,7 @@ def setting_paths() -> list[str]:
     def walk(cls: type[Any], prefix: str) -> None:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.metadata.get("resolved") or f.name == "plans":
+            if f.metadata.get("resolved") or f.name in ("plans", "prices"):
                 continue
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], f"{prefix}{f.name}.")
@@ -618,6 +654,7 @@ def setting_paths() -> list[str]:
 
     walk(Config, "")
     walk(Plan, "plans.<name>.")
+    walk(Price, "prices.<model>.")
     return paths
 
 
@@ -660,6 +697,8 @@ def render_config(config: Config) -> str:
     emit("admission.on_storage_error", config.admission.on_storage_error)
     for name, plan in config.plans.items():
         emit(f"plans.{name}", plan)
+    for model, price in config.prices.items():
+        emit(f"prices.{_toml_value(model)}", price)
     return "\n".join(lines) + "\n"
 
 
@@ -670,5 +709,7 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, Decimal):
+        return f'"{value}"'
     escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'

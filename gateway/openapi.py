@@ -235,7 +235,7 @@ def document() -> dict[str, Any]:
             "/admin/users/{user_id}": {
                 "get": {
                     "operationId": "getUser",
-                    "summary": "One user: plan, overrides, limits and usage, keys, daily history",
+                    "summary": "One user: plan, overrides, limits and usage (this month per model), keys, daily history",
                     "parameters": [
                         _USER_ID,
                         {

@@ -626,10 +626,12 @@ class Proxy:
                 request_id=request_id,
                 upstream_latency_ms=round(upstream_ms, 3),
                 overhead_ms=round(overhead_ms, 3),
+                model=result.model,
+                cached_tokens=usage.cached_tokens,
+                reasoning_tokens=usage.reasoning_tokens,
             ),
             lease_id=ticket.lease_id,
             plan=ticket.plan,
-            model=result.model,
             alerts=ticket.alerts,
         )
 

@@ -92,7 +92,7 @@ class Gateway:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.metrics = Metrics()
-        self.upstream: Upstream = get_upstream(config.upstream.kind)
+        self.upstream: Upstream = get_upstream(config.upstream.kind, config)
         self.upstream_url = config.upstream.url
         self.user_header = config.auth.trusted_header.user_header.lower().encode()
         up = config.upstream
@@ -255,7 +255,10 @@ class Gateway:
         auth = Authenticator(self.storage, config.auth, plans=config.plans)
         users = UserDirectory(self.storage, ttl=config.auth.key_cache_ttl)
         tz = config.tz
+        # Rebuilt so that a dialect's own settings (prices) follow a reload.
+        upstream = get_upstream(config.upstream.kind, config)
         self.config, self._tz, self.auth, self.users = config, tz, auth, users
+        self.upstream = upstream
         self.user_header = config.auth.trusted_header.user_header.lower().encode()
         if hasattr(self, "settler"):  # a reload: the settler exists from the start
             self.settler.max_tokens_per_answer = config.accounting.max_tokens_per_answer

@@ -35,11 +35,10 @@ RETRY_DELAYS: tuple[float, ...] = (0.05, 0.5, 2.0, 5.0, 15.0)
 
 
 class _Context(NamedTuple):
-    """What a settle needs besides the ledger row: the labels the metrics break
+    """What a settle needs besides the ledger row: the plan the metrics break
     usage down by, and the alert thresholds the settle checks."""
 
     plan: str = ""
-    model: str = ""
     alerts: AlertRequest | None = None
 
 
@@ -126,14 +125,13 @@ class Settler:
         *,
         lease_id: str | None = None,
         plan: str = "",
-        model: str = "",
         alerts: AlertRequest | None = None,
     ) -> None:
         """Write one answer now; on a storage error, retry in the background.
 
         The answer's stream lease is released with the write; a retried or spooled
         write leaves it to expire."""
-        labels = _Context(plan, model, alerts)
+        labels = _Context(plan, alerts)
         try:
             await self._write(event, lease_id=lease_id, labels=labels)
         except StorageError as exc:
@@ -210,7 +208,8 @@ class Settler:
         if settled:
             metrics = self._metrics
             metrics.inc("gateway_answers_settled_total", outcome=event.outcome)
-            plan, model, _ = labels or _Context()
+            plan = labels.plan if labels else ""
+            model = event.model or ""  # Dify's answers name none
             metrics.inc(
                 "gateway_tokens_total", event.prompt_tokens, plan=plan, model=model, kind="prompt"
             )

@@ -89,6 +89,10 @@ class Usage:
     cost: Decimal = ZERO
     currency: str = "USD"
     estimated: bool = False
+    # Parts of the counts above, where the upstream reports them (OpenAI does):
+    # prompt tokens read from the prompt cache, completion tokens spent reasoning.
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -98,6 +102,8 @@ class Usage:
             cost=self.cost + other.cost,
             currency=self.currency if self.total_tokens or self.cost else other.currency,
             estimated=self.estimated or other.estimated,
+            cached_tokens=self.cached_tokens + other.cached_tokens,
+            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
         )
 
 
@@ -108,6 +114,7 @@ class Metered:
     ``usage`` is None when nothing is to be charged (an error before any text).
     ``metadata`` is the answer's metadata object (``message_end.metadata``, or a
     workflow's ``outputs``) for rules that look into it, such as web-search counting.
+    ``model`` is the model that answered, when the upstream names it.
     """
 
     answer_id: str | None
@@ -117,10 +124,4 @@ class Metered:
     outcome: Outcome
     error_code: str | None = None
     metadata: dict[str, object] | None = None
-
-    @property
-    def model(self) -> str:
-        """The model the upstream says answered, "" when it does not say (Dify's
-        chat answers name none)."""
-        model = self.metadata.get("model") if self.metadata else None
-        return model if isinstance(model, str) else ""
+    model: str | None = None

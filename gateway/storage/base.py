@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 OverrideValue = int | float | bool | None  # None: explicitly unlimited
 
@@ -29,7 +29,15 @@ DAILY_COLUMNS = (
 EVENT_COLUMNS = (
     "answer_id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens, "
     "total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id, "
-    "request_id, upstream_latency_ms, overhead_ms"
+    "request_id, upstream_latency_ms, overhead_ms, model, cached_tokens, reasoning_tokens"
+)
+# Per model, in ModelUsage's order; both backends group the ledger by model with it
+# (the cost sum is the backend's exact decimal sum, given as {cost_sum}).
+MODEL_USAGE_SELECT = (
+    "SELECT model, count(*), sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), "
+    "sum(reasoning_tokens), sum(total_tokens), {cost_sum} FROM usage_events "
+    "WHERE user_id = {p1} AND day >= {p2} AND day <= {p3} "
+    "GROUP BY model ORDER BY sum(total_tokens) DESC, model"
 )
 ALERT_COLUMNS = "n.user_id, n.kind, n.period, n.threshold, n.limit_value, n.used, n.created_at"
 DELIVERY_COLUMNS = (
@@ -146,6 +154,37 @@ class UsageEvent:
     request_id: str | None = None
     upstream_latency_ms: float | None = None
     overhead_ms: float | None = None
+    model: str | None = None  # the model that answered, when the upstream names it
+    cached_tokens: int = 0  # of prompt_tokens, read from the provider's prompt cache
+    reasoning_tokens: int = 0  # of completion_tokens, spent reasoning
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUsage:
+    """A user's answers of one model over a range of days, from the ledger."""
+
+    model: str | None  # None: answers whose upstream names no model (Dify's)
+    answers: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+    cost: Decimal = Decimal(0)
+
+
+def model_usage(row: Any, cost: Decimal) -> ModelUsage:
+    """A row of MODEL_USAGE_SELECT (sums may come as decimals) as a ModelUsage."""
+    return ModelUsage(
+        model=row[0],
+        answers=int(row[1]),
+        prompt_tokens=int(row[2]),
+        cached_tokens=int(row[3]),
+        completion_tokens=int(row[4]),
+        reasoning_tokens=int(row[5]),
+        total_tokens=int(row[6]),
+        cost=cost,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,3 +456,8 @@ class Storage(Protocol):
         ...
 
     async def count_events(self, start: date, end: date, *, user_id: str | None = None) -> int: ...
+
+    async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[ModelUsage]:
+        """The user's ledger with start <= day <= end summed per model, the model
+        with the most tokens first."""
+        ...

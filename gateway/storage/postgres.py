@@ -29,6 +29,7 @@ from gateway.storage.base import (
     DELIVERY_COLUMNS,
     EVENT_COLUMNS,
     KEY_COLUMNS,
+    MODEL_USAGE_SELECT,
     USER_COLUMNS,
     USER_SORTS,
     Admission,
@@ -41,6 +42,7 @@ from gateway.storage.base import (
     DailyUsage,
     Delivery,
     Lease,
+    ModelUsage,
     OutboxItem,
     OverrideValue,
     UsageEvent,
@@ -49,6 +51,7 @@ from gateway.storage.base import (
     UserSummary,
     alerts_with_deliveries,
     delivery,
+    model_usage,
 )
 
 # An arbitrary constant naming the advisory lock that serialises migrations
@@ -58,7 +61,9 @@ _EXPORT_BATCH = 1000
 
 
 _ADMIT = "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+_USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="sum(cost)", p1="$1", p2="$2", p3="$3")
 _SETTLE = "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+_SETTLE_MODEL = "SELECT gateway_settle_model($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
 
 
 @contextlib.contextmanager
@@ -394,13 +399,14 @@ class PostgresStorage:
     async def settle(
         self, event: UsageEvent, *, lease_id: str | None = None, alerts: AlertRequest | None = None
     ) -> bool:
+        sql, args = _settle_call(event, lease_id)
         if alerts is None or not alerts.checks:
             with _mapped():
-                return bool(await self._pool.fetchval(_SETTLE, *_settle_args(event, lease_id)))
+                return bool(await self._pool.fetchval(sql, *args))
         checks = [(c, t) for c in alerts.checks for t in c.thresholds]
         with _mapped():
             async with self._pool.acquire() as conn, conn.transaction():
-                if not await conn.fetchval(_SETTLE, *_settle_args(event, lease_id)):
+                if not await conn.fetchval(sql, *args):
                     return False
                 # The same transaction sees this settle's own counters; a crossing
                 # another replica records first makes this insert do nothing.
@@ -531,6 +537,21 @@ class PostgresStorage:
             params.append(user_id)
         with _mapped():
             return int(await self._pool.fetchval(sql, *params))
+
+    async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[ModelUsage]:
+        with _mapped():
+            rows = await self._pool.fetch(_USAGE_BY_MODEL, user_id, start, end)
+        return [model_usage(row, row[7]) for row in rows]
+
+
+def _settle_call(event: UsageEvent, lease_id: str | None) -> tuple[str, tuple[Any, ...]]:
+    # Answers that name no model nor token parts (Dify's) skip the extra update.
+    extra = (
+        (event.model, event.cached_tokens, event.reasoning_tokens)
+        if event.model is not None or event.cached_tokens or event.reasoning_tokens
+        else ()
+    )
+    return (_SETTLE_MODEL if extra else _SETTLE), (*_settle_args(event, lease_id), *extra)
 
 
 def _settle_args(event: UsageEvent, lease_id: str | None) -> tuple[Any, ...]:

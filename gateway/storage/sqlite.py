@@ -30,6 +30,7 @@ from gateway.storage.base import (
     DAILY_COLUMNS,
     DELIVERY_COLUMNS,
     EVENT_COLUMNS,
+    MODEL_USAGE_SELECT,
     USER_COLUMNS,
     USER_SORTS,
     Admission,
@@ -41,6 +42,7 @@ from gateway.storage.base import (
     Crossing,
     DailyUsage,
     Lease,
+    ModelUsage,
     OutboxItem,
     OverrideValue,
     UsageEvent,
@@ -51,9 +53,11 @@ from gateway.storage.base import (
     crossed,
     decide,
     delivery,
+    model_usage,
 )
 
 T = TypeVar("T")
+_USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="dec_sum(cost)", p1="?", p2="?", p3="?")
 
 _EXPORT_BATCH = 1000
 
@@ -206,6 +210,9 @@ def _event(row: tuple[Any, ...]) -> UsageEvent:
         request_id=row[14],
         upstream_latency_ms=row[15],
         overhead_ms=row[16],
+        model=row[17],
+        cached_tokens=row[18],
+        reasoning_tokens=row[19],
     )
 
 
@@ -581,7 +588,7 @@ class SQLiteStorage:
                 conn.execute("DELETE FROM stream_leases WHERE id = ?", (lease_id,))
             inserted = conn.execute(
                 f"INSERT INTO usage_events ({EVENT_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (answer_id) DO NOTHING",
                 (
                     event.answer_id,
@@ -601,6 +608,9 @@ class SQLiteStorage:
                     event.request_id,
                     event.upstream_latency_ms,
                     event.overhead_ms,
+                    event.model,
+                    event.cached_tokens,
+                    event.reasoning_tokens,
                 ),
             ).rowcount
             if not inserted:
@@ -784,3 +794,12 @@ class SQLiteStorage:
             sql += " AND user_id = ?"
             params.append(user_id)
         return await self._run(lambda conn: int(conn.execute(sql, params).fetchone()[0]))
+
+    async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[ModelUsage]:
+        params = (user_id, start.isoformat(), end.isoformat())
+        return await self._run(
+            lambda conn: [
+                model_usage(row, Decimal(row[7] or "0"))
+                for row in conn.execute(_USAGE_BY_MODEL, params).fetchall()
+            ]
+        )

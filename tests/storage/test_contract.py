@@ -10,7 +10,15 @@ import pytest
 
 from gateway.config import DatabaseConfig
 from gateway.errors import NotFound
-from gateway.storage import AdmissionLimits, Lease, Storage, UsageEvent, migrations, open_storage
+from gateway.storage import (
+    AdmissionLimits,
+    Lease,
+    ModelUsage,
+    Storage,
+    UsageEvent,
+    migrations,
+    open_storage,
+)
 
 NOW = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
 DAY = date(2026, 11, 21)
@@ -234,6 +242,36 @@ async def test_settle_records_once_with_exact_money(storage: Storage) -> None:
     assert [e.answer_id for e in events] == ["m1", "m2", "m3", "m4"]
     assert events[3].estimated and events[3].outcome == "cut"
     assert events[0].cost == Decimal("0.0013030") and events[0].created_at == NOW
+
+
+async def test_the_ledger_keeps_model_and_token_parts_and_sums_them_per_model(
+    storage: Storage,
+) -> None:
+    await storage.ensure_user("alice", plan="free")
+    await storage.ensure_user("bob", plan="free")
+    parts = {"cached_tokens": 30, "reasoning_tokens": 10}
+    assert await storage.settle(event("a1", tokens=100, cost="0.1", model="o3", **parts))
+    assert await storage.settle(event("a2", tokens=200, cost="0.0000001", model="o3", **parts))
+    assert await storage.settle(event("a3", tokens=50, cost="0.3", model="gpt-4o-mini"))
+    assert await storage.settle(event("a4", tokens=7, cost="0"))  # names no model (Dify)
+    assert await storage.settle(event("a5", day=DAY - timedelta(days=1), model="o3"))
+    assert await storage.settle(event("b1", user="bob", model="o3"))
+    # The settle with the extra columns is as idempotent as the plain one.
+    assert not await storage.settle(event("a1", tokens=100, cost="0.1", model="o3", **parts))
+
+    events = {e.answer_id: e async for e in storage.events(DAY, DAY)}
+    assert (events["a1"].model, events["a1"].cached_tokens, events["a1"].reasoning_tokens) == (
+        "o3",
+        30,
+        10,
+    )
+    assert (events["a4"].model, events["a4"].cached_tokens) == (None, 0)
+    assert await storage.usage_by_model("alice", start=DAY, end=DAY) == [
+        ModelUsage("o3", 2, 225, 60, 75, 20, 300, Decimal("0.1000001")),
+        ModelUsage("gpt-4o-mini", 1, 38, 0, 12, 0, 50, Decimal("0.3")),
+        ModelUsage(None, 1, 6, 0, 1, 0, 7, Decimal("0")),
+    ]
+    assert await storage.usage_by_model("carol", start=DAY, end=DAY) == []
 
 
 async def test_settle_for_an_unknown_user(storage: Storage) -> None:
