@@ -17,8 +17,10 @@ from gateway.keys import new_key
 from gateway.metrics import COUNTERS, GAUGES, HISTOGRAMS, Metrics
 from gateway.storage import open_storage
 from gateway.testing.fake_upstream import FakeDify
+from gateway.testing.openai_upstream import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, running_gateway, to_toml
 from tests.servers import free_port, serve, start_gateway
+from tests.test_openai_sdk import MINI_COST, STEER, openai_settings
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming"}
 SOURCE = Path(__file__).parent.parent / "gateway"
@@ -151,3 +153,19 @@ async def test_serve_with_workers_sums_every_worker(tmp_path: Path, fake_url: st
     finally:
         process.terminate()
         await process.wait()
+
+
+async def test_tokens_and_cost_are_counted_by_the_model_that_answered(sqlite_url: str) -> None:
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, upstream=fake, settings=openai_settings()) as h:
+        async with httpx.AsyncClient(base_url=h.url) as client:
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+            response = await client.post("/v1/chat/completions", json=body, headers=h.auth(**STEER))
+            assert response.status_code == 200
+            await h.gateway.wait_finished(1)
+            text = (await client.get("/metrics")).text
+    labels = {"plan": "free", "model": "gpt-4o-mini"}
+    assert value(text, "gateway_tokens_total", kind="prompt", **labels) == 1200
+    assert value(text, "gateway_tokens_total", kind="completion", **labels) == 700
+    cost = value(text, "gateway_cost_total", currency="USD", **labels)
+    assert cost == pytest.approx(float(MINI_COST))
