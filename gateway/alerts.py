@@ -186,9 +186,7 @@ class OutboxWorker:
         self._wake.set()
 
     async def run(self) -> None:
-        # Opened here, so that a worker restarted after a crash has a client again.
-        async with httpx.AsyncClient(follow_redirects=False) as client:
-            self._client = client
+        try:
             while True:
                 try:
                     claimed = await self.run_once() if self.alerts.channels else 0
@@ -202,6 +200,16 @@ class OutboxWorker:
                             await self._wake.wait()
                     except TimeoutError:
                         pass
+        finally:
+            if self._client is not None:
+                await self._client.aclose()
+
+    def _http(self) -> httpx.AsyncClient:
+        # Made when first needed, so that a worker restarted after its client was
+        # closed has one again.
+        if self._client is None or self._client.is_closed:
+            self._client = httpx.AsyncClient(follow_redirects=False)
+        return self._client
 
     async def run_once(self) -> int:
         """Claim and deliver what is due; returns how many rows were claimed.
@@ -280,9 +288,7 @@ class OutboxWorker:
         body = orjson.dumps(payload(item))
         msg_id = message_id(item)
         timestamp = int(self.clock.now().timestamp())
-        if self._client is None:
-            raise DeliveryFailed("the delivery worker is not running")
-        response = await self._client.post(
+        response = await self._http().post(
             alerts.webhook_url,
             timeout=alerts.webhook_timeout,
             content=body,

@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from email import message_from_bytes
 from typing import Any
 
@@ -19,10 +20,11 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from gateway.alerts import alert_request, sign
-from gateway.clock import periods_at
-from gateway.config import parse_config
+from gateway.alerts import OutboxWorker, alert_request, sign
+from gateway.clock import SystemClock, periods_at
+from gateway.config import DatabaseConfig, parse_config
 from gateway.errors import ConfigError
+from gateway.storage import OutboxItem, Storage, UsageEvent, open_storage
 from tests.harness import USER, Harness, running_gateway
 from tests.servers import read_body, serve
 from tests.tcpproxy import TCPProxy
@@ -347,6 +349,75 @@ async def test_the_database_failing_while_a_delivery_is_recorded_does_not_stop_t
     )
     assert (deliveries[40]["status"], deliveries[40]["attempts"]) == ("pending", 0)
     assert (deliveries[90]["status"], deliveries[90]["attempts"]) == ("delivered", 1)
+
+
+class FailsOneClaim:
+    """A real storage whose first outbox claim fails with an error that is not a
+    StorageError (what a driver bug or an unreadable row would raise)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.failed = False
+
+    async def claim_outbox(self, **kw: Any) -> list[OutboxItem]:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("cannot read the outbox")
+        return await self.storage.claim_outbox(**kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.storage, name)
+
+
+async def test_a_delivery_round_that_fails_is_logged_and_the_next_one_delivers(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = Receiver()
+    storage = await open_storage(DatabaseConfig(url=sqlite_url))
+    await storage.migrate()
+    await storage.ensure_user(USER, plan="free")
+    now = datetime.now(UTC)
+    periods = periods_at(now, UTC)
+    plans = {"free": {"tokens_per_day": 2000}}
+    async with serve(receiver) as url:
+        config = parse_config(
+            {
+                "alerts": {**settings(webhook_url=url + "/hook", **WEBHOOK)["alerts"]},
+                "plans": plans,
+            },
+            env={"TEST_WEBHOOK_SECRET": SECRET},
+        )
+        request = alert_request(config.plan("free"), config.alerts, periods)
+        answer = UsageEvent(
+            answer_id="m1",
+            user_id=USER,
+            day=periods.day,
+            created_at=now,
+            endpoint="chat-messages",
+            prompt_tokens=900,
+            completion_tokens=100,
+            total_tokens=1000,
+            cost=Decimal("0.001"),
+        )
+        await storage.settle(answer, alerts=request)  # 50% of 2000: 40% crossed
+        attempted = asyncio.Event()
+        worker = OutboxWorker(
+            FailsOneClaim(storage),  # type: ignore[arg-type]
+            lambda: config.alerts,
+            SystemClock(),
+            on_attempt=lambda channel, result: attempted.set(),
+        )
+        task = asyncio.create_task(worker.run())
+        try:
+            async with asyncio.timeout(10):
+                await attempted.wait()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await storage.close()
+    assert [p["data"]["threshold"] for p in receiver.verified] == [40]
+    assert any("alert delivery round failed" in r.message for r in caplog.records)
 
 
 async def test_a_background_job_that_dies_is_logged_and_a_supervised_one_restarted(
