@@ -17,6 +17,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import unicodedata
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from email.message import EmailMessage
@@ -127,13 +128,21 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
+def plain_line(text: str) -> str:
+    """``text`` on one line with no control characters: a header value the email
+    library accepts whatever a user id holds (U+2028 and U+0085 are line breaks
+    to it, and valid in a user id)."""
+    one_line = " ".join(text.splitlines())
+    return "".join(ch for ch in one_line if unicodedata.category(ch) != "Cc")
+
+
 def email_message(item: OutboxItem, alerts: AlertsConfig) -> EmailMessage:
     c = item.crossing
     what = describe(c.limit)
     message = EmailMessage()
-    message["From"] = alerts.email_from
-    message["To"] = ", ".join(alerts.email_to)
-    message["Subject"] = f"{c.user_id} reached {c.threshold}% of {what}"
+    message["From"] = plain_line(alerts.email_from)
+    message["To"] = plain_line(", ".join(alerts.email_to))
+    message["Subject"] = plain_line(f"{c.user_id} reached {c.threshold}% of {what}")
     message["Message-ID"] = f"<{message_id(item)}@gateway>"
     message.set_content(
         f"User {c.user_id} has used {c.used} of {c.value} {what} ({c.period}), "
@@ -160,13 +169,13 @@ class OutboxWorker:
         on_attempt: Callable[[str, str], None] = lambda channel, result: None,
     ) -> None:
         self.storage = storage
-        # Told (channel, "delivered" | "retry" | "failed") once each attempt is recorded.
+        # Told (channel, "delivered" | "retry" | "failed" | "unrecorded") after each attempt.
         self._on_attempt = on_attempt
         self._settings = settings  # read each time: a reload may change them
         self.clock = clock
         self.batch = batch
         self._wake = asyncio.Event()
-        self._client = httpx.AsyncClient(follow_redirects=False)
+        self._client: httpx.AsyncClient | None = None
 
     @property
     def alerts(self) -> AlertsConfig:
@@ -179,7 +188,11 @@ class OutboxWorker:
     async def run(self) -> None:
         try:
             while True:
-                claimed = await self.run_once() if self.alerts.channels else 0
+                try:
+                    claimed = await self.run_once() if self.alerts.channels else 0
+                except Exception:  # the worker outlives any one round (see run_once)
+                    log.exception("alert delivery round failed; trying again at the next poll")
+                    claimed = 0
                 if claimed < self.batch:
                     self._wake.clear()
                     try:
@@ -188,10 +201,23 @@ class OutboxWorker:
                     except TimeoutError:
                         pass
         finally:
-            await self._client.aclose()
+            if self._client is not None:
+                await self._client.aclose()
+
+    def _http(self) -> httpx.AsyncClient:
+        # Made when first needed, so that a worker restarted after its client was
+        # closed has one again.
+        if self._client is None or self._client.is_closed:
+            self._client = httpx.AsyncClient(follow_redirects=False)
+        return self._client
 
     async def run_once(self) -> int:
-        """Claim and deliver what is due; returns how many rows were claimed."""
+        """Claim and deliver what is due; returns how many rows were claimed.
+
+        Each row is on its own: a delivery that fails in any way is recorded as a
+        failed attempt, and a result the database cannot take is logged and left
+        to the claim's expiry (the row is sent again then). One bad row, or a
+        database blip, never stops the rest."""
         now = self.clock.now()
         # Held long enough for one attempt on every claimed row.
         hold = timedelta(
@@ -205,11 +231,45 @@ class OutboxWorker:
             log.warning("alert outbox unavailable: %s", exc.message)
             return 0
         for item in items:
-            result = await self._attempt(item, self.alerts)
+            try:
+                result = await self._attempt(item, self.alerts)
+            except Exception as exc:
+                message = exc.message if isinstance(exc, StorageError) else repr(exc)
+                log.error(
+                    "alert %s by %s: the result could not be recorded, it is sent again "
+                    "when its claim expires: %s",
+                    message_id(item),
+                    item.channel,
+                    message,
+                    exc_info=not isinstance(exc, StorageError),
+                )
+                result = "unrecorded"
             self._on_attempt(item.channel, result)
         return len(items)
 
     async def _attempt(self, item: OutboxItem, alerts: AlertsConfig) -> str:
+        error = await self._deliver(item, alerts)
+        if error is None:
+            await self.storage.outbox_delivered(item.id, now=self.clock.now())
+            return "delivered"
+        attempts = item.attempts + 1
+        retry_at = None
+        if attempts < alerts.max_attempts:
+            delay = min(alerts.retry_initial * 2 ** (attempts - 1), alerts.retry_max)
+            retry_at = self.clock.now() + timedelta(seconds=delay)
+        log.warning(
+            "alert %s by %s failed (attempt %d%s): %s",
+            message_id(item),
+            item.channel,
+            attempts,
+            "" if retry_at else ", giving up",
+            error,
+        )
+        await self.storage.outbox_failed(item.id, error=error, retry_at=retry_at)
+        return "retry" if retry_at else "failed"
+
+    async def _deliver(self, item: OutboxItem, alerts: AlertsConfig) -> str | None:
+        """Send one row; the error that stopped it, or None once it is delivered."""
         try:
             if item.channel == "webhook" and alerts.webhook_url:
                 await self._webhook(item, alerts)
@@ -218,30 +278,17 @@ class OutboxWorker:
             else:
                 raise DeliveryFailed(f"the {item.channel} channel is not configured")
         except (DeliveryFailed, httpx.HTTPError, aiosmtplib.SMTPException, OSError) as exc:
-            error = str(exc) or type(exc).__name__
-            attempts = item.attempts + 1
-            retry_at = None
-            if attempts < alerts.max_attempts:
-                delay = min(alerts.retry_initial * 2 ** (attempts - 1), alerts.retry_max)
-                retry_at = self.clock.now() + timedelta(seconds=delay)
-            log.warning(
-                "alert %s by %s failed (attempt %d%s): %s",
-                message_id(item),
-                item.channel,
-                attempts,
-                "" if retry_at else ", giving up",
-                error,
-            )
-            await self.storage.outbox_failed(item.id, error=error[:500], retry_at=retry_at)
-            return "retry" if retry_at else "failed"
-        await self.storage.outbox_delivered(item.id, now=self.clock.now())
-        return "delivered"
+            return _error_text(exc)
+        except Exception as exc:  # anything else is this row's failure too, not the worker's
+            log.exception("alert %s by %s failed unexpectedly", message_id(item), item.channel)
+            return _error_text(exc)
+        return None
 
     async def _webhook(self, item: OutboxItem, alerts: AlertsConfig) -> None:
         body = orjson.dumps(payload(item))
         msg_id = message_id(item)
         timestamp = int(self.clock.now().timestamp())
-        response = await self._client.post(
+        response = await self._http().post(
             alerts.webhook_url,
             timeout=alerts.webhook_timeout,
             content=body,
@@ -266,3 +313,13 @@ class OutboxWorker:
             start_tls=a.smtp_tls == "starttls",
             timeout=a.smtp_timeout,
         )
+
+
+def _error_text(exc: BaseException) -> str:
+    """What a failed attempt records: the error in words, on one line, without
+    control characters (PostgreSQL refuses a NUL in text), at most 500 characters."""
+    if isinstance(exc, BaseExceptionGroup):  # e.g. every address of a host refused
+        text = "; ".join(_error_text(e) for e in exc.exceptions)
+    else:
+        text = str(exc) or type(exc).__name__
+    return plain_line(text)[:500]

@@ -63,7 +63,7 @@ COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
         ("policy",),
     ),
     "gateway_alert_deliveries_total": (
-        "Alert delivery attempts, by channel and result (delivered, retry, failed).",
+        "Alert delivery attempts, by channel and result (delivered, retry, failed, unrecorded).",
         ("channel", "result"),
     ),
     "gateway_tokens_total": (

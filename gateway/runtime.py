@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, date, datetime, timedelta
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
@@ -37,6 +37,8 @@ log = logging.getLogger("gateway")
 
 # How long shutdown waits for answers still being recorded.
 SHUTDOWN_GRACE = 10.0
+# How long a crashed background job waits before it is started again.
+RESTART_DELAY = 1.0
 
 
 def make_client(
@@ -120,7 +122,7 @@ class Gateway:
         self.finished = Watermark()
         self.reloads = Watermark()
         self.outbox_attempts = Watermark()  # alert deliveries tried
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._keep: set[asyncio.Task[Any]] = set()
 
     @property
@@ -161,7 +163,7 @@ class Gateway:
             self.clock,
             on_attempt=self._alert_attempted,
         )
-        self.spawn(self.outbox.run())
+        self.spawn(self.supervise("alert delivery", self.outbox.run))
         source, interval = self.config.source, self.config.server.reload_interval
         if source is not None and interval > 0:
             self.spawn(self._watch(source, interval))
@@ -293,11 +295,32 @@ class Gateway:
         self.metrics.inc("gateway_alert_deliveries_total", channel=channel, result=result)
         self.outbox_attempts.bump()
 
-    def spawn(self, coro: Any) -> None:
-        """Run a background job; it is cancelled at shutdown."""
-        task = asyncio.create_task(coro)
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run a background job; it is cancelled at shutdown, and logged if it
+        ends with an error (nothing else would ever see it)."""
+        task = asyncio.create_task(coro, name=getattr(coro, "__qualname__", None))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
+        return task
+
+    async def supervise(
+        self,
+        name: str,
+        job: Callable[[], Coroutine[Any, Any, None]],
+        *,
+        restart_delay: float = RESTART_DELAY,
+    ) -> None:
+        """Run ``job`` until it returns; a crash is logged and the job started
+        again (after ``restart_delay`` seconds, so a job that fails at once does
+        not spin)."""
+        while True:
+            try:
+                await job()
+                return
+            except Exception:
+                log.exception("background job %s failed; restarting it", name)
+            await asyncio.sleep(restart_delay)
 
     async def idle(self, timeout: float = 10.0) -> None:
         """Wait until the work that must finish (recording, stopping answers) is done."""
@@ -360,6 +383,11 @@ class Gateway:
         self.metrics.close()
         if self._owns_storage:
             await self.storage.close()
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("background task %s died", task.get_name(), exc_info=exc)
 
 
 class Watermark:

@@ -27,7 +27,7 @@ import orjson
 from gateway.bounds import DEFAULT_MAX_TOKENS_PER_ANSWER, bound_event
 from gateway.errors import StorageError
 from gateway.metrics import Metrics
-from gateway.storage import AlertRequest, Storage, UsageEvent
+from gateway.storage import ALERT_LIMITS, AlertCheck, AlertRequest, Storage, UsageEvent
 
 log = logging.getLogger("gateway.settle")
 
@@ -70,11 +70,24 @@ def _safe_repr(value: object) -> str:
         return f"<unrepresentable {type(value).__name__}>"
 
 
-def event_to_json(event: UsageEvent, lease_id: str | None = None) -> bytes:
-    """One spool line for ``event``. Never raises, whatever the event holds."""
+def event_to_json(
+    event: UsageEvent,
+    lease_id: str | None = None,
+    *,
+    plan: str = "",
+    alerts: AlertRequest | None = None,
+) -> bytes:
+    """One spool line for ``event``. Never raises, whatever the event holds.
+
+    The line keeps the settle's context too: a replayed answer is checked for the
+    alert thresholds it crossed, as it would have been when it was settled."""
     record = {f.name: _plain(getattr(event, f.name)) for f in dataclasses.fields(event)}
     if lease_id is not None:
         record["_lease_id"] = lease_id
+    if plan:
+        record["_plan"] = plan
+    if alerts is not None:
+        record["_alerts"] = _alerts_to_json(alerts)
     try:
         return orjson.dumps(record)
     except orjson.JSONEncodeError:
@@ -84,11 +97,18 @@ def event_to_json(event: UsageEvent, lease_id: str | None = None) -> bytes:
 
 
 def event_from_json(line: bytes) -> tuple[UsageEvent, str | None]:
+    event, lease_id, _ = _read_line(line)
+    return event, lease_id
+
+
+def _read_line(line: bytes) -> tuple[UsageEvent, str | None, _Context]:
     try:
         raw: dict[str, Any] = orjson.loads(line)
     except orjson.JSONDecodeError:  # a line the standard library wrote (see event_to_json)
         raw = json.loads(line)
     lease_id = raw.pop("_lease_id", None)
+    plan = raw.pop("_plan", "")
+    alerts = raw.pop("_alerts", None)
     raw["day"] = date.fromisoformat(raw["day"])
     raw["created_at"] = datetime.fromisoformat(raw["created_at"])
     raw["cost"] = Decimal(raw["cost"])
@@ -98,7 +118,41 @@ def event_from_json(line: bytes) -> tuple[UsageEvent, str | None]:
     for name in ("upstream_latency_ms", "overhead_ms"):
         if isinstance(raw.get(name), str):
             raw[name] = float(raw[name])
-    return UsageEvent(**raw), lease_id
+    event = UsageEvent(**raw)
+    return event, lease_id, _Context(plan if isinstance(plan, str) else "", _alerts_read(alerts))
+
+
+def _alerts_to_json(alerts: AlertRequest) -> dict[str, Any]:
+    return {
+        "month_start": alerts.month_start.isoformat(),
+        "channels": list(alerts.channels),
+        "checks": [[c.limit, c.period, c.value, list(c.thresholds)] for c in alerts.checks],
+    }
+
+
+def _alerts_read(raw: object) -> AlertRequest | None:
+    """The alert request of a spool line; one it cannot read is dropped (and
+    logged) rather than the usage record with it."""
+    if raw is None:
+        return None
+    try:
+        if not isinstance(raw, dict):
+            raise TypeError(f"expected an object, got {type(raw).__name__}")
+        checks = []
+        for limit, period, value, thresholds in raw["checks"]:
+            if limit not in ALERT_LIMITS:
+                raise ValueError(f"unknown limit {limit!r}")
+            checks.append(
+                AlertCheck(limit, str(period), int(value), tuple(int(t) for t in thresholds))
+            )
+        return AlertRequest(
+            tuple(checks),
+            date.fromisoformat(raw["month_start"]),
+            tuple(str(c) for c in raw["channels"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        log.error("spooled alert check unreadable, replayed without it: %r", exc)
+        return None
 
 
 class Settler:
@@ -116,7 +170,8 @@ class Settler:
         self._metrics = metrics
         self._spool = spool
         self._delays = tuple(retry_delays)
-        self._tasks: dict[asyncio.Task[None], tuple[UsageEvent, str | None] | None] = {}
+        # A pending write's event, lease and context: spooled if shutdown cancels it.
+        self._tasks: dict[asyncio.Task[None], tuple[UsageEvent, str | None, _Context] | None] = {}
         self._closing = False
 
     async def record(
@@ -138,12 +193,12 @@ class Settler:
             log.warning("ledger write for %s failed, will retry: %s", event.answer_id, exc.message)
             self._metrics.inc("gateway_storage_errors_total", operation="settle")
             if self._closing:
-                self._to_spool(event, lease_id)
+                self._to_spool(event, lease_id, labels)
                 return
             task = asyncio.create_task(
                 self._retry(event, lease_id, labels), name=f"settle-retry-{event.answer_id}"
             )
-            self._tasks[task] = (event, lease_id)
+            self._tasks[task] = (event, lease_id, labels)
             task.add_done_callback(self._tasks.pop)
 
     async def refund(self, user_id: str, *, day: date, lease_id: str | None) -> None:
@@ -251,11 +306,14 @@ class Settler:
                 return
             except StorageError as exc:
                 log.warning("ledger write for %s failed again: %s", event.answer_id, exc.message)
-        self._to_spool(event, lease_id)
+        self._to_spool(event, lease_id, labels)
 
-    def _to_spool(self, event: UsageEvent, lease_id: str | None = None) -> None:
+    def _to_spool(
+        self, event: UsageEvent, lease_id: str | None = None, labels: _Context | None = None
+    ) -> None:
         self._metrics.inc("gateway_settle_spooled_total")
-        line = event_to_json(event, lease_id)
+        labels = labels or _Context()
+        line = event_to_json(event, lease_id, plan=labels.plan, alerts=labels.alerts)
         if self._spool is None:
             log.error("LOST usage record (no spool file configured): %s", line.decode())
             return
@@ -293,16 +351,16 @@ class Settler:
                 if not line.strip():
                     continue
                 try:
-                    event, lease_id = event_from_json(line)
+                    event, lease_id, labels = _read_line(line)
                 except (ValueError, TypeError, KeyError) as exc:
                     log.error("unreadable spooled usage record kept in %s: %s", self._spool, exc)
                     self._append_raw(line)
                     continue
                 try:
-                    await self._write(event, lease_id=lease_id)
+                    await self._write(event, lease_id=lease_id, labels=labels)
                     count += 1
                 except StorageError:
-                    self._to_spool(event, lease_id)
+                    self._to_spool(event, lease_id, labels)
             claimed.unlink()
         return count
 

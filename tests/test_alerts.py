@@ -9,8 +9,9 @@ import base64
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from email import message_from_bytes
 from typing import Any
 
@@ -19,25 +20,35 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from gateway.alerts import alert_request, sign
-from gateway.clock import periods_at
-from gateway.config import parse_config
+from gateway.alerts import OutboxWorker, alert_request, sign
+from gateway.clock import SystemClock, periods_at
+from gateway.config import DatabaseConfig, parse_config
 from gateway.errors import ConfigError
+from gateway.storage import OutboxItem, Storage, UsageEvent, open_storage
 from tests.harness import USER, Harness, running_gateway
 from tests.servers import read_body, serve
+from tests.tcpproxy import TCPProxy
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 ADMIN = "alerts-admin-token-0123456789abcdef"
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "blocking"}
 ANSWER_TOKENS = 1168  # what the fake Dify charges per answer
+SERVICE_KEY = "svc-alerts-0123456789abcdef"
+WEBHOOK = {"webhook_secret_env": "TEST_WEBHOOK_SECRET"}
 
 
 class Receiver:
-    """A webhook endpoint: verifies every request, fails the first ``failures``."""
+    """A webhook endpoint: verifies every request, fails the first ``failures``;
+    ``before_first_answer`` runs once, before the first request is answered."""
 
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(
+        self,
+        failures: int = 0,
+        before_first_answer: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.webhook = Webhook(SECRET)
         self.failures = failures
+        self.before_first_answer = before_first_answer
         self.ids: list[str] = []  # webhook-id of every attempt, verified or not
         self.verified: list[Any] = []
         self.refused = 0
@@ -60,6 +71,9 @@ class Receiver:
             else:
                 self.verified.append(payload)
                 status = 204
+        if self.before_first_answer is not None:
+            hook, self.before_first_answer = self.before_first_answer, None
+            await hook()
         await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
@@ -72,16 +86,25 @@ def settings(**alerts: Any) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def gateway_with(database_url: str, **alerts: Any) -> AsyncIterator[Harness]:
-    env = {"TEST_WEBHOOK_SECRET": SECRET, "GATEWAY_ADMIN_TOKEN": ADMIN}
-    async with running_gateway(database_url, settings=settings(**alerts), env=env) as h:
+async def gateway_with(
+    database_url: str, extra: dict[str, Any] | None = None, **alerts: Any
+) -> AsyncIterator[Harness]:
+    env = {
+        "TEST_WEBHOOK_SECRET": SECRET,
+        "GATEWAY_ADMIN_TOKEN": ADMIN,
+        "TEST_SERVICE_KEY": SERVICE_KEY,
+    }
+    config = {**settings(**alerts), **(extra or {})}
+    async with running_gateway(database_url, settings=config, env=env) as h:
         yield h
 
 
-async def ask(h: Harness, count: int = 1) -> None:
+async def ask(h: Harness, count: int = 1, headers: dict[str, Any] | None = None) -> None:
     async with httpx.AsyncClient(base_url=h.url) as client:
         for _ in range(count):
-            response = await client.post("/v1/chat-messages", json=CHAT, headers=h.auth())
+            response = await client.post(
+                "/v1/chat-messages", json=CHAT, headers=headers or h.auth()
+            )
             assert response.status_code == 200
     await h.gateway.wait_finished(h.gateway.finished.value)
 
@@ -242,6 +265,187 @@ async def test_the_dashboard_lists_alerts(sqlite_url: str) -> None:
     assert "40% of tokens today" in page.text
     assert "email: delivered (1)" in page.text
     assert f'href="/dashboard/users/{USER}"' in page.text
+
+
+# --- the worker survives what it cannot deliver or record ------------------------------
+
+
+@pytest.mark.parametrize("user", ["ann\u2028e", "ann\x85e"], ids=["U+2028", "U+0085"])
+async def test_a_user_id_with_a_line_break_gets_its_email_with_a_clean_subject(
+    sqlite_url: str, user: str
+) -> None:
+    """Valid in a user id, a line break to the email library: named by a trusted
+    header, such a user must not stop the delivery of any alert."""
+    mailbox = Mailbox()
+    trusted = {
+        "auth": {
+            "mode": "trusted_header",
+            "trusted_header": {"service_key_env": "TEST_SERVICE_KEY"},
+        }
+    }
+    headers = {"Authorization": f"Bearer {SERVICE_KEY}", "X-Gateway-User": user.encode()}
+    async with (
+        smtp_server(mailbox) as port,
+        gateway_with(sqlite_url, trusted, email_to=["ops@example.com"], smtp_port=port) as h,
+    ):
+        await ask(h, headers=headers)
+        await h.gateway.outbox_attempts.wait_for(1)
+        ((delivery,),) = [a["deliveries"] for a in await admin_alerts(h)]
+    assert (delivery["status"], delivery["attempts"]) == ("delivered", 1)
+    ((_, content),) = mailbox.messages
+    message = message_from_bytes(content)
+    assert message["Subject"] == "ann e reached 40% of tokens today"
+
+
+async def test_a_delivery_failing_in_an_unforeseen_way_is_a_failed_attempt(
+    sqlite_url: str,
+) -> None:
+    """A URL the configuration takes but the HTTP client refuses (port 99999)
+    raises no HTTP error: it is still the delivery's failure, recorded and retried
+    by the usual rules, and the worker goes on."""
+    async with gateway_with(
+        sqlite_url, webhook_url="http://127.0.0.1:99999/hook", max_attempts=2, **WEBHOOK
+    ) as h:
+        await ask(h)
+        await h.gateway.outbox_attempts.wait_for(2)
+        ((delivery,),) = [a["deliveries"] for a in await admin_alerts(h)]
+    assert (delivery["status"], delivery["attempts"]) == ("failed", 2)
+    # The cause, not the exception group the HTTP client wraps it in.
+    assert "port" in delivery["last_error"] and "TaskGroup" not in delivery["last_error"]
+    assert (
+        h.gateway.metrics.get("gateway_alert_deliveries_total", channel="webhook", result="failed")
+        == 1
+    )
+
+
+@pytest.mark.postgres
+async def test_the_database_failing_while_a_delivery_is_recorded_does_not_stop_the_worker(
+    pg_behind_proxy: tuple[str, TCPProxy],
+) -> None:
+    """The receiver takes the first alert while the database goes down: its
+    result cannot be recorded (it is sent again once its claim expires), and the
+    next crossing is still delivered once the database is back."""
+    url, proxy = pg_behind_proxy
+    receiver = Receiver(before_first_answer=proxy.cut)
+    async with (
+        serve(receiver) as hook,
+        gateway_with(
+            url,
+            {"database": {"connect_timeout": 1.0, "command_timeout": 2.0}},
+            webhook_url=hook + "/hook",
+            **WEBHOOK,
+        ) as h,
+    ):
+        await ask(h)  # 40% crossed
+        await h.gateway.outbox_attempts.wait_for(1)
+        await proxy.restore()
+        await ask(h)  # 90% crossed
+        await h.gateway.outbox_attempts.wait_for(2)
+        deliveries = {a["threshold"]: a["deliveries"][0] for a in await admin_alerts(h)}
+    assert [p["data"]["threshold"] for p in receiver.verified] == [40, 90]
+    metrics = h.gateway.metrics
+    assert (
+        metrics.get("gateway_alert_deliveries_total", channel="webhook", result="unrecorded") == 1
+    )
+    assert (deliveries[40]["status"], deliveries[40]["attempts"]) == ("pending", 0)
+    assert (deliveries[90]["status"], deliveries[90]["attempts"]) == ("delivered", 1)
+
+
+class FailsOneClaim:
+    """A real storage whose first outbox claim fails with an error that is not a
+    StorageError (what a driver bug or an unreadable row would raise)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.failed = False
+
+    async def claim_outbox(self, **kw: Any) -> list[OutboxItem]:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("cannot read the outbox")
+        return await self.storage.claim_outbox(**kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.storage, name)
+
+
+async def test_a_delivery_round_that_fails_is_logged_and_the_next_one_delivers(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = Receiver()
+    storage = await open_storage(DatabaseConfig(url=sqlite_url))
+    await storage.migrate()
+    await storage.ensure_user(USER, plan="free")
+    now = datetime.now(UTC)
+    periods = periods_at(now, UTC)
+    plans = {"free": {"tokens_per_day": 2000}}
+    async with serve(receiver) as url:
+        config = parse_config(
+            {
+                "alerts": {**settings(webhook_url=url + "/hook", **WEBHOOK)["alerts"]},
+                "plans": plans,
+            },
+            env={"TEST_WEBHOOK_SECRET": SECRET},
+        )
+        request = alert_request(config.plan("free"), config.alerts, periods)
+        answer = UsageEvent(
+            answer_id="m1",
+            user_id=USER,
+            day=periods.day,
+            created_at=now,
+            endpoint="chat-messages",
+            prompt_tokens=900,
+            completion_tokens=100,
+            total_tokens=1000,
+            cost=Decimal("0.001"),
+        )
+        await storage.settle(answer, alerts=request)  # 50% of 2000: 40% crossed
+        attempted = asyncio.Event()
+        worker = OutboxWorker(
+            FailsOneClaim(storage),  # type: ignore[arg-type]
+            lambda: config.alerts,
+            SystemClock(),
+            on_attempt=lambda channel, result: attempted.set(),
+        )
+        task = asyncio.create_task(worker.run())
+        try:
+            async with asyncio.timeout(10):
+                await attempted.wait()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await storage.close()
+    assert [p["data"]["threshold"] for p in receiver.verified] == [40]
+    assert any("alert delivery round failed" in r.message for r in caplog.records)
+
+
+async def test_a_background_job_that_dies_is_logged_and_a_supervised_one_restarted(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    runs: list[int] = []
+    restarted = asyncio.Event()
+
+    async def crashes_once() -> None:
+        runs.append(len(runs))
+        if len(runs) == 1:
+            raise RuntimeError("first run fails")
+        restarted.set()
+
+    async with gateway_with(sqlite_url) as h:
+        task = h.gateway.spawn(broken())
+        with pytest.raises(RuntimeError):
+            await task
+        h.gateway.spawn(h.gateway.supervise("crashes once", crashes_once, restart_delay=0))
+        async with asyncio.timeout(10):
+            await restarted.wait()
+    died = [r for r in caplog.records if "background task" in r.message and "died" in r.message]
+    assert len(died) == 1 and died[0].exc_info and died[0].exc_info[1] is task.exception()
+    assert any("crashes once failed; restarting" in r.message for r in caplog.records)
+    assert runs == [0, 1]
 
 
 # --- configuration ---------------------------------------------------------------------

@@ -8,10 +8,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from gateway.errors import StorageError
 from gateway.metrics import Metrics
 from gateway.settle import Settler, event_from_json, event_to_json
-from gateway.storage import Storage, UsageEvent
+from gateway.storage import AlertCheck, AlertRequest, Storage, UsageEvent
 
 EVENT = UsageEvent(
     answer_id="m1",
@@ -96,3 +98,48 @@ async def test_records_that_cannot_be_written_are_spooled_and_replayed(
     user = await storage.get_user("alice")
     assert user is not None and user.lifetime_tokens == 2 * 1168
     assert await healthy.replay() == 0
+
+
+ALERTS = AlertRequest(
+    (AlertCheck("tokens_per_day", "2026-11-21", 2000, (50, 100)),),
+    date(2026, 11, 1),
+    ("webhook",),
+)
+
+
+async def test_a_spooled_answer_is_checked_for_alerts_when_replayed(
+    storage: Storage, tmp_path: Path
+) -> None:
+    """The crossing a spooled answer made is announced at replay, not only when
+    some later answer of the same period happens to settle."""
+    await storage.ensure_user("alice", plan="free")
+    spool = tmp_path / "spool.jsonl"
+    # Retried until given up, and pending at shutdown: both ways keep the check.
+    down = Settler(Flaky(storage, failures=100), metrics=Metrics(), spool=spool, retry_delays=(0,))  # type: ignore[arg-type]
+    await down.record(EVENT, plan="free", alerts=ALERTS)  # 1168 of 2000: 50%
+    await next(iter(down._tasks))
+    slow = Settler(Flaky(storage, failures=100), metrics=Metrics(), spool=spool, retry_delays=(60,))  # type: ignore[arg-type]
+    await slow.record(replace(EVENT, answer_id="m2"), plan="free", alerts=ALERTS)  # 2336: 100%
+    await slow.close()
+    assert await storage.list_alerts() == []
+
+    metrics = Metrics()
+    assert await Settler(storage, metrics=metrics, spool=spool).replay() == 2
+    crossed = {(a.crossing.threshold, a.crossing.used) for a in await storage.list_alerts()}
+    assert crossed == {(50, 1168), (100, 2336)}
+    assert metrics.get("gateway_tokens_total", plan="free", model="", kind="prompt") == 2 * 1033
+
+
+async def test_a_spooled_alert_check_that_cannot_be_read_does_not_cost_the_record(
+    storage: Storage, tmp_path: Path
+) -> None:
+    await storage.ensure_user("alice", plan="free")
+    spool = tmp_path / "spool.jsonl"
+    line = orjson.loads(event_to_json(EVENT, alerts=ALERTS))
+    line["_alerts"]["checks"] = [["tokens_per_week", "2026-W47", 1, [50]]]
+    older = event_to_json(replace(EVENT, answer_id="m2"))  # a line from before alert checks
+    spool.write_bytes(orjson.dumps(line) + b"\n" + older + b"\n")
+    assert await Settler(storage, metrics=Metrics(), spool=spool).replay() == 2
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 2 * 1168
+    assert await storage.list_alerts() == []

@@ -130,3 +130,35 @@ async def test_concurrent_settles_on_two_stores_announce_each_crossing_once(
     assert all(len(a.deliveries) == 1 for a in alerts)
     claimed = [item.id for batch in claims for item in batch]
     assert len(claimed) == 3 and len(set(claimed)) == 3  # no row claimed twice
+
+
+async def test_two_settles_landing_exactly_on_a_threshold_announce_it_once(
+    storage: Storage, database_url: str
+) -> None:
+    """Two replicas settle 500 tokens each from 0 against 1000: only the later
+    one reaches 100%, and no later settle would catch a crossing it missed (a
+    stale read of the counters). Repeated, so that a missed one shows."""
+    first, second = await _two_stores(database_url)
+    request = AlertRequest(
+        (AlertCheck("tokens_per_day", DAY.isoformat(), 1000, (50, 100)),), MONTH, ("webhook",)
+    )
+    rounds = 25
+    try:
+        for i in range(rounds):
+            user = f"racer{i}"
+            await storage.ensure_user(user, plan="free")
+            settled = await asyncio.gather(
+                first.settle(event(f"{user}-a", user=user, tokens=500), alerts=request),
+                second.settle(event(f"{user}-b", user=user, tokens=500), alerts=request),
+            )
+            assert settled == [True, True]
+    finally:
+        await first.close()
+        await second.close()
+    alerts = await storage.list_alerts(limit=10 * rounds)
+    crossed = sorted((a.crossing.user_id, a.crossing.threshold, a.crossing.used) for a in alerts)
+    # 50% is reached by whichever settles first (at 500), 100% by the other (at 1000).
+    assert crossed == sorted(
+        (f"racer{i}", threshold, threshold * 10) for i in range(rounds) for threshold in (50, 100)
+    )
+    assert all(len(a.deliveries) == 1 for a in alerts)
