@@ -26,7 +26,8 @@ from gateway.plans import (
     refusal_message,
     reported_limit,
 )
-from gateway.storage import Lease
+from gateway.storage import Lease, Pending
+from gateway.upstreams import Route
 
 if TYPE_CHECKING:
     from gateway.runtime import Gateway
@@ -42,13 +43,24 @@ STREAM_RETRY_AFTER = 5
 class Ticket:
     """The accounting state of one answer request."""
 
-    __slots__ = ("body_changed", "day", "lease_id", "reserved", "user_id")
+    __slots__ = ("body_changed", "day", "lease_id", "pending_id", "reserved", "user_id")
 
-    def __init__(self, user_id: str, day: date, *, reserved: bool, lease_id: str | None) -> None:
+    def __init__(
+        self,
+        user_id: str,
+        day: date,
+        *,
+        reserved: bool,
+        lease_id: str | None,
+        pending_id: str | None = None,
+    ) -> None:
         self.user_id = user_id
         self.day = day  # the local day the answer is counted on: the day it was asked
         self.reserved = reserved  # a query is reserved and must be settled or refunded
         self.lease_id = lease_id
+        # The answer's pending row (docs/quotas.md, "Crash safety"): settle and
+        # refund claim it, so neither can count after a recovery did.
+        self.pending_id = pending_id
         self.body_changed = False  # admission rewrote the request body (web search off)
 
 
@@ -63,7 +75,7 @@ class Admitter:
         return config.plan(user.plan).with_overrides(user.overrides)
 
     async def admit(
-        self, user_id: str, request_id: str, body: dict[str, Any]
+        self, user_id: str, request_id: str, route: Route, body: dict[str, Any]
     ) -> tuple[Ticket, Headers]:
         """Reserve the answer or raise the refusal; may rewrite ``body`` (web search)."""
         gw = self.gw
@@ -89,6 +101,7 @@ class Admitter:
                 now=now,
                 lease=lease,
                 advanced_rag=advanced,
+                pending=self._pending(request_id, route, body),
             )
         except StorageError as exc:
             return self._storage_failed(exc, plan, user_id, request_id, periods)
@@ -117,9 +130,32 @@ class Admitter:
             disabled = True
         else:
             disabled = False
-        ticket = Ticket(user_id, periods.day, reserved=True, lease_id=lease.id if lease else None)
+        ticket = Ticket(
+            user_id,
+            periods.day,
+            reserved=True,
+            lease_id=lease.id if lease else None,
+            pending_id=request_id,
+        )
         ticket.body_changed = disabled
         return ticket, rate_headers
+
+    def _pending(self, request_id: str, route: Route, body: dict[str, Any]) -> Pending:
+        """The pending row admission writes: what a recovery charges if this
+        process dies before the answer is settled - the dialect's estimate for an
+        answer that was never seen (the prompt's size)."""
+        usage = self.gw.upstream.unanswered(route, body).usage
+        if usage is None:
+            return Pending(id=request_id, endpoint=route.name)
+        return Pending(
+            id=request_id,
+            endpoint=route.name,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            cost=usage.cost,
+            currency=usage.currency,
+        )
 
     async def _web_searches_spent(
         self, user_id: str, request_id: str, body: dict[str, Any], plan: Plan, periods: Periods
@@ -190,4 +226,6 @@ class Admitter:
         if ticket is None or not ticket.reserved:
             return
         ticket.reserved = False
-        await self.gw.settler.refund(ticket.user_id, day=ticket.day, lease_id=ticket.lease_id)
+        await self.gw.settler.refund(
+            ticket.user_id, day=ticket.day, lease_id=ticket.lease_id, pending_id=ticket.pending_id
+        )

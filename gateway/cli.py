@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -182,6 +183,10 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     from gateway.app import GC_TUNING_ENV
 
     os.environ[GC_TUNING_ENV] = "1"
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with
+    # the handler it found in place: ours, so a graceful stop exits 0 (as does a
+    # SIGTERM arriving before uvicorn took over).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     uvicorn.run(
         "gateway.app:create_app",
         factory=True,
@@ -192,8 +197,15 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         loop="auto",  # uvloop where installed
         http="auto",  # httptools where installed
         server_header=False,
+        # On SIGTERM: stop accepting, let open answers finish for this long, then
+        # cancel them - the proxy still records what each one read (docs/proxy.md).
+        timeout_graceful_shutdown=config.server.shutdown_grace,
     )
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _demo(config: Config, args: argparse.Namespace) -> int:

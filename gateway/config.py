@@ -59,6 +59,7 @@ class ServerConfig:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_json_body_bytes: int = _setting(1_048_576, minimum=1)
     reload_interval: float = _setting(2.0, minimum=0)
+    shutdown_grace: int = _setting(30, minimum=0)  # whole seconds: uvicorn takes an int
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +87,8 @@ class DatabaseConfig:
     connect_timeout: float = _setting(5.0, minimum=0.001)
     command_timeout: float = _setting(5.0, minimum=0.001)
     spool_file: str = "gateway-spool.jsonl"
+    recover_after: float = _setting(0.0, minimum=0)
+    recover_interval: float = _setting(60.0, minimum=0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,8 @@ _HELP: dict[str, str] = {
     "gateway_storage_errors_total": "Storage errors on the request path, by operation.",
     "gateway_upstream_errors_total": "Upstream failures, by kind.",
     "gateway_client_disconnects_total": "Clients that left before the answer ended.",
+    "gateway_answers_recovered_total": "Pending answers of a gateway that died, charged by estimate.",
+    "gateway_answers_cut_at_shutdown_total": "Answers still open when the shutdown grace ran out.",
 }
 
 

@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -174,6 +175,7 @@ class Proxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         x = Exchange(new_request_id(), time.perf_counter())
+        self.gw.request_started()
         try:
             await self._handle(x, scope, receive, send)
         except ClientGone:
@@ -292,7 +294,9 @@ class Proxy:
     # --- admit -----------------------------------------------------------------------
 
     async def _admit(self, x: Exchange) -> None:
-        x.ticket, x.rate_headers = await self.admitter.admit(x.user_id, x.request_id, x.answer_body)
+        x.ticket, x.rate_headers = await self.admitter.admit(
+            x.user_id, x.request_id, x.route, x.answer_body
+        )
         if x.ticket.body_changed and x.json is not None:
             x.body = _serialised(x.json)
 
@@ -331,6 +335,16 @@ class Proxy:
                 log.warning(
                     "request %s: upstream timed out before answering: %r", x.request_id, exc
                 )
+            raise
+        except asyncio.CancelledError:
+            ticket = x.ticket
+            if ticket is not None and ticket.reserved:
+                # The server's shutdown grace ran out while the upstream was still
+                # preparing this answer, which it may well go on generating (and
+                # billing): charged as an answer never seen, like a timeout.
+                gw.metrics.inc("gateway_answers_cut_at_shutdown_total")
+                result = replace(gw.upstream.unanswered(x.route, x.answer_body), outcome="shutdown")
+                await self._kept(self._settle(x, result, disconnected=False))
             raise
         except UpstreamUnavailable as exc:
             gw.metrics.inc("gateway_upstream_errors_total", kind="connect")
@@ -466,6 +480,11 @@ class Proxy:
             result = meter.finish(cut=cut or disconnected)
         else:
             result = upstream.meter_blocking(route, x.answer_body, bytes(buffer))
+        if cancelled is not None and result.outcome != "complete":
+            # Cut by the server's shutdown (server.shutdown_grace ran out): charged
+            # what was read, or the estimate, and marked so in the ledger.
+            gw.metrics.inc("gateway_answers_cut_at_shutdown_total")
+            result = replace(result, outcome="shutdown")
         if (
             cut
             and not stopped
@@ -608,6 +627,7 @@ class Proxy:
                 overhead_ms=round(overhead_ms, 3),
             ),
             lease_id=ticket.lease_id,
+            pending_id=ticket.pending_id,
         )
 
     # --- the rest --------------------------------------------------------------------

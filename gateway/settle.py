@@ -31,20 +31,32 @@ log = logging.getLogger("gateway.settle")
 RETRY_DELAYS: tuple[float, ...] = (0.05, 0.5, 2.0, 5.0, 15.0)
 
 
-def event_to_json(event: UsageEvent, lease_id: str | None = None) -> bytes:
-    record = dataclasses.asdict(event)
-    if lease_id is not None:
-        record["_lease_id"] = lease_id
+@dataclasses.dataclass(frozen=True, slots=True)
+class Write:
+    """One ledger write: the answer, and what it releases and claims."""
+
+    event: UsageEvent
+    lease_id: str | None = None
+    pending_id: str | None = None  # the answer's pending row (docs/quotas.md)
+
+
+def event_to_json(write: Write) -> bytes:
+    record = dataclasses.asdict(write.event)
+    if write.lease_id is not None:
+        record["_lease_id"] = write.lease_id
+    if write.pending_id is not None:
+        record["_pending_id"] = write.pending_id
     return orjson.dumps(record, default=str)
 
 
-def event_from_json(line: bytes) -> tuple[UsageEvent, str | None]:
+def event_from_json(line: bytes) -> Write:
     raw: dict[str, Any] = orjson.loads(line)
     lease_id = raw.pop("_lease_id", None)
+    pending_id = raw.pop("_pending_id", None)
     raw["day"] = date.fromisoformat(raw["day"])
     raw["created_at"] = datetime.fromisoformat(raw["created_at"])
     raw["cost"] = Decimal(raw["cost"])
-    return UsageEvent(**raw), lease_id
+    return Write(UsageEvent(**raw), lease_id, pending_id)
 
 
 class Settler:
@@ -60,56 +72,67 @@ class Settler:
         self._metrics = metrics
         self._spool = spool
         self._delays = tuple(retry_delays)
-        self._tasks: dict[asyncio.Task[None], tuple[UsageEvent, str | None] | None] = {}
+        self._tasks: dict[asyncio.Task[None], Write | None] = {}
         self._closing = False
 
-    async def record(self, event: UsageEvent, *, lease_id: str | None = None) -> None:
+    async def record(
+        self, event: UsageEvent, *, lease_id: str | None = None, pending_id: str | None = None
+    ) -> None:
         """Write one answer now; on a storage error, retry in the background.
 
         The answer's stream lease is released with the write; a retried or spooled
-        write leaves it to expire."""
+        write leaves it to expire. ``pending_id`` names the answer's pending row,
+        claimed by the write: if a recovery charged the answer first, the write
+        changes nothing (counted once, as the estimate)."""
+        write = Write(event, lease_id, pending_id)
         try:
-            await self._write(event, lease_id=lease_id)
+            await self._write(write)
         except StorageError as exc:
             log.warning("ledger write for %s failed, will retry: %s", event.answer_id, exc.message)
             self._metrics.inc("gateway_storage_errors_total", operation="settle")
             if self._closing:
-                self._to_spool(event, lease_id)
+                self._to_spool(write)
                 return
-            task = asyncio.create_task(
-                self._retry(event, lease_id), name=f"settle-retry-{event.answer_id}"
-            )
-            self._tasks[task] = (event, lease_id)
+            task = asyncio.create_task(self._retry(write), name=f"settle-retry-{event.answer_id}")
+            self._tasks[task] = write
             task.add_done_callback(self._tasks.pop)
 
-    async def refund(self, user_id: str, *, day: date, lease_id: str | None) -> None:
+    async def refund(
+        self, user_id: str, *, day: date, lease_id: str | None, pending_id: str | None = None
+    ) -> None:
         """Give back a reserved query (and its stream slot); retried in the
-        background if the database does not answer."""
+        background if the database does not answer. With ``pending_id`` a retry
+        cannot give it back twice (the pending row goes with the first)."""
         try:
-            await self._storage.refund(user_id, day=day, lease_id=lease_id)
+            await self._storage.refund(user_id, day=day, lease_id=lease_id, pending_id=pending_id)
         except StorageError as exc:
             self._metrics.inc("gateway_storage_errors_total", operation="refund")
             log.warning("refund for %s failed, will retry: %s", user_id, exc.message)
             if self._closing:
                 log.error("refund for %s on %s lost at shutdown", user_id, day)
                 return
-            task = asyncio.create_task(self._retry_refund(user_id, day, lease_id))
+            task = asyncio.create_task(self._retry_refund(user_id, day, lease_id, pending_id))
             self._tasks[task] = None
             task.add_done_callback(self._tasks.pop)
 
-    async def _retry_refund(self, user_id: str, day: date, lease_id: str | None) -> None:
+    async def _retry_refund(
+        self, user_id: str, day: date, lease_id: str | None, pending_id: str | None
+    ) -> None:
         for delay in self._delays:
             await asyncio.sleep(delay)
             try:
-                await self._storage.refund(user_id, day=day, lease_id=lease_id)
+                await self._storage.refund(
+                    user_id, day=day, lease_id=lease_id, pending_id=pending_id
+                )
                 return
             except StorageError as exc:
                 log.warning("refund for %s failed again: %s", user_id, exc.message)
         # A refund is worth one query: not worth a spool of its own. Logged.
         log.error("refund for %s on %s given up after retries", user_id, day)
 
-    async def _write(self, event: UsageEvent, *, lease_id: str | None = None) -> None:
-        if await self._storage.settle(event, lease_id=lease_id):
+    async def _write(self, write: Write) -> None:
+        event = write.event
+        if await self._storage.settle(event, lease_id=write.lease_id, pending_id=write.pending_id):
             self._metrics.inc("gateway_answers_settled_total", outcome=event.outcome)
             log.info(
                 "recorded answer %s for user %s: %d tokens, cost %s %s%s",
@@ -125,33 +148,37 @@ class Settler:
         else:
             self._metrics.inc("gateway_answers_duplicate_total")
 
-    async def _retry(self, event: UsageEvent, lease_id: str | None) -> None:
+    async def _retry(self, write: Write) -> None:
         for delay in self._delays:
             await asyncio.sleep(delay)
             self._metrics.inc("gateway_settle_retries_total")
             try:
-                await self._write(event, lease_id=lease_id)
+                await self._write(write)
                 return
             except StorageError as exc:
-                log.warning("ledger write for %s failed again: %s", event.answer_id, exc.message)
-        self._to_spool(event, lease_id)
+                log.warning(
+                    "ledger write for %s failed again: %s", write.event.answer_id, exc.message
+                )
+        self._to_spool(write)
 
-    def _to_spool(self, event: UsageEvent, lease_id: str | None = None) -> None:
+    def _to_spool(self, write: Write) -> None:
         self._metrics.inc("gateway_settle_spooled_total")
         if self._spool is None:
             log.error(
-                "LOST usage record (no spool file configured): %s", event_to_json(event).decode()
+                "LOST usage record (no spool file configured): %s", event_to_json(write).decode()
             )
             return
         # One write of one line with O_APPEND: concurrent workers do not interleave.
         fd = os.open(self._spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, event_to_json(event, lease_id) + b"\n")
+            os.write(fd, event_to_json(write) + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)
         log.error(
-            "usage record %s spooled to %s for replay at next start", event.answer_id, self._spool
+            "usage record %s spooled to %s for replay at next start",
+            write.event.answer_id,
+            self._spool,
         )
 
     async def replay(self) -> int:
@@ -167,16 +194,16 @@ class Settler:
                 if not line.strip():
                     continue
                 try:
-                    event, lease_id = event_from_json(line)
+                    write = event_from_json(line)
                 except (ValueError, TypeError, KeyError) as exc:
                     log.error("unreadable spooled usage record kept in %s: %s", self._spool, exc)
                     self._append_raw(line)
                     continue
                 try:
-                    await self._write(event, lease_id=lease_id)
+                    await self._write(write)
                     count += 1
                 except StorageError:
-                    self._to_spool(event, lease_id)
+                    self._to_spool(write)
             claimed.unlink()
         return count
 
@@ -209,4 +236,4 @@ class Settler:
                 await task
             except asyncio.CancelledError:
                 if pending is not None:
-                    self._to_spool(*pending)
+                    self._to_spool(pending)

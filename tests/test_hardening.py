@@ -218,7 +218,7 @@ async def test_a_cancelled_request_still_records_its_answer_and_frees_its_slot(
         (event,) = await h.events()
         open_streams = await h.storage.open_streams(USER, now=proxy.clock.now())
         await proxy.idle()
-    assert event.estimated and event.outcome == "cut" and event.total_tokens > 0
+    assert event.estimated and event.outcome == "shutdown" and event.total_tokens > 0
     assert open_streams == 0  # the stream slot is free again
     assert len(fake.stops) == 1  # and the upstream was told to stop generating
 
@@ -249,17 +249,17 @@ class Blip:
     def __init__(self, storage: Storage, *, settles: int = 0, refunds: int = 0) -> None:
         self.storage, self.settles, self.refunds = storage, settles, refunds
 
-    async def settle(self, event: UsageEvent, *, lease_id: str | None = None) -> bool:
+    async def settle(self, event: UsageEvent, **kwargs: Any) -> bool:
         if self.settles:
             self.settles -= 1
             raise StorageError("blip")
-        return await self.storage.settle(event, lease_id=lease_id)
+        return await self.storage.settle(event, **kwargs)
 
-    async def refund(self, user_id: str, *, day: date, lease_id: str | None = None) -> None:
+    async def refund(self, user_id: str, *, day: date, **kwargs: Any) -> bool:
         if self.refunds:
             self.refunds -= 1
             raise StorageError("blip")
-        await self.storage.refund(user_id, day=day, lease_id=lease_id)
+        return await self.storage.refund(user_id, day=day, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.storage, name)
@@ -386,10 +386,10 @@ async def test_a_cancellation_during_the_ledger_write_does_not_lose_the_answer(
         writing, release = asyncio.Event(), asyncio.Event()
         real_settle = h.storage.settle
 
-        async def slow_settle(event: UsageEvent, *, lease_id: str | None = None) -> bool:
+        async def slow_settle(event: UsageEvent, **kwargs: Any) -> bool:
             writing.set()
             await release.wait()
-            return await real_settle(event, lease_id=lease_id)
+            return await real_settle(event, **kwargs)
 
         monkeypatch.setattr(h.storage, "settle", slow_settle)
         delivered = False

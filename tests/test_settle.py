@@ -10,7 +10,7 @@ from typing import Any
 
 from gateway.errors import StorageError
 from gateway.metrics import Metrics
-from gateway.settle import Settler, event_from_json, event_to_json
+from gateway.settle import Settler, Write, event_from_json, event_to_json
 from gateway.storage import Storage, UsageEvent
 
 EVENT = UsageEvent(
@@ -36,19 +36,21 @@ class Flaky:
         self.storage = storage
         self.failures = failures
 
-    async def settle(self, event: UsageEvent, *, lease_id: str | None = None) -> bool:
+    async def settle(self, event: UsageEvent, **kwargs: Any) -> bool:
         if self.failures > 0:
             self.failures -= 1
             raise StorageError("database unreachable")
-        return await self.storage.settle(event, lease_id=lease_id)
+        return await self.storage.settle(event, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.storage, name)
 
 
 def test_events_round_trip_through_json() -> None:
-    assert event_from_json(event_to_json(EVENT)) == (EVENT, None)
-    assert event_from_json(event_to_json(EVENT, "lease-1")) == (EVENT, "lease-1")
+    assert event_from_json(event_to_json(Write(EVENT))) == Write(EVENT)
+    assert event_from_json(event_to_json(Write(EVENT, "lease-1"))) == Write(EVENT, "lease-1")
+    both = Write(EVENT, "lease-1", "req-1")
+    assert event_from_json(event_to_json(both)) == both
 
 
 async def test_a_failed_write_is_retried(storage: Storage, tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from gateway.storage.base import (
     DailyUsage,
     Lease,
     OverrideValue,
+    Pending,
     UsageEvent,
     User,
     UserSort,
@@ -48,8 +49,10 @@ _MIGRATION_LOCK = 0x6761_7465_7761_79
 _EXPORT_BATCH = 1000
 
 
-_ADMIT = "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-_SETTLE = "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+_ADMIT = "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+_SETTLE = "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
+_REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
+_RECOVER = "SELECT * FROM gateway_recover($1, $2, $3)"
 
 
 @contextlib.contextmanager
@@ -317,6 +320,7 @@ class PostgresStorage:
         now: datetime,
         lease: Lease | None = None,
         advanced_rag: bool = False,
+        pending: Pending | None = None,
     ) -> Admission:
         with _mapped():
             row = await self._pool.fetchrow(
@@ -332,6 +336,13 @@ class PostgresStorage:
                 lease.expires_at if lease else None,
                 now,
                 advanced_rag,
+                pending.id if pending else None,
+                pending.endpoint if pending else None,
+                pending.prompt_tokens if pending else None,
+                pending.completion_tokens if pending else None,
+                pending.total_tokens if pending else None,
+                pending.cost if pending else None,
+                pending.currency if pending else None,
             )
         assert row is not None
         counters = Counters(
@@ -371,18 +382,25 @@ class PostgresStorage:
             )
         return int(count)
 
-    async def refund(self, user_id: str, *, day: date, lease_id: str | None = None) -> None:
+    async def refund(
+        self,
+        user_id: str,
+        *,
+        day: date,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+    ) -> bool:
         with _mapped():
-            await self._pool.execute(
-                "WITH released AS (DELETE FROM stream_leases WHERE id = $3) "
-                "UPDATE usage_daily SET queries = queries - 1 "
-                "WHERE user_id = $1 AND day = $2 AND queries > 0",
-                user_id,
-                day,
-                lease_id,
-            )
+            return bool(await self._pool.fetchval(_REFUND, user_id, day, lease_id, pending_id))
 
-    async def settle(self, event: UsageEvent, *, lease_id: str | None = None) -> bool:
+    async def recover(self, *, before: datetime, now: datetime, limit: int = 100) -> list[str]:
+        with _mapped():
+            rows = await self._pool.fetch(_RECOVER, before, limit, now)
+        return [row[0] for row in rows]
+
+    async def settle(
+        self, event: UsageEvent, *, lease_id: str | None = None, pending_id: str | None = None
+    ) -> bool:
         with _mapped():
             inserted = await self._pool.fetchval(
                 _SETTLE,
@@ -404,6 +422,7 @@ class PostgresStorage:
                 event.upstream_latency_ms,
                 event.overhead_ms,
                 lease_id,
+                pending_id,
             )
         return bool(inserted)
 
