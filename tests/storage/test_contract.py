@@ -706,7 +706,9 @@ async def test_recoveries_racing_late_settles_count_each_answer_once(
             (second if i % 2 else first).recover(before=LATER, now=LATER, limit=1)
             for i in range(count)
         ]
-        results = await asyncio.gather(*[x for pair in zip(settles, recoveries) for x in pair])
+        results = await asyncio.gather(
+            *[x for pair in zip(settles, recoveries, strict=True) for x in pair]
+        )
     finally:
         await first.close()
         await second.close()
