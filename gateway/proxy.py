@@ -18,6 +18,7 @@ errors arrive already mapped (see `gateway.upstream_client`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -497,6 +498,17 @@ class Proxy:
             gw.keep(self._stop(x, meter.task_id))
         await self._kept(self._settle(x, result, disconnected=disconnected))
         if cancelled is not None:
+            if sse and not disconnected:
+                # Recorded; now tell the client why its answer ends here, as an SSE
+                # error event and a proper end of the stream, if it still listens.
+                error_event = upstream.stream_error(
+                    503, "shutting_down", "The gateway is shutting down; the answer was cut."
+                )
+                with contextlib.suppress(Exception):
+                    await send(
+                        {"type": "http.response.body", "body": error_event, "more_body": True}
+                    )
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
             raise cancelled
 
     async def _history(

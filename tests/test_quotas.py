@@ -4,9 +4,6 @@ the configured time zone, refusals a frontend can show, failure policies."""
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,6 +20,7 @@ from gateway.keys import new_key
 from gateway.storage import open_storage
 from gateway.testing.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
+from tests.processes import GatewayProcess
 from tests.servers import serve
 from tests.tcpproxy import TCPProxy
 
@@ -60,37 +58,6 @@ async def test_forty_parallel_requests_with_five_left_forward_exactly_five_sqlit
     assert {r.json()["code"] for r in responses if r.status_code == 429} == {"daily_query_limit"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def _start_process(
-    config: Path, port: int, env: dict[str, str]
-) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "--config",
-        str(config),
-        "serve",
-        "--port",
-        str(port),
-        env={**os.environ, **env},
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    async with asyncio.timeout(30):
-        # uvicorn says when the app (and its database) is ready
-        while line := await proc.stderr.readline():
-            if b"Application startup complete" in line:
-                return proc
-    raise RuntimeError(f"gateway process did not start (exit {await proc.wait()})")
-
-
 @pytest.mark.postgres
 async def test_forty_parallel_requests_across_two_processes_on_postgres(
     postgres_dsn: str, tmp_path: Path, client: httpx.AsyncClient
@@ -119,11 +86,11 @@ async def test_forty_parallel_requests_across_two_processes_on_postgres(
                 }
             )
         )
-        ports = [_free_port(), _free_port()]
         procs = [
-            await _start_process(config, port, {"TEST_UPSTREAM_KEY": UPSTREAM_KEY})
-            for port in ports
+            await GatewayProcess.start(config, {"TEST_UPSTREAM_KEY": UPSTREAM_KEY})
+            for _ in range(2)
         ]
+        ports = [proc.port for proc in procs]
         try:
             responses = await asyncio.gather(
                 *(
@@ -137,9 +104,7 @@ async def test_forty_parallel_requests_across_two_processes_on_postgres(
             )
         finally:
             for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                await proc.wait()
+                await proc.terminate()
     assert sorted(r.status_code for r in responses) == [200] * 5 + [429] * 35
     assert fake.hits("/chat-messages") == 5
 
