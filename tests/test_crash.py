@@ -5,37 +5,30 @@ SIGKILL or stopped with SIGTERM, on SQLite and on PostgreSQL (docs/quotas.md,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
-from gateway.config import DatabaseConfig
 from gateway.keys import new_key
-from gateway.storage import Storage, UsageEvent, open_storage
+from gateway.storage import Storage, UsageEvent
 from gateway.testing.fake_upstream import FakeDify
 from gateway.usage import estimate_tokens
-from tests.harness import UPSTREAM_KEY, USER, to_toml
+from tests.harness import UPSTREAM_KEY, USER, running_gateway, to_toml
 from tests.processes import GatewayProcess
 from tests.servers import serve
 
 CHAT = {"query": "Xin chào, hãy kể một câu chuyện", "inputs": {}, "response_mode": "streaming"}
 ENV = {"TEST_UPSTREAM_KEY": UPSTREAM_KEY}
 ALL_TIME = (date(2000, 1, 1), date(2100, 1, 1))
-
-
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Storage]:
-    storage = await open_storage(DatabaseConfig(url=database_url))
-    await storage.migrate()
-    try:
-        yield storage
-    finally:
-        await storage.close()
 
 
 async def user_key(storage: Storage) -> str:
@@ -47,18 +40,39 @@ async def user_key(storage: Storage) -> str:
     return key.secret
 
 
-def write_config(path: Path, database_url: str, upstream_url: str, **sections: Any) -> Path:
-    data: dict[str, Any] = {
-        "server": {"log_level": "info", "reload_interval": 0},
-        "upstream": {"url": upstream_url + "/v1", "api_key_env": "TEST_UPSTREAM_KEY"},
-        "database": {"url": database_url, "spool_file": str(path.parent / "spool.jsonl")},
-        "accounting": {"timezone": "UTC", "default_plan": "free"},
-        "plans": {"free": {"max_concurrent_streams": 5}},
-    }
-    for name, values in sections.items():
-        data[name] = {**data[name], **values}
-    path.write_text(to_toml(data))
-    return path
+@dataclass
+class Setup:
+    fake: FakeDify
+    client: httpx.AsyncClient
+    config: Path  # the gateway processes' configuration file
+    key: str  # a gateway key of USER
+
+
+@contextlib.asynccontextmanager
+async def setup(
+    storage: Storage, database_url: str, tmp_path: Path, **sections: Any
+) -> AsyncIterator[Setup]:
+    """A fake Dify on a real socket, a client, and a configuration file for
+    gateway processes in front of it (``sections`` merged in)."""
+    key = await user_key(storage)
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with serve(fake) as upstream, httpx.AsyncClient(timeout=30) as client:
+        data: dict[str, Any] = {
+            "server": {"log_level": "info", "reload_interval": 0},
+            "upstream": {"url": upstream + "/v1", "api_key_env": "TEST_UPSTREAM_KEY"},
+            "database": {"url": database_url, "spool_file": str(tmp_path / "spool.jsonl")},
+            "accounting": {"timezone": "UTC", "default_plan": "free"},
+            "plans": {"free": {"max_concurrent_streams": 5}},
+        }
+        for name, values in sections.items():
+            data[name] = {**data[name], **values}
+        config = tmp_path / "gateway.toml"
+        config.write_text(to_toml(data))
+        try:
+            yield Setup(fake, client, config, key)
+        finally:
+            # Held answers must end before the fake's server can shut down.
+            fake.release_held()
 
 
 async def events(storage: Storage) -> list[UsageEvent]:
@@ -84,37 +98,35 @@ async def open_answer(
 
 
 async def test_a_gateway_killed_mid_answer_leaves_it_to_be_recovered_as_an_estimate(
-    database_url: str, store: Storage, tmp_path: Path
+    database_url: str, storage: Storage, tmp_path: Path
 ) -> None:
-    key = await user_key(store)
-    fake = FakeDify(api_key=UPSTREAM_KEY)
-    async with serve(fake) as upstream, httpx.AsyncClient(timeout=30) as client:
-        config = write_config(
-            tmp_path / "gateway.toml",
-            database_url,
-            upstream,
-            upstream={"total_timeout": 2.0, "disconnect_grace": 0.5},
-            database={"recover_after": 2.5, "recover_interval": 0.2},
-        )
-        first = await GatewayProcess.start(config, ENV)
+    async with setup(
+        storage,
+        database_url,
+        tmp_path,
+        upstream={"total_timeout": 2.0, "disconnect_grace": 0.5},
+        database={"recover_after": 2.5, "recover_interval": 0.2},
+    ) as s:
+        first = await GatewayProcess.start(s.config, ENV)
         try:
-            response, _ = await open_answer(client, first.url, key, **{"x-fake-scenario": "hold"})
+            response, _ = await open_answer(
+                s.client, first.url, s.key, **{"x-fake-scenario": "hold"}
+            )
             # Mid-answer, the process dies without a chance to record anything.
             await first.kill()
             await response.aclose()
         finally:
             await first.kill()
-        assert await events(store) == []
-        (day,) = await store.daily(*ALL_TIME)
+        assert await events(storage) == []
+        (day,) = await storage.daily(*ALL_TIME)
         assert day.queries == 1  # the query was spent at admission
 
-        second = await GatewayProcess.start(config, ENV)
+        second = await GatewayProcess.start(s.config, ENV)
         try:
             await second.wait_for_line("recovered 1 pending answer")
         finally:
             assert await second.terminate() == 0
-            fake.release_held()
-    (recovered,) = await events(store)
+    (recovered,) = await events(storage)
     prompt = estimate_tokens(len(CHAT["query"]))  # type: ignore[arg-type]
     assert (recovered.outcome, recovered.estimated, recovered.endpoint) == (
         "recovered",
@@ -123,25 +135,23 @@ async def test_a_gateway_killed_mid_answer_leaves_it_to_be_recovered_as_an_estim
     )
     assert (recovered.prompt_tokens, recovered.total_tokens) == (prompt, prompt)
     assert recovered.answer_id == f"gw-{recovered.request_id}"
-    (day,) = await store.daily(*ALL_TIME)
+    (day,) = await storage.daily(*ALL_TIME)
     assert (day.queries, day.total_tokens) == (1, prompt)  # the query stays spent
-    user = await store.get_user(USER)
+    user = await storage.get_user(USER)
     assert user is not None and user.lifetime_tokens == prompt
     # Nothing else pending, and its stream slot is free.
-    assert await store.recover(before=datetime(2100, 1, 1, tzinfo=UTC), now=datetime.now(UTC)) == []
-    assert await store.open_streams(USER, now=datetime.now(UTC)) == 0
+    assert (
+        await storage.recover(before=datetime(2100, 1, 1, tzinfo=UTC), now=datetime.now(UTC)) == []
+    )
+    assert await storage.open_streams(USER, now=datetime.now(UTC)) == 0
 
 
 async def test_sigterm_lets_open_answers_finish_within_the_grace_and_charges_the_rest(
-    database_url: str, store: Storage, tmp_path: Path
+    database_url: str, storage: Storage, tmp_path: Path
 ) -> None:
-    key = await user_key(store)
-    fake = FakeDify(api_key=UPSTREAM_KEY)
-    async with serve(fake) as upstream, httpx.AsyncClient(timeout=30) as client:
-        config = write_config(
-            tmp_path / "gateway.toml", database_url, upstream, server={"shutdown_grace": 3}
-        )
-        gateway = await GatewayProcess.start(config, ENV)
+    async with setup(storage, database_url, tmp_path, server={"shutdown_grace": 3}) as s:
+        client, key, fake = s.client, s.key, s.fake
+        gateway = await GatewayProcess.start(s.config, ENV)
         try:
             # One answer that ends well within the grace, one that never would.
             quick, quick_rest = await open_answer(
@@ -160,13 +170,12 @@ async def test_sigterm_lets_open_answers_finish_within_the_grace_and_charges_the
             code = await gateway.wait()
         finally:
             await gateway.kill()
-            fake.release_held()
         await quick.aclose()
         await held.aclose()
     assert code == 0, gateway.log
     assert b"message_end" in quick_body and b"message_end" not in held_body
     assert b"shutting_down" in held_body  # told why, and the stream ended properly
-    by_outcome = {e.outcome: e for e in await events(store)}
+    by_outcome = {e.outcome: e for e in await events(storage)}
     assert set(by_outcome) == {"complete", "shutdown"}
     finished, cut = by_outcome["complete"], by_outcome["shutdown"]
     # The answer that finished is recorded exactly as the upstream reported it...
@@ -178,7 +187,74 @@ async def test_sigterm_lets_open_answers_finish_within_the_grace_and_charges_the
     assert finished.cost == fake.usage.total_price
     # ...the one cut at the end of the grace as an estimate of what was read.
     assert cut.estimated and cut.total_tokens > 0
-    assert await store.recover(before=datetime(2100, 1, 1, tzinfo=UTC), now=datetime.now(UTC)) == []
+    assert (
+        await storage.recover(before=datetime(2100, 1, 1, tzinfo=UTC), now=datetime.now(UTC)) == []
+    )
     assert not (tmp_path / "spool.jsonl").exists()  # nothing needed the spool
-    (day,) = await store.daily(*ALL_TIME)
+    (day,) = await storage.daily(*ALL_TIME)
     assert day.queries == 2
+
+
+# --- cut before the upstream answered ------------------------------------------------------
+
+
+class Arrivals:
+    """An upstream wrapper that says when an answer request has reached it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.arrived = asyncio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].endswith("/chat-messages"):
+            self.arrived.set()
+        await self.app(scope, receive, send)
+
+
+async def test_an_answer_cut_by_shutdown_before_its_headers_is_charged_the_prompt_estimate(
+    sqlite_url: str,
+) -> None:
+    """The upstream has the request (and may be generating, and billing, the
+    answer) when the shutdown grace runs out: the query stays spent and the
+    prompt estimate is recorded, as for an upstream timeout."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    upstream = Arrivals(fake)
+    blocking = {**CHAT, "response_mode": "blocking"}
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        delivered = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": orjson.dumps(blocking)}
+            await asyncio.Event().wait()  # the client never leaves
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            raise AssertionError(f"nothing is sent before the upstream answers: {message}")
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/chat-messages",
+            "query_string": b"",
+            "headers": [
+                (b"authorization", f"Bearer {h.key}".encode()),
+                (b"content-type", b"application/json"),
+                (b"x-fake-scenario", b"hold"),  # a blocking answer held: no headers
+            ],
+        }
+        task = asyncio.create_task(h.app(scope, receive, send))
+        await upstream.arrived.wait()
+        task.cancel()  # what uvicorn does when server.shutdown_grace runs out
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await h.gateway.wait_finished(1)
+        (event,) = await h.events()
+        (day,) = await h.storage.daily(*ALL_TIME)
+        fake.release_held()
+    prompt = estimate_tokens(len(CHAT["query"]))  # type: ignore[arg-type]
+    assert (event.outcome, event.estimated, event.total_tokens) == ("shutdown", True, prompt)
+    assert day.queries == 1
+    assert h.gateway.metrics.get("gateway_answers_cut_at_shutdown_total") == 1
