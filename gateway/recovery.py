@@ -11,12 +11,10 @@ charged twice and none is left.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import timedelta
 
 from gateway.clock import Clock
-from gateway.errors import StorageError
 from gateway.metrics import Metrics
 from gateway.storage import Storage
 
@@ -53,13 +51,3 @@ class Recovery:
             self._metrics.inc("gateway_answers_recovered_total", total)
             log.warning("recovered %d pending answer(s) left by a gateway that died", total)
         return total
-
-    async def run_every(self, interval: float) -> None:
-        """`run_once` every ``interval`` seconds; a database failure waits for the next."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.run_once()
-            except StorageError as exc:
-                self._metrics.inc("gateway_storage_errors_total", operation="recover")
-                log.warning("could not recover pending answers (will retry): %s", exc.message)

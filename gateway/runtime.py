@@ -24,7 +24,7 @@ import httpx
 from gateway.auth import Authenticator, UserDirectory
 from gateway.clock import Clock, SystemClock
 from gateway.config import LIMIT_NAMES, Config, load_config
-from gateway.errors import BadRequest, ConfigError
+from gateway.errors import BadRequest, ConfigError, StorageError
 from gateway.keys import new_key
 from gateway.metrics import Metrics
 from gateway.recovery import Recovery
@@ -130,6 +130,7 @@ class Gateway:
         # and configuration reloads: lets tests and tools wait without sleeping.
         self.finished = Watermark()
         self.reloads = Watermark()
+        self.recoveries = Watermark()  # periodic recovery passes done
         # Proxied requests under way: shutdown waits for them to record what they read.
         self.in_flight = 0
         self._drained = asyncio.Event()
@@ -166,9 +167,12 @@ class Gateway:
         self.recovery = Recovery(
             self.storage, clock=self.clock, metrics=self.metrics, after=self.recover_after
         )
-        await self.recovery.run_once()
+        try:
+            await self.recovery.run_once()
+        except StorageError as exc:
+            log.warning("could not recover pending answers at start-up: %s", exc.message)
         if self.config.database.recover_interval > 0:
-            self.spawn(self.recovery.run_every(self.config.database.recover_interval))
+            self.spawn(self._recover_every(self.config.database.recover_interval))
         self.client = make_client(self.config, self._transport)
         source, interval = self.config.source, self.config.server.reload_interval
         if source is not None and interval > 0:
@@ -297,6 +301,18 @@ class Gateway:
                 await self.reload()
             except Exception:  # the watcher must outlive any one bad reload
                 log.exception("configuration reload failed")
+
+    async def _recover_every(self, interval: float) -> None:
+        """Recover lost answers every ``interval`` seconds (docs/quotas.md, "Crash
+        safety"); a database failure waits for the next pass."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.recovery.run_once()
+            except StorageError as exc:
+                self.metrics.inc("gateway_storage_errors_total", operation="recover")
+                log.warning("could not recover pending answers (will retry): %s", exc.message)
+            self.recoveries.bump()
 
     def spawn(self, coro: Any) -> None:
         """Run a background job; it is cancelled at shutdown."""

@@ -10,7 +10,7 @@ import contextlib
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,11 @@ import httpx
 import orjson
 import pytest
 
+from gateway.clock import FixedClock
+from gateway.config import parse_config
 from gateway.keys import new_key
-from gateway.storage import Storage, UsageEvent
+from gateway.runtime import Gateway
+from gateway.storage import AdmissionLimits, Pending, Storage, UsageEvent
 from gateway.testing.fake_upstream import FakeDify
 from gateway.usage import estimate_tokens
 from tests.harness import UPSTREAM_KEY, USER, running_gateway, to_toml
@@ -258,3 +261,56 @@ async def test_an_answer_cut_by_shutdown_before_its_headers_is_charged_the_promp
     assert (event.outcome, event.estimated, event.total_tokens) == ("shutdown", True, prompt)
     assert day.queries == 1
     assert h.gateway.metrics.get("gateway_answers_cut_at_shutdown_total") == 1
+
+
+# --- recovery in a running gateway ---------------------------------------------------------
+
+
+async def test_a_running_gateway_recovers_answers_once_they_are_older_than_the_bound(
+    sqlite_url: str,
+) -> None:
+    """Periodically, not only at start-up: another process's answer, admitted and
+    never settled, is recovered once older than database.recover_after."""
+    clock = FixedClock(datetime(2026, 11, 21, 9, 0, tzinfo=UTC))
+    settings = {
+        "upstream": {"total_timeout": 5.0, "disconnect_grace": 1.0},
+        "database": {"recover_after": 10.0, "recover_interval": 0.01},
+    }
+    async with running_gateway(sqlite_url, settings=settings, clock=clock) as h:
+        admitted = await h.storage.admit(
+            USER,
+            day=clock.now().date(),
+            month_start=clock.now().date().replace(day=1),
+            limits=AdmissionLimits(),
+            now=clock.now(),
+            pending=Pending(id="elsewhere-1", endpoint="chat-messages", total_tokens=7),
+        )
+        assert admitted.admitted
+        passes = h.gateway.recoveries
+        await passes.wait_for(passes.value + 2)
+        assert await h.events() == []  # too young to be taken for lost
+        clock.advance(timedelta(seconds=11))
+        await passes.wait_for(passes.value + 2)
+        (event,) = await h.events()
+        assert h.gateway.metrics.get("gateway_answers_recovered_total") == 1
+    assert (event.answer_id, event.outcome, event.total_tokens) == (
+        "gw-elsewhere-1",
+        "recovered",
+        7,
+    )
+
+
+def test_the_recovery_bound_is_never_shorter_than_the_longest_answer() -> None:
+    def bound(**database: float) -> timedelta:
+        config = parse_config(
+            {
+                "upstream": {"total_timeout": 30.0, "disconnect_grace": 5.0},
+                "database": database,
+            },
+            env={},
+        )
+        return Gateway(config).recover_after
+
+    assert bound() == timedelta(seconds=95)  # derived: the answer's limits plus a minute
+    assert bound(recover_after=120.0) == timedelta(seconds=120)
+    assert bound(recover_after=10.0) == timedelta(seconds=35)  # raised to the longest

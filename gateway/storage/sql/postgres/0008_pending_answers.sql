@@ -18,6 +18,11 @@
 -- Lock order, everywhere: the pending row, then the lease, then the user's row,
 -- then the day row (admission takes the user's row first but only ever creates
 -- its pending row, which no one else can hold yet).
+--
+-- The new gateway_admit and gateway_settle take more arguments; the earlier
+-- signatures are left in place (PostgreSQL tells them apart by their number of
+-- arguments), so that gateways of the previous version keep working while a
+-- rolling upgrade replaces them. They write and claim no pending rows.
 CREATE TABLE pending_answers (
     id text PRIMARY KEY,  -- the request id; also its stream lease's id
     user_id text NOT NULL REFERENCES users (id) ON DELETE CASCADE,
@@ -32,10 +37,8 @@ CREATE TABLE pending_answers (
 );
 CREATE INDEX pending_answers_created_idx ON pending_answers (created_at);
 
-DROP FUNCTION gateway_admit(text, date, date, bigint, bigint, bigint, bigint, text, timestamptz, timestamptz, boolean);
-
 -- As in 0003, plus the pending row (p_pending NULL: none is written).
-CREATE FUNCTION gateway_admit(
+CREATE OR REPLACE FUNCTION gateway_admit(
     p_user text,
     p_day date,
     p_month_start date,
@@ -123,7 +126,7 @@ END
 $$;
 
 -- The ledger write shared by settle and recovery (as gateway_settle did in 0002).
-CREATE FUNCTION gateway_record(
+CREATE OR REPLACE FUNCTION gateway_record(
     p_answer_id text,
     p_user text,
     p_day date,
@@ -176,10 +179,8 @@ BEGIN
 END
 $$;
 
-DROP FUNCTION gateway_settle(text, text, date, timestamptz, text, bigint, bigint, bigint, numeric, text, text, boolean, integer, text, text, double precision, double precision, text);
-
 -- As in 0002, plus p_pending: the answer's pending row, claimed first.
-CREATE FUNCTION gateway_settle(
+CREATE OR REPLACE FUNCTION gateway_settle(
     p_answer_id text,
     p_user text,
     p_day date,
@@ -226,7 +227,7 @@ $$;
 -- Give back an admitted query that produced no answer. With p_pending, only
 -- while its pending row is there: a refund retried, or one after a recovery
 -- charged the answer, changes nothing. Returns whether the query was returned.
-CREATE FUNCTION gateway_refund(p_user text, p_day date, p_lease text, p_pending text)
+CREATE OR REPLACE FUNCTION gateway_refund(p_user text, p_day date, p_lease text, p_pending text)
 RETURNS boolean LANGUAGE plpgsql AS $$
 BEGIN
     IF p_pending IS NOT NULL THEN
@@ -247,7 +248,7 @@ $$;
 -- 'recovered'); their reserved queries stay spent. SKIP LOCKED: replicas running
 -- this at once share the rows out instead of queueing on them, and a row a
 -- settle is claiming right now is left to that settle. Returns the ids recovered.
-CREATE FUNCTION gateway_recover(p_before timestamptz, p_limit integer, p_now timestamptz)
+CREATE OR REPLACE FUNCTION gateway_recover(p_before timestamptz, p_limit integer, p_now timestamptz)
 RETURNS SETOF text LANGUAGE plpgsql AS $$
 DECLARE
     r pending_answers%ROWTYPE;
