@@ -25,7 +25,7 @@ from gateway.runtime import Gateway
 from gateway.storage import AdmissionLimits, Pending, Storage, UsageEvent
 from gateway.testing.fake_upstream import FakeDify
 from gateway.usage import estimate_tokens
-from tests.harness import UPSTREAM_KEY, USER, running_gateway, to_toml
+from tests.harness import UPSTREAM_KEY, USER, direct_request, running_gateway, to_toml
 from tests.processes import GatewayProcess
 from tests.servers import serve
 
@@ -224,30 +224,14 @@ async def test_an_answer_cut_by_shutdown_before_its_headers_is_charged_the_promp
     upstream = Arrivals(fake)
     blocking = {**CHAT, "response_mode": "blocking"}
     async with running_gateway(sqlite_url, upstream=upstream) as h:
-        delivered = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": orjson.dumps(blocking)}
-            await asyncio.Event().wait()  # the client never leaves
-            raise AssertionError
+        # A blocking answer, held: the upstream sends no headers.
+        scope, receive = direct_request(
+            h.key, orjson.dumps(blocking), (b"x-fake-scenario", b"hold")
+        )
 
         async def send(message: dict[str, Any]) -> None:
             raise AssertionError(f"nothing is sent before the upstream answers: {message}")
 
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": "/v1/chat-messages",
-            "query_string": b"",
-            "headers": [
-                (b"authorization", f"Bearer {h.key}".encode()),
-                (b"content-type", b"application/json"),
-                (b"x-fake-scenario", b"hold"),  # a blocking answer held: no headers
-            ],
-        }
         task = asyncio.create_task(h.app(scope, receive, send))
         await upstream.arrived.wait()
         task.cancel()  # what uvicorn does when server.shutdown_grace runs out

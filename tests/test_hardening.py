@@ -17,7 +17,7 @@ from gateway.metrics import Metrics
 from gateway.settle import Settler
 from gateway.storage import Lease, Storage, UsageEvent
 from gateway.testing.fake_upstream import FakeDify
-from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+from tests.harness import UPSTREAM_KEY, USER, Harness, direct_request, running_gateway
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
 ONE_A_DAY = {
@@ -183,32 +183,13 @@ async def test_a_cancelled_request_still_records_its_answer_and_frees_its_slot(
         app = h.app  # driven directly, so that the request task can be cancelled
         sent: list[dict[str, Any]] = []
         first_chunk = asyncio.Event()
-        body = orjson.dumps(CHAT)
-        delivered = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.Event().wait()  # the client never leaves
-            raise AssertionError
+        scope, receive = direct_request(h.key, orjson.dumps(CHAT))
 
         async def send(message: dict[str, Any]) -> None:
             sent.append(message)
             if message.get("body"):
                 first_chunk.set()
 
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": "/v1/chat-messages",
-            "query_string": b"",
-            "headers": [
-                (b"authorization", f"Bearer {h.key}".encode()),
-                (b"content-type", b"application/json"),
-            ],
-        }
         task = asyncio.create_task(app(scope, receive, send))
         await first_chunk.wait()
         task.cancel()
