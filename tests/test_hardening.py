@@ -373,29 +373,11 @@ async def test_a_cancellation_during_the_ledger_write_does_not_lose_the_answer(
             return await real_settle(event, **kwargs)
 
         monkeypatch.setattr(h.storage, "settle", slow_settle)
-        delivered = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": orjson.dumps(CHAT), "more_body": False}
-            await asyncio.Event().wait()
-            raise AssertionError
+        scope, receive = direct_request(h.key, orjson.dumps(CHAT))
 
         async def send(message: dict[str, Any]) -> None:
             pass
 
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": "/v1/chat-messages",
-            "query_string": b"",
-            "headers": [
-                (b"authorization", f"Bearer {h.key}".encode()),
-                (b"content-type", b"application/json"),
-            ],
-        }
         task = asyncio.create_task(h.app(scope, receive, send))
         await writing.wait()  # the answer is complete and being recorded
         task.cancel()
