@@ -1,4 +1,4 @@
-"""The benchmark's tables and the issue's targets, from the results dictionary.
+"""The benchmark's tables and its targets (docs/performance.md), from the results dictionary.
 
 Tables are Markdown, so the output of a run pastes into docs/performance.md.
 """
@@ -169,7 +169,7 @@ def database_table(results: dict[str, Any]) -> str:
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets for the gateway on PostgreSQL, one worker."""
+    """The targets for the gateway on PostgreSQL, one worker (docs/performance.md)."""
     out: list[dict[str, Any]] = []
 
     def add(name: str, goal: str, measured: float | None, ok: bool | None, detail: str) -> None:

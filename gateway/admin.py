@@ -21,7 +21,6 @@ from gateway.config import LIMIT_NAMES
 from gateway.errors import BadRequest, GatewayError, NotFound, StorageError, Unauthorized
 from gateway.export import Dataset, Format, encode, rows
 from gateway.reports import daily_dict, money
-from gateway.storage import OverrideValue
 
 if TYPE_CHECKING:
     from gateway.runtime import Gateway
@@ -125,21 +124,6 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
-def override_value(name: str, value: object) -> OverrideValue:
-    """A per-user override as JSON gives it: null is unlimited."""
-    if name == "advanced_rag":
-        if not isinstance(value, bool):
-            raise BadRequest("advanced_rag: expected true or false.")
-        return value
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise BadRequest(f"{name}: expected a number >= 0 or null (unlimited).")
-    if name != "file_size_mb" and not float(value).is_integer():
-        raise BadRequest(f"{name}: expected a whole number.")
-    return value if name == "file_size_mb" else int(value)
-
-
 # --- endpoints --------------------------------------------------------------------
 
 
@@ -216,8 +200,7 @@ async def set_limit(request: Request, gw: Gateway) -> Response:
         raise BadRequest(
             "value: required (a number, null for unlimited, or a boolean for advanced_rag)."
         )
-    value = override_value(name, body["value"])
-    await gw.set_override(user_id, name, value)
+    value = await gw.set_override(user_id, name, body["value"])
     return json_response(gw, {"id": user_id, "name": name, "value": value})
 
 

@@ -14,6 +14,7 @@ import logging
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
+from gateway.accounts import effective_plan
 from gateway.clock import Periods, periods_at
 from gateway.config import Plan
 from gateway.errors import Forbidden, QuotaExceeded, StorageError
@@ -72,7 +73,7 @@ class Admitter:
         """The user's effective plan: their plan with their overrides applied."""
         config = self.gw.config
         user = await self.gw.users.get(user_id, default_plan=config.accounting.default_plan)
-        return config.plan(user.plan).with_overrides(user.overrides)
+        return effective_plan(config, user)
 
     async def admit(
         self, user_id: str, request_id: str, route: Route, body: dict[str, Any]

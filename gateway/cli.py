@@ -16,10 +16,10 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 from gateway import __version__
+from gateway.accounts import effective_plan, issue_key, parse_override_text
 from gateway.clock import SystemClock, periods_at
 from gateway.config import ENV_CONFIG, LIMIT_NAMES, Config, load_config, render_config
-from gateway.errors import ConfigError, GatewayError
-from gateway.keys import new_key
+from gateway.errors import BadRequest, ConfigError, GatewayError
 from gateway.storage import OverrideValue, Storage, open_storage
 
 EXIT_ERROR = 1
@@ -262,7 +262,7 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
     rows = await storage.daily(period.month_start, period.day, user_id=user.id)
     today = next((r for r in rows if r.day == period.day), None)
     month_tokens = sum(r.total_tokens for r in rows)
-    plan = config.plan(user.plan).with_overrides(user.overrides)
+    plan = effective_plan(config, user)
 
     def limit(value: object) -> str:
         return "unlimited" if value is None else str(value)
@@ -306,24 +306,11 @@ async def _users_set_plan(storage: Storage, config: Config, args: argparse.Names
 
 
 def parse_limit_value(name: str, raw: str) -> OverrideValue:
-    """A per-user override as typed on the command line or sent to the admin API."""
-    text = raw.strip().lower()
-    if name == "advanced_rag":
-        if text in ("true", "yes", "on", "1"):
-            return True
-        if text in ("false", "no", "off", "0"):
-            return False
-        raise ConfigError(f"{name}: expected true or false, got {raw!r}")
-    if text in ("unlimited", "none"):
-        return None
+    """A per-user override as typed; a bad one is a usage error (exit 2)."""
     try:
-        value: int | float = float(text) if name == "file_size_mb" else int(text)
-    except ValueError:
-        kind = "a number" if name == "file_size_mb" else "an integer"
-        raise ConfigError(f"{name}: expected {kind} >= 0 or 'unlimited', got {raw!r}") from None
-    if value < 0:
-        raise ConfigError(f"{name}: expected a value >= 0, got {raw!r}")
-    return value
+        return parse_override_text(name, raw)
+    except BadRequest as exc:
+        raise ConfigError(f"{exc.message} Got {raw!r}.") from None
 
 
 async def _users_set_limit(storage: Storage, config: Config, args: argparse.Namespace) -> int:
@@ -434,20 +421,12 @@ def _progress_bar(total: int) -> Callable[[int], None]:
 async def _keys_create(storage: Storage, config: Config, args: argparse.Namespace) -> int:
     if args.create_user:
         await storage.ensure_user(args.id, plan=config.accounting.default_plan)
-    key = new_key()
-    record = await storage.create_key(
-        args.id,
-        key_id=key.id,
-        key_hash=key.hash,
-        prefix=key.prefix,
-        name=args.name,
-        now=datetime.now(UTC),
-    )
+    record, secret = await issue_key(storage, args.id, name=args.name, now=datetime.now(UTC))
     print(
         f"created key {record.id} for user {record.user_id!r}; it is shown only this once:",
         file=sys.stderr,
     )
-    print(key.secret)
+    print(secret)
     return 0
 
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import uvicorn
 
+from gateway.accounts import issue_key
 from gateway.app import create_app
 from gateway.config import load_config
-from gateway.keys import new_key
 from gateway.storage import open_storage
 from gateway.testing.fake_upstream import FakeDify
 
@@ -99,15 +99,7 @@ async def _demo(host: str, port: int) -> None:
     storage = await open_storage(config.database)
     await storage.migrate()
     await storage.ensure_user(DEMO_USER, plan="free")
-    key = new_key()
-    await storage.create_key(
-        DEMO_USER,
-        key_id=key.id,
-        key_hash=key.hash,
-        prefix=key.prefix,
-        name="demo",
-        now=datetime.now(UTC),
-    )
+    _, secret = await issue_key(storage, DEMO_USER, name="demo", now=datetime.now(UTC))
     await storage.close()
 
     try:
@@ -125,7 +117,7 @@ Database and configuration: {folder}
 Ask a question as {DEMO_USER} (a streamed answer; the gateway records its usage):
 
   curl -N {base}/v1/chat-messages \\
-    -H 'Authorization: Bearer {key.secret}' \\
+    -H 'Authorization: Bearer {secret}' \\
     -H 'Content-Type: application/json' \\
     -d '{{"query": "Xin chào", "inputs": {{}}, "response_mode": "streaming", "user": "anyone"}}'
 

@@ -16,7 +16,7 @@ from gateway.clock import Periods
 from gateway.config import Plan, StorageErrorPolicy
 from gateway.storage import Admission, AdmissionLimits, Counters
 
-# Error codes per limit, in the upstream's error body (issue: "a code per limit").
+# Error codes per limit, in the upstream's error body (docs/quotas.md).
 LIMIT_CODES: dict[str, str] = {
     "queries_per_day": "daily_query_limit",
     "tokens_per_day": "daily_token_limit",

@@ -89,7 +89,9 @@ _MAX_BUFFERED_BODY = 16 * 1024 * 1024
 # headers, boundaries, other fields): with a Content-Length over the plan's file
 # size by more than this, the file is certainly too large.
 _MULTIPART_SLACK = FIELDS_ALLOWANCE + 64 * 1024
+# Placeholders until `_parse` and `route` fill them in (never used before).
 _NO_ROUTE = Route("other", "")
+_NO_HEADERS = RequestHeaders([])
 
 # Request ids: unique per process by a counter, across processes by a random prefix;
 # cheaper than uuid4 on every request. Dialects may pass them on (as a trace id),
@@ -111,11 +113,9 @@ def _serialised(body: dict[str, Any]) -> bytes:
     try:
         return orjson.dumps(body)
     except orjson.JSONEncodeError:
-        # orjson reads deeper documents than it writes (and integers wider than
-        # 64 bits); what cannot be written again cannot be forwarded.
-        raise BadRequest(
-            "The request body cannot be forwarded (nested too deeply or a number out of range)."
-        ) from None
+        # orjson reads deeper documents than it writes: what cannot be written
+        # again cannot be forwarded.
+        raise BadRequest("The request body is nested too deeply to forward.") from None
 
 
 class Exchange:
@@ -147,7 +147,7 @@ class Exchange:
         self.method = ""
         self.path = ""  # canonical, relative to the API base
         self.query = b""
-        self.headers = RequestHeaders([])
+        self.headers = _NO_HEADERS
         self.route = _NO_ROUTE
         self.user_id = ""
         self.json: dict[str, Any] | None = None  # the parsed JSON body, rewritten

@@ -11,6 +11,7 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from gateway.accounts import effective_plan
 from gateway.clock import Periods, periods_at
 from gateway.config import LIMIT_NAMES, Plan
 from gateway.errors import NotFound
@@ -115,7 +116,7 @@ class Reports:
         return user
 
     def plan_of(self, user: User) -> Plan:
-        return self.gw.config.plan(user.plan).with_overrides(user.overrides)
+        return effective_plan(self.gw.config, user)
 
     async def usage(self, user: User) -> dict[str, Any]:
         """The user's limits and what is left of them, with lifetime totals."""

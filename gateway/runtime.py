@@ -21,11 +21,11 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
+from gateway.accounts import issue_key, parse_override
 from gateway.auth import Authenticator, UserDirectory
 from gateway.clock import Clock, SystemClock
-from gateway.config import LIMIT_NAMES, Config, load_config
+from gateway.config import Config, load_config
 from gateway.errors import BadRequest, ConfigError, StorageError
-from gateway.keys import new_key
 from gateway.metrics import Metrics
 from gateway.recovery import Recovery
 from gateway.reports import Reports
@@ -343,16 +343,7 @@ class Gateway:
 
     async def create_key(self, user_id: str, *, name: str = "") -> tuple[ApiKey, str]:
         """A new key for an existing user; returns the record and the secret (shown once)."""
-        key = new_key()
-        record = await self.storage.create_key(
-            user_id,
-            key_id=key.id,
-            key_hash=key.hash,
-            prefix=key.prefix,
-            name=name,
-            now=datetime.now(UTC),
-        )
-        return record, key.secret
+        return await issue_key(self.storage, user_id, name=name, now=datetime.now(UTC))
 
     async def set_plan(self, user_id: str, plan: str) -> None:
         if plan not in self.config.plans:
@@ -362,11 +353,13 @@ class Gateway:
         await self.storage.set_plan(user_id, plan)
         self.users.forget(user_id)
 
-    async def set_override(self, user_id: str, name: str, value: OverrideValue) -> None:
-        if name not in LIMIT_NAMES:
-            raise BadRequest(f"No limit named {name!r} (limits: {', '.join(LIMIT_NAMES)}).")
-        await self.storage.set_override(user_id, name, value)
+    async def set_override(self, user_id: str, name: str, value: object) -> OverrideValue:
+        """Override one limit for a user (``value`` as JSON gives it); returns the
+        value stored."""
+        parsed = parse_override(name, value)
+        await self.storage.set_override(user_id, name, parsed)
         self.users.forget(user_id)
+        return parsed
 
     async def clear_override(self, user_id: str, name: str) -> None:
         await self.storage.clear_override(user_id, name)

@@ -16,6 +16,7 @@ from gateway.http import (
     with_param,
 )
 from gateway.upstream_client import timeout_phase
+from gateway.upstreams.transforms import DropEvents
 
 
 @pytest.mark.parametrize(
@@ -180,3 +181,24 @@ def _caused(exc: BaseException, cause: BaseException) -> BaseException:
 )
 def test_timeout_phase(exc: BaseException, expected: str | None) -> None:
     assert timeout_phase(exc) == expected
+
+
+def _dropping_usage() -> DropEvents:
+    return DropEvents(lambda event: b'"usage"' in event)
+
+
+@pytest.mark.parametrize(
+    ("chunks", "expected"),
+    [
+        ([b"data: a\n\ndata: b\n\n"], b"data: a\n\ndata: b\n\n"),
+        ([b'data: a\n\ndata: {"usage":1}\n\ndata: [DONE]\n\n'], b"data: a\n\ndata: [DONE]\n\n"),
+        ([b'data: {"us', b'age":1}\n', b"\ndata: b\r\n\r\n"], b"data: b\r\n\r\n"),
+        ([b"data: a\r\r", b'data: {"usage":1}\r\r'], b"data: a\r\r"),
+        ([b": ping\n\ndata: a"], b": ping\n\ndata: a"),  # the incomplete rest, at the end
+        ([b'data: {"usage":1}'], b""),
+    ],
+)
+def test_drop_events(chunks: list[bytes], expected: bytes) -> None:
+    transform = _dropping_usage()
+    out = b"".join(transform.feed(chunk) for chunk in chunks) + transform.flush()
+    assert out == expected

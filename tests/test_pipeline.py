@@ -14,6 +14,9 @@ import pytest
 import gateway.proxy
 from gateway.errors import NotFound, StorageError
 from gateway.testing.fake_upstream import FakeDify
+from gateway.upstreams import Prepared, Route
+from gateway.upstreams.dify import DifyUpstream
+from gateway.upstreams.transforms import DropEvents
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
@@ -197,3 +200,58 @@ async def test_a_missing_user_row_is_not_a_database_outage(
     assert response.status_code == 404 and response.json()["code"] == "not_found"
     assert fake.hits("/chat-messages") == 0
     assert not any("fail-open" in r.message for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+# --- the dialect seam, driven by a dialect unlike Dify ----------------------------------
+
+
+class HidesUsage(DifyUpstream):
+    """Dify, except that the client never sees the usage event (as a dialect hides
+    a usage chunk it asked the upstream for) and answers stop by closing."""
+
+    __slots__ = ()
+    stops_by_closing = True
+
+    def stream_transform(self, route: Route, prepared: Prepared) -> DropEvents:
+        return DropEvents(lambda event: b'"event":"message_end"' in event)
+
+    def stop_request(self, route: Route, task_id: str, user_id: str) -> None:
+        return None
+
+
+async def test_a_stream_transform_hides_an_event_from_the_client_not_from_the_meter(
+    sqlite_url: str,
+) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake) as h:
+        h.gateway.upstream = HidesUsage()
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            response = await client.post("/v1/chat-messages", json=CHAT, headers=h.auth())
+        await h.gateway.wait_finished(1)
+        (event,) = await h.events()
+    assert response.status_code == 200
+    assert b'"event":"message"' in response.content
+    assert b"message_end" not in response.content
+    assert response.content.endswith(b"\n\n")  # whole events only
+    assert event.outcome == "complete" and not event.estimated and event.total_tokens > 0
+
+
+async def test_a_dialect_without_a_stop_endpoint_stops_by_closing(sqlite_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.05)
+    settings = {"upstream": {"on_client_disconnect": "stop"}}
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        h.gateway.upstream = HidesUsage()
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            async with client.stream(
+                "POST", "/v1/chat-messages", json=CHAT, headers=h.auth()
+            ) as response:
+                async for chunk in response.aiter_raw():
+                    if b'"event":"message"' in chunk:
+                        break  # leaving the block closes the connection mid-answer
+        await h.gateway.wait_finished(1)
+        (event,) = await h.events()
+    assert fake.stops == []  # no stop call: the upstream connection was closed instead
+    assert (
+        fake.disconnects == 1
+    )  # the gateway left mid-answer (the fake, like Dify, finishes anyway)
+    assert event.outcome == "disconnected" and event.estimated

@@ -42,6 +42,7 @@ uses it for one request:
     an SSE event it made the upstream add (an injected final usage chunk).
     The meter still sees every upstream byte. None (the usual answer) costs
     nothing per chunk: the upstream bytes are passed on untouched.
+    ``gateway.upstreams.transforms.DropEvents`` drops whole events by a predicate.
 
 ``filter_history(route, query, page, cutoff) -> dict``
     A history page (``route.is_history``) limited to items at or after the
