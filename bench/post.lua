@@ -1,9 +1,9 @@
 -- wrk script: POST one chat request per call, streamed answer, the same for every path.
--- Environment: BENCH_AUTH (gateway keys, comma-separated, used in turn; the pass-throughs
+-- Environment: BENCH_PATH (default /v1/chat-messages), BENCH_AUTH (gateway keys, comma-separated, used in turn; the pass-throughs
 -- and the upstream ignore them), BENCH_BODY (the JSON body). done() prints one JSON line
 -- that bench/run.py reads.
 wrk.method = "POST"
-wrk.path = "/v1/chat-messages"
+wrk.path = os.getenv("BENCH_PATH") or "/v1/chat-messages"
 wrk.body = os.getenv("BENCH_BODY")
 wrk.headers["Content-Type"] = "application/json"
 

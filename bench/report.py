@@ -9,6 +9,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from bench import litellm
+
 PROXIES = ("naive", "fast", "gateway-sqlite", "gateway-postgres")
 TARGET_PATH = "gateway-postgres"
 
@@ -316,6 +318,9 @@ def render(results: dict[str, Any]) -> str:
             f"\nGarbage collection: {p['gc_pct']:.1f}% of samples. In system calls: {calls} "
             "(a sample in a write includes waiting to run again after waking the receiver)."
         )
+    openai = litellm.render(results)
+    if openai:
+        parts.append(openai)
     for note in results.get("notes", []):
         parts.append(f"\nnote: {note}")
     return "\n".join(parts)

@@ -5,7 +5,9 @@ Paths, all in one run, against one fake upstream (bench/upstream.py):
 - ``direct``: the load generator to the upstream itself;
 - ``naive`` and ``fast``: bare pass-through proxies (bench/proxies.py);
 - ``gateway-sqlite`` and ``gateway-postgres``: ``python -m gateway serve``, one
-  worker, full accounting (a plan whose limits are all set, too high to refuse).
+  worker, full accounting (a plan whose limits are all set, too high to refuse);
+- in the ``openai`` phase, the gateway in front of the same upstream speaking
+  OpenAI's API, beside LiteLLM's proxy (bench/litellm.py).
 
 Phases: saturation throughput (wrk, paths interleaved, CPU read from /proc),
 latency at a fixed rate (open loop, bench/loadgen.py), an optional py-spy
@@ -46,7 +48,7 @@ from typing import Any
 import asyncpg
 import uvloop
 
-from bench import loadgen, report
+from bench import litellm, loadgen, report
 from bench import profile as profiling
 from bench.pgwire import WireCounter
 from bench.procs import Server, Servers, cpu_seconds, free_port
@@ -60,7 +62,7 @@ BODY = (
 UPSTREAM_KEY = "app-bench-upstream-key"
 PATHS = ("direct", "naive", "fast", "gateway-sqlite", "gateway-postgres")
 GATEWAYS = ("gateway-sqlite", "gateway-postgres")
-PHASES = ("throughput", "latency", "profile", "database", "memory")
+PHASES = ("throughput", "latency", "profile", "openai", "database", "memory")
 # Limits high enough never to refuse, but all set, so that every check runs.
 PLAN = {
     "queries_per_day": 1_000_000_000,
@@ -530,13 +532,24 @@ default_plan = "bench"
             if path in GATEWAYS and "x-request-id" not in {k.lower() for k in headers}:
                 raise RuntimeError(f"{path}: no X-Request-Id: is this the gateway?")
 
-    def _wrk(self, path: str, connections: int, seconds: int) -> WrkResult:
+    def _wrk(
+        self,
+        path: str,
+        connections: int,
+        seconds: int,
+        *,
+        url: str | None = None,
+        request_path: str = "/v1/chat-messages",
+        body: bytes = BODY,
+        keys: list[str] | None = None,
+    ) -> WrkResult:
         argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s"]
-        argv += ["-s", str(LUA), self.url(path).removesuffix("/v1/chat-messages")]
+        argv += ["-s", str(LUA), url or self.url(path).removesuffix("/v1/chat-messages")]
         env = {
             **os.environ,
-            "BENCH_AUTH": ",".join(self.keys_for(path)),
-            "BENCH_BODY": BODY.decode(),
+            "BENCH_AUTH": ",".join(keys or self.keys_for(path)),
+            "BENCH_BODY": body.decode(),
+            "BENCH_PATH": request_path,
         }
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         self.load.add(proc)
@@ -859,6 +872,8 @@ default_plan = "bench"
                 await self._phase("latency", self.latency())
             if "profile" in phases and self.s.profile_seconds:
                 await self._phase("profile", self.profile())
+            if "openai" in phases and "gateway-postgres" in self.s.paths:
+                await self._phase("openai", litellm.measure(self))
             await self._phase("stop", *(self.servers.stop(s) for s in self.paths.values()))
             if "memory" in phases:
                 await self._phase("memory", self.memory())

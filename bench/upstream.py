@@ -8,6 +8,11 @@ with the response head; the others follow ``delay_ms`` apart (0: one event per
 turn of the event loop, so events still leave as separate writes, as they do
 from Dify).
 
+``POST .../chat/completions`` gets a streamed chat completion in OpenAI's format
+instead (docs/upstreams/openai.md): ``events`` chunks of 40 bytes of content each,
+the finish chunk, the usage-only chunk when the body asks for
+``stream_options.include_usage``, then ``data: [DONE]``; ids unique per answer.
+
 A request can override the defaults with ``x-bench-events`` and
 ``x-bench-delay-ms``; all three proxies forward those headers unchanged, so one
 upstream serves every phase of the benchmark.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import signal
 import socket
 import time
@@ -78,6 +84,40 @@ class _Ids:
         )
 
 
+_INCLUDE_USAGE = re.compile(rb'"include_usage"\s*:\s*true')
+OPENAI_USAGE = (
+    b'{"prompt_tokens":1033,"completion_tokens":135,"total_tokens":1168,'
+    b'"prompt_tokens_details":{"cached_tokens":512,"audio_tokens":0},'
+    b'"completion_tokens_details":{"reasoning_tokens":64,"audio_tokens":0}}'
+)
+
+
+def openai_chunks(ids: tuple[bytes, bytes, bytes], *, usage: bool) -> tuple[bytes, bytes]:
+    """One chat completion's content chunk (sent N times) and its closing chunks."""
+    envelope = (
+        b'"id":"chatcmpl-%s","object":"chat.completion.chunk","created":%d,"model":"gpt-4o-mini"'
+        % (
+            ids[0],
+            int(time.time()),
+        )
+    )
+    message = (
+        b'data: {%s,"choices":[{"index":0,"delta":{"content":"%s"},"finish_reason":null}]%s}\n\n'
+        % (
+            envelope,
+            ANSWER_TEXT,
+            b',"usage":null' if usage else b"",
+        )
+    )
+    end = _chunk(
+        b'data: {%s,"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]%s}\n\n'
+        % (envelope, b',"usage":null' if usage else b"")
+    )
+    if usage:
+        end += _chunk(b'data: {%s,"choices":[],"usage":%s}\n\n' % (envelope, OPENAI_USAGE))
+    return _chunk(message), end + _chunk(b"data: [DONE]\n\n")
+
+
 def answer_chunks(ids: tuple[bytes, bytes, bytes]) -> tuple[bytes, bytes]:
     """One answer's ``message`` chunk (sent N times) and its ``message_end`` chunk."""
     message_id, conversation_id, task_id = ids
@@ -100,13 +140,24 @@ def answer_chunks(ids: tuple[bytes, bytes, bytes]) -> tuple[bytes, bytes]:
 
 
 class _Request:
-    __slots__ = ("delay", "events", "keep_alive", "stream")
+    __slots__ = ("delay", "events", "keep_alive", "openai", "stream", "usage")
 
-    def __init__(self, *, stream: bool, events: int, delay: float, keep_alive: bool) -> None:
+    def __init__(
+        self,
+        *,
+        stream: bool,
+        events: int,
+        delay: float,
+        keep_alive: bool,
+        openai: bool = False,
+        usage: bool = False,
+    ) -> None:
         self.stream = stream
         self.events = events
         self.delay = delay
         self.keep_alive = keep_alive
+        self.openai = openai
+        self.usage = usage
 
 
 class _Connection(asyncio.Protocol):
@@ -124,6 +175,7 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.Handle | None = None
         # Per request being parsed.
         self._url = b""
+        self._body = b""
         self._events = events
         self._delay = delay
         # Per answer being streamed.
@@ -155,11 +207,15 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._url = b""
+        self._body = b""
         self._events = self._default_events
         self._delay = self._default_delay
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
@@ -170,13 +226,17 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         path = self._url.split(b"?", 1)[0]
-        stream = self._parser.get_method() == b"POST" and path.endswith(b"/chat-messages")
+        post = self._parser.get_method() == b"POST"
+        openai = post and path.endswith(b"/chat/completions")
+        stream = openai or (post and path.endswith(b"/chat-messages"))
         self._queue.append(
             _Request(
                 stream=stream,
                 events=self._events,
                 delay=self._delay,
                 keep_alive=self._parser.should_keep_alive(),
+                openai=openai,
+                usage=openai and _INCLUDE_USAGE.search(self._body) is not None,
             )
         )
         if not self._busy:
@@ -196,7 +256,10 @@ class _Connection(asyncio.Protocol):
             self._done(request)
             return
         self._current = request
-        self._message, self._end = answer_chunks(self._ids.next())
+        if request.openai:
+            self._message, self._end = openai_chunks(self._ids.next(), usage=request.usage)
+        else:
+            self._message, self._end = answer_chunks(self._ids.next())
         self._left = request.events
         if self._left:
             self._left -= 1

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from gateway.alerts import alert_dict
 from gateway.auth import bearer_token
 from gateway.config import LIMIT_NAMES
 from gateway.errors import BadRequest, GatewayError, NotFound, StorageError, Unauthorized
@@ -167,6 +168,15 @@ async def list_users(request: Request, gw: Gateway) -> Response:
 
 
 @_admin
+async def list_alerts(request: Request, gw: Gateway) -> Response:
+    """Threshold crossings, newest first, with how their deliveries went."""
+    limit = _int(request, "limit", 100, 1, MAX_PAGE)
+    user_id = request.query_params.get("user") or None
+    alerts = await gw.storage.list_alerts(user_id=user_id, limit=limit)
+    return json_response(gw, {"data": [alert_dict(a) for a in alerts]})
+
+
+@_admin
 async def get_user(request: Request, gw: Gateway) -> Response:
     """One user: plan, overrides, limits and usage, keys, daily history."""
     days = _int(request, "days", 30, 1, MAX_DAYS)
@@ -297,6 +307,7 @@ admin_routes: list[BaseRoute] = [
     Route("/users/{user_id}/limits/{name}", clear_limit, methods=["DELETE"]),
     Route("/users/{user_id}/keys", create_key, methods=["POST"]),
     Route("/keys/{key_id}", revoke_key, methods=["DELETE"]),
+    Route("/alerts", list_alerts, methods=["GET"]),
     Route("/export/events", _export("events"), methods=["GET"]),
     Route("/export/daily", _export("daily"), methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),

@@ -15,6 +15,7 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from gateway.accounts import effective_plan
+from gateway.alerts import alert_request
 from gateway.clock import Periods, periods_at
 from gateway.config import Plan
 from gateway.errors import Forbidden, QuotaExceeded, StorageError
@@ -27,7 +28,7 @@ from gateway.plans import (
     refusal_message,
     reported_limit,
 )
-from gateway.storage import Lease, Pending
+from gateway.storage import AlertRequest, Lease, Pending
 from gateway.upstreams import Route
 
 if TYPE_CHECKING:
@@ -44,7 +45,16 @@ STREAM_RETRY_AFTER = 5
 class Ticket:
     """The accounting state of one answer request."""
 
-    __slots__ = ("body_changed", "day", "lease_id", "pending_id", "reserved", "user_id")
+    __slots__ = (
+        "alerts",
+        "body_changed",
+        "day",
+        "lease_id",
+        "pending_id",
+        "plan",
+        "reserved",
+        "user_id",
+    )
 
     def __init__(
         self,
@@ -54,8 +64,11 @@ class Ticket:
         reserved: bool,
         lease_id: str | None,
         pending_id: str | None = None,
+        plan: str = "",
     ) -> None:
         self.user_id = user_id
+        self.plan = plan  # the plan's name, for metrics
+        self.alerts: AlertRequest | None = None  # the thresholds its settle checks
         self.day = day  # the local day the answer is counted on: the day it was asked
         self.reserved = reserved  # a query is reserved and must be settled or refunded
         self.lease_id = lease_id
@@ -137,8 +150,10 @@ class Admitter:
             reserved=True,
             lease_id=lease.id if lease else None,
             pending_id=request_id,
+            plan=plan.name,
         )
         ticket.body_changed = disabled
+        ticket.alerts = alert_request(plan, config.alerts, periods)
         return ticket, rate_headers
 
     def _pending(self, request_id: str, route: Route, body: dict[str, Any]) -> Pending:
@@ -220,7 +235,7 @@ class Admitter:
             exc.message,
         )
         gw.metrics.inc("gateway_admission_storage_failures_total", policy="open")
-        return Ticket(user_id, periods.day, reserved=False, lease_id=None), []
+        return Ticket(user_id, periods.day, reserved=False, lease_id=None, plan=plan.name), []
 
     async def refund(self, ticket: Ticket | None, request_id: str) -> None:
         """Return a reserved query (and its stream slot): no answer was produced."""

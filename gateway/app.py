@@ -1,7 +1,9 @@
 """The ASGI application: routes, lifespan, and the dispatch to the proxy.
 
-Requests under /v1 go straight to the proxy (a plain ASGI callable, no router
-or middleware in between); the gateway's own endpoints are a small Starlette app.
+Every HTTP request first passes the request limits (header size and count, the
+body deadline: gateway/limits.py); then requests under /v1 go straight to the
+proxy (a plain ASGI callable, no router or middleware in between) and the
+gateway's own endpoints to a small Starlette app.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import os
 from collections.abc import AsyncIterator, Mapping
 
 import httpx
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from gateway import dashboard
@@ -22,6 +25,7 @@ from gateway.admin import admin_routes, usage_routes
 from gateway.clock import Clock
 from gateway.config import Config, load_config
 from gateway.errors import StorageError
+from gateway.limits import BodyDeadline, header_refusal, send_refusal
 from gateway.proxy import Proxy, Receive, Scope, Send
 from gateway.runtime import Gateway
 from gateway.storage import Storage
@@ -42,7 +46,7 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
-    return PlainTextResponse(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 # Set by `gateway serve`: the process is a server and nothing else, so it may
@@ -97,11 +101,33 @@ class GatewayApp:
         self.site.state.gateway = gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and path.startswith("/v1/") and path not in _OWN_V1_PATHS:
-            await self.proxy(scope, receive, send)
-        else:
+        if scope["type"] != "http":
             await self.site(scope, receive, send)
+            return
+        gateway = self.gateway
+        server = gateway.config.server
+        refusal = header_refusal(
+            scope["headers"], max_bytes=server.max_header_bytes, max_count=server.max_headers
+        )
+        error_body = gateway.upstream.error_body
+        if refusal is not None:
+            gateway.metrics.inc("gateway_refusals_total", code="headers_too_large")
+            await send_refusal(send, error_body, 431, "headers_too_large", refusal)
+            return
+        deadline = BodyDeadline(
+            receive,
+            send,
+            timeout=server.body_timeout,
+            error_body=error_body,
+            on_timeout=lambda: gateway.metrics.inc(
+                "gateway_refusals_total", code="request_timeout"
+            ),
+        )
+        path = scope.get("path", "")
+        if path.startswith("/v1/") and path not in _OWN_V1_PATHS:
+            await self.proxy(scope, deadline.receive, deadline.send)
+        else:
+            await self.site(scope, deadline.receive, deadline.send)
 
 
 def create_app(

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
@@ -44,6 +47,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+def _config_after_commands(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--config`` after any subcommand too (``gateway serve --config FILE``),
+    as users type it. SUPPRESS keeps a subcommand from resetting a value given
+    before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                sub.add_argument(
+                    "--config", "-c", default=argparse.SUPPRESS, help="configuration file"
+                )
+                _config_after_commands(sub)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,6 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     keys_list = keys.add_parser("list", help="a user's keys (ids and names, never secrets)")
     keys_list.add_argument("id", help="user id")
     keys_list.set_defaults(handler=_sync(_keys_list))
+    _config_after_commands(parser)
     return parser
 
 
@@ -183,29 +200,52 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     from gateway.app import GC_TUNING_ENV
 
     os.environ[GC_TUNING_ENV] = "1"
+    workers = args.workers or config.server.workers
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with
     # the handler it found in place: ours, so a graceful stop exits 0 (as does a
     # SIGTERM arriving before uvicorn took over).
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    uvicorn.run(
-        "gateway.app:create_app",
-        factory=True,
-        host=args.host or config.server.host,
-        port=args.port if args.port is not None else config.server.port,
-        workers=args.workers or config.server.workers,
-        log_level=config.server.log_level,
-        loop="auto",  # uvloop where installed
-        http="auto",  # httptools where installed
-        server_header=False,
-        # On SIGTERM: stop accepting, let open answers finish for this long, then
-        # cancel them - the proxy still records what each one read (docs/proxy.md).
-        timeout_graceful_shutdown=config.server.shutdown_grace,
-    )
+    with _metrics_directory(workers):
+        uvicorn.run(
+            "gateway.app:create_app",
+            factory=True,
+            host=args.host or config.server.host,
+            port=args.port if args.port is not None else config.server.port,
+            workers=workers,
+            log_level=config.server.log_level,
+            loop="auto",  # uvloop where installed
+            # httptools, with the request head bounded as it arrives (docs/configuration.md)
+            http="gateway.headlimit:BoundedHeadProtocol",
+            server_header=False,
+            # On SIGTERM: stop accepting, let open answers finish for this long, then
+            # cancel them - the proxy still records what each one read (docs/proxy.md).
+            timeout_graceful_shutdown=config.server.shutdown_grace,
+        )
     return 0
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
+
+
+@contextlib.contextmanager
+def _metrics_directory(workers: int) -> Iterator[None]:
+    """Several workers share their metrics through files in a fresh directory
+    (prometheus_client's multiprocess mode; see docs/metrics.md). A directory
+    given in the environment is used as it is: wiping it between runs is then
+    the operator's."""
+    from gateway.metrics import MULTIPROC_ENV
+
+    if workers <= 1 or os.environ.get(MULTIPROC_ENV):
+        yield
+        return
+    path = tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.environ[MULTIPROC_ENV] = path  # the workers inherit it
+    try:
+        yield
+    finally:
+        del os.environ[MULTIPROC_ENV]
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _demo(config: Config, args: argparse.Namespace) -> int:

@@ -12,6 +12,8 @@ was expected, as a `ConfigError`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import difflib
 import os
@@ -20,11 +22,13 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.errors import ConfigError
+from gateway.pricing import Price
 from gateway.upstreams import DIALECTS
 
 DEFAULT_CONFIG_FILE = "gateway.toml"
@@ -35,6 +39,11 @@ ENV_DATABASE_URL = "GATEWAY_DATABASE_URL"
 ENV_UPSTREAM_URL = "GATEWAY_UPSTREAM_URL"
 ENV_UPSTREAM_API_KEY = "GATEWAY_UPSTREAM_API_KEY"
 ENV_ADMIN_TOKEN = "GATEWAY_ADMIN_TOKEN"
+
+
+# The largest accounting.max_tokens_per_answer: a billion answers at this cap still
+# fit in a 64-bit counter.
+MAX_TOKENS_PER_ANSWER_LIMIT = 10**9
 
 
 def _setting(default: Any, *, minimum: float | None = None, secret: bool = False) -> Any:
@@ -58,6 +67,11 @@ class ServerConfig:
     workers: int = _setting(1, minimum=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_json_body_bytes: int = _setting(1_048_576, minimum=1)
+    # A request body may pause this long between pieces before it is answered 408.
+    body_timeout: float = _setting(30.0, minimum=0.001)
+    # Request headers beyond these are answered 431 (the request line not counted).
+    max_header_bytes: int = _setting(32_768, minimum=1)
+    max_headers: int = _setting(100, minimum=1)
     reload_interval: float = _setting(2.0, minimum=0)
     shutdown_grace: int = _setting(30, minimum=0)  # whole seconds: uvicorn takes an int
 
@@ -145,6 +159,9 @@ class AdmissionConfig:
 class AccountingConfig:
     timezone: str = "UTC"
     default_plan: str = "free"
+    # An answer reporting more tokens than this is recorded at this many, marked
+    # "clamped" (docs/proxy.md); the bound keeps sums far from 64-bit overflow.
+    max_tokens_per_answer: int = _setting(10_000_000, minimum=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +223,38 @@ LIMIT_NAMES: tuple[LimitName, ...] = typing.get_args(LimitName)
 
 
 @dataclass(frozen=True, slots=True)
+class AlertsConfig:
+    """Threshold alerts (docs/admin.md, "Alerts"): announced once per user, limit,
+    period and threshold, by webhook and/or email, from a durable outbox."""
+
+    # Percentages of each limit a plan sets (queries, tokens, web searches; per
+    # day or month) that are announced when usage reaches them. Empty: no alerts.
+    thresholds: tuple[int, ...] = _setting((), minimum=1)
+    webhook_url: str = ""
+    # A Standard Webhooks secret: "whsec_" and the base64 of the key.
+    webhook_secret_env: str = "GATEWAY_WEBHOOK_SECRET"
+    webhook_timeout: float = _setting(10.0, minimum=0.001)
+    email_to: tuple[str, ...] = ()
+    email_from: str = "gateway@localhost"
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = _setting(25, minimum=1)
+    smtp_username: str = ""
+    smtp_password_env: str = "GATEWAY_SMTP_PASSWORD"
+    smtp_tls: Literal["none", "starttls", "tls"] = "none"
+    smtp_timeout: float = _setting(10.0, minimum=0.001)
+    max_attempts: int = _setting(10, minimum=1)
+    retry_initial: float = _setting(1.0, minimum=0)
+    retry_max: float = _setting(600.0, minimum=0)
+    poll_interval: float = _setting(2.0, minimum=0.01)
+    webhook_secret: str = _resolved()
+    smtp_password: str = _resolved()
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return (("webhook",) if self.webhook_url else ()) + (("email",) if self.email_to else ())
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     name: str = _resolved("")
     queries_per_day: int | None = _setting(None, minimum=0)
@@ -216,6 +265,8 @@ class Plan:
     file_size_mb: float | None = _setting(None, minimum=0)
     chat_history_days: int | None = _setting(None, minimum=0)
     max_concurrent_streams: int | None = _setting(None, minimum=0)
+    # Replaces alerts.thresholds for this plan ([] turns alerts off for it).
+    alert_thresholds: tuple[int, ...] | None = _setting(None, minimum=1)
 
     def with_overrides(self, overrides: Mapping[str, object]) -> Plan:
         """This plan with per-user overrides applied (unknown names are ignored)."""
@@ -235,7 +286,11 @@ class Config:
     advanced_rag: AdvancedRagConfig = field(default_factory=AdvancedRagConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     plans: Mapping[str, Plan] = field(default_factory=lambda: {"free": Plan(name="free")})
+    # [prices."MODEL"]: what a million tokens of a model cost, for upstreams that
+    # report tokens but no money (docs/upstreams/openai.md).
+    prices: Mapping[str, Price] = field(default_factory=dict)
     source: str | None = _resolved(None)
 
     @property
@@ -281,7 +336,8 @@ def parse_config(
     env = os.environ if env is None else env
     data = dict(data)
     plans_table = data.pop("plans", None)
-    config: Config = _build(Config, data, "", skip={"plans"})
+    prices_table = data.pop("prices", None)
+    config: Config = _build(Config, data, "", skip={"plans", "prices"})
 
     plans: dict[str, Plan] = {}
     if plans_table is None:
@@ -297,6 +353,17 @@ def parse_config(
             plans[name] = dataclasses.replace(_build(Plan, table, f"plans.{name}."), name=name)
         if not plans:
             raise ConfigError("plans: at least one [plans.NAME] table is required")
+
+    prices: dict[str, Price] = {}
+    if prices_table is not None:
+        if not isinstance(prices_table, dict):
+            raise ConfigError(
+                f"prices: expected a table of [prices.MODEL] tables, got {_kind(prices_table)}"
+            )
+        for name, table in prices_table.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"prices.{name}: expected a table, got {_kind(table)}")
+            prices[name] = _build(Price, table, f"prices.{name}.")
 
     accounting = config.accounting
     if accounting.default_plan not in plans:
@@ -322,6 +389,10 @@ def parse_config(
         )
     if database.pool_min_size > database.pool_max_size:
         raise ConfigError("database.pool_min_size: must not exceed database.pool_max_size")
+    if config.accounting.max_tokens_per_answer > MAX_TOKENS_PER_ANSWER_LIMIT:
+        raise ConfigError(
+            f"accounting.max_tokens_per_answer: must be at most {MAX_TOKENS_PER_ANSWER_LIMIT}"
+        )
 
     upstream = config.upstream
     if ENV_UPSTREAM_URL in env:
@@ -341,13 +412,49 @@ def parse_config(
 
     return dataclasses.replace(
         config,
+        alerts=_resolve_alerts(config.alerts, env),
         upstream=upstream,
         database=database,
         admin=admin,
         auth=auth,
         plans=types.MappingProxyType(plans),
+        prices=types.MappingProxyType(prices),
         source=source,
     )
+
+
+def _resolve_alerts(alerts: AlertsConfig, env: Mapping[str, str]) -> AlertsConfig:
+    secret = ""
+    if alerts.webhook_url:
+        if not alerts.webhook_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"alerts.webhook_url: expected an http:// or https:// URL, got {alerts.webhook_url!r}"
+            )
+        secret = env.get(alerts.webhook_secret_env, "")
+        if not secret:
+            raise ConfigError(
+                f"alerts.webhook_secret_env: the environment variable {alerts.webhook_secret_env} "
+                "is not set (webhooks are always signed)"
+            )
+        if not _is_webhook_secret(secret):
+            raise ConfigError(
+                f"alerts.webhook_secret_env: {alerts.webhook_secret_env} is not a Standard "
+                "Webhooks secret ('whsec_' followed by base64)"
+            )
+    return dataclasses.replace(
+        alerts,
+        webhook_secret=secret,
+        smtp_password=env.get(alerts.smtp_password_env, "") if alerts.smtp_username else "",
+    )
+
+
+def _is_webhook_secret(secret: str) -> bool:
+    if not secret.startswith("whsec_"):
+        return False
+    try:
+        return bool(base64.b64decode(secret.removeprefix("whsec_"), validate=True))
+    except binascii.Error:
+        return False
 
 
 def _resolve_auth(auth: AuthConfig, env: Mapping[str, str], *, base: Path) -> AuthConfig:
@@ -451,17 +558,21 @@ def _coerce(value: Any, tp: Any, path: str, minimum: float | None) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, path, minimum)
     if origin is tuple:
+        item_type = args[0]
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected an array of strings, got {_kind(value)}")
-        for index, item in enumerate(value):
-            if not isinstance(item, str):
-                raise ConfigError(f"{path}[{index}]: expected a string, got {_kind(item)}")
-        return tuple(value)
+            items = "strings" if item_type is str else "integers"
+            raise ConfigError(f"{path}: expected an array of {items}, got {_kind(value)}")
+        return tuple(
+            _coerce(item, item_type, f"{path}[{index}]", minimum)
+            for index, item in enumerate(value)
+        )
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{path}: expected one of {choices}, got {value!r}")
         return value
+    if tp is Decimal:
+        return _decimal(value, path, minimum)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {_kind(value)}")
@@ -483,6 +594,22 @@ def _coerce(value: Any, tp: Any, path: str, minimum: float | None) -> Any:
         bound = int(minimum) if float(minimum).is_integer() else minimum
         raise ConfigError(f"{path}: expected a number >= {bound}, got {value!r}")
     return value
+
+
+def _decimal(value: Any, path: str, minimum: float | None) -> Decimal:
+    """A price: a decimal string ("0.15", exact) or a TOML number (through its
+    shortest repr, so 0.15 is 0.15 and not its binary expansion)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ConfigError(f'{path}: expected a decimal string such as "0.15", got {_kind(value)}')
+    try:
+        result = Decimal(value.strip() if isinstance(value, str) else repr(value))
+    except InvalidOperation:
+        raise ConfigError(f"{path}: expected a decimal number, got {value!r}") from None
+    if not result.is_finite():
+        raise ConfigError(f"{path}: expected a finite decimal number, got {value!r}")
+    if minimum is not None and result < Decimal(repr(minimum)):
+        raise ConfigError(f"{path}: expected a number >= {minimum:g}, got {value!r}")
+    return result
 
 
 def _kind(value: object) -> str:
@@ -521,7 +648,7 @@ def setting_paths() -> list[str]:
     def walk(cls: type[Any], prefix: str) -> None:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.metadata.get("resolved") or f.name == "plans":
+            if f.metadata.get("resolved") or f.name in ("plans", "prices"):
                 continue
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], f"{prefix}{f.name}.")
@@ -530,6 +657,7 @@ def setting_paths() -> list[str]:
 
     walk(Config, "")
     walk(Plan, "plans.<name>.")
+    walk(Price, "prices.<model>.")
     return paths
 
 
@@ -572,6 +700,8 @@ def render_config(config: Config) -> str:
     emit("admission.on_storage_error", config.admission.on_storage_error)
     for name, plan in config.plans.items():
         emit(f"plans.{name}", plan)
+    for model, price in config.prices.items():
+        emit(f"prices.{_toml_value(model)}", price)
     return "\n".join(lines) + "\n"
 
 
@@ -582,5 +712,7 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, Decimal):
+        return f'"{value}"'
     escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'

@@ -1,43 +1,180 @@
-"""Process-local counters, rendered in the Prometheus text format at /metrics."""
+"""The gateway's Prometheus metrics, declared once as prometheus_client objects.
+
+Every metric the gateway exports is declared in the tables below: a name that
+is not declared cannot be counted (``inc`` raises), so no metric can be counted
+and never exported. See docs/metrics.md for what each one means.
+
+Under ``gateway serve --workers N`` the workers are separate processes: each
+writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's
+multiprocess mode, set up by the CLI) and /metrics, answered by any worker,
+sums them all.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from typing import Literal
 
-_HELP: dict[str, str] = {
-    "gateway_requests_total": "Requests handled by the proxy, by route kind and status class.",
-    "gateway_refusals_total": "Requests refused by the gateway, by code.",
-    "gateway_answers_settled_total": "Answers recorded in the ledger, by outcome.",
-    "gateway_answers_duplicate_total": "Answers whose id was already in the ledger (not counted again).",
-    "gateway_usage_estimated_total": "Answers charged by estimate because the upstream reported no usage.",
-    "gateway_settle_retries_total": "Ledger writes retried after a storage error.",
-    "gateway_settle_spooled_total": "Ledger writes spooled to the local file after retries failed.",
-    "gateway_storage_errors_total": "Storage errors on the request path, by operation.",
-    "gateway_upstream_errors_total": "Upstream failures, by kind.",
-    "gateway_client_disconnects_total": "Clients that left before the answer ended.",
-    "gateway_answers_recovered_total": "Pending answers of a gateway that died, charged by estimate.",
-    "gateway_answers_cut_at_shutdown_total": "Answers still open when the shutdown grace ran out.",
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# name -> (help, label names)
+COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
+    "gateway_requests_total": (
+        "Requests handled by the proxy, by route kind and status class.",
+        ("route", "status"),
+    ),
+    "gateway_refusals_total": ("Requests refused by the gateway, by code.", ("code",)),
+    "gateway_answers_settled_total": ("Answers recorded in the ledger, by outcome.", ("outcome",)),
+    "gateway_answers_duplicate_total": (
+        "Answers whose id was already in the ledger (not counted again).",
+        (),
+    ),
+    "gateway_usage_estimated_total": (
+        "Answers charged by estimate because the upstream reported no usage.",
+        (),
+    ),
+    "gateway_usage_clamped_total": (
+        "Answers whose reported numbers were out of range and were recorded clamped.",
+        (),
+    ),
+    "gateway_settle_retries_total": ("Ledger writes retried after a storage error.", ()),
+    "gateway_settle_spooled_total": (
+        "Ledger writes spooled to the local file after retries failed.",
+        (),
+    ),
+    "gateway_storage_errors_total": (
+        "Storage errors on the request path, by operation.",
+        ("operation",),
+    ),
+    "gateway_upstream_errors_total": ("Upstream failures, by kind.", ("kind",)),
+    "gateway_client_disconnects_total": ("Clients that left before the answer ended.", ()),
+    "gateway_answers_recovered_total": (
+        "Pending answers of a gateway that died, charged by estimate.",
+        (),
+    ),
+    "gateway_answers_cut_at_shutdown_total": (
+        "Answers still open when the shutdown grace ran out.",
+        (),
+    ),
+    "gateway_config_reloads_total": ("Configuration reloads, by result.", ("result",)),
+    "gateway_web_search_count_failures_total": (
+        "Answers whose web searches could not be counted at admission.",
+        (),
+    ),
+    "gateway_admission_storage_failures_total": (
+        "Admissions decided without the database, by failure policy.",
+        ("policy",),
+    ),
+    "gateway_alert_deliveries_total": (
+        "Alert delivery attempts, by channel and result (delivered, retry, failed).",
+        ("channel", "result"),
+    ),
+    "gateway_tokens_total": (
+        "Tokens recorded in the ledger, by plan, model and kind (prompt or completion).",
+        ("plan", "model", "kind"),
+    ),
+    "gateway_cost_total": (
+        "Cost recorded in the ledger, by plan, model and currency.",
+        ("plan", "model", "currency"),
+    ),
+}
+
+# Seconds: from a millisecond of gateway work to a long answer.
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_SLOW = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+HISTOGRAMS: Mapping[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
+    "gateway_time_to_first_byte_seconds": (
+        "From a request's arrival to the first byte of its answer sent to the client.",
+        ("route",),
+        _SLOW,
+    ),
+    "gateway_overhead_seconds": (
+        "Time the gateway adds before a request is sent upstream (auth, body, admission).",
+        ("route",),
+        _FAST,
+    ),
+    "gateway_upstream_seconds": (
+        "From sending an answer request upstream to the end of its answer.",
+        ("route",),
+        _SLOW,
+    ),
+    "gateway_admission_seconds": ("Latency of admitting an answer request.", (), _FAST),
+    "gateway_settle_seconds": ("Latency of recording an answer in the ledger.", (), _FAST),
+}
+
+# name -> (help, label names, multiprocess mode)
+GAUGES: Mapping[str, tuple[str, tuple[str, ...], Literal["livesum"]]] = {
+    "gateway_streams_in_flight": (
+        "Streamed answers being relayed now.",
+        (),
+        # Summed over the live workers only: a dead worker's streams are gone.
+        "livesum",
+    ),
 }
 
 
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
 class Metrics:
+    """One gateway's metrics in a registry of its own (several gateways may live
+    in one process, as in tests; in multiprocess mode they share the files)."""
+
     def __init__(self) -> None:
-        self._values: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._counters = {
+            name: Counter(name, text, labels, registry=r)
+            for name, (text, labels) in COUNTERS.items()
+        }
+        self._histograms = {
+            name: Histogram(name, text, labels, buckets=buckets, registry=r)
+            for name, (text, labels, buckets) in HISTOGRAMS.items()
+        }
+        self._gauges = {
+            name: Gauge(name, text, labels, multiprocess_mode=mode, registry=r)
+            for name, (text, labels, mode) in GAUGES.items()
+        }
 
-    def inc(self, name: str, amount: int = 1, **labels: str) -> None:
-        self._values[(name, tuple(sorted(labels.items())))] += amount
+    def inc(self, name: str, amount: float = 1, **labels: str) -> None:
+        counter = self._counters[name]
+        (counter.labels(**labels) if labels else counter).inc(amount)
 
-    def get(self, name: str, **labels: str) -> int:
-        return self._values[(name, tuple(sorted(labels.items())))]
+    def observe(self, name: str, seconds: float, **labels: str) -> None:
+        histogram = self._histograms[name]
+        (histogram.labels(**labels) if labels else histogram).observe(seconds)
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for name, help_text in _HELP.items():
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} counter")
-            for (metric, labels), value in sorted(self._values.items()):
-                if metric != name:
-                    continue
-                rendered = ",".join(f'{k}="{v}"' for k, v in labels)
-                lines.append(f"{name}{{{rendered}}} {value}" if rendered else f"{name} {value}")
-        return "\n".join(lines) + "\n"
+    @contextlib.contextmanager
+    def streaming(self, active: bool) -> Iterator[None]:
+        """Count a streamed answer in flight while it is relayed (if ``active``)."""
+        if not active:
+            yield
+            return
+        with self._gauges["gateway_streams_in_flight"].track_inprogress():
+            yield
+
+    def get(self, name: str, **labels: str) -> float:
+        """This process's value of a counter (or gauge), 0 if never counted."""
+        value = self.registry.get_sample_value(name, labels)
+        return 0 if value is None else value
+
+    def render(self) -> bytes:
+        path = multiprocess_dir()
+        if path is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=path)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+
+    def close(self) -> None:
+        """This process is going away: its live gauges no longer count."""
+        path = multiprocess_dir()
+        if path is not None:
+            mark_process_dead(os.getpid(), path)  # type: ignore[no-untyped-call]

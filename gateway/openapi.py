@@ -102,6 +102,45 @@ def document() -> dict[str, Any]:
         "components": {
             "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
             "schemas": {
+                "Alert": {
+                    "type": "object",
+                    "properties": {
+                        "user_id": {"type": "string"},
+                        "limit": {
+                            "type": "string",
+                            "enum": [
+                                "queries_per_day",
+                                "tokens_per_day",
+                                "tokens_per_month",
+                                "web_searches_per_day",
+                            ],
+                        },
+                        "period": {"type": "string"},
+                        "threshold": {"type": "integer"},
+                        "limit_value": {"type": "integer"},
+                        "used": {"type": "integer"},
+                        "created_at": {"type": "string", "format": "date-time"},
+                        "deliveries": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "channel": {"type": "string", "enum": ["webhook", "email"]},
+                                    "status": {
+                                        "type": "string",
+                                        "enum": ["pending", "delivered", "failed"],
+                                    },
+                                    "attempts": {"type": "integer"},
+                                    "last_error": {"type": ["string", "null"]},
+                                    "delivered_at": {
+                                        "type": ["string", "null"],
+                                        "format": "date-time",
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
                 "Error": {
                     "type": "object",
                     "required": ["code", "message", "status"],
@@ -196,7 +235,7 @@ def document() -> dict[str, Any]:
             "/admin/users/{user_id}": {
                 "get": {
                     "operationId": "getUser",
-                    "summary": "One user: plan, overrides, limits and usage, keys, daily history",
+                    "summary": "One user: plan, overrides, limits and usage (this month per model), keys, daily history",
                     "parameters": [
                         _USER_ID,
                         {
@@ -318,6 +357,35 @@ def document() -> dict[str, Any]:
                         }
                     ],
                     "responses": {"200": _json({"type": "object"}, "Revoked"), **_errors(401, 404)},
+                }
+            },
+            "/admin/alerts": {
+                "get": {
+                    "operationId": "listAlerts",
+                    "summary": "Threshold crossings, newest first, with their deliveries",
+                    "parameters": [
+                        {"name": "user", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 500},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "data": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/Alert"},
+                                    }
+                                },
+                            },
+                            "Alerts",
+                        ),
+                        **_errors(400, 401),
+                    },
                 }
             },
             "/admin/export/events": {

@@ -71,6 +71,7 @@ from gateway.upstreams import Prepared, Route, StreamMeter
 from gateway.usage import Metered
 
 if TYPE_CHECKING:
+    from gateway.metrics import Metrics
     from gateway.runtime import Gateway
 
 Scope = MutableMapping[str, Any]
@@ -161,6 +162,10 @@ class Exchange:
     @property
     def answer_body(self) -> dict[str, Any]:
         return self.json if self.json is not None else {}
+
+    def first_byte(self, metrics: Metrics) -> None:
+        elapsed = time.perf_counter() - self.started
+        metrics.observe("gateway_time_to_first_byte_seconds", elapsed, route=self.route.kind)
 
     def timings(self) -> tuple[float, float]:
         """(upstream, overhead) in milliseconds, as the ledger records them."""
@@ -295,9 +300,12 @@ class Proxy:
     # --- admit -----------------------------------------------------------------------
 
     async def _admit(self, x: Exchange) -> None:
-        x.ticket, x.rate_headers = await self.admitter.admit(
-            x.user_id, x.request_id, x.route, x.answer_body
-        )
+        began = time.perf_counter()
+        try:
+            admitted = await self.admitter.admit(x.user_id, x.request_id, x.route, x.answer_body)
+        finally:
+            self.gw.metrics.observe("gateway_admission_seconds", time.perf_counter() - began)
+        x.ticket, x.rate_headers = admitted
         if x.ticket.body_changed and x.json is not None:
             x.body = _serialised(x.json)
 
@@ -315,6 +323,9 @@ class Proxy:
             # an answer may take, not just the gap allowed between two chunks.
             timeout = gw.blocking_timeout
         x.forwarded_at = time.perf_counter()
+        gw.metrics.observe(
+            "gateway_overhead_seconds", x.forwarded_at - x.started, route=x.route.kind
+        )
         try:
             return await self.client.open(
                 x.method, url, headers=headers, content=x.body, timeout=timeout, failure=x.failure
@@ -372,7 +383,9 @@ class Proxy:
             await self._relay_plain(x, response, status, headers, content_type, send)
             return
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await self._relay_answer(x, response, content_type.startswith(_SSE), receive, send)
+        sse = content_type.startswith(_SSE)
+        with gw.metrics.streaming(sse):
+            await self._relay_answer(x, response, sse, receive, send)
 
     async def _relay_plain(
         self,
@@ -420,6 +433,7 @@ class Proxy:
         buffer = bytearray()
         watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
         disconnected = stopped = cut = False
+        first_byte = True
         cancelled: asyncio.CancelledError | None = None
         loop = asyncio.get_running_loop()
         try:
@@ -437,6 +451,9 @@ class Proxy:
                                     loop.time() + gw.config.upstream.disconnect_grace
                                 )
                             else:
+                                if first_byte:
+                                    first_byte = False
+                                    x.first_byte(gw.metrics)
                                 out = chunk if transform is None else transform.feed(chunk)
                                 await send(
                                     {"type": "http.response.body", "body": out, "more_body": True}
@@ -618,6 +635,7 @@ class Proxy:
         # From here the reservation is the ledger's to settle, not to refund.
         ticket.reserved = False
         upstream_ms, overhead_ms = x.timings()
+        self.gw.metrics.observe("gateway_upstream_seconds", upstream_ms / 1000, route=x.route.kind)
         await self.gw.settler.record(
             UsageEvent(
                 answer_id=result.answer_id or f"gw-{request_id}",
@@ -637,9 +655,14 @@ class Proxy:
                 request_id=request_id,
                 upstream_latency_ms=round(upstream_ms, 3),
                 overhead_ms=round(overhead_ms, 3),
+                model=result.model,
+                cached_tokens=usage.cached_tokens,
+                reasoning_tokens=usage.reasoning_tokens,
             ),
             lease_id=ticket.lease_id,
             pending_id=ticket.pending_id,
+            plan=ticket.plan,
+            alerts=ticket.alerts,
         )
 
     # --- the rest --------------------------------------------------------------------

@@ -15,7 +15,7 @@ from gateway.accounts import effective_plan
 from gateway.clock import Periods, periods_at
 from gateway.config import LIMIT_NAMES, Plan
 from gateway.errors import NotFound
-from gateway.storage import DailyUsage, User
+from gateway.storage import DailyUsage, ModelUsage, User
 
 if TYPE_CHECKING:
     from gateway.runtime import Gateway
@@ -44,6 +44,19 @@ def daily_dict(row: DailyUsage) -> dict[str, Any]:
         "upload_bytes": row.upload_bytes,
         "prompt_tokens": row.prompt_tokens,
         "completion_tokens": row.completion_tokens,
+        "total_tokens": row.total_tokens,
+        "cost": money(row.cost),
+    }
+
+
+def model_dict(row: ModelUsage) -> dict[str, Any]:
+    return {
+        "model": row.model,
+        "answers": row.answers,
+        "prompt_tokens": row.prompt_tokens,
+        "cached_tokens": row.cached_tokens,
+        "completion_tokens": row.completion_tokens,
+        "reasoning_tokens": row.reasoning_tokens,
         "total_tokens": row.total_tokens,
         "cost": money(row.cost),
     }
@@ -126,6 +139,9 @@ class Reports:
             (r for r in rows if r.day == periods.day), DailyUsage(user_id=user.id, day=periods.day)
         )
         streams = await self.gw.storage.open_streams(user.id, now=self.gw.clock.now())
+        models = await self.gw.storage.usage_by_model(
+            user.id, start=periods.month_start, end=periods.day
+        )
         plan = self.plan_of(user)
         return {
             "user": user.id,
@@ -140,6 +156,9 @@ class Reports:
                 "total_tokens": user.lifetime_tokens,
                 "cost": money(user.lifetime_cost),
             },
+            # This calendar month's answers per model (cached and reasoning tokens
+            # are parts of the prompt and completion tokens).
+            "month_by_model": [model_dict(m) for m in models],
         }
 
     async def daily(self, user_id: str, days: int) -> list[DailyUsage]:

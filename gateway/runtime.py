@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 import httpx
 
 from gateway.accounts import issue_key, parse_override
+from gateway.alerts import OutboxWorker
 from gateway.auth import Authenticator, UserDirectory
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, load_config
@@ -93,7 +94,7 @@ class Gateway:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.metrics = Metrics()
-        self.upstream: Upstream = get_upstream(config.upstream.kind)
+        self.upstream: Upstream = get_upstream(config.upstream.kind, config)
         self.upstream_url = config.upstream.url
         self.user_header = config.auth.trusted_header.user_header.lower().encode()
         up = config.upstream
@@ -134,6 +135,7 @@ class Gateway:
         # Proxied requests under way: shutdown waits for them to record what they read.
         self.in_flight = 0
         self._drained = asyncio.Event()
+        self.outbox_attempts = Watermark()  # alert deliveries tried
         self._tasks: set[asyncio.Task[None]] = set()
         self._keep: set[asyncio.Task[Any]] = set()
 
@@ -159,7 +161,12 @@ class Gateway:
         self._apply(self.config)
         self.reports = Reports(self)
         spool = Path(self.config.database.spool_file) if self.config.database.spool_file else None
-        self.settler = Settler(self.storage, metrics=self.metrics, spool=spool)
+        self.settler = Settler(
+            self.storage,
+            metrics=self.metrics,
+            spool=spool,
+            max_tokens_per_answer=self.config.accounting.max_tokens_per_answer,
+        )
         replayed = await self.settler.replay()
         if replayed:
             log.info("replayed %d spooled usage records", replayed)
@@ -174,6 +181,13 @@ class Gateway:
         if self.config.database.recover_interval > 0:
             self.spawn(self._recover_every(self.config.database.recover_interval))
         self.client = make_client(self.config, self._transport)
+        self.outbox = OutboxWorker(
+            self.storage,
+            lambda: self.config.alerts,
+            self.clock,
+            on_attempt=self._alert_attempted,
+        )
+        self.spawn(self.outbox.run())
         source, interval = self.config.source, self.config.server.reload_interval
         if source is not None and interval > 0:
             self.spawn(self._watch(source, interval))
@@ -273,8 +287,13 @@ class Gateway:
         auth = Authenticator(self.storage, config.auth, plans=config.plans)
         users = UserDirectory(self.storage, ttl=config.auth.key_cache_ttl)
         tz = config.tz
+        # Rebuilt so that a dialect's own settings (prices) follow a reload.
+        upstream = get_upstream(config.upstream.kind, config)
         self.config, self._tz, self.auth, self.users = config, tz, auth, users
+        self.upstream = upstream
         self.user_header = config.auth.trusted_header.user_header.lower().encode()
+        if hasattr(self, "settler"):  # a reload: the settler exists from the start
+            self.settler.max_tokens_per_answer = config.accounting.max_tokens_per_answer
 
     async def _watch(self, path: str, interval: float) -> None:
         def stamp() -> tuple[int, int] | None:
@@ -313,6 +332,10 @@ class Gateway:
                 self.metrics.inc("gateway_storage_errors_total", operation="recover")
                 log.warning("could not recover pending answers (will retry): %s", exc.message)
             self.recoveries.bump()
+
+    def _alert_attempted(self, channel: str, result: str) -> None:
+        self.metrics.inc("gateway_alert_deliveries_total", channel=channel, result=result)
+        self.outbox_attempts.bump()
 
     def spawn(self, coro: Any) -> None:
         """Run a background job; it is cancelled at shutdown."""
@@ -386,6 +409,7 @@ class Gateway:
                 await task
         await self.settler.close()
         await self.client.aclose()
+        self.metrics.close()
         if self._owns_storage:
             await self.storage.close()
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -22,9 +24,10 @@ from typing import Any
 
 import orjson
 
+from gateway.bounds import DEFAULT_MAX_TOKENS_PER_ANSWER, bound_event
 from gateway.errors import StorageError
 from gateway.metrics import Metrics
-from gateway.storage import Storage, UsageEvent
+from gateway.storage import AlertRequest, Storage, UsageEvent
 
 log = logging.getLogger("gateway.settle")
 
@@ -33,29 +36,78 @@ RETRY_DELAYS: tuple[float, ...] = (0.05, 0.5, 2.0, 5.0, 15.0)
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Write:
-    """One ledger write: the answer, and what it releases and claims."""
+    """One ledger write: the answer, what it releases and claims, and what the
+    settle needs besides the ledger row - the plan the metrics break usage down
+    by and the alert thresholds it checks. Those two are not spooled: a replayed
+    record is counted under no plan and gets no alert check (docs/admin.md)."""
 
     event: UsageEvent
     lease_id: str | None = None
     pending_id: str | None = None  # the answer's pending row (docs/quotas.md)
+    plan: str = ""
+    alerts: AlertRequest | None = None
+
+
+_INT_FIELDS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens", "web_searches"})
+_INT64 = range(-(2**63), 2**63)
+
+
+def _plain(value: object) -> object:
+    """A JSON-safe form of one field that cannot raise: numbers beyond what JSON
+    readers take become strings (hexadecimal for integers, which has no digit
+    limit), so the spool keeps the exact value the event held."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return value if value in _INT64 else hex(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, date):  # datetime too
+        return value.isoformat()
+    return _safe_repr(value)
+
+
+def _safe_repr(value: object) -> str:
+    try:
+        return repr(value)
+    except Exception:  # a repr can raise (an int past the digit limit, a broken object)
+        return f"<unrepresentable {type(value).__name__}>"
 
 
 def event_to_json(write: Write) -> bytes:
-    record = dataclasses.asdict(write.event)
+    """One spool line for ``write``. Never raises, whatever the event holds."""
+    event = write.event
+    record = {f.name: _plain(getattr(event, f.name)) for f in dataclasses.fields(event)}
     if write.lease_id is not None:
         record["_lease_id"] = write.lease_id
     if write.pending_id is not None:
         record["_pending_id"] = write.pending_id
-    return orjson.dumps(record, default=str)
+    try:
+        return orjson.dumps(record)
+    except orjson.JSONEncodeError:
+        # orjson refuses strings with lone surrogates; the standard library escapes
+        # them (and reads them back the same way).
+        return json.dumps(record, ensure_ascii=True).encode()
 
 
 def event_from_json(line: bytes) -> Write:
-    raw: dict[str, Any] = orjson.loads(line)
+    try:
+        raw: dict[str, Any] = orjson.loads(line)
+    except orjson.JSONDecodeError:  # a line the standard library wrote (see event_to_json)
+        raw = json.loads(line)
     lease_id = raw.pop("_lease_id", None)
     pending_id = raw.pop("_pending_id", None)
     raw["day"] = date.fromisoformat(raw["day"])
     raw["created_at"] = datetime.fromisoformat(raw["created_at"])
     raw["cost"] = Decimal(raw["cost"])
+    for name in _INT_FIELDS & raw.keys():
+        if isinstance(raw[name], str):
+            raw[name] = int(raw[name], 16)
+    for name in ("upstream_latency_ms", "overhead_ms"):
+        if isinstance(raw.get(name), str):
+            raw[name] = float(raw[name])
     return Write(UsageEvent(**raw), lease_id, pending_id)
 
 
@@ -67,8 +119,10 @@ class Settler:
         metrics: Metrics,
         spool: Path | None,
         retry_delays: Sequence[float] = RETRY_DELAYS,
+        max_tokens_per_answer: int = DEFAULT_MAX_TOKENS_PER_ANSWER,
     ) -> None:
         self._storage = storage
+        self.max_tokens_per_answer = max_tokens_per_answer
         self._metrics = metrics
         self._spool = spool
         self._delays = tuple(retry_delays)
@@ -76,7 +130,13 @@ class Settler:
         self._closing = False
 
     async def record(
-        self, event: UsageEvent, *, lease_id: str | None = None, pending_id: str | None = None
+        self,
+        event: UsageEvent,
+        *,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+        plan: str = "",
+        alerts: AlertRequest | None = None,
     ) -> None:
         """Write one answer now; on a storage error, retry in the background.
 
@@ -84,7 +144,7 @@ class Settler:
         write leaves it to expire. ``pending_id`` names the answer's pending row,
         claimed by the write: if a recovery charged the answer first, the write
         changes nothing (counted once, as the estimate)."""
-        write = Write(event, lease_id, pending_id)
+        write = Write(event, lease_id, pending_id, plan, alerts)
         try:
             await self._write(write)
         except StorageError as exc:
@@ -130,10 +190,60 @@ class Settler:
         # A refund is worth one query: not worth a spool of its own. Logged.
         log.error("refund for %s on %s given up after retries", user_id, day)
 
+    def _bounded(self, event: UsageEvent) -> UsageEvent:
+        bounded, changed = bound_event(event, max_tokens=self.max_tokens_per_answer)
+        if changed:
+            self._metrics.inc("gateway_usage_clamped_total")
+            log.warning(
+                "answer %s for user %s reported out-of-range %s; recorded clamped: %s",
+                event.answer_id,
+                event.user_id,
+                ", ".join(changed),
+                ", ".join(f"{name}={_safe_repr(getattr(event, name))[:64]}" for name in changed),
+            )
+        return bounded
+
     async def _write(self, write: Write) -> None:
-        event = write.event
-        if await self._storage.settle(event, lease_id=write.lease_id, pending_id=write.pending_id):
-            self._metrics.inc("gateway_answers_settled_total", outcome=event.outcome)
+        """Bound, then write. A failure other than the database's (a value the
+        driver refuses after all) is raised as StorageError too, so the event takes
+        the retry-then-spool way of any failed write: never lost, and never a
+        traceback on the request that produced it."""
+        event = self._bounded(write.event)
+        began = time.perf_counter()
+        try:
+            settled = await self._storage.settle(
+                event, lease_id=write.lease_id, pending_id=write.pending_id, alerts=write.alerts
+            )
+        except StorageError:
+            raise
+        except Exception as exc:
+            log.exception("ledger write for %s failed unexpectedly", event.answer_id)
+            raise StorageError(f"unexpected {type(exc).__name__}") from exc
+        finally:
+            self._metrics.observe("gateway_settle_seconds", time.perf_counter() - began)
+        if settled:
+            metrics = self._metrics
+            metrics.inc("gateway_answers_settled_total", outcome=event.outcome)
+            plan = write.plan
+            model = event.model or ""  # Dify's answers name none
+            metrics.inc(
+                "gateway_tokens_total", event.prompt_tokens, plan=plan, model=model, kind="prompt"
+            )
+            metrics.inc(
+                "gateway_tokens_total",
+                event.completion_tokens,
+                plan=plan,
+                model=model,
+                kind="completion",
+            )
+            # A metric is a float by nature; the ledger keeps the exact Decimal.
+            metrics.inc(
+                "gateway_cost_total",
+                float(event.cost),
+                plan=plan,
+                model=model,
+                currency=event.currency,
+            )
             log.info(
                 "recorded answer %s for user %s: %d tokens, cost %s %s%s",
                 event.answer_id,
@@ -163,18 +273,27 @@ class Settler:
 
     def _to_spool(self, write: Write) -> None:
         self._metrics.inc("gateway_settle_spooled_total")
+        line = event_to_json(write)
         if self._spool is None:
+            log.error("LOST usage record (no spool file configured): %s", line.decode())
+            return
+        try:
+            # One write of one line with O_APPEND: concurrent workers do not interleave.
+            fd = os.open(self._spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            # The last resort: the whole record in the log, from where it can be replayed.
             log.error(
-                "LOST usage record (no spool file configured): %s", event_to_json(write).decode()
+                "LOST usage record (spool file %s not writable: %s): %s",
+                self._spool,
+                exc,
+                line.decode(),
             )
             return
-        # One write of one line with O_APPEND: concurrent workers do not interleave.
-        fd = os.open(self._spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, event_to_json(write) + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         log.error(
             "usage record %s spooled to %s for replay at next start",
             write.event.answer_id,

@@ -91,6 +91,10 @@ class Usage:
     cost: Decimal = ZERO
     currency: str = "USD"
     estimated: bool = False
+    # Parts of the counts above, where the upstream reports them (OpenAI does):
+    # prompt tokens read from the prompt cache, completion tokens spent reasoning.
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -100,6 +104,8 @@ class Usage:
             cost=self.cost + other.cost,
             currency=self.currency if self.total_tokens or self.cost else other.currency,
             estimated=self.estimated or other.estimated,
+            cached_tokens=self.cached_tokens + other.cached_tokens,
+            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
         )
 
 
@@ -110,6 +116,7 @@ class Metered:
     ``usage`` is None when nothing is to be charged (an error before any text).
     ``metadata`` is the answer's metadata object (``message_end.metadata``, or a
     workflow's ``outputs``) for rules that look into it, such as web-search counting.
+    ``model`` is the model that answered, when the upstream names it.
     """
 
     answer_id: str | None
@@ -119,3 +126,4 @@ class Metered:
     outcome: Outcome
     error_code: str | None = None
     metadata: dict[str, object] | None = None
+    model: str | None = None

@@ -19,10 +19,18 @@ import pytest
 
 from gateway.config import DatabaseConfig
 from gateway.storage import Storage, open_storage
+from tests.tcpproxy import TCPProxy
 
 ADMIN_DSN = os.environ.get("GATEWAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 REQUIRE_POSTGRES = os.environ.get("GATEWAY_REQUIRE_POSTGRES", "") not in ("", "0", "false")
-TABLES = ("usage_events", "usage_daily", "api_keys", "notifications", "users")
+TABLES = (
+    "usage_events",
+    "usage_daily",
+    "api_keys",
+    "alert_outbox",
+    "notifications",
+    "users",
+)
 
 
 def _dsn_for(database: str) -> str:
@@ -133,3 +141,19 @@ async def storage(database_url: str) -> AsyncIterator[Storage]:
         yield store
     finally:
         await store.close()
+
+
+@pytest.fixture
+async def pg_behind_proxy(postgres_dsn: str) -> AsyncIterator[tuple[str, TCPProxy]]:
+    """An emptied PostgreSQL database reached through a TCP forwarder the test can cut."""
+    conn = await asyncpg.connect(postgres_dsn)
+    await conn.execute("TRUNCATE usage_events, usage_daily, api_keys, stream_leases, users CASCADE")
+    await conn.close()
+    proxy = TCPProxy("127.0.0.1", 5432)
+    await proxy.start()
+    base, _, database = postgres_dsn.rpartition("/")
+    user = base.split("//", 1)[1].split("@", 1)[0]
+    try:
+        yield f"postgresql://{user}@127.0.0.1:{proxy.port}/{database}", proxy
+    finally:
+        await proxy.cut()

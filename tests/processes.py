@@ -4,18 +4,10 @@ stopped by signal."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import sys
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.servers import free_port, spawn_gateway
 
 
 class GatewayProcess:
@@ -33,18 +25,7 @@ class GatewayProcess:
     @classmethod
     async def start(cls, config: Path, env: dict[str, str]) -> GatewayProcess:
         port = free_port()
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "--config",
-            str(config),
-            "serve",
-            "--port",
-            str(port),
-            env={**os.environ, **env},
-            stderr=asyncio.subprocess.PIPE,
-        )
+        proc = await spawn_gateway(config, port, env)
         process = cls(proc, port)
         try:
             # uvicorn says so once the app (and its database) is ready and it listens

@@ -8,16 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Any, *, lifespan: str = "off") -> AsyncIterator[str]:
-    """Serve ``app`` on 127.0.0.1 and a free port; yields the base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan=lifespan)  # type: ignore[arg-type]
+async def serve(app: Any, *, lifespan: str = "off", http: str = "auto") -> AsyncIterator[str]:
+    """Serve ``app`` on 127.0.0.1 and a free port; yields the base URL. ``http``
+    names uvicorn's protocol ("h11", "httptools" or a "module:Class")."""
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan=lifespan,  # type: ignore[arg-type]
+        http=http,  # type: ignore[arg-type]
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(10):
@@ -33,3 +45,56 @@ async def serve(app: Any, *, lifespan: str = "off") -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+async def read_body(receive: Any) -> bytes:
+    """The whole request body an ASGI app receives."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def spawn_gateway(
+    config: Path, port: int, env: dict[str, str] | None = None, *, workers: int = 1
+) -> asyncio.subprocess.Process:
+    """`python -m gateway serve` on ``port``, its log (stderr) piped, not yet ready."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "--config",
+        str(config),
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        env={**os.environ, **(env or {})},
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def start_gateway(
+    config: Path, port: int, env: dict[str, str] | None = None, *, workers: int = 1
+) -> asyncio.subprocess.Process:
+    """A real `gateway serve` process on ``port``, once all its workers are ready."""
+    proc = await spawn_gateway(config, port, env, workers=workers)
+    assert proc.stderr is not None
+    ready = 0
+    async with asyncio.timeout(30):
+        # uvicorn says when each worker's app (and its database) is ready
+        while line := await proc.stderr.readline():
+            ready += b"Application startup complete" in line
+            if ready == workers:
+                return proc
+    raise RuntimeError(f"gateway process did not start (exit {await proc.wait()})")

@@ -129,3 +129,49 @@ def test_storage_errors_are_one_line(tmp_path: Path) -> None:
         done.stderr.startswith("gateway: error: PostgreSQL error")
         and "Traceback" not in done.stderr
     )
+
+
+def test_config_after_the_subcommand(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["users", "add", "dave", "--config", str(config_file)]) == 0
+    assert main(["users", "list", "-c", str(config_file)]) == 0
+    assert "dave" in capsys.readouterr().out
+    # Given before the subcommand, it is not reset by the subcommand's default.
+    assert main(["--config", str(config_file), "users", "show", "dave"]) == 0
+    missing = tmp_path / "missing.toml"
+    assert main(["users", "list", "--config", str(missing)]) == 2
+    assert "missing.toml" in capsys.readouterr().err
+
+
+async def test_uvicorn_runs_the_app_factory(config_file: Path) -> None:
+    """The documented way to run it under uvicorn: the factory reads $GATEWAY_CONFIG."""
+    import asyncio
+
+    import httpx
+
+    from tests.servers import free_port
+
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "gateway.app:create_app",
+        "--factory",
+        "--port",
+        str(port),
+        env={"GATEWAY_CONFIG": str(config_file), "PATH": "/usr/bin:/bin"},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            while b"Application startup complete" not in (line := await process.stderr.readline()):
+                assert line, "uvicorn exited"
+        async with httpx.AsyncClient() as client:
+            ready = await client.get(f"http://127.0.0.1:{port}/readyz")
+        assert ready.json() == {"status": "ready"}
+    finally:
+        process.terminate()
+        await process.wait()

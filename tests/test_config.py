@@ -77,7 +77,10 @@ def test_repo_default_config() -> None:
             "[accounting]\ntimezone = 'Mars/Olympus'",
             "accounting.timezone: unknown time zone 'Mars/Olympus'",
         ),
-        ("[upstream]\nkind = 'claude'", "upstream.kind: expected one of 'dify', got 'claude'"),
+        (
+            "[upstream]\nkind = 'claude'",
+            "upstream.kind: expected one of 'dify', 'openai', got 'claude'",
+        ),
         ("[upstream]\nurl = 'ftp://x'", "upstream.url: expected an http:// or https:// URL"),
         (
             "[upstream]\nconnect_timeout = 0",

@@ -242,6 +242,19 @@ async def test_usage_headers_override() -> None:
     assert usage["total_price"] == "0.5"
 
 
+async def test_raw_usage_header_replaces_fields_as_sent() -> None:
+    headers = {"x-fake-usage-json": '{"total_tokens": 1e300, "total_price": "-5"}'}
+    usage = (await stream(FakeDify(), "/chat-messages", headers=headers))[-1]["metadata"]["usage"]
+    assert (usage["total_tokens"], usage["total_price"], usage["prompt_tokens"]) == (
+        1e300,
+        "-5",
+        1033,
+    )
+    async with client(FakeDify()) as c:
+        bad = await c.post("/chat-messages", json=STREAM, headers={"x-fake-usage-json": "[1]"})
+    assert (bad.status_code, bad.json()["code"]) == (400, "invalid_param")
+
+
 async def test_constructor_usage() -> None:
     fake = FakeDify(
         prompt_tokens=7, completion_tokens=3, prompt_price="0.1", completion_price="0.2"

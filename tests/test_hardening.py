@@ -18,6 +18,7 @@ from gateway.settle import Settler
 from gateway.storage import Lease, Storage, UsageEvent
 from gateway.testing.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, direct_request, running_gateway
+from tests.servers import read_body
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
 ONE_A_DAY = {
@@ -141,12 +142,7 @@ class Recorder:
         self.bodies: list[bytes] = []
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         self.bodies.append(body)
         await send(
             {
@@ -230,17 +226,33 @@ class Blip:
     def __init__(self, storage: Storage, *, settles: int = 0, refunds: int = 0) -> None:
         self.storage, self.settles, self.refunds = storage, settles, refunds
 
-    async def settle(self, event: UsageEvent, **kwargs: Any) -> bool:
+    async def settle(
+        self,
+        event: UsageEvent,
+        *,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+        alerts: Any = None,
+    ) -> bool:
         if self.settles:
             self.settles -= 1
             raise StorageError("blip")
-        return await self.storage.settle(event, **kwargs)
+        return await self.storage.settle(
+            event, lease_id=lease_id, pending_id=pending_id, alerts=alerts
+        )
 
-    async def refund(self, user_id: str, *, day: date, **kwargs: Any) -> bool:
+    async def refund(
+        self,
+        user_id: str,
+        *,
+        day: date,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+    ) -> bool:
         if self.refunds:
             self.refunds -= 1
             raise StorageError("blip")
-        return await self.storage.refund(user_id, day=day, **kwargs)
+        return await self.storage.refund(user_id, day=day, lease_id=lease_id, pending_id=pending_id)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.storage, name)
@@ -367,10 +379,16 @@ async def test_a_cancellation_during_the_ledger_write_does_not_lose_the_answer(
         writing, release = asyncio.Event(), asyncio.Event()
         real_settle = h.storage.settle
 
-        async def slow_settle(event: UsageEvent, **kwargs: Any) -> bool:
+        async def slow_settle(
+            event: UsageEvent,
+            *,
+            lease_id: str | None = None,
+            pending_id: str | None = None,
+            alerts: Any = None,
+        ) -> bool:
             writing.set()
             await release.wait()
-            return await real_settle(event, **kwargs)
+            return await real_settle(event, lease_id=lease_id, pending_id=pending_id, alerts=alerts)
 
         monkeypatch.setattr(h.storage, "settle", slow_settle)
         scope, receive = direct_request(h.key, orjson.dumps(CHAT))

@@ -196,9 +196,20 @@ def _dropping_usage() -> DropEvents:
         ([b"data: a\r\r", b'data: {"usage":1}\r\r'], b"data: a\r\r"),
         ([b": ping\n\ndata: a"], b": ping\n\ndata: a"),  # the incomplete rest, at the end
         ([b'data: {"usage":1}'], b""),
+        # CRLF is one line ending: a two-line event is dropped whole, not line by line.
+        ([b'data: a\r\ndata: {"usage":1}\r\n\r\ndata: b\r\n\r\n'], b"data: b\r\n\r\n"),
+        # A CR at the end of a chunk may be half of a CRLF.
+        ([b"data: a\r", b"\n\r\n", b'data: {"usage":1}\r', b"\n\r\n"], b"data: a\r\n\r\n"),
     ],
 )
 def test_drop_events(chunks: list[bytes], expected: bytes) -> None:
     transform = _dropping_usage()
     out = b"".join(transform.feed(chunk) for chunk in chunks) + transform.flush()
     assert out == expected
+
+
+def test_drop_events_passes_a_run_with_nothing_to_drop_as_it_is() -> None:
+    transform = DropEvents(lambda event: b'"usage"' in event, may_drop=lambda run: b"usage" in run)
+    chunk = b"data: a\n\ndata: b\n\n"
+    assert transform.feed(chunk) is chunk
+    assert transform.feed(b'data: {"usage":1}\n\ndata: c\n\n') == b"data: c\n\n"

@@ -13,7 +13,7 @@ import pytest
 
 from gateway.testing.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
-from tests.servers import serve
+from tests.servers import read_body, serve
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "mallory"}
 FULL = (1033, 135, 1168, Decimal("0.0013030"))
@@ -59,12 +59,7 @@ class Scripted:
         self.gate: asyncio.Event | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         self.requests.append((dict(scope["headers"]), scope["query_string"], body))
         if self.gate is not None:
             await self.gate.wait()

@@ -245,21 +245,6 @@ async def test_per_user_overrides_replace_plan_limits(
 # --- the database going away during admission ---------------------------------------------
 
 
-@pytest.fixture
-async def pg_behind_proxy(postgres_dsn: str) -> AsyncIterator[tuple[str, TCPProxy]]:
-    conn = await asyncpg.connect(postgres_dsn)
-    await conn.execute("TRUNCATE usage_events, usage_daily, api_keys, stream_leases, users CASCADE")
-    await conn.close()
-    proxy = TCPProxy("127.0.0.1", 5432)
-    await proxy.start()
-    base, _, database = postgres_dsn.rpartition("/")
-    user = base.split("//", 1)[1].split("@", 1)[0]
-    try:
-        yield f"postgresql://{user}@127.0.0.1:{proxy.port}/{database}", proxy
-    finally:
-        await proxy.cut()
-
-
 @pytest.mark.postgres
 @pytest.mark.parametrize(
     ("policy", "expected"),

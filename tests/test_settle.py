@@ -36,11 +36,20 @@ class Flaky:
         self.storage = storage
         self.failures = failures
 
-    async def settle(self, event: UsageEvent, **kwargs: Any) -> bool:
+    async def settle(
+        self,
+        event: UsageEvent,
+        *,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+        alerts: Any = None,
+    ) -> bool:
         if self.failures > 0:
             self.failures -= 1
             raise StorageError("database unreachable")
-        return await self.storage.settle(event, **kwargs)
+        return await self.storage.settle(
+            event, lease_id=lease_id, pending_id=pending_id, alerts=alerts
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.storage, name)

@@ -11,7 +11,7 @@ is loaded from another origin (the Content-Security-Policy says so too).
 - `signin`: signing in and out, and the checks around every signed-in handler
 - `formats`: numbers and money for ``dashboard.locale`` (pure)
 - `render`: HTML escaping, the page layout, the standard responses
-- `users_table`, `user_page`, `exports`: the pages and what they link to
+- `users_table`, `user_page`, `alerts_page`, `exports`: the pages and what they link to
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from gateway.dashboard.alerts_page import alerts
 from gateway.dashboard.exports import export
 from gateway.dashboard.render import not_found
 from gateway.dashboard.session import COOKIE
@@ -46,6 +47,7 @@ class _Static:
 # would match their paths too.
 routes: list[BaseRoute] = [
     Route("/", users, methods=["GET"], name="dashboard_users"),
+    Route("/alerts", alerts, methods=["GET"], name="dashboard_alerts"),
     Route("/login", login, methods=["GET", "POST"], name="dashboard_login"),
     Route("/logout", logout, methods=["POST"], name="dashboard_logout"),
     Route(

@@ -86,6 +86,7 @@ _LAYOUT = """<!doctype html>
 
 _NAV = """<nav>
 <a href="{base}/">Users</a>
+<a href="{base}/alerts">Alerts</a>
 <form method="post" action="{base}/logout">
 <input type="hidden" name="csrf" value="{csrf}">
 <button type="submit" class="link">Sign out</button>

@@ -7,12 +7,21 @@ from importlib import resources
 from gateway.config import DatabaseConfig
 from gateway.errors import ConfigError
 from gateway.storage.base import (
+    ALERT_LIMITS,
     Admission,
     AdmissionLimits,
+    Alert,
+    AlertCheck,
+    AlertLimit,
+    AlertRequest,
     ApiKey,
     Counters,
+    Crossing,
     DailyUsage,
+    Delivery,
     Lease,
+    ModelUsage,
+    OutboxItem,
     OverrideValue,
     Pending,
     Storage,
@@ -24,12 +33,21 @@ from gateway.storage.base import (
 )
 
 __all__ = [
+    "ALERT_LIMITS",
     "Admission",
     "AdmissionLimits",
+    "Alert",
+    "AlertCheck",
+    "AlertLimit",
+    "AlertRequest",
     "ApiKey",
     "Counters",
+    "Crossing",
     "DailyUsage",
+    "Delivery",
     "Lease",
+    "ModelUsage",
+    "OutboxItem",
     "OverrideValue",
     "Pending",
     "Storage",

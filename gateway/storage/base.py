@@ -8,11 +8,11 @@ conditional upsert, never read-modify-write in the application.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 OverrideValue = int | float | bool | None  # None: explicitly unlimited
 
@@ -29,7 +29,20 @@ DAILY_COLUMNS = (
 EVENT_COLUMNS = (
     "answer_id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens, "
     "total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id, "
-    "request_id, upstream_latency_ms, overhead_ms"
+    "request_id, upstream_latency_ms, overhead_ms, model, cached_tokens, reasoning_tokens"
+)
+# Per model, in ModelUsage's order; both backends group the ledger by model with it
+# (the cost sum is the backend's exact decimal sum, given as {cost_sum}).
+MODEL_USAGE_SELECT = (
+    "SELECT model, count(*), sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), "
+    "sum(reasoning_tokens), sum(total_tokens), {cost_sum} FROM usage_events "
+    "WHERE user_id = {p1} AND day >= {p2} AND day <= {p3} "
+    "GROUP BY model ORDER BY sum(total_tokens) DESC, model"
+)
+ALERT_COLUMNS = "n.user_id, n.kind, n.period, n.threshold, n.limit_value, n.used, n.created_at"
+DELIVERY_COLUMNS = (
+    "o.user_id, o.kind, o.period, o.threshold, o.channel, o.attempts, o.last_error, "
+    "o.delivered_at, o.next_attempt_at"
 )
 KEY_COLUMNS = "id, user_id, name, prefix, created_at, revoked_at"
 USER_SORTS: dict[str, str] = {
@@ -160,6 +173,37 @@ class UsageEvent:
     request_id: str | None = None
     upstream_latency_ms: float | None = None
     overhead_ms: float | None = None
+    model: str | None = None  # the model that answered, when the upstream names it
+    cached_tokens: int = 0  # of prompt_tokens, read from the provider's prompt cache
+    reasoning_tokens: int = 0  # of completion_tokens, spent reasoning
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUsage:
+    """A user's answers of one model over a range of days, from the ledger."""
+
+    model: str | None  # None: answers whose upstream names no model (Dify's)
+    answers: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+    cost: Decimal = Decimal(0)
+
+
+def model_usage(row: Any, cost: Decimal) -> ModelUsage:
+    """A row of MODEL_USAGE_SELECT (sums may come as decimals) as a ModelUsage."""
+    return ModelUsage(
+        model=row[0],
+        answers=int(row[1]),
+        prompt_tokens=int(row[2]),
+        cached_tokens=int(row[3]),
+        completion_tokens=int(row[4]),
+        reasoning_tokens=int(row[5]),
+        total_tokens=int(row[6]),
+        cost=cost,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +226,109 @@ def decide(counters: Counters, limits: AdmissionLimits) -> AdmissionLimit | None
     ):
         return "max_concurrent_streams"
     return None
+
+
+# The limits a threshold alert can watch, and the counter each is compared with.
+AlertLimit = Literal[
+    "queries_per_day", "tokens_per_day", "tokens_per_month", "web_searches_per_day"
+]
+ALERT_LIMITS: tuple[AlertLimit, ...] = (
+    "queries_per_day",
+    "tokens_per_day",
+    "tokens_per_month",
+    "web_searches_per_day",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AlertCheck:
+    """One limit of a user's plan and the percentages of it that are announced."""
+
+    limit: AlertLimit
+    period: str  # the day (2026-12-02) or month (2026-12) the usage counts in
+    value: int  # the limit itself, > 0
+    thresholds: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRequest:
+    """What a settle checks for threshold crossings, in its own transaction."""
+
+    checks: tuple[AlertCheck, ...]
+    month_start: date
+    channels: tuple[str, ...]  # one outbox row per crossing and channel
+
+
+@dataclass(frozen=True, slots=True)
+class Crossing:
+    """A threshold a settle found crossed for the first time (announced once)."""
+
+    user_id: str
+    limit: AlertLimit
+    period: str
+    threshold: int
+    value: int
+    used: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """One delivery of one crossing on one channel, claimed by a worker."""
+
+    id: int
+    channel: str
+    crossing: Crossing
+    created_at: datetime
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    channel: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_error: str | None
+    delivered_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """A crossing as recorded (the notifications table) and how its deliveries went."""
+
+    crossing: Crossing
+    created_at: datetime
+    deliveries: tuple[Delivery, ...]
+
+
+def delivery(
+    channel: str,
+    attempts: int,
+    last_error: str | None,
+    delivered_at: datetime | None,
+    next_attempt_at: object,
+) -> Delivery:
+    status: Literal["pending", "delivered", "failed"] = (
+        "delivered" if delivered_at is not None else "pending" if next_attempt_at else "failed"
+    )
+    return Delivery(channel, status, attempts, last_error, delivered_at)
+
+
+def alerts_with_deliveries(
+    crossings: list[tuple[Crossing, datetime]],
+    deliveries: Sequence[tuple[tuple[str, str, str, int], Delivery]],
+) -> list[Alert]:
+    by_key: dict[tuple[str, str, str, int], list[Delivery]] = {}
+    for key, found in deliveries:
+        by_key.setdefault(key, []).append(found)
+    return [
+        Alert(c, created_at, tuple(by_key.get((c.user_id, c.limit, c.period, c.threshold), ())))
+        for c, created_at in crossings
+    ]
+
+
+def crossed(used: int, check: AlertCheck, threshold: int) -> bool:
+    """Exact integer arithmetic: used/value >= threshold%."""
+    return used * 100 >= check.value * threshold
 
 
 class Storage(Protocol):
@@ -292,13 +439,23 @@ class Storage(Protocol):
         ...
 
     async def settle(
-        self, event: UsageEvent, *, lease_id: str | None = None, pending_id: str | None = None
+        self,
+        event: UsageEvent,
+        *,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+        alerts: AlertRequest | None = None,
     ) -> bool:
         """Record one answer in the ledger, the day row and the lifetime totals,
         in one transaction, releasing its lease. Returns False, changing nothing
         else, when the answer id is already recorded - or, with ``pending_id``,
         when that pending answer is no longer there (settled, refunded or
-        recovered already); it is removed otherwise."""
+        recovered already); it is removed otherwise.
+
+        With ``alerts``, the same transaction records each threshold now crossed
+        for the first time in the notifications table (unique per user, limit,
+        period and threshold: once, also across replicas) and queues one outbox
+        row per channel for it."""
         ...
 
     async def recover(self, *, before: datetime, now: datetime, limit: int = 100) -> list[str]:
@@ -307,6 +464,24 @@ class Storage(Protocol):
         ``now``), releasing their leases; their queries stay spent. Returns the
         pending ids recovered. Safe to run from many processes at once: each
         pending answer is recovered by one of them, or settled by its gateway."""
+        ...
+
+    # alerts
+    async def claim_outbox(
+        self, *, now: datetime, claim_until: datetime, limit: int = 20
+    ) -> list[OutboxItem]:
+        """Due, undelivered outbox rows not claimed by another worker, now claimed
+        until ``claim_until`` (rows another replica is claiming are skipped)."""
+        ...
+
+    async def outbox_delivered(self, item_id: int, *, now: datetime) -> None: ...
+
+    async def outbox_failed(self, item_id: int, *, error: str, retry_at: datetime | None) -> None:
+        """Count a failed attempt; retry at ``retry_at``, or never again if None."""
+        ...
+
+    async def list_alerts(self, *, user_id: str | None = None, limit: int = 100) -> list[Alert]:
+        """Recorded crossings, newest first, with their deliveries."""
         ...
 
     async def daily(
@@ -328,3 +503,8 @@ class Storage(Protocol):
         ...
 
     async def count_events(self, start: date, end: date, *, user_id: str | None = None) -> int: ...
+
+    async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[ModelUsage]:
+        """The user's ledger with start <= day <= end summed per model, the model
+        with the most tokens first."""
+        ...

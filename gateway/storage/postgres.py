@@ -3,10 +3,12 @@
 Every operation on the request path is ONE statement, so one round trip:
 admission is a conditional upsert whose ``ON CONFLICT ... WHERE`` is evaluated
 against the latest committed row under its row lock (that is what makes it exact
-across replicas), and settle is one statement of data-modifying CTEs whose
-ledger insert is idempotent on the answer id; a second settle of the same answer
-blocks on the unique index until the first commits, then inserts nothing and so
-updates nothing.
+across replicas), and settle is one call of ``gateway_settle`` that claims the
+answer's pending row, writes the ledger row, the day row and the lifetime totals,
+releases the lease and decides the alert crossings, in one transaction (see the
+migrations under sql/postgres). A second settle of the same answer blocks on the
+pending row (or the ledger's unique index) until the first commits, then finds
+it gone and so changes nothing.
 
 asyncpg errors are mapped to `StorageError` here and nowhere else.
 """
@@ -24,23 +26,35 @@ import orjson
 from gateway.errors import NotFound, StorageError
 from gateway.storage import migrations
 from gateway.storage.base import (
+    ALERT_COLUMNS,
     DAILY_COLUMNS,
+    DELIVERY_COLUMNS,
     EVENT_COLUMNS,
     KEY_COLUMNS,
+    MODEL_USAGE_SELECT,
     USER_COLUMNS,
     USER_SORTS,
     Admission,
     AdmissionLimits,
+    Alert,
+    AlertRequest,
     ApiKey,
     Counters,
+    Crossing,
     DailyUsage,
+    Delivery,
     Lease,
+    ModelUsage,
+    OutboxItem,
     OverrideValue,
     Pending,
     UsageEvent,
     User,
     UserSort,
     UserSummary,
+    alerts_with_deliveries,
+    delivery,
+    model_usage,
 )
 
 # An arbitrary constant naming the advisory lock that serialises migrations
@@ -50,9 +64,13 @@ _EXPORT_BATCH = 1000
 
 
 _ADMIT = "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
-_SETTLE = "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
+_SETTLE = (
+    "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
+    "$15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)"
+)
 _REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
 _RECOVER = "SELECT * FROM gateway_recover($1, $2, $3)"
+_USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="sum(cost)", p1="$1", p2="$2", p3="$3")
 
 
 @contextlib.contextmanager
@@ -399,32 +417,100 @@ class PostgresStorage:
         return [row[0] for row in rows]
 
     async def settle(
-        self, event: UsageEvent, *, lease_id: str | None = None, pending_id: str | None = None
+        self,
+        event: UsageEvent,
+        *,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+        alerts: AlertRequest | None = None,
     ) -> bool:
+        checks = [(c, t) for c in alerts.checks for t in c.thresholds] if alerts else []
         with _mapped():
-            inserted = await self._pool.fetchval(
-                _SETTLE,
-                event.answer_id,
-                event.user_id,
-                event.day,
-                event.created_at,
-                event.endpoint,
-                event.prompt_tokens,
-                event.completion_tokens,
-                event.total_tokens,
-                event.cost,
-                event.currency,
-                event.outcome,
-                event.estimated,
-                event.web_searches,
-                event.conversation_id,
-                event.request_id,
-                event.upstream_latency_ms,
-                event.overhead_ms,
-                lease_id,
-                pending_id,
+            return bool(
+                await self._pool.fetchval(
+                    _SETTLE,
+                    event.answer_id,
+                    event.user_id,
+                    event.day,
+                    event.created_at,
+                    event.endpoint,
+                    event.prompt_tokens,
+                    event.completion_tokens,
+                    event.total_tokens,
+                    event.cost,
+                    event.currency,
+                    event.outcome,
+                    event.estimated,
+                    event.web_searches,
+                    event.conversation_id,
+                    event.request_id,
+                    event.upstream_latency_ms,
+                    event.overhead_ms,
+                    lease_id,
+                    pending_id,
+                    event.model,
+                    event.cached_tokens,
+                    event.reasoning_tokens,
+                    alerts.month_start if alerts else None,
+                    [c.limit for c, _ in checks],
+                    [c.period for c, _ in checks],
+                    [c.value for c, _ in checks],
+                    [t for _, t in checks],
+                    list(alerts.channels) if alerts else [],
+                )
             )
-        return bool(inserted)
+
+    # --- alerts -------------------------------------------------------------
+
+    async def claim_outbox(
+        self, *, now: datetime, claim_until: datetime, limit: int = 20
+    ) -> list[OutboxItem]:
+        with _mapped():
+            rows = await self._pool.fetch(_CLAIM, now, claim_until, limit)
+        return [_outbox_item(row) for row in rows]
+
+    async def outbox_delivered(self, item_id: int, *, now: datetime) -> None:
+        with _mapped():
+            await self._pool.execute(
+                "UPDATE alert_outbox SET attempts = attempts + 1, delivered_at = $2, "
+                "next_attempt_at = NULL, claimed_until = NULL, last_error = NULL WHERE id = $1",
+                item_id,
+                now,
+            )
+
+    async def outbox_failed(self, item_id: int, *, error: str, retry_at: datetime | None) -> None:
+        with _mapped():
+            await self._pool.execute(
+                "UPDATE alert_outbox SET attempts = attempts + 1, last_error = $2, "
+                "next_attempt_at = $3, claimed_until = NULL WHERE id = $1",
+                item_id,
+                error,
+                retry_at,
+            )
+
+    async def list_alerts(self, *, user_id: str | None = None, limit: int = 100) -> list[Alert]:
+        with _mapped():
+            rows = await self._pool.fetch(
+                f"SELECT {ALERT_COLUMNS} FROM notifications n "
+                "WHERE $1::text IS NULL OR n.user_id = $1 "
+                "ORDER BY n.created_at DESC, n.user_id, n.kind, n.threshold LIMIT $2",
+                user_id,
+                limit,
+            )
+            crossings = [(_crossing(row), row["created_at"]) for row in rows]
+            deliveries = await self._pool.fetch(
+                f"SELECT {DELIVERY_COLUMNS} FROM alert_outbox o "
+                "JOIN unnest($1::text[], $2::text[], $3::text[], $4::int[]) "
+                "AS k(user_id, kind, period, threshold) USING (user_id, kind, period, threshold) "
+                "ORDER BY o.channel",
+                [c.user_id for c, _ in crossings],
+                [c.limit for c, _ in crossings],
+                [c.period for c, _ in crossings],
+                [c.threshold for c, _ in crossings],
+            )
+        return alerts_with_deliveries(
+            crossings, [(_alert_key(row), _delivery(row)) for row in deliveries]
+        )
 
     async def daily(
         self, start: date, end: date, *, user_id: str | None = None
@@ -487,3 +573,58 @@ class PostgresStorage:
             params.append(user_id)
         with _mapped():
             return int(await self._pool.fetchval(sql, *params))
+
+    async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[ModelUsage]:
+        with _mapped():
+            rows = await self._pool.fetch(_USAGE_BY_MODEL, user_id, start, end)
+        return [model_usage(row, row[7]) for row in rows]
+
+
+# SKIP LOCKED: rows another replica is claiming right now are left to it; the
+# claim itself (claimed_until) keeps them its own while it delivers.
+_CLAIM = f"""
+UPDATE alert_outbox o SET claimed_until = $2
+FROM notifications n
+WHERE o.id IN (
+    SELECT id FROM alert_outbox
+    WHERE next_attempt_at <= $1 AND (claimed_until IS NULL OR claimed_until <= $1)
+    ORDER BY next_attempt_at, id LIMIT $3
+    FOR UPDATE SKIP LOCKED
+) AND (n.user_id, n.kind, n.period, n.threshold) = (o.user_id, o.kind, o.period, o.threshold)
+RETURNING o.id, o.channel, o.created_at, o.attempts, {ALERT_COLUMNS}
+"""
+
+
+def _crossing(row: Any) -> Crossing:
+    return Crossing(
+        user_id=row["user_id"],
+        limit=row["kind"],
+        period=row["period"],
+        threshold=row["threshold"],
+        value=row["limit_value"],
+        used=row["used"],
+    )
+
+
+def _outbox_item(row: Any) -> OutboxItem:
+    return OutboxItem(
+        id=row["id"],
+        channel=row["channel"],
+        crossing=_crossing(row),
+        created_at=row["created_at"],
+        attempts=row["attempts"],
+    )
+
+
+def _alert_key(row: Any) -> tuple[str, str, str, int]:
+    return (row["user_id"], row["kind"], row["period"], row["threshold"])
+
+
+def _delivery(row: Any) -> Delivery:
+    return delivery(
+        row["channel"],
+        row["attempts"],
+        row["last_error"],
+        row["delivered_at"],
+        row["next_attempt_at"],
+    )

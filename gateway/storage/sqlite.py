@@ -26,26 +26,39 @@ import orjson
 from gateway.errors import NotFound, StorageError
 from gateway.storage import migrations
 from gateway.storage.base import (
+    ALERT_COLUMNS,
     DAILY_COLUMNS,
+    DELIVERY_COLUMNS,
     EVENT_COLUMNS,
+    MODEL_USAGE_SELECT,
     USER_COLUMNS,
     USER_SORTS,
     Admission,
     AdmissionLimits,
+    Alert,
+    AlertRequest,
     ApiKey,
     Counters,
+    Crossing,
     DailyUsage,
     Lease,
+    ModelUsage,
+    OutboxItem,
     OverrideValue,
     Pending,
     UsageEvent,
     User,
     UserSort,
     UserSummary,
+    alerts_with_deliveries,
+    crossed,
     decide,
+    delivery,
+    model_usage,
 )
 
 T = TypeVar("T")
+_USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="dec_sum(cost)", p1="?", p2="?", p3="?")
 
 _EXPORT_BATCH = 1000
 
@@ -88,6 +101,49 @@ def _statements(sql: str) -> Iterable[str]:
     for statement in "\n".join(lines).split(";"):
         if statement.strip():
             yield statement
+
+
+def _record_crossings(conn: sqlite3.Connection, event: UsageEvent, alerts: AlertRequest) -> None:
+    """The thresholds this settle crossed first, recorded in its own transaction."""
+    day = event.day.isoformat()
+    today = conn.execute(
+        "SELECT queries, total_tokens, web_searches FROM usage_daily WHERE user_id = ? AND day = ?",
+        (event.user_id, day),
+    ).fetchone() or (0, 0, 0)
+    (month,) = conn.execute(
+        "SELECT coalesce(sum(total_tokens), 0) FROM usage_daily "
+        "WHERE user_id = ? AND day >= ? AND day <= ?",
+        (event.user_id, alerts.month_start.isoformat(), day),
+    ).fetchone()
+    used = {
+        "queries_per_day": today[0],
+        "tokens_per_day": today[1],
+        "web_searches_per_day": today[2],
+        "tokens_per_month": month,
+    }
+    now = _ts(event.created_at)
+    for check in alerts.checks:
+        for threshold in check.thresholds:
+            if not crossed(used[check.limit], check, threshold):
+                continue
+            key = (event.user_id, check.limit, check.period, threshold)
+            new = conn.execute(
+                "INSERT INTO notifications (user_id, kind, period, threshold, created_at, "
+                "limit_value, used) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (*key, now, check.value, used[check.limit]),
+            ).rowcount
+            if new:
+                conn.executemany(
+                    "INSERT INTO alert_outbox (user_id, kind, period, threshold, channel, "
+                    "created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(*key, channel, now, now) for channel in alerts.channels],
+                )
+
+
+def _crossing(row: Any) -> Crossing:
+    return Crossing(
+        user_id=row[0], limit=row[1], period=row[2], threshold=row[3], value=row[4], used=row[5]
+    )
 
 
 def _ts(value: datetime) -> str:
@@ -155,6 +211,9 @@ def _event(row: tuple[Any, ...]) -> UsageEvent:
         request_id=row[14],
         upstream_latency_ms=row[15],
         overhead_ms=row[16],
+        model=row[17],
+        cached_tokens=row[18],
+        reasoning_tokens=row[19],
     )
 
 
@@ -191,7 +250,7 @@ def _record(conn: sqlite3.Connection, event: UsageEvent) -> bool:
     cost = str(event.cost)
     inserted = conn.execute(
         f"INSERT INTO usage_events ({EVENT_COLUMNS}) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (answer_id) DO NOTHING",
         (
             event.answer_id,
@@ -211,6 +270,9 @@ def _record(conn: sqlite3.Connection, event: UsageEvent) -> bool:
             event.request_id,
             event.upstream_latency_ms,
             event.overhead_ms,
+            event.model,
+            event.cached_tokens,
+            event.reasoning_tokens,
         ),
     ).rowcount
     if not inserted:
@@ -621,10 +683,19 @@ class SQLiteStorage:
         return await self._tx(run)
 
     async def settle(
-        self, event: UsageEvent, *, lease_id: str | None = None, pending_id: str | None = None
+        self,
+        event: UsageEvent,
+        *,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+        alerts: AlertRequest | None = None,
     ) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
-            return _claim(conn, pending_id, lease_id) and _record(conn, event)
+            if not (_claim(conn, pending_id, lease_id) and _record(conn, event)):
+                return False
+            if alerts is not None and alerts.checks:
+                _record_crossings(conn, event, alerts)
+            return True
 
         return await self._tx(run)
 
@@ -661,6 +732,81 @@ class SQLiteStorage:
             return [row[0] for row in rows]
 
         return await self._tx(run)
+
+    # --- alerts -------------------------------------------------------------
+
+    async def claim_outbox(
+        self, *, now: datetime, claim_until: datetime, limit: int = 20
+    ) -> list[OutboxItem]:
+        def run(conn: sqlite3.Connection) -> list[OutboxItem]:
+            # One writer at a time (BEGIN IMMEDIATE): what is claimed here no
+            # other process claims until claimed_until.
+            rows = conn.execute(
+                f"SELECT o.id, o.channel, o.created_at, o.attempts, {ALERT_COLUMNS} "
+                "FROM alert_outbox o JOIN notifications n USING (user_id, kind, period, threshold) "
+                "WHERE o.next_attempt_at <= ? AND (o.claimed_until IS NULL OR o.claimed_until <= ?) "
+                "ORDER BY o.next_attempt_at, o.id LIMIT ?",
+                (_ts(now), _ts(now), limit),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE alert_outbox SET claimed_until = ? WHERE id = ?",
+                [(_ts(claim_until), row[0]) for row in rows],
+            )
+            return [
+                OutboxItem(
+                    id=row[0],
+                    channel=row[1],
+                    created_at=datetime.fromisoformat(row[2]),
+                    attempts=row[3],
+                    crossing=_crossing(row[4:]),
+                )
+                for row in rows
+            ]
+
+        return await self._tx(run)
+
+    async def outbox_delivered(self, item_id: int, *, now: datetime) -> None:
+        await self._tx(
+            lambda conn: conn.execute(
+                "UPDATE alert_outbox SET attempts = attempts + 1, delivered_at = ?, "
+                "next_attempt_at = NULL, claimed_until = NULL, last_error = NULL WHERE id = ?",
+                (_ts(now), item_id),
+            )
+        )
+
+    async def outbox_failed(self, item_id: int, *, error: str, retry_at: datetime | None) -> None:
+        await self._tx(
+            lambda conn: conn.execute(
+                "UPDATE alert_outbox SET attempts = attempts + 1, last_error = ?, "
+                "next_attempt_at = ?, claimed_until = NULL WHERE id = ?",
+                (error, _ts(retry_at) if retry_at else None, item_id),
+            )
+        )
+
+    async def list_alerts(self, *, user_id: str | None = None, limit: int = 100) -> list[Alert]:
+        def run(conn: sqlite3.Connection) -> list[Alert]:
+            rows = conn.execute(
+                f"SELECT {ALERT_COLUMNS} FROM notifications n "
+                "WHERE ? IS NULL OR n.user_id = ? "
+                "ORDER BY n.created_at DESC, n.user_id, n.kind, n.threshold LIMIT ?",
+                (user_id, user_id, limit),
+            ).fetchall()
+            crossings = [(_crossing(row), datetime.fromisoformat(row[6])) for row in rows]
+            keys = {(c.user_id, c.limit, c.period, c.threshold) for c, _ in crossings}
+            found = []
+            for row in conn.execute(
+                f"SELECT {DELIVERY_COLUMNS} FROM alert_outbox o "
+                + ("" if user_id is None else "WHERE o.user_id = ? ")
+                + "ORDER BY o.channel",
+                () if user_id is None else (user_id,),
+            ):
+                key = (row[0], row[1], row[2], row[3])
+                if key in keys:
+                    stamp = datetime.fromisoformat(row[7]) if row[7] else None
+                    found.append((key, delivery(row[4], row[5], row[6], stamp, row[8])))
+            return alerts_with_deliveries(crossings, found)
+
+        return await self._run(run)
 
     async def daily(
         self, start: date, end: date, *, user_id: str | None = None
@@ -728,3 +874,12 @@ class SQLiteStorage:
             sql += " AND user_id = ?"
             params.append(user_id)
         return await self._run(lambda conn: int(conn.execute(sql, params).fetchone()[0]))
+
+    async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[ModelUsage]:
+        params = (user_id, start.isoformat(), end.isoformat())
+        return await self._run(
+            lambda conn: [
+                model_usage(row, Decimal(row[7] or "0"))
+                for row in conn.execute(_USAGE_BY_MODEL, params).fetchall()
+            ]
+        )

@@ -15,6 +15,8 @@ Tests steer it per request with headers:
 - ``x-fake-metadata``: a JSON object merged into ``message_end.metadata`` (and a
   workflow's ``outputs``), e.g. ``{"source": "web_search"}``.
 - ``x-fake-status``: answer with this HTTP error status and no answer.
+- ``x-fake-usage-json``: a JSON object whose fields replace those of every usage
+  object sent, raw (``{"total_tokens": 1e300}``), to play a misbehaving upstream.
 
 Like Dify, an answer keeps being generated after the client disconnects; only the
 stop endpoint (same task id and user) ends it early.
@@ -278,6 +280,7 @@ class _Run:
     text: list[str] = field(default_factory=list)
     first_token: float | None = None
     extra_metadata: JSON = field(default_factory=dict)  # merged into message_end.metadata / outputs
+    raw_usage: JSON = field(default_factory=dict)  # replaces fields of every usage object sent
     result: JSON | None = None  # the blocking-mode body, once the answer is complete
     error: JSON | None = None  # the error that ended the answer, if one did
 
@@ -299,7 +302,7 @@ class _Run:
 
     def usage_json(self, usage: _Usage) -> JSON:
         first = None if self.first_token is None else self.first_token - self.started
-        return usage.to_json(latency=self.elapsed(), first_token=first)
+        return {**usage.to_json(latency=self.elapsed(), first_token=first), **self.raw_usage}
 
     def envelope(self, event: str) -> JSON:
         if self.shape == "workflow":
@@ -649,6 +652,19 @@ _ROUTES: Final = (
 )
 
 
+def _json_object_header(headers: dict[str, str], name: str) -> JSON:
+    """The JSON object a steering header holds ({} without the header)."""
+    if name not in headers:
+        return {}
+    try:
+        value = orjson.loads(headers[name])
+    except orjson.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise _HttpError(400, "invalid_param", f"{name} must be a JSON object")
+    return value
+
+
 class FakeDify:
     """A fake Dify Service API; see the module docstring for the request headers."""
 
@@ -902,16 +918,11 @@ class FakeDify:
             except ValueError:
                 raise _HttpError(400, "invalid_param", "bad x-fake-delay-ms") from None
         conversation = body.get("conversation_id") if kind == "chat" else None
-        extra: Any = {}
-        if "x-fake-metadata" in headers:
-            try:
-                extra = orjson.loads(headers["x-fake-metadata"])
-            except orjson.JSONDecodeError:
-                extra = None
-            if not isinstance(extra, dict):
-                raise _HttpError(400, "invalid_param", "x-fake-metadata must be a JSON object")
+        extra = _json_object_header(headers, "x-fake-metadata")
+        raw_usage = _json_object_header(headers, "x-fake-usage-json")
         return _Run(
             extra_metadata=extra,
+            raw_usage=raw_usage,
             shape=shape,
             flags=flags,
             streaming=streaming,

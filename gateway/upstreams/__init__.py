@@ -8,9 +8,12 @@ keys.
 from __future__ import annotations
 
 import importlib
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from gateway.upstreams.base import Prepared, Route, StreamMeter, StreamTransform, Upstream
+
+if TYPE_CHECKING:
+    from gateway.config import Config
 
 __all__ = [
     "DIALECTS",
@@ -25,14 +28,16 @@ __all__ = [
 # kind -> "module:Class"
 DIALECTS: Final[dict[str, str]] = {
     "dify": "gateway.upstreams.dify:DifyUpstream",
+    "openai": "gateway.upstreams.openai:OpenAIUpstream",
 }
 
 
-def get_upstream(kind: str) -> Upstream:
-    """The dialect for an `upstream.kind` setting."""
+def get_upstream(kind: str, config: Config | None = None) -> Upstream:
+    """The dialect for an `upstream.kind` setting, built from the configuration in
+    force (a dialect may read settings of its own from it, such as prices)."""
     target = DIALECTS.get(kind)
     if target is None:
         raise ValueError(f"unknown upstream kind {kind!r}")
     module, _, name = target.partition(":")
-    dialect: Upstream = getattr(importlib.import_module(module), name)()
+    dialect: Upstream = getattr(importlib.import_module(module), name)(config)
     return dialect

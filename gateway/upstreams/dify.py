@@ -7,7 +7,7 @@ Every wire fact used here is in docs/upstreams/dify.md (cited below as
 from __future__ import annotations
 
 import re
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, quote
 
 import orjson
@@ -25,6 +25,9 @@ from gateway.usage import (
     parse_decimal,
     parse_tokens,
 )
+
+if TYPE_CHECKING:
+    from gateway.config import Config
 
 __all__ = ["DifyStreamMeter", "DifyUpstream"]
 
@@ -468,6 +471,9 @@ class DifyUpstream:
     kind = "dify"
     user_field = "user"
     stops_by_closing = False
+
+    def __init__(self, config: Config | None = None) -> None:
+        """Dify needs no settings of its own: it reports usage with its price."""
 
     def route(self, method: str, path: str) -> Route:
         key = path.strip("/")

@@ -12,7 +12,10 @@ from gateway.config import DatabaseConfig
 from gateway.errors import NotFound
 from gateway.storage import (
     AdmissionLimits,
+    AlertCheck,
+    AlertRequest,
     Lease,
+    ModelUsage,
     Pending,
     Storage,
     UsageEvent,
@@ -242,6 +245,36 @@ async def test_settle_records_once_with_exact_money(storage: Storage) -> None:
     assert [e.answer_id for e in events] == ["m1", "m2", "m3", "m4"]
     assert events[3].estimated and events[3].outcome == "cut"
     assert events[0].cost == Decimal("0.0013030") and events[0].created_at == NOW
+
+
+async def test_the_ledger_keeps_model_and_token_parts_and_sums_them_per_model(
+    storage: Storage,
+) -> None:
+    await storage.ensure_user("alice", plan="free")
+    await storage.ensure_user("bob", plan="free")
+    parts = {"cached_tokens": 30, "reasoning_tokens": 10}
+    assert await storage.settle(event("a1", tokens=100, cost="0.1", model="o3", **parts))
+    assert await storage.settle(event("a2", tokens=200, cost="0.0000001", model="o3", **parts))
+    assert await storage.settle(event("a3", tokens=50, cost="0.3", model="gpt-4o-mini"))
+    assert await storage.settle(event("a4", tokens=7, cost="0"))  # names no model (Dify)
+    assert await storage.settle(event("a5", day=DAY - timedelta(days=1), model="o3"))
+    assert await storage.settle(event("b1", user="bob", model="o3"))
+    # The settle with the extra columns is as idempotent as the plain one.
+    assert not await storage.settle(event("a1", tokens=100, cost="0.1", model="o3", **parts))
+
+    events = {e.answer_id: e async for e in storage.events(DAY, DAY)}
+    assert (events["a1"].model, events["a1"].cached_tokens, events["a1"].reasoning_tokens) == (
+        "o3",
+        30,
+        10,
+    )
+    assert (events["a4"].model, events["a4"].cached_tokens) == (None, 0)
+    assert await storage.usage_by_model("alice", start=DAY, end=DAY) == [
+        ModelUsage("o3", 2, 225, 60, 75, 20, 300, Decimal("0.1000001")),
+        ModelUsage("gpt-4o-mini", 1, 38, 0, 12, 0, 50, Decimal("0.3")),
+        ModelUsage(None, 1, 6, 0, 1, 0, 7, Decimal("0")),
+    ]
+    assert await storage.usage_by_model("carol", start=DAY, end=DAY) == []
 
 
 async def test_settle_for_an_unknown_user(storage: Storage) -> None:
@@ -727,3 +760,73 @@ async def test_recoveries_racing_late_settles_count_each_answer_once(
     assert sum(row.total_tokens for row in await storage.daily(DAY, DAY)) == tokens
     assert sum(row.queries for row in await storage.daily(DAY, DAY)) == count
     assert await storage.recover(before=LATER, now=LATER) == []
+
+
+async def test_a_settle_claims_records_the_model_and_decides_alerts_together_once(
+    storage: Storage, database_url: str
+) -> None:
+    """One settle claims the pending answer, writes the ledger row with its model
+    and token parts, the day row and lifetime totals, releases the lease and
+    records the crossings; retried, racing or after a recovery it does none of it."""
+    await storage.ensure_user("alice", plan="free")
+    await admit_pending(storage, "r1", streams=5)
+    await admit_pending(storage, "r2", streams=5)
+    assert await storage.open_streams("alice", now=NOW) == 2
+    alerts = AlertRequest(
+        (AlertCheck("tokens_per_day", DAY.isoformat(), 1000, (50, 100)),),
+        MONTH,
+        ("webhook", "email"),
+    )
+    answer = event("m1", tokens=600, model="o3", cached_tokens=100, reasoning_tokens=50)
+    first, second = await _two_stores(database_url)
+    try:
+        # Two replicas settling the same answer at once: one of them does it all.
+        results = await asyncio.gather(
+            *[
+                store.settle(answer, lease_id="r1", pending_id="r1", alerts=alerts)
+                for store in (first, second)
+            ]
+        )
+    finally:
+        await first.close()
+        await second.close()
+    assert sorted(results) == [False, True]
+    assert await storage.open_streams("alice", now=NOW) == 1
+    # Retried, or written again under another answer id: nothing more.
+    assert not await storage.settle(answer, lease_id="r1", pending_id="r1", alerts=alerts)
+    again = event("m9", tokens=600, model="o3")
+    assert not await storage.settle(again, lease_id="r1", pending_id="r1", alerts=alerts)
+    # r2 is recovered as its estimate; its late settle, which would cross 100%,
+    # records neither the answer nor a crossing.
+    assert await storage.recover(before=LATER, now=LATER) == ["r2"]
+    late = event("m2", tokens=500, model="o3", reasoning_tokens=5)
+    assert not await storage.settle(late, lease_id="r2", pending_id="r2", alerts=alerts)
+
+    events = {e.answer_id: e for e in await all_events(storage)}
+    assert sorted(events) == ["gw-r2", "m1"]
+    settled = events["m1"]
+    assert (settled.model, settled.cached_tokens, settled.reasoning_tokens) == ("o3", 100, 50)
+    assert (settled.total_tokens, settled.outcome, settled.estimated) == (600, "complete", False)
+    recovered = events["gw-r2"]
+    assert (recovered.model, recovered.cached_tokens, recovered.reasoning_tokens) == (None, 0, 0)
+    assert await storage.open_streams("alice", now=NOW) == 0
+    (row,) = await storage.daily(DAY, DAY)
+    assert (row.queries, row.total_tokens) == (2, 625)
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 625
+    assert [
+        (m.model, m.answers, m.reasoning_tokens)
+        for m in await storage.usage_by_model("alice", start=DAY, end=DAY)
+    ] == [("o3", 1, 50), (None, 1, 0)]
+    (alert,) = await storage.list_alerts()
+    assert (alert.crossing.limit, alert.crossing.threshold, alert.crossing.used) == (
+        "tokens_per_day",
+        50,
+        600,
+    )
+    assert [(d.channel, d.status) for d in alert.deliveries] == [
+        ("email", "pending"),
+        ("webhook", "pending"),
+    ]
+    claimed = await storage.claim_outbox(now=NOW, claim_until=LATER, limit=10)
+    assert sorted(i.channel for i in claimed) == ["email", "webhook"]

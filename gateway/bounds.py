@@ -1,0 +1,113 @@
+"""Bounds on the numbers an upstream reports, applied before anything is recorded.
+
+The upstream is trusted to report usage, not to report sane numbers: a token count
+of ``1e300`` or a price of ``1e400`` would overflow the database's integer
+columns (or the spool's JSON), and a negative price would pay the user back. So
+every number of a usage record is brought into range at the ledger's door, and a
+record that had to be changed says so: its outcome becomes ``clamped``, which the
+admin sees in the ledger and its exports (docs/proxy.md, "Clamped answers").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from decimal import Decimal, localcontext
+
+from gateway.storage.base import UsageEvent
+
+INT64_MAX = 2**63 - 1
+
+# The default cap on the tokens of one answer: well above any model's context
+# window today, far below what would overflow a day's or a lifetime's sum.
+DEFAULT_MAX_TOKENS_PER_ANSWER = 10_000_000
+
+# One answer never costs more than this (in its currency), and prices keep at most
+# twelve decimal places: the sums stay exact within 28 significant digits, the
+# precision of the decimal arithmetic both backends use.
+MAX_COST = Decimal(10**9)
+COST_QUANTUM = Decimal("1e-12")
+_QUANTUM_EXPONENT = -12
+
+CLAMPED = "clamped"  # the outcome of a record whose numbers were brought into range
+
+
+def bound_tokens(value: object, cap: int) -> tuple[int, bool]:
+    """A token count within ``0..cap``, and whether it had to be changed."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 0, True
+    if value < 0:
+        return 0, True
+    if value > cap:
+        return cap, True
+    return value, False
+
+
+def bound_cost(value: object) -> tuple[Decimal, bool]:
+    """A price within ``0..MAX_COST`` with at most twelve places, and whether it had
+    to be changed (a non-finite or non-decimal value counts as nothing)."""
+    if not isinstance(value, Decimal) or not value.is_finite():
+        return Decimal(0), True
+    if value < 0:
+        return Decimal(0), True
+    if value > MAX_COST:
+        return MAX_COST, True
+    exponent = value.as_tuple().exponent  # an int: the value is finite
+    if isinstance(exponent, int) and exponent < _QUANTUM_EXPONENT:
+        with localcontext() as ctx:
+            ctx.prec = 60  # enough for MAX_COST at COST_QUANTUM: quantize cannot fail
+            value = value.quantize(COST_QUANTUM)
+    # Dropping digits beyond the twelfth place is rounding, not clamping.
+    return value, False
+
+
+def _bound_float(value: object) -> tuple[float | None, bool]:
+    if value is None:
+        return None, False
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None, True
+    number = float(value) if abs(value) < 1e300 else math.inf
+    if not math.isfinite(number) or number < 0:
+        return None, True
+    return number, False
+
+
+# Text the upstream chose; the database refuses lone surrogates and NUL characters.
+_TEXT_FIELDS = ("answer_id", "conversation_id", "currency", "endpoint", "request_id")
+
+
+def clean_text(value: str) -> str:
+    """``value`` as text every database stores: no lone surrogates, no NUL."""
+    return value.encode("utf-8", "replace").decode().replace("\x00", "\ufffd")
+
+
+def bound_event(event: UsageEvent, *, max_tokens: int) -> tuple[UsageEvent, list[str]]:
+    """The event with every number in range, and the names of the fields changed.
+
+    When any field changed, the outcome becomes ``clamped``: the record is kept
+    (the user is charged the cap), and marked for an admin to look at.
+    """
+    changed: list[str] = []
+    values: dict[str, object] = {}
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        number, clamped = bound_tokens(getattr(event, name), max_tokens)
+        values[name] = number
+        if clamped:
+            changed.append(name)
+    cost, clamped = bound_cost(event.cost)
+    values["cost"] = cost
+    if clamped:
+        changed.append("cost")
+    for name in ("upstream_latency_ms", "overhead_ms"):
+        ms, clamped = _bound_float(getattr(event, name))
+        values[name] = ms
+        if clamped:
+            changed.append(name)
+    for name in _TEXT_FIELDS:
+        text = getattr(event, name)
+        if isinstance(text, str) and (cleaned := clean_text(text)) != text:
+            values[name] = cleaned
+            changed.append(name)
+    if changed:
+        values["outcome"] = CLAMPED
+    return dataclasses.replace(event, **values), changed  # type: ignore[arg-type]

@@ -1,0 +1,132 @@
+"""Limits on the request itself, before any handler: header size and count, and how
+long a client may leave a promised body unsent.
+
+uvicorn bounds neither with its default parser: httptools takes any number of
+headers of any size, and nothing times out a body that a client announced
+(Content-Length) and then never sends, so such a client holds its connection, and
+a handler waiting on the body, indefinitely. (The h11 parser has one byte limit
+on the whole head, ``h11_max_incomplete_event_size``, answered with a plain-text
+400.) These checks work under any server; `gateway serve` also bounds the head
+while it arrives (gateway/headlimit.py). See docs/configuration.md, ``[server]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ErrorBody = Callable[[int, str, str], bytes]
+
+
+def header_refusal(
+    headers: Iterable[tuple[bytes, bytes]], *, max_bytes: int, max_count: int
+) -> str | None:
+    """Why these request headers are refused (too many, too large), or None."""
+    count = size = 0
+    for name, value in headers:
+        count += 1
+        size += len(name) + len(value)
+    if count > max_count:
+        return f"The request has more than {max_count} headers."
+    if size > max_bytes:
+        return f"The request headers exceed {max_bytes} bytes."
+    return None
+
+
+async def send_refusal(
+    send: Send, error_body: ErrorBody, status: int, code: str, message: str
+) -> None:
+    """A complete error answer that also ends the connection: after a refused head
+    or an abandoned body, what follows on the connection cannot be trusted."""
+    body = error_body(status, code, message)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyDeadline:
+    """``receive`` and ``send`` for one request, with a deadline on each wait for
+    the next piece of the request body.
+
+    When the client stays silent for ``timeout`` seconds while its body is
+    incomplete, it is answered 408 (unless an answer has already started) and the
+    handler sees the client as gone (``http.disconnect``), so it gives back what
+    it reserved the way it does for any client that leaves. Once the body is
+    complete, waits on ``receive`` (for a disconnect) are not timed.
+    """
+
+    __slots__ = (
+        "_answered",
+        "_error_body",
+        "_gone",
+        "_on_timeout",
+        "_receive",
+        "_send",
+        "_started",
+        "_timeout",
+        "body_done",
+    )
+
+    def __init__(
+        self,
+        receive: Receive,
+        send: Send,
+        *,
+        timeout: float,
+        error_body: ErrorBody,
+        on_timeout: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._receive = receive
+        self._send = send
+        self._timeout = timeout
+        self._error_body = error_body
+        self._on_timeout = on_timeout
+        self.body_done = False
+        self._gone = False  # the body timed out: the client counts as gone
+        self._answered = False  # the 408 went out: the handler's own answer is dropped
+        self._started = False
+
+    async def receive(self) -> Message:
+        if self._gone:
+            return {"type": "http.disconnect"}
+        if self.body_done:
+            return await self._receive()
+        try:
+            async with asyncio.timeout(self._timeout):
+                message = await self._receive()
+        except TimeoutError:
+            self._gone = True
+            self._on_timeout()
+            if not self._started:
+                await send_refusal(
+                    self._send,
+                    self._error_body,
+                    408,
+                    "request_timeout",
+                    f"The request body was not received within {self._timeout:g} seconds.",
+                )
+                self._answered = True
+            return {"type": "http.disconnect"}
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.body_done = True
+        return message
+
+    async def send(self, message: Message) -> None:
+        if self._answered:
+            return  # the client was answered 408 and is being disconnected
+        if message["type"] == "http.response.start":
+            self._started = True
+        await self._send(message)

@@ -1,0 +1,409 @@
+"""A fake OpenAI-compatible API as a plain ASGI app, for the test suite.
+
+It speaks the wire format of docs/upstreams/openai.md: ``/chat/completions`` and
+``/completions`` (blocking, or streamed as ``data:`` chunks ending in
+``data: [DONE]``, with the usage-only last chunk only when the request set
+``stream_options.include_usage``), ``/embeddings``, ``/responses`` (blocking, or
+streamed as ``event: response.*`` events with usage in ``response.completed``),
+``/models``, and OpenAI's error shape. Paths are served with or without a
+``/v1`` prefix.
+
+Tests steer it per request with headers:
+
+- ``x-fake-prompt-tokens``, ``x-fake-completion-tokens``, ``x-fake-cached-tokens``,
+  ``x-fake-reasoning-tokens``: the usage it reports;
+- ``x-fake-model``: the model it says answered (default: the one asked for);
+- ``x-fake-delay-ms``: the pause between two streamed events;
+- ``x-fake-status``: answer with this HTTP error status, in OpenAI's error shape;
+- ``x-fake-scenario``: ``cut`` (the connection drops after the text, before any
+  usage), ``no_usage`` (ignore ``include_usage``, as some compatible servers do),
+  ``error_midstream`` (an error ``data:`` line after the first piece),
+  ``hold`` (pause after the first piece until the client closes the connection or
+  `release_held` is called).
+
+Like OpenAI, an answer stops being generated when its client closes the
+connection (there is no stop endpoint); ``closed`` counts such answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+__all__ = ["ANSWER_PIECES", "FakeOpenAI", "RecordedRequest"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+JSON = dict[str, Any]
+
+ANSWER_PIECES: Final = ("Xin chào", "!", " Tôi", " có thể", " giúp", " gì", "?")
+_JSON: Final = [(b"content-type", b"application/json")]
+_SSE: Final = [(b"content-type", b"text/event-stream; charset=utf-8")]
+_ERROR_TYPES: Final = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("requests", "rate_limit_exceeded"),
+    500: ("server_error", None),
+}
+
+
+class _Cut(Exception):
+    """Raised on purpose (scenario "cut") so uvicorn aborts the connection mid-body."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    method: str
+    path: str  # without any /v1 prefix
+    headers: dict[str, str]
+    json: Any
+
+
+def error_body(status: int, message: str, *, code: str | None = None) -> bytes:
+    kind, default_code = _ERROR_TYPES.get(status, ("invalid_request_error", None))
+    return orjson.dumps(
+        {"error": {"message": message, "type": kind, "param": None, "code": code or default_code}}
+    )
+
+
+class FakeOpenAI:
+    def __init__(self, *, api_key: str, models: tuple[str, ...] = ("gpt-4o-mini",)) -> None:
+        self.api_key = api_key
+        self.models = models
+        self.requests: list[RecordedRequest] = []
+        self.sent: list[bytes] = []  # each streamed answer's body, as sent
+        self.closed = 0  # streamed answers whose client closed the connection mid-answer
+        self.closed_event = asyncio.Event()
+        self._release = asyncio.Event()
+        self._ids = itertools.count(1)
+
+    def release_held(self) -> None:
+        self._release.set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope["path"].removeprefix("/v1")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        raw = bytearray()
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = None
+        self.requests.append(RecordedRequest(scope["method"], path, headers, body))
+        if headers.get("authorization") != f"Bearer {self.api_key}":
+            await self._json(send, 401, error_body(401, "Incorrect API key provided."))
+            return
+        if "x-fake-status" in headers:
+            status = int(headers["x-fake-status"])
+            await self._json(send, status, error_body(status, f"Fake error {status}."))
+            return
+        if scope["method"] == "GET" and path == "/models":
+            data = [
+                {"id": m, "object": "model", "created": 1700000000, "owned_by": "fake"}
+                for m in self.models
+            ]
+            await self._json(send, 200, orjson.dumps({"object": "list", "data": data}))
+            return
+        if scope["method"] != "POST" or path not in _HANDLERS or not isinstance(body, dict):
+            await self._json(send, 404, error_body(404, f"Unknown request URL: {path}."))
+            return
+        answer = _Answer(self, path, headers, body, next(self._ids))
+        await answer.run(receive, send)
+
+    @staticmethod
+    async def _json(send: Send, status: int, body: bytes) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*_JSON, (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+_HANDLERS: Final = frozenset({"/chat/completions", "/completions", "/embeddings", "/responses"})
+
+
+class _Answer:
+    """One request's answer, shaped by the path and the steering headers."""
+
+    def __init__(
+        self, fake: FakeOpenAI, path: str, headers: dict[str, str], body: JSON, n: int
+    ) -> None:
+        self.fake, self.path, self.body = fake, path, body
+        self.model = headers.get("x-fake-model") or str(body.get("model") or "gpt-4o-mini")
+        self.scenario = frozenset(filter(None, headers.get("x-fake-scenario", "").split(",")))
+        self.prompt = int(headers.get("x-fake-prompt-tokens", "12"))
+        self.completion = int(headers.get("x-fake-completion-tokens", str(len(ANSWER_PIECES))))
+        self.cached = int(headers.get("x-fake-cached-tokens", "0"))
+        self.reasoning = int(headers.get("x-fake-reasoning-tokens", "0"))
+        self.delay = int(headers.get("x-fake-delay-ms", "0")) / 1000
+        self.created = int(time.time())
+        self.id = {
+            "/chat/completions": f"chatcmpl-fake{n:06d}",
+            "/completions": f"cmpl-fake{n:06d}",
+            "/responses": f"resp_fake{n:06d}",
+        }.get(path, "")
+
+    # --- usage objects -------------------------------------------------------------
+
+    def chat_usage(self) -> JSON:
+        return {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": self.reasoning,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        }
+
+    def response_usage(self) -> JSON:
+        return {
+            "input_tokens": self.prompt,
+            "input_tokens_details": {"cached_tokens": self.cached, "cache_write_tokens": 0},
+            "output_tokens": self.completion,
+            "output_tokens_details": {"reasoning_tokens": self.reasoning},
+            "total_tokens": self.prompt + self.completion,
+        }
+
+    # --- bodies ----------------------------------------------------------------------
+
+    def chat_completion(self) -> JSON:
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(ANSWER_PIECES)},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": self.chat_usage(),
+            "system_fingerprint": "fp_fake",
+        }
+
+    def completion_body(self) -> JSON:
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": "".join(ANSWER_PIECES),
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": self.chat_usage(),
+        }
+
+    def embeddings(self) -> JSON:
+        inputs = self.body.get("input")
+        count = len(inputs) if isinstance(inputs, list) else 1
+        return {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": [0.0, 0.5, -0.5]}
+                for i in range(count)
+            ],
+            "model": self.model,
+            "usage": {"prompt_tokens": self.prompt, "total_tokens": self.prompt},
+        }
+
+    def response(self, status: str, *, text: str = "", usage: bool = True) -> JSON:
+        output = (
+            [
+                {
+                    "id": f"msg_{self.id}",
+                    "type": "message",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}],
+                }
+            ]
+            if text
+            else []
+        )
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "error": None,
+            "incomplete_details": None,
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "usage": self.response_usage() if usage else None,
+        }
+
+    # --- answering ----------------------------------------------------------------------
+
+    async def run(self, receive: Receive, send: Send) -> None:
+        stream = self.body.get("stream") is True
+        if self.path == "/embeddings":
+            await FakeOpenAI._json(send, 200, orjson.dumps(self.embeddings()))
+        elif not stream:
+            if self.path == "/chat/completions":
+                body = self.chat_completion()
+            elif self.path == "/completions":
+                body = self.completion_body()
+            else:
+                body = self.response("completed", text="".join(ANSWER_PIECES))
+            await FakeOpenAI._json(send, 200, orjson.dumps(body))
+        else:
+            await send({"type": "http.response.start", "status": 200, "headers": list(_SSE)})
+            events = self.response_events() if self.path == "/responses" else self.chunks()
+            await self._stream(events, receive, send)
+
+    def chunks(self) -> list[bytes]:
+        options = self.body.get("stream_options")
+        include_usage = (
+            isinstance(options, dict)
+            and options.get("include_usage") is True
+            and "no_usage" not in self.scenario
+        )
+        chat = self.path == "/chat/completions"
+        base: JSON = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": "fp_fake",
+        }
+        usage_null: JSON = {"usage": None} if include_usage else {}
+        out: list[bytes] = []
+        pieces = list(ANSWER_PIECES)
+        for i, piece in enumerate(pieces):
+            if chat:
+                delta: JSON = {"content": piece}
+                if i == 0:
+                    delta = {"role": "assistant", "content": piece}
+                choice: JSON = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            else:
+                choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": None}
+            out.append(_data({**base, "choices": [choice], **usage_null}))
+        last: JSON = (
+            {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+            if chat
+            else {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}
+        )
+        out.append(_data({**base, "choices": [last], **usage_null}))
+        if include_usage:
+            out.append(_data({**base, "choices": [], "usage": self.chat_usage()}))
+        out.append(b"data: [DONE]\n\n")
+        return out
+
+    def response_events(self) -> list[bytes]:
+        seq = itertools.count(0)
+        item = f"msg_{self.id}"
+        out = [
+            _event(
+                "response.created",
+                {
+                    "type": "response.created",
+                    "sequence_number": next(seq),
+                    "response": self.response("in_progress", usage=False),
+                },
+            )
+        ]
+        for piece in ANSWER_PIECES:
+            out.append(
+                _event(
+                    "response.output_text.delta",
+                    {
+                        "type": "response.output_text.delta",
+                        "sequence_number": next(seq),
+                        "item_id": item,
+                        "output_index": 0,
+                        "content_index": 0,
+                        "delta": piece,
+                        "logprobs": [],
+                    },
+                )
+            )
+        out.append(
+            _event(
+                "response.completed",
+                {
+                    "type": "response.completed",
+                    "sequence_number": next(seq),
+                    "response": self.response("completed", text="".join(ANSWER_PIECES)),
+                },
+            )
+        )
+        return out
+
+    async def _stream(self, events: list[bytes], receive: Receive, send: Send) -> None:
+        pieces = len(ANSWER_PIECES)
+        sent = bytearray()
+        self.fake.sent.append(b"")
+        gone = asyncio.ensure_future(_closed(receive))
+        try:
+            for i, event in enumerate(events):
+                if "cut" in self.scenario and i > pieces:
+                    raise _Cut("scenario cut: the connection drops before the usage")
+                if i and self.delay:
+                    await asyncio.wait({gone}, timeout=self.delay)
+                if gone.done():
+                    # Like OpenAI: the client closed the stream, the answer stops.
+                    self.fake.closed += 1
+                    self.fake.closed_event.set()
+                    return
+                sent += event
+                self.fake.sent[-1] = bytes(sent)
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+                if i == 1 and "error_midstream" in self.scenario:
+                    error = error_body(
+                        500, "The server had an error while processing your request."
+                    )
+                    await send({"type": "http.response.body", "body": b"data: " + error + b"\n\n"})
+                    return
+                if i == 1 and "hold" in self.scenario:
+                    released = asyncio.ensure_future(self.fake._release.wait())
+                    await asyncio.wait({gone, released}, return_when=asyncio.FIRST_COMPLETED)
+                    released.cancel()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            gone.cancel()
+
+
+async def _closed(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _data(obj: JSON) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _event(kind: str, obj: JSON) -> bytes:
+    return b"event: " + kind.encode() + b"\n" + _data(obj)

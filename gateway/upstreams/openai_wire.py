@@ -1,0 +1,389 @@
+"""Usage in OpenAI's wire format, read without I/O: blocking bodies and streams.
+
+The shapes are those of the official API reference and the ``openai`` SDK's
+types (docs/upstreams/openai.md, "Wire format"):
+
+- chat completions and completions: ``usage`` = ``{prompt_tokens,
+  completion_tokens, total_tokens, prompt_tokens_details.cached_tokens,
+  completion_tokens_details.reasoning_tokens}``; streamed, it arrives in one
+  last ``chat.completion.chunk`` with ``choices: []`` when the request set
+  ``stream_options.include_usage`` (every chunk before it has ``"usage": null``),
+  and the stream ends with ``data: [DONE]``;
+- embeddings: ``usage`` = ``{prompt_tokens, total_tokens}``;
+- responses: ``usage`` = ``{input_tokens, output_tokens, total_tokens,
+  input_tokens_details.cached_tokens, output_tokens_details.reasoning_tokens}``,
+  streamed inside the ``response`` of ``response.completed`` (or
+  ``response.incomplete`` / ``response.failed``);
+- errors: ``{"error": {"message", "type", "param", "code"}}``, also as a
+  ``data:`` line mid-stream; the responses stream has an ``error`` event.
+
+Token counts only: OpenAI sends no money, the dialect prices the tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+import orjson
+
+from gateway.sse import ServerSentEvent
+from gateway.usage import Metered, Outcome, Usage, estimate_tokens, parse_tokens
+
+__all__ = [
+    "ChatStreamMeter",
+    "ResponsesStreamMeter",
+    "has_usage_object",
+    "is_usage_only",
+    "meter_body",
+    "prompt_chars",
+    "usage_from",
+]
+
+# Module-level so tests can count parses by patching it; looked up at call time.
+_loads = orjson.loads
+
+# A chunk that carries usage: every chunk has a "usage" key once include_usage is
+# set, but only the last one has an object there.
+_USAGE_OBJECT: Final = re.compile(r'"usage"\s*:\s*\{')
+_ERROR_FIRST: Final = re.compile(r'\s*\{\s*"error"\s*:')
+_DONE: Final = "[DONE]"
+# The text of a chunk: delta.content (chat) or text (completions), as a JSON string.
+_CHUNK_TEXT: Final = re.compile(r'"(?:content|text)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+# Responses events whose JSON matters; the others are text (counted) or ignored.
+_RESPONSE_FINAL: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_RESPONSE_TEXT: Final = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta",
+        "response.function_call_arguments.delta",
+    }
+)
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _detail(raw: dict[str, Any], outer: str, inner: str) -> int:
+    details = raw.get(outer)
+    if details is None:
+        return 0
+    if not isinstance(details, dict):
+        raise ValueError(f"{outer} is not an object: {details!r}")
+    return parse_tokens(details.get(inner))
+
+
+def usage_from(raw: object) -> Usage:
+    """An OpenAI ``usage`` object (any endpoint's shape) as token counts.
+
+    Raises ``ValueError`` when it is not an object or a count is malformed.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f"usage is not an object: {raw!r}")
+    if "input_tokens" in raw or "output_tokens" in raw:  # the responses API
+        prompt = parse_tokens(raw.get("input_tokens"))
+        completion = parse_tokens(raw.get("output_tokens"))
+        cached = _detail(raw, "input_tokens_details", "cached_tokens")
+        reasoning = _detail(raw, "output_tokens_details", "reasoning_tokens")
+    else:
+        prompt = parse_tokens(raw.get("prompt_tokens"))
+        completion = parse_tokens(raw.get("completion_tokens"))
+        cached = _detail(raw, "prompt_tokens_details", "cached_tokens")
+        reasoning = _detail(raw, "completion_tokens_details", "reasoning_tokens")
+    total_raw = raw.get("total_tokens")
+    total = prompt + completion if total_raw is None else parse_tokens(total_raw)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        cached_tokens=cached,
+        reasoning_tokens=reasoning,
+    )
+
+
+def _text_chars(value: object) -> int:
+    """Characters of text in a prompt or message content: a string, a list of
+    strings, or a list of parts/items whose text is under "text" or "content"."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_chars(item) for item in value)
+    if isinstance(value, dict):
+        return _text_chars(value.get("text")) + _text_chars(value.get("content"))
+    return 0
+
+
+def prompt_chars(body: dict[str, Any]) -> int:
+    """Characters of prompt in a request body, for an estimate (chat ``messages``,
+    completions ``prompt``, embeddings and responses ``input``, ``instructions``)."""
+    return sum(
+        _text_chars(body.get(key)) for key in ("messages", "prompt", "input", "instructions")
+    )
+
+
+def _estimate(prompt: int, text: int) -> Usage:
+    prompt_tokens = estimate_tokens(prompt)
+    completion_tokens = estimate_tokens(text)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        estimated=True,
+    )
+
+
+def _partial(prompt: int, text: int, *, started: bool) -> Usage | None:
+    """The charge for a stream that reported no usage. As for Dify, an answer that
+    produced text is charged an estimate and one that produced none is not; but a
+    stream the upstream had begun and that was then cut (OpenAI bills the prompt
+    of an answer stopped by closing it) is charged at least its prompt."""
+    return _estimate(prompt, text) if text or started else None
+
+
+def _answer_chars(obj: dict[str, Any]) -> int:
+    """Characters of answer text in a blocking body (chat, completion or response)."""
+    chars = 0
+    choices = obj.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if isinstance(choice, dict):
+                message = choice.get("message")
+                if isinstance(message, dict):
+                    chars += _text_chars(message.get("content"))
+                chars += _text_chars(choice.get("text"))
+    output = obj.get("output")
+    if isinstance(output, list):
+        chars += _text_chars(output)
+    return chars
+
+
+def _error_code(error: object) -> str:
+    if isinstance(error, dict):
+        return _str_or_none(error.get("code")) or _str_or_none(error.get("type")) or "error"
+    return "error"
+
+
+def meter_body(body: dict[str, Any], response: bytes) -> Metered:
+    """Usage of an answer given as one JSON body (any endpoint, not streamed).
+
+    The answer id is left to the gateway (see ``OpenAIUpstream``); the model
+    is the one the upstream names.
+    """
+    try:
+        obj = _loads(response)
+    except orjson.JSONDecodeError:
+        obj = None
+    if not isinstance(obj, dict):
+        # A 2xx answer that cannot be read (not JSON, or cut off past the buffer):
+        # the upstream produced, and billed, something. Charge an estimate.
+        usage = _estimate(prompt_chars(body), len(response))
+        return Metered(None, None, None, usage, "cut", error_code="unreadable_answer")
+    model = _str_or_none(obj.get("model"))
+    if "error" in obj and "usage" not in obj:
+        return Metered(None, None, None, None, "error", error_code=_error_code(obj["error"]))
+    raw = obj.get("usage")
+    if obj.get("object") == "response" and obj.get("status") == "failed" and raw is None:
+        return Metered(None, None, None, None, "error", error_code=_error_code(obj.get("error")))
+    try:
+        usage = usage_from(raw)
+        outcome: Outcome = "complete"
+    except ValueError:
+        # No usage (some compatible servers leave it out) or a broken one: estimate.
+        usage = _estimate(prompt_chars(body), _answer_chars(obj))
+        outcome = "cut"
+    return Metered(None, None, None, usage, outcome, model=model)
+
+
+class _StreamMeter:
+    """What both stream meters keep, and how a stream's result is decided."""
+
+    __slots__ = (
+        "_error_code",
+        "_errored",
+        "_malformed",
+        "_model",
+        "_prompt_chars",
+        "_started",
+        "_text_chars",
+        "_usage",
+    )
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self._prompt_chars = prompt_chars(body)
+        self._model: str | None = None
+        self._started = False  # the upstream began the answer (a first chunk, response.created)
+        self._text_chars = 0
+        self._usage: Usage | None = None
+        self._errored = False
+        self._error_code: str | None = None
+        self._malformed = False
+
+    @property
+    def task_id(self) -> str | None:
+        # OpenAI has no stop endpoint: an answer is stopped by closing its stream.
+        return None
+
+    def finish(self, *, cut: bool) -> Metered:
+        model, code = self._model, self._error_code
+        if self._usage is not None:
+            outcome: Outcome = "error" if self._errored else "complete"
+            return Metered(None, None, None, self._usage, outcome, error_code=code, model=model)
+        partial = _partial(self._prompt_chars, self._text_chars, started=cut and self._started)
+        if self._errored:
+            return Metered(None, None, None, partial, "error", error_code=code, model=model)
+        code = "malformed_usage" if self._malformed else None
+        return Metered(None, None, None, partial, "cut", error_code=code, model=model)
+
+
+class ChatStreamMeter(_StreamMeter):
+    """Meters a streamed chat completion or completion (``data:`` chunks, then
+    ``data: [DONE]``).
+
+    Only chunks that can carry usage or an error are parsed, and the first one
+    (for the model). Answer text is measured in the others without parsing them,
+    for an estimate when no usage comes.
+    """
+
+    __slots__ = ()
+
+    def feed(self, event: ServerSentEvent) -> None:
+        data = event.data
+        if not data:
+            return
+        if data == _DONE:
+            return
+        if (
+            self._started
+            and _USAGE_OBJECT.search(data) is None
+            and _ERROR_FIRST.match(data) is None
+        ):
+            # The hot path: the text is measured where it sits, unparsed (escapes
+            # count as written; good enough for an estimate).
+            for match in _CHUNK_TEXT.finditer(data):
+                self._text_chars += len(match.group(1))
+            return
+        try:
+            obj = _loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict):
+            self._malformed = True
+            return
+        if "error" in obj:
+            self._errored = True
+            self._error_code = self._error_code or _error_code(obj["error"])
+            return
+        if not self._started:
+            self._started = True
+            self._model = _str_or_none(obj.get("model"))
+        self._text_chars += self._chunk_text(obj)
+        raw = obj.get("usage")
+        if raw is not None:
+            try:
+                self._usage = usage_from(raw)
+            except ValueError:
+                self._malformed = True
+
+    @staticmethod
+    def _chunk_text(obj: dict[str, Any]) -> int:
+        chars = 0
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict):
+                    delta = choice.get("delta")
+                    if isinstance(delta, dict):
+                        chars += _text_chars(delta.get("content"))
+                    chars += _text_chars(choice.get("text"))
+        return chars
+
+
+class ResponsesStreamMeter(_StreamMeter):
+    """Meters a streamed response (``event: response.*`` events).
+
+    The event type is in the SSE ``event:`` field, so text deltas are measured
+    without parsing; the final event's ``response.usage`` is the usage.
+    """
+
+    __slots__ = ("_overhead",)
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__(body)
+        self._overhead: dict[str, int] = {}
+
+    def feed(self, event: ServerSentEvent) -> None:
+        data = event.data
+        if not data:
+            return
+        kind = event.event
+        if kind in _RESPONSE_TEXT:
+            overhead = self._overhead.get(kind)
+            if overhead is not None:
+                extra = len(data) - overhead
+                if extra > 0:
+                    self._text_chars += extra
+                return
+        elif kind not in _RESPONSE_FINAL and kind != "error" and kind != "response.created":
+            return
+        try:
+            obj = _loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict):
+            if kind in _RESPONSE_FINAL:
+                self._malformed = True
+            return
+        if kind in _RESPONSE_TEXT:
+            text = _text_chars(obj.get("delta"))
+            self._text_chars += text
+            self._overhead[kind] = len(data) - text
+        elif kind == "error":
+            self._errored = True
+            self._error_code = self._error_code or _str_or_none(obj.get("code")) or "error"
+        else:
+            self._on_response(kind, obj.get("response"))
+
+    def _on_response(self, kind: str, response: object) -> None:
+        if not isinstance(response, dict):
+            self._malformed = kind in _RESPONSE_FINAL
+            return
+        self._model = _str_or_none(response.get("model")) or self._model
+        self._started = True
+        if kind == "response.failed":
+            self._errored = True
+            self._error_code = self._error_code or _error_code(response.get("error"))
+        if kind not in _RESPONSE_FINAL or response.get("usage") is None:
+            return
+        try:
+            self._usage = usage_from(response["usage"])
+        except ValueError:
+            self._malformed = True
+
+
+_USAGE_OBJECT_BYTES: Final = re.compile(rb'"usage"\s*:\s*\{')
+
+
+def has_usage_object(events: bytes) -> bool:
+    """Whether raw SSE bytes may hold a usage chunk (a cheap test, no parsing)."""
+    return _USAGE_OBJECT_BYTES.search(events) is not None
+
+
+def is_usage_only(event: bytes) -> bool:
+    """Whether one raw SSE event is the usage-only chunk (``choices: []``, a usage
+    object) that ``stream_options.include_usage`` adds at the end of a stream."""
+    if not has_usage_object(event):
+        return False
+    data = b"\n".join(
+        line[5:].removeprefix(b" ")
+        for line in event.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        if line.startswith(b"data:")
+    )
+    try:
+        obj = _loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)

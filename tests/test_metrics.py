@@ -1,0 +1,171 @@
+"""/metrics as Prometheus reads it: parsed with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from gateway.config import DatabaseConfig
+from gateway.keys import new_key
+from gateway.metrics import COUNTERS, GAUGES, HISTOGRAMS, Metrics
+from gateway.storage import open_storage
+from gateway.testing.fake_upstream import FakeDify
+from gateway.testing.openai_upstream import FakeOpenAI
+from tests.harness import UPSTREAM_KEY, USER, running_gateway, to_toml
+from tests.servers import free_port, serve, start_gateway
+from tests.test_openai_sdk import MINI_COST, STEER, openai_settings
+
+CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming"}
+SOURCE = Path(__file__).parent.parent / "gateway"
+
+
+def samples(text: str) -> list[Sample]:
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def value(text: str, name: str, **labels: str) -> float | None:
+    found = [s.value for s in samples(text) if s.name == name and s.labels == labels]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def test_every_name_the_code_counts_is_declared() -> None:
+    counted = set()
+    observed = set()
+    for path in SOURCE.rglob("*.py"):
+        text = path.read_text()
+        counted |= set(re.findall(r'\.inc\(\s*"(gateway_\w+)"', text))
+        observed |= set(re.findall(r'observe\(\s*"(gateway_\w+)"', text))
+    assert counted and observed
+    assert counted <= set(COUNTERS)
+    assert observed <= set(HISTOGRAMS)
+
+
+def test_every_declared_metric_is_exported_before_it_is_counted() -> None:
+    families = {f.name for f in text_string_to_metric_families(Metrics().render().decode())}
+    # The parser names a counter family without its _total suffix.
+    assert {name.removesuffix("_total") for name in COUNTERS} <= families
+    assert set(HISTOGRAMS) | set(GAUGES) <= families
+
+
+def test_an_undeclared_name_is_an_error_not_a_silent_counter() -> None:
+    with pytest.raises(KeyError):
+        Metrics().inc("gateway_never_declared_total")
+
+
+async def test_a_streamed_answer_is_measured(sqlite_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake) as h, httpx.AsyncClient() as client:
+        async with client.stream(
+            "POST",
+            f"{h.url}/v1/chat-messages",
+            json=CHAT,
+            headers=h.auth(**{"x-fake-scenario": "hold"}),
+        ) as held:
+            chunks = held.aiter_raw()
+            await anext(chunks)  # the answer is being relayed
+            during = (await client.get(f"{h.url}/metrics")).text
+            fake.release_held()
+            async for _ in chunks:
+                pass
+        await h.gateway.wait_finished(1)
+        response = await client.get(f"{h.url}/metrics")
+    after = response.text
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    assert value(during, "gateway_streams_in_flight") == 1
+    assert value(after, "gateway_streams_in_flight") == 0
+    assert value(after, "gateway_answers_settled_total", outcome="complete") == 1
+    # Dify's chat answers name no model: the label is empty.
+    labels = {"plan": "free", "model": ""}
+    assert value(after, "gateway_tokens_total", kind="prompt", **labels) == 1033
+    assert value(after, "gateway_tokens_total", kind="completion", **labels) == 135
+    assert value(after, "gateway_cost_total", currency="USD", **labels) == pytest.approx(0.001303)
+    for name, labelled in (
+        ("gateway_time_to_first_byte_seconds", True),
+        ("gateway_overhead_seconds", True),
+        ("gateway_upstream_seconds", True),
+        ("gateway_admission_seconds", False),
+        ("gateway_settle_seconds", False),
+    ):
+        route = {"route": "chat"} if labelled else {}
+        assert value(after, f"{name}_count", **route) == 1, name
+        assert value(after, f"{name}_bucket", le="+Inf", **route) == 1, name
+    upstream = value(after, "gateway_upstream_seconds_sum", route="chat")
+    first_byte = value(after, "gateway_time_to_first_byte_seconds_sum", route="chat")
+    assert upstream is not None and first_byte is not None and first_byte > 0
+    assert value(after, "gateway_requests_total", route="chat", status="2xx") == 1
+
+
+@pytest.fixture
+async def fake_url() -> AsyncIterator[str]:
+    async with serve(FakeDify(api_key=UPSTREAM_KEY)) as url:
+        yield url + "/v1"
+
+
+async def test_serve_with_workers_sums_every_worker(tmp_path: Path, fake_url: str) -> None:
+    """Under ``--workers 2`` any worker answers /metrics with the sum of both."""
+    database = f"sqlite:///{tmp_path / 'gateway.db'}"
+    storage = await open_storage(DatabaseConfig(url=database))
+    await storage.migrate()
+    await storage.ensure_user(USER, plan="free")
+    key = new_key()
+    await storage.create_key(
+        USER, key_id=key.id, key_hash=key.hash, prefix=key.prefix, name="", now=datetime.now(UTC)
+    )
+    await storage.close()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        to_toml(
+            {
+                "upstream": {"url": fake_url, "api_key_env": "TEST_UPSTREAM_KEY"},
+                "database": {"url": database, "spool_file": ""},
+                "accounting": {"timezone": "UTC", "default_plan": "free"},
+                "plans": {"free": {}},
+            }
+        )
+    )
+    port = free_port()
+    process = await start_gateway(config, port, {"TEST_UPSTREAM_KEY": UPSTREAM_KEY}, workers=2)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        asked = 8
+        for _ in range(asked):
+            # A new connection each: the kernel spreads them over the workers.
+            async with httpx.AsyncClient() as client:
+                response = await client.post(
+                    f"{url}/v1/chat-messages",
+                    json={**CHAT, "response_mode": "blocking"},
+                    headers={"Authorization": f"Bearer {key.secret}"},
+                )
+                assert response.status_code == 200
+        for _ in range(6):
+            async with httpx.AsyncClient() as client:
+                text = (await client.get(f"{url}/metrics")).text
+            assert value(text, "gateway_requests_total", route="chat", status="2xx") == asked
+            assert value(text, "gateway_admission_seconds_count") == asked
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def test_tokens_and_cost_are_counted_by_the_model_that_answered(sqlite_url: str) -> None:
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, upstream=fake, settings=openai_settings()) as h:
+        async with httpx.AsyncClient(base_url=h.url) as client:
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+            response = await client.post("/v1/chat/completions", json=body, headers=h.auth(**STEER))
+            assert response.status_code == 200
+            await h.gateway.wait_finished(1)
+            text = (await client.get("/metrics")).text
+    labels = {"plan": "free", "model": "gpt-4o-mini"}
+    assert value(text, "gateway_tokens_total", kind="prompt", **labels) == 1200
+    assert value(text, "gateway_tokens_total", kind="completion", **labels) == 700
+    cost = value(text, "gateway_cost_total", currency="USD", **labels)
+    assert cost == pytest.approx(float(MINI_COST))

@@ -1,0 +1,281 @@
+"""Request heads and bodies are bounded: too many or too large headers get 431, a
+body promised and not sent gets 408, in the upstream's error shape. Raw sockets
+against a real uvicorn server, since HTTP clients will not send such requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import pytest
+
+from gateway import headlimit
+from gateway.config import ENV_CONFIG
+from gateway.testing.fake_upstream import FakeDify
+from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+from tests.servers import free_port, serve, start_gateway
+
+TODAY = datetime.now(UTC).date()
+
+
+async def exchange(url: str, head: bytes, body: bytes = b"") -> tuple[int, dict[str, str], Any]:
+    """Send ``head`` and ``body`` on a fresh connection, read until the server
+    closes it; returns the status, the headers and the JSON body."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        writer.write(head + b"\r\n" + body)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            data = await reader.read()  # to EOF: the refusal closes the connection
+    finally:
+        writer.close()
+    status_line, _, rest = data.partition(b"\r\n")
+    header_block, _, payload = rest.partition(b"\r\n\r\n")
+    headers = dict(
+        (k.strip().lower(), v.strip())
+        for k, _, v in (line.decode().partition(":") for line in header_block.split(b"\r\n"))
+    )
+    return int(status_line.split()[1]), headers, orjson.loads(payload)
+
+
+def head(h: Harness, path: str, *lines: str) -> bytes:
+    base = [f"POST {path} HTTP/1.1", "Host: gateway", f"Authorization: Bearer {h.key}"]
+    return "".join(f"{line}\r\n" for line in [*base, *lines]).encode()
+
+
+async def queries_today(h: Harness) -> int:
+    rows = await h.storage.daily(TODAY, TODAY, user_id=USER)
+    return sum(r.queries for r in rows)
+
+
+SETTINGS: dict[str, Any] = {"server": {"body_timeout": 0.3, "max_headers": 20}}
+
+
+async def test_a_json_body_never_sent_is_answered_408(database_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(database_url, fake=fake, settings=SETTINGS) as h:
+        status, headers, body = await exchange(
+            h.url,
+            head(h, "/v1/chat-messages", "Content-Type: application/json", "Content-Length: 500"),
+            b'{"query": "hi", ',
+        )
+        await h.gateway.wait_finished(1)
+        spent = await queries_today(h)
+        timeouts = h.gateway.metrics.get("gateway_refusals_total", code="request_timeout")
+    assert status == 408
+    assert headers["connection"] == "close"
+    assert body == {
+        "code": "request_timeout",
+        "message": "The request body was not received within 0.3 seconds.",
+        "status": 408,
+    }
+    assert fake.hits("/chat-messages") == 0
+    assert spent == 0
+    assert timeouts == 1
+
+
+async def test_an_upload_that_stalls_is_answered_408_and_costs_nothing(
+    sqlite_url: str,
+) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake, settings=SETTINGS) as h:
+        part = (
+            b"--b\r\nContent-Disposition: form-data; name=file; filename=a.txt\r\n"
+            b"Content-Type: text/plain\r\n\r\n" + b"x" * 1000
+        )
+        status, _, body = await exchange(
+            h.url,
+            head(
+                h,
+                "/v1/files/upload",
+                "Content-Type: multipart/form-data; boundary=b",
+                "Content-Length: 100000",
+            ),
+            part,
+        )
+        await h.gateway.wait_finished(1)
+        uploads = sum(r.uploads for r in await h.storage.daily(TODAY, TODAY, user_id=USER))
+    assert (status, body["code"]) == (408, "request_timeout")
+    assert uploads == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([f"X-Filler-{i}: {i}" for i in range(20)], "The request has more than 20 headers."),
+        ([f"X-Big: {'a' * 40_000}"], "The request headers exceed 32768 bytes."),
+    ],
+    ids=["count", "bytes"],
+)
+async def test_too_many_or_too_large_headers_are_answered_431(
+    sqlite_url: str, extra: list[str], message: str
+) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake, settings=SETTINGS) as h:
+        status, headers, body = await exchange(
+            h.url, head(h, "/v1/chat-messages", "Content-Length: 0", *extra)
+        )
+        spent = await queries_today(h)
+    assert status == 431
+    assert headers["connection"] == "close"
+    assert body == {"code": "headers_too_large", "message": message, "status": 431}
+    assert fake.hits("/chat-messages") == 0
+    assert spent == 0
+
+
+async def test_a_body_within_the_deadline_goes_through(sqlite_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake, settings=SETTINGS) as h:
+        payload = orjson.dumps({"query": "hi", "inputs": {}, "response_mode": "blocking"})
+        reader, writer = await asyncio.open_connection(
+            urlsplit(h.url).hostname, urlsplit(h.url).port
+        )
+        try:
+            writer.write(
+                head(
+                    h,
+                    "/v1/chat-messages",
+                    "Content-Type: application/json",
+                    f"Content-Length: {len(payload)}",
+                    "Connection: close",
+                )
+                + b"\r\n"
+                + payload
+            )
+            async with asyncio.timeout(10):
+                data = await reader.read()
+        finally:
+            writer.close()
+        await h.gateway.wait_finished(1)
+    assert data.startswith(b"HTTP/1.1 200")
+    assert fake.hits("/chat-messages") == 1
+
+
+# --- the head bounded while it arrives (gateway serve's protocol) -----------------
+
+
+async def echo_head_size(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers with the size of the headers it was given, after the whole body."""
+    while (await receive()).get("more_body", False):
+        pass
+    body = str(sum(len(k) + len(v) for k, v in scope["headers"])).encode()
+    length = str(len(body)).encode()
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", length)]}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+def head_limit_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A configuration file for the protocol to read, as a `gateway serve` worker does."""
+    config = tmp_path / "gateway.toml"
+    config.write_text("[server]\nmax_header_bytes = 1000\n\n[plans.free]\n")
+    monkeypatch.setenv(ENV_CONFIG, str(config))
+    headlimit._configured.cache_clear()
+    yield
+    headlimit._configured.cache_clear()
+
+
+PROTOCOL = "gateway.headlimit:BoundedHeadProtocol"
+
+
+@pytest.mark.usefixtures("head_limit_config")
+async def test_a_head_growing_without_end_is_cut_off_early() -> None:
+    async with serve(echo_head_size, http=PROTOCOL) as url:
+        data, sent = await flood_head(urlsplit(url).port or 0)
+    assert_refused_head(data, 1000)
+    assert sent < FLOOD_BOUND  # refused while the head was still coming
+
+
+@pytest.mark.usefixtures("head_limit_config")
+async def test_heads_within_the_limit_are_served_with_any_body_and_on_keep_alive() -> None:
+    body = b"x" * 200_000  # arrives in the same reads as the head
+    request = (
+        b"POST / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 900 + b"\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    async with serve(echo_head_size, http=PROTOCOL) as url:
+        parts = urlsplit(url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        try:
+            answers = []
+            for _ in range(12):  # together far over the limit: each head counts alone
+                writer.write(request)
+                async with asyncio.timeout(10):
+                    answers.append(await reader.readuntil(b"\r\n\r\n"))
+                    length = int(
+                        answers[-1].lower().split(b"content-length: ")[1].split(b"\r\n")[0]
+                    )
+                    await reader.readexactly(length)
+        finally:
+            writer.close()
+    assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
+
+
+# What a client can have sent when the refusal reaches it: the kernel's socket
+# buffers on both sides (several MB on loopback) and the refusing side's linger.
+FLOOD_BOUND = 16 * 1024 * 1024
+
+
+def assert_refused_head(data: bytes, limit: int) -> None:
+    status_line, _, rest = data.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large"
+    assert orjson.loads(rest.partition(b"\r\n\r\n")[2]) == {
+        "code": "headers_too_large",
+        "message": f"The request headers exceed {limit} bytes.",
+        "status": 431,
+    }
+
+
+async def flood_head(port: int) -> tuple[bytes, int]:
+    """Send a head that never ends; returns the answer and how much was sent
+    before it came."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        writer.write(b"POST /v1/chat-messages HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(b"a" * 65536)
+                await writer.drain()
+                sent += 65536
+                await asyncio.sleep(0)  # a yield, so the reader sees the answer at once
+
+    flooding = asyncio.create_task(flood())
+    try:
+        async with asyncio.timeout(10):
+            data = await reader.read()
+        return data, sent
+    finally:
+        flooding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flooding
+        writer.close()
+
+
+async def test_gateway_serve_cuts_off_an_endless_head(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        "[server]\nmax_header_bytes = 2000\nreload_interval = 0\n\n"
+        f'[database]\nurl = "sqlite:///{tmp_path}/gateway.db"\nspool_file = ""\n\n[plans.free]\n'
+    )
+    # Two workers: each is a spawned process that finds the limit in the configuration.
+    proc = await start_gateway(config, port, workers=2)
+    try:
+        data, sent = await flood_head(port)
+    finally:
+        proc.terminate()
+        await proc.wait()
+    assert_refused_head(data, 2000)
+    assert sent < FLOOD_BOUND

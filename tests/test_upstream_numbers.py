@@ -1,0 +1,189 @@
+"""Absurd numbers from a misbehaving upstream are recorded clamped and marked, never
+lost, and the spool line for any event can always be written and replayed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from gateway.bounds import CLAMPED, MAX_COST, bound_event
+from gateway.config import DatabaseConfig, parse_config
+from gateway.errors import ConfigError
+from gateway.metrics import Metrics
+from gateway.settle import Settler, Write, event_from_json, event_to_json
+from gateway.storage import UsageEvent, open_storage
+from gateway.testing.fake_upstream import FakeDify
+from tests.harness import UPSTREAM_KEY, USER, running_gateway
+from tests.tcpproxy import TCPProxy
+from tests.test_settle import EVENT
+
+CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
+BLOCKING = {**CHAT, "response_mode": "blocking"}
+CAP = 50_000
+SETTINGS: dict[str, Any] = {
+    "plans": {"free": {"max_concurrent_streams": 1, "queries_per_day": 10}},
+    "accounting": {"max_tokens_per_answer": CAP},
+}
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=20) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    ("raw", "tokens", "cost"),
+    [
+        ({"total_tokens": 1e20}, CAP, Decimal("0.0013030")),
+        ({"total_tokens": 1e300}, CAP, Decimal("0.0013030")),
+        ({"total_tokens": 18446744073709551615}, CAP, Decimal("0.0013030")),
+        ({"total_price": "1e400"}, 1168, MAX_COST),
+        ({"total_price": "-5"}, 1168, Decimal(0)),
+        ({"prompt_tokens": 1e300, "total_tokens": None}, CAP, Decimal("0.0013030")),
+    ],
+    ids=["1e20", "1e300", "u64-max", "price-1e400", "negative-price", "prompt-1e300"],
+)
+@pytest.mark.parametrize("body", [CHAT, BLOCKING], ids=["streaming", "blocking"])
+async def test_absurd_usage_is_recorded_clamped_and_marked(
+    database_url: str,
+    client: httpx.AsyncClient,
+    raw: dict[str, Any],
+    tokens: int,
+    cost: Decimal,
+    body: dict[str, Any],
+) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(database_url, fake=fake, settings=SETTINGS) as h:
+        headers = h.auth(**{"x-fake-usage-json": orjson.dumps(raw).decode()})
+        first = await client.post(f"{h.url}/v1/chat-messages", json=body, headers=headers)
+        await first.aread()
+        await h.gateway.wait_finished(1)
+        # The answer's stream slot was given back: the next query is admitted.
+        second = await client.post(f"{h.url}/v1/chat-messages", json=body, headers=h.auth())
+        await h.gateway.wait_finished(2)
+        events = await h.events()
+        clamped_total = h.gateway.metrics.get("gateway_usage_clamped_total")
+    assert first.status_code == 200
+    assert second.status_code == 200
+    assert len(events) == 2
+    marked = events[0]
+    assert marked.outcome == CLAMPED
+    assert marked.total_tokens == tokens
+    assert marked.cost == cost
+    assert marked.user_id == USER
+    assert events[1].outcome == "complete"
+    assert clamped_total == 1
+
+
+async def test_the_per_answer_cap_is_configurable(
+    sqlite_url: str, client: httpx.AsyncClient
+) -> None:
+    settings = {"accounting": {"max_tokens_per_answer": 1000}}
+    async with running_gateway(sqlite_url, settings=settings) as h:
+        await client.post(f"{h.url}/v1/chat-messages", json=BLOCKING, headers=h.auth())
+        await h.gateway.wait_finished(1)
+        (event,) = await h.events()
+    # The fake's default answer reports 1168 tokens: above this cap.
+    assert (event.outcome, event.total_tokens) == (CLAMPED, 1000)
+
+
+def test_a_cap_that_could_overflow_the_sums_is_refused() -> None:
+    data = {"plans": {"free": {}}, "accounting": {"max_tokens_per_answer": 10**10}}
+    with pytest.raises(ConfigError, match=r"accounting\.max_tokens_per_answer: must be at most"):
+        parse_config(data, env={})
+
+
+# --- bounds, pure -----------------------------------------------------------------
+
+
+def test_a_sane_event_passes_unchanged() -> None:
+    assert bound_event(EVENT, max_tokens=CAP) == (EVENT, [])
+
+
+def test_excess_price_digits_are_rounded_not_marked() -> None:
+    event = UsageEvent(**{**_fields(EVENT), "cost": Decimal("1e-99999")})
+    bounded, changed = bound_event(event, max_tokens=CAP)
+    assert (bounded.cost, bounded.outcome, changed) == (Decimal(0), EVENT.outcome, [])
+
+
+def _fields(event: UsageEvent) -> dict[str, Any]:
+    return {name: getattr(event, name) for name in event.__slots__}
+
+
+# --- the spool, whatever the event holds -------------------------------------------
+
+ABSURD = UsageEvent(
+    **{
+        **_fields(EVENT),
+        "answer_id": "absurd-\ud800",  # a lone surrogate: orjson refuses it
+        "prompt_tokens": 10**5000,  # past the int-to-decimal-string digit limit
+        "completion_tokens": -(2**70),
+        "total_tokens": 10**30,
+        "cost": Decimal("NaN"),
+        "upstream_latency_ms": float("inf"),
+        "overhead_ms": float("nan"),
+    }
+)
+
+
+def test_any_event_serialises_and_reads_back_exactly() -> None:
+    write = event_from_json(event_to_json(Write(ABSURD, "lease-1", "req-1")))
+    event = write.event
+    assert (write.lease_id, write.pending_id) == ("lease-1", "req-1")
+    assert event.answer_id == ABSURD.answer_id
+    assert event.prompt_tokens == 10**5000
+    assert event.completion_tokens == -(2**70)
+    assert event.total_tokens == 10**30
+    assert event.cost.is_nan()
+    assert event.upstream_latency_ms == float("inf")
+    assert event.overhead_ms is not None and event.overhead_ms != event.overhead_ms
+
+
+def test_an_unwritable_spool_logs_the_whole_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = tmp_path / "spool-is-a-directory"
+    spool.mkdir()
+    settler = Settler(None, metrics=Metrics(), spool=spool)  # type: ignore[arg-type]
+    with caplog.at_level(logging.ERROR, logger="gateway.settle"):
+        settler._to_spool(Write(ABSURD, "lease-1"))
+    (line,) = [r.getMessage() for r in caplog.records if "LOST usage record" in r.getMessage()]
+    written = line[line.index("{") :].encode()
+    assert event_from_json(written).event.total_tokens == 10**30
+
+
+@pytest.mark.postgres
+async def test_absurd_event_with_the_database_down_is_spooled_and_replayed_clamped(
+    pg_behind_proxy: tuple[str, TCPProxy], tmp_path: Path
+) -> None:
+    url, proxy = pg_behind_proxy
+    spool = tmp_path / "spool.jsonl"
+    storage = await open_storage(DatabaseConfig(url=url, connect_timeout=1.0, command_timeout=2.0))
+    try:
+        await storage.ensure_user("alice", plan="free")
+        await proxy.cut()
+        settler = Settler(storage, metrics=Metrics(), spool=spool, retry_delays=(0,))
+        await settler.record(ABSURD)
+        await settler.close()  # the pending retry fails too: the record goes to the spool
+        assert len(spool.read_bytes().splitlines()) == 1
+        await proxy.restore()
+        replaying = Settler(storage, metrics=Metrics(), spool=spool, max_tokens_per_answer=CAP)
+        assert await replaying.replay() == 1
+        events = [e async for e in storage.events(date(2026, 1, 1), date(2026, 12, 31))]
+    finally:
+        await storage.close()
+    assert not spool.exists()
+    (event,) = events
+    assert event.answer_id == ABSURD.answer_id.encode("utf-8", "replace").decode()
+    assert (event.outcome, event.total_tokens, event.prompt_tokens) == (CLAMPED, CAP, CAP)
+    assert (event.completion_tokens, event.cost) == (0, Decimal(0))
+    assert event.upstream_latency_ms is None and event.overhead_ms is None
