@@ -28,7 +28,8 @@ from gateway.plans import (
     refusal_message,
     reported_limit,
 )
-from gateway.storage import AlertRequest, Lease
+from gateway.storage import AlertRequest, Lease, Pending
+from gateway.upstreams import Route
 
 if TYPE_CHECKING:
     from gateway.runtime import Gateway
@@ -44,10 +45,26 @@ STREAM_RETRY_AFTER = 5
 class Ticket:
     """The accounting state of one answer request."""
 
-    __slots__ = ("alerts", "body_changed", "day", "lease_id", "plan", "reserved", "user_id")
+    __slots__ = (
+        "alerts",
+        "body_changed",
+        "day",
+        "lease_id",
+        "pending_id",
+        "plan",
+        "reserved",
+        "user_id",
+    )
 
     def __init__(
-        self, user_id: str, day: date, *, reserved: bool, lease_id: str | None, plan: str = ""
+        self,
+        user_id: str,
+        day: date,
+        *,
+        reserved: bool,
+        lease_id: str | None,
+        pending_id: str | None = None,
+        plan: str = "",
     ) -> None:
         self.user_id = user_id
         self.plan = plan  # the plan's name, for metrics
@@ -55,6 +72,9 @@ class Ticket:
         self.day = day  # the local day the answer is counted on: the day it was asked
         self.reserved = reserved  # a query is reserved and must be settled or refunded
         self.lease_id = lease_id
+        # The answer's pending row (docs/quotas.md, "Crash safety"): settle and
+        # refund claim it, so neither can count after a recovery did.
+        self.pending_id = pending_id
         self.body_changed = False  # admission rewrote the request body (web search off)
 
 
@@ -69,7 +89,7 @@ class Admitter:
         return effective_plan(config, user)
 
     async def admit(
-        self, user_id: str, request_id: str, body: dict[str, Any]
+        self, user_id: str, request_id: str, route: Route, body: dict[str, Any]
     ) -> tuple[Ticket, Headers]:
         """Reserve the answer or raise the refusal; may rewrite ``body`` (web search)."""
         gw = self.gw
@@ -95,6 +115,7 @@ class Admitter:
                 now=now,
                 lease=lease,
                 advanced_rag=advanced,
+                pending=self._pending(request_id, route, body),
             )
         except StorageError as exc:
             return self._storage_failed(exc, plan, user_id, request_id, periods)
@@ -128,11 +149,29 @@ class Admitter:
             periods.day,
             reserved=True,
             lease_id=lease.id if lease else None,
+            pending_id=request_id,
             plan=plan.name,
         )
         ticket.body_changed = disabled
         ticket.alerts = alert_request(plan, config.alerts, periods)
         return ticket, rate_headers
+
+    def _pending(self, request_id: str, route: Route, body: dict[str, Any]) -> Pending:
+        """The pending row admission writes: what a recovery charges if this
+        process dies before the answer is settled - the dialect's estimate for an
+        answer that was never seen (the prompt's size)."""
+        usage = self.gw.upstream.unanswered(route, body).usage
+        if usage is None:
+            return Pending(id=request_id, endpoint=route.name)
+        return Pending(
+            id=request_id,
+            endpoint=route.name,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            cost=usage.cost,
+            currency=usage.currency,
+        )
 
     async def _web_searches_spent(
         self, user_id: str, request_id: str, body: dict[str, Any], plan: Plan, periods: Periods
@@ -203,4 +242,6 @@ class Admitter:
         if ticket is None or not ticket.reserved:
             return
         ticket.reserved = False
-        await self.gw.settler.refund(ticket.user_id, day=ticket.day, lease_id=ticket.lease_id)
+        await self.gw.settler.refund(
+            ticket.user_id, day=ticket.day, lease_id=ticket.lease_id, pending_id=ticket.pending_id
+        )

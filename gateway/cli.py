@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -200,6 +201,10 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
 
     os.environ[GC_TUNING_ENV] = "1"
     workers = args.workers or config.server.workers
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with
+    # the handler it found in place: ours, so a graceful stop exits 0 (as does a
+    # SIGTERM arriving before uvicorn took over).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with _metrics_directory(workers):
         uvicorn.run(
             "gateway.app:create_app",
@@ -212,8 +217,15 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
             # httptools, with the request head bounded as it arrives (docs/configuration.md)
             http="gateway.headlimit:BoundedHeadProtocol",
             server_header=False,
+            # On SIGTERM: stop accepting, let open answers finish for this long, then
+            # cancel them - the proxy still records what each one read (docs/proxy.md).
+            timeout_graceful_shutdown=config.server.shutdown_grace,
         )
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 @contextlib.contextmanager

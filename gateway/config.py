@@ -73,6 +73,7 @@ class ServerConfig:
     max_header_bytes: int = _setting(32_768, minimum=1)
     max_headers: int = _setting(100, minimum=1)
     reload_interval: float = _setting(2.0, minimum=0)
+    shutdown_grace: int = _setting(30, minimum=0)  # whole seconds: uvicorn takes an int
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,8 @@ class DatabaseConfig:
     connect_timeout: float = _setting(5.0, minimum=0.001)
     command_timeout: float = _setting(5.0, minimum=0.001)
     spool_file: str = "gateway-spool.jsonl"
+    recover_after: float = _setting(0.0, minimum=0)
+    recover_interval: float = _setting(60.0, minimum=0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,6 +53,14 @@ COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
     ),
     "gateway_upstream_errors_total": ("Upstream failures, by kind.", ("kind",)),
     "gateway_client_disconnects_total": ("Clients that left before the answer ended.", ()),
+    "gateway_answers_recovered_total": (
+        "Pending answers of a gateway that died, charged by estimate.",
+        (),
+    ),
+    "gateway_answers_cut_at_shutdown_total": (
+        "Answers still open when the shutdown grace ran out.",
+        (),
+    ),
     "gateway_config_reloads_total": ("Configuration reloads, by result.", ("result",)),
     "gateway_web_search_count_failures_total": (
         "Answers whose web searches could not be counted at admission.",

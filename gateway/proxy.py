@@ -18,6 +18,7 @@ errors arrive already mapped (see `gateway.upstream_client`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -195,6 +196,7 @@ class Proxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         x = Exchange(new_request_id(), time.perf_counter())
+        self.gw.request_started()
         try:
             await self._handle(x, scope, receive, send)
         except ClientGone:
@@ -329,7 +331,7 @@ class Proxy:
     async def _admit(self, x: Exchange) -> None:
         began = time.perf_counter()
         try:
-            admitted = await self.admitter.admit(x.user_id, x.request_id, x.answer_body)
+            admitted = await self.admitter.admit(x.user_id, x.request_id, x.route, x.answer_body)
         finally:
             self.gw.metrics.observe("gateway_admission_seconds", time.perf_counter() - began)
         x.ticket, x.rate_headers = admitted
@@ -374,6 +376,18 @@ class Proxy:
                 log.warning(
                     "request %s: upstream timed out before answering: %r", x.request_id, exc
                 )
+            raise
+        except asyncio.CancelledError:
+            ticket = x.ticket
+            if ticket is not None and ticket.reserved:
+                # The server's shutdown grace ran out while the upstream was still
+                # preparing this answer, which it may well go on generating (and
+                # billing): charged as an answer never seen, like a timeout.
+                gw.metrics.inc("gateway_answers_cut_at_shutdown_total")
+                result = dataclasses.replace(
+                    gw.upstream.unanswered(x.route, x.answer_body), outcome="shutdown"
+                )
+                await self._kept(self._settle(x, result, disconnected=False))
             raise
         except UpstreamUnavailable as exc:
             gw.metrics.inc("gateway_upstream_errors_total", kind="connect")
@@ -530,6 +544,11 @@ class Proxy:
                 log.exception("request %s: could not end the response", x.request_id)
 
         result = self._result(x, meter, decoder, buffer, cut=cut or disconnected, failed=failed)
+        if cancelled is not None and result.outcome != "complete":
+            # Cut by the server's shutdown (server.shutdown_grace ran out): charged
+            # what was read, or the estimate, and marked so in the ledger.
+            gw.metrics.inc("gateway_answers_cut_at_shutdown_total")
+            result = dataclasses.replace(result, outcome="shutdown")
         if (
             cut
             and not stopped
@@ -542,6 +561,17 @@ class Proxy:
             gw.keep(self._stop(x, meter.task_id))
         await self._kept(self._settle(x, result, disconnected=disconnected))
         if cancelled is not None:
+            if sse and not disconnected:
+                # Recorded; now tell the client why its answer ends here, as an SSE
+                # error event and a proper end of the stream, if it still listens.
+                error_event = upstream.stream_error(
+                    503, "shutting_down", "The gateway is shutting down; the answer was cut."
+                )
+                with contextlib.suppress(Exception):
+                    await send(
+                        {"type": "http.response.body", "body": error_event, "more_body": True}
+                    )
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
             raise cancelled
 
     def _result(
@@ -711,6 +741,7 @@ class Proxy:
                 reasoning_tokens=usage.reasoning_tokens,
             ),
             lease_id=ticket.lease_id,
+            pending_id=ticket.pending_id,
             plan=ticket.plan,
             alerts=ticket.alerts,
         )

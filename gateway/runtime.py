@@ -26,8 +26,9 @@ from gateway.alerts import OutboxWorker
 from gateway.auth import Authenticator, UserDirectory
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, load_config
-from gateway.errors import BadRequest, ConfigError
+from gateway.errors import BadRequest, ConfigError, StorageError
 from gateway.metrics import Metrics
+from gateway.recovery import Recovery
 from gateway.reports import Reports
 from gateway.settle import Settler
 from gateway.storage import ApiKey, OverrideValue, Storage, open_storage
@@ -35,7 +36,8 @@ from gateway.upstreams import Upstream, get_upstream
 
 log = logging.getLogger("gateway")
 
-# How long shutdown waits for answers still being recorded.
+# How long shutdown waits for answers still being recorded (after the server's
+# own grace, server.shutdown_grace, for answers still streaming).
 SHUTDOWN_GRACE = 10.0
 # How long a crashed background job waits before it is started again.
 RESTART_DELAY = 1.0
@@ -106,9 +108,19 @@ class Gateway:
         )
         # A stream lease outlives the longest an answer can take, so a crashed
         # gateway's leases free themselves.
-        self.lease_ttl = timedelta(
-            seconds=config.upstream.total_timeout + config.upstream.disconnect_grace + 60
-        )
+        longest = config.upstream.total_timeout + config.upstream.disconnect_grace
+        self.lease_ttl = timedelta(seconds=longest + 60)
+        # A pending answer older than the longest an answer can take has lost its
+        # gateway (docs/quotas.md, "Crash safety").
+        recover_after = config.database.recover_after or longest + 60
+        if recover_after < longest:
+            log.warning(
+                "database.recover_after (%s s) is shorter than the longest an answer can take; using %s s",
+                recover_after,
+                longest,
+            )
+            recover_after = longest
+        self.recover_after = timedelta(seconds=recover_after)
         self.upstream_authorization = (
             b"authorization",
             f"Bearer {config.upstream.api_key}".encode(),
@@ -121,6 +133,10 @@ class Gateway:
         # and configuration reloads: lets tests and tools wait without sleeping.
         self.finished = Watermark()
         self.reloads = Watermark()
+        self.recoveries = Watermark()  # periodic recovery passes done
+        # Proxied requests under way: shutdown waits for them to record what they read.
+        self.in_flight = 0
+        self._drained = asyncio.Event()
         self.outbox_attempts = Watermark()  # alert deliveries tried
         self._tasks: set[asyncio.Task[Any]] = set()
         self._keep: set[asyncio.Task[Any]] = set()
@@ -156,6 +172,16 @@ class Gateway:
         replayed = await self.settler.replay()
         if replayed:
             log.info("replayed %d spooled usage records", replayed)
+        # After the replay: a spooled record settles its own pending answer first.
+        self.recovery = Recovery(
+            self.storage, clock=self.clock, metrics=self.metrics, after=self.recover_after
+        )
+        try:
+            await self.recovery.run_once()
+        except StorageError as exc:
+            log.warning("could not recover pending answers at start-up: %s", exc.message)
+        if self.config.database.recover_interval > 0:
+            self.spawn(self._recover_every(self.config.database.recover_interval))
         self.client = make_client(self.config, self._transport)
         self.outbox = OutboxWorker(
             self.storage,
@@ -187,7 +213,13 @@ class Gateway:
             )
         return identity.user_id
 
+    def request_started(self) -> None:
+        self.in_flight += 1
+
     async def request_finished(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._drained.set()
         self.finished.bump()
 
     async def wait_finished(self, count: int, timeout: float = 10.0) -> None:
@@ -291,6 +323,18 @@ class Gateway:
             except Exception:  # the watcher must outlive any one bad reload
                 log.exception("configuration reload failed")
 
+    async def _recover_every(self, interval: float) -> None:
+        """Recover lost answers every ``interval`` seconds (docs/quotas.md, "Crash
+        safety"); a database failure waits for the next pass."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.recovery.run_once()
+            except StorageError as exc:
+                self.metrics.inc("gateway_storage_errors_total", operation="recover")
+                log.warning("could not recover pending answers (will retry): %s", exc.message)
+            self.recoveries.bump()
+
     def _alert_attempted(self, channel: str, result: str) -> None:
         self.metrics.inc("gateway_alert_deliveries_total", channel=channel, result=result)
         self.outbox_attempts.bump()
@@ -370,6 +414,14 @@ class Gateway:
     async def stop(self) -> None:
         if getattr(self, "_sighup", False):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if self.in_flight:
+            # Answers the server cut at the end of its grace (server.shutdown_grace)
+            # were cancelled; let them record what they read before closing up.
+            self._drained.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SHUTDOWN_GRACE):
+                    while self.in_flight:
+                        await self._drained.wait()
         if self._keep:
             # Answers being recorded finish first (bounded: a dead database sends
             # their records to the spool in settler.close below).

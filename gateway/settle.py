@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 
@@ -34,10 +34,17 @@ log = logging.getLogger("gateway.settle")
 RETRY_DELAYS: tuple[float, ...] = (0.05, 0.5, 2.0, 5.0, 15.0)
 
 
-class _Context(NamedTuple):
-    """What a settle needs besides the ledger row: the plan the metrics break
-    usage down by, and the alert thresholds the settle checks."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Write:
+    """One ledger write: the answer, what it releases and claims, and what the
+    settle needs besides the ledger row - the plan the metrics break usage down
+    by and the alert thresholds it checks. All of it is spooled, so a replayed
+    answer is checked for the thresholds it crossed, as it would have been when
+    it was settled (docs/admin.md)."""
 
+    event: UsageEvent
+    lease_id: str | None = None
+    pending_id: str | None = None  # the answer's pending row (docs/quotas.md)
     plan: str = ""
     alerts: AlertRequest | None = None
 
@@ -70,24 +77,18 @@ def _safe_repr(value: object) -> str:
         return f"<unrepresentable {type(value).__name__}>"
 
 
-def event_to_json(
-    event: UsageEvent,
-    lease_id: str | None = None,
-    *,
-    plan: str = "",
-    alerts: AlertRequest | None = None,
-) -> bytes:
-    """One spool line for ``event``. Never raises, whatever the event holds.
-
-    The line keeps the settle's context too: a replayed answer is checked for the
-    alert thresholds it crossed, as it would have been when it was settled."""
+def event_to_json(write: Write) -> bytes:
+    """One spool line for ``write``. Never raises, whatever the event holds."""
+    event = write.event
     record = {f.name: _plain(getattr(event, f.name)) for f in dataclasses.fields(event)}
-    if lease_id is not None:
-        record["_lease_id"] = lease_id
-    if plan:
-        record["_plan"] = plan
-    if alerts is not None:
-        record["_alerts"] = _alerts_to_json(alerts)
+    if write.lease_id is not None:
+        record["_lease_id"] = write.lease_id
+    if write.pending_id is not None:
+        record["_pending_id"] = write.pending_id
+    if write.plan:
+        record["_plan"] = write.plan
+    if write.alerts is not None:
+        record["_alerts"] = _alerts_to_json(write.alerts)
     try:
         return orjson.dumps(record)
     except orjson.JSONEncodeError:
@@ -96,19 +97,15 @@ def event_to_json(
         return json.dumps(record, ensure_ascii=True).encode()
 
 
-def event_from_json(line: bytes) -> tuple[UsageEvent, str | None]:
-    event, lease_id, _ = _read_line(line)
-    return event, lease_id
-
-
-def _read_line(line: bytes) -> tuple[UsageEvent, str | None, _Context]:
+def event_from_json(line: bytes) -> Write:
     try:
         raw: dict[str, Any] = orjson.loads(line)
     except orjson.JSONDecodeError:  # a line the standard library wrote (see event_to_json)
         raw = json.loads(line)
     lease_id = raw.pop("_lease_id", None)
+    pending_id = raw.pop("_pending_id", None)
     plan = raw.pop("_plan", "")
-    alerts = raw.pop("_alerts", None)
+    alerts = _alerts_read(raw.pop("_alerts", None))
     raw["day"] = date.fromisoformat(raw["day"])
     raw["created_at"] = datetime.fromisoformat(raw["created_at"])
     raw["cost"] = Decimal(raw["cost"])
@@ -118,8 +115,8 @@ def _read_line(line: bytes) -> tuple[UsageEvent, str | None, _Context]:
     for name in ("upstream_latency_ms", "overhead_ms"):
         if isinstance(raw.get(name), str):
             raw[name] = float(raw[name])
-    event = UsageEvent(**raw)
-    return event, lease_id, _Context(plan if isinstance(plan, str) else "", _alerts_read(alerts))
+    plan = plan if isinstance(plan, str) else ""
+    return Write(UsageEvent(**raw), lease_id, pending_id, plan, alerts)
 
 
 def _alerts_to_json(alerts: AlertRequest) -> dict[str, Any]:
@@ -170,8 +167,7 @@ class Settler:
         self._metrics = metrics
         self._spool = spool
         self._delays = tuple(retry_delays)
-        # A pending write's event, lease and context: spooled if shutdown cancels it.
-        self._tasks: dict[asyncio.Task[None], tuple[UsageEvent, str | None, _Context] | None] = {}
+        self._tasks: dict[asyncio.Task[None], Write | None] = {}
         self._closing = False
 
     async def record(
@@ -179,48 +175,56 @@ class Settler:
         event: UsageEvent,
         *,
         lease_id: str | None = None,
+        pending_id: str | None = None,
         plan: str = "",
         alerts: AlertRequest | None = None,
     ) -> None:
         """Write one answer now; on a storage error, retry in the background.
 
         The answer's stream lease is released with the write; a retried or spooled
-        write leaves it to expire."""
-        labels = _Context(plan, alerts)
+        write leaves it to expire. ``pending_id`` names the answer's pending row,
+        claimed by the write: if a recovery charged the answer first, the write
+        changes nothing (counted once, as the estimate)."""
+        write = Write(event, lease_id, pending_id, plan, alerts)
         try:
-            await self._write(event, lease_id=lease_id, labels=labels)
+            await self._write(write)
         except StorageError as exc:
             log.warning("ledger write for %s failed, will retry: %s", event.answer_id, exc.message)
             self._metrics.inc("gateway_storage_errors_total", operation="settle")
             if self._closing:
-                self._to_spool(event, lease_id, labels)
+                self._to_spool(write)
                 return
-            task = asyncio.create_task(
-                self._retry(event, lease_id, labels), name=f"settle-retry-{event.answer_id}"
-            )
-            self._tasks[task] = (event, lease_id, labels)
+            task = asyncio.create_task(self._retry(write), name=f"settle-retry-{event.answer_id}")
+            self._tasks[task] = write
             task.add_done_callback(self._tasks.pop)
 
-    async def refund(self, user_id: str, *, day: date, lease_id: str | None) -> None:
+    async def refund(
+        self, user_id: str, *, day: date, lease_id: str | None, pending_id: str | None = None
+    ) -> None:
         """Give back a reserved query (and its stream slot); retried in the
-        background if the database does not answer."""
+        background if the database does not answer. With ``pending_id`` a retry
+        cannot give it back twice (the pending row goes with the first)."""
         try:
-            await self._storage.refund(user_id, day=day, lease_id=lease_id)
+            await self._storage.refund(user_id, day=day, lease_id=lease_id, pending_id=pending_id)
         except StorageError as exc:
             self._metrics.inc("gateway_storage_errors_total", operation="refund")
             log.warning("refund for %s failed, will retry: %s", user_id, exc.message)
             if self._closing:
                 log.error("refund for %s on %s lost at shutdown", user_id, day)
                 return
-            task = asyncio.create_task(self._retry_refund(user_id, day, lease_id))
+            task = asyncio.create_task(self._retry_refund(user_id, day, lease_id, pending_id))
             self._tasks[task] = None
             task.add_done_callback(self._tasks.pop)
 
-    async def _retry_refund(self, user_id: str, day: date, lease_id: str | None) -> None:
+    async def _retry_refund(
+        self, user_id: str, day: date, lease_id: str | None, pending_id: str | None
+    ) -> None:
         for delay in self._delays:
             await asyncio.sleep(delay)
             try:
-                await self._storage.refund(user_id, day=day, lease_id=lease_id)
+                await self._storage.refund(
+                    user_id, day=day, lease_id=lease_id, pending_id=pending_id
+                )
                 return
             except StorageError as exc:
                 log.warning("refund for %s failed again: %s", user_id, exc.message)
@@ -240,18 +244,16 @@ class Settler:
             )
         return bounded
 
-    async def _write(
-        self, event: UsageEvent, *, lease_id: str | None = None, labels: _Context | None = None
-    ) -> None:
+    async def _write(self, write: Write) -> None:
         """Bound, then write. A failure other than the database's (a value the
         driver refuses after all) is raised as StorageError too, so the event takes
         the retry-then-spool way of any failed write: never lost, and never a
         traceback on the request that produced it."""
-        event = self._bounded(event)
+        event = self._bounded(write.event)
         began = time.perf_counter()
         try:
             settled = await self._storage.settle(
-                event, lease_id=lease_id, alerts=labels.alerts if labels else None
+                event, lease_id=write.lease_id, pending_id=write.pending_id, alerts=write.alerts
             )
         except StorageError:
             raise
@@ -263,7 +265,7 @@ class Settler:
         if settled:
             metrics = self._metrics
             metrics.inc("gateway_answers_settled_total", outcome=event.outcome)
-            plan = labels.plan if labels else ""
+            plan = write.plan
             model = event.model or ""  # Dify's answers name none
             metrics.inc(
                 "gateway_tokens_total", event.prompt_tokens, plan=plan, model=model, kind="prompt"
@@ -297,23 +299,22 @@ class Settler:
         else:
             self._metrics.inc("gateway_answers_duplicate_total")
 
-    async def _retry(self, event: UsageEvent, lease_id: str | None, labels: _Context) -> None:
+    async def _retry(self, write: Write) -> None:
         for delay in self._delays:
             await asyncio.sleep(delay)
             self._metrics.inc("gateway_settle_retries_total")
             try:
-                await self._write(event, lease_id=lease_id, labels=labels)
+                await self._write(write)
                 return
             except StorageError as exc:
-                log.warning("ledger write for %s failed again: %s", event.answer_id, exc.message)
-        self._to_spool(event, lease_id, labels)
+                log.warning(
+                    "ledger write for %s failed again: %s", write.event.answer_id, exc.message
+                )
+        self._to_spool(write)
 
-    def _to_spool(
-        self, event: UsageEvent, lease_id: str | None = None, labels: _Context | None = None
-    ) -> None:
+    def _to_spool(self, write: Write) -> None:
         self._metrics.inc("gateway_settle_spooled_total")
-        labels = labels or _Context()
-        line = event_to_json(event, lease_id, plan=labels.plan, alerts=labels.alerts)
+        line = event_to_json(write)
         if self._spool is None:
             log.error("LOST usage record (no spool file configured): %s", line.decode())
             return
@@ -335,7 +336,9 @@ class Settler:
             )
             return
         log.error(
-            "usage record %s spooled to %s for replay at next start", event.answer_id, self._spool
+            "usage record %s spooled to %s for replay at next start",
+            write.event.answer_id,
+            self._spool,
         )
 
     async def replay(self) -> int:
@@ -351,16 +354,16 @@ class Settler:
                 if not line.strip():
                     continue
                 try:
-                    event, lease_id, labels = _read_line(line)
+                    write = event_from_json(line)
                 except (ValueError, TypeError, KeyError) as exc:
                     log.error("unreadable spooled usage record kept in %s: %s", self._spool, exc)
                     self._append_raw(line)
                     continue
                 try:
-                    await self._write(event, lease_id=lease_id, labels=labels)
+                    await self._write(write)
                     count += 1
                 except StorageError:
-                    self._to_spool(event, lease_id, labels)
+                    self._to_spool(write)
             claimed.unlink()
         return count
 
@@ -393,4 +396,4 @@ class Settler:
                 await task
             except asyncio.CancelledError:
                 if pending is not None:
-                    self._to_spool(*pending)
+                    self._to_spool(pending)

@@ -25,6 +25,8 @@ Outcome = Literal[
     "cut",  # the upstream connection ended without usage
     "disconnected",  # the client left and the answer was stopped or timed out
     "timeout",  # the upstream took the request but did not answer in time
+    "shutdown",  # the gateway shut down (its grace ran out) before the answer ended
+    "recovered",  # its gateway died before settling it: charged the admission's estimate
 ]
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -141,6 +142,35 @@ async def running_gateway(
             upstream_url=upstream_url,
             app=app,
         )
+
+
+def direct_request(
+    key: str, body: bytes, *headers: tuple[bytes, bytes]
+) -> tuple[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]]]:
+    """The ASGI scope and receive of a chat request from a client that never leaves,
+    for driving the app directly (so that a test can cancel the request's task)."""
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # the client never leaves
+        raise AssertionError
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat-messages",
+        "query_string": b"",
+        "headers": [
+            (b"authorization", f"Bearer {key}".encode()),
+            (b"content-type", b"application/json"),
+            *headers,
+        ],
+    }
+    return scope, receive
 
 
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:

@@ -64,11 +64,11 @@ def free_port() -> int:
         return port
 
 
-async def start_gateway(
+async def spawn_gateway(
     config: Path, port: int, env: dict[str, str] | None = None, *, workers: int = 1
 ) -> asyncio.subprocess.Process:
-    """A real `gateway serve` process on ``port``, once all its workers are ready."""
-    proc = await asyncio.create_subprocess_exec(
+    """`python -m gateway serve` on ``port``, its log (stderr) piped, not yet ready."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "gateway",
@@ -82,6 +82,13 @@ async def start_gateway(
         env={**os.environ, **(env or {})},
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def start_gateway(
+    config: Path, port: int, env: dict[str, str] | None = None, *, workers: int = 1
+) -> asyncio.subprocess.Process:
+    """A real `gateway serve` process on ``port``, once all its workers are ready."""
+    proc = await spawn_gateway(config, port, env, workers=workers)
     assert proc.stderr is not None
     ready = 0
     async with asyncio.timeout(30):

@@ -17,7 +17,7 @@ from gateway.metrics import Metrics
 from gateway.settle import Settler
 from gateway.storage import Lease, Storage, UsageEvent
 from gateway.testing.fake_upstream import FakeDify
-from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+from tests.harness import UPSTREAM_KEY, USER, Harness, direct_request, running_gateway
 from tests.servers import read_body
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
@@ -179,32 +179,13 @@ async def test_a_cancelled_request_still_records_its_answer_and_frees_its_slot(
         app = h.app  # driven directly, so that the request task can be cancelled
         sent: list[dict[str, Any]] = []
         first_chunk = asyncio.Event()
-        body = orjson.dumps(CHAT)
-        delivered = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.Event().wait()  # the client never leaves
-            raise AssertionError
+        scope, receive = direct_request(h.key, orjson.dumps(CHAT))
 
         async def send(message: dict[str, Any]) -> None:
             sent.append(message)
             if message.get("body"):
                 first_chunk.set()
 
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": "/v1/chat-messages",
-            "query_string": b"",
-            "headers": [
-                (b"authorization", f"Bearer {h.key}".encode()),
-                (b"content-type", b"application/json"),
-            ],
-        }
         task = asyncio.create_task(app(scope, receive, send))
         await first_chunk.wait()
         task.cancel()
@@ -214,7 +195,7 @@ async def test_a_cancelled_request_still_records_its_answer_and_frees_its_slot(
         (event,) = await h.events()
         open_streams = await h.storage.open_streams(USER, now=proxy.clock.now())
         await proxy.idle()
-    assert event.estimated and event.outcome == "cut" and event.total_tokens > 0
+    assert event.estimated and event.outcome == "shutdown" and event.total_tokens > 0
     assert open_streams == 0  # the stream slot is free again
     assert len(fake.stops) == 1  # and the upstream was told to stop generating
 
@@ -246,18 +227,32 @@ class Blip:
         self.storage, self.settles, self.refunds = storage, settles, refunds
 
     async def settle(
-        self, event: UsageEvent, *, lease_id: str | None = None, alerts: Any = None
+        self,
+        event: UsageEvent,
+        *,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+        alerts: Any = None,
     ) -> bool:
         if self.settles:
             self.settles -= 1
             raise StorageError("blip")
-        return await self.storage.settle(event, lease_id=lease_id, alerts=alerts)
+        return await self.storage.settle(
+            event, lease_id=lease_id, pending_id=pending_id, alerts=alerts
+        )
 
-    async def refund(self, user_id: str, *, day: date, lease_id: str | None = None) -> None:
+    async def refund(
+        self,
+        user_id: str,
+        *,
+        day: date,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+    ) -> bool:
         if self.refunds:
             self.refunds -= 1
             raise StorageError("blip")
-        await self.storage.refund(user_id, day=day, lease_id=lease_id)
+        return await self.storage.refund(user_id, day=day, lease_id=lease_id, pending_id=pending_id)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.storage, name)
@@ -385,36 +380,22 @@ async def test_a_cancellation_during_the_ledger_write_does_not_lose_the_answer(
         real_settle = h.storage.settle
 
         async def slow_settle(
-            event: UsageEvent, *, lease_id: str | None = None, alerts: Any = None
+            event: UsageEvent,
+            *,
+            lease_id: str | None = None,
+            pending_id: str | None = None,
+            alerts: Any = None,
         ) -> bool:
             writing.set()
             await release.wait()
-            return await real_settle(event, lease_id=lease_id, alerts=alerts)
+            return await real_settle(event, lease_id=lease_id, pending_id=pending_id, alerts=alerts)
 
         monkeypatch.setattr(h.storage, "settle", slow_settle)
-        delivered = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": orjson.dumps(CHAT), "more_body": False}
-            await asyncio.Event().wait()
-            raise AssertionError
+        scope, receive = direct_request(h.key, orjson.dumps(CHAT))
 
         async def send(message: dict[str, Any]) -> None:
             pass
 
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": "/v1/chat-messages",
-            "query_string": b"",
-            "headers": [
-                (b"authorization", f"Bearer {h.key}".encode()),
-                (b"content-type", b"application/json"),
-            ],
-        }
         task = asyncio.create_task(h.app(scope, receive, send))
         await writing.wait()  # the answer is complete and being recorded
         task.cancel()

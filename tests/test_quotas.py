@@ -20,7 +20,8 @@ from gateway.keys import new_key
 from gateway.storage import open_storage
 from gateway.testing.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
-from tests.servers import free_port, serve, start_gateway
+from tests.processes import GatewayProcess
+from tests.servers import serve
 from tests.tcpproxy import TCPProxy
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
@@ -85,10 +86,11 @@ async def test_forty_parallel_requests_across_two_processes_on_postgres(
                 }
             )
         )
-        ports = [free_port(), free_port()]
         procs = [
-            await start_gateway(config, port, {"TEST_UPSTREAM_KEY": UPSTREAM_KEY}) for port in ports
+            await GatewayProcess.start(config, {"TEST_UPSTREAM_KEY": UPSTREAM_KEY})
+            for _ in range(2)
         ]
+        ports = [proc.port for proc in procs]
         try:
             responses = await asyncio.gather(
                 *(
@@ -102,9 +104,7 @@ async def test_forty_parallel_requests_across_two_processes_on_postgres(
             )
         finally:
             for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                await proc.wait()
+                await proc.terminate()
     assert sorted(r.status_code for r in responses) == [200] * 5 + [429] * 35
     assert fake.hits("/chat-messages") == 5
 

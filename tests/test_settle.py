@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -12,8 +12,8 @@ import orjson
 
 from gateway.errors import StorageError
 from gateway.metrics import Metrics
-from gateway.settle import Settler, event_from_json, event_to_json
-from gateway.storage import AlertCheck, AlertRequest, Storage, UsageEvent
+from gateway.settle import Settler, Write, event_from_json, event_to_json
+from gateway.storage import AdmissionLimits, AlertCheck, AlertRequest, Pending, Storage, UsageEvent
 
 EVENT = UsageEvent(
     answer_id="m1",
@@ -39,20 +39,29 @@ class Flaky:
         self.failures = failures
 
     async def settle(
-        self, event: UsageEvent, *, lease_id: str | None = None, alerts: Any = None
+        self,
+        event: UsageEvent,
+        *,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+        alerts: Any = None,
     ) -> bool:
         if self.failures > 0:
             self.failures -= 1
             raise StorageError("database unreachable")
-        return await self.storage.settle(event, lease_id=lease_id, alerts=alerts)
+        return await self.storage.settle(
+            event, lease_id=lease_id, pending_id=pending_id, alerts=alerts
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.storage, name)
 
 
 def test_events_round_trip_through_json() -> None:
-    assert event_from_json(event_to_json(EVENT)) == (EVENT, None)
-    assert event_from_json(event_to_json(EVENT, "lease-1")) == (EVENT, "lease-1")
+    assert event_from_json(event_to_json(Write(EVENT))) == Write(EVENT)
+    assert event_from_json(event_to_json(Write(EVENT, "lease-1"))) == Write(EVENT, "lease-1")
+    both = Write(EVENT, "lease-1", "req-1")
+    assert event_from_json(event_to_json(both)) == both
 
 
 async def test_a_failed_write_is_retried(storage: Storage, tmp_path: Path) -> None:
@@ -135,11 +144,49 @@ async def test_a_spooled_alert_check_that_cannot_be_read_does_not_cost_the_recor
 ) -> None:
     await storage.ensure_user("alice", plan="free")
     spool = tmp_path / "spool.jsonl"
-    line = orjson.loads(event_to_json(EVENT, alerts=ALERTS))
+    line = orjson.loads(event_to_json(Write(EVENT, alerts=ALERTS)))
     line["_alerts"]["checks"] = [["tokens_per_week", "2026-W47", 1, [50]]]
-    older = event_to_json(replace(EVENT, answer_id="m2"))  # a line from before alert checks
+    older = event_to_json(Write(replace(EVENT, answer_id="m2")))  # a line from before alert checks
     spool.write_bytes(orjson.dumps(line) + b"\n" + older + b"\n")
     assert await Settler(storage, metrics=Metrics(), spool=spool).replay() == 2
     user = await storage.get_user("alice")
     assert user is not None and user.lifetime_tokens == 2 * 1168
     assert await storage.list_alerts() == []
+
+
+async def test_a_spooled_record_claims_its_pending_answer_when_replayed(
+    storage: Storage, tmp_path: Path
+) -> None:
+    """Spooled at shutdown, replayed at the next start: the answer's pending row
+    goes with the replay (no recovery charges it again); an answer a recovery
+    charged first is not counted a second time by its late replay."""
+    await storage.ensure_user("alice", plan="free")
+    hour = timedelta(hours=1)
+    for name, admitted_at in (("r1", EVENT.created_at), ("r2", EVENT.created_at - hour)):
+        assert (
+            await storage.admit(
+                "alice",
+                day=EVENT.day,
+                month_start=EVENT.day.replace(day=1),
+                limits=AdmissionLimits(),
+                now=admitted_at,
+                pending=Pending(id=name, endpoint="chat-messages", total_tokens=5),
+            )
+        ).admitted
+    spool = tmp_path / "spool.jsonl"
+    down = Settler(Flaky(storage, failures=100), metrics=Metrics(), spool=spool, retry_delays=(60,))  # type: ignore[arg-type]
+    await down.record(EVENT, pending_id="r1")
+    await down.record(replace(EVENT, answer_id="m2"), pending_id="r2")
+    await down.close()
+    # r2 is old enough to be taken for lost before the replay: recovered as an estimate.
+    assert await storage.recover(before=EVENT.created_at - hour / 2, now=EVENT.created_at) == ["r2"]
+    metrics = Metrics()
+    healthy = Settler(storage, metrics=metrics, spool=spool)
+    assert await healthy.replay() == 2
+    later = EVENT.created_at + hour
+    assert await storage.recover(before=later, now=later) == []  # r1 went with its replay
+    events = {e.answer_id: e async for e in storage.events(EVENT.day, EVENT.day)}
+    assert sorted(events) == ["gw-r2", "m1"]  # one row per admitted answer
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 1168 + 5
+    assert metrics.get("gateway_answers_duplicate_total") == 1  # m2, too late

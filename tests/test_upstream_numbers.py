@@ -18,7 +18,7 @@ from gateway.bounds import CLAMPED, MAX_COST, bound_event
 from gateway.config import DatabaseConfig, parse_config
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
-from gateway.settle import Settler, event_from_json, event_to_json
+from gateway.settle import Settler, Write, event_from_json, event_to_json
 from gateway.storage import UsageEvent, open_storage
 from gateway.testing.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
@@ -136,8 +136,9 @@ ABSURD = UsageEvent(
 
 
 def test_any_event_serialises_and_reads_back_exactly() -> None:
-    event, lease = event_from_json(event_to_json(ABSURD, "lease-1"))
-    assert lease == "lease-1"
+    write = event_from_json(event_to_json(Write(ABSURD, "lease-1", "req-1")))
+    event = write.event
+    assert (write.lease_id, write.pending_id) == ("lease-1", "req-1")
     assert event.answer_id == ABSURD.answer_id
     assert event.prompt_tokens == 10**5000
     assert event.completion_tokens == -(2**70)
@@ -154,10 +155,10 @@ def test_an_unwritable_spool_logs_the_whole_record(
     spool.mkdir()
     settler = Settler(None, metrics=Metrics(), spool=spool)  # type: ignore[arg-type]
     with caplog.at_level(logging.ERROR, logger="gateway.settle"):
-        settler._to_spool(ABSURD, "lease-1")
+        settler._to_spool(Write(ABSURD, "lease-1"))
     (line,) = [r.getMessage() for r in caplog.records if "LOST usage record" in r.getMessage()]
     written = line[line.index("{") :].encode()
-    assert event_from_json(written)[0].total_tokens == 10**30
+    assert event_from_json(written).event.total_tokens == 10**30
 
 
 @pytest.mark.postgres

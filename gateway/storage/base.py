@@ -121,6 +121,25 @@ class Lease:
     expires_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An admitted answer as admission records it, before it is forwarded.
+
+    Written in the admission's own round trip and removed by whichever comes
+    first of settle, refund or recovery; recovery charges the estimate it
+    carries (the dialect's estimate for an answer never seen) when the gateway
+    that admitted it died.
+    """
+
+    id: str  # the request id (a stream lease, if any, has the same id)
+    endpoint: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost: Decimal = Decimal(0)
+    currency: str = "USD"
+
+
 AdmissionLimit = Literal[
     "queries_per_day", "tokens_per_day", "tokens_per_month", "max_concurrent_streams"
 ]
@@ -381,13 +400,15 @@ class Storage(Protocol):
         now: datetime,
         lease: Lease | None = None,
         advanced_rag: bool = False,
+        pending: Pending | None = None,
     ) -> Admission:
         """Reserve one query for (user, day) only while every limit allows it,
         atomically, in one round trip; return the counters either way. When
         admitted and ``lease`` is given, the lease is taken in the same step
         (open streams are counted only when ``limits.max_concurrent_streams`` is
         set; leases expired at ``now`` do not count); ``advanced_rag`` counts the
-        query as an advanced-RAG one too."""
+        query as an advanced-RAG one too; ``pending`` is recorded (created at
+        ``now``, on ``day``) in the same step."""
         ...
 
     async def web_searches_today(self, user_id: str, *, day: date) -> int:
@@ -402,21 +423,47 @@ class Storage(Protocol):
         """The user's stream leases not yet expired at ``now``."""
         ...
 
-    async def refund(self, user_id: str, *, day: date, lease_id: str | None = None) -> None:
-        """Give back one reserved query (no answer was produced) and its lease."""
+    async def refund(
+        self,
+        user_id: str,
+        *,
+        day: date,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+    ) -> bool:
+        """Give back one reserved query (no answer was produced) and its lease.
+
+        With ``pending_id``, only while that pending answer is still there (it is
+        removed): returns False, releasing the lease and nothing else, when it was
+        already settled, refunded or recovered."""
         ...
 
     async def settle(
-        self, event: UsageEvent, *, lease_id: str | None = None, alerts: AlertRequest | None = None
+        self,
+        event: UsageEvent,
+        *,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+        alerts: AlertRequest | None = None,
     ) -> bool:
         """Record one answer in the ledger, the day row and the lifetime totals,
         in one transaction, releasing its lease. Returns False, changing nothing
-        else, when the answer id is already recorded.
+        else, when the answer id is already recorded - or, with ``pending_id``,
+        when that pending answer is no longer there (settled, refunded or
+        recovered already); it is removed otherwise.
 
         With ``alerts``, the same transaction records each threshold now crossed
         for the first time in the notifications table (unique per user, limit,
         period and threshold: once, also across replicas) and queues one outbox
         row per channel for it."""
+        ...
+
+    async def recover(self, *, before: datetime, now: datetime, limit: int = 100) -> list[str]:
+        """Charge up to ``limit`` pending answers admitted before ``before`` as
+        estimates (outcome "recovered", answer id ``gw-<pending id>``, recorded at
+        ``now``), releasing their leases; their queries stay spent. Returns the
+        pending ids recovered. Safe to run from many processes at once: each
+        pending answer is recovered by one of them, or settled by its gateway."""
         ...
 
     # alerts

@@ -3,10 +3,12 @@
 Every operation on the request path is ONE statement, so one round trip:
 admission is a conditional upsert whose ``ON CONFLICT ... WHERE`` is evaluated
 against the latest committed row under its row lock (that is what makes it exact
-across replicas), and settle is one statement of data-modifying CTEs whose
-ledger insert is idempotent on the answer id; a second settle of the same answer
-blocks on the unique index until the first commits, then inserts nothing and so
-updates nothing.
+across replicas), and settle is one call of ``gateway_settle`` that claims the
+answer's pending row, writes the ledger row, the day row and the lifetime totals,
+releases the lease and decides the alert crossings, in one transaction (see the
+migrations under sql/postgres). A second settle of the same answer blocks on the
+pending row (or the ledger's unique index) until the first commits, then finds
+it gone and so changes nothing.
 
 asyncpg errors are mapped to `StorageError` here and nowhere else.
 """
@@ -45,6 +47,7 @@ from gateway.storage.base import (
     ModelUsage,
     OutboxItem,
     OverrideValue,
+    Pending,
     UsageEvent,
     User,
     UserSort,
@@ -60,10 +63,14 @@ _MIGRATION_LOCK = 0x6761_7465_7761_79
 _EXPORT_BATCH = 1000
 
 
-_ADMIT = "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+_ADMIT = "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+_SETTLE = (
+    "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
+    "$15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)"
+)
+_REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
+_RECOVER = "SELECT * FROM gateway_recover($1, $2, $3)"
 _USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="sum(cost)", p1="$1", p2="$2", p3="$3")
-_SETTLE = "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
-_SETTLE_MODEL = "SELECT gateway_settle_model($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
 
 
 @contextlib.contextmanager
@@ -331,6 +338,7 @@ class PostgresStorage:
         now: datetime,
         lease: Lease | None = None,
         advanced_rag: bool = False,
+        pending: Pending | None = None,
     ) -> Admission:
         with _mapped():
             row = await self._pool.fetchrow(
@@ -346,6 +354,13 @@ class PostgresStorage:
                 lease.expires_at if lease else None,
                 now,
                 advanced_rag,
+                pending.id if pending else None,
+                pending.endpoint if pending else None,
+                pending.prompt_tokens if pending else None,
+                pending.completion_tokens if pending else None,
+                pending.total_tokens if pending else None,
+                pending.cost if pending else None,
+                pending.currency if pending else None,
             )
         assert row is not None
         counters = Counters(
@@ -385,44 +400,65 @@ class PostgresStorage:
             )
         return int(count)
 
-    async def refund(self, user_id: str, *, day: date, lease_id: str | None = None) -> None:
+    async def refund(
+        self,
+        user_id: str,
+        *,
+        day: date,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+    ) -> bool:
         with _mapped():
-            await self._pool.execute(
-                "WITH released AS (DELETE FROM stream_leases WHERE id = $3) "
-                "UPDATE usage_daily SET queries = queries - 1 "
-                "WHERE user_id = $1 AND day = $2 AND queries > 0",
-                user_id,
-                day,
-                lease_id,
-            )
+            return bool(await self._pool.fetchval(_REFUND, user_id, day, lease_id, pending_id))
+
+    async def recover(self, *, before: datetime, now: datetime, limit: int = 100) -> list[str]:
+        with _mapped():
+            rows = await self._pool.fetch(_RECOVER, before, limit, now)
+        return [row[0] for row in rows]
 
     async def settle(
-        self, event: UsageEvent, *, lease_id: str | None = None, alerts: AlertRequest | None = None
+        self,
+        event: UsageEvent,
+        *,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+        alerts: AlertRequest | None = None,
     ) -> bool:
-        sql, args = _settle_call(event, lease_id)
-        if alerts is None or not alerts.checks:
-            with _mapped():
-                return bool(await self._pool.fetchval(sql, *args))
-        checks = [(c, t) for c in alerts.checks for t in c.thresholds]
+        checks = [(c, t) for c in alerts.checks for t in c.thresholds] if alerts else []
         with _mapped():
-            async with self._pool.acquire() as conn, conn.transaction():
-                if not await conn.fetchval(sql, *args):
-                    return False
-                # The same transaction sees this settle's own counters; a crossing
-                # another replica records first makes this insert do nothing.
-                await conn.execute(
-                    _CROSSINGS,
+            return bool(
+                await self._pool.fetchval(
+                    _SETTLE,
+                    event.answer_id,
                     event.user_id,
                     event.day,
-                    alerts.month_start,
+                    event.created_at,
+                    event.endpoint,
+                    event.prompt_tokens,
+                    event.completion_tokens,
+                    event.total_tokens,
+                    event.cost,
+                    event.currency,
+                    event.outcome,
+                    event.estimated,
+                    event.web_searches,
+                    event.conversation_id,
+                    event.request_id,
+                    event.upstream_latency_ms,
+                    event.overhead_ms,
+                    lease_id,
+                    pending_id,
+                    event.model,
+                    event.cached_tokens,
+                    event.reasoning_tokens,
+                    alerts.month_start if alerts else None,
                     [c.limit for c, _ in checks],
                     [c.period for c, _ in checks],
                     [c.value for c, _ in checks],
                     [t for _, t in checks],
-                    event.created_at,
-                    list(alerts.channels),
+                    list(alerts.channels) if alerts else [],
                 )
-        return True
+            )
 
     # --- alerts -------------------------------------------------------------
 
@@ -543,71 +579,6 @@ class PostgresStorage:
             rows = await self._pool.fetch(_USAGE_BY_MODEL, user_id, start, end)
         return [model_usage(row, row[7]) for row in rows]
 
-
-def _settle_call(event: UsageEvent, lease_id: str | None) -> tuple[str, tuple[Any, ...]]:
-    # Answers that name no model nor token parts (Dify's) skip the extra update.
-    extra = (
-        (event.model, event.cached_tokens, event.reasoning_tokens)
-        if event.model is not None or event.cached_tokens or event.reasoning_tokens
-        else ()
-    )
-    return (_SETTLE_MODEL if extra else _SETTLE), (*_settle_args(event, lease_id), *extra)
-
-
-def _settle_args(event: UsageEvent, lease_id: str | None) -> tuple[Any, ...]:
-    return (
-        event.answer_id,
-        event.user_id,
-        event.day,
-        event.created_at,
-        event.endpoint,
-        event.prompt_tokens,
-        event.completion_tokens,
-        event.total_tokens,
-        event.cost,
-        event.currency,
-        event.outcome,
-        event.estimated,
-        event.web_searches,
-        event.conversation_id,
-        event.request_id,
-        event.upstream_latency_ms,
-        event.overhead_ms,
-        lease_id,
-    )
-
-
-# The counters each alert limit compares with, as this transaction sees them; new
-# crossings go into notifications (once: its primary key) and queue one outbox
-# row per channel. One statement.
-_CROSSINGS = """
-WITH used AS (
-    SELECT
-        coalesce(max(queries) FILTER (WHERE day = $2), 0) AS queries_per_day,
-        coalesce(max(total_tokens) FILTER (WHERE day = $2), 0) AS tokens_per_day,
-        coalesce(max(web_searches) FILTER (WHERE day = $2), 0) AS web_searches_per_day,
-        coalesce(sum(total_tokens), 0) AS tokens_per_month
-    FROM usage_daily WHERE user_id = $1 AND day >= $3 AND day <= $2
-), checks AS (
-    SELECT c.kind, c.period, c.value, c.threshold,
-        CASE c.kind
-            WHEN 'queries_per_day' THEN u.queries_per_day
-            WHEN 'tokens_per_day' THEN u.tokens_per_day
-            WHEN 'web_searches_per_day' THEN u.web_searches_per_day
-            ELSE u.tokens_per_month
-        END AS used
-    FROM unnest($4::text[], $5::text[], $6::bigint[], $7::int[]) AS c(kind, period, value, threshold),
-        used u
-), new AS (
-    INSERT INTO notifications (user_id, kind, period, threshold, created_at, limit_value, used)
-    SELECT $1, kind, period, threshold, $8, value, used FROM checks
-    WHERE used * 100 >= value * threshold
-    ON CONFLICT DO NOTHING
-    RETURNING kind, period, threshold
-)
-INSERT INTO alert_outbox (user_id, kind, period, threshold, channel, created_at, next_attempt_at)
-SELECT $1, n.kind, n.period, n.threshold, ch, $8, $8 FROM new n, unnest($9::text[]) AS ch
-"""
 
 # SKIP LOCKED: rows another replica is claiming right now are left to it; the
 # claim itself (claimed_until) keeps them its own while it delivers.

@@ -45,6 +45,7 @@ from gateway.storage.base import (
     ModelUsage,
     OutboxItem,
     OverrideValue,
+    Pending,
     UsageEvent,
     User,
     UserSort,
@@ -228,6 +229,81 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]
             conn.execute("ROLLBACK")
         raise
     return result
+
+
+def _claim(conn: sqlite3.Connection, pending_id: str | None, lease_id: str | None) -> bool:
+    """Remove an answer's pending row and release its lease; False when the row
+    was already gone (settled, refunded or recovered: the answer is accounted for)."""
+    claimed = True
+    if pending_id is not None:
+        claimed = (
+            conn.execute("DELETE FROM pending_answers WHERE id = ?", (pending_id,)).rowcount > 0
+        )
+    if lease_id is not None:
+        conn.execute("DELETE FROM stream_leases WHERE id = ?", (lease_id,))
+    return claimed
+
+
+def _record(conn: sqlite3.Connection, event: UsageEvent) -> bool:
+    """Write one answer to the ledger, the day row and the lifetime totals; False,
+    changing nothing, when its answer id is recorded already."""
+    cost = str(event.cost)
+    inserted = conn.execute(
+        f"INSERT INTO usage_events ({EVENT_COLUMNS}) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (answer_id) DO NOTHING",
+        (
+            event.answer_id,
+            event.user_id,
+            event.day.isoformat(),
+            _ts(event.created_at),
+            event.endpoint,
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.total_tokens,
+            cost,
+            event.currency,
+            event.outcome,
+            int(event.estimated),
+            event.web_searches,
+            event.conversation_id,
+            event.request_id,
+            event.upstream_latency_ms,
+            event.overhead_ms,
+            event.model,
+            event.cached_tokens,
+            event.reasoning_tokens,
+        ),
+    ).rowcount
+    if not inserted:
+        return False
+    conn.execute(
+        "INSERT INTO usage_daily (user_id, day, web_searches, prompt_tokens, completion_tokens, "
+        "total_tokens, cost) VALUES (?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (user_id, day) DO UPDATE SET "
+        "web_searches = web_searches + excluded.web_searches, "
+        "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+        "completion_tokens = completion_tokens + excluded.completion_tokens, "
+        "total_tokens = total_tokens + excluded.total_tokens, "
+        "cost = dec_add(cost, excluded.cost)",
+        (
+            event.user_id,
+            event.day.isoformat(),
+            event.web_searches,
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.total_tokens,
+            cost,
+        ),
+    )
+    conn.execute(
+        "UPDATE users SET lifetime_prompt_tokens = lifetime_prompt_tokens + ?, "
+        "lifetime_completion_tokens = lifetime_completion_tokens + ?, "
+        "lifetime_tokens = lifetime_tokens + ?, lifetime_cost = dec_add(lifetime_cost, ?) "
+        "WHERE id = ?",
+        (event.prompt_tokens, event.completion_tokens, event.total_tokens, cost, event.user_id),
+    )
+    return True
 
 
 class SQLiteStorage:
@@ -479,6 +555,7 @@ class SQLiteStorage:
         now: datetime,
         lease: Lease | None = None,
         advanced_rag: bool = False,
+        pending: Pending | None = None,
     ) -> Admission:
         today = day.isoformat()
 
@@ -526,6 +603,25 @@ class SQLiteStorage:
                     (lease.id, user_id, _ts(lease.expires_at)),
                 )
                 streams += 1
+            if pending is not None:
+                # In the same transaction: an admitted answer is never unrecorded.
+                conn.execute(
+                    "INSERT INTO pending_answers (id, user_id, day, created_at, endpoint, "
+                    "prompt_tokens, completion_tokens, total_tokens, cost, currency) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        pending.id,
+                        user_id,
+                        today,
+                        _ts(now),
+                        pending.endpoint,
+                        pending.prompt_tokens,
+                        pending.completion_tokens,
+                        pending.total_tokens,
+                        str(pending.cost),
+                        pending.currency,
+                    ),
+                )
             return Admission(
                 admitted=True,
                 refused_by=None,
@@ -566,90 +662,74 @@ class SQLiteStorage:
             )
         )
 
-    async def refund(self, user_id: str, *, day: date, lease_id: str | None = None) -> None:
-        def run(conn: sqlite3.Connection) -> None:
-            if lease_id is not None:
-                conn.execute("DELETE FROM stream_leases WHERE id = ?", (lease_id,))
-            conn.execute(
-                "UPDATE usage_daily SET queries = queries - 1 "
-                "WHERE user_id = ? AND day = ? AND queries > 0",
-                (user_id, day.isoformat()),
-            )
+    async def refund(
+        self,
+        user_id: str,
+        *,
+        day: date,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+    ) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            claimed = _claim(conn, pending_id, lease_id)
+            if claimed:
+                conn.execute(
+                    "UPDATE usage_daily SET queries = queries - 1 "
+                    "WHERE user_id = ? AND day = ? AND queries > 0",
+                    (user_id, day.isoformat()),
+                )
+            return claimed
 
-        await self._tx(run)
+        return await self._tx(run)
 
     async def settle(
-        self, event: UsageEvent, *, lease_id: str | None = None, alerts: AlertRequest | None = None
+        self,
+        event: UsageEvent,
+        *,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+        alerts: AlertRequest | None = None,
     ) -> bool:
-        cost = str(event.cost)
-
         def run(conn: sqlite3.Connection) -> bool:
-            if lease_id is not None:
-                conn.execute("DELETE FROM stream_leases WHERE id = ?", (lease_id,))
-            inserted = conn.execute(
-                f"INSERT INTO usage_events ({EVENT_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (answer_id) DO NOTHING",
-                (
-                    event.answer_id,
-                    event.user_id,
-                    event.day.isoformat(),
-                    _ts(event.created_at),
-                    event.endpoint,
-                    event.prompt_tokens,
-                    event.completion_tokens,
-                    event.total_tokens,
-                    cost,
-                    event.currency,
-                    event.outcome,
-                    int(event.estimated),
-                    event.web_searches,
-                    event.conversation_id,
-                    event.request_id,
-                    event.upstream_latency_ms,
-                    event.overhead_ms,
-                    event.model,
-                    event.cached_tokens,
-                    event.reasoning_tokens,
-                ),
-            ).rowcount
-            if not inserted:
+            if not (_claim(conn, pending_id, lease_id) and _record(conn, event)):
                 return False
-            conn.execute(
-                "INSERT INTO usage_daily (user_id, day, web_searches, prompt_tokens, completion_tokens, "
-                "total_tokens, cost) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (user_id, day) DO UPDATE SET "
-                "web_searches = web_searches + excluded.web_searches, "
-                "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                "completion_tokens = completion_tokens + excluded.completion_tokens, "
-                "total_tokens = total_tokens + excluded.total_tokens, "
-                "cost = dec_add(cost, excluded.cost)",
-                (
-                    event.user_id,
-                    event.day.isoformat(),
-                    event.web_searches,
-                    event.prompt_tokens,
-                    event.completion_tokens,
-                    event.total_tokens,
-                    cost,
-                ),
-            )
-            conn.execute(
-                "UPDATE users SET lifetime_prompt_tokens = lifetime_prompt_tokens + ?, "
-                "lifetime_completion_tokens = lifetime_completion_tokens + ?, "
-                "lifetime_tokens = lifetime_tokens + ?, lifetime_cost = dec_add(lifetime_cost, ?) "
-                "WHERE id = ?",
-                (
-                    event.prompt_tokens,
-                    event.completion_tokens,
-                    event.total_tokens,
-                    cost,
-                    event.user_id,
-                ),
-            )
             if alerts is not None and alerts.checks:
                 _record_crossings(conn, event, alerts)
             return True
+
+        return await self._tx(run)
+
+    async def recover(self, *, before: datetime, now: datetime, limit: int = 100) -> list[str]:
+        def run(conn: sqlite3.Connection) -> list[str]:
+            # BEGIN IMMEDIATE serialises recoverers and settles: a row one of them
+            # removed is simply not there for the next.
+            rows = conn.execute(
+                "SELECT id, user_id, day, endpoint, prompt_tokens, completion_tokens, "
+                "total_tokens, cost, currency FROM pending_answers WHERE created_at < ? "
+                "ORDER BY created_at LIMIT ?",
+                (_ts(before), limit),
+            ).fetchall()
+            for row in rows:
+                _claim(conn, row[0], row[0])
+                _record(
+                    conn,
+                    UsageEvent(
+                        answer_id=f"gw-{row[0]}",
+                        user_id=row[1],
+                        day=date.fromisoformat(row[2]),
+                        created_at=now,
+                        endpoint=row[3],
+                        prompt_tokens=row[4],
+                        completion_tokens=row[5],
+                        total_tokens=row[6],
+                        cost=Decimal(row[7]),
+                        currency=row[8],
+                        outcome="recovered",
+                        estimated=True,
+                        request_id=row[0],
+                    ),
+                )
+            return [row[0] for row in rows]
 
         return await self._tx(run)
 

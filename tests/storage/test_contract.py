@@ -12,8 +12,11 @@ from gateway.config import DatabaseConfig
 from gateway.errors import NotFound
 from gateway.storage import (
     AdmissionLimits,
+    AlertCheck,
+    AlertRequest,
     Lease,
     ModelUsage,
+    Pending,
     Storage,
     UsageEvent,
     migrations,
@@ -577,3 +580,253 @@ async def test_iter_daily_and_count_events(storage: Storage) -> None:
         await storage.settle(event(f"e{i}", user="alice" if i else "bob"))
     assert await storage.count_events(start, end) == 3
     assert await storage.count_events(DAY, DAY, user_id="bob") == 1
+
+
+# --- pending answers: crash safety (docs/quotas.md, "Crash safety") ------------------------
+
+LATER = NOW + timedelta(hours=1)  # a recovery bound every pending answer is older than
+
+
+def pending(name: str, *, tokens: int = 25) -> Pending:
+    return Pending(
+        id=name,
+        endpoint="chat-messages",
+        prompt_tokens=tokens,
+        total_tokens=tokens,
+        cost=Decimal("0.0000010"),
+    )
+
+
+async def admit_pending(
+    storage: Storage, name: str, *, tokens: int = 25, streams: int | None = None
+) -> None:
+    limits = AdmissionLimits(queries_per_day=1000, max_concurrent_streams=streams)
+    admission = await storage.admit(
+        "alice",
+        day=DAY,
+        month_start=MONTH,
+        now=NOW,
+        limits=limits,
+        lease=lease(name) if streams else None,
+        pending=pending(name, tokens=tokens),
+    )
+    assert admission.admitted
+
+
+async def all_events(storage: Storage) -> list[UsageEvent]:
+    return [e async for e in storage.events(DAY, DAY)]
+
+
+async def test_a_settle_claims_its_pending_answer_once(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    await admit_pending(storage, "r1")
+    assert await storage.settle(event("m1", tokens=100), pending_id="r1")
+    # A retry of the same write, and a second write for the same admission under
+    # another answer id, both change nothing.
+    assert not await storage.settle(event("m1", tokens=100), pending_id="r1")
+    assert not await storage.settle(event("m2", tokens=100), pending_id="r1")
+    assert await storage.recover(before=LATER, now=LATER) == []
+    assert [e.answer_id for e in await all_events(storage)] == ["m1"]
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 100
+
+
+async def test_recovery_charges_the_admission_estimate_and_keeps_the_query(
+    storage: Storage,
+) -> None:
+    await storage.ensure_user("alice", plan="free")
+    await admit_pending(storage, "r1", tokens=25, streams=5)
+    assert await storage.open_streams("alice", now=NOW) == 1
+    # Not older than the bound: left alone.
+    assert await storage.recover(before=NOW, now=NOW) == []
+    assert await storage.recover(before=NOW + timedelta(seconds=1), now=LATER) == ["r1"]
+    (recovered,) = await all_events(storage)
+    assert (recovered.answer_id, recovered.outcome, recovered.estimated) == (
+        "gw-r1",
+        "recovered",
+        True,
+    )
+    assert (recovered.prompt_tokens, recovered.total_tokens, recovered.cost) == (
+        25,
+        25,
+        Decimal("0.0000010"),
+    )
+    assert recovered.request_id == "r1" and recovered.created_at == LATER
+    assert await storage.open_streams("alice", now=NOW) == 0  # its lease went with it
+    # The late settle and a late refund of the same answer change nothing.
+    assert not await storage.settle(event("m1", tokens=100), lease_id="r1", pending_id="r1")
+    assert not await storage.refund("alice", day=DAY, lease_id="r1", pending_id="r1")
+    (row,) = await storage.daily(DAY, DAY)
+    assert (row.queries, row.total_tokens) == (1, 25)  # the query stays spent
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 25
+    assert await storage.recover(before=LATER, now=LATER) == []
+
+
+async def test_a_refund_closes_the_pending_answer_once(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    await admit_pending(storage, "r1")
+    await admit_pending(storage, "r2")
+    assert await storage.refund("alice", day=DAY, pending_id="r1")
+    # Retried: the first one already gave the query back.
+    assert not await storage.refund("alice", day=DAY, pending_id="r1")
+    (row,) = await storage.daily(DAY, DAY)
+    assert row.queries == 1
+    assert not await storage.settle(event("m1"), pending_id="r1")
+    assert await storage.recover(before=LATER, now=LATER) == ["r2"]
+    assert [e.answer_id for e in await all_events(storage)] == ["gw-r2"]
+
+
+async def test_admission_without_a_pending_answer_leaves_none(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    limits = AdmissionLimits(queries_per_day=10)
+    assert (
+        await storage.admit("alice", day=DAY, month_start=MONTH, now=NOW, limits=limits)
+    ).admitted
+    refused = await storage.admit(
+        "alice",
+        day=DAY,
+        month_start=MONTH,
+        now=NOW,
+        limits=AdmissionLimits(queries_per_day=1),
+        pending=pending("r1"),
+    )
+    assert not refused.admitted  # a refused request leaves no pending answer either
+    assert await storage.recover(before=LATER, now=LATER) == []
+
+
+async def test_recovery_takes_batches(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    for i in range(5):
+        await admit_pending(storage, f"r{i}")
+    first = await storage.recover(before=LATER, now=LATER, limit=3)
+    rest = await storage.recover(before=LATER, now=LATER, limit=3)
+    assert len(first) == 3 and sorted(first + rest) == [f"r{i}" for i in range(5)]
+
+
+async def test_recoveries_racing_late_settles_count_each_answer_once(
+    storage: Storage, database_url: str
+) -> None:
+    """Two replicas recover while the answers' own settles arrive: every answer
+    ends up in the ledger exactly once, as its settle or as its estimate."""
+    await storage.ensure_user("alice", plan="free")
+    await storage.ensure_user("bob", plan="free")
+    count = 30
+    limits = AdmissionLimits(queries_per_day=1000, max_concurrent_streams=1000)
+    for i in range(count):
+        user = "alice" if i % 2 else "bob"
+        admission = await storage.admit(
+            user,
+            day=DAY,
+            month_start=MONTH,
+            now=NOW,
+            limits=limits,
+            lease=lease(f"r{i}"),
+            pending=pending(f"r{i}", tokens=1),
+        )
+        assert admission.admitted
+    first, second = await _two_stores(database_url)
+    try:
+        settles = [
+            (first if i % 2 else second).settle(
+                event(f"m{i}", user="alice" if i % 2 else "bob", tokens=100),
+                lease_id=f"r{i}",
+                pending_id=f"r{i}",
+            )
+            for i in range(count)
+        ]
+        recoveries = [
+            (second if i % 2 else first).recover(before=LATER, now=LATER, limit=1)
+            for i in range(count)
+        ]
+        results = await asyncio.gather(
+            *[x for pair in zip(settles, recoveries, strict=True) for x in pair]
+        )
+    finally:
+        await first.close()
+        await second.close()
+    settled = sum(1 for r in results if r is True)
+    recovered = [pid for r in results if isinstance(r, list) for pid in r]
+    assert len(recovered) == len(set(recovered))  # no answer recovered twice
+    assert settled + len(recovered) == count
+    events = await all_events(storage)
+    assert len(events) == count
+    for i in range(count):
+        ids = {e.answer_id for e in events} & {f"m{i}", f"gw-r{i}"}
+        assert len(ids) == 1
+    tokens = sum(e.total_tokens for e in events)
+    users = [await storage.get_user(u) for u in ("alice", "bob")]
+    assert sum(u.lifetime_tokens for u in users if u is not None) == tokens
+    assert sum(row.total_tokens for row in await storage.daily(DAY, DAY)) == tokens
+    assert sum(row.queries for row in await storage.daily(DAY, DAY)) == count
+    assert await storage.recover(before=LATER, now=LATER) == []
+
+
+async def test_a_settle_claims_records_the_model_and_decides_alerts_together_once(
+    storage: Storage, database_url: str
+) -> None:
+    """One settle claims the pending answer, writes the ledger row with its model
+    and token parts, the day row and lifetime totals, releases the lease and
+    records the crossings; retried, racing or after a recovery it does none of it."""
+    await storage.ensure_user("alice", plan="free")
+    await admit_pending(storage, "r1", streams=5)
+    await admit_pending(storage, "r2", streams=5)
+    assert await storage.open_streams("alice", now=NOW) == 2
+    alerts = AlertRequest(
+        (AlertCheck("tokens_per_day", DAY.isoformat(), 1000, (50, 100)),),
+        MONTH,
+        ("webhook", "email"),
+    )
+    answer = event("m1", tokens=600, model="o3", cached_tokens=100, reasoning_tokens=50)
+    first, second = await _two_stores(database_url)
+    try:
+        # Two replicas settling the same answer at once: one of them does it all.
+        results = await asyncio.gather(
+            *[
+                store.settle(answer, lease_id="r1", pending_id="r1", alerts=alerts)
+                for store in (first, second)
+            ]
+        )
+    finally:
+        await first.close()
+        await second.close()
+    assert sorted(results) == [False, True]
+    assert await storage.open_streams("alice", now=NOW) == 1
+    # Retried, or written again under another answer id: nothing more.
+    assert not await storage.settle(answer, lease_id="r1", pending_id="r1", alerts=alerts)
+    again = event("m9", tokens=600, model="o3")
+    assert not await storage.settle(again, lease_id="r1", pending_id="r1", alerts=alerts)
+    # r2 is recovered as its estimate; its late settle, which would cross 100%,
+    # records neither the answer nor a crossing.
+    assert await storage.recover(before=LATER, now=LATER) == ["r2"]
+    late = event("m2", tokens=500, model="o3", reasoning_tokens=5)
+    assert not await storage.settle(late, lease_id="r2", pending_id="r2", alerts=alerts)
+
+    events = {e.answer_id: e for e in await all_events(storage)}
+    assert sorted(events) == ["gw-r2", "m1"]
+    settled = events["m1"]
+    assert (settled.model, settled.cached_tokens, settled.reasoning_tokens) == ("o3", 100, 50)
+    assert (settled.total_tokens, settled.outcome, settled.estimated) == (600, "complete", False)
+    recovered = events["gw-r2"]
+    assert (recovered.model, recovered.cached_tokens, recovered.reasoning_tokens) == (None, 0, 0)
+    assert await storage.open_streams("alice", now=NOW) == 0
+    (row,) = await storage.daily(DAY, DAY)
+    assert (row.queries, row.total_tokens) == (2, 625)
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 625
+    assert [
+        (m.model, m.answers, m.reasoning_tokens)
+        for m in await storage.usage_by_model("alice", start=DAY, end=DAY)
+    ] == [("o3", 1, 50), (None, 1, 0)]
+    (alert,) = await storage.list_alerts()
+    assert (alert.crossing.limit, alert.crossing.threshold, alert.crossing.used) == (
+        "tokens_per_day",
+        50,
+        600,
+    )
+    assert [(d.channel, d.status) for d in alert.deliveries] == [
+        ("email", "pending"),
+        ("webhook", "pending"),
+    ]
+    claimed = await storage.claim_outbox(now=NOW, claim_until=LATER, limit=10)
+    assert sorted(i.channel for i in claimed) == ["email", "webhook"]
