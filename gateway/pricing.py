@@ -58,18 +58,31 @@ class PriceTable:
     def __bool__(self) -> bool:
         return bool(self._prices)
 
+    def name(self, model: str) -> str | None:
+        """The configured name that prices ``model`` (itself, or the base name of
+        a snapshot), not counting ``"*"``; None when the table names none."""
+        if model in self._prices and model != "*":
+            return model
+        for name in self._by_length:
+            if model.startswith(name) and model[len(name) : len(name) + 1] == "-":
+                return name
+        return None
+
     def find(self, *models: str | None) -> Price | None:
         """The price of the first of ``models`` the table names, else ``"*"``."""
         for model in models:
-            if model is None:
-                continue
-            price = self._prices.get(model)
-            if price is not None:
-                return price
-            for name in self._by_length:
-                if model.startswith(name) and model[len(name) : len(name) + 1] == "-":
-                    return self._prices[name]
+            name = None if model is None else self.name(model)
+            if name is not None:
+                return self._prices[name]
         return self._prices.get("*")
+
+    def label(self, model: str | None) -> str:
+        """``model`` as a metrics label: the configured name that prices it, so
+        the label values are the table's few names whatever a client asks for;
+        ``"other"`` for a model the table does not name; ``""`` for none (Dify)."""
+        if model is None:
+            return ""
+        return self.name(model) or "other"
 
     def priced(self, usage: Usage, *models: str | None) -> tuple[Usage, bool]:
         """``usage`` with its cost from the first of ``models`` the table prices

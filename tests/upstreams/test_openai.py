@@ -568,6 +568,22 @@ def test_the_star_entry_prices_the_rest() -> None:
     assert table.find("mystery-2", "o3") is PRICES["o3"]
 
 
+@pytest.mark.parametrize(
+    ("model", "label"),
+    [
+        ("gpt-4o-mini", "gpt-4o-mini"),
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),  # a snapshot: its base name
+        ("gpt-4o-minimal", "other"),
+        ("mystery", "other"),  # priced by "*", but not one of the table's names
+        ("*", "other"),
+        (None, ""),  # Dify's answers name no model
+    ],
+)
+def test_metrics_labels_are_the_tables_names(model: str | None, label: str) -> None:
+    table = PriceTable({**PRICES, "*": Price(input=Decimal(1))})
+    assert table.label(model) == label
+
+
 def test_dialect_prices_by_the_answering_model_then_the_requested_one() -> None:
     up = dialect()
     route = up.route("POST", "/chat/completions")
