@@ -16,7 +16,7 @@ from gateway.config import parse_config
 from gateway.errors import BadRequest, ConfigError, Forbidden
 from gateway.pricing import Price, PriceTable
 from gateway.sse import SSEDecoder
-from gateway.testing.openai_upstream import FakeOpenAI, _Answer
+from gateway.testing.openai_upstream import ANSWER_PIECES, FakeOpenAI, _Answer
 from gateway.upstreams import get_upstream
 from gateway.upstreams.openai import OpenAIUpstream
 from gateway.upstreams.openai_wire import (
@@ -29,7 +29,7 @@ from gateway.upstreams.openai_wire import (
     usage_from,
 )
 from gateway.upstreams.transforms import DropEvents
-from gateway.usage import Usage
+from gateway.usage import Usage, estimate_tokens
 
 PRICES = {
     "gpt-4o-mini": Price(
@@ -647,3 +647,98 @@ def test_a_begun_stream_cut_before_any_text_is_charged_its_prompt(meter: Any, fi
     ended = meter(body)
     _feed(ended, first)
     assert ended.finish(cut=False).usage is None  # ended without text: nothing produced
+
+
+# --- responses streams without "event:" lines ----------------------------------------------
+
+
+def _unnamed(raw: bytes) -> bytes:
+    """The stream as a compatible server may send it: data lines only."""
+    return b"\n".join(line for line in raw.split(b"\n") if not line.startswith(b"event:"))
+
+
+@pytest.mark.parametrize("name", [b"", b"event: message\n"], ids=["no-event-line", "message"])
+def test_a_responses_stream_of_data_lines_only_is_metered_the_same(
+    monkeypatch: pytest.MonkeyPatch, name: bytes
+) -> None:
+    from gateway.upstreams import openai_wire
+
+    parsed: list[Any] = []
+    real = openai_wire._loads
+    monkeypatch.setattr(openai_wire, "_loads", lambda data: parsed.append(data) or real(data))
+    raw = _responses_stream(**{"x-fake-reasoning-tokens": "6", "x-fake-cached-tokens": "2"})
+    stream = b"\n\n".join(name + e for e in _unnamed(raw).split(b"\n\n") if e) + b"\n\n"
+    meter = ResponsesStreamMeter({"input": "hello"})
+    _feed(meter, stream)
+    result = meter.finish(cut=False)
+    assert result.outcome == "complete"
+    assert result.model == "o3"
+    assert result.usage == Usage(12, 7, 19, cached_tokens=2, reasoning_tokens=6)
+    # response.created (the model), the first text delta (its envelope's size) and
+    # response.completed: the other deltas are measured unparsed.
+    assert len(parsed) == 3
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["event-lines", "data-only"])
+def test_a_responses_stream_that_ends_with_text_and_no_usage_is_estimated(named: bool) -> None:
+    events = [e for e in _responses_stream().split(b"\n\n") if e][:-1]  # no response.completed
+    raw = b"\n\n".join(events) + b"\n\n"
+    meter = ResponsesStreamMeter({"input": "x" * 40})
+    _feed(meter, raw if named else _unnamed(raw))
+    result = meter.finish(cut=False)  # the upstream ended the stream itself
+    assert result.outcome == "cut"
+    usage = result.usage
+    assert usage is not None and usage.estimated
+    assert usage.prompt_tokens == 10
+    assert usage.completion_tokens == estimate_tokens(len("".join(ANSWER_PIECES)))
+
+
+def test_the_chat_stream_that_ends_with_text_and_no_usage_is_estimated_alike() -> None:
+    meter = ChatStreamMeter({"messages": [{"content": "x" * 40}]})
+    _feed(meter, _chat_stream(False))
+    usage = meter.finish(cut=False).usage
+    assert usage is not None and usage.estimated
+    assert usage.completion_tokens == estimate_tokens(len("".join(ANSWER_PIECES)))
+
+
+@pytest.mark.parametrize(
+    ("data", "outcome", "code"),
+    [
+        (b'{"type": "error", "code": "server_error", "message": "m"}', "error", "server_error"),
+        (
+            b'{"type": "response.failed", "response": {"model": "o3", "error": {"code": "x"}}}',
+            "error",
+            "x",
+        ),
+        # A nested "type" naming a final event is not the event's own.
+        (b'{"type": "response.output_item.added", "item": {"type": "error"}}', "cut", None),
+        (b'{"item": {"type": "response.completed"}}', "cut", None),
+        (b'{"type": "response.completed", "response": 3}', "cut", "malformed_usage"),
+        (b'{"type": "response.completed", "response": {"usage": {', "cut", "malformed_usage"),
+    ],
+)
+def test_data_only_responses_events_are_told_by_their_own_type(
+    data: bytes, outcome: str, code: str | None
+) -> None:
+    meter = ResponsesStreamMeter({})
+    _feed(meter, b"data: " + data + b"\n\n")
+    result = meter.finish(cut=False)
+    assert (result.outcome, result.error_code, result.usage) == (outcome, code, None)
+
+
+# --- bodies nested deeply ------------------------------------------------------------------
+
+
+def test_deeply_nested_text_is_counted_without_recursion() -> None:
+    content: Any = "abc"
+    for _ in range(100_000):
+        content = [{"content": content}]
+    assert prompt_chars({"messages": content, "input": [[["de"]]]}) == 5
+
+
+def test_a_blocking_answer_nested_a_thousand_deep_is_estimated() -> None:
+    deep = b"[" * 1000 + b'"abcd"' + b"]" * 1000
+    response = b'{"model":"gpt-4o-mini","choices":[{"message":{"content":' + deep + b"}}]}"
+    result = meter_body({"messages": [{"content": "x" * 40}]}, response)
+    assert result.outcome == "cut"
+    assert result.usage == Usage(10, 1, 11, estimated=True)
