@@ -138,8 +138,12 @@ class OpenAIUpstream:
             )
         if body is None:
             return Prepared(None, query)
-        # The end user as OpenAI reads it, so nobody can act as someone else there.
+        # The end user as OpenAI reads it, so nobody can act as someone else there:
+        # "user", and its successor "safety_identifier" when the client sent one
+        # (not every endpoint, nor every compatible server, takes the newer field).
         body["user"] = user_id
+        if "safety_identifier" in body:
+            body["safety_identifier"] = user_id
         memo = None
         if route.kind == "response" and body.get("background") is True:
             # A background response is answered later, to whoever polls for it:

@@ -443,6 +443,20 @@ def test_the_user_is_always_the_authenticated_one() -> None:
         assert prepared.body["user"] == "alice"
 
 
+@pytest.mark.parametrize("path", ["/chat/completions", "/responses"])
+def test_the_safety_identifier_is_the_authenticated_user_too(path: str) -> None:
+    up = dialect()
+    route = up.route("POST", path)
+    body = {"user": "mallory", "safety_identifier": "victim", "prompt_cache_key": "k1"}
+    prepared = up.prepare(route, body, b"", "alice", method="POST", request_id="r")
+    assert prepared.body is not None
+    assert (prepared.body["user"], prepared.body["safety_identifier"]) == ("alice", "alice")
+    assert prepared.body["prompt_cache_key"] == "k1"  # a routing hint, kept (docs)
+    # Not added where the client sent none: not every endpoint or server takes it.
+    plain = up.prepare(route, {}, b"", "alice", method="POST", request_id="r")
+    assert plain.body == {"user": "alice"}
+
+
 @pytest.mark.parametrize(
     ("method", "path", "kind", "metered"),
     [
