@@ -84,11 +84,26 @@ class PriceTable:
             return ""
         return self.name(model) or "other"
 
-    def priced(self, usage: Usage, *models: str | None) -> tuple[Usage, bool]:
+    def priced(
+        self, usage: Usage, *models: str | None, max_tokens: int | None = None
+    ) -> tuple[Usage, bool]:
         """``usage`` with its cost from the first of ``models`` the table prices
         (the model that answered, then the one asked for); and whether one was found.
-        Unpriced usage keeps the cost it had."""
+        Unpriced usage keeps the cost it had.
+
+        With ``max_tokens``, counts above it are priced as ``max_tokens``: the ledger
+        records them at that bound (docs/proxy.md, "Clamped answers"), and the cost
+        is that of the tokens charged. The counts themselves are left as reported,
+        for the ledger's bounds to find and mark."""
         price = self.find(*models)
         if price is None:
             return usage, False
-        return replace(usage, cost=price.cost(usage), currency=price.currency), True
+        counted = usage
+        if max_tokens is not None:
+            counted = replace(
+                usage,
+                prompt_tokens=min(usage.prompt_tokens, max_tokens),
+                completion_tokens=min(usage.completion_tokens, max_tokens),
+                cached_tokens=min(usage.cached_tokens, max_tokens),
+            )
+        return replace(usage, cost=price.cost(counted), currency=price.currency), True

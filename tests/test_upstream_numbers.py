@@ -24,6 +24,7 @@ from gateway.testing.fake_upstream import FakeDify
 from gateway.testing.openai_upstream import ANSWER_PIECES, FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
 from tests.tcpproxy import TCPProxy
+from tests.test_openai_sdk import PRICES
 from tests.test_settle import EVENT
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
@@ -239,7 +240,9 @@ def test_a_spooled_event_keeps_its_absurd_parts_exactly() -> None:
     assert (read.cached_tokens, read.reasoning_tokens) == (10**30, 2**64)
 
 
-OPENAI = {**SETTINGS, "upstream": {"kind": "openai"}}
+OPENAI = {**SETTINGS, "upstream": {"kind": "openai"}, "prices": PRICES}
+# gpt-4o-mini's prices per million tokens (tests/test_openai_sdk.py).
+INPUT, OUTPUT = Decimal("0.15"), Decimal("0.60")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["blocking", "streaming"])
@@ -254,8 +257,16 @@ OPENAI = {**SETTINGS, "upstream": {"kind": "openai"}}
         ),
         ("gpt\x00x", {}, {"model": "gpt\ufffdx"}),
         ("m" * 5000, {}, {"model": "m" * MAX_MODEL_CHARS}),
+        (  # priced as the tokens it is charged: the cap, not 2**63
+            "gpt-4o-mini",
+            {"x-fake-prompt-tokens": str(2**63)},
+            {
+                "prompt_tokens": CAP,
+                "cost": (CAP * INPUT + len(ANSWER_PIECES) * OUTPUT).scaleb(-6),
+            },
+        ),
     ],
-    ids=["cached-2^63", "reasoning-u64-max", "model-nul", "model-5000-chars"],
+    ids=["cached-2^63", "reasoning-u64-max", "model-nul", "model-5000-chars", "prompt-2^63"],
 )
 async def test_absurd_openai_usage_is_recorded_clamped(
     database_url: str,

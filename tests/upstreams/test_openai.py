@@ -616,6 +616,26 @@ def test_dialect_prices_by_the_answering_model_then_the_requested_one() -> None:
     assert (result.model, result.usage and result.usage.cost) == ("gpt-4o-mini", Decimal("0.15"))
 
 
+def test_counts_past_the_per_answer_cap_are_priced_at_the_cap() -> None:
+    config = parse_config(
+        {
+            "prices": {"gpt-4o-mini": {"input": "1", "cached_input": "0.5", "output": "2"}},
+            "accounting": {"max_tokens_per_answer": 1000},
+        },
+        env={},
+    )
+    up = OpenAIUpstream(config)
+    usage = {"prompt_tokens": 1e20, "completion_tokens": 2**63, "total_tokens": 5}
+    usage["prompt_tokens_details"] = {"cached_tokens": 10**19}
+    body = orjson.dumps({"model": "gpt-4o-mini", "usage": usage})
+    result = up.meter_blocking(up.route("POST", "/chat/completions"), {}, body)
+    assert result.usage is not None
+    # 1000 cached prompt tokens at 0.5 and 1000 output tokens at 2, per million.
+    assert result.usage.cost == Decimal("0.0025")
+    # The counts stay as reported, for the ledger's bounds to clamp and mark.
+    assert result.usage.prompt_tokens == 10**20
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [
