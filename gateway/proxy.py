@@ -18,6 +18,7 @@ errors arrive already mapped (see `gateway.upstream_client`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -93,10 +94,23 @@ _NO_ROUTE = Route("other", "")
 _NO_HEADERS = RequestHeaders([])
 
 # Request ids: unique per process by a counter, across processes by a random prefix;
-# cheaper than uuid4 on every request. Dialects may pass them on (as a trace id),
-# so they keep to [0-9a-f-].
-_ID_PREFIX = os.urandom(4).hex()
+# cheaper than uuid4 on every request. They also key the ledger rows of answers
+# whose upstream names no unique id (``gw-<request id>``), so the prefix is wide
+# enough never to repeat across processes (96 random bits) and is drawn again in a
+# forked child, which would otherwise repeat its parent's ids. Dialects may pass
+# them on (as a trace id), so they keep to [0-9a-f-].
+_ID_PREFIX = ""
 _ids = itertools.count(1)
+
+
+def _new_id_space() -> None:
+    global _ID_PREFIX, _ids
+    _ID_PREFIX = os.urandom(12).hex()
+    _ids = itertools.count(1)
+
+
+_new_id_space()
+os.register_at_fork(after_in_child=_new_id_space)
 
 
 def new_request_id() -> str:
@@ -132,6 +146,7 @@ class Exchange:
         "query",
         "rate_headers",
         "request_id",
+        "responded",
         "route",
         "started",
         "ticket",
@@ -156,6 +171,7 @@ class Exchange:
         self.prepared: Prepared | None = None
         self.ticket: Ticket | None = None
         self.rate_headers: Headers = []
+        self.responded = False  # the response has started: its status is sent
 
     @property
     def answer_body(self) -> dict[str, Any]:
@@ -186,6 +202,14 @@ class Proxy:
         except GatewayError as exc:
             # Refusals raised before the response started.
             await self._send_error(send, exc, x.request_id)
+        except Exception:
+            # A bug, not a refusal: logged once with its traceback; the client gets
+            # an error in the upstream's shape if nothing was sent yet (the
+            # reservation, if any, was given back by _handle).
+            log.exception("request %s: unexpected error", x.request_id)
+            if not x.responded:
+                failure = GatewayError("The gateway failed to handle the request.")
+                await self._send_error(send, failure, x.request_id)
         finally:
             await self.gw.request_finished()
 
@@ -216,7 +240,13 @@ class Proxy:
     # --- parse -----------------------------------------------------------------------
 
     def _parse(self, x: Exchange, scope: Scope) -> None:
-        x.method = scope["method"]
+        method: str = scope["method"]
+        if not method.isupper():
+            # Methods are case-sensitive (RFC 9110 9.1) and the dialects route on
+            # the upper-case names, but the upstream client sends any method upper
+            # case: "post" would reach the upstream as POST, unmetered.
+            raise BadRequest("The request method must be written in upper case.")
+        x.method = method
         x.path = canonical_path(scope["path"][3:])  # strip "/v1"
         x.query = scope.get("query_string", b"")
         x.headers = request_headers(scope["headers"], self.gw.user_header)
@@ -369,6 +399,7 @@ class Proxy:
             await self.admitter.refund(x.ticket, x.request_id)
             await self._relay_plain(x, response, status, headers, content_type, send)
             return
+        x.responded = True
         await send({"type": "http.response.start", "status": status, "headers": headers})
         sse = content_type.startswith(_SSE)
         with gw.metrics.streaming(sse):
@@ -389,6 +420,7 @@ class Proxy:
             if days is not None:
                 await self._history(x, send, response, status, headers, days)
                 return
+        x.responded = True
         await send({"type": "http.response.start", "status": status, "headers": headers})
         try:
             with self.client.reading():
@@ -419,7 +451,7 @@ class Proxy:
         transform = upstream.stream_transform(route, x.prepared) if sse else None
         buffer = bytearray()
         watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-        disconnected = stopped = cut = False
+        disconnected = stopped = cut = failed = False
         first_byte = True
         cancelled: asyncio.CancelledError | None = None
         loop = asyncio.get_running_loop()
@@ -432,7 +464,13 @@ class Proxy:
                                 disconnected = True
                                 stopped = await self._client_left(x, meter)
                                 if stopped and upstream.stops_by_closing:
-                                    cut = True  # closing the response stops the answer
+                                    # Closing the response stops the answer; the
+                                    # chunk in hand is metered first (it may be
+                                    # the first sign the answer began, and billed).
+                                    cut = True
+                                    if decoder is not None and meter is not None:
+                                        for event in decoder.feed(chunk):
+                                            meter.feed(event)
                                     break
                                 deadline.reschedule(
                                     loop.time() + gw.config.upstream.disconnect_grace
@@ -470,6 +508,11 @@ class Proxy:
             # is still settled below, shielded, before the cancellation goes on.
             cut = True
             cancelled = exc
+        except Exception:
+            # A bug while relaying or metering: the answer has begun (and may be
+            # billed upstream), so it is charged, never refunded.
+            cut = failed = True
+            log.exception("request %s: unexpected error while relaying an answer", x.request_id)
         finally:
             if not disconnected and watcher.done():
                 disconnected = True
@@ -477,14 +520,16 @@ class Proxy:
             watcher.cancel()
         if cancelled is None and not disconnected:
             rest = b"" if transform is None or cut else transform.flush()
-            await send({"type": "http.response.body", "body": rest, "more_body": False})
+            if failed and sse:
+                rest += upstream.stream_error(
+                    500, "internal_server_error", "The gateway failed while relaying the answer."
+                )
+            try:
+                await send({"type": "http.response.body", "body": rest, "more_body": False})
+            except Exception:  # the client is past helping; the answer is still settled
+                log.exception("request %s: could not end the response", x.request_id)
 
-        if decoder is not None and meter is not None:
-            for event in decoder.flush():
-                meter.feed(event)
-            result = meter.finish(cut=cut or disconnected)
-        else:
-            result = upstream.meter_blocking(route, x.answer_body, bytes(buffer))
+        result = self._result(x, meter, decoder, buffer, cut=cut or disconnected, failed=failed)
         if (
             cut
             and not stopped
@@ -498,6 +543,40 @@ class Proxy:
         await self._kept(self._settle(x, result, disconnected=disconnected))
         if cancelled is not None:
             raise cancelled
+
+    def _result(
+        self,
+        x: Exchange,
+        meter: StreamMeter | None,
+        decoder: SSEDecoder | None,
+        buffer: bytearray,
+        *,
+        cut: bool,
+        failed: bool,
+    ) -> Metered:
+        """What the answer cost, from its meter; if metering itself fails (or the
+        relay failed), at least the dialect's estimate for an unanswered request."""
+        upstream = self.gw.upstream
+        try:
+            if decoder is not None and meter is not None:
+                for event in decoder.flush():
+                    meter.feed(event)
+                result = meter.finish(cut=cut)
+            else:
+                result = upstream.meter_blocking(x.route, x.answer_body, bytes(buffer))
+        except Exception:
+            log.exception("request %s: the answer could not be metered", x.request_id)
+            failed = True
+            result = Metered(None, None, None, None, "cut")
+        if failed and result.usage is None:
+            estimate = upstream.unanswered(x.route, x.answer_body)
+            result = dataclasses.replace(
+                estimate,
+                answer_id=result.answer_id,
+                outcome="cut",
+                error_code="gateway_error",
+            )
+        return result
 
     async def _history(
         self,
@@ -533,6 +612,7 @@ class Proxy:
         # aiter_bytes decoded any Content-Encoding: describe the new body instead.
         headers = [(k, v) for k, v in headers if k not in (b"content-length", b"content-encoding")]
         headers.append((b"content-length", str(len(body)).encode()))
+        x.responded = True
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -673,6 +753,7 @@ class Proxy:
             (b"content-length", str(len(response.content)).encode()),
             (b"x-request-id", x.request_id.encode()),
         ]
+        x.responded = True
         await send({"type": "http.response.start", "status": response.status_code, "headers": out})
         await send({"type": "http.response.body", "body": response.content})
 
