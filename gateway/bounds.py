@@ -72,8 +72,18 @@ def _bound_float(value: object) -> tuple[float | None, bool]:
     return number, False
 
 
-# Text the upstream chose; the database refuses lone surrogates and NUL characters.
-_TEXT_FIELDS = ("answer_id", "conversation_id", "currency", "endpoint", "request_id")
+# Text the upstream (or, for the model asked for, the client) chose; the database
+# refuses lone surrogates and NUL characters.
+_TEXT_FIELDS = ("answer_id", "conversation_id", "currency", "endpoint", "model", "request_id")
+
+# The longest model name kept: model names are short (the longest of OpenAI's are
+# under 50 characters); a longer one is cut, and the record marked.
+MAX_MODEL_CHARS = 200
+_TEXT_CAPS = {"model": MAX_MODEL_CHARS}
+
+# Counts that are parts of another: (part, whole). A part is never more than its
+# whole, so it is bounded by the whole once that is in range.
+_PARTS = (("cached_tokens", "prompt_tokens"), ("reasoning_tokens", "completion_tokens"))
 
 
 def clean_text(value: str) -> str:
@@ -89,11 +99,16 @@ def bound_event(event: UsageEvent, *, max_tokens: int) -> tuple[UsageEvent, list
     """
     changed: list[str] = []
     values: dict[str, object] = {}
+    counts: dict[str, int] = {}
     for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        number, clamped = bound_tokens(getattr(event, name), max_tokens)
-        values[name] = number
+        counts[name], clamped = bound_tokens(getattr(event, name), max_tokens)
         if clamped:
             changed.append(name)
+    for name, whole in _PARTS:
+        counts[name], clamped = bound_tokens(getattr(event, name), counts[whole])
+        if clamped:
+            changed.append(name)
+    values.update(counts)
     cost, clamped = bound_cost(event.cost)
     values["cost"] = cost
     if clamped:
@@ -105,7 +120,7 @@ def bound_event(event: UsageEvent, *, max_tokens: int) -> tuple[UsageEvent, list
             changed.append(name)
     for name in _TEXT_FIELDS:
         text = getattr(event, name)
-        if isinstance(text, str) and (cleaned := clean_text(text)) != text:
+        if isinstance(text, str) and (cleaned := clean_text(text)[: _TEXT_CAPS.get(name)]) != text:
             values[name] = cleaned
             changed.append(name)
     if changed:

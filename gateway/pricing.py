@@ -58,24 +58,52 @@ class PriceTable:
     def __bool__(self) -> bool:
         return bool(self._prices)
 
+    def name(self, model: str) -> str | None:
+        """The configured name that prices ``model`` (itself, or the base name of
+        a snapshot), not counting ``"*"``; None when the table names none."""
+        if model in self._prices and model != "*":
+            return model
+        for name in self._by_length:
+            if model.startswith(name) and model[len(name) : len(name) + 1] == "-":
+                return name
+        return None
+
     def find(self, *models: str | None) -> Price | None:
         """The price of the first of ``models`` the table names, else ``"*"``."""
         for model in models:
-            if model is None:
-                continue
-            price = self._prices.get(model)
-            if price is not None:
-                return price
-            for name in self._by_length:
-                if model.startswith(name) and model[len(name) : len(name) + 1] == "-":
-                    return self._prices[name]
+            name = None if model is None else self.name(model)
+            if name is not None:
+                return self._prices[name]
         return self._prices.get("*")
 
-    def priced(self, usage: Usage, *models: str | None) -> tuple[Usage, bool]:
+    def label(self, model: str | None) -> str:
+        """``model`` as a metrics label: the configured name that prices it, so
+        the label values are the table's few names whatever a client asks for;
+        ``"other"`` for a model the table does not name; ``""`` for none (Dify)."""
+        if model is None:
+            return ""
+        return self.name(model) or "other"
+
+    def priced(
+        self, usage: Usage, *models: str | None, max_tokens: int | None = None
+    ) -> tuple[Usage, bool]:
         """``usage`` with its cost from the first of ``models`` the table prices
         (the model that answered, then the one asked for); and whether one was found.
-        Unpriced usage keeps the cost it had."""
+        Unpriced usage keeps the cost it had.
+
+        With ``max_tokens``, counts above it are priced as ``max_tokens``: the ledger
+        records them at that bound (docs/proxy.md, "Clamped answers"), and the cost
+        is that of the tokens charged. The counts themselves are left as reported,
+        for the ledger's bounds to find and mark."""
         price = self.find(*models)
         if price is None:
             return usage, False
-        return replace(usage, cost=price.cost(usage), currency=price.currency), True
+        counted = usage
+        if max_tokens is not None:
+            counted = replace(
+                usage,
+                prompt_tokens=min(usage.prompt_tokens, max_tokens),
+                completion_tokens=min(usage.completion_tokens, max_tokens),
+                cached_tokens=min(usage.cached_tokens, max_tokens),
+            )
+        return replace(usage, cost=price.cost(counted), currency=price.currency), True

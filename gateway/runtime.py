@@ -28,6 +28,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.config import Config, load_config
 from gateway.errors import BadRequest, ConfigError, StorageError
 from gateway.metrics import Metrics
+from gateway.pricing import PriceTable
 from gateway.recovery import Recovery
 from gateway.reports import Reports
 from gateway.settle import Settler
@@ -168,6 +169,7 @@ class Gateway:
             metrics=self.metrics,
             spool=spool,
             max_tokens_per_answer=self.config.accounting.max_tokens_per_answer,
+            prices=self._prices,
         )
         replayed = await self.settler.replay()
         if replayed:
@@ -291,11 +293,13 @@ class Gateway:
         tz = config.tz
         # Rebuilt so that a dialect's own settings (prices) follow a reload.
         upstream = get_upstream(config.upstream.kind, config)
+        prices = PriceTable(config.prices)  # the settler's metrics labels (see Settler)
         self.config, self._tz, self.auth, self.users = config, tz, auth, users
-        self.upstream = upstream
+        self.upstream, self._prices = upstream, prices
         self.user_header = config.auth.trusted_header.user_header.lower().encode()
         if hasattr(self, "settler"):  # a reload: the settler exists from the start
             self.settler.max_tokens_per_answer = config.accounting.max_tokens_per_answer
+            self.settler.prices = prices
 
     async def _watch(self, path: str, interval: float) -> None:
         def stamp() -> tuple[int, int] | None:

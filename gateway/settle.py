@@ -27,6 +27,7 @@ import orjson
 from gateway.bounds import DEFAULT_MAX_TOKENS_PER_ANSWER, bound_event
 from gateway.errors import StorageError
 from gateway.metrics import Metrics
+from gateway.pricing import PriceTable
 from gateway.storage import ALERT_LIMITS, AlertCheck, AlertRequest, Storage, UsageEvent
 
 log = logging.getLogger("gateway.settle")
@@ -49,7 +50,16 @@ class Write:
     alerts: AlertRequest | None = None
 
 
-_INT_FIELDS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens", "web_searches"})
+_INT_FIELDS = frozenset(
+    {
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cached_tokens",
+        "reasoning_tokens",
+        "web_searches",
+    }
+)
 _INT64 = range(-(2**63), 2**63)
 
 
@@ -161,9 +171,12 @@ class Settler:
         spool: Path | None,
         retry_delays: Sequence[float] = RETRY_DELAYS,
         max_tokens_per_answer: int = DEFAULT_MAX_TOKENS_PER_ANSWER,
+        prices: PriceTable | None = None,
     ) -> None:
         self._storage = storage
         self.max_tokens_per_answer = max_tokens_per_answer
+        # The metrics' model labels are the names in this table (see _write).
+        self.prices = prices if prices is not None else PriceTable({})
         self._metrics = metrics
         self._spool = spool
         self._delays = tuple(retry_delays)
@@ -266,7 +279,10 @@ class Settler:
             metrics = self._metrics
             metrics.inc("gateway_answers_settled_total", outcome=event.outcome)
             plan = write.plan
-            model = event.model or ""  # Dify's answers name none
+            # The model can be the one a client asked for: any text. A label value
+            # is a time series kept for the process's life (and, in multiprocess
+            # mode, on disk), so only the price table's names are labels.
+            model = self.prices.label(event.model)
             metrics.inc(
                 "gateway_tokens_total", event.prompt_tokens, plan=plan, model=model, kind="prompt"
             )

@@ -405,3 +405,74 @@ async def test_a_cancellation_during_the_ledger_write_does_not_lose_the_answer(
         await h.gateway.idle()
         (event,) = await h.events()
     assert event.total_tokens == 1168 and not event.estimated
+
+
+# --- OpenAI-compatible answers in shapes the dialect must still meter ------------------
+
+
+class _OneAnswer:
+    """An OpenAI-compatible upstream that gives every request the same answer."""
+
+    def __init__(self, content_type: bytes, body: bytes) -> None:
+        self.content_type, self.body = content_type, body
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        headers = [(b"content-type", self.content_type)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+_DEEP = b"[" * 1000 + b'"abcd"' + b"]" * 1000
+_DATA_ONLY = b"".join(
+    b"data: " + orjson.dumps(event) + b"\n\n"
+    for event in [
+        {"type": "response.created", "response": {"model": "o3", "status": "in_progress"}},
+        {"type": "response.output_text.delta", "delta": "Hello", "output_index": 0},
+        {
+            "type": "response.completed",
+            "response": {"model": "o3", "usage": {"input_tokens": 21, "output_tokens": 2}},
+        },
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "request_body", "answer", "tokens"),
+    [
+        (
+            "chat/completions",
+            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            _OneAnswer(
+                b"application/json",
+                b'{"model":"gpt-4o-mini","choices":[{"message":{"content":' + _DEEP + b"}}]}",
+            ),
+            (1, 1),  # an estimate: the answer reports no usage
+        ),
+        (
+            "responses",
+            {"model": "o3", "input": "hi", "stream": True},
+            _OneAnswer(b"text/event-stream", _DATA_ONLY),
+            (21, 2),  # a stream without "event:" lines
+        ),
+    ],
+    ids=["blocking-nested-1000-deep", "responses-data-lines-only"],
+)
+async def test_odd_openai_answers_are_recorded(
+    sqlite_url: str,
+    path: str,
+    request_body: dict[str, Any],
+    answer: _OneAnswer,
+    tokens: tuple[int, int],
+) -> None:
+    settings = {"upstream": {"kind": "openai"}}
+    async with running_gateway(sqlite_url, upstream=answer, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as http:
+            response = await http.post(f"/v1/{path}", json=request_body, headers=h.auth())
+        await h.gateway.wait_finished(1)
+        events = await h.events()
+    assert response.status_code == 200
+    (event,) = events
+    assert (event.prompt_tokens, event.completion_tokens) == tokens

@@ -169,3 +169,53 @@ async def test_tokens_and_cost_are_counted_by_the_model_that_answered(sqlite_url
     assert value(text, "gateway_tokens_total", kind="completion", **labels) == 700
     cost = value(text, "gateway_cost_total", currency="USD", **labels)
     assert cost == pytest.approx(float(MINI_COST))
+
+
+@pytest.mark.parametrize(
+    ("asked", "answered", "label"),
+    [
+        # A snapshot is labelled with the configured name that prices it.
+        ("gpt-4o-mini", "gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+        # Any other name a client (or a compatible server) chooses is one label.
+        ("made-up-1", None, "other"),
+        ("gpt-4o-mini", "x" * 300, "other"),
+        ("gpt-4o-mini\x00", None, "other"),
+    ],
+    ids=["snapshot", "unpriced", "long", "nul"],
+)
+async def test_the_model_label_is_a_priced_name_or_other(
+    sqlite_url: str, asked: str, answered: str | None, label: str
+) -> None:
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    steer = {**STEER, **({"x-fake-model": answered} if answered else {})}
+    async with running_gateway(sqlite_url, upstream=fake, settings=openai_settings()) as h:
+        async with httpx.AsyncClient(base_url=h.url) as client:
+            body = {"model": asked, "messages": [{"role": "user", "content": "hi"}]}
+            response = await client.post("/v1/chat/completions", json=body, headers=h.auth(**steer))
+            assert response.status_code == 200
+            await h.gateway.wait_finished(1)
+            text = (await client.get("/metrics")).text
+    models = {s.labels["model"] for s in samples(text) if s.name.startswith("gateway_tokens_total")}
+    assert models == {label}
+    assert value(text, "gateway_tokens_total", kind="prompt", plan="free", model=label) == 1200
+
+
+async def test_the_model_labels_follow_a_reload_of_the_prices(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    path = tmp_path / "gateway.toml"
+    body = {"model": "o9", "messages": [{"role": "user", "content": "hi"}]}
+    settings = openai_settings()
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings, config_file=path) as h:
+        async with httpx.AsyncClient(base_url=h.url) as client:
+            await client.post("/v1/chat/completions", json=body, headers=h.auth(**STEER))
+            await h.gateway.wait_finished(1)
+            path.write_text(path.read_text() + '\n[prices."o9"]\ninput = "1"\noutput = "1"\n')
+            assert await h.gateway.reload()
+            await client.post("/v1/chat/completions", json=body, headers=h.auth(**STEER))
+            await h.gateway.wait_finished(2)
+            text = (await client.get("/metrics")).text
+    labels = {"plan": "free", "kind": "prompt"}
+    assert value(text, "gateway_tokens_total", model="other", **labels) == 1200
+    assert value(text, "gateway_tokens_total", model="o9", **labels) == 1200

@@ -14,15 +14,17 @@ import httpx
 import orjson
 import pytest
 
-from gateway.bounds import CLAMPED, MAX_COST, bound_event
+from gateway.bounds import CLAMPED, MAX_COST, MAX_MODEL_CHARS, bound_event
 from gateway.config import DatabaseConfig, parse_config
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.settle import Settler, Write, event_from_json, event_to_json
-from gateway.storage import UsageEvent, open_storage
+from gateway.storage import Storage, UsageEvent, open_storage
 from gateway.testing.fake_upstream import FakeDify
+from gateway.testing.openai_upstream import ANSWER_PIECES, FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
 from tests.tcpproxy import TCPProxy
+from tests.test_openai_sdk import PRICES
 from tests.test_settle import EVENT
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
@@ -187,3 +189,108 @@ async def test_absurd_event_with_the_database_down_is_spooled_and_replayed_clamp
     assert (event.outcome, event.total_tokens, event.prompt_tokens) == (CLAMPED, CAP, CAP)
     assert (event.completion_tokens, event.cost) == (0, Decimal(0))
     assert event.upstream_latency_ms is None and event.overhead_ms is None
+
+
+# --- the OpenAI fields: cached and reasoning tokens, the model ------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"cached_tokens": 10**20}, {"cached_tokens": 1033}),
+        ({"cached_tokens": 2000}, {"cached_tokens": 1033}),  # never more than the prompt
+        ({"cached_tokens": -1}, {"cached_tokens": 0}),
+        ({"reasoning_tokens": 2**63}, {"reasoning_tokens": 135}),
+        (
+            {"prompt_tokens": 10**20, "cached_tokens": 10**20},
+            {"prompt_tokens": CAP, "cached_tokens": CAP},
+        ),
+        ({"model": "gpt\x00x"}, {"model": "gpt\ufffdx"}),
+        ({"model": "gpt\ud800x"}, {"model": "gpt?x"}),
+        ({"model": "m" * 5000}, {"model": "m" * MAX_MODEL_CHARS}),
+    ],
+    ids=[
+        "cached-1e20",
+        "cached-over-prompt",
+        "cached-negative",
+        "reasoning-2^63",
+        "prompt-and-cached-1e20",
+        "model-nul",
+        "model-surrogate",
+        "model-5000-chars",
+    ],
+)
+async def test_openai_fields_are_bounded_and_recorded(
+    storage: Storage, tmp_path: Path, change: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    await storage.ensure_user("alice", plan="free")
+    metrics = Metrics()
+    settler = Settler(storage, metrics=metrics, spool=tmp_path / "spool", max_tokens_per_answer=CAP)
+    await settler.record(UsageEvent(**{**_fields(EVENT), **change}))
+    assert settler.pending == 0  # written at once, not left to a retry
+    (event,) = [e async for e in storage.events(date(2026, 1, 1), date(2026, 12, 31))]
+    assert event.outcome == CLAMPED
+    assert {name: getattr(event, name) for name in expected} == expected
+    assert metrics.get("gateway_storage_errors_total", operation="settle") == 0
+    assert metrics.get("gateway_usage_clamped_total") == 1
+
+
+def test_a_spooled_event_keeps_its_absurd_parts_exactly() -> None:
+    event = UsageEvent(**{**_fields(EVENT), "cached_tokens": 10**30, "reasoning_tokens": 2**64})
+    read, _ = event_from_json(event_to_json(event))
+    assert (read.cached_tokens, read.reasoning_tokens) == (10**30, 2**64)
+
+
+OPENAI = {**SETTINGS, "upstream": {"kind": "openai"}, "prices": PRICES}
+# gpt-4o-mini's prices per million tokens (tests/test_openai_sdk.py).
+INPUT, OUTPUT = Decimal("0.15"), Decimal("0.60")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["blocking", "streaming"])
+@pytest.mark.parametrize(
+    ("model", "headers", "expected"),
+    [
+        ("gpt-4o-mini", {"x-fake-cached-tokens": str(2**63)}, {"cached_tokens": 12}),
+        (
+            "gpt-4o-mini",
+            {"x-fake-reasoning-tokens": str(2**64 - 1)},
+            {"reasoning_tokens": len(ANSWER_PIECES)},
+        ),
+        ("gpt\x00x", {}, {"model": "gpt\ufffdx"}),
+        ("m" * 5000, {}, {"model": "m" * MAX_MODEL_CHARS}),
+        (  # priced as the tokens it is charged: the cap, not 2**63
+            "gpt-4o-mini",
+            {"x-fake-prompt-tokens": str(2**63)},
+            {
+                "prompt_tokens": CAP,
+                "cost": (CAP * INPUT + len(ANSWER_PIECES) * OUTPUT).scaleb(-6),
+            },
+        ),
+    ],
+    ids=["cached-2^63", "reasoning-u64-max", "model-nul", "model-5000-chars", "prompt-2^63"],
+)
+async def test_absurd_openai_usage_is_recorded_clamped(
+    database_url: str,
+    client: httpx.AsyncClient,
+    model: str,
+    headers: dict[str, str],
+    expected: dict[str, Any],
+    stream: bool,
+) -> None:
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    async with running_gateway(database_url, upstream=fake, settings=OPENAI) as h:
+        url = f"{h.url}/v1/chat/completions"
+        first = await client.post(url, json=body, headers=h.auth(**headers))
+        await h.gateway.wait_finished(1)
+        events = await h.events()
+        today = h.gateway.today()
+        (daily,) = await h.gateway.storage.daily(today, today, user_id=USER)
+        errors = h.gateway.metrics.get("gateway_storage_errors_total", operation="settle")
+    assert first.status_code == 200
+    (event,) = events
+    assert event.outcome == CLAMPED
+    assert {name: getattr(event, name) for name in expected} == expected
+    assert errors == 0
+    # Counted against the day's tokens like any answer.
+    assert daily.total_tokens == event.total_tokens > 0

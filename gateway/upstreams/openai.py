@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
+from gateway.bounds import DEFAULT_MAX_TOKENS_PER_ANSWER
 from gateway.errors import BadRequest, Forbidden
 from gateway.pricing import PriceTable
 from gateway.sse import ServerSentEvent
@@ -99,7 +100,7 @@ def _requested_model(body: dict[str, Any]) -> str | None:
 class OpenAIUpstream:
     """The OpenAI API (``https://api.openai.com/v1``) and compatible servers."""
 
-    __slots__ = ("_prices",)
+    __slots__ = ("_max_tokens", "_prices")
 
     kind = "openai"
     user_field = "user"
@@ -107,6 +108,11 @@ class OpenAIUpstream:
 
     def __init__(self, config: Config | None = None) -> None:
         self._prices = PriceTable(config.prices if config is not None else {})
+        self._max_tokens = (
+            config.accounting.max_tokens_per_answer
+            if config is not None
+            else DEFAULT_MAX_TOKENS_PER_ANSWER
+        )
 
     # --- requests ------------------------------------------------------------------
 
@@ -138,8 +144,12 @@ class OpenAIUpstream:
             )
         if body is None:
             return Prepared(None, query)
-        # The end user as OpenAI reads it, so nobody can act as someone else there.
+        # The end user as OpenAI reads it, so nobody can act as someone else there:
+        # "user", and its successor "safety_identifier" when the client sent one
+        # (not every endpoint, nor every compatible server, takes the newer field).
         body["user"] = user_id
+        if "safety_identifier" in body:
+            body["safety_identifier"] = user_id
         memo = None
         if route.kind == "response" and body.get("background") is True:
             # A background response is answered later, to whoever polls for it:
@@ -187,7 +197,9 @@ class OpenAIUpstream:
         model = metered.model or requested
         usage = metered.usage
         if usage is not None:
-            usage, _ = self._prices.priced(usage, metered.model, requested)
+            usage, _ = self._prices.priced(
+                usage, metered.model, requested, max_tokens=self._max_tokens
+            )
         if usage is metered.usage and model == metered.model:
             return metered
         return dataclasses.replace(metered, usage=usage, model=model)

@@ -63,6 +63,32 @@ _RESPONSE_TEXT: Final = frozenset(
     }
 )
 
+# The event names of an SSE event without an "event:" line.
+_UNNAMED: Final = frozenset({"", "message"})
+# A "type" member and its value, as JSON writes it. A string inside the JSON cannot
+# hold an unescaped quote, so every match is a real member, possibly nested.
+_TYPE: Final = re.compile(r'"type"\s*:\s*"([^"\\]*)"')
+_RESPONSE_PARSED: Final = _RESPONSE_FINAL | {"error", "response.created"}
+
+
+def _data_type(data: str) -> tuple[str, object]:
+    """The ``type`` of a responses event from its data alone, and the parsed data
+    when it had to be parsed (else None). Only an event that may be one whose JSON
+    matters (usage, an error, the model) is parsed: the others, text deltas among
+    them, are told by their type member, found without parsing."""
+    kinds = _TYPE.findall(data)
+    if _RESPONSE_PARSED.isdisjoint(kinds):
+        # A text delta's only object is the event itself: its type is the first.
+        return (str(kinds[0]) if kinds else ""), None
+    try:
+        obj = _loads(data)
+    except orjson.JSONDecodeError:
+        # Unreadable: taken for the kind it names, so a broken final event is
+        # reported as one (malformed usage), as with an "event:" line.
+        return next(kind for kind in kinds if kind in _RESPONSE_PARSED), None
+    kind = obj.get("type") if isinstance(obj, dict) else None
+    return (kind if isinstance(kind, str) else ""), obj
+
 
 def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
@@ -107,14 +133,22 @@ def usage_from(raw: object) -> Usage:
 
 def _text_chars(value: object) -> int:
     """Characters of text in a prompt or message content: a string, a list of
-    strings, or a list of parts/items whose text is under "text" or "content"."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_text_chars(item) for item in value)
-    if isinstance(value, dict):
-        return _text_chars(value.get("text")) + _text_chars(value.get("content"))
-    return 0
+    strings, or a list of parts/items whose text is under "text" or "content".
+
+    Walked with a stack, not recursion: the body is the client's (or the
+    upstream's) and may nest a thousand levels deep."""
+    chars = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            chars += len(item)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.append(item.get("text"))
+            stack.append(item.get("content"))
+    return chars
 
 
 def prompt_chars(body: dict[str, Any]) -> int:
@@ -319,7 +353,11 @@ class ResponsesStreamMeter(_StreamMeter):
         data = event.data
         if not data:
             return
-        kind = event.event
+        kind, obj = event.event, None
+        if kind in _UNNAMED:
+            # No "event:" line (some compatible servers send only data lines): the
+            # kind is the data's "type".
+            kind, obj = _data_type(data)
         if kind in _RESPONSE_TEXT:
             overhead = self._overhead.get(kind)
             if overhead is not None:
@@ -327,12 +365,13 @@ class ResponsesStreamMeter(_StreamMeter):
                 if extra > 0:
                     self._text_chars += extra
                 return
-        elif kind not in _RESPONSE_FINAL and kind != "error" and kind != "response.created":
+        elif kind not in _RESPONSE_PARSED:
             return
-        try:
-            obj = _loads(data)
-        except orjson.JSONDecodeError:
-            obj = None
+        if obj is None:
+            try:
+                obj = _loads(data)
+            except orjson.JSONDecodeError:
+                obj = None
         if not isinstance(obj, dict):
             if kind in _RESPONSE_FINAL:
                 self._malformed = True

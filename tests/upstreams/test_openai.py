@@ -16,7 +16,7 @@ from gateway.config import parse_config
 from gateway.errors import BadRequest, ConfigError, Forbidden
 from gateway.pricing import Price, PriceTable
 from gateway.sse import SSEDecoder
-from gateway.testing.openai_upstream import FakeOpenAI, _Answer
+from gateway.testing.openai_upstream import ANSWER_PIECES, FakeOpenAI, _Answer
 from gateway.upstreams import get_upstream
 from gateway.upstreams.openai import OpenAIUpstream
 from gateway.upstreams.openai_wire import (
@@ -29,7 +29,7 @@ from gateway.upstreams.openai_wire import (
     usage_from,
 )
 from gateway.upstreams.transforms import DropEvents
-from gateway.usage import Usage
+from gateway.usage import Usage, estimate_tokens
 
 PRICES = {
     "gpt-4o-mini": Price(
@@ -443,6 +443,20 @@ def test_the_user_is_always_the_authenticated_one() -> None:
         assert prepared.body["user"] == "alice"
 
 
+@pytest.mark.parametrize("path", ["/chat/completions", "/responses"])
+def test_the_safety_identifier_is_the_authenticated_user_too(path: str) -> None:
+    up = dialect()
+    route = up.route("POST", path)
+    body = {"user": "mallory", "safety_identifier": "victim", "prompt_cache_key": "k1"}
+    prepared = up.prepare(route, body, b"", "alice", method="POST", request_id="r")
+    assert prepared.body is not None
+    assert (prepared.body["user"], prepared.body["safety_identifier"]) == ("alice", "alice")
+    assert prepared.body["prompt_cache_key"] == "k1"  # a routing hint, kept (docs)
+    # Not added where the client sent none: not every endpoint or server takes it.
+    plain = up.prepare(route, {}, b"", "alice", method="POST", request_id="r")
+    assert plain.body == {"user": "alice"}
+
+
 @pytest.mark.parametrize(
     ("method", "path", "kind", "metered"),
     [
@@ -568,6 +582,22 @@ def test_the_star_entry_prices_the_rest() -> None:
     assert table.find("mystery-2", "o3") is PRICES["o3"]
 
 
+@pytest.mark.parametrize(
+    ("model", "label"),
+    [
+        ("gpt-4o-mini", "gpt-4o-mini"),
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),  # a snapshot: its base name
+        ("gpt-4o-minimal", "other"),
+        ("mystery", "other"),  # priced by "*", but not one of the table's names
+        ("*", "other"),
+        (None, ""),  # Dify's answers name no model
+    ],
+)
+def test_metrics_labels_are_the_tables_names(model: str | None, label: str) -> None:
+    table = PriceTable({**PRICES, "*": Price(input=Decimal(1))})
+    assert table.label(model) == label
+
+
 def test_dialect_prices_by_the_answering_model_then_the_requested_one() -> None:
     up = dialect()
     route = up.route("POST", "/chat/completions")
@@ -584,6 +614,26 @@ def test_dialect_prices_by_the_answering_model_then_the_requested_one() -> None:
         b'{"usage": {"prompt_tokens": 1000000, "completion_tokens": 0}}',
     )
     assert (result.model, result.usage and result.usage.cost) == ("gpt-4o-mini", Decimal("0.15"))
+
+
+def test_counts_past_the_per_answer_cap_are_priced_at_the_cap() -> None:
+    config = parse_config(
+        {
+            "prices": {"gpt-4o-mini": {"input": "1", "cached_input": "0.5", "output": "2"}},
+            "accounting": {"max_tokens_per_answer": 1000},
+        },
+        env={},
+    )
+    up = OpenAIUpstream(config)
+    usage = {"prompt_tokens": 1e20, "completion_tokens": 2**63, "total_tokens": 5}
+    usage["prompt_tokens_details"] = {"cached_tokens": 10**19}
+    body = orjson.dumps({"model": "gpt-4o-mini", "usage": usage})
+    result = up.meter_blocking(up.route("POST", "/chat/completions"), {}, body)
+    assert result.usage is not None
+    # 1000 cached prompt tokens at 0.5 and 1000 output tokens at 2, per million.
+    assert result.usage.cost == Decimal("0.0025")
+    # The counts stay as reported, for the ledger's bounds to clamp and mark.
+    assert result.usage.prompt_tokens == 10**20
 
 
 @pytest.mark.parametrize(
@@ -631,3 +681,98 @@ def test_a_begun_stream_cut_before_any_text_is_charged_its_prompt(meter: Any, fi
     ended = meter(body)
     _feed(ended, first)
     assert ended.finish(cut=False).usage is None  # ended without text: nothing produced
+
+
+# --- responses streams without "event:" lines ----------------------------------------------
+
+
+def _unnamed(raw: bytes) -> bytes:
+    """The stream as a compatible server may send it: data lines only."""
+    return b"\n".join(line for line in raw.split(b"\n") if not line.startswith(b"event:"))
+
+
+@pytest.mark.parametrize("name", [b"", b"event: message\n"], ids=["no-event-line", "message"])
+def test_a_responses_stream_of_data_lines_only_is_metered_the_same(
+    monkeypatch: pytest.MonkeyPatch, name: bytes
+) -> None:
+    from gateway.upstreams import openai_wire
+
+    parsed: list[Any] = []
+    real = openai_wire._loads
+    monkeypatch.setattr(openai_wire, "_loads", lambda data: parsed.append(data) or real(data))
+    raw = _responses_stream(**{"x-fake-reasoning-tokens": "6", "x-fake-cached-tokens": "2"})
+    stream = b"\n\n".join(name + e for e in _unnamed(raw).split(b"\n\n") if e) + b"\n\n"
+    meter = ResponsesStreamMeter({"input": "hello"})
+    _feed(meter, stream)
+    result = meter.finish(cut=False)
+    assert result.outcome == "complete"
+    assert result.model == "o3"
+    assert result.usage == Usage(12, 7, 19, cached_tokens=2, reasoning_tokens=6)
+    # response.created (the model), the first text delta (its envelope's size) and
+    # response.completed: the other deltas are measured unparsed.
+    assert len(parsed) == 3
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["event-lines", "data-only"])
+def test_a_responses_stream_that_ends_with_text_and_no_usage_is_estimated(named: bool) -> None:
+    events = [e for e in _responses_stream().split(b"\n\n") if e][:-1]  # no response.completed
+    raw = b"\n\n".join(events) + b"\n\n"
+    meter = ResponsesStreamMeter({"input": "x" * 40})
+    _feed(meter, raw if named else _unnamed(raw))
+    result = meter.finish(cut=False)  # the upstream ended the stream itself
+    assert result.outcome == "cut"
+    usage = result.usage
+    assert usage is not None and usage.estimated
+    assert usage.prompt_tokens == 10
+    assert usage.completion_tokens == estimate_tokens(len("".join(ANSWER_PIECES)))
+
+
+def test_the_chat_stream_that_ends_with_text_and_no_usage_is_estimated_alike() -> None:
+    meter = ChatStreamMeter({"messages": [{"content": "x" * 40}]})
+    _feed(meter, _chat_stream(False))
+    usage = meter.finish(cut=False).usage
+    assert usage is not None and usage.estimated
+    assert usage.completion_tokens == estimate_tokens(len("".join(ANSWER_PIECES)))
+
+
+@pytest.mark.parametrize(
+    ("data", "outcome", "code"),
+    [
+        (b'{"type": "error", "code": "server_error", "message": "m"}', "error", "server_error"),
+        (
+            b'{"type": "response.failed", "response": {"model": "o3", "error": {"code": "x"}}}',
+            "error",
+            "x",
+        ),
+        # A nested "type" naming a final event is not the event's own.
+        (b'{"type": "response.output_item.added", "item": {"type": "error"}}', "cut", None),
+        (b'{"item": {"type": "response.completed"}}', "cut", None),
+        (b'{"type": "response.completed", "response": 3}', "cut", "malformed_usage"),
+        (b'{"type": "response.completed", "response": {"usage": {', "cut", "malformed_usage"),
+    ],
+)
+def test_data_only_responses_events_are_told_by_their_own_type(
+    data: bytes, outcome: str, code: str | None
+) -> None:
+    meter = ResponsesStreamMeter({})
+    _feed(meter, b"data: " + data + b"\n\n")
+    result = meter.finish(cut=False)
+    assert (result.outcome, result.error_code, result.usage) == (outcome, code, None)
+
+
+# --- bodies nested deeply ------------------------------------------------------------------
+
+
+def test_deeply_nested_text_is_counted_without_recursion() -> None:
+    content: Any = "abc"
+    for _ in range(100_000):
+        content = [{"content": content}]
+    assert prompt_chars({"messages": content, "input": [[["de"]]]}) == 5
+
+
+def test_a_blocking_answer_nested_a_thousand_deep_is_estimated() -> None:
+    deep = b"[" * 1000 + b'"abcd"' + b"]" * 1000
+    response = b'{"model":"gpt-4o-mini","choices":[{"message":{"content":' + deep + b"}}]}"
+    result = meter_body({"messages": [{"content": "x" * 40}]}, response)
+    assert result.outcome == "cut"
+    assert result.usage == Usage(10, 1, 11, estimated=True)
