@@ -176,6 +176,7 @@ async def measure(bench: Bench) -> None:
             cell["cpu"] += server.cpu_seconds() - cpu0
             cell["rounds"].append(round(done / result.seconds, 1))
             await asyncio.sleep(0.2 if bench.s.smoke else 0.5)
+            await _quiet(server, limit=2.0 if bench.s.smoke else 30.0)
     out: dict[str, Any] = {"connections": connections}
     for name, cell in cells.items():
         rate = cell["answers"] / cell["seconds"] if cell["seconds"] else 0.0
@@ -204,6 +205,23 @@ async def measure(bench: Bench) -> None:
         finally:
             await conn.close()
     bench.results["openai"] = out
+
+
+async def _quiet(server: Server, *, limit: float, step: float = 0.25) -> None:
+    """Wait until ``server`` has finished what was still in flight when wrk
+    stopped (its CPU use over one step falls under 10% of a core), so the next
+    round measures the other proxy on an otherwise idle machine. A proxy that
+    spends tens of milliseconds of CPU per answer (LiteLLM) goes on working for
+    seconds after its round, on the cores the next round needs."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    last = server.cpu_seconds()
+    while loop.time() < deadline:
+        await asyncio.sleep(step)
+        now = server.cpu_seconds()
+        if now - last < 0.1 * step:
+            return
+        last = now
 
 
 def _wrk(bench: Bench, server: Server, connections: int, seconds: int) -> Any:
