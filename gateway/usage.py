@@ -127,3 +127,25 @@ class Metered:
     error_code: str | None = None
     metadata: dict[str, object] | None = None
     model: str | None = None
+
+
+def estimate_usage(prompt_chars: int, text_chars: int) -> Usage:
+    """An estimate for an answer whose upstream reported no usage: tokens from
+    the characters of the prompt and of the text that came (see CHARS_PER_TOKEN),
+    no cost, marked estimated."""
+    prompt = estimate_tokens(prompt_chars)
+    completion = estimate_tokens(text_chars)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        estimated=True,
+    )
+
+
+def unreadable_answer(prompt_chars: int, response: bytes) -> Metered:
+    """A 2xx answer that cannot be read (not JSON, or cut off past the buffer):
+    the upstream produced, and billed, something, so it is charged an estimate
+    from the prompt and the bytes that came, never nothing."""
+    usage = estimate_usage(prompt_chars, len(response))
+    return Metered(None, None, None, usage, "cut", error_code="unreadable_answer")

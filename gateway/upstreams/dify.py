@@ -21,9 +21,10 @@ from gateway.usage import (
     Metered,
     Outcome,
     Usage,
-    estimate_tokens,
+    estimate_usage,
     parse_decimal,
     parse_tokens,
+    unreadable_answer,
 )
 
 if TYPE_CHECKING:
@@ -186,18 +187,6 @@ def _prompt_chars(body: dict[str, Any]) -> int:
     if isinstance(inputs, dict):
         chars += sum(len(v) for v in inputs.values() if isinstance(v, str))
     return chars
-
-
-def _estimate(prompt_chars: int, text_chars: int) -> Usage:
-    prompt = estimate_tokens(prompt_chars)
-    completion = estimate_tokens(text_chars)
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=prompt + completion,
-        cost=ZERO,
-        estimated=True,
-    )
 
 
 class DifyStreamMeter:
@@ -425,7 +414,9 @@ class DifyStreamMeter:
     def _partial_usage(self) -> Usage | None:
         """The best lower bound when Dify reported no final usage: what finished nodes
         reported, or an estimate from the text and the request, whichever is larger."""
-        estimate = _estimate(self._prompt_chars, self._text_chars) if self._text_chars else None
+        estimate = (
+            estimate_usage(self._prompt_chars, self._text_chars) if self._text_chars else None
+        )
         nodes = self._nodes if not _is_zero(self._nodes) else None
         if estimate is None or nodes is None:
             return estimate or nodes
@@ -541,11 +532,7 @@ class DifyUpstream:
         except orjson.JSONDecodeError:
             obj = None
         if not isinstance(obj, dict):
-            # A 2xx answer that cannot be read (not JSON, or cut off past the
-            # buffer): Dify produced, and billed, something. Charge an estimate
-            # from the prompt and the bytes that came, never nothing.
-            guess = _estimate(_prompt_chars(body), len(response))
-            return Metered(None, None, None, guess, "cut", error_code="unreadable_answer")
+            return unreadable_answer(_prompt_chars(body), response)
         task_id = _str_or_none(obj.get("task_id"))
         if "answer" not in obj and "data" not in obj and isinstance(obj.get("code"), str):
             # An error body {"code","message","status"} (dify.md "Errors over HTTP").
@@ -563,7 +550,7 @@ class DifyUpstream:
             answer = obj.get("answer")
             usage = None
             if isinstance(answer, str) and answer:
-                usage = _estimate(_prompt_chars(body), len(answer))
+                usage = estimate_usage(_prompt_chars(body), len(answer))
             outcome = "cut"
         return Metered(answer_id, task_id, conversation_id, usage, outcome, metadata=metadata)
 
@@ -585,7 +572,7 @@ class DifyUpstream:
 
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         # Only the prompt is known: the answer, if any, was never seen.
-        return Metered(None, None, None, _estimate(_prompt_chars(body), 0), "timeout")
+        return Metered(None, None, None, estimate_usage(_prompt_chars(body), 0), "timeout")
 
     def stop_request(self, route: Route, task_id: str, user_id: str) -> tuple[str, bytes] | None:
         prefix = _STOP_PREFIXES.get(route.kind)

@@ -28,7 +28,14 @@ from typing import Any, Final
 import orjson
 
 from gateway.sse import ServerSentEvent
-from gateway.usage import Metered, Outcome, Usage, estimate_tokens, parse_tokens
+from gateway.usage import (
+    Metered,
+    Outcome,
+    Usage,
+    estimate_usage,
+    parse_tokens,
+    unreadable_answer,
+)
 
 __all__ = [
     "ChatStreamMeter",
@@ -159,23 +166,12 @@ def prompt_chars(body: dict[str, Any]) -> int:
     )
 
 
-def _estimate(prompt: int, text: int) -> Usage:
-    prompt_tokens = estimate_tokens(prompt)
-    completion_tokens = estimate_tokens(text)
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-        estimated=True,
-    )
-
-
 def _partial(prompt: int, text: int, *, started: bool) -> Usage | None:
     """The charge for a stream that reported no usage. As for Dify, an answer that
     produced text is charged an estimate and one that produced none is not; but a
     stream the upstream had begun and that was then cut (OpenAI bills the prompt
     of an answer stopped by closing it) is charged at least its prompt."""
-    return _estimate(prompt, text) if text or started else None
+    return estimate_usage(prompt, text) if text or started else None
 
 
 def _answer_chars(obj: dict[str, Any]) -> int:
@@ -212,10 +208,7 @@ def meter_body(body: dict[str, Any], response: bytes) -> Metered:
     except orjson.JSONDecodeError:
         obj = None
     if not isinstance(obj, dict):
-        # A 2xx answer that cannot be read (not JSON, or cut off past the buffer):
-        # the upstream produced, and billed, something. Charge an estimate.
-        usage = _estimate(prompt_chars(body), len(response))
-        return Metered(None, None, None, usage, "cut", error_code="unreadable_answer")
+        return unreadable_answer(prompt_chars(body), response)
     model = _str_or_none(obj.get("model"))
     if "error" in obj and "usage" not in obj:
         return Metered(None, None, None, None, "error", error_code=_error_code(obj["error"]))
@@ -227,7 +220,7 @@ def meter_body(body: dict[str, Any], response: bytes) -> Metered:
         outcome: Outcome = "complete"
     except ValueError:
         # No usage (some compatible servers leave it out) or a broken one: estimate.
-        usage = _estimate(prompt_chars(body), _answer_chars(obj))
+        usage = estimate_usage(prompt_chars(body), _answer_chars(obj))
         outcome = "cut"
     return Metered(None, None, None, usage, outcome, model=model)
 
