@@ -174,17 +174,24 @@ def _partial(prompt: int, text: int, *, started: bool) -> Usage | None:
     return estimate_usage(prompt, text) if text or started else None
 
 
-def _answer_chars(obj: dict[str, Any]) -> int:
-    """Characters of answer text in a blocking body (chat, completion or response)."""
+def _choices_chars(obj: dict[str, Any], part: str) -> int:
+    """Characters of text in ``obj``'s choices: each choice's ``part`` ("message"
+    in a body, "delta" in a stream chunk) content, and a completion's ``text``."""
     chars = 0
     choices = obj.get("choices")
     if isinstance(choices, list):
         for choice in choices:
             if isinstance(choice, dict):
-                message = choice.get("message")
+                message = choice.get(part)
                 if isinstance(message, dict):
                     chars += _text_chars(message.get("content"))
                 chars += _text_chars(choice.get("text"))
+    return chars
+
+
+def _answer_chars(obj: dict[str, Any]) -> int:
+    """Characters of answer text in a blocking body (chat, completion or response)."""
+    chars = _choices_chars(obj, "message")
     output = obj.get("output")
     if isinstance(output, list):
         chars += _text_chars(output)
@@ -317,16 +324,7 @@ class ChatStreamMeter(_StreamMeter):
 
     @staticmethod
     def _chunk_text(obj: dict[str, Any]) -> int:
-        chars = 0
-        choices = obj.get("choices")
-        if isinstance(choices, list):
-            for choice in choices:
-                if isinstance(choice, dict):
-                    delta = choice.get("delta")
-                    if isinstance(delta, dict):
-                        chars += _text_chars(delta.get("content"))
-                    chars += _text_chars(choice.get("text"))
-        return chars
+        return _choices_chars(obj, "delta")
 
 
 class ResponsesStreamMeter(_StreamMeter):
