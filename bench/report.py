@@ -162,12 +162,37 @@ def memory_table(results: dict[str, Any]) -> str:
 
 def database_table(results: dict[str, Any]) -> str:
     db = results["database"]
+    many = db.get("concurrent")
+    at_once = f"{many['concurrency']} at a time" if many else "-"
+
+    def row(name: str, one: float | None, batched: float | None) -> list[str]:
+        return [name, _num(one, 2), _num(batched, 2)]
+
     rows = [
-        ["xact_commit (pg_stat_database)", _num(db["xact_commit_per_answer"], 2)],
-        ["round trips (counted on the wire)", _num(db["round_trips_per_answer"], 2)],
+        row(
+            "xact_commit (pg_stat_database)",
+            db["xact_commit_per_answer"],
+            many["xact_commit_per_answer"] if many else None,
+        ),
+        row(
+            "round trips (counted on the wire)",
+            db["round_trips_per_answer"],
+            many["round_trips_per_answer"] if many else None,
+        ),
     ]
-    rows += [[f"  {name}", _num(value, 2)] for name, value in db["by_statement"].items()]
-    return _table([f"gateway-postgres, per answer ({db['answers']:,} answers)", "count"], rows)
+    names = sorted({*db["by_statement"], *(many["by_statement"] if many else {})})
+    rows += [
+        row(
+            f"  {name}",
+            db["by_statement"].get(name, 0.0),
+            many["by_statement"].get(name, 0.0) if many else None,
+        )
+        for name in names
+    ]
+    return _table(
+        [f"gateway-postgres, per answer ({db['answers']:,} answers)", "one at a time", at_once],
+        rows,
+    )
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:

@@ -64,6 +64,9 @@ PATHS = ("direct", "naive", "fast", "gateway-sqlite", "gateway-postgres")
 GATEWAYS = ("gateway-sqlite", "gateway-postgres")
 PHASES = ("throughput", "latency", "profile", "openai", "database", "memory")
 # Limits high enough never to refuse, but all set, so that every check runs.
+# Answers at a time in the database phase's second measurement (the load the
+# throughput phase's first level puts on the gateway).
+DB_CONCURRENCY = 20
 PLAN = {
     "queries_per_day": 1_000_000_000,
     "tokens_per_day": 1_000_000_000_000,
@@ -164,6 +167,19 @@ def parse_args(argv: list[str] | None = None) -> Settings:
             else (sys.executable, "-m", "gateway")
         ),
     )
+
+
+def _per_answer(wire: Counter[str], answers: int) -> dict[str, Any]:
+    """Round trips per answer, in all and by statement, from a wire count."""
+    by_statement = {name: count / answers for name, count in sorted(wire.items())}
+    return {
+        "round_trips_per_answer": sum(wire.values()) / answers,
+        "by_statement": by_statement,
+        "admission_round_trips": sum(v for k, v in by_statement.items() if "gateway_admit" in k),
+        # One statement per settle, batched or not: its round trips are its writes.
+        "settle_writes": sum(v for k, v in by_statement.items() if "gateway_settle" in k),
+        "settle_round_trips": sum(v for k, v in by_statement.items() if "gateway_settle" in k),
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -673,40 +689,50 @@ default_plan = "bench"
         self.results["profile"] = {"path": server.name, "raw": str(raw), **summary.as_json()}
 
     async def _gateway_lifetime(
-        self, database_url: str, counter: WireCounter, *, warm: int, measured: int
+        self,
+        database_url: str,
+        counter: WireCounter,
+        *,
+        warm: int,
+        measured: int,
+        concurrency: int = 1,
     ) -> Counter[str]:
-        """Start a gateway, send ``warm`` then ``measured`` answers one at a time, stop it
-        gracefully; return the round trips counted while the measured ones ran."""
+        """Start a gateway, send ``warm`` answers one at a time, then ``measured``
+        answers ``concurrency`` at a time, stop it gracefully; return the round
+        trips counted while the measured ones ran (and were settled)."""
         server = self._start("gateway-postgres", "gateway-postgres-db", database_url=database_url)
+        ledger = await asyncpg.connect(self.pg_url, timeout=5)  # not through the relay
         try:
             await server.wait_listening()
             url = f"http://127.0.0.1:{server.port}/v1/chat-messages"
             headers = self.headers("gateway-postgres")
 
-            async def send(count: int, settled: int) -> None:
-                got = await loadgen.answers(url, headers, BODY, count=count)
+            async def send(count: int, at_once: int) -> None:
+                expected = int(await ledger.fetchval("SELECT count(*) FROM usage_events")) + count
+                got = await loadgen.answers(url, headers, BODY, count=count, concurrency=at_once)
                 bad = [s.error for s in got if not s.ok]
                 if bad:
                     raise RuntimeError(f"database phase: {len(bad)} answers failed: {bad[:3]}")
                 # The answer is settled after its stream ends: wait for the writes.
                 deadline = time.monotonic() + 10
-                while counter.round_trips["gateway_settle"] < settled:
+                while int(await ledger.fetchval("SELECT count(*) FROM usage_events")) < expected:
                     if time.monotonic() > deadline:
                         raise RuntimeError("database phase: answers were not settled")
                     await asyncio.sleep(0.02)
                 await asyncio.sleep(0.2)
 
-            base = counter.round_trips["gateway_settle"]
-            await send(warm, base + warm)
+            await send(warm, 1)
             before = counter.snapshot()
             if measured:
-                await send(measured, base + warm + measured)
+                await send(measured, concurrency)
             return counter.snapshot() - before
         finally:
+            await ledger.close()
             await self.servers.stop(server, grace=15.0)
 
     async def database(self) -> None:
-        """Database work per answer, two ways.
+        """Database work per answer, two ways, with answers one at a time and then
+        ``DB_CONCURRENCY`` at a time (where group commit batches them).
 
         xact_commit: every statement asyncpg sends outside a transaction block is
         its own transaction, so the commits are the statements, that is the round
@@ -728,19 +754,21 @@ default_plan = "bench"
             x1 = sum(await self.pg_counters())
             wire = await self._gateway_lifetime(relayed, counter, warm=warm, measured=n)
             x2 = sum(await self.pg_counters())
+            wire_concurrent = await self._gateway_lifetime(
+                relayed, counter, warm=warm, measured=n, concurrency=DB_CONCURRENCY
+            )
+            x3 = sum(await self.pg_counters())
         finally:
             await counter.close()
-        by_statement = {name: count / n for name, count in sorted(wire.items())}
-        admission = sum(v for k, v in by_statement.items() if "gateway_admit" in k)
-        settle = sum(v for k, v in by_statement.items() if "gateway_settle" in k)
         self.results["database"] = {
             "answers": n,
             "xact_commit_per_answer": ((x2 - x1) - (x1 - x0)) / n,
-            "round_trips_per_answer": sum(wire.values()) / n,
-            "by_statement": by_statement,
-            "admission_round_trips": admission,
-            "settle_writes": wire.get("gateway_settle", 0) / n,
-            "settle_round_trips": settle,
+            **_per_answer(wire, n),
+            "concurrent": {
+                "concurrency": DB_CONCURRENCY,
+                "xact_commit_per_answer": ((x3 - x2) - (x1 - x0)) / n,
+                **_per_answer(wire_concurrent, n),
+            },
         }
 
     async def memory(self) -> None:

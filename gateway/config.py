@@ -103,6 +103,7 @@ class DatabaseConfig:
     spool_file: str = "gateway-spool.jsonl"
     recover_after: float = _setting(0.0, minimum=0)
     recover_interval: float = _setting(60.0, minimum=0)
+    max_batch: int = _setting(64, minimum=1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,5 +93,6 @@ async def open_storage(config: DatabaseConfig) -> Storage:
             max_size=config.pool_max_size,
             connect_timeout=config.connect_timeout,
             command_timeout=config.command_timeout,
+            max_batch=config.max_batch,
         )
     raise ConfigError(f"database.url: unsupported URL scheme in {url.split('://')[0]!r}")

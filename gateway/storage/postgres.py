@@ -10,13 +10,21 @@ migrations under sql/postgres). A second settle of the same answer blocks on the
 pending row (or the ledger's unique index) until the first commits, then finds
 it gone and so changes nothing.
 
+Admissions and settles are group-committed (gateway/storage/group.py): those
+made while an earlier batch is in flight go together in one call of
+``gateway_admit_many`` or ``gateway_settle_many`` (migration 0010), which runs
+the single-answer function for each, in one transaction. So under load an
+answer costs a fraction of a round trip and of a commit.
+
 asyncpg errors are mapped to `StorageError` here and nowhere else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import date, datetime
 from typing import Any
 
@@ -56,6 +64,9 @@ from gateway.storage.base import (
     delivery,
     model_usage,
 )
+from gateway.storage.group import GroupCommit, SplitBatch
+
+log = logging.getLogger("gateway.storage")
 
 # An arbitrary constant naming the advisory lock that serialises migrations
 # between processes starting at the same time.
@@ -68,9 +79,41 @@ _SETTLE = (
     "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
     "$15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)"
 )
+_ADMIT_MANY = (
+    "SELECT * FROM gateway_admit_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
+    "$14, $15, $16, $17, $18)"
+)
+_SETTLE_MANY = (
+    "SELECT * FROM gateway_settle_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
+    "$14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, "
+    "$32)"
+)
+# A batch is at most this many calls by default (database.max_batch): past a
+# few dozen a larger batch saves little, and a batch holds its users' row locks
+# until it commits.
+DEFAULT_MAX_BATCH = 64
+# The arguments of one admission, in gateway_admit's order (18), and of one
+# settle, in gateway_settle's (28: the last five are the alert checks' lists).
+_AdmitCall = tuple[Any, ...]
+_SettleCall = tuple[Any, ...]
 _REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
 _RECOVER = "SELECT * FROM gateway_recover($1, $2, $3)"
 _USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="sum(cost)", p1="$1", p2="$2", p3="$3")
+
+
+@contextlib.contextmanager
+def _mapped_batch() -> Iterator[None]:
+    """Like `_mapped`, but an error that one call of a batch can cause - a value
+    refused, a constraint, a deadlock the database broke - splits the batch into
+    its calls (gateway/storage/group.py) instead of failing all of them."""
+    try:
+        yield
+    except (
+        asyncpg.DataError,
+        asyncpg.IntegrityConstraintViolationError,
+        asyncpg.TransactionRollbackError,
+    ) as exc:
+        raise SplitBatch(f"{type(exc).__name__}: {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -132,9 +175,32 @@ def _event(row: Any) -> UsageEvent:
     return UsageEvent(*row)
 
 
+def _admission(row: Any) -> Admission:
+    counters = Counters(
+        queries_today=row["queries"],
+        tokens_today=row["tokens_today"],
+        tokens_month=row["tokens_month"],
+        web_searches_today=row["web_searches"],
+        open_streams=row["open_streams"],
+    )
+    refused = row["refused_by"]
+    return Admission(admitted=refused is None, refused_by=refused, counters=counters)
+
+
 class PostgresStorage:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
         self._pool = pool
+        self._admits: GroupCommit[_AdmitCall, Admission] = GroupCommit(
+            "admit",
+            self._admit_many,
+            self._admit_one,
+            max_batch=max_batch,
+            abandoned=self._admission_abandoned,
+        )
+        self._settles: GroupCommit[_SettleCall, bool] = GroupCommit(
+            "settle", self._settle_many, self._settle_one, max_batch=max_batch
+        )
+        self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(
@@ -145,6 +211,7 @@ class PostgresStorage:
         max_size: int = 10,
         connect_timeout: float = 5.0,
         command_timeout: float = 5.0,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> PostgresStorage:
         with _mapped():
             pool = await asyncpg.create_pool(
@@ -156,10 +223,21 @@ class PostgresStorage:
                 init=_init_connection,
                 reset=_keep_session,
             )
-        return cls(pool)
+        return cls(pool, max_batch=max_batch)
 
     async def close(self) -> None:
+        # Calls still queued or in flight are answered before the pool goes.
+        await self._admits.drain()
+        await self._settles.drain()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         await self._pool.close()
+
+    @property
+    def group_commit(self) -> dict[str, tuple[int, int]]:
+        """Per operation, (batches, calls) sent so far: calls / batches is the
+        mean batch size."""
+        return {g.name: (g.batches, g.calls) for g in (self._admits, self._settles)}
 
     async def ping(self) -> None:
         with _mapped():
@@ -340,9 +418,8 @@ class PostgresStorage:
         advanced_rag: bool = False,
         pending: Pending | None = None,
     ) -> Admission:
-        with _mapped():
-            row = await self._pool.fetchrow(
-                _ADMIT,
+        return await self._admits(
+            (
                 user_id,
                 day,
                 month_start,
@@ -362,16 +439,45 @@ class PostgresStorage:
                 pending.cost if pending else None,
                 pending.currency if pending else None,
             )
-        assert row is not None
-        counters = Counters(
-            queries_today=row["queries"],
-            tokens_today=row["tokens_today"],
-            tokens_month=row["tokens_month"],
-            web_searches_today=row["web_searches"],
-            open_streams=row["open_streams"],
         )
-        refused = row["refused_by"]
-        return Admission(admitted=refused is None, refused_by=refused, counters=counters)
+
+    async def _admit_one(self, call: _AdmitCall) -> Admission:
+        with _mapped():
+            row = await self._pool.fetchrow(_ADMIT, *call)
+        assert row is not None
+        return _admission(row)
+
+    async def _admit_many(self, calls: Sequence[_AdmitCall]) -> list[Admission | Exception]:
+        with _mapped(), _mapped_batch():
+            rows = await self._pool.fetch(_ADMIT_MANY, *zip(*calls, strict=True))
+        results: list[Admission | Exception] = [StorageError("no answer")] * len(calls)
+        for row in rows:
+            known = row["known"]
+            results[row["ord"] - 1] = _admission(row) if known else NotFound("unknown user")
+        return results
+
+    def _admission_abandoned(self, call: _AdmitCall, admission: Admission) -> None:
+        """An admission whose caller was cancelled while it was in flight (the
+        server shutting down): nobody will forward or settle the answer, so its
+        query, lease and pending row are given back."""
+        if not admission.admitted:
+            return
+        user_id, day, lease_id, pending_id = call[0], call[1], call[7], call[11]
+        log.info("admission for %s abandoned by its caller; given back", user_id)
+        task = asyncio.create_task(
+            self._refund_quietly(user_id, day, lease_id=lease_id, pending_id=pending_id)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refund_quietly(
+        self, user_id: str, day: date, *, lease_id: str | None, pending_id: str | None
+    ) -> None:
+        try:
+            await self.refund(user_id, day=day, lease_id=lease_id, pending_id=pending_id)
+        except StorageError as exc:
+            # The pending row stays: a recovery charges it as an estimate later.
+            log.warning("could not give back an abandoned admission of %s: %s", user_id, exc)
 
     async def web_searches_today(self, user_id: str, *, day: date) -> int:
         with _mapped():
@@ -425,40 +531,81 @@ class PostgresStorage:
         alerts: AlertRequest | None = None,
     ) -> bool:
         checks = [(c, t) for c in alerts.checks for t in c.thresholds] if alerts else []
-        with _mapped():
-            return bool(
-                await self._pool.fetchval(
-                    _SETTLE,
-                    event.answer_id,
-                    event.user_id,
-                    event.day,
-                    event.created_at,
-                    event.endpoint,
-                    event.prompt_tokens,
-                    event.completion_tokens,
-                    event.total_tokens,
-                    event.cost,
-                    event.currency,
-                    event.outcome,
-                    event.estimated,
-                    event.web_searches,
-                    event.conversation_id,
-                    event.request_id,
-                    event.upstream_latency_ms,
-                    event.overhead_ms,
-                    lease_id,
-                    pending_id,
-                    event.model,
-                    event.cached_tokens,
-                    event.reasoning_tokens,
-                    alerts.month_start if alerts else None,
-                    [c.limit for c, _ in checks],
-                    [c.period for c, _ in checks],
-                    [c.value for c, _ in checks],
-                    [t for _, t in checks],
-                    list(alerts.channels) if alerts else [],
-                )
+        return await self._settles(
+            (
+                event.answer_id,
+                event.user_id,
+                event.day,
+                event.created_at,
+                event.endpoint,
+                event.prompt_tokens,
+                event.completion_tokens,
+                event.total_tokens,
+                event.cost,
+                event.currency,
+                event.outcome,
+                event.estimated,
+                event.web_searches,
+                event.conversation_id,
+                event.request_id,
+                event.upstream_latency_ms,
+                event.overhead_ms,
+                lease_id,
+                pending_id,
+                event.model,
+                event.cached_tokens,
+                event.reasoning_tokens,
+                alerts.month_start if alerts else None,
+                [c.limit for c, _ in checks],
+                [c.period for c, _ in checks],
+                [c.value for c, _ in checks],
+                [t for _, t in checks],
+                list(alerts.channels) if alerts else [],
             )
+        )
+
+    async def _settle_one(self, call: _SettleCall) -> bool:
+        with _mapped():
+            return bool(await self._pool.fetchval(_SETTLE, *call))
+
+    async def _settle_many(self, calls: Sequence[_SettleCall]) -> list[bool | Exception]:
+        # The first 23 arguments become arrays as they are; each call's alert
+        # checks and channels become a slice (from, count) of shared arrays.
+        columns = list(zip(*(call[:23] for call in calls), strict=True))
+        check_from, check_count, channel_from, channel_count = [], [], [], []
+        kinds: list[str] = []
+        periods: list[str] = []
+        values: list[int] = []
+        thresholds: list[int] = []
+        channels: list[str] = []
+        for call in calls:
+            check_from.append(len(kinds) + 1)
+            check_count.append(len(call[23]))
+            kinds += call[23]
+            periods += call[24]
+            values += call[25]
+            thresholds += call[26]
+            channel_from.append(len(channels) + 1)
+            channel_count.append(len(call[27]))
+            channels += call[27]
+        with _mapped(), _mapped_batch():
+            rows = await self._pool.fetch(
+                _SETTLE_MANY,
+                *columns,
+                check_from,
+                check_count,
+                channel_from,
+                channel_count,
+                kinds,
+                periods,
+                values,
+                thresholds,
+                channels,
+            )
+        results: list[bool | Exception] = [StorageError("no answer")] * len(calls)
+        for row in rows:
+            results[row["ord"] - 1] = bool(row["settled"])
+        return results
 
     # --- alerts -------------------------------------------------------------
 

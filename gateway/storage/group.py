@@ -1,0 +1,145 @@
+"""Group commit: concurrent calls of one storage operation sent as one batch.
+
+While a batch is on its way to the database, the calls that arrive meanwhile
+queue; when a batch returns, everything queued goes out as the next one - one
+round trip and one transaction for all of it. There is no timer: a call that
+finds nothing in flight is sent on the next turn of the event loop, so under
+light load every call goes alone (and as fast as before), and under heavy load
+the batches grow with the load. At most ``in_flight`` batches of one operation
+are out at once, so a few pool connections are kept busy rather than one per
+waiting request.
+
+A batch is one transaction: when the database refuses it for something one of
+its calls carries (`SplitBatch`), the calls are sent again one by one, so that
+only the call at fault fails and each caller sees what it would have seen
+alone. Any other error (the database unreachable, a timeout) is every caller's.
+
+A caller that is cancelled while its call is queued or in flight does not stop
+the call - it may be in a transaction already - and its result is handed to
+``abandoned`` instead, which can undo it (an admission nobody will use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+log = logging.getLogger("gateway.storage")
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class SplitBatch(Exception):
+    """Raised by a batch runner whose batch failed for what one of its calls
+    carries: the calls are then sent one by one."""
+
+
+class GroupCommit(Generic[Item, Result]):
+    def __init__(
+        self,
+        name: str,
+        run_many: Callable[[Sequence[Item]], Awaitable[Sequence[Result | Exception]]],
+        run_one: Callable[[Item], Awaitable[Result]],
+        *,
+        max_batch: int,
+        in_flight: int = 2,
+        abandoned: Callable[[Item, Result], None] | None = None,
+    ) -> None:
+        if max_batch < 1 or in_flight < 1:
+            raise ValueError("max_batch and in_flight must be at least 1")
+        self.name = name
+        self._run_many = run_many
+        self._run_one = run_one
+        self._max_batch = max_batch
+        self._in_flight = in_flight
+        self._abandoned = abandoned
+        self._queue: deque[tuple[Item, asyncio.Future[Result]]] = deque()
+        self._running = 0
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        # What went out, for tests and the benchmark: batches sent, calls in them.
+        self.batches = 0
+        self.calls = 0
+
+    async def __call__(self, item: Item) -> Result:
+        if self._max_batch == 1:
+            return await self._run_one(item)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        self._queue.append((item, future))
+        if not self._scheduled and self._running < self._in_flight:
+            # On the next turn: the calls made in this turn (say, every request
+            # one read of the socket brought) go together.
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        while self._queue and self._running < self._in_flight:
+            batch: list[tuple[Item, asyncio.Future[Result]]] = []
+            while self._queue and len(batch) < self._max_batch:
+                call = self._queue.popleft()
+                if not call[1].done():  # a caller cancelled before it was sent: no call
+                    batch.append(call)
+            if not batch:
+                return
+            self._running += 1
+            task = asyncio.create_task(self._send(batch), name=f"group-commit-{self.name}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        items = [item for item, _ in batch]
+        self.batches += 1
+        self.calls += len(items)
+        try:
+            outcomes = await self._outcomes(items)
+        except asyncio.CancelledError:  # the event loop is going away
+            for _, future in batch:
+                future.cancel()
+            raise
+        finally:
+            self._running -= 1
+            if self._queue and not self._scheduled:
+                self._flush()
+        for (item, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():  # the caller was cancelled
+                if self._abandoned is not None and not isinstance(outcome, BaseException):
+                    self._abandoned(item, outcome)
+            elif isinstance(outcome, asyncio.CancelledError):
+                future.cancel()
+            elif isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    async def _outcomes(self, items: list[Item]) -> Sequence[Result | BaseException]:
+        try:
+            if len(items) == 1:
+                return [await self._run_one(items[0])]
+            return await self._run_many(items)
+        except SplitBatch as exc:
+            log.info(
+                "%s batch of %d refused (%s); sending its calls one by one",
+                self.name,
+                len(items),
+                exc,
+            )
+            return await asyncio.gather(
+                *(self._run_one(item) for item in items), return_exceptions=True
+            )
+        except Exception as exc:  # every caller's error
+            return [exc] * len(items)
+
+    async def drain(self) -> None:
+        """Wait until every queued call has been sent and answered."""
+        while self._tasks or self._queue:
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            else:
+                await asyncio.sleep(0)

@@ -1,0 +1,371 @@
+"""Group commit: the batcher on its own, then the PostgreSQL batches for real.
+
+The batcher tests drive `GroupCommit` with runners that record what they were
+given; the PostgreSQL tests check that batched admissions and settles decide
+and write exactly what the same calls made one by one would (docs/quotas.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+import pytest
+
+from gateway.errors import NotFound, StorageError
+from gateway.storage import (
+    Admission,
+    AdmissionLimits,
+    AlertCheck,
+    AlertRequest,
+    Lease,
+    Pending,
+    UsageEvent,
+)
+from gateway.storage.group import GroupCommit, SplitBatch
+from gateway.storage.postgres import PostgresStorage
+from tests.conftest import _truncate
+
+NOW = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
+DAY = date(2026, 11, 21)
+MONTH = date(2026, 11, 1)
+
+
+# --- the batcher ---------------------------------------------------------------------
+
+
+class Runner:
+    """Runners for a GroupCommit of ints: a batch answers each item doubled,
+    after the test lets it (``release``); ``bad`` items make a batch split and
+    fail alone."""
+
+    def __init__(self, bad: frozenset[int] = frozenset()) -> None:
+        self.batches: list[list[int]] = []
+        self.singles: list[int] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.bad = bad
+        self.error: Exception | None = None
+        self.entered: asyncio.Queue[list[int]] = asyncio.Queue()  # each batch as it starts
+
+    async def many(self, items: Sequence[int]) -> list[int | Exception]:
+        self.batches.append(list(items))
+        self.entered.put_nowait(list(items))
+        await self.release.wait()
+        if self.error is not None:
+            raise self.error
+        if self.bad & set(items):
+            raise SplitBatch("a bad item")
+        return [i * 2 for i in items]
+
+    async def one(self, item: int) -> int:
+        self.singles.append(item)
+        await self.release.wait()
+        if self.error is not None:
+            raise self.error
+        if item in self.bad:
+            raise ValueError(f"bad {item}")
+        return item * 2
+
+
+def group(runner: Runner, **kw: object) -> GroupCommit[int, int]:
+    return GroupCommit("test", runner.many, runner.one, **{"max_batch": 64, **kw})  # type: ignore[arg-type]
+
+
+async def test_a_call_alone_goes_alone_at_once() -> None:
+    runner = Runner()
+    batcher = group(runner)
+    assert await batcher(3) == 6
+    assert runner.singles == [3] and runner.batches == []
+
+
+async def test_calls_made_together_go_in_one_batch() -> None:
+    runner = Runner()
+    batcher = group(runner)
+    assert await asyncio.gather(*(batcher(i) for i in range(10))) == [i * 2 for i in range(10)]
+    assert runner.batches == [list(range(10))]
+    assert (batcher.batches, batcher.calls) == (1, 10)
+
+
+async def turns(count: int = 10) -> None:
+    """Let the event loop run ``count`` turns (no time passes)."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def test_calls_queue_while_batches_are_in_flight() -> None:
+    runner = Runner()
+    runner.release.clear()
+    batcher = group(runner, in_flight=1)
+    first = [asyncio.ensure_future(batcher(i)) for i in range(3)]
+    assert await runner.entered.get() == [0, 1, 2]
+    later = [asyncio.ensure_future(batcher(i)) for i in range(3, 8)]
+    await turns()
+    assert runner.batches == [[0, 1, 2]]  # still in flight: the others wait
+    runner.release.set()
+    assert await asyncio.gather(*first, *later) == [i * 2 for i in range(8)]
+    assert runner.batches == [[0, 1, 2], [3, 4, 5, 6, 7]]
+
+
+async def test_batches_are_bounded() -> None:
+    runner = Runner()
+    runner.release.clear()
+    batcher = group(runner, max_batch=4, in_flight=2)
+    calls = [asyncio.ensure_future(batcher(i)) for i in range(10)]
+    assert await runner.entered.get() == [0, 1, 2, 3]
+    assert await runner.entered.get() == [4, 5, 6, 7]
+    await turns()
+    assert runner.entered.empty()  # two in flight: the last two wait
+    runner.release.set()
+    assert await asyncio.gather(*calls) == [i * 2 for i in range(10)]
+    assert runner.batches[2] == [8, 9]
+
+
+async def test_a_refused_batch_is_sent_call_by_call() -> None:
+    runner = Runner(bad=frozenset({2}))
+    batcher = group(runner)
+    results = await asyncio.gather(*(batcher(i) for i in range(4)), return_exceptions=True)
+    assert results[:2] == [0, 2] and results[3] == 6
+    assert isinstance(results[2], ValueError)
+    assert sorted(runner.singles) == [0, 1, 2, 3]
+
+
+async def test_any_other_error_is_every_callers() -> None:
+    runner = Runner()
+    runner.error = StorageError("the database is gone")
+    batcher = group(runner)
+    results = await asyncio.gather(*(batcher(i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, StorageError) for r in results)
+    assert runner.singles == []
+
+
+async def test_a_cancelled_callers_result_goes_to_abandoned() -> None:
+    runner = Runner()
+    runner.release.clear()
+    abandoned: list[tuple[int, int]] = []
+    batcher = group(runner, abandoned=lambda item, result: abandoned.append((item, result)))
+    kept = asyncio.ensure_future(batcher(1))
+    gone = asyncio.ensure_future(batcher(2))
+    assert await runner.entered.get() == [1, 2]
+    gone.cancel()
+    runner.release.set()
+    assert await kept == 2
+    await batcher.drain()
+    assert abandoned == [(2, 4)]
+
+
+async def test_max_batch_one_sends_every_call_alone() -> None:
+    runner = Runner()
+    batcher = group(runner, max_batch=1)
+    await asyncio.gather(*(batcher(i) for i in range(5)))
+    assert runner.batches == [] and sorted(runner.singles) == list(range(5))
+
+
+def test_bounds_are_checked() -> None:
+    runner = Runner()
+    with pytest.raises(ValueError):
+        group(runner, max_batch=0)
+    with pytest.raises(ValueError):
+        group(runner, in_flight=0)
+
+
+# --- PostgreSQL: batches are exact ---------------------------------------------------
+
+
+@pytest.fixture
+async def pg(postgres_dsn: str) -> AsyncIterator[PostgresStorage]:
+    await _truncate(postgres_dsn)
+    store = await PostgresStorage.open(postgres_dsn)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def settle_event(answer_id: str, user: str = "alice", tokens: int = 100) -> UsageEvent:
+    return UsageEvent(
+        answer_id=answer_id,
+        user_id=user,
+        day=DAY,
+        created_at=NOW,
+        endpoint="chat-messages",
+        prompt_tokens=tokens - tokens // 4,
+        completion_tokens=tokens // 4,
+        total_tokens=tokens,
+        cost=Decimal("0.0010000"),
+    )
+
+
+def admit(store: PostgresStorage, user: str, name: str, **limits: int) -> asyncio.Future[Admission]:
+    """An admission call under way, with a pending row (and a lease when a
+    stream limit is given) named ``name``."""
+    lease = Lease(name, NOW + timedelta(minutes=5)) if "max_concurrent_streams" in limits else None
+    return asyncio.ensure_future(
+        store.admit(
+            user,
+            day=DAY,
+            month_start=MONTH,
+            now=NOW,
+            limits=AdmissionLimits(**limits),
+            lease=lease,
+            pending=Pending(id=name, endpoint="chat-messages", prompt_tokens=10, total_tokens=10),
+        )
+    )
+
+
+@pytest.mark.postgres
+async def test_batched_admissions_count_each_other(pg: PostgresStorage) -> None:
+    for user in ("alice", "bob"):
+        await pg.ensure_user(user, plan="free")
+    # One batch: alice's 12 calls against a limit of 10 and of 3 open streams,
+    # bob's 4 against a limit of 2 queries, interleaved.
+    calls = [
+        admit(pg, "alice", f"a{i}", queries_per_day=10, max_concurrent_streams=3)
+        if i % 4
+        else admit(pg, "bob", f"b{i}", queries_per_day=2)
+        for i in range(16)
+    ]
+    results = await asyncio.gather(*calls)
+    batches, sent = pg.group_commit["admit"]
+    assert sent == 16 and batches < 16
+    alice = [r for i, r in enumerate(results) if i % 4]
+    bob = [r for i, r in enumerate(results) if not i % 4]
+    # Each element saw the ones before it: in arrival order, the first 3 of
+    # alice's take the stream slots, the rest are refused for streams.
+    assert [r.admitted for r in alice] == [True] * 3 + [False] * 9
+    assert [r.counters.open_streams for r in alice[:3]] == [1, 2, 3]
+    assert {r.refused_by for r in alice[3:]} == {"max_concurrent_streams"}
+    assert [r.admitted for r in bob] == [True, True, False, False]
+    assert [r.counters.queries_today for r in bob] == [1, 2, 2, 2]
+    assert {r.refused_by for r in bob[2:]} == {"queries_per_day"}
+    days = {d.user_id: d.queries for d in await pg.daily(DAY, DAY)}
+    assert days == {"alice": 3, "bob": 2}
+    assert await pg.open_streams("alice", now=NOW) == 3
+
+
+@pytest.mark.postgres
+async def test_an_unknown_user_in_a_batch_fails_alone(pg: PostgresStorage) -> None:
+    await pg.ensure_user("alice", plan="free")
+    calls = [admit(pg, "alice", "a1"), admit(pg, "nobody", "n1"), admit(pg, "alice", "a2")]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(results[1], NotFound)
+    assert results[0].admitted and results[2].admitted  # type: ignore[union-attr]
+    assert [d.queries for d in await pg.daily(DAY, DAY)] == [2]
+
+
+@pytest.mark.postgres
+async def test_a_duplicate_pending_id_fails_alone(pg: PostgresStorage) -> None:
+    await pg.ensure_user("alice", plan="free")
+    results = await asyncio.gather(
+        admit(pg, "alice", "r1"),
+        admit(pg, "alice", "r2"),
+        admit(pg, "alice", "r1"),  # the same request id again: the pending row's key
+        return_exceptions=True,
+    )
+    assert [isinstance(r, StorageError) for r in results] == [False, False, True]
+    # Split and sent one by one: the two good admissions counted once each.
+    assert [d.queries for d in await pg.daily(DAY, DAY)] == [2]
+
+
+@pytest.mark.postgres
+async def test_batched_settles_write_what_single_settles_would(pg: PostgresStorage) -> None:
+    for user in ("alice", "bob"):
+        await pg.ensure_user(user, plan="free")
+    names = [f"r{i}" for i in range(6)]
+    await asyncio.gather(*(admit(pg, "alice" if i % 2 else "bob", n) for i, n in enumerate(names)))
+    alerts = AlertRequest(
+        checks=(AlertCheck("tokens_per_day", str(DAY), 250, (50, 100)),),
+        month_start=MONTH,
+        channels=("webhook", "email"),
+    )
+    results = await asyncio.gather(
+        *(
+            pg.settle(
+                settle_event(f"m{i}", "alice" if i % 2 else "bob", tokens=100),
+                pending_id=name,
+                alerts=alerts if i % 2 else None,  # only alice's settles check alerts
+            )
+            for i, name in enumerate(names)
+        ),
+        # The same answer twice in one batch, and a settle whose pending row is gone.
+        pg.settle(settle_event("m1", "alice"), pending_id="r1"),
+        pg.settle(settle_event("m9", "alice"), pending_id="never-admitted"),
+    )
+    assert results == [True] * 6 + [False, False]
+    batches, sent = pg.group_commit["settle"]
+    assert sent == 8 and batches < 8
+    users = {u: await pg.get_user(u) for u in ("alice", "bob")}
+    assert {u: user.lifetime_tokens for u, user in users.items() if user} == {
+        "alice": 300,
+        "bob": 300,
+    }
+    days = {d.user_id: (d.queries, d.total_tokens, d.cost) for d in await pg.daily(DAY, DAY)}
+    assert days == {"alice": (3, 300, Decimal("0.003")), "bob": (3, 300, Decimal("0.003"))}
+    # Alice crossed 50% and 100% of 250 tokens; each is recorded once, with one
+    # outbox row per channel. Bob's settles checked nothing.
+    crossings = await pg.list_alerts()
+    assert sorted((a.crossing.user_id, a.crossing.threshold) for a in crossings) == [
+        ("alice", 50),
+        ("alice", 100),
+    ]
+    assert all(len(a.deliveries) == 2 for a in crossings)
+
+
+@pytest.mark.postgres
+async def test_a_settle_for_a_deleted_user_fails_alone(pg: PostgresStorage) -> None:
+    await pg.ensure_user("alice", plan="free")
+    results = await asyncio.gather(
+        pg.settle(settle_event("m1", "alice")),
+        pg.settle(settle_event("m2", "ghost")),  # no such user: the ledger's foreign key
+        pg.settle(settle_event("m3", "alice")),
+        return_exceptions=True,
+    )
+    assert results[0] is True and results[2] is True
+    assert isinstance(results[1], NotFound)
+    user = await pg.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 200
+
+
+@pytest.mark.postgres
+async def test_an_abandoned_admission_is_given_back(postgres_dsn: str) -> None:
+    await _truncate(postgres_dsn)
+    first = await PostgresStorage.open(postgres_dsn)
+    await first.ensure_user("alice", plan="free")
+    # Another transaction holds alice's row, so the batch waits in the database
+    # while one of its callers goes away.
+    blocker = await asyncpg.connect(postgres_dsn)
+    hold = blocker.transaction()
+    await hold.start()
+    await blocker.execute("SELECT 1 FROM users WHERE id = 'alice' FOR UPDATE")
+    kept = admit(first, "alice", "r1", queries_per_day=10, max_concurrent_streams=5)
+    gone = admit(first, "alice", "r2", queries_per_day=10, max_concurrent_streams=5)
+    await turns()
+    assert first.group_commit["admit"] == (1, 2)  # one batch of both is in the database
+    gone.cancel()  # its caller went away (the server shutting down) mid-call
+    await hold.rollback()
+    await blocker.close()
+    assert (await kept).admitted
+    await first.close()  # answers what is in flight, then waits for the give-back
+    store = await PostgresStorage.open(postgres_dsn)
+    try:
+        assert [d.queries for d in await store.daily(DAY, DAY)] == [1]
+        assert await store.open_streams("alice", now=NOW) == 1
+        # r2's pending row went too: a recovery charges only r1.
+        later = NOW + timedelta(hours=1)
+        assert await store.recover(before=later, now=later) == ["r1"]
+    finally:
+        await store.close()
+
+
+async def test_a_call_cancelled_before_it_is_sent_is_not_sent() -> None:
+    runner = Runner()
+    batcher = group(runner)
+    gone = asyncio.ensure_future(batcher(1))
+    kept = asyncio.ensure_future(batcher(2))
+    await asyncio.sleep(0)  # both queued, not yet sent
+    gone.cancel()
+    assert await kept == 4
+    assert runner.singles == [2] and runner.batches == []
