@@ -8,6 +8,7 @@ and write exactly what the same calls made one by one would (docs/quotas.md).
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -369,3 +370,206 @@ async def test_a_call_cancelled_before_it_is_sent_is_not_sent() -> None:
     gone.cancel()
     assert await kept == 4
     assert runner.singles == [2] and runner.batches == []
+
+
+# --- PostgreSQL: a batch writes what its calls one by one would ----------------------
+
+D1, D2 = DAY, DAY + timedelta(days=1)
+USERS = ("u0", "u1", "u2", "u3")
+TABLE_ROWS = {
+    "users": "SELECT id, lifetime_prompt_tokens, lifetime_completion_tokens, "
+    "lifetime_tokens, lifetime_cost FROM users ORDER BY id",
+    "usage_daily": "SELECT * FROM usage_daily ORDER BY user_id, day",
+    "usage_events": "SELECT answer_id, user_id, day, created_at, endpoint, conversation_id, "
+    "request_id, prompt_tokens, completion_tokens, total_tokens, cost, currency, outcome, "
+    "estimated, web_searches, upstream_latency_ms, overhead_ms, model, cached_tokens, "
+    "reasoning_tokens FROM usage_events ORDER BY answer_id",
+    "stream_leases": "SELECT * FROM stream_leases ORDER BY id",
+    "pending_answers": "SELECT * FROM pending_answers ORDER BY id",
+    "notifications": "SELECT user_id, kind, period, threshold, limit_value, used, created_at "
+    "FROM notifications ORDER BY 1, 2, 3, 4",
+    "alert_outbox": "SELECT user_id, kind, period, threshold, channel, created_at "
+    "FROM alert_outbox ORDER BY 1, 2, 3, 4, 5",
+}
+
+
+def admission_calls(rng: random.Random, count: int) -> list[dict[str, object]]:
+    """Random admissions over four users (and one the database does not know),
+    two days and small limits, so that every refusal happens."""
+    calls = []
+    for i in range(count):
+        streams = rng.choice([None, 1, 2, 4])
+        calls.append(
+            {
+                "user": rng.choice([*USERS, *USERS, "ghost"]),
+                "day": rng.choice([D1, D1, D2]),
+                "limits": AdmissionLimits(
+                    queries_per_day=rng.choice([None, 2, 4, 8]),
+                    tokens_per_day=rng.choice([None, None, 150, 10_000]),
+                    tokens_per_month=rng.choice([None, None, 400, 10_000]),
+                    max_concurrent_streams=streams,
+                ),
+                "name": f"r{i}",
+                "lease": streams is not None,
+                "advanced_rag": rng.random() < 0.3,
+                "now": NOW + timedelta(milliseconds=i),
+            }
+        )
+    return calls
+
+
+async def run_admission(store: PostgresStorage, call: dict[str, object]) -> object:
+    name = str(call["name"])
+    try:
+        return await store.admit(
+            str(call["user"]),
+            day=call["day"],  # type: ignore[arg-type]
+            month_start=MONTH,
+            limits=call["limits"],  # type: ignore[arg-type]
+            now=call["now"],  # type: ignore[arg-type]
+            lease=Lease(name, NOW + timedelta(minutes=5)) if call["lease"] else None,
+            advanced_rag=bool(call["advanced_rag"]),
+            pending=Pending(
+                id=name,
+                endpoint="chat-messages",
+                prompt_tokens=7,
+                total_tokens=7,
+                cost=Decimal("0.0000070"),
+            ),
+        )
+    except NotFound:
+        return "not found"
+
+
+def settle_calls(
+    rng: random.Random, admitted: list[tuple[str, str, date]], count: int
+) -> list[dict[str, object]]:
+    """Random settles of the admitted answers: some twice, some under an answer
+    id another one has, some naming a pending row that is gone or none at all,
+    some with alert checks."""
+    calls = []
+    for i in range(count):
+        user, pending_name, day = rng.choice(admitted)
+        kind = rng.random()
+        pending_id: str | None = pending_name
+        if kind < 0.1:
+            pending_id = None  # a fail-open admission: no pending row
+        elif kind < 0.15:
+            pending_id = "gone"
+        thresholds = rng.choice([(), (50,), (50, 90, 100)])
+        alerts = AlertRequest(
+            checks=(
+                AlertCheck("tokens_per_day", str(day), rng.choice([200, 500]), thresholds),
+                AlertCheck("queries_per_day", str(day), 3, (100,)),
+                AlertCheck("tokens_per_month", "2026-11", 1_000, (80,)),
+            ),
+            month_start=MONTH,
+            channels=rng.choice([("webhook",), ("webhook", "email")]),
+        )
+        tokens = rng.choice([10, 60, 150])
+        calls.append(
+            {
+                "event": UsageEvent(
+                    answer_id=f"m{rng.randrange(count)}",  # answer ids repeat
+                    user_id=user,
+                    day=day,
+                    created_at=NOW + timedelta(seconds=i),
+                    endpoint="chat-messages",
+                    prompt_tokens=tokens - 5,
+                    completion_tokens=5,
+                    total_tokens=tokens,
+                    cost=Decimal(tokens) / 1_000_000,
+                    web_searches=rng.choice([0, 0, 1]),
+                    request_id=pending_name,
+                    model=rng.choice([None, "gpt-4o-mini"]),
+                    cached_tokens=rng.choice([0, 3]),
+                ),
+                "lease": pending_name,
+                "pending": pending_id,
+                "alerts": alerts if rng.random() < 0.6 else None,
+            }
+        )
+    return calls
+
+
+async def run_settle(store: PostgresStorage, call: dict[str, object]) -> object:
+    return await store.settle(
+        call["event"],  # type: ignore[arg-type]
+        lease_id=call["lease"],  # type: ignore[arg-type]
+        pending_id=call["pending"],  # type: ignore[arg-type]
+        alerts=call["alerts"],  # type: ignore[arg-type]
+    )
+
+
+async def scenario(dsn: str, seed: int, *, batched: bool) -> tuple[list[object], dict[str, object]]:
+    """Earlier usage, one batch of admissions, one of settles - made as batches, or
+    one by one in the order a batch runs them (user, then position)."""
+    await _truncate(dsn)
+    rng = random.Random(seed)
+    store = await PostgresStorage.open(dsn, max_batch=64 if batched else 1)
+    try:
+        for user in USERS:
+            await store.ensure_user(user, plan="free")
+            await store.settle(settle_event(f"earlier-{user}", user, tokens=rng.choice([0, 120])))
+        admissions = admission_calls(rng, 40)
+        by_user = sorted(range(len(admissions)), key=lambda i: (admissions[i]["user"], i))
+        if batched:
+            admitted = await asyncio.gather(*(run_admission(store, c) for c in admissions))
+            assert store.group_commit["admit"][1] - store.group_commit["admit"][0] == 39
+        else:
+            results: dict[int, object] = {}
+            for i in by_user:
+                results[i] = await run_admission(store, admissions[i])
+            admitted = [results[i] for i in range(len(admissions))]
+        names = [
+            (str(c["user"]), str(c["name"]), c["day"])
+            for c, a in zip(admissions, admitted, strict=True)
+            if isinstance(a, Admission) and a.admitted
+        ]
+        settles = settle_calls(rng, names, 40)  # type: ignore[arg-type]
+        if batched:
+            settled = await asyncio.gather(*(run_settle(store, c) for c in settles))
+        else:
+            order = sorted(range(len(settles)), key=lambda i: (settles[i]["event"].user_id, i))  # type: ignore[attr-defined]
+            done: dict[int, object] = {}
+            for i in order:
+                done[i] = await run_settle(store, settles[i])
+            settled = [done[i] for i in range(len(settles))]
+    finally:
+        await store.close()
+    conn = await asyncpg.connect(dsn)
+    try:
+        tables = {
+            name: [tuple(r) for r in await conn.fetch(sql)] for name, sql in TABLE_ROWS.items()
+        }
+    finally:
+        await conn.close()
+    return [*admitted, *settled], tables
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("seed", range(6))
+async def test_a_batch_writes_what_its_calls_one_by_one_would(postgres_dsn: str, seed: int) -> None:
+    one_by_one, tables_one_by_one = await scenario(postgres_dsn, seed, batched=False)
+    batched, tables_batched = await scenario(postgres_dsn, seed, batched=True)
+    # The scenario exercises what it should: refusals of each kind, settles refused.
+    reasons = {r.refused_by for r in one_by_one if isinstance(r, Admission)}
+    assert {"queries_per_day", "max_concurrent_streams", None} <= reasons
+    assert False in one_by_one and "not found" in one_by_one
+    assert batched == one_by_one
+    for name in TABLE_ROWS.keys() - {"notifications", "alert_outbox"}:
+        assert tables_batched[name] == tables_one_by_one[name], name
+    # Alerts: a batch checks its users' thresholds once, against the counters
+    # after the whole batch (gateway_settle_many): it announces every crossing
+    # the calls one by one announce - possibly with a larger count, possibly
+    # one more that only a later call without checks reached - and each one it
+    # announces is real.
+    found = {row[:4]: row for row in tables_batched["notifications"]}
+    for user, kind, period, threshold, _value, used, _ in tables_one_by_one["notifications"]:
+        assert (user, kind, period, threshold) in found
+        assert found[user, kind, period, threshold][5] >= used
+    for _user, _kind, _period, threshold, value, used, _ in found.values():
+        assert used * 100 >= value * threshold
+    # One outbox row per channel for each crossing.
+    outbox = {row[:4] for row in tables_batched["alert_outbox"]}
+    assert outbox == found.keys()

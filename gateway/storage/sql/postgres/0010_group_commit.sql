@@ -1,22 +1,25 @@
 -- Group commit: many admissions, or many settles, in one call - so one round
--- trip and one transaction (one commit, one WAL flush) for a whole batch.
+-- trip and one transaction (one commit, one WAL flush) for a whole batch, and
+-- one write of each row the batch touches: a user's day row and lifetime totals
+-- are updated once per batch, however many of the user's answers it holds.
 --
--- Each batch function loops over its elements and calls the single-answer
--- function of 0008/0009 for each, in the same transaction: what an admission or
--- a settle decides and writes stays in one place, and a batch is exact the way
--- the single calls are - every element sees what the elements before it wrote
--- (the same user admitted twice in one batch is counted twice before the second
--- is checked). The elements come as parallel arrays, one element per answer; the
--- functions return one row per element, `ord` being its position (from 1) in
--- the arrays.
+-- A batch decides and writes exactly what its elements would, sent one by one
+-- in (user, position) order through 0008's and 0009's functions:
+-- tests/storage/test_group_commit.py runs random batches both ways and compares
+-- every table. Admission is sequential within a user - each element is checked
+-- against the counters the elements before it left - but the counters are kept
+-- in memory and written once. A settle batch writes set by set.
 --
--- Lock order. Elements run in (user, position) order, not in the order they came
--- in: every batch, from any replica, takes the users' row locks in the same
--- order, so two batches never wait for each other in a circle. A settle batch
--- first claims all its pending rows in one statement (0008's rule: a pending row
--- first, then the lease, the user's row, the day row); as recovery never waits
--- for a pending row (SKIP LOCKED), a batch holding users' rows never waits for a
--- row a recovery holds.
+-- The elements come as parallel arrays, one element per answer; the functions
+-- return one row per element, `ord` being its position (from 1) in the arrays.
+--
+-- Lock order, as everywhere (0008): pending rows, then leases, then users'
+-- rows, then day rows; users' rows in user order. Admission batches go user by
+-- user in user order; a settle batch claims its pending rows and releases its
+-- leases first, then locks all its users' rows in user order before it writes
+-- any of them. So no two batches, of any replica, wait for each other in a
+-- circle, and neither waits in a circle with a recovery (which never waits for
+-- a pending row: SKIP LOCKED).
 --
 -- A batch is one transaction: an error in any element (a duplicate pending id,
 -- a user deleted meanwhile) rolls the whole batch back, and the gateway then
@@ -57,47 +60,153 @@ CREATE FUNCTION gateway_admit_many(
 ) LANGUAGE plpgsql AS $$
 DECLARE
     e record;
-    r record;
+    v_admitted boolean[] := array_fill(false, ARRAY[cardinality(p_users)]);
+    -- The user (and day and month) whose counters are loaded.
     v_user text;
+    v_day date;
+    v_month date;
     v_known boolean := false;
+    v_queries bigint;
+    v_tokens bigint;
+    v_web bigint;
+    v_prev bigint;
+    -- The user's open leases: counted at the first element with a stream
+    -- limit, then kept up to date; v_leases counts those this batch added.
+    v_streams bigint;
+    v_counted boolean := false;
+    v_leases bigint := 0;
+    -- This run's admissions, not yet added to the day row.
+    v_new bigint := 0;
+    v_new_rag bigint := 0;
+    v_refused text;
+    v_shown bigint;
 BEGIN
     FOR e IN
         SELECT * FROM unnest(
             p_users, p_days, p_month_starts, p_queries, p_tokens_day, p_tokens_month,
-            p_streams, p_leases, p_lease_expires, p_now, p_advanced_rag, p_pending,
-            p_endpoints, p_prompt, p_completion, p_total, p_cost, p_currency
+            p_streams, p_leases, p_now, p_advanced_rag
         ) WITH ORDINALITY AS t(
             user_id, day, month_start, queries, tokens_day, tokens_month, streams, lease,
-            lease_expires, now, advanced_rag, pending, endpoint, prompt, completion, total,
-            cost, currency, ord
+            now, advanced_rag, ord
         )
         ORDER BY t.user_id, t.ord
     LOOP
-        IF v_user IS DISTINCT FROM e.user_id THEN
+        IF v_user IS DISTINCT FROM e.user_id OR v_day <> e.day
+            OR v_month <> e.month_start
+        THEN
+            -- A new run: the last one's admissions go to its day row first, so
+            -- that counters read from now on include them.
+            IF v_new > 0 THEN
+                INSERT INTO usage_daily AS d (user_id, day, queries, advanced_rag)
+                VALUES (v_user, v_day, v_new, v_new_rag)
+                ON CONFLICT (user_id, day) DO UPDATE SET
+                    queries = d.queries + excluded.queries,
+                    advanced_rag = d.advanced_rag + excluded.advanced_rag;
+                v_new := 0;
+                v_new_rag := 0;
+            END IF;
+            IF v_user IS DISTINCT FROM e.user_id THEN
+                -- 0003's lock: the user's admissions and settles queue here.
+                PERFORM 1 FROM users WHERE id = e.user_id FOR NO KEY UPDATE;
+                v_known := FOUND;
+                v_counted := false;
+                v_leases := 0;
+            END IF;
             v_user := e.user_id;
-            PERFORM 1 FROM users WHERE id = e.user_id;
-            v_known := FOUND;
+            v_day := e.day;
+            v_month := e.month_start;
+            IF v_known THEN
+                SELECT d.queries, d.total_tokens, d.web_searches
+                INTO v_queries, v_tokens, v_web
+                FROM usage_daily d WHERE d.user_id = v_user AND d.day = v_day;
+                v_queries := coalesce(v_queries, 0);
+                v_tokens := coalesce(v_tokens, 0);
+                v_web := coalesce(v_web, 0);
+                SELECT coalesce(sum(d.total_tokens), 0) INTO v_prev
+                FROM usage_daily d
+                WHERE d.user_id = v_user AND d.day >= v_month AND d.day < v_day;
+            END IF;
         END IF;
         IF NOT v_known THEN
+            -- The single function raises foreign_key_violation; here that would
+            -- abort the whole batch, so the element is answered as unknown.
             RETURN QUERY SELECT e.ord::integer, false, NULL::text, 0::bigint, 0::bigint,
                 0::bigint, 0::bigint, 0::bigint;
             CONTINUE;
         END IF;
-        SELECT * INTO r FROM gateway_admit(
-            e.user_id, e.day, e.month_start, e.queries, e.tokens_day, e.tokens_month,
-            e.streams, e.lease, e.lease_expires, e.now, e.advanced_rag, e.pending,
-            e.endpoint, e.prompt, e.completion, e.total, e.cost, e.currency
-        );
-        RETURN QUERY SELECT e.ord::integer, true, r.refused_by, r.queries, r.tokens_today,
-            r.tokens_month, r.web_searches, r.open_streams;
+        IF e.streams IS NOT NULL AND NOT v_counted THEN
+            DELETE FROM stream_leases l WHERE l.user_id = v_user AND l.expires_at <= e.now;
+            SELECT count(*) + v_leases INTO v_streams
+            FROM stream_leases l WHERE l.user_id = v_user;
+            v_counted := true;
+        END IF;
+        -- 0003's decision, in 0003's order.
+        v_refused := CASE
+            WHEN e.queries IS NOT NULL AND v_queries >= e.queries THEN 'queries_per_day'
+            WHEN e.tokens_day IS NOT NULL AND v_tokens >= e.tokens_day THEN 'tokens_per_day'
+            WHEN e.tokens_month IS NOT NULL AND v_prev + v_tokens >= e.tokens_month
+                THEN 'tokens_per_month'
+            WHEN e.streams IS NOT NULL AND v_streams >= e.streams THEN 'max_concurrent_streams'
+        END;
+        -- Without a stream limit 0003 counts no leases: it reports the lease it
+        -- took, if any.
+        v_shown := 0;
+        IF v_refused IS NULL THEN
+            v_admitted[e.ord] := true;
+            v_queries := v_queries + 1;
+            v_new := v_new + 1;
+            IF e.advanced_rag THEN
+                v_new_rag := v_new_rag + 1;
+            END IF;
+            IF e.lease IS NOT NULL THEN
+                v_leases := v_leases + 1;
+                v_streams := v_streams + 1;
+                v_shown := 1;
+            END IF;
+        END IF;
+        IF e.streams IS NOT NULL THEN
+            v_shown := v_streams;
+        END IF;
+        RETURN QUERY SELECT e.ord::integer, true, v_refused, v_queries, v_tokens,
+            v_prev + v_tokens, v_web, v_shown;
     END LOOP;
+    IF v_new > 0 THEN
+        INSERT INTO usage_daily AS d (user_id, day, queries, advanced_rag)
+        VALUES (v_user, v_day, v_new, v_new_rag)
+        ON CONFLICT (user_id, day) DO UPDATE SET
+            queries = d.queries + excluded.queries,
+            advanced_rag = d.advanced_rag + excluded.advanced_rag;
+    END IF;
+    -- The admitted elements' leases and pending rows (0008), each set at once.
+    INSERT INTO stream_leases (id, user_id, expires_at)
+    SELECT t.lease, t.user_id, t.expires
+    FROM unnest(p_leases, p_users, p_lease_expires) WITH ORDINALITY AS t(lease, user_id, expires, ord)
+    WHERE v_admitted[t.ord] AND t.lease IS NOT NULL
+    ORDER BY t.user_id, t.ord;
+    INSERT INTO pending_answers (
+        id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens,
+        total_tokens, cost, currency
+    )
+    SELECT t.pending, t.user_id, t.day, t.now, t.endpoint, t.prompt, t.completion, t.total,
+        t.cost, t.currency
+    FROM unnest(
+        p_pending, p_users, p_days, p_now, p_endpoints, p_prompt, p_completion, p_total,
+        p_cost, p_currency
+    ) WITH ORDINALITY AS t(
+        pending, user_id, day, now, endpoint, prompt, completion, total, cost, currency, ord
+    )
+    WHERE v_admitted[t.ord] AND t.pending IS NOT NULL
+    ORDER BY t.user_id, t.ord;
 END
 $$;
 
 -- Settles: the arguments of 0009's gateway_settle, as arrays, except for the
 -- alert checks. An element's checks are a slice of the check arrays (from
 -- p_check_from, p_check_count long), its channels a slice of p_channels; an
--- element with no checks has a count of 0.
+-- element with no checks has a count of 0. Crossings are compared with the
+-- counters after the whole batch (as a single settle compares them after its
+-- own answer); a check that several of a user's elements carry (the same
+-- limit, value and threshold) is made once, with the last one's time.
 CREATE FUNCTION gateway_settle_many(
     p_answer_ids text[],
     p_users text[],
@@ -133,50 +242,167 @@ CREATE FUNCTION gateway_settle_many(
     p_channels text[]
 ) RETURNS TABLE (ord integer, settled boolean) LANGUAGE plpgsql AS $$
 DECLARE
-    e record;
     v_claimed text[];
-    v_last integer;
-    v_channel_last integer;
+    v_candidates bigint[];
+    v_inserted text[];
+    v_settled boolean[];
 BEGIN
-    -- Every pending row of the batch claimed at once, in the index's order.
+    -- 0008's claim: every pending row of the batch at once, in the index's order.
     WITH claimed AS (
         DELETE FROM pending_answers WHERE id = ANY (p_pending) RETURNING id
     )
     SELECT coalesce(array_agg(id), '{}') INTO v_claimed FROM claimed;
+    -- Settled or not, an answer's lease goes (0002, 0008).
+    DELETE FROM stream_leases WHERE id = ANY (p_leases);
 
-    FOR e IN
-        SELECT * FROM unnest(
+    -- The elements that may write a ledger row: those naming no pending row
+    -- (the answer id's unique rule alone decides) and, of those naming a
+    -- pending row this batch claimed, the first in (user, position) order;
+    -- then, of those with the same answer id, the first.
+    SELECT coalesce(array_agg(c.ord), '{}') INTO v_candidates FROM (
+        SELECT DISTINCT ON (f.answer_id) f.ord FROM (
+            SELECT DISTINCT ON (coalesce(t.pending, '#' || t.ord)) t.answer_id, t.user_id, t.ord
+            FROM unnest(p_answer_ids, p_users, p_pending)
+                WITH ORDINALITY AS t(answer_id, user_id, pending, ord)
+            WHERE t.pending IS NULL OR t.pending = ANY (v_claimed)
+            ORDER BY coalesce(t.pending, '#' || t.ord), t.user_id, t.ord
+        ) f
+        ORDER BY f.answer_id, f.user_id, f.ord
+    ) c;
+
+    WITH written AS (
+        INSERT INTO usage_events (
+            answer_id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens,
+            total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id,
+            request_id, upstream_latency_ms, overhead_ms, model, cached_tokens,
+            reasoning_tokens
+        )
+        SELECT t.answer_id, t.user_id, t.day, t.created_at, t.endpoint, t.prompt, t.completion,
+            t.total, t.cost, t.currency, t.outcome, t.estimated, t.web_searches,
+            t.conversation, t.request, t.upstream_ms, t.overhead_ms, t.model, t.cached,
+            t.reasoning
+        FROM unnest(
             p_answer_ids, p_users, p_days, p_created_at, p_endpoints, p_prompt, p_completion,
             p_total, p_cost, p_currency, p_outcomes, p_estimated, p_web_searches,
-            p_conversations, p_requests, p_upstream_ms, p_overhead_ms, p_leases, p_pending,
-            p_models, p_cached, p_reasoning, p_month_starts, p_check_from, p_check_count,
-            p_channel_from, p_channel_count
+            p_conversations, p_requests, p_upstream_ms, p_overhead_ms, p_models, p_cached,
+            p_reasoning
         ) WITH ORDINALITY AS t(
             answer_id, user_id, day, created_at, endpoint, prompt, completion, total, cost,
             currency, outcome, estimated, web_searches, conversation, request, upstream_ms,
-            overhead_ms, lease, pending, model, cached, reasoning, month_start, check_from,
-            check_count, channel_from, channel_count, ord
+            overhead_ms, model, cached, reasoning, ord
         )
+        WHERE t.ord = ANY (v_candidates)
         ORDER BY t.user_id, t.ord
-    LOOP
-        IF e.pending IS NOT NULL AND NOT e.pending = ANY (v_claimed) THEN
-            -- Settled, refunded or recovered already: 0008's rule, the lease goes.
-            DELETE FROM stream_leases WHERE id = e.lease;
-            RETURN QUERY SELECT e.ord::integer, false;
-            CONTINUE;
-        END IF;
-        v_last := e.check_from + e.check_count - 1;
-        v_channel_last := e.channel_from + e.channel_count - 1;
-        -- The pending row is claimed: settled under the answer id's unique rule.
-        RETURN QUERY SELECT e.ord::integer, gateway_settle(
-            e.answer_id, e.user_id, e.day, e.created_at, e.endpoint, e.prompt, e.completion,
-            e.total, e.cost, e.currency, e.outcome, e.estimated, e.web_searches,
-            e.conversation, e.request, e.upstream_ms, e.overhead_ms, e.lease, NULL::text,
-            e.model, e.cached, e.reasoning, e.month_start,
-            p_kinds[e.check_from:v_last], p_periods[e.check_from:v_last],
-            p_values[e.check_from:v_last], p_thresholds[e.check_from:v_last],
-            p_channels[e.channel_from:v_channel_last]
-        );
-    END LOOP;
+        ON CONFLICT (answer_id) DO NOTHING
+        RETURNING answer_id
+    )
+    SELECT coalesce(array_agg(answer_id), '{}') INTO v_inserted FROM written;
+
+    SELECT array_agg(t.ord = ANY (v_candidates) AND t.answer_id = ANY (v_inserted) ORDER BY t.ord)
+    INTO v_settled
+    FROM unnest(p_answer_ids) WITH ORDINALITY AS t(answer_id, ord);
+
+    IF cardinality(v_inserted) > 0 THEN
+        -- The users' rows, locked in user order before any is written.
+        PERFORM 1 FROM users
+        WHERE id IN (SELECT t.user_id FROM unnest(p_users) WITH ORDINALITY AS t(user_id, ord)
+                     WHERE v_settled[t.ord])
+        ORDER BY id FOR NO KEY UPDATE;
+        UPDATE users u SET
+            lifetime_prompt_tokens = u.lifetime_prompt_tokens + s.prompt,
+            lifetime_completion_tokens = u.lifetime_completion_tokens + s.completion,
+            lifetime_tokens = u.lifetime_tokens + s.total,
+            lifetime_cost = u.lifetime_cost + s.cost
+        FROM (
+            SELECT t.user_id, sum(t.prompt) AS prompt, sum(t.completion) AS completion,
+                sum(t.total) AS total, sum(t.cost) AS cost
+            FROM unnest(p_users, p_prompt, p_completion, p_total, p_cost)
+                WITH ORDINALITY AS t(user_id, prompt, completion, total, cost, ord)
+            WHERE v_settled[t.ord]
+            GROUP BY t.user_id
+        ) s
+        WHERE u.id = s.user_id;
+        INSERT INTO usage_daily AS d
+            (user_id, day, web_searches, prompt_tokens, completion_tokens, total_tokens, cost)
+        SELECT t.user_id, t.day, sum(t.web_searches), sum(t.prompt), sum(t.completion),
+            sum(t.total), sum(t.cost)
+        FROM unnest(p_users, p_days, p_web_searches, p_prompt, p_completion, p_total, p_cost)
+            WITH ORDINALITY AS t(user_id, day, web_searches, prompt, completion, total, cost, ord)
+        WHERE v_settled[t.ord]
+        GROUP BY t.user_id, t.day
+        ORDER BY t.user_id, t.day
+        ON CONFLICT (user_id, day) DO UPDATE SET
+            web_searches = d.web_searches + excluded.web_searches,
+            prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
+            completion_tokens = d.completion_tokens + excluded.completion_tokens,
+            total_tokens = d.total_tokens + excluded.total_tokens,
+            cost = d.cost + excluded.cost;
+    END IF;
+
+    IF cardinality(v_inserted) > 0 AND coalesce(cardinality(p_kinds), 0) > 0 THEN
+        -- 0009's alert decision, for each (user, limit, period, threshold) the
+        -- batch's settled elements check.
+        WITH checks AS (
+            SELECT DISTINCT ON (t.user_id, k.kind, k.period, k.threshold, k.value)
+                t.user_id, t.day, t.month_start, t.created_at, t.channel_from,
+                t.channel_count, k.kind, k.period, k.value, k.threshold
+            FROM unnest(
+                p_users, p_days, p_month_starts, p_created_at, p_check_from, p_check_count,
+                p_channel_from, p_channel_count
+            ) WITH ORDINALITY AS t(
+                user_id, day, month_start, created_at, check_from, check_count, channel_from,
+                channel_count, ord
+            )
+            CROSS JOIN LATERAL unnest(
+                p_kinds[t.check_from:t.check_from + t.check_count - 1],
+                p_periods[t.check_from:t.check_from + t.check_count - 1],
+                p_values[t.check_from:t.check_from + t.check_count - 1],
+                p_thresholds[t.check_from:t.check_from + t.check_count - 1]
+            ) AS k(kind, period, value, threshold)
+            WHERE v_settled[t.ord] AND t.check_count > 0
+            ORDER BY t.user_id, k.kind, k.period, k.threshold, k.value, t.ord DESC
+        ), measured AS (
+            SELECT c.*,
+                CASE c.kind
+                    WHEN 'queries_per_day' THEN u.queries_per_day
+                    WHEN 'tokens_per_day' THEN u.tokens_per_day
+                    WHEN 'web_searches_per_day' THEN u.web_searches_per_day
+                    ELSE u.tokens_per_month
+                END AS used
+            FROM checks c CROSS JOIN LATERAL (
+                SELECT
+                    coalesce(max(d.queries) FILTER (WHERE d.day = c.day), 0) AS queries_per_day,
+                    coalesce(max(d.total_tokens) FILTER (WHERE d.day = c.day), 0)
+                        AS tokens_per_day,
+                    coalesce(max(d.web_searches) FILTER (WHERE d.day = c.day), 0)
+                        AS web_searches_per_day,
+                    coalesce(sum(d.total_tokens), 0) AS tokens_per_month
+                FROM usage_daily d
+                WHERE d.user_id = c.user_id AND d.day >= c.month_start AND d.day <= c.day
+            ) u
+        ), new AS (
+            INSERT INTO notifications AS n (
+                user_id, kind, period, threshold, created_at, limit_value, used
+            )
+            SELECT m.user_id, m.kind, m.period, m.threshold, m.created_at, m.value, m.used
+            FROM measured m
+            WHERE m.used * 100 >= m.value * m.threshold
+            ORDER BY m.user_id, m.kind, m.period, m.threshold
+            ON CONFLICT DO NOTHING
+            RETURNING n.user_id, n.kind, n.period, n.threshold, n.limit_value
+        )
+        INSERT INTO alert_outbox (user_id, kind, period, threshold, channel, created_at,
+            next_attempt_at)
+        SELECT x.user_id, x.kind, x.period, x.threshold, ch, m.created_at, m.created_at
+        FROM new x
+        JOIN measured m ON (m.user_id, m.kind, m.period, m.threshold, m.value)
+            = (x.user_id, x.kind, x.period, x.threshold, x.limit_value)
+        CROSS JOIN LATERAL unnest(
+            p_channels[m.channel_from:m.channel_from + m.channel_count - 1]
+        ) AS ch;
+    END IF;
+
+    RETURN QUERY SELECT t.ord::integer, v_settled[t.ord]
+    FROM generate_subscripts(p_answer_ids, 1) AS t(ord);
 END
 $$;
