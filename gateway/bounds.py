@@ -125,4 +125,6 @@ def bound_event(event: UsageEvent, *, max_tokens: int) -> tuple[UsageEvent, list
             changed.append(name)
     if changed:
         values["outcome"] = CLAMPED
+    elif all(value is getattr(event, name) for name, value in values.items()):
+        return event, changed  # the usual case: nothing to change, nothing to copy
     return dataclasses.replace(event, **values), changed  # type: ignore[arg-type]
