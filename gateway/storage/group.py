@@ -4,19 +4,25 @@ While a batch is on its way to the database, the calls that arrive meanwhile
 queue; when a batch returns, everything queued goes out as the next one - one
 round trip and one transaction for all of it. There is no timer: a call that
 finds nothing in flight is sent on the next turn of the event loop, so under
-light load every call goes alone (and as fast as before), and under heavy load
-the batches grow with the load. At most ``in_flight`` batches of one operation
+light load every call goes alone (a batch of one, as fast as a single call),
+and under heavy load the batches grow with the load. With ``max_batch`` 1 the
+batch runner is not used at all: every call goes through ``run_one``. At most ``in_flight`` batches of one operation
 are out at once, so a few pool connections are kept busy rather than one per
 waiting request.
 
 A batch is one transaction: when the database refuses it for something one of
-its calls carries (`SplitBatch`), the calls are sent again one by one, so that
-only the call at fault fails and each caller sees what it would have seen
-alone. Any other error (the database unreachable, a timeout) is every caller's.
+its calls carries (`SplitBatch`: a value refused, a row lock it could not get
+in time), the calls are sent again each on its own, so that only the call at
+fault fails and each caller sees what it would have seen alone. Calls with the
+same ``key`` (the same user) are resent one after another in their order, other
+keys' at the same time, so that a call that waits holds up only its own key's.
+Any other error (the database unreachable, a timeout) is every caller's.
 
-A caller that is cancelled while its call is queued or in flight does not stop
-the call - it may be in a transaction already - and its result is handed to
-``abandoned`` instead, which can undo it (an admission nobody will use).
+A caller that is cancelled while its call is queued is not sent. One cancelled
+while its call is in flight does not stop the call - it may be in a
+transaction already - and its result is handed to ``abandoned`` instead, which
+can undo it (an admission nobody will use); so is a result that arrived in the
+same turn of the event loop as the cancellation.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
 log = logging.getLogger("gateway.storage")
@@ -48,6 +54,7 @@ class GroupCommit(Generic[Item, Result]):
         max_batch: int,
         in_flight: int = 2,
         abandoned: Callable[[Item, Result], None] | None = None,
+        key: Callable[[Item], Hashable] | None = None,
     ) -> None:
         if max_batch < 1 or in_flight < 1:
             raise ValueError("max_batch and in_flight must be at least 1")
@@ -57,6 +64,7 @@ class GroupCommit(Generic[Item, Result]):
         self._max_batch = max_batch
         self._in_flight = in_flight
         self._abandoned = abandoned
+        self._key = key
         self._queue: deque[tuple[Item, asyncio.Future[Result]]] = deque()
         self._running = 0
         self._scheduled = False
@@ -76,7 +84,19 @@ class GroupCommit(Generic[Item, Result]):
             # one read of the socket brought) go together.
             self._scheduled = True
             loop.call_soon(self._flush)
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # Cancelled in the turn its result arrived: the result is abandoned
+            # here, since the batch has already handed it over.
+            if (
+                self._abandoned is not None
+                and future.done()
+                and not future.cancelled()
+                and future.exception() is None
+            ):
+                self._abandoned(item, future.result())
+            raise
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -97,44 +117,65 @@ class GroupCommit(Generic[Item, Result]):
         items = [item for item, _ in batch]
         self.batches += 1
         self.calls += len(items)
+        split: SplitBatch | None = None
         try:
-            outcomes = await self._outcomes(items)
+            outcomes: Sequence[Result | BaseException] = await self._run_many(items)
+        except SplitBatch as exc:
+            split = exc
         except asyncio.CancelledError:  # the event loop is going away
             for _, future in batch:
                 future.cancel()
             raise
+        except Exception as exc:  # every caller's error
+            outcomes = [exc] * len(items)
         finally:
+            # The slot is free again before any call is resent on its own: a
+            # call that then waits for a lock holds up no other batch.
             self._running -= 1
             if self._queue and not self._scheduled:
                 self._flush()
-        for (item, future), outcome in zip(batch, outcomes, strict=True):
-            if future.done():  # the caller was cancelled
-                if self._abandoned is not None and not isinstance(outcome, BaseException):
-                    self._abandoned(item, outcome)
-            elif isinstance(outcome, asyncio.CancelledError):
-                future.cancel()
-            elif isinstance(outcome, BaseException):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
-
-    async def _outcomes(self, items: list[Item]) -> Sequence[Result | BaseException]:
-        try:
-            if len(items) == 1:
-                return [await self._run_one(items[0])]
-            return await self._run_many(items)
-        except SplitBatch as exc:
+        if split is not None:
             log.info(
-                "%s batch of %d refused (%s); sending its calls one by one",
+                "%s batch of %d refused (%s); sending its calls each on its own",
                 self.name,
                 len(items),
-                exc,
+                split,
             )
-            return await asyncio.gather(
-                *(self._run_one(item) for item in items), return_exceptions=True
-            )
-        except Exception as exc:  # every caller's error
-            return [exc] * len(items)
+            await self._one_by_one(batch)
+            return
+        for (item, future), outcome in zip(batch, outcomes, strict=True):
+            self._deliver(item, future, outcome)
+
+    def _deliver(
+        self, item: Item, future: asyncio.Future[Result], outcome: Result | BaseException
+    ) -> None:
+        if future.done():  # the caller was cancelled
+            if self._abandoned is not None and not isinstance(outcome, BaseException):
+                self._abandoned(item, outcome)
+        elif isinstance(outcome, asyncio.CancelledError):
+            future.cancel()
+        elif isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    async def _one_by_one(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        """Each call on its own, answered as soon as it is done: a key's calls in
+        order, the keys side by side."""
+        by_key: dict[Hashable, list[tuple[Item, asyncio.Future[Result]]]] = {}
+        for at, call in enumerate(batch):
+            by_key.setdefault(self._key(call[0]) if self._key else at, []).append(call)
+
+        async def run(calls: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+            for item, future in calls:
+                outcome: Result | BaseException
+                try:
+                    outcome = await self._run_one(item)
+                except Exception as exc:
+                    outcome = exc
+                self._deliver(item, future, outcome)
+
+        await asyncio.gather(*(run(calls) for calls in by_key.values()))
 
     async def drain(self) -> None:
         """Wait until every queued call has been sent and answered."""

@@ -112,6 +112,7 @@ def _mapped_batch() -> Iterator[None]:
         asyncpg.DataError,
         asyncpg.IntegrityConstraintViolationError,
         asyncpg.TransactionRollbackError,
+        asyncpg.LockNotAvailableError,  # the batch's lock_timeout (0010)
     ) as exc:
         raise SplitBatch(f"{type(exc).__name__}: {exc}") from exc
 
@@ -187,6 +188,14 @@ def _admission(row: Any) -> Admission:
     return Admission(admitted=refused is None, refused_by=refused, counters=counters)
 
 
+def _user_of(call: _AdmitCall) -> str:
+    return str(call[0])
+
+
+def _settled_user(call: _SettleCall) -> str:
+    return str(call[1])
+
+
 class PostgresStorage:
     def __init__(self, pool: asyncpg.Pool, *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
         self._pool = pool
@@ -196,9 +205,10 @@ class PostgresStorage:
             self._admit_one,
             max_batch=max_batch,
             abandoned=self._admission_abandoned,
+            key=_user_of,
         )
         self._settles: GroupCommit[_SettleCall, bool] = GroupCommit(
-            "settle", self._settle_many, self._settle_one, max_batch=max_batch
+            "settle", self._settle_many, self._settle_one, max_batch=max_batch, key=_settled_user
         )
         self._background: set[asyncio.Task[None]] = set()
 

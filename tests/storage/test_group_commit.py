@@ -8,6 +8,7 @@ and write exactly what the same calls made one by one would (docs/quotas.md).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -80,7 +81,7 @@ async def test_a_call_alone_goes_alone_at_once() -> None:
     runner = Runner()
     batcher = group(runner)
     assert await batcher(3) == 6
-    assert runner.singles == [3] and runner.batches == []
+    assert runner.batches == [[3]] and runner.singles == []
 
 
 async def test_calls_made_together_go_in_one_batch() -> None:
@@ -158,6 +159,47 @@ async def test_a_cancelled_callers_result_goes_to_abandoned() -> None:
     assert abandoned == [(2, 4)]
 
 
+async def test_a_result_that_arrives_as_its_caller_is_cancelled_is_abandoned() -> None:
+    runner = Runner()
+    abandoned: list[tuple[int, int]] = []
+    batcher = group(runner, abandoned=lambda item, result: abandoned.append((item, result)))
+    callers: list[asyncio.Future[int]] = []
+    real_many = runner.many
+
+    async def many(items: Sequence[int]) -> list[int | Exception]:
+        out = await real_many(items)
+        # Lands after the batch answers and before the caller resumes.
+        asyncio.get_running_loop().call_soon(callers[1].cancel)
+        return out
+
+    batcher._run_many = many  # type: ignore[method-assign]
+    callers += [asyncio.ensure_future(batcher(1)), asyncio.ensure_future(batcher(2))]
+    results = await asyncio.gather(*callers, return_exceptions=True)
+    assert results[0] == 2 and isinstance(results[1], asyncio.CancelledError)
+    assert abandoned == [(2, 4)]
+
+
+async def test_a_split_batch_resends_each_key_in_order_and_keys_side_by_side() -> None:
+    runner = Runner(bad=frozenset({0}))
+    stuck = asyncio.Event()
+    real_one = runner.one
+
+    async def one(item: int) -> int:
+        if item == 2:  # key 0's second call waits (a row lock held elsewhere)
+            await stuck.wait()
+        return await real_one(item)
+
+    batcher = GroupCommit("test", runner.many, one, max_batch=64, key=lambda item: item % 2)
+    calls = [asyncio.ensure_future(batcher(i)) for i in range(6)]
+    # Key 1's calls all finish while key 0 is held up at its second call...
+    assert await asyncio.gather(calls[1], calls[3], calls[5]) == [2, 6, 10]
+    assert not calls[4].done()  # ...and key 0's third waits behind it, in order
+    stuck.set()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(results[0], ValueError) and results[2:] == [4, 6, 8, 10]
+    assert [i for i in runner.singles if i % 2 == 0] == [0, 2, 4]
+
+
 async def test_max_batch_one_sends_every_call_alone() -> None:
     runner = Runner()
     batcher = group(runner, max_batch=1)
@@ -180,10 +222,19 @@ def test_bounds_are_checked() -> None:
 async def pg(postgres_dsn: str) -> AsyncIterator[PostgresStorage]:
     await _truncate(postgres_dsn)
     store = await PostgresStorage.open(postgres_dsn)
+    _DSNS[id(store)] = postgres_dsn
     try:
         yield store
     finally:
         await store.close()
+
+
+_DSNS: dict[int, str] = {}
+
+
+def pg_dsn(store: PostgresStorage) -> str:
+    """The database a `pg` store is on, for a second connection of the test's own."""
+    return _DSNS[id(store)]
 
 
 def settle_event(answer_id: str, user: str = "alice", tokens: int = 100) -> UsageEvent:
@@ -369,7 +420,7 @@ async def test_a_call_cancelled_before_it_is_sent_is_not_sent() -> None:
     await asyncio.sleep(0)  # both queued, not yet sent
     gone.cancel()
     assert await kept == 4
-    assert runner.singles == [2] and runner.batches == []
+    assert runner.batches == [[2]]
 
 
 # --- PostgreSQL: a batch writes what its calls one by one would ----------------------
@@ -573,3 +624,78 @@ async def test_a_batch_writes_what_its_calls_one_by_one_would(postgres_dsn: str,
     # One outbox row per channel for each crossing.
     outbox = {row[:4] for row in tables_batched["alert_outbox"]}
     assert outbox == found.keys()
+
+
+@pytest.mark.postgres
+async def test_a_row_held_elsewhere_holds_up_only_its_users_admissions(pg: PostgresStorage) -> None:
+    users = ["hot", *(f"u{i}" for i in range(8))]
+    for user in users:
+        await pg.ensure_user(user, plan="free")
+    blocker = await asyncpg.connect(pg_dsn(pg))
+    hold = blocker.transaction()
+    await hold.start()
+    await blocker.execute("SELECT 1 FROM users WHERE id = 'hot' FOR UPDATE")
+    try:
+        hot = [admit(pg, "hot", "h1"), admit(pg, "hot", "h2")]
+        await turns()
+        others = [admit(pg, user, f"o{user}") for user in users[1:]]
+        # The batches holding "hot" give up waiting (lock_timeout) and go on
+        # call by call: everyone else is admitted while the row is still held.
+        assert all(r.admitted for r in await asyncio.gather(*others))
+        assert not any(h.done() for h in hot)
+    finally:
+        await hold.rollback()
+        await blocker.close()
+    assert all(r.admitted for r in await asyncio.gather(*hot))
+
+
+@pytest.mark.postgres
+async def test_admission_never_waits_for_an_expired_lease(pg: PostgresStorage) -> None:
+    """A settle (or a recovery) deleting an expired lease holds it while it waits
+    for the user's row, which admission holds: admission must not wait for the
+    lease in turn (that was a deadlock). Batched and alone."""
+    await pg.ensure_user("alice", plan="free")
+    conn = await asyncpg.connect(pg_dsn(pg))
+    await conn.execute(
+        "INSERT INTO stream_leases VALUES ('old', 'alice', $1)", NOW - timedelta(seconds=1)
+    )
+    deleting = conn.transaction()
+    await deleting.start()
+    await conn.execute("DELETE FROM stream_leases WHERE id = 'old'")
+    try:
+        alone = await admit(pg, "alice", "r1", max_concurrent_streams=1)
+        batched = await asyncio.gather(
+            admit(pg, "alice", "r2", max_concurrent_streams=3),
+            admit(pg, "alice", "r3", max_concurrent_streams=3),
+        )
+        # The expired lease counts for none of them.
+        assert [alone.counters.open_streams] + [r.counters.open_streams for r in batched] == [
+            1,
+            2,
+            3,
+        ]
+    finally:
+        await deleting.rollback()
+        await conn.close()
+
+
+@pytest.mark.postgres
+async def test_a_month_crossing_is_measured_to_the_batchs_latest_day(pg: PostgresStorage) -> None:
+    await pg.ensure_user("alice", plan="free")
+    alerts = AlertRequest(
+        checks=(AlertCheck("tokens_per_month", "2026-11", 1000, (80,)),),
+        month_start=MONTH,
+        channels=("webhook",),
+    )
+    later = dataclasses.replace(settle_event("m-new", tokens=900), day=DAY + timedelta(days=1))
+    earlier = settle_event("m-old", tokens=10)  # admitted the day before, settled last
+    assert await asyncio.gather(
+        pg.settle(later, alerts=alerts), pg.settle(earlier, alerts=alerts)
+    ) == [True, True]
+    assert pg.group_commit["settle"] == (1, 2)
+    (alert,) = await pg.list_alerts()
+    assert (alert.crossing.limit, alert.crossing.threshold, alert.crossing.used) == (
+        "tokens_per_month",
+        80,
+        910,
+    )

@@ -21,10 +21,101 @@
 -- circle, and neither waits in a circle with a recovery (which never waits for
 -- a pending row: SKIP LOCKED).
 --
+-- Expired leases. Admission used to delete a user's expired leases after
+-- locking the user's row, while settles and recoveries delete a lease before
+-- locking the user's: a cycle, which PostgreSQL broke as a deadlock (an expired
+-- lease is exactly what a recovery, or a settle after a long answer, deletes).
+-- Admission now counts only the leases still open and removes expired ones it
+-- can lock without waiting (gateway_drop_expired_leases, SKIP LOCKED), so it
+-- never waits for a lease; 0003's gateway_admit is replaced to do the same.
+--
 -- A batch is one transaction: an error in any element (a duplicate pending id,
 -- a user deleted meanwhile) rolls the whole batch back, and the gateway then
--- sends that batch's elements one by one, so that only the element at fault
--- fails (gateway/storage/group.py).
+-- sends that batch's elements again, each on its own, so that only the element
+-- at fault fails (gateway/storage/group.py). A batch waits at most 250 ms for a
+-- row lock (lock_timeout): a row held elsewhere - another replica's long batch,
+-- an admin's transaction - would otherwise hold up every user in the batch, and
+-- behind it every batch of the process; the calls then go on their own, and
+-- only the held user's wait.
+
+-- Removes the user's leases expired at p_now that no one else is deleting.
+CREATE FUNCTION gateway_drop_expired_leases(p_user text, p_now timestamptz)
+RETURNS void LANGUAGE sql AS $$
+    DELETE FROM stream_leases WHERE id IN (
+        SELECT id FROM stream_leases
+        WHERE user_id = p_user AND expires_at <= p_now
+        FOR UPDATE SKIP LOCKED
+    );
+$$;
+
+-- 0003's gateway_admit with one change: open streams are the leases not yet
+-- expired, and expired ones are removed without waiting for them (see above).
+CREATE OR REPLACE FUNCTION gateway_admit(
+    p_user text,
+    p_day date,
+    p_month_start date,
+    p_queries bigint,
+    p_tokens_day bigint,
+    p_tokens_month bigint,
+    p_streams bigint,
+    p_lease text,
+    p_lease_expires timestamptz,
+    p_now timestamptz,
+    p_advanced_rag boolean
+) RETURNS TABLE (
+    refused_by text,
+    queries bigint,
+    tokens_today bigint,
+    tokens_month bigint,
+    web_searches bigint,
+    open_streams bigint
+) LANGUAGE plpgsql AS $$
+DECLARE
+    v_queries bigint;
+    v_tokens bigint;
+    v_web bigint;
+    v_prev bigint;
+    v_streams bigint := 0;
+    v_refused text;
+BEGIN
+    PERFORM 1 FROM users WHERE id = p_user FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE foreign_key_violation USING MESSAGE = 'unknown user ' || p_user;
+    END IF;
+    SELECT d.queries, d.total_tokens, d.web_searches INTO v_queries, v_tokens, v_web
+    FROM usage_daily d WHERE d.user_id = p_user AND d.day = p_day;
+    v_queries := coalesce(v_queries, 0);
+    v_tokens := coalesce(v_tokens, 0);
+    v_web := coalesce(v_web, 0);
+    SELECT coalesce(sum(d.total_tokens), 0) INTO v_prev
+    FROM usage_daily d WHERE d.user_id = p_user AND d.day >= p_month_start AND d.day < p_day;
+    IF p_streams IS NOT NULL THEN
+        PERFORM gateway_drop_expired_leases(p_user, p_now);
+        SELECT count(*) INTO v_streams FROM stream_leases l
+        WHERE l.user_id = p_user AND l.expires_at > p_now;
+    END IF;
+
+    v_refused := CASE
+        WHEN p_queries IS NOT NULL AND v_queries >= p_queries THEN 'queries_per_day'
+        WHEN p_tokens_day IS NOT NULL AND v_tokens >= p_tokens_day THEN 'tokens_per_day'
+        WHEN p_tokens_month IS NOT NULL AND v_prev + v_tokens >= p_tokens_month THEN 'tokens_per_month'
+        WHEN p_streams IS NOT NULL AND v_streams >= p_streams THEN 'max_concurrent_streams'
+    END;
+    IF v_refused IS NULL THEN
+        INSERT INTO usage_daily AS d (user_id, day, queries, advanced_rag)
+        VALUES (p_user, p_day, 1, CASE WHEN p_advanced_rag THEN 1 ELSE 0 END)
+        ON CONFLICT (user_id, day) DO UPDATE SET
+            queries = d.queries + 1,
+            advanced_rag = d.advanced_rag + excluded.advanced_rag;
+        v_queries := v_queries + 1;
+        IF p_lease IS NOT NULL THEN
+            INSERT INTO stream_leases (id, user_id, expires_at) VALUES (p_lease, p_user, p_lease_expires);
+            v_streams := v_streams + 1;
+        END IF;
+    END IF;
+    RETURN QUERY SELECT v_refused, v_queries, v_tokens, v_prev + v_tokens, v_web, v_streams;
+END
+$$;
 
 -- Admissions: the arguments of 0008's gateway_admit, as arrays. An element whose
 -- user is unknown is answered with `known` false and nothing written (the single
@@ -57,7 +148,7 @@ CREATE FUNCTION gateway_admit_many(
     tokens_month bigint,
     web_searches bigint,
     open_streams bigint
-) LANGUAGE plpgsql AS $$
+) LANGUAGE plpgsql SET lock_timeout = '250ms' AS $$
 DECLARE
     e record;
     v_admitted boolean[] := array_fill(false, ARRAY[cardinality(p_users)]);
@@ -70,9 +161,11 @@ DECLARE
     v_tokens bigint;
     v_web bigint;
     v_prev bigint;
-    -- The user's open leases: counted at the first element with a stream
-    -- limit, then kept up to date; v_leases counts those this batch added.
-    v_streams bigint;
+    -- The user's open leases: their expiry times, read at the first element
+    -- with a stream limit; each element counts those still open at its own
+    -- time, plus the leases this batch added (v_leases).
+    v_expiries timestamptz[];
+    v_streams bigint := 0;
     v_counted boolean := false;
     v_leases bigint := 0;
     -- This run's admissions, not yet added to the day row.
@@ -134,11 +227,17 @@ BEGIN
                 0::bigint, 0::bigint, 0::bigint;
             CONTINUE;
         END IF;
-        IF e.streams IS NOT NULL AND NOT v_counted THEN
-            DELETE FROM stream_leases l WHERE l.user_id = v_user AND l.expires_at <= e.now;
+        IF e.streams IS NOT NULL THEN
+            IF NOT v_counted THEN
+                PERFORM gateway_drop_expired_leases(v_user, e.now);
+                v_expiries := ARRAY(
+                    SELECT l.expires_at FROM stream_leases l
+                    WHERE l.user_id = v_user AND l.expires_at > e.now
+                );
+                v_counted := true;
+            END IF;
             SELECT count(*) + v_leases INTO v_streams
-            FROM stream_leases l WHERE l.user_id = v_user;
-            v_counted := true;
+            FROM unnest(v_expiries) AS x(expires_at) WHERE x.expires_at > e.now;
         END IF;
         -- 0003's decision, in 0003's order.
         v_refused := CASE
@@ -159,6 +258,7 @@ BEGIN
                 v_new_rag := v_new_rag + 1;
             END IF;
             IF e.lease IS NOT NULL THEN
+                -- Its lease outlives the batch: it counts for every later element.
                 v_leases := v_leases + 1;
                 v_streams := v_streams + 1;
                 v_shown := 1;
@@ -206,7 +306,8 @@ $$;
 -- element with no checks has a count of 0. Crossings are compared with the
 -- counters after the whole batch (as a single settle compares them after its
 -- own answer); a check that several of a user's elements carry (the same
--- limit, value and threshold) is made once, with the last one's time.
+-- limit, value and threshold) is made once, as of the latest day among them
+-- (a month's sum runs to that day) and with the last one's time.
 CREATE FUNCTION gateway_settle_many(
     p_answer_ids text[],
     p_users text[],
@@ -240,7 +341,8 @@ CREATE FUNCTION gateway_settle_many(
     p_values bigint[],
     p_thresholds integer[],
     p_channels text[]
-) RETURNS TABLE (ord integer, settled boolean) LANGUAGE plpgsql AS $$
+) RETURNS TABLE (ord integer, settled boolean) LANGUAGE plpgsql
+SET lock_timeout = '250ms' AS $$
 DECLARE
     v_claimed text[];
     v_candidates bigint[];
@@ -360,7 +462,7 @@ BEGIN
                 p_thresholds[t.check_from:t.check_from + t.check_count - 1]
             ) AS k(kind, period, value, threshold)
             WHERE v_settled[t.ord] AND t.check_count > 0
-            ORDER BY t.user_id, k.kind, k.period, k.threshold, k.value, t.ord DESC
+            ORDER BY t.user_id, k.kind, k.period, k.threshold, k.value, t.day DESC, t.ord DESC
         ), measured AS (
             SELECT c.*,
                 CASE c.kind
