@@ -120,11 +120,19 @@ def bound_event(event: UsageEvent, *, max_tokens: int) -> tuple[UsageEvent, list
             changed.append(name)
     for name in _TEXT_FIELDS:
         text = getattr(event, name)
-        if isinstance(text, str) and (cleaned := clean_text(text)[: _TEXT_CAPS.get(name)]) != text:
+        if not isinstance(text, str):
+            continue
+        cap = _TEXT_CAPS.get(name)
+        if text.isascii() and "\x00" not in text and (cap is None or len(text) <= cap):
+            continue  # the usual case: nothing to clean (ASCII holds no surrogates)
+        if (cleaned := clean_text(text)[:cap]) != text:
             values[name] = cleaned
             changed.append(name)
     if changed:
         values["outcome"] = CLAMPED
-    elif all(value is getattr(event, name) for name, value in values.items()):
-        return event, changed  # the usual case: nothing to change, nothing to copy
+    # Only what bounding replaced (each bound returns the very value it was given
+    # when it keeps it): an event in range, the usual one, is returned as it is.
+    values = {name: value for name, value in values.items() if value is not getattr(event, name)}
+    if not values:
+        return event, changed
     return dataclasses.replace(event, **values), changed  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ Asia/Ho_Chi_Minh gets a fresh daily allowance at their midnight, not at UTC's.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import Protocol
@@ -53,8 +54,12 @@ class Periods:
 
 
 def periods_at(now: datetime, tz: tzinfo) -> Periods:
-    local = now.astimezone(tz)
-    day = local.date()
+    return _periods_of(now.astimezone(tz).date(), tz)
+
+
+@functools.lru_cache(maxsize=64)
+def _periods_of(day: date, tz: tzinfo) -> Periods:
+    # Depends only on the local day: computed once a day, not on every admission.
     month_start = day.replace(day=1)
     next_month = (month_start + timedelta(days=32)).replace(day=1)
     return Periods(

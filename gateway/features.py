@@ -9,10 +9,17 @@ segment that meets a list applies to every element, so
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from gateway.config import AdvancedRagConfig, Scalar, WebSearchConfig
+
+
+@functools.lru_cache(maxsize=256)
+def _keys(path: str) -> tuple[str, ...]:
+    # The paths are the configuration's few: split once, not on every request.
+    return tuple(path.split("."))
 
 
 def values_at(obj: object, path: str) -> Iterator[object]:
@@ -20,7 +27,7 @@ def values_at(obj: object, path: str) -> Iterator[object]:
     if not path:
         return
     current: list[object] = [obj]
-    for key in path.split("."):
+    for key in _keys(path):
         found: list[object] = []
         for node in current:
             for item in node if isinstance(node, list) else (node,):
@@ -44,8 +51,11 @@ def _as_text(value: object) -> str | None:
 
 def matches(obj: object, path: str, values: Iterable[str]) -> bool:
     """Whether the value at ``path`` is one of ``values`` (compared as text)."""
+    found = list(values_at(obj, path))
+    if not found:  # the usual case: the request or answer does not mention it
+        return False
     wanted = set(values)
-    return any(_as_text(v) in wanted for v in values_at(obj, path))
+    return any(_as_text(v) in wanted for v in found)
 
 
 def asks_for_web_search(body: Mapping[str, Any], rule: WebSearchConfig) -> bool:

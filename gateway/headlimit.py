@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -53,6 +54,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._limit, self._refusal = _configured()
         else:
             self._limit, self._refusal = self.head_limit, self.refusal_body
+        # uvicorn formats an access-log line (path, client address) for every
+        # response whenever its access logger has handlers, and only then drops it
+        # by level; at the usual log levels (warning and up) none is ever written.
+        self.access_log = self.access_log and self.access_logger.isEnabledFor(logging.INFO)
         self._in_head = True  # until the parser completes a head; again after each message
         self._head_bytes = 0
         self._refused = False

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -119,6 +119,9 @@ GAUGES: Mapping[str, tuple[str, tuple[str, ...], Literal["livesum"]]] = {
 }
 
 
+_NOT_STREAMING: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+
+
 def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
@@ -142,23 +145,36 @@ class Metrics:
             name: Gauge(name, text, labels, multiprocess_mode=mode, registry=r)
             for name, (text, labels, mode) in GAUGES.items()
         }
+        # The labelled children already looked up, by name and labels: prometheus'
+        # ``labels()`` checks and sorts the label names and takes a lock on every
+        # call, and the proxy counts about ten times per request. The set of label
+        # values is the one prometheus_client keeps a child for anyway.
+        self._children: dict[tuple[Any, ...], Any] = {}
+        self._in_flight = self._gauges["gateway_streams_in_flight"].track_inprogress()
 
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
-        counter = self._counters[name]
-        (counter.labels(**labels) if labels else counter).inc(amount)
+        if not labels:
+            self._counters[name].inc(amount)
+            return
+        key = (name, *labels.items())
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._counters[name].labels(**labels)
+        child.inc(amount)
 
     def observe(self, name: str, seconds: float, **labels: str) -> None:
-        histogram = self._histograms[name]
-        (histogram.labels(**labels) if labels else histogram).observe(seconds)
-
-    @contextlib.contextmanager
-    def streaming(self, active: bool) -> Iterator[None]:
-        """Count a streamed answer in flight while it is relayed (if ``active``)."""
-        if not active:
-            yield
+        if not labels:
+            self._histograms[name].observe(seconds)
             return
-        with self._gauges["gateway_streams_in_flight"].track_inprogress():
-            yield
+        key = (name, *labels.items())
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._histograms[name].labels(**labels)
+        child.observe(seconds)
+
+    def streaming(self, active: bool) -> contextlib.AbstractContextManager[None]:
+        """Count a streamed answer in flight while it is relayed (if ``active``)."""
+        return self._in_flight if active else _NOT_STREAMING
 
     def get(self, name: str, **labels: str) -> float:
         """This process's value of a counter (or gauge), 0 if never counted."""

@@ -401,13 +401,12 @@ class Proxy:
     ) -> None:
         gw = self.gw
         status = response.status_code
-        headers = response_headers(response.headers.raw)
+        raw = response.headers.raw  # a new list on every access
+        headers = response_headers(raw)
         headers.append((b"x-request-id", x.request_id.encode()))
         headers.extend(x.rate_headers)
         gw.metrics.inc("gateway_requests_total", route=x.route.kind, status=f"{status // 100}xx")
-        content_type = next(
-            (v for k, v in response.headers.raw if k.lower() == b"content-type"), b""
-        ).lower()
+        content_type = next((v for k, v in raw if k.lower() == b"content-type"), b"").lower()
         if x.ticket is None or not 200 <= status < 300:
             # Not an answer (or a refused one): nothing to meter.
             await self.admitter.refund(x.ticket, x.request_id)
@@ -464,11 +463,11 @@ class Proxy:
         decoder = SSEDecoder() if sse else None
         transform = upstream.stream_transform(route, x.prepared) if sse else None
         buffer = bytearray()
-        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+        loop = asyncio.get_running_loop()
+        watcher = loop.create_task(_wait_for_disconnect(receive))
         disconnected = stopped = cut = failed = False
         first_byte = True
         cancelled: asyncio.CancelledError | None = None
-        loop = asyncio.get_running_loop()
         try:
             with self.client.reading():
                 async with asyncio.timeout(gw.config.upstream.total_timeout) as deadline:

@@ -44,6 +44,39 @@ SHUTDOWN_GRACE = 10.0
 RESTART_DELAY = 1.0
 
 
+class _NoCookies(httpx.Cookies):
+    """A cookie store that keeps nothing, without reading every response to find out.
+
+    httpx reads each response's Set-Cookie headers into its client's jar (through
+    urllib's cookie machinery: a few percent of a streamed answer's CPU); the
+    shared client's jar refuses every cookie anyway, so the reading is skipped.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+class SharedClient(httpx.AsyncClient):
+    """The process's upstream client. It is shared by all users: a cookie an
+    upstream sets for one user's request must never ride along on another's, so it
+    keeps no cookies. Cookies pass through as headers."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies: object) -> None:
+        raise AttributeError("the shared upstream client keeps no cookies")
+
+
 def make_client(
     config: Config, transport: httpx.AsyncBaseTransport | None = None
 ) -> httpx.AsyncClient:
@@ -76,12 +109,7 @@ def make_client(
             return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
         transport = AiohttpTransport(limits=limits, client=session)
-    # The client is shared by all users: a cookie an upstream sets for one user's
-    # request must never ride along on another's. Cookies pass through as headers.
-    jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-    return httpx.AsyncClient(
-        transport=transport, limits=limits, timeout=timeout, follow_redirects=False, cookies=jar
-    )
+    return SharedClient(transport=transport, limits=limits, timeout=timeout, follow_redirects=False)
 
 
 class Gateway:

@@ -49,6 +49,25 @@ class SSEDecoder:
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
         if not chunk:
             return []
+        if (
+            # The usual chunk: exactly one event of one `data:` line (Dify flushes
+            # each event on its own), arriving between blocks. Read directly, as
+            # the general path below would read it.
+            chunk.startswith(b"data:")
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk.endswith(b"\n\n")
+            and self._started
+            and not self._buf
+            and not self._pending_cr
+            and not self._data
+            and not self._event
+            and self._retry is None
+            and b"\r" not in chunk
+        ):
+            # The "data:" prefix is ASCII: decoding after it is decoding the line.
+            start = 6 if chunk.startswith(b" ", 5) else 5
+            data = chunk[start:-2].decode("utf-8", "replace")
+            return [ServerSentEvent("message", data, self._last_id)]
         if not self._started:
             chunk = self._buf + chunk
             self._buf = b""

@@ -247,3 +247,30 @@ def test_any_chunking_and_line_endings_give_the_same_events(
     assert whole == expected
     assert decode(_cuts(data.draw, stream)) == whole
     assert decode(one_byte_chunks(stream)) == whole
+
+
+def test_one_event_chunks_keep_the_state_around_them() -> None:
+    # Whole one-line events (the usual chunk) between lines that set state.
+    chunks = [
+        b"id: 7\n\n",
+        b"data: a\n\n",
+        b"event: ping\n",
+        b"data: b\n\n",
+        b"retry: 5\n",
+        b"data:c\n\n",
+        b"data: d\n\n",
+        b"data: \xc3\n\n",
+    ]
+    expected = [
+        ServerSentEvent("message", "a", id="7"),
+        ServerSentEvent("ping", "b", id="7"),
+        ServerSentEvent("message", "c", id="7", retry=5),
+        ServerSentEvent("message", "d", id="7"),
+        ServerSentEvent("message", "\ufffd", id="7"),
+    ]
+    decoder = SSEDecoder()
+    assert [e for chunk in chunks for e in decoder.feed(chunk)] == expected
+    byte_by_byte = SSEDecoder()
+    joined = b"".join(chunks)
+    events = [e for i in range(len(joined)) for e in byte_by_byte.feed(joined[i : i + 1])]
+    assert events == expected
