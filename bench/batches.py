@@ -2,7 +2,8 @@
 
 One connection sends admissions and settles the way the gateway does - each
 answer one ``gateway_admit`` and one ``gateway_settle`` call, or a batch of them
-one ``gateway_admit_many`` and one ``gateway_settle_many`` call - and reads the
+one ``gateway_admit_many`` and one ``gateway_settle_many`` call (also for a batch
+of one, which is how a call goes that finds no batch in flight) - and reads the
 CPU time its backend used from /proc (the server must be local). The answers go
 to one user, then spread over 100, in a fresh database that is dropped at the
 end. No gateway runs: this isolates the database's side of group commit.
@@ -64,7 +65,7 @@ class Answers:
         return columns + slices
 
 
-async def measure(dsn: str, answers: int) -> list[tuple[int, int, float, float]]:
+async def measure(dsn: str, answers: int) -> list[tuple[int, str, float, float]]:
     conn = await asyncpg.connect(dsn)
     try:
         for u in range(100):
@@ -74,13 +75,13 @@ async def measure(dsn: str, answers: int) -> list[tuple[int, int, float, float]]
         rows = []
         done = 0
         for users in (1, 100):
-            for batch in (1, 10, 50):
+            for batch, many in ((1, False), (1, True), (10, True), (50, True)):
                 cpu, wall = _cpu_seconds(pid), time.perf_counter()
                 for start in range(done, done + answers, batch):
                     ids = range(start, start + batch)
                     admissions = [make.admission(i, f"u{i % users}") for i in ids]
                     settles = [make.settle(i, f"u{i % users}") for i in ids]
-                    if batch == 1:
+                    if not many:
                         await conn.fetchrow(_ADMIT, *admissions[0])
                         await conn.fetchval(_SETTLE, *settles[0])
                     else:
@@ -90,7 +91,7 @@ async def measure(dsn: str, answers: int) -> list[tuple[int, int, float, float]]
                 rows.append(
                     (
                         users,
-                        batch,
+                        f"{batch}" if many else "1 (single calls)",
                         1000 * (_cpu_seconds(pid) - cpu) / answers,
                         1000 * (time.perf_counter() - wall) / answers,
                     )

@@ -213,13 +213,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             gw / naive >= 3,
             f"{gw:,.0f} vs {naive:,.0f} answers/s",
         )
-        add(
-            "throughput vs fast pass-through",
-            ">= 0.60x",
-            gw / fast,
-            gw / fast >= 0.6,
-            f"{gw:,.0f} vs {fast:,.0f} answers/s",
-        )
+        # Issue 12 set 0.5x; the benchmark's first targets had 0.6x. Both are
+        # reported so a run shows where it stands against each.
+        for goal in (0.5, 0.6):
+            add(
+                "throughput vs fast pass-through",
+                f">= {goal:.2f}x",
+                gw / fast,
+                gw / fast >= goal,
+                f"{gw:,.0f} vs {fast:,.0f} answers/s",
+            )
     latency = results.get("latency", {})
     if TARGET_PATH in latency and "direct" in latency:
         for q, limit in (("p50", 1.0), ("p99", 5.0)):

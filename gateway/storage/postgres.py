@@ -12,9 +12,10 @@ it gone and so changes nothing.
 
 Admissions and settles are group-committed (gateway/storage/group.py): those
 made while an earlier batch is in flight go together in one call of
-``gateway_admit_many`` or ``gateway_settle_many`` (migration 0010), which runs
-the single-answer function for each, in one transaction. So under load an
-answer costs a fraction of a round trip and of a commit.
+``gateway_admit_many`` or ``gateway_settle_many`` (migration 0010), which
+decide and write them set by set, as exactly as the calls one after another, in
+one transaction; a batch of one they hand to the single function. So under load
+an answer costs a fraction of a round trip and of a commit.
 
 asyncpg errors are mapped to `StorageError` here and nowhere else.
 """

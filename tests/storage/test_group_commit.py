@@ -552,12 +552,16 @@ async def run_settle(store: PostgresStorage, call: dict[str, object]) -> object:
     )
 
 
-async def scenario(dsn: str, seed: int, *, batched: bool) -> tuple[list[object], dict[str, object]]:
+async def scenario(
+    dsn: str, seed: int, *, batched: bool, max_batch: int | None = None
+) -> tuple[list[object], dict[str, object]]:
     """Earlier usage, one batch of admissions, one of settles - made as batches, or
-    one by one in the order a batch runs them (user, then position)."""
+    one by one in the order a batch runs them (user, then position): by default
+    through the single functions (max_batch 1), with ``max_batch`` above 1 as
+    batches of one."""
     await _truncate(dsn)
     rng = random.Random(seed)
-    store = await PostgresStorage.open(dsn, max_batch=64 if batched else 1)
+    store = await PostgresStorage.open(dsn, max_batch=max_batch or (64 if batched else 1))
     try:
         for user in USERS:
             await store.ensure_user(user, plan="free")
@@ -624,6 +628,18 @@ async def test_a_batch_writes_what_its_calls_one_by_one_would(postgres_dsn: str,
     # One outbox row per channel for each crossing.
     outbox = {row[:4] for row in tables_batched["alert_outbox"]}
     assert outbox == found.keys()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("seed", range(3))
+async def test_a_batch_of_one_does_what_the_single_call_does(postgres_dsn: str, seed: int) -> None:
+    # A call that finds no batch in flight goes as a batch of one, which the
+    # batch functions hand to the single ones: everything, alerts included, is
+    # as with group commit off.
+    single, tables_single = await scenario(postgres_dsn, seed, batched=False)
+    alone, tables_alone = await scenario(postgres_dsn, seed, batched=False, max_batch=64)
+    assert alone == single
+    assert tables_alone == tables_single
 
 
 @pytest.mark.postgres

@@ -174,6 +174,23 @@ DECLARE
     v_refused text;
     v_shown bigint;
 BEGIN
+    -- A batch of one is the single function (cheaper than the loop below),
+    -- after the check for an unknown user that the single function makes by
+    -- raising. The function's lock_timeout holds for it too.
+    IF cardinality(p_users) = 1 THEN
+        IF NOT EXISTS (SELECT 1 FROM users u WHERE u.id = p_users[1]) THEN
+            RETURN QUERY SELECT 1, false, NULL::text, NULL::bigint, NULL::bigint,
+                NULL::bigint, NULL::bigint, NULL::bigint;
+            RETURN;
+        END IF;
+        RETURN QUERY SELECT 1, true, a.* FROM gateway_admit(
+            p_users[1], p_days[1], p_month_starts[1], p_queries[1], p_tokens_day[1],
+            p_tokens_month[1], p_streams[1], p_leases[1], p_lease_expires[1], p_now[1],
+            p_advanced_rag[1], p_pending[1], p_endpoints[1], p_prompt[1], p_completion[1],
+            p_total[1], p_cost[1], p_currency[1]
+        ) AS a;
+        RETURN;
+    END IF;
     FOR e IN
         SELECT * FROM unnest(
             p_users, p_days, p_month_starts, p_queries, p_tokens_day, p_tokens_month,
@@ -349,6 +366,25 @@ DECLARE
     v_inserted text[];
     v_settled boolean[];
 BEGIN
+    -- A batch of one (a settle that found no batch in flight, the usual case
+    -- under light load) is the single function: it does the same, for about
+    -- half the CPU of the set-based path below. The function's lock_timeout
+    -- holds for it too.
+    IF cardinality(p_answer_ids) = 1 THEN
+        RETURN QUERY SELECT 1, gateway_settle(
+            p_answer_ids[1], p_users[1], p_days[1], p_created_at[1], p_endpoints[1],
+            p_prompt[1], p_completion[1], p_total[1], p_cost[1], p_currency[1],
+            p_outcomes[1], p_estimated[1], p_web_searches[1], p_conversations[1],
+            p_requests[1], p_upstream_ms[1], p_overhead_ms[1], p_leases[1], p_pending[1],
+            p_models[1], p_cached[1], p_reasoning[1], p_month_starts[1],
+            p_kinds[p_check_from[1]:p_check_from[1] + p_check_count[1] - 1],
+            p_periods[p_check_from[1]:p_check_from[1] + p_check_count[1] - 1],
+            p_values[p_check_from[1]:p_check_from[1] + p_check_count[1] - 1],
+            p_thresholds[p_check_from[1]:p_check_from[1] + p_check_count[1] - 1],
+            p_channels[p_channel_from[1]:p_channel_from[1] + p_channel_count[1] - 1]
+        );
+        RETURN;
+    END IF;
     -- 0008's claim: every pending row of the batch at once, in the index's order.
     WITH claimed AS (
         DELETE FROM pending_answers WHERE id = ANY (p_pending) RETURNING id
