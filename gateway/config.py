@@ -28,7 +28,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.errors import ConfigError
-from gateway.pricing import Price
+from gateway.pricing import CallPrice, Price
 from gateway.upstreams import DIALECTS
 
 DEFAULT_CONFIG_FILE = "gateway.toml"
@@ -292,6 +292,9 @@ class Config:
     # [prices."MODEL"]: what a million tokens of a model cost, for upstreams that
     # report tokens but no money (docs/upstreams/openai.md).
     prices: Mapping[str, Price] = field(default_factory=dict)
+    # [call_prices."NAME"]: what one paid side call costs (a tool an answer ran, an
+    # endpoint billed per call); names are "<dialect>.<call>" (docs/configuration.md).
+    call_prices: Mapping[str, CallPrice] = field(default_factory=dict)
     source: str | None = _resolved(None)
 
     @property
@@ -338,7 +341,8 @@ def parse_config(
     data = dict(data)
     plans_table = data.pop("plans", None)
     prices_table = data.pop("prices", None)
-    config: Config = _build(Config, data, "", skip={"plans", "prices"})
+    call_prices_table = data.pop("call_prices", None)
+    config: Config = _build(Config, data, "", skip={"plans", "prices", "call_prices"})
 
     plans: dict[str, Plan] = {}
     if plans_table is None:
@@ -365,6 +369,18 @@ def parse_config(
             if not isinstance(table, dict):
                 raise ConfigError(f"prices.{name}: expected a table, got {_kind(table)}")
             prices[name] = _build(Price, table, f"prices.{name}.")
+
+    call_prices: dict[str, CallPrice] = {}
+    if call_prices_table is not None:
+        if not isinstance(call_prices_table, dict):
+            raise ConfigError(
+                "call_prices: expected a table of [call_prices.NAME] tables, "
+                f"got {_kind(call_prices_table)}"
+            )
+        for name, table in call_prices_table.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"call_prices.{name}: expected a table, got {_kind(table)}")
+            call_prices[name] = _build(CallPrice, table, f"call_prices.{name}.")
 
     accounting = config.accounting
     if accounting.default_plan not in plans:
@@ -420,6 +436,7 @@ def parse_config(
         auth=auth,
         plans=types.MappingProxyType(plans),
         prices=types.MappingProxyType(prices),
+        call_prices=types.MappingProxyType(call_prices),
         source=source,
     )
 
@@ -649,7 +666,7 @@ def setting_paths() -> list[str]:
     def walk(cls: type[Any], prefix: str) -> None:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.metadata.get("resolved") or f.name in ("plans", "prices"):
+            if f.metadata.get("resolved") or f.name in ("plans", "prices", "call_prices"):
                 continue
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], f"{prefix}{f.name}.")
@@ -659,6 +676,7 @@ def setting_paths() -> list[str]:
     walk(Config, "")
     walk(Plan, "plans.<name>.")
     walk(Price, "prices.<model>.")
+    walk(CallPrice, "call_prices.<name>.")
     return paths
 
 
@@ -703,6 +721,8 @@ def render_config(config: Config) -> str:
         emit(f"plans.{name}", plan)
     for model, price in config.prices.items():
         emit(f"prices.{_toml_value(model)}", price)
+    for name, call_price in config.call_prices.items():
+        emit(f"call_prices.{_toml_value(name)}", call_price)
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,7 @@ from decimal import Decimal
 
 from gateway.usage import ZERO, Usage
 
-__all__ = ["Price", "PriceTable"]
+__all__ = ["CallPrice", "Price", "PriceTable"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,17 @@ class Price:
         )
         # Per million tokens: an exact shift of the decimal exponent, no rounding.
         return micro.scaleb(-6) if micro else ZERO
+
+
+@dataclass(frozen=True, slots=True)
+class CallPrice:
+    """What one use of a paid side call costs: a tool an answer ran (OpenAI's
+    ``web_search``), or an upstream endpoint billed per call (Dify's
+    text-to-audio). Named in ``[call_prices."NAME"]`` (docs/configuration.md);
+    a paid call without a price is refused, never forwarded free."""
+
+    price: Decimal = field(default=ZERO, metadata={"min": 0})
+    currency: str = "USD"
 
 
 class PriceTable:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,17 @@ def test_plan_lookup_falls_back_to_default() -> None:
     assert config.plan("pro").queries_per_day == 9
     assert config.plan("retired").name == "free"
     assert isinstance(config, Config)
+
+
+def test_call_prices_are_parsed_as_decimals_and_refused_when_negative() -> None:
+    config = parse_config(
+        {"call_prices": {"openai.web_search": {"price": "0.01"}, "dify.text_to_audio": {}}},
+        env={},
+    )
+    assert config.call_prices["openai.web_search"].price == Decimal("0.01")
+    assert config.call_prices["openai.web_search"].currency == "USD"
+    assert config.call_prices["dify.text_to_audio"].price == Decimal(0)
+    with pytest.raises(ConfigError, match=r"call_prices\.x\.price"):
+        parse_config({"call_prices": {"x": {"price": "-1"}}}, env={})
+    with pytest.raises(ConfigError, match="call_prices"):
+        parse_config({"call_prices": {"x": "0.01"}}, env={})
