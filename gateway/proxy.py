@@ -712,6 +712,17 @@ class Proxy:
                 result.outcome,
                 usage.total_tokens,
             )
+        outcome: str = "disconnected" if disconnected else result.outcome
+        if usage.clamped:
+            # A field out of range was bounded where it was read (usage.FieldReader):
+            # the record is marked as bounds.bound_event marks one.
+            outcome = "clamped"
+            self.gw.metrics.inc("gateway_usage_clamped_total")
+            log.warning(
+                "request %s: upstream reported out-of-range usage; recorded clamped: %s",
+                request_id,
+                ", ".join(usage.clamped),
+            )
         # From here the reservation is the ledger's to settle, not to refund.
         ticket.reserved = False
         upstream_ms, overhead_ms = x.timings()
@@ -728,7 +739,7 @@ class Proxy:
                 total_tokens=usage.total_tokens,
                 cost=usage.cost,
                 currency=usage.currency,
-                outcome="disconnected" if disconnected else result.outcome,
+                outcome=outcome,
                 estimated=usage.estimated,
                 web_searches=int(used_web_search(result.metadata, self.gw.config.web_search)),
                 conversation_id=result.conversation_id,

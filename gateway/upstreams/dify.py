@@ -18,11 +18,11 @@ from gateway.upstreams.base import Prepared, Route
 from gateway.upstreams.dify_history import filter_conversations, filter_messages
 from gateway.usage import (
     ZERO,
+    FieldReader,
     Metered,
     Outcome,
     Usage,
     estimate_usage,
-    parse_decimal,
     parse_tokens,
     unreadable_answer,
 )
@@ -119,65 +119,72 @@ def _is_zero(usage: Usage) -> bool:
 def _usage_from(raw: object) -> Usage:
     """``message_end.metadata.usage`` (or the blocking equivalent) as a Usage.
 
-    Raises ``ValueError`` when the object or one of its numbers is malformed.
+    Each number is read on its own (FieldReader): a bad one is derived from the
+    others or bounded, and named in ``clamped``; the rest is kept. Raises
+    ``ValueError`` when the usage is not an object, or nothing usable is left.
     """
     if not isinstance(raw, dict):
         raise ValueError(f"usage is not an object: {raw!r}")
-    prompt = parse_tokens(raw.get("prompt_tokens"))
-    completion = parse_tokens(raw.get("completion_tokens"))
-    total_raw = raw.get("total_tokens")
-    total = prompt + completion if total_raw is None else parse_tokens(total_raw)
-    price = raw.get("total_price")
-    if price is None:
-        # Prices are decimal strings or numbers (dify.md "Usage"); the parts are a
-        # fallback for a build that omits the total.
-        cost = parse_decimal(raw.get("prompt_price")) + parse_decimal(raw.get("completion_price"))
-    else:
-        cost = parse_decimal(price)
-    return Usage(
+    read = FieldReader()
+    prompt, completion, total = read.split(
+        raw, "prompt_tokens", "completion_tokens", "total_tokens"
+    )
+    # Prices are decimal strings or numbers (dify.md "Usage"); the parts are a
+    # fallback for a build that omits the total, or sends a bad one.
+    cost = read.price(raw, "total_price") if raw.get("total_price") is not None else None
+    if cost is None:
+        cost = (read.price(raw, "prompt_price") or ZERO) + (
+            read.price(raw, "completion_price") or ZERO
+        )
+    usage = Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
         cost=cost,
         currency=_str_or_none(raw.get("currency")) or "USD",
     )
+    return read.usable(usage)
 
 
 def _node_usage(data: dict[str, Any]) -> Usage:
     """One ``node_finished.data``: price and total from ``execution_metadata``, the
     prompt/completion split from ``outputs.usage`` (LLM nodes only; dify.md "Usage").
+    Each number is read on its own, as in _usage_from.
     """
     meta = data.get("execution_metadata")
     outputs = data.get("outputs")
     llm = outputs.get("usage") if isinstance(outputs, dict) else None
+    read = FieldReader()
     prompt = completion = 0
     llm_total: int | None = None
     if isinstance(llm, dict):
-        prompt = parse_tokens(llm.get("prompt_tokens"))
-        completion = parse_tokens(llm.get("completion_tokens"))
+        prompt, completion, split_total = read.split(
+            llm, "prompt_tokens", "completion_tokens", "total_tokens"
+        )
         if llm.get("total_tokens") is not None:
-            llm_total = parse_tokens(llm.get("total_tokens"))
+            llm_total = split_total
     total = 0
     cost = ZERO
     currency = "USD"
     if isinstance(meta, dict):
         if meta.get("total_tokens") is not None:
-            total = parse_tokens(meta.get("total_tokens"))
+            total = read.total(meta, "total_tokens", llm_total or prompt + completion)
         elif llm_total is not None:
             total = llm_total
-        cost = parse_decimal(meta.get("total_price"))
+        cost = read.price(meta, "total_price") or ZERO
         currency = _str_or_none(meta.get("currency")) or "USD"
     elif meta is not None:
         raise ValueError(f"execution_metadata is not an object: {meta!r}")
     elif llm_total is not None:
         total = llm_total
-    return Usage(
+    usage = Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
         cost=cost,
         currency=currency,
     )
+    return read.usable(usage)
 
 
 def _prompt_chars(body: dict[str, Any]) -> int:
