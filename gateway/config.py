@@ -104,6 +104,8 @@ class DatabaseConfig:
     recover_after: float = _setting(0.0, minimum=0)
     recover_interval: float = _setting(60.0, minimum=0)
     max_batch: int = _setting(64, minimum=1)
+    # issue 20, spool: replay while running
+    replay_interval: float = _setting(5.0, minimum=0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,183 @@
+"""The spool is replayed as soon as the database answers again, by exactly one
+process per file, and a file error during a replay never stops the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.errors import StorageError
+from gateway.metrics import Metrics
+from gateway.settle import Settler, Write, event_to_json
+from gateway.storage import Storage, UsageEvent
+from gateway.testing.fake_upstream import FakeDify
+from tests.harness import UPSTREAM_KEY, USER, running_gateway
+from tests.tcpproxy import TCPProxy
+from tests.test_settle import EVENT
+
+CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "blocking", "user": "x"}
+
+
+def _spool_dir(tmp_path: Path) -> Path:
+    """A directory of the spool's own (the SQLite database lives in tmp_path)."""
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    return folder
+
+
+def _spool_records(spool: Path, count: int) -> list[UsageEvent]:
+    events = [replace(EVENT, answer_id=f"m{i}") for i in range(count)]
+    spool.write_bytes(b"".join(event_to_json(Write(e)) + b"\n" for e in events))
+    return events
+
+
+class SlowSettle:
+    """A real storage whose settles yield to the event loop first, so two replays
+    interleave as two worker processes would."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    async def settle(self, event: UsageEvent, **kwargs: Any) -> bool:
+        await asyncio.sleep(0)
+        return await self.storage.settle(event, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.storage, name)
+
+
+async def test_two_workers_replaying_one_spool_settle_each_record_once(
+    storage: Storage, tmp_path: Path
+) -> None:
+    await storage.ensure_user("alice", plan="free")
+    folder = _spool_dir(tmp_path)
+    spool = folder / "spool.jsonl"
+    _spool_records(spool, 20)
+    # A replay a crashed worker left behind is there too.
+    orphan = folder / "spool.jsonl.999999.1.replaying"
+    orphan.write_bytes(event_to_json(Write(replace(EVENT, answer_id="orphan"))) + b"\n")
+    metrics = [Metrics(), Metrics()]
+    settlers = [Settler(SlowSettle(storage), metrics=m, spool=spool) for m in metrics]  # type: ignore[arg-type]
+    counts = await asyncio.gather(*(s.replay() for s in settlers))
+    assert sum(counts) == 21
+    settled = sum(m.get("gateway_answers_settled_total", outcome="cut") for m in metrics)
+    duplicates = sum(m.get("gateway_answers_duplicate_total") for m in metrics)
+    assert (settled, duplicates) == (21, 0)  # each record written by one worker only
+    assert list(folder.iterdir()) == []
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 21 * 1168
+
+
+async def test_a_file_error_during_replay_is_logged_not_raised(
+    storage: Storage,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await storage.ensure_user("alice", plan="free")
+    folder = _spool_dir(tmp_path)
+    spool = folder / "spool.jsonl"
+    _spool_records(spool, 2)
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    settler = Settler(storage, metrics=Metrics(), spool=spool)
+    assert await settler.replay() == 2  # written; the file is kept for the next replay
+    assert any("could not be removed" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+    assert await settler.replay() == 2  # replayed again: changes nothing
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 2 * 1168
+    assert list(folder.iterdir()) == []
+
+
+class Down:
+    """A real storage whose settles and pings fail while ``down``."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.down = True
+
+    async def settle(self, event: UsageEvent, **kwargs: Any) -> bool:
+        if self.down:
+            raise StorageError("database unreachable")
+        return await self.storage.settle(event, **kwargs)
+
+    async def ping(self) -> None:
+        if self.down:
+            raise StorageError("database unreachable")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.storage, name)
+
+
+async def test_the_spool_is_replayed_when_a_ping_answers(storage: Storage, tmp_path: Path) -> None:
+    await storage.ensure_user("alice", plan="free")
+    down = Down(storage)
+    settler = Settler(down, metrics=Metrics(), spool=tmp_path / "spool", retry_delays=(0,))  # type: ignore[arg-type]
+    replays = asyncio.create_task(settler.run_replays(interval=0.01))
+    try:
+        await settler.record(EVENT)
+        await asyncio.wait(list(settler._tasks))
+        assert (tmp_path / "spool").exists() and settler.backlog
+        down.down = False
+        await settler.wait_replayed(1)
+    finally:
+        replays.cancel()
+    assert not (tmp_path / "spool").exists()
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 1168
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("trigger", ["ping", "write"])
+async def test_a_spooled_answer_lands_when_the_database_returns_without_a_restart(
+    pg_behind_proxy: tuple[str, TCPProxy], tmp_path: Path, trigger: str
+) -> None:
+    url, proxy = pg_behind_proxy
+    spool = tmp_path / "spool.jsonl"
+    settings = {
+        "admission": {"on_storage_error": {"queries": "open", "tokens": "open"}},
+        "database": {
+            "connect_timeout": 1.0,
+            "command_timeout": 2.0,
+            "spool_file": str(spool),
+            # "write": only the next successful ledger write can start the replay.
+            "replay_interval": 0.05 if trigger == "ping" else 3600,
+        },
+    }
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with (
+        running_gateway(url, fake=fake, settings=settings) as h,
+        httpx.AsyncClient(timeout=20) as client,
+    ):
+        warm = await client.post(f"{h.url}/v1/chat-messages", json=CHAT, headers=h.auth())
+        assert warm.status_code == 200
+        await h.gateway.wait_finished(1)
+        settler = h.gateway.settler
+        settler._delays = (0,)  # spool at the first retry: the test stays fast
+        await proxy.cut()
+        lost = await client.post(f"{h.url}/v1/chat-messages", json=CHAT, headers=h.auth())
+        await h.gateway.wait_finished(2)
+        await h.gateway.idle()
+        await asyncio.wait(list(settler._tasks))
+        assert lost.status_code == 200
+        assert len(spool.read_bytes().splitlines()) == 1
+        await proxy.restore()
+        if trigger == "write":
+            after = await client.post(f"{h.url}/v1/chat-messages", json=CHAT, headers=h.auth())
+            assert after.status_code == 200
+        await settler.wait_replayed(1)
+        events = await h.events()
+    assert not spool.exists()
+    assert len(events) == 3 if trigger == "write" else 2
+    assert {e.user_id for e in events} == {USER}
+    assert all(e.total_tokens == 1168 and not e.estimated for e in events)
