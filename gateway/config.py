@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.errors import ConfigError
 from gateway.pricing import CallPrice, Price
+from gateway.sse import DEFAULT_MAX_EVENT_BYTES
 from gateway.upstreams import DIALECTS
 
 DEFAULT_CONFIG_FILE = "gateway.toml"
@@ -90,6 +91,8 @@ class UpstreamConfig:
     transport: Literal["aiohttp", "httpx"] = "aiohttp"
     on_client_disconnect: Literal["drain", "stop"] = "drain"
     disconnect_grace: float = _setting(120.0, minimum=0)
+    # issue 20, spool: the cap on one SSE line or event from the upstream
+    max_event_bytes: int = _setting(DEFAULT_MAX_EVENT_BYTES, minimum=1024)
     api_key: str = _resolved()
 
 
