@@ -75,6 +75,11 @@ class ServerConfig:
     max_headers: int = _setting(100, minimum=1)
     reload_interval: float = _setting(2.0, minimum=0)
     shutdown_grace: int = _setting(30, minimum=0)  # whole seconds: uvicorn takes an int
+    # issue 20, spool: the whole request head must arrive within head_timeout; a
+    # worker holds at most max_connections connections (0: derived from the
+    # open-files limit). Both applied by `gateway serve` (gateway/headlimit.py).
+    head_timeout: float = _setting(10.0, minimum=0.001)
+    max_connections: int = _setting(0, minimum=0)
 
 
 @dataclass(frozen=True, slots=True)
