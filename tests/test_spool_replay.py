@@ -12,12 +12,14 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.config import DatabaseConfig
 from gateway.errors import StorageError
 from gateway.metrics import Metrics
 from gateway.settle import Settler, Write, event_to_json
-from gateway.storage import Storage, UsageEvent
+from gateway.storage import Storage, UsageEvent, open_storage
 from gateway.testing.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
+from tests.servers import free_port, start_gateway
 from tests.tcpproxy import TCPProxy
 from tests.test_settle import EVENT
 
@@ -181,3 +183,46 @@ async def test_a_spooled_answer_lands_when_the_database_returns_without_a_restar
     assert len(events) == 3 if trigger == "write" else 2
     assert {e.user_id for e in events} == {USER}
     assert all(e.total_tokens == 1168 and not e.estimated for e in events)
+
+
+async def test_two_gateway_serve_workers_replay_one_spool_once(tmp_path: Path) -> None:
+    """The reported failure: `gateway serve --workers 2` with a spool to replay;
+    both workers start, and each record lands once."""
+    folder = _spool_dir(tmp_path)
+    spool = folder / "spool.jsonl"
+    database = tmp_path / "gateway.db"
+    setup = await open_storage(DatabaseConfig(url=f"sqlite:///{database}"))
+    try:
+        await setup.migrate()
+        await setup.ensure_user("alice", plan="free")
+    finally:
+        await setup.close()
+    _spool_records(spool, 2000)
+    orphan = folder / "spool.jsonl.999999.1.replaying"  # a crashed replay's leftovers
+    orphan.write_bytes(event_to_json(Write(replace(EVENT, answer_id="orphan"))) + b"\n")
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        "[server]\nreload_interval = 0\n\n"
+        f'[database]\nurl = "sqlite:///{database}"\nspool_file = "{spool}"\n\n[plans.free]\n'
+    )
+    port = free_port()
+    proc = await start_gateway(config, port, workers=2)  # both workers' startups complete
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            health = await client.get(f"http://127.0.0.1:{port}/healthz")
+    finally:
+        proc.terminate()
+        assert proc.stderr is not None
+        log = (await proc.stderr.read()).decode(errors="replace")
+        await proc.wait()
+    assert health.status_code == 200
+    assert "Traceback" not in log and "startup failed" not in log
+    storage = await open_storage(DatabaseConfig(url=f"sqlite:///{database}"))
+    try:
+        user = await storage.get_user("alice")
+        events = [e async for e in storage.events(EVENT.day, EVENT.day)]
+    finally:
+        await storage.close()
+    assert len(events) == 2001
+    assert user is not None and user.lifetime_tokens == 2001 * 1168
+    assert list(folder.iterdir()) == []
