@@ -13,6 +13,7 @@ import pytest
 from gateway.sse import DEFAULT_MAX_EVENT_BYTES, EventTooLarge, ServerSentEvent, SSEDecoder
 from tests.harness import USER, running_gateway
 from tests.servers import read_body
+from tests.test_openai_sdk import PRICES
 
 
 def test_a_long_line_costs_linear_time() -> None:
@@ -129,3 +130,55 @@ async def test_an_endless_line_ends_the_answer_with_an_error_and_is_charged(
     assert event.completion_tokens > 0 and event.answer_id == "m1"
     assert errors == 1
     assert upstream.stops == 1  # the upstream was asked to stop generating
+
+
+class EndlessOpenAILine:
+    """An OpenAI-compatible upstream: a first chunk, then a line with no end."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        first = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion.chunk",
+            "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "delta": {"content": "Hello there, " * 10}}],
+        }
+        body = b"data: " + orjson.dumps(first) + b"\n\ndata: {"
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        for _ in range(8 * 16):
+            await send({"type": "http.response.body", "body": b"b" * 65536, "more_body": True})
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+
+async def test_an_endless_line_from_an_openai_upstream_is_cut_and_charged(
+    sqlite_url: str,
+) -> None:
+    settings = {
+        "upstream": {"kind": "openai", "max_event_bytes": 1024 * 1024},
+        "prices": PRICES,
+    }
+    async with running_gateway(sqlite_url, upstream=EndlessOpenAILine(), settings=settings) as h:
+        body = {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+        }
+        async with httpx.AsyncClient(timeout=20) as client:
+            reply = await client.post(f"{h.url}/v1/chat/completions", json=body, headers=h.auth())
+        await h.gateway.wait_finished(1)
+        await h.gateway.idle()
+        (event,) = await h.events()
+    assert reply.status_code == 200
+    last = reply.content.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    error = orjson.loads(last[len(b"data: ") :])["error"]
+    assert (error["code"], error["type"]) == ("upstream_error", "server_error")
+    # The client got the first chunk, not the endless line (held back by the
+    # transform that hides the usage chunk, then dropped).
+    assert b"bbbb" not in reply.content and b"Hello there" in reply.content
+    assert (event.user_id, event.outcome, event.estimated) == (USER, "cut", True)
+    assert event.completion_tokens > 0 and event.cost > 0
