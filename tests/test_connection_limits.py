@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,8 +156,6 @@ async def test_connections_past_the_cap_are_refused_503_and_the_rest_served(
 
 def test_the_default_cap_leaves_room_under_the_open_files_limit() -> None:
     cap = headlimit.derived_max_connections(10)
-    import resource
-
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert cap >= 16 and (soft == resource.RLIM_INFINITY or 2 * cap + 10 < soft)
 
@@ -185,4 +184,35 @@ async def test_gateway_serve_times_out_heads_and_caps_connections(tmp_path: Path
     closed = [a for a in answers if a == b""]
     assert len(refused) >= 150 and len(refused) + len(closed) == 200
     assert "server.max_connections = 50" in warning
+    assert health.startswith(b"HTTP/1.1 200")
+
+
+async def test_gateway_serve_under_a_low_open_files_limit_keeps_serving(tmp_path: Path) -> None:
+    """The audit's case: more idle connections than the open-files limit allows.
+    With the derived cap, extras are refused at once and the idle ones time out,
+    so the worker never runs out of descriptors and keeps serving."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        "[server]\nhead_timeout = 1.0\nreload_interval = 0\n\n"
+        f'[database]\nurl = "sqlite:///{tmp_path}/gateway.db"\nspool_file = ""\n\n[plans.free]\n'
+    )
+    gateway = await GatewayProcess.start(config, {})
+    try:
+        # The cap is derived at the first connection, from the limit then in force:
+        # (256 - 10 database connections - 64) // 2 = 91.
+        _, hard = resource.prlimit(gateway.proc.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(gateway.proc.pid, resource.RLIMIT_NOFILE, (256, hard))
+        idle = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(400)]
+        answers = await asyncio.gather(*(read_all(r) for r, _ in idle))
+        for _, writer in idle:
+            writer.close()
+        warning = await gateway.wait_for_line("connection limit reached")
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        health = await read_all(reader)
+        writer.close()
+    finally:
+        await gateway.terminate()
+    assert "server.max_connections = 91" in warning
+    assert sum(a.startswith(b"HTTP/1.1 503") for a in answers) >= 300
     assert health.startswith(b"HTTP/1.1 200")
