@@ -367,6 +367,10 @@ class Gateway:
         safety"); a database failure waits for the next pass."""
         while True:
             await asyncio.sleep(interval)
+            if self.settler.backlog:
+                # As at start-up: a spooled record settles its own pending answer
+                # before a recovery could charge that answer the estimate.
+                await self.settler.replay()
             try:
                 await self.recovery.run_once()
             except StorageError as exc:

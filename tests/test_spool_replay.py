@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from gateway.clock import FixedClock
 from gateway.config import DatabaseConfig
 from gateway.errors import StorageError
 from gateway.metrics import Metrics
@@ -226,3 +228,55 @@ async def test_two_gateway_serve_workers_replay_one_spool_once(tmp_path: Path) -
     assert len(events) == 2001
     assert user is not None and user.lifetime_tokens == 2001 * 1168
     assert list(folder.iterdir()) == []
+
+
+@pytest.mark.postgres
+async def test_a_recovery_pass_replays_the_spool_before_it_estimates(
+    pg_behind_proxy: tuple[str, TCPProxy], tmp_path: Path
+) -> None:
+    """An answer admitted, then recorded while the database was away (spooled): when
+    the database returns after the answer's pending row is old enough to recover,
+    the real record still lands, not the recovery's prompt-only estimate."""
+    url, proxy = pg_behind_proxy
+    spool = tmp_path / "spool.jsonl"
+    clock = FixedClock(datetime(2026, 12, 6, 9, 0, tzinfo=UTC))
+    settings = {
+        "upstream": {"total_timeout": 2.0, "disconnect_grace": 0.5},
+        "database": {
+            "connect_timeout": 1.0,
+            "command_timeout": 2.0,
+            "spool_file": str(spool),
+            "recover_after": 2.5,
+            "recover_interval": 0.05,
+            "replay_interval": 3600,  # only the recovery pass can replay in time
+        },
+    }
+    body = {**CHAT, "response_mode": "streaming"}
+    async with (
+        running_gateway(url, settings=settings, clock=clock) as h,
+        httpx.AsyncClient(timeout=20) as client,
+    ):
+        settler = h.gateway.settler
+        settler._delays = (0,)  # spool at the first retry: the test stays fast
+        request = client.build_request(
+            "POST",
+            f"{h.url}/v1/chat-messages",
+            json=body,
+            headers=h.auth(**{"x-fake-delay-ms": "20"}),
+        )
+        response = await client.send(request, stream=True)
+        chunks = response.aiter_raw()
+        await anext(chunks)  # admitted: its pending row is written
+        await proxy.cut()
+        async for _ in chunks:
+            pass
+        await h.gateway.wait_finished(1)
+        await h.gateway.idle()
+        await asyncio.wait(list(settler._tasks))
+        assert len(spool.read_bytes().splitlines()) == 1
+        clock.advance(timedelta(minutes=5))  # the pending row is now old enough
+        passes = h.gateway.recoveries.value
+        await proxy.restore()
+        await h.gateway.recoveries.wait_for(passes + 3)  # recovery passes with it back
+        (event,) = await h.events()
+    assert (event.total_tokens, event.estimated, event.outcome) == (1168, False, "complete")
