@@ -370,7 +370,10 @@ class Gateway:
             if self.settler.backlog:
                 # As at start-up: a spooled record settles its own pending answer
                 # before a recovery could charge that answer the estimate.
-                await self.settler.replay()
+                try:
+                    await self.settler.replay()
+                except Exception:  # the recovery loop must outlive a failed replay
+                    log.exception("spool replay before recovery failed")
             try:
                 await self.recovery.run_once()
             except StorageError as exc:
