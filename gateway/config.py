@@ -28,7 +28,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.errors import ConfigError
-from gateway.pricing import CallPrice, Price
+from gateway.pricing import CallPrice, Price, check_currencies
 from gateway.upstreams import DIALECTS
 
 DEFAULT_CONFIG_FILE = "gateway.toml"
@@ -166,6 +166,14 @@ class AccountingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PricingConfig:
+    # For dialects that price tokens themselves from [prices] (openai): a request
+    # for a model the table does not price is refused before admission (403
+    # model_not_priced), or let through with its tokens counted at cost 0.
+    unpriced_models: Literal["refuse", "allow"] = "refuse"
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     token_env: str = ENV_ADMIN_TOKEN
     token: str = _resolved()
@@ -288,6 +296,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
     plans: Mapping[str, Plan] = field(default_factory=lambda: {"free": Plan(name="free")})
     # [prices."MODEL"]: what a million tokens of a model cost, for upstreams that
     # report tokens but no money (docs/upstreams/openai.md).
@@ -381,6 +390,8 @@ def parse_config(
             if not isinstance(table, dict):
                 raise ConfigError(f"call_prices.{name}: expected a table, got {_kind(table)}")
             call_prices[name] = _build(CallPrice, table, f"call_prices.{name}.")
+    # A tool's cost is added to its answer's, which the dialect prices from [prices].
+    check_currencies(prices, call_prices, dialect="openai")
 
     accounting = config.accounting
     if accounting.default_plan not in plans:
