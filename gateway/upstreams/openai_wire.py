@@ -40,6 +40,7 @@ from gateway.usage import (
 __all__ = [
     "ChatStreamMeter",
     "ResponsesStreamMeter",
+    "ToolCalls",
     "has_usage_object",
     "is_usage_only",
     "meter_body",
@@ -75,7 +76,15 @@ _UNNAMED: Final = frozenset({"", "message"})
 # A "type" member and its value, as JSON writes it. A string inside the JSON cannot
 # hold an unescaped quote, so every match is a real member, possibly nested.
 _TYPE: Final = re.compile(r'"type"\s*:\s*"([^"\\]*)"')
-_RESPONSE_PARSED: Final = _RESPONSE_FINAL | {"error", "response.created"}
+# Output items announced in a stream: the hosted tool calls are among them.
+_RESPONSE_ITEM: Final = frozenset({"response.output_item.added", "response.output_item.done"})
+_RESPONSE_PARSED: Final = _RESPONSE_FINAL | _RESPONSE_ITEM | {"error", "response.created"}
+# The tool a Responses output item of this type is a call of, where the name is not
+# the type less "_call" (OpenAI's ResponseOutputItem types).
+_CALL_TOOLS: Final = {
+    "computer_call": "computer_use_preview",
+    "custom_tool_call": "custom",
+}
 
 
 def _data_type(data: str) -> tuple[str, object]:
@@ -204,8 +213,54 @@ def _error_code(error: object) -> str:
     return "error"
 
 
-def meter_body(body: dict[str, Any], response: bytes) -> Metered:
-    """Usage of an answer given as one JSON body (any endpoint, not streamed).
+class ToolCalls:
+    """The tool calls a response reports: its output items of a ``*_call`` type
+    (``web_search_call``, ``image_generation_call``...), each counted once
+    however often a stream shows it (added, done, then in the final response).
+
+    OpenAI bills code interpreter per container, not per call: its calls count
+    once per container they ran in."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        # (tool, the item's id or output index) -> the container it ran in
+        self._items: dict[tuple[str, str], str | None] = {}
+
+    def add(self, item: object, index: object) -> None:
+        if not isinstance(item, dict):
+            return
+        kind = item.get("type")
+        if not isinstance(kind, str) or not kind.endswith("_call"):
+            return
+        tool = _CALL_TOOLS.get(kind) or kind.removesuffix("_call")
+        key = (tool, _str_or_none(item.get("id")) or f"#{index}")
+        container = _str_or_none(item.get("container_id"))
+        if container is not None or key not in self._items:
+            self._items[key] = container
+
+    def add_output(self, output: object) -> None:
+        """Every item of a response's ``output`` list."""
+        if isinstance(output, list):
+            for index, item in enumerate(output):
+                self.add(item, index)
+
+    def counts(self) -> dict[str, int]:
+        """Calls per tool name (code interpreter: per container)."""
+        counts: dict[str, int] = {}
+        containers: set[str] = set()
+        for (tool, _), container in self._items.items():
+            if container is not None and tool == "code_interpreter":
+                if container in containers:
+                    continue
+                containers.add(container)
+            counts[tool] = counts.get(tool, 0) + 1
+        return counts
+
+
+def meter_body(body: dict[str, Any], response: bytes, calls: ToolCalls | None = None) -> Metered:
+    """Usage of an answer given as one JSON body (any endpoint, not streamed);
+    the tool calls of a response go into ``calls`` when given.
 
     The answer id is left to the gateway (see ``OpenAIUpstream``); the model
     is the one the upstream names.
@@ -217,6 +272,8 @@ def meter_body(body: dict[str, Any], response: bytes) -> Metered:
     if not isinstance(obj, dict):
         return unreadable_answer(prompt_chars(body), response)
     model = _str_or_none(obj.get("model"))
+    if calls is not None and obj.get("object") == "response":
+        calls.add_output(obj.get("output"))
     if "error" in obj and "usage" not in obj:
         return Metered(None, None, None, None, "error", error_code=_error_code(obj["error"]))
     raw = obj.get("usage")
@@ -334,11 +391,12 @@ class ResponsesStreamMeter(_StreamMeter):
     without parsing; the final event's ``response.usage`` is the usage.
     """
 
-    __slots__ = ("_overhead",)
+    __slots__ = ("_overhead", "calls")
 
     def __init__(self, body: dict[str, Any]) -> None:
         super().__init__(body)
         self._overhead: dict[str, int] = {}
+        self.calls = ToolCalls()
 
     def feed(self, event: ServerSentEvent) -> None:
         data = event.data
@@ -374,6 +432,9 @@ class ResponsesStreamMeter(_StreamMeter):
         elif kind == "error":
             self._errored = True
             self._error_code = self._error_code or _str_or_none(obj.get("code")) or "error"
+        elif kind in _RESPONSE_ITEM:
+            # Counted as soon as announced: a call the stream is cut after is billed.
+            self.calls.add(obj.get("item"), obj.get("output_index"))
         else:
             self._on_response(kind, obj.get("response"))
 
@@ -383,6 +444,7 @@ class ResponsesStreamMeter(_StreamMeter):
             return
         self._model = _str_or_none(response.get("model")) or self._model
         self._started = True
+        self.calls.add_output(response.get("output"))
         if kind == "response.failed":
             self._errored = True
             self._error_code = self._error_code or _error_code(response.get("error"))
