@@ -126,7 +126,8 @@ class _PricedMeter:
         meter = self._meter
         reported = meter.calls.counts() if isinstance(meter, ResponsesStreamMeter) else {}
         calls = self._dialect.calls(self._route, self._body, reported)
-        return self._dialect.priced(meter.finish(cut=cut), self._model, calls=calls)
+        ran = self._route.kind == "response"
+        return self._dialect.priced(meter.finish(cut=cut), self._model, calls=calls, ran=ran)
 
 
 def _requested_model(body: dict[str, Any]) -> str | None:
@@ -259,7 +260,8 @@ class OpenAIUpstream:
         reported = ToolCalls()
         metered = meter_body(body, response, reported)
         calls = self.calls(route, body, reported.counts())
-        return self.priced(metered, _requested_model(body), calls=calls)
+        ran = route.kind == "response"
+        return self.priced(metered, _requested_model(body), calls=calls, ran=ran)
 
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         prompt = estimate_tokens(prompt_chars(body))
@@ -301,12 +303,18 @@ class OpenAIUpstream:
         return max(priced, key=lambda tool: self._call_prices[tool].price)
 
     def priced(
-        self, metered: Metered, requested: str | None, *, calls: Mapping[str, int] | None = None
+        self,
+        metered: Metered,
+        requested: str | None,
+        *,
+        calls: Mapping[str, int] | None = None,
+        ran: bool = False,
     ) -> Metered:
         """``metered`` with its cost from the price table: by the model that
         answered, else the one asked for, plus its paid ``calls`` at their call
         prices. The model recorded is the one that answered, or the one asked for
-        when the upstream named none."""
+        when the upstream named none. ``ran``: the answer itself reported the
+        calls, which are then charged even when nothing else is."""
         model = metered.model or requested
         usage = metered.usage
         if usage is not None:
@@ -314,13 +322,13 @@ class OpenAIUpstream:
                 usage, metered.model, requested, max_tokens=self._max_tokens
             )
         if calls:
-            usage = self._with_calls(usage, calls, reported=metered.usage is None)
+            usage = self._with_calls(usage, calls, ran=ran)
         if usage is metered.usage and model == metered.model:
             return metered
         return dataclasses.replace(metered, usage=usage, model=model)
 
     def _with_calls(
-        self, usage: Usage | None, calls: Mapping[str, int], *, reported: bool
+        self, usage: Usage | None, calls: Mapping[str, int], *, ran: bool
     ) -> Usage | None:
         """``usage`` with the cost of ``calls`` added (exact decimals)."""
         cost = Decimal(0)
@@ -337,8 +345,8 @@ class OpenAIUpstream:
         if currency is None:
             return usage
         if usage is None:
-            if not reported:
-                return None
+            if not ran:
+                return None  # an answer that failed before any text: nothing ran
             # The answer failed before any text but after its tools ran: they are
             # billed all the same.
             usage = Usage(estimated=True, currency=currency)

@@ -1127,3 +1127,26 @@ def test_a_call_price_in_another_currency_than_the_models_is_refused_at_load() -
     # Another dialect's call prices are not added to OpenAI's answers.
     other = {**data, "call_prices": {"dify.text_to_audio": {"price": "0.01"}}}
     parse_config(other, env={})
+
+
+def test_tool_calls_a_failed_response_ran_are_charged_but_a_failed_chats_search_is_not() -> None:
+    up = tooled()
+    body = {"model": "gpt-4o-mini", "stream": True, "tools": [{"type": "web_search"}]}
+    meter = up.stream_meter(up.route("POST", "/responses"), body)
+    events = _response_with_calls("web_search_call").response_events()[:3]
+    error = b'event: error\ndata: {"type": "error", "code": "server_error", "message": "x"}\n\n'
+    for event in SSEDecoder().feed(b"".join(events) + error):
+        meter.feed(event)
+    result = meter.finish(cut=False)
+    assert result.outcome == "error"
+    assert result.usage is not None and result.usage.cost == Decimal("0.01")
+    assert result.usage.total_tokens == 0 and result.usage.estimated
+    # A chat completion that failed before any text: its per-answer search is not charged.
+    chat = {"model": "gpt-4o-mini", "stream": True, "web_search_options": {}}
+    meter = up.stream_meter(up.route("POST", "/chat/completions"), chat)
+    for event in SSEDecoder().feed(
+        b'data: {"error": {"message": "x", "code": "server_error"}}\n\n'
+    ):
+        meter.feed(event)
+    result = meter.finish(cut=False)
+    assert result.outcome == "error" and result.usage is None
