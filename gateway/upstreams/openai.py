@@ -5,7 +5,10 @@ Metered: ``/chat/completions`` and ``/completions`` (blocking or streamed),
 upstream's own answer (docs/upstreams/openai.md): to get it in a streamed chat completion,
 the gateway sets ``stream_options.include_usage`` and, when the client had not
 asked for it, hides the extra usage chunk from the client. OpenAI reports tokens
-only; the cost comes from the ``[prices]`` table.
+only; the cost comes from the ``[prices]`` table, plus the paid tool calls an
+answer made (web search, image generation...) from ``[call_prices]``. A request
+for a model or a paid tool without a price, or with a boolean the gateway reads
+that is not a JSON boolean, is refused before admission (issue 20).
 
 Other reads (``GET /models`` and the like) pass through unmetered. A POST to an
 endpoint the gateway cannot meter (images, audio, batches, background
