@@ -17,7 +17,14 @@ from typing import Final
 from gateway.errors import ConfigError
 from gateway.usage import ZERO, Usage
 
-__all__ = ["CallPrice", "Price", "PriceTable", "check_currencies", "is_snapshot_suffix"]
+__all__ = [
+    "Audio",
+    "CallPrice",
+    "Price",
+    "PriceTable",
+    "check_currencies",
+    "is_snapshot_suffix",
+]
 
 # What a dated snapshot adds to its model's name, and nothing else: OpenAI's
 # "-2024-08-06" and older "-0613"/"-1106" (month and day), and the "-20241022" of
@@ -42,16 +49,21 @@ class Price:
 
     ``cached_input`` prices prompt tokens read from the provider's prompt cache;
     None bills them at ``input``. Reasoning tokens are part of the completion
-    tokens and billed as output, as providers bill them.
+    tokens and billed as output, as providers bill them. ``audio_input`` and
+    ``audio_output`` price the audio tokens among the prompt and completion
+    tokens (OpenAI's audio models bill them at an audio rate); None bills them
+    at ``input`` and ``output``.
     """
 
     # The configuration loader refuses negative prices ("min").
     input: Decimal = field(default=ZERO, metadata={"min": 0})
     output: Decimal = field(default=ZERO, metadata={"min": 0})
     cached_input: Decimal | None = field(default=None, metadata={"min": 0})
+    audio_input: Decimal | None = field(default=None, metadata={"min": 0})
+    audio_output: Decimal | None = field(default=None, metadata={"min": 0})
     currency: str = "USD"
 
-    def cost(self, usage: Usage) -> Decimal:
+    def cost(self, usage: Usage, *, audio: Audio | None = None) -> Decimal:
         cached = min(usage.cached_tokens, usage.prompt_tokens)
         cached_price = self.input if self.cached_input is None else self.cached_input
         micro = (
@@ -59,8 +71,26 @@ class Price:
             + cached * cached_price
             + usage.completion_tokens * self.output
         )
+        if audio is not None:
+            # Audio tokens are counted among the prompt (not cached) and completion
+            # tokens, already priced above at the text rate: add the difference.
+            heard = min(audio.prompt, usage.prompt_tokens - cached)
+            spoken = min(audio.completion, usage.completion_tokens)
+            if self.audio_input is not None:
+                micro += heard * (self.audio_input - self.input)
+            if self.audio_output is not None:
+                micro += spoken * (self.audio_output - self.output)
         # Per million tokens: an exact shift of the decimal exponent, no rounding.
         return micro.scaleb(-6) if micro else ZERO
+
+
+@dataclass(frozen=True, slots=True)
+class Audio:
+    """The audio tokens among an answer's prompt and completion tokens, where the
+    upstream reports them (OpenAI's ``*_tokens_details.audio_tokens``)."""
+
+    prompt: int = 0
+    completion: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +150,11 @@ class PriceTable:
         return self.name(model) or "other"
 
     def priced(
-        self, usage: Usage, *models: str | None, max_tokens: int | None = None
+        self,
+        usage: Usage,
+        *models: str | None,
+        max_tokens: int | None = None,
+        audio: Audio | None = None,
     ) -> tuple[Usage, bool]:
         """``usage`` with its cost from the first of ``models`` the table prices
         (the model that answered, then the one asked for); and whether one was found.
@@ -141,7 +175,8 @@ class PriceTable:
                 completion_tokens=min(usage.completion_tokens, max_tokens),
                 cached_tokens=min(usage.cached_tokens, max_tokens),
             )
-        return replace(usage, cost=price.cost(counted), currency=price.currency), True
+        cost = price.cost(counted, audio=audio)
+        return replace(usage, cost=cost, currency=price.currency), True
 
 
 def check_currencies(

@@ -21,6 +21,7 @@ PRICES = {
 CALL_PRICES = {
     "openai.web_search": {"price": "0.01"},
     "openai.chat_web_search": {"price": "0.03"},
+    "openai.audio_output": {"price": "0.005"},
 }
 # The usage the fake reports for these headers: 7,000 prompt and 200 completion tokens.
 STEER = {"x-fake-prompt-tokens": "7000", "x-fake-completion-tokens": "200"}
@@ -196,3 +197,25 @@ async def test_a_chat_search_is_charged_once_per_answer(sqlite_url: str) -> None
         (event,) = await h.events()
     assert answered.status_code == 200
     assert event.cost == TOKENS_COST + Decimal("0.03")
+
+
+async def test_spoken_answers_are_charged_their_audio_tokens_at_the_audio_rate(
+    sqlite_url: str,
+) -> None:
+    # Attack: audio tokens cost 8x text tokens, and were billed as text.
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    prices = {
+        **PRICES,
+        "gpt-4o-audio-preview": {"input": "2.5", "output": "10", "audio_output": "80"},
+    }
+    priced = settings(prices=prices, call_prices=CALL_PRICES)
+    body = {**CHAT, "model": "gpt-4o-audio-preview", "modalities": ["text", "audio"]}
+    async with running_gateway(sqlite_url, upstream=fake, settings=priced) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            headers = h.auth(**STEER, **{"x-fake-audio-completion-tokens": "150"})
+            answered = await client.post("/v1/chat/completions", json=body, headers=headers)
+        await h.gateway.wait_finished(1)
+        (event,) = await h.events()
+    assert answered.status_code == 200
+    # 7000 * 2.5 + 50 * 10 + 150 * 80 per million, and one audio answer
+    assert event.cost == Decimal("0.03") + Decimal("0.005")

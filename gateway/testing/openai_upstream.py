@@ -12,6 +12,8 @@ Tests steer it per request with headers:
 
 - ``x-fake-prompt-tokens``, ``x-fake-completion-tokens``, ``x-fake-cached-tokens``,
   ``x-fake-reasoning-tokens``: the usage it reports;
+- ``x-fake-audio-prompt-tokens``, ``x-fake-audio-completion-tokens``: the audio
+  tokens among them (chat completions' ``*_tokens_details.audio_tokens``);
 - ``x-fake-model``: the model it says answered (default: the one asked for);
 - ``x-fake-delay-ms``: the pause between two streamed events;
 - ``x-fake-status``: answer with this HTTP error status, in OpenAI's error shape;
@@ -168,6 +170,8 @@ class _Answer:
         self.completion = int(headers.get("x-fake-completion-tokens", str(len(ANSWER_PIECES))))
         self.cached = int(headers.get("x-fake-cached-tokens", "0"))
         self.reasoning = int(headers.get("x-fake-reasoning-tokens", "0"))
+        self.audio_prompt = int(headers.get("x-fake-audio-prompt-tokens", "0"))
+        self.audio_completion = int(headers.get("x-fake-audio-completion-tokens", "0"))
         self.delay = int(headers.get("x-fake-delay-ms", "0")) / 1000
         self.tool_calls = [t for t in headers.get("x-fake-tool-calls", "").split(",") if t]
         self.container = headers.get("x-fake-container", "cntr_fake")
@@ -202,10 +206,13 @@ class _Answer:
             "prompt_tokens": self.prompt,
             "completion_tokens": self.completion,
             "total_tokens": self.prompt + self.completion,
-            "prompt_tokens_details": {"cached_tokens": self.cached, "audio_tokens": 0},
+            "prompt_tokens_details": {
+                "cached_tokens": self.cached,
+                "audio_tokens": self.audio_prompt,
+            },
             "completion_tokens_details": {
                 "reasoning_tokens": self.reasoning,
-                "audio_tokens": 0,
+                "audio_tokens": self.audio_completion,
                 "accepted_prediction_tokens": 0,
                 "rejected_prediction_tokens": 0,
             },

@@ -28,13 +28,13 @@ import orjson
 
 from gateway.bounds import DEFAULT_MAX_TOKENS_PER_ANSWER
 from gateway.errors import BadRequest, Forbidden
-from gateway.pricing import CallPrice, PriceTable
+from gateway.pricing import Audio, CallPrice, PriceTable
 from gateway.sse import ServerSentEvent
 from gateway.upstreams.base import Prepared, Route
 from gateway.upstreams.openai_wire import (
     ChatStreamMeter,
+    Extras,
     ResponsesStreamMeter,
-    ToolCalls,
     has_usage_object,
     is_usage_only,
     meter_body,
@@ -106,7 +106,7 @@ _ERROR_TYPES: Final = {
 class _PricedMeter:
     """A stream meter whose result is priced from the table when it finishes."""
 
-    __slots__ = ("_body", "_dialect", "_meter", "_model", "_route")
+    __slots__ = ("_body", "_dialect", "_meter", "_route")
 
     def __init__(
         self,
@@ -116,7 +116,7 @@ class _PricedMeter:
         body: dict[str, Any],
     ) -> None:
         self._meter, self._dialect = meter, dialect
-        self._route, self._body, self._model = route, body, _requested_model(body)
+        self._route, self._body = route, body
 
     @property
     def task_id(self) -> str | None:
@@ -126,11 +126,8 @@ class _PricedMeter:
         self._meter.feed(event)
 
     def finish(self, *, cut: bool) -> Metered:
-        meter = self._meter
-        reported = meter.calls.counts() if isinstance(meter, ResponsesStreamMeter) else {}
-        calls = self._dialect.calls(self._route, self._body, reported)
-        ran = self._route.kind == "response"
-        return self._dialect.priced(meter.finish(cut=cut), self._model, calls=calls, ran=ran)
+        metered = self._meter.finish(cut=cut)
+        return self._dialect.priced_with(metered, self._route, self._body, self._meter.extras)
 
 
 def _requested_model(body: dict[str, Any]) -> str | None:
@@ -260,11 +257,19 @@ class OpenAIUpstream:
         return DropEvents(is_usage_only, may_drop=has_usage_object)
 
     def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:
-        reported = ToolCalls()
-        metered = meter_body(body, response, reported)
-        calls = self.calls(route, body, reported.counts())
+        extras = Extras()
+        metered = meter_body(body, response, extras)
+        return self.priced_with(metered, route, body, extras)
+
+    def priced_with(
+        self, metered: Metered, route: Route, body: dict[str, Any], extras: Extras
+    ) -> Metered:
+        """An answer's ``metered`` usage priced with what else it reported."""
+        calls = self.calls(route, body, extras.calls.counts())
         ran = route.kind == "response"
-        return self.priced(metered, _requested_model(body), calls=calls, ran=ran)
+        return self.priced(
+            metered, _requested_model(body), calls=calls, ran=ran, audio=extras.audio
+        )
 
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         prompt = estimate_tokens(prompt_chars(body))
@@ -312,17 +317,19 @@ class OpenAIUpstream:
         *,
         calls: Mapping[str, int] | None = None,
         ran: bool = False,
+        audio: Audio | None = None,
     ) -> Metered:
         """``metered`` with its cost from the price table: by the model that
         answered, else the one asked for, plus its paid ``calls`` at their call
         prices. The model recorded is the one that answered, or the one asked for
         when the upstream named none. ``ran``: the answer itself reported the
-        calls, which are then charged even when nothing else is."""
+        calls, which are then charged even when nothing else is. ``audio``: the
+        audio tokens among its counts, at the model's audio prices."""
         model = metered.model or requested
         usage = metered.usage
         if usage is not None:
             usage, _ = self._prices.priced(
-                usage, metered.model, requested, max_tokens=self._max_tokens
+                usage, metered.model, requested, max_tokens=self._max_tokens, audio=audio
             )
         if calls:
             usage = self._with_calls(usage, calls, ran=ran)

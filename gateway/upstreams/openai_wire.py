@@ -27,6 +27,7 @@ from typing import Any, Final
 
 import orjson
 
+from gateway.pricing import Audio
 from gateway.sse import ServerSentEvent
 from gateway.usage import (
     Metered,
@@ -39,8 +40,10 @@ from gateway.usage import (
 
 __all__ = [
     "ChatStreamMeter",
+    "Extras",
     "ResponsesStreamMeter",
     "ToolCalls",
+    "audio_from",
     "has_usage_object",
     "is_usage_only",
     "meter_body",
@@ -258,9 +261,38 @@ class ToolCalls:
         return counts
 
 
-def meter_body(body: dict[str, Any], response: bytes, calls: ToolCalls | None = None) -> Metered:
+def _details_count(raw: dict[str, Any], outer: str) -> int:
+    try:
+        return _detail(raw, outer, "audio_tokens")
+    except ValueError:
+        return 0  # a part of the counts: the tokens themselves are still charged
+
+
+def audio_from(raw: object) -> Audio | None:
+    """The audio tokens an OpenAI usage object reports among its prompt and
+    completion tokens (chat completions' ``*_tokens_details.audio_tokens``), or
+    None when it reports none."""
+    if not isinstance(raw, dict):
+        return None
+    heard = _details_count(raw, "prompt_tokens_details")
+    spoken = _details_count(raw, "completion_tokens_details")
+    return Audio(heard, spoken) if heard or spoken else None
+
+
+class Extras:
+    """What an answer reports besides its token counts that the dialect prices:
+    the tool calls of a response, the audio tokens of a chat completion."""
+
+    __slots__ = ("audio", "calls")
+
+    def __init__(self) -> None:
+        self.calls = ToolCalls()
+        self.audio: Audio | None = None
+
+
+def meter_body(body: dict[str, Any], response: bytes, extras: Extras | None = None) -> Metered:
     """Usage of an answer given as one JSON body (any endpoint, not streamed);
-    the tool calls of a response go into ``calls`` when given.
+    its tool calls and audio tokens go into ``extras`` when given.
 
     The answer id is left to the gateway (see ``OpenAIUpstream``); the model
     is the one the upstream names.
@@ -272,8 +304,10 @@ def meter_body(body: dict[str, Any], response: bytes, calls: ToolCalls | None = 
     if not isinstance(obj, dict):
         return unreadable_answer(prompt_chars(body), response)
     model = _str_or_none(obj.get("model"))
-    if calls is not None and obj.get("object") == "response":
-        calls.add_output(obj.get("output"))
+    if extras is not None:
+        if obj.get("object") == "response":
+            extras.calls.add_output(obj.get("output"))
+        extras.audio = audio_from(obj.get("usage"))
     if "error" in obj and "usage" not in obj:
         return Metered(None, None, None, None, "error", error_code=_error_code(obj["error"]))
     raw = obj.get("usage")
@@ -301,6 +335,7 @@ class _StreamMeter:
         "_started",
         "_text_chars",
         "_usage",
+        "extras",
     )
 
     def __init__(self, body: dict[str, Any]) -> None:
@@ -312,6 +347,7 @@ class _StreamMeter:
         self._errored = False
         self._error_code: str | None = None
         self._malformed = False
+        self.extras = Extras()
 
     @property
     def task_id(self) -> str | None:
@@ -378,6 +414,8 @@ class ChatStreamMeter(_StreamMeter):
                 self._usage = usage_from(raw)
             except ValueError:
                 self._malformed = True
+            else:
+                self.extras.audio = audio_from(raw)
 
     @staticmethod
     def _chunk_text(obj: dict[str, Any]) -> int:
@@ -391,12 +429,11 @@ class ResponsesStreamMeter(_StreamMeter):
     without parsing; the final event's ``response.usage`` is the usage.
     """
 
-    __slots__ = ("_overhead", "calls")
+    __slots__ = ("_overhead",)
 
     def __init__(self, body: dict[str, Any]) -> None:
         super().__init__(body)
         self._overhead: dict[str, int] = {}
-        self.calls = ToolCalls()
 
     def feed(self, event: ServerSentEvent) -> None:
         data = event.data
@@ -434,7 +471,7 @@ class ResponsesStreamMeter(_StreamMeter):
             self._error_code = self._error_code or _str_or_none(obj.get("code")) or "error"
         elif kind in _RESPONSE_ITEM:
             # Counted as soon as announced: a call the stream is cut after is billed.
-            self.calls.add(obj.get("item"), obj.get("output_index"))
+            self.extras.calls.add(obj.get("item"), obj.get("output_index"))
         else:
             self._on_response(kind, obj.get("response"))
 
@@ -444,7 +481,7 @@ class ResponsesStreamMeter(_StreamMeter):
             return
         self._model = _str_or_none(response.get("model")) or self._model
         self._started = True
-        self.calls.add_output(response.get("output"))
+        self.extras.calls.add_output(response.get("output"))
         if kind == "response.failed":
             self._errored = True
             self._error_code = self._error_code or _error_code(response.get("error"))

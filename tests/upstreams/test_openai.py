@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from gateway.config import parse_config
 from gateway.errors import BadRequest, ConfigError, Forbidden
-from gateway.pricing import Price, PriceTable
+from gateway.pricing import Audio, Price, PriceTable
 from gateway.sse import SSEDecoder
 from gateway.testing.openai_upstream import ANSWER_PIECES, FakeOpenAI, _Answer
 from gateway.upstreams import get_upstream
@@ -1150,3 +1150,67 @@ def test_tool_calls_a_failed_response_ran_are_charged_but_a_failed_chats_search_
         meter.feed(event)
     result = meter.finish(cut=False)
     assert result.outcome == "error" and result.usage is None
+
+
+# --- audio tokens at the audio rate (issue 20) ------------------------------------------
+
+AUDIO_PRICES = {
+    "gpt-4o-audio-preview": {
+        "input": "2.50",
+        "output": "10",
+        "audio_input": "40",
+        "audio_output": "80",
+    }
+}
+AUDIO = {"x-fake-audio-prompt-tokens": "4", "x-fake-audio-completion-tokens": "5"}
+# 12 prompt tokens (4 of them audio), 7 completion tokens (5 of them audio):
+# 8 * 2.50 + 4 * 40 + 2 * 10 + 5 * 80 = 600 per million, and one audio answer.
+AUDIO_COST = Decimal("0.0006") + Decimal("0.005")
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_audio_tokens_are_priced_at_the_models_audio_rates(streamed: bool) -> None:
+    data = {"prices": AUDIO_PRICES, "call_prices": CALL_PRICES}
+    up = OpenAIUpstream(parse_config(data, env={}))
+    body: dict[str, Any] = {
+        "model": "gpt-4o-audio-preview",
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "alloy", "format": "pcm16"},
+    }
+    route = up.route("POST", "/chat/completions")
+    if streamed:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    _prepare(up, "/chat/completions", body)
+    answer = _fake("/chat/completions", body, **AUDIO)
+    if streamed:
+        meter = up.stream_meter(route, body)
+        for event in SSEDecoder().feed(b"".join(answer.chunks())):
+            meter.feed(event)
+        result = meter.finish(cut=False)
+    else:
+        result = up.meter_blocking(route, body, orjson.dumps(answer.chat_completion()))
+    assert result.usage is not None and result.usage.cost == AUDIO_COST
+
+
+@pytest.mark.parametrize(
+    ("price", "cost"),
+    [
+        # audio tokens at the text rate when no audio price is set
+        (Price(input=Decimal(1), output=Decimal(2)), Decimal(10 * 1 + 6 * 2)),
+        (
+            Price(
+                input=Decimal(1), output=Decimal(2), audio_input=Decimal(5), audio_output=Decimal(9)
+            ),
+            Decimal(7 * 1 + 3 * 5 + 2 * 2 + 4 * 9),
+        ),
+        # more audio reported than tokens: no more than the tokens are re-priced
+        (
+            Price(input=Decimal(1), output=Decimal(2), audio_output=Decimal(9)),
+            Decimal(10 * 1 + 6 * 9),
+        ),
+    ],
+)
+def test_price_cost_with_audio(price: Price, cost: Decimal) -> None:
+    usage = Usage(10, 6, 16)
+    audio = Audio(3, 4) if price.audio_input is not None else Audio(3, 99)
+    assert price.cost(usage, audio=audio) == cost.scaleb(-6)
