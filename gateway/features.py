@@ -9,13 +9,15 @@ segment that meets a list applies to every element, so
 A request's values are judged as the upstream will read them, not as sent
 (issue 20): Dify removes every NUL from a string input before the app sees it
 (``BaseAppGenerator._sanitize_value``), so ``"advanced\\u0000"`` is advanced RAG;
-and it reads a checkbox input's ``" Yes"``, ``"on"`` or ``1`` as true. The body is
+it reads a checkbox input's ``" Yes"``, ``"on"`` or ``1`` as true, and a number
+input's ``" 2"`` or ``"2.0"`` as the number 2. The body is
 forwarded unchanged: what Dify makes of it is what was judged. docs/features.md.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
 
@@ -84,15 +86,46 @@ def _as_checkbox(value: object) -> str | None:
     return None
 
 
+def _as_number(value: object) -> str | None:
+    """The number Dify's number input makes of ``value``, as text, integral
+    numbers without a fraction (``" 2"``, ``"2.0"`` and ``2.0`` are all ``"2"``);
+    None if it makes none. Dify parses a string with ``float()`` when it holds a
+    ".", else ``int()`` (which takes surrounding spaces and "2_0")."""
+    number: int | float
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            number = float(value) if "." in value else int(value)
+        except ValueError:
+            return None
+    elif isinstance(value, int | float):
+        number = value
+    else:
+        return None
+    if isinstance(number, float):
+        if not math.isfinite(number):
+            return None
+        if number.is_integer():
+            number = int(number)
+    return str(number)
+
+
 def matches(obj: object, path: str, values: Iterable[str]) -> bool:
     """Whether the value at ``path`` is one of ``values``, compared as text after
-    the upstream's own normalisation (see the module docstring): NULs removed,
-    and a value a checkbox reads as true or false taking that reading too."""
+    the upstream's own normalisation (see the module docstring): NULs removed, a
+    value a checkbox reads as true or false taking that reading too, and one a
+    number input reads as a number that number."""
     found = list(values_at(obj, path))
     if not found:  # the usual case: the request or answer does not mention it
         return False
     wanted = set(values)
-    return any(_as_text(v) in wanted or _as_checkbox(v) in wanted for v in found)
+    return any(
+        _as_text(v) in wanted or _as_checkbox(v) in wanted or _as_number(v) in wanted
+        for v in found
+    )
 
 
 def asks_for_web_search(body: Mapping[str, Any], rule: WebSearchConfig) -> bool:

@@ -138,3 +138,25 @@ def test_a_checkbox_value_matches_as_dify_reads_it(value: Any, asks: bool) -> No
     # Dify reads a checkbox input given as "yes"/"on"/"1"/1 (stripped, any case) as true.
     rule = WebSearchConfig(request_path="inputs.web", request_values=("true",))
     assert asks_for_web_search({"inputs": {"web": value}}, rule) is asks
+
+
+@pytest.mark.parametrize(
+    ("value", "asks"),
+    [
+        (2, True),
+        ("2", True),
+        (" 2 ", True),  # Dify's number input: int(" 2 ") is 2
+        ("2.0", True),  # float("2.0") is 2.0, which the app compares equal to 2
+        (2.0, True),
+        ("+2", True),
+        ("2.5", False),
+        ("two", False),
+        ("", False),
+        ("2\x00", True),  # Dify refuses it as a number; as text it is "2"
+        (float("nan"), False),
+        ("1" * 5000, False),  # past Python's digit limit: no number, no error
+    ],
+)
+def test_a_number_matches_as_dify_reads_it(value: Any, asks: bool) -> None:
+    rule = AdvancedRagConfig(request_path="inputs.level", request_values=("2",))
+    assert asks_for_advanced_rag({"inputs": {"level": value}}, rule) is asks
