@@ -123,8 +123,7 @@ def matches(obj: object, path: str, values: Iterable[str]) -> bool:
         return False
     wanted = set(values)
     return any(
-        _as_text(v) in wanted or _as_checkbox(v) in wanted or _as_number(v) in wanted
-        for v in found
+        _as_text(v) in wanted or _as_checkbox(v) in wanted or _as_number(v) in wanted for v in found
     )
 
 
