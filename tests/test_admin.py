@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import io
 import sqlite3
 import tracemalloc
@@ -21,6 +22,7 @@ from starlette.routing import Route
 from gateway.admin import admin_routes
 from gateway.cli import main
 from gateway.config import DatabaseConfig
+from gateway.export import csv_cell
 from gateway.openapi import document
 from gateway.storage import UsageEvent, open_storage
 from tests.harness import USER, Harness, running_gateway
@@ -341,6 +343,77 @@ async def test_csv_export_matches_the_ledger(gw: Harness) -> None:
         assert (await admin(gw, "GET", "/admin/export/events", params=params)).status_code == 400
 
 
+# A user id and a model name that a spreadsheet would run as formulas (OWASP, "CSV
+# Injection"): the export must write them as text.
+EVIL_USER = '=HYPERLINK("http://evil","x")'
+EVIL_MODEL = "@SUM(1+1)*cmd|' /C calc'!A0"
+
+
+@pytest.mark.parametrize(
+    ("value", "cell"),
+    [
+        ('=HYPERLINK("http://evil","x")', '\'=HYPERLINK("http://evil","x")'),
+        ("+1+cmd|' /C calc'!A0", "'+1+cmd|' /C calc'!A0"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\t=1", "'\t=1"),
+        ("\rx", "'\rx"),
+        ("\nx", "'\nx"),
+        ("  =1+1", "'  =1+1"),  # importers that trim spaces would still run it
+        ("\uff1d1+1", "'\uff1d1+1"),  # full-width equals sign
+        ("\uff20SUM(A1)", "'\uff20SUM(A1)"),
+        ("\uff0b1", "'\uff0b1"),
+        ("\uff0d1", "'\uff0d1"),
+        ("-", "'-"),
+        ("-1e3x", "'-1e3x"),
+        # Plain numbers stay numbers: a negative cost, a signed count.
+        ("-0.0012", "-0.0012"),
+        ("-5", "-5"),
+        ("+5", "+5"),
+        ("-1.5E-7", "-1.5E-7"),
+        ("-\uff11", "'-\uff11"),  # not an ASCII number
+        # Nothing a spreadsheet runs: unchanged.
+        ("alice", "alice"),
+        ("a=b", "a=b"),
+        ("2026-12-06", "2026-12-06"),
+        ("", ""),
+        ("'=already", "'=already"),
+        (-3, -3),
+        (Decimal("-0.5"), Decimal("-0.5")),
+        (None, None),
+        (True, "true"),
+        (False, "false"),
+    ],
+)
+def test_csv_cells_that_would_run_as_formulas_are_neutralised(value: Any, cell: Any) -> None:
+    assert csv_cell(value) == cell
+
+
+async def test_csv_exports_write_formula_like_ids_and_models_as_text(gw: Harness) -> None:
+    """The attack: a user id and a model name chosen to be formulas reach an admin's
+    spreadsheet through the export. The CSV carries them behind a single quote (read
+    back with Python's csv module); JSON carries them raw."""
+    today = gw.gateway.today()
+    await gw.storage.ensure_user(EVIL_USER, plan="free")
+    event = dataclasses.replace(
+        ledger_event("evil-1", EVIL_USER, today, 100), model=EVIL_MODEL
+    )
+    await gw.storage.settle(event)
+    params = {"from": today.isoformat(), "user": EVIL_USER}
+    response = await admin(gw, "GET", "/admin/export/events", params={**params, "format": "csv"})
+    assert response.status_code == 200
+    (row,) = list(csv.DictReader(io.StringIO(response.text)))
+    assert row["user_id"] == "'" + EVIL_USER
+    assert row["model"] == "'" + EVIL_MODEL
+    assert row["total_tokens"] == "100" and Decimal(row["cost"]) == event.cost
+    daily = await admin(gw, "GET", "/admin/export/daily", params={**params, "format": "csv"})
+    (day_row,) = list(csv.DictReader(io.StringIO(daily.text)))
+    assert day_row["user_id"] == "'" + EVIL_USER
+    raw = await admin(gw, "GET", "/admin/export/events", params={**params, "format": "json"})
+    (json_row,) = raw.json()
+    assert json_row["user_id"] == EVIL_USER and json_row["model"] == EVIL_MODEL
+
+
 async def _export_peak(h: Harness, day: date) -> tuple[int, int, int]:
     """Stream one day's ledger export; returns (bytes, lines, peak traced memory)."""
     tracemalloc.start()
@@ -466,6 +539,9 @@ def test_cli_export(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFixtu
         await storage.ensure_user(USER, plan="free")
         for i in range(5):
             await storage.settle(ledger_event(f"c{i}", USER, today, 10 * (i + 1)))
+        await storage.ensure_user(EVIL_USER, plan="free")
+        evil = ledger_event("c5", EVIL_USER, today, 60)
+        await storage.settle(dataclasses.replace(evil, model=EVIL_MODEL))
         await storage.close()
 
     asyncio.run(seed())
@@ -489,9 +565,11 @@ def test_cli_export(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFixtu
         )
         == 0
     )
-    with out.open() as fh:
+    with out.open(newline="") as fh:
         parsed = list(csv.DictReader(fh))
-    assert [int(r["total_tokens"]) for r in parsed] == [10, 20, 30, 40, 50]
+    assert [int(r["total_tokens"]) for r in parsed] == [10, 20, 30, 40, 50, 60]
+    # The formula-like id and model leave as text (CSV injection, docs/admin.md).
+    assert [(r["user_id"], r["model"]) for r in parsed][-1] == ("'" + EVIL_USER, "'" + EVIL_MODEL)
     assert (
         main(
             [
@@ -510,8 +588,8 @@ def test_cli_export(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFixtu
         )
         == 0
     )
-    (row,) = orjson.loads(capsys.readouterr().out)
-    assert row["total_tokens"] == 150 and row["user_id"] == USER
+    rows = {r["user_id"]: r for r in orjson.loads(capsys.readouterr().out)}
+    assert rows[USER]["total_tokens"] == 150 and rows[EVIL_USER]["total_tokens"] == 60
     assert (
         main(
             [
