@@ -21,6 +21,7 @@ from gateway.auth import bearer_token
 from gateway.config import LIMIT_NAMES
 from gateway.errors import BadRequest, GatewayError, NotFound, StorageError, Unauthorized
 from gateway.export import Dataset, Format, encode, rows
+from gateway.http import request_headers
 from gateway.reports import daily_dict, money
 
 if TYPE_CHECKING:
@@ -318,9 +319,11 @@ admin_routes: list[BaseRoute] = [
 
 
 async def _end_user(request: Request, gw: Gateway) -> str:
-    authorization = request.headers.get("authorization", "").encode("latin-1") or None
-    header = request.headers.get(gw.config.auth.trusted_header.user_header, "")
-    return await gw.identify(authorization, header.encode() or None)
+    # The credential and the trusted user header read from the raw headers exactly
+    # as the proxy reads them (the same function, then the same decoding in
+    # gateway/auth.py), so /v1/usage reports the user the proxy charges.
+    headers = request_headers(request.scope["headers"], gw.user_header)
+    return await gw.identify(headers.authorization, headers.user_header)
 
 
 async def my_usage(request: Request) -> Response:
