@@ -68,11 +68,7 @@ def csv_cell(value: Any) -> Any:
         return "true"
     if value is False:
         return "false"
-    if (
-        isinstance(value, str)
-        and _FORMULA_START.match(value)
-        and not _NUMBER.fullmatch(value)
-    ):
+    if isinstance(value, str) and _FORMULA_START.match(value) and not _NUMBER.fullmatch(value):
         return "'" + value
     return value
 

@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from gateway.admin import admin_routes
 from gateway.cli import main
+from gateway.clock import FixedClock
 from gateway.config import DatabaseConfig
 from gateway.export import csv_cell
 from gateway.openapi import document
@@ -93,6 +94,51 @@ async def test_admin_requests_need_the_token(gw: Harness, token: str | None) -> 
             "status": 401,
         }
         assert response.headers["www-authenticate"] == 'Bearer realm="admin"'
+
+
+def other_client(h: Harness) -> httpx.AsyncClient:
+    """A client from another address (127.0.0.2: all of 127/8 is this machine)."""
+    transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+    return httpx.AsyncClient(base_url=h.url, timeout=30, transport=transport)
+
+
+async def test_admin_token_guesses_are_throttled_per_client(sqlite_url: str) -> None:
+    """The attack: guess the admin token as fast as the gateway answers. After
+    ``admin.max_failures`` wrong tokens the client gets 429 with Retry-After, even
+    for the right token, until the window ends; another address is unaffected."""
+    clock = FixedClock(datetime(2026, 12, 6, 12, tzinfo=UTC))
+    settings = {**PLANS, "admin": {"max_failures": 3, "failure_window": 60}}
+    env = {"GATEWAY_ADMIN_TOKEN": TOKEN}
+    async with running_gateway(sqlite_url, settings=settings, env=env, clock=clock) as h:
+        for guess in ("a", "b", "c"):
+            assert (await admin(h, "GET", "/admin/users", token=guess)).status_code == 401
+        clock.advance(timedelta(seconds=15))
+        refused = await admin(h, "GET", "/admin/users")  # the right token, too late
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "45"
+        assert refused.json() == {
+            "code": "too_many_attempts",
+            "message": "Too many wrong tokens from this address; try again in 45 seconds.",
+            "status": 429,
+        }
+        assert (await admin(h, "GET", "/admin/users", token=None)).status_code == 429
+        async with other_client(h) as other:
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            assert (await other.get("/admin/users", headers=headers)).status_code == 200
+        clock.advance(timedelta(seconds=44))
+        assert (await admin(h, "GET", "/admin/users")).headers["retry-after"] == "1"
+        clock.advance(timedelta(seconds=1))  # the window has passed
+        assert (await admin(h, "GET", "/admin/users")).status_code == 200
+
+
+async def test_requests_without_a_token_are_not_guesses(sqlite_url: str) -> None:
+    settings = {**PLANS, "admin": {"max_failures": 2}}
+    async with running_gateway(
+        sqlite_url, settings=settings, env={"GATEWAY_ADMIN_TOKEN": TOKEN}
+    ) as h:
+        for _ in range(5):
+            assert (await admin(h, "GET", "/admin/users", token=None)).status_code == 401
+        assert (await admin(h, "GET", "/admin/users")).status_code == 200
 
 
 # --- users ------------------------------------------------------------------------------
@@ -395,9 +441,7 @@ async def test_csv_exports_write_formula_like_ids_and_models_as_text(gw: Harness
     back with Python's csv module); JSON carries them raw."""
     today = gw.gateway.today()
     await gw.storage.ensure_user(EVIL_USER, plan="free")
-    event = dataclasses.replace(
-        ledger_event("evil-1", EVIL_USER, today, 100), model=EVIL_MODEL
-    )
+    event = dataclasses.replace(ledger_event("evil-1", EVIL_USER, today, 100), model=EVIL_MODEL)
     await gw.storage.settle(event)
     params = {"from": today.isoformat(), "user": EVIL_USER}
     response = await admin(gw, "GET", "/admin/export/events", params={**params, "format": "csv"})
