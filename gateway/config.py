@@ -169,6 +169,24 @@ class AccountingConfig:
 class AdminConfig:
     token_env: str = ENV_ADMIN_TOKEN
     token: str = _resolved()
+    # --- issue 20, admin surface: token guesses per client (gateway/throttle.py) ---
+    # A client that sends this many wrong tokens (admin API, dashboard sign-in,
+    # /metrics) is answered 429 until `failure_window` seconds after its first one.
+    max_failures: int = _setting(10, minimum=1)
+    failure_window: float = _setting(300.0, minimum=1)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Who may read /metrics (docs/metrics.md, "Access")."""
+
+    # The environment variable holding a bearer token for scrapers; the admin
+    # token is accepted too. With neither token set, /metrics is off (404).
+    token_env: str = "GATEWAY_METRICS_TOKEN"
+    token: str = _resolved()
+    # true: anyone who can reach /metrics reads it, no token (a private network).
+    public: bool = False
+    # --- end of issue 20, admin surface ---
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +304,7 @@ class Config:
     web_search: WebSearchConfig = field(default_factory=WebSearchConfig)
     advanced_rag: AdvancedRagConfig = field(default_factory=AdvancedRagConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     plans: Mapping[str, Plan] = field(default_factory=lambda: {"free": Plan(name="free")})
@@ -425,6 +444,7 @@ def parse_config(
     admin = dataclasses.replace(
         admin, token=env.get(ENV_ADMIN_TOKEN) or env.get(admin.token_env, "")
     )
+    metrics = dataclasses.replace(config.metrics, token=env.get(config.metrics.token_env, ""))
     auth = _resolve_auth(config.auth, env, base=Path(source).parent if source else Path.cwd())
 
     return dataclasses.replace(
@@ -433,6 +453,7 @@ def parse_config(
         upstream=upstream,
         database=database,
         admin=admin,
+        metrics=metrics,
         auth=auth,
         plans=types.MappingProxyType(plans),
         prices=types.MappingProxyType(prices),
@@ -709,6 +730,7 @@ def render_config(config: Config) -> str:
         "auth",
         "accounting",
         "admin",
+        "metrics",
         "dashboard",
         "web_search",
         "advanced_rag",
