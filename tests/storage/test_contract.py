@@ -832,9 +832,10 @@ async def test_a_settle_claims_records_the_model_and_decides_alerts_together_onc
         for m in await storage.usage_by_model("alice", start=DAY, end=DAY)
     ] == [("o3", 2, 55)]
     alerts_found = sorted(await storage.list_alerts(), key=lambda a: a.crossing.threshold)
-    assert [
-        (a.crossing.limit, a.crossing.threshold, a.crossing.used) for a in alerts_found
-    ] == [("tokens_per_day", 50, 600), ("tokens_per_day", 100, 1100)]
+    assert [(a.crossing.limit, a.crossing.threshold, a.crossing.used) for a in alerts_found] == [
+        ("tokens_per_day", 50, 600),
+        ("tokens_per_day", 100, 1100),
+    ]
     assert [(d.channel, d.status) for d in alerts_found[0].deliveries] == [
         ("email", "pending"),
         ("webhook", "pending"),
@@ -934,7 +935,9 @@ async def test_settle_replaces_the_web_search_reservation_with_what_was_used(
     assert not await storage.settle(event("m2", tokens=10, web_searches=1), pending_id="r3")
     assert await day_row(storage) == (3, 1, 20)
     # Admitted without a reservation (spent, "disable"), and searched anyway: counted.
-    assert not (await admit_web(storage, "r4", limit=1, when_exhausted="disable")).web_search_reserved
+    assert not (
+        await admit_web(storage, "r4", limit=1, when_exhausted="disable")
+    ).web_search_reserved
     assert await storage.settle(event("m4", tokens=10, web_searches=1), pending_id="r4")
     assert await day_row(storage) == (4, 2, 30)
     ledger = {e.answer_id: e.web_searches for e in await all_events(storage)}

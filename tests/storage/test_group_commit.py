@@ -640,9 +640,7 @@ async def test_a_batch_writes_what_its_calls_one_by_one_would(postgres_dsn: str,
     assert any(isinstance(r, Admission) and r.web_search_reserved for r in one_by_one)
     # Recovered estimates superseded by their real records.
     events = tables_one_by_one["usage_events"]
-    assert any(
-        not row[0].startswith("gw-") and row[6] and int(row[6][1:]) < 15 for row in events
-    )
+    assert any(not row[0].startswith("gw-") and row[6] and int(row[6][1:]) < 15 for row in events)
     assert batched == one_by_one
     for name in TABLE_ROWS.keys() - {"notifications", "alert_outbox"}:
         assert tables_batched[name] == tables_one_by_one[name], name
