@@ -1115,3 +1115,37 @@ async def test_only_the_estimate_of_the_same_request_and_user_is_superseded(
     ]
     assert await day_row(storage) == (2, 0, 40)
     assert await day_row(storage, "bob") == (0, 0, 0)
+
+
+async def test_racing_replays_of_a_record_supersede_its_estimate_once(
+    storage: Storage, database_url: str
+) -> None:
+    """Two replicas replaying the same spooled records at once, each record
+    several times (on PostgreSQL in batches): each estimate is replaced once."""
+    await storage.ensure_user("alice", plan="free")
+    for i in range(10):
+        await admit_web(storage, f"r{i}", limit=None)
+    assert len(await storage.recover(before=LATER, now=LATER)) == 10
+    assert await day_row(storage) == (10, 10, 250)
+    first, second = await _two_stores(database_url)
+    try:
+        results = await asyncio.gather(
+            *(
+                (first if k % 2 else second).settle(
+                    event(f"m{i}", tokens=100, web_searches=i % 2, request_id=f"r{i}"),
+                    pending_id=f"r{i}",
+                )
+                for k in range(4)
+                for i in range(10)
+            )
+        )
+    finally:
+        await first.close()
+        await second.close()
+    assert sum(results) == 10
+    assert sorted(e.answer_id for e in await all_events(storage)) == sorted(
+        f"m{i}" for i in range(10)
+    )
+    assert await day_row(storage) == (10, 5, 1000)
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 1000
