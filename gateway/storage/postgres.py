@@ -17,6 +17,11 @@ decide and write them set by set, as exactly as the calls one after another, in
 one transaction; a batch of one they hand to the single function. So under load
 an answer costs a fraction of a round trip and of a commit.
 
+Admission also reserves a web search for a request that asks for one, in the
+same call; settle replaces the reservation with what the answer used, and a
+settle whose pending row a recovery took supersedes the estimate it charged
+(migration 0011). A settle batch holding such a settle goes element by element.
+
 asyncpg errors are mapped to `StorageError` here and nowhere else.
 """
 

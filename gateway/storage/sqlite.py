@@ -6,6 +6,10 @@ however many statements it runs. Writes take SQLite's write lock up front
 (``BEGIN IMMEDIATE``), which serialises them across connections and processes;
 that is what makes the conditional admission exact here. Money is TEXT holding an
 exact decimal, summed by the registered ``dec_add`` / ``dec_sum`` functions.
+
+The rules the PostgreSQL functions keep (web searches reserved at admission and
+reconciled at settle, a real record superseding a recovered estimate: migration
+0011 there) are kept here in Python, in the same transaction.
 """
 
 from __future__ import annotations
