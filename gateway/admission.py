@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from datetime import date
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from gateway.accounts import effective_plan
 from gateway.alerts import alert_request
@@ -187,7 +187,7 @@ class Admitter:
             currency=usage.currency,
         )
 
-    def _refuse_web_search(self, admission: Admission, plan: Plan, periods: Periods) -> None:
+    def _refuse_web_search(self, admission: Admission, plan: Plan, periods: Periods) -> NoReturn:
         """Raise the refusal of a request that asks for web search with none left
         (``web_search.when_exhausted = "refuse"``); nothing was reserved."""
         gw = self.gw
