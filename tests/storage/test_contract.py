@@ -830,3 +830,19 @@ async def test_a_settle_claims_records_the_model_and_decides_alerts_together_onc
     ]
     claimed = await storage.claim_outbox(now=NOW, claim_until=LATER, limit=10)
     assert sorted(i.channel for i in claimed) == ["email", "webhook"]
+
+
+# --- ownership (issue 20, default deny) ----------------------------------------------------
+
+
+async def test_answer_owner_names_the_user_whose_ledger_row_it_is(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    await storage.ensure_user("bob", plan="free")
+    assert await storage.settle(event("resp_alice", user="alice"))
+    assert await storage.settle(event("chatcmpl-bob", user="bob"))
+    assert await storage.answer_owner("resp_alice") == "alice"
+    assert await storage.answer_owner("chatcmpl-bob") == "bob"
+    assert await storage.answer_owner("resp_nobody") is None
+    # Exact match only: no pattern or prefix reading of the id.
+    assert await storage.answer_owner("resp_%") is None
+    assert await storage.answer_owner("") is None
