@@ -128,9 +128,10 @@ def openai_route(method: str, path: str) -> Route:
 # --- the upstream object id an answer is recorded under ----------------------------------
 
 # An id this short may repeat (some compatible servers number their answers from a
-# small range); the ledger is unique on the answer id and would take a repeat for a
-# retry of the same answer, and drop it. Such answers keep the gateway's own id.
-_MIN_ID_LENGTH: Final = 20
+# small range, such as "chatcmpl-123"); the ledger is unique on the answer id and
+# would take a repeat for a retry of the same answer, and drop it. Such answers keep
+# the gateway's own id (and so cannot be read back through the gateway).
+_MIN_ID_SUFFIX: Final = 8
 _ID_PREFIXES: Final = {"response": "resp_", "chat": "chatcmpl-"}
 
 
@@ -149,7 +150,7 @@ def _usable_id(route: Route, value: object) -> str | None:
         prefix is not None
         and isinstance(value, str)
         and value.startswith(prefix)
-        and len(value) >= _MIN_ID_LENGTH
+        and len(value) - len(prefix) >= _MIN_ID_SUFFIX
     ):
         return value
     return None
