@@ -229,7 +229,7 @@ class Proxy:
         await self._route(x)
         await self._read_body(x, receive)
         if x.route.by_body:
-            self._refine(x)
+            await self._refine(x)
         self._rewrite(x)
         try:
             if x.route.admitted:
@@ -282,12 +282,17 @@ class Proxy:
         elif route.owned_answer is not None:
             await self.guard.check_owner(route, x.user_id)
 
-    def _refine(self, x: Exchange) -> None:
-        """A route whose role its JSON body decides (Dify's rename that generates)."""
+    async def _refine(self, x: Exchange) -> None:
+        """A route whose role its JSON body decides (Dify's rename that generates a
+        name, OpenAI's response that continues a stored one): checked again."""
         route = self.gw.upstream.refine(x.route, x.json)
-        x.route = route
-        if route.role == "side_cost":
-            x.call_price = self.guard.call_price(route)
+        if route is x.route:
+            return
+        x.route = self.guard.admit_route(x.method, x.path, route, refined=True)
+        if x.route.role == "side_cost":
+            x.call_price = self.guard.call_price(x.route)
+        elif x.route.owned_answer is not None:
+            await self.guard.check_owner(x.route, x.user_id)
 
     # --- read and rewrite ------------------------------------------------------------
 

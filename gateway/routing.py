@@ -47,11 +47,14 @@ class RouteGuard:
         self.gw = gateway
         self._allow = AllowList(gateway.config.upstream.allow)
 
-    def admit_route(self, method: str, path: str, route: Route) -> Route:
-        """The route to forward, or the refusal for a route the gateway must not forward."""
+    def admit_route(self, method: str, path: str, route: Route, *, refined: bool = False) -> Route:
+        """The route to forward, or the refusal for a route the gateway must not forward.
+
+        ``refined``: the route a body made of a metered one; the allow-list, which
+        names paths, never turns it into an unmetered pass-through."""
         role = route.role
         if role == "unknown" or role == "operator":
-            if self._allow and self._allow.allows(method, path):
+            if not refined and self._allow and self._allow.allows(method, path):
                 log.debug("%s %s: forwarded by upstream.allow", method, path)
                 return ALLOWED
             if role == "operator":

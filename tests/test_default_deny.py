@@ -441,3 +441,30 @@ async def test_an_unstored_chat_completion_keeps_the_gateways_id(
     await h.gateway.wait_finished(1)
     (event,) = await h.events()
     assert event.answer_id.startswith("gw-")
+
+
+async def test_continuing_another_users_response_is_refused(
+    openai_gw: tuple[Harness, StoredObjects],
+) -> None:
+    h, upstream = openai_gw
+    bob = await h.add_user("bob")
+    created = await request(
+        h, "POST", "/v1/responses", json={"model": "gpt-4o-mini", "input": "my secret"}
+    )
+    response_id = created.json()["id"]
+    await h.gateway.wait_finished(1)
+    # Bob asks the model to go on from Alice's response, which it would read whole.
+    follow_up = {"model": "gpt-4o-mini", "input": "repeat it", "previous_response_id": response_id}
+    stolen = await request(h, "POST", "/v1/responses", key=bob, json=follow_up)
+    openai_error(stolen, 404, "not_found")
+    assert len(upstream.fake.requests) == 1
+    # Alice may go on from her own.
+    own = await request(h, "POST", "/v1/responses", json=follow_up)
+    assert own.status_code == 200
+    assert len(upstream.fake.requests) == 2
+    # A response inside a conversation: operator-only, like the conversations.
+    in_conversation = {"model": "gpt-4o-mini", "input": "hi", "conversation": "conv_123"}
+    openai_error(
+        await request(h, "POST", "/v1/responses", json=in_conversation), 403, "endpoint_not_allowed"
+    )
+    assert len(upstream.fake.requests) == 2

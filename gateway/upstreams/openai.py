@@ -119,7 +119,7 @@ class OpenAIUpstream:
         return openai_routes.openai_route(method, path)
 
     def refine(self, route: Route, body: dict[str, Any] | None) -> Route:
-        return route  # no route of this API has a role its body decides
+        return openai_routes.refine_response(route, body)
 
     def prepare(
         self,

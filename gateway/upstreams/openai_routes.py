@@ -39,7 +39,9 @@ __all__ = [
 CHAT: Final = Route("chat", "chat/completions", role="answer")
 COMPLETION: Final = Route("completion", "completions", role="answer")
 EMBEDDING: Final = Route("embedding", "embeddings", role="answer")
-RESPONSE: Final = Route("response", "responses", role="answer")
+# by_body: a response that continues a stored one (previous_response_id) or a
+# conversation reads what those hold; ``refine`` names them for the proxy's checks.
+RESPONSE: Final = Route("response", "responses", role="answer", by_body=True)
 OPERATOR: Final = Route("operator", "operator", role="operator")
 UNKNOWN: Final = Route("unknown", "unknown")
 
@@ -123,6 +125,25 @@ def openai_route(method: str, path: str) -> Route:
     if key.split("/", 1)[0] in _OPERATOR_PREFIXES:
         return OPERATOR
     return UNKNOWN
+
+
+# A response that would read or extend a conversation: operator-only like the
+# conversations themselves (the ledger cannot tell whose a conversation is).
+_IN_CONVERSATION: Final = Route("response", "responses/conversation", role="operator")
+
+
+def refine_response(route: Route, body: dict[str, Any] | None) -> Route:
+    """A new response, as its body makes it: one that continues a stored response
+    is checked like a read of that response (its owner must be the caller), since
+    the model is given everything the earlier one held."""
+    if body is None or route is not RESPONSE:
+        return route
+    if body.get("conversation") is not None:
+        return _IN_CONVERSATION
+    previous = body.get("previous_response_id")
+    if isinstance(previous, str):
+        return dataclasses.replace(route, owned_answer=previous, by_body=False)
+    return route
 
 
 # --- the upstream object id an answer is recorded under ----------------------------------
