@@ -468,3 +468,18 @@ async def test_continuing_another_users_response_is_refused(
         await request(h, "POST", "/v1/responses", json=in_conversation), 403, "endpoint_not_allowed"
     )
     assert len(upstream.fake.requests) == 2
+
+
+async def test_a_side_call_the_upstream_took_but_never_answered_is_charged_its_price(
+    database_url: str, fake: FakeDify
+) -> None:
+    settings = PRICES | {"upstream": {"read_timeout": 0.1}}
+    async with running_gateway(database_url, fake=fake, settings=settings) as h:
+        response = await request(
+            h, "POST", "/v1/text-to-audio", json={"text": "hi"}, headers={"x-fake-delay-ms": "500"}
+        )
+        assert response.status_code == 504
+        await h.gateway.wait_finished(1)
+        (event,) = await h.events()
+    assert event.cost == Decimal("0.015") and event.currency == "EUR"
+    assert event.outcome == "timeout"

@@ -1222,7 +1222,10 @@ class FakeDify:
         body: Any,
         send: Send,
     ) -> None:
-        """The small paid calls and the form submit: each answers at once."""
+        """The small paid calls and the form submit: each answers at once (or after
+        ``x-fake-delay-ms``)."""
+        if "x-fake-delay-ms" in headers:
+            await asyncio.sleep(float(headers["x-fake-delay-ms"]) / 1000)
         if kind == "suggested":
             _user(query.get("user"))
             payload: JSON = {"result": "success", "data": ["Bạn là ai?", "Còn gì nữa?"]}
