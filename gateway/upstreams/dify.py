@@ -508,7 +508,7 @@ class DifyUpstream:
 
     def stream_meter(self, route: Route, body: dict[str, Any]) -> DifyStreamMeter | ResumeMeter:
         if route is dify_routes.RESUME_EVENTS:
-            return ResumeMeter()  # only the work after the pause (dify_resume.py)
+            return ResumeMeter(_node_usage)  # only the work after the pause (dify_resume.py)
         return DifyStreamMeter(route, body)
 
     def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:

@@ -12,7 +12,8 @@ does, an estimate from the text it streamed.
 from __future__ import annotations
 
 import re
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
 import orjson
 
@@ -35,9 +36,20 @@ def _str_or_none(value: object) -> str | None:
 class ResumeMeter:
     """Sums what the nodes of a resumed run report in this stream."""
 
-    __slots__ = ("_error", "_nodes", "_run_id", "_seen_nodes", "_task_id", "_text_chars")
+    __slots__ = (
+        "_error",
+        "_node_usage",
+        "_nodes",
+        "_run_id",
+        "_seen_nodes",
+        "_task_id",
+        "_text_chars",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, node_usage: Callable[[dict[str, Any]], Usage]) -> None:
+        # How one node_finished.data reads as usage: the workflow meter's own rule
+        # (dify.py, _node_usage), so both read node reports alike.
+        self._node_usage = node_usage
         self._task_id: str | None = None
         self._run_id: str | None = None
         self._nodes = Usage()
@@ -83,13 +95,10 @@ class ResumeMeter:
             self._error = _str_or_none(obj.get("code")) or "error"
 
     def _on_node(self, data: object) -> None:
-        # Imported here: dify.py imports this module.
-        from gateway.upstreams.dify import _node_usage
-
         if not isinstance(data, dict) or data.get("node_type") in _CONTAINER_NODES:
             return
         try:
-            usage = _node_usage(data)
+            usage = self._node_usage(data)
         except ValueError:
             return
         self._seen_nodes = True
