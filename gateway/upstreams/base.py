@@ -68,7 +68,7 @@ uses it for one request:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from gateway.sse import ServerSentEvent
 from gateway.usage import Metered
@@ -91,7 +91,6 @@ Headers = list[tuple[bytes, bytes]]
 #                spends money the gateway cannot meter): refused 403
 #   unknown      not in the dialect's table: refused 404
 Role = Literal["answer", "side_cost", "scoped", "passthrough", "operator", "unknown"]
-FORWARDED_ROLES: Final[frozenset[str]] = frozenset({"answer", "side_cost", "scoped", "passthrough"})
 
 
 @dataclass(frozen=True, slots=True)
