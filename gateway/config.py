@@ -90,6 +90,9 @@ class UpstreamConfig:
     transport: Literal["aiohttp", "httpx"] = "aiohttp"
     on_client_disconnect: Literal["drain", "stop"] = "drain"
     disconnect_grace: float = _setting(120.0, minimum=0)
+    # Default deny (issue 20): routes the dialect refuses that the operator forwards
+    # anyway, unmetered: "METHOD /path-glob" (gateway/allowlist.py).
+    allow: tuple[str, ...] = ()
     api_key: str = _resolved()
 
 
@@ -437,6 +440,7 @@ def parse_config(
         raise ConfigError(
             f"upstream.url: expected an http:// or https:// URL, got {upstream.url!r}"
         )
+    _check_allow_list(upstream.allow)
     api_key = env.get(ENV_UPSTREAM_API_KEY) or env.get(upstream.api_key_env, "")
     upstream = dataclasses.replace(upstream, url=upstream.url.rstrip("/"), api_key=api_key)
 
@@ -460,6 +464,17 @@ def parse_config(
         call_prices=types.MappingProxyType(call_prices),
         source=source,
     )
+
+
+def _check_allow_list(rules: tuple[str, ...]) -> None:
+    """``upstream.allow``: each rule must parse (issue 20, default deny)."""
+    from gateway.allowlist import parse_rule
+
+    for index, rule in enumerate(rules):
+        try:
+            parse_rule(rule)
+        except ValueError as exc:
+            raise ConfigError(f"upstream.allow[{index}]: {exc}") from None
 
 
 def _resolve_alerts(alerts: AlertsConfig, env: Mapping[str, str]) -> AlertsConfig:

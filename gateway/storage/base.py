@@ -562,3 +562,11 @@ class Storage(Protocol):
         """The user's ledger with start <= day <= end summed per model, the model
         with the most tokens first."""
         ...
+
+    # --- ownership (issue 20, default deny) ---
+
+    async def answer_owner(self, answer_id: str) -> str | None:
+        """The user whose ledger row has this answer id (an upstream object id such as
+        OpenAI's ``resp_...``), or None when the ledger has no such answer. Read
+        before a caller may see or change the object the answer created."""
+        ...

@@ -755,6 +755,16 @@ class PostgresStorage:
             rows = await self._pool.fetch(_USAGE_BY_MODEL, user_id, start, end)
         return [model_usage(row, row[7]) for row in rows]
 
+    # --- ownership (issue 20, default deny) ---
+
+    async def answer_owner(self, answer_id: str) -> str | None:
+        # answer_id is UNIQUE (0001_init.sql): one index probe.
+        with _mapped():
+            owner = await self._pool.fetchval(
+                "SELECT user_id FROM usage_events WHERE answer_id = $1", answer_id
+            )
+        return owner if isinstance(owner, str) else None
+
 
 # SKIP LOCKED: rows another replica is claiming right now are left to it; the
 # claim itself (claimed_until) keeps them its own while it delivers.

@@ -1006,3 +1006,14 @@ class SQLiteStorage:
                 for row in conn.execute(_USAGE_BY_MODEL, params).fetchall()
             ]
         )
+
+    # --- ownership (issue 20, default deny) ---
+
+    async def answer_owner(self, answer_id: str) -> str | None:
+        # answer_id is UNIQUE (0001_init.sql): one index probe.
+        row = await self._run(
+            lambda conn: conn.execute(
+                "SELECT user_id FROM usage_events WHERE answer_id = ?", (answer_id,)
+            ).fetchone()
+        )
+        return None if row is None else str(row[0])

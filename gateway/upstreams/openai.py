@@ -7,9 +7,11 @@ the gateway sets ``stream_options.include_usage`` and, when the client had not
 asked for it, hides the extra usage chunk from the client. OpenAI reports tokens
 only; the cost comes from the ``[prices]`` table.
 
-Other reads (``GET /models`` and the like) pass through unmetered. A POST to an
-endpoint the gateway cannot meter (images, audio, batches, background
-responses...) is refused: it would spend the operator's money past every limit.
+Every other route is declared in openai_routes.py with its role (default deny):
+``GET /models`` passes through, a stored response or chat completion is
+forwarded only to the user whose answer created it, and everything else (files,
+fine-tuning, images, audio, batches...) is refused. Background responses are
+refused too: their usage never passes through the request.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from gateway.bounds import DEFAULT_MAX_TOKENS_PER_ANSWER
 from gateway.errors import BadRequest, Forbidden
 from gateway.pricing import PriceTable
 from gateway.sse import ServerSentEvent
-from gateway.upstreams.base import Prepared, Route
+from gateway.upstreams import openai_routes
+from gateway.upstreams.base import Prepared, Route, StreamMeter
+from gateway.upstreams.openai_routes import object_id_meter, with_object_id
 from gateway.upstreams.openai_wire import (
     ChatStreamMeter,
     ResponsesStreamMeter,
@@ -40,17 +44,12 @@ if TYPE_CHECKING:
 
 __all__ = ["OpenAIUpstream"]
 
-_CHAT: Final = Route("chat", "chat/completions", produces_answer=True)
-_COMPLETION: Final = Route("completion", "completions", produces_answer=True)
-_ROUTES: Final[dict[str, Route]] = {
-    "chat/completions": _CHAT,
-    "completions": _COMPLETION,
-    "embeddings": Route("embedding", "embeddings", produces_answer=True),
-    "responses": Route("response", "responses", produces_answer=True),
-}
-# POSTs that produce nothing billable; any other unmetered POST is refused.
-_FREE_POSTS: Final = frozenset({"moderations"})
-_REFUSED: Final = Route("unmetered", "unmetered")
+# The route table lives in openai_routes.py (default deny, issue 20).
+_CHAT: Final = openai_routes.CHAT
+_COMPLETION: Final = openai_routes.COMPLETION
+# Operator-only routes never reach prepare (the proxy refuses them); prepare still
+# refuses one, should it ever be handed one.
+_REFUSED: Final = openai_routes.OPERATOR
 # Streams whose usage needs stream_options.include_usage.
 _USAGE_OPTION_KINDS: Final = frozenset({"chat", "completion"})
 # The memo that tells stream_transform the usage chunk is the gateway's own.
@@ -117,15 +116,10 @@ class OpenAIUpstream:
     # --- requests ------------------------------------------------------------------
 
     def route(self, method: str, path: str) -> Route:
-        key = path.strip("/")
-        if method == "POST":
-            route = _ROUTES.get(key)
-            if route is not None:
-                return route
-            if key in _FREE_POSTS or _is_cancel(key):
-                return Route("other", key)
-            return _REFUSED
-        return Route("other", key)
+        return openai_routes.openai_route(method, path)
+
+    def refine(self, route: Route, body: dict[str, Any] | None) -> Route:
+        return openai_routes.refine_response(route, body)
 
     def prepare(
         self,
@@ -167,13 +161,14 @@ class OpenAIUpstream:
 
     # --- answers -------------------------------------------------------------------
 
-    def stream_meter(self, route: Route, body: dict[str, Any]) -> _PricedMeter:
+    def stream_meter(self, route: Route, body: dict[str, Any]) -> StreamMeter:
         meter: ChatStreamMeter | ResponsesStreamMeter
         if route.kind == "response":
             meter = ResponsesStreamMeter(body)
         else:
             meter = ChatStreamMeter(body)
-        return _PricedMeter(meter, self, _requested_model(body))
+        # Recorded under the object id a stored answer gets (openai_routes.py).
+        return object_id_meter(route, body, _PricedMeter(meter, self, _requested_model(body)))
 
     def stream_transform(self, route: Route, prepared: Prepared) -> DropEvents | None:
         if prepared.memo != _HIDE_USAGE:
@@ -182,7 +177,8 @@ class OpenAIUpstream:
         return DropEvents(is_usage_only, may_drop=has_usage_object)
 
     def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:
-        return self.priced(meter_body(body, response), _requested_model(body))
+        metered = self.priced(meter_body(body, response), _requested_model(body))
+        return with_object_id(route, body, response, metered)  # openai_routes.py
 
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         prompt = estimate_tokens(prompt_chars(body))
@@ -225,12 +221,6 @@ class OpenAIUpstream:
     def stream_error(self, status: int, code: str, message: str) -> bytes:
         # The SDKs raise on a data line holding an "error" object, in any stream.
         return b"data: " + self.error_body(status, code, message) + b"\n\n"
-
-
-def _is_cancel(key: str) -> bool:
-    """``responses/{id}/cancel``: cancelling a response costs nothing."""
-    parts = key.split("/")
-    return len(parts) == 3 and parts[0] == "responses" and parts[2] == "cancel"
 
 
 def _ask_for_usage(body: dict[str, Any]) -> str | None:

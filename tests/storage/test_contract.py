@@ -1149,3 +1149,21 @@ async def test_racing_replays_of_a_record_supersede_its_estimate_once(
     assert await day_row(storage) == (10, 5, 1000)
     user = await storage.get_user("alice")
     assert user is not None and user.lifetime_tokens == 1000
+
+    assert sorted(i.channel for i in claimed) == ["email", "webhook"]
+
+
+# --- ownership (issue 20, default deny) ----------------------------------------------------
+
+
+async def test_answer_owner_names_the_user_whose_ledger_row_it_is(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    await storage.ensure_user("bob", plan="free")
+    assert await storage.settle(event("resp_alice", user="alice"))
+    assert await storage.settle(event("chatcmpl-bob", user="bob"))
+    assert await storage.answer_owner("resp_alice") == "alice"
+    assert await storage.answer_owner("chatcmpl-bob") == "bob"
+    assert await storage.answer_owner("resp_nobody") is None
+    # Exact match only: no pattern or prefix reading of the id.
+    assert await storage.answer_owner("resp_%") is None
+    assert await storage.answer_owner("") is None
