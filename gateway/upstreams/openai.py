@@ -10,9 +10,11 @@ answer made (web search, image generation...) from ``[call_prices]``. A request
 for a model or a paid tool without a price, or with a boolean the gateway reads
 that is not a JSON boolean, is refused before admission (issue 20).
 
-Other reads (``GET /models`` and the like) pass through unmetered. A POST to an
-endpoint the gateway cannot meter (images, audio, batches, background
-responses...) is refused: it would spend the operator's money past every limit.
+Every other route is declared in openai_routes.py with its role (default deny):
+``GET /models`` passes through, a stored response or chat completion is
+forwarded only to the user whose answer created it, and everything else (files,
+fine-tuning, images, audio, batches...) is refused. Background responses are
+refused too: their usage never passes through the request.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from gateway.bounds import DEFAULT_MAX_TOKENS_PER_ANSWER
 from gateway.errors import BadRequest, Forbidden
 from gateway.pricing import Audio, CallPrice, PriceTable
 from gateway.sse import ServerSentEvent
-from gateway.upstreams.base import Prepared, Route
+from gateway.upstreams import openai_routes
+from gateway.upstreams.base import Prepared, Route, StreamMeter
+from gateway.upstreams.openai_routes import object_id_meter, with_object_id
 from gateway.upstreams.openai_wire import (
     ChatStreamMeter,
     Extras,
@@ -50,17 +54,12 @@ __all__ = ["OpenAIUpstream"]
 
 log = logging.getLogger(__name__)
 
-_CHAT: Final = Route("chat", "chat/completions", produces_answer=True)
-_COMPLETION: Final = Route("completion", "completions", produces_answer=True)
-_ROUTES: Final[dict[str, Route]] = {
-    "chat/completions": _CHAT,
-    "completions": _COMPLETION,
-    "embeddings": Route("embedding", "embeddings", produces_answer=True),
-    "responses": Route("response", "responses", produces_answer=True),
-}
-# POSTs that produce nothing billable; any other unmetered POST is refused.
-_FREE_POSTS: Final = frozenset({"moderations"})
-_REFUSED: Final = Route("unmetered", "unmetered")
+# The route table lives in openai_routes.py (default deny, issue 20).
+_CHAT: Final = openai_routes.CHAT
+_COMPLETION: Final = openai_routes.COMPLETION
+# Operator-only routes never reach prepare (the proxy refuses them); prepare still
+# refuses one, should it ever be handed one.
+_REFUSED: Final = openai_routes.OPERATOR
 # Streams whose usage needs stream_options.include_usage.
 _USAGE_OPTION_KINDS: Final = frozenset({"chat", "completion"})
 # The memo that tells stream_transform the usage chunk is the gateway's own.
@@ -162,15 +161,10 @@ class OpenAIUpstream:
     # --- requests ------------------------------------------------------------------
 
     def route(self, method: str, path: str) -> Route:
-        key = path.strip("/")
-        if method == "POST":
-            route = _ROUTES.get(key)
-            if route is not None:
-                return route
-            if key in _FREE_POSTS or _is_cancel(key):
-                return Route("other", key)
-            return _REFUSED
-        return Route("other", key)
+        return openai_routes.openai_route(method, path)
+
+    def refine(self, route: Route, body: dict[str, Any] | None) -> Route:
+        return openai_routes.refine_response(route, body)
 
     def prepare(
         self,
@@ -242,13 +236,14 @@ class OpenAIUpstream:
 
     # --- answers -------------------------------------------------------------------
 
-    def stream_meter(self, route: Route, body: dict[str, Any]) -> _PricedMeter:
+    def stream_meter(self, route: Route, body: dict[str, Any]) -> StreamMeter:
         meter: ChatStreamMeter | ResponsesStreamMeter
         if route.kind == "response":
             meter = ResponsesStreamMeter(body)
         else:
             meter = ChatStreamMeter(body)
-        return _PricedMeter(meter, self, route, body)
+        # Recorded under the object id a stored answer gets (openai_routes.py).
+        return object_id_meter(route, body, _PricedMeter(meter, self, route, body))
 
     def stream_transform(self, route: Route, prepared: Prepared) -> DropEvents | None:
         if prepared.memo != _HIDE_USAGE:
@@ -259,7 +254,8 @@ class OpenAIUpstream:
     def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:
         extras = Extras()
         metered = meter_body(body, response, extras)
-        return self.priced_with(metered, route, body, extras)
+        priced = self.priced_with(metered, route, body, extras)
+        return with_object_id(route, body, response, priced)  # openai_routes.py
 
     def priced_with(
         self, metered: Metered, route: Route, body: dict[str, Any], extras: Extras
@@ -444,12 +440,6 @@ def _chat_calls(body: dict[str, Any]) -> list[str]:
     if body.get("audio") is not None or (isinstance(modalities, list) and "audio" in modalities):
         calls.append(_AUDIO_OUTPUT)
     return calls
-
-
-def _is_cancel(key: str) -> bool:
-    """``responses/{id}/cancel``: cancelling a response costs nothing."""
-    parts = key.split("/")
-    return len(parts) == 3 and parts[0] == "responses" and parts[2] == "cancel"
 
 
 def _ask_for_usage(body: dict[str, Any]) -> str | None:

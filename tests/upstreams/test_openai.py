@@ -461,29 +461,54 @@ def test_the_safety_identifier_is_the_authenticated_user_too(path: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "kind", "metered"),
+    ("method", "path", "kind", "role", "owned"),
     [
-        ("POST", "/chat/completions", "chat", True),
-        ("POST", "/completions", "completion", True),
-        ("POST", "/embeddings", "embedding", True),
-        ("POST", "/responses", "response", True),
-        ("GET", "/models", "other", False),
-        ("GET", "/models/gpt-4o-mini", "other", False),
-        ("GET", "/responses/resp_1", "other", False),
-        ("POST", "/responses/resp_1/cancel", "other", False),
-        ("POST", "/moderations", "other", False),
-        ("POST", "/images/generations", "unmetered", False),
-        ("POST", "/audio/speech", "unmetered", False),
-        ("POST", "/batches", "unmetered", False),
+        ("POST", "/chat/completions", "chat", "answer", None),
+        ("POST", "/completions", "completion", "answer", None),
+        ("POST", "/embeddings", "embedding", "answer", None),
+        ("POST", "/responses", "response", "answer", None),
+        ("GET", "/models", "models", "passthrough", None),
+        ("GET", "/models/gpt-4o-mini", "models", "passthrough", None),
+        ("POST", "/moderations", "moderation", "passthrough", None),
+        # Objects an answer created: the ledger must name the caller.
+        ("GET", "/responses/resp_1", "stored_response", "scoped", "resp_1"),
+        ("DELETE", "/responses/resp_1", "stored_response", "scoped", "resp_1"),
+        ("GET", "/responses/resp_1/input_items", "stored_response", "scoped", "resp_1"),
+        ("POST", "/responses/resp_1/cancel", "stored_response", "scoped", "resp_1"),
+        ("GET", "/chat/completions/chatcmpl-1", "stored_chat", "scoped", "chatcmpl-1"),
+        ("POST", "/chat/completions/chatcmpl-1", "stored_chat", "scoped", "chatcmpl-1"),
+        ("DELETE", "/chat/completions/chatcmpl-1", "stored_chat", "scoped", "chatcmpl-1"),
+        ("GET", "/chat/completions/chatcmpl-1/messages", "stored_chat", "scoped", "chatcmpl-1"),
+        # Every user's objects, or paid calls the gateway cannot meter.
+        ("GET", "/chat/completions", "operator", "operator", None),
+        ("GET", "/responses", "operator", "operator", None),
+        ("DELETE", "/models/ft:gpt-4o-mini:org::abc", "operator", "operator", None),
+        ("GET", "/files", "operator", "operator", None),
+        ("DELETE", "/files/file-abc", "operator", "operator", None),
+        ("GET", "/files/file-abc/content", "operator", "operator", None),
+        ("POST", "/fine_tuning/jobs", "operator", "operator", None),
+        ("DELETE", "/vector_stores/vs_1", "operator", "operator", None),
+        ("POST", "/batches", "operator", "operator", None),
+        ("POST", "/images/generations", "operator", "operator", None),
+        ("POST", "/audio/speech", "operator", "operator", None),
+        ("GET", "/conversations/conv_1", "operator", "operator", None),
+        ("GET", "/organization/costs", "operator", "operator", None),
+        # Not in the table at all.
+        ("GET", "/chat/completions/c/messages/x", "unknown", "unknown", None),
+        ("PUT", "/models", "unknown", "unknown", None),
+        ("GET", "/responses/r/other", "unknown", "unknown", None),
+        ("GET", "/anything", "unknown", "unknown", None),
     ],
 )
-def test_routes(method: str, path: str, kind: str, metered: bool) -> None:
+def test_routes(method: str, path: str, kind: str, role: str, owned: str | None) -> None:
     route = dialect().route(method, path)
-    assert (route.kind, route.produces_answer) == (kind, metered)
+    assert (route.kind, route.role, route.owned_answer) == (kind, role, owned)
+    assert route.produces_answer == (role == "answer")
 
 
 def test_unmeterable_posts_and_background_responses_are_refused() -> None:
     up = dialect()
+    # The proxy refuses operator routes before prepare; prepare refuses one too.
     with pytest.raises(Forbidden) as refused:
         up.prepare(
             up.route("POST", "/images/generations"), {}, b"", "a", method="POST", request_id="r"
