@@ -43,7 +43,7 @@ class Answers:
         n = self.now
         return (user, self.day, self.month, 10**9, 10**12, 10**13, 10**6, f"r{i}",
                 n + timedelta(minutes=10), n, False, f"r{i}", "chat-messages", 10, 0, 10,
-                Decimal("0.000001"), "USD")  # fmt: skip
+                Decimal("0.000001"), "USD", False, None, True)  # fmt: skip
 
     def settle(self, i: int, user: str) -> tuple[Any, ...]:
         return (f"m{i}", user, self.day, self.now, "chat-messages", 75, 25, 100,

@@ -1,15 +1,15 @@
 """The admin API under /admin (JSON), and the end user's usage API under /v1/usage.
 
 Admin requests carry ``Authorization: Bearer <admin token>`` (compared in constant
-time). With no admin token configured the admin surface does not exist: 404.
+time; a client's wrong guesses are throttled, gateway/throttle.py). With no admin
+token configured the admin surface does not exist: 404.
 Errors use the same body shape as every other refusal of the gateway.
 """
 
 from __future__ import annotations
 
-import hmac
 from datetime import date, timedelta
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 import orjson
 from starlette.requests import Request
@@ -19,9 +19,18 @@ from starlette.routing import BaseRoute, Route
 from gateway.alerts import alert_dict
 from gateway.auth import bearer_token
 from gateway.config import LIMIT_NAMES
-from gateway.errors import BadRequest, GatewayError, NotFound, StorageError, Unauthorized
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    NotFound,
+    StorageError,
+    TooManyAttempts,
+    Unauthorized,
+)
 from gateway.export import Dataset, Format, encode, rows
+from gateway.http import request_headers
 from gateway.reports import daily_dict, money
+from gateway.throttle import Check, SecretGuard
 
 if TYPE_CHECKING:
     from gateway.runtime import Gateway
@@ -52,27 +61,80 @@ def error_response(gw: Gateway, exc: GatewayError, *, realm: str = "admin") -> R
     )
 
 
-def admin_token_matches(gw: Gateway, presented: str | None) -> bool:
-    expected = gw.config.admin.token
-    return (
-        bool(expected)
-        and presented is not None
-        and hmac.compare_digest(presented.encode(), expected.encode())
+# Set on a dashboard request handed to the admin API (gateway/dashboard/exports.py):
+# it was signed in with a session, not a guess, so it is not throttled (the token
+# it carries is still compared). A client cannot set scope keys.
+SIGNED_IN: Final = "gateway.signed_in"
+
+
+def peer(request: Request) -> str:
+    """The client's address as the server reports it: the TCP peer, or behind a
+    proxy in uvicorn's FORWARDED_ALLOW_IPS the X-Forwarded-For client."""
+    return request.client.host if request.client else ""
+
+
+def _secret_guard(request: Request, gw: Gateway) -> SecretGuard:
+    # One per app (per process), kept on the app's state: the admin API, the
+    # dashboard's sign-in and /metrics share it, so the guesses add up.
+    state = request.app.state
+    guard: SecretGuard | None = getattr(state, "secret_guard", None)
+    if guard is None:
+        guard = state.secret_guard = SecretGuard(clock=lambda: gw.clock.now().timestamp())
+    return guard
+
+
+def check_secret(
+    request: Request, gw: Gateway, presented: str | None, secrets: tuple[str, ...]
+) -> Check:
+    """``presented`` judged against ``secrets``, wrong guesses throttled per client."""
+    admin = gw.config.admin
+    return _secret_guard(request, gw).check(
+        peer(request),
+        presented,
+        secrets,
+        limit=admin.max_failures,
+        window=admin.failure_window,
+        throttle=request.scope.get(SIGNED_IN) is not True,
     )
 
 
+def too_many_attempts(retry_after: int) -> TooManyAttempts:
+    return TooManyAttempts(
+        f"Too many wrong tokens from this address; try again in {retry_after} seconds.",
+        headers=[(b"retry-after", str(retry_after).encode())],
+    )
+
+
+def token_refusal(
+    request: Request,
+    gw: Gateway,
+    secrets: tuple[str, ...],
+    *,
+    realm: str = "admin",
+    message: str = "A valid admin token is required.",
+) -> Response | None:
+    """None when the request's bearer token is one of ``secrets``; else the 401, or
+    the 429 of a client that has guessed too often (its token not even looked at)."""
+    authorization = request.headers.get("authorization", "").encode("latin-1") or None
+    check = check_secret(request, gw, bearer_token(authorization), secrets)
+    if check.retry_after is not None:
+        return error_response(gw, too_many_attempts(check.retry_after), realm=realm)
+    if not check.accepted:
+        return error_response(gw, Unauthorized(message), realm=realm)
+    return None
+
+
 def _admin(handler: Any) -> Any:
-    """Guard an admin endpoint: off without a token, 401 without the right one,
-    gateway errors rendered in the error shape."""
+    """Guard an admin endpoint: off without a token, 401 without the right one, 429
+    after too many wrong ones, gateway errors rendered in the error shape."""
 
     async def guarded(request: Request) -> Response:
         gw = _gateway(request)
         if not gw.config.admin.token:
             return Response(status_code=404)
-        if not admin_token_matches(
-            gw, bearer_token(request.headers.get("authorization", "").encode("latin-1") or None)
-        ):
-            return error_response(gw, Unauthorized("A valid admin token is required."))
+        refusal = token_refusal(request, gw, (gw.config.admin.token,))
+        if refusal is not None:
+            return refusal
         try:
             response: Response = await handler(request, gw)
             return response
@@ -318,9 +380,11 @@ admin_routes: list[BaseRoute] = [
 
 
 async def _end_user(request: Request, gw: Gateway) -> str:
-    authorization = request.headers.get("authorization", "").encode("latin-1") or None
-    header = request.headers.get(gw.config.auth.trusted_header.user_header, "")
-    return await gw.identify(authorization, header.encode() or None)
+    # The credential and the trusted user header read from the raw headers exactly
+    # as the proxy reads them (the same function, then the same decoding in
+    # gateway/auth.py), so /v1/usage reports the user the proxy charges.
+    headers = request_headers(request.scope["headers"], gw.user_header)
+    return await gw.identify(headers.authorization, headers.user_header)
 
 
 async def my_usage(request: Request) -> Response:

@@ -1,18 +1,20 @@
 """Admission: what the gateway decides before an answer request is forwarded.
 
-In order: the plan's feature switches (advanced RAG: 403), the day's web-search
-allowance for requests that ask for web search (a plain read that fails open),
-then the one atomic storage step that reserves the query - and a stream slot, and
-counts advanced RAG - while the plan's limits allow it. What was reserved is kept
-on a `Ticket` until the answer is settled or the reservation given back.
+In order: the plan's feature switches (advanced RAG: 403), then the one atomic
+storage step that reserves the query - and a stream slot, and a web search for a
+request that asks for one, and counts advanced RAG - while the plan's limits
+allow it. The web-search allowance is decided in that same step (issue 20: read
+apart from it, 20 parallel requests with one search left all ran a search):
+refused, or admitted with web search turned off, as `web_search.when_exhausted`
+says. What was reserved is kept on a `Ticket` (and the web search on the
+answer's pending row) until the answer is settled or the reservation given back.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import date
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from gateway.accounts import effective_plan
 from gateway.alerts import alert_request
@@ -28,7 +30,7 @@ from gateway.plans import (
     refusal_message,
     reported_limit,
 )
-from gateway.storage import AlertRequest, Lease, Pending
+from gateway.storage import Admission, AlertRequest, Lease, Pending, WebSearch
 from gateway.upstreams import Route
 
 if TYPE_CHECKING:
@@ -97,12 +99,14 @@ class Admitter:
         now = gw.clock.now()
         periods = periods_at(now, gw.tz)
         plan = config.plan(config.accounting.default_plan)
+        web_search: WebSearch | None = None
         try:
             plan = await self.plan_of(user_id)
             advanced = asks_for_advanced_rag(body, config.advanced_rag)
             if advanced and not plan.advanced_rag:
                 raise Forbidden("Advanced RAG is not included in your plan.")
-            web_spent = await self._web_searches_spent(user_id, request_id, body, plan, periods)
+            if asks_for_web_search(body, config.web_search):
+                web_search = WebSearch(plan.web_searches_per_day, config.web_search.when_exhausted)
             limits = admission_limits(plan)
             lease = None
             if limits.max_concurrent_streams is not None:
@@ -116,10 +120,15 @@ class Admitter:
                 lease=lease,
                 advanced_rag=advanced,
                 pending=self._pending(request_id, route, body),
+                web_search=web_search,
             )
         except StorageError as exc:
-            return self._storage_failed(exc, plan, user_id, request_id, periods)
+            return self._storage_failed(
+                exc, plan, user_id, request_id, periods, asks_web=web_search is not None
+            )
 
+        if admission.refused_by == "web_searches_per_day":
+            self._refuse_web_search(admission, plan, periods)
         shown = reported_limit(admission, plan, periods)
         rate_headers = shown.headers() if shown is not None else []
         if not admission.admitted:
@@ -136,10 +145,15 @@ class Admitter:
         if (
             rule.when_exhausted == "disable"
             and plan.web_searches_per_day is not None
-            and (web_spent or admission.counters.web_searches_today >= plan.web_searches_per_day)
+            and (
+                not admission.web_search_reserved
+                if web_search is not None
+                else admission.counters.web_searches_today >= plan.web_searches_per_day
+            )
         ):
-            # The allowance is used up: make sure this answer neither searches nor
-            # falls back to the web.
+            # The allowance is used up (or what is left is reserved by answers
+            # under way): make sure this answer neither searches nor falls back to
+            # the web. A request that asked and got one keeps it.
             set_path(body, rule.disable_path, rule.disable_value)
             disabled = True
         else:
@@ -173,46 +187,32 @@ class Admitter:
             currency=usage.currency,
         )
 
-    async def _web_searches_spent(
-        self, user_id: str, request_id: str, body: dict[str, Any], plan: Plan, periods: Periods
-    ) -> bool:
-        """For a request that asks for web search: whether the day's allowance is
-        used up (refusing it when so configured). Fails open: a count that cannot
-        be read never blocks the user."""
+    def _refuse_web_search(self, admission: Admission, plan: Plan, periods: Periods) -> NoReturn:
+        """Raise the refusal of a request that asks for web search with none left
+        (``web_search.when_exhausted = "refuse"``); nothing was reserved."""
         gw = self.gw
-        rule = gw.config.web_search
         limit = plan.web_searches_per_day
-        if limit is None or not asks_for_web_search(body, rule):
-            return False
-        try:
-            async with asyncio.timeout(rule.count_timeout):
-                used = await gw.storage.web_searches_today(user_id, day=periods.day)
-        except (StorageError, TimeoutError) as exc:
-            gw.metrics.inc("gateway_web_search_count_failures_total")
-            log.warning(
-                "request %s: could not read the web-search count, allowing (fail-open): %r",
-                request_id,
-                exc,
-            )
-            return False
-        if used < limit:
-            return False
-        if rule.when_exhausted == "refuse":
-            shown = RateLimit("web_searches_per_day", limit, used, periods.day_resets_at)
-            raise QuotaExceeded(
-                refusal_message(
-                    "web_searches_per_day", limit, periods.day_resets_at.astimezone(gw.tz)
-                ),
-                code=LIMIT_CODES["web_searches_per_day"],
-                headers=[
-                    (b"retry-after", str(shown.retry_after(gw.clock.now())).encode()),
-                    *shown.headers(),
-                ],
-            )
-        return True
+        assert limit is not None
+        used = admission.counters.web_searches_today
+        shown = RateLimit("web_searches_per_day", limit, used, periods.day_resets_at)
+        raise QuotaExceeded(
+            refusal_message("web_searches_per_day", limit, periods.day_resets_at.astimezone(gw.tz)),
+            code=LIMIT_CODES["web_searches_per_day"],
+            headers=[
+                (b"retry-after", str(shown.retry_after(gw.clock.now())).encode()),
+                *shown.headers(),
+            ],
+        )
 
     def _storage_failed(
-        self, exc: StorageError, plan: Plan, user_id: str, request_id: str, periods: Periods
+        self,
+        exc: StorageError,
+        plan: Plan,
+        user_id: str,
+        request_id: str,
+        periods: Periods,
+        *,
+        asks_web: bool = False,
     ) -> tuple[Ticket, Headers]:
         gw = self.gw
         gw.metrics.inc("gateway_storage_errors_total", operation="admit")
@@ -235,6 +235,13 @@ class Admitter:
             exc.message,
         )
         gw.metrics.inc("gateway_admission_storage_failures_total", policy="open")
+        if asks_web and plan.web_searches_per_day is not None:
+            # The web-search allowance fails open with the rest: a storage hiccup
+            # never blocks a user wrongly here (docs/features.md).
+            gw.metrics.inc("gateway_web_search_count_failures_total")
+            log.warning(
+                "request %s: web-search allowance not checked, allowing (fail-open)", request_id
+            )
         return Ticket(user_id, periods.day, reserved=False, lease_id=None, plan=plan.name), []
 
     async def refund(self, ticket: Ticket | None, request_id: str) -> None:

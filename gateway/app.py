@@ -21,10 +21,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from gateway import dashboard
-from gateway.admin import admin_routes, usage_routes
+from gateway.admin import admin_routes, error_response, token_refusal, usage_routes
 from gateway.clock import Clock
 from gateway.config import Config, load_config
-from gateway.errors import StorageError
+from gateway.errors import NotFound, StorageError
 from gateway.limits import BodyDeadline, header_refusal, send_refusal
 from gateway.proxy import Proxy, Receive, Scope, Send
 from gateway.runtime import Gateway
@@ -45,7 +45,27 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
+    """Prometheus text, behind the metrics or admin token unless metrics.public
+    (docs/metrics.md, "Access"): the totals say what every plan and model cost."""
     gateway: Gateway = request.app.state.gateway
+    config = gateway.config
+    if not config.metrics.public:
+        secrets = (config.metrics.token, config.admin.token)
+        if not any(secrets):
+            off = NotFound(
+                "/metrics is off: set a metrics token (metrics.token_env) or an admin "
+                "token, or metrics.public = true."
+            )
+            return error_response(gateway, off, realm="metrics")
+        refusal = token_refusal(
+            request,
+            gateway,
+            secrets,
+            realm="metrics",
+            message="A valid metrics or admin token is required.",
+        )
+        if refusal is not None:
+            return refusal
     return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -50,6 +50,18 @@ def valid_user_id(user: str) -> bool:
     return 0 < len(user) <= 255 and not any(ord(c) < 32 or ord(c) == 127 for c in user)
 
 
+def header_user_id(value: bytes | None) -> str:
+    """The user id a trusted user header names: its raw bytes as UTF-8, trimmed.
+
+    The one decoding of the header, for every entry point (the proxy and
+    /v1/usage both hand it the raw bytes of the ASGI scope): a second reading, as
+    latin-1 text re-encoded, would make ``dũng`` someone else (issue 20). Bytes
+    that are not UTF-8 raise `UnicodeDecodeError` rather than being replaced:
+    replacement would give ``caf\xe9`` and ``caf\xe8`` the same id.
+    """
+    return (value or b"").decode("utf-8").strip()
+
+
 def bearer_token(authorization: bytes | None) -> str | None:
     """The token of an ``Authorization: Bearer`` header (scheme case-insensitive)."""
     if not authorization:
@@ -144,7 +156,10 @@ class Authenticator:
         # Constant-time comparison: the service key is a shared secret.
         if not hmac.compare_digest(token.encode(), self._service_key):
             raise Unauthorized("Invalid service key.")
-        user = (user_header or b"").decode("utf-8", "replace").strip()
+        try:
+            user = header_user_id(user_header)
+        except UnicodeDecodeError:
+            raise Unauthorized(f"Invalid {name} header: the user id must be UTF-8.") from None
         if not user:
             raise Unauthorized(f"Missing {name} header naming the end user.")
         if not valid_user_id(user):

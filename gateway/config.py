@@ -28,7 +28,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.errors import ConfigError
-from gateway.pricing import CallPrice, Price
+from gateway.pricing import CallPrice, Price, check_currencies
 from gateway.sse import DEFAULT_MAX_EVENT_BYTES
 from gateway.upstreams import DIALECTS
 
@@ -98,6 +98,9 @@ class UpstreamConfig:
     disconnect_grace: float = _setting(120.0, minimum=0)
     # issue 20, spool: the cap on one SSE line or event from the upstream
     max_event_bytes: int = _setting(DEFAULT_MAX_EVENT_BYTES, minimum=1024)
+    # Default deny (issue 20): routes the dialect refuses that the operator forwards
+    # anyway, unmetered: "METHOD /path-glob" (gateway/allowlist.py).
+    allow: tuple[str, ...] = ()
     api_key: str = _resolved()
 
 
@@ -176,9 +179,35 @@ class AccountingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PricingConfig:
+    # For dialects that price tokens themselves from [prices] (openai): a request
+    # for a model the table does not price is refused before admission (403
+    # model_not_priced), or let through with its tokens counted at cost 0.
+    unpriced_models: Literal["refuse", "allow"] = "refuse"
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     token_env: str = ENV_ADMIN_TOKEN
     token: str = _resolved()
+    # --- issue 20, admin surface: token guesses per client (gateway/throttle.py) ---
+    # A client that sends this many wrong tokens (admin API, dashboard sign-in,
+    # /metrics) is answered 429 until `failure_window` seconds after its first one.
+    max_failures: int = _setting(10, minimum=1)
+    failure_window: float = _setting(300.0, minimum=1)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Who may read /metrics (docs/metrics.md, "Access")."""
+
+    # The environment variable holding a bearer token for scrapers; the admin
+    # token is accepted too. With neither token set, /metrics is off (404).
+    token_env: str = "GATEWAY_METRICS_TOKEN"
+    token: str = _resolved()
+    # true: anyone who can reach /metrics reads it, no token (a private network).
+    public: bool = False
+    # --- end of issue 20, admin surface ---
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,8 +325,10 @@ class Config:
     web_search: WebSearchConfig = field(default_factory=WebSearchConfig)
     advanced_rag: AdvancedRagConfig = field(default_factory=AdvancedRagConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
     plans: Mapping[str, Plan] = field(default_factory=lambda: {"free": Plan(name="free")})
     # [prices."MODEL"]: what a million tokens of a model cost, for upstreams that
     # report tokens but no money (docs/upstreams/openai.md).
@@ -391,6 +422,8 @@ def parse_config(
             if not isinstance(table, dict):
                 raise ConfigError(f"call_prices.{name}: expected a table, got {_kind(table)}")
             call_prices[name] = _build(CallPrice, table, f"call_prices.{name}.")
+    # A tool's cost is added to its answer's, which the dialect prices from [prices].
+    check_currencies(prices, call_prices, dialect="openai")
 
     accounting = config.accounting
     if accounting.default_plan not in plans:
@@ -428,6 +461,7 @@ def parse_config(
         raise ConfigError(
             f"upstream.url: expected an http:// or https:// URL, got {upstream.url!r}"
         )
+    _check_allow_list(upstream.allow)
     api_key = env.get(ENV_UPSTREAM_API_KEY) or env.get(upstream.api_key_env, "")
     upstream = dataclasses.replace(upstream, url=upstream.url.rstrip("/"), api_key=api_key)
 
@@ -435,6 +469,7 @@ def parse_config(
     admin = dataclasses.replace(
         admin, token=env.get(ENV_ADMIN_TOKEN) or env.get(admin.token_env, "")
     )
+    metrics = dataclasses.replace(config.metrics, token=env.get(config.metrics.token_env, ""))
     auth = _resolve_auth(config.auth, env, base=Path(source).parent if source else Path.cwd())
 
     return dataclasses.replace(
@@ -443,12 +478,24 @@ def parse_config(
         upstream=upstream,
         database=database,
         admin=admin,
+        metrics=metrics,
         auth=auth,
         plans=types.MappingProxyType(plans),
         prices=types.MappingProxyType(prices),
         call_prices=types.MappingProxyType(call_prices),
         source=source,
     )
+
+
+def _check_allow_list(rules: tuple[str, ...]) -> None:
+    """``upstream.allow``: each rule must parse (issue 20, default deny)."""
+    from gateway.allowlist import parse_rule
+
+    for index, rule in enumerate(rules):
+        try:
+            parse_rule(rule)
+        except ValueError as exc:
+            raise ConfigError(f"upstream.allow[{index}]: {exc}") from None
 
 
 def _resolve_alerts(alerts: AlertsConfig, env: Mapping[str, str]) -> AlertsConfig:
@@ -719,6 +766,7 @@ def render_config(config: Config) -> str:
         "auth",
         "accounting",
         "admin",
+        "metrics",
         "dashboard",
         "web_search",
         "advanced_rag",

@@ -9,7 +9,8 @@
     │   ├── Forbidden                feature not in the user's plan (403)
     │   ├── PayloadTooLarge          body or upload over a limit (413)
     │   ├── BadRequest               malformed request (400)
-    │   └── QuotaExceeded            a plan limit is reached (429)
+    │   ├── QuotaExceeded            a plan limit is reached (429)
+    │   └── TooManyAttempts          too many wrong admin tokens from one client (429)
     └── UpstreamError               the upstream failed before answering
         ├── UpstreamUnavailable      connect error (502)
         ├── UpstreamTimeout          timeout before the first byte (504)
@@ -89,6 +90,11 @@ class PayloadTooLarge(ClientError):
 class QuotaExceeded(ClientError):
     status = 429
     code = "quota_exceeded"
+
+
+class TooManyAttempts(ClientError):
+    status = 429
+    code = "too_many_attempts"
 
 
 class UpstreamError(GatewayError):

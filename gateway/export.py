@@ -2,13 +2,15 @@
 
 Rows come from storage in batches and leave as bytes in batches: memory stays
 flat however large the range (a year of ten thousand users' days is millions of
-rows). Money is written as exact decimal strings in both formats.
+rows). Money is written as exact decimal strings in both formats. CSV cells that a
+spreadsheet would run as formulas are neutralised (`csv_cell`); JSON is left raw.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import date
 from typing import Any, Literal
@@ -47,6 +49,29 @@ DAILY_COLUMNS: tuple[str, ...] = (
     "user_id",
     *daily_dict(DailyUsage(user_id="", day=date.min)).keys(),
 )
+
+# CSV injection (OWASP, "CSV Injection"): a spreadsheet opening the file runs a cell
+# that starts with one of these as a formula (`=HYPERLINK(...)`, `@SUM(...)`, DDE via
+# `=cmd|...`). Leading whitespace is skipped because some importers trim it before
+# evaluating; the full-width forms because some spreadsheet locales read them as the
+# ASCII ones. Tab, CR and LF are OWASP's other starts.
+_FORMULA_START = re.compile(r"\s*[=+\-@\uff1d\uff0b\uff0d\uff20]|[\t\r\n]")
+# A plain decimal number (a negative cost, "-5") is data a spreadsheet reads as a
+# number, never a formula: it is written unaltered. ASCII digits only.
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as a CSV cell: booleans as true/false, text that a spreadsheet would
+    run as a formula prefixed with a single quote (shown as text, docs/admin.md)."""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str) and _FORMULA_START.match(value) and not _NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
 
 # Rows per write: large enough to keep the per-chunk overhead low, small enough
 # that a chunk stays a few hundred KB at most.
@@ -115,9 +140,7 @@ async def encode(
         writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\r\n")
         writer.writeheader()
         async for row in source:
-            writer.writerow(
-                {k: ("true" if v is True else "false" if v is False else v) for k, v in row.items()}
-            )
+            writer.writerow({k: csv_cell(v) for k, v in row.items()})
             count += 1
             if count % _ROWS_PER_CHUNK == 0:
                 yield buffer.getvalue().encode()

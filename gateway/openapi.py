@@ -23,7 +23,11 @@ def _errors(*codes: int) -> dict[str, Any]:
         400: "Invalid parameters",
         401: "Missing or wrong admin token",
         404: "No such user, key or limit",
+        429: "Too many wrong admin tokens from this address; see Retry-After",
     }
+    if 401 in codes:
+        # Every endpoint that takes the token throttles wrong guesses (docs/admin.md).
+        codes = (*codes, 429)
     return {str(code): _json(_ERROR, text[code]) for code in codes}
 
 

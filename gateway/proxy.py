@@ -64,6 +64,8 @@ from gateway.http import (
     with_param,
 )
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
+from gateway.pricing import CallPrice
+from gateway.routing import RouteGuard, side_cost_result
 from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import UsageEvent
 from gateway.upstream_client import UpstreamClient
@@ -137,6 +139,7 @@ class Exchange:
 
     __slots__ = (
         "body",
+        "call_price",
         "failure",
         "forwarded_at",
         "headers",
@@ -169,6 +172,7 @@ class Exchange:
         self.body: bytes | AsyncIterator[bytes] | None = None  # what is forwarded
         self.failure = BodyFailure()  # what a streamed body raised
         self.upload: UserFieldRewriter | None = None
+        self.call_price: CallPrice | None = None  # a side cost's price, once routed
         self.prepared: Prepared | None = None
         self.ticket: Ticket | None = None
         self.rate_headers: Headers = []
@@ -193,6 +197,7 @@ class Proxy:
         self.gw = gateway
         self.admitter = Admitter(gateway)
         self.client = UpstreamClient(gateway)
+        self.guard = RouteGuard(gateway)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         x = Exchange(new_request_id(), time.perf_counter())
@@ -221,11 +226,13 @@ class Proxy:
             await self._preflight(x, send)
             return
         await self._authenticate(x)
-        x.route = self.gw.upstream.route(x.method, x.path)
+        await self._route(x)
         await self._read_body(x, receive)
+        if x.route.by_body:
+            await self._refine(x)
         self._rewrite(x)
         try:
-            if x.route.produces_answer:
+            if x.route.admitted:
                 await self._admit(x)
             response = await self._forward(x)
             try:
@@ -262,6 +269,30 @@ class Proxy:
         except StorageError as exc:
             gw.metrics.inc("gateway_storage_errors_total", operation="authenticate")
             raise StorageError("The usage database is unavailable; try again shortly.") from exc
+
+    # --- route (default deny) --------------------------------------------------------
+
+    async def _route(self, x: Exchange) -> None:
+        """Classify the request and apply its role before anything of the body is
+        read: refuse what must not be forwarded (gateway/routing.py)."""
+        route = self.guard.admit_route(x.method, x.path, self.gw.upstream.route(x.method, x.path))
+        x.route = route
+        if route.role == "side_cost":
+            x.call_price = self.guard.call_price(route)
+        elif route.owned_answer is not None:
+            await self.guard.check_owner(route, x.user_id)
+
+    async def _refine(self, x: Exchange) -> None:
+        """A route whose role its JSON body decides (Dify's rename that generates a
+        name, OpenAI's response that continues a stored one): checked again."""
+        route = self.gw.upstream.refine(x.route, x.json)
+        if route is x.route:
+            return
+        x.route = self.guard.admit_route(x.method, x.path, route, refined=True)
+        if x.route.role == "side_cost":
+            x.call_price = self.guard.call_price(x.route)
+        elif x.route.owned_answer is not None:
+            await self.guard.check_owner(x.route, x.user_id)
 
     # --- read and rewrite ------------------------------------------------------------
 
@@ -369,7 +400,7 @@ class Proxy:
                     "request %s: upstream took too long to answer; charging an estimate",
                     x.request_id,
                 )
-                result = gw.upstream.unanswered(x.route, x.answer_body)
+                result = self._unanswered(x)
                 await self._kept(self._settle(x, result, disconnected=False))
             else:
                 gw.metrics.inc("gateway_upstream_errors_total", kind="timeout")
@@ -384,15 +415,20 @@ class Proxy:
                 # preparing this answer, which it may well go on generating (and
                 # billing): charged as an answer never seen, like a timeout.
                 gw.metrics.inc("gateway_answers_cut_at_shutdown_total")
-                result = dataclasses.replace(
-                    gw.upstream.unanswered(x.route, x.answer_body), outcome="shutdown"
-                )
+                result = dataclasses.replace(self._unanswered(x), outcome="shutdown")
                 await self._kept(self._settle(x, result, disconnected=False))
             raise
         except UpstreamUnavailable as exc:
             gw.metrics.inc("gateway_upstream_errors_total", kind="connect")
             log.warning("request %s: upstream unreachable: %r", x.request_id, exc.__cause__)
             raise
+
+    def _unanswered(self, x: Exchange) -> Metered:
+        """What a request the upstream took but never answered is charged: a side
+        call its price, an answer the dialect's estimate."""
+        if x.call_price is not None:
+            return dataclasses.replace(side_cost_result(x.call_price), outcome="timeout")
+        return self.gw.upstream.unanswered(x.route, x.answer_body)
 
     # --- relay -----------------------------------------------------------------------
 
@@ -411,6 +447,16 @@ class Proxy:
             # Not an answer (or a refused one): nothing to meter.
             await self.admitter.refund(x.ticket, x.request_id)
             await self._relay_plain(x, response, status, headers, content_type, send)
+            return
+        if x.call_price is not None:
+            # A paid side call the upstream accepted: charged its price, however its
+            # reply ends (the upstream has done, and billed, the work).
+            try:
+                await self._relay_plain(x, response, status, headers, content_type, send)
+            finally:
+                await self._kept(
+                    self._settle(x, side_cost_result(x.call_price), disconnected=False)
+                )
             return
         x.responded = True
         await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -7,6 +7,13 @@ lost machine): any gateway charges it as the estimate the row carries, marked
 estimated with the outcome "recovered". Every gateway does this at start-up and
 then periodically; the storage shares the rows out between replicas, so none is
 charged twice and none is left.
+
+The gateway may not have died: during a long database outage its finished
+answers wait in the spool while their pending rows look abandoned. So the
+estimate is provisional: the answer's real record, when it is replayed, takes
+its place in the ledger (linked by the pending row's id, which is the request
+id: the estimate is ledger row ``gw-<request id>``), and the totals move by the
+difference - once (docs/quotas.md, "Crash safety").
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ class Recovery:
             for pending_id in ids:
                 log.warning(
                     "request %s: its gateway never settled it; charged the estimate made "
-                    "at admission (outcome recovered)",
+                    "at admission (outcome recovered) until a real record replaces it",
                     pending_id,
                 )
             if len(ids) < BATCH:

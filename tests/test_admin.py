@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import io
 import sqlite3
 import tracemalloc
@@ -20,7 +21,9 @@ from starlette.routing import Route
 
 from gateway.admin import admin_routes
 from gateway.cli import main
+from gateway.clock import FixedClock
 from gateway.config import DatabaseConfig
+from gateway.export import csv_cell
 from gateway.openapi import document
 from gateway.storage import UsageEvent, open_storage
 from tests.harness import USER, Harness, running_gateway
@@ -91,6 +94,51 @@ async def test_admin_requests_need_the_token(gw: Harness, token: str | None) -> 
             "status": 401,
         }
         assert response.headers["www-authenticate"] == 'Bearer realm="admin"'
+
+
+def other_client(h: Harness) -> httpx.AsyncClient:
+    """A client from another address (127.0.0.2: all of 127/8 is this machine)."""
+    transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+    return httpx.AsyncClient(base_url=h.url, timeout=30, transport=transport)
+
+
+async def test_admin_token_guesses_are_throttled_per_client(sqlite_url: str) -> None:
+    """The attack: guess the admin token as fast as the gateway answers. After
+    ``admin.max_failures`` wrong tokens the client gets 429 with Retry-After, even
+    for the right token, until the window ends; another address is unaffected."""
+    clock = FixedClock(datetime(2026, 12, 6, 12, tzinfo=UTC))
+    settings = {**PLANS, "admin": {"max_failures": 3, "failure_window": 60}}
+    env = {"GATEWAY_ADMIN_TOKEN": TOKEN}
+    async with running_gateway(sqlite_url, settings=settings, env=env, clock=clock) as h:
+        for guess in ("a", "b", "c"):
+            assert (await admin(h, "GET", "/admin/users", token=guess)).status_code == 401
+        clock.advance(timedelta(seconds=15))
+        refused = await admin(h, "GET", "/admin/users")  # the right token, too late
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "45"
+        assert refused.json() == {
+            "code": "too_many_attempts",
+            "message": "Too many wrong tokens from this address; try again in 45 seconds.",
+            "status": 429,
+        }
+        assert (await admin(h, "GET", "/admin/users", token=None)).status_code == 429
+        async with other_client(h) as other:
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            assert (await other.get("/admin/users", headers=headers)).status_code == 200
+        clock.advance(timedelta(seconds=44))
+        assert (await admin(h, "GET", "/admin/users")).headers["retry-after"] == "1"
+        clock.advance(timedelta(seconds=1))  # the window has passed
+        assert (await admin(h, "GET", "/admin/users")).status_code == 200
+
+
+async def test_requests_without_a_token_are_not_guesses(sqlite_url: str) -> None:
+    settings = {**PLANS, "admin": {"max_failures": 2}}
+    async with running_gateway(
+        sqlite_url, settings=settings, env={"GATEWAY_ADMIN_TOKEN": TOKEN}
+    ) as h:
+        for _ in range(5):
+            assert (await admin(h, "GET", "/admin/users", token=None)).status_code == 401
+        assert (await admin(h, "GET", "/admin/users")).status_code == 200
 
 
 # --- users ------------------------------------------------------------------------------
@@ -341,6 +389,75 @@ async def test_csv_export_matches_the_ledger(gw: Harness) -> None:
         assert (await admin(gw, "GET", "/admin/export/events", params=params)).status_code == 400
 
 
+# A user id and a model name that a spreadsheet would run as formulas (OWASP, "CSV
+# Injection"): the export must write them as text.
+EVIL_USER = '=HYPERLINK("http://evil","x")'
+EVIL_MODEL = "@SUM(1+1)*cmd|' /C calc'!A0"
+
+
+@pytest.mark.parametrize(
+    ("value", "cell"),
+    [
+        ('=HYPERLINK("http://evil","x")', '\'=HYPERLINK("http://evil","x")'),
+        ("+1+cmd|' /C calc'!A0", "'+1+cmd|' /C calc'!A0"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\t=1", "'\t=1"),
+        ("\rx", "'\rx"),
+        ("\nx", "'\nx"),
+        ("  =1+1", "'  =1+1"),  # importers that trim spaces would still run it
+        ("\uff1d1+1", "'\uff1d1+1"),  # full-width equals sign
+        ("\uff20SUM(A1)", "'\uff20SUM(A1)"),
+        ("\uff0b1", "'\uff0b1"),
+        ("\uff0d1", "'\uff0d1"),
+        ("-", "'-"),
+        ("-1e3x", "'-1e3x"),
+        # Plain numbers stay numbers: a negative cost, a signed count.
+        ("-0.0012", "-0.0012"),
+        ("-5", "-5"),
+        ("+5", "+5"),
+        ("-1.5E-7", "-1.5E-7"),
+        ("-\uff11", "'-\uff11"),  # not an ASCII number
+        # Nothing a spreadsheet runs: unchanged.
+        ("alice", "alice"),
+        ("a=b", "a=b"),
+        ("2026-12-06", "2026-12-06"),
+        ("", ""),
+        ("'=already", "'=already"),
+        (-3, -3),
+        (Decimal("-0.5"), Decimal("-0.5")),
+        (None, None),
+        (True, "true"),
+        (False, "false"),
+    ],
+)
+def test_csv_cells_that_would_run_as_formulas_are_neutralised(value: Any, cell: Any) -> None:
+    assert csv_cell(value) == cell
+
+
+async def test_csv_exports_write_formula_like_ids_and_models_as_text(gw: Harness) -> None:
+    """The attack: a user id and a model name chosen to be formulas reach an admin's
+    spreadsheet through the export. The CSV carries them behind a single quote (read
+    back with Python's csv module); JSON carries them raw."""
+    today = gw.gateway.today()
+    await gw.storage.ensure_user(EVIL_USER, plan="free")
+    event = dataclasses.replace(ledger_event("evil-1", EVIL_USER, today, 100), model=EVIL_MODEL)
+    await gw.storage.settle(event)
+    params = {"from": today.isoformat(), "user": EVIL_USER}
+    response = await admin(gw, "GET", "/admin/export/events", params={**params, "format": "csv"})
+    assert response.status_code == 200
+    (row,) = list(csv.DictReader(io.StringIO(response.text)))
+    assert row["user_id"] == "'" + EVIL_USER
+    assert row["model"] == "'" + EVIL_MODEL
+    assert row["total_tokens"] == "100" and Decimal(row["cost"]) == event.cost
+    daily = await admin(gw, "GET", "/admin/export/daily", params={**params, "format": "csv"})
+    (day_row,) = list(csv.DictReader(io.StringIO(daily.text)))
+    assert day_row["user_id"] == "'" + EVIL_USER
+    raw = await admin(gw, "GET", "/admin/export/events", params={**params, "format": "json"})
+    (json_row,) = raw.json()
+    assert json_row["user_id"] == EVIL_USER and json_row["model"] == EVIL_MODEL
+
+
 async def _export_peak(h: Harness, day: date) -> tuple[int, int, int]:
     """Stream one day's ledger export; returns (bytes, lines, peak traced memory)."""
     tracemalloc.start()
@@ -466,6 +583,9 @@ def test_cli_export(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFixtu
         await storage.ensure_user(USER, plan="free")
         for i in range(5):
             await storage.settle(ledger_event(f"c{i}", USER, today, 10 * (i + 1)))
+        await storage.ensure_user(EVIL_USER, plan="free")
+        evil = ledger_event("c5", EVIL_USER, today, 60)
+        await storage.settle(dataclasses.replace(evil, model=EVIL_MODEL))
         await storage.close()
 
     asyncio.run(seed())
@@ -489,9 +609,11 @@ def test_cli_export(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFixtu
         )
         == 0
     )
-    with out.open() as fh:
+    with out.open(newline="") as fh:
         parsed = list(csv.DictReader(fh))
-    assert [int(r["total_tokens"]) for r in parsed] == [10, 20, 30, 40, 50]
+    assert [int(r["total_tokens"]) for r in parsed] == [10, 20, 30, 40, 50, 60]
+    # The formula-like id and model leave as text (CSV injection, docs/admin.md).
+    assert [(r["user_id"], r["model"]) for r in parsed][-1] == ("'" + EVIL_USER, "'" + EVIL_MODEL)
     assert (
         main(
             [
@@ -510,8 +632,8 @@ def test_cli_export(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFixtu
         )
         == 0
     )
-    (row,) = orjson.loads(capsys.readouterr().out)
-    assert row["total_tokens"] == 150 and row["user_id"] == USER
+    rows = {r["user_id"]: r for r in orjson.loads(capsys.readouterr().out)}
+    assert rows[USER]["total_tokens"] == 150 and rows[EVIL_USER]["total_tokens"] == 60
     assert (
         main(
             [

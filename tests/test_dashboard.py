@@ -25,6 +25,7 @@ import httpx
 import pytest
 from starlette.datastructures import Headers
 
+from gateway.clock import FixedClock
 from gateway.dashboard.formats import number_format
 from gateway.dashboard.render import Html, render
 from gateway.dashboard.session import (
@@ -310,6 +311,69 @@ async def test_a_wrong_token_is_refused_without_a_cookie(sqlite_url: str) -> Non
             assert "set-cookie" not in response.headers
             assert "not the admin token" in response.text
         assert (await c.get("/dashboard/")).status_code == 303
+
+
+def throttling_gateway(
+    sqlite_url: str, clock: FixedClock
+) -> contextlib.AbstractAsyncContextManager[Harness]:
+    settings = {**SETTINGS, "admin": {"max_failures": 3, "failure_window": 120}}
+    return running_gateway(sqlite_url, settings=settings, env=ENV, clock=clock)
+
+
+def from_another_address(h: Harness) -> httpx.AsyncClient:
+    transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+    return httpx.AsyncClient(base_url=h.url, timeout=10, transport=transport)
+
+
+async def test_sign_in_guesses_are_throttled_per_client(sqlite_url: str) -> None:
+    """The attack: guess the admin token at the sign-in form. After
+    ``admin.max_failures`` wrong tokens the form answers 429 with Retry-After and
+    sets no cookie, even for the right token, until the window ends; another
+    address signs in meanwhile."""
+    clock = FixedClock(datetime(2026, 12, 6, 12, tzinfo=UTC))
+    async with throttling_gateway(sqlite_url, clock) as h, client(h) as c:
+        for guess in ("a", "b", "c"):
+            assert (await c.post("/dashboard/login", data={"token": guess})).status_code == 401
+        response = await c.post("/dashboard/login", data={"token": TOKEN})
+        assert response.status_code == 429
+        assert response.headers["retry-after"] == "120"
+        assert "set-cookie" not in response.headers
+        assert "Too many wrong tokens from this address" in response.text
+        # The admin API counts the same guesses.
+        api = await c.get("/admin/users", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert api.status_code == 429
+        async with from_another_address(h) as other:
+            signed_in = await other.post("/dashboard/login", data={"token": TOKEN})
+            assert signed_in.status_code == 303 and "set-cookie" in signed_in.headers
+        clock.advance(timedelta(seconds=119))
+        assert (await c.post("/dashboard/login", data={"token": TOKEN})).status_code == 429
+        clock.advance(timedelta(seconds=1))
+        assert (await c.post("/dashboard/login", data={"token": TOKEN})).status_code == 303
+
+
+async def test_a_signed_in_export_is_not_throttled(sqlite_url: str) -> None:
+    """A session is not a guess: its export (the admin API, handed the token inside
+    the app) works while its address is throttled for guessing."""
+    clock = FixedClock(datetime(2026, 12, 6, 12, tzinfo=UTC))
+    async with throttling_gateway(sqlite_url, clock) as h, client(h) as c:
+        await sign_in(c)
+        for guess in ("a", "b", "c"):
+            bad = await c.get("/admin/users", headers={"Authorization": f"Bearer {guess}"})
+            assert bad.status_code == 401
+        api = await c.get("/admin/users", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert api.status_code == 429
+        export = await c.get("/dashboard/export/daily", params={"format": "json"})
+        assert export.status_code == 200, export.text
+
+
+async def test_csv_exports_from_the_dashboard_neutralise_formulas(sqlite_url: str) -> None:
+    evil = '=HYPERLINK("http://evil","x")'
+    async with admin_gateway(sqlite_url) as h, client(h) as c:
+        await spend(h, evil, 10, day=h.gateway.today())
+        await sign_in(c)
+        response = await c.get("/dashboard/export/events", params={"user": evil})
+        (row,) = list(csv.DictReader(io.StringIO(response.text)))
+        assert row["user_id"] == "'" + evil
 
 
 async def test_posts_need_the_csrf_token_and_this_origin(sqlite_url: str) -> None:

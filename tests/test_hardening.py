@@ -85,9 +85,13 @@ async def test_paths_that_could_reach_another_endpoint_are_refused(
 async def test_escaped_characters_in_ids_still_work(sqlite_url: str) -> None:
     fake = FakeDify(api_key=UPSTREAM_KEY)
     async with running_gateway(sqlite_url, fake=fake) as h:
-        status, _ = await raw_request(h, "GET", "/v1/messages/a%20b%2Fc/suggested")
-    assert status == 404  # the fake has no such route: what matters is what it was asked
-    assert fake.requests[0].path == "/v1/messages/a b/c/suggested"
+        status, _ = await raw_request(h, "GET", "/v1/conversations/a%20b/variables")
+        assert status == 404  # the fake has no such route: what matters is what it was asked
+        assert [r.path for r in fake.requests] == ["/v1/conversations/a b/variables"]
+        # An escaped slash makes another path, which the route table does not know.
+        status, body = await raw_request(h, "GET", "/v1/conversations/a%2Fc/variables")
+    assert status == 404 and orjson.loads(body)["code"] == "not_found"
+    assert len(fake.requests) == 1
 
 
 @pytest.mark.parametrize(
@@ -113,7 +117,9 @@ async def test_json_flavours_get_the_user_rewritten(sqlite_url: str, content_typ
 
 async def test_urlencoded_forms_get_the_user_rewritten(sqlite_url: str) -> None:
     upstream = Recorder()
-    async with running_gateway(sqlite_url, upstream=upstream) as h:
+    # audio-to-text is a paid side call: it is forwarded once it has a price.
+    priced = {"call_prices": {"dify.audio_to_text": {"price": "0.01"}}}
+    async with running_gateway(sqlite_url, upstream=upstream, settings=priced) as h:
         async with httpx.AsyncClient(base_url=h.url) as client:
             await client.post(
                 "/v1/audio-to-text", data={"user": "victim", "other": "a%b"}, headers=h.auth()
@@ -467,7 +473,7 @@ async def test_odd_openai_answers_are_recorded(
     answer: _OneAnswer,
     tokens: tuple[int, int],
 ) -> None:
-    settings = {"upstream": {"kind": "openai"}}
+    settings = {"upstream": {"kind": "openai"}, "pricing": {"unpriced_models": "allow"}}
     async with running_gateway(sqlite_url, upstream=answer, settings=settings) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=10) as http:
             response = await http.post(f"/v1/{path}", json=request_body, headers=h.auth())

@@ -536,6 +536,47 @@ async def test_trusted_header_refusals(
     assert await trusted.storage.get_user(user) is None
 
 
+async def test_usage_shows_the_non_ascii_user_the_proxy_charged(trusted: Harness) -> None:
+    """The attack: ``dũng`` asks /v1/usage, which read the header as latin-1 text and
+    re-encoded it, so it answered for (and created) ``dÅ©ng``. Both entry points must
+    name the same user from the same bytes."""
+    user = f"dũng-{secrets.token_hex(3)}"
+    phantom = user.encode().decode("latin-1")  # what the second decoding made of it
+    assert phantom != user
+    headers = {"Authorization": f"Bearer {SERVICE_KEY}", "X-Gateway-User": user.encode()}
+    assert trusted.fake is not None
+    seen = len(trusted.fake.requests)
+    async with httpx.AsyncClient(base_url=trusted.url, timeout=10) as client:
+        charged = await client.post("/v1/chat-messages", json=CHAT, headers=headers)
+        assert charged.status_code == 200, charged.text
+        (forwarded,) = trusted.fake.requests[seen:]
+        assert_forwarded_as(forwarded, user, SERVICE_KEY)
+        usage = await client.get("/v1/usage", headers=headers)
+        daily = await client.get("/v1/usage/daily", params={"days": 1}, headers=headers)
+    assert usage.status_code == 200, usage.text
+    assert usage.json()["user"] == user
+    assert usage.json()["today"]["queries"] == 1  # the query the proxy admitted
+    assert daily.status_code == 200 and daily.json()["user"] == user
+    assert daily.json()["data"][-1]["queries"] == 1
+    assert await trusted.storage.get_user(user) is not None
+    assert await trusted.storage.get_user(phantom) is None  # no phantom user row
+
+
+@pytest.mark.parametrize("path", ["/v1/chat-messages", "/v1/usage"])
+async def test_a_user_header_that_is_not_utf8_is_refused_everywhere(
+    trusted: Harness, path: str
+) -> None:
+    """Replacing bad bytes would make ``caf\\xe9`` and ``caf\\xe8`` one user: refused."""
+    headers = {"Authorization": f"Bearer {SERVICE_KEY}", "X-Gateway-User": b"caf\xe9"}
+    async with httpx.AsyncClient(base_url=trusted.url, timeout=10) as client:
+        if path == "/v1/usage":
+            response = await client.get(path, headers=headers)
+        else:
+            response = await client.post(path, json=CHAT, headers=headers)
+    assert_unauthorized(response, r"X-Gateway-User header: the user id must be UTF-8")
+    assert await trusted.storage.get_user("caf\ufffd") is None
+
+
 async def test_api_key_mode_ignores_and_drops_the_user_header(api_key: Harness) -> None:
     response, (forwarded,) = await send(api_key, api_key.auth(**{"X-Gateway-User": "mallory"}))
     assert response.status_code == 200, response.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -12,18 +12,24 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from gateway.clock import FixedClock
 from gateway.config import DatabaseConfig
 from gateway.keys import new_key
 from gateway.metrics import COUNTERS, GAUGES, HISTOGRAMS, Metrics
 from gateway.storage import open_storage
 from gateway.testing.fake_upstream import FakeDify
 from gateway.testing.openai_upstream import FakeOpenAI
-from tests.harness import UPSTREAM_KEY, USER, running_gateway, to_toml
+from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
 from tests.servers import free_port, serve, start_gateway
 from tests.test_openai_sdk import MINI_COST, STEER, openai_settings
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming"}
 SOURCE = Path(__file__).parent.parent / "gateway"
+METRICS_TOKEN = "metrics-token-for-tests-0123456789"
+ADMIN_TOKEN = "admin-token-for-tests-0123456789"
+# The default metrics.token_env: a scraper's bearer token.
+METRICS_ENV = {"GATEWAY_METRICS_TOKEN": METRICS_TOKEN}
+SCRAPER = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 def samples(text: str) -> list[Sample]:
@@ -62,7 +68,10 @@ def test_an_undeclared_name_is_an_error_not_a_silent_counter() -> None:
 
 async def test_a_streamed_answer_is_measured(sqlite_url: str) -> None:
     fake = FakeDify(api_key=UPSTREAM_KEY)
-    async with running_gateway(sqlite_url, fake=fake) as h, httpx.AsyncClient() as client:
+    async with (
+        running_gateway(sqlite_url, fake=fake, env=METRICS_ENV) as h,
+        httpx.AsyncClient() as client,
+    ):
         async with client.stream(
             "POST",
             f"{h.url}/v1/chat-messages",
@@ -71,12 +80,12 @@ async def test_a_streamed_answer_is_measured(sqlite_url: str) -> None:
         ) as held:
             chunks = held.aiter_raw()
             await anext(chunks)  # the answer is being relayed
-            during = (await client.get(f"{h.url}/metrics")).text
+            during = (await client.get(f"{h.url}/metrics", headers=SCRAPER)).text
             fake.release_held()
             async for _ in chunks:
                 pass
         await h.gateway.wait_finished(1)
-        response = await client.get(f"{h.url}/metrics")
+        response = await client.get(f"{h.url}/metrics", headers=SCRAPER)
     after = response.text
     assert response.headers["content-type"].startswith("text/plain; version=")
     assert value(during, "gateway_streams_in_flight") == 1
@@ -132,7 +141,8 @@ async def test_serve_with_workers_sums_every_worker(tmp_path: Path, fake_url: st
         )
     )
     port = free_port()
-    process = await start_gateway(config, port, {"TEST_UPSTREAM_KEY": UPSTREAM_KEY}, workers=2)
+    env = {"TEST_UPSTREAM_KEY": UPSTREAM_KEY, **METRICS_ENV}
+    process = await start_gateway(config, port, env, workers=2)
     try:
         url = f"http://127.0.0.1:{port}"
         asked = 8
@@ -147,7 +157,9 @@ async def test_serve_with_workers_sums_every_worker(tmp_path: Path, fake_url: st
                 assert response.status_code == 200
         for _ in range(6):
             async with httpx.AsyncClient() as client:
-                text = (await client.get(f"{url}/metrics")).text
+                text = (await client.get(f"{url}/metrics", headers=SCRAPER)).text
+                # Every worker asks for the token (each reads the same configuration).
+                assert (await client.get(f"{url}/metrics")).status_code == 401
             assert value(text, "gateway_requests_total", route="chat", status="2xx") == asked
             assert value(text, "gateway_admission_seconds_count") == asked
     finally:
@@ -157,13 +169,15 @@ async def test_serve_with_workers_sums_every_worker(tmp_path: Path, fake_url: st
 
 async def test_tokens_and_cost_are_counted_by_the_model_that_answered(sqlite_url: str) -> None:
     fake = FakeOpenAI(api_key=UPSTREAM_KEY)
-    async with running_gateway(sqlite_url, upstream=fake, settings=openai_settings()) as h:
+    async with running_gateway(
+        sqlite_url, upstream=fake, settings=openai_settings(), env=METRICS_ENV
+    ) as h:
         async with httpx.AsyncClient(base_url=h.url) as client:
             body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
             response = await client.post("/v1/chat/completions", json=body, headers=h.auth(**STEER))
             assert response.status_code == 200
             await h.gateway.wait_finished(1)
-            text = (await client.get("/metrics")).text
+            text = (await client.get("/metrics", headers=SCRAPER)).text
     labels = {"plan": "free", "model": "gpt-4o-mini"}
     assert value(text, "gateway_tokens_total", kind="prompt", **labels) == 1200
     assert value(text, "gateway_tokens_total", kind="completion", **labels) == 700
@@ -188,13 +202,15 @@ async def test_the_model_label_is_a_priced_name_or_other(
 ) -> None:
     fake = FakeOpenAI(api_key=UPSTREAM_KEY)
     steer = {**STEER, **({"x-fake-model": answered} if answered else {})}
-    async with running_gateway(sqlite_url, upstream=fake, settings=openai_settings()) as h:
+    # Unpriced models let through, to see how they are labelled.
+    settings = openai_settings(pricing={"unpriced_models": "allow"})
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings, env=METRICS_ENV) as h:
         async with httpx.AsyncClient(base_url=h.url) as client:
             body = {"model": asked, "messages": [{"role": "user", "content": "hi"}]}
             response = await client.post("/v1/chat/completions", json=body, headers=h.auth(**steer))
             assert response.status_code == 200
             await h.gateway.wait_finished(1)
-            text = (await client.get("/metrics")).text
+            text = (await client.get("/metrics", headers=SCRAPER)).text
     models = {s.labels["model"] for s in samples(text) if s.name.startswith("gateway_tokens_total")}
     assert models == {label}
     assert value(text, "gateway_tokens_total", kind="prompt", plan="free", model=label) == 1200
@@ -206,8 +222,10 @@ async def test_the_model_labels_follow_a_reload_of_the_prices(
     fake = FakeOpenAI(api_key=UPSTREAM_KEY)
     path = tmp_path / "gateway.toml"
     body = {"model": "o9", "messages": [{"role": "user", "content": "hi"}]}
-    settings = openai_settings()
-    async with running_gateway(sqlite_url, upstream=fake, settings=settings, config_file=path) as h:
+    settings = openai_settings(pricing={"unpriced_models": "allow"})  # o9, unpriced at first
+    async with running_gateway(
+        sqlite_url, upstream=fake, settings=settings, config_file=path, env=METRICS_ENV
+    ) as h:
         async with httpx.AsyncClient(base_url=h.url) as client:
             await client.post("/v1/chat/completions", json=body, headers=h.auth(**STEER))
             await h.gateway.wait_finished(1)
@@ -215,7 +233,91 @@ async def test_the_model_labels_follow_a_reload_of_the_prices(
             assert await h.gateway.reload()
             await client.post("/v1/chat/completions", json=body, headers=h.auth(**STEER))
             await h.gateway.wait_finished(2)
-            text = (await client.get("/metrics")).text
+            text = (await client.get("/metrics", headers=SCRAPER)).text
     labels = {"plan": "free", "kind": "prompt"}
     assert value(text, "gateway_tokens_total", model="other", **labels) == 1200
     assert value(text, "gateway_tokens_total", model="o9", **labels) == 1200
+
+
+# --- access -----------------------------------------------------------------------------
+
+
+async def scrape(h: Harness, token: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(base_url=h.url) as client:
+        return await client.get("/metrics", headers=headers)
+
+
+async def test_metrics_are_off_without_any_token(sqlite_url: str) -> None:
+    """The attack: anyone who reaches the gateway reads what every plan and model
+    cost. With no token configured (and no explicit opt-out), there is nothing to read."""
+    async with running_gateway(sqlite_url) as h:
+        response = await scrape(h)
+        assert response.status_code == 404
+        assert b"gateway_cost_total" not in response.content
+        assert response.json()["code"] == "not_found"
+        assert "metrics.public" in response.json()["message"]
+        assert (await scrape(h, "anything")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("env", "token", "status"),
+    [
+        pytest.param(METRICS_ENV, None, 401, id="metrics-token-none-sent"),
+        pytest.param(METRICS_ENV, "wrong", 401, id="metrics-token-wrong"),
+        pytest.param(METRICS_ENV, METRICS_TOKEN, 200, id="metrics-token"),
+        pytest.param(METRICS_ENV, ADMIN_TOKEN, 401, id="admin-token-not-configured"),
+        pytest.param({"GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN}, None, 401, id="admin-only-none-sent"),
+        pytest.param({"GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN}, ADMIN_TOKEN, 200, id="admin-token"),
+        pytest.param(
+            {"GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN, **METRICS_ENV}, ADMIN_TOKEN, 200, id="both-admin"
+        ),
+        pytest.param(
+            {"GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN, **METRICS_ENV}, METRICS_TOKEN, 200, id="both"
+        ),
+        pytest.param(
+            {"GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN, **METRICS_ENV}, "", 401, id="both-none-sent"
+        ),
+    ],
+)
+async def test_metrics_need_the_metrics_or_the_admin_token(
+    sqlite_url: str, env: dict[str, str], token: str | None, status: int
+) -> None:
+    async with running_gateway(sqlite_url, env=env) as h:
+        response = await scrape(h, token)
+    assert response.status_code == status, response.text
+    if status == 401:
+        assert response.headers["www-authenticate"] == 'Bearer realm="metrics"'
+        assert response.json()["code"] == "unauthorized"
+        assert b"gateway_cost_total" not in response.content
+        for secret in (METRICS_TOKEN, ADMIN_TOKEN):
+            assert secret not in response.text
+    else:
+        assert "gateway_cost_total" in response.text
+
+
+async def test_metrics_public_is_an_explicit_opt_out(sqlite_url: str) -> None:
+    settings = {"metrics": {"public": True}}
+    env = {"GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN, **METRICS_ENV}
+    async with running_gateway(sqlite_url, settings=settings, env=env) as h:
+        response = await scrape(h)
+        assert response.status_code == 200 and "gateway_cost_total" in response.text
+        assert (await scrape(h, "wrong")).status_code == 200  # no token is looked at
+
+
+async def test_metrics_token_guesses_are_throttled_like_the_admin_tokens(sqlite_url: str) -> None:
+    """/metrics takes the admin token: guessing there counts as guessing it."""
+    clock = FixedClock(datetime(2026, 12, 6, 12, tzinfo=UTC))
+    settings = {"admin": {"max_failures": 2, "failure_window": 30}}
+    env = {"GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN, **METRICS_ENV}
+    async with running_gateway(sqlite_url, settings=settings, env=env, clock=clock) as h:
+        assert [(await scrape(h, f"guess-{i}")).status_code for i in range(2)] == [401, 401]
+        throttled = await scrape(h, METRICS_TOKEN)
+        assert throttled.status_code == 429 and throttled.headers["retry-after"] == "30"
+        assert throttled.json()["code"] == "too_many_attempts"
+        async with httpx.AsyncClient(
+            base_url=h.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        ) as client:
+            assert (await client.get("/admin/users")).status_code == 429  # the same count
+        clock.advance(timedelta(seconds=30))
+        assert (await scrape(h, METRICS_TOKEN)).status_code == 200

@@ -309,7 +309,7 @@ async def test_unmeterable_endpoints_are_refused(gw: Harness, fake: FakeOpenAI) 
             await sdk.images.generate(prompt="a cat", model="gpt-image-1")
         with pytest.raises(openai.BadRequestError):
             await sdk.responses.create(model="o3", input="hi", background=True)
-    assert refused.value.body["code"] == "endpoint_not_metered"  # type: ignore[index]
+    assert refused.value.body["code"] == "endpoint_not_allowed"  # type: ignore[index]
     assert fake.requests == []
 
 

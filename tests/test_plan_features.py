@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from datetime import date
 from typing import Any
 
 import httpx
@@ -93,30 +92,119 @@ async def test_spent_allowance_can_disable_web_search_instead_of_refusing(sqlite
     assert third["inputs"] == {"allow_web_fallback": False}  # type: ignore[index]
 
 
-@pytest.mark.parametrize("fault", ["error", "timeout"])
-async def test_web_search_count_fails_open(
-    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fault: str
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [({}, 200), ({"queries_per_day": 10}, 503)],
+    ids=["web-limit-only", "queries-closed"],
+)
+async def test_the_web_search_allowance_fails_open_with_admission(
+    sqlite_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    limits: dict[str, int],
+    expected: int,
 ) -> None:
-    settings = {**plans(web_searches_per_day=1), "web_search": {"count_timeout": 0.05}}
-    async with running_gateway(sqlite_url, settings=settings) as h:
+    """The allowance is checked in the admission step, so it follows admission's
+    storage-error policy: open for the web search itself (a storage hiccup never
+    blocks a user wrongly), refused when another check that applies is closed."""
+    async with running_gateway(sqlite_url, settings=plans(web_searches_per_day=1, **limits)) as h:
         await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)
         await h.gateway.wait_finished(1)
 
-        async def broken(user_id: str, *, day: date) -> int:
-            if fault == "timeout":
-                await asyncio.Event().wait()  # never answers; the count_timeout fires
+        async def broken(*args: object, **kwargs: object) -> None:
             raise StorageError("database unreachable")
 
-        # Only the web-search count fails; admission and settle still work.
-        monkeypatch.setattr(h.storage, "web_searches_today", broken)
-        allowed = await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)
+        # Only admission fails; settle still works.
+        monkeypatch.setattr(h.storage, "admit", broken)
+        response = await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)
         await h.gateway.wait_finished(2)
         failures = h.gateway.metrics.get("gateway_web_search_count_failures_total")
         row = await today_row(h)
-    assert allowed.status_code == 200
-    assert failures == 1
-    assert row.web_searches == 2  # over the allowance: a storage hiccup never blocks wrongly
-    assert any("fail-open" in r.message for r in caplog.records if r.levelno == logging.WARNING)
+    assert response.status_code == expected
+    if expected == 200:
+        assert failures == 1
+        assert row.web_searches == 2  # over the allowance: never blocked wrongly
+        assert any(
+            "fail-open" in r.message and "web-search" in r.message
+            for r in caplog.records
+            if r.levelno == logging.WARNING
+        )
+    else:
+        assert response.json()["code"] == "storage_unavailable"
+        assert failures == 0
+        assert row.web_searches == 1
+
+
+# --- web searches reserved in the admission step (issue 20) ----------------------------
+
+
+SLOW = {"x-fake-delay-ms": "20"}  # answers under way while the others are admitted
+
+
+@pytest.mark.parametrize("mode", ["refuse", "disable"])
+async def test_twenty_parallel_requests_with_one_search_left_run_one_search(
+    database_url: str, mode: str
+) -> None:
+    """The attack of issue 20: the allowance was read apart from the atomic
+    admission, so 20 parallel requests with one search left ran 20 searches."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = {**plans(web_searches_per_day=1), "web_search": {"when_exhausted": mode}}
+    async with running_gateway(database_url, fake=fake, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            responses = await asyncio.gather(
+                *(
+                    client.post("/v1/chat-messages", json=WEB, headers=h.auth(**WEB_ANSWER, **SLOW))
+                    for _ in range(20)
+                )
+            )
+        await h.gateway.wait_finished(20)
+        row = await today_row(h)
+        events = await h.events()
+    with_web = [
+        r.json
+        for r in fake.requests
+        if r.path.endswith("/chat-messages") and "allow_web_fallback" not in r.json["inputs"]  # type: ignore[index]
+    ]
+    assert len(with_web) == 1  # exactly one request reached the app with web search on
+    if mode == "refuse":
+        assert sorted(r.status_code for r in responses) == [200] + [429] * 19
+        assert {r.json()["code"] for r in responses if r.status_code == 429} == {"web_search_limit"}
+        assert fake.hits("/chat-messages") == 1
+        assert (row.queries, row.web_searches) == (1, 1)
+    else:
+        assert [r.status_code for r in responses] == [200] * 20
+        assert fake.hits("/chat-messages") == 20
+        # The fake says every answer searched (it ignores the input): the ledger
+        # counts what the answers say, and the day row agrees with it.
+        assert row.queries == 20
+        assert row.web_searches == sum(e.web_searches for e in events) == 20
+
+
+async def test_the_reserved_search_becomes_what_the_answer_used(database_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(
+        database_url, fake=fake, settings=plans(web_searches_per_day=2)
+    ) as h:
+        # Asked, but answered from the knowledge base: the reservation goes.
+        assert (await post(h, "/v1/chat-messages", WEB)).status_code == 200
+        await h.gateway.wait_finished(1)
+        assert (await today_row(h)).web_searches == 0
+        # Asked and the upstream failed: the query and the search are given back.
+        failed = await post(h, "/v1/chat-messages", WEB, **{"x-fake-status": "500"})
+        await h.gateway.wait_finished(2)
+        assert failed.status_code == 500
+        row = await today_row(h)
+        assert (row.queries, row.web_searches) == (1, 0)
+        # Both searches are still there to use.
+        for _ in range(2):
+            assert (await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)).status_code == 200
+        await h.gateway.wait_finished(4)
+        refused = await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)
+        row = await today_row(h)
+        events = await h.events()
+    assert refused.status_code == 429
+    assert (row.queries, row.web_searches) == (3, 2)
+    assert [e.web_searches for e in events] == [0, 1, 1]
 
 
 # --- advanced RAG ---------------------------------------------------------------------
@@ -149,6 +237,53 @@ async def test_advanced_rag_counted_when_allowed(sqlite_url: str) -> None:
         await h.gateway.wait_finished(2)
         row = await today_row(h)
     assert (row.queries, row.advanced_rag) == (2, 1)
+
+
+# --- values as Dify reads them (issue 20) -------------------------------------------------
+
+
+async def test_a_nul_does_not_get_advanced_rag_past_the_plan(sqlite_url: str) -> None:
+    # Attack: Dify strips the NUL, so the app runs advanced RAG for "advanced\u0000".
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    sneaky = {**CHAT, "inputs": {"rag_mode": "advanced\x00"}}
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(advanced_rag=False)) as h:
+        refused = await post(h, "/v1/chat-messages", sneaky)
+        inner = await post(
+            h, "/v1/chat-messages", {**CHAT, "inputs": {"rag_mode": "\x00adv\x00anced"}}
+        )
+    assert refused.status_code == 403 and refused.json()["code"] == "feature_not_in_plan"
+    assert inner.status_code == 403
+    assert fake.hits("/chat-messages") == 0
+
+
+async def test_a_nul_does_not_get_a_web_search_past_a_spent_allowance(sqlite_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(web_searches_per_day=1)) as h:
+        await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)
+        await h.gateway.wait_finished(1)
+        sneaky = {**CHAT, "inputs": {"search_mode": "web\x00"}}
+        refused = await post(h, "/v1/chat-messages", sneaky, **WEB_ANSWER)
+        row = await today_row(h)
+    assert refused.status_code == 429 and refused.json()["code"] == "web_search_limit"
+    assert fake.hits("/chat-messages") == 1
+    assert (row.queries, row.web_searches) == (1, 1)
+
+
+async def test_an_allowed_value_with_a_nul_is_forwarded_and_counted_as_judged(
+    sqlite_url: str,
+) -> None:
+    # What is forwarded is what was judged: Dify reads "advanced\u0000" as "advanced",
+    # and the gateway counted it as an advanced-RAG query.
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    sneaky = {**CHAT, "inputs": {"rag_mode": "advanced\x00"}}
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(advanced_rag=True)) as h:
+        allowed = await post(h, "/v1/chat-messages", sneaky)
+        await h.gateway.wait_finished(1)
+        row = await today_row(h)
+    assert allowed.status_code == 200
+    (forwarded,) = fake.requests
+    assert forwarded.json["inputs"]["rag_mode"].replace("\x00", "") == "advanced"  # type: ignore[index]
+    assert (row.queries, row.advanced_rag) == (1, 1)
 
 
 # --- uploads ------------------------------------------------------------------------------

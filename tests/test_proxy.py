@@ -517,7 +517,9 @@ async def test_gateway_endpoints(gw: Harness) -> None:
     async with httpx.AsyncClient(base_url=gw.url) as client:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
         assert (await client.get("/readyz")).json() == {"status": "ready"}
-        metrics = (await client.get("/metrics")).text
+        # No metrics or admin token here: /metrics is off (tests/test_metrics.py).
+        assert (await client.get("/metrics")).status_code == 404
+        metrics = gw.gateway.metrics.render().decode()
         assert 'gateway_answers_settled_total{outcome="complete"} 1' in metrics
         assert (await client.get("/nope")).status_code == 404
 

@@ -4,7 +4,8 @@
 when no admin token is configured, sends a browser without a valid session to the
 sign-in form, and refuses a POST that comes from another origin or lacks its
 session's CSRF token. `login` checks the admin token and sets the session cookie
-(see `gateway.dashboard.session`).
+(see `gateway.dashboard.session`); its wrong guesses are throttled per client with
+the admin API's (`gateway.admin.check_secret`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from urllib.parse import parse_qsl, urlencode
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from gateway.admin import check_secret
 from gateway.dashboard.formats import NumberFormat, number_format
 from gateway.dashboard.render import Html, document, forbidden, message, not_found, render
 from gateway.dashboard.session import (
@@ -163,7 +165,19 @@ async def login(request: Request) -> Response:
     if form is None:
         return message(base, "Too large", "The form is too large.", status=413)
     target = safe_next(form.get("next"), base)
-    if not hmac.compare_digest(form.get("token", "").encode(), token.encode()):
+    # The admin API's check: wrong guesses from this address add up there too.
+    check = check_secret(request, gateway, form.get("token") or None, (token,))
+    if check.retry_after is not None:
+        error = render(
+            '<p class="notice error" role="alert">Too many wrong tokens from this address. '
+            "Try again in {seconds} seconds.</p>\n",
+            seconds=str(check.retry_after),
+        )
+        body = render(_LOGIN, base=base, next=target, error=error)
+        refused = document(base, "Sign in", body, status=429)
+        refused.headers["retry-after"] = str(check.retry_after)
+        return refused
+    if not check.accepted:
         error = Html('<p class="notice error" role="alert">That is not the admin token.</p>\n')
         body = render(_LOGIN, base=base, next=target, error=error)
         return document(base, "Sign in", body, status=401)

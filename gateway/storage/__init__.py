@@ -29,7 +29,9 @@ from gateway.storage.base import (
     User,
     UserSort,
     UserSummary,
+    WebSearch,
     decide,
+    web_search_left,
 )
 
 __all__ = [
@@ -55,9 +57,11 @@ __all__ = [
     "User",
     "UserSort",
     "UserSummary",
+    "WebSearch",
     "decide",
     "migrations",
     "open_storage",
+    "web_search_left",
 ]
 
 

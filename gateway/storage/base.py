@@ -140,8 +140,29 @@ class Pending:
     currency: str = "USD"
 
 
+@dataclass(frozen=True, slots=True)
+class WebSearch:
+    """A request that asks for web search, as admission reserves it.
+
+    Admission reserves one web search on the user's day counter in the same
+    atomic step as the query, while ``limit`` allows it (None: unlimited). With
+    none left, ``when_exhausted`` decides in that same step: ``refuse`` refuses
+    the request (``web_searches_per_day``, nothing reserved), ``disable`` admits
+    it without a web search reserved (the caller turns web search off). The
+    reservation is kept on the answer's pending row: settle replaces it with
+    the count the answer used, a refund gives it back, a recovery keeps it.
+    """
+
+    limit: int | None
+    when_exhausted: Literal["refuse", "disable"] = "refuse"
+
+
 AdmissionLimit = Literal[
-    "queries_per_day", "tokens_per_day", "tokens_per_month", "max_concurrent_streams"
+    "queries_per_day",
+    "tokens_per_day",
+    "tokens_per_month",
+    "max_concurrent_streams",
+    "web_searches_per_day",
 ]
 
 
@@ -150,6 +171,7 @@ class Admission:
     admitted: bool
     refused_by: AdmissionLimit | None
     counters: Counters  # after the reservation when admitted
+    web_search_reserved: bool = False  # one web search was reserved for the answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,8 +234,26 @@ class UserSummary:
     today: DailyUsage = field(default_factory=lambda: DailyUsage(user_id="", day=date.min))
 
 
-def decide(counters: Counters, limits: AdmissionLimits) -> AdmissionLimit | None:
-    """Which limit, if any, refuses one more query given the current counters."""
+def web_search_left(counters: Counters, web_search: WebSearch | None) -> bool:
+    """Whether a request asking for ``web_search`` can have one reserved."""
+    if web_search is None:
+        return False
+    return web_search.limit is None or counters.web_searches_today < web_search.limit
+
+
+def decide(
+    counters: Counters, limits: AdmissionLimits, web_search: WebSearch | None = None
+) -> AdmissionLimit | None:
+    """Which limit, if any, refuses one more query given the current counters.
+
+    A spent web-search allowance refuses first (in ``refuse`` mode), as it did
+    when it was checked before the rest of admission."""
+    if (
+        web_search is not None
+        and web_search.when_exhausted == "refuse"
+        and not web_search_left(counters, web_search)
+    ):
+        return "web_searches_per_day"
     if limits.queries_per_day is not None and counters.queries_today >= limits.queries_per_day:
         return "queries_per_day"
     if limits.tokens_per_day is not None and counters.tokens_today >= limits.tokens_per_day:
@@ -401,6 +441,7 @@ class Storage(Protocol):
         lease: Lease | None = None,
         advanced_rag: bool = False,
         pending: Pending | None = None,
+        web_search: WebSearch | None = None,
     ) -> Admission:
         """Reserve one query for (user, day) only while every limit allows it,
         atomically, in one round trip; return the counters either way. When
@@ -408,7 +449,10 @@ class Storage(Protocol):
         (open streams are counted only when ``limits.max_concurrent_streams`` is
         set; leases expired at ``now`` do not count); ``advanced_rag`` counts the
         query as an advanced-RAG one too; ``pending`` is recorded (created at
-        ``now``, on ``day``) in the same step."""
+        ``now``, on ``day``) in the same step. ``web_search`` (the request asks
+        for it) reserves one web search in the same step, or refuses, or admits
+        without one (see `WebSearch`); the reservation is kept on ``pending``,
+        so a request asking for web search should come with one."""
         ...
 
     async def web_searches_today(self, user_id: str, *, day: date) -> int:
@@ -434,8 +478,9 @@ class Storage(Protocol):
         """Give back one reserved query (no answer was produced) and its lease.
 
         With ``pending_id``, only while that pending answer is still there (it is
-        removed): returns False, releasing the lease and nothing else, when it was
-        already settled, refunded or recovered."""
+        removed, and the web search reserved with it given back too): returns
+        False, releasing the lease and nothing else, when it was already
+        settled, refunded or recovered."""
         ...
 
     async def settle(
@@ -449,8 +494,16 @@ class Storage(Protocol):
         """Record one answer in the ledger, the day row and the lifetime totals,
         in one transaction, releasing its lease. Returns False, changing nothing
         else, when the answer id is already recorded - or, with ``pending_id``,
-        when that pending answer is no longer there (settled, refunded or
-        recovered already); it is removed otherwise.
+        when that pending answer is no longer there (settled or refunded
+        already); it is removed otherwise, and the web search admission reserved
+        with it is replaced by the count the answer used (``web_searches``).
+
+        With ``pending_id`` whose pending answer a recovery charged as an
+        estimate (the ledger row ``gw-<pending id>``, outcome "recovered"), the
+        answer supersedes the estimate, once: that ledger row takes this
+        answer's id and figures, and the day row and lifetime totals move by
+        the difference. Returns True then; a second settle finds no estimate
+        left and changes nothing.
 
         With ``alerts``, the same transaction records each threshold now crossed
         for the first time in the notifications table (unique per user, limit,
@@ -460,8 +513,9 @@ class Storage(Protocol):
 
     async def recover(self, *, before: datetime, now: datetime, limit: int = 100) -> list[str]:
         """Charge up to ``limit`` pending answers admitted before ``before`` as
-        estimates (outcome "recovered", answer id ``gw-<pending id>``, recorded at
-        ``now``), releasing their leases; their queries stay spent. Returns the
+        estimates (outcome "recovered", answer id ``gw-<pending id>``, request id
+        the pending id, recorded at ``now``), releasing their leases; their
+        queries, and any web search reserved, stay spent. Returns the
         pending ids recovered. Safe to run from many processes at once: each
         pending answer is recovered by one of them, or settled by its gateway."""
         ...
@@ -507,4 +561,12 @@ class Storage(Protocol):
     async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[ModelUsage]:
         """The user's ledger with start <= day <= end summed per model, the model
         with the most tokens first."""
+        ...
+
+    # --- ownership (issue 20, default deny) ---
+
+    async def answer_owner(self, answer_id: str) -> str | None:
+        """The user whose ledger row has this answer id (an upstream object id such as
+        OpenAI's ``resp_...``), or None when the ledger has no such answer. Read
+        before a caller may see or change the object the answer created."""
         ...

@@ -17,6 +17,11 @@ decide and write them set by set, as exactly as the calls one after another, in
 one transaction; a batch of one they hand to the single function. So under load
 an answer costs a fraction of a round trip and of a commit.
 
+Admission also reserves a web search for a request that asks for one, in the
+same call; settle replaces the reservation with what the answer used, and a
+settle whose pending row a recovery took supersedes the estimate it charged
+(migration 0011). A settle batch holding such a settle goes element by element.
+
 asyncpg errors are mapped to `StorageError` here and nowhere else.
 """
 
@@ -61,6 +66,7 @@ from gateway.storage.base import (
     User,
     UserSort,
     UserSummary,
+    WebSearch,
     alerts_with_deliveries,
     delivery,
     model_usage,
@@ -75,14 +81,17 @@ _MIGRATION_LOCK = 0x6761_7465_7761_79
 _EXPORT_BATCH = 1000
 
 
-_ADMIT = "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+_ADMIT = (
+    "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
+    "$15, $16, $17, $18, $19, $20, $21)"
+)
 _SETTLE = (
     "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
     "$15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)"
 )
 _ADMIT_MANY = (
     "SELECT * FROM gateway_admit_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
-    "$14, $15, $16, $17, $18)"
+    "$14, $15, $16, $17, $18, $19, $20, $21)"
 )
 _SETTLE_MANY = (
     "SELECT * FROM gateway_settle_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
@@ -93,7 +102,7 @@ _SETTLE_MANY = (
 # few dozen a larger batch saves little, and a batch holds its users' row locks
 # until it commits.
 DEFAULT_MAX_BATCH = 64
-# The arguments of one admission, in gateway_admit's order (18), and of one
+# The arguments of one admission, in gateway_admit's order (21), and of one
 # settle, in gateway_settle's (28: the last five are the alert checks' lists).
 _AdmitCall = tuple[Any, ...]
 _SettleCall = tuple[Any, ...]
@@ -186,7 +195,12 @@ def _admission(row: Any) -> Admission:
         open_streams=row["open_streams"],
     )
     refused = row["refused_by"]
-    return Admission(admitted=refused is None, refused_by=refused, counters=counters)
+    return Admission(
+        admitted=refused is None,
+        refused_by=refused,
+        counters=counters,
+        web_search_reserved=bool(row["web_reserved"]),
+    )
 
 
 def _user_of(call: _AdmitCall) -> str:
@@ -428,6 +442,7 @@ class PostgresStorage:
         lease: Lease | None = None,
         advanced_rag: bool = False,
         pending: Pending | None = None,
+        web_search: WebSearch | None = None,
     ) -> Admission:
         return await self._admits(
             (
@@ -449,6 +464,9 @@ class PostgresStorage:
                 pending.total_tokens if pending else None,
                 pending.cost if pending else None,
                 pending.currency if pending else None,
+                web_search is not None,
+                web_search.limit if web_search else None,
+                web_search is None or web_search.when_exhausted == "refuse",
             )
         )
 
@@ -736,6 +754,16 @@ class PostgresStorage:
         with _mapped():
             rows = await self._pool.fetch(_USAGE_BY_MODEL, user_id, start, end)
         return [model_usage(row, row[7]) for row in rows]
+
+    # --- ownership (issue 20, default deny) ---
+
+    async def answer_owner(self, answer_id: str) -> str | None:
+        # answer_id is UNIQUE (0001_init.sql): one index probe.
+        with _mapped():
+            owner = await self._pool.fetchval(
+                "SELECT user_id FROM usage_events WHERE answer_id = $1", answer_id
+            )
+        return owner if isinstance(owner, str) else None
 
 
 # SKIP LOCKED: rows another replica is claiming right now are left to it; the

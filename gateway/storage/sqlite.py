@@ -6,6 +6,10 @@ however many statements it runs. Writes take SQLite's write lock up front
 (``BEGIN IMMEDIATE``), which serialises them across connections and processes;
 that is what makes the conditional admission exact here. Money is TEXT holding an
 exact decimal, summed by the registered ``dec_add`` / ``dec_sum`` functions.
+
+The rules the PostgreSQL functions keep (web searches reserved at admission and
+reconciled at settle, a real record superseding a recovered estimate: migration
+0011 there) are kept here in Python, in the same transaction.
 """
 
 from __future__ import annotations
@@ -50,11 +54,13 @@ from gateway.storage.base import (
     User,
     UserSort,
     UserSummary,
+    WebSearch,
     alerts_with_deliveries,
     crossed,
     decide,
     delivery,
     model_usage,
+    web_search_left,
 )
 
 T = TypeVar("T")
@@ -231,17 +237,105 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]
     return result
 
 
-def _claim(conn: sqlite3.Connection, pending_id: str | None, lease_id: str | None) -> bool:
-    """Remove an answer's pending row and release its lease; False when the row
-    was already gone (settled, refunded or recovered: the answer is accounted for)."""
-    claimed = True
+def _claim(
+    conn: sqlite3.Connection, pending_id: str | None, lease_id: str | None
+) -> tuple[str, int] | None:
+    """Remove an answer's pending row and release its lease. Returns the row's day
+    and the web searches reserved with it - (day, 0) when no pending row is named -
+    or None when the row was already gone (settled, refunded or recovered: the
+    answer is accounted for)."""
+    claimed: tuple[str, int] | None = ("", 0)
     if pending_id is not None:
-        claimed = (
-            conn.execute("DELETE FROM pending_answers WHERE id = ?", (pending_id,)).rowcount > 0
-        )
+        claimed = conn.execute(
+            "DELETE FROM pending_answers WHERE id = ? RETURNING day, web_searches", (pending_id,)
+        ).fetchone()
     if lease_id is not None:
         conn.execute("DELETE FROM stream_leases WHERE id = ?", (lease_id,))
-    return claimed
+    return (claimed[0], claimed[1]) if claimed is not None else None
+
+
+def _give_back_web_searches(conn: sqlite3.Connection, user_id: str, day: str, count: int) -> None:
+    """Take the web searches reserved at admission off the day row (the settle
+    adds what the answer used instead)."""
+    if count:
+        conn.execute(
+            "UPDATE usage_daily SET web_searches = max(web_searches - ?, 0) "
+            "WHERE user_id = ? AND day = ?",
+            (count, user_id, day),
+        )
+
+
+def _supersede(conn: sqlite3.Connection, pending_id: str, event: UsageEvent) -> bool:
+    """The answer's real record replaces the estimate a recovery charged for its
+    pending row (docs/quotas.md, "Crash safety"): the ledger row takes the real
+    figures and the day row and lifetime totals move by the difference. False,
+    changing nothing, when there is no such estimate (it was superseded already,
+    or the row was settled or refunded) or the real answer id is in the ledger
+    under another row."""
+    old = conn.execute(
+        "SELECT answer_id, day, prompt_tokens, completion_tokens, total_tokens, cost, "
+        "web_searches FROM usage_events WHERE answer_id = ? AND outcome = 'recovered' "
+        "AND request_id = ? AND user_id = ?",
+        (f"gw-{pending_id}", pending_id, event.user_id),
+    ).fetchone()
+    if old is None:
+        return False
+    if (
+        event.answer_id != old[0]
+        and conn.execute(
+            "SELECT 1 FROM usage_events WHERE answer_id = ?", (event.answer_id,)
+        ).fetchone()
+        is not None
+    ):
+        return False
+    cost = Decimal(event.cost)
+    conn.execute(
+        "UPDATE usage_events SET answer_id = ?, created_at = ?, endpoint = ?, "
+        "prompt_tokens = ?, completion_tokens = ?, total_tokens = ?, cost = ?, currency = ?, "
+        "outcome = ?, estimated = ?, web_searches = ?, conversation_id = ?, request_id = ?, "
+        "upstream_latency_ms = ?, overhead_ms = ?, model = ?, cached_tokens = ?, "
+        "reasoning_tokens = ? WHERE answer_id = ?",
+        (
+            event.answer_id,
+            _ts(event.created_at),
+            event.endpoint,
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.total_tokens,
+            str(cost),
+            event.currency,
+            event.outcome,
+            int(event.estimated),
+            event.web_searches,
+            event.conversation_id,
+            event.request_id,
+            event.upstream_latency_ms,
+            event.overhead_ms,
+            event.model,
+            event.cached_tokens,
+            event.reasoning_tokens,
+            old[0],
+        ),
+    )
+    prompt = event.prompt_tokens - old[2]
+    completion = event.completion_tokens - old[3]
+    total = event.total_tokens - old[4]
+    cost_delta = str(cost - Decimal(old[5]))
+    # The estimate was counted on the day the answer was asked (the row's day).
+    conn.execute(
+        "UPDATE usage_daily SET web_searches = max(web_searches + ?, 0), "
+        "prompt_tokens = prompt_tokens + ?, completion_tokens = completion_tokens + ?, "
+        "total_tokens = total_tokens + ?, cost = dec_add(cost, ?) WHERE user_id = ? AND day = ?",
+        (event.web_searches - old[6], prompt, completion, total, cost_delta, event.user_id, old[1]),
+    )
+    conn.execute(
+        "UPDATE users SET lifetime_prompt_tokens = lifetime_prompt_tokens + ?, "
+        "lifetime_completion_tokens = lifetime_completion_tokens + ?, "
+        "lifetime_tokens = lifetime_tokens + ?, lifetime_cost = dec_add(lifetime_cost, ?) "
+        "WHERE id = ?",
+        (prompt, completion, total, cost_delta, event.user_id),
+    )
+    return True
 
 
 def _record(conn: sqlite3.Connection, event: UsageEvent) -> bool:
@@ -556,6 +650,7 @@ class SQLiteStorage:
         lease: Lease | None = None,
         advanced_rag: bool = False,
         pending: Pending | None = None,
+        web_search: WebSearch | None = None,
     ) -> Admission:
         today = day.isoformat()
 
@@ -588,14 +683,17 @@ class SQLiteStorage:
                 web_searches_today=row[2],
                 open_streams=streams,
             )
-            refused = decide(counters, limits)
+            refused = decide(counters, limits, web_search)
             if refused is not None:
                 return Admission(admitted=False, refused_by=refused, counters=counters)
+            searches = int(web_search_left(counters, web_search))
             conn.execute(
-                "INSERT INTO usage_daily (user_id, day, queries, advanced_rag) VALUES (?, ?, 1, ?) "
+                "INSERT INTO usage_daily (user_id, day, queries, advanced_rag, web_searches) "
+                "VALUES (?, ?, 1, ?, ?) "
                 "ON CONFLICT (user_id, day) DO UPDATE SET queries = queries + 1, "
-                "advanced_rag = advanced_rag + excluded.advanced_rag",
-                (user_id, today, int(advanced_rag)),
+                "advanced_rag = advanced_rag + excluded.advanced_rag, "
+                "web_searches = web_searches + excluded.web_searches",
+                (user_id, today, int(advanced_rag), searches),
             )
             if lease is not None:
                 conn.execute(
@@ -607,8 +705,8 @@ class SQLiteStorage:
                 # In the same transaction: an admitted answer is never unrecorded.
                 conn.execute(
                     "INSERT INTO pending_answers (id, user_id, day, created_at, endpoint, "
-                    "prompt_tokens, completion_tokens, total_tokens, cost, currency) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "prompt_tokens, completion_tokens, total_tokens, cost, currency, "
+                    "web_searches) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         pending.id,
                         user_id,
@@ -620,14 +718,19 @@ class SQLiteStorage:
                         pending.total_tokens,
                         str(pending.cost),
                         pending.currency,
+                        searches,
                     ),
                 )
             return Admission(
                 admitted=True,
                 refused_by=None,
                 counters=replace(
-                    counters, queries_today=counters.queries_today + 1, open_streams=streams
+                    counters,
+                    queries_today=counters.queries_today + 1,
+                    web_searches_today=counters.web_searches_today + searches,
+                    open_streams=streams,
                 ),
+                web_search_reserved=bool(searches),
             )
 
         return await self._tx(run)
@@ -672,13 +775,14 @@ class SQLiteStorage:
     ) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
             claimed = _claim(conn, pending_id, lease_id)
-            if claimed:
+            if claimed is not None:
                 conn.execute(
                     "UPDATE usage_daily SET queries = queries - 1 "
                     "WHERE user_id = ? AND day = ? AND queries > 0",
                     (user_id, day.isoformat()),
                 )
-            return claimed
+                _give_back_web_searches(conn, user_id, claimed[0], claimed[1])
+            return claimed is not None
 
         return await self._tx(run)
 
@@ -691,7 +795,17 @@ class SQLiteStorage:
         alerts: AlertRequest | None = None,
     ) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
-            if not (_claim(conn, pending_id, lease_id) and _record(conn, event)):
+            claimed = _claim(conn, pending_id, lease_id)
+            if claimed is None:
+                # Gone: settled or refunded (nothing to do), or recovered as an
+                # estimate, which this real record supersedes.
+                assert pending_id is not None
+                recorded = _supersede(conn, pending_id, event)
+            else:
+                recorded = _record(conn, event)
+                # Whether or not the answer id was new, the reservation ends here.
+                _give_back_web_searches(conn, event.user_id, claimed[0], claimed[1])
+            if not recorded:
                 return False
             if alerts is not None and alerts.checks:
                 _record_crossings(conn, event, alerts)
@@ -705,13 +819,14 @@ class SQLiteStorage:
             # removed is simply not there for the next.
             rows = conn.execute(
                 "SELECT id, user_id, day, endpoint, prompt_tokens, completion_tokens, "
-                "total_tokens, cost, currency FROM pending_answers WHERE created_at < ? "
+                "total_tokens, cost, currency, web_searches FROM pending_answers "
+                "WHERE created_at < ? "
                 "ORDER BY created_at LIMIT ?",
                 (_ts(before), limit),
             ).fetchall()
             for row in rows:
                 _claim(conn, row[0], row[0])
-                _record(
+                recorded = _record(
                     conn,
                     UsageEvent(
                         answer_id=f"gw-{row[0]}",
@@ -729,6 +844,14 @@ class SQLiteStorage:
                         request_id=row[0],
                     ),
                 )
+                if recorded and row[9]:
+                    # A web search reserved stays spent, like the query (the answer
+                    # may have searched): the day row has it already, the ledger
+                    # row now says so too, so a superseding record can correct it.
+                    conn.execute(
+                        "UPDATE usage_events SET web_searches = ? WHERE answer_id = ?",
+                        (row[9], f"gw-{row[0]}"),
+                    )
             return [row[0] for row in rows]
 
         return await self._tx(run)
@@ -883,3 +1006,14 @@ class SQLiteStorage:
                 for row in conn.execute(_USAGE_BY_MODEL, params).fetchall()
             ]
         )
+
+    # --- ownership (issue 20, default deny) ---
+
+    async def answer_owner(self, answer_id: str) -> str | None:
+        # answer_id is UNIQUE (0001_init.sql): one index probe.
+        row = await self._run(
+            lambda conn: conn.execute(
+                "SELECT user_id FROM usage_events WHERE answer_id = ?", (answer_id,)
+            ).fetchone()
+        )
+        return None if row is None else str(row[0])

@@ -632,6 +632,11 @@ def _user(value: object) -> str:
     return value
 
 
+_SIDE_CALLS: Final = frozenset(
+    {"suggested", "rename", "text_to_audio", "audio_to_text", "form_submit", "workflow_logs"}
+)
+
+
 def _strip_v1(path: str) -> str:
     return path[3:] if path.startswith("/v1/") else path
 
@@ -647,6 +652,16 @@ _ROUTES: Final = (
     ("GET", re.compile(r"/conversations"), "conversations"),
     ("GET", re.compile(r"/messages"), "messages"),
     ("GET", re.compile(r"/parameters"), "parameters"),
+    # Side calls Dify bills to the app's model provider (docs/upstreams/dify.md).
+    ("GET", re.compile(r"/messages/(?P<message>[^/]+)/suggested"), "suggested"),
+    ("POST", re.compile(r"/conversations/(?P<conversation>[^/]+)/name"), "rename"),
+    ("POST", re.compile(r"/text-to-audio"), "text_to_audio"),
+    ("POST", re.compile(r"/audio-to-text"), "audio_to_text"),
+    # Human input: a paused run resumes on the form's submit; its events stream on.
+    ("POST", re.compile(r"/form/human_input/(?P<token>[^/]+)"), "form_submit"),
+    ("GET", re.compile(r"/workflow/(?P<task>[^/]+)/events"), "resume_events"),
+    # An operator endpoint: every end user's runs.
+    ("GET", re.compile(r"/workflows/logs"), "workflow_logs"),
     ("GET", re.compile(r"/meta"), "meta"),
     ("GET", re.compile(r"/info"), "info"),
 )
@@ -720,6 +735,10 @@ class FakeDify:
         self.upload_fields: list[dict[str, str]] = []  # the form fields beside the file
         self.holding = 0  # "hold" answers waiting on `release` right now
         self.conversations: list[JSON] = _default_conversations()
+        self.submitted_forms: list[tuple[str, str]] = []  # (form token, user)
+        # What a resumed run's workflow_finished adds to the resumed nodes' tokens:
+        # Dify reports the whole run's total there, the part before the pause included.
+        self.paused_tokens = 300
         self.messages: list[JSON] = _default_messages()
         self._running: dict[str, _Run] = {}
         self._release: asyncio.Event | None = None
@@ -868,6 +887,10 @@ class FakeDify:
             await self._conversations(query, send)
         elif kind == "messages":
             await self._messages(query, send)
+        elif kind in _SIDE_CALLS:
+            await self._side_call(kind, params, headers, query, body, send)
+        elif kind == "resume_events":
+            await self._resume_events(params["task"], headers, query, send)
         else:
             static = {"parameters": _PARAMETERS, "meta": _META, "info": _INFO}[kind]
             await _send_json(send, 200, static)
@@ -1189,6 +1212,100 @@ class FakeDify:
             "preview_url": None,
         }
         await _send_json(send, 201, orjson.dumps(info))
+
+    async def _side_call(
+        self,
+        kind: str,
+        params: dict[str, str],
+        headers: dict[str, str],
+        query: dict[str, str],
+        body: Any,
+        send: Send,
+    ) -> None:
+        """The small paid calls and the form submit: each answers at once (or after
+        ``x-fake-delay-ms``)."""
+        if "x-fake-delay-ms" in headers:
+            await asyncio.sleep(float(headers["x-fake-delay-ms"]) / 1000)
+        if kind == "suggested":
+            _user(query.get("user"))
+            payload: JSON = {"result": "success", "data": ["Bạn là ai?", "Còn gì nữa?"]}
+        elif kind == "audio_to_text":
+            # Multipart with a form user (not parsed here: the body was recorded).
+            payload = {"text": "Xin chào"}
+        elif kind == "workflow_logs":
+            payload = {"page": 1, "limit": 20, "total": 0, "has_more": False, "data": []}
+        else:
+            if not isinstance(body, dict):
+                raise _HttpError(400, "invalid_param", "The request body must be a JSON object.")
+            user = _user(body.get("user")) if kind == "form_submit" else body.get("user")
+            if kind == "rename":
+                name = "Cuộc trò chuyện mới" if body.get("auto_generate") else body.get("name")
+                payload = {"id": params["conversation"], "name": name, "status": "normal"}
+            elif kind == "form_submit":
+                self.submitted_forms.append((params["token"], str(user)))
+                payload = {}
+            else:  # text_to_audio: Dify answers audio bytes
+                audio = b"ID3fake-mp3"
+                headers_out = _headers(((b"content-type", b"audio/mpeg"),), len(audio))
+                await send({"type": "http.response.start", "status": 200, "headers": headers_out})
+                await send({"type": "http.response.body", "body": audio, "more_body": False})
+                return
+        await _send_json(send, 200, orjson.dumps(payload))
+
+    async def _resume_events(
+        self, task: str, headers: dict[str, str], query: dict[str, str], send: Send
+    ) -> None:
+        """A resumed run's events: one more LLM node, then workflow_finished with the
+        whole run's total (``paused_tokens`` more than this stream's nodes)."""
+        _user(query.get("user"))
+        usage = self._usage_for(headers)
+        envelope = {"task_id": task, "workflow_run_id": task}
+        node = {
+            "id": "exec-2",
+            "node_id": "llm_after",
+            "node_type": "llm",
+            "title": "LLM",
+            "index": 3,
+        }
+        events: list[JSON] = [
+            envelope | {"event": "node_started", "data": node},
+            envelope | {"event": "text_chunk", "data": {"text": "Đã duyệt."}},
+            envelope
+            | {
+                "event": "node_finished",
+                "data": node
+                | {
+                    "status": "succeeded",
+                    "outputs": {
+                        "text": "Đã duyệt.",
+                        "usage": usage.to_json(latency=0.1, first_token=None),
+                    },
+                    "execution_metadata": {
+                        "total_tokens": usage.total_tokens,
+                        "total_price": str(usage.total_price),
+                        "currency": usage.currency,
+                    },
+                },
+            },
+            envelope
+            | {
+                "event": "workflow_finished",
+                "data": {
+                    "id": task,
+                    "status": "succeeded",
+                    "outputs": {"answer": "Đã duyệt."},
+                    "total_tokens": usage.total_tokens + self.paused_tokens,
+                    "total_steps": 4,
+                },
+            },
+        ]
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": _headers(_SSE_HEADERS)}
+        )
+        for event in events:
+            frame = b"data: " + orjson.dumps(event) + b"\n\n"
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _conversations(self, query: dict[str, str], send: Send) -> None:
         _user(query.get("user"))

@@ -9,11 +9,17 @@ uses it for one request:
 ``route(method, path) -> Route``
     Classifies a request (``path`` is relative to the API base, e.g.
     "/chat-messages"). Which kinds of route exist is the dialect's business: the
-    proxy only reads the route's roles (``produces_answer``: metered and
-    admitted; ``is_history``: a page filtered to the plan's history window;
-    ``is_upload``: a file held to the plan's file size and counted), its
-    ``kind`` (a label for metrics and logs) and its ``name`` (the endpoint as
-    the ledger records it).
+    proxy only reads the route's ``role`` (see ``Role``: answer, side_cost,
+    scoped, passthrough, operator, unknown - default deny: a route the dialect
+    does not declare is refused), ``is_history`` (a page filtered to the plan's
+    history window), ``is_upload`` (a file held to the plan's file size and
+    counted), ``call`` (a side cost's price name), ``owned_answer`` (the answer
+    the ledger must show is the caller's), its ``kind`` (a label for metrics
+    and logs) and its ``name`` (the endpoint as the ledger records it).
+
+``refine(route, body) -> Route``
+    For a route whose role the body decides (``by_body``), the route once the
+    JSON body is read.
 
 ``prepare(route, body, query, user_id, *, method, request_id) -> Prepared``
     Puts the authenticated end user where this API reads it: into the parsed
@@ -62,12 +68,29 @@ uses it for one request:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from gateway.sse import ServerSentEvent
 from gateway.usage import Metered
 
 Headers = list[tuple[bytes, bytes]]
+
+
+# What the gateway does with a route (docs/security.md, "Roles"). Closed: a route
+# the dialect does not know is "unknown", and the proxy refuses it.
+#   answer       a metered answer: admitted, forwarded, metered from the upstream's
+#                own report, settled
+#   side_cost    a paid call priced per use (``call`` names its [call_prices] entry):
+#                admitted like an answer and settled at that price; refused when the
+#                price is not configured
+#   scoped       a read or write the upstream confines to the caller's own objects
+#                (the gateway sets the user), or whose object the ledger shows is the
+#                caller's (``owned_answer``)
+#   passthrough  harmless for anyone to call: forwarded unmetered
+#   operator     for the operator only (it reads or changes every user's data, or
+#                spends money the gateway cannot meter): refused 403
+#   unknown      not in the dialect's table: refused 404
+Role = Literal["answer", "side_cost", "scoped", "passthrough", "operator", "unknown"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +99,26 @@ class Route:
 
     kind: str  # a label for metrics and logs, e.g. "chat"
     name: str  # the endpoint as the ledger records it, e.g. "chat-messages"
-    produces_answer: bool = False  # a billable answer: admitted, metered, settled
+    role: Role = "unknown"
     is_history: bool = False  # a history page, filtered to the plan's window
     is_upload: bool = False  # a file upload, held to the plan's file size and counted
+    # side_cost: the [call_prices."NAME"] entry that prices one call
+    call: str | None = None
+    # scoped: the upstream object (an answer's id) the ledger must show is the caller's
+    owned_answer: str | None = None
+    # The body decides the role (e.g. a rename that asks Dify to generate the name):
+    # the proxy asks the dialect's ``refine`` once the JSON body is read.
+    by_body: bool = False
+
+    @property
+    def produces_answer(self) -> bool:
+        """A billable answer: admitted, metered, settled."""
+        return self.role == "answer"
+
+    @property
+    def admitted(self) -> bool:
+        """Reserved through admission before it is forwarded (answers and side costs)."""
+        return self.role == "answer" or self.role == "side_cost"
 
 
 @dataclass(slots=True)
@@ -152,6 +192,10 @@ class Upstream(Protocol):
 
     def route(self, method: str, path: str) -> Route:
         """Classify a request; ``path`` is relative to the API base, e.g. "/chat-messages"."""
+        ...
+
+    def refine(self, route: Route, body: dict[str, Any] | None) -> Route:
+        """The route once its JSON body is known; called only for ``route.by_body``."""
         ...
 
     def prepare(

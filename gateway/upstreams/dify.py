@@ -14,8 +14,10 @@ import orjson
 
 from gateway.http import with_param
 from gateway.sse import ServerSentEvent
+from gateway.upstreams import dify_routes
 from gateway.upstreams.base import Prepared, Route
 from gateway.upstreams.dify_history import filter_conversations, filter_messages
+from gateway.upstreams.dify_resume import ResumeMeter, without_snapshot
 from gateway.usage import (
     ZERO,
     FieldReader,
@@ -34,36 +36,18 @@ __all__ = ["DifyStreamMeter", "DifyUpstream"]
 
 # --- routes ------------------------------------------------------------------------------
 
-CHAT: Final = Route("chat", "chat-messages", produces_answer=True)  # chat, agent, chatflow
-COMPLETION: Final = Route("completion", "completion-messages", produces_answer=True)
-WORKFLOW: Final = Route("workflow", "workflows/run", produces_answer=True)
-UPLOAD: Final = Route("upload", "files/upload", is_upload=True)
-CONVERSATIONS: Final = Route("conversations", "conversations", is_history=True)
-MESSAGES: Final = Route("messages", "messages", is_history=True)
+# The route table lives in dify_routes.py (default deny, issue 20); the names the
+# rest of this module and its tests use are re-exported here.
+CHAT: Final = dify_routes.CHAT
+COMPLETION: Final = dify_routes.COMPLETION
+WORKFLOW: Final = dify_routes.WORKFLOW
+UPLOAD: Final = dify_routes.UPLOAD
+CONVERSATIONS: Final = dify_routes.CONVERSATIONS
+MESSAGES: Final = dify_routes.MESSAGES
 
 # Module-level so tests can count parses by patching it; looked up at call time.
 _loads = orjson.loads
 
-# --- routing ---------------------------------------------------------------------------
-
-# Keyed by (method, path without surrounding slashes). ASGI methods are upper case.
-_EXACT_ROUTES: Final[dict[tuple[str, str], Route]] = {
-    ("POST", "chat-messages"): CHAT,
-    ("POST", "completion-messages"): COMPLETION,
-    ("POST", "workflows/run"): WORKFLOW,
-    ("POST", "files/upload"): UPLOAD,
-    ("GET", "conversations"): CONVERSATIONS,
-    ("GET", "messages"): MESSAGES,
-}
-_STOP_PATH: Final = re.compile(r"(chat-messages|completion-messages|workflows/tasks)/[^/]+/stop")
-# The ledger names stop calls without the task id, so they aggregate.
-_STOP_ROUTES: Final[dict[str, Route]] = {
-    prefix: Route("stop", f"{prefix}/stop")
-    for prefix in ("chat-messages", "completion-messages", "workflows/tasks")
-}
-# POST /workflows/{workflow_id}/run runs a specific published version (dify.md).
-_WORKFLOW_RUN_PATH: Final = re.compile(r"workflows/[^/]+/run")
-_WORKFLOW_RUN: Final = WORKFLOW
 # Dify reads the user from the query string of requests without a body (dify.md).
 _QUERY_USER_METHODS: Final = frozenset({"GET", "HEAD", "DELETE"})
 
@@ -474,17 +458,12 @@ class DifyUpstream:
         """Dify needs no settings of its own: it reports usage with its price."""
 
     def route(self, method: str, path: str) -> Route:
-        key = path.strip("/")
-        route = _EXACT_ROUTES.get((method, key))
-        if route is not None:
-            return route
-        if method == "POST":
-            match = _STOP_PATH.fullmatch(key)
-            if match is not None:
-                return _STOP_ROUTES[match.group(1)]
-            if _WORKFLOW_RUN_PATH.fullmatch(key):
-                return _WORKFLOW_RUN
-        return Route("other", key)
+        return dify_routes.dify_route(method, path)
+
+    def refine(self, route: Route, body: dict[str, Any] | None) -> Route:
+        if route is dify_routes.RENAME and dify_routes.asks_to_generate(body):
+            return dify_routes.AUTO_NAME  # Dify asks the app's model for a title
+        return route
 
     def error_body(self, status: int, code: str, message: str) -> bytes:
         return orjson.dumps({"code": code, "message": message, "status": status})
@@ -507,6 +486,8 @@ class DifyUpstream:
         # Requests without a body name the user in the query; any other request
         # that names one there gets it replaced, in whatever spelling it was given.
         query = with_param(query, "user", user_id, add=method in _QUERY_USER_METHODS)
+        if route is dify_routes.RESUME_EVENTS:
+            query = without_snapshot(query)
         # Dify accepts the request id as its trace id (1-128 of [A-Za-z0-9_-]), so
         # its logs and the gateway's name the same request.
         return Prepared(body, query, [(b"x-trace-id", request_id.encode())])
@@ -528,9 +509,13 @@ class DifyUpstream:
         """A hint only: Dify streams when ``response_mode`` is "streaming", but agent
         apps stream whatever was asked (dify.md), and the gateway cannot know the app
         type. The proxy core decides from the response's Content-Type."""
+        if route is dify_routes.RESUME_EVENTS:
+            return True  # an event stream whatever was asked (dify.md, "Human input")
         return body.get("response_mode") == "streaming"
 
-    def stream_meter(self, route: Route, body: dict[str, Any]) -> DifyStreamMeter:
+    def stream_meter(self, route: Route, body: dict[str, Any]) -> DifyStreamMeter | ResumeMeter:
+        if route is dify_routes.RESUME_EVENTS:
+            return ResumeMeter(_node_usage)  # only the work after the pause (dify_resume.py)
         return DifyStreamMeter(route, body)
 
     def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:

@@ -11,6 +11,7 @@ import pytest
 from gateway.config import DatabaseConfig
 from gateway.errors import NotFound
 from gateway.storage import (
+    Admission,
     AdmissionLimits,
     AlertCheck,
     AlertRequest,
@@ -19,6 +20,7 @@ from gateway.storage import (
     Pending,
     Storage,
     UsageEvent,
+    WebSearch,
     migrations,
     open_storage,
 )
@@ -653,8 +655,8 @@ async def test_recovery_charges_the_admission_estimate_and_keeps_the_query(
     )
     assert recovered.request_id == "r1" and recovered.created_at == LATER
     assert await storage.open_streams("alice", now=NOW) == 0  # its lease went with it
-    # The late settle and a late refund of the same answer change nothing.
-    assert not await storage.settle(event("m1", tokens=100), lease_id="r1", pending_id="r1")
+    # A late refund of the same answer changes nothing (a late settle supersedes
+    # the estimate: see test_a_real_record_supersedes_a_recovered_estimate_once).
     assert not await storage.refund("alice", day=DAY, lease_id="r1", pending_id="r1")
     (row,) = await storage.daily(DAY, DAY)
     assert (row.queries, row.total_tokens) == (1, 25)  # the query stays spent
@@ -708,7 +710,8 @@ async def test_recoveries_racing_late_settles_count_each_answer_once(
     storage: Storage, database_url: str
 ) -> None:
     """Two replicas recover while the answers' own settles arrive: every answer
-    ends up in the ledger exactly once, as its settle or as its estimate."""
+    ends up in the ledger exactly once, with its real figures - its settle came
+    first, or superseded the estimate a recovery charged."""
     await storage.ensure_user("alice", plan="free")
     await storage.ensure_user("bob", plan="free")
     count = 30
@@ -748,13 +751,12 @@ async def test_recoveries_racing_late_settles_count_each_answer_once(
     settled = sum(1 for r in results if r is True)
     recovered = [pid for r in results if isinstance(r, list) for pid in r]
     assert len(recovered) == len(set(recovered))  # no answer recovered twice
-    assert settled + len(recovered) == count
+    assert settled == count  # each settle recorded its answer, or superseded the estimate
     events = await all_events(storage)
-    assert len(events) == count
-    for i in range(count):
-        ids = {e.answer_id for e in events} & {f"m{i}", f"gw-r{i}"}
-        assert len(ids) == 1
+    assert sorted(e.answer_id for e in events) == sorted(f"m{i}" for i in range(count))
+    assert {(e.total_tokens, e.outcome, e.estimated) for e in events} == {(100, "complete", False)}
     tokens = sum(e.total_tokens for e in events)
+    assert tokens == 100 * count
     users = [await storage.get_user(u) for u in ("alice", "bob")]
     assert sum(u.lifetime_tokens for u in users if u is not None) == tokens
     assert sum(row.total_tokens for row in await storage.daily(DAY, DAY)) == tokens
@@ -796,37 +798,370 @@ async def test_a_settle_claims_records_the_model_and_decides_alerts_together_onc
     assert not await storage.settle(answer, lease_id="r1", pending_id="r1", alerts=alerts)
     again = event("m9", tokens=600, model="o3")
     assert not await storage.settle(again, lease_id="r1", pending_id="r1", alerts=alerts)
-    # r2 is recovered as its estimate; its late settle, which would cross 100%,
-    # records neither the answer nor a crossing.
+    # r2 is recovered as its estimate (no alert check); its late settle
+    # supersedes the estimate, with its model, and crosses 100% on the real totals.
     assert await storage.recover(before=LATER, now=LATER) == ["r2"]
+    assert len(await storage.list_alerts()) == 1
     late = event("m2", tokens=500, model="o3", reasoning_tokens=5)
+    assert await storage.settle(late, lease_id="r2", pending_id="r2", alerts=alerts)
     assert not await storage.settle(late, lease_id="r2", pending_id="r2", alerts=alerts)
 
     events = {e.answer_id: e for e in await all_events(storage)}
-    assert sorted(events) == ["gw-r2", "m1"]
+    assert sorted(events) == ["m1", "m2"]
     settled = events["m1"]
     assert (settled.model, settled.cached_tokens, settled.reasoning_tokens) == ("o3", 100, 50)
     assert (settled.total_tokens, settled.outcome, settled.estimated) == (600, "complete", False)
-    recovered = events["gw-r2"]
-    assert (recovered.model, recovered.cached_tokens, recovered.reasoning_tokens) == (None, 0, 0)
+    superseded = events["m2"]
+    assert (superseded.model, superseded.cached_tokens, superseded.reasoning_tokens) == (
+        "o3",
+        0,
+        5,
+    )
+    assert (superseded.total_tokens, superseded.outcome, superseded.estimated) == (
+        500,
+        "complete",
+        False,
+    )
     assert await storage.open_streams("alice", now=NOW) == 0
     (row,) = await storage.daily(DAY, DAY)
-    assert (row.queries, row.total_tokens) == (2, 625)
+    assert (row.queries, row.total_tokens) == (2, 1100)
     user = await storage.get_user("alice")
-    assert user is not None and user.lifetime_tokens == 625
+    assert user is not None and user.lifetime_tokens == 1100
     assert [
         (m.model, m.answers, m.reasoning_tokens)
         for m in await storage.usage_by_model("alice", start=DAY, end=DAY)
-    ] == [("o3", 1, 50), (None, 1, 0)]
-    (alert,) = await storage.list_alerts()
-    assert (alert.crossing.limit, alert.crossing.threshold, alert.crossing.used) == (
-        "tokens_per_day",
-        50,
-        600,
-    )
-    assert [(d.channel, d.status) for d in alert.deliveries] == [
+    ] == [("o3", 2, 55)]
+    alerts_found = sorted(await storage.list_alerts(), key=lambda a: a.crossing.threshold)
+    assert [(a.crossing.limit, a.crossing.threshold, a.crossing.used) for a in alerts_found] == [
+        ("tokens_per_day", 50, 600),
+        ("tokens_per_day", 100, 1100),
+    ]
+    assert [(d.channel, d.status) for d in alerts_found[0].deliveries] == [
         ("email", "pending"),
         ("webhook", "pending"),
     ]
     claimed = await storage.claim_outbox(now=NOW, claim_until=LATER, limit=10)
-    assert sorted(i.channel for i in claimed) == ["email", "webhook"]
+    assert sorted(i.channel for i in claimed) == ["email", "email", "webhook", "webhook"]
+
+
+# --- web searches reserved at admission (issue 20) -----------------------------------
+
+
+async def admit_web(
+    storage: Storage,
+    name: str,
+    *,
+    limit: int | None = 1,
+    when_exhausted: str = "refuse",
+    user: str = "alice",
+    queries: int | None = 1000,
+) -> Admission:
+    return await storage.admit(
+        user,
+        day=DAY,
+        month_start=MONTH,
+        now=NOW,
+        limits=AdmissionLimits(queries_per_day=queries),
+        pending=pending(name),
+        web_search=WebSearch(limit, when_exhausted),  # type: ignore[arg-type]
+    )
+
+
+async def day_row(storage: Storage, user: str = "alice") -> tuple[int, int, int]:
+    rows = [r for r in await storage.daily(DAY, DAY) if r.user_id == user]
+    return (rows[0].queries, rows[0].web_searches, rows[0].total_tokens) if rows else (0, 0, 0)
+
+
+async def test_admission_reserves_a_web_search_in_its_atomic_step(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    first = await admit_web(storage, "r1", limit=2)
+    assert first.admitted and first.web_search_reserved
+    assert first.counters.web_searches_today == 1
+    second = await admit_web(storage, "r2", limit=2)
+    assert second.web_search_reserved and second.counters.web_searches_today == 2
+    # None left: refused without reserving anything...
+    refused = await admit_web(storage, "r3", limit=2)
+    assert (refused.admitted, refused.refused_by, refused.web_search_reserved) == (
+        False,
+        "web_searches_per_day",
+        False,
+    )
+    assert refused.counters.web_searches_today == 2
+    assert await day_row(storage) == (2, 2, 0)
+    # ...or, in "disable" mode, admitted without one.
+    disabled = await admit_web(storage, "r4", limit=2, when_exhausted="disable")
+    assert disabled.admitted and not disabled.web_search_reserved
+    assert await day_row(storage) == (3, 2, 0)
+    # A request that does not ask reserves none, and is not refused for it.
+    plain = await storage.admit(
+        "alice", day=DAY, month_start=MONTH, now=NOW, limits=AdmissionLimits()
+    )
+    assert plain.admitted and not plain.web_search_reserved
+    # Unlimited: reserved all the same (settle replaces it with what was used).
+    unlimited = await admit_web(storage, "r5", limit=None)
+    assert unlimited.web_search_reserved
+    assert await day_row(storage) == (5, 3, 0)
+
+
+async def test_a_spent_web_search_allowance_refuses_before_the_query_limit(
+    storage: Storage,
+) -> None:
+    await storage.ensure_user("alice", plan="free")
+    assert (await admit_web(storage, "r1", limit=1, queries=1)).admitted
+    refused = await admit_web(storage, "r2", limit=1, queries=1)
+    assert refused.refused_by == "web_searches_per_day"
+    # With a search left, the query limit refuses, and nothing is reserved.
+    refused = await admit_web(storage, "r3", limit=5, queries=1)
+    assert refused.refused_by == "queries_per_day" and not refused.web_search_reserved
+    assert await day_row(storage) == (1, 1, 0)
+
+
+async def test_settle_replaces_the_web_search_reservation_with_what_was_used(
+    storage: Storage,
+) -> None:
+    await storage.ensure_user("alice", plan="free")
+    for name in ("r1", "r2", "r3"):
+        assert (await admit_web(storage, name, limit=None)).web_search_reserved
+    assert await day_row(storage) == (3, 3, 0)
+    # Asked, but the answer did not search: the reservation goes.
+    assert await storage.settle(event("m1", tokens=10, web_searches=0), pending_id="r1")
+    assert await day_row(storage) == (3, 2, 10)
+    # Searched: the reservation becomes the count.
+    assert await storage.settle(event("m2", tokens=10, web_searches=1), pending_id="r2")
+    assert await day_row(storage) == (3, 2, 20)
+    # Retried: nothing more.
+    assert not await storage.settle(event("m2", tokens=10, web_searches=1), pending_id="r2")
+    # A settle under an answer id already recorded still ends the reservation.
+    assert not await storage.settle(event("m2", tokens=10, web_searches=1), pending_id="r3")
+    assert await day_row(storage) == (3, 1, 20)
+    # Admitted without a reservation (spent, "disable"), and searched anyway: counted.
+    assert not (
+        await admit_web(storage, "r4", limit=1, when_exhausted="disable")
+    ).web_search_reserved
+    assert await storage.settle(event("m4", tokens=10, web_searches=1), pending_id="r4")
+    assert await day_row(storage) == (4, 2, 30)
+    ledger = {e.answer_id: e.web_searches for e in await all_events(storage)}
+    assert ledger == {"m1": 0, "m2": 1, "m4": 1}
+    assert sum(ledger.values()) == (await day_row(storage))[1]
+
+
+async def test_a_refund_gives_the_web_search_back_and_a_recovery_keeps_it(
+    storage: Storage,
+) -> None:
+    await storage.ensure_user("alice", plan="free")
+    await admit_web(storage, "r1", limit=2)
+    await admit_web(storage, "r2", limit=2)
+    assert await storage.refund("alice", day=DAY, pending_id="r1")
+    assert not await storage.refund("alice", day=DAY, pending_id="r1")  # once
+    assert await day_row(storage) == (1, 1, 0)
+    assert (await admit_web(storage, "r3", limit=2)).web_search_reserved  # given back
+    assert await storage.recover(before=LATER, now=LATER) == ["r2", "r3"]
+    # Spent, like the query: the ledger rows say so, as the day row does.
+    assert await day_row(storage) == (2, 2, 50)
+    assert {e.answer_id: e.web_searches for e in await all_events(storage)} == {
+        "gw-r2": 1,
+        "gw-r3": 1,
+    }
+
+
+async def test_parallel_admissions_reserve_the_last_web_search_once(
+    storage: Storage, database_url: str
+) -> None:
+    """The attack of issue 20: 20 parallel requests with one search left ran 20
+    searches. Through two stores (two replicas): exactly one gets it."""
+    for mode in ("refuse", "disable"):
+        await storage.ensure_user(mode, plan="free")
+        await admit_web(storage, f"{mode}-a", limit=3, user=mode)
+        await admit_web(storage, f"{mode}-b", limit=3, user=mode)  # 2 of 3 used: 1 left
+        first, second = await _two_stores(database_url)
+        try:
+            results = await asyncio.gather(
+                *(
+                    admit_web(
+                        first if i % 2 else second,
+                        f"{mode}{i}",
+                        limit=3,
+                        when_exhausted=mode,
+                        user=mode,
+                    )
+                    for i in range(20)
+                )
+            )
+        finally:
+            await first.close()
+            await second.close()
+        assert sum(r.web_search_reserved for r in results) == 1
+        if mode == "refuse":
+            assert sum(r.admitted for r in results) == 1
+            assert {r.refused_by for r in results if not r.admitted} == {"web_searches_per_day"}
+            assert await day_row(storage, mode) == (3, 3, 0)
+        else:
+            assert all(r.admitted for r in results)  # the others without web search
+            assert await day_row(storage, mode) == (22, 3, 0)
+
+
+# --- a real record supersedes a recovered estimate (issue 20) -------------------------
+
+
+async def test_a_real_record_supersedes_a_recovered_estimate_once(storage: Storage) -> None:
+    """A record spooled through a long outage, replayed after a recovery charged
+    its pending row the prompt-only estimate: the real usage wins, once."""
+    await storage.ensure_user("alice", plan="free")
+    await admit_web(storage, "r1", limit=5)  # asks for web search: one reserved
+    await admit_pending(storage, "r2", tokens=7)
+    assert await storage.recover(before=LATER, now=LATER) == ["r1", "r2"]
+    assert await day_row(storage) == (2, 1, 32)
+    real = event(
+        "m1",
+        tokens=2336,
+        cost="0.0123",
+        web_searches=0,  # it did not search in the end
+        request_id="r1",
+        model="o3",
+        reasoning_tokens=9,
+        conversation_id="c1",
+        outcome="disconnected",
+    )
+    assert await storage.settle(real, lease_id="r1", pending_id="r1")
+    events = {e.answer_id: e for e in await all_events(storage)}
+    assert sorted(events) == ["gw-r2", "m1"]
+    row = events["m1"]
+    assert (row.total_tokens, row.prompt_tokens, row.completion_tokens, row.cost) == (
+        2336,
+        1752,
+        584,
+        Decimal("0.0123"),
+    )
+    assert (row.outcome, row.estimated, row.web_searches, row.model, row.reasoning_tokens) == (
+        "disconnected",
+        False,
+        0,
+        "o3",
+        9,
+    )
+    assert (row.request_id, row.conversation_id, row.day) == ("r1", "c1", DAY)
+    assert await day_row(storage) == (2, 0, 2336 + 7)
+    (daily,) = await storage.daily(DAY, DAY)
+    assert daily.cost == Decimal("0.0123") + Decimal("0.0000010")
+    assert (daily.prompt_tokens, daily.completion_tokens) == (1752 + 7, 584)
+    user = await storage.get_user("alice")
+    assert user is not None
+    assert (user.lifetime_tokens, user.lifetime_prompt_tokens, user.lifetime_cost) == (
+        2343,
+        1759,
+        Decimal("0.0123") + Decimal("0.0000010"),
+    )
+    # Replayed again, or under another answer id: nothing changes.
+    assert not await storage.settle(real, lease_id="r1", pending_id="r1")
+    other = event("m9", tokens=50, request_id="r1")
+    assert not await storage.settle(other, lease_id="r1", pending_id="r1")
+    assert await day_row(storage) == (2, 0, 2343)
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 2343
+    assert sorted(e.answer_id for e in await all_events(storage)) == ["gw-r2", "m1"]
+    # Nothing left to recover, nor to refund.
+    assert await storage.recover(before=LATER, now=LATER) == []
+    assert not await storage.refund("alice", day=DAY, pending_id="r1")
+
+
+async def test_a_real_estimate_under_the_gateway_id_supersedes_the_recovered_one(
+    storage: Storage,
+) -> None:
+    """An answer the gateway itself estimated (no upstream id: ``gw-<request
+    id>``, the recovered row's id too) still replaces the prompt-only estimate."""
+    await storage.ensure_user("alice", plan="free")
+    await admit_pending(storage, "r1", tokens=5)
+    assert await storage.recover(before=LATER, now=LATER) == ["r1"]
+    cut = event("gw-r1", tokens=80, outcome="cut", estimated=True, request_id="r1")
+    assert await storage.settle(cut, pending_id="r1")
+    assert not await storage.settle(cut, pending_id="r1")
+    (row,) = await all_events(storage)
+    assert (row.answer_id, row.total_tokens, row.outcome) == ("gw-r1", 80, "cut")
+    assert await day_row(storage) == (1, 0, 80)
+
+
+async def test_recover_after_settle_does_nothing(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    await admit_web(storage, "r1", limit=5)
+    assert await storage.settle(event("m1", tokens=40, web_searches=1), pending_id="r1")
+    assert await storage.recover(before=LATER, now=LATER) == []
+    (row,) = await all_events(storage)
+    assert (row.answer_id, row.total_tokens, row.outcome, row.web_searches) == (
+        "m1",
+        40,
+        "complete",
+        1,
+    )
+    assert await day_row(storage) == (1, 1, 40)
+
+
+async def test_only_the_estimate_of_the_same_request_and_user_is_superseded(
+    storage: Storage,
+) -> None:
+    await storage.ensure_user("alice", plan="free")
+    await storage.ensure_user("bob", plan="free")
+    await admit_pending(storage, "r1", tokens=5)
+    await admit_pending(storage, "r2", tokens=5)
+    assert await storage.recover(before=LATER, now=LATER) == ["r1", "r2"]
+    # Another user's record naming alice's request: not hers to replace.
+    assert not await storage.settle(event("m1", user="bob", tokens=70), pending_id="r1")
+    # A real answer id already in the ledger as another row: the estimate stays.
+    assert await storage.settle(event("m2", tokens=30))
+    assert not await storage.settle(event("m2", tokens=30), pending_id="r2")
+    assert sorted((e.answer_id, e.total_tokens) for e in await all_events(storage)) == [
+        ("gw-r1", 5),
+        ("gw-r2", 5),
+        ("m2", 30),
+    ]
+    assert await day_row(storage) == (2, 0, 40)
+    assert await day_row(storage, "bob") == (0, 0, 0)
+
+
+async def test_racing_replays_of_a_record_supersede_its_estimate_once(
+    storage: Storage, database_url: str
+) -> None:
+    """Two replicas replaying the same spooled records at once, each record
+    several times (on PostgreSQL in batches): each estimate is replaced once."""
+    await storage.ensure_user("alice", plan="free")
+    for i in range(10):
+        await admit_web(storage, f"r{i}", limit=None)
+    assert len(await storage.recover(before=LATER, now=LATER)) == 10
+    assert await day_row(storage) == (10, 10, 250)
+    first, second = await _two_stores(database_url)
+    try:
+        results = await asyncio.gather(
+            *(
+                (first if k % 2 else second).settle(
+                    event(f"m{i}", tokens=100, web_searches=i % 2, request_id=f"r{i}"),
+                    pending_id=f"r{i}",
+                )
+                for k in range(4)
+                for i in range(10)
+            )
+        )
+    finally:
+        await first.close()
+        await second.close()
+    assert sum(results) == 10
+    assert sorted(e.answer_id for e in await all_events(storage)) == sorted(
+        f"m{i}" for i in range(10)
+    )
+    assert await day_row(storage) == (10, 5, 1000)
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 1000
+
+
+# --- ownership (issue 20, default deny) ----------------------------------------------------
+
+
+async def test_answer_owner_names_the_user_whose_ledger_row_it_is(storage: Storage) -> None:
+    await storage.ensure_user("alice", plan="free")
+    await storage.ensure_user("bob", plan="free")
+    assert await storage.settle(event("resp_alice", user="alice"))
+    assert await storage.settle(event("chatcmpl-bob", user="bob"))
+    assert await storage.answer_owner("resp_alice") == "alice"
+    assert await storage.answer_owner("chatcmpl-bob") == "bob"
+    assert await storage.answer_owner("resp_nobody") is None
+    # Exact match only: no pattern or prefix reading of the id.
+    assert await storage.answer_owner("resp_%") is None
+    assert await storage.answer_owner("") is None

@@ -26,6 +26,7 @@ from gateway.storage import (
     Lease,
     Pending,
     UsageEvent,
+    WebSearch,
 )
 from gateway.storage.group import GroupCommit, SplitBatch
 from gateway.storage.postgres import PostgresStorage
@@ -464,6 +465,17 @@ def admission_calls(rng: random.Random, count: int) -> list[dict[str, object]]:
                 "lease": streams is not None,
                 "advanced_rag": rng.random() < 0.3,
                 "now": NOW + timedelta(milliseconds=i),
+                "web_search": rng.choice(
+                    [
+                        None,
+                        None,
+                        WebSearch(None),
+                        WebSearch(1, "refuse"),
+                        WebSearch(2, "refuse"),
+                        WebSearch(1, "disable"),
+                        WebSearch(2, "disable"),
+                    ]
+                ),
             }
         )
     return calls
@@ -480,6 +492,7 @@ async def run_admission(store: PostgresStorage, call: dict[str, object]) -> obje
             now=call["now"],  # type: ignore[arg-type]
             lease=Lease(name, NOW + timedelta(minutes=5)) if call["lease"] else None,
             advanced_rag=bool(call["advanced_rag"]),
+            web_search=call["web_search"],  # type: ignore[arg-type]
             pending=Pending(
                 id=name,
                 endpoint="chat-messages",
@@ -555,7 +568,8 @@ async def run_settle(store: PostgresStorage, call: dict[str, object]) -> object:
 async def scenario(
     dsn: str, seed: int, *, batched: bool, max_batch: int | None = None
 ) -> tuple[list[object], dict[str, object]]:
-    """Earlier usage, one batch of admissions, one of settles - made as batches, or
+    """Earlier usage, one batch of admissions, a recovery of the first ones, one
+    of settles (some superseding the recovered estimates) - made as batches, or
     one by one in the order a batch runs them (user, then position): by default
     through the single functions (max_batch 1), with ``max_batch`` above 1 as
     batches of one."""
@@ -581,15 +595,27 @@ async def scenario(
             for c, a in zip(admissions, admitted, strict=True)
             if isinstance(a, Admission) and a.admitted
         ]
+        # The answers admitted first are taken for lost and charged estimates
+        # (with their web searches); their settles, later, supersede them.
+        await store.recover(before=NOW + timedelta(milliseconds=15), now=NOW + timedelta(hours=1))
         settles = settle_calls(rng, names, 40)  # type: ignore[arg-type]
-        if batched:
-            settled = await asyncio.gather(*(run_settle(store, c) for c in settles))
-        else:
-            order = sorted(range(len(settles)), key=lambda i: (settles[i]["event"].user_id, i))  # type: ignore[attr-defined]
-            done: dict[int, object] = {}
-            for i in order:
-                done[i] = await run_settle(store, settles[i])
-            settled = [done[i] for i in range(len(settles))]
+        # In two rounds: first the settles of answers admitted after the
+        # recovery's bound (batches decided set by set), then the others (a batch
+        # holding a supersede goes through the single function).
+        done: dict[int, object] = {}
+        for late in (True, False):
+            chosen = [
+                i
+                for i, c in enumerate(settles)
+                if (int(str(c["event"].request_id)[1:]) >= 15) is late  # type: ignore[attr-defined]
+            ]
+            if batched:
+                answers = await asyncio.gather(*(run_settle(store, settles[i]) for i in chosen))
+                done.update(zip(chosen, answers, strict=True))
+            else:
+                for i in sorted(chosen, key=lambda i: (settles[i]["event"].user_id, i)):  # type: ignore[attr-defined]
+                    done[i] = await run_settle(store, settles[i])
+        settled = [done[i] for i in range(len(settles))]
     finally:
         await store.close()
     conn = await asyncpg.connect(dsn)
@@ -609,8 +635,12 @@ async def test_a_batch_writes_what_its_calls_one_by_one_would(postgres_dsn: str,
     batched, tables_batched = await scenario(postgres_dsn, seed, batched=True)
     # The scenario exercises what it should: refusals of each kind, settles refused.
     reasons = {r.refused_by for r in one_by_one if isinstance(r, Admission)}
-    assert {"queries_per_day", "max_concurrent_streams", None} <= reasons
+    assert {"queries_per_day", "max_concurrent_streams", "web_searches_per_day", None} <= reasons
     assert False in one_by_one and "not found" in one_by_one
+    assert any(isinstance(r, Admission) and r.web_search_reserved for r in one_by_one)
+    # Recovered estimates superseded by their real records.
+    events = tables_one_by_one["usage_events"]
+    assert any(not row[0].startswith("gw-") and row[6] and int(row[6][1:]) < 15 for row in events)
     assert batched == one_by_one
     for name in TABLE_ROWS.keys() - {"notifications", "alert_outbox"}:
         assert tables_batched[name] == tables_one_by_one[name], name

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from gateway.sse import ServerSentEvent
-from gateway.upstreams import dify, get_upstream
+from gateway.upstreams import dify, dify_routes, get_upstream
 from gateway.upstreams.base import Route
 from gateway.upstreams.dify import DifyStreamMeter, DifyUpstream
 from gateway.usage import Metered, Usage, estimate_tokens
@@ -742,39 +742,92 @@ def test_blocking_answer_without_usage_is_estimated() -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "kind", "name"),
+    ("method", "path", "kind", "name", "role"),
     [
-        ("POST", "/chat-messages", "chat", "chat-messages"),
-        ("POST", "/chat-messages/", "chat", "chat-messages"),
-        ("POST", "/completion-messages", "completion", "completion-messages"),
-        ("POST", "/workflows/run", "workflow", "workflows/run"),
-        ("POST", "/workflows/run/", "workflow", "workflows/run"),
-        ("POST", "/workflows/0b5f-4a1c/run", "workflow", "workflows/run"),
-        ("POST", "/chat-messages/t1/stop", "stop", "chat-messages/stop"),
-        ("POST", "/completion-messages/t1/stop/", "stop", "completion-messages/stop"),
-        ("POST", "/workflows/tasks/t1/stop", "stop", "workflows/tasks/stop"),
-        ("POST", "/files/upload", "upload", "files/upload"),
-        ("GET", "/conversations", "conversations", "conversations"),
-        ("GET", "/messages", "messages", "messages"),
-        ("GET", "/chat-messages", "other", "chat-messages"),
-        ("POST", "/conversations", "other", "conversations"),
-        ("DELETE", "/conversations/c1", "other", "conversations/c1"),
-        ("POST", "/conversations/c1/name", "other", "conversations/c1/name"),
-        ("POST", "/messages/m1/feedbacks", "other", "messages/m1/feedbacks"),
-        ("GET", "/messages/m1/suggested", "other", "messages/m1/suggested"),
-        ("GET", "/parameters", "other", "parameters"),
-        ("POST", "/audio-to-text", "other", "audio-to-text"),
-        ("POST", "/chat-messages/t1/stop/more", "other", "chat-messages/t1/stop/more"),
-        ("POST", "/workflows/a/b/run", "other", "workflows/a/b/run"),
-        ("GET", "/", "other", ""),
+        ("POST", "/chat-messages", "chat", "chat-messages", "answer"),
+        ("POST", "/chat-messages/", "chat", "chat-messages", "answer"),
+        ("POST", "/completion-messages", "completion", "completion-messages", "answer"),
+        ("POST", "/workflows/run", "workflow", "workflows/run", "answer"),
+        ("POST", "/workflows/run/", "workflow", "workflows/run", "answer"),
+        ("POST", "/workflows/0b5f-4a1c/run", "workflow", "workflows/run", "answer"),
+        ("POST", "/form/human_input/tok-1", "resume", "form/human_input", "answer"),
+        ("GET", "/workflow/run-1/events", "resume_events", "workflow/events", "answer"),
+        ("POST", "/chat-messages/t1/stop", "stop", "chat-messages/stop", "scoped"),
+        ("POST", "/completion-messages/t1/stop/", "stop", "completion-messages/stop", "scoped"),
+        ("POST", "/workflows/tasks/t1/stop", "stop", "workflows/tasks/stop", "scoped"),
+        ("POST", "/files/upload", "upload", "files/upload", "scoped"),
+        ("GET", "/conversations", "conversations", "conversations", "scoped"),
+        ("GET", "/messages", "messages", "messages", "scoped"),
+        ("DELETE", "/conversations/c1", "conversation", "conversations/delete", "scoped"),
+        ("POST", "/conversations/c1/name", "rename", "conversations/name", "scoped"),
+        ("GET", "/conversations/c1/variables", "variables", "conversations/variables", "scoped"),
+        ("PUT", "/conversations/c1/variables/v1", "variables", "conversations/variables", "scoped"),
+        ("POST", "/messages/m1/feedbacks", "feedback", "messages/feedbacks", "scoped"),
+        ("GET", "/form/human_input/tok-1", "form", "form/human_input", "scoped"),
+        ("GET", "/messages/m1/suggested", "suggested", "messages/suggested", "side_cost"),
+        ("POST", "/text-to-audio", "text_to_audio", "text-to-audio", "side_cost"),
+        ("POST", "/audio-to-text", "audio_to_text", "audio-to-text", "side_cost"),
+        ("GET", "/parameters", "info", "parameters", "passthrough"),
+        ("GET", "/meta", "info", "meta", "passthrough"),
+        ("GET", "/info", "info", "info", "passthrough"),
+        ("GET", "/site", "info", "site", "passthrough"),
+        ("GET", "/", "info", "index", "passthrough"),
+        ("GET", "/workflows/logs", "operator", "operator", "operator"),
+        ("GET", "/workflows/run/r1", "operator", "operator", "operator"),
+        ("GET", "/app/feedbacks", "operator", "operator", "operator"),
+        ("POST", "/apps/annotations", "operator", "operator", "operator"),
+        ("DELETE", "/apps/annotations/a1", "operator", "operator", "operator"),
+        ("POST", "/apps/annotation-reply/enable", "operator", "operator", "operator"),
+        ("GET", "/apps/annotation-reply/enable/status/j1", "operator", "operator", "operator"),
+        ("GET", "/datasets", "operator", "operator", "operator"),
+        ("POST", "/datasets/d1/document/create-by-text", "operator", "operator", "operator"),
+        ("GET", "/workspaces/current/models/model-types/llm", "operator", "operator", "operator"),
+        ("GET", "/end-users/e1", "operator", "operator", "operator"),
+        ("GET", "/files/f1/preview", "operator", "operator", "operator"),
+        # Anything else, including a known path with another method: unknown.
+        ("GET", "/chat-messages", "unknown", "unknown", "unknown"),
+        ("POST", "/conversations", "unknown", "unknown", "unknown"),
+        ("POST", "/parameters", "unknown", "unknown", "unknown"),
+        ("HEAD", "/workflows/logs", "unknown", "unknown", "unknown"),
+        ("POST", "/chat-messages/t1/stop/more", "unknown", "unknown", "unknown"),
+        ("POST", "/workflows/a/b/run", "unknown", "unknown", "unknown"),
+        ("GET", "/workflows/logsX", "unknown", "unknown", "unknown"),
+        ("GET", "/node-executions", "unknown", "unknown", "unknown"),
     ],
 )
-def test_route(method: str, path: str, kind: str, name: str) -> None:
+def test_route(method: str, path: str, kind: str, name: str, role: str) -> None:
     route = UP.route(method, path)
-    assert (route.kind, route.name) == (kind, name)
-    assert route.produces_answer == (kind in ("chat", "completion", "workflow"))
+    assert (route.kind, route.name, route.role) == (kind, name, role)
+    assert route.produces_answer == (role == "answer")
     assert route.is_history == (kind in ("conversations", "messages"))
     assert route.is_upload == (kind == "upload")
+    assert (route.call is not None) == (role == "side_cost")
+
+
+@pytest.mark.parametrize(
+    ("body", "generates"),
+    [
+        (None, False),
+        ({}, False),
+        ({"name": "x"}, False),
+        ({"auto_generate": False}, False),
+        ({"auto_generate": None}, False),
+        ({"auto_generate": 0}, False),
+        ({"auto_generate": 0.0}, False),
+        ({"auto_generate": True}, True),
+        ({"auto_generate": 1}, True),
+        # Older Dify parses with reqparse's type=bool: any non-empty string is true.
+        ({"auto_generate": "false"}, True),
+        ({"auto_generate": "true"}, True),
+        ({"auto_generate": "0"}, True),
+        ({"auto_generate": []}, True),
+    ],
+)
+def test_a_rename_that_generates_is_a_side_cost(body: Any, generates: bool) -> None:
+    route = UP.refine(UP.route("POST", "/conversations/c1/name"), body)
+    assert route.role == ("side_cost" if generates else "scoped")
+    if generates:
+        assert route.call == "dify.auto_generate_name"
 
 
 @pytest.mark.parametrize(
@@ -784,7 +837,7 @@ def test_route(method: str, path: str, kind: str, name: str) -> None:
         (COMPLETION, ("/completion-messages/t-1/stop", b'{"user":"u1"}')),
         (WORKFLOW, ("/workflows/tasks/t-1/stop", b'{"user":"u1"}')),
         (dify.UPLOAD, None),
-        (Route("other", "parameters"), None),
+        (UP.route("GET", "/parameters"), None),
     ],
 )
 def test_stop_request(route: Route, expected: tuple[str, bytes] | None) -> None:
@@ -863,3 +916,71 @@ def test_filter_history_by_route() -> None:
         "data": [new],
         "has_more": False,
     }
+
+
+# --- human-input resumes -------------------------------------------------------------------
+
+
+def _resume_events(*payloads: dict[str, Any]) -> list[ServerSentEvent]:
+    return [ServerSentEvent(event="message", data=orjson.dumps(p).decode()) for p in payloads]
+
+
+RESUMED_NODE = {
+    "event": "node_finished",
+    "task_id": "t9",
+    "workflow_run_id": "r9",
+    "data": {
+        "node_type": "llm",
+        "outputs": {"usage": {"prompt_tokens": 4000, "completion_tokens": 1000}},
+        "execution_metadata": {"total_tokens": 5000, "total_price": "0.0065", "currency": "USD"},
+    },
+}
+
+
+def test_a_resumed_stream_is_charged_its_nodes_not_the_runs_total() -> None:
+    meter = UP.stream_meter(dify_routes.RESUME_EVENTS, {})
+    for event in _resume_events(
+        {"event": "node_started", "task_id": "t9", "workflow_run_id": "r9", "data": {}},
+        {"event": "text_chunk", "task_id": "t9", "workflow_run_id": "r9", "data": {"text": "ok"}},
+        RESUMED_NODE,
+        {"event": "workflow_finished", "workflow_run_id": "r9", "data": {"total_tokens": 5300}},
+    ):
+        meter.feed(event)
+    result = meter.finish(cut=False)
+    assert result.outcome == "complete" and result.answer_id is None
+    assert result.usage == Usage(4000, 1000, 5000, Decimal("0.0065"))
+    assert meter.task_id is None  # the gateway does not stop a resumed run
+
+
+def test_a_resumed_stream_without_nodes() -> None:
+    # A finished run is answered by workflow_finished alone: nothing new to charge.
+    meter = UP.stream_meter(dify_routes.RESUME_EVENTS, {})
+    for event in _resume_events({"event": "workflow_finished", "data": {"total_tokens": 5300}}):
+        meter.feed(event)
+    result = meter.finish(cut=False)
+    assert result.usage is None and result.outcome == "cut"
+    # Text but no node report: an estimate of the text.
+    meter = UP.stream_meter(dify_routes.RESUME_EVENTS, {})
+    for event in _resume_events({"event": "text_chunk", "data": {"text": "x" * 40}}):
+        meter.feed(event)
+    usage = meter.finish(cut=True).usage
+    assert usage is not None and usage.estimated and usage.completion_tokens == 10
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        (b"user=a&include_state_snapshot=true", b"user=a"),
+        (
+            b"include_state_snapshot=true&user=a&continue_on_pause=true",
+            b"continue_on_pause=true&user=a",
+        ),
+        (b"include%5Fstate%5Fsnapshot=true&user=a", b"user=a"),
+        (b"user=a", b"user=a"),
+    ],
+)
+def test_a_resume_asks_for_no_snapshot_replay(query: bytes, expected: bytes) -> None:
+    route = UP.route("GET", "/workflow/r9/events")
+    prepared = UP.prepare(route, None, query, "a", method="GET", request_id="r")
+    assert prepared.query == expected
+    assert UP.is_streaming(route, {})

@@ -1,0 +1,102 @@
+"""Default deny (issue 20): what the proxy does with a route's role before it
+forwards anything.
+
+The dialect classifies a request (``Upstream.route``); this module decides, from
+that route alone and before the body is read where it can:
+
+- ``unknown`` routes are refused 404 and ``operator`` routes 403, both in the
+  upstream's error shape - unless the operator's allow-list (``upstream.allow``)
+  names them, when they are forwarded as an unmetered pass-through;
+- a ``side_cost`` must have its price in ``[call_prices]``, or it is refused 403
+  (never forwarded free);
+- a ``scoped`` route naming an answer the upstream keeps (``owned_answer``) is
+  forwarded only when the ledger shows that answer is the caller's; otherwise
+  404, as if it did not exist.
+
+The roles and the table of every dialect are in docs/security.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Final
+
+from gateway.allowlist import AllowList
+from gateway.errors import Forbidden, NotFound, StorageError
+from gateway.pricing import CallPrice
+from gateway.upstreams import Route
+from gateway.usage import Metered, Usage
+
+if TYPE_CHECKING:
+    from gateway.runtime import Gateway
+
+__all__ = ["ALLOWED", "RouteGuard", "side_cost_result"]
+
+log = logging.getLogger("gateway.routing")
+
+# A route the operator's allow-list forwards: unmetered, like a pass-through.
+ALLOWED: Final = Route("allowed", "allowed", role="passthrough")
+
+
+class RouteGuard:
+    """Applies the roles; one per proxy (``upstream.allow`` needs a restart)."""
+
+    __slots__ = ("_allow", "gw")
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self._allow = AllowList(gateway.config.upstream.allow)
+
+    def admit_route(self, method: str, path: str, route: Route, *, refined: bool = False) -> Route:
+        """The route to forward, or the refusal for a route the gateway must not forward.
+
+        ``refined``: the route a body made of a metered one; the allow-list, which
+        names paths, never turns it into an unmetered pass-through."""
+        role = route.role
+        if role == "unknown" or role == "operator":
+            if not refined and self._allow and self._allow.allows(method, path):
+                log.debug("%s %s: forwarded by upstream.allow", method, path)
+                return ALLOWED
+            if role == "operator":
+                raise Forbidden(
+                    "This endpoint is for the operator only; it is not available "
+                    "through the gateway.",
+                    code="endpoint_not_allowed",
+                )
+            raise NotFound("This endpoint is not available through the gateway.", code="not_found")
+        if role == "side_cost":
+            self.call_price(route)
+        return route
+
+    def call_price(self, route: Route) -> CallPrice:
+        """A side cost's price, or the refusal when it has none."""
+        price = self.gw.config.call_prices.get(route.call or "")
+        if price is None:
+            raise Forbidden(
+                "This call is billed per use and has no price configured; "
+                "it is not available through the gateway.",
+                code="call_not_priced",
+            )
+        return price
+
+    async def check_owner(self, route: Route, user_id: str) -> None:
+        """For a stored answer's object: refuse unless the ledger names the caller."""
+        answer_id = route.owned_answer
+        if answer_id is None:
+            return
+        try:
+            owner = await self.gw.storage.answer_owner(answer_id)
+        except StorageError as exc:
+            # Fails closed: without the ledger nobody's objects are shown.
+            self.gw.metrics.inc("gateway_storage_errors_total", operation="answer_owner")
+            raise StorageError("The usage database is unavailable; try again shortly.") from exc
+        if owner != user_id:
+            # 404, not 403: another user's object must not be told from a missing one.
+            raise NotFound(f"No object found with id '{answer_id}'.", code="not_found")
+
+
+def side_cost_result(price: CallPrice) -> Metered:
+    """What a side call is charged: its price, per call. (Dify's paid side calls
+    report no tokens; a dialect whose side calls do would meter them here.)"""
+    usage = Usage(cost=price.price, currency=price.currency)
+    return Metered(None, None, None, usage, "complete")

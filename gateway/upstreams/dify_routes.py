@@ -1,0 +1,171 @@
+"""Dify's route table: every Service API route the gateway knows, each with its role.
+
+Default deny (issue 20): a route not declared here is refused 404; an operator
+route (one that reads or changes every end user's data with the app key) is
+refused 403. The table and the Dify behaviour each role relies on are in
+docs/security.md and docs/upstreams/dify.md ("Routes").
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+from gateway.upstreams.base import Route
+
+__all__ = [
+    "AUTO_NAME",
+    "CHAT",
+    "COMPLETION",
+    "CONVERSATIONS",
+    "MESSAGES",
+    "RENAME",
+    "RESUME_EVENTS",
+    "RESUME_SUBMIT",
+    "UNKNOWN",
+    "UPLOAD",
+    "WORKFLOW",
+    "asks_to_generate",
+    "dify_route",
+]
+
+# --- answers -----------------------------------------------------------------------------
+
+CHAT: Final = Route("chat", "chat-messages", role="answer")  # chat, agent, chatflow
+COMPLETION: Final = Route("completion", "completion-messages", role="answer")
+WORKFLOW: Final = Route("workflow", "workflows/run", role="answer")
+# Human-in-the-loop: submitting a paused run's form resumes the run (Dify answers {}
+# and the LLM work goes on in its worker); the events stream carries that work.
+# The submit is admitted (a user with nothing left cannot resume anything) and
+# settled by its reply (no usage: the query goes back); the stream is the metered
+# answer. docs/upstreams/dify.md, "Human input".
+RESUME_SUBMIT: Final = Route("resume", "form/human_input", role="answer")
+RESUME_EVENTS: Final = Route("resume_events", "workflow/events", role="answer")
+
+# --- caller-scoped (Dify filters by the `user` the gateway sets) --------------------------
+
+UPLOAD: Final = Route("upload", "files/upload", role="scoped", is_upload=True)
+CONVERSATIONS: Final = Route("conversations", "conversations", role="scoped", is_history=True)
+MESSAGES: Final = Route("messages", "messages", role="scoped", is_history=True)
+RENAME: Final = Route("rename", "conversations/name", role="scoped", by_body=True)
+
+# --- side costs (priced per call from [call_prices]) --------------------------------------
+
+AUTO_NAME: Final = Route(
+    "auto_name", "conversations/name", role="side_cost", call="dify.auto_generate_name"
+)
+_SUGGESTED: Final = Route(
+    "suggested", "messages/suggested", role="side_cost", call="dify.suggested_questions"
+)
+_TEXT_TO_AUDIO: Final = Route(
+    "text_to_audio", "text-to-audio", role="side_cost", call="dify.text_to_audio"
+)
+_AUDIO_TO_TEXT: Final = Route(
+    "audio_to_text", "audio-to-text", role="side_cost", call="dify.audio_to_text"
+)
+
+UNKNOWN: Final = Route("unknown", "unknown")
+_OPERATOR: Final = Route("operator", "operator", role="operator")
+
+
+def _scoped(kind: str, name: str) -> Route:
+    return Route(kind, name, role="scoped")
+
+
+def _passthrough(name: str) -> Route:
+    return Route("info", name, role="passthrough")
+
+
+# Keyed by (method, path without surrounding slashes). ASGI methods are upper case.
+_EXACT: Final[dict[tuple[str, str], Route]] = {
+    ("POST", "chat-messages"): CHAT,
+    ("POST", "completion-messages"): COMPLETION,
+    ("POST", "workflows/run"): WORKFLOW,
+    ("POST", "files/upload"): UPLOAD,
+    ("GET", "conversations"): CONVERSATIONS,
+    ("GET", "messages"): MESSAGES,
+    ("POST", "text-to-audio"): _TEXT_TO_AUDIO,
+    ("POST", "audio-to-text"): _AUDIO_TO_TEXT,
+    # App settings any end user's frontend reads (no user data).
+    ("GET", "parameters"): _passthrough("parameters"),
+    ("GET", "meta"): _passthrough("meta"),
+    ("GET", "info"): _passthrough("info"),
+    ("GET", "site"): _passthrough("site"),
+    ("GET", ""): _passthrough("index"),
+}
+
+_SEG = r"[^/]+"
+# (method, pattern, route), tried in order after the exact table.
+_PATTERNS: Final[tuple[tuple[str, re.Pattern[str], Route], ...]] = tuple(
+    (method, re.compile(pattern), route)
+    for method, pattern, route in (
+        # POST /workflows/{workflow_id}/run runs a specific published version.
+        ("POST", rf"workflows/{_SEG}/run", WORKFLOW),
+        # Stop calls: Dify stops a task only for the user who started it. The ledger
+        # names them without the task id, so they aggregate.
+        ("POST", rf"chat-messages/{_SEG}/stop", _scoped("stop", "chat-messages/stop")),
+        ("POST", rf"completion-messages/{_SEG}/stop", _scoped("stop", "completion-messages/stop")),
+        ("POST", rf"workflows/tasks/{_SEG}/stop", _scoped("stop", "workflows/tasks/stop")),
+        # Conversations: Dify looks each one up with the caller's end user.
+        ("DELETE", rf"conversations/{_SEG}", _scoped("conversation", "conversations/delete")),
+        ("POST", rf"conversations/{_SEG}/name", RENAME),
+        (
+            "GET",
+            rf"conversations/{_SEG}/variables",
+            _scoped("variables", "conversations/variables"),
+        ),
+        (
+            "PUT",
+            rf"conversations/{_SEG}/variables/{_SEG}",
+            _scoped("variables", "conversations/variables"),
+        ),
+        # Messages: feedback and suggestions look the message up with the end user.
+        ("POST", rf"messages/{_SEG}/feedbacks", _scoped("feedback", "messages/feedbacks")),
+        ("GET", rf"messages/{_SEG}/suggested", _SUGGESTED),
+        # Human input: the form token is a capability the caller's own stream gave it.
+        ("GET", rf"form/human_input/{_SEG}", _scoped("form", "form/human_input")),
+        ("POST", rf"form/human_input/{_SEG}", RESUME_SUBMIT),
+        # Dify serves a run's events only to the end user who started it.
+        ("GET", rf"workflow/{_SEG}/events", RESUME_EVENTS),
+        # --- operator only: every end user's data, with the app key -------------------
+        ("GET", r"workflows/logs", _OPERATOR),  # every run's inputs and outputs
+        ("GET", rf"workflows/run/{_SEG}", _OPERATOR),  # any run, no user check
+        ("GET", r"app/feedbacks", _OPERATOR),  # every user's feedback
+        ("*", r"apps/annotations(?:/.*)?", _OPERATOR),  # answers served to all users
+        ("*", r"apps/annotation-reply(?:/.*)?", _OPERATOR),
+        ("*", r"datasets(?:/.*)?", _OPERATOR),  # knowledge bases
+        ("*", r"workspaces(?:/.*)?", _OPERATOR),  # the workspace's models
+        ("GET", rf"end-users/{_SEG}", _OPERATOR),  # any end user's record
+        # Any message file of the app, by id, with no user check (file_preview.py).
+        ("GET", rf"files/{_SEG}/preview", _OPERATOR),
+    )
+)
+
+
+def dify_route(method: str, path: str) -> Route:
+    """The route of a request; ``path`` is relative to the API base."""
+    key = path.strip("/")
+    route = _EXACT.get((method, key))
+    if route is not None:
+        return route
+    for wanted, pattern, candidate in _PATTERNS:
+        if (wanted == method or wanted == "*") and pattern.fullmatch(key):
+            return candidate
+    return UNKNOWN
+
+
+def asks_to_generate(body: dict[str, Any] | None) -> bool:
+    """Whether a rename asks Dify to generate the name (an LLM call).
+
+    Dify parses ``auto_generate`` loosely, and differently by version: pydantic's
+    lax bool (1.x: "true", "1", "yes", 1 are true) or, in older builds, reqparse's
+    ``type=bool``, where any non-empty string - "false" included - is true. So
+    only the values every version reads as false count as "no": absent, null,
+    false and 0.
+    """
+    if body is None:
+        return False
+    value = body.get("auto_generate")
+    if value is None or value is False:
+        return False
+    return not (isinstance(value, int | float) and not isinstance(value, bool) and value == 0)
