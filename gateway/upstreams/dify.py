@@ -6,6 +6,7 @@ Every wire fact used here is in docs/upstreams/dify.md (cited below as
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, quote
@@ -25,7 +26,6 @@ from gateway.usage import (
     Outcome,
     Usage,
     estimate_usage,
-    parse_tokens,
     unreadable_answer,
 )
 
@@ -201,6 +201,7 @@ class DifyStreamMeter:
         "_route",
         "_task_id",
         "_text_chars",
+        "_workflow_clamped",
         "_workflow_finished",
         "_workflow_outputs",
         "_workflow_run_id",
@@ -222,6 +223,7 @@ class DifyStreamMeter:
         self._metadata: dict[str, Any] | None = None
         self._workflow_finished = False
         self._workflow_total: int | None = None
+        self._workflow_clamped: tuple[str, ...] = ()  # a bad workflow_finished total
         self._workflow_outputs: dict[str, Any] | None = None
         self._nodes = _NO_USAGE
         self._error = False
@@ -360,12 +362,15 @@ class DifyStreamMeter:
         if not isinstance(data, dict):
             self._malformed.append("workflow_finished")
             return
-        total = data.get("total_tokens")
-        try:
-            self._workflow_total = None if total is None else parse_tokens(total)
-        except ValueError:
-            self._malformed.append("workflow_finished")
-            return
+        if data.get("total_tokens") is not None:
+            # Read on its own like any usage field: a bad total costs only itself
+            # (the nodes' own reports stand in for it) and marks the answer clamped.
+            read = FieldReader()
+            total = read.tokens(data, "total_tokens")
+            if read.clamped:
+                self._workflow_clamped = tuple(read.clamped)
+            else:
+                self._workflow_total = total
         self._workflow_finished = True
         outputs = data.get("outputs")
         if isinstance(outputs, dict):
@@ -377,6 +382,8 @@ class DifyStreamMeter:
         if not self._workflow_finished:
             return None
         nodes = self._nodes
+        if self._workflow_clamped:
+            nodes = dataclasses.replace(nodes, clamped=nodes.clamped + self._workflow_clamped)
         if self._workflow_total is None:
             return nodes
         return Usage(
@@ -385,6 +392,7 @@ class DifyStreamMeter:
             total_tokens=self._workflow_total,
             cost=nodes.cost,
             currency=nodes.currency,
+            clamped=nodes.clamped,
         )
 
     def _reported_usage(self) -> Usage | None:
@@ -555,10 +563,12 @@ class DifyUpstream:
             return Metered(run_id, task_id, None, None, "cut")
         outputs = data.get("outputs")
         metadata = outputs if isinstance(outputs, dict) else None
+        if data.get("total_tokens") is None:
+            return Metered(run_id, task_id, None, None, "cut", metadata=metadata)
+        read = FieldReader()  # a bad total is bounded (a fraction rounded up), not dropped
         try:
-            total = data["total_tokens"]
-            usage = Usage(total_tokens=parse_tokens(total))
-        except (KeyError, ValueError):
+            usage = read.usable(Usage(total_tokens=read.tokens(data, "total_tokens")))
+        except ValueError:
             return Metered(run_id, task_id, None, None, "cut", metadata=metadata)
         return Metered(run_id, task_id, None, usage, "complete", metadata=metadata)
 
