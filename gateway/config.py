@@ -294,6 +294,55 @@ class AlertsConfig:
         return (("webhook",) if self.webhook_url else ()) + (("email",) if self.email_to else ())
 
 
+# --- issue 25, refusal messages (gateway/messages.py) ---
+@dataclass(frozen=True, slots=True)
+class MessagesConfig:
+    """Refusal messages: the language for a request whose Accept-Language names
+    none the gateway has, and the operator's templates ([messages.LANG])."""
+
+    default_language: Literal["en", "vi"] = "en"
+    # language -> message code -> template, validated at load (not a file key).
+    templates: Mapping[str, Mapping[str, str]] = field(
+        default_factory=dict, metadata={"resolved": True}
+    )
+
+
+def _messages(table: object) -> MessagesConfig:
+    """``[messages]``: ``default_language`` and one table of templates per language."""
+    from gateway.messages import LANGUAGES, check_templates
+
+    if table is None:
+        return MessagesConfig()
+    if not isinstance(table, dict):
+        raise ConfigError(f"messages: expected a table, got {_kind(table)}")
+    settings = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    for key in settings:
+        if key != "default_language":
+            raise ConfigError(
+                f"messages.{key}: unknown key (expected default_language, or a "
+                f"[messages.LANGUAGE] table of templates: {', '.join(LANGUAGES)})"
+            )
+    config: MessagesConfig = _build(MessagesConfig, settings, "messages.")
+    templates: dict[str, Mapping[str, str]] = {}
+    for language, own in table.items():
+        if not isinstance(own, dict):
+            continue
+        if language not in LANGUAGES:
+            raise ConfigError(
+                f"messages.{language}: unknown language (expected one of: {', '.join(LANGUAGES)})"
+            )
+        try:
+            templates[language] = types.MappingProxyType(
+                check_templates(own, f"messages.{language}.")
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return dataclasses.replace(config, templates=types.MappingProxyType(templates))
+
+
+# --- end of issue 25, refusal messages ---
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     name: str = _resolved("")
@@ -336,6 +385,7 @@ class Config:
     # [call_prices."NAME"]: what one paid side call costs (a tool an answer ran, an
     # endpoint billed per call); names are "<dialect>.<call>" (docs/configuration.md).
     call_prices: Mapping[str, CallPrice] = field(default_factory=dict)
+    messages: MessagesConfig = field(default_factory=MessagesConfig)  # issue 25
     source: str | None = _resolved(None)
 
     @property
@@ -383,7 +433,8 @@ def parse_config(
     plans_table = data.pop("plans", None)
     prices_table = data.pop("prices", None)
     call_prices_table = data.pop("call_prices", None)
-    config: Config = _build(Config, data, "", skip={"plans", "prices", "call_prices"})
+    messages = _messages(data.pop("messages", None))  # issue 25
+    config: Config = _build(Config, data, "", skip={"plans", "prices", "call_prices", "messages"})
 
     plans: dict[str, Plan] = {}
     if plans_table is None:
@@ -483,6 +534,7 @@ def parse_config(
         plans=types.MappingProxyType(plans),
         prices=types.MappingProxyType(prices),
         call_prices=types.MappingProxyType(call_prices),
+        messages=messages,
         source=source,
     )
 
@@ -723,7 +775,12 @@ def setting_paths() -> list[str]:
     def walk(cls: type[Any], prefix: str) -> None:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.metadata.get("resolved") or f.name in ("plans", "prices", "call_prices"):
+            if f.metadata.get("resolved") or f.name in (
+                "plans",
+                "prices",
+                "call_prices",
+                "messages",
+            ):
                 continue
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], f"{prefix}{f.name}.")
@@ -734,6 +791,9 @@ def setting_paths() -> list[str]:
     walk(Plan, "plans.<name>.")
     walk(Price, "prices.<model>.")
     walk(CallPrice, "call_prices.<name>.")
+    # issue 25: refusal messages
+    walk(MessagesConfig, "messages.")
+    paths.append("messages.<language>.<code>")
     return paths
 
 
@@ -781,6 +841,12 @@ def render_config(config: Config) -> str:
         emit(f"prices.{_toml_value(model)}", price)
     for name, call_price in config.call_prices.items():
         emit(f"call_prices.{_toml_value(name)}", call_price)
+    # issue 25: refusal messages, with the operator's templates
+    lines.extend(["", "[messages]"])
+    lines.append(f"default_language = {_toml_value(config.messages.default_language)}")
+    for language, templates in config.messages.templates.items():
+        lines.extend(["", f"[messages.{language}]"])
+        lines.extend(f"{code} = {_toml_value(text)}" for code, text in templates.items())
     return "\n".join(lines) + "\n"
 
 

@@ -208,7 +208,7 @@ class Proxy:
             log.info("request %s: client left before sending its body", x.request_id)
         except GatewayError as exc:
             # Refusals raised before the response started.
-            await self._send_error(send, exc, x.request_id)
+            await self._send_error(send, exc, x.request_id, scope)
         except Exception:
             # A bug, not a refusal: logged once with its traceback; the client gets
             # an error in the upstream's shape if nothing was sent yet (the
@@ -216,7 +216,7 @@ class Proxy:
             log.exception("request %s: unexpected error", x.request_id)
             if not x.responded:
                 failure = GatewayError("The gateway failed to handle the request.")
-                await self._send_error(send, failure, x.request_id)
+                await self._send_error(send, failure, x.request_id, scope)
         finally:
             await self.gw.request_finished()
 
@@ -828,9 +828,17 @@ class Proxy:
 
     # --- the rest --------------------------------------------------------------------
 
-    async def _send_error(self, send: Send, exc: GatewayError, request_id: str) -> None:
-        body = self.gw.upstream.error_body(exc.status, exc.code, exc.message)
+    async def _send_error(
+        self, send: Send, exc: GatewayError, request_id: str, scope: Scope | None = None
+    ) -> None:
+        # The message in the user's language (Accept-Language); code, status and
+        # headers never depend on it (gateway/messages.py).
+        messages = self.gw.messages
+        language = messages.language(scope["headers"]) if scope is not None else messages.default
+        message, language = messages.render(exc, language)
+        body = self.gw.upstream.error_body(exc.status, exc.code, message)
         extra = list(exc.headers)
+        extra.append((b"content-language", language.encode()))
         if isinstance(exc, Unauthorized):
             extra.append((b"www-authenticate", b'Bearer realm="api"'))
         if isinstance(exc, StorageError | UpstreamError) and not any(
