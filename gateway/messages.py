@@ -86,8 +86,8 @@ def _e(code: str, en: str, vi: str, *, extra: Iterable[str] = ()) -> Entry:
     return Entry(code, en, vi, frozenset(_placeholders(en)) | frozenset(extra))
 
 
-_LIMIT_EN = "You have used all {limit} {what} of your plan for {period}. {it} resets {reset}."
-_OWN_EN = "You have reached your limit of {limit} {what} for {period}. {it} resets {reset}."
+_LIMIT_EN = "You have used all {limit} {what} of your plan for {period}. {it} {reset}."
+_OWN_EN = "You have reached your limit of {limit} {what} for {period}. {it} {reset}."
 _PLAN_VI = (
     "Bạn đã dùng hết {limit} {what} {period} theo gói của bạn. Hạn mức sẽ được đặt lại {reset}."
 )
@@ -97,7 +97,7 @@ _OWN_VI = (
 
 
 def _limit(
-    code: str, what_en: str, period_en: str, what_vi: str, period_vi: str, *, it: str = "It"
+    code: str, what_en: str, period_en: str, what_vi: str, period_vi: str, *, it: str = "It resets"
 ) -> dict[str, Entry]:
     """A limit's refusal, in its two forms: the plan's limit, and the user's own
     (a per-user override): "your limit" rather than "your plan"."""
@@ -134,7 +134,7 @@ ENTRIES: Final[Mapping[str, Entry]] = {
     **_limit("daily_token_limit", "tokens", "today", "token", "hôm nay"),
     **_limit("monthly_token_limit", "tokens", "this month", "token", "tháng này"),
     **_limit(
-        "web_search_limit", "web searches", "today", "lượt tìm kiếm web", "hôm nay", it="They"
+        "web_search_limit", "web searches", "today", "lượt tìm kiếm web", "hôm nay", it="They reset"
     ),
     "concurrent_stream_limit": _e("concurrent_stream_limit", _STREAMS_EN, _STREAMS_VI),
     "concurrent_stream_limit_own": _e("concurrent_stream_limit", _STREAMS_EN, _STREAMS_VI),
@@ -357,6 +357,11 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "upstream_timeout",
         "The upstream did not answer in time.",
         "Dịch vụ upstream không phản hồi kịp thời.",
+    ),
+    "upstream_lost": _e(
+        "upstream_error",
+        "The upstream connection was lost.",
+        "Mất kết nối tới dịch vụ upstream.",
     ),
     "history_too_large": _e(
         "upstream_error",
