@@ -123,7 +123,7 @@ def _limit(
 
 _STREAMS_EN = "You already have {limit} answers in progress. Wait for one to finish and try again."
 _STREAMS_VI = (
-    "Bạn đang có {limit} câu trả lời chưa xong. Vui lòng đợi một câu trả lời hoàn tất rồi thử lại."
+    "Bạn đang có {limit} câu trả lời chưa hoàn tất. Vui lòng đợi một câu trả lời xong rồi thử lại."
 )
 
 # Message code -> entry. The English templates are the texts the gateway has
@@ -163,12 +163,12 @@ ENTRIES: Final[Mapping[str, Entry]] = {
     "missing_token": _e(
         "unauthorized",
         "Missing token: send 'Authorization: Bearer <token>'.",
-        "Thiếu token: hãy gửi 'Authorization: Bearer <token>'.",
+        "Thiếu token: vui lòng gửi 'Authorization: Bearer <token>'.",
     ),
     "missing_key": _e(
         "unauthorized",
         "Missing gateway key: send 'Authorization: Bearer <your key>'.",
-        "Thiếu khóa gateway: hãy gửi 'Authorization: Bearer <khóa của bạn>'.",
+        "Thiếu khóa gateway: vui lòng gửi 'Authorization: Bearer <khóa của bạn>'.",
     ),
     "invalid_key": _e("unauthorized", "Invalid gateway key.", "Khóa gateway không hợp lệ."),
     "revoked_key": _e(
@@ -177,7 +177,7 @@ ENTRIES: Final[Mapping[str, Entry]] = {
     "missing_service_key": _e(
         "unauthorized",
         "Missing service key: send 'Authorization: Bearer <service key>'.",
-        "Thiếu khóa dịch vụ: hãy gửi 'Authorization: Bearer <khóa dịch vụ>'.",
+        "Thiếu khóa dịch vụ: vui lòng gửi 'Authorization: Bearer <khóa dịch vụ>'.",
     ),
     "invalid_service_key": _e("unauthorized", "Invalid service key.", "Khóa dịch vụ không hợp lệ."),
     "user_header_not_utf8": _e(
@@ -214,9 +214,7 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "Claim {claim} của token không phải là mã người dùng.",
     ),
     "token_expired": _e("unauthorized", "Token has expired.", "Token đã hết hạn."),
-    "token_not_yet_valid": _e(
-        "unauthorized", "Token is not yet valid.", "Token chưa đến thời điểm có hiệu lực."
-    ),
+    "token_not_yet_valid": _e("unauthorized", "Token is not yet valid.", "Token chưa có hiệu lực."),
     "token_audience": _e(
         "unauthorized",
         "Token audience is not accepted.",
@@ -657,7 +655,8 @@ class Catalogue:
             return exc.message, "en"
         try:
             return template.format_map(_values(fields, language)), language
-        except (KeyError, ValueError, IndexError):
-            # A raise site that gave too few fields: a bug, never a broken refusal.
+        except Exception:
+            # A raise site that gave too few (or odd) fields: a bug, logged; the
+            # refusal still goes out, in English.
             log.exception("message %s: cannot render it in %s", code, language)
             return exc.message, "en"

@@ -24,6 +24,7 @@ from gateway.messages import (
     english,
     recognise,
 )
+from gateway.plans import LIMIT_CODES
 
 ROOT = Path(__file__).resolve().parent.parent
 HCM = ZoneInfo("Asia/Ho_Chi_Minh")
@@ -104,6 +105,14 @@ def test_every_message_has_every_language_with_only_its_fields(code: str) -> Non
     assert entry.vi != entry.en
     # The number the refusal is about is in both (the model, the tool, the limit...).
     assert _names(entry.vi) == _names(entry.en), code
+
+
+def test_every_limit_has_both_its_messages() -> None:
+    # A limit added to plans.LIMIT_CODES needs its messages here, or its refusal
+    # could not be written.
+    for code in LIMIT_CODES.values():
+        assert ENTRIES[code].code == ENTRIES[f"{code}_own"].code == code
+        assert {"limit"} <= ENTRIES[code].fields == ENTRIES[f"{code}_own"].fields
 
 
 def test_every_alias_names_a_message() -> None:
@@ -247,8 +256,8 @@ def quota(code: str, **fields: object) -> QuotaExceeded:
             "concurrent_stream_limit_own",
             {"limit": 2},
             "vi",
-            "Bạn đang có 2 câu trả lời chưa xong. "
-            "Vui lòng đợi một câu trả lời hoàn tất rồi thử lại.",
+            "Bạn đang có 2 câu trả lời chưa hoàn tất. "
+            "Vui lòng đợi một câu trả lời xong rồi thử lại.",
         ),
     ],
 )

@@ -241,3 +241,24 @@ async def test_an_invalid_template_on_reload_keeps_the_running_messages(
         assert await h.gateway.reload() is False
         response = await refused(client, h, **{"Accept-Language": "vi"})
     assert response.json()["message"] == "Hết 1 câu."
+
+
+async def test_a_feature_turned_off_by_an_override_says_so(
+    sqlite_url: str, client: httpx.AsyncClient
+) -> None:
+    advanced = {**CHAT, "inputs": {"rag_mode": "advanced"}}
+    async with running_gateway(sqlite_url, settings=settings()) as h:
+        await h.gateway.set_override(USER, "advanced_rag", False)
+        vi = await client.post(
+            f"{h.url}/v1/chat-messages",
+            json=advanced,
+            headers=h.auth(**{"Accept-Language": "vi"}),
+        )
+        en = await client.post(f"{h.url}/v1/chat-messages", json=advanced, headers=h.auth())
+    assert vi.status_code == en.status_code == 403
+    assert vi.json() == {
+        "code": "feature_not_in_plan",
+        "message": "RAG nâng cao đã bị tắt đối với tài khoản của bạn.",
+        "status": 403,
+    }
+    assert en.json()["message"] == "Advanced RAG is turned off for your account."
