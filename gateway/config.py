@@ -16,6 +16,7 @@ import base64
 import binascii
 import dataclasses
 import difflib
+import json
 import os
 import tomllib
 import types
@@ -846,7 +847,10 @@ def render_config(config: Config) -> str:
     lines.append(f"default_language = {_toml_value(config.messages.default_language)}")
     for language, templates in config.messages.templates.items():
         lines.extend(["", f"[messages.{language}]"])
-        lines.extend(f"{code} = {_toml_value(text)}" for code, text in templates.items())
+        # JSON string escapes are TOML's: a template may hold a newline or a quote.
+        lines.extend(
+            f"{code} = {json.dumps(text, ensure_ascii=False)}" for code, text in templates.items()
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import string
+import tomllib
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -13,7 +14,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from gateway.auth import _JWT_ERRORS
-from gateway.config import parse_config
+from gateway.config import parse_config, render_config
 from gateway.errors import ConfigError, Forbidden, GatewayError, QuotaExceeded
 from gateway.messages import (
     ALIASES,
@@ -416,3 +417,11 @@ def test_every_message_code_and_placeholder_is_documented() -> None:
     assert not missing, f"message codes missing from docs/quotas.md: {missing}"
     fields = set().union(*(entry.fields for entry in ENTRIES.values()))
     assert not [name for name in fields if f"`{{{name}}}`" not in docs]
+
+
+def test_check_config_shows_the_templates_as_toml_that_loads_again() -> None:
+    templates = {"invalid_key": 'Dòng 1\nDòng "2" \\ {{không phải placeholder}}'}
+    config = parse_config({"messages": {"default_language": "vi", "vi": templates}}, env={})
+    shown = render_config(config)
+    again = tomllib.loads(shown[shown.index("[messages]") :])["messages"]
+    assert again == {"default_language": "vi", "vi": templates}
