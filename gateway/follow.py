@@ -40,6 +40,7 @@ import httpx
 
 from gateway.bodies import BodyFailure
 from gateway.errors import NotFound, StorageError, UpstreamBroken, UpstreamError
+from gateway.runtime import Watermark
 from gateway.sse import SSEDecoder
 from gateway.storage import PausedForm
 from gateway.upstream_client import UpstreamClient
@@ -115,7 +116,7 @@ Settle = Callable[["Exchange", Metered], Awaitable[None]]
 class Follows:
     """Opens, runs and settles the gateway's reads of resumed runs."""
 
-    __slots__ = ("_checked", "_client", "_dialect", "_settle", "gw")
+    __slots__ = ("_checked", "_client", "_dialect", "_settle", "gw", "settled")
 
     def __init__(self, gateway: Gateway, client: UpstreamClient, settle: Settle) -> None:
         self.gw = gateway
@@ -123,6 +124,8 @@ class Follows:
         self._settle = settle  # the proxy's: records the answer, or refunds it
         self._checked: object = None
         self._dialect: Resumable | None = None
+        # Resumed runs read and settled: lets tests and tools wait without sleeping.
+        self.settled = Watermark()
 
     def _resumable(self) -> Resumable | None:
         """The dialect, if its runs can be resumed (checked once per dialect object:
@@ -265,7 +268,10 @@ class Follows:
             result = dataclasses.replace(result, outcome="shutdown")
         # A new pause: its resume is followed in turn.
         await self.keep_forms(meter.paused_forms, follow.creator, x.request_id)
-        await asyncio.shield(gw.keep(self._settle(x, result)))
+        try:
+            await asyncio.shield(gw.keep(self._settle(x, result)))
+        finally:
+            self.settled.bump()
         if cancelled is not None:
             raise cancelled
 

@@ -464,18 +464,18 @@ class Proxy:
             follow, x.follow = x.follow, None
             x.followed = True
             self.follows.start(x, follow)
-            await self._relay_plain(x, response, status, headers, content_type, send)
+            await self._relay_plain(x, response, status, headers, content_type, receive, send)
             return
         if x.ticket is None or not 200 <= status < 300:
             # Not an answer (or a refused one): nothing to meter.
             await self.admitter.refund(x.ticket, x.request_id)
-            await self._relay_plain(x, response, status, headers, content_type, send)
+            await self._relay_plain(x, response, status, headers, content_type, receive, send)
             return
         if x.call_price is not None:
             # A paid side call the upstream accepted: charged its price, however its
             # reply ends (the upstream has done, and billed, the work).
             try:
-                await self._relay_plain(x, response, status, headers, content_type, send)
+                await self._relay_plain(x, response, status, headers, content_type, receive, send)
             finally:
                 await self._kept(
                     self._settle(x, side_cost_result(x.call_price), disconnected=False)
@@ -494,6 +494,7 @@ class Proxy:
         status: int,
         headers: Headers,
         content_type: bytes,
+        receive: Receive,
         send: Send,
     ) -> None:
         ok = 200 <= status < 300
@@ -504,6 +505,18 @@ class Proxy:
                 return
         x.responded = True
         await send({"type": "http.response.start", "status": status, "headers": headers})
+        if content_type.startswith(_SSE):
+            # An unmetered event stream (a run's events read again): it may stay open
+            # for minutes, so it ends when its client leaves, not when the upstream does.
+            if not await self._pass_stream(x, response, receive, send):
+                return
+        else:
+            await self._pass_body(x, response, send)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if ok and x.upload is not None and x.route.is_upload:
+            await self._count_upload(x.user_id, x.upload.file_bytes, x.request_id)
+
+    async def _pass_body(self, x: Exchange, response: httpx.Response, send: Send) -> None:
         try:
             with self.client.reading():
                 async for chunk in response.aiter_raw():
@@ -512,9 +525,25 @@ class Proxy:
             log.warning(
                 "request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__
             )
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if ok and x.upload is not None and x.route.is_upload:
-            await self._count_upload(x.user_id, x.upload.file_bytes, x.request_id)
+
+    async def _pass_stream(
+        self, x: Exchange, response: httpx.Response, receive: Receive, send: Send
+    ) -> bool:
+        """Pass an unmetered stream on until it ends or its client leaves (False)."""
+        loop = asyncio.get_running_loop()
+        watcher = loop.create_task(_wait_for_disconnect(receive))
+        relay = loop.create_task(self._pass_body(x, response, send))
+        try:
+            await asyncio.wait((watcher, relay), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watcher, relay):
+                task.cancel()
+            await asyncio.wait((watcher, relay))
+        if relay.cancelled():
+            log.info("request %s: client left an event stream", x.request_id)
+            return False
+        relay.result()  # a bug in the relay is raised here
+        return True
 
     async def _relay_answer(
         self, x: Exchange, response: httpx.Response, sse: bool, receive: Receive, send: Send

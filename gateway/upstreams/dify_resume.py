@@ -87,14 +87,19 @@ def forms_named(kind: str, obj: dict[str, Any], run_id: str | None) -> list[tupl
 def blocking_forms(body: bytes) -> list[tuple[str, str]]:
     """The forms a blocking answer paused for: Dify answers a run that pauses in
     blocking mode with ``{"event": "workflow_paused", "workflow_run_id", "data":
-    {..., "human_input_forms": [...]}}``."""
+    {"status": "paused", "reasons": [...], "human_input_forms": [...], ...}}`` (a
+    workflow's answer may lack the ``event``)."""
     if b"form_token" not in body:
         return []  # the common case, without parsing the body again
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         return []
-    if not isinstance(obj, dict) or obj.get("event") != "workflow_paused":
+    if not isinstance(obj, dict):
+        return []
+    data = obj.get("data")
+    paused = isinstance(data, dict) and data.get("status") == "paused"
+    if obj.get("event") != "workflow_paused" and not paused:
         return []
     return list(dict.fromkeys(forms_named("workflow_paused", obj, None)))
 
