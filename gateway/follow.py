@@ -33,6 +33,7 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -238,8 +239,11 @@ class Follows:
         cancelled: asyncio.CancelledError | None = None
         try:
             try:
+                # Bounded like any answer, from the submit's arrival: its pending row
+                # is then settled before a recovery could take it for lost.
+                elapsed = time.perf_counter() - x.started
                 with self._client.reading():
-                    async with asyncio.timeout(gw.config.upstream.total_timeout):
+                    async with asyncio.timeout(gw.config.upstream.total_timeout - elapsed):
                         async for chunk in response.aiter_raw():
                             for event in decoder.feed(chunk):
                                 meter.feed(event)
