@@ -209,6 +209,22 @@ async def test_a_follow_cut_by_the_upstream_is_charged_what_it_read(
     assert resumed.completion_tokens > 0 and resumed.cost == 0
 
 
+async def test_a_follow_that_gives_up_charges_an_estimate(
+    database_url: str, fake: FakeDify, hold: asyncio.Event
+) -> None:
+    # The resumed run says nothing within upstream.total_timeout (counted from the
+    # submit's arrival, so the submit's pending row is settled before any
+    # recovery could take it for lost).
+    settings = {"upstream": {"total_timeout": 0.5}}
+    async with running_gateway(database_url, fake=fake, settings=settings) as h:
+        token = await pause(h)
+        assert (await submit(h, token, **RESUMED)).status_code == 200
+        await follows(h).settled.wait_for(1)
+        (resumed,) = resumes(await h.events())
+        assert await queries_today(h) == 2
+    assert resumed.outcome == "cut" and resumed.estimated and resumed.total_tokens > 0
+
+
 async def test_shutdown_settles_a_resumed_run_still_being_read(
     database_url: str, fake: FakeDify, hold: asyncio.Event
 ) -> None:
