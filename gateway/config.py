@@ -28,7 +28,8 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.errors import ConfigError
-from gateway.pricing import CallPrice, Price
+from gateway.pricing import CallPrice, Price, check_currencies
+from gateway.sse import DEFAULT_MAX_EVENT_BYTES
 from gateway.upstreams import DIALECTS
 
 DEFAULT_CONFIG_FILE = "gateway.toml"
@@ -74,6 +75,11 @@ class ServerConfig:
     max_headers: int = _setting(100, minimum=1)
     reload_interval: float = _setting(2.0, minimum=0)
     shutdown_grace: int = _setting(30, minimum=0)  # whole seconds: uvicorn takes an int
+    # issue 20, spool: the whole request head must arrive within head_timeout; a
+    # worker holds at most max_connections connections (0: derived from the
+    # open-files limit). Both applied by `gateway serve` (gateway/headlimit.py).
+    head_timeout: float = _setting(10.0, minimum=0.001)
+    max_connections: int = _setting(0, minimum=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +96,8 @@ class UpstreamConfig:
     transport: Literal["aiohttp", "httpx"] = "aiohttp"
     on_client_disconnect: Literal["drain", "stop"] = "drain"
     disconnect_grace: float = _setting(120.0, minimum=0)
+    # issue 20, spool: the cap on one SSE line or event from the upstream
+    max_event_bytes: int = _setting(DEFAULT_MAX_EVENT_BYTES, minimum=1024)
     # Default deny (issue 20): routes the dialect refuses that the operator forwards
     # anyway, unmetered: "METHOD /path-glob" (gateway/allowlist.py).
     allow: tuple[str, ...] = ()
@@ -107,6 +115,8 @@ class DatabaseConfig:
     recover_after: float = _setting(0.0, minimum=0)
     recover_interval: float = _setting(60.0, minimum=0)
     max_batch: int = _setting(64, minimum=1)
+    # issue 20, spool: replay while running
+    replay_interval: float = _setting(5.0, minimum=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +176,14 @@ class AccountingConfig:
     # An answer reporting more tokens than this is recorded at this many, marked
     # "clamped" (docs/proxy.md); the bound keeps sums far from 64-bit overflow.
     max_tokens_per_answer: int = _setting(10_000_000, minimum=1)
+
+
+@dataclass(frozen=True, slots=True)
+class PricingConfig:
+    # For dialects that price tokens themselves from [prices] (openai): a request
+    # for a model the table does not price is refused before admission (403
+    # model_not_priced), or let through with its tokens counted at cost 0.
+    unpriced_models: Literal["refuse", "allow"] = "refuse"
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +328,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
     plans: Mapping[str, Plan] = field(default_factory=lambda: {"free": Plan(name="free")})
     # [prices."MODEL"]: what a million tokens of a model cost, for upstreams that
     # report tokens but no money (docs/upstreams/openai.md).
@@ -403,6 +422,8 @@ def parse_config(
             if not isinstance(table, dict):
                 raise ConfigError(f"call_prices.{name}: expected a table, got {_kind(table)}")
             call_prices[name] = _build(CallPrice, table, f"call_prices.{name}.")
+    # A tool's cost is added to its answer's, which the dialect prices from [prices].
+    check_currencies(prices, call_prices, dialect="openai")
 
     accounting = config.accounting
     if accounting.default_plan not in plans:

@@ -8,13 +8,39 @@ per one million tokens, as providers publish them; the arithmetic is exact
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from typing import Final
 
+from gateway.errors import ConfigError
 from gateway.usage import ZERO, Usage
 
-__all__ = ["CallPrice", "Price", "PriceTable"]
+__all__ = [
+    "Audio",
+    "CallPrice",
+    "Price",
+    "PriceTable",
+    "check_currencies",
+    "is_snapshot_suffix",
+]
+
+# What a dated snapshot adds to its model's name, and nothing else: OpenAI's
+# "-2024-08-06" and older "-0613"/"-1106" (month and day), and the "-20241022" of
+# other providers. A name that goes on past the date ("gpt-4-1106-preview") or
+# adds anything that is not a date ("o3-pro", "gpt-4o-mini-tts") is another
+# model, with a price of its own (issue 20).
+_MONTH_DAY: Final = r"(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])"
+_MONTH_DAY_DASHED: Final = r"(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
+_SNAPSHOT: Final = re.compile(
+    rf"-(?:20[0-9]{{2}}-{_MONTH_DAY_DASHED}|20[0-9]{{2}}{_MONTH_DAY}|{_MONTH_DAY})"
+)
+
+
+def is_snapshot_suffix(suffix: str) -> bool:
+    """Whether ``suffix`` (what follows a model name) is a snapshot's date."""
+    return _SNAPSHOT.fullmatch(suffix) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,16 +49,21 @@ class Price:
 
     ``cached_input`` prices prompt tokens read from the provider's prompt cache;
     None bills them at ``input``. Reasoning tokens are part of the completion
-    tokens and billed as output, as providers bill them.
+    tokens and billed as output, as providers bill them. ``audio_input`` and
+    ``audio_output`` price the audio tokens among the prompt and completion
+    tokens (OpenAI's audio models bill them at an audio rate); None bills them
+    at ``input`` and ``output``.
     """
 
     # The configuration loader refuses negative prices ("min").
     input: Decimal = field(default=ZERO, metadata={"min": 0})
     output: Decimal = field(default=ZERO, metadata={"min": 0})
     cached_input: Decimal | None = field(default=None, metadata={"min": 0})
+    audio_input: Decimal | None = field(default=None, metadata={"min": 0})
+    audio_output: Decimal | None = field(default=None, metadata={"min": 0})
     currency: str = "USD"
 
-    def cost(self, usage: Usage) -> Decimal:
+    def cost(self, usage: Usage, *, audio: Audio | None = None) -> Decimal:
         cached = min(usage.cached_tokens, usage.prompt_tokens)
         cached_price = self.input if self.cached_input is None else self.cached_input
         micro = (
@@ -40,8 +71,26 @@ class Price:
             + cached * cached_price
             + usage.completion_tokens * self.output
         )
+        if audio is not None:
+            # Audio tokens are counted among the prompt (not cached) and completion
+            # tokens, already priced above at the text rate: add the difference.
+            heard = min(audio.prompt, usage.prompt_tokens - cached)
+            spoken = min(audio.completion, usage.completion_tokens)
+            if self.audio_input is not None:
+                micro += heard * (self.audio_input - self.input)
+            if self.audio_output is not None:
+                micro += spoken * (self.audio_output - self.output)
         # Per million tokens: an exact shift of the decimal exponent, no rounding.
         return micro.scaleb(-6) if micro else ZERO
+
+
+@dataclass(frozen=True, slots=True)
+class Audio:
+    """The audio tokens among an answer's prompt and completion tokens, where the
+    upstream reports them (OpenAI's ``*_tokens_details.audio_tokens``)."""
+
+    prompt: int = 0
+    completion: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +105,10 @@ class CallPrice:
 
 
 class PriceTable:
-    """Finds a model's price: by its exact name, else by the longest configured
-    name it extends with a ``-`` (a dated snapshot such as ``gpt-4o-2024-08-06``
-    priced as ``gpt-4o``), else the ``"*"`` entry when there is one."""
+    """Finds a model's price: by its exact name, else by the configured name it
+    extends with a snapshot's date (``gpt-4o-2024-08-06`` priced as ``gpt-4o``,
+    ``gpt-4-0613`` as ``gpt-4``; see ``is_snapshot_suffix``), else the ``"*"``
+    entry when there is one."""
 
     __slots__ = ("_by_length", "_prices")
 
@@ -71,13 +121,17 @@ class PriceTable:
 
     def name(self, model: str) -> str | None:
         """The configured name that prices ``model`` (itself, or the base name of
-        a snapshot), not counting ``"*"``; None when the table names none."""
+        a dated snapshot), not counting ``"*"``; None when the table names none."""
         if model in self._prices and model != "*":
             return model
         for name in self._by_length:
-            if model.startswith(name) and model[len(name) : len(name) + 1] == "-":
+            if model.startswith(name) and is_snapshot_suffix(model[len(name) :]):
                 return name
         return None
+
+    def prices(self, model: str | None) -> bool:
+        """Whether the table has a price for ``model`` (its own, or ``"*"``)."""
+        return self.find(model) is not None
 
     def find(self, *models: str | None) -> Price | None:
         """The price of the first of ``models`` the table names, else ``"*"``."""
@@ -96,7 +150,11 @@ class PriceTable:
         return self.name(model) or "other"
 
     def priced(
-        self, usage: Usage, *models: str | None, max_tokens: int | None = None
+        self,
+        usage: Usage,
+        *models: str | None,
+        max_tokens: int | None = None,
+        audio: Audio | None = None,
     ) -> tuple[Usage, bool]:
         """``usage`` with its cost from the first of ``models`` the table prices
         (the model that answered, then the one asked for); and whether one was found.
@@ -117,4 +175,24 @@ class PriceTable:
                 completion_tokens=min(usage.completion_tokens, max_tokens),
                 cached_tokens=min(usage.cached_tokens, max_tokens),
             )
-        return replace(usage, cost=price.cost(counted), currency=price.currency), True
+        cost = price.cost(counted, audio=audio)
+        return replace(usage, cost=cost, currency=price.currency), True
+
+
+def check_currencies(
+    prices: Mapping[str, Price], call_prices: Mapping[str, CallPrice], *, dialect: str
+) -> None:
+    """Refuse ``[call_prices."<dialect>.*"]`` whose currency differs from a
+    ``[prices]`` entry's: a tool's cost is added to the cost of the answer that
+    ran it, in one currency. Raises ``ConfigError`` naming both keys."""
+    prefix = dialect + "."
+    for call, call_price in call_prices.items():
+        if not call.startswith(prefix):
+            continue
+        for model, price in prices.items():
+            if price.currency != call_price.currency:
+                raise ConfigError(
+                    f"call_prices.{call}.currency: {call_price.currency!r} differs from "
+                    f"prices.{model}.currency {price.currency!r} (a tool's cost is added "
+                    "to its answer's, so both must be in one currency)"
+                )

@@ -67,7 +67,7 @@ from gateway.http import (
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
 from gateway.pricing import CallPrice
 from gateway.routing import RouteGuard, side_cost_result
-from gateway.sse import SSEDecoder
+from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import UsageEvent
 from gateway.upstream_client import UpstreamClient
 from gateway.upstreams import Prepared, Route, StreamMeter
@@ -558,12 +558,12 @@ class Proxy:
         route = x.route
         assert x.prepared is not None
         meter: StreamMeter | None = upstream.stream_meter(route, x.answer_body) if sse else None
-        decoder = SSEDecoder() if sse else None
+        decoder = SSEDecoder(max_event_bytes=gw.config.upstream.max_event_bytes) if sse else None
         transform = upstream.stream_transform(route, x.prepared) if sse else None
         buffer = bytearray()
         loop = asyncio.get_running_loop()
         watcher = loop.create_task(_wait_for_disconnect(receive))
-        disconnected = stopped = cut = failed = False
+        disconnected = stopped = cut = failed = too_large = False
         first_byte = True
         cancelled: asyncio.CancelledError | None = None
         try:
@@ -614,6 +614,22 @@ class Proxy:
                     502, "upstream_error", "The upstream connection was lost."
                 )
                 await send({"type": "http.response.body", "body": error_event, "more_body": True})
+        except EventTooLarge as exc:
+            # A line or event past upstream.max_event_bytes: a broken (or hostile)
+            # upstream. The answer ends as an upstream error, and is charged what
+            # was read (or the estimate), like a stream cut short.
+            cut = too_large = True
+            gw.metrics.inc("gateway_upstream_errors_total", kind="event_too_large")
+            log.warning("request %s: upstream stream refused: %s", x.request_id, exc)
+            if meter is not None:
+                for event in exc.events:
+                    meter.feed(event)
+            if not disconnected and not watcher.done():
+                # A blank line first ends whatever part of the line was passed on.
+                error_event = b"\n\n" + upstream.stream_error(
+                    502, "upstream_error", "The upstream sent an event too large to relay."
+                )
+                await send({"type": "http.response.body", "body": error_event, "more_body": True})
         except asyncio.CancelledError as exc:
             # The server is going away (or cancelled this request): what was read
             # is still settled below, shielded, before the cancellation goes on.
@@ -646,6 +662,14 @@ class Proxy:
                 log.exception("request %s: could not end the response", x.request_id)
 
         result = self._result(x, meter, decoder, buffer, cut=cut or disconnected, failed=failed)
+        if too_large and result.usage is None:
+            # The upstream produced (and may bill) something: never free.
+            result = dataclasses.replace(
+                upstream.unanswered(x.route, x.answer_body),
+                answer_id=result.answer_id,
+                outcome="cut",
+                error_code="event_too_large",
+            )
         if cancelled is not None and result.outcome != "complete":
             # Cut by the server's shutdown (server.shutdown_grace ran out): charged
             # what was read, or the estimate, and marked so in the ledger.
@@ -818,6 +842,17 @@ class Proxy:
                 result.outcome,
                 usage.total_tokens,
             )
+        outcome: str = "disconnected" if disconnected else result.outcome
+        if usage.clamped:
+            # A field out of range was bounded where it was read (usage.FieldReader):
+            # the record is marked as bounds.bound_event marks one.
+            outcome = "clamped"
+            self.gw.metrics.inc("gateway_usage_clamped_total")
+            log.warning(
+                "request %s: upstream reported out-of-range usage; recorded clamped: %s",
+                request_id,
+                ", ".join(usage.clamped),
+            )
         # From here the reservation is the ledger's to settle, not to refund.
         ticket.reserved = False
         upstream_ms, overhead_ms = x.timings()
@@ -834,7 +869,7 @@ class Proxy:
                 total_tokens=usage.total_tokens,
                 cost=usage.cost,
                 currency=usage.currency,
-                outcome="disconnected" if disconnected else result.outcome,
+                outcome=outcome,
                 estimated=usage.estimated,
                 web_searches=int(used_web_search(result.metadata, self.gw.config.web_search)),
                 conversation_id=result.conversation_id,

@@ -202,6 +202,13 @@ class Gateway:
         replayed = await self.settler.replay()
         if replayed:
             log.info("replayed %d spooled usage records", replayed)
+        if (replay_interval := self.config.database.replay_interval) > 0:
+            # What is spooled from now on is replayed when the database answers again.
+            self.spawn(
+                self.supervise(
+                    "spool replay", lambda: self.settler.run_replays(interval=replay_interval)
+                )
+            )
         # After the replay: a spooled record settles its own pending answer first.
         self.recovery = Recovery(
             self.storage, clock=self.clock, metrics=self.metrics, after=self.recover_after
@@ -360,6 +367,13 @@ class Gateway:
         safety"); a database failure waits for the next pass."""
         while True:
             await asyncio.sleep(interval)
+            if self.settler.backlog:
+                # As at start-up: a spooled record settles its own pending answer
+                # before a recovery could charge that answer the estimate.
+                try:
+                    await self.settler.replay()
+                except Exception:  # the recovery loop must outlive a failed replay
+                    log.exception("spool replay before recovery failed")
             try:
                 await self.recovery.run_once()
             except StorageError as exc:

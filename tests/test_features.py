@@ -87,3 +87,76 @@ def test_set_path() -> None:
     other: dict[str, Any] = {"inputs": "not an object"}
     set_path(other, "inputs.x.y", "off")
     assert other == {"inputs": {"x": {"y": "off"}}}
+
+
+# --- values as the upstream reads them (issue 20) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "asks"),
+    [
+        ("{}", True),
+        ("{}\x00", True),  # Dify strips NULs from string inputs
+        ("\x00{}\x00\x00", True),
+        ("{} ", False),  # whitespace is kept: the app sees "advanced "
+        ("X{}", False),
+        ("basic\x00", False),
+        (["{}\x00"], True),
+    ],
+)
+def test_feature_values_are_compared_after_dify_strips_nuls(value: Any, asks: bool) -> None:
+    def filled(word: str) -> Any:
+        return [v.format(word) for v in value] if isinstance(value, list) else value.format(word)
+
+    assert (
+        asks_for_advanced_rag({"inputs": {"rag_mode": filled("advanced")}}, AdvancedRagConfig())
+        is asks
+    )
+    assert asks_for_web_search({"inputs": {"search_mode": filled("web")}}, RULE) is asks
+    # Case is kept too: "Advanced" is not "advanced" to the app.
+    assert not asks_for_advanced_rag({"inputs": {"rag_mode": "Advanced\x00"}}, AdvancedRagConfig())
+
+
+@pytest.mark.parametrize(
+    ("value", "asks"),
+    [
+        (True, True),
+        ("true", True),
+        (" Yes", True),
+        ("ON\x00", True),
+        ("1", True),
+        (1, True),
+        (1.0, True),
+        ("maybe", False),
+        (False, False),
+        ("off", False),
+        (0, False),
+        (2, False),
+    ],
+)
+def test_a_checkbox_value_matches_as_dify_reads_it(value: Any, asks: bool) -> None:
+    # Dify reads a checkbox input given as "yes"/"on"/"1"/1 (stripped, any case) as true.
+    rule = WebSearchConfig(request_path="inputs.web", request_values=("true",))
+    assert asks_for_web_search({"inputs": {"web": value}}, rule) is asks
+
+
+@pytest.mark.parametrize(
+    ("value", "asks"),
+    [
+        (2, True),
+        ("2", True),
+        (" 2 ", True),  # Dify's number input: int(" 2 ") is 2
+        ("2.0", True),  # float("2.0") is 2.0, which the app compares equal to 2
+        (2.0, True),
+        ("+2", True),
+        ("2.5", False),
+        ("two", False),
+        ("", False),
+        ("2\x00", True),  # Dify refuses it as a number; as text it is "2"
+        (float("nan"), False),
+        ("1" * 5000, False),  # past Python's digit limit: no number, no error
+    ],
+)
+def test_a_number_matches_as_dify_reads_it(value: Any, asks: bool) -> None:
+    rule = AdvancedRagConfig(request_path="inputs.level", request_values=("2",))
+    assert asks_for_advanced_rag({"inputs": {"level": value}}, rule) is asks

@@ -473,7 +473,7 @@ async def test_odd_openai_answers_are_recorded(
     answer: _OneAnswer,
     tokens: tuple[int, int],
 ) -> None:
-    settings = {"upstream": {"kind": "openai"}}
+    settings = {"upstream": {"kind": "openai"}, "pricing": {"unpriced_models": "allow"}}
     async with running_gateway(sqlite_url, upstream=answer, settings=settings) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=10) as http:
             response = await http.post(f"/v1/{path}", json=request_body, headers=h.auth())

@@ -202,9 +202,9 @@ async def test_the_model_label_is_a_priced_name_or_other(
 ) -> None:
     fake = FakeOpenAI(api_key=UPSTREAM_KEY)
     steer = {**STEER, **({"x-fake-model": answered} if answered else {})}
-    async with running_gateway(
-        sqlite_url, upstream=fake, settings=openai_settings(), env=METRICS_ENV
-    ) as h:
+    # Unpriced models let through, to see how they are labelled.
+    settings = openai_settings(pricing={"unpriced_models": "allow"})
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings, env=METRICS_ENV) as h:
         async with httpx.AsyncClient(base_url=h.url) as client:
             body = {"model": asked, "messages": [{"role": "user", "content": "hi"}]}
             response = await client.post("/v1/chat/completions", json=body, headers=h.auth(**steer))
@@ -222,7 +222,7 @@ async def test_the_model_labels_follow_a_reload_of_the_prices(
     fake = FakeOpenAI(api_key=UPSTREAM_KEY)
     path = tmp_path / "gateway.toml"
     body = {"model": "o9", "messages": [{"role": "user", "content": "hi"}]}
-    settings = openai_settings()
+    settings = openai_settings(pricing={"unpriced_models": "allow"})  # o9, unpriced at first
     async with running_gateway(
         sqlite_url, upstream=fake, settings=settings, config_file=path, env=METRICS_ENV
     ) as h:

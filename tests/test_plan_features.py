@@ -239,6 +239,53 @@ async def test_advanced_rag_counted_when_allowed(sqlite_url: str) -> None:
     assert (row.queries, row.advanced_rag) == (2, 1)
 
 
+# --- values as Dify reads them (issue 20) -------------------------------------------------
+
+
+async def test_a_nul_does_not_get_advanced_rag_past_the_plan(sqlite_url: str) -> None:
+    # Attack: Dify strips the NUL, so the app runs advanced RAG for "advanced\u0000".
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    sneaky = {**CHAT, "inputs": {"rag_mode": "advanced\x00"}}
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(advanced_rag=False)) as h:
+        refused = await post(h, "/v1/chat-messages", sneaky)
+        inner = await post(
+            h, "/v1/chat-messages", {**CHAT, "inputs": {"rag_mode": "\x00adv\x00anced"}}
+        )
+    assert refused.status_code == 403 and refused.json()["code"] == "feature_not_in_plan"
+    assert inner.status_code == 403
+    assert fake.hits("/chat-messages") == 0
+
+
+async def test_a_nul_does_not_get_a_web_search_past_a_spent_allowance(sqlite_url: str) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(web_searches_per_day=1)) as h:
+        await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)
+        await h.gateway.wait_finished(1)
+        sneaky = {**CHAT, "inputs": {"search_mode": "web\x00"}}
+        refused = await post(h, "/v1/chat-messages", sneaky, **WEB_ANSWER)
+        row = await today_row(h)
+    assert refused.status_code == 429 and refused.json()["code"] == "web_search_limit"
+    assert fake.hits("/chat-messages") == 1
+    assert (row.queries, row.web_searches) == (1, 1)
+
+
+async def test_an_allowed_value_with_a_nul_is_forwarded_and_counted_as_judged(
+    sqlite_url: str,
+) -> None:
+    # What is forwarded is what was judged: Dify reads "advanced\u0000" as "advanced",
+    # and the gateway counted it as an advanced-RAG query.
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    sneaky = {**CHAT, "inputs": {"rag_mode": "advanced\x00"}}
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(advanced_rag=True)) as h:
+        allowed = await post(h, "/v1/chat-messages", sneaky)
+        await h.gateway.wait_finished(1)
+        row = await today_row(h)
+    assert allowed.status_code == 200
+    (forwarded,) = fake.requests
+    assert forwarded.json["inputs"]["rag_mode"].replace("\x00", "") == "advanced"  # type: ignore[index]
+    assert (row.queries, row.advanced_rag) == (1, 1)
+
+
 # --- uploads ------------------------------------------------------------------------------
 
 BOUNDARY = "gatewaytestboundary"

@@ -199,7 +199,10 @@ async def test_a_client_gone_before_the_first_token_of_an_answer_stopped_by_clos
     sqlite_url: str,
 ) -> None:
     upstream = FirstTokenAfter()
-    settings = {"upstream": {"kind": "openai", "on_client_disconnect": "stop"}}
+    settings = {
+        "upstream": {"kind": "openai", "on_client_disconnect": "stop"},
+        "pricing": {"unpriced_models": "allow"},
+    }
     async with running_gateway(sqlite_url, upstream=upstream, settings=settings) as h:
         body = orjson.dumps(
             {

@@ -241,7 +241,13 @@ def test_a_spooled_event_keeps_its_absurd_parts_exactly() -> None:
     assert (read.cached_tokens, read.reasoning_tokens) == (10**30, 2**64)
 
 
-OPENAI = {**SETTINGS, "upstream": {"kind": "openai"}, "prices": PRICES}
+# Odd model names are unpriced: let through, to see them recorded.
+OPENAI = {
+    **SETTINGS,
+    "upstream": {"kind": "openai"},
+    "prices": PRICES,
+    "pricing": {"unpriced_models": "allow"},
+}
 # gpt-4o-mini's prices per million tokens (tests/test_openai_sdk.py).
 INPUT, OUTPUT = Decimal("0.15"), Decimal("0.60")
 

@@ -12,9 +12,16 @@ Tests steer it per request with headers:
 
 - ``x-fake-prompt-tokens``, ``x-fake-completion-tokens``, ``x-fake-cached-tokens``,
   ``x-fake-reasoning-tokens``: the usage it reports;
+- ``x-fake-audio-prompt-tokens``, ``x-fake-audio-completion-tokens``: the audio
+  tokens among them (chat completions' ``*_tokens_details.audio_tokens``);
 - ``x-fake-model``: the model it says answered (default: the one asked for);
 - ``x-fake-delay-ms``: the pause between two streamed events;
 - ``x-fake-status``: answer with this HTTP error status, in OpenAI's error shape;
+- ``x-fake-tool-calls``: a comma-separated list of output item types
+  (``web_search_call``, ``image_generation_call``, ``code_interpreter_call``...)
+  a response reports before its message, as hosted tool calls; streamed as
+  ``response.output_item.added`` and ``.done`` events. ``x-fake-container``: the
+  ``container_id`` of its code interpreter calls (default ``cntr_fake``);
 - ``x-fake-scenario``: ``cut`` (the connection drops after the text, before any
   usage), ``no_usage`` (ignore ``include_usage``, as some compatible servers do),
   ``error_midstream`` (an error ``data:`` line after the first piece),
@@ -23,6 +30,9 @@ Tests steer it per request with headers:
 
 Like OpenAI, an answer stops being generated when its client closes the
 connection (there is no stop endpoint); ``closed`` counts such answers.
+
+``FakeOpenAI(lax=True)`` reads booleans as lax compatible servers do (vLLM and
+other pydantic servers): ``1``, ``"true"``, ``"yes"``, ``"on"`` are true.
 """
 
 from __future__ import annotations
@@ -75,10 +85,17 @@ def error_body(status: int, message: str, *, code: str | None = None) -> bytes:
     )
 
 
+# What pydantic's lax mode reads as true (vLLM's request models are pydantic).
+_LAX_TRUE: Final = frozenset({"1", "true", "yes", "on", "t", "y"})
+
+
 class FakeOpenAI:
-    def __init__(self, *, api_key: str, models: tuple[str, ...] = ("gpt-4o-mini",)) -> None:
+    def __init__(
+        self, *, api_key: str, models: tuple[str, ...] = ("gpt-4o-mini",), lax: bool = False
+    ) -> None:
         self.api_key = api_key
         self.models = models
+        self.lax = lax
         self.requests: list[RecordedRequest] = []
         self.sent: list[bytes] = []  # each streamed answer's body, as sent
         self.closed = 0  # streamed answers whose client closed the connection mid-answer
@@ -153,13 +170,34 @@ class _Answer:
         self.completion = int(headers.get("x-fake-completion-tokens", str(len(ANSWER_PIECES))))
         self.cached = int(headers.get("x-fake-cached-tokens", "0"))
         self.reasoning = int(headers.get("x-fake-reasoning-tokens", "0"))
+        self.audio_prompt = int(headers.get("x-fake-audio-prompt-tokens", "0"))
+        self.audio_completion = int(headers.get("x-fake-audio-completion-tokens", "0"))
         self.delay = int(headers.get("x-fake-delay-ms", "0")) / 1000
+        self.tool_calls = [t for t in headers.get("x-fake-tool-calls", "").split(",") if t]
+        self.container = headers.get("x-fake-container", "cntr_fake")
         self.created = int(time.time())
         self.id = {
             "/chat/completions": f"chatcmpl-fake{n:06d}",
             "/completions": f"cmpl-fake{n:06d}",
             "/responses": f"resp_fake{n:06d}",
         }.get(path, "")
+
+    def flag(self, value: object) -> bool:
+        """A boolean of the request, read strictly (OpenAI) or laxly (vLLM)."""
+        if not self.fake.lax or isinstance(value, bool):
+            return value is True
+        if isinstance(value, int | float):
+            return value == 1
+        return isinstance(value, str) and value.strip().lower() in _LAX_TRUE
+
+    def tool_items(self, status: str = "completed") -> list[JSON]:
+        items: list[JSON] = []
+        for i, kind in enumerate(self.tool_calls):
+            item: JSON = {"id": f"{kind}_{self.id}_{i}", "type": kind, "status": status}
+            if kind == "code_interpreter_call":
+                item["container_id"] = self.container
+            items.append(item)
+        return items
 
     # --- usage objects -------------------------------------------------------------
 
@@ -168,10 +206,13 @@ class _Answer:
             "prompt_tokens": self.prompt,
             "completion_tokens": self.completion,
             "total_tokens": self.prompt + self.completion,
-            "prompt_tokens_details": {"cached_tokens": self.cached, "audio_tokens": 0},
+            "prompt_tokens_details": {
+                "cached_tokens": self.cached,
+                "audio_tokens": self.audio_prompt,
+            },
             "completion_tokens_details": {
                 "reasoning_tokens": self.reasoning,
-                "audio_tokens": 0,
+                "audio_tokens": self.audio_completion,
                 "accepted_prediction_tokens": 0,
                 "rejected_prediction_tokens": 0,
             },
@@ -237,7 +278,8 @@ class _Answer:
         }
 
     def response(self, status: str, *, text: str = "", usage: bool = True) -> JSON:
-        output = (
+        output = self.tool_items() if status != "in_progress" else []
+        output += (
             [
                 {
                     "id": f"msg_{self.id}",
@@ -268,7 +310,7 @@ class _Answer:
     # --- answering ----------------------------------------------------------------------
 
     async def run(self, receive: Receive, send: Send) -> None:
-        stream = self.body.get("stream") is True
+        stream = self.flag(self.body.get("stream"))
         if self.path == "/embeddings":
             await FakeOpenAI._json(send, 200, orjson.dumps(self.embeddings()))
         elif not stream:
@@ -288,7 +330,7 @@ class _Answer:
         options = self.body.get("stream_options")
         include_usage = (
             isinstance(options, dict)
-            and options.get("include_usage") is True
+            and self.flag(options.get("include_usage"))
             and "no_usage" not in self.scenario
         )
         chat = self.path == "/chat/completions"
@@ -335,6 +377,18 @@ class _Answer:
                 },
             )
         ]
+        for index, call in enumerate(self.tool_items()):
+            for kind, shown in (
+                ("response.output_item.added", {**call, "status": "in_progress"}),
+                ("response.output_item.done", call),
+            ):
+                event = {
+                    "type": kind,
+                    "sequence_number": next(seq),
+                    "output_index": index,
+                    "item": shown,
+                }
+                out.append(_event(kind, event))
         for piece in ANSWER_PIECES:
             out.append(
                 _event(

@@ -5,7 +5,10 @@ Metered: ``/chat/completions`` and ``/completions`` (blocking or streamed),
 upstream's own answer (docs/upstreams/openai.md): to get it in a streamed chat completion,
 the gateway sets ``stream_options.include_usage`` and, when the client had not
 asked for it, hides the extra usage chunk from the client. OpenAI reports tokens
-only; the cost comes from the ``[prices]`` table.
+only; the cost comes from the ``[prices]`` table, plus the paid tool calls an
+answer made (web search, image generation...) from ``[call_prices]``. A request
+for a model or a paid tool without a price, or with a boolean the gateway reads
+that is not a JSON boolean, is refused before admission (issue 20).
 
 Every other route is declared in openai_routes.py with its role (default deny):
 ``GET /models`` passes through, a stored response or chat completion is
@@ -17,19 +20,24 @@ refused too: their usage never passes through the request.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
+from collections.abc import Mapping
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
 from gateway.bounds import DEFAULT_MAX_TOKENS_PER_ANSWER
 from gateway.errors import BadRequest, Forbidden
-from gateway.pricing import PriceTable
+from gateway.pricing import Audio, CallPrice, PriceTable
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import openai_routes
 from gateway.upstreams.base import Prepared, Route, StreamMeter
 from gateway.upstreams.openai_routes import object_id_meter, with_object_id
 from gateway.upstreams.openai_wire import (
     ChatStreamMeter,
+    Extras,
     ResponsesStreamMeter,
     has_usage_object,
     is_usage_only,
@@ -44,6 +52,8 @@ if TYPE_CHECKING:
 
 __all__ = ["OpenAIUpstream"]
 
+log = logging.getLogger(__name__)
+
 # The route table lives in openai_routes.py (default deny, issue 20).
 _CHAT: Final = openai_routes.CHAT
 _COMPLETION: Final = openai_routes.COMPLETION
@@ -54,6 +64,31 @@ _REFUSED: Final = openai_routes.OPERATOR
 _USAGE_OPTION_KINDS: Final = frozenset({"chat", "completion"})
 # The memo that tells stream_transform the usage chunk is the gateway's own.
 _HIDE_USAGE: Final = "hide-usage-chunk"
+
+# The booleans the gateway reads to decide how to meter a request. OpenAI refuses
+# anything but true, false or null in them; lax compatible servers (vLLM, other
+# pydantic ones) take 1, "true", "yes"... as true, so a value the gateway read as
+# "not true" would stream unmetered, or run in the background. The gateway refuses
+# what OpenAI refuses (docs/upstreams/openai.md, "Booleans").
+_BOOLEANS: Final = ("stream", "background", "store")
+_STREAM_OPTION_BOOLEANS: Final = ("include_usage",)
+
+# Tools a Responses request may list that cost nothing past the answer's tokens:
+# the client runs them (function, custom, local_shell, apply_patch), or OpenAI
+# bills only the tokens (remote MCP servers). Every other tool is a paid call,
+# priced in [call_prices."openai.<type>"] or refused (issue 20).
+_FREE_TOOLS: Final = frozenset({"function", "custom", "local_shell", "apply_patch", "mcp"})
+# A dated tool version ("web_search_preview_2025_03_11") is priced as its tool.
+_TOOL_VERSION: Final = re.compile(r"_20[0-9]{2}_[0-9]{2}_[0-9]{2}$")
+# The web-search tools: a response's web_search_call items are calls of the one
+# the request listed.
+_WEB_SEARCH_TOOLS: Final = ("web_search", "web_search_preview")
+# Chat-completions models that search the web on every answer (gpt-4o-search-preview,
+# gpt-4o-mini-search-preview-2025-03-11, gpt-5-search-api).
+_SEARCH_MODEL: Final = re.compile(r"-search(?:-|$)")
+# Per-answer calls of a chat completion.
+_CHAT_WEB_SEARCH: Final = "chat_web_search"
+_AUDIO_OUTPUT: Final = "audio_output"
 
 # OpenAI's error "type" per status, as its API sends them.
 _ERROR_TYPES: Final = {
@@ -70,15 +105,17 @@ _ERROR_TYPES: Final = {
 class _PricedMeter:
     """A stream meter whose result is priced from the table when it finishes."""
 
-    __slots__ = ("_dialect", "_meter", "_model")
+    __slots__ = ("_body", "_dialect", "_meter", "_route")
 
     def __init__(
         self,
         meter: ChatStreamMeter | ResponsesStreamMeter,
         dialect: OpenAIUpstream,
-        model: str | None,
+        route: Route,
+        body: dict[str, Any],
     ) -> None:
-        self._meter, self._dialect, self._model = meter, dialect, model
+        self._meter, self._dialect = meter, dialect
+        self._route, self._body = route, body
 
     @property
     def task_id(self) -> str | None:
@@ -88,7 +125,8 @@ class _PricedMeter:
         self._meter.feed(event)
 
     def finish(self, *, cut: bool) -> Metered:
-        return self._dialect.priced(self._meter.finish(cut=cut), self._model)
+        metered = self._meter.finish(cut=cut)
+        return self._dialect.priced_with(metered, self._route, self._body, self._meter.extras)
 
 
 def _requested_model(body: dict[str, Any]) -> str | None:
@@ -99,7 +137,7 @@ def _requested_model(body: dict[str, Any]) -> str | None:
 class OpenAIUpstream:
     """The OpenAI API (``https://api.openai.com/v1``) and compatible servers."""
 
-    __slots__ = ("_max_tokens", "_prices")
+    __slots__ = ("_allow_unpriced", "_call_prices", "_max_tokens", "_prices")
 
     kind = "openai"
     user_field = "user"
@@ -112,6 +150,13 @@ class OpenAIUpstream:
             if config is not None
             else DEFAULT_MAX_TOKENS_PER_ANSWER
         )
+        # Without a configuration (tests of the wire format alone) nothing is refused.
+        self._allow_unpriced = config is None or config.pricing.unpriced_models == "allow"
+        self._call_prices: Mapping[str, CallPrice] = {
+            name.removeprefix("openai."): price
+            for name, price in (config.call_prices if config is not None else {}).items()
+            if name.startswith("openai.")
+        }
 
     # --- requests ------------------------------------------------------------------
 
@@ -138,6 +183,11 @@ class OpenAIUpstream:
             )
         if body is None:
             return Prepared(None, query)
+        if route.produces_answer:
+            # Before anything else reads them: a body the upstream could read
+            # otherwise than the gateway is refused, with nothing reserved.
+            _check_booleans(body)
+            self._check_priced(route, body)
         # The end user as OpenAI reads it, so nobody can act as someone else there:
         # "user", and its successor "safety_identifier" when the client sent one
         # (not every endpoint, nor every compatible server, takes the newer field).
@@ -156,6 +206,31 @@ class OpenAIUpstream:
             memo = _ask_for_usage(body)
         return Prepared(body, query, memo=memo)
 
+    def _check_priced(self, route: Route, body: dict[str, Any]) -> None:
+        """Refuse, before admission, an answer whose cost could not be told: a
+        model the price table does not price (unless ``pricing.unpriced_models``
+        allows it at cost 0), or a paid tool without a call price."""
+        model = _requested_model(body)
+        if not self._allow_unpriced and not self._prices.prices(model):
+            named = f"The model {model!r}" if model is not None else "A request without a model"
+            raise Forbidden(
+                f"{named} has no price on this gateway, so its use cannot be charged.",
+                code="model_not_priced",
+            )
+        if route.kind == "chat":
+            asked = _chat_calls(body)
+        elif route.kind == "response":
+            asked = [tool for tool in _response_tools(body) if tool not in _FREE_TOOLS]
+        else:
+            return
+        for tool in asked:
+            if tool not in self._call_prices:
+                raise Forbidden(
+                    f"The tool {tool!r} has no price on this gateway "
+                    f'([call_prices."openai.{tool}"]), so it is not available.',
+                    code="tool_not_priced",
+                )
+
     def is_streaming(self, route: Route, body: dict[str, Any]) -> bool:
         return body.get("stream") is True
 
@@ -168,7 +243,7 @@ class OpenAIUpstream:
         else:
             meter = ChatStreamMeter(body)
         # Recorded under the object id a stored answer gets (openai_routes.py).
-        return object_id_meter(route, body, _PricedMeter(meter, self, _requested_model(body)))
+        return object_id_meter(route, body, _PricedMeter(meter, self, route, body))
 
     def stream_transform(self, route: Route, prepared: Prepared) -> DropEvents | None:
         if prepared.memo != _HIDE_USAGE:
@@ -177,28 +252,113 @@ class OpenAIUpstream:
         return DropEvents(is_usage_only, may_drop=has_usage_object)
 
     def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:
-        metered = self.priced(meter_body(body, response), _requested_model(body))
-        return with_object_id(route, body, response, metered)  # openai_routes.py
+        extras = Extras()
+        metered = meter_body(body, response, extras)
+        priced = self.priced_with(metered, route, body, extras)
+        return with_object_id(route, body, response, priced)  # openai_routes.py
+
+    def priced_with(
+        self, metered: Metered, route: Route, body: dict[str, Any], extras: Extras
+    ) -> Metered:
+        """An answer's ``metered`` usage priced with what else it reported."""
+        calls = self.calls(route, body, extras.calls.counts())
+        ran = route.kind == "response"
+        return self.priced(
+            metered, _requested_model(body), calls=calls, ran=ran, audio=extras.audio
+        )
 
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         prompt = estimate_tokens(prompt_chars(body))
         usage = Usage(prompt_tokens=prompt, total_tokens=prompt, estimated=True)
         model = _requested_model(body)
-        return self.priced(Metered(None, None, None, usage, "timeout", model=model), model)
+        # The calls the request itself decides (a search model searches on every
+        # answer); a response's tool calls are not known until it reports them.
+        calls = self.calls(route, body, {})
+        metered = Metered(None, None, None, usage, "timeout", model=model)
+        return self.priced(metered, model, calls=calls)
 
-    def priced(self, metered: Metered, requested: str | None) -> Metered:
+    def calls(
+        self, route: Route, body: dict[str, Any], reported: Mapping[str, int]
+    ) -> dict[str, int]:
+        """The paid calls an answer is charged, by call name (``[call_prices]``
+        without the ``openai.`` prefix): a response's tool calls as it reported
+        them, and a chat completion's web search and audio output, one per answer
+        that asked for them."""
+        if route.kind == "chat":
+            return dict.fromkeys(_chat_calls(body), 1)
+        if route.kind != "response":
+            return {}
+        calls: dict[str, int] = {}
+        for tool, count in reported.items():
+            if tool == "web_search":
+                tool = self._web_search_tool(body)
+            if tool in _FREE_TOOLS:
+                continue
+            calls[tool] = calls.get(tool, 0) + count
+        return calls
+
+    def _web_search_tool(self, body: dict[str, Any]) -> str:
+        """Which web-search tool a response's ``web_search_call`` items are calls
+        of: the one the request listed; of two, the dearer."""
+        listed = [tool for tool in _response_tools(body) if tool in _WEB_SEARCH_TOOLS]
+        priced = [tool for tool in listed if tool in self._call_prices]
+        if not priced:
+            return listed[0] if listed else "web_search"
+        return max(priced, key=lambda tool: self._call_prices[tool].price)
+
+    def priced(
+        self,
+        metered: Metered,
+        requested: str | None,
+        *,
+        calls: Mapping[str, int] | None = None,
+        ran: bool = False,
+        audio: Audio | None = None,
+    ) -> Metered:
         """``metered`` with its cost from the price table: by the model that
-        answered, else the one asked for. The model recorded is the one that
-        answered, or the one asked for when the upstream named none."""
+        answered, else the one asked for, plus its paid ``calls`` at their call
+        prices. The model recorded is the one that answered, or the one asked for
+        when the upstream named none. ``ran``: the answer itself reported the
+        calls, which are then charged even when nothing else is. ``audio``: the
+        audio tokens among its counts, at the model's audio prices."""
         model = metered.model or requested
         usage = metered.usage
         if usage is not None:
             usage, _ = self._prices.priced(
-                usage, metered.model, requested, max_tokens=self._max_tokens
+                usage, metered.model, requested, max_tokens=self._max_tokens, audio=audio
             )
+        if calls:
+            usage = self._with_calls(usage, calls, ran=ran)
         if usage is metered.usage and model == metered.model:
             return metered
         return dataclasses.replace(metered, usage=usage, model=model)
+
+    def _with_calls(
+        self, usage: Usage | None, calls: Mapping[str, int], *, ran: bool
+    ) -> Usage | None:
+        """``usage`` with the cost of ``calls`` added (exact decimals)."""
+        cost = Decimal(0)
+        currency = None
+        for tool, count in calls.items():
+            price = self._call_prices.get(tool)
+            if price is None:
+                # Refused at the request unless the answer ran a tool it did not
+                # list (a stored prompt's tools): it cannot be priced, so it is said.
+                log.warning("an answer ran %d call(s) of %r, which has no price", count, tool)
+                continue
+            cost += price.price * count
+            currency = price.currency
+        if currency is None:
+            return usage
+        if usage is None:
+            if not ran:
+                return None  # an answer that failed before any text: nothing ran
+            # The answer failed before any text but after its tools ran: they are
+            # billed all the same.
+            usage = Usage(estimated=True, currency=currency)
+        elif not usage.cost:
+            usage = dataclasses.replace(usage, currency=currency)
+        return dataclasses.replace(usage, cost=usage.cost + cost)
 
     def filter_history(
         self, route: Route, query: bytes, page: dict[str, Any], cutoff: float
@@ -221,6 +381,65 @@ class OpenAIUpstream:
     def stream_error(self, status: int, code: str, message: str) -> bytes:
         # The SDKs raise on a data line holding an "error" object, in any stream.
         return b"data: " + self.error_body(status, code, message) + b"\n\n"
+
+
+def _check_booleans(body: dict[str, Any]) -> None:
+    """Refuse a boolean the gateway reads that is not true, false or null."""
+    for name in _BOOLEANS:
+        _check_boolean(name, body.get(name))
+    options = body.get("stream_options")
+    if isinstance(options, dict):
+        for name in _STREAM_OPTION_BOOLEANS:
+            _check_boolean(f"stream_options.{name}", options.get(name))
+
+
+def _check_boolean(name: str, value: object) -> None:
+    if value is None or isinstance(value, bool):
+        return
+    raise BadRequest(
+        f"Invalid type for '{name}': expected a boolean, but got {_json_type(value)} instead.",
+        code="invalid_type",
+    )
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _response_tools(body: dict[str, Any]) -> list[str]:
+    """The tool types a Responses request lists, dated versions as their tool."""
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return []
+    names = []
+    for tool in tools:
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str):
+            names.append(_TOOL_VERSION.sub("", kind))
+    return names
+
+
+def _chat_calls(body: dict[str, Any]) -> list[str]:
+    """The paid calls a chat completion makes on every answer: a web search (a
+    search model, or ``web_search_options``) and audio output."""
+    calls = []
+    model = _requested_model(body)
+    if body.get("web_search_options") is not None or (
+        model is not None and _SEARCH_MODEL.search(model) is not None
+    ):
+        calls.append(_CHAT_WEB_SEARCH)
+    modalities = body.get("modalities")
+    if body.get("audio") is not None or (isinstance(modalities, list) and "audio" in modalities):
+        calls.append(_AUDIO_OUTPUT)
+    return calls
 
 
 def _ask_for_usage(body: dict[str, Any]) -> str | None:

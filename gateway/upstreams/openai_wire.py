@@ -27,19 +27,23 @@ from typing import Any, Final
 
 import orjson
 
+from gateway.pricing import Audio
 from gateway.sse import ServerSentEvent
 from gateway.usage import (
+    FieldReader,
     Metered,
     Outcome,
     Usage,
     estimate_usage,
-    parse_tokens,
     unreadable_answer,
 )
 
 __all__ = [
     "ChatStreamMeter",
+    "Extras",
     "ResponsesStreamMeter",
+    "ToolCalls",
+    "audio_from",
     "has_usage_object",
     "is_usage_only",
     "meter_body",
@@ -75,7 +79,15 @@ _UNNAMED: Final = frozenset({"", "message"})
 # A "type" member and its value, as JSON writes it. A string inside the JSON cannot
 # hold an unescaped quote, so every match is a real member, possibly nested.
 _TYPE: Final = re.compile(r'"type"\s*:\s*"([^"\\]*)"')
-_RESPONSE_PARSED: Final = _RESPONSE_FINAL | {"error", "response.created"}
+# Output items announced in a stream: the hosted tool calls are among them.
+_RESPONSE_ITEM: Final = frozenset({"response.output_item.added", "response.output_item.done"})
+_RESPONSE_PARSED: Final = _RESPONSE_FINAL | _RESPONSE_ITEM | {"error", "response.created"}
+# The tool a Responses output item of this type is a call of, where the name is not
+# the type less "_call" (OpenAI's ResponseOutputItem types).
+_CALL_TOOLS: Final = {
+    "computer_call": "computer_use_preview",
+    "custom_tool_call": "custom",
+}
 
 
 def _data_type(data: str) -> tuple[str, object]:
@@ -101,41 +113,44 @@ def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _detail(raw: dict[str, Any], outer: str, inner: str) -> int:
+def _detail(raw: dict[str, Any], outer: str, inner: str, read: FieldReader) -> int:
     details = raw.get(outer)
     if details is None:
         return 0
     if not isinstance(details, dict):
-        raise ValueError(f"{outer} is not an object: {details!r}")
-    return parse_tokens(details.get(inner))
+        read.clamped.append(f"{outer}=<{type(details).__name__}>")
+        return 0
+    return read.tokens(details, inner)
 
 
 def usage_from(raw: object) -> Usage:
     """An OpenAI ``usage`` object (any endpoint's shape) as token counts.
 
-    Raises ``ValueError`` when it is not an object or a count is malformed.
+    Each count is read on its own (FieldReader): a bad one is derived from the
+    others or bounded, and named in ``clamped``; the rest is kept. Raises
+    ``ValueError`` when it is not an object, or nothing usable is left.
     """
     if not isinstance(raw, dict):
         raise ValueError(f"usage is not an object: {raw!r}")
+    read = FieldReader()
     if "input_tokens" in raw or "output_tokens" in raw:  # the responses API
-        prompt = parse_tokens(raw.get("input_tokens"))
-        completion = parse_tokens(raw.get("output_tokens"))
-        cached = _detail(raw, "input_tokens_details", "cached_tokens")
-        reasoning = _detail(raw, "output_tokens_details", "reasoning_tokens")
+        prompt, completion, total = read.split(raw, "input_tokens", "output_tokens", "total_tokens")
+        cached = _detail(raw, "input_tokens_details", "cached_tokens", read)
+        reasoning = _detail(raw, "output_tokens_details", "reasoning_tokens", read)
     else:
-        prompt = parse_tokens(raw.get("prompt_tokens"))
-        completion = parse_tokens(raw.get("completion_tokens"))
-        cached = _detail(raw, "prompt_tokens_details", "cached_tokens")
-        reasoning = _detail(raw, "completion_tokens_details", "reasoning_tokens")
-    total_raw = raw.get("total_tokens")
-    total = prompt + completion if total_raw is None else parse_tokens(total_raw)
-    return Usage(
+        prompt, completion, total = read.split(
+            raw, "prompt_tokens", "completion_tokens", "total_tokens"
+        )
+        cached = _detail(raw, "prompt_tokens_details", "cached_tokens", read)
+        reasoning = _detail(raw, "completion_tokens_details", "reasoning_tokens", read)
+    usage = Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
         cached_tokens=cached,
         reasoning_tokens=reasoning,
     )
+    return read.usable(usage)
 
 
 def _text_chars(value: object) -> int:
@@ -204,8 +219,82 @@ def _error_code(error: object) -> str:
     return "error"
 
 
-def meter_body(body: dict[str, Any], response: bytes) -> Metered:
-    """Usage of an answer given as one JSON body (any endpoint, not streamed).
+class ToolCalls:
+    """The tool calls a response reports: its output items of a ``*_call`` type
+    (``web_search_call``, ``image_generation_call``...), each counted once
+    however often a stream shows it (added, done, then in the final response).
+
+    OpenAI bills code interpreter per container, not per call: its calls count
+    once per container they ran in."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        # (tool, the item's id or output index) -> the container it ran in
+        self._items: dict[tuple[str, str], str | None] = {}
+
+    def add(self, item: object, index: object) -> None:
+        if not isinstance(item, dict):
+            return
+        kind = item.get("type")
+        if not isinstance(kind, str) or not kind.endswith("_call"):
+            return
+        tool = _CALL_TOOLS.get(kind) or kind.removesuffix("_call")
+        key = (tool, _str_or_none(item.get("id")) or f"#{index}")
+        container = _str_or_none(item.get("container_id"))
+        if container is not None or key not in self._items:
+            self._items[key] = container
+
+    def add_output(self, output: object) -> None:
+        """Every item of a response's ``output`` list."""
+        if isinstance(output, list):
+            for index, item in enumerate(output):
+                self.add(item, index)
+
+    def counts(self) -> dict[str, int]:
+        """Calls per tool name (code interpreter: per container)."""
+        counts: dict[str, int] = {}
+        containers: set[str] = set()
+        for (tool, _), container in self._items.items():
+            if container is not None and tool == "code_interpreter":
+                if container in containers:
+                    continue
+                containers.add(container)
+            counts[tool] = counts.get(tool, 0) + 1
+        return counts
+
+
+def _details_count(raw: dict[str, Any], outer: str) -> int:
+    # A part of the counts, read on its own: a bad one is bounded like any other
+    # field, and the tokens themselves are still charged at the text rate.
+    return _detail(raw, outer, "audio_tokens", FieldReader())
+
+
+def audio_from(raw: object) -> Audio | None:
+    """The audio tokens an OpenAI usage object reports among its prompt and
+    completion tokens (chat completions' ``*_tokens_details.audio_tokens``), or
+    None when it reports none."""
+    if not isinstance(raw, dict):
+        return None
+    heard = _details_count(raw, "prompt_tokens_details")
+    spoken = _details_count(raw, "completion_tokens_details")
+    return Audio(heard, spoken) if heard or spoken else None
+
+
+class Extras:
+    """What an answer reports besides its token counts that the dialect prices:
+    the tool calls of a response, the audio tokens of a chat completion."""
+
+    __slots__ = ("audio", "calls")
+
+    def __init__(self) -> None:
+        self.calls = ToolCalls()
+        self.audio: Audio | None = None
+
+
+def meter_body(body: dict[str, Any], response: bytes, extras: Extras | None = None) -> Metered:
+    """Usage of an answer given as one JSON body (any endpoint, not streamed);
+    its tool calls and audio tokens go into ``extras`` when given.
 
     The answer id is left to the gateway (see ``OpenAIUpstream``); the model
     is the one the upstream names.
@@ -217,6 +306,10 @@ def meter_body(body: dict[str, Any], response: bytes) -> Metered:
     if not isinstance(obj, dict):
         return unreadable_answer(prompt_chars(body), response)
     model = _str_or_none(obj.get("model"))
+    if extras is not None:
+        if obj.get("object") == "response":
+            extras.calls.add_output(obj.get("output"))
+        extras.audio = audio_from(obj.get("usage"))
     if "error" in obj and "usage" not in obj:
         return Metered(None, None, None, None, "error", error_code=_error_code(obj["error"]))
     raw = obj.get("usage")
@@ -244,6 +337,7 @@ class _StreamMeter:
         "_started",
         "_text_chars",
         "_usage",
+        "extras",
     )
 
     def __init__(self, body: dict[str, Any]) -> None:
@@ -255,6 +349,7 @@ class _StreamMeter:
         self._errored = False
         self._error_code: str | None = None
         self._malformed = False
+        self.extras = Extras()
 
     @property
     def task_id(self) -> str | None:
@@ -321,6 +416,8 @@ class ChatStreamMeter(_StreamMeter):
                 self._usage = usage_from(raw)
             except ValueError:
                 self._malformed = True
+            else:
+                self.extras.audio = audio_from(raw)
 
     @staticmethod
     def _chunk_text(obj: dict[str, Any]) -> int:
@@ -374,6 +471,9 @@ class ResponsesStreamMeter(_StreamMeter):
         elif kind == "error":
             self._errored = True
             self._error_code = self._error_code or _str_or_none(obj.get("code")) or "error"
+        elif kind in _RESPONSE_ITEM:
+            # Counted as soon as announced: a call the stream is cut after is billed.
+            self.extras.calls.add(obj.get("item"), obj.get("output_index"))
         else:
             self._on_response(kind, obj.get("response"))
 
@@ -383,6 +483,7 @@ class ResponsesStreamMeter(_StreamMeter):
             return
         self._model = _str_or_none(response.get("model")) or self._model
         self._started = True
+        self.extras.calls.add_output(response.get("output"))
         if kind == "response.failed":
             self._errored = True
             self._error_code = self._error_code or _error_code(response.get("error"))

@@ -391,6 +391,28 @@ def test_workflow_total_falls_back_to_the_node_totals() -> None:
     assert result.metadata is None
 
 
+@pytest.mark.parametrize("total", [-5, "lots", 12.5])
+def test_a_bad_workflow_total_costs_only_itself(total: Any) -> None:
+    # The nodes' own reports stand in for a bad workflow_finished total; the answer
+    # keeps its split and price and is marked clamped (issue 20, "Nothing lost").
+    _, result = run(WORKFLOW, [*WORKFLOW_EVENTS, workflow_finished("t5", "r5", total)])
+    assert result.usage is not None
+    assert (result.usage.prompt_tokens, result.usage.total_tokens) == (80, 95)
+    assert result.usage.cost == Decimal("0.0000708")
+    assert result.usage.clamped and "total_tokens" in result.usage.clamped[0]
+
+
+@pytest.mark.parametrize(("total", "expected"), [(12.5, 13), (-5, None), ("lots", None)])
+def test_a_bad_blocking_workflow_total_is_bounded(total: Any, expected: int | None) -> None:
+    response = {"task_id": "t", "workflow_run_id": "r", "data": {"total_tokens": total}}
+    result = UP.meter_blocking(WORKFLOW, BODY, blocking(response))
+    if expected is None:  # nothing usable is left: charged the estimate downstream
+        assert result.usage is None
+    else:
+        assert result.usage is not None and result.usage.total_tokens == expected
+        assert result.usage.clamped
+
+
 def test_workflow_does_not_count_iteration_containers_twice() -> None:
     inner = {"iteration_id": "node-iteration", "iteration_index": 0}
     events = [
@@ -598,9 +620,10 @@ def test_malformed_node_finished_does_not_stop_metering() -> None:
     bad = node_finished("t5", "r5", "llm", meta={"total_tokens": -3, "total_price": "1"})
     events = [*WORKFLOW_EVENTS, bad, workflow_finished("t5", "r5", 95)]
     meter, result = run(WORKFLOW, events)
-    assert meter.malformed == ("node_finished",)
+    # The bad total is bounded, the node's price kept (tests/test_usage_fields.py).
+    assert meter.malformed == ()
     assert result.outcome == "complete"
-    assert result.usage is not None and result.usage.cost == Decimal("0.0000708")
+    assert result.usage is not None and result.usage.cost == Decimal("1.0000708")
 
 
 def test_plain_text_events_are_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:

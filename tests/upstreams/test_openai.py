@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from gateway.config import parse_config
 from gateway.errors import BadRequest, ConfigError, Forbidden
-from gateway.pricing import Price, PriceTable
+from gateway.pricing import Audio, Price, PriceTable
 from gateway.sse import SSEDecoder
 from gateway.testing.openai_upstream import ANSWER_PIECES, FakeOpenAI, _Answer
 from gateway.upstreams import get_upstream
@@ -39,9 +39,12 @@ PRICES = {
 }
 
 
-def dialect(prices: dict[str, Any] | None = None) -> OpenAIUpstream:
+def dialect(prices: dict[str, Any] | None = None, **settings: Any) -> OpenAIUpstream:
+    """The dialect; unpriced models allowed unless ``settings`` say otherwise
+    (most bodies here name no model)."""
     table = {"gpt-4o-mini": {"input": "0.15", "cached_input": "0.075", "output": "0.60"}}
-    return OpenAIUpstream(parse_config({"prices": prices or table}, env={}))
+    data = {"prices": prices or table, "pricing": {"unpriced_models": "allow"}, **settings}
+    return OpenAIUpstream(parse_config(data, env={}))
 
 
 # --- usage objects -------------------------------------------------------------------
@@ -96,9 +99,8 @@ def test_usage_from_every_endpoint_shape(raw: dict[str, Any], expected: Usage) -
         [],
         {"prompt_tokens": -1},
         {"prompt_tokens": "many"},
-        {"prompt_tokens": 1.5},
-        {"prompt_tokens": 1, "prompt_tokens_details": "cached"},
-        {"input_tokens": 1, "output_tokens_details": {"reasoning_tokens": True}},
+        # A usage with one bad field among good ones is kept, clamped
+        # (tests/test_usage_fields.py); only one with nothing usable is refused.
     ],
 )
 def test_malformed_usage_is_refused(raw: object) -> None:
@@ -801,3 +803,438 @@ def test_a_blocking_answer_nested_a_thousand_deep_is_estimated() -> None:
     result = meter_body({"messages": [{"content": "x" * 40}]}, response)
     assert result.outcome == "cut"
     assert result.usage == Usage(10, 1, 11, estimated=True)
+
+
+# --- booleans as the upstream reads them (issue 20) --------------------------------------
+
+
+def _prepare(up: OpenAIUpstream, path: str, body: dict[str, Any]) -> Any:
+    return up.prepare(up.route("POST", path), body, b"", "alice", method="POST", request_id="r")
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/completions", "/responses", "/embeddings"])
+@pytest.mark.parametrize(
+    ("body", "name"),
+    [
+        ({"stream": 1}, "stream"),
+        ({"stream": "true"}, "stream"),
+        ({"stream": 0}, "stream"),
+        ({"stream": [True]}, "stream"),
+        ({"background": 1}, "background"),
+        ({"background": "yes"}, "background"),
+        ({"store": "false"}, "store"),
+        ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+        ({"stream_options": {"include_usage": "true"}}, "stream_options.include_usage"),
+    ],
+)
+def test_a_boolean_the_gateway_reads_must_be_a_json_boolean(
+    path: str, body: dict[str, Any], name: str
+) -> None:
+    # Lax servers (vLLM) take 1 or "true" as true; the gateway would read "not true"
+    # and meter the answer as unstreamed, or forward a background response.
+    with pytest.raises(BadRequest) as refused:
+        _prepare(dialect(), path, {"model": "gpt-4o-mini", **body})
+    assert refused.value.code == "invalid_type"
+    assert f"'{name}'" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"stream": True, "store": False, "stream_options": {"include_usage": None}},
+        {"stream": None, "background": False, "store": None},
+        {"stream": False, "stream_options": None},
+    ],
+)
+def test_json_booleans_and_null_pass(body: dict[str, Any]) -> None:
+    for path in ("/chat/completions", "/responses"):
+        _prepare(dialect(), path, {"model": "gpt-4o-mini", **copy.deepcopy(body)})
+
+
+# --- model prices: only a date makes a snapshot (issue 20) -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "priced_as"),
+    [
+        ("o3", "o3"),
+        ("o3-2025-04-16", "o3"),
+        ("o3-pro", None),  # another model, dearer: not o3's price
+        ("o3-pro-2025-06-10", None),
+        ("o3-mini", None),
+        ("gpt-4-0613", "gpt-4"),  # OpenAI's older month-and-day snapshots
+        ("gpt-4-1106-preview", None),  # GPT-4 Turbo, priced otherwise
+        ("gpt-4-0125-preview", None),
+        ("gpt-3.5-turbo-0125", "gpt-3.5-turbo"),
+        ("gpt-3.5-turbo-16k-0613", "gpt-3.5-turbo-16k"),
+        ("gpt-4o-2024-08-06", "gpt-4o"),
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+        ("gpt-4o-mini-tts", None),
+        ("gpt-4o-mini-tts-2025-03-20", None),
+        ("gpt-4o-2024-13-06", None),  # no month 13
+        ("gpt-4-1306", None),
+        ("gpt-4-0631", "gpt-4"),  # a day of 31, any month: close enough to a date
+        ("claude-3-5-sonnet-20241022", "claude-3-5-sonnet"),
+        ("claude-3-5-sonnet-latest", None),
+        ("gpt-4o-2024-08-06-ft", None),
+    ],
+)
+def test_only_a_dated_snapshot_takes_its_models_price(model: str, priced_as: str | None) -> None:
+    names = ("o3", "gpt-4", "gpt-3.5-turbo", "gpt-3.5-turbo-16k", "gpt-4o", "gpt-4o-mini")
+    table = PriceTable(dict.fromkeys((*names, "claude-3-5-sonnet"), Price(input=Decimal(1))))
+    assert table.name(model) == priced_as
+
+
+PRICED = {"o3": {"input": "2", "output": "8"}}
+
+
+def test_an_unpriced_model_is_refused_before_admission_by_default() -> None:
+    up = OpenAIUpstream(parse_config({"prices": PRICED}, env={}))
+    for path in ("/chat/completions", "/completions", "/responses", "/embeddings"):
+        with pytest.raises(Forbidden) as refused:
+            _prepare(up, path, {"model": "o3-pro"})
+        assert refused.value.code == "model_not_priced"
+        assert "'o3-pro'" in refused.value.message
+        with pytest.raises(Forbidden):
+            _prepare(up, path, {})  # no model at all: nothing to price it by
+    _prepare(up, "/chat/completions", {"model": "o3-2025-04-16"})
+    # Requests that are not answers name no model and are not priced.
+    _prepare(up, "/moderations", {"input": "x"})
+
+
+def test_unpriced_models_may_be_allowed_at_cost_0() -> None:
+    up = OpenAIUpstream(
+        parse_config({"prices": PRICED, "pricing": {"unpriced_models": "allow"}}, env={})
+    )
+    route = up.route("POST", "/chat/completions")
+    body = {"model": "o3-pro"}
+    _prepare(up, "/chat/completions", body)
+    answer = _fake("/chat/completions", body)
+    result = up.meter_blocking(route, body, orjson.dumps(answer.chat_completion()))
+    assert result.usage is not None and result.usage.cost == 0 and result.usage.prompt_tokens == 12
+    # The "*" entry prices every model, so nothing is unpriced.
+    star = OpenAIUpstream(parse_config({"prices": {"*": {"input": "1"}}}, env={}))
+    _prepare(star, "/chat/completions", {"model": "o3-pro"})
+
+
+def test_the_unpriced_models_setting_is_checked() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"pricing": {"unpriced_models": "free"}}, env={})
+    assert "pricing.unpriced_models" in info.value.message
+
+
+# --- paid tools (issue 20) --------------------------------------------------------------
+
+CALL_PRICES = {
+    "openai.web_search": {"price": "0.01"},
+    "openai.web_search_preview": {"price": "0.025"},
+    "openai.image_generation": {"price": "0.04"},
+    "openai.code_interpreter": {"price": "0.03"},
+    "openai.file_search": {"price": "0.0025"},
+    "openai.chat_web_search": {"price": "0.03"},
+    "openai.audio_output": {"price": "0.005"},
+}
+TOOL_PRICES = {"gpt-4o-mini": {"input": "0.15", "output": "0.60"}}
+
+
+def tooled(call_prices: dict[str, Any] | None = None) -> OpenAIUpstream:
+    data = {
+        "prices": TOOL_PRICES,
+        "call_prices": CALL_PRICES if call_prices is None else call_prices,
+    }
+    return OpenAIUpstream(parse_config(data, env={}))
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "tool"),
+    [
+        ("/responses", {"tools": [{"type": "web_search"}]}, "web_search"),
+        (
+            "/responses",
+            {"tools": [{"type": "web_search_preview_2025_03_11"}]},
+            "web_search_preview",
+        ),
+        (
+            "/responses",
+            {"tools": [{"type": "function", "name": "f"}, {"type": "image_generation"}]},
+            "image_generation",
+        ),
+        (
+            "/responses",
+            {"tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]},
+            "code_interpreter",
+        ),
+        (
+            "/responses",
+            {"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]},
+            "file_search",
+        ),
+        ("/responses", {"tools": [{"type": "computer_use_preview"}]}, "computer_use_preview"),
+        ("/responses", {"tools": [{"type": "some_new_hosted_tool"}]}, "some_new_hosted_tool"),
+        ("/chat/completions", {"web_search_options": {}}, "chat_web_search"),
+        ("/chat/completions", {"model": "gpt-4o-mini-search-preview"}, "chat_web_search"),
+        ("/chat/completions", {"model": "gpt-4o-search-preview-2025-03-11"}, "chat_web_search"),
+        (
+            "/chat/completions",
+            {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
+            "audio_output",
+        ),
+        ("/chat/completions", {"audio": {"voice": "alloy"}}, "audio_output"),
+    ],
+)
+def test_a_paid_tool_without_a_price_is_refused_naming_it(
+    path: str, body: dict[str, Any], tool: str
+) -> None:
+    prices = {**TOOL_PRICES, "gpt-4o-mini-search-preview": {}, "gpt-4o-search-preview": {}}
+    up = OpenAIUpstream(parse_config({"prices": prices}, env={}))
+    with pytest.raises(Forbidden) as refused:
+        _prepare(up, path, {"model": "gpt-4o-mini", **body})
+    assert refused.value.code == "tool_not_priced"
+    assert f"'{tool}'" in refused.value.message
+    assert f'call_prices."openai.{tool}"' in refused.value.message
+
+
+@pytest.mark.parametrize(
+    "tools",
+    [
+        [{"type": "function", "name": "f", "parameters": {}}],
+        [
+            {"type": "custom", "name": "c"},
+            {"type": "local_shell"},
+            {"type": "mcp", "server_label": "x"},
+        ],
+        [],
+    ],
+)
+def test_free_tools_need_no_price(tools: list[dict[str, Any]]) -> None:
+    _prepare(tooled({}), "/responses", {"model": "gpt-4o-mini", "tools": tools})
+    _prepare(
+        tooled({}),
+        "/chat/completions",
+        {"model": "gpt-4o-mini", "tools": tools, "modalities": ["text"]},
+    )
+
+
+# 12 prompt and 7 completion tokens of gpt-4o-mini: 12 * 0.15 + 7 * 0.60 = 6 per million.
+TOKENS_COST = Decimal("0.000006")
+
+
+def _response_with_calls(calls: str, **headers: str) -> _Answer:
+    return _fake("/responses", {"model": "gpt-4o-mini"}, **{"x-fake-tool-calls": calls, **headers})
+
+
+CALLS = "web_search_call,web_search_call,image_generation_call,code_interpreter_call,code_interpreter_call,function_call"
+# two searches, one image, one container (two code runs in it), a free function call
+CALLS_COST = 2 * Decimal("0.01") + Decimal("0.04") + Decimal("0.03")
+
+
+def test_a_blocking_responses_tool_calls_are_priced_per_call() -> None:
+    up = tooled()
+    body = {
+        "model": "gpt-4o-mini",
+        "tools": [
+            {"type": "web_search"},
+            {"type": "image_generation"},
+            {"type": "code_interpreter"},
+        ],
+    }
+    _prepare(up, "/responses", body)
+    answer = _response_with_calls(CALLS)
+    result = up.meter_blocking(
+        up.route("POST", "/responses"), body, orjson.dumps(answer.response("completed", text="hi"))
+    )
+    assert result.usage is not None
+    assert result.usage.cost == TOKENS_COST + CALLS_COST
+    assert isinstance(result.usage.cost, Decimal) and result.usage.currency == "USD"
+
+
+def test_a_streamed_responses_tool_calls_are_priced_once_each() -> None:
+    up = tooled()
+    body = {
+        "model": "gpt-4o-mini",
+        "stream": True,
+        "tools": [
+            {"type": "web_search"},
+            {"type": "image_generation"},
+            {"type": "code_interpreter"},
+        ],
+    }
+    meter = up.stream_meter(up.route("POST", "/responses"), body)
+    for event in SSEDecoder().feed(b"".join(_response_with_calls(CALLS).response_events())):
+        meter.feed(event)
+    result = meter.finish(cut=False)
+    # Each call is shown three times (added, done, in the final response): counted once.
+    assert result.usage is not None and result.usage.cost == TOKENS_COST + CALLS_COST
+
+
+def test_a_stream_cut_after_a_tool_call_is_charged_the_call() -> None:
+    up = tooled()
+    body = {"model": "gpt-4o-mini", "stream": True, "tools": [{"type": "web_search_preview"}]}
+    meter = up.stream_meter(up.route("POST", "/responses"), body)
+    events = _response_with_calls("web_search_call").response_events()
+    for event in SSEDecoder().feed(b"".join(events[:2])):  # created, the call added
+        meter.feed(event)
+    result = meter.finish(cut=True)
+    assert result.usage is not None and result.usage.estimated
+    # The call of the tool the request listed (web_search_preview: 0.025), plus the
+    # prompt's estimate (no text came).
+    assert result.usage.cost - Decimal("0.025") < Decimal("0.0001")
+    assert result.usage.cost >= Decimal("0.025")
+
+
+def test_web_search_calls_are_priced_as_the_tool_listed_the_dearer_of_two() -> None:
+    up = tooled()
+    both = {
+        "model": "gpt-4o-mini",
+        "tools": [{"type": "web_search"}, {"type": "web_search_preview"}],
+    }
+    answer = _response_with_calls("web_search_call")
+    route = up.route("POST", "/responses")
+    result = up.meter_blocking(route, both, orjson.dumps(answer.response("completed", text="hi")))
+    assert result.usage is not None and result.usage.cost == TOKENS_COST + Decimal("0.025")
+
+
+@pytest.mark.parametrize(
+    ("extra", "calls_cost"),
+    [
+        ({"web_search_options": {"search_context_size": "low"}}, Decimal("0.03")),
+        (
+            {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
+            Decimal("0.005"),
+        ),
+        ({"web_search_options": {}, "audio": {"voice": "alloy"}}, Decimal("0.035")),
+        ({"web_search_options": None, "modalities": ["text"]}, Decimal(0)),
+    ],
+)
+@pytest.mark.parametrize("streamed", [False, True])
+def test_chat_web_search_and_audio_are_priced_per_answer(
+    extra: dict[str, Any], calls_cost: Decimal, streamed: bool
+) -> None:
+    up = tooled()
+    body = {"model": "gpt-4o-mini", **extra}
+    route = up.route("POST", "/chat/completions")
+    _prepare(up, "/chat/completions", body)
+    answer = _fake("/chat/completions", body)
+    if streamed:
+        meter = up.stream_meter(
+            route, {**body, "stream": True, "stream_options": {"include_usage": True}}
+        )
+        answer.body = {**body, "stream_options": {"include_usage": True}}
+        for event in SSEDecoder().feed(b"".join(answer.chunks())):
+            meter.feed(event)
+        result = meter.finish(cut=False)
+    else:
+        result = up.meter_blocking(route, body, orjson.dumps(answer.chat_completion()))
+    assert result.usage is not None and result.usage.cost == TOKENS_COST + calls_cost
+
+
+def test_a_search_model_is_charged_its_search_even_unanswered() -> None:
+    prices = {**TOOL_PRICES, "gpt-4o-mini-search-preview": {"input": "0.15", "output": "0.60"}}
+    up = OpenAIUpstream(parse_config({"prices": prices, "call_prices": CALL_PRICES}, env={}))
+    body = {
+        "model": "gpt-4o-mini-search-preview",
+        "messages": [{"role": "user", "content": "x" * 4000}],
+    }
+    result = up.unanswered(up.route("POST", "/chat/completions"), body)
+    assert result.usage is not None and result.usage.cost == Decimal("0.00015") + Decimal("0.03")
+
+
+def test_a_call_price_in_another_currency_than_the_models_is_refused_at_load() -> None:
+    data = {
+        "prices": {"gpt-4o-mini": {"input": "1", "currency": "EUR"}},
+        "call_prices": {"openai.web_search": {"price": "0.01"}},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, env={})
+    assert "call_prices.openai.web_search.currency" in info.value.message
+    assert "prices.gpt-4o-mini.currency" in info.value.message
+    # Another dialect's call prices are not added to OpenAI's answers.
+    other = {**data, "call_prices": {"dify.text_to_audio": {"price": "0.01"}}}
+    parse_config(other, env={})
+
+
+def test_tool_calls_a_failed_response_ran_are_charged_but_a_failed_chats_search_is_not() -> None:
+    up = tooled()
+    body = {"model": "gpt-4o-mini", "stream": True, "tools": [{"type": "web_search"}]}
+    meter = up.stream_meter(up.route("POST", "/responses"), body)
+    events = _response_with_calls("web_search_call").response_events()[:3]
+    error = b'event: error\ndata: {"type": "error", "code": "server_error", "message": "x"}\n\n'
+    for event in SSEDecoder().feed(b"".join(events) + error):
+        meter.feed(event)
+    result = meter.finish(cut=False)
+    assert result.outcome == "error"
+    assert result.usage is not None and result.usage.cost == Decimal("0.01")
+    assert result.usage.total_tokens == 0 and result.usage.estimated
+    # A chat completion that failed before any text: its per-answer search is not charged.
+    chat = {"model": "gpt-4o-mini", "stream": True, "web_search_options": {}}
+    meter = up.stream_meter(up.route("POST", "/chat/completions"), chat)
+    for event in SSEDecoder().feed(
+        b'data: {"error": {"message": "x", "code": "server_error"}}\n\n'
+    ):
+        meter.feed(event)
+    result = meter.finish(cut=False)
+    assert result.outcome == "error" and result.usage is None
+
+
+# --- audio tokens at the audio rate (issue 20) ------------------------------------------
+
+AUDIO_PRICES = {
+    "gpt-4o-audio-preview": {
+        "input": "2.50",
+        "output": "10",
+        "audio_input": "40",
+        "audio_output": "80",
+    }
+}
+AUDIO = {"x-fake-audio-prompt-tokens": "4", "x-fake-audio-completion-tokens": "5"}
+# 12 prompt tokens (4 of them audio), 7 completion tokens (5 of them audio):
+# 8 * 2.50 + 4 * 40 + 2 * 10 + 5 * 80 = 600 per million, and one audio answer.
+AUDIO_COST = Decimal("0.0006") + Decimal("0.005")
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_audio_tokens_are_priced_at_the_models_audio_rates(streamed: bool) -> None:
+    data = {"prices": AUDIO_PRICES, "call_prices": CALL_PRICES}
+    up = OpenAIUpstream(parse_config(data, env={}))
+    body: dict[str, Any] = {
+        "model": "gpt-4o-audio-preview",
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "alloy", "format": "pcm16"},
+    }
+    route = up.route("POST", "/chat/completions")
+    if streamed:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    _prepare(up, "/chat/completions", body)
+    answer = _fake("/chat/completions", body, **AUDIO)
+    if streamed:
+        meter = up.stream_meter(route, body)
+        for event in SSEDecoder().feed(b"".join(answer.chunks())):
+            meter.feed(event)
+        result = meter.finish(cut=False)
+    else:
+        result = up.meter_blocking(route, body, orjson.dumps(answer.chat_completion()))
+    assert result.usage is not None and result.usage.cost == AUDIO_COST
+
+
+@pytest.mark.parametrize(
+    ("price", "cost"),
+    [
+        # audio tokens at the text rate when no audio price is set
+        (Price(input=Decimal(1), output=Decimal(2)), Decimal(10 * 1 + 6 * 2)),
+        (
+            Price(
+                input=Decimal(1), output=Decimal(2), audio_input=Decimal(5), audio_output=Decimal(9)
+            ),
+            Decimal(7 * 1 + 3 * 5 + 2 * 2 + 4 * 9),
+        ),
+        # more audio reported than tokens: no more than the tokens are re-priced
+        (
+            Price(input=Decimal(1), output=Decimal(2), audio_output=Decimal(9)),
+            Decimal(10 * 1 + 6 * 9),
+        ),
+    ],
+)
+def test_price_cost_with_audio(price: Price, cost: Decimal) -> None:
+    usage = Usage(10, 6, 16)
+    audio = Audio(3, 4) if price.audio_input is not None else Audio(3, 99)
+    assert price.cost(usage, audio=audio) == cost.scaleb(-6)

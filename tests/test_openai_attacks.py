@@ -1,0 +1,221 @@
+"""Attacks on the OpenAI dialect's checks (issue 20), against a real gateway in front
+of a real local fake upstream: lax booleans, unpriced models, paid tools. Each is
+refused before anything is forwarded or reserved, or charged what it cost."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from gateway.testing.openai_upstream import FakeOpenAI
+from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+
+PRICES = {
+    "gpt-4o-mini": {"input": "0.15", "output": "0.60"},
+    "o3": {"input": "2", "output": "8"},
+}
+CALL_PRICES = {
+    "openai.web_search": {"price": "0.01"},
+    "openai.chat_web_search": {"price": "0.03"},
+    "openai.audio_output": {"price": "0.005"},
+}
+# The usage the fake reports for these headers: 7,000 prompt and 200 completion tokens.
+STEER = {"x-fake-prompt-tokens": "7000", "x-fake-completion-tokens": "200"}
+# gpt-4o-mini: 7000 * 0.15 + 200 * 0.60 = 1170 per million tokens
+TOKENS_COST = Decimal("0.00117")
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Xin chào"}]}
+
+
+def settings(**extra: Any) -> dict[str, Any]:
+    return {"upstream": {"kind": "openai"}, "prices": PRICES, **extra}
+
+
+async def post(h: Harness, path: str, body: dict[str, Any]) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+        return await client.post(path, json=body, headers=h.auth(**STEER))
+
+
+async def nothing_reserved(h: Harness, fake: FakeOpenAI) -> None:
+    assert fake.requests == []
+    day = h.gateway.today()
+    assert await h.storage.daily(day, day, user_id=USER) == []
+    assert await h.events() == []
+
+
+def openai_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status
+    error: dict[str, Any] = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    return error
+
+
+# --- lax booleans ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {**CHAT, "stream": 1}),
+        ("/v1/chat/completions", {**CHAT, "stream": "true"}),
+        ("/v1/chat/completions", {**CHAT, "stream": True, "stream_options": {"include_usage": 1}}),
+        ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "stream": 1}),
+        ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "background": 1}),
+    ],
+    ids=[
+        "chat-stream-1",
+        "chat-stream-true",
+        "include-usage-1",
+        "responses-stream-1",
+        "background-1",
+    ],
+)
+async def test_a_lax_boolean_is_refused_not_metered_as_an_estimate(
+    sqlite_url: str, path: str, body: dict[str, Any]
+) -> None:
+    # Attack: a vLLM-like upstream takes "stream": 1 as true and streams 7,200
+    # tokens; the gateway read "not streamed", asked for no usage and charged an
+    # estimate of 14. Now the request never reaches it.
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY, lax=True)
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings()) as h:
+        refused = await post(h, path, body)
+        await nothing_reserved(h, fake)
+    error = openai_error(refused, 400, "invalid_type")
+    assert error["type"] == "invalid_request_error"
+    assert "expected a boolean" in error["message"]
+
+
+async def test_a_real_boolean_is_metered_with_the_real_tokens(sqlite_url: str) -> None:
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY, lax=True)
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings()) as h:
+        answered = await post(h, "/v1/chat/completions", {**CHAT, "stream": True})
+        await h.gateway.wait_finished(1)
+        (event,) = await h.events()
+    assert answered.status_code == 200
+    assert (event.total_tokens, event.cost, event.estimated) == (7200, TOKENS_COST, False)
+
+
+# --- model prices ------------------------------------------------------------------------
+
+
+async def test_an_unpriced_model_is_refused_not_charged_0(sqlite_url: str) -> None:
+    # Attack: "o3-pro" took o3's price (any "-" suffix made a snapshot), and a model
+    # with no price at all cost 0.
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings()) as h:
+        pro = await post(h, "/v1/chat/completions", {**CHAT, "model": "o3-pro"})
+        free = await post(h, "/v1/responses", {"model": "gpt-5-pro", "input": "hi"})
+        await nothing_reserved(h, fake)
+        snapshot = await post(h, "/v1/chat/completions", {**CHAT, "model": "o3-2025-04-16"})
+        await h.gateway.wait_finished(1)
+        (event,) = await h.events()
+    for refused, model in ((pro, "o3-pro"), (free, "gpt-5-pro")):
+        error = openai_error(refused, 403, "model_not_priced")
+        assert error["type"] == "permission_error" and f"'{model}'" in error["message"]
+    assert snapshot.status_code == 200
+    assert event.cost == Decimal("0.0156")  # 7000 * 2 + 200 * 8 per million, o3's price
+
+
+async def test_unpriced_models_allowed_are_recorded_at_cost_0(sqlite_url: str) -> None:
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    allow = settings(pricing={"unpriced_models": "allow"})
+    async with running_gateway(sqlite_url, upstream=fake, settings=allow) as h:
+        answered = await post(h, "/v1/chat/completions", {**CHAT, "model": "o3-pro"})
+        await h.gateway.wait_finished(1)
+        (event,) = await h.events()
+    assert answered.status_code == 200
+    assert (event.model, event.total_tokens, event.cost) == ("o3-pro", 7200, Decimal(0))
+
+
+# --- paid tools --------------------------------------------------------------------------
+
+WEB_RESPONSE = {"model": "gpt-4o-mini", "input": "Tin tức?", "tools": [{"type": "web_search"}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "tool"),
+    [
+        ("/v1/responses", WEB_RESPONSE, "web_search"),
+        (
+            "/v1/responses",
+            {
+                **WEB_RESPONSE,
+                "tools": [{"type": "function", "name": "f"}, {"type": "image_generation"}],
+            },
+            "image_generation",
+        ),
+        ("/v1/chat/completions", {**CHAT, "modalities": ["text", "audio"]}, "audio_output"),
+    ],
+    ids=["web_search", "image_generation", "audio_output"],
+)
+async def test_a_tool_without_a_price_is_refused_naming_it(
+    sqlite_url: str, path: str, body: dict[str, Any], tool: str
+) -> None:
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings()) as h:
+        refused = await post(h, path, body)
+        await nothing_reserved(h, fake)
+    error = openai_error(refused, 403, "tool_not_priced")
+    assert f"'{tool}'" in error["message"]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_web_searches_a_response_ran_are_charged_per_call(
+    sqlite_url: str, streamed: bool
+) -> None:
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    priced = settings(call_prices=CALL_PRICES)
+    async with running_gateway(sqlite_url, upstream=fake, settings=priced) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            headers = h.auth(**STEER, **{"x-fake-tool-calls": "web_search_call,web_search_call"})
+            body = {**WEB_RESPONSE, "stream": streamed}
+            answered = await client.post("/v1/responses", json=body, headers=headers)
+        await h.gateway.wait_finished(1)
+        (event,) = await h.events()
+    assert answered.status_code == 200
+    if streamed:
+        assert answered.text.count("event: response.output_item.added") == 2
+    else:
+        assert [item["type"] for item in orjson.loads(answered.content)["output"]][:2] == [
+            "web_search_call",
+            "web_search_call",
+        ]
+    assert event.total_tokens == 7200
+    assert event.cost == TOKENS_COST + 2 * Decimal("0.01")
+
+
+async def test_a_chat_search_is_charged_once_per_answer(sqlite_url: str) -> None:
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    priced = settings(call_prices=CALL_PRICES)
+    async with running_gateway(sqlite_url, upstream=fake, settings=priced) as h:
+        answered = await post(h, "/v1/chat/completions", {**CHAT, "web_search_options": {}})
+        await h.gateway.wait_finished(1)
+        (event,) = await h.events()
+    assert answered.status_code == 200
+    assert event.cost == TOKENS_COST + Decimal("0.03")
+
+
+async def test_spoken_answers_are_charged_their_audio_tokens_at_the_audio_rate(
+    sqlite_url: str,
+) -> None:
+    # Attack: audio tokens cost 8x text tokens, and were billed as text.
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    prices = {
+        **PRICES,
+        "gpt-4o-audio-preview": {"input": "2.5", "output": "10", "audio_output": "80"},
+    }
+    priced = settings(prices=prices, call_prices=CALL_PRICES)
+    body = {**CHAT, "model": "gpt-4o-audio-preview", "modalities": ["text", "audio"]}
+    async with running_gateway(sqlite_url, upstream=fake, settings=priced) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            headers = h.auth(**STEER, **{"x-fake-audio-completion-tokens": "150"})
+            answered = await client.post("/v1/chat/completions", json=body, headers=headers)
+        await h.gateway.wait_finished(1)
+        (event,) = await h.events()
+    assert answered.status_code == 200
+    # 7000 * 2.5 + 50 * 10 + 150 * 80 per million, and one audio answer
+    assert event.cost == Decimal("0.03") + Decimal("0.005")
