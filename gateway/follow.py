@@ -42,7 +42,7 @@ import httpx
 from gateway.bodies import BodyFailure
 from gateway.errors import NotFound, StorageError, UpstreamBroken, UpstreamError
 from gateway.runtime import Watermark
-from gateway.sse import SSEDecoder
+from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import PausedForm
 from gateway.upstream_client import UpstreamClient
 from gateway.upstreams import Route, StreamMeter
@@ -234,7 +234,7 @@ class Follows:
     async def _read(self, x: Exchange, follow: Follow) -> None:
         gw = self.gw
         response, meter = follow.response, follow.meter
-        decoder = SSEDecoder()
+        decoder = SSEDecoder(max_event_bytes=gw.config.upstream.max_event_bytes)
         cut = False
         cancelled: asyncio.CancelledError | None = None
         try:
@@ -259,6 +259,14 @@ class Follows:
             kind = "follow_timeout" if exc.timed_out else "follow_read"
             gw.metrics.inc("gateway_upstream_errors_total", kind=kind)
             log.warning("request %s: the resumed run's read ended: %r", x.request_id, exc)
+        except EventTooLarge as exc:
+            # A line or event past upstream.max_event_bytes, as for any answer: the
+            # read ends, charged what it read.
+            cut = True
+            gw.metrics.inc("gateway_upstream_errors_total", kind="event_too_large")
+            log.warning("request %s: the resumed run's read refused: %s", x.request_id, exc)
+            for event in exc.events:
+                meter.feed(event)
         except asyncio.CancelledError as exc:
             cut = True
             cancelled = exc
