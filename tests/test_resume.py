@@ -209,6 +209,20 @@ async def test_a_follow_cut_by_the_upstream_is_charged_what_it_read(
     assert resumed.completion_tokens > 0 and resumed.cost == 0
 
 
+async def test_a_follow_refusing_an_event_too_large_is_charged_what_it_read(
+    database_url: str, fake: FakeDify
+) -> None:
+    settings = {"upstream": {"max_event_bytes": 4096}}
+    async with running_gateway(database_url, fake=fake, settings=settings) as h:
+        token = await pause(h)
+        huge = {"x-fake-scenario": "huge"}
+        assert (await submit(h, token, **RESUMED, **huge)).status_code == 200
+        await follows(h).settled.wait_for(1)
+        (resumed,) = resumes(await h.events())
+    # The node's report came after the refused event: an estimate, the query spent.
+    assert resumed.outcome == "cut" and resumed.estimated and resumed.total_tokens > 0
+
+
 async def test_a_follow_that_gives_up_charges_an_estimate(
     database_url: str, fake: FakeDify, hold: asyncio.Event
 ) -> None:

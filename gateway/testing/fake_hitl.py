@@ -10,7 +10,8 @@ set, then ``workflow_finished`` with the whole run's total - to whoever is
 subscribed to ``GET /workflow/{run_id}/events`` at that moment (Redis pub/sub: a
 late subscriber misses what came before it; a run already finished is answered
 by its ``workflow_finished`` alone). A submit with scenario ``cut`` makes the
-resumed run's streams break after its text, before its node reports.
+resumed run's streams break after its text, before its node reports; with
+``huge``, its text is one 64 KiB chunk.
 
 Tests steer it with ``hold`` (an Event the resumed runs wait for before they
 publish) and ``wait_subscribers``.
@@ -117,7 +118,7 @@ class HumanInput:
 
     # -- the two endpoints --------------------------------------------------------------
 
-    def submit(self, token: str, user: str, *, usage: JSON, cut: bool) -> JSON:
+    def submit(self, token: str, user: str, *, usage: JSON, cut: bool, text: str) -> JSON:
         """``POST /form/human_input/{token}``: resume the run in the background."""
         run = self.forms.get(token)
         if run is None:
@@ -126,12 +127,13 @@ class HumanInput:
             raise HumanInputError(412, "human_input_form_submitted", "Form already submitted")
         run.submitted_by = user
         self.submitted.append((token, user))
-        task = asyncio.get_running_loop().create_task(self._resume(run, usage, cut=cut))
+        resume = self._resume(run, usage, cut=cut, text=text)
+        task = asyncio.get_running_loop().create_task(resume)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return {}
 
-    async def _resume(self, run: PausedRun, usage: JSON, *, cut: bool) -> None:
+    async def _resume(self, run: PausedRun, usage: JSON, *, cut: bool, text: str) -> None:
         if self.hold is not None:
             await self.hold.wait()
         node: JSON = {"id": str(uuid.uuid4()), "node_id": "llm_after", "node_type": "llm"}
@@ -139,7 +141,7 @@ class HumanInput:
         started = {"id": run.run_id, "workflow_id": run.workflow_id, "reason": "resumption"}
         self._publish(run, run.event("workflow_started", started))
         self._publish(run, run.event("node_started", node))
-        self._publish(run, run.event("text_chunk", {"text": "Đã duyệt."}))
+        self._publish(run, run.event("text_chunk", {"text": text}))
         if cut:
             self._publish(run, _CUT)
             return
@@ -150,7 +152,7 @@ class HumanInput:
         }
         finished_node = node | {
             "status": "succeeded",
-            "outputs": {"text": "Đã duyệt.", "usage": usage},
+            "outputs": {"text": text, "usage": usage},
             "execution_metadata": metadata,
         }
         self._publish(run, run.event("node_finished", finished_node))

@@ -1284,8 +1284,9 @@ class FakeDify:
                 usage = self._usage_for(headers).to_json(latency=0.1, first_token=None)
                 names = {n.strip() for n in headers.get("x-fake-scenario", "").split(",")}
                 try:
+                    text = "x" * 65536 if "huge" in names else "Đã duyệt."
                     payload = self.hitl.submit(
-                        params["token"], str(user), usage=usage, cut="cut" in names
+                        params["token"], str(user), usage=usage, cut="cut" in names, text=text
                     )
                 except HumanInputError as exc:
                     raise _HttpError(exc.status, exc.code, exc.message) from None
