@@ -417,3 +417,20 @@ def test_the_follow_request_and_the_submitted_form() -> None:
         is None
     )
     assert UP.route("GET", "/workflow/r1/events").role == "scoped"
+
+
+def test_a_paused_chatflow_stream_names_its_form_to_keep() -> None:
+    # The stream that pauses (here a chatflow's, through /chat-messages) names the
+    # form and its run: kept so that the submit can be followed.
+    chat = UP.route("POST", "/chat-messages")
+    meter = UP.stream_meter(chat, {"query": "Duyệt giúp tôi"})
+    envelope = {"conversation_id": "c1", "message_id": "m1", "task_id": "t1"}
+    for event in _events(
+        envelope | {"event": "workflow_started", "workflow_run_id": "r7", "data": {}},
+        envelope
+        | {"event": "human_input_required", "workflow_run_id": "r7"}
+        | {"data": {"form_token": "tok-7", "node_id": "n"}},
+        envelope | {"event": "workflow_paused", "workflow_run_id": "r7", "data": {"reasons": []}},
+    ):
+        meter.feed(event)
+    assert meter.paused_forms == (("tok-7", "r7"),)
