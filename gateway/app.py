@@ -24,6 +24,7 @@ from gateway import dashboard
 from gateway.admin import admin_routes, error_response, token_refusal, usage_routes
 from gateway.clock import Clock
 from gateway.config import Config, load_config
+from gateway.cors import Cors
 from gateway.errors import NotFound, StorageError
 from gateway.limits import BodyDeadline, header_refusal, send_refusal
 from gateway.proxy import Proxy, Receive, Scope, Send
@@ -119,8 +120,20 @@ class GatewayApp:
             lifespan=lifespan,
         )
         self.site.state.gateway = gateway
+        # Outermost, so every answer on /v1 - the proxy's, the usage API's, and
+        # the refusals of the request limits below - carries the [cors] policy.
+        self.handler = Cors(
+            self._dispatch,
+            config=lambda: gateway.config.cors,
+            error_body=lambda status, code, message: gateway.upstream.error_body(
+                status, code, message
+            ),
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.site(scope, receive, send)
             return
