@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
+import importlib.resources
 import os
 from collections.abc import AsyncIterator, Mapping
 
@@ -70,6 +72,26 @@ async def metrics(request: Request) -> Response:
     return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+# The usage widget (docs/widget.md), read once: a release changes it, nothing else.
+_WIDGET = (importlib.resources.files("gateway") / "static" / "widget.js").read_bytes()
+_WIDGET_HEADERS = {
+    # Pages load it by a fixed URL, so it is not immutable: an hour, then revalidated.
+    "cache-control": "public, max-age=3600",
+    "etag": f'"{hashlib.sha256(_WIDGET).hexdigest()[:16]}"',
+    "x-content-type-options": "nosniff",
+    # Loadable by pages that require it of cross-origin resources (COEP).
+    "cross-origin-resource-policy": "cross-origin",
+}
+
+
+async def widget(request: Request) -> Response:
+    """The <gateway-usage> web component; CORS headers come from [cors] (gateway/cors.py)."""
+    etag = _WIDGET_HEADERS["etag"]
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=_WIDGET_HEADERS)
+    return Response(_WIDGET, media_type="text/javascript; charset=utf-8", headers=_WIDGET_HEADERS)
+
+
 # Set by `gateway serve`: the process is a server and nothing else, so it may
 # tune the garbage collector for itself (not done for apps embedded in tests or tools).
 GC_TUNING_ENV = "GATEWAY_GC_TUNING"
@@ -113,6 +135,7 @@ class GatewayApp:
                 Route("/healthz", healthz),
                 Route("/readyz", readyz),
                 Route("/metrics", metrics),
+                Route("/widget.js", widget, methods=["GET"]),
                 *usage_routes,
                 Mount("/admin", routes=admin_routes),
                 Mount("/dashboard", routes=dashboard.routes),

@@ -46,11 +46,13 @@ class Site:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         assert scope["type"] == "http"
         page = self.pages.get(scope["path"])
+        if scope["path"] == "/favicon.ico":  # asked for by every page; not an error
+            page = ""
         body = (page if page is not None else "not found").encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 200 if page is not None else 404,
+                "status": (200 if page else 204) if page is not None else 404,
                 "headers": [
                     (b"content-type", b"text/html; charset=utf-8"),
                     (b"content-length", str(len(body)).encode()),
