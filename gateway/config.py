@@ -218,6 +218,48 @@ class DashboardConfig:
     session_hours: float = _setting(12.0, minimum=0.01)
 
 
+# --- issue 25, CORS: pages on other origins (gateway/cors.py, docs/widget.md) ---
+@dataclass(frozen=True, slots=True)
+class CorsConfig:
+    # Origins (scheme://host[:port]) whose pages may call /v1 and load the widget;
+    # empty: CORS is left to the upstream as before. "*" allows every origin.
+    allow_origins: tuple[str, ...] = ()
+    # Send Access-Control-Allow-Credentials (cookies, TLS client certificates);
+    # bearer tokens do not need it. Not with "*".
+    allow_credentials: bool = False
+    # Request headers a preflight allows (Authorization must be named: the
+    # wildcard never covers it).
+    allow_headers: tuple[str, ...] = ("Authorization", "Content-Type", "X-Trace-Id")
+    # How long a browser may cache a preflight's answer (Chromium caps it at 7200).
+    max_age: int = _setting(600, minimum=0)
+
+
+def _resolve_cors(cors: CorsConfig) -> CorsConfig:
+    from gateway.cors import normalise_origin
+
+    origins = []
+    for index, origin in enumerate(cors.allow_origins):
+        try:
+            origins.append(normalise_origin(origin))
+        except ValueError as exc:
+            raise ConfigError(f"cors.allow_origins[{index}]: {exc}") from None
+    if cors.allow_credentials and "*" in origins:
+        raise ConfigError(
+            'cors.allow_origins: "*" cannot be used with cors.allow_credentials = true '
+            "(browsers refuse it); list the origins"
+        )
+    for index, name in enumerate(cors.allow_headers):
+        if not name or not all(c.isalnum() or c in "!#$%&'+-.^_`|~" for c in name):
+            raise ConfigError(
+                f"cors.allow_headers[{index}]: expected a header name, got {name!r} "
+                "(the wildcard is not supported: name each header)"
+            )
+    return dataclasses.replace(cors, allow_origins=tuple(dict.fromkeys(origins)))
+
+
+# --- end of issue 25, CORS ---
+
+
 Scalar = bool | int | float | str  # a JSON scalar a rule may write into a request
 
 
@@ -379,6 +421,7 @@ class Config:
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
+    cors: CorsConfig = field(default_factory=CorsConfig)  # issue 25
     plans: Mapping[str, Plan] = field(default_factory=lambda: {"free": Plan(name="free")})
     # [prices."MODEL"]: what a million tokens of a model cost, for upstreams that
     # report tokens but no money (docs/upstreams/openai.md).
@@ -527,6 +570,7 @@ def parse_config(
     return dataclasses.replace(
         config,
         alerts=_resolve_alerts(config.alerts, env),
+        cors=_resolve_cors(config.cors),
         upstream=upstream,
         database=database,
         admin=admin,
@@ -836,6 +880,7 @@ def render_config(config: Config) -> str:
     emit("auth.jwt", config.auth.jwt)
     emit("auth.trusted_header", config.auth.trusted_header)
     emit("admission.on_storage_error", config.admission.on_storage_error)
+    emit("cors", config.cors)
     for name, plan in config.plans.items():
         emit(f"plans.{name}", plan)
     for model, price in config.prices.items():

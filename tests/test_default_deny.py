@@ -159,48 +159,7 @@ def test_a_malformed_allow_rule_is_refused_at_load_with_its_key(rule: str, messa
     assert message in info.value.message
 
 
-# --- Dify human-in-the-loop resumes --------------------------------------------------------
-
-FORM = {"inputs": {"decision": "yes"}, "action": "approve", "user": "victim"}
-
-
-async def test_a_resume_is_refused_at_quota_0(database_url: str, fake: FakeDify) -> None:
-    async with running_gateway(database_url, fake=fake, settings=NO_QUERIES) as h:
-        submitted = await request(h, "POST", "/v1/form/human_input/tok-1", json=FORM)
-        events = await request(h, "GET", "/v1/workflow/run-1/events?user=victim")
-    dify_error(submitted, 429, "daily_query_limit")
-    dify_error(events, 429, "daily_query_limit")
-    assert fake.requests == [] and fake.submitted_forms == []
-
-
-async def test_a_resume_is_admitted_and_metered_from_the_resumed_stream(
-    database_url: str, fake: FakeDify
-) -> None:
-    async with running_gateway(database_url, fake=fake) as h:
-        submitted = await request(h, "POST", "/v1/form/human_input/tok-1", json=FORM)
-        assert submitted.status_code == 200 and submitted.json() == {}
-        await h.gateway.wait_finished(1)
-        # The submit produced no usage of its own: its query went back.
-        assert await h.events() == [] and await queries_today(h) == 0
-        stream = await request(
-            h,
-            "GET",
-            "/v1/workflow/run-1/events?include_state_snapshot=true&user=victim",
-            headers={"x-fake-prompt-tokens": "4000", "x-fake-completion-tokens": "1000"},
-        )
-        assert stream.status_code == 200 and b"workflow_finished" in stream.content
-        await h.gateway.wait_finished(2)
-        (event,) = await h.events()
-        assert await queries_today(h) == 1
-    assert fake.submitted_forms == [("tok-1", USER)]
-    # The resumed node's 5,000 tokens, not the run's total (which repeats the 300
-    # the paused stream was charged).
-    assert (event.prompt_tokens, event.completion_tokens, event.total_tokens) == (4000, 1000, 5000)
-    assert event.cost == fake.usage.total_price and event.user_id == USER
-    assert event.endpoint == "workflow/events" and event.outcome == "complete"
-    # Dify gets the caller, and no snapshot replay of the work before the pause.
-    resumed = fake.requests[-1]
-    assert resumed.query == {"user": USER}
+# --- Dify human-in-the-loop resumes: tests/test_resume.py ------------------------------------
 
 
 # --- Dify side costs -----------------------------------------------------------------------
