@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import orjson
@@ -66,11 +66,15 @@ from gateway.http import (
 )
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
 from gateway.pricing import CallPrice
+from gateway.relay import Command as RelayCommand
+from gateway.relay import Count, End, ExtendDeadline, Notice, Refund, Relay, Settle
+from gateway.relay import Send as RelaySend
+from gateway.relay import Stop as RelayStop
 from gateway.routing import RouteGuard, side_cost_result
 from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import UsageEvent
 from gateway.upstream_client import UpstreamClient
-from gateway.upstreams import Prepared, Route, StreamMeter
+from gateway.upstreams import Prepared, Route
 from gateway.usage import Metered
 
 if TYPE_CHECKING:
@@ -550,58 +554,64 @@ class Proxy:
     ) -> None:
         """Pass an answer on as it arrives while metering it, then settle it.
 
-        A 2xx answer that is not SSE is read as one body (blocking mode), also
-        when it turns out unreadable: the dialect then charges an estimate.
+        The I/O half of the relay: read the upstream, watch the client, keep the
+        deadlines, and do what the `Relay` (gateway/relay.py) decides. A 2xx
+        answer that is not SSE is read as one body (blocking mode), also when it
+        turns out unreadable: the dialect then charges an estimate.
         """
         gw = self.gw
         upstream = gw.upstream
         route = x.route
         assert x.prepared is not None
-        meter: StreamMeter | None = upstream.stream_meter(route, x.answer_body) if sse else None
-        decoder = SSEDecoder(max_event_bytes=gw.config.upstream.max_event_bytes) if sse else None
-        transform = upstream.stream_transform(route, x.prepared) if sse else None
-        buffer = bytearray()
+        settings = gw.config.upstream
+        relay = Relay(
+            upstream,
+            route,
+            x.answer_body,
+            sse=sse,
+            meter=upstream.stream_meter(route, x.answer_body) if sse else None,
+            decoder=SSEDecoder(max_event_bytes=settings.max_event_bytes) if sse else None,
+            transform=upstream.stream_transform(route, x.prepared) if sse else None,
+            policy=settings.on_client_disconnect,
+            grace=settings.disconnect_grace,
+            max_buffered=_MAX_BUFFERED_BODY,
+        )
         loop = asyncio.get_running_loop()
         watcher = loop.create_task(_wait_for_disconnect(receive))
-        disconnected = stopped = cut = failed = too_large = False
+        forward = relay.forward
+        meter_chunk = relay.meter_chunk
         first_byte = True
         cancelled: asyncio.CancelledError | None = None
+        ending: list[RelayCommand]
         try:
             with self.client.reading():
-                async with asyncio.timeout(gw.config.upstream.total_timeout) as deadline:
+                async with asyncio.timeout(settings.total_timeout) as deadline:
                     async for chunk in response.aiter_raw():
-                        if not disconnected:
-                            if watcher.done():
-                                disconnected = True
-                                stopped = await self._client_left(x, meter)
-                                if stopped and upstream.stops_by_closing:
-                                    # Closing the response stops the answer; the
-                                    # chunk in hand is metered first (it may be
-                                    # the first sign the answer began, and billed).
-                                    cut = True
-                                    if decoder is not None and meter is not None:
-                                        for event in decoder.feed(chunk):
-                                            meter.feed(event)
-                                    break
-                                deadline.reschedule(
-                                    loop.time() + gw.config.upstream.disconnect_grace
-                                )
-                            else:
-                                if first_byte:
-                                    first_byte = False
-                                    x.first_byte(gw.metrics)
-                                out = chunk if transform is None else transform.feed(chunk)
-                                await send(
-                                    {"type": "http.response.body", "body": out, "more_body": True}
-                                )
-                        if decoder is not None and meter is not None:
-                            for event in decoder.feed(chunk):
-                                meter.feed(event)
-                        elif len(buffer) < _MAX_BUFFERED_BODY:
-                            buffer += chunk
+                        if watcher.done() and relay.listening:
+                            self._client_left(x)
+                            for command in relay.client_left():
+                                if isinstance(command, RelayStop):
+                                    if command.task_id is not None:
+                                        relay.stop_answered(await self._stop(x, command.task_id))
+                                elif isinstance(command, ExtendDeadline):
+                                    deadline.reschedule(loop.time() + command.seconds)
+                            if not relay.reading:
+                                # Closing the response stops the answer; the chunk
+                                # in hand is metered first (it may be the first
+                                # sign the answer began, and billed).
+                                meter_chunk(chunk)
+                                break
+                        out = forward(chunk)
+                        if out is not None:
+                            if first_byte:
+                                first_byte = False
+                                x.first_byte(gw.metrics)
+                            await send(
+                                {"type": "http.response.body", "body": out, "more_body": True}
+                            )
+                        meter_chunk(chunk)
         except UpstreamBroken as exc:
-            cut = True
-            kind = "timeout" if exc.timed_out else "read"
+            kind: Literal["read", "timeout"] = "timeout" if exc.timed_out else "read"
             gw.metrics.inc("gateway_upstream_errors_total", kind=f"mid_stream_{kind}")
             log.warning(
                 "request %s: upstream stream ended abnormally (%s): %r",
@@ -609,130 +619,76 @@ class Proxy:
                 kind,
                 exc.__cause__,
             )
-            if sse and not disconnected and not watcher.done():
-                error_event = upstream.stream_error(
-                    502, "upstream_error", "The upstream connection was lost."
-                )
-                await send({"type": "http.response.body", "body": error_event, "more_body": True})
+            self._noticed(x, relay, watcher)
+            ending = relay.upstream_broken(kind)
         except EventTooLarge as exc:
             # A line or event past upstream.max_event_bytes: a broken (or hostile)
-            # upstream. The answer ends as an upstream error, and is charged what
-            # was read (or the estimate), like a stream cut short.
-            cut = too_large = True
+            # upstream, charged what was read (or the estimate).
             gw.metrics.inc("gateway_upstream_errors_total", kind="event_too_large")
             log.warning("request %s: upstream stream refused: %s", x.request_id, exc)
-            if meter is not None:
-                for event in exc.events:
-                    meter.feed(event)
-            if not disconnected and not watcher.done():
-                # A blank line first ends whatever part of the line was passed on.
-                error_event = b"\n\n" + upstream.stream_error(
-                    502, "upstream_error", "The upstream sent an event too large to relay."
-                )
-                await send({"type": "http.response.body", "body": error_event, "more_body": True})
+            self._noticed(x, relay, watcher)
+            ending = relay.event_too_large(exc.events)
         except asyncio.CancelledError as exc:
             # The server is going away (or cancelled this request): what was read
             # is still settled below, shielded, before the cancellation goes on.
-            cut = True
             cancelled = exc
+            self._noticed(x, relay, watcher)
+            ending = relay.shutdown()
         except Exception:
-            # A bug while relaying or metering: the answer has begun (and may be
-            # billed upstream), so it is charged, never refunded.
-            cut = failed = True
             log.exception("request %s: unexpected error while relaying an answer", x.request_id)
+            self._noticed(x, relay, watcher)
+            ending = relay.gateway_failed()
+        else:
+            self._noticed(x, relay, watcher)
+            ending = relay.upstream_ended()
         finally:
-            if not disconnected and watcher.done():
-                disconnected = True
-                gw.metrics.inc("gateway_client_disconnects_total")
             watcher.cancel()
-        forms = self.follows.paused_forms(x, meter, None if sse else buffer)
+        forms = self.follows.paused_forms(x, relay.meter, None if sse else relay.buffer)
         if forms:
             # Kept before the client sees the end of an answer that paused for
             # human input: it may submit the form at once (gateway/follow.py).
             await self._kept(self.follows.keep_forms(forms, x.user_id, x.request_id))
-        if cancelled is None and not disconnected:
-            rest = b"" if transform is None or cut else transform.flush()
-            if failed and sse:
-                rest += upstream.stream_error(
-                    500, "internal_server_error", "The gateway failed while relaying the answer."
-                )
-            try:
-                await send({"type": "http.response.body", "body": rest, "more_body": False})
-            except Exception:  # the client is past helping; the answer is still settled
-                log.exception("request %s: could not end the response", x.request_id)
-
-        result = self._result(x, meter, decoder, buffer, cut=cut or disconnected, failed=failed)
-        if too_large and result.usage is None:
-            # The upstream produced (and may bill) something: never free.
-            result = dataclasses.replace(
-                upstream.unanswered(x.route, x.answer_body),
-                answer_id=result.answer_id,
-                outcome="cut",
-                error_code="event_too_large",
-            )
-        if cancelled is not None and result.outcome != "complete":
-            # Cut by the server's shutdown (server.shutdown_grace ran out): charged
-            # what was read, or the estimate, and marked so in the ledger.
-            gw.metrics.inc("gateway_answers_cut_at_shutdown_total")
-            result = dataclasses.replace(result, outcome="shutdown")
-        if (
-            cut
-            and not stopped
-            and result.outcome != "complete"
-            and meter is not None
-            and meter.task_id
-        ):
-            # We stopped reading an answer the upstream may still be generating
-            # (and billing): tell it to stop.
-            gw.keep(self._stop(x, meter.task_id))
-        await self._kept(self._settle(x, result, disconnected=disconnected))
+        for command in ending:
+            await self._execute(x, command, send)
         if cancelled is not None:
-            if sse and not disconnected:
-                # Recorded; now tell the client why its answer ends here, as an SSE
-                # error event and a proper end of the stream, if it still listens.
-                error_event = upstream.stream_error(
-                    503, "shutting_down", "The gateway is shutting down; the answer was cut."
-                )
-                with contextlib.suppress(Exception):
-                    await send(
-                        {"type": "http.response.body", "body": error_event, "more_body": True}
-                    )
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
             raise cancelled
 
-    def _result(
-        self,
-        x: Exchange,
-        meter: StreamMeter | None,
-        decoder: SSEDecoder | None,
-        buffer: bytearray,
-        *,
-        cut: bool,
-        failed: bool,
-    ) -> Metered:
-        """What the answer cost, from its meter; if metering itself fails (or the
-        relay failed), at least the dialect's estimate for an unanswered request."""
-        upstream = self.gw.upstream
-        try:
-            if decoder is not None and meter is not None:
-                for event in decoder.flush():
-                    meter.feed(event)
-                result = meter.finish(cut=cut)
+    def _noticed(self, x: Exchange, relay: Relay, watcher: asyncio.Task[None]) -> None:
+        """At the end of an answer: a client that left unnoticed is counted."""
+        if relay.listening and watcher.done():
+            self.gw.metrics.inc("gateway_client_disconnects_total")
+            relay.client_left(at_end=True)
+
+    async def _execute(self, x: Exchange, command: RelayCommand, send: Send) -> None:
+        """Do one of the commands that end an answer's relay."""
+        if isinstance(command, Settle | Refund):
+            if command.metering_error is not None:
+                log.error(
+                    "request %s: the answer could not be metered",
+                    x.request_id,
+                    exc_info=command.metering_error,
+                )
+            if isinstance(command, Settle):
+                await self._kept(self._record(x, command.result, command.outcome))
             else:
-                result = upstream.meter_blocking(x.route, x.answer_body, bytes(buffer))
-        except Exception:
-            log.exception("request %s: the answer could not be metered", x.request_id)
-            failed = True
-            result = Metered(None, None, None, None, "cut")
-        if failed and result.usage is None:
-            estimate = upstream.unanswered(x.route, x.answer_body)
-            result = dataclasses.replace(
-                estimate,
-                answer_id=result.answer_id,
-                outcome="cut",
-                error_code="gateway_error",
-            )
-        return result
+                await self._kept(self._refund_unused(x, command.result))
+        elif isinstance(command, RelaySend | End):
+            more = isinstance(command, RelaySend)
+            try:
+                await send({"type": "http.response.body", "body": command.body, "more_body": more})
+            except Exception:  # the client is past helping; the answer is still settled
+                log.exception("request %s: could not end the response", x.request_id)
+        elif isinstance(command, RelayStop):
+            if command.task_id is not None:
+                self.gw.keep(self._stop(x, command.task_id))
+        elif isinstance(command, Count):
+            self.gw.metrics.inc(command.metric)
+        elif isinstance(command, Notice):
+            # Recorded; now tell the client why its answer ends here, as an SSE
+            # error event and a proper end of the stream, if it still listens.
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": command.body, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _history(
         self,
@@ -772,19 +728,11 @@ class Proxy:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _client_left(self, x: Exchange, meter: StreamMeter | None) -> bool:
-        """The client went away mid-answer; returns whether the answer was stopped."""
-        gw = self.gw
-        gw.metrics.inc("gateway_client_disconnects_total")
-        policy = gw.config.upstream.on_client_disconnect
+    def _client_left(self, x: Exchange) -> None:
+        """The client went away mid-answer (the relay decides what follows)."""
+        self.gw.metrics.inc("gateway_client_disconnects_total")
+        policy = self.gw.config.upstream.on_client_disconnect
         log.info("request %s: client disconnected mid-answer; policy %s", x.request_id, policy)
-        if policy != "stop" or meter is None:
-            return False
-        if gw.upstream.stops_by_closing:
-            return True
-        if meter.task_id is None:
-            return False
-        return await self._stop(x, meter.task_id)
 
     async def _stop(self, x: Exchange, task_id: str) -> bool:
         """Ask the upstream to stop generating an answer (same task id and user)."""
@@ -822,19 +770,28 @@ class Proxy:
         await self._settle(x, result, disconnected=False)
 
     async def _settle(self, x: Exchange, result: Metered, *, disconnected: bool) -> None:
+        if result.usage is None:
+            await self._refund_unused(x, result)
+        else:
+            await self._record(x, result, "disconnected" if disconnected else result.outcome)
+
+    async def _refund_unused(self, x: Exchange, result: Metered) -> None:
+        """An answer that produced nothing to charge: its query goes back."""
+        log.info(
+            "request %s: answer produced nothing to charge (%s%s); query returned",
+            x.request_id,
+            result.outcome,
+            f", {result.error_code}" if result.error_code else "",
+        )
+        await self.admitter.refund(x.ticket, x.request_id)
+
+    async def _record(self, x: Exchange, result: Metered, outcome: str) -> None:
+        """Record an answer's usage: from here the reservation is the ledger's."""
         ticket = x.ticket
         assert ticket is not None
         request_id = x.request_id
         usage = result.usage
-        if usage is None:
-            log.info(
-                "request %s: answer produced nothing to charge (%s%s); query returned",
-                request_id,
-                result.outcome,
-                f", {result.error_code}" if result.error_code else "",
-            )
-            await self.admitter.refund(ticket, request_id)
-            return
+        assert usage is not None
         if usage.estimated:
             log.warning(
                 "request %s: upstream reported no usage (%s); charging an estimate of %d tokens",
@@ -842,7 +799,6 @@ class Proxy:
                 result.outcome,
                 usage.total_tokens,
             )
-        outcome: str = "disconnected" if disconnected else result.outcome
         if usage.clamped:
             # A field out of range was bounded where it was read (usage.FieldReader):
             # the record is marked as bounds.bound_event marks one.
