@@ -105,6 +105,14 @@ class Ticket:
         self.pending_id = pending_id
         self.body_changed = False  # admission rewrote the request body (web search off)
 
+    def release(self) -> bool:
+        """The reservation leaves the ticket - to the ledger (settled) or back to
+        the user (refunded); True if it was still held. The one place
+        ``reserved`` turns false."""
+        held = self.reserved
+        self.reserved = False
+        return held
+
 
 class Admitter:
     def __init__(self, gateway: Gateway) -> None:
@@ -288,9 +296,8 @@ class Admitter:
 
     async def refund(self, ticket: Ticket | None, request_id: str) -> None:
         """Return a reserved query (and its stream slot): no answer was produced."""
-        if ticket is None or not ticket.reserved:
+        if ticket is None or not ticket.release():
             return
-        ticket.reserved = False
         await self.gw.settler.refund(
             ticket.user_id, day=ticket.day, lease_id=ticket.lease_id, pending_id=ticket.pending_id
         )

@@ -485,11 +485,17 @@ class Proxy:
                     self._settle(x, side_cost_result(x.call_price), disconnected=False)
                 )
             return
-        x.responded = True
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await self._start(x, send, status, headers)
         sse = content_type.startswith(_SSE)
         with gw.metrics.streaming(sse):
             await self._relay_answer(x, response, sse, receive, send)
+
+    @staticmethod
+    async def _start(x: Exchange, send: Send, status: int, headers: Headers) -> None:
+        """Start the response: the one place ``x.responded`` turns true (from here
+        the status is sent, and a failure can only end the body)."""
+        x.responded = True
+        await send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def _relay_plain(
         self,
@@ -507,8 +513,7 @@ class Proxy:
             if days is not None:
                 await self._history(x, send, response, status, headers, days)
                 return
-        x.responded = True
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await self._start(x, send, status, headers)
         if content_type.startswith(_SSE):
             # An unmetered event stream (a run's events read again): it may stay open
             # for minutes, so it ends when its client leaves, not when the upstream does.
@@ -724,8 +729,7 @@ class Proxy:
         # aiter_bytes decoded any Content-Encoding: describe the new body instead.
         headers = [(k, v) for k, v in headers if k not in (b"content-length", b"content-encoding")]
         headers.append((b"content-length", str(len(body)).encode()))
-        x.responded = True
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await self._start(x, send, status, headers)
         await send({"type": "http.response.body", "body": body})
 
     def _client_left(self, x: Exchange) -> None:
@@ -810,7 +814,7 @@ class Proxy:
                 ", ".join(usage.clamped),
             )
         # From here the reservation is the ledger's to settle, not to refund.
-        ticket.reserved = False
+        ticket.release()
         upstream_ms, overhead_ms = x.timings()
         self.gw.metrics.observe("gateway_upstream_seconds", upstream_ms / 1000, route=x.route.kind)
         await self.gw.settler.record(
@@ -888,8 +892,7 @@ class Proxy:
             (b"content-length", str(len(response.content)).encode()),
             (b"x-request-id", x.request_id.encode()),
         ]
-        x.responded = True
-        await send({"type": "http.response.start", "status": response.status_code, "headers": out})
+        await self._start(x, send, response.status_code, out)
         await send({"type": "http.response.body", "body": response.content})
 
     async def _multipart(
