@@ -39,7 +39,7 @@ from gateway.usage import Metered
 State = Literal["streaming", "draining", "stopped", "finished", "cut", "shutdown", "failed"]
 # What the upstream's connection ended as, for the client and the log.
 Broken = Literal["read", "timeout"]
-Policy = Literal["continue", "stop"]
+Policy = Literal["drain", "stop"]
 
 ENDINGS: frozenset[State] = frozenset({"finished", "cut", "shutdown", "failed"})
 
@@ -151,7 +151,7 @@ class Relay:
         meter: StreamMeter | None,
         decoder: SSEDecoder | None,
         transform: StreamTransform | None,
-        policy: str,
+        policy: Policy,
         grace: float,
         max_buffered: int,
     ) -> None:
