@@ -120,10 +120,16 @@ class Notice:
 Command = Send | End | Stop | ExtendDeadline | Count | Settle | Refund | Notice
 
 
+def _ignore(event: ServerSentEvent) -> None:
+    pass
+
+
 class Relay:
     """One answer's relay: feed it events, do what it returns."""
 
     __slots__ = (
+        "_decode",
+        "_feed",
         "_metering",
         "body",
         "buffer",
@@ -167,6 +173,9 @@ class Relay:
         self.max_buffered = max_buffered  # of a blocking answer, kept to meter it
         self.buffer = bytearray()
         self._metering = decoder is not None and meter is not None
+        # Bound once: the hot path calls them for every chunk and event.
+        self._decode = decoder.feed if self._metering and decoder is not None else None
+        self._feed = meter.feed if meter is not None else _ignore
         self.state: State = "streaming"
         self.stop_sent = False  # a stop reached the upstream (closing, or a call it took)
         self.ending: Settle | Refund | None = None
@@ -196,10 +205,10 @@ class Relay:
 
     def meter_chunk(self, chunk: bytes) -> None:
         """Read the same chunk for what it costs (may raise `EventTooLarge`)."""
-        if self._metering:
-            assert self.decoder is not None and self.meter is not None
-            feed = self.meter.feed
-            for event in self.decoder.feed(chunk):
+        decode = self._decode
+        if decode is not None:
+            feed = self._feed
+            for event in decode(chunk):
                 feed(event)
         elif len(self.buffer) < self.max_buffered:
             self.buffer += chunk
