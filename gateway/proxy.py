@@ -682,7 +682,8 @@ class Proxy:
             try:
                 await send({"type": "http.response.body", "body": command.body, "more_body": more})
             except Exception:  # the client is past helping; the answer is still settled
-                log.exception("request %s: could not end the response", x.request_id)
+                what = "send the error event" if more else "end the response"
+                log.exception("request %s: could not %s", x.request_id, what)
         elif isinstance(command, RelayStop):
             if command.task_id is not None:
                 self.gw.keep(self._stop(x, command.task_id))
