@@ -7,9 +7,9 @@ charged what its meter read, charged an estimate, or given back - the
 exactly-once promise - is decided here, once, by `Relay._end`: the one place that
 makes a `Settle` or a `Refund`, and it refuses to run twice.
 
-States (the names follow mitmproxy's stream states, `layers/http/__init__.py`)::
+States, named as mitmproxy names its stream states (`layers/http/__init__.py`)::
 
-    streaming --client_left(pass/stop call)--> draining --upstream_ended--> finished
+    streaming --client_left(drain, or stop call)--> draining
     streaming --client_left(stop, by closing)--> stopped (the chunk in hand is metered)
     streaming|draining --upstream_ended--------------------> finished
     streaming|draining --upstream_broken/deadline/too_large-> cut
@@ -20,7 +20,7 @@ States (the names follow mitmproxy's stream states, `layers/http/__init__.py`)::
 docs/architecture.md draws the whole table, with the commands of each step.
 On the hot path a chunk costs two calls and no allocation beyond what the
 dialect's transform and meter make: `forward` returns the bytes to send (or None
-once the client has gone), `meter` feeds the decoder and meter (or the buffer of
+once the client has gone), `meter_chunk` feeds the decoder and meter (or the buffer of
 a blocking answer) - in that order, so a chunk that breaks the decoder was still
 passed on as the upstream sent it.
 """
