@@ -455,3 +455,14 @@ def test_any_sequence_ends_exactly_once(
         assert ending.result.usage is None
     else:
         assert ending.result.usage is not None
+
+
+def test_a_ticket_gives_its_reservation_up_once() -> None:
+    from datetime import date
+
+    from gateway.admission import Ticket
+
+    ticket = Ticket("u1", date(2026, 1, 1), reserved=True, lease_id=None)
+    assert ticket.release() is True
+    assert ticket.release() is False  # a second settle or refund finds nothing held
+    assert not ticket.reserved
