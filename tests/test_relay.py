@@ -5,6 +5,7 @@ events that must still end exactly once."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import date
 from decimal import Decimal
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.admission import Ticket
 from gateway.relay import (
     Count,
     End,
@@ -458,10 +460,6 @@ def test_any_sequence_ends_exactly_once(
 
 
 def test_a_ticket_gives_its_reservation_up_once() -> None:
-    from datetime import date
-
-    from gateway.admission import Ticket
-
     ticket = Ticket("u1", date(2026, 1, 1), reserved=True, lease_id=None)
     assert ticket.release() is True
     assert ticket.release() is False  # a second settle or refund finds nothing held
