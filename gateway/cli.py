@@ -23,6 +23,7 @@ from gateway.accounts import effective_plan, issue_key, parse_override_text
 from gateway.clock import SystemClock, periods_at
 from gateway.config import ENV_CONFIG, LIMIT_NAMES, Config, load_config, render_config
 from gateway.errors import BadRequest, ConfigError, GatewayError
+from gateway.logs import configure_logging
 from gateway.storage import OverrideValue, Storage, open_storage
 
 EXIT_ERROR = 1
@@ -37,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     try:
         config = load_config(args.config)
+        if args.handler is not _demo:  # the demo logs by its own configuration
+            configure_logging(config.server)
         result: int = args.handler(config, args)
         return result
     except ConfigError as exc:
@@ -213,6 +216,9 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
             port=args.port if args.port is not None else config.server.port,
             workers=workers,
             log_level=config.server.log_level,
+            # No uvicorn logging set-up: this process's log is configured (main),
+            # and each worker's by the app factory, in server.log_format.
+            log_config=None,
             loop="auto",  # uvloop where installed
             # httptools, with the request head bounded as it arrives (docs/configuration.md)
             http="gateway.headlimit:BoundedHeadProtocol",
@@ -251,7 +257,7 @@ def _metrics_directory(workers: int) -> Iterator[None]:
 def _demo(config: Config, args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    return run_demo(port=args.port)
+    return run_demo(port=args.port, log=config.server)
 
 
 async def _migrate(storage: Storage, config: Config, args: argparse.Namespace) -> int:

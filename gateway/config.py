@@ -80,6 +80,14 @@ class ServerConfig:
     # open-files limit). Both applied by `gateway serve` (gateway/headlimit.py).
     head_timeout: float = _setting(10.0, minimum=0.001)
     max_connections: int = _setting(0, minimum=0)
+    # --- issue 25, logs (gateway/logs.py) ---
+    # "text": one line per record; "json": one JSON object per line. uvicorn's own
+    # lines follow the same format.
+    log_format: Literal["text", "json"] = "text"
+    # A line per settled answer on the `gateway.answers` logger (user, status,
+    # route, tokens, cost, outcome, time), at level info.
+    answer_log: bool = True
+    # --- end of issue 25, logs ---
 
 
 @dataclass(frozen=True, slots=True)

@@ -198,6 +198,7 @@ class Gateway:
             spool=spool,
             max_tokens_per_answer=self.config.accounting.max_tokens_per_answer,
             prices=self._prices,
+            answer_log=self.config.server.answer_log,
         )
         replayed = await self.settler.replay()
         if replayed:
