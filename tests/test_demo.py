@@ -38,7 +38,7 @@ async def test_busy_port_is_one_line_and_leaves_nothing_behind(tmp_path: Path) -
         f"gateway demo: cannot listen on 127.0.0.1:{port}: Address already in use"
     ]
     assert out == b""
-    assert not list(tmp_path.glob("gateway-demo-*"))
+    assert not list(tmp_path.glob("gateway-demo-*"))  # noqa: ASYNC240
 
 
 async def test_demo_answers_with_one_date_and_one_server_header(tmp_path: Path) -> None:
