@@ -37,7 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_CONFIG
     try:
-        config = load_config(args.config)
+        # Only the commands that deliver alerts (or check what serving needs) need
+        # the alert webhook's signing secret (issue 25).
+        config = load_config(args.config, alert_secrets=getattr(args, "delivers_alerts", False))
         if args.handler is not _demo:  # the demo logs by its own configuration
             configure_logging(config.server)
         result: int = args.handler(config, args)
@@ -84,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", type=int, default=None, help="worker processes (default: server.workers)"
     )
-    serve.set_defaults(handler=_serve)
+    serve.set_defaults(handler=_serve, delivers_alerts=True)
 
     demo = commands.add_parser("demo", help="run the gateway with a built-in fake Dify upstream")
     demo.add_argument("--port", type=int, default=8000, help="gateway port (default: 8000)")
@@ -95,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands.add_parser(
         "check-config", help="validate and print the effective configuration"
-    ).set_defaults(handler=_check_config)
+    ).set_defaults(handler=_check_config, delivers_alerts=True)
 
     users = commands.add_parser("users", help="manage users").add_subparsers(
         title="users commands", metavar="ACTION"
@@ -268,7 +270,24 @@ async def _migrate(storage: Storage, config: Config, args: argparse.Namespace) -
 
 def _check_config(config: Config, args: argparse.Namespace) -> int:
     sys.stdout.write(render_config(config))
+    for warning in config_warnings(config):
+        print(f"gateway: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What a valid configuration still gets wrong: `check-config` says it, as
+    `gateway serve` logs it at start."""
+    from gateway.config import ENV_UPSTREAM_API_KEY
+
+    warnings = []
+    if not config.upstream.api_key:
+        warnings.append(
+            f"the upstream API key is not set: set {config.upstream.api_key_env} "
+            f"(upstream.api_key_env) or {ENV_UPSTREAM_API_KEY}; the upstream will refuse "
+            "every request"
+        )
+    return warnings
 
 
 def _describe_db(config: Config) -> str:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from gateway.auth import Authenticator
-from gateway.config import AuthConfig
+from gateway.cli import main
+from gateway.config import AuthConfig, Config, parse_config
+from gateway.errors import ConfigError
 from gateway.keys import hash_key
 from gateway.storage import ApiKey
 from gateway.testing.fake_upstream import FakeDify
@@ -79,3 +84,108 @@ def test_reload_keeps_keys_but_a_lower_ttl_applies_at_once() -> None:
     off = Authenticator(None, AuthConfig(key_cache_ttl=0), previous=first)  # type: ignore[arg-type]
     off._keys.put(digest, key)
     assert off._keys.get(digest) is None
+
+
+# --- check-config -------------------------------------------------------------------
+
+
+FULL = """
+[upstream]
+kind = "openai"
+url = "https://api.openai.com/v1"
+allow = ["GET /models/*"]
+
+[database]
+url = "sqlite:///{db}"
+
+[metrics]
+public = true
+
+[pricing]
+unpriced_models = "allow"
+
+[alerts]
+thresholds = [80, 100]
+webhook_url = "https://hooks.example.com/gw"
+
+[plans.free]
+queries_per_day = 5
+alert_thresholds = [50]
+
+[prices."gpt-4o-mini"]
+input = "0.15"
+output = "0.60"
+
+[call_prices."openai.web_search"]
+price = "0.01"
+"""
+
+
+def write_full(tmp_path: Path) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(FULL.format(db=tmp_path / "g.db"))
+    return path
+
+
+def test_check_config_prints_every_section(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATEWAY_WEBHOOK_SECRET", "whsec_" + "c2VjcmV0LWtleS1mb3ItdGVzdHM=")
+    monkeypatch.setenv("DIFY_API_KEY", "sk-test")
+    assert main(["--config", str(write_full(tmp_path)), "check-config"]) == 0
+    out = capsys.readouterr().out
+    rendered = tomllib.loads(out)  # the output is TOML
+    # Every section of the configuration, however late it was added.
+    for f in dataclasses.fields(Config):
+        if dataclasses.is_dataclass(getattr(Config(), f.name)):
+            assert f.name in rendered, f.name
+    assert rendered["alerts"]["thresholds"] == [80, 100]
+    assert rendered["alerts"]["webhook_url"] == "https://hooks.example.com/gw"
+    assert rendered["alerts"]["webhook_secret"] == "***"  # never the secret
+    assert "c2VjcmV0" not in out
+    assert rendered["pricing"]["unpriced_models"] == "allow"
+    assert rendered["metrics"]["public"] is True
+    assert rendered["upstream"]["allow"] == ["GET /models/*"]
+    assert rendered["plans"]["free"]["alert_thresholds"] == [50]
+    assert rendered["prices"]["gpt-4o-mini"]["input"] == "0.15"
+    assert rendered["call_prices"]["openai.web_search"]["price"] == "0.01"
+
+
+def test_unknown_top_level_key_hint_names_every_table() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"plan": {"free": {}}})
+    message = caught.value.message
+    assert message.startswith("plan: unknown key (did you mean 'plans'? expected one of: ")
+    listed = message.split("expected one of: ")[1].rstrip(")").split(", ")
+    assert {"plans", "prices", "call_prices", "alerts", "metrics", "pricing"} <= set(listed)
+
+
+def test_check_config_warns_that_the_upstream_key_is_unset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DIFY_API_KEY", raising=False)
+    monkeypatch.delenv("GATEWAY_UPSTREAM_API_KEY", raising=False)
+    path = tmp_path / "gateway.toml"
+    path.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "g.db"}"\n')
+    assert main(["--config", str(path), "check-config"]) == 0
+    err = capsys.readouterr().err
+    assert "gateway: warning: the upstream API key is not set: set DIFY_API_KEY" in err
+    monkeypatch.setenv("DIFY_API_KEY", "app-1")
+    assert main(["--config", str(path), "check-config"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+# --- commands that deliver nothing need no delivery secret -----------------------------
+
+
+def test_set_limit_needs_no_webhook_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GATEWAY_WEBHOOK_SECRET", raising=False)
+    path = write_full(tmp_path)
+    assert main(["--config", str(path), "users", "add", "alice"]) == 0
+    assert main(["--config", str(path), "users", "set-limit", "alice", "queries_per_day", "9"]) == 0
+    assert "queries_per_day = 9 (override)" in capsys.readouterr().out
+    # What delivers alerts still refuses to start without it.
+    assert main(["--config", str(path), "check-config"]) == 2
+    assert "GATEWAY_WEBHOOK_SECRET is not set" in capsys.readouterr().err
