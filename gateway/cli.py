@@ -338,7 +338,7 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
         + ("" if user.plan in config.plans else f" (not configured; using {plan.name})"),
         f"created:   {user.created_at.astimezone(config.tz).isoformat(timespec='seconds')}",
         f"lifetime:  {user.lifetime_tokens} tokens "
-        f"({user.lifetime_prompt_tokens} prompt, {user.lifetime_completion_tokens} completion), "
+        f"({token_split(user.lifetime_tokens, user.lifetime_prompt_tokens, user.lifetime_completion_tokens)}), "
         f"cost {user.lifetime_cost}",
         f"today ({period.day.isoformat()}, {config.accounting.timezone}):",
         f"  queries       {today.queries if today else 0} / {limit(plan.queries_per_day)}",
@@ -361,6 +361,18 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
         lines.append(f"key:        {key.id}  {key.prefix}…  {key.name or '-'}  {state}")
     print("\n".join(lines))
     return 0
+
+
+def token_split(total: int, prompt: int, completion: int) -> str:
+    """How ``total`` tokens divide, saying which part is not known: some answers
+    report a total without its split (a blocking Dify workflow reports only its
+    nodes' prompt and completion tokens), so prompt + completion can fall short."""
+    unsplit = total - prompt - completion
+    if unsplit <= 0:
+        return f"{prompt} prompt, {completion} completion"
+    if not prompt and not completion:
+        return "prompt/completion split not reported"
+    return f"{prompt} prompt, {completion} completion, {unsplit} with the split not reported"
 
 
 async def _users_set_plan(storage: Storage, config: Config, args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import tomllib
 from datetime import UTC, datetime
@@ -13,10 +14,10 @@ import pytest
 
 from gateway.auth import Authenticator
 from gateway.cli import main
-from gateway.config import AuthConfig, Config, parse_config
+from gateway.config import AuthConfig, Config, DatabaseConfig, parse_config
 from gateway.errors import ConfigError
 from gateway.keys import hash_key
-from gateway.storage import ApiKey
+from gateway.storage import ApiKey, UsageEvent, open_storage
 from gateway.testing.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, running_gateway
 from tests.tcpproxy import TCPProxy
@@ -189,3 +190,68 @@ def test_set_limit_needs_no_webhook_secret(
     # What delivers alerts still refuses to start without it.
     assert main(["--config", str(path), "check-config"]) == 2
     assert "GATEWAY_WEBHOOK_SECRET is not set" in capsys.readouterr().err
+
+
+# --- users show: a total whose split is not known -------------------------------------
+
+
+async def test_users_show_says_which_tokens_have_no_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "g.db"}"\n')
+    storage = await open_storage(DatabaseConfig(url=f"sqlite:///{tmp_path / 'g.db'}"))
+    try:
+        await storage.migrate()
+        await storage.ensure_user("wf", plan="free")
+        # A blocking Dify workflow: its total, and only its nodes' prompt/completion.
+        await storage.settle(
+            UsageEvent(
+                answer_id="run-1",
+                user_id="wf",
+                day=NOW.date(),
+                created_at=NOW,
+                endpoint="workflows/run",
+                prompt_tokens=4132,
+                completion_tokens=540,
+                total_tokens=5990,
+            )
+        )
+    finally:
+        await storage.close()
+    assert await asyncio.to_thread(main, ["--config", str(path), "users", "show", "wf"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "lifetime:  5990 tokens (4132 prompt, 540 completion, 1318 with the split not reported)"
+        in out
+    )
+
+
+def test_token_split() -> None:
+    from gateway.cli import token_split
+
+    assert token_split(10, 6, 4) == "6 prompt, 4 completion"
+    assert token_split(10, 0, 0) == "prompt/completion split not reported"
+    assert token_split(0, 0, 0) == "0 prompt, 0 completion"
+
+
+async def test_dashboard_says_which_tokens_have_no_split(tmp_path: Path) -> None:
+    from tests.test_dashboard import admin_gateway, client, sign_in
+
+    async with admin_gateway(f"sqlite:///{tmp_path / 'g.db'}") as h, client(h) as c:
+        await h.storage.ensure_user("wf", plan="free")
+        await h.storage.settle(
+            UsageEvent(
+                answer_id="run-1",
+                user_id="wf",
+                day=h.gateway.today(),
+                created_at=NOW,
+                endpoint="workflows/run",
+                prompt_tokens=4132,
+                completion_tokens=540,
+                total_tokens=5990,
+            )
+        )
+        await sign_in(c)
+        page = (await c.get("/dashboard/users/wf")).text
+    assert "<dt>Split not reported</dt><dd>1.318</dd>" in page

@@ -55,7 +55,7 @@ _USER = """<p class="crumbs"><a href="{base}/">Users</a> /</p>
 <dt>Total tokens</dt><dd>{lifetime_tokens}</dd>
 <dt>Prompt tokens</dt><dd>{prompt_tokens}</dd>
 <dt>Completion tokens</dt><dd>{completion_tokens}</dd>
-<dt>Cost</dt><dd>{lifetime_cost}</dd>
+{unsplit}<dt>Cost</dt><dd>{lifetime_cost}</dd>
 </dl>
 <h2>Plan</h2>
 <form class="row" method="post" action="{user_url}/plan">
@@ -145,6 +145,15 @@ def _amount(numbers: NumberFormat, value: object) -> str:
     if isinstance(value, int):
         return numbers.number(value)
     return numbers.decimal(Decimal(str(value)), places=2, min_places=0)
+
+
+def _unsplit(numbers: NumberFormat, lifetime: Mapping[str, Any]) -> Html:
+    """Tokens of answers that reported a total but not its split (a blocking Dify
+    workflow): said as such, so prompt + completion falling short reads right."""
+    unsplit = lifetime["total_tokens"] - lifetime["prompt_tokens"] - lifetime["completion_tokens"]
+    if unsplit <= 0:
+        return Html("")
+    return render("<dt>Split not reported</dt><dd>{n}</dd>\n", n=numbers.number(unsplit))
 
 
 def _meter(numbers: NumberFormat, used: int, limit: int, remaining: int) -> Html:
@@ -279,6 +288,7 @@ async def _user_page(
         lifetime_tokens=badge(numbers.number(lifetime["total_tokens"]), lifetime["total_tokens"]),
         prompt_tokens=numbers.number(lifetime["prompt_tokens"]),
         completion_tokens=numbers.number(lifetime["completion_tokens"]),
+        unsplit=_unsplit(numbers, lifetime),
         lifetime_cost=numbers.money(Decimal(lifetime["cost"])),
         user_url=user_url,
         csrf=page.csrf_field(),
