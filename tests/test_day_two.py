@@ -16,6 +16,7 @@ from gateway.auth import Authenticator
 from gateway.cli import main
 from gateway.config import AuthConfig, Config, DatabaseConfig, parse_config
 from gateway.errors import ConfigError
+from gateway.http import response_headers
 from gateway.keys import hash_key
 from gateway.storage import ApiKey, UsageEvent, open_storage
 from gateway.testing.fake_upstream import FakeDify
@@ -255,3 +256,16 @@ async def test_dashboard_says_which_tokens_have_no_split(tmp_path: Path) -> None
         await sign_in(c)
         page = (await c.get("/dashboard/users/wf")).text
     assert "<dt>Split not reported</dt><dd>1.318</dd>" in page
+
+
+# --- one Date header ----------------------------------------------------------------
+
+
+def test_relayed_responses_leave_date_and_server_to_the_gateways_server() -> None:
+    upstream = [
+        (b"Date", b"Sun, 06 Dec 2026 12:00:00 GMT"),
+        (b"Server", b"nginx"),
+        (b"Content-Type", b"application/json"),
+        (b"X-Request-Id", b"theirs"),
+    ]
+    assert response_headers(upstream) == [(b"content-type", b"application/json")]

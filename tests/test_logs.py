@@ -83,14 +83,19 @@ async def setup(tmp_path: Path, **server: Any) -> AsyncIterator[Setup]:
             fake.release_held()
 
 
-async def ask(url: str, key: str) -> str:
-    """One blocking answer through the gateway at ``url``; returns its request id."""
+async def answer(url: str, key: str) -> httpx.Response:
+    """One blocking answer through the gateway at ``url``."""
     async with httpx.AsyncClient(timeout=30) as client:
         response = await client.post(
             f"{url}/v1/chat-messages", json=BLOCKING, headers={"Authorization": f"Bearer {key}"}
         )
     assert response.status_code == 200, response.text
-    return response.headers["x-request-id"]
+    return response
+
+
+async def ask(url: str, key: str) -> str:
+    """One blocking answer through the gateway at ``url``; returns its request id."""
+    return (await answer(url, key)).headers["x-request-id"]
 
 
 async def count_lines(process: GatewayProcess, text: str, count: int) -> None:
@@ -107,8 +112,9 @@ async def test_serve_logs_gateway_lines_with_request_id(tmp_path: Path) -> None:
     async with setup(tmp_path) as s:
         process = await GatewayProcess.start(s.config, ENV)
         try:
-            request_id = await ask(process.url, s.key)
-            answer = await process.wait_for_line(f"gateway.answers [{request_id}]")
+            answered = await answer(process.url, s.key)
+            request_id = answered.headers["x-request-id"]
+            line = await process.wait_for_line(f"gateway.answers [{request_id}]")
             await process.wait_for_line(f"gateway.settle [{request_id}] recorded answer")
             async with httpx.AsyncClient() as client:
                 refused = await client.post(
@@ -117,14 +123,18 @@ async def test_serve_logs_gateway_lines_with_request_id(tmp_path: Path) -> None:
                     headers={"Authorization": "Bearer gwk_wrong"},
                 )
             assert refused.status_code == 401
+            # One Date each (uvicorn's; the fake Dify's is not relayed), no Server.
+            for response in (answered, refused):
+                assert len(response.headers.get_list("date")) == 1
+                assert "server" not in response.headers
             refusal_id = refused.headers["x-request-id"]
             await process.wait_for_line(f"gateway.proxy [{refusal_id}] refused 401 unauthorized")
         finally:
             assert await process.terminate() == 0
-    assert TEXT_LINE.match(answer), answer
-    assert f"user={USER} status=200 route=chat-messages outcome=complete" in answer
-    assert re.search(r" total_tokens=\d+ ", answer) and re.search(r" cost=\d+\.\d+ ", answer)
-    assert re.search(r" upstream_ms=[\d.]+ overhead_ms=[\d.]+", answer)
+    assert TEXT_LINE.match(line), line
+    assert f"user={USER} status=200 route=chat-messages outcome=complete" in line
+    assert re.search(r" total_tokens=\d+ ", line) and re.search(r" cost=\d+\.\d+ ", line)
+    assert re.search(r" upstream_ms=[\d.]+ overhead_ms=[\d.]+", line)
     # uvicorn's own lines share the format (a single handler for both).
     running = next(line for line in process.lines if "Uvicorn running on" in line)
     assert TEXT_LINE.match(running) and " uvicorn.error [-] " in running, running
