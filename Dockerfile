@@ -37,7 +37,8 @@ RUN --mount=type=secret,id=pip_cert \
     && python3 -m venv /opt/gateway \
     && /opt/gateway/bin/pip install /src \
     && rm -rf /src \
-    && useradd --system --uid 10001 --home-dir /var/lib/gateway --create-home gateway \
+    && groupadd --system --gid 10001 gateway \
+    && useradd --system --uid 10001 --gid gateway --home-dir /var/lib/gateway --create-home gateway \
     && mkdir -p /etc/gateway /var/spool/gateway \
     && chown gateway /var/spool/gateway
 # The repository's default configuration; the SQLite file lands in the working
