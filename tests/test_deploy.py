@@ -244,6 +244,22 @@ def test_the_kubernetes_manifests_fit_together() -> None:
     assert f"--uid {uid} " in dockerfile
 
 
+def test_kustomize_renders_the_manifests_into_the_namespace() -> None:
+    """`kubectl apply -k deploy/kubernetes/` as kubectl renders it (where installed)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(KUBERNETES)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = list(yaml.safe_load_all(result.stdout))
+    assert sorted(d["kind"] for d in rendered) == sorted(manifests())
+    for doc in rendered:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "gateway", doc["kind"]
+
+
 def test_kubernetes_waits_for_the_shutdown_grace() -> None:
     """The kubelet sends SIGKILL terminationGracePeriodSeconds after the preStop
     hook starts: it must cover the hook, the gateway's grace and the records."""
