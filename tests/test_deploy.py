@@ -25,6 +25,7 @@ import yaml
 
 from gateway.config import Config, parse_config
 from gateway.metrics import COUNTERS, GAUGES, HISTOGRAMS, SPOOL_BYTES
+from gateway.runtime import SHUTDOWN_GRACE
 from tests.harness import running_gateway
 
 ROOT = Path(__file__).parent.parent
@@ -39,9 +40,10 @@ SECRETS = {
     "GATEWAY_ADMIN_TOKEN": "admin-token-0123456789",
     "GATEWAY_METRICS_TOKEN": "metrics-token-0123456789",
 }
-# Seconds after server.shutdown_grace that shutdown waits for the cut answers'
-# records (gateway/runtime.py SHUTDOWN_GRACE; docs/proxy.md, "Shutting down").
-RECORD_WAIT = 10
+# Seconds after server.shutdown_grace that shutdown may still take: up to
+# SHUTDOWN_GRACE for the cut answers to record what they read, then up to as long
+# for records under way (Gateway.stop; docs/proxy.md, "Shutting down").
+RECORD_WAIT = 2 * SHUTDOWN_GRACE
 
 REQUIRE_PROMTOOL = os.environ.get("GATEWAY_REQUIRE_PROMTOOL", "") not in ("", "0", "false")
 
