@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol with a bound on the request head, for `gateway serve`.
+"""uvicorn's httptools protocol with bounds on the request head and on connections,
+for `gateway serve`.
 
 httptools keeps every byte of an unfinished head in memory, without limit (a
 20 MB header is taken whole), and the gateway's own header check (gateway/limits.py)
@@ -6,13 +7,28 @@ can only look at a head once it is complete. This protocol counts the bytes of t
 head as they arrive and, once an unfinished head passes ``server.max_header_bytes``
 (plus room for the request line), answers 431 in the upstream's error shape and
 closes the connection, so no client can make a worker hold more than that.
+
+Nor does uvicorn time out a head: a connection that sends nothing, or a head a
+byte at a time, is held for ever (its keep-alive timeout runs only between
+requests, and any byte stops it). So the whole head must arrive within
+``server.head_timeout`` seconds of the connection (or, on a kept-alive
+connection, of its first byte): else the client gets 408, or, if it sent
+nothing, the connection is closed. And a worker holds at most
+``server.max_connections`` connections: one past it is answered 503 and closed at
+once, with a warning in the log, so a flood of connections cannot take the file
+descriptors the worker needs for its upstream and database connections. (uvicorn's
+own ``limit_concurrency`` does not do this: it answers 503 only once a request's
+head is complete, so idle connections still pile up, and in plain text.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
+import resource
+import time
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -26,34 +42,83 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
 
 
+# File descriptors a worker keeps for itself beside its connections: the database
+# pool's are added, and the rest (log files, the metrics directory, the listening
+# socket, the event loop) fit in this.
+FD_RESERVE = 64
+# While connections are being refused, a warning at most this often.
+CAP_WARNING_INTERVAL = 60.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HeadSettings:
+    head_limit: int  # bytes of an unfinished head, with the request line
+    refusal_body: bytes  # the 431 body
+    head_timeout: float  # seconds for a whole head to arrive
+    timeout_body: bytes  # the 408 body
+    max_connections: int  # open connections a worker holds at most
+    busy_body: bytes  # the 503 body
+
+
+def derived_max_connections(pool_size: int) -> int:
+    """The connection cap when none is configured: half of what the open-files
+    limit leaves beside the worker's own descriptors, since each client connection
+    may need an upstream connection too."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max((soft - pool_size - FD_RESERVE) // 2, 16)
+
+
 @functools.cache
-def _configured() -> tuple[int, bytes]:
-    """The head limit and the refusal body, from the configuration the worker
-    process serves (a worker finds it through the environment, as create_app does)."""
+def _configured() -> HeadSettings:
+    """The limits and the refusal bodies, from the configuration the worker process
+    serves (a worker finds it through the environment, as create_app does)."""
     from gateway.config import load_config
     from gateway.upstreams import get_upstream
 
     config = load_config()
-    limit = config.server.max_header_bytes
-    body = get_upstream(config.upstream.kind).error_body(
-        431, "headers_too_large", f"The request headers exceed {limit} bytes."
+    server = config.server
+    limit = server.max_header_bytes
+    error_body = get_upstream(config.upstream.kind).error_body
+    return HeadSettings(
+        head_limit=limit + REQUEST_LINE_ALLOWANCE,
+        refusal_body=error_body(
+            431, "headers_too_large", f"The request headers exceed {limit} bytes."
+        ),
+        head_timeout=server.head_timeout,
+        timeout_body=error_body(
+            408,
+            "request_timeout",
+            f"The request head did not arrive within {server.head_timeout:g} seconds.",
+        ),
+        max_connections=server.max_connections
+        or derived_max_connections(config.database.pool_max_size),
+        busy_body=error_body(
+            503, "too_many_connections", "The gateway has too many open connections; retry shortly."
+        ),
     )
-    return limit + REQUEST_LINE_ALLOWANCE, body
+
+
+class _Refusals:
+    """Connections refused at the cap in this worker, for the log's warning."""
+
+    count = 0
+    since = 0.0
+    warned_at: float | None = None
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
-    """`HttpToolsProtocol`, refusing a head that grows past the limit."""
+    """`HttpToolsProtocol`, refusing a head that grows past the limit or takes too
+    long, and connections past the cap."""
 
     # None: from the configuration (see _configured); a subclass may fix them.
-    head_limit: int | None = None
-    refusal_body: bytes | None = None
+    settings: HeadSettings | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.head_limit is None or self.refusal_body is None:
-            self._limit, self._refusal = _configured()
-        else:
-            self._limit, self._refusal = self.head_limit, self.refusal_body
+        self._settings = self.settings if self.settings is not None else _configured()
+        self._limit, self._refusal = self._settings.head_limit, self._settings.refusal_body
         # uvicorn formats an access-log line (path, client address) for every
         # response whenever its access logger has handlers, and only then drops it
         # by level; at the usual log levels (warning and up) none is ever written.
@@ -62,6 +127,72 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._refused = False
         self._dropped = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        cap = self._settings.max_connections
+        if len(self.connections) > cap:
+            self._refuse_connection(cap)
+            return
+        # The first head must arrive in time, from the moment of connecting: a
+        # connection that sends nothing is held no longer than a slow head.
+        self._start_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _start_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self._settings.head_timeout, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or self._refused or not self._in_head:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a pipelined head, behind an answer still being sent: not idle
+        if not self._head_bytes:
+            self.transport.close()  # nothing was asked: nothing to answer
+            return
+        self.logger.warning(
+            "request head not complete within %g s; answered 408", self._settings.head_timeout
+        )
+        self._refuse(b"408 Request Timeout", self._settings.timeout_body)
+
+    def _refuse_connection(self, cap: int) -> None:
+        """Answer a connection past the cap 503 and close it at once: its file
+        descriptor is what the cap is there to keep free."""
+        self._refused = True
+        refusals = _Refusals
+        now = time.monotonic()
+        if refusals.count == 0:
+            refusals.since = now
+        refusals.count += 1
+        if refusals.warned_at is None or now - refusals.warned_at >= CAP_WARNING_INTERVAL:
+            self.logger.warning(
+                "connection limit reached: %d open connections (server.max_connections = %d); "
+                "refused %d new connection(s) with 503 in the last %.0f s",
+                len(self.connections) - 1,
+                cap,
+                refusals.count,
+                now - refusals.since,
+            )
+            refusals.warned_at, refusals.count, refusals.since = now, 0, now
+        body = self._settings.busy_body
+        self.transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\n"
+            b"content-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n"
+            b"retry-after: 5\r\n"
+            b"connection: close\r\n\r\n" + body
+        )
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -72,6 +203,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if not self._in_head:
             super().data_received(data)
             return
+        if not self._head_bytes and self._head_timer is None:
+            self._start_head_timer()  # a new head on a kept-alive connection
         self._head_bytes += len(data)
         super().data_received(data)
         # Counted after parsing: a read that completes the head and carries body
@@ -82,6 +215,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._stop_head_timer()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -89,14 +223,18 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
 
-    def _refuse(self) -> None:
+    def _refuse(
+        self, status: bytes = b"431 Request Header Fields Too Large", body: bytes | None = None
+    ) -> None:
         self._refused = True
+        self._stop_head_timer()
+        body = self._refusal if body is None else body
         transport: asyncio.Transport = self.transport
         transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"HTTP/1.1 " + status + b"\r\n"
             b"content-type: application/json\r\n"
-            b"content-length: " + str(len(self._refusal)).encode() + b"\r\n"
-            b"connection: close\r\n\r\n" + self._refusal
+            b"content-length: " + str(len(body)).encode() + b"\r\n"
+            b"connection: close\r\n\r\n" + body
         )
         if transport.can_write_eof():
             transport.write_eof()

@@ -54,6 +54,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.features import used_web_search
+from gateway.follow import Follow, Follows
 from gateway.http import (
     Headers,
     RequestHeaders,
@@ -66,7 +67,7 @@ from gateway.http import (
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
 from gateway.pricing import CallPrice
 from gateway.routing import RouteGuard, side_cost_result
-from gateway.sse import SSEDecoder
+from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import UsageEvent
 from gateway.upstream_client import UpstreamClient
 from gateway.upstreams import Prepared, Route, StreamMeter
@@ -141,6 +142,8 @@ class Exchange:
         "body",
         "call_price",
         "failure",
+        "follow",
+        "followed",
         "forwarded_at",
         "headers",
         "json",
@@ -177,6 +180,11 @@ class Exchange:
         self.ticket: Ticket | None = None
         self.rate_headers: Headers = []
         self.responded = False  # the response has started: its status is sent
+        # A resume (gateway/follow.py): the gateway's own read of the resumed run,
+        # opened before the submit is forwarded; once the submit is accepted the
+        # read owns the reservation (``followed``) and settles it.
+        self.follow: Follow | None = None
+        self.followed = False
 
     @property
     def answer_body(self) -> dict[str, Any]:
@@ -198,6 +206,7 @@ class Proxy:
         self.admitter = Admitter(gateway)
         self.client = UpstreamClient(gateway)
         self.guard = RouteGuard(gateway)
+        self.follows = Follows(gateway, self.client, self._settle_answer)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         x = Exchange(new_request_id(), time.perf_counter())
@@ -208,7 +217,7 @@ class Proxy:
             log.info("request %s: client left before sending its body", x.request_id)
         except GatewayError as exc:
             # Refusals raised before the response started.
-            await self._send_error(send, exc, x.request_id)
+            await self._send_error(send, exc, x.request_id, scope)
         except Exception:
             # A bug, not a refusal: logged once with its traceback; the client gets
             # an error in the upstream's shape if nothing was sent yet (the
@@ -216,7 +225,7 @@ class Proxy:
             log.exception("request %s: unexpected error", x.request_id)
             if not x.responded:
                 failure = GatewayError("The gateway failed to handle the request.")
-                await self._send_error(send, failure, x.request_id)
+                await self._send_error(send, failure, x.request_id, scope)
         finally:
             await self.gw.request_finished()
 
@@ -234,13 +243,18 @@ class Proxy:
         try:
             if x.route.admitted:
                 await self._admit(x)
+            if x.route.produces_answer:
+                # A resume subscribes to the run's events before it is forwarded.
+                x.follow = await self.follows.open(x)
             response = await self._forward(x)
             try:
                 await self._relay(x, response, receive, send)
             finally:
                 await response.aclose()
         finally:
-            if x.ticket is not None and x.ticket.reserved:
+            if x.follow is not None:
+                await x.follow.close()  # never handed to a reader: the submit failed
+            if x.ticket is not None and x.ticket.reserved and not x.followed:
                 # Whatever ended the request before its answer was settled (a
                 # refusal, an upstream error, a bug, a cancellation), the query
                 # and the stream slot go back.
@@ -443,16 +457,25 @@ class Proxy:
         headers.extend(x.rate_headers)
         gw.metrics.inc("gateway_requests_total", route=x.route.kind, status=f"{status // 100}xx")
         content_type = next((v for k, v in raw if k.lower() == b"content-type"), b"").lower()
+        if x.follow is not None and 200 <= status < 300:
+            # The form was accepted and the run resumes upstream: the gateway's own
+            # read of it settles the submit's reservation (gateway/follow.py); the
+            # reply itself ({} from Dify) is passed on as it is.
+            follow, x.follow = x.follow, None
+            x.followed = True
+            self.follows.start(x, follow)
+            await self._relay_plain(x, response, status, headers, content_type, receive, send)
+            return
         if x.ticket is None or not 200 <= status < 300:
             # Not an answer (or a refused one): nothing to meter.
             await self.admitter.refund(x.ticket, x.request_id)
-            await self._relay_plain(x, response, status, headers, content_type, send)
+            await self._relay_plain(x, response, status, headers, content_type, receive, send)
             return
         if x.call_price is not None:
             # A paid side call the upstream accepted: charged its price, however its
             # reply ends (the upstream has done, and billed, the work).
             try:
-                await self._relay_plain(x, response, status, headers, content_type, send)
+                await self._relay_plain(x, response, status, headers, content_type, receive, send)
             finally:
                 await self._kept(
                     self._settle(x, side_cost_result(x.call_price), disconnected=False)
@@ -471,6 +494,7 @@ class Proxy:
         status: int,
         headers: Headers,
         content_type: bytes,
+        receive: Receive,
         send: Send,
     ) -> None:
         ok = 200 <= status < 300
@@ -481,6 +505,18 @@ class Proxy:
                 return
         x.responded = True
         await send({"type": "http.response.start", "status": status, "headers": headers})
+        if content_type.startswith(_SSE):
+            # An unmetered event stream (a run's events read again): it may stay open
+            # for minutes, so it ends when its client leaves, not when the upstream does.
+            if not await self._pass_stream(x, response, receive, send):
+                return
+        else:
+            await self._pass_body(x, response, send)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if ok and x.upload is not None and x.route.is_upload:
+            await self._count_upload(x.user_id, x.upload.file_bytes, x.request_id)
+
+    async def _pass_body(self, x: Exchange, response: httpx.Response, send: Send) -> None:
         try:
             with self.client.reading():
                 async for chunk in response.aiter_raw():
@@ -489,9 +525,25 @@ class Proxy:
             log.warning(
                 "request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__
             )
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if ok and x.upload is not None and x.route.is_upload:
-            await self._count_upload(x.user_id, x.upload.file_bytes, x.request_id)
+
+    async def _pass_stream(
+        self, x: Exchange, response: httpx.Response, receive: Receive, send: Send
+    ) -> bool:
+        """Pass an unmetered stream on until it ends or its client leaves (False)."""
+        loop = asyncio.get_running_loop()
+        watcher = loop.create_task(_wait_for_disconnect(receive))
+        relay = loop.create_task(self._pass_body(x, response, send))
+        try:
+            await asyncio.wait((watcher, relay), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watcher, relay):
+                task.cancel()
+            await asyncio.wait((watcher, relay))
+        if relay.cancelled():
+            log.info("request %s: client left an event stream", x.request_id)
+            return False
+        relay.result()  # a bug in the relay is raised here
+        return True
 
     async def _relay_answer(
         self, x: Exchange, response: httpx.Response, sse: bool, receive: Receive, send: Send
@@ -506,12 +558,12 @@ class Proxy:
         route = x.route
         assert x.prepared is not None
         meter: StreamMeter | None = upstream.stream_meter(route, x.answer_body) if sse else None
-        decoder = SSEDecoder() if sse else None
+        decoder = SSEDecoder(max_event_bytes=gw.config.upstream.max_event_bytes) if sse else None
         transform = upstream.stream_transform(route, x.prepared) if sse else None
         buffer = bytearray()
         loop = asyncio.get_running_loop()
         watcher = loop.create_task(_wait_for_disconnect(receive))
-        disconnected = stopped = cut = failed = False
+        disconnected = stopped = cut = failed = too_large = False
         first_byte = True
         cancelled: asyncio.CancelledError | None = None
         try:
@@ -562,6 +614,22 @@ class Proxy:
                     502, "upstream_error", "The upstream connection was lost."
                 )
                 await send({"type": "http.response.body", "body": error_event, "more_body": True})
+        except EventTooLarge as exc:
+            # A line or event past upstream.max_event_bytes: a broken (or hostile)
+            # upstream. The answer ends as an upstream error, and is charged what
+            # was read (or the estimate), like a stream cut short.
+            cut = too_large = True
+            gw.metrics.inc("gateway_upstream_errors_total", kind="event_too_large")
+            log.warning("request %s: upstream stream refused: %s", x.request_id, exc)
+            if meter is not None:
+                for event in exc.events:
+                    meter.feed(event)
+            if not disconnected and not watcher.done():
+                # A blank line first ends whatever part of the line was passed on.
+                error_event = b"\n\n" + upstream.stream_error(
+                    502, "upstream_error", "The upstream sent an event too large to relay."
+                )
+                await send({"type": "http.response.body", "body": error_event, "more_body": True})
         except asyncio.CancelledError as exc:
             # The server is going away (or cancelled this request): what was read
             # is still settled below, shielded, before the cancellation goes on.
@@ -577,6 +645,11 @@ class Proxy:
                 disconnected = True
                 gw.metrics.inc("gateway_client_disconnects_total")
             watcher.cancel()
+        forms = self.follows.paused_forms(x, meter, None if sse else buffer)
+        if forms:
+            # Kept before the client sees the end of an answer that paused for
+            # human input: it may submit the form at once (gateway/follow.py).
+            await self._kept(self.follows.keep_forms(forms, x.user_id, x.request_id))
         if cancelled is None and not disconnected:
             rest = b"" if transform is None or cut else transform.flush()
             if failed and sse:
@@ -589,6 +662,14 @@ class Proxy:
                 log.exception("request %s: could not end the response", x.request_id)
 
         result = self._result(x, meter, decoder, buffer, cut=cut or disconnected, failed=failed)
+        if too_large and result.usage is None:
+            # The upstream produced (and may bill) something: never free.
+            result = dataclasses.replace(
+                upstream.unanswered(x.route, x.answer_body),
+                answer_id=result.answer_id,
+                outcome="cut",
+                error_code="event_too_large",
+            )
         if cancelled is not None and result.outcome != "complete":
             # Cut by the server's shutdown (server.shutdown_grace ran out): charged
             # what was read, or the estimate, and marked so in the ledger.
@@ -737,6 +818,9 @@ class Proxy:
         gone, a server shutting down - must never cut a ledger write half-way."""
         await asyncio.shield(self.gw.keep(work))
 
+    async def _settle_answer(self, x: Exchange, result: Metered) -> None:
+        await self._settle(x, result, disconnected=False)
+
     async def _settle(self, x: Exchange, result: Metered, *, disconnected: bool) -> None:
         ticket = x.ticket
         assert ticket is not None
@@ -758,6 +842,17 @@ class Proxy:
                 result.outcome,
                 usage.total_tokens,
             )
+        outcome: str = "disconnected" if disconnected else result.outcome
+        if usage.clamped:
+            # A field out of range was bounded where it was read (usage.FieldReader):
+            # the record is marked as bounds.bound_event marks one.
+            outcome = "clamped"
+            self.gw.metrics.inc("gateway_usage_clamped_total")
+            log.warning(
+                "request %s: upstream reported out-of-range usage; recorded clamped: %s",
+                request_id,
+                ", ".join(usage.clamped),
+            )
         # From here the reservation is the ledger's to settle, not to refund.
         ticket.reserved = False
         upstream_ms, overhead_ms = x.timings()
@@ -774,7 +869,7 @@ class Proxy:
                 total_tokens=usage.total_tokens,
                 cost=usage.cost,
                 currency=usage.currency,
-                outcome="disconnected" if disconnected else result.outcome,
+                outcome=outcome,
                 estimated=usage.estimated,
                 web_searches=int(used_web_search(result.metadata, self.gw.config.web_search)),
                 conversation_id=result.conversation_id,
@@ -793,9 +888,17 @@ class Proxy:
 
     # --- the rest --------------------------------------------------------------------
 
-    async def _send_error(self, send: Send, exc: GatewayError, request_id: str) -> None:
-        body = self.gw.upstream.error_body(exc.status, exc.code, exc.message)
+    async def _send_error(
+        self, send: Send, exc: GatewayError, request_id: str, scope: Scope | None = None
+    ) -> None:
+        # The message in the user's language (Accept-Language); code, status and
+        # headers never depend on it (gateway/messages.py).
+        messages = self.gw.messages
+        language = messages.language(scope["headers"]) if scope is not None else messages.default
+        message, language = messages.render(exc, language)
+        body = self.gw.upstream.error_body(exc.status, exc.code, message)
         extra = list(exc.headers)
+        extra.append((b"content-language", language.encode()))
         if isinstance(exc, Unauthorized):
             extra.append((b"www-authenticate", b'Bearer realm="api"'))
         if isinstance(exc, StorageError | UpstreamError) and not any(

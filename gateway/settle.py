@@ -3,14 +3,22 @@
 The ledger write is idempotent on the answer id, so it can always be retried.
 When the database fails, the event is retried in the background with back-off;
 if it still fails (or the process is shutting down), it is appended to a local
-spool file, replayed at the next start. Every background task is referenced from
-`_tasks` and finished or spooled on `close`.
+spool file. The spool is replayed at start-up and, while the gateway runs, as
+soon as the database answers again (`run_replays`). Every background task is
+referenced from `_tasks` and finished or spooled on `close`.
+
+Several worker processes share one spool file. A replay first renames the spool
+to a name of its own (atomic: one worker gets it), and replays a claimed file
+only under an exclusive lock on it, so a file a crashed replay left behind is
+picked up again by exactly one worker, never by two at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import math
@@ -33,6 +41,9 @@ from gateway.storage import ALERT_LIMITS, AlertCheck, AlertRequest, Storage, Usa
 log = logging.getLogger("gateway.settle")
 
 RETRY_DELAYS: tuple[float, ...] = (0.05, 0.5, 2.0, 5.0, 15.0)
+# Opening the spool's name gives a file a replay holds only in the instant between
+# its rename and its lock; a few tries always find the new spool.
+_APPEND_TRIES = 5
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -162,6 +173,22 @@ def _alerts_read(raw: object) -> AlertRequest | None:
         return None
 
 
+def _locked_contents(fd: int) -> bytes | None:
+    """The contents of the open file ``fd`` once this process holds its exclusive
+    lock; None when another process holds it (it is replaying the file) or the
+    file was removed before the lock was taken (it has been replayed)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return None
+    if os.fstat(fd).st_nlink == 0:
+        return None
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class Settler:
     def __init__(
         self,
@@ -183,6 +210,15 @@ class Settler:
         self._delays = tuple(retry_delays)
         self._tasks: dict[asyncio.Task[None], Write | None] = {}
         self._closing = False
+        # Whether this process has spooled records not replayed yet (or found a
+        # spool it could not replay): what `run_replays` waits on.
+        self.backlog = False
+        self._wake = asyncio.Event()  # a write succeeded while there was a backlog
+        self._replaying = asyncio.Lock()  # one replay at a time in this process
+        # Records replayed so far, and a signal on each replay: lets tests and
+        # tools wait for a replay without sleeping.
+        self.replayed = 0
+        self._replay_done = asyncio.Event()
 
     async def record(
         self,
@@ -276,6 +312,8 @@ class Settler:
             raise StorageError(f"unexpected {type(exc).__name__}") from exc
         finally:
             self._metrics.observe("gateway_settle_seconds", time.perf_counter() - began)
+        if self.backlog:
+            self._wake.set()  # the database answers: time to replay the spool
         if settled:
             metrics = self._metrics
             metrics.inc("gateway_answers_settled_total", outcome=event.outcome)
@@ -336,13 +374,7 @@ class Settler:
             log.error("LOST usage record (no spool file configured): %s", line.decode())
             return
         try:
-            # One write of one line with O_APPEND: concurrent workers do not interleave.
-            fd = os.open(self._spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, line + b"\n")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            self._append(line)
         except OSError as exc:
             # The last resort: the whole record in the log, from where it can be replayed.
             log.error(
@@ -352,36 +384,97 @@ class Settler:
                 line.decode(),
             )
             return
+        self.backlog = True
         log.error(
-            "usage record %s spooled to %s for replay at next start",
+            "usage record %s spooled to %s for replay when the database answers again",
             write.event.answer_id,
             self._spool,
         )
 
     async def replay(self) -> int:
-        """Settle what an earlier run spooled; returns how many lines were replayed."""
+        """Settle what was spooled (by this run, an earlier one, or another worker);
+        returns how many records were written. Never raises: a file that cannot be
+        read or removed is logged and left for the next replay."""
         if self._spool is None:
             return 0
+        async with self._replaying:
+            self.backlog = False
+            try:
+                # Files a crashed replay left behind are picked up again (replay
+                # is idempotent), then the spool itself.
+                orphans = sorted(self._spool.parent.glob(f"{self._spool.name}.*.replaying"))
+                claimed = self._claim()
+            except OSError as exc:
+                log.error("spool file %s could not be claimed for replay: %s", self._spool, exc)
+                self.backlog = True
+                return 0
+            count = 0
+            for path in [*orphans, *([claimed] if claimed is not None else [])]:
+                count += await self._replay_file(path)
+            self.replayed += count
+            self._replay_done.set()
+            self._replay_done = asyncio.Event()
+            return count
+
+    async def wait_replayed(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until replays have written ``count`` records in all."""
+        async with asyncio.timeout(timeout):
+            while self.replayed < count:
+                await self._replay_done.wait()
+
+    async def _replay_file(self, path: Path) -> int:
+        """Replay one claimed file under an exclusive lock; a file another worker
+        holds (or has already replayed and removed) is left to it."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return 0  # replayed and removed by another worker meanwhile
+        except OSError as exc:
+            log.error("spool file %s could not be opened for replay: %s", path, exc)
+            self.backlog = True
+            return 0
+        try:
+            data = _locked_contents(fd)
+            if data is None:
+                return 0  # another worker replays it, or already has
+            count = await self._replay_lines(data)
+            try:
+                # While the lock is held: no other worker can have replayed it too.
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.error("replayed spool file %s could not be removed: %s", path, exc)
+                self.backlog = True  # replayed again later: that changes nothing
+            return count
+        except OSError as exc:
+            log.error("spool file %s could not be replayed (kept for later): %s", path, exc)
+            self.backlog = True
+            return 0
+        finally:
+            os.close(fd)  # releases the lock
+
+    async def _replay_lines(self, data: bytes) -> int:
         count = 0
-        # Files a crashed replay left behind are picked up again (replay is idempotent).
-        for claimed in [*self._spool.parent.glob(f"{self._spool.name}.*.replaying"), self._claim()]:
-            if claimed is None:
+        down = False
+        for line in data.splitlines():
+            if not line.strip():
                 continue
-            for line in claimed.read_bytes().splitlines():
-                if not line.strip():
-                    continue
-                try:
-                    write = event_from_json(line)
-                except (ValueError, TypeError, KeyError) as exc:
-                    log.error("unreadable spooled usage record kept in %s: %s", self._spool, exc)
-                    self._append_raw(line)
-                    continue
-                try:
-                    await self._write(write)
-                    count += 1
-                except StorageError:
-                    self._to_spool(write)
-            claimed.unlink()
+            try:
+                write = event_from_json(line)
+            except (ValueError, TypeError, KeyError) as exc:
+                log.error("unreadable spooled usage record kept in %s: %s", self._spool, exc)
+                self._append_raw(line)
+                continue
+            if down:  # the database failed again: the rest waits for the next replay
+                self._to_spool(write)
+                continue
+            try:
+                await self._write(write)
+                count += 1
+            except StorageError:
+                down = True
+                self._to_spool(write)
         return count
 
     def _claim(self) -> Path | None:
@@ -390,15 +483,82 @@ class Settler:
             f"{self._spool.name}.{os.getpid()}.{time.time_ns()}.replaying"
         )
         try:
-            os.rename(self._spool, claimed)  # atomic: only one worker replays a file
+            os.rename(self._spool, claimed)  # atomic: only one worker claims a file
         except FileNotFoundError:
             return None
         return claimed
 
-    def _append_raw(self, line: bytes) -> None:
+    def _has_spooled(self) -> bool:
+        """Whether the spool (or a claimed file left behind) holds records."""
         assert self._spool is not None
-        with self._spool.open("ab") as fh:
-            fh.write(line + b"\n")
+        with contextlib.suppress(OSError):
+            if self._spool.stat().st_size:
+                return True
+            return any(self._spool.parent.glob(f"{self._spool.name}.*.replaying"))
+        return False
+
+    async def run_replays(self, *, interval: float) -> None:
+        """Replay the spool as soon as the database answers again: after a write
+        succeeds, or a ping every ``interval`` seconds does, while this process has
+        a backlog. Runs until cancelled; a failure is logged and waited out."""
+        if self._spool is None:
+            return
+        while True:
+            woken = False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
+                    woken = True
+            self._wake.clear()
+            if not self.backlog:
+                continue
+            try:
+                if not self._has_spooled():
+                    self.backlog = False
+                    continue
+                if not woken:
+                    await self._storage.ping()
+            except StorageError:
+                continue  # still down: the next ping tells
+            try:
+                replayed = await self.replay()
+            except Exception:  # the replay loop must outlive any one failure
+                log.exception("spool replay failed; will try again")
+                self.backlog = True
+                continue
+            if replayed:
+                log.info("replayed %d spooled usage records", replayed)
+
+    def _append_raw(self, line: bytes) -> None:
+        try:
+            self._append(line)
+        except OSError as exc:
+            log.error("LOST unreadable spooled line (%s): %r", exc, line)
+
+    def _append(self, line: bytes) -> None:
+        """Append one line to the spool, never to a file a replay has taken.
+
+        One write of one line with O_APPEND: concurrent workers do not interleave.
+        The shared lock keeps a replay from taking the file while the line is
+        written; a file a replay holds (its exclusive lock) or has removed was
+        renamed away from the spool's name, so opening the name again gives the
+        new spool."""
+        assert self._spool is not None
+        for _ in range(_APPEND_TRIES):
+            fd = os.open(self._spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                if os.fstat(fd).st_nlink == 0:
+                    continue
+                os.write(fd, line + b"\n")
+                os.fsync(fd)
+                return
+            finally:
+                os.close(fd)
+        raise OSError(f"the spool file was taken by a replay {_APPEND_TRIES} times in a row")
 
     @property
     def pending(self) -> int:

@@ -9,9 +9,24 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-__all__ = ["SSEDecoder", "ServerSentEvent"]
+__all__ = ["DEFAULT_MAX_EVENT_BYTES", "EventTooLarge", "SSEDecoder", "ServerSentEvent"]
 
 _BOM = b"\xef\xbb\xbf"
+
+# The default cap on one line, and on one event's data: far above any event an
+# LLM upstream sends (an image generated in one event is a few MB of base64),
+# far below what would hold a process's memory (upstream.max_event_bytes).
+DEFAULT_MAX_EVENT_BYTES = 8 * 1024 * 1024
+
+
+class EventTooLarge(ValueError):
+    """The stream holds a line, or an event, longer than the decoder's cap: a
+    broken or hostile upstream. The line or event is dropped; ``events`` are the
+    events the same chunk completed before it (they may carry usage)."""
+
+    def __init__(self, message: str, events: list[ServerSentEvent] | None = None) -> None:
+        super().__init__(message)
+        self.events: list[ServerSentEvent] = events or []
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,20 +43,40 @@ class SSEDecoder:
     ``feed`` takes bytes split anywhere (inside a line, a ``\\r\\n`` pair or a UTF-8
     character) and returns the events completed so far; ``flush`` ends the stream.
     Only the unfinished last line is kept between calls, as bytes, so a character
-    split across chunks is decoded once it is whole.
+    split across chunks is decoded once it is whole. That line is kept as the list
+    of its pieces, and only each new chunk is searched for a line end: a long line
+    costs time in proportion to its length, not to its square.
+
+    A line, or an event's data, longer than ``max_event_bytes`` raises
+    `EventTooLarge` (docs/proxy.md: the answer ends as an upstream error).
     """
 
-    __slots__ = ("_buf", "_data", "_event", "_last_id", "_pending_cr", "_retry", "_started")
+    __slots__ = (
+        "_buf",
+        "_buf_len",
+        "_data",
+        "_data_len",
+        "_event",
+        "_last_id",
+        "_max",
+        "_pending_cr",
+        "_retry",
+        "_started",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self._max = max_event_bytes
         self._reset()
 
     def _reset(self) -> None:
-        self._buf = b""  # the unterminated tail; never holds a "\r" (that ends a line)
+        # The unterminated tail, in pieces; never holds a "\r" (that ends a line).
+        self._buf: list[bytes] = []
+        self._buf_len = 0
         self._started = False  # past the place where a BOM may appear
         self._pending_cr = False  # the last chunk ended in "\r": a leading "\n" is its pair
         self._event = ""
         self._data: list[str] = []
+        self._data_len = 0  # characters in _data: bounded by the cap too
         # The spec's "last event ID" starts as "" and "" means none; None stands for it.
         self._last_id: str | None = None
         self._retry: int | None = None
@@ -62,6 +97,7 @@ class SSEDecoder:
             and not self._data
             and not self._event
             and self._retry is None
+            and len(chunk) <= self._max
             and b"\r" not in chunk
         ):
             # The "data:" prefix is ASCII: decoding after it is decoding the line.
@@ -69,11 +105,11 @@ class SSEDecoder:
             data = chunk[start:-2].decode("utf-8", "replace")
             return [ServerSentEvent("message", data, self._last_id)]
         if not self._started:
-            chunk = self._buf + chunk
-            self._buf = b""
+            chunk = b"".join(self._buf) + chunk
+            self._buf, self._buf_len = [], 0
             # The BOM itself may arrive split across chunks, so wait until it can be told.
             if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
-                self._buf = chunk
+                self._buf, self._buf_len = [chunk], len(chunk)
                 return []
             self._started = True
             if chunk.startswith(_BOM):
@@ -88,20 +124,40 @@ class SSEDecoder:
             # overlap, and what "\r" remains is a line end on its own.
             self._pending_cr = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        if self._buf:
-            chunk = self._buf + chunk
-        end = chunk.rfind(b"\n")
+        end = chunk.rfind(b"\n")  # in the new chunk only: the tail held has none
         if end < 0:
-            self._buf = chunk
+            self._hold(chunk)
             return []
-        self._buf = chunk[end + 1 :]
+        if self._buf:
+            lines = b"".join(self._buf) + chunk[:end]
+            self._buf, self._buf_len = [], 0
+        else:
+            lines = chunk[:end]
         # Splitting the decoded text on "\n" matches decoding line by line: a line end
         # is ASCII, which is never part of a multi-byte or invalid sequence.
-        return self._lines(chunk[:end].decode("utf-8", "replace").split("\n"))
+        events = self._lines(lines.decode("utf-8", "replace").split("\n"))
+        try:
+            self._hold(chunk[end + 1 :])
+        except EventTooLarge as exc:
+            exc.events[:0] = events
+            raise
+        return events
+
+    def _hold(self, tail: bytes) -> None:
+        """Keep ``tail``, the start of a line not ended yet."""
+        if not tail:
+            return
+        self._buf.append(tail)
+        self._buf_len += len(tail)
+        if self._buf_len > self._max:
+            held = self._buf_len
+            self._buf, self._buf_len = [], 0
+            self._data, self._data_len, self._event = [], 0, ""
+            raise EventTooLarge(f"an SSE line of more than {held} bytes with no end")
 
     def flush(self) -> list[ServerSentEvent]:
         """End the stream: return what is left and reset the decoder for reuse."""
-        lines = [self._buf.decode("utf-8", "replace")] if self._buf else []
+        lines = [b"".join(self._buf).decode("utf-8", "replace")] if self._buf else []
         # Deviation from the spec, which discards an event not closed by a blank line:
         # Dify can close the connection right after its last `data:` line, and that
         # line is often the `message_end` that carries the usage we meter.
@@ -113,6 +169,14 @@ class SSEDecoder:
 
     def _lines(self, lines: list[str]) -> list[ServerSentEvent]:
         events: list[ServerSentEvent] = []
+        try:
+            self._read_lines(lines, events)
+        except EventTooLarge as exc:
+            exc.events[:0] = events
+            raise
+        return events
+
+    def _read_lines(self, lines: list[str], events: list[ServerSentEvent]) -> None:
         data = self._data
         for line in lines:
             if not line:
@@ -126,13 +190,15 @@ class SSEDecoder:
                         )
                     )
                     data = self._data = []
+                    self._data_len = 0
                 # A block with no data (Dify's `event: ping`) still ends here.
                 self._event = ""
                 self._retry = None
                 continue
             # Dify's events are single `data:` lines; test for that before the general case.
             if line.startswith("data:"):
-                data.append(line[6:] if line.startswith(" ", 5) else line[5:])
+                value = line[6:] if line.startswith(" ", 5) else line[5:]
+                self._add_data(value)
                 continue
             colon = line.find(":")
             if colon == 0:
@@ -145,7 +211,7 @@ class SSEDecoder:
             if name == "event":
                 self._event = value
             elif name == "data":
-                data.append(value)
+                self._add_data(value)
             elif name == "id":
                 if "\0" not in value:
                     self._last_id = value or None
@@ -154,4 +220,10 @@ class SSEDecoder:
                 # value is no delay anyone means, so it is ignored like any bad one.
                 with contextlib.suppress(ValueError):
                     self._retry = int(value)
-        return events
+
+    def _add_data(self, value: str) -> None:
+        self._data_len += len(value) + 1  # with the "\n" that joins it
+        if self._data_len > self._max:
+            self._data, self._data_len, self._event = [], 0, ""
+            raise EventTooLarge(f"an SSE event of more than {self._max} bytes of data")
+        self._data.append(value)

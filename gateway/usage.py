@@ -8,9 +8,9 @@ both must come out exact.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from typing import Literal
+from dataclasses import dataclass, replace
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from typing import Any, Literal
 
 ZERO = Decimal(0)
 
@@ -76,6 +76,109 @@ def parse_tokens(value: object) -> int:
     return result
 
 
+class FieldReader:
+    """Reads the numbers of one usage object each on its own, so that one bad
+    field costs only itself (docs/proxy.md, "Clamped answers").
+
+    A count that is not a non-negative integer becomes its bound: a fraction is
+    rounded up (the upstream used at least that much), a negative or unreadable
+    one is zero. A price that is not a finite decimal is zero. Each such field is
+    named in ``clamped``, with what it held, and the answer is recorded with
+    outcome ``clamped``; the rest of the usage, and its cost, is kept as reported.
+    """
+
+    __slots__ = ("clamped",)
+
+    def __init__(self) -> None:
+        self.clamped: list[str] = []
+
+    def _bad(self, name: str, value: object) -> None:
+        try:
+            shown = repr(value)[:64]
+        except Exception:  # a repr can raise (an int past the digit limit)
+            shown = f"<{type(value).__name__}>"
+        self.clamped.append(f"{name}={shown}")
+
+    def tokens(self, raw: dict[str, Any], name: str) -> int:
+        """``raw[name]`` as a token count (absent or null: 0)."""
+        return self._tokens(raw, name)[0]
+
+    def _tokens(self, raw: dict[str, Any], name: str) -> tuple[int, bool]:
+        value = raw.get(name)
+        try:
+            return parse_tokens(value), True
+        except ValueError:
+            pass
+        self._bad(name, value)
+        return _rounded_up(value), False
+
+    def total(self, raw: dict[str, Any], name: str, *parts: int) -> int:
+        """``raw[name]`` as a total; absent or bad, the sum of its ``parts``."""
+        value = raw.get(name)
+        if value is None:
+            return sum(parts)
+        try:
+            return parse_tokens(value)
+        except ValueError:
+            self._bad(name, value)
+            return sum(parts)
+
+    def split(
+        self, raw: dict[str, Any], prompt_name: str, completion_name: str, total_name: str
+    ) -> tuple[int, int, int]:
+        """Prompt, completion and total tokens, each bad one derived from the
+        others where they tell it (total = prompt + completion), else bounded."""
+        prompt, prompt_ok = self._tokens(raw, prompt_name)
+        completion, completion_ok = self._tokens(raw, completion_name)
+        bad_before = len(self.clamped)
+        total = self.total(raw, total_name, prompt, completion)
+        total_ok = raw.get(total_name) is not None and len(self.clamped) == bad_before
+        if total_ok and prompt_ok != completion_ok:
+            # One part bad, the total good: the bad part is what the total leaves.
+            if prompt_ok:
+                completion = max(total - prompt, 0)
+            else:
+                prompt = max(total - completion, 0)
+        return prompt, completion, total
+
+    def usable(self, usage: Usage) -> Usage:
+        """``usage`` marked with the fields bounded; raises ``ValueError`` when a
+        field was bad and nothing is left to charge (no tokens, no cost): then the
+        caller's estimate is the better record."""
+        if self.clamped and not usage.total_tokens and not usage.cost:
+            raise ValueError(f"no usable usage: {', '.join(self.clamped)}")
+        return replace(usage, clamped=tuple(self.clamped)) if self.clamped else usage
+
+    def price(self, raw: dict[str, Any], name: str) -> Decimal | None:
+        """``raw[name]`` as a price; None when it is bad (the caller chooses what
+        stands in for it: a sum of parts, or zero)."""
+        value = raw.get(name)
+        try:
+            return parse_decimal(value)
+        except ValueError:
+            self._bad(name, value)
+            return None
+
+
+# Beyond any bound the ledger keeps (bounds.py clamps counts far below it).
+_COUNT_CEILING = 2**63 - 1
+
+
+def _rounded_up(value: object) -> int:
+    """A bad count's bound: a finite non-negative number rounded up, else 0."""
+    if isinstance(value, bool):
+        return 0
+    try:
+        number = parse_decimal(value)
+    except ValueError:
+        return 0
+    if number <= 0:
+        return 0
+    if number > _COUNT_CEILING:  # "1e999999999" is not made into a billion-digit int
+        return _COUNT_CEILING
+    return int(number.to_integral_value(rounding=ROUND_CEILING))
+
+
 def estimate_tokens(chars: int) -> int:
     """Tokens for ``chars`` characters of text, rounded up (see CHARS_PER_TOKEN)."""
     return -(-max(chars, 0) // CHARS_PER_TOKEN)
@@ -95,6 +198,9 @@ class Usage:
     # prompt tokens read from the prompt cache, completion tokens spent reasoning.
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    # The fields the upstream reported out of range, each with what it held
+    # ("total_tokens=-5"): the answer is recorded with outcome "clamped".
+    clamped: tuple[str, ...] = ()
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -106,6 +212,7 @@ class Usage:
             estimated=self.estimated or other.estimated,
             cached_tokens=self.cached_tokens + other.cached_tokens,
             reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
+            clamped=self.clamped + other.clamped,
         )
 
 

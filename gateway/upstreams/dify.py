@@ -6,6 +6,7 @@ Every wire fact used here is in docs/upstreams/dify.md (cited below as
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, quote
@@ -17,15 +18,21 @@ from gateway.sse import ServerSentEvent
 from gateway.upstreams import dify_routes
 from gateway.upstreams.base import Prepared, Route
 from gateway.upstreams.dify_history import filter_conversations, filter_messages
-from gateway.upstreams.dify_resume import ResumeMeter, without_snapshot
+from gateway.upstreams.dify_resume import (
+    PAUSE_EVENTS,
+    ResumeMeter,
+    blocking_forms,
+    follow_request,
+    forms_named,
+    resumed_form,
+)
 from gateway.usage import (
     ZERO,
+    FieldReader,
     Metered,
     Outcome,
     Usage,
     estimate_usage,
-    parse_decimal,
-    parse_tokens,
     unreadable_answer,
 )
 
@@ -78,6 +85,7 @@ _PARSED: Final = frozenset(
         "node_finished",
         "error",
         "message_replace",
+        *PAUSE_EVENTS,  # they name the paused run's forms (dify_resume.py)
     }
 )
 # Events whose "id" is the message id; agent_thought's "id" is the thought's own id.
@@ -103,65 +111,72 @@ def _is_zero(usage: Usage) -> bool:
 def _usage_from(raw: object) -> Usage:
     """``message_end.metadata.usage`` (or the blocking equivalent) as a Usage.
 
-    Raises ``ValueError`` when the object or one of its numbers is malformed.
+    Each number is read on its own (FieldReader): a bad one is derived from the
+    others or bounded, and named in ``clamped``; the rest is kept. Raises
+    ``ValueError`` when the usage is not an object, or nothing usable is left.
     """
     if not isinstance(raw, dict):
         raise ValueError(f"usage is not an object: {raw!r}")
-    prompt = parse_tokens(raw.get("prompt_tokens"))
-    completion = parse_tokens(raw.get("completion_tokens"))
-    total_raw = raw.get("total_tokens")
-    total = prompt + completion if total_raw is None else parse_tokens(total_raw)
-    price = raw.get("total_price")
-    if price is None:
-        # Prices are decimal strings or numbers (dify.md "Usage"); the parts are a
-        # fallback for a build that omits the total.
-        cost = parse_decimal(raw.get("prompt_price")) + parse_decimal(raw.get("completion_price"))
-    else:
-        cost = parse_decimal(price)
-    return Usage(
+    read = FieldReader()
+    prompt, completion, total = read.split(
+        raw, "prompt_tokens", "completion_tokens", "total_tokens"
+    )
+    # Prices are decimal strings or numbers (dify.md "Usage"); the parts are a
+    # fallback for a build that omits the total, or sends a bad one.
+    cost = read.price(raw, "total_price") if raw.get("total_price") is not None else None
+    if cost is None:
+        cost = (read.price(raw, "prompt_price") or ZERO) + (
+            read.price(raw, "completion_price") or ZERO
+        )
+    usage = Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
         cost=cost,
         currency=_str_or_none(raw.get("currency")) or "USD",
     )
+    return read.usable(usage)
 
 
 def _node_usage(data: dict[str, Any]) -> Usage:
     """One ``node_finished.data``: price and total from ``execution_metadata``, the
     prompt/completion split from ``outputs.usage`` (LLM nodes only; dify.md "Usage").
+    Each number is read on its own, as in _usage_from.
     """
     meta = data.get("execution_metadata")
     outputs = data.get("outputs")
     llm = outputs.get("usage") if isinstance(outputs, dict) else None
+    read = FieldReader()
     prompt = completion = 0
     llm_total: int | None = None
     if isinstance(llm, dict):
-        prompt = parse_tokens(llm.get("prompt_tokens"))
-        completion = parse_tokens(llm.get("completion_tokens"))
+        prompt, completion, split_total = read.split(
+            llm, "prompt_tokens", "completion_tokens", "total_tokens"
+        )
         if llm.get("total_tokens") is not None:
-            llm_total = parse_tokens(llm.get("total_tokens"))
+            llm_total = split_total
     total = 0
     cost = ZERO
     currency = "USD"
     if isinstance(meta, dict):
         if meta.get("total_tokens") is not None:
-            total = parse_tokens(meta.get("total_tokens"))
+            total = read.total(meta, "total_tokens", llm_total or prompt + completion)
         elif llm_total is not None:
             total = llm_total
-        cost = parse_decimal(meta.get("total_price"))
+        cost = read.price(meta, "total_price") or ZERO
         currency = _str_or_none(meta.get("currency")) or "USD"
     elif meta is not None:
         raise ValueError(f"execution_metadata is not an object: {meta!r}")
     elif llm_total is not None:
         total = llm_total
-    return Usage(
+    usage = Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
         cost=cost,
         currency=currency,
     )
+    return read.usable(usage)
 
 
 def _prompt_chars(body: dict[str, Any]) -> int:
@@ -184,6 +199,7 @@ class DifyStreamMeter:
         "_conversation_id",
         "_error",
         "_error_code",
+        "_forms",
         "_malformed",
         "_message_id",
         "_message_usage",
@@ -194,6 +210,7 @@ class DifyStreamMeter:
         "_route",
         "_task_id",
         "_text_chars",
+        "_workflow_clamped",
         "_workflow_finished",
         "_workflow_outputs",
         "_workflow_run_id",
@@ -215,15 +232,23 @@ class DifyStreamMeter:
         self._metadata: dict[str, Any] | None = None
         self._workflow_finished = False
         self._workflow_total: int | None = None
+        self._workflow_clamped: tuple[str, ...] = ()  # a bad workflow_finished total
         self._workflow_outputs: dict[str, Any] | None = None
         self._nodes = _NO_USAGE
         self._error = False
         self._error_code: str | None = None
         self._malformed: list[str] = []
+        self._forms: list[tuple[str, str]] = []
 
     @property
     def task_id(self) -> str | None:
         return self._task_id
+
+    @property
+    def paused_forms(self) -> tuple[tuple[str, str], ...]:
+        """(form token, workflow run id) of each form the run paused for; the
+        gateway keeps them to follow the run once the form is submitted."""
+        return tuple(self._forms)
 
     @property
     def malformed(self) -> tuple[str, ...]:
@@ -298,6 +323,8 @@ class DifyStreamMeter:
             self._error = True
             if self._error_code is None:
                 self._error_code = _str_or_none(obj.get("code"))
+        elif kind in PAUSE_EVENTS:
+            self._forms += forms_named(kind, obj, self._workflow_run_id)
         # message_replace (moderation) swaps the shown answer but not what the model
         # generated, so the text count stays; workflow_started only brings ids.
 
@@ -353,12 +380,15 @@ class DifyStreamMeter:
         if not isinstance(data, dict):
             self._malformed.append("workflow_finished")
             return
-        total = data.get("total_tokens")
-        try:
-            self._workflow_total = None if total is None else parse_tokens(total)
-        except ValueError:
-            self._malformed.append("workflow_finished")
-            return
+        if data.get("total_tokens") is not None:
+            # Read on its own like any usage field: a bad total costs only itself
+            # (the nodes' own reports stand in for it) and marks the answer clamped.
+            read = FieldReader()
+            total = read.tokens(data, "total_tokens")
+            if read.clamped:
+                self._workflow_clamped = tuple(read.clamped)
+            else:
+                self._workflow_total = total
         self._workflow_finished = True
         outputs = data.get("outputs")
         if isinstance(outputs, dict):
@@ -370,6 +400,8 @@ class DifyStreamMeter:
         if not self._workflow_finished:
             return None
         nodes = self._nodes
+        if self._workflow_clamped:
+            nodes = dataclasses.replace(nodes, clamped=nodes.clamped + self._workflow_clamped)
         if self._workflow_total is None:
             return nodes
         return Usage(
@@ -378,6 +410,7 @@ class DifyStreamMeter:
             total_tokens=self._workflow_total,
             cost=nodes.cost,
             currency=nodes.currency,
+            clamped=nodes.clamped,
         )
 
     def _reported_usage(self) -> Usage | None:
@@ -479,8 +512,6 @@ class DifyUpstream:
         # Requests without a body name the user in the query; any other request
         # that names one there gets it replaced, in whatever spelling it was given.
         query = with_param(query, "user", user_id, add=method in _QUERY_USER_METHODS)
-        if route is dify_routes.RESUME_EVENTS:
-            query = without_snapshot(query)
         # Dify accepts the request id as its trace id (1-128 of [A-Za-z0-9_-]), so
         # its logs and the gateway's name the same request.
         return Prepared(body, query, [(b"x-trace-id", request_id.encode())])
@@ -502,14 +533,26 @@ class DifyUpstream:
         """A hint only: Dify streams when ``response_mode`` is "streaming", but agent
         apps stream whatever was asked (dify.md), and the gateway cannot know the app
         type. The proxy core decides from the response's Content-Type."""
-        if route is dify_routes.RESUME_EVENTS:
-            return True  # an event stream whatever was asked (dify.md, "Human input")
         return body.get("response_mode") == "streaming"
 
-    def stream_meter(self, route: Route, body: dict[str, Any]) -> DifyStreamMeter | ResumeMeter:
-        if route is dify_routes.RESUME_EVENTS:
-            return ResumeMeter(_node_usage)  # only the work after the pause (dify_resume.py)
+    def stream_meter(self, route: Route, body: dict[str, Any]) -> DifyStreamMeter:
         return DifyStreamMeter(route, body)
+
+    # --- human-input resumes, followed by the gateway (gateway/follow.py) ------------
+
+    def resumed_form(self, route: Route, path: str) -> str | None:
+        """The form token a request submits, when it resumes a paused run."""
+        return resumed_form(path) if route is dify_routes.RESUME_SUBMIT else None
+
+    def follow_request(self, run_id: str, user_id: str) -> tuple[str, bytes]:
+        return follow_request(run_id, user_id)
+
+    def blocking_forms(self, route: Route, body: bytes) -> list[tuple[str, str]]:
+        return blocking_forms(body) if route.kind in ("chat", "workflow") else []
+
+    def follow_meter(self, form_token: str) -> ResumeMeter:
+        # Only the work after the pause (dify_resume.py).
+        return ResumeMeter(_node_usage, form_token=form_token)
 
     def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:
         try:
@@ -548,10 +591,12 @@ class DifyUpstream:
             return Metered(run_id, task_id, None, None, "cut")
         outputs = data.get("outputs")
         metadata = outputs if isinstance(outputs, dict) else None
+        if data.get("total_tokens") is None:
+            return Metered(run_id, task_id, None, None, "cut", metadata=metadata)
+        read = FieldReader()  # a bad total is bounded (a fraction rounded up), not dropped
         try:
-            total = data["total_tokens"]
-            usage = Usage(total_tokens=parse_tokens(total))
-        except (KeyError, ValueError):
+            usage = read.usable(Usage(total_tokens=read.tokens(data, "total_tokens")))
+        except ValueError:
             return Metered(run_id, task_id, None, None, "cut", metadata=metadata)
         return Metered(run_id, task_id, None, usage, "complete", metadata=metadata)
 

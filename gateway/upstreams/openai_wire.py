@@ -30,11 +30,11 @@ import orjson
 from gateway.pricing import Audio
 from gateway.sse import ServerSentEvent
 from gateway.usage import (
+    FieldReader,
     Metered,
     Outcome,
     Usage,
     estimate_usage,
-    parse_tokens,
     unreadable_answer,
 )
 
@@ -113,41 +113,44 @@ def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _detail(raw: dict[str, Any], outer: str, inner: str) -> int:
+def _detail(raw: dict[str, Any], outer: str, inner: str, read: FieldReader) -> int:
     details = raw.get(outer)
     if details is None:
         return 0
     if not isinstance(details, dict):
-        raise ValueError(f"{outer} is not an object: {details!r}")
-    return parse_tokens(details.get(inner))
+        read.clamped.append(f"{outer}=<{type(details).__name__}>")
+        return 0
+    return read.tokens(details, inner)
 
 
 def usage_from(raw: object) -> Usage:
     """An OpenAI ``usage`` object (any endpoint's shape) as token counts.
 
-    Raises ``ValueError`` when it is not an object or a count is malformed.
+    Each count is read on its own (FieldReader): a bad one is derived from the
+    others or bounded, and named in ``clamped``; the rest is kept. Raises
+    ``ValueError`` when it is not an object, or nothing usable is left.
     """
     if not isinstance(raw, dict):
         raise ValueError(f"usage is not an object: {raw!r}")
+    read = FieldReader()
     if "input_tokens" in raw or "output_tokens" in raw:  # the responses API
-        prompt = parse_tokens(raw.get("input_tokens"))
-        completion = parse_tokens(raw.get("output_tokens"))
-        cached = _detail(raw, "input_tokens_details", "cached_tokens")
-        reasoning = _detail(raw, "output_tokens_details", "reasoning_tokens")
+        prompt, completion, total = read.split(raw, "input_tokens", "output_tokens", "total_tokens")
+        cached = _detail(raw, "input_tokens_details", "cached_tokens", read)
+        reasoning = _detail(raw, "output_tokens_details", "reasoning_tokens", read)
     else:
-        prompt = parse_tokens(raw.get("prompt_tokens"))
-        completion = parse_tokens(raw.get("completion_tokens"))
-        cached = _detail(raw, "prompt_tokens_details", "cached_tokens")
-        reasoning = _detail(raw, "completion_tokens_details", "reasoning_tokens")
-    total_raw = raw.get("total_tokens")
-    total = prompt + completion if total_raw is None else parse_tokens(total_raw)
-    return Usage(
+        prompt, completion, total = read.split(
+            raw, "prompt_tokens", "completion_tokens", "total_tokens"
+        )
+        cached = _detail(raw, "prompt_tokens_details", "cached_tokens", read)
+        reasoning = _detail(raw, "completion_tokens_details", "reasoning_tokens", read)
+    usage = Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
         cached_tokens=cached,
         reasoning_tokens=reasoning,
     )
+    return read.usable(usage)
 
 
 def _text_chars(value: object) -> int:
@@ -262,10 +265,9 @@ class ToolCalls:
 
 
 def _details_count(raw: dict[str, Any], outer: str) -> int:
-    try:
-        return _detail(raw, outer, "audio_tokens")
-    except ValueError:
-        return 0  # a part of the counts: the tokens themselves are still charged
+    # A part of the counts, read on its own: a bad one is bounded like any other
+    # field, and the tokens themselves are still charged at the text rate.
+    return _detail(raw, outer, "audio_tokens", FieldReader())
 
 
 def audio_from(raw: object) -> Audio | None:

@@ -8,7 +8,18 @@ from typing import Final
 
 # The end of an SSE event: a line ending followed by an empty line. A line ends in
 # CRLF, LF or a lone CR (the SSE spec); a CR followed by LF is one ending, not two.
+_MAX_END: Final = 4  # the longest event end: "\r\n\r\n"
 _EVENT_END: Final = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
+
+
+def _last_bytes(pieces: list[bytes]) -> bytes:
+    """The last _MAX_END bytes of ``pieces`` (fewer if they hold fewer)."""
+    tail = b""
+    for piece in reversed(pieces):
+        tail = piece[-_MAX_END:] + tail
+        if len(tail) >= _MAX_END:
+            return tail[-_MAX_END:]
+    return tail
 
 
 class DropEvents:
@@ -22,26 +33,44 @@ class DropEvents:
     drop - nearly every chunk - costs one test and no copy.
     """
 
-    __slots__ = ("_drop", "_held", "_may_drop")
+    __slots__ = ("_drop", "_held", "_held_len", "_may_drop")
 
     def __init__(
         self, drop: Callable[[bytes], bool], *, may_drop: Callable[[bytes], bool] | None = None
     ) -> None:
         self._drop = drop
         self._may_drop = may_drop
-        self._held = b""
+        # The incomplete event, in pieces: a long one is searched for its end only
+        # where new bytes came (an end is at most 4 bytes, so the last 4 held bytes
+        # and the chunk), and joined once, when it is complete: linear time.
+        self._held: list[bytes] = []
+        self._held_len = 0
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._held + chunk if self._held else chunk
-        if data.endswith((b"\n\n", b"\r\n\r\n")):
-            complete, self._held = data, b""
+        held = self._held
+        tail = _last_bytes(held)
+        window = tail + chunk if tail else chunk
+        if window.endswith((b"\n\n", b"\r\n\r\n")):
+            cut = len(window)
         else:
-            ends = [match.end() for match in _EVENT_END.finditer(data)]
-            if data.endswith(b"\r"):
+            # No end lies wholly in the held bytes (they were cut after the last
+            # one), so none starts before the window: searched from there, the
+            # matches are those a search of all the data would find.
+            ends = [match.end() for match in _EVENT_END.finditer(window)]
+            if window.endswith(b"\r"):
                 # A CR at the very end may be half of a CRLF: not yet a boundary.
-                ends = [end for end in ends if end < len(data)]
+                ends = [end for end in ends if end < len(window)]
             cut = ends[-1] if ends else 0
-            complete, self._held = data[:cut], data[cut:]
+        if not cut:
+            if chunk:
+                held.append(chunk)
+                self._held_len += len(chunk)
+            return b""
+        data = b"".join(held) + chunk if held else chunk
+        cut += self._held_len - len(tail)
+        complete, rest = data[:cut], data[cut:]
+        self._held = [rest] if rest else []
+        self._held_len = len(rest)
         if not complete or (self._may_drop is not None and not self._may_drop(complete)):
             return complete
         kept: list[bytes] = []
@@ -54,5 +83,6 @@ class DropEvents:
         return b"".join(kept)
 
     def flush(self) -> bytes:
-        rest, self._held = self._held, b""
+        rest = b"".join(self._held)
+        self._held, self._held_len = [], 0
         return b"" if rest and self._drop(rest) else rest

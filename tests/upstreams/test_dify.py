@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from gateway.sse import ServerSentEvent
-from gateway.upstreams import dify, dify_routes, get_upstream
+from gateway.upstreams import dify, get_upstream
 from gateway.upstreams.base import Route
 from gateway.upstreams.dify import DifyStreamMeter, DifyUpstream
 from gateway.usage import Metered, Usage, estimate_tokens
@@ -391,6 +391,28 @@ def test_workflow_total_falls_back_to_the_node_totals() -> None:
     assert result.metadata is None
 
 
+@pytest.mark.parametrize("total", [-5, "lots", 12.5])
+def test_a_bad_workflow_total_costs_only_itself(total: Any) -> None:
+    # The nodes' own reports stand in for a bad workflow_finished total; the answer
+    # keeps its split and price and is marked clamped (issue 20, "Nothing lost").
+    _, result = run(WORKFLOW, [*WORKFLOW_EVENTS, workflow_finished("t5", "r5", total)])
+    assert result.usage is not None
+    assert (result.usage.prompt_tokens, result.usage.total_tokens) == (80, 95)
+    assert result.usage.cost == Decimal("0.0000708")
+    assert result.usage.clamped and "total_tokens" in result.usage.clamped[0]
+
+
+@pytest.mark.parametrize(("total", "expected"), [(12.5, 13), (-5, None), ("lots", None)])
+def test_a_bad_blocking_workflow_total_is_bounded(total: Any, expected: int | None) -> None:
+    response = {"task_id": "t", "workflow_run_id": "r", "data": {"total_tokens": total}}
+    result = UP.meter_blocking(WORKFLOW, BODY, blocking(response))
+    if expected is None:  # nothing usable is left: charged the estimate downstream
+        assert result.usage is None
+    else:
+        assert result.usage is not None and result.usage.total_tokens == expected
+        assert result.usage.clamped
+
+
 def test_workflow_does_not_count_iteration_containers_twice() -> None:
     inner = {"iteration_id": "node-iteration", "iteration_index": 0}
     events = [
@@ -598,9 +620,10 @@ def test_malformed_node_finished_does_not_stop_metering() -> None:
     bad = node_finished("t5", "r5", "llm", meta={"total_tokens": -3, "total_price": "1"})
     events = [*WORKFLOW_EVENTS, bad, workflow_finished("t5", "r5", 95)]
     meter, result = run(WORKFLOW, events)
-    assert meter.malformed == ("node_finished",)
+    # The bad total is bounded, the node's price kept (tests/test_usage_fields.py).
+    assert meter.malformed == ()
     assert result.outcome == "complete"
-    assert result.usage is not None and result.usage.cost == Decimal("0.0000708")
+    assert result.usage is not None and result.usage.cost == Decimal("1.0000708")
 
 
 def test_plain_text_events_are_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -750,7 +773,7 @@ def test_blocking_answer_without_usage_is_estimated() -> None:
         ("POST", "/workflows/run/", "workflow", "workflows/run", "answer"),
         ("POST", "/workflows/0b5f-4a1c/run", "workflow", "workflows/run", "answer"),
         ("POST", "/form/human_input/tok-1", "resume", "form/human_input", "answer"),
-        ("GET", "/workflow/run-1/events", "resume_events", "workflow/events", "answer"),
+        ("GET", "/workflow/run-1/events", "resume_events", "workflow/events", "scoped"),
         ("POST", "/chat-messages/t1/stop", "stop", "chat-messages/stop", "scoped"),
         ("POST", "/completion-messages/t1/stop/", "stop", "completion-messages/stop", "scoped"),
         ("POST", "/workflows/tasks/t1/stop", "stop", "workflows/tasks/stop", "scoped"),
@@ -915,71 +938,3 @@ def test_filter_history_by_route() -> None:
         "data": [new],
         "has_more": False,
     }
-
-
-# --- human-input resumes -------------------------------------------------------------------
-
-
-def _resume_events(*payloads: dict[str, Any]) -> list[ServerSentEvent]:
-    return [ServerSentEvent(event="message", data=orjson.dumps(p).decode()) for p in payloads]
-
-
-RESUMED_NODE = {
-    "event": "node_finished",
-    "task_id": "t9",
-    "workflow_run_id": "r9",
-    "data": {
-        "node_type": "llm",
-        "outputs": {"usage": {"prompt_tokens": 4000, "completion_tokens": 1000}},
-        "execution_metadata": {"total_tokens": 5000, "total_price": "0.0065", "currency": "USD"},
-    },
-}
-
-
-def test_a_resumed_stream_is_charged_its_nodes_not_the_runs_total() -> None:
-    meter = UP.stream_meter(dify_routes.RESUME_EVENTS, {})
-    for event in _resume_events(
-        {"event": "node_started", "task_id": "t9", "workflow_run_id": "r9", "data": {}},
-        {"event": "text_chunk", "task_id": "t9", "workflow_run_id": "r9", "data": {"text": "ok"}},
-        RESUMED_NODE,
-        {"event": "workflow_finished", "workflow_run_id": "r9", "data": {"total_tokens": 5300}},
-    ):
-        meter.feed(event)
-    result = meter.finish(cut=False)
-    assert result.outcome == "complete" and result.answer_id is None
-    assert result.usage == Usage(4000, 1000, 5000, Decimal("0.0065"))
-    assert meter.task_id is None  # the gateway does not stop a resumed run
-
-
-def test_a_resumed_stream_without_nodes() -> None:
-    # A finished run is answered by workflow_finished alone: nothing new to charge.
-    meter = UP.stream_meter(dify_routes.RESUME_EVENTS, {})
-    for event in _resume_events({"event": "workflow_finished", "data": {"total_tokens": 5300}}):
-        meter.feed(event)
-    result = meter.finish(cut=False)
-    assert result.usage is None and result.outcome == "cut"
-    # Text but no node report: an estimate of the text.
-    meter = UP.stream_meter(dify_routes.RESUME_EVENTS, {})
-    for event in _resume_events({"event": "text_chunk", "data": {"text": "x" * 40}}):
-        meter.feed(event)
-    usage = meter.finish(cut=True).usage
-    assert usage is not None and usage.estimated and usage.completion_tokens == 10
-
-
-@pytest.mark.parametrize(
-    ("query", "expected"),
-    [
-        (b"user=a&include_state_snapshot=true", b"user=a"),
-        (
-            b"include_state_snapshot=true&user=a&continue_on_pause=true",
-            b"continue_on_pause=true&user=a",
-        ),
-        (b"include%5Fstate%5Fsnapshot=true&user=a", b"user=a"),
-        (b"user=a", b"user=a"),
-    ],
-)
-def test_a_resume_asks_for_no_snapshot_replay(query: bytes, expected: bytes) -> None:
-    route = UP.route("GET", "/workflow/r9/events")
-    prepared = UP.prepare(route, None, query, "a", method="GET", request_id="r")
-    assert prepared.query == expected
-    assert UP.is_streaming(route, {})

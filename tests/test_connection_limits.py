@@ -1,0 +1,218 @@
+"""`gateway serve` times out request heads (server.head_timeout) and caps the
+connections a worker holds (server.max_connections), so idle or slowly written
+heads cannot hold a worker's file descriptors for ever."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import pytest
+
+from gateway import headlimit
+from gateway.config import ENV_CONFIG
+from tests.processes import GatewayProcess
+from tests.servers import serve
+
+PROTOCOL = "gateway.headlimit:BoundedHeadProtocol"
+HEAD_TIMEOUT = 0.5
+
+
+async def hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    while (await receive()).get("more_body", False):
+        pass
+    headers = [(b"content-length", b"2")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture
+def limits_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A configuration file for the protocol to read, as a `gateway serve` worker does."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f"[server]\nhead_timeout = {HEAD_TIMEOUT}\nmax_connections = 20\n\n[plans.free]\n"
+    )
+    monkeypatch.setenv(ENV_CONFIG, str(config))
+    monkeypatch.setattr(headlimit._Refusals, "warned_at", None)
+    monkeypatch.setattr(headlimit._Refusals, "count", 0)
+    headlimit._configured.cache_clear()
+    yield
+    headlimit._configured.cache_clear()
+
+
+async def read_all(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    data = b""
+    async with asyncio.timeout(timeout):
+        with contextlib.suppress(ConnectionError):
+            while piece := await reader.read(65536):
+                data += piece
+    return data
+
+
+@pytest.mark.usefixtures("limits_config")
+async def test_a_slowly_written_head_is_answered_408_and_closed() -> None:
+    async with serve(hello, http=PROTOCOL) as url:
+        parts = urlsplit(url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        began = time.monotonic()
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+
+        async def trickle() -> None:
+            # A header byte every 50 ms: data keeps coming, the head never ends.
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    writer.write(b"a")
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+
+        dribbler = asyncio.create_task(trickle())
+        try:
+            data = await read_all(reader)
+        finally:
+            dribbler.cancel()
+            writer.close()
+        elapsed = time.monotonic() - began
+    status, _, rest = data.partition(b"\r\n")
+    assert status == b"HTTP/1.1 408 Request Timeout"
+    assert orjson.loads(rest.partition(b"\r\n\r\n")[2]) == {
+        "code": "request_timeout",
+        "message": f"The request head did not arrive within {HEAD_TIMEOUT:g} seconds.",
+        "status": 408,
+    }
+    assert HEAD_TIMEOUT <= elapsed < HEAD_TIMEOUT + 5
+
+
+@pytest.mark.usefixtures("limits_config")
+async def test_idle_connections_are_closed_after_the_head_timeout() -> None:
+    async with serve(hello, http=PROTOCOL) as url:
+        parts = urlsplit(url)
+        connections = [await asyncio.open_connection(parts.hostname, parts.port) for _ in range(10)]
+        try:
+            answers = await asyncio.gather(*(read_all(r) for r, _ in connections))
+        finally:
+            for _, writer in connections:
+                writer.close()
+    assert answers == [b""] * 10  # closed, without an answer to a question not asked
+
+
+@pytest.mark.usefixtures("limits_config")
+async def test_a_kept_alive_connection_gets_the_head_timeout_for_each_head() -> None:
+    async with serve(hello, http=PROTOCOL) as url:
+        parts = urlsplit(url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(5):
+                first = await reader.readuntil(b"ok")
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never ends it
+            data = await read_all(reader)
+        finally:
+            writer.close()
+    assert first.startswith(b"HTTP/1.1 200")
+    assert data.startswith(b"HTTP/1.1 408")
+
+
+@pytest.mark.usefixtures("limits_config")
+async def test_connections_past_the_cap_are_refused_503_and_the_rest_served(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async with serve(hello, http=PROTOCOL) as url:
+        parts = urlsplit(url)
+        held = [await asyncio.open_connection(parts.hostname, parts.port) for _ in range(20)]
+        try:
+            # The 21st and later: refused at once, in the upstream's error shape.
+            extra = [await asyncio.open_connection(parts.hostname, parts.port) for _ in range(5)]
+            refusals = await asyncio.gather(*(read_all(r, timeout=5) for r, _ in extra))
+            for _, writer in extra:
+                writer.close()
+            # A held connection still gets its answer.
+            reader, writer = held[0]
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(5):
+                served = await reader.readuntil(b"ok")
+        finally:
+            for _, writer in held:
+                writer.close()
+    for data in refusals:
+        status, _, rest = data.partition(b"\r\n")
+        assert status == b"HTTP/1.1 503 Service Unavailable"
+        assert b"retry-after: 5" in rest
+        assert orjson.loads(rest.partition(b"\r\n\r\n")[2])["code"] == "too_many_connections"
+    assert served.startswith(b"HTTP/1.1 200")
+    # uvicorn configures its own logger (to stderr, not propagated to caplog's).
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "connection limit" in line]
+    assert len(warnings) == 1  # once, not once per connection
+    assert "server.max_connections = 20" in warnings[0]
+
+
+def test_the_default_cap_leaves_room_under_the_open_files_limit() -> None:
+    cap = headlimit.derived_max_connections(10)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert cap >= 16 and (soft == resource.RLIM_INFINITY or 2 * cap + 10 < soft)
+
+
+async def test_gateway_serve_times_out_heads_and_caps_connections(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f"[server]\nhead_timeout = {HEAD_TIMEOUT}\nmax_connections = 50\nreload_interval = 0\n\n"
+        f'[database]\nurl = "sqlite:///{tmp_path}/gateway.db"\nspool_file = ""\n\n[plans.free]\n'
+    )
+    gateway = await GatewayProcess.start(config, {})
+    try:
+        # 200 idle connections, far past the cap: the worker keeps serving.
+        idle = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(200)]
+        answers = await asyncio.gather(*(read_all(r) for r, _ in idle))
+        for _, writer in idle:
+            writer.close()
+        warning = await gateway.wait_for_line("connection limit reached")
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        health = await read_all(reader)
+        writer.close()
+    finally:
+        await gateway.terminate()
+    refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+    closed = [a for a in answers if a == b""]
+    assert len(refused) >= 150 and len(refused) + len(closed) == 200
+    assert "server.max_connections = 50" in warning
+    assert health.startswith(b"HTTP/1.1 200")
+
+
+async def test_gateway_serve_under_a_low_open_files_limit_keeps_serving(tmp_path: Path) -> None:
+    """The audit's case: more idle connections than the open-files limit allows.
+    With the derived cap, extras are refused at once and the idle ones time out,
+    so the worker never runs out of descriptors and keeps serving."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        "[server]\nhead_timeout = 1.0\nreload_interval = 0\n\n"
+        f'[database]\nurl = "sqlite:///{tmp_path}/gateway.db"\nspool_file = ""\n\n[plans.free]\n'
+    )
+    gateway = await GatewayProcess.start(config, {})
+    try:
+        # The cap is derived at the first connection, from the limit then in force:
+        # (256 - 10 database connections - 64) // 2 = 91.
+        _, hard = resource.prlimit(gateway.proc.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(gateway.proc.pid, resource.RLIMIT_NOFILE, (256, hard))
+        idle = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(400)]
+        answers = await asyncio.gather(*(read_all(r) for r, _ in idle))
+        for _, writer in idle:
+            writer.close()
+        warning = await gateway.wait_for_line("connection limit reached")
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        health = await read_all(reader)
+        writer.close()
+    finally:
+        await gateway.terminate()
+    assert "server.max_connections = 91" in warning
+    assert sum(a.startswith(b"HTTP/1.1 503") for a in answers) >= 300
+    assert health.startswith(b"HTTP/1.1 200")
