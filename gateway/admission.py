@@ -13,21 +13,21 @@ answer's pending row) until the answer is settled or the reservation given back.
 from __future__ import annotations
 
 import logging
-from datetime import date
+from datetime import date, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from gateway.accounts import effective_plan
 from gateway.alerts import alert_request
 from gateway.clock import Periods, periods_at
-from gateway.config import Plan
+from gateway.config import LIMIT_NAMES, Plan
 from gateway.errors import Forbidden, QuotaExceeded, StorageError
 from gateway.features import asks_for_advanced_rag, asks_for_web_search, set_path
+from gateway.messages import english
 from gateway.plans import (
     LIMIT_CODES,
     RateLimit,
     admission_limits,
     closed_checks,
-    refusal_message,
     reported_limit,
 )
 from gateway.storage import Admission, AlertRequest, Lease, Pending, WebSearch
@@ -39,6 +39,32 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.admission")
 
 Headers = list[tuple[bytes, bytes]]
+
+
+def limit_refusal(
+    resource: str,
+    limit: int,
+    *,
+    used: int,
+    reset: datetime | None,
+    own: bool,
+    headers: Headers,
+) -> QuotaExceeded:
+    """The 429 for ``resource``, its message named for gateway/messages.py: the
+    user's own limit (a per-user override) or their plan's, reset time in the
+    accounting time zone."""
+    key = LIMIT_CODES[resource] + ("_own" if own else "")
+    fields: dict[str, object] = {"limit": limit}
+    if resource != "max_concurrent_streams":
+        fields.update(used=used, reset=reset)
+    return QuotaExceeded(
+        english(key, **fields),
+        code=LIMIT_CODES[resource],
+        headers=headers,
+        key=key,
+        fields=fields,
+    )
+
 
 # A refusal for too many open answers has no reset time; clients may retry soon.
 STREAM_RETRY_AFTER = 5
@@ -86,9 +112,15 @@ class Admitter:
 
     async def plan_of(self, user_id: str) -> Plan:
         """The user's effective plan: their plan with their overrides applied."""
+        return (await self._plan(user_id))[0]
+
+    async def _plan(self, user_id: str) -> tuple[Plan, frozenset[str]]:
+        """The user's effective plan, and the limits in it that their own
+        overrides set (a refusal by one of these says "your limit")."""
         config = self.gw.config
         user = await self.gw.users.get(user_id, default_plan=config.accounting.default_plan)
-        return effective_plan(config, user)
+        own = frozenset(name for name in user.overrides if name in LIMIT_NAMES)
+        return effective_plan(config, user), own
 
     async def admit(
         self, user_id: str, request_id: str, route: Route, body: dict[str, Any]
@@ -100,11 +132,13 @@ class Admitter:
         periods = periods_at(now, gw.tz)
         plan = config.plan(config.accounting.default_plan)
         web_search: WebSearch | None = None
+        own: frozenset[str] = frozenset()
         try:
-            plan = await self.plan_of(user_id)
+            plan, own = await self._plan(user_id)
             advanced = asks_for_advanced_rag(body, config.advanced_rag)
             if advanced and not plan.advanced_rag:
-                raise Forbidden("Advanced RAG is not included in your plan.")
+                key = "feature_not_in_plan_own" if "advanced_rag" in own else "feature_not_in_plan"
+                raise Forbidden(english(key), key=key)
             if asks_for_web_search(body, config.web_search):
                 web_search = WebSearch(plan.web_searches_per_day, config.web_search.when_exhausted)
             limits = admission_limits(plan)
@@ -128,7 +162,7 @@ class Admitter:
             )
 
         if admission.refused_by == "web_searches_per_day":
-            self._refuse_web_search(admission, plan, periods)
+            self._refuse_web_search(admission, plan, periods, own=own)
         shown = reported_limit(admission, plan, periods)
         rate_headers = shown.headers() if shown is not None else []
         if not admission.admitted:
@@ -136,9 +170,12 @@ class Admitter:
             limit = getattr(plan, admission.refused_by)
             reset = shown.reset.astimezone(gw.tz) if shown and shown.reset else None
             retry = shown.retry_after(now) if shown else STREAM_RETRY_AFTER
-            raise QuotaExceeded(
-                refusal_message(admission.refused_by, limit, reset),
-                code=LIMIT_CODES[admission.refused_by],
+            raise limit_refusal(
+                admission.refused_by,
+                limit,
+                used=shown.used if shown else limit,
+                reset=reset,
+                own=admission.refused_by in own,
                 headers=[(b"retry-after", str(retry).encode()), *rate_headers],
             )
         rule = config.web_search
@@ -173,7 +210,14 @@ class Admitter:
     def _pending(self, request_id: str, route: Route, body: dict[str, Any]) -> Pending:
         """The pending row admission writes: what a recovery charges if this
         process dies before the answer is settled - the dialect's estimate for an
-        answer that was never seen (the prompt's size)."""
+        answer that was never seen (the prompt's size); for a paid side call, its
+        price (the call, once admitted, is the upstream's to carry out and bill)."""
+        if route.role == "side_cost":
+            price = self.gw.config.call_prices.get(route.call or "")
+            if price is not None:
+                return Pending(
+                    id=request_id, endpoint=route.name, cost=price.price, currency=price.currency
+                )
         usage = self.gw.upstream.unanswered(route, body).usage
         if usage is None:
             return Pending(id=request_id, endpoint=route.name)
@@ -187,7 +231,9 @@ class Admitter:
             currency=usage.currency,
         )
 
-    def _refuse_web_search(self, admission: Admission, plan: Plan, periods: Periods) -> NoReturn:
+    def _refuse_web_search(
+        self, admission: Admission, plan: Plan, periods: Periods, *, own: frozenset[str]
+    ) -> NoReturn:
         """Raise the refusal of a request that asks for web search with none left
         (``web_search.when_exhausted = "refuse"``); nothing was reserved."""
         gw = self.gw
@@ -195,9 +241,12 @@ class Admitter:
         assert limit is not None
         used = admission.counters.web_searches_today
         shown = RateLimit("web_searches_per_day", limit, used, periods.day_resets_at)
-        raise QuotaExceeded(
-            refusal_message("web_searches_per_day", limit, periods.day_resets_at.astimezone(gw.tz)),
-            code=LIMIT_CODES["web_searches_per_day"],
+        raise limit_refusal(
+            "web_searches_per_day",
+            limit,
+            used=used,
+            reset=periods.day_resets_at.astimezone(gw.tz),
+            own="web_searches_per_day" in own,
             headers=[
                 (b"retry-after", str(shown.retry_after(gw.clock.now())).encode()),
                 *shown.headers(),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
+import importlib.resources
 import os
 from collections.abc import AsyncIterator, Mapping
 
@@ -24,6 +26,7 @@ from gateway import dashboard
 from gateway.admin import admin_routes, error_response, token_refusal, usage_routes
 from gateway.clock import Clock
 from gateway.config import Config, load_config
+from gateway.cors import Cors
 from gateway.errors import NotFound, StorageError
 from gateway.limits import BodyDeadline, header_refusal, send_refusal
 from gateway.logs import configure_logging
@@ -70,6 +73,26 @@ async def metrics(request: Request) -> Response:
     return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+# The usage widget (docs/widget.md), read once: a release changes it, nothing else.
+_WIDGET = (importlib.resources.files("gateway") / "static" / "widget.js").read_bytes()
+_WIDGET_HEADERS = {
+    # Pages load it by a fixed URL, so it is not immutable: an hour, then revalidated.
+    "cache-control": "public, max-age=3600",
+    "etag": f'"{hashlib.sha256(_WIDGET).hexdigest()[:16]}"',
+    "x-content-type-options": "nosniff",
+    # Loadable by pages that require it of cross-origin resources (COEP).
+    "cross-origin-resource-policy": "cross-origin",
+}
+
+
+async def widget(request: Request) -> Response:
+    """The <gateway-usage> web component; CORS headers come from [cors] (gateway/cors.py)."""
+    etag = _WIDGET_HEADERS["etag"]
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=_WIDGET_HEADERS)
+    return Response(_WIDGET, media_type="text/javascript; charset=utf-8", headers=_WIDGET_HEADERS)
+
+
 # Set by `gateway serve`: the process is a server and nothing else, so it may
 # tune the garbage collector for itself (not done for apps embedded in tests or tools).
 GC_TUNING_ENV = "GATEWAY_GC_TUNING"
@@ -113,6 +136,7 @@ class GatewayApp:
                 Route("/healthz", healthz),
                 Route("/readyz", readyz),
                 Route("/metrics", metrics),
+                Route("/widget.js", widget, methods=["GET"]),
                 *usage_routes,
                 Mount("/admin", routes=admin_routes),
                 Mount("/dashboard", routes=dashboard.routes),
@@ -120,8 +144,20 @@ class GatewayApp:
             lifespan=lifespan,
         )
         self.site.state.gateway = gateway
+        # Outermost, so every answer on /v1 - the proxy's, the usage API's, and
+        # the refusals of the request limits below - carries the [cors] policy.
+        self.handler = Cors(
+            self._dispatch,
+            config=lambda: gateway.config.cors,
+            error_body=lambda status, code, message: gateway.upstream.error_body(
+                status, code, message
+            ),
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.site(scope, receive, send)
             return

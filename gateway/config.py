@@ -16,6 +16,7 @@ import base64
 import binascii
 import dataclasses
 import difflib
+import json
 import os
 import tomllib
 import types
@@ -225,6 +226,48 @@ class DashboardConfig:
     session_hours: float = _setting(12.0, minimum=0.01)
 
 
+# --- issue 25, CORS: pages on other origins (gateway/cors.py, docs/widget.md) ---
+@dataclass(frozen=True, slots=True)
+class CorsConfig:
+    # Origins (scheme://host[:port]) whose pages may call /v1 and load the widget;
+    # empty: CORS is left to the upstream as before. "*" allows every origin.
+    allow_origins: tuple[str, ...] = ()
+    # Send Access-Control-Allow-Credentials (cookies, TLS client certificates);
+    # bearer tokens do not need it. Not with "*".
+    allow_credentials: bool = False
+    # Request headers a preflight allows (Authorization must be named: the
+    # wildcard never covers it).
+    allow_headers: tuple[str, ...] = ("Authorization", "Content-Type", "X-Trace-Id")
+    # How long a browser may cache a preflight's answer (Chromium caps it at 7200).
+    max_age: int = _setting(600, minimum=0)
+
+
+def _resolve_cors(cors: CorsConfig) -> CorsConfig:
+    from gateway.cors import normalise_origin
+
+    origins = []
+    for index, origin in enumerate(cors.allow_origins):
+        try:
+            origins.append(normalise_origin(origin))
+        except ValueError as exc:
+            raise ConfigError(f"cors.allow_origins[{index}]: {exc}") from None
+    if cors.allow_credentials and "*" in origins:
+        raise ConfigError(
+            'cors.allow_origins: "*" cannot be used with cors.allow_credentials = true '
+            "(browsers refuse it); list the origins"
+        )
+    for index, name in enumerate(cors.allow_headers):
+        if not name or not all(c.isalnum() or c in "!#$%&'+-.^_`|~" for c in name):
+            raise ConfigError(
+                f"cors.allow_headers[{index}]: expected a header name, got {name!r} "
+                "(the wildcard is not supported: name each header)"
+            )
+    return dataclasses.replace(cors, allow_origins=tuple(dict.fromkeys(origins)))
+
+
+# --- end of issue 25, CORS ---
+
+
 Scalar = bool | int | float | str  # a JSON scalar a rule may write into a request
 
 
@@ -302,6 +345,55 @@ class AlertsConfig:
         return (("webhook",) if self.webhook_url else ()) + (("email",) if self.email_to else ())
 
 
+# --- issue 25, refusal messages (gateway/messages.py) ---
+@dataclass(frozen=True, slots=True)
+class MessagesConfig:
+    """Refusal messages: the language for a request whose Accept-Language names
+    none the gateway has, and the operator's templates ([messages.LANG])."""
+
+    default_language: Literal["en", "vi"] = "en"
+    # language -> message code -> template, validated at load (not a file key).
+    templates: Mapping[str, Mapping[str, str]] = field(
+        default_factory=dict, metadata={"resolved": True}
+    )
+
+
+def _messages(table: object) -> MessagesConfig:
+    """``[messages]``: ``default_language`` and one table of templates per language."""
+    from gateway.messages import LANGUAGES, check_templates
+
+    if table is None:
+        return MessagesConfig()
+    if not isinstance(table, dict):
+        raise ConfigError(f"messages: expected a table, got {_kind(table)}")
+    settings = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    for key in settings:
+        if key != "default_language":
+            raise ConfigError(
+                f"messages.{key}: unknown key (expected default_language, or a "
+                f"[messages.LANGUAGE] table of templates: {', '.join(LANGUAGES)})"
+            )
+    config: MessagesConfig = _build(MessagesConfig, settings, "messages.")
+    templates: dict[str, Mapping[str, str]] = {}
+    for language, own in table.items():
+        if not isinstance(own, dict):
+            continue
+        if language not in LANGUAGES:
+            raise ConfigError(
+                f"messages.{language}: unknown language (expected one of: {', '.join(LANGUAGES)})"
+            )
+        try:
+            templates[language] = types.MappingProxyType(
+                check_templates(own, f"messages.{language}.")
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return dataclasses.replace(config, templates=types.MappingProxyType(templates))
+
+
+# --- end of issue 25, refusal messages ---
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     name: str = _resolved("")
@@ -337,6 +429,7 @@ class Config:
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
+    cors: CorsConfig = field(default_factory=CorsConfig)  # issue 25
     plans: Mapping[str, Plan] = field(default_factory=lambda: {"free": Plan(name="free")})
     # [prices."MODEL"]: what a million tokens of a model cost, for upstreams that
     # report tokens but no money (docs/upstreams/openai.md).
@@ -344,6 +437,7 @@ class Config:
     # [call_prices."NAME"]: what one paid side call costs (a tool an answer ran, an
     # endpoint billed per call); names are "<dialect>.<call>" (docs/configuration.md).
     call_prices: Mapping[str, CallPrice] = field(default_factory=dict)
+    messages: MessagesConfig = field(default_factory=MessagesConfig)  # issue 25
     source: str | None = _resolved(None)
 
     @property
@@ -402,7 +496,8 @@ def parse_config(
     plans_table = data.pop("plans", None)
     prices_table = data.pop("prices", None)
     call_prices_table = data.pop("call_prices", None)
-    config: Config = _build(Config, data, "", skip={"plans", "prices", "call_prices"})
+    messages = _messages(data.pop("messages", None))  # issue 25
+    config: Config = _build(Config, data, "", skip={"plans", "prices", "call_prices", "messages"})
 
     plans: dict[str, Plan] = {}
     if plans_table is None:
@@ -494,6 +589,7 @@ def parse_config(
     return dataclasses.replace(
         config,
         alerts=_resolve_alerts(config.alerts, env, require_secret=alert_secrets),
+        cors=_resolve_cors(config.cors),
         upstream=upstream,
         database=database,
         admin=admin,
@@ -502,6 +598,7 @@ def parse_config(
         plans=types.MappingProxyType(plans),
         prices=types.MappingProxyType(prices),
         call_prices=types.MappingProxyType(call_prices),
+        messages=messages,
         source=source,
     )
 
@@ -750,7 +847,12 @@ def setting_paths() -> list[str]:
     def walk(cls: type[Any], prefix: str) -> None:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.metadata.get("resolved") or f.name in ("plans", "prices", "call_prices"):
+            if f.metadata.get("resolved") or f.name in (
+                "plans",
+                "prices",
+                "call_prices",
+                "messages",
+            ):
                 continue
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], f"{prefix}{f.name}.")
@@ -761,6 +863,9 @@ def setting_paths() -> list[str]:
     walk(Plan, "plans.<name>.")
     walk(Price, "prices.<model>.")
     walk(CallPrice, "call_prices.<name>.")
+    # issue 25: refusal messages
+    walk(MessagesConfig, "messages.")
+    paths.append("messages.<language>.<code>")
     return paths
 
 
@@ -799,7 +904,7 @@ def render_config(config: Config) -> str:
     # (issue 25: [alerts], [metrics] and [pricing] once were).
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) and f.name != "messages":  # written below
             emit_tree(f.name, value)
     for name, plan in config.plans.items():
         emit(f"plans.{name}", plan)
@@ -807,6 +912,15 @@ def render_config(config: Config) -> str:
         emit(f"prices.{_toml_value(model)}", price)
     for name, call_price in config.call_prices.items():
         emit(f"call_prices.{_toml_value(name)}", call_price)
+    # issue 25: refusal messages, with the operator's templates
+    lines.extend(["", "[messages]"])
+    lines.append(f"default_language = {_toml_value(config.messages.default_language)}")
+    for language, templates in config.messages.templates.items():
+        lines.extend(["", f"[messages.{language}]"])
+        # JSON string escapes are TOML's: a template may hold a newline or a quote.
+        lines.extend(
+            f"{code} = {json.dumps(text, ensure_ascii=False)}" for code, text in templates.items()
+        )
     return "\n".join(lines) + "\n"
 
 

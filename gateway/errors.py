@@ -27,6 +27,8 @@ gateway makes is rendered in the upstream's own error shape (see
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class GatewayError(Exception):
     status: int = 500
@@ -38,6 +40,8 @@ class GatewayError(Exception):
         *,
         code: str | None = None,
         headers: list[tuple[bytes, bytes]] | None = None,
+        key: str | None = None,
+        fields: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -45,6 +49,11 @@ class GatewayError(Exception):
             self.code = code
         # Extra response headers for the refusal (Retry-After, X-RateLimit-*).
         self.headers = headers or []
+        # The message's code in gateway/messages.py and its fields, so the refusal
+        # can be sent in the user's language; without a key the English message is
+        # recognised by its text.
+        self.key = key
+        self.fields: Mapping[str, object] = fields or {}
 
 
 class ConfigError(GatewayError):

@@ -1,8 +1,8 @@
 """Plans and admission decisions (pure logic, no I/O).
 
 Turns a user's effective plan and the counters admission returned into the
-answer the client sees: which limit refused, the message an end user can read,
-and the rate-limit headers. The database does the atomic part (see
+answer the client sees: which limit refused and the rate-limit headers (the
+message an end user reads is in gateway/messages.py, per language). The database does the atomic part (see
 `Storage.admit`); this module only describes the result.
 """
 
@@ -23,14 +23,6 @@ LIMIT_CODES: dict[str, str] = {
     "tokens_per_month": "monthly_token_limit",
     "max_concurrent_streams": "concurrent_stream_limit",
     "web_searches_per_day": "web_search_limit",
-}
-
-_MESSAGES: dict[str, str] = {
-    "queries_per_day": "You have used all {limit} questions of your plan for today. It resets at {reset}.",
-    "tokens_per_day": "You have used all {limit} tokens of your plan for today. It resets at {reset}.",
-    "tokens_per_month": "You have used all {limit} tokens of your plan for this month. It resets at {reset}.",
-    "max_concurrent_streams": "You already have {limit} answers in progress. Wait for one to finish and try again.",
-    "web_searches_per_day": "You have used all {limit} web searches of your plan for today. They reset at {reset}.",
 }
 
 
@@ -113,8 +105,3 @@ def reported_limit(admission: Admission, plan: Plan, periods: Periods) -> RateLi
         if found is not None:
             return found
     return None
-
-
-def refusal_message(resource: str, limit: int, reset: datetime | None) -> str:
-    when = reset.strftime("%Y-%m-%d %H:%M %Z").strip() if reset is not None else "later"
-    return _MESSAGES[resource].format(limit=limit, reset=when)

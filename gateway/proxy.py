@@ -54,6 +54,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.features import used_web_search
+from gateway.follow import Follow, Follows
 from gateway.http import (
     Headers,
     RequestHeaders,
@@ -142,6 +143,8 @@ class Exchange:
         "body",
         "call_price",
         "failure",
+        "follow",
+        "followed",
         "forwarded_at",
         "headers",
         "json",
@@ -178,6 +181,11 @@ class Exchange:
         self.ticket: Ticket | None = None
         self.rate_headers: Headers = []
         self.responded = False  # the response has started: its status is sent
+        # A resume (gateway/follow.py): the gateway's own read of the resumed run,
+        # opened before the submit is forwarded; once the submit is accepted the
+        # read owns the reservation (``followed``) and settles it.
+        self.follow: Follow | None = None
+        self.followed = False
 
     @property
     def answer_body(self) -> dict[str, Any]:
@@ -199,6 +207,7 @@ class Proxy:
         self.admitter = Admitter(gateway)
         self.client = UpstreamClient(gateway)
         self.guard = RouteGuard(gateway)
+        self.follows = Follows(gateway, self.client, self._settle_answer)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         x = Exchange(new_request_id(), time.perf_counter())
@@ -211,7 +220,7 @@ class Proxy:
         except GatewayError as exc:
             # Refusals raised before the response started.
             log.info("refused %d %s: %s", exc.status, exc.code, exc.message)
-            await self._send_error(send, exc, x.request_id)
+            await self._send_error(send, exc, x.request_id, scope)
         except Exception:
             # A bug, not a refusal: logged once with its traceback; the client gets
             # an error in the upstream's shape if nothing was sent yet (the
@@ -219,7 +228,7 @@ class Proxy:
             log.exception("request %s: unexpected error", x.request_id)
             if not x.responded:
                 failure = GatewayError("The gateway failed to handle the request.")
-                await self._send_error(send, failure, x.request_id)
+                await self._send_error(send, failure, x.request_id, scope)
         finally:
             await self.gw.request_finished()
 
@@ -237,13 +246,18 @@ class Proxy:
         try:
             if x.route.admitted:
                 await self._admit(x)
+            if x.route.produces_answer:
+                # A resume subscribes to the run's events before it is forwarded.
+                x.follow = await self.follows.open(x)
             response = await self._forward(x)
             try:
                 await self._relay(x, response, receive, send)
             finally:
                 await response.aclose()
         finally:
-            if x.ticket is not None and x.ticket.reserved:
+            if x.follow is not None:
+                await x.follow.close()  # never handed to a reader: the submit failed
+            if x.ticket is not None and x.ticket.reserved and not x.followed:
                 # Whatever ended the request before its answer was settled (a
                 # refusal, an upstream error, a bug, a cancellation), the query
                 # and the stream slot go back.
@@ -446,16 +460,25 @@ class Proxy:
         headers.extend(x.rate_headers)
         gw.metrics.inc("gateway_requests_total", route=x.route.kind, status=f"{status // 100}xx")
         content_type = next((v for k, v in raw if k.lower() == b"content-type"), b"").lower()
+        if x.follow is not None and 200 <= status < 300:
+            # The form was accepted and the run resumes upstream: the gateway's own
+            # read of it settles the submit's reservation (gateway/follow.py); the
+            # reply itself ({} from Dify) is passed on as it is.
+            follow, x.follow = x.follow, None
+            x.followed = True
+            self.follows.start(x, follow)
+            await self._relay_plain(x, response, status, headers, content_type, receive, send)
+            return
         if x.ticket is None or not 200 <= status < 300:
             # Not an answer (or a refused one): nothing to meter.
             await self.admitter.refund(x.ticket, x.request_id)
-            await self._relay_plain(x, response, status, headers, content_type, send)
+            await self._relay_plain(x, response, status, headers, content_type, receive, send)
             return
         if x.call_price is not None:
             # A paid side call the upstream accepted: charged its price, however its
             # reply ends (the upstream has done, and billed, the work).
             try:
-                await self._relay_plain(x, response, status, headers, content_type, send)
+                await self._relay_plain(x, response, status, headers, content_type, receive, send)
             finally:
                 await self._kept(
                     self._settle(x, side_cost_result(x.call_price), disconnected=False)
@@ -474,6 +497,7 @@ class Proxy:
         status: int,
         headers: Headers,
         content_type: bytes,
+        receive: Receive,
         send: Send,
     ) -> None:
         ok = 200 <= status < 300
@@ -484,6 +508,18 @@ class Proxy:
                 return
         x.responded = True
         await send({"type": "http.response.start", "status": status, "headers": headers})
+        if content_type.startswith(_SSE):
+            # An unmetered event stream (a run's events read again): it may stay open
+            # for minutes, so it ends when its client leaves, not when the upstream does.
+            if not await self._pass_stream(x, response, receive, send):
+                return
+        else:
+            await self._pass_body(x, response, send)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if ok and x.upload is not None and x.route.is_upload:
+            await self._count_upload(x.user_id, x.upload.file_bytes, x.request_id)
+
+    async def _pass_body(self, x: Exchange, response: httpx.Response, send: Send) -> None:
         try:
             with self.client.reading():
                 async for chunk in response.aiter_raw():
@@ -492,9 +528,25 @@ class Proxy:
             log.warning(
                 "request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__
             )
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if ok and x.upload is not None and x.route.is_upload:
-            await self._count_upload(x.user_id, x.upload.file_bytes, x.request_id)
+
+    async def _pass_stream(
+        self, x: Exchange, response: httpx.Response, receive: Receive, send: Send
+    ) -> bool:
+        """Pass an unmetered stream on until it ends or its client leaves (False)."""
+        loop = asyncio.get_running_loop()
+        watcher = loop.create_task(_wait_for_disconnect(receive))
+        relay = loop.create_task(self._pass_body(x, response, send))
+        try:
+            await asyncio.wait((watcher, relay), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watcher, relay):
+                task.cancel()
+            await asyncio.wait((watcher, relay))
+        if relay.cancelled():
+            log.info("request %s: client left an event stream", x.request_id)
+            return False
+        relay.result()  # a bug in the relay is raised here
+        return True
 
     async def _relay_answer(
         self, x: Exchange, response: httpx.Response, sse: bool, receive: Receive, send: Send
@@ -596,6 +648,11 @@ class Proxy:
                 disconnected = True
                 gw.metrics.inc("gateway_client_disconnects_total")
             watcher.cancel()
+        forms = self.follows.paused_forms(x, meter, None if sse else buffer)
+        if forms:
+            # Kept before the client sees the end of an answer that paused for
+            # human input: it may submit the form at once (gateway/follow.py).
+            await self._kept(self.follows.keep_forms(forms, x.user_id, x.request_id))
         if cancelled is None and not disconnected:
             rest = b"" if transform is None or cut else transform.flush()
             if failed and sse:
@@ -764,6 +821,9 @@ class Proxy:
         gone, a server shutting down - must never cut a ledger write half-way."""
         await asyncio.shield(self.gw.keep(work))
 
+    async def _settle_answer(self, x: Exchange, result: Metered) -> None:
+        await self._settle(x, result, disconnected=False)
+
     async def _settle(self, x: Exchange, result: Metered, *, disconnected: bool) -> None:
         ticket = x.ticket
         assert ticket is not None
@@ -831,9 +891,17 @@ class Proxy:
 
     # --- the rest --------------------------------------------------------------------
 
-    async def _send_error(self, send: Send, exc: GatewayError, request_id: str) -> None:
-        body = self.gw.upstream.error_body(exc.status, exc.code, exc.message)
+    async def _send_error(
+        self, send: Send, exc: GatewayError, request_id: str, scope: Scope | None = None
+    ) -> None:
+        # The message in the user's language (Accept-Language); code, status and
+        # headers never depend on it (gateway/messages.py).
+        messages = self.gw.messages
+        language = messages.language(scope["headers"]) if scope is not None else messages.default
+        message, language = messages.render(exc, language)
+        body = self.gw.upstream.error_body(exc.status, exc.code, message)
         extra = list(exc.headers)
+        extra.append((b"content-language", language.encode()))
         if isinstance(exc, Unauthorized):
             extra.append((b"www-authenticate", b'Bearer realm="api"'))
         if isinstance(exc, StorageError | UpstreamError) and not any(

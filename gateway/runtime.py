@@ -27,6 +27,7 @@ from gateway.auth import Authenticator, UserDirectory
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, load_config
 from gateway.errors import BadRequest, ConfigError, StorageError
+from gateway.messages import Catalogue
 from gateway.metrics import Metrics
 from gateway.pricing import PriceTable
 from gateway.recovery import Recovery
@@ -126,6 +127,7 @@ class Gateway:
         self.clock: Clock = clock or SystemClock()
         self.metrics = Metrics()
         self.upstream: Upstream = get_upstream(config.upstream.kind, config)
+        self.messages = _catalogue(config)  # refusal messages (issue 25)
         self.upstream_url = config.upstream.url
         self.user_header = config.auth.trusted_header.user_header.lower().encode()
         up = config.upstream
@@ -337,7 +339,9 @@ class Gateway:
         # Rebuilt so that a dialect's own settings (prices) follow a reload.
         upstream = get_upstream(config.upstream.kind, config)
         prices = PriceTable(config.prices)  # the settler's metrics labels (see Settler)
+        messages = _catalogue(config)
         self.config, self._tz, self.auth, self.users = config, tz, auth, users
+        self.messages = messages
         self.upstream, self._prices = upstream, prices
         self.user_header = config.auth.trusted_header.user_header.lower().encode()
         if hasattr(self, "settler"):  # a reload: the settler exists from the start
@@ -489,6 +493,11 @@ class Gateway:
         self.metrics.close()
         if self._owns_storage:
             await self.storage.close()
+
+
+def _catalogue(config: Config) -> Catalogue:
+    """The refusal messages in force, resolved once per configuration load."""
+    return Catalogue(config.messages.default_language, config.messages.templates)
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

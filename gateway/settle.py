@@ -210,6 +210,7 @@ class Settler:
         self.prices = prices if prices is not None else PriceTable({})
         self._metrics = metrics
         self._spool = spool
+        metrics.spool.path = spool  # gateway_spool_bytes (gateway/metrics.py)
         self._delays = tuple(retry_delays)
         self._tasks: dict[asyncio.Task[None], Write | None] = {}
         self._closing = False

@@ -5,6 +5,7 @@ that each is refused, confined to the caller, or charged."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -12,6 +13,7 @@ import httpx
 import orjson
 import pytest
 
+from gateway.admission import Admitter
 from gateway.config import parse_config
 from gateway.errors import ConfigError
 from gateway.testing.fake_upstream import FakeDify
@@ -159,48 +161,7 @@ def test_a_malformed_allow_rule_is_refused_at_load_with_its_key(rule: str, messa
     assert message in info.value.message
 
 
-# --- Dify human-in-the-loop resumes --------------------------------------------------------
-
-FORM = {"inputs": {"decision": "yes"}, "action": "approve", "user": "victim"}
-
-
-async def test_a_resume_is_refused_at_quota_0(database_url: str, fake: FakeDify) -> None:
-    async with running_gateway(database_url, fake=fake, settings=NO_QUERIES) as h:
-        submitted = await request(h, "POST", "/v1/form/human_input/tok-1", json=FORM)
-        events = await request(h, "GET", "/v1/workflow/run-1/events?user=victim")
-    dify_error(submitted, 429, "daily_query_limit")
-    dify_error(events, 429, "daily_query_limit")
-    assert fake.requests == [] and fake.submitted_forms == []
-
-
-async def test_a_resume_is_admitted_and_metered_from_the_resumed_stream(
-    database_url: str, fake: FakeDify
-) -> None:
-    async with running_gateway(database_url, fake=fake) as h:
-        submitted = await request(h, "POST", "/v1/form/human_input/tok-1", json=FORM)
-        assert submitted.status_code == 200 and submitted.json() == {}
-        await h.gateway.wait_finished(1)
-        # The submit produced no usage of its own: its query went back.
-        assert await h.events() == [] and await queries_today(h) == 0
-        stream = await request(
-            h,
-            "GET",
-            "/v1/workflow/run-1/events?include_state_snapshot=true&user=victim",
-            headers={"x-fake-prompt-tokens": "4000", "x-fake-completion-tokens": "1000"},
-        )
-        assert stream.status_code == 200 and b"workflow_finished" in stream.content
-        await h.gateway.wait_finished(2)
-        (event,) = await h.events()
-        assert await queries_today(h) == 1
-    assert fake.submitted_forms == [("tok-1", USER)]
-    # The resumed node's 5,000 tokens, not the run's total (which repeats the 300
-    # the paused stream was charged).
-    assert (event.prompt_tokens, event.completion_tokens, event.total_tokens) == (4000, 1000, 5000)
-    assert event.cost == fake.usage.total_price and event.user_id == USER
-    assert event.endpoint == "workflow/events" and event.outcome == "complete"
-    # Dify gets the caller, and no snapshot replay of the work before the pause.
-    resumed = fake.requests[-1]
-    assert resumed.query == {"user": USER}
+# --- Dify human-in-the-loop resumes: tests/test_resume.py ------------------------------------
 
 
 # --- Dify side costs -----------------------------------------------------------------------
@@ -285,6 +246,20 @@ async def test_a_side_call_the_upstream_refuses_costs_nothing(
         assert response.status_code == 400
         await h.gateway.wait_finished(1)
         assert await h.events() == [] and await queries_today(h) == 0
+
+
+async def test_a_side_call_cut_by_a_crash_is_recovered_at_its_price(
+    database_url: str, fake: FakeDify
+) -> None:
+    # Admitted, then the gateway dies before the call is settled: the recovery
+    # charges the pending row, which carries the call's price, not a cost of 0.
+    async with running_gateway(database_url, fake=fake, settings=PRICES) as h:
+        route = h.gateway.upstream.route("GET", "/messages/m1/suggested")
+        await Admitter(h.gateway).admit(USER, "crashed-call", route, {})
+        later = h.gateway.clock.now() + timedelta(hours=1)
+        assert await h.storage.recover(before=later, now=later) == ["crashed-call"]
+        (event,) = await h.events()
+    assert (event.cost, event.outcome, event.estimated) == (Decimal("0.002"), "recovered", True)
 
 
 # --- OpenAI --------------------------------------------------------------------------------

@@ -65,6 +65,21 @@ class User:
     created_at: datetime
 
 
+# How long a paused run's form is kept: longer than Dify lets a form wait (its
+# human-input timeouts are counted in hours or days).
+PAUSED_FORM_DAYS = 30
+
+
+@dataclass(frozen=True, slots=True)
+class PausedForm:
+    """A paused run's human-input form, as the stream that paused named it (issue 20):
+    submitting the form (by its token) resumes the run ``run_id`` of ``user_id``."""
+
+    token_hash: str  # SHA-256 of the form token, hex: the token is a capability
+    run_id: str
+    user_id: str
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKey:
     id: str  # public identifier, safe to show and to revoke by
@@ -569,4 +584,15 @@ class Storage(Protocol):
         """The user whose ledger row has this answer id (an upstream object id such as
         OpenAI's ``resp_...``), or None when the ledger has no such answer. Read
         before a caller may see or change the object the answer created."""
+        ...
+
+    # --- human-input resumes (issue 20) ---
+
+    async def remember_forms(self, forms: Sequence[PausedForm], *, now: datetime) -> None:
+        """Keep paused runs' forms (the first record of a token wins), and forget
+        those kept more than ``PAUSED_FORM_DAYS`` days before ``now``."""
+        ...
+
+    async def paused_form(self, token_hash: str) -> PausedForm | None:
+        """The form kept under this token hash, or None."""
         ...

@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -46,6 +46,7 @@ from gateway.storage.base import (
     EVENT_COLUMNS,
     KEY_COLUMNS,
     MODEL_USAGE_SELECT,
+    PAUSED_FORM_DAYS,
     USER_COLUMNS,
     USER_SORTS,
     Admission,
@@ -61,6 +62,7 @@ from gateway.storage.base import (
     ModelUsage,
     OutboxItem,
     OverrideValue,
+    PausedForm,
     Pending,
     UsageEvent,
     User,
@@ -764,6 +766,26 @@ class PostgresStorage:
                 "SELECT user_id FROM usage_events WHERE answer_id = $1", answer_id
             )
         return owner if isinstance(owner, str) else None
+
+    # --- human-input resumes (issue 20) ---
+
+    async def remember_forms(self, forms: Sequence[PausedForm], *, now: datetime) -> None:
+        cutoff = now - timedelta(days=PAUSED_FORM_DAYS)
+        with _mapped():
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.executemany(
+                    "INSERT INTO paused_forms (token_hash, run_id, user_id, created_at) "
+                    "VALUES ($1, $2, $3, $4) ON CONFLICT (token_hash) DO NOTHING",
+                    [(f.token_hash, f.run_id, f.user_id, now) for f in forms],
+                )
+                await conn.execute("DELETE FROM paused_forms WHERE created_at < $1", cutoff)
+
+    async def paused_form(self, token_hash: str) -> PausedForm | None:
+        with _mapped():
+            row = await self._pool.fetchrow(
+                "SELECT run_id, user_id FROM paused_forms WHERE token_hash = $1", token_hash
+            )
+        return None if row is None else PausedForm(token_hash, row["run_id"], row["user_id"])
 
 
 # SKIP LOCKED: rows another replica is claiming right now are left to it; the

@@ -17,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +35,7 @@ from gateway.storage.base import (
     DELIVERY_COLUMNS,
     EVENT_COLUMNS,
     MODEL_USAGE_SELECT,
+    PAUSED_FORM_DAYS,
     USER_COLUMNS,
     USER_SORTS,
     Admission,
@@ -49,6 +50,7 @@ from gateway.storage.base import (
     ModelUsage,
     OutboxItem,
     OverrideValue,
+    PausedForm,
     Pending,
     UsageEvent,
     User,
@@ -1017,3 +1019,27 @@ class SQLiteStorage:
             ).fetchone()
         )
         return None if row is None else str(row[0])
+
+    # --- human-input resumes (issue 20) ---
+
+    async def remember_forms(self, forms: Sequence[PausedForm], *, now: datetime) -> None:
+        rows = [(f.token_hash, f.run_id, f.user_id, _ts(now)) for f in forms]
+        cutoff = _ts(now - timedelta(days=PAUSED_FORM_DAYS))
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO paused_forms (token_hash, run_id, user_id, created_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (token_hash) DO NOTHING",
+                rows,
+            )
+            conn.execute("DELETE FROM paused_forms WHERE created_at < ?", (cutoff,))
+
+        await self._tx(run)
+
+    async def paused_form(self, token_hash: str) -> PausedForm | None:
+        row = await self._run(
+            lambda conn: conn.execute(
+                "SELECT run_id, user_id FROM paused_forms WHERE token_hash = ?", (token_hash,)
+            ).fetchone()
+        )
+        return None if row is None else PausedForm(token_hash, str(row[0]), str(row[1]))

@@ -39,6 +39,8 @@ from urllib.parse import parse_qsl
 
 import orjson
 
+from gateway.testing.fake_hitl import HumanInput, HumanInputError
+
 __all__ = ["ANSWER_PIECES", "SCENARIOS", "FakeDify", "RecordedRequest"]
 
 Scope = MutableMapping[str, Any]
@@ -65,7 +67,9 @@ ANSWER_PIECES: Final = (
 _BASE_SHAPES: Final = frozenset({"chat", "completion", "workflow"})
 _CHAT_SHAPES: Final = frozenset({"agent", "chatflow", "chatflow_reversed"})
 _FORMATS: Final = frozenset({"spaced", "crlf", "onebyte"})
-_BEHAVIOURS: Final = frozenset({"error_midstream", "error_first", "cut", "title_delay", "hold"})
+_BEHAVIOURS: Final = frozenset(
+    {"error_midstream", "error_first", "cut", "title_delay", "hold", "pause"}
+)
 _MODIFIERS: Final = _FORMATS | _BEHAVIOURS | {"status"}
 SCENARIOS: Final = _BASE_SHAPES | _CHAT_SHAPES | _MODIFIERS
 
@@ -735,15 +739,18 @@ class FakeDify:
         self.upload_fields: list[dict[str, str]] = []  # the form fields beside the file
         self.holding = 0  # "hold" answers waiting on `release` right now
         self.conversations: list[JSON] = _default_conversations()
-        self.submitted_forms: list[tuple[str, str]] = []  # (form token, user)
-        # What a resumed run's workflow_finished adds to the resumed nodes' tokens:
-        # Dify reports the whole run's total there, the part before the pause included.
-        self.paused_tokens = 300
+        # Human input: paused runs, their forms and subscribers (fake_hitl.py).
+        self.hitl = HumanInput()
         self.messages: list[JSON] = _default_messages()
         self._running: dict[str, _Run] = {}
         self._release: asyncio.Event | None = None
 
     # -- helpers for tests ---------------------------------------------------------
+
+    @property
+    def submitted_forms(self) -> list[tuple[str, str]]:
+        """(form token, user) of every form submitted."""
+        return self.hitl.submitted
 
     @property
     def release(self) -> asyncio.Event:
@@ -890,7 +897,11 @@ class FakeDify:
         elif kind in _SIDE_CALLS:
             await self._side_call(kind, params, headers, query, body, send)
         elif kind == "resume_events":
-            await self._resume_events(params["task"], headers, query, send)
+            try:
+                user = _user(query.get("user"))
+                await self.hitl.events(params["task"], user, query, receive, send)
+            except HumanInputError as exc:
+                raise _HttpError(exc.status, exc.code, exc.message) from None
         else:
             static = {"parameters": _PARAMETERS, "meta": _META, "info": _INFO}[kind]
             await _send_json(send, 200, static)
@@ -1127,7 +1138,12 @@ class FakeDify:
     async def _workflow(self, run: _Run, out: _Out) -> None:
         started: JSON = {"id": run.message_id, "workflow_id": run.workflow_id, "sequence_number": 1}
         started |= {"inputs": run.inputs, "created_at": run.created_at}
+        if "pause" in run.flags:
+            started["reason"] = "initial"
         await self._event(run, out, run.workflow_event("workflow_started", started))
+        if "pause" in run.flags:
+            await self._pause_for_input(run, out)
+            return
         await self._node(run, out, _START, 1, None, run.inputs)
         await self._event(run, out, run.node_started(_LLM_A, 2, _START))
 
@@ -1160,6 +1176,29 @@ class FakeDify:
         await self._event(run, out, run.workflow_event("workflow_finished", data))
         run.result = {"task_id": run.task_id, "workflow_run_id": run.message_id}
         run.result["data"] = {k: v for k, v in data.items() if k not in _WORKFLOW_STREAM_ONLY}
+        self.completed_answers += 1
+
+    async def _pause_for_input(self, run: _Run, out: _Out) -> None:
+        """Scenario "pause": one LLM node, then a human-input form, and the run
+        pauses (fake_hitl.py resumes it when the form is submitted)."""
+        await self._node(run, out, _START, 1, None, run.inputs)
+        await self._event(run, out, run.node_started(_LLM_A, 2, _START))
+        text = "Bản nháp."
+        await self._event(run, out, run.workflow_event("text_chunk", {"text": text}))
+        outputs = run.llm_outputs(text, run.usage)
+        await self._event(run, out, run.node_finished(_LLM_A, 2, _START, outputs, run.usage))
+        form = self.hitl.pause(
+            run_id=run.message_id,
+            task_id=run.task_id,
+            user=run.user,
+            workflow_id=run.workflow_id,
+            tokens=run.usage.total_tokens,
+        )
+        await self._event(run, out, run.workflow_event("human_input_required", form))
+        paused = self.hitl.paused_data(self.hitl.runs[run.message_id])
+        await self._event(run, out, run.workflow_event("workflow_paused", paused))
+        run.result = {"task_id": run.task_id, "workflow_run_id": run.message_id}
+        run.result |= {"event": "workflow_paused", "data": paused | {"human_input_forms": [form]}}
         self.completed_answers += 1
 
     # -- other endpoints -----------------------------------------------------------
@@ -1242,8 +1281,15 @@ class FakeDify:
                 name = "Cuộc trò chuyện mới" if body.get("auto_generate") else body.get("name")
                 payload = {"id": params["conversation"], "name": name, "status": "normal"}
             elif kind == "form_submit":
-                self.submitted_forms.append((params["token"], str(user)))
-                payload = {}
+                usage = self._usage_for(headers).to_json(latency=0.1, first_token=None)
+                names = {n.strip() for n in headers.get("x-fake-scenario", "").split(",")}
+                try:
+                    text = "x" * 65536 if "huge" in names else "Đã duyệt."
+                    payload = self.hitl.submit(
+                        params["token"], str(user), usage=usage, cut="cut" in names, text=text
+                    )
+                except HumanInputError as exc:
+                    raise _HttpError(exc.status, exc.code, exc.message) from None
             else:  # text_to_audio: Dify answers audio bytes
                 audio = b"ID3fake-mp3"
                 headers_out = _headers(((b"content-type", b"audio/mpeg"),), len(audio))
@@ -1251,61 +1297,6 @@ class FakeDify:
                 await send({"type": "http.response.body", "body": audio, "more_body": False})
                 return
         await _send_json(send, 200, orjson.dumps(payload))
-
-    async def _resume_events(
-        self, task: str, headers: dict[str, str], query: dict[str, str], send: Send
-    ) -> None:
-        """A resumed run's events: one more LLM node, then workflow_finished with the
-        whole run's total (``paused_tokens`` more than this stream's nodes)."""
-        _user(query.get("user"))
-        usage = self._usage_for(headers)
-        envelope = {"task_id": task, "workflow_run_id": task}
-        node = {
-            "id": "exec-2",
-            "node_id": "llm_after",
-            "node_type": "llm",
-            "title": "LLM",
-            "index": 3,
-        }
-        events: list[JSON] = [
-            envelope | {"event": "node_started", "data": node},
-            envelope | {"event": "text_chunk", "data": {"text": "Đã duyệt."}},
-            envelope
-            | {
-                "event": "node_finished",
-                "data": node
-                | {
-                    "status": "succeeded",
-                    "outputs": {
-                        "text": "Đã duyệt.",
-                        "usage": usage.to_json(latency=0.1, first_token=None),
-                    },
-                    "execution_metadata": {
-                        "total_tokens": usage.total_tokens,
-                        "total_price": str(usage.total_price),
-                        "currency": usage.currency,
-                    },
-                },
-            },
-            envelope
-            | {
-                "event": "workflow_finished",
-                "data": {
-                    "id": task,
-                    "status": "succeeded",
-                    "outputs": {"answer": "Đã duyệt."},
-                    "total_tokens": usage.total_tokens + self.paused_tokens,
-                    "total_steps": 4,
-                },
-            },
-        ]
-        await send(
-            {"type": "http.response.start", "status": 200, "headers": _headers(_SSE_HEADERS)}
-        )
-        for event in events:
-            frame = b"data: " + orjson.dumps(event) + b"\n\n"
-            await send({"type": "http.response.body", "body": frame, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _conversations(self, query: dict[str, str], send: Send) -> None:
         _user(query.get("user"))

@@ -18,7 +18,14 @@ from gateway.sse import ServerSentEvent
 from gateway.upstreams import dify_routes
 from gateway.upstreams.base import Prepared, Route
 from gateway.upstreams.dify_history import filter_conversations, filter_messages
-from gateway.upstreams.dify_resume import ResumeMeter, without_snapshot
+from gateway.upstreams.dify_resume import (
+    PAUSE_EVENTS,
+    ResumeMeter,
+    blocking_forms,
+    follow_request,
+    forms_named,
+    resumed_form,
+)
 from gateway.usage import (
     ZERO,
     FieldReader,
@@ -78,6 +85,7 @@ _PARSED: Final = frozenset(
         "node_finished",
         "error",
         "message_replace",
+        *PAUSE_EVENTS,  # they name the paused run's forms (dify_resume.py)
     }
 )
 # Events whose "id" is the message id; agent_thought's "id" is the thought's own id.
@@ -191,6 +199,7 @@ class DifyStreamMeter:
         "_conversation_id",
         "_error",
         "_error_code",
+        "_forms",
         "_malformed",
         "_message_id",
         "_message_usage",
@@ -229,10 +238,17 @@ class DifyStreamMeter:
         self._error = False
         self._error_code: str | None = None
         self._malformed: list[str] = []
+        self._forms: list[tuple[str, str]] = []
 
     @property
     def task_id(self) -> str | None:
         return self._task_id
+
+    @property
+    def paused_forms(self) -> tuple[tuple[str, str], ...]:
+        """(form token, workflow run id) of each form the run paused for; the
+        gateway keeps them to follow the run once the form is submitted."""
+        return tuple(self._forms)
 
     @property
     def malformed(self) -> tuple[str, ...]:
@@ -307,6 +323,8 @@ class DifyStreamMeter:
             self._error = True
             if self._error_code is None:
                 self._error_code = _str_or_none(obj.get("code"))
+        elif kind in PAUSE_EVENTS:
+            self._forms += forms_named(kind, obj, self._workflow_run_id)
         # message_replace (moderation) swaps the shown answer but not what the model
         # generated, so the text count stays; workflow_started only brings ids.
 
@@ -494,8 +512,6 @@ class DifyUpstream:
         # Requests without a body name the user in the query; any other request
         # that names one there gets it replaced, in whatever spelling it was given.
         query = with_param(query, "user", user_id, add=method in _QUERY_USER_METHODS)
-        if route is dify_routes.RESUME_EVENTS:
-            query = without_snapshot(query)
         # Dify accepts the request id as its trace id (1-128 of [A-Za-z0-9_-]), so
         # its logs and the gateway's name the same request.
         return Prepared(body, query, [(b"x-trace-id", request_id.encode())])
@@ -517,14 +533,26 @@ class DifyUpstream:
         """A hint only: Dify streams when ``response_mode`` is "streaming", but agent
         apps stream whatever was asked (dify.md), and the gateway cannot know the app
         type. The proxy core decides from the response's Content-Type."""
-        if route is dify_routes.RESUME_EVENTS:
-            return True  # an event stream whatever was asked (dify.md, "Human input")
         return body.get("response_mode") == "streaming"
 
-    def stream_meter(self, route: Route, body: dict[str, Any]) -> DifyStreamMeter | ResumeMeter:
-        if route is dify_routes.RESUME_EVENTS:
-            return ResumeMeter(_node_usage)  # only the work after the pause (dify_resume.py)
+    def stream_meter(self, route: Route, body: dict[str, Any]) -> DifyStreamMeter:
         return DifyStreamMeter(route, body)
+
+    # --- human-input resumes, followed by the gateway (gateway/follow.py) ------------
+
+    def resumed_form(self, route: Route, path: str) -> str | None:
+        """The form token a request submits, when it resumes a paused run."""
+        return resumed_form(path) if route is dify_routes.RESUME_SUBMIT else None
+
+    def follow_request(self, run_id: str, user_id: str) -> tuple[str, bytes]:
+        return follow_request(run_id, user_id)
+
+    def blocking_forms(self, route: Route, body: bytes) -> list[tuple[str, str]]:
+        return blocking_forms(body) if route.kind in ("chat", "workflow") else []
+
+    def follow_meter(self, form_token: str) -> ResumeMeter:
+        # Only the work after the pause (dify_resume.py).
+        return ResumeMeter(_node_usage, form_token=form_token)
 
     def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:
         try:

@@ -35,12 +35,14 @@ CHAT: Final = Route("chat", "chat-messages", role="answer")  # chat, agent, chat
 COMPLETION: Final = Route("completion", "completion-messages", role="answer")
 WORKFLOW: Final = Route("workflow", "workflows/run", role="answer")
 # Human-in-the-loop: submitting a paused run's form resumes the run (Dify answers {}
-# and the LLM work goes on in its worker); the events stream carries that work.
-# The submit is admitted (a user with nothing left cannot resume anything) and
-# settled by its reply (no usage: the query goes back); the stream is the metered
-# answer. docs/upstreams/dify.md, "Human input".
+# and the LLM work goes on in its worker). The submit is the metered answer: it is
+# admitted (a user with nothing left cannot resume anything), and the gateway reads
+# the resumed run's events itself to settle it (gateway/follow.py). The client's
+# own read of those events is a scoped read, neither admitted nor metered, so the
+# run is charged once however often it is read. docs/upstreams/dify.md, "Human input".
 RESUME_SUBMIT: Final = Route("resume", "form/human_input", role="answer")
-RESUME_EVENTS: Final = Route("resume_events", "workflow/events", role="answer")
+# Dify serves a run's events only to the end user who started it.
+RESUME_EVENTS: Final = Route("resume_events", "workflow/events", role="scoped")
 
 # --- caller-scoped (Dify filters by the `user` the gateway sets) --------------------------
 
@@ -125,7 +127,6 @@ _PATTERNS: Final[tuple[tuple[str, re.Pattern[str], Route], ...]] = tuple(
         # Human input: the form token is a capability the caller's own stream gave it.
         ("GET", rf"form/human_input/{_SEG}", _scoped("form", "form/human_input")),
         ("POST", rf"form/human_input/{_SEG}", RESUME_SUBMIT),
-        # Dify serves a run's events only to the end user who started it.
         ("GET", rf"workflow/{_SEG}/events", RESUME_EVENTS),
         # --- operator only: every end user's data, with the app key -------------------
         ("GET", r"workflows/logs", _OPERATOR),  # every run's inputs and outputs

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from gateway.sse import ServerSentEvent
-from gateway.upstreams import dify, dify_routes, get_upstream
+from gateway.upstreams import dify, get_upstream
 from gateway.upstreams.base import Route
 from gateway.upstreams.dify import DifyStreamMeter, DifyUpstream
 from gateway.usage import Metered, Usage, estimate_tokens
@@ -773,7 +773,7 @@ def test_blocking_answer_without_usage_is_estimated() -> None:
         ("POST", "/workflows/run/", "workflow", "workflows/run", "answer"),
         ("POST", "/workflows/0b5f-4a1c/run", "workflow", "workflows/run", "answer"),
         ("POST", "/form/human_input/tok-1", "resume", "form/human_input", "answer"),
-        ("GET", "/workflow/run-1/events", "resume_events", "workflow/events", "answer"),
+        ("GET", "/workflow/run-1/events", "resume_events", "workflow/events", "scoped"),
         ("POST", "/chat-messages/t1/stop", "stop", "chat-messages/stop", "scoped"),
         ("POST", "/completion-messages/t1/stop/", "stop", "completion-messages/stop", "scoped"),
         ("POST", "/workflows/tasks/t1/stop", "stop", "workflows/tasks/stop", "scoped"),
@@ -938,71 +938,3 @@ def test_filter_history_by_route() -> None:
         "data": [new],
         "has_more": False,
     }
-
-
-# --- human-input resumes -------------------------------------------------------------------
-
-
-def _resume_events(*payloads: dict[str, Any]) -> list[ServerSentEvent]:
-    return [ServerSentEvent(event="message", data=orjson.dumps(p).decode()) for p in payloads]
-
-
-RESUMED_NODE = {
-    "event": "node_finished",
-    "task_id": "t9",
-    "workflow_run_id": "r9",
-    "data": {
-        "node_type": "llm",
-        "outputs": {"usage": {"prompt_tokens": 4000, "completion_tokens": 1000}},
-        "execution_metadata": {"total_tokens": 5000, "total_price": "0.0065", "currency": "USD"},
-    },
-}
-
-
-def test_a_resumed_stream_is_charged_its_nodes_not_the_runs_total() -> None:
-    meter = UP.stream_meter(dify_routes.RESUME_EVENTS, {})
-    for event in _resume_events(
-        {"event": "node_started", "task_id": "t9", "workflow_run_id": "r9", "data": {}},
-        {"event": "text_chunk", "task_id": "t9", "workflow_run_id": "r9", "data": {"text": "ok"}},
-        RESUMED_NODE,
-        {"event": "workflow_finished", "workflow_run_id": "r9", "data": {"total_tokens": 5300}},
-    ):
-        meter.feed(event)
-    result = meter.finish(cut=False)
-    assert result.outcome == "complete" and result.answer_id is None
-    assert result.usage == Usage(4000, 1000, 5000, Decimal("0.0065"))
-    assert meter.task_id is None  # the gateway does not stop a resumed run
-
-
-def test_a_resumed_stream_without_nodes() -> None:
-    # A finished run is answered by workflow_finished alone: nothing new to charge.
-    meter = UP.stream_meter(dify_routes.RESUME_EVENTS, {})
-    for event in _resume_events({"event": "workflow_finished", "data": {"total_tokens": 5300}}):
-        meter.feed(event)
-    result = meter.finish(cut=False)
-    assert result.usage is None and result.outcome == "cut"
-    # Text but no node report: an estimate of the text.
-    meter = UP.stream_meter(dify_routes.RESUME_EVENTS, {})
-    for event in _resume_events({"event": "text_chunk", "data": {"text": "x" * 40}}):
-        meter.feed(event)
-    usage = meter.finish(cut=True).usage
-    assert usage is not None and usage.estimated and usage.completion_tokens == 10
-
-
-@pytest.mark.parametrize(
-    ("query", "expected"),
-    [
-        (b"user=a&include_state_snapshot=true", b"user=a"),
-        (
-            b"include_state_snapshot=true&user=a&continue_on_pause=true",
-            b"continue_on_pause=true&user=a",
-        ),
-        (b"include%5Fstate%5Fsnapshot=true&user=a", b"user=a"),
-        (b"user=a", b"user=a"),
-    ],
-)
-def test_a_resume_asks_for_no_snapshot_replay(query: bytes, expected: bytes) -> None:
-    route = UP.route("GET", "/workflow/r9/events")
-    prepared = UP.prepare(route, None, query, "a", method="GET", request_id="r")
-    assert prepared.query == expected
-    assert UP.is_streaming(route, {})
