@@ -218,7 +218,14 @@ class Admitter:
     def _pending(self, request_id: str, route: Route, body: dict[str, Any]) -> Pending:
         """The pending row admission writes: what a recovery charges if this
         process dies before the answer is settled - the dialect's estimate for an
-        answer that was never seen (the prompt's size)."""
+        answer that was never seen (the prompt's size); for a paid side call, its
+        price (the call, once admitted, is the upstream's to carry out and bill)."""
+        if route.role == "side_cost":
+            price = self.gw.config.call_prices.get(route.call or "")
+            if price is not None:
+                return Pending(
+                    id=request_id, endpoint=route.name, cost=price.price, currency=price.currency
+                )
         usage = self.gw.upstream.unanswered(route, body).usage
         if usage is None:
             return Pending(id=request_id, endpoint=route.name)

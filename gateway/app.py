@@ -29,6 +29,7 @@ from gateway.config import Config, load_config
 from gateway.cors import Cors
 from gateway.errors import NotFound, StorageError
 from gateway.limits import BodyDeadline, header_refusal, send_refusal
+from gateway.logs import configure_logging
 from gateway.proxy import Proxy, Receive, Scope, Send
 from gateway.runtime import Gateway
 from gateway.storage import Storage
@@ -198,7 +199,11 @@ def create_app(
 
     ``env`` is the environment that configuration reloads read (default: os.environ).
     """
-    gateway = Gateway(
-        config or load_config(), clock=clock, storage=storage, transport=transport, env=env
-    )
+    if config is None:
+        # No configuration handed in: this is a server process (a `gateway serve`
+        # worker, or `uvicorn gateway.app:create_app --factory`), whose log is the
+        # gateway's to set up (gateway/logs.py); hosts that pass one keep their own.
+        config = load_config()
+        configure_logging(config.server)
+    gateway = Gateway(config, clock=clock, storage=storage, transport=transport, env=env)
     return GatewayApp(gateway)

@@ -3,8 +3,9 @@
 Three modes (``auth.mode``), each a credential in ``Authorization: Bearer``:
 
 - ``api_key``: per-user gateway keys (``gwk_...``). Lookups are cached in-process
-  for ``auth.key_cache_ttl`` seconds; `forget_key` drops an entry at once (a
-  revoke in this process), other processes see a revoke within the TTL.
+  for ``auth.key_cache_ttl`` seconds, across configuration reloads; `forget_key`
+  drops an entry at once (a revoke in this process), other processes see a revoke
+  within the TTL.
 - ``jwt``: a token signed by the operator's identity provider; ``sub`` (or the
   configured claim) is the user. Only the one configured algorithm is accepted,
   which refuses ``alg: none`` and HS/RS confusion (RFC 8725 section 3.1).
@@ -73,16 +74,23 @@ def bearer_token(authorization: bytes | None) -> str | None:
 
 
 class _TTLCache(Generic[K, V]):
-    def __init__(self, ttl: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        ttl: float,
+        clock: Callable[[], float],
+        entries: dict[K, tuple[float, V]] | None = None,
+    ) -> None:
         self.ttl = ttl
         self._clock = clock
-        self._entries: dict[K, tuple[float, V]] = {}
+        self._entries: dict[K, tuple[float, V]] = {} if entries is None else entries
 
     def get(self, key: K) -> V | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry[0] < self._clock():
+        now = self._clock()
+        # Past its expiry, or put under a longer ttl than the one now in force.
+        if not now <= entry[0] <= now + self.ttl:
             del self._entries[key]
             return None
         return entry[1]
@@ -98,6 +106,11 @@ class _TTLCache(Generic[K, V]):
     def pop(self, key: K) -> None:
         self._entries.pop(key, None)
 
+    def sharing(self, ttl: float) -> _TTLCache[K, V]:
+        """A cache with this one's entries and a new ``ttl``: an entry is never
+        kept longer than the new ttl allows (a lowered ttl, or 0, takes effect at once)."""
+        return _TTLCache(ttl, self._clock, self._entries)
+
     def clear(self) -> None:
         self._entries.clear()
 
@@ -110,11 +123,20 @@ class Authenticator:
         *,
         plans: Mapping[str, object] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        previous: Authenticator | None = None,
     ) -> None:
         self._storage = storage
         self._config = config
         self._plans = plans or {}
-        self._keys: _TTLCache[str, ApiKey] = _TTLCache(config.key_cache_ttl, clock)
+        # A reload keeps the cached keys (issue 25): keys live in the database, not
+        # the configuration, so a reload cannot have changed one, and emptying the
+        # cache would make every request need the database - during an outage, 503
+        # for everyone. Only the lifetime of entries cached from now on changes.
+        self._keys: _TTLCache[str, ApiKey] = (
+            previous._keys.sharing(config.key_cache_ttl)
+            if previous is not None
+            else _TTLCache(config.key_cache_ttl, clock)
+        )
         self._jwt = _JWTVerifier(config.jwt) if config.mode == "jwt" else None
         self._service_key = config.trusted_header.service_key.encode()
 
@@ -246,10 +268,20 @@ class UserDirectory:
     """Users by id, cached like keys; plan changes made here invalidate at once."""
 
     def __init__(
-        self, storage: Storage, *, ttl: float, clock: Callable[[], float] = time.monotonic
+        self,
+        storage: Storage,
+        *,
+        ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+        previous: UserDirectory | None = None,
     ) -> None:
         self._storage = storage
-        self._users: _TTLCache[str, User] = _TTLCache(ttl, clock)
+        # Kept across reloads, as the keys are: a user's plan name and overrides are
+        # rows of the database; the plans they name are read from the new
+        # configuration at each request.
+        self._users: _TTLCache[str, User] = (
+            previous._users.sharing(ttl) if previous is not None else _TTLCache(ttl, clock)
+        )
 
     async def get(self, user_id: str, *, default_plan: str) -> User:
         """The user, created on the default plan if the gateway has not seen them."""

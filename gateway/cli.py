@@ -23,6 +23,7 @@ from gateway.accounts import effective_plan, issue_key, parse_override_text
 from gateway.clock import SystemClock, periods_at
 from gateway.config import ENV_CONFIG, LIMIT_NAMES, Config, load_config, render_config
 from gateway.errors import BadRequest, ConfigError, GatewayError
+from gateway.logs import configure_logging
 from gateway.storage import OverrideValue, Storage, open_storage
 
 EXIT_ERROR = 1
@@ -36,7 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_CONFIG
     try:
-        config = load_config(args.config)
+        # Only the commands that deliver alerts (or check what serving needs) need
+        # the alert webhook's signing secret (issue 25).
+        config = load_config(args.config, alert_secrets=getattr(args, "delivers_alerts", False))
+        if args.handler is not _demo:  # the demo logs by its own configuration
+            configure_logging(config.server)
         result: int = args.handler(config, args)
         return result
     except ConfigError as exc:
@@ -81,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", type=int, default=None, help="worker processes (default: server.workers)"
     )
-    serve.set_defaults(handler=_serve)
+    serve.set_defaults(handler=_serve, delivers_alerts=True)
 
     demo = commands.add_parser("demo", help="run the gateway with a built-in fake Dify upstream")
     demo.add_argument("--port", type=int, default=8000, help="gateway port (default: 8000)")
@@ -92,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands.add_parser(
         "check-config", help="validate and print the effective configuration"
-    ).set_defaults(handler=_check_config)
+    ).set_defaults(handler=_check_config, delivers_alerts=True)
 
     users = commands.add_parser("users", help="manage users").add_subparsers(
         title="users commands", metavar="ACTION"
@@ -213,6 +218,9 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
             port=args.port if args.port is not None else config.server.port,
             workers=workers,
             log_level=config.server.log_level,
+            # No uvicorn logging set-up: this process's log is configured (main),
+            # and each worker's by the app factory, in server.log_format.
+            log_config=None,
             loop="auto",  # uvloop where installed
             # httptools, with the request head bounded as it arrives (docs/configuration.md)
             http="gateway.headlimit:BoundedHeadProtocol",
@@ -251,7 +259,7 @@ def _metrics_directory(workers: int) -> Iterator[None]:
 def _demo(config: Config, args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    return run_demo(port=args.port)
+    return run_demo(port=args.port, log=config.server)
 
 
 async def _migrate(storage: Storage, config: Config, args: argparse.Namespace) -> int:
@@ -262,7 +270,24 @@ async def _migrate(storage: Storage, config: Config, args: argparse.Namespace) -
 
 def _check_config(config: Config, args: argparse.Namespace) -> int:
     sys.stdout.write(render_config(config))
+    for warning in config_warnings(config):
+        print(f"gateway: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What a valid configuration still gets wrong: `check-config` says it, as
+    `gateway serve` logs it at start."""
+    from gateway.config import ENV_UPSTREAM_API_KEY
+
+    warnings = []
+    if not config.upstream.api_key:
+        warnings.append(
+            f"the upstream API key is not set: set {config.upstream.api_key_env} "
+            f"(upstream.api_key_env) or {ENV_UPSTREAM_API_KEY}; the upstream will refuse "
+            "every request"
+        )
+    return warnings
 
 
 def _describe_db(config: Config) -> str:
@@ -313,7 +338,7 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
         + ("" if user.plan in config.plans else f" (not configured; using {plan.name})"),
         f"created:   {user.created_at.astimezone(config.tz).isoformat(timespec='seconds')}",
         f"lifetime:  {user.lifetime_tokens} tokens "
-        f"({user.lifetime_prompt_tokens} prompt, {user.lifetime_completion_tokens} completion), "
+        f"({token_split(user.lifetime_tokens, user.lifetime_prompt_tokens, user.lifetime_completion_tokens)}), "
         f"cost {user.lifetime_cost}",
         f"today ({period.day.isoformat()}, {config.accounting.timezone}):",
         f"  queries       {today.queries if today else 0} / {limit(plan.queries_per_day)}",
@@ -336,6 +361,18 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
         lines.append(f"key:        {key.id}  {key.prefix}…  {key.name or '-'}  {state}")
     print("\n".join(lines))
     return 0
+
+
+def token_split(total: int, prompt: int, completion: int) -> str:
+    """How ``total`` tokens divide, saying which part is not known: some answers
+    report a total without its split (a blocking Dify workflow reports only its
+    nodes' prompt and completion tokens), so prompt + completion can fall short."""
+    unsplit = total - prompt - completion
+    if unsplit <= 0:
+        return f"{prompt} prompt, {completion} completion"
+    if not prompt and not completion:
+        return "prompt/completion split not reported"
+    return f"{prompt} prompt, {completion} completion, {unsplit} with the split not reported"
 
 
 async def _users_set_plan(storage: Storage, config: Config, args: argparse.Namespace) -> int:

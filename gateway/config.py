@@ -81,6 +81,14 @@ class ServerConfig:
     # open-files limit). Both applied by `gateway serve` (gateway/headlimit.py).
     head_timeout: float = _setting(10.0, minimum=0.001)
     max_connections: int = _setting(0, minimum=0)
+    # --- issue 25, logs (gateway/logs.py) ---
+    # "text": one line per record; "json": one JSON object per line. uvicorn's own
+    # lines follow the same format.
+    log_format: Literal["text", "json"] = "text"
+    # A line per settled answer on the `gateway.answers` logger (user, status,
+    # route, tokens, cost, outcome, time), at level info.
+    answer_log: bool = True
+    # --- end of issue 25, logs ---
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,12 +453,17 @@ class Config:
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    alert_secrets: bool = True,
 ) -> Config:
     """Load and validate the configuration.
 
     ``path`` defaults to ``$GATEWAY_CONFIG``, then ``./gateway.toml``; a missing
     default file means built-in defaults. ``env`` defaults to ``os.environ``.
+    ``alert_secrets=False`` (commands that deliver no alerts) does not require the
+    alert webhook's secret.
     """
     env = os.environ if env is None else env
     explicit = path is not None or ENV_CONFIG in env
@@ -466,11 +479,17 @@ def load_config(
             raise ConfigError(f"{file}: not valid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
-    return parse_config(data, env=env, source=str(file) if data or explicit else None)
+    return parse_config(
+        data, env=env, source=str(file) if data or explicit else None, alert_secrets=alert_secrets
+    )
 
 
 def parse_config(
-    data: Mapping[str, Any], *, env: Mapping[str, str] | None = None, source: str | None = None
+    data: Mapping[str, Any],
+    *,
+    env: Mapping[str, str] | None = None,
+    source: str | None = None,
+    alert_secrets: bool = True,
 ) -> Config:
     env = os.environ if env is None else env
     data = dict(data)
@@ -569,7 +588,7 @@ def parse_config(
 
     return dataclasses.replace(
         config,
-        alerts=_resolve_alerts(config.alerts, env),
+        alerts=_resolve_alerts(config.alerts, env, require_secret=alert_secrets),
         cors=_resolve_cors(config.cors),
         upstream=upstream,
         database=database,
@@ -595,7 +614,9 @@ def _check_allow_list(rules: tuple[str, ...]) -> None:
             raise ConfigError(f"upstream.allow[{index}]: {exc}") from None
 
 
-def _resolve_alerts(alerts: AlertsConfig, env: Mapping[str, str]) -> AlertsConfig:
+def _resolve_alerts(
+    alerts: AlertsConfig, env: Mapping[str, str], *, require_secret: bool = True
+) -> AlertsConfig:
     secret = ""
     if alerts.webhook_url:
         if not alerts.webhook_url.startswith(("http://", "https://")):
@@ -603,12 +624,16 @@ def _resolve_alerts(alerts: AlertsConfig, env: Mapping[str, str]) -> AlertsConfi
                 f"alerts.webhook_url: expected an http:// or https:// URL, got {alerts.webhook_url!r}"
             )
         secret = env.get(alerts.webhook_secret_env, "")
-        if not secret:
+        if not require_secret:
+            # A command that sends nothing (issue 25: `users set-limit`) needs no
+            # signing secret; the commands that send check it.
+            secret = secret if _is_webhook_secret(secret) else ""
+        elif not secret:
             raise ConfigError(
                 f"alerts.webhook_secret_env: the environment variable {alerts.webhook_secret_env} "
                 "is not set (webhooks are always signed)"
             )
-        if not _is_webhook_secret(secret):
+        elif not _is_webhook_secret(secret):
             raise ConfigError(
                 f"alerts.webhook_secret_env: {alerts.webhook_secret_env} is not a Standard "
                 "Webhooks secret ('whsec_' followed by base64)"
@@ -695,7 +720,9 @@ def _build(
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("resolved")}
     unknown = [key for key in table if key not in fields or key in skip]
     if unknown:
-        choices = [name for name in fields if name not in skip]
+        # Every key this table takes, the tables read on their own (plans, prices,
+        # call_prices) included.
+        choices = list(fields)
         close = difflib.get_close_matches(unknown[0], choices, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(
@@ -854,7 +881,9 @@ def render_config(config: Config) -> str:
             if (f.name == "name" and isinstance(obj, Plan)) or dataclasses.is_dataclass(value):
                 continue
             if value is None:
-                lines.append(f"# {f.name} = unlimited")
+                # A plan's alert_thresholds unset means "as alerts.thresholds".
+                shown = "alerts.thresholds" if f.name == "alert_thresholds" else "unlimited"
+                lines.append(f"# {f.name} = {shown}")
                 continue
             if f.metadata.get("secret"):
                 if f.name == "key_text":
@@ -864,23 +893,19 @@ def render_config(config: Config) -> str:
                 value = mask_url(value)
             lines.append(f"{f.name} = {_toml_value(value)}")
 
-    for section in (
-        "server",
-        "upstream",
-        "database",
-        "auth",
-        "accounting",
-        "admin",
-        "metrics",
-        "dashboard",
-        "web_search",
-        "advanced_rag",
-    ):
-        emit(section, getattr(config, section))
-    emit("auth.jwt", config.auth.jwt)
-    emit("auth.trusted_header", config.auth.trusted_header)
-    emit("admission.on_storage_error", config.admission.on_storage_error)
-    emit("cors", config.cors)
+    def emit_tree(title: str, obj: Any) -> None:
+        emit(title, obj)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                emit_tree(f"{title}.{f.name}", value)
+
+    # Every section of Config, in its order: one added later is never left out
+    # (issue 25: [alerts], [metrics] and [pricing] once were).
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and f.name != "messages":  # written below
+            emit_tree(f.name, value)
     for name, plan in config.plans.items():
         emit(f"plans.{name}", plan)
     for model, price in config.prices.items():

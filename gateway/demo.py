@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import secrets
+import socket
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -22,7 +22,8 @@ import uvicorn
 
 from gateway.accounts import issue_key
 from gateway.app import create_app
-from gateway.config import load_config
+from gateway.config import ServerConfig, load_config
+from gateway.logs import configure_logging
 from gateway.storage import open_storage
 from gateway.testing.fake_upstream import FakeDify
 
@@ -56,34 +57,56 @@ chat_history_days = 30
 """
 
 
-def run_demo(*, port: int = 8000, host: str = "127.0.0.1") -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def run_demo(*, port: int = 8000, host: str = "127.0.0.1", log: ServerConfig | None = None) -> int:
+    configure_logging(log or ServerConfig())
+    # The port is taken before anything else is made: a busy port is one line and
+    # exit 1, with no temporary folder left behind (issue 25).
+    try:
+        listener = _listen(host, port)
+    except OSError as exc:
+        print(f"gateway demo: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        return 1
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_demo(host, port))
+        asyncio.run(_demo(host, listener))
     return 0
 
 
-async def _start(app: Any, host: str, port: int) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # As uvicorn binds: a port left in TIME_WAIT by a previous run is reusable.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _start(app: Any, sock: socket.socket) -> tuple[uvicorn.Server, asyncio.Task[None]]:
     server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+        # log_config=None: the demo's log is configured once (run_demo), in one format.
+        uvicorn.Config(app, log_level="warning", lifespan="on", log_config=None)
     )
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
             await task
-            raise SystemExit(f"gateway demo: could not listen on {host}:{port}")
+            raise RuntimeError("the demo server stopped while starting")
         await asyncio.sleep(0.01)
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    return server, task, bound
+    return server, task
 
 
-async def _demo(host: str, port: int) -> None:
+async def _demo(host: str, listener: socket.socket) -> None:
+    port = listener.getsockname()[1]
     folder = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
     upstream_key = "app-demo-" + secrets.token_hex(8)
     fake = FakeDify(api_key=upstream_key, delay=0.05)
-    fake_server, fake_task, fake_port = await _start(fake, host, 0)
+    fake_socket = _listen(host, 0)
+    fake_port = fake_socket.getsockname()[1]
+    fake_server, fake_task = await _start(fake, fake_socket)
 
     config_path = folder / "gateway.toml"
     config_path.write_text(
@@ -103,12 +126,12 @@ async def _demo(host: str, port: int) -> None:
     await storage.close()
 
     try:
-        _, task, bound = await _start(create_app(config), host, port)
-    except SystemExit:
+        _, task = await _start(create_app(config), listener)
+    except BaseException:
         fake_server.should_exit = True
         await fake_task
         raise
-    base = f"http://{host}:{bound}"
+    base = f"http://{host}:{port}"
     print(
         f"""
 Gateway demo: the gateway at {base}/v1 in front of a fake Dify at http://{host}:{fake_port}/v1

@@ -29,8 +29,11 @@ HOP_BY_HOP: Final = frozenset(
         b"upgrade",
     }
 )
-# Response headers the gateway sets itself rather than passing on.
-_DROP_RESPONSE: Final = HOP_BY_HOP | {b"x-request-id"}
+# Response headers the gateway sets itself rather than passing on. The server in
+# front of the gateway (uvicorn) adds its own `date` (and, unless turned off,
+# `server`): the upstream's would make two, and RFC 9110 6.6.1 allows one Date.
+_SERVER_SET: Final = frozenset({b"date", b"server"})
+_DROP_RESPONSE: Final = HOP_BY_HOP | {b"x-request-id"} | _SERVER_SET
 
 # Characters a path segment may carry unescaped (RFC 3986 pchar, minus "%": any
 # percent sign in the decoded path is data and must be escaped again).

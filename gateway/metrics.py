@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -119,6 +122,41 @@ GAUGES: Mapping[str, tuple[str, tuple[str, ...], Literal["livesum"]]] = {
 }
 
 
+# --- deployment kit (issue 25): the spool's size, read from disk at each scrape ---
+# The spool (database.spool_file) holds the usage records the database would not
+# take, until a restart replays them: records not yet counted against anyone's
+# limits. gateway_settle_spooled_total says records went there in this process's
+# life; only the file says how many still wait, also after a restart or across
+# workers and replicas sharing it, so the size is read from the file when
+# /metrics is scraped rather than counted.
+SPOOL_BYTES = "gateway_spool_bytes"
+SPOOL_BYTES_HELP = (
+    "Size of the spool file (usage records waiting for replay at the next start), in bytes."
+)
+
+
+class SpoolSize(Collector):
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(SPOOL_BYTES, SPOOL_BYTES_HELP, value=spool_bytes(self.path))
+
+
+def spool_bytes(path: Path | None) -> int:
+    """The spool file and any replay of it still under way (``NAME.*.replaying``)."""
+    if path is None:
+        return 0
+    total = 0
+    for file in [path, *path.parent.glob(f"{path.name}.*.replaying")]:
+        with contextlib.suppress(OSError):  # absent (nothing spooled) or just replayed
+            total += file.stat().st_size
+    return total
+
+
+# --- end of deployment kit ---
+
+
 _NOT_STREAMING: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
 
@@ -151,6 +189,9 @@ class Metrics:
         # values is the one prometheus_client keeps a child for anyway.
         self._children: dict[tuple[Any, ...], Any] = {}
         self._in_flight = self._gauges["gateway_streams_in_flight"].track_inprogress()
+        # The spool's size (SpoolSize above); its path is set by the settler.
+        self.spool = SpoolSize()
+        r.register(self.spool)
 
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
         if not labels:
@@ -187,6 +228,7 @@ class Metrics:
             return generate_latest(self.registry)
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=path)  # type: ignore[no-untyped-call]
+        merged.register(self.spool)  # read from disk, not from the workers' files
         return generate_latest(merged)
 
     def close(self) -> None:

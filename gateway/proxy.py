@@ -64,6 +64,7 @@ from gateway.http import (
     response_headers,
     with_param,
 )
+from gateway.logs import bind_request
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
 from gateway.pricing import CallPrice
 from gateway.relay import Command as RelayCommand
@@ -214,6 +215,7 @@ class Proxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         x = Exchange(new_request_id(), time.perf_counter())
+        send = bind_request(x.request_id, send)  # the logs' request id and status (gateway/logs.py)
         self.gw.request_started()
         try:
             await self._handle(x, scope, receive, send)
@@ -221,6 +223,7 @@ class Proxy:
             log.info("request %s: client left before sending its body", x.request_id)
         except GatewayError as exc:
             # Refusals raised before the response started.
+            log.info("refused %d %s: %s", exc.status, exc.code, exc.message)
             await self._send_error(send, exc, x.request_id, scope)
         except Exception:
             # A bug, not a refusal: logged once with its traceback; the client gets

@@ -200,6 +200,7 @@ class Gateway:
             spool=spool,
             max_tokens_per_answer=self.config.accounting.max_tokens_per_answer,
             prices=self._prices,
+            answer_log=self.config.server.answer_log,
         )
         replayed = await self.settler.replay()
         if replayed:
@@ -320,13 +321,20 @@ class Gateway:
         return True
 
     def _apply(self, config: Config) -> None:
-        """Make ``config`` the one in force; caches derived from it start afresh.
+        """Make ``config`` the one in force; caches derived from it start afresh
+        (the key and user caches, which hold database rows, are kept).
 
         Everything is built before anything is swapped in, so a failure leaves the
         running configuration whole.
         """
-        auth = Authenticator(self.storage, config.auth, plans=config.plans)
-        users = UserDirectory(self.storage, ttl=config.auth.key_cache_ttl)
+        # The key and user caches outlive a reload (gateway/auth.py): what they hold
+        # is in the database, which a reload does not change.
+        auth = Authenticator(
+            self.storage, config.auth, plans=config.plans, previous=getattr(self, "auth", None)
+        )
+        users = UserDirectory(
+            self.storage, ttl=config.auth.key_cache_ttl, previous=getattr(self, "users", None)
+        )
         tz = config.tz
         # Rebuilt so that a dialect's own settings (prices) follow a reload.
         upstream = get_upstream(config.upstream.kind, config)

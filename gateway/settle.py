@@ -34,6 +34,7 @@ import orjson
 
 from gateway.bounds import DEFAULT_MAX_TOKENS_PER_ANSWER, bound_event
 from gateway.errors import StorageError
+from gateway.logs import log_answer
 from gateway.metrics import Metrics
 from gateway.pricing import PriceTable
 from gateway.storage import ALERT_LIMITS, AlertCheck, AlertRequest, Storage, UsageEvent
@@ -199,13 +200,17 @@ class Settler:
         retry_delays: Sequence[float] = RETRY_DELAYS,
         max_tokens_per_answer: int = DEFAULT_MAX_TOKENS_PER_ANSWER,
         prices: PriceTable | None = None,
+        answer_log: bool = False,
     ) -> None:
         self._storage = storage
+        # server.answer_log: a `gateway.answers` line per recorded answer (gateway/logs.py)
+        self.answer_log = answer_log
         self.max_tokens_per_answer = max_tokens_per_answer
         # The metrics' model labels are the names in this table (see _write).
         self.prices = prices if prices is not None else PriceTable({})
         self._metrics = metrics
         self._spool = spool
+        metrics.spool.path = spool  # gateway_spool_bytes (gateway/metrics.py)
         self._delays = tuple(retry_delays)
         self._tasks: dict[asyncio.Task[None], Write | None] = {}
         self._closing = False
@@ -235,6 +240,10 @@ class Settler:
         claimed by the write: if a recovery charged the answer first, the write
         changes nothing (counted once, as the estimate)."""
         write = Write(event, lease_id, pending_id, plan, alerts)
+        if self.answer_log:
+            # Where the answer is settled: once per answer, whether the write below
+            # succeeds now, is retried or is spooled.
+            log_answer(bound_event(event, max_tokens=self.max_tokens_per_answer)[0])
         try:
             await self._write(write)
         except StorageError as exc:

@@ -5,6 +5,7 @@ that each is refused, confined to the caller, or charged."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -12,6 +13,7 @@ import httpx
 import orjson
 import pytest
 
+from gateway.admission import Admitter
 from gateway.config import parse_config
 from gateway.errors import ConfigError
 from gateway.testing.fake_upstream import FakeDify
@@ -244,6 +246,20 @@ async def test_a_side_call_the_upstream_refuses_costs_nothing(
         assert response.status_code == 400
         await h.gateway.wait_finished(1)
         assert await h.events() == [] and await queries_today(h) == 0
+
+
+async def test_a_side_call_cut_by_a_crash_is_recovered_at_its_price(
+    database_url: str, fake: FakeDify
+) -> None:
+    # Admitted, then the gateway dies before the call is settled: the recovery
+    # charges the pending row, which carries the call's price, not a cost of 0.
+    async with running_gateway(database_url, fake=fake, settings=PRICES) as h:
+        route = h.gateway.upstream.route("GET", "/messages/m1/suggested")
+        await Admitter(h.gateway).admit(USER, "crashed-call", route, {})
+        later = h.gateway.clock.now() + timedelta(hours=1)
+        assert await h.storage.recover(before=later, now=later) == ["crashed-call"]
+        (event,) = await h.events()
+    assert (event.cost, event.outcome, event.estimated) == (Decimal("0.002"), "recovered", True)
 
 
 # --- OpenAI --------------------------------------------------------------------------------

@@ -178,7 +178,9 @@ async def test_web_searches_a_response_ran_are_charged_per_call(
         (event,) = await h.events()
     assert answered.status_code == 200
     if streamed:
-        assert answered.text.count("event: response.output_item.added") == 2
+        # the two calls and the message (OpenAI's sequence since issue 25)
+        assert answered.text.count("event: response.output_item.added") == 3
+        assert answered.text.count('"item":{"id":"web_search_call_') == 4  # added, done
     else:
         assert [item["type"] for item in orjson.loads(answered.content)["output"]][:2] == [
             "web_search_call",

@@ -176,6 +176,26 @@ async def test_streamed_response(gw: Harness, fake: FakeOpenAI) -> None:
     assert_metered(event, endpoint="responses", model="o3", cost=O3_COST)
 
 
+@pytest.mark.parametrize("tools", ["", "web_search_call"])
+async def test_responses_stream_helper(gw: Harness, fake: FakeOpenAI, tools: str) -> None:
+    """The SDK's ``responses.stream()`` assembles the response from the events and
+    fails on any item or part it was not told about first (issue 25)."""
+    headers = {"x-fake-tool-calls": tools} if tools else {}
+    async with (
+        client(gw) as sdk,
+        sdk.responses.stream(model="o3", input="Say hi", extra_headers=headers) as stream,
+    ):
+        deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+        final = await stream.get_final_response()
+    assert "".join(deltas) == ANSWER
+    assert final.output_text == ANSWER
+    assert final.usage is not None and final.usage.total_tokens == 1900
+    assert [item.type for item in final.output] == ([tools] if tools else []) + ["message"]
+    event = await only_event(gw)
+    assert event.endpoint == "responses" and event.model == "o3"
+    assert (event.prompt_tokens, event.completion_tokens, event.total_tokens) == (1200, 700, 1900)
+
+
 async def test_blocking_response(gw: Harness) -> None:
     async with client(gw) as sdk:
         response = await sdk.responses.create(model="o3", input="Say hi")

@@ -16,7 +16,7 @@ SHOWN: Final = 200
 _PAGE = """<h1>Alerts</h1>
 <p class="muted">{summary}</p>
 <div class="scroll">
-<table class="alerts">
+<table class="alerts stack">
 <thead><tr><th scope="col">When</th><th scope="col">User</th><th scope="col">Reached</th>
 <th scope="col" class="num">Used</th><th scope="col">Deliveries</th></tr></thead>
 <tbody>
@@ -26,11 +26,11 @@ _PAGE = """<h1>Alerts</h1>
 """
 
 _ROW = """<tr>
-<td>{when}</td>
-<td><a href="{href}">{user}</a></td>
-<td>{threshold}% of {what} ({period})</td>
-<td class="num">{used} / {value}</td>
-<td>{deliveries}</td>
+<td data-label="When">{when}</td>
+<td data-label="User"><a href="{href}">{user}</a></td>
+<td data-label="Reached">{threshold}% of {what} ({period})</td>
+<td class="num" data-label="Used">{used} / {value}</td>
+<td data-label="Deliveries">{deliveries}</td>
 </tr>
 """
 

@@ -81,7 +81,7 @@ _USERS = """<h1>Users</h1>
 </form>
 <p class="muted">{summary}</p>
 <div class="scroll">
-<table class="users">
+<table class="users stack">
 <thead><tr>{head}</tr></thead>
 <tbody>
 {rows}</tbody>
@@ -90,12 +90,12 @@ _USERS = """<h1>Users</h1>
 {pager}"""
 
 _USER_ROW = """<tr>
-<td><a href="{href}">{id}</a></td>
-<td>{plan}</td>
-<td class="num">{lifetime_tokens}</td>
-<td class="num">{lifetime_cost}</td>
-<td class="num">{tokens_today}</td>
-<td class="num">{queries_today}</td>
+<td data-label="User"><a href="{href}">{id}</a></td>
+<td data-label="Plan">{plan}</td>
+<td class="num" data-label="Lifetime tokens">{lifetime_tokens}</td>
+<td class="num" data-label="Lifetime cost">{lifetime_cost}</td>
+<td class="num" data-label="Tokens today">{tokens_today}</td>
+<td class="num" data-label="Queries today">{queries_today}</td>
 </tr>
 """
 

@@ -323,8 +323,18 @@ class _Answer:
             await FakeOpenAI._json(send, 200, orjson.dumps(body))
         else:
             await send({"type": "http.response.start", "status": 200, "headers": list(_SSE)})
-            events = self.response_events() if self.path == "/responses" else self.chunks()
-            await self._stream(events, receive, send)
+            if self.path == "/responses":
+                events = self.response_events()
+                # Held or failed after the first piece of text; cut before the usage.
+                first = next(
+                    i
+                    for i, e in enumerate(events)
+                    if e.startswith(b"event: response.output_text.delta\n")
+                )
+                await self._stream(events, receive, send, after=first, cut=len(events) - 1)
+            else:
+                events = self.chunks()
+                await self._stream(events, receive, send, after=1, cut=len(ANSWER_PIECES) + 1)
 
     def chunks(self) -> list[bytes]:
         options = self.body.get("stream_options")
@@ -365,65 +375,68 @@ class _Answer:
         return out
 
     def response_events(self) -> list[bytes]:
+        """OpenAI's event sequence for a streamed response, which the official SDK's
+        ``responses.stream()`` checks (issue 25): created, in_progress, each output
+        item added and done (hosted tool calls, then the message with its text
+        part and deltas), completed with the usage."""
         seq = itertools.count(0)
         item = f"msg_{self.id}"
+        text = "".join(ANSWER_PIECES)
+
+        def event(kind: str, **fields: Any) -> bytes:
+            return _event(kind, {"type": kind, "sequence_number": next(seq), **fields})
+
         out = [
-            _event(
-                "response.created",
-                {
-                    "type": "response.created",
-                    "sequence_number": next(seq),
-                    "response": self.response("in_progress", usage=False),
-                },
-            )
+            event("response.created", response=self.response("in_progress", usage=False)),
+            event("response.in_progress", response=self.response("in_progress", usage=False)),
         ]
-        for index, call in enumerate(self.tool_items()):
-            for kind, shown in (
-                ("response.output_item.added", {**call, "status": "in_progress"}),
-                ("response.output_item.done", call),
-            ):
-                event = {
-                    "type": kind,
-                    "sequence_number": next(seq),
-                    "output_index": index,
-                    "item": shown,
-                }
-                out.append(_event(kind, event))
-        for piece in ANSWER_PIECES:
+        tools = self.tool_items()
+        for index, call in enumerate(tools):
             out.append(
-                _event(
-                    "response.output_text.delta",
-                    {
-                        "type": "response.output_text.delta",
-                        "sequence_number": next(seq),
-                        "item_id": item,
-                        "output_index": 0,
-                        "content_index": 0,
-                        "delta": piece,
-                        "logprobs": [],
-                    },
+                event(
+                    "response.output_item.added",
+                    output_index=index,
+                    item={**call, "status": "in_progress"},
                 )
             )
+            out.append(event("response.output_item.done", output_index=index, item=call))
+        at: JSON = {"item_id": item, "output_index": len(tools), "content_index": 0}
+        message: JSON = {"id": item, "type": "message", "role": "assistant"}
         out.append(
-            _event(
-                "response.completed",
-                {
-                    "type": "response.completed",
-                    "sequence_number": next(seq),
-                    "response": self.response("completed", text="".join(ANSWER_PIECES)),
-                },
+            event(
+                "response.output_item.added",
+                output_index=len(tools),
+                item={**message, "status": "in_progress", "content": []},
             )
         )
+        empty_part: JSON = {"type": "output_text", "text": "", "annotations": []}
+        out.append(event("response.content_part.added", **at, part=empty_part))
+        for piece in ANSWER_PIECES:
+            out.append(event("response.output_text.delta", **at, delta=piece, logprobs=[]))
+        part: JSON = {"type": "output_text", "text": text, "annotations": []}
+        out.append(event("response.output_text.done", **at, text=text, logprobs=[]))
+        out.append(event("response.content_part.done", **at, part=part))
+        out.append(
+            event(
+                "response.output_item.done",
+                output_index=len(tools),
+                item={**message, "status": "completed", "content": [part]},
+            )
+        )
+        out.append(event("response.completed", response=self.response("completed", text=text)))
         return out
 
-    async def _stream(self, events: list[bytes], receive: Receive, send: Send) -> None:
-        pieces = len(ANSWER_PIECES)
+    async def _stream(
+        self, events: list[bytes], receive: Receive, send: Send, *, after: int, cut: int
+    ) -> None:
+        """Send ``events``; the scenarios act after event ``after`` (hold,
+        error_midstream) or drop the connection before event ``cut`` (cut)."""
         sent = bytearray()
         self.fake.sent.append(b"")
         gone = asyncio.ensure_future(_closed(receive))
         try:
             for i, event in enumerate(events):
-                if "cut" in self.scenario and i > pieces:
+                if "cut" in self.scenario and i >= cut:
                     raise _Cut("scenario cut: the connection drops before the usage")
                 if i and self.delay:
                     await asyncio.wait({gone}, timeout=self.delay)
@@ -435,13 +448,13 @@ class _Answer:
                 sent += event
                 self.fake.sent[-1] = bytes(sent)
                 await send({"type": "http.response.body", "body": event, "more_body": True})
-                if i == 1 and "error_midstream" in self.scenario:
+                if i == after and "error_midstream" in self.scenario:
                     error = error_body(
                         500, "The server had an error while processing your request."
                     )
                     await send({"type": "http.response.body", "body": b"data: " + error + b"\n\n"})
                     return
-                if i == 1 and "hold" in self.scenario:
+                if i == after and "hold" in self.scenario:
                     released = asyncio.ensure_future(self.fake._release.wait())
                     await asyncio.wait({gone, released}, return_when=asyncio.FIRST_COMPLETED)
                     released.cancel()

@@ -735,9 +735,10 @@ def test_a_responses_stream_of_data_lines_only_is_metered_the_same(
     assert result.outcome == "complete"
     assert result.model == "o3"
     assert result.usage == Usage(12, 7, 19, cached_tokens=2, reasoning_tokens=6)
-    # response.created (the model), the first text delta (its envelope's size) and
-    # response.completed: the other deltas are measured unparsed.
-    assert len(parsed) == 3
+    # response.created (the model), the message's output_item.added and .done (an
+    # item might be a tool call), the first text delta (its envelope's size) and
+    # response.completed: the other deltas and parts are measured unparsed.
+    assert len(parsed) == 5
 
 
 @pytest.mark.parametrize("named", [True, False], ids=["event-lines", "data-only"])
@@ -1072,7 +1073,7 @@ def test_a_stream_cut_after_a_tool_call_is_charged_the_call() -> None:
     body = {"model": "gpt-4o-mini", "stream": True, "tools": [{"type": "web_search_preview"}]}
     meter = up.stream_meter(up.route("POST", "/responses"), body)
     events = _response_with_calls("web_search_call").response_events()
-    for event in SSEDecoder().feed(b"".join(events[:2])):  # created, the call added
+    for event in SSEDecoder().feed(b"".join(events[:3])):  # created, in progress, call added
         meter.feed(event)
     result = meter.finish(cut=True)
     assert result.usage is not None and result.usage.estimated
