@@ -184,6 +184,14 @@ class Follows:
             # Fails closed, before anything is forwarded: the reservation goes back.
             self.gw.metrics.inc("gateway_storage_errors_total", operation="paused_form")
             raise StorageError("The usage database is unavailable; try again shortly.") from exc
+        if form is not None and form.user_id != x.user_id:
+            # Another user's paused run: refused exactly as an unknown form, so a
+            # leaked token neither resumes nor reveals someone else's run.
+            log.warning(
+                "request %s: refused the submit of a form another user's run paused for",
+                x.request_id,
+            )
+            form = None
         if form is None:
             log.info("request %s: refused the submit of a form the gateway never saw", x.request_id)
             raise NotFound(

@@ -45,6 +45,7 @@ from gateway.bodies import (
 from gateway.errors import (
     BadRequest,
     GatewayError,
+    NotFound,
     PayloadTooLarge,
     StorageError,
     Unauthorized,
@@ -887,7 +888,15 @@ class Proxy:
     async def _preflight(self, x: Exchange, send: Send) -> None:
         """A CORS preflight carries no credentials by design: forwarded as it is
         (it produces no answer and names no user) so the upstream's CORS policy
-        answers it."""
+        answers it - but only for a route the gateway would forward (default deny):
+        the method it asks about must be one the dialect declares for the path."""
+        asked = next(
+            (v for k, v in x.headers.forward if k == b"access-control-request-method"), b""
+        )
+        method = asked.decode("latin-1").strip()
+        if not method.isupper():
+            raise NotFound("This endpoint is not available through the gateway.", code="not_found")
+        self.guard.admit_route(method, x.path, self.gw.upstream.route(method, x.path))
         url = self.gw.upstream_url + x.path + ("?" + x.query.decode("latin-1") if x.query else "")
         response = await self.client.request("OPTIONS", url, headers=x.headers.forward)
         out = response_headers(response.headers.raw)

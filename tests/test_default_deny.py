@@ -262,6 +262,28 @@ async def test_a_side_call_cut_by_a_crash_is_recovered_at_its_price(
     assert (event.cost, event.outcome, event.estimated) == (Decimal("0.002"), "recovered", True)
 
 
+@pytest.mark.parametrize(
+    ("path", "asked"),
+    [("/v1/workflows/logs", "GET"), ("/v1/apps/annotations", "POST"), ("/v1/nowhere", "GET")],
+)
+async def test_a_preflight_reaches_only_routes_the_gateway_forwards(
+    database_url: str, fake: FakeDify, path: str, asked: str
+) -> None:
+    # The attack: an OPTIONS preflight needs no key; it must not be a way to reach
+    # the upstream on routes the gateway refuses (without [cors], preflights are
+    # forwarded so the upstream's own CORS policy answers them).
+    headers = {"Origin": "https://app.example", "Access-Control-Request-Method": asked}
+    async with running_gateway(database_url, fake=fake) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            refused = await client.options(path, headers=headers)
+            allowed = await client.options(
+                "/v1/chat-messages", headers=headers | {"Access-Control-Request-Method": "POST"}
+            )
+    assert refused.status_code in (403, 404), refused.text
+    assert allowed.status_code == 405  # the fake Dify's own answer: it was forwarded
+    assert [(r.method, r.path) for r in fake.requests] == [("OPTIONS", "/v1/chat-messages")]
+
+
 # --- OpenAI --------------------------------------------------------------------------------
 
 
@@ -443,6 +465,27 @@ async def test_continuing_another_users_response_is_refused(
         await request(h, "POST", "/v1/responses", json=in_conversation), 403, "endpoint_not_allowed"
     )
     assert len(upstream.fake.requests) == 2
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"type": "item_reference", "id": "msg_alices"},
+        {"id": "msg_alices"},  # the type is optional for a reference
+    ],
+)
+async def test_a_response_reading_stored_items_by_reference_is_refused(
+    openai_gw: tuple[Harness, StoredObjects], item: dict[str, str]
+) -> None:
+    # The attack: name another user's stored item in the input; OpenAI looks item
+    # ids up across the project, and the ledger cannot tell whose an item is.
+    h, upstream = openai_gw
+    body = {"model": "gpt-4o-mini", "input": [item, {"role": "user", "content": "repeat it"}]}
+    openai_error(await request(h, "POST", "/v1/responses", json=body), 403, "endpoint_not_allowed")
+    assert upstream.fake.requests == []
+    # Messages with their own content, and items passed back whole, still go.
+    own = {"model": "gpt-4o-mini", "input": [{"role": "user", "content": "hi"}]}
+    assert (await request(h, "POST", "/v1/responses", json=own)).status_code == 200
 
 
 async def test_a_side_call_the_upstream_took_but_never_answered_is_charged_its_price(

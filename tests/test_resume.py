@@ -181,6 +181,25 @@ async def test_a_form_the_gateway_never_saw_is_refused_and_its_query_returned(
     assert fake.requests == []
 
 
+async def test_another_users_form_is_refused_as_if_unknown(
+    database_url: str, fake: FakeDify
+) -> None:
+    # The attack: a form token leaked from someone else's paused run, submitted
+    # with the attacker's own key. Refused exactly as a form never seen.
+    async with running_gateway(database_url, fake=fake) as h:
+        token = await pause(h)
+        mallory = await h.add_user("mallory")
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as c:
+            refused = await c.post(
+                f"/v1/form/human_input/{token}", json=FORM, headers=h.auth(mallory)
+            )
+        owner = await submit(h, token, **RESUMED)  # the run's own user still can
+        await follows(h).settled.wait_for(1)
+    assert refused.status_code == 404 and refused.json()["code"] == "not_found"
+    assert owner.status_code == 200
+    assert fake.submitted_forms == [(token, USER)]
+
+
 async def test_a_run_paused_in_a_blocking_answer_is_followed_too(
     database_url: str, fake: FakeDify
 ) -> None:

@@ -132,14 +132,32 @@ def openai_route(method: str, path: str) -> Route:
 _IN_CONVERSATION: Final = Route("response", "responses/conversation", role="operator")
 
 
+# A response whose input names stored items by id: OpenAI looks the id up across the
+# whole project, and the ledger does not know whose an item is.
+_ITEM_REFERENCE: Final = Route("response", "responses/item_reference", role="operator")
+
+
+def _is_item_reference(item: object) -> bool:
+    """An input item OpenAI resolves by id from storage: ``type`` "item_reference",
+    or (the type being optional for it) an id with no content of its own."""
+    if not isinstance(item, dict) or "id" not in item:
+        return False
+    kind = item.get("type")
+    return kind == "item_reference" or (kind is None and "content" not in item)
+
+
 def refine_response(route: Route, body: dict[str, Any] | None) -> Route:
     """A new response, as its body makes it: one that continues a stored response
     is checked like a read of that response (its owner must be the caller), since
-    the model is given everything the earlier one held."""
+    the model is given everything the earlier one held; one that reads a
+    conversation or a stored item by reference is operator-only."""
     if body is None or route is not RESPONSE:
         return route
     if body.get("conversation") is not None:
         return _IN_CONVERSATION
+    items = body.get("input")
+    if isinstance(items, list) and any(_is_item_reference(item) for item in items):
+        return _ITEM_REFERENCE
     previous = body.get("previous_response_id")
     if isinstance(previous, str):
         return dataclasses.replace(route, owned_answer=previous, by_body=False)
