@@ -11,7 +11,6 @@ import contextlib
 import csv
 import html
 import io
-import os
 import re
 import shutil
 from collections.abc import AsyncIterator
@@ -40,6 +39,7 @@ from gateway.dashboard.session import (
 from gateway.dashboard.users_table import PAGE_SIZE
 from gateway.keys import hash_key
 from gateway.storage import AdmissionLimits, UsageEvent
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
 from tests.harness import USER, Harness, running_gateway
 
 TOKEN = "dashboard-admin-token-0123456789"
@@ -55,15 +55,6 @@ CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user"
 BIG = "bob"  # a user with 1,234,567 lifetime tokens
 EVIL = "<script>alert(1)</script>"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "dashboard"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 
 
 @contextlib.asynccontextmanager
@@ -508,11 +499,7 @@ async def test_exports_are_the_admin_apis_behind_the_session(sqlite_url: str) ->
 
 @pytest.fixture
 def screenshots() -> Path:
-    if not Path(CHROMIUM).exists():
-        reason = f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)"
-        if os.environ.get("GATEWAY_REQUIRE_BROWSER"):
-            pytest.fail(f"{reason} (GATEWAY_REQUIRE_BROWSER is set)", pytrace=False)
-        pytest.skip(reason)
+    require_chromium()
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
     return ARTIFACTS
