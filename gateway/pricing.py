@@ -182,9 +182,22 @@ class PriceTable:
 def check_currencies(
     prices: Mapping[str, Price], call_prices: Mapping[str, CallPrice], *, dialect: str
 ) -> None:
-    """Refuse ``[call_prices."<dialect>.*"]`` whose currency differs from a
-    ``[prices]`` entry's: a tool's cost is added to the cost of the answer that
-    ran it, in one currency. Raises ``ConfigError`` naming both keys."""
+    """Refuse prices in more than one currency: ``[prices]`` entries that differ
+    from each other, and ``[call_prices]`` entries that differ from each other or
+    from ``[prices]``. Costs are added into one lifetime, daily and monthly total
+    per user, and a tool's cost into the cost of the answer that ran it; none of
+    that can add VND to USD (issue 25). Raises ``ConfigError`` naming both keys."""
+    keyed = [(f"prices.{m}", p.currency) for m, p in prices.items()]
+    keyed += [(f"call_prices.{c}", p.currency) for c, p in call_prices.items()]
+    if keyed:
+        first_key, first = keyed[0]
+        for key, currency in keyed[1:]:
+            if currency != first:
+                raise ConfigError(
+                    f"{key}.currency: {currency!r} differs from {first_key}.currency "
+                    f"{first!r} (costs are added into one total per user, so every "
+                    "price must be in one currency)"
+                )
     prefix = dialect + "."
     for call, call_price in call_prices.items():
         if not call.startswith(prefix):

@@ -187,3 +187,15 @@ def test_call_prices_are_parsed_as_decimals_and_refused_when_negative() -> None:
         parse_config({"call_prices": {"x": {"price": "-1"}}}, env={})
     with pytest.raises(ConfigError, match="call_prices"):
         parse_config({"call_prices": {"x": "0.01"}}, env={})
+
+
+def test_prices_in_more_than_one_currency_are_refused_naming_both_keys() -> None:
+    # gpt-4o-mini in VND and gpt-4o in USD would be added into one total (issue 25).
+    prices = {"gpt-4o": {"input": "2.5"}, "gpt-4o-mini": {"input": "3900", "currency": "VND"}}
+    with pytest.raises(ConfigError, match=r"prices\.gpt-4o-mini\.currency.*prices\.gpt-4o\."):
+        parse_config({"prices": prices}, env={})
+    calls = {"dify.text_to_audio": {"price": "0.01", "currency": "EUR"}, "dify.x": {}}
+    with pytest.raises(ConfigError, match=r"call_prices\.dify\.x\.currency"):
+        parse_config({"call_prices": calls}, env={})
+    same = {"gpt-4o": {"currency": "VND"}, "gpt-4o-mini": {"currency": "VND"}}
+    assert parse_config({"prices": same}, env={}).prices["gpt-4o"].currency == "VND"

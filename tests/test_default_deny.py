@@ -23,10 +23,10 @@ from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 NO_QUERIES = {"plans": {"free": {"queries_per_day": 0}}}
 PRICES = {
     "call_prices": {
-        "dify.suggested_questions": {"price": "0.002"},
-        "dify.auto_generate_name": {"price": "0.001"},
+        "dify.suggested_questions": {"price": "0.002", "currency": "EUR"},
+        "dify.auto_generate_name": {"price": "0.001", "currency": "EUR"},
         "dify.text_to_audio": {"price": "0.015", "currency": "EUR"},
-        "dify.audio_to_text": {"price": "0.006"},
+        "dify.audio_to_text": {"price": "0.006", "currency": "EUR"},
     }
 }
 
@@ -220,7 +220,7 @@ async def test_a_priced_side_call_is_charged_its_price(
         (event,) = await h.events()
         assert await queries_today(h) == 1
     assert event.cost == Decimal(price["price"]) and isinstance(event.cost, Decimal)
-    assert event.currency == price.get("currency", "USD")
+    assert event.currency == price["currency"]
     assert event.user_id == USER and event.total_tokens == 0 and event.outcome == "complete"
     assert len(fake.requests) == 1
 

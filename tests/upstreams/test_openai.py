@@ -1149,9 +1149,13 @@ def test_a_call_price_in_another_currency_than_the_models_is_refused_at_load() -
         parse_config(data, env={})
     assert "call_prices.openai.web_search.currency" in info.value.message
     assert "prices.gpt-4o-mini.currency" in info.value.message
-    # Another dialect's call prices are not added to OpenAI's answers.
+    # Another dialect's call prices are not added to OpenAI's answers, but they are
+    # added into the same totals per user: one currency for them too (issue 25).
     other = {**data, "call_prices": {"dify.text_to_audio": {"price": "0.01"}}}
-    parse_config(other, env={})
+    with pytest.raises(ConfigError, match=r"call_prices\.dify\.text_to_audio\.currency"):
+        parse_config(other, env={})
+    euro = {**data, "call_prices": {"dify.text_to_audio": {"price": "0.01", "currency": "EUR"}}}
+    parse_config(euro, env={})
 
 
 def test_tool_calls_a_failed_response_ran_are_charged_but_a_failed_chats_search_is_not() -> None:
