@@ -24,7 +24,6 @@ import contextvars
 import logging
 import sys
 import traceback
-from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
@@ -43,9 +42,6 @@ LEVELS["error"] = logging.ERROR
 
 _answers = logging.getLogger(ANSWERS_LOGGER)
 
-Message = MutableMapping[str, Any]
-Send = Callable[[Message], Awaitable[None]]
-
 
 class RequestContext:
     """What the logs know about the request being handled: its id, and the status
@@ -63,22 +59,21 @@ _current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar
 )
 
 
-def bind_request(request_id: str, send: Send) -> Send:
-    """Name the request this task (and the tasks it starts) works for, and return
-    ``send`` noting the response's status on the way through.
+def bind_request(request_id: str) -> None:
+    """Name the request this task (and the tasks it starts) works for.
 
     Called once per request by the proxy; a request runs in its own task (uvicorn
     starts one per request), so the binding never leaks into another request.
     """
-    context = RequestContext(request_id)
-    _current.set(context)
+    _current.set(RequestContext(request_id))
 
-    async def noting_send(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            context.status = message["status"]
-        await send(message)
 
-    return noting_send
+def note_status(status: int) -> None:
+    """The status the response of the current request started with (for the
+    answer line); called where a response starts, not on every chunk sent."""
+    context = _current.get()
+    if context is not None:
+        context.status = status
 
 
 def current_request() -> RequestContext | None:

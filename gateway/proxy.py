@@ -65,7 +65,7 @@ from gateway.http import (
     response_headers,
     with_param,
 )
-from gateway.logs import bind_request
+from gateway.logs import bind_request, note_status
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
 from gateway.pricing import CallPrice
 from gateway.relay import Command as RelayCommand
@@ -216,7 +216,7 @@ class Proxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         x = Exchange(new_request_id(), time.perf_counter())
-        send = bind_request(x.request_id, send)  # the logs' request id and status (gateway/logs.py)
+        bind_request(x.request_id)  # the logs' request id (gateway/logs.py)
         self.gw.request_started()
         try:
             await self._handle(x, scope, receive, send)
@@ -499,6 +499,7 @@ class Proxy:
         """Start the response: the one place ``x.responded`` turns true (from here
         the status is sent, and a failure can only end the body)."""
         x.responded = True
+        note_status(status)
         await send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def _relay_plain(
@@ -871,6 +872,7 @@ class Proxy:
         ):
             extra.append((b"retry-after", b"5"))
         self.gw.metrics.inc("gateway_refusals_total", code=exc.code)
+        note_status(exc.status)
         await send(
             {
                 "type": "http.response.start",

@@ -278,11 +278,8 @@ def test_text_format_names_the_request(restore_logging: None) -> None:
         "gateway.proxy", logging.WARNING, __file__, 1, "hello %s", ("x",), None
     )
 
-    async def send(message: Any) -> None:
-        return None
-
     async def within_a_request() -> None:
-        logs.bind_request("abc-1", send)
+        logs.bind_request("abc-1")
         handler.filter(record)
 
     asyncio.run(within_a_request())
