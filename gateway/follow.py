@@ -90,7 +90,7 @@ class Resumable(Protocol):
 
     def follow_meter(self, form_token: str) -> FollowMeter: ...
 
-    def blocking_forms(self, route: Route, body: bytes) -> list[tuple[str, str]]:
+    def blocking_forms(self, route: Route, body: bytes | bytearray) -> list[tuple[str, str]]:
         """The (form token, run id) pairs a blocking answer paused for."""
         ...
 
@@ -147,7 +147,7 @@ class Follows:
             return ()
         if meter is not None:
             return meter.paused_forms if isinstance(meter, Paused) else ()
-        return dialect.blocking_forms(x.route, bytes(body)) if body else ()
+        return dialect.blocking_forms(x.route, body) if body else ()
 
     async def keep_forms(
         self, forms: Sequence[tuple[str, str]], user_id: str, request_id: str

@@ -547,7 +547,7 @@ class DifyUpstream:
     def follow_request(self, run_id: str, user_id: str) -> tuple[str, bytes]:
         return follow_request(run_id, user_id)
 
-    def blocking_forms(self, route: Route, body: bytes) -> list[tuple[str, str]]:
+    def blocking_forms(self, route: Route, body: bytes | bytearray) -> list[tuple[str, str]]:
         return blocking_forms(body) if route.kind in ("chat", "workflow") else []
 
     def follow_meter(self, form_token: str) -> ResumeMeter:

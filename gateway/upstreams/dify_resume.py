@@ -84,7 +84,7 @@ def forms_named(kind: str, obj: dict[str, Any], run_id: str | None) -> list[tupl
     ]
 
 
-def blocking_forms(body: bytes) -> list[tuple[str, str]]:
+def blocking_forms(body: bytes | bytearray) -> list[tuple[str, str]]:
     """The forms a blocking answer paused for: Dify answers a run that pauses in
     blocking mode with ``{"event": "workflow_paused", "workflow_run_id", "data":
     {"status": "paused", "reasons": [...], "human_input_forms": [...], ...}}`` (a
