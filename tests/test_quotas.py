@@ -4,6 +4,7 @@ the configured time zone, refusals a frontend can show, failure policies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from gateway.clock import FixedClock
 from gateway.config import DatabaseConfig
 from gateway.keys import new_key
-from gateway.storage import open_storage
+from gateway.storage import Storage, open_storage
 from gateway.testing.fake_upstream import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
 from tests.processes import GatewayProcess
@@ -58,53 +59,69 @@ async def test_forty_parallel_requests_with_five_left_forward_exactly_five_sqlit
     assert {r.json()["code"] for r in responses if r.status_code == 429} == {"daily_query_limit"}
 
 
-@pytest.mark.postgres
-async def test_forty_parallel_requests_across_two_processes_on_postgres(
-    postgres_dsn: str, tmp_path: Path, client: httpx.AsyncClient
-) -> None:
+@contextlib.asynccontextmanager
+async def two_gateways(
+    postgres_dsn: str, tmp_path: Path, fake: FakeDify, limits: dict[str, Any]
+) -> AsyncIterator[tuple[list[int], str, Storage]]:
+    """Two `gateway serve` processes on one fresh PostgreSQL database, in front of
+    ``fake``, with USER on a plan of ``limits``: (their ports, USER's key, storage)."""
     conn = await asyncpg.connect(postgres_dsn)
     await conn.execute("TRUNCATE usage_events, usage_daily, api_keys, stream_leases, users CASCADE")
     await conn.close()
     storage = await open_storage(DatabaseConfig(url=postgres_dsn))
-    await storage.ensure_user(USER, plan="free")
-    key = new_key()
-    await storage.create_key(
-        USER, key_id=key.id, key_hash=key.hash, prefix=key.prefix, name="", now=datetime.now(UTC)
-    )
-    await storage.close()
-
-    fake = FakeDify(api_key=UPSTREAM_KEY)
-    async with serve(fake) as upstream:
-        config = tmp_path / "gateway.toml"
-        config.write_text(
-            to_toml(
-                {
-                    "server": {"log_level": "info", "reload_interval": 0},
-                    "upstream": {"url": upstream + "/v1", "api_key_env": "TEST_UPSTREAM_KEY"},
-                    "database": {"url": postgres_dsn, "spool_file": ""},
-                    **plans(queries_per_day=5),
-                }
-            )
+    try:
+        await storage.ensure_user(USER, plan="free")
+        key = new_key()
+        await storage.create_key(
+            USER,
+            key_id=key.id,
+            key_hash=key.hash,
+            prefix=key.prefix,
+            name="",
+            now=datetime.now(UTC),
         )
-        procs = [
-            await GatewayProcess.start(config, {"TEST_UPSTREAM_KEY": UPSTREAM_KEY})
-            for _ in range(2)
-        ]
-        ports = [proc.port for proc in procs]
-        try:
-            responses = await asyncio.gather(
-                *(
-                    client.post(
-                        f"http://127.0.0.1:{ports[i % 2]}/v1/chat-messages",
-                        json=CHAT,
-                        headers={"Authorization": f"Bearer {key.secret}"},
-                    )
-                    for i in range(40)
+        async with serve(fake) as upstream:
+            config = tmp_path / "gateway.toml"
+            config.write_text(
+                to_toml(
+                    {
+                        "server": {"log_level": "info", "reload_interval": 0},
+                        "upstream": {"url": upstream + "/v1", "api_key_env": "TEST_UPSTREAM_KEY"},
+                        "database": {"url": postgres_dsn, "spool_file": ""},
+                        **plans(**limits),
+                    }
                 )
             )
-        finally:
-            for proc in procs:
-                await proc.terminate()
+            procs = [
+                await GatewayProcess.start(config, {"TEST_UPSTREAM_KEY": UPSTREAM_KEY})
+                for _ in range(2)
+            ]
+            try:
+                yield [proc.port for proc in procs], key.secret, storage
+            finally:
+                for proc in procs:
+                    await proc.terminate()
+    finally:
+        await storage.close()
+
+
+@pytest.mark.postgres
+async def test_forty_parallel_requests_across_two_processes_on_postgres(
+    postgres_dsn: str, tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    limits = {"queries_per_day": 5}
+    async with two_gateways(postgres_dsn, tmp_path, fake, limits) as (ports, key, _):
+        responses = await asyncio.gather(
+            *(
+                client.post(
+                    f"http://127.0.0.1:{ports[i % 2]}/v1/chat-messages",
+                    json=CHAT,
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+                for i in range(40)
+            )
+        )
     assert sorted(r.status_code for r in responses) == [200] * 5 + [429] * 35
     assert fake.hits("/chat-messages") == 5
 
@@ -116,57 +133,25 @@ async def test_twenty_parallel_web_searches_with_one_left_across_two_processes_o
     """Issue 20: the web-search allowance is reserved in the atomic admission
     step, so two gateway processes sharing the database run one search between
     them when one is left."""
-    conn = await asyncpg.connect(postgres_dsn)
-    await conn.execute("TRUNCATE usage_events, usage_daily, api_keys, stream_leases, users CASCADE")
-    await conn.close()
-    storage = await open_storage(DatabaseConfig(url=postgres_dsn))
-    await storage.ensure_user(USER, plan="free")
-    key = new_key()
-    await storage.create_key(
-        USER, key_id=key.id, key_hash=key.hash, prefix=key.prefix, name="", now=datetime.now(UTC)
-    )
-
     fake = FakeDify(api_key=UPSTREAM_KEY)
     web = {**CHAT, "inputs": {"search_mode": "web"}}
-    try:
-        async with serve(fake) as upstream:
-            config = tmp_path / "gateway.toml"
-            config.write_text(
-                to_toml(
-                    {
-                        "server": {"log_level": "info", "reload_interval": 0},
-                        "upstream": {"url": upstream + "/v1", "api_key_env": "TEST_UPSTREAM_KEY"},
-                        "database": {"url": postgres_dsn, "spool_file": ""},
-                        **plans(web_searches_per_day=1),
-                    }
+    limits = {"web_searches_per_day": 1}
+    async with two_gateways(postgres_dsn, tmp_path, fake, limits) as (ports, key, storage):
+        responses = await asyncio.gather(
+            *(
+                client.post(
+                    f"http://127.0.0.1:{ports[i % 2]}/v1/chat-messages",
+                    json=web,
+                    headers={
+                        "Authorization": f"Bearer {key}",
+                        "x-fake-metadata": '{"source": "web_search"}',
+                        "x-fake-delay-ms": "20",
+                    },
                 )
+                for i in range(20)
             )
-            procs = [
-                await GatewayProcess.start(config, {"TEST_UPSTREAM_KEY": UPSTREAM_KEY})
-                for _ in range(2)
-            ]
-            ports = [proc.port for proc in procs]
-            try:
-                responses = await asyncio.gather(
-                    *(
-                        client.post(
-                            f"http://127.0.0.1:{ports[i % 2]}/v1/chat-messages",
-                            json=web,
-                            headers={
-                                "Authorization": f"Bearer {key.secret}",
-                                "x-fake-metadata": '{"source": "web_search"}',
-                                "x-fake-delay-ms": "20",
-                            },
-                        )
-                        for i in range(20)
-                    )
-                )
-            finally:
-                for proc in procs:
-                    await proc.terminate()
+        )
         rows = await storage.daily(datetime.now(UTC).date() - timedelta(days=1), date.max)
-    finally:
-        await storage.close()
     assert sorted(r.status_code for r in responses) == [200] + [429] * 19
     assert {r.json()["code"] for r in responses if r.status_code == 429} == {"web_search_limit"}
     assert fake.hits("/chat-messages") == 1
