@@ -41,17 +41,22 @@ def parse_rule(text: str) -> AllowRule:
     if not glob.startswith("/") or " " in glob:
         raise ValueError(f"{text!r}: expected a path starting with '/' after the method")
     segments = glob.strip("/").split("/") if glob.strip("/") else []
-    parts: list[str] = []
+    # Paths are matched without surrounding slashes, as the dialects route them.
+    # "**" is any number of segments, none included: after a segment it adds
+    # "/x" pieces; leading, it adds "x/" pieces; alone, it is any path.
+    regex = ""
+    after_segment = False
     for segment in segments:
         if segment == "**":
-            parts.append("(?:[^/]+(?:/[^/]+)*)?")
+            regex += "(?:/[^/]+)*" if after_segment else "(?:[^/]+/)*"
             continue
         if not segment or "**" in segment or not _SEGMENT.fullmatch(segment):
             raise ValueError(f"{text!r}: bad path segment {segment!r}")
-        parts.append("[^/]*".join(re.escape(piece) for piece in segment.split("*")))
-    # Paths are matched without surrounding slashes, as the dialects route them;
-    # "/**" after a segment also matches the segment alone.
-    regex = "/".join(parts).replace("/(?:[^/]+(?:/[^/]+)*)?", "(?:/[^/]+)*")
+        piece = "[^/]*".join(re.escape(p) for p in segment.split("*"))
+        regex += ("/" if after_segment else "") + piece
+        after_segment = True
+    if segments and not after_segment:  # only "**": any path at all
+        regex = "(?:[^/]+(?:/[^/]+)*)?"
     return AllowRule(method, re.compile(regex), text)
 
 

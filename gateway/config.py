@@ -537,7 +537,7 @@ def parse_config(
                 raise ConfigError(f"call_prices.{name}: expected a table, got {_kind(table)}")
             call_prices[name] = _build(CallPrice, table, f"call_prices.{name}.")
     # A tool's cost is added to its answer's, which the dialect prices from [prices].
-    check_currencies(prices, call_prices, dialect="openai")
+    check_currencies(prices, call_prices)
 
     accounting = config.accounting
     if accounting.default_plan not in plans:

@@ -179,9 +179,7 @@ class PriceTable:
         return replace(usage, cost=cost, currency=price.currency), True
 
 
-def check_currencies(
-    prices: Mapping[str, Price], call_prices: Mapping[str, CallPrice], *, dialect: str
-) -> None:
+def check_currencies(prices: Mapping[str, Price], call_prices: Mapping[str, CallPrice]) -> None:
     """Refuse prices in more than one currency: ``[prices]`` entries that differ
     from each other, and ``[call_prices]`` entries that differ from each other or
     from ``[prices]``. Costs are added into one lifetime, daily and monthly total
@@ -197,15 +195,4 @@ def check_currencies(
                     f"{key}.currency: {currency!r} differs from {first_key}.currency "
                     f"{first!r} (costs are added into one total per user, so every "
                     "price must be in one currency)"
-                )
-    prefix = dialect + "."
-    for call, call_price in call_prices.items():
-        if not call.startswith(prefix):
-            continue
-        for model, price in prices.items():
-            if price.currency != call_price.currency:
-                raise ConfigError(
-                    f"call_prices.{call}.currency: {call_price.currency!r} differs from "
-                    f"prices.{model}.currency {price.currency!r} (a tool's cost is added "
-                    "to its answer's, so both must be in one currency)"
                 )

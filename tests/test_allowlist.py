@@ -24,6 +24,14 @@ from gateway.allowlist import AllowList, parse_rule
         ("* /apps/annotations/**", "GET", "/apps/annotations/a/b/c", True),
         ("* /apps/annotations/**", "GET", "/apps/annotationsX", False),
         ("GET /**", "GET", "/anything/at/all", True),
+        ("GET /**", "GET", "/", True),
+        # A leading ** may match no segment at all.
+        ("GET /**/preview", "GET", "/preview", True),
+        ("GET /**/preview", "GET", "/files/f1/preview", True),
+        ("GET /**/preview", "GET", "/xpreview", False),
+        ("GET /a/**/b", "GET", "/a/b", True),
+        ("GET /a/**/b", "GET", "/a/x/y/b", True),
+        ("GET /a/**/b", "GET", "/ab", False),
         ("GET /", "GET", "/", True),
         ("GET /", "GET", "/x", False),
         # Literal characters are literal, not regular-expression syntax.
