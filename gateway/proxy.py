@@ -297,24 +297,21 @@ class Proxy:
     async def _route(self, x: Exchange) -> None:
         """Classify the request and apply its role before anything of the body is
         read: refuse what must not be forwarded (gateway/routing.py)."""
-        route = self.guard.admit_route(x.method, x.path, self.gw.upstream.route(x.method, x.path))
-        x.route = route
-        if route.role == "side_cost":
-            x.call_price = self.guard.call_price(route)
-        elif route.owned_answer is not None:
-            await self.guard.check_owner(route, x.user_id)
+        await self._apply_role(x, self.gw.upstream.route(x.method, x.path), refined=False)
 
     async def _refine(self, x: Exchange) -> None:
         """A route whose role its JSON body decides (Dify's rename that generates a
         name, OpenAI's response that continues a stored one): checked again."""
         route = self.gw.upstream.refine(x.route, x.json)
-        if route is x.route:
-            return
-        x.route = self.guard.admit_route(x.method, x.path, route, refined=True)
-        if x.route.role == "side_cost":
-            x.call_price = self.guard.call_price(x.route)
-        elif x.route.owned_answer is not None:
-            await self.guard.check_owner(x.route, x.user_id)
+        if route is not x.route:
+            await self._apply_role(x, route, refined=True)
+
+    async def _apply_role(self, x: Exchange, route: Route, *, refined: bool) -> None:
+        x.route = route = self.guard.admit_route(x.method, x.path, route, refined=refined)
+        if route.role == "side_cost":
+            x.call_price = self.guard.call_price(route)
+        elif route.owned_answer is not None:
+            await self.guard.check_owner(route, x.user_id)
 
     # --- read and rewrite ------------------------------------------------------------
 
