@@ -455,6 +455,10 @@ class ResponsesStreamMeter(_StreamMeter):
                 return
         elif kind not in _RESPONSE_PARSED:
             return
+        elif kind in _RESPONSE_ITEM and '_call"' not in data:
+            # Only tool calls (types ending "_call") are counted; a message item's
+            # done event holds the whole answer's text, not worth parsing again.
+            return
         if obj is None:
             try:
                 obj = _loads(data)

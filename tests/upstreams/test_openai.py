@@ -289,6 +289,22 @@ def _responses_stream(**headers: str) -> bytes:
     )
 
 
+def test_a_responses_message_item_is_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.upstreams import openai_wire
+
+    parsed: list[Any] = []
+    real = openai_wire._loads
+    monkeypatch.setattr(openai_wire, "_loads", lambda data: parsed.append(data) or real(data))
+    meter = ResponsesStreamMeter({"input": "hello"})
+    _feed(meter, _responses_stream())
+    # response.created (the model), the first text delta (its envelope's size) and
+    # response.completed: the message item's added and done events (the done one
+    # holds the whole text) carry no tool call, and are skipped unparsed.
+    assert not any("response.output_item." in str(data) for data in parsed)
+    assert len(parsed) == 3
+    assert meter.finish(cut=False).usage == Usage(12, 7, 19)
+
+
 def test_responses_stream_usage_comes_from_response_completed() -> None:
     meter = ResponsesStreamMeter({"input": "hello"})
     _feed(meter, _responses_stream(**{"x-fake-reasoning-tokens": "6", "x-fake-cached-tokens": "2"}))
