@@ -255,7 +255,7 @@ class OpenAIUpstream:
         extras = Extras()
         metered = meter_body(body, response, extras)
         priced = self.priced_with(metered, route, body, extras)
-        return with_object_id(route, body, response, priced)  # openai_routes.py
+        return with_object_id(route, body, extras.answer, priced)  # openai_routes.py
 
     def priced_with(
         self, metered: Metered, route: Route, body: dict[str, Any], extras: Extras

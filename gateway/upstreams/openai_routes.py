@@ -203,17 +203,12 @@ def _object_id(route: Route, obj: object) -> str | None:
     return _usable_id(route, obj.get("id"))
 
 
-def with_object_id(
-    route: Route, body: dict[str, Any], response: bytes, metered: Metered
-) -> Metered:
-    """A blocking answer's ``metered`` recorded under the object id it created."""
+def with_object_id(route: Route, body: dict[str, Any], answer: object, metered: Metered) -> Metered:
+    """A blocking answer's ``metered`` recorded under the object id it created;
+    ``answer`` is its body as the meter parsed it (None if unreadable)."""
     if metered.answer_id is not None or not _keeps_object(route, body):
         return metered
-    try:
-        obj = orjson.loads(response)
-    except orjson.JSONDecodeError:
-        return metered
-    answer_id = _object_id(route, obj)
+    answer_id = _object_id(route, answer)
     return metered if answer_id is None else dataclasses.replace(metered, answer_id=answer_id)
 
 

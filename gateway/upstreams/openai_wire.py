@@ -283,13 +283,15 @@ def audio_from(raw: object) -> Audio | None:
 
 class Extras:
     """What an answer reports besides its token counts that the dialect prices:
-    the tool calls of a response, the audio tokens of a chat completion."""
+    the tool calls of a response, the audio tokens of a chat completion; and, for
+    a blocking answer, its parsed body (``answer``), read once for all of it."""
 
-    __slots__ = ("audio", "calls")
+    __slots__ = ("answer", "audio", "calls")
 
     def __init__(self) -> None:
         self.calls = ToolCalls()
         self.audio: Audio | None = None
+        self.answer: object = None
 
 
 def meter_body(body: dict[str, Any], response: bytes, extras: Extras | None = None) -> Metered:
@@ -307,6 +309,7 @@ def meter_body(body: dict[str, Any], response: bytes, extras: Extras | None = No
         return unreadable_answer(prompt_chars(body), response)
     model = _str_or_none(obj.get("model"))
     if extras is not None:
+        extras.answer = obj
         if obj.get("object") == "response":
             extras.calls.add_output(obj.get("output"))
         extras.audio = audio_from(obj.get("usage"))
