@@ -239,11 +239,14 @@ class Settler:
         write leaves it to expire. ``pending_id`` names the answer's pending row,
         claimed by the write: if a recovery charged the answer first, the write
         changes nothing (counted once, as the estimate)."""
+        # Bounded once, here: the log shows what is written, and the write's own
+        # bounding (kept for spool lines of earlier versions) finds it in range.
+        event = self._bounded(event)
         write = Write(event, lease_id, pending_id, plan, alerts)
         if self.answer_log:
             # Where the answer is settled: once per answer, whether the write below
             # succeeds now, is retried or is spooled.
-            log_answer(bound_event(event, max_tokens=self.max_tokens_per_answer)[0])
+            log_answer(event)
         try:
             await self._write(write)
         except StorageError as exc:
