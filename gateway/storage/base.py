@@ -470,10 +470,6 @@ class Storage(Protocol):
         so a request asking for web search should come with one."""
         ...
 
-    async def web_searches_today(self, user_id: str, *, day: date) -> int:
-        """The user's web-search count for the day (a plain read)."""
-        ...
-
     async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
         """Count one upload of ``size`` bytes on the user's day."""
         ...

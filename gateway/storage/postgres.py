@@ -510,13 +510,6 @@ class PostgresStorage:
             # The pending row stays: a recovery charges it as an estimate later.
             log.warning("could not give back an abandoned admission of %s: %s", user_id, exc)
 
-    async def web_searches_today(self, user_id: str, *, day: date) -> int:
-        with _mapped():
-            count = await self._pool.fetchval(
-                "SELECT web_searches FROM usage_daily WHERE user_id = $1 AND day = $2", user_id, day
-            )
-        return int(count or 0)
-
     async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
         with _mapped():
             await self._pool.execute(

@@ -737,16 +737,6 @@ class SQLiteStorage:
 
         return await self._tx(run)
 
-    async def web_searches_today(self, user_id: str, *, day: date) -> int:
-        def run(conn: sqlite3.Connection) -> int:
-            row = conn.execute(
-                "SELECT web_searches FROM usage_daily WHERE user_id = ? AND day = ?",
-                (user_id, day.isoformat()),
-            ).fetchone()
-            return int(row[0]) if row else 0
-
-        return await self._run(run)
-
     async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
         await self._tx(
             lambda conn: conn.execute(

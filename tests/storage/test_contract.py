@@ -545,11 +545,12 @@ async def test_advanced_rag_web_searches_and_uploads_are_counted(storage: Storag
         "alice", day=DAY, month_start=MONTH, now=NOW, limits=limits, advanced_rag=True
     )
     await storage.admit("alice", day=DAY, month_start=MONTH, now=NOW, limits=limits)
-    assert await storage.web_searches_today("alice", day=DAY) == 0
+    assert [row.web_searches for row in await storage.daily(DAY, DAY)] == [0]
     await storage.settle(event("w1", web_searches=1))
     await storage.settle(event("w2", web_searches=1))
-    assert await storage.web_searches_today("alice", day=DAY) == 2
-    assert await storage.web_searches_today("alice", day=DAY + timedelta(days=1)) == 0
+    assert [row.web_searches for row in await storage.daily(DAY, DAY)] == [2]
+    next_day = DAY + timedelta(days=1)
+    assert await storage.daily(next_day, next_day) == []
     await storage.record_upload("alice", day=DAY, size=1000)
     await storage.record_upload("alice", day=DAY, size=24)
     (row,) = await storage.daily(DAY, DAY)
