@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from datetime import date, datetime
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from gateway.accounts import effective_plan
 from gateway.alerts import alert_request
@@ -25,12 +25,11 @@ from gateway.features import asks_for_advanced_rag, asks_for_web_search, set_pat
 from gateway.messages import english
 from gateway.plans import (
     LIMIT_CODES,
-    RateLimit,
     admission_limits,
     closed_checks,
     reported_limit,
 )
-from gateway.storage import Admission, AlertRequest, Lease, Pending, WebSearch
+from gateway.storage import AlertRequest, Lease, Pending, WebSearch
 from gateway.upstreams import Route
 
 if TYPE_CHECKING:
@@ -169,8 +168,6 @@ class Admitter:
                 exc, plan, user_id, request_id, periods, asks_web=web_search is not None
             )
 
-        if admission.refused_by == "web_searches_per_day":
-            self._refuse_web_search(admission, plan, periods, own=own)
         shown = reported_limit(admission, plan, periods)
         rate_headers = shown.headers() if shown is not None else []
         if not admission.admitted:
@@ -237,28 +234,6 @@ class Admitter:
             total_tokens=usage.total_tokens,
             cost=usage.cost,
             currency=usage.currency,
-        )
-
-    def _refuse_web_search(
-        self, admission: Admission, plan: Plan, periods: Periods, *, own: frozenset[str]
-    ) -> NoReturn:
-        """Raise the refusal of a request that asks for web search with none left
-        (``web_search.when_exhausted = "refuse"``); nothing was reserved."""
-        gw = self.gw
-        limit = plan.web_searches_per_day
-        assert limit is not None
-        used = admission.counters.web_searches_today
-        shown = RateLimit("web_searches_per_day", limit, used, periods.day_resets_at)
-        raise limit_refusal(
-            "web_searches_per_day",
-            limit,
-            used=used,
-            reset=periods.day_resets_at.astimezone(gw.tz),
-            own="web_searches_per_day" in own,
-            headers=[
-                (b"retry-after", str(shown.retry_after(gw.clock.now())).encode()),
-                *shown.headers(),
-            ],
         )
 
     def _storage_failed(

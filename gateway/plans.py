@@ -92,6 +92,10 @@ def rate_limit(resource: str, plan: Plan, counters: Counters, periods: Periods) 
         return RateLimit(
             resource, plan.tokens_per_month, counters.tokens_month, periods.month_resets_at
         )
+    if resource == "web_searches_per_day" and plan.web_searches_per_day is not None:
+        return RateLimit(
+            resource, plan.web_searches_per_day, counters.web_searches_today, periods.day_resets_at
+        )
     return None
 
 
