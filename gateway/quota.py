@@ -1,0 +1,227 @@
+"""Limits as data (issue 21): the one definition of what a limit is, which
+limits apply to a request, what admission reserves and when a limit refuses.
+
+Pure logic, no I/O. A limit is a *meter* counted over a *window* with a
+*maximum*: ``queries`` per ``day``, ``tokens`` per ``month``, ``cost`` per
+``day``, ``streams`` ``open`` at once. Both storage backends hold the counters
+and apply `refuses` to them in their one atomic admission step (SQLite in
+Python through this module; PostgreSQL in gateway_admit, whose rule is this
+module's, table-tested against it by tests/test_quota.py's backend runs).
+
+Every plan key that sets a limit (``queries_per_day``, ``tokens_per_month``,
+``cost_per_day``, ...) is one `Limit` here (`LEGACY_LIMITS`).
+
+Two kinds of meter:
+
+- *reserved* meters (queries, web searches, advanced-RAG queries, uploads,
+  streams) are known before the answer: admission adds the request's amount
+  and refuses when that would go past the maximum. A request that adds nothing
+  to such a meter (a request not asking for web search) is not held by it.
+- *measured* meters (tokens, input and output tokens, cost) are known when the
+  answer ends: a limit on one refuses once the counter has reached the maximum;
+  admission may also reserve an upper bound of what the answer can add (cost:
+  docs/quotas.md, "Money budgets"), and then refuses when used plus that bound
+  would go past it. Settle replaces the bound with the true amount.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Literal
+
+Meter = Literal[
+    "queries",
+    "advanced_rag",
+    "web_searches",
+    "uploads",
+    "upload_bytes",
+    "input_tokens",
+    "output_tokens",
+    "tokens",
+    "cost",
+    "streams",
+]
+Per = Literal["day", "month", "open"]
+
+# The meters a day row counts, in the order of the usage_daily columns both
+# backends read them from (the order is the storage's: PL/pgSQL indexes its
+# arrays with it, 1-based).
+DAY_METERS: tuple[Meter, ...] = (
+    "queries",
+    "advanced_rag",
+    "web_searches",
+    "uploads",
+    "upload_bytes",
+    "input_tokens",
+    "output_tokens",
+    "tokens",
+    "cost",
+)
+METERS: tuple[Meter, ...] = (*DAY_METERS, "streams")
+PERS: tuple[Per, ...] = ("day", "month", "open")
+MEASURED: frozenset[Meter] = frozenset({"input_tokens", "output_tokens", "tokens", "cost"})
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One limit: no more than ``max`` of ``meter`` per ``per``.
+
+    ``name`` is what refusals and headers call it (the plan key for the keys
+    plans always had, e.g. ``queries_per_day``)."""
+
+    name: str
+    meter: Meter
+    per: Per
+    max: Decimal
+
+    def __post_init__(self) -> None:
+        if (self.meter == "streams") != (self.per == "open"):
+            raise ValueError(f"{self.name}: streams are counted open at once, nothing else is")
+
+
+# The plan keys that set a limit, and the limit each is: the order is the order
+# admission checks them in (the first that refuses is the one reported).
+LEGACY_LIMITS: dict[str, tuple[Meter, Per]] = {
+    "web_searches_per_day": ("web_searches", "day"),
+    "queries_per_day": ("queries", "day"),
+    "tokens_per_day": ("tokens", "day"),
+    "tokens_per_month": ("tokens", "month"),
+    "cost_per_day": ("cost", "day"),
+    "cost_per_month": ("cost", "month"),
+    "max_concurrent_streams": ("streams", "open"),
+}
+
+
+def limits_of(values: Mapping[str, int | Decimal | float | None]) -> tuple[Limit, ...]:
+    """The limits a plan's keys set (None or absent: unlimited), in checking order."""
+    found = []
+    for name, (meter, per) in LEGACY_LIMITS.items():
+        value = values.get(name)
+        if value is not None:
+            found.append(Limit(name, meter, per, Decimal(value)))
+    return tuple(found)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What admission adds to the counters for one request (before settle)."""
+
+    queries: int = 1
+    advanced_rag: int = 0
+    web_searches: int = 0
+    cost: Decimal = Decimal(0)  # an upper bound of the answer's cost (settle corrects it)
+    streams: int = 0  # 1: the request takes a stream slot
+
+    def amount(self, meter: Meter) -> Decimal:
+        if meter == "queries":
+            return Decimal(self.queries)
+        if meter == "advanced_rag":
+            return Decimal(self.advanced_rag)
+        if meter == "web_searches":
+            return Decimal(self.web_searches)
+        if meter == "cost":
+            return self.cost
+        if meter == "streams":
+            return Decimal(self.streams)
+        return Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """What the counters held at admission, per (meter, window): after the
+    request's charge when it was admitted, before it when refused."""
+
+    used: Mapping[tuple[Meter, Per], Decimal] = field(default_factory=dict)
+
+    def of(self, meter: Meter, per: Per) -> Decimal:
+        return self.used.get((meter, per), Decimal(0))
+
+    # The counters plans always had, by their old names.
+    @property
+    def queries_today(self) -> int:
+        return int(self.of("queries", "day"))
+
+    @property
+    def tokens_today(self) -> int:
+        return int(self.of("tokens", "day"))
+
+    @property
+    def tokens_month(self) -> int:
+        return int(self.of("tokens", "month"))
+
+    @property
+    def web_searches_today(self) -> int:
+        return int(self.of("web_searches", "day"))
+
+    @property
+    def open_streams(self) -> int:
+        return int(self.of("streams", "open"))
+
+
+def counters_from(
+    day: Sequence[Decimal | int], month: Sequence[Decimal | int], streams: int
+) -> Counters:
+    """Counters from the storage's vectors (day and month sums in DAY_METERS order)."""
+    used: dict[tuple[Meter, Per], Decimal] = {}
+    for meter, d, m in zip(DAY_METERS, day, month, strict=True):
+        used[(meter, "day")] = Decimal(d)
+        used[(meter, "month")] = Decimal(m)
+    used[("streams", "open")] = Decimal(streams)
+    return Counters(used)
+
+
+def refuses(limit: Limit, used: Decimal, amount: Decimal) -> bool:
+    """Whether ``limit`` refuses a request adding ``amount`` to ``used``.
+
+    The rule both backends apply (gateway_admit in PL/pgSQL is this function)."""
+    if amount > 0 and used + amount > limit.max:
+        return True
+    return limit.meter in MEASURED and used >= limit.max
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    refused: int | None  # the index of the limit that refused, or None: admitted
+    web_searches: int  # web searches reserved (0 when the request is admitted without one)
+
+
+def decide(
+    counters: Counters, limits: Sequence[Limit], charge: Charge, *, web_optional: bool = False
+) -> Decision:
+    """Admit or refuse a request adding ``charge``, given the counters before it.
+
+    A request asking for web search (``charge.web_searches``) whose web-search
+    limits refuse is refused by that limit - or, with ``web_optional``, admitted
+    without the web search (the caller turns it off in the request). Web-search
+    limits are decided first, then the others in order; the first that refuses
+    is the one reported."""
+    web = charge.web_searches
+    if web:
+        for at, limit in enumerate(limits):
+            if limit.meter == "web_searches" and refuses(
+                limit, counters.of(limit.meter, limit.per), Decimal(web)
+            ):
+                if not web_optional:
+                    return Decision(at, 0)
+                web = 0
+                break
+    for at, limit in enumerate(limits):
+        if limit.meter == "web_searches":
+            continue  # decided above: only a request asking for web search adds to it
+        if refuses(limit, counters.of(limit.meter, limit.per), charge.amount(limit.meter)):
+            return Decision(at, 0)
+    return Decision(None, web)
+
+
+def charged(counters: Counters, charge: Charge, web_searches: int) -> Counters:
+    """The counters after an admitted request's charge."""
+    used = dict(counters.used)
+    for meter in METERS:
+        amount = Decimal(web_searches) if meter == "web_searches" else charge.amount(meter)
+        if amount:
+            for per in PERS:
+                if (meter, per) in used:
+                    used[(meter, per)] += amount
+    return Counters(used)
