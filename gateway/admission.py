@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from datetime import date, datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from gateway.accounts import effective_plan
@@ -40,11 +41,18 @@ log = logging.getLogger("gateway.admission")
 Headers = list[tuple[bytes, bytes]]
 
 
+def _plain(value: Decimal | int) -> Decimal | int:
+    """A count as an int (as messages always showed it), money as its decimal."""
+    if isinstance(value, Decimal) and value == value.to_integral_value():
+        return int(value)
+    return value
+
+
 def limit_refusal(
     resource: str,
-    limit: int,
+    limit: Decimal | int,
     *,
-    used: int,
+    used: Decimal | int,
     reset: datetime | None,
     own: bool,
     headers: Headers,
@@ -53,9 +61,9 @@ def limit_refusal(
     user's own limit (a per-user override) or their plan's, reset time in the
     accounting time zone."""
     key = LIMIT_CODES[resource] + ("_own" if own else "")
-    fields: dict[str, object] = {"limit": limit}
+    fields: dict[str, object] = {"limit": _plain(limit)}
     if resource != "max_concurrent_streams":
-        fields.update(used=used, reset=reset)
+        fields.update(used=_plain(used), reset=reset)
     return QuotaExceeded(
         english(key, **fields),
         code=LIMIT_CODES[resource],
@@ -147,10 +155,10 @@ class Admitter:
                 key = "feature_not_in_plan_own" if "advanced_rag" in own else "feature_not_in_plan"
                 raise Forbidden(english(key), key=key)
             if asks_for_web_search(body, config.web_search):
-                web_search = WebSearch(plan.web_searches_per_day, config.web_search.when_exhausted)
+                web_search = WebSearch(None, config.web_search.when_exhausted)
             limits = admission_limits(plan)
             lease = None
-            if limits.max_concurrent_streams is not None:
+            if limits.counts_streams:
                 lease = Lease(id=request_id, expires_at=now + gw.lease_ttl)
             admission = await gw.storage.admit(
                 user_id,
@@ -171,16 +179,16 @@ class Admitter:
         shown = reported_limit(admission, plan, periods)
         rate_headers = shown.headers() if shown is not None else []
         if not admission.admitted:
-            assert admission.refused_by is not None
-            limit = getattr(plan, admission.refused_by)
+            assert admission.refused is not None
+            limit = admission.refused.max
             reset = shown.reset.astimezone(gw.tz) if shown and shown.reset else None
             retry = shown.retry_after(now) if shown else STREAM_RETRY_AFTER
             raise limit_refusal(
-                admission.refused_by,
+                admission.refused.name,
                 limit,
                 used=shown.used if shown else limit,
                 reset=reset,
-                own=admission.refused_by in own,
+                own=admission.refused.name in own,
                 headers=[(b"retry-after", str(retry).encode()), *rate_headers],
             )
         rule = config.web_search

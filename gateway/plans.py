@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 
 from gateway.clock import Periods
 from gateway.config import Plan, StorageErrorPolicy
-from gateway.storage import Admission, AdmissionLimits, Counters
+from gateway.quota import LEGACY_LIMITS, Counters, Limit, limits_of
+from gateway.storage import Admission, AdmissionLimits
 
 # Error codes per limit, in the upstream's error body (docs/quotas.md).
 LIMIT_CODES: dict[str, str] = {
@@ -26,13 +28,13 @@ LIMIT_CODES: dict[str, str] = {
 }
 
 
+def plan_limits(plan: Plan) -> tuple[Limit, ...]:
+    """The limits a plan's keys set (gateway/quota.py), in checking order."""
+    return limits_of({name: getattr(plan, name, None) for name in LEGACY_LIMITS})
+
+
 def admission_limits(plan: Plan) -> AdmissionLimits:
-    return AdmissionLimits(
-        queries_per_day=plan.queries_per_day,
-        tokens_per_day=plan.tokens_per_day,
-        tokens_per_month=plan.tokens_per_month,
-        max_concurrent_streams=plan.max_concurrent_streams,
-    )
+    return AdmissionLimits(plan_limits(plan))
 
 
 def closed_checks(policy: StorageErrorPolicy, plan: Plan) -> list[str]:
@@ -50,14 +52,14 @@ def closed_checks(policy: StorageErrorPolicy, plan: Plan) -> list[str]:
 class RateLimit:
     """One limit as the X-RateLimit-* headers describe it."""
 
-    resource: str  # the plan limit's name, e.g. "queries_per_day"
-    limit: int
-    used: int
+    resource: str  # the limit's name, e.g. "queries_per_day"
+    limit: Decimal
+    used: Decimal
     reset: datetime | None  # None: the limit does not reset with time
 
     @property
-    def remaining(self) -> int:
-        return max(self.limit - self.used, 0)
+    def remaining(self) -> Decimal:
+        return max(self.limit - self.used, Decimal(0))
 
     def retry_after(self, now: datetime) -> int:
         """Whole seconds until the limit resets (at least 1)."""
@@ -68,9 +70,9 @@ class RateLimit:
     def headers(self) -> list[tuple[bytes, bytes]]:
         # Named as GitHub's API names them; Reset is a Unix time in seconds.
         headers = [
-            (b"x-ratelimit-limit", str(self.limit).encode()),
-            (b"x-ratelimit-remaining", str(self.remaining).encode()),
-            (b"x-ratelimit-used", str(self.used).encode()),
+            (b"x-ratelimit-limit", _number(self.limit)),
+            (b"x-ratelimit-remaining", _number(self.remaining)),
+            (b"x-ratelimit-used", _number(self.used)),
             (b"x-ratelimit-resource", self.resource.encode()),
         ]
         if self.reset is not None:
@@ -78,34 +80,41 @@ class RateLimit:
         return headers
 
 
-def rate_limit(resource: str, plan: Plan, counters: Counters, periods: Periods) -> RateLimit | None:
-    """The RateLimit view of one limit of ``plan``, or None if it is unlimited."""
-    if resource == "queries_per_day" and plan.queries_per_day is not None:
-        return RateLimit(
-            resource, plan.queries_per_day, counters.queries_today, periods.day_resets_at
-        )
-    if resource == "tokens_per_day" and plan.tokens_per_day is not None:
-        return RateLimit(
-            resource, plan.tokens_per_day, counters.tokens_today, periods.day_resets_at
-        )
-    if resource == "tokens_per_month" and plan.tokens_per_month is not None:
-        return RateLimit(
-            resource, plan.tokens_per_month, counters.tokens_month, periods.month_resets_at
-        )
-    if resource == "web_searches_per_day" and plan.web_searches_per_day is not None:
-        return RateLimit(
-            resource, plan.web_searches_per_day, counters.web_searches_today, periods.day_resets_at
-        )
+def _number(value: Decimal) -> bytes:
+    """A count as a whole number, an amount of money as its exact decimal."""
+    return str(value.normalize() if value != value.to_integral_value() else int(value)).encode()
+
+
+def reset_of(limit: Limit, periods: Periods) -> datetime | None:
+    """When ``limit``'s window starts again (None: it counts what is open)."""
+    if limit.per == "day":
+        return periods.day_resets_at
+    if limit.per == "month":
+        return periods.month_resets_at
     return None
+
+
+def rate_limit(limit: Limit, counters: Counters, periods: Periods) -> RateLimit | None:
+    """The RateLimit view of one limit, or None for one that counts what is open
+    at once (streams: no used/remaining a client can plan with)."""
+    if limit.per == "open":
+        return None
+    return RateLimit(
+        limit.name, limit.max, counters.of(limit.meter, limit.per), reset_of(limit, periods)
+    )
+
+
+# The limits admitted answers' headers describe, the first the plan sets.
+_SHOWN = ("queries_per_day", "tokens_per_day", "tokens_per_month")
 
 
 def reported_limit(admission: Admission, plan: Plan, periods: Periods) -> RateLimit | None:
     """The limit the response headers describe: the one that refused, or else the
     first configured of queries, tokens today, tokens this month."""
-    if admission.refused_by is not None:
-        return rate_limit(admission.refused_by, plan, admission.counters, periods)
-    for resource in ("queries_per_day", "tokens_per_day", "tokens_per_month"):
-        found = rate_limit(resource, plan, admission.counters, periods)
-        if found is not None:
-            return found
+    if admission.refused is not None:
+        return rate_limit(admission.refused, admission.counters, periods)
+    by_name = {limit.name: limit for limit in plan_limits(plan)}
+    for name in _SHOWN:
+        if name in by_name:
+            return rate_limit(by_name[name], admission.counters, periods)
     return None

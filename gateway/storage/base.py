@@ -14,6 +14,9 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Literal, Protocol
 
+from gateway.quota import Counters as Counters
+from gateway.quota import Limit, limits_of
+
 OverrideValue = int | float | bool | None  # None: explicitly unlimited
 
 # Column lists in the order the records take them; both backends' SQL uses them so
@@ -105,23 +108,48 @@ class DailyUsage:
     cost: Decimal = Decimal(0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class AdmissionLimits:
-    """The limits admission enforces; None means unlimited."""
+    """The limits admission enforces (gateway/quota.py), in checking order.
 
-    queries_per_day: int | None = None
-    tokens_per_day: int | None = None
-    tokens_per_month: int | None = None
-    max_concurrent_streams: int | None = None
+    The keyword arguments are the plan keys plans always had, for callers that
+    set those only; None means unlimited."""
 
+    limits: tuple[Limit, ...]
 
-@dataclass(frozen=True, slots=True)
-class Counters:
-    queries_today: int = 0
-    tokens_today: int = 0
-    tokens_month: int = 0  # including today
-    web_searches_today: int = 0
-    open_streams: int = 0  # only counted when a stream limit applies
+    def __init__(
+        self,
+        limits: Sequence[Limit] = (),
+        *,
+        queries_per_day: int | None = None,
+        tokens_per_day: int | None = None,
+        tokens_per_month: int | None = None,
+        max_concurrent_streams: int | None = None,
+        cost_per_day: Decimal | None = None,
+        cost_per_month: Decimal | None = None,
+    ) -> None:
+        legacy = limits_of(
+            {
+                "queries_per_day": queries_per_day,
+                "tokens_per_day": tokens_per_day,
+                "tokens_per_month": tokens_per_month,
+                "cost_per_day": cost_per_day,
+                "cost_per_month": cost_per_month,
+                "max_concurrent_streams": max_concurrent_streams,
+            }
+        )
+        object.__setattr__(self, "limits", (*legacy, *limits))
+
+    @property
+    def counts_streams(self) -> bool:
+        return any(limit.meter == "streams" for limit in self.limits)
+
+    def with_web_search(self, web_search: WebSearch | None) -> tuple[Limit, ...]:
+        """The limits with a web search's own allowance first (`WebSearch.limit`)."""
+        if web_search is None or web_search.limit is None:
+            return self.limits
+        own = Limit("web_searches_per_day", "web_searches", "day", Decimal(web_search.limit))
+        return (own, *self.limits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +181,9 @@ class Pending:
     total_tokens: int = 0
     cost: Decimal = Decimal(0)
     currency: str = "USD"
+    # The upper bound of the answer's cost admission reserved against money
+    # budgets (gateway/quota.py): settle, refund and recovery release it.
+    reserved_cost: Decimal = Decimal(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,21 +203,22 @@ class WebSearch:
     when_exhausted: Literal["refuse", "disable"] = "refuse"
 
 
-AdmissionLimit = Literal[
-    "queries_per_day",
-    "tokens_per_day",
-    "tokens_per_month",
-    "max_concurrent_streams",
-    "web_searches_per_day",
-]
-
-
 @dataclass(frozen=True, slots=True)
 class Admission:
     admitted: bool
-    refused_by: AdmissionLimit | None
+    refused_by: str | None  # the name of the limit that refused
     counters: Counters  # after the reservation when admitted
     web_search_reserved: bool = False  # one web search was reserved for the answer
+    refused: Limit | None = None  # the limit that refused
+
+
+def admission(
+    limits: Sequence[Limit], refused: int | None, counters: Counters, web_searches: int
+) -> Admission:
+    """The Admission for a decision over ``limits`` (``refused``: an index)."""
+    if refused is None:
+        return Admission(True, None, counters, web_search_reserved=web_searches > 0)
+    return Admission(False, limits[refused].name, counters, refused=limits[refused])
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,40 +279,6 @@ def model_usage(row: Any, cost: Decimal) -> ModelUsage:
 class UserSummary:
     user: User
     today: DailyUsage = field(default_factory=lambda: DailyUsage(user_id="", day=date.min))
-
-
-def web_search_left(counters: Counters, web_search: WebSearch | None) -> bool:
-    """Whether a request asking for ``web_search`` can have one reserved."""
-    if web_search is None:
-        return False
-    return web_search.limit is None or counters.web_searches_today < web_search.limit
-
-
-def decide(
-    counters: Counters, limits: AdmissionLimits, web_search: WebSearch | None = None
-) -> AdmissionLimit | None:
-    """Which limit, if any, refuses one more query given the current counters.
-
-    A spent web-search allowance refuses first (in ``refuse`` mode), as it did
-    when it was checked before the rest of admission."""
-    if (
-        web_search is not None
-        and web_search.when_exhausted == "refuse"
-        and not web_search_left(counters, web_search)
-    ):
-        return "web_searches_per_day"
-    if limits.queries_per_day is not None and counters.queries_today >= limits.queries_per_day:
-        return "queries_per_day"
-    if limits.tokens_per_day is not None and counters.tokens_today >= limits.tokens_per_day:
-        return "tokens_per_day"
-    if limits.tokens_per_month is not None and counters.tokens_month >= limits.tokens_per_month:
-        return "tokens_per_month"
-    if (
-        limits.max_concurrent_streams is not None
-        and counters.open_streams >= limits.max_concurrent_streams
-    ):
-        return "max_concurrent_streams"
-    return None
 
 
 # The limits a threshold alert can watch, and the counter each is compared with.

@@ -32,13 +32,15 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import date, datetime, timedelta
-from typing import Any
+from decimal import Decimal
+from typing import Any, NamedTuple
 
 import asyncpg
 import orjson
 
 from gateway.errors import NotFound, StorageError
-from gateway.storage import migrations
+from gateway.quota import METERS, PERS, Limit, counters_from
+from gateway.storage import functions, migrations
 from gateway.storage.base import (
     ALERT_COLUMNS,
     DAILY_COLUMNS,
@@ -54,7 +56,6 @@ from gateway.storage.base import (
     Alert,
     AlertRequest,
     ApiKey,
-    Counters,
     Crossing,
     DailyUsage,
     Delivery,
@@ -69,6 +70,7 @@ from gateway.storage.base import (
     UserSort,
     UserSummary,
     WebSearch,
+    admission,
     alerts_with_deliveries,
     delivery,
     model_usage,
@@ -85,7 +87,7 @@ _EXPORT_BATCH = 1000
 
 _ADMIT = (
     "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
-    "$15, $16, $17, $18, $19, $20, $21)"
+    "$15, $16, $17, $18, $19, $20)"
 )
 _SETTLE = (
     "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
@@ -93,7 +95,7 @@ _SETTLE = (
 )
 _ADMIT_MANY = (
     "SELECT * FROM gateway_admit_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
-    "$14, $15, $16, $17, $18, $19, $20, $21)"
+    "$14, $15, $16, $17, $18, $19, $20, $21, $22)"
 )
 _SETTLE_MANY = (
     "SELECT * FROM gateway_settle_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
@@ -104,9 +106,34 @@ _SETTLE_MANY = (
 # few dozen a larger batch saves little, and a batch holds its users' row locks
 # until it commits.
 DEFAULT_MAX_BATCH = 64
-# The arguments of one admission, in gateway_admit's order (21), and of one
-# settle, in gateway_settle's (28: the last five are the alert checks' lists).
-_AdmitCall = tuple[Any, ...]
+
+
+class _AdmitCall(NamedTuple):
+    """The arguments of one admission, in gateway_admit's order, except that the
+    limits become three arrays there (meters, windows, maximums)."""
+
+    user_id: str
+    day: date
+    month_start: date
+    limits: tuple[Limit, ...]
+    lease_id: str | None
+    lease_expires: datetime | None
+    now: datetime
+    advanced_rag: bool
+    pending_id: str | None
+    endpoint: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    cost: Decimal | None
+    currency: str | None
+    web_ask: bool
+    web_optional: bool
+    reserve_cost: Decimal
+
+
+# The arguments of one settle, in gateway_settle's order (28: the last five are
+# the alert checks' lists).
 _SettleCall = tuple[Any, ...]
 _REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
 _RECOVER = "SELECT * FROM gateway_recover($1, $2, $3)"
@@ -188,25 +215,29 @@ def _event(row: Any) -> UsageEvent:
     return UsageEvent(*row)
 
 
-def _admission(row: Any) -> Admission:
-    counters = Counters(
-        queries_today=row["queries"],
-        tokens_today=row["tokens_today"],
-        tokens_month=row["tokens_month"],
-        web_searches_today=row["web_searches"],
-        open_streams=row["open_streams"],
+def _admission(row: Any, limits: Sequence[Limit]) -> Admission:
+    counters = counters_from(row["day_used"], row["month_used"], row["open_streams"] or 0)
+    refused = row["refused"]
+    return admission(
+        limits,
+        None if refused is None else refused - 1,
+        counters,
+        1 if row["web_reserved"] else 0,
     )
-    refused = row["refused_by"]
-    return Admission(
-        admitted=refused is None,
-        refused_by=refused,
-        counters=counters,
-        web_search_reserved=bool(row["web_reserved"]),
+
+
+def _limit_arrays(limits: Sequence[Limit]) -> tuple[list[int], list[int], list[Decimal]]:
+    """Limits as gateway_decide takes them: meter and window numbers (1-based, in
+    quota.METERS and quota.PERS order) and maximums."""
+    return (
+        [METERS.index(limit.meter) + 1 for limit in limits],
+        [PERS.index(limit.per) + 1 for limit in limits],
+        [limit.max for limit in limits],
     )
 
 
 def _user_of(call: _AdmitCall) -> str:
-    return str(call[0])
+    return call.user_id
 
 
 def _settled_user(call: _SettleCall) -> str:
@@ -288,6 +319,16 @@ class PostgresStorage:
                         "INSERT INTO schema_migrations (version) VALUES ($1)", version
                     )
                     count += 1
+                digest, texts = functions("postgres")
+                applied_hash = await conn.fetchval("SELECT hash FROM schema_functions")
+                if applied_hash != digest:
+                    for text in texts:
+                        await conn.execute(text)
+                    await conn.execute(
+                        "INSERT INTO schema_functions (id, hash) VALUES (1, $1) "
+                        "ON CONFLICT (id) DO UPDATE SET hash = excluded.hash, applied_at = now()",
+                        digest,
+                    )
                 return count
 
     # --- users --------------------------------------------------------------
@@ -447,14 +488,11 @@ class PostgresStorage:
         web_search: WebSearch | None = None,
     ) -> Admission:
         return await self._admits(
-            (
+            _AdmitCall(
                 user_id,
                 day,
                 month_start,
-                limits.queries_per_day,
-                limits.tokens_per_day,
-                limits.tokens_per_month,
-                limits.max_concurrent_streams,
+                limits.with_web_search(web_search),
                 lease.id if lease else None,
                 lease.expires_at if lease else None,
                 now,
@@ -467,24 +505,49 @@ class PostgresStorage:
                 pending.cost if pending else None,
                 pending.currency if pending else None,
                 web_search is not None,
-                web_search.limit if web_search else None,
-                web_search is None or web_search.when_exhausted == "refuse",
+                web_search is not None and web_search.when_exhausted == "disable",
+                pending.reserved_cost if pending else Decimal(0),
             )
         )
 
     async def _admit_one(self, call: _AdmitCall) -> Admission:
+        meters, pers, maxes = _limit_arrays(call.limits)
         with _mapped():
-            row = await self._pool.fetchrow(_ADMIT, *call)
+            row = await self._pool.fetchrow(_ADMIT, *call[:3], meters, pers, maxes, *call[4:])
         assert row is not None
-        return _admission(row)
+        return _admission(row, call.limits)
 
     async def _admit_many(self, calls: Sequence[_AdmitCall]) -> list[Admission | Exception]:
+        limit_from: list[int] = []
+        limit_count: list[int] = []
+        meters: list[int] = []
+        pers: list[int] = []
+        maxes: list[Decimal] = []
+        for call in calls:
+            limit_from.append(len(meters) + 1)
+            limit_count.append(len(call.limits))
+            m, p, x = _limit_arrays(call.limits)
+            meters += m
+            pers += p
+            maxes += x
+        columns = list(zip(*calls, strict=True))
         with _mapped(), _mapped_batch():
-            rows = await self._pool.fetch(_ADMIT_MANY, *zip(*calls, strict=True))
+            rows = await self._pool.fetch(
+                _ADMIT_MANY,
+                *columns[:3],
+                limit_from,
+                limit_count,
+                meters,
+                pers,
+                maxes,
+                *columns[4:],
+            )
         results: list[Admission | Exception] = [StorageError("no answer")] * len(calls)
         for row in rows:
-            known = row["known"]
-            results[row["ord"] - 1] = _admission(row) if known else NotFound("unknown user")
+            at = row["ord"] - 1
+            results[at] = (
+                _admission(row, calls[at].limits) if row["known"] else NotFound("unknown user")
+            )
         return results
 
     def _admission_abandoned(self, call: _AdmitCall, admission: Admission) -> None:
@@ -493,7 +556,7 @@ class PostgresStorage:
         query, lease and pending row are given back."""
         if not admission.admitted:
             return
-        user_id, day, lease_id, pending_id = call[0], call[1], call[7], call[11]
+        user_id, day, lease_id, pending_id = call.user_id, call.day, call.lease_id, call.pending_id
         log.info("admission for %s abandoned by its caller; given back", user_id)
         task = asyncio.create_task(
             self._refund_quietly(user_id, day, lease_id=lease_id, pending_id=pending_id)

@@ -19,15 +19,15 @@ import functools
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
 from gateway.errors import NotFound, StorageError
+from gateway.quota import DAY_METERS, Charge, charged, counters_from, decide
 from gateway.storage import migrations
 from gateway.storage.base import (
     ALERT_COLUMNS,
@@ -43,7 +43,6 @@ from gateway.storage.base import (
     Alert,
     AlertRequest,
     ApiKey,
-    Counters,
     Crossing,
     DailyUsage,
     Lease,
@@ -57,12 +56,11 @@ from gateway.storage.base import (
     UserSort,
     UserSummary,
     WebSearch,
+    admission,
     alerts_with_deliveries,
     crossed,
-    decide,
     delivery,
     model_usage,
-    web_search_left,
 )
 
 T = TypeVar("T")
@@ -239,31 +237,62 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]
     return result
 
 
+def _day_and_month(
+    conn: sqlite3.Connection, user_id: str, today: str, month_start: str
+) -> tuple[list[Decimal], list[Decimal]]:
+    """The user's counters today and this month (today included), in the order
+    of gateway/quota.py's DAY_METERS; cost includes what answers under way
+    reserved."""
+    day = [Decimal(0)] * len(DAY_METERS)
+    month = [Decimal(0)] * len(DAY_METERS)
+    for row in conn.execute(
+        "SELECT day, queries, advanced_rag, web_searches, uploads, upload_bytes, "
+        "prompt_tokens, completion_tokens, total_tokens, dec_add(cost, cost_reserved) "
+        "FROM usage_daily WHERE user_id = ? AND day >= ? AND day <= ?",
+        (user_id, month_start, today),
+    ):
+        values = [Decimal(v) for v in row[1:]]
+        month = [m + v for m, v in zip(month, values, strict=True)]
+        if row[0] == today:
+            day = values
+    return day, month
+
+
+class _Claimed(NamedTuple):
+    """A pending row settle or refund removed: where its reservations are."""
+
+    day: str
+    web_searches: int
+    reserved_cost: str
+
+
 def _claim(
     conn: sqlite3.Connection, pending_id: str | None, lease_id: str | None
-) -> tuple[str, int] | None:
+) -> _Claimed | None:
     """Remove an answer's pending row and release its lease. Returns the row's day
-    and the web searches reserved with it - (day, 0) when no pending row is named -
-    or None when the row was already gone (settled, refunded or recovered: the
-    answer is accounted for)."""
-    claimed: tuple[str, int] | None = ("", 0)
+    and what was reserved with it - nothing when no pending row is named - or None
+    when the row was already gone (settled, refunded or recovered: the answer is
+    accounted for)."""
+    claimed: _Claimed | None = _Claimed("", 0, "0")
     if pending_id is not None:
-        claimed = conn.execute(
-            "DELETE FROM pending_answers WHERE id = ? RETURNING day, web_searches", (pending_id,)
+        row = conn.execute(
+            "DELETE FROM pending_answers WHERE id = ? RETURNING day, web_searches, reserved_cost",
+            (pending_id,),
         ).fetchone()
+        claimed = _Claimed(*row) if row is not None else None
     if lease_id is not None:
         conn.execute("DELETE FROM stream_leases WHERE id = ?", (lease_id,))
-    return (claimed[0], claimed[1]) if claimed is not None else None
+    return claimed
 
 
-def _give_back_web_searches(conn: sqlite3.Connection, user_id: str, day: str, count: int) -> None:
-    """Take the web searches reserved at admission off the day row (the settle
-    adds what the answer used instead)."""
-    if count:
+def _release(conn: sqlite3.Connection, user_id: str, claimed: _Claimed) -> None:
+    """End the reservations admission made with a pending row: the web searches
+    (the settle adds what the answer used instead) and the cost bound."""
+    if claimed.web_searches or Decimal(claimed.reserved_cost):
         conn.execute(
-            "UPDATE usage_daily SET web_searches = max(web_searches - ?, 0) "
-            "WHERE user_id = ? AND day = ?",
-            (count, user_id, day),
+            "UPDATE usage_daily SET web_searches = max(web_searches - ?, 0), "
+            "cost_reserved = dec_add(cost_reserved, ?) WHERE user_id = ? AND day = ?",
+            (claimed.web_searches, str(-Decimal(claimed.reserved_cost)), user_id, claimed.day),
         )
 
 
@@ -655,22 +684,23 @@ class SQLiteStorage:
         web_search: WebSearch | None = None,
     ) -> Admission:
         today = day.isoformat()
+        checked = limits.with_web_search(web_search)
+        charge = Charge(
+            advanced_rag=int(advanced_rag),
+            web_searches=int(web_search is not None),
+            cost=pending.reserved_cost if pending else Decimal(0),
+            streams=int(lease is not None),
+        )
+        optional = web_search is not None and web_search.when_exhausted == "disable"
 
         def run(conn: sqlite3.Connection) -> Admission:
             # Under BEGIN IMMEDIATE no other connection can write between these
             # reads and the increment below, so check-then-increment is atomic here.
             if conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
                 raise NotFound(f"no user {user_id!r}")
-            row = conn.execute(
-                "SELECT coalesce(d.queries, 0), coalesce(d.total_tokens, 0), "
-                "coalesce(d.web_searches, 0), "
-                "(SELECT coalesce(sum(total_tokens), 0) FROM usage_daily "
-                " WHERE user_id = ? AND day >= ? AND day < ?) "
-                "FROM (SELECT 1) LEFT JOIN usage_daily d ON d.user_id = ? AND d.day = ?",
-                (user_id, month_start.isoformat(), today, user_id, today),
-            ).fetchone()
+            day_used, month_used = _day_and_month(conn, user_id, today, month_start.isoformat())
             streams = 0
-            if limits.max_concurrent_streams is not None:
+            if limits.counts_streams:
                 conn.execute(
                     "DELETE FROM stream_leases WHERE user_id = ? AND expires_at <= ?",
                     (user_id, _ts(now)),
@@ -678,37 +708,31 @@ class SQLiteStorage:
                 streams = conn.execute(
                     "SELECT count(*) FROM stream_leases WHERE user_id = ?", (user_id,)
                 ).fetchone()[0]
-            counters = Counters(
-                queries_today=row[0],
-                tokens_today=row[1],
-                tokens_month=row[3] + row[1],
-                web_searches_today=row[2],
-                open_streams=streams,
-            )
-            refused = decide(counters, limits, web_search)
-            if refused is not None:
-                return Admission(admitted=False, refused_by=refused, counters=counters)
-            searches = int(web_search_left(counters, web_search))
+            counters = counters_from(day_used, month_used, streams)
+            decision = decide(counters, checked, charge, web_optional=optional)
+            if decision.refused is not None:
+                return admission(checked, decision.refused, counters, 0)
+            searches = decision.web_searches
             conn.execute(
-                "INSERT INTO usage_daily (user_id, day, queries, advanced_rag, web_searches) "
-                "VALUES (?, ?, 1, ?, ?) "
+                "INSERT INTO usage_daily (user_id, day, queries, advanced_rag, web_searches, "
+                "cost_reserved) VALUES (?, ?, 1, ?, ?, ?) "
                 "ON CONFLICT (user_id, day) DO UPDATE SET queries = queries + 1, "
                 "advanced_rag = advanced_rag + excluded.advanced_rag, "
-                "web_searches = web_searches + excluded.web_searches",
-                (user_id, today, int(advanced_rag), searches),
+                "web_searches = web_searches + excluded.web_searches, "
+                "cost_reserved = dec_add(cost_reserved, excluded.cost_reserved)",
+                (user_id, today, charge.advanced_rag, searches, str(charge.cost)),
             )
             if lease is not None:
                 conn.execute(
                     "INSERT INTO stream_leases (id, user_id, expires_at) VALUES (?, ?, ?)",
                     (lease.id, user_id, _ts(lease.expires_at)),
                 )
-                streams += 1
             if pending is not None:
                 # In the same transaction: an admitted answer is never unrecorded.
                 conn.execute(
                     "INSERT INTO pending_answers (id, user_id, day, created_at, endpoint, "
                     "prompt_tokens, completion_tokens, total_tokens, cost, currency, "
-                    "web_searches) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "web_searches, reserved_cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         pending.id,
                         user_id,
@@ -721,19 +745,11 @@ class SQLiteStorage:
                         str(pending.cost),
                         pending.currency,
                         searches,
+                        str(pending.reserved_cost),
                     ),
                 )
-            return Admission(
-                admitted=True,
-                refused_by=None,
-                counters=replace(
-                    counters,
-                    queries_today=counters.queries_today + 1,
-                    web_searches_today=counters.web_searches_today + searches,
-                    open_streams=streams,
-                ),
-                web_search_reserved=bool(searches),
-            )
+            after = charged(counters, charge, searches)
+            return admission(checked, None, after, searches)
 
         return await self._tx(run)
 
@@ -773,7 +789,7 @@ class SQLiteStorage:
                     "WHERE user_id = ? AND day = ? AND queries > 0",
                     (user_id, day.isoformat()),
                 )
-                _give_back_web_searches(conn, user_id, claimed[0], claimed[1])
+                _release(conn, user_id, claimed)
             return claimed is not None
 
         return await self._tx(run)
@@ -796,7 +812,7 @@ class SQLiteStorage:
             else:
                 recorded = _record(conn, event)
                 # Whether or not the answer id was new, the reservation ends here.
-                _give_back_web_searches(conn, event.user_id, claimed[0], claimed[1])
+                _release(conn, event.user_id, claimed)
             if not recorded:
                 return False
             if alerts is not None and alerts.checks:
@@ -817,7 +833,11 @@ class SQLiteStorage:
                 (_ts(before), limit),
             ).fetchall()
             for row in rows:
-                _claim(conn, row[0], row[0])
+                claimed = _claim(conn, row[0], row[0])
+                if claimed is not None:
+                    # The cost bound's reservation ends: the estimate below is
+                    # charged instead (admission made it at least the bound).
+                    _release(conn, row[1], claimed._replace(web_searches=0))
                 recorded = _record(
                     conn,
                     UsageEvent(

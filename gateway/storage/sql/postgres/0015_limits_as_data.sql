@@ -1,0 +1,35 @@
+-- Issue 21, limits as data. Admission is one generic check-and-reserve over a
+-- set of limits (meter, window, maximum: gateway/quota.py), settle and refund
+-- adjust the counters it reserved. The live functions are no longer created
+-- by migrations: they are defined once each in sql/postgres/functions/ and
+-- applied (CREATE OR REPLACE) by every `migrate` whose set of function files
+-- differs from the one applied last (schema_functions holds its hash). This
+-- migration drops every function the earlier migrations created - overloads
+-- included - so that the files define all of them; schema and data stay.
+--
+-- Money budgets: admission reserves an upper bound of an answer's cost. The day
+-- row holds what answers under way reserved (cost_reserved), the pending row
+-- its own reservation (reserved_cost), which settle, refund and recovery take
+-- off the day row again. Existing rows reserve nothing.
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN
+        SELECT p.oid::regprocedure FROM pg_proc p
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = current_schema() AND p.proname LIKE 'gateway\_%'
+    LOOP
+        EXECUTE 'DROP FUNCTION ' || f;
+    END LOOP;
+END
+$$;
+
+ALTER TABLE usage_daily ADD COLUMN cost_reserved numeric NOT NULL DEFAULT 0;
+ALTER TABLE pending_answers ADD COLUMN reserved_cost numeric NOT NULL DEFAULT 0;
+
+CREATE TABLE schema_functions (
+    id integer PRIMARY KEY CHECK (id = 1),
+    hash text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);

@@ -1,0 +1,98 @@
+-- Admission: check-and-reserve one request against a set of limits, in one
+-- round trip (docs/quotas.md). Under the user's row lock - all admissions of a
+-- user queue on it, and each statement after it sees what the ones before
+-- committed (READ COMMITTED), so check-then-reserve is exact across replicas -
+-- the counters are read (gateway_counters, and the open leases when a stream
+-- limit is set), gateway_decide applies the rule, and an admitted request's
+-- charge is added: one query, an advanced-RAG query, a web search, a cost
+-- bound (cost_reserved), a stream lease, and its pending row, which holds the
+-- web search and cost bound reserved until settle, refund or recovery.
+--
+-- Returns the limit that refused (its 1-based index in p_meters), or NULL, and
+-- the counters: after the charge when admitted, before it when refused.
+CREATE OR REPLACE FUNCTION gateway_admit(
+    p_user text,
+    p_day date,
+    p_month_start date,
+    p_meters smallint[],
+    p_pers smallint[],
+    p_maxes numeric[],
+    p_lease text,
+    p_lease_expires timestamptz,
+    p_now timestamptz,
+    p_advanced_rag boolean,
+    p_pending text,
+    p_endpoint text,
+    p_prompt bigint,
+    p_completion bigint,
+    p_total bigint,
+    p_cost numeric,
+    p_currency text,
+    p_web_ask boolean,
+    p_web_optional boolean,
+    p_reserve_cost numeric
+) RETURNS TABLE (
+    refused integer,
+    day_used numeric[],
+    month_used numeric[],
+    open_streams bigint,
+    web_reserved boolean
+) LANGUAGE plpgsql AS $$
+DECLARE
+    v_day numeric[];
+    v_month numeric[];
+    v_streams bigint := 0;
+    v_charge numeric[];
+    d record;
+    i integer;
+BEGIN
+    -- NO KEY UPDATE does not block the foreign-key checks of concurrent ledger writes.
+    PERFORM 1 FROM users WHERE id = p_user FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE foreign_key_violation USING MESSAGE = 'unknown user ' || p_user;
+    END IF;
+    SELECT c.day_used, c.month_used INTO v_day, v_month
+    FROM gateway_counters(p_user, p_day, p_month_start) c;
+    IF 10 = ANY (p_meters) THEN
+        PERFORM gateway_drop_expired_leases(p_user, p_now);
+        SELECT count(*) INTO v_streams FROM stream_leases l
+        WHERE l.user_id = p_user AND l.expires_at > p_now;
+    END IF;
+    v_charge := ARRAY[
+        1, CASE WHEN p_advanced_rag THEN 1 ELSE 0 END, CASE WHEN p_web_ask THEN 1 ELSE 0 END,
+        0, 0, 0, 0, 0, coalesce(p_reserve_cost, 0), CASE WHEN p_lease IS NULL THEN 0 ELSE 1 END
+    ]::numeric[];
+    d := gateway_decide(p_meters, p_pers, p_maxes, v_day, v_month, v_streams, v_charge,
+        p_web_optional);
+    IF d.refused IS NOT NULL THEN
+        RETURN QUERY SELECT d.refused, v_day, v_month, v_streams, false;
+        RETURN;
+    END IF;
+    v_charge[3] := d.web;
+    INSERT INTO usage_daily AS u (user_id, day, queries, advanced_rag, web_searches, cost_reserved)
+    VALUES (p_user, p_day, 1, v_charge[2], d.web, v_charge[9])
+    ON CONFLICT (user_id, day) DO UPDATE SET
+        queries = u.queries + 1,
+        advanced_rag = u.advanced_rag + excluded.advanced_rag,
+        web_searches = u.web_searches + excluded.web_searches,
+        cost_reserved = u.cost_reserved + excluded.cost_reserved;
+    FOR i IN 1 .. 9 LOOP
+        v_day[i] := v_day[i] + v_charge[i];
+        v_month[i] := v_month[i] + v_charge[i];
+    END LOOP;
+    IF p_lease IS NOT NULL THEN
+        INSERT INTO stream_leases (id, user_id, expires_at) VALUES (p_lease, p_user, p_lease_expires);
+        v_streams := v_streams + 1;
+    END IF;
+    IF p_pending IS NOT NULL THEN
+        INSERT INTO pending_answers (
+            id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens,
+            total_tokens, cost, currency, web_searches, reserved_cost
+        ) VALUES (
+            p_pending, p_user, p_day, p_now, p_endpoint, p_prompt, p_completion,
+            p_total, p_cost, p_currency, d.web, v_charge[9]
+        );
+    END IF;
+    RETURN QUERY SELECT NULL::integer, v_day, v_month, v_streams, d.web > 0;
+END
+$$;

@@ -1,0 +1,58 @@
+-- The admission rule of gateway/quota.py (`decide` and `refuses`), over the
+-- counters one user's request finds: which limit, if any, refuses the request,
+-- and how many web searches it reserves. Limits come as parallel arrays (meter,
+-- window, maximum); meters are numbered as quota.METERS (1 queries, 2 advanced
+-- RAG, 3 web searches, 4 uploads, 5 upload bytes, 6 input tokens, 7 output
+-- tokens, 8 tokens, 9 cost, 10 streams), windows as quota.PERS (1 day, 2 month,
+-- 3 open at once); p_day and p_month hold meters 1-9, p_charge meters 1-10.
+-- tests/test_quota_backends.py checks this against the Python rule.
+CREATE OR REPLACE FUNCTION gateway_decide(
+    p_meters smallint[],
+    p_pers smallint[],
+    p_maxes numeric[],
+    p_day numeric[],
+    p_month numeric[],
+    p_streams bigint,
+    p_charge numeric[],
+    p_web_optional boolean,
+    OUT refused integer,
+    OUT web integer
+) LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    i integer;
+    m smallint;
+    v_used numeric;
+    n integer := coalesce(cardinality(p_meters), 0);
+BEGIN
+    web := p_charge[3]::integer;
+    -- Web-search limits first: only a request asking for web search adds to
+    -- them, and one of them may only turn the search off (p_web_optional).
+    IF web > 0 THEN
+        FOR i IN 1 .. n LOOP
+            CONTINUE WHEN p_meters[i] <> 3;
+            v_used := CASE p_pers[i] WHEN 1 THEN p_day[3] ELSE p_month[3] END;
+            IF v_used + web > p_maxes[i] THEN
+                IF p_web_optional THEN
+                    web := 0;
+                    EXIT;
+                END IF;
+                refused := i;
+                web := 0;
+                RETURN;
+            END IF;
+        END LOOP;
+    END IF;
+    FOR i IN 1 .. n LOOP
+        m := p_meters[i];
+        CONTINUE WHEN m = 3;
+        v_used := CASE p_pers[i] WHEN 1 THEN p_day[m] WHEN 2 THEN p_month[m] ELSE p_streams END;
+        IF (p_charge[m] > 0 AND v_used + p_charge[m] > p_maxes[i])
+            OR (m BETWEEN 6 AND 9 AND v_used >= p_maxes[i])
+        THEN
+            refused := i;
+            web := 0;
+            RETURN;
+        END IF;
+    END LOOP;
+END
+$$;

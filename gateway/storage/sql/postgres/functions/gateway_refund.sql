@@ -1,0 +1,29 @@
+-- Gives back what admission reserved for an answer that was never produced:
+-- the query, its lease, and (with its pending row, only while that row is
+-- there) the web search and cost bound reserved with it.
+CREATE OR REPLACE FUNCTION gateway_refund(p_user text, p_day date, p_lease text, p_pending text)
+ RETURNS boolean
+ LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_claimed boolean := true;
+    v_day date := p_day;
+    v_reserved integer := 0;
+    v_reserved_cost numeric := 0;
+BEGIN
+    IF p_pending IS NOT NULL THEN
+        DELETE FROM pending_answers WHERE id = p_pending RETURNING day, web_searches, reserved_cost
+        INTO v_day, v_reserved, v_reserved_cost;
+        v_claimed := FOUND;
+    END IF;
+    DELETE FROM stream_leases WHERE id = p_lease;
+    IF v_claimed THEN
+        UPDATE usage_daily SET queries = queries - 1
+        WHERE user_id = p_user AND day = p_day AND queries > 0;
+        IF v_reserved <> 0 OR v_reserved_cost <> 0 THEN
+            PERFORM gateway_release(p_user, v_day, v_reserved, v_reserved_cost);
+        END IF;
+    END IF;
+    RETURN v_claimed;
+END
+$$;
