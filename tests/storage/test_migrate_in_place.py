@@ -158,9 +158,7 @@ async def test_an_old_database_migrates_in_place_with_nothing_lost(old_database:
             2,
         )
         assert counters.web_searches_today == 2
-        refused = await storage.admit(
-            "alice", day=DAY, month_start=MONTH, limits=limits, now=NOW
-        )
+        refused = await storage.admit("alice", day=DAY, month_start=MONTH, limits=limits, now=NOW)
         assert refused.refused_by == "queries_per_day"
 
         # The answer admitted before the migration settles once, its web-search
