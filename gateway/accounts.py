@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 
-from gateway.config import LIMIT_NAMES, Config, Plan
+from gateway.config import LIMIT_NAMES, MONEY_LIMITS, Config, Plan
 from gateway.errors import BadRequest
 from gateway.keys import new_key
 from gateway.storage import ApiKey, OverrideValue, Storage, User
@@ -47,6 +48,8 @@ def parse_override(name: str, value: object) -> OverrideValue:
         return value
     if value is None:
         return None
+    if name in MONEY_LIMITS:
+        return _money(name, value)
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
@@ -58,6 +61,20 @@ def parse_override(name: str, value: object) -> OverrideValue:
     return value if name == "file_size_mb" else int(value)
 
 
+def _money(name: str, value: object) -> str:
+    """A money limit: a decimal string or number >= 0, kept as its exact decimal
+    string (never through a float)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise BadRequest(f"{name}: expected an amount >= 0 (a decimal string) or null.")
+    try:
+        amount = Decimal(value.strip() if isinstance(value, str) else repr(value))
+    except InvalidOperation:
+        raise BadRequest(f"{name}: expected an amount >= 0 (a decimal string) or null.") from None
+    if not amount.is_finite() or amount < 0:
+        raise BadRequest(f"{name}: expected an amount >= 0 (a decimal string) or null.")
+    return str(amount)
+
+
 def parse_override_text(name: str, raw: str) -> OverrideValue:
     """A per-user override as typed: a number, "unlimited", or true/false; then
     checked exactly as `parse_override` checks JSON."""
@@ -67,6 +84,8 @@ def parse_override_text(name: str, raw: str) -> OverrideValue:
         value = True if text in _TRUE else False if text in _FALSE else raw
     elif text in _UNLIMITED:
         value = None
+    elif name in MONEY_LIMITS:
+        value = raw
     else:
         try:
             value = float(text) if name == "file_size_mb" else int(text)

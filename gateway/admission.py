@@ -13,12 +13,14 @@ answer's pending row) until the answer is settled or the reservation given back.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from gateway.accounts import effective_plan
 from gateway.alerts import alert_request
+from gateway.budget import cost_bound
 from gateway.clock import Periods, periods_at
 from gateway.config import LIMIT_NAMES, Plan
 from gateway.errors import Forbidden, QuotaExceeded, StorageError
@@ -56,6 +58,7 @@ def limit_refusal(
     reset: datetime | None,
     own: bool,
     headers: Headers,
+    seconds: int | None = None,
 ) -> QuotaExceeded:
     """The 429 for ``resource``, its message named for gateway/messages.py: the
     user's own limit (a per-user override) or their plan's, reset time in the
@@ -64,6 +67,8 @@ def limit_refusal(
     fields: dict[str, object] = {"limit": _plain(limit)}
     if resource != "max_concurrent_streams":
         fields.update(used=_plain(used), reset=reset)
+    if seconds is not None:
+        fields.update(seconds=seconds, remaining=max(_plain(limit) - _plain(used), 0))
     return QuotaExceeded(
         english(key, **fields),
         code=LIMIT_CODES[resource],
@@ -157,6 +162,9 @@ class Admitter:
             if asks_for_web_search(body, config.web_search):
                 web_search = WebSearch(None, config.web_search.when_exhausted)
             limits = admission_limits(plan)
+            pending = self._pending(request_id, route, body)
+            if any(limit.meter == "cost" for limit in limits.limits):
+                pending = self._with_cost_bound(pending, route, body)
             lease = None
             if limits.counts_streams:
                 lease = Lease(id=request_id, expires_at=now + gw.lease_ttl)
@@ -168,7 +176,7 @@ class Admitter:
                 now=now,
                 lease=lease,
                 advanced_rag=advanced,
-                pending=self._pending(request_id, route, body),
+                pending=pending,
                 web_search=web_search,
             )
         except StorageError as exc:
@@ -176,13 +184,14 @@ class Admitter:
                 exc, plan, user_id, request_id, periods, asks_web=web_search is not None
             )
 
-        shown = reported_limit(admission, plan, periods)
+        shown = reported_limit(admission, plan, periods, now=now)
         rate_headers = shown.headers() if shown is not None else []
         if not admission.admitted:
             assert admission.refused is not None
             limit = admission.refused.max
             reset = shown.reset.astimezone(gw.tz) if shown and shown.reset else None
             retry = shown.retry_after(now) if shown else STREAM_RETRY_AFTER
+            rate = admission.refused.is_rate
             raise limit_refusal(
                 admission.refused.name,
                 limit,
@@ -190,6 +199,7 @@ class Admitter:
                 reset=reset,
                 own=admission.refused.name in own,
                 headers=[(b"retry-after", str(retry).encode()), *rate_headers],
+                seconds=retry if rate else None,
             )
         rule = config.web_search
         if (
@@ -243,6 +253,24 @@ class Admitter:
             cost=usage.cost,
             currency=usage.currency,
         )
+
+    def _with_cost_bound(self, pending: Pending, route: Route, body: dict[str, Any]) -> Pending:
+        """``pending`` reserving the upper bound of the answer's cost against the
+        money budgets (gateway/budget.py); a recovery charges at least that
+        bound, the most the answer could have cost. A paid side call's bound is
+        its price."""
+        accounting = self.gw.config.accounting
+        if route.role == "side_cost":
+            bound = pending.cost
+        else:
+            bound = cost_bound(
+                self.gw.upstream,
+                route,
+                body,
+                reserve_output_tokens=accounting.reserve_output_tokens,
+                answer_reservation=accounting.answer_reservation,
+            )
+        return replace(pending, reserved_cost=bound, cost=max(pending.cost, bound))
 
     def _storage_failed(
         self,

@@ -185,6 +185,11 @@ class AccountingConfig:
     # An answer reporting more tokens than this is recorded at this many, marked
     # "clamped" (docs/proxy.md); the bound keeps sums far from 64-bit overflow.
     max_tokens_per_answer: int = _setting(10_000_000, minimum=1)
+    # Money budgets (docs/quotas.md, "Money budgets"): the output tokens an
+    # answer request that sets no cap (max_tokens, ...) is reserved for, and the
+    # cost reserved for an answer whose dialect prices it only when it ends (Dify).
+    reserve_output_tokens: int = _setting(4096, minimum=0)
+    answer_reservation: Decimal = _setting(Decimal(0), minimum=0)  # noqa: RUF009 (immutable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,12 +310,18 @@ LimitName = Literal[
     "tokens_per_day",
     "tokens_per_month",
     "web_searches_per_day",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "cost_per_day",
+    "cost_per_month",
     "advanced_rag",
     "file_size_mb",
     "chat_history_days",
     "max_concurrent_streams",
 ]
 LIMIT_NAMES: tuple[LimitName, ...] = typing.get_args(LimitName)
+# The limits that are amounts of money (decimal strings in overrides too).
+MONEY_LIMITS: frozenset[str] = frozenset({"cost_per_day", "cost_per_month"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,12 +416,22 @@ class Plan:
     file_size_mb: float | None = _setting(None, minimum=0)
     chat_history_days: int | None = _setting(None, minimum=0)
     max_concurrent_streams: int | None = _setting(None, minimum=0)
+    # Rates over a sliding minute (docs/quotas.md, "Rates").
+    requests_per_minute: int | None = _setting(None, minimum=0)
+    tokens_per_minute: int | None = _setting(None, minimum=0)
+    # Money budgets, in the price table's currency: decimal strings ("2.50").
+    cost_per_day: Decimal | None = _setting(None, minimum=0)  # noqa: RUF009 (None is immutable)
+    cost_per_month: Decimal | None = _setting(None, minimum=0)  # noqa: RUF009 (None is immutable)
     # Replaces alerts.thresholds for this plan ([] turns alerts off for it).
     alert_thresholds: tuple[int, ...] | None = _setting(None, minimum=1)
 
     def with_overrides(self, overrides: Mapping[str, object]) -> Plan:
         """This plan with per-user overrides applied (unknown names are ignored)."""
-        known = {k: v for k, v in overrides.items() if k in LIMIT_NAMES}
+        known = {
+            k: Decimal(str(v)) if k in MONEY_LIMITS and v is not None else v
+            for k, v in overrides.items()
+            if k in LIMIT_NAMES
+        }
         return dataclasses.replace(self, **known) if known else self  # type: ignore[arg-type]
 
 

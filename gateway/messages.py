@@ -121,6 +121,51 @@ def _limit(
     }
 
 
+_RATE_FIELDS: Final = (*_LIMIT_FIELDS, "seconds")
+
+
+def _rate(code: str, what_en: str, what_vi: str) -> dict[str, Entry]:
+    """A rate's refusal (a sliding minute): when it frees up is seconds away."""
+    return {
+        code: _e(
+            code,
+            f"You have reached your plan's limit of {{limit}} {what_en} a minute. "
+            "Try again in {seconds} seconds.",
+            f"Bạn đã dùng hết {{limit}} {what_vi} mỗi phút theo gói của bạn. "
+            "Vui lòng thử lại sau {seconds} giây.",
+            extra=_RATE_FIELDS,
+        ),
+        f"{code}_own": _e(
+            code,
+            f"You have reached your limit of {{limit}} {what_en} a minute. "
+            "Try again in {seconds} seconds.",
+            f"Bạn đã dùng hết {{limit}} {what_vi} mỗi phút theo hạn mức của bạn. "
+            "Vui lòng thử lại sau {seconds} giây.",
+            extra=_RATE_FIELDS,
+        ),
+    }
+
+
+def _budget(code: str, period_en: str, period_vi: str) -> dict[str, Entry]:
+    """A money budget's refusal ({limit} is an exact decimal amount)."""
+    return {
+        code: _e(
+            code,
+            f"You have used all {{limit}} of your plan's budget for {period_en}. It resets {{reset}}.",
+            f"Bạn đã dùng hết ngân sách {{limit}} {period_vi} theo gói của bạn. "
+            "Hạn mức sẽ được đặt lại {reset}.",
+            extra=_LIMIT_FIELDS,
+        ),
+        f"{code}_own": _e(
+            code,
+            f"You have reached your budget of {{limit}} for {period_en}. It resets {{reset}}.",
+            f"Bạn đã dùng hết ngân sách {{limit}} {period_vi} theo hạn mức của bạn. "
+            "Hạn mức sẽ được đặt lại {reset}.",
+            extra=_LIMIT_FIELDS,
+        ),
+    }
+
+
 _STREAMS_EN = "You already have {limit} answers in progress. Wait for one to finish and try again."
 _STREAMS_VI = (
     "Bạn đang có {limit} câu trả lời chưa hoàn tất. Vui lòng đợi một câu trả lời xong rồi thử lại."
@@ -136,6 +181,10 @@ ENTRIES: Final[Mapping[str, Entry]] = {
     **_limit(
         "web_search_limit", "web searches", "today", "lượt tìm kiếm web", "hôm nay", it="They reset"
     ),
+    **_rate("request_rate_limit", "requests", "yêu cầu"),
+    **_rate("token_rate_limit", "tokens", "token"),
+    **_budget("daily_cost_limit", "today", "hôm nay"),
+    **_budget("monthly_cost_limit", "this month", "tháng này"),
     "concurrent_stream_limit": _e("concurrent_stream_limit", _STREAMS_EN, _STREAMS_VI),
     "concurrent_stream_limit_own": _e("concurrent_stream_limit", _STREAMS_EN, _STREAMS_VI),
     # --- features and uploads (403, 413) ---
@@ -391,6 +440,10 @@ ALIASES: Final[Mapping[str, str]] = {
     "tokens_per_month": "monthly_token_limit",
     "web_searches_per_day": "web_search_limit",
     "max_concurrent_streams": "concurrent_stream_limit",
+    "requests_per_minute": "request_rate_limit",
+    "tokens_per_minute": "token_rate_limit",
+    "cost_per_day": "daily_cost_limit",
+    "cost_per_month": "monthly_cost_limit",
     "advanced_rag": "feature_not_in_plan",
     **{
         f"{name}_own": f"{code}_own"
@@ -400,6 +453,10 @@ ALIASES: Final[Mapping[str, str]] = {
             ("tokens_per_month", "monthly_token_limit"),
             ("web_searches_per_day", "web_search_limit"),
             ("max_concurrent_streams", "concurrent_stream_limit"),
+            ("requests_per_minute", "request_rate_limit"),
+            ("tokens_per_minute", "token_rate_limit"),
+            ("cost_per_day", "daily_cost_limit"),
+            ("cost_per_month", "monthly_cost_limit"),
             ("advanced_rag", "feature_not_in_plan"),
         )
     },

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from gateway.clock import Periods
@@ -25,6 +25,10 @@ LIMIT_CODES: dict[str, str] = {
     "tokens_per_month": "monthly_token_limit",
     "max_concurrent_streams": "concurrent_stream_limit",
     "web_searches_per_day": "web_search_limit",
+    "requests_per_minute": "request_rate_limit",
+    "tokens_per_minute": "token_rate_limit",
+    "cost_per_day": "daily_cost_limit",
+    "cost_per_month": "monthly_cost_limit",
 }
 
 
@@ -41,8 +45,17 @@ def closed_checks(policy: StorageErrorPolicy, plan: Plan) -> list[str]:
     """The checks that refuse a request when the database is unreachable: those
     whose policy is ``closed`` and whose limit the plan actually sets."""
     applies = {
-        "queries": plan.queries_per_day is not None,
-        "tokens": plan.tokens_per_day is not None or plan.tokens_per_month is not None,
+        "queries": plan.queries_per_day is not None or plan.requests_per_minute is not None,
+        "tokens": any(
+            value is not None
+            for value in (
+                plan.tokens_per_day,
+                plan.tokens_per_month,
+                plan.tokens_per_minute,
+                plan.cost_per_day,
+                plan.cost_per_month,
+            )
+        ),
         "streams": plan.max_concurrent_streams is not None,
     }
     return [check for check, used in applies.items() if used and getattr(policy, check) == "closed"]
@@ -86,7 +99,8 @@ def _number(value: Decimal) -> bytes:
 
 
 def reset_of(limit: Limit, periods: Periods) -> datetime | None:
-    """When ``limit``'s window starts again (None: it counts what is open)."""
+    """When ``limit``'s calendar window starts again (None: it counts what is
+    open, or slides)."""
     if limit.per == "day":
         return periods.day_resets_at
     if limit.per == "month":
@@ -108,11 +122,23 @@ def rate_limit(limit: Limit, counters: Counters, periods: Periods) -> RateLimit 
 _SHOWN = ("queries_per_day", "tokens_per_day", "tokens_per_month")
 
 
-def reported_limit(admission: Admission, plan: Plan, periods: Periods) -> RateLimit | None:
+def reported_limit(
+    admission: Admission, plan: Plan, periods: Periods, *, now: datetime
+) -> RateLimit | None:
     """The limit the response headers describe: the one that refused, or else the
-    first configured of queries, tokens today, tokens this month."""
-    if admission.refused is not None:
-        return rate_limit(admission.refused, admission.counters, periods)
+    first configured of queries, tokens today, tokens this month. A rate that
+    refused resets when the request would fit (its Retry-After)."""
+    refused = admission.refused
+    if refused is not None:
+        if refused.is_rate:
+            wait = timedelta(seconds=admission.retry_after or 1)
+            return RateLimit(
+                refused.name,
+                refused.max,
+                admission.counters.of(refused.meter, refused.per),
+                now + wait,
+            )
+        return rate_limit(refused, admission.counters, periods)
     by_name = {limit.name: limit for limit in plan_limits(plan)}
     for name in _SHOWN:
         if name in by_name:

@@ -26,7 +26,8 @@ Two kinds of meter:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
@@ -43,7 +44,7 @@ Meter = Literal[
     "cost",
     "streams",
 ]
-Per = Literal["day", "month", "open"]
+Per = Literal["day", "month", "open", "minute", "hour"]
 
 # The meters a day row counts, in the order of the usage_daily columns both
 # backends read them from (the order is the storage's: PL/pgSQL indexes its
@@ -60,8 +61,20 @@ DAY_METERS: tuple[Meter, ...] = (
     "cost",
 )
 METERS: tuple[Meter, ...] = (*DAY_METERS, "streams")
-PERS: tuple[Per, ...] = ("day", "month", "open")
+PERS: tuple[Per, ...] = ("day", "month", "open", "minute", "hour")
 MEASURED: frozenset[Meter] = frozenset({"input_tokens", "output_tokens", "tokens", "cost"})
+
+# Rates: windows that slide. A rate window of W seconds is counted in buckets of
+# W / RATE_BUCKETS seconds; admission counts the current bucket and the
+# RATE_BUCKETS before it, a span of at least W, so no span of W seconds ever
+# holds more than the maximum (a burst at a window's edge cannot double it).
+# The price is caution: what a bucket counted is held until the whole bucket
+# has left the span, up to one bucket (5 s a minute, 5 minutes an hour) longer
+# than strictly needed. Rates count queries (at admission) and tokens (when
+# the answer is settled).
+RATE_SECONDS: dict[Per, int] = {"minute": 60, "hour": 3600}
+RATE_BUCKETS = 12
+RATE_METERS: frozenset[Meter] = frozenset({"queries", "tokens"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +92,12 @@ class Limit:
     def __post_init__(self) -> None:
         if (self.meter == "streams") != (self.per == "open"):
             raise ValueError(f"{self.name}: streams are counted open at once, nothing else is")
+        if self.per in RATE_SECONDS and self.meter not in RATE_METERS:
+            raise ValueError(f"{self.name}: only queries and tokens have per-{self.per} rates")
+
+    @property
+    def is_rate(self) -> bool:
+        return self.per in RATE_SECONDS
 
 
 # The plan keys that set a limit, and the limit each is: the order is the order
@@ -86,8 +105,10 @@ class Limit:
 LEGACY_LIMITS: dict[str, tuple[Meter, Per]] = {
     "web_searches_per_day": ("web_searches", "day"),
     "queries_per_day": ("queries", "day"),
+    "requests_per_minute": ("queries", "minute"),
     "tokens_per_day": ("tokens", "day"),
     "tokens_per_month": ("tokens", "month"),
+    "tokens_per_minute": ("tokens", "minute"),
     "cost_per_day": ("cost", "day"),
     "cost_per_month": ("cost", "month"),
     "max_concurrent_streams": ("streams", "open"),
@@ -161,15 +182,78 @@ class Counters:
 
 
 def counters_from(
-    day: Sequence[Decimal | int], month: Sequence[Decimal | int], streams: int
+    day: Sequence[Decimal | int],
+    month: Sequence[Decimal | int],
+    streams: int,
+    rates: Mapping[tuple[Meter, Per], Decimal] | None = None,
 ) -> Counters:
-    """Counters from the storage's vectors (day and month sums in DAY_METERS order)."""
+    """Counters from the storage's vectors (day and month sums in DAY_METERS
+    order) and what the rate windows counted."""
     used: dict[tuple[Meter, Per], Decimal] = {}
     for meter, d, m in zip(DAY_METERS, day, month, strict=True):
         used[(meter, "day")] = Decimal(d)
         used[(meter, "month")] = Decimal(m)
     used[("streams", "open")] = Decimal(streams)
+    if rates:
+        used.update(rates)
     return Counters(used)
+
+
+# --- rates -------------------------------------------------------------------
+
+# What an answer's pending row remembers of the rates it counts in (a bit mask):
+# refund takes its query out of the query rates, settle adds its tokens to the
+# token rates.
+RATE_BITS: dict[tuple[Meter, Per], int] = {
+    ("queries", "minute"): 1,
+    ("queries", "hour"): 2,
+    ("tokens", "minute"): 4,
+    ("tokens", "hour"): 8,
+}
+
+
+def rate_bits(limits: Sequence[Limit]) -> int:
+    bits = 0
+    for limit in limits:
+        bits |= RATE_BITS.get((limit.meter, limit.per), 0)
+    return bits
+
+
+def bucket_seconds(per: Per) -> int:
+    return RATE_SECONDS[per] // RATE_BUCKETS
+
+
+def bucket_of(per: Per, epoch: float) -> int:
+    """The bucket of a rate window that a moment (Unix seconds) falls in."""
+    return math.floor(epoch / bucket_seconds(per))
+
+
+def first_counted(per: Per, epoch: float) -> int:
+    """The oldest bucket admission counts at ``epoch``."""
+    return bucket_of(per, epoch) - RATE_BUCKETS
+
+
+def rate_used(buckets: Mapping[int, Decimal], per: Per, epoch: float) -> Decimal:
+    """What a rate window counts at ``epoch``, from its buckets' amounts."""
+    first = first_counted(per, epoch)
+    return sum((amount for bucket, amount in buckets.items() if bucket >= first), Decimal(0))
+
+
+def rate_retry(buckets: Mapping[int, Decimal], limit: Limit, amount: Decimal, epoch: float) -> int:
+    """Whole seconds (at least 1) until a request adding ``amount``, refused by
+    the rate ``limit``, would fit: until enough of the oldest counted buckets
+    have left the window. A request that can never fit waits the whole window."""
+    first = first_counted(limit.per, epoch)
+    counted = sorted((b, a) for b, a in buckets.items() if b >= first)
+    used = sum((a for _, a in counted), Decimal(0))
+    width = bucket_seconds(limit.per)
+    for bucket, bucket_amount in counted:
+        used -= bucket_amount
+        if not refuses(limit, used, amount):
+            # The bucket leaves the counted span when the current bucket is
+            # RATE_BUCKETS + 1 past it.
+            return max(math.ceil((bucket + RATE_BUCKETS + 1) * width - epoch), 1)
+    return RATE_SECONDS[limit.per]
 
 
 def refuses(limit: Limit, used: Decimal, amount: Decimal) -> bool:
@@ -225,3 +309,15 @@ def charged(counters: Counters, charge: Charge, web_searches: int) -> Counters:
                 if (meter, per) in used:
                     used[(meter, per)] += amount
     return Counters(used)
+
+
+def rate_counts(
+    rows: Iterable[Sequence[int | Decimal]], epoch: float
+) -> dict[tuple[Meter, Per], Decimal]:
+    """What each rate window counts at ``epoch``, from the storage's rows
+    (meter, per, bucket, amount; meter and per numbered 1-based)."""
+    buckets: dict[tuple[Meter, Per], dict[int, Decimal]] = {}
+    for meter, per, bucket, amount in rows:
+        key = (METERS[int(meter) - 1], PERS[int(per) - 1])
+        buckets.setdefault(key, {})[int(bucket)] = Decimal(amount)
+    return {key: rate_used(found, key[1], epoch) for key, found in buckets.items()}

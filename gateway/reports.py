@@ -7,14 +7,16 @@ counters and reset times fit together, so every surface says the same thing.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from gateway.accounts import effective_plan
 from gateway.clock import Periods, periods_at
-from gateway.config import LIMIT_NAMES, Plan
+from gateway.config import LIMIT_NAMES, MONEY_LIMITS, Plan
 from gateway.errors import NotFound
+from gateway.quota import Meter, Per
 from gateway.storage import DailyUsage, ModelUsage, User
 
 if TYPE_CHECKING:
@@ -63,20 +65,32 @@ def model_dict(row: ModelUsage) -> dict[str, Any]:
 
 
 def limits_view(
-    plan: Plan, today: DailyUsage, month_tokens: int, open_streams: int, periods: Periods
+    plan: Plan,
+    today: DailyUsage,
+    month_tokens: int,
+    open_streams: int,
+    periods: Periods,
+    *,
+    month_cost: Decimal = Decimal(0),
+    rates: Mapping[tuple[Meter, Per], Decimal] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each limit of the (overridden) plan: used, limit, remaining, resets_at.
 
     ``limit`` and ``remaining`` are null when unlimited; ``resets_at`` is null for
     limits that do not reset with time.
     """
-    used = {
+    rates = rates or {}
+    used: dict[str, Any] = {
         "queries_per_day": today.queries,
         "tokens_per_day": today.total_tokens,
         "web_searches_per_day": today.web_searches,
         "tokens_per_month": month_tokens,
         "max_concurrent_streams": open_streams,
         "advanced_rag": today.advanced_rag,
+        "requests_per_minute": int(rates.get(("queries", "minute"), 0)),
+        "tokens_per_minute": int(rates.get(("tokens", "minute"), 0)),
+        "cost_per_day": today.cost,
+        "cost_per_month": month_cost,
     }
     view: dict[str, dict[str, Any]] = {}
     for name in LIMIT_NAMES:
@@ -87,6 +101,17 @@ def limits_view(
                 "allowed": bool(limit),
                 "used": used[name],
                 "resets_at": _iso(periods.day_resets_at),
+            }
+        elif name in MONEY_LIMITS:
+            # Money as exact decimal strings; used is what was spent (answers
+            # under way hold their reservations apart).
+            entry = {
+                "limit": None if limit is None else money(limit),
+                "used": money(used[name]),
+                "remaining": None if limit is None else money(max(limit - used[name], Decimal(0))),
+                "resets_at": _iso(
+                    periods.day_resets_at if name == "cost_per_day" else periods.month_resets_at
+                ),
             }
         elif name in used:
             entry["used"] = used[name]
@@ -148,7 +173,15 @@ class Reports:
             "plan": plan.name,
             "timezone": self.gw.config.accounting.timezone,
             "day": periods.day.isoformat(),
-            "limits": limits_view(plan, today, sum(r.total_tokens for r in rows), streams, periods),
+            "limits": limits_view(
+                plan,
+                today,
+                sum(r.total_tokens for r in rows),
+                streams,
+                periods,
+                month_cost=sum((r.cost for r in rows), Decimal(0)),
+                rates=await self.gw.storage.rate_counts(user.id, now=self.gw.clock.now()),
+            ),
             "today": daily_dict(today),
             "lifetime": {
                 "prompt_tokens": user.lifetime_prompt_tokens,

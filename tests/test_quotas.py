@@ -61,10 +61,17 @@ async def test_forty_parallel_requests_with_five_left_forward_exactly_five_sqlit
 
 @contextlib.asynccontextmanager
 async def two_gateways(
-    postgres_dsn: str, tmp_path: Path, fake: FakeDify, limits: dict[str, Any]
+    postgres_dsn: str,
+    tmp_path: Path,
+    fake: Any,
+    limits: dict[str, Any],
+    *,
+    upstream: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> AsyncIterator[tuple[list[int], str, Storage]]:
     """Two `gateway serve` processes on one fresh PostgreSQL database, in front of
-    ``fake``, with USER on a plan of ``limits``: (their ports, USER's key, storage)."""
+    ``fake``, with USER on a plan of ``limits``: (their ports, USER's key, storage).
+    ``upstream`` adds [upstream] settings, ``settings`` other sections."""
     conn = await asyncpg.connect(postgres_dsn)
     await conn.execute("TRUNCATE usage_events, usage_daily, api_keys, stream_leases, users CASCADE")
     await conn.close()
@@ -80,15 +87,20 @@ async def two_gateways(
             name="",
             now=datetime.now(UTC),
         )
-        async with serve(fake) as upstream:
+        async with serve(fake) as url:
             config = tmp_path / "gateway.toml"
             config.write_text(
                 to_toml(
                     {
                         "server": {"log_level": "info", "reload_interval": 0},
-                        "upstream": {"url": upstream + "/v1", "api_key_env": "TEST_UPSTREAM_KEY"},
+                        "upstream": {
+                            "url": url + "/v1",
+                            "api_key_env": "TEST_UPSTREAM_KEY",
+                            **(upstream or {}),
+                        },
                         "database": {"url": postgres_dsn, "spool_file": ""},
                         **plans(**limits),
+                        **(settings or {}),
                     }
                 )
             )

@@ -15,9 +15,10 @@ from decimal import Decimal
 from typing import Any, Literal, Protocol
 
 from gateway.quota import Counters as Counters
-from gateway.quota import Limit, limits_of
+from gateway.quota import Limit, Meter, Per, limits_of
 
-OverrideValue = int | float | bool | None  # None: explicitly unlimited
+# None: explicitly unlimited; str: an amount of money, as a decimal string.
+OverrideValue = int | float | bool | str | None
 
 # Column lists in the order the records take them; both backends' SQL uses them so
 # that a row maps onto its record the same way everywhere.
@@ -210,15 +211,24 @@ class Admission:
     counters: Counters  # after the reservation when admitted
     web_search_reserved: bool = False  # one web search was reserved for the answer
     refused: Limit | None = None  # the limit that refused
+    # A refusal by a rate limit: whole seconds until the request would fit.
+    retry_after: int | None = None
 
 
 def admission(
-    limits: Sequence[Limit], refused: int | None, counters: Counters, web_searches: int
+    limits: Sequence[Limit],
+    refused: int | None,
+    counters: Counters,
+    web_searches: int,
+    *,
+    retry_after: int | None = None,
 ) -> Admission:
     """The Admission for a decision over ``limits`` (``refused``: an index)."""
     if refused is None:
         return Admission(True, None, counters, web_search_reserved=web_searches > 0)
-    return Admission(False, limits[refused].name, counters, refused=limits[refused])
+    return Admission(
+        False, limits[refused].name, counters, refused=limits[refused], retry_after=retry_after
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,6 +476,11 @@ class Storage(Protocol):
         for it) reserves one web search in the same step, or refuses, or admits
         without one (see `WebSearch`); the reservation is kept on ``pending``,
         so a request asking for web search should come with one."""
+        ...
+
+    async def rate_counts(self, user_id: str, *, now: datetime) -> dict[tuple[Meter, Per], Decimal]:
+        """What each of the user's rate windows counts at ``now`` (the windows
+        admission has counted the user in; gateway/quota.py, "rates")."""
         ...
 
     async def record_upload(self, user_id: str, *, day: date, size: int) -> None:

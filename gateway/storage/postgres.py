@@ -39,7 +39,7 @@ import asyncpg
 import orjson
 
 from gateway.errors import NotFound, StorageError
-from gateway.quota import METERS, PERS, Limit, counters_from
+from gateway.quota import METERS, PERS, Limit, Meter, Per, counters_from, rate_counts
 from gateway.storage import functions, migrations
 from gateway.storage.base import (
     ALERT_COLUMNS,
@@ -216,13 +216,24 @@ def _event(row: Any) -> UsageEvent:
 
 
 def _admission(row: Any, limits: Sequence[Limit]) -> Admission:
-    counters = counters_from(row["day_used"], row["month_used"], row["open_streams"] or 0)
+    rates = row["rate_used"]
+    counters = counters_from(
+        row["day_used"],
+        row["month_used"],
+        row["open_streams"] or 0,
+        {
+            (limit.meter, limit.per): rates[at]
+            for at, limit in enumerate(limits)
+            if limit.is_rate and rates is not None
+        },
+    )
     refused = row["refused"]
     return admission(
         limits,
         None if refused is None else refused - 1,
         counters,
         1 if row["web_reserved"] else 0,
+        retry_after=row["retry_after"],
     )
 
 
@@ -322,6 +333,9 @@ class PostgresStorage:
                 digest, texts = functions("postgres")
                 applied_hash = await conn.fetchval("SELECT hash FROM schema_functions")
                 if applied_hash != digest:
+                    # The files go in name order; a function may call one whose
+                    # file comes later (as pg_dump restores them).
+                    await conn.execute("SET LOCAL check_function_bodies = off")
                     for text in texts:
                         await conn.execute(text)
                     await conn.execute(
@@ -572,6 +586,13 @@ class PostgresStorage:
         except StorageError as exc:
             # The pending row stays: a recovery charges it as an estimate later.
             log.warning("could not give back an abandoned admission of %s: %s", user_id, exc)
+
+    async def rate_counts(self, user_id: str, *, now: datetime) -> dict[tuple[Meter, Per], Decimal]:
+        with _mapped():
+            rows = await self._pool.fetch(
+                "SELECT meter, per, bucket, amount FROM usage_rates WHERE user_id = $1", user_id
+            )
+        return rate_counts([tuple(row) for row in rows], now.timestamp())
 
     async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
         with _mapped():

@@ -27,7 +27,26 @@ from typing import Any, NamedTuple, TypeVar
 import orjson
 
 from gateway.errors import NotFound, StorageError
-from gateway.quota import DAY_METERS, Charge, charged, counters_from, decide
+from gateway.quota import (
+    DAY_METERS,
+    METERS,
+    PERS,
+    RATE_BITS,
+    RATE_BUCKETS,
+    Charge,
+    Limit,
+    Meter,
+    Per,
+    bucket_of,
+    charged,
+    counters_from,
+    decide,
+    first_counted,
+    rate_bits,
+    rate_counts,
+    rate_retry,
+    rate_used,
+)
 from gateway.storage import migrations
 from gateway.storage.base import (
     ALERT_COLUMNS,
@@ -264,6 +283,57 @@ class _Claimed(NamedTuple):
     day: str
     web_searches: int
     reserved_cost: str
+    rates: int = 0  # quota.RATE_BITS
+    created_at: str = ""
+
+
+def _rate_add(
+    conn: sqlite3.Connection, user_id: str, meter: Meter, per: Per, epoch: float, amount: int
+) -> None:
+    """Add ``amount`` to the rate bucket ``epoch`` falls in (PostgreSQL's
+    gateway_rate_add: a slot ring, a newer bucket replacing a slot's older one)."""
+    bucket = bucket_of(per, epoch)
+    conn.execute(
+        "INSERT INTO usage_rates AS r (user_id, meter, per, slot, bucket, amount) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, meter, per, slot) DO UPDATE SET "
+        "amount = CASE WHEN r.bucket = excluded.bucket THEN r.amount + excluded.amount "
+        "WHEN excluded.bucket > r.bucket THEN excluded.amount ELSE r.amount END, "
+        "bucket = max(r.bucket, excluded.bucket)",
+        (
+            user_id,
+            METERS.index(meter) + 1,
+            PERS.index(per) + 1,
+            bucket % (RATE_BUCKETS + 1),
+            bucket,
+            amount,
+        ),
+    )
+
+
+def _rate_buckets(
+    conn: sqlite3.Connection, user_id: str, limit: Limit, epoch: float
+) -> dict[int, Decimal]:
+    """The counted buckets of one rate window at ``epoch``."""
+    rows = conn.execute(
+        "SELECT bucket, amount FROM usage_rates WHERE user_id = ? AND meter = ? AND per = ? "
+        "AND bucket >= ?",
+        (
+            user_id,
+            METERS.index(limit.meter) + 1,
+            PERS.index(limit.per) + 1,
+            first_counted(limit.per, epoch),
+        ),
+    )
+    return {row[0]: Decimal(row[1]) for row in rows}
+
+
+def _count_rates(
+    conn: sqlite3.Connection, user_id: str, bits: int, meter: Meter, epoch: float, amount: int
+) -> None:
+    """Count ``amount`` of ``meter`` in the rates of ``bits`` (quota.RATE_BITS)."""
+    for (bit_meter, per), bit in RATE_BITS.items():
+        if bit_meter == meter and bits & bit:
+            _rate_add(conn, user_id, meter, per, epoch, amount)
 
 
 def _claim(
@@ -276,7 +346,8 @@ def _claim(
     claimed: _Claimed | None = _Claimed("", 0, "0")
     if pending_id is not None:
         row = conn.execute(
-            "DELETE FROM pending_answers WHERE id = ? RETURNING day, web_searches, reserved_cost",
+            "DELETE FROM pending_answers WHERE id = ? "
+            "RETURNING day, web_searches, reserved_cost, rates, created_at",
             (pending_id,),
         ).fetchone()
         claimed = _Claimed(*row) if row is not None else None
@@ -692,6 +763,7 @@ class SQLiteStorage:
             streams=int(lease is not None),
         )
         optional = web_search is not None and web_search.when_exhausted == "disable"
+        bits = rate_bits(checked)
 
         def run(conn: sqlite3.Connection) -> Admission:
             # Under BEGIN IMMEDIATE no other connection can write between these
@@ -708,10 +780,28 @@ class SQLiteStorage:
                 streams = conn.execute(
                     "SELECT count(*) FROM stream_leases WHERE user_id = ?", (user_id,)
                 ).fetchone()[0]
-            counters = counters_from(day_used, month_used, streams)
+            epoch = now.timestamp()
+            buckets = {
+                at: _rate_buckets(conn, user_id, limit, epoch)
+                for at, limit in enumerate(checked)
+                if limit.is_rate
+            }
+            rates = {
+                (checked[at].meter, checked[at].per): rate_used(found, checked[at].per, epoch)
+                for at, found in buckets.items()
+            }
+            counters = counters_from(day_used, month_used, streams, rates)
             decision = decide(counters, checked, charge, web_optional=optional)
             if decision.refused is not None:
-                return admission(checked, decision.refused, counters, 0)
+                refused = checked[decision.refused]
+                retry = (
+                    rate_retry(
+                        buckets[decision.refused], refused, charge.amount(refused.meter), epoch
+                    )
+                    if refused.is_rate
+                    else None
+                )
+                return admission(checked, decision.refused, counters, 0, retry_after=retry)
             searches = decision.web_searches
             conn.execute(
                 "INSERT INTO usage_daily (user_id, day, queries, advanced_rag, web_searches, "
@@ -722,6 +812,7 @@ class SQLiteStorage:
                 "cost_reserved = dec_add(cost_reserved, excluded.cost_reserved)",
                 (user_id, today, charge.advanced_rag, searches, str(charge.cost)),
             )
+            _count_rates(conn, user_id, bits, "queries", epoch, 1)
             if lease is not None:
                 conn.execute(
                     "INSERT INTO stream_leases (id, user_id, expires_at) VALUES (?, ?, ?)",
@@ -732,7 +823,8 @@ class SQLiteStorage:
                 conn.execute(
                     "INSERT INTO pending_answers (id, user_id, day, created_at, endpoint, "
                     "prompt_tokens, completion_tokens, total_tokens, cost, currency, "
-                    "web_searches, reserved_cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "web_searches, reserved_cost, rates) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         pending.id,
                         user_id,
@@ -746,12 +838,22 @@ class SQLiteStorage:
                         pending.currency,
                         searches,
                         str(pending.reserved_cost),
+                        bits,
                     ),
                 )
             after = charged(counters, charge, searches)
             return admission(checked, None, after, searches)
 
         return await self._tx(run)
+
+    async def rate_counts(self, user_id: str, *, now: datetime) -> dict[tuple[Meter, Per], Decimal]:
+        def run(conn: sqlite3.Connection) -> dict[tuple[Meter, Per], Decimal]:
+            rows = conn.execute(
+                "SELECT meter, per, bucket, amount FROM usage_rates WHERE user_id = ?", (user_id,)
+            ).fetchall()
+            return rate_counts(rows, now.timestamp())
+
+        return await self._run(run)
 
     async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
         await self._tx(
@@ -790,6 +892,9 @@ class SQLiteStorage:
                     (user_id, day.isoformat()),
                 )
                 _release(conn, user_id, claimed)
+                if claimed.rates:
+                    at = datetime.fromisoformat(claimed.created_at).timestamp()
+                    _count_rates(conn, user_id, claimed.rates, "queries", at, -1)
             return claimed is not None
 
         return await self._tx(run)
@@ -813,6 +918,15 @@ class SQLiteStorage:
                 recorded = _record(conn, event)
                 # Whether or not the answer id was new, the reservation ends here.
                 _release(conn, event.user_id, claimed)
+                if recorded and claimed.rates:
+                    _count_rates(
+                        conn,
+                        event.user_id,
+                        claimed.rates,
+                        "tokens",
+                        event.created_at.timestamp(),
+                        event.total_tokens,
+                    )
             if not recorded:
                 return False
             if alerts is not None and alerts.checks:

@@ -33,3 +33,20 @@ CREATE TABLE schema_functions (
     hash text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- Rates (requests_per_minute, tokens_per_minute, ...): each rate window is
+-- counted in RATE_BUCKETS + 1 slots of RATE_SECONDS / RATE_BUCKETS seconds
+-- (gateway/quota.py), a ring: a slot holds the bucket it counts and its amount,
+-- and a newer bucket of the same slot replaces it (gateway_rate_add). meter and
+-- per are numbered as quota.METERS and quota.PERS (1-based). An answer's
+-- pending row remembers the rates it counts in (quota.RATE_BITS).
+CREATE TABLE usage_rates (
+    user_id text NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    meter smallint NOT NULL,
+    per smallint NOT NULL,
+    slot smallint NOT NULL,
+    bucket bigint NOT NULL,
+    amount numeric NOT NULL,
+    PRIMARY KEY (user_id, meter, per, slot)
+);
+ALTER TABLE pending_answers ADD COLUMN rates smallint NOT NULL DEFAULT 0;

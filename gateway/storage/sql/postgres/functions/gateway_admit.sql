@@ -5,8 +5,10 @@
 -- the counters are read (gateway_counters, and the open leases when a stream
 -- limit is set), gateway_decide applies the rule, and an admitted request's
 -- charge is added: one query, an advanced-RAG query, a web search, a cost
--- bound (cost_reserved), a stream lease, and its pending row, which holds the
--- web search and cost bound reserved until settle, refund or recovery.
+-- bound (cost_reserved), a stream lease, the query in the query rates' current
+-- buckets, and its pending row, which holds the web search and cost bound
+-- reserved (and the rates it counts in) until settle, refund or recovery.
+-- A refusal by a rate limit comes with the seconds until the request fits.
 --
 -- Returns the limit that refused (its 1-based index in p_meters), or NULL, and
 -- the counters: after the charge when admitted, before it when refused.
@@ -36,13 +38,18 @@ CREATE OR REPLACE FUNCTION gateway_admit(
     day_used numeric[],
     month_used numeric[],
     open_streams bigint,
-    web_reserved boolean
+    web_reserved boolean,
+    rate_used numeric[],
+    retry_after integer
 ) LANGUAGE plpgsql AS $$
 DECLARE
     v_day numeric[];
     v_month numeric[];
     v_streams bigint := 0;
     v_charge numeric[];
+    v_rates numeric[];
+    v_bits integer := 0;
+    v_retry integer;
     d record;
     i integer;
 BEGIN
@@ -58,14 +65,21 @@ BEGIN
         SELECT count(*) INTO v_streams FROM stream_leases l
         WHERE l.user_id = p_user AND l.expires_at > p_now;
     END IF;
+    IF 4 = ANY (p_pers) OR 5 = ANY (p_pers) THEN
+        SELECT r.used, r.bits INTO v_rates, v_bits FROM gateway_rates(p_user, p_meters, p_pers, p_now) r;
+    END IF;
     v_charge := ARRAY[
         1, CASE WHEN p_advanced_rag THEN 1 ELSE 0 END, CASE WHEN p_web_ask THEN 1 ELSE 0 END,
         0, 0, 0, 0, 0, coalesce(p_reserve_cost, 0), CASE WHEN p_lease IS NULL THEN 0 ELSE 1 END
     ]::numeric[];
-    d := gateway_decide(p_meters, p_pers, p_maxes, v_day, v_month, v_streams, v_charge,
-        p_web_optional);
+    d := gateway_decide(p_meters, p_pers, p_maxes, v_day, v_month, v_streams, v_rates,
+        v_charge, p_web_optional);
     IF d.refused IS NOT NULL THEN
-        RETURN QUERY SELECT d.refused, v_day, v_month, v_streams, false;
+        IF p_pers[d.refused] >= 4 THEN
+            v_retry := gateway_rate_retry(p_user, p_meters[d.refused], p_pers[d.refused],
+                p_maxes[d.refused], v_charge[p_meters[d.refused]], p_now);
+        END IF;
+        RETURN QUERY SELECT d.refused, v_day, v_month, v_streams, false, v_rates, v_retry;
         RETURN;
     END IF;
     v_charge[3] := d.web;
@@ -80,6 +94,9 @@ BEGIN
         v_day[i] := v_day[i] + v_charge[i];
         v_month[i] := v_month[i] + v_charge[i];
     END LOOP;
+    IF v_bits & 3 <> 0 THEN
+        v_rates := gateway_count_query_rates(p_user, p_meters, p_pers, v_rates, v_bits, p_now);
+    END IF;
     IF p_lease IS NOT NULL THEN
         INSERT INTO stream_leases (id, user_id, expires_at) VALUES (p_lease, p_user, p_lease_expires);
         v_streams := v_streams + 1;
@@ -87,12 +104,13 @@ BEGIN
     IF p_pending IS NOT NULL THEN
         INSERT INTO pending_answers (
             id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens,
-            total_tokens, cost, currency, web_searches, reserved_cost
+            total_tokens, cost, currency, web_searches, reserved_cost, rates
         ) VALUES (
             p_pending, p_user, p_day, p_now, p_endpoint, p_prompt, p_completion,
-            p_total, p_cost, p_currency, d.web, v_charge[9]
+            p_total, p_cost, p_currency, d.web, v_charge[9], v_bits
         );
     END IF;
-    RETURN QUERY SELECT NULL::integer, v_day, v_month, v_streams, d.web > 0;
+    RETURN QUERY SELECT NULL::integer, v_day, v_month, v_streams, d.web > 0, v_rates,
+        NULL::integer;
 END
 $$;

@@ -36,7 +36,9 @@ CREATE OR REPLACE FUNCTION gateway_admit_many(
     day_used numeric[],
     month_used numeric[],
     open_streams bigint,
-    web_reserved boolean
+    web_reserved boolean,
+    rate_used numeric[],
+    retry_after integer
 ) LANGUAGE plpgsql SET lock_timeout = '250ms' AS $$
 DECLARE
     e record;
@@ -44,6 +46,12 @@ DECLARE
     n integer := cardinality(p_users);
     v_admitted boolean[] := array_fill(false, ARRAY[cardinality(p_users)]);
     v_searches integer[] := array_fill(0, ARRAY[cardinality(p_users)]);
+    v_bits integer[] := array_fill(0, ARRAY[cardinality(p_users)]);
+    v_pers smallint[];
+    v_maxes numeric[];
+    v_rates numeric[];
+    v_retry integer;
+    v_bit integer;
     v_user text;
     v_day date;
     v_month date;
@@ -62,7 +70,7 @@ BEGIN
     IF n = 1 THEN
         IF NOT EXISTS (SELECT 1 FROM users u WHERE u.id = p_users[1]) THEN
             RETURN QUERY SELECT 1, false, NULL::integer, NULL::numeric[], NULL::numeric[],
-                NULL::bigint, false;
+                NULL::bigint, false, NULL::numeric[], NULL::integer;
             RETURN;
         END IF;
         RETURN QUERY SELECT 1, true, a.* FROM gateway_admit(
@@ -108,11 +116,22 @@ BEGIN
         END IF;
         IF NOT v_known THEN
             RETURN QUERY SELECT e.ord::integer, false, NULL::integer, NULL::numeric[],
-                NULL::numeric[], 0::bigint, false;
+                NULL::numeric[], 0::bigint, false, NULL::numeric[], NULL::integer;
             CONTINUE;
         END IF;
         v_meters := p_meters[e.limit_from:e.limit_from + e.limit_count - 1];
+        v_pers := p_pers[e.limit_from:e.limit_from + e.limit_count - 1];
+        v_maxes := p_maxes[e.limit_from:e.limit_from + e.limit_count - 1];
         v_streams := 0;
+        v_rates := NULL;
+        v_retry := NULL;
+        IF 4 = ANY (v_pers) OR 5 = ANY (v_pers) THEN
+            -- Rate buckets are written as each element is admitted (below), so
+            -- this reads what the elements before it counted.
+            SELECT r.used, r.bits INTO v_rates, v_bit
+            FROM gateway_rates(v_user, v_meters, v_pers, e.now) r;
+            v_bits[e.ord] := v_bit;
+        END IF;
         IF 10 = ANY (v_meters) THEN
             IF NOT v_counted THEN
                 PERFORM gateway_drop_expired_leases(v_user, e.now);
@@ -130,10 +149,8 @@ BEGIN
             0, 0, 0, 0, 0, coalesce(e.reserve, 0), CASE WHEN e.lease IS NULL THEN 0 ELSE 1 END
         ]::numeric[];
         d := gateway_decide(
-            v_meters,
-            p_pers[e.limit_from:e.limit_from + e.limit_count - 1],
-            p_maxes[e.limit_from:e.limit_from + e.limit_count - 1],
-            v_used_day, v_used_month, v_streams, v_charge, e.web_optional
+            v_meters, v_pers, v_maxes, v_used_day, v_used_month, v_streams, v_rates, v_charge,
+            e.web_optional
         );
         IF d.refused IS NULL THEN
             v_charge[3] := d.web;
@@ -148,9 +165,16 @@ BEGIN
                 v_leases := v_leases + 1;
                 v_streams := v_streams + 1;
             END IF;
+            IF v_bits[e.ord] & 3 <> 0 THEN
+                v_rates := gateway_count_query_rates(v_user, v_meters, v_pers, v_rates,
+                    v_bits[e.ord], e.now);
+            END IF;
+        ELSIF v_pers[d.refused] >= 4 THEN
+            v_retry := gateway_rate_retry(v_user, v_meters[d.refused], v_pers[d.refused],
+                v_maxes[d.refused], v_charge[v_meters[d.refused]], e.now);
         END IF;
         RETURN QUERY SELECT e.ord::integer, true, d.refused, v_used_day, v_used_month,
-            v_streams, d.web > 0;
+            v_streams, d.web > 0, v_rates, v_retry;
     END LOOP;
     IF v_new[1] > 0 THEN
         PERFORM gateway_add_admitted(v_user, v_day, v_new);
@@ -162,10 +186,10 @@ BEGIN
     ORDER BY t.user_id, t.ord;
     INSERT INTO pending_answers (
         id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens,
-        total_tokens, cost, currency, web_searches, reserved_cost
+        total_tokens, cost, currency, web_searches, reserved_cost, rates
     )
     SELECT t.pending, t.user_id, t.day, t.now, t.endpoint, t.prompt, t.completion, t.total,
-        t.cost, t.currency, v_searches[t.ord], coalesce(t.reserve, 0)
+        t.cost, t.currency, v_searches[t.ord], coalesce(t.reserve, 0), v_bits[t.ord]
     FROM unnest(
         p_pending, p_users, p_days, p_now, p_endpoints, p_prompt, p_completion, p_total,
         p_cost, p_currency, p_reserve_cost

@@ -4,7 +4,9 @@
 -- window, maximum); meters are numbered as quota.METERS (1 queries, 2 advanced
 -- RAG, 3 web searches, 4 uploads, 5 upload bytes, 6 input tokens, 7 output
 -- tokens, 8 tokens, 9 cost, 10 streams), windows as quota.PERS (1 day, 2 month,
--- 3 open at once); p_day and p_month hold meters 1-9, p_charge meters 1-10.
+-- 3 open at once, 4 a minute, 5 an hour); p_day and p_month hold meters 1-9,
+-- p_rates what each rate limit's window counts (parallel to the limits),
+-- p_charge meters 1-10.
 -- tests/test_quota_backends.py checks this against the Python rule.
 CREATE OR REPLACE FUNCTION gateway_decide(
     p_meters smallint[],
@@ -13,6 +15,7 @@ CREATE OR REPLACE FUNCTION gateway_decide(
     p_day numeric[],
     p_month numeric[],
     p_streams bigint,
+    p_rates numeric[],
     p_charge numeric[],
     p_web_optional boolean,
     OUT refused integer,
@@ -31,7 +34,7 @@ BEGIN
         FOR i IN 1 .. n LOOP
             CONTINUE WHEN p_meters[i] <> 3;
             v_used := CASE p_pers[i] WHEN 1 THEN p_day[3] ELSE p_month[3] END;
-            IF v_used + web > p_maxes[i] THEN
+            IF gateway_refuses(3::smallint, p_maxes[i], v_used, web) THEN
                 IF p_web_optional THEN
                     web := 0;
                     EXIT;
@@ -45,10 +48,10 @@ BEGIN
     FOR i IN 1 .. n LOOP
         m := p_meters[i];
         CONTINUE WHEN m = 3;
-        v_used := CASE p_pers[i] WHEN 1 THEN p_day[m] WHEN 2 THEN p_month[m] ELSE p_streams END;
-        IF (p_charge[m] > 0 AND v_used + p_charge[m] > p_maxes[i])
-            OR (m BETWEEN 6 AND 9 AND v_used >= p_maxes[i])
-        THEN
+        v_used := CASE p_pers[i]
+            WHEN 1 THEN p_day[m] WHEN 2 THEN p_month[m] WHEN 3 THEN p_streams ELSE p_rates[i]
+        END;
+        IF gateway_refuses(m, p_maxes[i], v_used, p_charge[m]) THEN
             refused := i;
             web := 0;
             RETURN;

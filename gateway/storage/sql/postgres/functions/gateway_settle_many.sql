@@ -173,6 +173,16 @@ BEGIN
             total_tokens = d.total_tokens + excluded.total_tokens,
             cost = d.cost + excluded.cost;
     END IF;
+    IF cardinality(v_inserted) > 0 THEN
+        -- Settled answers' tokens go into the token rates their admission
+        -- counted them in (the users' rows are locked above).
+        PERFORM gateway_count_token_rates(r.user_id, r.rates, t.created_at, t.total)
+        FROM unnest(v_claimed_rows) AS r
+        JOIN unnest(p_pending, p_created_at, p_total) WITH ORDINALITY AS t(pending, created_at, total, ord)
+            ON t.pending = r.id
+        WHERE r.rates & 12 <> 0 AND v_settled[t.ord]
+        ORDER BY r.user_id, t.ord;
+    END IF;
     IF v_give_back THEN
         -- Each claimed row's reservation ends, whether or not its element was
         -- recorded (as in the single function); before the alert checks, so

@@ -11,11 +11,12 @@ DECLARE
     v_day date;
     v_reserved integer := 0;
     v_reserved_cost numeric := 0;
+    v_rates integer := 0;
     v_settled boolean;
 BEGIN
     IF p_pending IS NOT NULL THEN
-        DELETE FROM pending_answers WHERE id = p_pending RETURNING day, web_searches, reserved_cost
-        INTO v_day, v_reserved, v_reserved_cost;
+        DELETE FROM pending_answers WHERE id = p_pending RETURNING day, web_searches, reserved_cost, rates
+        INTO v_day, v_reserved, v_reserved_cost, v_rates;
         IF NOT FOUND THEN
             DELETE FROM stream_leases WHERE id = p_lease;
             RETURN gateway_supersede(
@@ -36,6 +37,9 @@ BEGIN
         -- unless the answer id was recorded before).
         PERFORM 1 FROM users WHERE id = p_user FOR NO KEY UPDATE;
         PERFORM gateway_release(p_user, v_day, v_reserved, v_reserved_cost);
+    END IF;
+    IF v_settled AND v_rates & 12 <> 0 THEN
+        PERFORM gateway_count_token_rates(p_user, v_rates, p_created_at, p_total);
     END IF;
     RETURN v_settled;
 END
