@@ -183,16 +183,18 @@ class Counters:
 
 def counters_from(
     day: Sequence[Decimal | int],
-    month: Sequence[Decimal | int],
+    month: Sequence[Decimal | int] | None,
     streams: int,
     rates: Mapping[tuple[Meter, Per], Decimal] | None = None,
 ) -> Counters:
     """Counters from the storage's vectors (day and month sums in DAY_METERS
-    order) and what the rate windows counted."""
+    order; the month is None when no monthly limit asked for it) and what the
+    rate windows counted."""
     used: dict[tuple[Meter, Per], Decimal] = {}
-    for meter, d, m in zip(DAY_METERS, day, month, strict=True):
-        used[(meter, "day")] = Decimal(d)
-        used[(meter, "month")] = Decimal(m)
+    for at, meter in enumerate(DAY_METERS):
+        used[(meter, "day")] = Decimal(day[at])
+        if month is not None:
+            used[(meter, "month")] = Decimal(month[at])
     used[("streams", "open")] = Decimal(streams)
     if rates:
         used.update(rates)

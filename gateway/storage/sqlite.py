@@ -770,7 +770,10 @@ class SQLiteStorage:
             # reads and the increment below, so check-then-increment is atomic here.
             if conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
                 raise NotFound(f"no user {user_id!r}")
-            day_used, month_used = _day_and_month(conn, user_id, today, month_start.isoformat())
+            day_used, month_sums = _day_and_month(conn, user_id, today, month_start.isoformat())
+            # As PostgreSQL, which reads the month only for a monthly limit.
+            monthly = any(limit.per == "month" for limit in checked)
+            month_used = month_sums if monthly else None
             streams = 0
             if limits.counts_streams:
                 conn.execute(

@@ -59,7 +59,7 @@ BEGIN
         RAISE foreign_key_violation USING MESSAGE = 'unknown user ' || p_user;
     END IF;
     SELECT c.day_used, c.month_used INTO v_day, v_month
-    FROM gateway_counters(p_user, p_day, p_month_start) c;
+    FROM gateway_counters(p_user, p_day, CASE WHEN 2 = ANY (p_pers) THEN p_month_start END) c;
     IF 10 = ANY (p_meters) THEN
         PERFORM gateway_drop_expired_leases(p_user, p_now);
         SELECT count(*) INTO v_streams FROM stream_leases l
@@ -90,9 +90,12 @@ BEGIN
         advanced_rag = u.advanced_rag + excluded.advanced_rag,
         web_searches = u.web_searches + excluded.web_searches,
         cost_reserved = u.cost_reserved + excluded.cost_reserved;
-    FOR i IN 1 .. 9 LOOP
+    -- Only queries, advanced RAG, web searches and cost take a charge (1-3, 9).
+    FOREACH i IN ARRAY ARRAY[1, 2, 3, 9] LOOP
         v_day[i] := v_day[i] + v_charge[i];
-        v_month[i] := v_month[i] + v_charge[i];
+        IF v_month IS NOT NULL THEN
+            v_month[i] := v_month[i] + v_charge[i];
+        END IF;
     END LOOP;
     IF v_bits & 3 <> 0 THEN
         v_rates := gateway_count_query_rates(p_user, p_meters, p_pers, v_rates, v_bits, p_now);

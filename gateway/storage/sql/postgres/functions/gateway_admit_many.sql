@@ -52,6 +52,8 @@ DECLARE
     v_rates numeric[];
     v_retry integer;
     v_bit integer;
+    -- The month's rows are read when an element of the batch has a monthly limit.
+    v_months boolean := 2 = ANY (p_pers);
     v_user text;
     v_day date;
     v_month date;
@@ -111,7 +113,7 @@ BEGIN
             v_month := e.month_start;
             IF v_known THEN
                 SELECT c.day_used, c.month_used INTO v_used_day, v_used_month
-                FROM gateway_counters(v_user, v_day, v_month) c;
+                FROM gateway_counters(v_user, v_day, CASE WHEN v_months THEN v_month END) c;
             END IF;
         END IF;
         IF NOT v_known THEN
@@ -156,9 +158,12 @@ BEGIN
             v_charge[3] := d.web;
             v_admitted[e.ord] := true;
             v_searches[e.ord] := d.web;
-            FOR i IN 1 .. 9 LOOP
+            -- Only queries, advanced RAG, web searches and cost take a charge.
+            FOREACH i IN ARRAY ARRAY[1, 2, 3, 9] LOOP
                 v_used_day[i] := v_used_day[i] + v_charge[i];
-                v_used_month[i] := v_used_month[i] + v_charge[i];
+                IF v_used_month IS NOT NULL THEN
+                    v_used_month[i] := v_used_month[i] + v_charge[i];
+                END IF;
                 v_new[i] := v_new[i] + v_charge[i];
             END LOOP;
             IF e.lease IS NOT NULL THEN
@@ -173,8 +178,11 @@ BEGIN
             v_retry := gateway_rate_retry(v_user, v_meters[d.refused], v_pers[d.refused],
                 v_maxes[d.refused], v_charge[v_meters[d.refused]], e.now);
         END IF;
-        RETURN QUERY SELECT e.ord::integer, true, d.refused, v_used_day, v_used_month,
-            v_streams, d.web > 0, v_rates, v_retry;
+        -- The month's counters only for an element with a monthly limit, as
+        -- gateway_admit returns them.
+        RETURN QUERY SELECT e.ord::integer, true, d.refused, v_used_day,
+            CASE WHEN 2 = ANY (v_pers) THEN v_used_month END, v_streams, d.web > 0, v_rates,
+            v_retry;
     END LOOP;
     IF v_new[1] > 0 THEN
         PERFORM gateway_add_admitted(v_user, v_day, v_new);

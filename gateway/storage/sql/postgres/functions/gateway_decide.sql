@@ -34,7 +34,7 @@ BEGIN
         FOR i IN 1 .. n LOOP
             CONTINUE WHEN p_meters[i] <> 3;
             v_used := CASE p_pers[i] WHEN 1 THEN p_day[3] ELSE p_month[3] END;
-            IF gateway_refuses(3::smallint, p_maxes[i], v_used, web) THEN
+            IF v_used + web > p_maxes[i] THEN
                 IF p_web_optional THEN
                     web := 0;
                     EXIT;
@@ -51,7 +51,11 @@ BEGIN
         v_used := CASE p_pers[i]
             WHEN 1 THEN p_day[m] WHEN 2 THEN p_month[m] WHEN 3 THEN p_streams ELSE p_rates[i]
         END;
-        IF gateway_refuses(m, p_maxes[i], v_used, p_charge[m]) THEN
+        -- gateway_refuses, written out: a function call per limit would cost
+        -- more than the rule (this runs for every admission).
+        IF (p_charge[m] > 0 AND v_used + p_charge[m] > p_maxes[i])
+            OR (m BETWEEN 6 AND 9 AND v_used >= p_maxes[i])
+        THEN
             refused := i;
             web := 0;
             RETURN;

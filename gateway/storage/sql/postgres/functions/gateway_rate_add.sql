@@ -3,7 +3,8 @@
 -- bucket older than the slot's is out of every counted span and is dropped.
 CREATE OR REPLACE FUNCTION gateway_rate_add(
     p_user text, p_meter smallint, p_per smallint, p_at timestamptz, p_amount numeric
-) RETURNS void LANGUAGE sql AS $$
+) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
     INSERT INTO usage_rates AS r (user_id, meter, per, slot, bucket, amount)
     SELECT p_user, p_meter, p_per, (b.bucket % 13)::smallint, b.bucket, p_amount
     FROM (SELECT gateway_rate_bucket(p_per, p_at) AS bucket) b
@@ -14,4 +15,5 @@ CREATE OR REPLACE FUNCTION gateway_rate_add(
             ELSE r.amount
         END,
         bucket = greatest(r.bucket, excluded.bucket);
+END
 $$;

@@ -3,9 +3,11 @@
 -- them adds what the answer used instead.
 CREATE OR REPLACE FUNCTION gateway_release(
     p_user text, p_day date, p_web_searches integer, p_cost numeric
-) RETURNS void LANGUAGE sql AS $$
+) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
     UPDATE usage_daily SET
         web_searches = greatest(web_searches - p_web_searches, 0),
         cost_reserved = cost_reserved - p_cost
     WHERE user_id = p_user AND day = p_day;
+END
 $$;

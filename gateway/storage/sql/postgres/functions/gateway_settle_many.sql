@@ -10,6 +10,7 @@ DECLARE
     v_claimed text[];
     v_claimed_rows pending_answers[];
     v_give_back boolean;
+    v_token_rates boolean;
     v_ord bigint;
     v_candidates bigint[];
     v_inserted text[];
@@ -38,8 +39,12 @@ BEGIN
     WITH claimed AS (
         DELETE FROM pending_answers WHERE id = ANY (p_pending) RETURNING *
     )
-    SELECT coalesce(array_agg(c.id), '{}'), coalesce(array_agg(ROW(c.*)::pending_answers), '{}')
-    INTO v_claimed, v_claimed_rows FROM claimed c;
+    SELECT coalesce(array_agg(c.id), '{}'), coalesce(array_agg(ROW(c.*)::pending_answers), '{}'),
+        -- What the claimed rows reserved, read once here: web searches or cost
+        -- bounds to give back, token rates to count the answers in.
+        coalesce(bool_or(c.web_searches <> 0 OR c.reserved_cost <> 0), false),
+        coalesce(bool_or(c.rates & 12 <> 0), false)
+    INTO v_claimed, v_claimed_rows, v_give_back, v_token_rates FROM claimed c;
 
     -- An element whose pending row is gone and was recovered as an estimate
     -- supersedes it (0011). Rare - a record replayed after a long outage - so
@@ -78,9 +83,6 @@ BEGIN
         RETURN;
     END IF;
     -- The web searches reserved with the claimed rows are given back below (0011).
-    v_give_back := EXISTS (
-        SELECT 1 FROM unnest(v_claimed_rows) AS r WHERE r.web_searches <> 0 OR r.reserved_cost <> 0
-    );
     -- Settled or not, an answer's lease goes (0002, 0008).
     DELETE FROM stream_leases WHERE id = ANY (p_leases);
 
@@ -173,7 +175,7 @@ BEGIN
             total_tokens = d.total_tokens + excluded.total_tokens,
             cost = d.cost + excluded.cost;
     END IF;
-    IF cardinality(v_inserted) > 0 THEN
+    IF v_token_rates AND cardinality(v_inserted) > 0 THEN
         -- Settled answers' tokens go into the token rates their admission
         -- counted them in (the users' rows are locked above).
         PERFORM gateway_count_token_rates(r.user_id, r.rates, t.created_at, t.total)
