@@ -34,6 +34,7 @@ from gateway.storage.base import (
     UserSummary,
     WebSearch,
     decide,
+    summed,
     web_search_left,
 )
 
@@ -67,6 +68,7 @@ __all__ = [
     "decide",
     "migrations",
     "open_storage",
+    "summed",
     "web_search_left",
 ]
 
