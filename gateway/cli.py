@@ -320,6 +320,14 @@ def config_warnings(config: Config) -> list[str]:
             f"(upstream.api_key_env) or {ENV_UPSTREAM_API_KEY}; the upstream will refuse "
             "every request"
         )
+    if config.upstream.kind == "dify":
+        # Issue 21: a Dify app fixes its own model; no request names one.
+        for name, plan in config.plans.items():
+            if plan.models is not None:
+                warnings.append(
+                    f"plans.{name}.models: a Dify upstream's requests name no model, so "
+                    "the allow-list does not apply (docs/quotas.md, 'Model allow-lists')"
+                )
     return warnings
 
 

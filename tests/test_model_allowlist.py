@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.cli import config_warnings
 from gateway.config import parse_config
 from gateway.errors import ConfigError, Forbidden
 from gateway.model_access import allows, check_models
@@ -308,6 +309,17 @@ async def test_a_teams_allow_list_applies_with_the_users(sqlite_url: str) -> Non
 
 
 # --- Dify names no model ---------------------------------------------------------------
+
+
+def test_check_config_warns_that_a_dify_upstream_names_no_model() -> None:
+    dify = parse_config({"plans": {"free": {"models": ["gpt-4o-mini"]}}}, env={"X": "1"})
+    warnings = [w for w in config_warnings(dify) if "models" in w]
+    assert warnings == [
+        "plans.free.models: a Dify upstream's requests name no model, so the allow-list "
+        "does not apply (docs/quotas.md, 'Model allow-lists')"
+    ]
+    openai = parse_config({**SETTINGS, "prices": {}, "call_prices": {}}, env={})
+    assert not [w for w in config_warnings(openai) if "models" in w]
 
 
 async def test_a_dify_request_is_not_held_to_a_model_list(sqlite_url: str) -> None:
