@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
+import asyncpg
 import pytest
 
+from gateway.config import DatabaseConfig
 from gateway.errors import Conflict, NotFound
-from gateway.storage import Storage, UsageEvent
+from gateway.storage import Storage, UsageEvent, migrations, open_storage
+from gateway.storage import postgres as postgres_backend
+from gateway.storage import sqlite as sqlite_backend
 
 NOW = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
 DAY = date(2026, 11, 21)
@@ -111,3 +118,63 @@ async def test_team_usage_is_its_members_day_rows_summed(storage: Storage) -> No
     assert rows[1].prompt_tokens == 148 and rows[1].completion_tokens == 2
     assert await storage.team_daily("acme", start=DAY + timedelta(days=1), end=DAY) == []
     assert await storage.team_daily("nobody", start=yesterday, end=DAY) == []
+
+
+async def test_a_database_of_the_last_release_migrates_in_place(
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The teams migration (PostgreSQL 0013, SQLite 0009) on a database that has
+    users and usage: nothing is lost, every user is in no team."""
+    if database_url.startswith("sqlite"):
+        url, backend, teams_version = f"sqlite:///{tmp_path / 'old.db'}", "sqlite", 9
+    else:
+        url = await request.getfixturevalue("postgres").new_database_async()
+        backend, teams_version = "postgres", 13
+    module = sqlite_backend if backend == "sqlite" else postgres_backend
+    before = [(v, sql) for v, sql in migrations(backend) if v < teams_version]
+    monkeypatch.setattr(module, "migrations", lambda _backend: before)
+    old = await open_storage(DatabaseConfig(url=url))
+    try:
+        assert await old.migrate() == len(before)
+        # The user as the last release wrote it (this release's user reads name
+        # the new column).
+        if backend == "sqlite":
+            with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
+                conn.execute(
+                    "INSERT INTO users (id, plan, created_at) VALUES ('alice', 'pro', ?)",
+                    (NOW.isoformat(),),
+                )
+                conn.commit()
+        else:
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute("INSERT INTO users (id, plan) VALUES ('alice', 'pro')")
+            finally:
+                await conn.close()
+        await old.settle(event("a1", "alice", tokens=100, cost="0.25"))
+    finally:
+        await old.close()
+
+    monkeypatch.undo()
+    store = await open_storage(DatabaseConfig(url=url))
+    try:
+        assert await store.migrate() == len(migrations(backend)) - len(before)
+        alice = await store.get_user("alice")
+        assert alice is not None
+        assert (alice.plan, alice.team, alice.lifetime_tokens, alice.lifetime_cost) == (
+            "pro",
+            None,
+            100,
+            Decimal("0.25"),
+        )
+        (row,) = await store.daily(DAY, DAY)
+        assert row.total_tokens == 100
+        await store.create_team("acme", plan="pro", now=NOW)
+        await store.set_team("alice", "acme")
+        (summed_row,) = await store.team_daily("acme", start=DAY, end=DAY)
+        assert summed_row.cost == Decimal("0.25")
+    finally:
+        await store.close()
