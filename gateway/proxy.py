@@ -386,9 +386,9 @@ class Proxy:
             sent = {name for name, _ in forward}
             forward += [(k, v) for k, v in prepared.headers if k not in sent]
         forward.append(self.gw.upstream_authorization)
-        if x.route.produces_answer or x.route.is_history:
-            # Usage is read from the raw bytes, and history pages may be filtered:
-            # ask for them uncompressed.
+        if x.route.produces_answer or x.route.is_history or x.route.lists_models:
+            # Usage is read from the raw bytes, and history pages and model lists
+            # may be filtered: ask for them uncompressed.
             forward.append((b"accept-encoding", b"identity"))
         elif x.headers.accept_encoding is not None:
             forward.append((b"accept-encoding", x.headers.accept_encoding))

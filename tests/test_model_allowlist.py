@@ -263,6 +263,8 @@ async def test_the_model_list_shows_only_the_plans_models(sqlite_url: str) -> No
     assert [m["id"] for m in body["data"]] == ["gpt-4o-mini", "llama-3-70b"]
     assert int(listed.headers["content-length"]) == len(listed.content)
     assert [m["id"] for m in everything.json()["data"]] == list(LISTED)
+    # Read uncompressed, so the gateway can filter whatever the client accepts.
+    assert fake.requests[0].headers["accept-encoding"] == "identity"
 
 
 @pytest.mark.parametrize(
