@@ -30,7 +30,6 @@ from gateway.errors import (
 from gateway.export import Dataset, Format, encode, rows
 from gateway.http import request_headers
 from gateway.reports import daily_dict, money
-from gateway.storage import summed
 from gateway.throttle import Check, SecretGuard
 
 if TYPE_CHECKING:
@@ -292,21 +291,17 @@ async def clear_limit(request: Request, gw: Gateway) -> Response:
 @_admin
 async def list_teams(request: Request, gw: Gateway) -> Response:
     """Every team: its plan, member count and today's usage (members summed)."""
-    day = gw.today()
-    data = []
-    for summary in await gw.storage.list_teams():
-        team = summary.team
-        rows = await gw.storage.team_daily(team.id, start=day, end=day)
-        data.append(
-            {
-                "id": team.id,
-                "plan": team.plan,
-                "overrides": dict(team.overrides),
-                "members": summary.members,
-                "created_at": team.created_at.isoformat(),
-                "today": daily_dict(summed(rows, user_id=team.id, day=day)),
-            }
-        )
+    data = [
+        {
+            "id": summary.team.id,
+            "plan": summary.team.plan,
+            "overrides": dict(summary.team.overrides),
+            "members": summary.members,
+            "created_at": summary.team.created_at.isoformat(),
+            "today": daily_dict(summary.today),
+        }
+        for summary in await gw.storage.list_teams(day=gw.today())
+    ]
     return json_response(gw, {"data": data})
 
 

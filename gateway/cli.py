@@ -25,7 +25,7 @@ from gateway.config import ENV_CONFIG, LIMIT_NAMES, Config, load_config, render_
 from gateway.errors import BadRequest, ConfigError, GatewayError
 from gateway.logs import configure_logging
 from gateway.reports import team_report
-from gateway.storage import OverrideValue, Storage, open_storage, summed
+from gateway.storage import OverrideValue, Storage, open_storage
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -600,13 +600,9 @@ async def _teams_list(storage: Storage, config: Config, args: argparse.Namespace
     rows: list[tuple[Any, ...]] = [
         ("TEAM", "PLAN", "MEMBERS", "QUERIES TODAY", "TOKENS TODAY", "COST TODAY")
     ]
-    teams = await storage.list_teams()
+    teams = await storage.list_teams(day=day)
     for summary in teams:
-        today = summed(
-            await storage.team_daily(summary.team.id, start=day, end=day),
-            user_id=summary.team.id,
-            day=day,
-        )
+        today = summary.today
         rows.append(
             (
                 summary.team.id,

@@ -12,7 +12,6 @@ from starlette.responses import RedirectResponse, Response
 from gateway.dashboard.render import Html, badge, concat, options, render, team_path, user_path
 from gateway.dashboard.signin import Page, signed_in
 from gateway.dashboard.user_page import CHART_DAYS, limit_rows, local_time, overrides_list
-from gateway.storage import summed
 
 _TEAMS = """<h1>Teams</h1>
 <p class="muted">{summary}</p>
@@ -101,26 +100,20 @@ _NOTICES: Final = {"plan": "Plan changed."}
 @signed_in
 async def teams(page: Page) -> Response:
     gateway, numbers = page.gateway, page.numbers
-    day = gateway.today()
-    rows = []
-    found = await gateway.storage.list_teams()
-    for summary in found:
-        team = summary.team
-        today = summed(
-            await gateway.storage.team_daily(team.id, start=day, end=day), user_id=team.id, day=day
+    found = await gateway.storage.list_teams(day=gateway.today())
+    rows = [
+        render(
+            _TEAM_ROW,
+            href=team_path(page.base, s.team.id),
+            id=s.team.id,
+            plan=s.team.plan,
+            members=numbers.number(s.members),
+            tokens=badge(numbers.number(s.today.total_tokens), s.today.total_tokens),
+            queries=numbers.number(s.today.queries),
+            cost=numbers.money(s.today.cost),
         )
-        rows.append(
-            render(
-                _TEAM_ROW,
-                href=team_path(page.base, team.id),
-                id=team.id,
-                plan=team.plan,
-                members=numbers.number(summary.members),
-                tokens=badge(numbers.number(today.total_tokens), today.total_tokens),
-                queries=numbers.number(today.queries),
-                cost=numbers.money(today.cost),
-            )
-        )
+        for s in found
+    ]
     body = render(
         _TEAMS,
         summary=f"{len(found)} team{'' if len(found) == 1 else 's'}",

@@ -310,7 +310,10 @@ async def _user_page(
         if team is not None
         else Html('<p class="muted">In no team.</p>\n')
     )
-    teams = [("", "No team"), *((t.team.id, t.team.id) for t in await gateway.storage.list_teams())]
+    teams = [
+        ("", "No team"),
+        *((t.team.id, t.team.id) for t in await gateway.storage.list_teams(day=gateway.today())),
+    ]
     body = render(
         _USER,
         base=base,

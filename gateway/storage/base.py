@@ -24,6 +24,18 @@ USER_COLUMNS = (
 )
 USER_FIELDS = 9  # the columns of USER_COLUMNS, where a joined row's next table starts
 TEAM_COLUMNS = "t.id, t.plan, t.overrides, t.created_at"
+# Every team with its member count and its members' day rows of one day summed
+# (the sums in DailyUsage's order from queries on; {cost_sum} as above).
+TEAM_LIST_SELECT = (
+    f"SELECT {TEAM_COLUMNS}, count(DISTINCT u.id), coalesce(sum(d.queries), 0), "
+    "coalesce(sum(d.advanced_rag), 0), coalesce(sum(d.web_searches), 0), "
+    "coalesce(sum(d.uploads), 0), coalesce(sum(d.upload_bytes), 0), "
+    "coalesce(sum(d.prompt_tokens), 0), coalesce(sum(d.completion_tokens), 0), "
+    "coalesce(sum(d.total_tokens), 0), {cost_sum} FROM teams t "
+    "LEFT JOIN users u ON u.team_id = t.id "
+    "LEFT JOIN usage_daily d ON d.user_id = u.id AND d.day = {p1} "
+    "GROUP BY t.id, t.plan, t.overrides, t.created_at ORDER BY t.id"
+)
 # A team's usage: its members' day rows summed per day (DailyUsage's order, the
 # team id in the user's place; the cost sum is the backend's exact decimal sum).
 TEAM_DAILY_SELECT = (
@@ -93,6 +105,26 @@ class Team:
 class TeamSummary:
     team: Team
     members: int = 0
+    today: DailyUsage = field(default_factory=lambda: DailyUsage(user_id="", day=date.min))
+
+
+def team_summary(team: Team, row: Any, *, day: date, cost: Decimal) -> TeamSummary:
+    """The rest of a TEAM_LIST_SELECT row (from the member count on)."""
+    queries, rag, web, uploads, upload_bytes, prompt, completion, total = map(int, row[1:9])
+    today = DailyUsage(
+        user_id=team.id,
+        day=day,
+        queries=queries,
+        advanced_rag=rag,
+        web_searches=web,
+        uploads=uploads,
+        upload_bytes=upload_bytes,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        cost=cost,
+    )
+    return TeamSummary(team, int(row[0]), today)
 
 
 def team_daily(team_id: str, row: Any, cost: Decimal) -> DailyUsage:
@@ -503,8 +535,9 @@ class Storage(Protocol):
 
     async def get_team(self, team_id: str) -> Team | None: ...
 
-    async def list_teams(self) -> list[TeamSummary]:
-        """Every team with its member count, ordered by id."""
+    async def list_teams(self, *, day: date) -> list[TeamSummary]:
+        """Every team with its member count and its members' usage on ``day``
+        summed, ordered by id."""
         ...
 
     async def set_team_plan(self, team_id: str, plan: str) -> None:

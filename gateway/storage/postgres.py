@@ -49,6 +49,7 @@ from gateway.storage.base import (
     PAUSED_FORM_DAYS,
     TEAM_COLUMNS,
     TEAM_DAILY_SELECT,
+    TEAM_LIST_SELECT,
     USER_COLUMNS,
     USER_FIELDS,
     USER_SORTS,
@@ -78,6 +79,7 @@ from gateway.storage.base import (
     delivery,
     model_usage,
     team_daily,
+    team_summary,
 )
 from gateway.storage.group import GroupCommit, SplitBatch
 
@@ -118,6 +120,7 @@ _REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
 _RECOVER = "SELECT * FROM gateway_recover($1, $2, $3)"
 _USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="sum(cost)", p1="$1", p2="$2", p3="$3")
 _TEAM_DAILY = TEAM_DAILY_SELECT.format(cost_sum="sum(d.cost)", p1="$1", p2="$2", p3="$3")
+_TEAM_LIST = TEAM_LIST_SELECT.format(cost_sum="coalesce(sum(d.cost), 0)", p1="$1")
 
 
 @contextlib.contextmanager
@@ -420,13 +423,10 @@ class PostgresStorage:
             )
         return _team(row) if row else None
 
-    async def list_teams(self) -> list[TeamSummary]:
+    async def list_teams(self, *, day: date) -> list[TeamSummary]:
         with _mapped():
-            rows = await self._pool.fetch(
-                f"SELECT {TEAM_COLUMNS}, (SELECT count(*) FROM users u WHERE u.team_id = t.id) "
-                "FROM teams t ORDER BY t.id"
-            )
-        return [TeamSummary(_team(row[:4]), members=row[4]) for row in rows]
+            rows = await self._pool.fetch(_TEAM_LIST, day)
+        return [team_summary(_team(row[:4]), list(row)[4:], day=day, cost=row[13]) for row in rows]
 
     async def set_team_plan(self, team_id: str, plan: str) -> None:
         with _mapped():

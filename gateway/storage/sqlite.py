@@ -38,6 +38,7 @@ from gateway.storage.base import (
     PAUSED_FORM_DAYS,
     TEAM_COLUMNS,
     TEAM_DAILY_SELECT,
+    TEAM_LIST_SELECT,
     USER_COLUMNS,
     USER_FIELDS,
     USER_SORTS,
@@ -68,6 +69,7 @@ from gateway.storage.base import (
     delivery,
     model_usage,
     team_daily,
+    team_summary,
     web_search_left,
 )
 
@@ -75,6 +77,7 @@ T = TypeVar("T")
 _USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="dec_sum(cost)", p1="?", p2="?", p3="?")
 
 _TEAM_DAILY = TEAM_DAILY_SELECT.format(cost_sum="dec_sum(d.cost)", p1="?", p2="?", p3="?")
+_TEAM_LIST = TEAM_LIST_SELECT.format(cost_sum="dec_sum(d.cost)", p1="?")
 
 _EXPORT_BATCH = 1000
 
@@ -621,13 +624,12 @@ class SQLiteStorage:
 
         return await self._run(run)
 
-    async def list_teams(self) -> list[TeamSummary]:
-        sql = (
-            f"SELECT {TEAM_COLUMNS}, (SELECT count(*) FROM users u WHERE u.team_id = t.id) "
-            "FROM teams t ORDER BY t.id"
-        )
+    async def list_teams(self, *, day: date) -> list[TeamSummary]:
         return await self._run(
-            lambda conn: [TeamSummary(_team(row[:4]), members=row[4]) for row in conn.execute(sql)]
+            lambda conn: [
+                team_summary(_team(row[:4]), row[4:], day=day, cost=Decimal(row[13] or "0"))
+                for row in conn.execute(_TEAM_LIST, (day.isoformat(),))
+            ]
         )
 
     async def set_team_plan(self, team_id: str, plan: str) -> None:

@@ -78,7 +78,7 @@ async def test_users_join_and_leave_a_team(storage: Storage) -> None:
     alice = await storage.get_user("alice")
     assert alice is not None and alice.team == "acme" and alice.plan == "free"
     assert [u.id for u in await storage.team_members("acme")] == ["alice", "carol"]
-    assert [(s.team.id, s.members) for s in await storage.list_teams()] == [
+    assert [(s.team.id, s.members) for s in await storage.list_teams(day=DAY)] == [
         ("acme", 2),
         ("zeta", 1),
     ]
@@ -117,6 +117,15 @@ async def test_team_usage_is_its_members_day_rows_summed(storage: Storage) -> No
     ]
     assert rows[1].prompt_tokens == 148 and rows[1].completion_tokens == 2
     assert await storage.team_daily("acme", start=DAY + timedelta(days=1), end=DAY) == []
+    # The teams list sums one day the same way, teams without usage at zero.
+    await storage.create_team("empty", plan="free", now=NOW)
+    listed = await storage.list_teams(day=DAY)
+    assert [(s.team.id, s.members) for s in listed] == [("acme", 2), ("empty", 0)]
+    assert listed[0].today == rows[1]
+    assert listed[1].today.total_tokens == 0 and listed[1].today.cost == Decimal(0)
+    assert listed[1].today.day == DAY and listed[1].today.user_id == "empty"
+    (yesterday_row,) = [s.today for s in await storage.list_teams(day=yesterday)][:1]
+    assert (yesterday_row.total_tokens, yesterday_row.cost) == (10, Decimal("0.2"))
     assert await storage.team_daily("nobody", start=yesterday, end=DAY) == []
 
 
