@@ -82,6 +82,7 @@ from gateway.upstreams import Prepared, Route
 from gateway.usage import Metered
 
 if TYPE_CHECKING:
+    from gateway.config import Plan
     from gateway.metrics import Metrics
     from gateway.runtime import Gateway
 
@@ -370,7 +371,15 @@ class Proxy:
         team's plan's, where set (a model must be in both)."""
         gw = self.gw
         user = await gw.users.get(user_id, default_plan=gw.config.accounting.default_plan)
-        plans = [effective_plan(gw.config, user), await gw.team_plan(user)]
+        plans: list[Plan | None] = [effective_plan(gw.config, user)]
+        try:
+            plans.append(await gw.team_plan(user))
+        except StorageError as exc:
+            # The team is cached for auth.key_cache_ttl; past that, an outage lets
+            # the request through on the user's own list, as admission fails open
+            # (docs/quotas.md, "Model allow-lists").
+            gw.metrics.inc("gateway_storage_errors_total", operation="team")
+            log.warning("team of %s not read, its model list not applied: %s", user_id, exc.message)
         return [plan.models for plan in plans if plan is not None and plan.models is not None]
 
     def _rewrite(self, x: Exchange) -> None:

@@ -4,6 +4,8 @@ list filtered to them. Against a real gateway and a real local fake upstream."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from typing import Any
 
 import httpx
@@ -386,3 +388,27 @@ def test_an_allow_list_loads_as_given() -> None:
     config = parse_config({"plans": {"free": {"models": ["gpt-4o-mini", "llama-3*"]}}}, env={})
     assert config.plans["free"].models == ("gpt-4o-mini", "llama-3*")
     assert parse_config({}, env={}).plans["free"].models is None
+
+
+async def test_a_team_that_cannot_be_read_leaves_the_users_own_list(sqlite_url: str) -> None:
+    # The database fails under the team's row (here its table is gone): the request
+    # is held to the user's own list, as admission fails open, and it is counted.
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    settings = {**SETTINGS, "plans": {**SETTINGS["plans"], "team": {"models": ["llama-3*"]}}}
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        await h.gateway.create_team("acme", plan="team")
+        await h.gateway.set_team(USER, "acme")
+        refused = await request(h, "POST", "/v1/chat/completions", json=CHAT)
+        with contextlib.closing(sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))) as db:
+            db.execute("ALTER TABLE teams RENAME TO teams_gone")
+            db.commit()
+        h.gateway.teams.forget("acme")  # past the cache's TTL
+        answered = await request(h, "POST", "/v1/chat/completions", json=CHAT)
+        elsewhere = await request(
+            h, "POST", "/v1/chat/completions", json={**CHAT, "model": "gpt-4o"}
+        )
+        metrics = h.gateway.metrics.render().decode()
+    assert "'gpt-4o-mini' is not available" in refusal(refused)
+    assert answered.status_code == 200
+    assert "'gpt-4o' is not available" in refusal(elsewhere)  # the user's own list holds
+    assert 'gateway_storage_errors_total{operation="team"} 2' in metrics
