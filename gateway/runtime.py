@@ -194,7 +194,14 @@ class Gateway:
         await self.storage.migrate()
         # Refuses to serve a configuration whose prices are in another currency
         # than the money the database holds (gateway/currency.py).
-        self.currency = await currency.check(self.storage, self.config)
+        costs = await self.storage.costs_by_currency()
+        self.currency = currency.serving(self.config, costs)
+        # Whether a price or a recorded cost has fixed it; else the first cost an
+        # upstream reports in its own currency (Dify's) fixes it (_cost_recorded).
+        self._currency_fixed = (
+            currency.configured(self.config) is not None
+            or currency.database_currency(costs) is not None
+        )
         self._apply(self.config)
         self.reports = Reports(self)
         spool = Path(self.config.database.spool_file) if self.config.database.spool_file else None
@@ -206,6 +213,7 @@ class Gateway:
             prices=self._prices,
             answer_log=self.config.server.answer_log,
         )
+        self.settler.on_cost = self._cost_recorded
         replayed = await self.settler.replay()
         if replayed:
             log.info("replayed %d spooled usage records", replayed)
@@ -321,6 +329,7 @@ class Gateway:
             self.reloads.bump()
             return False
         self.currency = money
+        self._currency_fixed = self._currency_fixed or currency.configured(new) is not None
         log.info("configuration reloaded from %s (plans: %s)", source, ", ".join(new.plans))
         self.metrics.inc("gateway_config_reloads_total", result="applied")
         self.reloads.bump()
@@ -342,6 +351,25 @@ class Gateway:
                 f"{setting[0]} changes the currency to {setting[1]!r}, and the database "
                 f"cannot say whether it holds costs in {self.currency!r}: {exc.message}"
             ) from exc
+
+    def _cost_recorded(self, code: str) -> None:
+        """A cost in currency ``code`` was recorded. Without prices the upstream
+        names the currency (Dify reports its own with each answer): the first cost
+        fixes the database's. Another one after that already sits in the totals
+        (the ledger row keeps it, never lost): said loudly, and the next start-up
+        refuses (docs/configuration.md, "Currency")."""
+        if code == self.currency:
+            self._currency_fixed = True
+        elif not self._currency_fixed:
+            self.currency, self._currency_fixed = code, True
+        else:
+            log.error(
+                "recorded a cost in %s, but this database keeps its money in %s: its day "
+                "rows and lifetime totals now add both, and the gateway will refuse to "
+                "start on it (docs/configuration.md, Currency)",
+                code,
+                self.currency,
+            )
 
     def _apply(self, config: Config) -> None:
         """Make ``config`` the one in force; caches derived from it start afresh

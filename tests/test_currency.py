@@ -25,7 +25,8 @@ from gateway.config import DatabaseConfig, parse_config
 from gateway.currency import CurrencyMismatch, database_currency, serving, shown
 from gateway.runtime import Gateway
 from gateway.storage import ModelUsage, Storage, UsageEvent, open_storage
-from tests.harness import USER, running_gateway, to_toml
+from gateway.testing.fake_upstream import FakeDify
+from tests.harness import UPSTREAM_KEY, USER, running_gateway, to_toml
 
 ADMIN = "currency-admin-token-" + "x" * 20
 ENV = {"GATEWAY_ADMIN_TOKEN": ADMIN}
@@ -315,3 +316,49 @@ def test_a_database_that_already_mixes_currencies_shows_no_sum(
     assert main(_cli(path, "usage", "export", "--format", "json")) == 0
     rows = orjson.loads(capsys.readouterr().out)
     assert sorted((r["cost"], r["currency"]) for r in rows) == [("0.75", "USD"), ("12000", "VND")]
+
+
+# --- an upstream that names its own currency (Dify) -------------------------------------
+
+CHAT = {"query": "hi", "inputs": {}, "response_mode": "blocking", "user": "x"}
+
+
+async def test_without_prices_the_first_cost_reported_fixes_the_currency(
+    database_url: str,
+) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY, currency="VND")
+    async with running_gateway(database_url, fake=fake) as h, _client(h.url) as http:
+        assert h.gateway.currency == "USD"  # nothing names one yet
+        assert (
+            await http.post("/v1/chat-messages", json=CHAT, headers=h.auth())
+        ).status_code == 200
+        await h.gateway.wait_finished(1)
+        usage = (await http.get("/v1/usage", headers=h.auth())).json()
+    assert usage["currency"] == usage["lifetime"]["currency"] == "VND"
+    assert usage["lifetime"]["cost"] == "0.001303"
+
+
+async def test_an_upstream_cost_in_another_currency_is_said_and_refused_next_start(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await seed(database_url, answer("u1", "0.75", "USD"))
+    fake = FakeDify(api_key=UPSTREAM_KEY, currency="VND")
+    async with running_gateway(database_url, fake=fake) as h, _client(h.url) as http:
+        assert (
+            await http.post("/v1/chat-messages", json=CHAT, headers=h.auth())
+        ).status_code == 200
+        await h.gateway.wait_finished(1)
+        usage = (await http.get("/v1/usage", headers=h.auth())).json()
+        recorded = [e.currency for e in await h.events()]
+    # Recorded (never lost), labelled with the database's currency, and said loudly.
+    assert usage["currency"] == "USD"
+    assert recorded == ["USD", "VND"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("recorded a cost in VND" in m and "keeps its money in USD" in m for m in errors)
+    storage = await open_storage(DatabaseConfig(url=database_url))
+    try:
+        again = Gateway(parse_config({"plans": {"free": {}}}, env={}), storage=storage)
+        with pytest.raises(CurrencyMismatch, match="'USD' and 'VND'"):
+            await again.start()
+    finally:
+        await storage.close()
