@@ -49,7 +49,7 @@ EVENT_COLUMNS: tuple[str, ...] = (
 DAILY_COLUMNS: tuple[str, ...] = (
     "user_id",
     "team",
-    *daily_dict(DailyUsage(user_id="", day=date.min)).keys(),
+    *daily_dict(DailyUsage(user_id="", day=date.min), "").keys(),
 )
 
 # CSV injection (OWASP, "CSV Injection"): a spreadsheet opening the file runs a cell
@@ -106,15 +106,23 @@ def event_dict(event: UsageEvent, team: str | None = None) -> dict[str, Any]:
     }
 
 
-def daily_row_dict(row: DailyUsage, team: str | None = None) -> dict[str, Any]:
-    return {"user_id": row.user_id, "team": team, **daily_dict(row)}
+def daily_row_dict(row: DailyUsage, currency: str, team: str | None = None) -> dict[str, Any]:
+    return {"user_id": row.user_id, "team": team, **daily_dict(row, currency)}
 
 
 def rows(
-    storage: Storage, dataset: Dataset, start: date, end: date, *, user_id: str | None = None
+    storage: Storage,
+    dataset: Dataset,
+    start: date,
+    end: date,
+    *,
+    user_id: str | None = None,
+    currency: str,
 ) -> tuple[Sequence[str], AsyncIterator[dict[str, Any]]]:
-    """The columns and the rows (as dicts) of a dataset. ``team`` is the user's
-    team when the export is made (issue 21): rows keep no team of their own."""
+    """The columns and the rows (as dicts) of a dataset. A ledger row carries its
+    own currency; a day row the database's, ``currency`` (gateway/currency.py).
+    ``team`` is the user's team when the export is made (issue 21): rows keep no
+    team of their own."""
     if dataset == "events":
 
         async def events() -> AsyncIterator[dict[str, Any]]:
@@ -127,7 +135,7 @@ def rows(
     async def daily() -> AsyncIterator[dict[str, Any]]:
         teams = await storage.user_teams()
         async for row in storage.iter_daily(start, end, user_id=user_id):
-            yield daily_row_dict(row, teams.get(row.user_id))
+            yield daily_row_dict(row, currency, teams.get(row.user_id))
 
     return DAILY_COLUMNS, daily()
 

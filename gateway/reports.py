@@ -34,7 +34,9 @@ def money(value: Decimal) -> str:
     return format(value.normalize(), "f") if value else "0"
 
 
-def daily_dict(row: DailyUsage) -> dict[str, Any]:
+def daily_dict(row: DailyUsage, currency: str) -> dict[str, Any]:
+    """A day row as the APIs show it; ``currency`` is the database's (the day rows
+    hold one cost number, in the one currency gateway/currency.py keeps them in)."""
     return {
         "day": row.day.isoformat(),
         "queries": row.queries,
@@ -46,6 +48,17 @@ def daily_dict(row: DailyUsage) -> dict[str, Any]:
         "completion_tokens": row.completion_tokens,
         "total_tokens": row.total_tokens,
         "cost": money(row.cost),
+        "currency": currency,
+    }
+
+
+def lifetime_dict(user: User, currency: str) -> dict[str, Any]:
+    return {
+        "prompt_tokens": user.lifetime_prompt_tokens,
+        "completion_tokens": user.lifetime_completion_tokens,
+        "total_tokens": user.lifetime_tokens,
+        "cost": money(user.lifetime_cost),
+        "currency": currency,
     }
 
 
@@ -59,6 +72,7 @@ def model_dict(row: ModelUsage) -> dict[str, Any]:
         "reasoning_tokens": row.reasoning_tokens,
         "total_tokens": row.total_tokens,
         "cost": money(row.cost),
+        "currency": row.currency,
     }
 
 
@@ -116,7 +130,13 @@ def fill_days(rows: list[DailyUsage], user_id: str, start: date, end: date) -> l
 
 
 async def team_report(
-    storage: Storage, config: Config, team: Team, periods: Periods, *, members: bool = True
+    storage: Storage,
+    config: Config,
+    team: Team,
+    periods: Periods,
+    *,
+    currency: str,
+    members: bool = True,
 ) -> dict[str, Any]:
     """A team's plan, limits and usage: its current members' day rows summed
     (issue 21) - today, this month, and each limit of the team's plan against
@@ -136,8 +156,9 @@ async def team_report(
         "overrides": dict(team.overrides),
         "created_at": team.created_at.isoformat(),
         "limits": limits,
-        "today": daily_dict(today),
-        "month": daily_dict(month),
+        "currency": currency,
+        "today": daily_dict(today, currency),
+        "month": daily_dict(month, currency),
     }
     if members:
         report["members"] = [user.id for user in await storage.team_members(team.id)]
@@ -178,15 +199,12 @@ class Reports:
             "timezone": self.gw.config.accounting.timezone,
             "day": periods.day.isoformat(),
             "limits": limits_view(plan, today, sum(r.total_tokens for r in rows), streams, periods),
-            "today": daily_dict(today),
-            "lifetime": {
-                "prompt_tokens": user.lifetime_prompt_tokens,
-                "completion_tokens": user.lifetime_completion_tokens,
-                "total_tokens": user.lifetime_tokens,
-                "cost": money(user.lifetime_cost),
-            },
-            # This calendar month's answers per model (cached and reasoning tokens
-            # are parts of the prompt and completion tokens).
+            "currency": self.gw.currency,
+            "today": daily_dict(today, self.gw.currency),
+            "lifetime": lifetime_dict(user, self.gw.currency),
+            # This calendar month's answers per model and currency, from the ledger
+            # (cached and reasoning tokens are parts of the prompt and completion
+            # tokens).
             "month_by_model": [model_dict(m) for m in models],
         }
 
@@ -197,10 +215,14 @@ class Reports:
         if team is None:
             raise NotFound(f"No team {team_id!r}.")
         periods = self.periods()
-        report = await team_report(self.gw.storage, self.gw.config, team, periods)
+        currency = self.gw.currency
+        report = await team_report(
+            self.gw.storage, self.gw.config, team, periods, currency=currency
+        )
         start = periods.day - timedelta(days=days - 1)
         rows = await self.gw.storage.team_daily(team_id, start=start, end=periods.day)
-        report["daily"] = [daily_dict(r) for r in fill_days(rows, team_id, start, periods.day)]
+        filled = fill_days(rows, team_id, start, periods.day)
+        report["daily"] = [daily_dict(r, currency) for r in filled]
         return report
 
     async def user_team(self, user: User) -> dict[str, Any] | None:
@@ -212,7 +234,12 @@ class Reports:
         if team is None:
             return None
         return await team_report(
-            self.gw.storage, self.gw.config, team, self.periods(), members=False
+            self.gw.storage,
+            self.gw.config,
+            team,
+            self.periods(),
+            currency=self.gw.currency,
+            members=False,
         )
 
     async def daily(self, user_id: str, days: int) -> list[DailyUsage]:
@@ -242,5 +269,5 @@ class Reports:
                 }
                 for k in keys
             ],
-            "daily": [daily_dict(r) for r in await self.daily(user_id, days)],
+            "daily": [daily_dict(r, self.gw.currency) for r in await self.daily(user_id, days)],
         }

@@ -122,7 +122,7 @@ def test_teams_on_the_command_line(
     assert "tokens        300 / unlimited" in shown  # alice herself, on free
     assert "  queries       0 / 2000" in shown  # the team: settles alone count no query
     assert "  tokens        1000 / 70000" in shown  # the team: alice + bob
-    assert "  cost          0.00035" in shown
+    assert "  cost          0.00035 USD" in shown
     assert run(config_file, "users", "show", "carol") == 0
     assert "team:      -" in capsys.readouterr().out
 
@@ -135,7 +135,7 @@ def test_teams_on_the_command_line(
     assert run(config_file, "teams", "list") == 0
     listing = capsys.readouterr().out.splitlines()
     assert listing[0].startswith("TEAM") and "TOKENS TODAY" in listing[0]
-    assert listing[1].split() == ["acme", "pro", "2", "0", "1000", "0.00035"]
+    assert listing[1].split() == ["acme", "pro", "2", "0", "1000", "0.00035", "USD"]
     assert listing[2].split()[:3] == ["beta", "pro", "0"] and listing[-1] == "(2 teams)"
 
     assert run(config_file, "users", "list") == 0

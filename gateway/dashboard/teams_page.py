@@ -110,7 +110,7 @@ async def teams(page: Page) -> Response:
             members=numbers.number(s.members),
             tokens=badge(numbers.number(s.today.total_tokens), s.today.total_tokens),
             queries=numbers.number(s.today.queries),
-            cost=numbers.money(s.today.cost),
+            cost=numbers.amount(s.today.cost, gateway.currency),
         )
         for s in found
     ]
@@ -138,7 +138,7 @@ async def team(page: Page) -> Response:
             id=m.id,
             plan=m.plan,
             tokens=badge(numbers.number(m.lifetime_tokens), m.lifetime_tokens),
-            cost=numbers.money(m.lifetime_cost),
+            cost=numbers.amount(m.lifetime_cost, gateway.currency),
         )
         for m in members
     ) or Html('<tr><td colspan="4" class="muted">No members.</td></tr>\n')
@@ -149,7 +149,7 @@ async def team(page: Page) -> Response:
             tokens=numbers.number(row["total_tokens"]),
             queries=numbers.number(row["queries"]),
             web=numbers.number(row["web_searches"]),
-            cost=numbers.money(Decimal(row["cost"])),
+            cost=numbers.amount(Decimal(row["cost"]), row["currency"]),
         )
         for row in reversed(detail["daily"])
     )
@@ -169,7 +169,7 @@ async def team(page: Page) -> Response:
         limits=limit_rows(numbers, detail["limits"], tz),
         month_tokens=badge(numbers.number(month["total_tokens"]), month["total_tokens"]),
         month_queries=numbers.number(month["queries"]),
-        month_cost=numbers.money(Decimal(month["cost"])),
+        month_cost=numbers.amount(Decimal(month["cost"]), month["currency"]),
         team_url=team_path(base, team_id),
         csrf=page.csrf_field(),
         plan_options=options(((p, p) for p in gateway.config.plans), detail["plan"]),
