@@ -29,7 +29,7 @@ from gateway.errors import (
 )
 from gateway.export import Dataset, Format, encode, rows
 from gateway.http import request_headers
-from gateway.reports import daily_dict, money
+from gateway.reports import daily_dict, lifetime_dict
 from gateway.throttle import Check, SecretGuard
 
 if TYPE_CHECKING:
@@ -215,14 +215,10 @@ async def list_users(request: Request, gw: Gateway) -> Response:
         {
             "id": s.user.id,
             "plan": s.user.plan,
+            "team": s.user.team,
             "created_at": s.user.created_at.isoformat(),
-            "lifetime": {
-                "prompt_tokens": s.user.lifetime_prompt_tokens,
-                "completion_tokens": s.user.lifetime_completion_tokens,
-                "total_tokens": s.user.lifetime_tokens,
-                "cost": money(s.user.lifetime_cost),
-            },
-            "today": daily_dict(s.today),
+            "lifetime": lifetime_dict(s.user, gw.currency),
+            "today": daily_dict(s.today, gw.currency),
         }
         for s in summaries
     ]
@@ -284,6 +280,93 @@ async def clear_limit(request: Request, gw: Gateway) -> Response:
     return json_response(gw, {"id": user_id, "name": name, "value": "plan"})
 
 
+# --- teams (issue 21) ---
+
+
+@_admin
+async def list_teams(request: Request, gw: Gateway) -> Response:
+    """Every team: its plan, member count and today's usage (members summed)."""
+    data = [
+        {
+            "id": summary.team.id,
+            "plan": summary.team.plan,
+            "overrides": dict(summary.team.overrides),
+            "members": summary.members,
+            "created_at": summary.team.created_at.isoformat(),
+            "today": daily_dict(summary.today, gw.currency),
+        }
+        for summary in await gw.storage.list_teams(day=gw.today())
+    ]
+    return json_response(gw, {"data": data})
+
+
+@_admin
+async def create_team(request: Request, gw: Gateway) -> Response:
+    """Create a team on a plan (`{"id": "acme", "plan": "pro"}`); 409 if it exists."""
+    body = await _json_body(request)
+    team_id, plan = body.get("id"), body.get("plan")
+    if not isinstance(team_id, str):
+        raise BadRequest("id: expected the team's id.")
+    if not isinstance(plan, str):
+        raise BadRequest("plan: expected the name of a configured plan.")
+    team = await gw.create_team(team_id, plan=plan)
+    return json_response(
+        gw,
+        {"id": team.id, "plan": team.plan, "created_at": team.created_at.isoformat()},
+        status=201,
+    )
+
+
+@_admin
+async def get_team(request: Request, gw: Gateway) -> Response:
+    """One team: plan, overrides, limits and usage (members summed), members, daily history."""
+    days = _int(request, "days", 30, 1, MAX_DAYS)
+    return json_response(gw, await gw.reports.team(request.path_params["team_id"], days=days))
+
+
+@_admin
+async def set_team_plan(request: Request, gw: Gateway) -> Response:
+    """Move a team to another plan."""
+    team_id = request.path_params["team_id"]
+    plan = (await _json_body(request)).get("plan")
+    if not isinstance(plan, str):
+        raise BadRequest("plan: expected the name of a configured plan.")
+    await gw.set_team_plan(team_id, plan)
+    return json_response(gw, {"id": team_id, "plan": plan})
+
+
+@_admin
+async def set_team_limit(request: Request, gw: Gateway) -> Response:
+    """Override one plan limit for a team (`{"value": N}`; null is unlimited)."""
+    team_id, name = request.path_params["team_id"], _limit_name(request)
+    body = await _json_body(request)
+    if "value" not in body:
+        raise BadRequest(
+            "value: required (a number, null for unlimited, or a boolean for advanced_rag)."
+        )
+    value = await gw.set_team_override(team_id, name, body["value"])
+    return json_response(gw, {"id": team_id, "name": name, "value": value})
+
+
+@_admin
+async def clear_team_limit(request: Request, gw: Gateway) -> Response:
+    """Remove a per-team override: the team's plan's limit applies again."""
+    team_id, name = request.path_params["team_id"], _limit_name(request)
+    await gw.clear_team_override(team_id, name)
+    return json_response(gw, {"id": team_id, "name": name, "value": "plan"})
+
+
+@_admin
+async def set_user_team(request: Request, gw: Gateway) -> Response:
+    """Put a user in a team (`{"team": "acme"}`), or in none (`{"team": null}`)."""
+    user_id = request.path_params["user_id"]
+    body = await _json_body(request)
+    if "team" not in body or not isinstance(body["team"], str | None):
+        raise BadRequest("team: required (a team's id, or null for none).")
+    await gw.set_team(user_id, body["team"])
+    return json_response(gw, {"id": user_id, "team": body["team"]})
+
+
 @_admin
 async def create_key(request: Request, gw: Gateway) -> Response:
     """Create a key for a user; the secret is in this response only."""
@@ -327,7 +410,9 @@ def _export(dataset: Dataset) -> Any:
             raise BadRequest("to: must not be before from.")
         fmt = cast(Format, _choice(request, "format", ("csv", "json"), "csv"))
         user_id = request.query_params.get("user") or None
-        columns, source = rows(gw.storage, dataset, start, end, user_id=user_id)
+        columns, source = rows(
+            gw.storage, dataset, start, end, user_id=user_id, currency=gw.currency
+        )
         media = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"
         filename = f"{dataset}-{start.isoformat()}-{end.isoformat()}{'-' + user_id if user_id else ''}.{fmt}"
         safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in filename)
@@ -367,7 +452,14 @@ admin_routes: list[BaseRoute] = [
     Route("/users/{user_id}/plan", set_plan, methods=["PUT"]),
     Route("/users/{user_id}/limits/{name}", set_limit, methods=["PUT"]),
     Route("/users/{user_id}/limits/{name}", clear_limit, methods=["DELETE"]),
+    Route("/users/{user_id}/team", set_user_team, methods=["PUT"]),
     Route("/users/{user_id}/keys", create_key, methods=["POST"]),
+    Route("/teams", list_teams, methods=["GET"]),
+    Route("/teams", create_team, methods=["POST"]),
+    Route("/teams/{team_id}", get_team, methods=["GET"]),
+    Route("/teams/{team_id}/plan", set_team_plan, methods=["PUT"]),
+    Route("/teams/{team_id}/limits/{name}", set_team_limit, methods=["PUT"]),
+    Route("/teams/{team_id}/limits/{name}", clear_team_limit, methods=["DELETE"]),
     Route("/keys/{key_id}", revoke_key, methods=["DELETE"]),
     Route("/alerts", list_alerts, methods=["GET"]),
     Route("/export/events", _export("events"), methods=["GET"]),
@@ -406,7 +498,13 @@ async def my_daily_usage(request: Request) -> Response:
         days = _int(request, "days", 30, 1, MAX_DAYS)
         daily = await gw.reports.daily(user_id, days)
         return json_response(
-            gw, {"user": user_id, "days": days, "data": [daily_dict(r) for r in daily]}
+            gw,
+            {
+                "user": user_id,
+                "days": days,
+                "currency": gw.currency,
+                "data": [daily_dict(r, gw.currency) for r in daily],
+            },
         )
     except GatewayError as exc:
         return error_response(gw, exc, realm="api")

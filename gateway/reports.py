@@ -12,12 +12,12 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from gateway.accounts import effective_plan
+from gateway.accounts import effective_plan, team_plan
 from gateway.clock import Periods, periods_at
-from gateway.config import LIMIT_NAMES, MONEY_LIMITS, Plan
+from gateway.config import LIMIT_NAMES, MONEY_LIMITS, Config, Plan
 from gateway.errors import NotFound
 from gateway.quota import Meter, Per
-from gateway.storage import DailyUsage, ModelUsage, User
+from gateway.storage import DailyUsage, ModelUsage, Storage, Team, User, summed
 
 if TYPE_CHECKING:
     from gateway.runtime import Gateway
@@ -36,7 +36,9 @@ def money(value: Decimal) -> str:
     return format(value.normalize(), "f") if value else "0"
 
 
-def daily_dict(row: DailyUsage) -> dict[str, Any]:
+def daily_dict(row: DailyUsage, currency: str) -> dict[str, Any]:
+    """A day row as the APIs show it; ``currency`` is the database's (the day rows
+    hold one cost number, in the one currency gateway/currency.py keeps them in)."""
     return {
         "day": row.day.isoformat(),
         "queries": row.queries,
@@ -48,6 +50,17 @@ def daily_dict(row: DailyUsage) -> dict[str, Any]:
         "completion_tokens": row.completion_tokens,
         "total_tokens": row.total_tokens,
         "cost": money(row.cost),
+        "currency": currency,
+    }
+
+
+def lifetime_dict(user: User, currency: str) -> dict[str, Any]:
+    return {
+        "prompt_tokens": user.lifetime_prompt_tokens,
+        "completion_tokens": user.lifetime_completion_tokens,
+        "total_tokens": user.lifetime_tokens,
+        "cost": money(user.lifetime_cost),
+        "currency": currency,
     }
 
 
@@ -61,6 +74,7 @@ def model_dict(row: ModelUsage) -> dict[str, Any]:
         "reasoning_tokens": row.reasoning_tokens,
         "total_tokens": row.total_tokens,
         "cost": money(row.cost),
+        "currency": row.currency,
     }
 
 
@@ -140,6 +154,42 @@ def fill_days(rows: list[DailyUsage], user_id: str, start: date, end: date) -> l
     ]
 
 
+async def team_report(
+    storage: Storage,
+    config: Config,
+    team: Team,
+    periods: Periods,
+    *,
+    currency: str,
+    members: bool = True,
+) -> dict[str, Any]:
+    """A team's plan, limits and usage: its current members' day rows summed
+    (issue 21) - today, this month, and each limit of the team's plan against
+    them (a team has no stream counter of its own: ``max_concurrent_streams``
+    shows its limit only). The same view for the CLI, the admin API and the
+    dashboard."""
+    rows = await storage.team_daily(team.id, start=periods.month_start, end=periods.day)
+    today = summed([r for r in rows if r.day == periods.day], user_id=team.id, day=periods.day)
+    month = summed(rows, user_id=team.id, day=periods.month_start)
+    plan = team_plan(config, team)
+    limits = limits_view(plan, today, month.total_tokens, 0, periods)
+    limits["max_concurrent_streams"] = {"limit": plan.max_concurrent_streams}
+    report: dict[str, Any] = {
+        "id": team.id,
+        "plan": plan.name,
+        "stored_plan": team.plan,
+        "overrides": dict(team.overrides),
+        "created_at": team.created_at.isoformat(),
+        "limits": limits,
+        "currency": currency,
+        "today": daily_dict(today, currency),
+        "month": daily_dict(month, currency),
+    }
+    if members:
+        report["members"] = [user.id for user in await storage.team_members(team.id)]
+    return report
+
+
 class Reports:
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
@@ -182,17 +232,48 @@ class Reports:
                 month_cost=sum((r.cost for r in rows), Decimal(0)),
                 rates=await self.gw.storage.rate_counts(user.id, now=self.gw.clock.now()),
             ),
-            "today": daily_dict(today),
-            "lifetime": {
-                "prompt_tokens": user.lifetime_prompt_tokens,
-                "completion_tokens": user.lifetime_completion_tokens,
-                "total_tokens": user.lifetime_tokens,
-                "cost": money(user.lifetime_cost),
-            },
-            # This calendar month's answers per model (cached and reasoning tokens
-            # are parts of the prompt and completion tokens).
+            "currency": self.gw.currency,
+            "today": daily_dict(today, self.gw.currency),
+            "lifetime": lifetime_dict(user, self.gw.currency),
+            # This calendar month's answers per model and currency, from the ledger
+            # (cached and reasoning tokens are parts of the prompt and completion
+            # tokens).
             "month_by_model": [model_dict(m) for m in models],
         }
+
+    async def team(self, team_id: str, *, days: int = 30) -> dict[str, Any]:
+        """One team for admins: its plan, limits, usage and members, with its
+        members' usage summed per day over the last ``days`` days."""
+        team = await self.gw.storage.get_team(team_id)
+        if team is None:
+            raise NotFound(f"No team {team_id!r}.")
+        periods = self.periods()
+        currency = self.gw.currency
+        report = await team_report(
+            self.gw.storage, self.gw.config, team, periods, currency=currency
+        )
+        start = periods.day - timedelta(days=days - 1)
+        rows = await self.gw.storage.team_daily(team_id, start=start, end=periods.day)
+        filled = fill_days(rows, team_id, start, periods.day)
+        report["daily"] = [daily_dict(r, currency) for r in filled]
+        return report
+
+    async def user_team(self, user: User) -> dict[str, Any] | None:
+        """The team part of a user's detail: the team's plan, limits and usage
+        (its members summed), or None when the user is in no team."""
+        if user.team is None:
+            return None
+        team = await self.gw.storage.get_team(user.team)
+        if team is None:
+            return None
+        return await team_report(
+            self.gw.storage,
+            self.gw.config,
+            team,
+            self.periods(),
+            currency=self.gw.currency,
+            members=False,
+        )
 
     async def daily(self, user_id: str, days: int) -> list[DailyUsage]:
         """The last ``days`` local days (today included), zero-filled."""
@@ -209,6 +290,7 @@ class Reports:
             **await self.usage(user),
             "stored_plan": user.plan,
             "overrides": dict(user.overrides),
+            "team": await self.user_team(user),
             "created_at": user.created_at.isoformat(),
             "keys": [
                 {
@@ -220,5 +302,5 @@ class Reports:
                 }
                 for k in keys
             ],
-            "daily": [daily_dict(r) for r in await self.daily(user_id, days)],
+            "daily": [daily_dict(r, self.gw.currency) for r in await self.daily(user_id, days)],
         }

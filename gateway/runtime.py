@@ -21,19 +21,26 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
-from gateway.accounts import issue_key, parse_override
+from gateway import currency
+from gateway.accounts import (
+    check_plan,
+    check_team_id,
+    issue_key,
+    parse_override,
+    team_plan,
+)
 from gateway.alerts import OutboxWorker
-from gateway.auth import Authenticator, UserDirectory
+from gateway.auth import Authenticator, TeamDirectory, UserDirectory
 from gateway.clock import Clock, SystemClock
-from gateway.config import Config, load_config
-from gateway.errors import BadRequest, ConfigError, StorageError
+from gateway.config import Config, Plan, load_config
+from gateway.errors import ConfigError, GatewayError, StorageError
 from gateway.messages import Catalogue
 from gateway.metrics import Metrics
 from gateway.pricing import PriceTable
 from gateway.recovery import Recovery
 from gateway.reports import Reports
 from gateway.settle import Settler
-from gateway.storage import ApiKey, OverrideValue, Storage, open_storage
+from gateway.storage import ApiKey, OverrideValue, Storage, Team, User, open_storage
 from gateway.upstreams import Upstream, get_upstream
 
 log = logging.getLogger("gateway")
@@ -191,6 +198,16 @@ class Gateway:
             self._storage = await open_storage(self.config.database)
         self.storage: Storage = self._storage
         await self.storage.migrate()
+        # Refuses to serve a configuration whose prices are in another currency
+        # than the money the database holds (gateway/currency.py).
+        costs = await self.storage.costs_by_currency()
+        self.currency = currency.serving(self.config, costs)
+        # Whether a price or a recorded cost has fixed it; else the first cost an
+        # upstream reports in its own currency (Dify's) fixes it (_cost_recorded).
+        self._currency_fixed = (
+            currency.configured(self.config) is not None
+            or currency.database_currency(costs) is not None
+        )
         self._apply(self.config)
         self.reports = Reports(self)
         spool = Path(self.config.database.spool_file) if self.config.database.spool_file else None
@@ -202,6 +219,7 @@ class Gateway:
             prices=self._prices,
             answer_log=self.config.server.answer_log,
         )
+        self.settler.on_cost = self._cost_recorded
         replayed = await self.settler.replay()
         if replayed:
             log.info("replayed %d spooled usage records", replayed)
@@ -282,8 +300,9 @@ class Gateway:
                 # defaults: unlimited plans. Never what an operator wants.
                 raise ConfigError(f"{source}: the configuration file is empty")
             new = load_config(source, env=self._env)
-        except (ConfigError, OSError) as exc:
-            message = exc.message if isinstance(exc, ConfigError) else f"{source}: {exc}"
+            money = await self._currency_after_reload(new)
+        except (ConfigError, OSError, StorageError) as exc:
+            message = exc.message if isinstance(exc, GatewayError) else f"{source}: {exc}"
             log.error(
                 "configuration reload refused, keeping the running configuration: %s", message
             )
@@ -315,10 +334,48 @@ class Gateway:
             self.metrics.inc("gateway_config_reloads_total", result="refused")
             self.reloads.bump()
             return False
+        self.currency = money
+        self._currency_fixed = self._currency_fixed or currency.configured(new) is not None
         log.info("configuration reloaded from %s (plans: %s)", source, ", ".join(new.plans))
         self.metrics.inc("gateway_config_reloads_total", result="applied")
         self.reloads.bump()
         return True
+
+    async def _currency_after_reload(self, new: Config) -> str:
+        """The currency money is recorded in under ``new``: the one in force when
+        ``new`` prices in it too (no database read, so a reload during a database
+        outage still applies); else the database is asked whether it holds costs in
+        another currency (`gateway.currency.serving`), and the reload is refused
+        if it does or cannot say."""
+        setting = currency.configured(new)
+        if setting is None or setting[1] == self.currency:
+            return self.currency
+        try:
+            return await currency.check(self.storage, new)
+        except StorageError as exc:
+            raise StorageError(
+                f"{setting[0]} changes the currency to {setting[1]!r}, and the database "
+                f"cannot say whether it holds costs in {self.currency!r}: {exc.message}"
+            ) from exc
+
+    def _cost_recorded(self, code: str) -> None:
+        """A cost in currency ``code`` was recorded. Without prices the upstream
+        names the currency (Dify reports its own with each answer): the first cost
+        fixes the database's. Another one after that already sits in the totals
+        (the ledger row keeps it, never lost): said loudly, and the next start-up
+        refuses (docs/configuration.md, "Currency")."""
+        if code == self.currency:
+            self._currency_fixed = True
+        elif not self._currency_fixed:
+            self.currency, self._currency_fixed = code, True
+        else:
+            log.error(
+                "recorded a cost in %s, but this database keeps its money in %s: its day "
+                "rows and lifetime totals now add both, and the gateway will refuse to "
+                "start on it (docs/configuration.md, Currency)",
+                code,
+                self.currency,
+            )
 
     def _apply(self, config: Config) -> None:
         """Make ``config`` the one in force; caches derived from it start afresh
@@ -335,12 +392,16 @@ class Gateway:
         users = UserDirectory(
             self.storage, ttl=config.auth.key_cache_ttl, previous=getattr(self, "users", None)
         )
+        teams = TeamDirectory(
+            self.storage, ttl=config.auth.key_cache_ttl, previous=getattr(self, "teams", None)
+        )
         tz = config.tz
         # Rebuilt so that a dialect's own settings (prices) follow a reload.
         upstream = get_upstream(config.upstream.kind, config)
         prices = PriceTable(config.prices)  # the settler's metrics labels (see Settler)
         messages = _catalogue(config)
         self.config, self._tz, self.auth, self.users = config, tz, auth, users
+        self.teams = teams
         self.messages = messages
         self.upstream, self._prices = upstream, prices
         self.user_header = config.auth.trusted_header.user_header.lower().encode()
@@ -450,12 +511,46 @@ class Gateway:
         return await issue_key(self.storage, user_id, name=name, now=datetime.now(UTC))
 
     async def set_plan(self, user_id: str, plan: str) -> None:
-        if plan not in self.config.plans:
-            raise BadRequest(
-                f"No plan named {plan!r} (plans: {', '.join(sorted(self.config.plans))})."
-            )
+        check_plan(self.config, plan)
         await self.storage.set_plan(user_id, plan)
         self.users.forget(user_id)
+
+    # --- teams (issue 21) ---
+
+    async def create_team(self, team_id: str, *, plan: str) -> Team:
+        check_team_id(team_id)
+        check_plan(self.config, plan)
+        return await self.storage.create_team(team_id, plan=plan, now=datetime.now(UTC))
+
+    async def set_team_plan(self, team_id: str, plan: str) -> None:
+        check_plan(self.config, plan)
+        await self.storage.set_team_plan(team_id, plan)
+        self.teams.forget(team_id)
+
+    async def set_team_override(self, team_id: str, name: str, value: object) -> OverrideValue:
+        parsed = parse_override(name, value)
+        await self.storage.set_team_override(team_id, name, parsed)
+        self.teams.forget(team_id)
+        return parsed
+
+    async def clear_team_override(self, team_id: str, name: str) -> None:
+        await self.storage.clear_team_override(team_id, name)
+        self.teams.forget(team_id)
+
+    async def set_team(self, user_id: str, team_id: str | None) -> None:
+        """Put a user in a team, or (None) in none; their next request sees it."""
+        await self.storage.set_team(user_id, team_id)
+        self.users.forget(user_id)
+
+    async def team_plan(self, user: User) -> Plan | None:
+        """The effective plan of ``user``'s team (its plan with the team's
+        overrides), or None when the user is in no team. The team-scope limits a
+        request must also fit (issue 21); a team removed from under a cached
+        user counts as none."""
+        if user.team is None:
+            return None
+        team = await self.teams.get(user.team)
+        return team_plan(self.config, team) if team is not None else None
 
     async def set_override(self, user_id: str, name: str, value: object) -> OverrideValue:
         """Override one limit for a user (``value`` as JSON gives it); returns the

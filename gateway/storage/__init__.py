@@ -27,11 +27,14 @@ from gateway.storage.base import (
     PausedForm,
     Pending,
     Storage,
+    Team,
+    TeamSummary,
     UsageEvent,
     User,
     UserSort,
     UserSummary,
     WebSearch,
+    summed,
 )
 
 __all__ = [
@@ -54,6 +57,8 @@ __all__ = [
     "PausedForm",
     "Pending",
     "Storage",
+    "Team",
+    "TeamSummary",
     "UsageEvent",
     "User",
     "UserSort",
@@ -62,6 +67,7 @@ __all__ = [
     "functions",
     "migrations",
     "open_storage",
+    "summed",
 ]
 
 
