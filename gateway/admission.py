@@ -32,6 +32,7 @@ from gateway.plans import (
     closed_checks,
     reported_limit,
 )
+from gateway.quota import Limit
 from gateway.storage import AlertRequest, Lease, Pending, WebSearch
 from gateway.upstreams import Route
 
@@ -59,19 +60,23 @@ def limit_refusal(
     own: bool,
     headers: Headers,
     seconds: int | None = None,
+    refused: Limit | None = None,
 ) -> QuotaExceeded:
     """The 429 for ``resource``, its message named for gateway/messages.py: the
     user's own limit (a per-user override) or their plan's, reset time in the
     accounting time zone."""
-    key = LIMIT_CODES[resource] + ("_own" if own else "")
+    code = LIMIT_CODES.get(resource, "plan_limit")
+    key = code + ("_own" if own and code != "plan_limit" else "")
     fields: dict[str, object] = {"limit": _plain(limit)}
+    if refused is not None and code == "plan_limit":
+        fields.update(what=refused.meter.replace("_", " "), window=refused.per)
     if resource != "max_concurrent_streams":
         fields.update(used=_plain(used), reset=reset)
     if seconds is not None:
         fields.update(seconds=seconds, remaining=max(_plain(limit) - _plain(used), 0))
     return QuotaExceeded(
         english(key, **fields),
-        code=LIMIT_CODES[resource],
+        code=code,
         headers=headers,
         key=key,
         fields=fields,
@@ -200,6 +205,7 @@ class Admitter:
                 own=admission.refused.name in own,
                 headers=[(b"retry-after", str(retry).encode()), *rate_headers],
                 seconds=retry if rate else None,
+                refused=admission.refused,
             )
         rule = config.web_search
         if (

@@ -405,6 +405,31 @@ def _messages(table: object) -> MessagesConfig:
 # --- end of issue 25, refusal messages ---
 
 
+# The meters and windows a [[plans.NAME.limits]] entry can name (issue 21; the
+# streams open at once are max_concurrent_streams; rates - per minute or hour -
+# count queries and tokens).
+LimitMeter = Literal[
+    "queries", "tokens", "input_tokens", "output_tokens", "cost", "web_searches", "advanced_rag"
+]
+LimitPer = Literal["day", "month", "minute", "hour"]
+RATE_METERS: frozenset[str] = frozenset({"queries", "tokens"})
+
+
+@dataclass(frozen=True, slots=True)
+class PlanLimit:
+    """One ``[[plans.NAME.limits]]`` entry: no more than ``max`` of ``meter`` per
+    ``per`` (docs/quotas.md, "Limits as data")."""
+
+    meter: LimitMeter = "queries"
+    per: LimitPer = "day"
+    max: Decimal = _setting(Decimal(0), minimum=0)  # noqa: RUF009 (immutable)
+    name: str = ""  # what refusals and headers call it; default "<meter>_per_<per>"
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.meter}_per_{self.per}"
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     name: str = _resolved("")
@@ -427,6 +452,8 @@ class Plan:
     # Issue 21: the models this plan may use, as globs ("llama-3*"), matched
     # case-sensitively against the model a request names. Unset: any model.
     models: tuple[str, ...] | None = None
+    # [[plans.NAME.limits]], the general form (read apart from the plan's keys).
+    limits: tuple[PlanLimit, ...] = field(default=(), metadata={"resolved": True})
 
     def with_overrides(self, overrides: Mapping[str, object]) -> Plan:
         """This plan with per-user overrides applied (unknown names are ignored)."""
@@ -534,7 +561,11 @@ def parse_config(
         for name, table in plans_table.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"plans.{name}: expected a table, got {_kind(table)}")
-            plans[name] = dataclasses.replace(_build(Plan, table, f"plans.{name}."), name=name)
+            table = dict(table)
+            limits = _plan_limits(table.pop("limits", None), f"plans.{name}.limits")
+            plans[name] = dataclasses.replace(
+                _build(Plan, table, f"plans.{name}."), name=name, limits=limits
+            )
             _check_model_globs(plans[name].models, f"plans.{name}.models")
         if not plans:
             raise ConfigError("plans: at least one [plans.NAME] table is required")
@@ -728,6 +759,34 @@ def _resolve_auth(auth: AuthConfig, env: Mapping[str, str], *, base: Path) -> Au
     return dataclasses.replace(auth, jwt=jwt, trusted_header=trusted)
 
 
+def _plan_limits(entries: Any, path: str) -> tuple[PlanLimit, ...]:
+    """The ``[[plans.NAME.limits]]`` entries (issue 21), each checked."""
+    if entries is None:
+        return ()
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: expected an array of tables ([[{path}]]), got {_kind(entries)}")
+    found = []
+    for at, entry in enumerate(entries):
+        prefix = f"{path}[{at}]."
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}[{at}]: expected a table, got {_kind(entry)}")
+        if "models" in entry:
+            raise ConfigError(
+                f"{prefix}models: limits for some models only are not supported yet; "
+                "a plan's `models` list restricts the models themselves"
+            )
+        for key in ("meter", "per", "max"):
+            if key not in entry:
+                raise ConfigError(f"{prefix}{key}: required")
+        limit: PlanLimit = _build(PlanLimit, entry, prefix)
+        if limit.per in ("minute", "hour") and limit.meter not in RATE_METERS:
+            raise ConfigError(
+                f"{prefix}per: a per-{limit.per} rate counts queries or tokens, not {limit.meter}"
+            )
+        found.append(limit)
+    return tuple(found)
+
+
 def _check_key(algorithm: str, key: str, text: str) -> None:
     """Refuse a key file that holds no usable key for ``algorithm`` now, rather than
     failing on every request later."""
@@ -898,6 +957,7 @@ def setting_paths() -> list[str]:
 
     walk(Config, "")
     walk(Plan, "plans.<name>.")
+    walk(PlanLimit, "plans.<name>.limits[].")
     walk(Price, "prices.<model>.")
     walk(CallPrice, "call_prices.<name>.")
     # issue 25: refusal messages
@@ -915,7 +975,9 @@ def render_config(config: Config) -> str:
         lines.append(f"[{title}]")
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if (f.name == "name" and isinstance(obj, Plan)) or dataclasses.is_dataclass(value):
+            if (f.name in ("name", "limits") and isinstance(obj, Plan)) or dataclasses.is_dataclass(
+                value
+            ):
                 continue
             if value is None:
                 # A plan's alert_thresholds unset means "as alerts.thresholds".
@@ -947,6 +1009,12 @@ def render_config(config: Config) -> str:
             emit_tree(f.name, value)
     for name, plan in config.plans.items():
         emit(f"plans.{name}", plan)
+        for limit in plan.limits:
+            lines.extend(["", f"[[plans.{name}.limits]]"])
+            for key in ("meter", "per", "max", "name"):
+                value = getattr(limit, key)
+                if value != "":
+                    lines.append(f"{key} = {_toml_value(value)}")
     for model, price in config.prices.items():
         emit(f"prices.{_toml_value(model)}", price)
     for name, call_price in config.call_prices.items():

@@ -184,6 +184,15 @@ ENTRIES: Final[Mapping[str, Entry]] = {
     **_rate("request_rate_limit", "requests", "yêu cầu"),
     **_rate("token_rate_limit", "tokens", "token"),
     **_budget("daily_cost_limit", "today", "hôm nay"),
+    # A [[plans.NAME.limits]] entry: {what} is its meter ("input tokens"),
+    # {window} its window ("day", "minute").
+    "plan_limit": _e(
+        "plan_limit",
+        "You have reached your plan's limit of {limit} {what} per {window}. It frees up {reset}.",
+        "Bạn đã dùng hết {limit} {what} mỗi {window} theo gói của bạn. "
+        "Hạn mức sẽ được đặt lại {reset}.",
+        extra=_RATE_FIELDS,
+    ),
     **_budget("monthly_cost_limit", "this month", "tháng này"),
     "concurrent_stream_limit": _e("concurrent_stream_limit", _STREAMS_EN, _STREAMS_VI),
     "concurrent_stream_limit_own": _e("concurrent_stream_limit", _STREAMS_EN, _STREAMS_VI),

@@ -9,13 +9,13 @@ message an end user reads is in gateway/messages.py, per language). The database
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 
 from gateway.clock import Periods
 from gateway.config import Plan, StorageErrorPolicy
-from gateway.quota import LEGACY_LIMITS, Counters, Limit, limits_of
+from gateway.quota import LEGACY_LIMITS, RATE_SECONDS, Counters, Limit, limits_of
 from gateway.storage import Admission, AdmissionLimits
 
 # Error codes per limit, in the upstream's error body (docs/quotas.md).
@@ -33,8 +33,12 @@ LIMIT_CODES: dict[str, str] = {
 
 
 def plan_limits(plan: Plan) -> tuple[Limit, ...]:
-    """The limits a plan's keys set (gateway/quota.py), in checking order."""
-    return limits_of({name: getattr(plan, name, None) for name in LEGACY_LIMITS})
+    """The limits a plan sets (gateway/quota.py), in checking order: its keys,
+    then its ``[[plans.NAME.limits]]``, the open streams last."""
+    keys = limits_of({name: getattr(plan, name, None) for name in LEGACY_LIMITS})
+    general = tuple(Limit(x.label, x.meter, x.per, x.max) for x in plan.limits)
+    streams = tuple(x for x in keys if x.per == "open")
+    return (*(x for x in keys if x.per != "open"), *general, *streams)
 
 
 def admission_limits(plan: Plan) -> AdmissionLimits:
@@ -118,16 +122,13 @@ def rate_limit(limit: Limit, counters: Counters, periods: Periods) -> RateLimit 
     )
 
 
-# The limits admitted answers' headers describe, the first the plan sets.
-_SHOWN = ("queries_per_day", "tokens_per_day", "tokens_per_month")
-
-
 def reported_limit(
     admission: Admission, plan: Plan, periods: Periods, *, now: datetime
 ) -> RateLimit | None:
     """The limit the response headers describe: the one that refused, or else the
-    first configured of queries, tokens today, tokens this month. A rate that
-    refused resets when the request would fit (its Retry-After)."""
+    one nearest to exhaustion (the smallest share of its maximum left; on a tie
+    the first in checking order). A rate resets, at the latest, a window from
+    now - or, when it refused, when the request fits (its Retry-After)."""
     refused = admission.refused
     if refused is not None:
         if refused.is_rate:
@@ -139,8 +140,16 @@ def reported_limit(
                 now + wait,
             )
         return rate_limit(refused, admission.counters, periods)
-    by_name = {limit.name: limit for limit in plan_limits(plan)}
-    for name in _SHOWN:
-        if name in by_name:
-            return rate_limit(by_name[name], admission.counters, periods)
-    return None
+    nearest: tuple[Decimal, RateLimit] | None = None
+    for limit in plan_limits(plan):
+        if limit.per == "open":
+            continue
+        shown = rate_limit(limit, admission.counters, periods)
+        if shown is None:
+            continue
+        if limit.is_rate:
+            shown = replace(shown, reset=now + timedelta(seconds=RATE_SECONDS[limit.per]))
+        share = shown.remaining / limit.max if limit.max else Decimal(0)
+        if nearest is None or share < nearest[0]:
+            nearest = (share, shown)
+    return nearest[1] if nearest else None

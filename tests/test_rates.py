@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -156,3 +157,105 @@ async def test_forty_parallel_requests_across_two_processes_keep_the_rate(
     refused = [r for r in responses if r.status_code == 429]
     assert {r.json()["code"] for r in refused} == {"request_rate_limit"}
     assert all(1 <= int(r.headers["retry-after"]) <= 65 for r in refused)
+
+
+# --- the general form ----------------------------------------------------------------------
+
+
+def test_general_limits_are_read_and_checked() -> None:
+    from gateway.config import PlanLimit, parse_config, render_config
+    from gateway.errors import ConfigError
+
+    def plan(*limits: dict[str, object]) -> dict[str, object]:
+        return {"plans": {"free": {"limits": list(limits)}}}
+
+    config = parse_config(
+        plan(
+            {"meter": "input_tokens", "per": "day", "max": 5000},
+            {"meter": "cost", "per": "month", "max": "2.50", "name": "spend"},
+            {"meter": "queries", "per": "hour", "max": 30},
+        ),
+        env={},
+    )
+    limits = config.plan("free").limits
+    assert [(x.label, x.meter, x.per, x.max) for x in limits] == [
+        ("input_tokens_per_day", "input_tokens", "day", 5000),
+        ("spend", "cost", "month", Decimal("2.50")),
+        ("queries_per_hour", "queries", "hour", 30),
+    ]
+    assert isinstance(limits[0], PlanLimit)
+    assert "[[plans.free.limits]]" in render_config(config)
+    refused = [
+        ({"meter": "cost", "per": "minute", "max": 1}, "limits[0].per: a per-minute rate"),
+        ({"meter": "queries", "per": "day"}, "limits[0].max: required"),
+        ({"meter": "cost", "per": "day", "max": 1, "models": ["gpt-4*"]}, "limits[0].models"),
+        ({"meter": "lines", "per": "day", "max": 1}, "limits[0].meter"),
+    ]
+    for entry, error in refused:
+        with pytest.raises(ConfigError) as info:
+            parse_config(plan(entry), env={})
+        assert error in info.value.message
+
+
+async def test_a_general_limit_refuses_with_its_own_name(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    clock = FixedClock(T0)
+    settings = {
+        "plans": {
+            "free": {
+                "limits": [
+                    {"meter": "queries", "per": "hour", "max": 2},
+                    {"meter": "input_tokens", "per": "day", "max": 100000},
+                ]
+            }
+        }
+    }
+    async with running_gateway(database_url, settings=settings, clock=clock) as h:
+        admitted = [(await ask(client, h)).status_code for _ in range(2)]
+        clock.advance(timedelta(minutes=30))
+        refused = await ask(client, h)
+        # The two requests of 12:00 leave the hour's counted span at 13:05.
+        clock.advance(timedelta(minutes=35))
+        fits = await ask(client, h)
+    assert admitted == [200, 200]
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "plan_limit"
+    assert refused.json()["message"].startswith(
+        "You have reached your plan's limit of 2 queries per hour."
+    )
+    assert refused.headers["x-ratelimit-resource"] == "queries_per_hour"
+    assert refused.headers["retry-after"] == str(35 * 60)
+    assert fits.status_code == 200
+
+
+async def test_an_input_token_limit_counts_prompt_tokens_only(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    settings = {"plans": {"free": {"limits": [{"meter": "input_tokens", "per": "day", "max": 30}]}}}
+    async with running_gateway(database_url, settings=settings) as h:
+        first = await ask(client, h)
+        await h.gateway.wait_finished(1)
+        (event,) = await h.events()
+        second = await ask(client, h)
+    assert first.status_code == 200
+    assert event.prompt_tokens >= 30 and event.completion_tokens > 0
+    assert second.status_code == 429 and second.json()["code"] == "plan_limit"
+    assert second.headers["x-ratelimit-used"] == str(event.prompt_tokens)
+
+
+async def test_the_headers_describe_the_limit_nearest_to_exhaustion(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    clock = FixedClock(T0)
+    settings = plans(queries_per_day=100, tokens_per_day=1500, requests_per_minute=200)
+    async with running_gateway(database_url, settings=settings, clock=clock) as h:
+        first = await ask(client, h)
+        await h.gateway.wait_finished(1)
+        second = await ask(client, h)  # 1168 of 1500 tokens used: 22% left
+    # Before any answer, every limit has all but this request left; the queries
+    # of the day (99 of 100 left) are nearer than the minute's (199 of 200).
+    assert first.headers["x-ratelimit-resource"] == "queries_per_day"
+    assert second.headers["x-ratelimit-resource"] == "tokens_per_day"
+    assert second.headers["x-ratelimit-remaining"] == "332"
+    assert second.headers["x-ratelimit-used"] == "1168"
