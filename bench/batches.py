@@ -45,9 +45,9 @@ class Answers:
         are three arrays: meters, windows, maximums; gateway/quota.py)."""
         n = self.now
         return (user, self.day, self.month, [1, 8, 8, 10], [1, 1, 2, 3],
-                [10**9, 10**12, 10**13, 10**6], f"r{i}", n + timedelta(minutes=10), n, False,
-                f"r{i}", "chat-messages", 10, 0, 10, Decimal("0.000001"), "USD", False, False,
-                Decimal(0))  # fmt: skip
+                [10**9, 10**12, 10**13, 10**6], [1, 1, 1, 1], f"r{i}", n + timedelta(minutes=10),
+                n, False, f"r{i}", "chat-messages", 10, 0, 10, Decimal("0.000001"), "USD", False,
+                False, Decimal(0), None)  # fmt: skip
 
     @staticmethod
     def admit_batch(calls: list[tuple[Any, ...]]) -> list[Any]:
@@ -57,7 +57,17 @@ class Answers:
         meters = [m for call in calls for m in call[3]]
         pers = [p for call in calls for p in call[4]]
         maxes = [x for call in calls for x in call[5]]
-        return [*columns[:3], limit_from, [4] * len(calls), meters, pers, maxes, *columns[6:]]
+        scopes = [c for call in calls for c in call[6]]
+        return [
+            *columns[:3],
+            limit_from,
+            [4] * len(calls),
+            meters,
+            pers,
+            maxes,
+            scopes,
+            *columns[7:],
+        ]
 
     def settle(self, i: int, user: str) -> tuple[Any, ...]:
         return (f"m{i}", user, self.day, self.now, "chat-messages", 75, 25, 100,

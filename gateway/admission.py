@@ -31,6 +31,7 @@ from gateway.plans import (
     admission_limits,
     closed_checks,
     reported_limit,
+    team_limits,
 )
 from gateway.quota import Limit
 from gateway.storage import AlertRequest, Lease, Pending, WebSearch
@@ -65,10 +66,13 @@ def limit_refusal(
     """The 429 for ``resource``, its message named for gateway/messages.py: the
     user's own limit (a per-user override) or their plan's, reset time in the
     accounting time zone."""
-    code = LIMIT_CODES.get(resource, "plan_limit")
-    key = code + ("_own" if own and code != "plan_limit" else "")
+    if refused is not None and refused.scope == "team":
+        code = "team_limit"
+    else:
+        code = LIMIT_CODES.get(resource, "plan_limit")
+    key = code + ("_own" if own and code in LIMIT_CODES.values() else "")
     fields: dict[str, object] = {"limit": _plain(limit)}
-    if refused is not None and code == "plan_limit":
+    if refused is not None and code in ("plan_limit", "team_limit"):
         fields.update(what=refused.meter.replace("_", " "), window=refused.per)
     if resource != "max_concurrent_streams":
         fields.update(used=_plain(used), reset=reset)
@@ -147,6 +151,23 @@ class Admitter:
         own = frozenset(name for name in user.overrides if name in LIMIT_NAMES)
         return effective_plan(config, user), own
 
+    async def _team(self, user_id: str) -> tuple[str | None, tuple[Limit, ...]]:
+        """The user's team and the team-scope limits of its plan (issue 21): the
+        request must fit them too, in the same atomic step. A team the database
+        cannot give leaves the user's own limits (fail-open, as for the team's
+        model list), logged and counted."""
+        gw = self.gw
+        user = await gw.users.get(user_id, default_plan=gw.config.accounting.default_plan)
+        try:
+            plan = await gw.team_plan(user)
+        except StorageError as exc:
+            gw.metrics.inc("gateway_storage_errors_total", operation="team")
+            log.warning("team of %s not read, its limits not applied: %s", user_id, exc.message)
+            return None, ()
+        if plan is None or user.team is None:
+            return None, ()
+        return user.team, team_limits(plan)
+
     async def admit(
         self, user_id: str, request_id: str, route: Route, body: dict[str, Any]
     ) -> tuple[Ticket, Headers]:
@@ -166,7 +187,8 @@ class Admitter:
                 raise Forbidden(english(key), key=key)
             if asks_for_web_search(body, config.web_search):
                 web_search = WebSearch(None, config.web_search.when_exhausted)
-            limits = admission_limits(plan)
+            team, team_limits = await self._team(user_id)
+            limits = admission_limits(plan, team_limits)
             pending = self._pending(request_id, route, body)
             if any(limit.meter == "cost" for limit in limits.limits):
                 pending = self._with_cost_bound(pending, route, body)
@@ -183,6 +205,7 @@ class Admitter:
                 advanced_rag=advanced,
                 pending=pending,
                 web_search=web_search,
+                team=team,
             )
         except StorageError as exc:
             return self._storage_failed(
@@ -202,7 +225,7 @@ class Admitter:
                 limit,
                 used=shown.used if shown else limit,
                 reset=reset,
-                own=admission.refused.name in own,
+                own=admission.refused.scope == "user" and admission.refused.name in own,
                 headers=[(b"retry-after", str(retry).encode()), *rate_headers],
                 seconds=retry if rate else None,
                 refused=admission.refused,

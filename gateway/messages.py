@@ -186,6 +186,12 @@ ENTRIES: Final[Mapping[str, Entry]] = {
     **_budget("daily_cost_limit", "today", "hôm nay"),
     # A [[plans.NAME.limits]] entry: {what} is its meter ("input tokens"),
     # {window} its window ("day", "minute").
+    "team_limit": _e(
+        "team_limit",
+        "Your team has reached its limit of {limit} {what} per {window}. It frees up {reset}.",
+        "Nhóm của bạn đã dùng hết {limit} {what} mỗi {window}. Hạn mức sẽ được đặt lại {reset}.",
+        extra=_RATE_FIELDS,
+    ),
     "plan_limit": _e(
         "plan_limit",
         "You have reached your plan's limit of {limit} {what} per {window}. It frees up {reset}.",

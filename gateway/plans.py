@@ -9,6 +9,7 @@ message an end user reads is in gateway/messages.py, per language). The database
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -41,8 +42,21 @@ def plan_limits(plan: Plan) -> tuple[Limit, ...]:
     return (*(x for x in keys if x.per != "open"), *general, *streams)
 
 
-def admission_limits(plan: Plan) -> AdmissionLimits:
-    return AdmissionLimits(plan_limits(plan))
+def team_limits(plan: Plan) -> tuple[Limit, ...]:
+    """The limits a team's plan sets, counted over the team (issue 21): named
+    ``team_<name>``; rates are per user, so a team plan's rates do not apply."""
+    return tuple(
+        replace(limit, name=f"team_{limit.name}", scope="team")
+        for limit in plan_limits(plan)
+        if not limit.is_rate
+    )
+
+
+def admission_limits(plan: Plan, team: Sequence[Limit] = ()) -> AdmissionLimits:
+    """The user's plan's limits, then their team's (open streams last)."""
+    mine = plan_limits(plan)
+    streams = tuple(x for x in (*mine, *team) if x.per == "open")
+    return AdmissionLimits((*(x for x in (*mine, *team) if x.per != "open"), *streams))
 
 
 def closed_checks(policy: StorageErrorPolicy, plan: Plan) -> list[str]:
@@ -118,7 +132,10 @@ def rate_limit(limit: Limit, counters: Counters, periods: Periods) -> RateLimit 
     if limit.per == "open":
         return None
     return RateLimit(
-        limit.name, limit.max, counters.of(limit.meter, limit.per), reset_of(limit, periods)
+        limit.name,
+        limit.max,
+        counters.of(limit.meter, limit.per, limit.scope),
+        reset_of(limit, periods),
     )
 
 

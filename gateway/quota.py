@@ -45,6 +45,7 @@ Meter = Literal[
     "streams",
 ]
 Per = Literal["day", "month", "open", "minute", "hour"]
+Scope = Literal["user", "team"]
 
 # The meters a day row counts, in the order of the usage_daily columns both
 # backends read them from (the order is the storage's: PL/pgSQL indexes its
@@ -88,12 +89,17 @@ class Limit:
     meter: Meter
     per: Per
     max: Decimal
+    # "team": counted over every member of the user's team, which the request
+    # must fit too, in the same atomic step (rates are per user only).
+    scope: Scope = "user"
 
     def __post_init__(self) -> None:
         if (self.meter == "streams") != (self.per == "open"):
             raise ValueError(f"{self.name}: streams are counted open at once, nothing else is")
         if self.per in RATE_SECONDS and self.meter not in RATE_METERS:
             raise ValueError(f"{self.name}: only queries and tokens have per-{self.per} rates")
+        if self.per in RATE_SECONDS and self.scope == "team":
+            raise ValueError(f"{self.name}: rates are counted per user, not per team")
 
     @property
     def is_rate(self) -> bool:
@@ -155,9 +161,11 @@ class Counters:
     request's charge when it was admitted, before it when refused."""
 
     used: Mapping[tuple[Meter, Per], Decimal] = field(default_factory=dict)
+    team: Mapping[tuple[Meter, Per], Decimal] = field(default_factory=dict)  # the team's
 
-    def of(self, meter: Meter, per: Per) -> Decimal:
-        return self.used.get((meter, per), Decimal(0))
+    def of(self, meter: Meter, per: Per, scope: Scope = "user") -> Decimal:
+        counted = self.team if scope == "team" else self.used
+        return counted.get((meter, per), Decimal(0))
 
     # The counters plans always had, by their old names.
     @property
@@ -186,6 +194,8 @@ def counters_from(
     month: Sequence[Decimal | int] | None,
     streams: int,
     rates: Mapping[tuple[Meter, Per], Decimal] | None = None,
+    *,
+    team: Counters | None = None,
 ) -> Counters:
     """Counters from the storage's vectors (day and month sums in DAY_METERS
     order; the month is None when no monthly limit asked for it) and what the
@@ -198,7 +208,7 @@ def counters_from(
     used[("streams", "open")] = Decimal(streams)
     if rates:
         used.update(rates)
-    return Counters(used)
+    return Counters(used, team.used if team is not None else {})
 
 
 # --- rates -------------------------------------------------------------------
@@ -287,7 +297,7 @@ def decide(
     if web:
         for at, limit in enumerate(limits):
             if limit.meter == "web_searches" and refuses(
-                limit, counters.of(limit.meter, limit.per), Decimal(web)
+                limit, counters.of(limit.meter, limit.per, limit.scope), Decimal(web)
             ):
                 if not web_optional:
                     return Decision(at, 0)
@@ -296,21 +306,24 @@ def decide(
     for at, limit in enumerate(limits):
         if limit.meter == "web_searches":
             continue  # decided above: only a request asking for web search adds to it
-        if refuses(limit, counters.of(limit.meter, limit.per), charge.amount(limit.meter)):
+        used = counters.of(limit.meter, limit.per, limit.scope)
+        if refuses(limit, used, charge.amount(limit.meter)):
             return Decision(at, 0)
     return Decision(None, web)
 
 
 def charged(counters: Counters, charge: Charge, web_searches: int) -> Counters:
-    """The counters after an admitted request's charge."""
+    """The counters after an admitted request's charge (the user's and the team's)."""
     used = dict(counters.used)
+    team = dict(counters.team)
     for meter in METERS:
         amount = Decimal(web_searches) if meter == "web_searches" else charge.amount(meter)
         if amount:
             for per in PERS:
-                if (meter, per) in used:
-                    used[(meter, per)] += amount
-    return Counters(used)
+                for counted in (used, team):
+                    if (meter, per) in counted:
+                        counted[(meter, per)] += amount
+    return Counters(used, team)
 
 
 def rate_counts(

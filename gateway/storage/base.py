@@ -248,6 +248,10 @@ class AdmissionLimits:
     def counts_streams(self) -> bool:
         return any(limit.meter == "streams" for limit in self.limits)
 
+    @property
+    def has_team(self) -> bool:
+        return any(limit.scope == "team" for limit in self.limits)
+
     def with_web_search(self, web_search: WebSearch | None) -> tuple[Limit, ...]:
         """The limits with a web search's own allowance first (`WebSearch.limit`)."""
         if web_search is None or web_search.limit is None:
@@ -610,6 +614,7 @@ class Storage(Protocol):
         advanced_rag: bool = False,
         pending: Pending | None = None,
         web_search: WebSearch | None = None,
+        team: str | None = None,
     ) -> Admission:
         """Reserve one query for (user, day) only while every limit allows it,
         atomically, in one round trip; return the counters either way. When
@@ -620,7 +625,9 @@ class Storage(Protocol):
         ``now``, on ``day``) in the same step. ``web_search`` (the request asks
         for it) reserves one web search in the same step, or refuses, or admits
         without one (see `WebSearch`); the reservation is kept on ``pending``,
-        so a request asking for web search should come with one."""
+        so a request asking for web search should come with one. ``team``: the
+        user's team, whose members' counters the team-scope limits count (the
+        team's row is locked first, so the team's admissions are one at a time)."""
         ...
 
     async def rate_counts(self, user_id: str, *, now: datetime) -> dict[tuple[Meter, Per], Decimal]:

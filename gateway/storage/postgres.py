@@ -96,7 +96,7 @@ _EXPORT_BATCH = 1000
 
 _ADMIT = (
     "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
-    "$15, $16, $17, $18, $19, $20)"
+    "$15, $16, $17, $18, $19, $20, $21, $22)"
 )
 _SETTLE = (
     "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
@@ -104,7 +104,7 @@ _SETTLE = (
 )
 _ADMIT_MANY = (
     "SELECT * FROM gateway_admit_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
-    "$14, $15, $16, $17, $18, $19, $20, $21, $22)"
+    "$14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
 )
 _SETTLE_MANY = (
     "SELECT * FROM gateway_settle_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
@@ -139,12 +139,28 @@ class _AdmitCall(NamedTuple):
     web_ask: bool
     web_optional: bool
     reserve_cost: Decimal
+    team: str | None
 
 
 # The arguments of one settle, in gateway_settle's order (28: the last five are
 # the alert checks' lists).
 _SettleCall = tuple[Any, ...]
 _REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
+_DROP_FUNCTIONS = """
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN
+        SELECT p.oid::regprocedure FROM pg_proc p
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = current_schema() AND p.proname LIKE 'gateway\\_%'
+    LOOP
+        EXECUTE 'DROP FUNCTION ' || f;
+    END LOOP;
+END
+$$
+"""
 _RECOVER = "SELECT * FROM gateway_recover($1, $2, $3)"
 _USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="sum(cost)", p1="$1", p2="$2", p3="$3")
 _TEAM_DAILY = TEAM_DAILY_SELECT.format(cost_sum="sum(d.cost)", p1="$1", p2="$2", p3="$3")
@@ -243,6 +259,11 @@ def _admission(row: Any, limits: Sequence[Limit]) -> Admission:
             for at, limit in enumerate(limits)
             if limit.is_rate and rates is not None
         },
+        team=(
+            counters_from(row["team_day"], row["team_month"], row["team_streams"] or 0)
+            if row["team_day"] is not None
+            else None
+        ),
     )
     refused = row["refused"]
     return admission(
@@ -254,13 +275,16 @@ def _admission(row: Any, limits: Sequence[Limit]) -> Admission:
     )
 
 
-def _limit_arrays(limits: Sequence[Limit]) -> tuple[list[int], list[int], list[Decimal]]:
+def _limit_arrays(
+    limits: Sequence[Limit],
+) -> tuple[list[int], list[int], list[Decimal], list[int]]:
     """Limits as gateway_decide takes them: meter and window numbers (1-based, in
-    quota.METERS and quota.PERS order) and maximums."""
+    quota.METERS and quota.PERS order), maximums and scopes (1 user, 2 team)."""
     return (
         [METERS.index(limit.meter) + 1 for limit in limits],
         [PERS.index(limit.per) + 1 for limit in limits],
         [limit.max for limit in limits],
+        [2 if limit.scope == "team" else 1 for limit in limits],
     )
 
 
@@ -358,6 +382,9 @@ class PostgresStorage:
                     # The files go in name order; a function may call one whose
                     # file comes later (as pg_dump restores them).
                     await conn.execute("SET LOCAL check_function_bodies = off")
+                    # Every function is defined anew (its signature may have
+                    # changed): none from an older set is left behind.
+                    await conn.execute(_DROP_FUNCTIONS)
                     for text in texts:
                         await conn.execute(text)
                     await conn.execute(
@@ -604,6 +631,7 @@ class PostgresStorage:
         advanced_rag: bool = False,
         pending: Pending | None = None,
         web_search: WebSearch | None = None,
+        team: str | None = None,
     ) -> Admission:
         return await self._admits(
             _AdmitCall(
@@ -625,13 +653,16 @@ class PostgresStorage:
                 web_search is not None,
                 web_search is not None and web_search.when_exhausted == "disable",
                 pending.reserved_cost if pending else Decimal(0),
+                team if limits.has_team else None,
             )
         )
 
     async def _admit_one(self, call: _AdmitCall) -> Admission:
-        meters, pers, maxes = _limit_arrays(call.limits)
+        meters, pers, maxes, scopes = _limit_arrays(call.limits)
         with _mapped():
-            row = await self._pool.fetchrow(_ADMIT, *call[:3], meters, pers, maxes, *call[4:])
+            row = await self._pool.fetchrow(
+                _ADMIT, *call[:3], meters, pers, maxes, scopes, *call[4:]
+            )
         assert row is not None
         return _admission(row, call.limits)
 
@@ -641,13 +672,15 @@ class PostgresStorage:
         meters: list[int] = []
         pers: list[int] = []
         maxes: list[Decimal] = []
+        scopes: list[int] = []
         for call in calls:
             limit_from.append(len(meters) + 1)
             limit_count.append(len(call.limits))
-            m, p, x = _limit_arrays(call.limits)
+            m, p, x, c = _limit_arrays(call.limits)
             meters += m
             pers += p
             maxes += x
+            scopes += c
         columns = list(zip(*calls, strict=True))
         with _mapped(), _mapped_batch():
             rows = await self._pool.fetch(
@@ -658,6 +691,7 @@ class PostgresStorage:
                 meters,
                 pers,
                 maxes,
+                scopes,
                 *columns[4:],
             )
         results: list[Admission | Exception] = [StorageError("no answer")] * len(calls)

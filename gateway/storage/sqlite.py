@@ -34,6 +34,7 @@ from gateway.quota import (
     RATE_BITS,
     RATE_BUCKETS,
     Charge,
+    Counters,
     Limit,
     Meter,
     Per,
@@ -277,6 +278,31 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]
             conn.execute("ROLLBACK")
         raise
     return result
+
+
+def _team_counters(
+    conn: sqlite3.Connection,
+    team: str,
+    today: str,
+    month_start: str,
+    now: datetime,
+    *,
+    monthly: bool,
+) -> Counters:
+    """A team's counters: its members' day rows summed, and their open streams."""
+    members = [row[0] for row in conn.execute("SELECT id FROM users WHERE team_id = ?", (team,))]
+    day = [Decimal(0)] * len(DAY_METERS)
+    month = [Decimal(0)] * len(DAY_METERS)
+    for member in members:
+        d, m = _day_and_month(conn, member, today, month_start)
+        day = [a + b for a, b in zip(day, d, strict=True)]
+        month = [a + b for a, b in zip(month, m, strict=True)]
+    marks = ", ".join("?" for _ in members)
+    streams = conn.execute(
+        f"SELECT count(*) FROM stream_leases WHERE expires_at > ? AND user_id IN ({marks})",
+        (_ts(now), *members),
+    ).fetchone()[0]
+    return counters_from(day, month if monthly else None, streams)
 
 
 def _day_and_month(
@@ -873,6 +899,7 @@ class SQLiteStorage:
         advanced_rag: bool = False,
         pending: Pending | None = None,
         web_search: WebSearch | None = None,
+        team: str | None = None,
     ) -> Admission:
         today = day.isoformat()
         checked = limits.with_web_search(web_search)
@@ -913,7 +940,12 @@ class SQLiteStorage:
                 (checked[at].meter, checked[at].per): rate_used(found, checked[at].per, epoch)
                 for at, found in buckets.items()
             }
-            counters = counters_from(day_used, month_used, streams, rates)
+            team_counters = None
+            if team is not None and limits.has_team:
+                team_counters = _team_counters(
+                    conn, team, today, month_start.isoformat(), now, monthly=monthly
+                )
+            counters = counters_from(day_used, month_used, streams, rates, team=team_counters)
             decision = decide(counters, checked, charge, web_optional=optional)
             if decision.refused is not None:
                 refused = checked[decision.refused]

@@ -19,6 +19,7 @@ CREATE OR REPLACE FUNCTION gateway_admit(
     p_meters smallint[],
     p_pers smallint[],
     p_maxes numeric[],
+    p_scopes smallint[],
     p_lease text,
     p_lease_expires timestamptz,
     p_now timestamptz,
@@ -32,7 +33,8 @@ CREATE OR REPLACE FUNCTION gateway_admit(
     p_currency text,
     p_web_ask boolean,
     p_web_optional boolean,
-    p_reserve_cost numeric
+    p_reserve_cost numeric,
+    p_team text
 ) RETURNS TABLE (
     refused integer,
     day_used numeric[],
@@ -40,7 +42,10 @@ CREATE OR REPLACE FUNCTION gateway_admit(
     open_streams bigint,
     web_reserved boolean,
     rate_used numeric[],
-    retry_after integer
+    retry_after integer,
+    team_day numeric[],
+    team_month numeric[],
+    team_streams bigint
 ) LANGUAGE plpgsql AS $$
 DECLARE
     v_day numeric[];
@@ -52,7 +57,17 @@ DECLARE
     v_retry integer;
     d record;
     i integer;
+    v_team_day numeric[];
+    v_team_month numeric[];
+    v_team_streams bigint := 0;
+    v_team boolean := p_team IS NOT NULL AND 2 = ANY (p_scopes);
 BEGIN
+    -- Team scope: the team's row first - the lock every member's admission takes,
+    -- so that the team's counters are checked and reserved one admission at a
+    -- time - then the user's (the same order everywhere: teams, then users).
+    IF v_team THEN
+        PERFORM 1 FROM teams WHERE id = p_team FOR NO KEY UPDATE;
+    END IF;
     -- NO KEY UPDATE does not block the foreign-key checks of concurrent ledger writes.
     PERFORM 1 FROM users WHERE id = p_user FOR NO KEY UPDATE;
     IF NOT FOUND THEN
@@ -65,6 +80,12 @@ BEGIN
         SELECT count(*) INTO v_streams FROM stream_leases l
         WHERE l.user_id = p_user AND l.expires_at > p_now;
     END IF;
+    IF v_team THEN
+        SELECT c.day_used, c.month_used, c.streams INTO v_team_day, v_team_month, v_team_streams
+        FROM gateway_team_counters(
+            p_team, p_day, CASE WHEN 2 = ANY (p_pers) THEN p_month_start END, p_now
+        ) c;
+    END IF;
     IF 4 = ANY (p_pers) OR 5 = ANY (p_pers) THEN
         SELECT r.used, r.bits INTO v_rates, v_bits FROM gateway_rates(p_user, p_meters, p_pers, p_now) r;
     END IF;
@@ -73,13 +94,14 @@ BEGIN
         0, 0, 0, 0, 0, coalesce(p_reserve_cost, 0), CASE WHEN p_lease IS NULL THEN 0 ELSE 1 END
     ]::numeric[];
     d := gateway_decide(p_meters, p_pers, p_maxes, v_day, v_month, v_streams, v_rates,
-        v_charge, p_web_optional);
+        v_charge, p_web_optional, p_scopes, v_team_day, v_team_month, v_team_streams);
     IF d.refused IS NOT NULL THEN
         IF p_pers[d.refused] >= 4 THEN
             v_retry := gateway_rate_retry(p_user, p_meters[d.refused], p_pers[d.refused],
                 p_maxes[d.refused], v_charge[p_meters[d.refused]], p_now);
         END IF;
-        RETURN QUERY SELECT d.refused, v_day, v_month, v_streams, false, v_rates, v_retry;
+        RETURN QUERY SELECT d.refused, v_day, v_month, v_streams, false, v_rates, v_retry,
+            v_team_day, v_team_month, v_team_streams;
         RETURN;
     END IF;
     v_charge[3] := d.web;
@@ -113,7 +135,17 @@ BEGIN
             p_total, p_cost, p_currency, d.web, v_charge[9], v_bits
         );
     END IF;
+    IF v_team THEN
+        -- The team's counters after this request, as the user's.
+        FOREACH i IN ARRAY ARRAY[1, 2, 3, 9] LOOP
+            v_team_day[i] := v_team_day[i] + v_charge[i];
+            IF v_team_month IS NOT NULL THEN
+                v_team_month[i] := v_team_month[i] + v_charge[i];
+            END IF;
+        END LOOP;
+        v_team_streams := v_team_streams + v_charge[10];
+    END IF;
     RETURN QUERY SELECT NULL::integer, v_day, v_month, v_streams, d.web > 0, v_rates,
-        NULL::integer;
+        NULL::integer, v_team_day, v_team_month, v_team_streams;
 END
 $$;

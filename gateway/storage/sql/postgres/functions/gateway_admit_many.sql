@@ -15,6 +15,7 @@ CREATE OR REPLACE FUNCTION gateway_admit_many(
     p_meters smallint[],
     p_pers smallint[],
     p_maxes numeric[],
+    p_scopes smallint[],
     p_leases text[],
     p_lease_expires timestamptz[],
     p_now timestamptz[],
@@ -28,7 +29,8 @@ CREATE OR REPLACE FUNCTION gateway_admit_many(
     p_currency text[],
     p_web_ask boolean[],
     p_web_optional boolean[],
-    p_reserve_cost numeric[]
+    p_reserve_cost numeric[],
+    p_teams text[]
 ) RETURNS TABLE (
     ord integer,
     known boolean,
@@ -38,7 +40,10 @@ CREATE OR REPLACE FUNCTION gateway_admit_many(
     open_streams bigint,
     web_reserved boolean,
     rate_used numeric[],
-    retry_after integer
+    retry_after integer,
+    team_day numeric[],
+    team_month numeric[],
+    team_streams bigint
 ) LANGUAGE plpgsql SET lock_timeout = '250ms' AS $$
 DECLARE
     e record;
@@ -72,7 +77,8 @@ BEGIN
     IF n = 1 THEN
         IF NOT EXISTS (SELECT 1 FROM users u WHERE u.id = p_users[1]) THEN
             RETURN QUERY SELECT 1, false, NULL::integer, NULL::numeric[], NULL::numeric[],
-                NULL::bigint, false, NULL::numeric[], NULL::integer;
+                NULL::bigint, false, NULL::numeric[], NULL::integer, NULL::numeric[],
+                NULL::numeric[], NULL::bigint;
             RETURN;
         END IF;
         RETURN QUERY SELECT 1, true, a.* FROM gateway_admit(
@@ -80,10 +86,40 @@ BEGIN
             p_meters[p_limit_from[1]:p_limit_from[1] + p_limit_count[1] - 1],
             p_pers[p_limit_from[1]:p_limit_from[1] + p_limit_count[1] - 1],
             p_maxes[p_limit_from[1]:p_limit_from[1] + p_limit_count[1] - 1],
+            p_scopes[p_limit_from[1]:p_limit_from[1] + p_limit_count[1] - 1],
             p_leases[1], p_lease_expires[1], p_now[1], p_advanced_rag[1], p_pending[1],
             p_endpoints[1], p_prompt[1], p_completion[1], p_total[1], p_cost[1],
-            p_currency[1], p_web_ask[1], p_web_optional[1], p_reserve_cost[1]
+            p_currency[1], p_web_ask[1], p_web_optional[1], p_reserve_cost[1], p_teams[1]
         ) AS a;
+        RETURN;
+    END IF;
+    IF 2 = ANY (p_scopes) THEN
+        -- Team-scope limits: the elements go through gateway_admit one after
+        -- another, in (team, user, position) order - the order it locks teams'
+        -- and users' rows in - each seeing what the ones before it reserved
+        -- for the team.
+        FOR e IN
+            SELECT t.ord FROM unnest(p_users, p_teams) WITH ORDINALITY AS t(user_id, team, ord)
+            ORDER BY coalesce(t.team, ''), t.user_id, t.ord
+        LOOP
+            IF NOT EXISTS (SELECT 1 FROM users u WHERE u.id = p_users[e.ord]) THEN
+                RETURN QUERY SELECT e.ord::integer, false, NULL::integer, NULL::numeric[],
+                    NULL::numeric[], NULL::bigint, false, NULL::numeric[], NULL::integer,
+                    NULL::numeric[], NULL::numeric[], NULL::bigint;
+                CONTINUE;
+            END IF;
+            RETURN QUERY SELECT e.ord::integer, true, a.* FROM gateway_admit(
+                p_users[e.ord], p_days[e.ord], p_month_starts[e.ord],
+                p_meters[p_limit_from[e.ord]:p_limit_from[e.ord] + p_limit_count[e.ord] - 1],
+                p_pers[p_limit_from[e.ord]:p_limit_from[e.ord] + p_limit_count[e.ord] - 1],
+                p_maxes[p_limit_from[e.ord]:p_limit_from[e.ord] + p_limit_count[e.ord] - 1],
+                p_scopes[p_limit_from[e.ord]:p_limit_from[e.ord] + p_limit_count[e.ord] - 1],
+                p_leases[e.ord], p_lease_expires[e.ord], p_now[e.ord], p_advanced_rag[e.ord],
+                p_pending[e.ord], p_endpoints[e.ord], p_prompt[e.ord], p_completion[e.ord],
+                p_total[e.ord], p_cost[e.ord], p_currency[e.ord], p_web_ask[e.ord],
+                p_web_optional[e.ord], p_reserve_cost[e.ord], p_teams[e.ord]
+            ) AS a;
+        END LOOP;
         RETURN;
     END IF;
     FOR e IN
@@ -118,7 +154,8 @@ BEGIN
         END IF;
         IF NOT v_known THEN
             RETURN QUERY SELECT e.ord::integer, false, NULL::integer, NULL::numeric[],
-                NULL::numeric[], 0::bigint, false, NULL::numeric[], NULL::integer;
+                NULL::numeric[], 0::bigint, false, NULL::numeric[], NULL::integer,
+                NULL::numeric[], NULL::numeric[], NULL::bigint;
             CONTINUE;
         END IF;
         v_meters := p_meters[e.limit_from:e.limit_from + e.limit_count - 1];
@@ -152,7 +189,7 @@ BEGIN
         ]::numeric[];
         d := gateway_decide(
             v_meters, v_pers, v_maxes, v_used_day, v_used_month, v_streams, v_rates, v_charge,
-            e.web_optional
+            e.web_optional, NULL, NULL, NULL, 0
         );
         IF d.refused IS NULL THEN
             v_charge[3] := d.web;
@@ -182,7 +219,7 @@ BEGIN
         -- gateway_admit returns them.
         RETURN QUERY SELECT e.ord::integer, true, d.refused, v_used_day,
             CASE WHEN 2 = ANY (v_pers) THEN v_used_month END, v_streams, d.web > 0, v_rates,
-            v_retry;
+            v_retry, NULL::numeric[], NULL::numeric[], NULL::bigint;
     END LOOP;
     IF v_new[1] > 0 THEN
         PERFORM gateway_add_admitted(v_user, v_day, v_new);

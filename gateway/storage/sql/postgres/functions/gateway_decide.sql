@@ -6,7 +6,8 @@
 -- tokens, 8 tokens, 9 cost, 10 streams), windows as quota.PERS (1 day, 2 month,
 -- 3 open at once, 4 a minute, 5 an hour); p_day and p_month hold meters 1-9,
 -- p_rates what each rate limit's window counts (parallel to the limits),
--- p_charge meters 1-10.
+-- p_charge meters 1-10. A limit of scope 2 (p_scopes; 1: the user) counts the
+-- user's team: p_team_day, p_team_month and p_team_streams.
 -- tests/test_quota_backends.py checks this against the Python rule.
 CREATE OR REPLACE FUNCTION gateway_decide(
     p_meters smallint[],
@@ -18,6 +19,10 @@ CREATE OR REPLACE FUNCTION gateway_decide(
     p_rates numeric[],
     p_charge numeric[],
     p_web_optional boolean,
+    p_scopes smallint[],
+    p_team_day numeric[],
+    p_team_month numeric[],
+    p_team_streams bigint,
     OUT refused integer,
     OUT web integer
 ) LANGUAGE plpgsql IMMUTABLE AS $$
@@ -33,7 +38,11 @@ BEGIN
     IF web > 0 THEN
         FOR i IN 1 .. n LOOP
             CONTINUE WHEN p_meters[i] <> 3;
-            v_used := CASE p_pers[i] WHEN 1 THEN p_day[3] ELSE p_month[3] END;
+            IF p_scopes[i] = 2 THEN
+                v_used := CASE p_pers[i] WHEN 1 THEN p_team_day[3] ELSE p_team_month[3] END;
+            ELSE
+                v_used := CASE p_pers[i] WHEN 1 THEN p_day[3] ELSE p_month[3] END;
+            END IF;
             IF v_used + web > p_maxes[i] THEN
                 IF p_web_optional THEN
                     web := 0;
@@ -48,9 +57,15 @@ BEGIN
     FOR i IN 1 .. n LOOP
         m := p_meters[i];
         CONTINUE WHEN m = 3;
-        v_used := CASE p_pers[i]
-            WHEN 1 THEN p_day[m] WHEN 2 THEN p_month[m] WHEN 3 THEN p_streams ELSE p_rates[i]
-        END;
+        IF p_scopes[i] = 2 THEN
+            v_used := CASE p_pers[i]
+                WHEN 1 THEN p_team_day[m] WHEN 2 THEN p_team_month[m] ELSE p_team_streams
+            END;
+        ELSE
+            v_used := CASE p_pers[i]
+                WHEN 1 THEN p_day[m] WHEN 2 THEN p_month[m] WHEN 3 THEN p_streams ELSE p_rates[i]
+            END;
+        END IF;
         -- gateway_refuses, written out: a function call per limit would cost
         -- more than the rule (this runs for every admission).
         IF (p_charge[m] > 0 AND v_used + p_charge[m] > p_maxes[i])
