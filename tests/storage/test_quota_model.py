@@ -25,6 +25,7 @@ EARLIER = date(2026, 11, 4)
 MONTH = date(2026, 11, 1)
 START = datetime(2026, 11, 21, 8, 0, tzinfo=UTC)
 MEASURED = {"tokens", "cost"}
+USERS = ("alice", "bob")  # both in the team "t"
 WINDOW = {"minute": 60}
 BUCKET = {"minute": 5}
 
@@ -33,6 +34,7 @@ BUCKET = {"minute": 5}
 class Open:
     """An admitted answer not yet settled, refunded or recovered."""
 
+    user: str
     id: str
     at: datetime
     web: int
@@ -45,37 +47,43 @@ class Open:
 
 @dataclass
 class Model:
-    # (meter, day) -> amount; cost_reserved separately
-    counted: dict[tuple[str, date], Decimal] = field(default_factory=dict)
-    reserved: Decimal = Decimal(0)
+    # (user, meter, day) -> amount; what open answers reserved is on their rows
+    counted: dict[tuple[str, str, date], Decimal] = field(default_factory=dict)
     open: dict[str, Open] = field(default_factory=dict)
-    # (meter, per) -> [(moment, amount)]
-    rate_log: dict[tuple[str, str], list[tuple[datetime, int]]] = field(default_factory=dict)
+    # (user, meter, per) -> [(moment, amount)]
+    rate_log: dict[tuple[str, str, str], list[tuple[datetime, int]]] = field(default_factory=dict)
     limits: list[Limit] = field(default_factory=list)
 
-    def add(self, meter: str, day: date, amount: Decimal | int) -> None:
-        self.counted[(meter, day)] = self.counted.get((meter, day), Decimal(0)) + amount
+    def add(self, user: str, meter: str, day: date, amount: Decimal | int) -> None:
+        key = (user, meter, day)
+        self.counted[key] = self.counted.get(key, Decimal(0)) + amount
 
-    def used(self, limit: Limit, now: datetime) -> Decimal:
+    def used(self, limit: Limit, user: str, now: datetime) -> Decimal:
+        # A team-scope limit counts both users (the team is everyone here).
+        users = USERS if limit.scope == "team" else (user,)
         if limit.per == "open":
-            return Decimal(sum(1 for o in self.open.values() if o.lease))
+            return Decimal(sum(1 for o in self.open.values() if o.lease and o.user in users))
         if limit.per in WINDOW:
-            return self.rate(limit.meter, limit.per, now)
-        days = [d for (m, d) in self.counted if m == limit.meter]
-        if limit.per == "day":
-            days = [d for d in days if d == DAY]
-        total = sum((self.counted[(limit.meter, d)] for d in days), Decimal(0))
-        if limit.meter == "cost":
-            total += self.reserved  # every reservation is on DAY here
+            return self.rate(user, limit.meter, limit.per, now)
+        total = sum(
+            (
+                amount
+                for (u, m, d), amount in self.counted.items()
+                if u in users and m == limit.meter and (limit.per == "month" or d == DAY)
+            ),
+            Decimal(0),
+        )
+        if limit.meter == "cost":  # every reservation is on DAY here
+            total += sum((o.reserved for o in self.open.values() if o.user in users), Decimal(0))
         return total
 
-    def rate(self, meter: str, per: str, now: datetime) -> Decimal:
+    def rate(self, user: str, meter: str, per: str, now: datetime) -> Decimal:
         width = BUCKET[per]
         first = math.floor(now.timestamp() / width) - 12  # the current bucket and 12 before
         return Decimal(
             sum(
                 amount
-                for at, amount in self.rate_log.get((meter, per), [])
+                for at, amount in self.rate_log.get((user, meter, per), [])
                 if math.floor(at.timestamp() / width) >= first
             )
         )
@@ -85,11 +93,11 @@ class Model:
             return True
         return limit.meter in MEASURED and used >= limit.max
 
-    def retry(self, limit: Limit, amount: Decimal, now: datetime) -> int:
+    def retry(self, limit: Limit, user: str, amount: Decimal, now: datetime) -> int:
         width = BUCKET[limit.per]
         first = math.floor(now.timestamp() / width) - 12
         buckets: dict[int, int] = {}
-        for at, value in self.rate_log.get((limit.meter, limit.per), []):
+        for at, value in self.rate_log.get((user, limit.meter, limit.per), []):
             b = math.floor(at.timestamp() / width)
             if b >= first:
                 buckets[b] = buckets.get(b, 0) + value
@@ -103,6 +111,7 @@ class Model:
     def admit(
         self,
         limits: list[Limit],
+        user: str,
         now: datetime,
         pid: str,
         *,
@@ -118,7 +127,7 @@ class Model:
             if (
                 limit.meter == "web_searches"
                 and web
-                and self.refuses(limit, self.used(limit, now), Decimal(1))
+                and self.refuses(limit, self.used(limit, user, now), Decimal(1))
             ):
                 if not optional:
                     return limit.name, False, None
@@ -127,17 +136,16 @@ class Model:
             if limit.meter == "web_searches":
                 continue
             amount = Decimal(amounts.get(limit.meter, 0))
-            if self.refuses(limit, self.used(limit, now), amount):
-                retry = self.retry(limit, amount, now) if limit.per in WINDOW else None
+            if self.refuses(limit, self.used(limit, user, now), amount):
+                retry = self.retry(limit, user, amount, now) if limit.per in WINDOW else None
                 return limit.name, False, retry
-        self.add("queries", DAY, 1)
-        self.add("web_searches", DAY, int(granted))
-        self.reserved += cost
+        self.add(user, "queries", DAY, 1)
+        self.add(user, "web_searches", DAY, int(granted))
         rates = {(x.meter, x.per) for x in limits if x.per in WINDOW}
         if ("queries", "minute") in rates:
-            self.rate_log.setdefault(("queries", "minute"), []).append((now, 1))
+            self.rate_log.setdefault((user, "queries", "minute"), []).append((now, 1))
         self.open[pid] = Open(
-            pid, now, int(granted), cost, estimate, max(cost, Decimal("0.001")), lease, rates
+            user, pid, now, int(granted), cost, estimate, max(cost, Decimal("0.001")), lease, rates
         )
         return None, granted, None
 
@@ -145,32 +153,29 @@ class Model:
         o = self.open.pop(pid, None)
         if o is None:
             return False
-        self.add("web_searches", DAY, web - o.web)
-        self.add("tokens", DAY, tokens)
-        self.add("cost", DAY, cost)
-        self.reserved -= o.reserved
+        self.add(o.user, "web_searches", DAY, web - o.web)
+        self.add(o.user, "tokens", DAY, tokens)
+        self.add(o.user, "cost", DAY, cost)
         if ("tokens", "minute") in o.rates:
-            self.rate_log.setdefault(("tokens", "minute"), []).append((now, tokens))
+            self.rate_log.setdefault((o.user, "tokens", "minute"), []).append((now, tokens))
         return True
 
     def refund(self, pid: str) -> bool:
         o = self.open.pop(pid, None)
         if o is None:
             return False
-        self.add("queries", DAY, -1)
-        self.add("web_searches", DAY, -o.web)
-        self.reserved -= o.reserved
+        self.add(o.user, "queries", DAY, -1)
+        self.add(o.user, "web_searches", DAY, -o.web)
         if ("queries", "minute") in o.rates:
-            self.rate_log.setdefault(("queries", "minute"), []).append((o.at, -1))
+            self.rate_log.setdefault((o.user, "queries", "minute"), []).append((o.at, -1))
         return True
 
     def recover(self, before: datetime) -> list[str]:
         gone = sorted(pid for pid, o in self.open.items() if o.at < before)
         for pid in gone:
             o = self.open.pop(pid)
-            self.add("tokens", DAY, o.estimate_tokens)
-            self.add("cost", DAY, o.estimate_cost)
-            self.reserved -= o.reserved
+            self.add(o.user, "tokens", DAY, o.estimate_tokens)
+            self.add(o.user, "cost", DAY, o.estimate_cost)
         return gone
 
 
@@ -186,6 +191,13 @@ def random_limits(rng: random.Random) -> list[Limit]:
         Limit("max_concurrent_streams", "streams", "open", Decimal(rng.randint(1, 4))),
     ]
     chosen = [limit for limit in pool if rng.random() < 0.5]
+    team = [
+        Limit("team_queries_per_day", "queries", "day", Decimal(rng.randint(0, 60)), "team"),
+        Limit("team_tokens_per_day", "tokens", "day", Decimal(rng.randint(500, 6000)), "team"),
+        Limit("team_cost_per_day", "cost", "day", Decimal(rng.randint(1, 900)) / 100, "team"),
+        Limit("team_streams", "streams", "open", Decimal(rng.randint(1, 5)), "team"),
+    ]
+    chosen += [limit for limit in team if rng.random() < 0.4]
     if rng.random() < 0.6:
         chosen.insert(
             0, Limit("web_searches_per_day", "web_searches", "day", Decimal(rng.randint(0, 4)))
@@ -197,25 +209,29 @@ def random_limits(rng: random.Random) -> list[Limit]:
 async def test_backends_agree_with_the_model(storage: Storage, seed: int) -> None:
     rng = random.Random(seed)
     model = Model()
-    await storage.ensure_user("alice", plan="free")
+    await storage.create_team("t", plan="free", now=START)
+    for user in USERS:
+        await storage.ensure_user(user, plan="free")
+        await storage.set_team(user, "t")
     # Spending earlier in the month, for the monthly windows.
     earlier = UsageEvent(
         answer_id="earlier", user_id="alice", day=EARLIER, created_at=START,
         endpoint="chat", total_tokens=rng.randint(0, 400), cost=Decimal(rng.randint(0, 80)) / 100,
     )  # fmt: skip
     assert await storage.settle(earlier)
-    model.add("tokens", EARLIER, earlier.total_tokens)
-    model.add("cost", EARLIER, earlier.cost)
+    model.add("alice", "tokens", EARLIER, earlier.total_tokens)
+    model.add("alice", "cost", EARLIER, earlier.cost)
 
     now = START
     serial = 0
-    for _ in range(100):
+    for _ in range(120):
         now += timedelta(seconds=rng.choice([0, 0, 1, 3, 7, 20, 61]))
         op = rng.random()
         if op < 0.5 or not model.open:
             if not model.limits or rng.random() < 0.3:
                 model.limits = random_limits(rng)
             limits = model.limits
+            user = rng.choice(USERS)
             serial += 1
             pid = f"r{seed}-{serial}"
             web = rng.random() < 0.4
@@ -224,17 +240,11 @@ async def test_backends_agree_with_the_model(storage: Storage, seed: int) -> Non
             lease = any(x.meter == "streams" for x in limits)
             estimate = rng.randint(1, 50)
             expected = model.admit(
-                limits,
-                now,
-                pid,
-                web=web,
-                optional=optional,
-                cost=cost,
-                lease=lease,
+                limits, user, now, pid, web=web, optional=optional, cost=cost, lease=lease,
                 estimate=estimate,
-            )
+            )  # fmt: skip
             got = await storage.admit(
-                "alice",
+                user,
                 day=DAY,
                 month_start=MONTH,
                 limits=AdmissionLimits(limits),
@@ -245,6 +255,7 @@ async def test_backends_agree_with_the_model(storage: Storage, seed: int) -> Non
                     cost=max(cost, Decimal("0.001")), reserved_cost=cost,
                 ),
                 web_search=WebSearch(None, "disable" if optional else "refuse") if web else None,
+                team="t",
             )  # fmt: skip
             assert (got.refused_by, got.web_search_reserved, got.retry_after) == expected, (
                 seed,
@@ -258,16 +269,17 @@ async def test_backends_agree_with_the_model(storage: Storage, seed: int) -> Non
             web = rng.randint(0, o.web)
             ok = model.settle(pid, now, tokens, cost, web)
             event = UsageEvent(
-                answer_id=f"a-{pid}", user_id="alice", day=DAY, created_at=now, endpoint="chat",
+                answer_id=f"a-{pid}", user_id=o.user, day=DAY, created_at=now, endpoint="chat",
                 total_tokens=tokens, cost=cost, web_searches=web,
             )  # fmt: skip
             assert await storage.settle(event, lease_id=pid, pending_id=pid) is ok
         elif op < 0.92:
             pid = rng.choice(sorted(model.open))
+            user = model.open[pid].user
             ok = model.refund(pid)
-            assert await storage.refund("alice", day=DAY, lease_id=pid, pending_id=pid) is ok
+            assert await storage.refund(user, day=DAY, lease_id=pid, pending_id=pid) is ok
             # A cancelled admission is given back the same way, once.
-            assert not await storage.refund("alice", day=DAY, lease_id=pid, pending_id=pid)
+            assert not await storage.refund(user, day=DAY, lease_id=pid, pending_id=pid)
         else:
             before = now - timedelta(seconds=rng.choice([0, 30, 120]))
             expected_ids = model.recover(before)
@@ -275,31 +287,36 @@ async def test_backends_agree_with_the_model(storage: Storage, seed: int) -> Non
             assert sorted(got_ids) == expected_ids
 
         # Every counter agrees after every step.
-        (row,) = [r for r in await storage.daily(DAY, DAY) if r.user_id == "alice"] or [None]
-        counted = {
-            m: model.counted.get((m, DAY), Decimal(0))
-            for m in ("queries", "web_searches", "tokens", "cost")
-        }
-        if row is None:
-            assert all(v == 0 for v in counted.values())
-        else:
-            assert (row.queries, row.web_searches, row.total_tokens, row.cost) == (
+        rows = {r.user_id: r for r in await storage.daily(DAY, DAY)}
+        for user in USERS:
+            counted = {
+                m: model.counted.get((user, m, DAY), Decimal(0))
+                for m in ("queries", "web_searches", "tokens", "cost")
+            }
+            row = rows.get(user)
+            got_row = (
+                (row.queries, row.web_searches, row.total_tokens, row.cost) if row else (0, 0, 0, 0)
+            )
+            assert got_row == (
                 counted["queries"], counted["web_searches"], counted["tokens"], counted["cost"]
-            ), (seed, serial)  # fmt: skip
-        assert await storage.open_streams("alice", now=now) == sum(
-            1 for o in model.open.values() if o.lease
-        )
-        rates = await storage.rate_counts("alice", now=now)
-        for key in (("queries", "minute"), ("tokens", "minute")):
-            assert rates.get(key, Decimal(0)) == model.rate(*key, now), (seed, serial, key)  # type: ignore[arg-type]
+            ), (seed, serial, user)  # fmt: skip
+            assert await storage.open_streams(user, now=now) == sum(
+                1 for o in model.open.values() if o.lease and o.user == user
+            )
+            rates = await storage.rate_counts(user, now=now)
+            for meter in ("queries", "tokens"):
+                assert rates.get((meter, "minute"), Decimal(0)) == model.rate(  # type: ignore[comparison-overlap]
+                    user, meter, "minute", now
+                ), (seed, serial, user, meter)
 
     # Once every answer has ended, nothing is reserved: a cost limit of exactly
-    # what was spent today admits a request reserving nothing more... and
-    # refuses one reserving a cent.
+    # what was spent today, and a cent, admits a request reserving a cent... and
+    # refuses the next.
     for pid in sorted(model.open):
+        user = model.open[pid].user
         model.refund(pid)
-        await storage.refund("alice", day=DAY, lease_id=pid, pending_id=pid)
-    spent = model.counted.get(("cost", DAY), Decimal(0))
+        await storage.refund(user, day=DAY, lease_id=pid, pending_id=pid)
+    spent = model.counted.get(("alice", "cost", DAY), Decimal(0))
     exact = AdmissionLimits(cost_per_day=spent + Decimal("0.01"))
     assert (await storage.admit(
         "alice", day=DAY, month_start=MONTH, limits=exact, now=now,
