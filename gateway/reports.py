@@ -172,8 +172,11 @@ async def team_report(
     today = summed([r for r in rows if r.day == periods.day], user_id=team.id, day=periods.day)
     month = summed(rows, user_id=team.id, day=periods.month_start)
     plan = team_plan(config, team)
-    limits = limits_view(plan, today, month.total_tokens, 0, periods)
+    limits = limits_view(plan, today, month.total_tokens, 0, periods, month_cost=month.cost)
     limits["max_concurrent_streams"] = {"limit": plan.max_concurrent_streams}
+    # Rates are per user (docs/quotas.md, "Team limits"): a team plan's do not apply.
+    for rate in ("requests_per_minute", "tokens_per_minute"):
+        limits.pop(rate, None)
     report: dict[str, Any] = {
         "id": team.id,
         "plan": plan.name,
@@ -218,6 +221,7 @@ class Reports:
             user.id, start=periods.month_start, end=periods.day
         )
         plan = self.plan_of(user)
+        team = await self.user_team(user)
         return {
             "user": user.id,
             "plan": plan.name,
@@ -232,6 +236,8 @@ class Reports:
                 month_cost=sum((r.cost for r in rows), Decimal(0)),
                 rates=await self.gw.storage.rate_counts(user.id, now=self.gw.clock.now()),
             ),
+            # The team's limits the caller's requests must fit too (issue 21).
+            "team_limits": (team or {}).get("limits"),
             "currency": self.gw.currency,
             "today": daily_dict(today, self.gw.currency),
             "lifetime": lifetime_dict(user, self.gw.currency),

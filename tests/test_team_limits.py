@@ -114,3 +114,33 @@ async def test_forty_parallel_requests_of_two_members_across_two_processes(
         assert await conn.fetchval("SELECT sum(queries) FROM usage_daily") == 5
     finally:
         await conn.close()
+
+
+async def test_usage_lists_the_team_limits_too(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    async with running_gateway(
+        database_url,
+        settings=settings(queries_per_day=3, cost_per_day="1.00"),
+        clock=FixedClock(T0),
+    ) as h:
+        await h.gateway.create_team("acme", plan="team")
+        await h.gateway.set_team(USER, "acme")
+        await ask(client, h)
+        await h.gateway.wait_finished(1)
+        usage = (await client.get(f"{h.url}/v1/usage", headers=h.auth())).json()
+        alone = await h.add_user("solo")
+        solo = (
+            await client.get(f"{h.url}/v1/usage", headers={"Authorization": f"Bearer {alone}"})
+        ).json()
+    team = usage["team_limits"]
+    assert team["queries_per_day"] == {
+        "limit": 3,
+        "used": 1,
+        "remaining": 2,
+        "resets_at": "2026-11-22T00:00:00+00:00",
+    }
+    assert team["cost_per_day"]["limit"] == "1"
+    assert "requests_per_minute" not in team  # rates are per user
+    assert usage["limits"]["queries_per_day"]["limit"] == 10  # the user's own plan
+    assert solo["team_limits"] is None
