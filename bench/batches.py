@@ -45,7 +45,8 @@ class Answers:
         are three arrays: meters, windows, maximums; gateway/quota.py)."""
         n = self.now
         return (user, self.day, self.month, [1, 8, 8, 10], [1, 1, 2, 3],
-                [10**9, 10**12, 10**13, 10**6], [1, 1, 1, 1], f"r{i}", n + timedelta(minutes=10),
+                [10**9, 10**12, 10**13, 10**6], [1, 1, 1, 1], [None] * 4, f"r{i}",
+                n + timedelta(minutes=10),
                 n, False, f"r{i}", "chat-messages", 10, 0, 10, Decimal("0.000001"), "USD", False,
                 False, Decimal(0), None)  # fmt: skip
 

@@ -73,7 +73,10 @@ def limit_refusal(
     key = code + ("_own" if own and code in LIMIT_CODES.values() else "")
     fields: dict[str, object] = {"limit": _plain(limit)}
     if refused is not None and code in ("plan_limit", "team_limit"):
-        fields.update(what=refused.meter.replace("_", " "), window=refused.per)
+        what = refused.meter.replace("_", " ")
+        if refused.models:
+            what += f" ({', '.join(refused.models)})"
+        fields.update(what=what, window=refused.per)
     if resource != "max_concurrent_streams":
         fields.update(used=_plain(used), reset=reset)
     if seconds is not None:
@@ -188,7 +191,9 @@ class Admitter:
             if asks_for_web_search(body, config.web_search):
                 web_search = WebSearch(None, config.web_search.when_exhausted)
             team, team_limits = await self._team(user_id)
-            limits = admission_limits(plan, team_limits)
+            limits = admission_limits(
+                plan, team_limits, models=gw.upstream.requested_models(route, body)
+            )
             pending = self._pending(request_id, route, body)
             if any(limit.meter == "cost" for limit in limits.limits):
                 pending = self._with_cost_bound(pending, route, body)

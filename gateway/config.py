@@ -413,6 +413,9 @@ LimitMeter = Literal[
 ]
 LimitPer = Literal["day", "month", "minute", "hour"]
 RATE_METERS: frozenset[str] = frozenset({"queries", "tokens"})
+MODEL_LIMIT_METERS: frozenset[str] = frozenset(
+    {"queries", "tokens", "input_tokens", "output_tokens", "cost"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,11 +426,18 @@ class PlanLimit:
     meter: LimitMeter = "queries"
     per: LimitPer = "day"
     max: Decimal = _setting(Decimal(0), minimum=0)  # noqa: RUF009 (immutable)
-    name: str = ""  # what refusals and headers call it; default "<meter>_per_<per>"
+    # What refusals and headers call it; default "<meter>_per_<per>", with the
+    # models in brackets for a per-model limit ("cost_per_day[gpt-4.1*]").
+    name: str = ""
+    # Globs: the limit holds requests for these models only, and counts only them.
+    models: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
-        return self.name or f"{self.meter}_per_{self.per}"
+        if self.name:
+            return self.name
+        models = f"[{','.join(self.models)}]" if self.models else ""
+        return f"{self.meter}_per_{self.per}{models}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -770,11 +780,6 @@ def _plan_limits(entries: Any, path: str) -> tuple[PlanLimit, ...]:
         prefix = f"{path}[{at}]."
         if not isinstance(entry, dict):
             raise ConfigError(f"{path}[{at}]: expected a table, got {_kind(entry)}")
-        if "models" in entry:
-            raise ConfigError(
-                f"{prefix}models: limits for some models only are not supported yet; "
-                "a plan's `models` list restricts the models themselves"
-            )
         for key in ("meter", "per", "max"):
             if key not in entry:
                 raise ConfigError(f"{prefix}{key}: required")
@@ -782,6 +787,13 @@ def _plan_limits(entries: Any, path: str) -> tuple[PlanLimit, ...]:
         if limit.per in ("minute", "hour") and limit.meter not in RATE_METERS:
             raise ConfigError(
                 f"{prefix}per: a per-{limit.per} rate counts queries or tokens, not {limit.meter}"
+            )
+        if limit.models and (
+            limit.per not in ("day", "month") or limit.meter not in MODEL_LIMIT_METERS
+        ):
+            raise ConfigError(
+                f"{prefix}models: a limit for some models counts queries, tokens, "
+                "input_tokens, output_tokens or cost, per day or month"
             )
         found.append(limit)
     return tuple(found)
@@ -1011,9 +1023,9 @@ def render_config(config: Config) -> str:
         emit(f"plans.{name}", plan)
         for limit in plan.limits:
             lines.extend(["", f"[[plans.{name}.limits]]"])
-            for key in ("meter", "per", "max", "name"):
+            for key in ("meter", "per", "max", "name", "models"):
                 value = getattr(limit, key)
-                if value != "":
+                if value not in ("", ()):
                     lines.append(f"{key} = {_toml_value(value)}")
     for model, price in config.prices.items():
         emit(f"prices.{_toml_value(model)}", price)

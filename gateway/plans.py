@@ -9,7 +9,7 @@ message an end user reads is in gateway/messages.py, per language). The database
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -37,7 +37,7 @@ def plan_limits(plan: Plan) -> tuple[Limit, ...]:
     """The limits a plan sets (gateway/quota.py), in checking order: its keys,
     then its ``[[plans.NAME.limits]]``, the open streams last."""
     keys = limits_of({name: getattr(plan, name, None) for name in LEGACY_LIMITS})
-    general = tuple(Limit(x.label, x.meter, x.per, x.max) for x in plan.limits)
+    general = tuple(Limit(x.label, x.meter, x.per, x.max, models=x.models) for x in plan.limits)
     streams = tuple(x for x in keys if x.per == "open")
     return (*(x for x in keys if x.per != "open"), *general, *streams)
 
@@ -48,13 +48,19 @@ def team_limits(plan: Plan) -> tuple[Limit, ...]:
     return tuple(
         replace(limit, name=f"team_{limit.name}", scope="team")
         for limit in plan_limits(plan)
-        if not limit.is_rate
+        if not limit.is_rate and not limit.models  # per-model limits are the user's
     )
 
 
-def admission_limits(plan: Plan, team: Sequence[Limit] = ()) -> AdmissionLimits:
-    """The user's plan's limits, then their team's (open streams last)."""
-    mine = plan_limits(plan)
+def admission_limits(
+    plan: Plan,
+    team: Sequence[Limit] = (),
+    *,
+    models: Iterable[str | None] | None = None,
+) -> AdmissionLimits:
+    """The user's plan's limits, then their team's (open streams last); of the
+    per-model limits, those for a model the request names (``models``)."""
+    mine = tuple(x for x in plan_limits(plan) if x.applies_to(models))
     streams = tuple(x for x in (*mine, *team) if x.per == "open")
     return AdmissionLimits((*(x for x in (*mine, *team) if x.per != "open"), *streams))
 
@@ -134,7 +140,7 @@ def rate_limit(limit: Limit, counters: Counters, periods: Periods) -> RateLimit 
     return RateLimit(
         limit.name,
         limit.max,
-        counters.of(limit.meter, limit.per, limit.scope),
+        counters.of_limit(limit),
         reset_of(limit, periods),
     )
 

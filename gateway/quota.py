@@ -26,6 +26,7 @@ Two kinds of meter:
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +77,10 @@ MEASURED: frozenset[Meter] = frozenset({"input_tokens", "output_tokens", "tokens
 RATE_SECONDS: dict[Per, int] = {"minute": 60, "hour": 3600}
 RATE_BUCKETS = 12
 RATE_METERS: frozenset[Meter] = frozenset({"queries", "tokens"})
+# What a per-model limit can count (its counters hold these).
+MODEL_METERS: frozenset[Meter] = frozenset(
+    {"queries", "input_tokens", "output_tokens", "tokens", "cost"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +97,20 @@ class Limit:
     # "team": counted over every member of the user's team, which the request
     # must fit too, in the same atomic step (rates are per user only).
     scope: Scope = "user"
+    # Globs ("gpt-4.1*"): the limit applies to requests for a matching model and
+    # counts only what such requests used (its own counters, `counter_key`).
+    models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.models and (
+            self.meter not in MODEL_METERS
+            or self.per not in ("day", "month")
+            or self.scope != "user"
+        ):
+            raise ValueError(
+                f"{self.name}: a limit for some models counts queries, tokens or cost "
+                "of the user per day or month"
+            )
         if (self.meter == "streams") != (self.per == "open"):
             raise ValueError(f"{self.name}: streams are counted open at once, nothing else is")
         if self.per in RATE_SECONDS and self.meter not in RATE_METERS:
@@ -104,6 +121,22 @@ class Limit:
     @property
     def is_rate(self) -> bool:
         return self.per in RATE_SECONDS
+
+    @property
+    def counter_key(self) -> str | None:
+        """The key of a per-model limit's own counters (None: the user's)."""
+        return "m:" + ",".join(sorted(set(self.models))) if self.models else None
+
+    def applies_to(self, models: Iterable[str | None] | None) -> bool:
+        """Whether the limit holds a request naming ``models`` (None: the
+        dialect names none, as Dify: a per-model limit does not apply)."""
+        if not self.models:
+            return True
+        return any(
+            model is not None and fnmatch.fnmatchcase(model, glob)
+            for model in models or ()
+            for glob in self.models
+        )
 
 
 # The plan keys that set a limit, and the limit each is: the order is the order
@@ -162,10 +195,19 @@ class Counters:
 
     used: Mapping[tuple[Meter, Per], Decimal] = field(default_factory=dict)
     team: Mapping[tuple[Meter, Per], Decimal] = field(default_factory=dict)  # the team's
+    # Per-model limits' own counters: (counter key, meter, window) -> used.
+    models: Mapping[tuple[str, Meter, Per], Decimal] = field(default_factory=dict)
 
     def of(self, meter: Meter, per: Per, scope: Scope = "user") -> Decimal:
         counted = self.team if scope == "team" else self.used
         return counted.get((meter, per), Decimal(0))
+
+    def of_limit(self, limit: Limit) -> Decimal:
+        """What ``limit`` counts."""
+        key = limit.counter_key
+        if key is not None:
+            return self.models.get((key, limit.meter, limit.per), Decimal(0))
+        return self.of(limit.meter, limit.per, limit.scope)
 
     # The counters plans always had, by their old names.
     @property
@@ -196,6 +238,7 @@ def counters_from(
     rates: Mapping[tuple[Meter, Per], Decimal] | None = None,
     *,
     team: Counters | None = None,
+    models: Mapping[tuple[str, Meter, Per], Decimal] | None = None,
 ) -> Counters:
     """Counters from the storage's vectors (day and month sums in DAY_METERS
     order; the month is None when no monthly limit asked for it) and what the
@@ -208,7 +251,7 @@ def counters_from(
     used[("streams", "open")] = Decimal(streams)
     if rates:
         used.update(rates)
-    return Counters(used, team.used if team is not None else {})
+    return Counters(used, team.used if team is not None else {}, models or {})
 
 
 # --- rates -------------------------------------------------------------------
@@ -297,7 +340,7 @@ def decide(
     if web:
         for at, limit in enumerate(limits):
             if limit.meter == "web_searches" and refuses(
-                limit, counters.of(limit.meter, limit.per, limit.scope), Decimal(web)
+                limit, counters.of_limit(limit), Decimal(web)
             ):
                 if not web_optional:
                     return Decision(at, 0)
@@ -306,8 +349,7 @@ def decide(
     for at, limit in enumerate(limits):
         if limit.meter == "web_searches":
             continue  # decided above: only a request asking for web search adds to it
-        used = counters.of(limit.meter, limit.per, limit.scope)
-        if refuses(limit, used, charge.amount(limit.meter)):
+        if refuses(limit, counters.of_limit(limit), charge.amount(limit.meter)):
             return Decision(at, 0)
     return Decision(None, web)
 
@@ -316,6 +358,7 @@ def charged(counters: Counters, charge: Charge, web_searches: int) -> Counters:
     """The counters after an admitted request's charge (the user's and the team's)."""
     used = dict(counters.used)
     team = dict(counters.team)
+    models = dict(counters.models)
     for meter in METERS:
         amount = Decimal(web_searches) if meter == "web_searches" else charge.amount(meter)
         if amount:
@@ -323,7 +366,10 @@ def charged(counters: Counters, charge: Charge, web_searches: int) -> Counters:
                 for counted in (used, team):
                     if (meter, per) in counted:
                         counted[(meter, per)] += amount
-    return Counters(used, team)
+            for key in models:
+                if key[1] == meter:
+                    models[key] += amount
+    return Counters(used, team, models)
 
 
 def rate_counts(

@@ -301,3 +301,36 @@ async def test_usage_lists_budgets_as_decimal_strings_and_rates(
     assert limits["cost_per_month"]["remaining"] == "29.89"
     assert limits["requests_per_minute"]["used"] == 1
     assert limits["requests_per_minute"]["remaining"] == 9
+
+
+async def test_a_per_model_budget_holds_and_counts_only_its_models(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    prices = {**PRICES, "other-model": {"input": "1000", "output": "2000"}}
+    budget = ANSWER_COST + BOUND - Decimal("0.01")  # room for one answer's bound, not two
+    limit = {"meter": "cost", "per": "day", "max": str(budget), "models": ["budget-*"]}
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(
+        database_url,
+        upstream=fake,
+        settings={**settings(limits=[limit]), "prices": prices},
+        clock=FixedClock(T0),
+    ) as h:
+        other = {**BODY, "model": "other-model"}
+        # Another model's spending does not count toward the budget...
+        for n in range(3):
+            assert (await ask(client, h, other)).status_code == 200
+            await h.gateway.wait_finished(n + 1)
+        first = await ask(client, h)
+        await h.gateway.wait_finished(4)
+        second = await ask(client, h)
+        third = await ask(client, h, other)  # ...nor is it held by it
+    assert first.status_code == 200
+    assert second.status_code == 429
+    assert second.json()["error"]["code"] == "plan_limit"
+    assert second.headers["x-ratelimit-resource"] == "cost_per_day[budget-*]"
+    assert second.json()["error"]["message"].startswith(
+        f"You have reached your plan's limit of {budget} cost (budget-*) per day."
+    )
+    assert second.headers["x-ratelimit-used"] == str(ANSWER_COST)
+    assert third.status_code == 200

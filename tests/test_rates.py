@@ -174,6 +174,7 @@ def test_general_limits_are_read_and_checked() -> None:
             {"meter": "input_tokens", "per": "day", "max": 5000},
             {"meter": "cost", "per": "month", "max": "2.50", "name": "spend"},
             {"meter": "queries", "per": "hour", "max": 30},
+            {"meter": "cost", "per": "day", "max": "1", "models": ["gpt-4.1*"]},
         ),
         env={},
     )
@@ -182,13 +183,16 @@ def test_general_limits_are_read_and_checked() -> None:
         ("input_tokens_per_day", "input_tokens", "day", 5000),
         ("spend", "cost", "month", Decimal("2.50")),
         ("queries_per_hour", "queries", "hour", 30),
+        ("cost_per_day[gpt-4.1*]", "cost", "day", 1),
     ]
+    assert limits[3].models == ("gpt-4.1*",)
     assert isinstance(limits[0], PlanLimit)
     assert "[[plans.free.limits]]" in render_config(config)
     refused = [
         ({"meter": "cost", "per": "minute", "max": 1}, "limits[0].per: a per-minute rate"),
         ({"meter": "queries", "per": "day"}, "limits[0].max: required"),
-        ({"meter": "cost", "per": "day", "max": 1, "models": ["gpt-4*"]}, "limits[0].models"),
+        ({"meter": "queries", "per": "minute", "max": 1, "models": ["gpt-4*"]}, "limits[0].models"),
+        ({"meter": "web_searches", "per": "day", "max": 1, "models": ["x"]}, "limits[0].models"),
         ({"meter": "lines", "per": "day", "max": 1}, "limits[0].meter"),
     ]
     for entry, error in refused:

@@ -96,7 +96,7 @@ _EXPORT_BATCH = 1000
 
 _ADMIT = (
     "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
-    "$15, $16, $17, $18, $19, $20, $21, $22)"
+    "$15, $16, $17, $18, $19, $20, $21, $22, $23)"
 )
 _SETTLE = (
     "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
@@ -104,7 +104,7 @@ _SETTLE = (
 )
 _ADMIT_MANY = (
     "SELECT * FROM gateway_admit_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
-    "$14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+    "$14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
 )
 _SETTLE_MANY = (
     "SELECT * FROM gateway_settle_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
@@ -259,6 +259,11 @@ def _admission(row: Any, limits: Sequence[Limit]) -> Admission:
             for at, limit in enumerate(limits)
             if limit.is_rate and rates is not None
         },
+        models={
+            (key, limit.meter, limit.per): rates[at]
+            for at, limit in enumerate(limits)
+            if (key := limit.counter_key) is not None and rates is not None
+        },
         team=(
             counters_from(row["team_day"], row["team_month"], row["team_streams"] or 0)
             if row["team_day"] is not None
@@ -277,14 +282,16 @@ def _admission(row: Any, limits: Sequence[Limit]) -> Admission:
 
 def _limit_arrays(
     limits: Sequence[Limit],
-) -> tuple[list[int], list[int], list[Decimal], list[int]]:
-    """Limits as gateway_decide takes them: meter and window numbers (1-based, in
-    quota.METERS and quota.PERS order), maximums and scopes (1 user, 2 team)."""
+) -> tuple[list[int], list[int], list[Decimal], list[int], list[str | None]]:
+    """Limits as gateway_admit takes them: meter and window numbers (1-based, in
+    quota.METERS and quota.PERS order), maximums, scopes (1 user, 2 team) and
+    per-model counter keys."""
     return (
         [METERS.index(limit.meter) + 1 for limit in limits],
         [PERS.index(limit.per) + 1 for limit in limits],
         [limit.max for limit in limits],
         [2 if limit.scope == "team" else 1 for limit in limits],
+        [limit.counter_key for limit in limits],
     )
 
 
@@ -658,10 +665,10 @@ class PostgresStorage:
         )
 
     async def _admit_one(self, call: _AdmitCall) -> Admission:
-        meters, pers, maxes, scopes = _limit_arrays(call.limits)
+        meters, pers, maxes, scopes, keys = _limit_arrays(call.limits)
         with _mapped():
             row = await self._pool.fetchrow(
-                _ADMIT, *call[:3], meters, pers, maxes, scopes, *call[4:]
+                _ADMIT, *call[:3], meters, pers, maxes, scopes, keys, *call[4:]
             )
         assert row is not None
         return _admission(row, call.limits)
@@ -673,14 +680,16 @@ class PostgresStorage:
         pers: list[int] = []
         maxes: list[Decimal] = []
         scopes: list[int] = []
+        keys: list[str | None] = []
         for call in calls:
             limit_from.append(len(meters) + 1)
             limit_count.append(len(call.limits))
-            m, p, x, c = _limit_arrays(call.limits)
+            m, p, x, c, k = _limit_arrays(call.limits)
             meters += m
             pers += p
             maxes += x
             scopes += c
+            keys += k
         columns = list(zip(*calls, strict=True))
         with _mapped(), _mapped_batch():
             rows = await self._pool.fetch(
@@ -692,6 +701,7 @@ class PostgresStorage:
                 pers,
                 maxes,
                 scopes,
+                keys,
                 *columns[4:],
             )
         results: list[Admission | Exception] = [StorageError("no answer")] * len(calls)

@@ -334,6 +334,11 @@ class _Claimed(NamedTuple):
     reserved_cost: str
     rates: int = 0  # quota.RATE_BITS
     created_at: str = ""
+    scopes: str = "[]"  # the per-model counters' keys, JSON
+
+    @property
+    def keys(self) -> list[str]:
+        return list(orjson.loads(self.scopes))
 
 
 def _rate_add(
@@ -396,7 +401,7 @@ def _claim(
     if pending_id is not None:
         row = conn.execute(
             "DELETE FROM pending_answers WHERE id = ? "
-            "RETURNING day, web_searches, reserved_cost, rates, created_at",
+            "RETURNING day, web_searches, reserved_cost, rates, created_at, scopes",
             (pending_id,),
         ).fetchone()
         claimed = _Claimed(*row) if row is not None else None
@@ -405,9 +410,64 @@ def _claim(
     return claimed
 
 
+def _add_models(
+    conn: sqlite3.Connection,
+    user_id: str,
+    keys: Iterable[str],
+    day: str,
+    *,
+    queries: int = 0,
+    prompt: int = 0,
+    completion: int = 0,
+    total: int = 0,
+    cost: Decimal = Decimal(0),
+    reserved: Decimal = Decimal(0),
+) -> None:
+    """Add to the per-model counters ``keys`` of the user's day."""
+    for key in keys:
+        conn.execute(
+            "INSERT INTO usage_models (user_id, scope, day, queries, prompt_tokens, "
+            "completion_tokens, total_tokens, cost, cost_reserved) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, scope, day) DO UPDATE SET "
+            "queries = queries + excluded.queries, "
+            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+            "completion_tokens = completion_tokens + excluded.completion_tokens, "
+            "total_tokens = total_tokens + excluded.total_tokens, "
+            "cost = dec_add(cost, excluded.cost), "
+            "cost_reserved = dec_add(cost_reserved, excluded.cost_reserved)",
+            (user_id, key, day, queries, prompt, completion, total, str(cost), str(reserved)),
+        )
+
+
+def _model_counters(
+    conn: sqlite3.Connection, user_id: str, keys: Iterable[str], today: str, month_start: str
+) -> dict[tuple[str, Meter, Per], Decimal]:
+    """The per-model counters ``keys`` of the user, today and this month."""
+    found: dict[tuple[str, Meter, Per], Decimal] = {}
+    meters: tuple[Meter, ...] = ("queries", "input_tokens", "output_tokens", "tokens", "cost")
+    for key in keys:
+        for meter in meters:
+            found[(key, meter, "day")] = found[(key, meter, "month")] = Decimal(0)
+        for row in conn.execute(
+            "SELECT day, queries, prompt_tokens, completion_tokens, total_tokens, "
+            "dec_add(cost, cost_reserved) FROM usage_models "
+            "WHERE user_id = ? AND scope = ? AND day >= ? AND day <= ?",
+            (user_id, key, month_start, today),
+        ):
+            for meter, value in zip(meters, row[1:], strict=True):
+                found[(key, meter, "month")] += Decimal(value)
+                if row[0] == today:
+                    found[(key, meter, "day")] += Decimal(value)
+    return found
+
+
 def _release(conn: sqlite3.Connection, user_id: str, claimed: _Claimed) -> None:
     """End the reservations admission made with a pending row: the web searches
-    (the settle adds what the answer used instead) and the cost bound."""
+    (the settle adds what the answer used instead) and the cost bound, on the
+    day row and on the per-model counters it counts in."""
+    reserved = Decimal(claimed.reserved_cost)
+    if reserved:
+        _add_models(conn, user_id, claimed.keys, claimed.day, reserved=-reserved)
     if claimed.web_searches or Decimal(claimed.reserved_cost):
         conn.execute(
             "UPDATE usage_daily SET web_searches = max(web_searches - ?, 0), "
@@ -945,7 +1005,11 @@ class SQLiteStorage:
                 team_counters = _team_counters(
                     conn, team, today, month_start.isoformat(), now, monthly=monthly
                 )
-            counters = counters_from(day_used, month_used, streams, rates, team=team_counters)
+            keys = sorted({k for k in (x.counter_key for x in checked) if k is not None})
+            models = _model_counters(conn, user_id, keys, today, month_start.isoformat())
+            counters = counters_from(
+                day_used, month_used, streams, rates, team=team_counters, models=models
+            )
             decision = decide(counters, checked, charge, web_optional=optional)
             if decision.refused is not None:
                 refused = checked[decision.refused]
@@ -968,6 +1032,7 @@ class SQLiteStorage:
                 (user_id, today, charge.advanced_rag, searches, str(charge.cost)),
             )
             _count_rates(conn, user_id, bits, "queries", epoch, 1)
+            _add_models(conn, user_id, keys, today, queries=1, reserved=charge.cost)
             if lease is not None:
                 conn.execute(
                     "INSERT INTO stream_leases (id, user_id, expires_at) VALUES (?, ?, ?)",
@@ -978,8 +1043,8 @@ class SQLiteStorage:
                 conn.execute(
                     "INSERT INTO pending_answers (id, user_id, day, created_at, endpoint, "
                     "prompt_tokens, completion_tokens, total_tokens, cost, currency, "
-                    "web_searches, reserved_cost, rates) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "web_searches, reserved_cost, rates, scopes) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         pending.id,
                         user_id,
@@ -994,6 +1059,7 @@ class SQLiteStorage:
                         searches,
                         str(pending.reserved_cost),
                         bits,
+                        orjson.dumps(keys).decode(),
                     ),
                 )
             after = charged(counters, charge, searches)
@@ -1047,6 +1113,7 @@ class SQLiteStorage:
                     (user_id, day.isoformat()),
                 )
                 _release(conn, user_id, claimed)
+                _add_models(conn, user_id, claimed.keys, claimed.day, queries=-1)
                 if claimed.rates:
                     at = datetime.fromisoformat(claimed.created_at).timestamp()
                     _count_rates(conn, user_id, claimed.rates, "queries", at, -1)
@@ -1073,6 +1140,17 @@ class SQLiteStorage:
                 recorded = _record(conn, event)
                 # Whether or not the answer id was new, the reservation ends here.
                 _release(conn, event.user_id, claimed)
+                if recorded:
+                    _add_models(
+                        conn,
+                        event.user_id,
+                        claimed.keys,
+                        claimed.day,
+                        prompt=event.prompt_tokens,
+                        completion=event.completion_tokens,
+                        total=event.total_tokens,
+                        cost=Decimal(event.cost),
+                    )
                 if recorded and claimed.rates:
                     _count_rates(
                         conn,
@@ -1125,6 +1203,17 @@ class SQLiteStorage:
                         request_id=row[0],
                     ),
                 )
+                if recorded and claimed is not None:
+                    _add_models(
+                        conn,
+                        row[1],
+                        claimed.keys,
+                        row[2],
+                        prompt=row[4],
+                        completion=row[5],
+                        total=row[6],
+                        cost=Decimal(row[7]),
+                    )
                 if recorded and row[9]:
                     # A web search reserved stays spent, like the query (the answer
                     # may have searched): the day row has it already, the ledger

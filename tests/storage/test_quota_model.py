@@ -43,6 +43,7 @@ class Open:
     estimate_cost: Decimal
     lease: bool
     rates: set[tuple[str, str]]
+    keys: set[str] = field(default_factory=set)  # the per-model counters it counts in
 
 
 @dataclass
@@ -53,12 +54,28 @@ class Model:
     # (user, meter, per) -> [(moment, amount)]
     rate_log: dict[tuple[str, str, str], list[tuple[datetime, int]]] = field(default_factory=dict)
     limits: list[Limit] = field(default_factory=list)
+    # (user, counter key, meter, day) -> amount: per-model limits' counters
+    per_model: dict[tuple[str, str, str, date], Decimal] = field(default_factory=dict)
 
     def add(self, user: str, meter: str, day: date, amount: Decimal | int) -> None:
         key = (user, meter, day)
         self.counted[key] = self.counted.get(key, Decimal(0)) + amount
 
+    def add_models(self, o: Open, meter: str, amount: Decimal | int) -> None:
+        for key in o.keys:
+            k = (o.user, key, meter, DAY)
+            self.per_model[k] = self.per_model.get(k, Decimal(0)) + amount
+
     def used(self, limit: Limit, user: str, now: datetime) -> Decimal:
+        key = limit.counter_key
+        if key is not None:  # every answer here is on DAY, so day = month
+            total = self.per_model.get((user, key, limit.meter, DAY), Decimal(0))
+            if limit.meter == "cost":
+                total += sum(
+                    (o.reserved for o in self.open.values() if o.user == user and key in o.keys),
+                    Decimal(0),
+                )
+            return total
         # A team-scope limit counts both users (the team is everyone here).
         users = USERS if limit.scope == "team" else (user,)
         if limit.per == "open":
@@ -145,8 +162,10 @@ class Model:
         if ("queries", "minute") in rates:
             self.rate_log.setdefault((user, "queries", "minute"), []).append((now, 1))
         self.open[pid] = Open(
-            user, pid, now, int(granted), cost, estimate, max(cost, Decimal("0.001")), lease, rates
-        )
+            user, pid, now, int(granted), cost, estimate, max(cost, Decimal("0.001")), lease, rates,
+            {k for k in (x.counter_key for x in limits) if k is not None},
+        )  # fmt: skip
+        self.add_models(self.open[pid], "queries", 1)
         return None, granted, None
 
     def settle(self, pid: str, now: datetime, tokens: int, cost: Decimal, web: int) -> bool:
@@ -156,6 +175,8 @@ class Model:
         self.add(o.user, "web_searches", DAY, web - o.web)
         self.add(o.user, "tokens", DAY, tokens)
         self.add(o.user, "cost", DAY, cost)
+        self.add_models(o, "tokens", tokens)
+        self.add_models(o, "cost", cost)
         if ("tokens", "minute") in o.rates:
             self.rate_log.setdefault((o.user, "tokens", "minute"), []).append((now, tokens))
         return True
@@ -166,6 +187,7 @@ class Model:
             return False
         self.add(o.user, "queries", DAY, -1)
         self.add(o.user, "web_searches", DAY, -o.web)
+        self.add_models(o, "queries", -1)
         if ("queries", "minute") in o.rates:
             self.rate_log.setdefault((o.user, "queries", "minute"), []).append((o.at, -1))
         return True
@@ -176,6 +198,8 @@ class Model:
             o = self.open.pop(pid)
             self.add(o.user, "tokens", DAY, o.estimate_tokens)
             self.add(o.user, "cost", DAY, o.estimate_cost)
+            self.add_models(o, "tokens", o.estimate_tokens)
+            self.add_models(o, "cost", o.estimate_cost)
         return gone
 
 
@@ -198,6 +222,13 @@ def random_limits(rng: random.Random) -> list[Limit]:
         Limit("team_streams", "streams", "open", Decimal(rng.randint(1, 5)), "team"),
     ]
     chosen += [limit for limit in team if rng.random() < 0.4]
+    per_model = [
+        Limit("gpt41_queries", "queries", "day", Decimal(rng.randint(0, 20)), models=("gpt-4.1*",)),
+        Limit("gpt41_cost", "cost", "month", Decimal(rng.randint(1, 300)) / 100,
+              models=("gpt-4.1*", "o3")),
+        Limit("o3_tokens", "tokens", "day", Decimal(rng.randint(100, 2000)), models=("o3",)),
+    ]  # fmt: skip
+    chosen += [limit for limit in per_model if rng.random() < 0.5]
     if rng.random() < 0.6:
         chosen.insert(
             0, Limit("web_searches_per_day", "web_searches", "day", Decimal(rng.randint(0, 4)))
@@ -230,7 +261,9 @@ async def test_backends_agree_with_the_model(storage: Storage, seed: int) -> Non
         if op < 0.5 or not model.open:
             if not model.limits or rng.random() < 0.3:
                 model.limits = random_limits(rng)
-            limits = model.limits
+            # The limits that hold a request for this model (admission's filter).
+            requested = rng.choice(["gpt-4.1-mini", "o3", "gpt-4o"])
+            limits = [x for x in model.limits if x.applies_to([requested])]
             user = rng.choice(USERS)
             serial += 1
             pid = f"r{seed}-{serial}"

@@ -50,3 +50,22 @@ CREATE TABLE usage_rates (
     PRIMARY KEY (user_id, meter, per, slot)
 );
 ALTER TABLE pending_answers ADD COLUMN rates smallint NOT NULL DEFAULT 0;
+
+-- Per-model limits ([[plans.NAME.limits]] with `models`): each has its own
+-- counters, per user, key (quota.Limit.counter_key: "m:" and the sorted globs)
+-- and day, of what the requests for a matching model used; cost_reserved is
+-- what such answers under way reserved. An answer's pending row names the
+-- keys it counts in (scopes).
+CREATE TABLE usage_models (
+    user_id text NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    scope text NOT NULL,
+    day date NOT NULL,
+    queries bigint NOT NULL DEFAULT 0,
+    prompt_tokens bigint NOT NULL DEFAULT 0,
+    completion_tokens bigint NOT NULL DEFAULT 0,
+    total_tokens bigint NOT NULL DEFAULT 0,
+    cost numeric NOT NULL DEFAULT 0,
+    cost_reserved numeric NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, scope, day)
+);
+ALTER TABLE pending_answers ADD COLUMN scopes text[] NOT NULL DEFAULT '{}';

@@ -20,6 +20,7 @@ CREATE OR REPLACE FUNCTION gateway_admit(
     p_pers smallint[],
     p_maxes numeric[],
     p_scopes smallint[],
+    p_keys text[],
     p_lease text,
     p_lease_expires timestamptz,
     p_now timestamptz,
@@ -60,6 +61,7 @@ DECLARE
     v_team_day numeric[];
     v_team_month numeric[];
     v_team_streams bigint := 0;
+    v_keys text[];
     v_team boolean := p_team IS NOT NULL AND 2 = ANY (p_scopes);
 BEGIN
     -- Team scope: the team's row first - the lock every member's admission takes,
@@ -88,6 +90,17 @@ BEGIN
     END IF;
     IF 4 = ANY (p_pers) OR 5 = ANY (p_pers) THEN
         SELECT r.used, r.bits INTO v_rates, v_bits FROM gateway_rates(p_user, p_meters, p_pers, p_now) r;
+    END IF;
+    -- Per-model limits: each counts its own counters (their keys in p_keys).
+    v_keys := ARRAY(SELECT DISTINCT k FROM unnest(p_keys) AS k WHERE k IS NOT NULL ORDER BY k);
+    IF cardinality(v_keys) > 0 THEN
+        v_rates := coalesce(v_rates, array_fill(NULL::numeric, ARRAY[cardinality(p_meters)]));
+        FOR i IN 1 .. cardinality(p_meters) LOOP
+            IF p_keys[i] IS NOT NULL THEN
+                v_rates[i] := gateway_model_used(p_user, p_keys[i], p_meters[i], p_pers[i],
+                    p_day, p_month_start);
+            END IF;
+        END LOOP;
     END IF;
     v_charge := ARRAY[
         1, CASE WHEN p_advanced_rag THEN 1 ELSE 0 END, CASE WHEN p_web_ask THEN 1 ELSE 0 END,
@@ -119,6 +132,14 @@ BEGIN
             v_month[i] := v_month[i] + v_charge[i];
         END IF;
     END LOOP;
+    IF cardinality(v_keys) > 0 THEN
+        PERFORM gateway_add_models(p_user, v_keys, p_day, 1, 0, 0, 0, 0, v_charge[9]);
+        FOR i IN 1 .. cardinality(p_meters) LOOP
+            IF p_keys[i] IS NOT NULL AND p_meters[i] IN (1, 9) THEN
+                v_rates[i] := v_rates[i] + v_charge[p_meters[i]];
+            END IF;
+        END LOOP;
+    END IF;
     IF v_bits & 3 <> 0 THEN
         v_rates := gateway_count_query_rates(p_user, p_meters, p_pers, v_rates, v_bits, p_now);
     END IF;
@@ -129,10 +150,10 @@ BEGIN
     IF p_pending IS NOT NULL THEN
         INSERT INTO pending_answers (
             id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens,
-            total_tokens, cost, currency, web_searches, reserved_cost, rates
+            total_tokens, cost, currency, web_searches, reserved_cost, rates, scopes
         ) VALUES (
             p_pending, p_user, p_day, p_now, p_endpoint, p_prompt, p_completion,
-            p_total, p_cost, p_currency, d.web, v_charge[9], v_bits
+            p_total, p_cost, p_currency, d.web, v_charge[9], v_bits, v_keys
         );
     END IF;
     IF v_team THEN

@@ -16,6 +16,7 @@ CREATE OR REPLACE FUNCTION gateway_admit_many(
     p_pers smallint[],
     p_maxes numeric[],
     p_scopes smallint[],
+    p_keys text[],
     p_leases text[],
     p_lease_expires timestamptz[],
     p_now timestamptz[],
@@ -87,14 +88,15 @@ BEGIN
             p_pers[p_limit_from[1]:p_limit_from[1] + p_limit_count[1] - 1],
             p_maxes[p_limit_from[1]:p_limit_from[1] + p_limit_count[1] - 1],
             p_scopes[p_limit_from[1]:p_limit_from[1] + p_limit_count[1] - 1],
+            p_keys[p_limit_from[1]:p_limit_from[1] + p_limit_count[1] - 1],
             p_leases[1], p_lease_expires[1], p_now[1], p_advanced_rag[1], p_pending[1],
             p_endpoints[1], p_prompt[1], p_completion[1], p_total[1], p_cost[1],
             p_currency[1], p_web_ask[1], p_web_optional[1], p_reserve_cost[1], p_teams[1]
         ) AS a;
         RETURN;
     END IF;
-    IF 2 = ANY (p_scopes) THEN
-        -- Team-scope limits: the elements go through gateway_admit one after
+    IF 2 = ANY (p_scopes) OR EXISTS (SELECT 1 FROM unnest(p_keys) AS k WHERE k IS NOT NULL) THEN
+        -- Team-scope or per-model limits: the elements go through gateway_admit one after
         -- another, in (team, user, position) order - the order it locks teams'
         -- and users' rows in - each seeing what the ones before it reserved
         -- for the team.
@@ -114,6 +116,7 @@ BEGIN
                 p_pers[p_limit_from[e.ord]:p_limit_from[e.ord] + p_limit_count[e.ord] - 1],
                 p_maxes[p_limit_from[e.ord]:p_limit_from[e.ord] + p_limit_count[e.ord] - 1],
                 p_scopes[p_limit_from[e.ord]:p_limit_from[e.ord] + p_limit_count[e.ord] - 1],
+                p_keys[p_limit_from[e.ord]:p_limit_from[e.ord] + p_limit_count[e.ord] - 1],
                 p_leases[e.ord], p_lease_expires[e.ord], p_now[e.ord], p_advanced_rag[e.ord],
                 p_pending[e.ord], p_endpoints[e.ord], p_prompt[e.ord], p_completion[e.ord],
                 p_total[e.ord], p_cost[e.ord], p_currency[e.ord], p_web_ask[e.ord],

@@ -5,7 +5,8 @@
 -- RAG, 3 web searches, 4 uploads, 5 upload bytes, 6 input tokens, 7 output
 -- tokens, 8 tokens, 9 cost, 10 streams), windows as quota.PERS (1 day, 2 month,
 -- 3 open at once, 4 a minute, 5 an hour); p_day and p_month hold meters 1-9,
--- p_rates what each rate limit's window counts (parallel to the limits),
+-- p_rates what each rate limit's window or per-model limit counts (parallel to
+-- the limits, NULL for the others),
 -- p_charge meters 1-10. A limit of scope 2 (p_scopes; 1: the user) counts the
 -- user's team: p_team_day, p_team_month and p_team_streams.
 -- tests/test_quota_backends.py checks this against the Python rule.
@@ -57,7 +58,10 @@ BEGIN
     FOR i IN 1 .. n LOOP
         m := p_meters[i];
         CONTINUE WHEN m = 3;
-        IF p_scopes[i] = 2 THEN
+        IF p_rates[i] IS NOT NULL THEN
+            -- A rate's or a per-model limit's count, read by the caller.
+            v_used := p_rates[i];
+        ELSIF p_scopes[i] = 2 THEN
             v_used := CASE p_pers[i]
                 WHEN 1 THEN p_team_day[m] WHEN 2 THEN p_team_month[m] ELSE p_team_streams
             END;

@@ -21,6 +21,12 @@ BEGIN
         ) AND r.web_searches <> 0 THEN
             UPDATE usage_events SET web_searches = r.web_searches WHERE answer_id = 'gw-' || r.id;
         END IF;
+        IF cardinality(r.scopes) > 0 THEN
+            PERFORM gateway_add_models(
+                r.user_id, r.scopes, r.day, 0, r.prompt_tokens, r.completion_tokens,
+                r.total_tokens, r.cost, -r.reserved_cost
+            );
+        END IF;
         IF r.reserved_cost <> 0 THEN
             -- The cost bound's reservation ends: the estimate is charged
             -- instead (admission made it at least the bound). Lock order:

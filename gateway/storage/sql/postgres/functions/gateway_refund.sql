@@ -12,10 +12,11 @@ DECLARE
     v_reserved_cost numeric := 0;
     v_rates integer := 0;
     v_at timestamptz;
+    v_keys text[] := '{}';
 BEGIN
     IF p_pending IS NOT NULL THEN
-        DELETE FROM pending_answers WHERE id = p_pending RETURNING day, web_searches, reserved_cost, rates, created_at
-        INTO v_day, v_reserved, v_reserved_cost, v_rates, v_at;
+        DELETE FROM pending_answers WHERE id = p_pending RETURNING day, web_searches, reserved_cost, rates, created_at, scopes
+        INTO v_day, v_reserved, v_reserved_cost, v_rates, v_at, v_keys;
         v_claimed := FOUND;
     END IF;
     DELETE FROM stream_leases WHERE id = p_lease;
@@ -24,6 +25,9 @@ BEGIN
         WHERE user_id = p_user AND day = p_day AND queries > 0;
         IF v_reserved <> 0 OR v_reserved_cost <> 0 THEN
             PERFORM gateway_release(p_user, v_day, v_reserved, v_reserved_cost);
+        END IF;
+        IF cardinality(v_keys) > 0 THEN
+            PERFORM gateway_add_models(p_user, v_keys, v_day, -1, 0, 0, 0, 0, -v_reserved_cost);
         END IF;
         -- The query leaves the query rates' buckets it was counted in.
         IF v_rates & 1 <> 0 THEN

@@ -11,6 +11,7 @@ DECLARE
     v_claimed_rows pending_answers[];
     v_give_back boolean;
     v_token_rates boolean;
+    v_per_model boolean;
     v_ord bigint;
     v_candidates bigint[];
     v_inserted text[];
@@ -43,8 +44,9 @@ BEGIN
         -- What the claimed rows reserved, read once here: web searches or cost
         -- bounds to give back, token rates to count the answers in.
         coalesce(bool_or(c.web_searches <> 0 OR c.reserved_cost <> 0), false),
-        coalesce(bool_or(c.rates & 12 <> 0), false)
-    INTO v_claimed, v_claimed_rows, v_give_back, v_token_rates FROM claimed c;
+        coalesce(bool_or(c.rates & 12 <> 0), false),
+        coalesce(bool_or(cardinality(c.scopes) > 0), false)
+    INTO v_claimed, v_claimed_rows, v_give_back, v_token_rates, v_per_model FROM claimed c;
 
     -- An element whose pending row is gone and was recovered as an estimate
     -- supersedes it (0011). Rare - a record replayed after a long outage - so
@@ -52,7 +54,9 @@ BEGIN
     -- and its elements go through the single function one after another, in
     -- (user, position) order, in this transaction: exactly what they would do
     -- one by one.
-    IF EXISTS (
+    -- So is one holding an answer counted in per-model counters (their writes
+    -- are per answer).
+    IF v_per_model OR EXISTS (
         SELECT 1 FROM unnest(p_pending, p_users) AS t(pending, user_id)
         WHERE t.pending IS NOT NULL AND NOT (t.pending = ANY (v_claimed))
             AND EXISTS (

@@ -12,11 +12,12 @@ DECLARE
     v_reserved integer := 0;
     v_reserved_cost numeric := 0;
     v_rates integer := 0;
+    v_keys text[] := '{}';
     v_settled boolean;
 BEGIN
     IF p_pending IS NOT NULL THEN
-        DELETE FROM pending_answers WHERE id = p_pending RETURNING day, web_searches, reserved_cost, rates
-        INTO v_day, v_reserved, v_reserved_cost, v_rates;
+        DELETE FROM pending_answers WHERE id = p_pending RETURNING day, web_searches, reserved_cost, rates, scopes
+        INTO v_day, v_reserved, v_reserved_cost, v_rates, v_keys;
         IF NOT FOUND THEN
             DELETE FROM stream_leases WHERE id = p_lease;
             RETURN gateway_supersede(
@@ -37,6 +38,18 @@ BEGIN
         -- unless the answer id was recorded before).
         PERFORM 1 FROM users WHERE id = p_user FOR NO KEY UPDATE;
         PERFORM gateway_release(p_user, v_day, v_reserved, v_reserved_cost);
+    END IF;
+    IF cardinality(v_keys) > 0 THEN
+        -- The per-model counters: the answer's figures if it was recorded, and
+        -- the end of its cost bound's reservation either way.
+        PERFORM gateway_add_models(
+            p_user, v_keys, v_day, 0,
+            CASE WHEN v_settled THEN p_prompt ELSE 0 END,
+            CASE WHEN v_settled THEN p_completion ELSE 0 END,
+            CASE WHEN v_settled THEN p_total ELSE 0 END,
+            CASE WHEN v_settled THEN p_cost ELSE 0 END,
+            -v_reserved_cost
+        );
     END IF;
     IF v_settled AND v_rates & 12 <> 0 THEN
         PERFORM gateway_count_token_rates(p_user, v_rates, p_created_at, p_total);
