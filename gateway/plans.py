@@ -82,6 +82,9 @@ def closed_checks(policy: StorageErrorPolicy, plan: Plan) -> list[str]:
         ),
         "streams": plan.max_concurrent_streams is not None,
     }
+    # [[plans.NAME.limits]]: queries follow the queries check, the rest the tokens one.
+    for limit in plan.limits:
+        applies["queries" if limit.meter == "queries" else "tokens"] = True
     return [check for check, used in applies.items() if used and getattr(policy, check) == "closed"]
 
 

@@ -147,3 +147,18 @@ def test_every_plan_key_that_set_a_limit_is_a_limit() -> None:
     # Omitted (None) is unlimited; zero is a limit.
     assert plan_limits(Plan(name="free")) == ()
     assert limits_of({"queries_per_day": 0}) == (Limit("queries_per_day", "queries", "day", D(0)),)
+
+
+def test_the_storage_error_policy_covers_every_new_kind() -> None:
+    from gateway.config import PlanLimit, StorageErrorPolicy
+    from gateway.plans import closed_checks
+
+    closed = StorageErrorPolicy(queries="closed", tokens="closed", streams="closed")
+    assert closed_checks(closed, Plan(name="p", requests_per_minute=5)) == ["queries"]
+    assert closed_checks(closed, Plan(name="p", cost_per_day=D("1"))) == ["tokens"]
+    assert closed_checks(closed, Plan(name="p", tokens_per_minute=9)) == ["tokens"]
+    general = Plan(name="p", limits=(PlanLimit(meter="input_tokens", per="day", max=D(9)),))
+    assert closed_checks(closed, general) == ["tokens"]
+    hourly = Plan(name="p", limits=(PlanLimit(meter="queries", per="hour", max=D(9)),))
+    assert closed_checks(closed, hourly) == ["queries"]
+    assert closed_checks(StorageErrorPolicy(tokens="open"), general) == []
