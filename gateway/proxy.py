@@ -842,6 +842,7 @@ class Proxy:
                 model=result.model,
                 cached_tokens=usage.cached_tokens,
                 reasoning_tokens=usage.reasoning_tokens,
+                cache_write_tokens=usage.cache_write_tokens,
             ),
             lease_id=ticket.lease_id,
             pending_id=ticket.pending_id,
