@@ -6,6 +6,12 @@ Adding an upstream means adding one module here and one line in the registry
 or a header of any one API. What a dialect provides, in the order the proxy
 uses it for one request:
 
+``key_header`` and ``upstream_credential(api_key)``
+    Where this API's clients send their key besides ``Authorization: Bearer``
+    (Anthropic's ``x-api-key``; None: nowhere else) - the gateway reads the
+    gateway key there and never forwards that header - and the header that
+    carries the operator's key upstream.
+
 ``route(method, path) -> Route``
     Classifies a request (``path`` is relative to the API base, e.g.
     "/chat-messages"). Which kinds of route exist is the dialect's business: the
@@ -188,6 +194,15 @@ class Upstream(Protocol):
     @property
     def stops_by_closing(self) -> bool:
         """True when a running answer is stopped by closing the upstream connection."""
+        ...
+
+    @property
+    def key_header(self) -> bytes | None:
+        """A request header, besides Authorization, that carries the client's key."""
+        ...
+
+    def upstream_credential(self, api_key: str) -> tuple[bytes, bytes]:
+        """The request header that gives the upstream the operator's ``api_key``."""
         ...
 
     def route(self, method: str, path: str) -> Route:

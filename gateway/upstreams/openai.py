@@ -142,6 +142,7 @@ class OpenAIUpstream:
     kind = "openai"
     user_field = "user"
     stops_by_closing = True  # OpenAI stops generating when the client closes
+    key_header = None  # the gateway key comes as a bearer token only
 
     def __init__(self, config: Config | None = None) -> None:
         self._prices = PriceTable(config.prices if config is not None else {})
@@ -159,6 +160,9 @@ class OpenAIUpstream:
         }
 
     # --- requests ------------------------------------------------------------------
+
+    def upstream_credential(self, api_key: str) -> tuple[bytes, bytes]:
+        return (b"authorization", f"Bearer {api_key}".encode())
 
     def route(self, method: str, path: str) -> Route:
         return openai_routes.openai_route(method, path)
