@@ -268,7 +268,7 @@ async def test_the_gateway_key_in_x_api_key_authenticates(gw: Harness, fake: Fak
     assert message.content[0].type == "text"
     (request,) = fake.requests
     # The client's x-api-key (its gateway key) is replaced, never passed on.
-    assert request.headers["x-api-key"] == UPSTREAM_KEY
+    assert fake.key_headers == [[UPSTREAM_KEY]]
     assert_metered(await only_event(gw))
 
 
@@ -492,3 +492,72 @@ async def test_usage_endpoint_takes_the_key_in_x_api_key(gw: Harness) -> None:
         response = await http.get("/v1/usage", headers={"x-api-key": gw.key})
     assert response.status_code == 200
     assert orjson.loads(response.content)["user"] == USER
+
+
+@pytest.mark.parametrize("policy", ["stop", "drain"])
+async def test_an_sdk_client_that_closes_its_stream_mid_answer(
+    sqlite_url: str, fake: FakeAnthropic, policy: str
+) -> None:
+    """The SDK's own way to leave: close the stream after the first event. Stop
+    closes the upstream answer (an estimate with the prompt message_start
+    reported); drain reads on to the reported usage."""
+    settings = anthropic_settings(upstream={"kind": "anthropic", "on_client_disconnect": policy})
+    scenario = {"x-fake-delay-ms": "50"} if policy == "stop" else {"x-fake-scenario": "hold"}
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        async with client(h, **scenario) as sdk:
+            stream = await sdk.messages.create(
+                model=MODEL,
+                max_tokens=1024,
+                messages=MESSAGES,  # type: ignore[arg-type]
+                stream=True,
+            )
+            first = await stream.__anext__()
+            await stream.close()
+        assert first.type == "message_start"
+        if policy == "stop":
+            await asyncio.wait_for(fake.closed_event.wait(), timeout=10)
+        else:
+            fake.release_held()
+        event = await only_event(h)
+    if policy == "stop":
+        assert fake.closed == 1
+        assert event.outcome == "disconnected" and event.estimated
+        assert (event.prompt_tokens, event.cached_tokens, event.cache_write_tokens) == (
+            1600,
+            400,
+            200,
+        )
+    else:
+        assert fake.closed == 0
+        assert not event.estimated and event.cost == COST
+
+
+async def test_a_wrong_key_in_x_api_key_is_refused_and_nothing_forwarded(
+    gw: Harness, fake: FakeAnthropic
+) -> None:
+    body = {"model": MODEL, "max_tokens": 64, "messages": MESSAGES}
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        # An attacker trying the upstream's own key, or a made-up gateway key.
+        for key in (UPSTREAM_KEY, gw.key + "x"):
+            response = await http.post(
+                "/v1/messages", json=body, headers={**VERSION, "x-api-key": key}
+            )
+            assert response.status_code == 401
+            assert response.json()["error"]["type"] == "authentication_error"
+    assert fake.requests == []
+
+
+async def test_a_key_header_beside_a_valid_bearer_never_reaches_the_upstream(
+    gw: Harness, fake: FakeAnthropic
+) -> None:
+    """The client's x-api-key is dropped whatever it holds: the upstream sees one
+    x-api-key, the operator's."""
+    body = {"model": MODEL, "max_tokens": 64, "messages": MESSAGES}
+    headers = {**VERSION, **gw.auth(), "x-api-key": "sk-ant-someone-elses"}
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        response = await http.post("/v1/messages", json=body, headers=headers)
+    assert response.status_code == 200
+    (request,) = fake.requests
+    assert fake.key_headers == [[UPSTREAM_KEY]]
+    assert "authorization" not in request.headers
+    await only_event(gw)

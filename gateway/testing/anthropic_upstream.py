@@ -81,6 +81,8 @@ class FakeAnthropic:
         self.api_key = api_key
         self.models = models
         self.requests: list[RecordedRequest] = []
+        # Every x-api-key header of each request, in order (``requests`` keeps the last).
+        self.key_headers: list[list[str]] = []
         self.sent: list[bytes] = []  # each streamed answer's body, as sent
         self.closed = 0  # streamed answers whose client closed the connection mid-answer
         self.closed_event = asyncio.Event()
@@ -106,6 +108,9 @@ class FakeAnthropic:
         except orjson.JSONDecodeError:
             body = None
         self.requests.append(RecordedRequest(scope["method"], path, headers, body))
+        self.key_headers.append(
+            [v.decode("latin-1") for k, v in scope["headers"] if k == b"x-api-key"]
+        )
         if headers.get("x-api-key") != self.api_key:
             await _json(send, 401, error_body(401, "invalid x-api-key"))
             return
