@@ -561,3 +561,21 @@ async def test_a_key_header_beside_a_valid_bearer_never_reaches_the_upstream(
     assert fake.key_headers == [[UPSTREAM_KEY]]
     assert "authorization" not in request.headers
     await only_event(gw)
+
+
+async def test_refusals_speak_the_users_language(gw: Harness, fake: FakeAnthropic) -> None:
+    body = {**{"model": MODEL, "max_tokens": 64, "messages": MESSAGES}, "tools": [WEB_SEARCH]}
+    headers = {**VERSION, "x-api-key": gw.key, "accept-language": "vi"}
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        refused = await http.post("/v1/messages", json=body, headers=headers)
+        bad = await http.post("/v1/messages", json={"model": MODEL}, headers=headers)
+    assert refused.status_code == 403 and refused.headers["content-language"] == "vi"
+    error = refused.json()["error"]
+    assert error["type"] == "permission_error" and error["code"] == "tool_not_priced"
+    assert error["message"] == (
+        "Công cụ 'web_search' chưa được định giá trên gateway này "
+        '([call_prices."anthropic.web_search"]) nên không dùng được.'
+    )
+    assert bad.status_code == 400 and "max_tokens" in bad.json()["error"]["message"]
+    assert bad.headers["content-language"] == "vi"
+    assert fake.requests == []

@@ -182,7 +182,7 @@ class AnthropicUpstream:
         elif isinstance(metadata, dict):
             metadata["user_id"] = user_id
         else:
-            raise BadRequest("metadata: Input should be a valid dictionary", code="invalid_param")
+            raise BadRequest("metadata must be an object.", code="invalid_param")
         return Prepared(body, query)
 
     def _check_priced(self, body: dict[str, Any]) -> None:
@@ -299,7 +299,26 @@ def _check_request(body: dict[str, Any]) -> None:
     anything is reserved)."""
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
-        raise BadRequest("stream: Input should be a valid boolean", code="invalid_type")
+        # The text of OpenAI's refusal (gateway/messages.py "invalid_type").
+        raise BadRequest(
+            f"Invalid type for 'stream': expected a boolean, but got {_json_type(stream)} instead.",
+            code="invalid_type",
+        )
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise BadRequest("max_tokens: Field required, a positive integer", code="invalid_param")
+        raise BadRequest(
+            "max_tokens must be a positive integer (the Messages API requires it).",
+            code="invalid_param",
+        )
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
