@@ -579,3 +579,27 @@ async def test_refusals_speak_the_users_language(gw: Harness, fake: FakeAnthropi
     assert bad.status_code == 400 and "max_tokens" in bad.json()["error"]["message"]
     assert bad.headers["content-language"] == "vi"
     assert fake.requests == []
+
+
+async def test_exports_carry_the_cache_writes(database_url: str, fake: FakeAnthropic) -> None:
+    env = {"GATEWAY_ADMIN_TOKEN": "admin-token"}
+    async with running_gateway(
+        database_url, upstream=fake, settings=anthropic_settings(), env=env
+    ) as h:
+        async with client(h) as sdk:
+            await sdk.messages.create(model=MODEL, max_tokens=64, messages=MESSAGES)  # type: ignore[arg-type]
+        await h.gateway.wait_finished(1)
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as http:
+            admin = {"Authorization": "Bearer admin-token"}
+            as_json = await http.get("/admin/export/events?format=json", headers=admin)
+            as_csv = await http.get("/admin/export/events?format=csv", headers=admin)
+    (row,) = orjson.loads(as_json.content)
+    assert (row["prompt_tokens"], row["cached_tokens"], row["cache_write_tokens"]) == (
+        1600,
+        400,
+        200,
+    )
+    assert row["cost"] == str(COST)
+    header, line = as_csv.text.splitlines()
+    cells = dict(zip(header.split(","), line.split(","), strict=True))
+    assert (cells["cached_tokens"], cells["cache_write_tokens"]) == ("400", "200")
