@@ -34,7 +34,9 @@ def money(value: Decimal) -> str:
     return format(value.normalize(), "f") if value else "0"
 
 
-def daily_dict(row: DailyUsage) -> dict[str, Any]:
+def daily_dict(row: DailyUsage, currency: str) -> dict[str, Any]:
+    """A day row as the APIs show it; ``currency`` is the database's (the day rows
+    hold one cost number, in the one currency gateway/currency.py keeps them in)."""
     return {
         "day": row.day.isoformat(),
         "queries": row.queries,
@@ -46,6 +48,17 @@ def daily_dict(row: DailyUsage) -> dict[str, Any]:
         "completion_tokens": row.completion_tokens,
         "total_tokens": row.total_tokens,
         "cost": money(row.cost),
+        "currency": currency,
+    }
+
+
+def lifetime_dict(user: User, currency: str) -> dict[str, Any]:
+    return {
+        "prompt_tokens": user.lifetime_prompt_tokens,
+        "completion_tokens": user.lifetime_completion_tokens,
+        "total_tokens": user.lifetime_tokens,
+        "cost": money(user.lifetime_cost),
+        "currency": currency,
     }
 
 
@@ -59,6 +72,7 @@ def model_dict(row: ModelUsage) -> dict[str, Any]:
         "reasoning_tokens": row.reasoning_tokens,
         "total_tokens": row.total_tokens,
         "cost": money(row.cost),
+        "currency": row.currency,
     }
 
 
@@ -149,15 +163,12 @@ class Reports:
             "timezone": self.gw.config.accounting.timezone,
             "day": periods.day.isoformat(),
             "limits": limits_view(plan, today, sum(r.total_tokens for r in rows), streams, periods),
-            "today": daily_dict(today),
-            "lifetime": {
-                "prompt_tokens": user.lifetime_prompt_tokens,
-                "completion_tokens": user.lifetime_completion_tokens,
-                "total_tokens": user.lifetime_tokens,
-                "cost": money(user.lifetime_cost),
-            },
-            # This calendar month's answers per model (cached and reasoning tokens
-            # are parts of the prompt and completion tokens).
+            "currency": self.gw.currency,
+            "today": daily_dict(today, self.gw.currency),
+            "lifetime": lifetime_dict(user, self.gw.currency),
+            # This calendar month's answers per model and currency, from the ledger
+            # (cached and reasoning tokens are parts of the prompt and completion
+            # tokens).
             "month_by_model": [model_dict(m) for m in models],
         }
 
@@ -187,5 +198,5 @@ class Reports:
                 }
                 for k in keys
             ],
-            "daily": [daily_dict(r) for r in await self.daily(user_id, days)],
+            "daily": [daily_dict(r, self.gw.currency) for r in await self.daily(user_id, days)],
         }

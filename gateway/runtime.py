@@ -21,12 +21,13 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
+from gateway import currency
 from gateway.accounts import issue_key, parse_override
 from gateway.alerts import OutboxWorker
 from gateway.auth import Authenticator, UserDirectory
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, load_config
-from gateway.errors import BadRequest, ConfigError, StorageError
+from gateway.errors import BadRequest, ConfigError, GatewayError, StorageError
 from gateway.messages import Catalogue
 from gateway.metrics import Metrics
 from gateway.pricing import PriceTable
@@ -190,6 +191,16 @@ class Gateway:
             self._storage = await open_storage(self.config.database)
         self.storage: Storage = self._storage
         await self.storage.migrate()
+        # Refuses to serve a configuration whose prices are in another currency
+        # than the money the database holds (gateway/currency.py).
+        costs = await self.storage.costs_by_currency()
+        self.currency = currency.serving(self.config, costs)
+        # Whether a price or a recorded cost has fixed it; else the first cost an
+        # upstream reports in its own currency (Dify's) fixes it (_cost_recorded).
+        self._currency_fixed = (
+            currency.configured(self.config) is not None
+            or currency.database_currency(costs) is not None
+        )
         self._apply(self.config)
         self.reports = Reports(self)
         spool = Path(self.config.database.spool_file) if self.config.database.spool_file else None
@@ -201,6 +212,7 @@ class Gateway:
             prices=self._prices,
             answer_log=self.config.server.answer_log,
         )
+        self.settler.on_cost = self._cost_recorded
         replayed = await self.settler.replay()
         if replayed:
             log.info("replayed %d spooled usage records", replayed)
@@ -281,8 +293,9 @@ class Gateway:
                 # defaults: unlimited plans. Never what an operator wants.
                 raise ConfigError(f"{source}: the configuration file is empty")
             new = load_config(source, env=self._env)
-        except (ConfigError, OSError) as exc:
-            message = exc.message if isinstance(exc, ConfigError) else f"{source}: {exc}"
+            money = await self._currency_after_reload(new)
+        except (ConfigError, OSError, StorageError) as exc:
+            message = exc.message if isinstance(exc, GatewayError) else f"{source}: {exc}"
             log.error(
                 "configuration reload refused, keeping the running configuration: %s", message
             )
@@ -314,10 +327,48 @@ class Gateway:
             self.metrics.inc("gateway_config_reloads_total", result="refused")
             self.reloads.bump()
             return False
+        self.currency = money
+        self._currency_fixed = self._currency_fixed or currency.configured(new) is not None
         log.info("configuration reloaded from %s (plans: %s)", source, ", ".join(new.plans))
         self.metrics.inc("gateway_config_reloads_total", result="applied")
         self.reloads.bump()
         return True
+
+    async def _currency_after_reload(self, new: Config) -> str:
+        """The currency money is recorded in under ``new``: the one in force when
+        ``new`` prices in it too (no database read, so a reload during a database
+        outage still applies); else the database is asked whether it holds costs in
+        another currency (`gateway.currency.serving`), and the reload is refused
+        if it does or cannot say."""
+        setting = currency.configured(new)
+        if setting is None or setting[1] == self.currency:
+            return self.currency
+        try:
+            return await currency.check(self.storage, new)
+        except StorageError as exc:
+            raise StorageError(
+                f"{setting[0]} changes the currency to {setting[1]!r}, and the database "
+                f"cannot say whether it holds costs in {self.currency!r}: {exc.message}"
+            ) from exc
+
+    def _cost_recorded(self, code: str) -> None:
+        """A cost in currency ``code`` was recorded. Without prices the upstream
+        names the currency (Dify reports its own with each answer): the first cost
+        fixes the database's. Another one after that already sits in the totals
+        (the ledger row keeps it, never lost): said loudly, and the next start-up
+        refuses (docs/configuration.md, "Currency")."""
+        if code == self.currency:
+            self._currency_fixed = True
+        elif not self._currency_fixed:
+            self.currency, self._currency_fixed = code, True
+        else:
+            log.error(
+                "recorded a cost in %s, but this database keeps its money in %s: its day "
+                "rows and lifetime totals now add both, and the gateway will refuse to "
+                "start on it (docs/configuration.md, Currency)",
+                code,
+                self.currency,
+            )
 
     def _apply(self, config: Config) -> None:
         """Make ``config`` the one in force; caches derived from it start afresh

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -210,6 +210,9 @@ class Settler:
         # The metrics' model labels are the names in this table (see _write).
         self.prices = prices if prices is not None else PriceTable({})
         self._metrics = metrics
+        # Told each recorded cost's currency: the gateway keeps one per database
+        # (gateway/currency.py, Gateway._cost_recorded).
+        self.on_cost: Callable[[str], None] | None = None
         self._spool = spool
         metrics.spool.path = spool  # gateway_spool_bytes (gateway/metrics.py)
         self._delays = tuple(retry_delays)
@@ -327,6 +330,8 @@ class Settler:
         if self.backlog:
             self._wake.set()  # the database answers: time to replay the spool
         if settled:
+            if event.cost and self.on_cost is not None:
+                self.on_cost(event.currency)
             metrics = self._metrics
             metrics.inc("gateway_answers_settled_total", outcome=event.outcome)
             plan = write.plan
