@@ -15,6 +15,7 @@ import pytest
 
 from gateway.testing.anthropic_upstream import ANSWER_PIECES, TOOL_INPUT, FakeAnthropic
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+from tests.servers import serve
 
 ANSWER = "".join(ANSWER_PIECES)
 MODEL = "claude-sonnet-4-5"
@@ -603,3 +604,24 @@ async def test_exports_carry_the_cache_writes(database_url: str, fake: FakeAnthr
     header, line = as_csv.text.splitlines()
     cells = dict(zip(header.split(","), line.split(","), strict=True))
     assert (cells["cached_tokens"], cells["cache_write_tokens"]) == ("400", "200")
+
+
+async def test_an_unreachable_upstream_is_a_502_in_anthropic_shape(sqlite_url: str) -> None:
+    async with serve(FakeAnthropic(api_key=UPSTREAM_KEY)) as dead:  # closed afterwards
+        pass
+    settings = anthropic_settings()
+    async with running_gateway(sqlite_url, upstream_url=dead + "/v1", settings=settings) as h:
+        async with client(h) as sdk:
+            with pytest.raises(anthropic.APIStatusError) as failed:
+                await sdk.messages.create(model=MODEL, max_tokens=64, messages=MESSAGES)  # type: ignore[arg-type]
+        assert await queries_today(h) == 0
+    assert failed.value.status_code == 502
+    assert failed.value.body == {  # type: ignore[comparison-overlap]
+        "type": "error",
+        "error": {
+            "type": "api_error",
+            "message": "The upstream service is unreachable.",
+            "code": "upstream_unavailable",
+        },
+    }
+    assert failed.value.response.headers["retry-after"] == "5"
