@@ -2,6 +2,8 @@
 the dashboard and admission all apply (no I/O beyond the storage calls given).
 
 - `effective_plan`: a user's plan with their overrides applied.
+- `team_plan`: a team's plan with the team's overrides applied (issue 21).
+- `check_plan` / `check_team_id`: one validation of a plan name and a team id.
 - `parse_override` / `parse_override_text`: one validation of a per-user limit,
   from JSON (null is unlimited) or as typed on the command line.
 - `issue_key`: the one way a key is made and stored; the secret exists only in
@@ -11,18 +13,22 @@ the dashboard and admission all apply (no I/O beyond the storage calls given).
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime
 
 from gateway.config import LIMIT_NAMES, Config, Plan
 from gateway.errors import BadRequest
 from gateway.keys import new_key
-from gateway.storage import ApiKey, OverrideValue, Storage, User
+from gateway.storage import ApiKey, OverrideValue, Storage, Team, User
 
 __all__ = [
+    "check_plan",
+    "check_team_id",
     "effective_plan",
     "issue_key",
     "parse_override",
     "parse_override_text",
+    "team_plan",
 ]
 
 _TRUE = frozenset({"true", "yes", "on", "1"})
@@ -34,6 +40,31 @@ def effective_plan(config: Config, user: User) -> Plan:
     """The limits that apply to ``user``: their plan with their overrides applied
     (a plan no longer configured falls back as `Config.plan` decides)."""
     return config.plan(user.plan).with_overrides(user.overrides)
+
+
+def team_plan(config: Config, team: Team) -> Plan:
+    """The limits that apply to ``team`` as a whole (issue 21): its plan with the
+    team's overrides applied, as `effective_plan` does for a user."""
+    return config.plan(team.plan).with_overrides(team.overrides)
+
+
+def check_plan(config: Config, plan: str) -> None:
+    """Refuse a plan name the configuration does not define (users' and teams')."""
+    if plan not in config.plans:
+        raise BadRequest(f"No plan named {plan!r} (plans: {', '.join(sorted(config.plans))}).")
+
+
+# An operator's name for a team: it goes into URLs, CSV cells and the dashboard.
+_TEAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+def check_team_id(team_id: str) -> None:
+    """Refuse a team id other than 1 to 64 letters, digits and ``. _ @ -``
+    (starting with a letter or digit)."""
+    if _TEAM_ID.fullmatch(team_id) is None:
+        raise BadRequest(
+            f"Invalid team id {team_id!r}: 1 to 64 letters, digits, '.', '_', '@' or '-'."
+        )
 
 
 def parse_override(name: str, value: object) -> OverrideValue:

@@ -22,19 +22,25 @@ from zoneinfo import ZoneInfo
 import httpx
 
 from gateway import currency
-from gateway.accounts import issue_key, parse_override
+from gateway.accounts import (
+    check_plan,
+    check_team_id,
+    issue_key,
+    parse_override,
+    team_plan,
+)
 from gateway.alerts import OutboxWorker
-from gateway.auth import Authenticator, UserDirectory
+from gateway.auth import Authenticator, TeamDirectory, UserDirectory
 from gateway.clock import Clock, SystemClock
-from gateway.config import Config, load_config
-from gateway.errors import BadRequest, ConfigError, GatewayError, StorageError
+from gateway.config import Config, Plan, load_config
+from gateway.errors import ConfigError, GatewayError, StorageError
 from gateway.messages import Catalogue
 from gateway.metrics import Metrics
 from gateway.pricing import PriceTable
 from gateway.recovery import Recovery
 from gateway.reports import Reports
 from gateway.settle import Settler
-from gateway.storage import ApiKey, OverrideValue, Storage, open_storage
+from gateway.storage import ApiKey, OverrideValue, Storage, Team, User, open_storage
 from gateway.upstreams import Upstream, get_upstream
 
 log = logging.getLogger("gateway")
@@ -385,12 +391,16 @@ class Gateway:
         users = UserDirectory(
             self.storage, ttl=config.auth.key_cache_ttl, previous=getattr(self, "users", None)
         )
+        teams = TeamDirectory(
+            self.storage, ttl=config.auth.key_cache_ttl, previous=getattr(self, "teams", None)
+        )
         tz = config.tz
         # Rebuilt so that a dialect's own settings (prices) follow a reload.
         upstream = get_upstream(config.upstream.kind, config)
         prices = PriceTable(config.prices)  # the settler's metrics labels (see Settler)
         messages = _catalogue(config)
         self.config, self._tz, self.auth, self.users = config, tz, auth, users
+        self.teams = teams
         self.messages = messages
         self.upstream, self._prices = upstream, prices
         self.user_header = config.auth.trusted_header.user_header.lower().encode()
@@ -500,12 +510,46 @@ class Gateway:
         return await issue_key(self.storage, user_id, name=name, now=datetime.now(UTC))
 
     async def set_plan(self, user_id: str, plan: str) -> None:
-        if plan not in self.config.plans:
-            raise BadRequest(
-                f"No plan named {plan!r} (plans: {', '.join(sorted(self.config.plans))})."
-            )
+        check_plan(self.config, plan)
         await self.storage.set_plan(user_id, plan)
         self.users.forget(user_id)
+
+    # --- teams (issue 21) ---
+
+    async def create_team(self, team_id: str, *, plan: str) -> Team:
+        check_team_id(team_id)
+        check_plan(self.config, plan)
+        return await self.storage.create_team(team_id, plan=plan, now=datetime.now(UTC))
+
+    async def set_team_plan(self, team_id: str, plan: str) -> None:
+        check_plan(self.config, plan)
+        await self.storage.set_team_plan(team_id, plan)
+        self.teams.forget(team_id)
+
+    async def set_team_override(self, team_id: str, name: str, value: object) -> OverrideValue:
+        parsed = parse_override(name, value)
+        await self.storage.set_team_override(team_id, name, parsed)
+        self.teams.forget(team_id)
+        return parsed
+
+    async def clear_team_override(self, team_id: str, name: str) -> None:
+        await self.storage.clear_team_override(team_id, name)
+        self.teams.forget(team_id)
+
+    async def set_team(self, user_id: str, team_id: str | None) -> None:
+        """Put a user in a team, or (None) in none; their next request sees it."""
+        await self.storage.set_team(user_id, team_id)
+        self.users.forget(user_id)
+
+    async def team_plan(self, user: User) -> Plan | None:
+        """The effective plan of ``user``'s team (its plan with the team's
+        overrides), or None when the user is in no team. The team-scope limits a
+        request must also fit (issue 21); a team removed from under a cached
+        user counts as none."""
+        if user.team is None:
+            return None
+        team = await self.teams.get(user.team)
+        return team_plan(self.config, team) if team is not None else None
 
     async def set_override(self, user_id: str, name: str, value: object) -> OverrideValue:
         """Override one limit for a user (``value`` as JSON gives it); returns the
