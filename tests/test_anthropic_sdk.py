@@ -382,6 +382,37 @@ async def test_count_tokens_and_models_pass_through_unmetered(
     assert await gw.events() == []
 
 
+async def test_a_plans_model_allow_list_holds_for_claude(sqlite_url: str) -> None:
+    """A model outside the plan's ``models`` is refused in Anthropic's shape
+    before anything is reserved or forwarded; the model list and model reads
+    show only the plan's models."""
+    haiku = "claude-haiku-4-5"
+    fake = FakeAnthropic(api_key=UPSTREAM_KEY, models=(MODEL, haiku))
+    prices = {**PRICES, haiku: {"input": "1", "output": "5"}}
+    settings = anthropic_settings(prices=prices, plans={"free": {"models": ["claude-haiku-*"]}})
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h, client(h) as sdk:
+        with pytest.raises(anthropic.PermissionDeniedError) as refused:
+            await sdk.messages.create(model=MODEL, max_tokens=64, messages=MESSAGES)  # type: ignore[arg-type]
+        body: Any = refused.value.body
+        assert body["type"] == "error"
+        assert body["error"]["type"] == "permission_error"
+        assert body["error"]["code"] == "model_not_in_plan"
+        assert MODEL in body["error"]["message"]
+        assert fake.requests == [] and await queries_today(h) == 0
+
+        listed = [m.id async for m in sdk.models.list()]
+        assert listed == [haiku]
+        with pytest.raises(anthropic.PermissionDeniedError):
+            await sdk.models.retrieve(MODEL)
+        assert (await sdk.models.retrieve(haiku)).id == haiku
+
+        answer = await sdk.messages.create(model=haiku, max_tokens=64, messages=MESSAGES)  # type: ignore[arg-type]
+        assert answer.model == haiku
+        await h.gateway.wait_finished(1)
+        (event,) = await h.events()
+        assert event.model == haiku
+
+
 @pytest.mark.parametrize(
     ("method", "path", "status"),
     [

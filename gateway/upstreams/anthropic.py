@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 
@@ -37,7 +37,7 @@ from gateway.upstreams.anthropic_wire import (
     meter_message,
     prompt_chars,
 )
-from gateway.upstreams.base import Prepared, Route, StreamMeter
+from gateway.upstreams.base import Prepared, Route, StreamMeter, keep_models
 from gateway.usage import Metered, Usage, estimate_tokens
 
 if TYPE_CHECKING:
@@ -201,6 +201,30 @@ class AnthropicUpstream:
                     f'([call_prices."anthropic.{tool}"]), so it is not available.',
                     code="tool_not_priced",
                 )
+
+    # --- model allow-lists (gateway/model_access.py) ---------------------------------
+
+    def requested_models(
+        self, route: Route, body: dict[str, Any] | None
+    ) -> tuple[str | None, ...] | None:
+        """The model a message runs (the body's ``model``; None when absent or
+        not a string, which the upstream refuses anyway) and the model a model
+        read names. ``count_tokens`` runs no model and is not checked."""
+        if route.model is not None:
+            return (route.model,)
+        if not route.admitted or body is None:
+            return None
+        model = body.get("model")
+        return (model if isinstance(model, str) and model else None,)
+
+    def filter_models(
+        self, route: Route, page: dict[str, Any], allowed: Callable[[str], bool]
+    ) -> dict[str, Any]:
+        """``GET /models`` (``{"data": [{"type": "model", "id": ...}], "has_more",
+        "first_id", "last_id"}``) with only the allowed models; a list it cannot
+        read is emptied, not passed on whole. ``first_id``/``last_id`` stay the
+        upstream's page cursors, so paging on goes on from where it was."""
+        return keep_models(page, allowed)
 
     def is_streaming(self, route: Route, body: dict[str, Any]) -> bool:
         return body.get("stream") is True

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from typing import Final
+from urllib.parse import unquote
 
 from gateway.upstreams.base import Route
 
@@ -22,7 +23,7 @@ __all__ = ["MESSAGE", "OPERATOR", "UNKNOWN", "anthropic_route"]
 MESSAGE: Final = Route("message", "messages", role="answer")
 OPERATOR: Final = Route("operator", "operator", role="operator")
 UNKNOWN: Final = Route("unknown", "unknown")
-_MODELS: Final = Route("models", "models", role="passthrough")
+_MODELS: Final = Route("models", "models", role="passthrough", lists_models=True)
 
 _EXACT: Final[dict[tuple[str, str], Route]] = {
     ("POST", "messages"): MESSAGE,
@@ -31,7 +32,7 @@ _EXACT: Final[dict[tuple[str, str], Route]] = {
     ),
     ("GET", "models"): _MODELS,
 }
-_MODEL: Final = re.compile(r"models/[^/]+")
+_MODEL: Final = re.compile(r"models/([^/]+)")
 # Account-wide objects and paid work the gateway cannot meter: operator only.
 _OPERATOR_PREFIXES: Final = frozenset(
     {"complete", "files", "organizations", "skills", "agents", "environments", "sessions"}
@@ -44,8 +45,10 @@ def anthropic_route(method: str, path: str) -> Route:
     route = _EXACT.get((method, key))
     if route is not None:
         return route
-    if method == "GET" and _MODEL.fullmatch(key):
-        return _MODELS
+    model = _MODEL.fullmatch(key) if method == "GET" else None
+    if model is not None:
+        # A model read names its model: checked against the plan's allow-list.
+        return Route("models", "models", role="passthrough", model=unquote(model.group(1)))
     if key == "messages/batches" or key.startswith("messages/batches/"):
         return OPERATOR
     if key.split("/", 1)[0] in _OPERATOR_PREFIXES:

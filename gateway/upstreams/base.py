@@ -291,3 +291,19 @@ class Upstream(Protocol):
     def stream_error(self, status: int, code: str, message: str) -> bytes:
         """A complete SSE frame telling the client a stream broke after it began."""
         ...
+
+
+def keep_models(page: dict[str, Any], allowed: Callable[[str], bool]) -> dict[str, Any]:
+    """A model list whose ``data`` holds objects named by ``id`` (OpenAI's and
+    Anthropic's shape), with only the allowed models; returns ``page`` itself
+    when nothing was removed. A list it cannot read is emptied, not passed on
+    whole."""
+    data = page.get("data")
+    if not isinstance(data, list):
+        return {**page, "data": []}
+    kept = [
+        item
+        for item in data
+        if isinstance(item, dict) and isinstance(item.get("id"), str) and allowed(item["id"])
+    ]
+    return page if len(kept) == len(data) else {**page, "data": kept}
