@@ -74,7 +74,7 @@ class Answers:
         return (f"m{i}", user, self.day, self.now, "chat-messages", 75, 25, 100,
                 Decimal("0.0000420"), "USD", "complete", False, 0, None, f"r{i}", 40.0, 0.5,
                 f"r{i}", f"r{i}", None, 0, 0, self.month, ["tokens_per_day"],
-                [str(self.day)], [10**12], [80], ["webhook"])  # fmt: skip
+                [str(self.day)], [10**12], [80], ["webhook"], 0)  # fmt: skip
 
     def settle_batch(self, calls: list[tuple[Any, ...]]) -> list[Any]:
         """``gateway_settle_many``'s arguments, as PostgresStorage._settle_many builds them."""
@@ -87,7 +87,7 @@ class Answers:
             slices[3].append(1)
             for at, value in zip((4, 5, 6, 7, 8), (*call[23:27], call[27]), strict=True):
                 slices[at] += value
-        return columns + slices
+        return [*columns, *slices, [call[28] for call in calls]]  # then the cache writes
 
 
 async def measure(dsn: str, answers: int) -> list[tuple[int, str, float, float]]:

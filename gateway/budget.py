@@ -4,7 +4,7 @@ reserves against ``cost_per_day`` and ``cost_per_month``.
 A budget is a hard cap when the bound is one: settle then only ever lowers what
 was reserved to the true cost, so answers running at the same time can never
 spend past the budget together. The bound comes from the request and the price
-table where the dialect prices answers itself (OpenAI):
+table where the dialect prices answers itself (OpenAI, Anthropic):
 
 - prompt tokens: at most one per byte of the request body (no tokenizer makes
   more tokens than the bytes of its text; the body's JSON around the prompt
@@ -27,6 +27,8 @@ from typing import Any
 import orjson
 
 from gateway.upstreams import Route
+from gateway.upstreams.anthropic import AnthropicUpstream
+from gateway.upstreams.anthropic_wire import ServerCalls
 from gateway.upstreams.openai import OpenAIUpstream
 from gateway.usage import Metered, Usage
 
@@ -70,10 +72,16 @@ def cost_bound(
     answer_reservation: Decimal,
 ) -> Decimal:
     """What admission reserves against money budgets for one answer request."""
-    if not isinstance(upstream, OpenAIUpstream):
-        return answer_reservation
     usage, _ = bound_usage(body, reserve_output_tokens=reserve_output_tokens)
     model = body.get("model") if isinstance(body.get("model"), str) else None
     metered = Metered(None, None, None, usage, "timeout", model=model)
-    priced = upstream.priced(metered, model, calls=upstream.calls(route, body, {}))
+    if isinstance(upstream, OpenAIUpstream):
+        priced = upstream.priced(metered, model, calls=upstream.calls(route, body, {}))
+    elif isinstance(upstream, AnthropicUpstream):
+        # Messages requires max_tokens; the server tools the request lists are
+        # priced one call each (the web searches an answer runs are known only
+        # when it ends: docs/quotas.md, "Money budgets").
+        priced = upstream.priced(metered, body, ServerCalls())
+    else:
+        return answer_reservation
     return priced.usage.cost if priced.usage is not None else answer_reservation

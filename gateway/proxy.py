@@ -284,14 +284,16 @@ class Proxy:
         x.method = method
         x.path = canonical_path(scope["path"][3:])  # strip "/v1"
         x.query = scope.get("query_string", b"")
-        x.headers = request_headers(scope["headers"], self.gw.user_header)
+        x.headers = request_headers(
+            scope["headers"], self.gw.user_header, self.gw.upstream.key_header
+        )
 
     # --- authenticate ----------------------------------------------------------------
 
     async def _authenticate(self, x: Exchange) -> None:
         gw = self.gw
         try:
-            x.user_id = await gw.identify(x.headers.authorization, x.headers.user_header)
+            x.user_id = await gw.identify(x.headers.credential, x.headers.user_header)
         except StorageError as exc:
             gw.metrics.inc("gateway_storage_errors_total", operation="authenticate")
             raise StorageError("The usage database is unavailable; try again shortly.") from exc
@@ -926,6 +928,7 @@ class Proxy:
                 model=result.model,
                 cached_tokens=usage.cached_tokens,
                 reasoning_tokens=usage.reasoning_tokens,
+                cache_write_tokens=usage.cache_write_tokens,
             ),
             lease_id=ticket.lease_id,
             pending_id=ticket.pending_id,

@@ -159,10 +159,9 @@ class Gateway:
             )
             recover_after = longest
         self.recover_after = timedelta(seconds=recover_after)
-        self.upstream_authorization = (
-            b"authorization",
-            f"Bearer {config.upstream.api_key}".encode(),
-        )
+        # The header that carries the operator's key: the dialect's (Anthropic's
+        # x-api-key); the upstream section, and so the kind, is fixed until a restart.
+        self.upstream_authorization = self.upstream.upstream_credential(config.upstream.api_key)
         self._storage = storage
         self._owns_storage = storage is None
         self._transport = transport

@@ -334,3 +334,28 @@ async def test_a_per_model_budget_holds_and_counts_only_its_models(
     )
     assert second.headers["x-ratelimit-used"] == str(ANSWER_COST)
     assert third.status_code == 200
+
+
+def test_the_cost_bound_of_an_anthropic_request() -> None:
+    from gateway.config import parse_config
+    from gateway.upstreams.anthropic import AnthropicUpstream
+
+    config = parse_config(
+        {"upstream": {"kind": "anthropic"}, "prices": {"claude-x": {"input": "3", "output": "15"}}},
+        env={},
+    )
+    body = {
+        "model": "claude-x",
+        "max_tokens": 1000,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    route = Route(name="messages", kind="chat", role="answer")
+    bound = cost_bound(
+        AnthropicUpstream(config),
+        route,
+        body,
+        reserve_output_tokens=4096,
+        answer_reservation=Decimal("9"),
+    )
+    # One token per byte of the body at 3 per million, 1,000 output tokens at 15.
+    assert bound == (len(orjson.dumps(body)) * 3 + 1000 * 15) * Decimal("1e-6")

@@ -1,7 +1,7 @@
 -- One settle, as the gateway calls it: gateway_settle_pending, then the
 -- answer's model and token parts, then the threshold alerts the settle crossed
 -- (0009), all in the caller's transaction.
-CREATE OR REPLACE FUNCTION gateway_settle(p_answer_id text, p_user text, p_day date, p_created_at timestamp with time zone, p_endpoint text, p_prompt bigint, p_completion bigint, p_total bigint, p_cost numeric, p_currency text, p_outcome text, p_estimated boolean, p_web_searches integer, p_conversation text, p_request text, p_upstream_ms double precision, p_overhead_ms double precision, p_lease text, p_pending text, p_model text, p_cached bigint, p_reasoning bigint, p_month_start date, p_kinds text[], p_periods text[], p_values bigint[], p_thresholds integer[], p_channels text[])
+CREATE OR REPLACE FUNCTION gateway_settle(p_answer_id text, p_user text, p_day date, p_created_at timestamp with time zone, p_endpoint text, p_prompt bigint, p_completion bigint, p_total bigint, p_cost numeric, p_currency text, p_outcome text, p_estimated boolean, p_web_searches integer, p_conversation text, p_request text, p_upstream_ms double precision, p_overhead_ms double precision, p_lease text, p_pending text, p_model text, p_cached bigint, p_reasoning bigint, p_month_start date, p_kinds text[], p_periods text[], p_values bigint[], p_thresholds integer[], p_channels text[], p_cache_write bigint)
  RETURNS boolean
  LANGUAGE plpgsql
 AS $$
@@ -14,10 +14,12 @@ BEGIN
         RETURN false;
     END IF;
     -- Answers that name no model nor token parts (Dify's) skip this update; it
-    -- touches only columns no index covers, so it is a HOT update (0006).
-    IF p_model IS NOT NULL OR p_cached <> 0 OR p_reasoning <> 0 THEN
+    -- touches only columns no index covers, so it is a HOT update (0006). The
+    -- prompt tokens written to the provider's cache (0014) go with them.
+    IF p_model IS NOT NULL OR p_cached <> 0 OR p_reasoning <> 0 OR p_cache_write <> 0 THEN
         UPDATE usage_events SET
-            model = p_model, cached_tokens = p_cached, reasoning_tokens = p_reasoning
+            model = p_model, cached_tokens = p_cached, reasoning_tokens = p_reasoning,
+            cache_write_tokens = p_cache_write
         WHERE answer_id = p_answer_id;
     END IF;
     IF coalesce(cardinality(p_kinds), 0) > 0 THEN
