@@ -1,4 +1,5 @@
-"""The admin API under /admin (JSON), and the end user's usage API under /v1/usage.
+"""The admin API under /admin (JSON). (The end user's own usage API, /v1/usage,
+is gateway/usage_api.py.)
 
 Admin requests carry ``Authorization: Bearer <admin token>`` (compared in constant
 time; a client's wrong guesses are throttled, gateway/throttle.py). With no admin
@@ -28,7 +29,6 @@ from gateway.errors import (
     Unauthorized,
 )
 from gateway.export import Dataset, Format, encode, rows
-from gateway.http import request_headers
 from gateway.reports import daily_dict, money
 from gateway.throttle import Check, SecretGuard
 
@@ -146,7 +146,7 @@ def _admin(handler: Any) -> Any:
     return guarded
 
 
-def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
+def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
@@ -193,8 +193,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
 @_admin
 async def list_users(request: Request, gw: Gateway) -> Response:
     """Users with their plan, lifetime and today's usage; paginated, sortable."""
-    limit = _int(request, "limit", 50, 1, MAX_PAGE)
-    offset = _int(request, "offset", 0, 0, 10**9)
+    limit = int_param(request, "limit", 50, 1, MAX_PAGE)
+    offset = int_param(request, "offset", 0, 0, 10**9)
     sort = cast(
         Literal["id", "lifetime_tokens", "tokens_today"], _choice(request, "sort", _SORTS, "id")
     )
@@ -232,7 +232,7 @@ async def list_users(request: Request, gw: Gateway) -> Response:
 @_admin
 async def list_alerts(request: Request, gw: Gateway) -> Response:
     """Threshold crossings, newest first, with how their deliveries went."""
-    limit = _int(request, "limit", 100, 1, MAX_PAGE)
+    limit = int_param(request, "limit", 100, 1, MAX_PAGE)
     user_id = request.query_params.get("user") or None
     alerts = await gw.storage.list_alerts(user_id=user_id, limit=limit)
     return json_response(gw, {"data": [alert_dict(a) for a in alerts]})
@@ -241,7 +241,7 @@ async def list_alerts(request: Request, gw: Gateway) -> Response:
 @_admin
 async def get_user(request: Request, gw: Gateway) -> Response:
     """One user: plan, overrides, limits and usage, keys, daily history."""
-    days = _int(request, "days", 30, 1, MAX_DAYS)
+    days = int_param(request, "days", 30, 1, MAX_DAYS)
     return json_response(gw, await gw.reports.detail(request.path_params["user_id"], days=days))
 
 
@@ -373,46 +373,4 @@ admin_routes: list[BaseRoute] = [
     Route("/export/events", _export("events"), methods=["GET"]),
     Route("/export/daily", _export("daily"), methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
-]
-
-
-# --- the end user's own usage: /v1/usage ---------------------------------------------------
-
-
-async def _end_user(request: Request, gw: Gateway) -> str:
-    # The credential and the trusted user header read from the raw headers exactly
-    # as the proxy reads them (the same function, then the same decoding in
-    # gateway/auth.py), so /v1/usage reports the user the proxy charges.
-    headers = request_headers(request.scope["headers"], gw.user_header)
-    return await gw.identify(headers.authorization, headers.user_header)
-
-
-async def my_usage(request: Request) -> Response:
-    """What the caller has used and has left, per limit of their plan."""
-    gw = _gateway(request)
-    try:
-        user_id = await _end_user(request, gw)
-        # Fresh from storage: the in-process user cache holds plans, not counters.
-        return json_response(gw, await gw.reports.usage(await gw.reports.user(user_id)))
-    except GatewayError as exc:
-        return error_response(gw, exc, realm="api")
-
-
-async def my_daily_usage(request: Request) -> Response:
-    """The caller's usage per local day, for a chart (`?days=30`, at most 366)."""
-    gw = _gateway(request)
-    try:
-        user_id = await _end_user(request, gw)
-        days = _int(request, "days", 30, 1, MAX_DAYS)
-        daily = await gw.reports.daily(user_id, days)
-        return json_response(
-            gw, {"user": user_id, "days": days, "data": [daily_dict(r) for r in daily]}
-        )
-    except GatewayError as exc:
-        return error_response(gw, exc, realm="api")
-
-
-usage_routes: list[BaseRoute] = [
-    Route("/v1/usage", my_usage, methods=["GET"]),
-    Route("/v1/usage/daily", my_daily_usage, methods=["GET"]),
 ]

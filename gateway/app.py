@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from gateway import dashboard
-from gateway.admin import admin_routes, error_response, token_refusal, usage_routes
+from gateway.admin import admin_routes, error_response, token_refusal
 from gateway.clock import Clock
 from gateway.config import Config, load_config
 from gateway.cors import Cors
@@ -33,6 +33,7 @@ from gateway.logs import configure_logging
 from gateway.proxy import Proxy, Receive, Scope, Send
 from gateway.runtime import Gateway
 from gateway.storage import Storage
+from gateway.usage_api import usage_routes
 
 
 async def healthz(request: Request) -> Response:
