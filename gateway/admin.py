@@ -252,7 +252,7 @@ async def set_plan(request: Request, gw: Gateway) -> Response:
     plan = (await _json_body(request)).get("plan")
     if not isinstance(plan, str):
         raise BadRequest("plan: expected the name of a configured plan.")
-    await gw.set_plan(user_id, plan)
+    await gw.accounts.set_plan(user_id, plan)
     return json_response(gw, {"id": user_id, "plan": plan})
 
 
@@ -272,7 +272,7 @@ async def set_limit(request: Request, gw: Gateway) -> Response:
         raise BadRequest(
             "value: required (a number, null for unlimited, or a boolean for advanced_rag)."
         )
-    value = await gw.set_override(user_id, name, body["value"])
+    value = await gw.accounts.set_override(user_id, name, body["value"])
     return json_response(gw, {"id": user_id, "name": name, "value": value})
 
 
@@ -280,7 +280,7 @@ async def set_limit(request: Request, gw: Gateway) -> Response:
 async def clear_limit(request: Request, gw: Gateway) -> Response:
     """Remove a per-user override: the plan's limit applies again."""
     user_id, name = request.path_params["user_id"], _limit_name(request)
-    await gw.clear_override(user_id, name)
+    await gw.accounts.clear_override(user_id, name)
     return json_response(gw, {"id": user_id, "name": name, "value": "plan"})
 
 
@@ -291,9 +291,7 @@ async def create_key(request: Request, gw: Gateway) -> Response:
     name = (await _json_body(request)).get("name", "")
     if not isinstance(name, str) or len(name) > 200:
         raise BadRequest("name: expected a string of at most 200 characters.")
-    if await gw.storage.get_user(user_id) is None:
-        raise NotFound(f"No user {user_id!r}.")
-    record, secret = await gw.create_key(user_id, name=name)
+    record, secret = await gw.accounts.create_key(user_id, name=name)
     return json_response(
         gw,
         {
@@ -311,7 +309,7 @@ async def create_key(request: Request, gw: Gateway) -> Response:
 @_admin
 async def revoke_key(request: Request, gw: Gateway) -> Response:
     """Revoke a key; it stops working at once in this process."""
-    key = await gw.revoke_key(request.path_params["key_id"])
+    key = await gw.accounts.revoke_key(request.path_params["key_id"])
     assert key.revoked_at is not None
     return json_response(
         gw, {"id": key.id, "user_id": key.user_id, "revoked_at": key.revoked_at.isoformat()}

@@ -15,11 +15,11 @@ import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from typing import Any, Literal
 
 from gateway import __version__
-from gateway.accounts import effective_plan, issue_key, parse_override_text
+from gateway.accounts import Accounts, UnknownPlan, effective_plan, parse_override_text
 from gateway.clock import SystemClock, periods_at
 from gateway.config import ENV_CONFIG, LIMIT_NAMES, Config, load_config, render_config
 from gateway.errors import BadRequest, ConfigError, GatewayError
@@ -299,21 +299,25 @@ def _describe_db(config: Config) -> str:
 # --- users --------------------------------------------------------------------------
 
 
-def _require_plan(config: Config, plan: str) -> None:
-    if plan not in config.plans:
-        raise ConfigError(
-            f"no plan named {plan!r} (expected one of: {', '.join(sorted(config.plans))})"
-        )
+def _accounts(storage: Storage, config: Config) -> Accounts:
+    """The admin operations (gateway/accounts.py), as the admin API runs them."""
+    return Accounts(storage, config=lambda: config)
+
+
+def _plan_refused(exc: UnknownPlan) -> ConfigError:
+    """A plan the configuration does not define: a usage error (exit 2)."""
+    return ConfigError(f"no plan named {exc.plan!r} (expected one of: {', '.join(exc.plans)})")
 
 
 async def _users_add(storage: Storage, config: Config, args: argparse.Namespace) -> int:
     plan = args.plan or config.accounting.default_plan
-    _require_plan(config, plan)
-    existing = await storage.get_user(args.id)
+    try:
+        existing = await _accounts(storage, config).add_user(args.id, plan=plan)
+    except UnknownPlan as exc:
+        raise _plan_refused(exc) from None
     if existing is not None:
         print(f"user {args.id!r} already exists (plan {existing.plan})")
         return EXIT_ERROR
-    await storage.ensure_user(args.id, plan=plan)
     print(f"created user {args.id!r} on plan {plan}")
     return 0
 
@@ -376,8 +380,10 @@ def token_split(total: int, prompt: int, completion: int) -> str:
 
 
 async def _users_set_plan(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    _require_plan(config, args.plan)
-    await storage.set_plan(args.id, args.plan)
+    try:
+        await _accounts(storage, config).set_plan(args.id, args.plan)
+    except UnknownPlan as exc:
+        raise _plan_refused(exc) from None
     print(f"user {args.id!r} is now on plan {args.plan}")
     return 0
 
@@ -391,14 +397,15 @@ def parse_limit_value(name: str, raw: str) -> OverrideValue:
 
 
 async def _users_set_limit(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    value = parse_limit_value(args.name, args.value)
-    await storage.set_override(args.id, args.name, value)
+    value = await _accounts(storage, config).set_override(
+        args.id, args.name, parse_limit_value(args.name, args.value)
+    )
     print(f"user {args.id!r}: {args.name} = {'unlimited' if value is None else value} (override)")
     return 0
 
 
 async def _users_clear_limit(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    await storage.clear_override(args.id, args.name)
+    await _accounts(storage, config).clear_override(args.id, args.name)
     print(f"user {args.id!r}: {args.name} follows the plan again")
     return 0
 
@@ -496,9 +503,9 @@ def _progress_bar(total: int) -> Callable[[int], None]:
 
 
 async def _keys_create(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    if args.create_user:
-        await storage.ensure_user(args.id, plan=config.accounting.default_plan)
-    record, secret = await issue_key(storage, args.id, name=args.name, now=datetime.now(UTC))
+    record, secret = await _accounts(storage, config).create_key(
+        args.id, name=args.name, create_user=args.create_user
+    )
     print(
         f"created key {record.id} for user {record.user_id!r}; it is shown only this once:",
         file=sys.stderr,
@@ -508,7 +515,7 @@ async def _keys_create(storage: Storage, config: Config, args: argparse.Namespac
 
 
 async def _keys_revoke(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    key = await storage.revoke_key(args.key_id, now=datetime.now(UTC))
+    key = await _accounts(storage, config).revoke_key(args.key_id)
     assert key.revoked_at is not None
     print(
         f"key {key.id} of user {key.user_id!r} revoked at {key.revoked_at.isoformat(timespec='seconds')}"

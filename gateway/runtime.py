@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Coroutine, Mapping
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
@@ -21,19 +21,19 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
-from gateway.accounts import issue_key, parse_override
+from gateway.accounts import Accounts
 from gateway.alerts import OutboxWorker
 from gateway.auth import Authenticator, UserDirectory
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, load_config
-from gateway.errors import BadRequest, ConfigError, StorageError
+from gateway.errors import ConfigError, StorageError
 from gateway.messages import Catalogue
 from gateway.metrics import Metrics
 from gateway.pricing import PriceTable
 from gateway.recovery import Recovery
 from gateway.reports import Reports
 from gateway.settle import Settler
-from gateway.storage import ApiKey, OverrideValue, Storage, open_storage
+from gateway.storage import Storage, open_storage
 from gateway.upstreams import Upstream, get_upstream
 
 log = logging.getLogger("gateway")
@@ -193,6 +193,7 @@ class Gateway:
         await self.storage.migrate()
         self._apply(self.config)
         self.reports = Reports(self)
+        self.accounts = Accounts(self.storage, config=lambda: self.config, caches=self)
         spool = Path(self.config.database.spool_file) if self.config.database.spool_file else None
         self.settler = Settler(
             self.storage,
@@ -437,37 +438,13 @@ class Gateway:
         task.add_done_callback(self._keep.discard)
         return task
 
-    # --- admin operations: storage changes plus the cache invalidations they need ---
+    # --- the caches the admin operations invalidate (gateway/accounts.py) -----------
 
-    async def revoke_key(self, key_id: str) -> ApiKey:
-        """Revoke a key; it stops working in this process at once."""
-        key = await self.storage.revoke_key(key_id, now=datetime.now(UTC))
+    def forget_user(self, user_id: str) -> None:
+        self.users.forget(user_id)
+
+    def forget_key(self, key_id: str) -> None:
         self.auth.forget_key(key_id)
-        return key
-
-    async def create_key(self, user_id: str, *, name: str = "") -> tuple[ApiKey, str]:
-        """A new key for an existing user; returns the record and the secret (shown once)."""
-        return await issue_key(self.storage, user_id, name=name, now=datetime.now(UTC))
-
-    async def set_plan(self, user_id: str, plan: str) -> None:
-        if plan not in self.config.plans:
-            raise BadRequest(
-                f"No plan named {plan!r} (plans: {', '.join(sorted(self.config.plans))})."
-            )
-        await self.storage.set_plan(user_id, plan)
-        self.users.forget(user_id)
-
-    async def set_override(self, user_id: str, name: str, value: object) -> OverrideValue:
-        """Override one limit for a user (``value`` as JSON gives it); returns the
-        value stored."""
-        parsed = parse_override(name, value)
-        await self.storage.set_override(user_id, name, parsed)
-        self.users.forget(user_id)
-        return parsed
-
-    async def clear_override(self, user_id: str, name: str) -> None:
-        await self.storage.clear_override(user_id, name)
-        self.users.forget(user_id)
 
     async def stop(self) -> None:
         if getattr(self, "_sighup", False):

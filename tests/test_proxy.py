@@ -399,7 +399,7 @@ async def test_bad_credentials_are_401_in_dify_shape(
 async def test_a_revoke_in_process_takes_effect_at_once(gw: Harness) -> None:
     async with httpx.AsyncClient(base_url=gw.url) as client:
         assert (await client.get("/v1/parameters", headers=gw.auth())).status_code == 200
-        await gw.gateway.revoke_key(gw.key_id)
+        await gw.gateway.accounts.revoke_key(gw.key_id)
         response = await client.get("/v1/parameters", headers=gw.auth())
     assert response.status_code == 401
     assert response.json()["message"] == "This gateway key has been revoked."
