@@ -33,7 +33,11 @@ from gateway.storage import AlertRequest, Lease, Pending, WebSearch
 from gateway.upstreams import Route
 
 if TYPE_CHECKING:
-    from gateway.runtime import Gateway
+    from gateway.clock import Clock
+    from gateway.metrics import Metrics
+    from gateway.settle import Settler
+    from gateway.snapshot import Snapshot
+    from gateway.storage import Storage
 
 log = logging.getLogger("gateway.admission")
 
@@ -114,34 +118,43 @@ class Ticket:
 
 
 class Admitter:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
+    """Admits answer requests against the plans of a request's `Snapshot`, and
+    gives reservations back (through the settler, which retries)."""
 
-    async def plan_of(self, user_id: str) -> Plan:
+    __slots__ = ("_clock", "_metrics", "_settler", "_storage")
+
+    def __init__(
+        self, storage: Storage, settler: Settler, *, clock: Clock, metrics: Metrics
+    ) -> None:
+        self._storage = storage
+        self._settler = settler
+        self._clock = clock
+        self._metrics = metrics
+
+    async def plan_of(self, snap: Snapshot, user_id: str) -> Plan:
         """The user's effective plan: their plan with their overrides applied."""
-        return (await self._plan(user_id))[0]
+        return (await self._plan(snap, user_id))[0]
 
-    async def _plan(self, user_id: str) -> tuple[Plan, frozenset[str]]:
+    async def _plan(self, snap: Snapshot, user_id: str) -> tuple[Plan, frozenset[str]]:
         """The user's effective plan, and the limits in it that their own
         overrides set (a refusal by one of these says "your limit")."""
-        config = self.gw.config
-        user = await self.gw.users.get(user_id, default_plan=config.accounting.default_plan)
+        config = snap.config
+        user = await snap.users.get(user_id, default_plan=config.accounting.default_plan)
         own = frozenset(name for name in user.overrides if name in LIMIT_NAMES)
         return effective_plan(config, user), own
 
     async def admit(
-        self, user_id: str, request_id: str, route: Route, body: dict[str, Any]
+        self, snap: Snapshot, user_id: str, request_id: str, route: Route, body: dict[str, Any]
     ) -> tuple[Ticket, Headers]:
         """Reserve the answer or raise the refusal; may rewrite ``body`` (web search)."""
-        gw = self.gw
-        config = gw.config
-        now = gw.clock.now()
-        periods = periods_at(now, gw.tz)
+        config = snap.config
+        now = self._clock.now()
+        periods = periods_at(now, snap.tz)
         plan = config.plan(config.accounting.default_plan)
         web_search: WebSearch | None = None
         own: frozenset[str] = frozenset()
         try:
-            plan, own = await self._plan(user_id)
+            plan, own = await self._plan(snap, user_id)
             advanced = asks_for_advanced_rag(body, config.advanced_rag)
             if advanced and not plan.advanced_rag:
                 key = "feature_not_in_plan_own" if "advanced_rag" in own else "feature_not_in_plan"
@@ -151,8 +164,8 @@ class Admitter:
             limits = admission_limits(plan)
             lease = None
             if limits.max_concurrent_streams is not None:
-                lease = Lease(id=request_id, expires_at=now + gw.lease_ttl)
-            admission = await gw.storage.admit(
+                lease = Lease(id=request_id, expires_at=now + snap.lease_ttl)
+            admission = await self._storage.admit(
                 user_id,
                 day=periods.day,
                 month_start=periods.month_start,
@@ -160,12 +173,12 @@ class Admitter:
                 now=now,
                 lease=lease,
                 advanced_rag=advanced,
-                pending=self._pending(request_id, route, body),
+                pending=self._pending(snap, request_id, route, body),
                 web_search=web_search,
             )
         except StorageError as exc:
             return self._storage_failed(
-                exc, plan, user_id, request_id, periods, asks_web=web_search is not None
+                snap, exc, plan, user_id, request_id, periods, asks_web=web_search is not None
             )
 
         shown = reported_limit(admission, plan, periods)
@@ -173,7 +186,7 @@ class Admitter:
         if not admission.admitted:
             assert admission.refused_by is not None
             limit = getattr(plan, admission.refused_by)
-            reset = shown.reset.astimezone(gw.tz) if shown and shown.reset else None
+            reset = shown.reset.astimezone(snap.tz) if shown and shown.reset else None
             retry = shown.retry_after(now) if shown else STREAM_RETRY_AFTER
             raise limit_refusal(
                 admission.refused_by,
@@ -212,18 +225,20 @@ class Admitter:
         ticket.alerts = alert_request(plan, config.alerts, periods)
         return ticket, rate_headers
 
-    def _pending(self, request_id: str, route: Route, body: dict[str, Any]) -> Pending:
+    def _pending(
+        self, snap: Snapshot, request_id: str, route: Route, body: dict[str, Any]
+    ) -> Pending:
         """The pending row admission writes: what a recovery charges if this
         process dies before the answer is settled - the dialect's estimate for an
         answer that was never seen (the prompt's size); for a paid side call, its
         price (the call, once admitted, is the upstream's to carry out and bill)."""
         if route.role == "side_cost":
-            price = self.gw.config.call_prices.get(route.call or "")
+            price = snap.config.call_prices.get(route.call or "")
             if price is not None:
                 return Pending(
                     id=request_id, endpoint=route.name, cost=price.price, currency=price.currency
                 )
-        usage = self.gw.upstream.unanswered(route, body).usage
+        usage = snap.upstream.unanswered(route, body).usage
         if usage is None:
             return Pending(id=request_id, endpoint=route.name)
         return Pending(
@@ -238,6 +253,7 @@ class Admitter:
 
     def _storage_failed(
         self,
+        snap: Snapshot,
         exc: StorageError,
         plan: Plan,
         user_id: str,
@@ -246,9 +262,9 @@ class Admitter:
         *,
         asks_web: bool = False,
     ) -> tuple[Ticket, Headers]:
-        gw = self.gw
-        gw.metrics.inc("gateway_storage_errors_total", operation="admit")
-        closed = closed_checks(gw.config.admission.on_storage_error, plan)
+        metrics = self._metrics
+        metrics.inc("gateway_storage_errors_total", operation="admit")
+        closed = closed_checks(snap.config.admission.on_storage_error, plan)
         if closed:
             log.error(
                 "request %s: admission could not reach the database; refused (fail-closed for %s): %s",
@@ -256,7 +272,7 @@ class Admitter:
                 ", ".join(closed),
                 exc.message,
             )
-            gw.metrics.inc("gateway_admission_storage_failures_total", policy="closed")
+            metrics.inc("gateway_admission_storage_failures_total", policy="closed")
             raise StorageError(
                 "The usage database is unavailable; try again shortly.",
                 headers=[(b"retry-after", b"5")],
@@ -266,11 +282,11 @@ class Admitter:
             request_id,
             exc.message,
         )
-        gw.metrics.inc("gateway_admission_storage_failures_total", policy="open")
+        metrics.inc("gateway_admission_storage_failures_total", policy="open")
         if asks_web and plan.web_searches_per_day is not None:
             # The web-search allowance fails open with the rest: a storage hiccup
             # never blocks a user wrongly here (docs/features.md).
-            gw.metrics.inc("gateway_web_search_count_failures_total")
+            metrics.inc("gateway_web_search_count_failures_total")
             log.warning(
                 "request %s: web-search allowance not checked, allowing (fail-open)", request_id
             )
@@ -280,6 +296,6 @@ class Admitter:
         """Return a reserved query (and its stream slot): no answer was produced."""
         if ticket is None or not ticket.release():
             return
-        await self.gw.settler.refund(
+        await self._settler.refund(
             ticket.user_id, day=ticket.day, lease_id=ticket.lease_id, pending_id=ticket.pending_id
         )

@@ -18,7 +18,9 @@ from gateway.errors import NotFound
 from gateway.storage import DailyUsage, ModelUsage, User
 
 if TYPE_CHECKING:
-    from gateway.runtime import Gateway
+    from gateway.clock import Clock
+    from gateway.snapshot import Current, Snapshot
+    from gateway.storage import Storage
 
 # Limits whose "used" comes from a counter, and the period that resets them.
 _DAILY = ("queries_per_day", "tokens_per_day", "web_searches_per_day")
@@ -116,37 +118,44 @@ def fill_days(rows: list[DailyUsage], user_id: str, start: date, end: date) -> l
 
 
 class Reports:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
+    """Reads usage for one user at a time, against the configuration in force
+    (read once per report)."""
 
-    def periods(self) -> Periods:
-        return periods_at(self.gw.clock.now(), self.gw.tz)
+    __slots__ = ("_clock", "_current", "_storage")
+
+    def __init__(self, storage: Storage, *, clock: Clock, current: Current) -> None:
+        self._storage = storage
+        self._clock = clock
+        self._current = current
+
+    def _periods(self, snap: Snapshot) -> Periods:
+        return periods_at(self._clock.now(), snap.tz)
 
     async def user(self, user_id: str) -> User:
-        user = await self.gw.storage.get_user(user_id)
+        user = await self._storage.get_user(user_id)
         if user is None:
             raise NotFound(f"No user {user_id!r}.")
         return user
 
-    def plan_of(self, user: User) -> Plan:
-        return effective_plan(self.gw.config, user)
-
     async def usage(self, user: User) -> dict[str, Any]:
         """The user's limits and what is left of them, with lifetime totals."""
-        periods = self.periods()
-        rows = await self.gw.storage.daily(periods.month_start, periods.day, user_id=user.id)
+        return await self._usage(self._current.snapshot, user)
+
+    async def _usage(self, snap: Snapshot, user: User) -> dict[str, Any]:
+        periods = self._periods(snap)
+        rows = await self._storage.daily(periods.month_start, periods.day, user_id=user.id)
         today = next(
             (r for r in rows if r.day == periods.day), DailyUsage(user_id=user.id, day=periods.day)
         )
-        streams = await self.gw.storage.open_streams(user.id, now=self.gw.clock.now())
-        models = await self.gw.storage.usage_by_model(
+        streams = await self._storage.open_streams(user.id, now=self._clock.now())
+        models = await self._storage.usage_by_model(
             user.id, start=periods.month_start, end=periods.day
         )
-        plan = self.plan_of(user)
+        plan: Plan = effective_plan(snap.config, user)
         return {
             "user": user.id,
             "plan": plan.name,
-            "timezone": self.gw.config.accounting.timezone,
+            "timezone": snap.config.accounting.timezone,
             "day": periods.day.isoformat(),
             "limits": limits_view(plan, today, sum(r.total_tokens for r in rows), streams, periods),
             "today": daily_dict(today),
@@ -163,17 +172,21 @@ class Reports:
 
     async def daily(self, user_id: str, days: int) -> list[DailyUsage]:
         """The last ``days`` local days (today included), zero-filled."""
-        end = self.periods().day
+        return await self._daily(self._current.snapshot, user_id, days)
+
+    async def _daily(self, snap: Snapshot, user_id: str, days: int) -> list[DailyUsage]:
+        end = self._periods(snap).day
         start = end - timedelta(days=days - 1)
-        rows = await self.gw.storage.daily(start, end, user_id=user_id)
+        rows = await self._storage.daily(start, end, user_id=user_id)
         return fill_days(rows, user_id, start, end)
 
     async def detail(self, user_id: str, *, days: int = 30) -> dict[str, Any]:
         """Everything about one user, for admins."""
+        snap = self._current.snapshot
         user = await self.user(user_id)
-        keys = await self.gw.storage.list_keys(user_id)
+        keys = await self._storage.list_keys(user_id)
         return {
-            **await self.usage(user),
+            **await self._usage(snap, user),
             "stored_plan": user.plan,
             "overrides": dict(user.overrides),
             "created_at": user.created_at.isoformat(),
@@ -187,5 +200,5 @@ class Reports:
                 }
                 for k in keys
             ],
-            "daily": [daily_dict(r) for r in await self.daily(user_id, days)],
+            "daily": [daily_dict(r) for r in await self._daily(snap, user_id, days)],
         }

@@ -34,8 +34,9 @@ async def _end_user(request: Request, gw: Gateway) -> str:
     # The credential and the trusted user header read from the raw headers exactly
     # as the proxy reads them (the same function, then the same decoding in
     # gateway/auth.py), so /v1/usage reports the user the proxy charges.
-    headers = request_headers(request.scope["headers"], gw.user_header)
-    return await gw.identify(headers.authorization, headers.user_header)
+    snap = gw.snapshot
+    headers = request_headers(request.scope["headers"], snap.user_header)
+    return await snap.identify(headers.authorization, headers.user_header)
 
 
 async def my_usage(request: Request) -> Response:

@@ -52,7 +52,7 @@ async def ask(
 async def refused(client: httpx.AsyncClient, h: Harness, **headers: str) -> httpx.Response:
     """The second question of a user with one a day: refused at the limit."""
     assert (await ask(client, h)).status_code == 200
-    await h.gateway.wait_finished(1)
+    await h.probes.wait_finished(1)
     response = await ask(client, h, **headers)
     assert response.status_code == 429
     return response

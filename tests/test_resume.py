@@ -142,7 +142,7 @@ async def test_events_read_twice_are_charged_once(
         for read in (first, second):
             assert read.status_code == 200 and b"node_finished" in read.content
         await follows(h).settled.wait_for(1)
-        await h.gateway.wait_finished(4)
+        await h.probes.wait_finished(4)
         events = await h.events()
         assert await queries_today(h) == 2
     (resumed,) = resumes(events)
@@ -175,7 +175,7 @@ async def test_a_form_the_gateway_never_saw_is_refused_and_its_query_returned(
 ) -> None:
     async with running_gateway(database_url, fake=fake) as h:
         refused = await submit(h, "form-guessed", **RESUMED)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         assert await queries_today(h) == 0 and await h.events() == []
     assert refused.status_code == 404 and refused.json()["code"] == "not_found"
     assert fake.requests == []
