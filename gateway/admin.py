@@ -33,28 +33,29 @@ from gateway.reports import daily_dict, money
 from gateway.throttle import Check, SecretGuard
 
 if TYPE_CHECKING:
-    from gateway.runtime import Gateway
+    from gateway.services import Services
 
 MAX_PAGE = 500
 MAX_DAYS = 366
 _SORTS = ("id", "lifetime_tokens", "tokens_today")
 
 
-def _gateway(request: Request) -> Gateway:
-    gateway: Gateway = request.app.state.gateway
-    return gateway
+def services(request: Request) -> Services:
+    """What the gateway's own endpoints use (gateway/services.py)."""
+    found: Services = request.app.state.services
+    return found
 
 
-def json_response(gw: Gateway, data: Any, status: int = 200) -> Response:
+def json_response(gw: Services, data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
-def error_response(gw: Gateway, exc: GatewayError, *, realm: str = "admin") -> Response:
+def error_response(gw: Services, exc: GatewayError, *, realm: str = "admin") -> Response:
     headers = {k.decode(): v.decode() for k, v in exc.headers}
     if isinstance(exc, Unauthorized):
         headers["www-authenticate"] = f'Bearer realm="{realm}"'
     return Response(
-        gw.upstream.error_body(exc.status, exc.code, exc.message),
+        gw.error_body(exc.status, exc.code, exc.message),
         status_code=exc.status,
         media_type="application/json",
         headers=headers,
@@ -73,7 +74,7 @@ def peer(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
-def _secret_guard(request: Request, gw: Gateway) -> SecretGuard:
+def _secret_guard(request: Request, gw: Services) -> SecretGuard:
     # One per app (per process), kept on the app's state: the admin API, the
     # dashboard's sign-in and /metrics share it, so the guesses add up.
     state = request.app.state
@@ -84,7 +85,7 @@ def _secret_guard(request: Request, gw: Gateway) -> SecretGuard:
 
 
 def check_secret(
-    request: Request, gw: Gateway, presented: str | None, secrets: tuple[str, ...]
+    request: Request, gw: Services, presented: str | None, secrets: tuple[str, ...]
 ) -> Check:
     """``presented`` judged against ``secrets``, wrong guesses throttled per client."""
     admin = gw.config.admin
@@ -107,7 +108,7 @@ def too_many_attempts(retry_after: int) -> TooManyAttempts:
 
 def token_refusal(
     request: Request,
-    gw: Gateway,
+    gw: Services,
     secrets: tuple[str, ...],
     *,
     realm: str = "admin",
@@ -129,7 +130,7 @@ def _admin(handler: Any) -> Any:
     after too many wrong ones, gateway errors rendered in the error shape."""
 
     async def guarded(request: Request) -> Response:
-        gw = _gateway(request)
+        gw = services(request)
         if not gw.config.admin.token:
             return Response(status_code=404)
         refusal = token_refusal(request, gw, (gw.config.admin.token,))
@@ -191,7 +192,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 
 @_admin
-async def list_users(request: Request, gw: Gateway) -> Response:
+async def list_users(request: Request, gw: Services) -> Response:
     """Users with their plan, lifetime and today's usage; paginated, sortable."""
     limit = int_param(request, "limit", 50, 1, MAX_PAGE)
     offset = int_param(request, "offset", 0, 0, 10**9)
@@ -230,7 +231,7 @@ async def list_users(request: Request, gw: Gateway) -> Response:
 
 
 @_admin
-async def list_alerts(request: Request, gw: Gateway) -> Response:
+async def list_alerts(request: Request, gw: Services) -> Response:
     """Threshold crossings, newest first, with how their deliveries went."""
     limit = int_param(request, "limit", 100, 1, MAX_PAGE)
     user_id = request.query_params.get("user") or None
@@ -239,14 +240,14 @@ async def list_alerts(request: Request, gw: Gateway) -> Response:
 
 
 @_admin
-async def get_user(request: Request, gw: Gateway) -> Response:
+async def get_user(request: Request, gw: Services) -> Response:
     """One user: plan, overrides, limits and usage, keys, daily history."""
     days = int_param(request, "days", 30, 1, MAX_DAYS)
     return json_response(gw, await gw.reports.detail(request.path_params["user_id"], days=days))
 
 
 @_admin
-async def set_plan(request: Request, gw: Gateway) -> Response:
+async def set_plan(request: Request, gw: Services) -> Response:
     """Move a user to another plan."""
     user_id = request.path_params["user_id"]
     plan = (await _json_body(request)).get("plan")
@@ -264,7 +265,7 @@ def _limit_name(request: Request) -> str:
 
 
 @_admin
-async def set_limit(request: Request, gw: Gateway) -> Response:
+async def set_limit(request: Request, gw: Services) -> Response:
     """Override one plan limit for a user (`{"value": N}`; null is unlimited)."""
     user_id, name = request.path_params["user_id"], _limit_name(request)
     body = await _json_body(request)
@@ -277,7 +278,7 @@ async def set_limit(request: Request, gw: Gateway) -> Response:
 
 
 @_admin
-async def clear_limit(request: Request, gw: Gateway) -> Response:
+async def clear_limit(request: Request, gw: Services) -> Response:
     """Remove a per-user override: the plan's limit applies again."""
     user_id, name = request.path_params["user_id"], _limit_name(request)
     await gw.accounts.clear_override(user_id, name)
@@ -285,7 +286,7 @@ async def clear_limit(request: Request, gw: Gateway) -> Response:
 
 
 @_admin
-async def create_key(request: Request, gw: Gateway) -> Response:
+async def create_key(request: Request, gw: Services) -> Response:
     """Create a key for a user; the secret is in this response only."""
     user_id = request.path_params["user_id"]
     name = (await _json_body(request)).get("name", "")
@@ -307,7 +308,7 @@ async def create_key(request: Request, gw: Gateway) -> Response:
 
 
 @_admin
-async def revoke_key(request: Request, gw: Gateway) -> Response:
+async def revoke_key(request: Request, gw: Services) -> Response:
     """Revoke a key; it stops working at once in this process."""
     key = await gw.accounts.revoke_key(request.path_params["key_id"])
     assert key.revoked_at is not None
@@ -317,7 +318,7 @@ async def revoke_key(request: Request, gw: Gateway) -> Response:
 
 
 def _export(dataset: Dataset) -> Any:
-    async def export(request: Request, gw: Gateway) -> Response:
+    async def export(request: Request, gw: Services) -> Response:
         today = gw.today()
         start = _date(request, "from", today - timedelta(days=29))
         end = _date(request, "to", today)
@@ -351,7 +352,7 @@ async def _guarded_stream(chunks: Any) -> Any:
 
 
 async def openapi(request: Request) -> Response:
-    gw = _gateway(request)
+    gw = services(request)
     if not gw.config.admin.token:
         return Response(status_code=404)
     from gateway.openapi import document

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from gateway import dashboard
-from gateway.admin import admin_routes, error_response, token_refusal
+from gateway.admin import admin_routes, error_response, services, token_refusal
 from gateway.clock import Clock
 from gateway.config import Config, load_config
 from gateway.cors import Cors
@@ -42,9 +42,8 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    gateway: Gateway = request.app.state.gateway
     try:
-        await gateway.storage.ping()
+        await services(request).storage.ping()
     except StorageError as exc:
         return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
     return JSONResponse({"status": "ready"})
@@ -53,7 +52,7 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     """Prometheus text, behind the metrics or admin token unless metrics.public
     (docs/metrics.md, "Access"): the totals say what every plan and model cost."""
-    gateway: Gateway = request.app.state.gateway
+    gateway = services(request)
     config = gateway.config
     if not config.metrics.public:
         secrets = (config.metrics.token, config.admin.token)
@@ -132,6 +131,7 @@ class GatewayApp:
         @contextlib.asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             await gateway.start()
+            app.state.services = gateway.running.services
             self.handler = self._serve(gateway.running)
             if os.environ.get(GC_TUNING_ENV):
                 tune_gc()
@@ -152,7 +152,6 @@ class GatewayApp:
             ],
             lifespan=lifespan,
         )
-        self.site.state.gateway = gateway
         self.handler = self.site
 
     @property

@@ -41,7 +41,7 @@ import httpx
 
 from gateway.bodies import BodyFailure
 from gateway.errors import NotFound, StorageError, UpstreamBroken, UpstreamError
-from gateway.probes import Watermark
+from gateway.probes import Probes
 from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import PausedForm
 from gateway.upstream_client import UpstreamClient
@@ -128,10 +128,10 @@ class Follows:
         "_dialect",
         "_keep",
         "_metrics",
+        "_probes",
         "_settle",
         "_spawn",
         "_storage",
-        "settled",
     )
 
     def __init__(
@@ -144,6 +144,7 @@ class Follows:
         spawn: Run,
         keep: Run,
         settle: Settle,
+        probes: Probes,
     ) -> None:
         self._storage = storage
         self._client = client
@@ -154,8 +155,7 @@ class Follows:
         self._settle = settle  # the proxy's: records the answer, or refunds it
         self._checked: object = None
         self._dialect: Resumable | None = None
-        # Resumed runs read and settled: lets tests and tools wait without sleeping.
-        self.settled = Watermark()
+        self._probes = probes  # told of each resumed run read and settled
 
     def _resumable(self, x: Exchange) -> Resumable | None:
         """The request's dialect, if its runs can be resumed (checked once per
@@ -321,7 +321,7 @@ class Follows:
         try:
             await asyncio.shield(self._keep(self._settle(x, result)))
         finally:
-            self.settled.bump()
+            self._probes.run_followed()
         if cancelled is not None:
             raise cancelled
 

@@ -4,7 +4,7 @@ The gateway reports what it finished to the `Probes` it was given: by default
 ones that keep nothing (the request path pays one empty call). Tests pass
 `Watermarks` (`create_app(probes=...)`), whose counters can be awaited until
 they reach a value: requests finished, reloads tried, recovery passes done,
-alert deliveries tried.
+alert deliveries tried, resumed runs followed.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ class Probes:
 
     def alert_attempted(self) -> None:
         """An alert delivery was tried."""
+
+    def run_followed(self) -> None:
+        """The gateway's read of a resumed run is over and settled (gateway/follow.py)."""
 
 
 class Watermark:
@@ -58,13 +61,14 @@ class Watermark:
 class Watermarks(Probes):
     """Probes that count, for tests and tools to wait on."""
 
-    __slots__ = ("finished", "outbox_attempts", "recoveries", "reloads")
+    __slots__ = ("finished", "followed", "outbox_attempts", "recoveries", "reloads")
 
     def __init__(self) -> None:
         self.finished = Watermark()
         self.reloads = Watermark()
         self.recoveries = Watermark()
         self.outbox_attempts = Watermark()
+        self.followed = Watermark()  # resumed runs read and settled
 
     def request_finished(self) -> None:
         self.finished.bump()
@@ -77,6 +81,9 @@ class Watermarks(Probes):
 
     def alert_attempted(self) -> None:
         self.outbox_attempts.bump()
+
+    def run_followed(self) -> None:
+        self.followed.bump()
 
     async def wait_finished(self, count: int, timeout: float = 10.0) -> None:
         """Wait until ``count`` proxied requests have completely finished."""

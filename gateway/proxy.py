@@ -83,6 +83,7 @@ if TYPE_CHECKING:
     from gateway.clock import Clock
     from gateway.follow import Run
     from gateway.metrics import Metrics
+    from gateway.probes import Probes
     from gateway.runtime import InFlight
     from gateway.settle import Settler
     from gateway.snapshot import Current, Snapshot
@@ -232,6 +233,7 @@ class Proxy:
         in_flight: InFlight,
         spawn: Run,
         keep: Run,
+        probes: Probes,
     ) -> None:
         self._current = current
         self._storage = storage
@@ -251,6 +253,7 @@ class Proxy:
             spawn=spawn,
             keep=keep,
             settle=self._settle_answer,
+            probes=probes,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -36,6 +36,7 @@ from gateway.proxy import Proxy
 from gateway.recovery import Recovery
 from gateway.reports import Reports
 from gateway.routing import RouteGuard
+from gateway.services import Services
 from gateway.settle import Settler
 from gateway.snapshot import Current, Snapshot, build_snapshot, recover_after
 from gateway.storage import Storage, open_storage
@@ -162,6 +163,7 @@ class Running:
     accounts: Accounts
     recovery: Recovery
     outbox: OutboxWorker
+    services: Services  # what the gateway's own endpoints use
 
 
 class Gateway:
@@ -289,6 +291,10 @@ class Gateway:
             self.clock,
             on_attempt=self._alert_attempted,
         )
+        reports = Reports(storage, clock=self.clock, current=current)
+        accounts = Accounts(
+            storage, config=lambda: current.snapshot.config, caches=_Caches(current)
+        )
         self._running = Running(
             storage=storage,
             current=current,
@@ -308,13 +314,20 @@ class Gateway:
                 in_flight=self.in_flight,
                 spawn=self.spawn,
                 keep=self.keep,
+                probes=self.probes,
             ),
-            reports=Reports(storage, clock=self.clock, current=current),
-            accounts=Accounts(
-                storage, config=lambda: current.snapshot.config, caches=_Caches(current)
-            ),
+            reports=reports,
+            accounts=accounts,
             recovery=recovery,
             outbox=outbox,
+            services=Services(
+                current=current,
+                storage=storage,
+                reports=reports,
+                accounts=accounts,
+                clock=self.clock,
+                metrics=self.metrics,
+            ),
         )
         if (replay_interval := config.database.replay_interval) > 0:
             # What is spooled from now on is replayed when the database answers again.

@@ -14,23 +14,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from gateway.admin import MAX_DAYS, error_response, int_param, json_response
+from gateway.admin import MAX_DAYS, error_response, int_param, json_response, services
 from gateway.errors import GatewayError
 from gateway.http import request_headers
 from gateway.reports import daily_dict
 
 if TYPE_CHECKING:
-    from gateway.runtime import Gateway
+    from gateway.services import Services
 
 __all__ = ["usage_routes"]
 
 
-def _gateway(request: Request) -> Gateway:
-    gateway: Gateway = request.app.state.gateway
-    return gateway
-
-
-async def _end_user(request: Request, gw: Gateway) -> str:
+async def _end_user(request: Request, gw: Services) -> str:
     # The credential and the trusted user header read from the raw headers exactly
     # as the proxy reads them (the same function, then the same decoding in
     # gateway/auth.py), so /v1/usage reports the user the proxy charges.
@@ -41,7 +36,7 @@ async def _end_user(request: Request, gw: Gateway) -> str:
 
 async def my_usage(request: Request) -> Response:
     """What the caller has used and has left, per limit of their plan."""
-    gw = _gateway(request)
+    gw = services(request)
     try:
         user_id = await _end_user(request, gw)
         # Fresh from storage: the in-process user cache holds plans, not counters.
@@ -52,7 +47,7 @@ async def my_usage(request: Request) -> Response:
 
 async def my_daily_usage(request: Request) -> Response:
     """The caller's usage per local day, for a chart (`?days=30`, at most 366)."""
-    gw = _gateway(request)
+    gw = services(request)
     try:
         user_id = await _end_user(request, gw)
         days = int_param(request, "days", 30, 1, MAX_DAYS)
