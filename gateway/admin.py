@@ -29,7 +29,7 @@ from gateway.errors import (
     Unauthorized,
 )
 from gateway.export import Dataset, Format, encode, rows
-from gateway.reports import daily_dict, money
+from gateway.reports import daily_dict, lifetime_dict
 from gateway.throttle import Check, SecretGuard
 
 if TYPE_CHECKING:
@@ -217,13 +217,8 @@ async def list_users(request: Request, gw: Services) -> Response:
             "id": s.user.id,
             "plan": s.user.plan,
             "created_at": s.user.created_at.isoformat(),
-            "lifetime": {
-                "prompt_tokens": s.user.lifetime_prompt_tokens,
-                "completion_tokens": s.user.lifetime_completion_tokens,
-                "total_tokens": s.user.lifetime_tokens,
-                "cost": money(s.user.lifetime_cost),
-            },
-            "today": daily_dict(s.today),
+            "lifetime": lifetime_dict(s.user, gw.currency),
+            "today": daily_dict(s.today, gw.currency),
         }
         for s in summaries
     ]
@@ -326,7 +321,9 @@ def _export(dataset: Dataset) -> Any:
             raise BadRequest("to: must not be before from.")
         fmt = cast(Format, _choice(request, "format", ("csv", "json"), "csv"))
         user_id = request.query_params.get("user") or None
-        columns, source = rows(gw.storage, dataset, start, end, user_id=user_id)
+        columns, source = rows(
+            gw.storage, dataset, start, end, user_id=user_id, currency=gw.currency
+        )
         media = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"
         filename = f"{dataset}-{start.isoformat()}-{end.isoformat()}{'-' + user_id if user_id else ''}.{fmt}"
         safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in filename)

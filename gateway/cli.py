@@ -22,8 +22,11 @@ from gateway import __version__
 from gateway.accounts import Accounts, UnknownPlan, effective_plan, parse_override_text
 from gateway.clock import SystemClock, periods_at
 from gateway.config import ENV_CONFIG, LIMIT_NAMES, Config, load_config, render_config
-from gateway.errors import BadRequest, ConfigError, GatewayError
+from gateway.currency import check as currency_check
+from gateway.currency import shown
+from gateway.errors import BadRequest, ConfigError, GatewayError, StorageError
 from gateway.logs import configure_logging
+from gateway.reports import money
 from gateway.storage import OverrideValue, Storage, open_storage
 
 EXIT_ERROR = 1
@@ -206,6 +209,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
 
     os.environ[GC_TUNING_ENV] = "1"
     workers = args.workers or config.server.workers
+    _check_currency(config)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with
     # the handler it found in place: ours, so a graceful stop exits 0 (as does a
     # SIGTERM arriving before uvicorn took over).
@@ -230,6 +234,25 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=config.server.shutdown_grace,
         )
     return 0
+
+
+def _check_currency(config: Config) -> None:
+    """Refuse to serve, with main's one-line configuration error, prices in another
+    currency than the money the database holds (gateway/currency.py). Each worker's
+    start-up checks again; checked here first so the refusal is not a traceback in
+    uvicorn's "application startup failed". A database that cannot be reached now
+    is left to the workers' start-up, as it was before."""
+
+    async def run() -> None:
+        storage = await open_storage(config.database)
+        try:
+            await storage.migrate()
+            await currency_check(storage, config)
+        finally:
+            await storage.close()
+
+    with contextlib.suppress(StorageError):
+        asyncio.run(run())
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -332,6 +355,7 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
     today = next((r for r in rows if r.day == period.day), None)
     month_tokens = sum(r.total_tokens for r in rows)
     plan = effective_plan(config, user)
+    currency = await _currency(storage, config)
 
     def limit(value: object) -> str:
         return "unlimited" if value is None else str(value)
@@ -343,12 +367,12 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
         f"created:   {user.created_at.astimezone(config.tz).isoformat(timespec='seconds')}",
         f"lifetime:  {user.lifetime_tokens} tokens "
         f"({token_split(user.lifetime_tokens, user.lifetime_prompt_tokens, user.lifetime_completion_tokens)}), "
-        f"cost {user.lifetime_cost}",
+        f"cost {money(user.lifetime_cost)} {currency}",
         f"today ({period.day.isoformat()}, {config.accounting.timezone}):",
         f"  queries       {today.queries if today else 0} / {limit(plan.queries_per_day)}",
         f"  tokens        {today.total_tokens if today else 0} / {limit(plan.tokens_per_day)}",
         f"  web searches  {today.web_searches if today else 0} / {limit(plan.web_searches_per_day)}",
-        f"  cost          {today.cost if today else 0}",
+        f"  cost          {money(today.cost) if today else 0} {currency}",
         f"this month:    {month_tokens} tokens / {limit(plan.tokens_per_month)}",
     ]
     if user.overrides:
@@ -365,6 +389,12 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
         lines.append(f"key:        {key.id}  {key.prefix}…  {key.name or '-'}  {state}")
     print("\n".join(lines))
     return 0
+
+
+async def _currency(storage: Storage, config: Config) -> str:
+    """The currency of the database's totals: its ledger's, whatever the
+    configuration now says (a refused mix raises, so no sum is shown unlabelled)."""
+    return shown(await storage.costs_by_currency(), config)
 
 
 def token_split(total: int, prompt: int, completion: int) -> str:
@@ -421,6 +451,7 @@ async def _users_list(storage: Storage, config: Config, args: argparse.Namespace
         limit=args.limit,
         offset=args.offset,
     )
+    currency = await _currency(storage, config)
     rows: list[tuple[Any, ...]] = [
         ("USER", "PLAN", "LIFETIME TOKENS", "LIFETIME COST", "QUERIES TODAY", "TOKENS TODAY")
     ]
@@ -430,7 +461,7 @@ async def _users_list(storage: Storage, config: Config, args: argparse.Namespace
                 s.user.id,
                 s.user.plan,
                 s.user.lifetime_tokens,
-                s.user.lifetime_cost,
+                f"{money(s.user.lifetime_cost)} {currency}",
                 s.today.queries,
                 s.today.total_tokens,
             )
@@ -466,7 +497,10 @@ async def _usage_export(storage: Storage, config: Config, args: argparse.Namespa
     if end < start:
         raise ConfigError("--to must not be before --from")
     dataset: Literal["events", "daily"] = "daily" if args.daily else "events"
-    columns, source = rows(storage, dataset, start, end, user_id=args.user)
+    # A ledger row carries its own currency; the day rows the database's, which
+    # only a database mixing currencies cannot name (refused, gateway/currency.py).
+    currency = await _currency(storage, config) if dataset == "daily" else ""
+    columns, source = rows(storage, dataset, start, end, user_id=args.user, currency=currency)
     progress = None
     if sys.stderr.isatty() and dataset == "events":
         total = await storage.count_events(start, end, user_id=args.user)

@@ -47,7 +47,7 @@ EVENT_COLUMNS: tuple[str, ...] = (
 )
 DAILY_COLUMNS: tuple[str, ...] = (
     "user_id",
-    *daily_dict(DailyUsage(user_id="", day=date.min)).keys(),
+    *daily_dict(DailyUsage(user_id="", day=date.min), "").keys(),
 )
 
 # CSV injection (OWASP, "CSV Injection"): a spreadsheet opening the file runs a cell
@@ -103,14 +103,21 @@ def event_dict(event: UsageEvent) -> dict[str, Any]:
     }
 
 
-def daily_row_dict(row: DailyUsage) -> dict[str, Any]:
-    return {"user_id": row.user_id, **daily_dict(row)}
+def daily_row_dict(row: DailyUsage, currency: str) -> dict[str, Any]:
+    return {"user_id": row.user_id, **daily_dict(row, currency)}
 
 
 def rows(
-    storage: Storage, dataset: Dataset, start: date, end: date, *, user_id: str | None = None
+    storage: Storage,
+    dataset: Dataset,
+    start: date,
+    end: date,
+    *,
+    user_id: str | None = None,
+    currency: str,
 ) -> tuple[Sequence[str], AsyncIterator[dict[str, Any]]]:
-    """The columns and the rows (as dicts) of a dataset."""
+    """The columns and the rows (as dicts) of a dataset. A ledger row carries its
+    own currency; a day row the database's, ``currency`` (gateway/currency.py)."""
     if dataset == "events":
 
         async def events() -> AsyncIterator[dict[str, Any]]:
@@ -121,7 +128,7 @@ def rows(
 
     async def daily() -> AsyncIterator[dict[str, Any]]:
         async for row in storage.iter_daily(start, end, user_id=user_id):
-            yield daily_row_dict(row)
+            yield daily_row_dict(row, currency)
 
     return DAILY_COLUMNS, daily()
 

@@ -68,7 +68,7 @@ _EXPORT_BODY = {
 _DAY = {
     "type": "object",
     "properties": {
-        name: {"type": "string"} if name in ("day", "cost") else {"type": "integer"}
+        name: {"type": "string"} if name in ("day", "cost", "currency") else {"type": "integer"}
         for name in (
             "day",
             "queries",
@@ -80,6 +80,7 @@ _DAY = {
             "completion_tokens",
             "total_tokens",
             "cost",
+            "currency",
         )
     },
 }
@@ -90,6 +91,7 @@ _LIFETIME = {
         "completion_tokens": {"type": "integer"},
         "total_tokens": {"type": "integer"},
         "cost": {"type": "string", "description": "Exact decimal"},
+        "currency": {"type": "string", "description": "ISO 4217 code of cost"},
     },
 }
 

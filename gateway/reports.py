@@ -7,6 +7,7 @@ counters and reset times fit together, so every surface says the same thing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,9 @@ def money(value: Decimal) -> str:
     return format(value.normalize(), "f") if value else "0"
 
 
-def daily_dict(row: DailyUsage) -> dict[str, Any]:
+def daily_dict(row: DailyUsage, currency: str) -> dict[str, Any]:
+    """A day row as the APIs show it; ``currency`` is the database's (the day rows
+    hold one cost number, in the one currency gateway/currency.py keeps them in)."""
     return {
         "day": row.day.isoformat(),
         "queries": row.queries,
@@ -48,6 +51,17 @@ def daily_dict(row: DailyUsage) -> dict[str, Any]:
         "completion_tokens": row.completion_tokens,
         "total_tokens": row.total_tokens,
         "cost": money(row.cost),
+        "currency": currency,
+    }
+
+
+def lifetime_dict(user: User, currency: str) -> dict[str, Any]:
+    return {
+        "prompt_tokens": user.lifetime_prompt_tokens,
+        "completion_tokens": user.lifetime_completion_tokens,
+        "total_tokens": user.lifetime_tokens,
+        "cost": money(user.lifetime_cost),
+        "currency": currency,
     }
 
 
@@ -61,6 +75,7 @@ def model_dict(row: ModelUsage) -> dict[str, Any]:
         "reasoning_tokens": row.reasoning_tokens,
         "total_tokens": row.total_tokens,
         "cost": money(row.cost),
+        "currency": row.currency,
     }
 
 
@@ -121,12 +136,20 @@ class Reports:
     """Reads usage for one user at a time, against the configuration in force
     (read once per report)."""
 
-    __slots__ = ("_clock", "_current", "_storage")
+    __slots__ = ("_clock", "_currency", "_current", "_storage")
 
-    def __init__(self, storage: Storage, *, clock: Clock, current: Current) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        clock: Clock,
+        current: Current,
+        currency: Callable[[], str],
+    ) -> None:
         self._storage = storage
         self._clock = clock
         self._current = current
+        self._currency = currency  # the database's (gateway/currency.py)
 
     def _periods(self, snap: Snapshot) -> Periods:
         return periods_at(self._clock.now(), snap.tz)
@@ -152,21 +175,19 @@ class Reports:
             user.id, start=periods.month_start, end=periods.day
         )
         plan: Plan = effective_plan(snap.config, user)
+        currency = self._currency()
         return {
             "user": user.id,
             "plan": plan.name,
             "timezone": snap.config.accounting.timezone,
             "day": periods.day.isoformat(),
             "limits": limits_view(plan, today, sum(r.total_tokens for r in rows), streams, periods),
-            "today": daily_dict(today),
-            "lifetime": {
-                "prompt_tokens": user.lifetime_prompt_tokens,
-                "completion_tokens": user.lifetime_completion_tokens,
-                "total_tokens": user.lifetime_tokens,
-                "cost": money(user.lifetime_cost),
-            },
-            # This calendar month's answers per model (cached and reasoning tokens
-            # are parts of the prompt and completion tokens).
+            "currency": currency,
+            "today": daily_dict(today, currency),
+            "lifetime": lifetime_dict(user, currency),
+            # This calendar month's answers per model and currency, from the ledger
+            # (cached and reasoning tokens are parts of the prompt and completion
+            # tokens).
             "month_by_model": [model_dict(m) for m in models],
         }
 
@@ -183,6 +204,7 @@ class Reports:
     async def detail(self, user_id: str, *, days: int = 30) -> dict[str, Any]:
         """Everything about one user, for admins."""
         snap = self._current.snapshot
+        currency = self._currency()
         user = await self.user(user_id)
         keys = await self._storage.list_keys(user_id)
         return {
@@ -200,5 +222,5 @@ class Reports:
                 }
                 for k in keys
             ],
-            "daily": [daily_dict(r) for r in await self._daily(snap, user_id, days)],
+            "daily": [daily_dict(r, currency) for r in await self._daily(snap, user_id, days)],
         }

@@ -29,7 +29,8 @@ from gateway.alerts import OutboxWorker
 from gateway.allowlist import AllowList
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, load_config
-from gateway.errors import ConfigError, StorageError
+from gateway.currency import Money
+from gateway.errors import ConfigError, GatewayError, StorageError
 from gateway.metrics import Metrics
 from gateway.probes import Probes
 from gateway.proxy import Proxy
@@ -164,6 +165,7 @@ class Running:
     recovery: Recovery
     outbox: OutboxWorker
     services: Services  # what the gateway's own endpoints use
+    money: Money  # the one currency the database keeps money in (gateway/currency.py)
 
 
 class Gateway:
@@ -240,6 +242,11 @@ class Gateway:
         return self.running.accounts
 
     @property
+    def currency(self) -> str:
+        """The currency money is recorded and shown in."""
+        return self.running.money.code
+
+    @property
     def upstream(self) -> Upstream:
         return self.snapshot.upstream
 
@@ -264,6 +271,7 @@ class Gateway:
             self._storage = await open_storage(config.database)
         storage = self._storage
         await storage.migrate()
+        money = Money(config, await storage.costs_by_currency())
         current = Current(build_snapshot(config, storage))
         spool = Path(config.database.spool_file) if config.database.spool_file else None
         settler = Settler(
@@ -273,6 +281,7 @@ class Gateway:
             terms=lambda: current.snapshot.terms,
             answer_log=config.server.answer_log,
         )
+        settler.on_cost = money.cost_recorded
         replayed = await settler.replay()
         if replayed:
             log.info("replayed %d spooled usage records", replayed)
@@ -291,7 +300,7 @@ class Gateway:
             self.clock,
             on_attempt=self._alert_attempted,
         )
-        reports = Reports(storage, clock=self.clock, current=current)
+        reports = Reports(storage, clock=self.clock, current=current, currency=lambda: money.code)
         accounts = Accounts(
             storage, config=lambda: current.snapshot.config, caches=_Caches(current)
         )
@@ -327,7 +336,9 @@ class Gateway:
                 accounts=accounts,
                 clock=self.clock,
                 metrics=self.metrics,
+                money=money,
             ),
+            money=money,
         )
         if (replay_interval := config.database.replay_interval) > 0:
             # What is spooled from now on is replayed when the database answers again.
@@ -368,8 +379,9 @@ class Gateway:
                 # defaults: unlimited plans. Never what an operator wants.
                 raise ConfigError(f"{source}: the configuration file is empty")
             new = load_config(source, env=self._env)
-        except (ConfigError, OSError) as exc:
-            message = exc.message if isinstance(exc, ConfigError) else f"{source}: {exc}"
+            code = await self.running.money.after_reload(self.running.storage, new)
+        except (ConfigError, OSError, StorageError) as exc:
+            message = exc.message if isinstance(exc, GatewayError) else f"{source}: {exc}"
             log.error(
                 "configuration reload refused, keeping the running configuration: %s", message
             )
@@ -404,6 +416,7 @@ class Gateway:
             self._reload_tried("refused")
             return False
         current.install(snapshot)
+        self.running.money.reloaded(code, new)
         log.info("configuration reloaded from %s (plans: %s)", source, ", ".join(new.plans))
         self._reload_tried("applied")
         return True

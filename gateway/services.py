@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from gateway.accounts import Accounts
     from gateway.clock import Clock
     from gateway.config import Config
+    from gateway.currency import Money
     from gateway.metrics import Metrics
     from gateway.reports import Reports
     from gateway.snapshot import Current, Snapshot
@@ -34,6 +35,11 @@ class Services:
     accounts: Accounts
     clock: Clock
     metrics: Metrics
+    money: Money  # the one currency the database keeps money in
+
+    @property
+    def currency(self) -> str:
+        return self.money.code
 
     @property
     def snapshot(self) -> Snapshot:

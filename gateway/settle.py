@@ -223,6 +223,9 @@ class Settler:
         fixed = Terms(max_tokens_per_answer, prices if prices is not None else PriceTable({}))
         self._terms = terms if terms is not None else lambda: fixed
         self._metrics = metrics
+        # Told each recorded cost's currency: the gateway keeps one per database
+        # (gateway/currency.py, Gateway._cost_recorded).
+        self.on_cost: Callable[[str], None] | None = None
         self._spool = spool
         metrics.spool.path = spool  # gateway_spool_bytes (gateway/metrics.py)
         self._delays = tuple(retry_delays)
@@ -344,6 +347,8 @@ class Settler:
         if self.backlog:
             self._wake.set()  # the database answers: time to replay the spool
         if settled:
+            if event.cost and self.on_cost is not None:
+                self.on_cost(event.currency)
             metrics = self._metrics
             metrics.inc("gateway_answers_settled_total", outcome=event.outcome)
             plan = write.plan

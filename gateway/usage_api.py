@@ -53,7 +53,13 @@ async def my_daily_usage(request: Request) -> Response:
         days = int_param(request, "days", 30, 1, MAX_DAYS)
         daily = await gw.reports.daily(user_id, days)
         return json_response(
-            gw, {"user": user_id, "days": days, "data": [daily_dict(r) for r in daily]}
+            gw,
+            {
+                "user": user_id,
+                "days": days,
+                "currency": gw.currency,
+                "data": [daily_dict(r, gw.currency) for r in daily],
+            },
         )
     except GatewayError as exc:
         return error_response(gw, exc, realm="api")

@@ -177,6 +177,7 @@ async def test_list_users_paginates_sorts_filters_and_searches(gw: Harness) -> N
         "completion_tokens": 2501,
         "total_tokens": 5001,
         "cost": "0.000002",
+        "currency": "USD",
     }
 
     by_today = (
@@ -563,6 +564,7 @@ async def test_usage_for_the_end_user(gw: Harness) -> None:
         "completion_tokens": 135,
         "total_tokens": 1168,
         "cost": "0.001303",
+        "currency": "USD",
     }
     assert len(daily["data"]) == 7 and daily["data"][-1]["queries"] == 1
     assert [d["day"] for d in daily["data"]] == sorted(d["day"] for d in daily["data"])

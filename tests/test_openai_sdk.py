@@ -249,6 +249,7 @@ async def test_usage_admin_and_exports_show_model_and_token_parts(
         "reasoning_tokens": 300,
         "total_tokens": 1900,
         "cost": "0.00057",
+        "currency": "USD",
     }
     assert mine["month_by_model"] == [by_model]  # what the end user sees
     assert detail["month_by_model"] == [by_model]  # and the admin

@@ -260,7 +260,7 @@ async def _user_page(
             completion=numbers.number(row["completion_tokens"]),
             queries=numbers.number(row["queries"]),
             web=numbers.number(row["web_searches"]),
-            cost=numbers.money(Decimal(row["cost"])),
+            cost=numbers.amount(Decimal(row["cost"]), row["currency"]),
         )
         for row in reversed(daily)
     )
@@ -289,7 +289,7 @@ async def _user_page(
         prompt_tokens=numbers.number(lifetime["prompt_tokens"]),
         completion_tokens=numbers.number(lifetime["completion_tokens"]),
         unsplit=_unsplit(numbers, lifetime),
-        lifetime_cost=numbers.money(Decimal(lifetime["cost"])),
+        lifetime_cost=numbers.amount(Decimal(lifetime["cost"]), lifetime["currency"]),
         user_url=user_url,
         csrf=page.csrf_field(),
         plan_options=options(((p, p) for p in plans), detail["plan"]),

@@ -163,7 +163,7 @@ async def users(page: Page) -> Response:
             id=s.user.id,
             plan=s.user.plan,
             lifetime_tokens=badge(numbers.number(s.user.lifetime_tokens), s.user.lifetime_tokens),
-            lifetime_cost=numbers.money(s.user.lifetime_cost),
+            lifetime_cost=numbers.amount(s.user.lifetime_cost, gateway.currency),
             tokens_today=badge(numbers.number(s.today.total_tokens), s.today.total_tokens),
             queries_today=numbers.number(s.today.queries),
         )

@@ -31,14 +31,18 @@ EVENT_COLUMNS = (
     "total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id, "
     "request_id, upstream_latency_ms, overhead_ms, model, cached_tokens, reasoning_tokens"
 )
-# Per model, in ModelUsage's order; both backends group the ledger by model with it
-# (the cost sum is the backend's exact decimal sum, given as {cost_sum}).
+# Per model and currency, in ModelUsage's order; both backends group the ledger
+# with it (the cost sum is the backend's exact decimal sum, given as {cost_sum}).
+# Grouped by currency too: a sum never adds two currencies (issue 25).
 MODEL_USAGE_SELECT = (
     "SELECT model, count(*), sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), "
-    "sum(reasoning_tokens), sum(total_tokens), {cost_sum} FROM usage_events "
+    "sum(reasoning_tokens), sum(total_tokens), {cost_sum}, currency FROM usage_events "
     "WHERE user_id = {p1} AND day >= {p2} AND day <= {p3} "
-    "GROUP BY model ORDER BY sum(total_tokens) DESC, model"
+    "GROUP BY model, currency ORDER BY sum(total_tokens) DESC, model, currency"
 )
+# The whole ledger's cost per currency (gateway/currency.py reads which currencies
+# a database holds money in).
+COSTS_BY_CURRENCY_SELECT = "SELECT currency, {cost_sum} FROM usage_events GROUP BY currency"
 ALERT_COLUMNS = "n.user_id, n.kind, n.period, n.threshold, n.limit_value, n.used, n.created_at"
 DELIVERY_COLUMNS = (
     "o.user_id, o.kind, o.period, o.threshold, o.channel, o.attempts, o.last_error, "
@@ -227,6 +231,7 @@ class ModelUsage:
     reasoning_tokens: int = 0
     total_tokens: int = 0
     cost: Decimal = Decimal(0)
+    currency: str = "USD"  # of ``cost``: a model's answers in two currencies are two rows
 
 
 def model_usage(row: Any, cost: Decimal) -> ModelUsage:
@@ -240,6 +245,7 @@ def model_usage(row: Any, cost: Decimal) -> ModelUsage:
         reasoning_tokens=int(row[5]),
         total_tokens=int(row[6]),
         cost=cost,
+        currency=row[8],
     )
 
 
@@ -570,8 +576,13 @@ class Storage(Protocol):
     async def count_events(self, start: date, end: date, *, user_id: str | None = None) -> int: ...
 
     async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[ModelUsage]:
-        """The user's ledger with start <= day <= end summed per model, the model
-        with the most tokens first."""
+        """The user's ledger with start <= day <= end summed per model and
+        currency, the model with the most tokens first."""
+        ...
+
+    async def costs_by_currency(self) -> dict[str, Decimal]:
+        """The whole ledger's cost summed per currency (a currency whose rows cost
+        nothing has a zero sum). Reads every ledger row: for start-up and reloads."""
         ...
 
     # --- ownership (issue 20, default deny) ---

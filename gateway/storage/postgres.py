@@ -32,6 +32,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -41,6 +42,7 @@ from gateway.errors import NotFound, StorageError
 from gateway.storage import migrations
 from gateway.storage.base import (
     ALERT_COLUMNS,
+    COSTS_BY_CURRENCY_SELECT,
     DAILY_COLUMNS,
     DELIVERY_COLUMNS,
     EVENT_COLUMNS,
@@ -111,6 +113,7 @@ _SettleCall = tuple[Any, ...]
 _REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
 _RECOVER = "SELECT * FROM gateway_recover($1, $2, $3)"
 _USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="sum(cost)", p1="$1", p2="$2", p3="$3")
+_COSTS_BY_CURRENCY = COSTS_BY_CURRENCY_SELECT.format(cost_sum="sum(cost)")
 
 
 @contextlib.contextmanager
@@ -749,6 +752,11 @@ class PostgresStorage:
         with _mapped():
             rows = await self._pool.fetch(_USAGE_BY_MODEL, user_id, start, end)
         return [model_usage(row, row[7]) for row in rows]
+
+    async def costs_by_currency(self) -> dict[str, Decimal]:
+        with _mapped():
+            rows = await self._pool.fetch(_COSTS_BY_CURRENCY)
+        return {row[0]: row[1] for row in rows}
 
     # --- ownership (issue 20, default deny) ---
 

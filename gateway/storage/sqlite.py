@@ -31,6 +31,7 @@ from gateway.errors import NotFound, StorageError
 from gateway.storage import migrations
 from gateway.storage.base import (
     ALERT_COLUMNS,
+    COSTS_BY_CURRENCY_SELECT,
     DAILY_COLUMNS,
     DELIVERY_COLUMNS,
     EVENT_COLUMNS,
@@ -67,6 +68,7 @@ from gateway.storage.base import (
 
 T = TypeVar("T")
 _USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="dec_sum(cost)", p1="?", p2="?", p3="?")
+_COSTS_BY_CURRENCY = COSTS_BY_CURRENCY_SELECT.format(cost_sum="dec_sum(cost)")
 
 _EXPORT_BATCH = 1000
 
@@ -997,6 +999,14 @@ class SQLiteStorage:
                 model_usage(row, Decimal(row[7] or "0"))
                 for row in conn.execute(_USAGE_BY_MODEL, params).fetchall()
             ]
+        )
+
+    async def costs_by_currency(self) -> dict[str, Decimal]:
+        return await self._run(
+            lambda conn: {
+                row[0]: Decimal(row[1] or "0")
+                for row in conn.execute(_COSTS_BY_CURRENCY).fetchall()
+            }
         )
 
     # --- ownership (issue 20, default deny) ---
