@@ -2,12 +2,15 @@
 the dashboard and admission all apply (no I/O beyond the storage calls given).
 
 - `effective_plan`: a user's plan with their overrides applied.
+- `team_plan`: a team's plan with the team's overrides applied (issue 21).
+- `check_plan` / `check_team_id`: one validation of a plan name and a team id.
 - `parse_override` / `parse_override_text`: one validation of a per-user limit,
   from JSON (null is unlimited) or as typed on the command line.
 - `issue_key`: the one way a key is made and stored; the secret exists only in
   what it returns.
 - `Accounts`: the admin operations (add a user, change a plan, set or clear an
-  override, create or revoke a key), each once: the check, the storage change,
+  override, create or revoke a key; create a team, its plan and overrides, a
+  user's team), each once: the check, the storage change,
   and the cache invalidation a running gateway needs (`Caches`). The admin API,
   the dashboard and the CLI all call these.
 """
@@ -15,6 +18,7 @@ the dashboard and admission all apply (no I/O beyond the storage calls given).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
@@ -22,17 +26,20 @@ from typing import Protocol
 from gateway.config import LIMIT_NAMES, Config, Plan
 from gateway.errors import BadRequest, NotFound
 from gateway.keys import new_key
-from gateway.storage import ApiKey, OverrideValue, Storage, User
+from gateway.storage import ApiKey, OverrideValue, Storage, Team, User
 
 __all__ = [
     "NO_CACHES",
     "Accounts",
     "Caches",
     "UnknownPlan",
+    "check_plan",
+    "check_team_id",
     "effective_plan",
     "issue_key",
     "parse_override",
     "parse_override_text",
+    "team_plan",
 ]
 
 _TRUE = frozenset({"true", "yes", "on", "1"})
@@ -44,6 +51,40 @@ def effective_plan(config: Config, user: User) -> Plan:
     """The limits that apply to ``user``: their plan with their overrides applied
     (a plan no longer configured falls back as `Config.plan` decides)."""
     return config.plan(user.plan).with_overrides(user.overrides)
+
+
+def team_plan(config: Config, team: Team) -> Plan:
+    """The limits that apply to ``team`` as a whole (issue 21): its plan with the
+    team's overrides applied, as `effective_plan` does for a user."""
+    return config.plan(team.plan).with_overrides(team.overrides)
+
+
+class UnknownPlan(BadRequest):
+    """A plan name the configuration in force does not define."""
+
+    def __init__(self, plan: str, plans: list[str]) -> None:
+        super().__init__(f"No plan named {plan!r} (plans: {', '.join(plans)}).")
+        self.plan = plan
+        self.plans = plans
+
+
+def check_plan(config: Config, plan: str) -> None:
+    """Refuse a plan name the configuration does not define (users' and teams')."""
+    if plan not in config.plans:
+        raise UnknownPlan(plan, sorted(config.plans))
+
+
+# An operator's name for a team: it goes into URLs, CSV cells and the dashboard.
+_TEAM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+def check_team_id(team_id: str) -> None:
+    """Refuse a team id other than 1 to 64 letters, digits and ``. _ @ -``
+    (starting with a letter or digit)."""
+    if _TEAM_ID.fullmatch(team_id) is None:
+        raise BadRequest(
+            f"Invalid team id {team_id!r}: 1 to 64 letters, digits, '.', '_', '@' or '-'."
+        )
 
 
 def parse_override(name: str, value: object) -> OverrideValue:
@@ -96,15 +137,6 @@ async def issue_key(
     return record, key.secret
 
 
-class UnknownPlan(BadRequest):
-    """A plan name the configuration in force does not define."""
-
-    def __init__(self, plan: str, plans: list[str]) -> None:
-        super().__init__(f"No plan named {plan!r} (plans: {', '.join(plans)}).")
-        self.plan = plan
-        self.plans = plans
-
-
 class Caches(Protocol):
     """What a running gateway caches of users and keys (gateway/auth.py): told
     when an admin operation changes the rows behind them."""
@@ -112,6 +144,8 @@ class Caches(Protocol):
     def forget_user(self, user_id: str) -> None: ...
 
     def forget_key(self, key_id: str) -> None: ...
+
+    def forget_team(self, team_id: str) -> None: ...
 
 
 class _NoCaches:
@@ -121,6 +155,9 @@ class _NoCaches:
         return None
 
     def forget_key(self, key_id: str) -> None:
+        return None
+
+    def forget_team(self, team_id: str) -> None:
         return None
 
 
@@ -151,9 +188,7 @@ class Accounts:
         self._now = now
 
     def _plan(self, plan: str) -> str:
-        plans = self._config().plans
-        if plan not in plans:
-            raise UnknownPlan(plan, sorted(plans))
+        check_plan(self._config(), plan)
         return plan
 
     async def add_user(self, user_id: str, *, plan: str | None = None) -> User | None:
@@ -201,3 +236,29 @@ class Accounts:
         key = await self._storage.revoke_key(key_id, now=self._now())
         self._caches.forget_key(key_id)
         return key
+
+    # --- teams (issue 21) ---
+
+    async def create_team(self, team_id: str, *, plan: str) -> Team:
+        check_team_id(team_id)
+        return await self._storage.create_team(team_id, plan=self._plan(plan), now=self._now())
+
+    async def set_team_plan(self, team_id: str, plan: str) -> None:
+        await self._storage.set_team_plan(team_id, self._plan(plan))
+        self._caches.forget_team(team_id)
+
+    async def set_team_override(self, team_id: str, name: str, value: object) -> OverrideValue:
+        """Override one limit for a team (``value`` as JSON gives it)."""
+        parsed = parse_override(name, value)
+        await self._storage.set_team_override(team_id, name, parsed)
+        self._caches.forget_team(team_id)
+        return parsed
+
+    async def clear_team_override(self, team_id: str, name: str) -> None:
+        await self._storage.clear_team_override(team_id, name)
+        self._caches.forget_team(team_id)
+
+    async def set_team(self, user_id: str, team_id: str | None) -> None:
+        """Put a user in a team, or (None) in none; their next request sees it."""
+        await self._storage.set_team(user_id, team_id)
+        self._caches.forget_user(user_id)

@@ -216,6 +216,7 @@ async def list_users(request: Request, gw: Services) -> Response:
         {
             "id": s.user.id,
             "plan": s.user.plan,
+            "team": s.user.team,
             "created_at": s.user.created_at.isoformat(),
             "lifetime": lifetime_dict(s.user, gw.currency),
             "today": daily_dict(s.today, gw.currency),
@@ -278,6 +279,93 @@ async def clear_limit(request: Request, gw: Services) -> Response:
     user_id, name = request.path_params["user_id"], _limit_name(request)
     await gw.accounts.clear_override(user_id, name)
     return json_response(gw, {"id": user_id, "name": name, "value": "plan"})
+
+
+# --- teams (issue 21) ---
+
+
+@_admin
+async def list_teams(request: Request, gw: Services) -> Response:
+    """Every team: its plan, member count and today's usage (members summed)."""
+    data = [
+        {
+            "id": summary.team.id,
+            "plan": summary.team.plan,
+            "overrides": dict(summary.team.overrides),
+            "members": summary.members,
+            "created_at": summary.team.created_at.isoformat(),
+            "today": daily_dict(summary.today, gw.currency),
+        }
+        for summary in await gw.storage.list_teams(day=gw.today())
+    ]
+    return json_response(gw, {"data": data})
+
+
+@_admin
+async def create_team(request: Request, gw: Services) -> Response:
+    """Create a team on a plan (`{"id": "acme", "plan": "pro"}`); 409 if it exists."""
+    body = await _json_body(request)
+    team_id, plan = body.get("id"), body.get("plan")
+    if not isinstance(team_id, str):
+        raise BadRequest("id: expected the team's id.")
+    if not isinstance(plan, str):
+        raise BadRequest("plan: expected the name of a configured plan.")
+    team = await gw.accounts.create_team(team_id, plan=plan)
+    return json_response(
+        gw,
+        {"id": team.id, "plan": team.plan, "created_at": team.created_at.isoformat()},
+        status=201,
+    )
+
+
+@_admin
+async def get_team(request: Request, gw: Services) -> Response:
+    """One team: plan, overrides, limits and usage (members summed), members, daily history."""
+    days = int_param(request, "days", 30, 1, MAX_DAYS)
+    return json_response(gw, await gw.reports.team(request.path_params["team_id"], days=days))
+
+
+@_admin
+async def set_team_plan(request: Request, gw: Services) -> Response:
+    """Move a team to another plan."""
+    team_id = request.path_params["team_id"]
+    plan = (await _json_body(request)).get("plan")
+    if not isinstance(plan, str):
+        raise BadRequest("plan: expected the name of a configured plan.")
+    await gw.accounts.set_team_plan(team_id, plan)
+    return json_response(gw, {"id": team_id, "plan": plan})
+
+
+@_admin
+async def set_team_limit(request: Request, gw: Services) -> Response:
+    """Override one plan limit for a team (`{"value": N}`; null is unlimited)."""
+    team_id, name = request.path_params["team_id"], _limit_name(request)
+    body = await _json_body(request)
+    if "value" not in body:
+        raise BadRequest(
+            "value: required (a number, null for unlimited, or a boolean for advanced_rag)."
+        )
+    value = await gw.accounts.set_team_override(team_id, name, body["value"])
+    return json_response(gw, {"id": team_id, "name": name, "value": value})
+
+
+@_admin
+async def clear_team_limit(request: Request, gw: Services) -> Response:
+    """Remove a per-team override: the team's plan's limit applies again."""
+    team_id, name = request.path_params["team_id"], _limit_name(request)
+    await gw.accounts.clear_team_override(team_id, name)
+    return json_response(gw, {"id": team_id, "name": name, "value": "plan"})
+
+
+@_admin
+async def set_user_team(request: Request, gw: Services) -> Response:
+    """Put a user in a team (`{"team": "acme"}`), or in none (`{"team": null}`)."""
+    user_id = request.path_params["user_id"]
+    body = await _json_body(request)
+    if "team" not in body or not isinstance(body["team"], str | None):
+        raise BadRequest("team: required (a team's id, or null for none).")
+    await gw.accounts.set_team(user_id, body["team"])
+    return json_response(gw, {"id": user_id, "team": body["team"]})
 
 
 @_admin
@@ -363,7 +451,14 @@ admin_routes: list[BaseRoute] = [
     Route("/users/{user_id}/plan", set_plan, methods=["PUT"]),
     Route("/users/{user_id}/limits/{name}", set_limit, methods=["PUT"]),
     Route("/users/{user_id}/limits/{name}", clear_limit, methods=["DELETE"]),
+    Route("/users/{user_id}/team", set_user_team, methods=["PUT"]),
     Route("/users/{user_id}/keys", create_key, methods=["POST"]),
+    Route("/teams", list_teams, methods=["GET"]),
+    Route("/teams", create_team, methods=["POST"]),
+    Route("/teams/{team_id}", get_team, methods=["GET"]),
+    Route("/teams/{team_id}/plan", set_team_plan, methods=["PUT"]),
+    Route("/teams/{team_id}/limits/{name}", set_team_limit, methods=["PUT"]),
+    Route("/teams/{team_id}/limits/{name}", clear_team_limit, methods=["DELETE"]),
     Route("/keys/{key_id}", revoke_key, methods=["DELETE"]),
     Route("/alerts", list_alerts, methods=["GET"]),
     Route("/export/events", _export("events"), methods=["GET"]),

@@ -19,14 +19,19 @@ from datetime import date, timedelta
 from typing import Any, Literal
 
 from gateway import __version__
-from gateway.accounts import Accounts, UnknownPlan, effective_plan, parse_override_text
+from gateway.accounts import (
+    Accounts,
+    UnknownPlan,
+    effective_plan,
+    parse_override_text,
+)
 from gateway.clock import SystemClock, periods_at
 from gateway.config import ENV_CONFIG, LIMIT_NAMES, Config, load_config, render_config
 from gateway.currency import check as currency_check
 from gateway.currency import shown
 from gateway.errors import BadRequest, ConfigError, GatewayError, StorageError
 from gateway.logs import configure_logging
-from gateway.reports import money
+from gateway.reports import money, team_report
 from gateway.storage import OverrideValue, Storage, open_storage
 
 EXIT_ERROR = 1
@@ -125,6 +130,11 @@ def _parser() -> argparse.ArgumentParser:
     clear_limit.add_argument("id")
     clear_limit.add_argument("name", choices=LIMIT_NAMES)
     clear_limit.set_defaults(handler=_sync(_users_clear_limit))
+    set_team = users.add_parser("set-team", help="put a user in a team (or --none: in none)")
+    set_team.add_argument("id")
+    set_team.add_argument("team", nargs="?", default=None)
+    set_team.add_argument("--none", action="store_true", help="take the user out of their team")
+    set_team.set_defaults(handler=_sync(_users_set_team))
     ls = users.add_parser("list", help="list users with their usage")
     ls.add_argument("--plan", default=None)
     ls.add_argument("--search", default=None, help="only ids containing this text")
@@ -133,6 +143,33 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--limit", type=int, default=100)
     ls.add_argument("--offset", type=int, default=0)
     ls.set_defaults(handler=_sync(_users_list))
+
+    teams = commands.add_parser("teams", help="manage teams").add_subparsers(
+        title="teams commands", metavar="ACTION"
+    )
+    team_add = teams.add_parser("add", help="create a team")
+    team_add.add_argument("id")
+    team_add.add_argument("--plan", required=True, help="the team's plan")
+    team_add.set_defaults(handler=_sync(_teams_add))
+    team_show = teams.add_parser("show", help="a team's plan, members and usage (members summed)")
+    team_show.add_argument("id")
+    team_show.set_defaults(handler=_sync(_teams_show))
+    team_plan = teams.add_parser("set-plan", help="change a team's plan")
+    team_plan.add_argument("id")
+    team_plan.add_argument("plan")
+    team_plan.set_defaults(handler=_sync(_teams_set_plan))
+    team_limit = teams.add_parser("set-limit", help="override one plan limit for a team")
+    team_limit.add_argument("id")
+    team_limit.add_argument("name", choices=LIMIT_NAMES)
+    team_limit.add_argument("value", help="a number, 'unlimited', or true/false for advanced_rag")
+    team_limit.set_defaults(handler=_sync(_teams_set_limit))
+    team_clear = teams.add_parser("clear-limit", help="remove a per-team override")
+    team_clear.add_argument("id")
+    team_clear.add_argument("name", choices=LIMIT_NAMES)
+    team_clear.set_defaults(handler=_sync(_teams_clear_limit))
+    teams.add_parser("list", help="list teams with their members and today's usage").set_defaults(
+        handler=_sync(_teams_list)
+    )
 
     usage = commands.add_parser("usage", help="usage reports").add_subparsers(
         title="usage commands", metavar="ACTION"
@@ -310,6 +347,14 @@ def config_warnings(config: Config) -> list[str]:
             f"(upstream.api_key_env) or {ENV_UPSTREAM_API_KEY}; the upstream will refuse "
             "every request"
         )
+    if config.upstream.kind == "dify":
+        # Issue 21: a Dify app fixes its own model; no request names one.
+        for name, plan in config.plans.items():
+            if plan.models is not None:
+                warnings.append(
+                    f"plans.{name}.models: a Dify upstream's requests name no model, so "
+                    "the allow-list does not apply (docs/quotas.md, 'Model allow-lists')"
+                )
     return warnings
 
 
@@ -379,6 +424,13 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
         lines.append(
             "overrides:  " + ", ".join(f"{k}={limit(v)}" for k, v in sorted(user.overrides.items()))
         )
+    team = await storage.get_team(user.team) if user.team is not None else None
+    if team is None:
+        lines.append("team:      -")
+    else:
+        report = await team_report(storage, config, team, period, currency=currency, members=False)
+        lines.append(f"team:      {team.id} (plan {report['plan']})")
+        lines += _team_usage_lines(report, config)
     keys = await storage.list_keys(user.id)
     for key in keys:
         state = (
@@ -389,6 +441,26 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
         lines.append(f"key:        {key.id}  {key.prefix}…  {key.name or '-'}  {state}")
     print("\n".join(lines))
     return 0
+
+
+def _team_usage_lines(report: dict[str, Any], config: Config) -> list[str]:
+    """A team's usage (its members summed) against its plan, for `users show`
+    and `teams show`."""
+
+    def used(name: str) -> str:
+        entry = report["limits"][name]
+        limit = "unlimited" if entry["limit"] is None else entry["limit"]
+        return f"{entry['used']} / {limit}"
+
+    return [
+        f"team today ({report['today']['day']}, {config.accounting.timezone}, members summed):",
+        f"  queries       {used('queries_per_day')}",
+        f"  tokens        {used('tokens_per_day')}",
+        f"  web searches  {used('web_searches_per_day')}",
+        f"  cost          {report['today']['cost']} {report['currency']}",
+        f"team this month: {used('tokens_per_month')} tokens, "
+        f"cost {report['month']['cost']} {report['currency']}",
+    ]
 
 
 async def _currency(storage: Storage, config: Config) -> str:
@@ -440,6 +512,17 @@ async def _users_clear_limit(storage: Storage, config: Config, args: argparse.Na
     return 0
 
 
+async def _users_set_team(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    if (args.team is None) == (not args.none):
+        raise ConfigError("users set-team: give a team, or --none to take the user out of theirs")
+    await _accounts(storage, config).set_team(args.id, args.team)
+    if args.team is None:
+        print(f"user {args.id!r} is in no team")
+    else:
+        print(f"user {args.id!r} is now in team {args.team}")
+    return 0
+
+
 async def _users_list(storage: Storage, config: Config, args: argparse.Namespace) -> int:
     day = periods_at(SystemClock().now(), config.tz).day
     summaries = await storage.list_users(
@@ -453,19 +536,35 @@ async def _users_list(storage: Storage, config: Config, args: argparse.Namespace
     )
     currency = await _currency(storage, config)
     rows: list[tuple[Any, ...]] = [
-        ("USER", "PLAN", "LIFETIME TOKENS", "LIFETIME COST", "QUERIES TODAY", "TOKENS TODAY")
+        (
+            "USER",
+            "PLAN",
+            "TEAM",
+            "LIFETIME TOKENS",
+            "LIFETIME COST",
+            "QUERIES TODAY",
+            "TOKENS TODAY",
+        )
     ]
     for s in summaries:
         rows.append(
             (
                 s.user.id,
                 s.user.plan,
+                s.user.team or "-",
                 s.user.lifetime_tokens,
                 f"{money(s.user.lifetime_cost)} {currency}",
                 s.today.queries,
                 s.today.total_tokens,
             )
         )
+    _print_table(rows)
+    total = await storage.count_users(plan=args.plan, search=args.search)
+    print(f"({len(summaries)} of {total} users)")
+    return 0
+
+
+def _print_table(rows: list[tuple[Any, ...]]) -> None:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print(
@@ -473,8 +572,102 @@ async def _users_list(storage: Storage, config: Config, args: argparse.Namespace
                 str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
             ).rstrip()
         )
-    total = await storage.count_users(plan=args.plan, search=args.search)
-    print(f"({len(summaries)} of {total} users)")
+
+
+# --- teams (issue 21) ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _usage_errors() -> Iterator[None]:
+    """A team id or plan name refused by the one validation (gateway/accounts.py)
+    is a usage error, as a bad plan for a user is."""
+    try:
+        yield
+    except UnknownPlan as exc:
+        raise _plan_refused(exc) from None
+    except BadRequest as exc:
+        raise ConfigError(exc.message) from None
+
+
+async def _teams_add(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    with _usage_errors():
+        await _accounts(storage, config).create_team(args.id, plan=args.plan)
+    print(f"created team {args.id!r} on plan {args.plan}")
+    return 0
+
+
+async def _teams_show(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    team = await storage.get_team(args.id)
+    if team is None:
+        print(f"gateway: error: no team {args.id!r}", file=sys.stderr)
+        return EXIT_ERROR
+    report = await team_report(
+        storage,
+        config,
+        team,
+        periods_at(SystemClock().now(), config.tz),
+        currency=await _currency(storage, config),
+    )
+    note = "" if team.plan in config.plans else f" (not configured; using {report['plan']})"
+    lines = [
+        f"team:      {team.id}",
+        f"plan:      {team.plan}{note}",
+        f"created:   {team.created_at.astimezone(config.tz).isoformat(timespec='seconds')}",
+        f"members:   {', '.join(report['members']) or '-'}",
+    ]
+    if team.overrides:
+        lines.append(
+            "overrides:  "
+            + ", ".join(
+                f"{k}={'unlimited' if v is None else v}" for k, v in sorted(team.overrides.items())
+            )
+        )
+    print("\n".join(lines + _team_usage_lines(report, config)))
+    return 0
+
+
+async def _teams_set_plan(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    with _usage_errors():
+        await _accounts(storage, config).set_team_plan(args.id, args.plan)
+    print(f"team {args.id!r} is now on plan {args.plan}")
+    return 0
+
+
+async def _teams_set_limit(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    value = await _accounts(storage, config).set_team_override(
+        args.id, args.name, parse_limit_value(args.name, args.value)
+    )
+    print(f"team {args.id!r}: {args.name} = {'unlimited' if value is None else value} (override)")
+    return 0
+
+
+async def _teams_clear_limit(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    await _accounts(storage, config).clear_team_override(args.id, args.name)
+    print(f"team {args.id!r}: {args.name} follows the plan again")
+    return 0
+
+
+async def _teams_list(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    day = periods_at(SystemClock().now(), config.tz).day
+    rows: list[tuple[Any, ...]] = [
+        ("TEAM", "PLAN", "MEMBERS", "QUERIES TODAY", "TOKENS TODAY", "COST TODAY")
+    ]
+    teams = await storage.list_teams(day=day)
+    currency = await _currency(storage, config)
+    for summary in teams:
+        today = summary.today
+        rows.append(
+            (
+                summary.team.id,
+                summary.team.plan,
+                summary.members,
+                today.queries,
+                today.total_tokens,
+                f"{money(today.cost)} {currency}",
+            )
+        )
+    _print_table(rows)
+    print(f"({len(teams)} teams)")
     return 0
 
 

@@ -407,6 +407,9 @@ class Plan:
     max_concurrent_streams: int | None = _setting(None, minimum=0)
     # Replaces alerts.thresholds for this plan ([] turns alerts off for it).
     alert_thresholds: tuple[int, ...] | None = _setting(None, minimum=1)
+    # Issue 21: the models this plan may use, as globs ("llama-3*"), matched
+    # case-sensitively against the model a request names. Unset: any model.
+    models: tuple[str, ...] | None = None
 
     def with_overrides(self, overrides: Mapping[str, object]) -> Plan:
         """This plan with per-user overrides applied (unknown names are ignored)."""
@@ -511,6 +514,7 @@ def parse_config(
             if not isinstance(table, dict):
                 raise ConfigError(f"plans.{name}: expected a table, got {_kind(table)}")
             plans[name] = dataclasses.replace(_build(Plan, table, f"plans.{name}."), name=name)
+            _check_model_globs(plans[name].models, f"plans.{name}.models")
         if not plans:
             raise ConfigError("plans: at least one [plans.NAME] table is required")
 
@@ -601,6 +605,18 @@ def parse_config(
         messages=messages,
         source=source,
     )
+
+
+def _check_model_globs(globs: tuple[str, ...] | None, path: str) -> None:
+    """A plan's model allow-list: each glob a non-empty string with no
+    surrounding whitespace (a request's model is matched as sent, so such a glob
+    could only be a mistake)."""
+    for index, glob in enumerate(globs or ()):
+        if not glob or glob != glob.strip():
+            raise ConfigError(
+                f"{path}[{index}]: expected a model name or glob such as "
+                f'"gpt-4o-mini" or "llama-3*", got {glob!r}'
+            )
 
 
 def _check_allow_list(rules: tuple[str, ...]) -> None:
@@ -882,7 +898,9 @@ def render_config(config: Config) -> str:
                 continue
             if value is None:
                 # A plan's alert_thresholds unset means "as alerts.thresholds".
-                shown = "alerts.thresholds" if f.name == "alert_thresholds" else "unlimited"
+                shown = {"alert_thresholds": "alerts.thresholds", "models": "any model"}.get(
+                    f.name, "unlimited"
+                )
                 lines.append(f"# {f.name} = {shown}")
                 continue
             if f.metadata.get("secret"):

@@ -26,6 +26,7 @@ Dataset = Literal["events", "daily"]
 EVENT_COLUMNS: tuple[str, ...] = (
     "answer_id",
     "user_id",
+    "team",
     "day",
     "created_at",
     "endpoint",
@@ -47,6 +48,7 @@ EVENT_COLUMNS: tuple[str, ...] = (
 )
 DAILY_COLUMNS: tuple[str, ...] = (
     "user_id",
+    "team",
     *daily_dict(DailyUsage(user_id="", day=date.min), "").keys(),
 )
 
@@ -78,10 +80,11 @@ def csv_cell(value: Any) -> Any:
 _ROWS_PER_CHUNK = 500
 
 
-def event_dict(event: UsageEvent) -> dict[str, Any]:
+def event_dict(event: UsageEvent, team: str | None = None) -> dict[str, Any]:
     return {
         "answer_id": event.answer_id,
         "user_id": event.user_id,
+        "team": team,
         "day": event.day.isoformat(),
         "created_at": event.created_at.isoformat(),
         "endpoint": event.endpoint,
@@ -103,8 +106,8 @@ def event_dict(event: UsageEvent) -> dict[str, Any]:
     }
 
 
-def daily_row_dict(row: DailyUsage, currency: str) -> dict[str, Any]:
-    return {"user_id": row.user_id, **daily_dict(row, currency)}
+def daily_row_dict(row: DailyUsage, currency: str, team: str | None = None) -> dict[str, Any]:
+    return {"user_id": row.user_id, "team": team, **daily_dict(row, currency)}
 
 
 def rows(
@@ -117,18 +120,22 @@ def rows(
     currency: str,
 ) -> tuple[Sequence[str], AsyncIterator[dict[str, Any]]]:
     """The columns and the rows (as dicts) of a dataset. A ledger row carries its
-    own currency; a day row the database's, ``currency`` (gateway/currency.py)."""
+    own currency; a day row the database's, ``currency`` (gateway/currency.py).
+    ``team`` is the user's team when the export is made (issue 21): rows keep no
+    team of their own."""
     if dataset == "events":
 
         async def events() -> AsyncIterator[dict[str, Any]]:
+            teams = await storage.user_teams()
             async for event in storage.events(start, end, user_id=user_id):
-                yield event_dict(event)
+                yield event_dict(event, teams.get(event.user_id))
 
         return EVENT_COLUMNS, events()
 
     async def daily() -> AsyncIterator[dict[str, Any]]:
+        teams = await storage.user_teams()
         async for row in storage.iter_daily(start, end, user_id=user_id):
-            yield daily_row_dict(row, currency)
+            yield daily_row_dict(row, currency, teams.get(row.user_id))
 
     return DAILY_COLUMNS, daily()
 

@@ -256,6 +256,19 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "Lệnh gọi này tính phí theo lượt nhưng chưa được định giá, "
         "nên không dùng được qua gateway.",
     ),
+    # --- models (403): a plan's allow-list (issue 21, gateway/model_access.py) ---
+    "model_not_in_plan": _e(
+        "model_not_in_plan",
+        "The model {model} is not available on your plan.",
+        "Mô hình {model} không có trong gói của bạn.",
+    ),
+    "model_not_in_plan_unnamed": _e(
+        "model_not_in_plan",
+        "Your plan allows only some models: name the model to use in the request "
+        "(and in each tool that runs a model of its own).",
+        "Gói của bạn chỉ cho phép một số mô hình: vui lòng ghi rõ mô hình cần dùng trong "
+        "yêu cầu (và trong mỗi công cụ tự chạy một mô hình riêng).",
+    ),
     "model_not_priced": _e(
         "model_not_priced",
         "The model {model} has no price on this gateway, so its use cannot be charged.",
@@ -375,6 +388,21 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "upstream_error",
         "The upstream history page is not a JSON object.",
         "Trang lịch sử từ upstream không phải là một đối tượng JSON.",
+    ),
+    "model_list_too_large": _e(
+        "upstream_error",
+        "The upstream model list is too large to filter.",
+        "Danh sách mô hình từ upstream quá lớn để lọc.",
+    ),
+    "model_list_unreadable": _e(
+        "upstream_unavailable",
+        "The upstream model list could not be read.",
+        "Không đọc được danh sách mô hình từ upstream.",
+    ),
+    "model_list_not_object": _e(
+        "upstream_error",
+        "The upstream model list is not a JSON object.",
+        "Danh sách mô hình từ upstream không phải là một đối tượng JSON.",
     ),
     "internal_server_error": _e(
         "internal_server_error",

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import httpx
 import orjson
 
+from gateway.accounts import effective_plan
 from gateway.admission import Admitter, Ticket
 from gateway.bodies import (
     FIELDS_ALLOWANCE,
@@ -66,6 +67,7 @@ from gateway.http import (
     with_param,
 )
 from gateway.logs import bind_request, note_status
+from gateway.model_access import allows, check_models
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
 from gateway.pricing import CallPrice
 from gateway.relay import Command as RelayCommand
@@ -81,6 +83,7 @@ from gateway.usage import Metered
 
 if TYPE_CHECKING:
     from gateway.clock import Clock
+    from gateway.config import Plan
     from gateway.follow import Run
     from gateway.metrics import Metrics
     from gateway.probes import Probes
@@ -289,6 +292,7 @@ class Proxy:
         await self._read_body(x, receive)
         if x.route.by_body:
             await self._refine(x)
+        await self._check_models(x)
         self._rewrite(x)
         try:
             if x.route.admitted:
@@ -397,6 +401,31 @@ class Proxy:
             if content_length is not None:
                 headers.forward.append((b"content-length", str(content_length).encode()))
 
+    async def _check_models(self, x: Exchange) -> None:
+        """Refuse a model the user's plan does not allow (issue 21), before
+        anything is reserved or forwarded: the models the dialect says the
+        request names, as the upstream reads them (gateway/model_access.py)."""
+        requested = x.snap.upstream.requested_models(x.route, x.json)
+        if requested is not None:
+            for globs in await self._model_lists(x):
+                check_models(globs, requested)
+
+    async def _model_lists(self, x: Exchange) -> list[tuple[str, ...]]:
+        """The model allow-lists that apply to the user: their plan's and their
+        team's plan's, where set (a model must be in both)."""
+        snap, user_id = x.snap, x.user_id
+        user = await snap.users.get(user_id, default_plan=snap.config.accounting.default_plan)
+        plans: list[Plan | None] = [effective_plan(snap.config, user)]
+        try:
+            plans.append(await snap.team_plan(user))
+        except StorageError as exc:
+            # The team is cached for auth.key_cache_ttl; past that, an outage lets
+            # the request through on the user's own list, as admission fails open
+            # (docs/quotas.md, "Model allow-lists").
+            self._metrics.inc("gateway_storage_errors_total", operation="team")
+            log.warning("team of %s not read, its model list not applied: %s", user_id, exc.message)
+        return [plan.models for plan in plans if plan is not None and plan.models is not None]
+
     def _rewrite(self, x: Exchange) -> None:
         """Let the dialect set the user (and what else it needs), then serialise the
         JSON body: a body that cannot be forwarded is refused before admission."""
@@ -410,9 +439,9 @@ class Proxy:
             sent = {name for name, _ in forward}
             forward += [(k, v) for k, v in prepared.headers if k not in sent]
         forward.append(x.snap.upstream_authorization)
-        if x.route.produces_answer or x.route.is_history:
-            # Usage is read from the raw bytes, and history pages may be filtered:
-            # ask for them uncompressed.
+        if x.route.produces_answer or x.route.is_history or x.route.lists_models:
+            # Usage is read from the raw bytes, and history pages and model lists
+            # may be filtered: ask for them uncompressed.
             forward.append((b"accept-encoding", b"identity"))
         elif x.headers.accept_encoding is not None:
             forward.append((b"accept-encoding", x.headers.accept_encoding))
@@ -558,6 +587,11 @@ class Proxy:
             days = (await self.admitter.plan_of(x.snap, x.user_id)).chat_history_days
             if days is not None:
                 await self._history(x, send, response, status, headers, days)
+                return
+        if ok and x.route.lists_models and b"json" in content_type:
+            lists = await self._model_lists(x)
+            if lists:
+                await self._models(x, send, response, status, headers, lists)
                 return
         await self._start(x, send, status, headers)
         if content_type.startswith(_SSE):
@@ -755,23 +789,73 @@ class Proxy:
 
         Fails closed: a page that cannot be read is not passed on unfiltered.
         """
+        raw, page = await self._read_page(response, "history page")
+        cutoff = self._clock.now().timestamp() - days * 86400
+        filtered = x.snap.upstream.filter_history(x.route, x.query, page, cutoff)
+        await self._send_page(x, send, status, headers, raw, page, filtered)
+
+    async def _models(
+        self,
+        x: Exchange,
+        send: Send,
+        response: httpx.Response,
+        status: int,
+        headers: Headers,
+        lists: list[tuple[str, ...]],
+    ) -> None:
+        """The upstream's model list limited to the allow-lists that apply
+        (issue 21); fails closed like a history page."""
+        raw, page = await self._read_page(response, "model list")
+        filtered = x.snap.upstream.filter_models(
+            x.route, page, lambda model: all(allows(globs, model) for globs in lists)
+        )
+        await self._send_page(x, send, status, headers, raw, page, filtered)
+
+    async def _read_page(
+        self, response: httpx.Response, what: Literal["history page", "model list"]
+    ) -> tuple[bytearray, dict[str, Any]]:
+        """A JSON object the gateway filters before passing it on, read whole."""
+        # Whole sentences, so each is found in the message catalogue.
+        history = what == "history page"
         raw = bytearray()
         try:
             with self.client.reading():
                 async for chunk in response.aiter_bytes():
                     raw += chunk
                     if len(raw) > _MAX_BUFFERED_BODY:
-                        raise UpstreamError("The upstream history page is too large to filter.")
+                        raise UpstreamError(
+                            "The upstream history page is too large to filter."
+                            if history
+                            else "The upstream model list is too large to filter."
+                        )
         except UpstreamBroken as exc:
-            raise UpstreamUnavailable("The upstream history page could not be read.") from exc
+            raise UpstreamUnavailable(
+                "The upstream history page could not be read."
+                if history
+                else "The upstream model list could not be read."
+            ) from exc
         try:
             page = orjson.loads(raw)
         except orjson.JSONDecodeError:
             page = None
         if not isinstance(page, dict):
-            raise UpstreamError("The upstream history page is not a JSON object.")
-        cutoff = self._clock.now().timestamp() - days * 86400
-        filtered = x.snap.upstream.filter_history(x.route, x.query, page, cutoff)
+            raise UpstreamError(
+                "The upstream history page is not a JSON object."
+                if history
+                else "The upstream model list is not a JSON object."
+            )
+        return raw, page
+
+    async def _send_page(
+        self,
+        x: Exchange,
+        send: Send,
+        status: int,
+        headers: Headers,
+        raw: bytearray,
+        page: dict[str, Any],
+        filtered: dict[str, Any],
+    ) -> None:
         body = bytes(raw) if filtered is page else orjson.dumps(filtered)
         # aiter_bytes decoded any Content-Encoding: describe the new body instead.
         headers = [(k, v) for k, v in headers if k not in (b"content-length", b"content-encoding")]

@@ -12,11 +12,11 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from gateway.accounts import effective_plan
+from gateway.accounts import effective_plan, team_plan
 from gateway.clock import Periods, periods_at
-from gateway.config import LIMIT_NAMES, Plan
+from gateway.config import LIMIT_NAMES, Config, Plan
 from gateway.errors import NotFound
-from gateway.storage import DailyUsage, ModelUsage, User
+from gateway.storage import DailyUsage, ModelUsage, Storage, Team, User, summed
 
 if TYPE_CHECKING:
     from gateway.clock import Clock
@@ -132,6 +132,42 @@ def fill_days(rows: list[DailyUsage], user_id: str, start: date, end: date) -> l
     ]
 
 
+async def team_report(
+    storage: Storage,
+    config: Config,
+    team: Team,
+    periods: Periods,
+    *,
+    currency: str,
+    members: bool = True,
+) -> dict[str, Any]:
+    """A team's plan, limits and usage: its current members' day rows summed
+    (issue 21) - today, this month, and each limit of the team's plan against
+    them (a team has no stream counter of its own: ``max_concurrent_streams``
+    shows its limit only). The same view for the CLI, the admin API and the
+    dashboard."""
+    rows = await storage.team_daily(team.id, start=periods.month_start, end=periods.day)
+    today = summed([r for r in rows if r.day == periods.day], user_id=team.id, day=periods.day)
+    month = summed(rows, user_id=team.id, day=periods.month_start)
+    plan = team_plan(config, team)
+    limits = limits_view(plan, today, month.total_tokens, 0, periods)
+    limits["max_concurrent_streams"] = {"limit": plan.max_concurrent_streams}
+    report: dict[str, Any] = {
+        "id": team.id,
+        "plan": plan.name,
+        "stored_plan": team.plan,
+        "overrides": dict(team.overrides),
+        "created_at": team.created_at.isoformat(),
+        "limits": limits,
+        "currency": currency,
+        "today": daily_dict(today, currency),
+        "month": daily_dict(month, currency),
+    }
+    if members:
+        report["members"] = [user.id for user in await storage.team_members(team.id)]
+    return report
+
+
 class Reports:
     """Reads usage for one user at a time, against the configuration in force
     (read once per report)."""
@@ -191,6 +227,39 @@ class Reports:
             "month_by_model": [model_dict(m) for m in models],
         }
 
+    async def team(self, team_id: str, *, days: int = 30) -> dict[str, Any]:
+        """One team for admins: its plan, limits, usage and members, with its
+        members' usage summed per day over the last ``days`` days."""
+        snap = self._current.snapshot
+        team = await self._storage.get_team(team_id)
+        if team is None:
+            raise NotFound(f"No team {team_id!r}.")
+        periods = self._periods(snap)
+        currency = self._currency()
+        report = await team_report(self._storage, snap.config, team, periods, currency=currency)
+        start = periods.day - timedelta(days=days - 1)
+        rows = await self._storage.team_daily(team_id, start=start, end=periods.day)
+        filled = fill_days(rows, team_id, start, periods.day)
+        report["daily"] = [daily_dict(r, currency) for r in filled]
+        return report
+
+    async def _user_team(self, snap: Snapshot, user: User) -> dict[str, Any] | None:
+        """The team part of a user's detail: the team's plan, limits and usage
+        (its members summed), or None when the user is in no team."""
+        if user.team is None:
+            return None
+        team = await self._storage.get_team(user.team)
+        if team is None:
+            return None
+        return await team_report(
+            self._storage,
+            snap.config,
+            team,
+            self._periods(snap),
+            currency=self._currency(),
+            members=False,
+        )
+
     async def daily(self, user_id: str, days: int) -> list[DailyUsage]:
         """The last ``days`` local days (today included), zero-filled."""
         return await self._daily(self._current.snapshot, user_id, days)
@@ -211,6 +280,7 @@ class Reports:
             **await self._usage(snap, user),
             "stored_plan": user.plan,
             "overrides": dict(user.overrides),
+            "team": await self._user_team(snap, user),
             "created_at": user.created_at.isoformat(),
             "keys": [
                 {

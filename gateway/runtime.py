@@ -553,6 +553,9 @@ class _Caches:
     def forget_key(self, key_id: str) -> None:
         self._current.snapshot.auth.forget_key(key_id)
 
+    def forget_team(self, team_id: str) -> None:
+        self._current.snapshot.teams.forget(team_id)
+
 
 def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:

@@ -22,12 +22,13 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
-from gateway.auth import Authenticator, UserDirectory
-from gateway.config import Config
+from gateway.accounts import team_plan
+from gateway.auth import Authenticator, TeamDirectory, UserDirectory
+from gateway.config import Config, Plan
 from gateway.messages import Catalogue
 from gateway.pricing import PriceTable
 from gateway.settle import Terms
-from gateway.storage import Storage
+from gateway.storage import Storage, User
 from gateway.upstreams import Upstream, get_upstream
 
 __all__ = ["Current", "Snapshot", "build_snapshot", "recover_after"]
@@ -46,6 +47,7 @@ class Snapshot:
     messages: Catalogue  # refusal messages (issue 25)
     auth: Authenticator  # key and user caches carried over from the previous one
     users: UserDirectory
+    teams: TeamDirectory  # issue 21
     user_header: bytes  # auth.trusted_header.user_header, lower case
     # From the sections fixed until a restart:
     upstream_url: str
@@ -69,6 +71,16 @@ class Snapshot:
                 create=config.auth.unknown_users == "create",
             )
         return identity.user_id
+
+    async def team_plan(self, user: User) -> Plan | None:
+        """The effective plan of ``user``'s team (its plan with the team's
+        overrides), or None when the user is in no team. The team-scope limits a
+        request must also fit (issue 21); a team removed from under a cached
+        user counts as none."""
+        if user.team is None:
+            return None
+        team = await self.teams.get(user.team)
+        return team_plan(self.config, team) if team is not None else None
 
 
 def longest_answer(config: Config) -> float:
@@ -115,6 +127,11 @@ def build_snapshot(config: Config, storage: Storage, previous: Snapshot | None =
             storage,
             ttl=config.auth.key_cache_ttl,
             previous=previous.users if previous is not None else None,
+        ),
+        teams=TeamDirectory(
+            storage,
+            ttl=config.auth.key_cache_ttl,
+            previous=previous.teams if previous is not None else None,
         ),
         user_header=config.auth.trusted_header.user_header.lower().encode(),
         upstream_url=up.url,

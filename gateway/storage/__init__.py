@@ -26,12 +26,15 @@ from gateway.storage.base import (
     PausedForm,
     Pending,
     Storage,
+    Team,
+    TeamSummary,
     UsageEvent,
     User,
     UserSort,
     UserSummary,
     WebSearch,
     decide,
+    summed,
     web_search_left,
 )
 
@@ -55,6 +58,8 @@ __all__ = [
     "PausedForm",
     "Pending",
     "Storage",
+    "Team",
+    "TeamSummary",
     "UsageEvent",
     "User",
     "UserSort",
@@ -63,6 +68,7 @@ __all__ = [
     "decide",
     "migrations",
     "open_storage",
+    "summed",
     "web_search_left",
 ]
 

@@ -20,7 +20,29 @@ OverrideValue = int | float | bool | None  # None: explicitly unlimited
 # that a row maps onto its record the same way everywhere.
 USER_COLUMNS = (
     "u.id, u.plan, u.overrides, u.lifetime_prompt_tokens, u.lifetime_completion_tokens, "
-    "u.lifetime_tokens, u.lifetime_cost, u.created_at"
+    "u.lifetime_tokens, u.lifetime_cost, u.created_at, u.team_id"
+)
+USER_FIELDS = 9  # the columns of USER_COLUMNS, where a joined row's next table starts
+TEAM_COLUMNS = "t.id, t.plan, t.overrides, t.created_at"
+# Every team with its member count and its members' day rows of one day summed
+# (the sums in DailyUsage's order from queries on; {cost_sum} as above).
+TEAM_LIST_SELECT = (
+    f"SELECT {TEAM_COLUMNS}, count(DISTINCT u.id), coalesce(sum(d.queries), 0), "
+    "coalesce(sum(d.advanced_rag), 0), coalesce(sum(d.web_searches), 0), "
+    "coalesce(sum(d.uploads), 0), coalesce(sum(d.upload_bytes), 0), "
+    "coalesce(sum(d.prompt_tokens), 0), coalesce(sum(d.completion_tokens), 0), "
+    "coalesce(sum(d.total_tokens), 0), {cost_sum} FROM teams t "
+    "LEFT JOIN users u ON u.team_id = t.id "
+    "LEFT JOIN usage_daily d ON d.user_id = u.id AND d.day = {p1} "
+    "GROUP BY t.id, t.plan, t.overrides, t.created_at ORDER BY t.id"
+)
+# A team's usage: its members' day rows summed per day (DailyUsage's order, the
+# team id in the user's place; the cost sum is the backend's exact decimal sum).
+TEAM_DAILY_SELECT = (
+    "SELECT d.day, sum(d.queries), sum(d.advanced_rag), sum(d.web_searches), "
+    "sum(d.uploads), sum(d.upload_bytes), sum(d.prompt_tokens), sum(d.completion_tokens), "
+    "sum(d.total_tokens), {cost_sum} FROM usage_daily d JOIN users u ON u.id = d.user_id "
+    "WHERE u.team_id = {p1} AND d.day >= {p2} AND d.day <= {p3} GROUP BY d.day ORDER BY d.day"
 )
 DAILY_COLUMNS = (
     "user_id, day, queries, advanced_rag, web_searches, uploads, upload_bytes, "
@@ -67,6 +89,83 @@ class User:
     lifetime_tokens: int
     lifetime_cost: Decimal
     created_at: datetime
+    # The user's team (issue 21), None when in none. Admission gets it on the user
+    # record it resolves, so team-scope limits need no second read.
+    team: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    """A team (issue 21): a plan and per-team overrides, as a user has; its usage
+    is its members' day rows summed."""
+
+    id: str
+    plan: str
+    overrides: Mapping[str, OverrideValue]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TeamSummary:
+    team: Team
+    members: int = 0
+    today: DailyUsage = field(default_factory=lambda: DailyUsage(user_id="", day=date.min))
+
+
+def team_summary(team: Team, row: Any, *, day: date, cost: Decimal) -> TeamSummary:
+    """The rest of a TEAM_LIST_SELECT row (from the member count on)."""
+    queries, rag, web, uploads, upload_bytes, prompt, completion, total = map(int, row[1:9])
+    today = DailyUsage(
+        user_id=team.id,
+        day=day,
+        queries=queries,
+        advanced_rag=rag,
+        web_searches=web,
+        uploads=uploads,
+        upload_bytes=upload_bytes,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        cost=cost,
+    )
+    return TeamSummary(team, int(row[0]), today)
+
+
+def team_daily(team_id: str, row: Any, cost: Decimal) -> DailyUsage:
+    """A row of TEAM_DAILY_SELECT (sums may come as decimals) as the team's day."""
+    return DailyUsage(
+        user_id=team_id,
+        day=row[0] if isinstance(row[0], date) else date.fromisoformat(row[0]),
+        queries=int(row[1]),
+        advanced_rag=int(row[2]),
+        web_searches=int(row[3]),
+        uploads=int(row[4]),
+        upload_bytes=int(row[5]),
+        prompt_tokens=int(row[6]),
+        completion_tokens=int(row[7]),
+        total_tokens=int(row[8]),
+        cost=cost,
+    )
+
+
+def summed(rows: Sequence[DailyUsage], *, user_id: str, day: date) -> DailyUsage:
+    """Day rows added up into one (``day`` names the result, e.g. the range's start)."""
+    total = DailyUsage(user_id=user_id, day=day)
+    for row in rows:
+        total = DailyUsage(
+            user_id=user_id,
+            day=day,
+            queries=total.queries + row.queries,
+            advanced_rag=total.advanced_rag + row.advanced_rag,
+            web_searches=total.web_searches + row.web_searches,
+            uploads=total.uploads + row.uploads,
+            upload_bytes=total.upload_bytes + row.upload_bytes,
+            prompt_tokens=total.prompt_tokens + row.prompt_tokens,
+            completion_tokens=total.completion_tokens + row.completion_tokens,
+            total_tokens=total.total_tokens + row.total_tokens,
+            cost=total.cost + row.cost,
+        )
+    return total
 
 
 # How long a paused run's form is kept: longer than Dify lets a form wait (its
@@ -434,6 +533,46 @@ class Storage(Protocol):
     ) -> list[UserSummary]: ...
 
     async def count_users(self, *, plan: str | None = None, search: str | None = None) -> int: ...
+
+    # teams (issue 21)
+    async def create_team(self, team_id: str, *, plan: str, now: datetime) -> Team:
+        """Raises `Conflict` when a team of that id exists."""
+        ...
+
+    async def get_team(self, team_id: str) -> Team | None: ...
+
+    async def list_teams(self, *, day: date) -> list[TeamSummary]:
+        """Every team with its member count and its members' usage on ``day``
+        summed, ordered by id."""
+        ...
+
+    async def set_team_plan(self, team_id: str, plan: str) -> None:
+        """Raises `NotFound` for an unknown team."""
+        ...
+
+    async def set_team_override(self, team_id: str, name: str, value: OverrideValue) -> None:
+        """Raises `NotFound` for an unknown team."""
+        ...
+
+    async def clear_team_override(self, team_id: str, name: str) -> None: ...
+
+    async def set_team(self, user_id: str, team_id: str | None) -> None:
+        """Put the user in the team (None: in none). Raises `NotFound` for an
+        unknown user or team."""
+        ...
+
+    async def team_members(self, team_id: str) -> list[User]:
+        """The team's users, ordered by id."""
+        ...
+
+    async def team_daily(self, team_id: str, *, start: date, end: date) -> list[DailyUsage]:
+        """The team's current members' day rows with start <= day <= end, summed
+        per day (``user_id`` is the team id), ordered by day."""
+        ...
+
+    async def user_teams(self) -> dict[str, str]:
+        """User id -> team id, for every user in a team (exports)."""
+        ...
 
     # keys
     async def create_key(

@@ -38,7 +38,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from gateway.errors import NotFound, StorageError
+from gateway.errors import Conflict, NotFound, StorageError
 from gateway.storage import migrations
 from gateway.storage.base import (
     ALERT_COLUMNS,
@@ -49,7 +49,11 @@ from gateway.storage.base import (
     KEY_COLUMNS,
     MODEL_USAGE_SELECT,
     PAUSED_FORM_DAYS,
+    TEAM_COLUMNS,
+    TEAM_DAILY_SELECT,
+    TEAM_LIST_SELECT,
     USER_COLUMNS,
+    USER_FIELDS,
     USER_SORTS,
     Admission,
     AdmissionLimits,
@@ -66,6 +70,8 @@ from gateway.storage.base import (
     OverrideValue,
     PausedForm,
     Pending,
+    Team,
+    TeamSummary,
     UsageEvent,
     User,
     UserSort,
@@ -74,6 +80,8 @@ from gateway.storage.base import (
     alerts_with_deliveries,
     delivery,
     model_usage,
+    team_daily,
+    team_summary,
 )
 from gateway.storage.group import GroupCommit, SplitBatch
 
@@ -113,6 +121,8 @@ _SettleCall = tuple[Any, ...]
 _REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
 _RECOVER = "SELECT * FROM gateway_recover($1, $2, $3)"
 _USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="sum(cost)", p1="$1", p2="$2", p3="$3")
+_TEAM_DAILY = TEAM_DAILY_SELECT.format(cost_sum="sum(d.cost)", p1="$1", p2="$2", p3="$3")
+_TEAM_LIST = TEAM_LIST_SELECT.format(cost_sum="coalesce(sum(d.cost), 0)", p1="$1")
 _COSTS_BY_CURRENCY = COSTS_BY_CURRENCY_SELECT.format(cost_sum="sum(cost)")
 
 
@@ -174,7 +184,12 @@ def _user(row: Any) -> User:
         lifetime_tokens=row[5],
         lifetime_cost=row[6],
         created_at=row[7],
+        team=row[8],
     )
+
+
+def _team(row: Any) -> Team:
+    return Team(id=row[0], plan=row[1], overrides=row[2], created_at=row[3])
 
 
 def _key(row: Any) -> ApiKey:
@@ -376,9 +391,9 @@ class PostgresStorage:
             rows = await self._pool.fetch(sql, day, limit, offset, *params)
         return [
             UserSummary(
-                user=_user(row[:8]),
-                today=_daily(row[8:])
-                if row[8] is not None
+                user=_user(row[:USER_FIELDS]),
+                today=_daily(row[USER_FIELDS:])
+                if row[USER_FIELDS] is not None
                 else DailyUsage(user_id=row[0], day=day),
             )
             for row in rows
@@ -388,6 +403,88 @@ class PostgresStorage:
         where, params = self._user_filter(plan, search, first=1)
         with _mapped():
             return int(await self._pool.fetchval(f"SELECT count(*) FROM users u{where}", *params))
+
+    # --- teams (issue 21) ----------------------------------------------------
+
+    async def create_team(self, team_id: str, *, plan: str, now: datetime) -> Team:
+        with _mapped():
+            row = await self._pool.fetchrow(
+                "INSERT INTO teams AS t (id, plan, created_at) VALUES ($1, $2, $3) "
+                f"ON CONFLICT (id) DO NOTHING RETURNING {TEAM_COLUMNS}",
+                team_id,
+                plan,
+                now,
+            )
+        if row is None:
+            raise Conflict(f"a team {team_id!r} exists already")
+        return _team(row)
+
+    async def get_team(self, team_id: str) -> Team | None:
+        with _mapped():
+            row = await self._pool.fetchrow(
+                f"SELECT {TEAM_COLUMNS} FROM teams t WHERE t.id = $1", team_id
+            )
+        return _team(row) if row else None
+
+    async def list_teams(self, *, day: date) -> list[TeamSummary]:
+        with _mapped():
+            rows = await self._pool.fetch(_TEAM_LIST, day)
+        return [team_summary(_team(row[:4]), list(row)[4:], day=day, cost=row[13]) for row in rows]
+
+    async def set_team_plan(self, team_id: str, plan: str) -> None:
+        with _mapped():
+            status = await self._pool.execute(
+                "UPDATE teams SET plan = $2 WHERE id = $1", team_id, plan
+            )
+        if status == "UPDATE 0":
+            raise NotFound(f"no team {team_id!r}")
+
+    async def set_team_override(self, team_id: str, name: str, value: OverrideValue) -> None:
+        with _mapped():
+            status = await self._pool.execute(
+                "UPDATE teams SET overrides = overrides || jsonb_build_object($2::text, $3::jsonb) WHERE id = $1",
+                team_id,
+                name,
+                value,
+            )
+        if status == "UPDATE 0":
+            raise NotFound(f"no team {team_id!r}")
+
+    async def clear_team_override(self, team_id: str, name: str) -> None:
+        with _mapped():
+            status = await self._pool.execute(
+                "UPDATE teams SET overrides = overrides - $2::text WHERE id = $1", team_id, name
+            )
+        if status == "UPDATE 0":
+            raise NotFound(f"no team {team_id!r}")
+
+    async def set_team(self, user_id: str, team_id: str | None) -> None:
+        try:
+            with _mapped():
+                status = await self._pool.execute(
+                    "UPDATE users SET team_id = $2 WHERE id = $1", user_id, team_id
+                )
+        except NotFound as exc:  # the foreign key: no such team
+            raise NotFound(f"no team {team_id!r}") from exc
+        if status == "UPDATE 0":
+            raise NotFound(f"no user {user_id!r}")
+
+    async def team_members(self, team_id: str) -> list[User]:
+        with _mapped():
+            rows = await self._pool.fetch(
+                f"SELECT {USER_COLUMNS} FROM users u WHERE u.team_id = $1 ORDER BY u.id", team_id
+            )
+        return [_user(row) for row in rows]
+
+    async def team_daily(self, team_id: str, *, start: date, end: date) -> list[DailyUsage]:
+        with _mapped():
+            rows = await self._pool.fetch(_TEAM_DAILY, team_id, start, end)
+        return [team_daily(team_id, row, row[9]) for row in rows]
+
+    async def user_teams(self) -> dict[str, str]:
+        with _mapped():
+            rows = await self._pool.fetch("SELECT id, team_id FROM users WHERE team_id IS NOT NULL")
+        return {row[0]: row[1] for row in rows}
 
     # --- keys ---------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from gateway.errors import NotFound, StorageError
+from gateway.errors import Conflict, NotFound, StorageError
 from gateway.storage import migrations
 from gateway.storage.base import (
     ALERT_COLUMNS,
@@ -37,7 +37,11 @@ from gateway.storage.base import (
     EVENT_COLUMNS,
     MODEL_USAGE_SELECT,
     PAUSED_FORM_DAYS,
+    TEAM_COLUMNS,
+    TEAM_DAILY_SELECT,
+    TEAM_LIST_SELECT,
     USER_COLUMNS,
+    USER_FIELDS,
     USER_SORTS,
     Admission,
     AdmissionLimits,
@@ -53,6 +57,8 @@ from gateway.storage.base import (
     OverrideValue,
     PausedForm,
     Pending,
+    Team,
+    TeamSummary,
     UsageEvent,
     User,
     UserSort,
@@ -63,12 +69,17 @@ from gateway.storage.base import (
     decide,
     delivery,
     model_usage,
+    team_daily,
+    team_summary,
     web_search_left,
 )
 
 T = TypeVar("T")
 _USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="dec_sum(cost)", p1="?", p2="?", p3="?")
 _COSTS_BY_CURRENCY = COSTS_BY_CURRENCY_SELECT.format(cost_sum="dec_sum(cost)")
+
+_TEAM_DAILY = TEAM_DAILY_SELECT.format(cost_sum="dec_sum(d.cost)", p1="?", p2="?", p3="?")
+_TEAM_LIST = TEAM_LIST_SELECT.format(cost_sum="dec_sum(d.cost)", p1="?")
 
 _EXPORT_BATCH = 1000
 
@@ -172,6 +183,16 @@ def _user(row: sqlite3.Row | tuple[Any, ...]) -> User:
         lifetime_tokens=row[5],
         lifetime_cost=Decimal(row[6]),
         created_at=datetime.fromisoformat(row[7]),
+        team=row[8],
+    )
+
+
+def _team(row: tuple[Any, ...]) -> Team:
+    return Team(
+        id=row[0],
+        plan=row[1],
+        overrides=orjson.loads(row[2]),
+        created_at=datetime.fromisoformat(row[3]),
     )
 
 
@@ -563,9 +584,9 @@ class SQLiteStorage:
             rows = conn.execute(sql, (day.isoformat(), *params, limit, offset)).fetchall()
             return [
                 UserSummary(
-                    user=_user(row[:8]),
-                    today=_daily(row[8:])
-                    if row[8] is not None
+                    user=_user(row[:USER_FIELDS]),
+                    today=_daily(row[USER_FIELDS:])
+                    if row[USER_FIELDS] is not None
                     else DailyUsage(user_id=row[0], day=day),
                 )
                 for row in rows
@@ -580,6 +601,103 @@ class SQLiteStorage:
                 conn.execute(f"SELECT count(*) FROM users u{where}", params).fetchone()[0]
             )
         )
+
+    # --- teams (issue 21) ----------------------------------------------------
+
+    async def create_team(self, team_id: str, *, plan: str, now: datetime) -> Team:
+        def run(conn: sqlite3.Connection) -> None:
+            inserted = conn.execute(
+                "INSERT INTO teams (id, plan, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (id) DO NOTHING",
+                (team_id, plan, _ts(now)),
+            ).rowcount
+            if not inserted:
+                raise Conflict(f"a team {team_id!r} exists already")
+
+        await self._tx(run)
+        return Team(id=team_id, plan=plan, overrides={}, created_at=now.astimezone(UTC))
+
+    async def get_team(self, team_id: str) -> Team | None:
+        def run(conn: sqlite3.Connection) -> Team | None:
+            row = conn.execute(
+                f"SELECT {TEAM_COLUMNS} FROM teams t WHERE t.id = ?", (team_id,)
+            ).fetchone()
+            return _team(row) if row else None
+
+        return await self._run(run)
+
+    async def list_teams(self, *, day: date) -> list[TeamSummary]:
+        return await self._run(
+            lambda conn: [
+                team_summary(_team(row[:4]), row[4:], day=day, cost=Decimal(row[13] or "0"))
+                for row in conn.execute(_TEAM_LIST, (day.isoformat(),))
+            ]
+        )
+
+    async def set_team_plan(self, team_id: str, plan: str) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            if not conn.execute("UPDATE teams SET plan = ? WHERE id = ?", (plan, team_id)).rowcount:
+                raise NotFound(f"no team {team_id!r}")
+
+        await self._tx(run)
+
+    async def _change_team_overrides(
+        self, team_id: str, change: Callable[[dict[str, OverrideValue]], None]
+    ) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT overrides FROM teams WHERE id = ?", (team_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no team {team_id!r}")
+            overrides = orjson.loads(row[0])
+            change(overrides)
+            conn.execute(
+                "UPDATE teams SET overrides = ? WHERE id = ?",
+                (orjson.dumps(overrides).decode(), team_id),
+            )
+
+        await self._tx(run)
+
+    async def set_team_override(self, team_id: str, name: str, value: OverrideValue) -> None:
+        await self._change_team_overrides(team_id, lambda o: o.__setitem__(name, value))
+
+    async def clear_team_override(self, team_id: str, name: str) -> None:
+        def clear(overrides: dict[str, OverrideValue]) -> None:
+            overrides.pop(name, None)
+
+        await self._change_team_overrides(team_id, clear)
+
+    async def set_team(self, user_id: str, team_id: str | None) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            if (
+                team_id is not None
+                and conn.execute("SELECT 1 FROM teams WHERE id = ?", (team_id,)).fetchone() is None
+            ):
+                raise NotFound(f"no team {team_id!r}")
+            if not conn.execute(
+                "UPDATE users SET team_id = ? WHERE id = ?", (team_id, user_id)
+            ).rowcount:
+                raise NotFound(f"no user {user_id!r}")
+
+        await self._tx(run)
+
+    async def team_members(self, team_id: str) -> list[User]:
+        sql = f"SELECT {USER_COLUMNS} FROM users u WHERE u.team_id = ? ORDER BY u.id"
+        return await self._run(
+            lambda conn: [_user(row) for row in conn.execute(sql, (team_id,)).fetchall()]
+        )
+
+    async def team_daily(self, team_id: str, *, start: date, end: date) -> list[DailyUsage]:
+        params = (team_id, start.isoformat(), end.isoformat())
+        return await self._run(
+            lambda conn: [
+                team_daily(team_id, row, Decimal(row[9] or "0"))
+                for row in conn.execute(_TEAM_DAILY, params).fetchall()
+            ]
+        )
+
+    async def user_teams(self) -> dict[str, str]:
+        sql = "SELECT id, team_id FROM users WHERE team_id IS NOT NULL"
+        return await self._run(lambda conn: dict(conn.execute(sql).fetchall()))
 
     # --- keys ---------------------------------------------------------------
 

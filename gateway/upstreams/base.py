@@ -21,6 +21,18 @@ uses it for one request:
     For a route whose role the body decides (``by_body``), the route once the
     JSON body is read.
 
+``requested_models(route, body) -> tuple[str | None, ...] | None``
+    The models a request asks the upstream to run, read where the upstream
+    reads them (the body's ``model``, a tool's own ``model``, a model read's
+    path): checked against the plan's allow-list before anything is reserved
+    or forwarded (gateway/model_access.py). None: the request names no model
+    the gateway can check (a Dify app fixes its own; a route that runs none);
+    a None item: the request should name a model and does not.
+
+``filter_models(route, page, allowed) -> dict``
+    A model list (``route.lists_models``) holding only the models for which
+    ``allowed(id)`` is true; returns ``page`` itself when nothing was removed.
+
 ``prepare(route, body, query, user_id, *, method, request_id) -> Prepared``
     Puts the authenticated end user where this API reads it: into the parsed
     JSON request body (``body``, rewritten in place; None when the request has
@@ -67,6 +79,7 @@ uses it for one request:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -109,6 +122,10 @@ class Route:
     # The body decides the role (e.g. a rename that asks Dify to generate the name):
     # the proxy asks the dialect's ``refine`` once the JSON body is read.
     by_body: bool = False
+    # Issue 21, model allow-lists: a list of the upstream's models (filtered to the
+    # plan's), and the one model a read of a model names (checked against it).
+    lists_models: bool = False
+    model: str | None = None
 
     @property
     def produces_answer(self) -> bool:
@@ -228,6 +245,18 @@ class Upstream(Protocol):
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         """An estimate for an answer request the upstream took but never answered
         in time (it may have generated, and billed, the answer all the same)."""
+        ...
+
+    def requested_models(
+        self, route: Route, body: dict[str, Any] | None
+    ) -> tuple[str | None, ...] | None:
+        """The models the request names, where the upstream reads them (see above)."""
+        ...
+
+    def filter_models(
+        self, route: Route, page: dict[str, Any], allowed: Callable[[str], bool]
+    ) -> dict[str, Any]:
+        """A model list limited to the allowed models (see above)."""
         ...
 
     def filter_history(
