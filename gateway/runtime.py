@@ -279,9 +279,9 @@ class Gateway:
             metrics=self.metrics,
             spool=spool,
             terms=lambda: current.snapshot.terms,
+            on_cost=money.cost_recorded,
             answer_log=config.server.answer_log,
         )
-        settler.on_cost = money.cost_recorded
         replayed = await settler.replay()
         if replayed:
             log.info("replayed %d spooled usage records", replayed)

@@ -213,6 +213,7 @@ class Settler:
         max_tokens_per_answer: int = DEFAULT_MAX_TOKENS_PER_ANSWER,
         prices: PriceTable | None = None,
         terms: Callable[[], Terms] | None = None,
+        on_cost: Callable[[str], None] | None = None,
         answer_log: bool = False,
     ) -> None:
         self._storage = storage
@@ -224,8 +225,8 @@ class Settler:
         self._terms = terms if terms is not None else lambda: fixed
         self._metrics = metrics
         # Told each recorded cost's currency: the gateway keeps one per database
-        # (gateway/currency.py, Gateway._cost_recorded).
-        self.on_cost: Callable[[str], None] | None = None
+        # (gateway/currency.py, Money.cost_recorded).
+        self.on_cost = on_cost
         self._spool = spool
         metrics.spool.path = spool  # gateway_spool_bytes (gateway/metrics.py)
         self._delays = tuple(retry_delays)
