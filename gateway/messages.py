@@ -286,6 +286,13 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "Công cụ {tool} chưa được định giá trên gateway này "
         '([call_prices."openai.{name}"]) nên không dùng được.',
     ),
+    "tool_not_priced_anthropic": _e(
+        "tool_not_priced",
+        "The tool {tool} has no price on this gateway "
+        '([call_prices."anthropic.{name}"]), so it is not available.',
+        "Công cụ {tool} chưa được định giá trên gateway này "
+        '([call_prices."anthropic.{name}"]) nên không dùng được.',
+    ),
     # --- malformed requests (400) ---
     "method_case": _e(
         "invalid_param",
@@ -330,6 +337,11 @@ ENTRIES: Final[Mapping[str, Entry]] = {
     "content_length": _e(
         "invalid_param", "Invalid Content-Length header.", "Header Content-Length không hợp lệ."
     ),
+    "key_header_twice": _e(
+        "invalid_param",
+        "More than one {header} header.",
+        "Yêu cầu có nhiều hơn một header {header}.",
+    ),
     "content_type_twice": _e(
         "invalid_param",
         "More than one Content-Type header.",
@@ -342,6 +354,16 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "invalid_param",
         "stream_options must be an object.",
         "stream_options phải là một đối tượng.",
+    ),
+    "metadata_object": _e(
+        "invalid_param",
+        "metadata must be an object.",
+        "metadata phải là một đối tượng.",
+    ),
+    "max_tokens_required": _e(
+        "invalid_param",
+        "max_tokens must be a positive integer (the Messages API requires it).",
+        "max_tokens phải là một số nguyên dương (Messages API bắt buộc trường này).",
     ),
     "invalid_type": _e(
         "invalid_type",

@@ -326,13 +326,15 @@ class Proxy:
         x.method = method
         x.path = canonical_path(scope["path"][3:])  # strip "/v1"
         x.query = scope.get("query_string", b"")
-        x.headers = request_headers(scope["headers"], x.snap.user_header)
+        x.headers = request_headers(
+            scope["headers"], x.snap.user_header, x.snap.upstream.key_header
+        )
 
     # --- authenticate ----------------------------------------------------------------
 
     async def _authenticate(self, x: Exchange) -> None:
         try:
-            x.user_id = await x.snap.identify(x.headers.authorization, x.headers.user_header)
+            x.user_id = await x.snap.identify(x.headers.credential, x.headers.user_header)
         except StorageError as exc:
             self._metrics.inc("gateway_storage_errors_total", operation="authenticate")
             raise StorageError("The usage database is unavailable; try again shortly.") from exc
@@ -971,6 +973,7 @@ class Proxy:
                 model=result.model,
                 cached_tokens=usage.cached_tokens,
                 reasoning_tokens=usage.reasoning_tokens,
+                cache_write_tokens=usage.cache_write_tokens,
             ),
             lease_id=ticket.lease_id,
             pending_id=ticket.pending_id,

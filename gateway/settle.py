@@ -81,6 +81,7 @@ _INT_FIELDS = frozenset(
         "total_tokens",
         "cached_tokens",
         "reasoning_tokens",
+        "cache_write_tokens",
         "web_searches",
     }
 )

@@ -110,11 +110,12 @@ def build_snapshot(config: Config, storage: Storage, previous: Snapshot | None =
     reload (gateway/auth.py): what they hold is in the database, which a reload
     does not change."""
     up = config.upstream
+    # Rebuilt so that a dialect's own settings (prices) follow a reload.
+    upstream = get_upstream(up.kind, config)
     return Snapshot(
         config=config,
         tz=config.tz,
-        # Rebuilt so that a dialect's own settings (prices) follow a reload.
-        upstream=get_upstream(up.kind, config),
+        upstream=upstream,
         terms=Terms(config.accounting.max_tokens_per_answer, PriceTable(config.prices)),
         messages=Catalogue(config.messages.default_language, config.messages.templates),
         auth=Authenticator(
@@ -135,7 +136,9 @@ def build_snapshot(config: Config, storage: Storage, previous: Snapshot | None =
         ),
         user_header=config.auth.trusted_header.user_header.lower().encode(),
         upstream_url=up.url,
-        upstream_authorization=(b"authorization", f"Bearer {up.api_key}".encode()),
+        # The header that carries the operator's key: the dialect's (Anthropic's
+        # x-api-key); the upstream section, and so the kind, is fixed until a restart.
+        upstream_authorization=upstream.upstream_credential(up.api_key),
         blocking_timeout=httpx.Timeout(
             connect=up.connect_timeout,
             read=up.total_timeout,

@@ -30,8 +30,8 @@ async def _end_user(request: Request, gw: Services) -> str:
     # as the proxy reads them (the same function, then the same decoding in
     # gateway/auth.py), so /v1/usage reports the user the proxy charges.
     snap = gw.snapshot
-    headers = request_headers(request.scope["headers"], snap.user_header)
-    return await snap.identify(headers.authorization, headers.user_header)
+    headers = request_headers(request.scope["headers"], snap.user_header, snap.upstream.key_header)
+    return await snap.identify(headers.credential, headers.user_header)
 
 
 async def my_usage(request: Request) -> Response:

@@ -117,6 +117,19 @@ def test_excess_price_digits_are_rounded_not_marked() -> None:
     assert (bounded.cost, bounded.outcome, changed) == (Decimal(0), EVENT.outcome, [])
 
 
+@pytest.mark.parametrize("part", ["cached_tokens", "cache_write_tokens"])
+def test_a_prompt_part_past_the_prompt_is_bounded_by_it(part: str) -> None:
+    event = UsageEvent(**{**_fields(EVENT), part: EVENT.prompt_tokens + 5})
+    bounded, changed = bound_event(event, max_tokens=CAP)
+    assert getattr(bounded, part) == EVENT.prompt_tokens
+    assert changed == [part] and bounded.outcome == CLAMPED
+
+
+def test_cache_writes_survive_the_spool() -> None:
+    event = UsageEvent(**{**_fields(EVENT), "cache_write_tokens": 42})
+    assert event_from_json(event_to_json(Write(event, None, None))).event == event
+
+
 def _fields(event: UsageEvent) -> dict[str, Any]:
     return {name: getattr(event, name) for name in event.__slots__}
 

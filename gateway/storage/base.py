@@ -51,7 +51,8 @@ DAILY_COLUMNS = (
 EVENT_COLUMNS = (
     "answer_id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens, "
     "total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id, "
-    "request_id, upstream_latency_ms, overhead_ms, model, cached_tokens, reasoning_tokens"
+    "request_id, upstream_latency_ms, overhead_ms, model, cached_tokens, reasoning_tokens, "
+    "cache_write_tokens"
 )
 # Per model and currency, in ModelUsage's order; both backends group the ledger
 # with it (the cost sum is the backend's exact decimal sum, given as {cost_sum}).
@@ -316,6 +317,7 @@ class UsageEvent:
     model: str | None = None  # the model that answered, when the upstream names it
     cached_tokens: int = 0  # of prompt_tokens, read from the provider's prompt cache
     reasoning_tokens: int = 0  # of completion_tokens, spent reasoning
+    cache_write_tokens: int = 0  # of prompt_tokens, written to the provider's prompt cache
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,7 +99,7 @@ _ADMIT = (
 )
 _SETTLE = (
     "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
-    "$15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)"
+    "$15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29)"
 )
 _ADMIT_MANY = (
     "SELECT * FROM gateway_admit_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
@@ -108,14 +108,15 @@ _ADMIT_MANY = (
 _SETTLE_MANY = (
     "SELECT * FROM gateway_settle_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
     "$14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, "
-    "$32)"
+    "$32, $33)"
 )
 # A batch is at most this many calls by default (database.max_batch): past a
 # few dozen a larger batch saves little, and a batch holds its users' row locks
 # until it commits.
 DEFAULT_MAX_BATCH = 64
 # The arguments of one admission, in gateway_admit's order (21), and of one
-# settle, in gateway_settle's (28: the last five are the alert checks' lists).
+# settle, in gateway_settle's (29: then the alert checks' five lists, then the
+# cache writes, migration 0014).
 _AdmitCall = tuple[Any, ...]
 _SettleCall = tuple[Any, ...]
 _REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
@@ -685,6 +686,7 @@ class PostgresStorage:
                 [c.value for c, _ in checks],
                 [t for _, t in checks],
                 list(alerts.channels) if alerts else [],
+                event.cache_write_tokens,
             )
         )
 
@@ -725,6 +727,7 @@ class PostgresStorage:
                 values,
                 thresholds,
                 channels,
+                [call[28] for call in calls],
             )
         results: list[bool | Exception] = [StorageError("no answer")] * len(calls)
         for row in rows:

@@ -245,6 +245,7 @@ def _event(row: tuple[Any, ...]) -> UsageEvent:
         model=row[17],
         cached_tokens=row[18],
         reasoning_tokens=row[19],
+        cache_write_tokens=row[20],
     )
 
 
@@ -319,7 +320,7 @@ def _supersede(conn: sqlite3.Connection, pending_id: str, event: UsageEvent) -> 
         "prompt_tokens = ?, completion_tokens = ?, total_tokens = ?, cost = ?, currency = ?, "
         "outcome = ?, estimated = ?, web_searches = ?, conversation_id = ?, request_id = ?, "
         "upstream_latency_ms = ?, overhead_ms = ?, model = ?, cached_tokens = ?, "
-        "reasoning_tokens = ? WHERE answer_id = ?",
+        "reasoning_tokens = ?, cache_write_tokens = ? WHERE answer_id = ?",
         (
             event.answer_id,
             _ts(event.created_at),
@@ -339,6 +340,7 @@ def _supersede(conn: sqlite3.Connection, pending_id: str, event: UsageEvent) -> 
             event.model,
             event.cached_tokens,
             event.reasoning_tokens,
+            event.cache_write_tokens,
             old[0],
         ),
     )
@@ -369,7 +371,7 @@ def _record(conn: sqlite3.Connection, event: UsageEvent) -> bool:
     cost = str(event.cost)
     inserted = conn.execute(
         f"INSERT INTO usage_events ({EVENT_COLUMNS}) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (answer_id) DO NOTHING",
         (
             event.answer_id,
@@ -392,6 +394,7 @@ def _record(conn: sqlite3.Connection, event: UsageEvent) -> bool:
             event.model,
             event.cached_tokens,
             event.reasoning_tokens,
+            event.cache_write_tokens,
         ),
     ).rowcount
     if not inserted:

@@ -6,6 +6,12 @@ Adding an upstream means adding one module here and one line in the registry
 or a header of any one API. What a dialect provides, in the order the proxy
 uses it for one request:
 
+``key_header`` and ``upstream_credential(api_key)``
+    Where this API's clients send their key besides ``Authorization: Bearer``
+    (Anthropic's ``x-api-key``; None: nowhere else) - the gateway reads the
+    gateway key there and never forwards that header - and the header that
+    carries the operator's key upstream.
+
 ``route(method, path) -> Route``
     Classifies a request (``path`` is relative to the API base, e.g.
     "/chat-messages"). Which kinds of route exist is the dialect's business: the
@@ -207,6 +213,15 @@ class Upstream(Protocol):
         """True when a running answer is stopped by closing the upstream connection."""
         ...
 
+    @property
+    def key_header(self) -> bytes | None:
+        """A request header, besides Authorization, that carries the client's key."""
+        ...
+
+    def upstream_credential(self, api_key: str) -> tuple[bytes, bytes]:
+        """The request header that gives the upstream the operator's ``api_key``."""
+        ...
+
     def route(self, method: str, path: str) -> Route:
         """Classify a request; ``path`` is relative to the API base, e.g. "/chat-messages"."""
         ...
@@ -276,3 +291,19 @@ class Upstream(Protocol):
     def stream_error(self, status: int, code: str, message: str) -> bytes:
         """A complete SSE frame telling the client a stream broke after it began."""
         ...
+
+
+def keep_models(page: dict[str, Any], allowed: Callable[[str], bool]) -> dict[str, Any]:
+    """A model list whose ``data`` holds objects named by ``id`` (OpenAI's and
+    Anthropic's shape), with only the allowed models; returns ``page`` itself
+    when nothing was removed. A list it cannot read is emptied, not passed on
+    whole."""
+    data = page.get("data")
+    if not isinstance(data, list):
+        return {**page, "data": []}
+    kept = [
+        item
+        for item in data
+        if isinstance(item, dict) and isinstance(item.get("id"), str) and allowed(item["id"])
+    ]
+    return page if len(kept) == len(data) else {**page, "data": kept}

@@ -480,9 +480,13 @@ class DifyUpstream:
     kind = "dify"
     user_field = "user"
     stops_by_closing = False
+    key_header = None  # the gateway key comes as a bearer token only
 
     def __init__(self, config: Config | None = None) -> None:
         """Dify needs no settings of its own: it reports usage with its price."""
+
+    def upstream_credential(self, api_key: str) -> tuple[bytes, bytes]:
+        return (b"authorization", f"Bearer {api_key}".encode())
 
     def route(self, method: str, path: str) -> Route:
         return dify_routes.dify_route(method, path)

@@ -33,7 +33,7 @@ from gateway.errors import BadRequest, Forbidden
 from gateway.pricing import Audio, CallPrice, PriceTable
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import openai_routes
-from gateway.upstreams.base import Prepared, Route, StreamMeter
+from gateway.upstreams.base import Prepared, Route, StreamMeter, keep_models
 from gateway.upstreams.openai_routes import object_id_meter, with_object_id
 from gateway.upstreams.openai_wire import (
     ChatStreamMeter,
@@ -145,6 +145,7 @@ class OpenAIUpstream:
     kind = "openai"
     user_field = "user"
     stops_by_closing = True  # OpenAI stops generating when the client closes
+    key_header = None  # the gateway key comes as a bearer token only
 
     def __init__(self, config: Config | None = None) -> None:
         self._prices = PriceTable(config.prices if config is not None else {})
@@ -162,6 +163,9 @@ class OpenAIUpstream:
         }
 
     # --- requests ------------------------------------------------------------------
+
+    def upstream_credential(self, api_key: str) -> tuple[bytes, bytes]:
+        return (b"authorization", f"Bearer {api_key}".encode())
 
     def route(self, method: str, path: str) -> Route:
         return openai_routes.openai_route(method, path)
@@ -271,15 +275,7 @@ class OpenAIUpstream:
         """``GET /models`` (``{"object": "list", "data": [{"id": ...}, ...]}``)
         with only the allowed models; a list it cannot read is emptied, not
         passed on whole."""
-        data = page.get("data")
-        if not isinstance(data, list):
-            return {**page, "data": []}
-        kept = [
-            item
-            for item in data
-            if isinstance(item, dict) and isinstance(item.get("id"), str) and allowed(item["id"])
-        ]
-        return page if len(kept) == len(data) else {**page, "data": kept}
+        return keep_models(page, allowed)
 
     # --- answers -------------------------------------------------------------------
 

@@ -148,22 +148,35 @@ async def test_a_database_of_the_last_release_migrates_in_place(
     old = await open_storage(DatabaseConfig(url=url))
     try:
         assert await old.migrate() == len(before)
-        # The user as the last release wrote it (this release's user reads name
-        # the new column).
+        # The user and their usage as the last release wrote them, in SQL (this
+        # release's reads and writes name columns the old schema lacks).
         if backend == "sqlite":
             with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
                 conn.execute(
-                    "INSERT INTO users (id, plan, created_at) VALUES ('alice', 'pro', ?)",
+                    "INSERT INTO users (id, plan, created_at, lifetime_tokens, lifetime_cost)"
+                    " VALUES ('alice', 'pro', ?, 100, '0.25')",
                     (NOW.isoformat(),),
+                )
+                conn.execute(
+                    "INSERT INTO usage_daily (user_id, day, queries, total_tokens, cost)"
+                    " VALUES ('alice', ?, 1, 100, '0.25')",
+                    (DAY.isoformat(),),
                 )
                 conn.commit()
         else:
             conn = await asyncpg.connect(url)
             try:
-                await conn.execute("INSERT INTO users (id, plan) VALUES ('alice', 'pro')")
+                await conn.execute(
+                    "INSERT INTO users (id, plan, lifetime_tokens, lifetime_cost)"
+                    " VALUES ('alice', 'pro', 100, 0.25)"
+                )
+                await conn.execute(
+                    "INSERT INTO usage_daily (user_id, day, queries, total_tokens, cost)"
+                    " VALUES ('alice', $1, 1, 100, 0.25)",
+                    DAY,
+                )
             finally:
                 await conn.close()
-        await old.settle(event("a1", "alice", tokens=100, cost="0.25"))
     finally:
         await old.close()
 
