@@ -1,4 +1,5 @@
-"""The admin API under /admin (JSON), and the end user's usage API under /v1/usage.
+"""The admin API under /admin (JSON). (The end user's own usage API, /v1/usage,
+is gateway/usage_api.py.)
 
 Admin requests carry ``Authorization: Bearer <admin token>`` (compared in constant
 time; a client's wrong guesses are throttled, gateway/throttle.py). With no admin
@@ -28,33 +29,33 @@ from gateway.errors import (
     Unauthorized,
 )
 from gateway.export import Dataset, Format, encode, rows
-from gateway.http import request_headers
 from gateway.reports import daily_dict, lifetime_dict
 from gateway.throttle import Check, SecretGuard
 
 if TYPE_CHECKING:
-    from gateway.runtime import Gateway
+    from gateway.services import Services
 
 MAX_PAGE = 500
 MAX_DAYS = 366
 _SORTS = ("id", "lifetime_tokens", "tokens_today")
 
 
-def _gateway(request: Request) -> Gateway:
-    gateway: Gateway = request.app.state.gateway
-    return gateway
+def services(request: Request) -> Services:
+    """What the gateway's own endpoints use (gateway/services.py)."""
+    found: Services = request.app.state.services
+    return found
 
 
-def json_response(gw: Gateway, data: Any, status: int = 200) -> Response:
+def json_response(gw: Services, data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
-def error_response(gw: Gateway, exc: GatewayError, *, realm: str = "admin") -> Response:
+def error_response(gw: Services, exc: GatewayError, *, realm: str = "admin") -> Response:
     headers = {k.decode(): v.decode() for k, v in exc.headers}
     if isinstance(exc, Unauthorized):
         headers["www-authenticate"] = f'Bearer realm="{realm}"'
     return Response(
-        gw.upstream.error_body(exc.status, exc.code, exc.message),
+        gw.error_body(exc.status, exc.code, exc.message),
         status_code=exc.status,
         media_type="application/json",
         headers=headers,
@@ -73,7 +74,7 @@ def peer(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
-def _secret_guard(request: Request, gw: Gateway) -> SecretGuard:
+def _secret_guard(request: Request, gw: Services) -> SecretGuard:
     # One per app (per process), kept on the app's state: the admin API, the
     # dashboard's sign-in and /metrics share it, so the guesses add up.
     state = request.app.state
@@ -84,7 +85,7 @@ def _secret_guard(request: Request, gw: Gateway) -> SecretGuard:
 
 
 def check_secret(
-    request: Request, gw: Gateway, presented: str | None, secrets: tuple[str, ...]
+    request: Request, gw: Services, presented: str | None, secrets: tuple[str, ...]
 ) -> Check:
     """``presented`` judged against ``secrets``, wrong guesses throttled per client."""
     admin = gw.config.admin
@@ -107,7 +108,7 @@ def too_many_attempts(retry_after: int) -> TooManyAttempts:
 
 def token_refusal(
     request: Request,
-    gw: Gateway,
+    gw: Services,
     secrets: tuple[str, ...],
     *,
     realm: str = "admin",
@@ -129,7 +130,7 @@ def _admin(handler: Any) -> Any:
     after too many wrong ones, gateway errors rendered in the error shape."""
 
     async def guarded(request: Request) -> Response:
-        gw = _gateway(request)
+        gw = services(request)
         if not gw.config.admin.token:
             return Response(status_code=404)
         refusal = token_refusal(request, gw, (gw.config.admin.token,))
@@ -146,7 +147,7 @@ def _admin(handler: Any) -> Any:
     return guarded
 
 
-def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
+def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
@@ -191,10 +192,10 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 
 @_admin
-async def list_users(request: Request, gw: Gateway) -> Response:
+async def list_users(request: Request, gw: Services) -> Response:
     """Users with their plan, lifetime and today's usage; paginated, sortable."""
-    limit = _int(request, "limit", 50, 1, MAX_PAGE)
-    offset = _int(request, "offset", 0, 0, 10**9)
+    limit = int_param(request, "limit", 50, 1, MAX_PAGE)
+    offset = int_param(request, "offset", 0, 0, 10**9)
     sort = cast(
         Literal["id", "lifetime_tokens", "tokens_today"], _choice(request, "sort", _SORTS, "id")
     )
@@ -226,29 +227,29 @@ async def list_users(request: Request, gw: Gateway) -> Response:
 
 
 @_admin
-async def list_alerts(request: Request, gw: Gateway) -> Response:
+async def list_alerts(request: Request, gw: Services) -> Response:
     """Threshold crossings, newest first, with how their deliveries went."""
-    limit = _int(request, "limit", 100, 1, MAX_PAGE)
+    limit = int_param(request, "limit", 100, 1, MAX_PAGE)
     user_id = request.query_params.get("user") or None
     alerts = await gw.storage.list_alerts(user_id=user_id, limit=limit)
     return json_response(gw, {"data": [alert_dict(a) for a in alerts]})
 
 
 @_admin
-async def get_user(request: Request, gw: Gateway) -> Response:
+async def get_user(request: Request, gw: Services) -> Response:
     """One user: plan, overrides, limits and usage, keys, daily history."""
-    days = _int(request, "days", 30, 1, MAX_DAYS)
+    days = int_param(request, "days", 30, 1, MAX_DAYS)
     return json_response(gw, await gw.reports.detail(request.path_params["user_id"], days=days))
 
 
 @_admin
-async def set_plan(request: Request, gw: Gateway) -> Response:
+async def set_plan(request: Request, gw: Services) -> Response:
     """Move a user to another plan."""
     user_id = request.path_params["user_id"]
     plan = (await _json_body(request)).get("plan")
     if not isinstance(plan, str):
         raise BadRequest("plan: expected the name of a configured plan.")
-    await gw.set_plan(user_id, plan)
+    await gw.accounts.set_plan(user_id, plan)
     return json_response(gw, {"id": user_id, "plan": plan})
 
 
@@ -260,7 +261,7 @@ def _limit_name(request: Request) -> str:
 
 
 @_admin
-async def set_limit(request: Request, gw: Gateway) -> Response:
+async def set_limit(request: Request, gw: Services) -> Response:
     """Override one plan limit for a user (`{"value": N}`; null is unlimited)."""
     user_id, name = request.path_params["user_id"], _limit_name(request)
     body = await _json_body(request)
@@ -268,15 +269,15 @@ async def set_limit(request: Request, gw: Gateway) -> Response:
         raise BadRequest(
             "value: required (a number, null for unlimited, or a boolean for advanced_rag)."
         )
-    value = await gw.set_override(user_id, name, body["value"])
+    value = await gw.accounts.set_override(user_id, name, body["value"])
     return json_response(gw, {"id": user_id, "name": name, "value": value})
 
 
 @_admin
-async def clear_limit(request: Request, gw: Gateway) -> Response:
+async def clear_limit(request: Request, gw: Services) -> Response:
     """Remove a per-user override: the plan's limit applies again."""
     user_id, name = request.path_params["user_id"], _limit_name(request)
-    await gw.clear_override(user_id, name)
+    await gw.accounts.clear_override(user_id, name)
     return json_response(gw, {"id": user_id, "name": name, "value": "plan"})
 
 
@@ -284,7 +285,7 @@ async def clear_limit(request: Request, gw: Gateway) -> Response:
 
 
 @_admin
-async def list_teams(request: Request, gw: Gateway) -> Response:
+async def list_teams(request: Request, gw: Services) -> Response:
     """Every team: its plan, member count and today's usage (members summed)."""
     data = [
         {
@@ -301,7 +302,7 @@ async def list_teams(request: Request, gw: Gateway) -> Response:
 
 
 @_admin
-async def create_team(request: Request, gw: Gateway) -> Response:
+async def create_team(request: Request, gw: Services) -> Response:
     """Create a team on a plan (`{"id": "acme", "plan": "pro"}`); 409 if it exists."""
     body = await _json_body(request)
     team_id, plan = body.get("id"), body.get("plan")
@@ -309,7 +310,7 @@ async def create_team(request: Request, gw: Gateway) -> Response:
         raise BadRequest("id: expected the team's id.")
     if not isinstance(plan, str):
         raise BadRequest("plan: expected the name of a configured plan.")
-    team = await gw.create_team(team_id, plan=plan)
+    team = await gw.accounts.create_team(team_id, plan=plan)
     return json_response(
         gw,
         {"id": team.id, "plan": team.plan, "created_at": team.created_at.isoformat()},
@@ -318,25 +319,25 @@ async def create_team(request: Request, gw: Gateway) -> Response:
 
 
 @_admin
-async def get_team(request: Request, gw: Gateway) -> Response:
+async def get_team(request: Request, gw: Services) -> Response:
     """One team: plan, overrides, limits and usage (members summed), members, daily history."""
-    days = _int(request, "days", 30, 1, MAX_DAYS)
+    days = int_param(request, "days", 30, 1, MAX_DAYS)
     return json_response(gw, await gw.reports.team(request.path_params["team_id"], days=days))
 
 
 @_admin
-async def set_team_plan(request: Request, gw: Gateway) -> Response:
+async def set_team_plan(request: Request, gw: Services) -> Response:
     """Move a team to another plan."""
     team_id = request.path_params["team_id"]
     plan = (await _json_body(request)).get("plan")
     if not isinstance(plan, str):
         raise BadRequest("plan: expected the name of a configured plan.")
-    await gw.set_team_plan(team_id, plan)
+    await gw.accounts.set_team_plan(team_id, plan)
     return json_response(gw, {"id": team_id, "plan": plan})
 
 
 @_admin
-async def set_team_limit(request: Request, gw: Gateway) -> Response:
+async def set_team_limit(request: Request, gw: Services) -> Response:
     """Override one plan limit for a team (`{"value": N}`; null is unlimited)."""
     team_id, name = request.path_params["team_id"], _limit_name(request)
     body = await _json_body(request)
@@ -344,39 +345,37 @@ async def set_team_limit(request: Request, gw: Gateway) -> Response:
         raise BadRequest(
             "value: required (a number, null for unlimited, or a boolean for advanced_rag)."
         )
-    value = await gw.set_team_override(team_id, name, body["value"])
+    value = await gw.accounts.set_team_override(team_id, name, body["value"])
     return json_response(gw, {"id": team_id, "name": name, "value": value})
 
 
 @_admin
-async def clear_team_limit(request: Request, gw: Gateway) -> Response:
+async def clear_team_limit(request: Request, gw: Services) -> Response:
     """Remove a per-team override: the team's plan's limit applies again."""
     team_id, name = request.path_params["team_id"], _limit_name(request)
-    await gw.clear_team_override(team_id, name)
+    await gw.accounts.clear_team_override(team_id, name)
     return json_response(gw, {"id": team_id, "name": name, "value": "plan"})
 
 
 @_admin
-async def set_user_team(request: Request, gw: Gateway) -> Response:
+async def set_user_team(request: Request, gw: Services) -> Response:
     """Put a user in a team (`{"team": "acme"}`), or in none (`{"team": null}`)."""
     user_id = request.path_params["user_id"]
     body = await _json_body(request)
     if "team" not in body or not isinstance(body["team"], str | None):
         raise BadRequest("team: required (a team's id, or null for none).")
-    await gw.set_team(user_id, body["team"])
+    await gw.accounts.set_team(user_id, body["team"])
     return json_response(gw, {"id": user_id, "team": body["team"]})
 
 
 @_admin
-async def create_key(request: Request, gw: Gateway) -> Response:
+async def create_key(request: Request, gw: Services) -> Response:
     """Create a key for a user; the secret is in this response only."""
     user_id = request.path_params["user_id"]
     name = (await _json_body(request)).get("name", "")
     if not isinstance(name, str) or len(name) > 200:
         raise BadRequest("name: expected a string of at most 200 characters.")
-    if await gw.storage.get_user(user_id) is None:
-        raise NotFound(f"No user {user_id!r}.")
-    record, secret = await gw.create_key(user_id, name=name)
+    record, secret = await gw.accounts.create_key(user_id, name=name)
     return json_response(
         gw,
         {
@@ -392,9 +391,9 @@ async def create_key(request: Request, gw: Gateway) -> Response:
 
 
 @_admin
-async def revoke_key(request: Request, gw: Gateway) -> Response:
+async def revoke_key(request: Request, gw: Services) -> Response:
     """Revoke a key; it stops working at once in this process."""
-    key = await gw.revoke_key(request.path_params["key_id"])
+    key = await gw.accounts.revoke_key(request.path_params["key_id"])
     assert key.revoked_at is not None
     return json_response(
         gw, {"id": key.id, "user_id": key.user_id, "revoked_at": key.revoked_at.isoformat()}
@@ -402,7 +401,7 @@ async def revoke_key(request: Request, gw: Gateway) -> Response:
 
 
 def _export(dataset: Dataset) -> Any:
-    async def export(request: Request, gw: Gateway) -> Response:
+    async def export(request: Request, gw: Services) -> Response:
         today = gw.today()
         start = _date(request, "from", today - timedelta(days=29))
         end = _date(request, "to", today)
@@ -438,7 +437,7 @@ async def _guarded_stream(chunks: Any) -> Any:
 
 
 async def openapi(request: Request) -> Response:
-    gw = _gateway(request)
+    gw = services(request)
     if not gw.config.admin.token:
         return Response(status_code=404)
     from gateway.openapi import document
@@ -465,52 +464,4 @@ admin_routes: list[BaseRoute] = [
     Route("/export/events", _export("events"), methods=["GET"]),
     Route("/export/daily", _export("daily"), methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
-]
-
-
-# --- the end user's own usage: /v1/usage ---------------------------------------------------
-
-
-async def _end_user(request: Request, gw: Gateway) -> str:
-    # The credential and the trusted user header read from the raw headers exactly
-    # as the proxy reads them (the same function, then the same decoding in
-    # gateway/auth.py), so /v1/usage reports the user the proxy charges.
-    headers = request_headers(request.scope["headers"], gw.user_header, gw.upstream.key_header)
-    return await gw.identify(headers.credential, headers.user_header)
-
-
-async def my_usage(request: Request) -> Response:
-    """What the caller has used and has left, per limit of their plan."""
-    gw = _gateway(request)
-    try:
-        user_id = await _end_user(request, gw)
-        # Fresh from storage: the in-process user cache holds plans, not counters.
-        return json_response(gw, await gw.reports.usage(await gw.reports.user(user_id)))
-    except GatewayError as exc:
-        return error_response(gw, exc, realm="api")
-
-
-async def my_daily_usage(request: Request) -> Response:
-    """The caller's usage per local day, for a chart (`?days=30`, at most 366)."""
-    gw = _gateway(request)
-    try:
-        user_id = await _end_user(request, gw)
-        days = _int(request, "days", 30, 1, MAX_DAYS)
-        daily = await gw.reports.daily(user_id, days)
-        return json_response(
-            gw,
-            {
-                "user": user_id,
-                "days": days,
-                "currency": gw.currency,
-                "data": [daily_dict(r, gw.currency) for r in daily],
-            },
-        )
-    except GatewayError as exc:
-        return error_response(gw, exc, realm="api")
-
-
-usage_routes: list[BaseRoute] = [
-    Route("/v1/usage", my_usage, methods=["GET"]),
-    Route("/v1/usage/daily", my_daily_usage, methods=["GET"]),
 ]

@@ -15,11 +15,16 @@ import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from typing import Any, Literal
 
 from gateway import __version__
-from gateway.accounts import check_team_id, effective_plan, issue_key, parse_override_text
+from gateway.accounts import (
+    Accounts,
+    UnknownPlan,
+    effective_plan,
+    parse_override_text,
+)
 from gateway.clock import SystemClock, periods_at
 from gateway.config import ENV_CONFIG, LIMIT_NAMES, Config, load_config, render_config
 from gateway.currency import check as currency_check
@@ -362,21 +367,25 @@ def _describe_db(config: Config) -> str:
 # --- users --------------------------------------------------------------------------
 
 
-def _require_plan(config: Config, plan: str) -> None:
-    if plan not in config.plans:
-        raise ConfigError(
-            f"no plan named {plan!r} (expected one of: {', '.join(sorted(config.plans))})"
-        )
+def _accounts(storage: Storage, config: Config) -> Accounts:
+    """The admin operations (gateway/accounts.py), as the admin API runs them."""
+    return Accounts(storage, config=lambda: config)
+
+
+def _plan_refused(exc: UnknownPlan) -> ConfigError:
+    """A plan the configuration does not define: a usage error (exit 2)."""
+    return ConfigError(f"no plan named {exc.plan!r} (expected one of: {', '.join(exc.plans)})")
 
 
 async def _users_add(storage: Storage, config: Config, args: argparse.Namespace) -> int:
     plan = args.plan or config.accounting.default_plan
-    _require_plan(config, plan)
-    existing = await storage.get_user(args.id)
+    try:
+        existing = await _accounts(storage, config).add_user(args.id, plan=plan)
+    except UnknownPlan as exc:
+        raise _plan_refused(exc) from None
     if existing is not None:
         print(f"user {args.id!r} already exists (plan {existing.plan})")
         return EXIT_ERROR
-    await storage.ensure_user(args.id, plan=plan)
     print(f"created user {args.id!r} on plan {plan}")
     return 0
 
@@ -473,8 +482,10 @@ def token_split(total: int, prompt: int, completion: int) -> str:
 
 
 async def _users_set_plan(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    _require_plan(config, args.plan)
-    await storage.set_plan(args.id, args.plan)
+    try:
+        await _accounts(storage, config).set_plan(args.id, args.plan)
+    except UnknownPlan as exc:
+        raise _plan_refused(exc) from None
     print(f"user {args.id!r} is now on plan {args.plan}")
     return 0
 
@@ -488,14 +499,15 @@ def parse_limit_value(name: str, raw: str) -> OverrideValue:
 
 
 async def _users_set_limit(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    value = parse_limit_value(args.name, args.value)
-    await storage.set_override(args.id, args.name, value)
+    value = await _accounts(storage, config).set_override(
+        args.id, args.name, parse_limit_value(args.name, args.value)
+    )
     print(f"user {args.id!r}: {args.name} = {'unlimited' if value is None else value} (override)")
     return 0
 
 
 async def _users_clear_limit(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    await storage.clear_override(args.id, args.name)
+    await _accounts(storage, config).clear_override(args.id, args.name)
     print(f"user {args.id!r}: {args.name} follows the plan again")
     return 0
 
@@ -503,7 +515,7 @@ async def _users_clear_limit(storage: Storage, config: Config, args: argparse.Na
 async def _users_set_team(storage: Storage, config: Config, args: argparse.Namespace) -> int:
     if (args.team is None) == (not args.none):
         raise ConfigError("users set-team: give a team, or --none to take the user out of theirs")
-    await storage.set_team(args.id, args.team)
+    await _accounts(storage, config).set_team(args.id, args.team)
     if args.team is None:
         print(f"user {args.id!r} is in no team")
     else:
@@ -565,19 +577,21 @@ def _print_table(rows: list[tuple[Any, ...]]) -> None:
 # --- teams (issue 21) ---------------------------------------------------------------
 
 
-def _team_check(fn: Callable[[], None]) -> None:
+@contextlib.contextmanager
+def _usage_errors() -> Iterator[None]:
     """A team id or plan name refused by the one validation (gateway/accounts.py)
     is a usage error, as a bad plan for a user is."""
     try:
-        fn()
+        yield
+    except UnknownPlan as exc:
+        raise _plan_refused(exc) from None
     except BadRequest as exc:
         raise ConfigError(exc.message) from None
 
 
 async def _teams_add(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    _team_check(lambda: check_team_id(args.id))
-    _require_plan(config, args.plan)
-    await storage.create_team(args.id, plan=args.plan, now=datetime.now(UTC))
+    with _usage_errors():
+        await _accounts(storage, config).create_team(args.id, plan=args.plan)
     print(f"created team {args.id!r} on plan {args.plan}")
     return 0
 
@@ -613,21 +627,22 @@ async def _teams_show(storage: Storage, config: Config, args: argparse.Namespace
 
 
 async def _teams_set_plan(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    _require_plan(config, args.plan)
-    await storage.set_team_plan(args.id, args.plan)
+    with _usage_errors():
+        await _accounts(storage, config).set_team_plan(args.id, args.plan)
     print(f"team {args.id!r} is now on plan {args.plan}")
     return 0
 
 
 async def _teams_set_limit(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    value = parse_limit_value(args.name, args.value)
-    await storage.set_team_override(args.id, args.name, value)
+    value = await _accounts(storage, config).set_team_override(
+        args.id, args.name, parse_limit_value(args.name, args.value)
+    )
     print(f"team {args.id!r}: {args.name} = {'unlimited' if value is None else value} (override)")
     return 0
 
 
 async def _teams_clear_limit(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    await storage.clear_team_override(args.id, args.name)
+    await _accounts(storage, config).clear_team_override(args.id, args.name)
     print(f"team {args.id!r}: {args.name} follows the plan again")
     return 0
 
@@ -715,9 +730,9 @@ def _progress_bar(total: int) -> Callable[[int], None]:
 
 
 async def _keys_create(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    if args.create_user:
-        await storage.ensure_user(args.id, plan=config.accounting.default_plan)
-    record, secret = await issue_key(storage, args.id, name=args.name, now=datetime.now(UTC))
+    record, secret = await _accounts(storage, config).create_key(
+        args.id, name=args.name, create_user=args.create_user
+    )
     print(
         f"created key {record.id} for user {record.user_id!r}; it is shown only this once:",
         file=sys.stderr,
@@ -727,7 +742,7 @@ async def _keys_create(storage: Storage, config: Config, args: argparse.Namespac
 
 
 async def _keys_revoke(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    key = await storage.revoke_key(args.key_id, now=datetime.now(UTC))
+    key = await _accounts(storage, config).revoke_key(args.key_id)
     assert key.revoked_at is not None
     print(
         f"key {key.id} of user {key.user_id!r} revoked at {key.revoked_at.isoformat(timespec='seconds')}"

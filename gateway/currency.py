@@ -13,16 +13,17 @@ holds costs in more than one; what is summed from the ledger itself (usage per
 model) is grouped by currency and never added across currencies.
 
 Pure decisions here; the one storage read (`Storage.costs_by_currency`) is made
-by the callers.
+by the callers. `Money` is the running gateway's state of it (gateway/runtime.py).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Final
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, StorageError
 
 if TYPE_CHECKING:
     from gateway.config import Config
@@ -31,12 +32,15 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CURRENCY",
     "CurrencyMismatch",
+    "Money",
     "check",
     "configured",
     "database_currency",
     "serving",
     "shown",
 ]
+
+log = logging.getLogger("gateway")
 
 # What an answer is recorded in when nothing names a currency (Dify's usage
 # without one, a configuration without prices): the record's own default.
@@ -112,3 +116,64 @@ def shown(costs: Mapping[str, Decimal], config: Config) -> str:
 async def check(storage: Storage, config: Config) -> str:
     """`serving` over what ``storage``'s ledger holds."""
     return serving(config, await storage.costs_by_currency())
+
+
+class Money:
+    """The currency a running gateway records and shows money in (``code``).
+
+    Fixed at start by the prices or by the costs the ledger holds; without either,
+    the first cost an upstream reports in its own currency (Dify's) fixes it
+    (`cost_recorded`, told by the settler). A reload may change it only as
+    `after_reload` allows.
+    """
+
+    __slots__ = ("_fixed", "code")
+
+    def __init__(self, config: Config, costs: Mapping[str, Decimal]) -> None:
+        # Refuses to serve a configuration whose prices are in another currency
+        # than the money the database holds.
+        self.code = serving(config, costs)
+        # Whether a price or a recorded cost has fixed it.
+        self._fixed = configured(config) is not None or database_currency(costs) is not None
+
+    async def after_reload(self, storage: Storage, new: Config) -> str:
+        """The currency money is recorded in under ``new``: the one in force when
+        ``new`` prices in it too (no database read, so a reload during a database
+        outage still applies); else the database is asked whether it holds costs in
+        another currency (`serving`), and the reload is refused if it does or
+        cannot say."""
+        running = self.code
+        setting = configured(new)
+        if setting is None or setting[1] == running:
+            return running
+        try:
+            return await check(storage, new)
+        except StorageError as exc:
+            raise StorageError(
+                f"{setting[0]} changes the currency to {setting[1]!r}, and the database "
+                f"cannot say whether it holds costs in {running!r}: {exc.message}"
+            ) from exc
+
+    def reloaded(self, code: str, new: Config) -> None:
+        """The reload to ``new`` was applied, recording money in ``code``."""
+        self.code = code
+        self._fixed = self._fixed or configured(new) is not None
+
+    def cost_recorded(self, code: str) -> None:
+        """A cost in currency ``code`` was recorded. Without prices the upstream
+        names the currency (Dify reports its own with each answer): the first cost
+        fixes the database's. Another one after that already sits in the totals
+        (the ledger row keeps it, never lost): said loudly, and the next start-up
+        refuses (docs/configuration.md, "Currency")."""
+        if code == self.code:
+            self._fixed = True
+        elif not self._fixed:
+            self.code, self._fixed = code, True
+        else:
+            log.error(
+                "recorded a cost in %s, but this database keeps its money in %s: its day "
+                "rows and lifetime totals now add both, and the gateway will refuse to "
+                "start on it (docs/configuration.md, Currency)",
+                code,
+                self.code,
+            )

@@ -7,7 +7,7 @@ counters and reset times fit together, so every surface says the same thing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -20,7 +20,9 @@ from gateway.quota import Meter, Per
 from gateway.storage import DailyUsage, ModelUsage, Storage, Team, User, summed
 
 if TYPE_CHECKING:
-    from gateway.runtime import Gateway
+    from gateway.clock import Clock
+    from gateway.snapshot import Current, Snapshot
+    from gateway.storage import Storage
 
 # Limits whose "used" comes from a counter, and the period that resets them.
 _DAILY = ("queries_per_day", "tokens_per_day", "web_searches_per_day")
@@ -194,38 +196,54 @@ async def team_report(
 
 
 class Reports:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
+    """Reads usage for one user at a time, against the configuration in force
+    (read once per report)."""
 
-    def periods(self) -> Periods:
-        return periods_at(self.gw.clock.now(), self.gw.tz)
+    __slots__ = ("_clock", "_currency", "_current", "_storage")
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        clock: Clock,
+        current: Current,
+        currency: Callable[[], str],
+    ) -> None:
+        self._storage = storage
+        self._clock = clock
+        self._current = current
+        self._currency = currency  # the database's (gateway/currency.py)
+
+    def _periods(self, snap: Snapshot) -> Periods:
+        return periods_at(self._clock.now(), snap.tz)
 
     async def user(self, user_id: str) -> User:
-        user = await self.gw.storage.get_user(user_id)
+        user = await self._storage.get_user(user_id)
         if user is None:
             raise NotFound(f"No user {user_id!r}.")
         return user
 
-    def plan_of(self, user: User) -> Plan:
-        return effective_plan(self.gw.config, user)
-
     async def usage(self, user: User) -> dict[str, Any]:
         """The user's limits and what is left of them, with lifetime totals."""
-        periods = self.periods()
-        rows = await self.gw.storage.daily(periods.month_start, periods.day, user_id=user.id)
+        return await self._usage(self._current.snapshot, user)
+
+    async def _usage(self, snap: Snapshot, user: User) -> dict[str, Any]:
+        periods = self._periods(snap)
+        rows = await self._storage.daily(periods.month_start, periods.day, user_id=user.id)
         today = next(
             (r for r in rows if r.day == periods.day), DailyUsage(user_id=user.id, day=periods.day)
         )
-        streams = await self.gw.storage.open_streams(user.id, now=self.gw.clock.now())
-        models = await self.gw.storage.usage_by_model(
+        streams = await self._storage.open_streams(user.id, now=self._clock.now())
+        models = await self._storage.usage_by_model(
             user.id, start=periods.month_start, end=periods.day
         )
-        plan = self.plan_of(user)
-        team = await self.user_team(user)
+        plan: Plan = effective_plan(snap.config, user)
+        team = await self._user_team(snap, user)
+        currency = self._currency()
         return {
             "user": user.id,
             "plan": plan.name,
-            "timezone": self.gw.config.accounting.timezone,
+            "timezone": snap.config.accounting.timezone,
             "day": periods.day.isoformat(),
             "limits": limits_view(
                 plan,
@@ -234,13 +252,13 @@ class Reports:
                 streams,
                 periods,
                 month_cost=sum((r.cost for r in rows), Decimal(0)),
-                rates=await self.gw.storage.rate_counts(user.id, now=self.gw.clock.now()),
+                rates=await self._storage.rate_counts(user.id, now=self._clock.now()),
             ),
             # The team's limits the caller's requests must fit too (issue 21).
             "team_limits": (team or {}).get("limits"),
-            "currency": self.gw.currency,
-            "today": daily_dict(today, self.gw.currency),
-            "lifetime": lifetime_dict(user, self.gw.currency),
+            "currency": currency,
+            "today": daily_dict(today, currency),
+            "lifetime": lifetime_dict(user, currency),
             # This calendar month's answers per model and currency, from the ledger
             # (cached and reasoning tokens are parts of the prompt and completion
             # tokens).
@@ -250,53 +268,57 @@ class Reports:
     async def team(self, team_id: str, *, days: int = 30) -> dict[str, Any]:
         """One team for admins: its plan, limits, usage and members, with its
         members' usage summed per day over the last ``days`` days."""
-        team = await self.gw.storage.get_team(team_id)
+        snap = self._current.snapshot
+        team = await self._storage.get_team(team_id)
         if team is None:
             raise NotFound(f"No team {team_id!r}.")
-        periods = self.periods()
-        currency = self.gw.currency
-        report = await team_report(
-            self.gw.storage, self.gw.config, team, periods, currency=currency
-        )
+        periods = self._periods(snap)
+        currency = self._currency()
+        report = await team_report(self._storage, snap.config, team, periods, currency=currency)
         start = periods.day - timedelta(days=days - 1)
-        rows = await self.gw.storage.team_daily(team_id, start=start, end=periods.day)
+        rows = await self._storage.team_daily(team_id, start=start, end=periods.day)
         filled = fill_days(rows, team_id, start, periods.day)
         report["daily"] = [daily_dict(r, currency) for r in filled]
         return report
 
-    async def user_team(self, user: User) -> dict[str, Any] | None:
+    async def _user_team(self, snap: Snapshot, user: User) -> dict[str, Any] | None:
         """The team part of a user's detail: the team's plan, limits and usage
         (its members summed), or None when the user is in no team."""
         if user.team is None:
             return None
-        team = await self.gw.storage.get_team(user.team)
+        team = await self._storage.get_team(user.team)
         if team is None:
             return None
         return await team_report(
-            self.gw.storage,
-            self.gw.config,
+            self._storage,
+            snap.config,
             team,
-            self.periods(),
-            currency=self.gw.currency,
+            self._periods(snap),
+            currency=self._currency(),
             members=False,
         )
 
     async def daily(self, user_id: str, days: int) -> list[DailyUsage]:
         """The last ``days`` local days (today included), zero-filled."""
-        end = self.periods().day
+        return await self._daily(self._current.snapshot, user_id, days)
+
+    async def _daily(self, snap: Snapshot, user_id: str, days: int) -> list[DailyUsage]:
+        end = self._periods(snap).day
         start = end - timedelta(days=days - 1)
-        rows = await self.gw.storage.daily(start, end, user_id=user_id)
+        rows = await self._storage.daily(start, end, user_id=user_id)
         return fill_days(rows, user_id, start, end)
 
     async def detail(self, user_id: str, *, days: int = 30) -> dict[str, Any]:
         """Everything about one user, for admins."""
+        snap = self._current.snapshot
+        currency = self._currency()
         user = await self.user(user_id)
-        keys = await self.gw.storage.list_keys(user_id)
+        keys = await self._storage.list_keys(user_id)
         return {
-            **await self.usage(user),
+            **await self._usage(snap, user),
             "stored_plan": user.plan,
             "overrides": dict(user.overrides),
-            "team": await self.user_team(user),
+            "team": await self._user_team(snap, user),
             "created_at": user.created_at.isoformat(),
             "keys": [
                 {
@@ -308,5 +330,5 @@ class Reports:
                 }
                 for k in keys
             ],
-            "daily": [daily_dict(r, self.gw.currency) for r in await self.daily(user_id, days)],
+            "daily": [daily_dict(r, currency) for r in await self._daily(snap, user_id, days)],
         }

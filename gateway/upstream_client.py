@@ -27,8 +27,6 @@ from gateway.multipart import MultipartError
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from gateway.runtime import Gateway
-
 log = logging.getLogger("gateway.proxy")
 
 Headers = list[tuple[bytes, bytes]]
@@ -86,17 +84,17 @@ _MAX_URLS = 1024
 class UpstreamClient:
     """The shared httpx client, as the proxy uses it."""
 
-    __slots__ = ("_gw", "_urls")
+    __slots__ = ("_client", "_urls")
 
-    def __init__(self, gateway: Gateway) -> None:
-        self._gw = gateway
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self._client = client
         # httpx parses (and checks, and re-quotes) a URL string on every request:
         # a tenth of the cost of building one. httpx.URL objects are immutable.
         self._urls: dict[str, httpx.URL] = {}
 
     @property
     def streaming_timeout(self) -> httpx.Timeout:
-        return self._gw.client.timeout
+        return self._client.timeout
 
     def reading(self) -> _Reading:
         return _READING
@@ -112,7 +110,7 @@ class UpstreamClient:
         failure: BodyFailure,
     ) -> httpx.Response:
         """Send a request; the response's headers are read, its body is not."""
-        client = self._gw.client
+        client = self._client
         try:
             request = client.build_request(
                 method, self._url(url), headers=headers, content=content, timeout=timeout
@@ -153,6 +151,6 @@ class UpstreamClient:
     ) -> httpx.Response:
         """A small request read whole (a CORS preflight, a stop call)."""
         try:
-            return await self._gw.client.request(method, url, headers=headers, content=content)
+            return await self._client.request(method, url, headers=headers, content=content)
         except _TRANSPORT_ERRORS as exc:
             raise UpstreamUnavailable("The upstream service is unreachable.") from exc

@@ -206,7 +206,7 @@ async def test_list_users_paginates_sorts_filters_and_searches(gw: Harness) -> N
 async def test_one_user(gw: Harness) -> None:
     async with httpx.AsyncClient(base_url=gw.url) as client:
         await client.post("/v1/chat-messages", json=CHAT, headers=gw.auth())
-    await gw.gateway.wait_finished(1)
+    await gw.probes.wait_finished(1)
     await gw.storage.set_override(USER, "tokens_per_day", 9000)
     detail = (await admin(gw, "GET", f"/admin/users/{USER}", params={"days": 7})).json()
     assert detail["user"] == USER and detail["plan"] == "free" and detail["stored_plan"] == "free"
@@ -541,7 +541,7 @@ async def test_openapi_is_served(gw: Harness) -> None:
 async def test_usage_for_the_end_user(gw: Harness) -> None:
     async with httpx.AsyncClient(base_url=gw.url) as client:
         await client.post("/v1/chat-messages", json=CHAT, headers=gw.auth())
-        await gw.gateway.wait_finished(1)
+        await gw.probes.wait_finished(1)
         usage = (await client.get("/v1/usage", headers=gw.auth())).json()
         daily = (await client.get("/v1/usage/daily", params={"days": 7}, headers=gw.auth())).json()
         unauthorized = await client.get("/v1/usage")

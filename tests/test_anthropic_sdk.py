@@ -86,7 +86,7 @@ async def queries_today(h: Harness) -> int:
 
 
 async def only_event(h: Harness) -> Any:
-    await h.gateway.wait_finished(1)
+    await h.probes.wait_finished(1)
     (event,) = await h.events()
     assert event.user_id == USER
     return event
@@ -307,7 +307,7 @@ async def test_quota_refusal_is_a_rate_limit_error_with_headers(
             await sdk.messages.create(model=MODEL, max_tokens=64, messages=MESSAGES)  # type: ignore[arg-type]
             with pytest.raises(anthropic.RateLimitError) as refused:
                 await sdk.messages.create(model=MODEL, max_tokens=64, messages=MESSAGES)  # type: ignore[arg-type]
-        await h.gateway.wait_finished(2)
+        await h.probes.wait_finished(2)
     response = refused.value.response
     assert response.status_code == 429
     body = response.json()
@@ -326,7 +326,7 @@ async def test_upstream_errors_pass_through_and_the_query_is_returned(
             await sdk.messages.create(model=MODEL, max_tokens=64, messages=MESSAGES)  # type: ignore[arg-type]
     assert failed.value.status_code == 529
     assert failed.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
-    await gw.gateway.wait_finished(1)
+    await gw.probes.wait_finished(1)
     assert await gw.events() == []
     assert await queries_today(gw) == 0
 
@@ -378,7 +378,7 @@ async def test_count_tokens_and_models_pass_through_unmetered(
     # count_tokens takes no metadata: the body reaches the upstream as sent.
     assert fake.requests[0].json == {"model": MODEL, "messages": MESSAGES}
     assert all(r.headers["x-api-key"] == UPSTREAM_KEY for r in fake.requests)
-    await gw.gateway.wait_finished(3)
+    await gw.probes.wait_finished(3)
     assert await gw.events() == []
 
 
@@ -408,7 +408,7 @@ async def test_a_plans_model_allow_list_holds_for_claude(sqlite_url: str) -> Non
 
         answer = await sdk.messages.create(model=haiku, max_tokens=64, messages=MESSAGES)  # type: ignore[arg-type]
         assert answer.model == haiku
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
         assert event.model == haiku
 
@@ -620,7 +620,7 @@ async def test_exports_carry_the_cache_writes(database_url: str, fake: FakeAnthr
     ) as h:
         async with client(h) as sdk:
             await sdk.messages.create(model=MODEL, max_tokens=64, messages=MESSAGES)  # type: ignore[arg-type]
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         async with httpx.AsyncClient(base_url=h.url, timeout=10) as http:
             admin = {"Authorization": "Bearer admin-token"}
             as_json = await http.get("/admin/export/events?format=json", headers=admin)

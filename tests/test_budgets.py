@@ -124,7 +124,7 @@ async def test_a_budget_reserves_the_bound_and_settles_the_true_cost(
         answered = []
         for _ in range(3):
             answered.append(await ask(client, h))
-            await h.gateway.wait_finished(len(answered))
+            await h.probes.wait_finished(len(answered))
         refused = await ask(client, h)
         rows = await h.storage.daily(T0.date(), T0.date())
     assert [r.status_code for r in answered] == [200, 200, 200]
@@ -165,7 +165,7 @@ async def test_a_user_budget_override_is_a_decimal(
         database_url, upstream=fake, settings=settings(cost_per_month="0.01")
     ) as h:
         refused = await ask(client, h)
-        await h.gateway.set_override(USER, "cost_per_month", str(BOUND))
+        await h.gateway.accounts.set_override(USER, "cost_per_month", str(BOUND))
         user = await h.storage.get_user(USER)
         admitted = await ask(client, h)
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "monthly_cost_limit"
@@ -289,7 +289,7 @@ async def test_usage_lists_budgets_as_decimal_strings_and_rates(
         clock=FixedClock(T0),
     ) as h:
         await ask(client, h)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         usage = (await client.get(f"{h.url}/v1/usage", headers=h.auth())).json()
     limits = usage["limits"]
     assert limits["cost_per_day"] == {
@@ -320,9 +320,9 @@ async def test_a_per_model_budget_holds_and_counts_only_its_models(
         # Another model's spending does not count toward the budget...
         for n in range(3):
             assert (await ask(client, h, other)).status_code == 200
-            await h.gateway.wait_finished(n + 1)
+            await h.probes.wait_finished(n + 1)
         first = await ask(client, h)
-        await h.gateway.wait_finished(4)
+        await h.probes.wait_finished(4)
         second = await ask(client, h)
         third = await ask(client, h, other)  # ...nor is it held by it
     assert first.status_code == 200

@@ -332,7 +332,7 @@ async def test_without_prices_the_first_cost_reported_fixes_the_currency(
         assert (
             await http.post("/v1/chat-messages", json=CHAT, headers=h.auth())
         ).status_code == 200
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         usage = (await http.get("/v1/usage", headers=h.auth())).json()
     assert usage["currency"] == usage["lifetime"]["currency"] == "VND"
     assert usage["lifetime"]["cost"] == "0.001303"
@@ -347,7 +347,7 @@ async def test_an_upstream_cost_in_another_currency_is_said_and_refused_next_sta
         assert (
             await http.post("/v1/chat-messages", json=CHAT, headers=h.auth())
         ).status_code == 200
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         usage = (await http.get("/v1/usage", headers=h.auth())).json()
         recorded = [e.currency for e in await h.events()]
     # Recorded (never lost), labelled with the database's currency, and said loudly.

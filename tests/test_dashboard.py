@@ -516,7 +516,7 @@ async def test_the_dashboard_in_chromium(sqlite_url: str, screenshots: Path) -> 
             for _ in range(3):
                 response = await api.post("/v1/chat-messages", json=CHAT, headers=h.auth())
                 assert response.status_code == 200
-        await h.gateway.wait_finished(3)
+        await h.probes.wait_finished(3)
         today = h.gateway.today()
         await spend(h, BIG, 1_000_000, day=today - timedelta(days=20), queries=40, web=4)
         for back in range(0, 30, 3):

@@ -32,7 +32,7 @@ async def test_teams_in_the_dashboard(sqlite_url: str) -> None:
         await spend(h, USER, 1000, day=today, queries=2)
         await spend(h, "bob", 2500, day=today, queries=1, web=1)
         await spend(h, "carol", 9999, day=today)
-        await h.gateway.create_team("acme", plan="pro")
+        await h.gateway.accounts.create_team("acme", plan="pro")
         # The gateway refuses such an id; one written to the database by other
         # means is still shown escaped.
         await h.storage.create_team("<b>x</b>", plan="free", now=datetime.now(UTC))

@@ -97,7 +97,7 @@ async def test_allowed_models_and_globs_are_answered_and_charged(sqlite_url: str
                 h, "POST", "/v1/chat/completions", json={**CHAT, "model": model}
             )
             assert answered.status_code == 200, answered.text
-        await h.gateway.wait_finished(2)
+        await h.probes.wait_finished(2)
         events = await h.events()
     assert sorted((e.model, e.total_tokens) for e in events) == [
         ("gpt-4o-mini", 1100),
@@ -211,7 +211,7 @@ async def test_a_tool_that_runs_its_own_model_is_checked_too(sqlite_url: str) ->
         await nothing_reserved(h, fake)
         # On a plan that lists the image model, the same request goes through.
         await h.storage.set_plan(USER, "images")
-        h.gateway.users.forget(USER)
+        h.gateway.snapshot.users.forget(USER)
         allowed = await request(h, "POST", "/v1/responses", json=body)
     assert refusal(named) == "The model 'gpt-image-1' is not available on your plan."
     assert "name the model to use" in refusal(unnamed)
@@ -297,15 +297,15 @@ async def test_a_teams_allow_list_applies_with_the_users(sqlite_url: str) -> Non
     settings = {**SETTINGS, "plans": {**SETTINGS["plans"], "team": {"models": ["gpt-4o*"]}}}
     async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
         await h.storage.set_plan(USER, "pro")
-        await h.gateway.create_team("acme", plan="team")
-        await h.gateway.set_team(USER, "acme")
+        await h.gateway.accounts.create_team("acme", plan="team")
+        await h.gateway.accounts.set_team(USER, "acme")
         refused = await request(
             h, "POST", "/v1/chat/completions", json={**CHAT, "model": "llama-3-8b"}
         )
         await nothing_reserved(h, fake)
         listed = await request(h, "GET", "/v1/models")
         await h.storage.set_plan(USER, "free")  # both lists now: only gpt-4o-mini is in each
-        h.gateway.users.forget(USER)
+        h.gateway.snapshot.users.forget(USER)
         both = await request(h, "GET", "/v1/models")
     assert refusal(refused) == "The model 'llama-3-8b' is not available on your plan."
     assert [m["id"] for m in listed.json()["data"]] == ["gpt-4o-mini", "gpt-4o"]
@@ -396,13 +396,13 @@ async def test_a_team_that_cannot_be_read_leaves_the_users_own_list(sqlite_url: 
     fake = FakeOpenAI(api_key=UPSTREAM_KEY)
     settings = {**SETTINGS, "plans": {**SETTINGS["plans"], "team": {"models": ["llama-3*"]}}}
     async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
-        await h.gateway.create_team("acme", plan="team")
-        await h.gateway.set_team(USER, "acme")
+        await h.gateway.accounts.create_team("acme", plan="team")
+        await h.gateway.accounts.set_team(USER, "acme")
         refused = await request(h, "POST", "/v1/chat/completions", json=CHAT)
         with contextlib.closing(sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))) as db:
             db.execute("ALTER TABLE teams RENAME TO teams_gone")
             db.commit()
-        h.gateway.teams.forget("acme")  # past the cache's TTL
+        h.gateway.snapshot.teams.forget("acme")  # past the cache's TTL
         answered = await request(h, "POST", "/v1/chat/completions", json=CHAT)
         elsewhere = await request(
             h, "POST", "/v1/chat/completions", json={**CHAT, "model": "gpt-4o"}

@@ -44,7 +44,7 @@ async def test_requests_per_minute_refuses_until_the_request_fits(
         still = await ask(client, h)
         clock.advance(timedelta(seconds=1))
         fits = await ask(client, h)
-        await h.gateway.wait_finished(4)
+        await h.probes.wait_finished(4)
     assert admitted == [200, 200, 200]
     assert refused.status_code == 429
     assert refused.json() == {
@@ -93,7 +93,7 @@ async def test_tokens_per_minute_refuses_after_the_answer_that_crossed_it(
         database_url, settings=plans(tokens_per_minute=1000), clock=clock
     ) as h:
         crossing = await ask(client, h)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         refused = await ask(client, h)
         clock.advance(timedelta(seconds=int(refused.headers["retry-after"])))
         fits = await ask(client, h)
@@ -112,7 +112,7 @@ async def test_a_refunded_request_leaves_the_rate(
         database_url, settings=plans(requests_per_minute=1), clock=clock
     ) as h:
         failed = await ask(client, h, **{"x-fake-status": "500"})
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         ok = await ask(client, h)
         refused = await ask(client, h)
     assert failed.status_code == 500 and ok.status_code == 200
@@ -239,7 +239,7 @@ async def test_an_input_token_limit_counts_prompt_tokens_only(
     settings = {"plans": {"free": {"limits": [{"meter": "input_tokens", "per": "day", "max": 30}]}}}
     async with running_gateway(database_url, settings=settings) as h:
         first = await ask(client, h)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
         second = await ask(client, h)
     assert first.status_code == 200
@@ -255,7 +255,7 @@ async def test_the_headers_describe_the_limit_nearest_to_exhaustion(
     settings = plans(queries_per_day=100, tokens_per_day=1500, requests_per_minute=200)
     async with running_gateway(database_url, settings=settings, clock=clock) as h:
         first = await ask(client, h)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         second = await ask(client, h)  # 1168 of 1500 tokens used: 22% left
     # Before any answer, every limit has all but this request left; the queries
     # of the day (99 of 100 left) are nearer than the minute's (199 of 200).

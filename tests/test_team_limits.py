@@ -39,13 +39,13 @@ async def test_members_share_their_teams_limit(
         database_url, settings=settings(queries_per_day=3), clock=FixedClock(T0)
     ) as h:
         bob = await h.add_user("bob")
-        await h.gateway.create_team("acme", plan="team")
-        await h.gateway.set_team(USER, "acme")
-        await h.gateway.set_team("bob", "acme")
+        await h.gateway.accounts.create_team("acme", plan="team")
+        await h.gateway.accounts.set_team(USER, "acme")
+        await h.gateway.accounts.set_team("bob", "acme")
         alice = [await ask(client, h) for _ in range(2)]
         bobs = [await ask(client, h, Authorization=f"Bearer {bob}") for _ in range(2)]
         # Out of the team, bob has his own plan's 10 again.
-        await h.gateway.set_team("bob", None)
+        await h.gateway.accounts.set_team("bob", None)
         alone = await ask(client, h, Authorization=f"Bearer {bob}")
     assert [r.status_code for r in alice] == [200, 200]
     assert [r.status_code for r in bobs] == [200, 429]
@@ -63,9 +63,9 @@ async def test_a_member_is_held_by_their_own_limit_too(
     database_url: str, client: httpx.AsyncClient
 ) -> None:
     async with running_gateway(database_url, settings=settings(queries_per_day=100)) as h:
-        await h.gateway.create_team("acme", plan="team")
-        await h.gateway.set_team(USER, "acme")
-        await h.gateway.set_override(USER, "queries_per_day", 1)
+        await h.gateway.accounts.create_team("acme", plan="team")
+        await h.gateway.accounts.set_team(USER, "acme")
+        await h.gateway.accounts.set_override(USER, "queries_per_day", 1)
         results = [await ask(client, h) for _ in range(2)]
     assert [r.status_code for r in results] == [200, 429]
     assert results[1].json()["code"] == "daily_query_limit"
@@ -124,10 +124,10 @@ async def test_usage_lists_the_team_limits_too(
         settings=settings(queries_per_day=3, cost_per_day="1.00"),
         clock=FixedClock(T0),
     ) as h:
-        await h.gateway.create_team("acme", plan="team")
-        await h.gateway.set_team(USER, "acme")
+        await h.gateway.accounts.create_team("acme", plan="team")
+        await h.gateway.accounts.set_team(USER, "acme")
         await ask(client, h)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         usage = (await client.get(f"{h.url}/v1/usage", headers=h.auth())).json()
         alone = await h.add_user("solo")
         solo = (

@@ -199,7 +199,7 @@ async def test_teams_through_the_admin_api(gw: Harness) -> None:
         assert (
             await client.post("/v1/chat-messages", json=CHAT, headers=gw.auth())
         ).status_code == 200
-    await gw.gateway.wait_finished(1)
+    await gw.probes.wait_finished(1)
     today = gw.gateway.today()
     await gw.storage.settle(answer("b1", "bob", today, 832, "0.000697"))
     await gw.storage.settle(answer("c1", "carol", today, 5000, "1"))
@@ -276,30 +276,30 @@ async def test_admission_sees_the_team_and_its_plan_at_once(gw: Harness) -> None
     through the gateway apply to the next request, not after a cache TTL."""
     gateway = gw.gateway
     free = gateway.config.accounting.default_plan
-    user = await gateway.users.get(USER, default_plan=free)
-    assert user.team is None and await gateway.team_plan(user) is None
+    user = await gateway.snapshot.users.get(USER, default_plan=free)
+    assert user.team is None and await gateway.snapshot.team_plan(user) is None
 
-    await gateway.create_team("acme", plan="pro")
-    await gateway.set_team(USER, "acme")
-    user = await gateway.users.get(USER, default_plan=free)
+    await gateway.accounts.create_team("acme", plan="pro")
+    await gateway.accounts.set_team(USER, "acme")
+    user = await gateway.snapshot.users.get(USER, default_plan=free)
     assert user.team == "acme"
-    plan = await gateway.team_plan(user)
+    plan = await gateway.snapshot.team_plan(user)
     assert plan is not None and (plan.name, plan.queries_per_day) == ("pro", 100)
 
-    await gateway.set_team_override("acme", "queries_per_day", 3)
-    plan = await gateway.team_plan(user)
+    await gateway.accounts.set_team_override("acme", "queries_per_day", 3)
+    plan = await gateway.snapshot.team_plan(user)
     assert plan is not None and plan.queries_per_day == 3
-    await gateway.set_team_plan("acme", "free")
-    plan = await gateway.team_plan(user)
+    await gateway.accounts.set_team_plan("acme", "free")
+    plan = await gateway.snapshot.team_plan(user)
     assert plan is not None and (plan.name, plan.queries_per_day, plan.tokens_per_day) == (
         "free",
         3,
         500_000,
     )
-    await gateway.clear_team_override("acme", "queries_per_day")
-    plan = await gateway.team_plan(user)
+    await gateway.accounts.clear_team_override("acme", "queries_per_day")
+    plan = await gateway.snapshot.team_plan(user)
     assert plan is not None and plan.queries_per_day == 5
 
-    await gateway.set_team(USER, None)
-    user = await gateway.users.get(USER, default_plan=free)
-    assert user.team is None and await gateway.team_plan(user) is None
+    await gateway.accounts.set_team(USER, None)
+    user = await gateway.snapshot.users.get(USER, default_plan=free)
+    assert user.team is None and await gateway.snapshot.team_plan(user) is None

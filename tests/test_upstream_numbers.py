@@ -68,10 +68,10 @@ async def test_absurd_usage_is_recorded_clamped_and_marked(
         headers = h.auth(**{"x-fake-usage-json": orjson.dumps(raw).decode()})
         first = await client.post(f"{h.url}/v1/chat-messages", json=body, headers=headers)
         await first.aread()
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         # The answer's stream slot was given back: the next query is admitted.
         second = await client.post(f"{h.url}/v1/chat-messages", json=body, headers=h.auth())
-        await h.gateway.wait_finished(2)
+        await h.probes.wait_finished(2)
         events = await h.events()
         clamped_total = h.gateway.metrics.get("gateway_usage_clamped_total")
     assert first.status_code == 200
@@ -92,7 +92,7 @@ async def test_the_per_answer_cap_is_configurable(
     settings = {"accounting": {"max_tokens_per_answer": 1000}}
     async with running_gateway(sqlite_url, settings=settings) as h:
         await client.post(f"{h.url}/v1/chat-messages", json=BLOCKING, headers=h.auth())
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
     # The fake's default answer reports 1168 tokens: above this cap.
     assert (event.outcome, event.total_tokens) == (CLAMPED, 1000)
@@ -301,7 +301,7 @@ async def test_absurd_openai_usage_is_recorded_clamped(
     async with running_gateway(database_url, upstream=fake, settings=OPENAI) as h:
         url = f"{h.url}/v1/chat/completions"
         first = await client.post(url, json=body, headers=h.auth(**headers))
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         events = await h.events()
         today = h.gateway.today()
         (daily,) = await h.gateway.storage.daily(today, today, user_id=USER)

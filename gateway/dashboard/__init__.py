@@ -2,8 +2,8 @@
 (docs/admin.md, "The dashboard").
 
 Mounted by the app as ``Mount("/dashboard", routes=dashboard.routes)``; every
-handler finds the gateway at ``request.app.state.gateway``. With no admin token
-configured the dashboard answers 404, like the admin API. The tables are complete
+handler finds what it uses at ``request.app.state.services`` (gateway/services.py).
+With no admin token configured the dashboard answers 404, like the admin API. The tables are complete
 without JavaScript; the 30-day chart is drawn by ``static/dashboard.js``. Nothing
 is loaded from another origin (the Content-Security-Policy says so too).
 
@@ -29,7 +29,7 @@ from gateway.dashboard.signin import login, logout
 from gateway.dashboard.teams_page import change_team_plan, team, teams
 from gateway.dashboard.user_page import change_plan, change_team, create_key, revoke_key, user
 from gateway.dashboard.users_table import users
-from gateway.runtime import Gateway
+from gateway.services import Services
 
 
 class _Static:
@@ -39,7 +39,7 @@ class _Static:
         self.files = StaticFiles(packages=[("gateway", "static")])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gateway: Gateway = scope["app"].state.gateway
+        gateway: Services = scope["app"].state.services
         response = self.files if gateway.config.admin.token else not_found()
         await response(scope, receive, send)
 

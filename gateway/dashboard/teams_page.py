@@ -185,5 +185,5 @@ async def team(page: Page) -> Response:
 async def change_team_plan(page: Page) -> Response:
     team_id = page.request.path_params["team_id"]
     await page.gateway.reports.team(team_id, days=1)  # 404 for an unknown team
-    await page.gateway.set_team_plan(team_id, page.form.get("plan", ""))
+    await page.gateway.accounts.set_team_plan(team_id, page.form.get("plan", ""))
     return RedirectResponse(f"{team_path(page.base, team_id)}?done=plan", 303)

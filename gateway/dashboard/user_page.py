@@ -388,7 +388,7 @@ def _back_to(page: Page, user_id: str, done: str) -> Response:
 async def change_plan(page: Page) -> Response:
     user_id = page.request.path_params["user_id"]
     await page.gateway.reports.user(user_id)
-    await page.gateway.set_plan(user_id, page.form.get("plan", ""))
+    await page.gateway.accounts.set_plan(user_id, page.form.get("plan", ""))
     return _back_to(page, user_id, "plan")
 
 
@@ -396,15 +396,16 @@ async def change_plan(page: Page) -> Response:
 async def change_team(page: Page) -> Response:
     user_id = page.request.path_params["user_id"]
     await page.gateway.reports.user(user_id)
-    await page.gateway.set_team(user_id, page.form.get("team") or None)
+    await page.gateway.accounts.set_team(user_id, page.form.get("team") or None)
     return _back_to(page, user_id, "team")
 
 
 @signed_in
 async def create_key(page: Page) -> Response:
     user_id = page.request.path_params["user_id"]
-    await page.gateway.reports.user(user_id)
-    record, secret = await page.gateway.create_key(user_id, name=page.form.get("name", "")[:100])
+    record, secret = await page.gateway.accounts.create_key(
+        user_id, name=page.form.get("name", "")[:100]
+    )
     # The secret exists only in this response; the page is not stored (Cache-Control).
     return await _user_page(page, user_id, secret=(record.id, secret), status=201)
 
@@ -417,5 +418,5 @@ async def revoke_key(page: Page) -> Response:
         return message(
             page.base, "Not found", f"No key {key_id!r} of this user.", status=404, csrf=page.csrf
         )
-    await page.gateway.revoke_key(key_id)
+    await page.gateway.accounts.revoke_key(key_id)
     return _back_to(page, user_id, "revoked")
