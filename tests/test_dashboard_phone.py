@@ -101,6 +101,7 @@ async def test_the_dashboard_fits_a_phone(sqlite_url: str, screenshots: Path) ->
                 assert labels == [
                     '"User"',
                     '"Plan"',
+                    '"Team"',
                     '"Lifetime tokens"',
                     '"Lifetime cost"',
                     '"Tokens today"',
