@@ -79,10 +79,15 @@ class _TTLCache(Generic[K, V]):
         ttl: float,
         clock: Callable[[], float],
         entries: dict[K, tuple[float, V]] | None = None,
+        forgotten: list[int] | None = None,
     ) -> None:
         self.ttl = ttl
         self._clock = clock
         self._entries: dict[K, tuple[float, V]] = {} if entries is None else entries
+        # How many times anything was forgotten (shared, like the entries): a value
+        # read from the database while a forget happened may be the row as it was
+        # before the change, and is not cached (`put`'s ``mark``).
+        self._forgotten: list[int] = [0] if forgotten is None else forgotten
 
     def get(self, key: K) -> V | None:
         entry = self._entries.get(key)
@@ -95,21 +100,32 @@ class _TTLCache(Generic[K, V]):
             return None
         return entry[1]
 
-    def put(self, key: K, value: V) -> None:
+    def mark(self) -> int:
+        """Taken before a database read; given to `put` with what it read."""
+        return self._forgotten[0]
+
+    def put(self, key: K, value: V, *, mark: int | None = None) -> None:
         if self.ttl <= 0:
             return
+        if mark is not None and mark != self._forgotten[0]:
+            return  # a change was made while it was read: the next request reads again
         if len(self._entries) >= _MAX_CACHED:
             # Crude but bounded: a full cache starts over rather than growing.
             self._entries.clear()
         self._entries[key] = (self._clock() + self.ttl, value)
 
     def pop(self, key: K) -> None:
+        self.forgetting()
         self._entries.pop(key, None)
+
+    def forgetting(self) -> None:
+        """A row behind the cache changed: what is being read now is not cached."""
+        self._forgotten[0] += 1
 
     def sharing(self, ttl: float) -> _TTLCache[K, V]:
         """A cache with this one's entries and a new ``ttl``: an entry is never
         kept longer than the new ttl allows (a lowered ttl, or 0, takes effect at once)."""
-        return _TTLCache(ttl, self._clock, self._entries)
+        return _TTLCache(ttl, self._clock, self._entries, self._forgotten)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -163,10 +179,11 @@ class Authenticator:
         digest = hash_key(token)
         key = self._keys.get(digest)
         if key is None:
+            mark = self._keys.mark()
             key = await self._storage.find_key(digest)
             if key is None:
                 raise Unauthorized("Invalid gateway key.")
-            self._keys.put(digest, key)
+            self._keys.put(digest, key, mark=mark)
         if key.revoked_at is not None:
             raise Unauthorized("This gateway key has been revoked.")
         return Identity(user_id=key.user_id, key_id=key.id)
@@ -189,7 +206,9 @@ class Authenticator:
         return Identity(user_id=user)
 
     def forget_key(self, key_id: str) -> None:
-        """Drop a key from the cache (after revoking it in this process)."""
+        """Drop a key from the cache (after revoking it in this process); a lookup
+        under way does not put it back."""
+        self._keys.forgetting()
         for digest, (_, key) in list(self._keys._entries.items()):
             if key.id == key_id:
                 self._keys.pop(digest)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import pytest
@@ -8,7 +9,7 @@ from gateway.auth import Authenticator, bearer_token
 from gateway.config import AuthConfig
 from gateway.errors import Unauthorized
 from gateway.keys import new_key
-from gateway.storage import Storage
+from gateway.storage import ApiKey, Storage
 
 
 class Ticker:
@@ -83,3 +84,39 @@ async def test_unknown_keys_are_not_cached(storage: Storage) -> None:
         "bob", key_id=key.id, key_hash=key.hash, prefix=key.prefix, name="", now=datetime.now(UTC)
     )
     assert (await auth.authenticate(header)).user_id == "bob"  # a new key works at once
+
+
+async def test_a_revoke_during_a_key_lookup_is_not_undone_by_that_lookup(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack: a leaked key is used again and again while an admin revokes it. A
+    request whose key lookup read the row before the revoke must not put that
+    row into the cache after the revoke's forget_key: the key would then work
+    for the whole key_cache_ttl."""
+    await storage.ensure_user("alice", plan="free")
+    key = new_key()
+    await storage.create_key(
+        "alice", key_id=key.id, key_hash=key.hash, prefix=key.prefix, name="", now=datetime.now(UTC)
+    )
+    auth = Authenticator(storage, AuthConfig(key_cache_ttl=300))
+    header = f"Bearer {key.secret}".encode()
+    read, resume = asyncio.Event(), asyncio.Event()
+    find_key = storage.find_key
+
+    async def slow_find_key(key_hash: str) -> ApiKey | None:
+        found = await find_key(key_hash)  # the row as it was: not yet revoked
+        read.set()
+        await resume.wait()
+        return found
+
+    monkeypatch.setattr(storage, "find_key", slow_find_key)
+    racing = asyncio.create_task(auth.authenticate(header))
+    await read.wait()
+    # The admin's revoke (gateway/accounts.py): the row, then this process's cache.
+    await storage.revoke_key(key.id, now=datetime.now(UTC))
+    auth.forget_key(key.id)
+    resume.set()
+    assert (await racing).user_id == "alice"  # read before the revoke: let through
+    monkeypatch.setattr(storage, "find_key", find_key)
+    with pytest.raises(Unauthorized, match="revoked"):
+        await auth.authenticate(header)
