@@ -306,13 +306,15 @@ class UserDirectory:
         """The user, created on the default plan if the gateway has not seen them."""
         user = self._users.get(user_id)
         if user is None:
+            mark = self._users.mark()
             user = await self._storage.ensure_user(user_id, plan=default_plan)
-            self._users.put(user_id, user)
+            self._users.put(user_id, user, mark=mark)
         return user
 
     async def resolve(self, identity: Identity, *, default_plan: str, create: bool) -> User:
         """The user behind a token or trusted header: created on first use, or
         refused, as configured; a plan the credential names is applied."""
+        mark = self._users.mark()
         user = self._users.get(identity.user_id)
         if user is None:
             if create:
@@ -327,7 +329,7 @@ class UserDirectory:
         if identity.plan is not None and identity.plan != user.plan:
             await self._storage.set_plan(user.id, identity.plan)
             user = dataclasses.replace(user, plan=identity.plan)
-        self._users.put(user.id, user)
+        self._users.put(user.id, user, mark=mark)
         return user
 
     def forget(self, user_id: str) -> None:
@@ -354,9 +356,10 @@ class TeamDirectory:
     async def get(self, team_id: str) -> Team | None:
         team = self._teams.get(team_id)
         if team is None:
+            mark = self._teams.mark()
             team = await self._storage.get_team(team_id)
             if team is not None:
-                self._teams.put(team_id, team)
+                self._teams.put(team_id, team, mark=mark)
         return team
 
     def forget(self, team_id: str) -> None:

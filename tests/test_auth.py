@@ -5,11 +5,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.auth import Authenticator, bearer_token
+from gateway.auth import Authenticator, UserDirectory, bearer_token
 from gateway.config import AuthConfig
 from gateway.errors import Unauthorized
 from gateway.keys import new_key
-from gateway.storage import ApiKey, Storage
+from gateway.storage import ApiKey, Storage, User
 
 
 class Ticker:
@@ -120,3 +120,32 @@ async def test_a_revoke_during_a_key_lookup_is_not_undone_by_that_lookup(
     monkeypatch.setattr(storage, "find_key", find_key)
     with pytest.raises(Unauthorized, match="revoked"):
         await auth.authenticate(header)
+
+
+async def test_a_plan_change_during_a_user_lookup_is_not_undone_by_that_lookup(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user read from the database while an admin moves them to another plan
+    must not be cached after the change's forget: their requests would be
+    admitted under the old plan for the whole key_cache_ttl."""
+    await storage.ensure_user("alice", plan="pro")
+    users = UserDirectory(storage, ttl=300)
+    read, resume = asyncio.Event(), asyncio.Event()
+    ensure_user = storage.ensure_user
+
+    async def slow_ensure_user(user_id: str, *, plan: str) -> User:
+        found = await ensure_user(user_id, plan=plan)  # the row as it was: still "pro"
+        read.set()
+        await resume.wait()
+        return found
+
+    monkeypatch.setattr(storage, "ensure_user", slow_ensure_user)
+    racing = asyncio.create_task(users.get("alice", default_plan="free"))
+    await read.wait()
+    # The admin's plan change (gateway/accounts.py): the row, then this process's cache.
+    await storage.set_plan("alice", "free")
+    users.forget("alice")
+    resume.set()
+    assert (await racing).plan == "pro"  # read before the change
+    monkeypatch.setattr(storage, "ensure_user", ensure_user)
+    assert (await users.get("alice", default_plan="free")).plan == "free"
