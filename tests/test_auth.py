@@ -5,11 +5,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.auth import Authenticator, UserDirectory, bearer_token
+from gateway.auth import Authenticator, TeamDirectory, UserDirectory, bearer_token
 from gateway.config import AuthConfig
 from gateway.errors import Unauthorized
 from gateway.keys import new_key
-from gateway.storage import ApiKey, Storage, User
+from gateway.storage import ApiKey, Storage, Team, User
 
 
 class Ticker:
@@ -149,3 +149,32 @@ async def test_a_plan_change_during_a_user_lookup_is_not_undone_by_that_lookup(
     assert (await racing).plan == "pro"  # read before the change
     monkeypatch.setattr(storage, "ensure_user", ensure_user)
     assert (await users.get("alice", default_plan="free")).plan == "free"
+
+
+async def test_a_team_plan_change_during_a_team_lookup_is_not_undone_by_that_lookup(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for users: a team read while an admin moves it to another plan is not
+    cached after the change's forget."""
+    await storage.create_team("acme", plan="pro", now=datetime.now(UTC))
+    teams = TeamDirectory(storage, ttl=300)
+    read, resume = asyncio.Event(), asyncio.Event()
+    get_team = storage.get_team
+
+    async def slow_get_team(team_id: str) -> Team | None:
+        found = await get_team(team_id)  # the row as it was: still "pro"
+        read.set()
+        await resume.wait()
+        return found
+
+    monkeypatch.setattr(storage, "get_team", slow_get_team)
+    racing = asyncio.create_task(teams.get("acme"))
+    await read.wait()
+    await storage.set_team_plan("acme", "free")
+    teams.forget("acme")
+    resume.set()
+    before = await racing
+    assert before is not None and before.plan == "pro"  # read before the change
+    monkeypatch.setattr(storage, "get_team", get_team)
+    after = await teams.get("acme")
+    assert after is not None and after.plan == "free"
