@@ -36,29 +36,69 @@ from gateway.usage import Metered, Usage
 # Chat Completions (max_completion_tokens, the older max_tokens), Completions
 # (max_tokens) and Responses (max_output_tokens).
 OUTPUT_CAPS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+# The caps each kind of answer route honours: a field its endpoint does not read
+# bounds nothing (an OpenAI-compatible server ignores it and answers on).
+ROUTE_CAPS = {
+    "chat": ("max_completion_tokens", "max_tokens"),
+    "completion": ("max_tokens",),
+    "response": ("max_output_tokens",),
+    "message": ("max_tokens",),
+}
+# Far above any model's output; a larger count is priced as this many tokens.
+_MOST = 2**63
 
 
-def output_cap(body: dict[str, Any]) -> int | None:
-    """The request's own cap on its output tokens, per answer, or None."""
-    for name in OUTPUT_CAPS:
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
+def _count(value: object) -> int | None:
+    """``value`` as a lenient upstream reads a count (pydantic's lax mode, as
+    vLLM's): an int, an integral float, or a string of one; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float | str):
+        try:
+            number = Decimal(value.strip() if isinstance(value, str) else value)
+        except ArithmeticError:
+            return None
+        if not number.is_finite() or number != number.to_integral_value():
+            return None
+        return _MOST if number > _MOST else int(number)
     return None
 
 
-def answers(body: dict[str, Any]) -> int:
-    """How many answers the request asks for (``n``, default 1)."""
-    n = body.get("n")
-    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
+def output_cap(body: dict[str, Any], kind: str | None = None) -> int | None:
+    """The request's own cap on its output tokens, per answer, or None: the first
+    cap the route's ``kind`` honours that the body sets (a cap set to what no
+    count reads is no bound)."""
+    for name in ROUTE_CAPS.get(kind or "", OUTPUT_CAPS):
+        value = body.get(name)
+        if value is None:
+            continue
+        cap = _count(value)
+        return cap if cap is not None and cap >= 0 else None
+    return None
 
 
-def bound_usage(body: dict[str, Any], *, reserve_output_tokens: int) -> tuple[Usage, bool]:
+def answers(body: dict[str, Any], kind: str | None = None) -> int:
+    """How many answers the request is billed for (``n``, default 1; a
+    completion's ``best_of`` candidates, when more)."""
+    n = _count(body.get("n"))
+    count = n if n is not None and n >= 1 else 1
+    if kind == "completion":
+        best_of = _count(body.get("best_of"))
+        if best_of is not None and best_of > count:
+            count = best_of
+    return count
+
+
+def bound_usage(
+    body: dict[str, Any], *, reserve_output_tokens: int, kind: str | None = None
+) -> tuple[Usage, bool]:
     """The most tokens a request's answer can use, and whether that is a bound
     (False: the request set no output cap, ``reserve_output_tokens`` stands in)."""
     prompt = len(orjson.dumps(body))
-    cap = output_cap(body)
-    output = (reserve_output_tokens if cap is None else cap) * answers(body)
+    cap = output_cap(body, kind)
+    output = (reserve_output_tokens if cap is None else cap) * answers(body, kind)
     usage = Usage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
     return usage, cap is not None
 
@@ -72,7 +112,7 @@ def cost_bound(
     answer_reservation: Decimal,
 ) -> Decimal:
     """What admission reserves against money budgets for one answer request."""
-    usage, _ = bound_usage(body, reserve_output_tokens=reserve_output_tokens)
+    usage, _ = bound_usage(body, reserve_output_tokens=reserve_output_tokens, kind=route.kind)
     model = body.get("model") if isinstance(body.get("model"), str) else None
     metered = Metered(None, None, None, usage, "timeout", model=model)
     if isinstance(upstream, OpenAIUpstream):
