@@ -21,11 +21,13 @@ Dify prices an answer only when it ends: admission reserves the configured
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
+from gateway.pricing import Audio
 from gateway.upstreams import Route
 from gateway.upstreams.anthropic import AnthropicUpstream
 from gateway.upstreams.anthropic_wire import ServerCalls
@@ -114,14 +116,29 @@ def cost_bound(
     """What admission reserves against money budgets for one answer request."""
     usage, _ = bound_usage(body, reserve_output_tokens=reserve_output_tokens, kind=route.kind)
     model = body.get("model") if isinstance(body.get("model"), str) else None
-    metered = Metered(None, None, None, usage, "timeout", model=model)
-    if isinstance(upstream, OpenAIUpstream):
-        priced = upstream.priced(metered, model, calls=upstream.calls(route, body, {}))
-    elif isinstance(upstream, AnthropicUpstream):
-        # Messages requires max_tokens; the server tools the request lists are
-        # priced one call each (the web searches an answer runs are known only
-        # when it ends: docs/quotas.md, "Money budgets").
-        priced = upstream.priced(metered, body, ServerCalls())
-    else:
-        return answer_reservation
-    return priced.usage.cost if priced.usage is not None else answer_reservation
+    # Each token at the dearest rate it can be billed at: a prompt token as text,
+    # audio or a cache write, an output token as text or audio (the dearest of
+    # each, whichever the price table sets higher).
+    written = dataclasses.replace(usage, cache_write_tokens=usage.prompt_tokens)
+    costs: list[Decimal | None] = []
+    for tokens in (usage, written):
+        metered = Metered(None, None, None, tokens, "timeout", model=model)
+        if isinstance(upstream, OpenAIUpstream):
+            calls = upstream.calls(route, body, {})
+            for heard, spoken in ((0, 0), (tokens.prompt_tokens, 0), (0, tokens.completion_tokens),
+                                  (tokens.prompt_tokens, tokens.completion_tokens)):  # fmt: skip
+                audio = Audio(prompt=heard, completion=spoken)
+                costs.append(_cost(upstream.priced(metered, model, calls=calls, audio=audio)))
+        elif isinstance(upstream, AnthropicUpstream):
+            # Messages requires max_tokens; the server tools the request lists are
+            # priced one call each (the web searches an answer runs are known only
+            # when it ends: docs/quotas.md, "Money budgets").
+            costs.append(_cost(upstream.priced(metered, body, ServerCalls())))
+        else:
+            return answer_reservation
+    found = [cost for cost in costs if cost is not None]
+    return max(found) if found else answer_reservation
+
+
+def _cost(metered: Metered) -> Decimal | None:
+    return metered.usage.cost if metered.usage is not None else None

@@ -23,6 +23,7 @@ from gateway.storage import AdmissionLimits, Pending, open_storage
 from gateway.testing.fake_upstream import FakeDify
 from gateway.testing.openai_upstream import FakeOpenAI
 from gateway.upstreams import Route
+from gateway.upstreams.anthropic import AnthropicUpstream
 from gateway.upstreams.openai import OpenAIUpstream
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
 from tests.test_quotas import CHAT, HCM, two_gateways
@@ -339,7 +340,6 @@ async def test_a_per_model_budget_holds_and_counts_only_its_models(
 
 def test_the_cost_bound_of_an_anthropic_request() -> None:
     from gateway.config import parse_config
-    from gateway.upstreams.anthropic import AnthropicUpstream
 
     config = parse_config(
         {"upstream": {"kind": "anthropic"}, "prices": {"claude-x": {"input": "3", "output": "15"}}},
@@ -428,3 +428,50 @@ def test_the_bound_of_a_completion_counts_its_best_of_candidates(tmp_path: Path)
         answer_reservation=Decimal(0),
     )
     assert bound == len(orjson.dumps(body)) * Decimal("0.001") + 50 * Decimal("0.002")
+
+
+def test_the_bound_prices_every_token_at_the_dearest_rate_it_can_be_billed_at(
+    tmp_path: Path,
+) -> None:
+    """An audio answer's completion tokens are billed at ``audio_output``, a
+    prompt written to Anthropic's cache at ``cache_write_input``: the bound that
+    priced them all as text passed far below the answer's cost."""
+    prices = {
+        "audio-model": {"input": "1000", "output": "2000", "audio_output": "16000"},
+        "claude-x": {"input": "1000", "output": "2000", "cache_write_input": "2000"},
+    }
+    path = tmp_path / "gateway.toml"
+    path.write_text(to_toml({**settings(), "prices": prices}))
+    config = load_config(path, env={})
+    body = {
+        "model": "audio-model",
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "alloy", "format": "wav"},
+        "messages": [{"role": "user", "content": "Xin chào"}],
+        "max_completion_tokens": 100,
+    }
+    bound = cost_bound(
+        OpenAIUpstream(config),
+        _route("chat"),
+        body,
+        reserve_output_tokens=4096,
+        answer_reservation=Decimal(0),
+    )
+    assert bound == len(orjson.dumps(body)) * Decimal("0.001") + 100 * Decimal("0.016")
+
+    from gateway.upstreams.anthropic import AnthropicUpstream
+
+    message = {
+        "model": "claude-x",
+        "max_tokens": 100,
+        "system": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": "Xin chào"}],
+    }
+    bound = cost_bound(
+        AnthropicUpstream(config),
+        _route("message"),
+        message,
+        reserve_output_tokens=4096,
+        answer_reservation=Decimal(0),
+    )
+    assert bound == len(orjson.dumps(message)) * Decimal("0.002") + 100 * Decimal("0.002")
