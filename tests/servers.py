@@ -133,10 +133,14 @@ async def start_gateway(
     proc = await spawn_gateway(config, port, env, workers=workers)
     assert proc.stderr is not None
     ready = 0
+    listening = False
     async with asyncio.timeout(30):
-        # uvicorn says when each worker's app (and its database) is ready
+        # uvicorn says when each worker's app (and its database) is ready, and when
+        # it listens: a single process binds its socket only after the app started,
+        # so a request sent on "startup complete" alone can find the port closed.
         while line := await proc.stderr.readline():
             ready += b"Application startup complete" in line
-            if ready == workers:
+            listening = listening or b"Uvicorn running on" in line
+            if ready == workers and listening:
                 return proc
     raise RuntimeError(f"gateway process did not start (exit {await proc.wait()})")
