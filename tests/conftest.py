@@ -9,12 +9,16 @@ $GATEWAY_REQUIRE_POSTGRES is set (CI sets it), in which case they fail.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import secrets
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from gateway.config import DatabaseConfig
@@ -31,6 +35,36 @@ TABLES = (
     "notifications",
     "users",
 )
+
+
+_create_ssl_context = httpx.create_ssl_context
+
+
+@functools.cache
+def _default_ssl_context(verify: bool, trust_env: bool) -> ssl.SSLContext:
+    return _create_ssl_context(verify=verify, trust_env=trust_env)
+
+
+def _shared_ssl_context(
+    verify: ssl.SSLContext | str | bool = True, cert: Any = None, trust_env: bool = True
+) -> ssl.SSLContext:
+    if isinstance(verify, bool) and cert is None:
+        return _default_ssl_context(verify, trust_env)
+    return _create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_ssl_context() -> Iterator[None]:
+    """Every httpx client builds an SSL context by loading the whole CA bundle (about
+    25 ms of CPU) even when it only speaks plain HTTP to 127.0.0.1, and the suite
+    builds hundreds (each test's clients and each gateway's upstream client). The
+    contexts of one set of arguments are alike, so the run builds each once."""
+    with pytest.MonkeyPatch.context() as patch:
+        # httpx's transport imported the function by name; httpx-aiohttp calls it
+        # through the package.
+        patch.setattr(httpx, "create_ssl_context", _shared_ssl_context)
+        patch.setattr(httpx._transports.default, "create_ssl_context", _shared_ssl_context)
+        yield
 
 
 def _dsn_for(database: str) -> str:
