@@ -218,3 +218,13 @@ def pytest_runtest_makereport(item: pytest.Item) -> Iterator[None]:
             for title, text in report.sections
         ]
     return report
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto` (pyproject's addopts): the whole suite runs on a worker per core,
+    each with its own PostgreSQL database; a run of chosen files or tests stays in
+    this process, without the workers' start-up (and with a working debugger)."""
+    whole = {config.rootpath, config.rootpath / "tests"}
+    if all(Path(arg.split("::")[0]).resolve() in whole for arg in config.args):
+        return None  # xdist's default: one per CPU
+    return 0
