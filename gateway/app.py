@@ -30,9 +30,10 @@ from gateway.cors import Cors
 from gateway.errors import NotFound, StorageError
 from gateway.limits import BodyDeadline, header_refusal, send_refusal
 from gateway.logs import configure_logging
-from gateway.proxy import Proxy, Receive, Scope, Send
+from gateway.proxy import Proxy
 from gateway.runtime import Gateway
 from gateway.storage import Storage
+from gateway.types import Receive, Scope, Send
 
 
 async def healthz(request: Request) -> Response:

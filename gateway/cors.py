@@ -28,18 +28,17 @@ so a reload takes effect at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
-from gateway.limits import ErrorBody, Message, Receive, Send
+from gateway.limits import ErrorBody
+from gateway.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from gateway.config import CorsConfig
 
-Scope = MutableMapping[str, Any]
-App = Callable[[Scope, Receive, Send], Any]
 Headers = list[tuple[bytes, bytes]]
 
 # Headers a page must be able to read that are not CORS-safelisted (Fetch spec,
@@ -188,7 +187,7 @@ class Cors:
     """The ASGI middleware applying ``[cors]`` around the gateway (wired in app.py)."""
 
     def __init__(
-        self, app: App, *, config: Callable[[], CorsConfig], error_body: ErrorBody
+        self, app: ASGIApp, *, config: Callable[[], CorsConfig], error_body: ErrorBody
     ) -> None:
         self.app = app
         self._config = config

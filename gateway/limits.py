@@ -13,12 +13,10 @@ while it arrives (gateway/headlimit.py). See docs/configuration.md, ``[server]``
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from collections.abc import Callable, Iterable
 
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+from gateway.types import Message, Receive, Send
+
 ErrorBody = Callable[[int, str, str], bytes]
 
 

@@ -24,7 +24,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import AsyncIterator, Coroutine
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
@@ -75,6 +75,7 @@ from gateway.relay import Stop as RelayStop
 from gateway.routing import RouteGuard, side_cost_result
 from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import UsageEvent
+from gateway.types import Receive, Scope, Send
 from gateway.upstream_client import UpstreamClient
 from gateway.upstreams import Prepared, Route
 from gateway.usage import Metered
@@ -82,11 +83,6 @@ from gateway.usage import Metered
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
     from gateway.runtime import Gateway
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger("gateway.proxy")
 

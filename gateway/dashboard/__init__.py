@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import Receive, Scope, Send
 
 from gateway.dashboard.alerts_page import alerts
 from gateway.dashboard.exports import export
@@ -28,6 +27,7 @@ from gateway.dashboard.signin import login, logout
 from gateway.dashboard.user_page import change_plan, create_key, revoke_key, user
 from gateway.dashboard.users_table import users
 from gateway.runtime import Gateway
+from gateway.types import Receive, Scope, Send
 
 
 class _Static:

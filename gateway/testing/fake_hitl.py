@@ -23,17 +23,16 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
 
+from gateway.types import Receive, Send
+
 __all__ = ["HumanInput", "PausedRun"]
 
 JSON = dict[str, Any]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 _SSE_HEADERS: Final = [(b"content-type", b"text/event-stream; charset=utf-8")]
 _CUT: Final = object()  # published to make every subscriber's connection break
