@@ -525,9 +525,8 @@ class Proxy:
 
     async def _pass_body(self, x: Exchange, response: httpx.Response, send: Send) -> None:
         try:
-            with self.client.reading():
-                async for chunk in response.aiter_raw():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamBroken as exc:
             log.warning(
                 "request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__
@@ -587,40 +586,41 @@ class Proxy:
         cancelled: asyncio.CancelledError | None = None
         ending: list[RelayCommand]
         try:
-            with self.client.reading():
-                async with asyncio.timeout(settings.total_timeout) as deadline:
-                    async for chunk in response.aiter_raw():
-                        if watcher.done() and relay.listening:
-                            self._client_left(x)
-                            for command in relay.client_left():
-                                if isinstance(command, RelayStop):
-                                    if command.task_id is not None:
-                                        relay.stop_answered(await self._stop(x, command.task_id))
-                                elif isinstance(command, ExtendDeadline):
-                                    deadline.reschedule(loop.time() + command.seconds)
-                            if not relay.reading:
-                                # Closing the response stops the answer; the chunk
-                                # in hand is metered first (it may be the first
-                                # sign the answer began, and billed).
-                                meter_chunk(chunk)
-                                break
-                        out = forward(chunk)
-                        if out is not None:
-                            if first_byte:
-                                first_byte = False
-                                x.first_byte(gw.metrics)
-                            await send(
-                                {"type": "http.response.body", "body": out, "more_body": True}
-                            )
-                        meter_chunk(chunk)
-        except UpstreamBroken as exc:
-            kind: Literal["read", "timeout"] = "timeout" if exc.timed_out else "read"
+            async with asyncio.timeout(settings.total_timeout) as deadline:
+                async for chunk in response.aiter_raw():
+                    if watcher.done() and relay.listening:
+                        self._client_left(x)
+                        for command in relay.client_left():
+                            if isinstance(command, RelayStop):
+                                if command.task_id is not None:
+                                    relay.stop_answered(await self._stop(x, command.task_id))
+                            elif isinstance(command, ExtendDeadline):
+                                deadline.reschedule(loop.time() + command.seconds)
+                        if not relay.reading:
+                            # Closing the response stops the answer; the chunk
+                            # in hand is metered first (it may be the first
+                            # sign the answer began, and billed).
+                            meter_chunk(chunk)
+                            break
+                    out = forward(chunk)
+                    if out is not None:
+                        if first_byte:
+                            first_byte = False
+                            x.first_byte(gw.metrics)
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                    meter_chunk(chunk)
+        except (UpstreamBroken, TimeoutError) as exc:
+            # TimeoutError: the deadline ran out (upstream.total_timeout, or the
+            # grace once the client left); the upstream's own errors arrive mapped.
+            kind: Literal["read", "timeout"] = (
+                "read" if isinstance(exc, UpstreamBroken) and not exc.timed_out else "timeout"
+            )
             gw.metrics.inc("gateway_upstream_errors_total", kind=f"mid_stream_{kind}")
             log.warning(
                 "request %s: upstream stream ended abnormally (%s): %r",
                 x.request_id,
                 kind,
-                exc.__cause__,
+                exc.__cause__ if isinstance(exc, UpstreamBroken) else exc,
             )
             self._noticed(x, relay, watcher)
             ending = relay.upstream_broken(kind)
@@ -709,11 +709,10 @@ class Proxy:
         """
         raw = bytearray()
         try:
-            with self.client.reading():
-                async for chunk in response.aiter_bytes():
-                    raw += chunk
-                    if len(raw) > _MAX_BUFFERED_BODY:
-                        raise UpstreamError("The upstream history page is too large to filter.")
+            async for chunk in self.client.decoded(response):
+                raw += chunk
+                if len(raw) > _MAX_BUFFERED_BODY:
+                    raise UpstreamError("The upstream history page is too large to filter.")
         except UpstreamBroken as exc:
             raise UpstreamUnavailable("The upstream history page could not be read.") from exc
         try:
