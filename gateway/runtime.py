@@ -34,6 +34,7 @@ from gateway.recovery import Recovery
 from gateway.reports import Reports
 from gateway.settle import Settler
 from gateway.storage import ApiKey, OverrideValue, Storage, open_storage
+from gateway.tasks import Tasks
 from gateway.upstreams import Upstream, get_upstream
 
 log = logging.getLogger("gateway")
@@ -169,8 +170,8 @@ class Gateway:
         self.in_flight = 0
         self._drained = asyncio.Event()
         self.outbox_attempts = Watermark()  # alert deliveries tried
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._keep: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks("background")  # cancelled at shutdown
+        self._keep = Tasks("kept")  # finished at shutdown (recording usage)
 
     @property
     def tz(self) -> ZoneInfo:
@@ -400,11 +401,7 @@ class Gateway:
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run a background job; it is cancelled at shutdown, and logged if it
         ends with an error (nothing else would ever see it)."""
-        task = asyncio.create_task(coro, name=getattr(coro, "__qualname__", None))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_failure)
-        return task
+        return self._tasks.start(coro)
 
     async def supervise(
         self,
@@ -426,16 +423,12 @@ class Gateway:
 
     async def idle(self, timeout: float = 10.0) -> None:
         """Wait until the work that must finish (recording, stopping answers) is done."""
-        async with asyncio.timeout(timeout):
-            while self._keep:
-                await asyncio.wait(list(self._keep))
+        if not await self._keep.wait(timeout):
+            raise TimeoutError(f"kept tasks still running after {timeout:g} s")
 
     def keep(self, coro: Any) -> asyncio.Task[Any]:
         """Run work that must finish (recording usage); shutdown waits for it."""
-        task = asyncio.create_task(coro)
-        self._keep.add(task)
-        task.add_done_callback(self._keep.discard)
-        return task
+        return self._keep.start(coro, awaited=True)  # its callers await it, shielded
 
     # --- admin operations: storage changes plus the cache invalidations they need ---
 
@@ -480,14 +473,12 @@ class Gateway:
                 async with asyncio.timeout(SHUTDOWN_GRACE):
                     while self.in_flight:
                         await self._drained.wait()
-        if self._keep:
-            # Answers being recorded finish first (bounded: a dead database sends
-            # their records to the spool in settler.close below).
-            await asyncio.wait(self._keep, timeout=SHUTDOWN_GRACE)
-        for task in list(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Answers being recorded finish first (bounded: a dead database sends
+        # their records to the spool in settler.close below).
+        await self._keep.wait(SHUTDOWN_GRACE)
+        # Then the background jobs are cancelled; a follow of a resumed run settles
+        # what it read as it unwinds (gateway/follow.py).
+        await self._tasks.cancel(SHUTDOWN_GRACE)
         await self.settler.close()
         await self.client.aclose()
         self.metrics.close()
@@ -498,11 +489,6 @@ class Gateway:
 def _catalogue(config: Config) -> Catalogue:
     """The refusal messages in force, resolved once per configuration load."""
     return Catalogue(config.messages.default_language, config.messages.templates)
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.error("background task %s died", task.get_name(), exc_info=exc)
 
 
 class Watermark:

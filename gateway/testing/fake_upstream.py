@@ -972,7 +972,7 @@ class FakeDify:
 
     async def _answer(self, run: _Run, receive: Receive, send: Send) -> None:
         out = _Out(send, run.flags)
-        watcher = asyncio.create_task(self._watch(receive, out))
+        watcher = asyncio.create_task(self._watch(receive, out))  # noqa: TID251 - scoped: cancelled below
         self._running[run.task_id] = run
         self.answers_started += 1
         try:
