@@ -42,13 +42,13 @@ from gateway.bodies import (
     spool_multipart,
     stream_body,
 )
+from gateway.error_response import render_error
 from gateway.errors import (
     BadRequest,
     GatewayError,
     NotFound,
     PayloadTooLarge,
     StorageError,
-    Unauthorized,
     UpstreamBroken,
     UpstreamError,
     UpstreamTimeout,
@@ -854,30 +854,18 @@ class Proxy:
         messages = self.gw.messages
         language = messages.language(scope["headers"]) if scope is not None else messages.default
         message, language = messages.render(exc, language)
-        body = self.gw.upstream.error_body(exc.status, exc.code, message)
-        extra = list(exc.headers)
-        extra.append((b"content-language", language.encode()))
-        if isinstance(exc, Unauthorized):
-            extra.append((b"www-authenticate", b'Bearer realm="api"'))
-        if isinstance(exc, StorageError | UpstreamError) and not any(
-            k == b"retry-after" for k, _ in extra
-        ):
-            extra.append((b"retry-after", b"5"))
+        response = render_error(
+            exc,
+            self.gw.upstream.error_body,
+            message=message,
+            realm="api",
+            request_id=request_id,
+            language=language,
+            outage_retry_after=b"5",
+        )
         self.gw.metrics.inc("gateway_refusals_total", code=exc.code)
         note_status(exc.status)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": exc.status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"x-request-id", request_id.encode()),
-                    *extra,
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await response.send(send)
 
     async def _preflight(self, x: Exchange, send: Send) -> None:
         """A CORS preflight carries no credentials by design: forwarded as it is
