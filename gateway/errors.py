@@ -9,6 +9,7 @@
     │   ├── Forbidden                feature not in the user's plan (403)
     │   ├── PayloadTooLarge          body or upload over a limit (413)
     │   ├── BadRequest               malformed request (400)
+    │   ├── Conflict                 a record that already exists, e.g. a team (409)
     │   ├── QuotaExceeded            a plan limit is reached (429)
     │   └── TooManyAttempts          too many wrong admin tokens from one client (429)
     └── UpstreamError               the upstream failed before answering
@@ -80,6 +81,11 @@ class ClientError(GatewayError):
 
 class BadRequest(ClientError):
     pass
+
+
+class Conflict(ClientError):
+    status = 409
+    code = "conflict"
 
 
 class Unauthorized(ClientError):

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -52,6 +52,16 @@ _APPEND_TRIES = 5
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Terms:
+    """What an answer is settled on besides its usage, from the configuration the
+    answer began under: the bound on its tokens (``accounting.max_tokens_per_answer``)
+    and the price table whose model names label the metrics."""
+
+    max_tokens_per_answer: int = DEFAULT_MAX_TOKENS_PER_ANSWER
+    prices: PriceTable = dataclasses.field(default_factory=lambda: PriceTable({}))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Write:
     """One ledger write: the answer, what it releases and claims, and what the
     settle needs besides the ledger row - the plan the metrics break usage down
@@ -64,6 +74,8 @@ class Write:
     pending_id: str | None = None  # the answer's pending row (docs/quotas.md)
     plan: str = ""
     alerts: AlertRequest | None = None
+    # Not spooled: a replayed record is settled on the terms in force then.
+    terms: Terms | None = None
 
 
 _INT_FIELDS = frozenset(
@@ -73,6 +85,7 @@ _INT_FIELDS = frozenset(
         "total_tokens",
         "cached_tokens",
         "reasoning_tokens",
+        "cache_write_tokens",
         "web_searches",
     }
 )
@@ -204,15 +217,21 @@ class Settler:
         retry_delays: Sequence[float] = RETRY_DELAYS,
         max_tokens_per_answer: int = DEFAULT_MAX_TOKENS_PER_ANSWER,
         prices: PriceTable | None = None,
+        terms: Callable[[], Terms] | None = None,
+        on_cost: Callable[[str], None] | None = None,
         answer_log: bool = False,
     ) -> None:
         self._storage = storage
         # server.answer_log: a `gateway.answers` line per recorded answer (gateway/logs.py)
         self.answer_log = answer_log
-        self.max_tokens_per_answer = max_tokens_per_answer
-        # The metrics' model labels are the names in this table (see _write).
-        self.prices = prices if prices is not None else PriceTable({})
+        # The terms in force, for what is settled without its own (a replay):
+        # ``terms`` (the running gateway's, which a reload changes), or these.
+        fixed = Terms(max_tokens_per_answer, prices if prices is not None else PriceTable({}))
+        self._terms = terms if terms is not None else lambda: fixed
         self._metrics = metrics
+        # Told each recorded cost's currency: the gateway keeps one per database
+        # (gateway/currency.py, Money.cost_recorded).
+        self.on_cost = on_cost
         self._spool = spool
         metrics.spool.path = spool  # gateway_spool_bytes (gateway/metrics.py)
         self._delays = tuple(retry_delays)
@@ -238,17 +257,20 @@ class Settler:
         pending_id: str | None = None,
         plan: str = "",
         alerts: AlertRequest | None = None,
+        terms: Terms | None = None,
     ) -> None:
         """Write one answer now; on a storage error, retry in the background.
 
         The answer's stream lease is released with the write; a retried or spooled
         write leaves it to expire. ``pending_id`` names the answer's pending row,
         claimed by the write: if a recovery charged the answer first, the write
-        changes nothing (counted once, as the estimate)."""
+        changes nothing (counted once, as the estimate). ``terms``: those the
+        answer began under (default: the terms in force)."""
         # Bounded once, here: the log shows what is written, and the write's own
         # bounding (kept for spool lines of earlier versions) finds it in range.
-        event = self._bounded(event)
-        write = Write(event, lease_id, pending_id, plan, alerts)
+        terms = terms if terms is not None else self._terms()
+        event = self._bounded(event, terms)
+        write = Write(event, lease_id, pending_id, plan, alerts, terms)
         if self.answer_log:
             # Where the answer is settled: once per answer, whether the write below
             # succeeds now, is retried or is spooled.
@@ -299,8 +321,8 @@ class Settler:
         # A refund is worth one query: not worth a spool of its own. Logged.
         log.error("refund for %s on %s given up after retries", user_id, day)
 
-    def _bounded(self, event: UsageEvent) -> UsageEvent:
-        bounded, changed = bound_event(event, max_tokens=self.max_tokens_per_answer)
+    def _bounded(self, event: UsageEvent, terms: Terms) -> UsageEvent:
+        bounded, changed = bound_event(event, max_tokens=terms.max_tokens_per_answer)
         if changed:
             self._metrics.inc("gateway_usage_clamped_total")
             log.warning(
@@ -317,7 +339,8 @@ class Settler:
         driver refuses after all) is raised as StorageError too, so the event takes
         the retry-then-spool way of any failed write: never lost, and never a
         traceback on the request that produced it."""
-        event = self._bounded(write.event)
+        terms = write.terms if write.terms is not None else self._terms()
+        event = self._bounded(write.event, terms)
         began = time.perf_counter()
         try:
             settled = await self._storage.settle(
@@ -333,13 +356,15 @@ class Settler:
         if self.backlog:
             self._wake.set()  # the database answers: time to replay the spool
         if settled:
+            if event.cost and self.on_cost is not None:
+                self.on_cost(event.currency)
             metrics = self._metrics
             metrics.inc("gateway_answers_settled_total", outcome=event.outcome)
             plan = write.plan
             # The model can be the one a client asked for: any text. A label value
             # is a time series kept for the process's life (and, in multiprocess
             # mode, on disk), so only the price table's names are labels.
-            model = self.prices.label(event.model)
+            model = terms.prices.label(event.model)
             metrics.inc(
                 "gateway_tokens_total", event.prompt_tokens, plan=plan, model=model, kind="prompt"
             )

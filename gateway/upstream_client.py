@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Final, Literal
+from typing import Final, Literal
 
 import aiohttp
 import aiohttp.http_exceptions
@@ -41,9 +41,6 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.multipart import MultipartError
-
-if TYPE_CHECKING:
-    from gateway.runtime import Gateway
 
 log = logging.getLogger("gateway.proxy")
 
@@ -193,17 +190,17 @@ _MAX_URLS = 1024
 class UpstreamClient:
     """The shared httpx client, as the proxy uses it."""
 
-    __slots__ = ("_gw", "_urls")
+    __slots__ = ("_client", "_urls")
 
-    def __init__(self, gateway: Gateway) -> None:
-        self._gw = gateway
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self._client = client
         # httpx parses (and checks, and re-quotes) a URL string on every request:
         # a tenth of the cost of building one. httpx.URL objects are immutable.
         self._urls: dict[str, httpx.URL] = {}
 
     @property
     def streaming_timeout(self) -> httpx.Timeout:
-        return self._gw.client.timeout
+        return self._client.timeout
 
     async def open(
         self,
@@ -217,7 +214,7 @@ class UpstreamClient:
     ) -> httpx.Response:
         """Send a request; the response's headers are read, its body is not. The
         body, read or closed, raises `UpstreamBroken` for a transport's errors."""
-        client = self._gw.client
+        client = self._client
         try:
             request = client.build_request(
                 method, self._url(url), headers=headers, content=content, timeout=timeout
@@ -255,7 +252,7 @@ class UpstreamClient:
     ) -> httpx.Response:
         """A small request read whole (a CORS preflight, a stop call)."""
         try:
-            return await self._gw.client.request(method, url, headers=headers, content=content)
+            return await self._client.request(method, url, headers=headers, content=content)
         except FOREIGN as exc:
             raise UpstreamUnavailable("The upstream service is unreachable.") from exc
 

@@ -30,6 +30,7 @@ TABLES = (
     "alert_outbox",
     "notifications",
     "users",
+    "teams",
 )
 
 

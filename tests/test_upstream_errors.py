@@ -16,7 +16,6 @@ import inspect
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -234,7 +233,7 @@ class _Transport(httpx.AsyncBaseTransport):
 @contextlib.asynccontextmanager
 async def _client(transport: httpx.AsyncBaseTransport) -> AsyncIterator[UpstreamClient]:
     async with httpx.AsyncClient(transport=transport) as http:
-        yield UpstreamClient(SimpleNamespace(client=http))  # type: ignore[arg-type]
+        yield UpstreamClient(http)
 
 
 async def _open(client: UpstreamClient, url: str = "http://upstream/v1/x") -> httpx.Response:
@@ -395,7 +394,7 @@ async def test_the_default_transport_maps_a_read_timeout_as_timed_out() -> None:
     hold = asyncio.Event()  # never set: the upstream goes silent after one event
     server, url = await _serve_raw(_HEAD + b"data: first\n\n", hold=hold)
     async with server, httpx.AsyncClient(transport=AiohttpTransport()) as http:
-        client = UpstreamClient(SimpleNamespace(client=http))  # type: ignore[arg-type]
+        client = UpstreamClient(http)
         response = await client.open(
             "GET",
             url,

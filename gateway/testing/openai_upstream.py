@@ -73,6 +73,7 @@ class RecordedRequest:
     path: str  # without any /v1 prefix
     headers: dict[str, str]
     json: Any
+    raw: bytes = b""  # the body as received
 
 
 def error_body(status: int, message: str, *, code: str | None = None) -> bytes:
@@ -118,7 +119,7 @@ class FakeOpenAI:
             body = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             body = None
-        self.requests.append(RecordedRequest(scope["method"], path, headers, body))
+        self.requests.append(RecordedRequest(scope["method"], path, headers, body, bytes(raw)))
         if headers.get("authorization") != f"Bearer {self.api_key}":
             await self._json(send, 401, error_body(401, "Incorrect API key provided."))
             return
