@@ -34,19 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
 
 import orjson
 
 from gateway.testing.openai_upstream import RecordedRequest
+from gateway.types import Receive, Scope, Send
 
 __all__ = ["ANSWER_PIECES", "TOOL_INPUT", "FakeAnthropic"]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 JSON = dict[str, Any]
 
 ANSWER_PIECES: Final = ("Xin chào", "!", " Tôi", " có thể", " giúp", " gì", "?")
