@@ -40,16 +40,41 @@ class Answers:
         self.month = self.day.replace(day=1)
 
     def admission(self, i: int, user: str) -> tuple[Any, ...]:
+        """gateway_admit's arguments for a plan with queries_per_day,
+        tokens_per_day, tokens_per_month and max_concurrent_streams (the limits
+        are three arrays: meters, windows, maximums; gateway/quota.py)."""
         n = self.now
-        return (user, self.day, self.month, 10**9, 10**12, 10**13, 10**6, f"r{i}",
-                n + timedelta(minutes=10), n, False, f"r{i}", "chat-messages", 10, 0, 10,
-                Decimal("0.000001"), "USD", False, None, True)  # fmt: skip
+        return (user, self.day, self.month, [1, 8, 8, 10], [1, 1, 2, 3],
+                [10**9, 10**12, 10**13, 10**6], [1, 1, 1, 1], [None] * 4, f"r{i}",
+                n + timedelta(minutes=10),
+                n, False, f"r{i}", "chat-messages", 10, 0, 10, Decimal("0.000001"), "USD", False,
+                False, Decimal(0), None)  # fmt: skip
+
+    @staticmethod
+    def admit_batch(calls: list[tuple[Any, ...]]) -> list[Any]:
+        """``gateway_admit_many``'s arguments, as PostgresStorage._admit_many builds them."""
+        columns: list[Any] = [list(c) for c in zip(*calls, strict=True)]
+        limit_from = [1 + 4 * k for k in range(len(calls))]
+        meters = [m for call in calls for m in call[3]]
+        pers = [p for call in calls for p in call[4]]
+        maxes = [x for call in calls for x in call[5]]
+        scopes = [c for call in calls for c in call[6]]
+        return [
+            *columns[:3],
+            limit_from,
+            [4] * len(calls),
+            meters,
+            pers,
+            maxes,
+            scopes,
+            *columns[7:],
+        ]
 
     def settle(self, i: int, user: str) -> tuple[Any, ...]:
         return (f"m{i}", user, self.day, self.now, "chat-messages", 75, 25, 100,
                 Decimal("0.0000420"), "USD", "complete", False, 0, None, f"r{i}", 40.0, 0.5,
                 f"r{i}", f"r{i}", None, 0, 0, self.month, ["tokens_per_day"],
-                [str(self.day)], [10**12], [80], ["webhook"])  # fmt: skip
+                [str(self.day)], [10**12], [80], ["webhook"], 0)  # fmt: skip
 
     def settle_batch(self, calls: list[tuple[Any, ...]]) -> list[Any]:
         """``gateway_settle_many``'s arguments, as PostgresStorage._settle_many builds them."""
@@ -62,7 +87,7 @@ class Answers:
             slices[3].append(1)
             for at, value in zip((4, 5, 6, 7, 8), (*call[23:27], call[27]), strict=True):
                 slices[at] += value
-        return columns + slices
+        return [*columns, *slices, [call[28] for call in calls]]  # then the cache writes
 
 
 async def measure(dsn: str, answers: int) -> list[tuple[int, str, float, float]]:
@@ -85,7 +110,7 @@ async def measure(dsn: str, answers: int) -> list[tuple[int, str, float, float]]
                         await conn.fetchrow(_ADMIT, *admissions[0])
                         await conn.fetchval(_SETTLE, *settles[0])
                     else:
-                        await conn.fetch(_ADMIT_MANY, *zip(*admissions, strict=True))
+                        await conn.fetch(_ADMIT_MANY, *make.admit_batch(admissions))
                         await conn.fetch(_SETTLE_MANY, *make.settle_batch(settles))
                 done += answers
                 rows.append(

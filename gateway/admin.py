@@ -1,4 +1,5 @@
-"""The admin API under /admin (JSON), and the end user's usage API under /v1/usage.
+"""The admin API under /admin (JSON). (The end user's own usage API, /v1/usage,
+is gateway/usage_api.py.)
 
 Admin requests carry ``Authorization: Bearer <admin token>`` (compared in constant
 time; a client's wrong guesses are throttled, gateway/throttle.py). With no admin
@@ -19,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 from gateway.alerts import alert_dict
 from gateway.auth import bearer_token
 from gateway.config import LIMIT_NAMES
+from gateway.error_response import render_error
 from gateway.errors import (
     BadRequest,
     GatewayError,
@@ -28,37 +30,29 @@ from gateway.errors import (
     Unauthorized,
 )
 from gateway.export import Dataset, Format, encode, rows
-from gateway.http import request_headers
-from gateway.reports import daily_dict, money
+from gateway.reports import daily_dict, lifetime_dict
 from gateway.throttle import Check, SecretGuard
 
 if TYPE_CHECKING:
-    from gateway.runtime import Gateway
+    from gateway.services import Services
 
 MAX_PAGE = 500
 MAX_DAYS = 366
 _SORTS = ("id", "lifetime_tokens", "tokens_today")
 
 
-def _gateway(request: Request) -> Gateway:
-    gateway: Gateway = request.app.state.gateway
-    return gateway
+def services(request: Request) -> Services:
+    """What the gateway's own endpoints use (gateway/services.py)."""
+    found: Services = request.app.state.services
+    return found
 
 
-def json_response(gw: Gateway, data: Any, status: int = 200) -> Response:
+def json_response(gw: Services, data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
-def error_response(gw: Gateway, exc: GatewayError, *, realm: str = "admin") -> Response:
-    headers = {k.decode(): v.decode() for k, v in exc.headers}
-    if isinstance(exc, Unauthorized):
-        headers["www-authenticate"] = f'Bearer realm="{realm}"'
-    return Response(
-        gw.upstream.error_body(exc.status, exc.code, exc.message),
-        status_code=exc.status,
-        media_type="application/json",
-        headers=headers,
-    )
+def error_response(gw: Services, exc: GatewayError, *, realm: str = "admin") -> Response:
+    return render_error(exc, gw.error_body, realm=realm).starlette()
 
 
 # Set on a dashboard request handed to the admin API (gateway/dashboard/exports.py):
@@ -73,7 +67,7 @@ def peer(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
-def _secret_guard(request: Request, gw: Gateway) -> SecretGuard:
+def _secret_guard(request: Request, gw: Services) -> SecretGuard:
     # One per app (per process), kept on the app's state: the admin API, the
     # dashboard's sign-in and /metrics share it, so the guesses add up.
     state = request.app.state
@@ -84,7 +78,7 @@ def _secret_guard(request: Request, gw: Gateway) -> SecretGuard:
 
 
 def check_secret(
-    request: Request, gw: Gateway, presented: str | None, secrets: tuple[str, ...]
+    request: Request, gw: Services, presented: str | None, secrets: tuple[str, ...]
 ) -> Check:
     """``presented`` judged against ``secrets``, wrong guesses throttled per client."""
     admin = gw.config.admin
@@ -107,7 +101,7 @@ def too_many_attempts(retry_after: int) -> TooManyAttempts:
 
 def token_refusal(
     request: Request,
-    gw: Gateway,
+    gw: Services,
     secrets: tuple[str, ...],
     *,
     realm: str = "admin",
@@ -129,7 +123,7 @@ def _admin(handler: Any) -> Any:
     after too many wrong ones, gateway errors rendered in the error shape."""
 
     async def guarded(request: Request) -> Response:
-        gw = _gateway(request)
+        gw = services(request)
         if not gw.config.admin.token:
             return Response(status_code=404)
         refusal = token_refusal(request, gw, (gw.config.admin.token,))
@@ -146,7 +140,7 @@ def _admin(handler: Any) -> Any:
     return guarded
 
 
-def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
+def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
@@ -191,10 +185,10 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 
 @_admin
-async def list_users(request: Request, gw: Gateway) -> Response:
+async def list_users(request: Request, gw: Services) -> Response:
     """Users with their plan, lifetime and today's usage; paginated, sortable."""
-    limit = _int(request, "limit", 50, 1, MAX_PAGE)
-    offset = _int(request, "offset", 0, 0, 10**9)
+    limit = int_param(request, "limit", 50, 1, MAX_PAGE)
+    offset = int_param(request, "offset", 0, 0, 10**9)
     sort = cast(
         Literal["id", "lifetime_tokens", "tokens_today"], _choice(request, "sort", _SORTS, "id")
     )
@@ -215,14 +209,10 @@ async def list_users(request: Request, gw: Gateway) -> Response:
         {
             "id": s.user.id,
             "plan": s.user.plan,
+            "team": s.user.team,
             "created_at": s.user.created_at.isoformat(),
-            "lifetime": {
-                "prompt_tokens": s.user.lifetime_prompt_tokens,
-                "completion_tokens": s.user.lifetime_completion_tokens,
-                "total_tokens": s.user.lifetime_tokens,
-                "cost": money(s.user.lifetime_cost),
-            },
-            "today": daily_dict(s.today),
+            "lifetime": lifetime_dict(s.user, gw.currency),
+            "today": daily_dict(s.today, gw.currency),
         }
         for s in summaries
     ]
@@ -230,29 +220,29 @@ async def list_users(request: Request, gw: Gateway) -> Response:
 
 
 @_admin
-async def list_alerts(request: Request, gw: Gateway) -> Response:
+async def list_alerts(request: Request, gw: Services) -> Response:
     """Threshold crossings, newest first, with how their deliveries went."""
-    limit = _int(request, "limit", 100, 1, MAX_PAGE)
+    limit = int_param(request, "limit", 100, 1, MAX_PAGE)
     user_id = request.query_params.get("user") or None
     alerts = await gw.storage.list_alerts(user_id=user_id, limit=limit)
     return json_response(gw, {"data": [alert_dict(a) for a in alerts]})
 
 
 @_admin
-async def get_user(request: Request, gw: Gateway) -> Response:
+async def get_user(request: Request, gw: Services) -> Response:
     """One user: plan, overrides, limits and usage, keys, daily history."""
-    days = _int(request, "days", 30, 1, MAX_DAYS)
+    days = int_param(request, "days", 30, 1, MAX_DAYS)
     return json_response(gw, await gw.reports.detail(request.path_params["user_id"], days=days))
 
 
 @_admin
-async def set_plan(request: Request, gw: Gateway) -> Response:
+async def set_plan(request: Request, gw: Services) -> Response:
     """Move a user to another plan."""
     user_id = request.path_params["user_id"]
     plan = (await _json_body(request)).get("plan")
     if not isinstance(plan, str):
         raise BadRequest("plan: expected the name of a configured plan.")
-    await gw.set_plan(user_id, plan)
+    await gw.accounts.set_plan(user_id, plan)
     return json_response(gw, {"id": user_id, "plan": plan})
 
 
@@ -264,7 +254,7 @@ def _limit_name(request: Request) -> str:
 
 
 @_admin
-async def set_limit(request: Request, gw: Gateway) -> Response:
+async def set_limit(request: Request, gw: Services) -> Response:
     """Override one plan limit for a user (`{"value": N}`; null is unlimited)."""
     user_id, name = request.path_params["user_id"], _limit_name(request)
     body = await _json_body(request)
@@ -272,28 +262,113 @@ async def set_limit(request: Request, gw: Gateway) -> Response:
         raise BadRequest(
             "value: required (a number, null for unlimited, or a boolean for advanced_rag)."
         )
-    value = await gw.set_override(user_id, name, body["value"])
+    value = await gw.accounts.set_override(user_id, name, body["value"])
     return json_response(gw, {"id": user_id, "name": name, "value": value})
 
 
 @_admin
-async def clear_limit(request: Request, gw: Gateway) -> Response:
+async def clear_limit(request: Request, gw: Services) -> Response:
     """Remove a per-user override: the plan's limit applies again."""
     user_id, name = request.path_params["user_id"], _limit_name(request)
-    await gw.clear_override(user_id, name)
+    await gw.accounts.clear_override(user_id, name)
     return json_response(gw, {"id": user_id, "name": name, "value": "plan"})
 
 
+# --- teams (issue 21) ---
+
+
 @_admin
-async def create_key(request: Request, gw: Gateway) -> Response:
+async def list_teams(request: Request, gw: Services) -> Response:
+    """Every team: its plan, member count and today's usage (members summed)."""
+    data = [
+        {
+            "id": summary.team.id,
+            "plan": summary.team.plan,
+            "overrides": dict(summary.team.overrides),
+            "members": summary.members,
+            "created_at": summary.team.created_at.isoformat(),
+            "today": daily_dict(summary.today, gw.currency),
+        }
+        for summary in await gw.storage.list_teams(day=gw.today())
+    ]
+    return json_response(gw, {"data": data})
+
+
+@_admin
+async def create_team(request: Request, gw: Services) -> Response:
+    """Create a team on a plan (`{"id": "acme", "plan": "pro"}`); 409 if it exists."""
+    body = await _json_body(request)
+    team_id, plan = body.get("id"), body.get("plan")
+    if not isinstance(team_id, str):
+        raise BadRequest("id: expected the team's id.")
+    if not isinstance(plan, str):
+        raise BadRequest("plan: expected the name of a configured plan.")
+    team = await gw.accounts.create_team(team_id, plan=plan)
+    return json_response(
+        gw,
+        {"id": team.id, "plan": team.plan, "created_at": team.created_at.isoformat()},
+        status=201,
+    )
+
+
+@_admin
+async def get_team(request: Request, gw: Services) -> Response:
+    """One team: plan, overrides, limits and usage (members summed), members, daily history."""
+    days = int_param(request, "days", 30, 1, MAX_DAYS)
+    return json_response(gw, await gw.reports.team(request.path_params["team_id"], days=days))
+
+
+@_admin
+async def set_team_plan(request: Request, gw: Services) -> Response:
+    """Move a team to another plan."""
+    team_id = request.path_params["team_id"]
+    plan = (await _json_body(request)).get("plan")
+    if not isinstance(plan, str):
+        raise BadRequest("plan: expected the name of a configured plan.")
+    await gw.accounts.set_team_plan(team_id, plan)
+    return json_response(gw, {"id": team_id, "plan": plan})
+
+
+@_admin
+async def set_team_limit(request: Request, gw: Services) -> Response:
+    """Override one plan limit for a team (`{"value": N}`; null is unlimited)."""
+    team_id, name = request.path_params["team_id"], _limit_name(request)
+    body = await _json_body(request)
+    if "value" not in body:
+        raise BadRequest(
+            "value: required (a number, null for unlimited, or a boolean for advanced_rag)."
+        )
+    value = await gw.accounts.set_team_override(team_id, name, body["value"])
+    return json_response(gw, {"id": team_id, "name": name, "value": value})
+
+
+@_admin
+async def clear_team_limit(request: Request, gw: Services) -> Response:
+    """Remove a per-team override: the team's plan's limit applies again."""
+    team_id, name = request.path_params["team_id"], _limit_name(request)
+    await gw.accounts.clear_team_override(team_id, name)
+    return json_response(gw, {"id": team_id, "name": name, "value": "plan"})
+
+
+@_admin
+async def set_user_team(request: Request, gw: Services) -> Response:
+    """Put a user in a team (`{"team": "acme"}`), or in none (`{"team": null}`)."""
+    user_id = request.path_params["user_id"]
+    body = await _json_body(request)
+    if "team" not in body or not isinstance(body["team"], str | None):
+        raise BadRequest("team: required (a team's id, or null for none).")
+    await gw.accounts.set_team(user_id, body["team"])
+    return json_response(gw, {"id": user_id, "team": body["team"]})
+
+
+@_admin
+async def create_key(request: Request, gw: Services) -> Response:
     """Create a key for a user; the secret is in this response only."""
     user_id = request.path_params["user_id"]
     name = (await _json_body(request)).get("name", "")
     if not isinstance(name, str) or len(name) > 200:
         raise BadRequest("name: expected a string of at most 200 characters.")
-    if await gw.storage.get_user(user_id) is None:
-        raise NotFound(f"No user {user_id!r}.")
-    record, secret = await gw.create_key(user_id, name=name)
+    record, secret = await gw.accounts.create_key(user_id, name=name)
     return json_response(
         gw,
         {
@@ -309,9 +384,9 @@ async def create_key(request: Request, gw: Gateway) -> Response:
 
 
 @_admin
-async def revoke_key(request: Request, gw: Gateway) -> Response:
+async def revoke_key(request: Request, gw: Services) -> Response:
     """Revoke a key; it stops working at once in this process."""
-    key = await gw.revoke_key(request.path_params["key_id"])
+    key = await gw.accounts.revoke_key(request.path_params["key_id"])
     assert key.revoked_at is not None
     return json_response(
         gw, {"id": key.id, "user_id": key.user_id, "revoked_at": key.revoked_at.isoformat()}
@@ -319,7 +394,7 @@ async def revoke_key(request: Request, gw: Gateway) -> Response:
 
 
 def _export(dataset: Dataset) -> Any:
-    async def export(request: Request, gw: Gateway) -> Response:
+    async def export(request: Request, gw: Services) -> Response:
         today = gw.today()
         start = _date(request, "from", today - timedelta(days=29))
         end = _date(request, "to", today)
@@ -327,7 +402,9 @@ def _export(dataset: Dataset) -> Any:
             raise BadRequest("to: must not be before from.")
         fmt = cast(Format, _choice(request, "format", ("csv", "json"), "csv"))
         user_id = request.query_params.get("user") or None
-        columns, source = rows(gw.storage, dataset, start, end, user_id=user_id)
+        columns, source = rows(
+            gw.storage, dataset, start, end, user_id=user_id, currency=gw.currency
+        )
         media = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"
         filename = f"{dataset}-{start.isoformat()}-{end.isoformat()}{'-' + user_id if user_id else ''}.{fmt}"
         safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in filename)
@@ -353,7 +430,7 @@ async def _guarded_stream(chunks: Any) -> Any:
 
 
 async def openapi(request: Request) -> Response:
-    gw = _gateway(request)
+    gw = services(request)
     if not gw.config.admin.token:
         return Response(status_code=404)
     from gateway.openapi import document
@@ -367,52 +444,17 @@ admin_routes: list[BaseRoute] = [
     Route("/users/{user_id}/plan", set_plan, methods=["PUT"]),
     Route("/users/{user_id}/limits/{name}", set_limit, methods=["PUT"]),
     Route("/users/{user_id}/limits/{name}", clear_limit, methods=["DELETE"]),
+    Route("/users/{user_id}/team", set_user_team, methods=["PUT"]),
     Route("/users/{user_id}/keys", create_key, methods=["POST"]),
+    Route("/teams", list_teams, methods=["GET"]),
+    Route("/teams", create_team, methods=["POST"]),
+    Route("/teams/{team_id}", get_team, methods=["GET"]),
+    Route("/teams/{team_id}/plan", set_team_plan, methods=["PUT"]),
+    Route("/teams/{team_id}/limits/{name}", set_team_limit, methods=["PUT"]),
+    Route("/teams/{team_id}/limits/{name}", clear_team_limit, methods=["DELETE"]),
     Route("/keys/{key_id}", revoke_key, methods=["DELETE"]),
     Route("/alerts", list_alerts, methods=["GET"]),
     Route("/export/events", _export("events"), methods=["GET"]),
     Route("/export/daily", _export("daily"), methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
-]
-
-
-# --- the end user's own usage: /v1/usage ---------------------------------------------------
-
-
-async def _end_user(request: Request, gw: Gateway) -> str:
-    # The credential and the trusted user header read from the raw headers exactly
-    # as the proxy reads them (the same function, then the same decoding in
-    # gateway/auth.py), so /v1/usage reports the user the proxy charges.
-    headers = request_headers(request.scope["headers"], gw.user_header)
-    return await gw.identify(headers.authorization, headers.user_header)
-
-
-async def my_usage(request: Request) -> Response:
-    """What the caller has used and has left, per limit of their plan."""
-    gw = _gateway(request)
-    try:
-        user_id = await _end_user(request, gw)
-        # Fresh from storage: the in-process user cache holds plans, not counters.
-        return json_response(gw, await gw.reports.usage(await gw.reports.user(user_id)))
-    except GatewayError as exc:
-        return error_response(gw, exc, realm="api")
-
-
-async def my_daily_usage(request: Request) -> Response:
-    """The caller's usage per local day, for a chart (`?days=30`, at most 366)."""
-    gw = _gateway(request)
-    try:
-        user_id = await _end_user(request, gw)
-        days = _int(request, "days", 30, 1, MAX_DAYS)
-        daily = await gw.reports.daily(user_id, days)
-        return json_response(
-            gw, {"user": user_id, "days": days, "data": [daily_dict(r) for r in daily]}
-        )
-    except GatewayError as exc:
-        return error_response(gw, exc, realm="api")
-
-
-usage_routes: list[BaseRoute] = [
-    Route("/v1/usage", my_usage, methods=["GET"]),
-    Route("/v1/usage/daily", my_daily_usage, methods=["GET"]),
 ]

@@ -13,11 +13,14 @@ answer's pending row) until the answer is settled or the reservation given back.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import date, datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from gateway.accounts import effective_plan
 from gateway.alerts import alert_request
+from gateway.budget import cost_bound
 from gateway.clock import Periods, periods_at
 from gateway.config import LIMIT_NAMES, Plan
 from gateway.errors import Forbidden, QuotaExceeded, StorageError
@@ -28,37 +31,63 @@ from gateway.plans import (
     admission_limits,
     closed_checks,
     reported_limit,
+    team_limits,
 )
+from gateway.quota import Limit
 from gateway.storage import AlertRequest, Lease, Pending, WebSearch
 from gateway.upstreams import Route
 
 if TYPE_CHECKING:
-    from gateway.runtime import Gateway
+    from gateway.clock import Clock
+    from gateway.metrics import Metrics
+    from gateway.settle import Settler
+    from gateway.snapshot import Snapshot
+    from gateway.storage import Storage
 
 log = logging.getLogger("gateway.admission")
 
 Headers = list[tuple[bytes, bytes]]
 
 
+def _plain(value: Decimal | int) -> Decimal | int:
+    """A count as an int (as messages always showed it), money as its decimal."""
+    if isinstance(value, Decimal) and value == value.to_integral_value():
+        return int(value)
+    return value
+
+
 def limit_refusal(
     resource: str,
-    limit: int,
+    limit: Decimal | int,
     *,
-    used: int,
+    used: Decimal | int,
     reset: datetime | None,
     own: bool,
     headers: Headers,
+    seconds: int | None = None,
+    refused: Limit | None = None,
 ) -> QuotaExceeded:
     """The 429 for ``resource``, its message named for gateway/messages.py: the
     user's own limit (a per-user override) or their plan's, reset time in the
     accounting time zone."""
-    key = LIMIT_CODES[resource] + ("_own" if own else "")
-    fields: dict[str, object] = {"limit": limit}
+    if refused is not None and refused.scope == "team":
+        code = "team_limit"
+    else:
+        code = LIMIT_CODES.get(resource, "plan_limit")
+    key = code + ("_own" if own and code in LIMIT_CODES.values() else "")
+    fields: dict[str, object] = {"limit": _plain(limit)}
+    if refused is not None and code in ("plan_limit", "team_limit"):
+        what = refused.meter.replace("_", " ")
+        if refused.models:
+            what += f" ({', '.join(refused.models)})"
+        fields.update(what=what, window=refused.per)
     if resource != "max_concurrent_streams":
-        fields.update(used=used, reset=reset)
+        fields.update(used=_plain(used), reset=reset)
+    if seconds is not None:
+        fields.update(seconds=seconds, remaining=max(_plain(limit) - _plain(used), 0))
     return QuotaExceeded(
         english(key, **fields),
-        code=LIMIT_CODES[resource],
+        code=code,
         headers=headers,
         key=key,
         fields=fields,
@@ -114,45 +143,76 @@ class Ticket:
 
 
 class Admitter:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
+    """Admits answer requests against the plans of a request's `Snapshot`, and
+    gives reservations back (through the settler, which retries)."""
 
-    async def plan_of(self, user_id: str) -> Plan:
+    __slots__ = ("_clock", "_metrics", "_settler", "_storage")
+
+    def __init__(
+        self, storage: Storage, settler: Settler, *, clock: Clock, metrics: Metrics
+    ) -> None:
+        self._storage = storage
+        self._settler = settler
+        self._clock = clock
+        self._metrics = metrics
+
+    async def plan_of(self, snap: Snapshot, user_id: str) -> Plan:
         """The user's effective plan: their plan with their overrides applied."""
-        return (await self._plan(user_id))[0]
+        return (await self._plan(snap, user_id))[0]
 
-    async def _plan(self, user_id: str) -> tuple[Plan, frozenset[str]]:
+    async def _plan(self, snap: Snapshot, user_id: str) -> tuple[Plan, frozenset[str]]:
         """The user's effective plan, and the limits in it that their own
         overrides set (a refusal by one of these says "your limit")."""
-        config = self.gw.config
-        user = await self.gw.users.get(user_id, default_plan=config.accounting.default_plan)
+        config = snap.config
+        user = await snap.users.get(user_id, default_plan=config.accounting.default_plan)
         own = frozenset(name for name in user.overrides if name in LIMIT_NAMES)
         return effective_plan(config, user), own
 
+    async def _team(self, snap: Snapshot, user_id: str) -> tuple[str | None, tuple[Limit, ...]]:
+        """The user's team and the team-scope limits of its plan (issue 21): the
+        request must fit them too, in the same atomic step. A team the database
+        cannot give leaves the user's own limits (fail-open, as for the team's
+        model list), logged and counted."""
+        user = await snap.users.get(user_id, default_plan=snap.config.accounting.default_plan)
+        try:
+            plan = await snap.team_plan(user)
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation="team")
+            log.warning("team of %s not read, its limits not applied: %s", user_id, exc.message)
+            return None, ()
+        if plan is None or user.team is None:
+            return None, ()
+        return user.team, team_limits(plan)
+
     async def admit(
-        self, user_id: str, request_id: str, route: Route, body: dict[str, Any]
+        self, snap: Snapshot, user_id: str, request_id: str, route: Route, body: dict[str, Any]
     ) -> tuple[Ticket, Headers]:
         """Reserve the answer or raise the refusal; may rewrite ``body`` (web search)."""
-        gw = self.gw
-        config = gw.config
-        now = gw.clock.now()
-        periods = periods_at(now, gw.tz)
+        config = snap.config
+        now = self._clock.now()
+        periods = periods_at(now, snap.tz)
         plan = config.plan(config.accounting.default_plan)
         web_search: WebSearch | None = None
         own: frozenset[str] = frozenset()
         try:
-            plan, own = await self._plan(user_id)
+            plan, own = await self._plan(snap, user_id)
             advanced = asks_for_advanced_rag(body, config.advanced_rag)
             if advanced and not plan.advanced_rag:
                 key = "feature_not_in_plan_own" if "advanced_rag" in own else "feature_not_in_plan"
                 raise Forbidden(english(key), key=key)
             if asks_for_web_search(body, config.web_search):
-                web_search = WebSearch(plan.web_searches_per_day, config.web_search.when_exhausted)
-            limits = admission_limits(plan)
+                web_search = WebSearch(None, config.web_search.when_exhausted)
+            team, team_limits = await self._team(snap, user_id)
+            limits = admission_limits(
+                plan, team_limits, models=snap.upstream.requested_models(route, body)
+            )
+            pending = self._pending(snap, request_id, route, body)
+            if any(limit.meter == "cost" for limit in limits.limits):
+                pending = self._with_cost_bound(snap, pending, route, body)
             lease = None
-            if limits.max_concurrent_streams is not None:
-                lease = Lease(id=request_id, expires_at=now + gw.lease_ttl)
-            admission = await gw.storage.admit(
+            if limits.counts_streams:
+                lease = Lease(id=request_id, expires_at=now + snap.lease_ttl)
+            admission = await self._storage.admit(
                 user_id,
                 day=periods.day,
                 month_start=periods.month_start,
@@ -160,28 +220,32 @@ class Admitter:
                 now=now,
                 lease=lease,
                 advanced_rag=advanced,
-                pending=self._pending(request_id, route, body),
+                pending=pending,
                 web_search=web_search,
+                team=team,
             )
         except StorageError as exc:
             return self._storage_failed(
-                exc, plan, user_id, request_id, periods, asks_web=web_search is not None
+                snap, exc, plan, user_id, request_id, periods, asks_web=web_search is not None
             )
 
-        shown = reported_limit(admission, plan, periods)
+        shown = reported_limit(admission, plan, periods, now=now)
         rate_headers = shown.headers() if shown is not None else []
         if not admission.admitted:
-            assert admission.refused_by is not None
-            limit = getattr(plan, admission.refused_by)
-            reset = shown.reset.astimezone(gw.tz) if shown and shown.reset else None
+            assert admission.refused is not None
+            limit = admission.refused.max
+            reset = shown.reset.astimezone(snap.tz) if shown and shown.reset else None
             retry = shown.retry_after(now) if shown else STREAM_RETRY_AFTER
+            rate = admission.refused.is_rate
             raise limit_refusal(
-                admission.refused_by,
+                admission.refused.name,
                 limit,
                 used=shown.used if shown else limit,
                 reset=reset,
-                own=admission.refused_by in own,
+                own=admission.refused.scope == "user" and admission.refused.name in own,
                 headers=[(b"retry-after", str(retry).encode()), *rate_headers],
+                seconds=retry if rate else None,
+                refused=admission.refused,
             )
         rule = config.web_search
         if (
@@ -212,18 +276,20 @@ class Admitter:
         ticket.alerts = alert_request(plan, config.alerts, periods)
         return ticket, rate_headers
 
-    def _pending(self, request_id: str, route: Route, body: dict[str, Any]) -> Pending:
+    def _pending(
+        self, snap: Snapshot, request_id: str, route: Route, body: dict[str, Any]
+    ) -> Pending:
         """The pending row admission writes: what a recovery charges if this
         process dies before the answer is settled - the dialect's estimate for an
         answer that was never seen (the prompt's size); for a paid side call, its
         price (the call, once admitted, is the upstream's to carry out and bill)."""
         if route.role == "side_cost":
-            price = self.gw.config.call_prices.get(route.call or "")
+            price = snap.config.call_prices.get(route.call or "")
             if price is not None:
                 return Pending(
                     id=request_id, endpoint=route.name, cost=price.price, currency=price.currency
                 )
-        usage = self.gw.upstream.unanswered(route, body).usage
+        usage = snap.upstream.unanswered(route, body).usage
         if usage is None:
             return Pending(id=request_id, endpoint=route.name)
         return Pending(
@@ -236,8 +302,29 @@ class Admitter:
             currency=usage.currency,
         )
 
+    def _with_cost_bound(
+        self, snap: Snapshot, pending: Pending, route: Route, body: dict[str, Any]
+    ) -> Pending:
+        """``pending`` reserving the upper bound of the answer's cost against the
+        money budgets (gateway/budget.py); a recovery charges at least that
+        bound, the most the answer could have cost. A paid side call's bound is
+        its price."""
+        accounting = snap.config.accounting
+        if route.role == "side_cost":
+            bound = pending.cost
+        else:
+            bound = cost_bound(
+                snap.upstream,
+                route,
+                body,
+                reserve_output_tokens=accounting.reserve_output_tokens,
+                answer_reservation=accounting.answer_reservation,
+            )
+        return replace(pending, reserved_cost=bound, cost=max(pending.cost, bound))
+
     def _storage_failed(
         self,
+        snap: Snapshot,
         exc: StorageError,
         plan: Plan,
         user_id: str,
@@ -246,9 +333,9 @@ class Admitter:
         *,
         asks_web: bool = False,
     ) -> tuple[Ticket, Headers]:
-        gw = self.gw
-        gw.metrics.inc("gateway_storage_errors_total", operation="admit")
-        closed = closed_checks(gw.config.admission.on_storage_error, plan)
+        metrics = self._metrics
+        metrics.inc("gateway_storage_errors_total", operation="admit")
+        closed = closed_checks(snap.config.admission.on_storage_error, plan)
         if closed:
             log.error(
                 "request %s: admission could not reach the database; refused (fail-closed for %s): %s",
@@ -256,7 +343,7 @@ class Admitter:
                 ", ".join(closed),
                 exc.message,
             )
-            gw.metrics.inc("gateway_admission_storage_failures_total", policy="closed")
+            metrics.inc("gateway_admission_storage_failures_total", policy="closed")
             raise StorageError(
                 "The usage database is unavailable; try again shortly.",
                 headers=[(b"retry-after", b"5")],
@@ -266,11 +353,11 @@ class Admitter:
             request_id,
             exc.message,
         )
-        gw.metrics.inc("gateway_admission_storage_failures_total", policy="open")
+        metrics.inc("gateway_admission_storage_failures_total", policy="open")
         if asks_web and plan.web_searches_per_day is not None:
             # The web-search allowance fails open with the rest: a storage hiccup
             # never blocks a user wrongly here (docs/features.md).
-            gw.metrics.inc("gateway_web_search_count_failures_total")
+            metrics.inc("gateway_web_search_count_failures_total")
             log.warning(
                 "request %s: web-search allowance not checked, allowing (fail-open)", request_id
             )
@@ -280,6 +367,6 @@ class Admitter:
         """Return a reserved query (and its stream slot): no answer was produced."""
         if ticket is None or not ticket.release():
             return
-        await self.gw.settler.refund(
+        await self._settler.refund(
             ticket.user_id, day=ticket.day, lease_id=ticket.lease_id, pending_id=ticket.pending_id
         )

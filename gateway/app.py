@@ -13,7 +13,7 @@ import gc
 import hashlib
 import importlib.resources
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -23,16 +23,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from gateway import dashboard
-from gateway.admin import admin_routes, error_response, token_refusal, usage_routes
+from gateway.admin import admin_routes, error_response, services, token_refusal
 from gateway.clock import Clock
 from gateway.config import Config, load_config
 from gateway.cors import Cors
 from gateway.errors import NotFound, StorageError
 from gateway.limits import BodyDeadline, header_refusal, send_refusal
 from gateway.logs import configure_logging
-from gateway.proxy import Proxy, Receive, Scope, Send
-from gateway.runtime import Gateway
+from gateway.probes import Probes
+from gateway.proxy import Proxy
+from gateway.runtime import Gateway, Running
 from gateway.storage import Storage
+from gateway.types import Receive, Scope, Send
+from gateway.usage_api import usage_routes
 
 
 async def healthz(request: Request) -> Response:
@@ -40,9 +43,8 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    gateway: Gateway = request.app.state.gateway
     try:
-        await gateway.storage.ping()
+        await services(request).storage.ping()
     except StorageError as exc:
         return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
     return JSONResponse({"status": "ready"})
@@ -51,7 +53,7 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     """Prometheus text, behind the metrics or admin token unless metrics.public
     (docs/metrics.md, "Access"): the totals say what every plan and model cost."""
-    gateway: Gateway = request.app.state.gateway
+    gateway = services(request)
     config = gateway.config
     if not config.metrics.public:
         secrets = (config.metrics.token, config.admin.token)
@@ -117,13 +119,21 @@ _OWN_V1_PATHS = frozenset({"/v1/usage", "/v1/usage/daily"})
 
 
 class GatewayApp:
+    """Dispatches every request: /v1 to the proxy, the rest to a Starlette site.
+
+    Until the lifespan has started the gateway, everything goes to the site (which
+    runs the lifespan); then `_serve` is wired to the started parts.
+    """
+
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.proxy = Proxy(gateway)
+        self.handler: Callable[[Scope, Receive, Send], Awaitable[None]]
 
         @contextlib.asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             await gateway.start()
+            app.state.services = gateway.running.services
+            self.handler = self._serve(gateway.running)
             if os.environ.get(GC_TUNING_ENV):
                 tune_gc()
             try:
@@ -143,48 +153,64 @@ class GatewayApp:
             ],
             lifespan=lifespan,
         )
-        self.site.state.gateway = gateway
-        # Outermost, so every answer on /v1 - the proxy's, the usage API's, and
-        # the refusals of the request limits below - carries the [cors] policy.
-        self.handler = Cors(
-            self._dispatch,
-            config=lambda: gateway.config.cors,
-            error_body=lambda status, code, message: gateway.upstream.error_body(
-                status, code, message
-            ),
-        )
+        self.handler = self.site
+
+    @property
+    def proxy(self) -> Proxy:
+        return self.gateway.running.proxy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.handler(scope, receive, send)
 
-    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.site(scope, receive, send)
-            return
-        gateway = self.gateway
-        server = gateway.config.server
-        refusal = header_refusal(
-            scope["headers"], max_bytes=server.max_header_bytes, max_count=server.max_headers
+    def _serve(self, running: Running) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+        """The handler of the started gateway: request limits, then the proxy or
+        the site, inside the [cors] policy."""
+        site, proxy, current, metrics = (
+            self.site,
+            running.proxy,
+            running.current,
+            self.gateway.metrics,
         )
-        error_body = gateway.upstream.error_body
-        if refusal is not None:
-            gateway.metrics.inc("gateway_refusals_total", code="headers_too_large")
-            await send_refusal(send, error_body, 431, "headers_too_large", refusal)
-            return
-        deadline = BodyDeadline(
-            receive,
-            send,
-            timeout=server.body_timeout,
-            error_body=error_body,
-            on_timeout=lambda: gateway.metrics.inc(
-                "gateway_refusals_total", code="request_timeout"
+
+        def on_timeout() -> None:
+            metrics.inc("gateway_refusals_total", code="request_timeout")
+
+        async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await site(scope, receive, send)
+                return
+            snap = current.snapshot
+            server = snap.config.server
+            refusal = header_refusal(
+                scope["headers"], max_bytes=server.max_header_bytes, max_count=server.max_headers
+            )
+            error_body = snap.upstream.error_body
+            if refusal is not None:
+                metrics.inc("gateway_refusals_total", code="headers_too_large")
+                await send_refusal(send, error_body, 431, "headers_too_large", refusal)
+                return
+            deadline = BodyDeadline(
+                receive,
+                send,
+                timeout=server.body_timeout,
+                error_body=error_body,
+                on_timeout=on_timeout,
+            )
+            path = scope.get("path", "")
+            if path.startswith("/v1/") and path not in _OWN_V1_PATHS:
+                await proxy(scope, deadline.receive, deadline.send)
+            else:
+                await site(scope, deadline.receive, deadline.send)
+
+        # Outermost, so every answer on /v1 - the proxy's, the usage API's, and
+        # the refusals of the request limits below - carries the [cors] policy.
+        return Cors(
+            dispatch,
+            config=lambda: current.snapshot.config.cors,
+            error_body=lambda status, code, message: current.snapshot.upstream.error_body(
+                status, code, message
             ),
         )
-        path = scope.get("path", "")
-        if path.startswith("/v1/") and path not in _OWN_V1_PATHS:
-            await self.proxy(scope, deadline.receive, deadline.send)
-        else:
-            await self.site(scope, deadline.receive, deadline.send)
 
 
 def create_app(
@@ -194,10 +220,12 @@ def create_app(
     storage: Storage | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     env: Mapping[str, str] | None = None,
+    probes: Probes | None = None,
 ) -> GatewayApp:
     """The gateway as an ASGI app (`uvicorn --factory gateway.app:create_app`).
 
-    ``env`` is the environment that configuration reloads read (default: os.environ).
+    ``env`` is the environment that configuration reloads read (default: os.environ);
+    ``probes`` count what the gateway finished, for tests to wait on (gateway/probes.py).
     """
     if config is None:
         # No configuration handed in: this is a server process (a `gateway serve`
@@ -205,5 +233,7 @@ def create_app(
         # gateway's to set up (gateway/logs.py); hosts that pass one keep their own.
         config = load_config()
         configure_logging(config.server)
-    gateway = Gateway(config, clock=clock, storage=storage, transport=transport, env=env)
+    gateway = Gateway(
+        config, clock=clock, storage=storage, transport=transport, env=env, probes=probes
+    )
     return GatewayApp(gateway)

@@ -31,7 +31,7 @@ import jwt
 from gateway.config import AuthConfig, JWTConfig
 from gateway.errors import Unauthorized
 from gateway.keys import hash_key
-from gateway.storage import ApiKey, Storage, User
+from gateway.storage import ApiKey, Storage, Team, User
 
 _MAX_CACHED = 100_000
 K = TypeVar("K")
@@ -313,3 +313,32 @@ class UserDirectory:
 
     def forget(self, user_id: str) -> None:
         self._users.pop(user_id)
+
+
+class TeamDirectory:
+    """Teams by id (issue 21), cached like users; changes made through the
+    gateway invalidate at once, other replicas' within the TTL."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+        previous: TeamDirectory | None = None,
+    ) -> None:
+        self._storage = storage
+        self._teams: _TTLCache[str, Team] = (
+            previous._teams.sharing(ttl) if previous is not None else _TTLCache(ttl, clock)
+        )
+
+    async def get(self, team_id: str) -> Team | None:
+        team = self._teams.get(team_id)
+        if team is None:
+            team = await self._storage.get_team(team_id)
+            if team is not None:
+                self._teams.put(team_id, team)
+        return team
+
+    def forget(self, team_id: str) -> None:
+        self._teams.pop(team_id)

@@ -83,7 +83,11 @@ _TEXT_CAPS = {"model": MAX_MODEL_CHARS}
 
 # Counts that are parts of another: (part, whole). A part is never more than its
 # whole, so it is bounded by the whole once that is in range.
-_PARTS = (("cached_tokens", "prompt_tokens"), ("reasoning_tokens", "completion_tokens"))
+_PARTS = (
+    ("cached_tokens", "prompt_tokens"),
+    ("cache_write_tokens", "prompt_tokens"),
+    ("reasoning_tokens", "completion_tokens"),
+)
 
 
 def clean_text(value: str) -> str:

@@ -15,15 +15,23 @@ import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from typing import Any, Literal
 
 from gateway import __version__
-from gateway.accounts import effective_plan, issue_key, parse_override_text
+from gateway.accounts import (
+    Accounts,
+    UnknownPlan,
+    effective_plan,
+    parse_override_text,
+)
 from gateway.clock import SystemClock, periods_at
 from gateway.config import ENV_CONFIG, LIMIT_NAMES, Config, load_config, render_config
-from gateway.errors import BadRequest, ConfigError, GatewayError
+from gateway.currency import check as currency_check
+from gateway.currency import shown
+from gateway.errors import BadRequest, ConfigError, GatewayError, StorageError
 from gateway.logs import configure_logging
+from gateway.reports import money, team_report
 from gateway.storage import OverrideValue, Storage, open_storage
 
 EXIT_ERROR = 1
@@ -122,6 +130,11 @@ def _parser() -> argparse.ArgumentParser:
     clear_limit.add_argument("id")
     clear_limit.add_argument("name", choices=LIMIT_NAMES)
     clear_limit.set_defaults(handler=_sync(_users_clear_limit))
+    set_team = users.add_parser("set-team", help="put a user in a team (or --none: in none)")
+    set_team.add_argument("id")
+    set_team.add_argument("team", nargs="?", default=None)
+    set_team.add_argument("--none", action="store_true", help="take the user out of their team")
+    set_team.set_defaults(handler=_sync(_users_set_team))
     ls = users.add_parser("list", help="list users with their usage")
     ls.add_argument("--plan", default=None)
     ls.add_argument("--search", default=None, help="only ids containing this text")
@@ -130,6 +143,33 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--limit", type=int, default=100)
     ls.add_argument("--offset", type=int, default=0)
     ls.set_defaults(handler=_sync(_users_list))
+
+    teams = commands.add_parser("teams", help="manage teams").add_subparsers(
+        title="teams commands", metavar="ACTION"
+    )
+    team_add = teams.add_parser("add", help="create a team")
+    team_add.add_argument("id")
+    team_add.add_argument("--plan", required=True, help="the team's plan")
+    team_add.set_defaults(handler=_sync(_teams_add))
+    team_show = teams.add_parser("show", help="a team's plan, members and usage (members summed)")
+    team_show.add_argument("id")
+    team_show.set_defaults(handler=_sync(_teams_show))
+    team_plan = teams.add_parser("set-plan", help="change a team's plan")
+    team_plan.add_argument("id")
+    team_plan.add_argument("plan")
+    team_plan.set_defaults(handler=_sync(_teams_set_plan))
+    team_limit = teams.add_parser("set-limit", help="override one plan limit for a team")
+    team_limit.add_argument("id")
+    team_limit.add_argument("name", choices=LIMIT_NAMES)
+    team_limit.add_argument("value", help="a number, 'unlimited', or true/false for advanced_rag")
+    team_limit.set_defaults(handler=_sync(_teams_set_limit))
+    team_clear = teams.add_parser("clear-limit", help="remove a per-team override")
+    team_clear.add_argument("id")
+    team_clear.add_argument("name", choices=LIMIT_NAMES)
+    team_clear.set_defaults(handler=_sync(_teams_clear_limit))
+    teams.add_parser("list", help="list teams with their members and today's usage").set_defaults(
+        handler=_sync(_teams_list)
+    )
 
     usage = commands.add_parser("usage", help="usage reports").add_subparsers(
         title="usage commands", metavar="ACTION"
@@ -206,6 +246,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
 
     os.environ[GC_TUNING_ENV] = "1"
     workers = args.workers or config.server.workers
+    _check_currency(config)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with
     # the handler it found in place: ours, so a graceful stop exits 0 (as does a
     # SIGTERM arriving before uvicorn took over).
@@ -230,6 +271,25 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=config.server.shutdown_grace,
         )
     return 0
+
+
+def _check_currency(config: Config) -> None:
+    """Refuse to serve, with main's one-line configuration error, prices in another
+    currency than the money the database holds (gateway/currency.py). Each worker's
+    start-up checks again; checked here first so the refusal is not a traceback in
+    uvicorn's "application startup failed". A database that cannot be reached now
+    is left to the workers' start-up, as it was before."""
+
+    async def run() -> None:
+        storage = await open_storage(config.database)
+        try:
+            await storage.migrate()
+            await currency_check(storage, config)
+        finally:
+            await storage.close()
+
+    with contextlib.suppress(StorageError):
+        asyncio.run(run())
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -287,6 +347,14 @@ def config_warnings(config: Config) -> list[str]:
             f"(upstream.api_key_env) or {ENV_UPSTREAM_API_KEY}; the upstream will refuse "
             "every request"
         )
+    if config.upstream.kind == "dify":
+        # Issue 21: a Dify app fixes its own model; no request names one.
+        for name, plan in config.plans.items():
+            if plan.models is not None:
+                warnings.append(
+                    f"plans.{name}.models: a Dify upstream's requests name no model, so "
+                    "the allow-list does not apply (docs/quotas.md, 'Model allow-lists')"
+                )
     return warnings
 
 
@@ -299,21 +367,25 @@ def _describe_db(config: Config) -> str:
 # --- users --------------------------------------------------------------------------
 
 
-def _require_plan(config: Config, plan: str) -> None:
-    if plan not in config.plans:
-        raise ConfigError(
-            f"no plan named {plan!r} (expected one of: {', '.join(sorted(config.plans))})"
-        )
+def _accounts(storage: Storage, config: Config) -> Accounts:
+    """The admin operations (gateway/accounts.py), as the admin API runs them."""
+    return Accounts(storage, config=lambda: config)
+
+
+def _plan_refused(exc: UnknownPlan) -> ConfigError:
+    """A plan the configuration does not define: a usage error (exit 2)."""
+    return ConfigError(f"no plan named {exc.plan!r} (expected one of: {', '.join(exc.plans)})")
 
 
 async def _users_add(storage: Storage, config: Config, args: argparse.Namespace) -> int:
     plan = args.plan or config.accounting.default_plan
-    _require_plan(config, plan)
-    existing = await storage.get_user(args.id)
+    try:
+        existing = await _accounts(storage, config).add_user(args.id, plan=plan)
+    except UnknownPlan as exc:
+        raise _plan_refused(exc) from None
     if existing is not None:
         print(f"user {args.id!r} already exists (plan {existing.plan})")
         return EXIT_ERROR
-    await storage.ensure_user(args.id, plan=plan)
     print(f"created user {args.id!r} on plan {plan}")
     return 0
 
@@ -328,6 +400,7 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
     today = next((r for r in rows if r.day == period.day), None)
     month_tokens = sum(r.total_tokens for r in rows)
     plan = effective_plan(config, user)
+    currency = await _currency(storage, config)
 
     def limit(value: object) -> str:
         return "unlimited" if value is None else str(value)
@@ -339,18 +412,25 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
         f"created:   {user.created_at.astimezone(config.tz).isoformat(timespec='seconds')}",
         f"lifetime:  {user.lifetime_tokens} tokens "
         f"({token_split(user.lifetime_tokens, user.lifetime_prompt_tokens, user.lifetime_completion_tokens)}), "
-        f"cost {user.lifetime_cost}",
+        f"cost {money(user.lifetime_cost)} {currency}",
         f"today ({period.day.isoformat()}, {config.accounting.timezone}):",
         f"  queries       {today.queries if today else 0} / {limit(plan.queries_per_day)}",
         f"  tokens        {today.total_tokens if today else 0} / {limit(plan.tokens_per_day)}",
         f"  web searches  {today.web_searches if today else 0} / {limit(plan.web_searches_per_day)}",
-        f"  cost          {today.cost if today else 0}",
+        f"  cost          {money(today.cost) if today else 0} {currency}",
         f"this month:    {month_tokens} tokens / {limit(plan.tokens_per_month)}",
     ]
     if user.overrides:
         lines.append(
             "overrides:  " + ", ".join(f"{k}={limit(v)}" for k, v in sorted(user.overrides.items()))
         )
+    team = await storage.get_team(user.team) if user.team is not None else None
+    if team is None:
+        lines.append("team:      -")
+    else:
+        report = await team_report(storage, config, team, period, currency=currency, members=False)
+        lines.append(f"team:      {team.id} (plan {report['plan']})")
+        lines += _team_usage_lines(report, config)
     keys = await storage.list_keys(user.id)
     for key in keys:
         state = (
@@ -361,6 +441,32 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
         lines.append(f"key:        {key.id}  {key.prefix}…  {key.name or '-'}  {state}")
     print("\n".join(lines))
     return 0
+
+
+def _team_usage_lines(report: dict[str, Any], config: Config) -> list[str]:
+    """A team's usage (its members summed) against its plan, for `users show`
+    and `teams show`."""
+
+    def used(name: str) -> str:
+        entry = report["limits"][name]
+        limit = "unlimited" if entry["limit"] is None else entry["limit"]
+        return f"{entry['used']} / {limit}"
+
+    return [
+        f"team today ({report['today']['day']}, {config.accounting.timezone}, members summed):",
+        f"  queries       {used('queries_per_day')}",
+        f"  tokens        {used('tokens_per_day')}",
+        f"  web searches  {used('web_searches_per_day')}",
+        f"  cost          {report['today']['cost']} {report['currency']}",
+        f"team this month: {used('tokens_per_month')} tokens, "
+        f"cost {report['month']['cost']} {report['currency']}",
+    ]
+
+
+async def _currency(storage: Storage, config: Config) -> str:
+    """The currency of the database's totals: its ledger's, whatever the
+    configuration now says (a refused mix raises, so no sum is shown unlabelled)."""
+    return shown(await storage.costs_by_currency(), config)
 
 
 def token_split(total: int, prompt: int, completion: int) -> str:
@@ -376,8 +482,10 @@ def token_split(total: int, prompt: int, completion: int) -> str:
 
 
 async def _users_set_plan(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    _require_plan(config, args.plan)
-    await storage.set_plan(args.id, args.plan)
+    try:
+        await _accounts(storage, config).set_plan(args.id, args.plan)
+    except UnknownPlan as exc:
+        raise _plan_refused(exc) from None
     print(f"user {args.id!r} is now on plan {args.plan}")
     return 0
 
@@ -391,15 +499,27 @@ def parse_limit_value(name: str, raw: str) -> OverrideValue:
 
 
 async def _users_set_limit(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    value = parse_limit_value(args.name, args.value)
-    await storage.set_override(args.id, args.name, value)
+    value = await _accounts(storage, config).set_override(
+        args.id, args.name, parse_limit_value(args.name, args.value)
+    )
     print(f"user {args.id!r}: {args.name} = {'unlimited' if value is None else value} (override)")
     return 0
 
 
 async def _users_clear_limit(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    await storage.clear_override(args.id, args.name)
+    await _accounts(storage, config).clear_override(args.id, args.name)
     print(f"user {args.id!r}: {args.name} follows the plan again")
+    return 0
+
+
+async def _users_set_team(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    if (args.team is None) == (not args.none):
+        raise ConfigError("users set-team: give a team, or --none to take the user out of theirs")
+    await _accounts(storage, config).set_team(args.id, args.team)
+    if args.team is None:
+        print(f"user {args.id!r} is in no team")
+    else:
+        print(f"user {args.id!r} is now in team {args.team}")
     return 0
 
 
@@ -414,20 +534,37 @@ async def _users_list(storage: Storage, config: Config, args: argparse.Namespace
         limit=args.limit,
         offset=args.offset,
     )
+    currency = await _currency(storage, config)
     rows: list[tuple[Any, ...]] = [
-        ("USER", "PLAN", "LIFETIME TOKENS", "LIFETIME COST", "QUERIES TODAY", "TOKENS TODAY")
+        (
+            "USER",
+            "PLAN",
+            "TEAM",
+            "LIFETIME TOKENS",
+            "LIFETIME COST",
+            "QUERIES TODAY",
+            "TOKENS TODAY",
+        )
     ]
     for s in summaries:
         rows.append(
             (
                 s.user.id,
                 s.user.plan,
+                s.user.team or "-",
                 s.user.lifetime_tokens,
-                s.user.lifetime_cost,
+                f"{money(s.user.lifetime_cost)} {currency}",
                 s.today.queries,
                 s.today.total_tokens,
             )
         )
+    _print_table(rows)
+    total = await storage.count_users(plan=args.plan, search=args.search)
+    print(f"({len(summaries)} of {total} users)")
+    return 0
+
+
+def _print_table(rows: list[tuple[Any, ...]]) -> None:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print(
@@ -435,8 +572,102 @@ async def _users_list(storage: Storage, config: Config, args: argparse.Namespace
                 str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
             ).rstrip()
         )
-    total = await storage.count_users(plan=args.plan, search=args.search)
-    print(f"({len(summaries)} of {total} users)")
+
+
+# --- teams (issue 21) ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _usage_errors() -> Iterator[None]:
+    """A team id or plan name refused by the one validation (gateway/accounts.py)
+    is a usage error, as a bad plan for a user is."""
+    try:
+        yield
+    except UnknownPlan as exc:
+        raise _plan_refused(exc) from None
+    except BadRequest as exc:
+        raise ConfigError(exc.message) from None
+
+
+async def _teams_add(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    with _usage_errors():
+        await _accounts(storage, config).create_team(args.id, plan=args.plan)
+    print(f"created team {args.id!r} on plan {args.plan}")
+    return 0
+
+
+async def _teams_show(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    team = await storage.get_team(args.id)
+    if team is None:
+        print(f"gateway: error: no team {args.id!r}", file=sys.stderr)
+        return EXIT_ERROR
+    report = await team_report(
+        storage,
+        config,
+        team,
+        periods_at(SystemClock().now(), config.tz),
+        currency=await _currency(storage, config),
+    )
+    note = "" if team.plan in config.plans else f" (not configured; using {report['plan']})"
+    lines = [
+        f"team:      {team.id}",
+        f"plan:      {team.plan}{note}",
+        f"created:   {team.created_at.astimezone(config.tz).isoformat(timespec='seconds')}",
+        f"members:   {', '.join(report['members']) or '-'}",
+    ]
+    if team.overrides:
+        lines.append(
+            "overrides:  "
+            + ", ".join(
+                f"{k}={'unlimited' if v is None else v}" for k, v in sorted(team.overrides.items())
+            )
+        )
+    print("\n".join(lines + _team_usage_lines(report, config)))
+    return 0
+
+
+async def _teams_set_plan(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    with _usage_errors():
+        await _accounts(storage, config).set_team_plan(args.id, args.plan)
+    print(f"team {args.id!r} is now on plan {args.plan}")
+    return 0
+
+
+async def _teams_set_limit(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    value = await _accounts(storage, config).set_team_override(
+        args.id, args.name, parse_limit_value(args.name, args.value)
+    )
+    print(f"team {args.id!r}: {args.name} = {'unlimited' if value is None else value} (override)")
+    return 0
+
+
+async def _teams_clear_limit(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    await _accounts(storage, config).clear_team_override(args.id, args.name)
+    print(f"team {args.id!r}: {args.name} follows the plan again")
+    return 0
+
+
+async def _teams_list(storage: Storage, config: Config, args: argparse.Namespace) -> int:
+    day = periods_at(SystemClock().now(), config.tz).day
+    rows: list[tuple[Any, ...]] = [
+        ("TEAM", "PLAN", "MEMBERS", "QUERIES TODAY", "TOKENS TODAY", "COST TODAY")
+    ]
+    teams = await storage.list_teams(day=day)
+    currency = await _currency(storage, config)
+    for summary in teams:
+        today = summary.today
+        rows.append(
+            (
+                summary.team.id,
+                summary.team.plan,
+                summary.members,
+                today.queries,
+                today.total_tokens,
+                f"{money(today.cost)} {currency}",
+            )
+        )
+    _print_table(rows)
+    print(f"({len(teams)} teams)")
     return 0
 
 
@@ -459,7 +690,10 @@ async def _usage_export(storage: Storage, config: Config, args: argparse.Namespa
     if end < start:
         raise ConfigError("--to must not be before --from")
     dataset: Literal["events", "daily"] = "daily" if args.daily else "events"
-    columns, source = rows(storage, dataset, start, end, user_id=args.user)
+    # A ledger row carries its own currency; the day rows the database's, which
+    # only a database mixing currencies cannot name (refused, gateway/currency.py).
+    currency = await _currency(storage, config) if dataset == "daily" else ""
+    columns, source = rows(storage, dataset, start, end, user_id=args.user, currency=currency)
     progress = None
     if sys.stderr.isatty() and dataset == "events":
         total = await storage.count_events(start, end, user_id=args.user)
@@ -496,9 +730,9 @@ def _progress_bar(total: int) -> Callable[[int], None]:
 
 
 async def _keys_create(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    if args.create_user:
-        await storage.ensure_user(args.id, plan=config.accounting.default_plan)
-    record, secret = await issue_key(storage, args.id, name=args.name, now=datetime.now(UTC))
+    record, secret = await _accounts(storage, config).create_key(
+        args.id, name=args.name, create_user=args.create_user
+    )
     print(
         f"created key {record.id} for user {record.user_id!r}; it is shown only this once:",
         file=sys.stderr,
@@ -508,7 +742,7 @@ async def _keys_create(storage: Storage, config: Config, args: argparse.Namespac
 
 
 async def _keys_revoke(storage: Storage, config: Config, args: argparse.Namespace) -> int:
-    key = await storage.revoke_key(args.key_id, now=datetime.now(UTC))
+    key = await _accounts(storage, config).revoke_key(args.key_id)
     assert key.revoked_at is not None
     print(
         f"key {key.id} of user {key.user_id!r} revoked at {key.revoked_at.isoformat(timespec='seconds')}"

@@ -185,6 +185,11 @@ class AccountingConfig:
     # An answer reporting more tokens than this is recorded at this many, marked
     # "clamped" (docs/proxy.md); the bound keeps sums far from 64-bit overflow.
     max_tokens_per_answer: int = _setting(10_000_000, minimum=1)
+    # Money budgets (docs/quotas.md, "Money budgets"): the output tokens an
+    # answer request that sets no cap (max_tokens, ...) is reserved for, and the
+    # cost reserved for an answer whose dialect prices it only when it ends (Dify).
+    reserve_output_tokens: int = _setting(4096, minimum=0)
+    answer_reservation: Decimal = _setting(Decimal(0), minimum=0)  # noqa: RUF009 (immutable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,12 +310,18 @@ LimitName = Literal[
     "tokens_per_day",
     "tokens_per_month",
     "web_searches_per_day",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "cost_per_day",
+    "cost_per_month",
     "advanced_rag",
     "file_size_mb",
     "chat_history_days",
     "max_concurrent_streams",
 ]
 LIMIT_NAMES: tuple[LimitName, ...] = typing.get_args(LimitName)
+# The limits that are amounts of money (decimal strings in overrides too).
+MONEY_LIMITS: frozenset[str] = frozenset({"cost_per_day", "cost_per_month"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +405,41 @@ def _messages(table: object) -> MessagesConfig:
 # --- end of issue 25, refusal messages ---
 
 
+# The meters and windows a [[plans.NAME.limits]] entry can name (issue 21; the
+# streams open at once are max_concurrent_streams; rates - per minute or hour -
+# count queries and tokens).
+LimitMeter = Literal[
+    "queries", "tokens", "input_tokens", "output_tokens", "cost", "web_searches", "advanced_rag"
+]
+LimitPer = Literal["day", "month", "minute", "hour"]
+RATE_METERS: frozenset[str] = frozenset({"queries", "tokens"})
+MODEL_LIMIT_METERS: frozenset[str] = frozenset(
+    {"queries", "tokens", "input_tokens", "output_tokens", "cost"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanLimit:
+    """One ``[[plans.NAME.limits]]`` entry: no more than ``max`` of ``meter`` per
+    ``per`` (docs/quotas.md, "Limits as data")."""
+
+    meter: LimitMeter = "queries"
+    per: LimitPer = "day"
+    max: Decimal = _setting(Decimal(0), minimum=0)  # noqa: RUF009 (immutable)
+    # What refusals and headers call it; default "<meter>_per_<per>", with the
+    # models in brackets for a per-model limit ("cost_per_day[gpt-4.1*]").
+    name: str = ""
+    # Globs: the limit holds requests for these models only, and counts only them.
+    models: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        models = f"[{','.join(self.models)}]" if self.models else ""
+        return f"{self.meter}_per_{self.per}{models}"
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     name: str = _resolved("")
@@ -405,12 +451,27 @@ class Plan:
     file_size_mb: float | None = _setting(None, minimum=0)
     chat_history_days: int | None = _setting(None, minimum=0)
     max_concurrent_streams: int | None = _setting(None, minimum=0)
+    # Rates over a sliding minute (docs/quotas.md, "Rates").
+    requests_per_minute: int | None = _setting(None, minimum=0)
+    tokens_per_minute: int | None = _setting(None, minimum=0)
+    # Money budgets, in the price table's currency: decimal strings ("2.50").
+    cost_per_day: Decimal | None = _setting(None, minimum=0)  # noqa: RUF009 (None is immutable)
+    cost_per_month: Decimal | None = _setting(None, minimum=0)  # noqa: RUF009 (None is immutable)
     # Replaces alerts.thresholds for this plan ([] turns alerts off for it).
     alert_thresholds: tuple[int, ...] | None = _setting(None, minimum=1)
+    # Issue 21: the models this plan may use, as globs ("llama-3*"), matched
+    # case-sensitively against the model a request names. Unset: any model.
+    models: tuple[str, ...] | None = None
+    # [[plans.NAME.limits]], the general form (read apart from the plan's keys).
+    limits: tuple[PlanLimit, ...] = field(default=(), metadata={"resolved": True})
 
     def with_overrides(self, overrides: Mapping[str, object]) -> Plan:
         """This plan with per-user overrides applied (unknown names are ignored)."""
-        known = {k: v for k, v in overrides.items() if k in LIMIT_NAMES}
+        known = {
+            k: Decimal(str(v)) if k in MONEY_LIMITS and v is not None else v
+            for k, v in overrides.items()
+            if k in LIMIT_NAMES
+        }
         return dataclasses.replace(self, **known) if known else self  # type: ignore[arg-type]
 
 
@@ -510,7 +571,12 @@ def parse_config(
         for name, table in plans_table.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"plans.{name}: expected a table, got {_kind(table)}")
-            plans[name] = dataclasses.replace(_build(Plan, table, f"plans.{name}."), name=name)
+            table = dict(table)
+            limits = _plan_limits(table.pop("limits", None), f"plans.{name}.limits")
+            plans[name] = dataclasses.replace(
+                _build(Plan, table, f"plans.{name}."), name=name, limits=limits
+            )
+            _check_model_globs(plans[name].models, f"plans.{name}.models")
         if not plans:
             raise ConfigError("plans: at least one [plans.NAME] table is required")
 
@@ -603,6 +669,18 @@ def parse_config(
     )
 
 
+def _check_model_globs(globs: tuple[str, ...] | None, path: str) -> None:
+    """A plan's model allow-list: each glob a non-empty string with no
+    surrounding whitespace (a request's model is matched as sent, so such a glob
+    could only be a mistake)."""
+    for index, glob in enumerate(globs or ()):
+        if not glob or glob != glob.strip():
+            raise ConfigError(
+                f"{path}[{index}]: expected a model name or glob such as "
+                f'"gpt-4o-mini" or "llama-3*", got {glob!r}'
+            )
+
+
 def _check_allow_list(rules: tuple[str, ...]) -> None:
     """``upstream.allow``: each rule must parse (issue 20, default deny)."""
     from gateway.allowlist import parse_rule
@@ -689,6 +767,36 @@ def _resolve_auth(auth: AuthConfig, env: Mapping[str, str], *, base: Path) -> Au
             )
         trusted = dataclasses.replace(trusted, service_key=service_key)
     return dataclasses.replace(auth, jwt=jwt, trusted_header=trusted)
+
+
+def _plan_limits(entries: Any, path: str) -> tuple[PlanLimit, ...]:
+    """The ``[[plans.NAME.limits]]`` entries (issue 21), each checked."""
+    if entries is None:
+        return ()
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: expected an array of tables ([[{path}]]), got {_kind(entries)}")
+    found = []
+    for at, entry in enumerate(entries):
+        prefix = f"{path}[{at}]."
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}[{at}]: expected a table, got {_kind(entry)}")
+        for key in ("meter", "per", "max"):
+            if key not in entry:
+                raise ConfigError(f"{prefix}{key}: required")
+        limit: PlanLimit = _build(PlanLimit, entry, prefix)
+        if limit.per in ("minute", "hour") and limit.meter not in RATE_METERS:
+            raise ConfigError(
+                f"{prefix}per: a per-{limit.per} rate counts queries or tokens, not {limit.meter}"
+            )
+        if limit.models and (
+            limit.per not in ("day", "month") or limit.meter not in MODEL_LIMIT_METERS
+        ):
+            raise ConfigError(
+                f"{prefix}models: a limit for some models counts queries, tokens, "
+                "input_tokens, output_tokens or cost, per day or month"
+            )
+        found.append(limit)
+    return tuple(found)
 
 
 def _check_key(algorithm: str, key: str, text: str) -> None:
@@ -861,6 +969,7 @@ def setting_paths() -> list[str]:
 
     walk(Config, "")
     walk(Plan, "plans.<name>.")
+    walk(PlanLimit, "plans.<name>.limits[].")
     walk(Price, "prices.<model>.")
     walk(CallPrice, "call_prices.<name>.")
     # issue 25: refusal messages
@@ -878,11 +987,15 @@ def render_config(config: Config) -> str:
         lines.append(f"[{title}]")
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if (f.name == "name" and isinstance(obj, Plan)) or dataclasses.is_dataclass(value):
+            if (f.name in ("name", "limits") and isinstance(obj, Plan)) or dataclasses.is_dataclass(
+                value
+            ):
                 continue
             if value is None:
                 # A plan's alert_thresholds unset means "as alerts.thresholds".
-                shown = "alerts.thresholds" if f.name == "alert_thresholds" else "unlimited"
+                shown = {"alert_thresholds": "alerts.thresholds", "models": "any model"}.get(
+                    f.name, "unlimited"
+                )
                 lines.append(f"# {f.name} = {shown}")
                 continue
             if f.metadata.get("secret"):
@@ -908,6 +1021,12 @@ def render_config(config: Config) -> str:
             emit_tree(f.name, value)
     for name, plan in config.plans.items():
         emit(f"plans.{name}", plan)
+        for limit in plan.limits:
+            lines.extend(["", f"[[plans.{name}.limits]]"])
+            for key in ("meter", "per", "max", "name", "models"):
+                value = getattr(limit, key)
+                if value not in ("", ()):
+                    lines.append(f"{key} = {_toml_value(value)}")
     for model, price in config.prices.items():
         emit(f"prices.{_toml_value(model)}", price)
     for name, call_price in config.call_prices.items():

@@ -9,6 +9,7 @@
     │   ├── Forbidden                feature not in the user's plan (403)
     │   ├── PayloadTooLarge          body or upload over a limit (413)
     │   ├── BadRequest               malformed request (400)
+    │   ├── Conflict                 a record that already exists, e.g. a team (409)
     │   ├── QuotaExceeded            a plan limit is reached (429)
     │   └── TooManyAttempts          too many wrong admin tokens from one client (429)
     └── UpstreamError               the upstream failed before answering
@@ -19,9 +20,10 @@
 A missing row is not an outage: `NotFound` is deliberately not a `StorageError`,
 so no caller that fails open (or retries) on a database failure does so for it.
 
-Foreign exceptions are mapped to these at one boundary each: httpx errors in
-`gateway.upstream_client`, asyncpg and sqlite3 errors in their storage backends. Every refusal the
-gateway makes is rendered in the upstream's own error shape (see
+Foreign exceptions are mapped to these at one boundary each: httpx, aiohttp and
+anyio errors in `gateway.upstream_client` (inside the response body's stream, so
+no reader has to ask), asyncpg and sqlite3 errors in their storage backends.
+Every refusal the gateway makes is rendered in the upstream's own error shape (see
 `Upstream.error_body`), so frontends show it unchanged.
 """
 
@@ -79,6 +81,11 @@ class ClientError(GatewayError):
 
 class BadRequest(ClientError):
     pass
+
+
+class Conflict(ClientError):
+    status = 409
+    code = "conflict"
 
 
 class Unauthorized(ClientError):

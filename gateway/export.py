@@ -26,6 +26,7 @@ Dataset = Literal["events", "daily"]
 EVENT_COLUMNS: tuple[str, ...] = (
     "answer_id",
     "user_id",
+    "team",
     "day",
     "created_at",
     "endpoint",
@@ -34,6 +35,7 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "model",
     "prompt_tokens",
     "cached_tokens",
+    "cache_write_tokens",
     "completion_tokens",
     "reasoning_tokens",
     "total_tokens",
@@ -47,7 +49,8 @@ EVENT_COLUMNS: tuple[str, ...] = (
 )
 DAILY_COLUMNS: tuple[str, ...] = (
     "user_id",
-    *daily_dict(DailyUsage(user_id="", day=date.min)).keys(),
+    "team",
+    *daily_dict(DailyUsage(user_id="", day=date.min), "").keys(),
 )
 
 # CSV injection (OWASP, "CSV Injection"): a spreadsheet opening the file runs a cell
@@ -78,10 +81,11 @@ def csv_cell(value: Any) -> Any:
 _ROWS_PER_CHUNK = 500
 
 
-def event_dict(event: UsageEvent) -> dict[str, Any]:
+def event_dict(event: UsageEvent, team: str | None = None) -> dict[str, Any]:
     return {
         "answer_id": event.answer_id,
         "user_id": event.user_id,
+        "team": team,
         "day": event.day.isoformat(),
         "created_at": event.created_at.isoformat(),
         "endpoint": event.endpoint,
@@ -90,6 +94,7 @@ def event_dict(event: UsageEvent) -> dict[str, Any]:
         "model": event.model,
         "prompt_tokens": event.prompt_tokens,
         "cached_tokens": event.cached_tokens,
+        "cache_write_tokens": event.cache_write_tokens,
         "completion_tokens": event.completion_tokens,
         "reasoning_tokens": event.reasoning_tokens,
         "total_tokens": event.total_tokens,
@@ -103,25 +108,36 @@ def event_dict(event: UsageEvent) -> dict[str, Any]:
     }
 
 
-def daily_row_dict(row: DailyUsage) -> dict[str, Any]:
-    return {"user_id": row.user_id, **daily_dict(row)}
+def daily_row_dict(row: DailyUsage, currency: str, team: str | None = None) -> dict[str, Any]:
+    return {"user_id": row.user_id, "team": team, **daily_dict(row, currency)}
 
 
 def rows(
-    storage: Storage, dataset: Dataset, start: date, end: date, *, user_id: str | None = None
+    storage: Storage,
+    dataset: Dataset,
+    start: date,
+    end: date,
+    *,
+    user_id: str | None = None,
+    currency: str,
 ) -> tuple[Sequence[str], AsyncIterator[dict[str, Any]]]:
-    """The columns and the rows (as dicts) of a dataset."""
+    """The columns and the rows (as dicts) of a dataset. A ledger row carries its
+    own currency; a day row the database's, ``currency`` (gateway/currency.py).
+    ``team`` is the user's team when the export is made (issue 21): rows keep no
+    team of their own."""
     if dataset == "events":
 
         async def events() -> AsyncIterator[dict[str, Any]]:
+            teams = await storage.user_teams()
             async for event in storage.events(start, end, user_id=user_id):
-                yield event_dict(event)
+                yield event_dict(event, teams.get(event.user_id))
 
         return EVENT_COLUMNS, events()
 
     async def daily() -> AsyncIterator[dict[str, Any]]:
+        teams = await storage.user_teams()
         async for row in storage.iter_daily(start, end, user_id=user_id):
-            yield daily_row_dict(row)
+            yield daily_row_dict(row, currency, teams.get(row.user_id))
 
     return DAILY_COLUMNS, daily()
 

@@ -34,14 +34,14 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import httpx
 
 from gateway.bodies import BodyFailure
 from gateway.errors import NotFound, StorageError, UpstreamBroken, UpstreamError
-from gateway.runtime import Watermark
+from gateway.probes import Probes
 from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import PausedForm
 from gateway.upstream_client import UpstreamClient
@@ -49,8 +49,10 @@ from gateway.upstreams import Route, StreamMeter
 from gateway.usage import Metered
 
 if TYPE_CHECKING:
+    from gateway.clock import Clock
+    from gateway.metrics import Metrics
     from gateway.proxy import Exchange
-    from gateway.runtime import Gateway
+    from gateway.storage import Storage
 
 __all__ = ["Follow", "Follows", "Paused", "Resumable", "token_hash"]
 
@@ -111,27 +113,54 @@ class Follow:
         await self.response.aclose()
 
 
-Settle = Callable[["Exchange", Metered], Awaitable[None]]
+Settle = Callable[["Exchange", Metered], Coroutine[Any, Any, None]]
+# Runs a task the gateway keeps (gateway/runtime.py: spawn, keep).
+Run = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
 
 class Follows:
     """Opens, runs and settles the gateway's reads of resumed runs."""
 
-    __slots__ = ("_checked", "_client", "_dialect", "_settle", "gw", "settled")
+    __slots__ = (
+        "_checked",
+        "_client",
+        "_clock",
+        "_dialect",
+        "_keep",
+        "_metrics",
+        "_probes",
+        "_settle",
+        "_spawn",
+        "_storage",
+    )
 
-    def __init__(self, gateway: Gateway, client: UpstreamClient, settle: Settle) -> None:
-        self.gw = gateway
+    def __init__(
+        self,
+        storage: Storage,
+        client: UpstreamClient,
+        *,
+        clock: Clock,
+        metrics: Metrics,
+        spawn: Run,
+        keep: Run,
+        settle: Settle,
+        probes: Probes,
+    ) -> None:
+        self._storage = storage
         self._client = client
+        self._clock = clock
+        self._metrics = metrics
+        self._spawn = spawn  # cancelled at shutdown
+        self._keep = keep  # waited for at shutdown
         self._settle = settle  # the proxy's: records the answer, or refunds it
         self._checked: object = None
         self._dialect: Resumable | None = None
-        # Resumed runs read and settled: lets tests and tools wait without sleeping.
-        self.settled = Watermark()
+        self._probes = probes  # told of each resumed run read and settled
 
-    def _resumable(self) -> Resumable | None:
-        """The dialect, if its runs can be resumed (checked once per dialect object:
-        a reload makes a new one)."""
-        upstream = self.gw.upstream
+    def _resumable(self, x: Exchange) -> Resumable | None:
+        """The request's dialect, if its runs can be resumed (checked once per
+        dialect object: a reload makes a new one)."""
+        upstream = x.snap.upstream
         if upstream is not self._checked:
             self._checked = upstream
             self._dialect = upstream if isinstance(upstream, Resumable) else None
@@ -142,7 +171,7 @@ class Follows:
     ) -> Sequence[tuple[str, str]]:
         """The forms an answer paused for, from its stream's meter or its blocking
         body; usually none (and then cheaply)."""
-        dialect = self._resumable()
+        dialect = self._resumable(x)
         if dialect is None:
             return ()
         if meter is not None:
@@ -158,9 +187,9 @@ class Follows:
             return
         rows = [PausedForm(token_hash(token), run, user_id) for token, run in forms]
         try:
-            await self.gw.storage.remember_forms(rows, now=self.gw.clock.now())
+            await self._storage.remember_forms(rows, now=self._clock.now())
         except StorageError as exc:
-            self.gw.metrics.inc("gateway_storage_errors_total", operation="remember_forms")
+            self._metrics.inc("gateway_storage_errors_total", operation="remember_forms")
             log.error("request %s: could not keep a paused run's forms: %s", request_id, exc)
 
     async def open(self, x: Exchange) -> Follow | None:
@@ -172,17 +201,17 @@ class Follows:
         (404, as the upstream answers an unknown form; a client that submits
         before its paused stream has ended may try again at once), a database
         or upstream failure (503, 502)."""
-        upstream = self._resumable()
+        upstream = self._resumable(x)
         if upstream is None:
             return None
         token = upstream.resumed_form(x.route, x.path)
         if token is None:
             return None
         try:
-            form = await self.gw.storage.paused_form(token_hash(token))
+            form = await self._storage.paused_form(token_hash(token))
         except StorageError as exc:
             # Fails closed, before anything is forwarded: the reservation goes back.
-            self.gw.metrics.inc("gateway_storage_errors_total", operation="paused_form")
+            self._metrics.inc("gateway_storage_errors_total", operation="paused_form")
             raise StorageError("The usage database is unavailable; try again shortly.") from exc
         if form is not None and form.user_id != x.user_id:
             # Another user's paused run: refused exactly as an unknown form, so a
@@ -200,9 +229,9 @@ class Follows:
                 headers=[(b"retry-after", b"1")],
             )
         path, query = upstream.follow_request(form.run_id, form.user_id)
-        url = self.gw.upstream_url + path + "?" + query.decode("latin-1")
+        url = x.snap.upstream_url + path + "?" + query.decode("latin-1")
         headers = [
-            self.gw.upstream_authorization,
+            x.snap.upstream_authorization,
             (b"accept-encoding", b"identity"),
             (b"x-trace-id", x.request_id.encode()),
         ]
@@ -219,11 +248,11 @@ class Follows:
                 failure=BodyFailure(),
             )
         except UpstreamError:
-            self.gw.metrics.inc("gateway_upstream_errors_total", kind="follow_open")
+            self._metrics.inc("gateway_upstream_errors_total", kind="follow_open")
             raise
         content_type = response.headers.get("content-type", "").encode("latin-1").lower()
         if not response.is_success or not content_type.startswith(_SSE):
-            self.gw.metrics.inc("gateway_upstream_errors_total", kind="follow_open")
+            self._metrics.inc("gateway_upstream_errors_total", kind="follow_open")
             log.warning(
                 "request %s: the upstream refused to stream the resumed run (%d)",
                 x.request_id,
@@ -237,12 +266,13 @@ class Follows:
         """The submit was accepted: read the run in a task the gateway keeps, which
         owns the submit's reservation from here. ``spawn``, not ``keep``: shutdown
         cancels it (and it settles what it read) rather than wait for the run."""
-        return self.gw.spawn(self._read(x, follow))
+        return self._spawn(self._read(x, follow))
 
     async def _read(self, x: Exchange, follow: Follow) -> None:
-        gw = self.gw
+        metrics = self._metrics
+        settings = x.snap.config.upstream
         response, meter = follow.response, follow.meter
-        decoder = SSEDecoder(max_event_bytes=gw.config.upstream.max_event_bytes)
+        decoder = SSEDecoder(max_event_bytes=settings.max_event_bytes)
         cut = False
         cancelled: asyncio.CancelledError | None = None
         try:
@@ -250,28 +280,29 @@ class Follows:
                 # Bounded like any answer, from the submit's arrival: its pending row
                 # is then settled before a recovery could take it for lost.
                 elapsed = time.perf_counter() - x.started
-                with self._client.reading():
-                    async with asyncio.timeout(gw.config.upstream.total_timeout - elapsed):
-                        async for chunk in response.aiter_raw():
-                            for event in decoder.feed(chunk):
-                                meter.feed(event)
-                            if meter.done:
-                                break
+                async with asyncio.timeout(settings.total_timeout - elapsed):
+                    async for chunk in response.aiter_raw():
+                        for event in decoder.feed(chunk):
+                            meter.feed(event)
+                        if meter.done:
+                            break
                 if not meter.done:
                     for event in decoder.flush():
                         meter.feed(event)
             finally:
                 await response.aclose()
-        except UpstreamBroken as exc:
+        except (UpstreamBroken, TimeoutError) as exc:
+            # TimeoutError: the read's deadline; the upstream's errors arrive mapped.
             cut = True
-            kind = "follow_timeout" if exc.timed_out else "follow_read"
-            gw.metrics.inc("gateway_upstream_errors_total", kind=kind)
+            timed_out = not isinstance(exc, UpstreamBroken) or exc.timed_out
+            kind = "follow_timeout" if timed_out else "follow_read"
+            metrics.inc("gateway_upstream_errors_total", kind=kind)
             log.warning("request %s: the resumed run's read ended: %r", x.request_id, exc)
         except EventTooLarge as exc:
             # A line or event past upstream.max_event_bytes, as for any answer: the
             # read ends, charged what it read.
             cut = True
-            gw.metrics.inc("gateway_upstream_errors_total", kind="event_too_large")
+            metrics.inc("gateway_upstream_errors_total", kind="event_too_large")
             log.warning("request %s: the resumed run's read refused: %s", x.request_id, exc)
             for event in exc.events:
                 meter.feed(event)
@@ -284,14 +315,14 @@ class Follows:
         result = self._result(x, meter, cut=cut)
         if cancelled is not None:
             # The gateway is shutting down: charged what was read, or the estimate.
-            gw.metrics.inc("gateway_answers_cut_at_shutdown_total")
+            metrics.inc("gateway_answers_cut_at_shutdown_total")
             result = dataclasses.replace(result, outcome="shutdown")
         # A new pause: its resume is followed in turn.
         await self.keep_forms(meter.paused_forms, follow.creator, x.request_id)
         try:
-            await asyncio.shield(gw.keep(self._settle(x, result)))
+            await asyncio.shield(self._keep(self._settle(x, result)))
         finally:
-            self.settled.bump()
+            self._probes.run_followed()
         if cancelled is not None:
             raise cancelled
 
@@ -304,6 +335,6 @@ class Follows:
         if result.usage is None:
             # Nothing read that says what the run did: it did run (the submit was
             # accepted), so the query stays spent and an estimate is recorded.
-            estimate = self.gw.upstream.unanswered(x.route, x.answer_body)
+            estimate = x.snap.upstream.unanswered(x.route, x.answer_body)
             result = dataclasses.replace(result, usage=estimate.usage)
         return result

@@ -125,6 +125,9 @@ class RequestHeaders:
 
     forward: Headers  # to send upstream as they are (the gateway adds its own)
     authorization: bytes | None = None
+    # The client's key in the dialect's own header (Anthropic's x-api-key), never
+    # forwarded: the gateway sends the upstream the operator's key instead.
+    api_key: bytes | None = None
     user_header: bytes | None = None  # the trusted user header, never forwarded
     content_type: bytes = b""
     content_length: int | None = None
@@ -132,14 +135,26 @@ class RequestHeaders:
     preflight: bool = False  # carries Access-Control-Request-Method
 
     @property
+    def credential(self) -> bytes | None:
+        """The client's credential: its Authorization header, else the key it sent
+        in the dialect's own header (Anthropic's SDKs send ``x-api-key``), read as
+        the bearer token it stands for."""
+        if self.authorization is not None or self.api_key is None:
+            return self.authorization
+        return b"Bearer " + self.api_key
+
+    @property
     def media_type(self) -> bytes:
         return self.content_type.split(b";", 1)[0].strip().lower()
 
 
-def request_headers(raw: Headers, user_header: bytes) -> RequestHeaders:
+def request_headers(
+    raw: Headers, user_header: bytes, key_header: bytes | None = None
+) -> RequestHeaders:
     """Split ASGI request headers (names already lower case); refuses a request
-    whose headers could be read two ways (two Content-Types, a bad Content-Length)."""
-    authorization = user = accept_encoding = None
+    whose headers could be read two ways (two Content-Types, a bad Content-Length).
+    ``key_header`` names the dialect's own key header (``x-api-key``), if any."""
+    authorization = user = accept_encoding = api_key = None
     content_type = b""
     content_length: int | None = None
     listed: frozenset[bytes] = frozenset()
@@ -148,6 +163,11 @@ def request_headers(raw: Headers, user_header: bytes) -> RequestHeaders:
     for name, value in raw:
         if name == user_header:
             user = value
+            continue
+        if name == key_header:
+            if api_key is not None:
+                raise BadRequest(f"More than one {name.decode('latin-1')} header.")
+            api_key = value
             continue
         if name in _DROP_REQUEST:
             if name == b"authorization":
@@ -175,6 +195,7 @@ def request_headers(raw: Headers, user_header: bytes) -> RequestHeaders:
     return RequestHeaders(
         forward,
         authorization=authorization,
+        api_key=api_key,
         user_header=user,
         content_type=content_type,
         content_length=content_length,

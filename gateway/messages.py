@@ -121,6 +121,51 @@ def _limit(
     }
 
 
+_RATE_FIELDS: Final = (*_LIMIT_FIELDS, "seconds")
+
+
+def _rate(code: str, what_en: str, what_vi: str) -> dict[str, Entry]:
+    """A rate's refusal (a sliding minute): when it frees up is seconds away."""
+    return {
+        code: _e(
+            code,
+            f"You have reached your plan's limit of {{limit}} {what_en} a minute. "
+            "Try again in {seconds} seconds.",
+            f"Bạn đã dùng hết {{limit}} {what_vi} mỗi phút theo gói của bạn. "
+            "Vui lòng thử lại sau {seconds} giây.",
+            extra=_RATE_FIELDS,
+        ),
+        f"{code}_own": _e(
+            code,
+            f"You have reached your limit of {{limit}} {what_en} a minute. "
+            "Try again in {seconds} seconds.",
+            f"Bạn đã dùng hết {{limit}} {what_vi} mỗi phút theo hạn mức của bạn. "
+            "Vui lòng thử lại sau {seconds} giây.",
+            extra=_RATE_FIELDS,
+        ),
+    }
+
+
+def _budget(code: str, period_en: str, period_vi: str) -> dict[str, Entry]:
+    """A money budget's refusal ({limit} is an exact decimal amount)."""
+    return {
+        code: _e(
+            code,
+            f"You have used all {{limit}} of your plan's budget for {period_en}. It resets {{reset}}.",
+            f"Bạn đã dùng hết ngân sách {{limit}} {period_vi} theo gói của bạn. "
+            "Hạn mức sẽ được đặt lại {reset}.",
+            extra=_LIMIT_FIELDS,
+        ),
+        f"{code}_own": _e(
+            code,
+            f"You have reached your budget of {{limit}} for {period_en}. It resets {{reset}}.",
+            f"Bạn đã dùng hết ngân sách {{limit}} {period_vi} theo hạn mức của bạn. "
+            "Hạn mức sẽ được đặt lại {reset}.",
+            extra=_LIMIT_FIELDS,
+        ),
+    }
+
+
 _STREAMS_EN = "You already have {limit} answers in progress. Wait for one to finish and try again."
 _STREAMS_VI = (
     "Bạn đang có {limit} câu trả lời chưa hoàn tất. Vui lòng đợi một câu trả lời xong rồi thử lại."
@@ -136,6 +181,25 @@ ENTRIES: Final[Mapping[str, Entry]] = {
     **_limit(
         "web_search_limit", "web searches", "today", "lượt tìm kiếm web", "hôm nay", it="They reset"
     ),
+    **_rate("request_rate_limit", "requests", "yêu cầu"),
+    **_rate("token_rate_limit", "tokens", "token"),
+    **_budget("daily_cost_limit", "today", "hôm nay"),
+    # A [[plans.NAME.limits]] entry: {what} is its meter ("input tokens"),
+    # {window} its window ("day", "minute").
+    "team_limit": _e(
+        "team_limit",
+        "Your team has reached its limit of {limit} {what} per {window}. It frees up {reset}.",
+        "Nhóm của bạn đã dùng hết {limit} {what} mỗi {window}. Hạn mức sẽ được đặt lại {reset}.",
+        extra=_RATE_FIELDS,
+    ),
+    "plan_limit": _e(
+        "plan_limit",
+        "You have reached your plan's limit of {limit} {what} per {window}. It frees up {reset}.",
+        "Bạn đã dùng hết {limit} {what} mỗi {window} theo gói của bạn. "
+        "Hạn mức sẽ được đặt lại {reset}.",
+        extra=_RATE_FIELDS,
+    ),
+    **_budget("monthly_cost_limit", "this month", "tháng này"),
     "concurrent_stream_limit": _e("concurrent_stream_limit", _STREAMS_EN, _STREAMS_VI),
     "concurrent_stream_limit_own": _e("concurrent_stream_limit", _STREAMS_EN, _STREAMS_VI),
     # --- features and uploads (403, 413) ---
@@ -256,6 +320,19 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "Lệnh gọi này tính phí theo lượt nhưng chưa được định giá, "
         "nên không dùng được qua gateway.",
     ),
+    # --- models (403): a plan's allow-list (issue 21, gateway/model_access.py) ---
+    "model_not_in_plan": _e(
+        "model_not_in_plan",
+        "The model {model} is not available on your plan.",
+        "Mô hình {model} không có trong gói của bạn.",
+    ),
+    "model_not_in_plan_unnamed": _e(
+        "model_not_in_plan",
+        "Your plan allows only some models: name the model to use in the request "
+        "(and in each tool that runs a model of its own).",
+        "Gói của bạn chỉ cho phép một số mô hình: vui lòng ghi rõ mô hình cần dùng trong "
+        "yêu cầu (và trong mỗi công cụ tự chạy một mô hình riêng).",
+    ),
     "model_not_priced": _e(
         "model_not_priced",
         "The model {model} has no price on this gateway, so its use cannot be charged.",
@@ -272,6 +349,13 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         '([call_prices."openai.{name}"]), so it is not available.',
         "Công cụ {tool} chưa được định giá trên gateway này "
         '([call_prices."openai.{name}"]) nên không dùng được.',
+    ),
+    "tool_not_priced_anthropic": _e(
+        "tool_not_priced",
+        "The tool {tool} has no price on this gateway "
+        '([call_prices."anthropic.{name}"]), so it is not available.',
+        "Công cụ {tool} chưa được định giá trên gateway này "
+        '([call_prices."anthropic.{name}"]) nên không dùng được.',
     ),
     # --- malformed requests (400) ---
     "method_case": _e(
@@ -317,6 +401,11 @@ ENTRIES: Final[Mapping[str, Entry]] = {
     "content_length": _e(
         "invalid_param", "Invalid Content-Length header.", "Header Content-Length không hợp lệ."
     ),
+    "key_header_twice": _e(
+        "invalid_param",
+        "More than one {header} header.",
+        "Yêu cầu có nhiều hơn một header {header}.",
+    ),
     "content_type_twice": _e(
         "invalid_param",
         "More than one Content-Type header.",
@@ -329,6 +418,16 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "invalid_param",
         "stream_options must be an object.",
         "stream_options phải là một đối tượng.",
+    ),
+    "metadata_object": _e(
+        "invalid_param",
+        "metadata must be an object.",
+        "metadata phải là một đối tượng.",
+    ),
+    "max_tokens_required": _e(
+        "invalid_param",
+        "max_tokens must be a positive integer (the Messages API requires it).",
+        "max_tokens phải là một số nguyên dương (Messages API bắt buộc trường này).",
     ),
     "invalid_type": _e(
         "invalid_type",
@@ -376,6 +475,21 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "The upstream history page is not a JSON object.",
         "Trang lịch sử từ upstream không phải là một đối tượng JSON.",
     ),
+    "model_list_too_large": _e(
+        "upstream_error",
+        "The upstream model list is too large to filter.",
+        "Danh sách mô hình từ upstream quá lớn để lọc.",
+    ),
+    "model_list_unreadable": _e(
+        "upstream_unavailable",
+        "The upstream model list could not be read.",
+        "Không đọc được danh sách mô hình từ upstream.",
+    ),
+    "model_list_not_object": _e(
+        "upstream_error",
+        "The upstream model list is not a JSON object.",
+        "Danh sách mô hình từ upstream không phải là một đối tượng JSON.",
+    ),
     "internal_server_error": _e(
         "internal_server_error",
         "The gateway failed to handle the request.",
@@ -391,6 +505,10 @@ ALIASES: Final[Mapping[str, str]] = {
     "tokens_per_month": "monthly_token_limit",
     "web_searches_per_day": "web_search_limit",
     "max_concurrent_streams": "concurrent_stream_limit",
+    "requests_per_minute": "request_rate_limit",
+    "tokens_per_minute": "token_rate_limit",
+    "cost_per_day": "daily_cost_limit",
+    "cost_per_month": "monthly_cost_limit",
     "advanced_rag": "feature_not_in_plan",
     **{
         f"{name}_own": f"{code}_own"
@@ -400,6 +518,10 @@ ALIASES: Final[Mapping[str, str]] = {
             ("tokens_per_month", "monthly_token_limit"),
             ("web_searches_per_day", "web_search_limit"),
             ("max_concurrent_streams", "concurrent_stream_limit"),
+            ("requests_per_minute", "request_rate_limit"),
+            ("tokens_per_minute", "token_rate_limit"),
+            ("cost_per_day", "daily_cost_limit"),
+            ("cost_per_month", "monthly_cost_limit"),
             ("advanced_rag", "feature_not_in_plan"),
         )
     },

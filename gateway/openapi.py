@@ -22,7 +22,8 @@ def _errors(*codes: int) -> dict[str, Any]:
     text = {
         400: "Invalid parameters",
         401: "Missing or wrong admin token",
-        404: "No such user, key or limit",
+        404: "No such user, team, key or limit",
+        409: "A team of that id exists already",
         429: "Too many wrong admin tokens from this address; see Retry-After",
     }
     if 401 in codes:
@@ -32,6 +33,32 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 
 _USER_ID = {"name": "user_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_TEAM_ID = {"name": "team_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_DAYS = {
+    "name": "days",
+    "in": "query",
+    "schema": {"type": "integer", "minimum": 1, "maximum": 366, "default": 30},
+}
+_PLAN_BODY = {
+    "required": True,
+    **_json(
+        {"type": "object", "required": ["plan"], "properties": {"plan": {"type": "string"}}},
+        "The plan",
+    ),
+}
+_LIMIT_BODY = {
+    "required": True,
+    **_json(
+        {
+            "type": "object",
+            "required": ["value"],
+            "properties": {
+                "value": {"type": ["number", "boolean", "null"], "description": "null: unlimited"}
+            },
+        },
+        "The new limit",
+    ),
+}
 _LIMIT = {
     "name": "name",
     "in": "path",
@@ -68,7 +95,7 @@ _EXPORT_BODY = {
 _DAY = {
     "type": "object",
     "properties": {
-        name: {"type": "string"} if name in ("day", "cost") else {"type": "integer"}
+        name: {"type": "string"} if name in ("day", "cost", "currency") else {"type": "integer"}
         for name in (
             "day",
             "queries",
@@ -80,6 +107,7 @@ _DAY = {
             "completion_tokens",
             "total_tokens",
             "cost",
+            "currency",
         )
     },
 }
@@ -90,6 +118,7 @@ _LIFETIME = {
         "completion_tokens": {"type": "integer"},
         "total_tokens": {"type": "integer"},
         "cost": {"type": "string", "description": "Exact decimal"},
+        "currency": {"type": "string", "description": "ISO 4217 code of cost"},
     },
 }
 
@@ -217,6 +246,10 @@ def document() -> dict[str, Any]:
                                             "properties": {
                                                 "id": {"type": "string"},
                                                 "plan": {"type": "string"},
+                                                "team": {
+                                                    "type": ["string", "null"],
+                                                    "description": "The user's team; null: none",
+                                                },
                                                 "created_at": {
                                                     "type": "string",
                                                     "format": "date-time",
@@ -311,6 +344,101 @@ def document() -> dict[str, Any]:
                     "operationId": "clearLimit",
                     "summary": "Remove a per-user override",
                     "parameters": [_USER_ID, _LIMIT],
+                    "responses": {"200": _json({"type": "object"}, "Done"), **_errors(401, 404)},
+                },
+            },
+            "/admin/users/{user_id}/team": {
+                "put": {
+                    "operationId": "setUserTeam",
+                    "summary": "Put a user in a team, or (null) in none",
+                    "parameters": [_USER_ID],
+                    "requestBody": {
+                        "required": True,
+                        **_json(
+                            {
+                                "type": "object",
+                                "required": ["team"],
+                                "properties": {"team": {"type": ["string", "null"]}},
+                            },
+                            "The team",
+                        ),
+                    },
+                    "responses": {
+                        "200": _json({"type": "object"}, "Done"),
+                        **_errors(400, 401, 404),
+                    },
+                }
+            },
+            "/admin/teams": {
+                "get": {
+                    "operationId": "listTeams",
+                    "summary": "Every team with its plan, member count and today's usage (members summed)",
+                    "responses": {
+                        "200": _json({"type": "object"}, "The teams"),
+                        **_errors(401),
+                    },
+                },
+                "post": {
+                    "operationId": "createTeam",
+                    "summary": "Create a team on a plan",
+                    "requestBody": {
+                        "required": True,
+                        **_json(
+                            {
+                                "type": "object",
+                                "required": ["id", "plan"],
+                                "properties": {
+                                    "id": {"type": "string"},
+                                    "plan": {"type": "string"},
+                                },
+                            },
+                            "The team",
+                        ),
+                    },
+                    "responses": {
+                        "201": _json({"type": "object"}, "Created"),
+                        **_errors(400, 401, 409),
+                    },
+                },
+            },
+            "/admin/teams/{team_id}": {
+                "get": {
+                    "operationId": "getTeam",
+                    "summary": "One team: plan, overrides, limits and usage (members summed), members, daily history",
+                    "parameters": [_TEAM_ID, _DAYS],
+                    "responses": {
+                        "200": _json({"type": "object"}, "The team"),
+                        **_errors(400, 401, 404),
+                    },
+                }
+            },
+            "/admin/teams/{team_id}/plan": {
+                "put": {
+                    "operationId": "setTeamPlan",
+                    "summary": "Move a team to another plan",
+                    "parameters": [_TEAM_ID],
+                    "requestBody": _PLAN_BODY,
+                    "responses": {
+                        "200": _json({"type": "object"}, "Done"),
+                        **_errors(400, 401, 404),
+                    },
+                }
+            },
+            "/admin/teams/{team_id}/limits/{name}": {
+                "put": {
+                    "operationId": "setTeamLimit",
+                    "summary": "Override one plan limit for a team",
+                    "parameters": [_TEAM_ID, _LIMIT],
+                    "requestBody": _LIMIT_BODY,
+                    "responses": {
+                        "200": _json({"type": "object"}, "Done"),
+                        **_errors(400, 401, 404),
+                    },
+                },
+                "delete": {
+                    "operationId": "clearTeamLimit",
+                    "summary": "Remove a per-team override",
+                    "parameters": [_TEAM_ID, _LIMIT],
                     "responses": {"200": _json({"type": "object"}, "Done"), **_errors(401, 404)},
                 },
             },

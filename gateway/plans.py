@@ -9,12 +9,15 @@ message an end user reads is in gateway/messages.py, per language). The database
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from decimal import Decimal
 
 from gateway.clock import Periods
 from gateway.config import Plan, StorageErrorPolicy
-from gateway.storage import Admission, AdmissionLimits, Counters
+from gateway.quota import LEGACY_LIMITS, RATE_SECONDS, Counters, Limit, limits_of
+from gateway.storage import Admission, AdmissionLimits
 
 # Error codes per limit, in the upstream's error body (docs/quotas.md).
 LIMIT_CODES: dict[str, str] = {
@@ -23,26 +26,65 @@ LIMIT_CODES: dict[str, str] = {
     "tokens_per_month": "monthly_token_limit",
     "max_concurrent_streams": "concurrent_stream_limit",
     "web_searches_per_day": "web_search_limit",
+    "requests_per_minute": "request_rate_limit",
+    "tokens_per_minute": "token_rate_limit",
+    "cost_per_day": "daily_cost_limit",
+    "cost_per_month": "monthly_cost_limit",
 }
 
 
-def admission_limits(plan: Plan) -> AdmissionLimits:
-    return AdmissionLimits(
-        queries_per_day=plan.queries_per_day,
-        tokens_per_day=plan.tokens_per_day,
-        tokens_per_month=plan.tokens_per_month,
-        max_concurrent_streams=plan.max_concurrent_streams,
+def plan_limits(plan: Plan) -> tuple[Limit, ...]:
+    """The limits a plan sets (gateway/quota.py), in checking order: its keys,
+    then its ``[[plans.NAME.limits]]``, the open streams last."""
+    keys = limits_of({name: getattr(plan, name, None) for name in LEGACY_LIMITS})
+    general = tuple(Limit(x.label, x.meter, x.per, x.max, models=x.models) for x in plan.limits)
+    streams = tuple(x for x in keys if x.per == "open")
+    return (*(x for x in keys if x.per != "open"), *general, *streams)
+
+
+def team_limits(plan: Plan) -> tuple[Limit, ...]:
+    """The limits a team's plan sets, counted over the team (issue 21): named
+    ``team_<name>``; rates are per user, so a team plan's rates do not apply."""
+    return tuple(
+        replace(limit, name=f"team_{limit.name}", scope="team")
+        for limit in plan_limits(plan)
+        if not limit.is_rate and not limit.models  # per-model limits are the user's
     )
+
+
+def admission_limits(
+    plan: Plan,
+    team: Sequence[Limit] = (),
+    *,
+    models: Iterable[str | None] | None = None,
+) -> AdmissionLimits:
+    """The user's plan's limits, then their team's (open streams last); of the
+    per-model limits, those for a model the request names (``models``)."""
+    mine = tuple(x for x in plan_limits(plan) if x.applies_to(models))
+    streams = tuple(x for x in (*mine, *team) if x.per == "open")
+    return AdmissionLimits((*(x for x in (*mine, *team) if x.per != "open"), *streams))
 
 
 def closed_checks(policy: StorageErrorPolicy, plan: Plan) -> list[str]:
     """The checks that refuse a request when the database is unreachable: those
     whose policy is ``closed`` and whose limit the plan actually sets."""
     applies = {
-        "queries": plan.queries_per_day is not None,
-        "tokens": plan.tokens_per_day is not None or plan.tokens_per_month is not None,
+        "queries": plan.queries_per_day is not None or plan.requests_per_minute is not None,
+        "tokens": any(
+            value is not None
+            for value in (
+                plan.tokens_per_day,
+                plan.tokens_per_month,
+                plan.tokens_per_minute,
+                plan.cost_per_day,
+                plan.cost_per_month,
+            )
+        ),
         "streams": plan.max_concurrent_streams is not None,
     }
+    # [[plans.NAME.limits]]: queries follow the queries check, the rest the tokens one.
+    for limit in plan.limits:
+        applies["queries" if limit.meter == "queries" else "tokens"] = True
     return [check for check, used in applies.items() if used and getattr(policy, check) == "closed"]
 
 
@@ -50,14 +92,14 @@ def closed_checks(policy: StorageErrorPolicy, plan: Plan) -> list[str]:
 class RateLimit:
     """One limit as the X-RateLimit-* headers describe it."""
 
-    resource: str  # the plan limit's name, e.g. "queries_per_day"
-    limit: int
-    used: int
+    resource: str  # the limit's name, e.g. "queries_per_day"
+    limit: Decimal
+    used: Decimal
     reset: datetime | None  # None: the limit does not reset with time
 
     @property
-    def remaining(self) -> int:
-        return max(self.limit - self.used, 0)
+    def remaining(self) -> Decimal:
+        return max(self.limit - self.used, Decimal(0))
 
     def retry_after(self, now: datetime) -> int:
         """Whole seconds until the limit resets (at least 1)."""
@@ -68,9 +110,9 @@ class RateLimit:
     def headers(self) -> list[tuple[bytes, bytes]]:
         # Named as GitHub's API names them; Reset is a Unix time in seconds.
         headers = [
-            (b"x-ratelimit-limit", str(self.limit).encode()),
-            (b"x-ratelimit-remaining", str(self.remaining).encode()),
-            (b"x-ratelimit-used", str(self.used).encode()),
+            (b"x-ratelimit-limit", _number(self.limit)),
+            (b"x-ratelimit-remaining", _number(self.remaining)),
+            (b"x-ratelimit-used", _number(self.used)),
             (b"x-ratelimit-resource", self.resource.encode()),
         ]
         if self.reset is not None:
@@ -78,34 +120,62 @@ class RateLimit:
         return headers
 
 
-def rate_limit(resource: str, plan: Plan, counters: Counters, periods: Periods) -> RateLimit | None:
-    """The RateLimit view of one limit of ``plan``, or None if it is unlimited."""
-    if resource == "queries_per_day" and plan.queries_per_day is not None:
-        return RateLimit(
-            resource, plan.queries_per_day, counters.queries_today, periods.day_resets_at
-        )
-    if resource == "tokens_per_day" and plan.tokens_per_day is not None:
-        return RateLimit(
-            resource, plan.tokens_per_day, counters.tokens_today, periods.day_resets_at
-        )
-    if resource == "tokens_per_month" and plan.tokens_per_month is not None:
-        return RateLimit(
-            resource, plan.tokens_per_month, counters.tokens_month, periods.month_resets_at
-        )
-    if resource == "web_searches_per_day" and plan.web_searches_per_day is not None:
-        return RateLimit(
-            resource, plan.web_searches_per_day, counters.web_searches_today, periods.day_resets_at
-        )
+def _number(value: Decimal) -> bytes:
+    """A count as a whole number, an amount of money as its exact decimal."""
+    return str(value.normalize() if value != value.to_integral_value() else int(value)).encode()
+
+
+def reset_of(limit: Limit, periods: Periods) -> datetime | None:
+    """When ``limit``'s calendar window starts again (None: it counts what is
+    open, or slides)."""
+    if limit.per == "day":
+        return periods.day_resets_at
+    if limit.per == "month":
+        return periods.month_resets_at
     return None
 
 
-def reported_limit(admission: Admission, plan: Plan, periods: Periods) -> RateLimit | None:
+def rate_limit(limit: Limit, counters: Counters, periods: Periods) -> RateLimit | None:
+    """The RateLimit view of one limit, or None for one that counts what is open
+    at once (streams: no used/remaining a client can plan with)."""
+    if limit.per == "open":
+        return None
+    return RateLimit(
+        limit.name,
+        limit.max,
+        counters.of_limit(limit),
+        reset_of(limit, periods),
+    )
+
+
+def reported_limit(
+    admission: Admission, plan: Plan, periods: Periods, *, now: datetime
+) -> RateLimit | None:
     """The limit the response headers describe: the one that refused, or else the
-    first configured of queries, tokens today, tokens this month."""
-    if admission.refused_by is not None:
-        return rate_limit(admission.refused_by, plan, admission.counters, periods)
-    for resource in ("queries_per_day", "tokens_per_day", "tokens_per_month"):
-        found = rate_limit(resource, plan, admission.counters, periods)
-        if found is not None:
-            return found
-    return None
+    one nearest to exhaustion (the smallest share of its maximum left; on a tie
+    the first in checking order). A rate resets, at the latest, a window from
+    now - or, when it refused, when the request fits (its Retry-After)."""
+    refused = admission.refused
+    if refused is not None:
+        if refused.is_rate:
+            wait = timedelta(seconds=admission.retry_after or 1)
+            return RateLimit(
+                refused.name,
+                refused.max,
+                admission.counters.of(refused.meter, refused.per),
+                now + wait,
+            )
+        return rate_limit(refused, admission.counters, periods)
+    nearest: tuple[Decimal, RateLimit] | None = None
+    for limit in plan_limits(plan):
+        if limit.per == "open":
+            continue
+        shown = rate_limit(limit, admission.counters, periods)
+        if shown is None:
+            continue
+        if limit.is_rate:
+            shown = replace(shown, reset=now + timedelta(seconds=RATE_SECONDS[limit.per]))
+        share = shown.remaining / limit.max if limit.max else Decimal(0)
+        if nearest is None or share < nearest[0]:
+            nearest = (share, shown)
+    return nearest[1] if nearest else None

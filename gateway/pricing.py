@@ -48,7 +48,9 @@ class Price:
     """What one million tokens of a model cost.
 
     ``cached_input`` prices prompt tokens read from the provider's prompt cache;
-    None bills them at ``input``. Reasoning tokens are part of the completion
+    None bills them at ``input``. ``cache_write_input`` prices prompt tokens
+    written to it (Anthropic bills cache writes above the input rate); None bills
+    them at ``input``. Reasoning tokens are part of the completion
     tokens and billed as output, as providers bill them. ``audio_input`` and
     ``audio_output`` price the audio tokens among the prompt and completion
     tokens (OpenAI's audio models bill them at an audio rate); None bills them
@@ -59,22 +61,27 @@ class Price:
     input: Decimal = field(default=ZERO, metadata={"min": 0})
     output: Decimal = field(default=ZERO, metadata={"min": 0})
     cached_input: Decimal | None = field(default=None, metadata={"min": 0})
+    cache_write_input: Decimal | None = field(default=None, metadata={"min": 0})
     audio_input: Decimal | None = field(default=None, metadata={"min": 0})
     audio_output: Decimal | None = field(default=None, metadata={"min": 0})
     currency: str = "USD"
 
     def cost(self, usage: Usage, *, audio: Audio | None = None) -> Decimal:
         cached = min(usage.cached_tokens, usage.prompt_tokens)
+        # Cache reads and cache writes are both parts of the prompt tokens.
+        written = min(usage.cache_write_tokens, usage.prompt_tokens - cached)
         cached_price = self.input if self.cached_input is None else self.cached_input
+        write_price = self.input if self.cache_write_input is None else self.cache_write_input
         micro = (
-            (usage.prompt_tokens - cached) * self.input
+            (usage.prompt_tokens - cached - written) * self.input
             + cached * cached_price
+            + written * write_price
             + usage.completion_tokens * self.output
         )
         if audio is not None:
             # Audio tokens are counted among the prompt (not cached) and completion
             # tokens, already priced above at the text rate: add the difference.
-            heard = min(audio.prompt, usage.prompt_tokens - cached)
+            heard = min(audio.prompt, usage.prompt_tokens - cached - written)
             spoken = min(audio.completion, usage.completion_tokens)
             if self.audio_input is not None:
                 micro += heard * (self.audio_input - self.input)
@@ -174,6 +181,7 @@ class PriceTable:
                 prompt_tokens=min(usage.prompt_tokens, max_tokens),
                 completion_tokens=min(usage.completion_tokens, max_tokens),
                 cached_tokens=min(usage.cached_tokens, max_tokens),
+                cache_write_tokens=min(usage.cache_write_tokens, max_tokens),
             )
         cost = price.cost(counted, audio=audio)
         return replace(usage, cost=cost, currency=price.currency), True

@@ -24,12 +24,13 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import AsyncIterator, Coroutine
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import orjson
 
+from gateway.accounts import effective_plan
 from gateway.admission import Admitter, Ticket
 from gateway.bodies import (
     FIELDS_ALLOWANCE,
@@ -42,13 +43,13 @@ from gateway.bodies import (
     spool_multipart,
     stream_body,
 )
+from gateway.error_response import render_error
 from gateway.errors import (
     BadRequest,
     GatewayError,
     NotFound,
     PayloadTooLarge,
     StorageError,
-    Unauthorized,
     UpstreamBroken,
     UpstreamError,
     UpstreamTimeout,
@@ -66,6 +67,7 @@ from gateway.http import (
     with_param,
 )
 from gateway.logs import bind_request, note_status
+from gateway.model_access import allows, check_models
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
 from gateway.pricing import CallPrice
 from gateway.relay import Command as RelayCommand
@@ -75,18 +77,21 @@ from gateway.relay import Stop as RelayStop
 from gateway.routing import RouteGuard, side_cost_result
 from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import UsageEvent
+from gateway.types import Receive, Scope, Send
 from gateway.upstream_client import UpstreamClient
 from gateway.upstreams import Prepared, Route
 from gateway.usage import Metered
 
 if TYPE_CHECKING:
+    from gateway.clock import Clock
+    from gateway.config import Plan
+    from gateway.follow import Run
     from gateway.metrics import Metrics
-    from gateway.runtime import Gateway
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+    from gateway.probes import Probes
+    from gateway.runtime import InFlight
+    from gateway.settle import Settler
+    from gateway.snapshot import Current, Snapshot
+    from gateway.storage import Storage
 
 log = logging.getLogger("gateway.proxy")
 
@@ -161,15 +166,19 @@ class Exchange:
         "request_id",
         "responded",
         "route",
+        "snap",
         "started",
         "ticket",
         "upload",
         "user_id",
     )
 
-    def __init__(self, request_id: str, started: float) -> None:
+    def __init__(self, request_id: str, started: float, snap: Snapshot) -> None:
         self.request_id = request_id
         self.started = started  # perf_counter() when the request arrived
+        # The configuration in force when the request arrived, for its whole life
+        # (gateway/snapshot.py): a reload meanwhile changes nothing of it.
+        self.snap = snap
         self.forwarded_at = started  # perf_counter() when it was sent upstream
         self.method = ""
         self.path = ""  # canonical, relative to the API base
@@ -207,17 +216,49 @@ class Exchange:
 
 
 class Proxy:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
-        self.admitter = Admitter(gateway)
-        self.client = UpstreamClient(gateway)
-        self.guard = RouteGuard(gateway)
-        self.follows = Follows(gateway, self.client, self._settle_answer)
+    """The /v1 pipeline, wired with what it uses (gateway/runtime.py builds it)."""
+
+    def __init__(
+        self,
+        current: Current,
+        *,
+        storage: Storage,
+        settler: Settler,
+        client: UpstreamClient,
+        admitter: Admitter,
+        guard: RouteGuard,
+        clock: Clock,
+        metrics: Metrics,
+        in_flight: InFlight,
+        spawn: Run,
+        keep: Run,
+        probes: Probes,
+    ) -> None:
+        self._current = current
+        self._storage = storage
+        self._settler = settler
+        self._clock = clock
+        self._metrics = metrics
+        self._in_flight = in_flight
+        self._keep = keep
+        self.admitter = admitter
+        self.client = client
+        self.guard = guard
+        self.follows = Follows(
+            storage,
+            client,
+            clock=clock,
+            metrics=metrics,
+            spawn=spawn,
+            keep=keep,
+            settle=self._settle_answer,
+            probes=probes,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        x = Exchange(new_request_id(), time.perf_counter())
+        x = Exchange(new_request_id(), time.perf_counter(), self._current.snapshot)
         bind_request(x.request_id)  # the logs' request id (gateway/logs.py)
-        self.gw.request_started()
+        self._in_flight.enter()
         try:
             await self._handle(x, scope, receive, send)
         except ClientGone:
@@ -225,7 +266,7 @@ class Proxy:
         except GatewayError as exc:
             # Refusals raised before the response started.
             log.info("refused %d %s: %s", exc.status, exc.code, exc.message)
-            await self._send_error(send, exc, x.request_id, scope)
+            await self._send_error(send, exc, x, scope)
         except Exception:
             # A bug, not a refusal: logged once with its traceback; the client gets
             # an error in the upstream's shape if nothing was sent yet (the
@@ -233,9 +274,9 @@ class Proxy:
             log.exception("request %s: unexpected error", x.request_id)
             if not x.responded:
                 failure = GatewayError("The gateway failed to handle the request.")
-                await self._send_error(send, failure, x.request_id, scope)
+                await self._send_error(send, failure, x, scope)
         finally:
-            await self.gw.request_finished()
+            self._in_flight.leave()
 
     async def _handle(self, x: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
         self._parse(x, scope)
@@ -247,6 +288,7 @@ class Proxy:
         await self._read_body(x, receive)
         if x.route.by_body:
             await self._refine(x)
+        await self._check_models(x)
         self._rewrite(x)
         try:
             if x.route.admitted:
@@ -280,16 +322,17 @@ class Proxy:
         x.method = method
         x.path = canonical_path(scope["path"][3:])  # strip "/v1"
         x.query = scope.get("query_string", b"")
-        x.headers = request_headers(scope["headers"], self.gw.user_header)
+        x.headers = request_headers(
+            scope["headers"], x.snap.user_header, x.snap.upstream.key_header
+        )
 
     # --- authenticate ----------------------------------------------------------------
 
     async def _authenticate(self, x: Exchange) -> None:
-        gw = self.gw
         try:
-            x.user_id = await gw.identify(x.headers.authorization, x.headers.user_header)
+            x.user_id = await x.snap.identify(x.headers.credential, x.headers.user_header)
         except StorageError as exc:
-            gw.metrics.inc("gateway_storage_errors_total", operation="authenticate")
+            self._metrics.inc("gateway_storage_errors_total", operation="authenticate")
             raise StorageError("The usage database is unavailable; try again shortly.") from exc
 
     # --- route (default deny) --------------------------------------------------------
@@ -297,19 +340,22 @@ class Proxy:
     async def _route(self, x: Exchange) -> None:
         """Classify the request and apply its role before anything of the body is
         read: refuse what must not be forwarded (gateway/routing.py)."""
-        await self._apply_role(x, self.gw.upstream.route(x.method, x.path), refined=False)
+        await self._apply_role(x, x.snap.upstream.route(x.method, x.path), refined=False)
 
     async def _refine(self, x: Exchange) -> None:
         """A route whose role its JSON body decides (Dify's rename that generates a
         name, OpenAI's response that continues a stored one): checked again."""
-        route = self.gw.upstream.refine(x.route, x.json)
+        route = x.snap.upstream.refine(x.route, x.json)
         if route is not x.route:
             await self._apply_role(x, route, refined=True)
 
     async def _apply_role(self, x: Exchange, route: Route, *, refined: bool) -> None:
-        x.route = route = self.guard.admit_route(x.method, x.path, route, refined=refined)
+        call_prices = x.snap.config.call_prices
+        x.route = route = self.guard.admit_route(
+            x.method, x.path, route, call_prices=call_prices, refined=refined
+        )
         if route.role == "side_cost":
-            x.call_price = self.guard.call_price(route)
+            x.call_price = self.guard.call_price(route, call_prices)
         elif route.owned_answer is not None:
             await self.guard.check_owner(route, x.user_id)
 
@@ -322,8 +368,8 @@ class Proxy:
         route = x.route
         media_type = headers.media_type
         content_length = headers.content_length
-        field = self.gw.upstream.user_field
-        limit = self.gw.config.server.max_json_body_bytes
+        field = x.snap.upstream.user_field
+        limit = x.snap.config.server.max_json_body_bytes
         if is_json(media_type) or (route.produces_answer and x.method in _BODY_METHODS):
             if content_length is not None and content_length > limit:
                 raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
@@ -353,10 +399,35 @@ class Proxy:
             if content_length is not None:
                 headers.forward.append((b"content-length", str(content_length).encode()))
 
+    async def _check_models(self, x: Exchange) -> None:
+        """Refuse a model the user's plan does not allow (issue 21), before
+        anything is reserved or forwarded: the models the dialect says the
+        request names, as the upstream reads them (gateway/model_access.py)."""
+        requested = x.snap.upstream.requested_models(x.route, x.json)
+        if requested is not None:
+            for globs in await self._model_lists(x):
+                check_models(globs, requested)
+
+    async def _model_lists(self, x: Exchange) -> list[tuple[str, ...]]:
+        """The model allow-lists that apply to the user: their plan's and their
+        team's plan's, where set (a model must be in both)."""
+        snap, user_id = x.snap, x.user_id
+        user = await snap.users.get(user_id, default_plan=snap.config.accounting.default_plan)
+        plans: list[Plan | None] = [effective_plan(snap.config, user)]
+        try:
+            plans.append(await snap.team_plan(user))
+        except StorageError as exc:
+            # The team is cached for auth.key_cache_ttl; past that, an outage lets
+            # the request through on the user's own list, as admission fails open
+            # (docs/quotas.md, "Model allow-lists").
+            self._metrics.inc("gateway_storage_errors_total", operation="team")
+            log.warning("team of %s not read, its model list not applied: %s", user_id, exc.message)
+        return [plan.models for plan in plans if plan is not None and plan.models is not None]
+
     def _rewrite(self, x: Exchange) -> None:
         """Let the dialect set the user (and what else it needs), then serialise the
         JSON body: a body that cannot be forwarded is refused before admission."""
-        prepared = self.gw.upstream.prepare(
+        prepared = x.snap.upstream.prepare(
             x.route, x.json, x.query, x.user_id, method=x.method, request_id=x.request_id
         )
         x.prepared = prepared
@@ -365,10 +436,10 @@ class Proxy:
         if prepared.headers:
             sent = {name for name, _ in forward}
             forward += [(k, v) for k, v in prepared.headers if k not in sent]
-        forward.append(self.gw.upstream_authorization)
-        if x.route.produces_answer or x.route.is_history:
-            # Usage is read from the raw bytes, and history pages may be filtered:
-            # ask for them uncompressed.
+        forward.append(x.snap.upstream_authorization)
+        if x.route.produces_answer or x.route.is_history or x.route.lists_models:
+            # Usage is read from the raw bytes, and history pages and model lists
+            # may be filtered: ask for them uncompressed.
             forward.append((b"accept-encoding", b"identity"))
         elif x.headers.accept_encoding is not None:
             forward.append((b"accept-encoding", x.headers.accept_encoding))
@@ -381,9 +452,11 @@ class Proxy:
     async def _admit(self, x: Exchange) -> None:
         began = time.perf_counter()
         try:
-            admitted = await self.admitter.admit(x.user_id, x.request_id, x.route, x.answer_body)
+            admitted = await self.admitter.admit(
+                x.snap, x.user_id, x.request_id, x.route, x.answer_body
+            )
         finally:
-            self.gw.metrics.observe("gateway_admission_seconds", time.perf_counter() - began)
+            self._metrics.observe("gateway_admission_seconds", time.perf_counter() - began)
         x.ticket, x.rate_headers = admitted
         if x.ticket.body_changed and x.json is not None:
             x.body = _serialised(x.json)
@@ -391,20 +464,18 @@ class Proxy:
     # --- forward ---------------------------------------------------------------------
 
     async def _forward(self, x: Exchange) -> httpx.Response:
-        gw = self.gw
-        url = gw.upstream_url + x.path + ("?" + x.query.decode("latin-1") if x.query else "")
+        snap, metrics = x.snap, self._metrics
+        url = snap.upstream_url + x.path + ("?" + x.query.decode("latin-1") if x.query else "")
         headers = x.headers.forward
         if isinstance(x.body, bytes):
             headers.append((b"content-length", str(len(x.body)).encode()))
         timeout = self.client.streaming_timeout
-        if x.route.produces_answer and not gw.upstream.is_streaming(x.route, x.answer_body):
+        if x.route.produces_answer and not snap.upstream.is_streaming(x.route, x.answer_body):
             # A blocking answer sends nothing until it is complete: wait as long as
             # an answer may take, not just the gap allowed between two chunks.
-            timeout = gw.blocking_timeout
+            timeout = snap.blocking_timeout
         x.forwarded_at = time.perf_counter()
-        gw.metrics.observe(
-            "gateway_overhead_seconds", x.forwarded_at - x.started, route=x.route.kind
-        )
+        metrics.observe("gateway_overhead_seconds", x.forwarded_at - x.started, route=x.route.kind)
         try:
             return await self.client.open(
                 x.method, url, headers=headers, content=x.body, timeout=timeout, failure=x.failure
@@ -414,7 +485,7 @@ class Proxy:
             if exc.phase == "read" and ticket is not None and ticket.reserved:
                 # The request reached the upstream, which may well be answering (and
                 # billing) still: the query stays spent and an estimate is recorded.
-                gw.metrics.inc("gateway_upstream_errors_total", kind="answer_timeout")
+                metrics.inc("gateway_upstream_errors_total", kind="answer_timeout")
                 log.warning(
                     "request %s: upstream took too long to answer; charging an estimate",
                     x.request_id,
@@ -422,7 +493,7 @@ class Proxy:
                 result = self._unanswered(x)
                 await self._kept(self._settle(x, result, disconnected=False))
             else:
-                gw.metrics.inc("gateway_upstream_errors_total", kind="timeout")
+                metrics.inc("gateway_upstream_errors_total", kind="timeout")
                 log.warning(
                     "request %s: upstream timed out before answering: %r", x.request_id, exc
                 )
@@ -433,12 +504,12 @@ class Proxy:
                 # The server's shutdown grace ran out while the upstream was still
                 # preparing this answer, which it may well go on generating (and
                 # billing): charged as an answer never seen, like a timeout.
-                gw.metrics.inc("gateway_answers_cut_at_shutdown_total")
+                metrics.inc("gateway_answers_cut_at_shutdown_total")
                 result = dataclasses.replace(self._unanswered(x), outcome="shutdown")
                 await self._kept(self._settle(x, result, disconnected=False))
             raise
         except UpstreamUnavailable as exc:
-            gw.metrics.inc("gateway_upstream_errors_total", kind="connect")
+            metrics.inc("gateway_upstream_errors_total", kind="connect")
             log.warning("request %s: upstream unreachable: %r", x.request_id, exc.__cause__)
             raise
 
@@ -447,20 +518,20 @@ class Proxy:
         call its price, an answer the dialect's estimate."""
         if x.call_price is not None:
             return dataclasses.replace(side_cost_result(x.call_price), outcome="timeout")
-        return self.gw.upstream.unanswered(x.route, x.answer_body)
+        return x.snap.upstream.unanswered(x.route, x.answer_body)
 
     # --- relay -----------------------------------------------------------------------
 
     async def _relay(
         self, x: Exchange, response: httpx.Response, receive: Receive, send: Send
     ) -> None:
-        gw = self.gw
+        metrics = self._metrics
         status = response.status_code
         raw = response.headers.raw  # a new list on every access
         headers = response_headers(raw)
         headers.append((b"x-request-id", x.request_id.encode()))
         headers.extend(x.rate_headers)
-        gw.metrics.inc("gateway_requests_total", route=x.route.kind, status=f"{status // 100}xx")
+        metrics.inc("gateway_requests_total", route=x.route.kind, status=f"{status // 100}xx")
         content_type = next((v for k, v in raw if k.lower() == b"content-type"), b"").lower()
         if x.follow is not None and 200 <= status < 300:
             # The form was accepted and the run resumes upstream: the gateway's own
@@ -488,7 +559,7 @@ class Proxy:
             return
         await self._start(x, send, status, headers)
         sse = content_type.startswith(_SSE)
-        with gw.metrics.streaming(sse):
+        with metrics.streaming(sse):
             await self._relay_answer(x, response, sse, receive, send)
 
     @staticmethod
@@ -511,9 +582,14 @@ class Proxy:
     ) -> None:
         ok = 200 <= status < 300
         if ok and x.route.is_history and b"json" in content_type:
-            days = (await self.admitter.plan_of(x.user_id)).chat_history_days
+            days = (await self.admitter.plan_of(x.snap, x.user_id)).chat_history_days
             if days is not None:
                 await self._history(x, send, response, status, headers, days)
+                return
+        if ok and x.route.lists_models and b"json" in content_type:
+            lists = await self._model_lists(x)
+            if lists:
+                await self._models(x, send, response, status, headers, lists)
                 return
         await self._start(x, send, status, headers)
         if content_type.startswith(_SSE):
@@ -525,13 +601,12 @@ class Proxy:
             await self._pass_body(x, response, send)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         if ok and x.upload is not None and x.route.is_upload:
-            await self._count_upload(x.user_id, x.upload.file_bytes, x.request_id)
+            await self._count_upload(x, x.upload.file_bytes)
 
     async def _pass_body(self, x: Exchange, response: httpx.Response, send: Send) -> None:
         try:
-            with self.client.reading():
-                async for chunk in response.aiter_raw():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamBroken as exc:
             log.warning(
                 "request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__
@@ -566,11 +641,11 @@ class Proxy:
         answer that is not SSE is read as one body (blocking mode), also when it
         turns out unreadable: the dialect then charges an estimate.
         """
-        gw = self.gw
-        upstream = gw.upstream
+        metrics = self._metrics
+        upstream = x.snap.upstream
         route = x.route
         assert x.prepared is not None
-        settings = gw.config.upstream
+        settings = x.snap.config.upstream
         relay = Relay(
             upstream,
             route,
@@ -591,47 +666,48 @@ class Proxy:
         cancelled: asyncio.CancelledError | None = None
         ending: list[RelayCommand]
         try:
-            with self.client.reading():
-                async with asyncio.timeout(settings.total_timeout) as deadline:
-                    async for chunk in response.aiter_raw():
-                        if watcher.done() and relay.listening:
-                            self._client_left(x)
-                            for command in relay.client_left():
-                                if isinstance(command, RelayStop):
-                                    if command.task_id is not None:
-                                        relay.stop_answered(await self._stop(x, command.task_id))
-                                elif isinstance(command, ExtendDeadline):
-                                    deadline.reschedule(loop.time() + command.seconds)
-                            if not relay.reading:
-                                # Closing the response stops the answer; the chunk
-                                # in hand is metered first (it may be the first
-                                # sign the answer began, and billed).
-                                meter_chunk(chunk)
-                                break
-                        out = forward(chunk)
-                        if out is not None:
-                            if first_byte:
-                                first_byte = False
-                                x.first_byte(gw.metrics)
-                            await send(
-                                {"type": "http.response.body", "body": out, "more_body": True}
-                            )
-                        meter_chunk(chunk)
-        except UpstreamBroken as exc:
-            kind: Literal["read", "timeout"] = "timeout" if exc.timed_out else "read"
-            gw.metrics.inc("gateway_upstream_errors_total", kind=f"mid_stream_{kind}")
+            async with asyncio.timeout(settings.total_timeout) as deadline:
+                async for chunk in response.aiter_raw():
+                    if watcher.done() and relay.listening:
+                        self._client_left(x)
+                        for command in relay.client_left():
+                            if isinstance(command, RelayStop):
+                                if command.task_id is not None:
+                                    relay.stop_answered(await self._stop(x, command.task_id))
+                            elif isinstance(command, ExtendDeadline):
+                                deadline.reschedule(loop.time() + command.seconds)
+                        if not relay.reading:
+                            # Closing the response stops the answer; the chunk
+                            # in hand is metered first (it may be the first
+                            # sign the answer began, and billed).
+                            meter_chunk(chunk)
+                            break
+                    out = forward(chunk)
+                    if out is not None:
+                        if first_byte:
+                            first_byte = False
+                            x.first_byte(metrics)
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                    meter_chunk(chunk)
+        except (UpstreamBroken, TimeoutError) as exc:
+            # TimeoutError: the deadline ran out (upstream.total_timeout, or the
+            # grace once the client left); the upstream's own errors arrive mapped.
+            kind: Literal["read", "timeout"] = (
+                "read" if isinstance(exc, UpstreamBroken) and not exc.timed_out else "timeout"
+            )
+            metrics.inc("gateway_upstream_errors_total", kind=f"mid_stream_{kind}")
             log.warning(
                 "request %s: upstream stream ended abnormally (%s): %r",
                 x.request_id,
                 kind,
-                exc.__cause__,
+                exc.__cause__ if isinstance(exc, UpstreamBroken) else exc,
             )
             self._noticed(x, relay, watcher)
             ending = relay.upstream_broken(kind)
         except EventTooLarge as exc:
             # A line or event past upstream.max_event_bytes: a broken (or hostile)
             # upstream, charged what was read (or the estimate).
-            gw.metrics.inc("gateway_upstream_errors_total", kind="event_too_large")
+            metrics.inc("gateway_upstream_errors_total", kind="event_too_large")
             log.warning("request %s: upstream stream refused: %s", x.request_id, exc)
             self._noticed(x, relay, watcher)
             ending = relay.event_too_large(exc.events)
@@ -663,7 +739,7 @@ class Proxy:
     def _noticed(self, x: Exchange, relay: Relay, watcher: asyncio.Task[None]) -> None:
         """At the end of an answer: a client that left unnoticed is counted."""
         if relay.listening and watcher.done():
-            self.gw.metrics.inc("gateway_client_disconnects_total")
+            self._metrics.inc("gateway_client_disconnects_total")
             relay.client_left(at_end=True)
 
     async def _execute(self, x: Exchange, command: RelayCommand, send: Send) -> None:
@@ -688,9 +764,9 @@ class Proxy:
                 log.exception("request %s: could not %s", x.request_id, what)
         elif isinstance(command, RelayStop):
             if command.task_id is not None:
-                self.gw.keep(self._stop(x, command.task_id))
+                self._keep(self._stop(x, command.task_id))
         elif isinstance(command, Count):
-            self.gw.metrics.inc(command.metric)
+            self._metrics.inc(command.metric)
         elif isinstance(command, Notice):
             # Recorded; now tell the client why its answer ends here, as an SSE
             # error event and a proper end of the stream, if it still listens.
@@ -711,23 +787,72 @@ class Proxy:
 
         Fails closed: a page that cannot be read is not passed on unfiltered.
         """
+        raw, page = await self._read_page(response, "history page")
+        cutoff = self._clock.now().timestamp() - days * 86400
+        filtered = x.snap.upstream.filter_history(x.route, x.query, page, cutoff)
+        await self._send_page(x, send, status, headers, raw, page, filtered)
+
+    async def _models(
+        self,
+        x: Exchange,
+        send: Send,
+        response: httpx.Response,
+        status: int,
+        headers: Headers,
+        lists: list[tuple[str, ...]],
+    ) -> None:
+        """The upstream's model list limited to the allow-lists that apply
+        (issue 21); fails closed like a history page."""
+        raw, page = await self._read_page(response, "model list")
+        filtered = x.snap.upstream.filter_models(
+            x.route, page, lambda model: all(allows(globs, model) for globs in lists)
+        )
+        await self._send_page(x, send, status, headers, raw, page, filtered)
+
+    async def _read_page(
+        self, response: httpx.Response, what: Literal["history page", "model list"]
+    ) -> tuple[bytearray, dict[str, Any]]:
+        """A JSON object the gateway filters before passing it on, read whole."""
+        # Whole sentences, so each is found in the message catalogue.
+        history = what == "history page"
         raw = bytearray()
         try:
-            with self.client.reading():
-                async for chunk in response.aiter_bytes():
-                    raw += chunk
-                    if len(raw) > _MAX_BUFFERED_BODY:
-                        raise UpstreamError("The upstream history page is too large to filter.")
+            async for chunk in self.client.decoded(response):
+                raw += chunk
+                if len(raw) > _MAX_BUFFERED_BODY:
+                    raise UpstreamError(
+                        "The upstream history page is too large to filter."
+                        if history
+                        else "The upstream model list is too large to filter."
+                    )
         except UpstreamBroken as exc:
-            raise UpstreamUnavailable("The upstream history page could not be read.") from exc
+            raise UpstreamUnavailable(
+                "The upstream history page could not be read."
+                if history
+                else "The upstream model list could not be read."
+            ) from exc
         try:
             page = orjson.loads(raw)
         except orjson.JSONDecodeError:
             page = None
         if not isinstance(page, dict):
-            raise UpstreamError("The upstream history page is not a JSON object.")
-        cutoff = self.gw.clock.now().timestamp() - days * 86400
-        filtered = self.gw.upstream.filter_history(x.route, x.query, page, cutoff)
+            raise UpstreamError(
+                "The upstream history page is not a JSON object."
+                if history
+                else "The upstream model list is not a JSON object."
+            )
+        return raw, page
+
+    async def _send_page(
+        self,
+        x: Exchange,
+        send: Send,
+        status: int,
+        headers: Headers,
+        raw: bytearray,
+        page: dict[str, Any],
+        filtered: dict[str, Any],
+    ) -> None:
         body = bytes(raw) if filtered is page else orjson.dumps(filtered)
         # aiter_bytes decoded any Content-Encoding: describe the new body instead.
         headers = [(k, v) for k, v in headers if k not in (b"content-length", b"content-encoding")]
@@ -737,23 +862,23 @@ class Proxy:
 
     def _client_left(self, x: Exchange) -> None:
         """The client went away mid-answer (the relay decides what follows)."""
-        self.gw.metrics.inc("gateway_client_disconnects_total")
-        policy = self.gw.config.upstream.on_client_disconnect
+        self._metrics.inc("gateway_client_disconnects_total")
+        policy = x.snap.config.upstream.on_client_disconnect
         log.info("request %s: client disconnected mid-answer; policy %s", x.request_id, policy)
 
     async def _stop(self, x: Exchange, task_id: str) -> bool:
         """Ask the upstream to stop generating an answer (same task id and user)."""
-        gw = self.gw
-        stop = gw.upstream.stop_request(x.route, task_id, x.user_id)
+        snap = x.snap
+        stop = snap.upstream.stop_request(x.route, task_id, x.user_id)
         if stop is None:
             return False
         path, payload = stop
         try:
             reply = await self.client.request(
                 "POST",
-                gw.upstream_url + path,
+                snap.upstream_url + path,
                 content=payload,
-                headers=[(b"content-type", b"application/json"), gw.upstream_authorization],
+                headers=[(b"content-type", b"application/json"), snap.upstream_authorization],
             )
         except UpstreamUnavailable as exc:
             log.warning(
@@ -771,7 +896,7 @@ class Proxy:
         """Run ``work`` (recording an answer, or giving its reservation back) as a
         task the gateway keeps, shielded: a cancellation of the request - a client
         gone, a server shutting down - must never cut a ledger write half-way."""
-        await asyncio.shield(self.gw.keep(work))
+        await asyncio.shield(self._keep(work))
 
     async def _settle_answer(self, x: Exchange, result: Metered) -> None:
         await self._settle(x, result, disconnected=False)
@@ -810,7 +935,7 @@ class Proxy:
             # A field out of range was bounded where it was read (usage.FieldReader):
             # the record is marked as bounds.bound_event marks one.
             outcome = "clamped"
-            self.gw.metrics.inc("gateway_usage_clamped_total")
+            self._metrics.inc("gateway_usage_clamped_total")
             log.warning(
                 "request %s: upstream reported out-of-range usage; recorded clamped: %s",
                 request_id,
@@ -819,13 +944,14 @@ class Proxy:
         # From here the reservation is the ledger's to settle, not to refund.
         ticket.release()
         upstream_ms, overhead_ms = x.timings()
-        self.gw.metrics.observe("gateway_upstream_seconds", upstream_ms / 1000, route=x.route.kind)
-        await self.gw.settler.record(
+        self._metrics.observe("gateway_upstream_seconds", upstream_ms / 1000, route=x.route.kind)
+        snap = x.snap
+        await self._settler.record(
             UsageEvent(
                 answer_id=result.answer_id or f"gw-{request_id}",
                 user_id=ticket.user_id,
                 day=ticket.day,
-                created_at=self.gw.clock.now(),
+                created_at=self._clock.now(),
                 endpoint=x.route.name,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
@@ -834,7 +960,7 @@ class Proxy:
                 currency=usage.currency,
                 outcome=outcome,
                 estimated=usage.estimated,
-                web_searches=int(used_web_search(result.metadata, self.gw.config.web_search)),
+                web_searches=int(used_web_search(result.metadata, snap.config.web_search)),
                 conversation_id=result.conversation_id,
                 request_id=request_id,
                 upstream_latency_ms=round(upstream_ms, 3),
@@ -842,47 +968,38 @@ class Proxy:
                 model=result.model,
                 cached_tokens=usage.cached_tokens,
                 reasoning_tokens=usage.reasoning_tokens,
+                cache_write_tokens=usage.cache_write_tokens,
             ),
             lease_id=ticket.lease_id,
             pending_id=ticket.pending_id,
             plan=ticket.plan,
             alerts=ticket.alerts,
+            terms=snap.terms,
         )
 
     # --- the rest --------------------------------------------------------------------
 
     async def _send_error(
-        self, send: Send, exc: GatewayError, request_id: str, scope: Scope | None = None
+        self, send: Send, exc: GatewayError, x: Exchange, scope: Scope | None = None
     ) -> None:
         # The message in the user's language (Accept-Language); code, status and
         # headers never depend on it (gateway/messages.py).
-        messages = self.gw.messages
+        request_id = x.request_id
+        messages = x.snap.messages
         language = messages.language(scope["headers"]) if scope is not None else messages.default
         message, language = messages.render(exc, language)
-        body = self.gw.upstream.error_body(exc.status, exc.code, message)
-        extra = list(exc.headers)
-        extra.append((b"content-language", language.encode()))
-        if isinstance(exc, Unauthorized):
-            extra.append((b"www-authenticate", b'Bearer realm="api"'))
-        if isinstance(exc, StorageError | UpstreamError) and not any(
-            k == b"retry-after" for k, _ in extra
-        ):
-            extra.append((b"retry-after", b"5"))
-        self.gw.metrics.inc("gateway_refusals_total", code=exc.code)
-        note_status(exc.status)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": exc.status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"x-request-id", request_id.encode()),
-                    *extra,
-                ],
-            }
+        response = render_error(
+            exc,
+            x.snap.upstream.error_body,
+            message=message,
+            realm="api",
+            request_id=request_id,
+            language=language,
+            outage_retry_after=b"5",
         )
-        await send({"type": "http.response.body", "body": body})
+        self._metrics.inc("gateway_refusals_total", code=exc.code)
+        note_status(exc.status)
+        await response.send(send)
 
     async def _preflight(self, x: Exchange, send: Send) -> None:
         """A CORS preflight carries no credentials by design: forwarded as it is
@@ -895,8 +1012,14 @@ class Proxy:
         method = asked.decode("latin-1").strip()
         if not method.isupper():
             raise NotFound("This endpoint is not available through the gateway.", code="not_found")
-        self.guard.admit_route(method, x.path, self.gw.upstream.route(method, x.path))
-        url = self.gw.upstream_url + x.path + ("?" + x.query.decode("latin-1") if x.query else "")
+        snap = x.snap
+        self.guard.admit_route(
+            method,
+            x.path,
+            snap.upstream.route(method, x.path),
+            call_prices=snap.config.call_prices,
+        )
+        url = snap.upstream_url + x.path + ("?" + x.query.decode("latin-1") if x.query else "")
         response = await self.client.request("OPTIONS", url, headers=x.headers.forward)
         out = response_headers(response.headers.raw)
         out = [(k, v) for k, v in out if k not in (b"content-length", b"content-encoding")]
@@ -920,7 +1043,7 @@ class Proxy:
         content_length = x.headers.content_length
         limit = None
         if x.route.is_upload:
-            mb = (await self.admitter.plan_of(x.user_id)).file_size_mb
+            mb = (await self.admitter.plan_of(x.snap, x.user_id)).file_size_mb
             limit = None if mb is None else int(mb * 1024 * 1024)
         if (
             limit is not None
@@ -937,14 +1060,15 @@ class Proxy:
             raise BadRequest(f"Malformed multipart body: {exc}") from exc
         return read_spool(spool), size
 
-    async def _count_upload(self, user_id: str, size: int, request_id: str) -> None:
+    async def _count_upload(self, x: Exchange, size: int) -> None:
+        day = x.snap.today(self._clock.now())
         try:
-            await self.gw.storage.record_upload(user_id, day=self.gw.today(), size=size)
+            await self._storage.record_upload(x.user_id, day=day, size=size)
         except StorageError as exc:
-            self.gw.metrics.inc("gateway_storage_errors_total", operation="upload")
+            self._metrics.inc("gateway_storage_errors_total", operation="upload")
             log.error(
                 "request %s: could not count an upload of %d bytes: %s",
-                request_id,
+                x.request_id,
                 size,
                 exc.message,
             )

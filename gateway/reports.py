@@ -7,18 +7,22 @@ counters and reset times fit together, so every surface says the same thing.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from gateway.accounts import effective_plan
+from gateway.accounts import effective_plan, team_plan
 from gateway.clock import Periods, periods_at
-from gateway.config import LIMIT_NAMES, Plan
+from gateway.config import LIMIT_NAMES, MONEY_LIMITS, Config, Plan
 from gateway.errors import NotFound
-from gateway.storage import DailyUsage, ModelUsage, User
+from gateway.quota import Meter, Per
+from gateway.storage import DailyUsage, ModelUsage, Storage, Team, User, summed
 
 if TYPE_CHECKING:
-    from gateway.runtime import Gateway
+    from gateway.clock import Clock
+    from gateway.snapshot import Current, Snapshot
+    from gateway.storage import Storage
 
 # Limits whose "used" comes from a counter, and the period that resets them.
 _DAILY = ("queries_per_day", "tokens_per_day", "web_searches_per_day")
@@ -34,7 +38,9 @@ def money(value: Decimal) -> str:
     return format(value.normalize(), "f") if value else "0"
 
 
-def daily_dict(row: DailyUsage) -> dict[str, Any]:
+def daily_dict(row: DailyUsage, currency: str) -> dict[str, Any]:
+    """A day row as the APIs show it; ``currency`` is the database's (the day rows
+    hold one cost number, in the one currency gateway/currency.py keeps them in)."""
     return {
         "day": row.day.isoformat(),
         "queries": row.queries,
@@ -46,6 +52,17 @@ def daily_dict(row: DailyUsage) -> dict[str, Any]:
         "completion_tokens": row.completion_tokens,
         "total_tokens": row.total_tokens,
         "cost": money(row.cost),
+        "currency": currency,
+    }
+
+
+def lifetime_dict(user: User, currency: str) -> dict[str, Any]:
+    return {
+        "prompt_tokens": user.lifetime_prompt_tokens,
+        "completion_tokens": user.lifetime_completion_tokens,
+        "total_tokens": user.lifetime_tokens,
+        "cost": money(user.lifetime_cost),
+        "currency": currency,
     }
 
 
@@ -59,24 +76,37 @@ def model_dict(row: ModelUsage) -> dict[str, Any]:
         "reasoning_tokens": row.reasoning_tokens,
         "total_tokens": row.total_tokens,
         "cost": money(row.cost),
+        "currency": row.currency,
     }
 
 
 def limits_view(
-    plan: Plan, today: DailyUsage, month_tokens: int, open_streams: int, periods: Periods
+    plan: Plan,
+    today: DailyUsage,
+    month_tokens: int,
+    open_streams: int,
+    periods: Periods,
+    *,
+    month_cost: Decimal = Decimal(0),
+    rates: Mapping[tuple[Meter, Per], Decimal] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each limit of the (overridden) plan: used, limit, remaining, resets_at.
 
     ``limit`` and ``remaining`` are null when unlimited; ``resets_at`` is null for
     limits that do not reset with time.
     """
-    used = {
+    rates = rates or {}
+    used: dict[str, Any] = {
         "queries_per_day": today.queries,
         "tokens_per_day": today.total_tokens,
         "web_searches_per_day": today.web_searches,
         "tokens_per_month": month_tokens,
         "max_concurrent_streams": open_streams,
         "advanced_rag": today.advanced_rag,
+        "requests_per_minute": int(rates.get(("queries", "minute"), 0)),
+        "tokens_per_minute": int(rates.get(("tokens", "minute"), 0)),
+        "cost_per_day": today.cost,
+        "cost_per_month": month_cost,
     }
     view: dict[str, dict[str, Any]] = {}
     for name in LIMIT_NAMES:
@@ -87,6 +117,17 @@ def limits_view(
                 "allowed": bool(limit),
                 "used": used[name],
                 "resets_at": _iso(periods.day_resets_at),
+            }
+        elif name in MONEY_LIMITS:
+            # Money as exact decimal strings; used is what was spent (answers
+            # under way hold their reservations apart).
+            entry = {
+                "limit": None if limit is None else money(limit),
+                "used": money(used[name]),
+                "remaining": None if limit is None else money(max(limit - used[name], Decimal(0))),
+                "resets_at": _iso(
+                    periods.day_resets_at if name == "cost_per_day" else periods.month_resets_at
+                ),
             }
         elif name in used:
             entry["used"] = used[name]
@@ -115,67 +156,169 @@ def fill_days(rows: list[DailyUsage], user_id: str, start: date, end: date) -> l
     ]
 
 
-class Reports:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
+async def team_report(
+    storage: Storage,
+    config: Config,
+    team: Team,
+    periods: Periods,
+    *,
+    currency: str,
+    members: bool = True,
+) -> dict[str, Any]:
+    """A team's plan, limits and usage: its current members' day rows summed
+    (issue 21) - today, this month, and each limit of the team's plan against
+    them (a team has no stream counter of its own: ``max_concurrent_streams``
+    shows its limit only). The same view for the CLI, the admin API and the
+    dashboard."""
+    rows = await storage.team_daily(team.id, start=periods.month_start, end=periods.day)
+    today = summed([r for r in rows if r.day == periods.day], user_id=team.id, day=periods.day)
+    month = summed(rows, user_id=team.id, day=periods.month_start)
+    plan = team_plan(config, team)
+    limits = limits_view(plan, today, month.total_tokens, 0, periods, month_cost=month.cost)
+    limits["max_concurrent_streams"] = {"limit": plan.max_concurrent_streams}
+    # Rates are per user (docs/quotas.md, "Team limits"): a team plan's do not apply.
+    for rate in ("requests_per_minute", "tokens_per_minute"):
+        limits.pop(rate, None)
+    report: dict[str, Any] = {
+        "id": team.id,
+        "plan": plan.name,
+        "stored_plan": team.plan,
+        "overrides": dict(team.overrides),
+        "created_at": team.created_at.isoformat(),
+        "limits": limits,
+        "currency": currency,
+        "today": daily_dict(today, currency),
+        "month": daily_dict(month, currency),
+    }
+    if members:
+        report["members"] = [user.id for user in await storage.team_members(team.id)]
+    return report
 
-    def periods(self) -> Periods:
-        return periods_at(self.gw.clock.now(), self.gw.tz)
+
+class Reports:
+    """Reads usage for one user at a time, against the configuration in force
+    (read once per report)."""
+
+    __slots__ = ("_clock", "_currency", "_current", "_storage")
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        clock: Clock,
+        current: Current,
+        currency: Callable[[], str],
+    ) -> None:
+        self._storage = storage
+        self._clock = clock
+        self._current = current
+        self._currency = currency  # the database's (gateway/currency.py)
+
+    def _periods(self, snap: Snapshot) -> Periods:
+        return periods_at(self._clock.now(), snap.tz)
 
     async def user(self, user_id: str) -> User:
-        user = await self.gw.storage.get_user(user_id)
+        user = await self._storage.get_user(user_id)
         if user is None:
             raise NotFound(f"No user {user_id!r}.")
         return user
 
-    def plan_of(self, user: User) -> Plan:
-        return effective_plan(self.gw.config, user)
-
     async def usage(self, user: User) -> dict[str, Any]:
         """The user's limits and what is left of them, with lifetime totals."""
-        periods = self.periods()
-        rows = await self.gw.storage.daily(periods.month_start, periods.day, user_id=user.id)
+        return await self._usage(self._current.snapshot, user)
+
+    async def _usage(self, snap: Snapshot, user: User) -> dict[str, Any]:
+        periods = self._periods(snap)
+        rows = await self._storage.daily(periods.month_start, periods.day, user_id=user.id)
         today = next(
             (r for r in rows if r.day == periods.day), DailyUsage(user_id=user.id, day=periods.day)
         )
-        streams = await self.gw.storage.open_streams(user.id, now=self.gw.clock.now())
-        models = await self.gw.storage.usage_by_model(
+        streams = await self._storage.open_streams(user.id, now=self._clock.now())
+        models = await self._storage.usage_by_model(
             user.id, start=periods.month_start, end=periods.day
         )
-        plan = self.plan_of(user)
+        plan: Plan = effective_plan(snap.config, user)
+        team = await self._user_team(snap, user)
+        currency = self._currency()
         return {
             "user": user.id,
             "plan": plan.name,
-            "timezone": self.gw.config.accounting.timezone,
+            "timezone": snap.config.accounting.timezone,
             "day": periods.day.isoformat(),
-            "limits": limits_view(plan, today, sum(r.total_tokens for r in rows), streams, periods),
-            "today": daily_dict(today),
-            "lifetime": {
-                "prompt_tokens": user.lifetime_prompt_tokens,
-                "completion_tokens": user.lifetime_completion_tokens,
-                "total_tokens": user.lifetime_tokens,
-                "cost": money(user.lifetime_cost),
-            },
-            # This calendar month's answers per model (cached and reasoning tokens
-            # are parts of the prompt and completion tokens).
+            "limits": limits_view(
+                plan,
+                today,
+                sum(r.total_tokens for r in rows),
+                streams,
+                periods,
+                month_cost=sum((r.cost for r in rows), Decimal(0)),
+                rates=await self._storage.rate_counts(user.id, now=self._clock.now()),
+            ),
+            # The team's limits the caller's requests must fit too (issue 21).
+            "team_limits": (team or {}).get("limits"),
+            "currency": currency,
+            "today": daily_dict(today, currency),
+            "lifetime": lifetime_dict(user, currency),
+            # This calendar month's answers per model and currency, from the ledger
+            # (cached and reasoning tokens are parts of the prompt and completion
+            # tokens).
             "month_by_model": [model_dict(m) for m in models],
         }
 
+    async def team(self, team_id: str, *, days: int = 30) -> dict[str, Any]:
+        """One team for admins: its plan, limits, usage and members, with its
+        members' usage summed per day over the last ``days`` days."""
+        snap = self._current.snapshot
+        team = await self._storage.get_team(team_id)
+        if team is None:
+            raise NotFound(f"No team {team_id!r}.")
+        periods = self._periods(snap)
+        currency = self._currency()
+        report = await team_report(self._storage, snap.config, team, periods, currency=currency)
+        start = periods.day - timedelta(days=days - 1)
+        rows = await self._storage.team_daily(team_id, start=start, end=periods.day)
+        filled = fill_days(rows, team_id, start, periods.day)
+        report["daily"] = [daily_dict(r, currency) for r in filled]
+        return report
+
+    async def _user_team(self, snap: Snapshot, user: User) -> dict[str, Any] | None:
+        """The team part of a user's detail: the team's plan, limits and usage
+        (its members summed), or None when the user is in no team."""
+        if user.team is None:
+            return None
+        team = await self._storage.get_team(user.team)
+        if team is None:
+            return None
+        return await team_report(
+            self._storage,
+            snap.config,
+            team,
+            self._periods(snap),
+            currency=self._currency(),
+            members=False,
+        )
+
     async def daily(self, user_id: str, days: int) -> list[DailyUsage]:
         """The last ``days`` local days (today included), zero-filled."""
-        end = self.periods().day
+        return await self._daily(self._current.snapshot, user_id, days)
+
+    async def _daily(self, snap: Snapshot, user_id: str, days: int) -> list[DailyUsage]:
+        end = self._periods(snap).day
         start = end - timedelta(days=days - 1)
-        rows = await self.gw.storage.daily(start, end, user_id=user_id)
+        rows = await self._storage.daily(start, end, user_id=user_id)
         return fill_days(rows, user_id, start, end)
 
     async def detail(self, user_id: str, *, days: int = 30) -> dict[str, Any]:
         """Everything about one user, for admins."""
+        snap = self._current.snapshot
+        currency = self._currency()
         user = await self.user(user_id)
-        keys = await self.gw.storage.list_keys(user_id)
+        keys = await self._storage.list_keys(user_id)
         return {
-            **await self.usage(user),
+            **await self._usage(snap, user),
             "stored_plan": user.plan,
             "overrides": dict(user.overrides),
+            "team": await self._user_team(snap, user),
             "created_at": user.created_at.isoformat(),
             "keys": [
                 {
@@ -187,5 +330,5 @@ class Reports:
                 }
                 for k in keys
             ],
-            "daily": [daily_dict(r) for r in await self.daily(user_id, days)],
+            "daily": [daily_dict(r, currency) for r in await self._daily(snap, user_id, days)],
         }

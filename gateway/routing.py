@@ -19,6 +19,7 @@ The roles and the table of every dialect are in docs/security.md.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
 from gateway.allowlist import AllowList
@@ -28,7 +29,8 @@ from gateway.upstreams import Route
 from gateway.usage import Metered, Usage
 
 if TYPE_CHECKING:
-    from gateway.runtime import Gateway
+    from gateway.metrics import Metrics
+    from gateway.storage import Storage
 
 __all__ = ["ALLOWED", "RouteGuard", "side_cost_result"]
 
@@ -41,13 +43,22 @@ ALLOWED: Final = Route("allowed", "allowed", role="passthrough")
 class RouteGuard:
     """Applies the roles; one per proxy (``upstream.allow`` needs a restart)."""
 
-    __slots__ = ("_allow", "gw")
+    __slots__ = ("_allow", "_metrics", "_storage")
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
-        self._allow = AllowList(gateway.config.upstream.allow)
+    def __init__(self, storage: Storage, *, metrics: Metrics, allow: AllowList) -> None:
+        self._storage = storage
+        self._metrics = metrics
+        self._allow = allow
 
-    def admit_route(self, method: str, path: str, route: Route, *, refined: bool = False) -> Route:
+    def admit_route(
+        self,
+        method: str,
+        path: str,
+        route: Route,
+        *,
+        call_prices: Mapping[str, CallPrice],
+        refined: bool = False,
+    ) -> Route:
         """The route to forward, or the refusal for a route the gateway must not forward.
 
         ``refined``: the route a body made of a metered one; the allow-list, which
@@ -65,12 +76,13 @@ class RouteGuard:
                 )
             raise NotFound("This endpoint is not available through the gateway.", code="not_found")
         if role == "side_cost":
-            self.call_price(route)
+            self.call_price(route, call_prices)
         return route
 
-    def call_price(self, route: Route) -> CallPrice:
-        """A side cost's price, or the refusal when it has none."""
-        price = self.gw.config.call_prices.get(route.call or "")
+    def call_price(self, route: Route, prices: Mapping[str, CallPrice]) -> CallPrice:
+        """A side cost's price in ``prices`` (``call_prices``), or the refusal when
+        it has none."""
+        price = prices.get(route.call or "")
         if price is None:
             raise Forbidden(
                 "This call is billed per use and has no price configured; "
@@ -85,10 +97,10 @@ class RouteGuard:
         if answer_id is None:
             return
         try:
-            owner = await self.gw.storage.answer_owner(answer_id)
+            owner = await self._storage.answer_owner(answer_id)
         except StorageError as exc:
             # Fails closed: without the ledger nobody's objects are shown.
-            self.gw.metrics.inc("gateway_storage_errors_total", operation="answer_owner")
+            self._metrics.inc("gateway_storage_errors_total", operation="answer_owner")
             raise StorageError("The usage database is unavailable; try again shortly.") from exc
         if owner != user_id:
             # 404, not 403: another user's object must not be told from a missing one.

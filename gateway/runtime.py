@@ -1,7 +1,9 @@
-"""The running gateway: configuration, storage, upstream client and caches.
+"""The running gateway: its lifecycle, and the wiring of its parts.
 
-One `Gateway` per process, started and stopped by the app's lifespan. The
-request path reads everything it needs from here; nothing is created per request.
+One `Gateway` per process, started and stopped by the app's lifespan. `start`
+opens the database and builds every part with the collaborators it uses (one
+`Running`); what a configuration reload changes is one frozen `Snapshot`
+(gateway/snapshot.py) that `reload` swaps whole. Nothing is created per request.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Coroutine, Mapping
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
@@ -21,20 +23,27 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
-from gateway.accounts import issue_key, parse_override
+from gateway.accounts import Accounts
+from gateway.admission import Admitter
 from gateway.alerts import OutboxWorker
-from gateway.auth import Authenticator, UserDirectory
+from gateway.allowlist import AllowList
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, load_config
-from gateway.errors import BadRequest, ConfigError, StorageError
-from gateway.messages import Catalogue
+from gateway.currency import Money
+from gateway.errors import ConfigError, GatewayError, StorageError
 from gateway.metrics import Metrics
-from gateway.pricing import PriceTable
+from gateway.probes import Probes
+from gateway.proxy import Proxy
 from gateway.recovery import Recovery
 from gateway.reports import Reports
+from gateway.routing import RouteGuard
+from gateway.services import Services
 from gateway.settle import Settler
-from gateway.storage import ApiKey, OverrideValue, Storage, open_storage
-from gateway.upstreams import Upstream, get_upstream
+from gateway.snapshot import Current, Snapshot, build_snapshot, recover_after
+from gateway.storage import Storage, open_storage
+from gateway.tasks import Tasks
+from gateway.upstream_client import UpstreamClient
+from gateway.upstreams import Upstream
 
 log = logging.getLogger("gateway")
 
@@ -113,7 +122,63 @@ def make_client(
     return SharedClient(transport=transport, limits=limits, timeout=timeout, follow_redirects=False)
 
 
+class InFlight:
+    """Proxied requests under way: shutdown waits for them to record what they read."""
+
+    __slots__ = ("_drained", "_probes", "count")
+
+    def __init__(self, probes: Probes) -> None:
+        self.count = 0
+        self._drained = asyncio.Event()
+        self._probes = probes
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        """A request is completely finished: its answer settled or refunded."""
+        self.count -= 1
+        if not self.count:
+            self._drained.set()
+        self._probes.request_finished()
+
+    async def drained(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until no request is under way."""
+        self._drained.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self.count:
+                    await self._drained.wait()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Running:
+    """The started gateway: everything that needs the open database, built whole
+    by `Gateway.start` and wired with what each part uses."""
+
+    storage: Storage
+    current: Current  # the configuration snapshot in force (gateway/snapshot.py)
+    settler: Settler
+    client: httpx.AsyncClient
+    proxy: Proxy
+    reports: Reports
+    accounts: Accounts
+    recovery: Recovery
+    outbox: OutboxWorker
+    services: Services  # what the gateway's own endpoints use
+    money: Money  # the one currency the database keeps money in (gateway/currency.py)
+
+
 class Gateway:
+    """The process's lifecycle: start (open, migrate, replay, recover, wire),
+    configuration reloads, background jobs, and stop.
+
+    Before `start` only the configuration, clock, metrics and probes exist; the
+    started state is one `Running` (``gateway.running``). The properties below
+    are views of it for tools and tests; the parts themselves are handed what
+    they use when they are built.
+    """
+
     def __init__(
         self,
         config: Config,
@@ -122,115 +187,171 @@ class Gateway:
         storage: Storage | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         env: Mapping[str, str] | None = None,
+        probes: Probes | None = None,
     ) -> None:
-        self.config = config
+        self._config = config  # as started; a reload changes the snapshot's
         self.clock: Clock = clock or SystemClock()
         self.metrics = Metrics()
-        self.upstream: Upstream = get_upstream(config.upstream.kind, config)
-        self.messages = _catalogue(config)  # refusal messages (issue 25)
-        self.upstream_url = config.upstream.url
-        self.user_header = config.auth.trusted_header.user_header.lower().encode()
-        up = config.upstream
-        self.blocking_timeout = httpx.Timeout(
-            connect=up.connect_timeout,
-            read=up.total_timeout,
-            write=up.read_timeout,
-            pool=up.connect_timeout,
-        )
-        # A stream lease outlives the longest an answer can take, so a crashed
-        # gateway's leases free themselves.
-        longest = config.upstream.total_timeout + config.upstream.disconnect_grace
-        self.lease_ttl = timedelta(seconds=longest + 60)
+        self.probes = probes if probes is not None else Probes()
         # A pending answer older than the longest an answer can take has lost its
         # gateway (docs/quotas.md, "Crash safety").
-        recover_after = config.database.recover_after or longest + 60
-        if recover_after < longest:
-            log.warning(
-                "database.recover_after (%s s) is shorter than the longest an answer can take; using %s s",
-                recover_after,
-                longest,
-            )
-            recover_after = longest
-        self.recover_after = timedelta(seconds=recover_after)
-        self.upstream_authorization = (
-            b"authorization",
-            f"Bearer {config.upstream.api_key}".encode(),
-        )
+        self.recover_after = recover_after(config)
         self._storage = storage
         self._owns_storage = storage is None
         self._transport = transport
         self._env = env
-        # Requests the proxy has completely finished (answer settled or refunded)
-        # and configuration reloads: lets tests and tools wait without sleeping.
-        self.finished = Watermark()
-        self.reloads = Watermark()
-        self.recoveries = Watermark()  # periodic recovery passes done
-        # Proxied requests under way: shutdown waits for them to record what they read.
-        self.in_flight = 0
-        self._drained = asyncio.Event()
-        self.outbox_attempts = Watermark()  # alert deliveries tried
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._keep: set[asyncio.Task[Any]] = set()
+        self.in_flight = InFlight(self.probes)
+        self._tasks = Tasks("background")  # cancelled at shutdown
+        self._keep = Tasks("kept")  # finished at shutdown (recording usage)
+        self._running: Running | None = None
+        self._sighup = False
+
+    # --- views of the running gateway (tools, tests) ---------------------------------
+
+    @property
+    def running(self) -> Running:
+        if self._running is None:
+            raise RuntimeError("the gateway is not started")
+        return self._running
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The configuration snapshot in force."""
+        return self.running.current.snapshot
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force (before start: the one given)."""
+        if self._running is None:
+            return self._config
+        return self._running.current.snapshot.config
+
+    @property
+    def storage(self) -> Storage:
+        return self.running.storage
+
+    @property
+    def settler(self) -> Settler:
+        return self.running.settler
+
+    @property
+    def reports(self) -> Reports:
+        return self.running.reports
+
+    @property
+    def accounts(self) -> Accounts:
+        return self.running.accounts
+
+    @property
+    def currency(self) -> str:
+        """The currency money is recorded and shown in."""
+        return self.running.money.code
+
+    @property
+    def upstream(self) -> Upstream:
+        return self.snapshot.upstream
 
     @property
     def tz(self) -> ZoneInfo:
-        return self._tz
+        return self.snapshot.tz
 
     def today(self) -> date:
         """The local calendar day now, in the configured time zone."""
-        return self.clock.now().astimezone(self._tz).date()
+        return self.snapshot.today(self.clock.now())
+
+    # --- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        if not self.config.upstream.api_key:
+        config = self._config
+        if not config.upstream.api_key:
             log.warning(
                 "no upstream API key: set %s (or GATEWAY_UPSTREAM_API_KEY); the upstream will refuse requests",
-                self.config.upstream.api_key_env,
+                config.upstream.api_key_env,
             )
-        self._tz = self.config.tz
         if self._storage is None:
-            self._storage = await open_storage(self.config.database)
-        self.storage: Storage = self._storage
-        await self.storage.migrate()
-        self._apply(self.config)
-        self.reports = Reports(self)
-        spool = Path(self.config.database.spool_file) if self.config.database.spool_file else None
-        self.settler = Settler(
-            self.storage,
+            self._storage = await open_storage(config.database)
+        storage = self._storage
+        await storage.migrate()
+        money = Money(config, await storage.costs_by_currency())
+        current = Current(build_snapshot(config, storage))
+        spool = Path(config.database.spool_file) if config.database.spool_file else None
+        settler = Settler(
+            storage,
             metrics=self.metrics,
             spool=spool,
-            max_tokens_per_answer=self.config.accounting.max_tokens_per_answer,
-            prices=self._prices,
-            answer_log=self.config.server.answer_log,
+            terms=lambda: current.snapshot.terms,
+            on_cost=money.cost_recorded,
+            answer_log=config.server.answer_log,
         )
-        replayed = await self.settler.replay()
+        replayed = await settler.replay()
         if replayed:
             log.info("replayed %d spooled usage records", replayed)
-        if (replay_interval := self.config.database.replay_interval) > 0:
-            # What is spooled from now on is replayed when the database answers again.
-            self.spawn(
-                self.supervise(
-                    "spool replay", lambda: self.settler.run_replays(interval=replay_interval)
-                )
-            )
         # After the replay: a spooled record settles its own pending answer first.
-        self.recovery = Recovery(
-            self.storage, clock=self.clock, metrics=self.metrics, after=self.recover_after
+        recovery = Recovery(
+            storage, clock=self.clock, metrics=self.metrics, after=self.recover_after
         )
         try:
-            await self.recovery.run_once()
+            await recovery.run_once()
         except StorageError as exc:
             log.warning("could not recover pending answers at start-up: %s", exc.message)
-        if self.config.database.recover_interval > 0:
-            self.spawn(self._recover_every(self.config.database.recover_interval))
-        self.client = make_client(self.config, self._transport)
-        self.outbox = OutboxWorker(
-            self.storage,
-            lambda: self.config.alerts,
+        client = make_client(config, self._transport)
+        outbox = OutboxWorker(
+            storage,
+            lambda: current.snapshot.config.alerts,
             self.clock,
             on_attempt=self._alert_attempted,
         )
-        self.spawn(self.supervise("alert delivery", self.outbox.run))
-        source, interval = self.config.source, self.config.server.reload_interval
+        reports = Reports(storage, clock=self.clock, current=current, currency=lambda: money.code)
+        accounts = Accounts(
+            storage, config=lambda: current.snapshot.config, caches=_Caches(current)
+        )
+        self._running = Running(
+            storage=storage,
+            current=current,
+            settler=settler,
+            client=client,
+            proxy=Proxy(
+                current,
+                storage=storage,
+                settler=settler,
+                client=UpstreamClient(client),
+                admitter=Admitter(storage, settler, clock=self.clock, metrics=self.metrics),
+                guard=RouteGuard(
+                    storage, metrics=self.metrics, allow=AllowList(config.upstream.allow)
+                ),
+                clock=self.clock,
+                metrics=self.metrics,
+                in_flight=self.in_flight,
+                spawn=self.spawn,
+                keep=self.keep,
+                probes=self.probes,
+            ),
+            reports=reports,
+            accounts=accounts,
+            recovery=recovery,
+            outbox=outbox,
+            services=Services(
+                current=current,
+                storage=storage,
+                reports=reports,
+                accounts=accounts,
+                clock=self.clock,
+                metrics=self.metrics,
+                money=money,
+            ),
+            money=money,
+        )
+        if (replay_interval := config.database.replay_interval) > 0:
+            # What is spooled from now on is replayed when the database answers again.
+            self.spawn(
+                self.supervise(
+                    "spool replay", lambda: settler.run_replays(interval=replay_interval)
+                )
+            )
+        if config.database.recover_interval > 0:
+            self.spawn(self._recover_every(config.database.recover_interval))
+        self.spawn(self.supervise("alert delivery", outbox.run))
+        source, interval = config.source, config.server.reload_interval
         if source is not None and interval > 0:
             self.spawn(self._watch(source, interval))
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -240,38 +361,15 @@ class Gateway:
             )
             self._sighup = True
 
-    async def identify(self, authorization: bytes | None, user_header: bytes | None) -> str:
-        """The end user behind a request's credential (created on first use, or
-        refused, in the modes that can name users the gateway has not seen)."""
-        config = self.config
-        identity = await self.auth.authenticate(authorization, user_header)
-        if config.auth.mode != "api_key":
-            await self.users.resolve(
-                identity,
-                default_plan=config.accounting.default_plan,
-                create=config.auth.unknown_users == "create",
-            )
-        return identity.user_id
-
-    def request_started(self) -> None:
-        self.in_flight += 1
-
-    async def request_finished(self) -> None:
-        self.in_flight -= 1
-        if not self.in_flight:
-            self._drained.set()
-        self.finished.bump()
-
-    async def wait_finished(self, count: int, timeout: float = 10.0) -> None:
-        """Wait until ``count`` proxied requests have completely finished."""
-        await self.finished.wait_for(count, timeout)
-
     # --- configuration reload -------------------------------------------------------
 
     async def reload(self) -> bool:
         """Re-read the configuration file; an invalid one is refused and logged,
-        and the running configuration stays in force."""
-        source = self.config.source
+        and the running configuration stays in force. Requests under way keep the
+        snapshot they began with; the next ones get the new one."""
+        current = self.running.current
+        running = current.snapshot.config
+        source = running.source
         if source is None:
             log.warning("configuration reload asked, but no configuration file is in use")
             return False
@@ -282,19 +380,19 @@ class Gateway:
                 # defaults: unlimited plans. Never what an operator wants.
                 raise ConfigError(f"{source}: the configuration file is empty")
             new = load_config(source, env=self._env)
-        except (ConfigError, OSError) as exc:
-            message = exc.message if isinstance(exc, ConfigError) else f"{source}: {exc}"
+            code = await self.running.money.after_reload(self.running.storage, new)
+        except (ConfigError, OSError, StorageError) as exc:
+            message = exc.message if isinstance(exc, GatewayError) else f"{source}: {exc}"
             log.error(
                 "configuration reload refused, keeping the running configuration: %s", message
             )
-            self.metrics.inc("gateway_config_reloads_total", result="refused")
-            self.reloads.bump()
+            self._reload_tried("refused")
             return False
         # Connections and sockets are set up once: these sections need a restart.
         fixed = [
             name
             for name in ("server", "upstream", "database")
-            if getattr(new, name) != getattr(self.config, name)
+            if getattr(new, name) != getattr(running, name)
         ]
         if fixed:
             log.warning(
@@ -302,51 +400,31 @@ class Gateway:
                 ", ".join(fixed),
             )
         try:
-            self._apply(
+            # Built whole before it is swapped in: a failure leaves the running
+            # snapshot as it was.
+            snapshot = build_snapshot(
                 dataclasses.replace(
                     new,
-                    server=self.config.server,
-                    upstream=self.config.upstream,
-                    database=self.config.database,
-                )
+                    server=running.server,
+                    upstream=running.upstream,
+                    database=running.database,
+                ),
+                self.running.storage,
+                previous=current.snapshot,
             )
         except Exception:
             log.exception("configuration reload refused, keeping the running configuration")
-            self.metrics.inc("gateway_config_reloads_total", result="refused")
-            self.reloads.bump()
+            self._reload_tried("refused")
             return False
+        current.install(snapshot)
+        self.running.money.reloaded(code, new)
         log.info("configuration reloaded from %s (plans: %s)", source, ", ".join(new.plans))
-        self.metrics.inc("gateway_config_reloads_total", result="applied")
-        self.reloads.bump()
+        self._reload_tried("applied")
         return True
 
-    def _apply(self, config: Config) -> None:
-        """Make ``config`` the one in force; caches derived from it start afresh
-        (the key and user caches, which hold database rows, are kept).
-
-        Everything is built before anything is swapped in, so a failure leaves the
-        running configuration whole.
-        """
-        # The key and user caches outlive a reload (gateway/auth.py): what they hold
-        # is in the database, which a reload does not change.
-        auth = Authenticator(
-            self.storage, config.auth, plans=config.plans, previous=getattr(self, "auth", None)
-        )
-        users = UserDirectory(
-            self.storage, ttl=config.auth.key_cache_ttl, previous=getattr(self, "users", None)
-        )
-        tz = config.tz
-        # Rebuilt so that a dialect's own settings (prices) follow a reload.
-        upstream = get_upstream(config.upstream.kind, config)
-        prices = PriceTable(config.prices)  # the settler's metrics labels (see Settler)
-        messages = _catalogue(config)
-        self.config, self._tz, self.auth, self.users = config, tz, auth, users
-        self.messages = messages
-        self.upstream, self._prices = upstream, prices
-        self.user_header = config.auth.trusted_header.user_header.lower().encode()
-        if hasattr(self, "settler"):  # a reload: the settler exists from the start
-            self.settler.max_tokens_per_answer = config.accounting.max_tokens_per_answer
-            self.settler.prices = prices
+    def _reload_tried(self, result: str) -> None:
+        self.metrics.inc("gateway_config_reloads_total", result=result)
+        self.probes.reload_tried()
 
     async def _watch(self, path: str, interval: float) -> None:
         def stamp() -> tuple[int, int] | None:
@@ -377,34 +455,31 @@ class Gateway:
     async def _recover_every(self, interval: float) -> None:
         """Recover lost answers every ``interval`` seconds (docs/quotas.md, "Crash
         safety"); a database failure waits for the next pass."""
+        running = self.running
         while True:
             await asyncio.sleep(interval)
-            if self.settler.backlog:
+            if running.settler.backlog:
                 # As at start-up: a spooled record settles its own pending answer
                 # before a recovery could charge that answer the estimate.
                 try:
-                    await self.settler.replay()
+                    await running.settler.replay()
                 except Exception:  # the recovery loop must outlive a failed replay
                     log.exception("spool replay before recovery failed")
             try:
-                await self.recovery.run_once()
+                await running.recovery.run_once()
             except StorageError as exc:
                 self.metrics.inc("gateway_storage_errors_total", operation="recover")
                 log.warning("could not recover pending answers (will retry): %s", exc.message)
-            self.recoveries.bump()
+            self.probes.recovery_done()
 
     def _alert_attempted(self, channel: str, result: str) -> None:
         self.metrics.inc("gateway_alert_deliveries_total", channel=channel, result=result)
-        self.outbox_attempts.bump()
+        self.probes.alert_attempted()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run a background job; it is cancelled at shutdown, and logged if it
         ends with an error (nothing else would ever see it)."""
-        task = asyncio.create_task(coro, name=getattr(coro, "__qualname__", None))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_failure)
-        return task
+        return self._tasks.start(coro)
 
     async def supervise(
         self,
@@ -426,103 +501,48 @@ class Gateway:
 
     async def idle(self, timeout: float = 10.0) -> None:
         """Wait until the work that must finish (recording, stopping answers) is done."""
-        async with asyncio.timeout(timeout):
-            while self._keep:
-                await asyncio.wait(list(self._keep))
+        if not await self._keep.wait(timeout):
+            raise TimeoutError(f"kept tasks still running after {timeout:g} s")
 
     def keep(self, coro: Any) -> asyncio.Task[Any]:
         """Run work that must finish (recording usage); shutdown waits for it."""
-        task = asyncio.create_task(coro)
-        self._keep.add(task)
-        task.add_done_callback(self._keep.discard)
-        return task
-
-    # --- admin operations: storage changes plus the cache invalidations they need ---
-
-    async def revoke_key(self, key_id: str) -> ApiKey:
-        """Revoke a key; it stops working in this process at once."""
-        key = await self.storage.revoke_key(key_id, now=datetime.now(UTC))
-        self.auth.forget_key(key_id)
-        return key
-
-    async def create_key(self, user_id: str, *, name: str = "") -> tuple[ApiKey, str]:
-        """A new key for an existing user; returns the record and the secret (shown once)."""
-        return await issue_key(self.storage, user_id, name=name, now=datetime.now(UTC))
-
-    async def set_plan(self, user_id: str, plan: str) -> None:
-        if plan not in self.config.plans:
-            raise BadRequest(
-                f"No plan named {plan!r} (plans: {', '.join(sorted(self.config.plans))})."
-            )
-        await self.storage.set_plan(user_id, plan)
-        self.users.forget(user_id)
-
-    async def set_override(self, user_id: str, name: str, value: object) -> OverrideValue:
-        """Override one limit for a user (``value`` as JSON gives it); returns the
-        value stored."""
-        parsed = parse_override(name, value)
-        await self.storage.set_override(user_id, name, parsed)
-        self.users.forget(user_id)
-        return parsed
-
-    async def clear_override(self, user_id: str, name: str) -> None:
-        await self.storage.clear_override(user_id, name)
-        self.users.forget(user_id)
+        return self._keep.start(coro, awaited=True)  # its callers await it, shielded
 
     async def stop(self) -> None:
-        if getattr(self, "_sighup", False):
+        if self._sighup:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-        if self.in_flight:
+        if self.in_flight.count:
             # Answers the server cut at the end of its grace (server.shutdown_grace)
             # were cancelled; let them record what they read before closing up.
-            self._drained.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SHUTDOWN_GRACE):
-                    while self.in_flight:
-                        await self._drained.wait()
-        if self._keep:
-            # Answers being recorded finish first (bounded: a dead database sends
-            # their records to the spool in settler.close below).
-            await asyncio.wait(self._keep, timeout=SHUTDOWN_GRACE)
-        for task in list(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.settler.close()
-        await self.client.aclose()
+            await self.in_flight.drained(SHUTDOWN_GRACE)
+        # Answers being recorded finish first (bounded: a dead database sends
+        # their records to the spool in settler.close below).
+        await self._keep.wait(SHUTDOWN_GRACE)
+        # Then the background jobs are cancelled; a follow of a resumed run settles
+        # what it read as it unwinds (gateway/follow.py).
+        await self._tasks.cancel(SHUTDOWN_GRACE)
+        running = self.running
+        await running.settler.close()
+        await running.client.aclose()
         self.metrics.close()
         if self._owns_storage:
-            await self.storage.close()
+            await running.storage.close()
 
 
-def _catalogue(config: Config) -> Catalogue:
-    """The refusal messages in force, resolved once per configuration load."""
-    return Catalogue(config.messages.default_language, config.messages.templates)
+class _Caches:
+    """The caches of the snapshot in force, as the admin operations invalidate them
+    (gateway/accounts.py)."""
 
+    __slots__ = ("_current",)
 
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.error("background task %s died", task.get_name(), exc_info=exc)
+    def __init__(self, current: Current) -> None:
+        self._current = current
 
+    def forget_user(self, user_id: str) -> None:
+        self._current.snapshot.users.forget(user_id)
 
-class Watermark:
-    """A counter that can be awaited until it reaches a value."""
+    def forget_key(self, key_id: str) -> None:
+        self._current.snapshot.auth.forget_key(key_id)
 
-    def __init__(self) -> None:
-        self.value = 0
-        self._waiters: set[asyncio.Event] = set()
-
-    def bump(self) -> None:
-        self.value += 1
-        for waiter in self._waiters:
-            waiter.set()
-
-    async def wait_for(self, value: int, timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
-            while self.value < value:
-                waiter = asyncio.Event()
-                self._waiters.add(waiter)
-                try:
-                    await waiter.wait()
-                finally:
-                    self._waiters.discard(waiter)
+    def forget_team(self, team_id: str) -> None:
+        self._current.snapshot.teams.forget(team_id)

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -38,13 +38,27 @@ from gateway.logs import log_answer
 from gateway.metrics import Metrics
 from gateway.pricing import PriceTable
 from gateway.storage import ALERT_LIMITS, AlertCheck, AlertRequest, Storage, UsageEvent
+from gateway.tasks import Tasks
 
 log = logging.getLogger("gateway.settle")
+
+# How long a cancelled retry may take to unwind at shutdown.
+_CLOSE_TIMEOUT = 10.0
 
 RETRY_DELAYS: tuple[float, ...] = (0.05, 0.5, 2.0, 5.0, 15.0)
 # Opening the spool's name gives a file a replay holds only in the instant between
 # its rename and its lock; a few tries always find the new spool.
 _APPEND_TRIES = 5
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Terms:
+    """What an answer is settled on besides its usage, from the configuration the
+    answer began under: the bound on its tokens (``accounting.max_tokens_per_answer``)
+    and the price table whose model names label the metrics."""
+
+    max_tokens_per_answer: int = DEFAULT_MAX_TOKENS_PER_ANSWER
+    prices: PriceTable = dataclasses.field(default_factory=lambda: PriceTable({}))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -60,6 +74,8 @@ class Write:
     pending_id: str | None = None  # the answer's pending row (docs/quotas.md)
     plan: str = ""
     alerts: AlertRequest | None = None
+    # Not spooled: a replayed record is settled on the terms in force then.
+    terms: Terms | None = None
 
 
 _INT_FIELDS = frozenset(
@@ -69,6 +85,7 @@ _INT_FIELDS = frozenset(
         "total_tokens",
         "cached_tokens",
         "reasoning_tokens",
+        "cache_write_tokens",
         "web_searches",
     }
 )
@@ -200,19 +217,27 @@ class Settler:
         retry_delays: Sequence[float] = RETRY_DELAYS,
         max_tokens_per_answer: int = DEFAULT_MAX_TOKENS_PER_ANSWER,
         prices: PriceTable | None = None,
+        terms: Callable[[], Terms] | None = None,
+        on_cost: Callable[[str], None] | None = None,
         answer_log: bool = False,
     ) -> None:
         self._storage = storage
         # server.answer_log: a `gateway.answers` line per recorded answer (gateway/logs.py)
         self.answer_log = answer_log
-        self.max_tokens_per_answer = max_tokens_per_answer
-        # The metrics' model labels are the names in this table (see _write).
-        self.prices = prices if prices is not None else PriceTable({})
+        # The terms in force, for what is settled without its own (a replay):
+        # ``terms`` (the running gateway's, which a reload changes), or these.
+        fixed = Terms(max_tokens_per_answer, prices if prices is not None else PriceTable({}))
+        self._terms = terms if terms is not None else lambda: fixed
         self._metrics = metrics
+        # Told each recorded cost's currency: the gateway keeps one per database
+        # (gateway/currency.py, Money.cost_recorded).
+        self.on_cost = on_cost
         self._spool = spool
         metrics.spool.path = spool  # gateway_spool_bytes (gateway/metrics.py)
         self._delays = tuple(retry_delays)
-        self._tasks: dict[asyncio.Task[None], Write | None] = {}
+        self._tasks = Tasks("settle retries")
+        # The write each retry of a record carries: spooled if shutdown cuts it.
+        self._writes: dict[asyncio.Task[None], Write] = {}
         self._closing = False
         # Whether this process has spooled records not replayed yet (or found a
         # spool it could not replay): what `run_replays` waits on.
@@ -232,17 +257,20 @@ class Settler:
         pending_id: str | None = None,
         plan: str = "",
         alerts: AlertRequest | None = None,
+        terms: Terms | None = None,
     ) -> None:
         """Write one answer now; on a storage error, retry in the background.
 
         The answer's stream lease is released with the write; a retried or spooled
         write leaves it to expire. ``pending_id`` names the answer's pending row,
         claimed by the write: if a recovery charged the answer first, the write
-        changes nothing (counted once, as the estimate)."""
+        changes nothing (counted once, as the estimate). ``terms``: those the
+        answer began under (default: the terms in force)."""
         # Bounded once, here: the log shows what is written, and the write's own
         # bounding (kept for spool lines of earlier versions) finds it in range.
-        event = self._bounded(event)
-        write = Write(event, lease_id, pending_id, plan, alerts)
+        terms = terms if terms is not None else self._terms()
+        event = self._bounded(event, terms)
+        write = Write(event, lease_id, pending_id, plan, alerts, terms)
         if self.answer_log:
             # Where the answer is settled: once per answer, whether the write below
             # succeeds now, is retried or is spooled.
@@ -255,9 +283,9 @@ class Settler:
             if self._closing:
                 self._to_spool(write)
                 return
-            task = asyncio.create_task(self._retry(write), name=f"settle-retry-{event.answer_id}")
-            self._tasks[task] = write
-            task.add_done_callback(self._tasks.pop)
+            task = self._tasks.start(self._retry(write), name=f"settle-retry-{event.answer_id}")
+            self._writes[task] = write
+            task.add_done_callback(self._writes.pop)
 
     async def refund(
         self, user_id: str, *, day: date, lease_id: str | None, pending_id: str | None = None
@@ -273,9 +301,10 @@ class Settler:
             if self._closing:
                 log.error("refund for %s on %s lost at shutdown", user_id, day)
                 return
-            task = asyncio.create_task(self._retry_refund(user_id, day, lease_id, pending_id))
-            self._tasks[task] = None
-            task.add_done_callback(self._tasks.pop)
+            self._tasks.start(
+                self._retry_refund(user_id, day, lease_id, pending_id),
+                name=f"refund-retry-{user_id}",
+            )
 
     async def _retry_refund(
         self, user_id: str, day: date, lease_id: str | None, pending_id: str | None
@@ -292,8 +321,8 @@ class Settler:
         # A refund is worth one query: not worth a spool of its own. Logged.
         log.error("refund for %s on %s given up after retries", user_id, day)
 
-    def _bounded(self, event: UsageEvent) -> UsageEvent:
-        bounded, changed = bound_event(event, max_tokens=self.max_tokens_per_answer)
+    def _bounded(self, event: UsageEvent, terms: Terms) -> UsageEvent:
+        bounded, changed = bound_event(event, max_tokens=terms.max_tokens_per_answer)
         if changed:
             self._metrics.inc("gateway_usage_clamped_total")
             log.warning(
@@ -310,7 +339,8 @@ class Settler:
         driver refuses after all) is raised as StorageError too, so the event takes
         the retry-then-spool way of any failed write: never lost, and never a
         traceback on the request that produced it."""
-        event = self._bounded(write.event)
+        terms = write.terms if write.terms is not None else self._terms()
+        event = self._bounded(write.event, terms)
         began = time.perf_counter()
         try:
             settled = await self._storage.settle(
@@ -326,13 +356,15 @@ class Settler:
         if self.backlog:
             self._wake.set()  # the database answers: time to replay the spool
         if settled:
+            if event.cost and self.on_cost is not None:
+                self.on_cost(event.currency)
             metrics = self._metrics
             metrics.inc("gateway_answers_settled_total", outcome=event.outcome)
             plan = write.plan
             # The model can be the one a client asked for: any text. A label value
             # is a time series kept for the process's life (and, in multiprocess
             # mode, on disk), so only the price table's names are labels.
-            model = self.prices.label(event.model)
+            model = terms.prices.label(event.model)
             metrics.inc(
                 "gateway_tokens_total", event.prompt_tokens, plan=plan, model=model, kind="prompt"
             )
@@ -578,10 +610,11 @@ class Settler:
     async def close(self) -> None:
         """Stop retrying: whatever is still pending goes to the spool file."""
         self._closing = True
-        for task, pending in list(self._tasks.items()):
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                if pending is not None:
-                    self._to_spool(pending)
+        writes = dict(self._writes)  # each task leaves it as it ends
+        await self._tasks.cancel(_CLOSE_TIMEOUT)
+        for task, write in writes.items():
+            # Cut by the cancellation (or stuck past it): the spool has it. A
+            # write that landed as well is counted once (the ledger is keyed by
+            # the answer's id).
+            if task.cancelled() or not task.done():
+                self._to_spool(write)

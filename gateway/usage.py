@@ -198,6 +198,9 @@ class Usage:
     # prompt tokens read from the prompt cache, completion tokens spent reasoning.
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    # Prompt tokens written to the prompt cache (Anthropic's cache_creation_input_tokens),
+    # like cached_tokens a part of prompt_tokens, billed at their own rate.
+    cache_write_tokens: int = 0
     # The fields the upstream reported out of range, each with what it held
     # ("total_tokens=-5"): the answer is recorded with outcome "clamped".
     clamped: tuple[str, ...] = ()
@@ -212,6 +215,7 @@ class Usage:
             estimated=self.estimated or other.estimated,
             cached_tokens=self.cached_tokens + other.cached_tokens,
             reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
+            cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
             clamped=self.clamped + other.clamped,
         )
 

@@ -17,6 +17,7 @@ from gateway.app import create_app
 from gateway.clock import Clock
 from gateway.config import Config, load_config, parse_config
 from gateway.keys import new_key
+from gateway.probes import Watermarks
 from gateway.runtime import Gateway
 from gateway.storage import Storage, UsageEvent, open_storage
 from gateway.testing.fake_upstream import FakeDify
@@ -34,6 +35,7 @@ class Harness:
     config: Config
     key: str  # a gateway key of USER
     key_id: str
+    probes: Watermarks  # what the gateway finished: wait on these, never sleep
     fake: FakeDify | None = None
     upstream_url: str = ""
     app: Any = None
@@ -126,7 +128,15 @@ async def running_gateway(
             name="test",
             now=datetime.now(UTC),
         )
-        app = create_app(config, storage=storage, transport=transport, clock=clock, env=environment)
+        probes = Watermarks()
+        app = create_app(
+            config,
+            storage=storage,
+            transport=transport,
+            clock=clock,
+            env=environment,
+            probes=probes,
+        )
         url = await stack.enter_async_context(serve(app, lifespan="on"))
         if fake is not None:
             # Held answers must end before uvicorn can shut down.
@@ -138,6 +148,7 @@ async def running_gateway(
             config=config,
             key=key.secret,
             key_id=key.id,
+            probes=probes,
             fake=fake,
             upstream_url=upstream_url,
             app=app,

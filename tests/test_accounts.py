@@ -7,9 +7,16 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.accounts import effective_plan, issue_key, parse_override, parse_override_text
+from gateway.accounts import (
+    Accounts,
+    UnknownPlan,
+    effective_plan,
+    issue_key,
+    parse_override,
+    parse_override_text,
+)
 from gateway.config import parse_config
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, NotFound
 from gateway.keys import hash_key
 from gateway.storage import Storage, User
 
@@ -105,3 +112,66 @@ async def test_issue_key_stores_only_the_hash(storage: Storage) -> None:
     assert found is not None and found.id == record.id
     assert (record.user_id, record.name) == ("u", "laptop")
     assert secret not in repr(record)
+
+
+class Forgotten:
+    """Records what the operations tell a running gateway's caches to forget."""
+
+    def __init__(self) -> None:
+        self.users: list[str] = []
+        self.keys: list[str] = []
+
+    def forget_user(self, user_id: str) -> None:
+        self.users.append(user_id)
+
+    def forget_key(self, key_id: str) -> None:
+        self.keys.append(key_id)
+
+
+def _accounts(storage: Storage, caches: Forgotten) -> Accounts:
+    config = parse_config({"plans": {"free": {}, "pro": {"queries_per_day": 5}}})
+    return Accounts(storage, config=lambda: config, caches=caches)
+
+
+async def test_accounts_change_the_rows_and_forget_the_cached_ones(storage: Storage) -> None:
+    caches = Forgotten()
+    accounts = _accounts(storage, caches)
+    assert await accounts.add_user("ann") is None
+    existing = await accounts.add_user("ann", plan="pro")
+    assert existing is not None and existing.plan == "free"  # there already: unchanged
+
+    await accounts.set_plan("ann", "pro")
+    assert await accounts.set_override("ann", "queries_per_day", 7.0) == 7
+    user = await storage.get_user("ann")
+    assert user is not None and user.plan == "pro" and user.overrides == {"queries_per_day": 7}
+    await accounts.clear_override("ann", "queries_per_day")
+    user = await storage.get_user("ann")
+    assert user is not None and user.overrides == {}
+    assert caches.users == ["ann", "ann", "ann"]
+
+    record, secret = await accounts.create_key("ann", name="laptop")
+    assert (await storage.find_key(hash_key(secret))) is not None
+    revoked = await accounts.revoke_key(record.id)
+    assert revoked.revoked_at is not None and caches.keys == [record.id]
+
+
+async def test_accounts_refuse_before_changing_anything(storage: Storage) -> None:
+    caches = Forgotten()
+    accounts = _accounts(storage, caches)
+    await accounts.add_user("ann")
+    with pytest.raises(UnknownPlan) as refused:
+        await accounts.set_plan("ann", "gold")
+    assert refused.value.message == "No plan named 'gold' (plans: free, pro)."
+    assert refused.value.status == 400
+    with pytest.raises(UnknownPlan):
+        await accounts.add_user("bob", plan="gold")
+    with pytest.raises(BadRequest):
+        await accounts.set_override("ann", "queries_per_day", -1)
+    with pytest.raises(NotFound, match="No user 'bob'"):
+        await accounts.create_key("bob")
+    assert await storage.get_user("bob") is None
+    record, _ = await accounts.create_key("bob", create_user=True)
+    user = await storage.get_user("bob")
+    assert record.user_id == "bob" and user is not None and user.plan == "free"
+    user = await storage.get_user("ann")
+    assert user is not None and user.plan == "free" and caches.users == []

@@ -177,6 +177,7 @@ async def test_list_users_paginates_sorts_filters_and_searches(gw: Harness) -> N
         "completion_tokens": 2501,
         "total_tokens": 5001,
         "cost": "0.000002",
+        "currency": "USD",
     }
 
     by_today = (
@@ -205,7 +206,7 @@ async def test_list_users_paginates_sorts_filters_and_searches(gw: Harness) -> N
 async def test_one_user(gw: Harness) -> None:
     async with httpx.AsyncClient(base_url=gw.url) as client:
         await client.post("/v1/chat-messages", json=CHAT, headers=gw.auth())
-    await gw.gateway.wait_finished(1)
+    await gw.probes.wait_finished(1)
     await gw.storage.set_override(USER, "tokens_per_day", 9000)
     detail = (await admin(gw, "GET", f"/admin/users/{USER}", params={"days": 7})).json()
     assert detail["user"] == USER and detail["plan"] == "free" and detail["stored_plan"] == "free"
@@ -540,7 +541,7 @@ async def test_openapi_is_served(gw: Harness) -> None:
 async def test_usage_for_the_end_user(gw: Harness) -> None:
     async with httpx.AsyncClient(base_url=gw.url) as client:
         await client.post("/v1/chat-messages", json=CHAT, headers=gw.auth())
-        await gw.gateway.wait_finished(1)
+        await gw.probes.wait_finished(1)
         usage = (await client.get("/v1/usage", headers=gw.auth())).json()
         daily = (await client.get("/v1/usage/daily", params={"days": 7}, headers=gw.auth())).json()
         unauthorized = await client.get("/v1/usage")
@@ -563,6 +564,7 @@ async def test_usage_for_the_end_user(gw: Harness) -> None:
         "completion_tokens": 135,
         "total_tokens": 1168,
         "cost": "0.001303",
+        "currency": "USD",
     }
     assert len(daily["data"]) == 7 and daily["data"][-1]["queries"] == 1
     assert [d["day"] for d in daily["data"]] == sorted(d["day"] for d in daily["data"])

@@ -106,7 +106,7 @@ async def ask(h: Harness, count: int = 1, headers: dict[str, Any] | None = None)
                 "/v1/chat-messages", json=CHAT, headers=headers or h.auth()
             )
             assert response.status_code == 200
-    await h.gateway.wait_finished(h.gateway.finished.value)
+    await h.probes.wait_finished(h.probes.finished.value)
 
 
 async def admin_alerts(h: Harness) -> list[dict[str, Any]]:
@@ -128,7 +128,7 @@ async def test_a_crossing_is_sent_once_signed_and_retried_until_delivered(
         ) as h,
     ):
         await ask(h)  # 1168 of 2400: 40% crossed
-        await h.gateway.outbox_attempts.wait_for(2)  # refused once, then delivered
+        await h.probes.outbox_attempts.wait_for(2)  # refused once, then delivered
         assert len(receiver.verified) == 1 and receiver.refused == 0
         # A retry is the same message: the receiver can tell it from a new one.
         assert len(receiver.ids) == 2 and receiver.ids[0] == receiver.ids[1]
@@ -142,7 +142,7 @@ async def test_a_crossing_is_sent_once_signed_and_retried_until_delivered(
             "used": ANSWER_TOKENS,
         }
         await ask(h)  # 2336: 90% crossed
-        await h.gateway.outbox_attempts.wait_for(3)
+        await h.probes.outbox_attempts.wait_for(3)
         await ask(h)  # 3504: nothing new to announce
         alerts = await admin_alerts(h)
         assert sorted((a["threshold"], a["used"]) for a in alerts) == [
@@ -179,7 +179,7 @@ async def test_a_delivery_that_keeps_failing_is_given_up(sqlite_url: str) -> Non
         ) as h,
     ):
         await ask(h)
-        await h.gateway.outbox_attempts.wait_for(3)
+        await h.probes.outbox_attempts.wait_for(3)
         ((delivery,),) = [a["deliveries"] for a in await admin_alerts(h)]
     assert (delivery["status"], delivery["attempts"]) == ("failed", 3)
     assert delivery["last_error"] == "webhook answered 503"
@@ -222,7 +222,7 @@ async def test_a_crossing_is_emailed(sqlite_url: str) -> None:
         ) as h,
     ):
         await ask(h)
-        await h.gateway.outbox_attempts.wait_for(1)
+        await h.probes.outbox_attempts.wait_for(1)
         ((delivery,),) = [a["deliveries"] for a in await admin_alerts(h)]
     assert (delivery["channel"], delivery["status"]) == ("email", "delivered")
     ((envelope, content),) = mailbox.messages
@@ -243,7 +243,7 @@ async def test_an_unreachable_smtp_server_is_retried(sqlite_url: str) -> None:
         sqlite_url, email_to=["ops@example.com"], smtp_port=port, smtp_timeout=2, max_attempts=2
     ) as h:
         await ask(h)
-        await h.gateway.outbox_attempts.wait_for(2)
+        await h.probes.outbox_attempts.wait_for(2)
         ((delivery,),) = [a["deliveries"] for a in await admin_alerts(h)]
     assert (delivery["status"], delivery["attempts"]) == ("failed", 2)
     assert delivery["last_error"]
@@ -256,7 +256,7 @@ async def test_the_dashboard_lists_alerts(sqlite_url: str) -> None:
         gateway_with(sqlite_url, email_to=["ops@example.com"], smtp_port=port) as h,
     ):
         await ask(h)
-        await h.gateway.outbox_attempts.wait_for(1)
+        await h.probes.outbox_attempts.wait_for(1)
         async with httpx.AsyncClient(base_url=h.url) as client:
             signed_in = await client.post("/dashboard/login", data={"token": ADMIN})
             assert signed_in.status_code == 303
@@ -289,7 +289,7 @@ async def test_a_user_id_with_a_line_break_gets_its_email_with_a_clean_subject(
         gateway_with(sqlite_url, trusted, email_to=["ops@example.com"], smtp_port=port) as h,
     ):
         await ask(h, headers=headers)
-        await h.gateway.outbox_attempts.wait_for(1)
+        await h.probes.outbox_attempts.wait_for(1)
         ((delivery,),) = [a["deliveries"] for a in await admin_alerts(h)]
     assert (delivery["status"], delivery["attempts"]) == ("delivered", 1)
     ((_, content),) = mailbox.messages
@@ -307,7 +307,7 @@ async def test_a_delivery_failing_in_an_unforeseen_way_is_a_failed_attempt(
         sqlite_url, webhook_url="http://127.0.0.1:99999/hook", max_attempts=2, **WEBHOOK
     ) as h:
         await ask(h)
-        await h.gateway.outbox_attempts.wait_for(2)
+        await h.probes.outbox_attempts.wait_for(2)
         ((delivery,),) = [a["deliveries"] for a in await admin_alerts(h)]
     assert (delivery["status"], delivery["attempts"]) == ("failed", 2)
     # The cause, not the exception group the HTTP client wraps it in.
@@ -337,10 +337,10 @@ async def test_the_database_failing_while_a_delivery_is_recorded_does_not_stop_t
         ) as h,
     ):
         await ask(h)  # 40% crossed
-        await h.gateway.outbox_attempts.wait_for(1)
+        await h.probes.outbox_attempts.wait_for(1)
         await proxy.restore()
         await ask(h)  # 90% crossed
-        await h.gateway.outbox_attempts.wait_for(2)
+        await h.probes.outbox_attempts.wait_for(2)
         deliveries = {a["threshold"]: a["deliveries"][0] for a in await admin_alerts(h)}
     assert [p["data"]["threshold"] for p in receiver.verified] == [40, 90]
     metrics = h.gateway.metrics

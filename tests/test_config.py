@@ -80,7 +80,7 @@ def test_repo_default_config() -> None:
         ),
         (
             "[upstream]\nkind = 'claude'",
-            "upstream.kind: expected one of 'dify', 'openai', got 'claude'",
+            "upstream.kind: expected one of 'anthropic', 'dify', 'openai', got 'claude'",
         ),
         ("[upstream]\nurl = 'ftp://x'", "upstream.url: expected an http:// or https:// URL"),
         (

@@ -366,7 +366,7 @@ async def test_a_refusal_at_the_limit_can_be_read_by_an_allowed_page(sqlite_url:
             assert first.status_code == 200
             assert first.headers.get_list("access-control-allow-origin") == [APP]
             refused = await client.post("/v1/chat-messages", json=CHAT, headers=h.auth(Origin=APP))
-            await h.gateway.wait_finished(2)
+            await h.probes.wait_finished(2)
     assert refused.status_code == 429
     assert refused.headers.get_list("access-control-allow-origin") == [APP]
     exposed = refused.headers["access-control-expose-headers"]
@@ -484,7 +484,7 @@ async def test_a_page_on_another_origin_in_chromium(sqlite_url: str) -> None:
             seen = await page.evaluate(PAGE_SCRIPT, {"gateway": h.url, "key": h.key})
             # Today: {"chatError": "TypeError: Failed to fetch", "usageError": ...}.
             assert "chatError" not in seen and "usageError" not in seen, seen
-            await h.gateway.wait_finished(3)
+            await h.probes.wait_finished(3)
             answers = len(fake.requests)
 
             stranger = await browser.new_page()

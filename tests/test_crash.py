@@ -237,7 +237,7 @@ async def test_an_answer_cut_by_shutdown_before_its_headers_is_charged_the_promp
         task.cancel()  # what uvicorn does when server.shutdown_grace runs out
         with pytest.raises(asyncio.CancelledError):
             await task
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
         (day,) = await h.storage.daily(*ALL_TIME)
         fake.release_held()
@@ -270,7 +270,7 @@ async def test_a_running_gateway_recovers_answers_once_they_are_older_than_the_b
             pending=Pending(id="elsewhere-1", endpoint="chat-messages", total_tokens=7),
         )
         assert admitted.admitted
-        passes = h.gateway.recoveries
+        passes = h.probes.recoveries
         await passes.wait_for(passes.value + 2)
         assert await h.events() == []  # too young to be taken for lost
         clock.advance(timedelta(seconds=11))

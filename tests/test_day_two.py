@@ -54,7 +54,7 @@ async def test_reload_during_a_database_outage_keeps_serving(
     ):
         answer = await client.post(f"{h.url}/v1/chat-messages", json=CHAT, headers=h.auth())
         assert answer.status_code == 200  # the key is cached
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         await proxy.cut()
         during = await client.post(f"{h.url}/v1/chat-messages", json=CHAT, headers=h.auth())
         assert during.status_code == 200  # ...so the outage alone is survived
@@ -64,7 +64,7 @@ async def test_reload_during_a_database_outage_keeps_serving(
         assert await h.gateway.reload()
         assert h.gateway.config.plans["free"].queries_per_day == 20
         after = await client.post(f"{h.url}/v1/chat-messages", json=CHAT, headers=h.auth())
-        await h.gateway.wait_finished(3)
+        await h.probes.wait_finished(3)
         await h.gateway.settler.close()  # the ledger writes go to the spool
         await proxy.restore()
     # Before: the reload emptied the key cache, the key lookup needed the database: 503.

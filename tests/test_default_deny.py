@@ -13,7 +13,6 @@ import httpx
 import orjson
 import pytest
 
-from gateway.admission import Admitter
 from gateway.config import parse_config
 from gateway.errors import ConfigError
 from gateway.testing.fake_upstream import FakeDify
@@ -216,7 +215,7 @@ async def test_a_priced_side_call_is_charged_its_price(
     async with running_gateway(database_url, fake=fake, settings=PRICES) as h:
         response = await request(h, method, path, **kwargs)
         assert response.status_code == 200, response.text
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
         assert await queries_today(h) == 1
     assert event.cost == Decimal(price["price"]) and isinstance(event.cost, Decimal)
@@ -244,7 +243,7 @@ async def test_a_side_call_the_upstream_refuses_costs_nothing(
             h, "GET", "/v1/messages/m1/suggested", headers={"x-fake-status": "400"}
         )
         assert response.status_code == 400
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         assert await h.events() == [] and await queries_today(h) == 0
 
 
@@ -255,7 +254,7 @@ async def test_a_side_call_cut_by_a_crash_is_recovered_at_its_price(
     # charges the pending row, which carries the call's price, not a cost of 0.
     async with running_gateway(database_url, fake=fake, settings=PRICES) as h:
         route = h.gateway.upstream.route("GET", "/messages/m1/suggested")
-        await Admitter(h.gateway).admit(USER, "crashed-call", route, {})
+        await h.app.proxy.admitter.admit(h.gateway.snapshot, USER, "crashed-call", route, {})
         later = h.gateway.clock.now() + timedelta(hours=1)
         assert await h.storage.recover(before=later, now=later) == ["crashed-call"]
         (event,) = await h.events()
@@ -372,7 +371,7 @@ async def test_a_stored_response_is_only_the_owners(
     )
     assert created.status_code == 200
     response_id = created.json()["id"]
-    await h.gateway.wait_finished(1)
+    await h.probes.wait_finished(1)
     (event,) = await h.events()
     assert event.answer_id == response_id and response_id.startswith("resp_")
 
@@ -407,7 +406,7 @@ async def test_a_stored_chat_completion_is_only_the_owners(
     }
     created = await request(h, "POST", "/v1/chat/completions", json=body)
     assert created.status_code == 200
-    await h.gateway.wait_finished(1)
+    await h.probes.wait_finished(1)
     (event,) = await h.events()
     completion_id = event.answer_id
     assert completion_id.startswith("chatcmpl-") and completion_id.encode() in created.content
@@ -435,7 +434,7 @@ async def test_an_unstored_chat_completion_keeps_the_gateways_id(
     h, _ = openai_gw
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     assert (await request(h, "POST", "/v1/chat/completions", json=body)).status_code == 200
-    await h.gateway.wait_finished(1)
+    await h.probes.wait_finished(1)
     (event,) = await h.events()
     assert event.answer_id.startswith("gw-")
 
@@ -449,7 +448,7 @@ async def test_continuing_another_users_response_is_refused(
         h, "POST", "/v1/responses", json={"model": "gpt-4o-mini", "input": "my secret"}
     )
     response_id = created.json()["id"]
-    await h.gateway.wait_finished(1)
+    await h.probes.wait_finished(1)
     # Bob asks the model to go on from Alice's response, which it would read whole.
     follow_up = {"model": "gpt-4o-mini", "input": "repeat it", "previous_response_id": response_id}
     stolen = await request(h, "POST", "/v1/responses", key=bob, json=follow_up)
@@ -497,7 +496,7 @@ async def test_a_side_call_the_upstream_took_but_never_answered_is_charged_its_p
             h, "POST", "/v1/text-to-audio", json={"text": "hi"}, headers={"x-fake-delay-ms": "500"}
         )
         assert response.status_code == 504
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
     assert event.cost == Decimal("0.015") and event.currency == "EUR"
     assert event.outcome == "timeout"

@@ -171,7 +171,7 @@ async def test_a_blocking_answer_slower_than_the_read_timeout_is_recorded(sqlite
             response = await client.post(
                 "/v1/chat-messages", json={**CHAT, "response_mode": "blocking"}, headers=h.auth()
             )
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
     assert response.status_code == 200 and event.total_tokens == 1168
 
@@ -197,7 +197,7 @@ async def test_a_cancelled_request_still_records_its_answer_and_frees_its_slot(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await proxy.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
         open_streams = await h.storage.open_streams(USER, now=proxy.clock.now())
         await proxy.idle()
@@ -215,7 +215,7 @@ async def test_an_answer_abandoned_at_the_total_timeout_is_stopped_upstream(
     ) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
             response = await client.post("/v1/chat-messages", json=CHAT, headers=h.auth())
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         await h.gateway.idle()
         (event,) = await h.events()
     assert response.status_code == 200 and b"upstream_error" in response.content
@@ -477,7 +477,7 @@ async def test_odd_openai_answers_are_recorded(
     async with running_gateway(sqlite_url, upstream=answer, settings=settings) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=10) as http:
             response = await http.post(f"/v1/{path}", json=request_body, headers=h.auth())
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         events = await h.events()
     assert response.status_code == 200
     (event,) = events

@@ -201,7 +201,7 @@ async def test_answer_line_carries_user_tokens_and_cost(
     caplog.set_level(logging.INFO, logger=logs.ANSWERS_LOGGER)
     async with running_gateway(f"sqlite:///{tmp_path / 'g.db'}") as h:
         request_id = await ask(h.url, h.key)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
     (record,) = [r for r in caplog.records if r.name == logs.ANSWERS_LOGGER]
     fields = record.fields  # type: ignore[attr-defined]
@@ -222,7 +222,7 @@ async def test_answer_line_off_by_setting(tmp_path: Path, caplog: pytest.LogCapt
         f"sqlite:///{tmp_path / 'g.db'}", settings={"server": {"answer_log": False}}
     ) as h:
         await ask(h.url, h.key)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         assert len(await h.events()) == 1
     assert not [r for r in caplog.records if r.name == logs.ANSWERS_LOGGER]
 

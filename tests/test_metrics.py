@@ -84,7 +84,7 @@ async def test_a_streamed_answer_is_measured(sqlite_url: str) -> None:
             fake.release_held()
             async for _ in chunks:
                 pass
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         response = await client.get(f"{h.url}/metrics", headers=SCRAPER)
     after = response.text
     assert response.headers["content-type"].startswith("text/plain; version=")
@@ -176,7 +176,7 @@ async def test_tokens_and_cost_are_counted_by_the_model_that_answered(sqlite_url
             body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
             response = await client.post("/v1/chat/completions", json=body, headers=h.auth(**STEER))
             assert response.status_code == 200
-            await h.gateway.wait_finished(1)
+            await h.probes.wait_finished(1)
             text = (await client.get("/metrics", headers=SCRAPER)).text
     labels = {"plan": "free", "model": "gpt-4o-mini"}
     assert value(text, "gateway_tokens_total", kind="prompt", **labels) == 1200
@@ -209,7 +209,7 @@ async def test_the_model_label_is_a_priced_name_or_other(
             body = {"model": asked, "messages": [{"role": "user", "content": "hi"}]}
             response = await client.post("/v1/chat/completions", json=body, headers=h.auth(**steer))
             assert response.status_code == 200
-            await h.gateway.wait_finished(1)
+            await h.probes.wait_finished(1)
             text = (await client.get("/metrics", headers=SCRAPER)).text
     models = {s.labels["model"] for s in samples(text) if s.name.startswith("gateway_tokens_total")}
     assert models == {label}
@@ -228,11 +228,11 @@ async def test_the_model_labels_follow_a_reload_of_the_prices(
     ) as h:
         async with httpx.AsyncClient(base_url=h.url) as client:
             await client.post("/v1/chat/completions", json=body, headers=h.auth(**STEER))
-            await h.gateway.wait_finished(1)
+            await h.probes.wait_finished(1)
             path.write_text(path.read_text() + '\n[prices."o9"]\ninput = "1"\noutput = "1"\n')
             assert await h.gateway.reload()
             await client.post("/v1/chat/completions", json=body, headers=h.auth(**STEER))
-            await h.gateway.wait_finished(2)
+            await h.probes.wait_finished(2)
             text = (await client.get("/metrics", headers=SCRAPER)).text
     labels = {"plan": "free", "kind": "prompt"}
     assert value(text, "gateway_tokens_total", model="other", **labels) == 1200

@@ -4,6 +4,7 @@ answer the gateway cannot read is still charged, and a missing row is not an out
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -47,7 +48,7 @@ async def test_a_body_too_deep_to_forward_is_refused_before_admission(sqlite_url
             )
             # The one query of the day and the one stream slot are still free.
             answered = await client.post("/v1/chat-messages", json=CHAT, headers=h.auth())
-        await h.gateway.wait_finished(2)
+        await h.probes.wait_finished(2)
         row = await today_row(h)
     assert refused.status_code == 400
     body = refused.json()
@@ -78,7 +79,7 @@ async def test_a_failure_after_admission_gives_the_reservation_back(
         async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
             failed = await client.post("/v1/chat-messages", json=CHAT, headers=h.auth())
             answered = await client.post("/v1/chat-messages", json=CHAT, headers=h.auth())
-        await h.gateway.wait_finished(2)
+        await h.probes.wait_finished(2)
         row = await today_row(h)
     assert failed.status_code == 500
     assert answered.status_code == 200
@@ -168,7 +169,7 @@ async def test_an_answer_that_cannot_be_read_is_charged_an_estimate(
                 json={**CHAT, "response_mode": "blocking"},
                 headers=h.auth(),
             )
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
         row = await today_row(h)
     assert response.status_code == 200 and response.content == body  # passed on as it came
@@ -219,15 +220,21 @@ class HidesUsage(DifyUpstream):
         return None
 
 
+def hide_usage(h: Harness) -> None:
+    """Put HidesUsage in force, as a reload puts a new dialect: in a new snapshot."""
+    current = h.gateway.running.current
+    current.install(dataclasses.replace(current.snapshot, upstream=HidesUsage()))
+
+
 async def test_a_stream_transform_hides_an_event_from_the_client_not_from_the_meter(
     sqlite_url: str,
 ) -> None:
     fake = FakeDify(api_key=UPSTREAM_KEY)
     async with running_gateway(sqlite_url, fake=fake) as h:
-        h.gateway.upstream = HidesUsage()
+        hide_usage(h)
         async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
             response = await client.post("/v1/chat-messages", json=CHAT, headers=h.auth())
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
     assert response.status_code == 200
     assert b'"event":"message"' in response.content
@@ -240,7 +247,7 @@ async def test_a_dialect_without_a_stop_endpoint_stops_by_closing(sqlite_url: st
     fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.05)
     settings = {"upstream": {"on_client_disconnect": "stop"}}
     async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
-        h.gateway.upstream = HidesUsage()
+        hide_usage(h)
         async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
             async with client.stream(
                 "POST", "/v1/chat-messages", json=CHAT, headers=h.auth()
@@ -248,7 +255,7 @@ async def test_a_dialect_without_a_stop_endpoint_stops_by_closing(sqlite_url: st
                 async for chunk in response.aiter_raw():
                     if b'"event":"message"' in chunk:
                         break  # leaving the block closes the connection mid-answer
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
     assert fake.stops == []  # no stop call: the upstream connection was closed instead
     assert (

@@ -48,7 +48,7 @@ async def test_web_searches_are_counted_from_chat_and_workflow_answers(sqlite_ur
         )
         await post(h, "/v1/chat-messages", {**CHAT, "response_mode": "blocking"}, **WEB_ANSWER)
         await post(h, "/v1/chat-messages", CHAT)  # an answer from the knowledge base
-        await h.gateway.wait_finished(4)
+        await h.probes.wait_finished(4)
         events = await h.events()
         row = await today_row(h)
     assert [e.web_searches for e in events] == [1, 1, 1, 0]
@@ -59,10 +59,10 @@ async def test_web_search_requests_are_refused_once_the_allowance_is_spent(sqlit
     fake = FakeDify(api_key=UPSTREAM_KEY)
     async with running_gateway(sqlite_url, fake=fake, settings=plans(web_searches_per_day=1)) as h:
         first = await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         refused = await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)
         plain = await post(h, "/v1/chat-messages", CHAT)  # not asking for the web: still fine
-        await h.gateway.wait_finished(3)
+        await h.probes.wait_finished(3)
         row = await today_row(h)
     assert first.status_code == 200 and plain.status_code == 200
     assert refused.status_code == 429
@@ -82,7 +82,7 @@ async def test_spent_allowance_can_disable_web_search_instead_of_refusing(sqlite
     settings = {**plans(web_searches_per_day=1), "web_search": {"when_exhausted": "disable"}}
     async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
         await post(h, "/v1/chat-messages", WEB, **FALLBACK_ANSWER)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         asked = await post(h, "/v1/chat-messages", WEB)
         plain = await post(h, "/v1/chat-messages", CHAT)
     assert asked.status_code == 200 and plain.status_code == 200
@@ -109,7 +109,7 @@ async def test_the_web_search_allowance_fails_open_with_admission(
     blocks a user wrongly), refused when another check that applies is closed."""
     async with running_gateway(sqlite_url, settings=plans(web_searches_per_day=1, **limits)) as h:
         await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
 
         async def broken(*args: object, **kwargs: object) -> None:
             raise StorageError("database unreachable")
@@ -117,7 +117,7 @@ async def test_the_web_search_allowance_fails_open_with_admission(
         # Only admission fails; settle still works.
         monkeypatch.setattr(h.storage, "admit", broken)
         response = await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)
-        await h.gateway.wait_finished(2)
+        await h.probes.wait_finished(2)
         failures = h.gateway.metrics.get("gateway_web_search_count_failures_total")
         row = await today_row(h)
     assert response.status_code == expected
@@ -157,7 +157,7 @@ async def test_twenty_parallel_requests_with_one_search_left_run_one_search(
                     for _ in range(20)
                 )
             )
-        await h.gateway.wait_finished(20)
+        await h.probes.wait_finished(20)
         row = await today_row(h)
         events = await h.events()
     with_web = [
@@ -187,18 +187,18 @@ async def test_the_reserved_search_becomes_what_the_answer_used(database_url: st
     ) as h:
         # Asked, but answered from the knowledge base: the reservation goes.
         assert (await post(h, "/v1/chat-messages", WEB)).status_code == 200
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         assert (await today_row(h)).web_searches == 0
         # Asked and the upstream failed: the query and the search are given back.
         failed = await post(h, "/v1/chat-messages", WEB, **{"x-fake-status": "500"})
-        await h.gateway.wait_finished(2)
+        await h.probes.wait_finished(2)
         assert failed.status_code == 500
         row = await today_row(h)
         assert (row.queries, row.web_searches) == (1, 0)
         # Both searches are still there to use.
         for _ in range(2):
             assert (await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)).status_code == 200
-        await h.gateway.wait_finished(4)
+        await h.probes.wait_finished(4)
         refused = await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)
         row = await today_row(h)
         events = await h.events()
@@ -218,7 +218,7 @@ async def test_advanced_rag_refused_when_not_in_the_plan(sqlite_url: str) -> Non
     async with running_gateway(sqlite_url, fake=fake, settings=plans(advanced_rag=False)) as h:
         refused = await post(h, "/v1/chat-messages", ADVANCED)
         plain = await post(h, "/v1/chat-messages", CHAT)
-        await h.gateway.wait_finished(2)
+        await h.probes.wait_finished(2)
         row = await today_row(h)
     assert refused.status_code == 403
     assert refused.json() == {
@@ -234,7 +234,7 @@ async def test_advanced_rag_counted_when_allowed(sqlite_url: str) -> None:
     async with running_gateway(sqlite_url, settings=plans(advanced_rag=True)) as h:
         await post(h, "/v1/chat-messages", ADVANCED)
         await post(h, "/v1/chat-messages", CHAT)
-        await h.gateway.wait_finished(2)
+        await h.probes.wait_finished(2)
         row = await today_row(h)
     assert (row.queries, row.advanced_rag) == (2, 1)
 
@@ -260,7 +260,7 @@ async def test_a_nul_does_not_get_a_web_search_past_a_spent_allowance(sqlite_url
     fake = FakeDify(api_key=UPSTREAM_KEY)
     async with running_gateway(sqlite_url, fake=fake, settings=plans(web_searches_per_day=1)) as h:
         await post(h, "/v1/chat-messages", WEB, **WEB_ANSWER)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         sneaky = {**CHAT, "inputs": {"search_mode": "web\x00"}}
         refused = await post(h, "/v1/chat-messages", sneaky, **WEB_ANSWER)
         row = await today_row(h)
@@ -278,7 +278,7 @@ async def test_an_allowed_value_with_a_nul_is_forwarded_and_counted_as_judged(
     sneaky = {**CHAT, "inputs": {"rag_mode": "advanced\x00"}}
     async with running_gateway(sqlite_url, fake=fake, settings=plans(advanced_rag=True)) as h:
         allowed = await post(h, "/v1/chat-messages", sneaky)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         row = await today_row(h)
     assert allowed.status_code == 200
     (forwarded,) = fake.requests

@@ -105,7 +105,7 @@ async def test_stream_passes_through_byte_for_byte_and_is_metered(
     upstream = Scripted([c for c in chunks if c])
     async with running_gateway(sqlite_url, upstream=upstream) as h:
         response, data = await stream(h, "/v1/chat-messages", CHAT)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         assert response.status_code == 200
         assert data == b"".join(chunks)
         assert response.headers["content-type"] == "text/event-stream"
@@ -152,7 +152,7 @@ async def test_streamed_answers_are_recorded_once(gw: Harness, path: str, scenar
     response, data = await stream(
         gw, path, CHAT, **{"x-fake-scenario": scenario, "x-fake-message-id": "msg-1"}
     )
-    await gw.gateway.wait_finished(1)
+    await gw.probes.wait_finished(1)
     assert response.status_code == 200
     kinds = [e["event"] for e in sse_events(data)]
     assert "message_end" in kinds
@@ -165,7 +165,7 @@ async def test_streamed_answers_are_recorded_once(gw: Harness, path: str, scenar
 async def test_workflow_runs_are_recorded(gw: Harness, mode: str) -> None:
     body = {"inputs": {"q": "hi"}, "response_mode": mode, "user": "mallory"}
     response, data = await stream(gw, "/v1/workflows/run", body, **{"x-fake-message-id": "run-1"})
-    await gw.gateway.wait_finished(1)
+    await gw.probes.wait_finished(1)
     assert response.status_code == 200
     (event,) = await gw.events()
     assert gw.fake is not None
@@ -185,7 +185,7 @@ async def test_blocking_answers_are_recorded(gw: Harness, path: str) -> None:
     response, data = await stream(
         gw, path, {**CHAT, "response_mode": "blocking"}, **{"x-fake-message-id": "b-1"}
     )
-    await gw.gateway.wait_finished(1)
+    await gw.probes.wait_finished(1)
     assert response.status_code == 200
     assert orjson.loads(data)["metadata"]["usage"]["total_tokens"] == 1168
     (event,) = await gw.events()
@@ -195,7 +195,7 @@ async def test_blocking_answers_are_recorded(gw: Harness, path: str) -> None:
 async def test_the_same_answer_id_is_recorded_once(gw: Harness) -> None:
     for _ in range(3):
         await stream(gw, "/v1/chat-messages", CHAT, **{"x-fake-message-id": "same"})
-    await gw.gateway.wait_finished(3)
+    await gw.probes.wait_finished(3)
     (event,) = await gw.events()
     user = await gw.storage.get_user(USER)
     assert user is not None and user.lifetime_tokens == 1168
@@ -209,7 +209,7 @@ async def test_error_event_after_text_charges_an_estimate(gw: Harness) -> None:
     response, data = await stream(
         gw, "/v1/chat-messages", CHAT, **{"x-fake-scenario": "error_midstream"}
     )
-    await gw.gateway.wait_finished(1)
+    await gw.probes.wait_finished(1)
     assert [e["event"] for e in sse_events(data)][-1] == "error"
     (event,) = await gw.events()
     assert event.outcome == "error" and event.estimated
@@ -218,7 +218,7 @@ async def test_error_event_after_text_charges_an_estimate(gw: Harness) -> None:
 
 async def test_error_event_before_text_charges_nothing(gw: Harness) -> None:
     await stream(gw, "/v1/chat-messages", CHAT, **{"x-fake-scenario": "error_first"})
-    await gw.gateway.wait_finished(1)
+    await gw.probes.wait_finished(1)
     assert await gw.events() == []
     (row,) = await gw.storage.daily(*_today(gw))
     assert row.queries == 0  # the reserved query was given back
@@ -228,7 +228,7 @@ async def test_upstream_cut_mid_stream_ends_with_an_error_event_and_an_estimate(
     gw: Harness,
 ) -> None:
     response, data = await stream(gw, "/v1/chat-messages", CHAT, **{"x-fake-scenario": "cut"})
-    await gw.gateway.wait_finished(1)
+    await gw.probes.wait_finished(1)
     events = sse_events(data)
     assert [e["event"] for e in events[:2]] == ["message", "message"]
     assert events[-1] == {
@@ -242,7 +242,7 @@ async def test_upstream_cut_mid_stream_ends_with_an_error_event_and_an_estimate(
 
 async def test_upstream_http_errors_pass_through_and_refund(gw: Harness) -> None:
     response, data = await stream(gw, "/v1/chat-messages", CHAT, **{"x-fake-status": "429"})
-    await gw.gateway.wait_finished(1)
+    await gw.probes.wait_finished(1)
     assert response.status_code == 429
     assert orjson.loads(data)["code"] == "too_many_requests"
     assert await gw.events() == []
@@ -300,7 +300,7 @@ async def test_transport_faults_map_to_gateway_errors(
         sqlite_url, upstream_url="http://upstream.invalid/v1", transport=httpx.MockTransport(fail)
     ) as h:
         response, data = await stream(h, "/v1/chat-messages", CHAT)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         assert response.status_code == status
         assert orjson.loads(data)["code"] == code
         (row,) = await h.storage.daily(*_today(h))
@@ -331,7 +331,7 @@ async def test_client_disconnect_still_charges_the_whole_answer_once(sqlite_url:
     fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.02)
     async with running_gateway(sqlite_url, fake=fake) as h:
         await _leave_after_first_event(h)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
         assert usage_of(event) == FULL and event.outcome == "disconnected" and not event.estimated
         assert fake.completed_answers == 1 and fake.stops == []
@@ -343,7 +343,7 @@ async def test_client_disconnect_with_stop_policy_stops_the_answer(sqlite_url: s
     settings = {"upstream": {"on_client_disconnect": "stop"}}
     async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
         await _leave_after_first_event(h)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         assert len(fake.stops) == 1
         stop = next(r for r in fake.requests if r.path.endswith("/stop"))
         assert stop.json == {"user": USER}
@@ -368,7 +368,7 @@ async def test_first_event_reaches_the_client_while_the_upstream_holds_the_rest(
             gw.fake.release_held()
             rest = b"".join([chunk async for chunk in chunks])
     assert b"message_end" in rest
-    await gw.gateway.wait_finished(1)
+    await gw.probes.wait_finished(1)
     assert len(await gw.events()) == 1
 
 
@@ -399,7 +399,7 @@ async def test_bad_credentials_are_401_in_dify_shape(
 async def test_a_revoke_in_process_takes_effect_at_once(gw: Harness) -> None:
     async with httpx.AsyncClient(base_url=gw.url) as client:
         assert (await client.get("/v1/parameters", headers=gw.auth())).status_code == 200
-        await gw.gateway.revoke_key(gw.key_id)
+        await gw.gateway.accounts.revoke_key(gw.key_id)
         response = await client.get("/v1/parameters", headers=gw.auth())
     assert response.status_code == 401
     assert response.json()["message"] == "This gateway key has been revoked."
@@ -505,7 +505,7 @@ async def test_official_sdk_streams_through_the_gateway(gw: Harness) -> None:
 
     lines = await asyncio.to_thread(chat)
     assert any('"message_end"' in line for line in lines)
-    await gw.gateway.wait_finished(1)
+    await gw.probes.wait_finished(1)
     (event,) = await gw.events()
     assert usage_of(event) == FULL and event.user_id == USER
     assert gw.fake is not None and gw.fake.requests[0].json["user"] == USER  # type: ignore[index]
@@ -513,7 +513,7 @@ async def test_official_sdk_streams_through_the_gateway(gw: Harness) -> None:
 
 async def test_gateway_endpoints(gw: Harness) -> None:
     await stream(gw, "/v1/chat-messages", CHAT)
-    await gw.gateway.wait_finished(1)
+    await gw.probes.wait_finished(1)
     async with httpx.AsyncClient(base_url=gw.url) as client:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
         assert (await client.get("/readyz")).json() == {"status": "ready"}

@@ -62,7 +62,7 @@ async def test_a_method_not_in_upper_case_is_refused_not_forwarded(
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             ).encode()
             answer = await raw_request(url, head, body)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         events = await h.events()
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line == b"HTTP/1.1 400 Bad Request"
@@ -111,7 +111,7 @@ async def test_a_bug_while_relaying_an_answer_charges_it_and_ends_the_stream_wit
     async with running_gateway(sqlite_url, fake=fake) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
             answer = await client.post("/v1/chat-messages", json=CHAT, headers=h.auth())
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         events = await h.events()
         queries = await today_queries(h)
     assert answer.status_code == 200
@@ -137,7 +137,7 @@ async def test_a_blocking_answer_the_meter_fails_on_is_charged_an_estimate(
                 json={**CHAT, "response_mode": "blocking"},
                 headers=h.auth(),
             )
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         events = await h.events()
     assert answer.status_code == 200
     assert answer.json()["event"] == "message"  # the answer itself went through whole
@@ -237,7 +237,7 @@ async def test_a_client_gone_before_the_first_token_of_an_answer_stopped_by_clos
         await gone.wait()
         upstream.go.set()
         sent = await relay
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         events = await h.events()
         queries = await today_queries(h)
     assert sent[0]["status"] == 200

@@ -52,7 +52,7 @@ async def test_forty_parallel_requests_with_five_left_forward_exactly_five_sqlit
     fake = FakeDify(api_key=UPSTREAM_KEY)
     async with running_gateway(sqlite_url, fake=fake, settings=plans(queries_per_day=5)) as h:
         responses = await asyncio.gather(*(ask(client, h) for _ in range(40)))
-        await h.gateway.wait_finished(40)
+        await h.probes.wait_finished(40)
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200] * 5 + [429] * 35
     assert fake.hits("/chat-messages") == 5
@@ -61,10 +61,17 @@ async def test_forty_parallel_requests_with_five_left_forward_exactly_five_sqlit
 
 @contextlib.asynccontextmanager
 async def two_gateways(
-    postgres_dsn: str, tmp_path: Path, fake: FakeDify, limits: dict[str, Any]
+    postgres_dsn: str,
+    tmp_path: Path,
+    fake: Any,
+    limits: dict[str, Any],
+    *,
+    upstream: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> AsyncIterator[tuple[list[int], str, Storage]]:
     """Two `gateway serve` processes on one fresh PostgreSQL database, in front of
-    ``fake``, with USER on a plan of ``limits``: (their ports, USER's key, storage)."""
+    ``fake``, with USER on a plan of ``limits``: (their ports, USER's key, storage).
+    ``upstream`` adds [upstream] settings, ``settings`` other sections."""
     conn = await asyncpg.connect(postgres_dsn)
     await conn.execute("TRUNCATE usage_events, usage_daily, api_keys, stream_leases, users CASCADE")
     await conn.close()
@@ -80,15 +87,20 @@ async def two_gateways(
             name="",
             now=datetime.now(UTC),
         )
-        async with serve(fake) as upstream:
+        async with serve(fake) as url:
             config = tmp_path / "gateway.toml"
             config.write_text(
                 to_toml(
                     {
                         "server": {"log_level": "info", "reload_interval": 0},
-                        "upstream": {"url": upstream + "/v1", "api_key_env": "TEST_UPSTREAM_KEY"},
+                        "upstream": {
+                            "url": url + "/v1",
+                            "api_key_env": "TEST_UPSTREAM_KEY",
+                            **(upstream or {}),
+                        },
                         "database": {"url": postgres_dsn, "spool_file": ""},
                         **plans(**limits),
+                        **(settings or {}),
                     }
                 )
             )
@@ -193,7 +205,7 @@ async def test_token_limits_refuse_after_the_answer_that_crossed_them(
 ) -> None:
     async with running_gateway(sqlite_url, settings=plans(tokens_per_day=1000)) as h:
         crossing = await ask(client, h)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         refused = await ask(client, h)
         (event,) = await h.events()
     # The answer that crossed the limit completes and is charged in full...
@@ -221,7 +233,7 @@ async def test_concurrent_stream_limit(sqlite_url: str, client: httpx.AsyncClien
             fake.release_held()
             async for _ in chunks:
                 pass
-        await h.gateway.wait_finished(2)
+        await h.probes.wait_finished(2)
         after = await ask(client, h)  # the slot is free again
     assert refused.status_code == 429
     assert refused.json()["code"] == "concurrent_stream_limit"
@@ -245,7 +257,7 @@ async def test_daily_limits_reset_at_local_midnight(
         assert (await ask(client, h)).status_code == 429
         clock.advance(timedelta(seconds=2))  # 00:00:01 local, still the 21st in UTC
         assert (await ask(client, h)).status_code == 200
-        await h.gateway.wait_finished(3)
+        await h.probes.wait_finished(3)
         days = sorted(e.day.isoformat() for e in await h.events())
     assert days == ["2026-11-21", "2026-11-22"]
 
@@ -256,7 +268,7 @@ async def test_monthly_limits_reset_at_the_local_first_of_the_month(
     clock = FixedClock(datetime(2026, 11, 30, 16, 30, tzinfo=UTC))  # 23:30 on Nov 30, local
     async with running_gateway(sqlite_url, settings=plans(tokens_per_month=1000), clock=clock) as h:
         assert (await ask(client, h)).status_code == 200
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         refused = await ask(client, h)
         assert refused.json()["code"] == "monthly_token_limit"
         assert refused.headers["retry-after"] == "1800"
@@ -272,7 +284,7 @@ async def test_a_failed_upstream_gives_the_query_back(
 ) -> None:
     async with running_gateway(sqlite_url, settings=plans(queries_per_day=1)) as h:
         failed = await ask(client, h, **{"x-fake-status": "500"})
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         ok = await ask(client, h)
     assert failed.status_code == 500 and ok.status_code == 200
 
@@ -325,10 +337,10 @@ async def test_database_down_during_admission(
     fake = FakeDify(api_key=UPSTREAM_KEY)
     async with running_gateway(url, fake=fake, settings=settings) as h:
         assert (await ask(client, h)).status_code == 200  # warms the key and user caches
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         await proxy.cut()
         response = await ask(client, h)
-        await h.gateway.wait_finished(2)
+        await h.probes.wait_finished(2)
         failures = h.gateway.metrics.get(
             "gateway_admission_storage_failures_total",
             policy="closed" if expected == 503 else "open",

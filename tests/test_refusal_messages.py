@@ -52,7 +52,7 @@ async def ask(
 async def refused(client: httpx.AsyncClient, h: Harness, **headers: str) -> httpx.Response:
     """The second question of a user with one a day: refused at the limit."""
     assert (await ask(client, h)).status_code == 200
-    await h.gateway.wait_finished(1)
+    await h.probes.wait_finished(1)
     response = await ask(client, h, **headers)
     assert response.status_code == 429
     return response
@@ -137,12 +137,12 @@ async def test_a_limit_set_by_an_override_says_your_limit(
 ) -> None:
     plan = settings(plans={"free": {"queries_per_day": 100, "tokens_per_day": 10**6}})
     async with running_gateway(sqlite_url, settings=plan, clock=FixedClock(CLOCK)) as h:
-        await h.gateway.set_override(USER, "queries_per_day", 1)
+        await h.gateway.accounts.set_override(USER, "queries_per_day", 1)
         vietnamese = await refused(client, h, **{"Accept-Language": "vi"})
         english = await ask(client, h)
         # Another user on the same plan, and an override of a limit that did not refuse.
         bob = await h.add_user("bob")
-        await h.gateway.set_override("bob", "tokens_per_day", 5)
+        await h.gateway.accounts.set_override("bob", "tokens_per_day", 5)
         bob_answer = await ask(client, h, bob)
     assert vietnamese.json() == {
         "code": "daily_query_limit",
@@ -163,7 +163,7 @@ async def test_an_override_of_another_limit_still_says_your_plan(
     sqlite_url: str, client: httpx.AsyncClient
 ) -> None:
     async with running_gateway(sqlite_url, settings=settings(), clock=FixedClock(CLOCK)) as h:
-        await h.gateway.set_override(USER, "tokens_per_day", 10**6)
+        await h.gateway.accounts.set_override(USER, "tokens_per_day", 10**6)
         response = await refused(client, h)
     assert response.json()["message"] == ENGLISH
 
@@ -248,7 +248,7 @@ async def test_a_feature_turned_off_by_an_override_says_so(
 ) -> None:
     advanced = {**CHAT, "inputs": {"rag_mode": "advanced"}}
     async with running_gateway(sqlite_url, settings=settings()) as h:
-        await h.gateway.set_override(USER, "advanced_rag", False)
+        await h.gateway.accounts.set_override(USER, "advanced_rag", False)
         vi = await client.post(
             f"{h.url}/v1/chat-messages",
             json=advanced,

@@ -106,12 +106,12 @@ async def test_the_watcher_applies_a_changed_file(
         assert refused.json()["code"] == "daily_query_limit"
 
         file.write(plans={"free": {"queries_per_day": 3}})
-        await h.gateway.reloads.wait_for(1)
+        await h.probes.reloads.wait_for(1)
         assert h.gateway.config.plans["free"].queries_per_day == 3
         # One of today's three is used; the refusal did not count.
         assert await statuses(client, h, 3) == [200, 200, 429]
-        await h.gateway.wait_finished(5)
-    assert h.gateway.reloads.value == 1
+        await h.probes.wait_finished(5)
+    assert h.probes.reloads.value == 1
     (applied,) = [
         r
         for r in gateway_records(caplog, logging.INFO)
@@ -138,14 +138,14 @@ async def test_sighup_reloads_the_file(
             }
         )
         sighup()
-        await h.gateway.reloads.wait_for(1)
+        await h.probes.reloads.wait_for(1)
 
         plans = h.gateway.config.plans
         assert set(plans) == {"free", "pro"}
         assert (plans["free"].queries_per_day, plans["free"].tokens_per_day) == (2, 50_000)
         assert plans["pro"].tokens_per_month == 1_000_000
         assert await statuses(client, h, 3) == [200, 200, 429]
-        await h.gateway.wait_finished(3)
+        await h.probes.wait_finished(3)
 
 
 INVALID: list[tuple[dict[str, Any], str]] = [
@@ -172,7 +172,7 @@ async def test_an_invalid_file_is_refused_and_the_running_configuration_stays(
         for reloads, (change, key) in enumerate(INVALID, start=1):
             caplog.clear()
             file.write(**change)
-            await h.gateway.reloads.wait_for(reloads)
+            await h.probes.reloads.wait_for(reloads)
             assert h.gateway.config is running
             assert await statuses(client, h, 1) == [429]
             (error,) = gateway_records(caplog, logging.ERROR)
@@ -183,10 +183,10 @@ async def test_an_invalid_file_is_refused_and_the_running_configuration_stays(
         # The watcher keeps watching: the corrected file is applied.
         caplog.clear()
         file.write(plans={"free": {"queries_per_day": 3}})
-        await h.gateway.reloads.wait_for(len(INVALID) + 1)
+        await h.probes.reloads.wait_for(len(INVALID) + 1)
         assert h.gateway.config.plans["free"].queries_per_day == 3
         assert await statuses(client, h, 1) == [200]
-        await h.gateway.wait_finished(5)
+        await h.probes.wait_finished(5)
     assert gateway_records(caplog, logging.ERROR) == []
 
 
@@ -209,7 +209,7 @@ async def test_sections_that_need_a_restart_are_logged_and_not_applied(
             database={"url": f"sqlite:///{tmp_path / 'other.db'}", "command_timeout": 2.0},
             plans={"free": {"queries_per_day": 2}},
         )
-        await h.gateway.reloads.wait_for(1)
+        await h.probes.reloads.wait_for(1)
 
         config = h.gateway.config
         assert config.server is running.server
@@ -218,7 +218,7 @@ async def test_sections_that_need_a_restart_are_logged_and_not_applied(
         assert config.plans["free"].queries_per_day == 2  # the rest is applied
         assert await statuses(client, h, 3) == [200, 200, 429]
         assert fake.hits("/chat-messages") == 2
-        await h.gateway.wait_finished(3)
+        await h.probes.wait_finished(3)
     (warning,) = gateway_records(caplog, logging.WARNING)
     message = warning.getMessage()
     assert "server, upstream, database" in message and "restart" in message
@@ -236,7 +236,7 @@ async def test_an_auth_change_takes_effect_at_once(
 
         ConfigFile(path).write(auth={"mode": "jwt", "jwt": {"secret_env": "TEST_JWT_SECRET"}})
         sighup()
-        await h.gateway.reloads.wait_for(1)
+        await h.probes.reloads.wait_for(1)
 
         refused = await ask(client, h)  # a gateway key is no JWT
         assert refused.status_code == 401 and refused.json()["code"] == "unauthorized"
@@ -245,7 +245,7 @@ async def test_an_auth_change_takes_effect_at_once(
         response = await client.post(f"{h.url}/v1/chat-messages", json=CHAT, headers=h.auth(token))
         assert response.status_code == 200, response.text
         assert h.fake.requests[-1].json["user"] == "carol"
-        await h.gateway.wait_finished(3)
+        await h.probes.wait_finished(3)
 
 
 async def test_a_key_file_without_keys_is_refused_on_reload(
@@ -263,10 +263,10 @@ async def test_a_key_file_without_keys_is_refused_on_reload(
             auth={"mode": "jwt", "jwt": {"algorithm": "ES256", "jwks_file": "jwks.json"}}
         )
         sighup()
-        await h.gateway.reloads.wait_for(1)
+        await h.probes.reloads.wait_for(1)
         assert h.gateway.config is running
         assert (await ask(client, h)).status_code == 200
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
     (error,) = gateway_records(caplog, logging.ERROR)
     assert "auth.jwt.jwks_file" in error.getMessage()
 
@@ -281,3 +281,40 @@ async def test_an_emptied_file_is_refused(tmp_path: Path, sqlite_url: str) -> No
         assert await h.gateway.reload() is False
         assert h.gateway.config is running
         assert h.gateway.metrics.get("gateway_config_reloads_total", result="refused") == 1
+
+
+async def test_a_reload_mid_answer_leaves_that_answer_on_the_version_it_began_with(
+    tmp_path: Path, sqlite_url: str, client: httpx.AsyncClient
+) -> None:
+    """A request reads the configuration once, when it arrives (gateway/snapshot.py):
+    an answer under way when a reload lands is settled on the terms it began with
+    (here the token cap), and the next request gets the new ones."""
+    path = tmp_path / "gateway.toml"
+    settings = {
+        "accounting": {"max_tokens_per_answer": 5},
+        "plans": {"free": {"queries_per_day": 10}},
+    }
+    async with running_gateway(sqlite_url, config_file=path, settings=settings) as h:
+        assert h.fake is not None
+        file = ConfigFile(path)
+        held = {"x-fake-scenario": "hold"}
+        async with client.stream(
+            "POST", f"{h.url}/v1/chat-messages", json=CHAT, headers=h.auth(**held)
+        ) as answer:
+            chunks = answer.aiter_raw()
+            body = [await anext(chunks)]  # the answer is streaming: it began
+            file.write(accounting={"max_tokens_per_answer": 1_000_000})
+            assert await h.gateway.reload()
+            assert h.gateway.config.accounting.max_tokens_per_answer == 1_000_000
+            h.fake.release_held()
+            body += [chunk async for chunk in chunks]
+        assert answer.status_code == 200 and b"message_end" in b"".join(body)
+        await h.probes.wait_finished(1)
+        after = await ask(client, h)
+        assert after.status_code == 200
+        await h.probes.wait_finished(2)
+        began_before, began_after = sorted(await h.events(), key=lambda e: e.created_at)
+    # Settled on the cap in force when it arrived, though it ended after the reload:
+    assert began_before.outcome == "clamped" and began_before.total_tokens == 5
+    # The request that arrived after the reload is held to the new cap only.
+    assert began_after.outcome == "complete" and began_after.total_tokens > 5

@@ -69,7 +69,7 @@ async def test_a_json_body_never_sent_is_answered_408(database_url: str) -> None
             head(h, "/v1/chat-messages", "Content-Type: application/json", "Content-Length: 500"),
             b'{"query": "hi", ',
         )
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         spent = await queries_today(h)
         timeouts = h.gateway.metrics.get("gateway_refusals_total", code="request_timeout")
     assert status == 408
@@ -103,7 +103,7 @@ async def test_an_upload_that_stalls_is_answered_408_and_costs_nothing(
             ),
             part,
         )
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         uploads = sum(r.uploads for r in await h.storage.daily(TODAY, TODAY, user_id=USER))
     assert (status, body["code"]) == (408, "request_timeout")
     assert uploads == 0
@@ -156,7 +156,7 @@ async def test_a_body_within_the_deadline_goes_through(sqlite_url: str) -> None:
                 data = await reader.read()
         finally:
             writer.close()
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
     assert data.startswith(b"HTTP/1.1 200")
     assert fake.hits("/chat-messages") == 1
 

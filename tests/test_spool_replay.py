@@ -165,12 +165,12 @@ async def test_a_spooled_answer_lands_when_the_database_returns_without_a_restar
     ):
         warm = await client.post(f"{h.url}/v1/chat-messages", json=CHAT, headers=h.auth())
         assert warm.status_code == 200
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         settler = h.gateway.settler
         settler._delays = (0,)  # spool at the first retry: the test stays fast
         await proxy.cut()
         lost = await client.post(f"{h.url}/v1/chat-messages", json=CHAT, headers=h.auth())
-        await h.gateway.wait_finished(2)
+        await h.probes.wait_finished(2)
         await h.gateway.idle()
         await asyncio.wait(list(settler._tasks))
         assert lost.status_code == 200
@@ -270,13 +270,13 @@ async def test_a_recovery_pass_replays_the_spool_before_it_estimates(
         await proxy.cut()
         async for _ in chunks:
             pass
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         await h.gateway.idle()
         await asyncio.wait(list(settler._tasks))
         assert len(spool.read_bytes().splitlines()) == 1
         clock.advance(timedelta(minutes=5))  # the pending row is now old enough
-        passes = h.gateway.recoveries.value
+        passes = h.probes.recoveries.value
         await proxy.restore()
-        await h.gateway.recoveries.wait_for(passes + 3)  # recovery passes with it back
+        await h.probes.recoveries.wait_for(passes + 3)  # recovery passes with it back
         (event,) = await h.events()
     assert (event.total_tokens, event.estimated, event.outcome) == (1168, False, "complete")

@@ -113,7 +113,7 @@ async def test_an_endless_line_ends_the_answer_with_an_error_and_is_charged(
         async with httpx.AsyncClient(timeout=20) as client:
             reply = await client.post(f"{h.url}/v1/chat-messages", json=body, headers=h.auth())
         elapsed = time.perf_counter() - began
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         await h.gateway.idle()
         (event,) = await h.events()
         errors = h.gateway.metrics.get("gateway_upstream_errors_total", kind="event_too_large")
@@ -170,7 +170,7 @@ async def test_an_endless_line_from_an_openai_upstream_is_cut_and_charged(
         }
         async with httpx.AsyncClient(timeout=20) as client:
             reply = await client.post(f"{h.url}/v1/chat/completions", json=body, headers=h.auth())
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         await h.gateway.idle()
         (event,) = await h.events()
     assert reply.status_code == 200

@@ -68,10 +68,10 @@ async def test_absurd_usage_is_recorded_clamped_and_marked(
         headers = h.auth(**{"x-fake-usage-json": orjson.dumps(raw).decode()})
         first = await client.post(f"{h.url}/v1/chat-messages", json=body, headers=headers)
         await first.aread()
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         # The answer's stream slot was given back: the next query is admitted.
         second = await client.post(f"{h.url}/v1/chat-messages", json=body, headers=h.auth())
-        await h.gateway.wait_finished(2)
+        await h.probes.wait_finished(2)
         events = await h.events()
         clamped_total = h.gateway.metrics.get("gateway_usage_clamped_total")
     assert first.status_code == 200
@@ -92,7 +92,7 @@ async def test_the_per_answer_cap_is_configurable(
     settings = {"accounting": {"max_tokens_per_answer": 1000}}
     async with running_gateway(sqlite_url, settings=settings) as h:
         await client.post(f"{h.url}/v1/chat-messages", json=BLOCKING, headers=h.auth())
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
     # The fake's default answer reports 1168 tokens: above this cap.
     assert (event.outcome, event.total_tokens) == (CLAMPED, 1000)
@@ -115,6 +115,19 @@ def test_excess_price_digits_are_rounded_not_marked() -> None:
     event = UsageEvent(**{**_fields(EVENT), "cost": Decimal("1e-99999")})
     bounded, changed = bound_event(event, max_tokens=CAP)
     assert (bounded.cost, bounded.outcome, changed) == (Decimal(0), EVENT.outcome, [])
+
+
+@pytest.mark.parametrize("part", ["cached_tokens", "cache_write_tokens"])
+def test_a_prompt_part_past_the_prompt_is_bounded_by_it(part: str) -> None:
+    event = UsageEvent(**{**_fields(EVENT), part: EVENT.prompt_tokens + 5})
+    bounded, changed = bound_event(event, max_tokens=CAP)
+    assert getattr(bounded, part) == EVENT.prompt_tokens
+    assert changed == [part] and bounded.outcome == CLAMPED
+
+
+def test_cache_writes_survive_the_spool() -> None:
+    event = UsageEvent(**{**_fields(EVENT), "cache_write_tokens": 42})
+    assert event_from_json(event_to_json(Write(event, None, None))).event == event
 
 
 def _fields(event: UsageEvent) -> dict[str, Any]:
@@ -288,7 +301,7 @@ async def test_absurd_openai_usage_is_recorded_clamped(
     async with running_gateway(database_url, upstream=fake, settings=OPENAI) as h:
         url = f"{h.url}/v1/chat/completions"
         first = await client.post(url, json=body, headers=h.auth(**headers))
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         events = await h.events()
         today = h.gateway.today()
         (daily,) = await h.gateway.storage.daily(today, today, user_id=USER)

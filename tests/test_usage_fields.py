@@ -205,7 +205,7 @@ async def test_one_bad_field_is_recorded_clamped_with_the_rest_kept(
         headers = h.auth(**{"x-fake-usage-json": orjson.dumps(bad).decode()})
         async with httpx.AsyncClient(timeout=20) as client:
             reply = await client.post(f"{h.url}/v1/chat-messages", json=body, headers=headers)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
         clamped_total = h.gateway.metrics.get("gateway_usage_clamped_total")
     assert reply.status_code == 200

@@ -146,7 +146,7 @@ async def test_the_widget_in_chromium_on_another_origin(sqlite_url: str, screens
             async with httpx.AsyncClient(base_url=h.url, timeout=10) as api:
                 answer = await api.post("/v1/chat-messages", json=CHAT, headers=h.auth())
                 assert answer.status_code == 200
-                await h.gateway.wait_finished(1)
+                await h.probes.wait_finished(1)
                 for back in range(1, 30, 2):
                     await spend(h, 20_000 + back * 1_537, back=back, queries=3 + back % 5)
                 usage = (await api.get("/v1/usage", headers=h.auth())).json()

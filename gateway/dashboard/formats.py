@@ -46,6 +46,10 @@ class NumberFormat:
         # Fixed decimals, so that a column of costs lines up.
         return self.decimal(value, places=4, min_places=4)
 
+    def amount(self, value: Decimal, currency: str) -> str:
+        """Money with its currency code (issue 25): no cost is shown without one."""
+        return f"{self.money(value)}\u00a0{currency}"
+
 
 def number_format(locale: str) -> NumberFormat:
     """The format of a BCP 47 tag: the tag itself, else its language, else en-US."""

@@ -86,6 +86,7 @@ _LAYOUT = """<!doctype html>
 
 _NAV = """<nav>
 <a href="{base}/">Users</a>
+<a href="{base}/teams">Teams</a>
 <a href="{base}/alerts">Alerts</a>
 <form method="post" action="{base}/logout">
 <input type="hidden" name="csrf" value="{csrf}">
@@ -162,3 +163,7 @@ def options(values: Iterable[tuple[str, str]], selected: str) -> Html:
 def user_path(base: str, user_id: str) -> str:
     # Quoted whole: a user id may contain "/" (the route takes a path parameter).
     return f"{base}/users/{quote(user_id, safe='')}"
+
+
+def team_path(base: str, team_id: str) -> str:
+    return f"{base}/teams/{quote(team_id, safe='')}"

@@ -33,7 +33,7 @@ from gateway.dashboard.session import (
     session_valid,
 )
 from gateway.errors import GatewayError
-from gateway.runtime import Gateway
+from gateway.services import Services
 
 _MAX_FORM_BYTES: Final = 16 * 1024
 
@@ -69,7 +69,7 @@ class Page:
     """What a signed-in handler works with."""
 
     request: Request
-    gateway: Gateway
+    gateway: Services  # what the pages use (gateway/services.py)
     base: str
     csrf: str
     numbers: NumberFormat
@@ -92,7 +92,7 @@ def signed_in(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
 
     @functools.wraps(handler)
     async def endpoint(request: Request) -> Response:
-        gateway: Gateway = request.app.state.gateway
+        gateway: Services = request.app.state.services
         token = gateway.config.admin.token
         if not token:
             return not_found()
@@ -147,7 +147,7 @@ _LOGIN = """<section class="card login">
 
 
 async def login(request: Request) -> Response:
-    gateway: Gateway = request.app.state.gateway
+    gateway: Services = request.app.state.services
     token = gateway.config.admin.token
     if not token:
         return not_found()

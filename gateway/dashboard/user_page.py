@@ -19,7 +19,16 @@ import orjson
 from starlette.responses import RedirectResponse, Response
 
 from gateway.dashboard.formats import NumberFormat
-from gateway.dashboard.render import Html, badge, concat, message, options, render, user_path
+from gateway.dashboard.render import (
+    Html,
+    badge,
+    concat,
+    message,
+    options,
+    render,
+    team_path,
+    user_path,
+)
 from gateway.dashboard.signin import Page, signed_in
 
 CHART_DAYS: Final = 30
@@ -33,6 +42,10 @@ _LIMIT_LABELS: Final = {
     "file_size_mb": "Largest upload (MiB)",
     "chat_history_days": "Chat history (days)",
     "max_concurrent_streams": "Concurrent answers",
+    "requests_per_minute": "Requests per minute",
+    "tokens_per_minute": "Tokens per minute",
+    "cost_per_day": "Spending per day",
+    "cost_per_month": "Spending per month",
 }
 
 _USER = """<p class="crumbs"><a href="{base}/">Users</a> /</p>
@@ -66,6 +79,14 @@ _USER = """<p class="crumbs"><a href="{base}/">Users</a> /</p>
 <h3>Overrides</h3>
 {overrides}</section>
 </div>
+<section class="card">
+<h2>Team</h2>
+{team}<form class="row" method="post" action="{user_url}/team">
+{csrf}<label for="team" class="visually-hidden">Team</label>
+<select id="team" name="team">{team_options}</select>
+<button type="submit">Change team</button>
+</form>
+</section>
 <section class="card">
 <h2>Last {days} days</h2>
 <div id="chart" class="chart" role="img" aria-label="Tokens, queries and web searches per day, last {days} days" data-locale="{locale}" data-series="{series}"></div>
@@ -129,10 +150,20 @@ _SECRET = """<div class="notice secret" role="status">
 </div>
 """
 
-_NOTICES: Final = {"plan": "Plan changed.", "revoked": "Key revoked."}
+_TEAM = """<p>In team <a href="{href}" class="team">{id}</a>, plan <strong>{plan}</strong>. Its usage today, the members' summed:</p>
+<div class="scroll">
+<table class="limits team-limits stack">
+<thead><tr><th scope="col">Team limit</th><th scope="col" class="num">Used</th><th scope="col" class="num">Limit</th><th scope="col" class="num">Remaining</th><th scope="col">Resets</th></tr></thead>
+<tbody>
+{limits}</tbody>
+</table>
+</div>
+"""
+
+_NOTICES: Final = {"plan": "Plan changed.", "revoked": "Key revoked.", "team": "Team changed."}
 
 
-def _when(iso: str | None, tz: tzinfo) -> str:
+def local_time(iso: str | None, tz: tzinfo) -> str:
     """An ISO 8601 time as ``2025-01-31 00:00`` in the accounting time zone."""
     return "—" if iso is None else f"{datetime.fromisoformat(iso).astimezone(tz):%Y-%m-%d %H:%M}"
 
@@ -172,7 +203,14 @@ def _meter(numbers: NumberFormat, used: int, limit: int, remaining: int) -> Html
     )
 
 
-def _limit_rows(numbers: NumberFormat, limits: Mapping[str, Mapping[str, Any]], tz: tzinfo) -> Html:
+def _money(numbers: NumberFormat, value: str | None) -> str:
+    """A money budget's figure (an exact decimal string, None: unlimited)."""
+    if value is None:
+        return "unlimited"
+    return numbers.decimal(Decimal(value), places=6, min_places=2)
+
+
+def limit_rows(numbers: NumberFormat, limits: Mapping[str, Mapping[str, Any]], tz: tzinfo) -> Html:
     rows = []
     for name, entry in limits.items():
         label = _LIMIT_LABELS.get(name, name)
@@ -182,7 +220,15 @@ def _limit_rows(numbers: NumberFormat, limits: Mapping[str, Mapping[str, Any]], 
                 "limit": "allowed" if entry["allowed"] else "not allowed",
                 "remaining": "—",
                 "meter": Html(""),
-                "resets": _when(entry.get("resets_at"), tz),
+                "resets": local_time(entry.get("resets_at"), tz),
+            }
+        elif isinstance(entry.get("used"), str):  # money: exact decimal strings
+            cells = {
+                "used": _money(numbers, entry["used"]),
+                "limit": _money(numbers, entry["limit"]),
+                "remaining": _money(numbers, entry["remaining"]),
+                "meter": Html(""),
+                "resets": local_time(entry.get("resets_at"), tz),
             }
         elif "used" in entry:
             limit, used = entry["limit"], entry["used"]
@@ -192,7 +238,7 @@ def _limit_rows(numbers: NumberFormat, limits: Mapping[str, Mapping[str, Any]], 
                 "limit": _amount(numbers, limit),
                 "remaining": _amount(numbers, entry["remaining"]),
                 "meter": meter,
-                "resets": _when(entry.get("resets_at"), tz),
+                "resets": local_time(entry.get("resets_at"), tz),
             }
         else:  # a size or a span, not a counter
             cells = {
@@ -206,7 +252,7 @@ def _limit_rows(numbers: NumberFormat, limits: Mapping[str, Mapping[str, Any]], 
     return concat(rows)
 
 
-def _overrides(numbers: NumberFormat, overrides: Mapping[str, Any]) -> Html:
+def overrides_list(numbers: NumberFormat, overrides: Mapping[str, Any]) -> Html:
     if not overrides:
         return Html('<p class="muted">None: the plan applies as configured.</p>\n')
     items = concat(
@@ -240,8 +286,8 @@ async def _user_page(
             id=k["id"],
             name=k["name"] or "—",
             prefix=k["prefix"],
-            created=_when(k["created_at"], tz),
-            status=render("revoked {when}", when=_when(k["revoked_at"], tz))
+            created=local_time(k["created_at"], tz),
+            status=render("revoked {when}", when=local_time(k["revoked_at"], tz))
             if k["revoked_at"]
             else render(
                 _REVOKE,
@@ -260,7 +306,7 @@ async def _user_page(
             completion=numbers.number(row["completion_tokens"]),
             queries=numbers.number(row["queries"]),
             web=numbers.number(row["web_searches"]),
-            cost=numbers.money(Decimal(row["cost"])),
+            cost=numbers.amount(Decimal(row["cost"]), row["currency"]),
         )
         for row in reversed(daily)
     )
@@ -271,6 +317,22 @@ async def _user_page(
     stored = detail["stored_plan"]
     plans = list(gateway.config.plans)
     notice = _NOTICES.get(page.request.query_params.get("done", ""))
+    team = detail["team"]
+    team_html = (
+        render(
+            _TEAM,
+            href=team_path(base, team["id"]),
+            id=team["id"],
+            plan=team["plan"],
+            limits=limit_rows(numbers, team["limits"], tz),
+        )
+        if team is not None
+        else Html('<p class="muted">In no team.</p>\n')
+    )
+    teams = [
+        ("", "No team"),
+        *((t.team.id, t.team.id) for t in await gateway.storage.list_teams(day=gateway.today())),
+    ]
     body = render(
         _USER,
         base=base,
@@ -279,21 +341,23 @@ async def _user_page(
         plan_note=""
         if stored == detail["plan"]
         else f" (stored plan {stored!r} is no longer configured)",
-        created=_when(detail["created_at"], tz),
+        created=local_time(detail["created_at"], tz),
         day=detail["day"],
         timezone=detail["timezone"],
         notice=render('<p class="notice" role="status">{n}</p>\n', n=notice) if notice else "",
         secret=render(_SECRET, id=secret[0], secret=secret[1]) if secret else "",
-        limits=_limit_rows(numbers, detail["limits"], tz),
+        limits=limit_rows(numbers, detail["limits"], tz),
         lifetime_tokens=badge(numbers.number(lifetime["total_tokens"]), lifetime["total_tokens"]),
         prompt_tokens=numbers.number(lifetime["prompt_tokens"]),
         completion_tokens=numbers.number(lifetime["completion_tokens"]),
         unsplit=_unsplit(numbers, lifetime),
-        lifetime_cost=numbers.money(Decimal(lifetime["cost"])),
+        lifetime_cost=numbers.amount(Decimal(lifetime["cost"]), lifetime["currency"]),
         user_url=user_url,
         csrf=page.csrf_field(),
         plan_options=options(((p, p) for p in plans), detail["plan"]),
-        overrides=_overrides(numbers, detail["overrides"]),
+        overrides=overrides_list(numbers, detail["overrides"]),
+        team=team_html,
+        team_options=options(teams, team["id"] if team is not None else ""),
         days=CHART_DAYS,
         locale=numbers.locale,
         series=orjson.dumps(series).decode(),
@@ -324,15 +388,24 @@ def _back_to(page: Page, user_id: str, done: str) -> Response:
 async def change_plan(page: Page) -> Response:
     user_id = page.request.path_params["user_id"]
     await page.gateway.reports.user(user_id)
-    await page.gateway.set_plan(user_id, page.form.get("plan", ""))
+    await page.gateway.accounts.set_plan(user_id, page.form.get("plan", ""))
     return _back_to(page, user_id, "plan")
+
+
+@signed_in
+async def change_team(page: Page) -> Response:
+    user_id = page.request.path_params["user_id"]
+    await page.gateway.reports.user(user_id)
+    await page.gateway.accounts.set_team(user_id, page.form.get("team") or None)
+    return _back_to(page, user_id, "team")
 
 
 @signed_in
 async def create_key(page: Page) -> Response:
     user_id = page.request.path_params["user_id"]
-    await page.gateway.reports.user(user_id)
-    record, secret = await page.gateway.create_key(user_id, name=page.form.get("name", "")[:100])
+    record, secret = await page.gateway.accounts.create_key(
+        user_id, name=page.form.get("name", "")[:100]
+    )
     # The secret exists only in this response; the page is not stored (Cache-Control).
     return await _user_page(page, user_id, secret=(record.id, secret), status=201)
 
@@ -345,5 +418,5 @@ async def revoke_key(page: Page) -> Response:
         return message(
             page.base, "Not found", f"No key {key_id!r} of this user.", status=404, csrf=page.csrf
         )
-    await page.gateway.revoke_key(key_id)
+    await page.gateway.accounts.revoke_key(key_id)
     return _back_to(page, user_id, "revoked")

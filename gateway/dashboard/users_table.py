@@ -14,7 +14,15 @@ from urllib.parse import urlencode
 
 from starlette.responses import Response
 
-from gateway.dashboard.render import Html, badge, concat, options, render, user_path
+from gateway.dashboard.render import (
+    Html,
+    badge,
+    concat,
+    options,
+    render,
+    team_path,
+    user_path,
+)
 from gateway.dashboard.signin import Page, signed_in
 from gateway.storage import UserSort
 
@@ -92,6 +100,7 @@ _USERS = """<h1>Users</h1>
 _USER_ROW = """<tr>
 <td data-label="User"><a href="{href}">{id}</a></td>
 <td data-label="Plan">{plan}</td>
+<td data-label="Team">{team}</td>
 <td class="num" data-label="Lifetime tokens">{lifetime_tokens}</td>
 <td class="num" data-label="Lifetime cost">{lifetime_cost}</td>
 <td class="num" data-label="Tokens today">{tokens_today}</td>
@@ -162,17 +171,23 @@ async def users(page: Page) -> Response:
             href=user_path(base, s.user.id),
             id=s.user.id,
             plan=s.user.plan,
+            team=render(
+                '<a href="{href}">{id}</a>', href=team_path(base, s.user.team), id=s.user.team
+            )
+            if s.user.team is not None
+            else Html('<span class="muted">—</span>'),
             lifetime_tokens=badge(numbers.number(s.user.lifetime_tokens), s.user.lifetime_tokens),
-            lifetime_cost=numbers.money(s.user.lifetime_cost),
+            lifetime_cost=numbers.amount(s.user.lifetime_cost, gateway.currency),
             tokens_today=badge(numbers.number(s.today.total_tokens), s.today.total_tokens),
             queries_today=numbers.number(s.today.queries),
         )
         for s in summaries
-    ) or Html('<tr><td colspan="6" class="muted">No users match.</td></tr>\n')
+    ) or Html('<tr><td colspan="7" class="muted">No users match.</td></tr>\n')
     head = concat(
         [
             _sort_header(query, base, "id", "User", num=False),
             Html('<th scope="col">Plan</th>'),
+            Html('<th scope="col">Team</th>'),
             _sort_header(query, base, "lifetime_tokens", "Lifetime tokens", num=True),
             Html('<th scope="col" class="num">Lifetime cost</th>'),
             _sort_header(query, base, "tokens_today", "Tokens today", num=True),

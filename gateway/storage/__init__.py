@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from importlib import resources
 
 from gateway.config import DatabaseConfig
@@ -26,13 +27,14 @@ from gateway.storage.base import (
     PausedForm,
     Pending,
     Storage,
+    Team,
+    TeamSummary,
     UsageEvent,
     User,
     UserSort,
     UserSummary,
     WebSearch,
-    decide,
-    web_search_left,
+    summed,
 )
 
 __all__ = [
@@ -55,15 +57,17 @@ __all__ = [
     "PausedForm",
     "Pending",
     "Storage",
+    "Team",
+    "TeamSummary",
     "UsageEvent",
     "User",
     "UserSort",
     "UserSummary",
     "WebSearch",
-    "decide",
+    "functions",
     "migrations",
     "open_storage",
-    "web_search_left",
+    "summed",
 ]
 
 
@@ -79,6 +83,24 @@ def migrations(backend: str) -> list[tuple[int, str]]:
         if entry.name.endswith(".sql"):
             found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
     return sorted(found)
+
+
+def functions(backend: str) -> tuple[str, list[str]]:
+    """The live SQL functions of a backend (``sql/<backend>/functions/``, one
+    file per function, each a CREATE OR REPLACE), in name order, and a hash of
+    them all: `migrate` applies them whenever the hash differs from the one it
+    applied last (issue 21: functions are defined once, not re-created in
+    migration after migration)."""
+    folder = resources.files("gateway.storage") / "sql" / backend / "functions"
+    if not folder.is_dir():
+        return "", []
+    texts = [
+        entry.read_text(encoding="utf-8")
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(".sql")
+    ]
+    digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+    return digest, texts
 
 
 async def open_storage(config: DatabaseConfig) -> Storage:

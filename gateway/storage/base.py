@@ -14,13 +14,39 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Literal, Protocol
 
-OverrideValue = int | float | bool | None  # None: explicitly unlimited
+from gateway.quota import Counters as Counters
+from gateway.quota import Limit, Meter, Per, limits_of
+
+# None: explicitly unlimited; str: an amount of money, as a decimal string.
+OverrideValue = int | float | bool | str | None
 
 # Column lists in the order the records take them; both backends' SQL uses them so
 # that a row maps onto its record the same way everywhere.
 USER_COLUMNS = (
     "u.id, u.plan, u.overrides, u.lifetime_prompt_tokens, u.lifetime_completion_tokens, "
-    "u.lifetime_tokens, u.lifetime_cost, u.created_at"
+    "u.lifetime_tokens, u.lifetime_cost, u.created_at, u.team_id"
+)
+USER_FIELDS = 9  # the columns of USER_COLUMNS, where a joined row's next table starts
+TEAM_COLUMNS = "t.id, t.plan, t.overrides, t.created_at"
+# Every team with its member count and its members' day rows of one day summed
+# (the sums in DailyUsage's order from queries on; {cost_sum} as above).
+TEAM_LIST_SELECT = (
+    f"SELECT {TEAM_COLUMNS}, count(DISTINCT u.id), coalesce(sum(d.queries), 0), "
+    "coalesce(sum(d.advanced_rag), 0), coalesce(sum(d.web_searches), 0), "
+    "coalesce(sum(d.uploads), 0), coalesce(sum(d.upload_bytes), 0), "
+    "coalesce(sum(d.prompt_tokens), 0), coalesce(sum(d.completion_tokens), 0), "
+    "coalesce(sum(d.total_tokens), 0), {cost_sum} FROM teams t "
+    "LEFT JOIN users u ON u.team_id = t.id "
+    "LEFT JOIN usage_daily d ON d.user_id = u.id AND d.day = {p1} "
+    "GROUP BY t.id, t.plan, t.overrides, t.created_at ORDER BY t.id"
+)
+# A team's usage: its members' day rows summed per day (DailyUsage's order, the
+# team id in the user's place; the cost sum is the backend's exact decimal sum).
+TEAM_DAILY_SELECT = (
+    "SELECT d.day, sum(d.queries), sum(d.advanced_rag), sum(d.web_searches), "
+    "sum(d.uploads), sum(d.upload_bytes), sum(d.prompt_tokens), sum(d.completion_tokens), "
+    "sum(d.total_tokens), {cost_sum} FROM usage_daily d JOIN users u ON u.id = d.user_id "
+    "WHERE u.team_id = {p1} AND d.day >= {p2} AND d.day <= {p3} GROUP BY d.day ORDER BY d.day"
 )
 DAILY_COLUMNS = (
     "user_id, day, queries, advanced_rag, web_searches, uploads, upload_bytes, "
@@ -29,16 +55,21 @@ DAILY_COLUMNS = (
 EVENT_COLUMNS = (
     "answer_id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens, "
     "total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id, "
-    "request_id, upstream_latency_ms, overhead_ms, model, cached_tokens, reasoning_tokens"
+    "request_id, upstream_latency_ms, overhead_ms, model, cached_tokens, reasoning_tokens, "
+    "cache_write_tokens"
 )
-# Per model, in ModelUsage's order; both backends group the ledger by model with it
-# (the cost sum is the backend's exact decimal sum, given as {cost_sum}).
+# Per model and currency, in ModelUsage's order; both backends group the ledger
+# with it (the cost sum is the backend's exact decimal sum, given as {cost_sum}).
+# Grouped by currency too: a sum never adds two currencies (issue 25).
 MODEL_USAGE_SELECT = (
     "SELECT model, count(*), sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), "
-    "sum(reasoning_tokens), sum(total_tokens), {cost_sum} FROM usage_events "
+    "sum(reasoning_tokens), sum(total_tokens), {cost_sum}, currency FROM usage_events "
     "WHERE user_id = {p1} AND day >= {p2} AND day <= {p3} "
-    "GROUP BY model ORDER BY sum(total_tokens) DESC, model"
+    "GROUP BY model, currency ORDER BY sum(total_tokens) DESC, model, currency"
 )
+# The whole ledger's cost per currency (gateway/currency.py reads which currencies
+# a database holds money in).
+COSTS_BY_CURRENCY_SELECT = "SELECT currency, {cost_sum} FROM usage_events GROUP BY currency"
 ALERT_COLUMNS = "n.user_id, n.kind, n.period, n.threshold, n.limit_value, n.used, n.created_at"
 DELIVERY_COLUMNS = (
     "o.user_id, o.kind, o.period, o.threshold, o.channel, o.attempts, o.last_error, "
@@ -63,6 +94,83 @@ class User:
     lifetime_tokens: int
     lifetime_cost: Decimal
     created_at: datetime
+    # The user's team (issue 21), None when in none. Admission gets it on the user
+    # record it resolves, so team-scope limits need no second read.
+    team: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    """A team (issue 21): a plan and per-team overrides, as a user has; its usage
+    is its members' day rows summed."""
+
+    id: str
+    plan: str
+    overrides: Mapping[str, OverrideValue]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TeamSummary:
+    team: Team
+    members: int = 0
+    today: DailyUsage = field(default_factory=lambda: DailyUsage(user_id="", day=date.min))
+
+
+def team_summary(team: Team, row: Any, *, day: date, cost: Decimal) -> TeamSummary:
+    """The rest of a TEAM_LIST_SELECT row (from the member count on)."""
+    queries, rag, web, uploads, upload_bytes, prompt, completion, total = map(int, row[1:9])
+    today = DailyUsage(
+        user_id=team.id,
+        day=day,
+        queries=queries,
+        advanced_rag=rag,
+        web_searches=web,
+        uploads=uploads,
+        upload_bytes=upload_bytes,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        cost=cost,
+    )
+    return TeamSummary(team, int(row[0]), today)
+
+
+def team_daily(team_id: str, row: Any, cost: Decimal) -> DailyUsage:
+    """A row of TEAM_DAILY_SELECT (sums may come as decimals) as the team's day."""
+    return DailyUsage(
+        user_id=team_id,
+        day=row[0] if isinstance(row[0], date) else date.fromisoformat(row[0]),
+        queries=int(row[1]),
+        advanced_rag=int(row[2]),
+        web_searches=int(row[3]),
+        uploads=int(row[4]),
+        upload_bytes=int(row[5]),
+        prompt_tokens=int(row[6]),
+        completion_tokens=int(row[7]),
+        total_tokens=int(row[8]),
+        cost=cost,
+    )
+
+
+def summed(rows: Sequence[DailyUsage], *, user_id: str, day: date) -> DailyUsage:
+    """Day rows added up into one (``day`` names the result, e.g. the range's start)."""
+    total = DailyUsage(user_id=user_id, day=day)
+    for row in rows:
+        total = DailyUsage(
+            user_id=user_id,
+            day=day,
+            queries=total.queries + row.queries,
+            advanced_rag=total.advanced_rag + row.advanced_rag,
+            web_searches=total.web_searches + row.web_searches,
+            uploads=total.uploads + row.uploads,
+            upload_bytes=total.upload_bytes + row.upload_bytes,
+            prompt_tokens=total.prompt_tokens + row.prompt_tokens,
+            completion_tokens=total.completion_tokens + row.completion_tokens,
+            total_tokens=total.total_tokens + row.total_tokens,
+            cost=total.cost + row.cost,
+        )
+    return total
 
 
 # How long a paused run's form is kept: longer than Dify lets a form wait (its
@@ -105,23 +213,52 @@ class DailyUsage:
     cost: Decimal = Decimal(0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class AdmissionLimits:
-    """The limits admission enforces; None means unlimited."""
+    """The limits admission enforces (gateway/quota.py), in checking order.
 
-    queries_per_day: int | None = None
-    tokens_per_day: int | None = None
-    tokens_per_month: int | None = None
-    max_concurrent_streams: int | None = None
+    The keyword arguments are the plan keys plans always had, for callers that
+    set those only; None means unlimited."""
 
+    limits: tuple[Limit, ...]
 
-@dataclass(frozen=True, slots=True)
-class Counters:
-    queries_today: int = 0
-    tokens_today: int = 0
-    tokens_month: int = 0  # including today
-    web_searches_today: int = 0
-    open_streams: int = 0  # only counted when a stream limit applies
+    def __init__(
+        self,
+        limits: Sequence[Limit] = (),
+        *,
+        queries_per_day: int | None = None,
+        tokens_per_day: int | None = None,
+        tokens_per_month: int | None = None,
+        max_concurrent_streams: int | None = None,
+        cost_per_day: Decimal | None = None,
+        cost_per_month: Decimal | None = None,
+    ) -> None:
+        legacy = limits_of(
+            {
+                "queries_per_day": queries_per_day,
+                "tokens_per_day": tokens_per_day,
+                "tokens_per_month": tokens_per_month,
+                "cost_per_day": cost_per_day,
+                "cost_per_month": cost_per_month,
+                "max_concurrent_streams": max_concurrent_streams,
+            }
+        )
+        object.__setattr__(self, "limits", (*legacy, *limits))
+
+    @property
+    def counts_streams(self) -> bool:
+        return any(limit.meter == "streams" for limit in self.limits)
+
+    @property
+    def has_team(self) -> bool:
+        return any(limit.scope == "team" for limit in self.limits)
+
+    def with_web_search(self, web_search: WebSearch | None) -> tuple[Limit, ...]:
+        """The limits with a web search's own allowance first (`WebSearch.limit`)."""
+        if web_search is None or web_search.limit is None:
+            return self.limits
+        own = Limit("web_searches_per_day", "web_searches", "day", Decimal(web_search.limit))
+        return (own, *self.limits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +290,9 @@ class Pending:
     total_tokens: int = 0
     cost: Decimal = Decimal(0)
     currency: str = "USD"
+    # The upper bound of the answer's cost admission reserved against money
+    # budgets (gateway/quota.py): settle, refund and recovery release it.
+    reserved_cost: Decimal = Decimal(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,21 +312,31 @@ class WebSearch:
     when_exhausted: Literal["refuse", "disable"] = "refuse"
 
 
-AdmissionLimit = Literal[
-    "queries_per_day",
-    "tokens_per_day",
-    "tokens_per_month",
-    "max_concurrent_streams",
-    "web_searches_per_day",
-]
-
-
 @dataclass(frozen=True, slots=True)
 class Admission:
     admitted: bool
-    refused_by: AdmissionLimit | None
+    refused_by: str | None  # the name of the limit that refused
     counters: Counters  # after the reservation when admitted
     web_search_reserved: bool = False  # one web search was reserved for the answer
+    refused: Limit | None = None  # the limit that refused
+    # A refusal by a rate limit: whole seconds until the request would fit.
+    retry_after: int | None = None
+
+
+def admission(
+    limits: Sequence[Limit],
+    refused: int | None,
+    counters: Counters,
+    web_searches: int,
+    *,
+    retry_after: int | None = None,
+) -> Admission:
+    """The Admission for a decision over ``limits`` (``refused``: an index)."""
+    if refused is None:
+        return Admission(True, None, counters, web_search_reserved=web_searches > 0)
+    return Admission(
+        False, limits[refused].name, counters, refused=limits[refused], retry_after=retry_after
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +363,7 @@ class UsageEvent:
     model: str | None = None  # the model that answered, when the upstream names it
     cached_tokens: int = 0  # of prompt_tokens, read from the provider's prompt cache
     reasoning_tokens: int = 0  # of completion_tokens, spent reasoning
+    cache_write_tokens: int = 0  # of prompt_tokens, written to the provider's prompt cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +378,7 @@ class ModelUsage:
     reasoning_tokens: int = 0
     total_tokens: int = 0
     cost: Decimal = Decimal(0)
+    currency: str = "USD"  # of ``cost``: a model's answers in two currencies are two rows
 
 
 def model_usage(row: Any, cost: Decimal) -> ModelUsage:
@@ -240,6 +392,7 @@ def model_usage(row: Any, cost: Decimal) -> ModelUsage:
         reasoning_tokens=int(row[5]),
         total_tokens=int(row[6]),
         cost=cost,
+        currency=row[8],
     )
 
 
@@ -247,40 +400,6 @@ def model_usage(row: Any, cost: Decimal) -> ModelUsage:
 class UserSummary:
     user: User
     today: DailyUsage = field(default_factory=lambda: DailyUsage(user_id="", day=date.min))
-
-
-def web_search_left(counters: Counters, web_search: WebSearch | None) -> bool:
-    """Whether a request asking for ``web_search`` can have one reserved."""
-    if web_search is None:
-        return False
-    return web_search.limit is None or counters.web_searches_today < web_search.limit
-
-
-def decide(
-    counters: Counters, limits: AdmissionLimits, web_search: WebSearch | None = None
-) -> AdmissionLimit | None:
-    """Which limit, if any, refuses one more query given the current counters.
-
-    A spent web-search allowance refuses first (in ``refuse`` mode), as it did
-    when it was checked before the rest of admission."""
-    if (
-        web_search is not None
-        and web_search.when_exhausted == "refuse"
-        and not web_search_left(counters, web_search)
-    ):
-        return "web_searches_per_day"
-    if limits.queries_per_day is not None and counters.queries_today >= limits.queries_per_day:
-        return "queries_per_day"
-    if limits.tokens_per_day is not None and counters.tokens_today >= limits.tokens_per_day:
-        return "tokens_per_day"
-    if limits.tokens_per_month is not None and counters.tokens_month >= limits.tokens_per_month:
-        return "tokens_per_month"
-    if (
-        limits.max_concurrent_streams is not None
-        and counters.open_streams >= limits.max_concurrent_streams
-    ):
-        return "max_concurrent_streams"
-    return None
 
 
 # The limits a threshold alert can watch, and the counter each is compared with.
@@ -429,6 +548,46 @@ class Storage(Protocol):
 
     async def count_users(self, *, plan: str | None = None, search: str | None = None) -> int: ...
 
+    # teams (issue 21)
+    async def create_team(self, team_id: str, *, plan: str, now: datetime) -> Team:
+        """Raises `Conflict` when a team of that id exists."""
+        ...
+
+    async def get_team(self, team_id: str) -> Team | None: ...
+
+    async def list_teams(self, *, day: date) -> list[TeamSummary]:
+        """Every team with its member count and its members' usage on ``day``
+        summed, ordered by id."""
+        ...
+
+    async def set_team_plan(self, team_id: str, plan: str) -> None:
+        """Raises `NotFound` for an unknown team."""
+        ...
+
+    async def set_team_override(self, team_id: str, name: str, value: OverrideValue) -> None:
+        """Raises `NotFound` for an unknown team."""
+        ...
+
+    async def clear_team_override(self, team_id: str, name: str) -> None: ...
+
+    async def set_team(self, user_id: str, team_id: str | None) -> None:
+        """Put the user in the team (None: in none). Raises `NotFound` for an
+        unknown user or team."""
+        ...
+
+    async def team_members(self, team_id: str) -> list[User]:
+        """The team's users, ordered by id."""
+        ...
+
+    async def team_daily(self, team_id: str, *, start: date, end: date) -> list[DailyUsage]:
+        """The team's current members' day rows with start <= day <= end, summed
+        per day (``user_id`` is the team id), ordered by day."""
+        ...
+
+    async def user_teams(self) -> dict[str, str]:
+        """User id -> team id, for every user in a team (exports)."""
+        ...
+
     # keys
     async def create_key(
         self, user_id: str, *, key_id: str, key_hash: str, prefix: str, name: str, now: datetime
@@ -457,6 +616,7 @@ class Storage(Protocol):
         advanced_rag: bool = False,
         pending: Pending | None = None,
         web_search: WebSearch | None = None,
+        team: str | None = None,
     ) -> Admission:
         """Reserve one query for (user, day) only while every limit allows it,
         atomically, in one round trip; return the counters either way. When
@@ -467,7 +627,14 @@ class Storage(Protocol):
         ``now``, on ``day``) in the same step. ``web_search`` (the request asks
         for it) reserves one web search in the same step, or refuses, or admits
         without one (see `WebSearch`); the reservation is kept on ``pending``,
-        so a request asking for web search should come with one."""
+        so a request asking for web search should come with one. ``team``: the
+        user's team, whose members' counters the team-scope limits count (the
+        team's row is locked first, so the team's admissions are one at a time)."""
+        ...
+
+    async def rate_counts(self, user_id: str, *, now: datetime) -> dict[tuple[Meter, Per], Decimal]:
+        """What each of the user's rate windows counts at ``now`` (the windows
+        admission has counted the user in; gateway/quota.py, "rates")."""
         ...
 
     async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
@@ -570,8 +737,13 @@ class Storage(Protocol):
     async def count_events(self, start: date, end: date, *, user_id: str | None = None) -> int: ...
 
     async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[ModelUsage]:
-        """The user's ledger with start <= day <= end summed per model, the model
-        with the most tokens first."""
+        """The user's ledger with start <= day <= end summed per model and
+        currency, the model with the most tokens first."""
+        ...
+
+    async def costs_by_currency(self) -> dict[str, Decimal]:
+        """The whole ledger's cost summed per currency (a currency whose rows cost
+        nothing has a zero sum). Reads every ledger row: for start-up and reloads."""
         ...
 
     # --- ownership (issue 20, default deny) ---

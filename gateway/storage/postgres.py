@@ -32,29 +32,35 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import date, datetime, timedelta
-from typing import Any
+from decimal import Decimal
+from typing import Any, NamedTuple
 
 import asyncpg
 import orjson
 
-from gateway.errors import NotFound, StorageError
-from gateway.storage import migrations
+from gateway.errors import Conflict, NotFound, StorageError
+from gateway.quota import METERS, PERS, Limit, Meter, Per, counters_from, rate_counts
+from gateway.storage import functions, migrations
 from gateway.storage.base import (
     ALERT_COLUMNS,
+    COSTS_BY_CURRENCY_SELECT,
     DAILY_COLUMNS,
     DELIVERY_COLUMNS,
     EVENT_COLUMNS,
     KEY_COLUMNS,
     MODEL_USAGE_SELECT,
     PAUSED_FORM_DAYS,
+    TEAM_COLUMNS,
+    TEAM_DAILY_SELECT,
+    TEAM_LIST_SELECT,
     USER_COLUMNS,
+    USER_FIELDS,
     USER_SORTS,
     Admission,
     AdmissionLimits,
     Alert,
     AlertRequest,
     ApiKey,
-    Counters,
     Crossing,
     DailyUsage,
     Delivery,
@@ -64,14 +70,19 @@ from gateway.storage.base import (
     OverrideValue,
     PausedForm,
     Pending,
+    Team,
+    TeamSummary,
     UsageEvent,
     User,
     UserSort,
     UserSummary,
     WebSearch,
+    admission,
     alerts_with_deliveries,
     delivery,
     model_usage,
+    team_daily,
+    team_summary,
 )
 from gateway.storage.group import GroupCommit, SplitBatch
 
@@ -85,32 +96,76 @@ _EXPORT_BATCH = 1000
 
 _ADMIT = (
     "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
-    "$15, $16, $17, $18, $19, $20, $21)"
+    "$15, $16, $17, $18, $19, $20, $21, $22, $23)"
 )
 _SETTLE = (
     "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
-    "$15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)"
+    "$15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29)"
 )
 _ADMIT_MANY = (
     "SELECT * FROM gateway_admit_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
-    "$14, $15, $16, $17, $18, $19, $20, $21)"
+    "$14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
 )
 _SETTLE_MANY = (
     "SELECT * FROM gateway_settle_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
     "$14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, "
-    "$32)"
+    "$32, $33)"
 )
 # A batch is at most this many calls by default (database.max_batch): past a
 # few dozen a larger batch saves little, and a batch holds its users' row locks
 # until it commits.
 DEFAULT_MAX_BATCH = 64
-# The arguments of one admission, in gateway_admit's order (21), and of one
-# settle, in gateway_settle's (28: the last five are the alert checks' lists).
-_AdmitCall = tuple[Any, ...]
+
+
+class _AdmitCall(NamedTuple):
+    """The arguments of one admission, in gateway_admit's order, except that the
+    limits become three arrays there (meters, windows, maximums)."""
+
+    user_id: str
+    day: date
+    month_start: date
+    limits: tuple[Limit, ...]
+    lease_id: str | None
+    lease_expires: datetime | None
+    now: datetime
+    advanced_rag: bool
+    pending_id: str | None
+    endpoint: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    cost: Decimal | None
+    currency: str | None
+    web_ask: bool
+    web_optional: bool
+    reserve_cost: Decimal
+    team: str | None
+
+
+# The arguments of one settle, in gateway_settle's order (29: the alert checks'
+# five lists, then the cache writes).
 _SettleCall = tuple[Any, ...]
 _REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
+_DROP_FUNCTIONS = """
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN
+        SELECT p.oid::regprocedure FROM pg_proc p
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = current_schema() AND p.proname LIKE 'gateway\\_%'
+    LOOP
+        EXECUTE 'DROP FUNCTION ' || f;
+    END LOOP;
+END
+$$
+"""
 _RECOVER = "SELECT * FROM gateway_recover($1, $2, $3)"
 _USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="sum(cost)", p1="$1", p2="$2", p3="$3")
+_TEAM_DAILY = TEAM_DAILY_SELECT.format(cost_sum="sum(d.cost)", p1="$1", p2="$2", p3="$3")
+_TEAM_LIST = TEAM_LIST_SELECT.format(cost_sum="coalesce(sum(d.cost), 0)", p1="$1")
+_COSTS_BY_CURRENCY = COSTS_BY_CURRENCY_SELECT.format(cost_sum="sum(cost)")
 
 
 @contextlib.contextmanager
@@ -171,7 +226,12 @@ def _user(row: Any) -> User:
         lifetime_tokens=row[5],
         lifetime_cost=row[6],
         created_at=row[7],
+        team=row[8],
     )
+
+
+def _team(row: Any) -> Team:
+    return Team(id=row[0], plan=row[1], overrides=row[2], created_at=row[3])
 
 
 def _key(row: Any) -> ApiKey:
@@ -188,25 +248,55 @@ def _event(row: Any) -> UsageEvent:
     return UsageEvent(*row)
 
 
-def _admission(row: Any) -> Admission:
-    counters = Counters(
-        queries_today=row["queries"],
-        tokens_today=row["tokens_today"],
-        tokens_month=row["tokens_month"],
-        web_searches_today=row["web_searches"],
-        open_streams=row["open_streams"],
+def _admission(row: Any, limits: Sequence[Limit]) -> Admission:
+    rates = row["rate_used"]
+    counters = counters_from(
+        row["day_used"],
+        row["month_used"],
+        row["open_streams"] or 0,
+        {
+            (limit.meter, limit.per): rates[at]
+            for at, limit in enumerate(limits)
+            if limit.is_rate and rates is not None
+        },
+        models={
+            (key, limit.meter, limit.per): rates[at]
+            for at, limit in enumerate(limits)
+            if (key := limit.counter_key) is not None and rates is not None
+        },
+        team=(
+            counters_from(row["team_day"], row["team_month"], row["team_streams"] or 0)
+            if row["team_day"] is not None
+            else None
+        ),
     )
-    refused = row["refused_by"]
-    return Admission(
-        admitted=refused is None,
-        refused_by=refused,
-        counters=counters,
-        web_search_reserved=bool(row["web_reserved"]),
+    refused = row["refused"]
+    return admission(
+        limits,
+        None if refused is None else refused - 1,
+        counters,
+        1 if row["web_reserved"] else 0,
+        retry_after=row["retry_after"],
+    )
+
+
+def _limit_arrays(
+    limits: Sequence[Limit],
+) -> tuple[list[int], list[int], list[Decimal], list[int], list[str | None]]:
+    """Limits as gateway_admit takes them: meter and window numbers (1-based, in
+    quota.METERS and quota.PERS order), maximums, scopes (1 user, 2 team) and
+    per-model counter keys."""
+    return (
+        [METERS.index(limit.meter) + 1 for limit in limits],
+        [PERS.index(limit.per) + 1 for limit in limits],
+        [limit.max for limit in limits],
+        [2 if limit.scope == "team" else 1 for limit in limits],
+        [limit.counter_key for limit in limits],
     )
 
 
 def _user_of(call: _AdmitCall) -> str:
-    return str(call[0])
+    return call.user_id
 
 
 def _settled_user(call: _SettleCall) -> str:
@@ -288,6 +378,27 @@ class PostgresStorage:
                         "INSERT INTO schema_migrations (version) VALUES ($1)", version
                     )
                     count += 1
+                # The functions need the schema of migration 0015 (which made
+                # schema_functions); a database held at an older version (a test
+                # of an old release's schema) keeps the functions it has.
+                digest, texts = functions("postgres")
+                if await conn.fetchval("SELECT to_regclass('schema_functions')") is None:
+                    return count
+                applied_hash = await conn.fetchval("SELECT hash FROM schema_functions")
+                if applied_hash != digest:
+                    # The files go in name order; a function may call one whose
+                    # file comes later (as pg_dump restores them).
+                    await conn.execute("SET LOCAL check_function_bodies = off")
+                    # Every function is defined anew (its signature may have
+                    # changed): none from an older set is left behind.
+                    await conn.execute(_DROP_FUNCTIONS)
+                    for text in texts:
+                        await conn.execute(text)
+                    await conn.execute(
+                        "INSERT INTO schema_functions (id, hash) VALUES (1, $1) "
+                        "ON CONFLICT (id) DO UPDATE SET hash = excluded.hash, applied_at = now()",
+                        digest,
+                    )
                 return count
 
     # --- users --------------------------------------------------------------
@@ -373,9 +484,9 @@ class PostgresStorage:
             rows = await self._pool.fetch(sql, day, limit, offset, *params)
         return [
             UserSummary(
-                user=_user(row[:8]),
-                today=_daily(row[8:])
-                if row[8] is not None
+                user=_user(row[:USER_FIELDS]),
+                today=_daily(row[USER_FIELDS:])
+                if row[USER_FIELDS] is not None
                 else DailyUsage(user_id=row[0], day=day),
             )
             for row in rows
@@ -385,6 +496,88 @@ class PostgresStorage:
         where, params = self._user_filter(plan, search, first=1)
         with _mapped():
             return int(await self._pool.fetchval(f"SELECT count(*) FROM users u{where}", *params))
+
+    # --- teams (issue 21) ----------------------------------------------------
+
+    async def create_team(self, team_id: str, *, plan: str, now: datetime) -> Team:
+        with _mapped():
+            row = await self._pool.fetchrow(
+                "INSERT INTO teams AS t (id, plan, created_at) VALUES ($1, $2, $3) "
+                f"ON CONFLICT (id) DO NOTHING RETURNING {TEAM_COLUMNS}",
+                team_id,
+                plan,
+                now,
+            )
+        if row is None:
+            raise Conflict(f"a team {team_id!r} exists already")
+        return _team(row)
+
+    async def get_team(self, team_id: str) -> Team | None:
+        with _mapped():
+            row = await self._pool.fetchrow(
+                f"SELECT {TEAM_COLUMNS} FROM teams t WHERE t.id = $1", team_id
+            )
+        return _team(row) if row else None
+
+    async def list_teams(self, *, day: date) -> list[TeamSummary]:
+        with _mapped():
+            rows = await self._pool.fetch(_TEAM_LIST, day)
+        return [team_summary(_team(row[:4]), list(row)[4:], day=day, cost=row[13]) for row in rows]
+
+    async def set_team_plan(self, team_id: str, plan: str) -> None:
+        with _mapped():
+            status = await self._pool.execute(
+                "UPDATE teams SET plan = $2 WHERE id = $1", team_id, plan
+            )
+        if status == "UPDATE 0":
+            raise NotFound(f"no team {team_id!r}")
+
+    async def set_team_override(self, team_id: str, name: str, value: OverrideValue) -> None:
+        with _mapped():
+            status = await self._pool.execute(
+                "UPDATE teams SET overrides = overrides || jsonb_build_object($2::text, $3::jsonb) WHERE id = $1",
+                team_id,
+                name,
+                value,
+            )
+        if status == "UPDATE 0":
+            raise NotFound(f"no team {team_id!r}")
+
+    async def clear_team_override(self, team_id: str, name: str) -> None:
+        with _mapped():
+            status = await self._pool.execute(
+                "UPDATE teams SET overrides = overrides - $2::text WHERE id = $1", team_id, name
+            )
+        if status == "UPDATE 0":
+            raise NotFound(f"no team {team_id!r}")
+
+    async def set_team(self, user_id: str, team_id: str | None) -> None:
+        try:
+            with _mapped():
+                status = await self._pool.execute(
+                    "UPDATE users SET team_id = $2 WHERE id = $1", user_id, team_id
+                )
+        except NotFound as exc:  # the foreign key: no such team
+            raise NotFound(f"no team {team_id!r}") from exc
+        if status == "UPDATE 0":
+            raise NotFound(f"no user {user_id!r}")
+
+    async def team_members(self, team_id: str) -> list[User]:
+        with _mapped():
+            rows = await self._pool.fetch(
+                f"SELECT {USER_COLUMNS} FROM users u WHERE u.team_id = $1 ORDER BY u.id", team_id
+            )
+        return [_user(row) for row in rows]
+
+    async def team_daily(self, team_id: str, *, start: date, end: date) -> list[DailyUsage]:
+        with _mapped():
+            rows = await self._pool.fetch(_TEAM_DAILY, team_id, start, end)
+        return [team_daily(team_id, row, row[9]) for row in rows]
+
+    async def user_teams(self) -> dict[str, str]:
+        with _mapped():
+            rows = await self._pool.fetch("SELECT id, team_id FROM users WHERE team_id IS NOT NULL")
+        return {row[0]: row[1] for row in rows}
 
     # --- keys ---------------------------------------------------------------
 
@@ -445,16 +638,14 @@ class PostgresStorage:
         advanced_rag: bool = False,
         pending: Pending | None = None,
         web_search: WebSearch | None = None,
+        team: str | None = None,
     ) -> Admission:
         return await self._admits(
-            (
+            _AdmitCall(
                 user_id,
                 day,
                 month_start,
-                limits.queries_per_day,
-                limits.tokens_per_day,
-                limits.tokens_per_month,
-                limits.max_concurrent_streams,
+                limits.with_web_search(web_search),
                 lease.id if lease else None,
                 lease.expires_at if lease else None,
                 now,
@@ -467,24 +658,58 @@ class PostgresStorage:
                 pending.cost if pending else None,
                 pending.currency if pending else None,
                 web_search is not None,
-                web_search.limit if web_search else None,
-                web_search is None or web_search.when_exhausted == "refuse",
+                web_search is not None and web_search.when_exhausted == "disable",
+                pending.reserved_cost if pending else Decimal(0),
+                team if limits.has_team else None,
             )
         )
 
     async def _admit_one(self, call: _AdmitCall) -> Admission:
+        meters, pers, maxes, scopes, keys = _limit_arrays(call.limits)
         with _mapped():
-            row = await self._pool.fetchrow(_ADMIT, *call)
+            row = await self._pool.fetchrow(
+                _ADMIT, *call[:3], meters, pers, maxes, scopes, keys, *call[4:]
+            )
         assert row is not None
-        return _admission(row)
+        return _admission(row, call.limits)
 
     async def _admit_many(self, calls: Sequence[_AdmitCall]) -> list[Admission | Exception]:
+        limit_from: list[int] = []
+        limit_count: list[int] = []
+        meters: list[int] = []
+        pers: list[int] = []
+        maxes: list[Decimal] = []
+        scopes: list[int] = []
+        keys: list[str | None] = []
+        for call in calls:
+            limit_from.append(len(meters) + 1)
+            limit_count.append(len(call.limits))
+            m, p, x, c, k = _limit_arrays(call.limits)
+            meters += m
+            pers += p
+            maxes += x
+            scopes += c
+            keys += k
+        columns = list(zip(*calls, strict=True))
         with _mapped(), _mapped_batch():
-            rows = await self._pool.fetch(_ADMIT_MANY, *zip(*calls, strict=True))
+            rows = await self._pool.fetch(
+                _ADMIT_MANY,
+                *columns[:3],
+                limit_from,
+                limit_count,
+                meters,
+                pers,
+                maxes,
+                scopes,
+                keys,
+                *columns[4:],
+            )
         results: list[Admission | Exception] = [StorageError("no answer")] * len(calls)
         for row in rows:
-            known = row["known"]
-            results[row["ord"] - 1] = _admission(row) if known else NotFound("unknown user")
+            at = row["ord"] - 1
+            results[at] = (
+                _admission(row, calls[at].limits) if row["known"] else NotFound("unknown user")
+            )
         return results
 
     def _admission_abandoned(self, call: _AdmitCall, admission: Admission) -> None:
@@ -493,7 +718,7 @@ class PostgresStorage:
         query, lease and pending row are given back."""
         if not admission.admitted:
             return
-        user_id, day, lease_id, pending_id = call[0], call[1], call[7], call[11]
+        user_id, day, lease_id, pending_id = call.user_id, call.day, call.lease_id, call.pending_id
         log.info("admission for %s abandoned by its caller; given back", user_id)
         task = asyncio.create_task(
             self._refund_quietly(user_id, day, lease_id=lease_id, pending_id=pending_id)
@@ -509,6 +734,13 @@ class PostgresStorage:
         except StorageError as exc:
             # The pending row stays: a recovery charges it as an estimate later.
             log.warning("could not give back an abandoned admission of %s: %s", user_id, exc)
+
+    async def rate_counts(self, user_id: str, *, now: datetime) -> dict[tuple[Meter, Per], Decimal]:
+        with _mapped():
+            rows = await self._pool.fetch(
+                "SELECT meter, per, bucket, amount FROM usage_rates WHERE user_id = $1", user_id
+            )
+        return rate_counts([tuple(row) for row in rows], now.timestamp())
 
     async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
         with _mapped():
@@ -585,6 +817,7 @@ class PostgresStorage:
                 [c.value for c, _ in checks],
                 [t for _, t in checks],
                 list(alerts.channels) if alerts else [],
+                event.cache_write_tokens,
             )
         )
 
@@ -625,6 +858,7 @@ class PostgresStorage:
                 values,
                 thresholds,
                 channels,
+                [call[28] for call in calls],
             )
         results: list[bool | Exception] = [StorageError("no answer")] * len(calls)
         for row in rows:
@@ -749,6 +983,11 @@ class PostgresStorage:
         with _mapped():
             rows = await self._pool.fetch(_USAGE_BY_MODEL, user_id, start, end)
         return [model_usage(row, row[7]) for row in rows]
+
+    async def costs_by_currency(self) -> dict[str, Decimal]:
+        with _mapped():
+            rows = await self._pool.fetch(_COSTS_BY_CURRENCY)
+        return {row[0]: row[1] for row in rows}
 
     # --- ownership (issue 20, default deny) ---
 

@@ -19,31 +19,55 @@ import functools
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
-from gateway.errors import NotFound, StorageError
+from gateway.errors import Conflict, NotFound, StorageError
+from gateway.quota import (
+    DAY_METERS,
+    METERS,
+    PERS,
+    RATE_BITS,
+    RATE_BUCKETS,
+    Charge,
+    Counters,
+    Limit,
+    Meter,
+    Per,
+    bucket_of,
+    charged,
+    counters_from,
+    decide,
+    first_counted,
+    rate_bits,
+    rate_counts,
+    rate_retry,
+    rate_used,
+)
 from gateway.storage import migrations
 from gateway.storage.base import (
     ALERT_COLUMNS,
+    COSTS_BY_CURRENCY_SELECT,
     DAILY_COLUMNS,
     DELIVERY_COLUMNS,
     EVENT_COLUMNS,
     MODEL_USAGE_SELECT,
     PAUSED_FORM_DAYS,
+    TEAM_COLUMNS,
+    TEAM_DAILY_SELECT,
+    TEAM_LIST_SELECT,
     USER_COLUMNS,
+    USER_FIELDS,
     USER_SORTS,
     Admission,
     AdmissionLimits,
     Alert,
     AlertRequest,
     ApiKey,
-    Counters,
     Crossing,
     DailyUsage,
     Lease,
@@ -52,21 +76,28 @@ from gateway.storage.base import (
     OverrideValue,
     PausedForm,
     Pending,
+    Team,
+    TeamSummary,
     UsageEvent,
     User,
     UserSort,
     UserSummary,
     WebSearch,
+    admission,
     alerts_with_deliveries,
     crossed,
-    decide,
     delivery,
     model_usage,
-    web_search_left,
+    team_daily,
+    team_summary,
 )
 
 T = TypeVar("T")
 _USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="dec_sum(cost)", p1="?", p2="?", p3="?")
+_COSTS_BY_CURRENCY = COSTS_BY_CURRENCY_SELECT.format(cost_sum="dec_sum(cost)")
+
+_TEAM_DAILY = TEAM_DAILY_SELECT.format(cost_sum="dec_sum(d.cost)", p1="?", p2="?", p3="?")
+_TEAM_LIST = TEAM_LIST_SELECT.format(cost_sum="dec_sum(d.cost)", p1="?")
 
 _EXPORT_BATCH = 1000
 
@@ -170,6 +201,16 @@ def _user(row: sqlite3.Row | tuple[Any, ...]) -> User:
         lifetime_tokens=row[5],
         lifetime_cost=Decimal(row[6]),
         created_at=datetime.fromisoformat(row[7]),
+        team=row[8],
+    )
+
+
+def _team(row: tuple[Any, ...]) -> Team:
+    return Team(
+        id=row[0],
+        plan=row[1],
+        overrides=orjson.loads(row[2]),
+        created_at=datetime.fromisoformat(row[3]),
     )
 
 
@@ -222,6 +263,7 @@ def _event(row: tuple[Any, ...]) -> UsageEvent:
         model=row[17],
         cached_tokens=row[18],
         reasoning_tokens=row[19],
+        cache_write_tokens=row[20],
     )
 
 
@@ -239,31 +281,199 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]
     return result
 
 
+def _team_counters(
+    conn: sqlite3.Connection,
+    team: str,
+    today: str,
+    month_start: str,
+    now: datetime,
+    *,
+    monthly: bool,
+) -> Counters:
+    """A team's counters: its members' day rows summed, and their open streams."""
+    members = [row[0] for row in conn.execute("SELECT id FROM users WHERE team_id = ?", (team,))]
+    day = [Decimal(0)] * len(DAY_METERS)
+    month = [Decimal(0)] * len(DAY_METERS)
+    for member in members:
+        d, m = _day_and_month(conn, member, today, month_start)
+        day = [a + b for a, b in zip(day, d, strict=True)]
+        month = [a + b for a, b in zip(month, m, strict=True)]
+    marks = ", ".join("?" for _ in members)
+    streams = conn.execute(
+        f"SELECT count(*) FROM stream_leases WHERE expires_at > ? AND user_id IN ({marks})",
+        (_ts(now), *members),
+    ).fetchone()[0]
+    return counters_from(day, month if monthly else None, streams)
+
+
+def _day_and_month(
+    conn: sqlite3.Connection, user_id: str, today: str, month_start: str
+) -> tuple[list[Decimal], list[Decimal]]:
+    """The user's counters today and this month (today included), in the order
+    of gateway/quota.py's DAY_METERS; cost includes what answers under way
+    reserved."""
+    day = [Decimal(0)] * len(DAY_METERS)
+    month = [Decimal(0)] * len(DAY_METERS)
+    for row in conn.execute(
+        "SELECT day, queries, advanced_rag, web_searches, uploads, upload_bytes, "
+        "prompt_tokens, completion_tokens, total_tokens, dec_add(cost, cost_reserved) "
+        "FROM usage_daily WHERE user_id = ? AND day >= ? AND day <= ?",
+        (user_id, month_start, today),
+    ):
+        values = [Decimal(v) for v in row[1:]]
+        month = [m + v for m, v in zip(month, values, strict=True)]
+        if row[0] == today:
+            day = values
+    return day, month
+
+
+class _Claimed(NamedTuple):
+    """A pending row settle or refund removed: where its reservations are."""
+
+    day: str
+    web_searches: int
+    reserved_cost: str
+    rates: int = 0  # quota.RATE_BITS
+    created_at: str = ""
+    scopes: str = "[]"  # the per-model counters' keys, JSON
+
+    @property
+    def keys(self) -> list[str]:
+        return list(orjson.loads(self.scopes))
+
+
+def _rate_add(
+    conn: sqlite3.Connection, user_id: str, meter: Meter, per: Per, epoch: float, amount: int
+) -> None:
+    """Add ``amount`` to the rate bucket ``epoch`` falls in (PostgreSQL's
+    gateway_rate_add: a slot ring, a newer bucket replacing a slot's older one)."""
+    bucket = bucket_of(per, epoch)
+    conn.execute(
+        "INSERT INTO usage_rates AS r (user_id, meter, per, slot, bucket, amount) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, meter, per, slot) DO UPDATE SET "
+        "amount = CASE WHEN r.bucket = excluded.bucket THEN r.amount + excluded.amount "
+        "WHEN excluded.bucket > r.bucket THEN excluded.amount ELSE r.amount END, "
+        "bucket = max(r.bucket, excluded.bucket)",
+        (
+            user_id,
+            METERS.index(meter) + 1,
+            PERS.index(per) + 1,
+            bucket % (RATE_BUCKETS + 1),
+            bucket,
+            amount,
+        ),
+    )
+
+
+def _rate_buckets(
+    conn: sqlite3.Connection, user_id: str, limit: Limit, epoch: float
+) -> dict[int, Decimal]:
+    """The counted buckets of one rate window at ``epoch``."""
+    rows = conn.execute(
+        "SELECT bucket, amount FROM usage_rates WHERE user_id = ? AND meter = ? AND per = ? "
+        "AND bucket >= ?",
+        (
+            user_id,
+            METERS.index(limit.meter) + 1,
+            PERS.index(limit.per) + 1,
+            first_counted(limit.per, epoch),
+        ),
+    )
+    return {row[0]: Decimal(row[1]) for row in rows}
+
+
+def _count_rates(
+    conn: sqlite3.Connection, user_id: str, bits: int, meter: Meter, epoch: float, amount: int
+) -> None:
+    """Count ``amount`` of ``meter`` in the rates of ``bits`` (quota.RATE_BITS)."""
+    for (bit_meter, per), bit in RATE_BITS.items():
+        if bit_meter == meter and bits & bit:
+            _rate_add(conn, user_id, meter, per, epoch, amount)
+
+
 def _claim(
     conn: sqlite3.Connection, pending_id: str | None, lease_id: str | None
-) -> tuple[str, int] | None:
+) -> _Claimed | None:
     """Remove an answer's pending row and release its lease. Returns the row's day
-    and the web searches reserved with it - (day, 0) when no pending row is named -
-    or None when the row was already gone (settled, refunded or recovered: the
-    answer is accounted for)."""
-    claimed: tuple[str, int] | None = ("", 0)
+    and what was reserved with it - nothing when no pending row is named - or None
+    when the row was already gone (settled, refunded or recovered: the answer is
+    accounted for)."""
+    claimed: _Claimed | None = _Claimed("", 0, "0")
     if pending_id is not None:
-        claimed = conn.execute(
-            "DELETE FROM pending_answers WHERE id = ? RETURNING day, web_searches", (pending_id,)
+        row = conn.execute(
+            "DELETE FROM pending_answers WHERE id = ? "
+            "RETURNING day, web_searches, reserved_cost, rates, created_at, scopes",
+            (pending_id,),
         ).fetchone()
+        claimed = _Claimed(*row) if row is not None else None
     if lease_id is not None:
         conn.execute("DELETE FROM stream_leases WHERE id = ?", (lease_id,))
-    return (claimed[0], claimed[1]) if claimed is not None else None
+    return claimed
 
 
-def _give_back_web_searches(conn: sqlite3.Connection, user_id: str, day: str, count: int) -> None:
-    """Take the web searches reserved at admission off the day row (the settle
-    adds what the answer used instead)."""
-    if count:
+def _add_models(
+    conn: sqlite3.Connection,
+    user_id: str,
+    keys: Iterable[str],
+    day: str,
+    *,
+    queries: int = 0,
+    prompt: int = 0,
+    completion: int = 0,
+    total: int = 0,
+    cost: Decimal = Decimal(0),
+    reserved: Decimal = Decimal(0),
+) -> None:
+    """Add to the per-model counters ``keys`` of the user's day."""
+    for key in keys:
         conn.execute(
-            "UPDATE usage_daily SET web_searches = max(web_searches - ?, 0) "
-            "WHERE user_id = ? AND day = ?",
-            (count, user_id, day),
+            "INSERT INTO usage_models (user_id, scope, day, queries, prompt_tokens, "
+            "completion_tokens, total_tokens, cost, cost_reserved) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, scope, day) DO UPDATE SET "
+            "queries = queries + excluded.queries, "
+            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+            "completion_tokens = completion_tokens + excluded.completion_tokens, "
+            "total_tokens = total_tokens + excluded.total_tokens, "
+            "cost = dec_add(cost, excluded.cost), "
+            "cost_reserved = dec_add(cost_reserved, excluded.cost_reserved)",
+            (user_id, key, day, queries, prompt, completion, total, str(cost), str(reserved)),
+        )
+
+
+def _model_counters(
+    conn: sqlite3.Connection, user_id: str, keys: Iterable[str], today: str, month_start: str
+) -> dict[tuple[str, Meter, Per], Decimal]:
+    """The per-model counters ``keys`` of the user, today and this month."""
+    found: dict[tuple[str, Meter, Per], Decimal] = {}
+    meters: tuple[Meter, ...] = ("queries", "input_tokens", "output_tokens", "tokens", "cost")
+    for key in keys:
+        for meter in meters:
+            found[(key, meter, "day")] = found[(key, meter, "month")] = Decimal(0)
+        for row in conn.execute(
+            "SELECT day, queries, prompt_tokens, completion_tokens, total_tokens, "
+            "dec_add(cost, cost_reserved) FROM usage_models "
+            "WHERE user_id = ? AND scope = ? AND day >= ? AND day <= ?",
+            (user_id, key, month_start, today),
+        ):
+            for meter, value in zip(meters, row[1:], strict=True):
+                found[(key, meter, "month")] += Decimal(value)
+                if row[0] == today:
+                    found[(key, meter, "day")] += Decimal(value)
+    return found
+
+
+def _release(conn: sqlite3.Connection, user_id: str, claimed: _Claimed) -> None:
+    """End the reservations admission made with a pending row: the web searches
+    (the settle adds what the answer used instead) and the cost bound, on the
+    day row and on the per-model counters it counts in."""
+    reserved = Decimal(claimed.reserved_cost)
+    if reserved:
+        _add_models(conn, user_id, claimed.keys, claimed.day, reserved=-reserved)
+    if claimed.web_searches or Decimal(claimed.reserved_cost):
+        conn.execute(
+            "UPDATE usage_daily SET web_searches = max(web_searches - ?, 0), "
+            "cost_reserved = dec_add(cost_reserved, ?) WHERE user_id = ? AND day = ?",
+            (claimed.web_searches, str(-Decimal(claimed.reserved_cost)), user_id, claimed.day),
         )
 
 
@@ -296,7 +506,7 @@ def _supersede(conn: sqlite3.Connection, pending_id: str, event: UsageEvent) -> 
         "prompt_tokens = ?, completion_tokens = ?, total_tokens = ?, cost = ?, currency = ?, "
         "outcome = ?, estimated = ?, web_searches = ?, conversation_id = ?, request_id = ?, "
         "upstream_latency_ms = ?, overhead_ms = ?, model = ?, cached_tokens = ?, "
-        "reasoning_tokens = ? WHERE answer_id = ?",
+        "reasoning_tokens = ?, cache_write_tokens = ? WHERE answer_id = ?",
         (
             event.answer_id,
             _ts(event.created_at),
@@ -316,6 +526,7 @@ def _supersede(conn: sqlite3.Connection, pending_id: str, event: UsageEvent) -> 
             event.model,
             event.cached_tokens,
             event.reasoning_tokens,
+            event.cache_write_tokens,
             old[0],
         ),
     )
@@ -346,7 +557,7 @@ def _record(conn: sqlite3.Connection, event: UsageEvent) -> bool:
     cost = str(event.cost)
     inserted = conn.execute(
         f"INSERT INTO usage_events ({EVENT_COLUMNS}) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (answer_id) DO NOTHING",
         (
             event.answer_id,
@@ -369,6 +580,7 @@ def _record(conn: sqlite3.Connection, event: UsageEvent) -> bool:
             event.model,
             event.cached_tokens,
             event.reasoning_tokens,
+            event.cache_write_tokens,
         ),
     ).rowcount
     if not inserted:
@@ -561,9 +773,9 @@ class SQLiteStorage:
             rows = conn.execute(sql, (day.isoformat(), *params, limit, offset)).fetchall()
             return [
                 UserSummary(
-                    user=_user(row[:8]),
-                    today=_daily(row[8:])
-                    if row[8] is not None
+                    user=_user(row[:USER_FIELDS]),
+                    today=_daily(row[USER_FIELDS:])
+                    if row[USER_FIELDS] is not None
                     else DailyUsage(user_id=row[0], day=day),
                 )
                 for row in rows
@@ -578,6 +790,103 @@ class SQLiteStorage:
                 conn.execute(f"SELECT count(*) FROM users u{where}", params).fetchone()[0]
             )
         )
+
+    # --- teams (issue 21) ----------------------------------------------------
+
+    async def create_team(self, team_id: str, *, plan: str, now: datetime) -> Team:
+        def run(conn: sqlite3.Connection) -> None:
+            inserted = conn.execute(
+                "INSERT INTO teams (id, plan, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (id) DO NOTHING",
+                (team_id, plan, _ts(now)),
+            ).rowcount
+            if not inserted:
+                raise Conflict(f"a team {team_id!r} exists already")
+
+        await self._tx(run)
+        return Team(id=team_id, plan=plan, overrides={}, created_at=now.astimezone(UTC))
+
+    async def get_team(self, team_id: str) -> Team | None:
+        def run(conn: sqlite3.Connection) -> Team | None:
+            row = conn.execute(
+                f"SELECT {TEAM_COLUMNS} FROM teams t WHERE t.id = ?", (team_id,)
+            ).fetchone()
+            return _team(row) if row else None
+
+        return await self._run(run)
+
+    async def list_teams(self, *, day: date) -> list[TeamSummary]:
+        return await self._run(
+            lambda conn: [
+                team_summary(_team(row[:4]), row[4:], day=day, cost=Decimal(row[13] or "0"))
+                for row in conn.execute(_TEAM_LIST, (day.isoformat(),))
+            ]
+        )
+
+    async def set_team_plan(self, team_id: str, plan: str) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            if not conn.execute("UPDATE teams SET plan = ? WHERE id = ?", (plan, team_id)).rowcount:
+                raise NotFound(f"no team {team_id!r}")
+
+        await self._tx(run)
+
+    async def _change_team_overrides(
+        self, team_id: str, change: Callable[[dict[str, OverrideValue]], None]
+    ) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT overrides FROM teams WHERE id = ?", (team_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no team {team_id!r}")
+            overrides = orjson.loads(row[0])
+            change(overrides)
+            conn.execute(
+                "UPDATE teams SET overrides = ? WHERE id = ?",
+                (orjson.dumps(overrides).decode(), team_id),
+            )
+
+        await self._tx(run)
+
+    async def set_team_override(self, team_id: str, name: str, value: OverrideValue) -> None:
+        await self._change_team_overrides(team_id, lambda o: o.__setitem__(name, value))
+
+    async def clear_team_override(self, team_id: str, name: str) -> None:
+        def clear(overrides: dict[str, OverrideValue]) -> None:
+            overrides.pop(name, None)
+
+        await self._change_team_overrides(team_id, clear)
+
+    async def set_team(self, user_id: str, team_id: str | None) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            if (
+                team_id is not None
+                and conn.execute("SELECT 1 FROM teams WHERE id = ?", (team_id,)).fetchone() is None
+            ):
+                raise NotFound(f"no team {team_id!r}")
+            if not conn.execute(
+                "UPDATE users SET team_id = ? WHERE id = ?", (team_id, user_id)
+            ).rowcount:
+                raise NotFound(f"no user {user_id!r}")
+
+        await self._tx(run)
+
+    async def team_members(self, team_id: str) -> list[User]:
+        sql = f"SELECT {USER_COLUMNS} FROM users u WHERE u.team_id = ? ORDER BY u.id"
+        return await self._run(
+            lambda conn: [_user(row) for row in conn.execute(sql, (team_id,)).fetchall()]
+        )
+
+    async def team_daily(self, team_id: str, *, start: date, end: date) -> list[DailyUsage]:
+        params = (team_id, start.isoformat(), end.isoformat())
+        return await self._run(
+            lambda conn: [
+                team_daily(team_id, row, Decimal(row[9] or "0"))
+                for row in conn.execute(_TEAM_DAILY, params).fetchall()
+            ]
+        )
+
+    async def user_teams(self) -> dict[str, str]:
+        sql = "SELECT id, team_id FROM users WHERE team_id IS NOT NULL"
+        return await self._run(lambda conn: dict(conn.execute(sql).fetchall()))
 
     # --- keys ---------------------------------------------------------------
 
@@ -653,24 +962,30 @@ class SQLiteStorage:
         advanced_rag: bool = False,
         pending: Pending | None = None,
         web_search: WebSearch | None = None,
+        team: str | None = None,
     ) -> Admission:
         today = day.isoformat()
+        checked = limits.with_web_search(web_search)
+        charge = Charge(
+            advanced_rag=int(advanced_rag),
+            web_searches=int(web_search is not None),
+            cost=pending.reserved_cost if pending else Decimal(0),
+            streams=int(lease is not None),
+        )
+        optional = web_search is not None and web_search.when_exhausted == "disable"
+        bits = rate_bits(checked)
 
         def run(conn: sqlite3.Connection) -> Admission:
             # Under BEGIN IMMEDIATE no other connection can write between these
             # reads and the increment below, so check-then-increment is atomic here.
             if conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
                 raise NotFound(f"no user {user_id!r}")
-            row = conn.execute(
-                "SELECT coalesce(d.queries, 0), coalesce(d.total_tokens, 0), "
-                "coalesce(d.web_searches, 0), "
-                "(SELECT coalesce(sum(total_tokens), 0) FROM usage_daily "
-                " WHERE user_id = ? AND day >= ? AND day < ?) "
-                "FROM (SELECT 1) LEFT JOIN usage_daily d ON d.user_id = ? AND d.day = ?",
-                (user_id, month_start.isoformat(), today, user_id, today),
-            ).fetchone()
+            day_used, month_sums = _day_and_month(conn, user_id, today, month_start.isoformat())
+            # As PostgreSQL, which reads the month only for a monthly limit.
+            monthly = any(limit.per == "month" for limit in checked)
+            month_used = month_sums if monthly else None
             streams = 0
-            if limits.max_concurrent_streams is not None:
+            if limits.counts_streams:
                 conn.execute(
                     "DELETE FROM stream_leases WHERE user_id = ? AND expires_at <= ?",
                     (user_id, _ts(now)),
@@ -678,37 +993,61 @@ class SQLiteStorage:
                 streams = conn.execute(
                     "SELECT count(*) FROM stream_leases WHERE user_id = ?", (user_id,)
                 ).fetchone()[0]
-            counters = Counters(
-                queries_today=row[0],
-                tokens_today=row[1],
-                tokens_month=row[3] + row[1],
-                web_searches_today=row[2],
-                open_streams=streams,
+            epoch = now.timestamp()
+            buckets = {
+                at: _rate_buckets(conn, user_id, limit, epoch)
+                for at, limit in enumerate(checked)
+                if limit.is_rate
+            }
+            rates = {
+                (checked[at].meter, checked[at].per): rate_used(found, checked[at].per, epoch)
+                for at, found in buckets.items()
+            }
+            team_counters = None
+            if team is not None and limits.has_team:
+                team_counters = _team_counters(
+                    conn, team, today, month_start.isoformat(), now, monthly=monthly
+                )
+            keys = sorted({k for k in (x.counter_key for x in checked) if k is not None})
+            models = _model_counters(conn, user_id, keys, today, month_start.isoformat())
+            counters = counters_from(
+                day_used, month_used, streams, rates, team=team_counters, models=models
             )
-            refused = decide(counters, limits, web_search)
-            if refused is not None:
-                return Admission(admitted=False, refused_by=refused, counters=counters)
-            searches = int(web_search_left(counters, web_search))
+            decision = decide(counters, checked, charge, web_optional=optional)
+            if decision.refused is not None:
+                refused = checked[decision.refused]
+                retry = (
+                    rate_retry(
+                        buckets[decision.refused], refused, charge.amount(refused.meter), epoch
+                    )
+                    if refused.is_rate
+                    else None
+                )
+                return admission(checked, decision.refused, counters, 0, retry_after=retry)
+            searches = decision.web_searches
             conn.execute(
-                "INSERT INTO usage_daily (user_id, day, queries, advanced_rag, web_searches) "
-                "VALUES (?, ?, 1, ?, ?) "
+                "INSERT INTO usage_daily (user_id, day, queries, advanced_rag, web_searches, "
+                "cost_reserved) VALUES (?, ?, 1, ?, ?, ?) "
                 "ON CONFLICT (user_id, day) DO UPDATE SET queries = queries + 1, "
                 "advanced_rag = advanced_rag + excluded.advanced_rag, "
-                "web_searches = web_searches + excluded.web_searches",
-                (user_id, today, int(advanced_rag), searches),
+                "web_searches = web_searches + excluded.web_searches, "
+                "cost_reserved = dec_add(cost_reserved, excluded.cost_reserved)",
+                (user_id, today, charge.advanced_rag, searches, str(charge.cost)),
             )
+            _count_rates(conn, user_id, bits, "queries", epoch, 1)
+            _add_models(conn, user_id, keys, today, queries=1, reserved=charge.cost)
             if lease is not None:
                 conn.execute(
                     "INSERT INTO stream_leases (id, user_id, expires_at) VALUES (?, ?, ?)",
                     (lease.id, user_id, _ts(lease.expires_at)),
                 )
-                streams += 1
             if pending is not None:
                 # In the same transaction: an admitted answer is never unrecorded.
                 conn.execute(
                     "INSERT INTO pending_answers (id, user_id, day, created_at, endpoint, "
                     "prompt_tokens, completion_tokens, total_tokens, cost, currency, "
-                    "web_searches) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "web_searches, reserved_cost, rates, scopes) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         pending.id,
                         user_id,
@@ -721,21 +1060,24 @@ class SQLiteStorage:
                         str(pending.cost),
                         pending.currency,
                         searches,
+                        str(pending.reserved_cost),
+                        bits,
+                        orjson.dumps(keys).decode(),
                     ),
                 )
-            return Admission(
-                admitted=True,
-                refused_by=None,
-                counters=replace(
-                    counters,
-                    queries_today=counters.queries_today + 1,
-                    web_searches_today=counters.web_searches_today + searches,
-                    open_streams=streams,
-                ),
-                web_search_reserved=bool(searches),
-            )
+            after = charged(counters, charge, searches)
+            return admission(checked, None, after, searches)
 
         return await self._tx(run)
+
+    async def rate_counts(self, user_id: str, *, now: datetime) -> dict[tuple[Meter, Per], Decimal]:
+        def run(conn: sqlite3.Connection) -> dict[tuple[Meter, Per], Decimal]:
+            rows = conn.execute(
+                "SELECT meter, per, bucket, amount FROM usage_rates WHERE user_id = ?", (user_id,)
+            ).fetchall()
+            return rate_counts(rows, now.timestamp())
+
+        return await self._run(run)
 
     async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
         await self._tx(
@@ -773,7 +1115,11 @@ class SQLiteStorage:
                     "WHERE user_id = ? AND day = ? AND queries > 0",
                     (user_id, day.isoformat()),
                 )
-                _give_back_web_searches(conn, user_id, claimed[0], claimed[1])
+                _release(conn, user_id, claimed)
+                _add_models(conn, user_id, claimed.keys, claimed.day, queries=-1)
+                if claimed.rates:
+                    at = datetime.fromisoformat(claimed.created_at).timestamp()
+                    _count_rates(conn, user_id, claimed.rates, "queries", at, -1)
             return claimed is not None
 
         return await self._tx(run)
@@ -796,7 +1142,27 @@ class SQLiteStorage:
             else:
                 recorded = _record(conn, event)
                 # Whether or not the answer id was new, the reservation ends here.
-                _give_back_web_searches(conn, event.user_id, claimed[0], claimed[1])
+                _release(conn, event.user_id, claimed)
+                if recorded:
+                    _add_models(
+                        conn,
+                        event.user_id,
+                        claimed.keys,
+                        claimed.day,
+                        prompt=event.prompt_tokens,
+                        completion=event.completion_tokens,
+                        total=event.total_tokens,
+                        cost=Decimal(event.cost),
+                    )
+                if recorded and claimed.rates:
+                    _count_rates(
+                        conn,
+                        event.user_id,
+                        claimed.rates,
+                        "tokens",
+                        event.created_at.timestamp(),
+                        event.total_tokens,
+                    )
             if not recorded:
                 return False
             if alerts is not None and alerts.checks:
@@ -817,7 +1183,11 @@ class SQLiteStorage:
                 (_ts(before), limit),
             ).fetchall()
             for row in rows:
-                _claim(conn, row[0], row[0])
+                claimed = _claim(conn, row[0], row[0])
+                if claimed is not None:
+                    # The cost bound's reservation ends: the estimate below is
+                    # charged instead (admission made it at least the bound).
+                    _release(conn, row[1], claimed._replace(web_searches=0))
                 recorded = _record(
                     conn,
                     UsageEvent(
@@ -836,6 +1206,17 @@ class SQLiteStorage:
                         request_id=row[0],
                     ),
                 )
+                if recorded and claimed is not None:
+                    _add_models(
+                        conn,
+                        row[1],
+                        claimed.keys,
+                        row[2],
+                        prompt=row[4],
+                        completion=row[5],
+                        total=row[6],
+                        cost=Decimal(row[7]),
+                    )
                 if recorded and row[9]:
                     # A web search reserved stays spent, like the query (the answer
                     # may have searched): the day row has it already, the ledger
@@ -997,6 +1378,14 @@ class SQLiteStorage:
                 model_usage(row, Decimal(row[7] or "0"))
                 for row in conn.execute(_USAGE_BY_MODEL, params).fetchall()
             ]
+        )
+
+    async def costs_by_currency(self) -> dict[str, Decimal]:
+        return await self._run(
+            lambda conn: {
+                row[0]: Decimal(row[1] or "0")
+                for row in conn.execute(_COSTS_BY_CURRENCY).fetchall()
+            }
         )
 
     # --- ownership (issue 20, default deny) ---

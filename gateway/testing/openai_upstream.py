@@ -40,18 +40,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
 
+from gateway.types import Receive, Scope, Send
+
 __all__ = ["ANSWER_PIECES", "FakeOpenAI", "RecordedRequest"]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 JSON = dict[str, Any]
 
 ANSWER_PIECES: Final = ("Xin chào", "!", " Tôi", " có thể", " giúp", " gì", "?")
@@ -76,6 +73,7 @@ class RecordedRequest:
     path: str  # without any /v1 prefix
     headers: dict[str, str]
     json: Any
+    raw: bytes = b""  # the body as received
 
 
 def error_body(status: int, message: str, *, code: str | None = None) -> bytes:
@@ -121,7 +119,7 @@ class FakeOpenAI:
             body = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             body = None
-        self.requests.append(RecordedRequest(scope["method"], path, headers, body))
+        self.requests.append(RecordedRequest(scope["method"], path, headers, body, bytes(raw)))
         if headers.get("authorization") != f"Bearer {self.api_key}":
             await self._json(send, 401, error_body(401, "Incorrect API key provided."))
             return

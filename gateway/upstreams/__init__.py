@@ -27,6 +27,7 @@ __all__ = [
 
 # kind -> "module:Class"
 DIALECTS: Final[dict[str, str]] = {
+    "anthropic": "gateway.upstreams.anthropic:AnthropicUpstream",
     "dify": "gateway.upstreams.dify:DifyUpstream",
     "openai": "gateway.upstreams.openai:OpenAIUpstream",
 }

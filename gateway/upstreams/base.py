@@ -6,6 +6,12 @@ Adding an upstream means adding one module here and one line in the registry
 or a header of any one API. What a dialect provides, in the order the proxy
 uses it for one request:
 
+``key_header`` and ``upstream_credential(api_key)``
+    Where this API's clients send their key besides ``Authorization: Bearer``
+    (Anthropic's ``x-api-key``; None: nowhere else) - the gateway reads the
+    gateway key there and never forwards that header - and the header that
+    carries the operator's key upstream.
+
 ``route(method, path) -> Route``
     Classifies a request (``path`` is relative to the API base, e.g.
     "/chat-messages"). Which kinds of route exist is the dialect's business: the
@@ -20,6 +26,18 @@ uses it for one request:
 ``refine(route, body) -> Route``
     For a route whose role the body decides (``by_body``), the route once the
     JSON body is read.
+
+``requested_models(route, body) -> tuple[str | None, ...] | None``
+    The models a request asks the upstream to run, read where the upstream
+    reads them (the body's ``model``, a tool's own ``model``, a model read's
+    path): checked against the plan's allow-list before anything is reserved
+    or forwarded (gateway/model_access.py). None: the request names no model
+    the gateway can check (a Dify app fixes its own; a route that runs none);
+    a None item: the request should name a model and does not.
+
+``filter_models(route, page, allowed) -> dict``
+    A model list (``route.lists_models``) holding only the models for which
+    ``allowed(id)`` is true; returns ``page`` itself when nothing was removed.
 
 ``prepare(route, body, query, user_id, *, method, request_id) -> Prepared``
     Puts the authenticated end user where this API reads it: into the parsed
@@ -67,6 +85,7 @@ uses it for one request:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -109,6 +128,10 @@ class Route:
     # The body decides the role (e.g. a rename that asks Dify to generate the name):
     # the proxy asks the dialect's ``refine`` once the JSON body is read.
     by_body: bool = False
+    # Issue 21, model allow-lists: a list of the upstream's models (filtered to the
+    # plan's), and the one model a read of a model names (checked against it).
+    lists_models: bool = False
+    model: str | None = None
 
     @property
     def produces_answer(self) -> bool:
@@ -190,6 +213,15 @@ class Upstream(Protocol):
         """True when a running answer is stopped by closing the upstream connection."""
         ...
 
+    @property
+    def key_header(self) -> bytes | None:
+        """A request header, besides Authorization, that carries the client's key."""
+        ...
+
+    def upstream_credential(self, api_key: str) -> tuple[bytes, bytes]:
+        """The request header that gives the upstream the operator's ``api_key``."""
+        ...
+
     def route(self, method: str, path: str) -> Route:
         """Classify a request; ``path`` is relative to the API base, e.g. "/chat-messages"."""
         ...
@@ -230,6 +262,18 @@ class Upstream(Protocol):
         in time (it may have generated, and billed, the answer all the same)."""
         ...
 
+    def requested_models(
+        self, route: Route, body: dict[str, Any] | None
+    ) -> tuple[str | None, ...] | None:
+        """The models the request names, where the upstream reads them (see above)."""
+        ...
+
+    def filter_models(
+        self, route: Route, page: dict[str, Any], allowed: Callable[[str], bool]
+    ) -> dict[str, Any]:
+        """A model list limited to the allowed models (see above)."""
+        ...
+
     def filter_history(
         self, route: Route, query: bytes, page: dict[str, Any], cutoff: float
     ) -> dict[str, Any]:
@@ -247,3 +291,19 @@ class Upstream(Protocol):
     def stream_error(self, status: int, code: str, message: str) -> bytes:
         """A complete SSE frame telling the client a stream broke after it began."""
         ...
+
+
+def keep_models(page: dict[str, Any], allowed: Callable[[str], bool]) -> dict[str, Any]:
+    """A model list whose ``data`` holds objects named by ``id`` (OpenAI's and
+    Anthropic's shape), with only the allowed models; returns ``page`` itself
+    when nothing was removed. A list it cannot read is emptied, not passed on
+    whole."""
+    data = page.get("data")
+    if not isinstance(data, list):
+        return {**page, "data": []}
+    kept = [
+        item
+        for item in data
+        if isinstance(item, dict) and isinstance(item.get("id"), str) and allowed(item["id"])
+    ]
+    return page if len(kept) == len(data) else {**page, "data": kept}

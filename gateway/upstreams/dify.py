@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, quote
 
@@ -479,9 +480,13 @@ class DifyUpstream:
     kind = "dify"
     user_field = "user"
     stops_by_closing = False
+    key_header = None  # the gateway key comes as a bearer token only
 
     def __init__(self, config: Config | None = None) -> None:
         """Dify needs no settings of its own: it reports usage with its price."""
+
+    def upstream_credential(self, api_key: str) -> tuple[bytes, bytes]:
+        return (b"authorization", f"Bearer {api_key}".encode())
 
     def route(self, method: str, path: str) -> Route:
         return dify_routes.dify_route(method, path)
@@ -518,6 +523,18 @@ class DifyUpstream:
 
     def stream_transform(self, route: Route, prepared: Prepared) -> None:
         return None  # the client gets Dify's stream byte for byte
+
+    def requested_models(
+        self, route: Route, body: dict[str, Any] | None
+    ) -> tuple[str | None, ...] | None:
+        # A Dify app runs the model its builder chose; no request names one, so a
+        # plan's model allow-list cannot apply (docs/configuration.md).
+        return None
+
+    def filter_models(
+        self, route: Route, page: dict[str, Any], allowed: Callable[[str], bool]
+    ) -> dict[str, Any]:
+        return page  # no route of this API lists models
 
     def filter_history(
         self, route: Route, query: bytes, page: dict[str, Any], cutoff: float

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 
@@ -33,7 +33,7 @@ from gateway.errors import BadRequest, Forbidden
 from gateway.pricing import Audio, CallPrice, PriceTable
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import openai_routes
-from gateway.upstreams.base import Prepared, Route, StreamMeter
+from gateway.upstreams.base import Prepared, Route, StreamMeter, keep_models
 from gateway.upstreams.openai_routes import object_id_meter, with_object_id
 from gateway.upstreams.openai_wire import (
     ChatStreamMeter,
@@ -83,6 +83,9 @@ _TOOL_VERSION: Final = re.compile(r"_20[0-9]{2}_[0-9]{2}_[0-9]{2}$")
 # The web-search tools: a response's web_search_call items are calls of the one
 # the request listed.
 _WEB_SEARCH_TOOLS: Final = ("web_search", "web_search_preview")
+# Responses tools that run a model of their own, named by the tool's "model"
+# (OpenAI's default when it is left out): checked against a plan's allow-list.
+_MODEL_TOOLS: Final = frozenset({"image_generation"})
 # Chat-completions models that search the web on every answer (gpt-4o-search-preview,
 # gpt-4o-mini-search-preview-2025-03-11, gpt-5-search-api).
 _SEARCH_MODEL: Final = re.compile(r"-search(?:-|$)")
@@ -142,6 +145,7 @@ class OpenAIUpstream:
     kind = "openai"
     user_field = "user"
     stops_by_closing = True  # OpenAI stops generating when the client closes
+    key_header = None  # the gateway key comes as a bearer token only
 
     def __init__(self, config: Config | None = None) -> None:
         self._prices = PriceTable(config.prices if config is not None else {})
@@ -159,6 +163,9 @@ class OpenAIUpstream:
         }
 
     # --- requests ------------------------------------------------------------------
+
+    def upstream_credential(self, api_key: str) -> tuple[bytes, bytes]:
+        return (b"authorization", f"Bearer {api_key}".encode())
 
     def route(self, method: str, path: str) -> Route:
         return openai_routes.openai_route(method, path)
@@ -233,6 +240,42 @@ class OpenAIUpstream:
 
     def is_streaming(self, route: Route, body: dict[str, Any]) -> bool:
         return body.get("stream") is True
+
+    # --- model allow-lists (issue 21, gateway/model_access.py) ---------------------
+
+    def requested_models(
+        self, route: Route, body: dict[str, Any] | None
+    ) -> tuple[str | None, ...] | None:
+        """The models an answer or paid call runs: the body's ``model`` (None when
+        absent or not a string: the upstream would pick one itself, e.g. a stored
+        prompt's), and a Responses tool's own ``model`` (``image_generation``
+        runs one; without it OpenAI picks its default, so it is None too). A
+        model read (``GET /models/ID``) names its model. Moderations, free and
+        keeping nothing, are not checked."""
+        if route.model is not None:
+            return (route.model,)
+        if not route.admitted or body is None:
+            return None
+        models: list[str | None] = [_requested_model(body)]
+        if route.kind == "response":
+            tools = body.get("tools")
+            for tool in tools if isinstance(tools, list) else ():
+                if not isinstance(tool, dict):
+                    continue
+                kind = tool.get("type")
+                runs_model = isinstance(kind, str) and (_TOOL_VERSION.sub("", kind) in _MODEL_TOOLS)
+                if "model" in tool or runs_model:
+                    model = tool.get("model")
+                    models.append(model if isinstance(model, str) and model else None)
+        return tuple(models)
+
+    def filter_models(
+        self, route: Route, page: dict[str, Any], allowed: Callable[[str], bool]
+    ) -> dict[str, Any]:
+        """``GET /models`` (``{"object": "list", "data": [{"id": ...}, ...]}``)
+        with only the allowed models; a list it cannot read is emptied, not
+        passed on whole."""
+        return keep_models(page, allowed)
 
     # --- answers -------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from typing import Any, Final
+from urllib.parse import unquote
 
 import orjson
 
@@ -50,7 +51,7 @@ _EXACT: Final[dict[tuple[str, str], Route]] = {
     ("POST", "completions"): COMPLETION,
     ("POST", "embeddings"): EMBEDDING,
     ("POST", "responses"): RESPONSE,
-    ("GET", "models"): Route("models", "models", role="passthrough"),
+    ("GET", "models"): Route("models", "models", role="passthrough", lists_models=True),
     # Free, and keeps nothing.
     ("POST", "moderations"): Route("moderation", "moderations", role="passthrough"),
     # Lists of every user's stored answers.
@@ -81,7 +82,7 @@ _OWNED: Final[tuple[tuple[frozenset[str], re.Pattern[str], str, str], ...]] = tu
         ),
     )
 )
-_MODEL: Final = re.compile(rf"models/{_SEG}")
+_MODEL: Final = re.compile(rf"models/({_SEG})")
 # Account-wide objects and paid endpoints the gateway cannot meter: operator only.
 # (Conversations too: the ledger cannot yet tell whose a conversation is.)
 _OPERATOR_PREFIXES: Final = frozenset(
@@ -119,9 +120,14 @@ def openai_route(method: str, path: str) -> Route:
             match = pattern.fullmatch(key)
             if match is not None:
                 return Route(kind, name, role="scoped", owned_answer=match.group(1))
-    if _MODEL.fullmatch(key):
+    model = _MODEL.fullmatch(key)
+    if model is not None:
         # Reading a model is harmless; deleting one (a fine-tuned model) is not.
-        return Route("models", "models", role="passthrough") if method == "GET" else OPERATOR
+        # The model read is the one the upstream decodes from the path (issue 21:
+        # checked against the plan's allow-list).
+        if method != "GET":
+            return OPERATOR
+        return Route("models", "models", role="passthrough", model=unquote(model.group(1)))
     if key.split("/", 1)[0] in _OPERATOR_PREFIXES:
         return OPERATOR
     return UNKNOWN

@@ -53,7 +53,7 @@ async def test_the_dashboard_fits_a_phone(sqlite_url: str, screenshots: Path) ->
             for _ in range(2):  # the day's two queries: none left
                 response = await api.post("/v1/chat-messages", json=CHAT, headers=h.auth())
                 assert response.status_code == 200
-        await h.gateway.wait_finished(2)
+        await h.probes.wait_finished(2)
         for i in range(3):
             key = new_key()
             await h.storage.create_key(
@@ -101,6 +101,7 @@ async def test_the_dashboard_fits_a_phone(sqlite_url: str, screenshots: Path) ->
                 assert labels == [
                     '"User"',
                     '"Plan"',
+                    '"Team"',
                     '"Lifetime tokens"',
                     '"Lifetime cost"',
                     '"Tokens today"',

@@ -255,7 +255,9 @@ async def test_the_ledger_keeps_model_and_token_parts_and_sums_them_per_model(
     await storage.ensure_user("alice", plan="free")
     await storage.ensure_user("bob", plan="free")
     parts = {"cached_tokens": 30, "reasoning_tokens": 10}
-    assert await storage.settle(event("a1", tokens=100, cost="0.1", model="o3", **parts))
+    assert await storage.settle(
+        event("a1", tokens=100, cost="0.1", model="o3", cache_write_tokens=20, **parts)
+    )
     assert await storage.settle(event("a2", tokens=200, cost="0.0000001", model="o3", **parts))
     assert await storage.settle(event("a3", tokens=50, cost="0.3", model="gpt-4o-mini"))
     assert await storage.settle(event("a4", tokens=7, cost="0"))  # names no model (Dify)
@@ -270,6 +272,8 @@ async def test_the_ledger_keeps_model_and_token_parts_and_sums_them_per_model(
         30,
         10,
     )
+    assert events["a1"].cache_write_tokens == 20  # Anthropic's cache writes (0014/0010)
+    assert events["a2"].cache_write_tokens == 0
     assert (events["a4"].model, events["a4"].cached_tokens) == (None, 0)
     assert await storage.usage_by_model("alice", start=DAY, end=DAY) == [
         ModelUsage("o3", 2, 225, 60, 75, 20, 300, Decimal("0.1000001")),
@@ -780,7 +784,9 @@ async def test_a_settle_claims_records_the_model_and_decides_alerts_together_onc
         MONTH,
         ("webhook", "email"),
     )
-    answer = event("m1", tokens=600, model="o3", cached_tokens=100, reasoning_tokens=50)
+    answer = event(
+        "m1", tokens=600, model="o3", cached_tokens=100, reasoning_tokens=50, cache_write_tokens=7
+    )
     first, second = await _two_stores(database_url)
     try:
         # Two replicas settling the same answer at once: one of them does it all.
@@ -803,7 +809,7 @@ async def test_a_settle_claims_records_the_model_and_decides_alerts_together_onc
     # supersedes the estimate, with its model, and crosses 100% on the real totals.
     assert await storage.recover(before=LATER, now=LATER) == ["r2"]
     assert len(await storage.list_alerts()) == 1
-    late = event("m2", tokens=500, model="o3", reasoning_tokens=5)
+    late = event("m2", tokens=500, model="o3", reasoning_tokens=5, cache_write_tokens=9)
     assert await storage.settle(late, lease_id="r2", pending_id="r2", alerts=alerts)
     assert not await storage.settle(late, lease_id="r2", pending_id="r2", alerts=alerts)
 
@@ -811,6 +817,7 @@ async def test_a_settle_claims_records_the_model_and_decides_alerts_together_onc
     assert sorted(events) == ["m1", "m2"]
     settled = events["m1"]
     assert (settled.model, settled.cached_tokens, settled.reasoning_tokens) == ("o3", 100, 50)
+    assert settled.cache_write_tokens == 7
     assert (settled.total_tokens, settled.outcome, settled.estimated) == (600, "complete", False)
     superseded = events["m2"]
     assert (superseded.model, superseded.cached_tokens, superseded.reasoning_tokens) == (
@@ -818,6 +825,7 @@ async def test_a_settle_claims_records_the_model_and_decides_alerts_together_onc
         0,
         5,
     )
+    assert superseded.cache_write_tokens == 9  # the real record's, not the estimate's 0
     assert (superseded.total_tokens, superseded.outcome, superseded.estimated) == (
         500,
         "complete",

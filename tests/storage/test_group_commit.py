@@ -435,7 +435,7 @@ TABLE_ROWS = {
     "usage_events": "SELECT answer_id, user_id, day, created_at, endpoint, conversation_id, "
     "request_id, prompt_tokens, completion_tokens, total_tokens, cost, currency, outcome, "
     "estimated, web_searches, upstream_latency_ms, overhead_ms, model, cached_tokens, "
-    "reasoning_tokens FROM usage_events ORDER BY answer_id",
+    "reasoning_tokens, cache_write_tokens FROM usage_events ORDER BY answer_id",
     "stream_leases": "SELECT * FROM stream_leases ORDER BY id",
     "pending_answers": "SELECT * FROM pending_answers ORDER BY id",
     "notifications": "SELECT user_id, kind, period, threshold, limit_value, used, created_at "
@@ -547,6 +547,7 @@ def settle_calls(
                     request_id=pending_name,
                     model=rng.choice([None, "gpt-4o-mini"]),
                     cached_tokens=rng.choice([0, 3]),
+                    cache_write_tokens=rng.choice([0, 0, 2]),
                 ),
                 "lease": pending_name,
                 "pending": pending_id,

@@ -16,7 +16,6 @@ import httpx
 import orjson
 import pytest
 
-from gateway.follow import Follows
 from gateway.sse import ServerSentEvent
 from gateway.storage import UsageEvent, open_storage
 from gateway.testing.fake_upstream import FakeDify
@@ -50,11 +49,6 @@ async def hold(fake: FakeDify) -> AsyncIterator[asyncio.Event]:
         yield fake.hitl.hold
     finally:
         fake.hitl.hold.set()  # let the fake's resumed runs end
-
-
-def follows(h: Harness) -> Follows:
-    follows: Follows = h.app.proxy.follows
-    return follows
 
 
 async def client(h: Harness) -> httpx.AsyncClient:
@@ -102,7 +96,7 @@ async def test_a_submit_nobody_reads_the_events_of_is_charged_the_resumed_work(
         submitted = await submit(h, token, **RESUMED)
         assert submitted.status_code == 200 and submitted.json() == {}
         # The attack: never open the events stream; the run goes on in Dify's worker.
-        await follows(h).settled.wait_for(1)
+        await h.probes.followed.wait_for(1)
         (resumed,) = resumes(await h.events())
         assert await queries_today(h) == 2  # the paused stream and the resume
     assert (resumed.prompt_tokens, resumed.completion_tokens) == (4000, 1000)
@@ -141,8 +135,8 @@ async def test_events_read_twice_are_charged_once(
             first, second = await asyncio.gather(*reads)
         for read in (first, second):
             assert read.status_code == 200 and b"node_finished" in read.content
-        await follows(h).settled.wait_for(1)
-        await h.gateway.wait_finished(4)
+        await h.probes.followed.wait_for(1)
+        await h.probes.wait_finished(4)
         events = await h.events()
         assert await queries_today(h) == 2
     (resumed,) = resumes(events)
@@ -175,7 +169,7 @@ async def test_a_form_the_gateway_never_saw_is_refused_and_its_query_returned(
 ) -> None:
     async with running_gateway(database_url, fake=fake) as h:
         refused = await submit(h, "form-guessed", **RESUMED)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         assert await queries_today(h) == 0 and await h.events() == []
     assert refused.status_code == 404 and refused.json()["code"] == "not_found"
     assert fake.requests == []
@@ -194,7 +188,7 @@ async def test_another_users_form_is_refused_as_if_unknown(
                 f"/v1/form/human_input/{token}", json=FORM, headers=h.auth(mallory)
             )
         owner = await submit(h, token, **RESUMED)  # the run's own user still can
-        await follows(h).settled.wait_for(1)
+        await h.probes.followed.wait_for(1)
     assert refused.status_code == 404 and refused.json()["code"] == "not_found"
     assert owner.status_code == 200
     assert fake.submitted_forms == [(token, USER)]
@@ -206,7 +200,7 @@ async def test_a_run_paused_in_a_blocking_answer_is_followed_too(
     async with running_gateway(database_url, fake=fake) as h:
         token = await pause(h, streaming=False)
         assert (await submit(h, token, **RESUMED)).status_code == 200
-        await follows(h).settled.wait_for(1)
+        await h.probes.followed.wait_for(1)
         (resumed,) = resumes(await h.events())
     assert resumed.total_tokens == 5000 and resumed.outcome == "complete"
 
@@ -220,7 +214,7 @@ async def test_a_follow_cut_by_the_upstream_is_charged_what_it_read(
     async with running_gateway(database_url, fake=fake) as h:
         token = await pause(h)
         assert (await submit(h, token, **RESUMED, **{"x-fake-scenario": "cut"})).status_code == 200
-        await follows(h).settled.wait_for(1)
+        await h.probes.followed.wait_for(1)
         (resumed,) = resumes(await h.events())
         assert await queries_today(h) == 2
     # The text it streamed before the cut ("Đã duyệt.", 9 characters), estimated.
@@ -236,7 +230,7 @@ async def test_a_follow_refusing_an_event_too_large_is_charged_what_it_read(
         token = await pause(h)
         huge = {"x-fake-scenario": "huge"}
         assert (await submit(h, token, **RESUMED, **huge)).status_code == 200
-        await follows(h).settled.wait_for(1)
+        await h.probes.followed.wait_for(1)
         (resumed,) = resumes(await h.events())
     # The node's report came after the refused event: an estimate, the query spent.
     assert resumed.outcome == "cut" and resumed.estimated and resumed.total_tokens > 0
@@ -252,7 +246,7 @@ async def test_a_follow_that_gives_up_charges_an_estimate(
     async with running_gateway(database_url, fake=fake, settings=settings) as h:
         token = await pause(h)
         assert (await submit(h, token, **RESUMED)).status_code == 200
-        await follows(h).settled.wait_for(1)
+        await h.probes.followed.wait_for(1)
         (resumed,) = resumes(await h.events())
         assert await queries_today(h) == 2
     assert resumed.outcome == "cut" and resumed.estimated and resumed.total_tokens > 0

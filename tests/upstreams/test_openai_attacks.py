@@ -93,7 +93,7 @@ async def test_a_real_boolean_is_metered_with_the_real_tokens(sqlite_url: str) -
     fake = FakeOpenAI(api_key=UPSTREAM_KEY, lax=True)
     async with running_gateway(sqlite_url, upstream=fake, settings=settings()) as h:
         answered = await post(h, "/v1/chat/completions", {**CHAT, "stream": True})
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
     assert answered.status_code == 200
     assert (event.total_tokens, event.cost, event.estimated) == (7200, TOKENS_COST, False)
@@ -111,7 +111,7 @@ async def test_an_unpriced_model_is_refused_not_charged_0(sqlite_url: str) -> No
         free = await post(h, "/v1/responses", {"model": "gpt-5-pro", "input": "hi"})
         await nothing_reserved(h, fake)
         snapshot = await post(h, "/v1/chat/completions", {**CHAT, "model": "o3-2025-04-16"})
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
     for refused, model in ((pro, "o3-pro"), (free, "gpt-5-pro")):
         error = openai_error(refused, 403, "model_not_priced")
@@ -125,7 +125,7 @@ async def test_unpriced_models_allowed_are_recorded_at_cost_0(sqlite_url: str) -
     allow = settings(pricing={"unpriced_models": "allow"})
     async with running_gateway(sqlite_url, upstream=fake, settings=allow) as h:
         answered = await post(h, "/v1/chat/completions", {**CHAT, "model": "o3-pro"})
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
     assert answered.status_code == 200
     assert (event.model, event.total_tokens, event.cost) == ("o3-pro", 7200, Decimal(0))
@@ -174,7 +174,7 @@ async def test_web_searches_a_response_ran_are_charged_per_call(
             headers = h.auth(**STEER, **{"x-fake-tool-calls": "web_search_call,web_search_call"})
             body = {**WEB_RESPONSE, "stream": streamed}
             answered = await client.post("/v1/responses", json=body, headers=headers)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
     assert answered.status_code == 200
     if streamed:
@@ -195,7 +195,7 @@ async def test_a_chat_search_is_charged_once_per_answer(sqlite_url: str) -> None
     priced = settings(call_prices=CALL_PRICES)
     async with running_gateway(sqlite_url, upstream=fake, settings=priced) as h:
         answered = await post(h, "/v1/chat/completions", {**CHAT, "web_search_options": {}})
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
     assert answered.status_code == 200
     assert event.cost == TOKENS_COST + Decimal("0.03")
@@ -216,7 +216,7 @@ async def test_spoken_answers_are_charged_their_audio_tokens_at_the_audio_rate(
         async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
             headers = h.auth(**STEER, **{"x-fake-audio-completion-tokens": "150"})
             answered = await client.post("/v1/chat/completions", json=body, headers=headers)
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         (event,) = await h.events()
     assert answered.status_code == 200
     # 7000 * 2.5 + 50 * 10 + 150 * 80 per million, and one audio answer

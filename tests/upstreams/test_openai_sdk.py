@@ -60,7 +60,7 @@ def client(h: Harness, key: str | None = None) -> openai.AsyncOpenAI:
 
 
 async def only_event(h: Harness) -> Any:
-    await h.gateway.wait_finished(1)
+    await h.probes.wait_finished(1)
     (event,) = await h.events()
     assert event.user_id == USER
     return event
@@ -233,7 +233,7 @@ async def test_usage_admin_and_exports_show_model_and_token_parts(
     ) as h:
         async with client(h) as sdk:
             await sdk.chat.completions.create(model="gpt-4o-mini", messages=[])
-        await h.gateway.wait_finished(1)
+        await h.probes.wait_finished(1)
         async with httpx.AsyncClient(base_url=h.url, timeout=10) as http:
             admin = {"Authorization": "Bearer admin-token"}
             as_json = await http.get("/admin/export/events?format=json", headers=admin)
@@ -249,6 +249,7 @@ async def test_usage_admin_and_exports_show_model_and_token_parts(
         "reasoning_tokens": 300,
         "total_tokens": 1900,
         "cost": "0.00057",
+        "currency": "USD",
     }
     assert mine["month_by_model"] == [by_model]  # what the end user sees
     assert detail["month_by_model"] == [by_model]  # and the admin
@@ -317,7 +318,7 @@ async def test_upstream_errors_pass_through_and_the_query_is_returned(
         "param": None,
         "code": None,
     }
-    await gw.gateway.wait_finished(1)
+    await gw.probes.wait_finished(1)
     assert await gw.events() == []
     (day,) = await gw.storage.daily(gw.gateway.today(), gw.gateway.today())
     assert day.queries == 0
@@ -428,11 +429,11 @@ async def test_prices_follow_a_reload(sqlite_url: str, fake: FakeOpenAI, tmp_pat
     ) as h:
         async with client(h) as sdk:
             await sdk.chat.completions.create(model="gpt-4o-mini", messages=[])
-            await h.gateway.wait_finished(1)
+            await h.probes.wait_finished(1)
             path.write_text(path.read_text().replace('output = "0.60"', 'output = "1.20"'))
             assert await h.gateway.reload()
             await sdk.chat.completions.create(model="gpt-4o-mini", messages=[])
-            await h.gateway.wait_finished(2)
+            await h.probes.wait_finished(2)
         first, second = await h.events()
     # 700 more output tokens at 0.60 more per million.
     assert (first.cost, second.cost) == (MINI_COST, MINI_COST + Decimal("0.00042"))

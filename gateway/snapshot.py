@@ -1,0 +1,162 @@
+"""What a configuration reload changes, as one frozen value swapped atomically.
+
+A `Snapshot` is built whole from a configuration (`build_snapshot`) and never
+changed; a reload builds the next one and `Current.install` makes it the one in
+force in a single assignment. A request reads ``current.snapshot`` once, when it
+arrives, and carries it to its end: its plan check, its dialect (routes, meter,
+prices), its refusal messages and the terms it is settled on all come from one
+version of the configuration, whatever a reload does meanwhile. A request that
+arrives after the reload sees the new one.
+
+What a reload does not change (the ``server``, ``upstream`` and ``database``
+sections need a restart) is in every snapshot too, so a request needs nothing
+else to know where and how to forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from datetime import date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import httpx
+
+from gateway.accounts import team_plan
+from gateway.auth import Authenticator, TeamDirectory, UserDirectory
+from gateway.config import Config, Plan
+from gateway.messages import Catalogue
+from gateway.pricing import PriceTable
+from gateway.settle import Terms
+from gateway.storage import Storage, User
+from gateway.upstreams import Upstream, get_upstream
+
+__all__ = ["Current", "Snapshot", "build_snapshot", "recover_after"]
+
+log = logging.getLogger("gateway")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One version of everything derived from the configuration in force."""
+
+    config: Config
+    tz: ZoneInfo  # accounting.timezone: the local day of the limits
+    upstream: Upstream  # the dialect, with its own settings (prices)
+    terms: Terms  # what an answer is settled on: its token bound, the metric labels
+    messages: Catalogue  # refusal messages (issue 25)
+    auth: Authenticator  # key and user caches carried over from the previous one
+    users: UserDirectory
+    teams: TeamDirectory  # issue 21
+    user_header: bytes  # auth.trusted_header.user_header, lower case
+    # From the sections fixed until a restart:
+    upstream_url: str
+    upstream_authorization: tuple[bytes, bytes]
+    blocking_timeout: httpx.Timeout  # a blocking answer may take as long as any answer
+    lease_ttl: timedelta  # a stream lease outlives the longest an answer can take
+
+    def today(self, now: datetime) -> date:
+        """The local calendar day at ``now``, in the configured time zone."""
+        return now.astimezone(self.tz).date()
+
+    async def identify(self, authorization: bytes | None, user_header: bytes | None) -> str:
+        """The end user behind a request's credential (created on first use, or
+        refused, in the modes that can name users the gateway has not seen)."""
+        config = self.config
+        identity = await self.auth.authenticate(authorization, user_header)
+        if config.auth.mode != "api_key":
+            await self.users.resolve(
+                identity,
+                default_plan=config.accounting.default_plan,
+                create=config.auth.unknown_users == "create",
+            )
+        return identity.user_id
+
+    async def team_plan(self, user: User) -> Plan | None:
+        """The effective plan of ``user``'s team (its plan with the team's
+        overrides), or None when the user is in no team. The team-scope limits a
+        request must also fit (issue 21); a team removed from under a cached
+        user counts as none."""
+        if user.team is None:
+            return None
+        team = await self.teams.get(user.team)
+        return team_plan(self.config, team) if team is not None else None
+
+
+def longest_answer(config: Config) -> float:
+    """The longest an answer can take, in seconds (its deadline, then the grace
+    given to one whose client left)."""
+    return config.upstream.total_timeout + config.upstream.disconnect_grace
+
+
+def recover_after(config: Config) -> timedelta:
+    """How old a pending answer is when its gateway is taken for dead
+    (docs/quotas.md, "Crash safety"): never before the longest answer could end."""
+    longest = longest_answer(config)
+    after = config.database.recover_after or longest + 60
+    if after < longest:
+        log.warning(
+            "database.recover_after (%s s) is shorter than the longest an answer can take; using %s s",
+            after,
+            longest,
+        )
+        after = longest
+    return timedelta(seconds=after)
+
+
+def build_snapshot(config: Config, storage: Storage, previous: Snapshot | None = None) -> Snapshot:
+    """Everything derived from ``config``, built before anything is swapped in: a
+    failure leaves the running snapshot whole. The key and user caches outlive a
+    reload (gateway/auth.py): what they hold is in the database, which a reload
+    does not change."""
+    up = config.upstream
+    # Rebuilt so that a dialect's own settings (prices) follow a reload.
+    upstream = get_upstream(up.kind, config)
+    return Snapshot(
+        config=config,
+        tz=config.tz,
+        upstream=upstream,
+        terms=Terms(config.accounting.max_tokens_per_answer, PriceTable(config.prices)),
+        messages=Catalogue(config.messages.default_language, config.messages.templates),
+        auth=Authenticator(
+            storage,
+            config.auth,
+            plans=config.plans,
+            previous=previous.auth if previous is not None else None,
+        ),
+        users=UserDirectory(
+            storage,
+            ttl=config.auth.key_cache_ttl,
+            previous=previous.users if previous is not None else None,
+        ),
+        teams=TeamDirectory(
+            storage,
+            ttl=config.auth.key_cache_ttl,
+            previous=previous.teams if previous is not None else None,
+        ),
+        user_header=config.auth.trusted_header.user_header.lower().encode(),
+        upstream_url=up.url,
+        # The header that carries the operator's key: the dialect's (Anthropic's
+        # x-api-key); the upstream section, and so the kind, is fixed until a restart.
+        upstream_authorization=upstream.upstream_credential(up.api_key),
+        blocking_timeout=httpx.Timeout(
+            connect=up.connect_timeout,
+            read=up.total_timeout,
+            write=up.read_timeout,
+            pool=up.connect_timeout,
+        ),
+        lease_ttl=timedelta(seconds=longest_answer(config) + 60),
+    )
+
+
+class Current:
+    """The snapshot in force. Read ``snapshot`` once per request (or per report)
+    and keep what was read; `install` swaps in the next one."""
+
+    __slots__ = ("snapshot",)
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def install(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot

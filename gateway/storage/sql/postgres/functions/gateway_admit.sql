@@ -1,0 +1,172 @@
+-- Admission: check-and-reserve one request against a set of limits, in one
+-- round trip (docs/quotas.md). Under the user's row lock - all admissions of a
+-- user queue on it, and each statement after it sees what the ones before
+-- committed (READ COMMITTED), so check-then-reserve is exact across replicas -
+-- the counters are read (gateway_counters, and the open leases when a stream
+-- limit is set), gateway_decide applies the rule, and an admitted request's
+-- charge is added: one query, an advanced-RAG query, a web search, a cost
+-- bound (cost_reserved), a stream lease, the query in the query rates' current
+-- buckets, and its pending row, which holds the web search and cost bound
+-- reserved (and the rates it counts in) until settle, refund or recovery.
+-- A refusal by a rate limit comes with the seconds until the request fits.
+--
+-- Returns the limit that refused (its 1-based index in p_meters), or NULL, and
+-- the counters: after the charge when admitted, before it when refused.
+CREATE OR REPLACE FUNCTION gateway_admit(
+    p_user text,
+    p_day date,
+    p_month_start date,
+    p_meters smallint[],
+    p_pers smallint[],
+    p_maxes numeric[],
+    p_scopes smallint[],
+    p_keys text[],
+    p_lease text,
+    p_lease_expires timestamptz,
+    p_now timestamptz,
+    p_advanced_rag boolean,
+    p_pending text,
+    p_endpoint text,
+    p_prompt bigint,
+    p_completion bigint,
+    p_total bigint,
+    p_cost numeric,
+    p_currency text,
+    p_web_ask boolean,
+    p_web_optional boolean,
+    p_reserve_cost numeric,
+    p_team text
+) RETURNS TABLE (
+    refused integer,
+    day_used numeric[],
+    month_used numeric[],
+    open_streams bigint,
+    web_reserved boolean,
+    rate_used numeric[],
+    retry_after integer,
+    team_day numeric[],
+    team_month numeric[],
+    team_streams bigint
+) LANGUAGE plpgsql AS $$
+DECLARE
+    v_day numeric[];
+    v_month numeric[];
+    v_streams bigint := 0;
+    v_charge numeric[];
+    v_rates numeric[];
+    v_bits integer := 0;
+    v_retry integer;
+    d record;
+    i integer;
+    v_team_day numeric[];
+    v_team_month numeric[];
+    v_team_streams bigint := 0;
+    v_keys text[];
+    v_team boolean := p_team IS NOT NULL AND 2 = ANY (p_scopes);
+BEGIN
+    -- Team scope: the team's row first - the lock every member's admission takes,
+    -- so that the team's counters are checked and reserved one admission at a
+    -- time - then the user's (the same order everywhere: teams, then users).
+    IF v_team THEN
+        PERFORM 1 FROM teams WHERE id = p_team FOR NO KEY UPDATE;
+    END IF;
+    -- NO KEY UPDATE does not block the foreign-key checks of concurrent ledger writes.
+    PERFORM 1 FROM users WHERE id = p_user FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE foreign_key_violation USING MESSAGE = 'unknown user ' || p_user;
+    END IF;
+    SELECT c.day_used, c.month_used INTO v_day, v_month
+    FROM gateway_counters(p_user, p_day, CASE WHEN 2 = ANY (p_pers) THEN p_month_start END) c;
+    IF 10 = ANY (p_meters) THEN
+        PERFORM gateway_drop_expired_leases(p_user, p_now);
+        SELECT count(*) INTO v_streams FROM stream_leases l
+        WHERE l.user_id = p_user AND l.expires_at > p_now;
+    END IF;
+    IF v_team THEN
+        SELECT c.day_used, c.month_used, c.streams INTO v_team_day, v_team_month, v_team_streams
+        FROM gateway_team_counters(
+            p_team, p_day, CASE WHEN 2 = ANY (p_pers) THEN p_month_start END, p_now
+        ) c;
+    END IF;
+    IF 4 = ANY (p_pers) OR 5 = ANY (p_pers) THEN
+        SELECT r.used, r.bits INTO v_rates, v_bits FROM gateway_rates(p_user, p_meters, p_pers, p_now) r;
+    END IF;
+    -- Per-model limits: each counts its own counters (their keys in p_keys).
+    v_keys := ARRAY(SELECT DISTINCT k FROM unnest(p_keys) AS k WHERE k IS NOT NULL ORDER BY k);
+    IF cardinality(v_keys) > 0 THEN
+        v_rates := coalesce(v_rates, array_fill(NULL::numeric, ARRAY[cardinality(p_meters)]));
+        FOR i IN 1 .. cardinality(p_meters) LOOP
+            IF p_keys[i] IS NOT NULL THEN
+                v_rates[i] := gateway_model_used(p_user, p_keys[i], p_meters[i], p_pers[i],
+                    p_day, p_month_start);
+            END IF;
+        END LOOP;
+    END IF;
+    v_charge := ARRAY[
+        1, CASE WHEN p_advanced_rag THEN 1 ELSE 0 END, CASE WHEN p_web_ask THEN 1 ELSE 0 END,
+        0, 0, 0, 0, 0, coalesce(p_reserve_cost, 0), CASE WHEN p_lease IS NULL THEN 0 ELSE 1 END
+    ]::numeric[];
+    d := gateway_decide(p_meters, p_pers, p_maxes, v_day, v_month, v_streams, v_rates,
+        v_charge, p_web_optional, p_scopes, v_team_day, v_team_month, v_team_streams);
+    IF d.refused IS NOT NULL THEN
+        IF p_pers[d.refused] >= 4 THEN
+            v_retry := gateway_rate_retry(p_user, p_meters[d.refused], p_pers[d.refused],
+                p_maxes[d.refused], v_charge[p_meters[d.refused]], p_now);
+        END IF;
+        RETURN QUERY SELECT d.refused, v_day, v_month, v_streams, false, v_rates, v_retry,
+            v_team_day, v_team_month, v_team_streams;
+        RETURN;
+    END IF;
+    v_charge[3] := d.web;
+    INSERT INTO usage_daily AS u (user_id, day, queries, advanced_rag, web_searches, cost_reserved)
+    VALUES (p_user, p_day, 1, v_charge[2], d.web, v_charge[9])
+    ON CONFLICT (user_id, day) DO UPDATE SET
+        queries = u.queries + 1,
+        advanced_rag = u.advanced_rag + excluded.advanced_rag,
+        web_searches = u.web_searches + excluded.web_searches,
+        cost_reserved = u.cost_reserved + excluded.cost_reserved;
+    -- Only queries, advanced RAG, web searches and cost take a charge (1-3, 9).
+    FOREACH i IN ARRAY ARRAY[1, 2, 3, 9] LOOP
+        v_day[i] := v_day[i] + v_charge[i];
+        IF v_month IS NOT NULL THEN
+            v_month[i] := v_month[i] + v_charge[i];
+        END IF;
+    END LOOP;
+    IF cardinality(v_keys) > 0 THEN
+        PERFORM gateway_add_models(p_user, v_keys, p_day, 1, 0, 0, 0, 0, v_charge[9]);
+        FOR i IN 1 .. cardinality(p_meters) LOOP
+            IF p_keys[i] IS NOT NULL AND p_meters[i] IN (1, 9) THEN
+                v_rates[i] := v_rates[i] + v_charge[p_meters[i]];
+            END IF;
+        END LOOP;
+    END IF;
+    IF v_bits & 3 <> 0 THEN
+        v_rates := gateway_count_query_rates(p_user, p_meters, p_pers, v_rates, v_bits, p_now);
+    END IF;
+    IF p_lease IS NOT NULL THEN
+        INSERT INTO stream_leases (id, user_id, expires_at) VALUES (p_lease, p_user, p_lease_expires);
+        v_streams := v_streams + 1;
+    END IF;
+    IF p_pending IS NOT NULL THEN
+        INSERT INTO pending_answers (
+            id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens,
+            total_tokens, cost, currency, web_searches, reserved_cost, rates, scopes
+        ) VALUES (
+            p_pending, p_user, p_day, p_now, p_endpoint, p_prompt, p_completion,
+            p_total, p_cost, p_currency, d.web, v_charge[9], v_bits, v_keys
+        );
+    END IF;
+    IF v_team THEN
+        -- The team's counters after this request, as the user's.
+        FOREACH i IN ARRAY ARRAY[1, 2, 3, 9] LOOP
+            v_team_day[i] := v_team_day[i] + v_charge[i];
+            IF v_team_month IS NOT NULL THEN
+                v_team_month[i] := v_team_month[i] + v_charge[i];
+            END IF;
+        END LOOP;
+        v_team_streams := v_team_streams + v_charge[10];
+    END IF;
+    RETURN QUERY SELECT NULL::integer, v_day, v_month, v_streams, d.web > 0, v_rates,
+        NULL::integer, v_team_day, v_team_month, v_team_streams;
+END
+$$;

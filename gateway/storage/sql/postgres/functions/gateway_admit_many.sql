@@ -1,0 +1,251 @@
+-- Group commit of admissions (gateway/storage/group.py): many admissions in one
+-- round trip and one transaction, deciding exactly what gateway_admit would
+-- one after another in (user, position) order - each element against the
+-- counters the elements before it left, kept in memory - but writing each
+-- user's day row once per batch. Each element's limits are a slice (from,
+-- count) of the shared limit arrays. Lock order as everywhere: users' rows in
+-- user order, then day rows. A batch waits at most 250 ms for a row lock: the
+-- gateway then sends the elements one by one (0010).
+CREATE OR REPLACE FUNCTION gateway_admit_many(
+    p_users text[],
+    p_days date[],
+    p_month_starts date[],
+    p_limit_from integer[],
+    p_limit_count integer[],
+    p_meters smallint[],
+    p_pers smallint[],
+    p_maxes numeric[],
+    p_scopes smallint[],
+    p_keys text[],
+    p_leases text[],
+    p_lease_expires timestamptz[],
+    p_now timestamptz[],
+    p_advanced_rag boolean[],
+    p_pending text[],
+    p_endpoints text[],
+    p_prompt bigint[],
+    p_completion bigint[],
+    p_total bigint[],
+    p_cost numeric[],
+    p_currency text[],
+    p_web_ask boolean[],
+    p_web_optional boolean[],
+    p_reserve_cost numeric[],
+    p_teams text[]
+) RETURNS TABLE (
+    ord integer,
+    known boolean,
+    refused integer,
+    day_used numeric[],
+    month_used numeric[],
+    open_streams bigint,
+    web_reserved boolean,
+    rate_used numeric[],
+    retry_after integer,
+    team_day numeric[],
+    team_month numeric[],
+    team_streams bigint
+) LANGUAGE plpgsql SET lock_timeout = '250ms' AS $$
+DECLARE
+    e record;
+    d record;
+    n integer := cardinality(p_users);
+    v_admitted boolean[] := array_fill(false, ARRAY[cardinality(p_users)]);
+    v_searches integer[] := array_fill(0, ARRAY[cardinality(p_users)]);
+    v_bits integer[] := array_fill(0, ARRAY[cardinality(p_users)]);
+    v_pers smallint[];
+    v_maxes numeric[];
+    v_rates numeric[];
+    v_retry integer;
+    v_bit integer;
+    -- The month's rows are read when an element of the batch has a monthly limit.
+    v_months boolean := 2 = ANY (p_pers);
+    v_user text;
+    v_day date;
+    v_month date;
+    v_known boolean := false;
+    v_used_day numeric[];
+    v_used_month numeric[];
+    v_expiries timestamptz[];
+    v_counted boolean := false;
+    v_leases bigint := 0;
+    v_streams bigint;
+    v_charge numeric[];
+    v_meters smallint[];
+    v_new numeric[] := array_fill(0, ARRAY[9])::numeric[];
+    i integer;
+BEGIN
+    IF n = 1 THEN
+        IF NOT EXISTS (SELECT 1 FROM users u WHERE u.id = p_users[1]) THEN
+            RETURN QUERY SELECT 1, false, NULL::integer, NULL::numeric[], NULL::numeric[],
+                NULL::bigint, false, NULL::numeric[], NULL::integer, NULL::numeric[],
+                NULL::numeric[], NULL::bigint;
+            RETURN;
+        END IF;
+        RETURN QUERY SELECT 1, true, a.* FROM gateway_admit(
+            p_users[1], p_days[1], p_month_starts[1],
+            p_meters[p_limit_from[1]:p_limit_from[1] + p_limit_count[1] - 1],
+            p_pers[p_limit_from[1]:p_limit_from[1] + p_limit_count[1] - 1],
+            p_maxes[p_limit_from[1]:p_limit_from[1] + p_limit_count[1] - 1],
+            p_scopes[p_limit_from[1]:p_limit_from[1] + p_limit_count[1] - 1],
+            p_keys[p_limit_from[1]:p_limit_from[1] + p_limit_count[1] - 1],
+            p_leases[1], p_lease_expires[1], p_now[1], p_advanced_rag[1], p_pending[1],
+            p_endpoints[1], p_prompt[1], p_completion[1], p_total[1], p_cost[1],
+            p_currency[1], p_web_ask[1], p_web_optional[1], p_reserve_cost[1], p_teams[1]
+        ) AS a;
+        RETURN;
+    END IF;
+    IF 2 = ANY (p_scopes) OR EXISTS (SELECT 1 FROM unnest(p_keys) AS k WHERE k IS NOT NULL) THEN
+        -- Team-scope or per-model limits: the elements go through gateway_admit one after
+        -- another, in (team, user, position) order - the order it locks teams'
+        -- and users' rows in - each seeing what the ones before it reserved
+        -- for the team.
+        FOR e IN
+            SELECT t.ord FROM unnest(p_users, p_teams) WITH ORDINALITY AS t(user_id, team, ord)
+            ORDER BY coalesce(t.team, ''), t.user_id, t.ord
+        LOOP
+            IF NOT EXISTS (SELECT 1 FROM users u WHERE u.id = p_users[e.ord]) THEN
+                RETURN QUERY SELECT e.ord::integer, false, NULL::integer, NULL::numeric[],
+                    NULL::numeric[], NULL::bigint, false, NULL::numeric[], NULL::integer,
+                    NULL::numeric[], NULL::numeric[], NULL::bigint;
+                CONTINUE;
+            END IF;
+            RETURN QUERY SELECT e.ord::integer, true, a.* FROM gateway_admit(
+                p_users[e.ord], p_days[e.ord], p_month_starts[e.ord],
+                p_meters[p_limit_from[e.ord]:p_limit_from[e.ord] + p_limit_count[e.ord] - 1],
+                p_pers[p_limit_from[e.ord]:p_limit_from[e.ord] + p_limit_count[e.ord] - 1],
+                p_maxes[p_limit_from[e.ord]:p_limit_from[e.ord] + p_limit_count[e.ord] - 1],
+                p_scopes[p_limit_from[e.ord]:p_limit_from[e.ord] + p_limit_count[e.ord] - 1],
+                p_keys[p_limit_from[e.ord]:p_limit_from[e.ord] + p_limit_count[e.ord] - 1],
+                p_leases[e.ord], p_lease_expires[e.ord], p_now[e.ord], p_advanced_rag[e.ord],
+                p_pending[e.ord], p_endpoints[e.ord], p_prompt[e.ord], p_completion[e.ord],
+                p_total[e.ord], p_cost[e.ord], p_currency[e.ord], p_web_ask[e.ord],
+                p_web_optional[e.ord], p_reserve_cost[e.ord], p_teams[e.ord]
+            ) AS a;
+        END LOOP;
+        RETURN;
+    END IF;
+    FOR e IN
+        SELECT * FROM unnest(
+            p_users, p_days, p_month_starts, p_limit_from, p_limit_count, p_leases, p_now,
+            p_advanced_rag, p_web_ask, p_web_optional, p_reserve_cost
+        ) WITH ORDINALITY AS t(
+            user_id, day, month_start, limit_from, limit_count, lease, now, advanced_rag,
+            web_ask, web_optional, reserve, ord
+        )
+        ORDER BY t.user_id, t.ord
+    LOOP
+        IF v_user IS DISTINCT FROM e.user_id OR v_day <> e.day OR v_month <> e.month_start
+        THEN
+            IF v_new[1] > 0 THEN
+                PERFORM gateway_add_admitted(v_user, v_day, v_new);
+                v_new := array_fill(0, ARRAY[9])::numeric[];
+            END IF;
+            IF v_user IS DISTINCT FROM e.user_id THEN
+                PERFORM 1 FROM users WHERE id = e.user_id FOR NO KEY UPDATE;
+                v_known := FOUND;
+                v_counted := false;
+                v_leases := 0;
+            END IF;
+            v_user := e.user_id;
+            v_day := e.day;
+            v_month := e.month_start;
+            IF v_known THEN
+                SELECT c.day_used, c.month_used INTO v_used_day, v_used_month
+                FROM gateway_counters(v_user, v_day, CASE WHEN v_months THEN v_month END) c;
+            END IF;
+        END IF;
+        IF NOT v_known THEN
+            RETURN QUERY SELECT e.ord::integer, false, NULL::integer, NULL::numeric[],
+                NULL::numeric[], 0::bigint, false, NULL::numeric[], NULL::integer,
+                NULL::numeric[], NULL::numeric[], NULL::bigint;
+            CONTINUE;
+        END IF;
+        v_meters := p_meters[e.limit_from:e.limit_from + e.limit_count - 1];
+        v_pers := p_pers[e.limit_from:e.limit_from + e.limit_count - 1];
+        v_maxes := p_maxes[e.limit_from:e.limit_from + e.limit_count - 1];
+        v_streams := 0;
+        v_rates := NULL;
+        v_retry := NULL;
+        IF 4 = ANY (v_pers) OR 5 = ANY (v_pers) THEN
+            -- Rate buckets are written as each element is admitted (below), so
+            -- this reads what the elements before it counted.
+            SELECT r.used, r.bits INTO v_rates, v_bit
+            FROM gateway_rates(v_user, v_meters, v_pers, e.now) r;
+            v_bits[e.ord] := v_bit;
+        END IF;
+        IF 10 = ANY (v_meters) THEN
+            IF NOT v_counted THEN
+                PERFORM gateway_drop_expired_leases(v_user, e.now);
+                v_expiries := ARRAY(
+                    SELECT l.expires_at FROM stream_leases l
+                    WHERE l.user_id = v_user AND l.expires_at > e.now
+                );
+                v_counted := true;
+            END IF;
+            SELECT count(*) + v_leases INTO v_streams
+            FROM unnest(v_expiries) AS x(expires_at) WHERE x.expires_at > e.now;
+        END IF;
+        v_charge := ARRAY[
+            1, CASE WHEN e.advanced_rag THEN 1 ELSE 0 END, CASE WHEN e.web_ask THEN 1 ELSE 0 END,
+            0, 0, 0, 0, 0, coalesce(e.reserve, 0), CASE WHEN e.lease IS NULL THEN 0 ELSE 1 END
+        ]::numeric[];
+        d := gateway_decide(
+            v_meters, v_pers, v_maxes, v_used_day, v_used_month, v_streams, v_rates, v_charge,
+            e.web_optional, NULL, NULL, NULL, 0
+        );
+        IF d.refused IS NULL THEN
+            v_charge[3] := d.web;
+            v_admitted[e.ord] := true;
+            v_searches[e.ord] := d.web;
+            -- Only queries, advanced RAG, web searches and cost take a charge.
+            FOREACH i IN ARRAY ARRAY[1, 2, 3, 9] LOOP
+                v_used_day[i] := v_used_day[i] + v_charge[i];
+                IF v_used_month IS NOT NULL THEN
+                    v_used_month[i] := v_used_month[i] + v_charge[i];
+                END IF;
+                v_new[i] := v_new[i] + v_charge[i];
+            END LOOP;
+            IF e.lease IS NOT NULL THEN
+                v_leases := v_leases + 1;
+                v_streams := v_streams + 1;
+            END IF;
+            IF v_bits[e.ord] & 3 <> 0 THEN
+                v_rates := gateway_count_query_rates(v_user, v_meters, v_pers, v_rates,
+                    v_bits[e.ord], e.now);
+            END IF;
+        ELSIF v_pers[d.refused] >= 4 THEN
+            v_retry := gateway_rate_retry(v_user, v_meters[d.refused], v_pers[d.refused],
+                v_maxes[d.refused], v_charge[v_meters[d.refused]], e.now);
+        END IF;
+        -- The month's counters only for an element with a monthly limit, as
+        -- gateway_admit returns them.
+        RETURN QUERY SELECT e.ord::integer, true, d.refused, v_used_day,
+            CASE WHEN 2 = ANY (v_pers) THEN v_used_month END, v_streams, d.web > 0, v_rates,
+            v_retry, NULL::numeric[], NULL::numeric[], NULL::bigint;
+    END LOOP;
+    IF v_new[1] > 0 THEN
+        PERFORM gateway_add_admitted(v_user, v_day, v_new);
+    END IF;
+    INSERT INTO stream_leases (id, user_id, expires_at)
+    SELECT t.lease, t.user_id, t.expires
+    FROM unnest(p_leases, p_users, p_lease_expires) WITH ORDINALITY AS t(lease, user_id, expires, ord)
+    WHERE v_admitted[t.ord] AND t.lease IS NOT NULL
+    ORDER BY t.user_id, t.ord;
+    INSERT INTO pending_answers (
+        id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens,
+        total_tokens, cost, currency, web_searches, reserved_cost, rates
+    )
+    SELECT t.pending, t.user_id, t.day, t.now, t.endpoint, t.prompt, t.completion, t.total,
+        t.cost, t.currency, v_searches[t.ord], coalesce(t.reserve, 0), v_bits[t.ord]
+    FROM unnest(
+        p_pending, p_users, p_days, p_now, p_endpoints, p_prompt, p_completion, p_total,
+        p_cost, p_currency, p_reserve_cost
+    ) WITH ORDINALITY AS t(
+        pending, user_id, day, now, endpoint, prompt, completion, total, cost, currency,
+        reserve, ord
+    )
+    WHERE v_admitted[t.ord] AND t.pending IS NOT NULL
+    ORDER BY t.user_id, t.ord;
+END
+$$;

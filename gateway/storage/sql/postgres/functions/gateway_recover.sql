@@ -1,0 +1,40 @@
+-- Charges pending answers whose gateway died as estimates (outcome
+-- 'recovered'): their queries, and any web search reserved, stay spent; a cost
+-- bound reserved is replaced by the estimate. SKIP LOCKED: each pending row is
+-- recovered by one process, or settled by its gateway.
+CREATE OR REPLACE FUNCTION gateway_recover(p_before timestamp with time zone, p_limit integer, p_now timestamp with time zone)
+ RETURNS SETOF text
+ LANGUAGE plpgsql
+AS $$
+DECLARE
+    r pending_answers%ROWTYPE;
+BEGIN
+    FOR r IN
+        SELECT * FROM pending_answers p WHERE p.created_at < p_before
+        ORDER BY p.user_id, p.id LIMIT p_limit FOR UPDATE SKIP LOCKED
+    LOOP
+        DELETE FROM pending_answers WHERE id = r.id;
+        IF gateway_record(
+            'gw-' || r.id, r.user_id, r.day, p_now, r.endpoint, r.prompt_tokens,
+            r.completion_tokens, r.total_tokens, r.cost, r.currency, 'recovered', true, 0,
+            NULL, r.id, NULL, NULL, r.id
+        ) AND r.web_searches <> 0 THEN
+            UPDATE usage_events SET web_searches = r.web_searches WHERE answer_id = 'gw-' || r.id;
+        END IF;
+        IF cardinality(r.scopes) > 0 THEN
+            PERFORM gateway_add_models(
+                r.user_id, r.scopes, r.day, 0, r.prompt_tokens, r.completion_tokens,
+                r.total_tokens, r.cost, -r.reserved_cost
+            );
+        END IF;
+        IF r.reserved_cost <> 0 THEN
+            -- The cost bound's reservation ends: the estimate is charged
+            -- instead (admission made it at least the bound). Lock order:
+            -- the user's row, then the day row.
+            PERFORM 1 FROM users WHERE id = r.user_id FOR NO KEY UPDATE;
+            PERFORM gateway_release(r.user_id, r.day, 0, r.reserved_cost);
+        END IF;
+        RETURN NEXT r.id;
+    END LOOP;
+END
+$$;

@@ -1,0 +1,48 @@
+-- The real record of an answer whose pending row a recovery charged replaces
+-- the estimate (0011): the ledger row takes the real answer id and figures, the
+-- day row and lifetime totals move by the difference. Returns whether it did.
+CREATE OR REPLACE FUNCTION gateway_supersede(p_pending text, p_answer_id text, p_user text, p_created_at timestamp with time zone, p_endpoint text, p_prompt bigint, p_completion bigint, p_total bigint, p_cost numeric, p_currency text, p_outcome text, p_estimated boolean, p_web_searches integer, p_conversation text, p_request text, p_upstream_ms double precision, p_overhead_ms double precision)
+ RETURNS boolean
+ LANGUAGE plpgsql
+AS $$
+DECLARE
+    r usage_events%ROWTYPE;
+BEGIN
+    -- The row lock makes a second settle of the same record wait, then find
+    -- the outcome changed and do nothing.
+    SELECT * INTO r FROM usage_events e
+    WHERE e.answer_id = 'gw-' || p_pending AND e.outcome = 'recovered'
+        AND e.request_id = p_pending AND e.user_id = p_user
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF p_answer_id <> r.answer_id
+        AND EXISTS (SELECT 1 FROM usage_events e WHERE e.answer_id = p_answer_id)
+    THEN
+        RETURN false;
+    END IF;
+    UPDATE usage_events SET
+        answer_id = p_answer_id, created_at = p_created_at, endpoint = p_endpoint,
+        prompt_tokens = p_prompt, completion_tokens = p_completion, total_tokens = p_total,
+        cost = p_cost, currency = p_currency, outcome = p_outcome, estimated = p_estimated,
+        web_searches = p_web_searches, conversation_id = p_conversation, request_id = p_request,
+        upstream_latency_ms = p_upstream_ms, overhead_ms = p_overhead_ms, model = NULL,
+        cached_tokens = 0, reasoning_tokens = 0
+    WHERE answer_id = r.answer_id;
+    UPDATE users SET
+        lifetime_prompt_tokens = lifetime_prompt_tokens + p_prompt - r.prompt_tokens,
+        lifetime_completion_tokens = lifetime_completion_tokens + p_completion - r.completion_tokens,
+        lifetime_tokens = lifetime_tokens + p_total - r.total_tokens,
+        lifetime_cost = lifetime_cost + p_cost - r.cost
+    WHERE id = p_user;
+    UPDATE usage_daily SET
+        web_searches = greatest(web_searches + p_web_searches - r.web_searches, 0),
+        prompt_tokens = prompt_tokens + p_prompt - r.prompt_tokens,
+        completion_tokens = completion_tokens + p_completion - r.completion_tokens,
+        total_tokens = total_tokens + p_total - r.total_tokens,
+        cost = cost + p_cost - r.cost
+    WHERE user_id = p_user AND day = r.day;
+    RETURN true;
+END
+$$;

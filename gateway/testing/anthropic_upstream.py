@@ -1,0 +1,354 @@
+"""A fake Anthropic Messages API as a plain ASGI app, for the test suite.
+
+It speaks the wire format of docs/upstreams/anthropic.md: ``POST /messages``
+(blocking: one ``message`` object; streamed: ``message_start``,
+``content_block_start``, ``ping``, ``content_block_delta``...,
+``content_block_stop``, ``message_delta``, ``message_stop``),
+``POST /messages/count_tokens``, ``GET /models`` and ``GET /models/{id}``, and
+Anthropic's error shape (``{"type": "error", "error": {"type", "message"}}``,
+as a body or an ``error`` event). Like the API it wants the key in
+``x-api-key`` and an ``anthropic-version`` header. Paths are served with or
+without a ``/v1`` prefix.
+
+Tests steer it per request with headers:
+
+- ``x-fake-input-tokens``, ``x-fake-output-tokens``, ``x-fake-cache-read-tokens``,
+  ``x-fake-cache-creation-tokens``: the usage it reports;
+- ``x-fake-web-searches``: web searches it says it ran (``server_tool_use`` blocks
+  and ``usage.server_tool_use.web_search_requests``);
+- ``x-fake-tool-use``: answer with a call of this tool (a ``tool_use`` block whose
+  input streams as ``input_json_delta``), stop reason ``tool_use``;
+- ``x-fake-model``: the model it says answered (default: the one asked for);
+- ``x-fake-delay-ms``: the pause between two streamed events;
+- ``x-fake-status``: answer with this HTTP error status, in Anthropic's shape;
+- ``x-fake-scenario``: ``cut`` (the connection drops after the text, before
+  ``message_delta``), ``error_midstream`` (an ``overloaded_error`` event after the
+  first piece of text), ``hold`` (pause after the first piece until the client
+  closes the connection or `release_held` is called).
+
+Like Anthropic, an answer stops being generated when its client closes the
+connection; ``closed`` counts such answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any, Final
+
+import orjson
+
+from gateway.testing.openai_upstream import RecordedRequest
+from gateway.types import Receive, Scope, Send
+
+__all__ = ["ANSWER_PIECES", "TOOL_INPUT", "FakeAnthropic"]
+
+JSON = dict[str, Any]
+
+ANSWER_PIECES: Final = ("Xin chào", "!", " Tôi", " có thể", " giúp", " gì", "?")
+TOOL_INPUT: Final = {"location": "Hà Nội", "unit": "celsius"}
+_JSON: Final = [(b"content-type", b"application/json")]
+_SSE: Final = [(b"content-type", b"text/event-stream; charset=utf-8")]
+_ERROR_TYPES: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+class _Cut(Exception):
+    """Raised on purpose (scenario "cut") so uvicorn aborts the connection mid-body."""
+
+
+def error_body(status: int, message: str) -> bytes:
+    kind = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return orjson.dumps(
+        {"type": "error", "error": {"type": kind, "message": message}, "request_id": "req_fake"}
+    )
+
+
+class FakeAnthropic:
+    def __init__(self, *, api_key: str, models: tuple[str, ...] = ("claude-sonnet-4-5",)) -> None:
+        self.api_key = api_key
+        self.models = models
+        self.requests: list[RecordedRequest] = []
+        # Every x-api-key header of each request, in order (``requests`` keeps the last).
+        self.key_headers: list[list[str]] = []
+        self.sent: list[bytes] = []  # each streamed answer's body, as sent
+        self.closed = 0  # streamed answers whose client closed the connection mid-answer
+        self.closed_event = asyncio.Event()
+        self._release = asyncio.Event()
+        self._ids = itertools.count(1)
+
+    def release_held(self) -> None:
+        self._release.set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope["path"].removeprefix("/v1")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        raw = bytearray()
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = None
+        self.requests.append(RecordedRequest(scope["method"], path, headers, body))
+        self.key_headers.append(
+            [v.decode("latin-1") for k, v in scope["headers"] if k == b"x-api-key"]
+        )
+        if headers.get("x-api-key") != self.api_key:
+            await _json(send, 401, error_body(401, "invalid x-api-key"))
+            return
+        if "anthropic-version" not in headers:
+            await _json(send, 400, error_body(400, "anthropic-version: header is required"))
+            return
+        if "x-fake-status" in headers:
+            status = int(headers["x-fake-status"])
+            await _json(send, status, error_body(status, f"Fake error {status}."))
+            return
+        method = scope["method"]
+        if method == "GET" and (path == "/models" or path.startswith("/models/")):
+            await self._models(send, path)
+            return
+        if method == "POST" and path == "/messages/count_tokens" and isinstance(body, dict):
+            await _json(send, 200, orjson.dumps({"input_tokens": 14}))
+            return
+        if method != "POST" or path != "/messages" or not isinstance(body, dict):
+            await _json(send, 404, error_body(404, "Not found"))
+            return
+        if not isinstance(body.get("max_tokens"), int):
+            await _json(send, 400, error_body(400, "max_tokens: Field required"))
+            return
+        await _Answer(self, headers, body, next(self._ids)).run(receive, send)
+
+    async def _models(self, send: Send, path: str) -> None:
+        data = [
+            {
+                "type": "model",
+                "id": m,
+                "display_name": m,
+                "created_at": "2025-09-29T00:00:00Z",
+            }
+            for m in self.models
+        ]
+        if path == "/models":
+            page = {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": None}
+            await _json(send, 200, orjson.dumps(page))
+            return
+        wanted = path.removeprefix("/models/")
+        for model in data:
+            if model["id"] == wanted:
+                await _json(send, 200, orjson.dumps(model))
+                return
+        await _json(send, 404, error_body(404, f"model: {wanted}"))
+
+
+async def _json(send: Send, status: int, body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*_JSON, (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Answer:
+    """One request's answer, shaped by the steering headers."""
+
+    def __init__(self, fake: FakeAnthropic, headers: dict[str, str], body: JSON, n: int) -> None:
+        self.fake, self.body = fake, body
+        self.model = headers.get("x-fake-model") or str(body.get("model") or "claude-sonnet-4-5")
+        self.scenario = frozenset(filter(None, headers.get("x-fake-scenario", "").split(",")))
+        self.input = int(headers.get("x-fake-input-tokens", "12"))
+        self.output = int(headers.get("x-fake-output-tokens", str(len(ANSWER_PIECES))))
+        self.cache_read = int(headers.get("x-fake-cache-read-tokens", "0"))
+        self.cache_creation = int(headers.get("x-fake-cache-creation-tokens", "0"))
+        self.searches = int(headers.get("x-fake-web-searches", "0"))
+        self.tool = headers.get("x-fake-tool-use")
+        self.delay = int(headers.get("x-fake-delay-ms", "0")) / 1000
+        self.id = f"msg_fake{n:020d}"
+
+    def usage(self, *, output: int) -> JSON:
+        return {
+            "input_tokens": self.input,
+            "cache_creation_input_tokens": self.cache_creation,
+            "cache_read_input_tokens": self.cache_read,
+            "output_tokens": output,
+            "server_tool_use": {"web_search_requests": self.searches, "web_fetch_requests": 0}
+            if self.searches
+            else None,
+            "service_tier": "standard",
+        }
+
+    def blocks(self) -> list[JSON]:
+        """The answer's content blocks, complete."""
+        out: list[JSON] = []
+        for i in range(self.searches):
+            tool_id = f"srvtoolu_fake{i:04d}"
+            out.append(
+                {
+                    "type": "server_tool_use",
+                    "id": tool_id,
+                    "name": "web_search",
+                    "input": {"query": "thời tiết"},
+                }
+            )
+            out.append(
+                {
+                    "type": "web_search_tool_result",
+                    "tool_use_id": tool_id,
+                    "content": [
+                        {
+                            "type": "web_search_result",
+                            "url": "https://example.com/",
+                            "title": "Example",
+                            "encrypted_content": "ZmFrZQ==",
+                            "page_age": None,
+                        }
+                    ],
+                }
+            )
+        out.append({"type": "text", "text": "".join(ANSWER_PIECES)})
+        if self.tool is not None:
+            out.append(
+                {"type": "tool_use", "id": "toolu_fake0001", "name": self.tool, "input": TOOL_INPUT}
+            )
+        return out
+
+    def message(self, *, content: list[JSON], stop_reason: str | None, output: int) -> JSON:
+        return {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": content,
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+            "usage": self.usage(output=output),
+        }
+
+    @property
+    def stop_reason(self) -> str:
+        return "tool_use" if self.tool is not None else "end_turn"
+
+    async def run(self, receive: Receive, send: Send) -> None:
+        if self.body.get("stream") is not True:
+            body = self.message(
+                content=self.blocks(), stop_reason=self.stop_reason, output=self.output
+            )
+            await _json(send, 200, orjson.dumps(body))
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": list(_SSE)})
+        events, first_text, before_delta = self.events()
+        await self._stream(events, receive, send, after=first_text, cut=before_delta)
+
+    def events(self) -> tuple[list[bytes], int, int]:
+        """The stream's events; the index of the first text delta and of message_delta."""
+        out = [
+            _event(
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": self.message(content=[], stop_reason=None, output=1),
+                },
+            )
+        ]
+        first_text = 0
+        for index, block in enumerate(self.blocks()):
+            kind = block["type"]
+            start = dict(block)
+            if kind == "text":
+                start["text"] = ""
+            elif kind in ("tool_use", "server_tool_use"):
+                start["input"] = {}
+            out.append(
+                _event(
+                    "content_block_start",
+                    {"type": "content_block_start", "index": index, "content_block": start},
+                )
+            )
+            if index == 0:
+                out.append(_event("ping", {"type": "ping"}))
+            if kind == "text":
+                for piece in ANSWER_PIECES:
+                    if not first_text:
+                        first_text = len(out)
+                    out.append(_delta(index, {"type": "text_delta", "text": piece}))
+            elif kind in ("tool_use", "server_tool_use"):
+                text = orjson.dumps(block["input"]).decode()
+                for part in (text[: len(text) // 2], text[len(text) // 2 :]):
+                    out.append(_delta(index, {"type": "input_json_delta", "partial_json": part}))
+            out.append(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+        before_delta = len(out)
+        out.append(
+            _event(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": self.stop_reason, "stop_sequence": None},
+                    "usage": self.usage(output=self.output),
+                },
+            )
+        )
+        out.append(_event("message_stop", {"type": "message_stop"}))
+        return out, first_text, before_delta
+
+    async def _stream(
+        self, events: list[bytes], receive: Receive, send: Send, *, after: int, cut: int
+    ) -> None:
+        sent = bytearray()
+        self.fake.sent.append(b"")
+        gone = asyncio.ensure_future(_closed(receive))
+        try:
+            for i, event in enumerate(events):
+                if "cut" in self.scenario and i >= cut:
+                    raise _Cut("scenario cut: the connection drops before message_delta")
+                if i and self.delay:
+                    await asyncio.wait({gone}, timeout=self.delay)
+                if gone.done():
+                    # Like Anthropic: the client closed the stream, the answer stops.
+                    self.fake.closed += 1
+                    self.fake.closed_event.set()
+                    return
+                sent += event
+                self.fake.sent[-1] = bytes(sent)
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+                if i == after and "error_midstream" in self.scenario:
+                    error = _event("error", orjson.loads(error_body(529, "Overloaded")))
+                    await send({"type": "http.response.body", "body": error})
+                    return
+                if i == after and "hold" in self.scenario:
+                    released = asyncio.ensure_future(self.fake._release.wait())
+                    await asyncio.wait({gone, released}, return_when=asyncio.FIRST_COMPLETED)
+                    released.cancel()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            gone.cancel()
+
+
+async def _closed(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _delta(index: int, delta: JSON) -> bytes:
+    return _event(
+        "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+    )
+
+
+def _event(kind: str, obj: JSON) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"

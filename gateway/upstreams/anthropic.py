@@ -1,0 +1,348 @@
+"""The Anthropic dialect: Claude's Messages API (``https://api.anthropic.com/v1``).
+
+Metered: ``POST /messages``, blocking or streamed. Usage comes from the answer
+itself (anthropic_wire.py): ``message_start`` and ``message_delta`` in a stream,
+the message's ``usage`` in a body. Anthropic reports tokens only; the cost comes
+from ``[prices]`` (cache reads at ``cached_input``, cache writes at
+``cache_write_input``) plus the server tools an answer ran (web search...) from
+``[call_prices."anthropic.<tool>"]``. A request for a model or a server tool
+without a price, one whose ``stream`` is not a JSON boolean, or one without a
+positive integer ``max_tokens`` (the API requires it) is refused before admission.
+
+Clients authenticate with their gateway key in ``x-api-key`` (what Anthropic's
+SDKs send) or as a bearer token; the upstream gets the operator's key in
+``x-api-key``. The end user is written into ``metadata.user_id``. Every other
+route is declared in anthropic_routes.py with its role (default deny).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+
+from gateway.bounds import DEFAULT_MAX_TOKENS_PER_ANSWER
+from gateway.errors import BadRequest, Forbidden
+from gateway.pricing import CallPrice, PriceTable
+from gateway.sse import ServerSentEvent
+from gateway.upstreams import anthropic_routes
+from gateway.upstreams.anthropic_wire import (
+    MessageStreamMeter,
+    ServerCalls,
+    meter_message,
+    prompt_chars,
+)
+from gateway.upstreams.base import Prepared, Route, StreamMeter, keep_models
+from gateway.usage import Metered, Usage, estimate_tokens
+
+if TYPE_CHECKING:
+    from gateway.config import Config
+
+__all__ = ["AnthropicUpstream"]
+
+log = logging.getLogger(__name__)
+
+# Tools the client runs (its own "custom" tools, and Anthropic's client tools:
+# bash, the text editor, computer use, memory) cost nothing past the answer's
+# tokens. Every other tool type is a server tool Anthropic runs and may bill
+# per use: priced in [call_prices."anthropic.<tool>"] or refused.
+_CLIENT_TOOLS: Final = frozenset({"custom", "bash", "text_editor", "computer", "memory"})
+# A tool type's version ("web_search_20250305") is priced as its tool.
+_TOOL_VERSION: Final = re.compile(r"_20[0-9]{6}$")
+# The server tools whose calls the usage counts (usage.server_tool_use); any
+# other paid server tool an answer lists is charged one call per answer.
+_COUNTED_TOOLS: Final = frozenset({"web_search", "web_fetch"})
+
+# Anthropic's error "type" per status (its API reference, "Errors").
+_ERROR_TYPES: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def _requested_model(body: dict[str, Any]) -> str | None:
+    model = body.get("model")
+    return model if isinstance(model, str) and model else None
+
+
+def _tool_name(tool: object) -> str | None:
+    """A request tool's name as the gateway prices it: its type without the
+    version date; "custom" for a tool without a type (the client's own)."""
+    if not isinstance(tool, dict):
+        return None
+    kind = tool.get("type")
+    if kind is None:
+        return "custom"
+    return _TOOL_VERSION.sub("", kind) if isinstance(kind, str) else None
+
+
+def _paid_tools(body: dict[str, Any]) -> list[str]:
+    """The server tools a Messages request lists (those the client does not run)."""
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return []
+    names = (_tool_name(tool) for tool in tools)
+    return [name for name in names if name is not None and name not in _CLIENT_TOOLS]
+
+
+class _PricedMeter:
+    """A stream meter whose result is priced when it finishes."""
+
+    __slots__ = ("_body", "_dialect", "_meter")
+
+    def __init__(
+        self, meter: MessageStreamMeter, dialect: AnthropicUpstream, body: dict[str, Any]
+    ) -> None:
+        self._meter, self._dialect, self._body = meter, dialect, body
+
+    @property
+    def task_id(self) -> str | None:
+        return None  # no stop endpoint: an answer is stopped by closing its stream
+
+    def feed(self, event: ServerSentEvent) -> None:
+        self._meter.feed(event)
+
+    def finish(self, *, cut: bool) -> Metered:
+        metered = self._meter.finish(cut=cut)
+        return self._dialect.priced(metered, self._body, self._meter.calls)
+
+
+class AnthropicUpstream:
+    """Anthropic's Messages API."""
+
+    __slots__ = ("_allow_unpriced", "_call_prices", "_max_tokens", "_prices")
+
+    kind = "anthropic"
+    user_field = "user_id"  # no form or multipart route: never used
+    stops_by_closing = True  # Anthropic stops generating when the client closes
+    key_header = b"x-api-key"  # where Anthropic's SDKs send the (gateway) key
+
+    def __init__(self, config: Config | None = None) -> None:
+        self._prices = PriceTable(config.prices if config is not None else {})
+        self._max_tokens = (
+            config.accounting.max_tokens_per_answer
+            if config is not None
+            else DEFAULT_MAX_TOKENS_PER_ANSWER
+        )
+        self._allow_unpriced = config is None or config.pricing.unpriced_models == "allow"
+        self._call_prices: Mapping[str, CallPrice] = {
+            name.removeprefix("anthropic."): price
+            for name, price in (config.call_prices if config is not None else {}).items()
+            if name.startswith("anthropic.")
+        }
+
+    def upstream_credential(self, api_key: str) -> tuple[bytes, bytes]:
+        return (b"x-api-key", api_key.encode())
+
+    # --- requests ------------------------------------------------------------------
+
+    def route(self, method: str, path: str) -> Route:
+        return anthropic_routes.anthropic_route(method, path)
+
+    def refine(self, route: Route, body: dict[str, Any] | None) -> Route:
+        return route
+
+    def prepare(
+        self,
+        route: Route,
+        body: dict[str, Any] | None,
+        query: bytes,
+        user_id: str,
+        *,
+        method: str,
+        request_id: str,
+    ) -> Prepared:
+        if route is anthropic_routes.OPERATOR:
+            raise Forbidden(
+                "This endpoint is not available through the gateway: its usage cannot be metered.",
+                code="endpoint_not_metered",
+            )
+        if body is None or not route.produces_answer:
+            # count_tokens takes no metadata: passed on as it came.
+            return Prepared(body, query)
+        _check_request(body)
+        self._check_priced(body)
+        # The end user as Anthropic reads it, so nobody can act as someone else there.
+        metadata = body.get("metadata")
+        if metadata is None:
+            body["metadata"] = {"user_id": user_id}
+        elif isinstance(metadata, dict):
+            metadata["user_id"] = user_id
+        else:
+            raise BadRequest("metadata must be an object.", code="invalid_param")
+        return Prepared(body, query)
+
+    def _check_priced(self, body: dict[str, Any]) -> None:
+        """Refuse, before admission, an answer whose cost could not be told."""
+        model = _requested_model(body)
+        if not self._allow_unpriced and not self._prices.prices(model):
+            named = f"The model {model!r}" if model is not None else "A request without a model"
+            raise Forbidden(
+                f"{named} has no price on this gateway, so its use cannot be charged.",
+                code="model_not_priced",
+            )
+        for tool in _paid_tools(body):
+            if tool not in self._call_prices:
+                raise Forbidden(
+                    f"The tool {tool!r} has no price on this gateway "
+                    f'([call_prices."anthropic.{tool}"]), so it is not available.',
+                    code="tool_not_priced",
+                )
+
+    # --- model allow-lists (gateway/model_access.py) ---------------------------------
+
+    def requested_models(
+        self, route: Route, body: dict[str, Any] | None
+    ) -> tuple[str | None, ...] | None:
+        """The model a message runs (the body's ``model``; None when absent or
+        not a string, which the upstream refuses anyway) and the model a model
+        read names. ``count_tokens`` runs no model and is not checked."""
+        if route.model is not None:
+            return (route.model,)
+        if not route.admitted or body is None:
+            return None
+        model = body.get("model")
+        return (model if isinstance(model, str) and model else None,)
+
+    def filter_models(
+        self, route: Route, page: dict[str, Any], allowed: Callable[[str], bool]
+    ) -> dict[str, Any]:
+        """``GET /models`` (``{"data": [{"type": "model", "id": ...}], "has_more",
+        "first_id", "last_id"}``) with only the allowed models; a list it cannot
+        read is emptied, not passed on whole. ``first_id``/``last_id`` stay the
+        upstream's page cursors, so paging on goes on from where it was."""
+        return keep_models(page, allowed)
+
+    def is_streaming(self, route: Route, body: dict[str, Any]) -> bool:
+        return body.get("stream") is True
+
+    # --- answers -------------------------------------------------------------------
+
+    def stream_meter(self, route: Route, body: dict[str, Any]) -> StreamMeter:
+        return _PricedMeter(MessageStreamMeter(body), self, body)
+
+    def stream_transform(self, route: Route, prepared: Prepared) -> None:
+        return None  # the client gets the upstream's bytes untouched
+
+    def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:
+        calls = ServerCalls()
+        return self.priced(meter_message(body, response, calls), body, calls)
+
+    def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
+        prompt = estimate_tokens(prompt_chars(body))
+        usage = Usage(prompt_tokens=prompt, total_tokens=prompt, estimated=True)
+        model = _requested_model(body)
+        metered = Metered(None, None, None, usage, "timeout", model=model)
+        # The server tools an answer reports are not known until it reports them.
+        return self.priced(metered, body, ServerCalls())
+
+    def calls(self, body: dict[str, Any], reported: Mapping[str, int]) -> dict[str, int]:
+        """The paid server-tool calls an answer is charged, by tool name: the web
+        searches and fetches its usage reports, and one call per answer of any
+        other paid server tool the request listed (their use is not reported)."""
+        calls = {tool: count for tool, count in reported.items() if count}
+        for tool in _paid_tools(body):
+            if tool not in _COUNTED_TOOLS:
+                calls[tool] = 1
+        return calls
+
+    def priced(self, metered: Metered, body: dict[str, Any], calls: ServerCalls) -> Metered:
+        """``metered`` with its cost: tokens by the model that answered (else the
+        one asked for), plus the server-tool calls at their call prices."""
+        requested = _requested_model(body)
+        model = metered.model or requested
+        usage = metered.usage
+        if usage is not None:
+            usage, _ = self._prices.priced(
+                usage, metered.model, requested, max_tokens=self._max_tokens
+            )
+            charged = self.calls(body, calls.counts)
+            if charged:
+                usage = self._with_calls(usage, charged)
+        if usage is metered.usage and model == metered.model:
+            return metered
+        return dataclasses.replace(metered, usage=usage, model=model)
+
+    def _with_calls(self, usage: Usage, calls: Mapping[str, int]) -> Usage:
+        cost = Decimal(0)
+        currency = None
+        for tool, count in calls.items():
+            price = self._call_prices.get(tool)
+            if price is None:
+                # Refused at the request unless the answer ran a tool it did not list.
+                log.warning("an answer ran %d call(s) of %r, which has no price", count, tool)
+                continue
+            cost += price.price * count
+            currency = price.currency
+        if currency is None:
+            return usage
+        if not usage.cost:
+            usage = dataclasses.replace(usage, currency=currency)
+        return dataclasses.replace(usage, cost=usage.cost + cost)
+
+    def filter_history(
+        self, route: Route, query: bytes, page: dict[str, Any], cutoff: float
+    ) -> dict[str, Any]:
+        return page  # no route of this API is a history page
+
+    def stop_request(self, route: Route, task_id: str, user_id: str) -> tuple[str, bytes] | None:
+        return None  # stops_by_closing
+
+    # --- errors --------------------------------------------------------------------
+
+    def error_body(self, status: int, code: str, message: str) -> bytes:
+        kind = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        # Anthropic's shape; "code" is the gateway's own (its refusals' codes),
+        # an extra member the SDKs ignore.
+        return orjson.dumps(
+            {"type": "error", "error": {"type": kind, "message": message, "code": code}}
+        )
+
+    def stream_error(self, status: int, code: str, message: str) -> bytes:
+        # The SDKs raise on an "error" event, as Anthropic sends one mid-stream.
+        return b"event: error\ndata: " + self.error_body(status, code, message) + b"\n\n"
+
+
+def _check_request(body: dict[str, Any]) -> None:
+    """Refuse what the gateway would read otherwise than Anthropic: a ``stream``
+    that is not a JSON boolean (a lax reading would stream unmetered), and a
+    missing or invalid ``max_tokens`` (the API requires it; refused before
+    anything is reserved)."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        # The text of OpenAI's refusal (gateway/messages.py "invalid_type").
+        raise BadRequest(
+            f"Invalid type for 'stream': expected a boolean, but got {_json_type(stream)} instead.",
+            code="invalid_type",
+        )
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise BadRequest(
+            "max_tokens must be a positive integer (the Messages API requires it).",
+            code="invalid_param",
+        )
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"

@@ -1,0 +1,303 @@
+"""Usage in Anthropic's Messages wire format, read without I/O.
+
+The shapes are those of the Messages API reference and the ``anthropic`` SDK's
+types (docs/upstreams/anthropic.md, "Wire format"):
+
+- a blocking answer is one ``message`` object whose ``usage`` is
+  ``{input_tokens, output_tokens, cache_creation_input_tokens,
+  cache_read_input_tokens, server_tool_use: {web_search_requests,
+  web_fetch_requests}}``;
+- a streamed answer is named SSE events in this order: ``message_start`` (the
+  message, with the input side of the usage), then per content block
+  ``content_block_start``, ``content_block_delta``..., ``content_block_stop``,
+  with ``ping`` events anywhere, then ``message_delta`` (the stop reason and the
+  usage so far: ``output_tokens`` is cumulative, and any other count it holds
+  replaces the one of ``message_start``) and ``message_stop``;
+- an error is ``{"type": "error", "error": {"type", "message"}}``, as a body or
+  as an ``error`` event mid-stream.
+
+``input_tokens`` counts only the prompt tokens that neither read nor wrote the
+prompt cache; the gateway records the prompt as OpenAI reports it: every prompt
+token (``prompt_tokens`` = input + cache reads + cache writes), the cache reads
+as ``cached_tokens`` and the cache writes as ``cache_write_tokens``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+import orjson
+
+from gateway.sse import ServerSentEvent
+from gateway.usage import (
+    FieldReader,
+    Metered,
+    Outcome,
+    Usage,
+    estimate_tokens,
+    estimate_usage,
+    unreadable_answer,
+)
+
+__all__ = [
+    "MessageStreamMeter",
+    "ServerCalls",
+    "meter_message",
+    "prompt_chars",
+    "usage_from",
+]
+
+_loads = orjson.loads
+
+# The events whose JSON the meter reads; text deltas are measured unparsed, and
+# ping, content_block_start/stop and message_stop carry nothing it needs.
+_MESSAGE_START: Final = "message_start"
+_MESSAGE_DELTA: Final = "message_delta"
+_MESSAGE_STOP: Final = "message_stop"
+_ERROR: Final = "error"
+_DELTA: Final = "content_block_delta"
+# The text of a delta: text_delta's "text", input_json_delta's "partial_json",
+# thinking_delta's "thinking", as JSON strings.
+_DELTA_TEXT: Final = re.compile(r'"(?:text|partial_json|thinking)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+# The server tools whose calls the usage counts: usage.server_tool_use's fields.
+_SERVER_TOOL_COUNTS: Final = {
+    "web_search_requests": "web_search",
+    "web_fetch_requests": "web_fetch",
+}
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+class ServerCalls:
+    """The server-tool calls an answer's usage reports, by tool name
+    (``usage.server_tool_use``: web searches, web fetches)."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def read(self, usage: object) -> None:
+        """Take the counts of a usage object (cumulative: a later one replaces)."""
+        if not isinstance(usage, dict):
+            return
+        tools = usage.get("server_tool_use")
+        if not isinstance(tools, dict):
+            return
+        read = FieldReader()
+        for field, tool in _SERVER_TOOL_COUNTS.items():
+            if tools.get(field) is not None:
+                self.counts[tool] = read.tokens(tools, field)
+
+
+def usage_from(raw: object, *, start: Usage | None = None) -> Usage:
+    """An Anthropic ``usage`` object as the gateway's token counts.
+
+    ``start`` is what ``message_start`` reported, for a ``message_delta``'s
+    usage: a count the delta leaves out (or null) keeps its value there. Each
+    count is read on its own (FieldReader). Raises ``ValueError`` when it is not
+    an object, or nothing usable is left.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f"usage is not an object: {raw!r}")
+    read = FieldReader()
+    base = start or Usage()
+
+    def count(name: str, before: int) -> int:
+        return before if raw.get(name) is None else read.tokens(raw, name)
+
+    uncached = count(
+        "input_tokens", base.prompt_tokens - base.cached_tokens - base.cache_write_tokens
+    )
+    written = count("cache_creation_input_tokens", base.cache_write_tokens)
+    cached = count("cache_read_input_tokens", base.cached_tokens)
+    output = count("output_tokens", base.completion_tokens)
+    prompt = uncached + written + cached
+    usage = Usage(
+        prompt_tokens=prompt,
+        completion_tokens=output,
+        total_tokens=prompt + output,
+        cached_tokens=cached,
+        cache_write_tokens=written,
+    )
+    return read.usable(usage)
+
+
+def _text_chars(value: object) -> int:
+    """Characters of text in a prompt or content: strings, lists, and blocks whose
+    text is under "text", "content", "input" (a tool call) or "thinking".
+
+    Walked with a stack, not recursion: the body may nest a thousand levels."""
+    chars = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            chars += len(item)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            for key in ("text", "content", "thinking"):
+                stack.append(item.get(key))
+            tool_input = item.get("input")
+            if isinstance(tool_input, dict):
+                chars += len(orjson.dumps(tool_input))
+    return chars
+
+
+def prompt_chars(body: dict[str, Any]) -> int:
+    """Characters of prompt in a Messages request (``system`` and ``messages``),
+    for an estimate."""
+    return _text_chars(body.get("system")) + _text_chars(body.get("messages"))
+
+
+def _error_type(error: object) -> str:
+    if isinstance(error, dict):
+        return _str_or_none(error.get("type")) or "error"
+    return "error"
+
+
+def meter_message(
+    body: dict[str, Any], response: bytes, calls: ServerCalls | None = None
+) -> Metered:
+    """Usage of a blocking answer (one ``message`` object, or an error); its
+    server-tool calls go into ``calls`` when given."""
+    try:
+        obj = _loads(response)
+    except orjson.JSONDecodeError:
+        obj = None
+    if not isinstance(obj, dict):
+        return unreadable_answer(prompt_chars(body), response)
+    if obj.get("type") == "error":
+        return Metered(None, None, None, None, "error", error_code=_error_type(obj.get("error")))
+    model = _str_or_none(obj.get("model"))
+    raw = obj.get("usage")
+    if calls is not None:
+        calls.read(raw)
+    try:
+        usage = usage_from(raw)
+        outcome: Outcome = "complete"
+    except ValueError:
+        # No usable usage: an estimate from the prompt and the answer's text.
+        usage = estimate_usage(prompt_chars(body), _text_chars(obj.get("content")))
+        outcome = "cut"
+    return Metered(None, None, None, usage, outcome, model=model)
+
+
+class MessageStreamMeter:
+    """Meters a streamed Messages answer.
+
+    Only ``message_start``, ``message_delta`` and ``error`` events are parsed;
+    the text of deltas is measured without parsing (for an estimate should no
+    usage come), every other event is skipped by its name.
+    """
+
+    __slots__ = (
+        "_error_code",
+        "_errored",
+        "_final",
+        "_malformed",
+        "_model",
+        "_prompt_chars",
+        "_start",
+        "_started",
+        "_text_chars",
+        "calls",
+    )
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self._prompt_chars = prompt_chars(body)
+        self._model: str | None = None
+        self._started = False  # message_start came: the upstream began (and bills) it
+        self._start: Usage | None = None  # message_start's usage
+        self._final: Usage | None = None  # the last message_delta's usage
+        self._text_chars = 0
+        self._errored = False
+        self._error_code: str | None = None
+        self._malformed = False
+        self.calls = ServerCalls()
+
+    @property
+    def task_id(self) -> str | None:
+        return None  # no stop endpoint: an answer is stopped by closing its stream
+
+    def feed(self, event: ServerSentEvent) -> None:
+        kind, data = event.event, event.data
+        if not data:
+            return
+        if kind == _DELTA:
+            # The hot path: the text is measured where it sits (escapes count as
+            # written; good enough for an estimate).
+            for match in _DELTA_TEXT.finditer(data):
+                self._text_chars += len(match.group(1))
+            return
+        if kind not in (_MESSAGE_START, _MESSAGE_DELTA, _ERROR):
+            return
+        try:
+            obj = _loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict):
+            if kind != _ERROR:
+                self._malformed = True
+            else:
+                self._errored = True
+                self._error_code = self._error_code or "error"
+            return
+        if kind == _ERROR:
+            self._errored = True
+            self._error_code = self._error_code or _error_type(obj.get("error"))
+        elif kind == _MESSAGE_START:
+            self._on_start(obj.get("message"))
+        else:
+            self._on_delta(obj.get("usage"))
+
+    def _on_start(self, message: object) -> None:
+        self._started = True
+        if not isinstance(message, dict):
+            self._malformed = True
+            return
+        self._model = _str_or_none(message.get("model"))
+        raw = message.get("usage")
+        self.calls.read(raw)
+        try:
+            self._start = usage_from(raw)
+        except ValueError:
+            self._malformed = True
+
+    def _on_delta(self, raw: object) -> None:
+        self.calls.read(raw)
+        try:
+            self._final = usage_from(raw, start=self._start)
+        except ValueError:
+            self._malformed = True
+
+    def finish(self, *, cut: bool) -> Metered:
+        model, code = self._model, self._error_code
+        outcome: Outcome
+        if self._final is not None:
+            # message_delta's counts are the answer's, final or cumulative so far.
+            outcome = "error" if self._errored else "complete"
+            return Metered(None, None, None, self._final, outcome, error_code=code, model=model)
+        usage: Usage | None = None
+        if self._start is not None and (self._text_chars or not self._errored):
+            # (An error before any text is charged nothing, as for OpenAI.)
+            # The prompt as the upstream counted it; the output as far as it came.
+            output = max(self._start.completion_tokens, estimate_tokens(self._text_chars))
+            usage = Usage(
+                prompt_tokens=self._start.prompt_tokens,
+                completion_tokens=output,
+                total_tokens=self._start.prompt_tokens + output,
+                cached_tokens=self._start.cached_tokens,
+                cache_write_tokens=self._start.cache_write_tokens,
+                estimated=True,
+            )
+        elif self._text_chars or (cut and self._started):
+            usage = estimate_usage(self._prompt_chars, self._text_chars)
+        if self._errored:
+            return Metered(None, None, None, usage, "error", error_code=code, model=model)
+        code = "malformed_usage" if self._malformed else None
+        return Metered(None, None, None, usage, "cut", error_code=code, model=model)

@@ -1,0 +1,71 @@
+"""The end user's own usage API: ``GET /v1/usage`` and ``GET /v1/usage/daily``.
+
+Called with the same credential the user chats with (a gateway key, or the
+trusted header), read exactly as the proxy reads it, so it reports the user the
+proxy charges. What it reports comes from gateway/reports.py; refusals have the
+body shape of every other refusal of the gateway (realm "api").
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from gateway.admin import MAX_DAYS, error_response, int_param, json_response, services
+from gateway.errors import GatewayError
+from gateway.http import request_headers
+from gateway.reports import daily_dict
+
+if TYPE_CHECKING:
+    from gateway.services import Services
+
+__all__ = ["usage_routes"]
+
+
+async def _end_user(request: Request, gw: Services) -> str:
+    # The credential and the trusted user header read from the raw headers exactly
+    # as the proxy reads them (the same function, then the same decoding in
+    # gateway/auth.py), so /v1/usage reports the user the proxy charges.
+    snap = gw.snapshot
+    headers = request_headers(request.scope["headers"], snap.user_header, snap.upstream.key_header)
+    return await snap.identify(headers.credential, headers.user_header)
+
+
+async def my_usage(request: Request) -> Response:
+    """What the caller has used and has left, per limit of their plan."""
+    gw = services(request)
+    try:
+        user_id = await _end_user(request, gw)
+        # Fresh from storage: the in-process user cache holds plans, not counters.
+        return json_response(gw, await gw.reports.usage(await gw.reports.user(user_id)))
+    except GatewayError as exc:
+        return error_response(gw, exc, realm="api")
+
+
+async def my_daily_usage(request: Request) -> Response:
+    """The caller's usage per local day, for a chart (`?days=30`, at most 366)."""
+    gw = services(request)
+    try:
+        user_id = await _end_user(request, gw)
+        days = int_param(request, "days", 30, 1, MAX_DAYS)
+        daily = await gw.reports.daily(user_id, days)
+        return json_response(
+            gw,
+            {
+                "user": user_id,
+                "days": days,
+                "currency": gw.currency,
+                "data": [daily_dict(r, gw.currency) for r in daily],
+            },
+        )
+    except GatewayError as exc:
+        return error_response(gw, exc, realm="api")
+
+
+usage_routes: list[BaseRoute] = [
+    Route("/v1/usage", my_usage, methods=["GET"]),
+    Route("/v1/usage/daily", my_daily_usage, methods=["GET"]),
+]

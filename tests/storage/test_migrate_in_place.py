@@ -1,0 +1,241 @@
+"""Issue 21: a database of the schema before limits-as-data (PostgreSQL
+migrations up to 0012, SQLite up to 0008) migrates in place with nothing lost:
+its counters, pending answers and leases admit, settle and refund as before."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from gateway.config import DatabaseConfig
+from gateway.storage import (
+    AdmissionLimits,
+    Lease,
+    Pending,
+    Storage,
+    UsageEvent,
+    WebSearch,
+    functions,
+    migrations,
+    open_storage,
+)
+from gateway.storage.sqlite import _statements, _ts
+from tests.conftest import PostgresServer
+
+NOW = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
+DAY = date(2026, 11, 21)
+EARLIER = date(2026, 11, 3)
+MONTH = date(2026, 11, 1)
+# The last migration of the schema before this change, per backend.
+BEFORE = {"postgres": 12, "sqlite": 8}
+
+# The data: alice's two day rows this month, an answer of hers under way today
+# (its pending row holds the web search it reserved) with a stream lease.
+ROWS = [
+    ("users", ("id", "plan", "created_at"), ("alice", "pro", NOW)),
+    (
+        "usage_daily",
+        ("user_id", "day", "queries", "web_searches", "total_tokens", "prompt_tokens", "cost"),
+        ("alice", EARLIER, 4, 1, 700, 500, Decimal("0.50")),
+    ),
+    (
+        "usage_daily",
+        ("user_id", "day", "queries", "web_searches", "total_tokens", "prompt_tokens", "cost"),
+        ("alice", DAY, 2, 1, 300, 200, Decimal("0.25")),
+    ),
+    (
+        "pending_answers",
+        ("id", "user_id", "day", "created_at", "endpoint", "prompt_tokens", "total_tokens",
+         "web_searches"),
+        ("req-old", "alice", DAY, NOW, "chat-messages", 20, 20, 1),
+    ),
+    ("stream_leases", ("id", "user_id", "expires_at"), ("req-old", "alice", NOW + timedelta(hours=1))),
+]  # fmt: skip
+
+
+def _sqlite_value(value: object) -> object:
+    if isinstance(value, datetime):
+        return _ts(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+def old_sqlite(path: Path) -> str:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+    )
+    for version, sql in migrations("sqlite"):
+        if version <= BEFORE["sqlite"]:
+            for statement in _statements(sql):
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, _ts(NOW)))
+    for table, columns, values in ROWS:
+        marks = ", ".join("?" for _ in columns)
+        conn.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})",
+            [_sqlite_value(v) for v in values],
+        )
+    conn.close()
+    return f"sqlite:///{path}"
+
+
+async def old_postgres(server: PostgresServer) -> str:
+    dsn = await server.new_database_async()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "CREATE TABLE schema_migrations "
+            "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for version, sql in migrations("postgres"):
+            if version <= BEFORE["postgres"]:
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+        for table, columns, values in ROWS:
+            marks = ", ".join(f"${i + 1}" for i in range(len(columns)))
+            await conn.execute(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", *values
+            )
+    finally:
+        await conn.close()
+    return dsn
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def old_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return old_sqlite(tmp_path / "old.db")
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return asyncio.run(old_postgres(server))
+
+
+async def migrated(url: str) -> Storage:
+    storage = await open_storage(DatabaseConfig(url=url))
+    await storage.migrate()
+    return storage
+
+
+async def test_an_old_database_migrates_in_place_with_nothing_lost(old_database: str) -> None:
+    storage = await migrated(old_database)
+    try:
+        rows = {r.day: r for r in await storage.daily(MONTH, DAY, user_id="alice")}
+        assert (rows[EARLIER].queries, rows[EARLIER].total_tokens, rows[EARLIER].cost) == (
+            4,
+            700,
+            Decimal("0.50"),
+        )
+        assert (rows[DAY].queries, rows[DAY].web_searches, rows[DAY].total_tokens) == (2, 1, 300)
+
+        # The counters admission reads are the old ones: a query limit of 3 has
+        # one left today, the month's tokens are both rows', the old answer's
+        # lease holds one of two stream slots and its web search one of two.
+        limits = AdmissionLimits(queries_per_day=3, tokens_per_month=2000, max_concurrent_streams=2)
+        admitted = await storage.admit(
+            "alice",
+            day=DAY,
+            month_start=MONTH,
+            limits=limits,
+            now=NOW,
+            lease=Lease("req-new", NOW + timedelta(hours=1)),
+            pending=Pending("req-new", "chat-messages"),
+            web_search=WebSearch(2),
+        )
+        assert admitted.admitted and admitted.web_search_reserved
+        counters = admitted.counters
+        assert (counters.queries_today, counters.tokens_month, counters.open_streams) == (
+            3,
+            1000,
+            2,
+        )
+        assert counters.web_searches_today == 2
+        refused = await storage.admit("alice", day=DAY, month_start=MONTH, limits=limits, now=NOW)
+        assert refused.refused_by == "queries_per_day"
+
+        # The answer admitted before the migration settles once, its web-search
+        # reservation replaced by what it used; a second settle changes nothing.
+        answer = UsageEvent(
+            answer_id="msg-old",
+            user_id="alice",
+            day=DAY,
+            created_at=NOW,
+            endpoint="chat-messages",
+            prompt_tokens=80,
+            completion_tokens=20,
+            total_tokens=100,
+            cost=Decimal("0.10"),
+        )
+        assert await storage.settle(answer, lease_id="req-old", pending_id="req-old")
+        assert not await storage.settle(answer, lease_id="req-old", pending_id="req-old")
+        assert await storage.refund("alice", day=DAY, lease_id="req-new", pending_id="req-new")
+        today = {r.day: r for r in await storage.daily(DAY, DAY, user_id="alice")}[DAY]
+        assert (today.queries, today.web_searches, today.total_tokens, today.cost) == (
+            2,
+            0,
+            400,
+            Decimal("0.35"),
+        )
+        assert await storage.open_streams("alice", now=NOW) == 0
+        # Nothing is reserved any more: the whole cost budget is spendable.
+        budget = AdmissionLimits(cost_per_day=Decimal("0.36"))
+        spend = await storage.admit(
+            "alice",
+            day=DAY,
+            month_start=MONTH,
+            limits=budget,
+            now=NOW,
+            pending=Pending("req-3", "chat-messages", reserved_cost=Decimal("0.01")),
+        )
+        assert spend.admitted and spend.counters.of("cost", "day") == Decimal("0.36")
+    finally:
+        await storage.close()
+
+
+@pytest.mark.postgres
+async def test_postgres_functions_are_applied_when_their_files_change(
+    postgres: PostgresServer,
+) -> None:
+    """The live functions come from sql/postgres/functions/, applied by every
+    migrate whose files differ from those applied last (their hash)."""
+    dsn = await postgres.new_database_async()
+    storage = await migrated(dsn)
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            digest, texts = functions("postgres")
+            assert await conn.fetchval("SELECT hash FROM schema_functions") == digest
+            names = await conn.fetch(
+                "SELECT p.proname, count(*) FROM pg_proc p JOIN pg_namespace n "
+                "ON n.oid = p.pronamespace WHERE n.nspname = current_schema() "
+                "AND p.proname LIKE 'gateway\\_%' GROUP BY p.proname"
+            )
+            # One definition each (no overload left over from a migration), one
+            # file each.
+            assert all(row[1] == 1 for row in names)
+            assert len(names) == len(texts)
+            # Unchanged files: a migrate leaves the functions alone.
+            await conn.execute("DROP FUNCTION gateway_release(text, date, integer, numeric)")
+            assert await storage.migrate() == 0
+            assert not await conn.fetchval(
+                "SELECT count(*) FROM pg_proc WHERE proname = 'gateway_release'"
+            )
+            # Other files (here: a database whose hash is another's) are applied.
+            await conn.execute("UPDATE schema_functions SET hash = 'older'")
+            assert await storage.migrate() == 0
+            assert await conn.fetchval(
+                "SELECT count(*) FROM pg_proc WHERE proname = 'gateway_release'"
+            )
+            assert await conn.fetchval("SELECT hash FROM schema_functions") == digest
+        finally:
+            await conn.close()
+    finally:
+        await storage.close()

@@ -1,0 +1,361 @@
+"""Issue 21, the proof: random admissions, settles, refunds, cancellations and
+recoveries over random limit sets, driven through each storage backend and
+through a plain-Python model of the rules written here on its own; every
+decision and every counter must agree.
+
+The model is deliberately naive - lists of what happened, sums over them - so
+that it shares nothing with gateway/quota.py or the backends' SQL but the
+rules as docs/quotas.md states them."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from gateway.quota import Limit
+from gateway.storage import AdmissionLimits, Lease, Pending, Storage, UsageEvent, WebSearch
+
+DAY = date(2026, 11, 21)
+EARLIER = date(2026, 11, 4)
+MONTH = date(2026, 11, 1)
+START = datetime(2026, 11, 21, 8, 0, tzinfo=UTC)
+MEASURED = {"tokens", "cost"}
+USERS = ("alice", "bob")  # both in the team "t"
+WINDOW = {"minute": 60}
+BUCKET = {"minute": 5}
+
+
+@dataclass
+class Open:
+    """An admitted answer not yet settled, refunded or recovered."""
+
+    user: str
+    id: str
+    at: datetime
+    web: int
+    reserved: Decimal
+    estimate_tokens: int
+    estimate_cost: Decimal
+    lease: bool
+    rates: set[tuple[str, str]]
+    keys: set[str] = field(default_factory=set)  # the per-model counters it counts in
+
+
+@dataclass
+class Model:
+    # (user, meter, day) -> amount; what open answers reserved is on their rows
+    counted: dict[tuple[str, str, date], Decimal] = field(default_factory=dict)
+    open: dict[str, Open] = field(default_factory=dict)
+    # (user, meter, per) -> [(moment, amount)]
+    rate_log: dict[tuple[str, str, str], list[tuple[datetime, int]]] = field(default_factory=dict)
+    limits: list[Limit] = field(default_factory=list)
+    # (user, counter key, meter, day) -> amount: per-model limits' counters
+    per_model: dict[tuple[str, str, str, date], Decimal] = field(default_factory=dict)
+
+    def add(self, user: str, meter: str, day: date, amount: Decimal | int) -> None:
+        key = (user, meter, day)
+        self.counted[key] = self.counted.get(key, Decimal(0)) + amount
+
+    def add_models(self, o: Open, meter: str, amount: Decimal | int) -> None:
+        for key in o.keys:
+            k = (o.user, key, meter, DAY)
+            self.per_model[k] = self.per_model.get(k, Decimal(0)) + amount
+
+    def used(self, limit: Limit, user: str, now: datetime) -> Decimal:
+        key = limit.counter_key
+        if key is not None:  # every answer here is on DAY, so day = month
+            total = self.per_model.get((user, key, limit.meter, DAY), Decimal(0))
+            if limit.meter == "cost":
+                total += sum(
+                    (o.reserved for o in self.open.values() if o.user == user and key in o.keys),
+                    Decimal(0),
+                )
+            return total
+        # A team-scope limit counts both users (the team is everyone here).
+        users = USERS if limit.scope == "team" else (user,)
+        if limit.per == "open":
+            return Decimal(sum(1 for o in self.open.values() if o.lease and o.user in users))
+        if limit.per in WINDOW:
+            return self.rate(user, limit.meter, limit.per, now)
+        total = sum(
+            (
+                amount
+                for (u, m, d), amount in self.counted.items()
+                if u in users and m == limit.meter and (limit.per == "month" or d == DAY)
+            ),
+            Decimal(0),
+        )
+        if limit.meter == "cost":  # every reservation is on DAY here
+            total += sum((o.reserved for o in self.open.values() if o.user in users), Decimal(0))
+        return total
+
+    def rate(self, user: str, meter: str, per: str, now: datetime) -> Decimal:
+        width = BUCKET[per]
+        first = math.floor(now.timestamp() / width) - 12  # the current bucket and 12 before
+        return Decimal(
+            sum(
+                amount
+                for at, amount in self.rate_log.get((user, meter, per), [])
+                if math.floor(at.timestamp() / width) >= first
+            )
+        )
+
+    def refuses(self, limit: Limit, used: Decimal, amount: Decimal) -> bool:
+        if amount > 0 and used + amount > limit.max:
+            return True
+        return limit.meter in MEASURED and used >= limit.max
+
+    def retry(self, limit: Limit, user: str, amount: Decimal, now: datetime) -> int:
+        width = BUCKET[limit.per]
+        first = math.floor(now.timestamp() / width) - 12
+        buckets: dict[int, int] = {}
+        for at, value in self.rate_log.get((user, limit.meter, limit.per), []):
+            b = math.floor(at.timestamp() / width)
+            if b >= first:
+                buckets[b] = buckets.get(b, 0) + value
+        used = Decimal(sum(buckets.values()))
+        for b in sorted(buckets):
+            used -= buckets[b]
+            if not self.refuses(limit, used, amount):
+                return max(math.ceil((b + 13) * width - now.timestamp()), 1)
+        return WINDOW[limit.per]
+
+    def admit(
+        self,
+        limits: list[Limit],
+        user: str,
+        now: datetime,
+        pid: str,
+        *,
+        web: bool,
+        optional: bool,
+        cost: Decimal,
+        lease: bool,
+        estimate: int,
+    ) -> tuple[str | None, bool, int | None]:
+        amounts = {"queries": 1, "cost": cost, "streams": int(lease), "web_searches": int(web)}
+        granted = web
+        for limit in limits:
+            if (
+                limit.meter == "web_searches"
+                and web
+                and self.refuses(limit, self.used(limit, user, now), Decimal(1))
+            ):
+                if not optional:
+                    return limit.name, False, None
+                granted = False
+        for limit in limits:
+            if limit.meter == "web_searches":
+                continue
+            amount = Decimal(amounts.get(limit.meter, 0))
+            if self.refuses(limit, self.used(limit, user, now), amount):
+                retry = self.retry(limit, user, amount, now) if limit.per in WINDOW else None
+                return limit.name, False, retry
+        self.add(user, "queries", DAY, 1)
+        self.add(user, "web_searches", DAY, int(granted))
+        rates = {(x.meter, x.per) for x in limits if x.per in WINDOW}
+        if ("queries", "minute") in rates:
+            self.rate_log.setdefault((user, "queries", "minute"), []).append((now, 1))
+        self.open[pid] = Open(
+            user, pid, now, int(granted), cost, estimate, max(cost, Decimal("0.001")), lease, rates,
+            {k for k in (x.counter_key for x in limits) if k is not None},
+        )  # fmt: skip
+        self.add_models(self.open[pid], "queries", 1)
+        return None, granted, None
+
+    def settle(self, pid: str, now: datetime, tokens: int, cost: Decimal, web: int) -> bool:
+        o = self.open.pop(pid, None)
+        if o is None:
+            return False
+        self.add(o.user, "web_searches", DAY, web - o.web)
+        self.add(o.user, "tokens", DAY, tokens)
+        self.add(o.user, "cost", DAY, cost)
+        self.add_models(o, "tokens", tokens)
+        self.add_models(o, "cost", cost)
+        if ("tokens", "minute") in o.rates:
+            self.rate_log.setdefault((o.user, "tokens", "minute"), []).append((now, tokens))
+        return True
+
+    def refund(self, pid: str) -> bool:
+        o = self.open.pop(pid, None)
+        if o is None:
+            return False
+        self.add(o.user, "queries", DAY, -1)
+        self.add(o.user, "web_searches", DAY, -o.web)
+        self.add_models(o, "queries", -1)
+        if ("queries", "minute") in o.rates:
+            self.rate_log.setdefault((o.user, "queries", "minute"), []).append((o.at, -1))
+        return True
+
+    def recover(self, before: datetime) -> list[str]:
+        gone = sorted(pid for pid, o in self.open.items() if o.at < before)
+        for pid in gone:
+            o = self.open.pop(pid)
+            self.add(o.user, "tokens", DAY, o.estimate_tokens)
+            self.add(o.user, "cost", DAY, o.estimate_cost)
+            self.add_models(o, "tokens", o.estimate_tokens)
+            self.add_models(o, "cost", o.estimate_cost)
+        return gone
+
+
+def random_limits(rng: random.Random) -> list[Limit]:
+    pool = [
+        Limit("queries_per_day", "queries", "day", Decimal(rng.randint(0, 40))),
+        Limit("requests_per_minute", "queries", "minute", Decimal(rng.randint(1, 4))),
+        Limit("tokens_per_day", "tokens", "day", Decimal(rng.randint(500, 4000))),
+        Limit("tokens_per_month", "tokens", "month", Decimal(rng.randint(1000, 8000))),
+        Limit("tokens_per_minute", "tokens", "minute", Decimal(rng.randint(50, 400))),
+        Limit("cost_per_day", "cost", "day", Decimal(rng.randint(1, 600)) / 100),
+        Limit("cost_per_month", "cost", "month", Decimal(rng.randint(50, 900)) / 100),
+        Limit("max_concurrent_streams", "streams", "open", Decimal(rng.randint(1, 4))),
+    ]
+    chosen = [limit for limit in pool if rng.random() < 0.5]
+    team = [
+        Limit("team_queries_per_day", "queries", "day", Decimal(rng.randint(0, 60)), "team"),
+        Limit("team_tokens_per_day", "tokens", "day", Decimal(rng.randint(500, 6000)), "team"),
+        Limit("team_cost_per_day", "cost", "day", Decimal(rng.randint(1, 900)) / 100, "team"),
+        Limit("team_streams", "streams", "open", Decimal(rng.randint(1, 5)), "team"),
+    ]
+    chosen += [limit for limit in team if rng.random() < 0.4]
+    per_model = [
+        Limit("gpt41_queries", "queries", "day", Decimal(rng.randint(0, 20)), models=("gpt-4.1*",)),
+        Limit("gpt41_cost", "cost", "month", Decimal(rng.randint(1, 300)) / 100,
+              models=("gpt-4.1*", "o3")),
+        Limit("o3_tokens", "tokens", "day", Decimal(rng.randint(100, 2000)), models=("o3",)),
+    ]  # fmt: skip
+    chosen += [limit for limit in per_model if rng.random() < 0.5]
+    if rng.random() < 0.6:
+        chosen.insert(
+            0, Limit("web_searches_per_day", "web_searches", "day", Decimal(rng.randint(0, 4)))
+        )
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_backends_agree_with_the_model(storage: Storage, seed: int) -> None:
+    rng = random.Random(seed)
+    model = Model()
+    await storage.create_team("t", plan="free", now=START)
+    for user in USERS:
+        await storage.ensure_user(user, plan="free")
+        await storage.set_team(user, "t")
+    # Spending earlier in the month, for the monthly windows.
+    earlier = UsageEvent(
+        answer_id="earlier", user_id="alice", day=EARLIER, created_at=START,
+        endpoint="chat", total_tokens=rng.randint(0, 400), cost=Decimal(rng.randint(0, 80)) / 100,
+    )  # fmt: skip
+    assert await storage.settle(earlier)
+    model.add("alice", "tokens", EARLIER, earlier.total_tokens)
+    model.add("alice", "cost", EARLIER, earlier.cost)
+
+    now = START
+    serial = 0
+    for _ in range(120):
+        now += timedelta(seconds=rng.choice([0, 0, 1, 3, 7, 20, 61]))
+        op = rng.random()
+        if op < 0.5 or not model.open:
+            if not model.limits or rng.random() < 0.3:
+                model.limits = random_limits(rng)
+            # The limits that hold a request for this model (admission's filter).
+            requested = rng.choice(["gpt-4.1-mini", "o3", "gpt-4o"])
+            limits = [x for x in model.limits if x.applies_to([requested])]
+            user = rng.choice(USERS)
+            serial += 1
+            pid = f"r{seed}-{serial}"
+            web = rng.random() < 0.4
+            optional = rng.random() < 0.5
+            cost = Decimal(rng.randint(0, 60)) / 100
+            lease = any(x.meter == "streams" for x in limits)
+            estimate = rng.randint(1, 50)
+            expected = model.admit(
+                limits, user, now, pid, web=web, optional=optional, cost=cost, lease=lease,
+                estimate=estimate,
+            )  # fmt: skip
+            got = await storage.admit(
+                user,
+                day=DAY,
+                month_start=MONTH,
+                limits=AdmissionLimits(limits),
+                now=now,
+                lease=Lease(pid, now + timedelta(days=1)) if lease else None,
+                pending=Pending(
+                    pid, "chat", prompt_tokens=estimate, total_tokens=estimate,
+                    cost=max(cost, Decimal("0.001")), reserved_cost=cost,
+                ),
+                web_search=WebSearch(None, "disable" if optional else "refuse") if web else None,
+                team="t",
+            )  # fmt: skip
+            assert (got.refused_by, got.web_search_reserved, got.retry_after) == expected, (
+                seed,
+                serial,
+            )
+        elif op < 0.75:
+            pid = rng.choice(sorted(model.open))
+            tokens = rng.randint(0, 150)
+            o = model.open[pid]
+            cost = (o.reserved * rng.randint(0, 100) / 100).quantize(Decimal("0.0001"))
+            web = rng.randint(0, o.web)
+            ok = model.settle(pid, now, tokens, cost, web)
+            event = UsageEvent(
+                answer_id=f"a-{pid}", user_id=o.user, day=DAY, created_at=now, endpoint="chat",
+                total_tokens=tokens, cost=cost, web_searches=web,
+            )  # fmt: skip
+            assert await storage.settle(event, lease_id=pid, pending_id=pid) is ok
+        elif op < 0.92:
+            pid = rng.choice(sorted(model.open))
+            user = model.open[pid].user
+            ok = model.refund(pid)
+            assert await storage.refund(user, day=DAY, lease_id=pid, pending_id=pid) is ok
+            # A cancelled admission is given back the same way, once.
+            assert not await storage.refund(user, day=DAY, lease_id=pid, pending_id=pid)
+        else:
+            before = now - timedelta(seconds=rng.choice([0, 30, 120]))
+            expected_ids = model.recover(before)
+            got_ids = await storage.recover(before=before, now=now, limit=1000)
+            assert sorted(got_ids) == expected_ids
+
+        # Every counter agrees after every step.
+        rows = {r.user_id: r for r in await storage.daily(DAY, DAY)}
+        for user in USERS:
+            counted = {
+                m: model.counted.get((user, m, DAY), Decimal(0))
+                for m in ("queries", "web_searches", "tokens", "cost")
+            }
+            row = rows.get(user)
+            got_row = (
+                (row.queries, row.web_searches, row.total_tokens, row.cost) if row else (0, 0, 0, 0)
+            )
+            assert got_row == (
+                counted["queries"], counted["web_searches"], counted["tokens"], counted["cost"]
+            ), (seed, serial, user)  # fmt: skip
+            assert await storage.open_streams(user, now=now) == sum(
+                1 for o in model.open.values() if o.lease and o.user == user
+            )
+            rates = await storage.rate_counts(user, now=now)
+            for meter in ("queries", "tokens"):
+                assert rates.get((meter, "minute"), Decimal(0)) == model.rate(  # type: ignore[comparison-overlap]
+                    user, meter, "minute", now
+                ), (seed, serial, user, meter)
+
+    # Once every answer has ended, nothing is reserved: a cost limit of exactly
+    # what was spent today, and a cent, admits a request reserving a cent... and
+    # refuses the next.
+    for pid in sorted(model.open):
+        user = model.open[pid].user
+        model.refund(pid)
+        await storage.refund(user, day=DAY, lease_id=pid, pending_id=pid)
+    spent = model.counted.get(("alice", "cost", DAY), Decimal(0))
+    exact = AdmissionLimits(cost_per_day=spent + Decimal("0.01"))
+    assert (await storage.admit(
+        "alice", day=DAY, month_start=MONTH, limits=exact, now=now,
+        pending=Pending("last", "chat", reserved_cost=Decimal("0.01")),
+    )).admitted  # fmt: skip
+    assert not (await storage.admit(
+        "alice", day=DAY, month_start=MONTH, limits=exact, now=now,
+        pending=Pending("last2", "chat", reserved_cost=Decimal("0.01")),
+    )).admitted  # fmt: skip

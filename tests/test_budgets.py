@@ -1,0 +1,361 @@
+"""Money budgets (issue 21): cost_per_day and cost_per_month are hard caps.
+Admission reserves an upper bound of the answer's cost, settle turns it into the
+true cost, and no reservation is left once the answers have ended."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+
+from gateway.budget import bound_usage, cost_bound, output_cap
+from gateway.clock import FixedClock
+from gateway.config import DatabaseConfig, load_config
+from gateway.storage import AdmissionLimits, Pending, open_storage
+from gateway.testing.fake_upstream import FakeDify
+from gateway.testing.openai_upstream import FakeOpenAI
+from gateway.upstreams import Route
+from gateway.upstreams.openai import OpenAIUpstream
+from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
+from tests.test_quotas import CHAT, HCM, two_gateways
+
+# A token of this model costs 0.001 to read and 0.002 to write.
+PRICES = {"budget-model": {"input": "1000", "output": "2000"}}
+# The fake reports 10 prompt and 50 completion tokens: 0.01 + 0.10.
+STEER = {"x-fake-prompt-tokens": "10", "x-fake-completion-tokens": "50"}
+ANSWER_COST = Decimal("0.11")
+BODY = {
+    "model": "budget-model",
+    "messages": [{"role": "user", "content": "Xin chào"}],
+    "max_tokens": 100,
+}
+# At most one token per byte of the body as forwarded (the gateway names the
+# user in it), and the 100 output tokens asked for.
+BOUND = len(orjson.dumps({**BODY, "user": USER})) * Decimal("0.001") + 100 * Decimal("0.002")
+T0 = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)  # 16:00 in Ho Chi Minh City
+
+
+def settings(**plan: Any) -> dict[str, Any]:
+    return {
+        "upstream": {"kind": "openai"},
+        "prices": PRICES,
+        "plans": {"free": plan},
+        "accounting": {"timezone": HCM, "default_plan": "free"},
+    }
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=20) as c:
+        yield c
+
+
+async def ask(client: httpx.AsyncClient, h: Harness, body: dict[str, Any] = BODY) -> httpx.Response:
+    return await client.post(
+        f"{h.url}/v1/chat/completions", json=body, headers={**h.auth(), **STEER}
+    )
+
+
+# --- the bound --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "cap"),
+    [
+        ({"max_completion_tokens": 5, "max_tokens": 9}, 5),
+        ({"max_tokens": 9}, 9),
+        ({"max_output_tokens": 7}, 7),
+        ({"max_tokens": True}, None),
+        ({"max_tokens": -1}, None),
+        ({"max_tokens": "9"}, None),
+        ({}, None),
+    ],
+)
+def test_output_cap(body: dict[str, Any], cap: int | None) -> None:
+    assert output_cap(body) == cap
+
+
+def test_the_bound_covers_every_answer_the_request_can_get() -> None:
+    usage, bounded = bound_usage({**BODY, "n": 3}, reserve_output_tokens=4096)
+    assert bounded and usage.completion_tokens == 300
+    assert usage.prompt_tokens == len(orjson.dumps({**BODY, "n": 3}))
+    usage, bounded = bound_usage({"model": "m"}, reserve_output_tokens=4096)
+    assert not bounded and usage.completion_tokens == 4096
+
+
+def test_the_cost_bound_prices_the_bound_with_the_price_table(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(to_toml(settings()))
+    config = load_config(path, env={})
+    upstream = OpenAIUpstream(config)
+    route = Route(name="chat/completions", kind="chat", role="answer")
+    bound = cost_bound(
+        upstream, route, BODY, reserve_output_tokens=4096, answer_reservation=Decimal("9")
+    )
+    assert bound == len(orjson.dumps(BODY)) * Decimal("0.001") + 100 * Decimal("0.002")
+    # A dialect that prices answers only when they end reserves the configured amount.
+    assert cost_bound(
+        object(), route, BODY, reserve_output_tokens=4096, answer_reservation=Decimal("0.5")
+    ) == Decimal("0.5")
+
+
+# --- end to end ---------------------------------------------------------------------------
+
+
+async def test_a_budget_reserves_the_bound_and_settles_the_true_cost(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    budget = 2 * ANSWER_COST + BOUND  # two answers, then exactly room for one bound
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(
+        database_url,
+        upstream=fake,
+        settings=settings(cost_per_day=str(budget)),
+        clock=FixedClock(T0),
+    ) as h:
+        answered = []
+        for _ in range(3):
+            answered.append(await ask(client, h))
+            await h.probes.wait_finished(len(answered))
+        refused = await ask(client, h)
+        rows = await h.storage.daily(T0.date(), T0.date())
+    assert [r.status_code for r in answered] == [200, 200, 200]
+    # Each answer is charged its true cost; its bound was reserved only meanwhile.
+    assert [(row.cost, row.queries) for row in rows] == [(3 * ANSWER_COST, 3)]
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "daily_cost_limit"
+    assert refused.json()["error"]["message"] == (
+        f"You have used all {budget} of your plan's budget for today. "
+        "It resets at 2026-11-22 00:00 +07."
+    )
+    assert refused.headers["x-ratelimit-resource"] == "cost_per_day"
+    assert refused.headers["x-ratelimit-limit"] == str(budget)
+    assert refused.headers["x-ratelimit-used"] == str(3 * ANSWER_COST)
+    assert refused.headers["retry-after"] == str(8 * 3600)
+
+
+async def test_a_cheaper_request_fits_where_a_dearer_one_does_not(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    """The bound is the request's own: a smaller max_tokens fits a budget that a
+    larger one would pass."""
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(
+        database_url, upstream=fake, settings=settings(cost_per_day=str(BOUND - Decimal("0.01")))
+    ) as h:
+        dear = await ask(client, h)
+        cheap = await ask(client, h, {**BODY, "max_tokens": 50})
+    assert dear.status_code == 429 and dear.json()["error"]["code"] == "daily_cost_limit"
+    assert cheap.status_code == 200
+
+
+async def test_a_user_budget_override_is_a_decimal(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(
+        database_url, upstream=fake, settings=settings(cost_per_month="0.01")
+    ) as h:
+        refused = await ask(client, h)
+        await h.gateway.accounts.set_override(USER, "cost_per_month", str(BOUND))
+        user = await h.storage.get_user(USER)
+        admitted = await ask(client, h)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "monthly_cost_limit"
+    assert user is not None and user.overrides["cost_per_month"] == str(BOUND)
+    assert admitted.status_code == 200
+
+
+async def _after(dsn: str, budget: Decimal, bound: Decimal) -> tuple[Decimal, Decimal, bool]:
+    """Once the gateways have stopped: what USER spent, what is still reserved,
+    and whether a request reserving ``bound`` is admitted under ``budget``."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        spent, reserved = await conn.fetchrow(
+            "SELECT coalesce(sum(cost), 0), coalesce(sum(cost_reserved), 0) FROM usage_daily"
+        )
+    finally:
+        await conn.close()
+    storage = await open_storage(DatabaseConfig(url=dsn))
+    try:
+        now = datetime.now(UTC)
+        admission = await storage.admit(
+            USER,
+            day=now.date(),
+            month_start=now.date().replace(day=1),
+            limits=AdmissionLimits(cost_per_day=budget),
+            now=now,
+            pending=Pending("after", "chat/completions", reserved_cost=bound),
+        )
+    finally:
+        await storage.close()
+    return Decimal(spent), Decimal(reserved), admission.admitted
+
+
+@pytest.mark.postgres
+async def test_forty_parallel_answers_across_two_processes_never_pass_the_budget(
+    postgres_dsn: str, tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    budget = Decimal("1.00")
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with two_gateways(
+        postgres_dsn,
+        tmp_path,
+        fake,
+        {"cost_per_day": str(budget)},
+        upstream={"kind": "openai"},
+        settings={"prices": PRICES},
+    ) as (ports, key, storage):
+        responses = await asyncio.gather(
+            *(
+                client.post(
+                    f"http://127.0.0.1:{ports[i % 2]}/v1/chat/completions",
+                    json=BODY,
+                    headers={"Authorization": f"Bearer {key}", **STEER, "x-fake-delay-ms": "5"},
+                )
+                for i in range(40)
+            )
+        )
+    # The processes have stopped, so every answer has ended and been recorded.
+    admitted = sum(r.status_code == 200 for r in responses)
+    spent, reserved, room = await _after(postgres_dsn, budget, BOUND)
+    assert {r.status_code for r in responses} == {200, 429}
+    refused = [r.json()["error"]["code"] for r in responses if r.status_code == 429]
+    assert set(refused) == {"daily_cost_limit"}
+    assert spent == admitted * ANSWER_COST <= budget
+    assert admitted >= int(budget // BOUND)
+    assert reserved == 0
+    # No reservation is left: what is left of the budget is spendable at once.
+    assert room == (spent + BOUND <= budget)
+
+
+@pytest.mark.postgres
+async def test_dify_reserves_the_configured_amount_per_answer(
+    postgres_dsn: str, tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    """Dify prices an answer only when it ends: each reserves
+    accounting.answer_reservation, and with a reservation at least an answer's
+    price the budget is a hard cap too (docs/quotas.md)."""
+    price = Decimal("0.0013030")  # what the fake Dify reports for an answer
+    budget = Decimal("0.01")
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with two_gateways(
+        postgres_dsn,
+        tmp_path,
+        fake,
+        {"cost_per_day": str(budget)},
+        settings={
+            "accounting": {
+                "timezone": HCM,
+                "default_plan": "free",
+                "answer_reservation": "0.002",
+            }
+        },
+    ) as (ports, key, storage):
+        responses = await asyncio.gather(
+            *(
+                client.post(
+                    f"http://127.0.0.1:{ports[i % 2]}/v1/chat-messages",
+                    json=CHAT,
+                    headers={"Authorization": f"Bearer {key}", "x-fake-delay-ms": "5"},
+                )
+                for i in range(40)
+            )
+        )
+    admitted = sum(r.status_code == 200 for r in responses)
+    spent, reserved, room = await _after(postgres_dsn, budget, Decimal("0.002"))
+    assert spent == admitted * price <= budget
+    assert admitted >= int(budget // Decimal("0.002"))
+    assert reserved == 0
+    assert room == (spent + Decimal("0.002") <= budget)
+    assert {r.json()["code"] for r in responses if r.status_code == 429} == {"daily_cost_limit"}
+
+
+async def test_usage_lists_budgets_as_decimal_strings_and_rates(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(
+        database_url,
+        upstream=fake,
+        settings=settings(cost_per_day="1.50", cost_per_month="30", requests_per_minute=10),
+        clock=FixedClock(T0),
+    ) as h:
+        await ask(client, h)
+        await h.probes.wait_finished(1)
+        usage = (await client.get(f"{h.url}/v1/usage", headers=h.auth())).json()
+    limits = usage["limits"]
+    assert limits["cost_per_day"] == {
+        "limit": "1.5",
+        "used": "0.11",
+        "remaining": "1.39",
+        "resets_at": "2026-11-22T00:00:00+07:00",
+    }
+    assert limits["cost_per_month"]["remaining"] == "29.89"
+    assert limits["requests_per_minute"]["used"] == 1
+    assert limits["requests_per_minute"]["remaining"] == 9
+
+
+async def test_a_per_model_budget_holds_and_counts_only_its_models(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    prices = {**PRICES, "other-model": {"input": "1000", "output": "2000"}}
+    budget = ANSWER_COST + BOUND - Decimal("0.01")  # room for one answer's bound, not two
+    limit = {"meter": "cost", "per": "day", "max": str(budget), "models": ["budget-*"]}
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(
+        database_url,
+        upstream=fake,
+        settings={**settings(limits=[limit]), "prices": prices},
+        clock=FixedClock(T0),
+    ) as h:
+        other = {**BODY, "model": "other-model"}
+        # Another model's spending does not count toward the budget...
+        for n in range(3):
+            assert (await ask(client, h, other)).status_code == 200
+            await h.probes.wait_finished(n + 1)
+        first = await ask(client, h)
+        await h.probes.wait_finished(4)
+        second = await ask(client, h)
+        third = await ask(client, h, other)  # ...nor is it held by it
+    assert first.status_code == 200
+    assert second.status_code == 429
+    assert second.json()["error"]["code"] == "plan_limit"
+    assert second.headers["x-ratelimit-resource"] == "cost_per_day[budget-*]"
+    assert second.json()["error"]["message"].startswith(
+        f"You have reached your plan's limit of {budget} cost (budget-*) per day."
+    )
+    assert second.headers["x-ratelimit-used"] == str(ANSWER_COST)
+    assert third.status_code == 200
+
+
+def test_the_cost_bound_of_an_anthropic_request() -> None:
+    from gateway.config import parse_config
+    from gateway.upstreams.anthropic import AnthropicUpstream
+
+    config = parse_config(
+        {"upstream": {"kind": "anthropic"}, "prices": {"claude-x": {"input": "3", "output": "15"}}},
+        env={},
+    )
+    body = {
+        "model": "claude-x",
+        "max_tokens": 1000,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    route = Route(name="messages", kind="chat", role="answer")
+    bound = cost_bound(
+        AnthropicUpstream(config),
+        route,
+        body,
+        reserve_output_tokens=4096,
+        answer_reservation=Decimal("9"),
+    )
+    # One token per byte of the body at 3 per million, 1,000 output tokens at 15.
+    assert bound == (len(orjson.dumps(body)) * 3 + 1000 * 15) * Decimal("1e-6")

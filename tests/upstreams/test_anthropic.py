@@ -1,0 +1,544 @@
+"""The Anthropic dialect, sans-io: usage extraction, the stream meter, request
+preparation, routes, errors and prices. Tables of cases."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.config import parse_config
+from gateway.errors import BadRequest, Forbidden
+from gateway.http import request_headers
+from gateway.pricing import Price
+from gateway.sse import SSEDecoder
+from gateway.testing.anthropic_upstream import ANSWER_PIECES, FakeAnthropic, _Answer
+from gateway.upstreams import get_upstream
+from gateway.upstreams.anthropic import AnthropicUpstream
+from gateway.upstreams.anthropic_routes import anthropic_route
+from gateway.upstreams.anthropic_wire import (
+    MessageStreamMeter,
+    meter_message,
+    prompt_chars,
+    usage_from,
+)
+from gateway.usage import Usage, estimate_tokens
+
+MODEL = "claude-sonnet-4-5"
+TABLE = {MODEL: {"input": "3", "cached_input": "0.30", "cache_write_input": "3.75", "output": "15"}}
+STEER = {
+    "x-fake-input-tokens": "1000",
+    "x-fake-cache-read-tokens": "400",
+    "x-fake-cache-creation-tokens": "200",
+    "x-fake-output-tokens": "700",
+}
+USAGE = Usage(
+    prompt_tokens=1600,
+    completion_tokens=700,
+    total_tokens=2300,
+    cached_tokens=400,
+    cache_write_tokens=200,
+)
+COST = Decimal("0.01437")  # 1000 * 3 + 400 * 0.30 + 200 * 3.75 + 700 * 15 per million
+BODY: dict[str, Any] = {
+    "model": MODEL,
+    "max_tokens": 1024,
+    "messages": [{"role": "user", "content": "Xin chào"}],
+}
+
+
+def dialect(**settings: Any) -> AnthropicUpstream:
+    data = {"upstream": {"kind": "anthropic"}, "prices": TABLE, **settings}
+    return AnthropicUpstream(parse_config(data, env={}))
+
+
+def _fake(body: dict[str, Any], **headers: str) -> _Answer:
+    return _Answer(FakeAnthropic(api_key="k"), headers, body, 1)
+
+
+def _stream(**headers: str) -> bytes:
+    events, _, _ = _fake({**BODY, "stream": True}, **STEER, **headers).events()
+    return b"".join(events)
+
+
+def _feed(meter: MessageStreamMeter, raw: bytes) -> None:
+    decoder = SSEDecoder()
+    for event in [*decoder.feed(raw), *decoder.flush()]:
+        meter.feed(event)
+
+
+# --- usage objects -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "start", "expected"),
+    [
+        (  # a message's usage: the prompt is every input token, cache reads and writes
+            {
+                "input_tokens": 1000,
+                "cache_creation_input_tokens": 200,
+                "cache_read_input_tokens": 400,
+                "output_tokens": 700,
+            },
+            None,
+            USAGE,
+        ),
+        (  # no cache fields (older models, or null): plain counts
+            {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": None},
+            None,
+            Usage(10, 5, 15),
+        ),
+        (  # message_delta: the output is cumulative, the rest kept from message_start
+            {"output_tokens": 700},
+            Usage(1600, 1, 1601, cached_tokens=400, cache_write_tokens=200),
+            USAGE,
+        ),
+        (  # message_delta with the full counts (as the API now sends them): they replace
+            {
+                "input_tokens": 1000,
+                "cache_creation_input_tokens": 200,
+                "cache_read_input_tokens": 400,
+                "output_tokens": 700,
+            },
+            Usage(900, 1, 901, cached_tokens=0, cache_write_tokens=0),
+            USAGE,
+        ),
+    ],
+)
+def test_usage_from(raw: dict[str, Any], start: Usage | None, expected: Usage) -> None:
+    assert usage_from(raw, start=start) == expected
+
+
+@pytest.mark.parametrize("raw", [None, [], "x", {"input_tokens": -1, "output_tokens": "x"}])
+def test_malformed_usage_is_refused(raw: object) -> None:
+    with pytest.raises(ValueError):
+        usage_from(raw)
+
+
+def test_a_bad_count_is_bounded_and_named() -> None:
+    usage = usage_from({"input_tokens": 10, "output_tokens": 2.5})
+    assert (usage.prompt_tokens, usage.completion_tokens) == (10, 3)
+    assert usage.clamped == ("output_tokens=2.5",)
+
+
+@pytest.mark.parametrize(
+    ("body", "chars"),
+    [
+        ({"messages": [{"role": "user", "content": "abcd"}]}, 4),
+        (
+            {
+                "system": "ab",
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "cd"}]}],
+            },
+            4,
+        ),
+        ({"system": [{"type": "text", "text": "abc"}], "messages": []}, 3),
+        (  # a tool result's content, and an earlier tool call's input
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": [
+                            {"type": "tool_use", "id": "t", "name": "n", "input": {"a": 1}}
+                        ],
+                    },
+                    {
+                        "role": "user",
+                        "content": [{"type": "tool_result", "tool_use_id": "t", "content": "xyz"}],
+                    },
+                ]
+            },
+            len(b'{"a":1}') + 3,
+        ),
+    ],
+)
+def test_prompt_chars(body: dict[str, Any], chars: int) -> None:
+    assert prompt_chars(body) == chars
+
+
+def test_deeply_nested_content_is_counted_without_recursion() -> None:
+    content: Any = "x"
+    for _ in range(5000):
+        content = [{"type": "text", "content": content}]
+    assert prompt_chars({"messages": content}) == 1
+
+
+# --- blocking answers ------------------------------------------------------------------------
+
+
+def test_blocking_message() -> None:
+    answer = _fake(BODY, **STEER)
+    body = answer.message(content=answer.blocks(), stop_reason="end_turn", output=700)
+    metered = meter_message(BODY, orjson.dumps(body))
+    assert metered.usage == USAGE and metered.outcome == "complete"
+    assert metered.model == MODEL and metered.answer_id is None
+
+
+def test_blocking_error_body_is_not_charged() -> None:
+    error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    metered = meter_message(BODY, orjson.dumps(error))
+    assert metered.usage is None and metered.outcome == "error"
+    assert metered.error_code == "overloaded_error"
+
+
+@pytest.mark.parametrize("response", [b"not json", b'{"type": "message", "content": []'])
+def test_an_unreadable_blocking_answer_is_charged_an_estimate(response: bytes) -> None:
+    metered = meter_message(BODY, response)
+    assert metered.usage is not None and metered.usage.estimated
+    assert metered.error_code == "unreadable_answer"
+
+
+def test_a_message_without_usage_is_estimated_from_its_text() -> None:
+    body = {"type": "message", "model": MODEL, "content": [{"type": "text", "text": "x" * 40}]}
+    metered = meter_message(BODY, orjson.dumps(body))
+    assert metered.outcome == "cut" and metered.usage is not None
+    assert metered.usage.completion_tokens == 10 and metered.usage.estimated
+
+
+# --- streams ---------------------------------------------------------------------------------
+
+
+def test_streamed_usage_comes_from_message_start_and_message_delta() -> None:
+    meter = MessageStreamMeter(BODY)
+    _feed(meter, _stream())
+    metered = meter.finish(cut=False)
+    assert metered.usage == USAGE and metered.outcome == "complete"
+    assert metered.model == MODEL
+
+
+@given(st.lists(st.integers(min_value=1, max_value=4000), max_size=12))
+def test_any_chunking_meters_the_same(cuts: list[int]) -> None:
+    raw = _stream(**{"x-fake-tool-use": "get_weather", "x-fake-web-searches": "2"})
+    meter = MessageStreamMeter(BODY)
+    decoder = SSEDecoder()
+    at = 0
+    for cut in sorted(set(cuts)):
+        for event in decoder.feed(raw[at:cut]):
+            meter.feed(event)
+        at = max(at, cut)
+    for event in [*decoder.feed(raw[at:]), *decoder.flush()]:
+        meter.feed(event)
+    assert meter.finish(cut=False).usage == USAGE
+    assert meter.calls.counts == {"web_search": 2, "web_fetch": 0}
+
+
+def test_only_message_start_and_message_delta_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.upstreams import anthropic_wire
+
+    parsed: list[str] = []
+    real = anthropic_wire._loads
+
+    def counting(data: Any) -> Any:
+        parsed.append(data)
+        return real(data)
+
+    monkeypatch.setattr(anthropic_wire, "_loads", counting)
+    meter = MessageStreamMeter(BODY)
+    _feed(meter, _stream(**{"x-fake-tool-use": "get_weather"}))
+    assert len(parsed) == 2  # not the pings, blocks or deltas
+    assert meter.finish(cut=False).usage == USAGE
+
+
+def _events_until(name: bytes, **headers: str) -> bytes:
+    raw = _stream(**headers)
+    return raw[: raw.index(b"event: " + name)]
+
+
+def test_a_stream_cut_before_message_delta_keeps_the_prompt_and_estimates_the_rest() -> None:
+    meter = MessageStreamMeter(BODY)
+    _feed(meter, _events_until(b"message_delta"))
+    metered = meter.finish(cut=True)
+    assert metered.outcome == "cut" and metered.usage is not None
+    usage = metered.usage
+    # The prompt as message_start counted it, cache parts and all.
+    assert (usage.prompt_tokens, usage.cached_tokens, usage.cache_write_tokens) == (1600, 400, 200)
+    assert usage.completion_tokens == estimate_tokens(len("".join(ANSWER_PIECES)))
+    assert usage.estimated
+
+
+def test_a_stream_cut_after_message_delta_is_complete() -> None:
+    meter = MessageStreamMeter(BODY)
+    _feed(meter, _events_until(b"message_stop"))
+    metered = meter.finish(cut=True)
+    assert metered.usage == USAGE and metered.outcome == "complete"
+
+
+_ERROR = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+
+
+def test_an_error_event_after_text_is_charged() -> None:
+    meter = MessageStreamMeter(BODY)
+    raw = _events_until(b"content_block_stop")
+    _feed(meter, raw + _ERROR)
+    metered = meter.finish(cut=False)
+    assert metered.outcome == "error" and metered.error_code == "overloaded_error"
+    assert metered.usage is not None and metered.usage.prompt_tokens == 1600
+
+
+def test_an_error_before_any_text_is_not_charged() -> None:
+    meter = MessageStreamMeter(BODY)
+    _feed(meter, _events_until(b"content_block_start") + _ERROR)
+    metered = meter.finish(cut=False)
+    assert metered.outcome == "error" and metered.usage is None
+
+
+def test_a_broken_message_start_is_named() -> None:
+    meter = MessageStreamMeter(BODY)
+    _feed(meter, b"event: message_start\ndata: {oops\n\n")
+    _feed(
+        meter,
+        b'event: content_block_delta\ndata: {"delta":{"type":"text_delta","text":"abcd"}}\n\n',
+    )
+    metered = meter.finish(cut=False)
+    assert metered.error_code == "malformed_usage" and metered.usage is not None
+    assert metered.usage.estimated
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+def test_the_user_is_always_the_authenticated_one() -> None:
+    up = dialect()
+    route = up.route("POST", "/messages")
+    for metadata in (None, {}, {"user_id": "mallory", "other": 1}):
+        body = dict(BODY)
+        if metadata is not None:
+            body["metadata"] = dict(metadata)
+        prepared = up.prepare(route, body, b"", "alice", method="POST", request_id="r")
+        assert prepared.body is not None and prepared.body["metadata"]["user_id"] == "alice"
+    assert prepared.body["metadata"]["other"] == 1  # the rest is kept
+
+
+def test_count_tokens_is_passed_as_it_came() -> None:
+    up = dialect()
+    route = up.route("POST", "/messages/count_tokens")
+    body = {"model": MODEL, "messages": []}
+    prepared = up.prepare(route, dict(body), b"", "alice", method="POST", request_id="r")
+    assert prepared.body == body
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"stream": "true"}, "stream"),
+        ({"stream": 1}, "stream"),
+        ({"stream": {}}, "stream"),
+        ({"max_tokens": None}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": 1.5}, "max_tokens"),
+        ({"metadata": ["alice"]}, "metadata"),
+    ],
+)
+def test_bodies_the_gateway_would_misread_are_refused(change: dict[str, Any], message: str) -> None:
+    up = dialect()
+    body = {**BODY, **change}
+    with pytest.raises(BadRequest) as refused:
+        up.prepare(up.route("POST", "/messages"), body, b"", "a", method="POST", request_id="r")
+    assert message in refused.value.message
+
+
+@pytest.mark.parametrize("stream", [True, False, None])
+def test_a_real_boolean_stream_is_taken(stream: bool | None) -> None:
+    up = dialect()
+    body = {**BODY, "stream": stream}
+    up.prepare(up.route("POST", "/messages"), body, b"", "a", method="POST", request_id="r")
+    assert up.is_streaming(up.route("POST", "/messages"), body) is (stream is True)
+
+
+@pytest.mark.parametrize(
+    ("tools", "refused"),
+    [
+        ([{"name": "get_weather", "input_schema": {"type": "object"}}], None),
+        ([{"type": "custom", "name": "x", "input_schema": {}}], None),
+        ([{"type": "bash_20250124", "name": "bash"}], None),
+        ([{"type": "text_editor_20250728", "name": "str_replace_based_edit_tool"}], None),
+        ([{"type": "computer_20250124", "name": "computer"}], None),
+        ([{"type": "memory_20250818", "name": "memory"}], None),
+        ([{"type": "web_search_20250305", "name": "web_search"}], "web_search"),
+        ([{"type": "web_search_20260209", "name": "web_search"}], "web_search"),
+        ([{"type": "web_fetch_20250910", "name": "web_fetch"}], "web_fetch"),
+        ([{"type": "code_execution_20250825", "name": "code_execution"}], "code_execution"),
+        ([{"type": "some_new_server_tool_20270101", "name": "x"}], "some_new_server_tool"),
+    ],
+)
+def test_server_tools_need_a_call_price(tools: list[dict[str, Any]], refused: str | None) -> None:
+    up = dialect()
+    body = {**BODY, "tools": tools}
+    route = up.route("POST", "/messages")
+    if refused is None:
+        up.prepare(route, body, b"", "a", method="POST", request_id="r")
+        return
+    with pytest.raises(Forbidden) as error:
+        up.prepare(route, body, b"", "a", method="POST", request_id="r")
+    assert error.value.code == "tool_not_priced"
+    assert f'call_prices."anthropic.{refused}"' in error.value.message
+    priced = dialect(call_prices={f"anthropic.{refused}": {"price": "0.01"}})
+    priced.prepare(route, {**BODY, "tools": tools}, b"", "a", method="POST", request_id="r")
+
+
+def test_an_openai_call_price_does_not_price_an_anthropic_tool() -> None:
+    up = dialect(call_prices={"openai.web_search": {"price": "0.01"}})
+    body = {**BODY, "tools": [{"type": "web_search_20250305", "name": "web_search"}]}
+    with pytest.raises(Forbidden):
+        up.prepare(up.route("POST", "/messages"), body, b"", "a", method="POST", request_id="r")
+
+
+def test_an_unpriced_model_is_refused_unless_allowed() -> None:
+    body = {**BODY, "model": "claude-opus-4-1"}
+    route = dialect().route("POST", "/messages")
+    with pytest.raises(Forbidden) as refused:
+        dialect().prepare(route, dict(body), b"", "a", method="POST", request_id="r")
+    assert refused.value.code == "model_not_priced"
+    allowed = dialect(pricing={"unpriced_models": "allow"})
+    allowed.prepare(route, dict(body), b"", "a", method="POST", request_id="r")
+
+
+def test_a_dated_model_takes_its_base_price() -> None:
+    up = dialect()
+    body = {**BODY, "model": f"{MODEL}-20250929"}
+    up.prepare(up.route("POST", "/messages"), body, b"", "a", method="POST", request_id="r")
+
+
+# --- pricing -------------------------------------------------------------------------------------
+
+
+def test_cache_reads_and_writes_are_priced_apart() -> None:
+    price = Price(
+        input=Decimal("3"),
+        cached_input=Decimal("0.30"),
+        cache_write_input=Decimal("3.75"),
+        output=Decimal("15"),
+    )
+    assert price.cost(USAGE) == COST
+    # Without the cache prices, every prompt token is billed as input.
+    assert Price(input=Decimal("3"), output=Decimal("15")).cost(USAGE) == Decimal("0.0153")
+    # Parts larger than the prompt are bounded by it, never billed twice.
+    odd = Usage(100, 0, 100, cached_tokens=80, cache_write_tokens=80)
+    assert price.cost(odd) == (80 * Decimal("0.30") + 20 * Decimal("3.75")) / 1_000_000
+
+
+def test_the_dialect_prices_streams_and_web_searches() -> None:
+    up = dialect(call_prices={"anthropic.web_search": {"price": "0.01"}})
+    body = {**BODY, "tools": [{"type": "web_search_20250305", "name": "web_search"}]}
+    meter = up.stream_meter(up.route("POST", "/messages"), body)
+    decoder = SSEDecoder()
+    for event in [*decoder.feed(_stream(**{"x-fake-web-searches": "2"})), *decoder.flush()]:
+        meter.feed(event)
+    metered = meter.finish(cut=False)
+    assert metered.usage is not None and metered.usage.cost == COST + Decimal("0.02")
+
+
+def test_other_paid_server_tools_are_charged_once_per_answer() -> None:
+    up = dialect(call_prices={"anthropic.code_execution": {"price": "0.05"}})
+    body = {**BODY, "tools": [{"type": "code_execution_20250825", "name": "code_execution"}]}
+    answer = _fake(body, **STEER)
+    response = answer.message(content=answer.blocks(), stop_reason="end_turn", output=700)
+    metered = up.meter_blocking(up.route("POST", "/messages"), body, orjson.dumps(response))
+    assert metered.usage is not None and metered.usage.cost == COST + Decimal("0.05")
+
+
+def test_an_answer_never_seen_is_charged_its_prompt() -> None:
+    up = dialect()
+    metered = up.unanswered(up.route("POST", "/messages"), BODY)
+    assert metered.outcome == "timeout" and metered.usage is not None
+    assert metered.usage.prompt_tokens == estimate_tokens(len("Xin chào"))
+    assert metered.usage.cost == metered.usage.prompt_tokens * Decimal(3) / 1_000_000
+
+
+# --- routes and errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "role"),
+    [
+        ("POST", "/messages", "answer"),
+        ("POST", "/messages/count_tokens", "passthrough"),
+        ("GET", "/models", "passthrough"),
+        ("GET", "/models/claude-sonnet-4-5", "passthrough"),
+        ("DELETE", "/models/claude-sonnet-4-5", "unknown"),
+        ("POST", "/messages/batches", "operator"),
+        ("GET", "/messages/batches", "operator"),
+        ("GET", "/messages/batches/msgbatch_1/results", "operator"),
+        ("POST", "/messages/batches/msgbatch_1/cancel", "operator"),
+        ("GET", "/files", "operator"),
+        ("GET", "/files/file_1/content", "operator"),
+        ("POST", "/complete", "operator"),
+        ("GET", "/organizations/usage_report/messages", "operator"),
+        ("POST", "/skills", "operator"),
+        ("GET", "/messages", "unknown"),
+        ("POST", "/messages/msg_1", "unknown"),
+        ("POST", "/chat/completions", "unknown"),
+    ],
+)
+def test_routes(method: str, path: str, role: str) -> None:
+    assert anthropic_route(method, path).role == role
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (403, "permission_error"),
+        (404, "not_found_error"),
+        (413, "request_too_large"),
+        (429, "rate_limit_error"),
+        (500, "api_error"),
+        (502, "api_error"),
+        (503, "api_error"),
+        (504, "timeout_error"),
+    ],
+)
+def test_errors_in_anthropic_shape(status: int, kind: str) -> None:
+    up = dialect()
+    body = orjson.loads(up.error_body(status, "quota_exceeded", "No more today."))
+    assert body == {
+        "type": "error",
+        "error": {"type": kind, "message": "No more today.", "code": "quota_exceeded"},
+    }
+    frame = up.stream_error(status, "upstream_error", "Broken.")
+    (event,) = SSEDecoder().feed(frame)
+    assert event.event == "error" and orjson.loads(event.data)["error"]["type"] == kind
+
+
+def test_the_registry_builds_the_dialect() -> None:
+    config = parse_config({"upstream": {"kind": "anthropic"}, "prices": TABLE}, env={})
+    up = get_upstream("anthropic", config)
+    assert isinstance(up, AnthropicUpstream) and up.kind == "anthropic"
+    assert up.upstream_credential("sk-ant-x") == (b"x-api-key", b"sk-ant-x")
+    assert get_upstream("openai", config).upstream_credential("k") == (
+        b"authorization",
+        b"Bearer k",
+    )
+
+
+# --- the client's key header ---------------------------------------------------------------------
+
+
+def test_the_key_header_is_read_and_never_forwarded() -> None:
+    raw = [
+        (b"x-api-key", b"gw-secret"),
+        (b"anthropic-version", b"2023-06-01"),
+        (b"anthropic-beta", b"files-api-2025-04-14"),
+    ]
+    split = request_headers(raw, b"x-user", b"x-api-key")
+    assert split.api_key == b"gw-secret" and split.credential == b"Bearer gw-secret"
+    assert split.forward == raw[1:]
+    # A dialect without a key header forwards it (and authenticates by Authorization only).
+    plain = request_headers(raw, b"x-user")
+    assert plain.api_key is None and plain.credential is None
+
+
+def test_authorization_wins_over_the_key_header() -> None:
+    raw = [(b"authorization", b"Bearer gw-a"), (b"x-api-key", b"gw-b")]
+    assert request_headers(raw, b"x-user", b"x-api-key").credential == b"Bearer gw-a"
+
+
+def test_two_key_headers_are_refused() -> None:
+    with pytest.raises(BadRequest):
+        request_headers([(b"x-api-key", b"a"), (b"x-api-key", b"b")], b"x-user", b"x-api-key")
