@@ -257,15 +257,11 @@ class _Answer:
 
     def events(self) -> tuple[list[bytes], int, int]:
         """The stream's events; the index of the first text delta and of message_delta."""
-        out = [
-            _event(
-                "message_start",
-                {
-                    "type": "message_start",
-                    "message": self.message(content=[], stop_reason=None, output=1),
-                },
-            )
-        ]
+        start = self.message(content=[], stop_reason=None, output=1)
+        # As Anthropic: no server tool has run yet when the message starts; the
+        # searches are counted in message_delta's usage only.
+        start["usage"]["server_tool_use"] = None
+        out = [_event("message_start", {"type": "message_start", "message": start})]
         first_text = 0
         for index, block in enumerate(self.blocks()):
             kind = block["type"]
