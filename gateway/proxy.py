@@ -412,7 +412,19 @@ class Proxy:
         """The model allow-lists that apply to the user: their plan's and their
         team's plan's, where set (a model must be in both)."""
         snap, user_id = x.snap, x.user_id
-        user = await snap.users.get(user_id, default_plan=snap.config.accounting.default_plan)
+        default_plan = snap.config.accounting.default_plan
+        try:
+            user = await snap.users.get(user_id, default_plan=default_plan)
+        except StorageError as exc:
+            # The user's row is past the cache's TTL and the database is away: the
+            # default plan's list, as admission takes the default plan's limits
+            # (admission.on_storage_error decides whether the answer is served).
+            self._metrics.inc("gateway_storage_errors_total", operation="user")
+            log.warning(
+                "user %s not read, the default plan's model list applied: %s", user_id, exc.message
+            )
+            plan = snap.config.plan(default_plan)
+            return [plan.models] if plan.models is not None else []
         plans: list[Plan | None] = [effective_plan(snap.config, user)]
         try:
             plans.append(await snap.team_plan(user))
