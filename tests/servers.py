@@ -142,5 +142,23 @@ async def start_gateway(
             ready += b"Application startup complete" in line
             listening = listening or b"Uvicorn running on" in line
             if ready == workers and listening:
+                if workers > 1:
+                    await _accepting(port)
                 return proc
     raise RuntimeError(f"gateway process did not start (exit {await proc.wait()})")
+
+
+async def _accepting(port: int) -> None:
+    """Until the port takes connections. Under ``--workers`` the parent binds the
+    socket and says "running on", but the socket listens only once a worker has
+    created its server, after its "startup complete" (and workers say nothing
+    then): a connection refused until then is the one readiness signal left."""
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except ConnectionRefusedError:
+            await asyncio.sleep(0.01)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
