@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 from gateway.alerts import alert_dict
 from gateway.auth import bearer_token
 from gateway.config import LIMIT_NAMES
+from gateway.error_response import render_error
 from gateway.errors import (
     BadRequest,
     GatewayError,
@@ -51,15 +52,7 @@ def json_response(gw: Services, data: Any, status: int = 200) -> Response:
 
 
 def error_response(gw: Services, exc: GatewayError, *, realm: str = "admin") -> Response:
-    headers = {k.decode(): v.decode() for k, v in exc.headers}
-    if isinstance(exc, Unauthorized):
-        headers["www-authenticate"] = f'Bearer realm="{realm}"'
-    return Response(
-        gw.error_body(exc.status, exc.code, exc.message),
-        status_code=exc.status,
-        media_type="application/json",
-        headers=headers,
-    )
+    return render_error(exc, gw.error_body, realm=realm).starlette()
 
 
 # Set on a dashboard request handed to the admin API (gateway/dashboard/exports.py):

@@ -31,9 +31,10 @@ from gateway.errors import NotFound, StorageError
 from gateway.limits import BodyDeadline, header_refusal, send_refusal
 from gateway.logs import configure_logging
 from gateway.probes import Probes
-from gateway.proxy import Proxy, Receive, Scope, Send
+from gateway.proxy import Proxy
 from gateway.runtime import Gateway, Running
 from gateway.storage import Storage
+from gateway.types import Receive, Scope, Send
 from gateway.usage_api import usage_routes
 
 

@@ -8,14 +8,12 @@ the proxy to answer correctly (a client gone, a malformed or oversized upload).
 from __future__ import annotations
 
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import IO, Any
+from collections.abc import AsyncIterator
+from typing import IO
 
 from gateway.errors import PayloadTooLarge
 from gateway.multipart import MultipartError, UserFieldRewriter
-
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
+from gateway.types import Receive
 
 # Form fields beside the file (the `user` field, a few flags) may add this much
 # content to an upload; a body with more non-file content is refused too, so no

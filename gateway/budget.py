@@ -21,11 +21,13 @@ Dify prices an answer only when it ends: admission reserves the configured
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
+from gateway.pricing import Audio
 from gateway.upstreams import Route
 from gateway.upstreams.anthropic import AnthropicUpstream
 from gateway.upstreams.anthropic_wire import ServerCalls
@@ -36,29 +38,69 @@ from gateway.usage import Metered, Usage
 # Chat Completions (max_completion_tokens, the older max_tokens), Completions
 # (max_tokens) and Responses (max_output_tokens).
 OUTPUT_CAPS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+# The caps each kind of answer route honours: a field its endpoint does not read
+# bounds nothing (an OpenAI-compatible server ignores it and answers on).
+ROUTE_CAPS = {
+    "chat": ("max_completion_tokens", "max_tokens"),
+    "completion": ("max_tokens",),
+    "response": ("max_output_tokens",),
+    "message": ("max_tokens",),
+}
+# Far above any model's output; a larger count is priced as this many tokens.
+_MOST = 2**63
 
 
-def output_cap(body: dict[str, Any]) -> int | None:
-    """The request's own cap on its output tokens, per answer, or None."""
-    for name in OUTPUT_CAPS:
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
+def _count(value: object) -> int | None:
+    """``value`` as a lenient upstream reads a count (pydantic's lax mode, as
+    vLLM's): an int, an integral float, or a string of one; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float | str):
+        try:
+            number = Decimal(value.strip() if isinstance(value, str) else value)
+        except ArithmeticError:
+            return None
+        if not number.is_finite() or number != number.to_integral_value():
+            return None
+        return _MOST if number > _MOST else int(number)
     return None
 
 
-def answers(body: dict[str, Any]) -> int:
-    """How many answers the request asks for (``n``, default 1)."""
-    n = body.get("n")
-    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
+def output_cap(body: dict[str, Any], kind: str | None = None) -> int | None:
+    """The request's own cap on its output tokens, per answer, or None: the first
+    cap the route's ``kind`` honours that the body sets (a cap set to what no
+    count reads is no bound)."""
+    for name in ROUTE_CAPS.get(kind or "", OUTPUT_CAPS):
+        value = body.get(name)
+        if value is None:
+            continue
+        cap = _count(value)
+        return cap if cap is not None and cap >= 0 else None
+    return None
 
 
-def bound_usage(body: dict[str, Any], *, reserve_output_tokens: int) -> tuple[Usage, bool]:
+def answers(body: dict[str, Any], kind: str | None = None) -> int:
+    """How many answers the request is billed for (``n``, default 1; a
+    completion's ``best_of`` candidates, when more)."""
+    n = _count(body.get("n"))
+    count = n if n is not None and n >= 1 else 1
+    if kind == "completion":
+        best_of = _count(body.get("best_of"))
+        if best_of is not None and best_of > count:
+            count = best_of
+    return count
+
+
+def bound_usage(
+    body: dict[str, Any], *, reserve_output_tokens: int, kind: str | None = None
+) -> tuple[Usage, bool]:
     """The most tokens a request's answer can use, and whether that is a bound
     (False: the request set no output cap, ``reserve_output_tokens`` stands in)."""
     prompt = len(orjson.dumps(body))
-    cap = output_cap(body)
-    output = (reserve_output_tokens if cap is None else cap) * answers(body)
+    cap = output_cap(body, kind)
+    output = (reserve_output_tokens if cap is None else cap) * answers(body, kind)
     usage = Usage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
     return usage, cap is not None
 
@@ -72,16 +114,31 @@ def cost_bound(
     answer_reservation: Decimal,
 ) -> Decimal:
     """What admission reserves against money budgets for one answer request."""
-    usage, _ = bound_usage(body, reserve_output_tokens=reserve_output_tokens)
+    usage, _ = bound_usage(body, reserve_output_tokens=reserve_output_tokens, kind=route.kind)
     model = body.get("model") if isinstance(body.get("model"), str) else None
-    metered = Metered(None, None, None, usage, "timeout", model=model)
-    if isinstance(upstream, OpenAIUpstream):
-        priced = upstream.priced(metered, model, calls=upstream.calls(route, body, {}))
-    elif isinstance(upstream, AnthropicUpstream):
-        # Messages requires max_tokens; the server tools the request lists are
-        # priced one call each (the web searches an answer runs are known only
-        # when it ends: docs/quotas.md, "Money budgets").
-        priced = upstream.priced(metered, body, ServerCalls())
-    else:
-        return answer_reservation
-    return priced.usage.cost if priced.usage is not None else answer_reservation
+    # Each token at the dearest rate it can be billed at: a prompt token as text,
+    # audio or a cache write, an output token as text or audio (the dearest of
+    # each, whichever the price table sets higher).
+    written = dataclasses.replace(usage, cache_write_tokens=usage.prompt_tokens)
+    costs: list[Decimal | None] = []
+    for tokens in (usage, written):
+        metered = Metered(None, None, None, tokens, "timeout", model=model)
+        if isinstance(upstream, OpenAIUpstream):
+            calls = upstream.calls(route, body, {})
+            for heard, spoken in ((0, 0), (tokens.prompt_tokens, 0), (0, tokens.completion_tokens),
+                                  (tokens.prompt_tokens, tokens.completion_tokens)):  # fmt: skip
+                audio = Audio(prompt=heard, completion=spoken)
+                costs.append(_cost(upstream.priced(metered, model, calls=calls, audio=audio)))
+        elif isinstance(upstream, AnthropicUpstream):
+            # Messages requires max_tokens; the server tools the request lists are
+            # priced one call each (the web searches an answer runs are known only
+            # when it ends: docs/quotas.md, "Money budgets").
+            costs.append(_cost(upstream.priced(metered, body, ServerCalls())))
+        else:
+            return answer_reservation
+    found = [cost for cost in costs if cost is not None]
+    return max(found) if found else answer_reservation
+
+
+def _cost(metered: Metered) -> Decimal | None:
+    return metered.usage.cost if metered.usage is not None else None

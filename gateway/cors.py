@@ -28,18 +28,17 @@ so a reload takes effect at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
-from gateway.limits import ErrorBody, Message, Receive, Send
+from gateway.error_response import ErrorBody, render
+from gateway.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from gateway.config import CorsConfig
 
-Scope = MutableMapping[str, Any]
-App = Callable[[Scope, Receive, Send], Any]
 Headers = list[tuple[bytes, bytes]]
 
 # Headers a page must be able to read that are not CORS-safelisted (Fetch spec,
@@ -188,7 +187,7 @@ class Cors:
     """The ASGI middleware applying ``[cors]`` around the gateway (wired in app.py)."""
 
     def __init__(
-        self, app: App, *, config: Callable[[], CorsConfig], error_body: ErrorBody
+        self, app: ASGIApp, *, config: Callable[[], CorsConfig], error_body: ErrorBody
     ) -> None:
         self.app = app
         self._config = config
@@ -225,14 +224,18 @@ class Cors:
 
     async def _answer_preflight(self, policy: Policy, origin: bytes | None, send: Send) -> None:
         status, headers = policy.preflight(origin)
-        body = b""
         if status != 204:
             # The page cannot read it (no Access-Control-Allow-Origin): the browser
             # reports a network error, as it must. The body is for people with curl.
-            body = self._error_body(
-                status, "origin_not_allowed", "This origin is not allowed to call the gateway."
+            refusal = render(
+                self._error_body,
+                status,
+                "origin_not_allowed",
+                "This origin is not allowed to call the gateway.",
+                headers=headers,
             )
-            headers.append((b"content-type", b"application/json"))
-        headers.append((b"content-length", str(len(body)).encode()))
+            await refusal.send(send)
+            return
+        headers.append((b"content-length", b"0"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": b""})

@@ -20,9 +20,10 @@
 A missing row is not an outage: `NotFound` is deliberately not a `StorageError`,
 so no caller that fails open (or retries) on a database failure does so for it.
 
-Foreign exceptions are mapped to these at one boundary each: httpx errors in
-`gateway.upstream_client`, asyncpg and sqlite3 errors in their storage backends. Every refusal the
-gateway makes is rendered in the upstream's own error shape (see
+Foreign exceptions are mapped to these at one boundary each: httpx, aiohttp and
+anyio errors in `gateway.upstream_client` (inside the response body's stream, so
+no reader has to ask), asyncpg and sqlite3 errors in their storage backends.
+Every refusal the gateway makes is rendered in the upstream's own error shape (see
 `Upstream.error_body`), so frontends show it unchanged.
 """
 

@@ -280,21 +280,22 @@ class Follows:
                 # Bounded like any answer, from the submit's arrival: its pending row
                 # is then settled before a recovery could take it for lost.
                 elapsed = time.perf_counter() - x.started
-                with self._client.reading():
-                    async with asyncio.timeout(settings.total_timeout - elapsed):
-                        async for chunk in response.aiter_raw():
-                            for event in decoder.feed(chunk):
-                                meter.feed(event)
-                            if meter.done:
-                                break
+                async with asyncio.timeout(settings.total_timeout - elapsed):
+                    async for chunk in response.aiter_raw():
+                        for event in decoder.feed(chunk):
+                            meter.feed(event)
+                        if meter.done:
+                            break
                 if not meter.done:
                     for event in decoder.flush():
                         meter.feed(event)
             finally:
                 await response.aclose()
-        except UpstreamBroken as exc:
+        except (UpstreamBroken, TimeoutError) as exc:
+            # TimeoutError: the read's deadline; the upstream's errors arrive mapped.
             cut = True
-            kind = "follow_timeout" if exc.timed_out else "follow_read"
+            timed_out = not isinstance(exc, UpstreamBroken) or exc.timed_out
+            kind = "follow_timeout" if timed_out else "follow_read"
             metrics.inc("gateway_upstream_errors_total", kind=kind)
             log.warning("request %s: the resumed run's read ended: %r", x.request_id, exc)
         except EventTooLarge as exc:

@@ -53,11 +53,11 @@ CAP_WARNING_INTERVAL = 60.0
 @dataclasses.dataclass(frozen=True, slots=True)
 class HeadSettings:
     head_limit: int  # bytes of an unfinished head, with the request line
-    refusal_body: bytes  # the 431 body
+    refusal: bytes  # the 431 response, on the wire (gateway/error_response.py)
     head_timeout: float  # seconds for a whole head to arrive
-    timeout_body: bytes  # the 408 body
+    timeout: bytes  # the 408 response
     max_connections: int  # open connections a worker holds at most
-    busy_body: bytes  # the 503 body
+    busy: bytes  # the 503 response
 
 
 def derived_max_connections(pool_size: int) -> int:
@@ -75,6 +75,7 @@ def _configured() -> HeadSettings:
     """The limits and the refusal bodies, from the configuration the worker process
     serves (a worker finds it through the environment, as create_app does)."""
     from gateway.config import load_config
+    from gateway.error_response import render
     from gateway.upstreams import get_upstream
 
     config = load_config()
@@ -83,20 +84,31 @@ def _configured() -> HeadSettings:
     error_body = get_upstream(config.upstream.kind).error_body
     return HeadSettings(
         head_limit=limit + REQUEST_LINE_ALLOWANCE,
-        refusal_body=error_body(
-            431, "headers_too_large", f"The request headers exceed {limit} bytes."
-        ),
+        refusal=render(
+            error_body,
+            431,
+            "headers_too_large",
+            f"The request headers exceed {limit} bytes.",
+            close=True,
+        ).http11(b"Request Header Fields Too Large"),
         head_timeout=server.head_timeout,
-        timeout_body=error_body(
+        timeout=render(
+            error_body,
             408,
             "request_timeout",
             f"The request head did not arrive within {server.head_timeout:g} seconds.",
-        ),
+            close=True,
+        ).http11(b"Request Timeout"),
         max_connections=server.max_connections
         or derived_max_connections(config.database.pool_max_size),
-        busy_body=error_body(
-            503, "too_many_connections", "The gateway has too many open connections; retry shortly."
-        ),
+        busy=render(
+            error_body,
+            503,
+            "too_many_connections",
+            "The gateway has too many open connections; retry shortly.",
+            headers=[(b"retry-after", b"5")],
+            close=True,
+        ).http11(b"Service Unavailable"),
     )
 
 
@@ -118,7 +130,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._settings = self.settings if self.settings is not None else _configured()
-        self._limit, self._refusal = self._settings.head_limit, self._settings.refusal_body
+        self._limit, self._refusal = self._settings.head_limit, self._settings.refusal
         # uvicorn formats an access-log line (path, client address) for every
         # response whenever its access logger has handlers, and only then drops it
         # by level; at the usual log levels (warning and up) none is ever written.
@@ -163,7 +175,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.logger.warning(
             "request head not complete within %g s; answered 408", self._settings.head_timeout
         )
-        self._refuse(b"408 Request Timeout", self._settings.timeout_body)
+        self._refuse(self._settings.timeout)
 
     def _refuse_connection(self, cap: int) -> None:
         """Answer a connection past the cap 503 and close it at once: its file
@@ -184,14 +196,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
                 now - refusals.since,
             )
             refusals.warned_at, refusals.count, refusals.since = now, 0, now
-        body = self._settings.busy_body
-        self.transport.write(
-            b"HTTP/1.1 503 Service Unavailable\r\n"
-            b"content-type: application/json\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n"
-            b"retry-after: 5\r\n"
-            b"connection: close\r\n\r\n" + body
-        )
+        self.transport.write(self._settings.busy)
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -223,19 +228,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
 
-    def _refuse(
-        self, status: bytes = b"431 Request Header Fields Too Large", body: bytes | None = None
-    ) -> None:
+    def _refuse(self, response: bytes | None = None) -> None:
+        """Send a refusal (the 431 by default), then close."""
         self._refused = True
         self._stop_head_timer()
-        body = self._refusal if body is None else body
         transport: asyncio.Transport = self.transport
-        transport.write(
-            b"HTTP/1.1 " + status + b"\r\n"
-            b"content-type: application/json\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n"
-            b"connection: close\r\n\r\n" + body
-        )
+        transport.write(self._refusal if response is None else response)
         if transport.can_write_eof():
             transport.write_eof()
         self.loop.call_later(LINGER_SECONDS, transport.close)

@@ -13,13 +13,10 @@ while it arrives (gateway/headlimit.py). See docs/configuration.md, ``[server]``
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from collections.abc import Callable, Iterable
 
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ErrorBody = Callable[[int, str, str], bytes]
+from gateway.error_response import ErrorBody, render
+from gateway.types import Message, Receive, Send
 
 
 def header_refusal(
@@ -42,19 +39,7 @@ async def send_refusal(
 ) -> None:
     """A complete error answer that also ends the connection: after a refused head
     or an abandoned body, what follows on the connection cannot be trusted."""
-    body = error_body(status, code, message)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await render(error_body, status, code, message, close=True).send(send)
 
 
 class BodyDeadline:

@@ -24,7 +24,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import AsyncIterator, Coroutine
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
@@ -43,13 +43,13 @@ from gateway.bodies import (
     spool_multipart,
     stream_body,
 )
+from gateway.error_response import render_error
 from gateway.errors import (
     BadRequest,
     GatewayError,
     NotFound,
     PayloadTooLarge,
     StorageError,
-    Unauthorized,
     UpstreamBroken,
     UpstreamError,
     UpstreamTimeout,
@@ -77,6 +77,7 @@ from gateway.relay import Stop as RelayStop
 from gateway.routing import RouteGuard, side_cost_result
 from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import UsageEvent
+from gateway.types import Receive, Scope, Send
 from gateway.upstream_client import UpstreamClient
 from gateway.upstreams import Prepared, Route
 from gateway.usage import Metered
@@ -91,11 +92,6 @@ if TYPE_CHECKING:
     from gateway.settle import Settler
     from gateway.snapshot import Current, Snapshot
     from gateway.storage import Storage
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger("gateway.proxy")
 
@@ -416,7 +412,19 @@ class Proxy:
         """The model allow-lists that apply to the user: their plan's and their
         team's plan's, where set (a model must be in both)."""
         snap, user_id = x.snap, x.user_id
-        user = await snap.users.get(user_id, default_plan=snap.config.accounting.default_plan)
+        default_plan = snap.config.accounting.default_plan
+        try:
+            user = await snap.users.get(user_id, default_plan=default_plan)
+        except StorageError as exc:
+            # The user's row is past the cache's TTL and the database is away: the
+            # default plan's list, as admission takes the default plan's limits
+            # (admission.on_storage_error decides whether the answer is served).
+            self._metrics.inc("gateway_storage_errors_total", operation="user")
+            log.warning(
+                "user %s not read, the default plan's model list applied: %s", user_id, exc.message
+            )
+            plan = snap.config.plan(default_plan)
+            return [plan.models] if plan.models is not None else []
         plans: list[Plan | None] = [effective_plan(snap.config, user)]
         try:
             plans.append(await snap.team_plan(user))
@@ -609,9 +617,8 @@ class Proxy:
 
     async def _pass_body(self, x: Exchange, response: httpx.Response, send: Send) -> None:
         try:
-            with self.client.reading():
-                async for chunk in response.aiter_raw():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamBroken as exc:
             log.warning(
                 "request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__
@@ -671,40 +678,41 @@ class Proxy:
         cancelled: asyncio.CancelledError | None = None
         ending: list[RelayCommand]
         try:
-            with self.client.reading():
-                async with asyncio.timeout(settings.total_timeout) as deadline:
-                    async for chunk in response.aiter_raw():
-                        if watcher.done() and relay.listening:
-                            self._client_left(x)
-                            for command in relay.client_left():
-                                if isinstance(command, RelayStop):
-                                    if command.task_id is not None:
-                                        relay.stop_answered(await self._stop(x, command.task_id))
-                                elif isinstance(command, ExtendDeadline):
-                                    deadline.reschedule(loop.time() + command.seconds)
-                            if not relay.reading:
-                                # Closing the response stops the answer; the chunk
-                                # in hand is metered first (it may be the first
-                                # sign the answer began, and billed).
-                                meter_chunk(chunk)
-                                break
-                        out = forward(chunk)
-                        if out is not None:
-                            if first_byte:
-                                first_byte = False
-                                x.first_byte(metrics)
-                            await send(
-                                {"type": "http.response.body", "body": out, "more_body": True}
-                            )
-                        meter_chunk(chunk)
-        except UpstreamBroken as exc:
-            kind: Literal["read", "timeout"] = "timeout" if exc.timed_out else "read"
+            async with asyncio.timeout(settings.total_timeout) as deadline:
+                async for chunk in response.aiter_raw():
+                    if watcher.done() and relay.listening:
+                        self._client_left(x)
+                        for command in relay.client_left():
+                            if isinstance(command, RelayStop):
+                                if command.task_id is not None:
+                                    relay.stop_answered(await self._stop(x, command.task_id))
+                            elif isinstance(command, ExtendDeadline):
+                                deadline.reschedule(loop.time() + command.seconds)
+                        if not relay.reading:
+                            # Closing the response stops the answer; the chunk
+                            # in hand is metered first (it may be the first
+                            # sign the answer began, and billed).
+                            meter_chunk(chunk)
+                            break
+                    out = forward(chunk)
+                    if out is not None:
+                        if first_byte:
+                            first_byte = False
+                            x.first_byte(metrics)
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                    meter_chunk(chunk)
+        except (UpstreamBroken, TimeoutError) as exc:
+            # TimeoutError: the deadline ran out (upstream.total_timeout, or the
+            # grace once the client left); the upstream's own errors arrive mapped.
+            kind: Literal["read", "timeout"] = (
+                "read" if isinstance(exc, UpstreamBroken) and not exc.timed_out else "timeout"
+            )
             metrics.inc("gateway_upstream_errors_total", kind=f"mid_stream_{kind}")
             log.warning(
                 "request %s: upstream stream ended abnormally (%s): %r",
                 x.request_id,
                 kind,
-                exc.__cause__,
+                exc.__cause__ if isinstance(exc, UpstreamBroken) else exc,
             )
             self._noticed(x, relay, watcher)
             ending = relay.upstream_broken(kind)
@@ -821,15 +829,14 @@ class Proxy:
         history = what == "history page"
         raw = bytearray()
         try:
-            with self.client.reading():
-                async for chunk in response.aiter_bytes():
-                    raw += chunk
-                    if len(raw) > _MAX_BUFFERED_BODY:
-                        raise UpstreamError(
-                            "The upstream history page is too large to filter."
-                            if history
-                            else "The upstream model list is too large to filter."
-                        )
+            async for chunk in self.client.decoded(response):
+                raw += chunk
+                if len(raw) > _MAX_BUFFERED_BODY:
+                    raise UpstreamError(
+                        "The upstream history page is too large to filter."
+                        if history
+                        else "The upstream model list is too large to filter."
+                    )
         except UpstreamBroken as exc:
             raise UpstreamUnavailable(
                 "The upstream history page could not be read."
@@ -993,30 +1000,18 @@ class Proxy:
         messages = x.snap.messages
         language = messages.language(scope["headers"]) if scope is not None else messages.default
         message, language = messages.render(exc, language)
-        body = x.snap.upstream.error_body(exc.status, exc.code, message)
-        extra = list(exc.headers)
-        extra.append((b"content-language", language.encode()))
-        if isinstance(exc, Unauthorized):
-            extra.append((b"www-authenticate", b'Bearer realm="api"'))
-        if isinstance(exc, StorageError | UpstreamError) and not any(
-            k == b"retry-after" for k, _ in extra
-        ):
-            extra.append((b"retry-after", b"5"))
+        response = render_error(
+            exc,
+            x.snap.upstream.error_body,
+            message=message,
+            realm="api",
+            request_id=request_id,
+            language=language,
+            outage_retry_after=b"5",
+        )
         self._metrics.inc("gateway_refusals_total", code=exc.code)
         note_status(exc.status)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": exc.status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"x-request-id", request_id.encode()),
-                    *extra,
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await response.send(send)
 
     async def _preflight(self, x: Exchange, send: Send) -> None:
         """A CORS preflight carries no credentials by design: forwarded as it is

@@ -46,7 +46,7 @@ Meter = Literal[
     "streams",
 ]
 Per = Literal["day", "month", "open", "minute", "hour"]
-Scope = Literal["user", "team"]
+LimitScope = Literal["user", "team"]
 
 # The meters a day row counts, in the order of the usage_daily columns both
 # backends read them from (the order is the storage's: PL/pgSQL indexes its
@@ -96,7 +96,7 @@ class Limit:
     max: Decimal
     # "team": counted over every member of the user's team, which the request
     # must fit too, in the same atomic step (rates are per user only).
-    scope: Scope = "user"
+    scope: LimitScope = "user"
     # Globs ("gpt-4.1*"): the limit applies to requests for a matching model and
     # counts only what such requests used (its own counters, `counter_key`).
     models: tuple[str, ...] = ()
@@ -198,7 +198,7 @@ class Counters:
     # Per-model limits' own counters: (counter key, meter, window) -> used.
     models: Mapping[tuple[str, Meter, Per], Decimal] = field(default_factory=dict)
 
-    def of(self, meter: Meter, per: Per, scope: Scope = "user") -> Decimal:
+    def of(self, meter: Meter, per: Per, scope: LimitScope = "user") -> Decimal:
         counted = self.team if scope == "team" else self.used
         return counted.get((meter, per), Decimal(0))
 

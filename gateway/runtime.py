@@ -41,6 +41,7 @@ from gateway.services import Services
 from gateway.settle import Settler
 from gateway.snapshot import Current, Snapshot, build_snapshot, recover_after
 from gateway.storage import Storage, open_storage
+from gateway.tasks import Tasks
 from gateway.upstream_client import UpstreamClient
 from gateway.upstreams import Upstream
 
@@ -200,8 +201,8 @@ class Gateway:
         self._transport = transport
         self._env = env
         self.in_flight = InFlight(self.probes)
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._keep: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks("background")  # cancelled at shutdown
+        self._keep = Tasks("kept")  # finished at shutdown (recording usage)
         self._running: Running | None = None
         self._sighup = False
 
@@ -478,11 +479,7 @@ class Gateway:
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run a background job; it is cancelled at shutdown, and logged if it
         ends with an error (nothing else would ever see it)."""
-        task = asyncio.create_task(coro, name=getattr(coro, "__qualname__", None))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_failure)
-        return task
+        return self._tasks.start(coro)
 
     async def supervise(
         self,
@@ -504,16 +501,12 @@ class Gateway:
 
     async def idle(self, timeout: float = 10.0) -> None:
         """Wait until the work that must finish (recording, stopping answers) is done."""
-        async with asyncio.timeout(timeout):
-            while self._keep:
-                await asyncio.wait(list(self._keep))
+        if not await self._keep.wait(timeout):
+            raise TimeoutError(f"kept tasks still running after {timeout:g} s")
 
     def keep(self, coro: Any) -> asyncio.Task[Any]:
         """Run work that must finish (recording usage); shutdown waits for it."""
-        task = asyncio.create_task(coro)
-        self._keep.add(task)
-        task.add_done_callback(self._keep.discard)
-        return task
+        return self._keep.start(coro, awaited=True)  # its callers await it, shielded
 
     async def stop(self) -> None:
         if self._sighup:
@@ -522,14 +515,12 @@ class Gateway:
             # Answers the server cut at the end of its grace (server.shutdown_grace)
             # were cancelled; let them record what they read before closing up.
             await self.in_flight.drained(SHUTDOWN_GRACE)
-        if self._keep:
-            # Answers being recorded finish first (bounded: a dead database sends
-            # their records to the spool in settler.close below).
-            await asyncio.wait(self._keep, timeout=SHUTDOWN_GRACE)
-        for task in list(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Answers being recorded finish first (bounded: a dead database sends
+        # their records to the spool in settler.close below).
+        await self._keep.wait(SHUTDOWN_GRACE)
+        # Then the background jobs are cancelled; a follow of a resumed run settles
+        # what it read as it unwinds (gateway/follow.py).
+        await self._tasks.cancel(SHUTDOWN_GRACE)
         running = self.running
         await running.settler.close()
         await running.client.aclose()
@@ -555,8 +546,3 @@ class _Caches:
 
     def forget_team(self, team_id: str) -> None:
         self._current.snapshot.teams.forget(team_id)
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.error("background task %s died", task.get_name(), exc_info=exc)

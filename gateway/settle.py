@@ -38,8 +38,12 @@ from gateway.logs import log_answer
 from gateway.metrics import Metrics
 from gateway.pricing import PriceTable
 from gateway.storage import ALERT_LIMITS, AlertCheck, AlertRequest, Storage, UsageEvent
+from gateway.tasks import Tasks
 
 log = logging.getLogger("gateway.settle")
+
+# How long a cancelled retry may take to unwind at shutdown.
+_CLOSE_TIMEOUT = 10.0
 
 RETRY_DELAYS: tuple[float, ...] = (0.05, 0.5, 2.0, 5.0, 15.0)
 # Opening the spool's name gives a file a replay holds only in the instant between
@@ -231,7 +235,9 @@ class Settler:
         self._spool = spool
         metrics.spool.path = spool  # gateway_spool_bytes (gateway/metrics.py)
         self._delays = tuple(retry_delays)
-        self._tasks: dict[asyncio.Task[None], Write | None] = {}
+        self._tasks = Tasks("settle retries")
+        # The write each retry of a record carries: spooled if shutdown cuts it.
+        self._writes: dict[asyncio.Task[None], Write] = {}
         self._closing = False
         # Whether this process has spooled records not replayed yet (or found a
         # spool it could not replay): what `run_replays` waits on.
@@ -277,9 +283,9 @@ class Settler:
             if self._closing:
                 self._to_spool(write)
                 return
-            task = asyncio.create_task(self._retry(write), name=f"settle-retry-{event.answer_id}")
-            self._tasks[task] = write
-            task.add_done_callback(self._tasks.pop)
+            task = self._tasks.start(self._retry(write), name=f"settle-retry-{event.answer_id}")
+            self._writes[task] = write
+            task.add_done_callback(self._writes.pop)
 
     async def refund(
         self, user_id: str, *, day: date, lease_id: str | None, pending_id: str | None = None
@@ -295,9 +301,10 @@ class Settler:
             if self._closing:
                 log.error("refund for %s on %s lost at shutdown", user_id, day)
                 return
-            task = asyncio.create_task(self._retry_refund(user_id, day, lease_id, pending_id))
-            self._tasks[task] = None
-            task.add_done_callback(self._tasks.pop)
+            self._tasks.start(
+                self._retry_refund(user_id, day, lease_id, pending_id),
+                name=f"refund-retry-{user_id}",
+            )
 
     async def _retry_refund(
         self, user_id: str, day: date, lease_id: str | None, pending_id: str | None
@@ -603,10 +610,11 @@ class Settler:
     async def close(self) -> None:
         """Stop retrying: whatever is still pending goes to the spool file."""
         self._closing = True
-        for task, pending in list(self._tasks.items()):
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                if pending is not None:
-                    self._to_spool(pending)
+        writes = dict(self._writes)  # each task leaves it as it ends
+        await self._tasks.cancel(_CLOSE_TIMEOUT)
+        for task, write in writes.items():
+            # Cut by the cancellation (or stuck past it): the spool has it. A
+            # write that landed as well is counted once (the ledger is keyed by
+            # the answer's id).
+            if task.cancelled() or not task.done():
+                self._to_spool(write)

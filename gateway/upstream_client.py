@@ -1,18 +1,36 @@
-"""The one boundary where httpx (and aiohttp beneath it) errors become gateway errors.
+"""The one boundary where httpx, aiohttp and anyio errors become gateway errors.
 
 The proxy asks this module to open, read and stop upstream requests and sees only
 `gateway.errors` exceptions: `UpstreamTimeout` (with the phase it happened in),
 `UpstreamUnavailable`, `UpstreamBroken` for a body that ended abnormally, and
 the request body's own failures (a client gone, a malformed or oversized upload).
+
+A response's body maps its errors itself, as httpx's transports map their
+backend's (httpx/_transports/default.py): `UpstreamClient.open` hands back the
+response with its byte stream replaced by one that raises `UpstreamBroken`, so
+every reader of it (``aiter_raw``, ``aiter_bytes``, ``aclose``) gets gateway
+errors without remembering to ask. On the default transport (httpx-aiohttp) the
+replacement reads aiohttp directly, in place of httpx-aiohttp's own stream: no
+layer is added per chunk. Other transports (``upstream.transport = "httpx"``,
+tests) get a wrapping stream, one async generator step per chunk.
+
+Which foreign exception means what is one table, `_KINDS`, looked up along the
+exception's class hierarchy (never by class name); tests/test_upstream_errors.py
+checks that every exception class these libraries define is in it.
 """
 
 from __future__ import annotations
 
 import logging
-from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from collections.abc import AsyncIterator, Mapping
+from typing import Final, Literal
 
+import aiohttp
+import aiohttp.http_exceptions
+import anyio
 import httpx
+from httpx._client import BoundAsyncStream
+from httpx_aiohttp.transport import AiohttpResponseStream
 
 from gateway.bodies import BodyFailure, ClientGone
 from gateway.errors import (
@@ -24,57 +42,145 @@ from gateway.errors import (
 )
 from gateway.multipart import MultipartError
 
-if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
 log = logging.getLogger("gateway.proxy")
 
 Headers = list[tuple[bytes, bytes]]
 
-# What the transport raises: httpx's own errors, and TimeoutError from a deadline.
-_TRANSPORT_ERRORS = (httpx.HTTPError, TimeoutError)
+# What a foreign exception means: a timeout before the request reached the upstream
+# ("connect"), a timeout after it did ("read": the upstream may be answering, and
+# billing, still), or a failure that is no timeout ("failed": refused, reset, a
+# malformed answer). Looked up along the exception's MRO, so a subclass a library
+# adds later is read as its nearest listed base (the test names every class).
+Kind = Literal["connect", "read", "failed"]
+_KINDS: Final[Mapping[type[Exception], Kind]] = {
+    # httpx (its own transport maps httpcore's, anyio's and h11's errors to these)
+    httpx.ConnectTimeout: "connect",
+    httpx.PoolTimeout: "connect",
+    httpx.TimeoutException: "read",  # ReadTimeout, WriteTimeout
+    httpx.HTTPError: "failed",  # NetworkError, ProtocolError, DecodingError, ...
+    # aiohttp, as raised by its streams (httpx-aiohttp passes some through unmapped)
+    aiohttp.ConnectionTimeoutError: "connect",
+    aiohttp.ServerTimeoutError: "read",  # SocketTimeoutError: sock_read
+    aiohttp.ClientError: "failed",
+    aiohttp.http_exceptions.HttpProcessingError: "failed",
+    aiohttp.EofStream: "failed",  # its queues' end marker, should one ever escape
+    # anyio's stream errors, which httpcore does not map everywhere (closing a stream)
+    anyio.BrokenResourceError: "failed",
+    anyio.ClosedResourceError: "failed",
+    anyio.EndOfStream: "failed",
+    anyio.IncompleteRead: "failed",
+    anyio.BusyResourceError: "failed",
+    anyio.WouldBlock: "failed",
+    anyio.DelimiterNotFound: "failed",
+    # the standard library's, under any of them (asyncio.TimeoutError is TimeoutError)
+    TimeoutError: "read",
+    OSError: "failed",  # ConnectionResetError, ssl.SSLError, socket.gaierror, ...
+    EOFError: "failed",  # asyncio.IncompleteReadError
+}
+
+# The foreign exceptions that a transport raises: caught at this boundary, mapped by kind.
+FOREIGN: Final[tuple[type[Exception], ...]] = tuple(_KINDS)
+# httpx-aiohttp raises an httpx error "from" aiohttp's, chosen coarsely: every
+# aiohttp connection error, a refusal or a disconnect included, becomes
+# httpx.ConnectTimeout. Its cause tells the truth.
+_AIOHTTP: Final = (aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError)
+
+
+def error_kind(exc: BaseException) -> Kind | None:
+    """What a foreign exception means (see `_KINDS`); None for one that is not a
+    transport's (a bug, or a gateway error)."""
+    cause = exc.__cause__
+    if isinstance(exc, httpx.HTTPError) and isinstance(cause, _AIOHTTP):
+        exc = cause
+    for cls in type(exc).__mro__:
+        kind = _KINDS.get(cls)
+        if kind is not None:
+            return kind
+    return None
 
 
 def timeout_phase(exc: BaseException) -> Literal["connect", "read"] | None:
     """For an upstream failure: "connect" or "read" if it was a timeout (504) and
     in which phase, None if it was a refusal or a broken connection (502)."""
-    cause = exc.__cause__
-    if cause is not None and type(cause).__module__.startswith("aiohttp"):
-        # httpx-aiohttp maps every aiohttp connection error, "connection refused"
-        # included, to httpx.ConnectTimeout; the original exception tells the truth
-        # (aiohttp's timeouts subclass TimeoutError; its connect timeouts say so).
-        if not isinstance(cause, TimeoutError):
-            return None
-        return "connect" if "Connect" in type(cause).__name__ else "read"
-    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-        return "connect"
-    if isinstance(exc, httpx.TimeoutException | TimeoutError):
-        return "read"
-    return None
+    kind = error_kind(exc)
+    return None if kind is None or kind == "failed" else kind
 
 
-class _Reading:
-    """``with client.reading():`` around a loop over a response body maps its
-    errors once per body, not once per chunk."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is not None and isinstance(exc, _TRANSPORT_ERRORS):
-            raise UpstreamBroken(
-                "The upstream connection was lost.", timed_out=timeout_phase(exc) is not None
-            ) from exc
+def _broken(exc: BaseException) -> UpstreamBroken:
+    """The gateway's error for a foreign one (of `FOREIGN`) raised by a body."""
+    return UpstreamBroken(
+        "The upstream connection was lost.", timed_out=timeout_phase(exc) is not None
+    )
 
 
-_READING = _Reading()
+class MappedStream(httpx.AsyncByteStream):
+    """A response body that raises `UpstreamBroken` for its transport's errors."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: httpx.AsyncByteStream) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except FOREIGN as exc:
+            raise _broken(exc) from exc
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        except FOREIGN as exc:
+            raise _broken(exc) from exc
+
+
+class AiohttpStream(MappedStream):
+    """The body of an answer on httpx-aiohttp, read from aiohttp directly, as that
+    transport's own stream reads it (``iter_chunked``, of the same size), with
+    aiohttp's errors mapped here. It takes the place of two steps per chunk (httpx's
+    stream that times the response, then httpx-aiohttp's) and adds one: a chunk
+    passes fewer steps than without this boundary. Closing goes through both, as
+    before (the response's ``elapsed`` is set, the connection released)."""
+
+    __slots__ = ("_aiohttp",)
+
+    def __init__(self, stream: httpx.AsyncByteStream, response: aiohttp.ClientResponse) -> None:
+        super().__init__(stream)
+        self._aiohttp = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._aiohttp.content.iter_chunked(AiohttpResponseStream.CHUNK_SIZE):
+                yield chunk
+        except FOREIGN as exc:
+            raise _broken(exc) from exc
+
+
+def mapped_stream(stream: httpx.AsyncByteStream) -> MappedStream:
+    """A response's ``stream`` (httpx's, around the transport's), raising gateway
+    errors. On httpx-aiohttp it is read from aiohttp directly: the attributes the
+    two libraries keep their inner streams in are checked, not assumed, and any
+    other shape is wrapped instead (tests/test_upstream_errors.py fails if the
+    installed versions stop taking the direct path)."""
+    if type(stream) is BoundAsyncStream:
+        inner = getattr(stream, "_stream", None)
+        if type(inner) is AiohttpResponseStream:
+            response = getattr(inner, "_aiohttp_response", None)
+            if isinstance(response, aiohttp.ClientResponse):
+                return AiohttpStream(stream, response)
+    return MappedStream(stream)
+
+
+# What sending a request may raise: the transport's errors, and what the request
+# body raised (which the transport may pass on unwrapped).
+_OPEN_ERRORS: Final[tuple[type[Exception], ...]] = (
+    *FOREIGN,
+    httpx.InvalidURL,
+    ClientGone,
+    MultipartError,
+    PayloadTooLarge,
+)
 
 # Parsed upstream URLs kept (answers go to a handful; the bound covers query
 # strings that name users).
@@ -96,9 +202,6 @@ class UpstreamClient:
     def streaming_timeout(self) -> httpx.Timeout:
         return self._client.timeout
 
-    def reading(self) -> _Reading:
-        return _READING
-
     async def open(
         self,
         method: str,
@@ -109,20 +212,15 @@ class UpstreamClient:
         timeout: httpx.Timeout,
         failure: BodyFailure,
     ) -> httpx.Response:
-        """Send a request; the response's headers are read, its body is not."""
+        """Send a request; the response's headers are read, its body is not. The
+        body, read or closed, raises `UpstreamBroken` for a transport's errors."""
         client = self._client
         try:
             request = client.build_request(
                 method, self._url(url), headers=headers, content=content, timeout=timeout
             )
-            return await client.send(request, stream=True)
-        except (
-            *_TRANSPORT_ERRORS,
-            httpx.InvalidURL,
-            ClientGone,
-            MultipartError,
-            PayloadTooLarge,
-        ) as exc:
+            response = await client.send(request, stream=True)
+        except _OPEN_ERRORS as exc:
             # The transport wraps what the request body raised: the body's own
             # record says what really happened.
             error = failure.error
@@ -136,6 +234,9 @@ class UpstreamClient:
             if phase is not None:
                 raise UpstreamTimeout("The upstream did not answer in time.", phase=phase) from exc
             raise UpstreamUnavailable("The upstream service is unreachable.") from exc
+        if isinstance(response.stream, httpx.AsyncByteStream):  # always, on an async client
+            response.stream = mapped_stream(response.stream)
+        return response
 
     def _url(self, url: str) -> httpx.URL:
         parsed = self._urls.get(url)
@@ -152,5 +253,15 @@ class UpstreamClient:
         """A small request read whole (a CORS preflight, a stop call)."""
         try:
             return await self._client.request(method, url, headers=headers, content=content)
-        except _TRANSPORT_ERRORS as exc:
+        except FOREIGN as exc:
             raise UpstreamUnavailable("The upstream service is unreachable.") from exc
+
+    @staticmethod
+    async def decoded(response: httpx.Response) -> AsyncIterator[bytes]:
+        """A body with its Content-Encoding undone (httpx decodes above the stream,
+        so its DecodingError is mapped here: `UpstreamBroken`)."""
+        try:
+            async for chunk in response.aiter_bytes():
+                yield chunk
+        except httpx.DecodingError as exc:
+            raise UpstreamBroken("The upstream connection was lost.", timed_out=False) from exc

@@ -1,6 +1,6 @@
 """A real Chromium and pages on other origins, for the CORS and widget tests.
 
-Launched as tests/test_dashboard.py launches it: Debian's /usr/bin/chromium driven
+Launched as tests/dashboard/test_dashboard.py launches it: Debian's /usr/bin/chromium driven
 by Playwright, skipped when missing unless GATEWAY_REQUIRE_BROWSER is set (CI).
 """
 

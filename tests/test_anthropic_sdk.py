@@ -480,6 +480,34 @@ async def test_a_stream_cut_before_its_usage_ends_in_an_error_event_and_an_estim
     assert event.prompt_tokens == 1600 and event.cache_write_tokens == 200 and event.cost > 0
 
 
+async def test_web_searches_of_a_stream_cut_before_its_usage_are_charged(
+    database_url: str, fake: FakeAnthropic
+) -> None:
+    """Attack: searches stream, then the answer breaks before message_delta (the
+    only event that reports them). Anthropic billed the searches; so does the
+    gateway, from the server_tool_use blocks the stream showed."""
+    settings = anthropic_settings(call_prices={"anthropic.web_search": {"price": "0.01"}})
+    steer = {"x-fake-web-searches": "3", "x-fake-scenario": "cut"}
+    async with running_gateway(database_url, upstream=fake, settings=settings) as h:
+        async with client(h, **steer) as sdk:
+            stream = await sdk.messages.create(
+                model=MODEL,
+                max_tokens=1024,
+                messages=MESSAGES,  # type: ignore[arg-type]
+                tools=[WEB_SEARCH],  # type: ignore[list-item]
+                stream=True,
+            )
+            with pytest.raises(anthropic.APIStatusError):
+                _ = [event async for event in stream]
+        event = await only_event(h)
+    assert event.outcome == "cut" and event.estimated
+    assert (event.prompt_tokens, event.cached_tokens, event.cache_write_tokens) == (1600, 400, 200)
+    # The tokens (output estimated from the text seen), plus three searches at 0.01.
+    tokens = (1000 * 3 + 400 * Decimal("0.30") + 200 * Decimal("3.75")) / 1_000_000
+    tokens += event.completion_tokens * Decimal(15) / 1_000_000
+    assert event.cost == tokens + Decimal("0.03")
+
+
 # --- disconnects ---------------------------------------------------------------------------------
 
 

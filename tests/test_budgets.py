@@ -23,6 +23,7 @@ from gateway.storage import AdmissionLimits, Pending, open_storage
 from gateway.testing.fake_upstream import FakeDify
 from gateway.testing.openai_upstream import FakeOpenAI
 from gateway.upstreams import Route
+from gateway.upstreams.anthropic import AnthropicUpstream
 from gateway.upstreams.openai import OpenAIUpstream
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
 from tests.test_quotas import CHAT, HCM, two_gateways
@@ -75,7 +76,8 @@ async def ask(client: httpx.AsyncClient, h: Harness, body: dict[str, Any] = BODY
         ({"max_output_tokens": 7}, 7),
         ({"max_tokens": True}, None),
         ({"max_tokens": -1}, None),
-        ({"max_tokens": "9"}, None),
+        ({"max_tokens": "9"}, 9),
+        ({"max_tokens": "9.5"}, None),
         ({}, None),
     ],
 )
@@ -338,7 +340,6 @@ async def test_a_per_model_budget_holds_and_counts_only_its_models(
 
 def test_the_cost_bound_of_an_anthropic_request() -> None:
     from gateway.config import parse_config
-    from gateway.upstreams.anthropic import AnthropicUpstream
 
     config = parse_config(
         {"upstream": {"kind": "anthropic"}, "prices": {"claude-x": {"input": "3", "output": "15"}}},
@@ -359,3 +360,118 @@ def test_the_cost_bound_of_an_anthropic_request() -> None:
     )
     # One token per byte of the body at 3 per million, 1,000 output tokens at 15.
     assert bound == (len(orjson.dumps(body)) * 3 + 1000 * 15) * Decimal("1e-6")
+
+
+# --- the bound: what the upstream will actually honour (review of issue 21) -------------
+
+
+def _route(kind: str) -> Route:
+    return Route(kind, {"chat": "chat/completions", "completion": "completions"}.get(kind, kind))
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "output"),
+    [
+        # A cap the endpoint does not read bounds nothing: OpenAI-compatible servers
+        # ignore it and answer up to their own limit.
+        ("chat", {"max_output_tokens": 1}, 4096),
+        ("response", {"max_tokens": 1}, 4096),
+        ("response", {"max_completion_tokens": 1}, 4096),
+        ("completion", {"max_completion_tokens": 1}, 4096),
+        ("chat", {"max_completion_tokens": 5, "max_tokens": 9}, 5),
+        ("response", {"max_output_tokens": 7}, 7),
+        ("message", {"max_tokens": 7}, 7),
+    ],
+)
+def test_the_bound_reads_only_the_cap_the_endpoint_honours(
+    kind: str, body: dict[str, Any], output: int
+) -> None:
+    usage, _ = bound_usage(body, reserve_output_tokens=4096, kind=kind)
+    assert usage.completion_tokens == output
+
+
+@pytest.mark.parametrize(
+    ("body", "output"),
+    [
+        # Lenient servers (pydantic's lax mode: vLLM, llama.cpp's server) read
+        # numbers sent as strings or as integral floats.
+        ({"max_tokens": 100, "n": "3"}, 300),
+        ({"max_tokens": 100, "n": 3.0}, 300),
+        ({"max_tokens": "100", "n": 2}, 200),
+        ({"max_tokens": 100.0}, 100),
+        # The honoured field cannot be read as a count: the next one is no bound.
+        ({"max_completion_tokens": "100000", "max_tokens": 10}, 100000),
+        ({"max_completion_tokens": "lots", "max_tokens": 10}, 4096),
+    ],
+)
+def test_the_bound_reads_numbers_as_a_lenient_upstream_does(
+    body: dict[str, Any], output: int
+) -> None:
+    usage, _ = bound_usage(body, reserve_output_tokens=4096, kind="chat")
+    assert usage.completion_tokens == output
+
+
+def test_the_bound_of_a_completion_counts_its_best_of_candidates(tmp_path: Path) -> None:
+    """Completions' ``best_of`` generates that many answers server-side and bills
+    every one of them (OpenAI: "can quickly consume your token quota")."""
+    body = {"model": "budget-model", "prompt": "Xin chào", "max_tokens": 10, "best_of": 5}
+    usage, bounded = bound_usage(body, reserve_output_tokens=4096, kind="completion")
+    assert bounded and usage.completion_tokens == 50
+    path = tmp_path / "gateway.toml"
+    path.write_text(to_toml(settings()))
+    upstream = OpenAIUpstream(load_config(path, env={}))
+    bound = cost_bound(
+        upstream,
+        _route("completion"),
+        body,
+        reserve_output_tokens=4096,
+        answer_reservation=Decimal(0),
+    )
+    assert bound == len(orjson.dumps(body)) * Decimal("0.001") + 50 * Decimal("0.002")
+
+
+def test_the_bound_prices_every_token_at_the_dearest_rate_it_can_be_billed_at(
+    tmp_path: Path,
+) -> None:
+    """An audio answer's completion tokens are billed at ``audio_output``, a
+    prompt written to Anthropic's cache at ``cache_write_input``: the bound that
+    priced them all as text passed far below the answer's cost."""
+    prices = {
+        "audio-model": {"input": "1000", "output": "2000", "audio_output": "16000"},
+        "claude-x": {"input": "1000", "output": "2000", "cache_write_input": "2000"},
+    }
+    path = tmp_path / "gateway.toml"
+    path.write_text(to_toml({**settings(), "prices": prices}))
+    config = load_config(path, env={})
+    body = {
+        "model": "audio-model",
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "alloy", "format": "wav"},
+        "messages": [{"role": "user", "content": "Xin chào"}],
+        "max_completion_tokens": 100,
+    }
+    bound = cost_bound(
+        OpenAIUpstream(config),
+        _route("chat"),
+        body,
+        reserve_output_tokens=4096,
+        answer_reservation=Decimal(0),
+    )
+    assert bound == len(orjson.dumps(body)) * Decimal("0.001") + 100 * Decimal("0.016")
+
+    from gateway.upstreams.anthropic import AnthropicUpstream
+
+    message = {
+        "model": "claude-x",
+        "max_tokens": 100,
+        "system": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": "Xin chào"}],
+    }
+    bound = cost_bound(
+        AnthropicUpstream(config),
+        _route("message"),
+        message,
+        reserve_output_tokens=4096,
+        answer_reservation=Decimal(0),
+    )
+    assert bound == len(orjson.dumps(message)) * Decimal("0.002") + 100 * Decimal("0.002")

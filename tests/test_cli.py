@@ -167,7 +167,8 @@ async def test_uvicorn_runs_the_app_factory(config_file: Path) -> None:
     assert process.stderr is not None
     try:
         async with asyncio.timeout(30):
-            while b"Application startup complete" not in (line := await process.stderr.readline()):
+            # uvicorn binds its socket after the app's startup: wait for it to listen.
+            while b"Uvicorn running on" not in (line := await process.stderr.readline()):
                 assert line, "uvicorn exited"
         async with httpx.AsyncClient() as client:
             ready = await client.get(f"http://127.0.0.1:{port}/readyz")

@@ -237,7 +237,7 @@ def test_token_split() -> None:
 
 
 async def test_dashboard_says_which_tokens_have_no_split(tmp_path: Path) -> None:
-    from tests.test_dashboard import admin_gateway, client, sign_in
+    from tests.dashboard.test_dashboard import admin_gateway, client, sign_in
 
     async with admin_gateway(f"sqlite:///{tmp_path / 'g.db'}") as h, client(h) as c:
         await h.storage.ensure_user("wf", plan="free")

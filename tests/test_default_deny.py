@@ -160,7 +160,7 @@ def test_a_malformed_allow_rule_is_refused_at_load_with_its_key(rule: str, messa
     assert message in info.value.message
 
 
-# --- Dify human-in-the-loop resumes: tests/test_resume.py ------------------------------------
+# --- Dify human-in-the-loop resumes: tests/upstreams/test_dify_resume.py ---------------------
 
 
 # --- Dify side costs -----------------------------------------------------------------------

@@ -21,7 +21,7 @@ from gateway.testing.fake_upstream import FakeDify
 from gateway.testing.openai_upstream import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
 from tests.servers import free_port, serve, start_gateway
-from tests.test_openai_sdk import MINI_COST, STEER, openai_settings
+from tests.upstreams.test_openai_sdk import MINI_COST, STEER, openai_settings
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming"}
 SOURCE = Path(__file__).parent.parent / "gateway"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,6 +18,7 @@ from gateway.errors import ConfigError, Forbidden
 from gateway.model_access import allows, check_models
 from gateway.testing.openai_upstream import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+from tests.tcpproxy import TCPProxy
 
 PRICES = {
     "gpt-4o-mini": {"input": "0.15", "output": "0.60"},
@@ -415,3 +417,36 @@ async def test_a_team_that_cannot_be_read_leaves_the_users_own_list(sqlite_url: 
     # admission of the one admitted (it reads the team's limits; docs/quotas.md,
     # "Team limits", fails open the same way).
     assert 'gateway_storage_errors_total{operation="team"} 3' in metrics
+
+
+async def test_a_database_outage_holds_the_default_plans_list_and_serves(
+    pg_behind_proxy: tuple[str, TCPProxy], tmp_path: Path
+) -> None:
+    # The user's row is past the cache's TTL when the database goes away: as
+    # admission does (admission.on_storage_error), the check falls back to the
+    # default plan's list instead of refusing every answer with a 503.
+    url, proxy = pg_behind_proxy
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    settings = {
+        **SETTINGS,
+        "admission": {"on_storage_error": {"queries": "open", "tokens": "open", "streams": "open"}},
+        "database": {
+            "connect_timeout": 1.0,
+            "command_timeout": 2.0,
+            "spool_file": str(tmp_path / "spool.jsonl"),
+        },
+    }
+    async with running_gateway(url, upstream=fake, settings=settings) as h:
+        assert (await request(h, "POST", "/v1/chat/completions", json=CHAT)).status_code == 200
+        await h.probes.wait_finished(1)
+        h.gateway.snapshot.users.forget(USER)  # past the cache's TTL
+        await proxy.cut()
+        during = await request(h, "POST", "/v1/chat/completions", json=CHAT)
+        elsewhere = await request(
+            h, "POST", "/v1/chat/completions", json={**CHAT, "model": "gpt-4o"}
+        )
+        await h.probes.wait_finished(3)
+        await h.gateway.settler.close()  # the ledger writes go to the spool
+        await proxy.restore()
+    assert during.status_code == 200, during.text
+    assert "'gpt-4o' is not available" in refusal(elsewhere)  # the default plan's list

@@ -13,7 +13,7 @@ import pytest
 from gateway.sse import DEFAULT_MAX_EVENT_BYTES, EventTooLarge, ServerSentEvent, SSEDecoder
 from tests.harness import USER, running_gateway
 from tests.servers import read_body
-from tests.test_openai_sdk import PRICES
+from tests.upstreams.test_openai_sdk import PRICES
 
 
 def test_a_long_line_costs_linear_time() -> None:

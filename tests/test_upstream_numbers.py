@@ -24,8 +24,8 @@ from gateway.testing.fake_upstream import FakeDify
 from gateway.testing.openai_upstream import ANSWER_PIECES, FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
 from tests.tcpproxy import TCPProxy
-from tests.test_openai_sdk import PRICES
 from tests.test_settle import EVENT
+from tests.upstreams.test_openai_sdk import PRICES
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
 BLOCKING = {**CHAT, "response_mode": "blocking"}
@@ -261,7 +261,7 @@ OPENAI = {
     "prices": PRICES,
     "pricing": {"unpriced_models": "allow"},
 }
-# gpt-4o-mini's prices per million tokens (tests/test_openai_sdk.py).
+# gpt-4o-mini's prices per million tokens (tests/upstreams/test_openai_sdk.py).
 INPUT, OUTPUT = Decimal("0.15"), Decimal("0.60")
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import Receive, Scope, Send
 
 from gateway.dashboard.alerts_page import alerts
 from gateway.dashboard.exports import export
@@ -30,6 +29,7 @@ from gateway.dashboard.teams_page import change_team_plan, team, teams
 from gateway.dashboard.user_page import change_plan, change_team, create_key, revoke_key, user
 from gateway.dashboard.users_table import users
 from gateway.services import Services
+from gateway.types import Receive, Scope, Send
 
 
 class _Static:

@@ -12,10 +12,10 @@ from typing import Literal
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 from gateway.admin import SIGNED_IN
 from gateway.dashboard.signin import Page, signed_in
+from gateway.types import Receive, Scope, Send
 
 
 class _AdminExport(Response):

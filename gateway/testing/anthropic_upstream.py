@@ -34,19 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
 
 import orjson
 
 from gateway.testing.openai_upstream import RecordedRequest
+from gateway.types import Receive, Scope, Send
 
 __all__ = ["ANSWER_PIECES", "TOOL_INPUT", "FakeAnthropic"]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 JSON = dict[str, Any]
 
 ANSWER_PIECES: Final = ("Xin chào", "!", " Tôi", " có thể", " giúp", " gì", "?")
@@ -261,15 +257,11 @@ class _Answer:
 
     def events(self) -> tuple[list[bytes], int, int]:
         """The stream's events; the index of the first text delta and of message_delta."""
-        out = [
-            _event(
-                "message_start",
-                {
-                    "type": "message_start",
-                    "message": self.message(content=[], stop_reason=None, output=1),
-                },
-            )
-        ]
+        start = self.message(content=[], stop_reason=None, output=1)
+        # As Anthropic: no server tool has run yet when the message starts; the
+        # searches are counted in message_delta's usage only.
+        start["usage"]["server_tool_use"] = None
+        out = [_event("message_start", {"type": "message_start", "message": start})]
         first_text = 0
         for index, block in enumerate(self.blocks()):
             kind = block["type"]

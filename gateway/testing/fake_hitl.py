@@ -23,17 +23,17 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
 
+from gateway.tasks import Tasks
+from gateway.types import Receive, Send
+
 __all__ = ["HumanInput", "PausedRun"]
 
 JSON = dict[str, Any]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 _SSE_HEADERS: Final = [(b"content-type", b"text/event-stream; charset=utf-8")]
 _CUT: Final = object()  # published to make every subscriber's connection break
@@ -75,7 +75,7 @@ class HumanInput:
         self.subscriptions = 0  # events requests that subscribed, ever
         self.hold: asyncio.Event | None = None  # resumed runs wait for it, when set
         self._changed: asyncio.Event | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks("fake resumed runs")
 
     def pause(self, *, run_id: str, task_id: str, user: str, workflow_id: str, tokens: int) -> JSON:
         """Record a run pausing; returns the ``data`` of its human_input_required."""
@@ -128,9 +128,7 @@ class HumanInput:
         run.submitted_by = user
         self.submitted.append((token, user))
         resume = self._resume(run, usage, cut=cut, text=text)
-        task = asyncio.get_running_loop().create_task(resume)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.start(resume)
         return {}
 
     async def _resume(self, run: PausedRun, usage: JSON, *, cut: bool, text: str) -> None:

@@ -31,7 +31,7 @@ import mimetypes
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, Final, NoReturn
@@ -40,13 +40,10 @@ from urllib.parse import parse_qsl
 import orjson
 
 from gateway.testing.fake_hitl import HumanInput, HumanInputError
+from gateway.types import Message, Receive, Scope, Send
 
 __all__ = ["ANSWER_PIECES", "SCENARIOS", "FakeDify", "RecordedRequest"]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 JSON = dict[str, Any]
 Headers = list[tuple[bytes, bytes]]
 
@@ -975,7 +972,7 @@ class FakeDify:
 
     async def _answer(self, run: _Run, receive: Receive, send: Send) -> None:
         out = _Out(send, run.flags)
-        watcher = asyncio.create_task(self._watch(receive, out))
+        watcher = asyncio.create_task(self._watch(receive, out))  # noqa: TID251 - scoped: cancelled below
         self._running[run.task_id] = run
         self.answers_started += 1
         try:

@@ -57,6 +57,7 @@ _MESSAGE_DELTA: Final = "message_delta"
 _MESSAGE_STOP: Final = "message_stop"
 _ERROR: Final = "error"
 _DELTA: Final = "content_block_delta"
+_BLOCK_START: Final = "content_block_start"
 # The text of a delta: text_delta's "text", input_json_delta's "partial_json",
 # thinking_delta's "thinking", as JSON strings.
 _DELTA_TEXT: Final = re.compile(r'"(?:text|partial_json|thinking)"\s*:\s*"((?:[^"\\]|\\.)*)"')
@@ -65,6 +66,8 @@ _SERVER_TOOL_COUNTS: Final = {
     "web_search_requests": "web_search",
     "web_fetch_requests": "web_fetch",
 }
+# The server tools whose calls a stream shows as server_tool_use blocks, by name.
+_SERVER_TOOL_NAMES: Final = frozenset(_SERVER_TOOL_COUNTS.values())
 
 
 def _str_or_none(value: object) -> str | None:
@@ -202,6 +205,7 @@ class MessageStreamMeter:
         "_malformed",
         "_model",
         "_prompt_chars",
+        "_seen",
         "_start",
         "_started",
         "_text_chars",
@@ -218,6 +222,9 @@ class MessageStreamMeter:
         self._errored = False
         self._error_code: str | None = None
         self._malformed = False
+        # Server-tool calls whose blocks streamed (by name), for a stream cut
+        # before message_delta: only that event reports them, and they ran.
+        self._seen: dict[str, int] = {}
         self.calls = ServerCalls()
 
     @property
@@ -233,6 +240,10 @@ class MessageStreamMeter:
             # written; good enough for an estimate).
             for match in _DELTA_TEXT.finditer(data):
                 self._text_chars += len(match.group(1))
+            return
+        if kind == _BLOCK_START:
+            if "server_tool_use" in data:  # parsed only then: one per server-tool call
+                self._on_block(data)
             return
         if kind not in (_MESSAGE_START, _MESSAGE_DELTA, _ERROR):
             return
@@ -268,6 +279,17 @@ class MessageStreamMeter:
         except ValueError:
             self._malformed = True
 
+    def _on_block(self, data: str) -> None:
+        try:
+            obj = _loads(data)
+        except orjson.JSONDecodeError:
+            return
+        block = obj.get("content_block") if isinstance(obj, dict) else None
+        if isinstance(block, dict) and block.get("type") == "server_tool_use":
+            name = block.get("name")
+            if name in _SERVER_TOOL_NAMES:
+                self._seen[name] = self._seen.get(name, 0) + 1
+
     def _on_delta(self, raw: object) -> None:
         self.calls.read(raw)
         try:
@@ -277,6 +299,11 @@ class MessageStreamMeter:
 
     def finish(self, *, cut: bool) -> Metered:
         model, code = self._model, self._error_code
+        if self._final is None:
+            # No message_delta reported the calls: those the stream showed ran.
+            counts = self.calls.counts
+            for tool, seen in self._seen.items():
+                counts[tool] = max(counts.get(tool, 0), seen)
         outcome: Outcome
         if self._final is not None:
             # message_delta's counts are the answer's, final or cumulative so far.

@@ -65,6 +65,12 @@ def _stream(**headers: str) -> bytes:
     return b"".join(events)
 
 
+def _feed_any(meter: Any, raw: bytes) -> None:
+    decoder = SSEDecoder()
+    for event in [*decoder.feed(raw), *decoder.flush()]:
+        meter.feed(event)
+
+
 def _feed(meter: MessageStreamMeter, raw: bytes) -> None:
     decoder = SSEDecoder()
     for event in [*decoder.feed(raw), *decoder.flush()]:
@@ -431,6 +437,25 @@ def test_the_dialect_prices_streams_and_web_searches() -> None:
         meter.feed(event)
     metered = meter.finish(cut=False)
     assert metered.usage is not None and metered.usage.cost == COST + Decimal("0.02")
+
+
+def test_web_searches_of_a_stream_cut_before_its_usage_are_charged() -> None:
+    """The searches ran (and Anthropic bills them) once their server_tool_use
+    blocks streamed; a stream cut before message_delta, which alone reports
+    them, is charged the searches it showed, not none."""
+    raw = _events_until(b"message_delta", **{"x-fake-web-searches": "2"})
+
+    def cut_cost(up: AnthropicUpstream, body: dict[str, Any]) -> Decimal:
+        meter = up.stream_meter(up.route("POST", "/messages"), body)
+        _feed_any(meter, raw)
+        metered = meter.finish(cut=True)
+        assert metered.outcome == "cut" and metered.usage is not None
+        return metered.usage.cost
+
+    tokens_only = cut_cost(dialect(), BODY)
+    up = dialect(call_prices={"anthropic.web_search": {"price": "0.01"}})
+    body = {**BODY, "tools": [{"type": "web_search_20250305", "name": "web_search"}]}
+    assert cut_cost(up, body) == tokens_only + Decimal("0.02")
 
 
 def test_other_paid_server_tools_are_charged_once_per_answer() -> None:

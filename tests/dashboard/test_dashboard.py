@@ -54,7 +54,7 @@ SETTINGS: dict[str, Any] = {
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
 BIG = "bob"  # a user with 1,234,567 lifetime tokens
 EVIL = "<script>alert(1)</script>"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "dashboard"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "dashboard"
 
 
 @contextlib.asynccontextmanager

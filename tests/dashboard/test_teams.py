@@ -8,8 +8,8 @@ import html
 import re
 from datetime import UTC, datetime
 
+from tests.dashboard.test_dashboard import admin_gateway, client, sign_in, spend
 from tests.harness import USER
-from tests.test_dashboard import admin_gateway, client, sign_in, spend
 
 
 def cells(page: str, css: str) -> list[list[str]]:

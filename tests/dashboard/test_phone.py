@@ -10,8 +10,7 @@ from pathlib import Path
 import httpx
 
 from gateway.keys import new_key
-from tests.harness import USER
-from tests.test_dashboard import (
+from tests.dashboard.test_dashboard import (
     CHAT,
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -20,6 +19,7 @@ from tests.test_dashboard import (
     screenshots,  # noqa: F401  (a fixture)
     spend,
 )
+from tests.harness import USER
 
 PHONE = {"width": 375, "height": 800}
 # Everything visible on the page that lies (partly) outside the screen, as

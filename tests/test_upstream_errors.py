@@ -1,0 +1,449 @@
+"""Every exception httpx, aiohttp, anyio and the standard library can raise from an
+upstream request or body becomes a gateway error at gateway/upstream_client.py.
+
+The classes are enumerated from the libraries as installed, not listed by hand: a
+class a new version adds that the boundary does not map fails here, and so does a
+new timeout (whose phase, connect or read, someone must decide: it says whether
+the upstream may be billing an answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import inspect
+import socket
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import aiohttp.client_exceptions
+import aiohttp.http_exceptions
+import anyio
+import httpx
+import pytest
+from aiohttp.client_reqrep import ConnectionKey, RequestInfo
+from httpx_aiohttp import AiohttpTransport
+from httpx_aiohttp.transport import AiohttpResponseStream, map_aiohttp_exceptions
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway.bodies import BodyFailure
+from gateway.errors import UpstreamBroken, UpstreamTimeout, UpstreamUnavailable
+from gateway.upstream_client import (
+    AiohttpStream,
+    MappedStream,
+    UpstreamClient,
+    error_kind,
+)
+
+# The timeouts, and their phase: "connect" when the request never reached the
+# upstream, "read" when it did (and the answer may be running, and billed).
+TIMEOUTS: dict[type[BaseException], str] = {
+    httpx.TimeoutException: "read",
+    httpx.ConnectTimeout: "connect",
+    httpx.PoolTimeout: "connect",
+    httpx.ReadTimeout: "read",
+    httpx.WriteTimeout: "read",
+    aiohttp.ServerTimeoutError: "read",
+    aiohttp.ConnectionTimeoutError: "connect",
+    aiohttp.SocketTimeoutError: "read",
+    TimeoutError: "read",
+}
+
+# Exception classes of these libraries that no upstream request or body raises,
+# and why; everything else they define is enumerated below and must be mapped.
+NOT_TRANSPORT: dict[str, str] = {
+    # misuse of a response or request object: a gateway bug, reported as one
+    "httpx.StreamError": "bug",
+    "httpx.StreamConsumed": "bug",
+    "httpx.StreamClosed": "bug",
+    "httpx.ResponseNotRead": "bug",
+    "httpx.RequestNotRead": "bug",
+    # refused as a bad request before anything is sent (UpstreamClient.open)
+    "httpx.InvalidURL": "400",
+    # the cookie jar's API; the shared client keeps no cookies (runtime.SharedClient)
+    "httpx.CookieConflict": "no cookies",
+    # websockets, which the gateway does not open
+    "aiohttp.WebSocketError": "websockets",
+    "aiohttp.WSMessageTypeError": "websockets",
+    # anyio's task groups, workers, futures and event loops: not its streams
+    "anyio.BrokenWorkerInterpreter": "workers",
+    "anyio.BrokenWorkerProcess": "workers",
+    "anyio.FutureAlreadyFinished": "futures",
+    "anyio.FutureCancelled": "futures",
+    "anyio.FutureFailed": "futures",
+    "anyio.FutureNotFinished": "futures",
+    "anyio.NoEventLoopError": "event loops",
+    "anyio.RunFinishedError": "event loops",
+    "anyio.TaskCancelled": "tasks",
+    "anyio.TaskFailed": "tasks",
+    "anyio.TaskNotFinished": "tasks",
+    "anyio.TypedAttributeLookupError": "typed attributes",
+}
+
+_LIBRARIES = ("httpx", "aiohttp", "anyio", "builtins", "ssl", "socket", "asyncio")
+
+
+def _name(cls: type) -> str:
+    return f"{cls.__module__.split('.')[0]}.{cls.__name__}"
+
+
+def _exported(module: Any) -> set[type[BaseException]]:
+    """The exception classes a module offers (anyio loads some on first access)."""
+    values = (getattr(module, name) for name in dir(module))
+    return {v for v in values if inspect.isclass(v) and issubclass(v, BaseException)}
+
+
+def _subclasses(cls: type[BaseException]) -> Iterator[type[BaseException]]:
+    yield cls
+    for sub in cls.__subclasses__():
+        yield from _subclasses(sub)
+
+
+def _foreign_classes() -> list[type[BaseException]]:
+    found: set[type[BaseException]] = set()
+    for module in (httpx, aiohttp, aiohttp.client_exceptions, aiohttp.http_exceptions, anyio):
+        found |= {cls for cls in _exported(module) if not issubclass(cls, Warning)}
+    roots = (
+        httpx.HTTPError,
+        aiohttp.ClientError,
+        aiohttp.http_exceptions.HttpProcessingError,
+        OSError,  # TimeoutError, ConnectionError, ssl.SSLError, socket.gaierror, ...
+        EOFError,  # asyncio.IncompleteReadError
+    )
+    for root in roots:
+        found |= set(_subclasses(root))
+    found.add(asyncio.TimeoutError)
+    found.add(ssl.SSLError)
+    found.add(socket.gaierror)
+    foreign = {
+        cls
+        for cls in found
+        if cls.__module__.split(".")[0] in _LIBRARIES and _name(cls) not in NOT_TRANSPORT
+    }
+    return sorted(foreign, key=_name)
+
+
+FOREIGN = _foreign_classes()
+
+
+_KEY = ConnectionKey("upstream", 443, True, True, None, None, None)
+_REQUEST = RequestInfo(URL("https://upstream/v1/x"), "POST", CIMultiDictProxy(CIMultiDict()))
+_REFUSED = ConnectionRefusedError(111, "Connection refused")
+_HTTPX_REQUEST = httpx.Request("POST", "https://upstream/v1/x")
+# Constructor arguments that make a working instance (one whose str() works, as
+# httpx-aiohttp's mapping needs), tried in turn.
+_ARGUMENTS: tuple[tuple[tuple[Any, ...], dict[str, Any]], ...] = (
+    (("boom",), {}),
+    ((), {}),
+    ((_KEY, _REFUSED), {}),  # aiohttp's connector errors
+    (("/run/upstream.sock", _KEY, _REFUSED), {}),  # ... over a Unix socket
+    ((_REQUEST, ()), {}),  # aiohttp's response errors
+    ((b"expected", b"got", "upstream", 443), {}),  # aiohttp's fingerprint mismatch
+    (
+        ("boom",),
+        {"request": _HTTPX_REQUEST, "response": httpx.Response(500, request=_HTTPX_REQUEST)},
+    ),
+)
+
+
+def _instance(cls: type[BaseException]) -> BaseException:
+    for arguments, keywords in _ARGUMENTS:
+        try:
+            exc = cls(*arguments, **keywords)
+            str(exc)
+        except Exception:
+            continue
+        return exc
+    raise AssertionError(f"no way to build a {_name(cls)} to test")
+
+
+def _expected_timeout(cls: type[BaseException]) -> str | None:
+    for base in cls.__mro__:
+        if base in TIMEOUTS:
+            return TIMEOUTS[base]
+    return None
+
+
+def test_the_enumeration_finds_every_family() -> None:
+    names = {_name(cls) for cls in FOREIGN}
+    for expected in (
+        "httpx.ReadError",
+        "httpx.DecodingError",
+        "aiohttp.ClientPayloadError",
+        "aiohttp.ServerDisconnectedError",
+        "aiohttp.ContentLengthError",
+        "anyio.BrokenResourceError",
+        "anyio.EndOfStream",
+        "builtins.ConnectionResetError",
+        "builtins.TimeoutError",
+        "ssl.SSLError",
+        "asyncio.IncompleteReadError",
+    ):
+        assert expected in names
+    # Every name excluded is still a class of the library (a stale entry fails).
+    everything = {_name(cls) for module in (httpx, aiohttp, anyio) for cls in _exported(module)}
+    assert set(NOT_TRANSPORT) <= everything
+
+
+def test_every_foreign_class_is_mapped_and_every_timeout_has_its_phase() -> None:
+    unmapped = [_name(cls) for cls in FOREIGN if error_kind(_instance(cls)) is None]
+    assert unmapped == []
+    # The classes the boundary takes for timeouts are exactly the pinned ones and
+    # their subclasses: a new timeout class shows up here until its phase is chosen.
+    timeouts = {cls for cls in FOREIGN if error_kind(_instance(cls)) in ("connect", "read")}
+    pinned = {cls for cls in FOREIGN if _expected_timeout(cls) is not None}
+    assert {_name(c) for c in timeouts} == {_name(c) for c in pinned}
+    new = {_name(c) for c in pinned - set(TIMEOUTS) if c is not asyncio.TimeoutError}
+    assert new == set(), f"timeout classes whose phase nobody chose: {new}"
+
+
+# --- the boundary, end to end through UpstreamClient --------------------------------
+
+
+class _Failing(httpx.AsyncByteStream):
+    """A body that sends one chunk, then fails (or fails when closed)."""
+
+    def __init__(self, exc: BaseException, *, on_close: bool = False) -> None:
+        self.exc, self.on_close = exc, on_close
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"data: first\n\n"
+        if not self.on_close:
+            raise self.exc
+
+    async def aclose(self) -> None:
+        if self.on_close:
+            raise self.exc
+
+
+class _Transport(httpx.AsyncBaseTransport):
+    def __init__(self, *, send: BaseException | None = None, body: Any = None) -> None:
+        self.send, self.body = send, body
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.send is not None:
+            raise self.send
+        return httpx.Response(200, stream=self.body)
+
+
+@contextlib.asynccontextmanager
+async def _client(transport: httpx.AsyncBaseTransport) -> AsyncIterator[UpstreamClient]:
+    async with httpx.AsyncClient(transport=transport) as http:
+        yield UpstreamClient(http)
+
+
+async def _open(client: UpstreamClient, url: str = "http://upstream/v1/x") -> httpx.Response:
+    return await client.open(
+        "GET", url, headers=[], content=None, timeout=httpx.Timeout(5.0), failure=BodyFailure()
+    )
+
+
+async def _read_all(response: httpx.Response) -> list[bytes]:
+    chunks = []
+    async for chunk in response.aiter_raw():
+        chunks.append(chunk)
+    return chunks
+
+
+def _as_httpx_aiohttp_raises(exc: BaseException) -> BaseException:
+    """``exc`` as httpx-aiohttp's transport passes it on: an httpx error raised from
+    it when its table has one, else itself."""
+    try:
+        with map_aiohttp_exceptions():
+            raise exc
+    except BaseException as raised:
+        return raised
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("cls", FOREIGN, ids=_name)
+async def test_a_foreign_error_in_a_body_is_upstream_broken(cls: type[BaseException]) -> None:
+    exc = _instance(cls)
+    async with _client(_Transport(body=_Failing(exc))) as client:
+        response = await _open(client)
+        assert isinstance(response.stream, MappedStream)
+        chunks: list[bytes] = []
+        with pytest.raises(UpstreamBroken) as info:
+            async for chunk in response.aiter_raw():
+                chunks.append(chunk)
+    assert chunks == [b"data: first\n\n"]  # what came before the failure came through
+    assert info.value.__cause__ is exc
+    assert info.value.timed_out is (_expected_timeout(cls) is not None)
+
+
+@pytest.mark.parametrize("cls", FOREIGN, ids=_name)
+async def test_a_foreign_error_closing_a_body_is_upstream_broken(cls: type[BaseException]) -> None:
+    exc = _instance(cls)
+    async with _client(_Transport(body=_Failing(exc, on_close=True))) as client:
+        response = await _open(client)
+        with pytest.raises(UpstreamBroken) as info:
+            await _read_all(response)  # httpx closes the stream at its end
+    assert info.value.__cause__ is exc
+
+
+@pytest.mark.parametrize("cls", FOREIGN, ids=_name)
+async def test_a_foreign_error_sending_is_a_timeout_or_unavailable(
+    cls: type[BaseException],
+) -> None:
+    raw = _instance(cls)
+    passed_on = [raw]
+    if issubclass(cls, aiohttp.ClientError | aiohttp.http_exceptions.HttpProcessingError):
+        # httpx-aiohttp wraps aiohttp's errors coarsely (a refused connection is its
+        # ConnectTimeout): the boundary reads the aiohttp error under it.
+        passed_on.append(_as_httpx_aiohttp_raises(raw))
+    phase = _expected_timeout(cls)
+    for exc in passed_on:
+        async with _client(_Transport(send=exc)) as client:
+            with pytest.raises(UpstreamTimeout if phase else UpstreamUnavailable) as info:
+                await _open(client)
+        if phase is not None:
+            assert isinstance(info.value, UpstreamTimeout)
+            assert info.value.phase == phase
+
+
+@pytest.mark.parametrize("cls", FOREIGN, ids=_name)
+async def test_a_foreign_error_in_a_whole_request_is_unavailable(cls: type[BaseException]) -> None:
+    async with _client(_Transport(send=_instance(cls))) as client:
+        with pytest.raises(UpstreamUnavailable):
+            await client.request("POST", "http://upstream/v1/stop", headers=[])
+
+
+# --- httpx-aiohttp: read from aiohttp directly ---------------------------------------
+
+
+class _Content:
+    def __init__(self, exc: BaseException | None) -> None:
+        self.exc = exc
+        self.sizes: list[int] = []
+
+    async def iter_chunked(self, size: int) -> AsyncIterator[bytes]:
+        self.sizes.append(size)
+        yield b"data: first\n\n"
+        if self.exc is not None:
+            raise self.exc
+
+
+class _AiohttpResponse(aiohttp.ClientResponse):
+    """An aiohttp response with nothing behind it but its content."""
+
+    def __init__(self, exc: BaseException | None) -> None:
+        self.content = _Content(exc)  # type: ignore[assignment]
+        self.exited = False
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.exited = True
+
+
+@pytest.mark.parametrize("cls", FOREIGN, ids=_name)
+async def test_a_foreign_error_from_aiohttp_read_directly_is_upstream_broken(
+    cls: type[BaseException],
+) -> None:
+    exc = _instance(cls)
+    upstream = _AiohttpResponse(exc)
+    body = AiohttpResponseStream(upstream)
+    async with _client(_Transport(body=body)) as client:
+        response = await _open(client)
+        assert type(response.stream) is AiohttpStream
+        with pytest.raises(UpstreamBroken) as info:
+            await _read_all(response)
+        await response.aclose()
+    assert info.value.__cause__ is exc
+    assert info.value.timed_out is (_expected_timeout(cls) is not None)
+    assert upstream.exited  # closed through httpx-aiohttp's stream, as before
+    assert upstream.content.sizes == [AiohttpResponseStream.CHUNK_SIZE]  # type: ignore[attr-defined]
+
+
+async def _serve_raw(answer: bytes, *, hold: asyncio.Event) -> tuple[asyncio.Server, str]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        await hold.wait()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}/v1/x"
+
+
+_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 100\r\n\r\n"
+
+
+async def test_the_default_transport_takes_the_direct_path_and_maps_a_cut() -> None:
+    # The installed httpx and httpx-aiohttp keep their inner streams where
+    # mapped_stream looks: if an upgrade moves them, the gateway still maps errors
+    # (through a wrapper) but each chunk pays one step more - this says so.
+    hold = asyncio.Event()
+    server, url = await _serve_raw(_HEAD + b"data: first\n\n", hold=hold)
+    async with server, _client(AiohttpTransport()) as client:
+        response = await _open(client, url)
+        assert type(response.stream) is AiohttpStream
+        hold.set()  # the server closes with 87 promised bytes unsent
+        with pytest.raises(UpstreamBroken) as info:
+            await _read_all(response)
+        await response.aclose()
+    assert info.value.timed_out is False
+    assert isinstance(info.value.__cause__, aiohttp.ClientPayloadError)
+
+
+async def test_the_default_transport_maps_a_read_timeout_as_timed_out() -> None:
+    hold = asyncio.Event()  # never set: the upstream goes silent after one event
+    server, url = await _serve_raw(_HEAD + b"data: first\n\n", hold=hold)
+    async with server, httpx.AsyncClient(transport=AiohttpTransport()) as http:
+        client = UpstreamClient(http)
+        response = await client.open(
+            "GET",
+            url,
+            headers=[],
+            content=None,
+            timeout=httpx.Timeout(5.0, read=0.2),
+            failure=BodyFailure(),
+        )
+        with pytest.raises(UpstreamBroken) as info:
+            await _read_all(response)
+        await response.aclose()
+        hold.set()
+    assert info.value.timed_out is True
+    assert isinstance(info.value.__cause__, aiohttp.SocketTimeoutError)
+
+
+async def test_the_default_transport_maps_a_refused_connection_as_unavailable() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with _client(AiohttpTransport()) as client:
+        with pytest.raises(UpstreamUnavailable):  # not the ConnectTimeout it arrives as
+            await _open(client, f"http://127.0.0.1:{port}/v1/x")
+
+
+# --- a body httpx decodes --------------------------------------------------------------
+
+
+class _Encoded(httpx.AsyncBaseTransport):
+    """Answers with a gzip-encoded body (or one that claims to be)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        headers = {"content-encoding": "gzip"}
+        return httpx.Response(200, headers=headers, stream=httpx.ByteStream(self.body))
+
+
+async def test_a_body_that_does_not_decode_is_upstream_broken() -> None:
+    async with _client(_Encoded(b"not gzip at all")) as client:
+        response = await _open(client)
+        with pytest.raises(UpstreamBroken) as info:
+            async for _chunk in client.decoded(response):
+                pass
+    assert isinstance(info.value.__cause__, httpx.DecodingError)
+
+
+async def test_a_body_that_decodes_is_passed_on_decoded() -> None:
+    async with _client(_Encoded(gzip.compress(b'{"data": []}'))) as client:
+        response = await _open(client)
+        assert b"".join([c async for c in client.decoded(response)]) == b'{"data": []}'
