@@ -480,13 +480,14 @@ def _release(conn: sqlite3.Connection, user_id: str, claimed: _Claimed) -> None:
 def _supersede(conn: sqlite3.Connection, pending_id: str, event: UsageEvent) -> bool:
     """The answer's real record replaces the estimate a recovery charged for its
     pending row (docs/quotas.md, "Crash safety"): the ledger row takes the real
-    figures and the day row and lifetime totals move by the difference. False,
+    figures and the day row, lifetime totals and per-model counters move by the
+    difference. False,
     changing nothing, when there is no such estimate (it was superseded already,
     or the row was settled or refunded) or the real answer id is in the ledger
     under another row."""
     old = conn.execute(
         "SELECT answer_id, day, prompt_tokens, completion_tokens, total_tokens, cost, "
-        "web_searches FROM usage_events WHERE answer_id = ? AND outcome = 'recovered' "
+        "web_searches, scopes FROM usage_events WHERE answer_id = ? AND outcome = 'recovered' "
         "AND request_id = ? AND user_id = ?",
         (f"gw-{pending_id}", pending_id, event.user_id),
     ).fetchone()
@@ -548,6 +549,18 @@ def _supersede(conn: sqlite3.Connection, pending_id: str, event: UsageEvent) -> 
         "WHERE id = ?",
         (prompt, completion, total, cost_delta, event.user_id),
     )
+    if old[7] is not None:
+        # The per-model counters the estimate was charged to, likewise.
+        _add_models(
+            conn,
+            event.user_id,
+            orjson.loads(old[7]),
+            old[1],
+            prompt=prompt,
+            completion=completion,
+            total=total,
+            cost=cost - Decimal(old[5]),
+        )
     return True
 
 
@@ -1217,13 +1230,15 @@ class SQLiteStorage:
                         total=row[6],
                         cost=Decimal(row[7]),
                     )
-                if recorded and row[9]:
+                keys = claimed.keys if claimed is not None else []
+                if recorded and (row[9] or keys):
                     # A web search reserved stays spent, like the query (the answer
                     # may have searched): the day row has it already, the ledger
-                    # row now says so too, so a superseding record can correct it.
+                    # row now says so too, so a superseding record can correct it;
+                    # so can it the per-model counters the row names (scopes).
                     conn.execute(
-                        "UPDATE usage_events SET web_searches = ? WHERE answer_id = ?",
-                        (row[9], f"gw-{row[0]}"),
+                        "UPDATE usage_events SET web_searches = ?, scopes = ? WHERE answer_id = ?",
+                        (row[9], orjson.dumps(keys).decode() if keys else None, f"gw-{row[0]}"),
                     )
             return [row[0] for row in rows]
 

@@ -18,8 +18,12 @@ BEGIN
             'gw-' || r.id, r.user_id, r.day, p_now, r.endpoint, r.prompt_tokens,
             r.completion_tokens, r.total_tokens, r.cost, r.currency, 'recovered', true, 0,
             NULL, r.id, NULL, NULL, r.id
-        ) AND r.web_searches <> 0 THEN
-            UPDATE usage_events SET web_searches = r.web_searches WHERE answer_id = 'gw-' || r.id;
+        ) AND (r.web_searches <> 0 OR cardinality(r.scopes) > 0) THEN
+            -- The ledger row keeps what a superseding record corrects: the web
+            -- searches reserved and the per-model counters' keys (0016).
+            UPDATE usage_events SET web_searches = r.web_searches,
+                scopes = CASE WHEN cardinality(r.scopes) > 0 THEN r.scopes END
+            WHERE answer_id = 'gw-' || r.id;
         END IF;
         IF cardinality(r.scopes) > 0 THEN
             PERFORM gateway_add_models(

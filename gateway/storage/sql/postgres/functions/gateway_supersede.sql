@@ -1,6 +1,7 @@
 -- The real record of an answer whose pending row a recovery charged replaces
 -- the estimate (0011): the ledger row takes the real answer id and figures, the
--- day row and lifetime totals move by the difference. Returns whether it did.
+-- day row, lifetime totals and per-model counters (0016) move by the
+-- difference. Returns whether it did.
 CREATE OR REPLACE FUNCTION gateway_supersede(p_pending text, p_answer_id text, p_user text, p_created_at timestamp with time zone, p_endpoint text, p_prompt bigint, p_completion bigint, p_total bigint, p_cost numeric, p_currency text, p_outcome text, p_estimated boolean, p_web_searches integer, p_conversation text, p_request text, p_upstream_ms double precision, p_overhead_ms double precision)
  RETURNS boolean
  LANGUAGE plpgsql
@@ -43,6 +44,13 @@ BEGIN
         total_tokens = total_tokens + p_total - r.total_tokens,
         cost = cost + p_cost - r.cost
     WHERE user_id = p_user AND day = r.day;
+    IF cardinality(r.scopes) > 0 THEN
+        -- The per-model counters the estimate was charged to, likewise (0016).
+        PERFORM gateway_add_models(
+            p_user, r.scopes, r.day, 0, p_prompt - r.prompt_tokens,
+            p_completion - r.completion_tokens, p_total - r.total_tokens, p_cost - r.cost, 0
+        );
+    END IF;
     RETURN true;
 END
 $$;
