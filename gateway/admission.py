@@ -34,7 +34,7 @@ from gateway.plans import (
     team_limits,
 )
 from gateway.quota import Limit
-from gateway.storage import AlertRequest, Lease, Pending, WebSearch
+from gateway.storage import AlertRequest, Lease, Pending, User, WebSearch
 from gateway.upstreams import Route
 
 if TYPE_CHECKING:
@@ -158,27 +158,26 @@ class Admitter:
 
     async def plan_of(self, snap: Snapshot, user_id: str) -> Plan:
         """The user's effective plan: their plan with their overrides applied."""
-        return (await self._plan(snap, user_id))[0]
+        return (await self._plan(snap, user_id))[1]
 
-    async def _plan(self, snap: Snapshot, user_id: str) -> tuple[Plan, frozenset[str]]:
-        """The user's effective plan, and the limits in it that their own
+    async def _plan(self, snap: Snapshot, user_id: str) -> tuple[User, Plan, frozenset[str]]:
+        """The user, their effective plan, and the limits in it that their own
         overrides set (a refusal by one of these says "your limit")."""
         config = snap.config
         user = await snap.users.get(user_id, default_plan=config.accounting.default_plan)
         own = frozenset(name for name in user.overrides if name in LIMIT_NAMES)
-        return effective_plan(config, user), own
+        return user, effective_plan(config, user), own
 
-    async def _team(self, snap: Snapshot, user_id: str) -> tuple[str | None, tuple[Limit, ...]]:
+    async def _team(self, snap: Snapshot, user: User) -> tuple[str | None, tuple[Limit, ...]]:
         """The user's team and the team-scope limits of its plan (issue 21): the
         request must fit them too, in the same atomic step. A team the database
         cannot give leaves the user's own limits (fail-open, as for the team's
         model list), logged and counted."""
-        user = await snap.users.get(user_id, default_plan=snap.config.accounting.default_plan)
         try:
             plan = await snap.team_plan(user)
         except StorageError as exc:
             self._metrics.inc("gateway_storage_errors_total", operation="team")
-            log.warning("team of %s not read, its limits not applied: %s", user_id, exc.message)
+            log.warning("team of %s not read, its limits not applied: %s", user.id, exc.message)
             return None, ()
         if plan is None or user.team is None:
             return None, ()
@@ -195,14 +194,14 @@ class Admitter:
         web_search: WebSearch | None = None
         own: frozenset[str] = frozenset()
         try:
-            plan, own = await self._plan(snap, user_id)
+            user, plan, own = await self._plan(snap, user_id)
             advanced = asks_for_advanced_rag(body, config.advanced_rag)
             if advanced and not plan.advanced_rag:
                 key = "feature_not_in_plan_own" if "advanced_rag" in own else "feature_not_in_plan"
                 raise Forbidden(english(key), key=key)
             if asks_for_web_search(body, config.web_search):
                 web_search = WebSearch(None, config.web_search.when_exhausted)
-            team, team_limits = await self._team(snap, user_id)
+            team, team_limits = await self._team(snap, user)
             limits = admission_limits(
                 plan, team_limits, models=snap.upstream.requested_models(route, body)
             )
