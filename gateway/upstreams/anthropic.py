@@ -26,9 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
-from gateway.bounds import DEFAULT_MAX_TOKENS_PER_ANSWER
 from gateway.errors import BadRequest, Forbidden
-from gateway.pricing import CallPrice, PriceTable
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import anthropic_routes
 from gateway.upstreams.anthropic_wire import (
@@ -38,6 +36,7 @@ from gateway.upstreams.anthropic_wire import (
     prompt_chars,
 )
 from gateway.upstreams.base import Prepared, Route, StreamMeter, keep_models
+from gateway.upstreams.terms import pricing_terms
 from gateway.usage import Metered, Usage, estimate_tokens
 
 if TYPE_CHECKING:
@@ -131,18 +130,11 @@ class AnthropicUpstream:
     key_header = b"x-api-key"  # where Anthropic's SDKs send the (gateway) key
 
     def __init__(self, config: Config | None = None) -> None:
-        self._prices = PriceTable(config.prices if config is not None else {})
-        self._max_tokens = (
-            config.accounting.max_tokens_per_answer
-            if config is not None
-            else DEFAULT_MAX_TOKENS_PER_ANSWER
-        )
-        self._allow_unpriced = config is None or config.pricing.unpriced_models == "allow"
-        self._call_prices: Mapping[str, CallPrice] = {
-            name.removeprefix("anthropic."): price
-            for name, price in (config.call_prices if config is not None else {}).items()
-            if name.startswith("anthropic.")
-        }
+        terms = pricing_terms(config, "anthropic.")
+        self._prices = terms.prices
+        self._max_tokens = terms.max_tokens
+        self._allow_unpriced = terms.allow_unpriced
+        self._call_prices = terms.call_prices
 
     def upstream_credential(self, api_key: str) -> tuple[bytes, bytes]:
         return (b"x-api-key", api_key.encode())

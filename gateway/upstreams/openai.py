@@ -28,9 +28,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
-from gateway.bounds import DEFAULT_MAX_TOKENS_PER_ANSWER
 from gateway.errors import BadRequest, Forbidden
-from gateway.pricing import Audio, CallPrice, PriceTable
+from gateway.pricing import Audio
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import openai_routes
 from gateway.upstreams.base import Prepared, Route, StreamMeter, keep_models
@@ -44,6 +43,7 @@ from gateway.upstreams.openai_wire import (
     meter_body,
     prompt_chars,
 )
+from gateway.upstreams.terms import pricing_terms
 from gateway.upstreams.transforms import DropEvents
 from gateway.usage import Metered, Usage, estimate_tokens
 
@@ -148,19 +148,11 @@ class OpenAIUpstream:
     key_header = None  # the gateway key comes as a bearer token only
 
     def __init__(self, config: Config | None = None) -> None:
-        self._prices = PriceTable(config.prices if config is not None else {})
-        self._max_tokens = (
-            config.accounting.max_tokens_per_answer
-            if config is not None
-            else DEFAULT_MAX_TOKENS_PER_ANSWER
-        )
-        # Without a configuration (tests of the wire format alone) nothing is refused.
-        self._allow_unpriced = config is None or config.pricing.unpriced_models == "allow"
-        self._call_prices: Mapping[str, CallPrice] = {
-            name.removeprefix("openai."): price
-            for name, price in (config.call_prices if config is not None else {}).items()
-            if name.startswith("openai.")
-        }
+        terms = pricing_terms(config, "openai.")
+        self._prices = terms.prices
+        self._max_tokens = terms.max_tokens
+        self._allow_unpriced = terms.allow_unpriced
+        self._call_prices = terms.call_prices
 
     # --- requests ------------------------------------------------------------------
 

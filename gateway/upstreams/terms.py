@@ -1,0 +1,42 @@
+"""The pricing terms a dialect that prices its own answers (OpenAI's, Anthropic's)
+reads from the configuration, read one way for both."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gateway.bounds import DEFAULT_MAX_TOKENS_PER_ANSWER
+from gateway.pricing import CallPrice, PriceTable
+
+if TYPE_CHECKING:
+    from gateway.config import Config
+
+
+@dataclass(frozen=True, slots=True)
+class PricingTerms:
+    """The model prices, the per-answer token cap, whether an unpriced model is
+    answered, and the dialect's side calls' prices by name (without its prefix)."""
+
+    prices: PriceTable
+    max_tokens: int
+    allow_unpriced: bool
+    call_prices: Mapping[str, CallPrice]
+
+
+def pricing_terms(config: Config | None, prefix: str) -> PricingTerms:
+    """The dialect's pricing terms; without a configuration (tests of the wire
+    format alone) nothing is priced and nothing is refused."""
+    if config is None:
+        return PricingTerms(PriceTable({}), DEFAULT_MAX_TOKENS_PER_ANSWER, True, {})
+    return PricingTerms(
+        PriceTable(config.prices),
+        config.accounting.max_tokens_per_answer,
+        config.pricing.unpriced_models == "allow",
+        {
+            name.removeprefix(prefix): price
+            for name, price in config.call_prices.items()
+            if name.startswith(prefix)
+        },
+    )
