@@ -15,7 +15,7 @@ import pytest
 
 from gateway.clock import FixedClock
 from gateway.keys import new_key
-from gateway.testing.fake_upstream import FakeDify
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
 from tests.test_quotas import CHAT, ask, two_gateways
 
