@@ -15,7 +15,7 @@ layer is added per chunk. Other transports (``upstream.transport = "httpx"``,
 tests) get a wrapping stream, one async generator step per chunk.
 
 Which foreign exception means what is one table, `_KINDS`, looked up along the
-exception's class hierarchy (never by class name); tests/test_upstream_errors.py
+exception's class hierarchy (never by class name); tests/test_upstream_client.py
 checks that every exception class these libraries define is in it.
 """
 
@@ -161,7 +161,7 @@ def mapped_stream(stream: httpx.AsyncByteStream) -> MappedStream:
     """A response's ``stream`` (httpx's, around the transport's), raising gateway
     errors. On httpx-aiohttp it is read from aiohttp directly: the attributes the
     two libraries keep their inner streams in are checked, not assumed, and any
-    other shape is wrapped instead (tests/test_upstream_errors.py fails if the
+    other shape is wrapped instead (tests/test_upstream_client.py fails if the
     installed versions stop taking the direct path)."""
     if type(stream) is BoundAsyncStream:
         inner = getattr(stream, "_stream", None)
