@@ -1,7 +1,8 @@
 -- Charges pending answers whose gateway died as estimates (outcome
 -- 'recovered'): their queries, and any web search reserved, stay spent; a cost
 -- bound reserved is replaced by the estimate. SKIP LOCKED: each pending row is
--- recovered by one process, or settled by its gateway.
+-- recovered by one process, or settled by its gateway. The estimate is the
+-- upstream's the answer was sent to (0017).
 CREATE OR REPLACE FUNCTION gateway_recover(p_before timestamp with time zone, p_limit integer, p_now timestamp with time zone)
  RETURNS SETOF text
  LANGUAGE plpgsql
@@ -17,7 +18,7 @@ BEGIN
         IF gateway_record(
             'gw-' || r.id, r.user_id, r.day, p_now, r.endpoint, r.prompt_tokens,
             r.completion_tokens, r.total_tokens, r.cost, r.currency, 'recovered', true, 0,
-            NULL, r.id, NULL, NULL, r.id
+            NULL, r.id, NULL, NULL, r.id, r.upstream
         ) AND (r.web_searches <> 0 OR cardinality(r.scopes) > 0) THEN
             -- The ledger row keeps what a superseding record corrects: the web
             -- searches reserved and the per-model counters' keys (0016).
