@@ -249,7 +249,7 @@ class Admitter:
                 upstream=upstream,
             )
 
-        shown = reported_limit(admission, plan, periods, now=now)
+        shown = reported_limit(admission, limits.limits, periods, now=now)
         rate_headers = shown.headers() if shown is not None else []
         if not admission.admitted:
             assert admission.refused is not None

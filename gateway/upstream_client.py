@@ -188,7 +188,7 @@ _MAX_URLS = 1024
 
 
 class UpstreamClient:
-    """The shared httpx client, as the proxy uses it."""
+    """One upstream's httpx client, as the proxy uses it (shared by all users)."""
 
     __slots__ = ("_client", "_urls")
 
@@ -201,6 +201,10 @@ class UpstreamClient:
     @property
     def streaming_timeout(self) -> httpx.Timeout:
         return self._client.timeout
+
+    async def aclose(self) -> None:
+        """Close the connection pool (at shutdown)."""
+        await self._client.aclose()
 
     async def open(
         self,
