@@ -35,7 +35,7 @@ from gateway.plans import (
 )
 from gateway.quota import Limit
 from gateway.storage import AlertRequest, Lease, Pending, User, WebSearch
-from gateway.upstreams import Route
+from gateway.upstreams import Route, Upstream
 
 if TYPE_CHECKING:
     from gateway.clock import Clock
@@ -184,9 +184,17 @@ class Admitter:
         return user.team, team_limits(plan)
 
     async def admit(
-        self, snap: Snapshot, user_id: str, request_id: str, route: Route, body: dict[str, Any]
+        self,
+        snap: Snapshot,
+        user_id: str,
+        request_id: str,
+        route: Route,
+        body: dict[str, Any],
+        *,
+        dialect: Upstream,
     ) -> tuple[Ticket, Headers]:
-        """Reserve the answer or raise the refusal; may rewrite ``body`` (web search)."""
+        """Reserve the answer or raise the refusal; may rewrite ``body`` (web search).
+        ``dialect`` is the request's (its mount's, issue 23)."""
         config = snap.config
         now = self._clock.now()
         periods = periods_at(now, snap.tz)
@@ -203,11 +211,11 @@ class Admitter:
                 web_search = WebSearch(None, config.web_search.when_exhausted)
             team, team_limits = await self._team(snap, user)
             limits = admission_limits(
-                plan, team_limits, models=snap.upstream.requested_models(route, body)
+                plan, team_limits, models=dialect.requested_models(route, body)
             )
-            pending = self._pending(snap, request_id, route, body)
+            pending = self._pending(snap, dialect, request_id, route, body)
             if any(limit.meter == "cost" for limit in limits.limits):
-                pending = self._with_cost_bound(snap, pending, route, body)
+                pending = self._with_cost_bound(snap, dialect, pending, route, body)
             lease = None
             if limits.counts_streams:
                 lease = Lease(id=request_id, expires_at=now + snap.lease_ttl)
@@ -276,7 +284,7 @@ class Admitter:
         return ticket, rate_headers
 
     def _pending(
-        self, snap: Snapshot, request_id: str, route: Route, body: dict[str, Any]
+        self, snap: Snapshot, dialect: Upstream, request_id: str, route: Route, body: dict[str, Any]
     ) -> Pending:
         """The pending row admission writes: what a recovery charges if this
         process dies before the answer is settled - the dialect's estimate for an
@@ -288,7 +296,7 @@ class Admitter:
                 return Pending(
                     id=request_id, endpoint=route.name, cost=price.price, currency=price.currency
                 )
-        usage = snap.upstream.unanswered(route, body).usage
+        usage = dialect.unanswered(route, body).usage
         if usage is None:
             return Pending(id=request_id, endpoint=route.name)
         return Pending(
@@ -302,7 +310,12 @@ class Admitter:
         )
 
     def _with_cost_bound(
-        self, snap: Snapshot, pending: Pending, route: Route, body: dict[str, Any]
+        self,
+        snap: Snapshot,
+        dialect: Upstream,
+        pending: Pending,
+        route: Route,
+        body: dict[str, Any],
     ) -> Pending:
         """``pending`` reserving the upper bound of the answer's cost against the
         money budgets (gateway/budget.py); a recovery charges at least that
@@ -313,7 +326,7 @@ class Admitter:
             bound = pending.cost
         else:
             bound = cost_bound(
-                snap.upstream,
+                dialect,
                 route,
                 body,
                 reserve_output_tokens=accounting.reserve_output_tokens,

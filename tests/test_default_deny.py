@@ -254,7 +254,9 @@ async def test_a_side_call_cut_by_a_crash_is_recovered_at_its_price(
     # charges the pending row, which carries the call's price, not a cost of 0.
     async with running_gateway(database_url, fake=fake, settings=PRICES) as h:
         route = h.gateway.upstream.route("GET", "/messages/m1/suggested")
-        await h.app.proxy.admitter.admit(h.gateway.snapshot, USER, "crashed-call", route, {})
+        await h.app.proxy.admitter.admit(
+            h.gateway.snapshot, USER, "crashed-call", route, {}, dialect=h.gateway.upstream
+        )
         later = h.gateway.clock.now() + timedelta(hours=1)
         assert await h.storage.recover(before=later, now=later) == ["crashed-call"]
         (event,) = await h.events()
