@@ -109,6 +109,7 @@ class Ticket:
         "pending_id",
         "plan",
         "reserved",
+        "upstream",
         "user_id",
     )
 
@@ -121,6 +122,7 @@ class Ticket:
         lease_id: str | None,
         pending_id: str | None = None,
         plan: str = "",
+        upstream: str = "default",
     ) -> None:
         self.user_id = user_id
         self.plan = plan  # the plan's name, for metrics
@@ -132,6 +134,9 @@ class Ticket:
         # refund claim it, so neither can count after a recovery did.
         self.pending_id = pending_id
         self.body_changed = False  # admission rewrote the request body (web search off)
+        # The named upstream the answer goes to (issue 23), recorded in the ledger
+        # with it; whoever sends the request elsewhere (a fallback) sets it.
+        self.upstream = upstream
 
     def release(self) -> bool:
         """The reservation leaves the ticket - to the ledger (settled) or back to
@@ -184,9 +189,18 @@ class Admitter:
         return user.team, team_limits(plan)
 
     async def admit(
-        self, snap: Snapshot, user_id: str, request_id: str, route: Route, body: dict[str, Any]
+        self,
+        snap: Snapshot,
+        user_id: str,
+        request_id: str,
+        route: Route,
+        body: dict[str, Any],
+        *,
+        upstream: str = "default",
     ) -> tuple[Ticket, Headers]:
-        """Reserve the answer or raise the refusal; may rewrite ``body`` (web search)."""
+        """Reserve the answer or raise the refusal; may rewrite ``body`` (web search).
+        ``upstream``: the named upstream the answer is sent to, kept on the pending
+        row (a recovery charges it there) and on the ticket."""
         config = snap.config
         now = self._clock.now()
         periods = periods_at(now, snap.tz)
@@ -205,7 +219,7 @@ class Admitter:
             limits = admission_limits(
                 plan, team_limits, models=snap.upstream.requested_models(route, body)
             )
-            pending = self._pending(snap, request_id, route, body)
+            pending = replace(self._pending(snap, request_id, route, body), upstream=upstream)
             if any(limit.meter == "cost" for limit in limits.limits):
                 pending = self._with_cost_bound(snap, pending, route, body)
             lease = None
@@ -225,7 +239,14 @@ class Admitter:
             )
         except StorageError as exc:
             return self._storage_failed(
-                snap, exc, plan, user_id, request_id, periods, asks_web=web_search is not None
+                snap,
+                exc,
+                plan,
+                user_id,
+                request_id,
+                periods,
+                asks_web=web_search is not None,
+                upstream=upstream,
             )
 
         shown = reported_limit(admission, limits.limits, periods, now=now)
@@ -270,6 +291,7 @@ class Admitter:
             lease_id=lease.id if lease else None,
             pending_id=request_id,
             plan=plan.name,
+            upstream=upstream,
         )
         ticket.body_changed = disabled
         ticket.alerts = alert_request(plan, config.alerts, periods)
@@ -331,6 +353,7 @@ class Admitter:
         periods: Periods,
         *,
         asks_web: bool = False,
+        upstream: str = "default",
     ) -> tuple[Ticket, Headers]:
         metrics = self._metrics
         metrics.inc("gateway_storage_errors_total", operation="admit")
@@ -360,7 +383,10 @@ class Admitter:
             log.warning(
                 "request %s: web-search allowance not checked, allowing (fail-open)", request_id
             )
-        return Ticket(user_id, periods.day, reserved=False, lease_id=None, plan=plan.name), []
+        ticket = Ticket(
+            user_id, periods.day, reserved=False, lease_id=None, plan=plan.name, upstream=upstream
+        )
+        return ticket, []
 
     async def refund(self, ticket: Ticket | None, request_id: str) -> None:
         """Return a reserved query (and its stream slot): no answer was produced."""

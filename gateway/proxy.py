@@ -981,6 +981,7 @@ class Proxy:
                 cached_tokens=usage.cached_tokens,
                 reasoning_tokens=usage.reasoning_tokens,
                 cache_write_tokens=usage.cache_write_tokens,
+                upstream=ticket.upstream,
             ),
             lease_id=ticket.lease_id,
             pending_id=ticket.pending_id,
