@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import httpx
 import orjson
 
-from gateway.accounts import effective_plan
 from gateway.admission import Admitter, Ticket
 from gateway.bodies import (
     FIELDS_ALLOWANCE,
@@ -402,7 +401,10 @@ class Proxy:
     async def _check_models(self, x: Exchange) -> None:
         """Refuse a model the user's plan does not allow (issue 21), before
         anything is reserved or forwarded: the models the dialect says the
-        request names, as the upstream reads them (gateway/model_access.py)."""
+        request names, as the upstream reads them (gateway/model_access.py).
+        Nothing to do when no plan has an allow-list."""
+        if not x.snap.model_lists:
+            return
         requested = x.snap.upstream.requested_models(x.route, x.json)
         if requested is not None:
             for globs in await self._model_lists(x):
@@ -425,7 +427,7 @@ class Proxy:
             )
             plan = snap.config.plan(default_plan)
             return [plan.models] if plan.models is not None else []
-        plans: list[Plan | None] = [effective_plan(snap.config, user)]
+        plans: list[Plan | None] = [snap.plan_view(user).plan]
         try:
             plans.append(await snap.team_plan(user))
         except StorageError as exc:
