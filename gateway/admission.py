@@ -228,7 +228,7 @@ class Admitter:
                 snap, exc, plan, user_id, request_id, periods, asks_web=web_search is not None
             )
 
-        shown = reported_limit(admission, plan, periods, now=now)
+        shown = reported_limit(admission, limits.limits, periods, now=now)
         rate_headers = shown.headers() if shown is not None else []
         if not admission.admitted:
             assert admission.refused is not None

@@ -28,7 +28,7 @@ from gateway.admission import Admitter
 from gateway.alerts import OutboxWorker
 from gateway.allowlist import AllowList
 from gateway.clock import Clock, SystemClock
-from gateway.config import Config, load_config
+from gateway.config import Config, UpstreamConfig, load_config
 from gateway.currency import Money
 from gateway.errors import ConfigError, GatewayError, StorageError
 from gateway.metrics import Metrics
@@ -88,10 +88,10 @@ class SharedClient(httpx.AsyncClient):
 
 
 def make_client(
-    config: Config, transport: httpx.AsyncBaseTransport | None = None
+    up: UpstreamConfig, transport: httpx.AsyncBaseTransport | None = None
 ) -> httpx.AsyncClient:
-    """The process's one upstream client, with explicit limits and timeouts."""
-    up = config.upstream
+    """The client of one upstream, with that upstream's limits and timeouts (one
+    per upstream: each has its own connection pool and transport settings)."""
     limits = httpx.Limits(
         max_connections=up.max_connections,
         max_keepalive_connections=up.max_keepalive_connections,
@@ -159,7 +159,7 @@ class Running:
     storage: Storage
     current: Current  # the configuration snapshot in force (gateway/snapshot.py)
     settler: Settler
-    client: httpx.AsyncClient
+    client: UpstreamClient
     proxy: Proxy
     reports: Reports
     accounts: Accounts
@@ -294,7 +294,7 @@ class Gateway:
             await recovery.run_once()
         except StorageError as exc:
             log.warning("could not recover pending answers at start-up: %s", exc.message)
-        client = make_client(config, self._transport)
+        client = UpstreamClient(make_client(config.upstream, self._transport))
         outbox = OutboxWorker(
             storage,
             lambda: current.snapshot.config.alerts,
@@ -314,7 +314,7 @@ class Gateway:
                 current,
                 storage=storage,
                 settler=settler,
-                client=UpstreamClient(client),
+                client=client,
                 admitter=Admitter(storage, settler, clock=self.clock, metrics=self.metrics),
                 guard=RouteGuard(
                     storage, metrics=self.metrics, allow=AllowList(config.upstream.allow)

@@ -252,7 +252,7 @@ def _joined(headers: Headers) -> list[tuple[str, str]]:
 
 
 class UpstreamClient:
-    """The shared httpx client, as the proxy uses it."""
+    """One upstream's httpx client, as the proxy uses it (shared by all users)."""
 
     __slots__ = ("_aiohttp", "_client", "_defaults", "_timeouts", "_urls", "_yarl")
 
@@ -273,6 +273,10 @@ class UpstreamClient:
     @property
     def streaming_timeout(self) -> httpx.Timeout:
         return self._client.timeout
+
+    async def aclose(self) -> None:
+        """Close the connection pool (at shutdown)."""
+        await self._client.aclose()
 
     async def open(
         self,

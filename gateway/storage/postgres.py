@@ -257,7 +257,7 @@ def _admission(row: Any, limits: Sequence[Limit]) -> Admission:
         {
             (limit.meter, limit.per): rates[at]
             for at, limit in enumerate(limits)
-            if limit.is_rate and rates is not None
+            if limit.is_rate and limit.scope == "user" and rates is not None
         },
         models={
             (key, limit.meter, limit.per): rates[at]
@@ -265,7 +265,16 @@ def _admission(row: Any, limits: Sequence[Limit]) -> Admission:
             if (key := limit.counter_key) is not None and rates is not None
         },
         team=(
-            counters_from(row["team_day"], row["team_month"], row["team_streams"] or 0)
+            counters_from(
+                row["team_day"],
+                row["team_month"],
+                row["team_streams"] or 0,
+                {
+                    (limit.meter, limit.per): rates[at]
+                    for at, limit in enumerate(limits)
+                    if limit.is_rate and limit.scope == "team" and rates is not None
+                },
+            )
             if row["team_day"] is not None
             else None
         ),

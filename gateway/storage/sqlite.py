@@ -36,6 +36,7 @@ from gateway.quota import (
     Charge,
     Counters,
     Limit,
+    LimitScope,
     Meter,
     Per,
     bucket_of,
@@ -289,8 +290,10 @@ def _team_counters(
     now: datetime,
     *,
     monthly: bool,
+    rates: dict[tuple[Meter, Per], Decimal],
 ) -> Counters:
-    """A team's counters: its members' day rows summed, and their open streams."""
+    """A team's counters: its members' day rows summed, their open streams, and
+    ``rates`` (what the team's rate windows count)."""
     members = [row[0] for row in conn.execute("SELECT id FROM users WHERE team_id = ?", (team,))]
     day = [Decimal(0)] * len(DAY_METERS)
     month = [Decimal(0)] * len(DAY_METERS)
@@ -303,7 +306,7 @@ def _team_counters(
         f"SELECT count(*) FROM stream_leases WHERE expires_at > ? AND user_id IN ({marks})",
         (_ts(now), *members),
     ).fetchone()[0]
-    return counters_from(day, month if monthly else None, streams)
+    return counters_from(day, month if monthly else None, streams, rates)
 
 
 def _day_and_month(
@@ -366,14 +369,19 @@ def _rate_add(
 
 
 def _rate_buckets(
-    conn: sqlite3.Connection, user_id: str, limit: Limit, epoch: float
+    conn: sqlite3.Connection, user_id: str, limit: Limit, epoch: float, team: str | None = None
 ) -> dict[int, Decimal]:
-    """The counted buckets of one rate window at ``epoch``."""
+    """The counted buckets of one rate window at ``epoch``: the user's, or for a
+    team-scope limit the team members' summed."""
+    if limit.scope == "team":
+        who = "user_id IN (SELECT id FROM users WHERE team_id = ?)"
+    else:
+        who = "user_id = ?"
     rows = conn.execute(
-        "SELECT bucket, amount FROM usage_rates WHERE user_id = ? AND meter = ? AND per = ? "
-        "AND bucket >= ?",
+        f"SELECT bucket, sum(amount) FROM usage_rates WHERE {who} AND meter = ? AND per = ? "
+        "AND bucket >= ? GROUP BY bucket",
         (
-            user_id,
+            team if limit.scope == "team" else user_id,
             METERS.index(limit.meter) + 1,
             PERS.index(limit.per) + 1,
             first_counted(limit.per, epoch),
@@ -1008,23 +1016,29 @@ class SQLiteStorage:
                 ).fetchone()[0]
             epoch = now.timestamp()
             buckets = {
-                at: _rate_buckets(conn, user_id, limit, epoch)
+                at: _rate_buckets(conn, user_id, limit, epoch, team)
                 for at, limit in enumerate(checked)
-                if limit.is_rate
+                if limit.is_rate and (limit.scope == "user" or team is not None)
             }
-            rates = {
-                (checked[at].meter, checked[at].per): rate_used(found, checked[at].per, epoch)
-                for at, found in buckets.items()
-            }
+            rates: dict[LimitScope, dict[tuple[Meter, Per], Decimal]] = {"user": {}, "team": {}}
+            for at, found in buckets.items():
+                limit = checked[at]
+                rates[limit.scope][(limit.meter, limit.per)] = rate_used(found, limit.per, epoch)
             team_counters = None
             if team is not None and limits.has_team:
                 team_counters = _team_counters(
-                    conn, team, today, month_start.isoformat(), now, monthly=monthly
+                    conn,
+                    team,
+                    today,
+                    month_start.isoformat(),
+                    now,
+                    monthly=monthly,
+                    rates=rates["team"],
                 )
             keys = sorted({k for k in (x.counter_key for x in checked) if k is not None})
             models = _model_counters(conn, user_id, keys, today, month_start.isoformat())
             counters = counters_from(
-                day_used, month_used, streams, rates, team=team_counters, models=models
+                day_used, month_used, streams, rates["user"], team=team_counters, models=models
             )
             decision = decide(counters, checked, charge, web_optional=optional)
             if decision.refused is not None:
@@ -1230,6 +1244,9 @@ class SQLiteStorage:
                         total=row[6],
                         cost=Decimal(row[7]),
                     )
+                if recorded and claimed is not None and claimed.rates:
+                    # The estimate counts in the token rates, as settled tokens do.
+                    _count_rates(conn, row[1], claimed.rates, "tokens", now.timestamp(), row[6])
                 keys = claimed.keys if claimed is not None else []
                 if recorded and (row[9] or keys):
                     # A web search reserved stays spent, like the query (the answer

@@ -10,6 +10,7 @@ import pytest
 
 from gateway.config import DatabaseConfig
 from gateway.errors import NotFound
+from gateway.quota import Limit
 from gateway.storage import (
     Admission,
     AdmissionLimits,
@@ -668,6 +669,28 @@ async def test_recovery_charges_the_admission_estimate_and_keeps_the_query(
     user = await storage.get_user("alice")
     assert user is not None and user.lifetime_tokens == 25
     assert await storage.recover(before=LATER, now=LATER) == []
+
+
+async def test_a_recovered_estimate_counts_in_the_token_rates(storage: Storage) -> None:
+    """Issue 21: a recovered answer's estimated tokens go into the token rates its
+    admission counted it in (in the buckets of the recovery), as settled tokens."""
+    await storage.ensure_user("alice", plan="free")
+    limits = AdmissionLimits([Limit("tokens_per_minute", "tokens", "minute", Decimal(100))])
+    assert (
+        await storage.admit(
+            "alice", day=DAY, month_start=MONTH, now=NOW, limits=limits,
+            pending=pending("r1", tokens=60),
+        )
+    ).admitted  # fmt: skip
+    at = NOW + timedelta(seconds=30)
+    assert await storage.recover(before=at, now=at) == ["r1"]
+    assert (await storage.rate_counts("alice", now=at))[("tokens", "minute")] == 60
+    refused = await storage.admit(
+        "alice", day=DAY, month_start=MONTH, now=at, limits=AdmissionLimits(
+            [Limit("tokens_per_minute", "tokens", "minute", Decimal(60))]
+        ),
+    )  # fmt: skip
+    assert refused.refused_by == "tokens_per_minute"
 
 
 async def test_a_refund_closes_the_pending_answer_once(storage: Storage) -> None:

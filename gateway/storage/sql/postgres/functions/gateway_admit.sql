@@ -89,7 +89,9 @@ BEGIN
         ) c;
     END IF;
     IF 4 = ANY (p_pers) OR 5 = ANY (p_pers) THEN
-        SELECT r.used, r.bits INTO v_rates, v_bits FROM gateway_rates(p_user, p_meters, p_pers, p_now) r;
+        SELECT r.used, r.bits INTO v_rates, v_bits
+        FROM gateway_rates(p_user, p_meters, p_pers, p_scopes, CASE WHEN v_team THEN p_team END,
+            p_now) r;
     END IF;
     -- Per-model limits: each counts its own counters (their keys in p_keys).
     v_keys := ARRAY(SELECT DISTINCT k FROM unnest(p_keys) AS k WHERE k IS NOT NULL ORDER BY k);
@@ -110,7 +112,9 @@ BEGIN
         v_charge, p_web_optional, p_scopes, v_team_day, v_team_month, v_team_streams);
     IF d.refused IS NOT NULL THEN
         IF p_pers[d.refused] >= 4 THEN
-            v_retry := gateway_rate_retry(p_user, p_meters[d.refused], p_pers[d.refused],
+            v_retry := gateway_rate_retry(p_user,
+                CASE WHEN p_scopes[d.refused] = 2 THEN p_team END,
+                p_meters[d.refused], p_pers[d.refused],
                 p_maxes[d.refused], v_charge[p_meters[d.refused]], p_now);
         END IF;
         RETURN QUERY SELECT d.refused, v_day, v_month, v_streams, false, v_rates, v_retry,

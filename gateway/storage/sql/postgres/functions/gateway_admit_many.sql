@@ -171,7 +171,7 @@ BEGIN
             -- Rate buckets are written as each element is admitted (below), so
             -- this reads what the elements before it counted.
             SELECT r.used, r.bits INTO v_rates, v_bit
-            FROM gateway_rates(v_user, v_meters, v_pers, e.now) r;
+            FROM gateway_rates(v_user, v_meters, v_pers, NULL, NULL, e.now) r;
             v_bits[e.ord] := v_bit;
         END IF;
         IF 10 = ANY (v_meters) THEN
@@ -215,7 +215,7 @@ BEGIN
                     v_bits[e.ord], e.now);
             END IF;
         ELSIF v_pers[d.refused] >= 4 THEN
-            v_retry := gateway_rate_retry(v_user, v_meters[d.refused], v_pers[d.refused],
+            v_retry := gateway_rate_retry(v_user, NULL, v_meters[d.refused], v_pers[d.refused],
                 v_maxes[d.refused], v_charge[v_meters[d.refused]], e.now);
         END IF;
         -- The month's counters only for an element with a monthly limit, as
