@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import httpx
 import orjson
 
-from gateway.accounts import effective_plan
 from gateway.admission import Admitter, Ticket
 from gateway.bodies import (
     FIELDS_ALLOWANCE,
@@ -462,14 +461,20 @@ class Proxy:
         self._use(x, first)
 
     def _use(self, x: Exchange, name: str) -> None:
-        """Forward the request to upstream ``name`` (its address, key, client)."""
+        """Forward the request to upstream ``name`` (its address, key, client);
+        the ledger records the one that answers (a fallback's, if it comes to that)."""
         x.target = x.snap.targets[name]
         x.client = self.clients[name]
+        if x.ticket is not None:
+            x.ticket.upstream = name
 
     async def _check_models(self, x: Exchange) -> None:
         """Refuse a model the user's plan does not allow (issue 21), before
         anything is reserved or forwarded: the models the dialect says the
-        request names, as the upstream reads them (gateway/model_access.py)."""
+        request names, as the upstream reads them (gateway/model_access.py).
+        Nothing to do when no plan has an allow-list."""
+        if not x.snap.model_lists:
+            return
         requested = x.dialect.requested_models(x.route, x.json)
         if requested is not None:
             for globs in await self._model_lists(x):
@@ -492,7 +497,7 @@ class Proxy:
             )
             plan = snap.config.plan(default_plan)
             return [plan.models] if plan.models is not None else []
-        plans: list[Plan | None] = [effective_plan(snap.config, user)]
+        plans: list[Plan | None] = [snap.plan_view(user).plan]
         try:
             plans.append(await snap.team_plan(user))
         except StorageError as exc:
@@ -530,8 +535,15 @@ class Proxy:
     async def _admit(self, x: Exchange) -> None:
         began = time.perf_counter()
         try:
+            assert x.target is not None
             admitted = await self.admitter.admit(
-                x.snap, x.user_id, x.request_id, x.route, x.answer_body, dialect=x.dialect
+                x.snap,
+                x.user_id,
+                x.request_id,
+                x.route,
+                x.answer_body,
+                dialect=x.dialect,
+                upstream=x.target.name,
             )
         finally:
             self._metrics.observe("gateway_admission_seconds", time.perf_counter() - began)
@@ -1147,6 +1159,7 @@ class Proxy:
                 cached_tokens=usage.cached_tokens,
                 reasoning_tokens=usage.reasoning_tokens,
                 cache_write_tokens=usage.cache_write_tokens,
+                upstream=ticket.upstream,
             ),
             lease_id=ticket.lease_id,
             pending_id=ticket.pending_id,

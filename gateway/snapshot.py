@@ -27,19 +27,47 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
-from gateway.accounts import team_plan
+from gateway.accounts import effective_plan, team_plan
 from gateway.auth import Authenticator, TeamDirectory, UserDirectory
-from gateway.config import Config, Plan, UpstreamConfig
+from gateway.config import LIMIT_NAMES, Config, Plan, UpstreamConfig
 from gateway.messages import Catalogue
 from gateway.mounts import RoutingTable, UpstreamRoute
+from gateway.plans import plan_limits, team_limits
 from gateway.pricing import PriceTable
+from gateway.quota import Limit
 from gateway.settle import Terms
-from gateway.storage import Storage, User
+from gateway.storage import AdmissionLimits, Storage, User
 from gateway.upstreams import Upstream, get_upstream
 
-__all__ = ["Current", "Snapshot", "Target", "build_snapshot", "recover_after"]
+__all__ = ["Current", "PlanView", "Snapshot", "Target", "build_snapshot", "recover_after"]
 
 log = logging.getLogger("gateway")
+
+# Plan views kept per snapshot (one per plan and set of overrides in use): past
+# this many, the cache starts again (a bound, not an eviction policy).
+_VIEWS = 4096
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlanView:
+    """An effective plan (a user's or a team's, overrides applied) and what the
+    hot path derives from it, computed once per snapshot and set of overrides
+    rather than per request (gateway/plans.py)."""
+
+    plan: Plan
+    # The limits it sets, in checking order: the user's (`plan_limits`) or, for
+    # a team, its team-scope ones (`team_limits`).
+    limits: tuple[Limit, ...]
+    own: frozenset[str]  # the limits its own overrides set ("your limit")
+    # True when some limit holds only requests for some models (admission then
+    # filters per request); otherwise ``admission`` is the whole set.
+    per_model: bool
+    admission: AdmissionLimits
+
+
+def _view(plan: Plan, limits: tuple[Limit, ...], own: frozenset[str]) -> PlanView:
+    per_model = any(limit.models for limit in limits)
+    return PlanView(plan, limits, own, per_model, AdmissionLimits(limits))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -73,6 +101,11 @@ class Snapshot:
     routing: RoutingTable  # mounts, models and fallbacks (issue 23)
     targets: Mapping[str, Target]  # by upstream name
     lease_ttl: timedelta  # a stream lease outlives the longest an answer can take
+    # Whether any plan has a model allow-list (none: no request's models are read
+    # for one).
+    model_lists: bool = False
+    # (plan name, overrides) -> its PlanView; filled as requests come.
+    _views: dict[object, PlanView] = dataclasses.field(default_factory=dict, repr=False)
 
     def today(self, now: datetime) -> date:
         """The local calendar day at ``now``, in the configured time zone."""
@@ -91,15 +124,46 @@ class Snapshot:
             )
         return identity.user_id
 
-    async def team_plan(self, user: User) -> Plan | None:
+    def plan_view(self, user: User) -> PlanView:
+        """The user's effective plan (`effective_plan`) and its limits, computed
+        once per snapshot for each plan and set of overrides."""
+        overrides = user.overrides
+        key: object = (user.plan, frozenset(overrides.items())) if overrides else user.plan
+        view = self._views.get(key)
+        if view is None:
+            plan = effective_plan(self.config, user)
+            own = frozenset(name for name in overrides if name in LIMIT_NAMES)
+            view = self._keep(key, _view(plan, plan_limits(plan), own))
+        return view
+
+    async def team_view(self, user: User) -> PlanView | None:
         """The effective plan of ``user``'s team (its plan with the team's
-        overrides), or None when the user is in no team. The team-scope limits a
-        request must also fit (issue 21); a team removed from under a cached
-        user counts as none."""
+        overrides) and its team-scope limits, or None when the user is in no
+        team. The team-scope limits a request must also fit (issue 21); a team
+        removed from under a cached user counts as none."""
         if user.team is None:
             return None
         team = await self.teams.get(user.team)
-        return team_plan(self.config, team) if team is not None else None
+        if team is None:
+            return None
+        overrides = team.overrides
+        key = ("team", team.plan, frozenset(overrides.items()))
+        view = self._views.get(key)
+        if view is None:
+            plan = team_plan(self.config, team)
+            view = self._keep(key, _view(plan, team_limits(plan), frozenset()))
+        return view
+
+    async def team_plan(self, user: User) -> Plan | None:
+        """The effective plan of ``user``'s team, or None (`team_view`)."""
+        view = await self.team_view(user)
+        return view.plan if view is not None else None
+
+    def _keep(self, key: object, view: PlanView) -> PlanView:
+        if len(self._views) >= _VIEWS:
+            self._views.clear()
+        self._views[key] = view
+        return view
 
 
 def longest_answer(config: Config) -> float:
@@ -159,6 +223,7 @@ def build_snapshot(config: Config, storage: Storage, previous: Snapshot | None =
             {name: _target(up, dialects[up.kind]) for name, up in config.upstreams.items()}
         ),
         lease_ttl=timedelta(seconds=longest_answer(config) + 60),
+        model_lists=any(plan.models is not None for plan in config.plans.values()),
     )
 
 

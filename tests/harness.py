@@ -20,7 +20,7 @@ from gateway.keys import new_key
 from gateway.probes import Watermarks
 from gateway.runtime import Gateway
 from gateway.storage import Storage, UsageEvent, open_storage
-from gateway.testing.fake_upstream import FakeDify
+from tests.fakes.dify import FakeDify
 from tests.servers import serve
 
 UPSTREAM_KEY = "app-upstream-secret"

@@ -15,8 +15,8 @@ import pytest
 
 from gateway.config import parse_config
 from gateway.errors import ConfigError
-from gateway.testing.fake_upstream import FakeDify
-from gateway.testing.openai_upstream import FakeOpenAI
+from tests.fakes.dify import FakeDify
+from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 
 NO_QUERIES = {"plans": {"free": {"queries_per_day": 0}}}
@@ -254,9 +254,7 @@ async def test_a_side_call_cut_by_a_crash_is_recovered_at_its_price(
     # charges the pending row, which carries the call's price, not a cost of 0.
     async with running_gateway(database_url, fake=fake, settings=PRICES) as h:
         route = h.gateway.upstream.route("GET", "/messages/m1/suggested")
-        await h.app.proxy.admitter.admit(
-            h.gateway.snapshot, USER, "crashed-call", route, {}, dialect=h.gateway.upstream
-        )
+        await h.app.proxy.admitter.admit(h.gateway.snapshot, USER, "crashed-call", route, {})
         later = h.gateway.clock.now() + timedelta(hours=1)
         assert await h.storage.recover(before=later, now=later) == ["crashed-call"]
         (event,) = await h.events()

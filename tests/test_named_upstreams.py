@@ -13,10 +13,10 @@ import httpx
 import orjson
 import pytest
 
-from gateway.testing.anthropic_upstream import FakeAnthropic
-from gateway.testing.fake_upstream import FakeDify
-from gateway.testing.openai_upstream import ANSWER_PIECES, FakeOpenAI
 from gateway.types import Receive, Scope, Send
+from tests.fakes.anthropic import FakeAnthropic
+from tests.fakes.dify import FakeDify
+from tests.fakes.openai import ANSWER_PIECES, FakeOpenAI
 from tests.harness import Harness, running_gateway, to_toml
 from tests.servers import free_port, read_body, serve
 
@@ -143,6 +143,8 @@ async def test_two_dify_apps_at_their_mounts_each_with_its_own_key(database_url:
     # Both answers are metered, for the one user, in the one ledger.
     assert len(events) == 2 and {e.user_id for e in events} == {"alice"}
     assert all(e.total_tokens > 0 for e in events)
+    # The ledger says which app answered.
+    assert sorted(e.upstream for e in events) == ["research", "support"]
 
 
 async def test_the_single_upstream_table_is_served_at_v1_as_before(database_url: str) -> None:
@@ -155,7 +157,7 @@ async def test_the_single_upstream_table_is_served_at_v1_as_before(database_url:
             h, "gateway_upstream_attempts_total", upstream="default", outcome="answered"
         )
     assert response.status_code == 200 and event.total_tokens > 0
-    assert attempts == 1
+    assert event.upstream == "default" and attempts == 1
 
 
 # --- routing by model ----------------------------------------------------------------------
@@ -199,7 +201,10 @@ async def test_a_request_goes_to_the_first_upstream_whose_models_match(database_
     assert gpt.status_code == llama.status_code == 200
     assert [r.json["model"] for r in hosted.requests] == ["gpt-4o-mini"]
     assert [r.json["model"] for r in local.requests] == ["llama-3"]
-    assert [(e.model, e.cost > 0) for e in events] == [("gpt-4o-mini", True), ("llama-3", False)]
+    assert [(e.model, e.upstream, e.cost > 0) for e in events] == [
+        ("gpt-4o-mini", "hosted", True),
+        ("llama-3", "local", False),
+    ]
 
 
 async def test_no_upstream_serving_the_model_is_refused_before_anything_is_reserved(
@@ -283,8 +288,8 @@ async def answered_by_backup(h: Harness, backup: FakeOpenAI, *, stream: bool) ->
     assert response.status_code == 200
     if stream:
         assert "".join(ANSWER_PIECES) in _text(response.content)
-    (event,) = await h.events()  # one answer, charged once
-    assert event.model == "gpt-4o-mini" and event.cost > 0
+    (event,) = await h.events()  # one answer, charged once, to the upstream that gave it
+    assert (event.model, event.upstream) == ("gpt-4o-mini", "backup") and event.cost > 0
     assert await queries_today(h) == 1
     (request,) = backup.requests
     assert request.headers["authorization"] == f"Bearer {BACKUP_KEY}"
@@ -376,6 +381,7 @@ async def test_no_fallback_after_the_first_byte(database_url: str) -> None:
     assert "".join(ANSWER_PIECES) in _text(response.content)
     assert b"error" in response.content.rsplit(b"data: ", 1)[-1]
     assert event.outcome != "complete" and event.prompt_tokens > 0
+    assert event.upstream == "primary"
     assert backup.requests == [] and fallbacks == 0
 
 

@@ -14,10 +14,10 @@ import pytest
 
 import gateway.proxy
 from gateway.errors import NotFound, StorageError
-from gateway.testing.fake_upstream import FakeDify
 from gateway.upstreams import Prepared, Route
 from gateway.upstreams.dify import DifyUpstream
 from gateway.upstreams.transforms import DropEvents
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}

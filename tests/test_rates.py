@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from gateway.clock import FixedClock
-from gateway.testing.fake_upstream import FakeDify
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
 from tests.test_quotas import CHAT, ask, plans, two_gateways
 
