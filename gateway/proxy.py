@@ -790,8 +790,9 @@ class Proxy:
         upstream = x.dialect
         route = x.route
         assert x.prepared is not None
-        assert x.target is not None
+        assert x.target is not None and x.client is not None
         settings = x.target.settings
+        client = x.client
         relay = Relay(
             upstream,
             route,
@@ -813,7 +814,7 @@ class Proxy:
         ending: list[RelayCommand]
         try:
             async with asyncio.timeout(settings.total_timeout) as deadline:
-                async for chunk in x.client.raw(response):
+                async for chunk in client.raw(response):
                     if watcher.done() and relay.listening:
                         self._client_left(x)
                         for command in relay.client_left():
