@@ -23,7 +23,7 @@ redirects, the transport's conversions) is skipped. A streamed request body
 still goes through httpx.
 
 Which foreign exception means what is one table, `_KINDS`, looked up along the
-exception's class hierarchy (never by class name); tests/test_upstream_errors.py
+exception's class hierarchy (never by class name); tests/test_upstream_client.py
 checks that every exception class these libraries define is in it.
 """
 
@@ -178,8 +178,12 @@ class AiohttpBody(httpx.AsyncByteStream):
         self._aiohttp = response
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        # What iter_chunked does, without its iterator object between: read() gives
+        # what is buffered, up to the size, and b"" at the end.
+        read = self._aiohttp.content.read
+        size = AiohttpResponseStream.CHUNK_SIZE
         try:
-            async for chunk in self._aiohttp.content.iter_chunked(AiohttpResponseStream.CHUNK_SIZE):
+            while chunk := await read(size):
                 yield chunk
         except FOREIGN as exc:
             raise _broken(exc) from exc
@@ -195,7 +199,7 @@ def mapped_stream(stream: httpx.AsyncByteStream) -> MappedStream:
     """A response's ``stream`` (httpx's, around the transport's), raising gateway
     errors. On httpx-aiohttp it is read from aiohttp directly: the attributes the
     two libraries keep their inner streams in are checked, not assumed, and any
-    other shape is wrapped instead (tests/test_upstream_errors.py fails if the
+    other shape is wrapped instead (tests/test_upstream_client.py fails if the
     installed versions stop taking the direct path)."""
     if type(stream) is BoundAsyncStream:
         inner = getattr(stream, "_stream", None)
@@ -395,6 +399,16 @@ class UpstreamClient:
             return await self._client.request(method, url, headers=headers, content=content)
         except FOREIGN as exc:
             raise UpstreamUnavailable("The upstream service is unreachable.") from exc
+
+    @staticmethod
+    def raw(response: httpx.Response) -> AsyncIterator[bytes]:
+        """The body as it arrives, Content-Encoding and all, like ``aiter_raw``;
+        an answer requested directly (`AiohttpBody`) is read from its stream,
+        without httpx's generator around it. The caller closes the response."""
+        stream = response.stream
+        if type(stream) is AiohttpBody:
+            return stream.__aiter__()
+        return response.aiter_raw()
 
     @staticmethod
     async def decoded(response: httpx.Response) -> AsyncIterator[bytes]:

@@ -392,6 +392,33 @@ async def test_the_default_transport_takes_the_direct_path_and_maps_a_cut() -> N
     assert isinstance(info.value.__cause__, aiohttp.ClientPayloadError)
 
 
+async def test_a_cut_read_through_raw_is_upstream_broken() -> None:
+    # UpstreamClient.raw reads a direct answer from its stream (no httpx generator
+    # between): the same chunks, the same mapped error.
+    hold = asyncio.Event()
+    server, url = await _serve_raw(_HEAD + b"data: first\n\n", hold=hold)
+    async with server, _client(AiohttpTransport()) as client:
+        response = await _open(client, url)
+        chunks: list[bytes] = []
+        hold.set()
+        with pytest.raises(UpstreamBroken) as info:
+            async for chunk in client.raw(response):
+                chunks.append(chunk)
+        await response.aclose()
+    assert chunks == [b"data: first\n\n"]
+    assert info.value.timed_out is False
+    assert isinstance(info.value.__cause__, aiohttp.ClientPayloadError)
+
+
+async def test_raw_reads_other_answers_through_httpx() -> None:
+    async with _client(_Transport(body=_Failing(_instance(aiohttp.ClientPayloadError)))) as client:
+        response = await _open(client)
+        with pytest.raises(UpstreamBroken):
+            async for _chunk in client.raw(response):
+                pass
+        assert response.is_stream_consumed  # aiter_raw's own bookkeeping: it was used
+
+
 async def test_the_default_transport_maps_a_read_timeout_as_timed_out() -> None:
     hold = asyncio.Event()  # never set: the upstream goes silent after one event
     server, url = await _serve_raw(_HEAD + b"data: first\n\n", hold=hold)
