@@ -33,7 +33,7 @@ from gateway.plans import (
 )
 from gateway.quota import Limit
 from gateway.storage import AlertRequest, Lease, Pending, User, WebSearch
-from gateway.upstreams import Route
+from gateway.upstreams import Route, Upstream
 
 if TYPE_CHECKING:
     from gateway.clock import Clock
@@ -193,11 +193,15 @@ class Admitter:
         route: Route,
         body: dict[str, Any],
         *,
+        dialect: Upstream | None = None,
         upstream: str = "default",
     ) -> tuple[Ticket, Headers]:
         """Reserve the answer or raise the refusal; may rewrite ``body`` (web search).
-        ``upstream``: the named upstream the answer is sent to, kept on the pending
-        row (a recovery charges it there) and on the ticket."""
+        ``dialect`` is the request's (its mount's, issue 23; default the primary
+        upstream's); ``upstream``: the named upstream the answer is sent to, kept
+        on the pending row (a recovery charges it there) and on the ticket."""
+        if dialect is None:
+            dialect = snap.upstream
         config = snap.config
         now = self._clock.now()
         periods = periods_at(now, snap.tz)
@@ -221,11 +225,13 @@ class Admitter:
                 limits = admission_limits(
                     view.limits,
                     team_view.limits if team_view is not None else (),
-                    models=(snap.upstream.requested_models(route, body) if per_model else None),
+                    models=(dialect.requested_models(route, body) if per_model else None),
                 )
-            pending = replace(self._pending(snap, request_id, route, body), upstream=upstream)
+            pending = replace(
+                self._pending(snap, dialect, request_id, route, body), upstream=upstream
+            )
             if any(limit.meter == "cost" for limit in limits.limits):
-                pending = self._with_cost_bound(snap, pending, route, body)
+                pending = self._with_cost_bound(snap, dialect, pending, route, body)
             lease = None
             if limits.counts_streams:
                 lease = Lease(id=request_id, expires_at=now + snap.lease_ttl)
@@ -302,7 +308,7 @@ class Admitter:
         return ticket, rate_headers
 
     def _pending(
-        self, snap: Snapshot, request_id: str, route: Route, body: dict[str, Any]
+        self, snap: Snapshot, dialect: Upstream, request_id: str, route: Route, body: dict[str, Any]
     ) -> Pending:
         """The pending row admission writes: what a recovery charges if this
         process dies before the answer is settled - the dialect's estimate for an
@@ -314,7 +320,7 @@ class Admitter:
                 return Pending(
                     id=request_id, endpoint=route.name, cost=price.price, currency=price.currency
                 )
-        usage = snap.upstream.unanswered(route, body).usage
+        usage = dialect.unanswered(route, body).usage
         if usage is None:
             return Pending(id=request_id, endpoint=route.name)
         return Pending(
@@ -328,7 +334,12 @@ class Admitter:
         )
 
     def _with_cost_bound(
-        self, snap: Snapshot, pending: Pending, route: Route, body: dict[str, Any]
+        self,
+        snap: Snapshot,
+        dialect: Upstream,
+        pending: Pending,
+        route: Route,
+        body: dict[str, Any],
     ) -> Pending:
         """``pending`` reserving the upper bound of the answer's cost against the
         money budgets (gateway/budget.py); a recovery charges at least that
@@ -339,7 +350,7 @@ class Admitter:
             bound = pending.cost
         else:
             bound = cost_bound(
-                snap.upstream,
+                dialect,
                 route,
                 body,
                 reserve_output_tokens=accounting.reserve_output_tokens,

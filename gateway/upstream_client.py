@@ -23,7 +23,7 @@ redirects, the transport's conversions) is skipped. A streamed request body
 still goes through httpx.
 
 Which foreign exception means what is one table, `_KINDS`, looked up along the
-exception's class hierarchy (never by class name); tests/test_upstream_errors.py
+exception's class hierarchy (never by class name); tests/test_upstream_client.py
 checks that every exception class these libraries define is in it.
 """
 
@@ -199,7 +199,7 @@ def mapped_stream(stream: httpx.AsyncByteStream) -> MappedStream:
     """A response's ``stream`` (httpx's, around the transport's), raising gateway
     errors. On httpx-aiohttp it is read from aiohttp directly: the attributes the
     two libraries keep their inner streams in are checked, not assumed, and any
-    other shape is wrapped instead (tests/test_upstream_errors.py fails if the
+    other shape is wrapped instead (tests/test_upstream_client.py fails if the
     installed versions stop taking the direct path)."""
     if type(stream) is BoundAsyncStream:
         inner = getattr(stream, "_stream", None)

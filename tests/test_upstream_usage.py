@@ -26,7 +26,8 @@ class RoutedTo:
         self.tickets: list[Ticket] = []
 
     async def admit(self, *args: Any, **kwargs: Any) -> Any:
-        ticket, headers = await self._admitter.admit(*args, upstream=self.upstream, **kwargs)
+        # In place of the upstream the proxy's routing chose.
+        ticket, headers = await self._admitter.admit(*args, **{**kwargs, "upstream": self.upstream})
         self.tickets.append(ticket)
         return ticket, headers
 

@@ -26,7 +26,7 @@ from gateway.upstreams.openai import OpenAIUpstream
 from tests.fakes.dify import FakeDify
 from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
-from tests.test_quotas import CHAT, HCM, two_gateways
+from tests.test_admission import CHAT, HCM, two_gateways
 
 # A token of this model costs 0.001 to read and 0.002 to write.
 PRICES = {"budget-model": {"input": "1000", "output": "2000"}}
