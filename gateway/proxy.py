@@ -813,7 +813,7 @@ class Proxy:
         ending: list[RelayCommand]
         try:
             async with asyncio.timeout(settings.total_timeout) as deadline:
-                async for chunk in self.client.raw(response):
+                async for chunk in x.client.raw(response):
                     if watcher.done() and relay.listening:
                         self._client_left(x)
                         for command in relay.client_left():
