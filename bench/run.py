@@ -98,6 +98,7 @@ class Settings:
     phases: tuple[str, ...]
     users: int
     gateway_command: tuple[str, ...]
+    require_portkey: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -128,6 +129,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         "--gateway-command",
         default=None,
         help="how to run the gateway's CLI, for A/B runs (default: this Python -m gateway)",
+    )
+    parser.add_argument(
+        "--require-portkey",
+        action="store_true",
+        help="fail instead of skipping Portkey in the openai phase when it is not installed",
     )
     args = parser.parse_args(argv)
     smoke: bool = args.smoke
@@ -166,6 +172,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
             if args.gateway_command
             else (sys.executable, "-m", "gateway")
         ),
+        require_portkey=args.require_portkey,
     )
 
 
@@ -558,6 +565,7 @@ default_plan = "bench"
         request_path: str = "/v1/chat-messages",
         body: bytes = BODY,
         keys: list[str] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> WrkResult:
         argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s"]
         argv += ["-s", str(LUA), url or self.url(path).removesuffix("/v1/chat-messages")]
@@ -566,6 +574,7 @@ default_plan = "bench"
             "BENCH_AUTH": ",".join(keys or self.keys_for(path)),
             "BENCH_BODY": body.decode(),
             "BENCH_PATH": request_path,
+            "BENCH_HEADERS": "\n".join(f"{k}: {v}" for k, v in (headers or {}).items()),
         }
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         self.load.add(proc)

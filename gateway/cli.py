@@ -341,13 +341,21 @@ def config_warnings(config: Config) -> list[str]:
     from gateway.config import ENV_UPSTREAM_API_KEY
 
     warnings = []
-    if not config.upstream.api_key:
-        warnings.append(
-            f"the upstream API key is not set: set {config.upstream.api_key_env} "
-            f"(upstream.api_key_env) or {ENV_UPSTREAM_API_KEY}; the upstream will refuse "
-            "every request"
-        )
-    if config.upstream.kind == "dify":
+    for name, upstream in config.upstreams.items():
+        if upstream.api_key:
+            continue
+        if upstream is config.upstream:
+            warnings.append(
+                f"the upstream API key is not set: set {upstream.api_key_env} "
+                f"(upstream.api_key_env) or {ENV_UPSTREAM_API_KEY}; the upstream will refuse "
+                "every request"
+            )
+        else:
+            warnings.append(
+                f"the API key of upstream {name} is not set: set {upstream.api_key_env} "
+                f"(upstreams.{name}.api_key_env); it will refuse every request"
+            )
+    if all(upstream.kind == "dify" for upstream in config.upstreams.values()):
         # Issue 21: a Dify app fixes its own model; no request names one.
         for name, plan in config.plans.items():
             if plan.models is not None:

@@ -44,7 +44,6 @@ from gateway.errors import NotFound, StorageError, UpstreamBroken, UpstreamError
 from gateway.probes import Probes
 from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import PausedForm
-from gateway.upstream_client import UpstreamClient
 from gateway.upstreams import Route, StreamMeter
 from gateway.usage import Metered
 
@@ -123,7 +122,6 @@ class Follows:
 
     __slots__ = (
         "_checked",
-        "_client",
         "_clock",
         "_dialect",
         "_keep",
@@ -137,7 +135,6 @@ class Follows:
     def __init__(
         self,
         storage: Storage,
-        client: UpstreamClient,
         *,
         clock: Clock,
         metrics: Metrics,
@@ -147,7 +144,6 @@ class Follows:
         probes: Probes,
     ) -> None:
         self._storage = storage
-        self._client = client
         self._clock = clock
         self._metrics = metrics
         self._spawn = spawn  # cancelled at shutdown
@@ -160,7 +156,7 @@ class Follows:
     def _resumable(self, x: Exchange) -> Resumable | None:
         """The request's dialect, if its runs can be resumed (checked once per
         dialect object: a reload makes a new one)."""
-        upstream = x.snap.upstream
+        upstream = x.dialect
         if upstream is not self._checked:
             self._checked = upstream
             self._dialect = upstream if isinstance(upstream, Resumable) else None
@@ -229,9 +225,11 @@ class Follows:
                 headers=[(b"retry-after", b"1")],
             )
         path, query = upstream.follow_request(form.run_id, form.user_id)
-        url = x.snap.upstream_url + path + "?" + query.decode("latin-1")
+        target, client = x.target, x.client
+        assert target is not None and client is not None  # chosen before forwarding
+        url = target.url + path + "?" + query.decode("latin-1")
         headers = [
-            x.snap.upstream_authorization,
+            target.authorization,
             (b"accept-encoding", b"identity"),
             (b"x-trace-id", x.request_id.encode()),
         ]
@@ -239,12 +237,12 @@ class Follows:
             # The upstream answers once the subscription is live (Dify's first
             # byte is a ping sent after it subscribed): from here no event of the
             # resumed run can be missed.
-            response = await self._client.open(
+            response = await client.open(
                 "GET",
                 url,
                 headers=headers,
                 content=None,
-                timeout=self._client.streaming_timeout,
+                timeout=client.streaming_timeout,
                 failure=BodyFailure(),
             )
         except UpstreamError:
@@ -270,7 +268,8 @@ class Follows:
 
     async def _read(self, x: Exchange, follow: Follow) -> None:
         metrics = self._metrics
-        settings = x.snap.config.upstream
+        assert x.target is not None
+        settings = x.target.settings
         response, meter = follow.response, follow.meter
         decoder = SSEDecoder(max_event_bytes=settings.max_event_bytes)
         cut = False
@@ -335,6 +334,6 @@ class Follows:
         if result.usage is None:
             # Nothing read that says what the run did: it did run (the submit was
             # accepted), so the query stays spent and an estimate is recorded.
-            estimate = x.snap.upstream.unanswered(x.route, x.answer_body)
+            estimate = x.dialect.unanswered(x.route, x.answer_body)
             result = dataclasses.replace(result, usage=estimate.usage)
         return result

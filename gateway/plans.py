@@ -44,23 +44,26 @@ def plan_limits(plan: Plan) -> tuple[Limit, ...]:
 
 def team_limits(plan: Plan) -> tuple[Limit, ...]:
     """The limits a team's plan sets, counted over the team (issue 21): named
-    ``team_<name>``; rates are per user, so a team plan's rates do not apply."""
+    ``team_<name>``; its rates too (over the members' rate buckets)."""
     return tuple(
         replace(limit, name=f"team_{limit.name}", scope="team")
         for limit in plan_limits(plan)
-        if not limit.is_rate and not limit.models  # per-model limits are the user's
+        if not limit.models  # per-model limits are the user's
     )
 
 
 def admission_limits(
-    plan: Plan,
+    plan: Plan | Sequence[Limit],
     team: Sequence[Limit] = (),
     *,
     models: Iterable[str | None] | None = None,
 ) -> AdmissionLimits:
-    """The user's plan's limits, then their team's (open streams last); of the
-    per-model limits, those for a model the request names (``models``)."""
-    mine = tuple(x for x in plan_limits(plan) if x.applies_to(models))
+    """The user's plan's limits (or those limits, `plan_limits`), then their
+    team's (open streams last); of the per-model limits, those for a model the
+    request names (``models``)."""
+    mine = tuple(
+        x for x in (plan_limits(plan) if isinstance(plan, Plan) else plan) if x.applies_to(models)
+    )
     streams = tuple(x for x in (*mine, *team) if x.per == "open")
     return AdmissionLimits((*(x for x in (*mine, *team) if x.per != "open"), *streams))
 
@@ -149,12 +152,14 @@ def rate_limit(limit: Limit, counters: Counters, periods: Periods) -> RateLimit 
 
 
 def reported_limit(
-    admission: Admission, plan: Plan, periods: Periods, *, now: datetime
+    admission: Admission, limits: Iterable[Limit], periods: Periods, *, now: datetime
 ) -> RateLimit | None:
     """The limit the response headers describe: the one that refused, or else the
-    one nearest to exhaustion (the smallest share of its maximum left; on a tie
-    the first in checking order). A rate resets, at the latest, a window from
-    now - or, when it refused, when the request fits (its Retry-After)."""
+    one nearest to exhaustion of ``limits`` (those the request was admitted
+    under: the user's and their team's; the smallest share of its maximum left;
+    on a tie the first in checking order). A rate resets, at the latest, a
+    window from now - or, when it refused, when the request fits (its
+    Retry-After)."""
     refused = admission.refused
     if refused is not None:
         if refused.is_rate:
@@ -162,12 +167,12 @@ def reported_limit(
             return RateLimit(
                 refused.name,
                 refused.max,
-                admission.counters.of(refused.meter, refused.per),
+                admission.counters.of_limit(refused),
                 now + wait,
             )
         return rate_limit(refused, admission.counters, periods)
     nearest: tuple[Decimal, RateLimit] | None = None
-    for limit in plan_limits(plan):
+    for limit in limits:
         if limit.per == "open":
             continue
         shown = rate_limit(limit, admission.counters, periods)

@@ -95,7 +95,8 @@ class Limit:
     per: Per
     max: Decimal
     # "team": counted over every member of the user's team, which the request
-    # must fit too, in the same atomic step (rates are per user only).
+    # must fit too, in the same atomic step (a team's rate sums its members'
+    # rate buckets: each member's admission counts in them).
     scope: LimitScope = "user"
     # Globs ("gpt-4.1*"): the limit applies to requests for a matching model and
     # counts only what such requests used (its own counters, `counter_key`).
@@ -115,8 +116,6 @@ class Limit:
             raise ValueError(f"{self.name}: streams are counted open at once, nothing else is")
         if self.per in RATE_SECONDS and self.meter not in RATE_METERS:
             raise ValueError(f"{self.name}: only queries and tokens have per-{self.per} rates")
-        if self.per in RATE_SECONDS and self.scope == "team":
-            raise ValueError(f"{self.name}: rates are counted per user, not per team")
 
     @property
     def is_rate(self) -> bool:

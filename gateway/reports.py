@@ -8,7 +8,7 @@ counters and reset times fit together, so every surface says the same thing.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -164,6 +164,7 @@ async def team_report(
     *,
     currency: str,
     members: bool = True,
+    now: datetime | None = None,
 ) -> dict[str, Any]:
     """A team's plan, limits and usage: its current members' day rows summed
     (issue 21) - today, this month, and each limit of the team's plan against
@@ -174,11 +175,18 @@ async def team_report(
     today = summed([r for r in rows if r.day == periods.day], user_id=team.id, day=periods.day)
     month = summed(rows, user_id=team.id, day=periods.month_start)
     plan = team_plan(config, team)
-    limits = limits_view(plan, today, month.total_tokens, 0, periods, month_cost=month.cost)
+    users = await storage.team_members(team.id)
+    rates: dict[tuple[Meter, Per], Decimal] = {}
+    if plan.requests_per_minute is not None or plan.tokens_per_minute is not None:
+        # A team's rate sums its members' rate windows (docs/quotas.md, "Team limits").
+        for user in users:
+            counted = await storage.rate_counts(user.id, now=now or datetime.now(UTC))
+            for key, amount in counted.items():
+                rates[key] = rates.get(key, Decimal(0)) + amount
+    limits = limits_view(
+        plan, today, month.total_tokens, 0, periods, month_cost=month.cost, rates=rates
+    )
     limits["max_concurrent_streams"] = {"limit": plan.max_concurrent_streams}
-    # Rates are per user (docs/quotas.md, "Team limits"): a team plan's do not apply.
-    for rate in ("requests_per_minute", "tokens_per_minute"):
-        limits.pop(rate, None)
     report: dict[str, Any] = {
         "id": team.id,
         "plan": plan.name,
@@ -191,7 +199,7 @@ async def team_report(
         "month": daily_dict(month, currency),
     }
     if members:
-        report["members"] = [user.id for user in await storage.team_members(team.id)]
+        report["members"] = [user.id for user in users]
     return report
 
 
@@ -274,7 +282,9 @@ class Reports:
             raise NotFound(f"No team {team_id!r}.")
         periods = self._periods(snap)
         currency = self._currency()
-        report = await team_report(self._storage, snap.config, team, periods, currency=currency)
+        report = await team_report(
+            self._storage, snap.config, team, periods, currency=currency, now=self._clock.now()
+        )
         start = periods.day - timedelta(days=days - 1)
         rows = await self._storage.team_daily(team_id, start=start, end=periods.day)
         filled = fill_days(rows, team_id, start, periods.day)
@@ -296,6 +306,7 @@ class Reports:
             self._periods(snap),
             currency=self._currency(),
             members=False,
+            now=self._clock.now(),
         )
 
     async def daily(self, user_id: str, days: int) -> list[DailyUsage]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -15,9 +15,9 @@ import pytest
 
 from gateway.clock import FixedClock
 from gateway.keys import new_key
-from gateway.testing.fake_upstream import FakeDify
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
-from tests.test_quotas import CHAT, ask, two_gateways
+from tests.test_admission import CHAT, ask, two_gateways
 
 T0 = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
 
@@ -72,8 +72,9 @@ async def test_a_member_is_held_by_their_own_limit_too(
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("team_limit", ["queries_per_day", "requests_per_minute"])
 async def test_forty_parallel_requests_of_two_members_across_two_processes(
-    postgres_dsn: str, tmp_path: Path, client: httpx.AsyncClient
+    postgres_dsn: str, tmp_path: Path, client: httpx.AsyncClient, team_limit: str
 ) -> None:
     fake = FakeDify(api_key=UPSTREAM_KEY)
     async with two_gateways(
@@ -81,7 +82,7 @@ async def test_forty_parallel_requests_of_two_members_across_two_processes(
         tmp_path,
         fake,
         {"queries_per_day": 100},
-        settings={"plans": {"free": {"queries_per_day": 100}, "team": {"queries_per_day": 5}}},
+        settings={"plans": {"free": {"queries_per_day": 100}, "team": {team_limit: 5}}},
     ) as (ports, key, storage):
         await storage.ensure_user("bob", plan="free")
         bob = new_key()
@@ -121,7 +122,7 @@ async def test_usage_lists_the_team_limits_too(
 ) -> None:
     async with running_gateway(
         database_url,
-        settings=settings(queries_per_day=3, cost_per_day="1.00"),
+        settings=settings(queries_per_day=3, cost_per_day="1.00", requests_per_minute=5),
         clock=FixedClock(T0),
     ) as h:
         await h.gateway.accounts.create_team("acme", plan="team")
@@ -141,6 +142,89 @@ async def test_usage_lists_the_team_limits_too(
         "resets_at": "2026-11-22T00:00:00+00:00",
     }
     assert team["cost_per_day"]["limit"] == "1"
-    assert "requests_per_minute" not in team  # rates are per user
+    # The team's sliding minute: its members' rate windows summed.
+    assert team["requests_per_minute"] == {
+        "limit": 5,
+        "used": 1,
+        "remaining": 4,
+        "resets_at": None,
+    }
     assert usage["limits"]["queries_per_day"]["limit"] == 10  # the user's own plan
     assert solo["team_limits"] is None
+
+
+async def test_a_team_rate_holds_its_members_together(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    """requests_per_minute on the team's plan: the members' requests share one
+    sliding minute (the members' own plan has no rate), refused with the
+    seconds until the team's window lets the request through."""
+    clock = FixedClock(T0)
+    async with running_gateway(
+        database_url, settings=settings(requests_per_minute=3), clock=clock
+    ) as h:
+        bob = await h.add_user("bob")
+        await h.gateway.accounts.create_team("acme", plan="team")
+        await h.gateway.accounts.set_team(USER, "acme")
+        await h.gateway.accounts.set_team("bob", "acme")
+        alice = [await ask(client, h) for _ in range(2)]
+        clock.advance(timedelta(seconds=10))
+        bobs = [await ask(client, h, Authorization=f"Bearer {bob}") for _ in range(2)]
+        clock.advance(timedelta(seconds=int(bobs[1].headers["retry-after"])))
+        later = await ask(client, h, Authorization=f"Bearer {bob}")
+        await h.probes.wait_finished(4)
+    assert [r.status_code for r in alice] == [200, 200]
+    assert [r.status_code for r in bobs] == [200, 429]
+    refused = bobs[1]
+    assert refused.json()["code"] == "team_limit"
+    # Alice's two of 9:00:00 leave the window at 9:01:05, 55 s after 9:00:10.
+    assert refused.headers["retry-after"] == "55"
+    assert refused.headers["x-ratelimit-resource"] == "team_requests_per_minute"
+    assert refused.headers["x-ratelimit-used"] == "3"
+    assert refused.json()["message"].startswith(
+        "Your team has reached its limit of 3 queries per minute."
+    )
+    assert later.status_code == 200
+
+
+async def test_a_team_token_rate_counts_every_members_answers(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    clock = FixedClock(T0)
+    async with running_gateway(
+        database_url, settings=settings(tokens_per_minute=1000), clock=clock
+    ) as h:
+        bob = await h.add_user("bob")
+        await h.gateway.accounts.create_team("acme", plan="team")
+        await h.gateway.accounts.set_team(USER, "acme")
+        await h.gateway.accounts.set_team("bob", "acme")
+        crossing = await ask(client, h)
+        await h.probes.wait_finished(1)
+        refused = await ask(client, h, Authorization=f"Bearer {bob}")
+    assert crossing.status_code == 200
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "team_limit"
+    assert refused.headers["x-ratelimit-resource"] == "team_tokens_per_minute"
+    assert refused.headers["x-ratelimit-used"] == "1168"
+    assert refused.headers["retry-after"] == "65"
+
+
+async def test_admitted_answers_headers_name_the_team_limit_nearest_to_exhaustion(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    async with running_gateway(
+        database_url, settings=settings(queries_per_day=4), clock=FixedClock(T0)
+    ) as h:
+        bob = await h.add_user("bob")
+        await h.gateway.accounts.create_team("acme", plan="team")
+        await h.gateway.accounts.set_team(USER, "acme")
+        await h.gateway.accounts.set_team("bob", "acme")
+        await ask(client, h, Authorization=f"Bearer {bob}")
+        answered = await ask(client, h)
+        await h.probes.wait_finished(2)
+    assert answered.status_code == 200
+    # The user's own 10 a day have 9 left (90 %), the team's 4 have 2 (50 %).
+    assert answered.headers["x-ratelimit-resource"] == "team_queries_per_day"
+    assert answered.headers["x-ratelimit-limit"] == "4"
+    assert answered.headers["x-ratelimit-used"] == "2"
+    assert answered.headers["x-ratelimit-remaining"] == "2"

@@ -46,6 +46,7 @@ from gateway.quota import (
     Charge,
     Counters,
     Limit,
+    LimitScope,
     Meter,
     Per,
     bucket_of,
@@ -70,8 +71,11 @@ from gateway.storage.base import (
     TEAM_COLUMNS,
     TEAM_DAILY_SELECT,
     TEAM_LIST_SELECT,
+    TEAM_ROWS,
+    UPSTREAM_USAGE_SELECT,
     USER_COLUMNS,
     USER_FIELDS,
+    USER_ROWS,
     USER_SORTS,
     Admission,
     AdmissionLimits,
@@ -88,6 +92,7 @@ from gateway.storage.base import (
     Pending,
     Team,
     TeamSummary,
+    UpstreamUsage,
     UsageEvent,
     User,
     UserSort,
@@ -100,6 +105,7 @@ from gateway.storage.base import (
     model_usage,
     team_daily,
     team_summary,
+    upstream_usage,
 )
 from gateway.storage.group import GroupCommit, SplitBatch
 
@@ -107,6 +113,12 @@ log = logging.getLogger("gateway.storage")
 
 T = TypeVar("T")
 _USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="dec_sum(cost)", p1="?", p2="?", p3="?")
+_USAGE_BY_UPSTREAM = UPSTREAM_USAGE_SELECT.format(
+    cost_sum="dec_sum(cost)", who=USER_ROWS.format(p1="?"), p2="?", p3="?"
+)
+_TEAM_USAGE_BY_UPSTREAM = UPSTREAM_USAGE_SELECT.format(
+    cost_sum="dec_sum(cost)", who=TEAM_ROWS.format(p1="?"), p2="?", p3="?"
+)
 _COSTS_BY_CURRENCY = COSTS_BY_CURRENCY_SELECT.format(cost_sum="dec_sum(cost)")
 
 _TEAM_DAILY = TEAM_DAILY_SELECT.format(cost_sum="dec_sum(d.cost)", p1="?", p2="?", p3="?")
@@ -285,6 +297,7 @@ def _event(row: tuple[Any, ...]) -> UsageEvent:
         cached_tokens=row[18],
         reasoning_tokens=row[19],
         cache_write_tokens=row[20],
+        upstream=row[21],
     )
 
 
@@ -386,8 +399,10 @@ def _team_counters(
     now: datetime,
     *,
     monthly: bool,
+    rates: dict[tuple[Meter, Per], Decimal],
 ) -> Counters:
-    """A team's counters: its members' day rows summed, and their open streams."""
+    """A team's counters: its members' day rows summed, their open streams, and
+    ``rates`` (what the team's rate windows count)."""
     members = [row[0] for row in conn.execute("SELECT id FROM users WHERE team_id = ?", (team,))]
     day = [Decimal(0)] * len(DAY_METERS)
     month = [Decimal(0)] * len(DAY_METERS)
@@ -400,7 +415,7 @@ def _team_counters(
         f"SELECT count(*) FROM stream_leases WHERE expires_at > ? AND user_id IN ({marks})",
         (_ts(now), *members),
     ).fetchone()[0]
-    return counters_from(day, month if monthly else None, streams)
+    return counters_from(day, month if monthly else None, streams, rates)
 
 
 def _day_and_month(
@@ -463,14 +478,19 @@ def _rate_add(
 
 
 def _rate_buckets(
-    conn: sqlite3.Connection, user_id: str, limit: Limit, epoch: float
+    conn: sqlite3.Connection, user_id: str, limit: Limit, epoch: float, team: str | None = None
 ) -> dict[int, Decimal]:
-    """The counted buckets of one rate window at ``epoch``."""
+    """The counted buckets of one rate window at ``epoch``: the user's, or for a
+    team-scope limit the team members' summed."""
+    if limit.scope == "team":
+        who = "user_id IN (SELECT id FROM users WHERE team_id = ?)"
+    else:
+        who = "user_id = ?"
     rows = conn.execute(
-        "SELECT bucket, amount FROM usage_rates WHERE user_id = ? AND meter = ? AND per = ? "
-        "AND bucket >= ?",
+        f"SELECT bucket, sum(amount) FROM usage_rates WHERE {who} AND meter = ? AND per = ? "
+        "AND bucket >= ? GROUP BY bucket",
         (
-            user_id,
+            team if limit.scope == "team" else user_id,
             METERS.index(limit.meter) + 1,
             PERS.index(limit.per) + 1,
             first_counted(limit.per, epoch),
@@ -604,7 +624,7 @@ def _supersede(conn: sqlite3.Connection, pending_id: str, event: UsageEvent) -> 
         "prompt_tokens = ?, completion_tokens = ?, total_tokens = ?, cost = ?, currency = ?, "
         "outcome = ?, estimated = ?, web_searches = ?, conversation_id = ?, request_id = ?, "
         "upstream_latency_ms = ?, overhead_ms = ?, model = ?, cached_tokens = ?, "
-        "reasoning_tokens = ?, cache_write_tokens = ? WHERE answer_id = ?",
+        "reasoning_tokens = ?, cache_write_tokens = ?, upstream = ? WHERE answer_id = ?",
         (
             event.answer_id,
             _ts(event.created_at),
@@ -625,6 +645,7 @@ def _supersede(conn: sqlite3.Connection, pending_id: str, event: UsageEvent) -> 
             event.cached_tokens,
             event.reasoning_tokens,
             event.cache_write_tokens,
+            event.upstream,
             old[0],
         ),
     )
@@ -667,7 +688,7 @@ def _record(conn: sqlite3.Connection, event: UsageEvent) -> bool:
     cost = str(event.cost)
     inserted = conn.execute(
         f"INSERT INTO usage_events ({EVENT_COLUMNS}) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (answer_id) DO NOTHING",
         (
             event.answer_id,
@@ -691,6 +712,7 @@ def _record(conn: sqlite3.Connection, event: UsageEvent) -> bool:
             event.cached_tokens,
             event.reasoning_tokens,
             event.cache_write_tokens,
+            event.upstream,
         ),
     ).rowcount
     if not inserted:
@@ -1191,23 +1213,29 @@ class SQLiteStorage:
                 ).fetchone()[0]
             epoch = now.timestamp()
             buckets = {
-                at: _rate_buckets(conn, user_id, limit, epoch)
+                at: _rate_buckets(conn, user_id, limit, epoch, team)
                 for at, limit in enumerate(checked)
-                if limit.is_rate
+                if limit.is_rate and (limit.scope == "user" or team is not None)
             }
-            rates = {
-                (checked[at].meter, checked[at].per): rate_used(found, checked[at].per, epoch)
-                for at, found in buckets.items()
-            }
+            rates: dict[LimitScope, dict[tuple[Meter, Per], Decimal]] = {"user": {}, "team": {}}
+            for at, found in buckets.items():
+                limit = checked[at]
+                rates[limit.scope][(limit.meter, limit.per)] = rate_used(found, limit.per, epoch)
             team_counters = None
             if team is not None and limits.has_team:
                 team_counters = _team_counters(
-                    conn, team, today, month_start.isoformat(), now, monthly=monthly
+                    conn,
+                    team,
+                    today,
+                    month_start.isoformat(),
+                    now,
+                    monthly=monthly,
+                    rates=rates["team"],
                 )
             keys = sorted({k for k in (x.counter_key for x in checked) if k is not None})
             models = _model_counters(conn, user_id, keys, today, month_start.isoformat())
             counters = counters_from(
-                day_used, month_used, streams, rates, team=team_counters, models=models
+                day_used, month_used, streams, rates["user"], team=team_counters, models=models
             )
             decision = decide(counters, checked, charge, web_optional=optional)
             if decision.refused is not None:
@@ -1242,8 +1270,8 @@ class SQLiteStorage:
                 conn.execute(
                     "INSERT INTO pending_answers (id, user_id, day, created_at, endpoint, "
                     "prompt_tokens, completion_tokens, total_tokens, cost, currency, "
-                    "web_searches, reserved_cost, rates, scopes) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "web_searches, reserved_cost, rates, scopes, upstream) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         pending.id,
                         user_id,
@@ -1259,6 +1287,7 @@ class SQLiteStorage:
                         str(pending.reserved_cost),
                         bits,
                         orjson.dumps(keys).decode(),
+                        pending.upstream,
                     ),
                 )
             after = charged(counters, charge, searches)
@@ -1375,7 +1404,7 @@ class SQLiteStorage:
             # removed is simply not there for the next.
             rows = conn.execute(
                 "SELECT id, user_id, day, endpoint, prompt_tokens, completion_tokens, "
-                "total_tokens, cost, currency, web_searches FROM pending_answers "
+                "total_tokens, cost, currency, web_searches, upstream FROM pending_answers "
                 "WHERE created_at < ? "
                 "ORDER BY created_at LIMIT ?",
                 (_ts(before), limit),
@@ -1402,6 +1431,7 @@ class SQLiteStorage:
                         outcome="recovered",
                         estimated=True,
                         request_id=row[0],
+                        upstream=row[10],
                     ),
                 )
                 if recorded and claimed is not None:
@@ -1415,6 +1445,9 @@ class SQLiteStorage:
                         total=row[6],
                         cost=Decimal(row[7]),
                     )
+                if recorded and claimed is not None and claimed.rates:
+                    # The estimate counts in the token rates, as settled tokens do.
+                    _count_rates(conn, row[1], claimed.rates, "tokens", now.timestamp(), row[6])
                 keys = claimed.keys if claimed is not None else []
                 if recorded and (row[9] or keys):
                     # A web search reserved stays spent, like the query (the answer
@@ -1574,6 +1607,25 @@ class SQLiteStorage:
             lambda conn: [
                 model_usage(row, Decimal(row[7] or "0"))
                 for row in conn.execute(_USAGE_BY_MODEL, params).fetchall()
+            ]
+        )
+
+    async def usage_by_upstream(
+        self, user_id: str, *, start: date, end: date
+    ) -> list[UpstreamUsage]:
+        return await self._by_upstream(_USAGE_BY_UPSTREAM, user_id, start, end)
+
+    async def team_usage_by_upstream(
+        self, team_id: str, *, start: date, end: date
+    ) -> list[UpstreamUsage]:
+        return await self._by_upstream(_TEAM_USAGE_BY_UPSTREAM, team_id, start, end)
+
+    async def _by_upstream(self, sql: str, who: str, start: date, end: date) -> list[UpstreamUsage]:
+        params = (who, start.isoformat(), end.isoformat())
+        return await self._run(
+            lambda conn: [
+                upstream_usage(row, Decimal(row[7] or "0"))
+                for row in conn.execute(sql, params).fetchall()
             ]
         )
 

@@ -92,8 +92,8 @@ class Model:
         users = USERS if limit.scope == "team" else (user,)
         if limit.per == "open":
             return Decimal(sum(1 for o in self.open.values() if o.lease and o.user in users))
-        if limit.per in WINDOW:
-            return self.rate(user, limit.meter, limit.per, now)
+        if limit.per in WINDOW:  # a team's rate: its members' summed
+            return sum((self.rate(u, limit.meter, limit.per, now) for u in users), Decimal(0))
         total = sum(
             (
                 amount
@@ -126,10 +126,11 @@ class Model:
         width = BUCKET[limit.per]
         first = math.floor(now.timestamp() / width) - 12
         buckets: dict[int, int] = {}
-        for at, value in self.rate_log.get((user, limit.meter, limit.per), []):
-            b = math.floor(at.timestamp() / width)
-            if b >= first:
-                buckets[b] = buckets.get(b, 0) + value
+        for u in USERS if limit.scope == "team" else (user,):
+            for at, value in self.rate_log.get((u, limit.meter, limit.per), []):
+                b = math.floor(at.timestamp() / width)
+                if b >= first:
+                    buckets[b] = buckets.get(b, 0) + value
         used = Decimal(sum(buckets.values()))
         for b in sorted(buckets):
             used -= buckets[b]
@@ -204,10 +205,14 @@ class Model:
             self.rate_log.setdefault((o.user, "queries", "minute"), []).append((o.at, -1))
         return True
 
-    def recover(self, before: datetime) -> list[str]:
+    def recover(self, before: datetime, now: datetime) -> list[str]:
         gone = sorted(pid for pid, o in self.open.items() if o.at < before)
         for pid in gone:
             o = self.open.pop(pid)
+            if ("tokens", "minute") in o.rates:  # the estimate counts, as settled tokens
+                self.rate_log.setdefault((o.user, "tokens", "minute"), []).append(
+                    (now, o.estimate_tokens)
+                )
             self.add(o.user, "tokens", DAY, o.estimate_tokens)
             self.add(o.user, "cost", DAY, o.estimate_cost)
             self.add_models(o, "tokens", o.estimate_tokens)
@@ -246,6 +251,8 @@ def random_limits(rng: random.Random) -> list[Limit]:
         Limit("team_tokens_per_day", "tokens", "day", Decimal(rng.randint(500, 6000)), "team"),
         Limit("team_cost_per_day", "cost", "day", Decimal(rng.randint(1, 900)) / 100, "team"),
         Limit("team_streams", "streams", "open", Decimal(rng.randint(1, 5)), "team"),
+        Limit("team_rpm", "queries", "minute", Decimal(rng.randint(1, 6)), "team"),
+        Limit("team_tpm", "tokens", "minute", Decimal(rng.randint(80, 600)), "team"),
     ]
     chosen += [limit for limit in team if rng.random() < 0.4]
     per_model = [
@@ -407,7 +414,7 @@ async def test_backends_agree_with_the_model(storage: Storage, seed: int, batche
                 calls.append(("refund", refund, expected_refund, ""))
         else:
             before = now - timedelta(seconds=rng.choice([0, 30, 120]))
-            expected_ids = model.recover(before)
+            expected_ids = model.recover(before, now)
             recovered = _sorted(storage.recover(before=before, now=now, limit=1000))
             calls.append(("recover", recovered, expected_ids, ""))
         run += calls

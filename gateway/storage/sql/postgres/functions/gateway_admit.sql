@@ -35,7 +35,9 @@ CREATE OR REPLACE FUNCTION gateway_admit(
     p_web_ask boolean,
     p_web_optional boolean,
     p_reserve_cost numeric,
-    p_team text
+    p_team text,
+    -- The upstream the answer is sent to (0017), kept on its pending row.
+    p_upstream text DEFAULT 'default'
 ) RETURNS TABLE (
     refused integer,
     day_used numeric[],
@@ -89,7 +91,9 @@ BEGIN
         ) c;
     END IF;
     IF 4 = ANY (p_pers) OR 5 = ANY (p_pers) THEN
-        SELECT r.used, r.bits INTO v_rates, v_bits FROM gateway_rates(p_user, p_meters, p_pers, p_now) r;
+        SELECT r.used, r.bits INTO v_rates, v_bits
+        FROM gateway_rates(p_user, p_meters, p_pers, p_scopes, CASE WHEN v_team THEN p_team END,
+            p_now) r;
     END IF;
     -- Per-model limits: each counts its own counters (their keys in p_keys).
     v_keys := ARRAY(SELECT DISTINCT k FROM unnest(p_keys) AS k WHERE k IS NOT NULL ORDER BY k);
@@ -110,7 +114,9 @@ BEGIN
         v_charge, p_web_optional, p_scopes, v_team_day, v_team_month, v_team_streams);
     IF d.refused IS NOT NULL THEN
         IF p_pers[d.refused] >= 4 THEN
-            v_retry := gateway_rate_retry(p_user, p_meters[d.refused], p_pers[d.refused],
+            v_retry := gateway_rate_retry(p_user,
+                CASE WHEN p_scopes[d.refused] = 2 THEN p_team END,
+                p_meters[d.refused], p_pers[d.refused],
                 p_maxes[d.refused], v_charge[p_meters[d.refused]], p_now);
         END IF;
         RETURN QUERY SELECT d.refused, v_day, v_month, v_streams, false, v_rates, v_retry,
@@ -150,10 +156,10 @@ BEGIN
     IF p_pending IS NOT NULL THEN
         INSERT INTO pending_answers (
             id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens,
-            total_tokens, cost, currency, web_searches, reserved_cost, rates, scopes
+            total_tokens, cost, currency, web_searches, reserved_cost, rates, scopes, upstream
         ) VALUES (
             p_pending, p_user, p_day, p_now, p_endpoint, p_prompt, p_completion,
-            p_total, p_cost, p_currency, d.web, v_charge[9], v_bits, v_keys
+            p_total, p_cost, p_currency, d.web, v_charge[9], v_bits, v_keys, p_upstream
         );
     END IF;
     IF v_team THEN

@@ -1,24 +1,33 @@
 -- Charges pending answers whose gateway died as estimates (outcome
 -- 'recovered'): their queries, and any web search reserved, stay spent; a cost
--- bound reserved is replaced by the estimate. SKIP LOCKED: each pending row is
--- recovered by one process, or settled by its gateway.
+-- bound reserved is replaced by the estimate; the estimate's tokens count in the
+-- token rates the answer was admitted under. SKIP LOCKED: each pending row is
+-- recovered by one process, or settled by its gateway. The estimate is the
+-- upstream's the answer was sent to (0017).
 CREATE OR REPLACE FUNCTION gateway_recover(p_before timestamp with time zone, p_limit integer, p_now timestamp with time zone)
  RETURNS SETOF text
  LANGUAGE plpgsql
 AS $$
 DECLARE
     r pending_answers%ROWTYPE;
+    v_recorded boolean;
 BEGIN
     FOR r IN
         SELECT * FROM pending_answers p WHERE p.created_at < p_before
         ORDER BY p.user_id, p.id LIMIT p_limit FOR UPDATE SKIP LOCKED
     LOOP
         DELETE FROM pending_answers WHERE id = r.id;
-        IF gateway_record(
+        v_recorded := gateway_record(
             'gw-' || r.id, r.user_id, r.day, p_now, r.endpoint, r.prompt_tokens,
             r.completion_tokens, r.total_tokens, r.cost, r.currency, 'recovered', true, 0,
-            NULL, r.id, NULL, NULL, r.id
-        ) AND (r.web_searches <> 0 OR cardinality(r.scopes) > 0) THEN
+            NULL, r.id, NULL, NULL, r.id, r.upstream
+        );
+        IF v_recorded AND r.rates & 12 <> 0 THEN
+            -- The estimate counts in the token rates its admission counted the
+            -- answer in, as a settled answer's tokens do, in the buckets of now.
+            PERFORM gateway_count_token_rates(r.user_id, r.rates, p_now, r.total_tokens);
+        END IF;
+        IF v_recorded AND (r.web_searches <> 0 OR cardinality(r.scopes) > 0) THEN
             -- The ledger row keeps what a superseding record corrects: the web
             -- searches reserved and the per-model counters' keys (0016).
             UPDATE usage_events SET web_searches = r.web_searches,
