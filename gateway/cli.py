@@ -428,6 +428,18 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
         f"  cost          {money(today.cost) if today else 0} {currency}",
         f"this month:    {month_tokens} tokens / {limit(plan.tokens_per_month)}",
     ]
+    # This month's answers per model and per named upstream (issue 23), from the
+    # ledger, as /v1/usage and the admin API show them.
+    models = await storage.usage_by_model(user.id, start=period.month_start, end=period.day)
+    lines += _grouped_lines(
+        "by model",
+        [(m.model or "-", m.answers, m.total_tokens, money(m.cost), m.currency) for m in models],
+    )
+    upstreams = await storage.usage_by_upstream(user.id, start=period.month_start, end=period.day)
+    lines += _grouped_lines(
+        "by upstream",
+        [(u.upstream, u.answers, u.total_tokens, money(u.cost), u.currency) for u in upstreams],
+    )
     if user.overrides:
         lines.append(
             "overrides:  " + ", ".join(f"{k}={limit(v)}" for k, v in sorted(user.overrides.items()))
@@ -449,6 +461,19 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
         lines.append(f"key:        {key.id}  {key.prefix}…  {key.name or '-'}  {state}")
     print("\n".join(lines))
     return 0
+
+
+def _grouped_lines(title: str, groups: Sequence[tuple[str, int, int, str, str]]) -> list[str]:
+    """This month's ledger rows summed per model or upstream and currency (name,
+    answers, tokens, cost, currency), a line each: none when the month has none."""
+    if not groups:
+        return []
+    width = max(len(group[0]) for group in groups)
+    return [f"this month {title}:"] + [
+        f"  {name:<{width}}  {answers} answer{'' if answers == 1 else 's'}, {tokens} tokens, "
+        f"cost {cost} {currency}"
+        for name, answers, tokens, cost, currency in groups
+    ]
 
 
 def _team_usage_lines(report: dict[str, Any], config: Config) -> list[str]:
@@ -630,7 +655,12 @@ async def _teams_show(storage: Storage, config: Config, args: argparse.Namespace
                 f"{k}={'unlimited' if v is None else v}" for k, v in sorted(team.overrides.items())
             )
         )
-    print("\n".join(lines + _team_usage_lines(report, config)))
+    by_upstream = [
+        (u["upstream"], u["answers"], u["total_tokens"], u["cost"], u["currency"])
+        for u in report["month_by_upstream"]
+    ]
+    lines += _team_usage_lines(report, config) + _grouped_lines("by upstream", by_upstream)
+    print("\n".join(lines))
     return 0
 
 

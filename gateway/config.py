@@ -1115,6 +1115,8 @@ def render_config(config: Config) -> str:
     # (issue 25: [alerts], [metrics] and [pricing] once were).
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
+        if f.name == "upstream" and config.upstreams.get("default") is not value:
+            continue  # no [upstream] in force: only [upstreams.NAME] (written below)
         if dataclasses.is_dataclass(value) and f.name != "messages":  # written below
             emit_tree(f.name, value)
     for name, named in config.upstreams.items():
