@@ -341,7 +341,11 @@ async def test_backends_agree_with_the_model(storage: Storage, seed: int, batche
         await _agrees(storage, model, now, where)
 
     for _ in range(120):
-        now += timedelta(seconds=rng.choice([0, 0, 1, 3, 7, 20, 61]))
+        step = timedelta(seconds=rng.choice([0, 0, 1, 3, 7, 20, 61]))
+        if one_queue or not run:
+            # PostgreSQL measures a batch's rate windows at one moment: a run
+            # there is made at one.
+            now += step
         op = rng.random()
         kind = (
             "admit"
