@@ -112,7 +112,9 @@ async def open_storage(config: DatabaseConfig) -> Storage:
         from gateway.storage.sqlite import SQLiteStorage
 
         return await SQLiteStorage.open(
-            url.removeprefix("sqlite:///"), timeout=config.command_timeout
+            url.removeprefix("sqlite:///"),
+            timeout=config.command_timeout,
+            max_batch=config.max_batch,
         )
     if url.startswith(("postgresql://", "postgres://")):
         from gateway.storage.postgres import PostgresStorage
