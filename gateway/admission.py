@@ -277,7 +277,7 @@ class Admitter:
             plan=plan.name,
         )
         ticket.body_changed = disabled
-        ticket.alerts = alert_request(plan, config.alerts, periods)
+        ticket.alerts = alert_request(plan, config.alerts, periods, limits.limits)
         return ticket, rate_headers
 
     def _pending(

@@ -34,6 +34,8 @@ from gateway.storage.base import (
     UserSort,
     UserSummary,
     WebSearch,
+    alert_spec,
+    parse_alert_spec,
     summed,
 )
 
@@ -64,9 +66,11 @@ __all__ = [
     "UserSort",
     "UserSummary",
     "WebSearch",
+    "alert_spec",
     "functions",
     "migrations",
     "open_storage",
+    "parse_alert_spec",
     "summed",
 ]
 
