@@ -462,6 +462,10 @@ class Plan:
     # Issue 21: the models this plan may use, as globs ("llama-3*"), matched
     # case-sensitively against the model a request names. Unset: any model.
     models: tuple[str, ...] | None = None
+    # Issue 21: a request whose answer's cost bound the money budgets left
+    # cannot pay for is sent with its output-token cap lowered to what they can
+    # (OpenAI and Anthropic dialects; docs/quotas.md, "Money budgets").
+    lower_output_cap: bool = False
     # [[plans.NAME.limits]], the general form (read apart from the plan's keys).
     limits: tuple[PlanLimit, ...] = field(default=(), metadata={"resolved": True})
 
