@@ -1,6 +1,6 @@
-"""The OpenAI-compatible side by side: the gateway and LiteLLM's proxy on one fake
-upstream (bench/upstream.py, which also speaks OpenAI chat completions) and one
-load, measured in the same run.
+"""The OpenAI-compatible side by side: the gateway, Portkey's gateway and LiteLLM's
+proxy on one fake upstream (bench/upstream.py, which also speaks OpenAI chat
+completions) and one load, measured in the same run.
 
 - ``gateway-openai``: ``python -m gateway serve`` with ``upstream.kind = "openai"``,
   on the run's PostgreSQL database, full accounting (admission with every limit
@@ -10,10 +10,18 @@ load, measured in the same run.
   environment (``bench/.litellm-venv``, git-ignored; ``BENCH_LITELLM`` names
   another ``litellm`` executable), installed with
   ``python3 -m venv bench/.litellm-venv && bench/.litellm-venv/bin/pip install 'litellm[proxy]'``.
-  Without it the phase measures the gateway alone and says so.
+  Without it the phase measures the others and says so;
+- ``portkey``: Portkey's open-source gateway (npm ``@portkey-ai/gateway``, on the
+  machine's Node), no database, no budgets, the fake upstream as an OpenAI
+  provider with a custom host (bench/portkey.py). Installed once into a cache
+  directory outside the repository (``python -m bench.portkey install``); without
+  it the phase skips it and says why, unless ``--require-portkey``.
 
-Both get the same streamed chat completion request, with wrk and bench/post.lua,
-in interleaved rounds; the figure is completed answers per second.
+Every path gets the same chat completion request, streamed and non-streamed,
+with wrk and bench/post.lua, in interleaved rounds; the figure is completed
+answers per second. A peer that cannot answer one of the two (Portkey 1.15.2's
+streamed path on Node 20 answers 500) is measured in the other, and the reason is
+kept in the notes; the gateway must answer both.
 """
 
 from __future__ import annotations
@@ -22,12 +30,13 @@ import asyncio
 import os
 import secrets
 import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from bench import loadgen
+from bench import loadgen, portkey
 from bench.procs import Server, free_port
 
 if TYPE_CHECKING:
@@ -39,7 +48,12 @@ OPENAI_BODY = (
     b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":'
     b'"What can you tell me about the weather in Hanoi today?"}],"stream":true}'
 )
-PATHS = ("gateway-openai", "litellm")
+BLOCKING_BODY = OPENAI_BODY.replace(b'"stream":true', b'"stream":false')
+MODES = {"streamed": OPENAI_BODY, "non-streamed": BLOCKING_BODY}
+PATHS = ("gateway-openai", "portkey", "litellm")
+PEERS = ("portkey", "litellm")
+# The goals of issue 24: answers/s of the gateway with full accounting over each peer's.
+GOALS = {"portkey": 2.0, "litellm": 50.0}
 # LiteLLM refuses to start without a master key; without a database, a request is
 # checked against it alone (the gateway checks its own key, cached, the same way).
 MASTER_KEY = f"sk-bench-{secrets.token_hex(16)}"
@@ -89,6 +103,7 @@ async def start(bench: Bench) -> dict[str, Server]:
     servers: dict[str, Server] = {}
     from bench.run import _child_env
 
+    notes = bench.results["notes"]
     if bench.pg_url is not None:
         port = free_port()
         argv = [*bench.s.gateway_command, "--config", str(_gateway_config(bench)), "serve"]
@@ -98,12 +113,29 @@ async def start(bench: Bench) -> dict[str, Server]:
             Server("gateway-openai", argv, port, log, env=_child_env(), cwd=REPO)
         )
     else:
-        bench.results["notes"].append("openai: no PostgreSQL database; gateway-openai skipped")
+        notes.append("openai: no PostgreSQL database; gateway-openai skipped")
+    why = portkey.missing()
+    if why is not None:
+        if bench.s.require_portkey:
+            raise RuntimeError(f"openai: Portkey is required (--require-portkey): {why}")
+        notes.append(f"openai: Portkey skipped: {why}")
+        print(f"bench: Portkey skipped: {why}", file=sys.stderr)
+    else:
+        port = free_port()
+        log = bench.tmp / "portkey.log"
+        servers["portkey"] = bench.servers.add(
+            Server(
+                "portkey",
+                portkey.argv(port),
+                port,
+                log,
+                env=portkey.env(_child_env()),
+                cwd=bench.tmp,
+            )
+        )
     executable = litellm_executable()
     if executable is None:
-        bench.results["notes"].append(
-            "openai: LiteLLM not installed (bench/.litellm-venv); measured the gateway alone"
-        )
+        notes.append("openai: LiteLLM not installed (bench/.litellm-venv); skipped")
     else:
         port = free_port()
         argv = [executable, "--config", str(_litellm_config(bench)), "--host", "127.0.0.1"]
@@ -129,74 +161,105 @@ async def start(bench: Bench) -> dict[str, Server]:
     return servers
 
 
-async def verify(bench: Bench, servers: dict[str, Server]) -> None:
-    for name, server in servers.items():
-        url = f"http://127.0.0.1:{server.port}{OPENAI_PATH}"
-        key = _key(bench, name)
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
-        status, _, body = await loadgen.fetch(url, headers, OPENAI_BODY)
-        pieces = body.count(b"Lorem ipsum")
-        if status != 200 or pieces != bench.s.events or b"[DONE]" not in body:
-            raise RuntimeError(
-                f"{name}: expected a complete chat completion, got HTTP {status}, "
-                f"{pieces} pieces: {body[:300]!r}"
-            )
-        if name == "gateway-openai" and b'"choices":[]' in body:
-            raise RuntimeError("gateway-openai: the usage chunk it asked for reached the client")
+async def verify(bench: Bench, server: Server, mode: str) -> str | None:
+    """None when ``server`` gives a complete chat completion in ``mode``, else why not."""
+    url = f"http://127.0.0.1:{server.port}{OPENAI_PATH}"
+    headers = {"Content-Type": "application/json", **_headers(bench, server.name)}
+    status, _, body = await loadgen.fetch(url, headers, MODES[mode])
+    pieces = body.count(b"Lorem ipsum")
+    streamed = mode == "streamed"
+    if status != 200 or pieces != bench.s.events or (b"[DONE]" in body) != streamed:
+        return f"HTTP {status}, {pieces} pieces: {body[:300]!r}"
+    if server.name == "gateway-openai" and b'"choices":[]' in body:
+        return "the usage chunk it asked for reached the client"
+    return None
 
 
-def _key(bench: Bench, name: str) -> str:
-    return MASTER_KEY if name == "litellm" else bench.keys_for("gateway-postgres")[0]
+def _headers(bench: Bench, name: str) -> dict[str, str]:
+    if name == "litellm":
+        return {"Authorization": f"Bearer {MASTER_KEY}"}
+    if name == "portkey":
+        from bench.run import UPSTREAM_KEY
+
+        return {"Authorization": f"Bearer {UPSTREAM_KEY}", **portkey.headers(bench.upstream_port)}
+    return {"Authorization": f"Bearer {bench.keys_for('gateway-postgres')[0]}"}
 
 
 async def measure(bench: Bench) -> None:
-    """Interleaved wrk rounds on both paths; answers/s, CPU of each proxy."""
+    """Interleaved wrk rounds on every path that answers, streamed and non-streamed;
+    answers/s and CPU of each proxy."""
     servers = await start(bench)
     if not servers:
         return
-    await verify(bench, servers)
+    cells: dict[str, list[str]] = {}  # mode -> the paths measured in it
+    for mode in MODES:
+        cells[mode] = []
+        for name, server in servers.items():
+            why = await verify(bench, server, mode)
+            if why is None:
+                cells[mode].append(name)
+            elif name == "gateway-openai":
+                raise RuntimeError(f"gateway-openai: no complete {mode} chat completion: {why}")
+            else:
+                bench.results["notes"].append(f"openai: {name} not measured {mode}: {why}")
+                print(f"bench: {name} not measured {mode}: {why}", file=sys.stderr)
     connections = max(bench.s.connections)
-    names = list(servers)
     if bench.s.warmup:
-        for name in names:
-            await asyncio.to_thread(_wrk, bench, servers[name], connections, bench.s.warmup)
-    cells: dict[str, dict[str, Any]] = {
-        n: {"answers": 0, "seconds": 0.0, "failed": 0, "cpu": 0.0, "rounds": []} for n in names
+        for mode, names in cells.items():
+            for name in names:
+                await asyncio.to_thread(
+                    _wrk, bench, servers[name], mode, connections, bench.s.warmup
+                )
+    data: dict[str, dict[str, dict[str, Any]]] = {
+        mode: {
+            n: {"answers": 0, "seconds": 0.0, "failed": 0, "cpu": 0.0, "rounds": []} for n in names
+        }
+        for mode, names in cells.items()
     }
     for _ in range(bench.s.rounds):
-        for name in names:
-            server = servers[name]
-            cpu0 = server.cpu_seconds()
-            result = await asyncio.to_thread(_wrk, bench, server, connections, bench.s.duration)
-            cell = cells[name]
-            done = result.requests - result.failed
-            cell["answers"] += done
-            cell["seconds"] += result.seconds
-            cell["failed"] += sum(result.errors.values())
-            cell["cpu"] += server.cpu_seconds() - cpu0
-            cell["rounds"].append(round(done / result.seconds, 1))
-            await asyncio.sleep(0.2 if bench.s.smoke else 0.5)
-            await _quiet(server, limit=2.0 if bench.s.smoke else 30.0)
-    out: dict[str, Any] = {"connections": connections}
-    for name, cell in cells.items():
-        rate = cell["answers"] / cell["seconds"] if cell["seconds"] else 0.0
-        out[name] = {
-            "answers": cell["answers"],
-            "failed": cell["failed"],
-            "answers_per_s": rate,
-            "answers_per_s_by_round": cell["rounds"],
-            "cpu_per_1000": 1000 * cell["cpu"] / cell["answers"] if cell["answers"] else None,
-        }
-    if "gateway-openai" in out and "litellm" in out and out["litellm"]["answers_per_s"]:
-        out["ratio"] = out["gateway-openai"]["answers_per_s"] / out["litellm"]["answers_per_s"]
+        for mode, names in cells.items():
+            for name in names:
+                server = servers[name]
+                cpu0 = server.cpu_seconds()
+                result = await asyncio.to_thread(
+                    _wrk, bench, server, mode, connections, bench.s.duration
+                )
+                cell = data[mode][name]
+                done = result.requests - result.failed
+                cell["answers"] += done
+                cell["seconds"] += result.seconds
+                cell["failed"] += sum(result.errors.values())
+                cell["cpu"] += server.cpu_seconds() - cpu0
+                cell["rounds"].append(round(done / result.seconds, 1))
+                await asyncio.sleep(0.2 if bench.s.smoke else 0.5)
+                await _quiet(server, limit=2.0 if bench.s.smoke else 30.0)
+    out: dict[str, Any] = {"connections": connections, "modes": {}}
+    for mode, by_name in data.items():
+        result_mode: dict[str, Any] = {}
+        for name, cell in by_name.items():
+            rate = cell["answers"] / cell["seconds"] if cell["seconds"] else 0.0
+            result_mode[name] = {
+                "answers": cell["answers"],
+                "failed": cell["failed"],
+                "answers_per_s": rate,
+                "answers_per_s_by_round": cell["rounds"],
+                "cpu_per_1000": 1000 * cell["cpu"] / cell["answers"] if cell["answers"] else None,
+            }
+        gateway = result_mode.get("gateway-openai")
+        for peer in PEERS:
+            if gateway and peer in result_mode and result_mode[peer]["answers_per_s"]:
+                result_mode[f"ratio_{peer}"] = (
+                    gateway["answers_per_s"] / result_mode[peer]["answers_per_s"]
+                )
+        out["modes"][mode] = result_mode
     out["load_average"] = os.getloadavg()
     for server in servers.values():
         await bench.servers.stop(server)
-    if bench.pg_url is not None and "gateway-openai" in out:
+    if bench.pg_url is not None and "gateway-openai" in servers:
         # Accounting really ran: every completed answer is in the ledger, priced.
         conn = await asyncpg.connect(bench.pg_url, timeout=5)
         try:
-            out["gateway-openai"]["ledger_rows"] = int(
+            out["ledger_rows"] = int(
                 await conn.fetchval(
                     "SELECT count(*) FROM usage_events WHERE endpoint = 'chat/completions' "
                     "AND model = 'gpt-4o-mini' AND cached_tokens = 512 AND cost > 0"
@@ -204,6 +267,9 @@ async def measure(bench: Bench) -> None:
             )
         finally:
             await conn.close()
+        out["gateway_answers"] = sum(
+            mode["gateway-openai"]["answers"] for mode in out["modes"].values()
+        )
     bench.results["openai"] = out
 
 
@@ -224,45 +290,57 @@ async def _quiet(server: Server, *, limit: float, step: float = 0.25) -> None:
         last = now
 
 
-def _wrk(bench: Bench, server: Server, connections: int, seconds: int) -> Any:
+def _wrk(bench: Bench, server: Server, mode: str, connections: int, seconds: int) -> Any:
+    headers = _headers(bench, server.name)
+    key = headers.pop("Authorization").removeprefix("Bearer ")
     return bench._wrk(
         f"openai:{server.name}",
         connections,
         seconds,
         url=f"http://127.0.0.1:{server.port}",
         request_path=OPENAI_PATH,
-        body=OPENAI_BODY,
-        keys=[_key(bench, server.name)],
+        body=MODES[mode],
+        keys=[key],
+        headers=headers,
     )
 
 
 def render(results: dict[str, Any]) -> str:
     data = results.get("openai")
-    if not data:
+    if not data or not data.get("modes"):
         return ""
     lines = [
-        f"\n## OpenAI-compatible: gateway on PostgreSQL vs LiteLLM (wrk -t1 -c{data['connections']}, "
-        "streamed chat completions, one fake upstream, same run)\n",
-        "| path | answers/s | by round | failed | proxy CPU-s per 1,000 |",
-        "|---|---:|---|---:|---:|",
+        f"\n## OpenAI-compatible: gateway on PostgreSQL vs Portkey and LiteLLM "
+        f"(wrk -t1 -c{data['connections']}, one fake upstream, same run)\n",
+        "| request | path | answers/s | by round | failed | proxy CPU-s per 1,000 |",
+        "|---|---|---:|---|---:|---:|",
     ]
-    for name in PATHS:
-        cell = data.get(name)
-        if cell is None:
-            continue
-        cpu = cell["cpu_per_1000"]
-        lines.append(
-            f"| {name} | {cell['answers_per_s']:,.0f} | {cell['answers_per_s_by_round']} | "
-            f"{cell['failed']} | {'-' if cpu is None else f'{cpu:.2f}'} |"
-        )
-    rows = data.get("gateway-openai", {}).get("ledger_rows")
+    for mode, by_name in data["modes"].items():
+        for name in PATHS:
+            cell = by_name.get(name)
+            if cell is None:
+                continue
+            cpu = cell["cpu_per_1000"]
+            lines.append(
+                f"| {mode} | {name} | {cell['answers_per_s']:,.0f} | "
+                f"{cell['answers_per_s_by_round']} | {cell['failed']} | "
+                f"{'-' if cpu is None else f'{cpu:.2f}'} |"
+            )
+    rows = data.get("ledger_rows")
     if rows is not None:
         lines.append(
-            f"\nLedger rows of the gateway's answers, model and cached tokens recorded, priced: {rows:,}."
+            f"\nLedger rows of the gateway's answers, model and cached tokens recorded, "
+            f"priced: {rows:,} (it completed {data.get('gateway_answers', 0):,})."
         )
-    if "ratio" in data:
+    ratios = [
+        f"{by_name[f'ratio_{peer}']:.1f}x {peer} {mode} (goal: {GOALS[peer]:g}x)"
+        for mode, by_name in data["modes"].items()
+        for peer in PEERS
+        if f"ratio_{peer}" in by_name
+    ]
+    if ratios:
         lines.append(
-            f"\nThe gateway streams {data['ratio']:.1f}x LiteLLM's answers/s (goal: 10x), "
-            f"load average {', '.join(f'{x:.1f}' for x in data['load_average'])}."
+            f"\nThe gateway's answers/s: {'; '.join(ratios)}; load average "
+            f"{', '.join(f'{x:.1f}' for x in data['load_average'])}."
         )
     return "\n".join(lines)

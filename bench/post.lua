@@ -1,11 +1,18 @@
 -- wrk script: POST one chat request per call, streamed answer, the same for every path.
 -- Environment: BENCH_PATH (default /v1/chat-messages), BENCH_AUTH (gateway keys, comma-separated, used in turn; the pass-throughs
--- and the upstream ignore them), BENCH_BODY (the JSON body). done() prints one JSON line
--- that bench/run.py reads.
+-- and the upstream ignore them), BENCH_BODY (the JSON body), BENCH_HEADERS (more headers,
+-- "Name: value" lines, for a peer such as Portkey that takes its upstream from them).
+-- done() prints one JSON line that bench/run.py reads.
 wrk.method = "POST"
 wrk.path = os.getenv("BENCH_PATH") or "/v1/chat-messages"
 wrk.body = os.getenv("BENCH_BODY")
 wrk.headers["Content-Type"] = "application/json"
+for line in string.gmatch(os.getenv("BENCH_HEADERS") or "", "[^\n]+") do
+  local name, value = string.match(line, "^([^:]+):%s*(.*)$")
+  if name then
+    wrk.headers[name] = value
+  end
+end
 
 local keys = {}
 for key in string.gmatch(os.getenv("BENCH_AUTH") or "", "[^,]+") do

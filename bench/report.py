@@ -234,6 +234,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 added <= limit,
                 f"{latency[TARGET_PATH]['ttfb_ms'][q]:.2f} vs {latency['direct']['ttfb_ms'][q]:.2f} ms direct",
             )
+    own = latency.get(TARGET_PATH, {}).get("ledger_overhead_ms")
+    if own:
+        # Issue 24: the gateway's own time from receiving a request to forwarding it.
+        for q, limit in (("p50", 1.0), ("p99", 5.0)):
+            add(
+                f"receive-to-forward (ledger overhead_ms), {q}",
+                f"<= {limit:.0f} ms",
+                own[q],
+                own[q] <= limit,
+                f"{own['answers']:,} answers at {results['settings']['rate']:.0f}/s",
+            )
     memory = results.get("memory", {}).get(TARGET_PATH)
     if memory:
         add(
@@ -259,6 +270,19 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             db["settle_writes"] <= 1.0001,
             f"{db['settle_round_trips']:.2f} round trips in all for settling",
         )
+    for mode, by_name in results.get("openai", {}).get("modes", {}).items():
+        for peer, goal in litellm.GOALS.items():
+            ratio = by_name.get(f"ratio_{peer}")
+            if ratio is None:
+                continue
+            add(
+                f"OpenAI {mode}: gateway-openai (full accounting) vs {peer}",
+                f">= {goal:g}x",
+                ratio,
+                ratio >= goal,
+                f"{by_name['gateway-openai']['answers_per_s']:,.0f} vs "
+                f"{by_name[peer]['answers_per_s']:,.0f} answers/s",
+            )
     return out
 
 

@@ -98,6 +98,7 @@ class Settings:
     phases: tuple[str, ...]
     users: int
     gateway_command: tuple[str, ...]
+    require_portkey: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -128,6 +129,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         "--gateway-command",
         default=None,
         help="how to run the gateway's CLI, for A/B runs (default: this Python -m gateway)",
+    )
+    parser.add_argument(
+        "--require-portkey",
+        action="store_true",
+        help="fail instead of skipping Portkey in the openai phase when it is not installed",
     )
     args = parser.parse_args(argv)
     smoke: bool = args.smoke
@@ -166,6 +172,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
             if args.gateway_command
             else (sys.executable, "-m", "gateway")
         ),
+        require_portkey=args.require_portkey,
     )
 
 
@@ -541,9 +548,11 @@ default_plan = "bench"
             status, headers, body = await loadgen.fetch(self.url(path), self.headers(path)[0], BODY)
             messages = body.count(b'"event":"message",')
             if status != 200 or messages != self.s.events or b'"event":"message_end"' not in body:
+                server = self.paths.get(path)
                 raise RuntimeError(
                     f"{path}: expected a complete answer, got HTTP {status}, {messages} "
                     f"message events: {body[:300]!r}"
+                    + (f"\n{server.name}'s log:\n{server.log_tail()}" if server else "")
                 )
             if path in GATEWAYS and "x-request-id" not in {k.lower() for k in headers}:
                 raise RuntimeError(f"{path}: no X-Request-Id: is this the gateway?")
@@ -558,6 +567,7 @@ default_plan = "bench"
         request_path: str = "/v1/chat-messages",
         body: bytes = BODY,
         keys: list[str] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> WrkResult:
         argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s"]
         argv += ["-s", str(LUA), url or self.url(path).removesuffix("/v1/chat-messages")]
@@ -566,6 +576,7 @@ default_plan = "bench"
             "BENCH_AUTH": ",".join(keys or self.keys_for(path)),
             "BENCH_BODY": body.decode(),
             "BENCH_PATH": request_path,
+            "BENCH_HEADERS": "\n".join(f"{k}: {v}" for k, v in (headers or {}).items()),
         }
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         self.load.add(proc)

@@ -12,6 +12,8 @@ from Dify).
 instead (docs/upstreams/openai.md): ``events`` chunks of 40 bytes of content each,
 the finish chunk, the usage-only chunk when the body asks for
 ``stream_options.include_usage``, then ``data: [DONE]``; ids unique per answer.
+Without ``"stream": true`` in the body it gets the same answer as one JSON
+``chat.completion`` (content-length, usage included), as OpenAI does.
 
 A request can override the defaults with ``x-bench-events`` and
 ``x-bench-delay-ms``; all three proxies forward those headers unchanged, so one
@@ -85,6 +87,7 @@ class _Ids:
 
 
 _INCLUDE_USAGE = re.compile(rb'"include_usage"\s*:\s*true')
+_STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true')
 OPENAI_USAGE = (
     b'{"prompt_tokens":1033,"completion_tokens":135,"total_tokens":1168,'
     b'"prompt_tokens_details":{"cached_tokens":512,"audio_tokens":0},'
@@ -118,6 +121,21 @@ def openai_chunks(ids: tuple[bytes, bytes, bytes], *, usage: bool) -> tuple[byte
     return _chunk(message), end + _chunk(b"data: [DONE]\n\n")
 
 
+def openai_completion(ids: tuple[bytes, bytes, bytes], events: int) -> bytes:
+    """A whole non-streamed chat completion: the response head and its JSON body, the
+    content being the ``events`` pieces of a streamed one joined."""
+    body = (
+        b'{"id":"chatcmpl-%s","object":"chat.completion","created":%d,"model":"gpt-4o-mini",'
+        b'"choices":[{"index":0,"message":{"role":"assistant","content":"%s"},'
+        b'"finish_reason":"stop"}],"usage":%s}'
+        % (ids[0], int(time.time()), ANSWER_TEXT * events, OPENAI_USAGE)
+    )
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+
+
 def answer_chunks(ids: tuple[bytes, bytes, bytes]) -> tuple[bytes, bytes]:
     """One answer's ``message`` chunk (sent N times) and its ``message_end`` chunk."""
     message_id, conversation_id, task_id = ids
@@ -140,7 +158,7 @@ def answer_chunks(ids: tuple[bytes, bytes, bytes]) -> tuple[bytes, bytes]:
 
 
 class _Request:
-    __slots__ = ("delay", "events", "keep_alive", "openai", "stream", "usage")
+    __slots__ = ("blocking", "delay", "events", "keep_alive", "openai", "stream", "usage")
 
     def __init__(
         self,
@@ -151,8 +169,10 @@ class _Request:
         keep_alive: bool,
         openai: bool = False,
         usage: bool = False,
+        blocking: bool = False,
     ) -> None:
         self.stream = stream
+        self.blocking = blocking
         self.events = events
         self.delay = delay
         self.keep_alive = keep_alive
@@ -237,6 +257,7 @@ class _Connection(asyncio.Protocol):
                 keep_alive=self._parser.should_keep_alive(),
                 openai=openai,
                 usage=openai and _INCLUDE_USAGE.search(self._body) is not None,
+                blocking=openai and _STREAM_TRUE.search(self._body) is None,
             )
         )
         if not self._busy:
@@ -253,6 +274,10 @@ class _Connection(asyncio.Protocol):
         request = self._queue.popleft()
         if not request.stream:
             transport.write(_NOT_FOUND)
+            self._done(request)
+            return
+        if request.blocking:
+            transport.write(openai_completion(self._ids.next(), request.events))
             self._done(request)
             return
         self._current = request

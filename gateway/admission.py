@@ -41,7 +41,7 @@ from gateway.storage import (
     User,
     WebSearch,
 )
-from gateway.upstreams import Route
+from gateway.upstreams import Route, Upstream
 
 if TYPE_CHECKING:
     from gateway.clock import Clock
@@ -115,6 +115,7 @@ class Ticket:
         "pending_id",
         "plan",
         "reserved",
+        "upstream",
         "user_id",
     )
 
@@ -127,6 +128,7 @@ class Ticket:
         lease_id: str | None,
         pending_id: str | None = None,
         plan: str = "",
+        upstream: str = "default",
     ) -> None:
         self.user_id = user_id
         self.plan = plan  # the plan's name, for metrics
@@ -138,6 +140,9 @@ class Ticket:
         # refund claim it, so neither can count after a recovery did.
         self.pending_id = pending_id
         self.body_changed = False  # admission rewrote the request body (web search off)
+        # The named upstream the answer goes to (issue 23), recorded in the ledger
+        # with it; whoever sends the request elsewhere (a fallback) sets it.
+        self.upstream = upstream
 
     def release(self) -> bool:
         """The reservation leaves the ticket - to the ledger (settled) or back to
@@ -189,9 +194,22 @@ class Admitter:
         return user.team, view
 
     async def admit(
-        self, snap: Snapshot, user_id: str, request_id: str, route: Route, body: dict[str, Any]
+        self,
+        snap: Snapshot,
+        user_id: str,
+        request_id: str,
+        route: Route,
+        body: dict[str, Any],
+        *,
+        dialect: Upstream | None = None,
+        upstream: str = "default",
     ) -> tuple[Ticket, Headers]:
-        """Reserve the answer or raise the refusal; may rewrite ``body`` (web search)."""
+        """Reserve the answer or raise the refusal; may rewrite ``body`` (web search).
+        ``dialect`` is the request's (its mount's, issue 23; default the primary
+        upstream's); ``upstream``: the named upstream the answer is sent to, kept
+        on the pending row (a recovery charges it there) and on the ticket."""
+        if dialect is None:
+            dialect = snap.upstream
         config = snap.config
         now = self._clock.now()
         periods = periods_at(now, snap.tz)
@@ -208,19 +226,20 @@ class Admitter:
             if asks_for_web_search(body, config.web_search):
                 web_search = WebSearch(None, config.web_search.when_exhausted)
             team, team_view = await self._team(snap, user)
-            if team_view is None and not view.per_model:
+            per_model = view.per_model or (team_view is not None and team_view.per_model)
+            if team_view is None and not per_model:
                 limits = view.admission  # the same for every request of the plan
             else:
                 limits = admission_limits(
                     view.limits,
                     team_view.limits if team_view is not None else (),
-                    models=(
-                        snap.upstream.requested_models(route, body) if view.per_model else None
-                    ),
+                    models=(dialect.requested_models(route, body) if per_model else None),
                 )
-            pending = self._pending(snap, request_id, route, body)
+            pending = replace(
+                self._pending(snap, dialect, request_id, route, body), upstream=upstream
+            )
             if any(limit.meter == "cost" for limit in limits.limits):
-                pending = self._with_cost_bound(snap, pending, route, body)
+                pending = self._with_cost_bound(snap, dialect, pending, route, body)
             lease = None
             if limits.counts_streams:
                 lease = Lease(id=request_id, expires_at=now + snap.lease_ttl)
@@ -240,7 +259,9 @@ class Admitter:
                 )
                 if admission.admitted or capped is not None or not plan.lower_output_cap:
                     break
-                lowered = self._lowered(snap, admission, limits, request_id, route, body)
+                lowered = self._lowered(
+                    snap, dialect, admission, limits, request_id, route, body, upstream
+                )
                 if lowered is None:
                     break  # refused as without the option
                 capped, pending = lowered
@@ -248,7 +269,14 @@ class Admitter:
                 body.update(capped)  # only the cap fields change
         except StorageError as exc:
             return self._storage_failed(
-                snap, exc, plan, user_id, request_id, periods, asks_web=web_search is not None
+                snap,
+                exc,
+                plan,
+                user_id,
+                request_id,
+                periods,
+                asks_web=web_search is not None,
+                upstream=upstream,
             )
 
         shown = reported_limit(admission, limits.limits, periods, now=now)
@@ -293,13 +321,14 @@ class Admitter:
             lease_id=lease.id if lease else None,
             pending_id=request_id,
             plan=plan.name,
+            upstream=upstream,
         )
         ticket.body_changed = disabled or capped is not None
         ticket.alerts = alert_request(plan, config.alerts, periods, limits.limits)
         return ticket, rate_headers
 
     def _pending(
-        self, snap: Snapshot, request_id: str, route: Route, body: dict[str, Any]
+        self, snap: Snapshot, dialect: Upstream, request_id: str, route: Route, body: dict[str, Any]
     ) -> Pending:
         """The pending row admission writes: what a recovery charges if this
         process dies before the answer is settled - the dialect's estimate for an
@@ -311,7 +340,7 @@ class Admitter:
                 return Pending(
                     id=request_id, endpoint=route.name, cost=price.price, currency=price.currency
                 )
-        usage = snap.upstream.unanswered(route, body).usage
+        usage = dialect.unanswered(route, body).usage
         if usage is None:
             return Pending(id=request_id, endpoint=route.name)
         return Pending(
@@ -327,11 +356,13 @@ class Admitter:
     def _lowered(
         self,
         snap: Snapshot,
+        dialect: Upstream,
         refusal: Admission,
         limits: AdmissionLimits,
         request_id: str,
         route: Route,
         body: dict[str, Any],
+        upstream: str,
     ) -> tuple[dict[str, Any], Pending] | None:
         """For a request refused by a money budget, on a plan with
         ``lower_output_cap``: the body's cap fields lowered to the largest cap
@@ -349,7 +380,7 @@ class Admitter:
         if remaining <= 0:
             return None
         cap = lowered_cap(
-            snap.upstream,
+            dialect,
             route,
             body,
             remaining,
@@ -358,12 +389,19 @@ class Admitter:
         if cap is None:
             return None
         capped = with_cap(body, route, cap)
-        pending = self._pending(snap, request_id, route, capped)
+        pending = replace(
+            self._pending(snap, dialect, request_id, route, capped), upstream=upstream
+        )
         changed = {name: value for name, value in capped.items() if body.get(name) != value}
-        return changed, self._with_cost_bound(snap, pending, route, capped)
+        return changed, self._with_cost_bound(snap, dialect, pending, route, capped)
 
     def _with_cost_bound(
-        self, snap: Snapshot, pending: Pending, route: Route, body: dict[str, Any]
+        self,
+        snap: Snapshot,
+        dialect: Upstream,
+        pending: Pending,
+        route: Route,
+        body: dict[str, Any],
     ) -> Pending:
         """``pending`` reserving the upper bound of the answer's cost against the
         money budgets (gateway/budget.py); a recovery charges at least that
@@ -374,7 +412,7 @@ class Admitter:
             bound = pending.cost
         else:
             bound = cost_bound(
-                snap.upstream,
+                dialect,
                 route,
                 body,
                 reserve_output_tokens=accounting.reserve_output_tokens,
@@ -392,6 +430,7 @@ class Admitter:
         periods: Periods,
         *,
         asks_web: bool = False,
+        upstream: str = "default",
     ) -> tuple[Ticket, Headers]:
         metrics = self._metrics
         metrics.inc("gateway_storage_errors_total", operation="admit")
@@ -421,7 +460,10 @@ class Admitter:
             log.warning(
                 "request %s: web-search allowance not checked, allowing (fail-open)", request_id
             )
-        return Ticket(user_id, periods.day, reserved=False, lease_id=None, plan=plan.name), []
+        ticket = Ticket(
+            user_id, periods.day, reserved=False, lease_id=None, plan=plan.name, upstream=upstream
+        )
+        return ticket, []
 
     async def refund(self, ticket: Ticket | None, request_id: str) -> None:
         """Return a reserved query (and its stream slot): no answer was produced."""

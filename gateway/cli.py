@@ -361,13 +361,21 @@ def config_warnings(config: Config) -> list[str]:
     from gateway.config import ENV_UPSTREAM_API_KEY
 
     warnings = []
-    if not config.upstream.api_key:
-        warnings.append(
-            f"the upstream API key is not set: set {config.upstream.api_key_env} "
-            f"(upstream.api_key_env) or {ENV_UPSTREAM_API_KEY}; the upstream will refuse "
-            "every request"
-        )
-    if config.upstream.kind == "dify":
+    for name, upstream in config.upstreams.items():
+        if upstream.api_key:
+            continue
+        if upstream is config.upstream:
+            warnings.append(
+                f"the upstream API key is not set: set {upstream.api_key_env} "
+                f"(upstream.api_key_env) or {ENV_UPSTREAM_API_KEY}; the upstream will refuse "
+                "every request"
+            )
+        else:
+            warnings.append(
+                f"the API key of upstream {name} is not set: set {upstream.api_key_env} "
+                f"(upstreams.{name}.api_key_env); it will refuse every request"
+            )
+    if all(upstream.kind == "dify" for upstream in config.upstreams.values()):
         # Issue 21: a Dify app fixes its own model; no request names one.
         for name, plan in config.plans.items():
             if plan.models is not None:
@@ -440,6 +448,18 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
         f"  cost          {money(today.cost) if today else 0} {currency}",
         f"this month:    {month_tokens} tokens / {limit(plan.tokens_per_month)}",
     ]
+    # This month's answers per model and per named upstream (issue 23), from the
+    # ledger, as /v1/usage and the admin API show them.
+    models = await storage.usage_by_model(user.id, start=period.month_start, end=period.day)
+    lines += _grouped_lines(
+        "by model",
+        [(m.model or "-", m.answers, m.total_tokens, money(m.cost), m.currency) for m in models],
+    )
+    upstreams = await storage.usage_by_upstream(user.id, start=period.month_start, end=period.day)
+    lines += _grouped_lines(
+        "by upstream",
+        [(u.upstream, u.answers, u.total_tokens, money(u.cost), u.currency) for u in upstreams],
+    )
     if user.overrides:
         lines.append(
             "overrides:  " + ", ".join(f"{k}={limit(v)}" for k, v in sorted(user.overrides.items()))
@@ -461,6 +481,19 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
         lines.append(f"key:        {key.id}  {key.prefix}…  {key.name or '-'}  {state}")
     print("\n".join(lines))
     return 0
+
+
+def _grouped_lines(title: str, groups: Sequence[tuple[str, int, int, str, str]]) -> list[str]:
+    """This month's ledger rows summed per model or upstream and currency (name,
+    answers, tokens, cost, currency), a line each: none when the month has none."""
+    if not groups:
+        return []
+    width = max(len(group[0]) for group in groups)
+    return [f"this month {title}:"] + [
+        f"  {name:<{width}}  {answers} answer{'' if answers == 1 else 's'}, {tokens} tokens, "
+        f"cost {cost} {currency}"
+        for name, answers, tokens, cost, currency in groups
+    ]
 
 
 def _team_usage_lines(report: dict[str, Any], config: Config) -> list[str]:
@@ -642,7 +675,12 @@ async def _teams_show(storage: Storage, config: Config, args: argparse.Namespace
                 f"{k}={'unlimited' if v is None else v}" for k, v in sorted(team.overrides.items())
             )
         )
-    print("\n".join(lines + _team_usage_lines(report, config)))
+    by_upstream = [
+        (u["upstream"], u["answers"], u["total_tokens"], u["cost"], u["currency"])
+        for u in report["month_by_upstream"]
+    ]
+    lines += _team_usage_lines(report, config) + _grouped_lines("by upstream", by_upstream)
+    print("\n".join(lines))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`gateway demo`: the gateway in front of a built-in fake Dify, ready to curl.
+"""`gateway demo`: the gateway in front of a built-in fake Dify (demo_upstream.py), ready to curl.
 
 Everything runs in one process and one event loop: the fake upstream on a free
 port, the gateway on the requested port, a fresh SQLite database in a temporary
@@ -23,9 +23,9 @@ import uvicorn
 from gateway.accounts import issue_key
 from gateway.app import create_app
 from gateway.config import ServerConfig, load_config
+from gateway.demo_upstream import DemoDify
 from gateway.logs import configure_logging
 from gateway.storage import open_storage
-from gateway.testing.fake_upstream import FakeDify
 
 DEMO_USER = "demo-user"
 
@@ -103,7 +103,7 @@ async def _demo(host: str, listener: socket.socket) -> None:
     port = listener.getsockname()[1]
     folder = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
     upstream_key = "app-demo-" + secrets.token_hex(8)
-    fake = FakeDify(api_key=upstream_key, delay=0.05)
+    fake = DemoDify(api_key=upstream_key)
     fake_socket = _listen(host, 0)
     fake_port = fake_socket.getsockname()[1]
     fake_server, fake_task = await _start(fake, fake_socket)
@@ -148,8 +148,7 @@ Then see what was recorded:
 
   gateway --config {config_path} users show {DEMO_USER}
 
-Also try "response_mode": "blocking", or POST {base}/v1/workflows/run with the same
-headers and '{{"inputs": {{}}, "response_mode": "streaming"}}'. Ctrl-C stops the demo.
+Also try "response_mode": "blocking". Ctrl-C stops the demo.
 """,
         flush=True,
     )
@@ -157,7 +156,6 @@ headers and '{{"inputs": {{}}, "response_mode": "streaming"}}'. Ctrl-C stops the
     try:
         await task
     finally:
-        fake.release_held()
         fake_server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await fake_task

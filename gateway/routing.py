@@ -41,14 +41,13 @@ ALLOWED: Final = Route("allowed", "allowed", role="passthrough")
 
 
 class RouteGuard:
-    """Applies the roles; one per proxy (``upstream.allow`` needs a restart)."""
+    """Applies the roles; one per proxy."""
 
-    __slots__ = ("_allow", "_metrics", "_storage")
+    __slots__ = ("_metrics", "_storage")
 
-    def __init__(self, storage: Storage, *, metrics: Metrics, allow: AllowList) -> None:
+    def __init__(self, storage: Storage, *, metrics: Metrics) -> None:
         self._storage = storage
         self._metrics = metrics
-        self._allow = allow
 
     def admit_route(
         self,
@@ -57,15 +56,17 @@ class RouteGuard:
         route: Route,
         *,
         call_prices: Mapping[str, CallPrice],
+        allow: AllowList,
         refined: bool = False,
     ) -> Route:
         """The route to forward, or the refusal for a route the gateway must not forward.
 
+        ``allow``: the allow-lists of the request's mount (``upstream.allow``).
         ``refined``: the route a body made of a metered one; the allow-list, which
         names paths, never turns it into an unmetered pass-through."""
         role = route.role
         if role == "unknown" or role == "operator":
-            if not refined and self._allow and self._allow.allows(method, path):
+            if not refined and allow and allow.allows(method, path):
                 log.debug("%s %s: forwarded by upstream.allow", method, path)
                 return ALLOWED
             if role == "operator":

@@ -16,8 +16,8 @@ import pytest
 from gateway.config import parse_config
 from gateway.cors import EXPOSED, Cors
 from gateway.errors import ConfigError
-from gateway.testing.fake_upstream import FakeDify
 from tests.browser import chromium, require_chromium, site
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, running_gateway
 from tests.servers import read_body
 

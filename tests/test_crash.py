@@ -23,8 +23,8 @@ from gateway.config import parse_config
 from gateway.keys import new_key
 from gateway.runtime import Gateway
 from gateway.storage import AdmissionLimits, Pending, Storage, UsageEvent
-from gateway.testing.fake_upstream import FakeDify
 from gateway.usage import estimate_tokens
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, direct_request, running_gateway, to_toml
 from tests.processes import GatewayProcess
 from tests.servers import serve

@@ -25,7 +25,7 @@ from gateway.config import DatabaseConfig, parse_config
 from gateway.currency import CurrencyMismatch, database_currency, serving, shown
 from gateway.runtime import Gateway
 from gateway.storage import ModelUsage, Storage, UsageEvent, open_storage
-from gateway.testing.fake_upstream import FakeDify
+from tests.fakes.dify import FakeDify, Usage
 from tests.harness import UPSTREAM_KEY, USER, running_gateway, to_toml
 
 ADMIN = "currency-admin-token-" + "x" * 20
@@ -326,7 +326,7 @@ CHAT = {"query": "hi", "inputs": {}, "response_mode": "blocking", "user": "x"}
 async def test_without_prices_the_first_cost_reported_fixes_the_currency(
     database_url: str,
 ) -> None:
-    fake = FakeDify(api_key=UPSTREAM_KEY, currency="VND")
+    fake = FakeDify(api_key=UPSTREAM_KEY, usage=Usage.priced(currency="VND"))
     async with running_gateway(database_url, fake=fake) as h, _client(h.url) as http:
         assert h.gateway.currency == "USD"  # nothing names one yet
         assert (
@@ -342,7 +342,7 @@ async def test_an_upstream_cost_in_another_currency_is_said_and_refused_next_sta
     database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     await seed(database_url, answer("u1", "0.75", "USD"))
-    fake = FakeDify(api_key=UPSTREAM_KEY, currency="VND")
+    fake = FakeDify(api_key=UPSTREAM_KEY, usage=Usage.priced(currency="VND"))
     async with running_gateway(database_url, fake=fake) as h, _client(h.url) as http:
         assert (
             await http.post("/v1/chat-messages", json=CHAT, headers=h.auth())

@@ -19,7 +19,7 @@ from gateway.errors import ConfigError
 from gateway.http import response_headers
 from gateway.keys import hash_key
 from gateway.storage import ApiKey, UsageEvent, open_storage
-from gateway.testing.fake_upstream import FakeDify
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, running_gateway
 from tests.tcpproxy import TCPProxy
 

@@ -16,7 +16,7 @@ from gateway.errors import StorageError
 from gateway.metrics import Metrics
 from gateway.settle import Settler
 from gateway.storage import Lease, Storage, UsageEvent
-from gateway.testing.fake_upstream import FakeDify
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, direct_request, running_gateway
 from tests.servers import read_body
 

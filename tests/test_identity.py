@@ -31,7 +31,7 @@ from jwt.algorithms import ECAlgorithm
 
 from gateway.config import load_config
 from gateway.errors import ConfigError
-from gateway.testing.fake_upstream import RecordedRequest
+from tests.fakes.dify import RecordedRequest
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -25,7 +25,7 @@ from gateway.cli import main
 from gateway.config import DatabaseConfig, ServerConfig
 from gateway.keys import new_key
 from gateway.storage import open_storage
-from gateway.testing.fake_upstream import FakeDify
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, running_gateway, to_toml
 from tests.processes import GatewayProcess
 from tests.servers import free_port, serve, spawn_gateway

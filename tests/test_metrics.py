@@ -17,8 +17,8 @@ from gateway.config import DatabaseConfig
 from gateway.keys import new_key
 from gateway.metrics import COUNTERS, GAUGES, HISTOGRAMS, Metrics
 from gateway.storage import open_storage
-from gateway.testing.fake_upstream import FakeDify
-from gateway.testing.openai_upstream import FakeOpenAI
+from tests.fakes.dify import FakeDify
+from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
 from tests.servers import free_port, serve, start_gateway
 from tests.upstreams.test_openai_sdk import MINI_COST, STEER, openai_settings

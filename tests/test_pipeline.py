@@ -14,10 +14,10 @@ import pytest
 
 import gateway.proxy
 from gateway.errors import NotFound, StorageError
-from gateway.testing.fake_upstream import FakeDify
 from gateway.upstreams import Prepared, Route
 from gateway.upstreams.dify import DifyUpstream
 from gateway.upstreams.transforms import DropEvents
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
@@ -223,7 +223,10 @@ class HidesUsage(DifyUpstream):
 def hide_usage(h: Harness) -> None:
     """Put HidesUsage in force, as a reload puts a new dialect: in a new snapshot."""
     current = h.gateway.running.current
-    current.install(dataclasses.replace(current.snapshot, upstream=HidesUsage()))
+    dialect = HidesUsage()
+    current.install(
+        dataclasses.replace(current.snapshot, upstream=dialect, dialects={"dify": dialect})
+    )
 
 
 async def test_a_stream_transform_hides_an_event_from_the_client_not_from_the_meter(

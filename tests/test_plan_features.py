@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from gateway.errors import StorageError
-from gateway.testing.fake_upstream import FakeDify
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 
 CHAT = {"query": "Tin tức hôm nay?", "inputs": {}, "response_mode": "streaming", "user": "x"}

@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from gateway.testing.fake_upstream import FakeDify
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 from tests.servers import read_body, serve
 

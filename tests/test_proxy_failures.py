@@ -16,8 +16,8 @@ import pytest
 
 import gateway.proxy
 from gateway.sse import ServerSentEvent, SSEDecoder
-from gateway.testing.fake_upstream import FakeDify
 from gateway.upstreams.dify import DifyUpstream
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 from tests.servers import serve
 

@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from gateway.clock import FixedClock
-from gateway.testing.fake_upstream import FakeDify
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
-from tests.test_quotas import CHAT, ask, plans, two_gateways
+from tests.test_admission import CHAT, ask, plans, two_gateways
 
 # On a bucket's start (buckets of a minute's rate are 5 s long).
 T0 = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)

@@ -16,7 +16,7 @@ import pytest
 from gateway.clock import FixedClock
 from gateway.config import load_config
 from gateway.errors import ConfigError
-from gateway.testing.openai_upstream import FakeOpenAI
+from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}

@@ -22,7 +22,7 @@ import httpx
 import jwt
 import pytest
 
-from gateway.testing.fake_upstream import FakeDify
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, Harness, running_gateway, to_toml
 
 CHAT = {"query": "hi", "inputs": {}, "response_mode": "streaming", "user": "x"}

@@ -19,7 +19,7 @@ from gateway.errors import StorageError
 from gateway.metrics import Metrics
 from gateway.settle import Settler, Write, event_to_json
 from gateway.storage import Storage, UsageEvent, open_storage
-from gateway.testing.fake_upstream import FakeDify
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
 from tests.servers import free_port, start_gateway
 from tests.tcpproxy import TCPProxy

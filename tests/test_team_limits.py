@@ -15,9 +15,9 @@ import pytest
 
 from gateway.clock import FixedClock
 from gateway.keys import new_key
-from gateway.testing.fake_upstream import FakeDify
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
-from tests.test_quotas import CHAT, ask, two_gateways
+from tests.test_admission import CHAT, ask, two_gateways
 
 T0 = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
 

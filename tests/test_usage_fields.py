@@ -12,10 +12,10 @@ import orjson
 import pytest
 
 from gateway.bounds import CLAMPED
-from gateway.testing.fake_upstream import FakeDify
 from gateway.upstreams.dify import _node_usage, _usage_from
 from gateway.upstreams.openai_wire import usage_from
 from gateway.usage import FieldReader, Usage
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, running_gateway
 
 DIFY: dict[str, Any] = {

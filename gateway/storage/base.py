@@ -56,7 +56,7 @@ EVENT_COLUMNS = (
     "answer_id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens, "
     "total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id, "
     "request_id, upstream_latency_ms, overhead_ms, model, cached_tokens, reasoning_tokens, "
-    "cache_write_tokens"
+    "cache_write_tokens, upstream"
 )
 # Per model and currency, in ModelUsage's order; both backends group the ledger
 # with it (the cost sum is the backend's exact decimal sum, given as {cost_sum}).
@@ -67,6 +67,17 @@ MODEL_USAGE_SELECT = (
     "WHERE user_id = {p1} AND day >= {p2} AND day <= {p3} "
     "GROUP BY model, currency ORDER BY sum(total_tokens) DESC, model, currency"
 )
+# Per named upstream and currency (issue 23), in UpstreamUsage's order, as
+# MODEL_USAGE_SELECT is per model; {who} picks the ledger's rows: one user's
+# (USER_ROWS) or a team's current members' (TEAM_ROWS).
+UPSTREAM_USAGE_SELECT = (
+    "SELECT upstream, count(*), sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), "
+    "sum(reasoning_tokens), sum(total_tokens), {cost_sum}, currency FROM usage_events "
+    "WHERE {who} AND day >= {p2} AND day <= {p3} "
+    "GROUP BY upstream, currency ORDER BY sum(total_tokens) DESC, upstream, currency"
+)
+USER_ROWS = "user_id = {p1}"
+TEAM_ROWS = "user_id IN (SELECT id FROM users WHERE team_id = {p1})"
 # The whole ledger's cost per currency (gateway/currency.py reads which currencies
 # a database holds money in).
 COSTS_BY_CURRENCY_SELECT = "SELECT currency, {cost_sum} FROM usage_events GROUP BY currency"
@@ -293,6 +304,8 @@ class Pending:
     # The upper bound of the answer's cost admission reserved against money
     # budgets (gateway/quota.py): settle, refund and recovery release it.
     reserved_cost: Decimal = Decimal(0)
+    # The upstream the answer was sent to (issue 23): a recovery records it.
+    upstream: str = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +377,8 @@ class UsageEvent:
     cached_tokens: int = 0  # of prompt_tokens, read from the provider's prompt cache
     reasoning_tokens: int = 0  # of completion_tokens, spent reasoning
     cache_write_tokens: int = 0  # of prompt_tokens, written to the provider's prompt cache
+    # The named upstream that answered (issue 23; "default": the `[upstream]` table).
+    upstream: str = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,6 +400,37 @@ def model_usage(row: Any, cost: Decimal) -> ModelUsage:
     """A row of MODEL_USAGE_SELECT (sums may come as decimals) as a ModelUsage."""
     return ModelUsage(
         model=row[0],
+        answers=int(row[1]),
+        prompt_tokens=int(row[2]),
+        cached_tokens=int(row[3]),
+        completion_tokens=int(row[4]),
+        reasoning_tokens=int(row[5]),
+        total_tokens=int(row[6]),
+        cost=cost,
+        currency=row[8],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamUsage:
+    """Answers of one named upstream (issue 23) over a range of days, from the
+    ledger: a user's, or a team's members'."""
+
+    upstream: str  # "default": the `[upstream]` table, and every answer before issue 23
+    answers: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+    cost: Decimal = Decimal(0)
+    currency: str = "USD"  # of ``cost``: an upstream's answers in two currencies are two rows
+
+
+def upstream_usage(row: Any, cost: Decimal) -> UpstreamUsage:
+    """A row of UPSTREAM_USAGE_SELECT (sums may come as decimals) as an UpstreamUsage."""
+    return UpstreamUsage(
+        upstream=row[0],
         answers=int(row[1]),
         prompt_tokens=int(row[2]),
         cached_tokens=int(row[3]),
@@ -765,6 +811,20 @@ class Storage(Protocol):
     async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[ModelUsage]:
         """The user's ledger with start <= day <= end summed per model and
         currency, the model with the most tokens first."""
+        ...
+
+    async def usage_by_upstream(
+        self, user_id: str, *, start: date, end: date
+    ) -> list[UpstreamUsage]:
+        """The user's ledger with start <= day <= end summed per named upstream
+        and currency (issue 23), the upstream with the most tokens first."""
+        ...
+
+    async def team_usage_by_upstream(
+        self, team_id: str, *, start: date, end: date
+    ) -> list[UpstreamUsage]:
+        """`usage_by_upstream` over the team's current members' ledger rows (as
+        `team_daily` sums its current members' day rows)."""
         ...
 
     async def costs_by_currency(self) -> dict[str, Decimal]:

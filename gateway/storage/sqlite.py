@@ -61,8 +61,11 @@ from gateway.storage.base import (
     TEAM_COLUMNS,
     TEAM_DAILY_SELECT,
     TEAM_LIST_SELECT,
+    TEAM_ROWS,
+    UPSTREAM_USAGE_SELECT,
     USER_COLUMNS,
     USER_FIELDS,
+    USER_ROWS,
     USER_SORTS,
     Admission,
     AdmissionLimits,
@@ -79,6 +82,7 @@ from gateway.storage.base import (
     Pending,
     Team,
     TeamSummary,
+    UpstreamUsage,
     UsageEvent,
     User,
     UserSort,
@@ -92,10 +96,17 @@ from gateway.storage.base import (
     parse_alert_spec,
     team_daily,
     team_summary,
+    upstream_usage,
 )
 
 T = TypeVar("T")
 _USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="dec_sum(cost)", p1="?", p2="?", p3="?")
+_USAGE_BY_UPSTREAM = UPSTREAM_USAGE_SELECT.format(
+    cost_sum="dec_sum(cost)", who=USER_ROWS.format(p1="?"), p2="?", p3="?"
+)
+_TEAM_USAGE_BY_UPSTREAM = UPSTREAM_USAGE_SELECT.format(
+    cost_sum="dec_sum(cost)", who=TEAM_ROWS.format(p1="?"), p2="?", p3="?"
+)
 _COSTS_BY_CURRENCY = COSTS_BY_CURRENCY_SELECT.format(cost_sum="dec_sum(cost)")
 
 _TEAM_DAILY = TEAM_DAILY_SELECT.format(cost_sum="dec_sum(d.cost)", p1="?", p2="?", p3="?")
@@ -334,6 +345,7 @@ def _event(row: tuple[Any, ...]) -> UsageEvent:
         cached_tokens=row[18],
         reasoning_tokens=row[19],
         cache_write_tokens=row[20],
+        upstream=row[21],
     )
 
 
@@ -584,7 +596,7 @@ def _supersede(conn: sqlite3.Connection, pending_id: str, event: UsageEvent) -> 
         "prompt_tokens = ?, completion_tokens = ?, total_tokens = ?, cost = ?, currency = ?, "
         "outcome = ?, estimated = ?, web_searches = ?, conversation_id = ?, request_id = ?, "
         "upstream_latency_ms = ?, overhead_ms = ?, model = ?, cached_tokens = ?, "
-        "reasoning_tokens = ?, cache_write_tokens = ? WHERE answer_id = ?",
+        "reasoning_tokens = ?, cache_write_tokens = ?, upstream = ? WHERE answer_id = ?",
         (
             event.answer_id,
             _ts(event.created_at),
@@ -605,6 +617,7 @@ def _supersede(conn: sqlite3.Connection, pending_id: str, event: UsageEvent) -> 
             event.cached_tokens,
             event.reasoning_tokens,
             event.cache_write_tokens,
+            event.upstream,
             old[0],
         ),
     )
@@ -647,7 +660,7 @@ def _record(conn: sqlite3.Connection, event: UsageEvent) -> bool:
     cost = str(event.cost)
     inserted = conn.execute(
         f"INSERT INTO usage_events ({EVENT_COLUMNS}) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (answer_id) DO NOTHING",
         (
             event.answer_id,
@@ -671,6 +684,7 @@ def _record(conn: sqlite3.Connection, event: UsageEvent) -> bool:
             event.cached_tokens,
             event.reasoning_tokens,
             event.cache_write_tokens,
+            event.upstream,
         ),
     ).rowcount
     if not inserted:
@@ -1142,8 +1156,8 @@ class SQLiteStorage:
                 conn.execute(
                     "INSERT INTO pending_answers (id, user_id, day, created_at, endpoint, "
                     "prompt_tokens, completion_tokens, total_tokens, cost, currency, "
-                    "web_searches, reserved_cost, rates, scopes) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "web_searches, reserved_cost, rates, scopes, upstream) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         pending.id,
                         user_id,
@@ -1159,6 +1173,7 @@ class SQLiteStorage:
                         str(pending.reserved_cost),
                         bits,
                         orjson.dumps(keys).decode(),
+                        pending.upstream,
                     ),
                 )
             after = charged(counters, charge, searches)
@@ -1273,7 +1288,7 @@ class SQLiteStorage:
             # removed is simply not there for the next.
             rows = conn.execute(
                 "SELECT id, user_id, day, endpoint, prompt_tokens, completion_tokens, "
-                "total_tokens, cost, currency, web_searches FROM pending_answers "
+                "total_tokens, cost, currency, web_searches, upstream FROM pending_answers "
                 "WHERE created_at < ? "
                 "ORDER BY created_at LIMIT ?",
                 (_ts(before), limit),
@@ -1300,6 +1315,7 @@ class SQLiteStorage:
                         outcome="recovered",
                         estimated=True,
                         request_id=row[0],
+                        upstream=row[10],
                     ),
                 )
                 if recorded and claimed is not None:
@@ -1478,6 +1494,25 @@ class SQLiteStorage:
             lambda conn: [
                 model_usage(row, Decimal(row[7] or "0"))
                 for row in conn.execute(_USAGE_BY_MODEL, params).fetchall()
+            ]
+        )
+
+    async def usage_by_upstream(
+        self, user_id: str, *, start: date, end: date
+    ) -> list[UpstreamUsage]:
+        return await self._by_upstream(_USAGE_BY_UPSTREAM, user_id, start, end)
+
+    async def team_usage_by_upstream(
+        self, team_id: str, *, start: date, end: date
+    ) -> list[UpstreamUsage]:
+        return await self._by_upstream(_TEAM_USAGE_BY_UPSTREAM, team_id, start, end)
+
+    async def _by_upstream(self, sql: str, who: str, start: date, end: date) -> list[UpstreamUsage]:
+        params = (who, start.isoformat(), end.isoformat())
+        return await self._run(
+            lambda conn: [
+                upstream_usage(row, Decimal(row[7] or "0"))
+                for row in conn.execute(sql, params).fetchall()
             ]
         )
 

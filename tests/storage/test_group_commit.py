@@ -428,6 +428,8 @@ async def test_a_call_cancelled_before_it_is_sent_is_not_sent() -> None:
 
 D1, D2 = DAY, DAY + timedelta(days=1)
 USERS = ("u0", "u1", "u2", "u3")
+UPSTREAMS = ("default", "support", "research")  # admissions' (pending rows')
+ANSWERED_BY = ("research", "default", "backup")  # settles' (ledger rows')
 TABLE_ROWS = {
     "users": "SELECT id, lifetime_prompt_tokens, lifetime_completion_tokens, "
     "lifetime_tokens, lifetime_cost FROM users ORDER BY id",
@@ -435,7 +437,7 @@ TABLE_ROWS = {
     "usage_events": "SELECT answer_id, user_id, day, created_at, endpoint, conversation_id, "
     "request_id, prompt_tokens, completion_tokens, total_tokens, cost, currency, outcome, "
     "estimated, web_searches, upstream_latency_ms, overhead_ms, model, cached_tokens, "
-    "reasoning_tokens, cache_write_tokens FROM usage_events ORDER BY answer_id",
+    "reasoning_tokens, cache_write_tokens, upstream FROM usage_events ORDER BY answer_id",
     "stream_leases": "SELECT * FROM stream_leases ORDER BY id",
     "pending_answers": "SELECT * FROM pending_answers ORDER BY id",
     "notifications": "SELECT user_id, kind, period, threshold, limit_value, used, created_at "
@@ -462,6 +464,8 @@ def admission_calls(rng: random.Random, count: int) -> list[dict[str, object]]:
                     max_concurrent_streams=streams,
                 ),
                 "name": f"r{i}",
+                # The upstream it is sent to (issue 23), kept on its pending row.
+                "upstream": UPSTREAMS[i % 3],
                 "lease": streams is not None,
                 "advanced_rag": rng.random() < 0.3,
                 "now": NOW + timedelta(milliseconds=i),
@@ -499,6 +503,7 @@ async def run_admission(store: PostgresStorage, call: dict[str, object]) -> obje
                 prompt_tokens=7,
                 total_tokens=7,
                 cost=Decimal("0.0000070"),
+                upstream=str(call["upstream"]),
             ),
         )
     except NotFound:
@@ -548,6 +553,7 @@ def settle_calls(
                     model=rng.choice([None, "gpt-4o-mini"]),
                     cached_tokens=rng.choice([0, 3]),
                     cache_write_tokens=rng.choice([0, 0, 2]),
+                    upstream=ANSWERED_BY[i % 3],  # a fallback's, sometimes
                 ),
                 "lease": pending_name,
                 "pending": pending_id,
@@ -642,6 +648,12 @@ async def test_a_batch_writes_what_its_calls_one_by_one_would(postgres_dsn: str,
     # Recovered estimates superseded by their real records.
     events = tables_one_by_one["usage_events"]
     assert any(not row[0].startswith("gw-") and row[6] and int(row[6][1:]) < 15 for row in events)
+    # The upstreams: a settled answer's is the settle's, an estimate left
+    # recovered has its pending row's.
+    assert {row[-1] for row in events if not row[0].startswith("gw-")} == set(ANSWERED_BY)
+    for row in events:
+        if row[0].startswith("gw-r"):
+            assert row[-1] == UPSTREAMS[int(row[0][4:]) % 3], row
     assert batched == one_by_one
     for name in TABLE_ROWS.keys() - {"notifications", "alert_outbox"}:
         assert tables_batched[name] == tables_one_by_one[name], name

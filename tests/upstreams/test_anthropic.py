@@ -16,7 +16,6 @@ from gateway.errors import BadRequest, Forbidden
 from gateway.http import request_headers
 from gateway.pricing import Price
 from gateway.sse import SSEDecoder
-from gateway.testing.anthropic_upstream import ANSWER_PIECES, FakeAnthropic, _Answer
 from gateway.upstreams import get_upstream
 from gateway.upstreams.anthropic import AnthropicUpstream
 from gateway.upstreams.anthropic_routes import anthropic_route
@@ -27,6 +26,7 @@ from gateway.upstreams.anthropic_wire import (
     usage_from,
 )
 from gateway.usage import Usage, estimate_tokens
+from tests.fakes.anthropic import ANSWER_PIECES, FakeAnthropic, _Answer
 
 MODEL = "claude-sonnet-4-5"
 TABLE = {MODEL: {"input": "3", "cached_input": "0.30", "cache_write_input": "3.75", "output": "15"}}

@@ -1,7 +1,7 @@
 """Dify human-in-the-loop resumes are metered exactly once (issue 20): the form
 submit is the metered answer and the gateway reads the resumed run itself, so
 the run is charged whether the client reads its events zero, one or several
-times. The real gateway in front of the fake Dify (fake_hitl.py), both on real
+times. The real gateway in front of the fake Dify (tests/fakes/dify_hitl.py), both on real
 sockets; the meter's rules table-tested below."""
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import pytest
 
 from gateway.sse import ServerSentEvent
 from gateway.storage import UsageEvent, open_storage
-from gateway.testing.fake_upstream import FakeDify
 from gateway.upstreams.dify import DifyUpstream
 from gateway.upstreams.dify_resume import (
     ResumeMeter,
@@ -28,6 +27,7 @@ from gateway.upstreams.dify_resume import (
     resumed_form,
 )
 from gateway.usage import Usage
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 
 RUN = "run-1"

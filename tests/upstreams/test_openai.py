@@ -16,7 +16,6 @@ from gateway.config import parse_config
 from gateway.errors import BadRequest, ConfigError, Forbidden
 from gateway.pricing import Audio, Price, PriceTable
 from gateway.sse import SSEDecoder
-from gateway.testing.openai_upstream import ANSWER_PIECES, FakeOpenAI, _Answer
 from gateway.upstreams import get_upstream
 from gateway.upstreams.openai import OpenAIUpstream
 from gateway.upstreams.openai_wire import (
@@ -30,6 +29,7 @@ from gateway.upstreams.openai_wire import (
 )
 from gateway.upstreams.transforms import DropEvents
 from gateway.usage import Usage, estimate_tokens
+from tests.fakes.openai import ANSWER_PIECES, FakeOpenAI, _Answer
 
 PRICES = {
     "gpt-4o-mini": Price(

@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from gateway.testing.openai_upstream import FakeOpenAI
+from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 
 PRICES = {

@@ -13,7 +13,7 @@ import openai
 import orjson
 import pytest
 
-from gateway.testing.openai_upstream import ANSWER_PIECES, FakeOpenAI
+from tests.fakes.openai import ANSWER_PIECES, FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 
 ANSWER = "".join(ANSWER_PIECES)

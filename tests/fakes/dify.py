@@ -1,4 +1,4 @@
-"""A fake of Dify's Service API as a plain ASGI app, for the test suite and ``gateway demo``.
+"""A fake of Dify's Service API as a plain ASGI app, for the test suite.
 
 It speaks Dify 1.x's wire format (the protocol notes in docs/upstreams/dify.md): SSE answers whose
 ``message_end`` carries usage, blocking JSON answers, Dify's error shape, stop endpoints,
@@ -20,6 +20,10 @@ Tests steer it per request with headers:
 
 Like Dify, an answer keeps being generated after the client disconnects; only the
 stop endpoint (same task id and user) ends it early.
+
+It builds on the pieces of Dify's wire format that ``gateway demo``'s small fake
+(gateway/demo_upstream.py) defines: the usage object, the error shape, the key check,
+the message envelope.
 """
 
 from __future__ import annotations
@@ -33,33 +37,38 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 from typing import Any, Final, NoReturn
 from urllib.parse import parse_qsl
 
 import orjson
 
-from gateway.testing.fake_hitl import HumanInput, HumanInputError
+from gateway.demo_upstream import (
+    ANSWER_PIECES,
+    JSON_HEADERS,
+    SSE_HEADERS,
+    DifyError,
+    Usage,
+    blocking_message,
+    check_key,
+    message_end,
+    message_head,
+    not_served,
+    read_body,
+    request_headers,
+    require_user,
+    response_headers,
+    send_json,
+    serve_lifespan,
+    strip_v1,
+)
 from gateway.types import Message, Receive, Scope, Send
+from tests.fakes.dify_hitl import HumanInput
 
-__all__ = ["ANSWER_PIECES", "SCENARIOS", "FakeDify", "RecordedRequest"]
+__all__ = ["ANSWER_PIECES", "SCENARIOS", "FakeDify", "RecordedRequest", "Usage"]
 
 JSON = dict[str, Any]
 Headers = list[tuple[bytes, bytes]]
-
-# Nine pieces so that a stop after k pieces bills exactly k * 15 of the default 135
-# completion tokens; non-ASCII so chunk splits land inside UTF-8 characters.
-ANSWER_PIECES: Final = (
-    "Xin chào",
-    "!",
-    " Tôi",
-    " có thể",
-    " giúp",
-    " gì",
-    " cho bạn",
-    " hôm nay",
-    "?",
-)
 
 _BASE_SHAPES: Final = frozenset({"chat", "completion", "workflow"})
 _CHAT_SHAPES: Final = frozenset({"agent", "chatflow", "chatflow_reversed"})
@@ -70,10 +79,6 @@ _BEHAVIOURS: Final = frozenset(
 _MODIFIERS: Final = _FORMATS | _BEHAVIOURS | {"status"}
 SCENARIOS: Final = _BASE_SHAPES | _CHAT_SHAPES | _MODIFIERS
 
-_CENT: Final = Decimal("0.0000001")  # Dify quantizes prices to 7 places
-_JSON_HEADERS: Final = ((b"content-type", b"application/json"),)
-# Werkzeug adds the charset to every text/* mimetype, so this is what Dify sends.
-_SSE_HEADERS: Final = ((b"content-type", b"text/event-stream; charset=utf-8"),)
 _STATUS_CODES: Final = {
     400: "invalid_param",
     401: "unauthorized",
@@ -111,55 +116,9 @@ class RecordedRequest:
     json: Any  # the parsed JSON body, or None
 
 
-@dataclass(frozen=True, slots=True)
-class _Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_price: Decimal
-    completion_price: Decimal
-    total_price: Decimal
-    prompt_unit_price: Decimal
-    completion_unit_price: Decimal
-    price_unit: Decimal
-    currency: str
-
-    def cut_to(self, produced: int, planned: int) -> _Usage:
-        """The usage of an answer stopped after `produced` of `planned` pieces."""
-        tokens = self.completion_tokens * produced // planned
-        price = (tokens * self.completion_unit_price * self.price_unit).quantize(
-            _CENT, ROUND_HALF_UP
-        )
-        return replace(
-            self,
-            completion_tokens=tokens,
-            total_tokens=self.prompt_tokens + tokens,
-            completion_price=price,
-            total_price=self.prompt_price + price,
-        )
-
-    def to_json(self, *, latency: float, first_token: float | None) -> JSON:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "prompt_unit_price": str(self.prompt_unit_price),
-            "prompt_price_unit": str(self.price_unit),
-            "prompt_price": str(self.prompt_price),
-            "completion_tokens": self.completion_tokens,
-            "completion_unit_price": str(self.completion_unit_price),
-            "completion_price_unit": str(self.price_unit),
-            "completion_price": str(self.completion_price),
-            "total_tokens": self.total_tokens,
-            "total_price": str(self.total_price),
-            "currency": self.currency,
-            "latency": latency,
-            "time_to_first_token": first_token,
-            "time_to_generate": None if first_token is None else latency - first_token,
-        }
-
-
 # The second LLM node of the workflow scenario costs a fixed amount, so a test can
 # predict the workflow's sums from the configured usage alone.
-_NODE_B_USAGE: Final = _Usage(
+_NODE_B_USAGE: Final = Usage(
     prompt_tokens=100,
     completion_tokens=50,
     total_tokens=150,
@@ -171,31 +130,6 @@ _NODE_B_USAGE: Final = _Usage(
     price_unit=Decimal("0.001"),
     currency="USD",
 )
-
-
-class _HttpError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-def _error_body(status: int, code: str, message: str) -> bytes:
-    return orjson.dumps({"code": code, "message": message, "status": status})
-
-
-def _headers(base: Sequence[tuple[bytes, bytes]], length: int | None = None) -> Headers:
-    headers = list(base)
-    if length is not None:
-        headers.append((b"content-length", str(length).encode()))
-    return headers
-
-
-async def _send_json(
-    send: Send, status: int, body: bytes, extra: Sequence[tuple[bytes, bytes]] = ()
-) -> None:
-    headers = _headers(_JSON_HEADERS, len(body)) + list(extra)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def _first_of(*events: asyncio.Event) -> None:
@@ -266,7 +200,7 @@ class _Run:
     flags: frozenset[str]
     streaming: bool
     user: str
-    usage: _Usage
+    usage: Usage
     pieces: Sequence[str]
     delay: float
     message_id: str
@@ -296,24 +230,25 @@ class _Run:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def usage_so_far(self) -> _Usage:
+    def usage_so_far(self) -> Usage:
         if self.stopped.is_set() and len(self.text) < len(self.pieces):
             return self.usage.cut_to(len(self.text), len(self.pieces))
         return self.usage
 
-    def usage_json(self, usage: _Usage) -> JSON:
+    def usage_json(self, usage: Usage) -> JSON:
         first = None if self.first_token is None else self.first_token - self.started
         return {**usage.to_json(latency=self.elapsed(), first_token=first), **self.raw_usage}
 
     def envelope(self, event: str) -> JSON:
         if self.shape == "workflow":
             return {"event": event, "task_id": self.task_id, "workflow_run_id": self.message_id}
-        head: JSON = {"event": event}
-        if self.chat_family:
-            head["conversation_id"] = self.conversation_id
-        head |= {"message_id": self.message_id, "created_at": self.created_at}
-        head |= {"task_id": self.task_id, "id": self.message_id}
-        return head
+        return message_head(
+            event,
+            conversation_id=self.conversation_id if self.chat_family else None,
+            message_id=self.message_id,
+            created_at=self.created_at,
+            task_id=self.task_id,
+        )
 
     def workflow_event(self, event: str, data: JSON) -> JSON:
         if self.shape == "workflow":
@@ -339,7 +274,7 @@ class _Run:
         return self.workflow_event("node_started", data)
 
     def node_finished(
-        self, node: _Node, index: int, prev: _Node | None, outputs: JSON, usage: _Usage | None
+        self, node: _Node, index: int, prev: _Node | None, outputs: JSON, usage: Usage | None
     ) -> JSON:
         data = self.node_started(node, index, prev)["data"] | {
             "process_data": None,
@@ -362,7 +297,7 @@ class _Run:
         }
         return self.workflow_event("node_finished", data)
 
-    def llm_outputs(self, text: str, usage: _Usage) -> JSON:
+    def llm_outputs(self, text: str, usage: Usage) -> JSON:
         return {"text": text, "usage": self.usage_json(usage), "finish_reason": "stop"}
 
     def workflow_result(self, total_tokens: int, steps: int, outputs: JSON) -> JSON:
@@ -380,10 +315,10 @@ class _Run:
             "finished_at": int(time.time()),
         }
 
-    def message_end(self, usage: _Usage) -> JSON:
-        metadata = {"usage": self.usage_json(usage), "retriever_resources": []}
-        metadata |= self.extra_metadata
-        return self.envelope("message_end") | {"metadata": metadata, "files": None}
+    def message_end(self, usage: Usage) -> JSON:
+        return message_end(
+            self.envelope("message_end"), self.usage_json(usage), self.extra_metadata
+        )
 
     def fail(self) -> JSON:
         """Record the scenario's model failure and return its SSE error event."""
@@ -622,24 +557,13 @@ def _int_range(query: dict[str, str], name: str, default: int, low: int, high: i
     except ValueError:
         value = low - 1
     if not low <= value <= high:
-        raise _HttpError(400, "invalid_param", f"{name} must be an integer in [{low}, {high}]")
-    return value
-
-
-def _user(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        # Dify's validate_app_token raises ValueError, which its API maps to 400.
-        raise _HttpError(400, "invalid_param", "Arg user must be provided.")
+        raise DifyError(400, "invalid_param", f"{name} must be an integer in [{low}, {high}]")
     return value
 
 
 _SIDE_CALLS: Final = frozenset(
     {"suggested", "rename", "text_to_audio", "audio_to_text", "form_submit", "workflow_logs"}
 )
-
-
-def _strip_v1(path: str) -> str:
-    return path[3:] if path.startswith("/v1/") else path
 
 
 _ROUTES: Final = (
@@ -677,7 +601,7 @@ def _json_object_header(headers: dict[str, str], name: str) -> JSON:
     except orjson.JSONDecodeError:
         value = None
     if not isinstance(value, dict):
-        raise _HttpError(400, "invalid_param", f"{name} must be a JSON object")
+        raise DifyError(400, "invalid_param", f"{name} must be a JSON object")
     return value
 
 
@@ -688,16 +612,7 @@ class FakeDify:
         self,
         *,
         api_key: str | None = None,
-        prompt_tokens: int = 1033,
-        completion_tokens: int = 135,
-        total_tokens: int | None = None,
-        prompt_price: str = "0.0010330",
-        completion_price: str = "0.0002700",
-        total_price: str | None = None,
-        prompt_unit_price: str = "0.001",
-        completion_unit_price: str = "0.002",
-        price_unit: str = "0.001",
-        currency: str = "USD",
+        usage: Usage | None = None,
         answer: Sequence[str] = ANSWER_PIECES,
         delay: float = 0.0,
         title_delay: float = 0.3,
@@ -706,21 +621,7 @@ class FakeDify:
         if len(answer) < 3:
             raise ValueError("answer needs at least 3 pieces (error and cut scenarios send 2)")
         self.api_key = api_key
-        prompt, completion = Decimal(prompt_price), Decimal(completion_price)
-        self.usage = _Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens
-            if total_tokens is None
-            else total_tokens,
-            prompt_price=prompt,
-            completion_price=completion,
-            total_price=prompt + completion if total_price is None else Decimal(total_price),
-            prompt_unit_price=Decimal(prompt_unit_price),
-            completion_unit_price=Decimal(completion_unit_price),
-            price_unit=Decimal(price_unit),
-            currency=currency,
-        )
+        self.usage = Usage.priced() if usage is None else usage
         self.answer = tuple(answer)
         self.delay = delay
         self.title_delay = title_delay
@@ -736,7 +637,7 @@ class FakeDify:
         self.upload_fields: list[dict[str, str]] = []  # the form fields beside the file
         self.holding = 0  # "hold" answers waiting on `release` right now
         self.conversations: list[JSON] = _default_conversations()
-        # Human input: paused runs, their forms and subscribers (fake_hitl.py).
+        # Human input: paused runs, their forms and subscribers (dify_hitl.py).
         self.hitl = HumanInput()
         self.messages: list[JSON] = _default_messages()
         self._running: dict[str, _Run] = {}
@@ -761,8 +662,8 @@ class FakeDify:
 
     def hits(self, path: str) -> int:
         """How many requests reached `path`; a ``/v1`` prefix is ignored on both sides."""
-        wanted = _strip_v1(path)
-        return sum(1 for r in self.requests if _strip_v1(r.path) == wanted)
+        wanted = strip_v1(path)
+        return sum(1 for r in self.requests if strip_v1(r.path) == wanted)
 
     def running_tasks(self) -> list[str]:
         return list(self._running)
@@ -783,30 +684,24 @@ class FakeDify:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await serve_lifespan(receive, send)
             return
         if scope["type"] != "http":
             await send({"type": "websocket.close", "code": 1000})
             return
         method: str = scope["method"]
         path: str = scope["path"]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = request_headers(scope)
         query = dict(
             parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         )
-        kind, params = self._route(method, _strip_v1(path))
+        kind, params = self._route(method, strip_v1(path))
 
-        body = b""
+        body: bytes | None = b""
         if kind != "upload":  # uploads are streamed through the multipart counter
-            chunks = []
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    break
-            body = b"".join(chunks)
+            body = await read_body(receive)
+            if body is None:
+                return
         parsed: Any = None
         if body:
             with contextlib.suppress(orjson.JSONDecodeError):
@@ -815,25 +710,12 @@ class FakeDify:
 
         try:
             if kind in ("not_found", "method_not_allowed"):
-                status = 404 if kind == "not_found" else 405
-                raise _HttpError(status, kind, f"The requested URL {path} is not served here.")
-            self._authorize(headers)
+                raise not_served(path, other_method=kind == "method_not_allowed")
+            check_key(headers, self.api_key)
             self._check_status(headers)
             await self._dispatch(kind, params, headers, query, parsed, receive, send)
-        except _HttpError as exc:
-            extra = [(b"www-authenticate", b'Bearer realm="api"')] if exc.status == 401 else []
-            await _send_json(
-                send, exc.status, _error_body(exc.status, exc.code, exc.message), extra
-            )
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        except DifyError as exc:
+            await exc.send(send)
 
     def _route(self, method: str, path: str) -> tuple[str, dict[str, str]]:
         allowed = False
@@ -845,17 +727,6 @@ class FakeDify:
                 allowed = True
         return ("method_not_allowed" if allowed else "not_found"), {}
 
-    def _authorize(self, headers: dict[str, str]) -> None:
-        if self.api_key is None:
-            return
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise _HttpError(
-                401, "unauthorized", "Authorization header must be provided and start with 'Bearer'"
-            )
-        if token.strip() != self.api_key:
-            raise _HttpError(401, "unauthorized", "Access token is invalid")
-
     def _check_status(self, headers: dict[str, str]) -> None:
         raw = headers.get("x-fake-status")
         names = {n.strip() for n in headers.get("x-fake-scenario", "").split(",")}
@@ -864,11 +735,11 @@ class FakeDify:
         try:
             status = int(raw or 500)
         except ValueError:
-            raise _HttpError(400, "invalid_param", "x-fake-status must be an integer") from None
+            raise DifyError(400, "invalid_param", "x-fake-status must be an integer") from None
         code = _STATUS_CODES.get(
             status, "internal_server_error" if status >= 500 else "bad_request"
         )
-        raise _HttpError(status, code, f"Fake upstream answered {status} as asked")
+        raise DifyError(status, code, f"Fake upstream answered {status} as asked")
 
     async def _dispatch(
         self,
@@ -894,18 +765,15 @@ class FakeDify:
         elif kind in _SIDE_CALLS:
             await self._side_call(kind, params, headers, query, body, send)
         elif kind == "resume_events":
-            try:
-                user = _user(query.get("user"))
-                await self.hitl.events(params["task"], user, query, receive, send)
-            except HumanInputError as exc:
-                raise _HttpError(exc.status, exc.code, exc.message) from None
+            user = require_user(query.get("user"))
+            await self.hitl.events(params["task"], user, query, receive, send)
         else:
             static = {"parameters": _PARAMETERS, "meta": _META, "info": _INFO}[kind]
-            await _send_json(send, 200, static)
+            await send_json(send, 200, static)
 
     # -- answers -------------------------------------------------------------------
 
-    def _usage_for(self, headers: dict[str, str]) -> _Usage:
+    def _usage_for(self, headers: dict[str, str]) -> Usage:
         usage = self.usage
         prompt = headers.get("x-fake-prompt-tokens")
         completion = headers.get("x-fake-completion-tokens")
@@ -918,7 +786,7 @@ class FakeDify:
             if price is not None:
                 usage = replace(usage, total_price=Decimal(price))
         except (ValueError, InvalidOperation):
-            raise _HttpError(400, "invalid_param", "bad x-fake usage header") from None
+            raise DifyError(400, "invalid_param", "bad x-fake usage header") from None
         return usage
 
     def _shape(self, kind: str, headers: dict[str, str]) -> tuple[str, frozenset[str]]:
@@ -926,28 +794,28 @@ class FakeDify:
             n.strip() for n in headers.get("x-fake-scenario", "").split(",") if n.strip()
         )
         if unknown := names - SCENARIOS:
-            raise _HttpError(400, "invalid_param", f"unknown x-fake-scenario {sorted(unknown)}")
+            raise DifyError(400, "invalid_param", f"unknown x-fake-scenario {sorted(unknown)}")
         if wrong := names & _BASE_SHAPES - {kind}:
-            raise _HttpError(400, "invalid_param", f"scenario {sorted(wrong)} is not for {kind}")
+            raise DifyError(400, "invalid_param", f"scenario {sorted(wrong)} is not for {kind}")
         shapes = names & _CHAT_SHAPES
         if len(shapes) > 1 or (shapes and kind != "chat"):
-            raise _HttpError(400, "invalid_param", f"scenario {sorted(shapes)} is not for {kind}")
+            raise DifyError(400, "invalid_param", f"scenario {sorted(shapes)} is not for {kind}")
         return (next(iter(shapes)) if shapes else kind), names & _MODIFIERS
 
     def _plan(self, kind: str, params: dict[str, str], headers: dict[str, str], body: Any) -> _Run:
         if not isinstance(body, dict):
-            raise _HttpError(400, "invalid_param", "The request body must be a JSON object.")
-        user = _user(body.get("user"))
+            raise DifyError(400, "invalid_param", "The request body must be a JSON object.")
+        user = require_user(body.get("user"))
         shape, flags = self._shape(kind, headers)
         streaming = body.get("response_mode") == "streaming"
         if shape == "agent" and not streaming:
-            raise _HttpError(400, "invalid_param", "Agent Chat App does not support blocking mode")
+            raise DifyError(400, "invalid_param", "Agent Chat App does not support blocking mode")
         delay = self.delay
         if "x-fake-delay-ms" in headers:
             try:
                 delay = float(headers["x-fake-delay-ms"]) / 1000
             except ValueError:
-                raise _HttpError(400, "invalid_param", "bad x-fake-delay-ms") from None
+                raise DifyError(400, "invalid_param", "bad x-fake-delay-ms") from None
         conversation = body.get("conversation_id") if kind == "chat" else None
         extra = _json_object_header(headers, "x-fake-metadata")
         raw_usage = _json_object_header(headers, "x-fake-usage-json")
@@ -972,12 +840,12 @@ class FakeDify:
 
     async def _answer(self, run: _Run, receive: Receive, send: Send) -> None:
         out = _Out(send, run.flags)
-        watcher = asyncio.create_task(self._watch(receive, out))  # noqa: TID251 - scoped: cancelled below
+        watcher = asyncio.create_task(self._watch(receive, out))
         self._running[run.task_id] = run
         self.answers_started += 1
         try:
             if run.streaming:
-                await out.start(200, _headers(_SSE_HEADERS))
+                await out.start(200, response_headers(SSE_HEADERS))
             if run.shape == "workflow":
                 await self._workflow(run, out)
             else:
@@ -1010,7 +878,7 @@ class FakeDify:
         else:
             assert run.result is not None
             status, body = 200, out.dumps(run.result)
-        await out.start(status, _headers(_JSON_HEADERS, len(body)))
+        await out.start(status, response_headers(JSON_HEADERS, len(body)))
         await out.write(body, more=False)
 
     async def _event(self, run: _Run, out: _Out, payload: JSON, *, pause: bool = True) -> None:
@@ -1058,7 +926,7 @@ class FakeDify:
         if not run.streaming:
             # A blocking answer dies after promising more bytes than it sends.
             partial = b'{"event": "message", "task_id": "' + run.task_id.encode()
-            await out.start(200, _headers(_JSON_HEADERS, 4096))
+            await out.start(200, response_headers(JSON_HEADERS, 4096))
             await out.write(partial)
         raise _UpstreamCut(f"fake upstream cut task {run.task_id} on purpose (scenario 'cut')")
 
@@ -1120,16 +988,12 @@ class FakeDify:
         else:
             await self._event(run, out, end)
         mode = {"chat": "chat", "agent": "agent-chat", "completion": "completion"}
-        run.result = {"event": "message", "task_id": run.task_id, "id": run.message_id}
-        run.result["message_id"] = run.message_id
-        if run.chat_family:
-            run.result["conversation_id"] = run.conversation_id
-        run.result |= {
-            "mode": mode.get(run.shape, "advanced-chat"),
-            "answer": answer,
-            "metadata": end["metadata"],
-            "created_at": run.created_at,
-        }
+        run.result = blocking_message(
+            run.envelope("message"),
+            mode=mode.get(run.shape, "advanced-chat"),
+            answer=answer,
+            metadata=end["metadata"],
+        )
         self.completed_answers += 1
 
     async def _workflow(self, run: _Run, out: _Out) -> None:
@@ -1177,7 +1041,7 @@ class FakeDify:
 
     async def _pause_for_input(self, run: _Run, out: _Out) -> None:
         """Scenario "pause": one LLM node, then a human-input form, and the run
-        pauses (fake_hitl.py resumes it when the form is submitted)."""
+        pauses (dify_hitl.py resumes it when the form is submitted)."""
         await self._node(run, out, _START, 1, None, run.inputs)
         await self._event(run, out, run.node_started(_LLM_A, 2, _START))
         text = "Bản nháp."
@@ -1201,20 +1065,20 @@ class FakeDify:
     # -- other endpoints -----------------------------------------------------------
 
     async def _stop(self, task_id: str, body: Any, send: Send) -> None:
-        user = _user(body.get("user") if isinstance(body, dict) else None)
+        user = require_user(body.get("user") if isinstance(body, dict) else None)
         self.stops.append(task_id)
         run = self._running.get(task_id)
         # Dify only honours a stop from the user who started the task, and says
         # "success" either way.
         if run is not None and run.user == user:
             run.stopped.set()
-        await _send_json(send, 200, b'{"result":"success"}')
+        await send_json(send, 200, b'{"result":"success"}')
 
     async def _upload(self, headers: dict[str, str], receive: Receive, send: Send) -> None:
         content_type = headers.get("content-type", "")
         boundary = _params(content_type).get("boundary")
         if not content_type.lower().startswith("multipart/form-data") or not boundary:
-            raise _HttpError(400, "no_file_uploaded", "Please upload your file.")
+            raise DifyError(400, "no_file_uploaded", "Please upload your file.")
         counter = _MultipartCounter(boundary.encode("latin-1"))
         while True:
             message = await receive()
@@ -1225,17 +1089,17 @@ class FakeDify:
                 break
         counter.close()
         if counter.error is not None:
-            raise _HttpError(400, "invalid_param", counter.error)
-        user = _user(counter.fields.get("user"))
+            raise DifyError(400, "invalid_param", counter.error)
+        user = require_user(counter.fields.get("user"))
         if not any(name == "file" for name, *_ in counter.files):
-            raise _HttpError(400, "no_file_uploaded", "Please upload your file.")
+            raise DifyError(400, "no_file_uploaded", "Please upload your file.")
         if len(counter.files) > 1:
-            raise _HttpError(400, "too_many_files", "Only one file is allowed.")
+            raise DifyError(400, "too_many_files", "Only one file is allowed.")
         _, filename, mime, size = counter.files[0]
         self.uploaded_bytes.append(size)
         self.upload_fields.append(dict(counter.fields))
         if size > self.max_upload_bytes:
-            raise _HttpError(413, "file_too_large", f"File size exceeded. {size} > limit")
+            raise DifyError(413, "file_too_large", f"File size exceeded. {size} > limit")
         extension = filename.rpartition(".")[2].lower() if "." in filename else ""
         info = {
             "id": str(uuid.uuid4()),
@@ -1247,7 +1111,7 @@ class FakeDify:
             "created_at": int(time.time()),
             "preview_url": None,
         }
-        await _send_json(send, 201, orjson.dumps(info))
+        await send_json(send, 201, orjson.dumps(info))
 
     async def _side_call(
         self,
@@ -1263,7 +1127,7 @@ class FakeDify:
         if "x-fake-delay-ms" in headers:
             await asyncio.sleep(float(headers["x-fake-delay-ms"]) / 1000)
         if kind == "suggested":
-            _user(query.get("user"))
+            require_user(query.get("user"))
             payload: JSON = {"result": "success", "data": ["Bạn là ai?", "Còn gì nữa?"]}
         elif kind == "audio_to_text":
             # Multipart with a form user (not parsed here: the body was recorded).
@@ -1272,58 +1136,55 @@ class FakeDify:
             payload = {"page": 1, "limit": 20, "total": 0, "has_more": False, "data": []}
         else:
             if not isinstance(body, dict):
-                raise _HttpError(400, "invalid_param", "The request body must be a JSON object.")
-            user = _user(body.get("user")) if kind == "form_submit" else body.get("user")
+                raise DifyError(400, "invalid_param", "The request body must be a JSON object.")
+            user = require_user(body.get("user")) if kind == "form_submit" else body.get("user")
             if kind == "rename":
                 name = "Cuộc trò chuyện mới" if body.get("auto_generate") else body.get("name")
                 payload = {"id": params["conversation"], "name": name, "status": "normal"}
             elif kind == "form_submit":
                 usage = self._usage_for(headers).to_json(latency=0.1, first_token=None)
                 names = {n.strip() for n in headers.get("x-fake-scenario", "").split(",")}
-                try:
-                    text = "x" * 65536 if "huge" in names else "Đã duyệt."
-                    payload = self.hitl.submit(
-                        params["token"], str(user), usage=usage, cut="cut" in names, text=text
-                    )
-                except HumanInputError as exc:
-                    raise _HttpError(exc.status, exc.code, exc.message) from None
+                text = "x" * 65536 if "huge" in names else "Đã duyệt."
+                payload = self.hitl.submit(
+                    params["token"], str(user), usage=usage, cut="cut" in names, text=text
+                )
             else:  # text_to_audio: Dify answers audio bytes
                 audio = b"ID3fake-mp3"
-                headers_out = _headers(((b"content-type", b"audio/mpeg"),), len(audio))
+                headers_out = response_headers(((b"content-type", b"audio/mpeg"),), len(audio))
                 await send({"type": "http.response.start", "status": 200, "headers": headers_out})
                 await send({"type": "http.response.body", "body": audio, "more_body": False})
                 return
-        await _send_json(send, 200, orjson.dumps(payload))
+        await send_json(send, 200, orjson.dumps(payload))
 
     async def _conversations(self, query: dict[str, str], send: Send) -> None:
-        _user(query.get("user"))
+        require_user(query.get("user"))
         limit = _int_range(query, "limit", 20, 1, 100)
         items = self.conversations
         last_id = query.get("last_id")
         if last_id:
             ids = [c.get("id") for c in items]
             if last_id not in ids:
-                raise _HttpError(404, "not_found", "Last Conversation Not Exists.")
+                raise DifyError(404, "not_found", "Last Conversation Not Exists.")
             items = items[ids.index(last_id) + 1 :]
         page = {"limit": limit, "has_more": len(items) > limit, "data": items[:limit]}
-        await _send_json(send, 200, orjson.dumps(page))
+        await send_json(send, 200, orjson.dumps(page))
 
     async def _messages(self, query: dict[str, str], send: Send) -> None:
-        _user(query.get("user"))
+        require_user(query.get("user"))
         conversation = query.get("conversation_id")
         if not conversation:
-            raise _HttpError(400, "invalid_param", "conversation_id is required")
+            raise DifyError(400, "invalid_param", "conversation_id is required")
         limit = _int_range(query, "limit", 20, 1, 100)
         items = [m for m in self.messages if m.get("conversation_id") == conversation]
         if not items and all(c.get("id") != conversation for c in self.conversations):
-            raise _HttpError(404, "not_found", "Conversation Not Exists.")
+            raise DifyError(404, "not_found", "Conversation Not Exists.")
         first_id = query.get("first_id")
         if first_id:
             ids = [m.get("id") for m in items]
             if first_id not in ids:
-                raise _HttpError(404, "not_found", "First Message Not Exists.")
+                raise DifyError(404, "not_found", "First Message Not Exists.")
             items = items[: ids.index(first_id)]
         # Dify pages backwards through history: the newest `limit` messages before
         # first_id, oldest first; has_more says older ones remain.
         page = {"limit": limit, "has_more": len(items) > limit, "data": items[-limit:]}
-        await _send_json(send, 200, orjson.dumps(page))
+        await send_json(send, 200, orjson.dumps(page))

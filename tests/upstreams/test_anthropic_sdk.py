@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 
-from gateway.testing.anthropic_upstream import ANSWER_PIECES, TOOL_INPUT, FakeAnthropic
+from tests.fakes.anthropic import ANSWER_PIECES, TOOL_INPUT, FakeAnthropic
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 from tests.servers import serve
 

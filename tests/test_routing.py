@@ -15,8 +15,8 @@ import pytest
 
 from gateway.config import parse_config
 from gateway.errors import ConfigError
-from gateway.testing.fake_upstream import FakeDify
-from gateway.testing.openai_upstream import FakeOpenAI
+from tests.fakes.dify import FakeDify
+from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 
 NO_QUERIES = {"plans": {"free": {"queries_per_day": 0}}}

@@ -15,7 +15,7 @@ import orjson
 import pytest
 import uvicorn
 
-from gateway.testing.fake_upstream import ANSWER_PIECES, FakeDify
+from tests.fakes.dify import ANSWER_PIECES, FakeDify, Usage
 
 ANSWER = "".join(ANSWER_PIECES)
 USAGE_KEYS = {
@@ -257,7 +257,9 @@ async def test_raw_usage_header_replaces_fields_as_sent() -> None:
 
 async def test_constructor_usage() -> None:
     fake = FakeDify(
-        prompt_tokens=7, completion_tokens=3, prompt_price="0.1", completion_price="0.2"
+        usage=Usage.priced(
+            prompt_tokens=7, completion_tokens=3, prompt_price="0.1", completion_price="0.2"
+        )
     )
     usage = (await stream(fake, "/chat-messages"))[-1]["metadata"]["usage"]
     assert (usage["total_tokens"], usage["total_price"]) == (10, "0.3")

@@ -20,8 +20,8 @@ from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.settle import Settler, Write, event_from_json, event_to_json
 from gateway.storage import Storage, UsageEvent, open_storage
-from gateway.testing.fake_upstream import FakeDify
-from gateway.testing.openai_upstream import ANSWER_PIECES, FakeOpenAI
+from tests.fakes.dify import FakeDify
+from tests.fakes.openai import ANSWER_PIECES, FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
 from tests.tcpproxy import TCPProxy
 from tests.test_settle import EVENT

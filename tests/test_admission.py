@@ -19,7 +19,7 @@ from gateway.clock import FixedClock
 from gateway.config import DatabaseConfig
 from gateway.keys import new_key
 from gateway.storage import Storage, open_storage
-from gateway.testing.fake_upstream import FakeDify
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
 from tests.processes import GatewayProcess
 from tests.servers import serve

@@ -16,7 +16,7 @@ from gateway.cli import config_warnings
 from gateway.config import parse_config
 from gateway.errors import ConfigError, Forbidden
 from gateway.model_access import allows, check_models
-from gateway.testing.openai_upstream import FakeOpenAI
+from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 from tests.tcpproxy import TCPProxy
 

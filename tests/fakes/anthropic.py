@@ -27,28 +27,24 @@ Tests steer it per request with headers:
   closes the connection or `release_held` is called).
 
 Like Anthropic, an answer stops being generated when its client closes the
-connection; ``closed`` counts such answers.
+connection; ``closed`` counts such answers. What it shares with the fake OpenAI is
+in model_api.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 from typing import Any, Final
 
 import orjson
 
-from gateway.testing.openai_upstream import RecordedRequest
 from gateway.types import Receive, Scope, Send
+from tests.fakes.model_api import ANSWER_PIECES, FakeModelAPI, event, send_json
 
 __all__ = ["ANSWER_PIECES", "TOOL_INPUT", "FakeAnthropic"]
 
 JSON = dict[str, Any]
 
-ANSWER_PIECES: Final = ("Xin chào", "!", " Tôi", " có thể", " giúp", " gì", "?")
 TOOL_INPUT: Final = {"location": "Hà Nội", "unit": "celsius"}
-_JSON: Final = [(b"content-type", b"application/json")]
-_SSE: Final = [(b"content-type", b"text/event-stream; charset=utf-8")]
 _ERROR_TYPES: Final = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -61,10 +57,6 @@ _ERROR_TYPES: Final = {
 }
 
 
-class _Cut(Exception):
-    """Raised on purpose (scenario "cut") so uvicorn aborts the connection mid-body."""
-
-
 def error_body(status: int, message: str) -> bytes:
     kind = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
     return orjson.dumps(
@@ -72,63 +64,41 @@ def error_body(status: int, message: str) -> bytes:
     )
 
 
-class FakeAnthropic:
+class FakeAnthropic(FakeModelAPI):
     def __init__(self, *, api_key: str, models: tuple[str, ...] = ("claude-sonnet-4-5",)) -> None:
-        self.api_key = api_key
-        self.models = models
-        self.requests: list[RecordedRequest] = []
+        super().__init__(api_key=api_key, models=models)
         # Every x-api-key header of each request, in order (``requests`` keeps the last).
         self.key_headers: list[list[str]] = []
-        self.sent: list[bytes] = []  # each streamed answer's body, as sent
-        self.closed = 0  # streamed answers whose client closed the connection mid-answer
-        self.closed_event = asyncio.Event()
-        self._release = asyncio.Event()
-        self._ids = itertools.count(1)
-
-    def release_held(self) -> None:
-        self._release.set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        path = scope["path"].removeprefix("/v1")
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        raw = bytearray()
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        try:
-            body = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            body = None
-        self.requests.append(RecordedRequest(scope["method"], path, headers, body))
+        path, headers, body = await self.record(scope, receive)
         self.key_headers.append(
             [v.decode("latin-1") for k, v in scope["headers"] if k == b"x-api-key"]
         )
         if headers.get("x-api-key") != self.api_key:
-            await _json(send, 401, error_body(401, "invalid x-api-key"))
+            await send_json(send, 401, error_body(401, "invalid x-api-key"))
             return
         if "anthropic-version" not in headers:
-            await _json(send, 400, error_body(400, "anthropic-version: header is required"))
+            await send_json(send, 400, error_body(400, "anthropic-version: header is required"))
             return
         if "x-fake-status" in headers:
             status = int(headers["x-fake-status"])
-            await _json(send, status, error_body(status, f"Fake error {status}."))
+            await send_json(send, status, error_body(status, f"Fake error {status}."))
             return
         method = scope["method"]
         if method == "GET" and (path == "/models" or path.startswith("/models/")):
             await self._models(send, path)
             return
         if method == "POST" and path == "/messages/count_tokens" and isinstance(body, dict):
-            await _json(send, 200, orjson.dumps({"input_tokens": 14}))
+            await send_json(send, 200, orjson.dumps({"input_tokens": 14}))
             return
         if method != "POST" or path != "/messages" or not isinstance(body, dict):
-            await _json(send, 404, error_body(404, "Not found"))
+            await send_json(send, 404, error_body(404, "Not found"))
             return
         if not isinstance(body.get("max_tokens"), int):
-            await _json(send, 400, error_body(400, "max_tokens: Field required"))
+            await send_json(send, 400, error_body(400, "max_tokens: Field required"))
             return
         await _Answer(self, headers, body, next(self._ids)).run(receive, send)
 
@@ -144,41 +114,28 @@ class FakeAnthropic:
         ]
         if path == "/models":
             page = {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": None}
-            await _json(send, 200, orjson.dumps(page))
+            await send_json(send, 200, orjson.dumps(page))
             return
         wanted = path.removeprefix("/models/")
         for model in data:
             if model["id"] == wanted:
-                await _json(send, 200, orjson.dumps(model))
+                await send_json(send, 200, orjson.dumps(model))
                 return
-        await _json(send, 404, error_body(404, f"model: {wanted}"))
-
-
-async def _json(send: Send, status: int, body: bytes) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*_JSON, (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+        await send_json(send, 404, error_body(404, f"model: {wanted}"))
 
 
 class _Answer:
     """One request's answer, shaped by the steering headers."""
 
     def __init__(self, fake: FakeAnthropic, headers: dict[str, str], body: JSON, n: int) -> None:
-        self.fake, self.body = fake, body
+        self.fake, self.headers, self.body = fake, headers, body
         self.model = headers.get("x-fake-model") or str(body.get("model") or "claude-sonnet-4-5")
-        self.scenario = frozenset(filter(None, headers.get("x-fake-scenario", "").split(",")))
         self.input = int(headers.get("x-fake-input-tokens", "12"))
         self.output = int(headers.get("x-fake-output-tokens", str(len(ANSWER_PIECES))))
         self.cache_read = int(headers.get("x-fake-cache-read-tokens", "0"))
         self.cache_creation = int(headers.get("x-fake-cache-creation-tokens", "0"))
         self.searches = int(headers.get("x-fake-web-searches", "0"))
         self.tool = headers.get("x-fake-tool-use")
-        self.delay = int(headers.get("x-fake-delay-ms", "0")) / 1000
         self.id = f"msg_fake{n:020d}"
 
     def usage(self, *, output: int) -> JSON:
@@ -249,11 +206,19 @@ class _Answer:
             body = self.message(
                 content=self.blocks(), stop_reason=self.stop_reason, output=self.output
             )
-            await _json(send, 200, orjson.dumps(body))
+            await send_json(send, 200, orjson.dumps(body))
             return
-        await send({"type": "http.response.start", "status": 200, "headers": list(_SSE)})
         events, first_text, before_delta = self.events()
-        await self._stream(events, receive, send, after=first_text, cut=before_delta)
+        error = event("error", orjson.loads(error_body(529, "Overloaded")))
+        await self.fake.stream(
+            events,
+            receive,
+            send,
+            headers=self.headers,
+            after=first_text,
+            cut=before_delta,
+            error=error,
+        )
 
     def events(self) -> tuple[list[bytes], int, int]:
         """The stream's events; the index of the first text delta and of message_delta."""
@@ -261,7 +226,7 @@ class _Answer:
         # As Anthropic: no server tool has run yet when the message starts; the
         # searches are counted in message_delta's usage only.
         start["usage"]["server_tool_use"] = None
-        out = [_event("message_start", {"type": "message_start", "message": start})]
+        out = [event("message_start", {"type": "message_start", "message": start})]
         first_text = 0
         for index, block in enumerate(self.blocks()):
             kind = block["type"]
@@ -271,13 +236,13 @@ class _Answer:
             elif kind in ("tool_use", "server_tool_use"):
                 start["input"] = {}
             out.append(
-                _event(
+                event(
                     "content_block_start",
                     {"type": "content_block_start", "index": index, "content_block": start},
                 )
             )
             if index == 0:
-                out.append(_event("ping", {"type": "ping"}))
+                out.append(event("ping", {"type": "ping"}))
             if kind == "text":
                 for piece in ANSWER_PIECES:
                     if not first_text:
@@ -287,10 +252,10 @@ class _Answer:
                 text = orjson.dumps(block["input"]).decode()
                 for part in (text[: len(text) // 2], text[len(text) // 2 :]):
                     out.append(_delta(index, {"type": "input_json_delta", "partial_json": part}))
-            out.append(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+            out.append(event("content_block_stop", {"type": "content_block_stop", "index": index}))
         before_delta = len(out)
         out.append(
-            _event(
+            event(
                 "message_delta",
                 {
                     "type": "message_delta",
@@ -299,52 +264,11 @@ class _Answer:
                 },
             )
         )
-        out.append(_event("message_stop", {"type": "message_stop"}))
+        out.append(event("message_stop", {"type": "message_stop"}))
         return out, first_text, before_delta
-
-    async def _stream(
-        self, events: list[bytes], receive: Receive, send: Send, *, after: int, cut: int
-    ) -> None:
-        sent = bytearray()
-        self.fake.sent.append(b"")
-        gone = asyncio.ensure_future(_closed(receive))
-        try:
-            for i, event in enumerate(events):
-                if "cut" in self.scenario and i >= cut:
-                    raise _Cut("scenario cut: the connection drops before message_delta")
-                if i and self.delay:
-                    await asyncio.wait({gone}, timeout=self.delay)
-                if gone.done():
-                    # Like Anthropic: the client closed the stream, the answer stops.
-                    self.fake.closed += 1
-                    self.fake.closed_event.set()
-                    return
-                sent += event
-                self.fake.sent[-1] = bytes(sent)
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-                if i == after and "error_midstream" in self.scenario:
-                    error = _event("error", orjson.loads(error_body(529, "Overloaded")))
-                    await send({"type": "http.response.body", "body": error})
-                    return
-                if i == after and "hold" in self.scenario:
-                    released = asyncio.ensure_future(self.fake._release.wait())
-                    await asyncio.wait({gone, released}, return_when=asyncio.FIRST_COMPLETED)
-                    released.cancel()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            gone.cancel()
-
-
-async def _closed(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 def _delta(index: int, delta: JSON) -> bytes:
-    return _event(
+    return event(
         "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
     )
-
-
-def _event(kind: str, obj: JSON) -> bytes:
-    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"

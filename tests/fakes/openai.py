@@ -31,7 +31,8 @@ Tests steer it per request with headers:
   `release_held` is called).
 
 Like OpenAI, an answer stops being generated when its client closes the
-connection (there is no stop endpoint); ``closed`` counts such answers.
+connection (there is no stop endpoint); ``closed`` counts such answers. What it
+shares with the fake Anthropic is in model_api.py.
 
 ``FakeOpenAI(lax=True)`` reads booleans as lax compatible servers do (vLLM and
 other pydantic servers): ``1``, ``"true"``, ``"yes"``, ``"on"`` are true.
@@ -39,23 +40,27 @@ other pydantic servers): ``1``, ``"true"``, ``"yes"``, ``"on"`` are true.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
-from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
 
 from gateway.types import Receive, Scope, Send
+from tests.fakes.model_api import (
+    ANSWER_PIECES,
+    FakeModelAPI,
+    RecordedRequest,
+    data,
+    scenario,
+    send_json,
+)
+from tests.fakes.model_api import event as sse_event
 
 __all__ = ["ANSWER_PIECES", "FakeOpenAI", "RecordedRequest"]
 
 JSON = dict[str, Any]
 
-ANSWER_PIECES: Final = ("Xin chào", "!", " Tôi", " có thể", " giúp", " gì", "?")
-_JSON: Final = [(b"content-type", b"application/json")]
-_SSE: Final = [(b"content-type", b"text/event-stream; charset=utf-8")]
 _ERROR_TYPES: Final = {
     400: ("invalid_request_error", None),
     401: ("invalid_request_error", "invalid_api_key"),
@@ -63,19 +68,6 @@ _ERROR_TYPES: Final = {
     429: ("requests", "rate_limit_exceeded"),
     500: ("server_error", None),
 }
-
-
-class _Cut(Exception):
-    """Raised on purpose (scenario "cut") so uvicorn aborts the connection mid-body."""
-
-
-@dataclass(frozen=True, slots=True)
-class RecordedRequest:
-    method: str
-    path: str  # without any /v1 prefix
-    headers: dict[str, str]
-    json: Any
-    raw: bytes = b""  # the body as received
 
 
 def error_body(status: int, message: str, *, code: str | None = None) -> bytes:
@@ -89,69 +81,36 @@ def error_body(status: int, message: str, *, code: str | None = None) -> bytes:
 _LAX_TRUE: Final = frozenset({"1", "true", "yes", "on", "t", "y"})
 
 
-class FakeOpenAI:
+class FakeOpenAI(FakeModelAPI):
     def __init__(
         self, *, api_key: str, models: tuple[str, ...] = ("gpt-4o-mini",), lax: bool = False
     ) -> None:
-        self.api_key = api_key
-        self.models = models
+        super().__init__(api_key=api_key, models=models)
         self.lax = lax
-        self.requests: list[RecordedRequest] = []
-        self.sent: list[bytes] = []  # each streamed answer's body, as sent
-        self.closed = 0  # streamed answers whose client closed the connection mid-answer
-        self.closed_event = asyncio.Event()
-        self._release = asyncio.Event()
-        self._ids = itertools.count(1)
-
-    def release_held(self) -> None:
-        self._release.set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        path = scope["path"].removeprefix("/v1")
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        raw = bytearray()
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        try:
-            body = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            body = None
-        self.requests.append(RecordedRequest(scope["method"], path, headers, body, bytes(raw)))
+        path, headers, body = await self.record(scope, receive)
         if headers.get("authorization") != f"Bearer {self.api_key}":
-            await self._json(send, 401, error_body(401, "Incorrect API key provided."))
+            await send_json(send, 401, error_body(401, "Incorrect API key provided."))
             return
         if "x-fake-status" in headers:
             status = int(headers["x-fake-status"])
-            await self._json(send, status, error_body(status, f"Fake error {status}."))
+            await send_json(send, status, error_body(status, f"Fake error {status}."))
             return
         if scope["method"] == "GET" and path == "/models":
             data = [
                 {"id": m, "object": "model", "created": 1700000000, "owned_by": "fake"}
                 for m in self.models
             ]
-            await self._json(send, 200, orjson.dumps({"object": "list", "data": data}))
+            await send_json(send, 200, orjson.dumps({"object": "list", "data": data}))
             return
         if scope["method"] != "POST" or path not in _HANDLERS or not isinstance(body, dict):
-            await self._json(send, 404, error_body(404, f"Unknown request URL: {path}."))
+            await send_json(send, 404, error_body(404, f"Unknown request URL: {path}."))
             return
         answer = _Answer(self, path, headers, body, next(self._ids))
         await answer.run(receive, send)
-
-    @staticmethod
-    async def _json(send: Send, status: int, body: bytes) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [*_JSON, (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
 
 
 _HANDLERS: Final = frozenset({"/chat/completions", "/completions", "/embeddings", "/responses"})
@@ -163,9 +122,9 @@ class _Answer:
     def __init__(
         self, fake: FakeOpenAI, path: str, headers: dict[str, str], body: JSON, n: int
     ) -> None:
-        self.fake, self.path, self.body = fake, path, body
+        self.fake, self.path, self.headers, self.body = fake, path, headers, body
         self.model = headers.get("x-fake-model") or str(body.get("model") or "gpt-4o-mini")
-        self.scenario = frozenset(filter(None, headers.get("x-fake-scenario", "").split(",")))
+        self.scenario = scenario(headers)
         self.prompt = int(headers.get("x-fake-prompt-tokens", "12"))
         completion = headers.get("x-fake-completion-tokens", str(len(ANSWER_PIECES)))
         if completion == "cap":
@@ -176,7 +135,6 @@ class _Answer:
         self.reasoning = int(headers.get("x-fake-reasoning-tokens", "0"))
         self.audio_prompt = int(headers.get("x-fake-audio-prompt-tokens", "0"))
         self.audio_completion = int(headers.get("x-fake-audio-completion-tokens", "0"))
-        self.delay = int(headers.get("x-fake-delay-ms", "0")) / 1000
         self.tool_calls = [t for t in headers.get("x-fake-tool-calls", "").split(",") if t]
         self.container = headers.get("x-fake-container", "cntr_fake")
         self.created = int(time.time())
@@ -316,7 +274,7 @@ class _Answer:
     async def run(self, receive: Receive, send: Send) -> None:
         stream = self.flag(self.body.get("stream"))
         if self.path == "/embeddings":
-            await FakeOpenAI._json(send, 200, orjson.dumps(self.embeddings()))
+            await send_json(send, 200, orjson.dumps(self.embeddings()))
         elif not stream:
             if self.path == "/chat/completions":
                 body = self.chat_completion()
@@ -324,21 +282,18 @@ class _Answer:
                 body = self.completion_body()
             else:
                 body = self.response("completed", text="".join(ANSWER_PIECES))
-            await FakeOpenAI._json(send, 200, orjson.dumps(body))
+            await send_json(send, 200, orjson.dumps(body))
+        elif self.path == "/responses":
+            events = self.response_events()
+            # Held or failed after the first piece of text; cut before the usage.
+            first = next(
+                i
+                for i, e in enumerate(events)
+                if e.startswith(b"event: response.output_text.delta\n")
+            )
+            await self._stream(events, receive, send, after=first, cut=len(events) - 1)
         else:
-            await send({"type": "http.response.start", "status": 200, "headers": list(_SSE)})
-            if self.path == "/responses":
-                events = self.response_events()
-                # Held or failed after the first piece of text; cut before the usage.
-                first = next(
-                    i
-                    for i, e in enumerate(events)
-                    if e.startswith(b"event: response.output_text.delta\n")
-                )
-                await self._stream(events, receive, send, after=first, cut=len(events) - 1)
-            else:
-                events = self.chunks()
-                await self._stream(events, receive, send, after=1, cut=len(ANSWER_PIECES) + 1)
+            await self._stream(self.chunks(), receive, send, after=1, cut=len(ANSWER_PIECES) + 1)
 
     def chunks(self) -> list[bytes]:
         options = self.body.get("stream_options")
@@ -366,15 +321,15 @@ class _Answer:
                 choice: JSON = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
             else:
                 choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": None}
-            out.append(_data({**base, "choices": [choice], **usage_null}))
+            out.append(data({**base, "choices": [choice], **usage_null}))
         last: JSON = (
             {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
             if chat
             else {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}
         )
-        out.append(_data({**base, "choices": [last], **usage_null}))
+        out.append(data({**base, "choices": [last], **usage_null}))
         if include_usage:
-            out.append(_data({**base, "choices": [], "usage": self.chat_usage()}))
+            out.append(data({**base, "choices": [], "usage": self.chat_usage()}))
         out.append(b"data: [DONE]\n\n")
         return out
 
@@ -388,7 +343,7 @@ class _Answer:
         text = "".join(ANSWER_PIECES)
 
         def event(kind: str, **fields: Any) -> bytes:
-            return _event(kind, {"type": kind, "sequence_number": next(seq), **fields})
+            return sse_event(kind, {"type": kind, "sequence_number": next(seq), **fields})
 
         out = [
             event("response.created", response=self.response("in_progress", usage=False)),
@@ -433,48 +388,13 @@ class _Answer:
     async def _stream(
         self, events: list[bytes], receive: Receive, send: Send, *, after: int, cut: int
     ) -> None:
-        """Send ``events``; the scenarios act after event ``after`` (hold,
-        error_midstream) or drop the connection before event ``cut`` (cut)."""
-        sent = bytearray()
-        self.fake.sent.append(b"")
-        gone = asyncio.ensure_future(_closed(receive))
-        try:
-            for i, event in enumerate(events):
-                if "cut" in self.scenario and i >= cut:
-                    raise _Cut("scenario cut: the connection drops before the usage")
-                if i and self.delay:
-                    await asyncio.wait({gone}, timeout=self.delay)
-                if gone.done():
-                    # Like OpenAI: the client closed the stream, the answer stops.
-                    self.fake.closed += 1
-                    self.fake.closed_event.set()
-                    return
-                sent += event
-                self.fake.sent[-1] = bytes(sent)
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-                if i == after and "error_midstream" in self.scenario:
-                    error = error_body(
-                        500, "The server had an error while processing your request."
-                    )
-                    await send({"type": "http.response.body", "body": b"data: " + error + b"\n\n"})
-                    return
-                if i == after and "hold" in self.scenario:
-                    released = asyncio.ensure_future(self.fake._release.wait())
-                    await asyncio.wait({gone, released}, return_when=asyncio.FIRST_COMPLETED)
-                    released.cancel()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            gone.cancel()
-
-
-async def _closed(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-def _data(obj: JSON) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
-def _event(kind: str, obj: JSON) -> bytes:
-    return b"event: " + kind.encode() + b"\n" + _data(obj)
+        error = error_body(500, "The server had an error while processing your request.")
+        await self.fake.stream(
+            events,
+            receive,
+            send,
+            headers=self.headers,
+            after=after,
+            cut=cut,
+            error=b"data: " + error + b"\n\n",
+        )

@@ -14,7 +14,8 @@ resumed run's streams break after its text, before its node reports; with
 ``huge``, its text is one 64 KiB chunk.
 
 Tests steer it with ``hold`` (an Event the resumed runs wait for before they
-publish) and ``wait_subscribers``.
+publish) and ``wait_subscribers``. Refusals raise ``DifyError``, which the fake
+answers in Dify's error shape.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import orjson
-
+from gateway.demo_upstream import SSE_HEADERS, DifyError, sse_frame
 from gateway.tasks import Tasks
 from gateway.types import Receive, Send
 
@@ -35,16 +35,7 @@ __all__ = ["HumanInput", "PausedRun"]
 
 JSON = dict[str, Any]
 
-_SSE_HEADERS: Final = [(b"content-type", b"text/event-stream; charset=utf-8")]
 _CUT: Final = object()  # published to make every subscriber's connection break
-
-
-class HumanInputError(Exception):
-    """A refusal in Dify's error shape; the fake turns it into its HTTP error."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 @dataclass(eq=False)
@@ -122,9 +113,9 @@ class HumanInput:
         """``POST /form/human_input/{token}``: resume the run in the background."""
         run = self.forms.get(token)
         if run is None:
-            raise HumanInputError(404, "not_found", "Form not found")
+            raise DifyError(404, "not_found", "Form not found")
         if run.submitted_by is not None:
-            raise HumanInputError(412, "human_input_form_submitted", "Form already submitted")
+            raise DifyError(412, "human_input_form_submitted", "Form already submitted")
         run.submitted_by = user
         self.submitted.append((token, user))
         resume = self._resume(run, usage, cut=cut, text=text)
@@ -178,10 +169,10 @@ class HumanInput:
         """``GET /workflow/{run_id}/events``: what the run publishes from now on."""
         run = self.runs.get(run_id)
         if run is None or run.user != user:
-            raise HumanInputError(404, "not_found", "Workflow run not found")
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            raise DifyError(404, "not_found", "Workflow run not found")
+        await send({"type": "http.response.start", "status": 200, "headers": list(SSE_HEADERS)})
         if run.finished is not None:
-            await send({"type": "http.response.body", "body": _frame(run.finished)})
+            await send({"type": "http.response.body", "body": sse_frame(run.finished)})
             return
         keep_on = query.get("continue_on_pause", "false").lower() == "true"
         queue: asyncio.Queue[object] = asyncio.Queue()
@@ -204,7 +195,9 @@ class HumanInput:
                 if item is _CUT:
                     raise ConnectionAbortedError("fake upstream cut the resumed run's stream")
                 assert isinstance(item, dict)
-                await send({"type": "http.response.body", "body": _frame(item), "more_body": True})
+                await send(
+                    {"type": "http.response.body", "body": sse_frame(item), "more_body": True}
+                )
                 kind = item["event"]
                 if kind == "workflow_finished" or (kind == "workflow_paused" and not keep_on):
                     break
@@ -220,7 +213,3 @@ class HumanInput:
 async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-def _frame(payload: JSON) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"

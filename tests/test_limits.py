@@ -20,7 +20,7 @@ import pytest
 
 from gateway import headlimit
 from gateway.config import ENV_CONFIG
-from gateway.testing.fake_upstream import FakeDify
+from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 from tests.servers import free_port, serve, start_gateway
 

@@ -20,13 +20,13 @@ from gateway.budget import bound_usage, cost_bound, lowered_cap, output_cap, wit
 from gateway.clock import FixedClock
 from gateway.config import DatabaseConfig, load_config
 from gateway.storage import AdmissionLimits, Pending, open_storage
-from gateway.testing.fake_upstream import FakeDify
-from gateway.testing.openai_upstream import FakeOpenAI
 from gateway.upstreams import Route
 from gateway.upstreams.anthropic import AnthropicUpstream
 from gateway.upstreams.openai import OpenAIUpstream
+from tests.fakes.dify import FakeDify
+from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
-from tests.test_quotas import CHAT, HCM, two_gateways
+from tests.test_admission import CHAT, HCM, two_gateways
 
 # A token of this model costs 0.001 to read and 0.002 to write.
 PRICES = {"budget-model": {"input": "1000", "output": "2000"}}
