@@ -35,6 +35,8 @@ from gateway.storage.base import (
     UserSort,
     UserSummary,
     WebSearch,
+    alert_spec,
+    parse_alert_spec,
     summed,
 )
 
@@ -66,9 +68,11 @@ __all__ = [
     "UserSort",
     "UserSummary",
     "WebSearch",
+    "alert_spec",
     "functions",
     "migrations",
     "open_storage",
+    "parse_alert_spec",
     "summed",
 ]
 
