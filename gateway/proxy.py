@@ -795,7 +795,8 @@ class Proxy:
         upstream = x.dialect
         route = x.route
         assert x.prepared is not None
-        assert x.target is not None
+        client = x.client
+        assert x.target is not None and client is not None
         settings = x.target.settings
         relay = Relay(
             upstream,
@@ -818,7 +819,7 @@ class Proxy:
         ending: list[RelayCommand]
         try:
             async with asyncio.timeout(settings.total_timeout) as deadline:
-                async for chunk in x.client.raw(response):
+                async for chunk in client.raw(response):
                     if watcher.done() and relay.listening:
                         self._client_left(x)
                         for command in relay.client_left():
