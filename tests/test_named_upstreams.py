@@ -567,3 +567,22 @@ async def test_a_refusal_before_the_path_is_routed_takes_the_mounts_shape(sqlite
     assert on_claude.status_code == on_openai.status_code == 431
     assert on_claude.json()["type"] == "error"  # Anthropic's shape
     assert "type" not in on_openai.json() and "error" in on_openai.json()  # OpenAI's
+
+
+async def test_a_stored_answer_is_read_from_the_upstream_that_gave_it(sqlite_url: str) -> None:
+    # The read names no model: without the ledger's upstream it would go to the
+    # mount's first upstream, which does not have the object.
+    async with shared_mount(sqlite_url) as (h, hosted, local):
+        body = {"model": "llama-3", "input": "hi"}
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            created = await client.post("/v1/responses", json=body, headers=h.auth())
+            await h.probes.wait_finished(1)
+            (event,) = await h.events()
+            await client.get(f"/v1/responses/{event.answer_id}", headers=h.auth())
+    assert created.status_code == 200
+    assert event.answer_id.startswith("resp_") and event.upstream == "local"
+    assert hosted.requests == []
+    assert [(r.method, r.path) for r in local.requests] == [
+        ("POST", "/responses"),
+        ("GET", f"/responses/{event.answer_id}"),
+    ]
