@@ -77,6 +77,10 @@ class FollowMeter(StreamMeter, Paused, Protocol):
         ...
 
 
+# Whether a meter class is `Paused` (its instances have the property), by class.
+_PAUSED: dict[type, bool] = {}
+
+
 @runtime_checkable
 class Resumable(Protocol):
     """A dialect whose runs can pause and be resumed by a request."""
@@ -171,7 +175,12 @@ class Follows:
         if dialect is None:
             return ()
         if meter is not None:
-            return meter.paused_forms if isinstance(meter, Paused) else ()
+            # isinstance against a runtime-checkable protocol inspects the class's
+            # members every time: asked once per meter class instead.
+            paused = _PAUSED.get(type(meter))
+            if paused is None:
+                paused = _PAUSED[type(meter)] = isinstance(meter, Paused)
+            return meter.paused_forms if paused else ()  # type: ignore[attr-defined]
         return dialect.blocking_forms(x.route, body) if body else ()
 
     async def keep_forms(

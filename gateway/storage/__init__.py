@@ -36,6 +36,8 @@ from gateway.storage.base import (
     UserSort,
     UserSummary,
     WebSearch,
+    alert_spec,
+    parse_alert_spec,
     summed,
 )
 
@@ -68,9 +70,11 @@ __all__ = [
     "UserSort",
     "UserSummary",
     "WebSearch",
+    "alert_spec",
     "functions",
     "migrations",
     "open_storage",
+    "parse_alert_spec",
     "summed",
 ]
 
@@ -114,7 +118,9 @@ async def open_storage(config: DatabaseConfig) -> Storage:
         from gateway.storage.sqlite import SQLiteStorage
 
         return await SQLiteStorage.open(
-            url.removeprefix("sqlite:///"), timeout=config.command_timeout
+            url.removeprefix("sqlite:///"),
+            timeout=config.command_timeout,
+            max_batch=config.max_batch,
         )
     if url.startswith(("postgresql://", "postgres://")):
         from gateway.storage.postgres import PostgresStorage
