@@ -81,6 +81,7 @@ from gateway.storage.base import (
     AdmissionLimits,
     Alert,
     AlertRequest,
+    AnswerOwner,
     ApiKey,
     Crossing,
     DailyUsage,
@@ -1708,14 +1709,14 @@ class SQLiteStorage:
 
     # --- ownership (issue 20, default deny) ---
 
-    async def answer_owner(self, answer_id: str) -> str | None:
+    async def answer_owner(self, answer_id: str) -> AnswerOwner | None:
         # answer_id is UNIQUE (0001_init.sql): one index probe.
         row = await self._run(
             lambda conn: conn.execute(
-                "SELECT user_id FROM usage_events WHERE answer_id = ?", (answer_id,)
+                "SELECT user_id, upstream FROM usage_events WHERE answer_id = ?", (answer_id,)
             ).fetchone()
         )
-        return None if row is None else str(row[0])
+        return None if row is None else AnswerOwner(str(row[0]), str(row[1]))
 
     # --- human-input resumes (issue 20) ---
 
