@@ -19,7 +19,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from gateway.alerts import alert_request
-from gateway.budget import cost_bound
+from gateway.budget import cost_bound, lowered_cap, with_cap
 from gateway.clock import Periods, periods_at
 from gateway.config import Plan
 from gateway.errors import Forbidden, QuotaExceeded, StorageError
@@ -32,7 +32,15 @@ from gateway.plans import (
     reported_limit,
 )
 from gateway.quota import Limit
-from gateway.storage import AlertRequest, Lease, Pending, User, WebSearch
+from gateway.storage import (
+    Admission,
+    AdmissionLimits,
+    AlertRequest,
+    Lease,
+    Pending,
+    User,
+    WebSearch,
+)
 from gateway.upstreams import Route, Upstream
 
 if TYPE_CHECKING:
@@ -235,18 +243,30 @@ class Admitter:
             lease = None
             if limits.counts_streams:
                 lease = Lease(id=request_id, expires_at=now + snap.lease_ttl)
-            admission = await self._storage.admit(
-                user_id,
-                day=periods.day,
-                month_start=periods.month_start,
-                limits=limits,
-                now=now,
-                lease=lease,
-                advanced_rag=advanced,
-                pending=pending,
-                web_search=web_search,
-                team=team,
-            )
+            capped: dict[str, Any] | None = None
+            while True:
+                admission = await self._storage.admit(
+                    user_id,
+                    day=periods.day,
+                    month_start=periods.month_start,
+                    limits=limits,
+                    now=now,
+                    lease=lease,
+                    advanced_rag=advanced,
+                    pending=pending,
+                    web_search=web_search,
+                    team=team,
+                )
+                if admission.admitted or capped is not None or not plan.lower_output_cap:
+                    break
+                lowered = self._lowered(
+                    snap, dialect, admission, limits, request_id, route, body, upstream
+                )
+                if lowered is None:
+                    break  # refused as without the option
+                capped, pending = lowered
+            if capped is not None and admission.admitted:
+                body.update(capped)  # only the cap fields change
         except StorageError as exc:
             return self._storage_failed(
                 snap,
@@ -303,8 +323,8 @@ class Admitter:
             plan=plan.name,
             upstream=upstream,
         )
-        ticket.body_changed = disabled
-        ticket.alerts = alert_request(plan, config.alerts, periods)
+        ticket.body_changed = disabled or capped is not None
+        ticket.alerts = alert_request(plan, config.alerts, periods, limits.limits)
         return ticket, rate_headers
 
     def _pending(
@@ -332,6 +352,48 @@ class Admitter:
             cost=usage.cost,
             currency=usage.currency,
         )
+
+    def _lowered(
+        self,
+        snap: Snapshot,
+        dialect: Upstream,
+        refusal: Admission,
+        limits: AdmissionLimits,
+        request_id: str,
+        route: Route,
+        body: dict[str, Any],
+        upstream: str,
+    ) -> tuple[dict[str, Any], Pending] | None:
+        """For a request refused by a money budget, on a plan with
+        ``lower_output_cap``: the body's cap fields lowered to the largest cap
+        whose cost bound every money budget's remainder (as the refusal read
+        the counters) can pay for, and the pending row reserving that bound;
+        None when even a one-token answer does not fit (docs/quotas.md)."""
+        refused = refusal.refused
+        if refused is None or refused.meter != "cost" or route.role == "side_cost":
+            return None
+        remaining = min(
+            limit.max - refusal.counters.of_limit(limit)
+            for limit in limits.limits
+            if limit.meter == "cost"
+        )
+        if remaining <= 0:
+            return None
+        cap = lowered_cap(
+            dialect,
+            route,
+            body,
+            remaining,
+            reserve_output_tokens=snap.config.accounting.reserve_output_tokens,
+        )
+        if cap is None:
+            return None
+        capped = with_cap(body, route, cap)
+        pending = replace(
+            self._pending(snap, dialect, request_id, route, capped), upstream=upstream
+        )
+        changed = {name: value for name, value in capped.items() if body.get(name) != value}
+        return changed, self._with_cost_bound(snap, dialect, pending, route, capped)
 
     def _with_cost_bound(
         self,

@@ -80,6 +80,9 @@ class Mount:
     kind: str
     upstreams: tuple[str, ...]
     allow: AllowList  # the allow-lists of its upstreams together (default deny)
+    # The attempts of every request when there is nothing to choose - one upstream,
+    # serving every model, without fallbacks (a single [upstream]) - else None.
+    direct: tuple[str, ...] | None = None
 
     @property
     def shared(self) -> bool:
@@ -88,6 +91,11 @@ class Mount:
 
 def _always(name: str) -> bool:
     return True
+
+
+def _direct(members: list[UpstreamRoute]) -> tuple[str, ...] | None:
+    (only, *others) = members
+    return None if others or only.models or only.fallbacks else (only.name,)
 
 
 class RoutingTable:
@@ -107,6 +115,7 @@ class RoutingTable:
                 members[0].kind,
                 tuple(m.name for m in members),
                 AllowList(rule for m in members for rule in m.allow),
+                direct=_direct(members),
             )
             for path, members in paths.items()
         )

@@ -432,7 +432,13 @@ class Proxy:
         """Pick the mount's upstream for the model the request names, and the
         fallbacks to try after it (gateway/mounts.py): refused 404 when no
         upstream of the mount serves the model, before anything is reserved."""
-        assert x.mount is not None
+        mount = x.mount
+        assert mount is not None
+        if mount.direct is not None and x.route is not ALLOWED:
+            # One upstream serving every model, no fallbacks: nothing to choose.
+            x.attempts = mount.direct
+            self._use(x, mount.direct[0])
+            return
         routing = x.snap.routing
         model = x.dialect.routed_model(x.route, x.json)
         allowed: Callable[[str], bool] | None = None
@@ -441,9 +447,9 @@ class Proxy:
             method, path = x.method, x.path
             allowed = lambda name: routing.allows(name, method, path)  # noqa: E731
         first = (
-            routing.first(x.mount, model)
+            routing.first(mount, model)
             if allowed is None
-            else routing.first(x.mount, model, allowed=allowed)
+            else routing.first(mount, model, allowed=allowed)
         )
         if first is None:
             fields = {"model": shown_model(model) if model is not None else "(none)"}
@@ -586,8 +592,7 @@ class Proxy:
             try:
                 response = await self._open(x, target.url + x.path + query, headers)
             except (UpstreamTimeout, UpstreamUnavailable) as exc:
-                timed_out = isinstance(exc, UpstreamTimeout)
-                outcome = "timeout" if timed_out else "unreachable"
+                outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "unreachable"
                 metrics.inc("gateway_upstream_attempts_total", upstream=name, outcome=outcome)
                 if index < last:
                     log.warning("request %s: upstream %s: %r", x.request_id, name, exc)
@@ -790,8 +795,9 @@ class Proxy:
         upstream = x.dialect
         route = x.route
         assert x.prepared is not None
-        assert x.target is not None
+        assert x.target is not None and x.client is not None
         settings = x.target.settings
+        client = x.client
         relay = Relay(
             upstream,
             route,
@@ -813,7 +819,7 @@ class Proxy:
         ending: list[RelayCommand]
         try:
             async with asyncio.timeout(settings.total_timeout) as deadline:
-                async for chunk in x.client.raw(response):
+                async for chunk in client.raw(response):
                     if watcher.done() and relay.listening:
                         self._client_left(x)
                         for command in relay.client_left():

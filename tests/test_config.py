@@ -311,6 +311,9 @@ def test_only_named_upstreams_leave_no_default() -> None:
     assert list(config.upstreams) == ["hosted", "local"]
     assert config.upstreams["local"].fallbacks == ("hosted",)
     assert config.primary.name == "hosted"
+    text = render_config(config)
+    assert "[upstream]" not in text  # not in force: check-config does not show it
+    assert '[upstreams."hosted"]' in text and 'fallbacks = ["hosted"]' in text
 
 
 def test_the_shipped_examples_of_several_upstreams() -> None:

@@ -220,3 +220,23 @@ def test_check_upstreams_accepts_shared_mounts_and_cycles() -> None:
             up("d", kind="dify"),
         ]
     )
+
+
+def test_a_mount_with_nothing_to_choose_is_direct() -> None:
+    table = RoutingTable(
+        [
+            up("default", "/v1", kind="dify"),
+            up("a", "/a/v1", models=("gpt-*",)),
+            up("b", "/b/v1", fallbacks=("c",)),
+            up("c", "/c/v1"),
+            up("d", "/d/v1"),
+            up("e", "/d/v1"),
+        ]
+    )
+    assert {m.path: m.direct for m in table.mounts} == {
+        "/v1": ("default",),
+        "/a/v1": None,
+        "/b/v1": None,
+        "/c/v1": ("c",),
+        "/d/v1": None,
+    }

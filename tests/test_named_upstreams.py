@@ -504,3 +504,20 @@ async def test_models_and_fallbacks_follow_a_reload_addresses_need_a_restart(
         await h.probes.wait_finished(3)
     assert [r.json["model"] for r in local.requests] == ["llama-3"]
     assert [r.json["model"] for r in hosted.requests] == ["llama-3", "llama-3"]
+
+
+async def test_the_cors_policy_covers_every_mount(sqlite_url: str) -> None:
+    support = FakeDify(api_key=SUPPORT_KEY)
+    page = "https://app.example.com"
+    preflight = {"origin": page, "access-control-request-method": "POST"}
+    async with serve(support) as support_url:
+        upstreams = {"support": {"url": support_url + "/v1", "api_key_env": "SUPPORT_KEY"}}
+        async with gateway(sqlite_url, upstreams, cors={"allow_origins": [page]}) as h:
+            async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+                mounted = await client.options("/support/v1/chat-messages", headers=preflight)
+                usage = await client.options("/v1/usage", headers=preflight)
+                admin = await client.options("/admin/users", headers=preflight)
+    assert mounted.status_code == usage.status_code == 204
+    assert mounted.headers["access-control-allow-origin"] == page
+    assert "access-control-allow-origin" not in admin.headers
+    assert support.requests == []  # answered by the gateway's policy

@@ -35,6 +35,8 @@ from gateway.storage.base import (
     UserSort,
     UserSummary,
     WebSearch,
+    alert_spec,
+    parse_alert_spec,
     summed,
 )
 
@@ -66,9 +68,11 @@ __all__ = [
     "UserSort",
     "UserSummary",
     "WebSearch",
+    "alert_spec",
     "functions",
     "migrations",
     "open_storage",
+    "parse_alert_spec",
     "summed",
 ]
 
@@ -112,7 +116,9 @@ async def open_storage(config: DatabaseConfig) -> Storage:
         from gateway.storage.sqlite import SQLiteStorage
 
         return await SQLiteStorage.open(
-            url.removeprefix("sqlite:///"), timeout=config.command_timeout
+            url.removeprefix("sqlite:///"),
+            timeout=config.command_timeout,
+            max_batch=config.max_batch,
         )
     if url.startswith(("postgresql://", "postgres://")):
         from gateway.storage.postgres import PostgresStorage

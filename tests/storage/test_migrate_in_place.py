@@ -312,3 +312,59 @@ async def test_postgres_functions_are_applied_when_their_files_change(
             await conn.close()
     finally:
         await storage.close()
+
+
+@pytest.mark.postgres
+async def test_a_gateway_of_the_previous_version_still_admits_and_settles_after_0017(
+    postgres: PostgresServer,
+) -> None:
+    """A rolling upgrade: the live functions take the upstream as a last argument
+    with a default, so a gateway still calling them as the previous version did
+    (gateway_admit with 23 arguments, gateway_settle with 29) admits and settles,
+    its answers recorded as the default upstream's."""
+    dsn = await postgres.new_database_async()
+    storage = await migrated(dsn)
+    await storage.close()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("INSERT INTO users (id, plan) VALUES ('alice', 'free')")
+        admitted = await conn.fetchrow(
+            "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, "
+            "$13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
+            "alice", DAY, MONTH, [1], [1], [Decimal(5)], [1], [None], None, None, NOW, False,
+            "req-1", "chat-messages", 9, 0, 9, Decimal(0), "USD", False, False, Decimal(0), None,
+        )  # fmt: skip
+        assert admitted is not None and admitted["refused"] is None
+        assert await conn.fetchval("SELECT upstream FROM pending_answers") == "default"
+        settled = await conn.fetchval(
+            "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
+            "$14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29)",
+            "msg-1", "alice", DAY, NOW, "chat-messages", 80, 20, 100, Decimal("0.1"), "USD",
+            "complete", False, 0, None, "req-1", 1.0, 1.0, None, "req-1", None, 0, 0, None,
+            [], [], [], [], [], 0,
+        )  # fmt: skip
+        assert settled is True
+        row = await conn.fetchrow("SELECT answer_id, upstream, total_tokens FROM usage_events")
+        assert tuple(row) == ("msg-1", "default", 100)
+        assert await conn.fetchval("SELECT count(*) FROM pending_answers") == 0
+        # And a batch of two (gateway_settle_many with 33 arguments, set by set).
+        two = [("msg-2", "msg-3"), ("alice", "alice"), (DAY, DAY), (NOW, NOW)]
+        settled_many = await conn.fetch(
+            "SELECT * FROM gateway_settle_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, "
+            "$12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, "
+            "$28, $29, $30, $31, $32, $33)",
+            *[list(column) for column in two],
+            ["chat-messages"] * 2, [8, 8], [2, 2], [10, 10], [Decimal(0)] * 2, ["USD"] * 2,
+            ["complete"] * 2, [False] * 2, [0, 0], [None] * 2, [None] * 2, [1.0] * 2, [1.0] * 2,
+            [None] * 2, [None] * 2, [None] * 2, [0, 0], [0, 0], [None] * 2, [1, 1], [0, 0],
+            [1, 1], [0, 0], [], [], [], [], [], [0, 0],
+        )  # fmt: skip
+        assert sorted(tuple(r) for r in settled_many) == [(1, True), (2, True)]
+        rows = await conn.fetch("SELECT answer_id, upstream FROM usage_events ORDER BY answer_id")
+        assert [tuple(r) for r in rows] == [
+            ("msg-1", "default"),
+            ("msg-2", "default"),
+            ("msg-3", "default"),
+        ]
+    finally:
+        await conn.close()
