@@ -27,11 +27,13 @@ from gateway.features import asks_for_advanced_rag, asks_for_web_search, set_pat
 from gateway.messages import english
 from gateway.plans import (
     LIMIT_CODES,
+    RateLimit,
     admission_limits,
     closed_checks,
     reported_limit,
+    reset_of,
 )
-from gateway.quota import Limit
+from gateway.quota import Limit, refuses
 from gateway.storage import (
     Admission,
     AdmissionLimits,
@@ -464,6 +466,70 @@ class Admitter:
             user_id, periods.day, reserved=False, lease_id=None, plan=plan.name, upstream=upstream
         )
         return ticket, []
+
+    async def check_upload(self, snap: Snapshot, user_id: str, *, size: int | None) -> None:
+        """Refuse an upload (429, as an answer's refusal) that the user's or
+        their team's ``uploads`` or ``upload_bytes`` limits (per day or month,
+        ``[[plans.NAME.limits]]``) leave no room for, before it is read or
+        forwarded. Uploads are counted when the upstream has taken them
+        (`Storage.record_upload`), so this check reads the counters rather than
+        reserving: uploads running at the same moment can pass a limit by
+        what they add (docs/quotas.md, "Uploads"). ``size``: the body's
+        Content-Length, an upper bound of the file's bytes (None: unknown,
+        held only by a limit already reached). A database that cannot be read
+        lets the upload through (counted later, as today)."""
+        try:
+            user, view = await self._plan(snap, user_id)
+            team, team_view = await self._team(snap, user)
+        except StorageError:
+            return
+        held = [
+            limit
+            for limit in (*view.limits, *(team_view.limits if team_view is not None else ()))
+            if limit.meter in ("uploads", "upload_bytes") and limit.per in ("day", "month")
+        ]
+        if not held:
+            return
+        now = self._clock.now()
+        periods = periods_at(now, snap.tz)
+        try:
+            mine = await self._storage.daily(periods.month_start, periods.day, user_id=user_id)
+            theirs = (
+                await self._storage.team_daily(team, start=periods.month_start, end=periods.day)
+                if team is not None and any(limit.scope == "team" for limit in held)
+                else []
+            )
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation="upload")
+            log.warning(
+                "uploads of %s not read, their limits not checked: %s", user_id, exc.message
+            )
+            return
+        for limit in held:
+            rows = theirs if limit.scope == "team" else mine
+            used = Decimal(
+                sum(
+                    getattr(row, limit.meter)
+                    for row in rows
+                    if limit.per == "month" or row.day == periods.day
+                )
+            )
+            amount = Decimal(1 if limit.meter == "uploads" else size or 0)
+            if refuses(limit, used, amount) or used >= limit.max:
+                reset = reset_of(limit, periods)
+                shown = RateLimit(limit.name, limit.max, used, reset)
+                raise limit_refusal(
+                    limit.name,
+                    limit.max,
+                    used=used,
+                    reset=reset.astimezone(snap.tz) if reset else None,
+                    own=limit.scope == "user" and limit.name in view.own,
+                    headers=[
+                        (b"retry-after", str(shown.retry_after(now)).encode()),
+                        *shown.headers(),
+                    ],
+                    refused=limit,
+                )
 
     async def refund(self, ticket: Ticket | None, request_id: str) -> None:
         """Return a reserved query (and its stream slot): no answer was produced."""

@@ -437,7 +437,16 @@ def _messages(table: object) -> MessagesConfig:
 # streams open at once are max_concurrent_streams; rates - per minute or hour -
 # count queries and tokens).
 LimitMeter = Literal[
-    "queries", "tokens", "input_tokens", "output_tokens", "cost", "web_searches", "advanced_rag"
+    "queries",
+    "tokens",
+    "input_tokens",
+    "output_tokens",
+    "cost",
+    "web_searches",
+    "advanced_rag",
+    # Checked when an upload is asked (docs/quotas.md, "Uploads"), not at admission.
+    "uploads",
+    "upload_bytes",
 ]
 LimitPer = Literal["day", "month", "minute", "hour"]
 RATE_METERS: frozenset[str] = frozenset({"queries", "tokens"})

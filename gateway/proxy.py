@@ -308,6 +308,9 @@ class Proxy:
             return
         await self._authenticate(x)
         await self._route(x)
+        if x.route.is_upload:
+            # The upload limits, before the body is read (issue 21).
+            await self.admitter.check_upload(x.snap, x.user_id, size=x.headers.content_length)
         await self._read_body(x, receive)
         if x.route.by_body:
             await self._refine(x)
