@@ -548,9 +548,11 @@ default_plan = "bench"
             status, headers, body = await loadgen.fetch(self.url(path), self.headers(path)[0], BODY)
             messages = body.count(b'"event":"message",')
             if status != 200 or messages != self.s.events or b'"event":"message_end"' not in body:
+                server = self.paths.get(path)
                 raise RuntimeError(
                     f"{path}: expected a complete answer, got HTTP {status}, {messages} "
                     f"message events: {body[:300]!r}"
+                    + (f"\n{server.name}'s log:\n{server.log_tail()}" if server else "")
                 )
             if path in GATEWAYS and "x-request-id" not in {k.lower() for k in headers}:
                 raise RuntimeError(f"{path}: no X-Request-Id: is this the gateway?")

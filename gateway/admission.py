@@ -18,30 +18,38 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from gateway.accounts import effective_plan
 from gateway.alerts import alert_request
-from gateway.budget import cost_bound
+from gateway.budget import cost_bound, lowered_cap, with_cap
 from gateway.clock import Periods, periods_at
-from gateway.config import LIMIT_NAMES, Plan
+from gateway.config import Plan
 from gateway.errors import Forbidden, QuotaExceeded, StorageError
 from gateway.features import asks_for_advanced_rag, asks_for_web_search, set_path
 from gateway.messages import english
 from gateway.plans import (
     LIMIT_CODES,
+    RateLimit,
     admission_limits,
     closed_checks,
     reported_limit,
-    team_limits,
+    reset_of,
 )
-from gateway.quota import Limit
-from gateway.storage import AlertRequest, Lease, Pending, User, WebSearch
-from gateway.upstreams import Route
+from gateway.quota import Limit, refuses
+from gateway.storage import (
+    Admission,
+    AdmissionLimits,
+    AlertRequest,
+    Lease,
+    Pending,
+    User,
+    WebSearch,
+)
+from gateway.upstreams import Route, Upstream
 
 if TYPE_CHECKING:
     from gateway.clock import Clock
     from gateway.metrics import Metrics
     from gateway.settle import Settler
-    from gateway.snapshot import Snapshot
+    from gateway.snapshot import PlanView, Snapshot
     from gateway.storage import Storage
 
 log = logging.getLogger("gateway.admission")
@@ -109,6 +117,7 @@ class Ticket:
         "pending_id",
         "plan",
         "reserved",
+        "upstream",
         "user_id",
     )
 
@@ -121,6 +130,7 @@ class Ticket:
         lease_id: str | None,
         pending_id: str | None = None,
         plan: str = "",
+        upstream: str = "default",
     ) -> None:
         self.user_id = user_id
         self.plan = plan  # the plan's name, for metrics
@@ -132,6 +142,9 @@ class Ticket:
         # refund claim it, so neither can count after a recovery did.
         self.pending_id = pending_id
         self.body_changed = False  # admission rewrote the request body (web search off)
+        # The named upstream the answer goes to (issue 23), recorded in the ledger
+        # with it; whoever sends the request elsewhere (a fallback) sets it.
+        self.upstream = upstream
 
     def release(self) -> bool:
         """The reservation leaves the ticket - to the ledger (settled) or back to
@@ -158,35 +171,47 @@ class Admitter:
 
     async def plan_of(self, snap: Snapshot, user_id: str) -> Plan:
         """The user's effective plan: their plan with their overrides applied."""
-        return (await self._plan(snap, user_id))[1]
+        return (await self._plan(snap, user_id))[1].plan
 
-    async def _plan(self, snap: Snapshot, user_id: str) -> tuple[User, Plan, frozenset[str]]:
-        """The user, their effective plan, and the limits in it that their own
-        overrides set (a refusal by one of these says "your limit")."""
-        config = snap.config
-        user = await snap.users.get(user_id, default_plan=config.accounting.default_plan)
-        own = frozenset(name for name in user.overrides if name in LIMIT_NAMES)
-        return user, effective_plan(config, user), own
+    async def _plan(self, snap: Snapshot, user_id: str) -> tuple[User, PlanView]:
+        """The user and their effective plan's view: the plan, its limits, and
+        the limits in it that their own overrides set (a refusal by one of
+        these says "your limit")."""
+        user = await snap.users.get(user_id, default_plan=snap.config.accounting.default_plan)
+        return user, snap.plan_view(user)
 
-    async def _team(self, snap: Snapshot, user: User) -> tuple[str | None, tuple[Limit, ...]]:
-        """The user's team and the team-scope limits of its plan (issue 21): the
-        request must fit them too, in the same atomic step. A team the database
-        cannot give leaves the user's own limits (fail-open, as for the team's
-        model list), logged and counted."""
+    async def _team(self, snap: Snapshot, user: User) -> tuple[str | None, PlanView | None]:
+        """The user's team and its plan's view, whose team-scope limits (issue
+        21) the request must fit too, in the same atomic step. A team the
+        database cannot give leaves the user's own limits (fail-open, as for the
+        team's model list), logged and counted."""
         try:
-            plan = await snap.team_plan(user)
+            view = await snap.team_view(user)
         except StorageError as exc:
             self._metrics.inc("gateway_storage_errors_total", operation="team")
             log.warning("team of %s not read, its limits not applied: %s", user.id, exc.message)
-            return None, ()
-        if plan is None or user.team is None:
-            return None, ()
-        return user.team, team_limits(plan)
+            return None, None
+        if view is None or user.team is None or not view.limits:
+            return None, None
+        return user.team, view
 
     async def admit(
-        self, snap: Snapshot, user_id: str, request_id: str, route: Route, body: dict[str, Any]
+        self,
+        snap: Snapshot,
+        user_id: str,
+        request_id: str,
+        route: Route,
+        body: dict[str, Any],
+        *,
+        dialect: Upstream | None = None,
+        upstream: str = "default",
     ) -> tuple[Ticket, Headers]:
-        """Reserve the answer or raise the refusal; may rewrite ``body`` (web search)."""
+        """Reserve the answer or raise the refusal; may rewrite ``body`` (web search).
+        ``dialect`` is the request's (its mount's, issue 23; default the primary
+        upstream's); ``upstream``: the named upstream the answer is sent to, kept
+        on the pending row (a recovery charges it there) and on the ticket."""
+        if dialect is None:
+            dialect = snap.upstream
         config = snap.config
         now = self._clock.now()
         periods = periods_at(now, snap.tz)
@@ -194,38 +219,66 @@ class Admitter:
         web_search: WebSearch | None = None
         own: frozenset[str] = frozenset()
         try:
-            user, plan, own = await self._plan(snap, user_id)
+            user, view = await self._plan(snap, user_id)
+            plan, own = view.plan, view.own
             advanced = asks_for_advanced_rag(body, config.advanced_rag)
             if advanced and not plan.advanced_rag:
                 key = "feature_not_in_plan_own" if "advanced_rag" in own else "feature_not_in_plan"
                 raise Forbidden(english(key), key=key)
             if asks_for_web_search(body, config.web_search):
                 web_search = WebSearch(None, config.web_search.when_exhausted)
-            team, team_limits = await self._team(snap, user)
-            limits = admission_limits(
-                plan, team_limits, models=snap.upstream.requested_models(route, body)
+            team, team_view = await self._team(snap, user)
+            per_model = view.per_model or (team_view is not None and team_view.per_model)
+            if team_view is None and not per_model:
+                limits = view.admission  # the same for every request of the plan
+            else:
+                limits = admission_limits(
+                    view.limits,
+                    team_view.limits if team_view is not None else (),
+                    models=(dialect.requested_models(route, body) if per_model else None),
+                )
+            pending = replace(
+                self._pending(snap, dialect, request_id, route, body), upstream=upstream
             )
-            pending = self._pending(snap, request_id, route, body)
             if any(limit.meter == "cost" for limit in limits.limits):
-                pending = self._with_cost_bound(snap, pending, route, body)
+                pending = self._with_cost_bound(snap, dialect, pending, route, body)
             lease = None
             if limits.counts_streams:
                 lease = Lease(id=request_id, expires_at=now + snap.lease_ttl)
-            admission = await self._storage.admit(
-                user_id,
-                day=periods.day,
-                month_start=periods.month_start,
-                limits=limits,
-                now=now,
-                lease=lease,
-                advanced_rag=advanced,
-                pending=pending,
-                web_search=web_search,
-                team=team,
-            )
+            capped: dict[str, Any] | None = None
+            while True:
+                admission = await self._storage.admit(
+                    user_id,
+                    day=periods.day,
+                    month_start=periods.month_start,
+                    limits=limits,
+                    now=now,
+                    lease=lease,
+                    advanced_rag=advanced,
+                    pending=pending,
+                    web_search=web_search,
+                    team=team,
+                )
+                if admission.admitted or capped is not None or not plan.lower_output_cap:
+                    break
+                lowered = self._lowered(
+                    snap, dialect, admission, limits, request_id, route, body, upstream
+                )
+                if lowered is None:
+                    break  # refused as without the option
+                capped, pending = lowered
+            if capped is not None and admission.admitted:
+                body.update(capped)  # only the cap fields change
         except StorageError as exc:
             return self._storage_failed(
-                snap, exc, plan, user_id, request_id, periods, asks_web=web_search is not None
+                snap,
+                exc,
+                plan,
+                user_id,
+                request_id,
+                periods,
+                asks_web=web_search is not None,
+                upstream=upstream,
             )
 
         shown = reported_limit(admission, limits.limits, periods, now=now)
@@ -270,13 +323,14 @@ class Admitter:
             lease_id=lease.id if lease else None,
             pending_id=request_id,
             plan=plan.name,
+            upstream=upstream,
         )
-        ticket.body_changed = disabled
-        ticket.alerts = alert_request(plan, config.alerts, periods)
+        ticket.body_changed = disabled or capped is not None
+        ticket.alerts = alert_request(plan, config.alerts, periods, limits.limits)
         return ticket, rate_headers
 
     def _pending(
-        self, snap: Snapshot, request_id: str, route: Route, body: dict[str, Any]
+        self, snap: Snapshot, dialect: Upstream, request_id: str, route: Route, body: dict[str, Any]
     ) -> Pending:
         """The pending row admission writes: what a recovery charges if this
         process dies before the answer is settled - the dialect's estimate for an
@@ -288,7 +342,7 @@ class Admitter:
                 return Pending(
                     id=request_id, endpoint=route.name, cost=price.price, currency=price.currency
                 )
-        usage = snap.upstream.unanswered(route, body).usage
+        usage = dialect.unanswered(route, body).usage
         if usage is None:
             return Pending(id=request_id, endpoint=route.name)
         return Pending(
@@ -301,8 +355,55 @@ class Admitter:
             currency=usage.currency,
         )
 
+    def _lowered(
+        self,
+        snap: Snapshot,
+        dialect: Upstream,
+        refusal: Admission,
+        limits: AdmissionLimits,
+        request_id: str,
+        route: Route,
+        body: dict[str, Any],
+        upstream: str,
+    ) -> tuple[dict[str, Any], Pending] | None:
+        """For a request refused by a money budget, on a plan with
+        ``lower_output_cap``: the body's cap fields lowered to the largest cap
+        whose cost bound every money budget's remainder (as the refusal read
+        the counters) can pay for, and the pending row reserving that bound;
+        None when even a one-token answer does not fit (docs/quotas.md)."""
+        refused = refusal.refused
+        if refused is None or refused.meter != "cost" or route.role == "side_cost":
+            return None
+        remaining = min(
+            limit.max - refusal.counters.of_limit(limit)
+            for limit in limits.limits
+            if limit.meter == "cost"
+        )
+        if remaining <= 0:
+            return None
+        cap = lowered_cap(
+            dialect,
+            route,
+            body,
+            remaining,
+            reserve_output_tokens=snap.config.accounting.reserve_output_tokens,
+        )
+        if cap is None:
+            return None
+        capped = with_cap(body, route, cap)
+        pending = replace(
+            self._pending(snap, dialect, request_id, route, capped), upstream=upstream
+        )
+        changed = {name: value for name, value in capped.items() if body.get(name) != value}
+        return changed, self._with_cost_bound(snap, dialect, pending, route, capped)
+
     def _with_cost_bound(
-        self, snap: Snapshot, pending: Pending, route: Route, body: dict[str, Any]
+        self,
+        snap: Snapshot,
+        dialect: Upstream,
+        pending: Pending,
+        route: Route,
+        body: dict[str, Any],
     ) -> Pending:
         """``pending`` reserving the upper bound of the answer's cost against the
         money budgets (gateway/budget.py); a recovery charges at least that
@@ -313,7 +414,7 @@ class Admitter:
             bound = pending.cost
         else:
             bound = cost_bound(
-                snap.upstream,
+                dialect,
                 route,
                 body,
                 reserve_output_tokens=accounting.reserve_output_tokens,
@@ -331,6 +432,7 @@ class Admitter:
         periods: Periods,
         *,
         asks_web: bool = False,
+        upstream: str = "default",
     ) -> tuple[Ticket, Headers]:
         metrics = self._metrics
         metrics.inc("gateway_storage_errors_total", operation="admit")
@@ -360,7 +462,74 @@ class Admitter:
             log.warning(
                 "request %s: web-search allowance not checked, allowing (fail-open)", request_id
             )
-        return Ticket(user_id, periods.day, reserved=False, lease_id=None, plan=plan.name), []
+        ticket = Ticket(
+            user_id, periods.day, reserved=False, lease_id=None, plan=plan.name, upstream=upstream
+        )
+        return ticket, []
+
+    async def check_upload(self, snap: Snapshot, user_id: str, *, size: int | None) -> None:
+        """Refuse an upload (429, as an answer's refusal) that the user's or
+        their team's ``uploads`` or ``upload_bytes`` limits (per day or month,
+        ``[[plans.NAME.limits]]``) leave no room for, before it is read or
+        forwarded. Uploads are counted when the upstream has taken them
+        (`Storage.record_upload`), so this check reads the counters rather than
+        reserving: uploads running at the same moment can pass a limit by
+        what they add (docs/quotas.md, "Uploads"). ``size``: the body's
+        Content-Length, an upper bound of the file's bytes (None: unknown,
+        held only by a limit already reached). A database that cannot be read
+        lets the upload through (counted later, as today)."""
+        try:
+            user, view = await self._plan(snap, user_id)
+            team, team_view = await self._team(snap, user)
+        except StorageError:
+            return
+        held = [
+            limit
+            for limit in (*view.limits, *(team_view.limits if team_view is not None else ()))
+            if limit.meter in ("uploads", "upload_bytes") and limit.per in ("day", "month")
+        ]
+        if not held:
+            return
+        now = self._clock.now()
+        periods = periods_at(now, snap.tz)
+        try:
+            mine = await self._storage.daily(periods.month_start, periods.day, user_id=user_id)
+            theirs = (
+                await self._storage.team_daily(team, start=periods.month_start, end=periods.day)
+                if team is not None and any(limit.scope == "team" for limit in held)
+                else []
+            )
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation="upload")
+            log.warning(
+                "uploads of %s not read, their limits not checked: %s", user_id, exc.message
+            )
+            return
+        for limit in held:
+            rows = theirs if limit.scope == "team" else mine
+            used = Decimal(
+                sum(
+                    getattr(row, limit.meter)
+                    for row in rows
+                    if limit.per == "month" or row.day == periods.day
+                )
+            )
+            amount = Decimal(1 if limit.meter == "uploads" else size or 0)
+            if refuses(limit, used, amount) or used >= limit.max:
+                reset = reset_of(limit, periods)
+                shown = RateLimit(limit.name, limit.max, used, reset)
+                raise limit_refusal(
+                    limit.name,
+                    limit.max,
+                    used=used,
+                    reset=reset.astimezone(snap.tz) if reset else None,
+                    own=limit.scope == "user" and limit.name in view.own,
+                    headers=[
+                        (b"retry-after", str(shown.retry_after(now)).encode()),
+                        *shown.headers(),
+                    ],
+                    refused=limit,
+                )
 
     async def refund(self, ticket: Ticket | None, request_id: str) -> None:
         """Return a reserved query (and its stream slot): no answer was produced."""

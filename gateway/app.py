@@ -1,9 +1,12 @@
 """The ASGI application: routes, lifespan, and the dispatch to the proxy.
 
 Every HTTP request first passes the request limits (header size and count, the
-body deadline: gateway/limits.py); then requests under /v1 go straight to the
-proxy (a plain ASGI callable, no router or middleware in between) and the
-gateway's own endpoints to a small Starlette app.
+body deadline: gateway/limits.py); then requests under a mount (/v1, or a named
+upstream's /NAME/v1: gateway/mounts.py) go straight to the proxy (a plain ASGI
+callable, no router or middleware in between) and the gateway's own endpoints
+to a small Starlette app. No mount may shadow those (refused at load; the
+reserved paths are `gateway.mounts.RESERVED_TOP` and ``OWN_UNDER_V1``, checked
+against the routes below by tests/test_mounts.py).
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from gateway import dashboard
 from gateway.admin import admin_routes, error_response, services, token_refusal
 from gateway.clock import Clock
 from gateway.config import Config, load_config
-from gateway.cors import Cors
+from gateway.cors import Cors, covered
 from gateway.errors import NotFound, StorageError
 from gateway.limits import BodyDeadline, header_refusal, send_refusal
 from gateway.logs import configure_logging
+from gateway.mounts import OWN_UNDER_V1
 from gateway.probes import Probes
 from gateway.proxy import Proxy
 from gateway.runtime import Gateway, Running
@@ -114,12 +118,8 @@ def tune_gc() -> None:
     gc.set_threshold(7000, 20, 20)
 
 
-# The gateway's own endpoints under /v1 (Dify has none of these paths).
-_OWN_V1_PATHS = frozenset({"/v1/usage", "/v1/usage/daily"})
-
-
 class GatewayApp:
-    """Dispatches every request: /v1 to the proxy, the rest to a Starlette site.
+    """Dispatches every request: the mounts to the proxy, the rest to a Starlette site.
 
     Until the lifespan has started the gateway, everything goes to the site (which
     runs the lifespan); then `_serve` is wired to the started parts.
@@ -184,7 +184,11 @@ class GatewayApp:
             refusal = header_refusal(
                 scope["headers"], max_bytes=server.max_header_bytes, max_count=server.max_headers
             )
-            error_body = snap.upstream.error_body
+            path = scope.get("path", "")
+            routing = snap.routing
+            found = routing.find(path)
+            # Refusals in the shape of the mount's dialect (outside one, the primary's).
+            error_body = (snap.dialects[found[0].kind] if found else snap.upstream).error_body
             if refusal is not None:
                 metrics.inc("gateway_refusals_total", code="headers_too_large")
                 await send_refusal(send, error_body, 431, "headers_too_large", refusal)
@@ -196,8 +200,7 @@ class GatewayApp:
                 error_body=error_body,
                 on_timeout=on_timeout,
             )
-            path = scope.get("path", "")
-            if path.startswith("/v1/") and path not in _OWN_V1_PATHS:
+            if found is not None and path not in OWN_UNDER_V1:
                 await proxy(scope, deadline.receive, deadline.send)
             else:
                 await site(scope, deadline.receive, deadline.send)
@@ -207,6 +210,7 @@ class GatewayApp:
         return Cors(
             dispatch,
             config=lambda: current.snapshot.config.cors,
+            covered=lambda path: covered(path) or current.snapshot.routing.find(path) is not None,
             error_body=lambda status, code, message: current.snapshot.upstream.error_body(
                 status, code, message
             ),

@@ -26,7 +26,14 @@ from gateway.accounts import (
     parse_override_text,
 )
 from gateway.clock import SystemClock, periods_at
-from gateway.config import ENV_CONFIG, LIMIT_NAMES, Config, load_config, render_config
+from gateway.config import (
+    ENV_CONFIG,
+    LIMIT_NAMES,
+    Config,
+    is_override_name,
+    load_config,
+    render_config,
+)
 from gateway.currency import check as currency_check
 from gateway.currency import shown
 from gateway.errors import BadRequest, ConfigError, GatewayError, StorageError
@@ -36,6 +43,19 @@ from gateway.storage import OverrideValue, Storage, open_storage
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
+
+
+_LIMIT_HELP = (
+    f"{', '.join(LIMIT_NAMES)}, or limits.NAME for a [[plans.NAME.limits]] entry "
+    "(limits.queries_per_hour)"
+)
+
+
+def _override_name(name: str) -> str:
+    """A limit name a per-user or per-team override can set (argparse type)."""
+    if not is_override_name(name):
+        raise argparse.ArgumentTypeError(f"no limit named {name!r} (limits: {_LIMIT_HELP})")
+    return name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,12 +143,12 @@ def _parser() -> argparse.ArgumentParser:
     set_plan.set_defaults(handler=_sync(_users_set_plan))
     set_limit = users.add_parser("set-limit", help="override one plan limit for a user")
     set_limit.add_argument("id")
-    set_limit.add_argument("name", choices=LIMIT_NAMES)
+    set_limit.add_argument("name", type=_override_name, help=_LIMIT_HELP)
     set_limit.add_argument("value", help="a number, 'unlimited', or true/false for advanced_rag")
     set_limit.set_defaults(handler=_sync(_users_set_limit))
     clear_limit = users.add_parser("clear-limit", help="remove a per-user override")
     clear_limit.add_argument("id")
-    clear_limit.add_argument("name", choices=LIMIT_NAMES)
+    clear_limit.add_argument("name", type=_override_name, help=_LIMIT_HELP)
     clear_limit.set_defaults(handler=_sync(_users_clear_limit))
     set_team = users.add_parser("set-team", help="put a user in a team (or --none: in none)")
     set_team.add_argument("id")
@@ -160,12 +180,12 @@ def _parser() -> argparse.ArgumentParser:
     team_plan.set_defaults(handler=_sync(_teams_set_plan))
     team_limit = teams.add_parser("set-limit", help="override one plan limit for a team")
     team_limit.add_argument("id")
-    team_limit.add_argument("name", choices=LIMIT_NAMES)
+    team_limit.add_argument("name", type=_override_name, help=_LIMIT_HELP)
     team_limit.add_argument("value", help="a number, 'unlimited', or true/false for advanced_rag")
     team_limit.set_defaults(handler=_sync(_teams_set_limit))
     team_clear = teams.add_parser("clear-limit", help="remove a per-team override")
     team_clear.add_argument("id")
-    team_clear.add_argument("name", choices=LIMIT_NAMES)
+    team_clear.add_argument("name", type=_override_name, help=_LIMIT_HELP)
     team_clear.set_defaults(handler=_sync(_teams_clear_limit))
     teams.add_parser("list", help="list teams with their members and today's usage").set_defaults(
         handler=_sync(_teams_list)
@@ -341,13 +361,21 @@ def config_warnings(config: Config) -> list[str]:
     from gateway.config import ENV_UPSTREAM_API_KEY
 
     warnings = []
-    if not config.upstream.api_key:
-        warnings.append(
-            f"the upstream API key is not set: set {config.upstream.api_key_env} "
-            f"(upstream.api_key_env) or {ENV_UPSTREAM_API_KEY}; the upstream will refuse "
-            "every request"
-        )
-    if config.upstream.kind == "dify":
+    for name, upstream in config.upstreams.items():
+        if upstream.api_key:
+            continue
+        if upstream is config.upstream:
+            warnings.append(
+                f"the upstream API key is not set: set {upstream.api_key_env} "
+                f"(upstream.api_key_env) or {ENV_UPSTREAM_API_KEY}; the upstream will refuse "
+                "every request"
+            )
+        else:
+            warnings.append(
+                f"the API key of upstream {name} is not set: set {upstream.api_key_env} "
+                f"(upstreams.{name}.api_key_env); it will refuse every request"
+            )
+    if all(upstream.kind == "dify" for upstream in config.upstreams.values()):
         # Issue 21: a Dify app fixes its own model; no request names one.
         for name, plan in config.plans.items():
             if plan.models is not None:
@@ -420,6 +448,18 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
         f"  cost          {money(today.cost) if today else 0} {currency}",
         f"this month:    {month_tokens} tokens / {limit(plan.tokens_per_month)}",
     ]
+    # This month's answers per model and per named upstream (issue 23), from the
+    # ledger, as /v1/usage and the admin API show them.
+    models = await storage.usage_by_model(user.id, start=period.month_start, end=period.day)
+    lines += _grouped_lines(
+        "by model",
+        [(m.model or "-", m.answers, m.total_tokens, money(m.cost), m.currency) for m in models],
+    )
+    upstreams = await storage.usage_by_upstream(user.id, start=period.month_start, end=period.day)
+    lines += _grouped_lines(
+        "by upstream",
+        [(u.upstream, u.answers, u.total_tokens, money(u.cost), u.currency) for u in upstreams],
+    )
     if user.overrides:
         lines.append(
             "overrides:  " + ", ".join(f"{k}={limit(v)}" for k, v in sorted(user.overrides.items()))
@@ -441,6 +481,19 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
         lines.append(f"key:        {key.id}  {key.prefix}…  {key.name or '-'}  {state}")
     print("\n".join(lines))
     return 0
+
+
+def _grouped_lines(title: str, groups: Sequence[tuple[str, int, int, str, str]]) -> list[str]:
+    """This month's ledger rows summed per model or upstream and currency (name,
+    answers, tokens, cost, currency), a line each: none when the month has none."""
+    if not groups:
+        return []
+    width = max(len(group[0]) for group in groups)
+    return [f"this month {title}:"] + [
+        f"  {name:<{width}}  {answers} answer{'' if answers == 1 else 's'}, {tokens} tokens, "
+        f"cost {cost} {currency}"
+        for name, answers, tokens, cost, currency in groups
+    ]
 
 
 def _team_usage_lines(report: dict[str, Any], config: Config) -> list[str]:
@@ -622,7 +675,12 @@ async def _teams_show(storage: Storage, config: Config, args: argparse.Namespace
                 f"{k}={'unlimited' if v is None else v}" for k, v in sorted(team.overrides.items())
             )
         )
-    print("\n".join(lines + _team_usage_lines(report, config)))
+    by_upstream = [
+        (u["upstream"], u["answers"], u["total_tokens"], u["cost"], u["currency"])
+        for u in report["month_by_upstream"]
+    ]
+    lines += _team_usage_lines(report, config) + _grouped_lines("by upstream", by_upstream)
+    print("\n".join(lines))
     return 0
 
 

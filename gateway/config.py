@@ -110,6 +110,17 @@ class UpstreamConfig:
     # Default deny (issue 20): routes the dialect refuses that the operator forwards
     # anyway, unmetered: "METHOD /path-glob" (gateway/allowlist.py).
     allow: tuple[str, ...] = ()
+    # --- issue 23, named upstreams (gateway/mounts.py) ---
+    # The path prefix clients use; "" means the default: /v1 for [upstream],
+    # /NAME/v1 for [upstreams.NAME]. Resolved at load.
+    mount: str = ""
+    # Globs of the model names it serves (OpenAI and Anthropic kinds); empty: all.
+    models: tuple[str, ...] = ()
+    # Upstreams of the same kind tried in order when this one fails before any
+    # byte of the answer was relayed.
+    fallbacks: tuple[str, ...] = ()
+    name: str = field(default="default", metadata={"resolved": True})  # its NAME
+    # --- end of issue 23 ---
     api_key: str = _resolved()
 
 
@@ -320,6 +331,23 @@ LimitName = Literal[
     "max_concurrent_streams",
 ]
 LIMIT_NAMES: tuple[LimitName, ...] = typing.get_args(LimitName)
+# A per-user (or per-team) override of a [[plans.NAME.limits]] entry is named
+# this and the entry's name (`PlanLimit.label`): "limits.queries_per_hour",
+# "limits.cost_per_day[gpt-4.1*]". Its value replaces the entry's max (null:
+# the entry does not apply).
+GENERAL_PREFIX = "limits."
+
+
+def is_override_name(name: str) -> bool:
+    """Whether ``name`` names something a per-user override can set: a plan key
+    of LIMIT_NAMES or a general limit (GENERAL_PREFIX and its name)."""
+    return name in LIMIT_NAMES or (
+        name.startswith(GENERAL_PREFIX)
+        and 0 < len(name) - len(GENERAL_PREFIX) <= 200
+        and name.isprintable()
+    )
+
+
 # The limits that are amounts of money (decimal strings in overrides too).
 MONEY_LIMITS: frozenset[str] = frozenset({"cost_per_day", "cost_per_month"})
 
@@ -409,7 +437,16 @@ def _messages(table: object) -> MessagesConfig:
 # streams open at once are max_concurrent_streams; rates - per minute or hour -
 # count queries and tokens).
 LimitMeter = Literal[
-    "queries", "tokens", "input_tokens", "output_tokens", "cost", "web_searches", "advanced_rag"
+    "queries",
+    "tokens",
+    "input_tokens",
+    "output_tokens",
+    "cost",
+    "web_searches",
+    "advanced_rag",
+    # Checked when an upload is asked (docs/quotas.md, "Uploads"), not at admission.
+    "uploads",
+    "upload_bytes",
 ]
 LimitPer = Literal["day", "month", "minute", "hour"]
 RATE_METERS: frozenset[str] = frozenset({"queries", "tokens"})
@@ -462,22 +499,40 @@ class Plan:
     # Issue 21: the models this plan may use, as globs ("llama-3*"), matched
     # case-sensitively against the model a request names. Unset: any model.
     models: tuple[str, ...] | None = None
+    # Issue 21: a request whose answer's cost bound the money budgets left
+    # cannot pay for is sent with its output-token cap lowered to what they can
+    # (OpenAI and Anthropic dialects; docs/quotas.md, "Money budgets").
+    lower_output_cap: bool = False
     # [[plans.NAME.limits]], the general form (read apart from the plan's keys).
     limits: tuple[PlanLimit, ...] = field(default=(), metadata={"resolved": True})
 
     def with_overrides(self, overrides: Mapping[str, object]) -> Plan:
-        """This plan with per-user overrides applied (unknown names are ignored)."""
-        known = {
+        """This plan with per-user overrides applied (unknown names are ignored):
+        plan keys by name, ``[[plans.NAME.limits]]`` entries by
+        ``limits.<their name>`` (a new maximum, or null: the entry is dropped;
+        one naming no entry of this plan is ignored)."""
+        known: dict[str, object] = {
             k: Decimal(str(v)) if k in MONEY_LIMITS and v is not None else v
             for k, v in overrides.items()
             if k in LIMIT_NAMES
         }
+        if self.limits and any(k.startswith(GENERAL_PREFIX) for k in overrides):
+            general = []
+            for entry in self.limits:
+                key = GENERAL_PREFIX + entry.label
+                if key not in overrides:
+                    general.append(entry)
+                elif (value := overrides[key]) is not None:
+                    general.append(dataclasses.replace(entry, max=Decimal(str(value))))
+            known["limits"] = tuple(general)
         return dataclasses.replace(self, **known) if known else self  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
+    # The single [upstream] table as written (the upstream named "default");
+    # what the gateway forwards to is `upstreams`.
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -499,11 +554,25 @@ class Config:
     # endpoint billed per call); names are "<dialect>.<call>" (docs/configuration.md).
     call_prices: Mapping[str, CallPrice] = field(default_factory=dict)
     messages: MessagesConfig = field(default_factory=MessagesConfig)  # issue 25
+    # Issue 23: every upstream by name, in the file's order - [upstream] as
+    # "default" (also when neither table is written) and each [upstreams.NAME] -
+    # each with its mount resolved and its key read. Built at load.
+    upstreams: Mapping[str, UpstreamConfig] = field(
+        default_factory=lambda: {"default": dataclasses.replace(UpstreamConfig(), mount="/v1")},
+        metadata={"resolved": True},
+    )
     source: str | None = _resolved(None)
 
     @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.accounting.timezone)
+
+    @property
+    def primary(self) -> UpstreamConfig:
+        """The upstream whose dialect shapes what is answered outside any mount
+        (a refusal before the path is read, /v1/usage): the one at /v1, else the first."""
+        ups = self.upstreams.values()
+        return next((u for u in ups if u.mount == "/v1"), next(iter(ups)))
 
     def plan(self, name: str) -> Plan:
         """The named plan, or the default plan when the name is no longer configured."""
@@ -558,7 +627,12 @@ def parse_config(
     prices_table = data.pop("prices", None)
     call_prices_table = data.pop("call_prices", None)
     messages = _messages(data.pop("messages", None))  # issue 25
-    config: Config = _build(Config, data, "", skip={"plans", "prices", "call_prices", "messages"})
+    # Issue 23: [upstream] and [upstreams.NAME], in the file's order.
+    order = [key for key in data if key in ("upstream", "upstreams")]
+    upstreams_table = data.pop("upstreams", None)
+    config: Config = _build(
+        Config, data, "", skip={"plans", "prices", "call_prices", "messages", "upstreams"}
+    )
 
     plans: dict[str, Plan] = {}
     if plans_table is None:
@@ -634,16 +708,11 @@ def parse_config(
             f"accounting.max_tokens_per_answer: must be at most {MAX_TOKENS_PER_ANSWER_LIMIT}"
         )
 
-    upstream = config.upstream
-    if ENV_UPSTREAM_URL in env:
-        upstream = dataclasses.replace(upstream, url=env[ENV_UPSTREAM_URL])
-    if not upstream.url.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"upstream.url: expected an http:// or https:// URL, got {upstream.url!r}"
-        )
-    _check_allow_list(upstream.allow)
-    api_key = env.get(ENV_UPSTREAM_API_KEY) or env.get(upstream.api_key_env, "")
-    upstream = dataclasses.replace(upstream, url=upstream.url.rstrip("/"), api_key=api_key)
+    upstreams = _upstreams(config.upstream, upstreams_table, order, env)
+    # [upstream] as loaded, when it is in force (written, or implied by no table).
+    upstream = (
+        upstreams["default"] if "upstreams" not in order or "upstream" in order else config.upstream
+    )
 
     admin = config.admin
     admin = dataclasses.replace(
@@ -665,8 +734,77 @@ def parse_config(
         prices=types.MappingProxyType(prices),
         call_prices=types.MappingProxyType(call_prices),
         messages=messages,
+        upstreams=types.MappingProxyType(upstreams),
         source=source,
     )
+
+
+def _upstreams(
+    single: UpstreamConfig, named: object, order: list[str], env: Mapping[str, str]
+) -> dict[str, UpstreamConfig]:
+    """Every upstream by name, in the file's order (issue 23): ``[upstream]`` is
+    the one named "default" at /v1 - also when neither table is written - and
+    each ``[upstreams.NAME]`` is at /NAME/v1 unless its ``mount`` says otherwise.
+    Each is checked, its URL's trailing "/" dropped, its key read; the
+    environment overrides go to the upstream named "default"."""
+    from gateway.mounts import UpstreamRoute, check_upstreams
+
+    tables: dict[str, tuple[str, UpstreamConfig]] = {}
+    if named is not None and not isinstance(named, dict):
+        raise ConfigError(
+            f"upstreams: expected a table of [upstreams.NAME] tables, got {_kind(named)}"
+        )
+    for part in order or ["upstream"]:
+        if part == "upstream":
+            tables["default"] = (
+                "upstream",
+                dataclasses.replace(single, mount=single.mount or "/v1"),
+            )
+            continue
+        assert isinstance(named, dict)
+        for name, table in named.items():
+            key = f"upstreams.{name}"
+            if not isinstance(table, dict):
+                raise ConfigError(f"{key}: expected a table, got {_kind(table)}")
+            if name == "default" and "upstream" in order:
+                raise ConfigError(
+                    f"{key}: the [upstream] table is already the upstream named 'default'; "
+                    "rename this one, or move [upstream] here"
+                )
+            upstream: UpstreamConfig = _build(UpstreamConfig, table, f"{key}.")
+            tables[name] = (
+                key,
+                dataclasses.replace(upstream, name=name, mount=upstream.mount or f"/{name}/v1"),
+            )
+    found: dict[str, UpstreamConfig] = {}
+    for name, (key, upstream) in tables.items():
+        url = upstream.url
+        api_key = env.get(upstream.api_key_env, "")
+        if name == "default":
+            url = env.get(ENV_UPSTREAM_URL, url)
+            api_key = env.get(ENV_UPSTREAM_API_KEY) or api_key
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{key}.url: expected an http:// or https:// URL, got {url!r}")
+        _check_allow_list(upstream.allow, key)
+        found[name] = dataclasses.replace(upstream, url=url.rstrip("/"), api_key=api_key)
+    try:
+        check_upstreams(
+            [
+                UpstreamRoute(
+                    name,
+                    u.kind,
+                    u.mount,
+                    models=u.models,
+                    fallbacks=u.fallbacks,
+                    allow=u.allow,
+                    key=tables[name][0],
+                )
+                for name, u in found.items()
+            ]
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return found
 
 
 def _check_model_globs(globs: tuple[str, ...] | None, path: str) -> None:
@@ -681,7 +819,7 @@ def _check_model_globs(globs: tuple[str, ...] | None, path: str) -> None:
             )
 
 
-def _check_allow_list(rules: tuple[str, ...]) -> None:
+def _check_allow_list(rules: tuple[str, ...], key: str = "upstream") -> None:
     """``upstream.allow``: each rule must parse (issue 20, default deny)."""
     from gateway.allowlist import parse_rule
 
@@ -689,7 +827,7 @@ def _check_allow_list(rules: tuple[str, ...]) -> None:
         try:
             parse_rule(rule)
         except ValueError as exc:
-            raise ConfigError(f"upstream.allow[{index}]: {exc}") from None
+            raise ConfigError(f"{key}.allow[{index}]: {exc}") from None
 
 
 def _resolve_alerts(
@@ -960,6 +1098,7 @@ def setting_paths() -> list[str]:
                 "prices",
                 "call_prices",
                 "messages",
+                "upstreams",
             ):
                 continue
             if dataclasses.is_dataclass(hints[f.name]):
@@ -968,6 +1107,7 @@ def setting_paths() -> list[str]:
                 paths.append(prefix + f.name)
 
     walk(Config, "")
+    walk(UpstreamConfig, "upstreams.<name>.")  # issue 23
     walk(Plan, "plans.<name>.")
     walk(PlanLimit, "plans.<name>.limits[].")
     walk(Price, "prices.<model>.")
@@ -1017,8 +1157,13 @@ def render_config(config: Config) -> str:
     # (issue 25: [alerts], [metrics] and [pricing] once were).
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
+        if f.name == "upstream" and config.upstreams.get("default") is not value:
+            continue  # no [upstream] in force: only [upstreams.NAME] (written below)
         if dataclasses.is_dataclass(value) and f.name != "messages":  # written below
             emit_tree(f.name, value)
+    for name, named in config.upstreams.items():
+        if named is not config.upstream:  # [upstream] is written above
+            emit(f"upstreams.{_toml_value(name)}", named)
     for name, plan in config.plans.items():
         emit(f"plans.{name}", plan)
         for limit in plan.limits:

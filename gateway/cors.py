@@ -187,10 +187,17 @@ class Cors:
     """The ASGI middleware applying ``[cors]`` around the gateway (wired in app.py)."""
 
     def __init__(
-        self, app: ASGIApp, *, config: Callable[[], CorsConfig], error_body: ErrorBody
+        self,
+        app: ASGIApp,
+        *,
+        config: Callable[[], CorsConfig],
+        error_body: ErrorBody,
+        covered: Callable[[str], bool] = covered,
     ) -> None:
         self.app = app
         self._config = config
+        # The browser-facing paths; the app adds its upstreams' mounts (issue 23).
+        self._covered = covered
         self._error_body = error_body
         self._compiled: tuple[CorsConfig, Policy] | None = None
 
@@ -203,7 +210,7 @@ class Cors:
         return compiled[1]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not covered(scope.get("path", "")):
+        if scope["type"] != "http" or not self._covered(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
         policy = self.policy()

@@ -44,7 +44,6 @@ from gateway.errors import NotFound, StorageError, UpstreamBroken, UpstreamError
 from gateway.probes import Probes
 from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import PausedForm
-from gateway.upstream_client import UpstreamClient
 from gateway.upstreams import Route, StreamMeter
 from gateway.usage import Metered
 
@@ -76,6 +75,10 @@ class FollowMeter(StreamMeter, Paused, Protocol):
     def done(self) -> bool:
         """The run ended, failed or paused again: the read stops here."""
         ...
+
+
+# Whether a meter class is `Paused` (its instances have the property), by class.
+_PAUSED: dict[type, bool] = {}
 
 
 @runtime_checkable
@@ -123,7 +126,6 @@ class Follows:
 
     __slots__ = (
         "_checked",
-        "_client",
         "_clock",
         "_dialect",
         "_keep",
@@ -137,7 +139,6 @@ class Follows:
     def __init__(
         self,
         storage: Storage,
-        client: UpstreamClient,
         *,
         clock: Clock,
         metrics: Metrics,
@@ -147,7 +148,6 @@ class Follows:
         probes: Probes,
     ) -> None:
         self._storage = storage
-        self._client = client
         self._clock = clock
         self._metrics = metrics
         self._spawn = spawn  # cancelled at shutdown
@@ -160,7 +160,7 @@ class Follows:
     def _resumable(self, x: Exchange) -> Resumable | None:
         """The request's dialect, if its runs can be resumed (checked once per
         dialect object: a reload makes a new one)."""
-        upstream = x.snap.upstream
+        upstream = x.dialect
         if upstream is not self._checked:
             self._checked = upstream
             self._dialect = upstream if isinstance(upstream, Resumable) else None
@@ -175,7 +175,12 @@ class Follows:
         if dialect is None:
             return ()
         if meter is not None:
-            return meter.paused_forms if isinstance(meter, Paused) else ()
+            # isinstance against a runtime-checkable protocol inspects the class's
+            # members every time: asked once per meter class instead.
+            paused = _PAUSED.get(type(meter))
+            if paused is None:
+                paused = _PAUSED[type(meter)] = isinstance(meter, Paused)
+            return meter.paused_forms if paused else ()  # type: ignore[attr-defined]
         return dialect.blocking_forms(x.route, body) if body else ()
 
     async def keep_forms(
@@ -229,9 +234,11 @@ class Follows:
                 headers=[(b"retry-after", b"1")],
             )
         path, query = upstream.follow_request(form.run_id, form.user_id)
-        url = x.snap.upstream_url + path + "?" + query.decode("latin-1")
+        target, client = x.target, x.client
+        assert target is not None and client is not None  # chosen before forwarding
+        url = target.url + path + "?" + query.decode("latin-1")
         headers = [
-            x.snap.upstream_authorization,
+            target.authorization,
             (b"accept-encoding", b"identity"),
             (b"x-trace-id", x.request_id.encode()),
         ]
@@ -239,12 +246,12 @@ class Follows:
             # The upstream answers once the subscription is live (Dify's first
             # byte is a ping sent after it subscribed): from here no event of the
             # resumed run can be missed.
-            response = await self._client.open(
+            response = await client.open(
                 "GET",
                 url,
                 headers=headers,
                 content=None,
-                timeout=self._client.streaming_timeout,
+                timeout=client.streaming_timeout,
                 failure=BodyFailure(),
             )
         except UpstreamError:
@@ -270,7 +277,8 @@ class Follows:
 
     async def _read(self, x: Exchange, follow: Follow) -> None:
         metrics = self._metrics
-        settings = x.snap.config.upstream
+        assert x.target is not None
+        settings = x.target.settings
         response, meter = follow.response, follow.meter
         decoder = SSEDecoder(max_event_bytes=settings.max_event_bytes)
         cut = False
@@ -335,6 +343,6 @@ class Follows:
         if result.usage is None:
             # Nothing read that says what the run did: it did run (the submit was
             # accepted), so the query stays spent and an estimate is recorded.
-            estimate = x.snap.upstream.unanswered(x.route, x.answer_body)
+            estimate = x.dialect.unanswered(x.route, x.answer_body)
             result = dataclasses.replace(result, usage=estimate.usage)
         return result

@@ -81,7 +81,7 @@ def _configured() -> HeadSettings:
     config = load_config()
     server = config.server
     limit = server.max_header_bytes
-    error_body = get_upstream(config.upstream.kind).error_body
+    error_body = get_upstream(config.primary.kind).error_body
     return HeadSettings(
         head_limit=limit + REQUEST_LINE_ALLOWANCE,
         refusal=render(

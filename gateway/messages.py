@@ -333,6 +333,12 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "Gói của bạn chỉ cho phép một số mô hình: vui lòng ghi rõ mô hình cần dùng trong "
         "yêu cầu (và trong mỗi công cụ tự chạy một mô hình riêng).",
     ),
+    # Issue 23: no upstream of the request's mount serves the model (404).
+    "model_not_served": _e(
+        "model_not_found",
+        "The model {model} is not served here.",
+        "Mô hình {model} không được phục vụ tại đây.",
+    ),
     "model_not_priced": _e(
         "model_not_priced",
         "The model {model} has no price on this gateway, so its use cannot be charged.",

@@ -55,6 +55,16 @@ COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
         ("operation",),
     ),
     "gateway_upstream_errors_total": ("Upstream failures, by kind.", ("kind",)),
+    # Issue 23: each request sent to a named upstream, and each move to a fallback.
+    "gateway_upstream_attempts_total": (
+        "Requests sent to each upstream, by outcome (answered, rate_limited, "
+        "server_error, timeout, unreachable).",
+        ("upstream", "outcome"),
+    ),
+    "gateway_upstream_fallbacks_total": (
+        "Requests sent on to a fallback upstream after one failed before answering.",
+        ("from", "to"),
+    ),
     "gateway_client_disconnects_total": ("Clients that left before the answer ended.", ()),
     "gateway_answers_recovered_total": (
         "Pending answers of a gateway that died, charged by estimate.",

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from gateway.errors import Forbidden
 from gateway.messages import english
 
-__all__ = ["allows", "check_models"]
+__all__ = ["allows", "check_models", "shown_model"]
 
 # A model name is echoed in the refusal: long enough to recognise, never a
 # caller's megabyte.
@@ -39,7 +39,7 @@ def allows(globs: Sequence[str] | None, model: str) -> bool:
     return any(fnmatch.fnmatchcase(model, glob) for glob in globs)
 
 
-def _shown(model: str) -> str:
+def shown_model(model: str) -> str:
     # repr: quotes, and escapes for whitespace and control characters, so a
     # refused " gpt-4o" or "gpt-4o\n" shows what was sent.
     text = repr(model[:_SHOWN_CHARS])
@@ -57,7 +57,7 @@ def check_models(globs: Sequence[str] | None, requested: Iterable[str | None]) -
             key = "model_not_in_plan_unnamed"
             raise Forbidden(english(key), code="model_not_in_plan", key=key)
         if not allows(globs, model):
-            fields = {"model": _shown(model)}
+            fields = {"model": shown_model(model)}
             raise Forbidden(
                 english("model_not_in_plan", **fields),
                 code="model_not_in_plan",

@@ -63,7 +63,8 @@ _LIMIT = {
     "name": "name",
     "in": "path",
     "required": True,
-    "schema": {"type": "string", "enum": list(LIMIT_NAMES)},
+    # A plan key, or limits.NAME for a [[plans.NAME.limits]] entry.
+    "schema": {"anyOf": [{"enum": list(LIMIT_NAMES)}, {"type": "string", "pattern": "^limits\\."}]},
 }
 _EXPORT_PARAMS = [
     {
@@ -272,7 +273,7 @@ def document() -> dict[str, Any]:
             "/admin/users/{user_id}": {
                 "get": {
                     "operationId": "getUser",
-                    "summary": "One user: plan, overrides, limits and usage (this month per model), keys, daily history",
+                    "summary": "One user: plan, overrides, limits and usage (this month per model and per upstream), keys, daily history",
                     "parameters": [
                         _USER_ID,
                         {
@@ -404,7 +405,7 @@ def document() -> dict[str, Any]:
             "/admin/teams/{team_id}": {
                 "get": {
                     "operationId": "getTeam",
-                    "summary": "One team: plan, overrides, limits and usage (members summed), members, daily history",
+                    "summary": "One team: plan, overrides, limits and usage (members summed; this month per upstream), members, daily history",
                     "parameters": [_TEAM_ID, _DAYS],
                     "responses": {
                         "200": _json({"type": "object"}, "The team"),

@@ -53,14 +53,17 @@ def team_limits(plan: Plan) -> tuple[Limit, ...]:
 
 
 def admission_limits(
-    plan: Plan,
+    plan: Plan | Sequence[Limit],
     team: Sequence[Limit] = (),
     *,
     models: Iterable[str | None] | None = None,
 ) -> AdmissionLimits:
-    """The user's plan's limits, then their team's (open streams last); of the
-    per-model limits, those for a model the request names (``models``)."""
-    mine = tuple(x for x in plan_limits(plan) if x.applies_to(models))
+    """The user's plan's limits (or those limits, `plan_limits`), then their
+    team's (open streams last); of the per-model limits, those for a model the
+    request names (``models``)."""
+    mine = tuple(
+        x for x in (plan_limits(plan) if isinstance(plan, Plan) else plan) if x.applies_to(models)
+    )
     streams = tuple(x for x in (*mine, *team) if x.per == "open")
     return AdmissionLimits((*(x for x in (*mine, *team) if x.per != "open"), *streams))
 
@@ -84,6 +87,8 @@ def closed_checks(policy: StorageErrorPolicy, plan: Plan) -> list[str]:
     }
     # [[plans.NAME.limits]]: queries follow the queries check, the rest the tokens one.
     for limit in plan.limits:
+        if limit.meter in ("uploads", "upload_bytes"):
+            continue  # checked when an upload is asked, not at admission
         applies["queries" if limit.meter == "queries" else "tokens"] = True
     return [check for check, used in applies.items() if used and getattr(policy, check) == "closed"]
 

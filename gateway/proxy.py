@@ -1,9 +1,12 @@
-"""The proxy hot path: a plain ASGI callable for everything under /v1.
+"""The proxy hot path: a plain ASGI callable for everything under the mounts
+(/v1, /support/v1: gateway/mounts.py).
 
 One request goes through one pipeline (`Proxy._handle`): parse the request
 line and headers, authenticate the end user, read and rewrite the body (the
-dialect puts the user where its API reads it), admit an answer request (one
-storage round trip), forward it with the shared client, relay every upstream
+dialect puts the user where its API reads it), pick the named upstream by the
+model it names (issue 23), admit an answer request (one storage round trip),
+forward it with that upstream's client - and to its fallbacks while one fails
+before answering - relay every upstream
 chunk to the client as it arrives while the dialect's meter reads the same
 bytes, and settle the answer's usage once it is over - also when the client has
 gone (we keep reading, bounded by ``upstream.disconnect_grace``, or stop the
@@ -24,13 +27,12 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import orjson
 
-from gateway.accounts import effective_plan
 from gateway.admission import Admitter, Ticket
 from gateway.bodies import (
     FIELDS_ALLOWANCE,
@@ -67,19 +69,20 @@ from gateway.http import (
     with_param,
 )
 from gateway.logs import bind_request, note_status
-from gateway.model_access import allows, check_models
+from gateway.messages import english
+from gateway.model_access import allows, check_models, shown_model
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
 from gateway.pricing import CallPrice
 from gateway.relay import Command as RelayCommand
 from gateway.relay import Count, End, ExtendDeadline, Notice, Refund, Relay, Settle
 from gateway.relay import Send as RelaySend
 from gateway.relay import Stop as RelayStop
-from gateway.routing import RouteGuard, side_cost_result
+from gateway.routing import ALLOWED, RouteGuard, side_cost_result
 from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import UsageEvent
 from gateway.types import Receive, Scope, Send
 from gateway.upstream_client import UpstreamClient
-from gateway.upstreams import Prepared, Route
+from gateway.upstreams import Prepared, Route, Upstream
 from gateway.usage import Metered
 
 if TYPE_CHECKING:
@@ -87,10 +90,11 @@ if TYPE_CHECKING:
     from gateway.config import Plan
     from gateway.follow import Run
     from gateway.metrics import Metrics
+    from gateway.mounts import Mount
     from gateway.probes import Probes
     from gateway.runtime import InFlight
     from gateway.settle import Settler
-    from gateway.snapshot import Current, Snapshot
+    from gateway.snapshot import Current, Snapshot, Target
     from gateway.storage import Storage
 
 log = logging.getLogger("gateway.proxy")
@@ -107,6 +111,9 @@ _MULTIPART_SLACK = FIELDS_ALLOWANCE + 64 * 1024
 # Placeholders until `_parse` and `route` fill them in (never used before).
 _NO_ROUTE = Route("other", "")
 _NO_HEADERS = RequestHeaders([])
+# Upstream answers that send a request on to the next fallback (issue 23).
+_RATE_LIMITED = 429
+_SERVER_ERROR = 500
 
 # Request ids: unique per process by a counter, across processes by a random prefix;
 # cheaper than uuid4 on every request. They also key the ledger rows of answers
@@ -150,15 +157,20 @@ class Exchange:
     """One request on its way through the proxy: what the pipeline steps share."""
 
     __slots__ = (
+        "attempts",
         "body",
         "call_price",
+        "client",
+        "dialect",
         "failure",
         "follow",
         "followed",
         "forwarded_at",
         "headers",
+        "holder",
         "json",
         "method",
+        "mount",
         "path",
         "prepared",
         "query",
@@ -168,6 +180,7 @@ class Exchange:
         "route",
         "snap",
         "started",
+        "target",
         "ticket",
         "upload",
         "user_id",
@@ -181,7 +194,18 @@ class Exchange:
         self.snap = snap
         self.forwarded_at = started  # perf_counter() when it was sent upstream
         self.method = ""
-        self.path = ""  # canonical, relative to the API base
+        # Issue 23: the mount the path is under, its dialect, and the named upstream
+        # the request is forwarded to (with its client): the first of ``attempts``
+        # until one fails and the next is tried.
+        self.mount: Mount | None = None
+        self.dialect: Upstream = snap.upstream  # the primary's, until the mount is known
+        self.target: Target | None = None
+        self.client: UpstreamClient | None = None
+        self.attempts: tuple[str, ...] = ()
+        # The upstream that gave the stored answer a route names (a stored
+        # response read or continued), from the ledger: the one that keeps it.
+        self.holder: str | None = None
+        self.path = ""  # canonical, relative to the mount
         self.query = b""
         self.headers = _NO_HEADERS
         self.route = _NO_ROUTE
@@ -224,7 +248,7 @@ class Proxy:
         *,
         storage: Storage,
         settler: Settler,
-        client: UpstreamClient,
+        clients: Mapping[str, UpstreamClient],
         admitter: Admitter,
         guard: RouteGuard,
         clock: Clock,
@@ -242,11 +266,10 @@ class Proxy:
         self._in_flight = in_flight
         self._keep = keep
         self.admitter = admitter
-        self.client = client
+        self.clients = clients  # by upstream name
         self.guard = guard
         self.follows = Follows(
             storage,
-            client,
             clock=clock,
             metrics=metrics,
             spawn=spawn,
@@ -285,11 +308,18 @@ class Proxy:
             return
         await self._authenticate(x)
         await self._route(x)
+        if x.route.is_upload:
+            # The upload limits, before the body is read (issue 21).
+            await self.admitter.check_upload(x.snap, x.user_id, size=x.headers.content_length)
         await self._read_body(x, receive)
         if x.route.by_body:
             await self._refine(x)
+        self._choose(x)
         await self._check_models(x)
         self._rewrite(x)
+        if x.route.lists_models and x.mount is not None and x.mount.shared:
+            await self._model_union(x, send)
+            return
         try:
             if x.route.admitted:
                 await self._admit(x)
@@ -313,6 +343,11 @@ class Proxy:
     # --- parse -----------------------------------------------------------------------
 
     def _parse(self, x: Exchange, scope: Scope) -> None:
+        found = x.snap.routing.find(scope["path"])
+        if found is None:  # the app sends only mounted paths here
+            raise NotFound("This endpoint is not available through the gateway.", code="not_found")
+        x.mount, below = found
+        x.dialect = x.snap.dialects[x.mount.kind]  # refusals from here in its shape
         method: str = scope["method"]
         if not method.isupper():
             # Methods are case-sensitive (RFC 9110 9.1) and the dialects route on
@@ -320,11 +355,9 @@ class Proxy:
             # case: "post" would reach the upstream as POST, unmetered.
             raise BadRequest("The request method must be written in upper case.")
         x.method = method
-        x.path = canonical_path(scope["path"][3:])  # strip "/v1"
+        x.path = canonical_path(below)
         x.query = scope.get("query_string", b"")
-        x.headers = request_headers(
-            scope["headers"], x.snap.user_header, x.snap.upstream.key_header
-        )
+        x.headers = request_headers(scope["headers"], x.snap.user_header, x.dialect.key_header)
 
     # --- authenticate ----------------------------------------------------------------
 
@@ -340,24 +373,25 @@ class Proxy:
     async def _route(self, x: Exchange) -> None:
         """Classify the request and apply its role before anything of the body is
         read: refuse what must not be forwarded (gateway/routing.py)."""
-        await self._apply_role(x, x.snap.upstream.route(x.method, x.path), refined=False)
+        await self._apply_role(x, x.dialect.route(x.method, x.path), refined=False)
 
     async def _refine(self, x: Exchange) -> None:
         """A route whose role its JSON body decides (Dify's rename that generates a
         name, OpenAI's response that continues a stored one): checked again."""
-        route = x.snap.upstream.refine(x.route, x.json)
+        route = x.dialect.refine(x.route, x.json)
         if route is not x.route:
             await self._apply_role(x, route, refined=True)
 
     async def _apply_role(self, x: Exchange, route: Route, *, refined: bool) -> None:
         call_prices = x.snap.config.call_prices
+        assert x.mount is not None
         x.route = route = self.guard.admit_route(
-            x.method, x.path, route, call_prices=call_prices, refined=refined
+            x.method, x.path, route, call_prices=call_prices, allow=x.mount.allow, refined=refined
         )
         if route.role == "side_cost":
             x.call_price = self.guard.call_price(route, call_prices)
         elif route.owned_answer is not None:
-            await self.guard.check_owner(route, x.user_id)
+            x.holder = await self.guard.check_owner(route, x.user_id)
 
     # --- read and rewrite ------------------------------------------------------------
 
@@ -368,7 +402,7 @@ class Proxy:
         route = x.route
         media_type = headers.media_type
         content_length = headers.content_length
-        field = x.snap.upstream.user_field
+        field = x.dialect.user_field
         limit = x.snap.config.server.max_json_body_bytes
         if is_json(media_type) or (route.produces_answer and x.method in _BODY_METHODS):
             if content_length is not None and content_length > limit:
@@ -399,11 +433,68 @@ class Proxy:
             if content_length is not None:
                 headers.forward.append((b"content-length", str(content_length).encode()))
 
+    # --- choose the upstream (issue 23) ----------------------------------------------
+
+    def _choose(self, x: Exchange) -> None:
+        """Pick the mount's upstream for the model the request names, and the
+        fallbacks to try after it (gateway/mounts.py): refused 404 when no
+        upstream of the mount serves the model, before anything is reserved."""
+        mount = x.mount
+        assert mount is not None
+        if mount.direct is not None and x.route is not ALLOWED:
+            # One upstream serving every model, no fallbacks: nothing to choose.
+            x.attempts = mount.direct
+            self._use(x, mount.direct[0])
+            return
+        if x.holder is not None and x.holder in mount.upstreams:
+            # A stored answer's object (or a response continuing one) is only
+            # where it was made: no other upstream of the mount has it.
+            x.attempts = (x.holder,)
+            self._use(x, x.holder)
+            return
+        routing = x.snap.routing
+        model = x.dialect.routed_model(x.route, x.json)
+        allowed: Callable[[str], bool] | None = None
+        if x.route is ALLOWED:
+            # Forwarded by an allow-list: only to an upstream whose own list names it.
+            method, path = x.method, x.path
+            allowed = lambda name: routing.allows(name, method, path)  # noqa: E731
+        first = (
+            routing.first(mount, model)
+            if allowed is None
+            else routing.first(mount, model, allowed=allowed)
+        )
+        if first is None:
+            fields = {"model": shown_model(model) if model is not None else "(none)"}
+            raise NotFound(
+                english("model_not_served", **fields),
+                code="model_not_found",
+                key="model_not_served",
+                fields=fields,
+            )
+        x.attempts = (
+            routing.attempts(first, model)
+            if allowed is None
+            else routing.attempts(first, model, allowed=allowed)
+        )
+        self._use(x, first)
+
+    def _use(self, x: Exchange, name: str) -> None:
+        """Forward the request to upstream ``name`` (its address, key, client);
+        the ledger records the one that answers (a fallback's, if it comes to that)."""
+        x.target = x.snap.targets[name]
+        x.client = self.clients[name]
+        if x.ticket is not None:
+            x.ticket.upstream = name
+
     async def _check_models(self, x: Exchange) -> None:
         """Refuse a model the user's plan does not allow (issue 21), before
         anything is reserved or forwarded: the models the dialect says the
-        request names, as the upstream reads them (gateway/model_access.py)."""
-        requested = x.snap.upstream.requested_models(x.route, x.json)
+        request names, as the upstream reads them (gateway/model_access.py).
+        Nothing to do when no plan has an allow-list."""
+        if not x.snap.model_lists:
+            return
+        requested = x.dialect.requested_models(x.route, x.json)
         if requested is not None:
             for globs in await self._model_lists(x):
                 check_models(globs, requested)
@@ -425,7 +516,7 @@ class Proxy:
             )
             plan = snap.config.plan(default_plan)
             return [plan.models] if plan.models is not None else []
-        plans: list[Plan | None] = [effective_plan(snap.config, user)]
+        plans: list[Plan | None] = [snap.plan_view(user).plan]
         try:
             plans.append(await snap.team_plan(user))
         except StorageError as exc:
@@ -439,7 +530,7 @@ class Proxy:
     def _rewrite(self, x: Exchange) -> None:
         """Let the dialect set the user (and what else it needs), then serialise the
         JSON body: a body that cannot be forwarded is refused before admission."""
-        prepared = x.snap.upstream.prepare(
+        prepared = x.dialect.prepare(
             x.route, x.json, x.query, x.user_id, method=x.method, request_id=x.request_id
         )
         x.prepared = prepared
@@ -448,7 +539,6 @@ class Proxy:
         if prepared.headers:
             sent = {name for name, _ in forward}
             forward += [(k, v) for k, v in prepared.headers if k not in sent]
-        forward.append(x.snap.upstream_authorization)
         if x.route.produces_answer or x.route.is_history or x.route.lists_models:
             # Usage is read from the raw bytes, and history pages and model lists
             # may be filtered: ask for them uncompressed.
@@ -464,8 +554,15 @@ class Proxy:
     async def _admit(self, x: Exchange) -> None:
         began = time.perf_counter()
         try:
+            assert x.target is not None
             admitted = await self.admitter.admit(
-                x.snap, x.user_id, x.request_id, x.route, x.answer_body
+                x.snap,
+                x.user_id,
+                x.request_id,
+                x.route,
+                x.answer_body,
+                dialect=x.dialect,
+                upstream=x.target.name,
             )
         finally:
             self._metrics.observe("gateway_admission_seconds", time.perf_counter() - began)
@@ -476,61 +573,113 @@ class Proxy:
     # --- forward ---------------------------------------------------------------------
 
     async def _forward(self, x: Exchange) -> httpx.Response:
-        snap, metrics = x.snap, self._metrics
-        url = snap.upstream_url + x.path + ("?" + x.query.decode("latin-1") if x.query else "")
+        """Send the request upstream; while an upstream fails before answering -
+        unreachable, timed out before its headers, or answering 429 or 5xx - send
+        it on to the next of its fallbacks (issue 23). Nothing of a failed
+        attempt reaches the client, and the one reservation stays the request's:
+        the client sees one answer, charged once. The last attempt's failure, or
+        answer, is the request's."""
+        metrics = self._metrics
+        query = "?" + x.query.decode("latin-1") if x.query else ""
         headers = x.headers.forward
         if isinstance(x.body, bytes):
             headers.append((b"content-length", str(len(x.body)).encode()))
-        timeout = self.client.streaming_timeout
-        if x.route.produces_answer and not snap.upstream.is_streaming(x.route, x.answer_body):
-            # A blocking answer sends nothing until it is complete: wait as long as
-            # an answer may take, not just the gap allowed between two chunks.
-            timeout = snap.blocking_timeout
+        assert x.target is not None
+        headers.append(x.target.authorization)  # each attempt puts its own key here
+        attempts = x.attempts
+        if not (x.body is None or isinstance(x.body, bytes)) or x.follow is not None:
+            # A body forwarded as it is read cannot be sent twice; a resume's read
+            # of its run is open on the first upstream already.
+            attempts = attempts[:1]
         x.forwarded_at = time.perf_counter()
         metrics.observe("gateway_overhead_seconds", x.forwarded_at - x.started, route=x.route.kind)
+        last = len(attempts) - 1
+        for index, name in enumerate(attempts):
+            if index:
+                failed = x.target.name
+                self._use(x, name)
+                metrics.inc("gateway_upstream_fallbacks_total", 1, **{"from": failed, "to": name})
+                log.warning("request %s: upstream %s failed; trying %s", x.request_id, failed, name)
+            target = x.target
+            headers[-1] = target.authorization
+            try:
+                response = await self._open(x, target.url + x.path + query, headers)
+            except (UpstreamTimeout, UpstreamUnavailable) as exc:
+                outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "unreachable"
+                metrics.inc("gateway_upstream_attempts_total", upstream=name, outcome=outcome)
+                if index < last:
+                    log.warning("request %s: upstream %s: %r", x.request_id, name, exc)
+                    continue
+                await self._failed(x, exc)
+                raise
+            status = response.status_code
+            outcome = (
+                "rate_limited"
+                if status == _RATE_LIMITED
+                else "server_error"
+                if status >= _SERVER_ERROR
+                else "answered"
+            )
+            metrics.inc("gateway_upstream_attempts_total", upstream=name, outcome=outcome)
+            if outcome != "answered" and index < last:
+                with contextlib.suppress(UpstreamBroken):
+                    await response.aclose()
+                continue
+            return response
+        raise AssertionError("a request has at least one upstream to try")
+
+    async def _open(self, x: Exchange, url: str, headers: Headers) -> httpx.Response:
+        """One attempt: the request sent to ``x.target``, its response's headers read."""
+        client = x.client
+        assert client is not None and x.target is not None
+        timeout = client.streaming_timeout
+        if x.route.produces_answer and not x.dialect.is_streaming(x.route, x.answer_body):
+            # A blocking answer sends nothing until it is complete: wait as long as
+            # an answer may take, not just the gap allowed between two chunks.
+            timeout = x.target.blocking_timeout
         try:
-            return await self.client.open(
+            return await client.open(
                 x.method, url, headers=headers, content=x.body, timeout=timeout, failure=x.failure
             )
-        except UpstreamTimeout as exc:
-            ticket = x.ticket
-            if exc.phase == "read" and ticket is not None and ticket.reserved:
-                # The request reached the upstream, which may well be answering (and
-                # billing) still: the query stays spent and an estimate is recorded.
-                metrics.inc("gateway_upstream_errors_total", kind="answer_timeout")
-                log.warning(
-                    "request %s: upstream took too long to answer; charging an estimate",
-                    x.request_id,
-                )
-                result = self._unanswered(x)
-                await self._kept(self._settle(x, result, disconnected=False))
-            else:
-                metrics.inc("gateway_upstream_errors_total", kind="timeout")
-                log.warning(
-                    "request %s: upstream timed out before answering: %r", x.request_id, exc
-                )
-            raise
         except asyncio.CancelledError:
             ticket = x.ticket
             if ticket is not None and ticket.reserved:
                 # The server's shutdown grace ran out while the upstream was still
                 # preparing this answer, which it may well go on generating (and
                 # billing): charged as an answer never seen, like a timeout.
-                metrics.inc("gateway_answers_cut_at_shutdown_total")
+                self._metrics.inc("gateway_answers_cut_at_shutdown_total")
                 result = dataclasses.replace(self._unanswered(x), outcome="shutdown")
                 await self._kept(self._settle(x, result, disconnected=False))
             raise
-        except UpstreamUnavailable as exc:
+
+    async def _failed(self, x: Exchange, exc: UpstreamTimeout | UpstreamUnavailable) -> None:
+        """The last upstream tried failed before answering."""
+        metrics = self._metrics
+        if isinstance(exc, UpstreamUnavailable):
             metrics.inc("gateway_upstream_errors_total", kind="connect")
             log.warning("request %s: upstream unreachable: %r", x.request_id, exc.__cause__)
-            raise
+            return
+        ticket = x.ticket
+        if exc.phase == "read" and ticket is not None and ticket.reserved:
+            # The request reached the upstream, which may well be answering (and
+            # billing) still: the query stays spent and an estimate is recorded.
+            metrics.inc("gateway_upstream_errors_total", kind="answer_timeout")
+            log.warning(
+                "request %s: upstream took too long to answer; charging an estimate",
+                x.request_id,
+            )
+            result = self._unanswered(x)
+            await self._kept(self._settle(x, result, disconnected=False))
+        else:
+            metrics.inc("gateway_upstream_errors_total", kind="timeout")
+            log.warning("request %s: upstream timed out before answering: %r", x.request_id, exc)
 
     def _unanswered(self, x: Exchange) -> Metered:
         """What a request the upstream took but never answered is charged: a side
         call its price, an answer the dialect's estimate."""
         if x.call_price is not None:
             return dataclasses.replace(side_cost_result(x.call_price), outcome="timeout")
-        return x.snap.upstream.unanswered(x.route, x.answer_body)
+        return x.dialect.unanswered(x.route, x.answer_body)
 
     # --- relay -----------------------------------------------------------------------
 
@@ -600,6 +749,8 @@ class Proxy:
                 return
         if ok and x.route.lists_models and b"json" in content_type:
             lists = await self._model_lists(x)
+            if x.target is not None and x.target.settings.models:
+                lists.append(x.target.settings.models)  # what the mount routes to it
             if lists:
                 await self._models(x, send, response, status, headers, lists)
                 return
@@ -654,10 +805,12 @@ class Proxy:
         turns out unreadable: the dialect then charges an estimate.
         """
         metrics = self._metrics
-        upstream = x.snap.upstream
+        upstream = x.dialect
         route = x.route
         assert x.prepared is not None
-        settings = x.snap.config.upstream
+        client = x.client
+        assert x.target is not None and client is not None
+        settings = x.target.settings
         relay = Relay(
             upstream,
             route,
@@ -679,7 +832,7 @@ class Proxy:
         ending: list[RelayCommand]
         try:
             async with asyncio.timeout(settings.total_timeout) as deadline:
-                async for chunk in response.aiter_raw():
+                async for chunk in client.raw(response):
                     if watcher.done() and relay.listening:
                         self._client_left(x)
                         for command in relay.client_left():
@@ -801,7 +954,7 @@ class Proxy:
         """
         raw, page = await self._read_page(response, "history page")
         cutoff = self._clock.now().timestamp() - days * 86400
-        filtered = x.snap.upstream.filter_history(x.route, x.query, page, cutoff)
+        filtered = x.dialect.filter_history(x.route, x.query, page, cutoff)
         await self._send_page(x, send, status, headers, raw, page, filtered)
 
     async def _models(
@@ -816,10 +969,53 @@ class Proxy:
         """The upstream's model list limited to the allow-lists that apply
         (issue 21); fails closed like a history page."""
         raw, page = await self._read_page(response, "model list")
-        filtered = x.snap.upstream.filter_models(
+        filtered = x.dialect.filter_models(
             x.route, page, lambda model: all(allows(globs, model) for globs in lists)
         )
         await self._send_page(x, send, status, headers, raw, page, filtered)
+
+    async def _model_union(self, x: Exchange, send: Send) -> None:
+        """A model list on a mount several upstreams share (issue 23): each one's
+        list, limited to the models it is routed (``models``), as one list, then
+        limited to the allow-lists that apply. An upstream that cannot give its
+        list is left out (logged); with none, the request fails as one would."""
+        snap, mount = x.snap, x.mount
+        assert mount is not None
+        query = "?" + x.query.decode("latin-1") if x.query else ""
+        pages: list[dict[str, Any]] = []
+        for name in mount.upstreams:
+            target = snap.targets[name]
+            try:
+                reply = await self.clients[name].request(
+                    "GET",
+                    target.url + x.path + query,
+                    headers=[*x.headers.forward, target.authorization],
+                )
+                page = orjson.loads(reply.content) if reply.is_success else None
+            except (UpstreamUnavailable, orjson.JSONDecodeError) as exc:
+                page = exc
+            if not isinstance(page, dict):
+                log.warning("request %s: no model list from upstream %s", x.request_id, name)
+                continue
+            serves = snap.routing.upstreams[name].serves
+            pages.append(x.dialect.filter_models(x.route, page, serves))
+        if not pages:
+            raise UpstreamUnavailable("The upstream model list could not be read.")
+        lists = await self._model_lists(x)
+        merged = x.dialect.merge_models(pages)
+        filtered = x.dialect.filter_models(
+            x.route, merged, lambda model: all(allows(globs, model) for globs in lists)
+        )
+        body = orjson.dumps(filtered)
+        metrics_status = "2xx"
+        self._metrics.inc("gateway_requests_total", route=x.route.kind, status=metrics_status)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", x.request_id.encode()),
+        ]
+        await self._start(x, send, 200, headers)
+        await send({"type": "http.response.body", "body": body})
 
     async def _read_page(
         self, response: httpx.Response, what: Literal["history page", "model list"]
@@ -829,7 +1025,7 @@ class Proxy:
         history = what == "history page"
         raw = bytearray()
         try:
-            async for chunk in self.client.decoded(response):
+            async for chunk in UpstreamClient.decoded(response):
                 raw += chunk
                 if len(raw) > _MAX_BUFFERED_BODY:
                     raise UpstreamError(
@@ -875,22 +1071,23 @@ class Proxy:
     def _client_left(self, x: Exchange) -> None:
         """The client went away mid-answer (the relay decides what follows)."""
         self._metrics.inc("gateway_client_disconnects_total")
-        policy = x.snap.config.upstream.on_client_disconnect
+        assert x.target is not None
+        policy = x.target.settings.on_client_disconnect
         log.info("request %s: client disconnected mid-answer; policy %s", x.request_id, policy)
 
     async def _stop(self, x: Exchange, task_id: str) -> bool:
         """Ask the upstream to stop generating an answer (same task id and user)."""
-        snap = x.snap
-        stop = snap.upstream.stop_request(x.route, task_id, x.user_id)
-        if stop is None:
+        stop = x.dialect.stop_request(x.route, task_id, x.user_id)
+        target, client = x.target, x.client
+        if stop is None or target is None or client is None:
             return False
         path, payload = stop
         try:
-            reply = await self.client.request(
+            reply = await client.request(
                 "POST",
-                snap.upstream_url + path,
+                target.url + path,
                 content=payload,
-                headers=[(b"content-type", b"application/json"), snap.upstream_authorization],
+                headers=[(b"content-type", b"application/json"), target.authorization],
             )
         except UpstreamUnavailable as exc:
             log.warning(
@@ -981,6 +1178,7 @@ class Proxy:
                 cached_tokens=usage.cached_tokens,
                 reasoning_tokens=usage.reasoning_tokens,
                 cache_write_tokens=usage.cache_write_tokens,
+                upstream=ticket.upstream,
             ),
             lease_id=ticket.lease_id,
             pending_id=ticket.pending_id,
@@ -1002,7 +1200,7 @@ class Proxy:
         message, language = messages.render(exc, language)
         response = render_error(
             exc,
-            x.snap.upstream.error_body,
+            x.dialect.error_body,
             message=message,
             realm="api",
             request_id=request_id,
@@ -1024,15 +1222,20 @@ class Proxy:
         method = asked.decode("latin-1").strip()
         if not method.isupper():
             raise NotFound("This endpoint is not available through the gateway.", code="not_found")
-        snap = x.snap
+        snap, mount = x.snap, x.mount
+        assert mount is not None
         self.guard.admit_route(
             method,
             x.path,
-            snap.upstream.route(method, x.path),
+            x.dialect.route(method, x.path),
             call_prices=snap.config.call_prices,
+            allow=mount.allow,
         )
-        url = snap.upstream_url + x.path + ("?" + x.query.decode("latin-1") if x.query else "")
-        response = await self.client.request("OPTIONS", url, headers=x.headers.forward)
+        # It carries no body, so no model: answered by the mount's first upstream.
+        first = mount.upstreams[0]
+        target = snap.targets[first]
+        url = target.url + x.path + ("?" + x.query.decode("latin-1") if x.query else "")
+        response = await self.clients[first].request("OPTIONS", url, headers=x.headers.forward)
         out = response_headers(response.headers.raw)
         out = [(k, v) for k, v in out if k not in (b"content-length", b"content-encoding")]
         out += [

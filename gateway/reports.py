@@ -17,7 +17,7 @@ from gateway.clock import Periods, periods_at
 from gateway.config import LIMIT_NAMES, MONEY_LIMITS, Config, Plan
 from gateway.errors import NotFound
 from gateway.quota import Meter, Per
-from gateway.storage import DailyUsage, ModelUsage, Storage, Team, User, summed
+from gateway.storage import DailyUsage, ModelUsage, Storage, Team, UpstreamUsage, User, summed
 
 if TYPE_CHECKING:
     from gateway.clock import Clock
@@ -69,6 +69,21 @@ def lifetime_dict(user: User, currency: str) -> dict[str, Any]:
 def model_dict(row: ModelUsage) -> dict[str, Any]:
     return {
         "model": row.model,
+        "answers": row.answers,
+        "prompt_tokens": row.prompt_tokens,
+        "cached_tokens": row.cached_tokens,
+        "completion_tokens": row.completion_tokens,
+        "reasoning_tokens": row.reasoning_tokens,
+        "total_tokens": row.total_tokens,
+        "cost": money(row.cost),
+        "currency": row.currency,
+    }
+
+
+def upstream_dict(row: UpstreamUsage) -> dict[str, Any]:
+    """A named upstream's answers (issue 23), in model_dict's shape."""
+    return {
+        "upstream": row.upstream,
         "answers": row.answers,
         "prompt_tokens": row.prompt_tokens,
         "cached_tokens": row.cached_tokens,
@@ -170,7 +185,7 @@ async def team_report(
     (issue 21) - today, this month, and each limit of the team's plan against
     them (a team has no stream counter of its own: ``max_concurrent_streams``
     shows its limit only). The same view for the CLI, the admin API and the
-    dashboard."""
+    dashboard; with ``members``, the members and the month per upstream too."""
     rows = await storage.team_daily(team.id, start=periods.month_start, end=periods.day)
     today = summed([r for r in rows if r.day == periods.day], user_id=team.id, day=periods.day)
     month = summed(rows, user_id=team.id, day=periods.month_start)
@@ -199,7 +214,13 @@ async def team_report(
         "month": daily_dict(month, currency),
     }
     if members:
+        # The team's own view (not the team part of a member's): its members and
+        # this month's answers per named upstream (issue 23), from the ledger.
         report["members"] = [user.id for user in users]
+        upstreams = await storage.team_usage_by_upstream(
+            team.id, start=periods.month_start, end=periods.day
+        )
+        report["month_by_upstream"] = [upstream_dict(u) for u in upstreams]
     return report
 
 
@@ -245,6 +266,9 @@ class Reports:
         models = await self._storage.usage_by_model(
             user.id, start=periods.month_start, end=periods.day
         )
+        upstreams = await self._storage.usage_by_upstream(
+            user.id, start=periods.month_start, end=periods.day
+        )
         plan: Plan = effective_plan(snap.config, user)
         team = await self._user_team(snap, user)
         currency = self._currency()
@@ -271,6 +295,9 @@ class Reports:
             # (cached and reasoning tokens are parts of the prompt and completion
             # tokens).
             "month_by_model": [model_dict(m) for m in models],
+            # The same per named upstream (issue 23): "default" is the `[upstream]`
+            # table's, and every answer recorded before upstreams had names.
+            "month_by_upstream": [upstream_dict(u) for u in upstreams],
         }
 
     async def team(self, team_id: str, *, days: int = 30) -> dict[str, Any]:

@@ -41,14 +41,13 @@ ALLOWED: Final = Route("allowed", "allowed", role="passthrough")
 
 
 class RouteGuard:
-    """Applies the roles; one per proxy (``upstream.allow`` needs a restart)."""
+    """Applies the roles; one per proxy."""
 
-    __slots__ = ("_allow", "_metrics", "_storage")
+    __slots__ = ("_metrics", "_storage")
 
-    def __init__(self, storage: Storage, *, metrics: Metrics, allow: AllowList) -> None:
+    def __init__(self, storage: Storage, *, metrics: Metrics) -> None:
         self._storage = storage
         self._metrics = metrics
-        self._allow = allow
 
     def admit_route(
         self,
@@ -57,15 +56,17 @@ class RouteGuard:
         route: Route,
         *,
         call_prices: Mapping[str, CallPrice],
+        allow: AllowList,
         refined: bool = False,
     ) -> Route:
         """The route to forward, or the refusal for a route the gateway must not forward.
 
+        ``allow``: the allow-lists of the request's mount (``upstream.allow``).
         ``refined``: the route a body made of a metered one; the allow-list, which
         names paths, never turns it into an unmetered pass-through."""
         role = route.role
         if role == "unknown" or role == "operator":
-            if not refined and self._allow and self._allow.allows(method, path):
+            if not refined and allow and allow.allows(method, path):
                 log.debug("%s %s: forwarded by upstream.allow", method, path)
                 return ALLOWED
             if role == "operator":
@@ -91,20 +92,23 @@ class RouteGuard:
             )
         return price
 
-    async def check_owner(self, route: Route, user_id: str) -> None:
-        """For a stored answer's object: refuse unless the ledger names the caller."""
+    async def check_owner(self, route: Route, user_id: str) -> str | None:
+        """For a stored answer's object: refuse unless the ledger names the caller.
+        Returns the named upstream that gave the answer, where the object is kept
+        (issue 23); None for a route that names no stored answer."""
         answer_id = route.owned_answer
         if answer_id is None:
-            return
+            return None
         try:
             owner = await self._storage.answer_owner(answer_id)
         except StorageError as exc:
             # Fails closed: without the ledger nobody's objects are shown.
             self._metrics.inc("gateway_storage_errors_total", operation="answer_owner")
             raise StorageError("The usage database is unavailable; try again shortly.") from exc
-        if owner != user_id:
+        if owner is None or owner.user_id != user_id:
             # 404, not 403: another user's object must not be told from a missing one.
             raise NotFound(f"No object found with id '{answer_id}'.", code="not_found")
+        return owner.upstream
 
 
 def side_cost_result(price: CallPrice) -> Metered:

@@ -26,7 +26,6 @@ import httpx
 from gateway.accounts import Accounts
 from gateway.admission import Admitter
 from gateway.alerts import OutboxWorker
-from gateway.allowlist import AllowList
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, UpstreamConfig, load_config
 from gateway.currency import Money
@@ -159,7 +158,7 @@ class Running:
     storage: Storage
     current: Current  # the configuration snapshot in force (gateway/snapshot.py)
     settler: Settler
-    client: UpstreamClient
+    clients: Mapping[str, UpstreamClient]  # one per named upstream (issue 23)
     proxy: Proxy
     reports: Reports
     accounts: Accounts
@@ -263,11 +262,14 @@ class Gateway:
 
     async def start(self) -> None:
         config = self._config
-        if not config.upstream.api_key:
-            log.warning(
-                "no upstream API key: set %s (or GATEWAY_UPSTREAM_API_KEY); the upstream will refuse requests",
-                config.upstream.api_key_env,
-            )
+        for name, up in config.upstreams.items():
+            if not up.api_key:
+                log.warning(
+                    "no API key for upstream %s: set %s%s; it will refuse requests",
+                    name,
+                    up.api_key_env,
+                    " (or GATEWAY_UPSTREAM_API_KEY)" if name == "default" else "",
+                )
         if self._storage is None:
             self._storage = await open_storage(config.database)
         storage = self._storage
@@ -294,7 +296,10 @@ class Gateway:
             await recovery.run_once()
         except StorageError as exc:
             log.warning("could not recover pending answers at start-up: %s", exc.message)
-        client = UpstreamClient(make_client(config.upstream, self._transport))
+        clients = {
+            name: UpstreamClient(make_client(up, self._transport))
+            for name, up in config.upstreams.items()
+        }
         outbox = OutboxWorker(
             storage,
             lambda: current.snapshot.config.alerts,
@@ -309,16 +314,14 @@ class Gateway:
             storage=storage,
             current=current,
             settler=settler,
-            client=client,
+            clients=clients,
             proxy=Proxy(
                 current,
                 storage=storage,
                 settler=settler,
-                client=client,
+                clients=clients,
                 admitter=Admitter(storage, settler, clock=self.clock, metrics=self.metrics),
-                guard=RouteGuard(
-                    storage, metrics=self.metrics, allow=AllowList(config.upstream.allow)
-                ),
+                guard=RouteGuard(storage, metrics=self.metrics),
                 clock=self.clock,
                 metrics=self.metrics,
                 in_flight=self.in_flight,
@@ -389,10 +392,15 @@ class Gateway:
             self._reload_tried("refused")
             return False
         # Connections and sockets are set up once: these sections need a restart.
+        # The upstreams' models and fallbacks (routing, not connections) follow a
+        # reload that changes nothing else of the upstreams (issue 23).
+        rerouted = _connections(new) == _connections(running)
         fixed = [
             name
             for name in ("server", "upstream", "database")
-            if getattr(new, name) != getattr(running, name)
+            if (
+                not rerouted if name == "upstream" else getattr(new, name) != getattr(running, name)
+            )
         ]
         if fixed:
             log.warning(
@@ -406,7 +414,8 @@ class Gateway:
                 dataclasses.replace(
                     new,
                     server=running.server,
-                    upstream=running.upstream,
+                    upstream=new.upstream if rerouted else running.upstream,
+                    upstreams=new.upstreams if rerouted else running.upstreams,
                     database=running.database,
                 ),
                 self.running.storage,
@@ -523,10 +532,20 @@ class Gateway:
         await self._tasks.cancel(SHUTDOWN_GRACE)
         running = self.running
         await running.settler.close()
-        await running.client.aclose()
+        for client in running.clients.values():
+            await client.aclose()
         self.metrics.close()
         if self._owns_storage:
             await running.storage.close()
+
+
+def _connections(config: Config) -> list[tuple[str, UpstreamConfig]]:
+    """The upstreams without their routing (``models``, ``fallbacks``): what a
+    reload cannot change."""
+    return [
+        (name, dataclasses.replace(up, models=(), fallbacks=()))
+        for name, up in config.upstreams.items()
+    ]
 
 
 class _Caches:

@@ -8,32 +8,77 @@ prices), its refusal messages and the terms it is settled on all come from one
 version of the configuration, whatever a reload does meanwhile. A request that
 arrives after the reload sees the new one.
 
-What a reload does not change (the ``server``, ``upstream`` and ``database``
-sections need a restart) is in every snapshot too, so a request needs nothing
-else to know where and how to forward.
+What a reload does not change (the ``server``, ``upstream``, ``upstreams`` and
+``database`` sections need a restart, except the upstreams' ``models`` and
+``fallbacks``, which follow a reload that changes nothing else of them) is in
+every snapshot too, so a request needs nothing else to know where and how to
+forward: the mounts and their routing (issue 23, gateway/mounts.py) and each
+named upstream's address, key and timeouts (`Target`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import types
+from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import httpx
 
-from gateway.accounts import team_plan
+from gateway.accounts import effective_plan, team_plan
 from gateway.auth import Authenticator, TeamDirectory, UserDirectory
-from gateway.config import Config, Plan
+from gateway.config import GENERAL_PREFIX, Config, Plan, UpstreamConfig, is_override_name
 from gateway.messages import Catalogue
+from gateway.mounts import RoutingTable, UpstreamRoute
+from gateway.plans import plan_limits, team_limits
 from gateway.pricing import PriceTable
+from gateway.quota import Limit
 from gateway.settle import Terms
-from gateway.storage import Storage, User
+from gateway.storage import AdmissionLimits, Storage, User
 from gateway.upstreams import Upstream, get_upstream
 
-__all__ = ["Current", "Snapshot", "build_snapshot", "recover_after"]
+__all__ = ["Current", "PlanView", "Snapshot", "Target", "build_snapshot", "recover_after"]
 
 log = logging.getLogger("gateway")
+
+# Plan views kept per snapshot (one per plan and set of overrides in use): past
+# this many, the cache starts again (a bound, not an eviction policy).
+_VIEWS = 4096
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlanView:
+    """An effective plan (a user's or a team's, overrides applied) and what the
+    hot path derives from it, computed once per snapshot and set of overrides
+    rather than per request (gateway/plans.py)."""
+
+    plan: Plan
+    # The limits it sets, in checking order: the user's (`plan_limits`) or, for
+    # a team, its team-scope ones (`team_limits`).
+    limits: tuple[Limit, ...]
+    own: frozenset[str]  # the limits its own overrides set ("your limit")
+    # True when some limit holds only requests for some models (admission then
+    # filters per request); otherwise ``admission`` is the whole set.
+    per_model: bool
+    admission: AdmissionLimits
+
+
+def _view(plan: Plan, limits: tuple[Limit, ...], own: frozenset[str]) -> PlanView:
+    per_model = any(limit.models for limit in limits)
+    return PlanView(plan, limits, own, per_model, AdmissionLimits(limits))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Target:
+    """One named upstream, as a request is forwarded to it."""
+
+    name: str
+    settings: UpstreamConfig  # its table: timeouts, disconnect policy, event cap
+    url: str  # its base URL, without a trailing "/"
+    authorization: tuple[bytes, bytes]  # the header with its own key, in its dialect's form
+    blocking_timeout: httpx.Timeout  # a blocking answer may take as long as any answer
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -42,7 +87,10 @@ class Snapshot:
 
     config: Config
     tz: ZoneInfo  # accounting.timezone: the local day of the limits
-    upstream: Upstream  # the dialect, with its own settings (prices)
+    # The dialect of the primary upstream (config.primary): the shape of what is
+    # answered outside any mount. A request uses its mount's, from `dialects`.
+    upstream: Upstream
+    dialects: Mapping[str, Upstream]  # by kind, with their own settings (prices)
     terms: Terms  # what an answer is settled on: its token bound, the metric labels
     messages: Catalogue  # refusal messages (issue 25)
     auth: Authenticator  # key and user caches carried over from the previous one
@@ -50,10 +98,14 @@ class Snapshot:
     teams: TeamDirectory  # issue 21
     user_header: bytes  # auth.trusted_header.user_header, lower case
     # From the sections fixed until a restart:
-    upstream_url: str
-    upstream_authorization: tuple[bytes, bytes]
-    blocking_timeout: httpx.Timeout  # a blocking answer may take as long as any answer
+    routing: RoutingTable  # mounts, models and fallbacks (issue 23)
+    targets: Mapping[str, Target]  # by upstream name
     lease_ttl: timedelta  # a stream lease outlives the longest an answer can take
+    # Whether any plan has a model allow-list (none: no request's models are read
+    # for one).
+    model_lists: bool = False
+    # (plan name, overrides) -> its PlanView; filled as requests come.
+    _views: dict[object, PlanView] = dataclasses.field(default_factory=dict, repr=False)
 
     def today(self, now: datetime) -> date:
         """The local calendar day at ``now``, in the configured time zone."""
@@ -72,21 +124,54 @@ class Snapshot:
             )
         return identity.user_id
 
-    async def team_plan(self, user: User) -> Plan | None:
+    def plan_view(self, user: User) -> PlanView:
+        """The user's effective plan (`effective_plan`) and its limits, computed
+        once per snapshot for each plan and set of overrides."""
+        overrides = user.overrides
+        key: object = (user.plan, frozenset(overrides.items())) if overrides else user.plan
+        view = self._views.get(key)
+        if view is None:
+            plan = effective_plan(self.config, user)
+            own = frozenset(
+                name.removeprefix(GENERAL_PREFIX) for name in overrides if is_override_name(name)
+            )
+            view = self._keep(key, _view(plan, plan_limits(plan), own))
+        return view
+
+    async def team_view(self, user: User) -> PlanView | None:
         """The effective plan of ``user``'s team (its plan with the team's
-        overrides), or None when the user is in no team. The team-scope limits a
-        request must also fit (issue 21); a team removed from under a cached
-        user counts as none."""
+        overrides) and its team-scope limits, or None when the user is in no
+        team. The team-scope limits a request must also fit (issue 21); a team
+        removed from under a cached user counts as none."""
         if user.team is None:
             return None
         team = await self.teams.get(user.team)
-        return team_plan(self.config, team) if team is not None else None
+        if team is None:
+            return None
+        overrides = team.overrides
+        key = ("team", team.plan, frozenset(overrides.items()))
+        view = self._views.get(key)
+        if view is None:
+            plan = team_plan(self.config, team)
+            view = self._keep(key, _view(plan, team_limits(plan), frozenset()))
+        return view
+
+    async def team_plan(self, user: User) -> Plan | None:
+        """The effective plan of ``user``'s team, or None (`team_view`)."""
+        view = await self.team_view(user)
+        return view.plan if view is not None else None
+
+    def _keep(self, key: object, view: PlanView) -> PlanView:
+        if len(self._views) >= _VIEWS:
+            self._views.clear()
+        self._views[key] = view
+        return view
 
 
 def longest_answer(config: Config) -> float:
     """The longest an answer can take, in seconds (its deadline, then the grace
     given to one whose client left)."""
-    return config.upstream.total_timeout + config.upstream.disconnect_grace
+    return max(up.total_timeout + up.disconnect_grace for up in config.upstreams.values())
 
 
 def recover_after(config: Config) -> timedelta:
@@ -109,13 +194,13 @@ def build_snapshot(config: Config, storage: Storage, previous: Snapshot | None =
     failure leaves the running snapshot whole. The key and user caches outlive a
     reload (gateway/auth.py): what they hold is in the database, which a reload
     does not change."""
-    up = config.upstream
     # Rebuilt so that a dialect's own settings (prices) follow a reload.
-    upstream = get_upstream(up.kind, config)
+    dialects = {up.kind: get_upstream(up.kind, config) for up in config.upstreams.values()}
     return Snapshot(
         config=config,
         tz=config.tz,
-        upstream=upstream,
+        upstream=dialects[config.primary.kind],
+        dialects=types.MappingProxyType(dialects),
         terms=Terms(config.accounting.max_tokens_per_answer, PriceTable(config.prices)),
         messages=Catalogue(config.messages.default_language, config.messages.templates),
         auth=Authenticator(
@@ -135,17 +220,41 @@ def build_snapshot(config: Config, storage: Storage, previous: Snapshot | None =
             previous=previous.teams if previous is not None else None,
         ),
         user_header=config.auth.trusted_header.user_header.lower().encode(),
-        upstream_url=up.url,
-        # The header that carries the operator's key: the dialect's (Anthropic's
-        # x-api-key); the upstream section, and so the kind, is fixed until a restart.
-        upstream_authorization=upstream.upstream_credential(up.api_key),
+        routing=routing_table(config),
+        targets=types.MappingProxyType(
+            {name: _target(up, dialects[up.kind]) for name, up in config.upstreams.items()}
+        ),
+        lease_ttl=timedelta(seconds=longest_answer(config) + 60),
+        model_lists=any(plan.models is not None for plan in config.plans.values()),
+    )
+
+
+def routing_table(config: Config) -> RoutingTable:
+    """The mounts of ``config``'s upstreams (checked at load: gateway/mounts.py)."""
+    return RoutingTable(
+        [
+            UpstreamRoute(
+                name, up.kind, up.mount, models=up.models, fallbacks=up.fallbacks, allow=up.allow
+            )
+            for name, up in config.upstreams.items()
+        ]
+    )
+
+
+def _target(up: UpstreamConfig, dialect: Upstream) -> Target:
+    return Target(
+        name=up.name,
+        settings=up,
+        url=up.url,
+        # The header that carries the operator's key for this upstream: its
+        # dialect's (Anthropic's x-api-key). Never another upstream's key.
+        authorization=dialect.upstream_credential(up.api_key),
         blocking_timeout=httpx.Timeout(
             connect=up.connect_timeout,
             read=up.total_timeout,
             write=up.read_timeout,
             pool=up.connect_timeout,
         ),
-        lease_ttl=timedelta(seconds=longest_answer(config) + 60),
     )
 
 

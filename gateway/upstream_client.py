@@ -14,6 +14,14 @@ replacement reads aiohttp directly, in place of httpx-aiohttp's own stream: no
 layer is added per chunk. Other transports (``upstream.transport = "httpx"``,
 tests) get a wrapping stream, one async generator step per chunk.
 
+On httpx-aiohttp, the hot request itself (`UpstreamClient.open` with a body in
+hand) goes to aiohttp directly too: the request head the upstream sees is the
+one httpx would have built (the client's default headers, then the request's),
+and the answer comes back as an ``httpx.Response`` around aiohttp's, so callers
+see no difference; httpx's request and response machinery (build, auth,
+redirects, the transport's conversions) is skipped. A streamed request body
+still goes through httpx.
+
 Which foreign exception means what is one table, `_KINDS`, looked up along the
 exception's class hierarchy (never by class name); tests/test_upstream_client.py
 checks that every exception class these libraries define is in it.
@@ -29,8 +37,9 @@ import aiohttp
 import aiohttp.http_exceptions
 import anyio
 import httpx
+import yarl
 from httpx._client import BoundAsyncStream
-from httpx_aiohttp.transport import AiohttpResponseStream
+from httpx_aiohttp.transport import AiohttpResponseStream, AiohttpTransport
 
 from gateway.bodies import BodyFailure, ClientGone
 from gateway.errors import (
@@ -157,6 +166,35 @@ class AiohttpStream(MappedStream):
             raise _broken(exc) from exc
 
 
+class AiohttpBody(httpx.AsyncByteStream):
+    """The body of an answer requested from aiohttp directly (`UpstreamClient.open`
+    on httpx-aiohttp): read as `AiohttpStream` reads it, closed as httpx-aiohttp's
+    stream closes it (the connection released, or dropped if the body was not
+    read to its end), aiohttp's errors mapped here."""
+
+    __slots__ = ("_aiohttp",)
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._aiohttp = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        # What iter_chunked does, without its iterator object between: read() gives
+        # what is buffered, up to the size, and b"" at the end.
+        read = self._aiohttp.content.read
+        size = AiohttpResponseStream.CHUNK_SIZE
+        try:
+            while chunk := await read(size):
+                yield chunk
+        except FOREIGN as exc:
+            raise _broken(exc) from exc
+
+    async def aclose(self) -> None:
+        try:
+            await self._aiohttp.__aexit__(None, None, None)
+        except FOREIGN as exc:
+            raise _broken(exc) from exc
+
+
 def mapped_stream(stream: httpx.AsyncByteStream) -> MappedStream:
     """A response's ``stream`` (httpx's, around the transport's), raising gateway
     errors. On httpx-aiohttp it is read from aiohttp directly: the attributes the
@@ -182,21 +220,59 @@ _OPEN_ERRORS: Final[tuple[type[Exception], ...]] = (
     PayloadTooLarge,
 )
 
+# Methods httpx sends "Content-Length: 0" with when they carry no body.
+_EMPTY_LENGTH: Final = frozenset({"POST", "PUT", "PATCH"})
+
 # Parsed upstream URLs kept (answers go to a handful; the bound covers query
 # strings that name users).
 _MAX_URLS = 1024
 
 
+_HTTP11: Final = {"http_version": b"HTTP/1.1"}
+
+
+def _header_text(raw: bytes) -> str:
+    """A header name or value as aiohttp takes it (str, written back as UTF-8)."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _joined(headers: Headers) -> list[tuple[str, str]]:
+    """Headers with each repeated name once, where it first appears, its values
+    joined with ", "."""
+    at: dict[bytes, int] = {}
+    out: list[tuple[str, str]] = []
+    for name, value in headers:
+        lower = name.lower()
+        index = at.get(lower)
+        if index is None:
+            at[lower] = len(out)
+            out.append((_header_text(name), _header_text(value)))
+        else:
+            out[index] = (out[index][0], f"{out[index][1]}, {_header_text(value)}")
+    return out
+
+
 class UpstreamClient:
     """One upstream's httpx client, as the proxy uses it (shared by all users)."""
 
-    __slots__ = ("_client", "_urls")
+    __slots__ = ("_aiohttp", "_client", "_defaults", "_timeouts", "_urls", "_yarl")
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self._client = client
         # httpx parses (and checks, and re-quotes) a URL string on every request:
         # a tenth of the cost of building one. httpx.URL objects are immutable.
         self._urls: dict[str, httpx.URL] = {}
+        # The direct path to aiohttp, when the client's transport is httpx-aiohttp's
+        # (the default): what httpx would add to every request (its default
+        # headers), the URLs as aiohttp takes them, and aiohttp's timeouts.
+        transport = getattr(client, "_transport", None)
+        self._aiohttp = transport if type(transport) is AiohttpTransport else None
+        self._defaults = [(name.lower(), value) for name, value in client.headers.raw]
+        self._yarl: dict[httpx.URL, yarl.URL] = {}
+        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
 
     @property
     def streaming_timeout(self) -> httpx.Timeout:
@@ -220,6 +296,10 @@ class UpstreamClient:
         body, read or closed, raises `UpstreamBroken` for a transport's errors."""
         client = self._client
         try:
+            if self._aiohttp is not None and not isinstance(content, AsyncIterator):
+                return await self._open_aiohttp(
+                    self._aiohttp, method, self._url(url), headers, content, timeout
+                )
             request = client.build_request(
                 method, self._url(url), headers=headers, content=content, timeout=timeout
             )
@@ -242,6 +322,66 @@ class UpstreamClient:
             response.stream = mapped_stream(response.stream)
         return response
 
+    async def _open_aiohttp(
+        self,
+        transport: AiohttpTransport,
+        method: str,
+        url: httpx.URL,
+        headers: Headers,
+        content: bytes | None,
+        timeout: httpx.Timeout,
+    ) -> httpx.Response:
+        """`open` on httpx-aiohttp, without httpx's request and response machinery:
+        the same request as httpx-aiohttp's transport makes of aiohttp, from the
+        same head httpx would build."""
+        session = transport.client
+        if not isinstance(session, aiohttp.ClientSession):
+            session = transport.client = transport.get_client()
+        target = self._yarl.get(url)
+        if target is None:
+            target = yarl.URL(str(url))
+            if len(self._yarl) >= _MAX_URLS:
+                self._yarl.clear()
+            self._yarl[url] = target
+        key = (timeout.connect, timeout.read, timeout.pool)
+        limits = self._timeouts.get(key)
+        if limits is None:
+            limits = self._timeouts[key] = aiohttp.ClientTimeout(
+                sock_connect=timeout.connect, sock_read=timeout.read, connect=timeout.pool
+            )
+        # httpx's head: its default headers that the request does not set, then the
+        # request's own, in order (a repeated one once, its values joined with ", ",
+        # as httpx hands them to aiohttp); a POST, PUT or PATCH without a length says 0.
+        given = {name.lower() for name, _ in headers}
+        head = [(_header_text(k), _header_text(v)) for k, v in self._defaults if k not in given]
+        if len(given) == len(headers):
+            head += [(_header_text(k), _header_text(v)) for k, v in headers]
+        else:
+            head += _joined(headers)
+        if (
+            method in _EMPTY_LENGTH
+            and b"content-length" not in given
+            and b"transfer-encoding" not in given
+            and not content
+        ):
+            head.append(("Content-Length", "0"))
+        answer = await session.request(
+            method,
+            target,
+            headers=head,
+            data=content or None,
+            allow_redirects=False,
+            auto_decompress=False,
+            compress=False,
+            timeout=limits,
+        )
+        return httpx.Response(
+            answer.status,
+            headers=answer.raw_headers,
+            stream=AiohttpBody(answer),
+            extensions=_HTTP11,
+        )
+
     def _url(self, url: str) -> httpx.URL:
         parsed = self._urls.get(url)
         if parsed is None:
@@ -259,6 +399,16 @@ class UpstreamClient:
             return await self._client.request(method, url, headers=headers, content=content)
         except FOREIGN as exc:
             raise UpstreamUnavailable("The upstream service is unreachable.") from exc
+
+    @staticmethod
+    def raw(response: httpx.Response) -> AsyncIterator[bytes]:
+        """The body as it arrives, Content-Encoding and all, like ``aiter_raw``;
+        an answer requested directly (`AiohttpBody`) is read from its stream,
+        without httpx's generator around it. The caller closes the response."""
+        stream = response.stream
+        if type(stream) is AiohttpBody:
+            return stream.__aiter__()
+        return response.aiter_raw()
 
     @staticmethod
     async def decoded(response: httpx.Response) -> AsyncIterator[bytes]:

@@ -89,7 +89,8 @@ async def running_gateway(
     """The gateway on a free port, in front of ``upstream`` (an ASGI app, default a
     FakeDify) or of ``upstream_url``.
 
-    ``settings`` are merged into a base configuration; ``env`` adds environment
+    ``settings`` are merged into a base configuration (a table set to None is
+    left out of it); ``env`` adds environment
     variables (secrets) the configuration reads. With ``config_file``, the merged
     configuration is written there as TOML and loaded from it, so the gateway can
     reload it.
@@ -109,6 +110,8 @@ async def running_gateway(
             },
             settings or {},
         )
+        # A table set to None is left out: {"upstream": None} for named upstreams only.
+        data = {key: value for key, value in data.items() if value is not None}
         environment = {"TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})}
         if config_file is not None:
             config_file.write_text(to_toml(data))  # noqa: ASYNC240
@@ -185,7 +188,8 @@ def direct_request(
 
 
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """A small TOML writer for test configurations (tables, strings, numbers, booleans)."""
+    """A small TOML writer for test configurations (tables, strings, numbers,
+    booleans, lists of strings)."""
     scalars, tables = [], []
     for key, value in data.items():
         if isinstance(value, dict):
@@ -194,6 +198,8 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
             scalars.append(f"{key} = {'true' if value else 'false'}")
         elif isinstance(value, int | float):
             scalars.append(f"{key} = {value!r}")
+        elif isinstance(value, list | tuple):
+            scalars.append(f"{key} = [{', '.join(_quote(str(item)) for item in value)}]")
         else:
             scalars.append(f"{key} = {_quote(str(value))}")
     out = []

@@ -93,6 +93,41 @@ def test_repo_default_config() -> None:
             "database.pool_min_size: must not exceed",
         ),
         ("upstream = 1", "upstream: expected a table, got an integer (1)"),
+        # issue 23, named upstreams
+        ("upstreams = 1", "upstreams: expected a table of [upstreams.NAME] tables"),
+        ("[upstreams]\nsupport = 1", "upstreams.support: expected a table, got an integer (1)"),
+        ("[upstreams.support]\nmodles = []", "upstreams.support.modles: unknown key"),
+        ("[upstreams.support]\nurl = 'ftp://x'", "upstreams.support.url: expected an http://"),
+        (
+            "[upstream]\n[upstreams.default]",
+            "upstreams.default: the [upstream] table is already the upstream named 'default'",
+        ),
+        (
+            "[upstreams.admin]",
+            "upstreams.admin.mount: '/admin/v1' would shadow the gateway's own /admin",
+        ),
+        (
+            "[upstreams.a]\nmount = '/metrics'",
+            "upstreams.a.mount: '/metrics' would shadow the gateway's own /metrics",
+        ),
+        (
+            "[upstreams.a]\nmount = '/v1/usage'",
+            "upstreams.a.mount: '/v1/usage' would shadow the gateway's own /v1/usage",
+        ),
+        ("[upstream]\nmount = '/dashboard'", "upstream.mount: '/dashboard' would shadow"),
+        (
+            "[upstreams.a]\nkind = 'openai'\nfallbacks = ['b']",
+            "upstreams.a.fallbacks[0]: no upstream named 'b' (expected one of: a)",
+        ),
+        (
+            "[upstreams.a]\nkind = 'openai'\nfallbacks = ['b']\n[upstreams.b]\nkind = 'anthropic'",
+            "upstreams.a.fallbacks[0]: 'b' is a anthropic upstream",
+        ),
+        (
+            "[upstream]\nkind = 'openai'\n[upstreams.c]\nkind = 'anthropic'\nmount = '/v1'",
+            "upstreams.c.mount: '/v1' is the mount of the openai upstream 'default'",
+        ),
+        ("[upstreams.a]\nallow = ['get /x']", "upstreams.a.allow[0]: 'get /x': expected"),
     ],
 )
 def test_invalid_configuration_names_the_key(tmp_path: Path, toml: str, message: str) -> None:
@@ -199,3 +234,118 @@ def test_prices_in_more_than_one_currency_are_refused_naming_both_keys() -> None
         parse_config({"call_prices": calls}, env={})
     same = {"gpt-4o": {"currency": "VND"}, "gpt-4o-mini": {"currency": "VND"}}
     assert parse_config({"prices": same}, env={}).prices["gpt-4o"].currency == "VND"
+
+
+# --- issue 23: named upstreams ----------------------------------------------------------
+
+
+def test_a_single_upstream_table_is_the_upstream_named_default_at_v1() -> None:
+    config = parse_config(
+        {"upstream": {"kind": "openai", "url": "https://api.example.com/v1/"}},
+        env={"DIFY_API_KEY": "sk-1"},
+    )
+    (default,) = config.upstreams.values()
+    assert default is config.upstream and config.primary is default
+    assert (default.name, default.mount, default.url, default.api_key) == (
+        "default",
+        "/v1",
+        "https://api.example.com/v1",
+        "sk-1",
+    )
+    # Without any upstream table: the built-in default, as before.
+    assert parse_config({}, env={}).upstreams["default"].mount == "/v1"
+
+
+def test_named_upstreams_in_file_order_with_their_mounts_and_own_keys(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        """
+[upstreams.support]
+url = "http://dify-a/v1"
+api_key_env = "SUPPORT_KEY"
+
+[upstream]
+kind = "dify"
+url = "http://dify-root/v1"
+api_key_env = "ROOT_KEY"
+
+[upstreams.research]
+url = "http://dify-b/v1"
+api_key_env = "RESEARCH_KEY"
+mount = "/labs/research/v1"
+"""
+    )
+    env = {
+        "SUPPORT_KEY": "app-a",
+        "RESEARCH_KEY": "app-b",
+        "ROOT_KEY": "app-root",
+        # The environment overrides go to the upstream named "default" only.
+        "GATEWAY_UPSTREAM_URL": "http://override/v1",
+        "GATEWAY_UPSTREAM_API_KEY": "app-override",
+    }
+    config = load_config(path, env=env)
+    # [upstreams.*] is one table in TOML, read where it first appears.
+    assert list(config.upstreams) == ["support", "research", "default"]
+    got = {n: (u.mount, u.url, u.api_key) for n, u in config.upstreams.items()}
+    assert got == {
+        "support": ("/support/v1", "http://dify-a/v1", "app-a"),
+        "research": ("/labs/research/v1", "http://dify-b/v1", "app-b"),
+        "default": ("/v1", "http://override/v1", "app-override"),
+    }
+    assert config.primary.name == "default"  # the one at /v1
+    text = render_config(config)
+    assert '[upstreams."support"]' in text and 'mount = "/support/v1"' in text
+    assert "app-a" not in text and "app-b" not in text
+
+
+def test_only_named_upstreams_leave_no_default() -> None:
+    config = parse_config(
+        {
+            "upstreams": {
+                "hosted": {"kind": "openai", "models": ["gpt-*"], "mount": "/v1"},
+                "local": {"kind": "openai", "mount": "/v1", "fallbacks": ["hosted"]},
+            }
+        },
+        env={},
+    )
+    assert list(config.upstreams) == ["hosted", "local"]
+    assert config.upstreams["local"].fallbacks == ("hosted",)
+    assert config.primary.name == "hosted"
+    text = render_config(config)
+    assert "[upstream]" not in text  # not in force: check-config does not show it
+    assert '[upstreams."hosted"]' in text and 'fallbacks = ["hosted"]' in text
+
+
+def test_the_shipped_examples_of_several_upstreams() -> None:
+    two = load_config(ROOT / "config" / "two-dify-apps.toml", env={})
+    assert {name: (u.kind, u.mount) for name, u in two.upstreams.items()} == {
+        "support": ("dify", "/support/v1"),
+        "research": ("dify", "/research/v1"),
+    }
+    mixed = load_config(ROOT / "config" / "mixed-upstreams.toml", env={})
+    assert {name: (u.kind, u.mount) for name, u in mixed.upstreams.items()} == {
+        "openai": ("openai", "/v1"),
+        "local": ("openai", "/v1"),
+        "openai-backup": ("openai", "/openai-backup/v1"),
+        "anthropic": ("anthropic", "/anthropic/v1"),
+    }
+    assert mixed.upstreams["openai"].fallbacks == ("openai-backup",)
+    assert mixed.primary.name == "openai"
+
+
+def test_check_config_names_each_upstream_without_its_key() -> None:
+    from gateway.cli import config_warnings
+
+    config = parse_config(
+        {
+            "upstreams": {
+                "support": {"api_key_env": "SUPPORT_KEY"},
+                "research": {"api_key_env": "RESEARCH_KEY"},
+            }
+        },
+        env={"SUPPORT_KEY": "app-1"},
+    )
+    assert config_warnings(config) == [
+        "the API key of upstream research is not set: set RESEARCH_KEY "
+        "(upstreams.research.api_key_env); it will refuse every request"
+    ]

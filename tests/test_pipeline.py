@@ -223,7 +223,10 @@ class HidesUsage(DifyUpstream):
 def hide_usage(h: Harness) -> None:
     """Put HidesUsage in force, as a reload puts a new dialect: in a new snapshot."""
     current = h.gateway.running.current
-    current.install(dataclasses.replace(current.snapshot, upstream=HidesUsage()))
+    dialect = HidesUsage()
+    current.install(
+        dataclasses.replace(current.snapshot, upstream=dialect, dialects={"dify": dialect})
+    )
 
 
 async def test_a_stream_transform_hides_an_event_from_the_client_not_from_the_meter(

@@ -64,6 +64,31 @@ def test_events_round_trip_through_json() -> None:
     assert event_from_json(event_to_json(both)) == both
 
 
+def test_the_upstream_rides_the_spool_and_a_line_from_before_it_reads_as_default() -> None:
+    routed = replace(EVENT, upstream="research", model="gpt-4o")
+    line = event_to_json(Write(routed, "lease-1", "req-1"))
+    assert orjson.loads(line)["upstream"] == "research"
+    assert event_from_json(line) == Write(routed, "lease-1", "req-1")
+    # A spool line written before issue 23 has no upstream field.
+    older = orjson.loads(line)
+    del older["upstream"]
+    assert event_from_json(orjson.dumps(older)).event == replace(routed, upstream="default")
+
+
+async def test_a_spooled_record_from_before_upstreams_lands_as_the_default_upstreams(
+    storage: Storage, tmp_path: Path
+) -> None:
+    await storage.ensure_user("alice", plan="free")
+    spool = tmp_path / "spool.jsonl"
+    older = orjson.loads(event_to_json(Write(EVENT)))
+    del older["upstream"]
+    newer = event_to_json(Write(replace(EVENT, answer_id="m2", upstream="support")))
+    spool.write_bytes(orjson.dumps(older) + b"\n" + newer + b"\n")
+    assert await Settler(storage, metrics=Metrics(), spool=spool).replay() == 2
+    events = {e.answer_id: e.upstream async for e in storage.events(EVENT.day, EVENT.day)}
+    assert events == {"m1": "default", "m2": "support"}
+
+
 async def test_a_failed_write_is_retried(storage: Storage, tmp_path: Path) -> None:
     await storage.ensure_user("alice", plan="free")
     metrics = Metrics()

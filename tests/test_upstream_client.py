@@ -33,10 +33,12 @@ from yarl import URL
 from gateway.bodies import BodyFailure
 from gateway.errors import UpstreamBroken, UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream_client import (
+    AiohttpBody,
     AiohttpStream,
     MappedStream,
     UpstreamClient,
     error_kind,
+    timeout_phase,
 )
 
 # The timeouts, and their phase: "connect" when the request never reached the
@@ -381,13 +383,40 @@ async def test_the_default_transport_takes_the_direct_path_and_maps_a_cut() -> N
     server, url = await _serve_raw(_HEAD + b"data: first\n\n", hold=hold)
     async with server, _client(AiohttpTransport()) as client:
         response = await _open(client, url)
-        assert type(response.stream) is AiohttpStream
+        assert type(response.stream) is AiohttpBody  # httpx's request machinery skipped too
         hold.set()  # the server closes with 87 promised bytes unsent
         with pytest.raises(UpstreamBroken) as info:
             await _read_all(response)
         await response.aclose()
     assert info.value.timed_out is False
     assert isinstance(info.value.__cause__, aiohttp.ClientPayloadError)
+
+
+async def test_a_cut_read_through_raw_is_upstream_broken() -> None:
+    # UpstreamClient.raw reads a direct answer from its stream (no httpx generator
+    # between): the same chunks, the same mapped error.
+    hold = asyncio.Event()
+    server, url = await _serve_raw(_HEAD + b"data: first\n\n", hold=hold)
+    async with server, _client(AiohttpTransport()) as client:
+        response = await _open(client, url)
+        chunks: list[bytes] = []
+        hold.set()
+        with pytest.raises(UpstreamBroken) as info:
+            async for chunk in client.raw(response):
+                chunks.append(chunk)
+        await response.aclose()
+    assert chunks == [b"data: first\n\n"]
+    assert info.value.timed_out is False
+    assert isinstance(info.value.__cause__, aiohttp.ClientPayloadError)
+
+
+async def test_raw_reads_other_answers_through_httpx() -> None:
+    async with _client(_Transport(body=_Failing(_instance(aiohttp.ClientPayloadError)))) as client:
+        response = await _open(client)
+        with pytest.raises(UpstreamBroken):
+            async for _chunk in client.raw(response):
+                pass
+        assert response.is_stream_consumed  # aiter_raw's own bookkeeping: it was used
 
 
 async def test_the_default_transport_maps_a_read_timeout_as_timed_out() -> None:
@@ -418,6 +447,122 @@ async def test_the_default_transport_maps_a_refused_connection_as_unavailable() 
     async with _client(AiohttpTransport()) as client:
         with pytest.raises(UpstreamUnavailable):  # not the ConnectTimeout it arrives as
             await _open(client, f"http://127.0.0.1:{port}/v1/x")
+
+
+# --- httpx-aiohttp: the request sent to aiohttp directly --------------------------------
+
+
+class _Refusing(aiohttp.BaseConnector):
+    """A connector whose every connection fails with ``exc``."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__()
+        self.exc = exc
+
+    async def _create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        raise self.exc
+
+
+@pytest.mark.parametrize("cls", FOREIGN, ids=_name)
+async def test_a_foreign_error_sending_directly_is_a_timeout_or_unavailable(
+    cls: type[BaseException],
+) -> None:
+    exc = _instance(cls)
+    session = aiohttp.ClientSession(connector=_Refusing(exc))
+    async with _client(AiohttpTransport(client=session)) as client:
+        with pytest.raises((UpstreamTimeout, UpstreamUnavailable)) as info:
+            await _open(client)
+    raised = info.value.__cause__
+    assert raised is not None  # what aiohttp passed on: the error, or its own for it
+    phase = timeout_phase(raised)
+    assert isinstance(info.value, UpstreamTimeout if phase else UpstreamUnavailable)
+    if isinstance(info.value, UpstreamTimeout):
+        assert info.value.phase == phase
+
+
+async def _heads(count: int) -> tuple[asyncio.Server, str, list[bytes]]:
+    """A server that records each request head and answers it with an empty 200."""
+    heads: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(count):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in head.lower().split(b"\r\n")
+                    if line.startswith(b"content-length:")
+                ),
+                0,
+            )
+            await reader.readexactly(length)
+            heads.append(head)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}/v1/chat-messages?user=a%20b", heads
+
+
+def _lines(head: bytes) -> list[tuple[bytes, bytes]]:
+    lines = head.split(b"\r\n")[1:-2]
+    return sorted((k.lower(), v.strip()) for k, v in (line.split(b":", 1) for line in lines))
+
+
+_REQUESTS: list[tuple[str, list[tuple[bytes, bytes]], bytes | None]] = [
+    ("GET", [(b"authorization", b"Bearer app-x")], None),
+    ("POST", [(b"content-type", b"application/json"), (b"content-length", b"2")], b"{}"),
+    ("POST", [(b"accept-encoding", b"identity"), (b"x-twice", b"1"), (b"x-twice", b"2")], None),
+    ("DELETE", [(b"user-agent", b"client/1"), (b"accept", b"text/event-stream")], b""),
+    ("PATCH", [(b"x-name", "Đà Nẵng".encode())], b"abc"),
+]
+
+
+async def test_the_direct_request_sends_the_head_httpx_would() -> None:
+    """What the upstream receives is what httpx's request machinery sent through
+    httpx-aiohttp: the request line and every header (order aside), the body."""
+    server, url, heads = await _heads(2 * len(_REQUESTS))
+    async with server, httpx.AsyncClient(transport=AiohttpTransport()) as http:
+        client = UpstreamClient(http)
+        for method, headers, content in _REQUESTS:
+            request = http.build_request(method, url, headers=headers, content=content)
+            await (await http.send(request, stream=True)).aclose()
+            response = await client.open(
+                method,
+                url,
+                headers=headers,
+                content=content,
+                timeout=httpx.Timeout(5.0),
+                failure=BodyFailure(),
+            )
+            assert type(response.stream) is AiohttpBody
+            assert response.status_code == 200
+            await response.aclose()
+    assert len(heads) == 2 * len(_REQUESTS)
+    for before, direct in zip(heads[::2], heads[1::2], strict=True):
+        assert direct.split(b"\r\n")[0] == before.split(b"\r\n")[0]
+        assert _lines(direct) == _lines(before)
+
+
+async def test_a_streamed_request_body_still_goes_through_httpx() -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b"part"
+
+    server, url, heads = await _heads(1)
+    async with server, _client(AiohttpTransport()) as client:
+        response = await client.open(
+            "POST",
+            url,
+            headers=[],
+            content=body(),
+            timeout=httpx.Timeout(5.0),
+            failure=BodyFailure(),
+        )
+        assert type(response.stream) is AiohttpStream
+        await response.aclose()
+    assert heads[0].startswith(b"POST /v1/chat-messages?user=a%20b HTTP/1.1")
 
 
 # --- a body httpx decodes --------------------------------------------------------------

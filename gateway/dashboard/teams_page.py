@@ -11,7 +11,13 @@ from starlette.responses import RedirectResponse, Response
 
 from gateway.dashboard.render import Html, badge, concat, options, render, team_path, user_path
 from gateway.dashboard.signin import Page, signed_in
-from gateway.dashboard.user_page import CHART_DAYS, limit_rows, local_time, overrides_list
+from gateway.dashboard.user_page import (
+    CHART_DAYS,
+    grouped_table,
+    limit_rows,
+    local_time,
+    overrides_list,
+)
 
 _TEAMS = """<h1>Teams</h1>
 <p class="muted">{summary}</p>
@@ -57,7 +63,7 @@ _TEAM = """<p class="crumbs"><a href="{base}/teams">Teams</a> /</p>
 <dt>Queries</dt><dd>{month_queries}</dd>
 <dt>Cost</dt><dd>{month_cost}</dd>
 </dl>
-<h2>Plan</h2>
+{by_upstream}<h2>Plan</h2>
 <form class="row" method="post" action="{team_url}/plan">
 {csrf}<label for="plan" class="visually-hidden">Plan</label>
 <select id="plan" name="plan">{plan_options}</select>
@@ -170,6 +176,9 @@ async def team(page: Page) -> Response:
         month_tokens=badge(numbers.number(month["total_tokens"]), month["total_tokens"]),
         month_queries=numbers.number(month["queries"]),
         month_cost=numbers.amount(Decimal(month["cost"]), month["currency"]),
+        by_upstream=grouped_table(
+            numbers, detail["month_by_upstream"], by="upstream", title="By upstream"
+        ),
         team_url=team_path(base, team_id),
         csrf=page.csrf_field(),
         plan_options=options(((p, p) for p in gateway.config.plans), detail["plan"]),

@@ -9,7 +9,7 @@ key: that answer is the page itself, the only place the new secret is ever shown
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, tzinfo
 from decimal import Decimal
 from typing import Any, Final
@@ -88,6 +88,9 @@ _USER = """<p class="crumbs"><a href="{base}/">Users</a> /</p>
 </form>
 </section>
 <section class="card">
+<h2>This month</h2>
+{by_model}{by_upstream}</section>
+<section class="card">
 <h2>Last {days} days</h2>
 <div id="chart" class="chart" role="img" aria-label="Tokens, queries and web searches per day, last {days} days" data-locale="{locale}" data-series="{series}"></div>
 <noscript><p class="muted">The chart needs JavaScript; the table below has the same numbers.</p></noscript>
@@ -135,6 +138,21 @@ _LIMIT_ROW = """<tr><th scope="row">{label}</th><td class="num" data-label="Used
 """
 
 _DAY_ROW = """<tr><td data-label="Day">{day}</td><td class="num" data-label="Tokens">{tokens}</td><td class="num" data-label="Prompt">{prompt}</td><td class="num" data-label="Completion">{completion}</td><td class="num" data-label="Queries">{queries}</td><td class="num" data-label="Web searches">{web}</td><td class="num" data-label="Cost">{cost}</td></tr>
+"""
+
+# This month's answers grouped by model or by named upstream (issue 23), as the
+# usage and admin APIs give them (``month_by_model``, ``month_by_upstream``).
+_GROUPS = """<h3>{title}</h3>
+<div class="scroll">
+<table class="{kind} stack">
+<thead><tr><th scope="col">{label}</th><th scope="col" class="num">Answers</th><th scope="col" class="num">Tokens</th><th scope="col" class="num">Prompt</th><th scope="col" class="num">Completion</th><th scope="col" class="num">Cost</th></tr></thead>
+<tbody>
+{rows}</tbody>
+</table>
+</div>
+"""
+
+_GROUP_ROW = """<tr><th scope="row">{name}</th><td class="num" data-label="Answers">{answers}</td><td class="num" data-label="Tokens">{tokens}</td><td class="num" data-label="Prompt">{prompt}</td><td class="num" data-label="Completion">{completion}</td><td class="num" data-label="Cost">{cost}</td></tr>
 """
 
 _KEY_ROW = """<tr><td data-label="Id"><code>{id}</code></td><td data-label="Name">{name}</td><td data-label="Prefix"><code>{prefix}…</code></td><td data-label="Created">{created}</td><td data-label="Status">{status}</td></tr>
@@ -252,6 +270,26 @@ def limit_rows(numbers: NumberFormat, limits: Mapping[str, Mapping[str, Any]], t
     return concat(rows)
 
 
+def grouped_table(
+    numbers: NumberFormat, groups: Sequence[Mapping[str, Any]], *, by: str, title: str
+) -> Html:
+    """A table of this month's answers per ``by`` ("model" or "upstream"), a row
+    per group and currency, from a report's ``month_by_<by>``."""
+    rows = concat(
+        render(
+            _GROUP_ROW,
+            name=group[by] if group[by] is not None else "—",
+            answers=numbers.number(group["answers"]),
+            tokens=numbers.number(group["total_tokens"]),
+            prompt=numbers.number(group["prompt_tokens"]),
+            completion=numbers.number(group["completion_tokens"]),
+            cost=numbers.amount(Decimal(group["cost"]), group["currency"]),
+        )
+        for group in groups
+    ) or Html('<tr><td colspan="6" class="muted">No answers this month.</td></tr>\n')
+    return render(_GROUPS, title=title, kind=f"by-{by}", label=by.capitalize(), rows=rows)
+
+
 def overrides_list(numbers: NumberFormat, overrides: Mapping[str, Any]) -> Html:
     if not overrides:
         return Html('<p class="muted">None: the plan applies as configured.</p>\n')
@@ -357,6 +395,10 @@ async def _user_page(
         plan_options=options(((p, p) for p in plans), detail["plan"]),
         overrides=overrides_list(numbers, detail["overrides"]),
         team=team_html,
+        by_model=grouped_table(numbers, detail["month_by_model"], by="model", title="By model"),
+        by_upstream=grouped_table(
+            numbers, detail["month_by_upstream"], by="upstream", title="By upstream"
+        ),
         team_options=options(teams, team["id"] if team is not None else ""),
         days=CHART_DAYS,
         locale=numbers.locale,

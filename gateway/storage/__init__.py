@@ -15,6 +15,7 @@ from gateway.storage.base import (
     AlertCheck,
     AlertLimit,
     AlertRequest,
+    AnswerOwner,
     ApiKey,
     Counters,
     Crossing,
@@ -29,11 +30,14 @@ from gateway.storage.base import (
     Storage,
     Team,
     TeamSummary,
+    UpstreamUsage,
     UsageEvent,
     User,
     UserSort,
     UserSummary,
     WebSearch,
+    alert_spec,
+    parse_alert_spec,
     summed,
 )
 
@@ -45,6 +49,7 @@ __all__ = [
     "AlertCheck",
     "AlertLimit",
     "AlertRequest",
+    "AnswerOwner",
     "ApiKey",
     "Counters",
     "Crossing",
@@ -59,14 +64,17 @@ __all__ = [
     "Storage",
     "Team",
     "TeamSummary",
+    "UpstreamUsage",
     "UsageEvent",
     "User",
     "UserSort",
     "UserSummary",
     "WebSearch",
+    "alert_spec",
     "functions",
     "migrations",
     "open_storage",
+    "parse_alert_spec",
     "summed",
 ]
 
@@ -110,7 +118,9 @@ async def open_storage(config: DatabaseConfig) -> Storage:
         from gateway.storage.sqlite import SQLiteStorage
 
         return await SQLiteStorage.open(
-            url.removeprefix("sqlite:///"), timeout=config.command_timeout
+            url.removeprefix("sqlite:///"),
+            timeout=config.command_timeout,
+            max_batch=config.max_batch,
         )
     if url.startswith(("postgresql://", "postgres://")):
         from gateway.storage.postgres import PostgresStorage

@@ -14,8 +14,8 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Literal, Protocol
 
+from gateway.quota import METERS, PERS, Limit, Meter, Per, limits_of
 from gateway.quota import Counters as Counters
-from gateway.quota import Limit, Meter, Per, limits_of
 
 # None: explicitly unlimited; str: an amount of money, as a decimal string.
 OverrideValue = int | float | bool | str | None
@@ -56,7 +56,7 @@ EVENT_COLUMNS = (
     "answer_id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens, "
     "total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id, "
     "request_id, upstream_latency_ms, overhead_ms, model, cached_tokens, reasoning_tokens, "
-    "cache_write_tokens"
+    "cache_write_tokens, upstream"
 )
 # Per model and currency, in ModelUsage's order; both backends group the ledger
 # with it (the cost sum is the backend's exact decimal sum, given as {cost_sum}).
@@ -67,6 +67,17 @@ MODEL_USAGE_SELECT = (
     "WHERE user_id = {p1} AND day >= {p2} AND day <= {p3} "
     "GROUP BY model, currency ORDER BY sum(total_tokens) DESC, model, currency"
 )
+# Per named upstream and currency (issue 23), in UpstreamUsage's order, as
+# MODEL_USAGE_SELECT is per model; {who} picks the ledger's rows: one user's
+# (USER_ROWS) or a team's current members' (TEAM_ROWS).
+UPSTREAM_USAGE_SELECT = (
+    "SELECT upstream, count(*), sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), "
+    "sum(reasoning_tokens), sum(total_tokens), {cost_sum}, currency FROM usage_events "
+    "WHERE {who} AND day >= {p2} AND day <= {p3} "
+    "GROUP BY upstream, currency ORDER BY sum(total_tokens) DESC, upstream, currency"
+)
+USER_ROWS = "user_id = {p1}"
+TEAM_ROWS = "user_id IN (SELECT id FROM users WHERE team_id = {p1})"
 # The whole ledger's cost per currency (gateway/currency.py reads which currencies
 # a database holds money in).
 COSTS_BY_CURRENCY_SELECT = "SELECT currency, {cost_sum} FROM usage_events GROUP BY currency"
@@ -293,6 +304,8 @@ class Pending:
     # The upper bound of the answer's cost admission reserved against money
     # budgets (gateway/quota.py): settle, refund and recovery release it.
     reserved_cost: Decimal = Decimal(0)
+    # The upstream the answer was sent to (issue 23): a recovery records it.
+    upstream: str = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +377,17 @@ class UsageEvent:
     cached_tokens: int = 0  # of prompt_tokens, read from the provider's prompt cache
     reasoning_tokens: int = 0  # of completion_tokens, spent reasoning
     cache_write_tokens: int = 0  # of prompt_tokens, written to the provider's prompt cache
+    # The named upstream that answered (issue 23; "default": the `[upstream]` table).
+    upstream: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerOwner:
+    """Whose ledger row an answer id is, and which named upstream gave it (where
+    the object the answer created is kept: issue 23)."""
+
+    user_id: str
+    upstream: str = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,15 +421,47 @@ def model_usage(row: Any, cost: Decimal) -> ModelUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamUsage:
+    """Answers of one named upstream (issue 23) over a range of days, from the
+    ledger: a user's, or a team's members'."""
+
+    upstream: str  # "default": the `[upstream]` table, and every answer before issue 23
+    answers: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+    cost: Decimal = Decimal(0)
+    currency: str = "USD"  # of ``cost``: an upstream's answers in two currencies are two rows
+
+
+def upstream_usage(row: Any, cost: Decimal) -> UpstreamUsage:
+    """A row of UPSTREAM_USAGE_SELECT (sums may come as decimals) as an UpstreamUsage."""
+    return UpstreamUsage(
+        upstream=row[0],
+        answers=int(row[1]),
+        prompt_tokens=int(row[2]),
+        cached_tokens=int(row[3]),
+        completion_tokens=int(row[4]),
+        reasoning_tokens=int(row[5]),
+        total_tokens=int(row[6]),
+        cost=cost,
+        currency=row[8],
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class UserSummary:
     user: User
     today: DailyUsage = field(default_factory=lambda: DailyUsage(user_id="", day=date.min))
 
 
-# The limits a threshold alert can watch, and the counter each is compared with.
-AlertLimit = Literal[
-    "queries_per_day", "tokens_per_day", "tokens_per_month", "web_searches_per_day"
-]
+# A threshold alert watches a limit by its name (issue 21: any limit per day or
+# month - money budgets, [[plans.NAME.limits]] entries, per-model ones, the
+# team's - not only these four, which both backends compare with the user's
+# day rows directly; the others carry an `alert_spec`).
+AlertLimit = str
 ALERT_LIMITS: tuple[AlertLimit, ...] = (
     "queries_per_day",
     "tokens_per_day",
@@ -414,14 +470,39 @@ ALERT_LIMITS: tuple[AlertLimit, ...] = (
 )
 
 
+def alert_spec(limit: Limit) -> str:
+    """What a limit counts, as an alert check carries it to the database:
+    ``meter:per:scope:key``, meter and window numbered 1-based as quota.METERS
+    and quota.PERS, scope 1 the user and 2 the team, key the per-model
+    counters' (empty for none)."""
+    return (
+        f"{METERS.index(limit.meter) + 1}:{PERS.index(limit.per) + 1}:"
+        f"{2 if limit.scope == 'team' else 1}:{limit.counter_key or ''}"
+    )
+
+
+def parse_alert_spec(spec: str) -> tuple[Meter, Per, str, str | None]:
+    """(meter, per, scope, key) of an `alert_spec`."""
+    meter, per, scope, key = spec.split(":", 3)
+    return (
+        METERS[int(meter) - 1],
+        PERS[int(per) - 1],
+        "team" if scope == "2" else "user",
+        key or None,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class AlertCheck:
-    """One limit of a user's plan and the percentages of it that are announced."""
+    """One limit of a user's plan (or team's) and the percentages of it that
+    are announced."""
 
     limit: AlertLimit
     period: str  # the day (2026-12-02) or month (2026-12) the usage counts in
-    value: int  # the limit itself, > 0
+    value: int | Decimal  # the limit itself, > 0 (money: a Decimal)
     thresholds: tuple[int, ...]
+    # What the limit counts (`alert_spec`); None for the ALERT_LIMITS.
+    spec: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,8 +522,8 @@ class Crossing:
     limit: AlertLimit
     period: str
     threshold: int
-    value: int
-    used: int
+    value: int | Decimal  # money: a Decimal
+    used: int | Decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,8 +581,8 @@ def alerts_with_deliveries(
     ]
 
 
-def crossed(used: int, check: AlertCheck, threshold: int) -> bool:
-    """Exact integer arithmetic: used/value >= threshold%."""
+def crossed(used: int | Decimal, check: AlertCheck, threshold: int) -> bool:
+    """Exact arithmetic (integers, or decimals for money): used/value >= threshold%."""
     return used * 100 >= check.value * threshold
 
 
@@ -741,6 +822,20 @@ class Storage(Protocol):
         currency, the model with the most tokens first."""
         ...
 
+    async def usage_by_upstream(
+        self, user_id: str, *, start: date, end: date
+    ) -> list[UpstreamUsage]:
+        """The user's ledger with start <= day <= end summed per named upstream
+        and currency (issue 23), the upstream with the most tokens first."""
+        ...
+
+    async def team_usage_by_upstream(
+        self, team_id: str, *, start: date, end: date
+    ) -> list[UpstreamUsage]:
+        """`usage_by_upstream` over the team's current members' ledger rows (as
+        `team_daily` sums its current members' day rows)."""
+        ...
+
     async def costs_by_currency(self) -> dict[str, Decimal]:
         """The whole ledger's cost summed per currency (a currency whose rows cost
         nothing has a zero sum). Reads every ledger row: for start-up and reloads."""
@@ -748,10 +843,11 @@ class Storage(Protocol):
 
     # --- ownership (issue 20, default deny) ---
 
-    async def answer_owner(self, answer_id: str) -> str | None:
+    async def answer_owner(self, answer_id: str) -> AnswerOwner | None:
         """The user whose ledger row has this answer id (an upstream object id such as
-        OpenAI's ``resp_...``), or None when the ledger has no such answer. Read
-        before a caller may see or change the object the answer created."""
+        OpenAI's ``resp_...``) and the upstream that gave it, or None when the
+        ledger has no such answer. Read before a caller may see or change the
+        object the answer created (and to send the request where it is kept)."""
         ...
 
     # --- human-input resumes (issue 20) ---

@@ -53,13 +53,17 @@ from gateway.storage.base import (
     TEAM_COLUMNS,
     TEAM_DAILY_SELECT,
     TEAM_LIST_SELECT,
+    TEAM_ROWS,
+    UPSTREAM_USAGE_SELECT,
     USER_COLUMNS,
     USER_FIELDS,
+    USER_ROWS,
     USER_SORTS,
     Admission,
     AdmissionLimits,
     Alert,
     AlertRequest,
+    AnswerOwner,
     ApiKey,
     Crossing,
     DailyUsage,
@@ -72,6 +76,7 @@ from gateway.storage.base import (
     Pending,
     Team,
     TeamSummary,
+    UpstreamUsage,
     UsageEvent,
     User,
     UserSort,
@@ -83,6 +88,7 @@ from gateway.storage.base import (
     model_usage,
     team_daily,
     team_summary,
+    upstream_usage,
 )
 from gateway.storage.group import GroupCommit, SplitBatch
 
@@ -96,20 +102,20 @@ _EXPORT_BATCH = 1000
 
 _ADMIT = (
     "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
-    "$15, $16, $17, $18, $19, $20, $21, $22, $23)"
+    "$15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
 )
 _SETTLE = (
     "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
-    "$15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29)"
+    "$15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31)"
 )
 _ADMIT_MANY = (
     "SELECT * FROM gateway_admit_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
-    "$14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
+    "$14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
 )
 _SETTLE_MANY = (
     "SELECT * FROM gateway_settle_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
     "$14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, "
-    "$32, $33)"
+    "$32, $33, $34, $35)"
 )
 # A batch is at most this many calls by default (database.max_batch): past a
 # few dozen a larger batch saves little, and a batch holds its users' row locks
@@ -140,10 +146,11 @@ class _AdmitCall(NamedTuple):
     web_optional: bool
     reserve_cost: Decimal
     team: str | None
+    upstream: str  # the upstream the answer is sent to, for its pending row
 
 
-# The arguments of one settle, in gateway_settle's order (29: the alert checks'
-# five lists, then the cache writes).
+# The arguments of one settle, in gateway_settle's order (30: the alert checks'
+# five lists, then the cache writes and the upstream).
 _SettleCall = tuple[Any, ...]
 _REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
 _DROP_FUNCTIONS = """
@@ -163,6 +170,12 @@ $$
 """
 _RECOVER = "SELECT * FROM gateway_recover($1, $2, $3)"
 _USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="sum(cost)", p1="$1", p2="$2", p3="$3")
+_USAGE_BY_UPSTREAM = UPSTREAM_USAGE_SELECT.format(
+    cost_sum="sum(cost)", who=USER_ROWS.format(p1="$1"), p2="$2", p3="$3"
+)
+_TEAM_USAGE_BY_UPSTREAM = UPSTREAM_USAGE_SELECT.format(
+    cost_sum="sum(cost)", who=TEAM_ROWS.format(p1="$1"), p2="$2", p3="$3"
+)
 _TEAM_DAILY = TEAM_DAILY_SELECT.format(cost_sum="sum(d.cost)", p1="$1", p2="$2", p3="$3")
 _TEAM_LIST = TEAM_LIST_SELECT.format(cost_sum="coalesce(sum(d.cost), 0)", p1="$1")
 _COSTS_BY_CURRENCY = COSTS_BY_CURRENCY_SELECT.format(cost_sum="sum(cost)")
@@ -670,6 +683,7 @@ class PostgresStorage:
                 web_search is not None and web_search.when_exhausted == "disable",
                 pending.reserved_cost if pending else Decimal(0),
                 team if limits.has_team else None,
+                pending.upstream if pending else "default",
             )
         )
 
@@ -827,6 +841,8 @@ class PostgresStorage:
                 [t for _, t in checks],
                 list(alerts.channels) if alerts else [],
                 event.cache_write_tokens,
+                event.upstream,
+                [c.spec for c, _ in checks],
             )
         )
 
@@ -841,9 +857,10 @@ class PostgresStorage:
         check_from, check_count, channel_from, channel_count = [], [], [], []
         kinds: list[str] = []
         periods: list[str] = []
-        values: list[int] = []
+        values: list[int | Decimal] = []
         thresholds: list[int] = []
         channels: list[str] = []
+        specs: list[str | None] = []
         for call in calls:
             check_from.append(len(kinds) + 1)
             check_count.append(len(call[23]))
@@ -854,6 +871,7 @@ class PostgresStorage:
             channel_from.append(len(channels) + 1)
             channel_count.append(len(call[27]))
             channels += call[27]
+            specs += call[30]
         with _mapped(), _mapped_batch():
             rows = await self._pool.fetch(
                 _SETTLE_MANY,
@@ -868,6 +886,8 @@ class PostgresStorage:
                 thresholds,
                 channels,
                 [call[28] for call in calls],
+                [call[29] for call in calls],
+                specs,
             )
         results: list[bool | Exception] = [StorageError("no answer")] * len(calls)
         for row in rows:
@@ -993,6 +1013,20 @@ class PostgresStorage:
             rows = await self._pool.fetch(_USAGE_BY_MODEL, user_id, start, end)
         return [model_usage(row, row[7]) for row in rows]
 
+    async def usage_by_upstream(
+        self, user_id: str, *, start: date, end: date
+    ) -> list[UpstreamUsage]:
+        with _mapped():
+            rows = await self._pool.fetch(_USAGE_BY_UPSTREAM, user_id, start, end)
+        return [upstream_usage(row, row[7]) for row in rows]
+
+    async def team_usage_by_upstream(
+        self, team_id: str, *, start: date, end: date
+    ) -> list[UpstreamUsage]:
+        with _mapped():
+            rows = await self._pool.fetch(_TEAM_USAGE_BY_UPSTREAM, team_id, start, end)
+        return [upstream_usage(row, row[7]) for row in rows]
+
     async def costs_by_currency(self) -> dict[str, Decimal]:
         with _mapped():
             rows = await self._pool.fetch(_COSTS_BY_CURRENCY)
@@ -1000,13 +1034,13 @@ class PostgresStorage:
 
     # --- ownership (issue 20, default deny) ---
 
-    async def answer_owner(self, answer_id: str) -> str | None:
+    async def answer_owner(self, answer_id: str) -> AnswerOwner | None:
         # answer_id is UNIQUE (0001_init.sql): one index probe.
         with _mapped():
-            owner = await self._pool.fetchval(
-                "SELECT user_id FROM usage_events WHERE answer_id = $1", answer_id
+            row = await self._pool.fetchrow(
+                "SELECT user_id, upstream FROM usage_events WHERE answer_id = $1", answer_id
             )
-        return owner if isinstance(owner, str) else None
+        return None if row is None else AnswerOwner(row["user_id"], row["upstream"])
 
     # --- human-input resumes (issue 20) ---
 
@@ -1050,9 +1084,16 @@ def _crossing(row: Any) -> Crossing:
         limit=row["kind"],
         period=row["period"],
         threshold=row["threshold"],
-        value=row["limit_value"],
-        used=row["used"],
+        value=_amount(row["limit_value"]),
+        used=_amount(row["used"]),
     )
+
+
+def _amount(value: int | Decimal) -> int | Decimal:
+    """A count as an int, money as its Decimal (the columns are numeric, 0018)."""
+    if isinstance(value, Decimal) and value == value.to_integral_value():
+        return int(value)
+    return value
 
 
 def _outbox_item(row: Any) -> OutboxItem:

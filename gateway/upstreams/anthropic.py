@@ -35,7 +35,7 @@ from gateway.upstreams.anthropic_wire import (
     meter_message,
     prompt_chars,
 )
-from gateway.upstreams.base import Prepared, Route, StreamMeter, keep_models
+from gateway.upstreams.base import Prepared, Route, StreamMeter, keep_models, merge_model_lists
 from gateway.upstreams.terms import pricing_terms
 from gateway.usage import Metered, Usage, estimate_tokens
 
@@ -208,6 +208,17 @@ class AnthropicUpstream:
             return None
         model = body.get("model")
         return (model if isinstance(model, str) and model else None,)
+
+    def routed_model(self, route: Route, body: dict[str, Any] | None) -> str | None:
+        """The body's ``model`` (any route that has one, a passthrough included),
+        or the model a model read names."""
+        if route.model is not None:
+            return route.model
+        model = body.get("model") if body is not None else None
+        return model if isinstance(model, str) and model else None
+
+    def merge_models(self, pages: list[dict[str, Any]]) -> dict[str, Any]:
+        return merge_model_lists(pages)
 
     def filter_models(
         self, route: Route, page: dict[str, Any], allowed: Callable[[str], bool]

@@ -39,6 +39,12 @@ uses it for one request:
     A model list (``route.lists_models``) holding only the models for which
     ``allowed(id)`` is true; returns ``page`` itself when nothing was removed.
 
+``routed_model(route, body) -> str | None`` and ``merge_models(pages) -> dict``
+    Issue 23, several upstreams on one mount: the model that picks the upstream
+    (the body's ``model``, or the model a model read names; None: the request
+    names none and goes to the mount's first upstream), and the model lists of
+    the mount's upstreams as one list.
+
 ``prepare(route, body, query, user_id, *, method, request_id) -> Prepared``
     Puts the authenticated end user where this API reads it: into the parsed
     JSON request body (``body``, rewritten in place; None when the request has
@@ -274,6 +280,14 @@ class Upstream(Protocol):
         """A model list limited to the allowed models (see above)."""
         ...
 
+    def routed_model(self, route: Route, body: dict[str, Any] | None) -> str | None:
+        """The model that picks the upstream on a shared mount (see above)."""
+        ...
+
+    def merge_models(self, pages: list[dict[str, Any]]) -> dict[str, Any]:
+        """Several upstreams' model lists (at least one) as one (see above)."""
+        ...
+
     def filter_history(
         self, route: Route, query: bytes, page: dict[str, Any], cutoff: float
     ) -> dict[str, Any]:
@@ -307,3 +321,28 @@ def keep_models(page: dict[str, Any], allowed: Callable[[str], bool]) -> dict[st
         if isinstance(item, dict) and isinstance(item.get("id"), str) and allowed(item["id"])
     ]
     return page if len(kept) == len(data) else {**page, "data": kept}
+
+
+def merge_model_lists(pages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Model lists in OpenAI's and Anthropic's shape as one: the models of each
+    ``data`` in order, an id listed twice kept once (the first), the first
+    page's other fields. Paging fields describe the merged list as one whole
+    page (``has_more`` false, ``first_id``/``last_id`` its ends): the gateway
+    does not page through several upstreams."""
+    seen: set[str] = set()
+    data: list[Any] = []
+    for page in pages:
+        items = page.get("data")
+        for item in items if isinstance(items, list) else ():
+            model = item.get("id") if isinstance(item, dict) else None
+            if isinstance(model, str) and model not in seen:
+                seen.add(model)
+                data.append(item)
+    merged = {**pages[0], "data": data}
+    if "has_more" in merged:
+        merged["has_more"] = False
+    if "first_id" in merged:
+        merged["first_id"] = data[0]["id"] if data else None
+    if "last_id" in merged:
+        merged["last_id"] = data[-1]["id"] if data else None
+    return merged

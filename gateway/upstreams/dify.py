@@ -536,6 +536,12 @@ class DifyUpstream:
     ) -> dict[str, Any]:
         return page  # no route of this API lists models
 
+    def routed_model(self, route: Route, body: dict[str, Any] | None) -> str | None:
+        return None  # the app fixes its model: one Dify upstream per mount
+
+    def merge_models(self, pages: list[dict[str, Any]]) -> dict[str, Any]:
+        return pages[0]  # never asked: no route of this API lists models
+
     def filter_history(
         self, route: Route, query: bytes, page: dict[str, Any], cutoff: float
     ) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from gateway.errors import BadRequest, Forbidden
 from gateway.pricing import Audio
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import openai_routes
-from gateway.upstreams.base import Prepared, Route, StreamMeter, keep_models
+from gateway.upstreams.base import Prepared, Route, StreamMeter, keep_models, merge_model_lists
 from gateway.upstreams.openai_routes import object_id_meter, with_object_id
 from gateway.upstreams.openai_wire import (
     ChatStreamMeter,
@@ -260,6 +260,17 @@ class OpenAIUpstream:
                     model = tool.get("model")
                     models.append(model if isinstance(model, str) and model else None)
         return tuple(models)
+
+    def routed_model(self, route: Route, body: dict[str, Any] | None) -> str | None:
+        """The body's ``model`` (any route that has one, a passthrough included),
+        or the model a model read names."""
+        if route.model is not None:
+            return route.model
+        model = body.get("model") if body is not None else None
+        return model if isinstance(model, str) and model else None
+
+    def merge_models(self, pages: list[dict[str, Any]]) -> dict[str, Any]:
+        return merge_model_lists(pages)
 
     def filter_models(
         self, route: Route, page: dict[str, Any], allowed: Callable[[str], bool]

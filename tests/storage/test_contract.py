@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -16,10 +17,12 @@ from gateway.storage import (
     AdmissionLimits,
     AlertCheck,
     AlertRequest,
+    AnswerOwner,
     Lease,
     ModelUsage,
     Pending,
     Storage,
+    UpstreamUsage,
     UsageEvent,
     WebSearch,
     migrations,
@@ -1112,6 +1115,129 @@ async def test_a_real_estimate_under_the_gateway_id_supersedes_the_recovered_one
     assert await day_row(storage) == (1, 0, 80)
 
 
+async def test_the_ledger_records_the_upstream_that_answered_and_sums_per_upstream(
+    storage: Storage,
+) -> None:
+    """Issue 23: each ledger row names its upstream ("default" unless told), summed
+    per upstream and currency as per model."""
+    await storage.ensure_user("alice", plan="free")
+    await storage.ensure_user("bob", plan="free")
+    await storage.create_team("ops", plan="free", now=NOW)
+    await storage.set_team("alice", "ops")
+    await storage.set_team("bob", "ops")
+    parts = {"cached_tokens": 30, "reasoning_tokens": 10}
+    assert await storage.settle(event("a1", tokens=100, cost="0.1", upstream="research", **parts))
+    assert await storage.settle(event("a2", tokens=200, cost="0.0000001", upstream="research"))
+    assert await storage.settle(event("a3", tokens=50, cost="0.3", upstream="support"))
+    assert await storage.settle(event("a4", tokens=8, cost="2", upstream="support", currency="EUR"))
+    assert await storage.settle(event("a5", tokens=7, cost="0"))  # names none: "default"
+    assert await storage.settle(event("a6", day=DAY - timedelta(days=1), upstream="support"))
+    assert await storage.settle(event("b1", user="bob", tokens=40, cost="1", upstream="support"))
+    # A retry naming another upstream changes nothing.
+    assert not await storage.settle(event("a1", tokens=100, cost="0.1", upstream="support"))
+
+    events = {e.answer_id: e for e in await all_events(storage)}
+    assert {k: e.upstream for k, e in events.items()} == {
+        "a1": "research",
+        "a2": "research",
+        "a3": "support",
+        "a4": "support",
+        "a5": "default",
+        "b1": "support",
+    }
+    assert await storage.usage_by_upstream("alice", start=DAY, end=DAY) == [
+        UpstreamUsage("research", 2, 225, 30, 75, 10, 300, Decimal("0.1000001")),
+        UpstreamUsage("support", 1, 38, 0, 12, 0, 50, Decimal("0.3")),
+        UpstreamUsage("support", 1, 6, 0, 2, 0, 8, Decimal("2"), "EUR"),
+        UpstreamUsage("default", 1, 6, 0, 1, 0, 7, Decimal("0")),
+    ]
+    month = await storage.usage_by_upstream("alice", start=MONTH, end=DAY)
+    assert [(u.upstream, u.currency, u.answers) for u in month] == [
+        ("research", "USD", 2),
+        ("support", "USD", 2),
+        ("support", "EUR", 1),
+        ("default", "USD", 1),
+    ]
+    assert await storage.usage_by_upstream("carol", start=DAY, end=DAY) == []
+    # A team's: its current members' rows.
+    team = await storage.team_usage_by_upstream("ops", start=DAY, end=DAY)
+    assert [(u.upstream, u.currency, u.answers, u.total_tokens, u.cost) for u in team] == [
+        ("research", "USD", 2, 300, Decimal("0.1000001")),
+        ("support", "USD", 2, 90, Decimal("1.3")),
+        ("support", "EUR", 1, 8, Decimal("2")),
+        ("default", "USD", 1, 7, Decimal("0")),
+    ]
+    await storage.set_team("bob", None)
+    team = await storage.team_usage_by_upstream("ops", start=DAY, end=DAY)
+    assert [(u.upstream, u.answers) for u in team if u.currency == "USD"] == [
+        ("research", 2),
+        ("support", 1),
+        ("default", 1),
+    ]
+    assert await storage.team_usage_by_upstream("nobody", start=DAY, end=DAY) == []
+
+
+async def test_a_recovered_estimate_is_charged_to_the_upstream_admission_named(
+    storage: Storage,
+) -> None:
+    """The pending row keeps the upstream the answer was sent to; a recovery
+    charges its estimate there, and the real record, superseding it, puts the
+    answer where it was answered (a fallback) - "default" included."""
+    await storage.ensure_user("alice", plan="free")
+    for name, upstream in (("r1", "research"), ("r2", "research"), ("r3", "support")):
+        admission = await storage.admit(
+            "alice",
+            day=DAY,
+            month_start=MONTH,
+            now=NOW,
+            limits=AdmissionLimits(queries_per_day=1000),
+            pending=replace(pending(name), upstream=upstream),
+        )
+        assert admission.admitted
+    await admit_pending(storage, "r4")  # admitted naming no upstream
+    assert await storage.recover(before=LATER, now=LATER) == ["r1", "r2", "r3", "r4"]
+    recovered = {e.answer_id: e.upstream for e in await all_events(storage)}
+    assert recovered == {
+        "gw-r1": "research",
+        "gw-r2": "research",
+        "gw-r3": "support",
+        "gw-r4": "default",
+    }
+    # r1 was answered by its fallback, r2 by the upstream it was sent to, r3 by
+    # the default one.
+    assert await storage.settle(event("m1", request_id="r1", upstream="backup"), pending_id="r1")
+    assert await storage.settle(event("m2", request_id="r2", upstream="research"), pending_id="r2")
+    assert await storage.settle(event("m3", request_id="r3"), pending_id="r3")
+    superseded = {e.answer_id: e.upstream for e in await all_events(storage)}
+    assert superseded == {"m1": "backup", "m2": "research", "m3": "default", "gw-r4": "default"}
+    by_upstream = await storage.usage_by_upstream("alice", start=DAY, end=DAY)
+    assert [(u.upstream, u.answers, u.total_tokens) for u in by_upstream] == [
+        ("default", 2, 125),
+        ("backup", 1, 100),
+        ("research", 1, 100),
+    ]
+
+
+async def test_a_settled_pending_answer_records_the_upstream_the_event_names(
+    storage: Storage,
+) -> None:
+    await storage.ensure_user("alice", plan="free")
+    admission = await storage.admit(
+        "alice",
+        day=DAY,
+        month_start=MONTH,
+        now=NOW,
+        limits=AdmissionLimits(queries_per_day=1000),
+        pending=replace(pending("r1"), upstream="research"),
+    )
+    assert admission.admitted
+    # The answer came from a fallback: the settle's upstream is the one recorded.
+    assert await storage.settle(event("m1", upstream="backup"), pending_id="r1")
+    ((answer_id, upstream),) = [(e.answer_id, e.upstream) for e in await all_events(storage)]
+    assert (answer_id, upstream) == ("m1", "backup")
+    assert await storage.recover(before=LATER, now=LATER) == []
+
+
 async def test_recover_after_settle_does_nothing(storage: Storage) -> None:
     await storage.ensure_user("alice", plan="free")
     await admit_web(storage, "r1", limit=5)
@@ -1191,8 +1317,11 @@ async def test_answer_owner_names_the_user_whose_ledger_row_it_is(storage: Stora
     await storage.ensure_user("bob", plan="free")
     assert await storage.settle(event("resp_alice", user="alice"))
     assert await storage.settle(event("chatcmpl-bob", user="bob"))
-    assert await storage.answer_owner("resp_alice") == "alice"
-    assert await storage.answer_owner("chatcmpl-bob") == "bob"
+    assert await storage.settle(replace(event("resp_carol", user="alice"), upstream="research"))
+    assert await storage.answer_owner("resp_alice") == AnswerOwner("alice", "default")
+    assert await storage.answer_owner("chatcmpl-bob") == AnswerOwner("bob", "default")
+    # The upstream that gave it (issue 23): where the object is kept.
+    assert await storage.answer_owner("resp_carol") == AnswerOwner("alice", "research")
     assert await storage.answer_owner("resp_nobody") is None
     # Exact match only: no pattern or prefix reading of the id.
     assert await storage.answer_owner("resp_%") is None

@@ -34,6 +34,8 @@ EARLIER = date(2026, 11, 3)
 MONTH = date(2026, 11, 1)
 # The last migration of the schema before this change, per backend.
 BEFORE = {"postgres": 12, "sqlite": 8}
+# The last migration before issue 23's upstream columns (PostgreSQL 0017, SQLite 0013).
+BEFORE_UPSTREAMS = {"postgres": 16, "sqlite": 12}
 
 # The data: alice's two day rows this month, an answer of hers under way today
 # (its pending row holds the web search it reserved) with a stream lease.
@@ -56,6 +58,12 @@ ROWS = [
         ("req-old", "alice", DAY, NOW, "chat-messages", 20, 20, 1),
     ),
     ("stream_leases", ("id", "user_id", "expires_at"), ("req-old", "alice", NOW + timedelta(hours=1))),
+    (
+        "usage_events",
+        ("answer_id", "user_id", "day", "created_at", "endpoint", "prompt_tokens", "total_tokens",
+         "cost", "outcome"),
+        ("msg-before", "alice", EARLIER, NOW, "chat-messages", 500, 700, Decimal("0.50"), "complete"),
+    ),
 ]  # fmt: skip
 
 
@@ -69,13 +77,13 @@ def _sqlite_value(value: object) -> object:
     return value
 
 
-def old_sqlite(path: Path) -> str:
+def old_sqlite(path: Path, before: int = BEFORE["sqlite"]) -> str:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute(
         "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
     )
     for version, sql in migrations("sqlite"):
-        if version <= BEFORE["sqlite"]:
+        if version <= before:
             for statement in _statements(sql):
                 conn.execute(statement)
             conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, _ts(NOW)))
@@ -89,7 +97,7 @@ def old_sqlite(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
-async def old_postgres(server: PostgresServer) -> str:
+async def old_postgres(server: PostgresServer, before: int = BEFORE["postgres"]) -> str:
     dsn = await server.new_database_async()
     conn = await asyncpg.connect(dsn)
     try:
@@ -98,7 +106,7 @@ async def old_postgres(server: PostgresServer) -> str:
             "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
         )
         for version, sql in migrations("postgres"):
-            if version <= BEFORE["postgres"]:
+            if version <= before:
                 await conn.execute(sql)
                 await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
         for table, columns, values in ROWS:
@@ -117,6 +125,15 @@ def old_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return old_sqlite(tmp_path / "old.db")
     server: PostgresServer = request.getfixturevalue("postgres")
     return asyncio.run(old_postgres(server))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_before_upstreams(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same data in a database of the schema just before issue 23's columns."""
+    if request.param == "sqlite":
+        return old_sqlite(tmp_path / "old.db", BEFORE_UPSTREAMS["sqlite"])
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return asyncio.run(old_postgres(server, BEFORE_UPSTREAMS["postgres"]))
 
 
 async def migrated(url: str) -> Storage:
@@ -196,6 +213,62 @@ async def test_an_old_database_migrates_in_place_with_nothing_lost(old_database:
             pending=Pending("req-3", "chat-messages", reserved_cost=Decimal("0.01")),
         )
         assert spend.admitted and spend.counters.of("cost", "day") == Decimal("0.36")
+        # Issue 23: the ledger's rows from before are the default upstream's.
+        events = {e.answer_id: e.upstream async for e in storage.events(MONTH, DAY)}
+        assert events == {"msg-before": "default", "msg-old": "default"}
+        by_upstream = await storage.usage_by_upstream("alice", start=MONTH, end=DAY)
+        assert [(u.upstream, u.answers, u.total_tokens, u.cost) for u in by_upstream] == [
+            ("default", 2, 800, Decimal("0.60"))
+        ]
+    finally:
+        await storage.close()
+
+
+async def test_a_database_from_before_upstreams_migrates_in_place(
+    database_before_upstreams: str,
+) -> None:
+    """Issue 23: the ledger's rows and the pending answers of a database from
+    before the upstream columns are the default upstream's; what is admitted and
+    settled after the migration records its own."""
+    storage = await migrated(database_before_upstreams)
+    try:
+        assert {e.upstream async for e in storage.events(MONTH, DAY)} == {"default"}
+        limits = AdmissionLimits(queries_per_day=100)
+        admitted = await storage.admit(
+            "alice",
+            day=DAY,
+            month_start=MONTH,
+            limits=limits,
+            now=NOW,
+            pending=Pending("req-new", "chat-messages", total_tokens=9, upstream="research"),
+        )
+        assert admitted.admitted
+        # The answer admitted before the migration is lost, the new one too:
+        # recovered, each charged to its own upstream.
+        later = NOW + timedelta(hours=1)
+        assert sorted(await storage.recover(before=later, now=later)) == ["req-new", "req-old"]
+        events = {e.answer_id: e.upstream async for e in storage.events(MONTH, DAY)}
+        assert events == {
+            "msg-before": "default",
+            "gw-req-old": "default",
+            "gw-req-new": "research",
+        }
+        answer = UsageEvent(
+            answer_id="msg-new",
+            user_id="alice",
+            day=DAY,
+            created_at=later,
+            endpoint="chat-messages",
+            total_tokens=40,
+            request_id="req-new",
+            upstream="backup",
+        )
+        assert await storage.settle(answer, pending_id="req-new")  # supersedes the estimate
+        by_upstream = await storage.usage_by_upstream("alice", start=MONTH, end=DAY)
+        assert [(u.upstream, u.answers, u.total_tokens) for u in by_upstream] == [
+            ("default", 2, 720),
+            ("backup", 1, 40),
+        ]
     finally:
         await storage.close()
 
@@ -239,3 +312,59 @@ async def test_postgres_functions_are_applied_when_their_files_change(
             await conn.close()
     finally:
         await storage.close()
+
+
+@pytest.mark.postgres
+async def test_a_gateway_of_the_previous_version_still_admits_and_settles_after_0017(
+    postgres: PostgresServer,
+) -> None:
+    """A rolling upgrade: the live functions take the upstream as a last argument
+    with a default, so a gateway still calling them as the previous version did
+    (gateway_admit with 23 arguments, gateway_settle with 29) admits and settles,
+    its answers recorded as the default upstream's."""
+    dsn = await postgres.new_database_async()
+    storage = await migrated(dsn)
+    await storage.close()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("INSERT INTO users (id, plan) VALUES ('alice', 'free')")
+        admitted = await conn.fetchrow(
+            "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, "
+            "$13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
+            "alice", DAY, MONTH, [1], [1], [Decimal(5)], [1], [None], None, None, NOW, False,
+            "req-1", "chat-messages", 9, 0, 9, Decimal(0), "USD", False, False, Decimal(0), None,
+        )  # fmt: skip
+        assert admitted is not None and admitted["refused"] is None
+        assert await conn.fetchval("SELECT upstream FROM pending_answers") == "default"
+        settled = await conn.fetchval(
+            "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
+            "$14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29)",
+            "msg-1", "alice", DAY, NOW, "chat-messages", 80, 20, 100, Decimal("0.1"), "USD",
+            "complete", False, 0, None, "req-1", 1.0, 1.0, None, "req-1", None, 0, 0, None,
+            [], [], [], [], [], 0,
+        )  # fmt: skip
+        assert settled is True
+        row = await conn.fetchrow("SELECT answer_id, upstream, total_tokens FROM usage_events")
+        assert tuple(row) == ("msg-1", "default", 100)
+        assert await conn.fetchval("SELECT count(*) FROM pending_answers") == 0
+        # And a batch of two (gateway_settle_many with 33 arguments, set by set).
+        two = [("msg-2", "msg-3"), ("alice", "alice"), (DAY, DAY), (NOW, NOW)]
+        settled_many = await conn.fetch(
+            "SELECT * FROM gateway_settle_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, "
+            "$12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, "
+            "$28, $29, $30, $31, $32, $33)",
+            *[list(column) for column in two],
+            ["chat-messages"] * 2, [8, 8], [2, 2], [10, 10], [Decimal(0)] * 2, ["USD"] * 2,
+            ["complete"] * 2, [False] * 2, [0, 0], [None] * 2, [None] * 2, [1.0] * 2, [1.0] * 2,
+            [None] * 2, [None] * 2, [None] * 2, [0, 0], [0, 0], [None] * 2, [1, 1], [0, 0],
+            [1, 1], [0, 0], [], [], [], [], [], [0, 0],
+        )  # fmt: skip
+        assert sorted(tuple(r) for r in settled_many) == [(1, True), (2, True)]
+        rows = await conn.fetch("SELECT answer_id, upstream FROM usage_events ORDER BY answer_id")
+        assert [tuple(r) for r in rows] == [
+            ("msg-1", "default"),
+            ("msg-2", "default"),
+            ("msg-3", "default"),
+        ]
+    finally:
+        await conn.close()

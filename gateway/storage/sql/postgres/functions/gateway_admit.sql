@@ -35,7 +35,9 @@ CREATE OR REPLACE FUNCTION gateway_admit(
     p_web_ask boolean,
     p_web_optional boolean,
     p_reserve_cost numeric,
-    p_team text
+    p_team text,
+    -- The upstream the answer is sent to (0017), kept on its pending row.
+    p_upstream text DEFAULT 'default'
 ) RETURNS TABLE (
     refused integer,
     day_used numeric[],
@@ -154,10 +156,10 @@ BEGIN
     IF p_pending IS NOT NULL THEN
         INSERT INTO pending_answers (
             id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens,
-            total_tokens, cost, currency, web_searches, reserved_cost, rates, scopes
+            total_tokens, cost, currency, web_searches, reserved_cost, rates, scopes, upstream
         ) VALUES (
             p_pending, p_user, p_day, p_now, p_endpoint, p_prompt, p_completion,
-            p_total, p_cost, p_currency, d.web, v_charge[9], v_bits, v_keys
+            p_total, p_cost, p_currency, d.web, v_charge[9], v_bits, v_keys, p_upstream
         );
     END IF;
     IF v_team THEN

@@ -31,7 +31,9 @@ CREATE OR REPLACE FUNCTION gateway_admit_many(
     p_web_ask boolean[],
     p_web_optional boolean[],
     p_reserve_cost numeric[],
-    p_teams text[]
+    p_teams text[],
+    -- The upstreams the answers are sent to (0017; NULL: 'default').
+    p_upstreams text[] DEFAULT NULL
 ) RETURNS TABLE (
     ord integer,
     known boolean,
@@ -91,7 +93,8 @@ BEGIN
             p_keys[p_limit_from[1]:p_limit_from[1] + p_limit_count[1] - 1],
             p_leases[1], p_lease_expires[1], p_now[1], p_advanced_rag[1], p_pending[1],
             p_endpoints[1], p_prompt[1], p_completion[1], p_total[1], p_cost[1],
-            p_currency[1], p_web_ask[1], p_web_optional[1], p_reserve_cost[1], p_teams[1]
+            p_currency[1], p_web_ask[1], p_web_optional[1], p_reserve_cost[1], p_teams[1],
+            coalesce(p_upstreams[1], 'default')
         ) AS a;
         RETURN;
     END IF;
@@ -120,7 +123,8 @@ BEGIN
                 p_leases[e.ord], p_lease_expires[e.ord], p_now[e.ord], p_advanced_rag[e.ord],
                 p_pending[e.ord], p_endpoints[e.ord], p_prompt[e.ord], p_completion[e.ord],
                 p_total[e.ord], p_cost[e.ord], p_currency[e.ord], p_web_ask[e.ord],
-                p_web_optional[e.ord], p_reserve_cost[e.ord], p_teams[e.ord]
+                p_web_optional[e.ord], p_reserve_cost[e.ord], p_teams[e.ord],
+                coalesce(p_upstreams[e.ord], 'default')
             ) AS a;
         END LOOP;
         RETURN;
@@ -234,16 +238,17 @@ BEGIN
     ORDER BY t.user_id, t.ord;
     INSERT INTO pending_answers (
         id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens,
-        total_tokens, cost, currency, web_searches, reserved_cost, rates
+        total_tokens, cost, currency, web_searches, reserved_cost, rates, upstream
     )
     SELECT t.pending, t.user_id, t.day, t.now, t.endpoint, t.prompt, t.completion, t.total,
-        t.cost, t.currency, v_searches[t.ord], coalesce(t.reserve, 0), v_bits[t.ord]
+        t.cost, t.currency, v_searches[t.ord], coalesce(t.reserve, 0), v_bits[t.ord],
+        coalesce(t.upstream, 'default')
     FROM unnest(
         p_pending, p_users, p_days, p_now, p_endpoints, p_prompt, p_completion, p_total,
-        p_cost, p_currency, p_reserve_cost
+        p_cost, p_currency, p_reserve_cost, p_upstreams
     ) WITH ORDINALITY AS t(
         pending, user_id, day, now, endpoint, prompt, completion, total, cost, currency,
-        reserve, ord
+        reserve, upstream, ord
     )
     WHERE v_admitted[t.ord] AND t.pending IS NOT NULL
     ORDER BY t.user_id, t.ord;

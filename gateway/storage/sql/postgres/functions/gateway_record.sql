@@ -1,7 +1,8 @@
 -- Writes one answer to the ledger, the day row and the lifetime totals, and
 -- releases its lease; false, changing nothing else, when the answer id is
 -- recorded already (the ledger's unique index decides, also across replicas).
-CREATE OR REPLACE FUNCTION gateway_record(p_answer_id text, p_user text, p_day date, p_created_at timestamp with time zone, p_endpoint text, p_prompt bigint, p_completion bigint, p_total bigint, p_cost numeric, p_currency text, p_outcome text, p_estimated boolean, p_web_searches integer, p_conversation text, p_request text, p_upstream_ms double precision, p_overhead_ms double precision, p_lease text)
+-- p_upstream: the named upstream that answered (0017).
+CREATE OR REPLACE FUNCTION gateway_record(p_answer_id text, p_user text, p_day date, p_created_at timestamp with time zone, p_endpoint text, p_prompt bigint, p_completion bigint, p_total bigint, p_cost numeric, p_currency text, p_outcome text, p_estimated boolean, p_web_searches integer, p_conversation text, p_request text, p_upstream_ms double precision, p_overhead_ms double precision, p_lease text, p_upstream text DEFAULT 'default'::text)
  RETURNS boolean
  LANGUAGE plpgsql
 AS $$
@@ -14,11 +15,11 @@ BEGIN
     INSERT INTO usage_events (
         answer_id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens,
         total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id,
-        request_id, upstream_latency_ms, overhead_ms
+        request_id, upstream_latency_ms, overhead_ms, upstream
     ) VALUES (
         p_answer_id, p_user, p_day, p_created_at, p_endpoint, p_prompt, p_completion,
         p_total, p_cost, p_currency, p_outcome, p_estimated, p_web_searches, p_conversation,
-        p_request, p_upstream_ms, p_overhead_ms
+        p_request, p_upstream_ms, p_overhead_ms, p_upstream
     ) ON CONFLICT (answer_id) DO NOTHING;
     IF NOT FOUND THEN
         RETURN false;

@@ -2,7 +2,8 @@
 -- 'recovered'): their queries, and any web search reserved, stay spent; a cost
 -- bound reserved is replaced by the estimate; the estimate's tokens count in the
 -- token rates the answer was admitted under. SKIP LOCKED: each pending row is
--- recovered by one process, or settled by its gateway.
+-- recovered by one process, or settled by its gateway. The estimate is the
+-- upstream's the answer was sent to (0017).
 CREATE OR REPLACE FUNCTION gateway_recover(p_before timestamp with time zone, p_limit integer, p_now timestamp with time zone)
  RETURNS SETOF text
  LANGUAGE plpgsql
@@ -19,7 +20,7 @@ BEGIN
         v_recorded := gateway_record(
             'gw-' || r.id, r.user_id, r.day, p_now, r.endpoint, r.prompt_tokens,
             r.completion_tokens, r.total_tokens, r.cost, r.currency, 'recovered', true, 0,
-            NULL, r.id, NULL, NULL, r.id
+            NULL, r.id, NULL, NULL, r.id, r.upstream
         );
         IF v_recorded AND r.rates & 12 <> 0 THEN
             -- The estimate counts in the token rates its admission counted the

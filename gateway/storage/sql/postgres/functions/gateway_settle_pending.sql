@@ -3,7 +3,7 @@
 -- answer (gateway_record) and ends the reservations made with the row. A
 -- settle whose pending row a recovery took supersedes the estimate it charged
 -- (gateway_supersede).
-CREATE OR REPLACE FUNCTION gateway_settle_pending(p_answer_id text, p_user text, p_day date, p_created_at timestamp with time zone, p_endpoint text, p_prompt bigint, p_completion bigint, p_total bigint, p_cost numeric, p_currency text, p_outcome text, p_estimated boolean, p_web_searches integer, p_conversation text, p_request text, p_upstream_ms double precision, p_overhead_ms double precision, p_lease text, p_pending text)
+CREATE OR REPLACE FUNCTION gateway_settle_pending(p_answer_id text, p_user text, p_day date, p_created_at timestamp with time zone, p_endpoint text, p_prompt bigint, p_completion bigint, p_total bigint, p_cost numeric, p_currency text, p_outcome text, p_estimated boolean, p_web_searches integer, p_conversation text, p_request text, p_upstream_ms double precision, p_overhead_ms double precision, p_lease text, p_pending text, p_upstream text DEFAULT 'default'::text)
  RETURNS boolean
  LANGUAGE plpgsql
 AS $$
@@ -23,14 +23,15 @@ BEGIN
             RETURN gateway_supersede(
                 p_pending, p_answer_id, p_user, p_created_at, p_endpoint, p_prompt,
                 p_completion, p_total, p_cost, p_currency, p_outcome, p_estimated,
-                p_web_searches, p_conversation, p_request, p_upstream_ms, p_overhead_ms
+                p_web_searches, p_conversation, p_request, p_upstream_ms, p_overhead_ms,
+                p_upstream
             );
         END IF;
     END IF;
     v_settled := gateway_record(
         p_answer_id, p_user, p_day, p_created_at, p_endpoint, p_prompt, p_completion,
         p_total, p_cost, p_currency, p_outcome, p_estimated, p_web_searches, p_conversation,
-        p_request, p_upstream_ms, p_overhead_ms, p_lease
+        p_request, p_upstream_ms, p_overhead_ms, p_lease, p_upstream
     );
     IF v_reserved <> 0 OR v_reserved_cost <> 0 THEN
         -- Whether or not the answer id was new, the reservation ends here. The

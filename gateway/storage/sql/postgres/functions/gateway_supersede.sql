@@ -2,7 +2,7 @@
 -- the estimate (0011): the ledger row takes the real answer id and figures, the
 -- day row, lifetime totals and per-model counters (0016) move by the
 -- difference. Returns whether it did.
-CREATE OR REPLACE FUNCTION gateway_supersede(p_pending text, p_answer_id text, p_user text, p_created_at timestamp with time zone, p_endpoint text, p_prompt bigint, p_completion bigint, p_total bigint, p_cost numeric, p_currency text, p_outcome text, p_estimated boolean, p_web_searches integer, p_conversation text, p_request text, p_upstream_ms double precision, p_overhead_ms double precision)
+CREATE OR REPLACE FUNCTION gateway_supersede(p_pending text, p_answer_id text, p_user text, p_created_at timestamp with time zone, p_endpoint text, p_prompt bigint, p_completion bigint, p_total bigint, p_cost numeric, p_currency text, p_outcome text, p_estimated boolean, p_web_searches integer, p_conversation text, p_request text, p_upstream_ms double precision, p_overhead_ms double precision, p_upstream text DEFAULT 'default'::text)
  RETURNS boolean
  LANGUAGE plpgsql
 AS $$
@@ -29,7 +29,7 @@ BEGIN
         cost = p_cost, currency = p_currency, outcome = p_outcome, estimated = p_estimated,
         web_searches = p_web_searches, conversation_id = p_conversation, request_id = p_request,
         upstream_latency_ms = p_upstream_ms, overhead_ms = p_overhead_ms, model = NULL,
-        cached_tokens = 0, reasoning_tokens = 0
+        cached_tokens = 0, reasoning_tokens = 0, upstream = p_upstream
     WHERE answer_id = r.answer_id;
     UPDATE users SET
         lifetime_prompt_tokens = lifetime_prompt_tokens + p_prompt - r.prompt_tokens,

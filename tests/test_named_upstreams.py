@@ -1,0 +1,588 @@
+"""One gateway, many upstreams (issue 23): mounts, routing by model, shared mounts
+and their model list, fallbacks and per-upstream keys - a real gateway in front
+of real local fakes."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from gateway.types import Receive, Scope, Send
+from tests.fakes.anthropic import FakeAnthropic
+from tests.fakes.dify import FakeDify
+from tests.fakes.openai import ANSWER_PIECES, FakeOpenAI
+from tests.harness import Harness, running_gateway, to_toml
+from tests.servers import free_port, read_body, serve
+
+HOSTED_KEY = "sk-hosted-secret"
+LOCAL_KEY = "sk-local-secret"
+BACKUP_KEY = "sk-backup-secret"
+SUPPORT_KEY = "app-support-secret"
+RESEARCH_KEY = "app-research-secret"
+ANTHROPIC_KEY = "sk-ant-secret"
+KEYS = {
+    "HOSTED_KEY": HOSTED_KEY,
+    "LOCAL_KEY": LOCAL_KEY,
+    "BACKUP_KEY": BACKUP_KEY,
+    "SUPPORT_KEY": SUPPORT_KEY,
+    "RESEARCH_KEY": RESEARCH_KEY,
+    "ANTHROPIC_KEY": ANTHROPIC_KEY,
+}
+PRICES = {
+    "gpt-4o-mini": {"input": "0.15", "output": "0.60"},
+    "llama-3": {"input": "0", "output": "0"},
+    "claude-sonnet-4-5": {"input": "3", "output": "15"},
+}
+CHAT = {"inputs": {}, "query": "Xin chào", "response_mode": "streaming", "user": "x"}
+
+
+def chat(model: str, *, stream: bool = True) -> dict[str, Any]:
+    return {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+
+
+class Refuses:
+    """An upstream that answers every request with one status, in OpenAI's shape,
+    and records the headers it was sent."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.headers: list[dict[str, str]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
+        body = orjson.dumps({"error": {"message": f"refused {self.status}", "type": "x"}})
+        headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class Stalls:
+    """An upstream that takes a request and never answers it (until it is left)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        self.requests += 1
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+
+def openai(url: str, key_env: str, **extra: Any) -> dict[str, Any]:
+    return {"kind": "openai", "url": url, "api_key_env": key_env, **extra}
+
+
+@contextlib.asynccontextmanager
+async def gateway(
+    database_url: str, upstreams: dict[str, Any], config_file: Path | None = None, **settings: Any
+) -> AsyncIterator[Harness]:
+    async with running_gateway(
+        database_url,
+        upstream_url="http://127.0.0.1:9/v1",  # no [upstream]: unused
+        settings={"upstream": None, "upstreams": upstreams, "prices": PRICES, **settings},
+        env=KEYS,
+        config_file=config_file,
+    ) as h:
+        yield h
+
+
+async def metric(h: Harness, name: str, **labels: str) -> float:
+    return h.gateway.metrics.get(name, **labels)
+
+
+async def queries_today(h: Harness) -> int:
+    today = h.gateway.today()
+    return sum(day.queries for day in await h.storage.daily(today, today))
+
+
+# --- mounts ------------------------------------------------------------------------------
+
+
+async def test_two_dify_apps_at_their_mounts_each_with_its_own_key(database_url: str) -> None:
+    support, research = FakeDify(api_key=SUPPORT_KEY), FakeDify(api_key=RESEARCH_KEY)
+    async with contextlib.AsyncExitStack() as stack:
+        support_url = await stack.enter_async_context(serve(support))
+        research_url = await stack.enter_async_context(serve(research))
+        h = await stack.enter_async_context(
+            gateway(
+                database_url,
+                {
+                    "support": {"url": support_url + "/v1", "api_key_env": "SUPPORT_KEY"},
+                    "research": {"url": research_url + "/v1", "api_key_env": "RESEARCH_KEY"},
+                },
+            )
+        )
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            first = await client.post("/support/v1/chat-messages", json=CHAT, headers=h.auth())
+            second = await client.post("/research/v1/chat-messages", json=CHAT, headers=h.auth())
+            # No upstream is mounted at /v1 here.
+            root = await client.post("/v1/chat-messages", json=CHAT, headers=h.auth())
+        await h.probes.wait_finished(2)
+        events = await h.events()
+    assert first.status_code == second.status_code == 200
+    assert b"message_end" in first.content and b"message_end" in second.content
+    assert root.status_code == 404
+    assert support.hits("/chat-messages") == research.hits("/chat-messages") == 1
+    # Each app got its own key and the user's name, never the other's key.
+    (s,) = support.requests
+    (r,) = research.requests
+    assert s.headers["authorization"] == f"Bearer {SUPPORT_KEY}"
+    assert r.headers["authorization"] == f"Bearer {RESEARCH_KEY}"
+    assert s.json["user"] == r.json["user"] == "alice"
+    # Both answers are metered, for the one user, in the one ledger.
+    assert len(events) == 2 and {e.user_id for e in events} == {"alice"}
+    assert all(e.total_tokens > 0 for e in events)
+    # The ledger says which app answered.
+    assert sorted(e.upstream for e in events) == ["research", "support"]
+
+
+async def test_the_single_upstream_table_is_served_at_v1_as_before(database_url: str) -> None:
+    async with running_gateway(database_url) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            response = await client.post("/v1/chat-messages", json=CHAT, headers=h.auth())
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+        attempts = await metric(
+            h, "gateway_upstream_attempts_total", upstream="default", outcome="answered"
+        )
+    assert response.status_code == 200 and event.total_tokens > 0
+    assert event.upstream == "default" and attempts == 1
+
+
+# --- routing by model ----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def shared_mount(
+    database_url: str, **settings: Any
+) -> AsyncIterator[tuple[Harness, FakeOpenAI, FakeOpenAI]]:
+    hosted = FakeOpenAI(api_key=HOSTED_KEY, models=("gpt-4o-mini", "gpt-4o", "llama-hosted"))
+    local = FakeOpenAI(api_key=LOCAL_KEY, models=("llama-3", "qwen-2", "gpt-4o-mini"))
+    async with contextlib.AsyncExitStack() as stack:
+        hosted_url = await stack.enter_async_context(serve(hosted))
+        local_url = await stack.enter_async_context(serve(local))
+        h = await stack.enter_async_context(
+            gateway(
+                database_url,
+                {
+                    "hosted": openai(
+                        hosted_url + "/v1", "HOSTED_KEY", mount="/v1", models=["gpt-*"]
+                    ),
+                    "local": openai(local_url + "/v1", "LOCAL_KEY", mount="/v1"),
+                },
+                **settings,
+            )
+        )
+        yield h, hosted, local
+
+
+async def test_a_request_goes_to_the_first_upstream_whose_models_match(database_url: str) -> None:
+    async with shared_mount(database_url) as (h, hosted, local):
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            gpt = await client.post(
+                "/v1/chat/completions", json=chat("gpt-4o-mini"), headers=h.auth()
+            )
+            llama = await client.post(
+                "/v1/chat/completions", json=chat("llama-3"), headers=h.auth()
+            )
+        await h.probes.wait_finished(2)
+        events = sorted(await h.events(), key=lambda e: e.model or "")
+    assert gpt.status_code == llama.status_code == 200
+    assert [r.json["model"] for r in hosted.requests] == ["gpt-4o-mini"]
+    assert [r.json["model"] for r in local.requests] == ["llama-3"]
+    assert [(e.model, e.upstream, e.cost > 0) for e in events] == [
+        ("gpt-4o-mini", "hosted", True),
+        ("llama-3", "local", False),
+    ]
+
+
+async def test_no_upstream_serving_the_model_is_refused_before_anything_is_reserved(
+    database_url: str,
+) -> None:
+    hosted = FakeOpenAI(api_key=HOSTED_KEY)
+    async with serve(hosted) as hosted_url:
+        upstreams = {
+            "hosted": openai(hosted_url + "/v1", "HOSTED_KEY", mount="/v1", models=["gpt-*"])
+        }
+        async with gateway(database_url, upstreams) as h:
+            async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+                response = await client.post(
+                    "/v1/chat/completions", json=chat("llama-3"), headers=h.auth()
+                )
+            await h.probes.wait_finished(1)
+            assert await h.events() == [] and await queries_today(h) == 0
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["code"] == "model_not_found" and "'llama-3'" in error["message"]
+    assert hosted.requests == []
+
+
+async def test_the_model_list_of_a_shared_mount_is_the_union_filtered_by_the_plan(
+    database_url: str,
+) -> None:
+    plans = {"plans": {"free": {"models": ["gpt-4o-mini", "llama-*"]}}}
+    async with shared_mount(database_url, **plans) as (h, hosted, local):
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            response = await client.get("/v1/models", headers=h.auth())
+    assert response.status_code == 200
+    ids = [model["id"] for model in response.json()["data"]]
+    # hosted's "llama-hosted" is not routed to it (its models are gpt-*); local's
+    # "gpt-4o-mini" is a duplicate; gpt-4o and qwen-2 are not in the plan.
+    assert ids == ["gpt-4o-mini", "llama-3"]
+    # Each upstream was asked with its own key.
+    assert [r.headers["authorization"] for r in hosted.requests] == [f"Bearer {HOSTED_KEY}"]
+    assert [r.headers["authorization"] for r in local.requests] == [f"Bearer {LOCAL_KEY}"]
+
+
+# --- fallbacks -------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def with_fallback(
+    database_url: str, primary: Any, **primary_settings: Any
+) -> AsyncIterator[tuple[Harness, FakeOpenAI]]:
+    """``primary`` (an ASGI app, or None: nothing listens) at /v1, falling back to
+    a working backup mounted apart."""
+    backup = FakeOpenAI(api_key=BACKUP_KEY)
+    async with contextlib.AsyncExitStack() as stack:
+        if primary is None:
+            primary_url = f"http://127.0.0.1:{free_port()}/v1"
+        else:
+            primary_url = await stack.enter_async_context(serve(primary)) + "/v1"
+        backup_url = await stack.enter_async_context(serve(backup))
+        h = await stack.enter_async_context(
+            gateway(
+                database_url,
+                {
+                    "primary": openai(
+                        primary_url,
+                        "HOSTED_KEY",
+                        mount="/v1",
+                        fallbacks=["backup"],
+                        **primary_settings,
+                    ),
+                    "backup": openai(backup_url + "/v1", "BACKUP_KEY"),
+                },
+            )
+        )
+        yield h, backup
+
+
+async def answered_by_backup(h: Harness, backup: FakeOpenAI, *, stream: bool) -> None:
+    async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+        response = await client.post(
+            "/v1/chat/completions", json=chat("gpt-4o-mini", stream=stream), headers=h.auth()
+        )
+    await h.probes.wait_finished(1)
+    assert response.status_code == 200
+    if stream:
+        assert "".join(ANSWER_PIECES) in _text(response.content)
+    (event,) = await h.events()  # one answer, charged once, to the upstream that gave it
+    assert (event.model, event.upstream) == ("gpt-4o-mini", "backup") and event.cost > 0
+    assert await queries_today(h) == 1
+    (request,) = backup.requests
+    assert request.headers["authorization"] == f"Bearer {BACKUP_KEY}"
+    assert (
+        await metric(h, "gateway_upstream_fallbacks_total", **{"from": "primary", "to": "backup"})
+        == 1
+    )
+    assert (
+        await metric(h, "gateway_upstream_attempts_total", upstream="backup", outcome="answered")
+        == 1
+    )
+
+
+def _text(sse: bytes) -> str:
+    pieces = []
+    for line in sse.split(b"\n"):
+        if line.startswith(b"data: {"):
+            for choice in orjson.loads(line[6:]).get("choices", []):
+                pieces.append(choice.get("delta", {}).get("content") or "")
+    return "".join(pieces)
+
+
+async def test_an_unreachable_upstream_falls_back(database_url: str) -> None:
+    async with with_fallback(database_url, None) as (h, backup):
+        await answered_by_backup(h, backup, stream=True)
+        assert (
+            await metric(
+                h, "gateway_upstream_attempts_total", upstream="primary", outcome="unreachable"
+            )
+            == 1
+        )
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"), [(429, "rate_limited"), (500, "server_error"), (503, "server_error")]
+)
+async def test_a_429_or_5xx_before_the_answer_falls_back_and_keys_stay_apart(
+    database_url: str, status: int, outcome: str
+) -> None:
+    primary = Refuses(status)
+    async with with_fallback(database_url, primary) as (h, backup):
+        await answered_by_backup(h, backup, stream=False)
+        assert (
+            await metric(h, "gateway_upstream_attempts_total", upstream="primary", outcome=outcome)
+            == 1
+        )
+    # Per-upstream keys: each upstream saw its own key only - never the other's,
+    # nor the user's gateway key.
+    (seen,) = primary.headers
+    assert seen["authorization"] == f"Bearer {HOSTED_KEY}"
+    (request,) = backup.requests
+    for headers, foreign in ((seen, (BACKUP_KEY, h.key)), (request.headers, (HOSTED_KEY, h.key))):
+        for value in headers.values():
+            assert not any(key in value for key in foreign)
+
+
+async def test_a_timeout_before_the_headers_falls_back(database_url: str) -> None:
+    stalls = Stalls()
+    async with with_fallback(database_url, stalls, read_timeout=0.2, total_timeout=0.2) as (
+        h,
+        backup,
+    ):
+        await answered_by_backup(h, backup, stream=False)
+        assert (
+            await metric(
+                h, "gateway_upstream_attempts_total", upstream="primary", outcome="timeout"
+            )
+            == 1
+        )
+    assert stalls.requests == 1
+
+
+async def test_no_fallback_after_the_first_byte(database_url: str) -> None:
+    primary = FakeOpenAI(api_key=HOSTED_KEY)
+    async with with_fallback(database_url, primary) as (h, backup):
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            response = await client.post(
+                "/v1/chat/completions",
+                json=chat("gpt-4o-mini"),
+                headers=h.auth(**{"x-fake-scenario": "cut"}),
+            )
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()  # charged once, for what the first upstream sent
+        fallbacks = await metric(
+            h, "gateway_upstream_fallbacks_total", **{"from": "primary", "to": "backup"}
+        )
+    # The client got the first upstream's partial answer, then the error event.
+    assert response.status_code == 200
+    assert "".join(ANSWER_PIECES) in _text(response.content)
+    assert b"error" in response.content.rsplit(b"data: ", 1)[-1]
+    assert event.outcome != "complete" and event.prompt_tokens > 0
+    assert event.upstream == "primary"
+    assert backup.requests == [] and fallbacks == 0
+
+
+async def test_when_every_upstream_fails_the_last_failure_is_the_answer_uncharged(
+    database_url: str,
+) -> None:
+    primary, second = Refuses(503), Refuses(429)
+    async with contextlib.AsyncExitStack() as stack:
+        primary_url = await stack.enter_async_context(serve(primary))
+        second_url = await stack.enter_async_context(serve(second))
+        upstreams = {
+            "primary": openai(primary_url, "HOSTED_KEY", mount="/v1", fallbacks=["second"]),
+            # a cycle back to primary: each is tried once
+            "second": openai(second_url, "BACKUP_KEY", fallbacks=["primary"]),
+        }
+        h = await stack.enter_async_context(gateway(database_url, upstreams))
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            response = await client.post(
+                "/v1/chat/completions", json=chat("gpt-4o-mini"), headers=h.auth()
+            )
+        await h.probes.wait_finished(1)
+        assert await h.events() == [] and await queries_today(h) == 0
+    assert response.status_code == 429
+    assert response.json()["error"]["message"] == "refused 429"
+    assert len(primary.headers) == len(second.headers) == 1
+
+
+# --- kinds side by side ------------------------------------------------------------------------
+
+
+async def test_openai_and_anthropic_side_by_side_each_in_its_own_shape(database_url: str) -> None:
+    hosted, claude = FakeOpenAI(api_key=HOSTED_KEY), FakeAnthropic(api_key=ANTHROPIC_KEY)
+    async with contextlib.AsyncExitStack() as stack:
+        hosted_url = await stack.enter_async_context(serve(hosted))
+        claude_url = await stack.enter_async_context(serve(claude))
+        upstreams = {
+            "hosted": openai(hosted_url + "/v1", "HOSTED_KEY", mount="/v1"),
+            "anthropic": {
+                "kind": "anthropic",
+                "url": claude_url + "/v1",
+                "api_key_env": "ANTHROPIC_KEY",
+            },
+        }
+        h = await stack.enter_async_context(gateway(database_url, upstreams))
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            message = await client.post(
+                "/anthropic/v1/messages",
+                json={
+                    "model": "claude-sonnet-4-5",
+                    "max_tokens": 50,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+                headers={"x-api-key": h.key, "anthropic-version": "2023-06-01"},
+            )
+            completion = await client.post(
+                "/v1/chat/completions", json=chat("gpt-4o-mini", stream=False), headers=h.auth()
+            )
+            # An Anthropic route under the OpenAI mount is refused in OpenAI's shape.
+            wrong = await client.post("/v1/messages", json={}, headers=h.auth())
+        await h.probes.wait_finished(3)
+        events = await h.events()
+    assert message.status_code == 200 and message.json()["type"] == "message"
+    assert completion.status_code == 200
+    assert wrong.status_code == 404 and "error" in wrong.json()
+    assert "type" not in wrong.json()  # not Anthropic's {"type": "error", ...}
+    (sent,) = claude.requests
+    assert sent.headers["x-api-key"] == ANTHROPIC_KEY and "authorization" not in sent.headers
+    (sent_openai,) = hosted.requests
+    assert sent_openai.headers["authorization"] == f"Bearer {HOSTED_KEY}"
+    assert sorted(e.model or "" for e in events) == ["claude-sonnet-4-5", "gpt-4o-mini"]
+
+
+# --- reload --------------------------------------------------------------------------------
+
+
+async def test_models_and_fallbacks_follow_a_reload_addresses_need_a_restart(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    hosted = FakeOpenAI(api_key=HOSTED_KEY, models=("gpt-4o-mini",))
+    local = FakeOpenAI(api_key=LOCAL_KEY, models=("llama-3",))
+    path = tmp_path / "gateway.toml"
+    async with contextlib.AsyncExitStack() as stack:
+        hosted_url = await stack.enter_async_context(serve(hosted)) + "/v1"
+        local_url = await stack.enter_async_context(serve(local)) + "/v1"
+        upstreams = {
+            "hosted": openai(hosted_url, "HOSTED_KEY", mount="/v1", models=["gpt-*"]),
+            "local": openai(local_url, "LOCAL_KEY", mount="/v1"),
+        }
+        h = await stack.enter_async_context(gateway(sqlite_url, upstreams, config_file=path))
+
+        async def ask(model: str) -> None:
+            async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+                response = await client.post(
+                    "/v1/chat/completions", json=chat(model, stream=False), headers=h.auth()
+                )
+            assert response.status_code == 200
+
+        def rewrite(**hosted_settings: Any) -> None:
+            data = {
+                "upstreams": {
+                    **upstreams,
+                    "hosted": {**upstreams["hosted"], **hosted_settings},
+                },
+                "database": {"url": sqlite_url, "spool_file": ""},
+                "accounting": {"timezone": "UTC", "default_plan": "free"},
+                "plans": {"free": {}},
+                "prices": PRICES,
+            }
+            path.write_text(to_toml(data))
+
+        await ask("llama-3")
+        rewrite(models=["gpt-*", "llama-*"])
+        assert await h.gateway.reload()
+        await ask("llama-3")  # now hosted's
+        # An address is a connection: a change waits for a restart, and the
+        # routing of that reload with it.
+        rewrite(models=["gpt-*"], url="http://127.0.0.1:9/v1")
+        assert await h.gateway.reload()
+        await ask("llama-3")  # still hosted's, at its old address
+        await h.probes.wait_finished(3)
+    assert [r.json["model"] for r in local.requests] == ["llama-3"]
+    assert [r.json["model"] for r in hosted.requests] == ["llama-3", "llama-3"]
+
+
+async def test_the_cors_policy_covers_every_mount(sqlite_url: str) -> None:
+    support = FakeDify(api_key=SUPPORT_KEY)
+    page = "https://app.example.com"
+    preflight = {"origin": page, "access-control-request-method": "POST"}
+    async with serve(support) as support_url:
+        upstreams = {"support": {"url": support_url + "/v1", "api_key_env": "SUPPORT_KEY"}}
+        async with gateway(sqlite_url, upstreams, cors={"allow_origins": [page]}) as h:
+            async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+                mounted = await client.options("/support/v1/chat-messages", headers=preflight)
+                usage = await client.options("/v1/usage", headers=preflight)
+                admin = await client.options("/admin/users", headers=preflight)
+    assert mounted.status_code == usage.status_code == 204
+    assert mounted.headers["access-control-allow-origin"] == page
+    assert "access-control-allow-origin" not in admin.headers
+    assert support.requests == []  # answered by the gateway's policy
+
+
+async def test_an_allowed_route_goes_to_the_upstream_whose_own_list_allows_it(
+    sqlite_url: str,
+) -> None:
+    hosted, local = FakeOpenAI(api_key=HOSTED_KEY), FakeOpenAI(api_key=LOCAL_KEY)
+    async with contextlib.AsyncExitStack() as stack:
+        hosted_url = await stack.enter_async_context(serve(hosted))
+        local_url = await stack.enter_async_context(serve(local))
+        upstreams = {
+            "hosted": openai(hosted_url + "/v1", "HOSTED_KEY", mount="/v1", models=["gpt-*"]),
+            "local": openai(local_url + "/v1", "LOCAL_KEY", mount="/v1", allow=["GET /files/*"]),
+        }
+        h = await stack.enter_async_context(gateway(sqlite_url, upstreams))
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            await client.get("/v1/files/file-1", headers=h.auth())
+            refused = await client.get("/v1/batches", headers=h.auth())  # allowed by none
+    # The operator opened /files on local only: hosted, first on the mount, never sees it.
+    assert hosted.requests == []
+    assert [(r.method, r.path) for r in local.requests] == [("GET", "/files/file-1")]
+    assert refused.status_code == 403
+
+
+async def test_a_refusal_before_the_path_is_routed_takes_the_mounts_shape(sqlite_url: str) -> None:
+    hosted, claude = FakeOpenAI(api_key=HOSTED_KEY), FakeAnthropic(api_key=ANTHROPIC_KEY)
+    async with contextlib.AsyncExitStack() as stack:
+        hosted_url = await stack.enter_async_context(serve(hosted))
+        claude_url = await stack.enter_async_context(serve(claude))
+        upstreams = {
+            "hosted": openai(hosted_url + "/v1", "HOSTED_KEY", mount="/v1"),
+            "claude": {
+                "kind": "anthropic",
+                "url": claude_url + "/v1",
+                "api_key_env": "ANTHROPIC_KEY",
+            },
+        }
+        h = await stack.enter_async_context(
+            gateway(sqlite_url, upstreams, server={"max_header_bytes": 1024})
+        )
+        big = {"x-padding": "x" * 2048}
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            on_claude = await client.post("/claude/v1/messages", json={}, headers=big)
+            on_openai = await client.post("/v1/chat/completions", json={}, headers=big)
+    assert on_claude.status_code == on_openai.status_code == 431
+    assert on_claude.json()["type"] == "error"  # Anthropic's shape
+    assert "type" not in on_openai.json() and "error" in on_openai.json()  # OpenAI's
+
+
+async def test_a_stored_answer_is_read_from_the_upstream_that_gave_it(sqlite_url: str) -> None:
+    # The read names no model: without the ledger's upstream it would go to the
+    # mount's first upstream, which does not have the object.
+    async with shared_mount(sqlite_url) as (h, hosted, local):
+        body = {"model": "llama-3", "input": "hi"}
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            created = await client.post("/v1/responses", json=body, headers=h.auth())
+            await h.probes.wait_finished(1)
+            (event,) = await h.events()
+            await client.get(f"/v1/responses/{event.answer_id}", headers=h.auth())
+    assert created.status_code == 200
+    assert event.answer_id.startswith("resp_") and event.upstream == "local"
+    assert hosted.requests == []
+    assert [(r.method, r.path) for r in local.requests] == [
+        ("POST", "/responses"),
+        ("GET", f"/responses/{event.answer_id}"),
+    ]
