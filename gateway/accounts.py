@@ -24,7 +24,14 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Protocol
 
-from gateway.config import LIMIT_NAMES, MONEY_LIMITS, Config, Plan
+from gateway.config import (
+    GENERAL_PREFIX,
+    LIMIT_NAMES,
+    MONEY_LIMITS,
+    Config,
+    Plan,
+    is_override_name,
+)
 from gateway.errors import BadRequest, NotFound
 from gateway.keys import new_key
 from gateway.storage import ApiKey, OverrideValue, Storage, Team, User
@@ -91,15 +98,19 @@ def check_team_id(team_id: str) -> None:
 def parse_override(name: str, value: object) -> OverrideValue:
     """A per-user override as JSON gives it: a number >= 0 (whole, except for
     ``file_size_mb``), null for unlimited, or a boolean for ``advanced_rag``."""
-    if name not in LIMIT_NAMES:
-        raise BadRequest(f"No limit named {name!r} (limits: {', '.join(LIMIT_NAMES)}).")
+    if not is_override_name(name):
+        raise BadRequest(
+            f"No limit named {name!r} (limits: {', '.join(LIMIT_NAMES)}, "
+            f"or {GENERAL_PREFIX}NAME for a [[plans.NAME.limits]] entry)."
+        )
     if name == "advanced_rag":
         if not isinstance(value, bool):
             raise BadRequest("advanced_rag: expected true or false.")
         return value
     if value is None:
         return None
-    if name in MONEY_LIMITS:
+    if name in MONEY_LIMITS or name.startswith(GENERAL_PREFIX):
+        # A general limit's new max, kept exact (its meter may be money).
         return _money(name, value)
     if (
         isinstance(value, bool)
@@ -135,7 +146,7 @@ def parse_override_text(name: str, raw: str) -> OverrideValue:
         value = True if text in _TRUE else False if text in _FALSE else raw
     elif text in _UNLIMITED:
         value = None
-    elif name in MONEY_LIMITS:
+    elif name in MONEY_LIMITS or name.startswith(GENERAL_PREFIX):
         value = raw
     else:
         try:

@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from gateway.alerts import alert_dict
 from gateway.auth import bearer_token
-from gateway.config import LIMIT_NAMES
+from gateway.config import LIMIT_NAMES, is_override_name
 from gateway.error_response import render_error
 from gateway.errors import (
     BadRequest,
@@ -248,8 +248,11 @@ async def set_plan(request: Request, gw: Services) -> Response:
 
 def _limit_name(request: Request) -> str:
     name: str = request.path_params["name"]
-    if name not in LIMIT_NAMES:
-        raise NotFound(f"No limit named {name!r} (limits: {', '.join(LIMIT_NAMES)}).")
+    if not is_override_name(name):
+        raise NotFound(
+            f"No limit named {name!r} (limits: {', '.join(LIMIT_NAMES)}, "
+            "or limits.NAME for a [[plans.NAME.limits]] entry)."
+        )
     return name
 
 

@@ -19,7 +19,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from gateway.alerts import alert_request
-from gateway.budget import cost_bound
+from gateway.budget import cost_bound, lowered_cap, with_cap
 from gateway.clock import Periods, periods_at
 from gateway.config import Plan
 from gateway.errors import Forbidden, QuotaExceeded, StorageError
@@ -27,12 +27,22 @@ from gateway.features import asks_for_advanced_rag, asks_for_web_search, set_pat
 from gateway.messages import english
 from gateway.plans import (
     LIMIT_CODES,
+    RateLimit,
     admission_limits,
     closed_checks,
     reported_limit,
+    reset_of,
 )
-from gateway.quota import Limit
-from gateway.storage import AlertRequest, Lease, Pending, User, WebSearch
+from gateway.quota import Limit, refuses
+from gateway.storage import (
+    Admission,
+    AdmissionLimits,
+    AlertRequest,
+    Lease,
+    Pending,
+    User,
+    WebSearch,
+)
 from gateway.upstreams import Route, Upstream
 
 if TYPE_CHECKING:
@@ -235,18 +245,30 @@ class Admitter:
             lease = None
             if limits.counts_streams:
                 lease = Lease(id=request_id, expires_at=now + snap.lease_ttl)
-            admission = await self._storage.admit(
-                user_id,
-                day=periods.day,
-                month_start=periods.month_start,
-                limits=limits,
-                now=now,
-                lease=lease,
-                advanced_rag=advanced,
-                pending=pending,
-                web_search=web_search,
-                team=team,
-            )
+            capped: dict[str, Any] | None = None
+            while True:
+                admission = await self._storage.admit(
+                    user_id,
+                    day=periods.day,
+                    month_start=periods.month_start,
+                    limits=limits,
+                    now=now,
+                    lease=lease,
+                    advanced_rag=advanced,
+                    pending=pending,
+                    web_search=web_search,
+                    team=team,
+                )
+                if admission.admitted or capped is not None or not plan.lower_output_cap:
+                    break
+                lowered = self._lowered(
+                    snap, dialect, admission, limits, request_id, route, body, upstream
+                )
+                if lowered is None:
+                    break  # refused as without the option
+                capped, pending = lowered
+            if capped is not None and admission.admitted:
+                body.update(capped)  # only the cap fields change
         except StorageError as exc:
             return self._storage_failed(
                 snap,
@@ -303,8 +325,8 @@ class Admitter:
             plan=plan.name,
             upstream=upstream,
         )
-        ticket.body_changed = disabled
-        ticket.alerts = alert_request(plan, config.alerts, periods)
+        ticket.body_changed = disabled or capped is not None
+        ticket.alerts = alert_request(plan, config.alerts, periods, limits.limits)
         return ticket, rate_headers
 
     def _pending(
@@ -332,6 +354,48 @@ class Admitter:
             cost=usage.cost,
             currency=usage.currency,
         )
+
+    def _lowered(
+        self,
+        snap: Snapshot,
+        dialect: Upstream,
+        refusal: Admission,
+        limits: AdmissionLimits,
+        request_id: str,
+        route: Route,
+        body: dict[str, Any],
+        upstream: str,
+    ) -> tuple[dict[str, Any], Pending] | None:
+        """For a request refused by a money budget, on a plan with
+        ``lower_output_cap``: the body's cap fields lowered to the largest cap
+        whose cost bound every money budget's remainder (as the refusal read
+        the counters) can pay for, and the pending row reserving that bound;
+        None when even a one-token answer does not fit (docs/quotas.md)."""
+        refused = refusal.refused
+        if refused is None or refused.meter != "cost" or route.role == "side_cost":
+            return None
+        remaining = min(
+            limit.max - refusal.counters.of_limit(limit)
+            for limit in limits.limits
+            if limit.meter == "cost"
+        )
+        if remaining <= 0:
+            return None
+        cap = lowered_cap(
+            dialect,
+            route,
+            body,
+            remaining,
+            reserve_output_tokens=snap.config.accounting.reserve_output_tokens,
+        )
+        if cap is None:
+            return None
+        capped = with_cap(body, route, cap)
+        pending = replace(
+            self._pending(snap, dialect, request_id, route, capped), upstream=upstream
+        )
+        changed = {name: value for name, value in capped.items() if body.get(name) != value}
+        return changed, self._with_cost_bound(snap, dialect, pending, route, capped)
 
     def _with_cost_bound(
         self,
@@ -402,6 +466,70 @@ class Admitter:
             user_id, periods.day, reserved=False, lease_id=None, plan=plan.name, upstream=upstream
         )
         return ticket, []
+
+    async def check_upload(self, snap: Snapshot, user_id: str, *, size: int | None) -> None:
+        """Refuse an upload (429, as an answer's refusal) that the user's or
+        their team's ``uploads`` or ``upload_bytes`` limits (per day or month,
+        ``[[plans.NAME.limits]]``) leave no room for, before it is read or
+        forwarded. Uploads are counted when the upstream has taken them
+        (`Storage.record_upload`), so this check reads the counters rather than
+        reserving: uploads running at the same moment can pass a limit by
+        what they add (docs/quotas.md, "Uploads"). ``size``: the body's
+        Content-Length, an upper bound of the file's bytes (None: unknown,
+        held only by a limit already reached). A database that cannot be read
+        lets the upload through (counted later, as today)."""
+        try:
+            user, view = await self._plan(snap, user_id)
+            team, team_view = await self._team(snap, user)
+        except StorageError:
+            return
+        held = [
+            limit
+            for limit in (*view.limits, *(team_view.limits if team_view is not None else ()))
+            if limit.meter in ("uploads", "upload_bytes") and limit.per in ("day", "month")
+        ]
+        if not held:
+            return
+        now = self._clock.now()
+        periods = periods_at(now, snap.tz)
+        try:
+            mine = await self._storage.daily(periods.month_start, periods.day, user_id=user_id)
+            theirs = (
+                await self._storage.team_daily(team, start=periods.month_start, end=periods.day)
+                if team is not None and any(limit.scope == "team" for limit in held)
+                else []
+            )
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation="upload")
+            log.warning(
+                "uploads of %s not read, their limits not checked: %s", user_id, exc.message
+            )
+            return
+        for limit in held:
+            rows = theirs if limit.scope == "team" else mine
+            used = Decimal(
+                sum(
+                    getattr(row, limit.meter)
+                    for row in rows
+                    if limit.per == "month" or row.day == periods.day
+                )
+            )
+            amount = Decimal(1 if limit.meter == "uploads" else size or 0)
+            if refuses(limit, used, amount) or used >= limit.max:
+                reset = reset_of(limit, periods)
+                shown = RateLimit(limit.name, limit.max, used, reset)
+                raise limit_refusal(
+                    limit.name,
+                    limit.max,
+                    used=used,
+                    reset=reset.astimezone(snap.tz) if reset else None,
+                    own=limit.scope == "user" and limit.name in view.own,
+                    headers=[
+                        (b"retry-after", str(shown.retry_after(now)).encode()),
+                        *shown.headers(),
+                    ],
+                    refused=limit,
+                )
 
     async def refund(self, ticket: Ticket | None, request_id: str) -> None:
         """Return a reserved query (and its stream slot): no answer was produced."""

@@ -18,8 +18,9 @@ import hashlib
 import hmac
 import logging
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
+from decimal import Decimal
 from email.message import EmailMessage
 from typing import Any
 
@@ -30,6 +31,7 @@ import orjson
 from gateway.clock import Clock, Periods
 from gateway.config import AlertsConfig, Plan
 from gateway.errors import StorageError
+from gateway.quota import Limit
 from gateway.storage import (
     ALERT_LIMITS,
     Alert,
@@ -38,6 +40,7 @@ from gateway.storage import (
     Crossing,
     OutboxItem,
     Storage,
+    alert_spec,
 )
 
 log = logging.getLogger("gateway.alerts")
@@ -48,25 +51,50 @@ _LABELS: Mapping[str, str] = {
     "tokens_per_day": "tokens today",
     "tokens_per_month": "tokens this month",
     "web_searches_per_day": "web searches today",
+    "cost_per_day": "spending today",
+    "cost_per_month": "spending this month",
 }
 
 
-def alert_request(plan: Plan, alerts: AlertsConfig, periods: Periods) -> AlertRequest | None:
-    """What a settle for a user of ``plan`` (overrides applied) checks, if anything."""
+def alert_request(
+    plan: Plan, alerts: AlertsConfig, periods: Periods, limits: Sequence[Limit] = ()
+) -> AlertRequest | None:
+    """What a settle for a user of ``plan`` (overrides applied) checks, if anything.
+
+    ``limits``: the limits the user's requests are admitted under (their plan's,
+    `plans.plan_limits`, and their team's, `plans.team_limits`). Besides the
+    plan's four original keys, every one of them counted per day or month is
+    watched (issue 21): money budgets, ``[[plans.NAME.limits]]`` entries,
+    per-model limits and the team's limits (whose usage is the team's; each
+    member whose answer finds a threshold crossed is told once). Rates, which
+    refill within a minute or an hour, and open streams are not."""
     thresholds = alerts.thresholds if plan.alert_thresholds is None else plan.alert_thresholds
     if not thresholds or not alerts.channels:
         return None
+    shares = tuple(sorted(set(thresholds)))
+    day, month = periods.day.isoformat(), periods.month_start.strftime("%Y-%m")
     checks = []
-    for limit in ALERT_LIMITS:
-        value = getattr(plan, limit)
+    for name in ALERT_LIMITS:
+        value = getattr(plan, name)
         if value is None or value <= 0:
             continue
-        month = limit.endswith("_month")
-        period = periods.month_start.strftime("%Y-%m") if month else periods.day.isoformat()
-        checks.append(AlertCheck(limit, period, value, tuple(sorted(set(thresholds)))))
+        checks.append(AlertCheck(name, month if name.endswith("_month") else day, value, shares))
+    for limit in limits:
+        if limit.per not in ("day", "month") or limit.max <= 0:
+            continue
+        if limit.scope == "user" and limit.name in ALERT_LIMITS:
+            continue  # above
+        value = limit.max if limit.meter == "cost" else int(limit.max)
+        period = month if limit.per == "month" else day
+        checks.append(AlertCheck(limit.name, period, value, shares, alert_spec(limit)))
     if not checks:
         return None
     return AlertRequest(tuple(checks), periods.month_start, alerts.channels)
+
+
+def _amount(value: int | Decimal) -> int | str:
+    """A count as a number, money as its exact decimal string."""
+    return str(value) if isinstance(value, Decimal) else value
 
 
 def crossing_dict(c: Crossing) -> dict[str, Any]:
@@ -75,8 +103,8 @@ def crossing_dict(c: Crossing) -> dict[str, Any]:
         "limit": c.limit,
         "period": c.period,
         "threshold": c.threshold,
-        "limit_value": c.value,
-        "used": c.used,
+        "limit_value": _amount(c.value),
+        "used": _amount(c.used),
     }
 
 
@@ -99,8 +127,13 @@ def alert_dict(alert: Alert) -> dict[str, Any]:
 
 
 def describe(limit: str) -> str:
-    """The counter a limit watches, in words."""
-    return _LABELS[limit]
+    """The counter a limit watches, in words (a limit of the general form, by
+    its name)."""
+    if limit in _LABELS:
+        return _LABELS[limit]
+    if limit.startswith("team_"):
+        return "the team's " + describe(limit.removeprefix("team_"))
+    return limit
 
 
 # --- what is sent ----------------------------------------------------------------

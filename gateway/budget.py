@@ -142,3 +142,56 @@ def cost_bound(
 
 def _cost(metered: Metered) -> Decimal | None:
     return metered.usage.cost if metered.usage is not None else None
+
+
+def lowered_cap(
+    upstream: object,
+    route: Route,
+    body: dict[str, Any],
+    remaining: Decimal,
+    *,
+    reserve_output_tokens: int,
+) -> int | None:
+    """The largest output-token cap (per answer, at least 1) whose answer's cost
+    bound is at most ``remaining`` - with that cap written into the body, as it
+    would be forwarded - below the request's own cap (or, for a request that
+    sets none, ``reserve_output_tokens``); None when even one token's answer
+    does not fit, or when the route has no cap a dialect of ours honours."""
+    fields = ROUTE_CAPS.get(route.kind or "")
+    if not fields or not isinstance(upstream, OpenAIUpstream | AnthropicUpstream):
+        return None
+    current = output_cap(body, route.kind)
+    top = (reserve_output_tokens if current is None else current) - 1
+    if top < 1:
+        return None
+
+    def fits(cap: int) -> bool:
+        bound = cost_bound(
+            upstream,
+            route,
+            with_cap(body, route, cap),
+            reserve_output_tokens=reserve_output_tokens,
+            answer_reservation=Decimal(0),
+        )
+        return bound <= remaining
+
+    if not fits(1):
+        return None
+    low, high = 1, top  # fits(low); the answer is in [low, high]
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def with_cap(body: dict[str, Any], route: Route, cap: int) -> dict[str, Any]:
+    """``body`` with its output-token cap ``cap``: every cap field the route
+    honours that the body sets is set to it (or, when it sets none, the
+    route's first: ``max_completion_tokens`` for Chat Completions); nothing
+    else changes."""
+    fields = ROUTE_CAPS[route.kind or ""]
+    present = [name for name in fields if body.get(name) is not None]
+    return {**body, **{name: cap for name in present or fields[:1]}}

@@ -26,7 +26,14 @@ from gateway.accounts import (
     parse_override_text,
 )
 from gateway.clock import SystemClock, periods_at
-from gateway.config import ENV_CONFIG, LIMIT_NAMES, Config, load_config, render_config
+from gateway.config import (
+    ENV_CONFIG,
+    LIMIT_NAMES,
+    Config,
+    is_override_name,
+    load_config,
+    render_config,
+)
 from gateway.currency import check as currency_check
 from gateway.currency import shown
 from gateway.errors import BadRequest, ConfigError, GatewayError, StorageError
@@ -36,6 +43,19 @@ from gateway.storage import OverrideValue, Storage, open_storage
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
+
+
+_LIMIT_HELP = (
+    f"{', '.join(LIMIT_NAMES)}, or limits.NAME for a [[plans.NAME.limits]] entry "
+    "(limits.queries_per_hour)"
+)
+
+
+def _override_name(name: str) -> str:
+    """A limit name a per-user or per-team override can set (argparse type)."""
+    if not is_override_name(name):
+        raise argparse.ArgumentTypeError(f"no limit named {name!r} (limits: {_LIMIT_HELP})")
+    return name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,12 +143,12 @@ def _parser() -> argparse.ArgumentParser:
     set_plan.set_defaults(handler=_sync(_users_set_plan))
     set_limit = users.add_parser("set-limit", help="override one plan limit for a user")
     set_limit.add_argument("id")
-    set_limit.add_argument("name", choices=LIMIT_NAMES)
+    set_limit.add_argument("name", type=_override_name, help=_LIMIT_HELP)
     set_limit.add_argument("value", help="a number, 'unlimited', or true/false for advanced_rag")
     set_limit.set_defaults(handler=_sync(_users_set_limit))
     clear_limit = users.add_parser("clear-limit", help="remove a per-user override")
     clear_limit.add_argument("id")
-    clear_limit.add_argument("name", choices=LIMIT_NAMES)
+    clear_limit.add_argument("name", type=_override_name, help=_LIMIT_HELP)
     clear_limit.set_defaults(handler=_sync(_users_clear_limit))
     set_team = users.add_parser("set-team", help="put a user in a team (or --none: in none)")
     set_team.add_argument("id")
@@ -160,12 +180,12 @@ def _parser() -> argparse.ArgumentParser:
     team_plan.set_defaults(handler=_sync(_teams_set_plan))
     team_limit = teams.add_parser("set-limit", help="override one plan limit for a team")
     team_limit.add_argument("id")
-    team_limit.add_argument("name", choices=LIMIT_NAMES)
+    team_limit.add_argument("name", type=_override_name, help=_LIMIT_HELP)
     team_limit.add_argument("value", help="a number, 'unlimited', or true/false for advanced_rag")
     team_limit.set_defaults(handler=_sync(_teams_set_limit))
     team_clear = teams.add_parser("clear-limit", help="remove a per-team override")
     team_clear.add_argument("id")
-    team_clear.add_argument("name", choices=LIMIT_NAMES)
+    team_clear.add_argument("name", type=_override_name, help=_LIMIT_HELP)
     team_clear.set_defaults(handler=_sync(_teams_clear_limit))
     teams.add_parser("list", help="list teams with their members and today's usage").set_defaults(
         handler=_sync(_teams_list)

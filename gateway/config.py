@@ -331,6 +331,23 @@ LimitName = Literal[
     "max_concurrent_streams",
 ]
 LIMIT_NAMES: tuple[LimitName, ...] = typing.get_args(LimitName)
+# A per-user (or per-team) override of a [[plans.NAME.limits]] entry is named
+# this and the entry's name (`PlanLimit.label`): "limits.queries_per_hour",
+# "limits.cost_per_day[gpt-4.1*]". Its value replaces the entry's max (null:
+# the entry does not apply).
+GENERAL_PREFIX = "limits."
+
+
+def is_override_name(name: str) -> bool:
+    """Whether ``name`` names something a per-user override can set: a plan key
+    of LIMIT_NAMES or a general limit (GENERAL_PREFIX and its name)."""
+    return name in LIMIT_NAMES or (
+        name.startswith(GENERAL_PREFIX)
+        and 0 < len(name) - len(GENERAL_PREFIX) <= 200
+        and name.isprintable()
+    )
+
+
 # The limits that are amounts of money (decimal strings in overrides too).
 MONEY_LIMITS: frozenset[str] = frozenset({"cost_per_day", "cost_per_month"})
 
@@ -420,7 +437,16 @@ def _messages(table: object) -> MessagesConfig:
 # streams open at once are max_concurrent_streams; rates - per minute or hour -
 # count queries and tokens).
 LimitMeter = Literal[
-    "queries", "tokens", "input_tokens", "output_tokens", "cost", "web_searches", "advanced_rag"
+    "queries",
+    "tokens",
+    "input_tokens",
+    "output_tokens",
+    "cost",
+    "web_searches",
+    "advanced_rag",
+    # Checked when an upload is asked (docs/quotas.md, "Uploads"), not at admission.
+    "uploads",
+    "upload_bytes",
 ]
 LimitPer = Literal["day", "month", "minute", "hour"]
 RATE_METERS: frozenset[str] = frozenset({"queries", "tokens"})
@@ -473,16 +499,32 @@ class Plan:
     # Issue 21: the models this plan may use, as globs ("llama-3*"), matched
     # case-sensitively against the model a request names. Unset: any model.
     models: tuple[str, ...] | None = None
+    # Issue 21: a request whose answer's cost bound the money budgets left
+    # cannot pay for is sent with its output-token cap lowered to what they can
+    # (OpenAI and Anthropic dialects; docs/quotas.md, "Money budgets").
+    lower_output_cap: bool = False
     # [[plans.NAME.limits]], the general form (read apart from the plan's keys).
     limits: tuple[PlanLimit, ...] = field(default=(), metadata={"resolved": True})
 
     def with_overrides(self, overrides: Mapping[str, object]) -> Plan:
-        """This plan with per-user overrides applied (unknown names are ignored)."""
-        known = {
+        """This plan with per-user overrides applied (unknown names are ignored):
+        plan keys by name, ``[[plans.NAME.limits]]`` entries by
+        ``limits.<their name>`` (a new maximum, or null: the entry is dropped;
+        one naming no entry of this plan is ignored)."""
+        known: dict[str, object] = {
             k: Decimal(str(v)) if k in MONEY_LIMITS and v is not None else v
             for k, v in overrides.items()
             if k in LIMIT_NAMES
         }
+        if self.limits and any(k.startswith(GENERAL_PREFIX) for k in overrides):
+            general = []
+            for entry in self.limits:
+                key = GENERAL_PREFIX + entry.label
+                if key not in overrides:
+                    general.append(entry)
+                elif (value := overrides[key]) is not None:
+                    general.append(dataclasses.replace(entry, max=Decimal(str(value))))
+            known["limits"] = tuple(general)
         return dataclasses.replace(self, **known) if known else self  # type: ignore[arg-type]
 
 

@@ -63,7 +63,8 @@ _LIMIT = {
     "name": "name",
     "in": "path",
     "required": True,
-    "schema": {"type": "string", "enum": list(LIMIT_NAMES)},
+    # A plan key, or limits.NAME for a [[plans.NAME.limits]] entry.
+    "schema": {"anyOf": [{"enum": list(LIMIT_NAMES)}, {"type": "string", "pattern": "^limits\\."}]},
 }
 _EXPORT_PARAMS = [
     {

@@ -37,7 +37,14 @@ from gateway.errors import StorageError
 from gateway.logs import log_answer
 from gateway.metrics import Metrics
 from gateway.pricing import PriceTable
-from gateway.storage import ALERT_LIMITS, AlertCheck, AlertRequest, Storage, UsageEvent
+from gateway.storage import (
+    ALERT_LIMITS,
+    AlertCheck,
+    AlertRequest,
+    Storage,
+    UsageEvent,
+    parse_alert_spec,
+)
 from gateway.tasks import Tasks
 
 log = logging.getLogger("gateway.settle")
@@ -162,7 +169,9 @@ def _alerts_to_json(alerts: AlertRequest) -> dict[str, Any]:
     return {
         "month_start": alerts.month_start.isoformat(),
         "channels": list(alerts.channels),
-        "checks": [[c.limit, c.period, c.value, list(c.thresholds)] for c in alerts.checks],
+        "checks": [
+            [c.limit, c.period, str(c.value), list(c.thresholds), c.spec] for c in alerts.checks
+        ],
     }
 
 
@@ -175,11 +184,22 @@ def _alerts_read(raw: object) -> AlertRequest | None:
         if not isinstance(raw, dict):
             raise TypeError(f"expected an object, got {type(raw).__name__}")
         checks = []
-        for limit, period, value, thresholds in raw["checks"]:
-            if limit not in ALERT_LIMITS:
+        for limit, period, value, thresholds, *rest in raw["checks"]:
+            # A line of an older release has no spec (and an int value).
+            spec = str(rest[0]) if rest and rest[0] is not None else None
+            if spec is None and limit not in ALERT_LIMITS:
                 raise ValueError(f"unknown limit {limit!r}")
+            # parse_alert_spec refuses a spec it cannot read; money is a Decimal.
+            money = spec is not None and parse_alert_spec(spec)[0] == "cost"
+            amount = Decimal(str(value))
             checks.append(
-                AlertCheck(limit, str(period), int(value), tuple(int(t) for t in thresholds))
+                AlertCheck(
+                    str(limit),
+                    str(period),
+                    amount if money else int(amount),
+                    tuple(int(t) for t in thresholds),
+                    spec,
+                )
             )
         return AlertRequest(
             tuple(checks),

@@ -29,7 +29,7 @@ import httpx
 
 from gateway.accounts import effective_plan, team_plan
 from gateway.auth import Authenticator, TeamDirectory, UserDirectory
-from gateway.config import LIMIT_NAMES, Config, Plan, UpstreamConfig
+from gateway.config import GENERAL_PREFIX, Config, Plan, UpstreamConfig, is_override_name
 from gateway.messages import Catalogue
 from gateway.mounts import RoutingTable, UpstreamRoute
 from gateway.plans import plan_limits, team_limits
@@ -132,7 +132,9 @@ class Snapshot:
         view = self._views.get(key)
         if view is None:
             plan = effective_plan(self.config, user)
-            own = frozenset(name for name in overrides if name in LIMIT_NAMES)
+            own = frozenset(
+                name.removeprefix(GENERAL_PREFIX) for name in overrides if is_override_name(name)
+            )
             view = self._keep(key, _view(plan, plan_limits(plan), own))
         return view
 

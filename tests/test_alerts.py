@@ -513,3 +513,91 @@ def test_plans_choose_their_thresholds() -> None:
     assert alert_request(config.plan("unlimited"), config.alerts, periods) is None
     silent = parse_config({"alerts": {"thresholds": [80]}}, env={})  # no channel
     assert alert_request(silent.plan("free"), silent.alerts, periods) is None
+
+
+async def test_money_budgets_general_and_team_limits_are_watched(database_url: str) -> None:
+    """Issue 21: besides the four original keys, every limit per day or month a
+    request is admitted under is watched - a money budget (amounts as decimal
+    strings), a [[plans.NAME.limits]] entry, the team's limits (the team's
+    usage) - and rates are not."""
+    receiver = Receiver()
+    extra = {
+        "plans": {
+            "free": {
+                "cost_per_day": "0.01",
+                "requests_per_minute": 2,
+                "limits": [{"meter": "queries", "per": "month", "max": 4}],
+            },
+            "team": {"queries_per_day": 3},
+        }
+    }
+    async with (
+        serve(receiver) as url,
+        gateway_with(database_url, extra, webhook_url=url + "/hook", **WEBHOOK) as h,
+    ):
+        bob = await h.add_user("bob")
+        await h.gateway.accounts.create_team("acme", plan="team")
+        await h.gateway.accounts.set_team(USER, "acme")
+        await h.gateway.accounts.set_team("bob", "acme")
+        await ask(h, headers=h.auth(**{"x-fake-total-price": "0.005"}))
+        await h.probes.wait_finished(1)
+        await ask(h, headers={"Authorization": f"Bearer {bob}"})
+        await h.probes.wait_finished(2)
+        await ask(h, headers=h.auth(**{"x-fake-total-price": "0.0045"}))
+        await h.probes.wait_finished(3)
+        alerts = await admin_alerts(h)
+        await h.probes.outbox_attempts.wait_for(len(alerts))
+    day = periods_at(h.gateway.clock.now(), h.gateway.tz).day
+    seen = sorted(
+        (a["user_id"], a["limit"], a["period"], a["threshold"], a["limit_value"], a["used"])
+        for a in alerts
+    )
+    month = day.strftime("%Y-%m")
+    assert seen == sorted([
+        # Each member whose answer finds the team's threshold crossed is told.
+        ("bob", "team_queries_per_day", day.isoformat(), 40, 3, 2),
+        (USER, "cost_per_day", day.isoformat(), 40, "0.01", "0.005"),
+        (USER, "cost_per_day", day.isoformat(), 90, "0.01", "0.0095"),
+        (USER, "queries_per_month", month, 40, 4, 2),
+        (USER, "team_queries_per_day", day.isoformat(), 40, 3, 3),
+        (USER, "team_queries_per_day", day.isoformat(), 90, 3, 3),
+    ])  # fmt: skip
+    assert sorted(p["data"]["limit"] for p in receiver.verified) == sorted(s[1] for s in seen)
+
+
+def test_an_alert_request_watches_every_limit_per_day_or_month() -> None:
+    from gateway.plans import plan_limits, team_limits
+    from gateway.settle import _alerts_read, _alerts_to_json
+
+    config = parse_config(
+        {
+            "alerts": {"thresholds": [50], "email_to": ["ops@example.com"]},
+            "plans": {
+                "free": {
+                    "queries_per_day": 10,
+                    "cost_per_month": "5.00",
+                    "requests_per_minute": 3,
+                    "max_concurrent_streams": 2,
+                    "limits": [
+                        {"meter": "cost", "per": "day", "max": "1", "models": ["o3"]},
+                        {"meter": "queries", "per": "hour", "max": 9},
+                    ],
+                },
+                "team": {"tokens_per_day": 5000},
+            },
+        },
+        env={},
+    )
+    periods = periods_at(datetime(2026, 12, 2, 12, tzinfo=UTC), config.tz)
+    plan = config.plan("free")
+    limits = (*plan_limits(plan), *team_limits(config.plan("team")))
+    request = alert_request(plan, config.alerts, periods, limits)
+    assert request is not None
+    assert [(c.limit, c.period, c.value, c.spec) for c in request.checks] == [
+        ("queries_per_day", "2026-12-02", 10, None),
+        ("cost_per_month", "2026-12", Decimal("5.00"), "9:2:1:"),
+        ("cost_per_day[o3]", "2026-12-02", Decimal("1"), "9:1:1:m:o3"),
+        ("team_tokens_per_day", "2026-12-02", 5000, "8:1:2:"),
+    ]
+    # A spooled settle keeps them (docs/quotas.md, "Crash safety").
+    assert _alerts_read(_alerts_to_json(request)) == request

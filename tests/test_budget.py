@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from gateway.budget import bound_usage, cost_bound, output_cap
+from gateway.budget import bound_usage, cost_bound, lowered_cap, output_cap, with_cap
 from gateway.clock import FixedClock
 from gateway.config import DatabaseConfig, load_config
 from gateway.storage import AdmissionLimits, Pending, open_storage
@@ -475,3 +475,139 @@ def test_the_bound_prices_every_token_at_the_dearest_rate_it_can_be_billed_at(
         answer_reservation=Decimal(0),
     )
     assert bound == len(orjson.dumps(message)) * Decimal("0.002") + 100 * Decimal("0.002")
+
+
+# --- lower_output_cap ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lower", [True, False])
+async def test_a_plan_may_lower_the_output_cap_to_what_the_budget_can_pay_for(
+    database_url: str, client: httpx.AsyncClient, lower: bool
+) -> None:
+    """With ``lower_output_cap``, a request whose bound the budget cannot pay for
+    is forwarded with its max_tokens lowered to the largest the rest of the
+    budget pays for (its reservation that cap's bound); one that cannot pay even
+    for a one-token answer is refused as without the option. The fake writes as
+    many tokens as the cap allows: the budget is spent to the last token's
+    worth and never passed."""
+    size = len(orjson.dumps({**BODY, "user": USER}))  # with max_tokens 100
+    first = Decimal("0.01") + 100 * Decimal("0.002")  # what the first answer costs
+    # Then room for the bound of a 40-token answer (a body one byte shorter).
+    budget = first + (size - 1) * Decimal("0.001") + 40 * Decimal("0.002")
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    steer = {**STEER, "x-fake-completion-tokens": "cap"}
+    async with running_gateway(
+        database_url,
+        upstream=fake,
+        settings=settings(cost_per_day=str(budget), lower_output_cap=lower),
+        clock=FixedClock(T0),
+    ) as h:
+        results = []
+        for _ in range(3):
+            results.append(
+                await client.post(
+                    f"{h.url}/v1/chat/completions", json=BODY, headers={**h.auth(), **steer}
+                )
+            )
+            await h.probes.wait_finished(sum(r.status_code == 200 for r in results))
+        rows = await h.storage.daily(T0.date(), T0.date())
+    if not lower:
+        assert [r.status_code for r in results] == [200, 429, 429]
+        return
+    assert [r.status_code for r in results] == [200, 200, 429]
+    assert results[2].json()["error"]["code"] == "daily_cost_limit"
+    sent = [r.json for r in fake.requests]
+    assert [body["max_tokens"] for body in sent] == [100, 40]
+    # Nothing else of the body changed.
+    assert {**sent[1], "max_tokens": 100} == sent[0]
+    spent = first + Decimal("0.01") + 40 * Decimal("0.002")
+    assert [(row.cost, row.queries) for row in rows] == [(spent, 2)]
+    assert spent <= budget
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "fields"),
+    [
+        ("chat", {"max_completion_tokens": 500, "max_tokens": 500}, {"max_completion_tokens", "max_tokens"}),
+        ("chat", {}, {"max_completion_tokens"}),
+        ("response", {"max_output_tokens": 500}, {"max_output_tokens"}),
+        ("completion", {"max_tokens": 500}, {"max_tokens"}),
+    ],
+)  # fmt: skip
+def test_the_lowered_cap_is_the_largest_whose_bound_fits(
+    tmp_path: Path, kind: str, body: dict[str, Any], fields: set[str]
+) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(to_toml(settings()))
+    config = load_config(path, env={})
+    upstream = OpenAIUpstream(config)
+    route = Route(kind, kind)
+    request = {"model": "budget-model", "input": "Xin chào", **body}
+
+    def bound(cap: int) -> Decimal:
+        return cost_bound(
+            upstream, route, with_cap(request, route, cap), reserve_output_tokens=4096,
+            answer_reservation=Decimal(0),
+        )  # fmt: skip
+
+    remaining = bound(123) + Decimal("0.001")  # not enough for 124 (0.002 more)
+    cap = lowered_cap(upstream, route, request, remaining, reserve_output_tokens=4096)
+    assert cap == 123
+    capped = with_cap(request, route, 123)
+    assert {k for k in capped if capped[k] != request.get(k)} == fields
+    assert lowered_cap(upstream, route, request, bound(1) - Decimal("0.0001"),
+                       reserve_output_tokens=4096) is None  # fmt: skip
+
+
+def test_an_anthropic_message_cap_is_lowered(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(to_toml({**settings(), "upstream": {"kind": "anthropic"}}))
+    upstream = AnthropicUpstream(load_config(path, env={}))
+    route = Route("message", "messages", role="answer")
+    request = {"model": "budget-model", "max_tokens": 1000, "messages": []}
+    bound = cost_bound(
+        upstream, route, with_cap(request, route, 300), reserve_output_tokens=4096,
+        answer_reservation=Decimal(0),
+    )  # fmt: skip
+    assert lowered_cap(upstream, route, request, bound, reserve_output_tokens=4096) == 300
+
+
+@pytest.mark.postgres
+async def test_forty_parallel_lowered_answers_across_two_processes_never_pass_the_budget(
+    postgres_dsn: str, tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    """lower_output_cap under concurrency: the lowered caps are reserved in the
+    same atomic step as any bound, so answers that write all their cap allows
+    still never spend past the budget, and none is left reserved."""
+    budget = 3 * BOUND + Decimal("0.2")  # three whole bounds, then room for a lowered one
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with two_gateways(
+        postgres_dsn,
+        tmp_path,
+        fake,
+        {"cost_per_day": str(budget), "lower_output_cap": True},
+        upstream={"kind": "openai"},
+        settings={"prices": PRICES},
+    ) as (ports, key, _):
+        responses = await asyncio.gather(
+            *(
+                client.post(
+                    f"http://127.0.0.1:{ports[i % 2]}/v1/chat/completions",
+                    json=BODY,
+                    headers={
+                        "Authorization": f"Bearer {key}",
+                        **STEER,
+                        "x-fake-completion-tokens": "cap",
+                        "x-fake-delay-ms": "5",
+                    },
+                )
+                for i in range(40)
+            )
+        )
+    spent, reserved, _ = await _after(postgres_dsn, budget, BOUND)
+    caps = [r.json["max_tokens"] for r in fake.requests]
+    assert {r.status_code for r in responses} == {200, 429}
+    assert sum(r.status_code == 200 for r in responses) == len(caps)
+    assert any(cap < 100 for cap in caps)  # some were lowered
+    assert spent == sum(Decimal("0.01") + cap * Decimal("0.002") for cap in caps)
+    assert spent <= budget and reserved == 0

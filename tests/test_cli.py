@@ -75,6 +75,11 @@ def test_users_and_keys(config_file: Path, capsys: pytest.CaptureFixture[str]) -
     assert run(config_file, "users", "set-limit", "alice", "queries_per_day", "unlimited") == 0
     assert run(config_file, "users", "set-limit", "alice", "advanced_rag", "maybe") == 2
     assert run(config_file, "users", "set-limit", "alice", "tokens_per_day", "-3") == 2
+    # A [[plans.NAME.limits]] entry, by its name (issue 21).
+    assert run(config_file, "users", "set-limit", "alice", "limits.queries_per_hour", "7") == 0
+    with pytest.raises(SystemExit) as exited:
+        run(config_file, "users", "set-limit", "alice", "queries_per_fortnight", "7")
+    assert exited.value.code == 2
     capsys.readouterr()
 
     assert run(config_file, "keys", "create", "alice", "--name", "laptop") == 0

@@ -443,3 +443,39 @@ async def test_large_non_file_fields_do_not_get_around_the_limit(sqlite_url: str
     async with running_gateway(sqlite_url, fake=fake, settings=plans(file_size_mb=1)) as h:
         response = await upload(h, smuggled, chunked=True)
     assert response.status_code == 413 and fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("limit", "sizes", "statuses"),
+    [
+        ({"meter": "uploads", "per": "day", "max": 2}, [100, 100, 100], [201, 201, 429]),
+        # Content-Length holds the multipart framing too: a bound of the file.
+        ({"meter": "upload_bytes", "per": "month", "max": 2500}, [1000, 1000, 1000], [201, 201, 429]),
+    ],
+)  # fmt: skip
+async def test_upload_limits_are_checked_when_the_upload_is_asked(
+    database_url: str, limit: dict[str, Any], sizes: list[int], statuses: list[int]
+) -> None:
+    """Issue 21: uploads and upload bytes per day or month ([[plans.NAME.limits]])
+    refuse an upload they leave no room for, before it is forwarded."""
+    settings = {"plans": {"free": {"limits": [limit]}}}
+    async with running_gateway(database_url, settings=settings) as h:
+        results = []
+        async with httpx.AsyncClient(base_url=h.url) as client:
+            for size in sizes:
+                results.append(
+                    await client.post(
+                        "/v1/files/upload",
+                        files={"file": ("notes.txt", b"x" * size, "text/plain")},
+                        headers=h.auth(),
+                    )
+                )
+                # Counted once the upstream has taken it, after the answer.
+                await h.probes.wait_finished(len(results))
+        assert h.fake is not None
+        forwarded = list(h.fake.uploaded_bytes)
+    assert [r.status_code for r in results] == statuses
+    refused = results[-1]
+    assert refused.json()["code"] == "plan_limit"
+    assert refused.headers["x-ratelimit-resource"] == f"{limit['meter']}_per_{limit['per']}"
+    assert forwarded == sizes[:2]  # the refused upload never reached the upstream

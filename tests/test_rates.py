@@ -263,3 +263,53 @@ async def test_the_headers_describe_the_limit_nearest_to_exhaustion(
     assert second.headers["x-ratelimit-resource"] == "tokens_per_day"
     assert second.headers["x-ratelimit-remaining"] == "332"
     assert second.headers["x-ratelimit-used"] == "1168"
+
+
+async def test_an_override_replaces_or_drops_a_general_limit(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    """Per-user (and per-team) overrides reach [[plans.NAME.limits]] entries by
+    ``limits.<name>``: a new maximum, or null to drop the entry for the user."""
+    clock = FixedClock(T0)
+    settings = {"plans": {"free": {"limits": [{"meter": "queries", "per": "hour", "max": 5}]}}}
+    async with running_gateway(database_url, settings=settings, clock=clock) as h:
+        await h.gateway.accounts.set_override(USER, "limits.queries_per_hour", 2)
+        lowered = [await ask(client, h) for _ in range(3)]
+        await h.gateway.accounts.set_override(USER, "limits.queries_per_hour", None)
+        dropped = [(await ask(client, h)).status_code for _ in range(5)]
+        await h.gateway.accounts.clear_override(USER, "limits.queries_per_hour")
+        plans_again = [await ask(client, h) for _ in range(4)]
+        user = await h.storage.get_user(USER)
+    assert [r.status_code for r in lowered] == [200, 200, 429]
+    assert lowered[2].headers["x-ratelimit-resource"] == "queries_per_hour"
+    assert lowered[2].headers["x-ratelimit-limit"] == "2"
+    assert dropped == [200] * 5
+    # The plan's 5 again, over what was counted while the entry applied (the
+    # five asked without it were not counted in it).
+    assert [r.status_code for r in plans_again] == [200, 200, 200, 429]
+    assert plans_again[3].headers["x-ratelimit-limit"] == "5"
+    assert user is not None and "limits.queries_per_hour" not in user.overrides
+
+
+def test_general_limit_overrides_are_validated() -> None:
+    from gateway.accounts import parse_override, parse_override_text
+    from gateway.config import parse_config
+    from gateway.errors import BadRequest
+
+    assert parse_override("limits.cost_per_day[gpt-4.1*]", "2.50") == "2.50"
+    assert parse_override_text("limits.queries_per_hour", "7") == "7"
+    assert parse_override_text("limits.queries_per_hour", "unlimited") is None
+    for name, value in [
+        ("limits.queries_per_hour", -1),
+        ("limits.queries_per_hour", "many"),
+        ("limits.", 3),
+        ("queries_per_hour", 3),
+    ]:
+        with pytest.raises(BadRequest):
+            parse_override(name, value)
+    plan = parse_config(
+        {"plans": {"free": {"limits": [{"meter": "cost", "per": "day", "max": "9"}]}}}, env={}
+    ).plan("free")
+    assert plan.with_overrides({"limits.cost_per_day": "2.5"}).limits[0].max == Decimal("2.5")
+    assert plan.with_overrides({"limits.cost_per_day": None}).limits == ()
+    assert plan.with_overrides({"limits.other": "1"}) == plan  # names no entry: ignored

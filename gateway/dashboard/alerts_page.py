@@ -3,11 +3,13 @@ their deliveries went (docs/admin.md, "Alerts")."""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Final
 
 from starlette.responses import Response
 
 from gateway.alerts import describe
+from gateway.dashboard.formats import NumberFormat
 from gateway.dashboard.render import Html, concat, render, user_path
 from gateway.dashboard.signin import Page, signed_in
 
@@ -48,8 +50,8 @@ async def alerts(page: Page) -> Response:
             threshold=a.crossing.threshold,
             what=describe(a.crossing.limit),
             period=a.crossing.period,
-            used=numbers.number(a.crossing.used),
-            value=numbers.number(a.crossing.value),
+            used=_shown(numbers, a.crossing.used),
+            value=_shown(numbers, a.crossing.value),
             deliveries=concat(
                 render(
                     '<span class="delivery {status}" title="{error}">{channel}: {status}'
@@ -69,3 +71,8 @@ async def alerts(page: Page) -> Response:
         f"The latest {SHOWN} crossings." if len(found) == SHOWN else f"{len(found)} crossings."
     )
     return page.document("Alerts", render(_PAGE, summary=summary, rows=rows))
+
+
+def _shown(numbers: NumberFormat, value: int | Decimal) -> str:
+    """A count, or an amount of money (a money budget's alert)."""
+    return numbers.money(value) if isinstance(value, Decimal) else numbers.number(value)

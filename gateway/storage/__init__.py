@@ -15,6 +15,7 @@ from gateway.storage.base import (
     AlertCheck,
     AlertLimit,
     AlertRequest,
+    AnswerOwner,
     ApiKey,
     Counters,
     Crossing,
@@ -35,6 +36,8 @@ from gateway.storage.base import (
     UserSort,
     UserSummary,
     WebSearch,
+    alert_spec,
+    parse_alert_spec,
     summed,
 )
 
@@ -46,6 +49,7 @@ __all__ = [
     "AlertCheck",
     "AlertLimit",
     "AlertRequest",
+    "AnswerOwner",
     "ApiKey",
     "Counters",
     "Crossing",
@@ -66,9 +70,11 @@ __all__ = [
     "UserSort",
     "UserSummary",
     "WebSearch",
+    "alert_spec",
     "functions",
     "migrations",
     "open_storage",
+    "parse_alert_spec",
     "summed",
 ]
 

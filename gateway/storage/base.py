@@ -14,8 +14,8 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Literal, Protocol
 
+from gateway.quota import METERS, PERS, Limit, Meter, Per, limits_of
 from gateway.quota import Counters as Counters
-from gateway.quota import Limit, Meter, Per, limits_of
 
 # None: explicitly unlimited; str: an amount of money, as a decimal string.
 OverrideValue = int | float | bool | str | None
@@ -382,6 +382,15 @@ class UsageEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class AnswerOwner:
+    """Whose ledger row an answer id is, and which named upstream gave it (where
+    the object the answer created is kept: issue 23)."""
+
+    user_id: str
+    upstream: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
 class ModelUsage:
     """A user's answers of one model over a range of days, from the ledger."""
 
@@ -448,10 +457,11 @@ class UserSummary:
     today: DailyUsage = field(default_factory=lambda: DailyUsage(user_id="", day=date.min))
 
 
-# The limits a threshold alert can watch, and the counter each is compared with.
-AlertLimit = Literal[
-    "queries_per_day", "tokens_per_day", "tokens_per_month", "web_searches_per_day"
-]
+# A threshold alert watches a limit by its name (issue 21: any limit per day or
+# month - money budgets, [[plans.NAME.limits]] entries, per-model ones, the
+# team's - not only these four, which both backends compare with the user's
+# day rows directly; the others carry an `alert_spec`).
+AlertLimit = str
 ALERT_LIMITS: tuple[AlertLimit, ...] = (
     "queries_per_day",
     "tokens_per_day",
@@ -460,14 +470,39 @@ ALERT_LIMITS: tuple[AlertLimit, ...] = (
 )
 
 
+def alert_spec(limit: Limit) -> str:
+    """What a limit counts, as an alert check carries it to the database:
+    ``meter:per:scope:key``, meter and window numbered 1-based as quota.METERS
+    and quota.PERS, scope 1 the user and 2 the team, key the per-model
+    counters' (empty for none)."""
+    return (
+        f"{METERS.index(limit.meter) + 1}:{PERS.index(limit.per) + 1}:"
+        f"{2 if limit.scope == 'team' else 1}:{limit.counter_key or ''}"
+    )
+
+
+def parse_alert_spec(spec: str) -> tuple[Meter, Per, str, str | None]:
+    """(meter, per, scope, key) of an `alert_spec`."""
+    meter, per, scope, key = spec.split(":", 3)
+    return (
+        METERS[int(meter) - 1],
+        PERS[int(per) - 1],
+        "team" if scope == "2" else "user",
+        key or None,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class AlertCheck:
-    """One limit of a user's plan and the percentages of it that are announced."""
+    """One limit of a user's plan (or team's) and the percentages of it that
+    are announced."""
 
     limit: AlertLimit
     period: str  # the day (2026-12-02) or month (2026-12) the usage counts in
-    value: int  # the limit itself, > 0
+    value: int | Decimal  # the limit itself, > 0 (money: a Decimal)
     thresholds: tuple[int, ...]
+    # What the limit counts (`alert_spec`); None for the ALERT_LIMITS.
+    spec: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,8 +522,8 @@ class Crossing:
     limit: AlertLimit
     period: str
     threshold: int
-    value: int
-    used: int
+    value: int | Decimal  # money: a Decimal
+    used: int | Decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,8 +581,8 @@ def alerts_with_deliveries(
     ]
 
 
-def crossed(used: int, check: AlertCheck, threshold: int) -> bool:
-    """Exact integer arithmetic: used/value >= threshold%."""
+def crossed(used: int | Decimal, check: AlertCheck, threshold: int) -> bool:
+    """Exact arithmetic (integers, or decimals for money): used/value >= threshold%."""
     return used * 100 >= check.value * threshold
 
 
@@ -808,10 +843,11 @@ class Storage(Protocol):
 
     # --- ownership (issue 20, default deny) ---
 
-    async def answer_owner(self, answer_id: str) -> str | None:
+    async def answer_owner(self, answer_id: str) -> AnswerOwner | None:
         """The user whose ledger row has this answer id (an upstream object id such as
-        OpenAI's ``resp_...``), or None when the ledger has no such answer. Read
-        before a caller may see or change the object the answer created."""
+        OpenAI's ``resp_...``) and the upstream that gave it, or None when the
+        ledger has no such answer. Read before a caller may see or change the
+        object the answer created (and to send the request where it is kept)."""
         ...
 
     # --- human-input resumes (issue 20) ---

@@ -63,6 +63,7 @@ from gateway.storage.base import (
     AdmissionLimits,
     Alert,
     AlertRequest,
+    AnswerOwner,
     ApiKey,
     Crossing,
     DailyUsage,
@@ -105,7 +106,7 @@ _ADMIT = (
 )
 _SETTLE = (
     "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
-    "$15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30)"
+    "$15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31)"
 )
 _ADMIT_MANY = (
     "SELECT * FROM gateway_admit_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
@@ -114,7 +115,7 @@ _ADMIT_MANY = (
 _SETTLE_MANY = (
     "SELECT * FROM gateway_settle_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
     "$14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, "
-    "$32, $33, $34)"
+    "$32, $33, $34, $35)"
 )
 # A batch is at most this many calls by default (database.max_batch): past a
 # few dozen a larger batch saves little, and a batch holds its users' row locks
@@ -841,6 +842,7 @@ class PostgresStorage:
                 list(alerts.channels) if alerts else [],
                 event.cache_write_tokens,
                 event.upstream,
+                [c.spec for c, _ in checks],
             )
         )
 
@@ -855,9 +857,10 @@ class PostgresStorage:
         check_from, check_count, channel_from, channel_count = [], [], [], []
         kinds: list[str] = []
         periods: list[str] = []
-        values: list[int] = []
+        values: list[int | Decimal] = []
         thresholds: list[int] = []
         channels: list[str] = []
+        specs: list[str | None] = []
         for call in calls:
             check_from.append(len(kinds) + 1)
             check_count.append(len(call[23]))
@@ -868,6 +871,7 @@ class PostgresStorage:
             channel_from.append(len(channels) + 1)
             channel_count.append(len(call[27]))
             channels += call[27]
+            specs += call[30]
         with _mapped(), _mapped_batch():
             rows = await self._pool.fetch(
                 _SETTLE_MANY,
@@ -883,6 +887,7 @@ class PostgresStorage:
                 channels,
                 [call[28] for call in calls],
                 [call[29] for call in calls],
+                specs,
             )
         results: list[bool | Exception] = [StorageError("no answer")] * len(calls)
         for row in rows:
@@ -1029,13 +1034,13 @@ class PostgresStorage:
 
     # --- ownership (issue 20, default deny) ---
 
-    async def answer_owner(self, answer_id: str) -> str | None:
+    async def answer_owner(self, answer_id: str) -> AnswerOwner | None:
         # answer_id is UNIQUE (0001_init.sql): one index probe.
         with _mapped():
-            owner = await self._pool.fetchval(
-                "SELECT user_id FROM usage_events WHERE answer_id = $1", answer_id
+            row = await self._pool.fetchrow(
+                "SELECT user_id, upstream FROM usage_events WHERE answer_id = $1", answer_id
             )
-        return owner if isinstance(owner, str) else None
+        return None if row is None else AnswerOwner(row["user_id"], row["upstream"])
 
     # --- human-input resumes (issue 20) ---
 
@@ -1079,9 +1084,16 @@ def _crossing(row: Any) -> Crossing:
         limit=row["kind"],
         period=row["period"],
         threshold=row["threshold"],
-        value=row["limit_value"],
-        used=row["used"],
+        value=_amount(row["limit_value"]),
+        used=_amount(row["used"]),
     )
+
+
+def _amount(value: int | Decimal) -> int | Decimal:
+    """A count as an int, money as its Decimal (the columns are numeric, 0018)."""
+    if isinstance(value, Decimal) and value == value.to_integral_value():
+        return int(value)
+    return value
 
 
 def _outbox_item(row: Any) -> OutboxItem:

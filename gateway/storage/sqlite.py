@@ -85,6 +85,7 @@ from gateway.storage.base import (
     AdmissionLimits,
     Alert,
     AlertRequest,
+    AnswerOwner,
     ApiKey,
     Crossing,
     DailyUsage,
@@ -107,6 +108,7 @@ from gateway.storage.base import (
     crossed,
     delivery,
     model_usage,
+    parse_alert_spec,
     team_daily,
     team_summary,
     upstream_usage,
@@ -187,7 +189,7 @@ def _record_crossings(conn: sqlite3.Connection, event: UsageEvent, alerts: Alert
         "WHERE user_id = ? AND day >= ? AND day <= ?",
         (event.user_id, alerts.month_start.isoformat(), day),
     ).fetchone()
-    used = {
+    used: dict[str, int | Decimal] = {
         "queries_per_day": today[0],
         "tokens_per_day": today[1],
         "web_searches_per_day": today[2],
@@ -195,6 +197,10 @@ def _record_crossings(conn: sqlite3.Connection, event: UsageEvent, alerts: Alert
     }
     now = _ts(event.created_at)
     for check in alerts.checks:
+        if check.spec is not None:
+            used[check.limit] = _alert_used(
+                conn, event.user_id, day, alerts.month_start.isoformat(), check.spec
+            )
         for threshold in check.thresholds:
             if not crossed(used[check.limit], check, threshold):
                 continue
@@ -202,7 +208,7 @@ def _record_crossings(conn: sqlite3.Connection, event: UsageEvent, alerts: Alert
             new = conn.execute(
                 "INSERT INTO notifications (user_id, kind, period, threshold, created_at, "
                 "limit_value, used) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (*key, now, check.value, used[check.limit]),
+                (*key, now, _stored(check.value), _stored(used[check.limit])),
             ).rowcount
             if new:
                 conn.executemany(
@@ -216,9 +222,73 @@ def _fetchall(conn: sqlite3.Connection, *, sql: str, params: Sequence[Any]) -> l
     return conn.execute(sql, params).fetchall()
 
 
+# What an alert's limit counts, by meter: the day rows' (and per-model rows')
+# column; cost is what was spent (what answers under way reserved is not).
+_ALERT_COLUMNS: dict[Meter, str] = {
+    "queries": "queries",
+    "advanced_rag": "advanced_rag",
+    "web_searches": "web_searches",
+    "uploads": "uploads",
+    "upload_bytes": "upload_bytes",
+    "input_tokens": "prompt_tokens",
+    "output_tokens": "completion_tokens",
+    "tokens": "total_tokens",
+    "cost": "cost",
+}
+
+
+def _alert_used(
+    conn: sqlite3.Connection, user_id: str, day: str, month_start: str, spec: str
+) -> int | Decimal:
+    """What the limit of an alert check (`alert_spec`) counts after this settle:
+    the user's day rows, their team's members', or a per-model limit's rows."""
+    meter, per, scope, key = parse_alert_spec(spec)
+    column = _ALERT_COLUMNS[meter]
+    total = "dec_sum" if meter == "cost" else "sum"
+    start = month_start if per == "month" else day
+    if key is not None:
+        row = conn.execute(
+            f"SELECT {total}({column}) FROM usage_models "
+            "WHERE user_id = ? AND scope = ? AND day >= ? AND day <= ?",
+            (user_id, key, start, day),
+        ).fetchone()
+    elif scope == "team":
+        row = conn.execute(
+            f"SELECT {total}(d.{column}) FROM usage_daily d JOIN users u ON u.id = d.user_id "
+            "WHERE u.team_id = (SELECT team_id FROM users WHERE id = ?) "
+            "AND d.day >= ? AND d.day <= ?",
+            (user_id, start, day),
+        ).fetchone()
+    else:
+        row = conn.execute(
+            f"SELECT {total}({column}) FROM usage_daily "
+            "WHERE user_id = ? AND day >= ? AND day <= ?",
+            (user_id, start, day),
+        ).fetchone()
+    return Decimal(row[0] or 0) if meter == "cost" else int(row[0] or 0)
+
+
+def _stored(value: int | Decimal) -> int | str:
+    return str(value) if isinstance(value, Decimal) else value
+
+
+def _amount(value: int | float | str) -> int | Decimal:
+    """A count, or money (stored as a decimal string, which the column's numeric
+    affinity may have turned into a REAL: its shortest repr is the decimal)."""
+    if isinstance(value, int):
+        return value
+    amount = Decimal(str(value))
+    return int(amount) if amount == amount.to_integral_value() else amount
+
+
 def _crossing(row: Any) -> Crossing:
     return Crossing(
-        user_id=row[0], limit=row[1], period=row[2], threshold=row[3], value=row[4], used=row[5]
+        user_id=row[0],
+        limit=row[1],
+        period=row[2],
+        threshold=row[3],
+        value=_amount(row[4]),
+        used=_amount(row[5]),
     )
 
 
@@ -1643,14 +1713,14 @@ class SQLiteStorage:
 
     # --- ownership (issue 20, default deny) ---
 
-    async def answer_owner(self, answer_id: str) -> str | None:
+    async def answer_owner(self, answer_id: str) -> AnswerOwner | None:
         # answer_id is UNIQUE (0001_init.sql): one index probe.
         row = await self._run(
             lambda conn: conn.execute(
-                "SELECT user_id FROM usage_events WHERE answer_id = ?", (answer_id,)
+                "SELECT user_id, upstream FROM usage_events WHERE answer_id = ?", (answer_id,)
             ).fetchone()
         )
-        return None if row is None else str(row[0])
+        return None if row is None else AnswerOwner(str(row[0]), str(row[1]))
 
     # --- human-input resumes (issue 20) ---
 

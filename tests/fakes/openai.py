@@ -11,7 +11,9 @@ streamed as ``event: response.*`` events with usage in ``response.completed``),
 Tests steer it per request with headers:
 
 - ``x-fake-prompt-tokens``, ``x-fake-completion-tokens``, ``x-fake-cached-tokens``,
-  ``x-fake-reasoning-tokens``: the usage it reports;
+  ``x-fake-reasoning-tokens``: the usage it reports (``x-fake-completion-tokens:
+  cap``: as many as the request's output-token cap allows, as a model that
+  writes until it is stopped);
 - ``x-fake-audio-prompt-tokens``, ``x-fake-audio-completion-tokens``: the audio
   tokens among them (chat completions' ``*_tokens_details.audio_tokens``);
 - ``x-fake-model``: the model it says answered (default: the one asked for);
@@ -124,7 +126,11 @@ class _Answer:
         self.model = headers.get("x-fake-model") or str(body.get("model") or "gpt-4o-mini")
         self.scenario = scenario(headers)
         self.prompt = int(headers.get("x-fake-prompt-tokens", "12"))
-        self.completion = int(headers.get("x-fake-completion-tokens", str(len(ANSWER_PIECES))))
+        completion = headers.get("x-fake-completion-tokens", str(len(ANSWER_PIECES)))
+        if completion == "cap":
+            caps = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+            completion = str(next(body[name] for name in caps if body.get(name) is not None))
+        self.completion = int(completion)
         self.cached = int(headers.get("x-fake-cached-tokens", "0"))
         self.reasoning = int(headers.get("x-fake-reasoning-tokens", "0"))
         self.audio_prompt = int(headers.get("x-fake-audio-prompt-tokens", "0"))

@@ -2,7 +2,7 @@
 -- answer's model and token parts, then the threshold alerts the settle crossed
 -- (0009), all in the caller's transaction. p_upstream: the named upstream
 -- that answered (0017; a caller of the previous version names none).
-CREATE OR REPLACE FUNCTION gateway_settle(p_answer_id text, p_user text, p_day date, p_created_at timestamp with time zone, p_endpoint text, p_prompt bigint, p_completion bigint, p_total bigint, p_cost numeric, p_currency text, p_outcome text, p_estimated boolean, p_web_searches integer, p_conversation text, p_request text, p_upstream_ms double precision, p_overhead_ms double precision, p_lease text, p_pending text, p_model text, p_cached bigint, p_reasoning bigint, p_month_start date, p_kinds text[], p_periods text[], p_values bigint[], p_thresholds integer[], p_channels text[], p_cache_write bigint, p_upstream text DEFAULT 'default'::text)
+CREATE OR REPLACE FUNCTION gateway_settle(p_answer_id text, p_user text, p_day date, p_created_at timestamp with time zone, p_endpoint text, p_prompt bigint, p_completion bigint, p_total bigint, p_cost numeric, p_currency text, p_outcome text, p_estimated boolean, p_web_searches integer, p_conversation text, p_request text, p_upstream_ms double precision, p_overhead_ms double precision, p_lease text, p_pending text, p_model text, p_cached bigint, p_reasoning bigint, p_month_start date, p_kinds text[], p_periods text[], p_values numeric[], p_thresholds integer[], p_channels text[], p_cache_write bigint, p_upstream text DEFAULT 'default'::text, p_specs text[] DEFAULT NULL)
  RETURNS boolean
  LANGUAGE plpgsql
 AS $$
@@ -35,14 +35,18 @@ BEGIN
             WHERE d.user_id = p_user AND d.day >= p_month_start AND d.day <= p_day
         ), checks AS (
             SELECT c.kind, c.period, c.value, c.threshold,
-                CASE c.kind
-                    WHEN 'queries_per_day' THEN u.queries_per_day
-                    WHEN 'tokens_per_day' THEN u.tokens_per_day
-                    WHEN 'web_searches_per_day' THEN u.web_searches_per_day
+                CASE
+                    -- Any other limit per day or month (issue 21): money
+                    -- budgets, general, per-model and team limits.
+                    WHEN c.spec IS NOT NULL
+                        THEN gateway_alert_used(p_user, p_day, p_month_start, c.spec)
+                    WHEN c.kind = 'queries_per_day' THEN u.queries_per_day
+                    WHEN c.kind = 'tokens_per_day' THEN u.tokens_per_day
+                    WHEN c.kind = 'web_searches_per_day' THEN u.web_searches_per_day
                     ELSE u.tokens_per_month
                 END AS used
-            FROM unnest(p_kinds, p_periods, p_values, p_thresholds)
-                AS c(kind, period, value, threshold),
+            FROM unnest(p_kinds, p_periods, p_values, p_thresholds, p_specs)
+                AS c(kind, period, value, threshold, spec),
                 used u
         ), new AS (
             INSERT INTO notifications AS n (

@@ -2,7 +2,7 @@
 -- transaction, set by set, exactly as gateway_settle one after another; the
 -- claimed pending rows' reservations (web searches, cost bounds) end.
 -- p_upstreams: the named upstreams that answered (0017; NULL: 'default').
-CREATE OR REPLACE FUNCTION gateway_settle_many(p_answer_ids text[], p_users text[], p_days date[], p_created_at timestamp with time zone[], p_endpoints text[], p_prompt bigint[], p_completion bigint[], p_total bigint[], p_cost numeric[], p_currency text[], p_outcomes text[], p_estimated boolean[], p_web_searches integer[], p_conversations text[], p_requests text[], p_upstream_ms double precision[], p_overhead_ms double precision[], p_leases text[], p_pending text[], p_models text[], p_cached bigint[], p_reasoning bigint[], p_month_starts date[], p_check_from integer[], p_check_count integer[], p_channel_from integer[], p_channel_count integer[], p_kinds text[], p_periods text[], p_values bigint[], p_thresholds integer[], p_channels text[], p_cache_write bigint[], p_upstreams text[] DEFAULT NULL::text[])
+CREATE OR REPLACE FUNCTION gateway_settle_many(p_answer_ids text[], p_users text[], p_days date[], p_created_at timestamp with time zone[], p_endpoints text[], p_prompt bigint[], p_completion bigint[], p_total bigint[], p_cost numeric[], p_currency text[], p_outcomes text[], p_estimated boolean[], p_web_searches integer[], p_conversations text[], p_requests text[], p_upstream_ms double precision[], p_overhead_ms double precision[], p_leases text[], p_pending text[], p_models text[], p_cached bigint[], p_reasoning bigint[], p_month_starts date[], p_check_from integer[], p_check_count integer[], p_channel_from integer[], p_channel_count integer[], p_kinds text[], p_periods text[], p_values numeric[], p_thresholds integer[], p_channels text[], p_cache_write bigint[], p_upstreams text[] DEFAULT NULL::text[], p_specs text[] DEFAULT NULL)
  RETURNS TABLE(ord integer, settled boolean)
  LANGUAGE plpgsql
  SET lock_timeout TO '250ms'
@@ -34,7 +34,8 @@ BEGIN
             p_values[p_check_from[1]:p_check_from[1] + p_check_count[1] - 1],
             p_thresholds[p_check_from[1]:p_check_from[1] + p_check_count[1] - 1],
             p_channels[p_channel_from[1]:p_channel_from[1] + p_channel_count[1] - 1],
-            p_cache_write[1], coalesce(p_upstreams[1], 'default')
+            p_cache_write[1], coalesce(p_upstreams[1], 'default'),
+            p_specs[p_check_from[1]:p_check_from[1] + p_check_count[1] - 1]
         );
         RETURN;
     END IF;
@@ -84,7 +85,8 @@ BEGIN
                 p_values[p_check_from[v_ord]:p_check_from[v_ord] + p_check_count[v_ord] - 1],
                 p_thresholds[p_check_from[v_ord]:p_check_from[v_ord] + p_check_count[v_ord] - 1],
                 p_channels[p_channel_from[v_ord]:p_channel_from[v_ord] + p_channel_count[v_ord] - 1],
-                p_cache_write[v_ord], coalesce(p_upstreams[v_ord], 'default')
+                p_cache_write[v_ord], coalesce(p_upstreams[v_ord], 'default'),
+                p_specs[p_check_from[v_ord]:p_check_from[v_ord] + p_check_count[v_ord] - 1]
             );
         END LOOP;
         RETURN;
@@ -213,7 +215,7 @@ BEGIN
         WITH checks AS (
             SELECT DISTINCT ON (t.user_id, k.kind, k.period, k.threshold, k.value)
                 t.user_id, t.day, t.month_start, t.created_at, t.channel_from,
-                t.channel_count, k.kind, k.period, k.value, k.threshold
+                t.channel_count, k.kind, k.period, k.value, k.threshold, k.spec
             FROM unnest(
                 p_users, p_days, p_month_starts, p_created_at, p_check_from, p_check_count,
                 p_channel_from, p_channel_count
@@ -225,16 +227,19 @@ BEGIN
                 p_kinds[t.check_from:t.check_from + t.check_count - 1],
                 p_periods[t.check_from:t.check_from + t.check_count - 1],
                 p_values[t.check_from:t.check_from + t.check_count - 1],
-                p_thresholds[t.check_from:t.check_from + t.check_count - 1]
-            ) AS k(kind, period, value, threshold)
+                p_thresholds[t.check_from:t.check_from + t.check_count - 1],
+                p_specs[t.check_from:t.check_from + t.check_count - 1]
+            ) AS k(kind, period, value, threshold, spec)
             WHERE v_settled[t.ord] AND t.check_count > 0
             ORDER BY t.user_id, k.kind, k.period, k.threshold, k.value, t.day DESC, t.ord DESC
         ), measured AS (
             SELECT c.*,
-                CASE c.kind
-                    WHEN 'queries_per_day' THEN u.queries_per_day
-                    WHEN 'tokens_per_day' THEN u.tokens_per_day
-                    WHEN 'web_searches_per_day' THEN u.web_searches_per_day
+                CASE
+                    WHEN c.spec IS NOT NULL
+                        THEN gateway_alert_used(c.user_id, c.day, c.month_start, c.spec)
+                    WHEN c.kind = 'queries_per_day' THEN u.queries_per_day
+                    WHEN c.kind = 'tokens_per_day' THEN u.tokens_per_day
+                    WHEN c.kind = 'web_searches_per_day' THEN u.web_searches_per_day
                     ELSE u.tokens_per_month
                 END AS used
             FROM checks c CROSS JOIN LATERAL (
