@@ -5,7 +5,8 @@ Each upstream is served at a mount, the path prefix clients use (``/v1``,
 ``/support/v1``). Several upstreams of one kind may share a mount; a request
 goes to the first of them, in the file's order, whose ``models`` globs match
 the model the request names (an upstream without ``models`` serves every model;
-a request that names none goes to the mount's first upstream). When that one
+a request that names none goes to the mount's first upstream; one for a stored
+answer's object, to the upstream the ledger says gave it - gateway/proxy.py). When that one
 fails before any byte of the answer was relayed, its ``fallbacks`` are tried in
 order - each fallback's own fallbacks right after it - skipping any that do not
 serve the model, and trying each upstream at most once per request.

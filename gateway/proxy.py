@@ -167,6 +167,7 @@ class Exchange:
         "followed",
         "forwarded_at",
         "headers",
+        "holder",
         "json",
         "method",
         "mount",
@@ -201,6 +202,9 @@ class Exchange:
         self.target: Target | None = None
         self.client: UpstreamClient | None = None
         self.attempts: tuple[str, ...] = ()
+        # The upstream that gave the stored answer a route names (a stored
+        # response read or continued), from the ledger: the one that keeps it.
+        self.holder: str | None = None
         self.path = ""  # canonical, relative to the mount
         self.query = b""
         self.headers = _NO_HEADERS
@@ -387,7 +391,7 @@ class Proxy:
         if route.role == "side_cost":
             x.call_price = self.guard.call_price(route, call_prices)
         elif route.owned_answer is not None:
-            await self.guard.check_owner(route, x.user_id)
+            x.holder = await self.guard.check_owner(route, x.user_id)
 
     # --- read and rewrite ------------------------------------------------------------
 
@@ -441,6 +445,12 @@ class Proxy:
             # One upstream serving every model, no fallbacks: nothing to choose.
             x.attempts = mount.direct
             self._use(x, mount.direct[0])
+            return
+        if x.holder is not None and x.holder in mount.upstreams:
+            # A stored answer's object (or a response continuing one) is only
+            # where it was made: no other upstream of the mount has it.
+            x.attempts = (x.holder,)
+            self._use(x, x.holder)
             return
         routing = x.snap.routing
         model = x.dialect.routed_model(x.route, x.json)
@@ -798,9 +808,9 @@ class Proxy:
         upstream = x.dialect
         route = x.route
         assert x.prepared is not None
-        assert x.target is not None and x.client is not None
-        settings = x.target.settings
         client = x.client
+        assert x.target is not None and client is not None
+        settings = x.target.settings
         relay = Relay(
             upstream,
             route,

@@ -92,20 +92,23 @@ class RouteGuard:
             )
         return price
 
-    async def check_owner(self, route: Route, user_id: str) -> None:
-        """For a stored answer's object: refuse unless the ledger names the caller."""
+    async def check_owner(self, route: Route, user_id: str) -> str | None:
+        """For a stored answer's object: refuse unless the ledger names the caller.
+        Returns the named upstream that gave the answer, where the object is kept
+        (issue 23); None for a route that names no stored answer."""
         answer_id = route.owned_answer
         if answer_id is None:
-            return
+            return None
         try:
             owner = await self._storage.answer_owner(answer_id)
         except StorageError as exc:
             # Fails closed: without the ledger nobody's objects are shown.
             self._metrics.inc("gateway_storage_errors_total", operation="answer_owner")
             raise StorageError("The usage database is unavailable; try again shortly.") from exc
-        if owner != user_id:
+        if owner is None or owner.user_id != user_id:
             # 404, not 403: another user's object must not be told from a missing one.
             raise NotFound(f"No object found with id '{answer_id}'.", code="not_found")
+        return owner.upstream
 
 
 def side_cost_result(price: CallPrice) -> Metered:

@@ -1,7 +1,9 @@
-"""A real Chromium and pages on other origins, for the CORS and widget tests.
+"""A real Chromium and pages on other origins, for the dashboard, CORS and widget tests.
 
-Launched as tests/dashboard/test_dashboard.py launches it: Debian's /usr/bin/chromium driven
-by Playwright, skipped when missing unless GATEWAY_REQUIRE_BROWSER is set (CI).
+Debian's /usr/bin/chromium driven by Playwright, skipped when missing unless
+GATEWAY_REQUIRE_BROWSER is set (CI). A pytest process launches it once (the
+``browser`` fixture in tests/conftest.py); each test opens its own contexts, closed
+after it.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ async def site() -> AsyncIterator[Site]:
     async with serve(s) as url:
         s.url = url
         yield s
+
+
+IN_BROWSER = pytest.mark.asyncio(loop_scope="session")
+"""The mark of a test that takes the ``browser`` fixture (tests/conftest.py): it runs
+in the session's event loop, where the pytest process's one Chromium lives."""
 
 
 @contextlib.asynccontextmanager

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import os
 import secrets
+import shutil
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,9 +21,11 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import pytest_asyncio
 
 from gateway.config import DatabaseConfig
 from gateway.storage import Storage, open_storage
+from tests.browser import chromium, require_chromium
 from tests.tcpproxy import TCPProxy
 
 ADMIN_DSN = os.environ.get("GATEWAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -170,16 +173,41 @@ async def _truncate(dsn: str) -> None:
         await conn.close()
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One migrated SQLite database per pytest process, copied for each test that
+    wants one: migrating a new file costs about 100 ms of waiting for fsyncs, a copy
+    a few."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "gateway.db"
+
+    async def migrate() -> None:
+        storage = await open_storage(DatabaseConfig(url=f"sqlite:///{path}"))
+        await storage.migrate()
+        await storage.close()
+
+    asyncio.run(migrate())
+    # Closed cleanly: everything is in the one file, which is all a copy takes.
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    return path
+
+
+def _sqlite_copy(template: Path, tmp_path: Path) -> str:
+    target = tmp_path / "gateway.db"
+    shutil.copyfile(template, target)
+    return f"sqlite:///{target}"
+
+
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'gateway.db'}"
+def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
+    """A migrated, empty SQLite database in the test's temporary directory."""
+    return _sqlite_copy(sqlite_template, tmp_path)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A migrated, empty database of each backend."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'gateway.db'}"
+        return _sqlite_copy(request.getfixturevalue("sqlite_template"), tmp_path)
     dsn: str = request.getfixturevalue("postgres_dsn")
     asyncio.run(_truncate(dsn))
     return dsn
@@ -207,6 +235,24 @@ async def pg_behind_proxy(postgres_dsn: str) -> AsyncIterator[tuple[str, TCPProx
         yield f"postgresql://{user}@127.0.0.1:{proxy.port}/{database}", proxy
     finally:
         await proxy.cut()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def _chromium() -> AsyncIterator[Any]:
+    require_chromium()
+    async with chromium() as browser:
+        yield browser
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def browser(_chromium: Any) -> AsyncIterator[Any]:
+    """The pytest process's one headless Chromium (a Playwright Browser): starting
+    Playwright's driver and Chromium costs a second or two of CPU, a new context a
+    few milliseconds. What a test opens in it is closed after the test. The test
+    runs in the session's event loop, where the browser lives (tests.browser.IN_BROWSER)."""
+    yield _chromium
+    for context in _chromium.contexts:
+        await context.close()
 
 
 @pytest.hookimpl(wrapper=True)

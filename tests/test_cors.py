@@ -16,7 +16,7 @@ import pytest
 from gateway.config import parse_config
 from gateway.cors import EXPOSED, Cors
 from gateway.errors import ConfigError
-from tests.browser import chromium, require_chromium, site
+from tests.browser import IN_BROWSER, require_chromium, site
 from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, running_gateway
 from tests.servers import read_body
@@ -464,7 +464,8 @@ async ({gateway, key}) => {
 """
 
 
-async def test_a_page_on_another_origin_in_chromium(sqlite_url: str) -> None:
+@IN_BROWSER
+async def test_a_page_on_another_origin_in_chromium(sqlite_url: str, browser: Any) -> None:
     """A chat page on an allowed origin streams, reads the refusal at its limit and the
     remaining count, and reads /v1/usage; a page on another origin fails as browsers
     make it fail, and nothing of its requests reaches the upstream."""
@@ -475,10 +476,7 @@ async def test_a_page_on_another_origin_in_chromium(sqlite_url: str) -> None:
             "plans": {"free": {"queries_per_day": 2}},
             "cors": {"allow_origins": [allowed.url]},
         }
-        async with (
-            running_gateway(sqlite_url, fake=fake, settings=settings) as h,
-            chromium() as browser,
-        ):
+        async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
             page = await browser.new_page()
             await page.goto(allowed.url + "/")
             seen = await page.evaluate(PAGE_SCRIPT, {"gateway": h.url, "key": h.key})

@@ -521,3 +521,68 @@ async def test_the_cors_policy_covers_every_mount(sqlite_url: str) -> None:
     assert mounted.headers["access-control-allow-origin"] == page
     assert "access-control-allow-origin" not in admin.headers
     assert support.requests == []  # answered by the gateway's policy
+
+
+async def test_an_allowed_route_goes_to_the_upstream_whose_own_list_allows_it(
+    sqlite_url: str,
+) -> None:
+    hosted, local = FakeOpenAI(api_key=HOSTED_KEY), FakeOpenAI(api_key=LOCAL_KEY)
+    async with contextlib.AsyncExitStack() as stack:
+        hosted_url = await stack.enter_async_context(serve(hosted))
+        local_url = await stack.enter_async_context(serve(local))
+        upstreams = {
+            "hosted": openai(hosted_url + "/v1", "HOSTED_KEY", mount="/v1", models=["gpt-*"]),
+            "local": openai(local_url + "/v1", "LOCAL_KEY", mount="/v1", allow=["GET /files/*"]),
+        }
+        h = await stack.enter_async_context(gateway(sqlite_url, upstreams))
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            await client.get("/v1/files/file-1", headers=h.auth())
+            refused = await client.get("/v1/batches", headers=h.auth())  # allowed by none
+    # The operator opened /files on local only: hosted, first on the mount, never sees it.
+    assert hosted.requests == []
+    assert [(r.method, r.path) for r in local.requests] == [("GET", "/files/file-1")]
+    assert refused.status_code == 403
+
+
+async def test_a_refusal_before_the_path_is_routed_takes_the_mounts_shape(sqlite_url: str) -> None:
+    hosted, claude = FakeOpenAI(api_key=HOSTED_KEY), FakeAnthropic(api_key=ANTHROPIC_KEY)
+    async with contextlib.AsyncExitStack() as stack:
+        hosted_url = await stack.enter_async_context(serve(hosted))
+        claude_url = await stack.enter_async_context(serve(claude))
+        upstreams = {
+            "hosted": openai(hosted_url + "/v1", "HOSTED_KEY", mount="/v1"),
+            "claude": {
+                "kind": "anthropic",
+                "url": claude_url + "/v1",
+                "api_key_env": "ANTHROPIC_KEY",
+            },
+        }
+        h = await stack.enter_async_context(
+            gateway(sqlite_url, upstreams, server={"max_header_bytes": 1024})
+        )
+        big = {"x-padding": "x" * 2048}
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            on_claude = await client.post("/claude/v1/messages", json={}, headers=big)
+            on_openai = await client.post("/v1/chat/completions", json={}, headers=big)
+    assert on_claude.status_code == on_openai.status_code == 431
+    assert on_claude.json()["type"] == "error"  # Anthropic's shape
+    assert "type" not in on_openai.json() and "error" in on_openai.json()  # OpenAI's
+
+
+async def test_a_stored_answer_is_read_from_the_upstream_that_gave_it(sqlite_url: str) -> None:
+    # The read names no model: without the ledger's upstream it would go to the
+    # mount's first upstream, which does not have the object.
+    async with shared_mount(sqlite_url) as (h, hosted, local):
+        body = {"model": "llama-3", "input": "hi"}
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            created = await client.post("/v1/responses", json=body, headers=h.auth())
+            await h.probes.wait_finished(1)
+            (event,) = await h.events()
+            await client.get(f"/v1/responses/{event.answer_id}", headers=h.auth())
+    assert created.status_code == 200
+    assert event.answer_id.startswith("resp_") and event.upstream == "local"
+    assert hosted.requests == []
+    assert [(r.method, r.path) for r in local.requests] == [
+        ("POST", "/responses"),
+        ("GET", f"/responses/{event.answer_id}"),
+    ]

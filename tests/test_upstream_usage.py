@@ -5,6 +5,7 @@ named; every surface that shows usage by model shows it by upstream too."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 from datetime import timedelta
@@ -20,7 +21,9 @@ from gateway.admission import Admitter, Ticket
 from gateway.cli import main
 from gateway.errors import StorageError
 from gateway.storage import Storage
+from tests.fakes.dify import FakeDify
 from tests.harness import USER, Harness, running_gateway
+from tests.servers import serve
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "mallory"}
 
@@ -215,3 +218,63 @@ async def test_a_user_without_answers_has_no_upstream_rows(database_url: str) ->
         async with httpx.AsyncClient(base_url=h.url, timeout=10) as http:
             mine = (await http.get("/v1/usage", headers=h.auth())).json()
     assert mine["month_by_upstream"] == [] and mine["month_by_model"] == []
+
+
+# --- named upstreams, configured ---------------------------------------------------
+
+
+async def test_named_upstreams_answers_and_a_recovered_one_by_upstream(database_url: str) -> None:
+    """Two Dify apps at their mounts (issue 23): the ledger and /v1/usage say
+    which app answered; an answer under way when a recovery charges it (its
+    gateway taken for dead) is estimated for the app it was sent to, and its
+    real record, arriving later, replaces the estimate there."""
+    support, research = FakeDify(api_key="support-key"), FakeDify(api_key="research-key")
+    async with contextlib.AsyncExitStack() as stack:
+        support_url = await stack.enter_async_context(serve(support))
+        research_url = await stack.enter_async_context(serve(research))
+        stack.callback(research.release_held)
+        h = await stack.enter_async_context(
+            running_gateway(
+                database_url,
+                upstream_url="http://127.0.0.1:9/v1",  # no [upstream]: unused
+                settings={
+                    "upstream": None,
+                    "upstreams": {
+                        "support": {"url": support_url + "/v1", "api_key_env": "SUPPORT_KEY"},
+                        "research": {"url": research_url + "/v1", "api_key_env": "RESEARCH_KEY"},
+                    },
+                },
+                env={"SUPPORT_KEY": "support-key", "RESEARCH_KEY": "research-key"},
+            )
+        )
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            for message_id in ("s1", "s2"):
+                headers = h.auth(**{"x-fake-message-id": message_id})
+                answered = await client.post(
+                    "/support/v1/chat-messages", json=CHAT, headers=headers
+                )
+                assert answered.status_code == 200
+            await h.probes.wait_finished(2)  # both settled: only the held one is pending
+            held = h.auth(**{"x-fake-scenario": "hold", "x-fake-message-id": "r1"})
+            async with client.stream(
+                "POST", "/research/v1/chat-messages", json=CHAT, headers=held
+            ) as response:
+                chunks = response.aiter_raw()
+                assert b'"event":"message"' in await asyncio.wait_for(anext(chunks), timeout=5)
+                request_id = response.headers["x-request-id"]
+                later = h.gateway.clock.now() + timedelta(hours=1)
+                recovered_ids = await h.storage.recover(before=later, now=later)
+                recovered = {e.answer_id: e.upstream for e in await h.events()}
+                research.release_held()
+                assert b"message_end" in b"".join([chunk async for chunk in chunks])
+            await h.probes.wait_finished(3)
+            events = {e.answer_id: (e.upstream, e.outcome) for e in await h.events()}
+            mine = (await client.get("/v1/usage", headers=h.auth())).json()
+    assert recovered_ids == [request_id]
+    assert recovered == {"s1": "support", "s2": "support", f"gw-{request_id}": "research"}
+    assert events == {
+        "s1": ("support", "complete"),
+        "s2": ("support", "complete"),
+        "r1": ("research", "complete"),
+    }
+    assert mine["month_by_upstream"] == [by_upstream("support", 2), by_upstream("research", 1)]

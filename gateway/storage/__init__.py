@@ -15,6 +15,7 @@ from gateway.storage.base import (
     AlertCheck,
     AlertLimit,
     AlertRequest,
+    AnswerOwner,
     ApiKey,
     Counters,
     Crossing,
@@ -48,6 +49,7 @@ __all__ = [
     "AlertCheck",
     "AlertLimit",
     "AlertRequest",
+    "AnswerOwner",
     "ApiKey",
     "Counters",
     "Crossing",
@@ -116,7 +118,9 @@ async def open_storage(config: DatabaseConfig) -> Storage:
         from gateway.storage.sqlite import SQLiteStorage
 
         return await SQLiteStorage.open(
-            url.removeprefix("sqlite:///"), timeout=config.command_timeout
+            url.removeprefix("sqlite:///"),
+            timeout=config.command_timeout,
+            max_batch=config.max_batch,
         )
     if url.startswith(("postgresql://", "postgres://")):
         from gateway.storage.postgres import PostgresStorage

@@ -382,6 +382,15 @@ class UsageEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class AnswerOwner:
+    """Whose ledger row an answer id is, and which named upstream gave it (where
+    the object the answer created is kept: issue 23)."""
+
+    user_id: str
+    upstream: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
 class ModelUsage:
     """A user's answers of one model over a range of days, from the ledger."""
 
@@ -834,10 +843,11 @@ class Storage(Protocol):
 
     # --- ownership (issue 20, default deny) ---
 
-    async def answer_owner(self, answer_id: str) -> str | None:
+    async def answer_owner(self, answer_id: str) -> AnswerOwner | None:
         """The user whose ledger row has this answer id (an upstream object id such as
-        OpenAI's ``resp_...``), or None when the ledger has no such answer. Read
-        before a caller may see or change the object the answer created."""
+        OpenAI's ``resp_...``) and the upstream that gave it, or None when the
+        ledger has no such answer. Read before a caller may see or change the
+        object the answer created (and to send the request where it is kept)."""
         ...
 
     # --- human-input resumes (issue 20) ---

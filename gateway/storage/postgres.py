@@ -63,6 +63,7 @@ from gateway.storage.base import (
     AdmissionLimits,
     Alert,
     AlertRequest,
+    AnswerOwner,
     ApiKey,
     Crossing,
     DailyUsage,
@@ -1033,13 +1034,13 @@ class PostgresStorage:
 
     # --- ownership (issue 20, default deny) ---
 
-    async def answer_owner(self, answer_id: str) -> str | None:
+    async def answer_owner(self, answer_id: str) -> AnswerOwner | None:
         # answer_id is UNIQUE (0001_init.sql): one index probe.
         with _mapped():
-            owner = await self._pool.fetchval(
-                "SELECT user_id FROM usage_events WHERE answer_id = $1", answer_id
+            row = await self._pool.fetchrow(
+                "SELECT user_id, upstream FROM usage_events WHERE answer_id = $1", answer_id
             )
-        return owner if isinstance(owner, str) else None
+        return None if row is None else AnswerOwner(row["user_id"], row["upstream"])
 
     # --- human-input resumes (issue 20) ---
 

@@ -7,6 +7,15 @@ however many statements it runs. Writes take SQLite's write lock up front
 that is what makes the conditional admission exact here. Money is TEXT holding an
 exact decimal, summed by the registered ``dec_add`` / ``dec_sum`` functions.
 
+Writes are group-committed (gateway/storage/group.py): every write transaction
+goes through one queue, and those that arrive while a batch is on the writer
+thread go together as the next one - one hop to the thread, one ``BEGIN
+IMMEDIATE`` and one ``COMMIT`` for all of them. In the batch they run in arrival
+order, each in a savepoint of its own, so each sees the ones before it exactly
+as it would one after another, and one that fails is rolled back to its
+savepoint and fails alone. Nothing is answered before the batch commits. A
+call that finds nothing in flight goes alone, as a plain transaction.
+
 The rules the PostgreSQL functions keep (web searches reserved at admission and
 reconciled at settle, a real record superseding a recovered estimate: migration
 0011 there) are kept here in Python, in the same transaction.
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +81,7 @@ from gateway.storage.base import (
     AdmissionLimits,
     Alert,
     AlertRequest,
+    AnswerOwner,
     ApiKey,
     Crossing,
     DailyUsage,
@@ -98,6 +109,9 @@ from gateway.storage.base import (
     team_summary,
     upstream_usage,
 )
+from gateway.storage.group import GroupCommit, SplitBatch
+
+log = logging.getLogger("gateway.storage")
 
 T = TypeVar("T")
 _USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="dec_sum(cost)", p1="?", p2="?", p3="?")
@@ -113,6 +127,10 @@ _TEAM_DAILY = TEAM_DAILY_SELECT.format(cost_sum="dec_sum(d.cost)", p1="?", p2="?
 _TEAM_LIST = TEAM_LIST_SELECT.format(cost_sum="dec_sum(d.cost)", p1="?")
 
 _EXPORT_BATCH = 1000
+# The most write transactions committed together (database.max_batch): past a
+# few dozen a larger batch saves little, and a batch holds the write lock until
+# it commits.
+DEFAULT_MAX_BATCH = 64
 
 
 class _DecimalSum:
@@ -194,6 +212,10 @@ def _record_crossings(conn: sqlite3.Connection, event: UsageEvent, alerts: Alert
                     "created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [(*key, channel, now, now) for channel in alerts.channels],
                 )
+
+
+def _fetchall(conn: sqlite3.Connection, *, sql: str, params: Sequence[Any]) -> list[Any]:
+    return conn.execute(sql, params).fetchall()
 
 
 # What an alert's limit counts, by meter: the day rows' (and per-model rows')
@@ -361,6 +383,82 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]
             conn.execute("ROLLBACK")
         raise
     return result
+
+
+def _error(exc: Exception) -> Exception:
+    """The gateway's error for what a storage function raised: SQLite's errors
+    mapped, the gateway's own (NotFound, Conflict...) as they are."""
+    mapped: Exception
+    if isinstance(exc, sqlite3.IntegrityError):
+        if "FOREIGN KEY" in str(exc):
+            mapped = NotFound("unknown user")
+        else:
+            mapped = StorageError(f"SQLite integrity error: {exc}")
+    elif isinstance(exc, sqlite3.Error):
+        mapped = StorageError(f"SQLite error: {exc}")
+    else:
+        return exc
+    mapped.__cause__ = exc
+    return mapped
+
+
+class _Call(NamedTuple):
+    """One storage call's work, as the connection's thread runs it: a write
+    transaction (``writes``) or a read. ``abandoned`` undoes what a write did
+    when its caller went away while it was in flight."""
+
+    run: Callable[[sqlite3.Connection], Any]
+    abandoned: Callable[[Any], None] | None = None
+    writes: bool = True
+
+
+def _batch(conn: sqlite3.Connection, calls: Sequence[_Call]) -> list[Any]:
+    """The calls of a batch in one transaction, in order, each write in a
+    savepoint: one that raises is rolled back to its savepoint and its error is
+    its outcome, the others' writes stand. Nothing of it is written when the
+    transaction cannot begin (every caller's error) or commit, or SQLite ends it
+    itself: then `SplitBatch`, and the calls are made again each on its own."""
+    # A batch of reads only takes no write lock.
+    conn.execute("BEGIN IMMEDIATE" if any(call.writes for call in calls) else "BEGIN")
+    outcomes: list[Any] = []
+    try:
+        for call in calls:
+            if call.writes:
+                conn.execute("SAVEPOINT call")
+            try:
+                outcomes.append(call.run(conn))
+            except Exception as exc:
+                if not conn.in_transaction:
+                    # SQLite ended the transaction itself (a full disk, an I/O
+                    # error): the batch's earlier writes went with it, so each
+                    # call is made again on its own.
+                    raise SplitBatch(f"{type(exc).__name__}: {exc}") from exc
+                if call.writes:
+                    conn.execute("ROLLBACK TO call")
+                outcomes.append(_error(exc))
+            if call.writes:
+                conn.execute("RELEASE call")
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            # Refused at commit (a deferred constraint, a full disk): nothing
+            # of the batch is written; each call is tried again on its own.
+            raise SplitBatch(f"COMMIT: {type(exc).__name__}: {exc}") from exc
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return outcomes
+
+
+def _abandoned(call: _Call, result: Any) -> None:
+    if call.abandoned is not None:
+        call.abandoned(result)
+
+
+def _one_connection(_: _Call) -> int:
+    """Every call has the same key: a batch split goes call by call, in order."""
+    return 0
 
 
 def _team_counters(
@@ -720,15 +818,37 @@ def _record(conn: sqlite3.Connection, event: UsageEvent) -> bool:
 
 class SQLiteStorage:
     def __init__(
-        self, path: str, conn: sqlite3.Connection, executor: ThreadPoolExecutor, timeout: float
+        self,
+        path: str,
+        conn: sqlite3.Connection,
+        executor: ThreadPoolExecutor,
+        timeout: float,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         self._path = path
         self._conn = conn
         self._executor = executor
         self._timeout = timeout
+        # Every call, read or write, goes through this one queue: the thread
+        # serves them in the order they were made, as one executor did before
+        # writes were batched (a read made after a write sees it), and one
+        # batch at a time, since there is one thread.
+        self._calls: GroupCommit[_Call, Any] = GroupCommit(
+            "calls",
+            self._call_many,
+            self._call_one,
+            max_batch=max_batch,
+            in_flight=1,
+            abandoned=_abandoned,
+            key=_one_connection,
+        )
+        self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
-    async def open(cls, path: str, *, timeout: float = 5.0) -> SQLiteStorage:
+    async def open(
+        cls, path: str, *, timeout: float = 5.0, max_batch: int = DEFAULT_MAX_BATCH
+    ) -> SQLiteStorage:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-sqlite")
         loop = asyncio.get_running_loop()
         try:
@@ -736,25 +856,89 @@ class SQLiteStorage:
         except sqlite3.Error as exc:
             executor.shutdown(wait=False)
             raise StorageError(f"cannot open SQLite database {path!r}: {exc}") from exc
-        return cls(path, conn, executor, timeout)
+        return cls(path, conn, executor, timeout, max_batch=max_batch)
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    @property
+    def group_commit(self) -> dict[str, tuple[int, int]]:
+        """(batches, calls) so far, reads and writes: calls / batches is the
+        mean batch size."""
+        return {self._calls.name: (self._calls.batches, self._calls.calls)}
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn`` on the connection's thread, now (not through the queue)."""
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
                 self._executor, functools.partial(fn, self._conn, *args)
             )
-        except sqlite3.IntegrityError as exc:
-            if "FOREIGN KEY" in str(exc):
-                raise NotFound("unknown user") from exc
-            raise StorageError(f"SQLite integrity error: {exc}") from exc
-        except sqlite3.Error as exc:
-            raise StorageError(f"SQLite error: {exc}") from exc
+        except Exception as exc:
+            mapped = _error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
 
-    async def _tx(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._run(lambda conn, *a: _transaction(conn, lambda c: fn(c, *a)), *args)
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Read with ``fn``, in turn with the other calls."""
+        result: T = await self._calls(_Call(fn, None, writes=False))
+        return result
+
+    async def _tx(
+        self, fn: Callable[[sqlite3.Connection], T], *, abandoned: Callable[[T], None] | None = None
+    ) -> T:
+        """Run ``fn`` in a write transaction, group-committed with the others."""
+        result: T = await self._calls(_Call(fn, abandoned))
+        return result
+
+    async def _call_one(self, call: _Call) -> Any:
+        if call.writes:
+            return await self._call(_transaction, call.run)
+        return await self._call(call.run)
+
+    async def _call_many(self, calls: Sequence[_Call]) -> list[Any]:
+        if len(calls) == 1:
+            return [await self._call_one(calls[0])]
+        return await self._call(_batch, calls)
+
+    def _admission_abandoned(
+        self, user_id: str, day: date, lease: Lease | None, pending: Pending | None
+    ) -> Callable[[Admission], None]:
+        """What gives back an admission whose caller was cancelled while it was
+        in flight (the server shutting down): nobody will forward or settle the
+        answer, so its query, lease and pending row are given back."""
+
+        def give_back(admission: Admission) -> None:
+            if not admission.admitted:
+                return
+            log.info("admission for %s abandoned by its caller; given back", user_id)
+            task = asyncio.create_task(
+                self._refund_quietly(
+                    user_id,
+                    day,
+                    lease_id=lease.id if lease else None,
+                    pending_id=pending.id if pending else None,
+                )
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        return give_back
+
+    async def _refund_quietly(
+        self, user_id: str, day: date, *, lease_id: str | None, pending_id: str | None
+    ) -> None:
+        try:
+            await self.refund(user_id, day=day, lease_id=lease_id, pending_id=pending_id)
+        except StorageError as exc:
+            # The pending row stays: a recovery charges it as an estimate later.
+            log.warning("could not give back an abandoned admission of %s: %s", user_id, exc)
 
     async def close(self) -> None:
+        # Writes still queued or in flight are answered (and given back, for an
+        # abandoned admission) before the connection goes.
+        await self._calls.drain()
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._calls.drain()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._conn.close)
         self._executor.shutdown(wait=True)
@@ -1179,7 +1363,9 @@ class SQLiteStorage:
             after = charged(counters, charge, searches)
             return admission(checked, None, after, searches)
 
-        return await self._tx(run)
+        return await self._tx(
+            run, abandoned=self._admission_abandoned(user_id, day, lease, pending)
+        )
 
     async def rate_counts(self, user_id: str, *, now: datetime) -> dict[tuple[Meter, Per], Decimal]:
         def run(conn: sqlite3.Connection) -> dict[tuple[Meter, Per], Decimal]:
@@ -1449,11 +1635,8 @@ class SQLiteStorage:
         sql += f" ORDER BY seq LIMIT {_EXPORT_BATCH}"
         last = 0
         while True:
-            rows = await self._run(
-                lambda conn, after=last: conn.execute(
-                    sql, [*params[:2], after, *params[2:]]
-                ).fetchall()
-            )
+            page = [*params[:2], last, *params[2:]]
+            rows = await self._run(functools.partial(_fetchall, sql=sql, params=page))
             for row in rows:
                 yield _event(row[1:])
             if len(rows) < _EXPORT_BATCH:
@@ -1473,7 +1656,7 @@ class SQLiteStorage:
         after = ("", "")
         while True:
             params = [start.isoformat(), end.isoformat(), after[0], after[0], after[1], *extra]
-            rows = await self._run(lambda conn, p=params: conn.execute(sql, p).fetchall())
+            rows = await self._run(functools.partial(_fetchall, sql=sql, params=params))
             for row in rows:
                 yield _daily(row)
             if len(rows) < _EXPORT_BATCH:
@@ -1526,14 +1709,14 @@ class SQLiteStorage:
 
     # --- ownership (issue 20, default deny) ---
 
-    async def answer_owner(self, answer_id: str) -> str | None:
+    async def answer_owner(self, answer_id: str) -> AnswerOwner | None:
         # answer_id is UNIQUE (0001_init.sql): one index probe.
         row = await self._run(
             lambda conn: conn.execute(
-                "SELECT user_id FROM usage_events WHERE answer_id = ?", (answer_id,)
+                "SELECT user_id, upstream FROM usage_events WHERE answer_id = ?", (answer_id,)
             ).fetchone()
         )
-        return None if row is None else str(row[0])
+        return None if row is None else AnswerOwner(str(row[0]), str(row[1]))
 
     # --- human-input resumes (issue 20) ---
 

@@ -39,7 +39,7 @@ from gateway.dashboard.session import (
 from gateway.dashboard.users_table import PAGE_SIZE
 from gateway.keys import hash_key
 from gateway.storage import AdmissionLimits, UsageEvent
-from tests.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
+from tests.browser import IN_BROWSER, require_chromium
 from tests.harness import USER, Harness, running_gateway
 
 TOKEN = "dashboard-admin-token-0123456789"
@@ -505,11 +505,10 @@ def screenshots() -> Path:
     return ARTIFACTS
 
 
-async def test_the_dashboard_in_chromium(sqlite_url: str, screenshots: Path) -> None:
+@IN_BROWSER
+async def test_the_dashboard_in_chromium(sqlite_url: str, screenshots: Path, browser: Any) -> None:
     """Sign in, read the table, open a user, see the chart, change the plan, make and
     revoke a key, sign out - as an admin would, in headless Chromium."""
-    from playwright.async_api import async_playwright
-
     async with admin_gateway(sqlite_url) as h:
         # Usage through the gateway itself, and more straight into storage.
         async with httpx.AsyncClient(base_url=h.url, timeout=10) as api:
@@ -535,155 +534,148 @@ async def test_the_dashboard_in_chromium(sqlite_url: str, screenshots: Path) -> 
             await spend(h, f"user-{i}", 10**i, day=today)
 
         requests: list[str] = []
-        async with async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                context = await browser.new_context(viewport={"width": 1280, "height": 900})
-                page = await context.new_page()
-                page.on("request", lambda r: requests.append(r.url))
-                errors: list[str] = []
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        context = await browser.new_context(viewport={"width": 1280, "height": 900})
+        page = await context.new_page()
+        page.on("request", lambda r: requests.append(r.url))
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
 
-                # 1. Signed out: the login page. A wrong token is refused.
-                await page.goto(f"{h.url}/dashboard/")
-                assert page.url.startswith(f"{h.url}/dashboard/login")
-                await page.screenshot(path=screenshots / "login.png")
-                await page.fill("#token", "not-the-token")
-                async with page.expect_response(lambda r: r.request.method == "POST") as info:
-                    await page.click("button[type=submit]")
-                assert (await info.value).status == 401
-                assert await page.locator("[role=alert]").inner_text() == (
-                    "That is not the admin token."
-                )
-                assert await context.cookies() == []
-                await page.screenshot(path=screenshots / "login-refused.png")
-                errors.clear()  # the refused sign-in's 401, logged by the console
+        # 1. Signed out: the login page. A wrong token is refused.
+        await page.goto(f"{h.url}/dashboard/")
+        assert page.url.startswith(f"{h.url}/dashboard/login")
+        await page.screenshot(path=screenshots / "login.png")
+        await page.fill("#token", "not-the-token")
+        async with page.expect_response(lambda r: r.request.method == "POST") as info:
+            await page.click("button[type=submit]")
+        assert (await info.value).status == 401
+        assert await page.locator("[role=alert]").inner_text() == ("That is not the admin token.")
+        assert await context.cookies() == []
+        await page.screenshot(path=screenshots / "login-refused.png")
+        errors.clear()  # the refused sign-in's 401, logged by the console
 
-                # 2. Signed in: the users table, numbers formatted for vi-VN.
-                await page.fill("#token", TOKEN)
-                await page.click("button[type=submit]")
-                await page.wait_for_url(f"{h.url}/dashboard/")
-                row = page.locator("table.users tbody tr", has_text=BIG)
-                assert await row.locator("td").nth(3).inner_text() == "1.234.567"
-                assert await row.locator("td .badge").count() == 2  # lifetime and today
-                big = page.locator("table.users tbody tr", has_text="user-7")
-                assert await big.locator("td").nth(3).inner_text() == "10.000.000"
-                alice = page.locator("table.users tbody tr", has_text=USER)
-                assert await alice.locator("td").nth(6).inner_text() == "3"  # queries today
-                assert await alice.locator("td").nth(3).inner_text() == "3.504"  # 3 x 1,168
-                await page.screenshot(path=screenshots / "users.png", full_page=True)
+        # 2. Signed in: the users table, numbers formatted for vi-VN.
+        await page.fill("#token", TOKEN)
+        await page.click("button[type=submit]")
+        await page.wait_for_url(f"{h.url}/dashboard/")
+        row = page.locator("table.users tbody tr", has_text=BIG)
+        assert await row.locator("td").nth(3).inner_text() == "1.234.567"
+        assert await row.locator("td .badge").count() == 2  # lifetime and today
+        big = page.locator("table.users tbody tr", has_text="user-7")
+        assert await big.locator("td").nth(3).inner_text() == "10.000.000"
+        alice = page.locator("table.users tbody tr", has_text=USER)
+        assert await alice.locator("td").nth(6).inner_text() == "3"  # queries today
+        assert await alice.locator("td").nth(3).inner_text() == "3.504"  # 3 x 1,168
+        await page.screenshot(path=screenshots / "users.png", full_page=True)
 
-                # Sort by id, search.
-                await page.click("th a:has-text('User')")
-                assert "sort=id" in page.url
-                await page.fill("input[name=q]", "user-")
-                await page.click("form.filters button")
-                assert await page.locator("table.users tbody tr").count() == 8
+        # Sort by id, search.
+        await page.click("th a:has-text('User')")
+        assert "sort=id" in page.url
+        await page.fill("input[name=q]", "user-")
+        await page.click("form.filters button")
+        assert await page.locator("table.users tbody tr").count() == 8
 
-                # 3. A user's page: the chart is drawn; the table of days is there too.
-                await page.goto(f"{h.url}/dashboard/")
-                await page.click(f"table.users a:text-is('{BIG}')")
-                await page.wait_for_url(f"{h.url}/dashboard/users/{BIG}")
-                svg = page.locator("#chart svg")
-                await svg.wait_for()
-                box = await svg.bounding_box()
-                assert box is not None and box["width"] > 200 and box["height"] > 100
-                bars = page.locator("#chart svg rect")
-                assert await bars.count() == 2 * 30
-                tallest = await page.evaluate(
-                    "Math.max(...[...document.querySelectorAll('#chart rect')]"
-                    ".map(r => r.getBBox().height))"
-                )
-                assert tallest > 50
-                line = page.locator("#chart svg path.s-queries")
-                line_box = await line.bounding_box()
-                assert line_box is not None and line_box["width"] > 100
-                assert await page.locator(".daily tbody tr").count() == 30
-                assert await page.locator(".totals dd .badge").inner_text() == "1.234.567"
-                limits = await page.locator("table.limits").inner_text()
-                assert "unlimited" in limits  # tokens per month on free
-                assert "50.000" in limits  # tokens per day on free
-                csv_link = await page.locator("a:text-is('CSV')").first.get_attribute("href")
-                assert csv_link is not None and csv_link.startswith("/dashboard/export/events?")
-                download = await context.request.get(h.url + csv_link)
-                assert download.status == 200
-                assert f"{BIG},,{today}" in await download.text()  # in no team
-                await page.click(".daily summary")
-                await page.screenshot(path=screenshots / "user.png", full_page=True)
+        # 3. A user's page: the chart is drawn; the table of days is there too.
+        await page.goto(f"{h.url}/dashboard/")
+        await page.click(f"table.users a:text-is('{BIG}')")
+        await page.wait_for_url(f"{h.url}/dashboard/users/{BIG}")
+        svg = page.locator("#chart svg")
+        await svg.wait_for()
+        box = await svg.bounding_box()
+        assert box is not None and box["width"] > 200 and box["height"] > 100
+        bars = page.locator("#chart svg rect")
+        assert await bars.count() == 2 * 30
+        tallest = await page.evaluate(
+            "Math.max(...[...document.querySelectorAll('#chart rect')]"
+            ".map(r => r.getBBox().height))"
+        )
+        assert tallest > 50
+        line = page.locator("#chart svg path.s-queries")
+        line_box = await line.bounding_box()
+        assert line_box is not None and line_box["width"] > 100
+        assert await page.locator(".daily tbody tr").count() == 30
+        assert await page.locator(".totals dd .badge").inner_text() == "1.234.567"
+        limits = await page.locator("table.limits").inner_text()
+        assert "unlimited" in limits  # tokens per month on free
+        assert "50.000" in limits  # tokens per day on free
+        csv_link = await page.locator("a:text-is('CSV')").first.get_attribute("href")
+        assert csv_link is not None and csv_link.startswith("/dashboard/export/events?")
+        download = await context.request.get(h.url + csv_link)
+        assert download.status == 200
+        assert f"{BIG},,{today}" in await download.text()  # in no team
+        await page.click(".daily summary")
+        await page.screenshot(path=screenshots / "user.png", full_page=True)
 
-                # 4. Change the plan.
-                await page.select_option("#plan", "pro")
-                await page.click("button:has-text('Change plan')")
-                await page.wait_for_url(f"{h.url}/dashboard/users/{BIG}?done=plan")
-                assert await page.locator("strong.plan").inner_text() == "pro"
-                assert await page.locator("[role=status]").inner_text() == "Plan changed."
-                stored = await h.storage.get_user(BIG)
-                assert stored is not None and stored.plan == "pro"
+        # 4. Change the plan.
+        await page.select_option("#plan", "pro")
+        await page.click("button:has-text('Change plan')")
+        await page.wait_for_url(f"{h.url}/dashboard/users/{BIG}?done=plan")
+        assert await page.locator("strong.plan").inner_text() == "pro"
+        assert await page.locator("[role=status]").inner_text() == "Plan changed."
+        stored = await h.storage.get_user(BIG)
+        assert stored is not None and stored.plan == "pro"
 
-                # 5. Create a key: its secret is shown once.
-                await page.fill("#key-name", "ci laptop")
-                async with page.expect_response(lambda r: r.request.method == "POST") as info:
-                    await page.click("button:has-text('Create key')")
-                assert (await info.value).status == 201
-                secret = await page.locator(".secret-value").inner_text()
-                assert secret.startswith("gwk_")
-                key = await h.storage.find_key(hash_key(secret))
-                assert key is not None and key.user_id == BIG and key.revoked_at is None
-                await page.screenshot(path=screenshots / "key-created.png", full_page=True)
-                await page.goto(f"{h.url}/dashboard/users/{BIG}")
-                assert secret not in await page.content()
-                assert await page.locator(".secret-value").count() == 0
-                assert key.prefix in await page.locator("table.keys").inner_text()
+        # 5. Create a key: its secret is shown once.
+        await page.fill("#key-name", "ci laptop")
+        async with page.expect_response(lambda r: r.request.method == "POST") as info:
+            await page.click("button:has-text('Create key')")
+        assert (await info.value).status == 201
+        secret = await page.locator(".secret-value").inner_text()
+        assert secret.startswith("gwk_")
+        key = await h.storage.find_key(hash_key(secret))
+        assert key is not None and key.user_id == BIG and key.revoked_at is None
+        await page.screenshot(path=screenshots / "key-created.png", full_page=True)
+        await page.goto(f"{h.url}/dashboard/users/{BIG}")
+        assert secret not in await page.content()
+        assert await page.locator(".secret-value").count() == 0
+        assert key.prefix in await page.locator("table.keys").inner_text()
 
-                # 6. Revoke it.
-                key_row = page.locator("table.keys tbody tr", has_text="ci laptop")
-                await key_row.locator("button:has-text('Revoke')").click()
-                await page.wait_for_url(f"{h.url}/dashboard/users/{BIG}?done=revoked")
-                assert "revoked" in await key_row.inner_text()
-                key = await h.storage.find_key(hash_key(secret))
-                assert key is not None and key.revoked_at is not None
+        # 6. Revoke it.
+        key_row = page.locator("table.keys tbody tr", has_text="ci laptop")
+        await key_row.locator("button:has-text('Revoke')").click()
+        await page.wait_for_url(f"{h.url}/dashboard/users/{BIG}?done=revoked")
+        assert "revoked" in await key_row.inner_text()
+        key = await h.storage.find_key(hash_key(secret))
+        assert key is not None and key.revoked_at is not None
 
-                # 7. A POST without the CSRF token, with the browser's own session: 403.
-                (cookie,) = await context.cookies()
-                assert cookie["name"] == COOKIE and cookie["httpOnly"]
-                assert cookie["sameSite"] == "Strict" and cookie["path"] == "/dashboard"
-                async with client(h) as c:
-                    c.cookies.set(COOKIE, cookie["value"], domain="127.0.0.1", path="/dashboard")
-                    assert (await c.get(f"/dashboard/users/{BIG}")).status_code == 200
-                    forged = await c.post(f"/dashboard/users/{BIG}/plan", data={"plan": "free"})
-                    assert forged.status_code == 403
-                stored = await h.storage.get_user(BIG)
-                assert stored is not None and stored.plan == "pro"
+        # 7. A POST without the CSRF token, with the browser's own session: 403.
+        (cookie,) = await context.cookies()
+        assert cookie["name"] == COOKIE and cookie["httpOnly"]
+        assert cookie["sameSite"] == "Strict" and cookie["path"] == "/dashboard"
+        async with client(h) as c:
+            c.cookies.set(COOKIE, cookie["value"], domain="127.0.0.1", path="/dashboard")
+            assert (await c.get(f"/dashboard/users/{BIG}")).status_code == 200
+            forged = await c.post(f"/dashboard/users/{BIG}/plan", data={"plan": "free"})
+            assert forged.status_code == 403
+        stored = await h.storage.get_user(BIG)
+        assert stored is not None and stored.plan == "pro"
 
-                # 8. Narrow screens: nothing wider than the viewport but the tables' scrollers.
-                await page.set_viewport_size({"width": 375, "height": 800})
-                await page.reload()
-                await page.wait_for_function("document.querySelector('#chart svg') !== null")
-                await page.wait_for_timeout(300)  # the chart redraws for the new width
-                overflow = await page.evaluate(
-                    "document.documentElement.scrollWidth - document.documentElement.clientWidth"
-                )
-                assert overflow <= 0
-                chart_width = await page.evaluate(
-                    "document.querySelector('#chart svg').getBoundingClientRect().width"
-                )
-                assert 200 < chart_width <= 375
-                await page.screenshot(path=screenshots / "user-narrow.png", full_page=True)
-                await page.goto(f"{h.url}/dashboard/")
-                await page.screenshot(path=screenshots / "users-narrow.png", full_page=True)
+        # 8. Narrow screens: nothing wider than the viewport but the tables' scrollers.
+        await page.set_viewport_size({"width": 375, "height": 800})
+        await page.reload()
+        await page.wait_for_function("document.querySelector('#chart svg') !== null")
+        await page.wait_for_timeout(300)  # the chart redraws for the new width
+        overflow = await page.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0
+        chart_width = await page.evaluate(
+            "document.querySelector('#chart svg').getBoundingClientRect().width"
+        )
+        assert 200 < chart_width <= 375
+        await page.screenshot(path=screenshots / "user-narrow.png", full_page=True)
+        await page.goto(f"{h.url}/dashboard/")
+        await page.screenshot(path=screenshots / "users-narrow.png", full_page=True)
 
-                # 9. Sign out.
-                await page.click("button:has-text('Sign out')")
-                await page.wait_for_url(f"{h.url}/dashboard/login")
-                assert await context.cookies() == []
-                await page.goto(f"{h.url}/dashboard/users/{BIG}")
-                assert page.url.startswith(f"{h.url}/dashboard/login")
+        # 9. Sign out.
+        await page.click("button:has-text('Sign out')")
+        await page.wait_for_url(f"{h.url}/dashboard/login")
+        assert await context.cookies() == []
+        await page.goto(f"{h.url}/dashboard/users/{BIG}")
+        assert page.url.startswith(f"{h.url}/dashboard/login")
 
-                assert errors == []
-                # Everything came from the gateway: no CDN, no other host.
-                assert requests and all(u.startswith(h.url + "/") for u in requests), requests
-            finally:
-                await browser.close()
+        assert errors == []
+        # Everything came from the gateway: no CDN, no other host.
+        assert requests and all(u.startswith(h.url + "/") for u in requests), requests
     for name in ("login", "users", "user", "key-created", "user-narrow"):
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 1000

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from gateway.keys import new_key
+from tests.browser import IN_BROWSER
 from tests.dashboard.test_dashboard import (
     CHAT,
-    CHROMIUM,
-    CHROMIUM_ARGS,
     TOKEN,
     admin_gateway,
     screenshots,  # noqa: F401  (a fixture)
@@ -39,9 +39,8 @@ OFF_SCREEN = """() => {
 }"""
 
 
-async def test_the_dashboard_fits_a_phone(sqlite_url: str, screenshots: Path) -> None:  # noqa: F811
-    from playwright.async_api import async_playwright
-
+@IN_BROWSER
+async def test_the_dashboard_fits_a_phone(sqlite_url: str, screenshots: Path, browser: Any) -> None:  # noqa: F811
     settings = {
         "plans": {
             "free": {"queries_per_day": 2, "tokens_per_day": 50_000, "web_searches_per_day": 5},
@@ -67,61 +66,54 @@ async def test_the_dashboard_fits_a_phone(sqlite_url: str, screenshots: Path) ->
         for i in range(5):
             await spend(h, f"someone-with-a-long-id-{i}@example.com", 10**i, day=h.gateway.today())
 
-        async with async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = await (await browser.new_context(viewport=PHONE)).new_page()
-                await page.goto(f"{h.url}/dashboard/")
-                await page.fill("#token", TOKEN)
-                await page.click("button[type=submit]")
-                await page.wait_for_url(f"{h.url}/dashboard/")
-                pages = {
-                    "users": "/dashboard/",
-                    "user": f"/dashboard/users/{USER}",
-                    "alerts": "/dashboard/alerts",
-                }
-                for name, path in pages.items():
-                    await page.goto(h.url + path)
-                    await page.click(".daily summary") if name == "user" else None
-                    await page.screenshot(path=screenshots / f"phone-{name}.png", full_page=True)
-                    await page.screenshot(path=screenshots / f"phone-{name}-top.png")
-                    width = await page.evaluate(
-                        "[document.documentElement.scrollWidth, window.innerWidth]"
-                    )
-                    assert width[0] <= width[1], (name, width)
-                    assert await page.evaluate(OFF_SCREEN) == [], name
-                    for button in await page.locator("button").all():
-                        assert await button.is_visible()
+        page = await (await browser.new_context(viewport=PHONE)).new_page()
+        await page.goto(f"{h.url}/dashboard/")
+        await page.fill("#token", TOKEN)
+        await page.click("button[type=submit]")
+        await page.wait_for_url(f"{h.url}/dashboard/")
+        pages = {
+            "users": "/dashboard/",
+            "user": f"/dashboard/users/{USER}",
+            "alerts": "/dashboard/alerts",
+        }
+        for name, path in pages.items():
+            await page.goto(h.url + path)
+            await page.click(".daily summary") if name == "user" else None
+            await page.screenshot(path=screenshots / f"phone-{name}.png", full_page=True)
+            await page.screenshot(path=screenshots / f"phone-{name}-top.png")
+            width = await page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+            assert width[0] <= width[1], (name, width)
+            assert await page.evaluate(OFF_SCREEN) == [], name
+            for button in await page.locator("button").all():
+                assert await button.is_visible()
 
-                # The users table keeps every column, each cell under its column's name.
-                await page.goto(h.url + "/dashboard/")
-                labels = await page.locator("table.users tbody tr", has_text=USER).evaluate(
-                    "tr => [...tr.cells].map(c => getComputedStyle(c, '::before').content)"
-                )
-                assert labels == [
-                    '"User"',
-                    '"Plan"',
-                    '"Team"',
-                    '"Lifetime tokens"',
-                    '"Lifetime cost"',
-                    '"Tokens today"',
-                    '"Queries today"',
-                ]
+        # The users table keeps every column, each cell under its column's name.
+        await page.goto(h.url + "/dashboard/")
+        labels = await page.locator("table.users tbody tr", has_text=USER).evaluate(
+            "tr => [...tr.cells].map(c => getComputedStyle(c, '::before').content)"
+        )
+        assert labels == [
+            '"User"',
+            '"Plan"',
+            '"Team"',
+            '"Lifetime tokens"',
+            '"Lifetime cost"',
+            '"Tokens today"',
+            '"Queries today"',
+        ]
 
-                # Nothing left today: the queries bar is full and in the warning colour.
-                await page.goto(f"{h.url}/dashboard/users/{USER}")
-                queries = page.locator("table.limits tr", has_text="Queries per day")
-                assert "0" in await queries.locator("td").nth(2).inner_text()  # remaining
-                bar = queries.locator("meter")
-                state = await bar.evaluate(
-                    "m => ({value: m.value, max: m.max, low: m.low, high: m.high,"
-                    " optimum: m.optimum, label: m.getAttribute('aria-label')})"
-                )
-                assert state["value"] == state["max"] == 2
-                # optimum below low: a low value is good; at or past high, the bar is red.
-                assert state["optimum"] < state["low"] <= state["high"] <= state["value"]
-                assert state["label"] == "2 of 2 used, 0 left"
-                await page.locator("table.limits").screenshot(path=screenshots / "phone-limits.png")
-                await page.locator("table.keys").screenshot(path=screenshots / "phone-keys.png")
-            finally:
-                await browser.close()
+        # Nothing left today: the queries bar is full and in the warning colour.
+        await page.goto(f"{h.url}/dashboard/users/{USER}")
+        queries = page.locator("table.limits tr", has_text="Queries per day")
+        assert "0" in await queries.locator("td").nth(2).inner_text()  # remaining
+        bar = queries.locator("meter")
+        state = await bar.evaluate(
+            "m => ({value: m.value, max: m.max, low: m.low, high: m.high,"
+            " optimum: m.optimum, label: m.getAttribute('aria-label')})"
+        )
+        assert state["value"] == state["max"] == 2
+        # optimum below low: a low value is good; at or past high, the bar is red.
+        assert state["optimum"] < state["low"] <= state["high"] <= state["value"]
+        assert state["label"] == "2 of 2 used, 0 left"
+        await page.locator("table.limits").screenshot(path=screenshots / "phone-limits.png")
+        await page.locator("table.keys").screenshot(path=screenshots / "phone-keys.png")

@@ -1,8 +1,14 @@
-"""Group commit: the batcher on its own, then the PostgreSQL batches for real.
+"""Group commit: the batcher on its own, then the PostgreSQL and SQLite batches
+for real.
 
 The batcher tests drive `GroupCommit` with runners that record what they were
-given; the PostgreSQL tests check that batched admissions and settles decide
-and write exactly what the same calls made one by one would (docs/quotas.md).
+given; the database tests check that batched admissions and settles decide and
+write exactly what the same calls made one by one would (docs/quotas.md). On
+SQLite every call goes through one queue, each batch one transaction of
+savepoints; its own tests (at the end) cover what is particular to that: writes
+of every kind in arrival order, a write refused at commit or ending the
+transaction, a close and a crash in the middle of a batch, two processes on one
+file.
 """
 
 from __future__ import annotations
@@ -10,13 +16,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from collections.abc import AsyncIterator, Sequence
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
 
+from gateway.config import DatabaseConfig
 from gateway.errors import NotFound, StorageError
 from gateway.storage import (
     Admission,
@@ -25,13 +37,17 @@ from gateway.storage import (
     AlertRequest,
     Lease,
     Pending,
+    Storage,
     UsageEvent,
     WebSearch,
+    open_storage,
 )
 from gateway.storage.group import GroupCommit, SplitBatch
 from gateway.storage.postgres import PostgresStorage
+from gateway.storage.sqlite import SQLiteStorage
 from tests.conftest import _truncate
 
+T = TypeVar("T")
 NOW = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
 DAY = date(2026, 11, 21)
 MONTH = date(2026, 11, 1)
@@ -233,6 +249,33 @@ async def pg(postgres_dsn: str) -> AsyncIterator[PostgresStorage]:
 _DSNS: dict[int, str] = {}
 
 
+@pytest.fixture
+async def lite(tmp_path: Path) -> AsyncIterator[SQLiteStorage]:
+    store = await SQLiteStorage.open(str(tmp_path / "gateway.db"))
+    await store.migrate()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def batching(database_url: str) -> AsyncIterator[Storage]:
+    """A group-committing store of each backend, empty (conftest's database_url)."""
+    store = await open_storage(DatabaseConfig(url=database_url))
+    await store.migrate()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def group_sent(store: Storage, op: str) -> tuple[int, int]:
+    """(batches, calls) of ``op`` so far: SQLite counts its writes together."""
+    counts: dict[str, tuple[int, int]] = store.group_commit  # type: ignore[attr-defined]
+    return counts.get(op) or counts["calls"]
+
+
 def pg_dsn(store: PostgresStorage) -> str:
     """The database a `pg` store is on, for a second connection of the test's own."""
     return _DSNS[id(store)]
@@ -252,7 +295,7 @@ def settle_event(answer_id: str, user: str = "alice", tokens: int = 100) -> Usag
     )
 
 
-def admit(store: PostgresStorage, user: str, name: str, **limits: int) -> asyncio.Future[Admission]:
+def admit(store: Storage, user: str, name: str, **limits: int) -> asyncio.Future[Admission]:
     """An admission call under way, with a pending row (and a lease when a
     stream limit is given) named ``name``."""
     lease = Lease(name, NOW + timedelta(minutes=5)) if "max_concurrent_streams" in limits else None
@@ -269,12 +312,13 @@ def admit(store: PostgresStorage, user: str, name: str, **limits: int) -> asynci
     )
 
 
-@pytest.mark.postgres
-async def test_batched_admissions_count_each_other(pg: PostgresStorage) -> None:
+async def test_batched_admissions_count_each_other(batching: Storage) -> None:
+    pg = batching
     for user in ("alice", "bob"):
         await pg.ensure_user(user, plan="free")
     # One batch: alice's 12 calls against a limit of 10 and of 3 open streams,
     # bob's 4 against a limit of 2 queries, interleaved.
+    batches_before, sent_before = group_sent(pg, "admit")
     calls = [
         admit(pg, "alice", f"a{i}", queries_per_day=10, max_concurrent_streams=3)
         if i % 4
@@ -282,8 +326,8 @@ async def test_batched_admissions_count_each_other(pg: PostgresStorage) -> None:
         for i in range(16)
     ]
     results = await asyncio.gather(*calls)
-    batches, sent = pg.group_commit["admit"]
-    assert sent == 16 and batches < 16
+    batches, sent = group_sent(pg, "admit")
+    assert sent - sent_before == 16 and batches - batches_before < 16
     alice = [r for i, r in enumerate(results) if i % 4]
     bob = [r for i, r in enumerate(results) if not i % 4]
     # Each element saw the ones before it: in arrival order, the first 3 of
@@ -299,8 +343,8 @@ async def test_batched_admissions_count_each_other(pg: PostgresStorage) -> None:
     assert await pg.open_streams("alice", now=NOW) == 3
 
 
-@pytest.mark.postgres
-async def test_an_unknown_user_in_a_batch_fails_alone(pg: PostgresStorage) -> None:
+async def test_an_unknown_user_in_a_batch_fails_alone(batching: Storage) -> None:
+    pg = batching
     await pg.ensure_user("alice", plan="free")
     calls = [admit(pg, "alice", "a1"), admit(pg, "nobody", "n1"), admit(pg, "alice", "a2")]
     results = await asyncio.gather(*calls, return_exceptions=True)
@@ -309,8 +353,8 @@ async def test_an_unknown_user_in_a_batch_fails_alone(pg: PostgresStorage) -> No
     assert [d.queries for d in await pg.daily(DAY, DAY)] == [2]
 
 
-@pytest.mark.postgres
-async def test_a_duplicate_pending_id_fails_alone(pg: PostgresStorage) -> None:
+async def test_a_duplicate_pending_id_fails_alone(batching: Storage) -> None:
+    pg = batching
     await pg.ensure_user("alice", plan="free")
     results = await asyncio.gather(
         admit(pg, "alice", "r1"),
@@ -323,8 +367,8 @@ async def test_a_duplicate_pending_id_fails_alone(pg: PostgresStorage) -> None:
     assert [d.queries for d in await pg.daily(DAY, DAY)] == [2]
 
 
-@pytest.mark.postgres
-async def test_batched_settles_write_what_single_settles_would(pg: PostgresStorage) -> None:
+async def test_batched_settles_write_what_single_settles_would(batching: Storage) -> None:
+    pg = batching
     for user in ("alice", "bob"):
         await pg.ensure_user(user, plan="free")
     names = [f"r{i}" for i in range(6)]
@@ -334,6 +378,7 @@ async def test_batched_settles_write_what_single_settles_would(pg: PostgresStora
         month_start=MONTH,
         channels=("webhook", "email"),
     )
+    batches_before, sent_before = group_sent(pg, "settle")
     results = await asyncio.gather(
         *(
             pg.settle(
@@ -348,8 +393,8 @@ async def test_batched_settles_write_what_single_settles_would(pg: PostgresStora
         pg.settle(settle_event("m9", "alice"), pending_id="never-admitted"),
     )
     assert results == [True] * 6 + [False, False]
-    batches, sent = pg.group_commit["settle"]
-    assert sent == 8 and batches < 8
+    batches, sent = group_sent(pg, "settle")
+    assert sent - sent_before == 8 and batches - batches_before < 8
     users = {u: await pg.get_user(u) for u in ("alice", "bob")}
     assert {u: user.lifetime_tokens for u, user in users.items() if user} == {
         "alice": 300,
@@ -367,8 +412,8 @@ async def test_batched_settles_write_what_single_settles_would(pg: PostgresStora
     assert all(len(a.deliveries) == 2 for a in crossings)
 
 
-@pytest.mark.postgres
-async def test_a_settle_for_a_deleted_user_fails_alone(pg: PostgresStorage) -> None:
+async def test_a_settle_for_a_deleted_user_fails_alone(batching: Storage) -> None:
+    pg = batching
     await pg.ensure_user("alice", plan="free")
     results = await asyncio.gather(
         pg.settle(settle_event("m1", "alice")),
@@ -758,3 +803,246 @@ async def test_a_month_crossing_is_measured_to_the_batchs_latest_day(pg: Postgre
         80,
         910,
     )
+
+
+# --- SQLite: one queue of writes, a batch one transaction of savepoints --------------
+
+
+def lite_path(store: SQLiteStorage) -> str:
+    return store._path
+
+
+def made(call: Awaitable[T]) -> asyncio.Future[T]:
+    """The call made now (as ``admit`` does), not when gather gets to it."""
+    return asyncio.ensure_future(call)
+
+
+def in_order(*calls: Awaitable[Any]) -> asyncio.Future[list[Any]]:
+    return asyncio.gather(*map(made, calls), return_exceptions=True)
+
+
+async def test_sqlite_writes_of_every_kind_go_together_in_arrival_order(
+    lite: SQLiteStorage,
+) -> None:
+    await lite.ensure_user("alice", plan="free")
+    before = lite.group_commit["calls"]
+    # Made in one turn: one batch, run in this order. Only the order makes r2
+    # admitted (r1 given back just before) and r3 refused (r2 holds the query);
+    # the settle of r2 finds its pending row, the second one finds it gone, and
+    # the recovery finds nothing left to recover.
+    later = NOW + timedelta(hours=1)
+    results = await in_order(
+        admit(lite, "alice", "r1", queries_per_day=1),
+        made(lite.refund("alice", day=DAY, pending_id="r1")),
+        admit(lite, "alice", "r2", queries_per_day=1),
+        admit(lite, "alice", "r3", queries_per_day=1),
+        made(lite.settle(settle_event("m2"), pending_id="r2")),
+        made(lite.settle(settle_event("m2"), pending_id="r2")),  # the same answer again
+        made(lite.recover(before=later, now=later)),
+    )
+    assert lite.group_commit["calls"] == (before[0] + 1, before[1] + 7)
+    first, refunded, second, third, settled, again, recovered = results
+    assert first.admitted and refunded is True and second.admitted  # type: ignore[union-attr]
+    assert third.refused_by == "queries_per_day"  # type: ignore[union-attr]
+    assert (settled, again, recovered) == (True, False, [])
+    (day,) = await lite.daily(DAY, DAY)
+    assert (day.queries, day.total_tokens) == (1, 100)
+
+
+async def test_sqlite_a_failing_write_is_rolled_back_to_its_savepoint(lite: SQLiteStorage) -> None:
+    await lite.ensure_user("alice", plan="free")
+    # r1 again: its admission counts a query, then its pending row's insert
+    # fails; the query it counted goes with it, the others' stay.
+    results = await in_order(
+        admit(lite, "alice", "r1"),
+        admit(lite, "alice", "r1"),
+        made(lite.settle(settle_event("m1"), pending_id="r1")),
+        made(lite.settle(settle_event("m2", "ghost"))),
+        admit(lite, "alice", "r3"),
+    )
+    assert lite.group_commit["calls"] == (3, 7)  # migrate, ensure_user, this one batch
+    assert isinstance(results[1], StorageError) and isinstance(results[3], NotFound)
+    assert results[0].admitted and results[2] is True and results[4].admitted  # type: ignore[union-attr]
+    (day,) = await lite.daily(DAY, DAY)
+    assert (day.queries, day.total_tokens) == (2, 100)
+
+
+async def test_sqlite_a_transaction_sqlite_ends_itself_splits_the_batch(
+    lite: SQLiteStorage,
+) -> None:
+    """When SQLite rolls the whole transaction back itself (a full disk, an I/O
+    error), the batch's earlier writes are gone with it: every call is made
+    again on its own, and each gets its own outcome."""
+    await lite.ensure_user("alice", plan="free")
+    lost = {"done": False}
+
+    def fails_once(conn: sqlite3.Connection) -> None:
+        if not lost["done"]:
+            lost["done"] = True
+            conn.execute("ROLLBACK")  # what SQLite does on SQLITE_FULL, SQLITE_IOERR...
+            raise sqlite3.OperationalError("database or disk is full")
+
+    results = await in_order(
+        admit(lite, "alice", "r1"), made(lite._tx(fails_once)), admit(lite, "alice", "r2")
+    )
+    # One batch (its three calls were then made again one by one, in order).
+    assert lite.group_commit["calls"] == (3, 5)
+    assert results[0].admitted and results[2].admitted  # type: ignore[union-attr]
+    assert results[1] is None  # alone, the second time, it went through
+    (day,) = await lite.daily(DAY, DAY)
+    assert day.queries == 2
+
+
+async def test_sqlite_a_batch_refused_at_commit_writes_nothing_then_goes_call_by_call(
+    lite: SQLiteStorage,
+) -> None:
+    await lite.ensure_user("alice", plan="free")
+
+    def orphan(conn: sqlite3.Connection) -> None:
+        # A row whose foreign key is checked only at COMMIT: the batch's
+        # commit is refused, for this call.
+        conn.execute("PRAGMA defer_foreign_keys = ON")
+        conn.execute(
+            "INSERT INTO stream_leases (id, user_id, expires_at) VALUES ('x', 'ghost', ?)",
+            (NOW.isoformat(),),
+        )
+
+    results = await in_order(
+        admit(lite, "alice", "r1"), made(lite._tx(orphan)), admit(lite, "alice", "r2")
+    )
+    assert lite.group_commit["calls"] == (3, 5)
+    assert results[0].admitted and results[2].admitted  # type: ignore[union-attr]
+    assert isinstance(results[1], NotFound)  # its own commit refused, alone
+    (day,) = await lite.daily(DAY, DAY)
+    assert day.queries == 2
+    with sqlite3.connect(lite_path(lite)) as conn:
+        assert conn.execute("SELECT count(*) FROM stream_leases").fetchone() == (0,)
+
+
+async def test_sqlite_close_answers_a_batch_in_flight_and_gives_back_an_abandoned_admission(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "gateway.db")
+    store = await SQLiteStorage.open(path)
+    await store.migrate()
+    await store.ensure_user("alice", plan="free")
+    # Another connection holds the write lock, so the batch waits on the
+    # writer thread (BEGIN IMMEDIATE) while one of its callers goes away.
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    kept = admit(store, "alice", "r1", queries_per_day=10, max_concurrent_streams=5)
+    gone = admit(store, "alice", "r2", queries_per_day=10, max_concurrent_streams=5)
+    await turns()
+    queued = admit(store, "alice", "r3", queries_per_day=10, max_concurrent_streams=5)
+    await turns()
+    assert store.group_commit["calls"] == (3, 4)  # migrate, ensure_user, the batch; r3 waits
+    gone.cancel()  # its caller went away (the server shutting down) mid-call
+    closing = asyncio.ensure_future(store.close())
+    await turns()
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    await closing  # answers what is in flight and queued, then the give-back
+    assert (await kept).admitted and (await queued).admitted
+    store = await SQLiteStorage.open(path)
+    try:
+        assert [d.queries for d in await store.daily(DAY, DAY)] == [2]
+        assert await store.open_streams("alice", now=NOW) == 2
+        later = NOW + timedelta(hours=1)
+        assert sorted(await store.recover(before=later, now=later)) == ["r1", "r3"]
+    finally:
+        await store.close()
+
+
+_CHILD = """
+import asyncio, os, signal, sys
+from datetime import date, datetime, timedelta, UTC
+from gateway.storage import AdmissionLimits, Pending
+from gateway.storage.sqlite import SQLiteStorage
+
+NOW = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
+DAY, MONTH = date(2026, 11, 21), date(2026, 11, 1)
+
+
+def admit(store, name, **limits):
+    return store.admit(
+        "alice", day=DAY, month_start=MONTH, now=NOW, limits=AdmissionLimits(**limits),
+        pending=Pending(id=name, endpoint="chat-messages", prompt_tokens=10, total_tokens=10),
+    )
+
+
+async def crash(path):
+    store = await SQLiteStorage.open(path)
+    print((await admit(store, "alone")).admitted, flush=True)  # committed, answered
+
+    def kill(conn):
+        os.kill(os.getpid(), signal.SIGKILL)  # the process dies before COMMIT
+
+    await asyncio.gather(*(admit(store, f"b{i}") for i in range(5)), store._tx(kill))
+    print("never", flush=True)
+
+
+async def race(path, me):
+    store = await SQLiteStorage.open(path)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    admitted = 0
+    for wave in range(4):
+        results = await asyncio.gather(
+            *(admit(store, f"{me}-{wave}-{i}", queries_per_day=50) for i in range(20))
+        )
+        admitted += sum(r.admitted for r in results)
+    batches, calls = store.group_commit["calls"]
+    await store.close()
+    print(admitted, batches, calls, flush=True)
+
+
+if sys.argv[1] == "crash":
+    asyncio.run(crash(sys.argv[2]))
+else:
+    asyncio.run(race(sys.argv[2], sys.argv[3]))
+"""
+
+
+async def test_sqlite_a_crash_in_the_middle_of_a_batch_writes_none_of_it(
+    lite: SQLiteStorage,
+) -> None:
+    await lite.ensure_user("alice", plan="free")
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CHILD, "crash", lite_path(lite), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await child.communicate()
+    assert child.returncode == -signal.SIGKILL
+    assert out.decode().split() == ["True"]  # the batch's callers were never answered
+    # Of the batch, whose five admissions ran before the kill, nothing is written.
+    assert [d.queries for d in await lite.daily(DAY, DAY)] == [1]
+    later = NOW + timedelta(hours=1)
+    assert await lite.recover(before=later, now=later) == ["alone"]
+
+
+async def test_sqlite_two_processes_batching_on_one_file_admit_exactly(
+    lite: SQLiteStorage,
+) -> None:
+    """Several workers on one SQLite file: each batch holds the write lock
+    from its first read to its commit, so across processes the limit is exact."""
+    await lite.ensure_user("alice", plan="free")
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _CHILD,
+            "race",
+            lite_path(lite),
+            name,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for name in ("p1", "p2")
+    ]
+    for child in children:
+        assert child.stdout is not None
+        assert await child.stdout.readline() == b"ready\n"
+    outs = await asyncio.gather(*(child.communicate(b"go\n") for child in children))
+    counts = [tuple(int(x) for x in out.split()) for out, _ in outs]
+    assert sum(admitted for admitted, _, _ in counts) == 50
+    assert all(batches < calls == 80 for _, batches, calls in counts)
+    assert [d.queries for d in await lite.daily(DAY, DAY)] == [50]

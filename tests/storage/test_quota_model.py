@@ -9,16 +9,28 @@ rules as docs/quotas.md states them."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
 from gateway.quota import Limit
-from gateway.storage import AdmissionLimits, Lease, Pending, Storage, UsageEvent, WebSearch
+from gateway.storage import (
+    Admission,
+    AdmissionLimits,
+    Lease,
+    Pending,
+    Storage,
+    UsageEvent,
+    WebSearch,
+)
+from gateway.storage.sqlite import SQLiteStorage
 
 DAY = date(2026, 11, 21)
 EARLIER = date(2026, 11, 4)
@@ -208,6 +220,20 @@ class Model:
         return gone
 
 
+async def _decision(call: Awaitable[Admission]) -> tuple[str | None, bool, int | None]:
+    got = await call
+    return got.refused_by, got.web_search_reserved, got.retry_after
+
+
+async def _sorted(call: Awaitable[list[str]]) -> list[str]:
+    return sorted(await call)
+
+
+def group_commit(storage: Storage) -> dict[str, tuple[int, int]]:
+    counts: dict[str, tuple[int, int]] = getattr(storage, "group_commit", {})
+    return counts
+
+
 def random_limits(rng: random.Random) -> list[Limit]:
     pool = [
         Limit("queries_per_day", "queries", "day", Decimal(rng.randint(0, 40))),
@@ -243,8 +269,45 @@ def random_limits(rng: random.Random) -> list[Limit]:
     return chosen
 
 
+async def _step(call: Awaitable[object], expected: object, where: object) -> None:
+    got = await call
+    assert got == expected, where
+
+
+async def _agrees(storage: Storage, model: Model, now: datetime, where: object) -> None:
+    """Every counter of the backend is the model's."""
+    rows = {r.user_id: r for r in await storage.daily(DAY, DAY)}
+    for user in USERS:
+        counted = {
+            m: model.counted.get((user, m, DAY), Decimal(0))
+            for m in ("queries", "web_searches", "tokens", "cost")
+        }
+        row = rows.get(user)
+        got_row = (
+            (row.queries, row.web_searches, row.total_tokens, row.cost) if row else (0, 0, 0, 0)
+        )
+        assert got_row == (
+            counted["queries"], counted["web_searches"], counted["tokens"], counted["cost"]
+        ), (where, user)  # fmt: skip
+        assert await storage.open_streams(user, now=now) == sum(
+            1 for o in model.open.values() if o.lease and o.user == user
+        )
+        rates = await storage.rate_counts(user, now=now)
+        for meter in ("queries", "tokens"):
+            assert rates.get((meter, "minute"), Decimal(0)) == model.rate(  # type: ignore[comparison-overlap]
+                user, meter, "minute", now
+            ), (where, user, meter)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one-by-one", "batched"])
 @pytest.mark.parametrize("seed", range(8))
-async def test_backends_agree_with_the_model(storage: Storage, seed: int) -> None:
+async def test_backends_agree_with_the_model(storage: Storage, seed: int, batched: bool) -> None:
+    """One call at a time, or (``batched``) runs of up to eight calls made at
+    once, which the backend's group commit takes together - decided and written
+    exactly as one after another, in the order they were made, as the model
+    has them. On SQLite every write goes through one queue, so a run mixes
+    admissions, settles, refunds and recoveries; on PostgreSQL admissions and
+    settles are batched each on their own, so a run there is of one kind."""
     rng = random.Random(seed)
     model = Model()
     await storage.create_team("t", plan="free", now=START)
@@ -259,13 +322,44 @@ async def test_backends_agree_with_the_model(storage: Storage, seed: int) -> Non
     assert await storage.settle(earlier)
     model.add("alice", "tokens", EARLIER, earlier.total_tokens)
     model.add("alice", "cost", EARLIER, earlier.cost)
+    one_queue = isinstance(storage, SQLiteStorage)
 
     now = START
     serial = 0
+    # Calls made and not yet awaited: (kind, the call, what the model expects,
+    # the admission's user).
+    run: list[tuple[str, Coroutine[Any, Any, object], object, str]] = []
+
+    async def send() -> None:
+        where = (seed, serial, [kind for kind, _, _, _ in run])
+        if batched and (one_queue or run[0][0] in ("admit", "settle")):
+            await asyncio.gather(*(_step(call, expected, where) for _, call, expected, _ in run))
+        else:
+            for _, call, expected, _ in run:
+                await _step(call, expected, where)
+        run.clear()
+        await _agrees(storage, model, now, where)
+
     for _ in range(120):
-        now += timedelta(seconds=rng.choice([0, 0, 1, 3, 7, 20, 61]))
+        step = timedelta(seconds=rng.choice([0, 0, 1, 3, 7, 20, 61]))
+        if one_queue or not run:
+            # PostgreSQL measures a batch's rate windows at one moment: a run
+            # there is made at one.
+            now += step
         op = rng.random()
-        if op < 0.5 or not model.open:
+        kind = (
+            "admit"
+            if op < 0.5 or not model.open
+            else "settle"
+            if op < 0.75
+            else "refund"
+            if op < 0.92
+            else "recover"
+        )
+        if not one_queue and run and (kind != run[0][0] or kind not in ("admit", "settle")):
+            await send()  # PostgreSQL: a run is of one batched kind
+        calls: list[tuple[str, Coroutine[Any, Any, object], object, str]] = []
+        if kind == "admit":
             if not model.limits or rng.random() < 0.3:
                 model.limits = random_limits(rng)
             # The limits that hold a request for this model (admission's filter).
@@ -279,11 +373,15 @@ async def test_backends_agree_with_the_model(storage: Storage, seed: int) -> Non
             cost = Decimal(rng.randint(0, 60)) / 100
             lease = any(x.meter == "streams" for x in limits)
             estimate = rng.randint(1, 50)
+            if not one_queue and run and run[-1][3] != user:
+                # PostgreSQL decides a batch user by user, so a run there is
+                # one user's (the team's limits count the other's too).
+                await send()
             expected = model.admit(
                 limits, user, now, pid, web=web, optional=optional, cost=cost, lease=lease,
                 estimate=estimate,
             )  # fmt: skip
-            got = await storage.admit(
+            admission = storage.admit(
                 user,
                 day=DAY,
                 month_start=MONTH,
@@ -297,11 +395,8 @@ async def test_backends_agree_with_the_model(storage: Storage, seed: int) -> Non
                 web_search=WebSearch(None, "disable" if optional else "refuse") if web else None,
                 team="t",
             )  # fmt: skip
-            assert (got.refused_by, got.web_search_reserved, got.retry_after) == expected, (
-                seed,
-                serial,
-            )
-        elif op < 0.75:
+            calls.append(("admit", _decision(admission), expected, user))
+        elif kind == "settle":
             pid = rng.choice(sorted(model.open))
             tokens = rng.randint(0, 150)
             o = model.open[pid]
@@ -312,43 +407,34 @@ async def test_backends_agree_with_the_model(storage: Storage, seed: int) -> Non
                 answer_id=f"a-{pid}", user_id=o.user, day=DAY, created_at=now, endpoint="chat",
                 total_tokens=tokens, cost=cost, web_searches=web,
             )  # fmt: skip
-            assert await storage.settle(event, lease_id=pid, pending_id=pid) is ok
-        elif op < 0.92:
+            calls.append(("settle", storage.settle(event, lease_id=pid, pending_id=pid), ok, ""))
+        elif kind == "refund":
             pid = rng.choice(sorted(model.open))
             user = model.open[pid].user
             ok = model.refund(pid)
-            assert await storage.refund(user, day=DAY, lease_id=pid, pending_id=pid) is ok
             # A cancelled admission is given back the same way, once.
-            assert not await storage.refund(user, day=DAY, lease_id=pid, pending_id=pid)
+            for expected_refund in (ok, False):
+                refund = storage.refund(user, day=DAY, lease_id=pid, pending_id=pid)
+                calls.append(("refund", refund, expected_refund, ""))
         else:
             before = now - timedelta(seconds=rng.choice([0, 30, 120]))
             expected_ids = model.recover(before, now)
-            got_ids = await storage.recover(before=before, now=now, limit=1000)
-            assert sorted(got_ids) == expected_ids
+            recovered = _sorted(storage.recover(before=before, now=now, limit=1000))
+            calls.append(("recover", recovered, expected_ids, ""))
+        run += calls
+        if (
+            not batched
+            or len(run) >= rng.randint(1, 8)
+            or (not one_queue and kind not in ("admit", "settle"))
+        ):
+            await send()
+    if run:
+        await send()
 
-        # Every counter agrees after every step.
-        rows = {r.user_id: r for r in await storage.daily(DAY, DAY)}
-        for user in USERS:
-            counted = {
-                m: model.counted.get((user, m, DAY), Decimal(0))
-                for m in ("queries", "web_searches", "tokens", "cost")
-            }
-            row = rows.get(user)
-            got_row = (
-                (row.queries, row.web_searches, row.total_tokens, row.cost) if row else (0, 0, 0, 0)
-            )
-            assert got_row == (
-                counted["queries"], counted["web_searches"], counted["tokens"], counted["cost"]
-            ), (seed, serial, user)  # fmt: skip
-            assert await storage.open_streams(user, now=now) == sum(
-                1 for o in model.open.values() if o.lease and o.user == user
-            )
-            rates = await storage.rate_counts(user, now=now)
-            for meter in ("queries", "tokens"):
-                assert rates.get((meter, "minute"), Decimal(0)) == model.rate(  # type: ignore[comparison-overlap]
-                    user, meter, "minute", now
-                ), (seed, serial, user, meter)
-
+    if batched:
+        # The runs went together: fewer transactions than calls.
+        batches, sent = map(sum, zip(*group_commit(storage).values(), strict=True))
+        assert sent - batches > 15
     # Once every answer has ended, nothing is reserved: a cost limit of exactly
     # what was spent today, and a cent, admits a request reserving a cent... and
     # refuses the next.
