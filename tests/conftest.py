@@ -143,34 +143,68 @@ def postgres_dsn(postgres: PostgresServer) -> str:
 
 
 async def _truncate(dsn: str) -> None:
-    """Empty every table but the schema's records and restart the sequences.
-
-    DELETE, not TRUNCATE: on tables this small TRUNCATE costs ~50 ms (new files
-    for every table and index), DELETE well under one."""
+    """Empty every table but the schema's records and restart the sequences."""
     conn = await asyncpg.connect(dsn)
     try:
-        tables = [
-            r[0]
-            for r in await conn.fetch(
-                # Kept: the migrations' and the live functions' records. Users go
-                # after the tables that name them, teams after users.
-                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
-                " AND tablename NOT IN ('schema_migrations', 'schema_functions')"
-                " ORDER BY tablename IN ('users', 'teams'), tablename = 'teams', tablename"
-            )
-        ]
-        sequences = [
-            r[0]
-            for r in await conn.fetch(
-                "SELECT sequencename FROM pg_sequences WHERE schemaname = current_schema()"
-            )
-        ]
-        await conn.execute(
-            "".join(f'DELETE FROM "{table}";' for table in tables)
-            + "".join(f"SELECT setval('\"{seq}\"', 1, false);" for seq in sequences)
-        )
+        await _empty(conn)
     finally:
         await conn.close()
+
+
+async def _empty(conn: asyncpg.Connection) -> None:
+    """DELETE, not TRUNCATE: on tables this small TRUNCATE costs ~50 ms (new files
+    for every table and index), DELETE well under one."""
+    tables = [
+        r[0]
+        for r in await conn.fetch(
+            # Kept: the migrations' and the live functions' records. Users go
+            # after the tables that name them, teams after users.
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+            " AND tablename NOT IN ('schema_migrations', 'schema_functions')"
+            " ORDER BY tablename IN ('users', 'teams'), tablename = 'teams', tablename"
+        )
+    ]
+    sequences = [
+        r[0]
+        for r in await conn.fetch(
+            "SELECT sequencename FROM pg_sequences WHERE schemaname = current_schema()"
+        )
+    ]
+    await conn.execute(
+        "".join(f'DELETE FROM "{table}";' for table in tables)
+        + "".join(f"SELECT setval('\"{seq}\"', 1, false);" for seq in sequences)
+    )
+
+
+class _Emptier:
+    """Empties the run's PostgreSQL database before a test, on one connection kept
+    open in a loop of its own (a new connection each time cost more than the
+    emptying)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.loop = asyncio.new_event_loop()
+        self.conn: asyncpg.Connection | None = None
+
+    def empty(self) -> None:
+        self.loop.run_until_complete(self._empty())
+
+    async def _empty(self) -> None:
+        if self.conn is None or self.conn.is_closed():
+            self.conn = await asyncpg.connect(self.dsn)
+        await _empty(self.conn)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.loop.run_until_complete(self.conn.close())
+        self.loop.close()
+
+
+@pytest.fixture(scope="session")
+def _postgres_emptier(postgres_dsn: str) -> Iterator[_Emptier]:
+    emptier = _Emptier(postgres_dsn)
+    yield emptier
+    emptier.close()
 
 
 @pytest.fixture(scope="session")
@@ -209,7 +243,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return _sqlite_copy(request.getfixturevalue("sqlite_template"), tmp_path)
     dsn: str = request.getfixturevalue("postgres_dsn")
-    asyncio.run(_truncate(dsn))
+    request.getfixturevalue("_postgres_emptier").empty()
     return dsn
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+
+_random = random.SystemRandom()  # not the seeded one: each xdist worker picks its own
 
 # How often the test server looks at its connections while it shuts down. uvicorn
 # polls every 0.1 s and sleeps a fixed 0.1 s before it does; with two servers per
@@ -100,10 +103,22 @@ async def read_body(receive: Any) -> bytes:
 
 
 def free_port() -> int:
+    """A port free now, for a process that binds it later. Taken below the kernel's
+    ephemeral range (``ip_local_port_range``, 32768 and up by default), which the
+    kernel hands out as the source port of every outgoing connection: a port from
+    there can be taken by any client on the machine between now and the bind."""
+    for _ in range(100):
+        port = _random.randrange(20000, 32768)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        found: int = sock.getsockname()[1]
+        return found
 
 
 async def spawn_gateway(

@@ -107,8 +107,10 @@ async def test_a_gateway_killed_mid_answer_leaves_it_to_be_recovered_as_an_estim
         storage,
         database_url,
         tmp_path,
-        upstream={"total_timeout": 2.0, "disconnect_grace": 0.5},
-        database={"recover_after": 2.5, "recover_interval": 0.2},
+        # An answer's limits bound how long before its pending row is taken for lost
+        # (database.recover_after): short, so the second process need not wait long.
+        upstream={"total_timeout": 1.0, "disconnect_grace": 0.2},
+        database={"recover_after": 1.2, "recover_interval": 0.2},
     ) as s:
         first = await GatewayProcess.start(s.config, ENV)
         try:
@@ -152,13 +154,14 @@ async def test_a_gateway_killed_mid_answer_leaves_it_to_be_recovered_as_an_estim
 async def test_sigterm_lets_open_answers_finish_within_the_grace_and_charges_the_rest(
     database_url: str, storage: Storage, tmp_path: Path
 ) -> None:
-    async with setup(storage, database_url, tmp_path, server={"shutdown_grace": 3}) as s:
+    async with setup(storage, database_url, tmp_path, server={"shutdown_grace": 2}) as s:
         client, key, fake = s.client, s.key, s.fake
         gateway = await GatewayProcess.start(s.config, ENV)
         try:
-            # One answer that ends well within the grace, one that never would.
+            # One answer that ends well within the grace (ten events 20 ms apart), one
+            # that never would.
             quick, quick_rest = await open_answer(
-                client, gateway.url, key, **{"x-fake-delay-ms": "100"}
+                client, gateway.url, key, **{"x-fake-delay-ms": "20"}
             )
             held, held_rest = await open_answer(
                 client, gateway.url, key, **{"x-fake-scenario": "hold"}
