@@ -48,7 +48,7 @@ class Answers:
                 [10**9, 10**12, 10**13, 10**6], [1, 1, 1, 1], [None] * 4, f"r{i}",
                 n + timedelta(minutes=10),
                 n, False, f"r{i}", "chat-messages", 10, 0, 10, Decimal("0.000001"), "USD", False,
-                False, Decimal(0), None)  # fmt: skip
+                False, Decimal(0), None, "default")  # fmt: skip
 
     @staticmethod
     def admit_batch(calls: list[tuple[Any, ...]]) -> list[Any]:
@@ -59,6 +59,7 @@ class Answers:
         pers = [p for call in calls for p in call[4]]
         maxes = [x for call in calls for x in call[5]]
         scopes = [c for call in calls for c in call[6]]
+        keys = [k for call in calls for k in call[7]]
         return [
             *columns[:3],
             limit_from,
@@ -67,14 +68,15 @@ class Answers:
             pers,
             maxes,
             scopes,
-            *columns[7:],
+            keys,
+            *columns[8:],
         ]
 
     def settle(self, i: int, user: str) -> tuple[Any, ...]:
         return (f"m{i}", user, self.day, self.now, "chat-messages", 75, 25, 100,
                 Decimal("0.0000420"), "USD", "complete", False, 0, None, f"r{i}", 40.0, 0.5,
                 f"r{i}", f"r{i}", None, 0, 0, self.month, ["tokens_per_day"],
-                [str(self.day)], [10**12], [80], ["webhook"], 0)  # fmt: skip
+                [str(self.day)], [10**12], [80], ["webhook"], 0, "default", [None])  # fmt: skip
 
     def settle_batch(self, calls: list[tuple[Any, ...]]) -> list[Any]:
         """``gateway_settle_many``'s arguments, as PostgresStorage._settle_many builds them."""
@@ -87,7 +89,15 @@ class Answers:
             slices[3].append(1)
             for at, value in zip((4, 5, 6, 7, 8), (*call[23:27], call[27]), strict=True):
                 slices[at] += value
-        return [*columns, *slices, [call[28] for call in calls]]  # then the cache writes
+        # Then the cache writes, the upstreams and the alert checks' specs.
+        specs = [spec for call in calls for spec in call[30]]
+        return [
+            *columns,
+            *slices,
+            [call[28] for call in calls],
+            [call[29] for call in calls],
+            specs,
+        ]
 
 
 async def measure(dsn: str, answers: int) -> list[tuple[int, str, float, float]]:

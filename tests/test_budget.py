@@ -23,6 +23,7 @@ from gateway.storage import AdmissionLimits, Pending, open_storage
 from gateway.upstreams import Route
 from gateway.upstreams.anthropic import AnthropicUpstream
 from gateway.upstreams.openai import OpenAIUpstream
+from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.dify import FakeDify
 from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
@@ -611,3 +612,44 @@ async def test_forty_parallel_lowered_answers_across_two_processes_never_pass_th
     assert any(cap < 100 for cap in caps)  # some were lowered
     assert spent == sum(Decimal("0.01") + cap * Decimal("0.002") for cap in caps)
     assert spent <= budget and reserved == 0
+
+
+async def test_an_anthropic_request_is_sent_with_its_max_tokens_lowered(database_url: str) -> None:
+    """lower_output_cap on the Anthropic dialect, against a real server: the
+    upstream sees max_tokens lowered to the largest whose bound the budget pays
+    for, the rest of the body as sent."""
+    fake = FakeAnthropic(api_key=UPSTREAM_KEY)
+    settings = {
+        "upstream": {"kind": "anthropic"},
+        "prices": PRICES,
+        "plans": {"free": {"cost_per_day": "1.00", "lower_output_cap": True}},
+    }
+    body = {
+        "model": "budget-model",
+        "max_tokens": 1000,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    async with running_gateway(database_url, upstream=fake, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as http:
+            response = await http.post(
+                "/v1/messages",
+                json=body,
+                headers={"x-api-key": h.key, "anthropic-version": "2023-06-01",
+                         "x-fake-input-tokens": "10", "x-fake-output-tokens": "5"},
+            )  # fmt: skip
+        await h.probes.wait_finished(1)
+        upstream = AnthropicUpstream(h.gateway.config)
+    assert response.status_code == 200
+    (sent,) = fake.requests
+    cap = sent.json["max_tokens"]
+    assert 1 <= cap < 1000
+    assert {**sent.json, "max_tokens": 1000} == {**body, "metadata": sent.json["metadata"]}
+    route = Route("message", "messages", role="answer")
+
+    def bound(tokens: int) -> Decimal:
+        return cost_bound(
+            upstream, route, {**sent.json, "max_tokens": tokens}, reserve_output_tokens=4096,
+            answer_reservation=Decimal(0),
+        )  # fmt: skip
+
+    assert bound(cap) <= Decimal("1.00") < bound(cap + 1)

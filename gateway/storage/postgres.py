@@ -149,8 +149,8 @@ class _AdmitCall(NamedTuple):
     upstream: str  # the upstream the answer is sent to, for its pending row
 
 
-# The arguments of one settle, in gateway_settle's order (30: the alert checks'
-# five lists, then the cache writes and the upstream).
+# The arguments of one settle, in gateway_settle's order (31: the alert checks'
+# five lists, then the cache writes, the upstream and the checks' specs).
 _SettleCall = tuple[Any, ...]
 _REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
 _DROP_FUNCTIONS = """

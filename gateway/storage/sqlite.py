@@ -7,14 +7,18 @@ however many statements it runs. Writes take SQLite's write lock up front
 that is what makes the conditional admission exact here. Money is TEXT holding an
 exact decimal, summed by the registered ``dec_add`` / ``dec_sum`` functions.
 
-Writes are group-committed (gateway/storage/group.py): every write transaction
-goes through one queue, and those that arrive while a batch is on the writer
-thread go together as the next one - one hop to the thread, one ``BEGIN
-IMMEDIATE`` and one ``COMMIT`` for all of them. In the batch they run in arrival
-order, each in a savepoint of its own, so each sees the ones before it exactly
-as it would one after another, and one that fails is rolled back to its
-savepoint and fails alone. Nothing is answered before the batch commits. A
-call that finds nothing in flight goes alone, as a plain transaction.
+Writes are group-committed (gateway/storage/group.py): every call, read or
+write, goes through one queue, and those made while a batch is on the thread go
+together as the next one - one hop to the thread, one ``BEGIN IMMEDIATE`` and
+one ``COMMIT`` for all of them. In the batch they run in the order they were
+made, each write in a savepoint of its own, so each sees the ones before it
+exactly as it would one after another, and one that fails is rolled back to its
+savepoint and fails alone. Nothing is answered before the batch commits. A call
+that finds nothing in flight goes alone (a write as a plain transaction).
+
+Durability: WAL with ``synchronous = NORMAL``. A committed call survives a crash
+of the process; a power cut or an OS crash may lose the last few commits (never
+corrupt the file): commits do not wait for an fsync, checkpoints do.
 
 The rules the PostgreSQL functions keep (web searches reserved at admission and
 reconciled at settle, a real record superseding a recovered estimate: migration

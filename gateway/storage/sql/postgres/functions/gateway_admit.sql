@@ -96,7 +96,12 @@ BEGIN
             p_now) r;
     END IF;
     -- Per-model limits: each counts its own counters (their keys in p_keys).
-    v_keys := ARRAY(SELECT DISTINCT k FROM unnest(p_keys) AS k WHERE k IS NOT NULL ORDER BY k);
+    -- (A subquery costs an executor start-up: run only when a key is set.)
+    IF array_remove(p_keys, NULL) <> '{}' THEN
+        v_keys := ARRAY(SELECT DISTINCT k FROM unnest(p_keys) AS k WHERE k IS NOT NULL ORDER BY k);
+    ELSE
+        v_keys := '{}';
+    END IF;
     IF cardinality(v_keys) > 0 THEN
         v_rates := coalesce(v_rates, array_fill(NULL::numeric, ARRAY[cardinality(p_meters)]));
         FOR i IN 1 .. cardinality(p_meters) LOOP

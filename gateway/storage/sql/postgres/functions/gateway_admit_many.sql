@@ -98,7 +98,7 @@ BEGIN
         ) AS a;
         RETURN;
     END IF;
-    IF 2 = ANY (p_scopes) OR EXISTS (SELECT 1 FROM unnest(p_keys) AS k WHERE k IS NOT NULL) THEN
+    IF 2 = ANY (p_scopes) OR array_remove(p_keys, NULL) <> '{}' THEN
         -- Team-scope or per-model limits: the elements go through gateway_admit one after
         -- another, in (team, user, position) order - the order it locks teams'
         -- and users' rows in - each seeing what the ones before it reserved
