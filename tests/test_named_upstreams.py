@@ -19,7 +19,7 @@ from gateway.types import Receive, Scope, Send
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.dify import FakeDify
 from tests.fakes.openai import ANSWER_PIECES, FakeOpenAI
-from tests.harness import Harness, running_gateway, to_toml
+from tests.harness import USER, Harness, running_gateway, to_toml
 from tests.servers import free_port, read_body, serve
 from tests.tcpproxy import TCPProxy
 
@@ -531,6 +531,88 @@ async def test_openai_and_anthropic_side_by_side_each_in_its_own_shape(database_
     (sent_openai,) = hosted.requests
     assert sent_openai.headers["authorization"] == f"Bearer {HOSTED_KEY}"
     assert sorted(e.model or "" for e in events) == ["claude-sonnet-4-5", "gpt-4o-mini"]
+
+
+# --- the usage API ---------------------------------------------------------------------------
+
+DEAD = "http://127.0.0.1:9/v1"  # the usage API asks no upstream
+
+
+def with_claude_at(mount: str) -> dict[str, Any]:
+    return {
+        "hosted": openai(DEAD, "HOSTED_KEY", mount="/v1"),
+        "claude": {
+            "kind": "anthropic",
+            "url": DEAD,
+            "api_key_env": "ANTHROPIC_KEY",
+            "mount": mount,
+        },
+    }
+
+
+async def test_the_usage_api_takes_the_key_in_x_api_key_when_anthropic_is_mounted_anywhere(
+    sqlite_url: str,
+) -> None:
+    """An Anthropic SDK user at /claude/v1 sends the gateway key in x-api-key:
+    /v1/usage (the gateway's own path, under the OpenAI mount) reads it there
+    too, or in Authorization, or in both when they agree."""
+    async with gateway(sqlite_url, with_claude_at("/claude/v1")) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            by_key_header = await client.get("/v1/usage", headers={"x-api-key": h.key})
+            daily = await client.get("/v1/usage/daily", headers={"x-api-key": h.key})
+            by_bearer = await client.get("/v1/usage", headers=h.auth())
+            both = await client.get("/v1/usage", headers=h.auth(**{"x-api-key": h.key}))
+            nothing = await client.get("/v1/usage")
+            wrong = await client.get("/v1/usage", headers={"x-api-key": "gwk_not-a-key"})
+    for response in (by_key_header, daily, by_bearer, both):
+        assert response.status_code == 200, response.text
+        assert response.json()["user"] == USER
+        # One user's figures: no cache on the way keeps them (x-api-key is no
+        # header an HTTP cache knows to keep responses of apart).
+        assert response.headers["cache-control"] == "no-store"
+    assert nothing.status_code == 401 and wrong.status_code == 401
+
+
+@pytest.mark.parametrize("key_first", [True, False])
+async def test_the_usage_api_refuses_a_key_in_each_header_that_disagree(
+    sqlite_url: str, key_first: bool
+) -> None:
+    """Attack: a valid key in Authorization and another in x-api-key (another
+    user's, or any other value). Whichever the gateway read, something in front
+    of it may have judged the caller by the other: refused, naming no user."""
+    async with gateway(sqlite_url, with_claude_at("/claude/v1")) as h:
+        other = await h.add_user("bob")
+        attempts = [
+            {"authorization": f"Bearer {h.key}", "x-api-key": other},
+            {"authorization": f"Bearer {other}", "x-api-key": h.key},
+            {"authorization": f"Bearer {h.key}", "x-api-key": "sk-ant-someone-elses"},
+            {"authorization": f"Basic {h.key}", "x-api-key": h.key},
+        ]
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            responses = []
+            for headers in attempts:
+                ordered = dict(reversed(headers.items())) if key_first else headers
+                for path in ("/v1/usage", "/v1/usage/daily"):
+                    responses.append(await client.get(path, headers=ordered))
+    for response in responses:
+        assert response.status_code == 400, response.text
+        assert "different credentials" in response.text
+        assert USER not in response.text and "bob" not in response.text
+
+
+async def test_the_usage_api_reads_no_key_header_when_no_upstream_sends_one(
+    sqlite_url: str,
+) -> None:
+    """Without an Anthropic upstream no client sends its key in x-api-key, and
+    intermediaries in front of the gateway know its credentials in
+    Authorization only: x-api-key is no credential here, agreeing or not."""
+    upstreams = {"hosted": openai(DEAD, "HOSTED_KEY", mount="/v1")}
+    async with gateway(sqlite_url, upstreams) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            alone = await client.get("/v1/usage", headers={"x-api-key": h.key})
+            beside = await client.get("/v1/usage", headers=h.auth(**{"x-api-key": "other"}))
+    assert alone.status_code == 401
+    assert beside.status_code == 200 and beside.json()["user"] == USER
 
 
 # --- reload --------------------------------------------------------------------------------
