@@ -375,6 +375,18 @@ def config_warnings(config: Config) -> list[str]:
                 f"the API key of upstream {name} is not set: set {upstream.api_key_env} "
                 f"(upstreams.{name}.api_key_env); it will refuse every request"
             )
+    # One variable read by upstreams at different hosts: one of them is sent a key
+    # that was meant for another (or the operator's single key is sent to both).
+    hosts: dict[str, dict[str, str]] = {}
+    for name, upstream in config.upstreams.items():
+        hosts.setdefault(upstream.api_key_env, {})[name] = _host(upstream.url)
+    for variable, by_name in hosts.items():
+        if len(set(by_name.values())) > 1:
+            warnings.append(
+                f"upstreams {', '.join(by_name)} read the same API key ({variable}) but are at "
+                f"different hosts ({', '.join(sorted(set(by_name.values())))}): each is sent "
+                "the others' key; give each its own api_key_env"
+            )
     if all(upstream.kind == "dify" for upstream in config.upstreams.values()):
         # Issue 21: a Dify app fixes its own model; no request names one.
         for name, plan in config.plans.items():
@@ -384,6 +396,12 @@ def config_warnings(config: Config) -> list[str]:
                     "the allow-list does not apply (docs/quotas.md, 'Model allow-lists')"
                 )
     return warnings
+
+
+def _host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return (urlsplit(url).hostname or "").lower()
 
 
 def _describe_db(config: Config) -> str:

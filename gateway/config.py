@@ -762,6 +762,11 @@ def _upstreams(
             )
             continue
         assert isinstance(named, dict)
+        if not named:
+            raise ConfigError(
+                "upstreams: the table names no upstream; add [upstreams.NAME] tables "
+                "or remove [upstreams]"
+            )
         for name, table in named.items():
             key = f"upstreams.{name}"
             if not isinstance(table, dict):
@@ -772,6 +777,14 @@ def _upstreams(
                     "rename this one, or move [upstream] here"
                 )
             upstream: UpstreamConfig = _build(UpstreamConfig, table, f"{key}.")
+            # No defaults for these: [upstream]'s are a local Dify app's URL and
+            # DIFY_API_KEY, which would send another upstream's key to this one.
+            for required in ("url", "api_key_env"):
+                if required not in table:
+                    raise ConfigError(
+                        f"{key}.{required}: required for a named upstream "
+                        "(the defaults belong to [upstream])"
+                    )
             tables[name] = (
                 key,
                 dataclasses.replace(upstream, name=name, mount=upstream.mount or f"/{name}/v1"),

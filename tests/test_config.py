@@ -10,6 +10,9 @@ from gateway.config import Config, load_config, parse_config, render_config, set
 from gateway.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
+# What every [upstreams.NAME] must say (no defaults: they are [upstream]'s).
+NAMED = "url = 'http://u/v1'\napi_key_env = 'K'"
+NAMED_KEYS = {"url": "http://u/v1", "api_key_env": "K"}
 
 
 def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -97,37 +100,46 @@ def test_repo_default_config() -> None:
         ("upstreams = 1", "upstreams: expected a table of [upstreams.NAME] tables"),
         ("[upstreams]\nsupport = 1", "upstreams.support: expected a table, got an integer (1)"),
         ("[upstreams.support]\nmodles = []", "upstreams.support.modles: unknown key"),
-        ("[upstreams.support]\nurl = 'ftp://x'", "upstreams.support.url: expected an http://"),
         (
-            "[upstream]\n[upstreams.default]",
+            "[upstreams.support]\napi_key_env = 'K'\nurl = 'ftp://x'",
+            "upstreams.support.url: expected an http://",
+        ),
+        (
+            f"[upstream]\n[upstreams.default]\n{NAMED}",
             "upstreams.default: the [upstream] table is already the upstream named 'default'",
         ),
         (
-            "[upstreams.admin]",
+            f"[upstreams.admin]\n{NAMED}",
             "upstreams.admin.mount: '/admin/v1' would shadow the gateway's own /admin",
         ),
         (
-            "[upstreams.a]\nmount = '/metrics'",
+            f"[upstreams.a]\n{NAMED}\nmount = '/metrics'",
             "upstreams.a.mount: '/metrics' would shadow the gateway's own /metrics",
         ),
         (
-            "[upstreams.a]\nmount = '/v1/usage'",
+            f"[upstreams.a]\n{NAMED}\nmount = '/v1/usage'",
             "upstreams.a.mount: '/v1/usage' would shadow the gateway's own /v1/usage",
         ),
         ("[upstream]\nmount = '/dashboard'", "upstream.mount: '/dashboard' would shadow"),
         (
-            "[upstreams.a]\nkind = 'openai'\nfallbacks = ['b']",
+            f"[upstreams.a]\n{NAMED}\nkind = 'openai'\nfallbacks = ['b']",
             "upstreams.a.fallbacks[0]: no upstream named 'b' (expected one of: a)",
         ),
         (
-            "[upstreams.a]\nkind = 'openai'\nfallbacks = ['b']\n[upstreams.b]\nkind = 'anthropic'",
+            f"[upstreams.a]\n{NAMED}\nkind = 'openai'\nfallbacks = ['b']\n[upstreams.b]\n{NAMED}\nkind = 'anthropic'",
             "upstreams.a.fallbacks[0]: 'b' is a anthropic upstream",
         ),
         (
-            "[upstream]\nkind = 'openai'\n[upstreams.c]\nkind = 'anthropic'\nmount = '/v1'",
+            f"[upstream]\nkind = 'openai'\n[upstreams.c]\n{NAMED}\nkind = 'anthropic'\nmount = '/v1'",
             "upstreams.c.mount: '/v1' is the mount of the openai upstream 'default'",
         ),
-        ("[upstreams.a]\nallow = ['get /x']", "upstreams.a.allow[0]: 'get /x': expected"),
+        (f"[upstreams.a]\n{NAMED}\nallow = ['get /x']", "upstreams.a.allow[0]: 'get /x': expected"),
+        # A named upstream has no defaults for its URL and key variable: [upstream]'s
+        # (a local Dify app, DIFY_API_KEY) would send another upstream's key.
+        ("[upstreams.a]\nurl = 'http://u/v1'", "upstreams.a.api_key_env: required"),
+        ("[upstreams.a]\napi_key_env = 'K'", "upstreams.a.url: required"),
+        # `[upstreams]` with no NAME: nothing to serve (serve crashed at start).
+        ("[upstreams]", "upstreams: the table names no upstream"),
     ],
 )
 def test_invalid_configuration_names_the_key(tmp_path: Path, toml: str, message: str) -> None:
@@ -298,12 +310,60 @@ mount = "/labs/research/v1"
     assert "app-a" not in text and "app-b" not in text
 
 
+def test_a_named_upstream_without_api_key_env_is_refused_not_sent_another_key() -> None:
+    # Review of issue 23: [upstream] (Dify) reads DIFY_API_KEY by default; a
+    # [upstreams.claude] that left api_key_env out read it too, and was sent the
+    # Dify app's key, to Anthropic.
+    table = {
+        "upstream": {"url": "http://dify.local/v1"},
+        "upstreams": {"claude": {"kind": "anthropic", "url": "https://api.anthropic.com/v1"}},
+    }
+    with pytest.raises(ConfigError, match=r"upstreams\.claude\.api_key_env: required"):
+        parse_config(table, env={"DIFY_API_KEY": "app-dify-secret"})
+    # [upstream] alone keeps its defaults.
+    legacy = parse_config({"upstream": {}}, env={"DIFY_API_KEY": "app-dify-secret"})
+    assert legacy.upstream.api_key == "app-dify-secret"
+    assert legacy.upstream.url == "http://127.0.0.1:5001/v1"
+
+
+def test_check_config_warns_of_one_key_variable_read_at_two_hosts() -> None:
+    from gateway.cli import config_warnings
+
+    def warnings(second_url: str) -> list[str]:
+        config = parse_config(
+            {
+                "upstreams": {
+                    "openai": {
+                        "kind": "openai",
+                        "url": "https://api.openai.com/v1",
+                        "api_key_env": "OPENAI_API_KEY",
+                    },
+                    "other": {
+                        "kind": "openai",
+                        "url": second_url,
+                        "api_key_env": "OPENAI_API_KEY",
+                        "mount": "/other/v1",
+                    },
+                }
+            },
+            env={"OPENAI_API_KEY": "sk-1"},
+        )
+        return [w for w in config_warnings(config) if "same API key" in w]
+
+    assert warnings("https://API.openai.com/v1/") == []  # one host: one account's key
+    assert warnings("https://llm.example.com/v1") == [
+        "upstreams openai, other read the same API key (OPENAI_API_KEY) but are at different "
+        "hosts (api.openai.com, llm.example.com): each is sent the others' key; give each its "
+        "own api_key_env"
+    ]
+
+
 def test_only_named_upstreams_leave_no_default() -> None:
     config = parse_config(
         {
             "upstreams": {
-                "hosted": {"kind": "openai", "models": ["gpt-*"], "mount": "/v1"},
-                "local": {"kind": "openai", "mount": "/v1", "fallbacks": ["hosted"]},
+                "hosted": {**NAMED_KEYS, "kind": "openai", "models": ["gpt-*"], "mount": "/v1"},
+                "local": {**NAMED_KEYS, "kind": "openai", "mount": "/v1", "fallbacks": ["hosted"]},
             }
         },
         env={},
@@ -339,8 +399,8 @@ def test_check_config_names_each_upstream_without_its_key() -> None:
     config = parse_config(
         {
             "upstreams": {
-                "support": {"api_key_env": "SUPPORT_KEY"},
-                "research": {"api_key_env": "RESEARCH_KEY"},
+                "support": {"url": "http://dify/v1", "api_key_env": "SUPPORT_KEY"},
+                "research": {"url": "http://dify/v1", "api_key_env": "RESEARCH_KEY"},
             }
         },
         env={"SUPPORT_KEY": "app-1"},

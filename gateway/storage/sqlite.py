@@ -1427,6 +1427,15 @@ class SQLiteStorage:
 
         return await self._tx(run)
 
+    async def move_pending(self, pending_id: str, *, upstream: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            moved: int = conn.execute(
+                "UPDATE pending_answers SET upstream = ? WHERE id = ?", (upstream, pending_id)
+            ).rowcount
+            return moved > 0
+
+        return await self._tx(run)
+
     async def settle(
         self,
         event: UsageEvent,
