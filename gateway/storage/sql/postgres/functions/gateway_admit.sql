@@ -2,8 +2,8 @@
 -- round trip (docs/quotas.md). Under the user's row lock - all admissions of a
 -- user queue on it, and each statement after it sees what the ones before
 -- committed (READ COMMITTED), so check-then-reserve is exact across replicas -
--- the counters are read (gateway_counters, and the open leases when a stream
--- limit is set), gateway_decide applies the rule, and an admitted request's
+-- the counters are read (today's row; the month's sums and the open leases only
+-- when a monthly or stream limit is set), gateway_decide applies the rule, and an admitted request's
 -- charge is added: one query, an advanced-RAG query, a web search, a cost
 -- bound (cost_reserved), a stream lease, the query in the query rates' current
 -- buckets, and its pending row, which holds the web search and cost bound
@@ -77,10 +77,43 @@ BEGIN
     IF NOT FOUND THEN
         RAISE foreign_key_violation USING MESSAGE = 'unknown user ' || p_user;
     END IF;
-    SELECT c.day_used, c.month_used INTO v_day, v_month
-    FROM gateway_counters(p_user, p_day, CASE WHEN 2 = ANY (p_pers) THEN p_month_start END) c;
+    -- The counters, read here rather than by a helper (a call and its function
+    -- scan cost more than the read): today's row by its key and, only for a
+    -- monthly limit, the earlier days' sums (the month's are today's plus them).
+    SELECT ARRAY[
+        u.queries, u.advanced_rag, u.web_searches, u.uploads, u.upload_bytes,
+        u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost + u.cost_reserved
+    ]::numeric[]
+    INTO v_day
+    FROM usage_daily u WHERE u.user_id = p_user AND u.day = p_day;
+    IF v_day IS NULL THEN
+        v_day := '{0,0,0,0,0,0,0,0,0}'::numeric[];
+    END IF;
+    IF 2 = ANY (p_pers) THEN
+        SELECT ARRAY[
+            v_day[1] + coalesce(sum(u.queries), 0),
+            v_day[2] + coalesce(sum(u.advanced_rag), 0),
+            v_day[3] + coalesce(sum(u.web_searches), 0),
+            v_day[4] + coalesce(sum(u.uploads), 0),
+            v_day[5] + coalesce(sum(u.upload_bytes), 0),
+            v_day[6] + coalesce(sum(u.prompt_tokens), 0),
+            v_day[7] + coalesce(sum(u.completion_tokens), 0),
+            v_day[8] + coalesce(sum(u.total_tokens), 0),
+            v_day[9] + coalesce(sum(u.cost + u.cost_reserved), 0)
+        ]::numeric[]
+        INTO v_month
+        FROM usage_daily u
+        WHERE u.user_id = p_user AND u.day >= p_month_start AND u.day < p_day;
+    END IF;
     IF 10 = ANY (p_meters) THEN
-        PERFORM gateway_drop_expired_leases(p_user, p_now);
+        -- The user's expired leases no one else is deleting (SKIP LOCKED:
+        -- admission never waits for a lease). Written here, not in a LANGUAGE
+        -- sql helper, which would be planned again at every call.
+        DELETE FROM stream_leases WHERE id IN (
+            SELECT l.id FROM stream_leases l
+            WHERE l.user_id = p_user AND l.expires_at <= p_now
+            FOR UPDATE SKIP LOCKED
+        );
         SELECT count(*) INTO v_streams FROM stream_leases l
         WHERE l.user_id = p_user AND l.expires_at > p_now;
     END IF;

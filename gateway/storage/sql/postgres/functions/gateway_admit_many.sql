@@ -142,7 +142,14 @@ BEGIN
         IF v_user IS DISTINCT FROM e.user_id OR v_day <> e.day OR v_month <> e.month_start
         THEN
             IF v_new[1] > 0 THEN
-                PERFORM gateway_add_admitted(v_user, v_day, v_new);
+                -- What the batch admitted for this user and day, added to the day row once.
+                INSERT INTO usage_daily AS u (user_id, day, queries, advanced_rag, web_searches, cost_reserved)
+                VALUES (v_user, v_day, v_new[1], v_new[2], v_new[3], v_new[9])
+                ON CONFLICT (user_id, day) DO UPDATE SET
+                    queries = u.queries + excluded.queries,
+                    advanced_rag = u.advanced_rag + excluded.advanced_rag,
+                    web_searches = u.web_searches + excluded.web_searches,
+                    cost_reserved = u.cost_reserved + excluded.cost_reserved;
                 v_new := array_fill(0, ARRAY[9])::numeric[];
             END IF;
             IF v_user IS DISTINCT FROM e.user_id THEN
@@ -155,8 +162,34 @@ BEGIN
             v_day := e.day;
             v_month := e.month_start;
             IF v_known THEN
-                SELECT c.day_used, c.month_used INTO v_used_day, v_used_month
-                FROM gateway_counters(v_user, v_day, CASE WHEN v_months THEN v_month END) c;
+                -- The counters, read as in gateway_admit.
+                SELECT ARRAY[
+                    u.queries, u.advanced_rag, u.web_searches, u.uploads, u.upload_bytes,
+                    u.prompt_tokens, u.completion_tokens, u.total_tokens,
+                    u.cost + u.cost_reserved
+                ]::numeric[]
+                INTO v_used_day
+                FROM usage_daily u WHERE u.user_id = v_user AND u.day = v_day;
+                IF v_used_day IS NULL THEN
+                    v_used_day := '{0,0,0,0,0,0,0,0,0}'::numeric[];
+                END IF;
+                v_used_month := NULL;
+                IF v_months THEN
+                    SELECT ARRAY[
+                        v_used_day[1] + coalesce(sum(u.queries), 0),
+                        v_used_day[2] + coalesce(sum(u.advanced_rag), 0),
+                        v_used_day[3] + coalesce(sum(u.web_searches), 0),
+                        v_used_day[4] + coalesce(sum(u.uploads), 0),
+                        v_used_day[5] + coalesce(sum(u.upload_bytes), 0),
+                        v_used_day[6] + coalesce(sum(u.prompt_tokens), 0),
+                        v_used_day[7] + coalesce(sum(u.completion_tokens), 0),
+                        v_used_day[8] + coalesce(sum(u.total_tokens), 0),
+                        v_used_day[9] + coalesce(sum(u.cost + u.cost_reserved), 0)
+                    ]::numeric[]
+                    INTO v_used_month
+                    FROM usage_daily u
+                    WHERE u.user_id = v_user AND u.day >= v_month AND u.day < v_day;
+                END IF;
             END IF;
         END IF;
         IF NOT v_known THEN
@@ -180,7 +213,12 @@ BEGIN
         END IF;
         IF 10 = ANY (v_meters) THEN
             IF NOT v_counted THEN
-                PERFORM gateway_drop_expired_leases(v_user, e.now);
+                -- As in gateway_admit.
+                DELETE FROM stream_leases WHERE id IN (
+                    SELECT l.id FROM stream_leases l
+                    WHERE l.user_id = v_user AND l.expires_at <= e.now
+                    FOR UPDATE SKIP LOCKED
+                );
                 v_expiries := ARRAY(
                     SELECT l.expires_at FROM stream_leases l
                     WHERE l.user_id = v_user AND l.expires_at > e.now
@@ -229,7 +267,13 @@ BEGIN
             v_retry, NULL::numeric[], NULL::numeric[], NULL::bigint;
     END LOOP;
     IF v_new[1] > 0 THEN
-        PERFORM gateway_add_admitted(v_user, v_day, v_new);
+        INSERT INTO usage_daily AS u (user_id, day, queries, advanced_rag, web_searches, cost_reserved)
+        VALUES (v_user, v_day, v_new[1], v_new[2], v_new[3], v_new[9])
+        ON CONFLICT (user_id, day) DO UPDATE SET
+            queries = u.queries + excluded.queries,
+            advanced_rag = u.advanced_rag + excluded.advanced_rag,
+            web_searches = u.web_searches + excluded.web_searches,
+            cost_reserved = u.cost_reserved + excluded.cost_reserved;
     END IF;
     INSERT INTO stream_leases (id, user_id, expires_at)
     SELECT t.lease, t.user_id, t.expires
