@@ -62,9 +62,18 @@ timezone = "Asia/Ho_Chi_Minh"
 default_plan = "free"
 [plans.free]
 queries_per_day = 50
+[[plans.free.limits]]
+meter = "tokens"
+per = "month"
+max = 1000
+name = "monthly"
 [plans.pro]
 queries_per_day = 1000
 tokens_per_day = 70000
+[[plans.pro.limits]]
+meter = "tokens"
+per = "day"
+max = 5000
 """
     )
     return path
@@ -123,6 +132,10 @@ def test_teams_on_the_command_line(
     assert "  queries       0 / 2000" in shown  # the team: settles alone count no query
     assert "  tokens        1000 / 70000" in shown  # the team: alice + bob
     assert "  cost          0.00035 USD" in shown
+    # The [[plans.NAME.limits]] entries, alice's and her team's (the team's
+    # unnamed tokens-per-day entry by its override name: tokens_per_day is a key).
+    assert "limits:\n  monthly  300 / 1000  (resets " in shown
+    assert "team limits:\n  limits.tokens_per_day  1000 / 5000  (resets " in shown
     assert run(config_file, "users", "show", "carol") == 0
     assert "team:      -" in capsys.readouterr().out
 

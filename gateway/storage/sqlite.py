@@ -70,6 +70,7 @@ from gateway.storage.base import (
     DAILY_COLUMNS,
     DELIVERY_COLUMNS,
     EVENT_COLUMNS,
+    MODEL_COUNTERS_SELECT,
     MODEL_USAGE_SELECT,
     PAUSED_FORM_DAYS,
     TEAM_COLUMNS,
@@ -107,8 +108,10 @@ from gateway.storage.base import (
     alerts_with_deliveries,
     crossed,
     delivery,
+    model_counters,
     model_usage,
     parse_alert_spec,
+    rate_buckets,
     team_daily,
     team_summary,
     upstream_usage,
@@ -1381,6 +1384,32 @@ class SQLiteStorage:
             return rate_counts(rows, now.timestamp())
 
         return await self._run(run)
+
+    async def rate_buckets(
+        self, user_ids: Sequence[str]
+    ) -> dict[tuple[Meter, Per], dict[int, Decimal]]:
+        marks = ", ".join("?" for _ in user_ids)
+        rows = await self._run(
+            functools.partial(
+                _fetchall,
+                sql="SELECT meter, per, bucket, amount FROM usage_rates "
+                f"WHERE user_id IN ({marks})",
+                params=list(user_ids),
+            )
+        )
+        return rate_buckets(rows)
+
+    async def model_counters(
+        self, user_id: str, keys: Sequence[str], *, day: date, month_start: date
+    ) -> dict[tuple[str, Meter, Per], Decimal]:
+        if not keys:
+            return {}
+        sql = MODEL_COUNTERS_SELECT.format(
+            total="dec_sum", p1="?1", p2="?2", p3="?3", keys="IN (SELECT value FROM json_each(?4))"
+        )
+        params = [user_id, day.isoformat(), month_start.isoformat(), orjson.dumps(list(keys))]
+        rows = await self._run(functools.partial(_fetchall, sql=sql, params=params))
+        return model_counters(rows)
 
     async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
         await self._tx(
