@@ -113,6 +113,9 @@ _NO_ROUTE = Route("other", "")
 _NO_HEADERS = RequestHeaders([])
 # Upstream answers that send a request on to the next fallback (issue 23).
 _RATE_LIMITED = 429
+# The pages of one upstream's model list read at most for a shared mount's list
+# (Anthropic's: 1000 models a page).
+_MODEL_LIST_PAGES = 10
 _SERVER_ERROR = 500
 
 # Request ids: unique per process by a counter, across processes by a random prefix;
@@ -1003,34 +1006,24 @@ class Proxy:
         list, limited to the models it is routed (``models``), as one list, then
         limited to the allow-lists that apply. An upstream that cannot give its
         list is left out (logged); with none, the request fails as one would."""
-        snap, mount = x.snap, x.mount
+        snap, mount, dialect = x.snap, x.mount, x.dialect
         assert mount is not None
-        query = "?" + x.query.decode("latin-1") if x.query else ""
+        dialect.page_models(x.route, {"data": []}, x.query)  # bad paging refused first
         pages: list[dict[str, Any]] = []
         for name in mount.upstreams:
-            target = snap.targets[name]
-            try:
-                reply = await self.clients[name].request(
-                    "GET",
-                    target.url + x.path + query,
-                    headers=[*x.headers.forward, target.authorization],
-                )
-                page = orjson.loads(reply.content) if reply.is_success else None
-            except (UpstreamUnavailable, orjson.JSONDecodeError) as exc:
-                page = exc
-            if not isinstance(page, dict):
-                log.warning("request %s: no model list from upstream %s", x.request_id, name)
-                continue
             serves = snap.routing.upstreams[name].serves
-            pages.append(x.dialect.filter_models(x.route, page, serves))
+            pages += [
+                dialect.filter_models(x.route, page, serves)
+                for page in await self._model_pages(x, name)
+            ]
         if not pages:
             raise UpstreamUnavailable("The upstream model list could not be read.")
         lists = await self._model_lists(x)
-        merged = x.dialect.merge_models(pages)
-        filtered = x.dialect.filter_models(
+        merged = dialect.merge_models(pages)
+        filtered = dialect.filter_models(
             x.route, merged, lambda model: all(allows(globs, model) for globs in lists)
         )
-        body = orjson.dumps(filtered)
+        body = orjson.dumps(dialect.page_models(x.route, filtered, x.query))
         metrics_status = "2xx"
         self._metrics.inc("gateway_requests_total", route=x.route.kind, status=metrics_status)
         headers = [
@@ -1040,6 +1033,40 @@ class Proxy:
         ]
         await self._start(x, send, 200, headers)
         await send({"type": "http.response.body", "body": body})
+
+    async def _model_pages(self, x: Exchange, name: str) -> list[dict[str, Any]]:
+        """Upstream ``name``'s whole model list, as the pages it gives it in
+        (one for OpenAI; Anthropic's, page after page, at most
+        ``_MODEL_LIST_PAGES``). What could not be read is left out, logged."""
+        target, client = x.snap.targets[name], self.clients[name]
+        pages: list[dict[str, Any]] = []
+        query = x.dialect.model_list_query(x.query, None)
+        while query is not None:
+            if len(pages) == _MODEL_LIST_PAGES:
+                log.warning(
+                    "request %s: the model list of upstream %s is longer than %d pages; "
+                    "the rest left out",
+                    x.request_id,
+                    name,
+                    _MODEL_LIST_PAGES,
+                )
+                break
+            url = target.url + x.path + ("?" + query.decode("latin-1") if query else "")
+            try:
+                reply = await client.request(
+                    "GET", url, headers=[*x.headers.forward, target.authorization]
+                )
+                page = orjson.loads(reply.content) if reply.is_success else None
+            except (UpstreamUnavailable, orjson.JSONDecodeError) as exc:
+                page = exc
+            if not isinstance(page, dict):
+                what = "the rest of its" if pages else "no"
+                log.warning("request %s: %s model list from upstream %s", x.request_id, what, name)
+                break
+            pages.append(page)
+            after = x.dialect.model_list_query(x.query, page)
+            query = None if after == query else after  # a cursor that does not move
+        return pages
 
     async def _read_page(
         self, response: httpx.Response, what: Literal["history page", "model list"]

@@ -248,6 +248,76 @@ async def test_the_model_list_of_a_shared_mount_is_the_union_filtered_by_the_pla
     assert [r.headers["authorization"] for r in local.requests] == [f"Bearer {LOCAL_KEY}"]
 
 
+BIG = tuple(f"claude-a-{n:04}" for n in range(1005))  # more than one upstream page
+SMALL = (*(f"claude-b-{n:02}" for n in range(12)), "claude-a-0003")
+
+
+async def test_an_anthropic_shared_mount_reads_every_page_and_pages_the_union(
+    sqlite_url: str,
+) -> None:
+    """Anthropic's model list is paged (``limit`` 1 to 1000, ``after_id``,
+    ``before_id``): on a shared mount the gateway reads each upstream's whole
+    list, page after page, and pages the union - routed, deduplicated, limited
+    to the plan - with the client's own parameters, as Anthropic pages its list."""
+    big, small = (
+        FakeAnthropic(api_key=ANTHROPIC_KEY, models=BIG),
+        FakeAnthropic(api_key=BACKUP_KEY, models=SMALL),
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        big_url = await stack.enter_async_context(serve(big))
+        small_url = await stack.enter_async_context(serve(small))
+
+        def claude(url: str, key_env: str, **extra: Any) -> dict[str, Any]:
+            return {"kind": "anthropic", "url": url + "/v1", "api_key_env": key_env, **extra}
+
+        upstreams = {
+            "big": claude(big_url, "ANTHROPIC_KEY", mount="/claude/v1", models=["claude-a-*"]),
+            "small": claude(small_url, "BACKUP_KEY", mount="/claude/v1"),
+        }
+        plans = {"plans": {"free": {"models": ["claude-a-*", "claude-b-0*"]}}}
+        h = await stack.enter_async_context(gateway(sqlite_url, upstreams, **plans))
+        headers = {"x-api-key": h.key, "anthropic-version": "2023-06-01"}
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+
+            async def models(**params: Any) -> httpx.Response:
+                return await client.get("/claude/v1/models", params=params, headers=headers)
+
+            forward: list[dict[str, Any]] = []
+            cursor: dict[str, Any] = {}
+            while True:
+                page = (await models(limit=400, **cursor)).json()
+                forward.append(page)
+                if not page["has_more"]:
+                    break
+                cursor = {"after_id": page["last_id"]}
+            back = (await models(limit=400, before_id=forward[2]["first_id"])).json()
+            first = (await models()).json()
+            refused = [await models(limit=0), await models(limit=1001), await models(limit="x")]
+            both = await models(after_id=BIG[0], before_id=BIG[9])
+            gone = (await models(after_id="claude-z")).json()
+    union = [*BIG, *(f"claude-b-{n:02}" for n in range(10))]
+    assert [len(p["data"]) for p in forward] == [400, 400, 215]
+    assert [p["has_more"] for p in forward] == [True, True, False]
+    assert [m["id"] for p in forward for m in p["data"]] == union
+    for page in forward:
+        assert (page["first_id"], page["last_id"]) == (
+            page["data"][0]["id"],
+            page["data"][-1]["id"],
+        )
+    assert back == forward[1]  # has_more: more before it
+    assert [m["id"] for m in first["data"]] == union[:20] and first["has_more"] is True
+    assert gone == {"data": [], "has_more": False, "first_id": None, "last_id": None}
+    for response in (*refused, both):
+        assert response.status_code == 400
+        assert response.json()["type"] == "error"
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    # Each upstream's list was read whole for each list asked for: the big one in
+    # two pages of 1000, never the client's page size or cursors.
+    asked = 3 + 1 + 1 + 1  # the forward pages, back, first, gone (refusals ask none)
+    assert sum(r.path == "/models" for r in big.requests) == 2 * asked
+    assert sum(r.path == "/models" for r in small.requests) == asked
+
+
 # --- fallbacks -------------------------------------------------------------------------------
 
 
