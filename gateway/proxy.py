@@ -113,10 +113,10 @@ _NO_ROUTE = Route("other", "")
 _NO_HEADERS = RequestHeaders([])
 # Upstream answers that send a request on to the next fallback (issue 23).
 _RATE_LIMITED = 429
+_SERVER_ERROR = 500
 # The pages of one upstream's model list read at most for a shared mount's list
 # (Anthropic's: 1000 models a page).
 _MODEL_LIST_PAGES = 10
-_SERVER_ERROR = 500
 
 # Request ids: unique per process by a counter, across processes by a random prefix;
 # cheaper than uuid4 on every request. They also key the ledger rows of answers

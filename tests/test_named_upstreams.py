@@ -318,6 +318,67 @@ async def test_an_anthropic_shared_mount_reads_every_page_and_pages_the_union(
     assert sum(r.path == "/models" for r in small.requests) == asked
 
 
+class ModelPages:
+    """An Anthropic-style upstream whose model list never ends: each page names
+    one new model after the cursor (``stuck``: always the same one; ``fail_at``:
+    the page, counted from 1, it answers 500)."""
+
+    def __init__(self, *, stuck: bool = False, fail_at: int | None = None) -> None:
+        self.stuck, self.fail_at = stuck, fail_at
+        self.queries: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        self.queries.append(scope["query_string"].decode())
+        headers = [(b"content-type", b"application/json")]
+        if len(self.queries) == self.fail_at:
+            await send({"type": "http.response.start", "status": 500, "headers": headers})
+            await send({"type": "http.response.body", "body": b"{}"})
+            return
+        model = "m-1" if self.stuck else f"m-{len(self.queries)}"
+        page = {"data": [{"type": "model", "id": model}], "has_more": True}
+        body = orjson.dumps({**page, "first_id": model, "last_id": model})
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.mark.parametrize(
+    ("options", "asked", "listed"),
+    [
+        ({}, 10, [f"m-{n}" for n in range(1, 11)]),  # at most 10 pages
+        ({"stuck": True}, 2, ["m-1"]),  # a cursor that does not move
+        ({"fail_at": 3}, 3, ["m-1", "m-2"]),  # what it gave before it failed
+    ],
+    ids=["endless", "stuck", "failing"],
+)
+async def test_an_upstream_model_list_is_read_within_bounds(
+    sqlite_url: str, options: dict[str, Any], asked: int, listed: list[str]
+) -> None:
+    upstream = ModelPages(**options)
+    other = FakeAnthropic(api_key=BACKUP_KEY, models=("claude-b",))
+    async with contextlib.AsyncExitStack() as stack:
+        url = await stack.enter_async_context(serve(upstream))
+        other_url = await stack.enter_async_context(serve(other))
+        anthropic = {"kind": "anthropic", "mount": "/claude/v1"}
+        upstreams = {
+            "pages": {**anthropic, "url": url + "/v1", "api_key_env": "ANTHROPIC_KEY"},
+            "other": {**anthropic, "url": other_url + "/v1", "api_key_env": "BACKUP_KEY"},
+        }
+        h = await stack.enter_async_context(gateway(sqlite_url, upstreams))
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            response = await client.get(
+                "/claude/v1/models",
+                params={"limit": 1000},
+                headers={"x-api-key": h.key, "anthropic-version": "2023-06-01"},
+            )
+    assert response.status_code == 200
+    assert [m["id"] for m in response.json()["data"]] == [*listed, "claude-b"]
+    assert len(upstream.queries) == asked
+    assert upstream.queries[:2] == ["limit=1000", "limit=1000&after_id=m-1"]
+
+
 # --- fallbacks -------------------------------------------------------------------------------
 
 
