@@ -26,9 +26,11 @@ import dataclasses
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qs, unquote
 
 import httpx
 import orjson
@@ -142,6 +144,25 @@ def new_request_id() -> str:
 async def _wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+_CONVERSATION_PATH = re.compile(r"^/conversations/([^/]+)(?:/|$)")
+
+
+def _conversation_named(x: Exchange) -> str | None:
+    """The Dify conversation a request names (its body's or query's
+    ``conversation_id``, or a ``/conversations/ID`` path), or None: a new
+    conversation ("") names none."""
+    found: object = None
+    if x.json is not None:
+        found = x.json.get("conversation_id")
+    if not found and x.query:
+        values = parse_qs(x.query.decode("latin-1")).get("conversation_id")
+        found = values[0] if values else None
+    if not found:
+        match = _CONVERSATION_PATH.match(x.path)
+        found = unquote(match.group(1)) if match else None
+    return found if isinstance(found, str) and found else None
 
 
 def _serialised(body: dict[str, Any]) -> bytes:
@@ -314,7 +335,7 @@ class Proxy:
         await self._read_body(x, receive)
         if x.route.by_body:
             await self._refine(x)
-        self._choose(x)
+        await self._choose(x)
         await self._check_models(x)
         self._rewrite(x)
         if x.route.lists_models and x.mount is not None and x.mount.shared:
@@ -435,7 +456,7 @@ class Proxy:
 
     # --- choose the upstream (issue 23) ----------------------------------------------
 
-    def _choose(self, x: Exchange) -> None:
+    async def _choose(self, x: Exchange) -> None:
         """Pick the mount's upstream for the model the request names, and the
         fallbacks to try after it (gateway/mounts.py): refused 404 when no
         upstream of the mount serves the model, before anything is reserved."""
@@ -477,7 +498,33 @@ class Proxy:
             if allowed is None
             else routing.attempts(first, model, allowed=allowed)
         )
+        if mount.kind == "dify" and (len(x.attempts) > 1 or mount.shared):
+            conversation = _conversation_named(x)
+            if conversation is not None:
+                x.attempts = await self._conversation_attempts(x, conversation)
+                first = x.attempts[0]
         self._use(x, first)
+
+    async def _conversation_attempts(self, x: Exchange, conversation: str) -> tuple[str, ...]:
+        """A Dify conversation lives in the app that made it: a request naming one
+        goes to the upstream the ledger records for the user's conversation, and
+        never falls back (no other app has it). Read only on a mount with more
+        than one upstream to try."""
+        try:
+            made_by = await self._storage.conversation_upstream(x.user_id, conversation)
+        except StorageError as exc:
+            # Without the ledger: the mount's first upstream, as before fallbacks.
+            self._metrics.inc("gateway_storage_errors_total", operation="conversation")
+            log.warning(
+                "request %s: conversation's upstream not read, sent to %s: %s",
+                x.request_id,
+                x.attempts[0],
+                exc.message,
+            )
+            return x.attempts[:1]
+        if made_by is not None and made_by in x.attempts:
+            return (made_by,)
+        return x.attempts[:1]
 
     def _use(self, x: Exchange, name: str) -> None:
         """Forward the request to upstream ``name`` (its address, key, client);
@@ -593,6 +640,8 @@ class Proxy:
             attempts = attempts[:1]
         x.forwarded_at = time.perf_counter()
         metrics.observe("gateway_overhead_seconds", x.forwarded_at - x.started, route=x.route.kind)
+        if x.route.kind == "stop" and len(attempts) > 1:
+            return await self._stop_everywhere(x, attempts, headers, query)
         last = len(attempts) - 1
         for index, name in enumerate(attempts):
             if index:
@@ -627,6 +676,38 @@ class Proxy:
                 continue
             return response
         raise AssertionError("a request has at least one upstream to try")
+
+    async def _stop_everywhere(
+        self, x: Exchange, attempts: tuple[str, ...], headers: Headers, query: str
+    ) -> httpx.Response:
+        """A Dify stop names a task, which only the app that runs it knows, and the
+        gateway does not record where a task runs until its answer settles: the
+        stop goes to every upstream the mount's answers may have gone to (each
+        with its own key and the caller as the user; an app that runs no such
+        task does nothing). The first success is answered, else the last reply."""
+        chosen: httpx.Response | None = None
+        failure: UpstreamTimeout | UpstreamUnavailable | None = None
+        for name in attempts:
+            self._use(x, name)
+            assert x.target is not None
+            headers[-1] = x.target.authorization
+            try:
+                response = await self._open(x, x.target.url + x.path + query, headers)
+            except (UpstreamTimeout, UpstreamUnavailable) as exc:
+                failure = exc
+                log.warning("request %s: stop at %s: %r", x.request_id, name, exc)
+                continue
+            if chosen is None or (response.is_success and not chosen.is_success):
+                if chosen is not None:
+                    await chosen.aclose()
+                chosen, answered = response, name
+            else:
+                await response.aclose()
+        if chosen is None:
+            assert failure is not None
+            raise failure
+        self._use(x, answered)
+        return chosen
 
     async def _open(self, x: Exchange, url: str, headers: Headers) -> httpx.Response:
         """One attempt: the request sent to ``x.target``, its response's headers read."""

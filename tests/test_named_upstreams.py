@@ -17,7 +17,7 @@ from gateway.types import Receive, Scope, Send
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.dify import FakeDify
 from tests.fakes.openai import ANSWER_PIECES, FakeOpenAI
-from tests.harness import Harness, running_gateway, to_toml
+from tests.harness import USER, Harness, running_gateway, to_toml
 from tests.servers import free_port, read_body, serve
 
 HOSTED_KEY = "sk-hosted-secret"
@@ -407,6 +407,138 @@ async def test_when_every_upstream_fails_the_last_failure_is_the_answer_uncharge
     assert response.status_code == 429
     assert response.json()["error"]["message"] == "refused 429"
     assert len(primary.headers) == len(second.headers) == 1
+
+
+class DownFirst:
+    """An upstream that refuses its first ``n`` requests with 503, then is ``app``."""
+
+    def __init__(self, app: FakeDify, n: int = 1) -> None:
+        self.app, self.n = app, n
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.n > 0:
+            self.n -= 1
+            await Refuses(503)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+@contextlib.asynccontextmanager
+async def dify_with_fallback(
+    database_url: str, support: FakeDify, research: FakeDify
+) -> AsyncIterator[Harness]:
+    """support (down for its first request) at /support/v1, research its fallback."""
+    async with contextlib.AsyncExitStack() as stack:
+        support_url = await stack.enter_async_context(serve(DownFirst(support)))
+        research_url = await stack.enter_async_context(serve(research))
+        upstreams = {
+            "support": {
+                "url": support_url + "/v1",
+                "api_key_env": "SUPPORT_KEY",
+                "fallbacks": ["research"],
+            },
+            "research": {"url": research_url + "/v1", "api_key_env": "RESEARCH_KEY"},
+        }
+        yield await stack.enter_async_context(gateway(database_url, upstreams))
+
+
+async def test_a_dify_conversation_begun_on_a_fallback_app_is_continued_there(
+    database_url: str,
+) -> None:
+    # Dify conversations live in the app that made them (real Dify answers 404
+    # "Conversation Not Exists" elsewhere). The support app is down for the first
+    # message, so research (its fallback) starts the conversation; what names it
+    # next goes to research, the app the ledger records.
+    support, research = FakeDify(api_key=SUPPORT_KEY), FakeDify(api_key=RESEARCH_KEY)
+    async with dify_with_fallback(database_url, support, research) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            blocking = {**CHAT, "response_mode": "blocking"}
+            first = await client.post("/support/v1/chat-messages", json=blocking, headers=h.auth())
+            conversation = first.json()["conversation_id"]
+            await h.probes.wait_finished(1)
+            second = await client.post(
+                "/support/v1/chat-messages",
+                json={**blocking, "conversation_id": conversation},
+                headers=h.auth(),
+            )
+            history = await client.get(
+                "/support/v1/messages", params={"conversation_id": conversation}, headers=h.auth()
+            )
+            renamed = await client.post(
+                f"/support/v1/conversations/{conversation}/name",
+                json={"name": "x"},
+                headers=h.auth(),
+            )
+            # A new conversation goes to the mount's first app, as before.
+            fresh = await client.post("/support/v1/chat-messages", json=blocking, headers=h.auth())
+        await h.probes.wait_finished(5)  # the history read and rename count too
+        events = await h.events()
+    assert first.status_code == second.status_code == fresh.status_code == 200
+    assert history.status_code < 500 and renamed.status_code < 500
+    by_answer = {e.answer_id: e.upstream for e in events}
+    answers = [r.json()["message_id"] for r in (first, second, fresh)]
+    assert [by_answer[a] for a in answers] == ["research", "research", "support"]
+    assert [(r.method, r.path) for r in support.requests] == [("POST", "/v1/chat-messages")]
+    assert [r.path for r in research.requests] == [
+        "/v1/chat-messages",
+        "/v1/chat-messages",
+        "/v1/messages",
+        f"/v1/conversations/{conversation}/name",
+    ]
+
+
+async def test_a_request_naming_a_conversation_never_falls_back(database_url: str) -> None:
+    # The conversation is support's (the ledger says so); support is down for the
+    # next message: research has no such conversation, so nothing is sent there.
+    support, research = FakeDify(api_key=SUPPORT_KEY), FakeDify(api_key=RESEARCH_KEY)
+    gate = DownFirst(support, n=0)
+    async with contextlib.AsyncExitStack() as stack:
+        support_url = await stack.enter_async_context(serve(gate))
+        research_url = await stack.enter_async_context(serve(research))
+        upstreams = {
+            "support": {
+                "url": support_url + "/v1",
+                "api_key_env": "SUPPORT_KEY",
+                "fallbacks": ["research"],
+            },
+            "research": {"url": research_url + "/v1", "api_key_env": "RESEARCH_KEY"},
+        }
+        h = await stack.enter_async_context(gateway(database_url, upstreams))
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            blocking = {**CHAT, "response_mode": "blocking"}
+            first = await client.post("/support/v1/chat-messages", json=blocking, headers=h.auth())
+            await h.probes.wait_finished(1)
+            gate.n = 1
+            second = await client.post(
+                "/support/v1/chat-messages",
+                json={**blocking, "conversation_id": first.json()["conversation_id"]},
+                headers=h.auth(),
+            )
+    assert first.status_code == 200 and second.status_code == 503
+    assert research.requests == []
+
+
+async def test_a_stop_after_a_fallback_reaches_the_app_running_the_task(
+    database_url: str,
+) -> None:
+    # The answer runs on research (support was down); the gateway does not know
+    # where a task runs before its answer settles, so the stop goes to every app
+    # the mount's answers may go to, each with its own key and the caller as user.
+    support, research = FakeDify(api_key=SUPPORT_KEY), FakeDify(api_key=RESEARCH_KEY)
+    async with dify_with_fallback(database_url, support, research) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            answer = await client.post("/support/v1/chat-messages", json=CHAT, headers=h.auth())
+            task = orjson.loads(answer.content.split(b"data: ", 2)[1].split(b"\n", 1)[0])["task_id"]
+            stop = await client.post(
+                f"/support/v1/chat-messages/{task}/stop", json={"user": "x"}, headers=h.auth()
+            )
+        await h.probes.wait_finished(1)
+    assert answer.status_code == 200 and stop.status_code == 200
+    assert stop.json() == {"result": "success"}
+    assert research.stops == [task]
+    (stopped,) = [r for r in research.requests if r.path.endswith("/stop")]
+    assert stopped.headers["authorization"] == f"Bearer {RESEARCH_KEY}"
+    assert stopped.json["user"] == USER
 
 
 # --- kinds side by side ------------------------------------------------------------------------
