@@ -83,7 +83,7 @@ from gateway.routing import ALLOWED, RouteGuard, side_cost_result
 from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import UsageEvent
 from gateway.types import Receive, Scope, Send
-from gateway.upstream_client import UpstreamClient
+from gateway.upstream_client import UpstreamClient, request_taken
 from gateway.upstreams import Prepared, Route, Upstream
 from gateway.usage import Metered
 
@@ -621,8 +621,11 @@ class Proxy:
 
     async def _forward(self, x: Exchange) -> httpx.Response:
         """Send the request upstream; while an upstream fails before answering -
-        unreachable, timed out before its headers, or answering 429 or 5xx - send
-        it on to the next of its fallbacks (issue 23). Nothing of a failed
+        unreachable, timed out before it took the request, or answering 429 or
+        5xx - send it on to the next of its fallbacks (issue 23). One that may
+        have taken the request (`request_taken`: a read timeout, a disconnect) is
+        fallen back from only with its ``fallback_after_timeout``: else the
+        request ends there, as at the last upstream. Nothing of a failed
         attempt reaches the client, and the one reservation stays the request's:
         the client sees one answer, charged once. The last attempt's failure, or
         answer, is the request's."""
@@ -656,10 +659,14 @@ class Proxy:
             except (UpstreamTimeout, UpstreamUnavailable) as exc:
                 outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "unreachable"
                 metrics.inc("gateway_upstream_attempts_total", upstream=name, outcome=outcome)
-                if index < last:
+                taken = request_taken(exc)
+                if index < last and (not taken or target.settings.fallback_after_timeout):
                     log.warning("request %s: upstream %s: %r", x.request_id, name, exc)
+                    if taken:
+                        # Its answer may be generated and billed: not in the ledger.
+                        metrics.inc("gateway_upstream_abandoned_total", upstream=name)
                     continue
-                await self._failed(x, exc)
+                await self._failed(x, exc, taken=taken)
                 raise
             status = response.status_code
             outcome = (
@@ -733,15 +740,19 @@ class Proxy:
                 await self._kept(self._settle(x, result, disconnected=False))
             raise
 
-    async def _failed(self, x: Exchange, exc: UpstreamTimeout | UpstreamUnavailable) -> None:
-        """The last upstream tried failed before answering."""
+    async def _failed(
+        self, x: Exchange, exc: UpstreamTimeout | UpstreamUnavailable, *, taken: bool
+    ) -> None:
+        """The upstream the request ends at failed before answering: the last one
+        to try, or one that may have taken the request (``taken``,
+        `request_taken`), which is not fallen back from."""
         metrics = self._metrics
         if isinstance(exc, UpstreamUnavailable):
             metrics.inc("gateway_upstream_errors_total", kind="connect")
             log.warning("request %s: upstream unreachable: %r", x.request_id, exc.__cause__)
             return
         ticket = x.ticket
-        if exc.phase == "read" and ticket is not None and ticket.reserved:
+        if taken and ticket is not None and ticket.reserved:
             # The request reached the upstream, which may well be answering (and
             # billing) still: the query stays spent and an estimate is recorded.
             metrics.inc("gateway_upstream_errors_total", kind="answer_timeout")

@@ -4,6 +4,7 @@ of real local fakes."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -258,6 +259,8 @@ async def with_fallback(
     async with contextlib.AsyncExitStack() as stack:
         if primary is None:
             primary_url = f"http://127.0.0.1:{free_port()}/v1"
+        elif isinstance(primary, str):
+            primary_url = primary
         else:
             primary_url = await stack.enter_async_context(serve(primary)) + "/v1"
         backup_url = await stack.enter_async_context(serve(backup))
@@ -346,12 +349,32 @@ async def test_a_429_or_5xx_before_the_answer_falls_back_and_keys_stay_apart(
             assert not any(key in value for key in foreign)
 
 
-async def test_a_timeout_before_the_headers_falls_back(database_url: str) -> None:
+async def test_a_read_timeout_is_charged_there_not_fallen_back_from(database_url: str) -> None:
+    # Review of issue 23: the primary took the request (it was written, then no
+    # headers came in time), so it may be generating - and billing - the answer
+    # still. By default the request ends there, as at the last upstream: the
+    # usual estimate, under the upstream that took it; nothing goes to the backup.
     stalls = Stalls()
-    async with with_fallback(database_url, stalls, read_timeout=0.2, total_timeout=0.2) as (
-        h,
-        backup,
-    ):
+    fast = {"read_timeout": 0.2, "total_timeout": 0.2}
+    async with with_fallback(database_url, stalls, **fast) as (h, backup):
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            response = await client.post(
+                "/v1/chat/completions", json=chat("gpt-4o-mini", stream=False), headers=h.auth()
+            )
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+        abandoned = await metric(h, "gateway_upstream_abandoned_total", upstream="primary")
+    assert response.status_code == 504 and stalls.requests == 1
+    assert (event.upstream, event.estimated) == ("primary", True)
+    assert backup.requests == [] and abandoned == 0
+
+
+async def test_fallback_after_timeout_falls_back_and_counts_the_abandoned_attempt(
+    database_url: str,
+) -> None:
+    stalls = Stalls()
+    settings = {"read_timeout": 0.2, "total_timeout": 0.2, "fallback_after_timeout": True}
+    async with with_fallback(database_url, stalls, **settings) as (h, backup):
         await answered_by_backup(h, backup, stream=False)
         assert (
             await metric(
@@ -359,7 +382,47 @@ async def test_a_timeout_before_the_headers_falls_back(database_url: str) -> Non
             )
             == 1
         )
+        assert await metric(h, "gateway_upstream_abandoned_total", upstream="primary") == 1
     assert stalls.requests == 1
+
+
+@contextlib.asynccontextmanager
+async def hangs_up() -> AsyncIterator[str]:
+    """A server that reads a request's head and closes the connection unanswered
+    (an upstream that crashed after it took the request)."""
+    taken: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        taken.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.mark.parametrize("opt_in", [False, True])
+async def test_a_disconnect_after_the_request_was_sent_falls_back_only_when_opted_in(
+    database_url: str, opt_in: bool
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        url = await stack.enter_async_context(hangs_up())
+        h, backup = await stack.enter_async_context(
+            with_fallback(database_url, url, fallback_after_timeout=opt_in)
+        )
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            response = await client.post(
+                "/v1/chat/completions", json=chat("gpt-4o-mini", stream=False), headers=h.auth()
+            )
+        await h.probes.wait_finished(1)
+        events = await h.events()
+        abandoned = await metric(h, "gateway_upstream_abandoned_total", upstream="primary")
+    if opt_in:
+        assert response.status_code == 200 and len(backup.requests) == 1 and abandoned == 1
+        assert [e.upstream for e in events] == ["backup"]
+    else:
+        assert response.status_code == 502 and backup.requests == [] and abandoned == 0
 
 
 async def test_no_fallback_after_the_first_byte(database_url: str) -> None:
