@@ -462,16 +462,21 @@ class Proxy:
         upstream of the mount serves the model, before anything is reserved."""
         mount = x.mount
         assert mount is not None
-        if mount.direct is not None and x.route is not ALLOWED:
-            # One upstream serving every model, no fallbacks: nothing to choose.
-            x.attempts = mount.direct
-            self._use(x, mount.direct[0])
-            return
-        if x.holder is not None and x.holder in mount.upstreams:
+        if x.holder is not None and x.holder in x.snap.targets:
+            if x.holder not in mount.upstreams:
+                # Made at another mount: not here. Never looked up with this
+                # mount's key (the same answer as for a missing object).
+                answer_id = x.route.owned_answer
+                raise NotFound(f"No object found with id '{answer_id}'.", code="not_found")
             # A stored answer's object (or a response continuing one) is only
             # where it was made: no other upstream of the mount has it.
             x.attempts = (x.holder,)
             self._use(x, x.holder)
+            return
+        if mount.direct is not None and x.route is not ALLOWED:
+            # One upstream serving every model, no fallbacks: nothing to choose.
+            x.attempts = mount.direct
+            self._use(x, mount.direct[0])
             return
         routing = x.snap.routing
         model = x.dialect.routed_model(x.route, x.json)

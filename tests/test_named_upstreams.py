@@ -764,6 +764,45 @@ async def test_a_refusal_before_the_path_is_routed_takes_the_mounts_shape(sqlite
     assert "type" not in on_openai.json() and "error" in on_openai.json()  # OpenAI's
 
 
+async def test_a_stored_answer_made_at_another_mount_is_not_found_here(database_url: str) -> None:
+    # Review of issue 23: a's answer, read or continued at /b/v1, was looked up
+    # at b with b's key. It is not at /b/v1: 404, as for a missing object, in
+    # the mount's shape, and nothing is sent to b.
+    a, b = FakeOpenAI(api_key=HOSTED_KEY), FakeOpenAI(api_key=LOCAL_KEY)
+    async with contextlib.AsyncExitStack() as stack:
+        a_url = await stack.enter_async_context(serve(a))
+        b_url = await stack.enter_async_context(serve(b))
+        upstreams = {
+            "a": openai(a_url + "/v1", "HOSTED_KEY"),
+            "b": openai(b_url + "/v1", "LOCAL_KEY"),
+        }
+        h = await stack.enter_async_context(gateway(database_url, upstreams))
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            created = await client.post(
+                "/a/v1/responses", json={"model": "gpt-4o-mini", "input": "hi"}, headers=h.auth()
+            )
+            await h.probes.wait_finished(1)
+            (event,) = await h.events()
+            read = await client.get(f"/b/v1/responses/{event.answer_id}", headers=h.auth())
+            more = {
+                "model": "gpt-4o-mini",
+                "input": "more",
+                "previous_response_id": event.answer_id,
+            }
+            cont = await client.post("/b/v1/responses", json=more, headers=h.auth())
+            here = await client.get(f"/a/v1/responses/{event.answer_id}", headers=h.auth())
+    assert created.status_code == 200 and event.upstream == "a"
+    assert read.status_code == cont.status_code == 404
+    for refused in (read, cont):
+        assert refused.json()["error"]["code"] == "not_found"
+        assert event.answer_id in refused.json()["error"]["message"]
+    assert b.requests == []
+    # Where it was made, it is looked up, with a's key.
+    last = a.requests[-1]
+    assert (last.method, last.path.endswith(f"/responses/{event.answer_id}")) == ("GET", True)
+    assert last.headers["authorization"] == f"Bearer {HOSTED_KEY}" and here.status_code > 0
+
+
 async def test_a_stored_answer_is_read_from_the_upstream_that_gave_it(sqlite_url: str) -> None:
     # The read names no model: without the ledger's upstream it would go to the
     # mount's first upstream, which does not have the object.
