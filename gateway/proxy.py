@@ -657,6 +657,7 @@ class Proxy:
                 self._use(x, name)
                 metrics.inc("gateway_upstream_fallbacks_total", 1, **{"from": failed, "to": name})
                 log.warning("request %s: upstream %s failed; trying %s", x.request_id, failed, name)
+                await self._move_pending(x, name)
             target = x.target
             headers[-1] = target.authorization
             try:
@@ -720,6 +721,29 @@ class Proxy:
             raise failure
         self._use(x, answered)
         return chosen
+
+    async def _move_pending(self, x: Exchange, name: str) -> None:
+        """The answer's pending row follows it to fallback ``name``, so that a
+        recovery (its gateway dying before the settle) charges the estimate to
+        the upstream that was answering. One small write, made only when a
+        request falls back (a rare event): the request path stays one storage
+        round trip. Fails open: with the database away the request goes on, the
+        error logged and counted; its settle still records ``name`` (the
+        ticket's), and only a recovery would name the earlier upstream."""
+        ticket = x.ticket
+        if ticket is None or not ticket.reserved or ticket.pending_id is None:
+            return  # nothing pending (no answer, or admitted fail-open)
+        try:
+            await self._storage.move_pending(ticket.pending_id, upstream=name)
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation="move_pending")
+            log.error(
+                "request %s: could not move its pending answer to upstream %s "
+                "(a recovery would charge the one before): %s",
+                x.request_id,
+                name,
+                exc.message,
+            )
 
     async def _open(self, x: Exchange, url: str, headers: Headers) -> httpx.Response:
         """One attempt: the request sent to ``x.target``, its response's headers read."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tests.fakes.dify import FakeDify
 from tests.fakes.openai import ANSWER_PIECES, FakeOpenAI
 from tests.harness import USER, Harness, running_gateway, to_toml
 from tests.servers import free_port, read_body, serve
+from tests.tcpproxy import TCPProxy
 
 HOSTED_KEY = "sk-hosted-secret"
 LOCAL_KEY = "sk-local-secret"
@@ -257,6 +259,7 @@ async def with_fallback(
     a working backup mounted apart."""
     backup = FakeOpenAI(api_key=BACKUP_KEY)
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(backup.release_held)  # a held answer must end before shutdown
         if primary is None:
             primary_url = f"http://127.0.0.1:{free_port()}/v1"
         elif isinstance(primary, str):
@@ -604,6 +607,81 @@ async def test_a_stop_after_a_fallback_reaches_the_app_running_the_task(
     assert stopped.json["user"] == USER
 
 
+async def test_a_recovery_after_a_fallback_charges_the_fallback(database_url: str) -> None:
+    """The gateway is taken for dead (a recovery runs) while a fallback is
+    answering: the estimate is charged to the fallback, the upstream that was
+    answering, not to the one admission chose; the real record, arriving
+    later, replaces it there."""
+    async with with_fallback(database_url, Refuses(503)) as (h, backup):
+        held = h.auth(**{"x-fake-scenario": "hold"})
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            async with client.stream(
+                "POST", "/v1/chat/completions", json=chat("gpt-4o-mini"), headers=held
+            ) as response:
+                chunks = response.aiter_raw()
+                assert b"data: " in await asyncio.wait_for(anext(chunks), timeout=5)
+                request_id = response.headers["x-request-id"]
+                later = h.gateway.clock.now() + timedelta(hours=1)
+                recovered_ids = await h.storage.recover(before=later, now=later)
+                recovered = [(e.answer_id, e.upstream, e.outcome) for e in await h.events()]
+                backup.release_held()
+                rest = b"".join([chunk async for chunk in chunks])
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+        moves_failed = await metric(h, "gateway_storage_errors_total", operation="move_pending")
+    assert response.status_code == 200 and b"[DONE]" in rest
+    assert recovered_ids == [request_id]
+    assert recovered == [(f"gw-{request_id}", "backup", "recovered")]
+    assert (event.upstream, event.outcome, event.request_id) == ("backup", "complete", request_id)
+    assert moves_failed == 0
+
+
+class Then:
+    """An upstream that runs ``first`` (a coroutine function: the database goes
+    away, or comes back) and then answers as ``app`` does."""
+
+    def __init__(self, first: Callable[[], Awaitable[None]], app: Any) -> None:
+        self.first, self.app = first, app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.first()
+        await self.app(scope, receive, send)
+
+
+async def test_a_fallback_with_the_database_away_goes_on_and_records_the_fallback(
+    pg_behind_proxy: tuple[str, TCPProxy],
+) -> None:
+    """The database goes away between the admission and the fallback, so the
+    pending row cannot follow the answer: the request goes on (fail-open), the
+    failure is logged and counted, and the settle, once the database is back,
+    still records the fallback."""
+    url, proxy = pg_behind_proxy
+    backup = FakeOpenAI(api_key=BACKUP_KEY)
+    async with contextlib.AsyncExitStack() as stack:
+        primary_url = await stack.enter_async_context(serve(Then(proxy.cut, Refuses(503))))
+        backup_url = await stack.enter_async_context(serve(Then(proxy.restore, backup)))
+        upstreams = {
+            "primary": openai(primary_url, "HOSTED_KEY", mount="/v1", fallbacks=["backup"]),
+            "backup": openai(backup_url + "/v1", "BACKUP_KEY"),
+        }
+        database = {"database": {"connect_timeout": 1.0, "command_timeout": 2.0}}
+        h = await stack.enter_async_context(gateway(url, upstreams, **database))
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            response = await client.post(
+                "/v1/chat/completions", json=chat("gpt-4o-mini"), headers=h.auth()
+            )
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+        moves_failed = await metric(h, "gateway_storage_errors_total", operation="move_pending")
+        later = h.gateway.clock.now() + timedelta(hours=1)
+        left = await h.storage.recover(before=later, now=later)
+    assert response.status_code == 200 and "".join(ANSWER_PIECES) in _text(response.content)
+    assert moves_failed == 1
+    assert (event.upstream, event.outcome) == ("backup", "complete") and event.cost > 0
+    assert left == []  # the settle took the pending row
+
+
 # --- kinds side by side ------------------------------------------------------------------------
 
 
@@ -647,6 +725,88 @@ async def test_openai_and_anthropic_side_by_side_each_in_its_own_shape(database_
     (sent_openai,) = hosted.requests
     assert sent_openai.headers["authorization"] == f"Bearer {HOSTED_KEY}"
     assert sorted(e.model or "" for e in events) == ["claude-sonnet-4-5", "gpt-4o-mini"]
+
+
+# --- the usage API ---------------------------------------------------------------------------
+
+DEAD = "http://127.0.0.1:9/v1"  # the usage API asks no upstream
+
+
+def with_claude_at(mount: str) -> dict[str, Any]:
+    return {
+        "hosted": openai(DEAD, "HOSTED_KEY", mount="/v1"),
+        "claude": {
+            "kind": "anthropic",
+            "url": DEAD,
+            "api_key_env": "ANTHROPIC_KEY",
+            "mount": mount,
+        },
+    }
+
+
+async def test_the_usage_api_takes_the_key_in_x_api_key_when_anthropic_is_mounted_anywhere(
+    sqlite_url: str,
+) -> None:
+    """An Anthropic SDK user at /claude/v1 sends the gateway key in x-api-key:
+    /v1/usage (the gateway's own path, under the OpenAI mount) reads it there
+    too, or in Authorization, or in both when they agree."""
+    async with gateway(sqlite_url, with_claude_at("/claude/v1")) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            by_key_header = await client.get("/v1/usage", headers={"x-api-key": h.key})
+            daily = await client.get("/v1/usage/daily", headers={"x-api-key": h.key})
+            by_bearer = await client.get("/v1/usage", headers=h.auth())
+            both = await client.get("/v1/usage", headers=h.auth(**{"x-api-key": h.key}))
+            nothing = await client.get("/v1/usage")
+            wrong = await client.get("/v1/usage", headers={"x-api-key": "gwk_not-a-key"})
+    for response in (by_key_header, daily, by_bearer, both):
+        assert response.status_code == 200, response.text
+        assert response.json()["user"] == USER
+        # One user's figures: no cache on the way keeps them (x-api-key is no
+        # header an HTTP cache knows to keep responses of apart).
+        assert response.headers["cache-control"] == "no-store"
+    assert nothing.status_code == 401 and wrong.status_code == 401
+
+
+@pytest.mark.parametrize("key_first", [True, False])
+async def test_the_usage_api_refuses_a_key_in_each_header_that_disagree(
+    sqlite_url: str, key_first: bool
+) -> None:
+    """Attack: a valid key in Authorization and another in x-api-key (another
+    user's, or any other value). Whichever the gateway read, something in front
+    of it may have judged the caller by the other: refused, naming no user."""
+    async with gateway(sqlite_url, with_claude_at("/claude/v1")) as h:
+        other = await h.add_user("bob")
+        attempts = [
+            {"authorization": f"Bearer {h.key}", "x-api-key": other},
+            {"authorization": f"Bearer {other}", "x-api-key": h.key},
+            {"authorization": f"Bearer {h.key}", "x-api-key": "sk-ant-someone-elses"},
+            {"authorization": f"Basic {h.key}", "x-api-key": h.key},
+        ]
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            responses = []
+            for headers in attempts:
+                ordered = dict(reversed(headers.items())) if key_first else headers
+                for path in ("/v1/usage", "/v1/usage/daily"):
+                    responses.append(await client.get(path, headers=ordered))
+    for response in responses:
+        assert response.status_code == 400, response.text
+        assert "different credentials" in response.text
+        assert USER not in response.text and "bob" not in response.text
+
+
+async def test_the_usage_api_reads_no_key_header_when_no_upstream_sends_one(
+    sqlite_url: str,
+) -> None:
+    """Without an Anthropic upstream no client sends its key in x-api-key, and
+    intermediaries in front of the gateway know its credentials in
+    Authorization only: x-api-key is no credential here, agreeing or not."""
+    upstreams = {"hosted": openai(DEAD, "HOSTED_KEY", mount="/v1")}
+    async with gateway(sqlite_url, upstreams) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            alone = await client.get("/v1/usage", headers={"x-api-key": h.key})
+            beside = await client.get("/v1/usage", headers=h.auth(**{"x-api-key": "other"}))
+    assert alone.status_code == 401
+    assert beside.status_code == 200 and beside.json()["user"] == USER
 
 
 # --- reload --------------------------------------------------------------------------------

@@ -742,6 +742,13 @@ class Storage(Protocol):
         settled, refunded or recovered."""
         ...
 
+    async def move_pending(self, pending_id: str, *, upstream: str) -> bool:
+        """The named upstream a pending answer is now sent to (a fallback took
+        it, issue 23): a recovery charges its estimate there. False, changing
+        nothing, when the pending answer is no longer there (settled, refunded
+        or recovered)."""
+        ...
+
     async def settle(
         self,
         event: UsageEvent,

@@ -796,6 +796,13 @@ class PostgresStorage:
         with _mapped():
             return bool(await self._pool.fetchval(_REFUND, user_id, day, lease_id, pending_id))
 
+    async def move_pending(self, pending_id: str, *, upstream: str) -> bool:
+        with _mapped():
+            status = await self._pool.execute(
+                "UPDATE pending_answers SET upstream = $2 WHERE id = $1", pending_id, upstream
+            )
+        return bool(status != "UPDATE 0")
+
     async def recover(self, *, before: datetime, now: datetime, limit: int = 100) -> list[str]:
         with _mapped():
             rows = await self._pool.fetch(_RECOVER, before, limit, now)

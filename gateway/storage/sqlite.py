@@ -268,13 +268,15 @@ def _alert_used(
     return Decimal(row[0] or 0) if meter == "cost" else int(row[0] or 0)
 
 
-def _stored(value: int | Decimal) -> int | str:
-    return str(value) if isinstance(value, Decimal) else value
+def _stored(value: int | Decimal) -> str:
+    """A crossing's limit or usage as its TEXT column holds it (migration 0014):
+    the exact decimal, or a count's digits."""
+    return str(value)
 
 
 def _amount(value: int | float | str) -> int | Decimal:
-    """A count, or money (stored as a decimal string, which the column's numeric
-    affinity may have turned into a REAL: its shortest repr is the decimal)."""
+    """A crossing's limit or usage: a count, or money - an exact decimal string
+    (a row from before migration 0014 may hold what a REAL kept of one)."""
     if isinstance(value, int):
         return value
     amount = Decimal(str(value))
@@ -1422,6 +1424,15 @@ class SQLiteStorage:
                     at = datetime.fromisoformat(claimed.created_at).timestamp()
                     _count_rates(conn, user_id, claimed.rates, "queries", at, -1)
             return claimed is not None
+
+        return await self._tx(run)
+
+    async def move_pending(self, pending_id: str, *, upstream: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            moved: int = conn.execute(
+                "UPDATE pending_answers SET upstream = ? WHERE id = ?", (upstream, pending_id)
+            ).rowcount
+            return moved > 0
 
         return await self._tx(run)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from decimal import Decimal
 
 from gateway.storage import AdmissionLimits, AlertCheck, AlertRequest, Storage
 from tests.storage.test_contract import DAY, MONTH, NOW, _two_stores, event
@@ -162,3 +163,27 @@ async def test_two_settles_landing_exactly_on_a_threshold_announce_it_once(
         (f"racer{i}", threshold, threshold * 10) for i in range(rounds) for threshold in (50, 100)
     )
     assert all(len(a.deliveries) == 1 for a in alerts)
+
+
+async def test_money_crossings_keep_exact_decimals(storage: Storage) -> None:
+    """A money budget's crossing keeps its limit and usage exactly (SQLite:
+    TEXT columns since migration 0014; a REAL cannot hold these amounts)."""
+    await storage.ensure_user("alice", plan="free")
+    budget = Decimal("12345678901234.56789")
+    request = AlertRequest(
+        (AlertCheck("cost_per_month", "2026-11", budget, (50, 100), "9:2:1:"),),
+        MONTH,
+        ("webhook",),
+    )
+    await storage.settle(event("m1", cost="6172839450617.28394"), alerts=request)
+    await storage.settle(event("m2", cost="0.1"), alerts=request)
+    await storage.settle(event("m3", cost="6172839450617.18395"), alerts=request)
+    alerts = {a.crossing.threshold: a.crossing for a in await storage.list_alerts()}
+    assert (alerts[50].value, alerts[50].used) == (budget, Decimal("6172839450617.38394"))
+    assert (alerts[100].value, alerts[100].used) == (budget, budget)
+    # The outbox's rows (what the webhook sends) read the same amounts.
+    due = await storage.claim_outbox(now=NOW, claim_until=NOW + timedelta(minutes=1))
+    assert sorted((d.crossing.threshold, d.crossing.value, d.crossing.used) for d in due) == [
+        (50, budget, Decimal("6172839450617.38394")),
+        (100, budget, budget),
+    ]

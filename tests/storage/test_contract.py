@@ -1238,6 +1238,32 @@ async def test_a_settled_pending_answer_records_the_upstream_the_event_names(
     assert await storage.recover(before=LATER, now=LATER) == []
 
 
+async def test_a_pending_answer_moved_to_a_fallback_is_recovered_there(storage: Storage) -> None:
+    """A fallback took the answer (issue 23): its pending row names the fallback
+    from then on, so a recovery charges the estimate there; a row already gone
+    is left alone (False)."""
+    await storage.ensure_user("alice", plan="free")
+    for name in ("r1", "r2"):
+        admission = await storage.admit(
+            "alice",
+            day=DAY,
+            month_start=MONTH,
+            now=NOW,
+            limits=AdmissionLimits(queries_per_day=1000),
+            pending=replace(pending(name), upstream="primary"),
+        )
+        assert admission.admitted
+    assert await storage.move_pending("r1", upstream="backup")
+    assert await storage.move_pending("r1", upstream="last-resort")
+    assert not await storage.move_pending("nobody", upstream="backup")
+    assert await storage.recover(before=LATER, now=LATER) == ["r1", "r2"]
+    recovered = {e.answer_id: e.upstream for e in await all_events(storage)}
+    assert recovered == {"gw-r1": "last-resort", "gw-r2": "primary"}
+    # Recovered: the row is gone, nothing to move (and the ledger stays).
+    assert not await storage.move_pending("r2", upstream="backup")
+    assert {e.answer_id: e.upstream for e in await all_events(storage)} == recovered
+
+
 async def test_recover_after_settle_does_nothing(storage: Storage) -> None:
     await storage.ensure_user("alice", plan="free")
     await admit_web(storage, "r1", limit=5)

@@ -16,6 +16,8 @@ import pytest
 from gateway.config import DatabaseConfig
 from gateway.storage import (
     AdmissionLimits,
+    AlertCheck,
+    AlertRequest,
     Lease,
     Pending,
     Storage,
@@ -368,3 +370,52 @@ async def test_a_gateway_of_the_previous_version_still_admits_and_settles_after_
         ]
     finally:
         await conn.close()
+
+
+async def test_sqlite_alerts_keep_their_rows_and_take_exact_money_after_0014(
+    tmp_path: Path,
+) -> None:
+    """SQLite 0014 rebuilds notifications with TEXT amounts: the crossings
+    recorded before it and their outbox rows (ids, attempts) are kept, and a
+    money crossing recorded after it is exact."""
+    url = old_sqlite(tmp_path / "old.db", 13)
+    conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+    conn.execute(
+        "INSERT INTO notifications (user_id, kind, period, threshold, created_at, limit_value, "
+        "used) VALUES ('alice', 'cost_per_day', ?, 50, ?, '1', '0.5')",
+        (DAY.isoformat(), _ts(NOW)),
+    )
+    conn.execute(
+        "INSERT INTO alert_outbox (id, user_id, kind, period, threshold, channel, created_at, "
+        "attempts, next_attempt_at) VALUES (7, 'alice', 'cost_per_day', ?, 50, 'webhook', ?, 2, ?)",
+        (DAY.isoformat(), _ts(NOW), _ts(NOW)),
+    )
+    conn.close()
+    storage = await migrated(url)
+    try:
+        (old,) = await storage.list_alerts()
+        assert (old.crossing.value, old.crossing.used) == (1, Decimal("0.5"))
+        assert [(d.channel, d.attempts) for d in old.deliveries] == [("webhook", 2)]
+        (item,) = await storage.claim_outbox(now=NOW, claim_until=NOW + timedelta(minutes=1))
+        assert (item.id, item.crossing.used) == (7, Decimal("0.5"))
+        budget = Decimal("12345678901234.56789")
+        request = AlertRequest(
+            (AlertCheck("cost_per_month", "2026-11", budget, (1,), "9:2:1:"),), MONTH, ("email",)
+        )
+        answer = UsageEvent(
+            answer_id="msg-big",
+            user_id="alice",
+            day=DAY,
+            created_at=NOW,
+            endpoint="chat-messages",
+            total_tokens=10,
+            cost=Decimal("123456789012.3456789"),
+        )
+        assert await storage.settle(answer, alerts=request)
+        new = [a for a in await storage.list_alerts() if a.crossing.limit == "cost_per_month"]
+        # The month: 0.50 + 0.25 before, and this answer's cost.
+        assert [(a.crossing.value, a.crossing.used) for a in new] == [
+            (budget, Decimal("123456789013.0956789"))
+        ]
+    finally:
+        await storage.close()
