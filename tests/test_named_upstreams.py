@@ -318,8 +318,10 @@ def _text(sse: bytes) -> str:
     return "".join(pieces)
 
 
-async def test_an_unreachable_upstream_falls_back(database_url: str) -> None:
-    async with with_fallback(database_url, None) as (h, backup):
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_an_unreachable_upstream_falls_back(database_url: str, transport: str) -> None:
+    # Refused: the request surely never reached it (upstream_client.request_taken).
+    async with with_fallback(database_url, None, transport=transport) as (h, backup):
         await answered_by_backup(h, backup, stream=True)
         assert (
             await metric(
@@ -405,14 +407,15 @@ async def hangs_up() -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}/v1"
 
 
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
 @pytest.mark.parametrize("opt_in", [False, True])
 async def test_a_disconnect_after_the_request_was_sent_falls_back_only_when_opted_in(
-    database_url: str, opt_in: bool
+    database_url: str, opt_in: bool, transport: str
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
         url = await stack.enter_async_context(hangs_up())
         h, backup = await stack.enter_async_context(
-            with_fallback(database_url, url, fallback_after_timeout=opt_in)
+            with_fallback(database_url, url, fallback_after_timeout=opt_in, transport=transport)
         )
         async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
             response = await client.post(
