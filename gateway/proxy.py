@@ -503,7 +503,7 @@ class Proxy:
             if allowed is None
             else routing.attempts(first, model, allowed=allowed)
         )
-        if mount.kind == "dify" and (len(x.attempts) > 1 or mount.shared):
+        if mount.kind == "dify" and len(x.attempts) > 1:  # (a Dify mount is never shared)
             conversation = _conversation_named(x)
             if conversation is not None:
                 x.attempts = await self._conversation_attempts(x, conversation)
