@@ -920,6 +920,12 @@ class Storage(Protocol):
         object the answer created (and to send the request where it is kept)."""
         ...
 
+    async def conversation_upstream(self, user_id: str, conversation_id: str) -> str | None:
+        """The upstream that answered the first recorded message of this user's
+        conversation (a Dify conversation lives in the app that made it), or None
+        when the ledger has none."""
+        ...
+
     # --- human-input resumes (issue 20) ---
 
     async def remember_forms(self, forms: Sequence[PausedForm], *, now: datetime) -> None:

@@ -1074,6 +1074,17 @@ class PostgresStorage:
             )
         return None if row is None else AnswerOwner(row["user_id"], row["upstream"])
 
+    async def conversation_upstream(self, user_id: str, conversation_id: str) -> str | None:
+        # usage_events_conversation_idx (0021): one index probe.
+        with _mapped():
+            upstream = await self._pool.fetchval(
+                "SELECT upstream FROM usage_events WHERE user_id = $1 AND conversation_id = $2 "
+                "ORDER BY seq LIMIT 1",
+                user_id,
+                conversation_id,
+            )
+        return None if upstream is None else str(upstream)
+
     # --- human-input resumes (issue 20) ---
 
     async def remember_forms(self, forms: Sequence[PausedForm], *, now: datetime) -> None:

@@ -1762,6 +1762,17 @@ class SQLiteStorage:
         )
         return None if row is None else AnswerOwner(str(row[0]), str(row[1]))
 
+    async def conversation_upstream(self, user_id: str, conversation_id: str) -> str | None:
+        # usage_events_conversation_idx (0017): one index probe.
+        row = await self._run(
+            lambda conn: conn.execute(
+                "SELECT upstream FROM usage_events WHERE user_id = ? AND conversation_id = ? "
+                "ORDER BY seq LIMIT 1",
+                (user_id, conversation_id),
+            ).fetchone()
+        )
+        return None if row is None else str(row[0])
+
     # --- human-input resumes (issue 20) ---
 
     async def remember_forms(self, forms: Sequence[PausedForm], *, now: datetime) -> None:
