@@ -118,19 +118,23 @@ _DAY_FIELDS: dict[Meter, str] = {
     "cost": "cost",
 }
 Buckets = Mapping[tuple[Meter, Per], Mapping[int, Decimal]]
+# The plan keys that are rates, and what they count (per minute).
+_MINUTE_RATES: dict[str, Meter] = {"requests_per_minute": "queries", "tokens_per_minute": "tokens"}
 
 
-def rate_reset(buckets: Mapping[int, Decimal], per: Per, now: datetime) -> datetime | None:
+def rate_reset(
+    buckets: Mapping[int, Decimal], per: Per, now: datetime, periods: Periods
+) -> datetime | None:
     """When a rate window's oldest counted bucket leaves it (what it counted is
-    then free again, as a refusal's Retry-After counts): None when it counts
-    nothing."""
+    then free again, as a refusal's Retry-After counts), in the periods' time
+    zone: None when it counts nothing."""
     epoch = now.timestamp()
     first = first_counted(per, epoch)
     counted = [bucket for bucket, amount in buckets.items() if bucket >= first and amount]
     if not counted:
         return None
     leaves = (min(counted) + RATE_BUCKETS + 1) * bucket_seconds(per)
-    return datetime.fromtimestamp(leaves, UTC)
+    return datetime.fromtimestamp(leaves, periods.day_resets_at.tzinfo)
 
 
 def general_limits(plan: Plan) -> list[tuple[str, Limit]]:
@@ -162,7 +166,7 @@ def general_view(
         if limit.is_rate:
             window = buckets.get((limit.meter, limit.per), {})
             used = rate_used(window, limit.per, now.timestamp())
-            resets = rate_reset(window, limit.per, now)
+            resets = rate_reset(window, limit.per, now, periods)
         else:
             key = limit.counter_key
             if key is not None:
@@ -208,8 +212,8 @@ def limits_view(
     moment = now or datetime.now(UTC)
     rates = {key: rate_used(found, key[1], moment.timestamp()) for key, found in buckets.items()}
     rate_resets = {
-        "requests_per_minute": rate_reset(buckets.get(("queries", "minute"), {}), "minute", moment),
-        "tokens_per_minute": rate_reset(buckets.get(("tokens", "minute"), {}), "minute", moment),
+        name: rate_reset(buckets.get((meter, "minute"), {}), "minute", moment, periods)
+        for name, meter in _MINUTE_RATES.items()
     }
     used: dict[str, Any] = {
         "queries_per_day": today.queries,

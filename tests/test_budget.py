@@ -694,8 +694,9 @@ async def test_usage_lists_every_general_limit_of_the_user_and_the_team(
         await h.probes.wait_finished(4)
         usage = (await client.get(f"{h.url}/v1/usage", headers=h.auth())).json()
     day_reset, month_reset = "2026-11-22T00:00:00+07:00", "2026-12-01T00:00:00+07:00"
-    # The hour's oldest counted bucket (09:00-09:05) leaves its span at 10:05.
-    hour_reset = "2026-11-21T10:05:00+00:00"
+    # The hour's oldest counted bucket (09:00-09:05 UTC) leaves its span at
+    # 10:05 UTC, 17:05 in Ho Chi Minh City.
+    hour_reset = "2026-11-21T17:05:00+07:00"
     limits = usage["limits"]
     assert limits["queries_per_hour"] == {
         "meter": "queries",
