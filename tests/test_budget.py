@@ -755,3 +755,31 @@ async def test_usage_lists_every_general_limit_of_the_user_and_the_team(
         4,
         hour_reset,
     )
+
+
+def test_the_dashboard_shows_general_limits_as_the_usage_api_gives_them() -> None:
+    """The dashboard's limits table renders each [[plans.NAME.limits]] entry of
+    a usage view: counts with their meter, money as exact decimals."""
+    from zoneinfo import ZoneInfo
+
+    from gateway.dashboard.formats import number_format
+    from gateway.dashboard.user_page import limit_rows
+
+    limits = {
+        "queries_per_hour": {
+            "meter": "queries", "per": "hour", "scope": "user", "models": [],
+            "used": 3, "limit": 30, "remaining": 27, "resets_at": "2026-11-21T17:05:00+07:00",
+        },
+        "cost_per_day[budget-*]": {
+            "meter": "cost", "per": "day", "scope": "user", "models": ["budget-*"],
+            "used": "0.22", "limit": "1.5", "remaining": "1.28",
+            "resets_at": "2026-11-22T00:00:00+07:00",
+        },
+    }  # fmt: skip
+    rows = str(limit_rows(number_format("en-US"), limits, ZoneInfo(HCM)))
+    hour, cost = rows.split("</tr>")[:2]
+    assert '<th scope="row">queries_per_hour</th>' in hour
+    assert 'data-label="Used">3</td>' in hour and 'aria-label="3 of 30 used, 27 left"' in hour
+    assert 'data-label="Resets">2026-11-21 17:05</td>' in hour
+    assert '<th scope="row">cost_per_day[budget-*]</th>' in cost
+    assert 'data-label="Used">0.22</td>' in cost and 'data-label="Remaining">1.28</td>' in cost
