@@ -38,7 +38,7 @@ from gateway.currency import check as currency_check
 from gateway.currency import shown
 from gateway.errors import BadRequest, ConfigError, GatewayError, StorageError
 from gateway.logs import configure_logging
-from gateway.reports import money, team_report
+from gateway.reports import money, team_report, user_general_view
 from gateway.storage import OverrideValue, Storage, open_storage
 
 EXIT_ERROR = 1
@@ -466,6 +466,9 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
         f"  cost          {money(today.cost) if today else 0} {currency}",
         f"this month:    {month_tokens} tokens / {limit(plan.tokens_per_month)}",
     ]
+    # The plan's [[plans.NAME.limits]] entries (issue 21), as /v1/usage shows them.
+    general = await user_general_view(storage, plan, user.id, rows, period, now=SystemClock().now())
+    lines += _general_lines("", general)
     # This month's answers per model and per named upstream (issue 23), from the
     # ledger, as /v1/usage and the admin API show them.
     models = await storage.usage_by_model(user.id, start=period.month_start, end=period.day)
@@ -514,6 +517,20 @@ def _grouped_lines(title: str, groups: Sequence[tuple[str, int, int, str, str]])
     ]
 
 
+def _general_lines(who: str, limits: dict[str, dict[str, Any]]) -> list[str]:
+    """The ``[[plans.NAME.limits]]`` entries of a usage view (those saying what
+    they count), a line each: name, used / limit, and when it resets."""
+    general = {name: entry for name, entry in limits.items() if "meter" in entry}
+    if not general:
+        return []
+    width = max(len(name) for name in general)
+    return [f"{who}limits:"] + [
+        f"  {name:<{width}}  {entry['used']} / {entry['limit']}"
+        + (f"  (resets {entry['resets_at']})" if entry["resets_at"] else "")
+        for name, entry in general.items()
+    ]
+
+
 def _team_usage_lines(report: dict[str, Any], config: Config) -> list[str]:
     """A team's usage (its members summed) against its plan, for `users show`
     and `teams show`."""
@@ -531,6 +548,7 @@ def _team_usage_lines(report: dict[str, Any], config: Config) -> list[str]:
         f"  cost          {report['today']['cost']} {report['currency']}",
         f"team this month: {used('tokens_per_month')} tokens, "
         f"cost {report['month']['cost']} {report['currency']}",
+        *_general_lines("team ", report["limits"]),
     ]
 
 

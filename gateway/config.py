@@ -119,6 +119,10 @@ class UpstreamConfig:
     # Upstreams of the same kind tried in order when this one fails before any
     # byte of the answer was relayed.
     fallbacks: tuple[str, ...] = ()
+    # Fall back also after the request reached this upstream and no headers came
+    # (a read timeout, a disconnect): its answer may be generated and billed
+    # unrecorded (docs/configuration.md, "Fallbacks").
+    fallback_after_timeout: bool = False
     name: str = field(default="default", metadata={"resolved": True})  # its NAME
     # --- end of issue 23 ---
     api_key: str = _resolved()

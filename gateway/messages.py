@@ -412,6 +412,16 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "More than one {header} header.",
         "Yêu cầu có nhiều hơn một header {header}.",
     ),
+    "models_limit": _e(
+        "invalid_param",
+        "limit: the page size must be an integer from 1 to 1000.",
+        "limit: kích thước trang phải là số nguyên từ 1 đến 1000.",
+    ),
+    "models_cursors": _e(
+        "invalid_param",
+        "after_id and before_id cannot both be set.",
+        "Không thể đặt cùng lúc after_id và before_id.",
+    ),
     "content_type_twice": _e(
         "invalid_param",
         "More than one Content-Type header.",

@@ -65,6 +65,12 @@ COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
         "Requests sent on to a fallback upstream after one failed before answering.",
         ("from", "to"),
     ),
+    "gateway_upstream_abandoned_total": (
+        "Requests an upstream took (then timed out or disconnected before its headers) "
+        "that were sent on to a fallback (fallback_after_timeout): possibly billed, "
+        "unrecorded.",
+        ("upstream",),
+    ),
     "gateway_client_disconnects_total": ("Clients that left before the answer ended.", ()),
     "gateway_answers_recovered_total": (
         "Pending answers of a gateway that died, charged by estimate.",

@@ -273,7 +273,7 @@ def document() -> dict[str, Any]:
             "/admin/users/{user_id}": {
                 "get": {
                     "operationId": "getUser",
-                    "summary": "One user: plan, overrides, limits and usage (this month per model and per upstream), keys, daily history",
+                    "summary": "One user: plan, overrides, limits (the plan keys and each [[plans.NAME.limits]] entry, the team's too: used, limit, remaining, resets_at; money as decimal strings) and usage (this month per model and per upstream), keys, daily history",
                     "parameters": [
                         _USER_ID,
                         {
@@ -405,7 +405,7 @@ def document() -> dict[str, Any]:
             "/admin/teams/{team_id}": {
                 "get": {
                     "operationId": "getTeam",
-                    "summary": "One team: plan, overrides, limits and usage (members summed; this month per upstream), members, daily history",
+                    "summary": "One team: plan, overrides, limits (the plan keys and each [[plans.NAME.limits]] entry) and usage (members summed; this month per upstream), members, daily history",
                     "parameters": [_TEAM_ID, _DAYS],
                     "responses": {
                         "200": _json({"type": "object"}, "The team"),

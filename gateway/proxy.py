@@ -26,9 +26,11 @@ import dataclasses
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qs, unquote
 
 import httpx
 import orjson
@@ -81,7 +83,7 @@ from gateway.routing import ALLOWED, RouteGuard, side_cost_result
 from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import UsageEvent
 from gateway.types import Receive, Scope, Send
-from gateway.upstream_client import UpstreamClient
+from gateway.upstream_client import UpstreamClient, request_taken
 from gateway.upstreams import Prepared, Route, Upstream
 from gateway.usage import Metered
 
@@ -114,6 +116,9 @@ _NO_HEADERS = RequestHeaders([])
 # Upstream answers that send a request on to the next fallback (issue 23).
 _RATE_LIMITED = 429
 _SERVER_ERROR = 500
+# The pages of one upstream's model list read at most for a shared mount's list
+# (Anthropic's: 1000 models a page).
+_MODEL_LIST_PAGES = 10
 
 # Request ids: unique per process by a counter, across processes by a random prefix;
 # cheaper than uuid4 on every request. They also key the ledger rows of answers
@@ -142,6 +147,25 @@ def new_request_id() -> str:
 async def _wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+_CONVERSATION_PATH = re.compile(r"^/conversations/([^/]+)(?:/|$)")
+
+
+def _conversation_named(x: Exchange) -> str | None:
+    """The Dify conversation a request names (its body's or query's
+    ``conversation_id``, or a ``/conversations/ID`` path), or None: a new
+    conversation ("") names none."""
+    found: object = None
+    if x.json is not None:
+        found = x.json.get("conversation_id")
+    if not found and x.query:
+        values = parse_qs(x.query.decode("latin-1")).get("conversation_id")
+        found = values[0] if values else None
+    if not found:
+        match = _CONVERSATION_PATH.match(x.path)
+        found = unquote(match.group(1)) if match else None
+    return found if isinstance(found, str) and found else None
 
 
 def _serialised(body: dict[str, Any]) -> bytes:
@@ -314,7 +338,7 @@ class Proxy:
         await self._read_body(x, receive)
         if x.route.by_body:
             await self._refine(x)
-        self._choose(x)
+        await self._choose(x)
         await self._check_models(x)
         self._rewrite(x)
         if x.route.lists_models and x.mount is not None and x.mount.shared:
@@ -435,22 +459,27 @@ class Proxy:
 
     # --- choose the upstream (issue 23) ----------------------------------------------
 
-    def _choose(self, x: Exchange) -> None:
+    async def _choose(self, x: Exchange) -> None:
         """Pick the mount's upstream for the model the request names, and the
         fallbacks to try after it (gateway/mounts.py): refused 404 when no
         upstream of the mount serves the model, before anything is reserved."""
         mount = x.mount
         assert mount is not None
-        if mount.direct is not None and x.route is not ALLOWED:
-            # One upstream serving every model, no fallbacks: nothing to choose.
-            x.attempts = mount.direct
-            self._use(x, mount.direct[0])
-            return
-        if x.holder is not None and x.holder in mount.upstreams:
+        if x.holder is not None and x.holder in x.snap.targets:
+            if x.holder not in mount.upstreams:
+                # Made at another mount: not here. Never looked up with this
+                # mount's key (the same answer as for a missing object).
+                answer_id = x.route.owned_answer
+                raise NotFound(f"No object found with id '{answer_id}'.", code="not_found")
             # A stored answer's object (or a response continuing one) is only
             # where it was made: no other upstream of the mount has it.
             x.attempts = (x.holder,)
             self._use(x, x.holder)
+            return
+        if mount.direct is not None and x.route is not ALLOWED:
+            # One upstream serving every model, no fallbacks: nothing to choose.
+            x.attempts = mount.direct
+            self._use(x, mount.direct[0])
             return
         routing = x.snap.routing
         model = x.dialect.routed_model(x.route, x.json)
@@ -477,7 +506,33 @@ class Proxy:
             if allowed is None
             else routing.attempts(first, model, allowed=allowed)
         )
+        if mount.kind == "dify" and len(x.attempts) > 1:  # (a Dify mount is never shared)
+            conversation = _conversation_named(x)
+            if conversation is not None:
+                x.attempts = await self._conversation_attempts(x, conversation)
+                first = x.attempts[0]
         self._use(x, first)
+
+    async def _conversation_attempts(self, x: Exchange, conversation: str) -> tuple[str, ...]:
+        """A Dify conversation lives in the app that made it: a request naming one
+        goes to the upstream the ledger records for the user's conversation, and
+        never falls back (no other app has it). Read only on a mount with more
+        than one upstream to try."""
+        try:
+            made_by = await self._storage.conversation_upstream(x.user_id, conversation)
+        except StorageError as exc:
+            # Without the ledger: the mount's first upstream, as before fallbacks.
+            self._metrics.inc("gateway_storage_errors_total", operation="conversation")
+            log.warning(
+                "request %s: conversation's upstream not read, sent to %s: %s",
+                x.request_id,
+                x.attempts[0],
+                exc.message,
+            )
+            return x.attempts[:1]
+        if made_by is not None and made_by in x.attempts:
+            return (made_by,)
+        return x.attempts[:1]
 
     def _use(self, x: Exchange, name: str) -> None:
         """Forward the request to upstream ``name`` (its address, key, client);
@@ -574,8 +629,11 @@ class Proxy:
 
     async def _forward(self, x: Exchange) -> httpx.Response:
         """Send the request upstream; while an upstream fails before answering -
-        unreachable, timed out before its headers, or answering 429 or 5xx - send
-        it on to the next of its fallbacks (issue 23). Nothing of a failed
+        unreachable, timed out before it took the request, or answering 429 or
+        5xx - send it on to the next of its fallbacks (issue 23). One that may
+        have taken the request (`request_taken`: a read timeout, a disconnect) is
+        fallen back from only with its ``fallback_after_timeout``: else the
+        request ends there, as at the last upstream. Nothing of a failed
         attempt reaches the client, and the one reservation stays the request's:
         the client sees one answer, charged once. The last attempt's failure, or
         answer, is the request's."""
@@ -593,6 +651,8 @@ class Proxy:
             attempts = attempts[:1]
         x.forwarded_at = time.perf_counter()
         metrics.observe("gateway_overhead_seconds", x.forwarded_at - x.started, route=x.route.kind)
+        if x.route.kind == "stop" and len(attempts) > 1:
+            return await self._stop_everywhere(x, attempts, headers, query)
         last = len(attempts) - 1
         for index, name in enumerate(attempts):
             if index:
@@ -608,10 +668,14 @@ class Proxy:
             except (UpstreamTimeout, UpstreamUnavailable) as exc:
                 outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "unreachable"
                 metrics.inc("gateway_upstream_attempts_total", upstream=name, outcome=outcome)
-                if index < last:
+                taken = request_taken(exc)
+                if index < last and (not taken or target.settings.fallback_after_timeout):
                     log.warning("request %s: upstream %s: %r", x.request_id, name, exc)
+                    if taken:
+                        # Its answer may be generated and billed: not in the ledger.
+                        metrics.inc("gateway_upstream_abandoned_total", upstream=name)
                     continue
-                await self._failed(x, exc)
+                await self._failed(x, exc, taken=taken)
                 raise
             status = response.status_code
             outcome = (
@@ -628,6 +692,38 @@ class Proxy:
                 continue
             return response
         raise AssertionError("a request has at least one upstream to try")
+
+    async def _stop_everywhere(
+        self, x: Exchange, attempts: tuple[str, ...], headers: Headers, query: str
+    ) -> httpx.Response:
+        """A Dify stop names a task, which only the app that runs it knows, and the
+        gateway does not record where a task runs until its answer settles: the
+        stop goes to every upstream the mount's answers may have gone to (each
+        with its own key and the caller as the user; an app that runs no such
+        task does nothing). The first success is answered, else the last reply."""
+        chosen: httpx.Response | None = None
+        failure: UpstreamTimeout | UpstreamUnavailable | None = None
+        for name in attempts:
+            self._use(x, name)
+            assert x.target is not None
+            headers[-1] = x.target.authorization
+            try:
+                response = await self._open(x, x.target.url + x.path + query, headers)
+            except (UpstreamTimeout, UpstreamUnavailable) as exc:
+                failure = exc
+                log.warning("request %s: stop at %s: %r", x.request_id, name, exc)
+                continue
+            if chosen is None or (response.is_success and not chosen.is_success):
+                if chosen is not None:
+                    await chosen.aclose()
+                chosen, answered = response, name
+            else:
+                await response.aclose()
+        if chosen is None:
+            assert failure is not None
+            raise failure
+        self._use(x, answered)
+        return chosen
 
     async def _move_pending(self, x: Exchange, name: str) -> None:
         """The answer's pending row follows it to fallback ``name``, so that a
@@ -676,15 +772,19 @@ class Proxy:
                 await self._kept(self._settle(x, result, disconnected=False))
             raise
 
-    async def _failed(self, x: Exchange, exc: UpstreamTimeout | UpstreamUnavailable) -> None:
-        """The last upstream tried failed before answering."""
+    async def _failed(
+        self, x: Exchange, exc: UpstreamTimeout | UpstreamUnavailable, *, taken: bool
+    ) -> None:
+        """The upstream the request ends at failed before answering: the last one
+        to try, or one that may have taken the request (``taken``,
+        `request_taken`), which is not fallen back from."""
         metrics = self._metrics
         if isinstance(exc, UpstreamUnavailable):
             metrics.inc("gateway_upstream_errors_total", kind="connect")
             log.warning("request %s: upstream unreachable: %r", x.request_id, exc.__cause__)
             return
         ticket = x.ticket
-        if exc.phase == "read" and ticket is not None and ticket.reserved:
+        if taken and ticket is not None and ticket.reserved:
             # The request reached the upstream, which may well be answering (and
             # billing) still: the query stays spent and an estimate is recorded.
             metrics.inc("gateway_upstream_errors_total", kind="answer_timeout")
@@ -1003,34 +1103,24 @@ class Proxy:
         list, limited to the models it is routed (``models``), as one list, then
         limited to the allow-lists that apply. An upstream that cannot give its
         list is left out (logged); with none, the request fails as one would."""
-        snap, mount = x.snap, x.mount
+        snap, mount, dialect = x.snap, x.mount, x.dialect
         assert mount is not None
-        query = "?" + x.query.decode("latin-1") if x.query else ""
+        dialect.page_models(x.route, {"data": []}, x.query)  # bad paging refused first
         pages: list[dict[str, Any]] = []
         for name in mount.upstreams:
-            target = snap.targets[name]
-            try:
-                reply = await self.clients[name].request(
-                    "GET",
-                    target.url + x.path + query,
-                    headers=[*x.headers.forward, target.authorization],
-                )
-                page = orjson.loads(reply.content) if reply.is_success else None
-            except (UpstreamUnavailable, orjson.JSONDecodeError) as exc:
-                page = exc
-            if not isinstance(page, dict):
-                log.warning("request %s: no model list from upstream %s", x.request_id, name)
-                continue
             serves = snap.routing.upstreams[name].serves
-            pages.append(x.dialect.filter_models(x.route, page, serves))
+            pages += [
+                dialect.filter_models(x.route, page, serves)
+                for page in await self._model_pages(x, name)
+            ]
         if not pages:
             raise UpstreamUnavailable("The upstream model list could not be read.")
         lists = await self._model_lists(x)
-        merged = x.dialect.merge_models(pages)
-        filtered = x.dialect.filter_models(
+        merged = dialect.merge_models(pages)
+        filtered = dialect.filter_models(
             x.route, merged, lambda model: all(allows(globs, model) for globs in lists)
         )
-        body = orjson.dumps(filtered)
+        body = orjson.dumps(dialect.page_models(x.route, filtered, x.query))
         metrics_status = "2xx"
         self._metrics.inc("gateway_requests_total", route=x.route.kind, status=metrics_status)
         headers = [
@@ -1040,6 +1130,40 @@ class Proxy:
         ]
         await self._start(x, send, 200, headers)
         await send({"type": "http.response.body", "body": body})
+
+    async def _model_pages(self, x: Exchange, name: str) -> list[dict[str, Any]]:
+        """Upstream ``name``'s whole model list, as the pages it gives it in
+        (one for OpenAI; Anthropic's, page after page, at most
+        ``_MODEL_LIST_PAGES``). What could not be read is left out, logged."""
+        target, client = x.snap.targets[name], self.clients[name]
+        pages: list[dict[str, Any]] = []
+        query = x.dialect.model_list_query(x.query, None)
+        while query is not None:
+            if len(pages) == _MODEL_LIST_PAGES:
+                log.warning(
+                    "request %s: the model list of upstream %s is longer than %d pages; "
+                    "the rest left out",
+                    x.request_id,
+                    name,
+                    _MODEL_LIST_PAGES,
+                )
+                break
+            url = target.url + x.path + ("?" + query.decode("latin-1") if query else "")
+            try:
+                reply = await client.request(
+                    "GET", url, headers=[*x.headers.forward, target.authorization]
+                )
+                page = orjson.loads(reply.content) if reply.is_success else None
+            except (UpstreamUnavailable, orjson.JSONDecodeError) as exc:
+                page = exc
+            if not isinstance(page, dict):
+                what = "the rest of its" if pages else "no"
+                log.warning("request %s: %s model list from upstream %s", x.request_id, what, name)
+                break
+            pages.append(page)
+            after = x.dialect.model_list_query(x.query, page)
+            query = None if after == query else after  # a cursor that does not move
+        return pages
 
     async def _read_page(
         self, response: httpx.Response, what: Literal["history page", "model list"]

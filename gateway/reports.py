@@ -14,9 +14,19 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.accounts import effective_plan, team_plan
 from gateway.clock import Periods, periods_at
-from gateway.config import LIMIT_NAMES, MONEY_LIMITS, Config, Plan
+from gateway.config import GENERAL_PREFIX, LIMIT_NAMES, MONEY_LIMITS, Config, Plan
 from gateway.errors import NotFound
-from gateway.quota import Meter, Per
+from gateway.plans import plan_limits
+from gateway.quota import (
+    RATE_BUCKETS,
+    Limit,
+    LimitScope,
+    Meter,
+    Per,
+    bucket_seconds,
+    first_counted,
+    rate_used,
+)
 from gateway.storage import DailyUsage, ModelUsage, Storage, Team, UpstreamUsage, User, summed
 
 if TYPE_CHECKING:
@@ -95,6 +105,91 @@ def upstream_dict(row: UpstreamUsage) -> dict[str, Any]:
     }
 
 
+# What a day row counts for each meter a limit can count (DailyUsage's fields).
+_DAY_FIELDS: dict[Meter, str] = {
+    "queries": "queries",
+    "advanced_rag": "advanced_rag",
+    "web_searches": "web_searches",
+    "uploads": "uploads",
+    "upload_bytes": "upload_bytes",
+    "input_tokens": "prompt_tokens",
+    "output_tokens": "completion_tokens",
+    "tokens": "total_tokens",
+    "cost": "cost",
+}
+Buckets = Mapping[tuple[Meter, Per], Mapping[int, Decimal]]
+# The plan keys that are rates, and what they count (per minute).
+_MINUTE_RATES: dict[str, Meter] = {"requests_per_minute": "queries", "tokens_per_minute": "tokens"}
+
+
+def rate_reset(
+    buckets: Mapping[int, Decimal], per: Per, now: datetime, periods: Periods
+) -> datetime | None:
+    """When a rate window's oldest counted bucket leaves it (what it counted is
+    then free again, as a refusal's Retry-After counts), in the periods' time
+    zone: None when it counts nothing."""
+    epoch = now.timestamp()
+    first = first_counted(per, epoch)
+    counted = [bucket for bucket, amount in buckets.items() if bucket >= first and amount]
+    if not counted:
+        return None
+    leaves = (min(counted) + RATE_BUCKETS + 1) * bucket_seconds(per)
+    return datetime.fromtimestamp(leaves, periods.day_resets_at.tzinfo)
+
+
+def general_limits(plan: Plan) -> list[tuple[str, Limit]]:
+    """The plan's ``[[plans.NAME.limits]]`` entries as limits, each with the
+    name overrides call it by (`PlanLimit.label`)."""
+    labels = {entry.label for entry in plan.limits}
+    return [(limit.name, limit) for limit in plan_limits(plan) if limit.name in labels]
+
+
+def general_view(
+    limits: list[tuple[str, Limit]],
+    today: DailyUsage,
+    month: DailyUsage,
+    periods: Periods,
+    *,
+    now: datetime,
+    buckets: Buckets,
+    models: Mapping[tuple[str, Meter, Per], Decimal],
+    scope: LimitScope | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Each ``[[plans.NAME.limits]]`` entry (issue 21): what it counts (meter,
+    per, scope, models), used, limit, remaining and resets_at; money as exact
+    decimal strings. ``today`` and ``month`` are the day rows the entries count
+    (the user's, or the team's members' summed); ``buckets`` the rate buckets;
+    ``models`` the per-model limits' own counters (`Storage.model_counters`)."""
+    view: dict[str, dict[str, Any]] = {}
+    for name, limit in limits:
+        resets: datetime | None
+        if limit.is_rate:
+            window = buckets.get((limit.meter, limit.per), {})
+            used = rate_used(window, limit.per, now.timestamp())
+            resets = rate_reset(window, limit.per, now, periods)
+        else:
+            key = limit.counter_key
+            if key is not None:
+                used = models.get((key, limit.meter, limit.per), Decimal(0))
+            else:
+                row = today if limit.per == "day" else month
+                used = Decimal(getattr(row, _DAY_FIELDS[limit.meter]))
+            resets = periods.day_resets_at if limit.per == "day" else periods.month_resets_at
+        remaining = max(limit.max - used, Decimal(0))
+        shown: Callable[[Decimal], Any] = money if limit.meter == "cost" else int
+        view[name] = {
+            "meter": limit.meter,
+            "per": limit.per,
+            "scope": scope or limit.scope,
+            "models": list(limit.models),
+            "used": shown(used),
+            "limit": shown(limit.max),
+            "remaining": shown(remaining),
+            "resets_at": _iso(resets),
+        }
+    return view
+
+
 def limits_view(
     plan: Plan,
     today: DailyUsage,
@@ -103,14 +198,23 @@ def limits_view(
     periods: Periods,
     *,
     month_cost: Decimal = Decimal(0),
-    rates: Mapping[tuple[Meter, Per], Decimal] | None = None,
+    buckets: Buckets | None = None,
+    now: datetime | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Each limit of the (overridden) plan: used, limit, remaining, resets_at.
+    """Each limit of the (overridden) plan's keys: used, limit, remaining,
+    resets_at (`general_view` adds its ``[[plans.NAME.limits]]`` entries).
 
     ``limit`` and ``remaining`` are null when unlimited; ``resets_at`` is null for
-    limits that do not reset with time.
+    limits that do not reset with time (and a rate counting nothing);
+    ``buckets`` are the rate buckets counted at ``now``.
     """
-    rates = rates or {}
+    buckets = buckets or {}
+    moment = now or datetime.now(UTC)
+    rates = {key: rate_used(found, key[1], moment.timestamp()) for key, found in buckets.items()}
+    rate_resets = {
+        name: rate_reset(buckets.get((meter, "minute"), {}), "minute", moment, periods)
+        for name, meter in _MINUTE_RATES.items()
+    }
     used: dict[str, Any] = {
         "queries_per_day": today.queries,
         "tokens_per_day": today.total_tokens,
@@ -152,11 +256,49 @@ def limits_view(
                 if name in _DAILY
                 else periods.month_resets_at
                 if name in _MONTHLY
-                else None
+                else rate_resets.get(name)
             )
             entry["resets_at"] = _iso(reset)
         view[name] = entry
     return view
+
+
+def add_general(limits: dict[str, dict[str, Any]], general: Mapping[str, dict[str, Any]]) -> None:
+    """Adds ``[[plans.NAME.limits]]`` entries to a view of the plan's keys, each
+    by its name; one whose name a plan key has too (an entry counting tokens per
+    day unnamed is "tokens_per_day") by its override's name ("limits." and the
+    name), so neither hides the other."""
+    for name, entry in general.items():
+        key = name if name not in limits else GENERAL_PREFIX + name
+        limits[key] = entry
+
+
+async def user_general_view(
+    storage: Storage,
+    plan: Plan,
+    user_id: str,
+    rows: list[DailyUsage],
+    periods: Periods,
+    *,
+    now: datetime,
+    buckets: Buckets | None = None,
+) -> dict[str, dict[str, Any]]:
+    """`general_view` of a user's plan: ``rows`` are the user's day rows of this
+    month; ``buckets`` their rate buckets (read when not given). One read for
+    the rates and one for the per-model counters, each only when an entry needs it."""
+    general = general_limits(plan)
+    if not general:
+        return {}
+    if buckets is None:
+        rated = any(limit.is_rate for _, limit in general)
+        buckets = await storage.rate_buckets([user_id]) if rated else {}
+    keys = sorted({k for _, limit in general if (k := limit.counter_key) is not None})
+    per_model = await storage.model_counters(
+        user_id, keys, day=periods.day, month_start=periods.month_start
+    )
+    today = next((r for r in rows if r.day == periods.day), DailyUsage(user_id, periods.day))
+    month = summed(rows, user_id=user_id, day=periods.month_start)
+    return general_view(general, today, month, periods, now=now, buckets=buckets, models=per_model)
 
 
 def fill_days(rows: list[DailyUsage], user_id: str, start: date, end: date) -> list[DailyUsage]:
@@ -191,15 +333,42 @@ async def team_report(
     month = summed(rows, user_id=team.id, day=periods.month_start)
     plan = team_plan(config, team)
     users = await storage.team_members(team.id)
-    rates: dict[tuple[Meter, Per], Decimal] = {}
-    if plan.requests_per_minute is not None or plan.tokens_per_minute is not None:
-        # A team's rate sums its members' rate windows (docs/quotas.md, "Team limits").
-        for user in users:
-            counted = await storage.rate_counts(user.id, now=now or datetime.now(UTC))
-            for key, amount in counted.items():
-                rates[key] = rates.get(key, Decimal(0)) + amount
+    moment = now or datetime.now(UTC)
+    general = general_limits(plan)
+    buckets: Buckets = {}
+    if users and (
+        plan.requests_per_minute is not None
+        or plan.tokens_per_minute is not None
+        or any(limit.is_rate for _, limit in general)
+    ):
+        # A team's rate sums its members' rate windows (docs/quotas.md, "Team
+        # limits"): their buckets, in one read.
+        buckets = await storage.rate_buckets([user.id for user in users])
     limits = limits_view(
-        plan, today, month.total_tokens, 0, periods, month_cost=month.cost, rates=rates
+        plan,
+        today,
+        month.total_tokens,
+        0,
+        periods,
+        month_cost=month.cost,
+        buckets=buckets,
+        now=moment,
+    )
+    # Its [[plans.NAME.limits]] entries, over its members (per-model limits are
+    # each member's own: `plans.team_limits`).
+    team_general = [(name, limit) for name, limit in general if not limit.models]
+    add_general(
+        limits,
+        general_view(
+            team_general,
+            today,
+            month,
+            periods,
+            now=moment,
+            buckets=buckets,
+            models={},
+            scope="team",
+        ),
     )
     limits["max_concurrent_streams"] = {"limit": plan.max_concurrent_streams}
     report: dict[str, Any] = {
@@ -272,20 +441,32 @@ class Reports:
         plan: Plan = effective_plan(snap.config, user)
         team = await self._user_team(snap, user)
         currency = self._currency()
+        now = self._clock.now()
+        buckets = await self._storage.rate_buckets([user.id])
+        month = summed(rows, user_id=user.id, day=periods.month_start)
+        limits = limits_view(
+            plan,
+            today,
+            month.total_tokens,
+            streams,
+            periods,
+            month_cost=month.cost,
+            buckets=buckets,
+            now=now,
+        )
+        # The plan's [[plans.NAME.limits]] entries, by the names overrides use.
+        add_general(
+            limits,
+            await user_general_view(
+                self._storage, plan, user.id, rows, periods, now=now, buckets=buckets
+            ),
+        )
         return {
             "user": user.id,
             "plan": plan.name,
             "timezone": snap.config.accounting.timezone,
             "day": periods.day.isoformat(),
-            "limits": limits_view(
-                plan,
-                today,
-                sum(r.total_tokens for r in rows),
-                streams,
-                periods,
-                month_cost=sum((r.cost for r in rows), Decimal(0)),
-                rates=await self._storage.rate_counts(user.id, now=self._clock.now()),
-            ),
+            "limits": limits,
             # The team's limits the caller's requests must fit too (issue 21).
             "team_limits": (team or {}).get("limits"),
             "currency": currency,

@@ -168,10 +168,38 @@ class Snapshot:
         return view
 
 
+def _chain(ups: Mapping[str, UpstreamConfig], first: str) -> list[UpstreamConfig]:
+    """The upstreams a request sent to ``first`` may try, as RoutingTable.attempts
+    orders them (depth first, each once), before any is left out for its models."""
+    chain: list[UpstreamConfig] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen or name not in ups:
+            return
+        seen.add(name)
+        chain.append(ups[name])
+        for fallback in ups[name].fallbacks:
+            visit(fallback)
+
+    visit(first)
+    return chain
+
+
 def longest_answer(config: Config) -> float:
-    """The longest an answer can take, in seconds (its deadline, then the grace
-    given to one whose client left)."""
-    return max(up.total_timeout + up.disconnect_grace for up in config.upstreams.values())
+    """The longest an answer can take, in seconds, from its admission: along the
+    longest chain of fallbacks a request may walk (issue 23), each attempt but
+    the last waiting for its headers (a blocking answer: connect_timeout, then
+    up to total_timeout), the last one its deadline, then the grace given to one
+    whose client left."""
+    longest = 0.0
+    for first in config.upstreams:
+        chain = _chain(config.upstreams, first)
+        waits = sum(up.connect_timeout + up.total_timeout for up in chain)
+        for last in chain:
+            ends = last.total_timeout + last.disconnect_grace
+            longest = max(longest, waits - last.connect_timeout - last.total_timeout + ends)
+    return longest
 
 
 def recover_after(config: Config) -> timedelta:

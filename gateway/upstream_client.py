@@ -115,6 +115,30 @@ def timeout_phase(exc: BaseException) -> Literal["connect", "read"] | None:
     return None if kind is None or kind == "failed" else kind
 
 
+# Failures that leave no doubt the request never reached the upstream: refused,
+# unresolved, or no connection (or pool slot) in time.
+_NOT_SENT_AIOHTTP: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+_NOT_SENT_HTTPX: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def request_taken(exc: UpstreamTimeout | UpstreamUnavailable) -> bool:
+    """Whether the upstream may have taken the request a failure ended before its
+    response headers - and may be generating (and billing) its answer still: a
+    read timeout, or a connection lost after it was made. False only when the
+    request surely never reached it. The one rule for fallbacks and estimates."""
+    if isinstance(exc, UpstreamTimeout):
+        return exc.phase == "read"
+    cause = exc.__cause__
+    seen_httpx_connect = False
+    while cause is not None:
+        if isinstance(cause, _AIOHTTP):
+            # httpx-aiohttp wraps every aiohttp error as ConnectTimeout: aiohttp's is the truth.
+            return not isinstance(cause, _NOT_SENT_AIOHTTP)
+        seen_httpx_connect = seen_httpx_connect or isinstance(cause, _NOT_SENT_HTTPX)
+        cause = cause.__cause__
+    return not seen_httpx_connect
+
+
 def _broken(exc: BaseException) -> UpstreamBroken:
     """The gateway's error for a foreign one (of `FOREIGN`) raised by a body."""
     return UpstreamBroken(

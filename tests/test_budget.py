@@ -653,3 +653,133 @@ async def test_an_anthropic_request_is_sent_with_its_max_tokens_lowered(database
         )  # fmt: skip
 
     assert bound(cap) <= Decimal("1.00") < bound(cap + 1)
+
+
+async def test_usage_lists_every_general_limit_of_the_user_and_the_team(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    """Issue 21: /v1/usage lists each [[plans.NAME.limits]] entry, the user's
+    and their team's, by the name overrides use, with what it counts."""
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    mine = [
+        {"meter": "queries", "per": "hour", "max": 30},
+        {"meter": "cost", "per": "day", "max": "1.5", "models": ["budget-*"]},
+        {"meter": "input_tokens", "per": "month", "max": 1000},
+        {"meter": "output_tokens", "per": "month", "max": 1000, "name": "writing"},
+        {"meter": "uploads", "per": "day", "max": 5},
+    ]
+    teams = [
+        {"meter": "tokens", "per": "day", "max": 1000},
+        {"meter": "queries", "per": "hour", "max": 20},
+    ]
+    config = settings(limits=mine)
+    config["plans"]["team"] = {"limits": teams}
+    config["prices"] = {**PRICES, "other-model": {"input": "1000", "output": "2000"}}
+    async with running_gateway(
+        database_url, upstream=fake, settings=config, clock=FixedClock(T0)
+    ) as h:
+        bob = await h.add_user("bob")
+        await h.gateway.accounts.create_team("acme", plan="team")
+        await h.gateway.accounts.set_team(USER, "acme")
+        await h.gateway.accounts.set_team("bob", "acme")
+        for n, body in enumerate([BODY, BODY, {**BODY, "model": "other-model"}]):
+            assert (await ask(client, h, body)).status_code == 200
+            await h.probes.wait_finished(n + 1)
+        asked = await client.post(
+            f"{h.url}/v1/chat/completions",
+            json=BODY,
+            headers={"Authorization": f"Bearer {bob}", **STEER},
+        )
+        assert asked.status_code == 200
+        await h.probes.wait_finished(4)
+        usage = (await client.get(f"{h.url}/v1/usage", headers=h.auth())).json()
+    day_reset, month_reset = "2026-11-22T00:00:00+07:00", "2026-12-01T00:00:00+07:00"
+    # The hour's oldest counted bucket (09:00-09:05 UTC) leaves its span at
+    # 10:05 UTC, 17:05 in Ho Chi Minh City.
+    hour_reset = "2026-11-21T17:05:00+07:00"
+    limits = usage["limits"]
+    assert limits["queries_per_hour"] == {
+        "meter": "queries",
+        "per": "hour",
+        "scope": "user",
+        "models": [],
+        "used": 3,
+        "limit": 30,
+        "remaining": 27,
+        "resets_at": hour_reset,
+    }
+    # Only the two answers of a budget-* model count, as exact decimal strings.
+    assert limits["cost_per_day[budget-*]"] == {
+        "meter": "cost",
+        "per": "day",
+        "scope": "user",
+        "models": ["budget-*"],
+        "used": str(2 * ANSWER_COST),
+        "limit": "1.5",
+        "remaining": str(Decimal("1.5") - 2 * ANSWER_COST),
+        "resets_at": day_reset,
+    }
+    assert {k: limits["input_tokens_per_month"][k] for k in ("used", "remaining")} == {
+        "used": 30,
+        "remaining": 970,
+    }
+    assert limits["writing"]["meter"] == "output_tokens"
+    assert (limits["writing"]["used"], limits["writing"]["resets_at"]) == (150, month_reset)
+    assert limits["uploads_per_day"] == {
+        "meter": "uploads",
+        "per": "day",
+        "scope": "user",
+        "models": [],
+        "used": 0,
+        "limit": 5,
+        "remaining": 5,
+        "resets_at": day_reset,
+    }
+    assert limits["queries_per_day"]["limit"] is None  # the plan's keys as before
+    # The team's entries count both members: alice's 180 tokens and bob's 60.
+    # The unnamed tokens-per-day entry goes by its override's name, as the plan
+    # key tokens_per_day (unset here: unlimited) has its own.
+    team = usage["team_limits"]
+    assert team["tokens_per_day"]["limit"] is None
+    assert team["limits.tokens_per_day"] == {
+        "meter": "tokens",
+        "per": "day",
+        "scope": "team",
+        "models": [],
+        "used": 240,
+        "limit": 1000,
+        "remaining": 760,
+        "resets_at": day_reset,
+    }
+    assert (team["queries_per_hour"]["used"], team["queries_per_hour"]["resets_at"]) == (
+        4,
+        hour_reset,
+    )
+
+
+def test_the_dashboard_shows_general_limits_as_the_usage_api_gives_them() -> None:
+    """The dashboard's limits table renders each [[plans.NAME.limits]] entry of
+    a usage view: counts with their meter, money as exact decimals."""
+    from zoneinfo import ZoneInfo
+
+    from gateway.dashboard.formats import number_format
+    from gateway.dashboard.user_page import limit_rows
+
+    limits = {
+        "queries_per_hour": {
+            "meter": "queries", "per": "hour", "scope": "user", "models": [],
+            "used": 3, "limit": 30, "remaining": 27, "resets_at": "2026-11-21T17:05:00+07:00",
+        },
+        "cost_per_day[budget-*]": {
+            "meter": "cost", "per": "day", "scope": "user", "models": ["budget-*"],
+            "used": "0.22", "limit": "1.5", "remaining": "1.28",
+            "resets_at": "2026-11-22T00:00:00+07:00",
+        },
+    }  # fmt: skip
+    rows = str(limit_rows(number_format("en-US"), limits, ZoneInfo(HCM)))
+    hour, cost = rows.split("</tr>")[:2]
+    assert '<th scope="row">queries_per_hour</th>' in hour
+    assert 'data-label="Used">3</td>' in hour and 'aria-label="3 of 30 used, 27 left"' in hour
+    assert 'data-label="Resets">2026-11-21 17:05</td>' in hour
+    assert '<th scope="row">cost_per_day[budget-*]</th>' in cost
+    assert 'data-label="Used">0.22</td>' in cost and 'data-label="Remaining">1.28</td>' in cost

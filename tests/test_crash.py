@@ -301,3 +301,34 @@ def test_the_recovery_bound_is_never_shorter_than_the_longest_answer() -> None:
     assert bound() == timedelta(seconds=95)  # derived: the answer's limits plus a minute
     assert bound(recover_after=120.0) == timedelta(seconds=120)
     assert bound(recover_after=10.0) == timedelta(seconds=35)  # raised to the longest
+
+
+def test_the_recovery_bound_and_lease_cover_a_request_that_walks_its_fallbacks() -> None:
+    # Review of issue 23: each attempt of a blocking answer may wait connect_timeout
+    # and then total_timeout for its headers before a fallback is tried, so a
+    # request with one fallback may be pending twice as long (+ grace) before it
+    # settles; its pending row and stream lease were taken for lost after one.
+    from gateway.snapshot import longest_answer
+
+    up = {"kind": "openai", "total_timeout": 300.0, "disconnect_grace": 30.0}
+    config = parse_config(
+        {
+            "upstreams": {
+                "a": {
+                    **up,
+                    "url": "http://a/v1",
+                    "api_key_env": "A",
+                    "mount": "/v1",
+                    "fallbacks": ["b"],
+                },
+                "b": {**up, "url": "http://b/v1", "api_key_env": "B", "fallbacks": ["c"]},
+                # c is b's fallback: a's requests may walk a, b, c
+                "c": {**up, "url": "http://c/v1", "api_key_env": "C", "disconnect_grace": 90.0},
+            }
+        },
+        env={},
+    )
+    walk = 2 * (5.0 + 300.0) + 300.0 + 90.0  # two header waits, then c's deadline and grace
+    assert longest_answer(config) == walk
+    # The stream lease (Snapshot.lease_ttl) is longest_answer + 60 too.
+    assert Gateway(config).recover_after == timedelta(seconds=walk + 60)

@@ -248,6 +248,137 @@ async def test_the_model_list_of_a_shared_mount_is_the_union_filtered_by_the_pla
     assert [r.headers["authorization"] for r in local.requests] == [f"Bearer {LOCAL_KEY}"]
 
 
+BIG = tuple(f"claude-a-{n:04}" for n in range(1005))  # more than one upstream page
+SMALL = (*(f"claude-b-{n:02}" for n in range(12)), "claude-a-0003")
+
+
+async def test_an_anthropic_shared_mount_reads_every_page_and_pages_the_union(
+    sqlite_url: str,
+) -> None:
+    """Anthropic's model list is paged (``limit`` 1 to 1000, ``after_id``,
+    ``before_id``): on a shared mount the gateway reads each upstream's whole
+    list, page after page, and pages the union - routed, deduplicated, limited
+    to the plan - with the client's own parameters, as Anthropic pages its list."""
+    big, small = (
+        FakeAnthropic(api_key=ANTHROPIC_KEY, models=BIG),
+        FakeAnthropic(api_key=BACKUP_KEY, models=SMALL),
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        big_url = await stack.enter_async_context(serve(big))
+        small_url = await stack.enter_async_context(serve(small))
+
+        def claude(url: str, key_env: str, **extra: Any) -> dict[str, Any]:
+            return {"kind": "anthropic", "url": url + "/v1", "api_key_env": key_env, **extra}
+
+        upstreams = {
+            "big": claude(big_url, "ANTHROPIC_KEY", mount="/claude/v1", models=["claude-a-*"]),
+            "small": claude(small_url, "BACKUP_KEY", mount="/claude/v1"),
+        }
+        plans = {"plans": {"free": {"models": ["claude-a-*", "claude-b-0*"]}}}
+        h = await stack.enter_async_context(gateway(sqlite_url, upstreams, **plans))
+        headers = {"x-api-key": h.key, "anthropic-version": "2023-06-01"}
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+
+            async def models(**params: Any) -> httpx.Response:
+                return await client.get("/claude/v1/models", params=params, headers=headers)
+
+            forward: list[dict[str, Any]] = []
+            cursor: dict[str, Any] = {}
+            while True:
+                page = (await models(limit=400, **cursor)).json()
+                forward.append(page)
+                if not page["has_more"]:
+                    break
+                cursor = {"after_id": page["last_id"]}
+            back = (await models(limit=400, before_id=forward[2]["first_id"])).json()
+            first = (await models()).json()
+            refused = [await models(limit=0), await models(limit=1001), await models(limit="x")]
+            both = await models(after_id=BIG[0], before_id=BIG[9])
+            gone = (await models(after_id="claude-z")).json()
+    union = [*BIG, *(f"claude-b-{n:02}" for n in range(10))]
+    assert [len(p["data"]) for p in forward] == [400, 400, 215]
+    assert [p["has_more"] for p in forward] == [True, True, False]
+    assert [m["id"] for p in forward for m in p["data"]] == union
+    for page in forward:
+        assert (page["first_id"], page["last_id"]) == (
+            page["data"][0]["id"],
+            page["data"][-1]["id"],
+        )
+    assert back == forward[1]  # has_more: more before it
+    assert [m["id"] for m in first["data"]] == union[:20] and first["has_more"] is True
+    assert gone == {"data": [], "has_more": False, "first_id": None, "last_id": None}
+    for response in (*refused, both):
+        assert response.status_code == 400
+        assert response.json()["type"] == "error"
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    # Each upstream's list was read whole for each list asked for: the big one in
+    # two pages of 1000, never the client's page size or cursors.
+    asked = 3 + 1 + 1 + 1  # the forward pages, back, first, gone (refusals ask none)
+    assert sum(r.path == "/models" for r in big.requests) == 2 * asked
+    assert sum(r.path == "/models" for r in small.requests) == asked
+
+
+class ModelPages:
+    """An Anthropic-style upstream whose model list never ends: each page names
+    one new model after the cursor (``stuck``: always the same one; ``fail_at``:
+    the page, counted from 1, it answers 500)."""
+
+    def __init__(self, *, stuck: bool = False, fail_at: int | None = None) -> None:
+        self.stuck, self.fail_at = stuck, fail_at
+        self.queries: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        self.queries.append(scope["query_string"].decode())
+        headers = [(b"content-type", b"application/json")]
+        if len(self.queries) == self.fail_at:
+            await send({"type": "http.response.start", "status": 500, "headers": headers})
+            await send({"type": "http.response.body", "body": b"{}"})
+            return
+        model = "m-1" if self.stuck else f"m-{len(self.queries)}"
+        page = {"data": [{"type": "model", "id": model}], "has_more": True}
+        body = orjson.dumps({**page, "first_id": model, "last_id": model})
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.mark.parametrize(
+    ("options", "asked", "listed"),
+    [
+        ({}, 10, [f"m-{n}" for n in range(1, 11)]),  # at most 10 pages
+        ({"stuck": True}, 2, ["m-1"]),  # a cursor that does not move
+        ({"fail_at": 3}, 3, ["m-1", "m-2"]),  # what it gave before it failed
+    ],
+    ids=["endless", "stuck", "failing"],
+)
+async def test_an_upstream_model_list_is_read_within_bounds(
+    sqlite_url: str, options: dict[str, Any], asked: int, listed: list[str]
+) -> None:
+    upstream = ModelPages(**options)
+    other = FakeAnthropic(api_key=BACKUP_KEY, models=("claude-b",))
+    async with contextlib.AsyncExitStack() as stack:
+        url = await stack.enter_async_context(serve(upstream))
+        other_url = await stack.enter_async_context(serve(other))
+        anthropic = {"kind": "anthropic", "mount": "/claude/v1"}
+        upstreams = {
+            "pages": {**anthropic, "url": url + "/v1", "api_key_env": "ANTHROPIC_KEY"},
+            "other": {**anthropic, "url": other_url + "/v1", "api_key_env": "BACKUP_KEY"},
+        }
+        h = await stack.enter_async_context(gateway(sqlite_url, upstreams))
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            response = await client.get(
+                "/claude/v1/models",
+                params={"limit": 1000},
+                headers={"x-api-key": h.key, "anthropic-version": "2023-06-01"},
+            )
+    assert response.status_code == 200
+    assert [m["id"] for m in response.json()["data"]] == [*listed, "claude-b"]
+    assert len(upstream.queries) == asked
+    assert upstream.queries[:2] == ["limit=1000", "limit=1000&after_id=m-1"]
+
+
 # --- fallbacks -------------------------------------------------------------------------------
 
 
@@ -262,6 +393,8 @@ async def with_fallback(
         stack.callback(backup.release_held)  # a held answer must end before shutdown
         if primary is None:
             primary_url = f"http://127.0.0.1:{free_port()}/v1"
+        elif isinstance(primary, str):
+            primary_url = primary
         else:
             primary_url = await stack.enter_async_context(serve(primary)) + "/v1"
         backup_url = await stack.enter_async_context(serve(backup))
@@ -316,8 +449,10 @@ def _text(sse: bytes) -> str:
     return "".join(pieces)
 
 
-async def test_an_unreachable_upstream_falls_back(database_url: str) -> None:
-    async with with_fallback(database_url, None) as (h, backup):
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_an_unreachable_upstream_falls_back(database_url: str, transport: str) -> None:
+    # Refused: the request surely never reached it (upstream_client.request_taken).
+    async with with_fallback(database_url, None, transport=transport) as (h, backup):
         await answered_by_backup(h, backup, stream=True)
         assert (
             await metric(
@@ -350,12 +485,32 @@ async def test_a_429_or_5xx_before_the_answer_falls_back_and_keys_stay_apart(
             assert not any(key in value for key in foreign)
 
 
-async def test_a_timeout_before_the_headers_falls_back(database_url: str) -> None:
+async def test_a_read_timeout_is_charged_there_not_fallen_back_from(database_url: str) -> None:
+    # Review of issue 23: the primary took the request (it was written, then no
+    # headers came in time), so it may be generating - and billing - the answer
+    # still. By default the request ends there, as at the last upstream: the
+    # usual estimate, under the upstream that took it; nothing goes to the backup.
     stalls = Stalls()
-    async with with_fallback(database_url, stalls, read_timeout=0.2, total_timeout=0.2) as (
-        h,
-        backup,
-    ):
+    fast = {"read_timeout": 0.2, "total_timeout": 0.2}
+    async with with_fallback(database_url, stalls, **fast) as (h, backup):
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            response = await client.post(
+                "/v1/chat/completions", json=chat("gpt-4o-mini", stream=False), headers=h.auth()
+            )
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+        abandoned = await metric(h, "gateway_upstream_abandoned_total", upstream="primary")
+    assert response.status_code == 504 and stalls.requests == 1
+    assert (event.upstream, event.estimated) == ("primary", True)
+    assert backup.requests == [] and abandoned == 0
+
+
+async def test_fallback_after_timeout_falls_back_and_counts_the_abandoned_attempt(
+    database_url: str,
+) -> None:
+    stalls = Stalls()
+    settings = {"read_timeout": 0.2, "total_timeout": 0.2, "fallback_after_timeout": True}
+    async with with_fallback(database_url, stalls, **settings) as (h, backup):
         await answered_by_backup(h, backup, stream=False)
         assert (
             await metric(
@@ -363,7 +518,48 @@ async def test_a_timeout_before_the_headers_falls_back(database_url: str) -> Non
             )
             == 1
         )
+        assert await metric(h, "gateway_upstream_abandoned_total", upstream="primary") == 1
     assert stalls.requests == 1
+
+
+@contextlib.asynccontextmanager
+async def hangs_up() -> AsyncIterator[str]:
+    """A server that reads a request's head and closes the connection unanswered
+    (an upstream that crashed after it took the request)."""
+    taken: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        taken.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("opt_in", [False, True])
+async def test_a_disconnect_after_the_request_was_sent_falls_back_only_when_opted_in(
+    database_url: str, opt_in: bool, transport: str
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        url = await stack.enter_async_context(hangs_up())
+        h, backup = await stack.enter_async_context(
+            with_fallback(database_url, url, fallback_after_timeout=opt_in, transport=transport)
+        )
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            response = await client.post(
+                "/v1/chat/completions", json=chat("gpt-4o-mini", stream=False), headers=h.auth()
+            )
+        await h.probes.wait_finished(1)
+        events = await h.events()
+        abandoned = await metric(h, "gateway_upstream_abandoned_total", upstream="primary")
+    if opt_in:
+        assert response.status_code == 200 and len(backup.requests) == 1 and abandoned == 1
+        assert [e.upstream for e in events] == ["backup"]
+    else:
+        assert response.status_code == 502 and backup.requests == [] and abandoned == 0
 
 
 async def test_no_fallback_after_the_first_byte(database_url: str) -> None:
@@ -411,6 +607,138 @@ async def test_when_every_upstream_fails_the_last_failure_is_the_answer_uncharge
     assert response.status_code == 429
     assert response.json()["error"]["message"] == "refused 429"
     assert len(primary.headers) == len(second.headers) == 1
+
+
+class DownFirst:
+    """An upstream that refuses its first ``n`` requests with 503, then is ``app``."""
+
+    def __init__(self, app: FakeDify, n: int = 1) -> None:
+        self.app, self.n = app, n
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.n > 0:
+            self.n -= 1
+            await Refuses(503)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+@contextlib.asynccontextmanager
+async def dify_with_fallback(
+    database_url: str, support: FakeDify, research: FakeDify
+) -> AsyncIterator[Harness]:
+    """support (down for its first request) at /support/v1, research its fallback."""
+    async with contextlib.AsyncExitStack() as stack:
+        support_url = await stack.enter_async_context(serve(DownFirst(support)))
+        research_url = await stack.enter_async_context(serve(research))
+        upstreams = {
+            "support": {
+                "url": support_url + "/v1",
+                "api_key_env": "SUPPORT_KEY",
+                "fallbacks": ["research"],
+            },
+            "research": {"url": research_url + "/v1", "api_key_env": "RESEARCH_KEY"},
+        }
+        yield await stack.enter_async_context(gateway(database_url, upstreams))
+
+
+async def test_a_dify_conversation_begun_on_a_fallback_app_is_continued_there(
+    database_url: str,
+) -> None:
+    # Dify conversations live in the app that made them (real Dify answers 404
+    # "Conversation Not Exists" elsewhere). The support app is down for the first
+    # message, so research (its fallback) starts the conversation; what names it
+    # next goes to research, the app the ledger records.
+    support, research = FakeDify(api_key=SUPPORT_KEY), FakeDify(api_key=RESEARCH_KEY)
+    async with dify_with_fallback(database_url, support, research) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            blocking = {**CHAT, "response_mode": "blocking"}
+            first = await client.post("/support/v1/chat-messages", json=blocking, headers=h.auth())
+            conversation = first.json()["conversation_id"]
+            await h.probes.wait_finished(1)
+            second = await client.post(
+                "/support/v1/chat-messages",
+                json={**blocking, "conversation_id": conversation},
+                headers=h.auth(),
+            )
+            history = await client.get(
+                "/support/v1/messages", params={"conversation_id": conversation}, headers=h.auth()
+            )
+            renamed = await client.post(
+                f"/support/v1/conversations/{conversation}/name",
+                json={"name": "x"},
+                headers=h.auth(),
+            )
+            # A new conversation goes to the mount's first app, as before.
+            fresh = await client.post("/support/v1/chat-messages", json=blocking, headers=h.auth())
+        await h.probes.wait_finished(5)  # the history read and rename count too
+        events = await h.events()
+    assert first.status_code == second.status_code == fresh.status_code == 200
+    assert history.status_code < 500 and renamed.status_code < 500
+    by_answer = {e.answer_id: e.upstream for e in events}
+    answers = [r.json()["message_id"] for r in (first, second, fresh)]
+    assert [by_answer[a] for a in answers] == ["research", "research", "support"]
+    assert [(r.method, r.path) for r in support.requests] == [("POST", "/v1/chat-messages")]
+    assert [r.path for r in research.requests] == [
+        "/v1/chat-messages",
+        "/v1/chat-messages",
+        "/v1/messages",
+        f"/v1/conversations/{conversation}/name",
+    ]
+
+
+async def test_a_request_naming_a_conversation_never_falls_back(database_url: str) -> None:
+    # The conversation is support's (the ledger says so); support is down for the
+    # next message: research has no such conversation, so nothing is sent there.
+    support, research = FakeDify(api_key=SUPPORT_KEY), FakeDify(api_key=RESEARCH_KEY)
+    gate = DownFirst(support, n=0)
+    async with contextlib.AsyncExitStack() as stack:
+        support_url = await stack.enter_async_context(serve(gate))
+        research_url = await stack.enter_async_context(serve(research))
+        upstreams = {
+            "support": {
+                "url": support_url + "/v1",
+                "api_key_env": "SUPPORT_KEY",
+                "fallbacks": ["research"],
+            },
+            "research": {"url": research_url + "/v1", "api_key_env": "RESEARCH_KEY"},
+        }
+        h = await stack.enter_async_context(gateway(database_url, upstreams))
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            blocking = {**CHAT, "response_mode": "blocking"}
+            first = await client.post("/support/v1/chat-messages", json=blocking, headers=h.auth())
+            await h.probes.wait_finished(1)
+            gate.n = 1
+            second = await client.post(
+                "/support/v1/chat-messages",
+                json={**blocking, "conversation_id": first.json()["conversation_id"]},
+                headers=h.auth(),
+            )
+    assert first.status_code == 200 and second.status_code == 503
+    assert research.requests == []
+
+
+async def test_a_stop_after_a_fallback_reaches_the_app_running_the_task(
+    database_url: str,
+) -> None:
+    # The answer runs on research (support was down); the gateway does not know
+    # where a task runs before its answer settles, so the stop goes to every app
+    # the mount's answers may go to, each with its own key and the caller as user.
+    support, research = FakeDify(api_key=SUPPORT_KEY), FakeDify(api_key=RESEARCH_KEY)
+    async with dify_with_fallback(database_url, support, research) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            answer = await client.post("/support/v1/chat-messages", json=CHAT, headers=h.auth())
+            task = orjson.loads(answer.content.split(b"data: ", 2)[1].split(b"\n", 1)[0])["task_id"]
+            stop = await client.post(
+                f"/support/v1/chat-messages/{task}/stop", json={"user": "x"}, headers=h.auth()
+            )
+        await h.probes.wait_finished(1)
+    assert answer.status_code == 200 and stop.status_code == 200
+    assert stop.json() == {"result": "success"}
+    assert research.stops == [task]
+    (stopped,) = [r for r in research.requests if r.path.endswith("/stop")]
+    assert stopped.headers["authorization"] == f"Bearer {RESEARCH_KEY}"
+    assert stopped.json["user"] == USER
 
 
 async def test_a_recovery_after_a_fallback_charges_the_fallback(database_url: str) -> None:
@@ -728,6 +1056,45 @@ async def test_a_refusal_before_the_path_is_routed_takes_the_mounts_shape(sqlite
     assert on_claude.status_code == on_openai.status_code == 431
     assert on_claude.json()["type"] == "error"  # Anthropic's shape
     assert "type" not in on_openai.json() and "error" in on_openai.json()  # OpenAI's
+
+
+async def test_a_stored_answer_made_at_another_mount_is_not_found_here(database_url: str) -> None:
+    # Review of issue 23: a's answer, read or continued at /b/v1, was looked up
+    # at b with b's key. It is not at /b/v1: 404, as for a missing object, in
+    # the mount's shape, and nothing is sent to b.
+    a, b = FakeOpenAI(api_key=HOSTED_KEY), FakeOpenAI(api_key=LOCAL_KEY)
+    async with contextlib.AsyncExitStack() as stack:
+        a_url = await stack.enter_async_context(serve(a))
+        b_url = await stack.enter_async_context(serve(b))
+        upstreams = {
+            "a": openai(a_url + "/v1", "HOSTED_KEY"),
+            "b": openai(b_url + "/v1", "LOCAL_KEY"),
+        }
+        h = await stack.enter_async_context(gateway(database_url, upstreams))
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            created = await client.post(
+                "/a/v1/responses", json={"model": "gpt-4o-mini", "input": "hi"}, headers=h.auth()
+            )
+            await h.probes.wait_finished(1)
+            (event,) = await h.events()
+            read = await client.get(f"/b/v1/responses/{event.answer_id}", headers=h.auth())
+            more = {
+                "model": "gpt-4o-mini",
+                "input": "more",
+                "previous_response_id": event.answer_id,
+            }
+            cont = await client.post("/b/v1/responses", json=more, headers=h.auth())
+            here = await client.get(f"/a/v1/responses/{event.answer_id}", headers=h.auth())
+    assert created.status_code == 200 and event.upstream == "a"
+    assert read.status_code == cont.status_code == 404
+    for refused in (read, cont):
+        assert refused.json()["error"]["code"] == "not_found"
+        assert event.answer_id in refused.json()["error"]["message"]
+    assert b.requests == []
+    # Where it was made, it is looked up, with a's key.
+    last = a.requests[-1]
+    assert (last.method, last.path.endswith(f"/responses/{event.answer_id}")) == ("GET", True)
+    assert last.headers["authorization"] == f"Bearer {HOSTED_KEY}" and here.status_code > 0
 
 
 async def test_a_stored_answer_is_read_from_the_upstream_that_gave_it(sqlite_url: str) -> None:

@@ -147,7 +147,8 @@ async def test_usage_lists_the_team_limits_too(
         "limit": 5,
         "used": 1,
         "remaining": 4,
-        "resets_at": None,
+        # When the oldest counted bucket (09:00:00-05) leaves the minute.
+        "resets_at": "2026-11-21T09:01:05+00:00",
     }
     assert usage["limits"]["queries_per_day"]["limit"] == 10  # the user's own plan
     assert solo["team_limits"] is None

@@ -26,8 +26,16 @@ TOKEN = "admin-token-for-tests-0123456789"
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
 PLANS = {
     "plans": {
-        "free": {"queries_per_day": 5, "tokens_per_day": 500_000},
-        "pro": {"queries_per_day": 100, "tokens_per_month": 9_000_000},
+        "free": {
+            "queries_per_day": 5,
+            "tokens_per_day": 500_000,
+            "limits": [{"meter": "output_tokens", "per": "day", "max": 100_000}],
+        },
+        "pro": {
+            "queries_per_day": 100,
+            "tokens_per_month": 9_000_000,
+            "limits": [{"meter": "tokens", "per": "month", "max": 100_000, "name": "monthly"}],
+        },
     }
 }
 
@@ -62,9 +70,18 @@ timezone = "Asia/Ho_Chi_Minh"
 default_plan = "free"
 [plans.free]
 queries_per_day = 50
+[[plans.free.limits]]
+meter = "tokens"
+per = "month"
+max = 1000
+name = "monthly"
 [plans.pro]
 queries_per_day = 1000
 tokens_per_day = 70000
+[[plans.pro.limits]]
+meter = "tokens"
+per = "day"
+max = 5000
 """
     )
     return path
@@ -123,6 +140,10 @@ def test_teams_on_the_command_line(
     assert "  queries       0 / 2000" in shown  # the team: settles alone count no query
     assert "  tokens        1000 / 70000" in shown  # the team: alice + bob
     assert "  cost          0.00035 USD" in shown
+    # The [[plans.NAME.limits]] entries, alice's and her team's (the team's
+    # unnamed tokens-per-day entry by its override name: tokens_per_day is a key).
+    assert "limits:\n  monthly  300 / 1000  (resets " in shown
+    assert "team limits:\n  limits.tokens_per_day  1000 / 5000  (resets " in shown
     assert run(config_file, "users", "show", "carol") == 0
     assert "team:      -" in capsys.readouterr().out
 
@@ -216,12 +237,33 @@ async def test_teams_through_the_admin_api(gw: Harness) -> None:
         "resets_at": detail["limits"]["tokens_per_month"]["resets_at"],
     }
     assert [d["total_tokens"] for d in detail["daily"]] == [0, 0, 2000]
+    # The team plan's [[plans.NAME.limits]] entry, over the members (issue 21).
+    assert {k: detail["limits"]["monthly"][k] for k in ("scope", "used", "limit")} == {
+        "scope": "team",
+        "used": 2000,
+        "limit": 100_000,
+    }
     assert (await admin(gw, "GET", "/admin/teams/nobody")).status_code == 404
 
     user = (await admin(gw, "GET", f"/admin/users/{USER}")).json()
     assert user["plan"] == "free" and user["today"]["total_tokens"] == 1168
     assert user["team"]["id"] == "acme" and user["team"]["today"]["total_tokens"] == 2000
     assert "members" not in user["team"]
+    assert user["team"]["limits"]["monthly"]["used"] == 2000
+    mine = user["limits"]["output_tokens_per_day"]
+    assert (mine["scope"], mine["limit"]) == ("user", 100_000)
+    assert mine["used"] == user["today"]["completion_tokens"] > 0
+    overridden = await admin(
+        gw, "PUT", "/admin/teams/acme/limits/limits.monthly", json={"value": 3000}
+    )
+    assert overridden.status_code == 200
+    detail = (await admin(gw, "GET", "/admin/teams/acme")).json()
+    assert (detail["limits"]["monthly"]["limit"], detail["limits"]["monthly"]["remaining"]) == (
+        3000,
+        1000,
+    )
+    cleared = await admin(gw, "DELETE", "/admin/teams/acme/limits/limits.monthly")
+    assert cleared.status_code == 200
     assert (await admin(gw, "GET", "/admin/users/carol")).json()["team"] is None
 
     teams = (await admin(gw, "GET", "/admin/teams")).json()["data"]

@@ -164,6 +164,51 @@ def team_daily(team_id: str, row: Any, cost: Decimal) -> DailyUsage:
     )
 
 
+# What a per-model limit's counters hold, in the order `MODEL_COUNTERS_SELECT`
+# reads them (usage_models' columns).
+MODEL_COUNTER_METERS: tuple[Meter, ...] = (
+    "queries",
+    "input_tokens",
+    "output_tokens",
+    "tokens",
+    "cost",
+)
+# Per key: today's counters, then the month's ({total}: the sum of money, sum or
+# dec_sum; p1: the user, p2: today, p3: the month's first day; keys: an IN list
+# or ANY array).
+MODEL_COUNTERS_SELECT = (
+    "SELECT scope, "
+    + "".join(
+        f"sum(CASE WHEN day = {{p2}} THEN {column} ELSE 0 END), "
+        for column in ("queries", "prompt_tokens", "completion_tokens", "total_tokens")
+    )
+    + "{total}(CASE WHEN day = {p2} THEN cost END), sum(queries), sum(prompt_tokens), "
+    "sum(completion_tokens), sum(total_tokens), {total}(cost) FROM usage_models "
+    "WHERE user_id = {p1} AND scope {keys} AND day >= {p3} AND day <= {p2} GROUP BY scope"
+)
+
+
+def model_counters(rows: Sequence[Sequence[Any]]) -> dict[tuple[str, Meter, Per], Decimal]:
+    """`Storage.model_counters` from `MODEL_COUNTERS_SELECT`'s rows."""
+    found: dict[tuple[str, Meter, Per], Decimal] = {}
+    width = len(MODEL_COUNTER_METERS)
+    for row in rows:
+        for at, meter in enumerate(MODEL_COUNTER_METERS):
+            found[(row[0], meter, "day")] = Decimal(row[1 + at] or 0)
+            found[(row[0], meter, "month")] = Decimal(row[1 + width + at] or 0)
+    return found
+
+
+def rate_buckets(rows: Sequence[Sequence[Any]]) -> dict[tuple[Meter, Per], dict[int, Decimal]]:
+    """`Storage.rate_buckets` from rows of (meter, per, bucket, amount), meter
+    and per numbered 1-based as usage_rates holds them."""
+    found: dict[tuple[Meter, Per], dict[int, Decimal]] = {}
+    for meter, per, bucket, amount in rows:
+        window = found.setdefault((METERS[int(meter) - 1], PERS[int(per) - 1]), {})
+        window[int(bucket)] = window.get(int(bucket), Decimal(0)) + Decimal(amount)
+    return found
+
+
 def summed(rows: Sequence[DailyUsage], *, user_id: str, day: date) -> DailyUsage:
     """Day rows added up into one (``day`` names the result, e.g. the range's start)."""
     total = DailyUsage(user_id=user_id, day=day)
@@ -718,6 +763,24 @@ class Storage(Protocol):
         admission has counted the user in; gateway/quota.py, "rates")."""
         ...
 
+    async def rate_buckets(
+        self, user_ids: Sequence[str]
+    ) -> dict[tuple[Meter, Per], dict[int, Decimal]]:
+        """The rate buckets of these users (a team's members), summed per rate
+        window and bucket, in one read: what the usage views show of the rates
+        (`quota.rate_used`) and when their oldest counted bucket leaves. Buckets
+        past their window may be among them."""
+        ...
+
+    async def model_counters(
+        self, user_id: str, keys: Sequence[str], *, day: date, month_start: date
+    ) -> dict[tuple[str, Meter, Per], Decimal]:
+        """What the user's per-model limits' own counters (usage_models, their
+        `Limit.counter_key` ``keys``) hold today and this month, in one read:
+        (key, meter, "day" or "month") for each of MODEL_METERS; cost is what was
+        spent (what answers under way reserved is not)."""
+        ...
+
     async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
         """Count one upload of ``size`` bytes on the user's day."""
         ...
@@ -855,6 +918,12 @@ class Storage(Protocol):
         OpenAI's ``resp_...``) and the upstream that gave it, or None when the
         ledger has no such answer. Read before a caller may see or change the
         object the answer created (and to send the request where it is kept)."""
+        ...
+
+    async def conversation_upstream(self, user_id: str, conversation_id: str) -> str | None:
+        """The upstream that answered the first recorded message of this user's
+        conversation (a Dify conversation lives in the app that made it), or None
+        when the ledger has none."""
         ...
 
     # --- human-input resumes (issue 20) ---

@@ -48,6 +48,7 @@ from gateway.storage.base import (
     DELIVERY_COLUMNS,
     EVENT_COLUMNS,
     KEY_COLUMNS,
+    MODEL_COUNTERS_SELECT,
     MODEL_USAGE_SELECT,
     PAUSED_FORM_DAYS,
     TEAM_COLUMNS,
@@ -85,7 +86,9 @@ from gateway.storage.base import (
     admission,
     alerts_with_deliveries,
     delivery,
+    model_counters,
     model_usage,
+    rate_buckets,
     team_daily,
     team_summary,
     upstream_usage,
@@ -170,6 +173,9 @@ $$
 """
 _RECOVER = "SELECT * FROM gateway_recover($1, $2, $3)"
 _USAGE_BY_MODEL = MODEL_USAGE_SELECT.format(cost_sum="sum(cost)", p1="$1", p2="$2", p3="$3")
+_MODEL_COUNTERS = MODEL_COUNTERS_SELECT.format(
+    total="sum", p1="$1", p2="$2", p3="$3", keys="= ANY($4)"
+)
 _USAGE_BY_UPSTREAM = UPSTREAM_USAGE_SELECT.format(
     cost_sum="sum(cost)", who=USER_ROWS.format(p1="$1"), p2="$2", p3="$3"
 )
@@ -765,6 +771,25 @@ class PostgresStorage:
             )
         return rate_counts([tuple(row) for row in rows], now.timestamp())
 
+    async def rate_buckets(
+        self, user_ids: Sequence[str]
+    ) -> dict[tuple[Meter, Per], dict[int, Decimal]]:
+        with _mapped():
+            rows = await self._pool.fetch(
+                "SELECT meter, per, bucket, amount FROM usage_rates WHERE user_id = ANY($1)",
+                list(user_ids),
+            )
+        return rate_buckets([tuple(row) for row in rows])
+
+    async def model_counters(
+        self, user_id: str, keys: Sequence[str], *, day: date, month_start: date
+    ) -> dict[tuple[str, Meter, Per], Decimal]:
+        if not keys:
+            return {}
+        with _mapped():
+            rows = await self._pool.fetch(_MODEL_COUNTERS, user_id, day, month_start, list(keys))
+        return model_counters([tuple(row) for row in rows])
+
     async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
         with _mapped():
             await self._pool.execute(
@@ -1048,6 +1073,17 @@ class PostgresStorage:
                 "SELECT user_id, upstream FROM usage_events WHERE answer_id = $1", answer_id
             )
         return None if row is None else AnswerOwner(row["user_id"], row["upstream"])
+
+    async def conversation_upstream(self, user_id: str, conversation_id: str) -> str | None:
+        # usage_events_conversation_idx (0021): one index probe.
+        with _mapped():
+            upstream = await self._pool.fetchval(
+                "SELECT upstream FROM usage_events WHERE user_id = $1 AND conversation_id = $2 "
+                "ORDER BY seq LIMIT 1",
+                user_id,
+                conversation_id,
+            )
+        return None if upstream is None else str(upstream)
 
     # --- human-input resumes (issue 20) ---
 

@@ -70,6 +70,7 @@ from gateway.storage.base import (
     DAILY_COLUMNS,
     DELIVERY_COLUMNS,
     EVENT_COLUMNS,
+    MODEL_COUNTERS_SELECT,
     MODEL_USAGE_SELECT,
     PAUSED_FORM_DAYS,
     TEAM_COLUMNS,
@@ -107,8 +108,10 @@ from gateway.storage.base import (
     alerts_with_deliveries,
     crossed,
     delivery,
+    model_counters,
     model_usage,
     parse_alert_spec,
+    rate_buckets,
     team_daily,
     team_summary,
     upstream_usage,
@@ -1382,6 +1385,32 @@ class SQLiteStorage:
 
         return await self._run(run)
 
+    async def rate_buckets(
+        self, user_ids: Sequence[str]
+    ) -> dict[tuple[Meter, Per], dict[int, Decimal]]:
+        marks = ", ".join("?" for _ in user_ids)
+        rows = await self._run(
+            functools.partial(
+                _fetchall,
+                sql="SELECT meter, per, bucket, amount FROM usage_rates "
+                f"WHERE user_id IN ({marks})",
+                params=list(user_ids),
+            )
+        )
+        return rate_buckets(rows)
+
+    async def model_counters(
+        self, user_id: str, keys: Sequence[str], *, day: date, month_start: date
+    ) -> dict[tuple[str, Meter, Per], Decimal]:
+        if not keys:
+            return {}
+        sql = MODEL_COUNTERS_SELECT.format(
+            total="dec_sum", p1="?1", p2="?2", p3="?3", keys="IN (SELECT value FROM json_each(?4))"
+        )
+        params = [user_id, day.isoformat(), month_start.isoformat(), orjson.dumps(list(keys))]
+        rows = await self._run(functools.partial(_fetchall, sql=sql, params=params))
+        return model_counters(rows)
+
     async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
         await self._tx(
             lambda conn: conn.execute(
@@ -1732,6 +1761,17 @@ class SQLiteStorage:
             ).fetchone()
         )
         return None if row is None else AnswerOwner(str(row[0]), str(row[1]))
+
+    async def conversation_upstream(self, user_id: str, conversation_id: str) -> str | None:
+        # usage_events_conversation_idx (0017): one index probe.
+        row = await self._run(
+            lambda conn: conn.execute(
+                "SELECT upstream FROM usage_events WHERE user_id = ? AND conversation_id = ? "
+                "ORDER BY seq LIMIT 1",
+                (user_id, conversation_id),
+            ).fetchone()
+        )
+        return None if row is None else str(row[0])
 
     # --- human-input resumes (issue 20) ---
 

@@ -23,6 +23,7 @@ import re
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
@@ -45,6 +46,13 @@ if TYPE_CHECKING:
 __all__ = ["AnthropicUpstream"]
 
 log = logging.getLogger(__name__)
+
+# GET /models pages (Anthropic's list is paged: ``limit`` 1 to 1000, default
+# 20, and a cursor). On a shared mount the gateway reads each upstream's whole
+# list in pages of the largest size, then pages the merged list itself.
+_MODEL_PAGING: Final = frozenset({"limit", "after_id", "before_id"})
+_MODEL_PAGE_DEFAULT: Final = 20
+_MODEL_PAGE_MAX: Final = 1000
 
 # Tools the client runs (its own "custom" tools, and Anthropic's client tools:
 # bash, the text editor, computer use, memory) cost nothing past the answer's
@@ -219,6 +227,57 @@ class AnthropicUpstream:
 
     def merge_models(self, pages: list[dict[str, Any]]) -> dict[str, Any]:
         return merge_model_lists(pages)
+
+    def model_list_query(self, query: bytes, previous: dict[str, Any] | None) -> bytes | None:
+        """The next page of an upstream's whole model list: the client's query
+        without its paging parameters (``beta`` and the like kept), the largest
+        page Anthropic gives, after ``previous``'s last model while it says
+        there are more."""
+        params = [
+            (name, value)
+            for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+            if name not in _MODEL_PAGING
+        ]
+        params.append(("limit", str(_MODEL_PAGE_MAX)))
+        if previous is not None:
+            last = previous.get("last_id")
+            if previous.get("has_more") is not True or not isinstance(last, str) or not last:
+                return None
+            params.append(("after_id", last))
+        return urlencode(params).encode("latin-1")
+
+    def page_models(self, route: Route, merged: dict[str, Any], query: bytes) -> dict[str, Any]:
+        """The page of the merged list the client's ``limit`` (1 to 1000,
+        default 20), ``after_id`` or ``before_id`` names, with ``has_more`` (in
+        the direction asked), ``first_id`` and ``last_id`` as Anthropic pages
+        its own list. A cursor the list does not hold (a model gone since the
+        page before) gives an empty last page."""
+        params = dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
+        try:
+            limit = int(params.get("limit", _MODEL_PAGE_DEFAULT))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= _MODEL_PAGE_MAX:
+            raise BadRequest("limit: the page size must be an integer from 1 to 1000.")
+        after, before = params.get("after_id"), params.get("before_id")
+        if after is not None and before is not None:
+            raise BadRequest("after_id and before_id cannot both be set.")
+        data: list[Any] = merged.get("data") or []
+        ids = [item["id"] for item in data]  # merged: each an object with an id
+        if before is not None:
+            end = ids.index(before) if before in ids else 0
+            start = max(0, end - limit)
+            page, more = data[start:end], start > 0
+        else:
+            start = 0 if after is None else ids.index(after) + 1 if after in ids else len(data)
+            page, more = data[start : start + limit], start + limit < len(data)
+        return {
+            **merged,
+            "data": page,
+            "has_more": more,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+        }
 
     def filter_models(
         self, route: Route, page: dict[str, Any], allowed: Callable[[str], bool]

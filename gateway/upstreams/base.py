@@ -45,6 +45,15 @@ uses it for one request:
     names none and goes to the mount's first upstream), and the model lists of
     the mount's upstreams as one list.
 
+``model_list_query(query, previous) -> bytes | None`` and ``page_models(route, merged, query) -> dict``
+    The model list of a shared mount, for an API whose list is paged
+    (Anthropic's): the query string asking one upstream for the first page of
+    its whole list (``previous`` None: the client's query without its paging
+    parameters, for the largest page) or for the page after ``previous`` (None:
+    that was the last); and the page the client asked for (its paging
+    parameters in ``query``) of the merged list. An API whose list is one page
+    (OpenAI's) forwards the client's query once and answers the list whole.
+
 ``prepare(route, body, query, user_id, *, method, request_id) -> Prepared``
     Puts the authenticated end user where this API reads it: into the parsed
     JSON request body (``body``, rewritten in place; None when the request has
@@ -288,6 +297,14 @@ class Upstream(Protocol):
         """Several upstreams' model lists (at least one) as one (see above)."""
         ...
 
+    def model_list_query(self, query: bytes, previous: dict[str, Any] | None) -> bytes | None:
+        """What to ask an upstream of a shared mount for next (see above)."""
+        ...
+
+    def page_models(self, route: Route, merged: dict[str, Any], query: bytes) -> dict[str, Any]:
+        """The client's page of a shared mount's model list (see above)."""
+        ...
+
     def filter_history(
         self, route: Route, query: bytes, page: dict[str, Any], cutoff: float
     ) -> dict[str, Any]:
@@ -327,8 +344,8 @@ def merge_model_lists(pages: list[dict[str, Any]]) -> dict[str, Any]:
     """Model lists in OpenAI's and Anthropic's shape as one: the models of each
     ``data`` in order, an id listed twice kept once (the first), the first
     page's other fields. Paging fields describe the merged list as one whole
-    page (``has_more`` false, ``first_id``/``last_id`` its ends): the gateway
-    does not page through several upstreams."""
+    page (``has_more`` false, ``first_id``/``last_id`` its ends), which the
+    dialect's ``page_models`` then pages as the client asked."""
     seen: set[str] = set()
     data: list[Any] = []
     for page in pages:

@@ -542,6 +542,12 @@ class DifyUpstream:
     def merge_models(self, pages: list[dict[str, Any]]) -> dict[str, Any]:
         return pages[0]  # never asked: no route of this API lists models
 
+    def model_list_query(self, query: bytes, previous: dict[str, Any] | None) -> bytes | None:
+        return None  # never asked: no route of this API lists models
+
+    def page_models(self, route: Route, merged: dict[str, Any], query: bytes) -> dict[str, Any]:
+        return merged  # never asked: no route of this API lists models
+
     def filter_history(
         self, route: Route, query: bytes, page: dict[str, Any], cutoff: float
     ) -> dict[str, Any]:

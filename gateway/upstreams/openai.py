@@ -272,6 +272,12 @@ class OpenAIUpstream:
     def merge_models(self, pages: list[dict[str, Any]]) -> dict[str, Any]:
         return merge_model_lists(pages)
 
+    def model_list_query(self, query: bytes, previous: dict[str, Any] | None) -> bytes | None:
+        return query if previous is None else None  # the list is one page
+
+    def page_models(self, route: Route, merged: dict[str, Any], query: bytes) -> dict[str, Any]:
+        return merged  # the list is not paged
+
     def filter_models(
         self, route: Route, page: dict[str, Any], allowed: Callable[[str], bool]
     ) -> dict[str, Any]:

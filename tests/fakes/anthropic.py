@@ -34,6 +34,7 @@ in model_api.py.
 from __future__ import annotations
 
 from typing import Any, Final
+from urllib.parse import parse_qsl
 
 import orjson
 
@@ -89,7 +90,7 @@ class FakeAnthropic(FakeModelAPI):
             return
         method = scope["method"]
         if method == "GET" and (path == "/models" or path.startswith("/models/")):
-            await self._models(send, path)
+            await self._models(send, path, scope.get("query_string", b""))
             return
         if method == "POST" and path == "/messages/count_tokens" and isinstance(body, dict):
             await send_json(send, 200, orjson.dumps({"input_tokens": 14}))
@@ -102,7 +103,7 @@ class FakeAnthropic(FakeModelAPI):
             return
         await _Answer(self, headers, body, next(self._ids)).run(receive, send)
 
-    async def _models(self, send: Send, path: str) -> None:
+    async def _models(self, send: Send, path: str, query: bytes) -> None:
         data = [
             {
                 "type": "model",
@@ -113,7 +114,27 @@ class FakeAnthropic(FakeModelAPI):
             for m in self.models
         ]
         if path == "/models":
-            page = {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": None}
+            # Paged as Anthropic pages it: ``limit`` 1 to 1000 (default 20), and
+            # the page after ``after_id`` or before ``before_id``.
+            params = dict(parse_qsl(query.decode()))
+            limit = int(params.get("limit", "20"))
+            if not 1 <= limit <= 1000:
+                await send_json(send, 400, error_body(400, "limit: out of range"))
+                return
+            ids = [model["id"] for model in data]
+            if "before_id" in params:
+                end = ids.index(params["before_id"])
+                start = max(0, end - limit)
+                shown, more = data[start:end], start > 0
+            else:
+                start = ids.index(params["after_id"]) + 1 if "after_id" in params else 0
+                shown, more = data[start : start + limit], start + limit < len(data)
+            page = {
+                "data": shown,
+                "has_more": more,
+                "first_id": shown[0]["id"] if shown else None,
+                "last_id": shown[-1]["id"] if shown else None,
+            }
             await send_json(send, 200, orjson.dumps(page))
             return
         wanted = path.removeprefix("/models/")

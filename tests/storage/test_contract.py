@@ -1352,3 +1352,19 @@ async def test_answer_owner_names_the_user_whose_ledger_row_it_is(storage: Stora
     # Exact match only: no pattern or prefix reading of the id.
     assert await storage.answer_owner("resp_%") is None
     assert await storage.answer_owner("") is None
+
+
+async def test_conversation_upstream_is_where_the_users_conversation_began(
+    storage: Storage,
+) -> None:
+    # Review of issue 23: a Dify conversation lives in the app that made it.
+    await storage.ensure_user("alice", plan="free")
+    await storage.ensure_user("bob", plan="free")
+    began = replace(event("m1", user="alice"), conversation_id="c-1", upstream="research")
+    assert await storage.settle(began)
+    later = replace(event("m2", user="alice"), conversation_id="c-1", upstream="support")
+    assert await storage.settle(later)
+    assert await storage.conversation_upstream("alice", "c-1") == "research"
+    # Another user's conversation of the same id is not read; nor an unknown one.
+    assert await storage.conversation_upstream("bob", "c-1") is None
+    assert await storage.conversation_upstream("alice", "c-%") is None

@@ -567,3 +567,30 @@ def test_authorization_wins_over_the_key_header() -> None:
 def test_two_key_headers_are_refused() -> None:
     with pytest.raises(BadRequest):
         request_headers([(b"x-api-key", b"a"), (b"x-api-key", b"b")], b"x-user", b"x-api-key")
+
+
+# --- a shared mount's model list (issue 23) --------------------------------------------------
+
+
+def test_each_upstream_of_a_shared_mount_is_asked_for_its_whole_model_list() -> None:
+    """The client's paging parameters are the gateway's to apply to the union:
+    each upstream is asked for its largest pages from the start, the other
+    parameters (the beta list's ``beta``) passed on, until it has no more."""
+    up = get_upstream("anthropic", parse_config({"upstream": {"kind": "anthropic"}}, env={}))
+    query = b"beta=true&limit=5&after_id=claude-x&before_id=claude-y"
+    assert up.model_list_query(query, None) == b"beta=true&limit=1000"
+    more = {"data": [{"id": "a"}], "has_more": True, "first_id": "a", "last_id": "a"}
+    assert up.model_list_query(query, more) == b"beta=true&limit=1000&after_id=a"
+    assert up.model_list_query(b"", {**more, "has_more": False}) is None
+    assert up.model_list_query(b"", {**more, "last_id": None}) is None  # no cursor to go on from
+    # A page of the union, paged as Anthropic pages: the last page, and past it.
+    union = {"data": [{"id": m} for m in "abcde"], "has_more": False}
+    last = up.page_models(anthropic_route("GET", "/models"), union, b"limit=2&after_id=c")
+    assert last == {
+        "data": [{"id": "d"}, {"id": "e"}],
+        "has_more": False,
+        "first_id": "d",
+        "last_id": "e",
+    }
+    first = up.page_models(anthropic_route("GET", "/models"), union, b"limit=3&before_id=c")
+    assert (first["data"], first["has_more"]) == ([{"id": "a"}, {"id": "b"}], False)
