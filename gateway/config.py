@@ -930,7 +930,7 @@ def _plan_limits(entries: Any, path: str) -> tuple[PlanLimit, ...]:
         return ()
     if not isinstance(entries, list):
         raise ConfigError(f"{path}: expected an array of tables ([[{path}]]), got {_kind(entries)}")
-    found = []
+    found: list[PlanLimit] = []
     for at, entry in enumerate(entries):
         prefix = f"{path}[{at}]."
         if not isinstance(entry, dict):
@@ -949,6 +949,13 @@ def _plan_limits(entries: Any, path: str) -> tuple[PlanLimit, ...]:
             raise ConfigError(
                 f"{prefix}models: a limit for some models counts queries, tokens, "
                 "input_tokens, output_tokens or cost, per day or month"
+            )
+        # The label is what refusals, /v1/usage and overrides (limits.<label>)
+        # name the entry by: two entries under one label could not be told apart.
+        if any(other.label == limit.label for other in found):
+            raise ConfigError(
+                f"{prefix}name: another entry of {path} is already called {limit.label!r}; "
+                "give one of them its own name"
             )
         found.append(limit)
     return tuple(found)

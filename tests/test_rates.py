@@ -199,6 +199,29 @@ def test_general_limits_are_read_and_checked() -> None:
         with pytest.raises(ConfigError) as info:
             parse_config(plan(entry), env={})
         assert error in info.value.message
+    # Two entries under one label: refusals, /v1/usage and limits.<name>
+    # overrides could not tell them apart.
+    twins = [
+        ({"meter": "queries", "per": "hour", "max": 30}, {"meter": "queries", "per": "hour", "max": 9}),
+        ({"meter": "cost", "per": "day", "max": "1", "name": "spend"},
+         {"meter": "tokens", "per": "month", "max": 5, "name": "spend"}),
+        ({"meter": "queries", "per": "hour", "max": 30, "name": "tokens_per_month"},
+         {"meter": "tokens", "per": "month", "max": 5}),
+    ]  # fmt: skip
+    for first, second in twins:
+        with pytest.raises(ConfigError) as info:
+            parse_config(plan(first, second), env={})
+        assert "limits[1].name: another entry of plans.free.limits is already called" in (
+            info.value.message
+        )
+    # Distinct labels for one meter and window stay allowed.
+    parse_config(
+        plan(
+            {"meter": "queries", "per": "hour", "max": 30},
+            {"meter": "queries", "per": "hour", "max": 9, "name": "burst"},
+        ),
+        env={},
+    )
 
 
 async def test_a_general_limit_refuses_with_its_own_name(
