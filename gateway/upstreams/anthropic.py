@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import re
 from collections.abc import Callable, Mapping
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, urlencode
 
@@ -37,7 +36,7 @@ from gateway.upstreams.anthropic_wire import (
     prompt_chars,
 )
 from gateway.upstreams.base import Prepared, Route, StreamMeter, keep_models, merge_model_lists
-from gateway.upstreams.terms import pricing_terms
+from gateway.upstreams.terms import calls_cost, pricing_terms
 from gateway.usage import Metered, Usage, estimate_tokens
 
 if TYPE_CHECKING:
@@ -339,16 +338,7 @@ class AnthropicUpstream:
         return dataclasses.replace(metered, usage=usage, model=model)
 
     def _with_calls(self, usage: Usage, calls: Mapping[str, int]) -> Usage:
-        cost = Decimal(0)
-        currency = None
-        for tool, count in calls.items():
-            price = self._call_prices.get(tool)
-            if price is None:
-                # Refused at the request unless the answer ran a tool it did not list.
-                log.warning("an answer ran %d call(s) of %r, which has no price", count, tool)
-                continue
-            cost += price.price * count
-            currency = price.currency
+        cost, currency = calls_cost(self._call_prices, calls)
         if currency is None:
             return usage
         if not usage.cost:

@@ -23,7 +23,6 @@ import dataclasses
 import logging
 import re
 from collections.abc import Callable, Mapping
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -43,7 +42,7 @@ from gateway.upstreams.openai_wire import (
     meter_body,
     prompt_chars,
 )
-from gateway.upstreams.terms import pricing_terms
+from gateway.upstreams.terms import calls_cost, pricing_terms
 from gateway.upstreams.transforms import DropEvents
 from gateway.usage import Metered, Usage, estimate_tokens
 
@@ -389,17 +388,7 @@ class OpenAIUpstream:
         self, usage: Usage | None, calls: Mapping[str, int], *, ran: bool
     ) -> Usage | None:
         """``usage`` with the cost of ``calls`` added (exact decimals)."""
-        cost = Decimal(0)
-        currency = None
-        for tool, count in calls.items():
-            price = self._call_prices.get(tool)
-            if price is None:
-                # Refused at the request unless the answer ran a tool it did not
-                # list (a stored prompt's tools): it cannot be priced, so it is said.
-                log.warning("an answer ran %d call(s) of %r, which has no price", count, tool)
-                continue
-            cost += price.price * count
-            currency = price.currency
+        cost, currency = calls_cost(self._call_prices, calls)
         if currency is None:
             return usage
         if usage is None:

@@ -3,8 +3,10 @@ reads from the configuration, read one way for both."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from gateway.bounds import DEFAULT_MAX_TOKENS_PER_ANSWER
@@ -12,6 +14,8 @@ from gateway.pricing import CallPrice, PriceTable
 
 if TYPE_CHECKING:
     from gateway.config import Config
+
+log = logging.getLogger("gateway.upstreams")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +44,22 @@ def pricing_terms(config: Config | None, prefix: str) -> PricingTerms:
             if name.startswith(prefix)
         },
     )
+
+
+def calls_cost(
+    call_prices: Mapping[str, CallPrice], calls: Mapping[str, int]
+) -> tuple[Decimal, str | None]:
+    """What an answer's side calls cost (exact decimals) and in which currency
+    (None: none of them has a price). A call without a price is refused at the
+    request unless the answer ran a tool it did not list (a stored prompt's
+    tools): it cannot be priced, so it is said."""
+    cost = Decimal(0)
+    currency = None
+    for tool, count in calls.items():
+        price = call_prices.get(tool)
+        if price is None:
+            log.warning("an answer ran %d call(s) of %r, which has no price", count, tool)
+            continue
+        cost += price.price * count
+        currency = price.currency
+    return cost, currency
