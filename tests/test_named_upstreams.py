@@ -150,6 +150,53 @@ async def test_two_dify_apps_at_their_mounts_each_with_its_own_key(database_url:
     assert sorted(e.upstream for e in events) == ["research", "support"]
 
 
+@pytest.mark.parametrize(
+    "raw_path",
+    [
+        b"/supportx/v1/chat-messages",  # a prefix without its slash boundary
+        b"/support/v1/../../research/v1/chat-messages",
+        b"/support/v1/%2e%2e/%2e%2e/research/v1/chat-messages",
+        b"/support/v1/..%2f..%2fresearch/v1/chat-messages",
+        b"/support%2Fv1/chat-messages",
+        b"//research/v1/chat-messages",
+        b"/research/v1//chat-messages",
+    ],
+)
+async def test_a_path_never_reaches_another_mounts_app_or_key(
+    database_url: str, raw_path: bytes
+) -> None:
+    # The attack: a path that only looks like a mount, or steps out of one, to
+    # reach an app unmetered or with another app's key. A user may use every
+    # mount, so a path that resolves to one is answered as that mount's: metered
+    # there, with that app's key; anything else is refused before any app hears it.
+    support, research = FakeDify(api_key=SUPPORT_KEY), FakeDify(api_key=RESEARCH_KEY)
+    async with contextlib.AsyncExitStack() as stack:
+        support_url = await stack.enter_async_context(serve(support))
+        research_url = await stack.enter_async_context(serve(research))
+        upstreams = {
+            "support": {"url": support_url + "/v1", "api_key_env": "SUPPORT_KEY"},
+            "research": {"url": research_url + "/v1", "api_key_env": "RESEARCH_KEY"},
+        }
+        h = await stack.enter_async_context(gateway(database_url, upstreams))
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            request = client.build_request("POST", "/", json=CHAT, headers=h.auth())
+            request.url = request.url.copy_with(raw_path=raw_path)
+            response = await client.send(request)
+        if response.status_code == 200:
+            await h.probes.wait_finished(1)
+        events = await h.events()
+        queries = await queries_today(h)
+    heard = {"support": support.requests, "research": research.requests}
+    if response.status_code != 200:
+        assert 400 <= response.status_code < 500, (raw_path, response.status_code)
+        assert heard == {"support": [], "research": []} and events == [] and queries == 0
+        return
+    ((name, (only,)),) = [(n, r) for n, r in heard.items() if r]  # one app, once
+    key = SUPPORT_KEY if name == "support" else RESEARCH_KEY
+    assert only.headers["authorization"] == f"Bearer {key}"
+    assert [e.upstream for e in events] == [name] and queries == 1
+
+
 async def test_the_single_upstream_table_is_served_at_v1_as_before(database_url: str) -> None:
     async with running_gateway(database_url) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
