@@ -58,26 +58,26 @@ EVENT_COLUMNS = (
     "request_id, upstream_latency_ms, overhead_ms, model, cached_tokens, reasoning_tokens, "
     "cache_write_tokens, upstream"
 )
-# Per model and currency, in ModelUsage's order; both backends group the ledger
-# with it (the cost sum is the backend's exact decimal sum, given as {cost_sum}).
-# Grouped by currency too: a sum never adds two currencies (issue 25).
-MODEL_USAGE_SELECT = (
-    "SELECT model, count(*), sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), "
-    "sum(reasoning_tokens), sum(total_tokens), {cost_sum}, currency FROM usage_events "
-    "WHERE user_id = {p1} AND day >= {p2} AND day <= {p3} "
-    "GROUP BY model, currency ORDER BY sum(total_tokens) DESC, model, currency"
-)
-# Per named upstream and currency (issue 23), in UpstreamUsage's order, as
-# MODEL_USAGE_SELECT is per model; {who} picks the ledger's rows: one user's
-# (USER_ROWS) or a team's current members' (TEAM_ROWS).
-UPSTREAM_USAGE_SELECT = (
-    "SELECT upstream, count(*), sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), "
-    "sum(reasoning_tokens), sum(total_tokens), {cost_sum}, currency FROM usage_events "
-    "WHERE {who} AND day >= {p2} AND day <= {p3} "
-    "GROUP BY upstream, currency ORDER BY sum(total_tokens) DESC, upstream, currency"
-)
 USER_ROWS = "user_id = {p1}"
 TEAM_ROWS = "user_id IN (SELECT id FROM users WHERE team_id = {p1})"
+
+
+def usage_by_select(key: str, who: str) -> str:
+    """The ledger's answers grouped by ``key`` (``model`` or ``upstream``) and
+    currency, in ModelUsage's and UpstreamUsage's order; ``who`` picks the rows:
+    one user's (USER_ROWS) or a team's current members' (TEAM_ROWS). Both backends
+    fill in {cost_sum} (their exact decimal sum) and the {p1}-{p3} placeholders.
+    Grouped by currency too: a sum never adds two currencies (issue 25)."""
+    return (
+        f"SELECT {key}, count(*), sum(prompt_tokens), sum(cached_tokens), "
+        "sum(completion_tokens), sum(reasoning_tokens), sum(total_tokens), {cost_sum}, "
+        f"currency FROM usage_events WHERE {who} AND day >= {{p2}} AND day <= {{p3}} "
+        f"GROUP BY {key}, currency ORDER BY sum(total_tokens) DESC, {key}, currency"
+    )
+
+
+MODEL_USAGE_SELECT = usage_by_select("model", USER_ROWS)
+UPSTREAM_USAGE_SELECT = usage_by_select("upstream", "{who}")
 # The whole ledger's cost per currency (gateway/currency.py reads which currencies
 # a database holds money in).
 COSTS_BY_CURRENCY_SELECT = "SELECT currency, {cost_sum} FROM usage_events GROUP BY currency"
