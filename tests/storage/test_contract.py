@@ -516,6 +516,26 @@ async def test_stream_limit_race_is_exact(storage: Storage, database_url: str) -
     assert sum(r.admitted for r in results) == 3
 
 
+async def test_one_users_admissions_made_together_are_decided_in_the_order_made(
+    storage: Storage,
+) -> None:
+    """A user's admissions made at once (a batch on PostgreSQL), one with the
+    team's limits and one without (a reload between them), are decided in the
+    order they were made: the first takes the last request of the minute."""
+    await storage.create_team("acme", plan="free", now=NOW)
+    await storage.ensure_user("alice", plan="free")
+    await storage.set_team("alice", "acme")
+    rate = Limit("requests_per_minute", "queries", "minute", Decimal(1))
+    team = Limit("team_queries_per_day", "queries", "day", Decimal(100), "team")
+    results = await asyncio.gather(
+        *(
+            storage.admit("alice", day=DAY, month_start=MONTH, now=NOW, limits=limits, team="acme")
+            for limits in (AdmissionLimits([rate, team]), AdmissionLimits([rate]))
+        )
+    )
+    assert [r.refused_by for r in results] == [None, "requests_per_minute"]
+
+
 async def test_admissions_and_settles_interleave_without_deadlock(
     storage: Storage, database_url: str
 ) -> None:
