@@ -19,13 +19,14 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from gateway.alerts import alert_request
-from gateway.budget import cost_bound, lowered_cap, with_cap
 from gateway.clock import Periods, periods_at
 from gateway.config import Plan
 from gateway.errors import Forbidden, QuotaExceeded, StorageError
 from gateway.features import asks_for_advanced_rag, asks_for_web_search, set_path
 from gateway.messages import english
-from gateway.plans import (
+from gateway.quota.budget import cost_bound, lowered_cap, with_cap
+from gateway.quota.limits import Limit, refuses
+from gateway.quota.plans import (
     LIMIT_CODES,
     RateLimit,
     admission_limits,
@@ -33,7 +34,6 @@ from gateway.plans import (
     reported_limit,
     reset_of,
 )
-from gateway.quota import Limit, refuses
 from gateway.storage import (
     Admission,
     AdmissionLimits,
@@ -406,7 +406,7 @@ class Admitter:
         body: dict[str, Any],
     ) -> Pending:
         """``pending`` reserving the upper bound of the answer's cost against the
-        money budgets (gateway/budget.py); a recovery charges at least that
+        money budgets (gateway/quota/budget.py); a recovery charges at least that
         bound, the most the answer could have cost. A paid side call's bound is
         its price."""
         accounting = snap.config.accounting

@@ -31,7 +31,7 @@ import orjson
 from gateway.clock import Clock, Periods
 from gateway.config import AlertsConfig, Plan
 from gateway.errors import StorageError
-from gateway.quota import Limit
+from gateway.quota.limits import Limit
 from gateway.storage import (
     ALERT_LIMITS,
     Alert,

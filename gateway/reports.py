@@ -16,8 +16,7 @@ from gateway.accounts import effective_plan, team_plan
 from gateway.clock import Periods, periods_at
 from gateway.config import GENERAL_PREFIX, LIMIT_NAMES, MONEY_LIMITS, Config, Plan
 from gateway.errors import NotFound
-from gateway.plans import plan_limits
-from gateway.quota import (
+from gateway.quota.limits import (
     RATE_BUCKETS,
     Limit,
     LimitScope,
@@ -27,6 +26,7 @@ from gateway.quota import (
     first_counted,
     rate_used,
 )
+from gateway.quota.plans import plan_limits
 from gateway.storage import DailyUsage, ModelUsage, Storage, Team, UpstreamUsage, User, summed
 
 if TYPE_CHECKING:

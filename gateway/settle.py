@@ -32,7 +32,6 @@ from typing import Any
 
 import orjson
 
-from gateway.bounds import DEFAULT_MAX_TOKENS_PER_ANSWER, bound_event
 from gateway.errors import StorageError
 from gateway.logs import log_answer
 from gateway.metrics import Metrics
@@ -46,6 +45,7 @@ from gateway.storage import (
     parse_alert_spec,
 )
 from gateway.tasks import Tasks
+from gateway.usage_bounds import DEFAULT_MAX_TOKENS_PER_ANSWER, bound_event
 
 log = logging.getLogger("gateway.settle")
 

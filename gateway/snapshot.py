@@ -32,9 +32,9 @@ from gateway.auth import Authenticator, TeamDirectory, UserDirectory
 from gateway.config import GENERAL_PREFIX, Config, Plan, UpstreamConfig, is_override_name
 from gateway.messages import Catalogue
 from gateway.mounts import RoutingTable, UpstreamRoute
-from gateway.plans import plan_limits, team_limits
 from gateway.pricing import PriceTable
-from gateway.quota import Limit
+from gateway.quota.limits import Limit
+from gateway.quota.plans import plan_limits, team_limits
 from gateway.settle import Terms
 from gateway.storage import AdmissionLimits, Storage, User
 from gateway.upstreams import Upstream, get_upstream
@@ -52,7 +52,7 @@ _VIEWS = 4096
 class PlanView:
     """An effective plan (a user's or a team's, overrides applied) and what the
     hot path derives from it, computed once per snapshot and set of overrides
-    rather than per request (gateway/plans.py)."""
+    rather than per request (gateway/quota/plans.py)."""
 
     plan: Plan
     # The limits it sets, in checking order: the user's (`plan_limits`) or, for

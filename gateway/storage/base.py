@@ -14,8 +14,8 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Literal, Protocol
 
-from gateway.quota import METERS, PERS, Limit, Meter, Per, limits_of
-from gateway.quota import Counters as Counters
+from gateway.quota.limits import METERS, PERS, Limit, Meter, Per, limits_of
+from gateway.quota.limits import Counters as Counters
 
 # None: explicitly unlimited; str: an amount of money, as a decimal string.
 OverrideValue = int | float | bool | str | None
@@ -271,7 +271,7 @@ class DailyUsage:
 
 @dataclass(frozen=True, slots=True, init=False)
 class AdmissionLimits:
-    """The limits admission enforces (gateway/quota.py), in checking order.
+    """The limits admission enforces (gateway/quota/limits.py), in checking order.
 
     The keyword arguments are the plan keys plans always had, for callers that
     set those only; None means unlimited."""
@@ -347,7 +347,7 @@ class Pending:
     cost: Decimal = Decimal(0)
     currency: str = "USD"
     # The upper bound of the answer's cost admission reserved against money
-    # budgets (gateway/quota.py): settle, refund and recovery release it.
+    # budgets (gateway/quota/limits.py): settle, refund and recovery release it.
     reserved_cost: Decimal = Decimal(0)
     # The upstream the answer was sent to (issue 23): a recovery records it.
     upstream: str = "default"
@@ -760,7 +760,7 @@ class Storage(Protocol):
 
     async def rate_counts(self, user_id: str, *, now: datetime) -> dict[tuple[Meter, Per], Decimal]:
         """What each of the user's rate windows counts at ``now`` (the windows
-        admission has counted the user in; gateway/quota.py, "rates")."""
+        admission has counted the user in; gateway/quota/limits.py, "rates")."""
         ...
 
     async def rate_buckets(
