@@ -16,7 +16,7 @@ import logging
 from dataclasses import replace
 from datetime import date, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.alerts import alert_request
 from gateway.clock import Periods, periods_at
@@ -35,11 +35,13 @@ from gateway.quota.plans import (
     reset_of,
 )
 from gateway.storage import (
+    Accounting,
     Admission,
     AdmissionLimits,
     AlertRequest,
     Lease,
     Pending,
+    ReportReads,
     User,
     WebSearch,
 )
@@ -50,7 +52,6 @@ if TYPE_CHECKING:
     from gateway.metrics import Metrics
     from gateway.settle import Settler
     from gateway.snapshot import PlanView, Snapshot
-    from gateway.storage import Storage
 
 log = logging.getLogger("gateway.admission")
 
@@ -155,6 +156,11 @@ class Ticket:
         return held
 
 
+class AdmissionStorage(Accounting, ReportReads, Protocol):
+    """Admission reserves (accounting), and reads the day rows an upload's
+    limits are checked against (`Admitter.check_upload`)."""
+
+
 class Admitter:
     """Admits answer requests against the plans of a request's `Snapshot`, and
     gives reservations back (through the settler, which retries)."""
@@ -162,7 +168,7 @@ class Admitter:
     __slots__ = ("_clock", "_metrics", "_settler", "_storage")
 
     def __init__(
-        self, storage: Storage, settler: Settler, *, clock: Clock, metrics: Metrics
+        self, storage: AdmissionStorage, settler: Settler, *, clock: Clock, metrics: Metrics
     ) -> None:
         self._storage = storage
         self._settler = settler
@@ -472,7 +478,7 @@ class Admitter:
         their team's ``uploads`` or ``upload_bytes`` limits (per day or month,
         ``[[plans.NAME.limits]]``) leave no room for, before it is read or
         forwarded. Uploads are counted when the upstream has taken them
-        (`Storage.record_upload`), so this check reads the counters rather than
+        (`Accounting.record_upload`), so this check reads the counters rather than
         reserving: uploads running at the same moment can pass a limit by
         what they add (docs/quotas.md, "Uploads"). ``size``: the body's
         Content-Length, an upper bound of the file's bytes (None: unknown,
