@@ -47,6 +47,7 @@ from gateway.bodies import (
     spool_multipart,
     stream_body,
 )
+from gateway.clock import periods_at
 from gateway.error_response import render_error
 from gateway.errors import (
     BadRequest,
@@ -1430,9 +1431,11 @@ class Proxy:
         return read_spool(spool), size
 
     async def _count_upload(self, x: Exchange, size: int) -> None:
-        day = x.snap.today(self._clock.now())
+        periods = periods_at(self._clock.now(), x.snap.tz)
         try:
-            await self._storage.record_upload(x.user_id, day=day, size=size)
+            await self._storage.reserve_upload(
+                x.user_id, day=periods.day, month_start=periods.month_start, size=size
+            )
         except StorageError as exc:
             self._metrics.inc("gateway_storage_errors_total", operation="upload")
             log.error(

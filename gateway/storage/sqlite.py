@@ -62,6 +62,7 @@ from gateway.quota.limits import (
     rate_counts,
     rate_retry,
     rate_used,
+    upload_charge,
 )
 from gateway.storage import migrations
 from gateway.storage.base import (
@@ -475,13 +476,14 @@ def _team_counters(
     team: str,
     today: str,
     month_start: str,
-    now: datetime,
+    now: datetime | None,
     *,
     monthly: bool,
     rates: dict[tuple[Meter, Per], Decimal],
 ) -> Counters:
-    """A team's counters: its members' day rows summed, their open streams, and
-    ``rates`` (what the team's rate windows count)."""
+    """A team's counters: its members' day rows summed, their open streams at
+    ``now`` (None: not counted), and ``rates`` (what the team's rate windows
+    count)."""
     members = [row[0] for row in conn.execute("SELECT id FROM users WHERE team_id = ?", (team,))]
     day = [Decimal(0)] * len(DAY_METERS)
     month = [Decimal(0)] * len(DAY_METERS)
@@ -489,11 +491,13 @@ def _team_counters(
         d, m = _day_and_month(conn, member, today, month_start)
         day = [a + b for a, b in zip(day, d, strict=True)]
         month = [a + b for a, b in zip(month, m, strict=True)]
-    marks = ", ".join("?" for _ in members)
-    streams = conn.execute(
-        f"SELECT count(*) FROM stream_leases WHERE expires_at > ? AND user_id IN ({marks})",
-        (_ts(now), *members),
-    ).fetchone()[0]
+    streams = 0
+    if now is not None:
+        marks = ", ".join("?" for _ in members)
+        streams = conn.execute(
+            f"SELECT count(*) FROM stream_leases WHERE expires_at > ? AND user_id IN ({marks})",
+            (_ts(now), *members),
+        ).fetchone()[0]
     return counters_from(day, month if monthly else None, streams, rates)
 
 
@@ -940,6 +944,26 @@ class SQLiteStorage:
         except StorageError as exc:
             # The pending row stays: a recovery charges it as an estimate later.
             log.warning("could not give back an abandoned admission of %s: %s", user_id, exc)
+
+    def _upload_abandoned(self, user_id: str, day: date, size: int) -> Callable[[Admission], None]:
+        """What gives back an upload counted for a caller cancelled while the
+        call was in flight: the file is never forwarded."""
+
+        def give_back(counted: Admission) -> None:
+            if not counted.admitted:
+                return
+            log.info("upload of %s abandoned by its caller; given back", user_id)
+            task = asyncio.create_task(self._release_quietly(user_id, day, size))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        return give_back
+
+    async def _release_quietly(self, user_id: str, day: date, size: int) -> None:
+        try:
+            await self.release_upload(user_id, day=day, size=size)
+        except StorageError as exc:
+            log.warning("could not give back an abandoned upload of %s: %s", user_id, exc)
 
     async def close(self) -> None:
         # Writes still queued or in flight are answered (and given back, for an
@@ -1411,13 +1435,55 @@ class SQLiteStorage:
         rows = await self._run(functools.partial(_fetchall, sql=sql, params=params))
         return model_counters(rows)
 
-    async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
-        await self._tx(
-            lambda conn: conn.execute(
+    async def reserve_upload(
+        self,
+        user_id: str,
+        *,
+        day: date,
+        month_start: date,
+        size: int,
+        limits: Sequence[Limit] = (),
+        team: str | None = None,
+    ) -> Admission:
+        today = day.isoformat()
+        first = month_start.isoformat()
+        charge = upload_charge(size)
+
+        def run(conn: sqlite3.Connection) -> Admission:
+            # Under BEGIN IMMEDIATE, as admit: check-then-count is atomic, across
+            # processes on the file too.
+            if conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
+                raise NotFound(f"no user {user_id!r}")
+            day_used, month_sums = _day_and_month(conn, user_id, today, first)
+            monthly = any(limit.per == "month" for limit in limits)
+            team_counters = None
+            if team is not None and any(limit.scope == "team" for limit in limits):
+                team_counters = _team_counters(
+                    conn, team, today, first, None, monthly=monthly, rates={}
+                )
+            counters = counters_from(
+                day_used, month_sums if monthly else None, 0, team=team_counters
+            )
+            decision = decide(counters, limits, charge)
+            if decision.refused is not None:
+                return admission(limits, decision.refused, counters, 0)
+            conn.execute(
                 "INSERT INTO usage_daily (user_id, day, uploads, upload_bytes) VALUES (?, ?, 1, ?) "
                 "ON CONFLICT (user_id, day) DO UPDATE SET uploads = uploads + 1, "
                 "upload_bytes = upload_bytes + excluded.upload_bytes",
-                (user_id, day.isoformat(), size),
+                (user_id, today, size),
+            )
+            return admission(limits, None, charged(counters, charge, 0), 0)
+
+        return await self._tx(run, abandoned=self._upload_abandoned(user_id, day, size))
+
+    async def release_upload(self, user_id: str, *, day: date, size: int) -> None:
+        await self._tx(
+            lambda conn: conn.execute(
+                "UPDATE usage_daily SET uploads = uploads - 1, "
+                "upload_bytes = max(upload_bytes - ?, 0) "
+                "WHERE user_id = ? AND day = ? AND uploads > 0",
+                (size, user_id, day.isoformat()),
             )
         )
 
