@@ -42,7 +42,7 @@ class Answers:
     def admission(self, i: int, user: str) -> tuple[Any, ...]:
         """gateway_admit's arguments for a plan with queries_per_day,
         tokens_per_day, tokens_per_month and max_concurrent_streams (the limits
-        are three arrays: meters, windows, maximums; gateway/quota.py)."""
+        are three arrays: meters, windows, maximums; gateway/quota/limits.py)."""
         n = self.now
         return (user, self.day, self.month, [1, 8, 8, 10], [1, 1, 2, 3],
                 [10**9, 10**12, 10**13, 10**6], [1, 1, 1, 1], [None] * 4, f"r{i}",

@@ -21,16 +21,17 @@ import logging
 from dataclasses import dataclass, replace
 from datetime import date, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.alerts import alert_request
-from gateway.budget import cost_bound, lowered_cap, with_cap
 from gateway.clock import Periods, periods_at
 from gateway.config import Plan
 from gateway.errors import Forbidden, QuotaExceeded, StorageError
 from gateway.features import asks_for_advanced_rag, asks_for_web_search, set_path
 from gateway.messages import english
-from gateway.plans import (
+from gateway.quota.budget import cost_bound, lowered_cap, with_cap
+from gateway.quota.limits import UPLOAD_METERS, Limit, refuses, upload_charge
+from gateway.quota.plans import (
     LIMIT_CODES,
     RateLimit,
     admission_limits,
@@ -38,13 +39,14 @@ from gateway.plans import (
     reported_limit,
     reset_of,
 )
-from gateway.quota import UPLOAD_METERS, Limit, refuses, upload_charge
 from gateway.storage import (
+    Accounting,
     Admission,
     AdmissionLimits,
     AlertRequest,
     Lease,
     Pending,
+    ReportReads,
     User,
     WebSearch,
 )
@@ -55,7 +57,6 @@ if TYPE_CHECKING:
     from gateway.metrics import Metrics
     from gateway.settle import Settler
     from gateway.snapshot import PlanView, Snapshot
-    from gateway.storage import Storage
 
 log = logging.getLogger("gateway.admission")
 
@@ -160,9 +161,14 @@ class Ticket:
         return held
 
 
+class AdmissionStorage(Accounting, ReportReads, Protocol):
+    """Admission reserves (accounting), and reads the day rows an upload's
+    limits are checked against (`Admitter.upload_limits`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class UploadLimits:
-    """The limits on uploads that hold a user's upload (`quota.UPLOAD_METERS`,
+    """The limits on uploads that hold a user's upload (`quota.limits.UPLOAD_METERS`,
     theirs and their team's), the team, and which of them the user's own
     overrides set (a refusal by one says "your limit")."""
 
@@ -210,7 +216,7 @@ class Admitter:
     __slots__ = ("_clock", "_metrics", "_settler", "_storage")
 
     def __init__(
-        self, storage: Storage, settler: Settler, *, clock: Clock, metrics: Metrics
+        self, storage: AdmissionStorage, settler: Settler, *, clock: Clock, metrics: Metrics
     ) -> None:
         self._storage = storage
         self._settler = settler
@@ -454,7 +460,7 @@ class Admitter:
         body: dict[str, Any],
     ) -> Pending:
         """``pending`` reserving the upper bound of the answer's cost against the
-        money budgets (gateway/budget.py); a recovery charges at least that
+        money budgets (gateway/quota/budget.py); a recovery charges at least that
         bound, the most the answer could have cost. A paid side call's bound is
         its price."""
         accounting = snap.config.accounting

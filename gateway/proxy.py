@@ -29,7 +29,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import parse_qs, unquote
 
 import httpx
@@ -83,7 +83,7 @@ from gateway.relay import Send as RelaySend
 from gateway.relay import Stop as RelayStop
 from gateway.routing import ALLOWED, RouteGuard, side_cost_result
 from gateway.sse import EventTooLarge, SSEDecoder
-from gateway.storage import UsageEvent
+from gateway.storage import Accounting, Ownership, PausedForms, UsageEvent
 from gateway.types import Receive, Scope, Send
 from gateway.upstream_client import UpstreamClient, request_taken
 from gateway.upstreams import Prepared, Route, Upstream
@@ -99,7 +99,6 @@ if TYPE_CHECKING:
     from gateway.runtime import InFlight
     from gateway.settle import Settler
     from gateway.snapshot import Current, Snapshot, Target
-    from gateway.storage import Storage
 
 log = logging.getLogger("gateway.proxy")
 
@@ -272,6 +271,13 @@ class Exchange:
         return (now - self.forwarded_at) * 1000, (self.forwarded_at - self.started) * 1000
 
 
+class ProxyStorage(Accounting, Ownership, PausedForms, Protocol):
+    """The storage roles the proxy reaches itself: a fallback's pending row and
+    an upload's count (admission and settling go through the `Admitter` and the
+    `Settler`), which upstream a conversation lives in, and paused runs' forms
+    (its `Follows`)."""
+
+
 class Proxy:
     """The /v1 pipeline, wired with what it uses (gateway/runtime.py builds it)."""
 
@@ -279,7 +285,7 @@ class Proxy:
         self,
         current: Current,
         *,
-        storage: Storage,
+        storage: ProxyStorage,
         settler: Settler,
         clients: Mapping[str, UpstreamClient],
         admitter: Admitter,

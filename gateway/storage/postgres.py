@@ -40,7 +40,7 @@ import asyncpg
 import orjson
 
 from gateway.errors import Conflict, NotFound, StorageError
-from gateway.quota import METERS, PERS, Limit, Meter, Per, counters_from, rate_counts
+from gateway.quota.limits import METERS, PERS, Limit, Meter, Per, counters_from, rate_counts
 from gateway.storage import functions, migrations
 from gateway.storage.base import (
     ALERT_COLUMNS,

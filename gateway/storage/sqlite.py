@@ -41,7 +41,7 @@ from typing import Any, NamedTuple, TypeVar
 import orjson
 
 from gateway.errors import Conflict, NotFound, StorageError
-from gateway.quota import (
+from gateway.quota.limits import (
     DAY_METERS,
     METERS,
     PERS,
@@ -505,7 +505,7 @@ def _day_and_month(
     conn: sqlite3.Connection, user_id: str, today: str, month_start: str
 ) -> tuple[list[Decimal], list[Decimal]]:
     """The user's counters today and this month (today included), in the order
-    of gateway/quota.py's DAY_METERS; cost includes what answers under way
+    of gateway/quota/limits.py's DAY_METERS; cost includes what answers under way
     reserved."""
     day = [Decimal(0)] * len(DAY_METERS)
     month = [Decimal(0)] * len(DAY_METERS)

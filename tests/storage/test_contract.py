@@ -15,7 +15,7 @@ import pytest
 
 from gateway.config import DatabaseConfig
 from gateway.errors import NotFound
-from gateway.quota import Limit
+from gateway.quota.limits import Limit
 from gateway.storage import (
     Admission,
     AdmissionLimits,

@@ -4,7 +4,7 @@ through a plain-Python model of the rules written here on its own; every
 decision and every counter must agree.
 
 The model is deliberately naive - lists of what happened, sums over them - so
-that it shares nothing with gateway/quota.py or the backends' SQL but the
+that it shares nothing with gateway/quota/limits.py or the backends' SQL but the
 rules as docs/quotas.md states them."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from gateway.quota import Limit
+from gateway.quota.limits import Limit
 from gateway.storage import (
     Admission,
     AdmissionLimits,

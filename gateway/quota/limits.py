@@ -6,7 +6,7 @@ Pure logic, no I/O. A limit is a *meter* counted over a *window* with a
 ``day``, ``streams`` ``open`` at once. Both storage backends hold the counters
 and apply `refuses` to them in their one atomic admission step (SQLite in
 Python through this module; PostgreSQL in gateway_admit, whose rule is this
-module's, table-tested against it by tests/test_quota.py's backend runs).
+module's, table-tested against it by tests/quota/test_limits.py's backend runs).
 
 Every plan key that sets a limit (``queries_per_day``, ``tokens_per_month``,
 ``cost_per_day``, ...) is one `Limit` here (`LEGACY_LIMITS`).
