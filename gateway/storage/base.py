@@ -743,8 +743,30 @@ class Accounting(Protocol):
         admission has counted the user in; gateway/quota/limits.py, "rates")."""
         ...
 
-    async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
-        """Count one upload of ``size`` bytes on the user's day."""
+    async def reserve_upload(
+        self,
+        user_id: str,
+        *,
+        day: date,
+        month_start: date,
+        size: int,
+        limits: Sequence[Limit] = (),
+        team: str | None = None,
+    ) -> Admission:
+        """Count one upload of ``size`` bytes on the user's day only while every
+        one of ``limits`` (uploads and upload bytes per day or month: the
+        user's, and with ``team`` the team's, whose row is locked first as
+        `admit` locks it) allows it, atomically, in one round trip; return the
+        counters of ``limits`` either way (after the upload when admitted). With
+        no limits the upload is counted, unconditionally. An admitted upload
+        stays counted (it is the upload's record) unless `release_upload` gives
+        it back; one whose caller was cancelled while the call was in flight
+        is given back."""
+        ...
+
+    async def release_upload(self, user_id: str, *, day: date, size: int) -> None:
+        """Give back an upload `reserve_upload` counted on ``day`` (the upstream
+        refused it, or never got it)."""
         ...
 
     async def refund(
