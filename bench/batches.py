@@ -52,7 +52,7 @@ class Answers:
     def admission(self, i: int, user: str) -> _AdmitCall:
         """gateway_admit's arguments for a plan with queries_per_day,
         tokens_per_day, tokens_per_month and max_concurrent_streams (meter and
-        window numbers as in gateway/quota.py), the answer's pending row and lease."""
+        window numbers as in gateway/quota/limits.py), the answer's pending row and lease."""
         return _AdmitCall(
             user_id=user,
             day=self.day,

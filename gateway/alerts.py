@@ -31,15 +31,15 @@ import orjson
 from gateway.clock import Clock, Periods
 from gateway.config import AlertsConfig, Plan
 from gateway.errors import StorageError
-from gateway.quota import Limit
+from gateway.quota.limits import Limit
 from gateway.storage import (
     ALERT_LIMITS,
     Alert,
     AlertCheck,
     AlertRequest,
     Crossing,
+    Outbox,
     OutboxItem,
-    Storage,
     alert_spec,
 )
 
@@ -194,7 +194,7 @@ class DeliveryFailed(Exception):
 class OutboxWorker:
     def __init__(
         self,
-        storage: Storage,
+        storage: Outbox,
         settings: Callable[[], AlertsConfig],
         clock: Clock,
         *,

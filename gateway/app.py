@@ -1,7 +1,7 @@
 """The ASGI application: routes, lifespan, and the dispatch to the proxy.
 
 Every HTTP request first passes the request limits (header size and count, the
-body deadline: gateway/limits.py); then requests under a mount (/v1, or a named
+body deadline: gateway/request_limits/checks.py); then requests under a mount (/v1, or a named
 upstream's /NAME/v1: gateway/mounts.py) go straight to the proxy (a plain ASGI
 callable, no router or middleware in between) and the gateway's own endpoints
 to a small Starlette app. No mount may shadow those (refused at load; the
@@ -31,11 +31,11 @@ from gateway.clock import Clock
 from gateway.config import Config, load_config
 from gateway.cors import Cors, covered
 from gateway.errors import NotFound, StorageError
-from gateway.limits import BodyDeadline, header_refusal, send_refusal
 from gateway.logs import configure_logging
 from gateway.mounts import OWN_UNDER_V1
 from gateway.probes import Probes
 from gateway.proxy import Proxy
+from gateway.request_limits.checks import BodyDeadline, header_refusal, send_refusal
 from gateway.runtime import Gateway, Running
 from gateway.storage import Storage
 from gateway.types import Receive, Scope, Send

@@ -284,7 +284,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
             log_config=None,
             loop="auto",  # uvloop where installed
             # httptools, with the request head bounded as it arrives (docs/configuration.md)
-            http="gateway.headlimit:BoundedHeadProtocol",
+            http="gateway.request_limits.protocol:BoundedHeadProtocol",
             server_header=False,
             # On SIGTERM: stop accepting, let open answers finish for this long, then
             # cancel them - the proxy still records what each one read (docs/proxy.md).

@@ -78,7 +78,7 @@ class ServerConfig:
     shutdown_grace: int = _setting(30, minimum=0)  # whole seconds: uvicorn takes an int
     # issue 20, spool: the whole request head must arrive within head_timeout; a
     # worker holds at most max_connections connections (0: derived from the
-    # open-files limit). Both applied by `gateway serve` (gateway/headlimit.py).
+    # open-files limit). Both applied by `gateway serve` (gateway/request_limits/protocol.py).
     head_timeout: float = _setting(10.0, minimum=0.001)
     max_connections: int = _setting(0, minimum=0)
     # --- issue 25, logs (gateway/logs.py) ---
@@ -448,7 +448,7 @@ LimitMeter = Literal[
     "cost",
     "web_searches",
     "advanced_rag",
-    # Checked when an upload is asked (docs/quotas.md, "Uploads"), not at admission.
+    # Reserved when an upload is asked (docs/quotas.md, "Uploads"), not at admission.
     "uploads",
     "upload_bytes",
 ]

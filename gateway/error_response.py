@@ -2,7 +2,7 @@
 
 Every error the gateway answers itself - the proxy's refusals and failures, the
 admin and usage APIs', /metrics', the request limits' (408, 431), the CORS
-preflight refusal and the server's own refusals of a head (headlimit.py) - is
+preflight refusal and the server's own refusals of a head (request_limits/protocol.py) - is
 built here: a body in a dialect's error shape (``Upstream.error_body``) and one
 set of headers, sent as ASGI messages, as a Starlette response or as raw
 HTTP/1.1 bytes.

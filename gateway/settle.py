@@ -28,24 +28,25 @@ from collections.abc import Callable, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
-from gateway.bounds import DEFAULT_MAX_TOKENS_PER_ANSWER, bound_event
 from gateway.errors import StorageError
 from gateway.logs import log_answer
 from gateway.metrics import Metrics
 from gateway.pricing import PriceTable
 from gateway.storage import (
     ALERT_LIMITS,
+    Accounting,
     AlertCheck,
     AlertRequest,
-    Storage,
+    Lifecycle,
     UsageEvent,
     parse_alert_spec,
 )
 from gateway.tasks import Tasks
+from gateway.usage_bounds import DEFAULT_MAX_TOKENS_PER_ANSWER, bound_event
 
 log = logging.getLogger("gateway.settle")
 
@@ -227,10 +228,15 @@ def _locked_contents(fd: int) -> bytes | None:
     return b"".join(chunks)
 
 
+class SettleStorage(Accounting, Lifecycle, Protocol):
+    """Settling records answers and gives reservations back (accounting); the
+    spool's replay asks whether the database answers again (`ping`)."""
+
+
 class Settler:
     def __init__(
         self,
-        storage: Storage,
+        storage: SettleStorage,
         *,
         metrics: Metrics,
         spool: Path | None,

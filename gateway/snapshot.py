@@ -32,11 +32,11 @@ from gateway.auth import Authenticator, TeamDirectory, UserDirectory
 from gateway.config import GENERAL_PREFIX, Config, Plan, UpstreamConfig, is_override_name
 from gateway.messages import Catalogue
 from gateway.mounts import RoutingTable, UpstreamRoute
-from gateway.plans import plan_limits, team_limits
 from gateway.pricing import PriceTable
-from gateway.quota import Limit
+from gateway.quota.limits import Limit
+from gateway.quota.plans import plan_limits, team_limits
 from gateway.settle import Terms
-from gateway.storage import AdmissionLimits, Storage, User
+from gateway.storage import AdmissionLimits, Directory, User
 from gateway.upstreams import Upstream, get_upstream
 
 __all__ = ["Current", "PlanView", "Snapshot", "Target", "build_snapshot", "recover_after"]
@@ -52,7 +52,7 @@ _VIEWS = 4096
 class PlanView:
     """An effective plan (a user's or a team's, overrides applied) and what the
     hot path derives from it, computed once per snapshot and set of overrides
-    rather than per request (gateway/plans.py)."""
+    rather than per request (gateway/quota/plans.py)."""
 
     plan: Plan
     # The limits it sets, in checking order: the user's (`plan_limits`) or, for
@@ -217,7 +217,9 @@ def recover_after(config: Config) -> timedelta:
     return timedelta(seconds=after)
 
 
-def build_snapshot(config: Config, storage: Storage, previous: Snapshot | None = None) -> Snapshot:
+def build_snapshot(
+    config: Config, storage: Directory, previous: Snapshot | None = None
+) -> Snapshot:
     """Everything derived from ``config``, built before anything is swapped in: a
     failure leaves the running snapshot whole. The key and user caches outlive a
     reload (gateway/auth.py): what they hold is in the database, which a reload

@@ -160,7 +160,7 @@ class FieldReader:
             return None
 
 
-# Beyond any bound the ledger keeps (bounds.py clamps counts far below it).
+# Beyond any bound the ledger keeps (usage_bounds.py clamps counts far below it).
 _COUNT_CEILING = 2**63 - 1
 
 

@@ -566,7 +566,7 @@ async def test_money_budgets_general_and_team_limits_are_watched(database_url: s
 
 
 def test_an_alert_request_watches_every_limit_per_day_or_month() -> None:
-    from gateway.plans import plan_limits, team_limits
+    from gateway.quota.plans import plan_limits, team_limits
     from gateway.settle import _alerts_read, _alerts_to_json
 
     config = parse_config(

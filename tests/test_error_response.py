@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from gateway.error_response import render, render_error
 from gateway.errors import QuotaExceeded, StorageError, Unauthorized, UpstreamUnavailable
-from gateway.limits import send_refusal
+from gateway.request_limits.checks import send_refusal
 from gateway.upstreams.dify import DifyUpstream
 
 

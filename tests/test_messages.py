@@ -25,7 +25,7 @@ from gateway.messages import (
     english,
     recognise,
 )
-from gateway.plans import LIMIT_CODES
+from gateway.quota.plans import LIMIT_CODES
 
 ROOT = Path(__file__).resolve().parent.parent
 HCM = ZoneInfo("Asia/Ho_Chi_Minh")

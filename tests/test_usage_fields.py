@@ -11,10 +11,10 @@ import httpx
 import orjson
 import pytest
 
-from gateway.bounds import CLAMPED
 from gateway.upstreams.dify import _node_usage, _usage_from
 from gateway.upstreams.openai_wire import usage_from
 from gateway.usage import FieldReader, Usage
+from gateway.usage_bounds import CLAMPED
 from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, running_gateway
 

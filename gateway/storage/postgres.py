@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import date, datetime, timedelta
@@ -39,7 +40,7 @@ import asyncpg
 import orjson
 
 from gateway.errors import Conflict, NotFound, StorageError
-from gateway.quota import METERS, PERS, Limit, Meter, Per, counters_from, rate_counts
+from gateway.quota.limits import METERS, PERS, Limit, Meter, Per, counters_from, rate_counts
 from gateway.storage import functions, migrations
 from gateway.storage.base import (
     ALERT_COLUMNS,
@@ -103,6 +104,7 @@ _MIGRATION_LOCK = 0x6761_7465_7761_79
 _EXPORT_BATCH = 1000
 
 
+_RESERVE_UPLOAD = "SELECT * FROM gateway_reserve_upload($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 # A batch is at most this many calls by default (database.max_batch): past a
 # few dozen a larger batch saves little, and a batch holds its users' row locks
 # until it commits.
@@ -479,7 +481,7 @@ class PostgresStorage:
         self._settles: GroupCommit[_SettleCall, bool] = GroupCommit(
             "settle", self._settle_many, self._settle_one, max_batch=max_batch, key=_settled_user
         )
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
 
     @classmethod
     async def open(
@@ -508,7 +510,8 @@ class PostgresStorage:
         # Calls still queued or in flight are answered before the pool goes.
         await self._admits.drain()
         await self._settles.drain()
-        if self._background:
+        # (A give-back may start when what it gives back ends.)
+        while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._pool.close()
 
@@ -903,12 +906,67 @@ class PostgresStorage:
             rows = await self._pool.fetch(_MODEL_COUNTERS, user_id, day, month_start, list(keys))
         return model_counters([tuple(row) for row in rows])
 
-    async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
+    async def reserve_upload(
+        self,
+        user_id: str,
+        *,
+        day: date,
+        month_start: date,
+        size: int,
+        limits: Sequence[Limit] = (),
+        team: str | None = None,
+    ) -> Admission:
+        meters, pers, maxes, scopes, _ = _limit_arrays(limits)
+        if not any(scope == 2 for scope in scopes):
+            team = None
+        args = (user_id, day, month_start, size, meters, pers, maxes, scopes, team)
+        # Its own task, awaited through a shield: a caller cancelled while the
+        # statement is in flight cannot tell whether it committed, so the task
+        # runs to its end and an upload it counted is given back.
+        task = asyncio.create_task(self._reserve_upload(args, limits))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(functools.partial(self._upload_abandoned, user_id, day, size))
+            raise
+
+    async def _reserve_upload(self, args: tuple[Any, ...], limits: Sequence[Limit]) -> Admission:
+        with _mapped():
+            row = await self._pool.fetchrow(_RESERVE_UPLOAD, *args)
+        assert row is not None
+        team = (
+            counters_from(row["team_day"], row["team_month"], 0)
+            if row["team_day"] is not None
+            else None
+        )
+        counters = counters_from(row["day_used"], row["month_used"], 0, team=team)
+        refused = row["refused"]
+        return admission(limits, None if refused is None else refused - 1, counters, 0)
+
+    def _upload_abandoned(
+        self, user_id: str, day: date, size: int, task: asyncio.Task[Admission]
+    ) -> None:
+        if task.cancelled() or task.exception() is not None or not task.result().admitted:
+            return
+        log.info("upload of %s abandoned by its caller; given back", user_id)
+        release = asyncio.create_task(self._release_quietly(user_id, day, size))
+        self._background.add(release)
+        release.add_done_callback(self._background.discard)
+
+    async def _release_quietly(self, user_id: str, day: date, size: int) -> None:
+        try:
+            await self.release_upload(user_id, day=day, size=size)
+        except StorageError as exc:
+            log.warning("could not give back an abandoned upload of %s: %s", user_id, exc)
+
+    async def release_upload(self, user_id: str, *, day: date, size: int) -> None:
         with _mapped():
             await self._pool.execute(
-                "INSERT INTO usage_daily AS d (user_id, day, uploads, upload_bytes) "
-                "VALUES ($1, $2, 1, $3) ON CONFLICT (user_id, day) DO UPDATE SET "
-                "uploads = d.uploads + 1, upload_bytes = d.upload_bytes + excluded.upload_bytes",
+                "UPDATE usage_daily SET uploads = uploads - 1, "
+                "upload_bytes = greatest(upload_bytes - $3, 0) "
+                "WHERE user_id = $1 AND day = $2 AND uploads > 0",
                 user_id,
                 day,
                 size,

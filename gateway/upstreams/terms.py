@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from gateway.bounds import DEFAULT_MAX_TOKENS_PER_ANSWER
 from gateway.pricing import CallPrice, PriceTable
+from gateway.usage_bounds import DEFAULT_MAX_TOKENS_PER_ANSWER
 
 if TYPE_CHECKING:
     from gateway.config import Config

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 from decimal import Decimal
 
-from gateway.quota import Limit, bucket_of
+from gateway.quota.limits import Limit, bucket_of
 from gateway.storage import AdmissionLimits, Storage
 from tests.storage.test_contract import DAY, MONTH, NOW, event, pending
 

@@ -12,7 +12,7 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.quota import Limit
+from gateway.quota.limits import Limit
 from gateway.storage import AdmissionLimits, Pending, Storage, UsageEvent
 from gateway.storage.postgres import PostgresStorage
 from tests.conftest import _truncate

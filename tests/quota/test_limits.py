@@ -1,4 +1,4 @@
-"""The accounting core's rules (gateway/quota.py), as tables of cases."""
+"""The accounting core's rules (gateway/quota/limits.py), as tables of cases."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from decimal import Decimal
 import pytest
 
 from gateway.config import Plan
-from gateway.plans import plan_limits
-from gateway.quota import (
+from gateway.quota.limits import (
     Charge,
     Counters,
     Limit,
@@ -18,6 +17,7 @@ from gateway.quota import (
     limits_of,
     refuses,
 )
+from gateway.quota.plans import plan_limits
 
 D = Decimal
 
@@ -151,7 +151,7 @@ def test_every_plan_key_that_set_a_limit_is_a_limit() -> None:
 
 def test_the_storage_error_policy_covers_every_new_kind() -> None:
     from gateway.config import PlanLimit, StorageErrorPolicy
-    from gateway.plans import closed_checks
+    from gateway.quota.plans import closed_checks
 
     closed = StorageErrorPolicy(queries="closed", tokens="closed", streams="closed")
     assert closed_checks(closed, Plan(name="p", requests_per_minute=5)) == ["queries"]

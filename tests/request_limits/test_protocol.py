@@ -16,12 +16,12 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
-from gateway import headlimit
 from gateway.config import ENV_CONFIG
+from gateway.request_limits import protocol
 from tests.processes import GatewayProcess
 from tests.servers import serve
 
-PROTOCOL = "gateway.headlimit:BoundedHeadProtocol"
+PROTOCOL = "gateway.request_limits.protocol:BoundedHeadProtocol"
 HEAD_TIMEOUT = 0.5
 
 
@@ -41,11 +41,11 @@ def limits_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[N
         f"[server]\nhead_timeout = {HEAD_TIMEOUT}\nmax_connections = 20\n\n[plans.free]\n"
     )
     monkeypatch.setenv(ENV_CONFIG, str(config))
-    monkeypatch.setattr(headlimit._Refusals, "warned_at", None)
-    monkeypatch.setattr(headlimit._Refusals, "count", 0)
-    headlimit._configured.cache_clear()
+    monkeypatch.setattr(protocol._Refusals, "warned_at", None)
+    monkeypatch.setattr(protocol._Refusals, "count", 0)
+    protocol._configured.cache_clear()
     yield
-    headlimit._configured.cache_clear()
+    protocol._configured.cache_clear()
 
 
 async def read_all(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
@@ -157,7 +157,7 @@ async def test_connections_past_the_cap_are_refused_503_and_the_rest_served(
 
 
 def test_the_default_cap_leaves_room_under_the_open_files_limit() -> None:
-    cap = headlimit.derived_max_connections(10)
+    cap = protocol.derived_max_connections(10)
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert cap >= 16 and (soft == resource.RLIM_INFINITY or 2 * cap + 10 < soft)
 

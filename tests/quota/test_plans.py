@@ -14,7 +14,7 @@ import pytest
 
 from gateway.accounts import effective_plan, team_plan
 from gateway.config import parse_config
-from gateway.plans import admission_limits, plan_limits, team_limits
+from gateway.quota.plans import admission_limits, plan_limits, team_limits
 from gateway.snapshot import build_snapshot
 from gateway.storage import Storage, User
 from gateway.storage.sqlite import SQLiteStorage

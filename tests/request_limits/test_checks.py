@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
-from gateway import headlimit
 from gateway.config import ENV_CONFIG
+from gateway.request_limits import protocol
 from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 from tests.servers import free_port, serve, start_gateway
@@ -182,12 +182,12 @@ def head_limit_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
     config = tmp_path / "gateway.toml"
     config.write_text("[server]\nmax_header_bytes = 1000\n\n[plans.free]\n")
     monkeypatch.setenv(ENV_CONFIG, str(config))
-    headlimit._configured.cache_clear()
+    protocol._configured.cache_clear()
     yield
-    headlimit._configured.cache_clear()
+    protocol._configured.cache_clear()
 
 
-PROTOCOL = "gateway.headlimit:BoundedHeadProtocol"
+PROTOCOL = "gateway.request_limits.protocol:BoundedHeadProtocol"
 
 
 @pytest.mark.usefixtures("head_limit_config")

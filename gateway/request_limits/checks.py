@@ -7,7 +7,7 @@ headers of any size, and nothing times out a body that a client announced
 a handler waiting on the body, indefinitely. (The h11 parser has one byte limit
 on the whole head, ``h11_max_incomplete_event_size``, answered with a plain-text
 400.) These checks work under any server; `gateway serve` also bounds the head
-while it arrives (gateway/headlimit.py). See docs/configuration.md, ``[server]``.
+while it arrives (gateway/request_limits/protocol.py). See docs/configuration.md, ``[server]``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from decimal import Decimal
 
 from gateway.clock import Periods
 from gateway.config import Plan, StorageErrorPolicy
-from gateway.quota import LEGACY_LIMITS, RATE_SECONDS, Counters, Limit, limits_of
+from gateway.quota.limits import LEGACY_LIMITS, RATE_SECONDS, Counters, Limit, limits_of
 from gateway.storage import Admission, AdmissionLimits
 
 # Error codes per limit, in the upstream's error body (docs/quotas.md).
@@ -34,7 +34,7 @@ LIMIT_CODES: dict[str, str] = {
 
 
 def plan_limits(plan: Plan) -> tuple[Limit, ...]:
-    """The limits a plan sets (gateway/quota.py), in checking order: its keys,
+    """The limits a plan sets (gateway/quota/limits.py), in checking order: its keys,
     then its ``[[plans.NAME.limits]]``, the open streams last."""
     keys = limits_of({name: getattr(plan, name, None) for name in LEGACY_LIMITS})
     general = tuple(Limit(x.label, x.meter, x.per, x.max, models=x.models) for x in plan.limits)
@@ -88,7 +88,7 @@ def closed_checks(policy: StorageErrorPolicy, plan: Plan) -> list[str]:
     # [[plans.NAME.limits]]: queries follow the queries check, the rest the tokens one.
     for limit in plan.limits:
         if limit.meter in ("uploads", "upload_bytes"):
-            continue  # checked when an upload is asked, not at admission
+            continue  # reserved when an upload is asked, not at admission
         applies["queries" if limit.meter == "queries" else "tokens"] = True
     return [check for check, used in applies.items() if used and getattr(policy, check) == "closed"]
 

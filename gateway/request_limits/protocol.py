@@ -2,7 +2,7 @@
 for `gateway serve`.
 
 httptools keeps every byte of an unfinished head in memory, without limit (a
-20 MB header is taken whole), and the gateway's own header check (gateway/limits.py)
+20 MB header is taken whole), and the gateway's own header check (gateway/request_limits/checks.py)
 can only look at a head once it is complete. This protocol counts the bytes of the
 head as they arrive and, once an unfinished head passes ``server.max_header_bytes``
 (plus room for the request line), answers 431 in the upstream's error shape and

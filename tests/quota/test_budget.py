@@ -16,9 +16,9 @@ import httpx
 import orjson
 import pytest
 
-from gateway.budget import bound_usage, cost_bound, lowered_cap, output_cap, with_cap
 from gateway.clock import FixedClock
 from gateway.config import DatabaseConfig, load_config
+from gateway.quota.budget import bound_usage, cost_bound, lowered_cap, output_cap, with_cap
 from gateway.storage import AdmissionLimits, Pending, open_storage
 from gateway.upstreams import Route
 from gateway.upstreams.anthropic import AnthropicUpstream

@@ -14,12 +14,12 @@ import httpx
 import orjson
 import pytest
 
-from gateway.bounds import CLAMPED, MAX_COST, MAX_MODEL_CHARS, bound_event
 from gateway.config import DatabaseConfig, parse_config
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.settle import Settler, Write, event_from_json, event_to_json
 from gateway.storage import Storage, UsageEvent, open_storage
+from gateway.usage_bounds import CLAMPED, MAX_COST, MAX_MODEL_CHARS, bound_event
 from tests.fakes.dify import FakeDify
 from tests.fakes.openai import ANSWER_PIECES, FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
