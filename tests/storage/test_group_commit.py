@@ -778,18 +778,20 @@ async def test_a_batch_of_one_does_what_the_single_call_does(postgres_dsn: str, 
 
 
 @pytest.mark.postgres
-async def test_a_lone_settle_waiting_on_a_row_lock_gives_up_its_batch_and_goes_alone(
-    pg: PostgresStorage, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("operation", ["admit", "settle"])
+async def test_a_lone_call_waiting_on_a_row_lock_gives_up_its_batch_and_goes_alone(
+    pg: PostgresStorage, caplog: pytest.LogCaptureFixture, operation: str
 ) -> None:
-    """A settle that found no batch in flight is a batch of one: it waits for a
-    row lock no longer than a batch does, then is sent again on its own (and
-    its batch slot is free for others) and settles once the lock is gone."""
+    """An admission or settle that found no batch in flight is a batch of one:
+    it waits for a row lock no longer than a batch does, then is sent again on
+    its own (its batch slot free for others) and goes through once the lock is
+    gone."""
     await pg.ensure_user("hot", plan="free")
     refused = asyncio.Event()
 
     class Refusals(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            if record.getMessage().startswith("settle batch of 1 refused (LockNotAvailable"):
+            if record.getMessage().startswith(f"{operation} batch of 1 refused (LockNotAvailable"):
                 refused.set()
 
     handler = Refusals()
@@ -800,15 +802,20 @@ async def test_a_lone_settle_waiting_on_a_row_lock_gives_up_its_batch_and_goes_a
     await hold.start()
     await blocker.execute("SELECT 1 FROM users WHERE id = 'hot' FOR UPDATE")
     try:
-        settled = asyncio.ensure_future(pg.settle(settle_event("m1", user="hot")))
+        call: asyncio.Future[Any] = (
+            admit(pg, "hot", "h1")
+            if operation == "admit"
+            else asyncio.ensure_future(pg.settle(settle_event("m1", user="hot")))
+        )
         await asyncio.wait_for(refused.wait(), timeout=10)
-        assert not settled.done()
+        assert not call.done()
     finally:
         await hold.rollback()
         await blocker.close()
         logging.getLogger("gateway.storage").removeHandler(handler)
-    assert await settled is True
-    assert pg.group_commit["settle"] == (1, 1)
+    result = await call
+    assert result.admitted if operation == "admit" else result is True
+    assert pg.group_commit[operation] == (1, 1)
 
 
 @pytest.mark.postgres
