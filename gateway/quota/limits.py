@@ -5,8 +5,10 @@ Pure logic, no I/O. A limit is a *meter* counted over a *window* with a
 *maximum*: ``queries`` per ``day``, ``tokens`` per ``month``, ``cost`` per
 ``day``, ``streams`` ``open`` at once. Both storage backends hold the counters
 and apply `refuses` to them in their one atomic admission step (SQLite in
-Python through this module; PostgreSQL in gateway_admit, whose rule is this
-module's, table-tested against it by tests/quota/test_limits.py's backend runs).
+Python through this module; PostgreSQL in gateway_admit, by gateway_decide,
+whose rule is this module's). tests/quota/test_limits.py tests the rule with
+tables of cases; tests/storage/test_quota_model.py drives both backends
+against a model of it.
 
 Every plan key that sets a limit (``queries_per_day``, ``tokens_per_month``,
 ``cost_per_day``, ...) is one `Limit` here (`LEGACY_LIMITS`).

@@ -1717,54 +1717,71 @@ class SQLiteStorage:
                 "ORDER BY created_at LIMIT ?",
                 (_ts(before), limit),
             ).fetchall()
-            for row in rows:
-                claimed = _claim(conn, row[0], row[0])
+            for (
+                pending_id,
+                user_id,
+                day,
+                endpoint,
+                prompt,
+                completion,
+                total,
+                cost_text,
+                currency,
+                web_searches,
+                upstream,
+            ) in rows:
+                cost = Decimal(cost_text)
+                claimed = _claim(conn, pending_id, pending_id)
                 if claimed is not None:
                     # The cost bound's reservation ends: the estimate below is
                     # charged instead (admission made it at least the bound).
-                    _release(conn, row[1], claimed._replace(web_searches=0))
+                    _release(conn, user_id, claimed._replace(web_searches=0))
                 recorded = _record(
                     conn,
                     UsageEvent(
-                        answer_id=f"gw-{row[0]}",
-                        user_id=row[1],
-                        day=date.fromisoformat(row[2]),
+                        answer_id=f"gw-{pending_id}",
+                        user_id=user_id,
+                        day=date.fromisoformat(day),
                         created_at=now,
-                        endpoint=row[3],
-                        prompt_tokens=row[4],
-                        completion_tokens=row[5],
-                        total_tokens=row[6],
-                        cost=Decimal(row[7]),
-                        currency=row[8],
+                        endpoint=endpoint,
+                        prompt_tokens=prompt,
+                        completion_tokens=completion,
+                        total_tokens=total,
+                        cost=cost,
+                        currency=currency,
                         outcome="recovered",
                         estimated=True,
-                        request_id=row[0],
-                        upstream=row[10],
+                        request_id=pending_id,
+                        upstream=upstream,
                     ),
                 )
                 if recorded and claimed is not None:
                     _add_models(
                         conn,
-                        row[1],
+                        user_id,
                         claimed.keys,
-                        row[2],
-                        prompt=row[4],
-                        completion=row[5],
-                        total=row[6],
-                        cost=Decimal(row[7]),
+                        day,
+                        prompt=prompt,
+                        completion=completion,
+                        total=total,
+                        cost=cost,
                     )
                 if recorded and claimed is not None and claimed.rates:
                     # The estimate counts in the token rates, as settled tokens do.
-                    _count_rates(conn, row[1], claimed.rates, "tokens", now.timestamp(), row[6])
+                    _count_rates(conn, user_id, claimed.rates, "tokens", now.timestamp(), total)
                 keys = claimed.keys if claimed is not None else []
-                if recorded and (row[9] or keys):
+                if recorded and (web_searches or keys):
                     # A web search reserved stays spent, like the query (the answer
                     # may have searched): the day row has it already, the ledger
                     # row now says so too, so a superseding record can correct it;
                     # so can it the per-model counters the row names (scopes).
                     conn.execute(
                         "UPDATE usage_events SET web_searches = ?, scopes = ? WHERE answer_id = ?",
-                        (row[9], orjson.dumps(keys).decode() if keys else None, f"gw-{row[0]}"),
+                        (
+                            web_searches,
+                            orjson.dumps(keys).decode() if keys else None,
+                            f"gw-{pending_id}",
+                        ),
                     )
             return [row[0] for row in rows]
 
@@ -1837,10 +1854,13 @@ class SQLiteStorage:
                 + "ORDER BY o.channel",
                 () if user_id is None else (user_id,),
             ):
-                key = (row[0], row[1], row[2], row[3])
+                key = (row[0], row[1], row[2], row[3])  # user, limit, period, threshold
                 if key in keys:
-                    stamp = datetime.fromisoformat(row[7]) if row[7] else None
-                    found.append((key, delivery(row[4], row[5], row[6], stamp, row[8])))
+                    channel, attempts, last_error, delivered_at, next_attempt_at = row[4:]
+                    stamp = datetime.fromisoformat(delivered_at) if delivered_at else None
+                    found.append(
+                        (key, delivery(channel, attempts, last_error, stamp, next_attempt_at))
+                    )
             return alerts_with_deliveries(crossings, found)
 
         return await self._run(run)
