@@ -531,6 +531,31 @@ async def test_parallel_uploads_across_two_processes_never_pass_the_limit(
     assert [(row.uploads, row.upload_bytes) for row in rows] == [(3, 3 * size)]
 
 
+async def test_large_non_file_fields_do_not_get_around_the_upload_limits(
+    sqlite_url: str,
+) -> None:
+    """Under upload limits (and no file size limit) the body is read whole
+    before its file is reserved: other fields may add 64 KiB, no more."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    smuggled = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="padding"\r\n\r\n'.encode()
+        + b"x" * (200 * 1024)
+        + b"\r\n"
+        + multipart(10)
+    )
+    limits = [{"meter": "upload_bytes", "per": "day", "max": 1000}]
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(limits=limits)) as h:
+        response = await upload(h, smuggled, chunked=True)
+        row = await today_row(h)
+    assert response.status_code == 413
+    assert response.json() == {
+        "code": "request_too_large",
+        "message": "The upload's other form fields exceed 65536 bytes.",
+        "status": 413,
+    }
+    assert fake.requests == [] and row is None
+
+
 async def send_file(h: Harness, size: int) -> httpx.Response:
     async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
         return await client.post(

@@ -1,8 +1,9 @@
 """The SQLite backend: the embedded default, one machine, one or a few processes.
 
-One connection, owned by one dedicated thread: each storage operation is one
-synchronous function run on that thread, so it costs one hop off the event loop
-however many statements it runs. Writes take SQLite's write lock up front
+One connection, used by one thread at a time (its own, or the event loop's for
+a lone hot-path write, below): each storage operation is one synchronous
+function, so it costs at most one hop off the event loop however many
+statements it runs. Writes take SQLite's write lock up front
 (``BEGIN IMMEDIATE``), which serialises them across connections and processes;
 that is what makes the conditional admission exact here. Money is TEXT holding an
 exact decimal, summed by the registered ``dec_add`` / ``dec_sum`` functions.
@@ -14,11 +15,17 @@ one ``COMMIT`` for all of them. In the batch they run in the order they were
 made, each write in a savepoint of its own, so each sees the ones before it
 exactly as it would one after another, and one that fails is rolled back to its
 savepoint and fails alone. Nothing is answered before the batch commits. A call
-that finds nothing in flight goes alone (a write as a plain transaction).
+that finds nothing in flight goes alone (a write as a plain transaction); an
+admission, settle or refund that goes alone is made on the event loop itself,
+in the turn it is sent, since its work holds the GIL anyway (no thread hop, no
+task): unless another connection holds the write lock, then it waits on the
+thread (`SQLiteStorage._call_now`).
 
 Durability: WAL with ``synchronous = NORMAL``. A committed call survives a crash
 of the process; a power cut or an OS crash may lose the last few commits (never
-corrupt the file): commits do not wait for an fsync, checkpoints do.
+corrupt the file): commits do not wait for an fsync, checkpoints do. No commit
+checkpoints: every CHECKPOINT_EVERY writes a PASSIVE checkpoint runs on a
+second connection on a thread of its own, beside the calls.
 
 The rules the PostgreSQL functions keep (web searches reserved at admission and
 reconciled at settle, a real record superseding a recovered estimate: migration

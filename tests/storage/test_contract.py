@@ -1137,6 +1137,34 @@ async def test_settle_replaces_the_web_search_reservation_with_what_was_used(
     assert sum(ledger.values()) == (await day_row(storage))[1]
 
 
+async def test_an_answer_settled_after_midnight_ends_its_reservations_on_the_day_it_made_them(
+    storage: Storage,
+) -> None:
+    """The reservations end on the day row admission made them on; what the
+    answer used goes to the day it is recorded on."""
+    await storage.ensure_user("alice", plan="free")
+    budget = AdmissionLimits(cost_per_day=Decimal("1.00"))
+    reserving = replace(pending("r1"), reserved_cost=Decimal("0.40"))
+    first = await storage.admit(
+        "alice", day=DAY, month_start=MONTH, now=NOW, limits=budget, pending=reserving,
+        web_search=WebSearch(None),
+    )  # fmt: skip
+    assert first.admitted and first.web_search_reserved
+    next_day = DAY + timedelta(days=1)
+    assert await storage.settle(
+        event("m1", day=next_day, tokens=10, cost="0.10", web_searches=0), pending_id="r1"
+    )
+    assert await day_row(storage) == (1, 0, 0)
+    (row,) = await storage.daily(next_day, next_day)
+    assert (row.web_searches, row.total_tokens, row.cost) == (0, 10, Decimal("0.10"))
+    # The 0.40 reserved on DAY is free again: 0.90 more fits its budget.
+    again = await storage.admit(
+        "alice", day=DAY, month_start=MONTH, now=NOW, limits=budget,
+        pending=replace(pending("r2"), reserved_cost=Decimal("0.90")),
+    )  # fmt: skip
+    assert again.admitted
+
+
 async def test_a_refund_gives_the_web_search_back_and_a_recovery_keeps_it(
     storage: Storage,
 ) -> None:
