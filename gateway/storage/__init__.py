@@ -1,4 +1,4 @@
-"""Storage: one small async interface, two backends chosen by the URL scheme."""
+"""Storage: one async interface split by role (base.py), two backends chosen by the URL scheme."""
 
 from __future__ import annotations
 
