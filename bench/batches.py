@@ -23,7 +23,17 @@ from typing import Any
 
 import asyncpg
 
-from gateway.storage.postgres import _ADMIT, _ADMIT_MANY, _SETTLE, _SETTLE_MANY, PostgresStorage
+from gateway.storage.postgres import (
+    _ADMIT,
+    _ADMIT_MANY,
+    _SETTLE,
+    _SETTLE_MANY,
+    PostgresStorage,
+    _admit_many_args,
+    _AdmitCall,
+    _settle_many_args,
+    _SettleCall,
+)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -39,65 +49,82 @@ class Answers:
         self.day = self.now.date()
         self.month = self.day.replace(day=1)
 
-    def admission(self, i: int, user: str) -> tuple[Any, ...]:
+    def admission(self, i: int, user: str) -> _AdmitCall:
         """gateway_admit's arguments for a plan with queries_per_day,
-        tokens_per_day, tokens_per_month and max_concurrent_streams (the limits
-        are three arrays: meters, windows, maximums; gateway/quota/limits.py)."""
-        n = self.now
-        return (user, self.day, self.month, [1, 8, 8, 10], [1, 1, 2, 3],
-                [10**9, 10**12, 10**13, 10**6], [1, 1, 1, 1], [None] * 4, f"r{i}",
-                n + timedelta(minutes=10),
-                n, False, f"r{i}", "chat-messages", 10, 0, 10, Decimal("0.000001"), "USD", False,
-                False, Decimal(0), None, "default")  # fmt: skip
+        tokens_per_day, tokens_per_month and max_concurrent_streams (meter and
+        window numbers as in gateway/quota/limits.py), the answer's pending row and lease."""
+        return _AdmitCall(
+            user_id=user,
+            day=self.day,
+            month_start=self.month,
+            meters=[1, 8, 8, 10],
+            pers=[1, 1, 2, 3],
+            maxes=[Decimal(10**9), Decimal(10**12), Decimal(10**13), Decimal(10**6)],
+            scopes=[1, 1, 1, 1],
+            keys=[None] * 4,
+            lease_id=f"r{i}",
+            lease_expires=self.now + timedelta(minutes=10),
+            now=self.now,
+            advanced_rag=False,
+            pending_id=f"r{i}",
+            endpoint="chat-messages",
+            prompt_tokens=10,
+            completion_tokens=0,
+            total_tokens=10,
+            cost=Decimal("0.000001"),
+            currency="USD",
+            web_ask=False,
+            web_optional=False,
+            reserve_cost=Decimal(0),
+            team=None,
+            upstream="default",
+        )
 
     @staticmethod
-    def admit_batch(calls: list[tuple[Any, ...]]) -> list[Any]:
+    def admit_batch(calls: list[_AdmitCall]) -> list[Any]:
         """``gateway_admit_many``'s arguments, as PostgresStorage._admit_many builds them."""
-        columns: list[Any] = [list(c) for c in zip(*calls, strict=True)]
-        limit_from = [1 + 4 * k for k in range(len(calls))]
-        meters = [m for call in calls for m in call[3]]
-        pers = [p for call in calls for p in call[4]]
-        maxes = [x for call in calls for x in call[5]]
-        scopes = [c for call in calls for c in call[6]]
-        keys = [k for call in calls for k in call[7]]
-        return [
-            *columns[:3],
-            limit_from,
-            [4] * len(calls),
-            meters,
-            pers,
-            maxes,
-            scopes,
-            keys,
-            *columns[8:],
-        ]
+        return _admit_many_args(calls)
 
-    def settle(self, i: int, user: str) -> tuple[Any, ...]:
-        return (f"m{i}", user, self.day, self.now, "chat-messages", 75, 25, 100,
-                Decimal("0.0000420"), "USD", "complete", False, 0, None, f"r{i}", 40.0, 0.5,
-                f"r{i}", f"r{i}", None, 0, 0, self.month, ["tokens_per_day"],
-                [str(self.day)], [10**12], [80], ["webhook"], 0, "default", [None])  # fmt: skip
+    def settle(self, i: int, user: str) -> _SettleCall:
+        """gateway_settle's arguments for answer i's admission, with one alert check."""
+        return _SettleCall(
+            answer_id=f"m{i}",
+            user_id=user,
+            day=self.day,
+            created_at=self.now,
+            endpoint="chat-messages",
+            prompt_tokens=75,
+            completion_tokens=25,
+            total_tokens=100,
+            cost=Decimal("0.0000420"),
+            currency="USD",
+            outcome="complete",
+            estimated=False,
+            web_searches=0,
+            conversation_id=None,
+            request_id=f"r{i}",
+            upstream_latency_ms=40.0,
+            overhead_ms=0.5,
+            lease_id=f"r{i}",
+            pending_id=f"r{i}",
+            model=None,
+            cached_tokens=0,
+            reasoning_tokens=0,
+            month_start=self.month,
+            kinds=["tokens_per_day"],
+            periods=[str(self.day)],
+            values=[10**12],
+            thresholds=[80],
+            channels=["webhook"],
+            cache_write_tokens=0,
+            upstream="default",
+            specs=[None],
+        )
 
-    def settle_batch(self, calls: list[tuple[Any, ...]]) -> list[Any]:
+    @staticmethod
+    def settle_batch(calls: list[_SettleCall]) -> list[Any]:
         """``gateway_settle_many``'s arguments, as PostgresStorage._settle_many builds them."""
-        columns: list[Any] = [list(c) for c in zip(*(call[:23] for call in calls), strict=True)]
-        slices: list[list[Any]] = [[], [], [], [], [], [], [], [], []]
-        for k, call in enumerate(calls):
-            slices[0].append(k + 1)
-            slices[1].append(1)
-            slices[2].append(k + 1)
-            slices[3].append(1)
-            for at, value in zip((4, 5, 6, 7, 8), (*call[23:27], call[27]), strict=True):
-                slices[at] += value
-        # Then the cache writes, the upstreams and the alert checks' specs.
-        specs = [spec for call in calls for spec in call[30]]
-        return [
-            *columns,
-            *slices,
-            [call[28] for call in calls],
-            [call[29] for call in calls],
-            specs,
-        ]
+        return _settle_many_args(calls)
 
 
 async def measure(dsn: str, answers: int) -> list[tuple[int, str, float, float]]:

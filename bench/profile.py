@@ -16,6 +16,10 @@ From them, as shares of all samples:
   its stack, that is the gateway function whose own code or direct library
   calls were running; samples with no gateway frame (the event loop, uvicorn's
   parsing, the transport reading the upstream) are ``outside gateway code``.
+
+A thread of a pool waiting for work (the SQLite connection's thread between
+batches, its checkpoint thread) is sampled as running by ``--native``; those
+samples are counted apart (``idle_pool``) and left out of the shares.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ _SYSCALLS = {
     "epoll_wait": "epoll_wait",
     "epoll_pwait": "epoll_wait",
 }
+# A pool thread waiting for work (concurrent.futures' worker, no work item running).
+_POOL_WORKER = "_worker (concurrent/futures/thread.py)"
+_POOL_WORK = "_WorkItem.run (concurrent/futures/thread.py)"
 # The process's start-up frames sit at the root of every stack: not request work.
 _ROOT_FRAMES = ("gateway/__main__.py", "gateway/cli.py")
 
@@ -79,6 +86,7 @@ def _package(location: str) -> str:
 @dataclass
 class Profile:
     samples: int = 0
+    idle_pool: int = 0  # samples of pool threads waiting for work, not in ``samples``
     by_package: Counter[str] = field(default_factory=Counter)
     gateway_inclusive: Counter[str] = field(default_factory=Counter)
     gateway_attributed: Counter[str] = field(default_factory=Counter)
@@ -91,6 +99,7 @@ class Profile:
     def as_json(self, n: int = 20) -> dict[str, object]:
         return {
             "samples": self.samples,
+            "idle_pool_samples": self.idle_pool,
             "gc_pct": 100 * self.by_package[GC] / self.samples if self.samples else 0.0,
             "by_package_pct": dict(self.top(self.by_package, n)),
             "gateway_inclusive_pct": dict(self.top(self.gateway_inclusive, n)),
@@ -111,6 +120,9 @@ def summarise(lines: Iterable[str], repo: Path) -> Profile:
         frames: list[tuple[str, str]] = []  # (location:function, location)
         collecting = False
         raws = stack.split(";")
+        if _POOL_WORKER in raws and _POOL_WORK not in raws:
+            profile.idle_pool += count
+            continue
         syscall = _SYSCALLS.get(raws[-1].split(" (", 1)[0])
         if syscall:
             profile.syscalls[syscall] += count

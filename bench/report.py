@@ -351,7 +351,12 @@ def render(results: dict[str, Any]) -> str:
         parts.append(targets_table(results["targets"]))
     if results.get("profile"):
         p = results["profile"]
-        parts.append(f"\n## Profile of gateway-postgres under wrk ({p['samples']:,} samples)\n")
+        idle = p.get("idle_pool_samples", 0)
+        parts.append(
+            f"\n## Profile of {p.get('path', 'the gateway')} under wrk ({p['samples']:,} samples"
+            + (f"; {idle:,} of idle pool threads left out" if idle else "")
+            + ")\n"
+        )
         parts.append(
             _table(
                 ["innermost gateway frame (own code + its direct library calls)", "% samples"],

@@ -34,7 +34,7 @@ from gateway.config import (
 )
 from gateway.errors import BadRequest, NotFound
 from gateway.keys import new_key
-from gateway.storage import ApiKey, OverrideValue, Storage, Team, User
+from gateway.storage import ApiKey, Directory, OverrideValue, Team, User
 
 __all__ = [
     "NO_CACHES",
@@ -157,7 +157,7 @@ def parse_override_text(name: str, raw: str) -> OverrideValue:
 
 
 async def issue_key(
-    storage: Storage, user_id: str, *, name: str = "", now: datetime
+    storage: Directory, user_id: str, *, name: str = "", now: datetime
 ) -> tuple[ApiKey, str]:
     """A new key for an existing user; returns the record and the secret (shown once)."""
     key = new_key()
@@ -206,7 +206,7 @@ class Accounts:
 
     def __init__(
         self,
-        storage: Storage,
+        storage: Directory,
         *,
         config: Callable[[], Config],
         caches: Caches = NO_CACHES,

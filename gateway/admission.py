@@ -8,15 +8,20 @@ apart from it, 20 parallel requests with one search left all ran a search):
 refused, or admitted with web search turned off, as `web_search.when_exhausted`
 says. What was reserved is kept on a `Ticket` (and the web search on the
 answer's pending row) until the answer is settled or the reservation given back.
+
+An upload is admitted apart, once its file's size is known (`reserve_upload`:
+its count and bytes against the user's and the team's upload limits, in one
+atomic step), and kept on an `UploadTicket` until the upstream takes the file or
+the reservation is given back.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.alerts import alert_request
 from gateway.clock import Periods, periods_at
@@ -25,7 +30,7 @@ from gateway.errors import Forbidden, QuotaExceeded, StorageError
 from gateway.features import asks_for_advanced_rag, asks_for_web_search, set_path
 from gateway.messages import english
 from gateway.quota.budget import cost_bound, lowered_cap, with_cap
-from gateway.quota.limits import Limit, refuses
+from gateway.quota.limits import UPLOAD_METERS, Limit, refuses, upload_charge
 from gateway.quota.plans import (
     LIMIT_CODES,
     RateLimit,
@@ -35,11 +40,13 @@ from gateway.quota.plans import (
     reset_of,
 )
 from gateway.storage import (
+    Accounting,
     Admission,
     AdmissionLimits,
     AlertRequest,
     Lease,
     Pending,
+    ReportReads,
     User,
     WebSearch,
 )
@@ -50,7 +57,6 @@ if TYPE_CHECKING:
     from gateway.metrics import Metrics
     from gateway.settle import Settler
     from gateway.snapshot import PlanView, Snapshot
-    from gateway.storage import Storage
 
 log = logging.getLogger("gateway.admission")
 
@@ -155,6 +161,54 @@ class Ticket:
         return held
 
 
+class AdmissionStorage(Accounting, ReportReads, Protocol):
+    """Admission reserves (accounting), and reads the day rows an upload's
+    limits are checked against (`Admitter.upload_limits`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UploadLimits:
+    """The limits on uploads that hold a user's upload (`quota.limits.UPLOAD_METERS`,
+    theirs and their team's), the team, and which of them the user's own
+    overrides set (a refusal by one says "your limit")."""
+
+    limits: tuple[Limit, ...] = ()
+    team: str | None = None
+    own: frozenset[str] = frozenset()
+
+    @property
+    def most_bytes(self) -> int | None:
+        """The largest file any upload can carry under these limits (None: no
+        limit counts bytes): past it an upload is refused however little was
+        used, so no more of it needs to be read."""
+        maxes = [int(limit.max) for limit in self.limits if limit.meter == "upload_bytes"]
+        return min(maxes) if maxes else None
+
+
+NO_UPLOAD_LIMITS = UploadLimits()
+
+
+class UploadTicket:
+    """An upload's reservation (issue 21): counted before the file is
+    forwarded; it stays as the upload's record once the upstream has taken the
+    file, and is given back otherwise."""
+
+    __slots__ = ("day", "reserved", "size", "user_id")
+
+    def __init__(self, user_id: str, day: date, size: int) -> None:
+        self.user_id = user_id
+        self.day = day  # the local day it is counted on
+        self.size = size  # the file's bytes
+        self.reserved = True
+
+    def release(self) -> bool:
+        """The reservation leaves the ticket - to the record (the upstream took
+        the file) or back to the user; True if it was still held."""
+        held = self.reserved
+        self.reserved = False
+        return held
+
+
 class Admitter:
     """Admits answer requests against the plans of a request's `Snapshot`, and
     gives reservations back (through the settler, which retries)."""
@@ -162,7 +216,7 @@ class Admitter:
     __slots__ = ("_clock", "_metrics", "_settler", "_storage")
 
     def __init__(
-        self, storage: Storage, settler: Settler, *, clock: Clock, metrics: Metrics
+        self, storage: AdmissionStorage, settler: Settler, *, clock: Clock, metrics: Metrics
     ) -> None:
         self._storage = storage
         self._settler = settler
@@ -467,29 +521,26 @@ class Admitter:
         )
         return ticket, []
 
-    async def check_upload(self, snap: Snapshot, user_id: str, *, size: int | None) -> None:
-        """Refuse an upload (429, as an answer's refusal) that the user's or
-        their team's ``uploads`` or ``upload_bytes`` limits (per day or month,
-        ``[[plans.NAME.limits]]``) leave no room for, before it is read or
-        forwarded. Uploads are counted when the upstream has taken them
-        (`Storage.record_upload`), so this check reads the counters rather than
-        reserving: uploads running at the same moment can pass a limit by
-        what they add (docs/quotas.md, "Uploads"). ``size``: the body's
-        Content-Length, an upper bound of the file's bytes (None: unknown,
-        held only by a limit already reached). A database that cannot be read
-        lets the upload through (counted later, as today)."""
+    async def upload_limits(self, snap: Snapshot, user_id: str) -> UploadLimits:
+        """The upload limits that hold the user's uploads, and refuse one (429,
+        as an answer's refusal) that they leave no room for whatever its size,
+        before its body is read: one upload more than an ``uploads`` limit
+        allows, or a limit of ``upload_bytes`` already reached (an empty file
+        too). This reads the counters; `reserve_upload` is the exact step. A
+        database that cannot be read lets the upload through unchecked."""
         try:
             user, view = await self._plan(snap, user_id)
             team, team_view = await self._team(snap, user)
         except StorageError:
-            return
-        held = [
+            return NO_UPLOAD_LIMITS
+        held = tuple(
             limit
             for limit in (*view.limits, *(team_view.limits if team_view is not None else ()))
-            if limit.meter in ("uploads", "upload_bytes") and limit.per in ("day", "month")
-        ]
+            if limit.meter in UPLOAD_METERS
+        )
         if not held:
-            return
+            return NO_UPLOAD_LIMITS
+        limits = UploadLimits(held, team=team, own=view.own)
         now = self._clock.now()
         periods = periods_at(now, snap.tz)
         try:
@@ -504,7 +555,7 @@ class Admitter:
             log.warning(
                 "uploads of %s not read, their limits not checked: %s", user_id, exc.message
             )
-            return
+            return limits
         for limit in held:
             rows = theirs if limit.scope == "team" else mine
             used = Decimal(
@@ -514,22 +565,92 @@ class Admitter:
                     if limit.per == "month" or row.day == periods.day
                 )
             )
-            amount = Decimal(1 if limit.meter == "uploads" else size or 0)
-            if refuses(limit, used, amount) or used >= limit.max:
-                reset = reset_of(limit, periods)
-                shown = RateLimit(limit.name, limit.max, used, reset)
-                raise limit_refusal(
-                    limit.name,
-                    limit.max,
-                    used=used,
-                    reset=reset.astimezone(snap.tz) if reset else None,
-                    own=limit.scope == "user" and limit.name in view.own,
-                    headers=[
-                        (b"retry-after", str(shown.retry_after(now)).encode()),
-                        *shown.headers(),
-                    ],
-                    refused=limit,
-                )
+            if refuses(limit, used, Decimal(1)):
+                raise self._upload_refusal(snap, limits, limit, used, periods, now)
+        return limits
+
+    async def reserve_upload(
+        self, snap: Snapshot, user_id: str, limits: UploadLimits, *, size: int
+    ) -> tuple[UploadTicket | None, Headers]:
+        """Reserve an upload of a file of ``size`` bytes (its real size, read
+        before the file is forwarded) under ``limits``, atomically with every
+        other upload and answer of the user and their team, or raise the
+        refusal: the ticket (None: not reserved, the database away; the upload
+        is then counted once the upstream has taken it) and the rate-limit
+        headers. A file larger than a limit's maximum is refused also when the
+        database cannot be reached: no upload can make it fit."""
+        now = self._clock.now()
+        periods = periods_at(now, snap.tz)
+        try:
+            counted = await self._storage.reserve_upload(
+                user_id,
+                day=periods.day,
+                month_start=periods.month_start,
+                size=size,
+                limits=limits.limits,
+                team=limits.team,
+            )
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation="upload")
+            charge = upload_charge(size)
+            for limit in limits.limits:
+                if refuses(limit, Decimal(0), charge.amount(limit.meter)):
+                    raise self._upload_refusal(
+                        snap, limits, limit, Decimal(0), periods, now
+                    ) from exc
+            log.warning(
+                "upload of %s not reserved, its limits not applied (fail-open): %s",
+                user_id,
+                exc.message,
+            )
+            return None, []
+        shown = reported_limit(counted, limits.limits, periods, now=now)
+        if not counted.admitted:
+            assert counted.refused is not None
+            refused = counted.refused
+            raise self._upload_refusal(
+                snap, limits, refused, counted.counters.of_limit(refused), periods, now
+            )
+        ticket = UploadTicket(user_id, periods.day, size)
+        return ticket, shown.headers() if shown is not None else []
+
+    async def release_upload(self, ticket: UploadTicket) -> None:
+        """Give back an upload the upstream did not take (refused it, failed, or
+        never got it). Not retried: a second try after one whose outcome is
+        unknown could give it back twice; a failure leaves it counted."""
+        if not ticket.release():
+            return
+        try:
+            await self._storage.release_upload(ticket.user_id, day=ticket.day, size=ticket.size)
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation="release_upload")
+            log.error(
+                "could not give back an upload of %d bytes of %s (it stays counted): %s",
+                ticket.size,
+                ticket.user_id,
+                exc.message,
+            )
+
+    @staticmethod
+    def _upload_refusal(
+        snap: Snapshot,
+        limits: UploadLimits,
+        limit: Limit,
+        used: Decimal,
+        periods: Periods,
+        now: datetime,
+    ) -> QuotaExceeded:
+        reset = reset_of(limit, periods)
+        shown = RateLimit(limit.name, limit.max, used, reset)
+        return limit_refusal(
+            limit.name,
+            limit.max,
+            used=used,
+            reset=reset.astimezone(snap.tz) if reset else None,
+            own=limit.scope == "user" and limit.name in limits.own,
+            headers=[(b"retry-after", str(shown.retry_after(now)).encode()), *shown.headers()],
+            refused=limit,
+        )
 
     async def refund(self, ticket: Ticket | None, request_id: str) -> None:
         """Return a reserved query (and its stream slot): no answer was produced."""

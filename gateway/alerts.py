@@ -38,8 +38,8 @@ from gateway.storage import (
     AlertCheck,
     AlertRequest,
     Crossing,
+    Outbox,
     OutboxItem,
-    Storage,
     alert_spec,
 )
 
@@ -194,7 +194,7 @@ class DeliveryFailed(Exception):
 class OutboxWorker:
     def __init__(
         self,
-        storage: Storage,
+        storage: Outbox,
         settings: Callable[[], AlertsConfig],
         clock: Clock,
         *,

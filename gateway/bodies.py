@@ -97,20 +97,44 @@ async def rewritten_multipart(
         yield tail
 
 
+class PastUploadLimits(Exception):
+    """An upload's files passed the bytes no upload limit lets through (the rest
+    of the body is not read): the caller refuses it by that limit."""
+
+    def __init__(self, file_bytes: int) -> None:
+        super().__init__(f"{file_bytes} bytes of files")
+        self.file_bytes = file_bytes
+
+
 async def spool_multipart(
-    receive: Receive, rewriter: UserFieldRewriter, *, limit: int
+    receive: Receive,
+    rewriter: UserFieldRewriter,
+    *,
+    limit: int | None,
+    most_bytes: int | None = None,
 ) -> tuple[IO[bytes], int]:
     """Read a whole upload through ``rewriter`` into a temporary spool, refusing it
-    as soon as its content passes ``limit`` bytes, so that no byte of a body that
-    turns out too large is ever forwarded. Returns the spool (rewound) and its size.
+    as soon as its content passes ``limit`` bytes (None: no file size limit), so
+    that no byte of a body that turns out too large is ever forwarded; or, raising
+    `PastUploadLimits`, as soon as its files pass ``most_bytes`` (what the upload
+    limits let through at most). Returns the spool (rewound) and its size.
     """
     spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)  # noqa: SIM115
     try:
         size = 0
         async for chunk in stream_body(receive, BodyFailure()):
             out = rewriter.feed(chunk)
-            if over_limit(rewriter, limit):
+            if limit is not None and over_limit(rewriter, limit):
                 raise file_too_large(limit)
+            if most_bytes is not None:
+                if rewriter.file_bytes > most_bytes:
+                    raise PastUploadLimits(rewriter.file_bytes)
+                if rewriter.content_bytes - rewriter.file_bytes > FIELDS_ALLOWANCE:
+                    # As under a file size limit: no part carries what the
+                    # limits count past them under another name.
+                    raise PayloadTooLarge(
+                        f"The upload's other form fields exceed {FIELDS_ALLOWANCE} bytes."
+                    )
             # Writes of at most one chunk to a local temporary file: short enough
             # not to be worth a thread hop.
             spool.write(out)

@@ -448,7 +448,7 @@ LimitMeter = Literal[
     "cost",
     "web_searches",
     "advanced_rag",
-    # Checked when an upload is asked (docs/quotas.md, "Uploads"), not at admission.
+    # Reserved when an upload is asked (docs/quotas.md, "Uploads"), not at admission.
     "uploads",
     "upload_bytes",
 ]

@@ -12,7 +12,7 @@ currency than the costs the ledger already holds, or when the ledger already
 holds costs in more than one; what is summed from the ledger itself (usage per
 model) is grouped by currency and never added across currencies.
 
-Pure decisions here; the one storage read (`Storage.costs_by_currency`) is made
+Pure decisions here; the one storage read (`ReportReads.costs_by_currency`) is made
 by the callers. `Money` is the running gateway's state of it (gateway/runtime.py).
 """
 
@@ -27,7 +27,7 @@ from gateway.errors import ConfigError, StorageError
 
 if TYPE_CHECKING:
     from gateway.config import Config
-    from gateway.storage import Storage
+    from gateway.storage import ReportReads
 
 __all__ = [
     "DEFAULT_CURRENCY",
@@ -113,7 +113,7 @@ def shown(costs: Mapping[str, Decimal], config: Config) -> str:
     return setting[1] if setting is not None else DEFAULT_CURRENCY
 
 
-async def check(storage: Storage, config: Config) -> str:
+async def check(storage: ReportReads, config: Config) -> str:
     """`serving` over what ``storage``'s ledger holds."""
     return serving(config, await storage.costs_by_currency())
 
@@ -136,7 +136,7 @@ class Money:
         # Whether a price or a recorded cost has fixed it.
         self._fixed = configured(config) is not None or database_currency(costs) is not None
 
-    async def after_reload(self, storage: Storage, new: Config) -> str:
+    async def after_reload(self, storage: ReportReads, new: Config) -> str:
         """The currency money is recorded in under ``new``: the one in force when
         ``new`` prices in it too (no database read, so a reload during a database
         outage still applies); else the database is asked whether it holds costs in

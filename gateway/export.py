@@ -18,7 +18,7 @@ from typing import Any, Literal
 import orjson
 
 from gateway.reports import daily_dict, money
-from gateway.storage import DailyUsage, Storage, UsageEvent
+from gateway.storage import DailyUsage, ReportReads, UsageEvent
 
 Format = Literal["csv", "json"]
 Dataset = Literal["events", "daily"]
@@ -115,7 +115,7 @@ def daily_row_dict(row: DailyUsage, currency: str, team: str | None = None) -> d
 
 
 def rows(
-    storage: Storage,
+    storage: ReportReads,
     dataset: Dataset,
     start: date,
     end: date,

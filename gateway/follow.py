@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from gateway.clock import Clock
     from gateway.metrics import Metrics
     from gateway.proxy import Exchange
-    from gateway.storage import Storage
+    from gateway.storage import PausedForms
 
 __all__ = ["Follow", "Follows", "Paused", "Resumable", "token_hash"]
 
@@ -138,7 +138,7 @@ class Follows:
 
     def __init__(
         self,
-        storage: Storage,
+        storage: PausedForms,
         *,
         clock: Clock,
         metrics: Metrics,

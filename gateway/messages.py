@@ -223,6 +223,11 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "The request body exceeds the limit of {limit} bytes.",
         "Nội dung yêu cầu vượt quá giới hạn {limit} byte.",
     ),
+    "upload_fields_too_large": _e(
+        "request_too_large",
+        "The upload's other form fields exceed {limit} bytes.",
+        "Các trường khác của biểu mẫu tải lên vượt quá {limit} byte.",
+    ),
     # --- credentials (401) ---
     "missing_token": _e(
         "unauthorized",

@@ -29,17 +29,18 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import parse_qs, unquote
 
 import httpx
 import orjson
 
-from gateway.admission import Admitter, Ticket
+from gateway.admission import NO_UPLOAD_LIMITS, Admitter, Ticket, UploadTicket
 from gateway.bodies import (
     FIELDS_ALLOWANCE,
     BodyFailure,
     ClientGone,
+    PastUploadLimits,
     file_too_large,
     read_body,
     read_spool,
@@ -47,6 +48,7 @@ from gateway.bodies import (
     spool_multipart,
     stream_body,
 )
+from gateway.clock import periods_at
 from gateway.error_response import render_error
 from gateway.errors import (
     BadRequest,
@@ -81,7 +83,7 @@ from gateway.relay import Send as RelaySend
 from gateway.relay import Stop as RelayStop
 from gateway.routing import ALLOWED, RouteGuard, side_cost_result
 from gateway.sse import EventTooLarge, SSEDecoder
-from gateway.storage import UsageEvent
+from gateway.storage import Accounting, Ownership, PausedForms, UsageEvent
 from gateway.types import Receive, Scope, Send
 from gateway.upstream_client import UpstreamClient, request_taken
 from gateway.upstreams import Prepared, Route, Upstream
@@ -97,7 +99,6 @@ if TYPE_CHECKING:
     from gateway.runtime import InFlight
     from gateway.settle import Settler
     from gateway.snapshot import Current, Snapshot, Target
-    from gateway.storage import Storage
 
 log = logging.getLogger("gateway.proxy")
 
@@ -203,10 +204,13 @@ class Exchange:
         "responded",
         "route",
         "snap",
+        "spool",
         "started",
         "target",
         "ticket",
         "upload",
+        "upload_limits",
+        "upload_ticket",
         "user_id",
     )
 
@@ -237,7 +241,11 @@ class Exchange:
         self.json: dict[str, Any] | None = None  # the parsed JSON body, rewritten
         self.body: bytes | AsyncIterator[bytes] | None = None  # what is forwarded
         self.failure = BodyFailure()  # what a streamed body raised
+        self.spool: IO[bytes] | None = None  # a body read whole before it is forwarded
         self.upload: UserFieldRewriter | None = None
+        # An upload's limits (issue 21), and its reservation once the file is read.
+        self.upload_limits = NO_UPLOAD_LIMITS
+        self.upload_ticket: UploadTicket | None = None
         self.call_price: CallPrice | None = None  # a side cost's price, once routed
         self.prepared: Prepared | None = None
         self.ticket: Ticket | None = None
@@ -263,6 +271,13 @@ class Exchange:
         return (now - self.forwarded_at) * 1000, (self.forwarded_at - self.started) * 1000
 
 
+class ProxyStorage(Accounting, Ownership, PausedForms, Protocol):
+    """The storage roles the proxy reaches itself: a fallback's pending row and
+    an upload's count (admission and settling go through the `Admitter` and the
+    `Settler`), which upstream a conversation lives in, and paused runs' forms
+    (its `Follows`)."""
+
+
 class Proxy:
     """The /v1 pipeline, wired with what it uses (gateway/runtime.py builds it)."""
 
@@ -270,7 +285,7 @@ class Proxy:
         self,
         current: Current,
         *,
-        storage: Storage,
+        storage: ProxyStorage,
         settler: Settler,
         clients: Mapping[str, UpstreamClient],
         admitter: Admitter,
@@ -323,6 +338,8 @@ class Proxy:
                 failure = GatewayError("The gateway failed to handle the request.")
                 await self._send_error(send, failure, x, scope)
         finally:
+            if x.spool is not None:
+                x.spool.close()  # (a body refused before it was forwarded)
             self._in_flight.leave()
 
     async def _handle(self, x: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
@@ -333,8 +350,9 @@ class Proxy:
         await self._authenticate(x)
         await self._route(x)
         if x.route.is_upload:
-            # The upload limits, before the body is read (issue 21).
-            await self.admitter.check_upload(x.snap, x.user_id, size=x.headers.content_length)
+            # The upload limits, before the body is read (issue 21): one that
+            # leaves no room for any upload refuses it here.
+            x.upload_limits = await self.admitter.upload_limits(x.snap, x.user_id)
         await self._read_body(x, receive)
         if x.route.by_body:
             await self._refine(x)
@@ -347,6 +365,8 @@ class Proxy:
         try:
             if x.route.admitted:
                 await self._admit(x)
+            if x.upload is not None and x.upload_limits.limits:
+                await self._reserve_upload(x, x.upload.file_bytes)
             if x.route.produces_answer:
                 # A resume subscribes to the run's events before it is forwarded.
                 x.follow = await self.follows.open(x)
@@ -363,6 +383,9 @@ class Proxy:
                 # refusal, an upstream error, a bug, a cancellation), the query
                 # and the stream slot go back.
                 await self._kept(self.admitter.refund(x.ticket, x.request_id))
+            if x.upload_ticket is not None and x.upload_ticket.reserved:
+                # The same for an upload the upstream did not take.
+                await self._kept(self.admitter.release_upload(x.upload_ticket))
 
     # --- parse -----------------------------------------------------------------------
 
@@ -866,6 +889,9 @@ class Proxy:
         send: Send,
     ) -> None:
         ok = 200 <= status < 300
+        if ok and x.upload_ticket is not None:
+            # The upstream took the file: its reservation stays, as its record.
+            x.upload_ticket.release()
         if ok and x.route.is_history and b"json" in content_type:
             days = (await self.admitter.plan_of(x.snap, x.user_id)).chat_history_days
             if days is not None:
@@ -887,8 +913,8 @@ class Proxy:
         else:
             await self._pass_body(x, response, send)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if ok and x.upload is not None and x.route.is_upload:
-            await self._count_upload(x, x.upload.file_bytes)
+        if ok and x.upload is not None and x.route.is_upload and x.upload_ticket is None:
+            await self._count_upload(x, x.upload.file_bytes)  # not reserved: counted now
 
     async def _pass_body(self, x: Exchange, response: httpx.Response, send: Send) -> None:
         try:
@@ -1414,19 +1440,40 @@ class Proxy:
             and content_length > limit + _MULTIPART_SLACK
         ):
             raise file_too_large(limit)
-        if limit is None or (content_length is not None and content_length <= limit):
+        # Upload limits reserve the file's real size before it is forwarded
+        # (issue 21): the body is read whole first.
+        reserves = bool(x.upload_limits.limits)
+        if not reserves and (
+            limit is None or (content_length is not None and content_length <= limit)
+        ):
             length = None if content_length is None else content_length + rewriter.added_bytes
             return rewritten_multipart(receive, rewriter, x.failure, limit=limit), length
         try:
-            spool, size = await spool_multipart(receive, rewriter, limit=limit)
+            spool, size = await spool_multipart(
+                receive, rewriter, limit=limit, most_bytes=x.upload_limits.most_bytes
+            )
         except MultipartError as exc:
             raise BadRequest(f"Malformed multipart body: {exc}") from exc
+        except PastUploadLimits as exc:
+            # More than any upload can carry: refused as its reservation would
+            # refuse it (a size past a limit's maximum never fits).
+            await self._reserve_upload(x, exc.file_bytes)
+            raise AssertionError("an upload past its limits was reserved") from exc
+        x.spool = spool
         return read_spool(spool), size
 
+    async def _reserve_upload(self, x: Exchange, size: int) -> None:
+        """Reserve the upload's file (``size`` bytes) or raise its refusal."""
+        x.upload_ticket, x.rate_headers = await self.admitter.reserve_upload(
+            x.snap, x.user_id, x.upload_limits, size=size
+        )
+
     async def _count_upload(self, x: Exchange, size: int) -> None:
-        day = x.snap.today(self._clock.now())
+        periods = periods_at(self._clock.now(), x.snap.tz)
         try:
-            await self._storage.record_upload(x.user_id, day=day, size=size)
+            await self._storage.reserve_upload(
+                x.user_id, day=periods.day, month_start=periods.month_start, size=size
+            )
         except StorageError as exc:
             self._metrics.inc("gateway_storage_errors_total", operation="upload")
             log.error(

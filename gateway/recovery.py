@@ -23,7 +23,7 @@ from datetime import timedelta
 
 from gateway.clock import Clock
 from gateway.metrics import Metrics
-from gateway.storage import Storage
+from gateway.storage import Accounting
 
 log = logging.getLogger("gateway.recovery")
 
@@ -33,7 +33,7 @@ BATCH = 100
 
 
 class Recovery:
-    def __init__(self, storage: Storage, *, clock: Clock, metrics: Metrics, after: timedelta):
+    def __init__(self, storage: Accounting, *, clock: Clock, metrics: Metrics, after: timedelta):
         self._storage = storage
         self._clock = clock
         self._metrics = metrics

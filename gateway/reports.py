@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.accounts import effective_plan, team_plan
 from gateway.clock import Periods, periods_at
@@ -27,12 +27,26 @@ from gateway.quota.limits import (
     rate_used,
 )
 from gateway.quota.plans import plan_limits
-from gateway.storage import DailyUsage, ModelUsage, Storage, Team, UpstreamUsage, User, summed
+from gateway.storage import (
+    DailyUsage,
+    Directory,
+    ModelUsage,
+    ReportReads,
+    Team,
+    UpstreamUsage,
+    User,
+    summed,
+)
 
 if TYPE_CHECKING:
     from gateway.clock import Clock
     from gateway.snapshot import Current, Snapshot
-    from gateway.storage import Storage
+
+
+class ReportStorage(ReportReads, Directory, Protocol):
+    """Reports read usage (`ReportReads`) of the users, teams and keys of the
+    directory; they change nothing."""
+
 
 # Limits whose "used" comes from a counter, and the period that resets them.
 _DAILY = ("queries_per_day", "tokens_per_day", "web_searches_per_day")
@@ -159,7 +173,7 @@ def general_view(
     per, scope, models), used, limit, remaining and resets_at; money as exact
     decimal strings. ``today`` and ``month`` are the day rows the entries count
     (the user's, or the team's members' summed); ``buckets`` the rate buckets;
-    ``models`` the per-model limits' own counters (`Storage.model_counters`)."""
+    ``models`` the per-model limits' own counters (`ReportReads.model_counters`)."""
     view: dict[str, dict[str, Any]] = {}
     for name, limit in limits:
         resets: datetime | None
@@ -274,7 +288,7 @@ def add_general(limits: dict[str, dict[str, Any]], general: Mapping[str, dict[st
 
 
 async def user_general_view(
-    storage: Storage,
+    storage: ReportReads,
     plan: Plan,
     user_id: str,
     rows: list[DailyUsage],
@@ -314,7 +328,7 @@ def fill_days(rows: list[DailyUsage], user_id: str, start: date, end: date) -> l
 
 
 async def team_report(
-    storage: Storage,
+    storage: ReportStorage,
     config: Config,
     team: Team,
     periods: Periods,
@@ -401,7 +415,7 @@ class Reports:
 
     def __init__(
         self,
-        storage: Storage,
+        storage: ReportStorage,
         *,
         clock: Clock,
         current: Current,

@@ -30,7 +30,7 @@ from gateway.usage import Metered, Usage
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
-    from gateway.storage import Storage
+    from gateway.storage import Ownership
 
 __all__ = ["ALLOWED", "RouteGuard", "side_cost_result"]
 
@@ -45,7 +45,7 @@ class RouteGuard:
 
     __slots__ = ("_metrics", "_storage")
 
-    def __init__(self, storage: Storage, *, metrics: Metrics) -> None:
+    def __init__(self, storage: Ownership, *, metrics: Metrics) -> None:
         self._storage = storage
         self._metrics = metrics
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import date
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from zoneinfo import ZoneInfo
+
+from gateway.storage import Directory, Lifecycle, ReportReads
 
 if TYPE_CHECKING:
     from gateway.accounts import Accounts
@@ -22,15 +24,21 @@ if TYPE_CHECKING:
     from gateway.metrics import Metrics
     from gateway.reports import Reports
     from gateway.snapshot import Current, Snapshot
-    from gateway.storage import Storage
 
-__all__ = ["Services"]
+__all__ = ["ServiceStorage", "Services"]
+
+
+class ServiceStorage(Lifecycle, Directory, ReportReads, Protocol):
+    """What the endpoints read from the database themselves: listings, alerts and
+    exports (`ReportReads`), a user's keys and a team's members (`Directory`),
+    and whether it answers (/readyz: `ping`). Their changes go through
+    `Accounts`, their reports through `Reports`; nothing here admits or settles."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Services:
     current: Current
-    storage: Storage
+    storage: ServiceStorage
     reports: Reports
     accounts: Accounts
     clock: Clock

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -38,9 +38,10 @@ from gateway.metrics import Metrics
 from gateway.pricing import PriceTable
 from gateway.storage import (
     ALERT_LIMITS,
+    Accounting,
     AlertCheck,
     AlertRequest,
-    Storage,
+    Lifecycle,
     UsageEvent,
     parse_alert_spec,
 )
@@ -227,10 +228,15 @@ def _locked_contents(fd: int) -> bytes | None:
     return b"".join(chunks)
 
 
+class SettleStorage(Accounting, Lifecycle, Protocol):
+    """Settling records answers and gives reservations back (accounting); the
+    spool's replay asks whether the database answers again (`ping`)."""
+
+
 class Settler:
     def __init__(
         self,
-        storage: Storage,
+        storage: SettleStorage,
         *,
         metrics: Metrics,
         spool: Path | None,

@@ -36,7 +36,7 @@ from gateway.pricing import PriceTable
 from gateway.quota.limits import Limit
 from gateway.quota.plans import plan_limits, team_limits
 from gateway.settle import Terms
-from gateway.storage import AdmissionLimits, Storage, User
+from gateway.storage import AdmissionLimits, Directory, User
 from gateway.upstreams import Upstream, get_upstream
 
 __all__ = ["Current", "PlanView", "Snapshot", "Target", "build_snapshot", "recover_after"]
@@ -217,7 +217,9 @@ def recover_after(config: Config) -> timedelta:
     return timedelta(seconds=after)
 
 
-def build_snapshot(config: Config, storage: Storage, previous: Snapshot | None = None) -> Snapshot:
+def build_snapshot(
+    config: Config, storage: Directory, previous: Snapshot | None = None
+) -> Snapshot:
     """Everything derived from ``config``, built before anything is swapped in: a
     failure leaves the running snapshot whole. The key and user caches outlive a
     reload (gateway/auth.py): what they hold is in the database, which a reload

@@ -189,19 +189,13 @@ def direct_request(
 
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     """A small TOML writer for test configurations (tables, strings, numbers,
-    booleans, lists of strings)."""
+    booleans, lists of these or of tables, written inline)."""
     scalars, tables = [], []
     for key, value in data.items():
         if isinstance(value, dict):
             tables.append((key, value))
-        elif isinstance(value, bool):
-            scalars.append(f"{key} = {'true' if value else 'false'}")
-        elif isinstance(value, int | float):
-            scalars.append(f"{key} = {value!r}")
-        elif isinstance(value, list | tuple):
-            scalars.append(f"{key} = [{', '.join(_quote(str(item)) for item in value)}]")
         else:
-            scalars.append(f"{key} = {_quote(str(value))}")
+            scalars.append(f"{key} = {_value(value)}")
     out = []
     if prefix and (scalars or not tables):
         out.append(f"[{prefix}]")
@@ -209,6 +203,18 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     for key, value in tables:
         out.append(to_toml(value, f"{prefix}.{key}" if prefix else key))
     return "\n".join(out) + "\n"
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return f"[{', '.join(_value(item) for item in value)}]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {_value(item)}" for key, item in value.items()) + "}"
+    return _quote(str(value))
 
 
 def _quote(text: str) -> str:

@@ -61,7 +61,7 @@ async def test_forty_parallel_requests_with_five_left_forward_exactly_five_sqlit
 
 @contextlib.asynccontextmanager
 async def two_gateways(
-    postgres_dsn: str,
+    database: str,
     tmp_path: Path,
     fake: Any,
     limits: dict[str, Any],
@@ -69,13 +69,17 @@ async def two_gateways(
     upstream: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
 ) -> AsyncIterator[tuple[list[int], str, Storage]]:
-    """Two `gateway serve` processes on one fresh PostgreSQL database, in front of
-    ``fake``, with USER on a plan of ``limits``: (their ports, USER's key, storage).
-    ``upstream`` adds [upstream] settings, ``settings`` other sections."""
-    conn = await asyncpg.connect(postgres_dsn)
-    await conn.execute("TRUNCATE usage_events, usage_daily, api_keys, stream_leases, users CASCADE")
-    await conn.close()
-    storage = await open_storage(DatabaseConfig(url=postgres_dsn))
+    """Two `gateway serve` processes on one database - PostgreSQL (emptied
+    first) or a migrated SQLite file - in front of ``fake``, with USER on a plan
+    of ``limits``: (their ports, USER's key, storage). ``upstream`` adds
+    [upstream] settings, ``settings`` other sections."""
+    if database.startswith("postgres"):
+        conn = await asyncpg.connect(database)
+        await conn.execute(
+            "TRUNCATE usage_events, usage_daily, api_keys, stream_leases, users CASCADE"
+        )
+        await conn.close()
+    storage = await open_storage(DatabaseConfig(url=database))
     try:
         await storage.ensure_user(USER, plan="free")
         key = new_key()
@@ -98,7 +102,7 @@ async def two_gateways(
                             "api_key_env": "TEST_UPSTREAM_KEY",
                             **(upstream or {}),
                         },
-                        "database": {"url": postgres_dsn, "spool_file": ""},
+                        "database": {"url": database, "spool_file": ""},
                         **plans(**limits),
                         **(settings or {}),
                     }

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import date
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +17,8 @@ import pytest
 from gateway.errors import StorageError
 from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+from tests.servers import serve
+from tests.test_admission import two_gateways
 
 CHAT = {"query": "Tin tức hôm nay?", "inputs": {}, "response_mode": "streaming", "user": "x"}
 WEB = {**CHAT, "inputs": {"search_mode": "web"}}
@@ -303,12 +307,16 @@ def multipart(size: int, user: str = "mallory") -> bytes:
     )
 
 
-async def upload(h: Harness, body: bytes, *, chunked: bool) -> httpx.Response:
+async def upload(
+    h: Harness, body: bytes, *, chunked: bool, headers: dict[str, str] | None = None
+) -> httpx.Response:
     async def chunks() -> AsyncIterator[bytes]:
         for i in range(0, len(body), 65536):
             yield body[i : i + 65536]
 
-    headers = h.auth(**{"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+    headers = h.auth(
+        **{"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}, **(headers or {})
+    )
     async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
         return await client.post(
             "/v1/files/upload", content=chunks() if chunked else body, headers=headers
@@ -449,8 +457,8 @@ async def test_large_non_file_fields_do_not_get_around_the_limit(sqlite_url: str
     ("limit", "sizes", "statuses"),
     [
         ({"meter": "uploads", "per": "day", "max": 2}, [100, 100, 100], [201, 201, 429]),
-        # Content-Length holds the multipart framing too: a bound of the file.
-        ({"meter": "upload_bytes", "per": "month", "max": 2500}, [1000, 1000, 1000], [201, 201, 429]),
+        # The file's own bytes count, not the multipart framing: 2 x 1250 fits.
+        ({"meter": "upload_bytes", "per": "month", "max": 2500}, [1250, 1250, 1], [201, 201, 429]),
     ],
 )  # fmt: skip
 async def test_upload_limits_are_checked_when_the_upload_is_asked(
@@ -479,3 +487,145 @@ async def test_upload_limits_are_checked_when_the_upload_is_asked(
     assert refused.json()["code"] == "plan_limit"
     assert refused.headers["x-ratelimit-resource"] == f"{limit['meter']}_per_{limit['per']}"
     assert forwarded == sizes[:2]  # the refused upload never reached the upstream
+
+
+# --- upload limits are reserved, exactly (issue 21) -------------------------------------
+
+UPLOAD_LIMITS = {
+    "uploads": ({"meter": "uploads", "per": "day", "max": 3}, 100),
+    "upload_bytes": ({"meter": "upload_bytes", "per": "day", "max": 1000}, 300),
+}
+
+
+@pytest.mark.parametrize("meter", list(UPLOAD_LIMITS))
+async def test_parallel_uploads_across_two_processes_never_pass_the_limit(
+    database_url: str, tmp_path: Path, meter: str
+) -> None:
+    """Twelve uploads at once through two gateway processes, each held by the
+    upstream a while: three fit (3 uploads; 3 x 300 of 1000 bytes) and only
+    those reach it. Counters read at the check and written after the upstream
+    took the file let all twelve through."""
+    limit, size = UPLOAD_LIMITS[meter]
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = {"plans": {"free": {"limits": [limit]}}}
+    async with two_gateways(database_url, tmp_path, fake, {}, settings=settings) as (
+        ports,
+        key,
+        storage,
+    ):
+        async with httpx.AsyncClient(timeout=30) as client:
+            responses = await asyncio.gather(
+                *(
+                    client.post(
+                        f"http://127.0.0.1:{ports[i % 2]}/v1/files/upload",
+                        files={"file": ("notes.txt", b"x" * size, "text/plain")},
+                        headers={"Authorization": f"Bearer {key}", "x-fake-delay-ms": "100"},
+                    )
+                    for i in range(12)
+                )
+            )
+        rows = await storage.daily(date.min, date.max, user_id=USER)
+    assert sorted(r.status_code for r in responses) == [201] * 3 + [429] * 9
+    assert {r.json()["code"] for r in responses if r.status_code == 429} == {"plan_limit"}
+    assert fake.uploaded_bytes == [size] * 3
+    assert [(row.uploads, row.upload_bytes) for row in rows] == [(3, 3 * size)]
+
+
+async def test_large_non_file_fields_do_not_get_around_the_upload_limits(
+    sqlite_url: str,
+) -> None:
+    """Under upload limits (and no file size limit) the body is read whole
+    before its file is reserved: other fields may add 64 KiB, no more."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    smuggled = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="padding"\r\n\r\n'.encode()
+        + b"x" * (200 * 1024)
+        + b"\r\n"
+        + multipart(10)
+    )
+    limits = [{"meter": "upload_bytes", "per": "day", "max": 1000}]
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(limits=limits)) as h:
+        response = await upload(h, smuggled, chunked=True)
+        row = await today_row(h)
+    assert response.status_code == 413
+    assert response.json() == {
+        "code": "request_too_large",
+        "message": "The upload's other form fields exceed 65536 bytes.",
+        "status": 413,
+    }
+    assert fake.requests == [] and row is None
+
+
+async def send_file(h: Harness, size: int) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+        return await client.post(
+            "/v1/files/upload",
+            files={"file": ("notes.txt", b"x" * size, "text/plain")},
+            headers=h.auth(),
+        )
+
+
+ONE_UPLOAD = plans(limits=[{"meter": "uploads", "per": "day", "max": 1}])
+
+
+async def test_an_upload_the_upstream_refuses_is_given_back(database_url: str) -> None:
+    """The reservation is the upload's record only once the upstream has taken
+    the file: refused (413 here), it is given back at once."""
+    fake = FakeDify(api_key=UPSTREAM_KEY, max_upload_bytes=500)
+    async with running_gateway(database_url, fake=fake, settings=ONE_UPLOAD) as h:
+        refused = await send_file(h, 600)  # over the upstream's own limit
+        await h.probes.wait_finished(1)
+        after_refusal = await today_row(h)
+        taken = await send_file(h, 100)
+        await h.probes.wait_finished(2)
+        over = await send_file(h, 100)
+        row = await today_row(h)
+    assert (refused.status_code, refused.json()["code"]) == (413, "file_too_large")
+    assert after_refusal.uploads == 0  # reserved (the row), then given back
+    assert taken.status_code == 201
+    assert taken.headers["x-ratelimit-resource"] == "uploads_per_day"
+    assert taken.headers["x-ratelimit-remaining"] == "0"
+    assert over.status_code == 429
+    assert fake.uploaded_bytes == [600, 100]
+    assert (row.uploads, row.upload_bytes) == (1, 100)
+
+
+async def test_an_upload_whose_upstream_is_unreachable_is_given_back(database_url: str) -> None:
+    async with serve(FakeDify(api_key=UPSTREAM_KEY)) as dead:  # closed afterwards
+        pass
+    async with running_gateway(database_url, upstream_url=dead + "/v1", settings=ONE_UPLOAD) as h:
+        failed = [await send_file(h, 100) for _ in range(2)]
+        await h.probes.wait_finished(2)
+        row = await today_row(h)
+    # Both were reserved in turn (the second fits only once the first is back).
+    assert [r.status_code for r in failed] == [502, 502]
+    assert (row.uploads, row.upload_bytes) == (0, 0)
+
+
+async def test_an_attackers_parallel_uploads_past_the_limits_are_refused(
+    sqlite_url: str,
+) -> None:
+    """Forty uploads at once from one user, chunked (no Content-Length), of
+    sizes chosen to squeeze past the byte limit, and one far larger than it:
+    what reaches the upstream fits both limits, and is exactly what is counted."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    limits = [
+        {"meter": "uploads", "per": "day", "max": 10},
+        {"meter": "upload_bytes", "per": "day", "max": 5000},
+    ]
+    sizes = [700, 1, 999, 250, 0, 1300] * 6 + [4999, 5001, 120, 80]
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(limits=limits)) as h:
+        delayed = {"x-fake-delay-ms": "50"}
+        responses = await asyncio.gather(
+            *(upload(h, multipart(size), chunked=True, headers=delayed) for size in sizes),
+            upload(h, multipart(50 * MB), chunked=True),
+        )
+        await h.probes.wait_finished(len(sizes) + 1)
+        row = await today_row(h)
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) == {201, 429}
+    assert statuses[-1] == 429 and responses[-1].json()["code"] == "plan_limit"
+    forwarded = fake.uploaded_bytes
+    assert statuses.count(201) == len(forwarded) <= 10
+    assert sum(forwarded) <= 5000
+    assert (row.uploads, row.upload_bytes) == (len(forwarded), sum(forwarded))

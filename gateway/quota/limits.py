@@ -5,8 +5,10 @@ Pure logic, no I/O. A limit is a *meter* counted over a *window* with a
 *maximum*: ``queries`` per ``day``, ``tokens`` per ``month``, ``cost`` per
 ``day``, ``streams`` ``open`` at once. Both storage backends hold the counters
 and apply `refuses` to them in their one atomic admission step (SQLite in
-Python through this module; PostgreSQL in gateway_admit, whose rule is this
-module's, table-tested against it by tests/quota/test_limits.py's backend runs).
+Python through this module; PostgreSQL in gateway_admit, by gateway_decide,
+whose rule is this module's). tests/quota/test_limits.py tests the rule with
+tables of cases; tests/storage/test_quota_model.py drives both backends
+against a model of it.
 
 Every plan key that sets a limit (``queries_per_day``, ``tokens_per_month``,
 ``cost_per_day``, ...) is one `Limit` here (`LEGACY_LIMITS`).
@@ -14,9 +16,11 @@ Every plan key that sets a limit (``queries_per_day``, ``tokens_per_month``,
 Two kinds of meter:
 
 - *reserved* meters (queries, web searches, advanced-RAG queries, uploads,
-  streams) are known before the answer: admission adds the request's amount
-  and refuses when that would go past the maximum. A request that adds nothing
-  to such a meter (a request not asking for web search) is not held by it.
+  upload bytes, streams) are known before the answer: admission adds the
+  request's amount and refuses when that would go past the maximum. A request
+  that adds nothing to such a meter (a request not asking for web search, an
+  answer for the upload meters) is not held by it. An upload is reserved in a
+  step of its own (`upload_charge`), once its file's size is known.
 - *measured* meters (tokens, input and output tokens, cost) are known when the
   answer ends: a limit on one refuses once the counter has reached the maximum;
   admission may also reserve an upper bound of what the answer can add (cost:
@@ -172,6 +176,9 @@ class Charge:
     web_searches: int = 0
     cost: Decimal = Decimal(0)  # an upper bound of the answer's cost (settle corrects it)
     streams: int = 0  # 1: the request takes a stream slot
+    # An upload (`upload_charge`): one upload and its file's bytes, no query.
+    uploads: int = 0
+    upload_bytes: int = 0
 
     def amount(self, meter: Meter) -> Decimal:
         if meter == "queries":
@@ -180,11 +187,25 @@ class Charge:
             return Decimal(self.advanced_rag)
         if meter == "web_searches":
             return Decimal(self.web_searches)
+        if meter == "uploads":
+            return Decimal(self.uploads)
+        if meter == "upload_bytes":
+            return Decimal(self.upload_bytes)
         if meter == "cost":
             return self.cost
         if meter == "streams":
             return Decimal(self.streams)
         return Decimal(0)
+
+
+# What an upload counts: its limits hold uploads only (an answer adds nothing to
+# them), and are checked and reserved when the upload is asked.
+UPLOAD_METERS: frozenset[Meter] = frozenset({"uploads", "upload_bytes"})
+
+
+def upload_charge(size: int) -> Charge:
+    """What an upload of a file of ``size`` bytes adds to the counters."""
+    return Charge(queries=0, uploads=1, upload_bytes=size)
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,7 +88,7 @@ def closed_checks(policy: StorageErrorPolicy, plan: Plan) -> list[str]:
     # [[plans.NAME.limits]]: queries follow the queries check, the rest the tokens one.
     for limit in plan.limits:
         if limit.meter in ("uploads", "upload_bytes"):
-            continue  # checked when an upload is asked, not at admission
+            continue  # reserved when an upload is asked, not at admission
         applies["queries" if limit.meter == "queries" else "tokens"] = True
     return [check for check, used in applies.items() if used and getattr(policy, check) == "closed"]
 

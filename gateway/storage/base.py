@@ -1,9 +1,12 @@
 """The storage interface and the records it deals in.
 
 Two backends implement `Storage`: SQLite (embedded, one machine) and PostgreSQL
-(production, many replicas). Counters are exact across processes because the
-database does the arithmetic: every counter changes only through an atomic,
-conditional upsert, never read-modify-write in the application.
+(production, many replicas). `Storage` is the union of role Protocols
+(`Lifecycle`, `Directory`, `Accounting`, `Outbox`, `ReportReads`, `Ownership`,
+`PausedForms`); components are typed with the roles they use. Counters are
+exact across processes because the database does the arithmetic: every counter
+changes only through an atomic, conditional upsert, never read-modify-write in
+the application.
 """
 
 from __future__ import annotations
@@ -631,9 +634,8 @@ def crossed(used: int | Decimal, check: AlertCheck, threshold: int) -> bool:
     return used * 100 >= check.value * threshold
 
 
-class Storage(Protocol):
-    """What the gateway needs from a database. All methods are safe to call
-    concurrently from many tasks and from many processes sharing the database."""
+class Lifecycle(Protocol):
+    """The database itself: its schema, its connections, whether it answers."""
 
     async def migrate(self) -> int:
         """Apply pending migrations; returns how many ran. Safe to run concurrently."""
@@ -645,7 +647,11 @@ class Storage(Protocol):
         """Raise `StorageError` unless the database answers."""
         ...
 
-    # users
+
+class Directory(Protocol):
+    """Who exists: users, teams and API keys, their plans, overrides and teams
+    (the admin operations, authentication and the caches in front of them)."""
+
     async def get_user(self, user_id: str) -> User | None: ...
 
     async def ensure_user(self, user_id: str, *, plan: str) -> User:
@@ -660,31 +666,11 @@ class Storage(Protocol):
 
     async def clear_override(self, user_id: str, name: str) -> None: ...
 
-    async def list_users(
-        self,
-        *,
-        day: date,
-        plan: str | None = None,
-        search: str | None = None,
-        sort: UserSort = "id",
-        descending: bool = False,
-        limit: int = 50,
-        offset: int = 0,
-    ) -> list[UserSummary]: ...
-
-    async def count_users(self, *, plan: str | None = None, search: str | None = None) -> int: ...
-
-    # teams (issue 21)
     async def create_team(self, team_id: str, *, plan: str, now: datetime) -> Team:
         """Raises `Conflict` when a team of that id exists."""
         ...
 
     async def get_team(self, team_id: str) -> Team | None: ...
-
-    async def list_teams(self, *, day: date) -> list[TeamSummary]:
-        """Every team with its member count and its members' usage on ``day``
-        summed, ordered by id."""
-        ...
 
     async def set_team_plan(self, team_id: str, plan: str) -> None:
         """Raises `NotFound` for an unknown team."""
@@ -705,16 +691,6 @@ class Storage(Protocol):
         """The team's users, ordered by id."""
         ...
 
-    async def team_daily(self, team_id: str, *, start: date, end: date) -> list[DailyUsage]:
-        """The team's current members' day rows with start <= day <= end, summed
-        per day (``user_id`` is the team id), ordered by day."""
-        ...
-
-    async def user_teams(self) -> dict[str, str]:
-        """User id -> team id, for every user in a team (exports)."""
-        ...
-
-    # keys
     async def create_key(
         self, user_id: str, *, key_id: str, key_hash: str, prefix: str, name: str, now: datetime
     ) -> ApiKey: ...
@@ -729,7 +705,11 @@ class Storage(Protocol):
 
     async def list_keys(self, user_id: str) -> list[ApiKey]: ...
 
-    # accounting
+
+class Accounting(Protocol):
+    """The request path's counters: admission reserves, settle records, refund
+    gives back, recovery charges what a dead gateway left pending."""
+
     async def admit(
         self,
         user_id: str,
@@ -763,30 +743,30 @@ class Storage(Protocol):
         admission has counted the user in; gateway/quota/limits.py, "rates")."""
         ...
 
-    async def rate_buckets(
-        self, user_ids: Sequence[str]
-    ) -> dict[tuple[Meter, Per], dict[int, Decimal]]:
-        """The rate buckets of these users (a team's members), summed per rate
-        window and bucket, in one read: what the usage views show of the rates
-        (`quota.rate_used`) and when their oldest counted bucket leaves. Buckets
-        past their window may be among them."""
+    async def reserve_upload(
+        self,
+        user_id: str,
+        *,
+        day: date,
+        month_start: date,
+        size: int,
+        limits: Sequence[Limit] = (),
+        team: str | None = None,
+    ) -> Admission:
+        """Count one upload of ``size`` bytes on the user's day only while every
+        one of ``limits`` (uploads and upload bytes per day or month: the
+        user's, and with ``team`` the team's, whose row is locked first as
+        `admit` locks it) allows it, atomically, in one round trip; return the
+        counters of ``limits`` either way (after the upload when admitted). With
+        no limits the upload is counted, unconditionally. An admitted upload
+        stays counted (it is the upload's record) unless `release_upload` gives
+        it back; one whose caller was cancelled while the call was in flight
+        is given back."""
         ...
 
-    async def model_counters(
-        self, user_id: str, keys: Sequence[str], *, day: date, month_start: date
-    ) -> dict[tuple[str, Meter, Per], Decimal]:
-        """What the user's per-model limits' own counters (usage_models, their
-        `Limit.counter_key` ``keys``) hold today and this month, in one read:
-        (key, meter, "day" or "month") for each of MODEL_METERS; cost is what was
-        spent (what answers under way reserved is not)."""
-        ...
-
-    async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
-        """Count one upload of ``size`` bytes on the user's day."""
-        ...
-
-    async def open_streams(self, user_id: str, *, now: datetime) -> int:
-        """The user's stream leases not yet expired at ``now``."""
+    async def release_upload(self, user_id: str, *, day: date, size: int) -> None:
+        """Give back an upload `reserve_upload` counted on ``day`` (the upstream
+        refused it, or never got it)."""
         ...
 
     async def refund(
@@ -849,7 +829,10 @@ class Storage(Protocol):
         pending answer is recovered by one of them, or settled by its gateway."""
         ...
 
-    # alerts
+
+class Outbox(Protocol):
+    """The alerts' outbox: delivery rows claimed, delivered, failed (gateway/alerts.py)."""
+
     async def claim_outbox(
         self, *, now: datetime, claim_until: datetime, limit: int = 20
     ) -> list[OutboxItem]:
@@ -861,6 +844,61 @@ class Storage(Protocol):
 
     async def outbox_failed(self, item_id: int, *, error: str, retry_at: datetime | None) -> None:
         """Count a failed attempt; retry at ``retry_at``, or never again if None."""
+        ...
+
+
+class ReportReads(Protocol):
+    """Reads for reports, exports and the admin views: the ledger, the day rows,
+    the listings with their usage, what the limits' counters hold, the alerts."""
+
+    async def list_users(
+        self,
+        *,
+        day: date,
+        plan: str | None = None,
+        search: str | None = None,
+        sort: UserSort = "id",
+        descending: bool = False,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[UserSummary]: ...
+
+    async def count_users(self, *, plan: str | None = None, search: str | None = None) -> int: ...
+
+    async def list_teams(self, *, day: date) -> list[TeamSummary]:
+        """Every team with its member count and its members' usage on ``day``
+        summed, ordered by id."""
+        ...
+
+    async def team_daily(self, team_id: str, *, start: date, end: date) -> list[DailyUsage]:
+        """The team's current members' day rows with start <= day <= end, summed
+        per day (``user_id`` is the team id), ordered by day."""
+        ...
+
+    async def user_teams(self) -> dict[str, str]:
+        """User id -> team id, for every user in a team (exports)."""
+        ...
+
+    async def open_streams(self, user_id: str, *, now: datetime) -> int:
+        """The user's stream leases not yet expired at ``now``."""
+        ...
+
+    async def rate_buckets(
+        self, user_ids: Sequence[str]
+    ) -> dict[tuple[Meter, Per], dict[int, Decimal]]:
+        """The rate buckets of these users (a team's members), summed per rate
+        window and bucket, in one read: what the usage views show of the rates
+        (`quota.rate_used`) and when their oldest counted bucket leaves. Buckets
+        past their window may be among them."""
+        ...
+
+    async def model_counters(
+        self, user_id: str, keys: Sequence[str], *, day: date, month_start: date
+    ) -> dict[tuple[str, Meter, Per], Decimal]:
+        """What the user's per-model limits' own counters (usage_models, their
+        `Limit.counter_key` ``keys``) hold today and this month, in one read:
+        (key, meter, "day" or "month") for each of MODEL_METERS; cost is what was
+        spent (what answers under way reserved is not)."""
         ...
 
     async def list_alerts(self, *, user_id: str | None = None, limit: int = 100) -> list[Alert]:
@@ -911,7 +949,10 @@ class Storage(Protocol):
         nothing has a zero sum). Reads every ledger row: for start-up and reloads."""
         ...
 
-    # --- ownership (issue 20, default deny) ---
+
+class Ownership(Protocol):
+    """Who an answer or a conversation belongs to, read from the ledger before a
+    request may touch what it made (issue 20, default deny; issue 23, upstreams)."""
 
     async def answer_owner(self, answer_id: str) -> AnswerOwner | None:
         """The user whose ledger row has this answer id (an upstream object id such as
@@ -926,7 +967,9 @@ class Storage(Protocol):
         when the ledger has none."""
         ...
 
-    # --- human-input resumes (issue 20) ---
+
+class PausedForms(Protocol):
+    """Paused runs' forms kept for their resumes (issue 20, gateway/follow.py)."""
 
     async def remember_forms(self, forms: Sequence[PausedForm], *, now: datetime) -> None:
         """Keep paused runs' forms (the first record of a token wins), and forget
@@ -936,3 +979,19 @@ class Storage(Protocol):
     async def paused_form(self, token_hash: str) -> PausedForm | None:
         """The form kept under this token hash, or None."""
         ...
+
+
+class Storage(
+    Lifecycle, Directory, Accounting, Outbox, ReportReads, Ownership, PausedForms, Protocol
+):
+    """What the gateway needs from a database: every role above, which each
+    backend implements in one class. All methods are safe to call concurrently
+    from many tasks and from many processes sharing the database.
+
+    A component is given only the roles it uses, so that it cannot reach past
+    them (issue 22): settling and recovery `Accounting`, the admin operations
+    and authentication `Directory`, the alerts worker `Outbox`, reports and
+    exports `ReportReads`, the route guard `Ownership`, resumed runs
+    `PausedForms`; one that needs several names them in a Protocol of its own
+    (`proxy.ProxyStorage`, `admission.AdmissionStorage`, ...). The whole is for
+    what opens and closes the database: gateway/runtime.py and the CLI."""

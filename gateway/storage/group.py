@@ -18,6 +18,11 @@ same ``key`` (the same user) are resent one after another in their order, other
 keys' at the same time, so that a call that waits holds up only its own key's.
 Any other error (the database unreachable, a timeout) is every caller's.
 
+A runner that can make a call at once, on the event loop (``run_now``: SQLite's
+short writes on a local file), makes a batch of one that finds nothing in
+flight there, in the turn it is sent: no task, no thread hop. It raises
+`NotNow` to send the call as usual instead (it cannot, or not without waiting).
+
 A caller that is cancelled while its call is queued is not sent. One cancelled
 while its call is in flight does not stop the call - it may be in a
 transaction already - and its result is handed to ``abandoned`` instead, which
@@ -44,6 +49,11 @@ class SplitBatch(Exception):
     carries: the calls are then sent one by one."""
 
 
+class NotNow(Exception):
+    """Raised by ``run_now`` for a call it does not make on the event loop: the
+    call is sent as usual, as a batch of one. It must have written nothing."""
+
+
 class GroupCommit(Generic[Item, Result]):
     def __init__(
         self,
@@ -55,6 +65,7 @@ class GroupCommit(Generic[Item, Result]):
         in_flight: int = 2,
         abandoned: Callable[[Item, Result], None] | None = None,
         key: Callable[[Item], Hashable] | None = None,
+        run_now: Callable[[Item], Result] | None = None,
     ) -> None:
         if max_batch < 1 or in_flight < 1:
             raise ValueError("max_batch and in_flight must be at least 1")
@@ -65,6 +76,7 @@ class GroupCommit(Generic[Item, Result]):
         self._in_flight = in_flight
         self._abandoned = abandoned
         self._key = key
+        self._run_now = run_now
         self._queue: deque[tuple[Item, asyncio.Future[Result]]] = deque()
         self._running = 0
         self._scheduled = False
@@ -108,10 +120,29 @@ class GroupCommit(Generic[Item, Result]):
                     batch.append(call)
             if not batch:
                 return
+            if len(batch) == 1 and self._running == 0 and self._now(*batch[0]):
+                continue  # made on the event loop, answered
             self._running += 1
             task = asyncio.create_task(self._send(batch), name=f"group-commit-{self.name}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _now(self, item: Item, future: asyncio.Future[Result]) -> bool:
+        """Make a lone call on the event loop; False when there is no ``run_now``
+        or it declines the call."""
+        if self._run_now is None:
+            return False
+        outcome: Result | Exception
+        try:
+            outcome = self._run_now(item)
+        except NotNow:
+            return False
+        except Exception as exc:
+            outcome = exc
+        self.batches += 1
+        self.calls += 1
+        self._deliver(item, future, outcome)
+        return True
 
     async def _send(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         items = [item for item, _ in batch]

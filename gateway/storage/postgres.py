@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import date, datetime, timedelta
@@ -103,37 +104,30 @@ _MIGRATION_LOCK = 0x6761_7465_7761_79
 _EXPORT_BATCH = 1000
 
 
-_ADMIT = (
-    "SELECT * FROM gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
-    "$15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
-)
-_SETTLE = (
-    "SELECT gateway_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
-    "$15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31)"
-)
-_ADMIT_MANY = (
-    "SELECT * FROM gateway_admit_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
-    "$14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
-)
-_SETTLE_MANY = (
-    "SELECT * FROM gateway_settle_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
-    "$14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, "
-    "$32, $33, $34, $35)"
-)
+_RESERVE_UPLOAD = "SELECT * FROM gateway_reserve_upload($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 # A batch is at most this many calls by default (database.max_batch): past a
 # few dozen a larger batch saves little, and a batch holds its users' row locks
 # until it commits.
 DEFAULT_MAX_BATCH = 64
 
 
+def _call(select: str, count: int) -> str:
+    """`select` applied to `count` parameters, $1 to $count."""
+    return f"{select}({', '.join(f'${n}' for n in range(1, count + 1))})"
+
+
 class _AdmitCall(NamedTuple):
-    """The arguments of one admission, in gateway_admit's order, except that the
-    limits become three arrays there (meters, windows, maximums)."""
+    """One admission: gateway_admit's arguments, in its order (the limits are
+    five arrays there: _limit_arrays)."""
 
     user_id: str
     day: date
     month_start: date
-    limits: tuple[Limit, ...]
+    meters: list[int]
+    pers: list[int]
+    maxes: list[Decimal]
+    scopes: list[int]
+    keys: list[str | None]
     lease_id: str | None
     lease_expires: datetime | None
     now: datetime
@@ -152,9 +146,151 @@ class _AdmitCall(NamedTuple):
     upstream: str  # the upstream the answer is sent to, for its pending row
 
 
-# The arguments of one settle, in gateway_settle's order (31: the alert checks'
-# five lists, then the cache writes, the upstream and the checks' specs).
-_SettleCall = tuple[Any, ...]
+class _Admit(NamedTuple):
+    """An admission waiting for its batch: its call, and the limits its arrays
+    were made from (to read the counters gateway_admit answers with)."""
+
+    call: _AdmitCall
+    limits: tuple[Limit, ...]
+
+
+class _SettleCall(NamedTuple):
+    """One settle: gateway_settle's arguments, in its order. Each alert check
+    (`AlertCheck` and one of its thresholds) is the same element of kinds,
+    periods, values, thresholds and specs."""
+
+    answer_id: str
+    user_id: str
+    day: date
+    created_at: datetime
+    endpoint: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost: Decimal
+    currency: str
+    outcome: str
+    estimated: bool
+    web_searches: int
+    conversation_id: str | None
+    request_id: str | None
+    upstream_latency_ms: float | None
+    overhead_ms: float | None
+    lease_id: str | None
+    pending_id: str | None
+    model: str | None
+    cached_tokens: int
+    reasoning_tokens: int
+    month_start: date | None
+    kinds: list[str]
+    periods: list[str]
+    values: list[int | Decimal]
+    thresholds: list[int]
+    channels: list[str]
+    cache_write_tokens: int
+    upstream: str
+    specs: list[str | None]
+
+
+# The group-commit functions (0010) take each call's arguments as arrays, in the
+# single function's order, except that each call's lists (its limits; its alert
+# checks and channels) become a slice (from, count) of arrays the batch shares.
+_LIMITS = slice(_AdmitCall._fields.index("meters"), _AdmitCall._fields.index("lease_id"))
+_CHECKS = slice(_SettleCall._fields.index("kinds"), _SettleCall._fields.index("cache_write_tokens"))
+_SPECS = _SettleCall._fields.index("specs")
+_ADMIT_MANY_ARGS = (
+    *_AdmitCall._fields[: _LIMITS.start],
+    "limit_from",
+    "limit_count",
+    *_AdmitCall._fields[_LIMITS],
+    *_AdmitCall._fields[_LIMITS.stop :],
+)
+_SETTLE_MANY_ARGS = (
+    *_SettleCall._fields[: _CHECKS.start],
+    "check_from",
+    "check_count",
+    "channel_from",
+    "channel_count",
+    *_SettleCall._fields[_CHECKS],
+    *_SettleCall._fields[_CHECKS.stop :],
+)
+_ADMIT = _call("SELECT * FROM gateway_admit", len(_AdmitCall._fields))
+_SETTLE = _call("SELECT gateway_settle", len(_SettleCall._fields))
+_ADMIT_MANY = _call("SELECT * FROM gateway_admit_many", len(_ADMIT_MANY_ARGS))
+_SETTLE_MANY = _call("SELECT * FROM gateway_settle_many", len(_SETTLE_MANY_ARGS))
+
+
+def _admit_many_args(calls: Sequence[_AdmitCall]) -> list[Any]:
+    """gateway_admit_many's arguments for these calls (_ADMIT_MANY_ARGS)."""
+    columns: list[Any] = list(zip(*calls, strict=True))
+    limit_from: list[int] = []
+    limit_count: list[int] = []
+    meters: list[int] = []
+    pers: list[int] = []
+    maxes: list[Decimal] = []
+    scopes: list[int] = []
+    keys: list[str | None] = []
+    for call in calls:
+        limit_from.append(len(meters) + 1)
+        limit_count.append(len(call.meters))
+        meters += call.meters
+        pers += call.pers
+        maxes += call.maxes
+        scopes += call.scopes
+        keys += call.keys
+    return [
+        *columns[: _LIMITS.start],
+        limit_from,
+        limit_count,
+        meters,
+        pers,
+        maxes,
+        scopes,
+        keys,
+        *columns[_LIMITS.stop :],
+    ]
+
+
+def _settle_many_args(calls: Sequence[_SettleCall]) -> list[Any]:
+    """gateway_settle_many's arguments for these calls (_SETTLE_MANY_ARGS)."""
+    columns: list[Any] = list(zip(*calls, strict=True))
+    check_from: list[int] = []
+    check_count: list[int] = []
+    channel_from: list[int] = []
+    channel_count: list[int] = []
+    kinds: list[str] = []
+    periods: list[str] = []
+    values: list[int | Decimal] = []
+    thresholds: list[int] = []
+    channels: list[str] = []
+    specs: list[str | None] = []
+    for call in calls:
+        check_from.append(len(kinds) + 1)
+        check_count.append(len(call.kinds))
+        kinds += call.kinds
+        periods += call.periods
+        values += call.values
+        thresholds += call.thresholds
+        specs += call.specs
+        channel_from.append(len(channels) + 1)
+        channel_count.append(len(call.channels))
+        channels += call.channels
+    return [
+        *columns[: _CHECKS.start],
+        check_from,
+        check_count,
+        channel_from,
+        channel_count,
+        kinds,
+        periods,
+        values,
+        thresholds,
+        channels,
+        *columns[_CHECKS.stop : _SPECS],
+        specs,
+    ]
+
+
 _REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
 _DROP_FUNCTIONS = """
 DO $$
@@ -323,29 +459,29 @@ def _limit_arrays(
     )
 
 
-def _user_of(call: _AdmitCall) -> str:
-    return call.user_id
+def _admitted_user(admit: _Admit) -> str:
+    return admit.call.user_id
 
 
 def _settled_user(call: _SettleCall) -> str:
-    return str(call[1])
+    return call.user_id
 
 
 class PostgresStorage:
     def __init__(self, pool: asyncpg.Pool, *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
         self._pool = pool
-        self._admits: GroupCommit[_AdmitCall, Admission] = GroupCommit(
+        self._admits: GroupCommit[_Admit, Admission] = GroupCommit(
             "admit",
             self._admit_many,
             self._admit_one,
             max_batch=max_batch,
             abandoned=self._admission_abandoned,
-            key=_user_of,
+            key=_admitted_user,
         )
         self._settles: GroupCommit[_SettleCall, bool] = GroupCommit(
             "settle", self._settle_many, self._settle_one, max_batch=max_batch, key=_settled_user
         )
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
 
     @classmethod
     async def open(
@@ -374,7 +510,8 @@ class PostgresStorage:
         # Calls still queued or in flight are answered before the pool goes.
         await self._admits.drain()
         await self._settles.drain()
-        if self._background:
+        # (A give-back may start when what it gives back ends.)
+        while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._pool.close()
 
@@ -668,85 +805,64 @@ class PostgresStorage:
         web_search: WebSearch | None = None,
         team: str | None = None,
     ) -> Admission:
-        return await self._admits(
-            _AdmitCall(
-                user_id,
-                day,
-                month_start,
-                limits.with_web_search(web_search),
-                lease.id if lease else None,
-                lease.expires_at if lease else None,
-                now,
-                advanced_rag,
-                pending.id if pending else None,
-                pending.endpoint if pending else None,
-                pending.prompt_tokens if pending else None,
-                pending.completion_tokens if pending else None,
-                pending.total_tokens if pending else None,
-                pending.cost if pending else None,
-                pending.currency if pending else None,
-                web_search is not None,
-                web_search is not None and web_search.when_exhausted == "disable",
-                pending.reserved_cost if pending else Decimal(0),
-                team if limits.has_team else None,
-                pending.upstream if pending else "default",
-            )
+        reserved = limits.with_web_search(web_search)
+        meters, pers, maxes, scopes, keys = _limit_arrays(reserved)
+        # Positional, in the record's order: by keyword, building it cost 3-6 µs
+        # more a call (docs/performance.md). mypy checks each field's type.
+        call = _AdmitCall(
+            user_id,
+            day,
+            month_start,
+            meters,
+            pers,
+            maxes,
+            scopes,
+            keys,
+            lease.id if lease else None,
+            lease.expires_at if lease else None,
+            now,
+            advanced_rag,
+            pending.id if pending else None,
+            pending.endpoint if pending else None,
+            pending.prompt_tokens if pending else None,
+            pending.completion_tokens if pending else None,
+            pending.total_tokens if pending else None,
+            pending.cost if pending else None,
+            pending.currency if pending else None,
+            web_search is not None,
+            web_search is not None and web_search.when_exhausted == "disable",
+            pending.reserved_cost if pending else Decimal(0),
+            team if limits.has_team else None,
+            pending.upstream if pending else "default",
         )
+        return await self._admits(_Admit(call, reserved))
 
-    async def _admit_one(self, call: _AdmitCall) -> Admission:
-        meters, pers, maxes, scopes, keys = _limit_arrays(call.limits)
+    async def _admit_one(self, admit: _Admit) -> Admission:
         with _mapped():
-            row = await self._pool.fetchrow(
-                _ADMIT, *call[:3], meters, pers, maxes, scopes, keys, *call[4:]
-            )
+            row = await self._pool.fetchrow(_ADMIT, *admit.call)
         assert row is not None
-        return _admission(row, call.limits)
+        return _admission(row, admit.limits)
 
-    async def _admit_many(self, calls: Sequence[_AdmitCall]) -> list[Admission | Exception]:
-        limit_from: list[int] = []
-        limit_count: list[int] = []
-        meters: list[int] = []
-        pers: list[int] = []
-        maxes: list[Decimal] = []
-        scopes: list[int] = []
-        keys: list[str | None] = []
-        for call in calls:
-            limit_from.append(len(meters) + 1)
-            limit_count.append(len(call.limits))
-            m, p, x, c, k = _limit_arrays(call.limits)
-            meters += m
-            pers += p
-            maxes += x
-            scopes += c
-            keys += k
-        columns = list(zip(*calls, strict=True))
+    async def _admit_many(self, admits: Sequence[_Admit]) -> list[Admission | Exception]:
         with _mapped(), _mapped_batch():
             rows = await self._pool.fetch(
-                _ADMIT_MANY,
-                *columns[:3],
-                limit_from,
-                limit_count,
-                meters,
-                pers,
-                maxes,
-                scopes,
-                keys,
-                *columns[4:],
+                _ADMIT_MANY, *_admit_many_args([admit.call for admit in admits])
             )
-        results: list[Admission | Exception] = [StorageError("no answer")] * len(calls)
+        results: list[Admission | Exception] = [StorageError("no answer")] * len(admits)
         for row in rows:
             at = row["ord"] - 1
             results[at] = (
-                _admission(row, calls[at].limits) if row["known"] else NotFound("unknown user")
+                _admission(row, admits[at].limits) if row["known"] else NotFound("unknown user")
             )
         return results
 
-    def _admission_abandoned(self, call: _AdmitCall, admission: Admission) -> None:
+    def _admission_abandoned(self, admit: _Admit, admission: Admission) -> None:
         """An admission whose caller was cancelled while it was in flight (the
         server shutting down): nobody will forward or settle the answer, so its
         query, lease and pending row are given back."""
         if not admission.admitted:
             return
+        call = admit.call
         user_id, day, lease_id, pending_id = call.user_id, call.day, call.lease_id, call.pending_id
         log.info("admission for %s abandoned by its caller; given back", user_id)
         task = asyncio.create_task(
@@ -790,12 +906,67 @@ class PostgresStorage:
             rows = await self._pool.fetch(_MODEL_COUNTERS, user_id, day, month_start, list(keys))
         return model_counters([tuple(row) for row in rows])
 
-    async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
+    async def reserve_upload(
+        self,
+        user_id: str,
+        *,
+        day: date,
+        month_start: date,
+        size: int,
+        limits: Sequence[Limit] = (),
+        team: str | None = None,
+    ) -> Admission:
+        meters, pers, maxes, scopes, _ = _limit_arrays(limits)
+        if not any(scope == 2 for scope in scopes):
+            team = None
+        args = (user_id, day, month_start, size, meters, pers, maxes, scopes, team)
+        # Its own task, awaited through a shield: a caller cancelled while the
+        # statement is in flight cannot tell whether it committed, so the task
+        # runs to its end and an upload it counted is given back.
+        task = asyncio.create_task(self._reserve_upload(args, limits))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(functools.partial(self._upload_abandoned, user_id, day, size))
+            raise
+
+    async def _reserve_upload(self, args: tuple[Any, ...], limits: Sequence[Limit]) -> Admission:
+        with _mapped():
+            row = await self._pool.fetchrow(_RESERVE_UPLOAD, *args)
+        assert row is not None
+        team = (
+            counters_from(row["team_day"], row["team_month"], 0)
+            if row["team_day"] is not None
+            else None
+        )
+        counters = counters_from(row["day_used"], row["month_used"], 0, team=team)
+        refused = row["refused"]
+        return admission(limits, None if refused is None else refused - 1, counters, 0)
+
+    def _upload_abandoned(
+        self, user_id: str, day: date, size: int, task: asyncio.Task[Admission]
+    ) -> None:
+        if task.cancelled() or task.exception() is not None or not task.result().admitted:
+            return
+        log.info("upload of %s abandoned by its caller; given back", user_id)
+        release = asyncio.create_task(self._release_quietly(user_id, day, size))
+        self._background.add(release)
+        release.add_done_callback(self._background.discard)
+
+    async def _release_quietly(self, user_id: str, day: date, size: int) -> None:
+        try:
+            await self.release_upload(user_id, day=day, size=size)
+        except StorageError as exc:
+            log.warning("could not give back an abandoned upload of %s: %s", user_id, exc)
+
+    async def release_upload(self, user_id: str, *, day: date, size: int) -> None:
         with _mapped():
             await self._pool.execute(
-                "INSERT INTO usage_daily AS d (user_id, day, uploads, upload_bytes) "
-                "VALUES ($1, $2, 1, $3) ON CONFLICT (user_id, day) DO UPDATE SET "
-                "uploads = d.uploads + 1, upload_bytes = d.upload_bytes + excluded.upload_bytes",
+                "UPDATE usage_daily SET uploads = uploads - 1, "
+                "upload_bytes = greatest(upload_bytes - $3, 0) "
+                "WHERE user_id = $1 AND day = $2 AND uploads > 0",
                 user_id,
                 day,
                 size,
@@ -842,8 +1013,9 @@ class PostgresStorage:
         alerts: AlertRequest | None = None,
     ) -> bool:
         checks = [(c, t) for c in alerts.checks for t in c.thresholds] if alerts else []
+        # Positional, in the record's order, as the admission's call.
         return await self._settles(
-            (
+            _SettleCall(
                 event.answer_id,
                 event.user_id,
                 event.day,
@@ -883,44 +1055,8 @@ class PostgresStorage:
             return bool(await self._pool.fetchval(_SETTLE, *call))
 
     async def _settle_many(self, calls: Sequence[_SettleCall]) -> list[bool | Exception]:
-        # The first 23 arguments become arrays as they are; each call's alert
-        # checks and channels become a slice (from, count) of shared arrays.
-        columns = list(zip(*(call[:23] for call in calls), strict=True))
-        check_from, check_count, channel_from, channel_count = [], [], [], []
-        kinds: list[str] = []
-        periods: list[str] = []
-        values: list[int | Decimal] = []
-        thresholds: list[int] = []
-        channels: list[str] = []
-        specs: list[str | None] = []
-        for call in calls:
-            check_from.append(len(kinds) + 1)
-            check_count.append(len(call[23]))
-            kinds += call[23]
-            periods += call[24]
-            values += call[25]
-            thresholds += call[26]
-            channel_from.append(len(channels) + 1)
-            channel_count.append(len(call[27]))
-            channels += call[27]
-            specs += call[30]
         with _mapped(), _mapped_batch():
-            rows = await self._pool.fetch(
-                _SETTLE_MANY,
-                *columns,
-                check_from,
-                check_count,
-                channel_from,
-                channel_count,
-                kinds,
-                periods,
-                values,
-                thresholds,
-                channels,
-                [call[28] for call in calls],
-                [call[29] for call in calls],
-                specs,
-            )
+            rows = await self._pool.fetch(_SETTLE_MANY, *_settle_many_args(calls))
         results: list[bool | Exception] = [StorageError("no answer")] * len(calls)
         for row in rows:
             results[row["ord"] - 1] = bool(row["settled"])

@@ -1,8 +1,9 @@
 """The SQLite backend: the embedded default, one machine, one or a few processes.
 
-One connection, owned by one dedicated thread: each storage operation is one
-synchronous function run on that thread, so it costs one hop off the event loop
-however many statements it runs. Writes take SQLite's write lock up front
+One connection, used by one thread at a time (its own, or the event loop's for
+a lone hot-path write, below): each storage operation is one synchronous
+function, so it costs at most one hop off the event loop however many
+statements it runs. Writes take SQLite's write lock up front
 (``BEGIN IMMEDIATE``), which serialises them across connections and processes;
 that is what makes the conditional admission exact here. Money is TEXT holding an
 exact decimal, summed by the registered ``dec_add`` / ``dec_sum`` functions.
@@ -14,11 +15,17 @@ one ``COMMIT`` for all of them. In the batch they run in the order they were
 made, each write in a savepoint of its own, so each sees the ones before it
 exactly as it would one after another, and one that fails is rolled back to its
 savepoint and fails alone. Nothing is answered before the batch commits. A call
-that finds nothing in flight goes alone (a write as a plain transaction).
+that finds nothing in flight goes alone (a write as a plain transaction); an
+admission, settle or refund that goes alone is made on the event loop itself,
+in the turn it is sent, since its work holds the GIL anyway (no thread hop, no
+task): unless another connection holds the write lock, then it waits on the
+thread (`SQLiteStorage._call_now`).
 
 Durability: WAL with ``synchronous = NORMAL``. A committed call survives a crash
 of the process; a power cut or an OS crash may lose the last few commits (never
-corrupt the file): commits do not wait for an fsync, checkpoints do.
+corrupt the file): commits do not wait for an fsync, checkpoints do. No commit
+checkpoints: every CHECKPOINT_EVERY writes a PASSIVE checkpoint runs on a
+second connection on a thread of its own, beside the calls.
 
 The rules the PostgreSQL functions keep (web searches reserved at admission and
 reconciled at settle, a real record superseding a recovered estimate: migration
@@ -62,6 +69,7 @@ from gateway.quota.limits import (
     rate_counts,
     rate_retry,
     rate_used,
+    upload_charge,
 )
 from gateway.storage import migrations
 from gateway.storage.base import (
@@ -116,7 +124,7 @@ from gateway.storage.base import (
     team_summary,
     upstream_usage,
 )
-from gateway.storage.group import GroupCommit, SplitBatch
+from gateway.storage.group import GroupCommit, NotNow, SplitBatch
 
 log = logging.getLogger("gateway.storage")
 
@@ -138,6 +146,10 @@ _EXPORT_BATCH = 1000
 # few dozen a larger batch saves little, and a batch holds the write lock until
 # it commits.
 DEFAULT_MAX_BATCH = 64
+# Write calls between two WAL checkpoints: about the 1,000 pages of SQLite's
+# own automatic checkpoint, at about 10 pages a call (an admission writes a
+# day row, a lease and a pending row with their indexes, a settle more).
+CHECKPOINT_EVERY = 100
 
 
 class _DecimalSum:
@@ -167,6 +179,10 @@ def _connect(path: str, timeout: float) -> sqlite3.Connection:
     # In WAL mode NORMAL loses no committed transaction on a process crash, only
     # possibly the last ones on a power cut, and saves an fsync per commit.
     conn.execute("PRAGMA synchronous = NORMAL")
+    # No checkpoint in a commit: a commit may run on the event loop, and a
+    # checkpoint waits for two fsyncs. SQLiteStorage checkpoints on a
+    # connection and a thread of their own.
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.create_function("dec_add", 2, _dec_add, deterministic=True)
     conn.create_aggregate("dec_sum", 1, _DecimalSum)  # type: ignore[arg-type]
@@ -419,6 +435,9 @@ class _Call(NamedTuple):
     run: Callable[[sqlite3.Connection], Any]
     abandoned: Callable[[Any], None] | None = None
     writes: bool = True
+    # Short enough to make on the event loop when it goes alone (the hot path's
+    # writes: a few indexed statements on one user's rows).
+    now: bool = False
 
 
 def _batch(conn: sqlite3.Connection, calls: Sequence[_Call]) -> list[Any]:
@@ -460,6 +479,22 @@ def _batch(conn: sqlite3.Connection, calls: Sequence[_Call]) -> list[Any]:
     return outcomes
 
 
+def _busy(exc: Exception) -> bool:
+    """SQLITE_BUSY (or one of its extended codes): another connection holds the lock."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.OperationalError)
+        and code is not None
+        and (code & 0xFF == sqlite3.SQLITE_BUSY)
+    )
+
+
+def _checkpoint_wal(conn: sqlite3.Connection) -> None:
+    """Copy the WAL's committed pages into the database file, without waiting
+    for readers or writers (what SQLite's automatic checkpoint does)."""
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+
+
 def _abandoned(call: _Call, result: Any) -> None:
     if call.abandoned is not None:
         call.abandoned(result)
@@ -475,13 +510,14 @@ def _team_counters(
     team: str,
     today: str,
     month_start: str,
-    now: datetime,
+    now: datetime | None,
     *,
     monthly: bool,
     rates: dict[tuple[Meter, Per], Decimal],
 ) -> Counters:
-    """A team's counters: its members' day rows summed, their open streams, and
-    ``rates`` (what the team's rate windows count)."""
+    """A team's counters: its members' day rows summed, their open streams at
+    ``now`` (None: not counted), and ``rates`` (what the team's rate windows
+    count)."""
     members = [row[0] for row in conn.execute("SELECT id FROM users WHERE team_id = ?", (team,))]
     day = [Decimal(0)] * len(DAY_METERS)
     month = [Decimal(0)] * len(DAY_METERS)
@@ -489,11 +525,13 @@ def _team_counters(
         d, m = _day_and_month(conn, member, today, month_start)
         day = [a + b for a, b in zip(day, d, strict=True)]
         month = [a + b for a, b in zip(month, m, strict=True)]
-    marks = ", ".join("?" for _ in members)
-    streams = conn.execute(
-        f"SELECT count(*) FROM stream_leases WHERE expires_at > ? AND user_id IN ({marks})",
-        (_ts(now), *members),
-    ).fetchone()[0]
+    streams = 0
+    if now is not None:
+        marks = ", ".join("?" for _ in members)
+        streams = conn.execute(
+            f"SELECT count(*) FROM stream_leases WHERE expires_at > ? AND user_id IN ({marks})",
+            (_ts(now), *members),
+        ).fetchone()[0]
     return counters_from(day, month if monthly else None, streams, rates)
 
 
@@ -851,8 +889,23 @@ class SQLiteStorage:
             in_flight=1,
             abandoned=_abandoned,
             key=_one_connection,
+            run_now=self._call_now,
         )
         self._background: set[asyncio.Task[None]] = set()
+        # Calls sent to the thread and not yet answered (the batches' and the
+        # checkpoints'): a call is made on the event loop only when it is 0.
+        self._on_thread = 0
+        # The busy timeout is 0 while calls are made on the event loop (a call
+        # that finds the write lock taken goes to the thread, which waits).
+        self._loop_timeout = False
+        self._writes = 0  # write calls since the last checkpoint
+        self._checkpointing = False
+        # Checkpoints run on a connection and a thread of their own, so that
+        # the calls go on meanwhile (a PASSIVE checkpoint blocks no writer).
+        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpoints = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="gateway-sqlite-checkpoint"
+        )
 
     @classmethod
     async def open(
@@ -876,15 +929,73 @@ class SQLiteStorage:
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn`` on the connection's thread, now (not through the queue)."""
         loop = asyncio.get_running_loop()
+        self._on_thread += 1
         try:
             return await loop.run_in_executor(
-                self._executor, functools.partial(fn, self._conn, *args)
+                self._executor, functools.partial(self._threaded, fn, *args)
             )
         except Exception as exc:
             mapped = _error(exc)
             if mapped is exc:
                 raise
             raise mapped from exc
+        finally:
+            self._on_thread -= 1
+
+    def _threaded(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._loop_timeout:
+            self._conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+            self._loop_timeout = False
+        return fn(self._conn, *args)
+
+    def _call_now(self, call: _Call) -> Any:
+        """Make a lone call on the event loop (GroupCommit's ``run_now``): the
+        hot path's short writes, when the thread is idle and no other
+        connection holds the write lock; else `NotNow`, and the call goes to
+        the thread. Its cost was the event loop's anyway, but for SQLite's own
+        C code: the Python of a call on the thread holds the GIL."""
+        if not call.now or self._on_thread:
+            raise NotNow
+        conn = self._conn
+        if not self._loop_timeout:
+            conn.execute("PRAGMA busy_timeout = 0")
+            self._loop_timeout = True
+        try:
+            result = _transaction(conn, call.run) if call.writes else call.run(conn)
+        except Exception as exc:
+            if _busy(exc):  # rolled back: nothing of it is written
+                raise NotNow from exc
+            mapped = _error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+        if call.writes:
+            self._wrote(1)
+        return result
+
+    def _wrote(self, calls: int) -> None:
+        """Count write calls; every CHECKPOINT_EVERY, a checkpoint on the thread."""
+        self._writes += calls
+        if self._writes < CHECKPOINT_EVERY or self._checkpointing:
+            return
+        self._writes = 0
+        self._checkpointing = True
+        task = asyncio.create_task(self._checkpoint())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _checkpoint(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if self._checkpointer is None:
+                self._checkpointer = await loop.run_in_executor(
+                    self._checkpoints, _connect, self._path, self._timeout
+                )
+            await loop.run_in_executor(self._checkpoints, _checkpoint_wal, self._checkpointer)
+        except sqlite3.Error as exc:  # the WAL grows until the next one
+            log.warning("SQLite checkpoint failed: %s", exc)
+        finally:
+            self._checkpointing = False
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Read with ``fn``, in turn with the other calls."""
@@ -892,21 +1003,30 @@ class SQLiteStorage:
         return result
 
     async def _tx(
-        self, fn: Callable[[sqlite3.Connection], T], *, abandoned: Callable[[T], None] | None = None
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        abandoned: Callable[[T], None] | None = None,
+        now: bool = False,
     ) -> T:
-        """Run ``fn`` in a write transaction, group-committed with the others."""
-        result: T = await self._calls(_Call(fn, abandoned))
+        """Run ``fn`` in a write transaction, group-committed with the others;
+        ``now``: short enough to make on the event loop when it goes alone."""
+        result: T = await self._calls(_Call(fn, abandoned, now=now))
         return result
 
     async def _call_one(self, call: _Call) -> Any:
         if call.writes:
-            return await self._call(_transaction, call.run)
+            result = await self._call(_transaction, call.run)
+            self._wrote(1)
+            return result
         return await self._call(call.run)
 
     async def _call_many(self, calls: Sequence[_Call]) -> list[Any]:
         if len(calls) == 1:
             return [await self._call_one(calls[0])]
-        return await self._call(_batch, calls)
+        outcomes = await self._call(_batch, calls)
+        self._wrote(sum(call.writes for call in calls))
+        return outcomes
 
     def _admission_abandoned(
         self, user_id: str, day: date, lease: Lease | None, pending: Pending | None
@@ -941,14 +1061,38 @@ class SQLiteStorage:
             # The pending row stays: a recovery charges it as an estimate later.
             log.warning("could not give back an abandoned admission of %s: %s", user_id, exc)
 
+    def _upload_abandoned(self, user_id: str, day: date, size: int) -> Callable[[Admission], None]:
+        """What gives back an upload counted for a caller cancelled while the
+        call was in flight: the file is never forwarded."""
+
+        def give_back(counted: Admission) -> None:
+            if not counted.admitted:
+                return
+            log.info("upload of %s abandoned by its caller; given back", user_id)
+            task = asyncio.create_task(self._release_quietly(user_id, day, size))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        return give_back
+
+    async def _release_quietly(self, user_id: str, day: date, size: int) -> None:
+        try:
+            await self.release_upload(user_id, day=day, size=size)
+        except StorageError as exc:
+            log.warning("could not give back an abandoned upload of %s: %s", user_id, exc)
+
     async def close(self) -> None:
         # Writes still queued or in flight are answered (and given back, for an
         # abandoned admission) before the connection goes.
-        await self._calls.drain()
-        while self._background:
+        while True:
+            await self._calls.drain()
+            if not self._background:
+                break
             await asyncio.gather(*self._background, return_exceptions=True)
-        await self._calls.drain()
         loop = asyncio.get_running_loop()
+        if self._checkpointer is not None:
+            await loop.run_in_executor(self._checkpoints, self._checkpointer.close)
+        self._checkpoints.shutdown(wait=True)
         await loop.run_in_executor(self._executor, self._conn.close)
         self._executor.shutdown(wait=True)
 
@@ -1373,7 +1517,10 @@ class SQLiteStorage:
             return admission(checked, None, after, searches)
 
         return await self._tx(
-            run, abandoned=self._admission_abandoned(user_id, day, lease, pending)
+            run,
+            abandoned=self._admission_abandoned(user_id, day, lease, pending),
+            # A team's counters sum its members' rows: not on the event loop.
+            now=team is None or not limits.has_team,
         )
 
     async def rate_counts(self, user_id: str, *, now: datetime) -> dict[tuple[Meter, Per], Decimal]:
@@ -1411,13 +1558,55 @@ class SQLiteStorage:
         rows = await self._run(functools.partial(_fetchall, sql=sql, params=params))
         return model_counters(rows)
 
-    async def record_upload(self, user_id: str, *, day: date, size: int) -> None:
-        await self._tx(
-            lambda conn: conn.execute(
+    async def reserve_upload(
+        self,
+        user_id: str,
+        *,
+        day: date,
+        month_start: date,
+        size: int,
+        limits: Sequence[Limit] = (),
+        team: str | None = None,
+    ) -> Admission:
+        today = day.isoformat()
+        first = month_start.isoformat()
+        charge = upload_charge(size)
+
+        def run(conn: sqlite3.Connection) -> Admission:
+            # Under BEGIN IMMEDIATE, as admit: check-then-count is atomic, across
+            # processes on the file too.
+            if conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
+                raise NotFound(f"no user {user_id!r}")
+            day_used, month_sums = _day_and_month(conn, user_id, today, first)
+            monthly = any(limit.per == "month" for limit in limits)
+            team_counters = None
+            if team is not None and any(limit.scope == "team" for limit in limits):
+                team_counters = _team_counters(
+                    conn, team, today, first, None, monthly=monthly, rates={}
+                )
+            counters = counters_from(
+                day_used, month_sums if monthly else None, 0, team=team_counters
+            )
+            decision = decide(counters, limits, charge)
+            if decision.refused is not None:
+                return admission(limits, decision.refused, counters, 0)
+            conn.execute(
                 "INSERT INTO usage_daily (user_id, day, uploads, upload_bytes) VALUES (?, ?, 1, ?) "
                 "ON CONFLICT (user_id, day) DO UPDATE SET uploads = uploads + 1, "
                 "upload_bytes = upload_bytes + excluded.upload_bytes",
-                (user_id, day.isoformat(), size),
+                (user_id, today, size),
+            )
+            return admission(limits, None, charged(counters, charge, 0), 0)
+
+        return await self._tx(run, abandoned=self._upload_abandoned(user_id, day, size))
+
+    async def release_upload(self, user_id: str, *, day: date, size: int) -> None:
+        await self._tx(
+            lambda conn: conn.execute(
+                "UPDATE usage_daily SET uploads = uploads - 1, "
+                "upload_bytes = max(upload_bytes - ?, 0) "
+                "WHERE user_id = ? AND day = ? AND uploads > 0",
+                (size, user_id, day.isoformat()),
             )
         )
 
@@ -1454,7 +1643,7 @@ class SQLiteStorage:
                     _count_rates(conn, user_id, claimed.rates, "queries", at, -1)
             return claimed is not None
 
-        return await self._tx(run)
+        return await self._tx(run, now=True)
 
     async def move_pending(self, pending_id: str, *, upstream: str) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
@@ -1510,7 +1699,12 @@ class SQLiteStorage:
                 _record_crossings(conn, event, alerts)
             return True
 
-        return await self._tx(run)
+        # A team's alert sums its members' rows: not on the event loop.
+        team_alert = alerts is not None and any(
+            check.spec is not None and parse_alert_spec(check.spec)[2] == "team"
+            for check in alerts.checks
+        )
+        return await self._tx(run, now=not team_alert)
 
     async def recover(self, *, before: datetime, now: datetime, limit: int = 100) -> list[str]:
         def run(conn: sqlite3.Connection) -> list[str]:
@@ -1523,54 +1717,71 @@ class SQLiteStorage:
                 "ORDER BY created_at LIMIT ?",
                 (_ts(before), limit),
             ).fetchall()
-            for row in rows:
-                claimed = _claim(conn, row[0], row[0])
+            for (
+                pending_id,
+                user_id,
+                day,
+                endpoint,
+                prompt,
+                completion,
+                total,
+                cost_text,
+                currency,
+                web_searches,
+                upstream,
+            ) in rows:
+                cost = Decimal(cost_text)
+                claimed = _claim(conn, pending_id, pending_id)
                 if claimed is not None:
                     # The cost bound's reservation ends: the estimate below is
                     # charged instead (admission made it at least the bound).
-                    _release(conn, row[1], claimed._replace(web_searches=0))
+                    _release(conn, user_id, claimed._replace(web_searches=0))
                 recorded = _record(
                     conn,
                     UsageEvent(
-                        answer_id=f"gw-{row[0]}",
-                        user_id=row[1],
-                        day=date.fromisoformat(row[2]),
+                        answer_id=f"gw-{pending_id}",
+                        user_id=user_id,
+                        day=date.fromisoformat(day),
                         created_at=now,
-                        endpoint=row[3],
-                        prompt_tokens=row[4],
-                        completion_tokens=row[5],
-                        total_tokens=row[6],
-                        cost=Decimal(row[7]),
-                        currency=row[8],
+                        endpoint=endpoint,
+                        prompt_tokens=prompt,
+                        completion_tokens=completion,
+                        total_tokens=total,
+                        cost=cost,
+                        currency=currency,
                         outcome="recovered",
                         estimated=True,
-                        request_id=row[0],
-                        upstream=row[10],
+                        request_id=pending_id,
+                        upstream=upstream,
                     ),
                 )
                 if recorded and claimed is not None:
                     _add_models(
                         conn,
-                        row[1],
+                        user_id,
                         claimed.keys,
-                        row[2],
-                        prompt=row[4],
-                        completion=row[5],
-                        total=row[6],
-                        cost=Decimal(row[7]),
+                        day,
+                        prompt=prompt,
+                        completion=completion,
+                        total=total,
+                        cost=cost,
                     )
                 if recorded and claimed is not None and claimed.rates:
                     # The estimate counts in the token rates, as settled tokens do.
-                    _count_rates(conn, row[1], claimed.rates, "tokens", now.timestamp(), row[6])
+                    _count_rates(conn, user_id, claimed.rates, "tokens", now.timestamp(), total)
                 keys = claimed.keys if claimed is not None else []
-                if recorded and (row[9] or keys):
+                if recorded and (web_searches or keys):
                     # A web search reserved stays spent, like the query (the answer
                     # may have searched): the day row has it already, the ledger
                     # row now says so too, so a superseding record can correct it;
                     # so can it the per-model counters the row names (scopes).
                     conn.execute(
                         "UPDATE usage_events SET web_searches = ?, scopes = ? WHERE answer_id = ?",
-                        (row[9], orjson.dumps(keys).decode() if keys else None, f"gw-{row[0]}"),
+                        (
+                            web_searches,
+                            orjson.dumps(keys).decode() if keys else None,
+                            f"gw-{pending_id}",
+                        ),
                     )
             return [row[0] for row in rows]
 
@@ -1643,10 +1854,13 @@ class SQLiteStorage:
                 + "ORDER BY o.channel",
                 () if user_id is None else (user_id,),
             ):
-                key = (row[0], row[1], row[2], row[3])
+                key = (row[0], row[1], row[2], row[3])  # user, limit, period, threshold
                 if key in keys:
-                    stamp = datetime.fromisoformat(row[7]) if row[7] else None
-                    found.append((key, delivery(row[4], row[5], row[6], stamp, row[8])))
+                    channel, attempts, last_error, delivered_at, next_attempt_at = row[4:]
+                    stamp = datetime.fromisoformat(delivered_at) if delivered_at else None
+                    found.append(
+                        (key, delivery(channel, attempts, last_error, stamp, next_attempt_at))
+                    )
             return alerts_with_deliveries(crossings, found)
 
         return await self._run(run)

@@ -11,7 +11,7 @@ Tests steer it per request with headers:
   (``agent,onebyte``). ``chat``/``completion``/``workflow`` name the path's own shape.
 - ``x-fake-prompt-tokens``, ``x-fake-completion-tokens``, ``x-fake-total-price``: usage.
 - ``x-fake-message-id``: a fixed message id (workflow run id for workflows).
-- ``x-fake-delay-ms``: the pause between events.
+- ``x-fake-delay-ms``: the pause between events (before an upload's answer: its store).
 - ``x-fake-metadata``: a JSON object merged into ``message_end.metadata`` (and a
   workflow's ``outputs``), e.g. ``{"source": "web_search"}``.
 - ``x-fake-status``: answer with this HTTP error status and no answer.
@@ -1096,6 +1096,8 @@ class FakeDify:
         if len(counter.files) > 1:
             raise DifyError(400, "too_many_files", "Only one file is allowed.")
         _, filename, mime, size = counter.files[0]
+        if "x-fake-delay-ms" in headers:  # a slow store: uploads under way overlap
+            await asyncio.sleep(float(headers["x-fake-delay-ms"]) / 1000)
         self.uploaded_bytes.append(size)
         self.upload_fields.append(dict(counter.fields))
         if size > self.max_upload_bytes:

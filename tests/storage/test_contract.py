@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
+import asyncpg
 import pytest
 
 from gateway.config import DatabaseConfig
@@ -516,6 +520,26 @@ async def test_stream_limit_race_is_exact(storage: Storage, database_url: str) -
     assert sum(r.admitted for r in results) == 3
 
 
+async def test_one_users_admissions_made_together_are_decided_in_the_order_made(
+    storage: Storage,
+) -> None:
+    """A user's admissions made at once (a batch on PostgreSQL), one with the
+    team's limits and one without (a reload between them), are decided in the
+    order they were made: the first takes the last request of the minute."""
+    await storage.create_team("acme", plan="free", now=NOW)
+    await storage.ensure_user("alice", plan="free")
+    await storage.set_team("alice", "acme")
+    rate = Limit("requests_per_minute", "queries", "minute", Decimal(1))
+    team = Limit("team_queries_per_day", "queries", "day", Decimal(100), "team")
+    results = await asyncio.gather(
+        *(
+            storage.admit("alice", day=DAY, month_start=MONTH, now=NOW, limits=limits, team="acme")
+            for limits in (AdmissionLimits([rate, team]), AdmissionLimits([rate]))
+        )
+    )
+    assert [r.refused_by for r in results] == [None, "requests_per_minute"]
+
+
 async def test_admissions_and_settles_interleave_without_deadlock(
     storage: Storage, database_url: str
 ) -> None:
@@ -559,8 +583,8 @@ async def test_advanced_rag_web_searches_and_uploads_are_counted(storage: Storag
     assert [row.web_searches for row in await storage.daily(DAY, DAY)] == [2]
     next_day = DAY + timedelta(days=1)
     assert await storage.daily(next_day, next_day) == []
-    await storage.record_upload("alice", day=DAY, size=1000)
-    await storage.record_upload("alice", day=DAY, size=24)
+    await storage.reserve_upload("alice", day=DAY, month_start=MONTH, size=1000)
+    await storage.reserve_upload("alice", day=DAY, month_start=MONTH, size=24)
     (row,) = await storage.daily(DAY, DAY)
     assert (row.queries, row.advanced_rag, row.web_searches, row.uploads, row.upload_bytes) == (
         2,
@@ -573,13 +597,146 @@ async def test_advanced_rag_web_searches_and_uploads_are_counted(storage: Storag
     assert admission.counters.web_searches_today == 2
 
 
+UPLOADS_PER_DAY = Limit("uploads_per_day", "uploads", "day", Decimal(3))
+BYTES_PER_MONTH = Limit("upload_bytes_per_month", "upload_bytes", "month", Decimal(1000))
+
+
+async def test_an_upload_is_reserved_only_while_its_limits_allow_it(storage: Storage) -> None:
+    """Issue 21: uploads and upload bytes are checked and counted in one step;
+    a refusal counts nothing and says which limit, with the counters."""
+    await storage.ensure_user("alice", plan="free")
+    earlier = DAY - timedelta(days=3)  # in the month, not today
+    assert (
+        await storage.reserve_upload("alice", day=earlier, month_start=MONTH, size=600)
+    ).admitted
+    limits = (UPLOADS_PER_DAY, BYTES_PER_MONTH)
+
+    async def reserve(size: int) -> tuple[str | None, int, int]:
+        got = await storage.reserve_upload(
+            "alice", day=DAY, month_start=MONTH, size=size, limits=limits
+        )
+        used = got.counters
+        return got.refused_by, int(used.of("uploads", "day")), int(used.of("upload_bytes", "month"))
+
+    assert await reserve(401) == ("upload_bytes_per_month", 0, 600)  # 1001 > 1000
+    assert await reserve(400) == (None, 1, 1000)  # exactly at the limit
+    assert await reserve(0) == (None, 2, 1000)  # an empty file adds no bytes
+    assert await reserve(0) == (None, 3, 1000)
+    assert await reserve(0) == ("uploads_per_day", 3, 1000)
+    (row,) = await storage.daily(DAY, DAY)
+    assert (row.uploads, row.upload_bytes, row.queries) == (3, 400, 0)
+    await storage.release_upload("alice", day=DAY, size=400)
+    (row,) = await storage.daily(DAY, DAY)
+    assert (row.uploads, row.upload_bytes) == (2, 0)
+    assert await reserve(400) == (None, 3, 1000)  # what was given back is usable at once
+    with pytest.raises(NotFound):
+        await storage.reserve_upload("nobody", day=DAY, month_start=MONTH, size=1, limits=limits)
+
+
+async def test_a_team_upload_limit_counts_every_member(storage: Storage) -> None:
+    await storage.create_team("acme", plan="free", now=NOW)
+    for user in ("alice", "bob"):
+        await storage.ensure_user(user, plan="free")
+        await storage.set_team(user, "acme")
+    team = Limit("team_uploads_per_day", "uploads", "day", Decimal(2), "team")
+    results = [
+        await storage.reserve_upload(
+            user, day=DAY, month_start=MONTH, size=10, limits=(team,), team="acme"
+        )
+        for user in ("alice", "bob", "alice")
+    ]
+    assert [r.refused_by for r in results] == [None, None, "team_uploads_per_day"]
+    assert results[2].counters.of("uploads", "day", "team") == 2
+    assert results[2].counters.of("uploads", "day") == 1  # alice's own
+
+
+@pytest.mark.parametrize(
+    ("limit", "size", "admitted"),
+    [(Limit("uploads_per_day", "uploads", "day", Decimal(5)), 100, 5),
+     (Limit("upload_bytes_per_day", "upload_bytes", "day", Decimal(1000)), 300, 3)],
+    ids=["uploads", "upload_bytes"],
+)  # fmt: skip
+async def test_upload_race_is_exact(
+    storage: Storage, database_url: str, limit: Limit, size: int, admitted: int
+) -> None:
+    """Parallel uploads on two connections (two replicas) never pass the limit."""
+    await storage.ensure_user("alice", plan="free")
+    first, second = await _two_stores(database_url)
+    try:
+        results = await asyncio.gather(
+            *(
+                (first if i % 2 else second).reserve_upload(
+                    "alice", day=DAY, month_start=MONTH, size=size, limits=(limit,)
+                )
+                for i in range(30)
+            )
+        )
+    finally:
+        await first.close()
+        await second.close()
+    assert sum(r.admitted for r in results) == admitted
+    (row,) = await storage.daily(DAY, DAY)
+    assert (row.uploads, row.upload_bytes) == (admitted, admitted * size)
+
+
+async def test_an_upload_whose_caller_is_cancelled_in_flight_is_given_back(
+    storage: Storage, database_url: str
+) -> None:
+    """A caller cancelled (a server shutting down) while its reservation is in
+    the database never forwards the file: what was counted is given back."""
+    await storage.ensure_user("alice", plan="free")
+    other = await open_storage(DatabaseConfig(url=database_url))
+    async with _holding_alice(database_url):  # the calls wait in the database
+        kept, gone = (
+            asyncio.ensure_future(
+                other.reserve_upload(
+                    "alice", day=DAY, month_start=MONTH, size=size, limits=(UPLOADS_PER_DAY,)
+                )
+            )
+            for size in (10, 50)
+        )
+        for _ in range(10):
+            await asyncio.sleep(0)  # both calls made, neither answered
+        assert not kept.done() and not gone.done()
+        gone.cancel()
+    assert (await kept).admitted
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    await other.close()  # waits for the give-back
+    (row,) = await storage.daily(DAY, DAY)
+    assert (row.uploads, row.upload_bytes) == (1, 10)
+
+
+@contextlib.asynccontextmanager
+async def _holding_alice(url: str) -> AsyncIterator[None]:
+    """Another transaction holds what a write of alice's waits for: her row
+    (PostgreSQL), the database's write lock (SQLite)."""
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
+        return
+    blocker = await asyncpg.connect(url)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("SELECT 1 FROM users WHERE id = 'alice' FOR UPDATE")
+            yield
+    finally:
+        await blocker.close()
+
+
 async def test_iter_daily_and_count_events(storage: Storage) -> None:
     for user in ("alice", "bob"):
         await storage.ensure_user(user, plan="free")
     # 2 users x 550 days: more than one batch of 1000
     for offset in range(550):
         for user in ("alice", "bob"):
-            await storage.record_upload(user, day=DAY - timedelta(days=offset), size=offset)
+            day = DAY - timedelta(days=offset)
+            await storage.reserve_upload(user, day=day, month_start=MONTH, size=offset)
     start, end = DAY - timedelta(days=549), DAY
     rows = [r async for r in storage.iter_daily(start, end)]
     assert len(rows) == 1100
@@ -978,6 +1135,34 @@ async def test_settle_replaces_the_web_search_reservation_with_what_was_used(
     ledger = {e.answer_id: e.web_searches for e in await all_events(storage)}
     assert ledger == {"m1": 0, "m2": 1, "m4": 1}
     assert sum(ledger.values()) == (await day_row(storage))[1]
+
+
+async def test_an_answer_settled_after_midnight_ends_its_reservations_on_the_day_it_made_them(
+    storage: Storage,
+) -> None:
+    """The reservations end on the day row admission made them on; what the
+    answer used goes to the day it is recorded on."""
+    await storage.ensure_user("alice", plan="free")
+    budget = AdmissionLimits(cost_per_day=Decimal("1.00"))
+    reserving = replace(pending("r1"), reserved_cost=Decimal("0.40"))
+    first = await storage.admit(
+        "alice", day=DAY, month_start=MONTH, now=NOW, limits=budget, pending=reserving,
+        web_search=WebSearch(None),
+    )  # fmt: skip
+    assert first.admitted and first.web_search_reserved
+    next_day = DAY + timedelta(days=1)
+    assert await storage.settle(
+        event("m1", day=next_day, tokens=10, cost="0.10", web_searches=0), pending_id="r1"
+    )
+    assert await day_row(storage) == (1, 0, 0)
+    (row,) = await storage.daily(next_day, next_day)
+    assert (row.web_searches, row.total_tokens, row.cost) == (0, 10, Decimal("0.10"))
+    # The 0.40 reserved on DAY is free again: 0.90 more fits its budget.
+    again = await storage.admit(
+        "alice", day=DAY, month_start=MONTH, now=NOW, limits=budget,
+        pending=replace(pending("r2"), reserved_cost=Decimal("0.90")),
+    )  # fmt: skip
+    assert again.admitted
 
 
 async def test_a_refund_gives_the_web_search_back_and_a_recovery_keeps_it(

@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import shutil
 import signal
 import sqlite3
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -42,9 +44,9 @@ from gateway.storage import (
     WebSearch,
     open_storage,
 )
-from gateway.storage.group import GroupCommit, SplitBatch
+from gateway.storage.group import GroupCommit, NotNow, SplitBatch
 from gateway.storage.postgres import PostgresStorage
-from gateway.storage.sqlite import SQLiteStorage
+from gateway.storage.sqlite import CHECKPOINT_EVERY, SQLiteStorage
 from tests.conftest import _truncate
 
 T = TypeVar("T")
@@ -222,6 +224,50 @@ async def test_max_batch_one_sends_every_call_alone() -> None:
     batcher = group(runner, max_batch=1)
     await asyncio.gather(*(batcher(i) for i in range(5)))
     assert runner.batches == [] and sorted(runner.singles) == list(range(5))
+
+
+async def test_a_lone_call_is_made_at_once_by_run_now_and_calls_made_together_are_not() -> None:
+    runner = Runner()
+    made_now: list[int] = []
+
+    def now(item: int) -> int:
+        if item < 0:
+            raise NotNow  # declined: sent as usual
+        made_now.append(item)
+        if item == 13:
+            raise ValueError("bad 13")
+        return item * 2
+
+    batcher = GroupCommit("test", runner.many, runner.one, max_batch=64, run_now=now)
+    assert await batcher(3) == 6
+    assert made_now == [3] and runner.batches == []  # no batch sent
+    with pytest.raises(ValueError, match="bad 13"):
+        await batcher(13)  # its error is its caller's
+    assert await batcher(-1) == -2
+    assert runner.batches == [[-1]]
+    assert await asyncio.gather(*(batcher(i) for i in range(4))) == [0, 2, 4, 6]
+    assert runner.batches == [[-1], [0, 1, 2, 3]] and made_now == [3, 13]
+    assert (batcher.batches, batcher.calls) == (4, 7)
+
+
+async def test_run_now_waits_while_a_batch_is_in_flight() -> None:
+    runner = Runner()
+    runner.release.clear()
+    made_now: list[int] = []
+
+    def now(item: int) -> int:
+        made_now.append(item)
+        return item * 2
+
+    batcher = GroupCommit("test", runner.many, runner.one, max_batch=64, in_flight=1, run_now=now)
+    first = [asyncio.ensure_future(batcher(i)) for i in range(3)]
+    assert await runner.entered.get() == [0, 1, 2]
+    later = asyncio.ensure_future(batcher(5))
+    await turns()
+    assert made_now == [] and not later.done()  # after the batch, as it would be sent
+    runner.release.set()
+    assert await asyncio.gather(*first, later) == [0, 2, 4, 10]
+    assert made_now == [5]
 
 
 def test_bounds_are_checked() -> None:
@@ -917,6 +963,75 @@ async def test_sqlite_a_batch_refused_at_commit_writes_nothing_then_goes_call_by
     assert day.queries == 2
     with sqlite3.connect(lite_path(lite)) as conn:
         assert conn.execute("SELECT count(*) FROM stream_leases").fetchone() == (0,)
+
+
+def on_threads(store: SQLiteStorage, *, writing: bool = False) -> set[int]:
+    """The threads the store's connection runs statements on from now on
+    (``writing``: those that write rows)."""
+    threads: set[int] = set()
+
+    def seen(sql: str) -> None:
+        if not writing or sql.lstrip().startswith(("INSERT", "UPDATE", "DELETE")):
+            threads.add(threading.get_ident())
+
+    store._conn.set_trace_callback(seen)
+    return threads
+
+
+async def test_sqlite_a_lone_admission_and_settle_are_made_on_the_event_loop(
+    lite: SQLiteStorage,
+) -> None:
+    await lite.ensure_user("alice", plan="free")
+    threads = on_threads(lite)
+    assert (await admit(lite, "alice", "r1", queries_per_day=5, max_concurrent_streams=2)).admitted
+    assert await lite.settle(settle_event("m1"), pending_id="r1", lease_id="r1")
+    assert await lite.refund("alice", day=DAY, pending_id="r1") is False  # settled already
+    assert threads == {threading.get_ident()}  # no hop to the connection's thread
+    threads.clear()
+    await lite.daily(DAY, DAY)  # a read of any size: on the thread
+    assert threading.get_ident() not in threads and threads
+    (day,) = await lite.daily(DAY, DAY)
+    assert (day.queries, day.total_tokens) == (1, 100)
+
+
+async def test_sqlite_a_lone_write_finding_the_lock_taken_waits_on_the_thread(
+    lite: SQLiteStorage,
+) -> None:
+    """Another connection (a second worker, the CLI) holds the write lock: the
+    call does not wait for it on the event loop, nor fail; it waits on the
+    connection's thread, then the next lone call is made on the loop again."""
+    await lite.ensure_user("alice", plan="free")
+    blocker = sqlite3.connect(lite_path(lite), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    threads = on_threads(lite, writing=True)
+    waiting = admit(lite, "alice", "r1", queries_per_day=1)
+    await turns()
+    assert not waiting.done()  # the event loop runs meanwhile: this line runs
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert (await waiting).admitted
+    assert threading.get_ident() not in threads and threads  # written on the thread
+    threads = on_threads(lite)
+    refused = await admit(lite, "alice", "r2", queries_per_day=1)
+    assert refused.refused_by == "queries_per_day"  # r1 counted exactly once
+    assert threads == {threading.get_ident()}
+
+
+async def test_sqlite_checkpoints_the_wal_off_the_event_loop(
+    lite: SQLiteStorage, tmp_path: Path
+) -> None:
+    """No commit checkpoints (it would wait for fsyncs on the event loop);
+    the store checkpoints every CHECKPOINT_EVERY writes on a thread of its
+    own: what was written before is then in the database file itself."""
+    await lite.ensure_user("alice", plan="free")
+    for i in range(CHECKPOINT_EVERY):
+        assert (await admit(lite, "alice", f"r{i}")).admitted
+    await asyncio.gather(*lite._background)  # the checkpoint under way
+    copy = tmp_path / "copy.db"
+    shutil.copyfile(lite_path(lite), copy)  # the file alone, without its WAL
+    with sqlite3.connect(copy) as conn:
+        (queries,) = conn.execute("SELECT queries FROM usage_daily").fetchone()
+    assert CHECKPOINT_EVERY - 3 <= queries <= CHECKPOINT_EVERY
 
 
 async def test_sqlite_close_answers_a_batch_in_flight_and_gives_back_an_abandoned_admission(

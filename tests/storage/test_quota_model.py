@@ -68,6 +68,8 @@ class Model:
     limits: list[Limit] = field(default_factory=list)
     # (user, counter key, meter, day) -> amount: per-model limits' counters
     per_model: dict[tuple[str, str, str, date], Decimal] = field(default_factory=dict)
+    upload_limits: list[Limit] = field(default_factory=list)
+    uploaded: list[tuple[str, int]] = field(default_factory=list)  # counted today: (user, size)
 
     def add(self, user: str, meter: str, day: date, amount: Decimal | int) -> None:
         key = (user, meter, day)
@@ -181,6 +183,24 @@ class Model:
         self.add_models(self.open[pid], "queries", 1)
         return None, granted, None
 
+    def upload(self, limits: list[Limit], user: str, size: int) -> str | None:
+        """An upload of ``size`` bytes: refused by the first limit it would pass,
+        or counted (and kept, to be given back later maybe)."""
+        for limit in limits:
+            amount = Decimal(1 if limit.meter == "uploads" else size)
+            if self.refuses(limit, self.used(limit, user, START), amount):
+                return limit.name
+        self.add(user, "uploads", DAY, 1)
+        self.add(user, "upload_bytes", DAY, size)
+        self.uploaded.append((user, size))
+        return None
+
+    def release_upload(self, at: int) -> tuple[str, int]:
+        user, size = self.uploaded.pop(at)
+        self.add(user, "uploads", DAY, -1)
+        self.add(user, "upload_bytes", DAY, -size)
+        return user, size
+
     def settle(self, pid: str, now: datetime, tokens: int, cost: Decimal, web: int) -> bool:
         o = self.open.pop(pid, None)
         if o is None:
@@ -269,6 +289,41 @@ def random_limits(rng: random.Random) -> list[Limit]:
     return chosen
 
 
+def random_upload_limits(rng: random.Random) -> list[Limit]:
+    pool = [
+        Limit("uploads_per_day", "uploads", "day", Decimal(rng.randint(0, 6))),
+        Limit("uploads_per_month", "uploads", "month", Decimal(rng.randint(2, 10))),
+        Limit("upload_bytes_per_day", "upload_bytes", "day", Decimal(rng.randint(100, 2000))),
+        Limit("upload_bytes_per_month", "upload_bytes", "month", Decimal(rng.randint(300, 3000))),
+        Limit("team_uploads_per_day", "uploads", "day", Decimal(rng.randint(0, 8)), "team"),
+        Limit("team_upload_bytes", "upload_bytes", "month", Decimal(rng.randint(200, 4000)), "team"),
+    ]  # fmt: skip
+    return [limit for limit in pool if rng.random() < 0.4]
+
+
+async def _refused_by(call: Awaitable[Admission]) -> str | None:
+    return (await call).refused_by
+
+
+def _upload(
+    rng: random.Random, storage: Storage, model: Model
+) -> tuple[str, Coroutine[Any, Any, object], object, str]:
+    """An upload asked (reserved or refused), or one reserved given back (the
+    upstream refused it): the call, and what the model expects of it."""
+    if model.uploaded and rng.random() < 0.3:
+        user, size = model.release_upload(rng.randrange(len(model.uploaded)))
+        return "release_upload", storage.release_upload(user, day=DAY, size=size), None, user
+    if not model.upload_limits or rng.random() < 0.3:
+        model.upload_limits = random_upload_limits(rng)
+    user = rng.choice(USERS)
+    size = rng.choice([0, rng.randint(1, 900)])
+    expected = model.upload(model.upload_limits, user, size)
+    reserved = storage.reserve_upload(
+        user, day=DAY, month_start=MONTH, size=size, limits=model.upload_limits, team="t"
+    )
+    return "upload", _refused_by(reserved), expected, user
+
+
 async def _step(call: Awaitable[object], expected: object, where: object) -> None:
     got = await call
     assert got == expected, where
@@ -280,14 +335,17 @@ async def _agrees(storage: Storage, model: Model, now: datetime, where: object) 
     for user in USERS:
         counted = {
             m: model.counted.get((user, m, DAY), Decimal(0))
-            for m in ("queries", "web_searches", "tokens", "cost")
+            for m in ("queries", "web_searches", "tokens", "cost", "uploads", "upload_bytes")
         }
         row = rows.get(user)
         got_row = (
-            (row.queries, row.web_searches, row.total_tokens, row.cost) if row else (0, 0, 0, 0)
-        )
+            (row.queries, row.web_searches, row.total_tokens, row.cost, row.uploads,
+             row.upload_bytes)
+            if row else (0, 0, 0, 0, 0, 0)
+        )  # fmt: skip
         assert got_row == (
-            counted["queries"], counted["web_searches"], counted["tokens"], counted["cost"]
+            counted["queries"], counted["web_searches"], counted["tokens"], counted["cost"],
+            counted["uploads"], counted["upload_bytes"],
         ), (where, user)  # fmt: skip
         assert await storage.open_streams(user, now=now) == sum(
             1 for o in model.open.values() if o.lease and o.user == user
@@ -322,6 +380,14 @@ async def test_backends_agree_with_the_model(storage: Storage, seed: int, batche
     assert await storage.settle(earlier)
     model.add("alice", "tokens", EARLIER, earlier.total_tokens)
     model.add("alice", "cost", EARLIER, earlier.cost)
+    # And uploads earlier in the month (counted whatever the limits).
+    for user in USERS:
+        size = rng.randint(0, 600)
+        assert (
+            await storage.reserve_upload(user, day=EARLIER, month_start=MONTH, size=size)
+        ).admitted
+        model.add(user, "uploads", EARLIER, 1)
+        model.add(user, "upload_bytes", EARLIER, size)
     one_queue = isinstance(storage, SQLiteStorage)
 
     now = START
@@ -356,6 +422,15 @@ async def test_backends_agree_with_the_model(storage: Storage, seed: int, batche
             if op < 0.92
             else "recover"
         )
+        if rng.random() < 0.15:  # an upload asked, or one the upstream refused given back
+            uploaded = _upload(rng, storage, model)
+            if one_queue:
+                run.append(uploaded)
+            else:
+                # PostgreSQL does not batch uploads: each is made at once. Uploads
+                # count only the upload meters, which nothing else touches, so
+                # one made before the run is sent is as if made after it.
+                await _step(uploaded[1], uploaded[2], (seed, serial, uploaded[0]))
         if not one_queue and run and (kind != run[0][0] or kind not in ("admit", "settle")):
             await send()  # PostgreSQL: a run is of one batched kind
         calls: list[tuple[str, Coroutine[Any, Any, object], object, str]] = []

@@ -100,12 +100,15 @@ BEGIN
     END IF;
     IF 2 = ANY (p_scopes) OR array_remove(p_keys, NULL) <> '{}' THEN
         -- Team-scope or per-model limits: the elements go through gateway_admit one after
-        -- another, in (team, user, position) order - the order it locks teams'
-        -- and users' rows in - each seeing what the ones before it reserved
-        -- for the team.
+        -- another, each seeing what the ones before it reserved for the team. The
+        -- batch's teams are locked first (gateway_admit locks a team before its
+        -- user), then the elements go in (user, position) order: a user's in the
+        -- order they were made, those with the team's limits and those without
+        -- (a reload between them) alike.
+        PERFORM 1 FROM teams WHERE id = ANY (p_teams) ORDER BY id FOR NO KEY UPDATE;
         FOR e IN
-            SELECT t.ord FROM unnest(p_users, p_teams) WITH ORDINALITY AS t(user_id, team, ord)
-            ORDER BY coalesce(t.team, ''), t.user_id, t.ord
+            SELECT t.ord FROM unnest(p_users) WITH ORDINALITY AS t(user_id, ord)
+            ORDER BY t.user_id, t.ord
         LOOP
             IF NOT EXISTS (SELECT 1 FROM users u WHERE u.id = p_users[e.ord]) THEN
                 RETURN QUERY SELECT e.ord::integer, false, NULL::integer, NULL::numeric[],

@@ -17,10 +17,13 @@ BEGIN
         ORDER BY p.user_id, p.id LIMIT p_limit FOR UPDATE SKIP LOCKED
     LOOP
         DELETE FROM pending_answers WHERE id = r.id;
-        v_recorded := gateway_record(
+        -- The estimate is written as a settle with no pending row, no model
+        -- nor token parts and no alert checks writes an answer.
+        v_recorded := gateway_settle(
             'gw-' || r.id, r.user_id, r.day, p_now, r.endpoint, r.prompt_tokens,
             r.completion_tokens, r.total_tokens, r.cost, r.currency, 'recovered', true, 0,
-            NULL, r.id, NULL, NULL, r.id, r.upstream
+            NULL, r.id, NULL, NULL, r.id, NULL, NULL, 0, 0, NULL, NULL, NULL, NULL, NULL,
+            NULL, 0, r.upstream, NULL
         );
         IF v_recorded AND r.rates & 12 <> 0 THEN
             -- The estimate counts in the token rates its admission counted the

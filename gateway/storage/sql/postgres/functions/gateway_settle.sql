@@ -1,67 +1,223 @@
--- One settle, as the gateway calls it: gateway_settle_pending, then the
--- answer's model and token parts, then the threshold alerts the settle crossed
--- (0009), all in the caller's transaction. p_upstream: the named upstream
--- that answered (0017; a caller of the previous version names none).
+-- One settle, as the gateway calls it, in one function body (no helper
+-- layers: each PL/pgSQL call cost a frame and its arguments' evaluation on
+-- every answer). In the caller's transaction:
+-- 1. claims the answer's pending row (0008): a second settle, a refund or a
+--    recovery then finds it gone; a settle whose pending row a recovery took
+--    supersedes the estimate it charged (gateway_supersede, 0011);
+-- 2. releases the lease and writes the answer - the ledger row with its model
+--    and token parts, the lifetime totals, the day row - unless the answer id
+--    is recorded already (the ledger's unique index decides, also across
+--    replicas): then it changes nothing but ending the reservations;
+-- 3. ends the reservations made with the pending row (web searches, the cost
+--    bound, per-model counters) whether or not the answer was new, and counts
+--    its tokens in the token rates its admission counted it in;
+-- 4. decides the threshold alerts the settle crossed (0009).
+-- Returns whether it recorded the answer. p_upstream: the named upstream that
+-- answered (0017; a caller of the previous version names none). A recovery
+-- writes its estimate through here too, with no pending row and no checks.
 CREATE OR REPLACE FUNCTION gateway_settle(p_answer_id text, p_user text, p_day date, p_created_at timestamp with time zone, p_endpoint text, p_prompt bigint, p_completion bigint, p_total bigint, p_cost numeric, p_currency text, p_outcome text, p_estimated boolean, p_web_searches integer, p_conversation text, p_request text, p_upstream_ms double precision, p_overhead_ms double precision, p_lease text, p_pending text, p_model text, p_cached bigint, p_reasoning bigint, p_month_start date, p_kinds text[], p_periods text[], p_values numeric[], p_thresholds integer[], p_channels text[], p_cache_write bigint, p_upstream text DEFAULT 'default'::text, p_specs text[] DEFAULT NULL)
  RETURNS boolean
  LANGUAGE plpgsql
 AS $$
+DECLARE
+    v_day date;
+    v_reserved integer := 0;
+    v_reserved_cost numeric := 0;
+    v_rates integer := 0;
+    v_keys text[] := '{}';
+    v_recovered boolean := false;
+    v_settled boolean;
+    v_ended boolean := false;
+    -- Today's row as the settle left it, and the month's tokens, for the alert
+    -- checks; NULL: not read.
+    v_queries bigint;
+    v_tokens bigint;
+    v_searches bigint;
+    v_month numeric;
+    v_used numeric;
+    v_crossed integer[] := '{}';
+    v_amounts numeric[] := '{}';
 BEGIN
-    IF NOT gateway_settle_pending(
-        p_answer_id, p_user, p_day, p_created_at, p_endpoint, p_prompt, p_completion,
-        p_total, p_cost, p_currency, p_outcome, p_estimated, p_web_searches, p_conversation,
-        p_request, p_upstream_ms, p_overhead_ms, p_lease, p_pending, p_upstream
-    ) THEN
-        RETURN false;
+    IF p_pending IS NOT NULL THEN
+        DELETE FROM pending_answers WHERE id = p_pending
+        RETURNING day, web_searches, reserved_cost, rates, scopes
+        INTO v_day, v_reserved, v_reserved_cost, v_rates, v_keys;
+        v_recovered := NOT FOUND;
     END IF;
-    -- Answers that name no model nor token parts (Dify's) skip this update; it
-    -- touches only columns no index covers, so it is a HOT update (0006). The
-    -- prompt tokens written to the provider's cache (0014) go with them.
-    IF p_model IS NOT NULL OR p_cached <> 0 OR p_reasoning <> 0 OR p_cache_write <> 0 THEN
-        UPDATE usage_events SET
-            model = p_model, cached_tokens = p_cached, reasoning_tokens = p_reasoning,
-            cache_write_tokens = p_cache_write
-        WHERE answer_id = p_answer_id;
+    IF v_recovered THEN
+        -- A recovery took the pending row and charged an estimate.
+        DELETE FROM stream_leases WHERE id = p_lease;
+        IF NOT gateway_supersede(
+            p_pending, p_answer_id, p_user, p_created_at, p_endpoint, p_prompt, p_completion,
+            p_total, p_cost, p_currency, p_outcome, p_estimated, p_web_searches, p_conversation,
+            p_request, p_upstream_ms, p_overhead_ms, p_upstream
+        ) THEN
+            RETURN false;
+        END IF;
+        -- The estimate's row now holds the answer's figures; its model and
+        -- token parts (0006, 0014) go with them.
+        IF p_model IS NOT NULL OR p_cached <> 0 OR p_reasoning <> 0 OR p_cache_write <> 0 THEN
+            UPDATE usage_events SET
+                model = p_model, cached_tokens = p_cached, reasoning_tokens = p_reasoning,
+                cache_write_tokens = p_cache_write
+            WHERE answer_id = p_answer_id;
+        END IF;
+    ELSE
+        IF p_lease IS NOT NULL THEN
+            DELETE FROM stream_leases WHERE id = p_lease;
+        END IF;
+        -- A second settle of the same answer waits here on the unique index
+        -- until the first commits, then inserts nothing and changes nothing.
+        INSERT INTO usage_events (
+            answer_id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens,
+            total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id,
+            request_id, upstream_latency_ms, overhead_ms, model, cached_tokens,
+            reasoning_tokens, cache_write_tokens, upstream
+        ) VALUES (
+            p_answer_id, p_user, p_day, p_created_at, p_endpoint, p_prompt, p_completion,
+            p_total, p_cost, p_currency, p_outcome, p_estimated, p_web_searches, p_conversation,
+            p_request, p_upstream_ms, p_overhead_ms, p_model, p_cached, p_reasoning,
+            p_cache_write, p_upstream
+        ) ON CONFLICT (answer_id) DO NOTHING;
+        v_settled := FOUND;
+        IF v_settled THEN
+            UPDATE users SET
+                lifetime_prompt_tokens = lifetime_prompt_tokens + p_prompt,
+                lifetime_completion_tokens = lifetime_completion_tokens + p_completion,
+                lifetime_tokens = lifetime_tokens + p_total,
+                lifetime_cost = lifetime_cost + p_cost
+            WHERE id = p_user;
+            IF v_day = p_day AND (v_reserved <> 0 OR v_reserved_cost <> 0) THEN
+                -- The reservations end on the day row the answer is added to:
+                -- one write of it, leaving what adding then releasing would.
+                INSERT INTO usage_daily AS d (
+                    user_id, day, web_searches, prompt_tokens, completion_tokens,
+                    total_tokens, cost, cost_reserved
+                ) VALUES (
+                    p_user, p_day, greatest(p_web_searches - v_reserved, 0), p_prompt,
+                    p_completion, p_total, p_cost, -v_reserved_cost
+                ) ON CONFLICT (user_id, day) DO UPDATE SET
+                    web_searches = greatest(d.web_searches + p_web_searches - v_reserved, 0),
+                    prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
+                    completion_tokens = d.completion_tokens + excluded.completion_tokens,
+                    total_tokens = d.total_tokens + excluded.total_tokens,
+                    cost = d.cost + excluded.cost,
+                    cost_reserved = d.cost_reserved + excluded.cost_reserved
+                RETURNING d.queries, d.total_tokens, d.web_searches
+                INTO v_queries, v_tokens, v_searches;
+                v_ended := true;
+            ELSE
+                INSERT INTO usage_daily AS d (
+                    user_id, day, web_searches, prompt_tokens, completion_tokens,
+                    total_tokens, cost
+                ) VALUES (
+                    p_user, p_day, p_web_searches, p_prompt, p_completion, p_total, p_cost
+                ) ON CONFLICT (user_id, day) DO UPDATE SET
+                    web_searches = d.web_searches + excluded.web_searches,
+                    prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
+                    completion_tokens = d.completion_tokens + excluded.completion_tokens,
+                    total_tokens = d.total_tokens + excluded.total_tokens,
+                    cost = d.cost + excluded.cost
+                RETURNING d.queries, d.total_tokens, d.web_searches
+                INTO v_queries, v_tokens, v_searches;
+            END IF;
+        END IF;
+        IF NOT v_ended AND (v_reserved <> 0 OR v_reserved_cost <> 0) THEN
+            -- Whether or not the answer id was new, the reservations end, on
+            -- the day row they were made on. The user's row first, as
+            -- everywhere (the users update took it if the answer was new).
+            IF NOT v_settled THEN
+                PERFORM 1 FROM users WHERE id = p_user FOR NO KEY UPDATE;
+            END IF;
+            PERFORM gateway_release(p_user, v_day, v_reserved, v_reserved_cost);
+        END IF;
+        IF cardinality(v_keys) > 0 THEN
+            -- The per-model counters: the answer's figures if it was recorded,
+            -- and the end of its cost bound's reservation either way.
+            PERFORM gateway_add_models(
+                p_user, v_keys, v_day, 0,
+                CASE WHEN v_settled THEN p_prompt ELSE 0 END,
+                CASE WHEN v_settled THEN p_completion ELSE 0 END,
+                CASE WHEN v_settled THEN p_total ELSE 0 END,
+                CASE WHEN v_settled THEN p_cost ELSE 0 END,
+                -v_reserved_cost
+            );
+        END IF;
+        IF NOT v_settled THEN
+            RETURN false;
+        END IF;
+        IF v_rates & 12 <> 0 THEN
+            PERFORM gateway_count_token_rates(p_user, v_rates, p_created_at, p_total);
+        END IF;
     END IF;
     IF coalesce(cardinality(p_kinds), 0) > 0 THEN
-        WITH used AS (
+        -- The alert checks (0009): each is (kind, period, value, threshold,
+        -- spec), crossed when the limit's counter is at or past threshold %
+        -- of value. Decided one by one here rather than by a statement that
+        -- joins them with the counters: a statement's start-up cost as much as
+        -- the rest of the settle's alert work. The four original kinds read
+        -- the user's day rows: today's as the write above returned it; the
+        -- month's sum only when a check needs it; all of them in one read when
+        -- the settle did not write today's row (a superseding record).
+        IF v_queries IS NULL OR (p_month_start <= p_day) IS NOT TRUE THEN
             SELECT
-                coalesce(max(d.queries) FILTER (WHERE d.day = p_day), 0) AS queries_per_day,
-                coalesce(max(d.total_tokens) FILTER (WHERE d.day = p_day), 0) AS tokens_per_day,
-                coalesce(max(d.web_searches) FILTER (WHERE d.day = p_day), 0)
-                    AS web_searches_per_day,
-                coalesce(sum(d.total_tokens), 0) AS tokens_per_month
+                coalesce(max(d.queries) FILTER (WHERE d.day = p_day), 0),
+                coalesce(max(d.total_tokens) FILTER (WHERE d.day = p_day), 0),
+                coalesce(max(d.web_searches) FILTER (WHERE d.day = p_day), 0),
+                coalesce(sum(d.total_tokens), 0)
+            INTO v_queries, v_tokens, v_searches, v_month
             FROM usage_daily d
-            WHERE d.user_id = p_user AND d.day >= p_month_start AND d.day <= p_day
-        ), checks AS (
-            SELECT c.kind, c.period, c.value, c.threshold,
-                CASE
-                    -- Any other limit per day or month (issue 21): money
-                    -- budgets, general, per-model and team limits.
-                    WHEN c.spec IS NOT NULL
-                        THEN gateway_alert_used(p_user, p_day, p_month_start, c.spec)
-                    WHEN c.kind = 'queries_per_day' THEN u.queries_per_day
-                    WHEN c.kind = 'tokens_per_day' THEN u.tokens_per_day
-                    WHEN c.kind = 'web_searches_per_day' THEN u.web_searches_per_day
-                    ELSE u.tokens_per_month
-                END AS used
-            FROM unnest(p_kinds, p_periods, p_values, p_thresholds, p_specs)
-                AS c(kind, period, value, threshold, spec),
-                used u
-        ), new AS (
-            INSERT INTO notifications AS n (
-                user_id, kind, period, threshold, created_at, limit_value, used
+            WHERE d.user_id = p_user AND d.day >= p_month_start AND d.day <= p_day;
+        END IF;
+        -- As far as the longest list reaches (a shorter one reads NULLs), as
+        -- unnest(p_kinds, p_periods, ...) did.
+        FOR i IN 1 .. greatest(
+            cardinality(p_kinds), coalesce(cardinality(p_periods), 0),
+            coalesce(cardinality(p_values), 0), coalesce(cardinality(p_thresholds), 0),
+            coalesce(cardinality(p_specs), 0)
+        ) LOOP
+            IF p_specs[i] IS NOT NULL THEN
+                -- Any other limit per day or month (issue 21): money budgets,
+                -- general, per-model and team limits.
+                v_used := gateway_alert_used(p_user, p_day, p_month_start, p_specs[i]);
+            ELSIF p_kinds[i] = 'queries_per_day' THEN
+                v_used := v_queries;
+            ELSIF p_kinds[i] = 'tokens_per_day' THEN
+                v_used := v_tokens;
+            ELSIF p_kinds[i] = 'web_searches_per_day' THEN
+                v_used := v_searches;
+            ELSE
+                IF v_month IS NULL THEN
+                    SELECT coalesce(sum(d.total_tokens), 0) INTO v_month
+                    FROM usage_daily d
+                    WHERE d.user_id = p_user AND d.day >= p_month_start AND d.day <= p_day;
+                END IF;
+                v_used := v_month;
+            END IF;
+            IF v_used * 100 >= p_values[i] * p_thresholds[i] THEN
+                v_crossed := v_crossed || i;
+                v_amounts := v_amounts || v_used;
+            END IF;
+        END LOOP;
+        IF cardinality(v_crossed) > 0 THEN
+            -- Each crossing is announced once per user, limit, period and
+            -- threshold (the notifications key); its channels queue in the outbox.
+            WITH new AS (
+                INSERT INTO notifications AS n (
+                    user_id, kind, period, threshold, created_at, limit_value, used
+                )
+                SELECT p_user, p_kinds[c.at], p_periods[c.at], p_thresholds[c.at],
+                    p_created_at, p_values[c.at], c.used
+                FROM unnest(v_crossed, v_amounts) WITH ORDINALITY AS c(at, used, ord)
+                ORDER BY c.ord
+                ON CONFLICT DO NOTHING
+                RETURNING n.kind, n.period, n.threshold
             )
-            SELECT p_user, c.kind, c.period, c.threshold, p_created_at, c.value, c.used
-            FROM checks c
-            WHERE c.used * 100 >= c.value * c.threshold
-            ON CONFLICT DO NOTHING
-            RETURNING n.kind, n.period, n.threshold
-        )
-        INSERT INTO alert_outbox (user_id, kind, period, threshold, channel, created_at,
-            next_attempt_at)
-        SELECT p_user, x.kind, x.period, x.threshold, ch, p_created_at, p_created_at
-        FROM new x, unnest(p_channels) AS ch;
+            INSERT INTO alert_outbox (user_id, kind, period, threshold, channel, created_at,
+                next_attempt_at)
+            SELECT p_user, x.kind, x.period, x.threshold, ch, p_created_at, p_created_at
+            FROM new x, unnest(p_channels) AS ch;
+        END IF;
     END IF;
     RETURN true;
 END

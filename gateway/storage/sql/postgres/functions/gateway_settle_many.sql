@@ -213,25 +213,26 @@ BEGIN
         -- 0009's alert decision, for each (user, limit, period, threshold) the
         -- batch's settled elements check.
         WITH checks AS (
-            SELECT DISTINCT ON (t.user_id, k.kind, k.period, k.threshold, k.value)
-                t.user_id, t.day, t.month_start, t.created_at, t.channel_from,
-                t.channel_count, k.kind, k.period, k.value, k.threshold, k.spec
-            FROM unnest(
-                p_users, p_days, p_month_starts, p_created_at, p_check_from, p_check_count,
-                p_channel_from, p_channel_count
-            ) WITH ORDINALITY AS t(
-                user_id, day, month_start, created_at, check_from, check_count, channel_from,
-                channel_count, ord
-            )
-            CROSS JOIN LATERAL unnest(
-                p_kinds[t.check_from:t.check_from + t.check_count - 1],
-                p_periods[t.check_from:t.check_from + t.check_count - 1],
-                p_values[t.check_from:t.check_from + t.check_count - 1],
-                p_thresholds[t.check_from:t.check_from + t.check_count - 1],
-                p_specs[t.check_from:t.check_from + t.check_count - 1]
-            ) AS k(kind, period, value, threshold, spec)
-            WHERE v_settled[t.ord] AND t.check_count > 0
-            ORDER BY t.user_id, k.kind, k.period, k.threshold, k.value, t.day DESC, t.ord DESC
+            SELECT DISTINCT ON (e.user_id, kind, period, threshold, value)
+                e.user_id, e.day, e.month_start, e.created_at, e.channel_from,
+                e.channel_count, p_kinds[e.at] AS kind, p_periods[e.at] AS period,
+                p_values[e.at] AS value, p_thresholds[e.at] AS threshold, p_specs[e.at] AS spec
+            FROM (
+                -- One row per check of a settled element, its position in the
+                -- check arrays from a set-returning function in the select
+                -- list: a per-element function scan in FROM (unnest of its
+                -- slices) built five arrays and a tuple store for every element.
+                SELECT t.*, generate_series(t.check_from, t.check_from + t.check_count - 1) AS at
+                FROM unnest(
+                    p_users, p_days, p_month_starts, p_created_at, p_check_from, p_check_count,
+                    p_channel_from, p_channel_count
+                ) WITH ORDINALITY AS t(
+                    user_id, day, month_start, created_at, check_from, check_count, channel_from,
+                    channel_count, ord
+                )
+                WHERE v_settled[t.ord] AND t.check_count > 0
+            ) e
+            ORDER BY e.user_id, kind, period, threshold, value, e.day DESC, e.ord DESC
         ), measured AS (
             SELECT c.*,
                 CASE
