@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import hypothesis
 import pytest
 import pytest_asyncio
 
@@ -39,6 +40,11 @@ REQUIRE_POSTGRES = os.environ.get("GATEWAY_REQUIRE_POSTGRES", "") not in ("", "0
 # bytecode again, into the __pycache__ directories git ignores; the processes the
 # tests start keep the variable.
 sys.dont_write_bytecode = False
+
+# No property test is timed: hypothesis's default 200 ms deadline per example
+# failed a test on a loaded machine (342 ms) that checks bytes, not speed.
+hypothesis.settings.register_profile("gateway", deadline=None)
+hypothesis.settings.load_profile("gateway")
 
 
 _create_ssl_context = httpx.create_ssl_context
