@@ -526,8 +526,9 @@ class Admitter:
         as an answer's refusal) that they leave no room for whatever its size,
         before its body is read: one upload more than an ``uploads`` limit
         allows, or a limit of ``upload_bytes`` already reached (an empty file
-        too). This reads the counters; `reserve_upload` is the exact step. A
-        database that cannot be read lets the upload through unchecked."""
+        too). This reads the counters; `reserve_upload` is the exact step. With
+        the counters unreadable the check is left to it (and a user or team
+        unreadable: the upload goes unchecked, fail-open, as before)."""
         try:
             user, view = await self._plan(snap, user_id)
             team, team_view = await self._team(snap, user)

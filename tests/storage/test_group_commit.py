@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import random
 import shutil
 import signal
@@ -774,6 +775,47 @@ async def test_a_batch_of_one_does_what_the_single_call_does(postgres_dsn: str, 
     alone, tables_alone = await scenario(postgres_dsn, seed, batched=False, max_batch=64)
     assert alone == single
     assert tables_alone == tables_single
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("operation", ["admit", "settle"])
+async def test_a_lone_call_waiting_on_a_row_lock_gives_up_its_batch_and_goes_alone(
+    pg: PostgresStorage, caplog: pytest.LogCaptureFixture, operation: str
+) -> None:
+    """An admission or settle that found no batch in flight is a batch of one:
+    it waits for a row lock no longer than a batch does, then is sent again on
+    its own (its batch slot free for others) and goes through once the lock is
+    gone."""
+    await pg.ensure_user("hot", plan="free")
+    refused = asyncio.Event()
+
+    class Refusals(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith(f"{operation} batch of 1 refused (LockNotAvailable"):
+                refused.set()
+
+    handler = Refusals()
+    caplog.set_level(logging.INFO, logger="gateway.storage")
+    logging.getLogger("gateway.storage").addHandler(handler)
+    blocker = await asyncpg.connect(pg_dsn(pg))
+    hold = blocker.transaction()
+    await hold.start()
+    await blocker.execute("SELECT 1 FROM users WHERE id = 'hot' FOR UPDATE")
+    try:
+        call: asyncio.Future[Any] = (
+            admit(pg, "hot", "h1")
+            if operation == "admit"
+            else asyncio.ensure_future(pg.settle(settle_event("m1", user="hot")))
+        )
+        await asyncio.wait_for(refused.wait(), timeout=10)
+        assert not call.done()
+    finally:
+        await hold.rollback()
+        await blocker.close()
+        logging.getLogger("gateway.storage").removeHandler(handler)
+    result = await call
+    assert result.admitted if operation == "admit" else result is True
+    assert pg.group_commit[operation] == (1, 1)
 
 
 @pytest.mark.postgres
