@@ -2,8 +2,9 @@
 
 One connection sends admissions and settles the way the gateway does - each
 answer one ``gateway_admit`` and one ``gateway_settle`` call, or a batch of them
-one ``gateway_admit_many`` and one ``gateway_settle_many`` call (also for a batch
-of one, which is how a call goes that finds no batch in flight) - and reads the
+one ``gateway_admit_many`` and one ``gateway_settle_many`` call (a batch of one,
+which is how a call goes that finds no batch in flight, goes to
+``gateway_admit_batched`` and ``gateway_settle_batched``) - and reads the
 CPU time its backend used from /proc (the server must be local). The answers go
 to one user, then spread over 100, in a fresh database that is dropped at the
 end. No gateway runs: this isolates the database's side of group commit.
@@ -25,8 +26,10 @@ import asyncpg
 
 from gateway.storage.postgres import (
     _ADMIT,
+    _ADMIT_BATCHED,
     _ADMIT_MANY,
     _SETTLE,
+    _SETTLE_BATCHED,
     _SETTLE_MANY,
     PostgresStorage,
     _admit_many_args,
@@ -147,8 +150,12 @@ async def measure(dsn: str, answers: int) -> list[tuple[int, str, float, float]]
                         await conn.fetchrow(_ADMIT, *admissions[0])
                         await conn.fetchval(_SETTLE, *settles[0])
                     else:
-                        await conn.fetch(_ADMIT_MANY, *make.admit_batch(admissions))
-                        await conn.fetch(_SETTLE_MANY, *make.settle_batch(settles))
+                        if batch == 1:  # as PostgresStorage sends a batch of one
+                            await conn.fetchrow(_ADMIT_BATCHED, *admissions[0])
+                            await conn.fetchval(_SETTLE_BATCHED, *settles[0])
+                        else:
+                            await conn.fetch(_ADMIT_MANY, *make.admit_batch(admissions))
+                            await conn.fetch(_SETTLE_MANY, *make.settle_batch(settles))
                 done += answers
                 rows.append(
                     (

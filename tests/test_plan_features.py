@@ -602,6 +602,86 @@ async def test_an_upload_whose_upstream_is_unreachable_is_given_back(database_ur
     assert (row.uploads, row.upload_bytes) == (0, 0)
 
 
+async def test_an_upload_not_reserved_while_the_database_is_away_is_counted_once_taken(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail-open, as before: the counters cannot be read nor the reservation
+    made, the upload goes through and is counted once the upstream has taken
+    it - unless the file alone is past a limit's maximum, which no upload can
+    fit (a read-only check let it through)."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    limits = [{"meter": "upload_bytes", "per": "day", "max": 1000}]
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(limits=limits)) as h:
+        reserve, daily = h.storage.reserve_upload, h.storage.daily
+
+        async def away(*args: Any, **kwargs: Any) -> Any:
+            raise StorageError("database unreachable")
+
+        async def count_only(user_id: str, **kwargs: Any) -> Any:
+            if kwargs.get("limits"):
+                raise StorageError("database unreachable")
+            return await reserve(user_id, **kwargs)  # the count after the upload
+
+        monkeypatch.setattr(h.storage, "daily", away)
+        monkeypatch.setattr(h.storage, "reserve_upload", count_only)
+        through = await send_file(h, 600)
+        await h.probes.wait_finished(1)
+        too_large = await send_file(h, 1001)
+        await h.probes.wait_finished(2)
+        day = h.gateway.today()
+        (row,) = await daily(day, day, user_id=USER)
+    assert through.status_code == 201
+    assert (too_large.status_code, too_large.json()["code"]) == (429, "plan_limit")
+    assert fake.uploaded_bytes == [600]
+    assert (row.uploads, row.upload_bytes) == (1, 600)
+
+
+async def test_parallel_uploads_of_a_teams_members_never_pass_the_team_limit(
+    database_url: str,
+) -> None:
+    """Two members upload at once, twelve files, each held by the upstream a
+    while: the team's limit of two is reserved over both, in the same step as
+    their own (of three each)."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    uploads = {"meter": "uploads", "per": "day"}
+    settings = {
+        "plans": {
+            "free": {"limits": [{**uploads, "max": 3}]},
+            "team": {"limits": [{**uploads, "max": 2}]},
+        }
+    }
+    async with running_gateway(database_url, fake=fake, settings=settings) as h:
+        keys = [None, await h.add_user("bob")]
+        await h.gateway.accounts.create_team("acme", plan="team")
+        for member in (USER, "bob"):
+            await h.gateway.accounts.set_team(member, "acme")
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            responses = await asyncio.gather(
+                *(
+                    client.post(
+                        "/v1/files/upload",
+                        files={"file": ("notes.txt", b"x" * 10, "text/plain")},
+                        headers={
+                            "x-fake-delay-ms": "100",
+                            **(h.auth() if key is None else {"Authorization": f"Bearer {key}"}),
+                        },
+                    )
+                    for key in keys * 6
+                )
+            )
+        await h.probes.wait_finished(12)
+        rows = await h.storage.daily(h.gateway.today(), h.gateway.today())
+    assert sorted(r.status_code for r in responses) == [201] * 2 + [429] * 10
+    assert {r.json()["code"] for r in responses if r.status_code == 429} == {"team_limit"}
+    assert refused_by(responses) == {"team_uploads_per_day"}
+    assert len(fake.uploaded_bytes) == 2
+    assert sum(row.uploads for row in rows) == 2
+
+
+def refused_by(responses: list[httpx.Response]) -> set[str]:
+    return {r.headers["x-ratelimit-resource"] for r in responses if r.status_code == 429}
+
+
 async def test_an_attackers_parallel_uploads_past_the_limits_are_refused(
     sqlite_url: str,
 ) -> None:

@@ -25,7 +25,11 @@ Durability: WAL with ``synchronous = NORMAL``. A committed call survives a crash
 of the process; a power cut or an OS crash may lose the last few commits (never
 corrupt the file): commits do not wait for an fsync, checkpoints do. No commit
 checkpoints: every CHECKPOINT_EVERY writes a PASSIVE checkpoint runs on a
-second connection on a thread of its own, beside the calls.
+second connection on a thread of its own, beside the calls. If writes went on
+meanwhile, a ``wal_checkpoint(RESTART)`` follows as a call on the connection's
+thread, with no write in flight, so the next write starts the WAL again from its
+beginning (cut back to JOURNAL_SIZE_LIMIT): otherwise every checkpoint would end
+with new frames behind it and the WAL would grow without end.
 
 The rules the PostgreSQL functions keep (web searches reserved at admission and
 reconciled at settle, a real record superseding a recovered estimate: migration
@@ -150,6 +154,8 @@ DEFAULT_MAX_BATCH = 64
 # own automatic checkpoint, at about 10 pages a call (an admission writes a
 # day row, a lease and a pending row with their indexes, a settle more).
 CHECKPOINT_EVERY = 100
+# What the WAL is cut back to when it starts again: a few checkpoints' worth.
+JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 
 class _DecimalSum:
@@ -183,6 +189,7 @@ def _connect(path: str, timeout: float) -> sqlite3.Connection:
     # checkpoint waits for two fsyncs. SQLiteStorage checkpoints on a
     # connection and a thread of their own.
     conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.create_function("dec_add", 2, _dec_add, deterministic=True)
     conn.create_aggregate("dec_sum", 1, _DecimalSum)  # type: ignore[arg-type]
@@ -489,10 +496,22 @@ def _busy(exc: Exception) -> bool:
     )
 
 
-def _checkpoint_wal(conn: sqlite3.Connection) -> None:
+def _checkpoint_wal(conn: sqlite3.Connection) -> bool:
     """Copy the WAL's committed pages into the database file, without waiting
-    for readers or writers (what SQLite's automatic checkpoint does)."""
-    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    for readers or writers (what SQLite's automatic checkpoint does); False
+    when it could not copy all those it found (another connection's reader)."""
+    busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return not busy and copied == frames
+
+
+def _restart_wal(conn: sqlite3.Connection) -> None:
+    """Copy the rest of the WAL and have the next write start it again from
+    its beginning (truncated to JOURNAL_SIZE_LIMIT), on the calls' connection
+    between two calls: no write of this process is in flight. Another
+    process's reader or writer is not waited for (busy timeout 0, as on the
+    event loop): the next checkpoint tries again."""
+    conn.execute("PRAGMA busy_timeout = 0")
+    conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
 
 
 def _abandoned(call: _Call, result: Any) -> None:
@@ -892,8 +911,9 @@ class SQLiteStorage:
             run_now=self._call_now,
         )
         self._background: set[asyncio.Task[None]] = set()
-        # Calls sent to the thread and not yet answered (the batches' and the
-        # checkpoints'): a call is made on the event loop only when it is 0.
+        # Calls sent to the connection's thread and not yet answered (batches,
+        # lone calls, a WAL restart; not the checkpoints, which have a thread
+        # of their own): a call is made on the event loop only when it is 0.
         self._on_thread = 0
         # The busy timeout is 0 while calls are made on the event loop (a call
         # that finds the write lock taken goes to the thread, which waits).
@@ -948,6 +968,10 @@ class SQLiteStorage:
             self._loop_timeout = False
         return fn(self._conn, *args)
 
+    def _restart_wal(self, conn: sqlite3.Connection) -> None:
+        self._loop_timeout = True  # the next call on the thread sets it back
+        _restart_wal(conn)
+
     def _call_now(self, call: _Call) -> Any:
         """Make a lone call on the event loop (GroupCommit's ``run_now``): the
         hot path's short writes, when the thread is idle and no other
@@ -991,8 +1015,17 @@ class SQLiteStorage:
                 self._checkpointer = await loop.run_in_executor(
                     self._checkpoints, _connect, self._path, self._timeout
                 )
-            await loop.run_in_executor(self._checkpoints, _checkpoint_wal, self._checkpointer)
-        except sqlite3.Error as exc:  # the WAL grows until the next one
+            copied = await loop.run_in_executor(
+                self._checkpoints, _checkpoint_wal, self._checkpointer
+            )
+            if copied and not self._writes:
+                return  # the next write starts the WAL again from its beginning
+            # Writes went on meanwhile, their frames behind the copied ones: a
+            # WAL is started again only by a write that finds all of it copied,
+            # so under steady writes it would grow without end (review of
+            # e1df906). The rest is copied by a call of its own.
+            await self._call(self._restart_wal)
+        except (sqlite3.Error, StorageError) as exc:  # the WAL grows until the next one
             log.warning("SQLite checkpoint failed: %s", exc)
         finally:
             self._checkpointing = False
