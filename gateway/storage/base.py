@@ -757,6 +757,7 @@ class Accounting(Protocol):
         self,
         user_id: str,
         *,
+        key: str,
         day: date,
         month_start: date,
         size: int,
@@ -770,13 +771,20 @@ class Accounting(Protocol):
         counters of ``limits`` either way (after the upload when admitted). With
         no limits the upload is counted, unconditionally. An admitted upload
         stays counted (it is the upload's record) unless `release_upload` gives
-        it back; one whose caller was cancelled while the call was in flight
-        is given back."""
+        it back; one reserved under ``limits`` whose caller was cancelled while
+        the call was in flight is given back.
+
+        Keyed by ``key`` (the request's id): an upload counted under it already
+        is admitted without a check and counted once; only its bytes become
+        ``size`` (on the day it was counted). So a count after a call whose
+        outcome was lost, or of the bytes of a file reserved by its count
+        alone, is exact."""
         ...
 
-    async def release_upload(self, user_id: str, *, day: date, size: int) -> None:
-        """Give back an upload `reserve_upload` counted on ``day`` (the upstream
-        refused it, or never got it)."""
+    async def release_upload(self, user_id: str, *, key: str) -> None:
+        """Give back the upload `reserve_upload` counted under ``key`` (the
+        upstream refused it, or never got it), if it is still counted: a second
+        call, or one for an upload never counted, does nothing."""
         ...
 
     async def refund(

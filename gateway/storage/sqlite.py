@@ -1094,7 +1094,7 @@ class SQLiteStorage:
             # The pending row stays: a recovery charges it as an estimate later.
             log.warning("could not give back an abandoned admission of %s: %s", user_id, exc)
 
-    def _upload_abandoned(self, user_id: str, day: date, size: int) -> Callable[[Admission], None]:
+    def _upload_abandoned(self, user_id: str, key: str) -> Callable[[Admission], None]:
         """What gives back an upload counted for a caller cancelled while the
         call was in flight: the file is never forwarded."""
 
@@ -1102,15 +1102,15 @@ class SQLiteStorage:
             if not counted.admitted:
                 return
             log.info("upload of %s abandoned by its caller; given back", user_id)
-            task = asyncio.create_task(self._release_quietly(user_id, day, size))
+            task = asyncio.create_task(self._release_quietly(user_id, key))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
         return give_back
 
-    async def _release_quietly(self, user_id: str, day: date, size: int) -> None:
+    async def _release_quietly(self, user_id: str, key: str) -> None:
         try:
-            await self.release_upload(user_id, day=day, size=size)
+            await self.release_upload(user_id, key=key)
         except StorageError as exc:
             log.warning("could not give back an abandoned upload of %s: %s", user_id, exc)
 
@@ -1595,6 +1595,7 @@ class SQLiteStorage:
         self,
         user_id: str,
         *,
+        key: str,
         day: date,
         month_start: date,
         size: int,
@@ -1610,6 +1611,18 @@ class SQLiteStorage:
             # processes on the file too.
             if conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
                 raise NotFound(f"no user {user_id!r}")
+            held = conn.execute(
+                "SELECT day, size FROM upload_reservations WHERE id = ? AND user_id = ?",
+                (key, user_id),
+            ).fetchone()
+            if held is not None and held[1] != size:
+                # Counted already: only its bytes become the file's (on its day).
+                conn.execute(
+                    "UPDATE usage_daily SET upload_bytes = max(upload_bytes + ?, 0) "
+                    "WHERE user_id = ? AND day = ?",
+                    (size - held[1], user_id, held[0]),
+                )
+                conn.execute("UPDATE upload_reservations SET size = ? WHERE id = ?", (size, key))
             day_used, month_sums = _day_and_month(conn, user_id, today, first)
             monthly = any(limit.per == "month" for limit in limits)
             team_counters = None
@@ -1620,6 +1633,8 @@ class SQLiteStorage:
             counters = counters_from(
                 day_used, month_sums if monthly else None, 0, team=team_counters
             )
+            if held is not None:
+                return admission(limits, None, counters, 0)
             decision = decide(counters, limits, charge)
             if decision.refused is not None:
                 return admission(limits, decision.refused, counters, 0)
@@ -1629,19 +1644,37 @@ class SQLiteStorage:
                 "upload_bytes = upload_bytes + excluded.upload_bytes",
                 (user_id, today, size),
             )
+            conn.execute(
+                "DELETE FROM upload_reservations WHERE user_id = ? AND day < ?",
+                (user_id, (day - timedelta(days=1)).isoformat()),
+            )
+            conn.execute(
+                "INSERT INTO upload_reservations (id, user_id, day, size) VALUES (?, ?, ?, ?)",
+                (key, user_id, today, size),
+            )
             return admission(limits, None, charged(counters, charge, 0), 0)
 
-        return await self._tx(run, abandoned=self._upload_abandoned(user_id, day, size))
+        # A reservation whose caller is cancelled in flight never forwards its
+        # file: given back. A count without limits comes after the upstream
+        # took the file: it stays.
+        abandoned = self._upload_abandoned(user_id, key) if limits else None
+        return await self._tx(run, abandoned=abandoned)
 
-    async def release_upload(self, user_id: str, *, day: date, size: int) -> None:
-        await self._tx(
-            lambda conn: conn.execute(
-                "UPDATE usage_daily SET uploads = uploads - 1, "
-                "upload_bytes = max(upload_bytes - ?, 0) "
-                "WHERE user_id = ? AND day = ? AND uploads > 0",
-                (size, user_id, day.isoformat()),
-            )
-        )
+    async def release_upload(self, user_id: str, *, key: str) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            held = conn.execute(
+                "DELETE FROM upload_reservations WHERE id = ? AND user_id = ? RETURNING day, size",
+                (key, user_id),
+            ).fetchone()
+            if held is not None:
+                conn.execute(
+                    "UPDATE usage_daily SET uploads = uploads - 1, "
+                    "upload_bytes = max(upload_bytes - ?, 0) "
+                    "WHERE user_id = ? AND day = ? AND uploads > 0",
+                    (held[1], user_id, held[0]),
+                )
+
+        await self._tx(run)
 
     async def open_streams(self, user_id: str, *, now: datetime) -> int:
         return await self._run(
