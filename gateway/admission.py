@@ -189,16 +189,25 @@ NO_UPLOAD_LIMITS = UploadLimits()
 
 
 class UploadTicket:
-    """An upload's reservation (issue 21): counted before the file is
-    forwarded; it stays as the upload's record once the upstream has taken the
-    file, and is given back otherwise."""
+    """An upload's reservation (issue 21), keyed by its request id: counted
+    before the file is forwarded; it stays as the upload's record once the
+    upstream has taken the file, and is given back otherwise.
 
-    __slots__ = ("day", "reserved", "size", "user_id")
+    ``size``: the bytes reserved (0 when only the count mattered and the file
+    was not read yet: its bytes are counted once the upstream has taken it).
+    ``known``: whether the reservation surely landed; one whose outcome was
+    lost (the database failed to answer) is counted again, under the same
+    key, once the upstream has taken the file, and given back otherwise -
+    both exact whether or not it landed (`Storage.reserve_upload`)."""
 
-    def __init__(self, user_id: str, day: date, size: int) -> None:
+    __slots__ = ("day", "key", "known", "reserved", "size", "user_id")
+
+    def __init__(self, user_id: str, key: str, day: date, size: int, *, known: bool) -> None:
         self.user_id = user_id
+        self.key = key
         self.day = day  # the local day it is counted on
-        self.size = size  # the file's bytes
+        self.size = size  # the file's bytes reserved
+        self.known = known
         self.reserved = True
 
     def release(self) -> bool:
@@ -207,6 +216,12 @@ class UploadTicket:
         held = self.reserved
         self.reserved = False
         return held
+
+    def recount(self, size: int) -> bool:
+        """Whether the upload must be counted again (same key) once the
+        upstream has taken its file of ``size`` bytes: the reservation's
+        outcome was lost, or it did not hold the file's bytes."""
+        return not self.known or size != self.size
 
 
 class Admitter:
@@ -526,13 +541,19 @@ class Admitter:
         as an answer's refusal) that they leave no room for whatever its size,
         before its body is read: one upload more than an ``uploads`` limit
         allows, or a limit of ``upload_bytes`` already reached (an empty file
-        too). This reads the counters; `reserve_upload` is the exact step. A
-        database that cannot be read lets the upload through unchecked."""
+        too). This reads the counters; `reserve_upload` is the exact step.
+        Counters the database cannot give leave the check to it (fail-open
+        there); a user's plan it cannot give refuses the upload (503): without
+        it no limit is known, not even the largest file one lets through."""
         try:
             user, view = await self._plan(snap, user_id)
-            team, team_view = await self._team(snap, user)
-        except StorageError:
-            return NO_UPLOAD_LIMITS
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation="upload")
+            raise StorageError(
+                "The usage database is unavailable; try again shortly.",
+                headers=[(b"retry-after", b"5")],
+            ) from exc
+        team, team_view = await self._team(snap, user)
         held = tuple(
             limit
             for limit in (*view.limits, *(team_view.limits if team_view is not None else ()))
@@ -570,20 +591,22 @@ class Admitter:
         return limits
 
     async def reserve_upload(
-        self, snap: Snapshot, user_id: str, limits: UploadLimits, *, size: int
-    ) -> tuple[UploadTicket | None, Headers]:
+        self, snap: Snapshot, user_id: str, limits: UploadLimits, *, key: str, size: int
+    ) -> tuple[UploadTicket, Headers]:
         """Reserve an upload of a file of ``size`` bytes (its real size, read
-        before the file is forwarded) under ``limits``, atomically with every
+        before the file is forwarded, or 0 when no limit counts bytes) under
+        ``limits``, keyed by ``key`` (the request id), atomically with every
         other upload and answer of the user and their team, or raise the
-        refusal: the ticket (None: not reserved, the database away; the upload
-        is then counted once the upstream has taken it) and the rate-limit
-        headers. A file larger than a limit's maximum is refused also when the
-        database cannot be reached: no upload can make it fit."""
+        refusal: the ticket and the rate-limit headers. A database that fails
+        to answer lets the upload through (fail-open) on a ticket whose outcome
+        is not known (`UploadTicket.known`); a file larger than a limit's
+        maximum is refused then too: no upload can make it fit."""
         now = self._clock.now()
         periods = periods_at(now, snap.tz)
         try:
             counted = await self._storage.reserve_upload(
                 user_id,
+                key=key,
                 day=periods.day,
                 month_start=periods.month_start,
                 size=size,
@@ -599,11 +622,13 @@ class Admitter:
                         snap, limits, limit, Decimal(0), periods, now
                     ) from exc
             log.warning(
-                "upload of %s not reserved, its limits not applied (fail-open): %s",
+                "upload of %s not known to be reserved, its limits not applied (fail-open): %s",
                 user_id,
                 exc.message,
             )
-            return None, []
+            # It may have landed (an answer lost after the commit): the later
+            # count and the give-back go by its key, so neither counts it twice.
+            return UploadTicket(user_id, key, periods.day, size, known=False), []
         shown = reported_limit(counted, limits.limits, periods, now=now)
         if not counted.admitted:
             assert counted.refused is not None
@@ -611,17 +636,18 @@ class Admitter:
             raise self._upload_refusal(
                 snap, limits, refused, counted.counters.of_limit(refused), periods, now
             )
-        ticket = UploadTicket(user_id, periods.day, size)
+        ticket = UploadTicket(user_id, key, periods.day, size, known=True)
         return ticket, shown.headers() if shown is not None else []
 
     async def release_upload(self, ticket: UploadTicket) -> None:
         """Give back an upload the upstream did not take (refused it, failed, or
-        never got it). Not retried: a second try after one whose outcome is
-        unknown could give it back twice; a failure leaves it counted."""
+        never got it). By its key, so it is given back once at most - also one
+        whose reservation may not have landed. Not retried here: a failure
+        leaves it counted."""
         if not ticket.release():
             return
         try:
-            await self._storage.release_upload(ticket.user_id, day=ticket.day, size=ticket.size)
+            await self._storage.release_upload(ticket.user_id, key=ticket.key)
         except StorageError as exc:
             self._metrics.inc("gateway_storage_errors_total", operation="release_upload")
             log.error(

@@ -31,7 +31,7 @@ import jwt
 from gateway.config import AuthConfig, JWTConfig
 from gateway.errors import Unauthorized
 from gateway.keys import hash_key
-from gateway.storage import ApiKey, Directory, Team, User
+from gateway.storage import ApiKey, Directory, DirectoryReads, Team, User
 
 _MAX_CACHED = 100_000
 K = TypeVar("K")
@@ -134,7 +134,7 @@ class _TTLCache(Generic[K, V]):
 class Authenticator:
     def __init__(
         self,
-        storage: Directory,
+        storage: DirectoryReads,
         config: AuthConfig,
         *,
         plans: Mapping[str, object] | None = None,
@@ -342,7 +342,7 @@ class TeamDirectory:
 
     def __init__(
         self,
-        storage: Directory,
+        storage: DirectoryReads,
         *,
         ttl: float,
         clock: Callable[[], float] = time.monotonic,

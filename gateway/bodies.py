@@ -15,9 +15,12 @@ from gateway.errors import PayloadTooLarge
 from gateway.multipart import MultipartError, UserFieldRewriter
 from gateway.types import Receive
 
-# Form fields beside the file (the `user` field, a few flags) may add this much
-# content to an upload; a body with more non-file content is refused too, so no
-# part can carry a file past the limit under another name.
+# What an upload carries beside its files' content - the other form fields (the
+# `user` field, a few flags), every part's delimiter and headers, and any
+# preamble or epilogue (RFC 2046 5.1.1: ignored by parsers, and no browser, curl
+# or requests sends more than a CRLF there) - may be this much; a body with more
+# is refused too, so nothing carries a body past a limit under another name, in
+# many empty parts, or around the parts.
 FIELDS_ALLOWANCE = 64 * 1024
 # Spooled uploads stay in memory up to this size, then move to a temporary file.
 _SPOOL_IN_MEMORY = 1024 * 1024
@@ -35,9 +38,15 @@ class BodyFailure:
         self.error: Exception | None = None
 
 
+def other_bytes(rewriter: UserFieldRewriter) -> int:
+    """What an upload carries beside its files' content so far (held to
+    `FIELDS_ALLOWANCE`): the body less the files' content (which lags by the
+    few bytes that could start a delimiter until they are known not to)."""
+    return rewriter.body_bytes - rewriter.file_bytes
+
+
 def over_limit(rewriter: UserFieldRewriter, limit: int) -> bool:
-    fields = rewriter.content_bytes - rewriter.file_bytes
-    return rewriter.file_bytes > limit or fields > FIELDS_ALLOWANCE
+    return rewriter.file_bytes > limit or other_bytes(rewriter) > FIELDS_ALLOWANCE
 
 
 def file_too_large(limit: int) -> PayloadTooLarge:
@@ -129,9 +138,10 @@ async def spool_multipart(
             if most_bytes is not None:
                 if rewriter.file_bytes > most_bytes:
                     raise PastUploadLimits(rewriter.file_bytes)
-                if rewriter.content_bytes - rewriter.file_bytes > FIELDS_ALLOWANCE:
-                    # As under a file size limit: no part carries what the
-                    # limits count past them under another name.
+                if other_bytes(rewriter) > FIELDS_ALLOWANCE:
+                    # As under a file size limit: nothing carries what the
+                    # limits count past them under another name, or around
+                    # the parts.
                     raise PayloadTooLarge(
                         f"The upload's other form fields exceed {FIELDS_ALLOWANCE} bytes."
                     )

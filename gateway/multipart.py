@@ -10,7 +10,8 @@ exactly `added_bytes` longer:
   (Dify's parser) returns the first value of a repeated field;
 * every client part named ``<field>`` is renamed in place to a name of the same
   length (``user`` -> ``_ser``), so parsers that keep the *last* value agree too;
-* everything else passes through byte for byte, preamble and epilogue included.
+* everything else passes through byte for byte, preamble and epilogue included
+  (`body_bytes` counts all of it, so a limit can bound what is not a file too).
 
 Where the new part goes. RFC 2046 section 5.1.1 reads::
 
@@ -177,6 +178,7 @@ class UserFieldRewriter:
 
     __slots__ = (
         "_at_start",
+        "_body_bytes",
         "_buf",
         "_content_bytes",
         "_content_start",
@@ -231,6 +233,7 @@ class UserFieldRewriter:
         self._content_start = False  # _buf starts right after a part's header block
         self._content_bytes = 0
         self._file_bytes = 0  # content of parts that carry a filename
+        self._body_bytes = 0  # everything fed
         self._in_file = False
         self._error: MultipartError | None = None
 
@@ -253,6 +256,18 @@ class UserFieldRewriter:
         """Content seen so far in file parts (those whose headers give a filename)."""
         return self._file_bytes
 
+    @property
+    def body_bytes(self) -> int:
+        """The client's body fed so far, all of it: part content, delimiters,
+        header blocks, and the preamble and epilogue (RFC 2046 section 5.1.1),
+        which parsers ignore but which are passed on too."""
+        return self._body_bytes
+
+    @property
+    def finished(self) -> bool:
+        """Whether the whole body went through, well formed (`close` returned)."""
+        return self._state == _CLOSED and self._error is None
+
     def feed(self, chunk: bytes) -> bytes:
         """Take the next piece of the body; return the output ready to forward."""
         if self._error is not None:
@@ -261,6 +276,7 @@ class UserFieldRewriter:
             raise RuntimeError("feed() after close()")
         if not chunk:
             return b""
+        self._body_bytes += len(chunk)
         self._buf = self._buf + chunk if self._buf else bytes(chunk)
         out: list[bytes] = []
         try:

@@ -366,7 +366,11 @@ class Proxy:
             if x.route.admitted:
                 await self._admit(x)
             if x.upload is not None and x.upload_limits.limits:
-                await self._reserve_upload(x, x.upload.file_bytes)
+                # Its file's real size when the body was read whole (an
+                # upload_bytes limit needs it); else its count alone, before
+                # the body streams through: the bytes follow once the upstream
+                # has taken the file.
+                await self._reserve_upload(x, x.upload.file_bytes if x.spool is not None else 0)
             if x.route.produces_answer:
                 # A resume subscribes to the run's events before it is forwarded.
                 x.follow = await self.follows.open(x)
@@ -793,6 +797,10 @@ class Proxy:
                 self._metrics.inc("gateway_answers_cut_at_shutdown_total")
                 result = dataclasses.replace(self._unanswered(x), outcome="shutdown")
                 await self._kept(self._settle(x, result, disconnected=False))
+            if x.upload is not None and x.route.is_upload and x.upload.finished:
+                # The same for a file the upstream may have stored whole.
+                self._upload_kept(x)
+                await self._kept(self._count_upload(x))
             raise
 
     async def _failed(
@@ -802,6 +810,11 @@ class Proxy:
         to try, or one that may have taken the request (``taken``,
         `request_taken`), which is not fallen back from."""
         metrics = self._metrics
+        if taken and x.upload is not None and x.route.is_upload and x.upload.finished:
+            # The upstream may have stored the whole file before it failed to
+            # answer: counted, as an answer it may be generating is charged.
+            self._upload_kept(x)
+            await self._kept(self._count_upload(x))
         if isinstance(exc, UpstreamUnavailable):
             metrics.inc("gateway_upstream_errors_total", kind="connect")
             log.warning("request %s: upstream unreachable: %r", x.request_id, exc.__cause__)
@@ -889,9 +902,10 @@ class Proxy:
         send: Send,
     ) -> None:
         ok = 200 <= status < 300
-        if ok and x.upload_ticket is not None:
-            # The upstream took the file: its reservation stays, as its record.
-            x.upload_ticket.release()
+        if ok:
+            # The upstream took the file: its reservation stays, as its record
+            # (counted again, by its key, if need be: _count_upload).
+            self._upload_kept(x)
         if ok and x.route.is_history and b"json" in content_type:
             days = (await self.admitter.plan_of(x.snap, x.user_id)).chat_history_days
             if days is not None:
@@ -913,8 +927,8 @@ class Proxy:
         else:
             await self._pass_body(x, response, send)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if ok and x.upload is not None and x.route.is_upload and x.upload_ticket is None:
-            await self._count_upload(x, x.upload.file_bytes)  # not reserved: counted now
+        if ok and x.upload is not None and x.route.is_upload:
+            await self._count_upload(x)
 
     async def _pass_body(self, x: Exchange, response: httpx.Response, send: Send) -> None:
         try:
@@ -1440,9 +1454,10 @@ class Proxy:
             and content_length > limit + _MULTIPART_SLACK
         ):
             raise file_too_large(limit)
-        # Upload limits reserve the file's real size before it is forwarded
-        # (issue 21): the body is read whole first.
-        reserves = bool(x.upload_limits.limits)
+        # An upload_bytes limit reserves the file's real size before it is
+        # forwarded (issue 21): the body is read whole first, bounded by the
+        # limit. A count alone needs no size: the body streams through.
+        reserves = x.upload_limits.most_bytes is not None
         if not reserves and (
             limit is None or (content_length is not None and content_length <= limit)
         ):
@@ -1465,14 +1480,34 @@ class Proxy:
     async def _reserve_upload(self, x: Exchange, size: int) -> None:
         """Reserve the upload's file (``size`` bytes) or raise its refusal."""
         x.upload_ticket, x.rate_headers = await self.admitter.reserve_upload(
-            x.snap, x.user_id, x.upload_limits, size=size
+            x.snap, x.user_id, x.upload_limits, key=x.request_id, size=size
         )
 
-    async def _count_upload(self, x: Exchange, size: int) -> None:
+    @staticmethod
+    def _upload_kept(x: Exchange) -> None:
+        """An upload's reservation is no longer given back when the request ends."""
+        if x.upload_ticket is not None:
+            x.upload_ticket.release()
+
+    async def _count_upload(self, x: Exchange) -> None:
+        """The upstream has (or may have) taken the upload's file (its
+        reservation, released from its ticket, stays as its record): the file
+        is counted, unless the reservation surely holds it already. By the
+        request's key, so an upload whose reservation landed is not counted
+        twice."""
+        assert x.upload is not None
+        size = x.upload.file_bytes
+        ticket = x.upload_ticket
+        if ticket is not None and not ticket.recount(size):
+            return
         periods = periods_at(self._clock.now(), x.snap.tz)
         try:
             await self._storage.reserve_upload(
-                x.user_id, day=periods.day, month_start=periods.month_start, size=size
+                x.user_id,
+                key=x.request_id,
+                day=periods.day,
+                month_start=periods.month_start,
+                size=size,
             )
         except StorageError as exc:
             self._metrics.inc("gateway_storage_errors_total", operation="upload")

@@ -29,7 +29,7 @@ from gateway.quota.limits import (
 from gateway.quota.plans import plan_limits
 from gateway.storage import (
     DailyUsage,
-    Directory,
+    DirectoryReads,
     ModelUsage,
     ReportReads,
     Team,
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from gateway.snapshot import Current, Snapshot
 
 
-class ReportStorage(ReportReads, Directory, Protocol):
+class ReportStorage(ReportReads, DirectoryReads, Protocol):
     """Reports read usage (`ReportReads`) of the users, teams and keys of the
     directory; they change nothing."""
 

@@ -14,7 +14,7 @@ from datetime import date
 from typing import TYPE_CHECKING, Protocol
 from zoneinfo import ZoneInfo
 
-from gateway.storage import Directory, Lifecycle, ReportReads
+from gateway.storage import DirectoryReads, Health, ReportReads
 
 if TYPE_CHECKING:
     from gateway.accounts import Accounts
@@ -28,11 +28,12 @@ if TYPE_CHECKING:
 __all__ = ["ServiceStorage", "Services"]
 
 
-class ServiceStorage(Lifecycle, Directory, ReportReads, Protocol):
+class ServiceStorage(Health, DirectoryReads, ReportReads, Protocol):
     """What the endpoints read from the database themselves: listings, alerts and
-    exports (`ReportReads`), a user's keys and a team's members (`Directory`),
+    exports (`ReportReads`), a user's keys and a team's members (`DirectoryReads`),
     and whether it answers (/readyz: `ping`). Their changes go through
-    `Accounts`, their reports through `Reports`; nothing here admits or settles."""
+    `Accounts` (which also tells the caches), their reports through `Reports`:
+    nothing here changes the database."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ from gateway.storage import (
     Accounting,
     AlertCheck,
     AlertRequest,
-    Lifecycle,
+    Health,
     UsageEvent,
     parse_alert_spec,
 )
@@ -228,9 +228,9 @@ def _locked_contents(fd: int) -> bytes | None:
     return b"".join(chunks)
 
 
-class SettleStorage(Accounting, Lifecycle, Protocol):
+class SettleStorage(Accounting, Health, Protocol):
     """Settling records answers and gives reservations back (accounting); the
-    spool's replay asks whether the database answers again (`ping`)."""
+    spool's replay asks whether the database answers again (`Health`)."""
 
 
 class Settler:

@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import hypothesis
 import pytest
 import pytest_asyncio
 
@@ -39,6 +40,11 @@ REQUIRE_POSTGRES = os.environ.get("GATEWAY_REQUIRE_POSTGRES", "") not in ("", "0
 # bytecode again, into the __pycache__ directories git ignores; the processes the
 # tests start keep the variable.
 sys.dont_write_bytecode = False
+
+# No property test is timed: hypothesis's default 200 ms deadline per example
+# failed a test on a loaded machine (342 ms) that checks bytes, not speed.
+hypothesis.settings.register_profile("gateway", deadline=None)
+hypothesis.settings.load_profile("gateway")
 
 
 _create_ssl_context = httpx.create_ssl_context
@@ -320,3 +326,43 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     if all(Path(arg.split("::")[0]).resolve() in whole for arg in config.args):
         return None  # xdist's default: one per CPU
     return 0
+
+
+# --- the slow tests first --------------------------------------------------------------
+# pytest-xdist hands tests out in collection order, so a long test collected last kept
+# one worker busy while the other had nothing left to do. The controller remembers
+# which tests took long (their setup and call, from the last run that ran them) in
+# pytest's cache, and the workers collect those first, longest first: the longest
+# start on both workers at once and the short ones fill in at the end. Only the
+# order changes; without a cache (a fresh clone) it is the collection order.
+
+_SLOW = 0.5  # seconds: the tests put first (about a hundred on a quiet machine)
+_DURATIONS = "gateway/slow-tests"
+_took: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when in ("setup", "call"):
+        _took[report.nodeid] = _took.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    cache = getattr(session.config, "cache", None)
+    if cache is None or hasattr(session.config, "workerinput") or not _took:
+        return
+    slow: dict[str, float] = cache.get(_DURATIONS, {})
+    for nodeid, seconds in _took.items():
+        if seconds >= _SLOW:
+            slow[nodeid] = round(seconds, 2)
+        else:
+            slow.pop(nodeid, None)
+    cache.set(_DURATIONS, slow)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    cache = getattr(config, "cache", None)
+    if cache is None or not hasattr(config, "workerinput"):
+        return  # one process: the order does not matter, keep the files'
+    slow: dict[str, float] = cache.get(_DURATIONS, {})
+    # Stable: the other tests keep their order (and a module's tests stay together).
+    items.sort(key=lambda item: -slow.get(item.nodeid, 0.0))

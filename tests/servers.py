@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import socket
@@ -63,6 +64,26 @@ class _Server(uvicorn.Server):
         await self.lifespan.shutdown()
 
 
+def _log_config() -> dict[str, Any] | None:
+    """uvicorn's logging configuration if anything has changed what it set, else None.
+
+    uvicorn.Config applies its `LOGGING_CONFIG` (a logging.config.dictConfig, ~3 ms
+    of CPU) each time one is built, a thousand times a run, to the same effect: the
+    "uvicorn" and "uvicorn.access" loggers on handlers of their own, writing to the
+    sys.stderr and sys.stdout of the moment, not propagated. It is applied again
+    only when that state is gone (a test configured the gateway's logging, or
+    swapped sys.stderr), so every server starts on the loggers it always had."""
+    server, access = logging.getLogger("uvicorn"), logging.getLogger("uvicorn.access")
+    kept = (
+        not server.propagate
+        and not access.propagate
+        and server.level == logging.INFO
+        and [getattr(h, "stream", None) for h in server.handlers] == [sys.stderr]
+        and [getattr(h, "stream", None) for h in access.handlers] == [sys.stdout]
+    )
+    return None if kept else uvicorn.config.LOGGING_CONFIG
+
+
 @contextlib.asynccontextmanager
 async def serve(app: Any, *, lifespan: str = "off", http: str = "auto") -> AsyncIterator[str]:
     """Serve ``app`` on 127.0.0.1 and a free port; yields the base URL. ``http``
@@ -71,6 +92,7 @@ async def serve(app: Any, *, lifespan: str = "off", http: str = "auto") -> Async
         app,  # type: ignore[arg-type]
         host="127.0.0.1",
         port=0,
+        log_config=_log_config(),
         log_level="warning",
         lifespan=lifespan,  # type: ignore[arg-type]
         http=http,  # type: ignore[arg-type]

@@ -211,6 +211,21 @@ def test_preamble_and_epilogue_survive() -> None:
     assert message.epilogue == epilogue.decode()
 
 
+def test_body_bytes_counts_everything_around_the_files_in_any_chunking() -> None:
+    """Review of issue 21: a limit on what is not a file must see the framing,
+    the preamble and the epilogue too: they are forwarded as well."""
+    preamble, epilogue = b"pre\r\namble", b"the end\r\n" * 3
+    body = preamble + b"\r\n" + FILE_PART + END + epilogue
+    for chunks in ([body], one_byte(body)):
+        _, rewriter = rewrite(body, chunks)
+        assert rewriter.body_bytes == len(body)
+        assert rewriter.file_bytes == len(FILE)
+        assert rewriter.finished
+    rewriter = UserFieldRewriter(BOUNDARY, USER)
+    rewriter.feed(body[:-1])
+    assert not rewriter.finished
+
+
 def test_content_bytes_counts_every_client_part() -> None:
     body = user(b"mallory") + FILE_PART + part(b'form-data; name="x"', b"12") + END
     for chunks in ([body], one_byte(body)):

@@ -602,6 +602,86 @@ async def test_an_upload_whose_upstream_is_unreachable_is_given_back(database_ur
     assert (row.uploads, row.upload_bytes) == (0, 0)
 
 
+async def test_an_upload_not_reserved_while_the_database_is_away_is_counted_once_taken(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail-open, as before: the counters cannot be read nor the reservation
+    made, the upload goes through and is counted once the upstream has taken
+    it - unless the file alone is past a limit's maximum, which no upload can
+    fit (a read-only check let it through)."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    limits = [{"meter": "upload_bytes", "per": "day", "max": 1000}]
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(limits=limits)) as h:
+        reserve, daily = h.storage.reserve_upload, h.storage.daily
+
+        async def away(*args: Any, **kwargs: Any) -> Any:
+            raise StorageError("database unreachable")
+
+        async def count_only(user_id: str, **kwargs: Any) -> Any:
+            if kwargs.get("limits"):
+                raise StorageError("database unreachable")
+            return await reserve(user_id, **kwargs)  # the count after the upload
+
+        monkeypatch.setattr(h.storage, "daily", away)
+        monkeypatch.setattr(h.storage, "reserve_upload", count_only)
+        through = await send_file(h, 600)
+        await h.probes.wait_finished(1)
+        too_large = await send_file(h, 1001)
+        await h.probes.wait_finished(2)
+        day = h.gateway.today()
+        (row,) = await daily(day, day, user_id=USER)
+    assert through.status_code == 201
+    assert (too_large.status_code, too_large.json()["code"]) == (429, "plan_limit")
+    assert fake.uploaded_bytes == [600]
+    assert (row.uploads, row.upload_bytes) == (1, 600)
+
+
+async def test_parallel_uploads_of_a_teams_members_never_pass_the_team_limit(
+    database_url: str,
+) -> None:
+    """Two members upload at once, twelve files, each held by the upstream a
+    while: the team's limit of two is reserved over both, in the same step as
+    their own (of three each)."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    uploads = {"meter": "uploads", "per": "day"}
+    settings = {
+        "plans": {
+            "free": {"limits": [{**uploads, "max": 3}]},
+            "team": {"limits": [{**uploads, "max": 2}]},
+        }
+    }
+    async with running_gateway(database_url, fake=fake, settings=settings) as h:
+        keys = [None, await h.add_user("bob")]
+        await h.gateway.accounts.create_team("acme", plan="team")
+        for member in (USER, "bob"):
+            await h.gateway.accounts.set_team(member, "acme")
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            responses = await asyncio.gather(
+                *(
+                    client.post(
+                        "/v1/files/upload",
+                        files={"file": ("notes.txt", b"x" * 10, "text/plain")},
+                        headers={
+                            "x-fake-delay-ms": "100",
+                            **(h.auth() if key is None else {"Authorization": f"Bearer {key}"}),
+                        },
+                    )
+                    for key in keys * 6
+                )
+            )
+        await h.probes.wait_finished(12)
+        rows = await h.storage.daily(h.gateway.today(), h.gateway.today())
+    assert sorted(r.status_code for r in responses) == [201] * 2 + [429] * 10
+    assert {r.json()["code"] for r in responses if r.status_code == 429} == {"team_limit"}
+    assert refused_by(responses) == {"team_uploads_per_day"}
+    assert len(fake.uploaded_bytes) == 2
+    assert sum(row.uploads for row in rows) == 2
+
+
+def refused_by(responses: list[httpx.Response]) -> set[str]:
+    return {r.headers["x-ratelimit-resource"] for r in responses if r.status_code == 429}
+
+
 async def test_an_attackers_parallel_uploads_past_the_limits_are_refused(
     sqlite_url: str,
 ) -> None:
@@ -629,3 +709,225 @@ async def test_an_attackers_parallel_uploads_past_the_limits_are_refused(
     assert statuses.count(201) == len(forwarded) <= 10
     assert sum(forwarded) <= 5000
     assert (row.uploads, row.upload_bytes) == (len(forwarded), sum(forwarded))
+
+
+# --- review of the upload reservation (issue 21) --------------------------------------------
+
+
+async def test_an_upload_whose_reservation_outcome_is_unknown_is_counted_once(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reservation that committed but whose answer was lost (PostgreSQL: the
+    connection dropped or the command timed out after the commit) takes the
+    fail-open path: the upload is forwarded and counted again once the upstream
+    took it. One upload must be counted once."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = plans(limits=[{"meter": "uploads", "per": "day", "max": 5}])
+    async with running_gateway(database_url, fake=fake, settings=settings) as h:
+        real = h.storage.reserve_upload
+
+        async def answer_lost(*args: Any, **kwargs: Any) -> Any:
+            counted = await real(*args, **kwargs)
+            if kwargs.get("limits"):  # the reservation, not the count after the upload
+                raise StorageError("connection lost after the commit")
+            return counted
+
+        monkeypatch.setattr(h.storage, "reserve_upload", answer_lost)
+        taken = await send_file(h, 100)
+        await h.probes.wait_finished(1)
+        row = await today_row(h)
+    assert taken.status_code == 201
+    assert fake.uploaded_bytes == [100]
+    assert (row.uploads, row.upload_bytes) == (1, 100)
+
+
+async def test_an_upload_held_only_by_a_count_is_never_spooled_without_a_bound(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ``uploads`` limit alone (no ``upload_bytes`` limit, no ``file_size_mb``)
+    needs no size to reserve, yet the body is read whole into a temporary file
+    with no bound at all before the first byte is forwarded: one user with a
+    count allowance can fill the gateway's disk (bounded only by the time
+    between pieces, ``server.body_timeout``), where without the limit the body
+    streamed through."""
+    import gateway.proxy
+
+    spooled: list[tuple[int | None, int | None]] = []
+    real = gateway.proxy.spool_multipart
+
+    async def watched(receive: Any, rewriter: Any, *, limit: Any, most_bytes: Any = None) -> Any:
+        spooled.append((limit, most_bytes))
+        return await real(receive, rewriter, limit=limit, most_bytes=most_bytes)
+
+    monkeypatch.setattr(gateway.proxy, "spool_multipart", watched)
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = plans(limits=[{"meter": "uploads", "per": "day", "max": 5}])
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        taken = await upload(h, multipart(2 * MB), chunked=True)
+        await h.probes.wait_finished(1)
+    assert taken.status_code == 201
+    assert [bounds for bounds in spooled if bounds == (None, None)] == []
+
+
+@pytest.mark.parametrize("where", ["preamble", "epilogue"])
+async def test_an_upload_under_a_byte_limit_cannot_pad_its_body_past_every_bound(
+    sqlite_url: str, where: str
+) -> None:
+    """Under an ``upload_bytes`` limit the body is spooled whole before it is
+    forwarded, bounded (docs/quotas.md) by the limit's maximum for the files
+    and 64 KiB for the other fields. Bytes before the first boundary or after
+    the closing one are neither: the multipart scanner counts them nowhere, so a
+    body of any size (20 MB here, around a 100-byte file) is written to the
+    gateway's temporary file and then forwarded."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = plans(limits=[{"meter": "upload_bytes", "per": "day", "max": 5000}])
+    padding = b"x" * (20 * MB)
+    body = multipart(100)
+    body = padding + b"\r\n" + body if where == "preamble" else body + padding
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        response = await upload(h, body, chunked=True)
+        await h.probes.wait_finished(1)
+    assert response.status_code == 413, (response.status_code, fake.uploaded_bytes)
+
+
+async def test_an_upload_whose_reservation_outcome_is_unknown_is_given_back_once(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other way round: the reservation committed, its answer was lost, and
+    the upstream refuses the file. What may have been counted is given back -
+    by the request's key, so once, and only if it was counted."""
+    fake = FakeDify(api_key=UPSTREAM_KEY, max_upload_bytes=50)
+    settings = plans(limits=[{"meter": "uploads", "per": "day", "max": 5}])
+    async with running_gateway(database_url, fake=fake, settings=settings) as h:
+        real = h.storage.reserve_upload
+        landed = True
+
+        async def answer_lost(*args: Any, **kwargs: Any) -> Any:
+            if landed:
+                await real(*args, **kwargs)
+            raise StorageError("connection lost after the commit")
+
+        monkeypatch.setattr(h.storage, "reserve_upload", answer_lost)
+        refused = await send_file(h, 100)  # landed, then refused upstream
+        await h.probes.wait_finished(1)
+        landed = False
+        refused_too = await send_file(h, 100)  # never landed, refused upstream
+        await h.probes.wait_finished(2)
+        row = await today_row(h)
+    assert [refused.status_code, refused_too.status_code] == [413, 413]
+    assert (row.uploads, row.upload_bytes) == (0, 0)
+
+
+async def test_uploads_held_by_a_count_stream_through_and_are_counted_exactly(
+    sqlite_url: str,
+) -> None:
+    """An attacker's twenty parallel chunked uploads against an ``uploads``
+    limit of five: the count is reserved before each body is read, so exactly
+    five reach the upstream (streamed, never spooled), and each is counted once
+    with its file's bytes once the upstream has taken it. One the upstream
+    refuses is given back."""
+    fake = FakeDify(api_key=UPSTREAM_KEY, max_upload_bytes=2 * MB)
+    settings = plans(limits=[{"meter": "uploads", "per": "day", "max": 5}])
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        refused = await upload(h, multipart(3 * MB), chunked=True)  # the upstream's 413
+        await h.probes.wait_finished(1)
+        delayed = {"x-fake-delay-ms": "50"}
+        responses = await asyncio.gather(
+            *(upload(h, multipart(1000 + i), chunked=True, headers=delayed) for i in range(20))
+        )
+        await h.probes.wait_finished(21)
+        row = await today_row(h)
+    assert (refused.status_code, refused.json()["code"]) == (413, "file_too_large")
+    statuses = [r.status_code for r in responses]
+    assert sorted(statuses) == [201] * 5 + [429] * 15
+    taken = fake.uploaded_bytes[1:]
+    assert len(taken) == 5
+    assert (row.uploads, row.upload_bytes) == (5, sum(taken))
+
+
+@pytest.mark.parametrize("where", ["preamble", "epilogue"])
+async def test_padding_around_the_parts_does_not_get_around_a_file_size_limit(
+    sqlite_url: str, where: str
+) -> None:
+    """Under ``file_size_mb`` a body whose size Content-Length does not settle
+    is spooled while it is counted: the bytes around its parts count as other
+    fields, so 20 MB of them around a small file are not spooled nor sent."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    padding = b"x" * (20 * MB)
+    body = multipart(100)
+    body = padding + b"\r\n" + body if where == "preamble" else body + padding
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(file_size_mb=1)) as h:
+        response = await upload(h, body, chunked=True)
+    assert response.status_code == 413 and fake.requests == []
+
+
+@pytest.mark.parametrize("limit", ["uploads", "upload_bytes"])
+async def test_an_upload_the_upstream_took_then_timed_out_on_stays_counted(
+    sqlite_url: str, limit: str
+) -> None:
+    """Review of issue 21: an upstream that read the whole file and then took
+    too long to answer may have stored it (as an answer it may be generating
+    is charged): the reservation stays, with the file's bytes."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = {
+        **plans(limits=[{"meter": limit, "per": "day", "max": 5 if limit == "uploads" else 5000}]),
+        "upstream": {"read_timeout": 0.2},
+    }
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        slow = {"x-fake-delay-ms": "1500"}
+        response = await upload(h, multipart(700), chunked=True, headers=slow)
+        await h.probes.wait_finished(1)
+        row = await today_row(h)
+    assert response.status_code == 504
+    assert (row.uploads, row.upload_bytes) == (1, 700)
+
+
+async def test_an_upload_whose_plan_cannot_be_read_is_not_let_past_its_limits(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of issue 21: when the user's plan cannot be read as the upload is
+    asked, its limits are unknown, so a file larger than any of them must not
+    be let through (it was: no limits, then the body streamed and counted)."""
+    from gateway.admission import Admitter
+
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = plans(limits=[{"meter": "upload_bytes", "per": "day", "max": 1000}])
+    real = Admitter._plan
+    failures = [StorageError("the database went away")]
+
+    async def flaky(self: Admitter, snap: Any, user_id: str) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real(self, snap, user_id)
+
+    monkeypatch.setattr(Admitter, "_plan", flaky)
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        response = await send_file(h, 5000)
+        row = await today_row(h)
+    assert response.status_code == 503
+    assert response.json()["code"] == "storage_unavailable"
+    assert response.headers["retry-after"] == "5"
+    assert fake.uploaded_bytes == [] and row is None
+
+
+@pytest.mark.parametrize("limit", ["file_size_mb", "upload_bytes"])
+async def test_many_empty_parts_do_not_carry_a_body_past_every_bound(
+    sqlite_url: str, limit: str
+) -> None:
+    """Part delimiters and header blocks are no field's content either: two
+    thousand empty parts, each with 15 KB of headers (30 MB), around a small
+    file are refused once past the 64 KiB allowance, not spooled and sent."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    empty = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="p"\r\n'
+        f"X-Pad: {'x' * 15000}\r\n\r\n\r\n"
+    ).encode()
+    body = empty * 2000 + multipart(100)
+    settings = (
+        plans(file_size_mb=1)
+        if limit == "file_size_mb"
+        else plans(limits=[{"meter": "upload_bytes", "per": "day", "max": 5000}])
+    )
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        response = await upload(h, body, chunked=True)
+    assert response.status_code == 413 and fake.requests == []

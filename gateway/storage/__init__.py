@@ -1,4 +1,4 @@
-"""Storage: one small async interface, two backends chosen by the URL scheme."""
+"""Storage: one async interface split by role (base.py), two backends chosen by the URL scheme."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from gateway.storage.base import (
     DailyUsage,
     Delivery,
     Directory,
+    DirectoryReads,
+    Health,
     Lease,
     Lifecycle,
     ModelUsage,
@@ -64,6 +66,8 @@ __all__ = [
     "DailyUsage",
     "Delivery",
     "Directory",
+    "DirectoryReads",
+    "Health",
     "Lease",
     "Lifecycle",
     "ModelUsage",

@@ -2,11 +2,11 @@
 
 Two backends implement `Storage`: SQLite (embedded, one machine) and PostgreSQL
 (production, many replicas). `Storage` is the union of role Protocols
-(`Lifecycle`, `Directory`, `Accounting`, `Outbox`, `ReportReads`, `Ownership`,
-`PausedForms`); components are typed with the roles they use. Counters are
-exact across processes because the database does the arithmetic: every counter
-changes only through an atomic, conditional upsert, never read-modify-write in
-the application.
+(`Lifecycle` with `Health`, `Directory` with `DirectoryReads`, `Accounting`,
+`Outbox`, `ReportReads`, `Ownership`, `PausedForms`); components are typed with
+the roles they use. Counters are exact across processes because the database
+does the arithmetic: every counter changes only through an atomic, conditional
+upsert, never read-modify-write in the application.
 """
 
 from __future__ import annotations
@@ -634,8 +634,16 @@ def crossed(used: int | Decimal, check: AlertCheck, threshold: int) -> bool:
     return used * 100 >= check.value * threshold
 
 
-class Lifecycle(Protocol):
-    """The database itself: its schema, its connections, whether it answers."""
+class Health(Protocol):
+    """Whether the database answers (/readyz; the settler, before a spool replay)."""
+
+    async def ping(self) -> None:
+        """Raise `StorageError` unless the database answers."""
+        ...
+
+
+class Lifecycle(Health, Protocol):
+    """The database itself: its schema and its connections (and its health)."""
 
     async def migrate(self) -> int:
         """Apply pending migrations; returns how many ran. Safe to run concurrently."""
@@ -643,16 +651,30 @@ class Lifecycle(Protocol):
 
     async def close(self) -> None: ...
 
-    async def ping(self) -> None:
-        """Raise `StorageError` unless the database answers."""
-        ...
 
-
-class Directory(Protocol):
-    """Who exists: users, teams and API keys, their plans, overrides and teams
-    (the admin operations, authentication and the caches in front of them)."""
+class DirectoryReads(Protocol):
+    """Who exists, read: users, teams and API keys, with their plans, overrides
+    and teams."""
 
     async def get_user(self, user_id: str) -> User | None: ...
+
+    async def get_team(self, team_id: str) -> Team | None: ...
+
+    async def team_members(self, team_id: str) -> list[User]:
+        """The team's users, ordered by id."""
+        ...
+
+    async def find_key(self, key_hash: str) -> ApiKey | None:
+        """The key with this hash, revoked or not."""
+        ...
+
+    async def list_keys(self, user_id: str) -> list[ApiKey]: ...
+
+
+class Directory(DirectoryReads, Protocol):
+    """Who exists, read and changed: the admin operations (`accounts.Accounts`,
+    which also tell the caches) and the user directory, which adds a user on
+    first sight (gateway/auth.py)."""
 
     async def ensure_user(self, user_id: str, *, plan: str) -> User:
         """The user, created with ``plan`` if new."""
@@ -670,8 +692,6 @@ class Directory(Protocol):
         """Raises `Conflict` when a team of that id exists."""
         ...
 
-    async def get_team(self, team_id: str) -> Team | None: ...
-
     async def set_team_plan(self, team_id: str, plan: str) -> None:
         """Raises `NotFound` for an unknown team."""
         ...
@@ -687,23 +707,13 @@ class Directory(Protocol):
         unknown user or team."""
         ...
 
-    async def team_members(self, team_id: str) -> list[User]:
-        """The team's users, ordered by id."""
-        ...
-
     async def create_key(
         self, user_id: str, *, key_id: str, key_hash: str, prefix: str, name: str, now: datetime
     ) -> ApiKey: ...
 
-    async def find_key(self, key_hash: str) -> ApiKey | None:
-        """The key with this hash, revoked or not."""
-        ...
-
     async def revoke_key(self, key_id: str, *, now: datetime) -> ApiKey:
         """Raises `NotFound` for an unknown key id; revoking twice keeps the first time."""
         ...
-
-    async def list_keys(self, user_id: str) -> list[ApiKey]: ...
 
 
 class Accounting(Protocol):
@@ -747,6 +757,7 @@ class Accounting(Protocol):
         self,
         user_id: str,
         *,
+        key: str,
         day: date,
         month_start: date,
         size: int,
@@ -760,13 +771,20 @@ class Accounting(Protocol):
         counters of ``limits`` either way (after the upload when admitted). With
         no limits the upload is counted, unconditionally. An admitted upload
         stays counted (it is the upload's record) unless `release_upload` gives
-        it back; one whose caller was cancelled while the call was in flight
-        is given back."""
+        it back; one reserved under ``limits`` whose caller was cancelled while
+        the call was in flight is given back.
+
+        Keyed by ``key`` (the request's id): an upload counted under it already
+        is admitted without a check and counted once; only its bytes become
+        ``size`` (on the day it was counted). So a count after a call whose
+        outcome was lost, or of the bytes of a file reserved by its count
+        alone, is exact."""
         ...
 
-    async def release_upload(self, user_id: str, *, day: date, size: int) -> None:
-        """Give back an upload `reserve_upload` counted on ``day`` (the upstream
-        refused it, or never got it)."""
+    async def release_upload(self, user_id: str, *, key: str) -> None:
+        """Give back the upload `reserve_upload` counted under ``key`` (the
+        upstream refused it, or never got it), if it is still counted: a second
+        call, or one for an upload never counted, does nothing."""
         ...
 
     async def refund(
@@ -990,8 +1008,8 @@ class Storage(
 
     A component is given only the roles it uses, so that it cannot reach past
     them (issue 22): settling and recovery `Accounting`, the admin operations
-    and authentication `Directory`, the alerts worker `Outbox`, reports and
-    exports `ReportReads`, the route guard `Ownership`, resumed runs
-    `PausedForms`; one that needs several names them in a Protocol of its own
-    (`proxy.ProxyStorage`, `admission.AdmissionStorage`, ...). The whole is for
-    what opens and closes the database: gateway/runtime.py and the CLI."""
+    `Directory`, authentication `DirectoryReads`, the alerts worker `Outbox`,
+    reports and exports `ReportReads`, the route guard `Ownership`, resumed
+    runs `PausedForms`; one that needs several names them in a Protocol of its
+    own (`proxy.ProxyStorage`, `admission.AdmissionStorage`, ...). The whole is
+    for what opens and closes the database: gateway/runtime.py and the CLI."""

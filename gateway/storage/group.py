@@ -6,7 +6,8 @@ round trip and one transaction for all of it. There is no timer: a call that
 finds nothing in flight is sent on the next turn of the event loop, so under
 light load every call goes alone (a batch of one, as fast as a single call),
 and under heavy load the batches grow with the load. With ``max_batch`` 1 the
-batch runner is not used at all: every call goes through ``run_one``. At most ``in_flight`` batches of one operation
+batch runner is not used at all (nor ``run_now``, below): every call goes
+through ``run_one``. At most ``in_flight`` batches of one operation
 are out at once, so a few pool connections are kept busy rather than one per
 waiting request.
 

@@ -104,7 +104,15 @@ _MIGRATION_LOCK = 0x6761_7465_7761_79
 _EXPORT_BATCH = 1000
 
 
-_RESERVE_UPLOAD = "SELECT * FROM gateway_reserve_upload($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+# An upload given back once (its key row goes with it): a retry does nothing.
+_RELEASE_UPLOAD = (
+    "WITH held AS (DELETE FROM upload_reservations WHERE id = $1 AND user_id = $2 "
+    "RETURNING day, size) "
+    "UPDATE usage_daily u SET uploads = u.uploads - 1, "
+    "upload_bytes = greatest(u.upload_bytes - held.size, 0) "
+    "FROM held WHERE u.user_id = $2 AND u.day = held.day AND u.uploads > 0"
+)
+_RESERVE_UPLOAD = "SELECT * FROM gateway_reserve_upload($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 # A batch is at most this many calls by default (database.max_batch): past a
 # few dozen a larger batch saves little, and a batch holds its users' row locks
 # until it commits.
@@ -919,6 +927,7 @@ class PostgresStorage:
         self,
         user_id: str,
         *,
+        key: str,
         day: date,
         month_start: date,
         size: int,
@@ -928,17 +937,19 @@ class PostgresStorage:
         meters, pers, maxes, scopes, _ = _limit_arrays(limits)
         if not any(scope == 2 for scope in scopes):
             team = None
-        args = (user_id, day, month_start, size, meters, pers, maxes, scopes, team)
+        args = (user_id, key, day, month_start, size, meters, pers, maxes, scopes, team)
         # Its own task, awaited through a shield: a caller cancelled while the
         # statement is in flight cannot tell whether it committed, so the task
-        # runs to its end and an upload it counted is given back.
+        # runs to its end and an upload it reserved is given back (a count
+        # without limits comes after the upstream took the file: it stays).
         task = asyncio.create_task(self._reserve_upload(args, limits))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            task.add_done_callback(functools.partial(self._upload_abandoned, user_id, day, size))
+            if limits:
+                task.add_done_callback(functools.partial(self._upload_abandoned, user_id, key))
             raise
 
     async def _reserve_upload(self, args: tuple[Any, ...], limits: Sequence[Limit]) -> Admission:
@@ -954,32 +965,23 @@ class PostgresStorage:
         refused = row["refused"]
         return admission(limits, None if refused is None else refused - 1, counters, 0)
 
-    def _upload_abandoned(
-        self, user_id: str, day: date, size: int, task: asyncio.Task[Admission]
-    ) -> None:
+    def _upload_abandoned(self, user_id: str, key: str, task: asyncio.Task[Admission]) -> None:
         if task.cancelled() or task.exception() is not None or not task.result().admitted:
             return
         log.info("upload of %s abandoned by its caller; given back", user_id)
-        release = asyncio.create_task(self._release_quietly(user_id, day, size))
+        release = asyncio.create_task(self._release_quietly(user_id, key))
         self._background.add(release)
         release.add_done_callback(self._background.discard)
 
-    async def _release_quietly(self, user_id: str, day: date, size: int) -> None:
+    async def _release_quietly(self, user_id: str, key: str) -> None:
         try:
-            await self.release_upload(user_id, day=day, size=size)
+            await self.release_upload(user_id, key=key)
         except StorageError as exc:
             log.warning("could not give back an abandoned upload of %s: %s", user_id, exc)
 
-    async def release_upload(self, user_id: str, *, day: date, size: int) -> None:
+    async def release_upload(self, user_id: str, *, key: str) -> None:
         with _mapped():
-            await self._pool.execute(
-                "UPDATE usage_daily SET uploads = uploads - 1, "
-                "upload_bytes = greatest(upload_bytes - $3, 0) "
-                "WHERE user_id = $1 AND day = $2 AND uploads > 0",
-                user_id,
-                day,
-                size,
-            )
+            await self._pool.execute(_RELEASE_UPLOAD, key, user_id)
 
     async def open_streams(self, user_id: str, *, now: datetime) -> int:
         with _mapped():

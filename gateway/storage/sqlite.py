@@ -25,7 +25,11 @@ Durability: WAL with ``synchronous = NORMAL``. A committed call survives a crash
 of the process; a power cut or an OS crash may lose the last few commits (never
 corrupt the file): commits do not wait for an fsync, checkpoints do. No commit
 checkpoints: every CHECKPOINT_EVERY writes a PASSIVE checkpoint runs on a
-second connection on a thread of its own, beside the calls.
+second connection on a thread of its own, beside the calls. If writes went on
+meanwhile, a ``wal_checkpoint(RESTART)`` follows as a call on the connection's
+thread, with no write in flight, so the next write starts the WAL again from its
+beginning (cut back to JOURNAL_SIZE_LIMIT): otherwise every checkpoint would end
+with new frames behind it and the WAL would grow without end.
 
 The rules the PostgreSQL functions keep (web searches reserved at admission and
 reconciled at settle, a real record superseding a recovered estimate: migration
@@ -150,6 +154,8 @@ DEFAULT_MAX_BATCH = 64
 # own automatic checkpoint, at about 10 pages a call (an admission writes a
 # day row, a lease and a pending row with their indexes, a settle more).
 CHECKPOINT_EVERY = 100
+# What the WAL is cut back to when it starts again: a few checkpoints' worth.
+JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 
 class _DecimalSum:
@@ -183,6 +189,7 @@ def _connect(path: str, timeout: float) -> sqlite3.Connection:
     # checkpoint waits for two fsyncs. SQLiteStorage checkpoints on a
     # connection and a thread of their own.
     conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.create_function("dec_add", 2, _dec_add, deterministic=True)
     conn.create_aggregate("dec_sum", 1, _DecimalSum)  # type: ignore[arg-type]
@@ -489,10 +496,22 @@ def _busy(exc: Exception) -> bool:
     )
 
 
-def _checkpoint_wal(conn: sqlite3.Connection) -> None:
+def _checkpoint_wal(conn: sqlite3.Connection) -> bool:
     """Copy the WAL's committed pages into the database file, without waiting
-    for readers or writers (what SQLite's automatic checkpoint does)."""
-    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    for readers or writers (what SQLite's automatic checkpoint does); False
+    when it could not copy all those it found (another connection's reader)."""
+    busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return not busy and copied == frames
+
+
+def _restart_wal(conn: sqlite3.Connection) -> None:
+    """Copy the rest of the WAL and have the next write start it again from
+    its beginning (truncated to JOURNAL_SIZE_LIMIT), on the calls' connection
+    between two calls: no write of this process is in flight. Another
+    process's reader or writer is not waited for (busy timeout 0, as on the
+    event loop): the next checkpoint tries again."""
+    conn.execute("PRAGMA busy_timeout = 0")
+    conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
 
 
 def _abandoned(call: _Call, result: Any) -> None:
@@ -892,8 +911,9 @@ class SQLiteStorage:
             run_now=self._call_now,
         )
         self._background: set[asyncio.Task[None]] = set()
-        # Calls sent to the thread and not yet answered (the batches' and the
-        # checkpoints'): a call is made on the event loop only when it is 0.
+        # Calls sent to the connection's thread and not yet answered (batches,
+        # lone calls, a WAL restart; not the checkpoints, which have a thread
+        # of their own): a call is made on the event loop only when it is 0.
         self._on_thread = 0
         # The busy timeout is 0 while calls are made on the event loop (a call
         # that finds the write lock taken goes to the thread, which waits).
@@ -948,6 +968,10 @@ class SQLiteStorage:
             self._loop_timeout = False
         return fn(self._conn, *args)
 
+    def _restart_wal(self, conn: sqlite3.Connection) -> None:
+        self._loop_timeout = True  # the next call on the thread sets it back
+        _restart_wal(conn)
+
     def _call_now(self, call: _Call) -> Any:
         """Make a lone call on the event loop (GroupCommit's ``run_now``): the
         hot path's short writes, when the thread is idle and no other
@@ -991,8 +1015,17 @@ class SQLiteStorage:
                 self._checkpointer = await loop.run_in_executor(
                     self._checkpoints, _connect, self._path, self._timeout
                 )
-            await loop.run_in_executor(self._checkpoints, _checkpoint_wal, self._checkpointer)
-        except sqlite3.Error as exc:  # the WAL grows until the next one
+            copied = await loop.run_in_executor(
+                self._checkpoints, _checkpoint_wal, self._checkpointer
+            )
+            if copied and not self._writes:
+                return  # the next write starts the WAL again from its beginning
+            # Writes went on meanwhile, their frames behind the copied ones: a
+            # WAL is started again only by a write that finds all of it copied,
+            # so under steady writes it would grow without end (review of
+            # e1df906). The rest is copied by a call of its own.
+            await self._call(self._restart_wal)
+        except (sqlite3.Error, StorageError) as exc:  # the WAL grows until the next one
             log.warning("SQLite checkpoint failed: %s", exc)
         finally:
             self._checkpointing = False
@@ -1061,7 +1094,7 @@ class SQLiteStorage:
             # The pending row stays: a recovery charges it as an estimate later.
             log.warning("could not give back an abandoned admission of %s: %s", user_id, exc)
 
-    def _upload_abandoned(self, user_id: str, day: date, size: int) -> Callable[[Admission], None]:
+    def _upload_abandoned(self, user_id: str, key: str) -> Callable[[Admission], None]:
         """What gives back an upload counted for a caller cancelled while the
         call was in flight: the file is never forwarded."""
 
@@ -1069,15 +1102,15 @@ class SQLiteStorage:
             if not counted.admitted:
                 return
             log.info("upload of %s abandoned by its caller; given back", user_id)
-            task = asyncio.create_task(self._release_quietly(user_id, day, size))
+            task = asyncio.create_task(self._release_quietly(user_id, key))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
         return give_back
 
-    async def _release_quietly(self, user_id: str, day: date, size: int) -> None:
+    async def _release_quietly(self, user_id: str, key: str) -> None:
         try:
-            await self.release_upload(user_id, day=day, size=size)
+            await self.release_upload(user_id, key=key)
         except StorageError as exc:
             log.warning("could not give back an abandoned upload of %s: %s", user_id, exc)
 
@@ -1562,6 +1595,7 @@ class SQLiteStorage:
         self,
         user_id: str,
         *,
+        key: str,
         day: date,
         month_start: date,
         size: int,
@@ -1577,6 +1611,18 @@ class SQLiteStorage:
             # processes on the file too.
             if conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
                 raise NotFound(f"no user {user_id!r}")
+            held = conn.execute(
+                "SELECT day, size FROM upload_reservations WHERE id = ? AND user_id = ?",
+                (key, user_id),
+            ).fetchone()
+            if held is not None and held[1] != size:
+                # Counted already: only its bytes become the file's (on its day).
+                conn.execute(
+                    "UPDATE usage_daily SET upload_bytes = max(upload_bytes + ?, 0) "
+                    "WHERE user_id = ? AND day = ?",
+                    (size - held[1], user_id, held[0]),
+                )
+                conn.execute("UPDATE upload_reservations SET size = ? WHERE id = ?", (size, key))
             day_used, month_sums = _day_and_month(conn, user_id, today, first)
             monthly = any(limit.per == "month" for limit in limits)
             team_counters = None
@@ -1587,6 +1633,8 @@ class SQLiteStorage:
             counters = counters_from(
                 day_used, month_sums if monthly else None, 0, team=team_counters
             )
+            if held is not None:
+                return admission(limits, None, counters, 0)
             decision = decide(counters, limits, charge)
             if decision.refused is not None:
                 return admission(limits, decision.refused, counters, 0)
@@ -1596,19 +1644,37 @@ class SQLiteStorage:
                 "upload_bytes = upload_bytes + excluded.upload_bytes",
                 (user_id, today, size),
             )
+            conn.execute(
+                "DELETE FROM upload_reservations WHERE user_id = ? AND day < ?",
+                (user_id, (day - timedelta(days=1)).isoformat()),
+            )
+            conn.execute(
+                "INSERT INTO upload_reservations (id, user_id, day, size) VALUES (?, ?, ?, ?)",
+                (key, user_id, today, size),
+            )
             return admission(limits, None, charged(counters, charge, 0), 0)
 
-        return await self._tx(run, abandoned=self._upload_abandoned(user_id, day, size))
+        # A reservation whose caller is cancelled in flight never forwards its
+        # file: given back. A count without limits comes after the upstream
+        # took the file: it stays.
+        abandoned = self._upload_abandoned(user_id, key) if limits else None
+        return await self._tx(run, abandoned=abandoned)
 
-    async def release_upload(self, user_id: str, *, day: date, size: int) -> None:
-        await self._tx(
-            lambda conn: conn.execute(
-                "UPDATE usage_daily SET uploads = uploads - 1, "
-                "upload_bytes = max(upload_bytes - ?, 0) "
-                "WHERE user_id = ? AND day = ? AND uploads > 0",
-                (size, user_id, day.isoformat()),
-            )
-        )
+    async def release_upload(self, user_id: str, *, key: str) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            held = conn.execute(
+                "DELETE FROM upload_reservations WHERE id = ? AND user_id = ? RETURNING day, size",
+                (key, user_id),
+            ).fetchone()
+            if held is not None:
+                conn.execute(
+                    "UPDATE usage_daily SET uploads = uploads - 1, "
+                    "upload_bytes = max(upload_bytes - ?, 0) "
+                    "WHERE user_id = ? AND day = ? AND uploads > 0",
+                    (held[1], user_id, held[0]),
+                )
+
+        await self._tx(run)
 
     async def open_streams(self, user_id: str, *, now: datetime) -> int:
         return await self._run(

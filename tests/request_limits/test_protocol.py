@@ -48,6 +48,14 @@ def limits_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[N
     protocol._configured.cache_clear()
 
 
+def most_admitted(cap: int, head_timeout: float, opening: float) -> int:
+    """The most connections a worker capped at ``cap`` can have taken while a
+    test spent ``opening`` seconds opening idle ones: each taken one is closed
+    after ``head_timeout``, freeing its slot. On a machine that opens them at
+    once this is ``cap``; on a loaded one, a slot more per timeout elapsed."""
+    return cap * (1 + int(opening // head_timeout))
+
+
 async def read_all(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
     """Everything the server sends until it closes the connection."""
     data = b""
@@ -171,7 +179,9 @@ async def test_gateway_serve_times_out_heads_and_caps_connections(tmp_path: Path
     gateway = await GatewayProcess.start(config, {})
     try:
         # 200 idle connections, far past the cap: the worker keeps serving.
+        started = time.monotonic()
         idle = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(200)]
+        opening = time.monotonic() - started
         answers = await asyncio.gather(*(read_all(r) for r, _ in idle))
         for _, writer in idle:
             writer.close()
@@ -184,7 +194,8 @@ async def test_gateway_serve_times_out_heads_and_caps_connections(tmp_path: Path
         await gateway.terminate()
     refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
     closed = [a for a in answers if a == b""]
-    assert len(refused) >= 150 and len(refused) + len(closed) == 200
+    assert len(refused) + len(closed) == 200
+    assert len(refused) >= 1 and len(closed) <= most_admitted(50, HEAD_TIMEOUT, opening)
     assert "server.max_connections = 50" in warning
     assert health.startswith(b"HTTP/1.1 200")
 
@@ -204,7 +215,9 @@ async def test_gateway_serve_under_a_low_open_files_limit_keeps_serving(tmp_path
         # (256 - 10 database connections - 64) // 2 = 91.
         _, hard = resource.prlimit(gateway.proc.pid, resource.RLIMIT_NOFILE)
         resource.prlimit(gateway.proc.pid, resource.RLIMIT_NOFILE, (256, hard))
+        started = time.monotonic()
         idle = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(400)]
+        opening = time.monotonic() - started
         answers = await asyncio.gather(*(read_all(r) for r, _ in idle))
         for _, writer in idle:
             writer.close()
@@ -216,5 +229,6 @@ async def test_gateway_serve_under_a_low_open_files_limit_keeps_serving(tmp_path
     finally:
         await gateway.terminate()
     assert "server.max_connections = 91" in warning
-    assert sum(a.startswith(b"HTTP/1.1 503") for a in answers) >= 300
+    refused = sum(a.startswith(b"HTTP/1.1 503") for a in answers)
+    assert refused >= 1 and 400 - refused <= most_admitted(91, 1.0, opening)
     assert health.startswith(b"HTTP/1.1 200")

@@ -583,8 +583,8 @@ async def test_advanced_rag_web_searches_and_uploads_are_counted(storage: Storag
     assert [row.web_searches for row in await storage.daily(DAY, DAY)] == [2]
     next_day = DAY + timedelta(days=1)
     assert await storage.daily(next_day, next_day) == []
-    await storage.reserve_upload("alice", day=DAY, month_start=MONTH, size=1000)
-    await storage.reserve_upload("alice", day=DAY, month_start=MONTH, size=24)
+    await storage.reserve_upload("alice", key="u1", day=DAY, month_start=MONTH, size=1000)
+    await storage.reserve_upload("alice", key="u2", day=DAY, month_start=MONTH, size=24)
     (row,) = await storage.daily(DAY, DAY)
     assert (row.queries, row.advanced_rag, row.web_searches, row.uploads, row.upload_bytes) == (
         2,
@@ -607,30 +607,78 @@ async def test_an_upload_is_reserved_only_while_its_limits_allow_it(storage: Sto
     await storage.ensure_user("alice", plan="free")
     earlier = DAY - timedelta(days=3)  # in the month, not today
     assert (
-        await storage.reserve_upload("alice", day=earlier, month_start=MONTH, size=600)
+        await storage.reserve_upload("alice", key="e", day=earlier, month_start=MONTH, size=600)
     ).admitted
     limits = (UPLOADS_PER_DAY, BYTES_PER_MONTH)
 
-    async def reserve(size: int) -> tuple[str | None, int, int]:
+    keys = iter(range(100))
+
+    async def reserve(size: int, key: str | None = None) -> tuple[str | None, int, int]:
         got = await storage.reserve_upload(
-            "alice", day=DAY, month_start=MONTH, size=size, limits=limits
+            "alice",
+            key=key or f"k{next(keys)}",
+            day=DAY,
+            month_start=MONTH,
+            size=size,
+            limits=limits,
         )
         used = got.counters
         return got.refused_by, int(used.of("uploads", "day")), int(used.of("upload_bytes", "month"))
 
     assert await reserve(401) == ("upload_bytes_per_month", 0, 600)  # 1001 > 1000
-    assert await reserve(400) == (None, 1, 1000)  # exactly at the limit
+    assert await reserve(400, "big") == (None, 1, 1000)  # exactly at the limit
     assert await reserve(0) == (None, 2, 1000)  # an empty file adds no bytes
     assert await reserve(0) == (None, 3, 1000)
     assert await reserve(0) == ("uploads_per_day", 3, 1000)
     (row,) = await storage.daily(DAY, DAY)
     assert (row.uploads, row.upload_bytes, row.queries) == (3, 400, 0)
-    await storage.release_upload("alice", day=DAY, size=400)
+    await storage.release_upload("alice", key="big")
+    (row,) = await storage.daily(DAY, DAY)
+    assert (row.uploads, row.upload_bytes) == (2, 0)
+    await storage.release_upload("alice", key="big")  # given back once, however often asked
+    await storage.release_upload("alice", key="never")
     (row,) = await storage.daily(DAY, DAY)
     assert (row.uploads, row.upload_bytes) == (2, 0)
     assert await reserve(400) == (None, 3, 1000)  # what was given back is usable at once
     with pytest.raises(NotFound):
-        await storage.reserve_upload("nobody", day=DAY, month_start=MONTH, size=1, limits=limits)
+        await storage.reserve_upload(
+            "nobody", key="n", day=DAY, month_start=MONTH, size=1, limits=limits
+        )
+
+
+async def test_an_upload_counted_again_under_its_key_is_counted_once(storage: Storage) -> None:
+    """Review of issue 21: the count after a reservation whose answer was lost,
+    or the bytes of a file reserved by its count alone, go by the request's
+    key: the upload is counted once, its bytes become the file's (on the day it
+    was reserved), and a give-back gives back what is counted."""
+    await storage.ensure_user("alice", plan="free")
+    limits = (UPLOADS_PER_DAY,)
+    yesterday = DAY - timedelta(days=1)
+    got = await storage.reserve_upload(
+        "alice", key="a", day=yesterday, month_start=MONTH, size=0, limits=limits
+    )
+    assert got.admitted
+    for size in (700, 700):  # the file's bytes once it was taken, asked twice
+        assert (
+            await storage.reserve_upload("alice", key="a", day=DAY, month_start=MONTH, size=size)
+        ).admitted
+    assert [(r.day, r.uploads, r.upload_bytes) for r in await storage.daily(yesterday, DAY)] == [
+        (yesterday, 1, 700)
+    ]
+    # A reservation that landed, counted again with its size: nothing more.
+    await storage.reserve_upload(
+        "alice", key="b", day=DAY, month_start=MONTH, size=50, limits=limits
+    )
+    await storage.reserve_upload("alice", key="b", day=DAY, month_start=MONTH, size=50)
+    # One that never landed is counted by the later count.
+    await storage.reserve_upload("alice", key="c", day=DAY, month_start=MONTH, size=5)
+    (row,) = await storage.daily(DAY, DAY)
+    assert (row.uploads, row.upload_bytes) == (2, 55)
+    await storage.release_upload("alice", key="b")
+    await storage.release_upload("alice", key="b")
+    await storage.release_upload("bob", key="c")  # another user's key: not theirs
+    (row,) = await storage.daily(DAY, DAY)
+    assert (row.uploads, row.upload_bytes) == (1, 5)
 
 
 async def test_a_team_upload_limit_counts_every_member(storage: Storage) -> None:
@@ -641,9 +689,9 @@ async def test_a_team_upload_limit_counts_every_member(storage: Storage) -> None
     team = Limit("team_uploads_per_day", "uploads", "day", Decimal(2), "team")
     results = [
         await storage.reserve_upload(
-            user, day=DAY, month_start=MONTH, size=10, limits=(team,), team="acme"
+            user, key=f"t{i}", day=DAY, month_start=MONTH, size=10, limits=(team,), team="acme"
         )
-        for user in ("alice", "bob", "alice")
+        for i, user in enumerate(("alice", "bob", "alice"))
     ]
     assert [r.refused_by for r in results] == [None, None, "team_uploads_per_day"]
     assert results[2].counters.of("uploads", "day", "team") == 2
@@ -666,7 +714,7 @@ async def test_upload_race_is_exact(
         results = await asyncio.gather(
             *(
                 (first if i % 2 else second).reserve_upload(
-                    "alice", day=DAY, month_start=MONTH, size=size, limits=(limit,)
+                    "alice", key=f"r{i}", day=DAY, month_start=MONTH, size=size, limits=(limit,)
                 )
                 for i in range(30)
             )
@@ -690,7 +738,12 @@ async def test_an_upload_whose_caller_is_cancelled_in_flight_is_given_back(
         kept, gone = (
             asyncio.ensure_future(
                 other.reserve_upload(
-                    "alice", day=DAY, month_start=MONTH, size=size, limits=(UPLOADS_PER_DAY,)
+                    "alice",
+                    key=f"c{size}",
+                    day=DAY,
+                    month_start=MONTH,
+                    size=size,
+                    limits=(UPLOADS_PER_DAY,),
                 )
             )
             for size in (10, 50)
@@ -736,7 +789,9 @@ async def test_iter_daily_and_count_events(storage: Storage) -> None:
     for offset in range(550):
         for user in ("alice", "bob"):
             day = DAY - timedelta(days=offset)
-            await storage.reserve_upload(user, day=day, month_start=MONTH, size=offset)
+            await storage.reserve_upload(
+                user, key=f"{user}{offset}", day=day, month_start=MONTH, size=offset
+            )
     start, end = DAY - timedelta(days=549), DAY
     rows = [r async for r in storage.iter_daily(start, end)]
     assert len(rows) == 1100

@@ -69,7 +69,8 @@ class Model:
     # (user, counter key, meter, day) -> amount: per-model limits' counters
     per_model: dict[tuple[str, str, str, date], Decimal] = field(default_factory=dict)
     upload_limits: list[Limit] = field(default_factory=list)
-    uploaded: list[tuple[str, int]] = field(default_factory=list)  # counted today: (user, size)
+    # Counted today: (user, size, key).
+    uploaded: list[tuple[str, int, str]] = field(default_factory=list)
 
     def add(self, user: str, meter: str, day: date, amount: Decimal | int) -> None:
         key = (user, meter, day)
@@ -183,7 +184,7 @@ class Model:
         self.add_models(self.open[pid], "queries", 1)
         return None, granted, None
 
-    def upload(self, limits: list[Limit], user: str, size: int) -> str | None:
+    def upload(self, limits: list[Limit], user: str, size: int, key: str) -> str | None:
         """An upload of ``size`` bytes: refused by the first limit it would pass,
         or counted (and kept, to be given back later maybe)."""
         for limit in limits:
@@ -192,14 +193,14 @@ class Model:
                 return limit.name
         self.add(user, "uploads", DAY, 1)
         self.add(user, "upload_bytes", DAY, size)
-        self.uploaded.append((user, size))
+        self.uploaded.append((user, size, key))
         return None
 
-    def release_upload(self, at: int) -> tuple[str, int]:
-        user, size = self.uploaded.pop(at)
+    def release_upload(self, at: int) -> tuple[str, str]:
+        user, size, key = self.uploaded.pop(at)
         self.add(user, "uploads", DAY, -1)
         self.add(user, "upload_bytes", DAY, -size)
-        return user, size
+        return user, key
 
     def settle(self, pid: str, now: datetime, tokens: int, cost: Decimal, web: int) -> bool:
         o = self.open.pop(pid, None)
@@ -311,15 +312,16 @@ def _upload(
     """An upload asked (reserved or refused), or one reserved given back (the
     upstream refused it): the call, and what the model expects of it."""
     if model.uploaded and rng.random() < 0.3:
-        user, size = model.release_upload(rng.randrange(len(model.uploaded)))
-        return "release_upload", storage.release_upload(user, day=DAY, size=size), None, user
+        user, key = model.release_upload(rng.randrange(len(model.uploaded)))
+        return "release_upload", storage.release_upload(user, key=key), None, user
     if not model.upload_limits or rng.random() < 0.3:
         model.upload_limits = random_upload_limits(rng)
     user = rng.choice(USERS)
     size = rng.choice([0, rng.randint(1, 900)])
-    expected = model.upload(model.upload_limits, user, size)
+    key = f"upload-{rng.getrandbits(64):x}"
+    expected = model.upload(model.upload_limits, user, size, key)
     reserved = storage.reserve_upload(
-        user, day=DAY, month_start=MONTH, size=size, limits=model.upload_limits, team="t"
+        user, key=key, day=DAY, month_start=MONTH, size=size, limits=model.upload_limits, team="t"
     )
     return "upload", _refused_by(reserved), expected, user
 
@@ -384,7 +386,9 @@ async def test_backends_agree_with_the_model(storage: Storage, seed: int, batche
     for user in USERS:
         size = rng.randint(0, 600)
         assert (
-            await storage.reserve_upload(user, day=EARLIER, month_start=MONTH, size=size)
+            await storage.reserve_upload(
+                user, key=f"earlier-{user}", day=EARLIER, month_start=MONTH, size=size
+            )
         ).admitted
         model.add(user, "uploads", EARLIER, 1)
         model.add(user, "upload_bytes", EARLIER, size)

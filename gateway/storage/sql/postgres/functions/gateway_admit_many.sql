@@ -105,7 +105,9 @@ BEGIN
         -- user), then the elements go in (user, position) order: a user's in the
         -- order they were made, those with the team's limits and those without
         -- (a reload between them) alike.
-        PERFORM 1 FROM teams WHERE id = ANY (p_teams) ORDER BY id FOR NO KEY UPDATE;
+        IF 2 = ANY (p_scopes) THEN
+            PERFORM 1 FROM teams WHERE id = ANY (p_teams) ORDER BY id FOR NO KEY UPDATE;
+        END IF;
         FOR e IN
             SELECT t.ord FROM unnest(p_users) WITH ORDINALITY AS t(user_id, ord)
             ORDER BY t.user_id, t.ord
