@@ -817,7 +817,7 @@ class PostgresStorage:
     ) -> Admission:
         reserved = limits.with_web_search(web_search)
         meters, pers, maxes, scopes, keys = _limit_arrays(reserved)
-        # Positional, in the record's order: by keyword, building it cost 3-6 µs
+        # Positional, in the record's order: by keyword, building it cost 4-5 µs
         # more a call (docs/performance.md). mypy checks each field's type.
         call = _AdmitCall(
             user_id,

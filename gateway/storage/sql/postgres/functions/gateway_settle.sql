@@ -153,12 +153,13 @@ BEGIN
     IF coalesce(cardinality(p_kinds), 0) > 0 THEN
         -- The alert checks (0009): each is (kind, period, value, threshold,
         -- spec), crossed when the limit's counter is at or past threshold %
-        -- of value. Decided one by one here rather than by a statement that
-        -- joins them with the counters: a statement's start-up cost as much as
-        -- the rest of the settle's alert work. The four original kinds read
-        -- the user's day rows: today's as the write above returned it; the
-        -- month's sum only when a check needs it; all of them in one read when
-        -- the settle did not write today's row (a superseding record).
+        -- of value. Decided one by one here rather than by one statement
+        -- joining them with the counters, which cost about a fifth of a
+        -- settle's PostgreSQL CPU even when nothing was crossed
+        -- (docs/performance.md). The four original kinds read the user's day
+        -- rows: today's as the write above returned it; the month's sum only
+        -- when a check needs it; all of them in one read when the settle did
+        -- not write today's row (a superseding record).
         IF v_queries IS NULL OR (p_month_start <= p_day) IS NOT TRUE THEN
             SELECT
                 coalesce(max(d.queries) FILTER (WHERE d.day = p_day), 0),
