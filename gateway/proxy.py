@@ -902,10 +902,12 @@ class Proxy:
         send: Send,
     ) -> None:
         ok = 200 <= status < 300
-        if ok:
-            # The upstream took the file: its reservation stays, as its record
-            # (counted again, by its key, if need be: _count_upload).
+        if ok and x.upload is not None and x.route.is_upload:
+            # The upstream took the file: its reservation stays, as its record,
+            # counted again by its key if need be (its bytes, an outcome lost),
+            # before the client hears of it and shielded from its leaving.
             self._upload_kept(x)
+            await self._kept(self._count_upload(x))
         if ok and x.route.is_history and b"json" in content_type:
             days = (await self.admitter.plan_of(x.snap, x.user_id)).chat_history_days
             if days is not None:
@@ -927,8 +929,6 @@ class Proxy:
         else:
             await self._pass_body(x, response, send)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if ok and x.upload is not None and x.route.is_upload:
-            await self._count_upload(x)
 
     async def _pass_body(self, x: Exchange, response: httpx.Response, send: Send) -> None:
         try:
