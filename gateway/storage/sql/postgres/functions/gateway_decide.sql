@@ -1,4 +1,4 @@
--- The admission rule of gateway/quota.py (`decide` and `refuses`), over the
+-- The admission rule of gateway/quota/limits.py (`decide` and `refuses`), over the
 -- counters one user's request finds: which limit, if any, refuses the request,
 -- and how many web searches it reserves. Limits come as parallel arrays (meter,
 -- window, maximum); meters are numbered as quota.METERS (1 queries, 2 advanced
@@ -9,7 +9,7 @@
 -- the limits, NULL for the others),
 -- p_charge meters 1-10. A limit of scope 2 (p_scopes; 1: the user) counts the
 -- user's team: p_team_day, p_team_month and p_team_streams.
--- tests/test_quota_backends.py checks this against the Python rule.
+-- tests/storage/test_quota_model.py checks this against the Python rule.
 CREATE OR REPLACE FUNCTION gateway_decide(
     p_meters smallint[],
     p_pers smallint[],

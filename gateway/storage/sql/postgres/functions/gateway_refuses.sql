@@ -1,4 +1,4 @@
--- gateway/quota.py's `refuses`: whether a limit of meter p_meter (numbered as
+-- gateway/quota/limits.py's `refuses`: whether a limit of meter p_meter (numbered as
 -- quota.METERS) and maximum p_max refuses a request adding p_amount to p_used.
 -- Reserved meters hold only a request that adds to them; measured ones (6-9:
 -- tokens, cost) refuse once used has reached the maximum. (PL/pgSQL, not SQL:
