@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 
 from gateway.config import DatabaseConfig
+from gateway.quota.limits import Limit
 from gateway.storage import (
     AdmissionLimits,
     AlertCheck,
@@ -222,6 +223,21 @@ async def test_an_old_database_migrates_in_place_with_nothing_lost(old_database:
         assert [(u.upstream, u.answers, u.total_tokens, u.cost) for u in by_upstream] == [
             ("default", 2, 800, Decimal("0.60"))
         ]
+        # Review of issue 21: an upload is reserved on the old day row under
+        # its request id (upload_reservations, PostgreSQL 0022, SQLite 0018):
+        # counted again under it, once; given back under it, once.
+        uploads = (Limit("uploads_per_day", "uploads", "day", Decimal(1)),)
+        for size in (0, 70, 70):
+            got = await storage.reserve_upload(
+                "alice", key="req-up", day=DAY, month_start=MONTH, size=size, limits=uploads
+            )
+            assert got.admitted
+        today = {r.day: r for r in await storage.daily(DAY, DAY, user_id="alice")}[DAY]
+        assert (today.queries, today.uploads, today.upload_bytes) == (3, 1, 70)
+        for _ in range(2):
+            await storage.release_upload("alice", key="req-up")
+        today = {r.day: r for r in await storage.daily(DAY, DAY, user_id="alice")}[DAY]
+        assert (today.uploads, today.upload_bytes) == (0, 0)
     finally:
         await storage.close()
 
