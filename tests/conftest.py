@@ -359,10 +359,18 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     cache.set(_DURATIONS, slow)
 
 
+def pytest_configure_node(node: Any) -> None:
+    """The controller reads the durations once and hands them to every worker (each
+    worker reading the cache could see another run's update, and xdist refuses
+    workers that collected different orders)."""
+    cache = getattr(node.config, "cache", None)
+    node.workerinput[_DURATIONS] = cache.get(_DURATIONS, {}) if cache is not None else {}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    cache = getattr(config, "cache", None)
-    if cache is None or not hasattr(config, "workerinput"):
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is None:
         return  # one process: the order does not matter, keep the files'
-    slow: dict[str, float] = cache.get(_DURATIONS, {})
+    slow: dict[str, float] = workerinput.get(_DURATIONS, {})
     # Stable: the other tests keep their order (and a module's tests stay together).
     items.sort(key=lambda item: -slow.get(item.nodeid, 0.0))
