@@ -599,7 +599,12 @@ async def test_forty_parallel_lowered_answers_across_two_processes_never_pass_th
                         "Authorization": f"Bearer {key}",
                         **STEER,
                         "x-fake-completion-tokens": "cap",
-                        "x-fake-delay-ms": "5",
+                        # Long enough for all 40 to be decided before the first
+                        # answer settles: a settle gives back what its bound
+                        # held beyond its cost, and with answers settling in
+                        # between, the room could pass from a whole bound to
+                        # less than any lowered one and no cap be lowered.
+                        "x-fake-delay-ms": "400",
                     },
                 )
                 for i in range(40)
