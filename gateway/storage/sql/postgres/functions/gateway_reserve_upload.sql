@@ -59,31 +59,10 @@ BEGIN
         WHERE u.user_id = p_user AND u.day = v_held_day;
         UPDATE upload_reservations SET size = p_size WHERE id = p_key;
     END IF;
-    SELECT ARRAY[
-        u.queries, u.advanced_rag, u.web_searches, u.uploads, u.upload_bytes,
-        u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost + u.cost_reserved
-    ]::numeric[]
-    INTO v_day
-    FROM usage_daily u WHERE u.user_id = p_user AND u.day = p_day;
-    IF v_day IS NULL THEN
-        v_day := '{0,0,0,0,0,0,0,0,0}'::numeric[];
-    END IF;
-    IF 2 = ANY (p_pers) THEN
-        SELECT ARRAY[
-            v_day[1] + coalesce(sum(u.queries), 0),
-            v_day[2] + coalesce(sum(u.advanced_rag), 0),
-            v_day[3] + coalesce(sum(u.web_searches), 0),
-            v_day[4] + coalesce(sum(u.uploads), 0),
-            v_day[5] + coalesce(sum(u.upload_bytes), 0),
-            v_day[6] + coalesce(sum(u.prompt_tokens), 0),
-            v_day[7] + coalesce(sum(u.completion_tokens), 0),
-            v_day[8] + coalesce(sum(u.total_tokens), 0),
-            v_day[9] + coalesce(sum(u.cost + u.cost_reserved), 0)
-        ]::numeric[]
-        INTO v_month
-        FROM usage_daily u
-        WHERE u.user_id = p_user AND u.day >= p_month_start AND u.day < p_day;
-    END IF;
+    SELECT c.day_used, c.month_used INTO v_day, v_month
+    FROM gateway_user_counters(
+        p_user, p_day, CASE WHEN 2 = ANY (p_pers) THEN p_month_start END
+    ) c;
     IF v_team THEN
         SELECT c.day_used, c.month_used, c.streams INTO v_team_day, v_team_month, v_team_streams
         FROM gateway_team_counters(
