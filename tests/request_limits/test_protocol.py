@@ -170,6 +170,24 @@ def test_the_default_cap_leaves_room_under_the_open_files_limit() -> None:
     assert cap >= 16 and (soft == resource.RLIM_INFINITY or 2 * cap + 10 < soft)
 
 
+async def flood(gateway: GatewayProcess, count: int) -> tuple[list[bytes], float, str, bytes]:
+    """Open ``count`` idle connections to ``gateway serve`` one after another and
+    read each to its end: their answers, the seconds the opening took, the
+    worker's connection-limit warning, and a health check's answer made after."""
+    started = time.monotonic()
+    idle = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(count)]
+    opening = time.monotonic() - started
+    answers = await asyncio.gather(*(read_all(r) for r, _ in idle))
+    for _, writer in idle:
+        writer.close()
+    warning = await gateway.wait_for_line("connection limit reached")
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    health = await read_all(reader)
+    writer.close()
+    return answers, opening, warning, health
+
+
 async def test_gateway_serve_times_out_heads_and_caps_connections(tmp_path: Path) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text(
@@ -179,17 +197,7 @@ async def test_gateway_serve_times_out_heads_and_caps_connections(tmp_path: Path
     gateway = await GatewayProcess.start(config, {})
     try:
         # 200 idle connections, far past the cap: the worker keeps serving.
-        started = time.monotonic()
-        idle = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(200)]
-        opening = time.monotonic() - started
-        answers = await asyncio.gather(*(read_all(r) for r, _ in idle))
-        for _, writer in idle:
-            writer.close()
-        warning = await gateway.wait_for_line("connection limit reached")
-        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        health = await read_all(reader)
-        writer.close()
+        answers, opening, warning, health = await flood(gateway, 200)
     finally:
         await gateway.terminate()
     refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
@@ -215,17 +223,7 @@ async def test_gateway_serve_under_a_low_open_files_limit_keeps_serving(tmp_path
         # (256 - 10 database connections - 64) // 2 = 91.
         _, hard = resource.prlimit(gateway.proc.pid, resource.RLIMIT_NOFILE)
         resource.prlimit(gateway.proc.pid, resource.RLIMIT_NOFILE, (256, hard))
-        started = time.monotonic()
-        idle = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(400)]
-        opening = time.monotonic() - started
-        answers = await asyncio.gather(*(read_all(r) for r, _ in idle))
-        for _, writer in idle:
-            writer.close()
-        warning = await gateway.wait_for_line("connection limit reached")
-        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        health = await read_all(reader)
-        writer.close()
+        answers, opening, warning, health = await flood(gateway, 400)
     finally:
         await gateway.terminate()
     assert "server.max_connections = 91" in warning
