@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import ssl
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,14 +31,6 @@ from tests.tcpproxy import TCPProxy
 
 ADMIN_DSN = os.environ.get("GATEWAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 REQUIRE_POSTGRES = os.environ.get("GATEWAY_REQUIRE_POSTGRES", "") not in ("", "0", "false")
-
-# PYTHONDONTWRITEBYTECODE=1 (set in some environments, this project's machines
-# among them) also stops pytest from keeping the test modules it rewrote for its
-# assertion messages: every pytest process then rewrote and compiled all of them at
-# every run, about 6 s of CPU each (docs/testing.md). The pytest process writes
-# bytecode again, into the __pycache__ directories git ignores; the processes the
-# tests start keep the variable.
-sys.dont_write_bytecode = False
 
 # No property test is timed: hypothesis's default 200 ms deadline per example
 # failed a test on a loaded machine (342 ms) that checks bytes, not speed.
