@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import ssl
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,20 +39,27 @@ hypothesis.settings.register_profile("gateway", deadline=None)
 hypothesis.settings.load_profile("gateway")
 
 
-_create_ssl_context = httpx.create_ssl_context
+def _shared(create: Any) -> Any:
+    """``create`` (an httpx ``create_ssl_context``), building each context of the
+    default arguments once."""
+
+    @functools.cache
+    def default(verify: bool, trust_env: bool) -> ssl.SSLContext:
+        context: ssl.SSLContext = create(verify=verify, trust_env=trust_env)
+        return context
+
+    def shared(
+        verify: ssl.SSLContext | str | bool = True, cert: Any = None, trust_env: bool = True
+    ) -> ssl.SSLContext:
+        if isinstance(verify, bool) and cert is None:
+            return default(verify, trust_env)
+        context: ssl.SSLContext = create(verify=verify, cert=cert, trust_env=trust_env)
+        return context
+
+    return shared
 
 
-@functools.cache
-def _default_ssl_context(verify: bool, trust_env: bool) -> ssl.SSLContext:
-    return _create_ssl_context(verify=verify, trust_env=trust_env)
-
-
-def _shared_ssl_context(
-    verify: ssl.SSLContext | str | bool = True, cert: Any = None, trust_env: bool = True
-) -> ssl.SSLContext:
-    if isinstance(verify, bool) and cert is None:
-        return _default_ssl_context(verify, trust_env)
-    return _create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
+_shared_ssl_context = _shared(httpx.create_ssl_context)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -59,12 +67,19 @@ def shared_ssl_context() -> Iterator[None]:
     """Every httpx client builds an SSL context by loading the whole CA bundle (about
     25 ms of CPU) even when it only speaks plain HTTP to 127.0.0.1, and the suite
     builds hundreds (each test's clients and each gateway's upstream client). The
-    contexts of one set of arguments are alike, so the run builds each once."""
+    contexts of one set of arguments are alike, so the run builds each once. The
+    official SDKs' clients (openai, anthropic) are on httpx2, httpx's fork, which
+    builds its own (a thousand-odd in a run); it is patched too when a test module
+    has imported it."""
     with pytest.MonkeyPatch.context() as patch:
         # httpx's transport imported the function by name; httpx-aiohttp calls it
         # through the package.
         patch.setattr(httpx, "create_ssl_context", _shared_ssl_context)
         patch.setattr(httpx._transports.default, "create_ssl_context", _shared_ssl_context)
+        if (httpx2 := sys.modules.get("httpx2")) is not None:
+            shared = _shared(httpx2.create_ssl_context)
+            patch.setattr(httpx2, "create_ssl_context", shared)
+            patch.setattr(httpx2._transports.default, "create_ssl_context", shared)
         yield
 
 
