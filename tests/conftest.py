@@ -9,12 +9,14 @@ $GATEWAY_REQUIRE_POSTGRES is set (CI sets it), in which case they fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import secrets
 import shutil
 import ssl
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -228,12 +230,45 @@ def _postgres_emptier(postgres_dsn: str) -> Iterator[_Emptier]:
     emptier.close()
 
 
+# The tests' SQLite files go to memory (a tmpfs) where there is one with room: on a
+# disk, each file's first writes, its checkpoints and its closing wait for fsyncs,
+# ~20 ms of a test with a gateway on SQLite that the tests do not test (they stop
+# gateways, never the machine). Elsewhere they stay in the test's tmp_path.
+_RAM = Path("/dev/shm")
+_RAM_ROOM = 1 << 30
+
+
+def _ram_root() -> Path | None:
+    try:
+        stat = os.statvfs(_RAM)
+    except OSError:
+        return None
+    if not os.access(_RAM, os.W_OK) or stat.f_bavail * stat.f_frsize < _RAM_ROOM:
+        return None
+    return _RAM
+
+
 @pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _sqlite_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """This pytest process's directory for SQLite files, removed at its end."""
+    ram = _ram_root()
+    if ram is None:
+        yield tmp_path_factory.mktemp("sqlite")
+        return
+    root = Path(tempfile.mkdtemp(prefix=f"gateway-tests-{os.getpid()}-", dir=ram))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(_sqlite_root: Path) -> Path:
     """One migrated SQLite database per pytest process, copied for each test that
     wants one: migrating a new file costs about 100 ms of waiting for fsyncs, a copy
     a few."""
-    path = tmp_path_factory.mktemp("sqlite-template") / "gateway.db"
+    path = _sqlite_root / "template" / "gateway.db"
+    path.parent.mkdir()
 
     async def migrate() -> None:
         storage = await open_storage(DatabaseConfig(url=f"sqlite:///{path}"))
@@ -246,26 +281,36 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _sqlite_copy(template: Path, tmp_path: Path) -> str:
-    target = tmp_path / "gateway.db"
+@contextlib.contextmanager
+def _sqlite_copy(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A copy of the template in a directory of its own, removed after the test."""
+    template: Path = request.getfixturevalue("sqlite_template")
+    folder = Path(tempfile.mkdtemp(dir=request.getfixturevalue("_sqlite_root")))
+    target = folder / "gateway.db"
     shutil.copyfile(template, target)
-    return f"sqlite:///{target}"
+    try:
+        yield f"sqlite:///{target}"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
-def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
-    """A migrated, empty SQLite database in the test's temporary directory."""
-    return _sqlite_copy(sqlite_template, tmp_path)
+def sqlite_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A migrated, empty SQLite database of the test's own."""
+    with _sqlite_copy(request) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """A migrated, empty database of each backend."""
     if request.param == "sqlite":
-        return _sqlite_copy(request.getfixturevalue("sqlite_template"), tmp_path)
+        with _sqlite_copy(request) as url:
+            yield url
+        return
     dsn: str = request.getfixturevalue("postgres_dsn")
     request.getfixturevalue("_postgres_emptier").empty()
-    return dsn
+    yield dsn
 
 
 @pytest.fixture
