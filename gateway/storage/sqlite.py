@@ -1452,21 +1452,32 @@ class SQLiteStorage:
         def run(conn: sqlite3.Connection) -> Admission:
             # Under BEGIN IMMEDIATE no other connection can write between these
             # reads and the increment below, so check-then-increment is atomic here.
-            if conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
+            streams = 0
+            if limits.counts_streams:
+                # Whether the user exists, their leases and how many of them have
+                # expired, in one statement; the expired ones (rarely any: a lease
+                # ends with its answer) are deleted only when there are some.
+                stamp = _ts(now)
+                known, leases, expired = conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM users WHERE id = ?), count(*), "
+                    "count(CASE WHEN expires_at <= ? THEN 1 END) "
+                    "FROM stream_leases WHERE user_id = ?",
+                    (user_id, stamp, user_id),
+                ).fetchone()
+                if not known:
+                    raise NotFound(f"no user {user_id!r}")
+                if expired:
+                    conn.execute(
+                        "DELETE FROM stream_leases WHERE user_id = ? AND expires_at <= ?",
+                        (user_id, stamp),
+                    )
+                streams = leases - expired
+            elif conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
                 raise NotFound(f"no user {user_id!r}")
             day_used, month_sums = _day_and_month(conn, user_id, today, month_start.isoformat())
             # As PostgreSQL, which reads the month only for a monthly limit.
             monthly = any(limit.per == "month" for limit in checked)
             month_used = month_sums if monthly else None
-            streams = 0
-            if limits.counts_streams:
-                conn.execute(
-                    "DELETE FROM stream_leases WHERE user_id = ? AND expires_at <= ?",
-                    (user_id, _ts(now)),
-                )
-                streams = conn.execute(
-                    "SELECT count(*) FROM stream_leases WHERE user_id = ?", (user_id,)
-                ).fetchone()[0]
             epoch = now.timestamp()
             buckets = {
                 at: _rate_buckets(conn, user_id, limit, epoch, team)
