@@ -12,9 +12,11 @@ Writes are group-committed (gateway/storage/group.py): every call, read or
 write, goes through one queue, and those made while a batch is on the thread go
 together as the next one - one hop to the thread, one ``BEGIN IMMEDIATE`` and
 one ``COMMIT`` for all of them. In the batch they run in the order they were
-made, each write in a savepoint of its own, so each sees the ones before it
-exactly as it would one after another, and one that fails is rolled back to its
-savepoint and fails alone. Nothing is answered before the batch commits. A call
+made, so each sees the ones before it exactly as it would one after another,
+and one that fails fails alone: when a write raises, the batch is rolled back
+and made again with each write in a savepoint of its own, the one at fault
+rolled back to its savepoint (`_batch`). Nothing is answered before the batch
+commits. A call
 that finds nothing in flight goes alone (a write as a plain transaction); an
 admission, settle or refund that goes alone is made on the event loop itself,
 in the turn it is sent, since its work holds the GIL anyway (no thread hop, no
@@ -447,18 +449,41 @@ class _Call(NamedTuple):
     now: bool = False
 
 
+class _WriteFailed(Exception):
+    """A write of a batch made without savepoints raised: the batch is made
+    again, each write in a savepoint."""
+
+
 def _batch(conn: sqlite3.Connection, calls: Sequence[_Call]) -> list[Any]:
-    """The calls of a batch in one transaction, in order, each write in a
-    savepoint: one that raises is rolled back to its savepoint and its error is
-    its outcome, the others' writes stand. Nothing of it is written when the
+    """The calls of a batch in one transaction, in order: one that raises fails
+    alone, the others' writes stand. Nothing of it is written when the
     transaction cannot begin (every caller's error) or commit, or SQLite ends it
-    itself: then `SplitBatch`, and the calls are made again each on its own."""
+    itself: then `SplitBatch`, and the calls are made again each on its own.
+
+    The batch is made first without savepoints (each costs two statements per
+    write, and SQLite keeps the pages a write changes under one in a
+    sub-journal); only when a write raises - rarely: an unknown user, a
+    duplicate request id - is the transaction rolled back and the whole batch
+    made again with each write in a savepoint of its own, so that the one at
+    fault is rolled back to its savepoint. The calls' functions only read and
+    write the connection, so making them again gives what the first time would
+    have given from the same rows."""
+    try:
+        return _in_one_transaction(conn, calls, savepoints=False)
+    except _WriteFailed:
+        return _in_one_transaction(conn, calls, savepoints=True)
+
+
+def _in_one_transaction(
+    conn: sqlite3.Connection, calls: Sequence[_Call], *, savepoints: bool
+) -> list[Any]:
     # A batch of reads only takes no write lock.
     conn.execute("BEGIN IMMEDIATE" if any(call.writes for call in calls) else "BEGIN")
     outcomes: list[Any] = []
     try:
         for call in calls:
-            if call.writes:
+            kept = savepoints and call.writes
+            if kept:
                 conn.execute("SAVEPOINT call")
             try:
                 outcomes.append(call.run(conn))
@@ -468,10 +493,12 @@ def _batch(conn: sqlite3.Connection, calls: Sequence[_Call]) -> list[Any]:
                     # error): the batch's earlier writes went with it, so each
                     # call is made again on its own.
                     raise SplitBatch(f"{type(exc).__name__}: {exc}") from exc
-                if call.writes:
+                if call.writes and not kept:
+                    raise _WriteFailed from exc  # rolled back below, made again
+                if kept:
                     conn.execute("ROLLBACK TO call")
                 outcomes.append(_error(exc))
-            if call.writes:
+            if kept:
                 conn.execute("RELEASE call")
         try:
             conn.execute("COMMIT")
