@@ -71,15 +71,14 @@ from gateway.storage.base import (
     DailyUsage,
     Delivery,
     Lease,
-    ModelUsage,
     OutboxItem,
     OverrideValue,
     PausedForm,
     Pending,
     Team,
     TeamSummary,
-    UpstreamUsage,
     UsageEvent,
+    UsageGroup,
     User,
     UserSort,
     UserSummary,
@@ -88,11 +87,10 @@ from gateway.storage.base import (
     alerts_with_deliveries,
     delivery,
     model_counters,
-    model_usage,
     rate_buckets,
     team_daily,
     team_summary,
-    upstream_usage,
+    usage_group,
 )
 from gateway.storage.group import GroupCommit, SplitBatch
 
@@ -1192,24 +1190,22 @@ class PostgresStorage:
         with _mapped():
             return int(await self._pool.fetchval(sql, *params))
 
-    async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[ModelUsage]:
+    async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[UsageGroup]:
         with _mapped():
             rows = await self._pool.fetch(_USAGE_BY_MODEL, user_id, start, end)
-        return [model_usage(row, row[7]) for row in rows]
+        return [usage_group(row, row[7]) for row in rows]
 
-    async def usage_by_upstream(
-        self, user_id: str, *, start: date, end: date
-    ) -> list[UpstreamUsage]:
+    async def usage_by_upstream(self, user_id: str, *, start: date, end: date) -> list[UsageGroup]:
         with _mapped():
             rows = await self._pool.fetch(_USAGE_BY_UPSTREAM, user_id, start, end)
-        return [upstream_usage(row, row[7]) for row in rows]
+        return [usage_group(row, row[7]) for row in rows]
 
     async def team_usage_by_upstream(
         self, team_id: str, *, start: date, end: date
-    ) -> list[UpstreamUsage]:
+    ) -> list[UsageGroup]:
         with _mapped():
             rows = await self._pool.fetch(_TEAM_USAGE_BY_UPSTREAM, team_id, start, end)
-        return [upstream_usage(row, row[7]) for row in rows]
+        return [usage_group(row, row[7]) for row in rows]
 
     async def costs_by_currency(self) -> dict[str, Decimal]:
         with _mapped():

@@ -105,15 +105,14 @@ from gateway.storage.base import (
     Crossing,
     DailyUsage,
     Lease,
-    ModelUsage,
     OutboxItem,
     OverrideValue,
     PausedForm,
     Pending,
     Team,
     TeamSummary,
-    UpstreamUsage,
     UsageEvent,
+    UsageGroup,
     User,
     UserSort,
     UserSummary,
@@ -123,12 +122,11 @@ from gateway.storage.base import (
     crossed,
     delivery,
     model_counters,
-    model_usage,
     parse_alert_spec,
     rate_buckets,
     team_daily,
     team_summary,
-    upstream_usage,
+    usage_group,
 )
 from gateway.storage.group import GroupCommit, NotNow, SplitBatch
 
@@ -2033,30 +2031,28 @@ class SQLiteStorage:
             params.append(user_id)
         return await self._run(lambda conn: int(conn.execute(sql, params).fetchone()[0]))
 
-    async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[ModelUsage]:
+    async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[UsageGroup]:
         params = (user_id, start.isoformat(), end.isoformat())
         return await self._run(
             lambda conn: [
-                model_usage(row, Decimal(row[7] or "0"))
+                usage_group(row, Decimal(row[7] or "0"))
                 for row in conn.execute(_USAGE_BY_MODEL, params).fetchall()
             ]
         )
 
-    async def usage_by_upstream(
-        self, user_id: str, *, start: date, end: date
-    ) -> list[UpstreamUsage]:
+    async def usage_by_upstream(self, user_id: str, *, start: date, end: date) -> list[UsageGroup]:
         return await self._by_upstream(_USAGE_BY_UPSTREAM, user_id, start, end)
 
     async def team_usage_by_upstream(
         self, team_id: str, *, start: date, end: date
-    ) -> list[UpstreamUsage]:
+    ) -> list[UsageGroup]:
         return await self._by_upstream(_TEAM_USAGE_BY_UPSTREAM, team_id, start, end)
 
-    async def _by_upstream(self, sql: str, who: str, start: date, end: date) -> list[UpstreamUsage]:
+    async def _by_upstream(self, sql: str, who: str, start: date, end: date) -> list[UsageGroup]:
         params = (who, start.isoformat(), end.isoformat())
         return await self._run(
             lambda conn: [
-                upstream_usage(row, Decimal(row[7] or "0"))
+                usage_group(row, Decimal(row[7] or "0"))
                 for row in conn.execute(sql, params).fetchall()
             ]
         )
