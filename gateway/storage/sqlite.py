@@ -26,7 +26,8 @@ thread (`SQLiteStorage._call_now`).
 Durability: WAL with ``synchronous = NORMAL``. A committed call survives a crash
 of the process; a power cut or an OS crash may lose the last few commits (never
 corrupt the file): commits do not wait for an fsync, checkpoints do. No commit
-checkpoints: every CHECKPOINT_EVERY writes a PASSIVE checkpoint runs on a
+checkpoints: every CHECKPOINT_PAGES pages or so (counted in write calls, at the
+pages per call the last checkpoint found) a PASSIVE checkpoint runs on a
 second connection on a thread of its own, beside the calls. If writes went on
 meanwhile, a ``wal_checkpoint(RESTART)`` follows as a call on the connection's
 thread, with no write in flight, so the next write starts the WAL again from its
@@ -150,10 +151,18 @@ _EXPORT_BATCH = 1000
 # few dozen a larger batch saves little, and a batch holds the write lock until
 # it commits.
 DEFAULT_MAX_BATCH = 64
-# Write calls between two WAL checkpoints: about the 1,000 pages of SQLite's
-# own automatic checkpoint, at about 10 pages a call (an admission writes a
-# day row, a lease and a pending row with their indexes, a settle more).
+# A checkpoint is made when about this many pages were written to the WAL since
+# the last one: SQLite's own automatic checkpoint's 1,000.
+CHECKPOINT_PAGES = 1000
+# Write calls before the first WAL checkpoint, and the fewest between two: about
+# CHECKPOINT_PAGES at about 10 pages a call made alone (an admission writes a
+# day row, a lease and a pending row with their indexes, a settle more). Calls
+# made together in a batch share the pages they change (100 write calls in
+# batches of about 16 wrote 35 to 190 pages, in batches of about 64 10 to 100),
+# so after each checkpoint the next comes after as many calls as wrote about
+# CHECKPOINT_PAGES pages before it, at most CHECKPOINT_MOST.
 CHECKPOINT_EVERY = 100
+CHECKPOINT_MOST = 2000
 # What the WAL is cut back to when it starts again: a few checkpoints' worth.
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 
@@ -521,12 +530,13 @@ def _busy(exc: Exception) -> bool:
     )
 
 
-def _checkpoint_wal(conn: sqlite3.Connection) -> bool:
+def _checkpoint_wal(conn: sqlite3.Connection) -> tuple[bool, int]:
     """Copy the WAL's committed pages into the database file, without waiting
-    for readers or writers (what SQLite's automatic checkpoint does); False
-    when it could not copy all those it found (another connection's reader)."""
+    for readers or writers (what SQLite's automatic checkpoint does): whether
+    it copied all those it found (not when another connection reads), and how
+    many pages the WAL held."""
     busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-    return not busy and copied == frames
+    return not busy and copied == frames, max(frames, 0)
 
 
 def _restart_wal(conn: sqlite3.Connection) -> None:
@@ -944,6 +954,7 @@ class SQLiteStorage:
         # that finds the write lock taken goes to the thread, which waits).
         self._loop_timeout = False
         self._writes = 0  # write calls since the last checkpoint
+        self._checkpoint_every = CHECKPOINT_EVERY  # then as many as wrote CHECKPOINT_PAGES
         self._checkpointing = False
         # Checkpoints run on a connection and a thread of their own, so that
         # the calls go on meanwhile (a PASSIVE checkpoint blocks no writer).
@@ -1023,26 +1034,32 @@ class SQLiteStorage:
         return result
 
     def _wrote(self, calls: int) -> None:
-        """Count write calls; every CHECKPOINT_EVERY, a checkpoint on the thread."""
+        """Count write calls; every ``_checkpoint_every``, a checkpoint on the thread."""
         self._writes += calls
-        if self._writes < CHECKPOINT_EVERY or self._checkpointing:
+        if self._writes < self._checkpoint_every or self._checkpointing:
             return
-        self._writes = 0
+        counted, self._writes = self._writes, 0
         self._checkpointing = True
-        task = asyncio.create_task(self._checkpoint())
+        task = asyncio.create_task(self._checkpoint(counted))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _checkpoint(self) -> None:
+    async def _checkpoint(self, counted: int) -> None:
+        """Checkpoint the WAL, which ``counted`` write calls filled since the
+        last checkpoint; the next comes after as many calls as would write about
+        CHECKPOINT_PAGES pages at the rate these did."""
         loop = asyncio.get_running_loop()
         try:
             if self._checkpointer is None:
                 self._checkpointer = await loop.run_in_executor(
                     self._checkpoints, _connect, self._path, self._timeout
                 )
-            copied = await loop.run_in_executor(
+            copied, pages = await loop.run_in_executor(
                 self._checkpoints, _checkpoint_wal, self._checkpointer
             )
+            if pages:
+                every = counted * CHECKPOINT_PAGES // pages
+                self._checkpoint_every = min(CHECKPOINT_MOST, max(CHECKPOINT_EVERY, every))
             if copied and not self._writes:
                 return  # the next write starts the WAL again from its beginning
             # Writes went on meanwhile, their frames behind the copied ones: a

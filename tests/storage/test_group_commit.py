@@ -47,7 +47,7 @@ from gateway.storage import (
 )
 from gateway.storage.group import GroupCommit, NotNow, SplitBatch
 from gateway.storage.postgres import PostgresStorage
-from gateway.storage.sqlite import CHECKPOINT_EVERY, SQLiteStorage
+from gateway.storage.sqlite import CHECKPOINT_EVERY, CHECKPOINT_MOST, SQLiteStorage
 from tests.conftest import _truncate
 
 T = TypeVar("T")
@@ -1127,6 +1127,29 @@ async def test_sqlite_the_wal_stays_bounded_under_sustained_writes(lite: SQLiteS
         peak = max(peak, file_size(wal))
     await asyncio.gather(*lite._background)
     assert peak < 16 * 1024 * 1024, f"the WAL reached {peak // 1024} KiB"
+
+
+async def test_sqlite_checkpoints_by_the_pages_batches_write(lite: SQLiteStorage) -> None:
+    """Calls made together share the pages they change: after the first
+    checkpoint the next ones come after as many calls as wrote about
+    CHECKPOINT_PAGES pages, more than CHECKPOINT_EVERY under batches (at most
+    CHECKPOINT_MOST), and the WAL stays as bounded as with calls made alone."""
+    await lite.ensure_user("alice", plan="free")
+    wal = lite_path(lite) + "-wal"
+    peak = 0
+    for turn in range(40):
+        names = [f"r{turn}-{i}" for i in range(32)]
+        assert all(
+            a.admitted for a in await asyncio.gather(*(admit(lite, "alice", n) for n in names))
+        )
+        settles = [lite.settle(settle_event(f"m-{n}"), pending_id=n) for n in names]
+        assert all(await asyncio.gather(*settles))
+        peak = max(peak, file_size(wal))
+    await asyncio.gather(*lite._background)
+    assert CHECKPOINT_EVERY < lite._checkpoint_every <= CHECKPOINT_MOST
+    assert peak < 16 * 1024 * 1024, f"the WAL reached {peak // 1024} KiB"
+    (day,) = await lite.daily(DAY, DAY)
+    assert (day.queries, day.total_tokens) == (1280, 128_000)
 
 
 async def test_sqlite_close_answers_a_batch_in_flight_and_gives_back_an_abandoned_admission(
