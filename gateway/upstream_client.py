@@ -30,7 +30,7 @@ checks that every exception class these libraries define is in it.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Final, Literal
 
 import aiohttp
@@ -433,6 +433,17 @@ class UpstreamClient:
         if type(stream) is AiohttpBody:
             return stream.__aiter__()
         return response.aiter_raw()
+
+    @staticmethod
+    def ended(response: httpx.Response) -> Callable[[], bool] | None:
+        """For an answer read from aiohttp's stream (`raw`): a test of whether its
+        body is over, nothing left to read - true as soon as the last chunk came
+        with the end of the body, before the reader asks for more. None for other
+        streams (they do not tell)."""
+        stream = response.stream
+        if type(stream) is AiohttpBody:
+            return stream._aiohttp.content.at_eof
+        return None
 
     @staticmethod
     async def decoded(response: httpx.Response) -> AsyncIterator[bytes]:

@@ -488,11 +488,27 @@ async def test_expired_leases_do_not_count(storage: Storage) -> None:
         "alice", day=DAY, month_start=MONTH, now=later, limits=limits, lease=lease("b")
     )
     assert admission.admitted and admission.counters.open_streams == 1
+    # The expired lease is gone, the new one counts: a third is refused.
+    assert await storage.open_streams("alice", now=later) == 1
+    assert not (
+        await storage.admit(
+            "alice", day=DAY, month_start=MONTH, now=later, limits=limits, lease=lease("c")
+        )
+    ).admitted
 
 
-async def test_admitting_an_unknown_user_fails(storage: Storage) -> None:
+@pytest.mark.parametrize(
+    "limits",
+    [AdmissionLimits(), AdmissionLimits(max_concurrent_streams=1)],
+    ids=["no-stream-limit", "stream-limit"],
+)
+async def test_admitting_an_unknown_user_fails(storage: Storage, limits: AdmissionLimits) -> None:
+    # (With a stream limit SQLite asks whether the user exists in the statement
+    # that counts their leases.)
     with pytest.raises(NotFound):
-        await storage.admit("nobody", day=DAY, month_start=MONTH, now=NOW, limits=AdmissionLimits())
+        await storage.admit(
+            "nobody", day=DAY, month_start=MONTH, now=NOW, limits=limits, lease=lease("n")
+        )
 
 
 async def test_stream_limit_race_is_exact(storage: Storage, database_url: str) -> None:

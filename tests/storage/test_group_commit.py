@@ -47,7 +47,7 @@ from gateway.storage import (
 )
 from gateway.storage.group import GroupCommit, NotNow, SplitBatch
 from gateway.storage.postgres import PostgresStorage
-from gateway.storage.sqlite import CHECKPOINT_EVERY, SQLiteStorage
+from gateway.storage.sqlite import CHECKPOINT_EVERY, CHECKPOINT_MOST, SQLiteStorage
 from tests.conftest import _truncate
 
 T = TypeVar("T")
@@ -955,6 +955,37 @@ async def test_sqlite_a_failing_write_is_rolled_back_to_its_savepoint(lite: SQLi
     assert (day.queries, day.total_tokens) == (2, 100)
 
 
+async def test_sqlite_a_batch_takes_savepoints_only_when_a_write_fails(
+    lite: SQLiteStorage,
+) -> None:
+    """A batch is made without savepoints; one whose write raised is rolled back
+    and made again with them, with the same outcomes as one call after another."""
+    await lite.ensure_user("alice", plan="free")
+    statements: list[str] = []
+    lite._conn.set_trace_callback(statements.append)
+    results = await in_order(
+        admit(lite, "alice", "r1"),
+        admit(lite, "alice", "r2"),
+        made(lite.settle(settle_event("m1"), pending_id="r1")),
+    )
+    assert all(r.admitted for r in (results[0], results[1])) and results[2] is True  # type: ignore[union-attr]
+    assert not [sql for sql in statements if "SAVEPOINT" in sql]
+    assert statements.count("BEGIN IMMEDIATE") == 1 and statements.count("COMMIT") == 1
+    statements.clear()
+    results = await in_order(
+        admit(lite, "alice", "r3"),
+        made(lite.settle(settle_event("m2"), pending_id="r2")),
+        admit(lite, "alice", "r3"),  # its pending row's insert fails: the batch again
+        admit(lite, "alice", "r4"),
+    )
+    assert results[0].admitted and results[1] is True and results[3].admitted  # type: ignore[union-attr]
+    assert isinstance(results[2], StorageError)
+    assert statements.count("BEGIN IMMEDIATE") == 2 and statements.count("ROLLBACK") == 1
+    assert statements.count("SAVEPOINT call") == 4 and statements.count("ROLLBACK TO call") == 1
+    (day,) = await lite.daily(DAY, DAY)
+    assert (day.queries, day.total_tokens) == (4, 200)
+
+
 async def test_sqlite_a_transaction_sqlite_ends_itself_splits_the_batch(
     lite: SQLiteStorage,
 ) -> None:
@@ -1096,6 +1127,29 @@ async def test_sqlite_the_wal_stays_bounded_under_sustained_writes(lite: SQLiteS
         peak = max(peak, file_size(wal))
     await asyncio.gather(*lite._background)
     assert peak < 16 * 1024 * 1024, f"the WAL reached {peak // 1024} KiB"
+
+
+async def test_sqlite_checkpoints_by_the_pages_batches_write(lite: SQLiteStorage) -> None:
+    """Calls made together share the pages they change: after the first
+    checkpoint the next ones come after as many calls as wrote about
+    CHECKPOINT_PAGES pages, more than CHECKPOINT_EVERY under batches (at most
+    CHECKPOINT_MOST), and the WAL stays as bounded as with calls made alone."""
+    await lite.ensure_user("alice", plan="free")
+    wal = lite_path(lite) + "-wal"
+    peak = 0
+    for turn in range(40):
+        names = [f"r{turn}-{i}" for i in range(32)]
+        assert all(
+            a.admitted for a in await asyncio.gather(*(admit(lite, "alice", n) for n in names))
+        )
+        settles = [lite.settle(settle_event(f"m-{n}"), pending_id=n) for n in names]
+        assert all(await asyncio.gather(*settles))
+        peak = max(peak, file_size(wal))
+    await asyncio.gather(*lite._background)
+    assert CHECKPOINT_EVERY < lite._checkpoint_every <= CHECKPOINT_MOST
+    assert peak < 16 * 1024 * 1024, f"the WAL reached {peak // 1024} KiB"
+    (day,) = await lite.daily(DAY, DAY)
+    assert (day.queries, day.total_tokens) == (1280, 128_000)
 
 
 async def test_sqlite_close_answers_a_batch_in_flight_and_gives_back_an_abandoned_admission(
