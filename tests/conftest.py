@@ -17,6 +17,7 @@ import shutil
 import ssl
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,21 @@ def _ram_root() -> Path | None:
     return _RAM
 
 
+_RAM_PREFIX = "gateway-tests-"
+_RAM_STALE = 6 * 3600  # seconds: a run's directory changes at each test it runs
+
+
+def _sweep(ram: Path) -> None:
+    """Remove what killed runs left in memory: their directories stay until the
+    machine restarts. A live run's directory changed a moment ago (each test makes
+    and removes one in it), so only those unchanged for hours go."""
+    now = time.time()
+    for folder in ram.glob(f"{_RAM_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if now - folder.stat().st_mtime > _RAM_STALE:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def _sqlite_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """This pytest process's directory for SQLite files, removed at its end."""
@@ -255,7 +271,8 @@ def _sqlite_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if ram is None:
         yield tmp_path_factory.mktemp("sqlite")
         return
-    root = Path(tempfile.mkdtemp(prefix=f"gateway-tests-{os.getpid()}-", dir=ram))
+    _sweep(ram)
+    root = Path(tempfile.mkdtemp(prefix=f"{_RAM_PREFIX}{os.getpid()}-", dir=ram))
     try:
         yield root
     finally:
