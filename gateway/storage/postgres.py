@@ -223,7 +223,9 @@ _SETTLE_MANY_ARGS = (
     *_SettleCall._fields[_CHECKS.stop :],
 )
 _ADMIT = _call("SELECT * FROM gateway_admit", len(_AdmitCall._fields))
-_ADMIT_BATCHED = _call("SELECT * FROM gateway_admit_batched", len(_AdmitCall._fields))
+# A batch of one: gateway_admit with p_batched (an unknown user is known =
+# false, under the batches' lock timeout).
+_ADMIT_BATCHED = _ADMIT.removesuffix(")") + ", true)"
 _SETTLE = _call("SELECT gateway_settle", len(_SettleCall._fields))
 _SETTLE_BATCHED = _call("SELECT gateway_settle_batched", len(_SettleCall._fields))
 _ADMIT_MANY = _call("SELECT * FROM gateway_admit_many", len(_ADMIT_MANY_ARGS))

@@ -78,13 +78,7 @@ DECLARE
     i integer;
 BEGIN
     IF n = 1 THEN
-        IF NOT EXISTS (SELECT 1 FROM users u WHERE u.id = p_users[1]) THEN
-            RETURN QUERY SELECT 1, false, NULL::integer, NULL::numeric[], NULL::numeric[],
-                NULL::bigint, false, NULL::numeric[], NULL::integer, NULL::numeric[],
-                NULL::numeric[], NULL::bigint;
-            RETURN;
-        END IF;
-        RETURN QUERY SELECT 1, true, a.* FROM gateway_admit(
+        RETURN QUERY SELECT 1, a.* FROM gateway_admit(
             p_users[1], p_days[1], p_month_starts[1],
             p_meters[p_limit_from[1]:p_limit_from[1] + p_limit_count[1] - 1],
             p_pers[p_limit_from[1]:p_limit_from[1] + p_limit_count[1] - 1],
@@ -94,7 +88,7 @@ BEGIN
             p_leases[1], p_lease_expires[1], p_now[1], p_advanced_rag[1], p_pending[1],
             p_endpoints[1], p_prompt[1], p_completion[1], p_total[1], p_cost[1],
             p_currency[1], p_web_ask[1], p_web_optional[1], p_reserve_cost[1], p_teams[1],
-            coalesce(p_upstreams[1], 'default')
+            coalesce(p_upstreams[1], 'default'), true
         ) AS a;
         RETURN;
     END IF;
@@ -112,13 +106,7 @@ BEGIN
             SELECT t.ord FROM unnest(p_users) WITH ORDINALITY AS t(user_id, ord)
             ORDER BY t.user_id, t.ord
         LOOP
-            IF NOT EXISTS (SELECT 1 FROM users u WHERE u.id = p_users[e.ord]) THEN
-                RETURN QUERY SELECT e.ord::integer, false, NULL::integer, NULL::numeric[],
-                    NULL::numeric[], NULL::bigint, false, NULL::numeric[], NULL::integer,
-                    NULL::numeric[], NULL::numeric[], NULL::bigint;
-                CONTINUE;
-            END IF;
-            RETURN QUERY SELECT e.ord::integer, true, a.* FROM gateway_admit(
+            RETURN QUERY SELECT e.ord::integer, a.* FROM gateway_admit(
                 p_users[e.ord], p_days[e.ord], p_month_starts[e.ord],
                 p_meters[p_limit_from[e.ord]:p_limit_from[e.ord] + p_limit_count[e.ord] - 1],
                 p_pers[p_limit_from[e.ord]:p_limit_from[e.ord] + p_limit_count[e.ord] - 1],
@@ -129,7 +117,7 @@ BEGIN
                 p_pending[e.ord], p_endpoints[e.ord], p_prompt[e.ord], p_completion[e.ord],
                 p_total[e.ord], p_cost[e.ord], p_currency[e.ord], p_web_ask[e.ord],
                 p_web_optional[e.ord], p_reserve_cost[e.ord], p_teams[e.ord],
-                coalesce(p_upstreams[e.ord], 'default')
+                coalesce(p_upstreams[e.ord], 'default'), true
             ) AS a;
         END LOOP;
         RETURN;
