@@ -242,7 +242,22 @@ def _admit_many_args(calls: Sequence[_AdmitCall]) -> list[Any]:
     maxes: list[Decimal] = []
     scopes: list[int] = []
     keys: list[str | None] = []
+    last: _AdmitCall | None = None
     for call in calls:
+        # A call with the same limits as the one before it (one plan's users)
+        # shares its slice: the function slices the arrays once per set.
+        if (
+            last is not None
+            and call.meters == last.meters
+            and call.pers == last.pers
+            and call.maxes == last.maxes
+            and call.scopes == last.scopes
+            and call.keys == last.keys
+        ):
+            limit_from.append(limit_from[-1])
+            limit_count.append(limit_count[-1])
+            continue
+        last = call
         limit_from.append(len(meters) + 1)
         limit_count.append(len(call.meters))
         meters += call.meters
