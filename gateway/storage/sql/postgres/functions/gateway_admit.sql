@@ -79,7 +79,7 @@ DECLARE
     v_team boolean := p_team IS NOT NULL AND 2 = ANY (p_scopes);
     v_monthly boolean := 2 = ANY (p_pers);
     v_streamed boolean := 10 = ANY (p_meters);
-    v_expired bigint;
+    v_expired boolean;
     v_timeout text;
     v_set text;
 BEGIN
@@ -132,14 +132,17 @@ BEGIN
             FROM usage_daily u
             WHERE u.user_id = p_user AND u.day >= p_month_start AND u.day <= p_day
         ) END,
-        l.open, l.expired
-    INTO v_day, v_month, v_streams, v_expired
-    FROM (
-        SELECT count(*) FILTER (WHERE s.expires_at > p_now) AS open,
-            count(*) FILTER (WHERE s.expires_at <= p_now) AS expired
-        FROM stream_leases s WHERE v_streamed AND s.user_id = p_user
-    ) l;
-    IF v_expired > 0 THEN
+        -- (Each lease read a range of the (user, expiry) index: a scan of all
+        -- the user's leases went through the heap for every dead one.)
+        CASE WHEN v_streamed THEN (
+            SELECT count(*) FROM stream_leases s
+            WHERE s.user_id = p_user AND s.expires_at > p_now
+        ) ELSE 0 END,
+        v_streamed AND EXISTS (
+            SELECT 1 FROM stream_leases s WHERE s.user_id = p_user AND s.expires_at <= p_now
+        )
+    INTO v_day, v_month, v_streams, v_expired;
+    IF v_expired THEN
         -- The user's expired leases no one else is deleting (SKIP LOCKED:
         -- admission never waits for a lease). Written here, not in a LANGUAGE
         -- sql helper, which would be planned again at every call.
