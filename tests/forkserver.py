@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import gc
 import json
 import os
 import select
@@ -74,6 +75,12 @@ def _server(sock: socket.socket) -> tuple[str, list[str]] | None:
     for name in _PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+    # What a pre-forking server does (the gc module's documentation): the imported
+    # objects are moved out of the collector's way, so that a child's collections
+    # (`gateway serve` collects everything once it has started, gateway/app.py)
+    # do not walk, and copy, every page the server filled.
+    gc.collect()
+    gc.freeze()
     children: dict[int, int] = {}  # pidfd -> pid
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
