@@ -18,7 +18,6 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from gateway.alerts import alert_dict
-from gateway.auth import bearer_token
 from gateway.config import LIMIT_NAMES, is_override_name
 from gateway.error_response import render_error
 from gateway.errors import (
@@ -30,6 +29,7 @@ from gateway.errors import (
     Unauthorized,
 )
 from gateway.export import Dataset, Format, encode, rows
+from gateway.http import bearer_token
 from gateway.reports import daily_dict, lifetime_dict
 from gateway.throttle import Check, SecretGuard
 

@@ -642,20 +642,10 @@ class Admitter:
     async def release_upload(self, ticket: UploadTicket) -> None:
         """Give back an upload the upstream did not take (refused it, failed, or
         never got it). By its key, so it is given back once at most - also one
-        whose reservation may not have landed. Not retried here: a failure
-        leaves it counted."""
+        whose reservation may not have landed; retried by the settler."""
         if not ticket.release():
             return
-        try:
-            await self._storage.release_upload(ticket.user_id, key=ticket.key)
-        except StorageError as exc:
-            self._metrics.inc("gateway_storage_errors_total", operation="release_upload")
-            log.error(
-                "could not give back an upload of %d bytes of %s (it stays counted): %s",
-                ticket.size,
-                ticket.user_id,
-                exc.message,
-            )
+        await self._settler.release_upload(ticket.user_id, key=ticket.key, size=ticket.size)
 
     @staticmethod
     def _upload_refusal(

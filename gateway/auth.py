@@ -30,6 +30,7 @@ import jwt
 
 from gateway.config import AuthConfig, JWTConfig
 from gateway.errors import Unauthorized
+from gateway.http import bearer_token
 from gateway.keys import hash_key
 from gateway.storage import ApiKey, Directory, DirectoryReads, Team, User
 
@@ -61,16 +62,6 @@ def header_user_id(value: bytes | None) -> str:
     replacement would give ``caf\xe9`` and ``caf\xe8`` the same id.
     """
     return (value or b"").decode("utf-8").strip()
-
-
-def bearer_token(authorization: bytes | None) -> str | None:
-    """The token of an ``Authorization: Bearer`` header (scheme case-insensitive)."""
-    if not authorization:
-        return None
-    scheme, _, token = authorization.decode("latin-1").strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return token.strip() or None
 
 
 class _TTLCache(Generic[K, V]):

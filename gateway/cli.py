@@ -474,12 +474,12 @@ async def _users_show(storage: Storage, config: Config, args: argparse.Namespace
     models = await storage.usage_by_model(user.id, start=period.month_start, end=period.day)
     lines += _grouped_lines(
         "by model",
-        [(m.model or "-", m.answers, m.total_tokens, money(m.cost), m.currency) for m in models],
+        [(m.key or "-", m.answers, m.total_tokens, money(m.cost), m.currency) for m in models],
     )
     upstreams = await storage.usage_by_upstream(user.id, start=period.month_start, end=period.day)
     lines += _grouped_lines(
         "by upstream",
-        [(u.upstream, u.answers, u.total_tokens, money(u.cost), u.currency) for u in upstreams],
+        [(u.key or "-", u.answers, u.total_tokens, money(u.cost), u.currency) for u in upstreams],
     )
     if user.overrides:
         lines.append(

@@ -148,6 +148,16 @@ class RequestHeaders:
         return self.content_type.split(b";", 1)[0].strip().lower()
 
 
+def bearer_token(authorization: bytes | None) -> str | None:
+    """The token of an ``Authorization: Bearer`` header (scheme case-insensitive)."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.decode("latin-1").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
 def request_headers(
     raw: Headers, user_header: bytes, key_header: bytes | None = None
 ) -> RequestHeaders:
@@ -171,6 +181,9 @@ def request_headers(
             continue
         if name in _DROP_REQUEST:
             if name == b"authorization":
+                if authorization is not None:
+                    # Which one would be read here, and which one in front of it?
+                    raise BadRequest("More than one Authorization header.")
                 authorization = value
             elif name == b"connection":
                 listed = connection_tokens(value)
@@ -192,6 +205,18 @@ def request_headers(
         forward.append((name, value))
     if listed:
         forward = [(name, value) for name, value in forward if name not in listed]
+    if (
+        api_key is not None
+        and authorization is not None
+        and bearer_token(authorization) != api_key.decode("latin-1").strip()
+    ):
+        # Two credentials: whichever one were read, a proxy, log or rate limiter
+        # in front of the gateway may have judged the caller by the other.
+        header = (key_header or b"").decode("latin-1")
+        raise BadRequest(
+            f"The Authorization and {header} headers carry different credentials: "
+            "send the gateway key in one of them."
+        )
     return RequestHeaders(
         forward,
         authorization=authorization,

@@ -992,6 +992,11 @@ class Proxy:
         forward = relay.forward
         meter_chunk = relay.meter_chunk
         first_byte = True
+        # The last chunk, when the upstream's body ended with it: sent with the
+        # end of the response, in one write to the client instead of two (what
+        # the client reads is the same, at the same moment: nothing waits).
+        ended = client.ended(response)
+        last: bytes | None = None
         cancelled: asyncio.CancelledError | None = None
         ending: list[RelayCommand]
         try:
@@ -1016,7 +1021,12 @@ class Proxy:
                         if first_byte:
                             first_byte = False
                             x.first_byte(metrics)
-                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                        if ended is not None and ended():
+                            last = out  # the end is known: sent with it, below
+                        else:
+                            await send(
+                                {"type": "http.response.body", "body": out, "more_body": True}
+                            )
                     meter_chunk(chunk)
         except (UpstreamBroken, TimeoutError) as exc:
             # TimeoutError: the deadline ran out (upstream.total_timeout, or the
@@ -1056,6 +1066,13 @@ class Proxy:
         finally:
             watcher.cancel()
         forms = self.follows.paused_forms(x, relay.meter, None if sse else relay.buffer)
+        if last is not None:
+            if not forms and ending and isinstance(ending[0], End):
+                ending[0] = End(last + ending[0].body)
+            else:
+                # Not the end of the response next (an error event, a client
+                # gone), or a paused run's forms to keep first: sent now, in order.
+                await self._execute(x, RelaySend(last), send)
         if forms:
             # Kept before the client sees the end of an answer that paused for
             # human input: it may submit the form at once (gateway/follow.py).
@@ -1089,7 +1106,7 @@ class Proxy:
             try:
                 await send({"type": "http.response.body", "body": command.body, "more_body": more})
             except Exception:  # the client is past helping; the answer is still settled
-                what = "send the error event" if more else "end the response"
+                what = "send an event" if more else "end the response"
                 log.exception("request %s: could not %s", x.request_id, what)
         elif isinstance(command, RelayStop):
             if command.task_id is not None:

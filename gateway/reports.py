@@ -30,10 +30,9 @@ from gateway.quota.plans import plan_limits
 from gateway.storage import (
     DailyUsage,
     DirectoryReads,
-    ModelUsage,
     ReportReads,
     Team,
-    UpstreamUsage,
+    UsageGroup,
     User,
     summed,
 )
@@ -90,24 +89,11 @@ def lifetime_dict(user: User, currency: str) -> dict[str, Any]:
     }
 
 
-def model_dict(row: ModelUsage) -> dict[str, Any]:
+def group_dict(name: str, row: UsageGroup) -> dict[str, Any]:
+    """One model's or one named upstream's answers, ``name`` ("model" or
+    "upstream") keying the group."""
     return {
-        "model": row.model,
-        "answers": row.answers,
-        "prompt_tokens": row.prompt_tokens,
-        "cached_tokens": row.cached_tokens,
-        "completion_tokens": row.completion_tokens,
-        "reasoning_tokens": row.reasoning_tokens,
-        "total_tokens": row.total_tokens,
-        "cost": money(row.cost),
-        "currency": row.currency,
-    }
-
-
-def upstream_dict(row: UpstreamUsage) -> dict[str, Any]:
-    """A named upstream's answers (issue 23), in model_dict's shape."""
-    return {
-        "upstream": row.upstream,
+        name: row.key,
         "answers": row.answers,
         "prompt_tokens": row.prompt_tokens,
         "cached_tokens": row.cached_tokens,
@@ -403,7 +389,7 @@ async def team_report(
         upstreams = await storage.team_usage_by_upstream(
             team.id, start=periods.month_start, end=periods.day
         )
-        report["month_by_upstream"] = [upstream_dict(u) for u in upstreams]
+        report["month_by_upstream"] = [group_dict("upstream", u) for u in upstreams]
     return report
 
 
@@ -489,10 +475,10 @@ class Reports:
             # This calendar month's answers per model and currency, from the ledger
             # (cached and reasoning tokens are parts of the prompt and completion
             # tokens).
-            "month_by_model": [model_dict(m) for m in models],
+            "month_by_model": [group_dict("model", m) for m in models],
             # The same per named upstream (issue 23): "default" is the `[upstream]`
             # table's, and every answer recorded before upstreams had names.
-            "month_by_upstream": [upstream_dict(u) for u in upstreams],
+            "month_by_upstream": [group_dict("upstream", u) for u in upstreams],
         }
 
     async def team(self, team_id: str, *, days: int = 30) -> dict[str, Any]:

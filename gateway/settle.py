@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -319,33 +319,48 @@ class Settler:
         """Give back a reserved query (and its stream slot); retried in the
         background if the database does not answer. With ``pending_id`` a retry
         cannot give it back twice (the pending row goes with the first)."""
-        try:
-            await self._storage.refund(user_id, day=day, lease_id=lease_id, pending_id=pending_id)
-        except StorageError as exc:
-            self._metrics.inc("gateway_storage_errors_total", operation="refund")
-            log.warning("refund for %s failed, will retry: %s", user_id, exc.message)
-            if self._closing:
-                log.error("refund for %s on %s lost at shutdown", user_id, day)
-                return
-            self._tasks.start(
-                self._retry_refund(user_id, day, lease_id, pending_id),
-                name=f"refund-retry-{user_id}",
-            )
 
-    async def _retry_refund(
-        self, user_id: str, day: date, lease_id: str | None, pending_id: str | None
+        async def give_back() -> None:
+            await self._storage.refund(user_id, day=day, lease_id=lease_id, pending_id=pending_id)
+
+        await self._give_back("refund", f"refund for {user_id} on {day}", give_back)
+
+    async def release_upload(self, user_id: str, *, key: str, size: int) -> None:
+        """Give back an upload the upstream did not take; retried in the
+        background if the database does not answer. By its key, so a retry (or a
+        reservation whose outcome was lost) is given back once at most."""
+
+        async def give_back() -> None:
+            await self._storage.release_upload(user_id, key=key)
+
+        await self._give_back(
+            "release_upload", f"give-back of an upload of {size} bytes of {user_id}", give_back
+        )
+
+    async def _give_back(
+        self, operation: str, what: str, give_back: Callable[[], Awaitable[None]]
     ) -> None:
+        try:
+            await give_back()
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation=operation)
+            log.warning("%s failed, will retry: %s", what, exc.message)
+            if self._closing:
+                log.error("%s lost at shutdown", what)
+                return
+            self._tasks.start(self._retry_give_back(what, give_back), name=f"{operation}-retry")
+
+    async def _retry_give_back(self, what: str, give_back: Callable[[], Awaitable[None]]) -> None:
         for delay in self._delays:
             await asyncio.sleep(delay)
             try:
-                await self._storage.refund(
-                    user_id, day=day, lease_id=lease_id, pending_id=pending_id
-                )
+                await give_back()
                 return
             except StorageError as exc:
-                log.warning("refund for %s failed again: %s", user_id, exc.message)
-        # A refund is worth one query: not worth a spool of its own. Logged.
-        log.error("refund for %s on %s given up after retries", user_id, day)
+                log.warning("%s failed again: %s", what, exc.message)
+        # A give-back is worth one query or one upload: not worth a spool of its
+        # own. Logged.
+        log.error("%s given up after retries", what)
 
     def _bounded(self, event: UsageEvent, terms: Terms) -> UsageEvent:
         bounded, changed = bound_event(event, max_tokens=terms.max_tokens_per_answer)

@@ -30,7 +30,7 @@ checks that every exception class these libraries define is in it.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Final, Literal
 
 import aiohttp
@@ -295,7 +295,9 @@ class UpstreamClient:
         transport = getattr(client, "_transport", None)
         self._aiohttp = transport if type(transport) is AiohttpTransport else None
         self._defaults = [(name.lower(), value) for name, value in client.headers.raw]
-        self._yarl: dict[httpx.URL, yarl.URL] = {}
+        # By the URL's text, as given: an httpx.URL hashes by building its text
+        # again, and compares by parsing the other one.
+        self._yarl: dict[str, yarl.URL] = {}
         self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
 
     @property
@@ -322,7 +324,7 @@ class UpstreamClient:
         try:
             if self._aiohttp is not None and not isinstance(content, AsyncIterator):
                 return await self._open_aiohttp(
-                    self._aiohttp, method, self._url(url), headers, content, timeout
+                    self._aiohttp, method, self._target(url), headers, content, timeout
                 )
             request = client.build_request(
                 method, self._url(url), headers=headers, content=content, timeout=timeout
@@ -350,7 +352,7 @@ class UpstreamClient:
         self,
         transport: AiohttpTransport,
         method: str,
-        url: httpx.URL,
+        target: yarl.URL,
         headers: Headers,
         content: bytes | None,
         timeout: httpx.Timeout,
@@ -361,12 +363,6 @@ class UpstreamClient:
         session = transport.client
         if not isinstance(session, aiohttp.ClientSession):
             session = transport.client = transport.get_client()
-        target = self._yarl.get(url)
-        if target is None:
-            target = yarl.URL(str(url))
-            if len(self._yarl) >= _MAX_URLS:
-                self._yarl.clear()
-            self._yarl[url] = target
         key = (timeout.connect, timeout.read, timeout.pool)
         limits = self._timeouts.get(key)
         if limits is None:
@@ -406,6 +402,17 @@ class UpstreamClient:
             extensions=_HTTP11,
         )
 
+    def _target(self, url: str) -> yarl.URL:
+        """The URL as aiohttp takes it: the one httpx would send (checked, and
+        quoted, by httpx.URL; raises httpx.InvalidURL as `_url` does)."""
+        target = self._yarl.get(url)
+        if target is None:
+            target = yarl.URL(str(self._url(url)))
+            if len(self._yarl) >= _MAX_URLS:
+                self._yarl.clear()
+            self._yarl[url] = target
+        return target
+
     def _url(self, url: str) -> httpx.URL:
         parsed = self._urls.get(url)
         if parsed is None:
@@ -433,6 +440,17 @@ class UpstreamClient:
         if type(stream) is AiohttpBody:
             return stream.__aiter__()
         return response.aiter_raw()
+
+    @staticmethod
+    def ended(response: httpx.Response) -> Callable[[], bool] | None:
+        """For an answer read from aiohttp's stream (`raw`): a test of whether its
+        body is over, nothing left to read - true as soon as the last chunk came
+        with the end of the body, before the reader asks for more. None for other
+        streams (they do not tell)."""
+        stream = response.stream
+        if type(stream) is AiohttpBody:
+            return stream._aiohttp.content.at_eof
+        return None
 
     @staticmethod
     async def decoded(response: httpx.Response) -> AsyncIterator[bytes]:

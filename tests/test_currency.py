@@ -24,7 +24,7 @@ from gateway.cli import main
 from gateway.config import DatabaseConfig, parse_config
 from gateway.currency import CurrencyMismatch, database_currency, serving, shown
 from gateway.runtime import Gateway
-from gateway.storage import ModelUsage, Storage, UsageEvent, open_storage
+from gateway.storage import Storage, UsageEvent, UsageGroup, open_storage
 from tests.fakes.dify import FakeDify, Usage
 from tests.harness import UPSTREAM_KEY, USER, running_gateway, to_toml
 
@@ -146,9 +146,9 @@ async def test_ledger_sums_are_grouped_by_currency(storage: Storage) -> None:
     by_model = await storage.usage_by_model(USER, start=today, end=today)
     # One model, three currencies: three rows, never one cost of 12000.75.
     assert sorted(by_model, key=lambda m: m.currency) == [
-        ModelUsage("gpt-4o", 1, 60, 0, 40, 0, 100, Decimal(0), "EUR"),
-        ModelUsage("gpt-4o", 2, 120, 0, 80, 0, 200, Decimal("0.75"), "USD"),
-        ModelUsage("gpt-4o", 1, 60, 0, 40, 0, 100, Decimal(12000), "VND"),
+        UsageGroup("gpt-4o", 1, 60, 0, 40, 0, 100, Decimal(0), "EUR"),
+        UsageGroup("gpt-4o", 2, 120, 0, 80, 0, 200, Decimal("0.75"), "USD"),
+        UsageGroup("gpt-4o", 1, 60, 0, 40, 0, 100, Decimal(12000), "VND"),
     ]
 
 

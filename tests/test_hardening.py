@@ -229,8 +229,11 @@ async def test_an_answer_abandoned_at_the_total_timeout_is_stopped_upstream(
 class Blip:
     """A real storage whose next N settles (or refunds) fail."""
 
-    def __init__(self, storage: Storage, *, settles: int = 0, refunds: int = 0) -> None:
+    def __init__(
+        self, storage: Storage, *, settles: int = 0, refunds: int = 0, releases: int = 0
+    ) -> None:
         self.storage, self.settles, self.refunds = storage, settles, refunds
+        self.releases = releases
 
     async def settle(
         self,
@@ -259,6 +262,12 @@ class Blip:
             self.refunds -= 1
             raise StorageError("blip")
         return await self.storage.refund(user_id, day=day, lease_id=lease_id, pending_id=pending_id)
+
+    async def release_upload(self, user_id: str, *, key: str) -> None:
+        if self.releases:
+            self.releases -= 1
+            raise StorageError("blip")
+        await self.storage.release_upload(user_id, key=key)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.storage, name)
@@ -300,6 +309,25 @@ async def test_a_failed_refund_is_retried(storage: Storage) -> None:
     await next(iter(settler._tasks))
     (row,) = await storage.daily(DAY, DAY)
     assert row.queries == 0 and await storage.open_streams("alice", now=NOW) == 0
+
+
+async def test_a_failed_upload_give_back_is_retried(storage: Storage) -> None:
+    """An upload the upstream did not take goes back even when the database
+    refused the first give-back (it stayed counted against the user before)."""
+    from tests.storage.test_contract import DAY, MONTH
+
+    await storage.ensure_user("alice", plan="free")
+    reserved = await storage.reserve_upload(
+        "alice", key="up-1", day=DAY, month_start=MONTH, size=300
+    )
+    assert reserved.admitted
+    metrics = Metrics()
+    settler = Settler(Blip(storage, releases=2), metrics=metrics, spool=None, retry_delays=(0, 0))  # type: ignore[arg-type]
+    await settler.release_upload("alice", key="up-1", size=300)
+    await next(iter(settler._tasks))
+    (row,) = await storage.daily(DAY, DAY)
+    assert (row.uploads, row.upload_bytes) == (0, 0)
+    assert 'operation="release_upload"' in metrics.render().decode()
 
 
 # --- history fails closed ---------------------------------------------------------------------

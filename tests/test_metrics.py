@@ -66,6 +66,62 @@ def test_an_undeclared_name_is_an_error_not_a_silent_counter() -> None:
         Metrics().inc("gateway_never_declared_total")
 
 
+def test_counts_summed_in_one_process_read_back_as_prometheus_counts_them() -> None:
+    """In one process the hot path's counts wait in plain sums until /metrics is
+    read; what is read is what counting each value into prometheus_client at
+    once gives (as under several workers, where every value is written through)."""
+    values = [0.0005, 0.0004, 0.0011, 2.0, 1.0, 0.0, 1e9, float("inf"), -1.0, float("nan")]
+
+    def count(metrics: Metrics) -> None:
+        for at, seconds in enumerate(values):
+            metrics.observe("gateway_overhead_seconds", seconds, route="chat")
+            metrics.observe("gateway_admission_seconds", seconds)
+            metrics.inc("gateway_requests_total", route="chat", status="2xx")
+            metrics.inc("gateway_tokens_total", at, plan="p", model="m", kind="prompt")
+            metrics.inc("gateway_client_disconnects_total")
+            with metrics.streaming(True):
+                metrics.inc("gateway_cost_total", 0.1, plan="p", model="m", currency="USD")
+        metrics.streaming(True).__enter__()  # one answer still streaming
+
+    summed = Metrics()
+    count(summed)
+    assert summed.get("gateway_requests_total", route="chat", status="2xx") == len(values)
+    count(summed)  # more after a read: added to what was handed over
+    deferred = samples(summed.render().decode())
+    at_once = Metrics()
+    at_once._deferred = False  # what the multiprocess mode does
+    count(at_once)
+    count(at_once)
+    now = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for s in samples(at_once.render().decode())
+    }
+    for s in deferred:
+        if s.name.endswith("_created"):
+            continue  # when each metric was made
+        key = (s.name, tuple(sorted(s.labels.items())))
+        if s.name.endswith("_sum") and s.name.startswith(
+            ("gateway_overhead_seconds", "gateway_admission_seconds")
+        ):
+            assert s.value != s.value and now[key] != now[key]  # NaN was observed
+        else:
+            # Counts exactly; sums of floats up to their order of addition.
+            assert s.value == pytest.approx(now[key], rel=1e-12), key
+    assert value(summed.render().decode(), "gateway_streams_in_flight") == 2
+
+
+def test_a_label_missing_or_not_declared_is_an_error_at_once() -> None:
+    metrics = Metrics()
+    with pytest.raises(ValueError):
+        metrics.inc("gateway_requests_total")
+    with pytest.raises(ValueError):
+        metrics.inc("gateway_requests_total", route="chat", colour="red")
+    with pytest.raises(ValueError):
+        metrics.observe("gateway_overhead_seconds", 0.1)
+    with pytest.raises(ValueError):
+        metrics.inc("gateway_requests_total", -1, route="chat", status="2xx")
+
+
 async def test_a_streamed_answer_is_measured(sqlite_url: str) -> None:
     fake = FakeDify(api_key=UPSTREAM_KEY)
     async with (

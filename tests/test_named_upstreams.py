@@ -908,6 +908,63 @@ async def test_openai_and_anthropic_side_by_side_each_in_its_own_shape(database_
     assert sorted(e.model or "" for e in events) == ["claude-sonnet-4-5", "gpt-4o-mini"]
 
 
+async def test_a_message_with_two_credentials_that_disagree_is_refused_unsent(
+    sqlite_url: str,
+) -> None:
+    """Attack: a valid gateway key in one header and another user's key (or
+    anything else) in the other, or two Authorization headers. Whichever the
+    gateway read, a proxy, log or rate limiter in front of it may have judged
+    the caller by the other: refused in Anthropic's error shape, never forwarded
+    and never charged to anyone."""
+    claude = FakeAnthropic(api_key=ANTHROPIC_KEY)
+    async with contextlib.AsyncExitStack() as stack:
+        claude_url = await stack.enter_async_context(serve(claude))
+        upstreams = {
+            "anthropic": {
+                "kind": "anthropic",
+                "url": claude_url + "/v1",
+                "api_key_env": "ANTHROPIC_KEY",
+                "mount": "/claude/v1",
+            },
+        }
+        h = await stack.enter_async_context(gateway(sqlite_url, upstreams))
+        other = await h.add_user("bob")
+        version = ("anthropic-version", "2023-06-01")
+        attempts: list[list[tuple[str, str]]] = [
+            [("authorization", f"Bearer {h.key}"), ("x-api-key", other)],
+            [("x-api-key", other), ("authorization", f"Bearer {h.key}")],
+            [("authorization", f"Bearer {other}"), ("x-api-key", h.key)],
+            [("authorization", f"Basic {h.key}"), ("x-api-key", h.key)],
+            [("authorization", f"Bearer {h.key}"), ("authorization", f"Bearer {other}")],
+        ]
+        body = {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 50,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            refused = [
+                await client.post("/claude/v1/messages", json=body, headers=[*headers, version])
+                for headers in attempts
+            ]
+            agreeing = await client.post(
+                "/claude/v1/messages",
+                json=body,
+                headers=[("authorization", f"Bearer {h.key}"), ("x-api-key", h.key), version],
+            )
+        await h.probes.wait_finished(len(attempts) + 1)  # refusals finish too
+        events = await h.events()
+    for response in refused:
+        assert response.status_code == 400, response.text
+        assert response.json()["type"] == "error"  # Anthropic's shape
+        assert USER not in response.text and "bob" not in response.text
+    assert "different credentials" in refused[0].text
+    assert "More than one Authorization" in refused[-1].text
+    assert agreeing.status_code == 200, agreeing.text
+    assert len(claude.requests) == 1  # only the agreeing one went upstream
+    assert [e.user_id for e in events] == [USER]
+
+
 # --- the usage API ---------------------------------------------------------------------------
 
 DEAD = "http://127.0.0.1:9/v1"  # the usage API asks no upstream

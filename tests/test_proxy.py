@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
@@ -12,7 +13,7 @@ import orjson
 import pytest
 
 from tests.fakes.dify import FakeDify
-from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+from tests.harness import UPSTREAM_KEY, USER, Harness, direct_request, running_gateway
 from tests.servers import read_body, serve
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "mallory"}
@@ -547,3 +548,102 @@ async def test_malformed_multipart_is_400(gw: Harness) -> None:
     assert response.status_code == 400 and response.json()["code"] == "invalid_param"
     assert "multipart" in response.json()["message"].lower()
     assert no_boundary.status_code == 400
+
+
+# --- the last chunk and the end of the response ---------------------------------------
+
+_EVENTS = [
+    b'data: {"event": "message", "message_id": "m-last", "conversation_id": "c-1", '
+    b'"task_id": "t-1", "answer": "Xin "}\n\n',
+    b'data: {"event": "message", "message_id": "m-last", "conversation_id": "c-1", '
+    b'"task_id": "t-1", "answer": "chao"}\n\n',
+    b'data: {"event": "message_end", "message_id": "m-last", "conversation_id": "c-1", '
+    b'"task_id": "t-1", "metadata": {"usage": {"prompt_tokens": 7, "completion_tokens": 3, '
+    b'"total_tokens": 10, "total_price": "0.0001", "currency": "USD"}}}\n\n',
+]
+
+
+def _chunked(*payloads: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in payloads)
+
+
+_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+@contextlib.asynccontextmanager
+async def _raw_upstream(
+    answer: Callable[[asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """A Dify upstream that writes its answer as ``answer`` says, on the socket."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        await answer(writer)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+
+
+async def _relayed(
+    url: str, sqlite_url: str, on_body: Callable[[dict[str, Any]], None] = lambda m: None
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The messages the gateway sends its client for one streamed answer from
+    ``url``, driven directly through the app, and the answers in the ledger."""
+    async with running_gateway(sqlite_url, upstream_url=url) as h:
+        scope, receive = direct_request(h.key, orjson.dumps(CHAT))
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.body":
+                on_body(message)
+
+        await h.app(scope, receive, send)
+        await h.probes.wait_finished(1)
+        return sent, await h.events()
+
+
+async def test_a_last_chunk_that_came_with_the_end_is_sent_with_it(sqlite_url: str) -> None:
+    """The upstream's last events and the end of its body arrived together: the
+    client gets them with the end of the response in one message (one write),
+    not a message of events then an empty one."""
+
+    async def at_once(writer: asyncio.StreamWriter) -> None:
+        writer.write(_HEAD + _chunked(*_EVENTS) + b"0\r\n\r\n")
+        await writer.drain()
+
+    async with _raw_upstream(at_once) as url:
+        sent, events = await _relayed(url, sqlite_url)
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert bodies == [{"type": "http.response.body", "body": b"".join(_EVENTS), "more_body": False}]
+    (event,) = events
+    assert (event.answer_id, event.total_tokens, event.outcome) == ("m-last", 10, "complete")
+
+
+async def test_a_chunk_is_sent_before_the_end_of_the_body_is_known(sqlite_url: str) -> None:
+    """Nothing waits for the end: events that arrive before it are passed on
+    at once (the upstream ends its body only once the client has them)."""
+    passed_on = asyncio.Event()
+
+    async def in_two(writer: asyncio.StreamWriter) -> None:
+        writer.write(_HEAD + _chunked(*_EVENTS))
+        await writer.drain()
+        await passed_on.wait()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    def on_body(message: dict[str, Any]) -> None:
+        if message["body"]:
+            passed_on.set()
+
+    async with _raw_upstream(in_two) as url:
+        sent, events = await _relayed(url, sqlite_url, on_body)
+    bodies = [(m["body"], m["more_body"]) for m in sent if m["type"] == "http.response.body"]
+    assert b"".join(body for body, _ in bodies) == b"".join(_EVENTS)
+    assert bodies[-1] == (b"", False) and all(more for _, more in bodies[:-1])
+    (event,) = events
+    assert (event.answer_id, event.total_tokens) == ("m-last", 10)

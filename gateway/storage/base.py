@@ -67,7 +67,7 @@ TEAM_ROWS = "user_id IN (SELECT id FROM users WHERE team_id = {p1})"
 
 def usage_by_select(key: str, who: str) -> str:
     """The ledger's answers grouped by ``key`` (``model`` or ``upstream``) and
-    currency, in ModelUsage's and UpstreamUsage's order; ``who`` picks the rows:
+    currency, in UsageGroup's order; ``who`` picks the rows:
     one user's (USER_ROWS) or a team's current members' (TEAM_ROWS). Both backends
     fill in {cost_sum} (their exact decimal sum) and the {p1}-{p3} placeholders.
     Grouped by currency too: a sum never adds two currencies (issue 25)."""
@@ -439,10 +439,13 @@ class AnswerOwner:
 
 
 @dataclass(frozen=True, slots=True)
-class ModelUsage:
-    """A user's answers of one model over a range of days, from the ledger."""
+class UsageGroup:
+    """Answers of one model, or of one named upstream (issue 23), over a range of
+    days, from the ledger: a user's, or a team's members'."""
 
-    model: str | None  # None: answers whose upstream names no model (Dify's)
+    # The model (None: answers whose upstream names no model, Dify's), or the
+    # upstream ("default": the `[upstream]` table, and every answer before issue 23).
+    key: str | None
     answers: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -450,44 +453,13 @@ class ModelUsage:
     reasoning_tokens: int = 0
     total_tokens: int = 0
     cost: Decimal = Decimal(0)
-    currency: str = "USD"  # of ``cost``: a model's answers in two currencies are two rows
+    currency: str = "USD"  # of ``cost``: a group's answers in two currencies are two rows
 
 
-def model_usage(row: Any, cost: Decimal) -> ModelUsage:
-    """A row of MODEL_USAGE_SELECT (sums may come as decimals) as a ModelUsage."""
-    return ModelUsage(
-        model=row[0],
-        answers=int(row[1]),
-        prompt_tokens=int(row[2]),
-        cached_tokens=int(row[3]),
-        completion_tokens=int(row[4]),
-        reasoning_tokens=int(row[5]),
-        total_tokens=int(row[6]),
-        cost=cost,
-        currency=row[8],
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamUsage:
-    """Answers of one named upstream (issue 23) over a range of days, from the
-    ledger: a user's, or a team's members'."""
-
-    upstream: str  # "default": the `[upstream]` table, and every answer before issue 23
-    answers: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    reasoning_tokens: int = 0
-    total_tokens: int = 0
-    cost: Decimal = Decimal(0)
-    currency: str = "USD"  # of ``cost``: an upstream's answers in two currencies are two rows
-
-
-def upstream_usage(row: Any, cost: Decimal) -> UpstreamUsage:
-    """A row of UPSTREAM_USAGE_SELECT (sums may come as decimals) as an UpstreamUsage."""
-    return UpstreamUsage(
-        upstream=row[0],
+def usage_group(row: Any, cost: Decimal) -> UsageGroup:
+    """A row of a usage_by_select query (sums may come as decimals) as a UsageGroup."""
+    return UsageGroup(
+        key=row[0],
         answers=int(row[1]),
         prompt_tokens=int(row[2]),
         cached_tokens=int(row[3]),
@@ -943,21 +915,19 @@ class ReportReads(Protocol):
 
     async def count_events(self, start: date, end: date, *, user_id: str | None = None) -> int: ...
 
-    async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[ModelUsage]:
+    async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[UsageGroup]:
         """The user's ledger with start <= day <= end summed per model and
         currency, the model with the most tokens first."""
         ...
 
-    async def usage_by_upstream(
-        self, user_id: str, *, start: date, end: date
-    ) -> list[UpstreamUsage]:
+    async def usage_by_upstream(self, user_id: str, *, start: date, end: date) -> list[UsageGroup]:
         """The user's ledger with start <= day <= end summed per named upstream
         and currency (issue 23), the upstream with the most tokens first."""
         ...
 
     async def team_usage_by_upstream(
         self, team_id: str, *, start: date, end: date
-    ) -> list[UpstreamUsage]:
+    ) -> list[UsageGroup]:
         """`usage_by_upstream` over the team's current members' ledger rows (as
         `team_daily` sums its current members' day rows)."""
         ...

@@ -12,9 +12,11 @@ Writes are group-committed (gateway/storage/group.py): every call, read or
 write, goes through one queue, and those made while a batch is on the thread go
 together as the next one - one hop to the thread, one ``BEGIN IMMEDIATE`` and
 one ``COMMIT`` for all of them. In the batch they run in the order they were
-made, each write in a savepoint of its own, so each sees the ones before it
-exactly as it would one after another, and one that fails is rolled back to its
-savepoint and fails alone. Nothing is answered before the batch commits. A call
+made, so each sees the ones before it exactly as it would one after another,
+and one that fails fails alone: when a write raises, the batch is rolled back
+and made again with each write in a savepoint of its own, the one at fault
+rolled back to its savepoint (`_batch`). Nothing is answered before the batch
+commits. A call
 that finds nothing in flight goes alone (a write as a plain transaction); an
 admission, settle or refund that goes alone is made on the event loop itself,
 in the turn it is sent, since its work holds the GIL anyway (no thread hop, no
@@ -24,7 +26,8 @@ thread (`SQLiteStorage._call_now`).
 Durability: WAL with ``synchronous = NORMAL``. A committed call survives a crash
 of the process; a power cut or an OS crash may lose the last few commits (never
 corrupt the file): commits do not wait for an fsync, checkpoints do. No commit
-checkpoints: every CHECKPOINT_EVERY writes a PASSIVE checkpoint runs on a
+checkpoints: every CHECKPOINT_PAGES pages or so (counted in write calls, at the
+pages per call the last checkpoint found) a PASSIVE checkpoint runs on a
 second connection on a thread of its own, beside the calls. If writes went on
 meanwhile, a ``wal_checkpoint(RESTART)`` follows as a call on the connection's
 thread, with no write in flight, so the next write starts the WAL again from its
@@ -103,15 +106,14 @@ from gateway.storage.base import (
     Crossing,
     DailyUsage,
     Lease,
-    ModelUsage,
     OutboxItem,
     OverrideValue,
     PausedForm,
     Pending,
     Team,
     TeamSummary,
-    UpstreamUsage,
     UsageEvent,
+    UsageGroup,
     User,
     UserSort,
     UserSummary,
@@ -121,12 +123,11 @@ from gateway.storage.base import (
     crossed,
     delivery,
     model_counters,
-    model_usage,
     parse_alert_spec,
     rate_buckets,
     team_daily,
     team_summary,
-    upstream_usage,
+    usage_group,
 )
 from gateway.storage.group import GroupCommit, NotNow, SplitBatch
 
@@ -150,10 +151,18 @@ _EXPORT_BATCH = 1000
 # few dozen a larger batch saves little, and a batch holds the write lock until
 # it commits.
 DEFAULT_MAX_BATCH = 64
-# Write calls between two WAL checkpoints: about the 1,000 pages of SQLite's
-# own automatic checkpoint, at about 10 pages a call (an admission writes a
-# day row, a lease and a pending row with their indexes, a settle more).
+# A checkpoint is made when about this many pages were written to the WAL since
+# the last one: SQLite's own automatic checkpoint's 1,000.
+CHECKPOINT_PAGES = 1000
+# Write calls before the first WAL checkpoint, and the fewest between two: about
+# CHECKPOINT_PAGES at about 10 pages a call made alone (an admission writes a
+# day row, a lease and a pending row with their indexes, a settle more). Calls
+# made together in a batch share the pages they change (100 write calls in
+# batches of about 16 wrote 35 to 190 pages, in batches of about 64 10 to 100),
+# so after each checkpoint the next comes after as many calls as wrote about
+# CHECKPOINT_PAGES pages before it, at most CHECKPOINT_MOST.
 CHECKPOINT_EVERY = 100
+CHECKPOINT_MOST = 2000
 # What the WAL is cut back to when it starts again: a few checkpoints' worth.
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 
@@ -447,18 +456,41 @@ class _Call(NamedTuple):
     now: bool = False
 
 
+class _WriteFailed(Exception):
+    """A write of a batch made without savepoints raised: the batch is made
+    again, each write in a savepoint."""
+
+
 def _batch(conn: sqlite3.Connection, calls: Sequence[_Call]) -> list[Any]:
-    """The calls of a batch in one transaction, in order, each write in a
-    savepoint: one that raises is rolled back to its savepoint and its error is
-    its outcome, the others' writes stand. Nothing of it is written when the
+    """The calls of a batch in one transaction, in order: one that raises fails
+    alone, the others' writes stand. Nothing of it is written when the
     transaction cannot begin (every caller's error) or commit, or SQLite ends it
-    itself: then `SplitBatch`, and the calls are made again each on its own."""
+    itself: then `SplitBatch`, and the calls are made again each on its own.
+
+    The batch is made first without savepoints (each costs two statements per
+    write, and SQLite keeps the pages a write changes under one in a
+    sub-journal); only when a write raises - rarely: an unknown user, a
+    duplicate request id - is the transaction rolled back and the whole batch
+    made again with each write in a savepoint of its own, so that the one at
+    fault is rolled back to its savepoint. The calls' functions only read and
+    write the connection, so making them again gives what the first time would
+    have given from the same rows."""
+    try:
+        return _in_one_transaction(conn, calls, savepoints=False)
+    except _WriteFailed:
+        return _in_one_transaction(conn, calls, savepoints=True)
+
+
+def _in_one_transaction(
+    conn: sqlite3.Connection, calls: Sequence[_Call], *, savepoints: bool
+) -> list[Any]:
     # A batch of reads only takes no write lock.
     conn.execute("BEGIN IMMEDIATE" if any(call.writes for call in calls) else "BEGIN")
     outcomes: list[Any] = []
     try:
         for call in calls:
-            if call.writes:
+            kept = savepoints and call.writes
+            if kept:
                 conn.execute("SAVEPOINT call")
             try:
                 outcomes.append(call.run(conn))
@@ -468,10 +500,12 @@ def _batch(conn: sqlite3.Connection, calls: Sequence[_Call]) -> list[Any]:
                     # error): the batch's earlier writes went with it, so each
                     # call is made again on its own.
                     raise SplitBatch(f"{type(exc).__name__}: {exc}") from exc
-                if call.writes:
+                if call.writes and not kept:
+                    raise _WriteFailed from exc  # rolled back below, made again
+                if kept:
                     conn.execute("ROLLBACK TO call")
                 outcomes.append(_error(exc))
-            if call.writes:
+            if kept:
                 conn.execute("RELEASE call")
         try:
             conn.execute("COMMIT")
@@ -496,12 +530,13 @@ def _busy(exc: Exception) -> bool:
     )
 
 
-def _checkpoint_wal(conn: sqlite3.Connection) -> bool:
+def _checkpoint_wal(conn: sqlite3.Connection) -> tuple[bool, int]:
     """Copy the WAL's committed pages into the database file, without waiting
-    for readers or writers (what SQLite's automatic checkpoint does); False
-    when it could not copy all those it found (another connection's reader)."""
+    for readers or writers (what SQLite's automatic checkpoint does): whether
+    it copied all those it found (not when another connection reads), and how
+    many pages the WAL held."""
     busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-    return not busy and copied == frames
+    return not busy and copied == frames, max(frames, 0)
 
 
 def _restart_wal(conn: sqlite3.Connection) -> None:
@@ -919,6 +954,7 @@ class SQLiteStorage:
         # that finds the write lock taken goes to the thread, which waits).
         self._loop_timeout = False
         self._writes = 0  # write calls since the last checkpoint
+        self._checkpoint_every = CHECKPOINT_EVERY  # then as many as wrote CHECKPOINT_PAGES
         self._checkpointing = False
         # Checkpoints run on a connection and a thread of their own, so that
         # the calls go on meanwhile (a PASSIVE checkpoint blocks no writer).
@@ -998,26 +1034,32 @@ class SQLiteStorage:
         return result
 
     def _wrote(self, calls: int) -> None:
-        """Count write calls; every CHECKPOINT_EVERY, a checkpoint on the thread."""
+        """Count write calls; every ``_checkpoint_every``, a checkpoint on the thread."""
         self._writes += calls
-        if self._writes < CHECKPOINT_EVERY or self._checkpointing:
+        if self._writes < self._checkpoint_every or self._checkpointing:
             return
-        self._writes = 0
+        counted, self._writes = self._writes, 0
         self._checkpointing = True
-        task = asyncio.create_task(self._checkpoint())
+        task = asyncio.create_task(self._checkpoint(counted))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _checkpoint(self) -> None:
+    async def _checkpoint(self, counted: int) -> None:
+        """Checkpoint the WAL, which ``counted`` write calls filled since the
+        last checkpoint; the next comes after as many calls as would write about
+        CHECKPOINT_PAGES pages at the rate these did."""
         loop = asyncio.get_running_loop()
         try:
             if self._checkpointer is None:
                 self._checkpointer = await loop.run_in_executor(
                     self._checkpoints, _connect, self._path, self._timeout
                 )
-            copied = await loop.run_in_executor(
+            copied, pages = await loop.run_in_executor(
                 self._checkpoints, _checkpoint_wal, self._checkpointer
             )
+            if pages:
+                every = counted * CHECKPOINT_PAGES // pages
+                self._checkpoint_every = min(CHECKPOINT_MOST, max(CHECKPOINT_EVERY, every))
             if copied and not self._writes:
                 return  # the next write starts the WAL again from its beginning
             # Writes went on meanwhile, their frames behind the copied ones: a
@@ -1452,21 +1494,32 @@ class SQLiteStorage:
         def run(conn: sqlite3.Connection) -> Admission:
             # Under BEGIN IMMEDIATE no other connection can write between these
             # reads and the increment below, so check-then-increment is atomic here.
-            if conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
+            streams = 0
+            if limits.counts_streams:
+                # Whether the user exists, their leases and how many of them have
+                # expired, in one statement; the expired ones (rarely any: a lease
+                # ends with its answer) are deleted only when there are some.
+                stamp = _ts(now)
+                known, leases, expired = conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM users WHERE id = ?), count(*), "
+                    "count(CASE WHEN expires_at <= ? THEN 1 END) "
+                    "FROM stream_leases WHERE user_id = ?",
+                    (user_id, stamp, user_id),
+                ).fetchone()
+                if not known:
+                    raise NotFound(f"no user {user_id!r}")
+                if expired:
+                    conn.execute(
+                        "DELETE FROM stream_leases WHERE user_id = ? AND expires_at <= ?",
+                        (user_id, stamp),
+                    )
+                streams = leases - expired
+            elif conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
                 raise NotFound(f"no user {user_id!r}")
             day_used, month_sums = _day_and_month(conn, user_id, today, month_start.isoformat())
             # As PostgreSQL, which reads the month only for a monthly limit.
             monthly = any(limit.per == "month" for limit in checked)
             month_used = month_sums if monthly else None
-            streams = 0
-            if limits.counts_streams:
-                conn.execute(
-                    "DELETE FROM stream_leases WHERE user_id = ? AND expires_at <= ?",
-                    (user_id, _ts(now)),
-                )
-                streams = conn.execute(
-                    "SELECT count(*) FROM stream_leases WHERE user_id = ?", (user_id,)
-                ).fetchone()[0]
             epoch = now.timestamp()
             buckets = {
                 at: _rate_buckets(conn, user_id, limit, epoch, team)
@@ -1995,30 +2048,28 @@ class SQLiteStorage:
             params.append(user_id)
         return await self._run(lambda conn: int(conn.execute(sql, params).fetchone()[0]))
 
-    async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[ModelUsage]:
+    async def usage_by_model(self, user_id: str, *, start: date, end: date) -> list[UsageGroup]:
         params = (user_id, start.isoformat(), end.isoformat())
         return await self._run(
             lambda conn: [
-                model_usage(row, Decimal(row[7] or "0"))
+                usage_group(row, Decimal(row[7] or "0"))
                 for row in conn.execute(_USAGE_BY_MODEL, params).fetchall()
             ]
         )
 
-    async def usage_by_upstream(
-        self, user_id: str, *, start: date, end: date
-    ) -> list[UpstreamUsage]:
+    async def usage_by_upstream(self, user_id: str, *, start: date, end: date) -> list[UsageGroup]:
         return await self._by_upstream(_USAGE_BY_UPSTREAM, user_id, start, end)
 
     async def team_usage_by_upstream(
         self, team_id: str, *, start: date, end: date
-    ) -> list[UpstreamUsage]:
+    ) -> list[UsageGroup]:
         return await self._by_upstream(_TEAM_USAGE_BY_UPSTREAM, team_id, start, end)
 
-    async def _by_upstream(self, sql: str, who: str, start: date, end: date) -> list[UpstreamUsage]:
+    async def _by_upstream(self, sql: str, who: str, start: date, end: date) -> list[UsageGroup]:
         params = (who, start.isoformat(), end.isoformat())
         return await self._run(
             lambda conn: [
-                upstream_usage(row, Decimal(row[7] or "0"))
+                usage_group(row, Decimal(row[7] or "0"))
                 for row in conn.execute(sql, params).fetchall()
             ]
         )

@@ -23,11 +23,10 @@ from gateway.storage import (
     AlertRequest,
     AnswerOwner,
     Lease,
-    ModelUsage,
     Pending,
     Storage,
-    UpstreamUsage,
     UsageEvent,
+    UsageGroup,
     WebSearch,
     migrations,
     open_storage,
@@ -284,9 +283,9 @@ async def test_the_ledger_keeps_model_and_token_parts_and_sums_them_per_model(
     assert events["a2"].cache_write_tokens == 0
     assert (events["a4"].model, events["a4"].cached_tokens) == (None, 0)
     assert await storage.usage_by_model("alice", start=DAY, end=DAY) == [
-        ModelUsage("o3", 2, 225, 60, 75, 20, 300, Decimal("0.1000001")),
-        ModelUsage("gpt-4o-mini", 1, 38, 0, 12, 0, 50, Decimal("0.3")),
-        ModelUsage(None, 1, 6, 0, 1, 0, 7, Decimal("0")),
+        UsageGroup("o3", 2, 225, 60, 75, 20, 300, Decimal("0.1000001")),
+        UsageGroup("gpt-4o-mini", 1, 38, 0, 12, 0, 50, Decimal("0.3")),
+        UsageGroup(None, 1, 6, 0, 1, 0, 7, Decimal("0")),
     ]
     assert await storage.usage_by_model("carol", start=DAY, end=DAY) == []
 
@@ -489,11 +488,27 @@ async def test_expired_leases_do_not_count(storage: Storage) -> None:
         "alice", day=DAY, month_start=MONTH, now=later, limits=limits, lease=lease("b")
     )
     assert admission.admitted and admission.counters.open_streams == 1
+    # The expired lease is gone, the new one counts: a third is refused.
+    assert await storage.open_streams("alice", now=later) == 1
+    assert not (
+        await storage.admit(
+            "alice", day=DAY, month_start=MONTH, now=later, limits=limits, lease=lease("c")
+        )
+    ).admitted
 
 
-async def test_admitting_an_unknown_user_fails(storage: Storage) -> None:
+@pytest.mark.parametrize(
+    "limits",
+    [AdmissionLimits(), AdmissionLimits(max_concurrent_streams=1)],
+    ids=["no-stream-limit", "stream-limit"],
+)
+async def test_admitting_an_unknown_user_fails(storage: Storage, limits: AdmissionLimits) -> None:
+    # (With a stream limit SQLite asks whether the user exists in the statement
+    # that counts their leases.)
     with pytest.raises(NotFound):
-        await storage.admit("nobody", day=DAY, month_start=MONTH, now=NOW, limits=AdmissionLimits())
+        await storage.admit(
+            "nobody", day=DAY, month_start=MONTH, now=NOW, limits=limits, lease=lease("n")
+        )
 
 
 async def test_stream_limit_race_is_exact(storage: Storage, database_url: str) -> None:
@@ -1075,7 +1090,7 @@ async def test_a_settle_claims_records_the_model_and_decides_alerts_together_onc
     user = await storage.get_user("alice")
     assert user is not None and user.lifetime_tokens == 1100
     assert [
-        (m.model, m.answers, m.reasoning_tokens)
+        (m.key, m.answers, m.reasoning_tokens)
         for m in await storage.usage_by_model("alice", start=DAY, end=DAY)
     ] == [("o3", 2, 55)]
     alerts_found = sorted(await storage.list_alerts(), key=lambda a: a.crossing.threshold)
@@ -1386,13 +1401,13 @@ async def test_the_ledger_records_the_upstream_that_answered_and_sums_per_upstre
         "b1": "support",
     }
     assert await storage.usage_by_upstream("alice", start=DAY, end=DAY) == [
-        UpstreamUsage("research", 2, 225, 30, 75, 10, 300, Decimal("0.1000001")),
-        UpstreamUsage("support", 1, 38, 0, 12, 0, 50, Decimal("0.3")),
-        UpstreamUsage("support", 1, 6, 0, 2, 0, 8, Decimal("2"), "EUR"),
-        UpstreamUsage("default", 1, 6, 0, 1, 0, 7, Decimal("0")),
+        UsageGroup("research", 2, 225, 30, 75, 10, 300, Decimal("0.1000001")),
+        UsageGroup("support", 1, 38, 0, 12, 0, 50, Decimal("0.3")),
+        UsageGroup("support", 1, 6, 0, 2, 0, 8, Decimal("2"), "EUR"),
+        UsageGroup("default", 1, 6, 0, 1, 0, 7, Decimal("0")),
     ]
     month = await storage.usage_by_upstream("alice", start=MONTH, end=DAY)
-    assert [(u.upstream, u.currency, u.answers) for u in month] == [
+    assert [(u.key, u.currency, u.answers) for u in month] == [
         ("research", "USD", 2),
         ("support", "USD", 2),
         ("support", "EUR", 1),
@@ -1401,7 +1416,7 @@ async def test_the_ledger_records_the_upstream_that_answered_and_sums_per_upstre
     assert await storage.usage_by_upstream("carol", start=DAY, end=DAY) == []
     # A team's: its current members' rows.
     team = await storage.team_usage_by_upstream("ops", start=DAY, end=DAY)
-    assert [(u.upstream, u.currency, u.answers, u.total_tokens, u.cost) for u in team] == [
+    assert [(u.key, u.currency, u.answers, u.total_tokens, u.cost) for u in team] == [
         ("research", "USD", 2, 300, Decimal("0.1000001")),
         ("support", "USD", 2, 90, Decimal("1.3")),
         ("support", "EUR", 1, 8, Decimal("2")),
@@ -1409,7 +1424,7 @@ async def test_the_ledger_records_the_upstream_that_answered_and_sums_per_upstre
     ]
     await storage.set_team("bob", None)
     team = await storage.team_usage_by_upstream("ops", start=DAY, end=DAY)
-    assert [(u.upstream, u.answers) for u in team if u.currency == "USD"] == [
+    assert [(u.key, u.answers) for u in team if u.currency == "USD"] == [
         ("research", 2),
         ("support", 1),
         ("default", 1),
@@ -1451,7 +1466,7 @@ async def test_a_recovered_estimate_is_charged_to_the_upstream_admission_named(
     superseded = {e.answer_id: e.upstream for e in await all_events(storage)}
     assert superseded == {"m1": "backup", "m2": "research", "m3": "default", "gw-r4": "default"}
     by_upstream = await storage.usage_by_upstream("alice", start=DAY, end=DAY)
-    assert [(u.upstream, u.answers, u.total_tokens) for u in by_upstream] == [
+    assert [(u.key, u.answers, u.total_tokens) for u in by_upstream] == [
         ("default", 2, 125),
         ("backup", 1, 100),
         ("research", 1, 100),

@@ -46,8 +46,8 @@ from gateway.storage import (
     open_storage,
 )
 from gateway.storage.group import GroupCommit, NotNow, SplitBatch
-from gateway.storage.postgres import PostgresStorage
-from gateway.storage.sqlite import CHECKPOINT_EVERY, SQLiteStorage
+from gateway.storage.postgres import _ADMIT_BATCHED, PostgresStorage, _AdmitCall
+from gateway.storage.sqlite import CHECKPOINT_EVERY, CHECKPOINT_MOST, SQLiteStorage
 from tests.conftest import _truncate
 
 T = TypeVar("T")
@@ -819,6 +819,34 @@ async def test_a_lone_call_waiting_on_a_row_lock_gives_up_its_batch_and_goes_alo
 
 
 @pytest.mark.postgres
+async def test_a_batch_of_one_admission_keeps_its_lock_timeout_to_itself(
+    pg: PostgresStorage,
+) -> None:
+    """gateway_admit sets the batches' lock timeout for a batch of one only while
+    it runs (as a SET clause would): the transaction it ran in has its own
+    again after it, whether it admitted, refused or did not know the user."""
+    await pg.ensure_user("alice", plan="free")
+    conn = await asyncpg.connect(pg_dsn(pg))
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL lock_timeout = '7s'")
+            for user, maxes in (("alice", [Decimal(5)]), ("alice", [Decimal(0)]), ("bob", [])):
+                row = await conn.fetchrow(
+                    _ADMIT_BATCHED,
+                    *_AdmitCall(
+                        user, DAY, DAY.replace(day=1), [1] * len(maxes), [1] * len(maxes), maxes,
+                        [1] * len(maxes), [None] * len(maxes), None, None, NOW, False, None,
+                        None, None, None, None, None, None, False, False, Decimal(0), None,
+                        "default",
+                    ),
+                )  # fmt: skip
+                assert row is not None and row["known"] is (user == "alice")
+                assert await conn.fetchval("SHOW lock_timeout") == "7s"
+    finally:
+        await conn.close()
+
+
+@pytest.mark.postgres
 async def test_a_row_held_elsewhere_holds_up_only_its_users_admissions(pg: PostgresStorage) -> None:
     users = ["hot", *(f"u{i}" for i in range(8))]
     for user in users:
@@ -953,6 +981,37 @@ async def test_sqlite_a_failing_write_is_rolled_back_to_its_savepoint(lite: SQLi
     assert results[0].admitted and results[2] is True and results[4].admitted  # type: ignore[union-attr]
     (day,) = await lite.daily(DAY, DAY)
     assert (day.queries, day.total_tokens) == (2, 100)
+
+
+async def test_sqlite_a_batch_takes_savepoints_only_when_a_write_fails(
+    lite: SQLiteStorage,
+) -> None:
+    """A batch is made without savepoints; one whose write raised is rolled back
+    and made again with them, with the same outcomes as one call after another."""
+    await lite.ensure_user("alice", plan="free")
+    statements: list[str] = []
+    lite._conn.set_trace_callback(statements.append)
+    results = await in_order(
+        admit(lite, "alice", "r1"),
+        admit(lite, "alice", "r2"),
+        made(lite.settle(settle_event("m1"), pending_id="r1")),
+    )
+    assert all(r.admitted for r in (results[0], results[1])) and results[2] is True  # type: ignore[union-attr]
+    assert not [sql for sql in statements if "SAVEPOINT" in sql]
+    assert statements.count("BEGIN IMMEDIATE") == 1 and statements.count("COMMIT") == 1
+    statements.clear()
+    results = await in_order(
+        admit(lite, "alice", "r3"),
+        made(lite.settle(settle_event("m2"), pending_id="r2")),
+        admit(lite, "alice", "r3"),  # its pending row's insert fails: the batch again
+        admit(lite, "alice", "r4"),
+    )
+    assert results[0].admitted and results[1] is True and results[3].admitted  # type: ignore[union-attr]
+    assert isinstance(results[2], StorageError)
+    assert statements.count("BEGIN IMMEDIATE") == 2 and statements.count("ROLLBACK") == 1
+    assert statements.count("SAVEPOINT call") == 4 and statements.count("ROLLBACK TO call") == 1
+    (day,) = await lite.daily(DAY, DAY)
+    assert (day.queries, day.total_tokens) == (4, 200)
 
 
 async def test_sqlite_a_transaction_sqlite_ends_itself_splits_the_batch(
@@ -1096,6 +1155,29 @@ async def test_sqlite_the_wal_stays_bounded_under_sustained_writes(lite: SQLiteS
         peak = max(peak, file_size(wal))
     await asyncio.gather(*lite._background)
     assert peak < 16 * 1024 * 1024, f"the WAL reached {peak // 1024} KiB"
+
+
+async def test_sqlite_checkpoints_by_the_pages_batches_write(lite: SQLiteStorage) -> None:
+    """Calls made together share the pages they change: after the first
+    checkpoint the next ones come after as many calls as wrote about
+    CHECKPOINT_PAGES pages, more than CHECKPOINT_EVERY under batches (at most
+    CHECKPOINT_MOST), and the WAL stays as bounded as with calls made alone."""
+    await lite.ensure_user("alice", plan="free")
+    wal = lite_path(lite) + "-wal"
+    peak = 0
+    for turn in range(40):
+        names = [f"r{turn}-{i}" for i in range(32)]
+        assert all(
+            a.admitted for a in await asyncio.gather(*(admit(lite, "alice", n) for n in names))
+        )
+        settles = [lite.settle(settle_event(f"m-{n}"), pending_id=n) for n in names]
+        assert all(await asyncio.gather(*settles))
+        peak = max(peak, file_size(wal))
+    await asyncio.gather(*lite._background)
+    assert CHECKPOINT_EVERY < lite._checkpoint_every <= CHECKPOINT_MOST
+    assert peak < 16 * 1024 * 1024, f"the WAL reached {peak // 1024} KiB"
+    (day,) = await lite.daily(DAY, DAY)
+    assert (day.queries, day.total_tokens) == (1280, 128_000)
 
 
 async def test_sqlite_close_answers_a_batch_in_flight_and_gives_back_an_abandoned_admission(

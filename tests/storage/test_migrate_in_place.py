@@ -220,7 +220,7 @@ async def test_an_old_database_migrates_in_place_with_nothing_lost(old_database:
         events = {e.answer_id: e.upstream async for e in storage.events(MONTH, DAY)}
         assert events == {"msg-before": "default", "msg-old": "default"}
         by_upstream = await storage.usage_by_upstream("alice", start=MONTH, end=DAY)
-        assert [(u.upstream, u.answers, u.total_tokens, u.cost) for u in by_upstream] == [
+        assert [(u.key, u.answers, u.total_tokens, u.cost) for u in by_upstream] == [
             ("default", 2, 800, Decimal("0.60"))
         ]
         # Review of issue 21: an upload is reserved on the old day row under
@@ -283,7 +283,7 @@ async def test_a_database_from_before_upstreams_migrates_in_place(
         )
         assert await storage.settle(answer, pending_id="req-new")  # supersedes the estimate
         by_upstream = await storage.usage_by_upstream("alice", start=MONTH, end=DAY)
-        assert [(u.upstream, u.answers, u.total_tokens) for u in by_upstream] == [
+        assert [(u.key, u.answers, u.total_tokens) for u in by_upstream] == [
             ("default", 2, 720),
             ("backup", 1, 40),
         ]

@@ -559,9 +559,24 @@ def test_the_key_header_is_read_and_never_forwarded() -> None:
     assert plain.api_key is None and plain.credential is None
 
 
-def test_authorization_wins_over_the_key_header() -> None:
-    raw = [(b"authorization", b"Bearer gw-a"), (b"x-api-key", b"gw-b")]
-    assert request_headers(raw, b"x-user", b"x-api-key").credential == b"Bearer gw-a"
+def test_a_key_header_that_disagrees_with_authorization_is_refused() -> None:
+    """Whichever one the gateway read, something in front of it may have judged
+    the caller by the other."""
+    for raw in (
+        [(b"authorization", b"Bearer gw-a"), (b"x-api-key", b"gw-b")],
+        [(b"x-api-key", b"gw-b"), (b"authorization", b"Bearer gw-a")],
+        [(b"authorization", b"Basic gw-a"), (b"x-api-key", b"gw-a")],
+    ):
+        with pytest.raises(BadRequest, match="different credentials"):
+            request_headers(raw, b"x-user", b"x-api-key")
+    agreeing = [(b"authorization", b"bearer gw-a"), (b"x-api-key", b"gw-a")]
+    assert request_headers(agreeing, b"x-user", b"x-api-key").credential == b"bearer gw-a"
+
+
+def test_two_authorization_headers_are_refused() -> None:
+    raw = [(b"authorization", b"Bearer gw-a"), (b"authorization", b"Bearer gw-b")]
+    with pytest.raises(BadRequest, match="More than one Authorization"):
+        request_headers(raw, b"x-user", None)
 
 
 def test_two_key_headers_are_refused() -> None:

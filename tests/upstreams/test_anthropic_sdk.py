@@ -610,17 +610,24 @@ async def test_a_wrong_key_in_x_api_key_is_refused_and_nothing_forwarded(
 async def test_a_key_header_beside_a_valid_bearer_never_reaches_the_upstream(
     gw: Harness, fake: FakeAnthropic
 ) -> None:
-    """The client's x-api-key is dropped whatever it holds: the upstream sees one
-    x-api-key, the operator's."""
+    """The client's x-api-key never reaches the upstream: one that agrees with
+    the bearer is read as the same credential (the upstream sees one x-api-key,
+    the operator's); one that disagrees is refused before anything is sent."""
     body = {"model": MODEL, "max_tokens": 64, "messages": MESSAGES}
-    headers = {**VERSION, **gw.auth(), "x-api-key": "sk-ant-someone-elses"}
+    agreeing = {**VERSION, **gw.auth(), "x-api-key": gw.key}
+    disagreeing = {**VERSION, **gw.auth(), "x-api-key": "sk-ant-someone-elses"}
     async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
-        response = await http.post("/v1/messages", json=body, headers=headers)
+        response = await http.post("/v1/messages", json=body, headers=agreeing)
+        refused = await http.post("/v1/messages", json=body, headers=disagreeing)
     assert response.status_code == 200
+    assert refused.status_code == 400 and refused.json()["type"] == "error"
+    assert "sk-ant-someone-elses" not in refused.text
     (request,) = fake.requests
     assert fake.key_headers == [[UPSTREAM_KEY]]
     assert "authorization" not in request.headers
-    await only_event(gw)
+    await gw.probes.wait_finished(2)  # the refusal finishes too
+    (event,) = await gw.events()
+    assert event.user_id == USER
 
 
 async def test_refusals_speak_the_users_language(gw: Harness, fake: FakeAnthropic) -> None:
