@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import gc
 import json
 import os
 import select
@@ -74,6 +75,12 @@ def _server(sock: socket.socket) -> tuple[str, list[str]] | None:
     for name in _PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+    # What a pre-forking server does (the gc module's documentation): the imported
+    # objects are moved out of the collector's way, so that a child's collections
+    # (`gateway serve` collects everything once it has started, gateway/app.py)
+    # do not walk, and copy, every page the server filled.
+    gc.collect()
+    gc.freeze()
     children: dict[int, int] = {}  # pidfd -> pid
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
@@ -212,6 +219,11 @@ class _Client:
         with self.condition:
             self.gone = True
             self.condition.notify_all()
+            for waiters in self.waiters.values():
+                for loop, future in waiters:
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(_fail, future)
+            self.waiters.clear()
 
     async def wait(self, pid: int) -> int:
         loop = asyncio.get_running_loop()
@@ -227,7 +239,8 @@ class _Client:
     def close(self) -> None:
         """Stop the server; it kills what it forked that still runs."""
         if self.sock.fileno() != -1:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):  # it has gone already
+                self.sock.shutdown(socket.SHUT_RDWR)
             self.server.wait()
             self.sock.close()
 
@@ -237,12 +250,21 @@ def _resolve(future: asyncio.Future[int], code: int) -> None:
         future.set_result(code)
 
 
+def _fail(future: asyncio.Future[int]) -> None:
+    if not future.done():
+        future.set_exception(RuntimeError("the fork server has gone"))
+
+
 _client: _Client | None = None
 
 
 def _forking() -> _Client | None:
     global _client
-    if _client is None and hasattr(os, "pidfd_open") and os.environ.get("GATEWAY_TEST_FORK") != "0":
+    if os.environ.get("GATEWAY_TEST_FORK") == "0" or not hasattr(os, "pidfd_open"):
+        return None
+    if _client is None or _client.gone:
+        if _client is not None:
+            _client.close()
         _client = _Client()
     return _client
 

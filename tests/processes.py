@@ -34,6 +34,21 @@ class GatewayProcess:
             raise
         return process
 
+    @classmethod
+    async def start_all(cls, config: Path, env: dict[str, str], count: int) -> list[GatewayProcess]:
+        """``count`` processes on one configuration, started side by side; if one
+        fails to start, the others are killed."""
+        started = await asyncio.gather(
+            *(cls.start(config, env) for _ in range(count)), return_exceptions=True
+        )
+        processes = [p for p in started if isinstance(p, GatewayProcess)]
+        for failure in started:
+            if isinstance(failure, BaseException):
+                for process in processes:
+                    await process.kill()
+                raise failure
+        return processes
+
     async def _read(self) -> None:
         assert self.proc.stderr is not None
         while line := await self.proc.stderr.readline():

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests import forkserver
 from tests.forkserver import PIPE, ForkedProcess, python_m
 from tests.servers import free_port, kill_tree, spawn_gateway, wait_ready
 
@@ -78,6 +79,25 @@ async def test_a_signal_ends_a_forked_child_with_its_number() -> None:
         assert await proc.wait() == -signal.SIGTERM
     assert proc.returncode == -signal.SIGTERM
     assert await proc.stdout.read() == b""
+
+
+async def test_a_wait_ends_when_the_fork_server_has_gone() -> None:
+    proc = await python_m("tests.probe", "pause", env=os.environ, stdout=PIPE, stderr=PIPE)
+    assert isinstance(proc, ForkedProcess) and proc.stdout and proc.stderr
+    async with asyncio.timeout(30):
+        await proc.stdout.readline()
+        server = forkserver._forking()
+        assert server is not None
+        server.server.kill()
+        with pytest.raises(RuntimeError, match="the fork server has gone"):
+            await proc.wait()
+        os.kill(proc.pid, signal.SIGKILL)  # no server to kill what it forked
+        await proc.stdout.read()
+        await proc.stderr.read()
+    assert forkserver._forking() is not server  # the next fork starts a new one
+    again = await python_m("tests.probe", env=os.environ, stdout=PIPE, stderr=PIPE)
+    await again.communicate()
+    assert again.returncode == 0
 
 
 @contextlib.asynccontextmanager
