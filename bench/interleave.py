@@ -137,13 +137,14 @@ def drive(checkouts: list[str], answers: int, chunk: int, dsn: str) -> None:
     names = [Path(c).resolve().name for c in checkouts]
     print(f"{answers:,} answers per row, {chunk} a turn; PostgreSQL CPU per answer, median")
     head = " | ".join(f"{n} admit / settle" for n in names)
-    print(f"| users | call | {head} | settle, last vs each |")
-    print("|---:|---|" + "---|" * (len(names) + 1))
+    print(f"| users | call | {head} | admit, last vs each | settle, last vs each |")
+    print("|---:|---|" + "---|" * (len(names) + 2))
     for (users, batch, many), cells in medians.items():
         call = "single" if not many else "batch of one" if batch == 1 else f"batches of {batch}"
         figures = " | ".join(f"{a:.3f} / {s:.3f} ms" for a, s in cells)
-        ratios = " / ".join(f"{cells[-1][1] / s:.2f}x" for _, s in cells[:-1])
-        print(f"| {users} | {call} | {figures} | {ratios} |")
+        admits = " / ".join(f"{cells[-1][0] / a:.2f}x" for a, _ in cells[:-1])
+        settles = " / ".join(f"{cells[-1][1] / s:.2f}x" for _, s in cells[:-1])
+        print(f"| {users} | {call} | {figures} | {admits} | {settles} |")
 
 
 def main() -> None:

@@ -979,6 +979,19 @@ def _check_key(algorithm: str, key: str, text: str) -> None:
         raise ConfigError(f"auth.jwt.{key}: not a usable {algorithm} key ({detail})") from None
 
 
+_HINTS: dict[type[Any], dict[str, Any]] = {}
+
+
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    """The resolved annotations of a settings class, kept: ``typing.get_type_hints``
+    evaluates every string annotation again at each call (most of the cost of
+    parsing a configuration). The callers only read them."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
 def _build(
     cls: type[Any],
     table: Mapping[str, Any],
@@ -986,7 +999,7 @@ def _build(
     *,
     skip: frozenset[str] | set[str] = frozenset(),
 ) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("resolved")}
     unknown = [key for key in table if key not in fields or key in skip]
     if unknown:
@@ -1115,7 +1128,7 @@ def setting_paths() -> list[str]:
     paths: list[str] = []
 
     def walk(cls: type[Any], prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         for f in dataclasses.fields(cls):
             if f.metadata.get("resolved") or f.name in (
                 "plans",

@@ -212,9 +212,9 @@ def request_headers(
     ):
         # Two credentials: whichever one were read, a proxy, log or rate limiter
         # in front of the gateway may have judged the caller by the other.
+        header = (key_header or b"").decode("latin-1")
         raise BadRequest(
-            f"The Authorization and {(key_header or b'').decode('latin-1')} headers carry "
-            "different credentials: "
+            f"The Authorization and {header} headers carry different credentials: "
             "send the gateway key in one of them."
         )
     return RequestHeaders(

@@ -417,6 +417,13 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "More than one {header} header.",
         "Yêu cầu có nhiều hơn một header {header}.",
     ),
+    "credentials_disagree": _e(
+        "invalid_param",
+        "The Authorization and {header} headers carry different credentials: "
+        "send the gateway key in one of them.",
+        "Header Authorization và header {header} mang hai thông tin xác thực khác nhau: "
+        "hãy gửi khóa gateway trong một header thôi.",
+    ),
     "models_limit": _e(
         "invalid_param",
         "limit: the page size must be an integer from 1 to 1000.",

@@ -9,12 +9,14 @@ $GATEWAY_REQUIRE_POSTGRES is set (CI sets it), in which case they fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import secrets
 import shutil
 import ssl
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,34 +35,33 @@ from tests.tcpproxy import TCPProxy
 ADMIN_DSN = os.environ.get("GATEWAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 REQUIRE_POSTGRES = os.environ.get("GATEWAY_REQUIRE_POSTGRES", "") not in ("", "0", "false")
 
-# PYTHONDONTWRITEBYTECODE=1 (set in some environments, this project's machines
-# among them) also stops pytest from keeping the test modules it rewrote for its
-# assertion messages: every pytest process then rewrote and compiled all of them at
-# every run, about 6 s of CPU each (docs/testing.md). The pytest process writes
-# bytecode again, into the __pycache__ directories git ignores; the processes the
-# tests start keep the variable.
-sys.dont_write_bytecode = False
-
 # No property test is timed: hypothesis's default 200 ms deadline per example
 # failed a test on a loaded machine (342 ms) that checks bytes, not speed.
 hypothesis.settings.register_profile("gateway", deadline=None)
 hypothesis.settings.load_profile("gateway")
 
 
-_create_ssl_context = httpx.create_ssl_context
+def _shared(create: Any) -> Any:
+    """``create`` (an httpx ``create_ssl_context``), building each context of the
+    default arguments once."""
+
+    @functools.cache
+    def default(verify: bool, trust_env: bool) -> ssl.SSLContext:
+        context: ssl.SSLContext = create(verify=verify, trust_env=trust_env)
+        return context
+
+    def shared(
+        verify: ssl.SSLContext | str | bool = True, cert: Any = None, trust_env: bool = True
+    ) -> ssl.SSLContext:
+        if isinstance(verify, bool) and cert is None:
+            return default(verify, trust_env)
+        context: ssl.SSLContext = create(verify=verify, cert=cert, trust_env=trust_env)
+        return context
+
+    return shared
 
 
-@functools.cache
-def _default_ssl_context(verify: bool, trust_env: bool) -> ssl.SSLContext:
-    return _create_ssl_context(verify=verify, trust_env=trust_env)
-
-
-def _shared_ssl_context(
-    verify: ssl.SSLContext | str | bool = True, cert: Any = None, trust_env: bool = True
-) -> ssl.SSLContext:
-    if isinstance(verify, bool) and cert is None:
-        return _default_ssl_context(verify, trust_env)
-    return _create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
+_shared_ssl_context = _shared(httpx.create_ssl_context)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -68,12 +69,19 @@ def shared_ssl_context() -> Iterator[None]:
     """Every httpx client builds an SSL context by loading the whole CA bundle (about
     25 ms of CPU) even when it only speaks plain HTTP to 127.0.0.1, and the suite
     builds hundreds (each test's clients and each gateway's upstream client). The
-    contexts of one set of arguments are alike, so the run builds each once."""
+    contexts of one set of arguments are alike, so the run builds each once. The
+    official SDKs' clients (openai, anthropic) are on httpx2, httpx's fork, which
+    builds its own (a thousand-odd in a run); it is patched too when a test module
+    has imported it."""
     with pytest.MonkeyPatch.context() as patch:
         # httpx's transport imported the function by name; httpx-aiohttp calls it
         # through the package.
         patch.setattr(httpx, "create_ssl_context", _shared_ssl_context)
         patch.setattr(httpx._transports.default, "create_ssl_context", _shared_ssl_context)
+        if (httpx2 := sys.modules.get("httpx2")) is not None:
+            shared = _shared(httpx2.create_ssl_context)
+            patch.setattr(httpx2, "create_ssl_context", shared)
+            patch.setattr(httpx2._transports.default, "create_ssl_context", shared)
         yield
 
 
@@ -222,12 +230,45 @@ def _postgres_emptier(postgres_dsn: str) -> Iterator[_Emptier]:
     emptier.close()
 
 
+# The tests' SQLite files go to memory (a tmpfs) where there is one with room: on a
+# disk, each file's first writes, its checkpoints and its closing wait for fsyncs,
+# ~20 ms of a test with a gateway on SQLite that the tests do not test (they stop
+# gateways, never the machine). Elsewhere they stay in the test's tmp_path.
+_RAM = Path("/dev/shm")
+_RAM_ROOM = 1 << 30
+
+
+def _ram_root() -> Path | None:
+    try:
+        stat = os.statvfs(_RAM)
+    except OSError:
+        return None
+    if not os.access(_RAM, os.W_OK) or stat.f_bavail * stat.f_frsize < _RAM_ROOM:
+        return None
+    return _RAM
+
+
 @pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _sqlite_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """This pytest process's directory for SQLite files, removed at its end."""
+    ram = _ram_root()
+    if ram is None:
+        yield tmp_path_factory.mktemp("sqlite")
+        return
+    root = Path(tempfile.mkdtemp(prefix=f"gateway-tests-{os.getpid()}-", dir=ram))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(_sqlite_root: Path) -> Path:
     """One migrated SQLite database per pytest process, copied for each test that
     wants one: migrating a new file costs about 100 ms of waiting for fsyncs, a copy
     a few."""
-    path = tmp_path_factory.mktemp("sqlite-template") / "gateway.db"
+    path = _sqlite_root / "template" / "gateway.db"
+    path.parent.mkdir()
 
     async def migrate() -> None:
         storage = await open_storage(DatabaseConfig(url=f"sqlite:///{path}"))
@@ -240,26 +281,36 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _sqlite_copy(template: Path, tmp_path: Path) -> str:
-    target = tmp_path / "gateway.db"
+@contextlib.contextmanager
+def _sqlite_copy(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A copy of the template in a directory of its own, removed after the test."""
+    template: Path = request.getfixturevalue("sqlite_template")
+    folder = Path(tempfile.mkdtemp(dir=request.getfixturevalue("_sqlite_root")))
+    target = folder / "gateway.db"
     shutil.copyfile(template, target)
-    return f"sqlite:///{target}"
+    try:
+        yield f"sqlite:///{target}"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
-def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
-    """A migrated, empty SQLite database in the test's temporary directory."""
-    return _sqlite_copy(sqlite_template, tmp_path)
+def sqlite_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A migrated, empty SQLite database of the test's own."""
+    with _sqlite_copy(request) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """A migrated, empty database of each backend."""
     if request.param == "sqlite":
-        return _sqlite_copy(request.getfixturevalue("sqlite_template"), tmp_path)
+        with _sqlite_copy(request) as url:
+            yield url
+        return
     dsn: str = request.getfixturevalue("postgres_dsn")
     request.getfixturevalue("_postgres_emptier").empty()
-    return dsn
+    yield dsn
 
 
 @pytest.fixture

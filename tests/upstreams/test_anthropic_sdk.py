@@ -625,7 +625,9 @@ async def test_a_key_header_beside_a_valid_bearer_never_reaches_the_upstream(
     (request,) = fake.requests
     assert fake.key_headers == [[UPSTREAM_KEY]]
     assert "authorization" not in request.headers
-    await only_event(gw)
+    await gw.probes.wait_finished(2)  # the refusal finishes too
+    (event,) = await gw.events()
+    assert event.user_id == USER
 
 
 async def test_refusals_speak_the_users_language(gw: Harness, fake: FakeAnthropic) -> None:
