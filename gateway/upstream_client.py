@@ -295,7 +295,9 @@ class UpstreamClient:
         transport = getattr(client, "_transport", None)
         self._aiohttp = transport if type(transport) is AiohttpTransport else None
         self._defaults = [(name.lower(), value) for name, value in client.headers.raw]
-        self._yarl: dict[httpx.URL, yarl.URL] = {}
+        # By the URL's text, as given: an httpx.URL hashes by building its text
+        # again, and compares by parsing the other one.
+        self._yarl: dict[str, yarl.URL] = {}
         self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
 
     @property
@@ -322,7 +324,7 @@ class UpstreamClient:
         try:
             if self._aiohttp is not None and not isinstance(content, AsyncIterator):
                 return await self._open_aiohttp(
-                    self._aiohttp, method, self._url(url), headers, content, timeout
+                    self._aiohttp, method, self._target(url), headers, content, timeout
                 )
             request = client.build_request(
                 method, self._url(url), headers=headers, content=content, timeout=timeout
@@ -350,7 +352,7 @@ class UpstreamClient:
         self,
         transport: AiohttpTransport,
         method: str,
-        url: httpx.URL,
+        target: yarl.URL,
         headers: Headers,
         content: bytes | None,
         timeout: httpx.Timeout,
@@ -361,12 +363,6 @@ class UpstreamClient:
         session = transport.client
         if not isinstance(session, aiohttp.ClientSession):
             session = transport.client = transport.get_client()
-        target = self._yarl.get(url)
-        if target is None:
-            target = yarl.URL(str(url))
-            if len(self._yarl) >= _MAX_URLS:
-                self._yarl.clear()
-            self._yarl[url] = target
         key = (timeout.connect, timeout.read, timeout.pool)
         limits = self._timeouts.get(key)
         if limits is None:
@@ -405,6 +401,17 @@ class UpstreamClient:
             stream=AiohttpBody(answer),
             extensions=_HTTP11,
         )
+
+    def _target(self, url: str) -> yarl.URL:
+        """The URL as aiohttp takes it: the one httpx would send (checked, and
+        quoted, by httpx.URL; raises httpx.InvalidURL as `_url` does)."""
+        target = self._yarl.get(url)
+        if target is None:
+            target = yarl.URL(str(self._url(url)))
+            if len(self._yarl) >= _MAX_URLS:
+                self._yarl.clear()
+            self._yarl[url] = target
+        return target
 
     def _url(self, url: str) -> httpx.URL:
         parsed = self._urls.get(url)

@@ -4,17 +4,16 @@ stopped by signal."""
 from __future__ import annotations
 
 import asyncio
-import signal
 from pathlib import Path
 
-from tests.servers import free_port, spawn_gateway
+from tests.servers import Process, free_port, kill_tree, spawn_gateway
 
 
 class GatewayProcess:
     """One `python -m gateway serve` process; its stderr (the log) is read all along,
     so the process never blocks on a full pipe and tests can wait for a line."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
+    def __init__(self, proc: Process, port: int) -> None:
         self.proc = proc
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -34,6 +33,21 @@ class GatewayProcess:
             await process.kill()
             raise
         return process
+
+    @classmethod
+    async def start_all(cls, config: Path, env: dict[str, str], count: int) -> list[GatewayProcess]:
+        """``count`` processes on one configuration, started side by side; if one
+        fails to start, the others are killed."""
+        started = await asyncio.gather(
+            *(cls.start(config, env) for _ in range(count)), return_exceptions=True
+        )
+        processes = [p for p in started if isinstance(p, GatewayProcess)]
+        for failure in started:
+            if isinstance(failure, BaseException):
+                for process in processes:
+                    await process.kill()
+                raise failure
+        return processes
 
     async def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -70,8 +84,9 @@ class GatewayProcess:
         return code
 
     async def kill(self) -> None:
+        """SIGKILL, to the process and any workers it started."""
         if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGKILL)
+            kill_tree(self.proc)
         await self.wait()
 
     async def terminate(self) -> int:

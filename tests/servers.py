@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import random
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+
+from tests.forkserver import PIPE, ForkedProcess, python_m
 
 _random = random.SystemRandom()  # not the seeded one: each xdist worker picks its own
 
@@ -143,13 +146,16 @@ def free_port() -> int:
         return found
 
 
+Process = ForkedProcess | asyncio.subprocess.Process
+
+
 async def spawn_gateway(
     config: Path, port: int, env: dict[str, str] | None = None, *, workers: int = 1
-) -> asyncio.subprocess.Process:
-    """`python -m gateway serve` on ``port``, its log (stderr) piped, not yet ready."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
+) -> Process:
+    """`python -m gateway serve` on ``port``, its log (stderr) piped, not yet ready:
+    forked from the pre-imported server (tests/forkserver.py), in a session of its
+    own, so that `kill_tree` reaches its workers too."""
+    return await python_m(
         "gateway",
         "--config",
         str(config),
@@ -159,19 +165,49 @@ async def spawn_gateway(
         "--workers",
         str(workers),
         env={**os.environ, **(env or {})},
-        stderr=asyncio.subprocess.PIPE,
+        stderr=PIPE,
     )
 
 
+def kill_tree(proc: Process) -> None:
+    """SIGKILL a process started by `spawn_gateway` and everything it started (its
+    process group: its session's, which `--workers` children share)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 async def start_gateway(
-    config: Path, port: int, env: dict[str, str] | None = None, *, workers: int = 1
-) -> asyncio.subprocess.Process:
-    """A real `gateway serve` process on ``port``, once all its workers are ready."""
+    config: Path,
+    port: int,
+    env: dict[str, str] | None = None,
+    *,
+    workers: int = 1,
+    timeout: float = 30,
+) -> Process:
+    """A real `gateway serve` process on ``port``, once all its workers are ready;
+    killed with them if they are not within ``timeout`` (see `wait_ready`)."""
     proc = await spawn_gateway(config, port, env, workers=workers)
+    await wait_ready(proc, port, workers, timeout)
+    return proc
+
+
+async def wait_ready(proc: Process, port: int, workers: int, timeout: float = 30) -> None:
+    """Until a `gateway serve` process's ``workers`` workers are ready. If they are
+    not within ``timeout`` (or the wait is cancelled), the process and its workers
+    are killed and reaped."""
+    try:
+        await _ready(proc, port, workers, timeout)
+    except BaseException:
+        kill_tree(proc)
+        await proc.wait()
+        raise
+
+
+async def _ready(proc: Process, port: int, workers: int, timeout: float) -> None:
     assert proc.stderr is not None
     ready = 0
     listening = False
-    async with asyncio.timeout(30):
+    async with asyncio.timeout(timeout):
         # uvicorn says when each worker's app (and its database) is ready, and when
         # it listens: a single process binds its socket only after the app started,
         # so a request sent on "startup complete" alone can find the port closed.
@@ -181,7 +217,7 @@ async def start_gateway(
             if ready == workers and listening:
                 if workers > 1:
                     await _accepting(port)
-                return proc
+                return
     raise RuntimeError(f"gateway process did not start (exit {await proc.wait()})")
 
 

@@ -108,15 +108,11 @@ async def two_gateways(
                     }
                 )
             )
-            procs = [
-                await GatewayProcess.start(config, {"TEST_UPSTREAM_KEY": UPSTREAM_KEY})
-                for _ in range(2)
-            ]
+            procs = await GatewayProcess.start_all(config, {"TEST_UPSTREAM_KEY": UPSTREAM_KEY}, 2)
             try:
                 yield [proc.port for proc in procs], key.secret, storage
             finally:
-                for proc in procs:
-                    await proc.terminate()
+                await asyncio.gather(*(proc.terminate() for proc in procs))
     finally:
         await storage.close()
 

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
-import subprocess
+import asyncio
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 from gateway.cli import main
+from tests.forkserver import PIPE, python_m
 
 
 @pytest.fixture
@@ -33,20 +35,24 @@ def run(config: Path, *args: str) -> int:
     return main(["--config", str(config), *args])
 
 
-def test_check_config_rejects_a_misspelt_key_in_one_line(tmp_path: Path) -> None:
+async def gateway(*args: str) -> tuple[int, str, str]:
+    """`python -m gateway ARGS` run to its end: (exit status, stdout, stderr)."""
+    proc = await python_m("gateway", *args, env=os.environ, stdout=PIPE, stderr=PIPE)
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None and out is not None and err is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_check_config_rejects_a_misspelt_key_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[plans.free]\nqueries_per_dya = 5\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", "--config", str(bad), "check-config"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 2
-    assert done.stdout == ""
-    lines = done.stderr.strip().splitlines()
+    returncode, stdout, stderr = await gateway("--config", str(bad), "check-config")
+    assert returncode == 2
+    assert stdout == ""
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "plans.free.queries_per_dya" in lines[0]
-    assert "Traceback" not in done.stderr
+    assert "Traceback" not in stderr
 
 
 def test_check_config_prints_the_effective_configuration(
@@ -118,22 +124,14 @@ def test_users_and_keys(config_file: Path, capsys: pytest.CaptureFixture[str]) -
     assert run(config_file, "users", "show", "nobody") == 1
 
 
-def test_storage_errors_are_one_line(tmp_path: Path) -> None:
+async def test_storage_errors_are_one_line(tmp_path: Path) -> None:
     path = tmp_path / "gateway.toml"
     path.write_text(
         '[database]\nurl = "postgresql://nobody@127.0.0.1:1/none"\nconnect_timeout = 1.0\n'
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", "--config", str(path), "users", "list"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 1
-    assert (
-        done.stderr.startswith("gateway: error: PostgreSQL error")
-        and "Traceback" not in done.stderr
-    )
+    returncode, _, stderr = await gateway("--config", str(path), "users", "list")
+    assert returncode == 1
+    assert stderr.startswith("gateway: error: PostgreSQL error") and "Traceback" not in stderr
 
 
 def test_config_after_the_subcommand(

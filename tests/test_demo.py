@@ -6,11 +6,11 @@ import asyncio
 import os
 import re
 import socket
-import sys
 from pathlib import Path
 
 import httpx
 
+from tests.forkserver import PIPE, python_m
 from tests.servers import free_port
 
 
@@ -19,17 +19,15 @@ async def test_busy_port_is_one_line_and_leaves_nothing_behind(tmp_path: Path) -
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
+        proc = await python_m(
             "gateway",
             "demo",
             "--port",
             str(port),
             # The demo's temporary folder is made under TMPDIR: here, where it can be seen.
             env={**os.environ, "TMPDIR": str(tmp_path)},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            stdout=PIPE,
+            stderr=PIPE,
         )
         async with asyncio.timeout(30):
             out, err = await proc.communicate()
@@ -43,16 +41,14 @@ async def test_busy_port_is_one_line_and_leaves_nothing_behind(tmp_path: Path) -
 
 async def test_demo_answers_with_one_date_and_one_server_header(tmp_path: Path) -> None:
     port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
+    proc = await python_m(
         "gateway",
         "demo",
         "--port",
         str(port),
         env={**os.environ, "TMPDIR": str(tmp_path)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stdout=PIPE,
+        stderr=PIPE,
     )
     assert proc.stdout is not None
     try:

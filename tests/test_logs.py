@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import re
-import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ from gateway.config import DatabaseConfig, ServerConfig
 from gateway.keys import new_key
 from gateway.storage import open_storage
 from tests.fakes.dify import FakeDify
+from tests.forkserver import PIPE, python_m
 from tests.harness import UPSTREAM_KEY, USER, running_gateway, to_toml
 from tests.processes import GatewayProcess
 from tests.servers import free_port, serve, spawn_gateway
@@ -169,16 +169,14 @@ async def test_serve_json_log_with_two_workers(tmp_path: Path) -> None:
 async def test_factory_path_logs_in_the_configured_format(tmp_path: Path) -> None:
     async with setup(tmp_path, log_format="json") as s:
         port = free_port()
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
+        proc = await python_m(
             "uvicorn",
             "gateway.app:create_app",
             "--factory",
             "--port",
             str(port),
             env={**os.environ, **ENV, "GATEWAY_CONFIG": str(s.config)},
-            stderr=asyncio.subprocess.PIPE,
+            stderr=PIPE,
         )
         process = GatewayProcess(proc, port)
         try:

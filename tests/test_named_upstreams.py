@@ -952,7 +952,7 @@ async def test_a_message_with_two_credentials_that_disagree_is_refused_unsent(
                 json=body,
                 headers=[("authorization", f"Bearer {h.key}"), ("x-api-key", h.key), version],
             )
-        await h.probes.wait_finished(1)
+        await h.probes.wait_finished(len(attempts) + 1)  # refusals finish too
         events = await h.events()
     for response in refused:
         assert response.status_code == 400, response.text

@@ -221,7 +221,9 @@ _SETTLE_MANY_ARGS = (
     *_SettleCall._fields[_CHECKS.stop :],
 )
 _ADMIT = _call("SELECT * FROM gateway_admit", len(_AdmitCall._fields))
-_ADMIT_BATCHED = _call("SELECT * FROM gateway_admit_batched", len(_AdmitCall._fields))
+# A batch of one: gateway_admit with p_batched (an unknown user is known =
+# false, under the batches' lock timeout).
+_ADMIT_BATCHED = _ADMIT.removesuffix(")") + ", true)"
 _SETTLE = _call("SELECT gateway_settle", len(_SettleCall._fields))
 _SETTLE_BATCHED = _call("SELECT gateway_settle_batched", len(_SettleCall._fields))
 _ADMIT_MANY = _call("SELECT * FROM gateway_admit_many", len(_ADMIT_MANY_ARGS))
@@ -238,7 +240,22 @@ def _admit_many_args(calls: Sequence[_AdmitCall]) -> list[Any]:
     maxes: list[Decimal] = []
     scopes: list[int] = []
     keys: list[str | None] = []
+    last: _AdmitCall | None = None
     for call in calls:
+        # A call with the same limits as the one before it (one plan's users)
+        # shares its slice: the function slices the arrays once per set.
+        if (
+            last is not None
+            and call.meters == last.meters
+            and call.pers == last.pers
+            and call.maxes == last.maxes
+            and call.scopes == last.scopes
+            and call.keys == last.keys
+        ):
+            limit_from.append(limit_from[-1])
+            limit_count.append(limit_count[-1])
+            continue
+        last = call
         limit_from.append(len(meters) + 1)
         limit_count.append(len(call.meters))
         meters += call.meters

@@ -46,7 +46,7 @@ from gateway.storage import (
     open_storage,
 )
 from gateway.storage.group import GroupCommit, NotNow, SplitBatch
-from gateway.storage.postgres import PostgresStorage
+from gateway.storage.postgres import _ADMIT_BATCHED, PostgresStorage, _AdmitCall
 from gateway.storage.sqlite import CHECKPOINT_EVERY, CHECKPOINT_MOST, SQLiteStorage
 from tests.conftest import _truncate
 
@@ -816,6 +816,34 @@ async def test_a_lone_call_waiting_on_a_row_lock_gives_up_its_batch_and_goes_alo
     result = await call
     assert result.admitted if operation == "admit" else result is True
     assert pg.group_commit[operation] == (1, 1)
+
+
+@pytest.mark.postgres
+async def test_a_batch_of_one_admission_keeps_its_lock_timeout_to_itself(
+    pg: PostgresStorage,
+) -> None:
+    """gateway_admit sets the batches' lock timeout for a batch of one only while
+    it runs (as a SET clause would): the transaction it ran in has its own
+    again after it, whether it admitted, refused or did not know the user."""
+    await pg.ensure_user("alice", plan="free")
+    conn = await asyncpg.connect(pg_dsn(pg))
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL lock_timeout = '7s'")
+            for user, maxes in (("alice", [Decimal(5)]), ("alice", [Decimal(0)]), ("bob", [])):
+                row = await conn.fetchrow(
+                    _ADMIT_BATCHED,
+                    *_AdmitCall(
+                        user, DAY, DAY.replace(day=1), [1] * len(maxes), [1] * len(maxes), maxes,
+                        [1] * len(maxes), [None] * len(maxes), None, None, NOW, False, None,
+                        None, None, None, None, None, None, False, False, Decimal(0), None,
+                        "default",
+                    ),
+                )  # fmt: skip
+                assert row is not None and row["known"] is (user == "alice")
+                assert await conn.fetchval("SHOW lock_timeout") == "7s"
+    finally:
+        await conn.close()
 
 
 @pytest.mark.postgres

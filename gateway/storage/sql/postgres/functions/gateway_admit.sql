@@ -12,6 +12,16 @@
 --
 -- Returns the limit that refused (its 1-based index in p_meters), or NULL, and
 -- the counters: after the charge when admitted, before it when refused.
+--
+-- p_batched: a batch of one (an admission that found no batch in flight, the
+-- usual case under light load), answered as gateway_admit_many answers an
+-- element - an unknown user is known = false, not an error - under the
+-- batches' lock timeout (0010: the gateway then sends it again on its own).
+-- The timeout is set for the call and put back before it returns, as a SET
+-- clause would, which cannot be one function's for one kind of call only: a
+-- wrapper function with it cost a call, a query and a tuple store more
+-- (docs/performance.md). Without p_batched an unknown user raises and a row
+-- lock is waited for.
 CREATE OR REPLACE FUNCTION gateway_admit(
     p_user text,
     p_day date,
@@ -37,8 +47,10 @@ CREATE OR REPLACE FUNCTION gateway_admit(
     p_reserve_cost numeric,
     p_team text,
     -- The upstream the answer is sent to (0017), kept on its pending row.
-    p_upstream text DEFAULT 'default'
+    p_upstream text DEFAULT 'default',
+    p_batched boolean DEFAULT false
 ) RETURNS TABLE (
+    known boolean,
     refused integer,
     day_used numeric[],
     month_used numeric[],
@@ -65,7 +77,17 @@ DECLARE
     v_team_streams bigint := 0;
     v_keys text[];
     v_team boolean := p_team IS NOT NULL AND 2 = ANY (p_scopes);
+    v_monthly boolean := 2 = ANY (p_pers);
+    v_streamed boolean := 10 = ANY (p_meters);
+    v_expired boolean;
+    v_timeout text;
+    v_set text;
 BEGIN
+    IF p_batched THEN
+        -- (Assignments, not PERFORM: an expression, not a query.)
+        v_timeout := current_setting('lock_timeout');
+        v_set := set_config('lock_timeout', '250ms', true);
+    END IF;
     -- Team scope: the team's row first - the lock every member's admission takes,
     -- so that the team's counters are checked and reserved one admission at a
     -- time - then the user's (the same order everywhere: teams, then users).
@@ -75,47 +97,60 @@ BEGIN
     -- NO KEY UPDATE does not block the foreign-key checks of concurrent ledger writes.
     PERFORM 1 FROM users WHERE id = p_user FOR NO KEY UPDATE;
     IF NOT FOUND THEN
-        RAISE foreign_key_violation USING MESSAGE = 'unknown user ' || p_user;
+        IF NOT p_batched THEN
+            RAISE foreign_key_violation USING MESSAGE = 'unknown user ' || p_user;
+        END IF;
+        v_set := set_config('lock_timeout', v_timeout, true);
+        known := false;
+        web_reserved := false;
+        RETURN NEXT;
+        RETURN;
     END IF;
-    -- The counters, read here rather than by a helper (a call and its function
-    -- scan cost more than the read): today's row by its key and, only for a
-    -- monthly limit, the earlier days' sums (the month's are today's plus them).
-    SELECT ARRAY[
-        u.queries, u.advanced_rag, u.web_searches, u.uploads, u.upload_bytes,
-        u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost + u.cost_reserved
-    ]::numeric[]
-    INTO v_day
-    FROM usage_daily u WHERE u.user_id = p_user AND u.day = p_day;
-    IF v_day IS NULL THEN
-        v_day := '{0,0,0,0,0,0,0,0,0}'::numeric[];
-    END IF;
-    IF 2 = ANY (p_pers) THEN
-        SELECT ARRAY[
-            v_day[1] + coalesce(sum(u.queries), 0),
-            v_day[2] + coalesce(sum(u.advanced_rag), 0),
-            v_day[3] + coalesce(sum(u.web_searches), 0),
-            v_day[4] + coalesce(sum(u.uploads), 0),
-            v_day[5] + coalesce(sum(u.upload_bytes), 0),
-            v_day[6] + coalesce(sum(u.prompt_tokens), 0),
-            v_day[7] + coalesce(sum(u.completion_tokens), 0),
-            v_day[8] + coalesce(sum(u.total_tokens), 0),
-            v_day[9] + coalesce(sum(u.cost + u.cost_reserved), 0)
-        ]::numeric[]
-        INTO v_month
-        FROM usage_daily u
-        WHERE u.user_id = p_user AND u.day >= p_month_start AND u.day < p_day;
-    END IF;
-    IF 10 = ANY (p_meters) THEN
+    -- The counters, in one statement after the lock (a statement that waited
+    -- for the lock would read other tables' rows as they were before it):
+    -- today's row by its key; only for a monthly limit, the month's sums
+    -- (today's included); only for a stream limit, the open leases and the
+    -- expired ones. Read here rather than by a helper (a call and its function
+    -- scan cost more than the read), in one statement rather than four (each
+    -- costs an executor start-up).
+    SELECT
+        coalesce((
+            SELECT ARRAY[
+                u.queries, u.advanced_rag, u.web_searches, u.uploads, u.upload_bytes,
+                u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost + u.cost_reserved
+            ]::numeric[]
+            FROM usage_daily u WHERE u.user_id = p_user AND u.day = p_day
+        ), '{0,0,0,0,0,0,0,0,0}'::numeric[]),
+        CASE WHEN v_monthly THEN (
+            SELECT ARRAY[
+                coalesce(sum(u.queries), 0), coalesce(sum(u.advanced_rag), 0),
+                coalesce(sum(u.web_searches), 0), coalesce(sum(u.uploads), 0),
+                coalesce(sum(u.upload_bytes), 0), coalesce(sum(u.prompt_tokens), 0),
+                coalesce(sum(u.completion_tokens), 0), coalesce(sum(u.total_tokens), 0),
+                coalesce(sum(u.cost + u.cost_reserved), 0)
+            ]::numeric[]
+            FROM usage_daily u
+            WHERE u.user_id = p_user AND u.day >= p_month_start AND u.day <= p_day
+        ) END,
+        -- (Each lease read a range of the (user, expiry) index: a scan of all
+        -- the user's leases went through the heap for every dead one.)
+        CASE WHEN v_streamed THEN (
+            SELECT count(*) FROM stream_leases s
+            WHERE s.user_id = p_user AND s.expires_at > p_now
+        ) ELSE 0 END,
+        v_streamed AND EXISTS (
+            SELECT 1 FROM stream_leases s WHERE s.user_id = p_user AND s.expires_at <= p_now
+        )
+    INTO v_day, v_month, v_streams, v_expired;
+    IF v_expired THEN
         -- The user's expired leases no one else is deleting (SKIP LOCKED:
         -- admission never waits for a lease). Written here, not in a LANGUAGE
         -- sql helper, which would be planned again at every call.
         DELETE FROM stream_leases WHERE id IN (
-            SELECT l.id FROM stream_leases l
-            WHERE l.user_id = p_user AND l.expires_at <= p_now
+            SELECT s.id FROM stream_leases s
+            WHERE s.user_id = p_user AND s.expires_at <= p_now
             FOR UPDATE SKIP LOCKED
         );
-        SELECT count(*) INTO v_streams FROM stream_leases l
-        WHERE l.user_id = p_user AND l.expires_at > p_now;
     END IF;
     IF v_team THEN
         SELECT c.day_used, c.month_used, c.streams INTO v_team_day, v_team_month, v_team_streams
@@ -157,8 +192,22 @@ BEGIN
                 p_meters[d.refused], p_pers[d.refused],
                 p_maxes[d.refused], v_charge[p_meters[d.refused]], p_now);
         END IF;
-        RETURN QUERY SELECT d.refused, v_day, v_month, v_streams, false, v_rates, v_retry,
-            v_team_day, v_team_month, v_team_streams;
+        IF p_batched THEN
+            v_set := set_config('lock_timeout', v_timeout, true);
+        END IF;
+        -- RETURN NEXT of the output columns, not RETURN QUERY (a query).
+        known := true;
+        refused := d.refused;
+        day_used := v_day;
+        month_used := v_month;
+        open_streams := v_streams;
+        web_reserved := false;
+        rate_used := v_rates;
+        retry_after := v_retry;
+        team_day := v_team_day;
+        team_month := v_team_month;
+        team_streams := v_team_streams;
+        RETURN NEXT;
         RETURN;
     END IF;
     v_charge[3] := d.web;
@@ -210,7 +259,18 @@ BEGIN
         END LOOP;
         v_team_streams := v_team_streams + v_charge[10];
     END IF;
-    RETURN QUERY SELECT NULL::integer, v_day, v_month, v_streams, d.web > 0, v_rates,
-        NULL::integer, v_team_day, v_team_month, v_team_streams;
+    IF p_batched THEN
+        v_set := set_config('lock_timeout', v_timeout, true);
+    END IF;
+    known := true;
+    day_used := v_day;
+    month_used := v_month;
+    open_streams := v_streams;
+    web_reserved := d.web > 0;
+    rate_used := v_rates;
+    team_day := v_team_day;
+    team_month := v_team_month;
+    team_streams := v_team_streams;
+    RETURN NEXT;
 END
 $$;

@@ -1,0 +1,161 @@
+"""The test processes: `python -m` children forked from the pre-imported server
+are the processes a fresh start would be (tests/forkserver.py), and a
+`gateway serve` that does not become ready is killed with its workers
+(tests/servers.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import forkserver
+from tests.forkserver import PIPE, ForkedProcess, python_m
+from tests.servers import free_port, kill_tree, spawn_gateway, wait_ready
+
+
+async def probe(*args: str, env: dict[str, str], fork: bool) -> tuple[int, dict[str, Any], str]:
+    """Run tests/probe.py: (exit status, its state, its stderr)."""
+    if fork:
+        proc = await python_m("tests.probe", *args, env=env, stdout=PIPE, stderr=PIPE)
+        assert isinstance(proc, ForkedProcess)
+    else:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.probe",
+            *args,
+            env=env,
+            stdout=PIPE,
+            stderr=PIPE,
+            start_new_session=True,
+        )
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert out is not None and err is not None
+    assert proc.returncode is not None
+    return proc.returncode, json.loads(out), err.decode()
+
+
+async def test_a_forked_child_is_what_a_fresh_python_m_would_be(tmp_path: Path) -> None:
+    env = {**os.environ, "PROBE": "é x", "TMPDIR": str(tmp_path)}
+    env.pop("HOME", None)  # a variable of the server's that the child has not
+    forked = await probe("3", env=env, fork=True)
+    fresh = await probe("3", env=env, fork=False)
+    assert forked == fresh
+    status, state, err = forked
+    assert status == 3 and err == "probe: on stderr\n"
+    assert state["name"] == "__main__" and state["spec"] == "tests.probe"
+    assert state["argv"][0].endswith("tests/probe.py") and state["argv"][1:] == ["3"]
+    assert state["env"] == env and state["tempdir"] == str(tmp_path)
+    assert state["own_session"] and state["own_group"]
+    assert state["fds"] == [0, 1, 2, 3]  # the standard streams, and listdir's own
+
+
+async def test_a_child_is_started_afresh_where_the_interpreter_reads_the_environment() -> None:
+    proc = await python_m(
+        "tests.probe", env={**os.environ, "PYTHONHASHSEED": "7"}, stdout=PIPE, stderr=PIPE
+    )
+    assert not isinstance(proc, ForkedProcess)
+    out, _ = await proc.communicate()
+    assert json.loads(out)["env"]["PYTHONHASHSEED"] == "7"
+
+
+async def test_a_signal_ends_a_forked_child_with_its_number() -> None:
+    proc = await python_m("tests.probe", "pause", env=os.environ, stdout=PIPE, stderr=PIPE)
+    assert isinstance(proc, ForkedProcess) and proc.stdout is not None
+    async with asyncio.timeout(30):
+        await proc.stdout.readline()  # it has printed its state: now in signal.pause()
+        assert proc.returncode is None
+        proc.terminate()
+        assert await proc.wait() == -signal.SIGTERM
+    assert proc.returncode == -signal.SIGTERM
+    assert await proc.stdout.read() == b""
+
+
+async def test_a_wait_ends_when_the_fork_server_has_gone() -> None:
+    proc = await python_m("tests.probe", "pause", env=os.environ, stdout=PIPE, stderr=PIPE)
+    assert isinstance(proc, ForkedProcess) and proc.stdout and proc.stderr
+    async with asyncio.timeout(30):
+        await proc.stdout.readline()
+        server = forkserver._forking()
+        assert server is not None
+        server.server.kill()
+        with pytest.raises(RuntimeError, match="the fork server has gone"):
+            await proc.wait()
+        os.kill(proc.pid, signal.SIGKILL)  # no server to kill what it forked
+        await proc.stdout.read()
+        await proc.stderr.read()
+    assert forkserver._forking() is not server  # the next fork starts a new one
+    again = await python_m("tests.probe", env=os.environ, stdout=PIPE, stderr=PIPE)
+    await again.communicate()
+    assert again.returncode == 0
+
+
+@contextlib.asynccontextmanager
+async def two_workers(tmp_path: Path, port: int) -> AsyncIterator[Any]:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        "[server]\nreload_interval = 0\n\n"
+        f'[database]\nurl = "sqlite:///{tmp_path}/gateway.db"\nspool_file = ""\n\n[plans.free]\n'
+    )
+    proc = await spawn_gateway(config, port, workers=2)
+    try:
+        yield proc
+    finally:
+        kill_tree(proc)
+        await proc.wait()
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (its workers, and multiprocessing's resource
+    tracker that starting them started)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if int(stat.rpartition(")")[2].split()[1]) == pid:
+                    found.append(int(entry))
+    return found
+
+
+def spawned_workers(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+async def ended(pid: int) -> None:
+    """Until process ``pid`` has ended (its pidfd turns readable)."""
+    fd = os.pidfd_open(pid)
+    try:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        loop.add_reader(fd, done.set_result, None)
+        try:
+            await done
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
+
+
+async def test_a_gateway_not_ready_in_time_is_killed_with_its_workers(tmp_path: Path) -> None:
+    port = free_port()
+    async with two_workers(tmp_path, port) as proc:
+        await wait_ready(proc, port, 2)
+        started = children(proc.pid)
+        assert len(spawned_workers(started)) == 2
+        exits = [asyncio.ensure_future(ended(pid)) for pid in started]
+        with pytest.raises(TimeoutError):
+            await wait_ready(proc, port, 3, timeout=0.1)  # a third worker never comes
+        assert proc.returncode == -signal.SIGKILL
+        async with asyncio.timeout(10):
+            await asyncio.gather(*exits)
