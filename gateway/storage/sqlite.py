@@ -173,7 +173,6 @@ _DAY_INTEGERS = (
     "queries, advanced_rag, web_searches, uploads, upload_bytes, "
     "prompt_tokens, completion_tokens, total_tokens"
 )
-_DAY_SUMS = ", ".join(f"sum({column.strip()})" for column in _DAY_INTEGERS.split(","))
 
 
 class _DecimalSum:
@@ -599,39 +598,50 @@ def _team_counters(
     return counters_from(day, month if monthly else None, streams, rates)
 
 
-def _day_and_month(
-    conn: sqlite3.Connection, user_id: str, today: str, month_start: str, *, monthly: bool
-) -> tuple[list[Decimal], list[Decimal] | None]:
-    """The user's counters today and, when ``monthly``, this month (today
-    included; None otherwise), in the order of gateway/quota/limits.py's
-    DAY_METERS; cost includes what answers under way reserved.
+def _counted(
+    conn: sqlite3.Connection, source: str, integers: str, params: Sequence[Any], first: str
+) -> tuple[list[Decimal], list[Decimal]]:
+    """The counters of the day rows ``source`` selects ("table WHERE ...", its
+    parameters ``params``, then today): today's and the month's from ``first``
+    to today, each as the columns ``integers`` then the cost, what answers under
+    way reserved included.
 
     The month is one aggregate over its day rows: SQLite sums the integers and
     joins the costs (decimal text) into one string, added up as Decimals here.
     A row's values turned into Decimals in Python, or a decimal aggregate (a
     Python call per row), cost about 20 us a day row: 600 us on the 30th."""
+    today = params[-1]
     row = conn.execute(
-        f"SELECT {_DAY_INTEGERS}, cost, cost_reserved FROM usage_daily "
-        "WHERE user_id = ? AND day = ?",
-        (user_id, today),
+        f"SELECT {integers}, cost, cost_reserved FROM {source} AND day = ?", params
     ).fetchone()
     if row is None:
-        day = [Decimal(0)] * len(DAY_METERS)
+        day = [Decimal(0)] * (integers.count(",") + 2)
     else:
         day = [*map(Decimal, row[:-2]), Decimal(row[-2]) + Decimal(row[-1])]
-    if not monthly:
-        return day, None
-    if month_start == today:
+    if first == today:
         return day, list(day)
-    sums = conn.execute(
-        f"SELECT {_DAY_SUMS}, group_concat(cost || ',' || cost_reserved, ',') "
-        "FROM usage_daily WHERE user_id = ? AND day >= ? AND day <= ?",
-        (user_id, month_start, today),
+    sums = ", ".join(f"sum({column.strip()})" for column in integers.split(","))
+    row = conn.execute(
+        f"SELECT {sums}, group_concat(cost || ',' || cost_reserved, ',') FROM {source} "
+        "AND day >= ? AND day <= ?",
+        (*params[:-1], first, today),
     ).fetchone()
-    month = [Decimal(value or 0) for value in sums[:-1]]
-    costs = sums[-1]
+    month = [Decimal(value or 0) for value in row[:-1]]
+    costs = row[-1]
     month.append(sum(map(Decimal, costs.split(",")), Decimal(0)) if costs else Decimal(0))
     return day, month
+
+
+def _day_and_month(
+    conn: sqlite3.Connection, user_id: str, today: str, month_start: str, *, monthly: bool
+) -> tuple[list[Decimal], list[Decimal] | None]:
+    """The user's counters today and, when ``monthly``, this month (today
+    included; None otherwise), in the order of gateway/quota/limits.py's
+    DAY_METERS; cost includes what answers under way reserved."""
+    source = "usage_daily WHERE user_id = ?"
+    if not monthly:
+        return _counted(conn, source, _DAY_INTEGERS, (user_id, today), today)[0], None
+    return _counted(conn, source, _DAY_INTEGERS, (user_id, today), month_start)
 
 
 class _Claimed(NamedTuple):
@@ -759,18 +769,16 @@ def _model_counters(
     found: dict[tuple[str, Meter, Per], Decimal] = {}
     meters: tuple[Meter, ...] = ("queries", "input_tokens", "output_tokens", "tokens", "cost")
     for key in keys:
-        for meter in meters:
-            found[(key, meter, "day")] = found[(key, meter, "month")] = Decimal(0)
-        for row in conn.execute(
-            "SELECT day, queries, prompt_tokens, completion_tokens, total_tokens, "
-            "dec_add(cost, cost_reserved) FROM usage_models "
-            "WHERE user_id = ? AND scope = ? AND day >= ? AND day <= ?",
-            (user_id, key, month_start, today),
-        ):
-            for meter, value in zip(meters, row[1:], strict=True):
-                found[(key, meter, "month")] += Decimal(value)
-                if row[0] == today:
-                    found[(key, meter, "day")] += Decimal(value)
+        day, month = _counted(
+            conn,
+            "usage_models WHERE user_id = ? AND scope = ?",
+            "queries, prompt_tokens, completion_tokens, total_tokens",
+            (user_id, key, today),
+            month_start,
+        )
+        for meter, on_day, in_month in zip(meters, day, month, strict=True):
+            found[(key, meter, "day")] = on_day
+            found[(key, meter, "month")] = in_month
     return found
 
 

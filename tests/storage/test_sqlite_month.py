@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.quota.limits import Limit
 from gateway.storage import AdmissionLimits, Lease, Pending
 from gateway.storage.sqlite import SQLiteStorage, _dec_add
 
@@ -33,6 +34,10 @@ ROWS = [
     for d in range(1, 31)
 ]
 TOKENS = sum(row[4] for row in ROWS)
+# A per-model limit's counters: the same days, in its own rows.
+GPT = Limit("cost_per_month[gpt-*]", "cost", "month", Decimal(10**6), models=("gpt-*",))
+MODEL_ROWS = [(user, GPT.counter_key, day, q, tokens, cost, reserved)
+              for user, day, q, _, tokens, cost, reserved in ROWS]  # fmt: skip
 COST = sum((Decimal(row[5]) + Decimal(row[6]) for row in ROWS), Decimal(0))
 
 
@@ -48,6 +53,11 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStorage]:
                 "INSERT INTO usage_daily (user_id, day, queries, web_searches, total_tokens, "
                 "cost, cost_reserved) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 ROWS,
+            )
+            conn.executemany(  # type: ignore[attr-defined]
+                "INSERT INTO usage_models (user_id, scope, day, queries, total_tokens, "
+                "cost, cost_reserved) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                MODEL_ROWS,
             )
 
         await opened._tx(fill)
@@ -93,6 +103,20 @@ async def test_the_month_to_date_is_summed_exactly(store: SQLiteStorage) -> None
     assert first.counters.of("tokens", "month") == first.counters.of("tokens", "day") == 1000
 
 
+async def test_a_per_model_month_is_summed_exactly(store: SQLiteStorage) -> None:
+    key = GPT.counter_key
+    assert key is not None
+    seen = await store.admit(
+        "alice", day=LAST, month_start=MONTH, limits=AdmissionLimits([GPT]), now=NOW
+    )
+    models = seen.counters.models
+    assert models[(key, "cost", "month")] == COST  # after this admission's charge: 1 query
+    assert models[(key, "tokens", "month")] == TOKENS
+    assert models[(key, "queries", "month")] == sum(row[2] for row in ROWS) + 1
+    assert models[(key, "cost", "day")] == Decimal("30.00000000001")
+    assert models[(key, "queries", "day")] == 31
+
+
 async def test_no_python_call_per_day_row(store: SQLiteStorage) -> None:
     calls: list[str] = []
 
@@ -104,7 +128,8 @@ async def test_no_python_call_per_day_row(store: SQLiteStorage) -> None:
         return call
 
     store._conn.create_function("dec_add", 2, counted("dec_add", _dec_add), deterministic=True)
-    limits = AdmissionLimits(tokens_per_month=10**9, cost_per_month=Decimal(10**6))
+    limits = AdmissionLimits([GPT], tokens_per_month=10**9, cost_per_month=Decimal(10**6))
     assert (await _admit(store, limits)).admitted  # type: ignore[attr-defined]
-    # The day row's upsert adds the reservation: one call, not one per day row.
-    assert calls == ["dec_add"]
+    # The day row's upsert adds the reservation, the per-model row's upsert the
+    # cost and the reservation: three calls, none per day row.
+    assert calls == ["dec_add"] * 3
