@@ -33,7 +33,9 @@ second connection on a thread of its own, beside the calls. If writes went on
 meanwhile, a ``wal_checkpoint(RESTART)`` follows as a call on the connection's
 thread, with no write in flight, so the next write starts the WAL again from its
 beginning (cut back to JOURNAL_SIZE_LIMIT): otherwise every checkpoint would end
-with new frames behind it and the WAL would grow without end.
+with new frames behind it and the WAL would grow without end. A checkpoint
+that falls CHECKPOINT_LAG checkpoints' worth of calls behind the writes (a slow
+fsync) holds the next writes until it is done.
 
 The rules the PostgreSQL functions keep (web searches reserved at admission and
 reconciled at settle, a real record superseding a recovered estimate: migration
@@ -164,6 +166,11 @@ CHECKPOINT_PAGES = 1000
 # CHECKPOINT_PAGES pages before it, at most CHECKPOINT_MOST.
 CHECKPOINT_EVERY = 100
 CHECKPOINT_MOST = 2000
+# Write calls may go on beside a checkpoint for this many checkpoints' worth of
+# calls; the next waits for it, as a commit waits for SQLite's own automatic
+# checkpoint: a disk slow to fsync holds the writes back rather than letting the
+# WAL grow without bound (about (1 + CHECKPOINT_LAG) * CHECKPOINT_PAGES pages).
+CHECKPOINT_LAG = 2
 # What the WAL is cut back to when it starts again: a few checkpoints' worth.
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 
@@ -987,7 +994,7 @@ class SQLiteStorage:
         self._loop_timeout = False
         self._writes = 0  # write calls since the last checkpoint
         self._checkpoint_every = CHECKPOINT_EVERY  # then as many as wrote CHECKPOINT_PAGES
-        self._checkpointing = False
+        self._checkpointing: asyncio.Task[None] | None = None  # the one in progress
         # Checkpoints run on a connection and a thread of their own, so that
         # the calls go on meanwhile (a PASSIVE checkpoint blocks no writer).
         self._checkpointer: sqlite3.Connection | None = None
@@ -1071,8 +1078,8 @@ class SQLiteStorage:
         if self._writes < self._checkpoint_every or self._checkpointing:
             return
         counted, self._writes = self._writes, 0
-        self._checkpointing = True
         task = asyncio.create_task(self._checkpoint(counted))
+        self._checkpointing = task
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -1102,7 +1109,7 @@ class SQLiteStorage:
         except (sqlite3.Error, StorageError) as exc:  # the WAL grows until the next one
             log.warning("SQLite checkpoint failed: %s", exc)
         finally:
-            self._checkpointing = False
+            self._checkpointing = None
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Read with ``fn``, in turn with the other calls."""
@@ -1118,6 +1125,12 @@ class SQLiteStorage:
     ) -> T:
         """Run ``fn`` in a write transaction, group-committed with the others;
         ``now``: short enough to make on the event loop when it goes alone."""
+        checkpoint = self._checkpointing
+        if checkpoint is not None and self._writes >= CHECKPOINT_LAG * self._checkpoint_every:
+            # The checkpoint has fallen behind the writes (a slow fsync): wait
+            # for it, so the WAL stays bounded. Shielded: a caller that gives up
+            # does not stop it.
+            await asyncio.shield(checkpoint)
         result: T = await self._calls(_Call(fn, abandoned, now=now))
         return result
 

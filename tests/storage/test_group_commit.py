@@ -45,9 +45,15 @@ from gateway.storage import (
     WebSearch,
     open_storage,
 )
+from gateway.storage import sqlite as sqlite_module
 from gateway.storage.group import GroupCommit, NotNow, SplitBatch
 from gateway.storage.postgres import _ADMIT_BATCHED, PostgresStorage, _AdmitCall
-from gateway.storage.sqlite import CHECKPOINT_EVERY, CHECKPOINT_MOST, SQLiteStorage
+from gateway.storage.sqlite import (
+    CHECKPOINT_EVERY,
+    CHECKPOINT_LAG,
+    CHECKPOINT_MOST,
+    SQLiteStorage,
+)
 from tests.conftest import _truncate
 
 T = TypeVar("T")
@@ -1155,6 +1161,48 @@ async def test_sqlite_the_wal_stays_bounded_under_sustained_writes(lite: SQLiteS
         peak = max(peak, file_size(wal))
     await asyncio.gather(*lite._background)
     assert peak < 16 * 1024 * 1024, f"the WAL reached {peak // 1024} KiB"
+
+
+async def test_sqlite_writes_wait_for_a_checkpoint_that_falls_behind(
+    lite: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk slow to fsync (here: a checkpoint held until the test lets it go)
+    holds the writes back once CHECKPOINT_LAG checkpoints' worth of calls went on
+    beside it, as a commit waits for SQLite's own automatic checkpoint; before,
+    they went on and the WAL grew for as long as the checkpoint took (24 MB in a
+    loaded test run). Nothing is lost: the held writes are made after it."""
+    held, entered = threading.Event(), threading.Event()
+    real = sqlite_module._checkpoint_wal
+
+    def slow_checkpoint(conn: sqlite3.Connection) -> tuple[bool, int]:
+        entered.set()
+        held.wait(30)
+        return real(conn)
+
+    monkeypatch.setattr(sqlite_module, "_checkpoint_wal", slow_checkpoint)
+    await lite.ensure_user("alice", plan="free")
+    wal = lite_path(lite) + "-wal"
+    done = 0
+
+    async def write(count: int) -> None:
+        nonlocal done
+        for _ in range(count):
+            assert (await admit(lite, "alice", f"r{done}")).admitted
+            assert await lite.settle(settle_event(f"m{done}"), pending_id=f"r{done}")
+            done += 1
+
+    writer = asyncio.create_task(write(CHECKPOINT_EVERY * (CHECKPOINT_LAG + 2)))
+    await asyncio.to_thread(entered.wait, 30)  # the first checkpoint has begun
+    finished, _ = await asyncio.wait({writer}, timeout=0.5)  # what goes on beside it
+    assert not finished, "the writes did not wait for the checkpoint"
+    # Two write calls an answer: those made beside the checkpoint stop at the lag.
+    assert 2 * done <= CHECKPOINT_EVERY + CHECKPOINT_LAG * CHECKPOINT_EVERY + 2
+    assert file_size(wal) < 16 * 1024 * 1024
+    held.set()
+    await writer
+    await asyncio.gather(*lite._background)
+    (day,) = await lite.daily(DAY, DAY)
+    assert day.queries == CHECKPOINT_EVERY * (CHECKPOINT_LAG + 2)
 
 
 async def test_sqlite_checkpoints_by_the_pages_batches_write(lite: SQLiteStorage) -> None:
