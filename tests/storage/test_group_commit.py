@@ -47,7 +47,13 @@ from gateway.storage import (
 )
 from gateway.storage import sqlite as sqlite_module
 from gateway.storage.group import GroupCommit, NotNow, SplitBatch
-from gateway.storage.postgres import _ADMIT_BATCHED, PostgresStorage, _AdmitCall
+from gateway.storage.postgres import (
+    _ADMIT_BATCHED,
+    _SETTLE_BATCHED,
+    PostgresStorage,
+    _AdmitCall,
+    _SettleCall,
+)
 from gateway.storage.sqlite import (
     CHECKPOINT_EVERY,
     CHECKPOINT_LAG,
@@ -848,6 +854,44 @@ async def test_a_batch_of_one_admission_keeps_its_lock_timeout_to_itself(
                 )  # fmt: skip
                 assert row is not None and row["known"] is (user == "alice")
                 assert await conn.fetchval("SHOW lock_timeout") == "7s"
+    finally:
+        await conn.close()
+
+
+@pytest.mark.postgres
+async def test_a_batch_of_one_settle_keeps_its_lock_timeout_to_itself(
+    pg: PostgresStorage,
+) -> None:
+    """gateway_settle sets the batches' lock timeout for a batch of one only while
+    it runs (as the wrapper's SET clause did): the transaction it ran in has its
+    own again after it, whether it recorded the answer, found it recorded
+    already or found its pending row gone with no estimate to supersede, and
+    after an unknown user's error is rolled back to a savepoint."""
+    await pg.ensure_user("alice", plan="free")
+
+    def call(answer_id: str, user: str = "alice", pending: str | None = None) -> _SettleCall:
+        return _SettleCall(
+            answer_id, user, DAY, NOW, "chat-messages", 75, 25, 100, Decimal("0.001"), "USD",
+            "complete", False, 0, None, None, 1.0, 1.0, None, pending, None, 0, 0, MONTH,
+            ["tokens_per_day"], ["day"], [1000], [5], [], 0, "default", [None],
+        )  # fmt: skip
+
+    conn = await asyncpg.connect(pg_dsn(pg))
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL lock_timeout = '7s'")
+            for settle, recorded in (
+                (call("m1"), True),
+                (call("m1"), False),
+                (call("m2", pending="gone"), False),
+            ):
+                assert await conn.fetchval(_SETTLE_BATCHED, *settle) is recorded
+                assert await conn.fetchval("SHOW lock_timeout") == "7s"
+            with pytest.raises(asyncpg.ForeignKeyViolationError):
+                async with conn.transaction():
+                    await conn.fetchval(_SETTLE_BATCHED, *call("m3", user="bob"))
+            assert await conn.fetchval("SHOW lock_timeout") == "7s"
+            assert await conn.fetchval("SELECT count(*) FROM notifications") == 1
     finally:
         await conn.close()
 
