@@ -13,7 +13,7 @@ of one goes the way that checkout's ``PostgresStorage`` sends it. The server
 must be local.
 
     git worktree add --detach /tmp/old d03cef3
-    .venv/bin/python -m bench.interleave /tmp/old . [--answers 1500] [--chunk 50]
+    .venv/bin/python -m bench.interleave /tmp/old . [--answers 1500] [--chunk 50] [--users 1]
 """
 
 from __future__ import annotations
@@ -98,7 +98,9 @@ async def worker(dsn_base: str) -> None:
         await admin.close()
 
 
-def drive(checkouts: list[str], answers: int, chunk: int, dsn: str) -> None:
+def drive(
+    checkouts: list[str], answers: int, chunk: int, dsn: str, shapes: list[tuple[int, int, bool]]
+) -> None:
     script = str(Path(__file__).resolve())
     workers = [
         subprocess.Popen(
@@ -114,7 +116,7 @@ def drive(checkouts: list[str], answers: int, chunk: int, dsn: str) -> None:
         assert w.stdout is not None and w.stdout.readline().strip() == "ready"
     medians: dict[tuple[int, int, bool], list[tuple[float, float]]] = {}
     done = 0
-    for users, batch, many in SHAPES:
+    for users, batch, many in shapes:
         chunks: list[list[tuple[float, float]]] = [[] for _ in workers]
         for n, start in enumerate(range(done, done + answers, chunk)):
             order = list(range(len(workers)))[:: -1 if n % 2 else 1]
@@ -156,6 +158,9 @@ def main() -> None:
     )
     parser.add_argument("--answers", type=int, default=1500)
     parser.add_argument("--chunk", type=int, default=50)
+    parser.add_argument(
+        "--users", type=int, choices=(1, 100), default=None, help="only the rows of 1 or 100 users"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     largest = max(batch for _, batch, _ in SHAPES)
@@ -164,7 +169,8 @@ def main() -> None:
     if args.worker:
         asyncio.run(worker(args.postgres))
     else:
-        drive(args.checkouts, args.answers, args.chunk, args.postgres)
+        shapes = [shape for shape in SHAPES if args.users in (None, shape[0])]
+        drive(args.checkouts, args.answers, args.chunk, args.postgres, shapes)
 
 
 if __name__ == "__main__":

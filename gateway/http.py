@@ -172,6 +172,9 @@ def request_headers(
     forward: Headers = []
     for name, value in raw:
         if name == user_header:
+            if user is not None:
+                # Which user would be charged here, and which one judged in front?
+                raise BadRequest(f"More than one {name.decode('latin-1')} header.")
             user = value
             continue
         if name == key_header:

@@ -142,8 +142,9 @@ async def running_gateway(
         )
         url = await stack.enter_async_context(serve(app, lifespan="on"))
         if fake is not None:
-            # Held answers must end before uvicorn can shut down.
+            # Held answers and pauses must end before uvicorn can shut down.
             stack.callback(fake.release_held)
+            stack.callback(fake.end_pauses)
         yield Harness(
             url=url,
             gateway=app.gateway,

@@ -536,6 +536,32 @@ async def test_trusted_header_refusals(
     assert await trusted.storage.get_user(user) is None
 
 
+@pytest.mark.parametrize("path", ["/v1/chat-messages", "/v1/usage"])
+async def test_a_request_naming_two_users_is_refused_unsent(trusted: Harness, path: str) -> None:
+    """Attack: the service key with two X-Gateway-User headers. A proxy, log or
+    rate limiter in front of the gateway may judge the request by the first user;
+    the gateway read the last one and charged it. Refused, nothing forwarded, no
+    user made, on the proxy and on /v1/usage alike."""
+    first, second = new_user(), new_user()
+    headers = [
+        ("Authorization", f"Bearer {SERVICE_KEY}"),
+        ("X-Gateway-User", first),
+        ("X-Gateway-User", second),
+    ]
+    assert trusted.fake is not None
+    seen = len(trusted.fake.requests)
+    async with httpx.AsyncClient(base_url=trusted.url, timeout=10) as client:
+        if path == "/v1/usage":
+            response = await client.get(path, headers=headers)
+        else:
+            response = await client.post(path, json=CHAT, headers=headers)
+    assert response.status_code == 400, response.text
+    assert "More than one x-gateway-user header" in response.text
+    assert trusted.fake.requests[seen:] == []
+    assert await trusted.storage.get_user(first) is None
+    assert await trusted.storage.get_user(second) is None
+
+
 async def test_usage_shows_the_non_ascii_user_the_proxy_charged(trusted: Harness) -> None:
     """The attack: ``dũng`` asks /v1/usage, which read the header as latin-1 text and
     re-encoded it, so it answered for (and created) ``dÅ©ng``. Both entry points must

@@ -24,8 +24,9 @@ task): unless another connection holds the write lock, then it waits on the
 thread (`SQLiteStorage._call_now`).
 
 Durability: WAL with ``synchronous = NORMAL``. A committed call survives a crash
-of the process; a power cut or an OS crash may lose the last few commits (never
-corrupt the file): commits do not wait for an fsync, checkpoints do. No commit
+of the process; a power cut or an OS crash may lose the commits since the last
+checkpoint (up to about CHECKPOINT_PAGES pages of them; never corrupting the
+file): commits do not wait for an fsync, checkpoints do. No commit
 checkpoints: every CHECKPOINT_PAGES pages or so (counted in write calls, at the
 pages per call the last checkpoint found) a PASSIVE checkpoint runs on a
 second connection on a thread of its own, beside the calls. If writes went on

@@ -642,6 +642,7 @@ class FakeDify:
         self.messages: list[JSON] = _default_messages()
         self._running: dict[str, _Run] = {}
         self._release: asyncio.Event | None = None
+        self._over: asyncio.Event | None = None
 
     # -- helpers for tests ---------------------------------------------------------
 
@@ -659,6 +660,21 @@ class FakeDify:
 
     def release_held(self) -> None:
         self.release.set()
+
+    def end_pauses(self) -> None:
+        """The test is over: every ``x-fake-delay-ms`` pause of an upload or a side
+        call ends now, and any to come is skipped. Such a pause outlasts the
+        gateway's read timeout in the tests of a slow upstream, and the server
+        shutting down waits for the request still pausing (seconds a run)."""
+        if self._over is None:
+            self._over = asyncio.Event()
+        self._over.set()
+
+    async def _slow(self, seconds: float) -> None:
+        if self._over is None:
+            self._over = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._over.wait(), seconds)
 
     def hits(self, path: str) -> int:
         """How many requests reached `path`; a ``/v1`` prefix is ignored on both sides."""
@@ -1097,7 +1113,7 @@ class FakeDify:
             raise DifyError(400, "too_many_files", "Only one file is allowed.")
         _, filename, mime, size = counter.files[0]
         if "x-fake-delay-ms" in headers:  # a slow store: uploads under way overlap
-            await asyncio.sleep(float(headers["x-fake-delay-ms"]) / 1000)
+            await self._slow(float(headers["x-fake-delay-ms"]) / 1000)
         self.uploaded_bytes.append(size)
         self.upload_fields.append(dict(counter.fields))
         if size > self.max_upload_bytes:
@@ -1127,7 +1143,7 @@ class FakeDify:
         """The small paid calls and the form submit: each answers at once (or after
         ``x-fake-delay-ms``)."""
         if "x-fake-delay-ms" in headers:
-            await asyncio.sleep(float(headers["x-fake-delay-ms"]) / 1000)
+            await self._slow(float(headers["x-fake-delay-ms"]) / 1000)
         if kind == "suggested":
             require_user(query.get("user"))
             payload: JSON = {"result": "success", "data": ["Bạn là ai?", "Còn gì nữa?"]}

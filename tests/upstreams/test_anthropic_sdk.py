@@ -625,9 +625,9 @@ async def test_a_key_header_beside_a_valid_bearer_never_reaches_the_upstream(
     (request,) = fake.requests
     assert fake.key_headers == [[UPSTREAM_KEY]]
     assert "authorization" not in request.headers
-    await gw.probes.wait_finished(2)  # the refusal finishes too
-    (event,) = await gw.events()
-    assert event.user_id == USER
+    # The refusal finishes too, and can finish before the answer has settled.
+    await gw.probes.wait_finished(2)
+    await only_event(gw)
 
 
 async def test_refusals_speak_the_users_language(gw: Harness, fake: FakeAnthropic) -> None:
