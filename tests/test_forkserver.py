@@ -48,8 +48,13 @@ async def probe(*args: str, env: dict[str, str], fork: bool) -> tuple[int, dict[
 async def test_a_forked_child_is_what_a_fresh_python_m_would_be(tmp_path: Path) -> None:
     env = {**os.environ, "PROBE": "é x", "TMPDIR": str(tmp_path)}
     env.pop("HOME", None)  # a variable of the server's that the child has not
-    forked = await probe("3", env=env, fork=True)
-    fresh = await probe("3", env=env, fork=False)
+    # An exec'd child inherits the signals its parent ignores: a forked one too.
+    before = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        forked = await probe("3", env=env, fork=True)
+        fresh = await probe("3", env=env, fork=False)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
     assert forked[0] == fresh[0] and forked[2] == fresh[2]
     differ = {
         key: (forked[1][key], fresh[1][key]) for key in fresh[1] if forked[1][key] != fresh[1][key]
@@ -61,6 +66,7 @@ async def test_a_forked_child_is_what_a_fresh_python_m_would_be(tmp_path: Path) 
     assert state["argv"][0].endswith("tests/probe.py") and state["argv"][1:] == ["3"]
     assert state["env"] == env and state["tempdir"] == str(tmp_path)
     assert state["own_session"] and state["own_group"]
+    assert state["signals"][str(int(signal.SIGUSR1))] == repr(signal.SIG_IGN)
     assert state["fds"] == [0, 1, 2, 3]  # the standard streams, and listdir's own
 
 
