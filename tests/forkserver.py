@@ -298,9 +298,14 @@ def _fail(future: asyncio.Future[int]) -> None:
 _client: _Client | None = None
 
 
+# GATEWAY_TEST_FORK=0 starts every process afresh (to compare, or to rule the
+# fork server out); so does a system without pidfd_open (Linux 5.3).
+FORKING = os.environ.get("GATEWAY_TEST_FORK") != "0" and hasattr(os, "pidfd_open")
+
+
 def _forking() -> _Client | None:
     global _client
-    if os.environ.get("GATEWAY_TEST_FORK") == "0" or not hasattr(os, "pidfd_open"):
+    if not FORKING:
         return None
     if _client is None or _client.gone:
         if _client is not None:

@@ -21,6 +21,8 @@ from tests import forkserver
 from tests.forkserver import PIPE, ForkedProcess, python_m
 from tests.servers import free_port, kill_tree, spawn_gateway, wait_ready
 
+forking = pytest.mark.skipif(not forkserver.FORKING, reason="GATEWAY_TEST_FORK=0")
+
 
 async def probe(*args: str, env: dict[str, str], fork: bool) -> tuple[int, dict[str, Any], str]:
     """Run tests/probe.py: (exit status, its state, its stderr)."""
@@ -45,6 +47,7 @@ async def probe(*args: str, env: dict[str, str], fork: bool) -> tuple[int, dict[
     return proc.returncode, json.loads(out), err.decode()
 
 
+@forking
 async def test_a_forked_child_is_what_a_fresh_python_m_would_be(tmp_path: Path) -> None:
     env = {**os.environ, "PROBE": "é x", "TMPDIR": str(tmp_path)}
     env.pop("HOME", None)  # a variable of the server's that the child has not
@@ -70,6 +73,7 @@ async def test_a_forked_child_is_what_a_fresh_python_m_would_be(tmp_path: Path) 
     assert state["fds"] == [0, 1, 2, 3]  # the standard streams, and listdir's own
 
 
+@forking
 async def test_a_child_is_started_afresh_where_the_interpreter_reads_the_environment() -> None:
     proc = await python_m(
         "tests.probe", env={**os.environ, "PYTHONHASHSEED": "7"}, stdout=PIPE, stderr=PIPE
@@ -79,6 +83,7 @@ async def test_a_child_is_started_afresh_where_the_interpreter_reads_the_environ
     assert json.loads(out)["env"]["PYTHONHASHSEED"] == "7"
 
 
+@forking
 async def test_a_signal_ends_a_forked_child_with_its_number() -> None:
     proc = await python_m("tests.probe", "pause", env=os.environ, stdout=PIPE, stderr=PIPE)
     assert isinstance(proc, ForkedProcess) and proc.stdout is not None
@@ -91,6 +96,7 @@ async def test_a_signal_ends_a_forked_child_with_its_number() -> None:
     assert await proc.stdout.read() == b""
 
 
+@forking
 async def test_a_wait_ends_when_the_fork_server_has_gone() -> None:
     proc = await python_m("tests.probe", "pause", env=os.environ, stdout=PIPE, stderr=PIPE)
     assert isinstance(proc, ForkedProcess) and proc.stdout and proc.stderr
