@@ -4,7 +4,7 @@ One connection sends admissions and settles the way the gateway does - each
 answer one ``gateway_admit`` and one ``gateway_settle`` call, or a batch of them
 one ``gateway_admit_many`` and one ``gateway_settle_many`` call (a batch of one,
 which is how a call goes that finds no batch in flight, goes to
-``gateway_admit`` with ``p_batched`` and to ``gateway_settle_batched``) - and reads the
+``gateway_admit`` and ``gateway_settle`` with ``p_batched``) - and reads the
 CPU time its backend used from /proc (the server must be local). The answers go
 to one user, then spread over 100, in a fresh database that is dropped at the
 end. No gateway runs: this isolates the database's side of group commit.

@@ -306,9 +306,7 @@ class Admitter:
                     team_view.limits if team_view is not None else (),
                     models=(dialect.requested_models(route, body) if per_model else None),
                 )
-            pending = replace(
-                self._pending(snap, dialect, request_id, route, body), upstream=upstream
-            )
+            pending = self._pending(snap, dialect, request_id, route, body, upstream)
             if any(limit.meter == "cost" for limit in limits.limits):
                 pending = self._with_cost_bound(snap, dialect, pending, route, body)
             lease = None
@@ -399,21 +397,32 @@ class Admitter:
         return ticket, rate_headers
 
     def _pending(
-        self, snap: Snapshot, dialect: Upstream, request_id: str, route: Route, body: dict[str, Any]
+        self,
+        snap: Snapshot,
+        dialect: Upstream,
+        request_id: str,
+        route: Route,
+        body: dict[str, Any],
+        upstream: str,
     ) -> Pending:
         """The pending row admission writes: what a recovery charges if this
         process dies before the answer is settled - the dialect's estimate for an
         answer that was never seen (the prompt's size); for a paid side call, its
-        price (the call, once admitted, is the upstream's to carry out and bill)."""
+        price (the call, once admitted, is the upstream's to carry out and bill).
+        ``upstream``: the named upstream it goes to, built in (not replaced after)."""
         if route.role == "side_cost":
             price = snap.config.call_prices.get(route.call or "")
             if price is not None:
                 return Pending(
-                    id=request_id, endpoint=route.name, cost=price.price, currency=price.currency
+                    id=request_id,
+                    endpoint=route.name,
+                    cost=price.price,
+                    currency=price.currency,
+                    upstream=upstream,
                 )
         usage = dialect.unanswered(route, body).usage
         if usage is None:
-            return Pending(id=request_id, endpoint=route.name)
+            return Pending(id=request_id, endpoint=route.name, upstream=upstream)
         return Pending(
             id=request_id,
             endpoint=route.name,
@@ -422,6 +431,7 @@ class Admitter:
             total_tokens=usage.total_tokens,
             cost=usage.cost,
             currency=usage.currency,
+            upstream=upstream,
         )
 
     def _lowered(
@@ -460,9 +470,7 @@ class Admitter:
         if cap is None:
             return None
         capped = with_cap(body, route, cap)
-        pending = replace(
-            self._pending(snap, dialect, request_id, route, capped), upstream=upstream
-        )
+        pending = self._pending(snap, dialect, request_id, route, capped, upstream)
         changed = {name: value for name, value in capped.items() if body.get(name) != value}
         return changed, self._with_cost_bound(snap, dialect, pending, route, capped)
 

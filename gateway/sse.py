@@ -85,13 +85,11 @@ class SSEDecoder:
         if not chunk:
             return []
         if (
-            # The usual chunk: exactly one event of one `data:` line (Dify flushes
-            # each event on its own), arriving between blocks. Read directly, as
-            # the general path below would read it.
-            chunk.startswith(b"data:")
-            and chunk.find(b"\n") == len(chunk) - 2
+            # The usual chunk: whole events of one `data:` line each (Dify writes
+            # each event on its own; under load several are read at once), arriving
+            # between blocks. Read directly, as the general path below would read it.
+            chunk.startswith(b"data:")  # no BOM can be here, or be held (no _buf)
             and chunk.endswith(b"\n\n")
-            and self._started
             and not self._buf
             and not self._pending_cr
             and not self._data
@@ -100,10 +98,15 @@ class SSEDecoder:
             and len(chunk) <= self._max
             and b"\r" not in chunk
         ):
-            # The "data:" prefix is ASCII: decoding after it is decoding the line.
-            start = 6 if chunk.startswith(b" ", 5) else 5
-            data = chunk[start:-2].decode("utf-8", "replace")
-            return [ServerSentEvent("message", data, self._last_id)]
+            self._started = True
+            if chunk.find(b"\n") == len(chunk) - 2:  # one event: read it at once
+                # The "data:" prefix is ASCII: decoding after it is decoding the line.
+                start = 6 if chunk.startswith(b" ", 5) else 5
+                data = chunk[start:-2].decode("utf-8", "replace")
+                return [ServerSentEvent("message", data, self._last_id)]
+            events = self._whole_events(chunk)
+            if events is not None:
+                return events
         if not self._started:
             chunk = b"".join(self._buf) + chunk
             self._buf, self._buf_len = [], 0
@@ -141,6 +144,24 @@ class SSEDecoder:
         except EventTooLarge as exc:
             exc.events[:0] = events
             raise
+        return events
+
+    def _whole_events(self, chunk: bytes) -> list[ServerSentEvent] | None:
+        """``chunk``'s events when it is only blocks of one ``data:`` line each
+        (it starts with "data:", ends with a blank line, holds no "\r"); None
+        for anything else, the state untouched, for the general path to read."""
+        # Splitting the decoded text matches decoding line by line (see feed): a
+        # line end is ASCII, never part of a multi-byte or invalid sequence.
+        blocks = chunk[:-2].decode("utf-8", "replace").split("\n\n")
+        last_id = self._last_id
+        events: list[ServerSentEvent] = []
+        for block in blocks:
+            # Each block is one line: it starts with "data:" and holds no line end
+            # (an empty line in between, or a second line, leaves the general path).
+            if "\n" in block or not block.startswith("data:"):
+                return None
+            value = block[6:] if block.startswith(" ", 5) else block[5:]
+            events.append(ServerSentEvent("message", value, last_id))
         return events
 
     def _hold(self, tail: bytes) -> None:

@@ -274,3 +274,58 @@ def test_one_event_chunks_keep_the_state_around_them() -> None:
     joined = b"".join(chunks)
     events = [e for i in range(len(joined)) for e in byte_by_byte.feed(joined[i : i + 1])]
     assert events == expected
+
+
+def test_chunks_of_several_one_line_events_read_as_the_general_path_reads_them() -> None:
+    # Chunks of several whole events (what a read under load gives), and chunks
+    # that look like them but are not only one-line blocks: each decoded as one
+    # byte at a time decodes it (the general path, by which the other is checked).
+    chunks = [
+        b"data: a\n\ndata:b\n\ndata: \xc3\xa9\xc3\n\n",  # several one-line events
+        b"data: c\n\n\ndata: d\n\n",  # an empty line between: a blank block
+        b"data: e\ndata: f\n\ndata: g\n\n",  # a two-line event first
+        b"event: ping\ndata: h\n\n",
+        b"data: i\n\ndata: j\n",  # the last line not ended by a blank line
+        b"\ndata: k\n\ndata: l\n\n",
+        b"id: 9\n\n",
+        b"data: m\n\ndata:\n\n",  # an empty data line is an event with empty data
+        b"data: n\n\n:comment\n\n",
+    ]
+    byte_by_byte = SSEDecoder()
+    joined = b"".join(chunks)
+    expected = [e for i in range(len(joined)) for e in byte_by_byte.feed(joined[i : i + 1])]
+    decoder = SSEDecoder()
+    assert [e for chunk in chunks for e in decoder.feed(chunk)] == expected
+    assert [e.data for e in expected] == [
+        "a", "b", "\u00e9\ufffd", "c", "d", "e\nf", "g", "h", "i", "j", "k", "l", "m", "", "n"
+    ]  # fmt: skip
+    assert [e.id for e in expected][-3:] == ["9", "9", "9"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.data(),
+    st.lists(
+        st.tuples(
+            st.text(st.characters(codec="utf-8", exclude_characters="\r\n\0"), max_size=8),
+            st.sampled_from([b"\n\n", b"\n\n", b"\n\n", b"\n", b"\n\n\n"]),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_runs_of_data_events_in_any_chunks_give_the_events_of_the_general_path(
+    data: st.DataObject, lines: list[tuple[str, bytes]]
+) -> None:
+    # Mostly one-line data events, some not ended or ended twice; cut anywhere,
+    # and cut at the line ends (where the whole-events path reads them).
+    stream = b"".join(b"data: " + value.encode() + end for value, end in lines)
+    byte_by_byte = decode(one_byte_chunks(stream))
+    assert decode([stream]) == byte_by_byte
+    assert decode(_cuts(data.draw, stream)) == byte_by_byte
+    pieces = [b"data: " + value.encode() + end for value, end in lines]
+    ends = sorted(data.draw(st.sets(st.integers(1, len(pieces)))))
+    by_events = [
+        b"".join(pieces[i:j]) for i, j in zip([0, *ends], [*ends, len(pieces)], strict=True)
+    ]
+    assert decode([c for c in by_events if c]) == byte_by_byte

@@ -14,6 +14,7 @@ import httpx
 import orjson
 import pytest
 
+from gateway import usage_bounds
 from gateway.config import DatabaseConfig, parse_config
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
@@ -109,6 +110,42 @@ def test_a_cap_that_could_overflow_the_sums_is_refused() -> None:
 
 def test_a_sane_event_passes_unchanged() -> None:
     assert bound_event(EVENT, max_tokens=CAP) == (EVENT, [])
+
+
+_EDGES: dict[str, list[object]] = {
+    "prompt_tokens": [0, 1, CAP, CAP + 1, -1, True, 1.0, None],
+    "completion_tokens": [0, CAP, CAP + 1, -1, False],
+    "total_tokens": [0, CAP, CAP + 1, -1, 2**70],
+    "cached_tokens": [0, EVENT.prompt_tokens, EVENT.prompt_tokens + 1, -1, True],
+    "cache_write_tokens": [0, EVENT.prompt_tokens, EVENT.prompt_tokens + 1, -1],
+    "reasoning_tokens": [0, EVENT.completion_tokens, EVENT.completion_tokens + 1, -1],
+    "cost": [
+        *(Decimal(v) for v in ("0", "-0", "1e-12", "1e-13", "-1e-30", "NaN", "Infinity")),
+        MAX_COST, MAX_COST + Decimal("1e-12"), Decimal("1.000000000000"), 0.5, 1, None,
+    ],
+    "upstream_latency_ms": [None, 0.0, -0.0, 3, 1e299, 1e300, -1.0, float("nan"), True, "1"],
+    "overhead_ms": [None, 0.5, float("inf"), 10**400],
+    "model": [None, "m" * MAX_MODEL_CHARS, "m" * (MAX_MODEL_CHARS + 1), "gpt\x00", "\ud800", "é"],
+    "answer_id": ["m1", "m\x00", "\udcff"],
+    "currency": ["USD", "U\x00SD"],
+    "request_id": [None, "r" * 1000, "r\ud800"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [(name, value) for name, values in _EDGES.items() for value in values]
+)
+def test_the_quick_check_for_an_event_in_range_agrees_with_the_bounds(
+    name: str, value: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bound_event first asks whether any bound would change the event (the usual
+    # answer's case); at each edge of each bound it gives what the bounds give.
+    event = UsageEvent(**{**_fields(EVENT), name: value})
+    quick = bound_event(event, max_tokens=CAP)
+    monkeypatch.setattr(usage_bounds, "_in_range", lambda event, max_tokens: False)
+    full = bound_event(event, max_tokens=CAP)
+    assert (quick[0] is event) == (full[0] is event)
+    assert repr(quick) == repr(full)  # repr: NaN is not equal to itself
 
 
 def test_excess_price_digits_are_rounded_not_marked() -> None:

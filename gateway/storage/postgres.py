@@ -225,7 +225,8 @@ _ADMIT = _call("SELECT * FROM gateway_admit", len(_AdmitCall._fields))
 # false, under the batches' lock timeout).
 _ADMIT_BATCHED = _ADMIT.removesuffix(")") + ", true)"
 _SETTLE = _call("SELECT gateway_settle", len(_SettleCall._fields))
-_SETTLE_BATCHED = _call("SELECT gateway_settle_batched", len(_SettleCall._fields))
+# A batch of one: gateway_settle with p_batched (under the batches' lock timeout).
+_SETTLE_BATCHED = _SETTLE.removesuffix(")") + ", true)"
 _ADMIT_MANY = _call("SELECT * FROM gateway_admit_many", len(_ADMIT_MANY_ARGS))
 _SETTLE_MANY = _call("SELECT * FROM gateway_settle_many", len(_SETTLE_MANY_ARGS))
 

@@ -45,9 +45,21 @@ from gateway.storage import (
     WebSearch,
     open_storage,
 )
+from gateway.storage import sqlite as sqlite_module
 from gateway.storage.group import GroupCommit, NotNow, SplitBatch
-from gateway.storage.postgres import _ADMIT_BATCHED, PostgresStorage, _AdmitCall
-from gateway.storage.sqlite import CHECKPOINT_EVERY, CHECKPOINT_MOST, SQLiteStorage
+from gateway.storage.postgres import (
+    _ADMIT_BATCHED,
+    _SETTLE_BATCHED,
+    PostgresStorage,
+    _AdmitCall,
+    _SettleCall,
+)
+from gateway.storage.sqlite import (
+    CHECKPOINT_EVERY,
+    CHECKPOINT_LAG,
+    CHECKPOINT_MOST,
+    SQLiteStorage,
+)
 from tests.conftest import _truncate
 
 T = TypeVar("T")
@@ -847,6 +859,44 @@ async def test_a_batch_of_one_admission_keeps_its_lock_timeout_to_itself(
 
 
 @pytest.mark.postgres
+async def test_a_batch_of_one_settle_keeps_its_lock_timeout_to_itself(
+    pg: PostgresStorage,
+) -> None:
+    """gateway_settle sets the batches' lock timeout for a batch of one only while
+    it runs (as the wrapper's SET clause did): the transaction it ran in has its
+    own again after it, whether it recorded the answer, found it recorded
+    already or found its pending row gone with no estimate to supersede, and
+    after an unknown user's error is rolled back to a savepoint."""
+    await pg.ensure_user("alice", plan="free")
+
+    def call(answer_id: str, user: str = "alice", pending: str | None = None) -> _SettleCall:
+        return _SettleCall(
+            answer_id, user, DAY, NOW, "chat-messages", 75, 25, 100, Decimal("0.001"), "USD",
+            "complete", False, 0, None, None, 1.0, 1.0, None, pending, None, 0, 0, MONTH,
+            ["tokens_per_day"], ["day"], [1000], [5], [], 0, "default", [None],
+        )  # fmt: skip
+
+    conn = await asyncpg.connect(pg_dsn(pg))
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL lock_timeout = '7s'")
+            for settle, recorded in (
+                (call("m1"), True),
+                (call("m1"), False),
+                (call("m2", pending="gone"), False),
+            ):
+                assert await conn.fetchval(_SETTLE_BATCHED, *settle) is recorded
+                assert await conn.fetchval("SHOW lock_timeout") == "7s"
+            with pytest.raises(asyncpg.ForeignKeyViolationError):
+                async with conn.transaction():
+                    await conn.fetchval(_SETTLE_BATCHED, *call("m3", user="bob"))
+            assert await conn.fetchval("SHOW lock_timeout") == "7s"
+            assert await conn.fetchval("SELECT count(*) FROM notifications") == 1
+    finally:
+        await conn.close()
+
+
+@pytest.mark.postgres
 async def test_a_row_held_elsewhere_holds_up_only_its_users_admissions(pg: PostgresStorage) -> None:
     users = ["hot", *(f"u{i}" for i in range(8))]
     for user in users:
@@ -1155,6 +1205,48 @@ async def test_sqlite_the_wal_stays_bounded_under_sustained_writes(lite: SQLiteS
         peak = max(peak, file_size(wal))
     await asyncio.gather(*lite._background)
     assert peak < 16 * 1024 * 1024, f"the WAL reached {peak // 1024} KiB"
+
+
+async def test_sqlite_writes_wait_for_a_checkpoint_that_falls_behind(
+    lite: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk slow to fsync (here: a checkpoint held until the test lets it go)
+    holds the writes back once CHECKPOINT_LAG checkpoints' worth of calls went on
+    beside it, as a commit waits for SQLite's own automatic checkpoint; before,
+    they went on and the WAL grew for as long as the checkpoint took (24 MB in a
+    loaded test run). Nothing is lost: the held writes are made after it."""
+    held, entered = threading.Event(), threading.Event()
+    real = sqlite_module._checkpoint_wal
+
+    def slow_checkpoint(conn: sqlite3.Connection) -> tuple[bool, int]:
+        entered.set()
+        held.wait(30)
+        return real(conn)
+
+    monkeypatch.setattr(sqlite_module, "_checkpoint_wal", slow_checkpoint)
+    await lite.ensure_user("alice", plan="free")
+    wal = lite_path(lite) + "-wal"
+    done = 0
+
+    async def write(count: int) -> None:
+        nonlocal done
+        for _ in range(count):
+            assert (await admit(lite, "alice", f"r{done}")).admitted
+            assert await lite.settle(settle_event(f"m{done}"), pending_id=f"r{done}")
+            done += 1
+
+    writer = asyncio.create_task(write(CHECKPOINT_EVERY * (CHECKPOINT_LAG + 2)))
+    await asyncio.to_thread(entered.wait, 30)  # the first checkpoint has begun
+    finished, _ = await asyncio.wait({writer}, timeout=0.5)  # what goes on beside it
+    assert not finished, "the writes did not wait for the checkpoint"
+    # Two write calls an answer: those made beside the checkpoint stop at the lag.
+    assert 2 * done <= CHECKPOINT_EVERY + CHECKPOINT_LAG * CHECKPOINT_EVERY + 2
+    assert file_size(wal) < 16 * 1024 * 1024
+    held.set()
+    await writer
+    await asyncio.gather(*lite._background)
+    (day,) = await lite.daily(DAY, DAY)
+    assert day.queries == CHECKPOINT_EVERY * (CHECKPOINT_LAG + 2)
 
 
 async def test_sqlite_checkpoints_by_the_pages_batches_write(lite: SQLiteStorage) -> None:

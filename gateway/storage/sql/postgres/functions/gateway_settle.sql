@@ -15,7 +15,15 @@
 -- Returns whether it recorded the answer. p_upstream: the named upstream that
 -- answered (0017; a caller of the previous version names none). A recovery
 -- writes its estimate through here too, with no pending row and no checks.
-CREATE OR REPLACE FUNCTION gateway_settle(p_answer_id text, p_user text, p_day date, p_created_at timestamp with time zone, p_endpoint text, p_prompt bigint, p_completion bigint, p_total bigint, p_cost numeric, p_currency text, p_outcome text, p_estimated boolean, p_web_searches integer, p_conversation text, p_request text, p_upstream_ms double precision, p_overhead_ms double precision, p_lease text, p_pending text, p_model text, p_cached bigint, p_reasoning bigint, p_month_start date, p_kinds text[], p_periods text[], p_values numeric[], p_thresholds integer[], p_channels text[], p_cache_write bigint, p_upstream text DEFAULT 'default'::text, p_specs text[] DEFAULT NULL)
+--
+-- p_batched: a batch of one (a settle that found no batch in flight, the usual
+-- case under light load), under the batches' lock timeout (0010: the gateway
+-- then sends it again on its own). The timeout is set for the call and put
+-- back before it returns, as a SET clause would (an error rolls it back with
+-- the call's transaction or savepoint); a wrapper function with the clause
+-- cost a call more (docs/performance.md). Without p_batched a row lock is
+-- waited for under the caller's timeout.
+CREATE OR REPLACE FUNCTION gateway_settle(p_answer_id text, p_user text, p_day date, p_created_at timestamp with time zone, p_endpoint text, p_prompt bigint, p_completion bigint, p_total bigint, p_cost numeric, p_currency text, p_outcome text, p_estimated boolean, p_web_searches integer, p_conversation text, p_request text, p_upstream_ms double precision, p_overhead_ms double precision, p_lease text, p_pending text, p_model text, p_cached bigint, p_reasoning bigint, p_month_start date, p_kinds text[], p_periods text[], p_values numeric[], p_thresholds integer[], p_channels text[], p_cache_write bigint, p_upstream text DEFAULT 'default'::text, p_specs text[] DEFAULT NULL, p_batched boolean DEFAULT false)
  RETURNS boolean
  LANGUAGE plpgsql
 AS $$
@@ -37,7 +45,14 @@ DECLARE
     v_used numeric;
     v_crossed integer[] := '{}';
     v_amounts numeric[] := '{}';
+    v_timeout text;
+    v_set text;
 BEGIN
+    IF p_batched THEN
+        -- (Assignments, not PERFORM: an expression, not a query.)
+        v_timeout := current_setting('lock_timeout');
+        v_set := set_config('lock_timeout', '250ms', true);
+    END IF;
     IF p_pending IS NOT NULL THEN
         DELETE FROM pending_answers WHERE id = p_pending
         RETURNING day, web_searches, reserved_cost, rates, scopes
@@ -52,6 +67,9 @@ BEGIN
             p_total, p_cost, p_currency, p_outcome, p_estimated, p_web_searches, p_conversation,
             p_request, p_upstream_ms, p_overhead_ms, p_upstream
         ) THEN
+            IF p_batched THEN
+                v_set := set_config('lock_timeout', v_timeout, true);
+            END IF;
             RETURN false;
         END IF;
         -- The estimate's row now holds the answer's figures; its model and
@@ -144,6 +162,9 @@ BEGIN
             );
         END IF;
         IF NOT v_settled THEN
+            IF p_batched THEN
+                v_set := set_config('lock_timeout', v_timeout, true);
+            END IF;
             RETURN false;
         END IF;
         IF v_rates & 12 <> 0 THEN
@@ -219,6 +240,9 @@ BEGIN
             SELECT p_user, x.kind, x.period, x.threshold, ch, p_created_at, p_created_at
             FROM new x, unnest(p_channels) AS ch;
         END IF;
+    END IF;
+    IF p_batched THEN
+        v_set := set_config('lock_timeout', v_timeout, true);
     END IF;
     RETURN true;
 END
