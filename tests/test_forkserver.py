@@ -83,11 +83,23 @@ async def test_a_child_is_started_afresh_where_the_interpreter_reads_the_environ
     assert json.loads(out)["env"]["PYTHONHASHSEED"] == "7"
 
 
+@contextlib.asynccontextmanager
+async def paused() -> AsyncIterator[ForkedProcess]:
+    """A forked probe waiting for a signal; killed after the test if it still runs."""
+    proc = await python_m("tests.probe", "pause", env=os.environ, stdout=PIPE, stderr=PIPE)
+    assert isinstance(proc, ForkedProcess)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+
+
 @forking
 async def test_a_signal_ends_a_forked_child_with_its_number() -> None:
-    proc = await python_m("tests.probe", "pause", env=os.environ, stdout=PIPE, stderr=PIPE)
-    assert isinstance(proc, ForkedProcess) and proc.stdout is not None
-    async with asyncio.timeout(30):
+    async with paused() as proc, asyncio.timeout(30):
+        assert proc.stdout is not None
         await proc.stdout.readline()  # it has printed its state: now in signal.pause()
         assert proc.returncode is None
         proc.terminate()
@@ -98,9 +110,8 @@ async def test_a_signal_ends_a_forked_child_with_its_number() -> None:
 
 @forking
 async def test_a_wait_ends_when_the_fork_server_has_gone() -> None:
-    proc = await python_m("tests.probe", "pause", env=os.environ, stdout=PIPE, stderr=PIPE)
-    assert isinstance(proc, ForkedProcess) and proc.stdout and proc.stderr
-    async with asyncio.timeout(30):
+    async with paused() as proc, asyncio.timeout(30):
+        assert proc.stdout and proc.stderr
         await proc.stdout.readline()
         server = forkserver._forking()
         assert server is not None
