@@ -117,9 +117,43 @@ def _server(sock: socket.socket) -> tuple[str, list[str]] | None:
             _send(sock, {"pid": pid})
 
 
+# Set to SIG_IGN by subprocess before exec and by Python at start-up, whatever
+# the parent had.
+_PYTHONS_OWN = {signal.SIGPIPE, signal.SIGXFSZ}
+
+
+def _ignored() -> list[int]:
+    """The signals this process ignores: an exec'd child inherits that (and
+    nothing else of its signal handling)."""
+    return [
+        signum
+        for signum in signal.valid_signals()
+        if signum not in _PYTHONS_OWN and _disposition(signum) is signal.SIG_IGN
+    ]
+
+
+def _disposition(signum: int) -> Any:
+    try:
+        return signal.getsignal(signum)
+    except (OSError, ValueError):
+        return None
+
+
 def _become(request: dict[str, Any], fds: list[int]) -> tuple[str, list[str]]:
     """In the forked child: the process a fresh `python -m` would be."""
     os.setsid()
+    # The signals the parent ignores are ignored, as across an exec; the others
+    # are as Python starts them (SIGINT raising KeyboardInterrupt).
+    ignored = set(request["ignored"])
+    for signum in signal.valid_signals():
+        if signum in _PYTHONS_OWN or signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            if signum in ignored:
+                signal.signal(signum, signal.SIG_IGN)
+            elif _disposition(signum) is signal.SIG_IGN:
+                default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+                signal.signal(signum, default)
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
     os.closerange(3, 1 << 20)  # close_fds
@@ -193,7 +227,13 @@ class _Client:
         )
 
     def fork(self, module: str, args: Sequence[str], env: Mapping[str, str], fds: list[int]) -> int:
-        request = {"module": module, "args": list(args), "env": dict(env), "cwd": os.getcwd()}
+        request = {
+            "module": module,
+            "args": list(args),
+            "env": dict(env),
+            "cwd": os.getcwd(),
+            "ignored": _ignored(),
+        }
         with self.lock:
             socket.send_fds(self.sock, [json.dumps(request).encode()], fds)
             with self.condition:
@@ -258,9 +298,14 @@ def _fail(future: asyncio.Future[int]) -> None:
 _client: _Client | None = None
 
 
+# GATEWAY_TEST_FORK=0 starts every process afresh (to compare, or to rule the
+# fork server out); so does a system without pidfd_open (Linux 5.3).
+FORKING = os.environ.get("GATEWAY_TEST_FORK") != "0" and hasattr(os, "pidfd_open")
+
+
 def _forking() -> _Client | None:
     global _client
-    if os.environ.get("GATEWAY_TEST_FORK") == "0" or not hasattr(os, "pidfd_open"):
+    if not FORKING:
         return None
     if _client is None or _client.gone:
         if _client is not None:

@@ -26,7 +26,13 @@ if __name__ == "__main__":
         "stdin": os.readlink("/proc/self/fd/0"),
         "signals": {
             str(signum): repr(signal.getsignal(signum))
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGCHLD)
+            for signum in (
+                signal.SIGINT,
+                signal.SIGTERM,
+                signal.SIGPIPE,
+                signal.SIGCHLD,
+                signal.SIGUSR1,
+            )
         },
         "stdout_line_buffering": sys.stdout.line_buffering,
         "stderr_line_buffering": sys.stderr.line_buffering,

@@ -21,6 +21,8 @@ from tests import forkserver
 from tests.forkserver import PIPE, ForkedProcess, python_m
 from tests.servers import free_port, kill_tree, spawn_gateway, wait_ready
 
+forking = pytest.mark.skipif(not forkserver.FORKING, reason="GATEWAY_TEST_FORK=0")
+
 
 async def probe(*args: str, env: dict[str, str], fork: bool) -> tuple[int, dict[str, Any], str]:
     """Run tests/probe.py: (exit status, its state, its stderr)."""
@@ -45,21 +47,33 @@ async def probe(*args: str, env: dict[str, str], fork: bool) -> tuple[int, dict[
     return proc.returncode, json.loads(out), err.decode()
 
 
+@forking
 async def test_a_forked_child_is_what_a_fresh_python_m_would_be(tmp_path: Path) -> None:
     env = {**os.environ, "PROBE": "é x", "TMPDIR": str(tmp_path)}
     env.pop("HOME", None)  # a variable of the server's that the child has not
-    forked = await probe("3", env=env, fork=True)
-    fresh = await probe("3", env=env, fork=False)
-    assert forked == fresh
+    # An exec'd child inherits the signals its parent ignores: a forked one too.
+    before = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        forked = await probe("3", env=env, fork=True)
+        fresh = await probe("3", env=env, fork=False)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert forked[0] == fresh[0] and forked[2] == fresh[2]
+    differ = {
+        key: (forked[1][key], fresh[1][key]) for key in fresh[1] if forked[1][key] != fresh[1][key]
+    }
+    assert differ == {}  # (forked, fresh)
     status, state, err = forked
     assert status == 3 and err == "probe: on stderr\n"
     assert state["name"] == "__main__" and state["spec"] == "tests.probe"
     assert state["argv"][0].endswith("tests/probe.py") and state["argv"][1:] == ["3"]
     assert state["env"] == env and state["tempdir"] == str(tmp_path)
     assert state["own_session"] and state["own_group"]
+    assert state["signals"][str(int(signal.SIGUSR1))] == repr(signal.SIG_IGN)
     assert state["fds"] == [0, 1, 2, 3]  # the standard streams, and listdir's own
 
 
+@forking
 async def test_a_child_is_started_afresh_where_the_interpreter_reads_the_environment() -> None:
     proc = await python_m(
         "tests.probe", env={**os.environ, "PYTHONHASHSEED": "7"}, stdout=PIPE, stderr=PIPE
@@ -69,10 +83,23 @@ async def test_a_child_is_started_afresh_where_the_interpreter_reads_the_environ
     assert json.loads(out)["env"]["PYTHONHASHSEED"] == "7"
 
 
-async def test_a_signal_ends_a_forked_child_with_its_number() -> None:
+@contextlib.asynccontextmanager
+async def paused() -> AsyncIterator[ForkedProcess]:
+    """A forked probe waiting for a signal; killed after the test if it still runs."""
     proc = await python_m("tests.probe", "pause", env=os.environ, stdout=PIPE, stderr=PIPE)
-    assert isinstance(proc, ForkedProcess) and proc.stdout is not None
-    async with asyncio.timeout(30):
+    assert isinstance(proc, ForkedProcess)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+
+
+@forking
+async def test_a_signal_ends_a_forked_child_with_its_number() -> None:
+    async with paused() as proc, asyncio.timeout(30):
+        assert proc.stdout is not None
         await proc.stdout.readline()  # it has printed its state: now in signal.pause()
         assert proc.returncode is None
         proc.terminate()
@@ -81,10 +108,10 @@ async def test_a_signal_ends_a_forked_child_with_its_number() -> None:
     assert await proc.stdout.read() == b""
 
 
+@forking
 async def test_a_wait_ends_when_the_fork_server_has_gone() -> None:
-    proc = await python_m("tests.probe", "pause", env=os.environ, stdout=PIPE, stderr=PIPE)
-    assert isinstance(proc, ForkedProcess) and proc.stdout and proc.stderr
-    async with asyncio.timeout(30):
+    async with paused() as proc, asyncio.timeout(30):
+        assert proc.stdout and proc.stderr
         await proc.stdout.readline()
         server = forkserver._forking()
         assert server is not None
