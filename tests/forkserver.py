@@ -248,6 +248,10 @@ class _Client:
             message = json.loads(data)
             with self.condition:
                 if "pid" in message:
+                    # A pid given again is a new child: the exit kept under it was
+                    # an earlier one's (the server sends an exit before it forks
+                    # again, so the order holds).
+                    self.exits.pop(message["pid"], None)
                     self.pids.append(message["pid"])
                     self.condition.notify_all()
                     continue

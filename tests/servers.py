@@ -171,7 +171,10 @@ async def spawn_gateway(
 
 def kill_tree(proc: Process) -> None:
     """SIGKILL a process started by `spawn_gateway` and everything it started (its
-    process group: its session's, which `--workers` children share)."""
+    process group: its session's, which `--workers` children share). Not one
+    already reaped: its group id may belong to another process by now."""
+    if proc.returncode is not None:
+        return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
 

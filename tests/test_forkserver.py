@@ -10,7 +10,9 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests import forkserver
-from tests.forkserver import PIPE, ForkedProcess, python_m
+from tests.forkserver import PIPE, ForkedProcess, _Client, python_m
 from tests.servers import free_port, kill_tree, spawn_gateway, wait_ready
 
 forking = pytest.mark.skipif(not forkserver.FORKING, reason="GATEWAY_TEST_FORK=0")
@@ -186,3 +188,20 @@ async def test_a_gateway_not_ready_in_time_is_killed_with_its_workers(tmp_path: 
         assert proc.returncode == -signal.SIGKILL
         async with asyncio.timeout(10):
             await asyncio.gather(*exits)
+
+
+def test_a_reused_pid_is_not_an_exited_process() -> None:
+    """Review: exits were kept by pid for the life of the pytest process, so a
+    later child given a pid an earlier one had (pids wrap at pid_max) read as
+    exited: its kill sent nothing and its wait answered the other's status."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    client = _Client.__new__(_Client)  # its reader alone, fed what a server sends
+    client.sock, client.lock, client.condition = mine, threading.Lock(), threading.Condition()
+    client.pids, client.exits, client.waiters, client.gone = [], {}, {}, False
+    with theirs:
+        for message in ({"pid": 4242}, {"exit": 4242, "code": 0}, {"pid": 4242}):
+            theirs.send(json.dumps(message).encode())
+    client._read()  # to the end: the server's side is closed
+    mine.close()
+    later = ForkedProcess(client, 4242, [None, None])
+    assert later.returncode is None  # running: nothing said this one exited
