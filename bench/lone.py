@@ -46,10 +46,27 @@ LIMITS = AdmissionLimits(
 )
 
 
-def _quantiles(values: list[float]) -> str:
+def quantiles(values: list[float]) -> str:
+    """p50 / p90 / p99 of ``values``, as the scripts print them."""
     ordered = sorted(values)
     at = [ordered[min(len(ordered) - 1, int(len(ordered) * q))] for q in (0.5, 0.9, 0.99)]
     return " / ".join(f"{v:,.0f}" for v in at)
+
+
+def demo_answer(answer_id: str, user: str, now: datetime, request_id: str) -> UsageEvent:
+    """The answer the scripts settle: the demo upstream's (1,168 tokens)."""
+    return UsageEvent(
+        answer_id=answer_id,
+        user_id=user,
+        day=now.date(),
+        created_at=now,
+        endpoint="chat-messages",
+        prompt_tokens=1000,
+        completion_tokens=168,
+        total_tokens=1168,
+        cost=Decimal("0.0013030"),
+        request_id=request_id,
+    )
 
 
 async def measure(
@@ -76,18 +93,7 @@ async def measure(
         admits.append((time.perf_counter_ns() - began) / 1000)
         if not admitted.admitted:
             raise RuntimeError(f"answer {i} refused: {admitted.refused_by}")
-        event = UsageEvent(
-            answer_id=f"m-{i}",
-            user_id="bench",
-            day=now.date(),
-            created_at=now,
-            endpoint="chat-messages",
-            prompt_tokens=1000,
-            completion_tokens=168,
-            total_tokens=1168,
-            cost=Decimal("0.0013030"),
-            request_id=rid,
-        )
+        event = demo_answer(f"m-{i}", "bench", now, rid)
         began = time.perf_counter_ns()
         await store.settle(event, lease_id=rid, pending_id=rid)
         settles.append((time.perf_counter_ns() - began) / 1000)
@@ -142,7 +148,7 @@ async def main() -> None:
             admits, settles, cpu = await postgres(args.postgres, args.answers, gap)
         else:
             parser.error(f"unknown backend {backend!r}")
-        print(f"| {backend} | {_quantiles(admits)} us | {_quantiles(settles)} us | {cpu:.3f} ms |")
+        print(f"| {backend} | {quantiles(admits)} us | {quantiles(settles)} us | {cpu:.3f} ms |")
 
 
 if __name__ == "__main__":

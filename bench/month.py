@@ -26,13 +26,13 @@ import asyncio
 import tempfile
 import time
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 
 import uvloop
 
 import gateway
-from gateway.storage import AdmissionLimits, Lease, Pending, UsageEvent
+from bench.lone import demo_answer, quantiles
+from gateway.storage import AdmissionLimits, Lease, Pending
 from gateway.storage.sqlite import SQLiteStorage
 
 LIMITS = AdmissionLimits(
@@ -42,12 +42,6 @@ LIMITS = AdmissionLimits(
     max_concurrent_streams=10**6,
 )
 MONTH = date(2026, 12, 1)
-
-
-def _quantiles(values: list[float]) -> str:
-    ordered = sorted(values)
-    at = [ordered[min(len(ordered) - 1, int(len(ordered) * q))] for q in (0.5, 0.9, 0.99)]
-    return " / ".join(f"{v:,.0f}" for v in at)
 
 
 async def _fill(store: SQLiteStorage, users: int, last: int) -> list[str]:
@@ -98,18 +92,7 @@ async def _answer(store: SQLiteStorage, user: str, day: int, i: int) -> float:
     took = (time.perf_counter_ns() - began) / 1000
     if not admitted.admitted:
         raise RuntimeError(f"{user} refused: {admitted.refused_by}")
-    event = UsageEvent(
-        answer_id=f"m-{rid}",
-        user_id=user,
-        day=now.date(),
-        created_at=now,
-        endpoint="chat-messages",
-        prompt_tokens=1000,
-        completion_tokens=168,
-        total_tokens=1168,
-        cost=Decimal("0.0013030"),
-        request_id=rid,
-    )
+    event = demo_answer(f"m-{rid}", user, now, rid)
     await store.settle(event, lease_id=rid, pending_id=rid)
     return took
 
@@ -136,7 +119,7 @@ async def main() -> None:
     print("| day of the month | admission p50 / p90 / p99 |")
     print("|---|---|")
     for day, values in took.items():
-        print(f"| {day} | {_quantiles(values)} us |")
+        print(f"| {day} | {quantiles(values)} us |")
 
 
 if __name__ == "__main__":
