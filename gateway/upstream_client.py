@@ -453,6 +453,14 @@ class UpstreamClient:
         return None
 
     @staticmethod
+    def complete(response: httpx.Response) -> bool:
+        """Whether the whole body of an answer read from aiohttp's stream (`raw`)
+        is already here: reading it to its end waits for nothing. False for other
+        streams (they do not tell) and for a body still arriving."""
+        stream = response.stream
+        return type(stream) is AiohttpBody and stream._aiohttp.content.is_eof()
+
+    @staticmethod
     async def decoded(response: httpx.Response) -> AsyncIterator[bytes]:
         """A body with its Content-Encoding undone (httpx decodes above the stream,
         so its DecodingError is mapped here: `UpstreamBroken`)."""

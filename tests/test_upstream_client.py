@@ -410,6 +410,43 @@ async def test_a_cut_read_through_raw_is_upstream_broken() -> None:
     assert isinstance(info.value.__cause__, aiohttp.ClientPayloadError)
 
 
+async def test_complete_says_when_the_whole_body_is_here() -> None:
+    # The relay starts no disconnect watcher for an answer that is complete when
+    # it opens (gateway/proxy.py): reading it waits for nothing. A body still
+    # arriving is not complete; one read to its end is.
+    hold = asyncio.Event()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 4\r\n\r\n"
+    server, url = await _serve_raw(head + b"{}", hold=hold)
+    async with server, _client(AiohttpTransport()) as client:
+        response = await _open(client, url)
+        assert not client.complete(response)
+        reader = client.raw(response)
+        assert await anext(reader) == b"{}"
+        assert not client.complete(response)  # two bytes still to come
+        hold.set()
+        server.close()
+        with pytest.raises(UpstreamBroken):  # ... and they never do: cut, not complete
+            await anext(reader)
+        assert not client.complete(response)
+        await response.aclose()
+    whole = asyncio.Event()
+    server, url = await _serve_raw(head + b"{}{}", hold=whole)
+    async with server, _client(AiohttpTransport()) as client:
+        response = await _open(client, url)
+        chunks = [chunk async for chunk in client.raw(response)]
+        assert b"".join(chunks) == b"{}{}"
+        assert client.complete(response)
+        await response.aclose()
+        whole.set()
+
+
+async def test_complete_is_false_for_answers_read_through_httpx() -> None:
+    async with _client(_Transport(body=_Failing(_instance(aiohttp.ClientPayloadError)))) as client:
+        response = await _open(client)
+        assert not client.complete(response)
+        await response.aclose()
+
+
 async def test_raw_reads_other_answers_through_httpx() -> None:
     async with _client(_Transport(body=_Failing(_instance(aiohttp.ClientPayloadError)))) as client:
         response = await _open(client)
