@@ -988,11 +988,14 @@ class Proxy:
             max_buffered=_MAX_BUFFERED_BODY,
         )
         loop = asyncio.get_running_loop()
-        # The task that notices a client leaving runs only while this relay waits
-        # (on the upstream, on the client's socket); when the whole body is
-        # already here, nothing below waits before the end: no task is started
-        # for it until something would (it could not have run before, so it
-        # could not have noticed anything).
+        # The task that notices a client leaving, and the deadline, matter only
+        # while this relay waits (on the upstream, on the client's socket); when
+        # the whole body is already here, nothing below waits before the end:
+        # neither is started until something would (the task could not have run
+        # before, so it could not have noticed anything; the deadline is the one
+        # it would have been, counted from here).
+        total = settings.total_timeout
+        since = loop.time()
         watcher: asyncio.Task[None] | None = None
         if not client.complete(response):
             watcher = loop.create_task(_wait_for_disconnect(receive))
@@ -1007,7 +1010,7 @@ class Proxy:
         cancelled: asyncio.CancelledError | None = None
         ending: list[RelayCommand]
         try:
-            async with asyncio.timeout(settings.total_timeout) as deadline:
+            async with asyncio.timeout(None if watcher is None else total) as deadline:
                 async for chunk in client.raw(response):
                     if watcher is not None and watcher.done() and relay.listening:
                         self._client_left(x)
@@ -1033,6 +1036,7 @@ class Proxy:
                         else:
                             if watcher is None:
                                 watcher = loop.create_task(_wait_for_disconnect(receive))
+                                deadline.reschedule(since + total)
                             await send(
                                 {"type": "http.response.body", "body": out, "more_body": True}
                             )
