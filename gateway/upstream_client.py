@@ -380,7 +380,10 @@ class UpstreamClient:
         given = {name.lower() for name, _ in headers}
         head = [(name, value) for lower, name, value in self._defaults if lower not in given]
         if len(given) == len(headers):
-            head += [(_header_text(k), _header_text(v)) for k, v in headers]
+            try:  # UTF-8, as nearly every header is: no call per name and value
+                head += [(k.decode(), v.decode()) for k, v in headers]
+            except UnicodeDecodeError:
+                head += [(_header_text(k), _header_text(v)) for k, v in headers]
         else:
             head += _joined(headers)
         if (

@@ -554,6 +554,7 @@ _REQUESTS: list[tuple[str, list[tuple[bytes, bytes]], bytes | None]] = [
     ("POST", [(b"accept-encoding", b"identity"), (b"x-twice", b"1"), (b"x-twice", b"2")], None),
     ("DELETE", [(b"user-agent", b"client/1"), (b"accept", b"text/event-stream")], b""),
     ("PATCH", [(b"x-name", "Đà Nẵng".encode())], b"abc"),
+    ("PUT", [(b"x-latin", b"caf\xe9")], b"x"),  # not UTF-8: read as latin-1
 ]
 
 
