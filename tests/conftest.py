@@ -334,8 +334,10 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
 
 @pytest.fixture
 async def storage(database_url: str) -> AsyncIterator[Storage]:
+    """Storage on ``database_url``, migrated already (the process's template or
+    database): a migrate() here was a no-op of a few round trips in every test
+    (tests/storage/test_contract.py checks that it is one)."""
     store = await open_storage(DatabaseConfig(url=database_url))
-    await store.migrate()
     try:
         yield store
     finally:
