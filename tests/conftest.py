@@ -376,13 +376,10 @@ async def browser(_chromium: Any) -> AsyncIterator[Any]:
         await context.close()
 
 
-@pytest.fixture(autouse=True)
-def _process_state_kept() -> Iterator[None]:
-    """A test leaves the pytest process's environment and SIGTERM handler as it
-    found them (restored, and the test fails, if not). `gateway serve` run in
-    process set GATEWAY_GC_TUNING for good: every gateway app the process started
-    afterwards collected and froze its whole heap at start-up (~2 s of a worker's
-    CPU in a run), and its processes inherited the first test's GATEWAY_CONFIG."""
+@contextlib.contextmanager
+def process_state_kept() -> Iterator[None]:
+    """Asserts that the pytest process's environment and SIGTERM handler are left
+    as they were found (and puts them back if not)."""
     environ, sigterm = dict(os.environ), signal.getsignal(signal.SIGTERM)
     yield
     changed = sorted(
@@ -391,16 +388,26 @@ def _process_state_kept() -> Iterator[None]:
         if environ.get(key) != os.environ.get(key) and key != "PYTEST_CURRENT_TEST"
     )
     handler = signal.getsignal(signal.SIGTERM)
-    if changed:
-        for key in changed:
-            if key in environ:
-                os.environ[key] = environ[key]
-            else:
-                del os.environ[key]
+    for key in changed:
+        if key in environ:
+            os.environ[key] = environ[key]
+        else:
+            del os.environ[key]
     if handler is not sigterm:
         signal.signal(signal.SIGTERM, sigterm)
     assert not changed, f"the test changed the environment: {changed}"
     assert handler is sigterm, f"the test left a SIGTERM handler: {handler}"
+
+
+@pytest.fixture(autouse=True)
+def _process_state_kept() -> Iterator[None]:
+    """Every test leaves the process's environment and SIGTERM handler as it found
+    them. `gateway serve` run in process set GATEWAY_GC_TUNING for good: every
+    gateway app the process started afterwards collected and froze its whole heap
+    at start-up (~2 s of a worker's CPU in a run), and its processes inherited the
+    first test's GATEWAY_CONFIG."""
+    with process_state_kept():
+        yield
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups

@@ -1,7 +1,8 @@
 """The test processes: `python -m` children forked from the pre-imported server
-are the processes a fresh start would be (tests/forkserver.py), and a
+are the processes a fresh start would be (tests/forkserver.py), a
 `gateway serve` that does not become ready is killed with its workers
-(tests/servers.py)."""
+(tests/servers.py), and a test that changes the pytest process's environment
+fails (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests import forkserver
+from tests.conftest import process_state_kept
 from tests.forkserver import PIPE, ForkedProcess, _Client, python_m
 from tests.servers import free_port, kill_tree, spawn_gateway, wait_ready
 
@@ -251,3 +253,24 @@ def test_a_reused_pid_is_not_an_exited_process() -> None:
     mine.close()
     later = ForkedProcess(client, 4242, [None, None])
     assert later.returncode is None  # running: nothing said this one exited
+
+
+def test_a_test_that_changes_the_process_state_fails_and_it_is_put_back() -> None:
+    """tests/conftest.py's check after every test: the process's environment and
+    SIGTERM handler as they were (an in-process `gateway serve` set both)."""
+    before = signal.getsignal(signal.SIGTERM)
+    path = os.environ["PATH"]
+    with pytest.raises(
+        AssertionError, match=r"changed the environment: \['GATEWAY_GC_TUNING', 'PATH'\]"
+    ):
+        with process_state_kept():
+            os.environ["GATEWAY_GC_TUNING"] = "1"
+            del os.environ["PATH"]
+    assert "GATEWAY_GC_TUNING" not in os.environ and os.environ["PATH"] == path
+    with pytest.raises(AssertionError, match="left a SIGTERM handler"):
+        with process_state_kept():
+            signal.signal(signal.SIGTERM, lambda *_: None)
+    assert signal.getsignal(signal.SIGTERM) is before
+    with process_state_kept():  # and what is put back is no change
+        os.environ["GATEWAY_GC_TUNING"] = "1"
+        del os.environ["GATEWAY_GC_TUNING"]
