@@ -554,14 +554,15 @@ def _checkpoint_wal(conn: sqlite3.Connection) -> tuple[bool, int]:
     return not busy and copied == frames, max(frames, 0)
 
 
-def _restart_wal(conn: sqlite3.Connection) -> None:
+def _restart_wal(conn: sqlite3.Connection) -> bool:
     """Copy the rest of the WAL and have the next write start it again from
     its beginning (truncated to JOURNAL_SIZE_LIMIT), on the calls' connection
     between two calls: no write of this process is in flight. Another
     process's reader or writer is not waited for (busy timeout 0, as on the
-    event loop): the next checkpoint tries again."""
+    event loop): the next checkpoint tries again. Whether it was done."""
     conn.execute("PRAGMA busy_timeout = 0")
-    conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+    return not busy
 
 
 def _abandoned(call: _Call, result: Any) -> None:
@@ -992,7 +993,10 @@ class SQLiteStorage:
         # The busy timeout is 0 while calls are made on the event loop (a call
         # that finds the write lock taken goes to the thread, which waits).
         self._loop_timeout = False
-        self._writes = 0  # write calls since the last checkpoint
+        self._writes = 0  # write calls since the last checkpoint began
+        # Write calls whose frames the WAL holds: since it last started again
+        # from its beginning (what its size, and the lag below, is counted in).
+        self._in_wal = 0
         self._checkpoint_every = CHECKPOINT_EVERY  # then as many as wrote CHECKPOINT_PAGES
         self._checkpointing: asyncio.Task[None] | None = None  # the one in progress
         # Checkpoints run on a connection and a thread of their own, so that
@@ -1043,9 +1047,9 @@ class SQLiteStorage:
             self._loop_timeout = False
         return fn(self._conn, *args)
 
-    def _restart_wal(self, conn: sqlite3.Connection) -> None:
+    def _restart_wal(self, conn: sqlite3.Connection) -> bool:
         self._loop_timeout = True  # the next call on the thread sets it back
-        _restart_wal(conn)
+        return _restart_wal(conn)
 
     def _call_now(self, call: _Call) -> Any:
         """Make a lone call on the event loop (GroupCommit's ``run_now``): the
@@ -1075,37 +1079,48 @@ class SQLiteStorage:
     def _wrote(self, calls: int) -> None:
         """Count write calls; every ``_checkpoint_every``, a checkpoint on the thread."""
         self._writes += calls
+        self._in_wal += calls
         if self._writes < self._checkpoint_every or self._checkpointing:
             return
-        counted, self._writes = self._writes, 0
-        task = asyncio.create_task(self._checkpoint(counted))
+        self._writes = 0
+        task = asyncio.create_task(self._checkpoint())
         self._checkpointing = task
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _checkpoint(self, counted: int) -> None:
-        """Checkpoint the WAL, which ``counted`` write calls filled since the
-        last checkpoint; the next comes after as many calls as would write about
-        CHECKPOINT_PAGES pages at the rate these did."""
+    async def _checkpoint(self) -> None:
+        """Checkpoint the WAL; the next comes after as many write calls as
+        would write about CHECKPOINT_PAGES pages at the rate those in the WAL
+        did. The calls are counted before the checkpoint reads the WAL's size:
+        those made meanwhile add pages, not calls, so the rate is never taken
+        lower than it is. (Counted since the last checkpoint began, as before,
+        it took in the calls made beside that one, whose frames a restart had
+        since removed: a slow checkpoint made the next ones later, and the WAL
+        passed 16 MiB, review of the sustained-writes test's failure.)"""
         loop = asyncio.get_running_loop()
         try:
             if self._checkpointer is None:
                 self._checkpointer = await loop.run_in_executor(
                     self._checkpoints, _connect, self._path, self._timeout
                 )
+            counted = self._in_wal
             copied, pages = await loop.run_in_executor(
                 self._checkpoints, _checkpoint_wal, self._checkpointer
             )
-            if pages:
+            if pages and counted:
                 every = counted * CHECKPOINT_PAGES // pages
                 self._checkpoint_every = min(CHECKPOINT_MOST, max(CHECKPOINT_EVERY, every))
             if copied and not self._writes:
-                return  # the next write starts the WAL again from its beginning
+                self._in_wal = 0  # the next write starts the WAL again from its beginning
+                return
             # Writes went on meanwhile, their frames behind the copied ones: a
             # WAL is started again only by a write that finds all of it copied,
             # so under steady writes it would grow without end (review of
             # e1df906). The rest is copied by a call of its own.
-            await self._call(self._restart_wal)
+            if await self._call(self._restart_wal):
+                # The writes on the thread after it, answered after it, count
+                # in the new WAL.
+                self._in_wal = 0
         except (sqlite3.Error, StorageError) as exc:  # the WAL grows until the next one
             log.warning("SQLite checkpoint failed: %s", exc)
         finally:
@@ -1126,10 +1141,12 @@ class SQLiteStorage:
         """Run ``fn`` in a write transaction, group-committed with the others;
         ``now``: short enough to make on the event loop when it goes alone."""
         checkpoint = self._checkpointing
-        if checkpoint is not None and self._writes >= CHECKPOINT_LAG * self._checkpoint_every:
+        if checkpoint is not None and self._in_wal >= (1 + CHECKPOINT_LAG) * self._checkpoint_every:
             # The checkpoint has fallen behind the writes (a slow fsync): wait
-            # for it, so the WAL stays bounded. Shielded: a caller that gives up
-            # does not stop it.
+            # for it, so the WAL stays bounded - counted in the calls the WAL
+            # holds, not those since the checkpoint began (a WAL not started
+            # again since an earlier checkpoint holds those too). Shielded: a
+            # caller that gives up does not stop it.
             await asyncio.shield(checkpoint)
         result: T = await self._calls(_Call(fn, abandoned, now=now))
         return result

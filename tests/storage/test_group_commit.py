@@ -1207,6 +1207,46 @@ async def test_sqlite_the_wal_stays_bounded_under_sustained_writes(lite: SQLiteS
     assert peak < 16 * 1024 * 1024, f"the WAL reached {peak // 1024} KiB"
 
 
+async def test_sqlite_a_slow_checkpoint_does_not_space_the_next_ones_out(
+    lite: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sustained-writes test above failed once on a loaded machine (the WAL
+    reached 16938 KiB): each checkpoint spaced the next by the calls made since
+    the last one began, over the pages the WAL held - but a restart had removed
+    the frames of the calls made beside that one, so the slower the checkpoints,
+    the fewer pages a call seemed to write, and the further apart they came.
+    Here every checkpoint is held until half its interval's calls went on
+    beside it (a disk slow to fsync, no slower than the lag lets pass)."""
+    let_go = threading.Semaphore(0)
+    real = sqlite_module._checkpoint_wal
+
+    def slow_checkpoint(conn: sqlite3.Connection) -> tuple[bool, int]:
+        assert let_go.acquire(timeout=30)
+        return real(conn)
+
+    monkeypatch.setattr(sqlite_module, "_checkpoint_wal", slow_checkpoint)
+    await lite.ensure_user("alice", plan="free")
+    wal = lite_path(lite) + "-wal"
+    peak = 0
+    released: object = None
+    for i in range(1000):
+        assert (await admit(lite, "alice", f"r{i}")).admitted
+        assert await lite.settle(settle_event(f"m{i}"), pending_id=f"r{i}", lease_id=None)
+        peak = max(peak, file_size(wal))
+        checkpoint = lite._checkpointing
+        if (
+            checkpoint is not None
+            and checkpoint is not released
+            and lite._writes >= lite._checkpoint_every // 2
+        ):
+            let_go.release()
+            released = checkpoint
+    if lite._checkpointing is not None and lite._checkpointing is not released:
+        let_go.release()
+    await asyncio.gather(*lite._background)
+    assert peak < 16 * 1024 * 1024, f"the WAL reached {peak // 1024} KiB"
+
+
 async def test_sqlite_writes_wait_for_a_checkpoint_that_falls_behind(
     lite: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
