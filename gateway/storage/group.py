@@ -20,9 +20,13 @@ keys' at the same time, so that a call that waits holds up only its own key's.
 Any other error (the database unreachable, a timeout) is every caller's.
 
 A runner that can make a call at once, on the event loop (``run_now``: SQLite's
-short writes on a local file), makes a batch of one that finds nothing in
-flight there, in the turn it is sent: no task, no thread hop. It raises
-`NotNow` to send the call as usual instead (it cannot, or not without waiting).
+short writes on a local file), makes a call that finds nothing queued or in
+flight in its caller's turn (issue 24: no turn of the event loop waited for,
+each a wait behind every other stream's callbacks; no future, no task, no
+thread hop); the calls made after it in the same turn go together on the next,
+as usual, and so does a batch of one that finds nothing in flight then. It
+raises `NotNow` to send the call as usual instead (it cannot, or not without
+waiting).
 
 A caller that is cancelled while its call is queued is not sent. One cancelled
 while its call is in flight does not stop the call - it may be in a
@@ -89,6 +93,25 @@ class GroupCommit(Generic[Item, Result]):
     async def __call__(self, item: Item) -> Result:
         if self._max_batch == 1:
             return await self._run_one(item)
+        if (
+            self._run_now is not None
+            and not self._running
+            and not self._queue
+            and not self._scheduled
+        ):
+            # Nothing queued or in flight: made now, in the caller's turn, when
+            # ``run_now`` can - no turn of the event loop waited for (behind
+            # every other stream's callbacks), no future. The calls made after
+            # it in this turn still go together, on the next.
+            try:
+                result = self._run_now(item)
+            except NotNow:
+                pass
+            else:
+                self.batches += 1
+                self.calls += 1
+                self.together()
+                return result
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
         self._queue.append((item, future))
@@ -110,6 +133,14 @@ class GroupCommit(Generic[Item, Result]):
             ):
                 self._abandoned(item, future.result())
             raise
+
+    def together(self) -> None:
+        """Have the calls made from here on in this turn of the event loop go
+        together, on the next (as those after a call made now do): for a
+        caller that makes several calls at once and means them as one batch."""
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False

@@ -259,8 +259,23 @@ async def test_a_lone_call_is_made_at_once_by_run_now_and_calls_made_together_ar
     assert await batcher(-1) == -2
     assert runner.batches == [[-1]]
     assert await asyncio.gather(*(batcher(i) for i in range(4))) == [0, 2, 4, 6]
-    assert runner.batches == [[-1], [0, 1, 2, 3]] and made_now == [3, 13]
-    assert (batcher.batches, batcher.calls) == (4, 7)
+    # The first of the calls made in one turn finds nothing queued: made at
+    # once; those after it queue behind it and go together.
+    assert runner.batches == [[-1], [1, 2, 3]] and made_now == [3, 13, 0]
+    assert (batcher.batches, batcher.calls) == (5, 7)
+
+
+async def test_a_lone_call_made_now_waits_for_no_turn_of_the_event_loop() -> None:
+    """Issue 24: the call is made in its caller's turn - the caller's coroutine
+    finishes without once giving the event loop back (each turn waited for
+    is a wait behind every other stream's callbacks at 100 answers/s)."""
+    runner = Runner()
+    batcher = GroupCommit("test", runner.many, runner.one, max_batch=64, run_now=lambda i: i * 2)
+    call = batcher(21).__await__()
+    with pytest.raises(StopIteration) as answered:
+        next(call)  # not suspended: answered at once
+    assert answered.value.value == 42
+    assert (batcher.batches, batcher.calls) == (1, 1) and runner.batches == []
 
 
 async def test_run_now_waits_while_a_batch_is_in_flight() -> None:
@@ -274,13 +289,13 @@ async def test_run_now_waits_while_a_batch_is_in_flight() -> None:
 
     batcher = GroupCommit("test", runner.many, runner.one, max_batch=64, in_flight=1, run_now=now)
     first = [asyncio.ensure_future(batcher(i)) for i in range(3)]
-    assert await runner.entered.get() == [0, 1, 2]
+    assert await runner.entered.get() == [1, 2]  # 0 was made at once
     later = asyncio.ensure_future(batcher(5))
     await turns()
-    assert made_now == [] and not later.done()  # after the batch, as it would be sent
+    assert made_now == [0] and not later.done()  # after the batch, as it would be sent
     runner.release.set()
     assert await asyncio.gather(*first, later) == [0, 2, 4, 10]
-    assert made_now == [5]
+    assert made_now == [0, 5]
 
 
 def test_bounds_are_checked() -> None:
@@ -983,7 +998,10 @@ def made(call: Awaitable[T]) -> asyncio.Future[T]:
     return asyncio.ensure_future(call)
 
 
-def in_order(*calls: Awaitable[Any]) -> asyncio.Future[list[Any]]:
+def in_order(store: SQLiteStorage, *calls: Awaitable[Any]) -> asyncio.Future[list[Any]]:
+    """The calls made in one turn, as one batch (else the first would be made at
+    once, on the event loop, and the others together after it)."""
+    store._calls.together()
     return asyncio.gather(*map(made, calls), return_exceptions=True)
 
 
@@ -998,6 +1016,7 @@ async def test_sqlite_writes_of_every_kind_go_together_in_arrival_order(
     # the recovery finds nothing left to recover.
     later = NOW + timedelta(hours=1)
     results = await in_order(
+        lite,
         admit(lite, "alice", "r1", queries_per_day=1),
         made(lite.refund("alice", day=DAY, pending_id="r1")),
         admit(lite, "alice", "r2", queries_per_day=1),
@@ -1020,6 +1039,7 @@ async def test_sqlite_a_failing_write_is_rolled_back_to_its_savepoint(lite: SQLi
     # r1 again: its admission counts a query, then its pending row's insert
     # fails; the query it counted goes with it, the others' stay.
     results = await in_order(
+        lite,
         admit(lite, "alice", "r1"),
         admit(lite, "alice", "r1"),
         made(lite.settle(settle_event("m1"), pending_id="r1")),
@@ -1042,6 +1062,7 @@ async def test_sqlite_a_batch_takes_savepoints_only_when_a_write_fails(
     statements: list[str] = []
     lite._conn.set_trace_callback(statements.append)
     results = await in_order(
+        lite,
         admit(lite, "alice", "r1"),
         admit(lite, "alice", "r2"),
         made(lite.settle(settle_event("m1"), pending_id="r1")),
@@ -1051,6 +1072,7 @@ async def test_sqlite_a_batch_takes_savepoints_only_when_a_write_fails(
     assert statements.count("BEGIN IMMEDIATE") == 1 and statements.count("COMMIT") == 1
     statements.clear()
     results = await in_order(
+        lite,
         admit(lite, "alice", "r3"),
         made(lite.settle(settle_event("m2"), pending_id="r2")),
         admit(lite, "alice", "r3"),  # its pending row's insert fails: the batch again
@@ -1080,6 +1102,7 @@ async def test_sqlite_a_transaction_sqlite_ends_itself_splits_the_batch(
             raise sqlite3.OperationalError("database or disk is full")
 
     results = await in_order(
+        lite,
         admit(lite, "alice", "r1"), made(lite._tx(fails_once)), admit(lite, "alice", "r2")
     )
     # One batch (its three calls were then made again one by one, in order).
@@ -1105,6 +1128,7 @@ async def test_sqlite_a_batch_refused_at_commit_writes_nothing_then_goes_call_by
         )
 
     results = await in_order(
+        lite,
         admit(lite, "alice", "r1"), made(lite._tx(orphan)), admit(lite, "alice", "r2")
     )
     assert lite.group_commit["calls"] == (3, 5)
@@ -1370,7 +1394,11 @@ async def crash(path):
     def kill(conn):
         os.kill(os.getpid(), signal.SIGKILL)  # the process dies before COMMIT
 
-    await asyncio.gather(*(admit(store, f"b{i}") for i in range(5)), store._tx(kill))
+    await asyncio.sleep(0)  # (made at once: its turn ends here)
+    calls = [asyncio.ensure_future(admit(store, f"b{i}")) for i in range(5)]
+    calls.append(asyncio.ensure_future(store._tx(kill)))
+    store._calls.together()  # one batch (the first not made at once, alone)
+    await asyncio.gather(*calls)
     print("never", flush=True)
 
 
