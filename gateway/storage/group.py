@@ -26,7 +26,11 @@ each a wait behind every other stream's callbacks; no future, no task, no
 thread hop); the calls made after it in the same turn go together on the next,
 as usual, and so does a batch of one that finds nothing in flight then. It
 raises `NotNow` to send the call as usual instead (it cannot, or not without
-waiting).
+waiting). ``run_now_many`` does the same for a batch of several that finds
+nothing in flight (SQLite's few calls made in one turn: on the connection's
+thread each of its statements waited for the GIL, up to the switch interval
+each, while the event loop was busy); it raises `NotNow`, having written
+nothing, for a batch it does not make.
 
 A caller that is cancelled while its call is queued is not sent. One cancelled
 while its call is in flight does not stop the call - it may be in a
@@ -71,6 +75,7 @@ class GroupCommit(Generic[Item, Result]):
         abandoned: Callable[[Item, Result], None] | None = None,
         key: Callable[[Item], Hashable] | None = None,
         run_now: Callable[[Item], Result] | None = None,
+        run_now_many: Callable[[Sequence[Item]], Sequence[Result | Exception]] | None = None,
     ) -> None:
         if max_batch < 1 or in_flight < 1:
             raise ValueError("max_batch and in_flight must be at least 1")
@@ -82,6 +87,7 @@ class GroupCommit(Generic[Item, Result]):
         self._abandoned = abandoned
         self._key = key
         self._run_now = run_now
+        self._run_now_many = run_now_many
         self._queue: deque[tuple[Item, asyncio.Future[Result]]] = deque()
         self._running = 0
         self._scheduled = False
@@ -152,7 +158,9 @@ class GroupCommit(Generic[Item, Result]):
                     batch.append(call)
             if not batch:
                 return
-            if len(batch) == 1 and self._running == 0 and self._now(*batch[0]):
+            if self._running == 0 and (
+                self._now(*batch[0]) if len(batch) == 1 else self._now_many(batch)
+            ):
                 continue  # made on the event loop, answered
             self._running += 1
             task = asyncio.create_task(self._send(batch), name=f"group-commit-{self.name}")
@@ -174,6 +182,21 @@ class GroupCommit(Generic[Item, Result]):
         self.batches += 1
         self.calls += 1
         self._deliver(item, future, outcome)
+        return True
+
+    def _now_many(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> bool:
+        """Make a batch on the event loop; False when there is no
+        ``run_now_many`` or it declines the batch (it wrote nothing then)."""
+        if self._run_now_many is None:
+            return False
+        try:
+            outcomes = self._run_now_many([item for item, _ in batch])
+        except NotNow:
+            return False
+        self.batches += 1
+        self.calls += len(batch)
+        for (item, future), outcome in zip(batch, outcomes, strict=True):
+            self._deliver(item, future, outcome)
         return True
 
     async def _send(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:

@@ -171,6 +171,9 @@ CHECKPOINT_MOST = 2000
 # checkpoint: a disk slow to fsync holds the writes back rather than letting the
 # WAL grow without bound (about (1 + CHECKPOINT_LAG) * CHECKPOINT_PAGES pages).
 CHECKPOINT_LAG = 2
+# The most calls of a batch made on the event loop rather than on the thread
+# (a few hundred microseconds each; the event loop waits for them).
+NOW_MOST = 4
 # What the WAL is cut back to when it starts again: a few checkpoints' worth.
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 
@@ -984,6 +987,7 @@ class SQLiteStorage:
             abandoned=_abandoned,
             key=_one_connection,
             run_now=self._call_now,
+            run_now_many=self._call_now_many,
         )
         self._background: set[asyncio.Task[None]] = set()
         # Calls sent to the connection's thread and not yet answered (batches,
@@ -1075,6 +1079,28 @@ class SQLiteStorage:
         if call.writes:
             self._wrote(1)
         return result
+
+    def _call_now_many(self, calls: Sequence[_Call]) -> list[Any]:
+        """Make a batch of at most NOW_MOST hot-path calls on the event loop
+        (GroupCommit's ``run_now_many``), as the thread would (`_batch`), when
+        the thread is idle: on the thread, with the event loop busy, each
+        statement of it waited for the GIL - up to the switch interval, 5 ms,
+        each - and every call made meanwhile queued behind it (issue 24). A
+        batch that raises anything (another connection holds the write lock;
+        `SplitBatch`) is rolled back, nothing of it written: `NotNow`, and it
+        goes to the thread, which makes it as before."""
+        if len(calls) > NOW_MOST or self._on_thread or not all(call.now for call in calls):
+            raise NotNow
+        conn = self._conn
+        if not self._loop_timeout:
+            conn.execute("PRAGMA busy_timeout = 0")
+            self._loop_timeout = True
+        try:
+            outcomes = _batch(conn, calls)
+        except Exception as exc:
+            raise NotNow from exc
+        self._wrote(sum(call.writes for call in calls))
+        return outcomes
 
     def _wrote(self, calls: int) -> None:
         """Count write calls; every ``_checkpoint_every``, a checkpoint on the thread."""

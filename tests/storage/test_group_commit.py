@@ -58,6 +58,7 @@ from gateway.storage.sqlite import (
     CHECKPOINT_EVERY,
     CHECKPOINT_LAG,
     CHECKPOINT_MOST,
+    NOW_MOST,
     SQLiteStorage,
 )
 from tests.conftest import _truncate
@@ -1102,8 +1103,7 @@ async def test_sqlite_a_transaction_sqlite_ends_itself_splits_the_batch(
             raise sqlite3.OperationalError("database or disk is full")
 
     results = await in_order(
-        lite,
-        admit(lite, "alice", "r1"), made(lite._tx(fails_once)), admit(lite, "alice", "r2")
+        lite, admit(lite, "alice", "r1"), made(lite._tx(fails_once)), admit(lite, "alice", "r2")
     )
     # One batch (its three calls were then made again one by one, in order).
     assert lite.group_commit["calls"] == (3, 5)
@@ -1128,8 +1128,7 @@ async def test_sqlite_a_batch_refused_at_commit_writes_nothing_then_goes_call_by
         )
 
     results = await in_order(
-        lite,
-        admit(lite, "alice", "r1"), made(lite._tx(orphan)), admit(lite, "alice", "r2")
+        lite, admit(lite, "alice", "r1"), made(lite._tx(orphan)), admit(lite, "alice", "r2")
     )
     assert lite.group_commit["calls"] == (3, 5)
     assert results[0].admitted and results[2].admitted  # type: ignore[union-attr]
@@ -1167,6 +1166,61 @@ async def test_sqlite_a_lone_admission_and_settle_are_made_on_the_event_loop(
     assert threading.get_ident() not in threads and threads
     (day,) = await lite.daily(DAY, DAY)
     assert (day.queries, day.total_tokens) == (1, 100)
+
+
+async def test_sqlite_a_few_hot_calls_made_together_are_one_batch_on_the_event_loop(
+    lite: SQLiteStorage,
+) -> None:
+    """Issue 24: a few admissions and settles made in one turn go as one
+    transaction on the event loop (on the thread, each statement waited for the
+    GIL while the loop was busy); more than NOW_MOST, or one that is not a
+    hot-path call, go to the thread as before."""
+    await lite.ensure_user("alice", plan="free")
+    await admit(lite, "alice", "r0", queries_per_day=10)
+    await turns()  # (r0 was made at once: the calls below, in a turn of their own)
+    threads = on_threads(lite)
+    before = lite.group_commit["calls"]
+    results = await in_order(
+        lite,
+        admit(lite, "alice", "r1", queries_per_day=10),
+        made(lite.settle(settle_event("m0"), pending_id="r0")),
+        admit(lite, "alice", "r2", queries_per_day=10),
+    )
+    assert results[0].admitted and results[1] is True and results[2].admitted  # type: ignore[union-attr]
+    assert lite.group_commit["calls"] == (before[0] + 1, before[1] + 3)  # one batch
+    assert threads == {threading.get_ident()}
+    threads.clear()
+    results = await in_order(
+        lite, *(admit(lite, "alice", f"s{i}", queries_per_day=10) for i in range(NOW_MOST + 1))
+    )
+    assert all(r.admitted for r in results)  # type: ignore[union-attr]
+    assert threading.get_ident() not in threads and threads  # too many: on the thread
+    threads.clear()
+    await in_order(lite, admit(lite, "alice", "t1"), made(lite.daily(DAY, DAY)))
+    assert threading.get_ident() not in threads and threads  # with a read: on the thread
+    (day,) = await lite.daily(DAY, DAY)
+    assert (day.queries, day.total_tokens) == (NOW_MOST + 5, 100)
+
+
+async def test_sqlite_a_batch_finding_the_lock_taken_waits_on_the_thread(
+    lite: SQLiteStorage,
+) -> None:
+    """As a lone call: another connection holds the write lock, so the batch
+    made on the event loop is rolled back, nothing of it written, and made on
+    the thread once the lock is free - each call counted once."""
+    await lite.ensure_user("alice", plan="free")
+    blocker = sqlite3.connect(lite_path(lite), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    threads = on_threads(lite, writing=True)
+    waiting = in_order(lite, *(admit(lite, "alice", f"r{i}", queries_per_day=2) for i in range(3)))
+    await turns()
+    assert not waiting.done()
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert [r.admitted for r in await waiting] == [True, True, False]  # type: ignore[union-attr]
+    assert threading.get_ident() not in threads and threads  # written on the thread
+    (day,) = await lite.daily(DAY, DAY)
+    assert day.queries == 2
 
 
 async def test_sqlite_a_lone_write_finding_the_lock_taken_waits_on_the_thread(
