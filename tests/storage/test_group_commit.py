@@ -913,6 +913,57 @@ async def test_a_batch_of_one_settle_keeps_its_lock_timeout_to_itself(
 
 
 @pytest.mark.postgres
+async def test_admissions_keep_their_connection_out_of_the_pool(
+    pg: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 24: a connection taken from asyncpg's pool goes back through a
+    shielded task of its own - two more turns of the event loop an admission
+    waited for, behind every other stream's callbacks. An admission batch keeps
+    its connection for the next one instead."""
+    await pg.ensure_user("alice", plan="free")
+    assert (await admit(pg, "alice", "r0")).admitted  # takes one
+    given_back: list[object] = []
+    release = asyncpg.pool.Pool.release
+
+    async def counted(pool: asyncpg.pool.Pool, conn: Any, **kw: Any) -> None:
+        given_back.append(conn)
+        await release(pool, conn, **kw)
+
+    monkeypatch.setattr(asyncpg.pool.Pool, "release", counted)
+    for i in range(1, 4):
+        assert (await admit(pg, "alice", f"r{i}")).admitted
+    together = await asyncio.gather(*(admit(pg, "alice", f"s{i}") for i in range(3)))
+    assert all(a.admitted for a in together)
+    assert given_back == []
+    await pg.close()  # gives them back: the pool closes (else it would wait for them)
+    assert given_back and pg._pool._closed  # type: ignore[attr-defined]
+
+
+async def test_a_kept_admission_connection_that_broke_goes_back_to_the_pool(
+    pg: PostgresStorage, postgres_dsn: str
+) -> None:
+    """The database closed the kept connection while it waited (a restart, an
+    administrator): it goes back to the pool, which drops it, and the next
+    admission takes a working one - as the pool's own check of a connection it
+    hands out would have done."""
+    await pg.ensure_user("alice", plan="free")
+    assert (await admit(pg, "alice", "r0")).admitted
+    (kept,) = pg._admit_connections
+    closed = asyncio.get_running_loop().create_future()
+    kept.add_termination_listener(lambda _: closed.set_result(None))
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        await admin.execute("SELECT pg_terminate_backend($1)", kept.get_server_pid())
+    finally:
+        await admin.close()
+    await closed
+    assert (await admit(pg, "alice", "r1")).admitted
+    (working,) = pg._admit_connections
+    assert working is not kept and not working.is_closed()
+    (day,) = await pg.daily(DAY, DAY)
+    assert day.queries == 2
+
+
 async def test_a_row_held_elsewhere_holds_up_only_its_users_admissions(pg: PostgresStorage) -> None:
     users = ["hot", *(f"u{i}" for i in range(8))]
     for user in users:
