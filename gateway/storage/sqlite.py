@@ -19,9 +19,12 @@ rolled back to its savepoint (`_batch`). Nothing is answered before the batch
 commits. A call
 that finds nothing in flight goes alone (a write as a plain transaction); an
 admission, settle or refund that goes alone is made on the event loop itself,
-in the turn it is sent, since its work holds the GIL anyway (no thread hop, no
-task): unless another connection holds the write lock, then it waits on the
-thread (`SQLiteStorage._call_now`).
+in its caller's turn, since its work holds the GIL anyway (no thread hop, no
+task, no turn of the event loop waited for), and so is a batch of up to
+NOW_MOST of them that finds the thread idle (on the thread, each statement
+waited for the GIL while the event loop was busy: issue 24): unless another
+connection holds the write lock, then they wait on the thread
+(`SQLiteStorage._call_now`, `_call_now_many`).
 
 Durability: WAL with ``synchronous = NORMAL``. A committed call survives a crash
 of the process; a power cut or an OS crash may lose the commits since the last
