@@ -20,9 +20,17 @@ keys' at the same time, so that a call that waits holds up only its own key's.
 Any other error (the database unreachable, a timeout) is every caller's.
 
 A runner that can make a call at once, on the event loop (``run_now``: SQLite's
-short writes on a local file), makes a batch of one that finds nothing in
-flight there, in the turn it is sent: no task, no thread hop. It raises
-`NotNow` to send the call as usual instead (it cannot, or not without waiting).
+short writes on a local file), makes a call that finds nothing queued or in
+flight in its caller's turn (issue 24: no turn of the event loop waited for,
+each a wait behind every other stream's callbacks; no future, no task, no
+thread hop); the calls made after it in the same turn go together on the next,
+as usual, and so does a batch of one that finds nothing in flight then. It
+raises `NotNow` to send the call as usual instead (it cannot, or not without
+waiting). ``run_now_many`` does the same for a batch of several that finds
+nothing in flight (SQLite's few calls made in one turn: on the connection's
+thread each of its statements waited for the GIL, up to the switch interval
+each, while the event loop was busy); it raises `NotNow`, having written
+nothing, for a batch it does not make.
 
 A caller that is cancelled while its call is queued is not sent. One cancelled
 while its call is in flight does not stop the call - it may be in a
@@ -67,6 +75,7 @@ class GroupCommit(Generic[Item, Result]):
         abandoned: Callable[[Item, Result], None] | None = None,
         key: Callable[[Item], Hashable] | None = None,
         run_now: Callable[[Item], Result] | None = None,
+        run_now_many: Callable[[Sequence[Item]], Sequence[Result | Exception]] | None = None,
     ) -> None:
         if max_batch < 1 or in_flight < 1:
             raise ValueError("max_batch and in_flight must be at least 1")
@@ -78,6 +87,7 @@ class GroupCommit(Generic[Item, Result]):
         self._abandoned = abandoned
         self._key = key
         self._run_now = run_now
+        self._run_now_many = run_now_many
         self._queue: deque[tuple[Item, asyncio.Future[Result]]] = deque()
         self._running = 0
         self._scheduled = False
@@ -89,6 +99,25 @@ class GroupCommit(Generic[Item, Result]):
     async def __call__(self, item: Item) -> Result:
         if self._max_batch == 1:
             return await self._run_one(item)
+        if (
+            self._run_now is not None
+            and not self._running
+            and not self._queue
+            and not self._scheduled
+        ):
+            # Nothing queued or in flight: made now, in the caller's turn, when
+            # ``run_now`` can - no turn of the event loop waited for (behind
+            # every other stream's callbacks), no future. The calls made after
+            # it in this turn still go together, on the next.
+            try:
+                result = self._run_now(item)
+            except NotNow:
+                pass
+            else:
+                self.batches += 1
+                self.calls += 1
+                self.together()
+                return result
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
         self._queue.append((item, future))
@@ -111,6 +140,14 @@ class GroupCommit(Generic[Item, Result]):
                 self._abandoned(item, future.result())
             raise
 
+    def together(self) -> None:
+        """Have the calls made from here on in this turn of the event loop go
+        together, on the next (as those after a call made now do): for a
+        caller that makes several calls at once and means them as one batch."""
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
         self._scheduled = False
         while self._queue and self._running < self._in_flight:
@@ -121,7 +158,9 @@ class GroupCommit(Generic[Item, Result]):
                     batch.append(call)
             if not batch:
                 return
-            if len(batch) == 1 and self._running == 0 and self._now(*batch[0]):
+            if self._running == 0 and (
+                self._now(*batch[0]) if len(batch) == 1 else self._now_many(batch)
+            ):
                 continue  # made on the event loop, answered
             self._running += 1
             task = asyncio.create_task(self._send(batch), name=f"group-commit-{self.name}")
@@ -143,6 +182,21 @@ class GroupCommit(Generic[Item, Result]):
         self.batches += 1
         self.calls += 1
         self._deliver(item, future, outcome)
+        return True
+
+    def _now_many(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> bool:
+        """Make a batch on the event loop; False when there is no
+        ``run_now_many`` or it declines the batch (it wrote nothing then)."""
+        if self._run_now_many is None:
+            return False
+        try:
+            outcomes = self._run_now_many([item for item, _ in batch])
+        except NotNow:
+            return False
+        self.batches += 1
+        self.calls += len(batch)
+        for (item, future), outcome in zip(batch, outcomes, strict=True):
+            self._deliver(item, future, outcome)
         return True
 
     async def _send(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:

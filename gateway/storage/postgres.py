@@ -489,6 +489,15 @@ def _admitted_user(admit: _Admit) -> str:
     return admit.call.user_id
 
 
+def _usable(conn: asyncpg.pool.PoolConnectionProxy) -> bool:
+    """Whether a connection kept out of the pool is still open (one the
+    database closed, asyncpg gives back to the pool itself)."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:  # given back already
+        return False
+
+
 def _settled_user(call: _SettleCall) -> str:
     return call.user_id
 
@@ -508,6 +517,14 @@ class PostgresStorage:
             "settle", self._settle_many, self._settle_one, max_batch=max_batch, key=_settled_user
         )
         self._background: set[asyncio.Task[Any]] = set()
+        # Connections the admission batches keep between them (at most the
+        # batcher's in_flight): taken from the pool and given back through it
+        # cost an admission two more turns of the event loop (asyncpg's release
+        # runs as a shielded task of its own), each a wait behind every other
+        # stream's callbacks (issue 24). One that failed goes back to the pool,
+        # which closes it if it is broken.
+        self._admit_connections: list[asyncpg.pool.PoolConnectionProxy] = []
+        self._closing = False
 
     @classmethod
     async def open(
@@ -534,8 +551,11 @@ class PostgresStorage:
 
     async def close(self) -> None:
         # Calls still queued or in flight are answered before the pool goes.
+        self._closing = True
         await self._admits.drain()
         await self._settles.drain()
+        while self._admit_connections:
+            await self._pool.release(self._admit_connections.pop())
         # (A give-back may start when what it gives back ends.)
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
@@ -870,17 +890,35 @@ class PostgresStorage:
         return _admission(row, admit.limits)
 
     async def _admit_many(self, admits: Sequence[_Admit]) -> list[Admission | Exception]:
-        if len(admits) == 1:
-            # A batch of one (no batch was in flight: the usual case under light
-            # load) goes as it is, under the batches' lock timeout.
+        conn = self._admit_connections.pop() if self._admit_connections else None
+        if conn is not None and not _usable(conn):  # the database closed it meanwhile
+            await self._pool.release(conn)  # (the pool drops it)
+            conn = None
+        if conn is None:
+            with _mapped():
+                conn = await self._pool.acquire()
+        kept = False
+        try:
+            if len(admits) == 1:
+                # A batch of one (no batch was in flight: the usual case under
+                # light load) goes as it is, under the batches' lock timeout.
+                with _mapped(), _mapped_batch():
+                    row = await conn.fetchrow(_ADMIT_BATCHED, *admits[0].call)
+                kept = True
+                assert row is not None
+                if not row["known"]:
+                    return [NotFound("unknown user")]
+                return [_admission(row, admits[0].limits)]
             with _mapped(), _mapped_batch():
-                row = await self._pool.fetchrow(_ADMIT_BATCHED, *admits[0].call)
-            assert row is not None
-            return [_admission(row, admits[0].limits) if row["known"] else NotFound("unknown user")]
-        with _mapped(), _mapped_batch():
-            rows = await self._pool.fetch(
-                _ADMIT_MANY, *_admit_many_args([admit.call for admit in admits])
-            )
+                rows = await conn.fetch(
+                    _ADMIT_MANY, *_admit_many_args([admit.call for admit in admits])
+                )
+            kept = True
+        finally:
+            if kept and not self._closing and _usable(conn):
+                self._admit_connections.append(conn)
+            else:
+                await self._pool.release(conn)
         results: list[Admission | Exception] = [StorageError("no answer")] * len(admits)
         for row in rows:
             at = row["ord"] - 1

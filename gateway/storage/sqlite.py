@@ -19,9 +19,12 @@ rolled back to its savepoint (`_batch`). Nothing is answered before the batch
 commits. A call
 that finds nothing in flight goes alone (a write as a plain transaction); an
 admission, settle or refund that goes alone is made on the event loop itself,
-in the turn it is sent, since its work holds the GIL anyway (no thread hop, no
-task): unless another connection holds the write lock, then it waits on the
-thread (`SQLiteStorage._call_now`).
+in its caller's turn, since its work holds the GIL anyway (no thread hop, no
+task, no turn of the event loop waited for), and so is a batch of up to
+NOW_MOST of them that finds the thread idle (on the thread, each statement
+waited for the GIL while the event loop was busy: issue 24): unless another
+connection holds the write lock, then they wait on the thread
+(`SQLiteStorage._call_now`, `_call_now_many`).
 
 Durability: WAL with ``synchronous = NORMAL``. A committed call survives a crash
 of the process; a power cut or an OS crash may lose the commits since the last
@@ -171,6 +174,9 @@ CHECKPOINT_MOST = 2000
 # checkpoint: a disk slow to fsync holds the writes back rather than letting the
 # WAL grow without bound (about (1 + CHECKPOINT_LAG) * CHECKPOINT_PAGES pages).
 CHECKPOINT_LAG = 2
+# The most calls of a batch made on the event loop rather than on the thread
+# (a few hundred microseconds each; the event loop waits for them).
+NOW_MOST = 4
 # What the WAL is cut back to when it starts again: a few checkpoints' worth.
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 
@@ -554,14 +560,15 @@ def _checkpoint_wal(conn: sqlite3.Connection) -> tuple[bool, int]:
     return not busy and copied == frames, max(frames, 0)
 
 
-def _restart_wal(conn: sqlite3.Connection) -> None:
+def _restart_wal(conn: sqlite3.Connection) -> bool:
     """Copy the rest of the WAL and have the next write start it again from
     its beginning (truncated to JOURNAL_SIZE_LIMIT), on the calls' connection
     between two calls: no write of this process is in flight. Another
     process's reader or writer is not waited for (busy timeout 0, as on the
-    event loop): the next checkpoint tries again."""
+    event loop): the next checkpoint tries again. Whether it was done."""
     conn.execute("PRAGMA busy_timeout = 0")
-    conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+    return not busy
 
 
 def _abandoned(call: _Call, result: Any) -> None:
@@ -983,6 +990,7 @@ class SQLiteStorage:
             abandoned=_abandoned,
             key=_one_connection,
             run_now=self._call_now,
+            run_now_many=self._call_now_many,
         )
         self._background: set[asyncio.Task[None]] = set()
         # Calls sent to the connection's thread and not yet answered (batches,
@@ -992,7 +1000,10 @@ class SQLiteStorage:
         # The busy timeout is 0 while calls are made on the event loop (a call
         # that finds the write lock taken goes to the thread, which waits).
         self._loop_timeout = False
-        self._writes = 0  # write calls since the last checkpoint
+        self._writes = 0  # write calls since the last checkpoint began
+        # Write calls whose frames the WAL holds: since it last started again
+        # from its beginning (what its size, and the lag below, is counted in).
+        self._in_wal = 0
         self._checkpoint_every = CHECKPOINT_EVERY  # then as many as wrote CHECKPOINT_PAGES
         self._checkpointing: asyncio.Task[None] | None = None  # the one in progress
         # Checkpoints run on a connection and a thread of their own, so that
@@ -1043,9 +1054,9 @@ class SQLiteStorage:
             self._loop_timeout = False
         return fn(self._conn, *args)
 
-    def _restart_wal(self, conn: sqlite3.Connection) -> None:
+    def _restart_wal(self, conn: sqlite3.Connection) -> bool:
         self._loop_timeout = True  # the next call on the thread sets it back
-        _restart_wal(conn)
+        return _restart_wal(conn)
 
     def _call_now(self, call: _Call) -> Any:
         """Make a lone call on the event loop (GroupCommit's ``run_now``): the
@@ -1072,40 +1083,73 @@ class SQLiteStorage:
             self._wrote(1)
         return result
 
+    def _call_now_many(self, calls: Sequence[_Call]) -> list[Any]:
+        """Make a batch of at most NOW_MOST hot-path calls on the event loop
+        (GroupCommit's ``run_now_many``), as the thread would (`_batch`), when
+        the thread is idle: on the thread, with the event loop busy, each
+        statement of it waited for the GIL - up to the switch interval, 5 ms,
+        each - and every call made meanwhile queued behind it (issue 24). A
+        batch that raises anything (another connection holds the write lock;
+        `SplitBatch`) is rolled back, nothing of it written: `NotNow`, and it
+        goes to the thread, which makes it as before."""
+        if len(calls) > NOW_MOST or self._on_thread or not all(call.now for call in calls):
+            raise NotNow
+        conn = self._conn
+        if not self._loop_timeout:
+            conn.execute("PRAGMA busy_timeout = 0")
+            self._loop_timeout = True
+        try:
+            outcomes = _batch(conn, calls)
+        except Exception as exc:
+            raise NotNow from exc
+        self._wrote(sum(call.writes for call in calls))
+        return outcomes
+
     def _wrote(self, calls: int) -> None:
         """Count write calls; every ``_checkpoint_every``, a checkpoint on the thread."""
         self._writes += calls
+        self._in_wal += calls
         if self._writes < self._checkpoint_every or self._checkpointing:
             return
-        counted, self._writes = self._writes, 0
-        task = asyncio.create_task(self._checkpoint(counted))
+        self._writes = 0
+        task = asyncio.create_task(self._checkpoint())
         self._checkpointing = task
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _checkpoint(self, counted: int) -> None:
-        """Checkpoint the WAL, which ``counted`` write calls filled since the
-        last checkpoint; the next comes after as many calls as would write about
-        CHECKPOINT_PAGES pages at the rate these did."""
+    async def _checkpoint(self) -> None:
+        """Checkpoint the WAL; the next comes after as many write calls as
+        would write about CHECKPOINT_PAGES pages at the rate those in the WAL
+        did. The calls are counted before the checkpoint reads the WAL's size:
+        those made meanwhile add pages, not calls, so the rate is never taken
+        lower than it is. (Counted since the last checkpoint began, as before,
+        it took in the calls made beside that one, whose frames a restart had
+        since removed: a slow checkpoint made the next ones later, and the WAL
+        passed 16 MiB, review of the sustained-writes test's failure.)"""
         loop = asyncio.get_running_loop()
         try:
             if self._checkpointer is None:
                 self._checkpointer = await loop.run_in_executor(
                     self._checkpoints, _connect, self._path, self._timeout
                 )
+            counted = self._in_wal
             copied, pages = await loop.run_in_executor(
                 self._checkpoints, _checkpoint_wal, self._checkpointer
             )
-            if pages:
+            if pages and counted:
                 every = counted * CHECKPOINT_PAGES // pages
                 self._checkpoint_every = min(CHECKPOINT_MOST, max(CHECKPOINT_EVERY, every))
             if copied and not self._writes:
-                return  # the next write starts the WAL again from its beginning
+                self._in_wal = 0  # the next write starts the WAL again from its beginning
+                return
             # Writes went on meanwhile, their frames behind the copied ones: a
             # WAL is started again only by a write that finds all of it copied,
             # so under steady writes it would grow without end (review of
             # e1df906). The rest is copied by a call of its own.
-            await self._call(self._restart_wal)
+            if await self._call(self._restart_wal):
+                # The writes on the thread after it, answered after it, count
+                # in the new WAL.
+                self._in_wal = 0
         except (sqlite3.Error, StorageError) as exc:  # the WAL grows until the next one
             log.warning("SQLite checkpoint failed: %s", exc)
         finally:
@@ -1126,10 +1170,12 @@ class SQLiteStorage:
         """Run ``fn`` in a write transaction, group-committed with the others;
         ``now``: short enough to make on the event loop when it goes alone."""
         checkpoint = self._checkpointing
-        if checkpoint is not None and self._writes >= CHECKPOINT_LAG * self._checkpoint_every:
+        if checkpoint is not None and self._in_wal >= (1 + CHECKPOINT_LAG) * self._checkpoint_every:
             # The checkpoint has fallen behind the writes (a slow fsync): wait
-            # for it, so the WAL stays bounded. Shielded: a caller that gives up
-            # does not stop it.
+            # for it, so the WAL stays bounded - counted in the calls the WAL
+            # holds, not those since the checkpoint began (a WAL not started
+            # again since an earlier checkpoint holds those too). Shielded: a
+            # caller that gives up does not stop it.
             await asyncio.shield(checkpoint)
         result: T = await self._calls(_Call(fn, abandoned, now=now))
         return result

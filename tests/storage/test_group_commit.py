@@ -58,6 +58,7 @@ from gateway.storage.sqlite import (
     CHECKPOINT_EVERY,
     CHECKPOINT_LAG,
     CHECKPOINT_MOST,
+    NOW_MOST,
     SQLiteStorage,
 )
 from tests.conftest import _truncate
@@ -259,8 +260,23 @@ async def test_a_lone_call_is_made_at_once_by_run_now_and_calls_made_together_ar
     assert await batcher(-1) == -2
     assert runner.batches == [[-1]]
     assert await asyncio.gather(*(batcher(i) for i in range(4))) == [0, 2, 4, 6]
-    assert runner.batches == [[-1], [0, 1, 2, 3]] and made_now == [3, 13]
-    assert (batcher.batches, batcher.calls) == (4, 7)
+    # The first of the calls made in one turn finds nothing queued: made at
+    # once; those after it queue behind it and go together.
+    assert runner.batches == [[-1], [1, 2, 3]] and made_now == [3, 13, 0]
+    assert (batcher.batches, batcher.calls) == (5, 7)
+
+
+async def test_a_lone_call_made_now_waits_for_no_turn_of_the_event_loop() -> None:
+    """Issue 24: the call is made in its caller's turn - the caller's coroutine
+    finishes without once giving the event loop back (each turn waited for
+    is a wait behind every other stream's callbacks at 100 answers/s)."""
+    runner = Runner()
+    batcher = GroupCommit("test", runner.many, runner.one, max_batch=64, run_now=lambda i: i * 2)
+    call = batcher(21).__await__()
+    with pytest.raises(StopIteration) as answered:
+        next(call)  # not suspended: answered at once
+    assert answered.value.value == 42
+    assert (batcher.batches, batcher.calls) == (1, 1) and runner.batches == []
 
 
 async def test_run_now_waits_while_a_batch_is_in_flight() -> None:
@@ -274,13 +290,13 @@ async def test_run_now_waits_while_a_batch_is_in_flight() -> None:
 
     batcher = GroupCommit("test", runner.many, runner.one, max_batch=64, in_flight=1, run_now=now)
     first = [asyncio.ensure_future(batcher(i)) for i in range(3)]
-    assert await runner.entered.get() == [0, 1, 2]
+    assert await runner.entered.get() == [1, 2]  # 0 was made at once
     later = asyncio.ensure_future(batcher(5))
     await turns()
-    assert made_now == [] and not later.done()  # after the batch, as it would be sent
+    assert made_now == [0] and not later.done()  # after the batch, as it would be sent
     runner.release.set()
     assert await asyncio.gather(*first, later) == [0, 2, 4, 10]
-    assert made_now == [5]
+    assert made_now == [0, 5]
 
 
 def test_bounds_are_checked() -> None:
@@ -897,6 +913,57 @@ async def test_a_batch_of_one_settle_keeps_its_lock_timeout_to_itself(
 
 
 @pytest.mark.postgres
+async def test_admissions_keep_their_connection_out_of_the_pool(
+    pg: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 24: a connection taken from asyncpg's pool goes back through a
+    shielded task of its own - two more turns of the event loop an admission
+    waited for, behind every other stream's callbacks. An admission batch keeps
+    its connection for the next one instead."""
+    await pg.ensure_user("alice", plan="free")
+    assert (await admit(pg, "alice", "r0")).admitted  # takes one
+    given_back: list[object] = []
+    release = asyncpg.pool.Pool.release
+
+    async def counted(pool: asyncpg.pool.Pool, conn: Any, **kw: Any) -> None:
+        given_back.append(conn)
+        await release(pool, conn, **kw)
+
+    monkeypatch.setattr(asyncpg.pool.Pool, "release", counted)
+    for i in range(1, 4):
+        assert (await admit(pg, "alice", f"r{i}")).admitted
+    together = await asyncio.gather(*(admit(pg, "alice", f"s{i}") for i in range(3)))
+    assert all(a.admitted for a in together)
+    assert given_back == []
+    await pg.close()  # gives them back: the pool closes (else it would wait for them)
+    assert given_back and pg._pool._closed  # type: ignore[attr-defined]
+
+
+async def test_a_kept_admission_connection_that_broke_goes_back_to_the_pool(
+    pg: PostgresStorage, postgres_dsn: str
+) -> None:
+    """The database closed the kept connection while it waited (a restart, an
+    administrator): it goes back to the pool, which drops it, and the next
+    admission takes a working one - as the pool's own check of a connection it
+    hands out would have done."""
+    await pg.ensure_user("alice", plan="free")
+    assert (await admit(pg, "alice", "r0")).admitted
+    (kept,) = pg._admit_connections
+    closed = asyncio.get_running_loop().create_future()
+    kept.add_termination_listener(lambda _: closed.set_result(None))
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        await admin.execute("SELECT pg_terminate_backend($1)", kept.get_server_pid())
+    finally:
+        await admin.close()
+    await closed
+    assert (await admit(pg, "alice", "r1")).admitted
+    (working,) = pg._admit_connections
+    assert working is not kept and not working.is_closed()
+    (day,) = await pg.daily(DAY, DAY)
+    assert day.queries == 2
+
+
 async def test_a_row_held_elsewhere_holds_up_only_its_users_admissions(pg: PostgresStorage) -> None:
     users = ["hot", *(f"u{i}" for i in range(8))]
     for user in users:
@@ -983,7 +1050,10 @@ def made(call: Awaitable[T]) -> asyncio.Future[T]:
     return asyncio.ensure_future(call)
 
 
-def in_order(*calls: Awaitable[Any]) -> asyncio.Future[list[Any]]:
+def in_order(store: SQLiteStorage, *calls: Awaitable[Any]) -> asyncio.Future[list[Any]]:
+    """The calls made in one turn, as one batch (else the first would be made at
+    once, on the event loop, and the others together after it)."""
+    store._calls.together()
     return asyncio.gather(*map(made, calls), return_exceptions=True)
 
 
@@ -998,6 +1068,7 @@ async def test_sqlite_writes_of_every_kind_go_together_in_arrival_order(
     # the recovery finds nothing left to recover.
     later = NOW + timedelta(hours=1)
     results = await in_order(
+        lite,
         admit(lite, "alice", "r1", queries_per_day=1),
         made(lite.refund("alice", day=DAY, pending_id="r1")),
         admit(lite, "alice", "r2", queries_per_day=1),
@@ -1020,6 +1091,7 @@ async def test_sqlite_a_failing_write_is_rolled_back_to_its_savepoint(lite: SQLi
     # r1 again: its admission counts a query, then its pending row's insert
     # fails; the query it counted goes with it, the others' stay.
     results = await in_order(
+        lite,
         admit(lite, "alice", "r1"),
         admit(lite, "alice", "r1"),
         made(lite.settle(settle_event("m1"), pending_id="r1")),
@@ -1042,6 +1114,7 @@ async def test_sqlite_a_batch_takes_savepoints_only_when_a_write_fails(
     statements: list[str] = []
     lite._conn.set_trace_callback(statements.append)
     results = await in_order(
+        lite,
         admit(lite, "alice", "r1"),
         admit(lite, "alice", "r2"),
         made(lite.settle(settle_event("m1"), pending_id="r1")),
@@ -1051,6 +1124,7 @@ async def test_sqlite_a_batch_takes_savepoints_only_when_a_write_fails(
     assert statements.count("BEGIN IMMEDIATE") == 1 and statements.count("COMMIT") == 1
     statements.clear()
     results = await in_order(
+        lite,
         admit(lite, "alice", "r3"),
         made(lite.settle(settle_event("m2"), pending_id="r2")),
         admit(lite, "alice", "r3"),  # its pending row's insert fails: the batch again
@@ -1080,7 +1154,7 @@ async def test_sqlite_a_transaction_sqlite_ends_itself_splits_the_batch(
             raise sqlite3.OperationalError("database or disk is full")
 
     results = await in_order(
-        admit(lite, "alice", "r1"), made(lite._tx(fails_once)), admit(lite, "alice", "r2")
+        lite, admit(lite, "alice", "r1"), made(lite._tx(fails_once)), admit(lite, "alice", "r2")
     )
     # One batch (its three calls were then made again one by one, in order).
     assert lite.group_commit["calls"] == (3, 5)
@@ -1105,7 +1179,7 @@ async def test_sqlite_a_batch_refused_at_commit_writes_nothing_then_goes_call_by
         )
 
     results = await in_order(
-        admit(lite, "alice", "r1"), made(lite._tx(orphan)), admit(lite, "alice", "r2")
+        lite, admit(lite, "alice", "r1"), made(lite._tx(orphan)), admit(lite, "alice", "r2")
     )
     assert lite.group_commit["calls"] == (3, 5)
     assert results[0].admitted and results[2].admitted  # type: ignore[union-attr]
@@ -1143,6 +1217,61 @@ async def test_sqlite_a_lone_admission_and_settle_are_made_on_the_event_loop(
     assert threading.get_ident() not in threads and threads
     (day,) = await lite.daily(DAY, DAY)
     assert (day.queries, day.total_tokens) == (1, 100)
+
+
+async def test_sqlite_a_few_hot_calls_made_together_are_one_batch_on_the_event_loop(
+    lite: SQLiteStorage,
+) -> None:
+    """Issue 24: a few admissions and settles made in one turn go as one
+    transaction on the event loop (on the thread, each statement waited for the
+    GIL while the loop was busy); more than NOW_MOST, or one that is not a
+    hot-path call, go to the thread as before."""
+    await lite.ensure_user("alice", plan="free")
+    await admit(lite, "alice", "r0", queries_per_day=10)
+    await turns()  # (r0 was made at once: the calls below, in a turn of their own)
+    threads = on_threads(lite)
+    before = lite.group_commit["calls"]
+    results = await in_order(
+        lite,
+        admit(lite, "alice", "r1", queries_per_day=10),
+        made(lite.settle(settle_event("m0"), pending_id="r0")),
+        admit(lite, "alice", "r2", queries_per_day=10),
+    )
+    assert results[0].admitted and results[1] is True and results[2].admitted  # type: ignore[union-attr]
+    assert lite.group_commit["calls"] == (before[0] + 1, before[1] + 3)  # one batch
+    assert threads == {threading.get_ident()}
+    threads.clear()
+    results = await in_order(
+        lite, *(admit(lite, "alice", f"s{i}", queries_per_day=10) for i in range(NOW_MOST + 1))
+    )
+    assert all(r.admitted for r in results)  # type: ignore[union-attr]
+    assert threading.get_ident() not in threads and threads  # too many: on the thread
+    threads.clear()
+    await in_order(lite, admit(lite, "alice", "t1"), made(lite.daily(DAY, DAY)))
+    assert threading.get_ident() not in threads and threads  # with a read: on the thread
+    (day,) = await lite.daily(DAY, DAY)
+    assert (day.queries, day.total_tokens) == (NOW_MOST + 5, 100)
+
+
+async def test_sqlite_a_batch_finding_the_lock_taken_waits_on_the_thread(
+    lite: SQLiteStorage,
+) -> None:
+    """As a lone call: another connection holds the write lock, so the batch
+    made on the event loop is rolled back, nothing of it written, and made on
+    the thread once the lock is free - each call counted once."""
+    await lite.ensure_user("alice", plan="free")
+    blocker = sqlite3.connect(lite_path(lite), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    threads = on_threads(lite, writing=True)
+    waiting = in_order(lite, *(admit(lite, "alice", f"r{i}", queries_per_day=2) for i in range(3)))
+    await turns()
+    assert not waiting.done()
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert [r.admitted for r in await waiting] == [True, True, False]  # type: ignore[union-attr]
+    assert threading.get_ident() not in threads and threads  # written on the thread
+    (day,) = await lite.daily(DAY, DAY)
+    assert day.queries == 2
 
 
 async def test_sqlite_a_lone_write_finding_the_lock_taken_waits_on_the_thread(
@@ -1203,6 +1332,46 @@ async def test_sqlite_the_wal_stays_bounded_under_sustained_writes(lite: SQLiteS
         assert (await admit(lite, "alice", f"r{i}")).admitted
         assert await lite.settle(settle_event(f"m{i}"), pending_id=f"r{i}", lease_id=None)
         peak = max(peak, file_size(wal))
+    await asyncio.gather(*lite._background)
+    assert peak < 16 * 1024 * 1024, f"the WAL reached {peak // 1024} KiB"
+
+
+async def test_sqlite_a_slow_checkpoint_does_not_space_the_next_ones_out(
+    lite: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sustained-writes test above failed once on a loaded machine (the WAL
+    reached 16938 KiB): each checkpoint spaced the next by the calls made since
+    the last one began, over the pages the WAL held - but a restart had removed
+    the frames of the calls made beside that one, so the slower the checkpoints,
+    the fewer pages a call seemed to write, and the further apart they came.
+    Here every checkpoint is held until half its interval's calls went on
+    beside it (a disk slow to fsync, no slower than the lag lets pass)."""
+    let_go = threading.Semaphore(0)
+    real = sqlite_module._checkpoint_wal
+
+    def slow_checkpoint(conn: sqlite3.Connection) -> tuple[bool, int]:
+        assert let_go.acquire(timeout=30)
+        return real(conn)
+
+    monkeypatch.setattr(sqlite_module, "_checkpoint_wal", slow_checkpoint)
+    await lite.ensure_user("alice", plan="free")
+    wal = lite_path(lite) + "-wal"
+    peak = 0
+    released: object = None
+    for i in range(1000):
+        assert (await admit(lite, "alice", f"r{i}")).admitted
+        assert await lite.settle(settle_event(f"m{i}"), pending_id=f"r{i}", lease_id=None)
+        peak = max(peak, file_size(wal))
+        checkpoint = lite._checkpointing
+        if (
+            checkpoint is not None
+            and checkpoint is not released
+            and lite._writes >= lite._checkpoint_every // 2
+        ):
+            let_go.release()
+            released = checkpoint
+    if lite._checkpointing is not None and lite._checkpointing is not released:
+        let_go.release()
     await asyncio.gather(*lite._background)
     assert peak < 16 * 1024 * 1024, f"the WAL reached {peak // 1024} KiB"
 
@@ -1330,7 +1499,11 @@ async def crash(path):
     def kill(conn):
         os.kill(os.getpid(), signal.SIGKILL)  # the process dies before COMMIT
 
-    await asyncio.gather(*(admit(store, f"b{i}") for i in range(5)), store._tx(kill))
+    await asyncio.sleep(0)  # (made at once: its turn ends here)
+    calls = [asyncio.ensure_future(admit(store, f"b{i}")) for i in range(5)]
+    calls.append(asyncio.ensure_future(store._tx(kill)))
+    store._calls.together()  # one batch (the first not made at once, alone)
+    await asyncio.gather(*calls)
     print("never", flush=True)
 
 
