@@ -14,7 +14,16 @@ left out.
 
     git worktree add --detach /tmp/main main    # or: git archive main | tar -x -C /tmp/main
     .venv/bin/python -m bench.duel main=/tmp/main branch=. [--backend postgres]
-        [--rounds 10] [--seconds 5] [--connections 32]
+        [--rounds 10] [--seconds 5] [--connections 32] [--shape openai-blocking]
+        [--profile SECONDS]
+
+``--shape`` picks the request: ``dify`` (a streamed Dify chat message, the
+default), or the OpenAI phase's chat completion (bench/litellm.py: upstream
+``kind = "openai"``, a price for the model), ``openai-streamed`` or
+``openai-blocking`` (non-streamed, the shape the Portkey goal of issue 24 is
+measured in). ``--profile`` samples each gateway with py-spy during one more
+round after the measured ones (bench/profile.py; the raw stacks and a summary
+are written beside the run's temporary files, their paths printed).
 
 Each checkout's gateway runs as ``env PYTHONPATH=<checkout> python -P -m
 gateway`` (the harness itself is this checkout's ``bench/``).
@@ -25,16 +34,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import statistics
 import sys
 import threading
 import time
+from pathlib import Path
 
 import asyncpg
 import uvloop
 
-from bench.procs import Server
-from bench.run import Bench, WrkResult, parse_args
+from bench import litellm
+from bench import profile as profiling
+from bench.procs import Server, free_port
+from bench.run import BODY, REPO, Bench, WrkResult, _child_env, parse_args
+
+# The request of each shape: (path, body); an OpenAI shape runs the upstream as OpenAI.
+SHAPES = {
+    "dify": ("/v1/chat-messages", BODY),
+    "openai-streamed": (litellm.OPENAI_PATH, litellm.OPENAI_BODY),
+    "openai-blocking": (litellm.OPENAI_PATH, litellm.BLOCKING_BODY),
+}
 
 
 def _load(
@@ -44,13 +64,45 @@ def _load(
     results: dict[str, WrkResult],
     connections: int,
     seconds: int,
+    shape: str,
 ) -> None:
     url = f"http://127.0.0.1:{server.port}"
-    results[label] = bench._wrk(label, connections, seconds, url=url, keys=bench.keys[label])
+    path, body = SHAPES[shape]
+    results[label] = bench._wrk(
+        label, connections, seconds, url=url, keys=bench.keys[label], request_path=path, body=body
+    )
+
+
+def _config(bench: Bench, name: str, url: str, shape: str) -> Path:
+    """The gateway's config file for ``name`` (bench.run's), made an OpenAI upstream
+    with the model priced for an OpenAI shape, as the OpenAI phase's."""
+    path = bench._gateway_config(name, url)
+    if shape.startswith("openai"):
+        text = path.read_text().replace("[upstream]\n", '[upstream]\nkind = "openai"\n', 1)
+        path.write_text(text + "\n" + litellm.PRICE)
+    return path
+
+
+def _profile(bench: Bench, server: Server, label: str, seconds: int) -> None:
+    raw = bench.tmp / f"{label}.pyspy.txt"
+    summary = profiling.record(server.pid, seconds, raw)
+    if isinstance(summary, str):
+        print(f"{label}: profile failed: {summary}", flush=True)
+        return
+    out = bench.tmp / f"{label}.profile.json"
+    out.write_text(json.dumps(summary.as_json(40), indent=1))
+    print(f"{label}: py-spy stacks {raw}, summary {out}", flush=True)
 
 
 async def duel(
-    sides: list[tuple[str, str]], backend: str, rounds: int, seconds: int, connections: int
+    sides: list[tuple[str, str]],
+    backend: str,
+    rounds: int,
+    seconds: int,
+    connections: int,
+    *,
+    shape: str = "dify",
+    profile: int = 0,
 ) -> None:
     bench = Bench(parse_args(["--paths", "gateway-sqlite", "--phases", "throughput"]))
     databases: list[str] = []
@@ -71,17 +123,22 @@ async def duel(
                     await conn.close()
                 databases.append(name)
                 url = bench.s.postgres.rsplit("/", 1)[0] + "/" + name
-            await bench._create_users(label, bench._gateway_config(f"{label}-cli", url))
-            servers[label] = bench._start("gateway-sqlite", label, database_url=url)
+            await bench._create_users(label, _config(bench, f"{label}-cli", url, shape))
+            port = free_port()
+            argv = [*command, "--config", str(_config(bench, label, url, shape)), "serve"]
+            log = bench.tmp / f"{label}.log"
+            server = Server(label, [*argv, "--port", str(port)], port, log, _child_env(), REPO)
+            servers[label] = bench.servers.add(server)
         await asyncio.gather(*(server.wait_listening() for server in servers.values()))
         measured: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in sides}
-        for number in range(rounds + 1):
+        for number in range(rounds + 1 if rounds else 0):
             before = {label: server.cpu_times() for label, server in servers.items()}
             results: dict[str, WrkResult] = {}
 
             threads = [
                 threading.Thread(
-                    target=_load, args=(bench, servers[label], label, results, connections, seconds)
+                    target=_load,
+                    args=(bench, servers[label], label, results, connections, seconds, shape),
                 )
                 for label in servers
             ]
@@ -104,7 +161,7 @@ async def duel(
                 )
             print(" | ".join(line), flush=True)
         first = sides[0][0]
-        for label, _ in sides:
+        for label, _ in sides if rounds else ():
             mine, theirs = measured[label], measured[first]
             rate = statistics.median(r for r, _ in mine)
             cpu = statistics.median(c for _, c in mine)
@@ -115,6 +172,27 @@ async def duel(
                 f"against {first}, round by round: answers/s {rate_ratio:.3f}x, "
                 f"CPU per answer {cpu_ratio:.3f}x"
             )
+        if profile:
+            # One more round, every gateway loaded and sampled at once.
+            results = {}
+            threads = [
+                threading.Thread(
+                    target=_load,
+                    args=(bench, servers[label], label, results, connections, profile + 2, shape),
+                )
+                for label in servers
+            ]
+            for thread in threads:
+                thread.start()
+            await asyncio.sleep(1)
+            await asyncio.gather(
+                *(
+                    asyncio.to_thread(_profile, bench, server, label, profile)
+                    for label, server in servers.items()
+                )
+            )
+            for thread in threads:
+                thread.join()
     finally:
         await bench.servers.stop_all()
         for name in databases:
@@ -132,6 +210,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seconds", type=int, default=5, help="wrk seconds per round")
     parser.add_argument("--connections", type=int, default=32, help="per gateway")
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="dify", help="the request")
+    parser.add_argument(
+        "--profile", type=int, default=0, help="py-spy seconds, one more round (0: off)"
+    )
     args = parser.parse_args()
     sides: list[tuple[str, str]] = []
     for side in args.sides:
@@ -141,7 +223,17 @@ def main() -> None:
         sides.append((label, checkout))
     if len(sides) < 2:
         parser.error("give at least two label=checkout")
-    uvloop.run(duel(sides, args.backend, args.rounds, args.seconds, args.connections))
+    uvloop.run(
+        duel(
+            sides,
+            args.backend,
+            args.rounds,
+            args.seconds,
+            args.connections,
+            shape=args.shape,
+            profile=args.profile,
+        )
+    )
 
 
 if __name__ == "__main__":

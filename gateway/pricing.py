@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Final
 
@@ -67,22 +67,39 @@ class Price:
     currency: str = "USD"
 
     def cost(self, usage: Usage, *, audio: Audio | None = None) -> Decimal:
-        cached = min(usage.cached_tokens, usage.prompt_tokens)
+        return self.cost_of(
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            usage.cache_write_tokens,
+            audio,
+        )
+
+    def cost_of(
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int,
+        cache_write_tokens: int,
+        audio: Audio | None = None,
+    ) -> Decimal:
+        """`cost` from the counts themselves (no `Usage` built to hold them)."""
+        cached = min(cached_tokens, prompt_tokens)
         # Cache reads and cache writes are both parts of the prompt tokens.
-        written = min(usage.cache_write_tokens, usage.prompt_tokens - cached)
+        written = min(cache_write_tokens, prompt_tokens - cached)
         cached_price = self.input if self.cached_input is None else self.cached_input
         write_price = self.input if self.cache_write_input is None else self.cache_write_input
         micro = (
-            (usage.prompt_tokens - cached - written) * self.input
+            (prompt_tokens - cached - written) * self.input
             + cached * cached_price
             + written * write_price
-            + usage.completion_tokens * self.output
+            + completion_tokens * self.output
         )
         if audio is not None:
             # Audio tokens are counted among the prompt (not cached) and completion
             # tokens, already priced above at the text rate: add the difference.
-            heard = min(audio.prompt, usage.prompt_tokens - cached - written)
-            spoken = min(audio.completion, usage.completion_tokens)
+            heard = min(audio.prompt, prompt_tokens - cached - written)
+            spoken = min(audio.completion, completion_tokens)
             if self.audio_input is not None:
                 micro += heard * (self.audio_input - self.input)
             if self.audio_output is not None:
@@ -174,17 +191,31 @@ class PriceTable:
         price = self.find(*models)
         if price is None:
             return usage, False
-        counted = usage
+        prompt = usage.prompt_tokens
+        completion = usage.completion_tokens
+        cached = usage.cached_tokens
+        written = usage.cache_write_tokens
         if max_tokens is not None:
-            counted = replace(
-                usage,
-                prompt_tokens=min(usage.prompt_tokens, max_tokens),
-                completion_tokens=min(usage.completion_tokens, max_tokens),
-                cached_tokens=min(usage.cached_tokens, max_tokens),
-                cache_write_tokens=min(usage.cache_write_tokens, max_tokens),
-            )
-        cost = price.cost(counted, audio=audio)
-        return replace(usage, cost=cost, currency=price.currency), True
+            prompt = min(prompt, max_tokens)
+            completion = min(completion, max_tokens)
+            cached = min(cached, max_tokens)
+            written = min(written, max_tokens)
+        cost = price.cost_of(prompt, completion, cached, written, audio)
+        # Built whole rather than with dataclasses.replace (a loop over the fields
+        # on every priced answer); tests/test_pricing.py fails if a field of Usage
+        # is not passed on here.
+        return Usage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            cost=cost,
+            currency=price.currency,
+            estimated=usage.estimated,
+            cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+            clamped=usage.clamped,
+        ), True
 
 
 def check_currencies(prices: Mapping[str, Price], call_prices: Mapping[str, CallPrice]) -> None:

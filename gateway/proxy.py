@@ -988,7 +988,17 @@ class Proxy:
             max_buffered=_MAX_BUFFERED_BODY,
         )
         loop = asyncio.get_running_loop()
-        watcher = loop.create_task(_wait_for_disconnect(receive))
+        # The task that notices a client leaving, and the deadline, matter only
+        # while this relay waits (on the upstream, on the client's socket); when
+        # the whole body is already here, nothing below waits before the end:
+        # neither is started until something would (the task could not have run
+        # before, so it could not have noticed anything; the deadline is the one
+        # it would have been, counted from here).
+        total = settings.total_timeout
+        since = loop.time()
+        watcher: asyncio.Task[None] | None = None
+        if not client.complete(response):
+            watcher = loop.create_task(_wait_for_disconnect(receive))
         forward = relay.forward
         meter_chunk = relay.meter_chunk
         first_byte = True
@@ -1000,9 +1010,9 @@ class Proxy:
         cancelled: asyncio.CancelledError | None = None
         ending: list[RelayCommand]
         try:
-            async with asyncio.timeout(settings.total_timeout) as deadline:
+            async with asyncio.timeout(None if watcher is None else total) as deadline:
                 async for chunk in client.raw(response):
-                    if watcher.done() and relay.listening:
+                    if watcher is not None and watcher.done() and relay.listening:
                         self._client_left(x)
                         for command in relay.client_left():
                             if isinstance(command, RelayStop):
@@ -1024,6 +1034,9 @@ class Proxy:
                         if ended is not None and ended():
                             last = out  # the end is known: sent with it, below
                         else:
+                            if watcher is None:
+                                watcher = loop.create_task(_wait_for_disconnect(receive))
+                                deadline.reschedule(since + total)
                             await send(
                                 {"type": "http.response.body", "body": out, "more_body": True}
                             )
@@ -1064,7 +1077,8 @@ class Proxy:
             self._noticed(x, relay, watcher)
             ending = relay.upstream_ended()
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
         forms = self.follows.paused_forms(x, relay.meter, None if sse else relay.buffer)
         if last is not None:
             if not forms and ending and isinstance(ending[0], End):
@@ -1082,9 +1096,9 @@ class Proxy:
         if cancelled is not None:
             raise cancelled
 
-    def _noticed(self, x: Exchange, relay: Relay, watcher: asyncio.Task[None]) -> None:
+    def _noticed(self, x: Exchange, relay: Relay, watcher: asyncio.Task[None] | None) -> None:
         """At the end of an answer: a client that left unnoticed is counted."""
-        if relay.listening and watcher.done():
+        if relay.listening and watcher is not None and watcher.done():
             self._metrics.inc("gateway_client_disconnects_total")
             relay.client_left(at_end=True)
 

@@ -294,7 +294,12 @@ class UpstreamClient:
         # headers), the URLs as aiohttp takes them, and aiohttp's timeouts.
         transport = getattr(client, "_transport", None)
         self._aiohttp = transport if type(transport) is AiohttpTransport else None
-        self._defaults = [(name.lower(), value) for name, value in client.headers.raw]
+        # By lower-case name, with the name and value as aiohttp takes them
+        # (decoded once here, not on every request).
+        self._defaults = [
+            (name.lower(), _header_text(name), _header_text(value))
+            for name, value in client.headers.raw
+        ]
         # By the URL's text, as given: an httpx.URL hashes by building its text
         # again, and compares by parsing the other one.
         self._yarl: dict[str, yarl.URL] = {}
@@ -373,9 +378,12 @@ class UpstreamClient:
         # request's own, in order (a repeated one once, its values joined with ", ",
         # as httpx hands them to aiohttp); a POST, PUT or PATCH without a length says 0.
         given = {name.lower() for name, _ in headers}
-        head = [(_header_text(k), _header_text(v)) for k, v in self._defaults if k not in given]
+        head = [(name, value) for lower, name, value in self._defaults if lower not in given]
         if len(given) == len(headers):
-            head += [(_header_text(k), _header_text(v)) for k, v in headers]
+            try:  # UTF-8, as nearly every header is: no call per name and value
+                head += [(k.decode(), v.decode()) for k, v in headers]
+            except UnicodeDecodeError:
+                head += [(_header_text(k), _header_text(v)) for k, v in headers]
         else:
             head += _joined(headers)
         if (
@@ -451,6 +459,14 @@ class UpstreamClient:
         if type(stream) is AiohttpBody:
             return stream._aiohttp.content.at_eof
         return None
+
+    @staticmethod
+    def complete(response: httpx.Response) -> bool:
+        """Whether the whole body of an answer read from aiohttp's stream (`raw`)
+        is already here: reading it to its end waits for nothing. False for other
+        streams (they do not tell) and for a body still arriving."""
+        stream = response.stream
+        return type(stream) is AiohttpBody and stream._aiohttp.content.is_eof()
 
     @staticmethod
     async def decoded(response: httpx.Response) -> AsyncIterator[bytes]:

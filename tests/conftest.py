@@ -14,8 +14,8 @@ import functools
 import os
 import secrets
 import shutil
+import signal
 import ssl
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -72,14 +72,16 @@ def shared_ssl_context() -> Iterator[None]:
     builds hundreds (each test's clients and each gateway's upstream client). The
     contexts of one set of arguments are alike, so the run builds each once. The
     official SDKs' clients (openai, anthropic) are on httpx2, httpx's fork, which
-    builds its own (a thousand-odd in a run); it is patched too when a test module
-    has imported it."""
+    builds its own (a thousand-odd in a run); it is imported (~30 ms) and patched
+    too, before the SDKs that use it (imported by their first test, tests/sdk.py)."""
     with pytest.MonkeyPatch.context() as patch:
         # httpx's transport imported the function by name; httpx-aiohttp calls it
         # through the package.
         patch.setattr(httpx, "create_ssl_context", _shared_ssl_context)
         patch.setattr(httpx._transports.default, "create_ssl_context", _shared_ssl_context)
-        if (httpx2 := sys.modules.get("httpx2")) is not None:
+        with contextlib.suppress(ImportError):  # the SDKs are not installed
+            import httpx2
+
             shared = _shared(httpx2.create_ssl_context)
             patch.setattr(httpx2, "create_ssl_context", shared)
             patch.setattr(httpx2._transports.default, "create_ssl_context", shared)
@@ -332,8 +334,10 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
 
 @pytest.fixture
 async def storage(database_url: str) -> AsyncIterator[Storage]:
+    """Storage on ``database_url``, migrated already (the process's template or
+    database): a migrate() here was a no-op of a few round trips in every test
+    (tests/storage/test_contract.py checks that it is one)."""
     store = await open_storage(DatabaseConfig(url=database_url))
-    await store.migrate()
     try:
         yield store
     finally:
@@ -370,6 +374,49 @@ async def browser(_chromium: Any) -> AsyncIterator[Any]:
     yield _chromium
     for context in _chromium.contexts:
         await context.close()
+
+
+@contextlib.contextmanager
+def process_state_kept() -> Iterator[None]:
+    """Asserts that the pytest process's environment and SIGTERM handler are left
+    as they were found (and puts them back if not)."""
+    environ, sigterm = dict(os.environ), signal.getsignal(signal.SIGTERM)
+    yield
+    changed = sorted(
+        key
+        for key in environ.keys() | os.environ.keys()
+        if environ.get(key) != os.environ.get(key) and key != "PYTEST_CURRENT_TEST"
+    )
+    handler = signal.getsignal(signal.SIGTERM)
+    for key in changed:
+        if key in environ:
+            os.environ[key] = environ[key]
+        else:
+            del os.environ[key]
+    if handler is not sigterm:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert not changed, f"the test changed the environment: {changed}"
+    assert handler is sigterm, f"the test left a SIGTERM handler: {handler}"
+
+
+@pytest.fixture(autouse=True)
+def _process_state_kept() -> Iterator[None]:
+    """Every test leaves the process's environment and SIGTERM handler as it found
+    them. `gateway serve` run in process set GATEWAY_GC_TUNING for good: every
+    gateway app the process started afterwards collected and froze its whole heap
+    at start-up (~2 s of a worker's CPU in a run), and its processes inherited the
+    first test's GATEWAY_CONFIG."""
+    with process_state_kept():
+        yield
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The browser tests are one xdist group (`--dist loadgroup`): one worker runs
+    them all, and only it launches Chromium (~2 s of CPU for each launch)."""
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("browser"))
 
 
 @pytest.hookimpl(wrapper=True)

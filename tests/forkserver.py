@@ -14,6 +14,15 @@ or at import: the interpreter's own variables (PYTHON*), the locale and time
 zone, and prometheus_client's multiprocess directory. A child whose environment
 differs from the server's in one of those is started the ordinary way
 (`spawn`), as is every process when forking is not available.
+
+One difference is left: the seed of str and bytes hashing, drawn by the
+interpreter at start-up and fixed from then on. A forked child has the server's,
+so every child of one server hashes alike, where fresh processes would each draw
+their own (the seed is as random as a fresh process's; it is only shared). The
+gateway neither depends on nor persists hash order, and nothing a test checks
+does; a child asked for with PYTHONHASHSEED set otherwise than the server's is
+started afresh, with that seed. (`random` and `secrets` are unaffected: random
+reseeds in a forked child, secrets reads the kernel.)
 """
 
 from __future__ import annotations
@@ -37,8 +46,23 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 # Read by the interpreter at start-up, or by a module at import (the server's
-# imports happened under the server's environment, not the child's).
-_AT_START = ("PYTHON", "LC_", "LANG", "TZ", "PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
+# imports happened under the server's environment, not the child's): the
+# interpreter's own, the locale and time zone, prometheus_client's multiprocess
+# directory, and the aio-libs' switches to their pure-Python code (aiohttp, yarl,
+# multidict, frozenlist and propcache pick C or Python at import).
+_AT_START = (
+    "PYTHON",
+    "LC_",
+    "LANG",
+    "TZ",
+    "PROMETHEUS_MULTIPROC_DIR",
+    "prometheus_multiproc_dir",
+    "AIOHTTP_NO_EXTENSIONS",
+    "YARL_NO_EXTENSIONS",
+    "MULTIDICT_NO_EXTENSIONS",
+    "FROZENLIST_NO_EXTENSIONS",
+    "PROPCACHE_NO_EXTENSIONS",
+)
 
 # What a `gateway serve` process imports, imported once by the server. Anything
 # left out is imported by the child itself: slower, never different.
@@ -387,6 +411,28 @@ async def _pipe(fd: int) -> _Pipe:
 PIPE = asyncio.subprocess.PIPE
 
 
+async def _fork(
+    client: _Client, module: str, args: Sequence[str], env: Mapping[str, str], fds: list[int]
+) -> int:
+    """The pid of a child forked by ``client``. A fork asked for is seen through:
+    if the wait is cancelled, the child it made is killed and reaped (it would run
+    on with nobody to stop it), and only then is the cancellation raised - nor may
+    the caller close ``fds`` while the request carrying them is being sent."""
+    forking = asyncio.ensure_future(asyncio.to_thread(client.fork, module, args, env, fds))
+    try:
+        return await asyncio.shield(forking)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            pid = await forking
+            # Killed at once: it has not started anything yet, or barely. Its group
+            # too, once it has one (it calls setsid first thing).
+            for kill in (os.killpg, os.kill):
+                with contextlib.suppress(ProcessLookupError):
+                    kill(pid, signal.SIGKILL)
+            await client.wait(pid)
+        raise
+
+
 async def python_m(
     module: str,
     *args: str,
@@ -421,7 +467,7 @@ async def python_m(
                 fds[i + 1] = write_end
             else:
                 assert mode is None, mode
-        pid = await asyncio.to_thread(client.fork, module, args, env, fds)
+        pid = await _fork(client, module, args, env, fds)
     except BaseException:
         for fd in opened:
             os.close(fd)

@@ -34,6 +34,7 @@ if __name__ == "__main__":
                 signal.SIGUSR1,
             )
         },
+        "hash_randomization": sys.flags.hash_randomization,
         "stdout_line_buffering": sys.stdout.line_buffering,
         "stderr_line_buffering": sys.stderr.line_buffering,
     }

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import os
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 import orjson
@@ -233,8 +235,10 @@ def test_gateway_serve_refuses_in_one_line(
 ) -> None:
     asyncio.run(seed(sqlite_url, answer("u1", "0.75", "USD")))
     path = write_config(tmp_path / "vnd.toml", sqlite_url, "VND")
-    # Returns before uvicorn would take the port: the check runs first.
-    assert main(["--config", str(path), "serve", "--port", "1"]) == 2
+    # Returns before uvicorn would take the port: the check runs first. (`serve`
+    # sets its process's variables first: they are this process's, put back after.)
+    with mock.patch.dict(os.environ):
+        assert main(["--config", str(path), "serve", "--port", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("gateway: configuration error: ")
     assert "prices.gpt-4o.currency is 'VND'" in err and "holds costs in 'USD'" in err
@@ -310,7 +314,8 @@ def test_a_database_that_already_mixes_currencies_shows_no_sum(
         captured = capsys.readouterr()
         assert "12000.75" not in captured.out
         assert "'USD' and 'VND'" in captured.err
-    assert main(_cli(path, "serve", "--port", "1")) == 2
+    with mock.patch.dict(os.environ):  # what `serve` sets for its process
+        assert main(_cli(path, "serve", "--port", "1")) == 2
     assert "'USD' and 'VND'" in capsys.readouterr().err
     # The ledger itself keeps each answer's own currency: it still exports.
     assert main(_cli(path, "usage", "export", "--format", "json")) == 0

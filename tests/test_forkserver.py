@@ -1,7 +1,8 @@
 """The test processes: `python -m` children forked from the pre-imported server
-are the processes a fresh start would be (tests/forkserver.py), and a
+are the processes a fresh start would be (tests/forkserver.py), a
 `gateway serve` that does not become ready is killed with its workers
-(tests/servers.py)."""
+(tests/servers.py), and a test that changes the pytest process's environment
+fails (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests import forkserver
+from tests.conftest import process_state_kept
 from tests.forkserver import PIPE, ForkedProcess, _Client, python_m
 from tests.servers import free_port, kill_tree, spawn_gateway, wait_ready
 
@@ -76,13 +78,59 @@ async def test_a_forked_child_is_what_a_fresh_python_m_would_be(tmp_path: Path) 
 
 
 @forking
-async def test_a_child_is_started_afresh_where_the_interpreter_reads_the_environment() -> None:
-    proc = await python_m(
-        "tests.probe", env={**os.environ, "PYTHONHASHSEED": "7"}, stdout=PIPE, stderr=PIPE
-    )
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PYTHONHASHSEED", "7"),
+        # Read by aiohttp, yarl and multidict at import (review): a forked child
+        # would run their C code, imported by the server, while asked for Python.
+        ("AIOHTTP_NO_EXTENSIONS", "1"),
+        ("YARL_NO_EXTENSIONS", "1"),
+        ("MULTIDICT_NO_EXTENSIONS", "1"),
+    ],
+)
+async def test_a_child_is_started_afresh_where_the_interpreter_reads_the_environment(
+    name: str, value: str
+) -> None:
+    proc = await python_m("tests.probe", env={**os.environ, name: value}, stdout=PIPE, stderr=PIPE)
     assert not isinstance(proc, ForkedProcess)
     out, _ = await proc.communicate()
-    assert json.loads(out)["env"]["PYTHONHASHSEED"] == "7"
+    assert json.loads(out)["env"][name] == value
+
+
+@forking
+async def test_a_start_cancelled_while_forking_leaves_no_child_running() -> None:
+    """Review: the fork was asked for from a thread, which a cancelled start left
+    to finish: the child it made ran on, with nobody to stop it."""
+    client = forkserver._forking()
+    assert client is not None
+    asked, go = threading.Event(), threading.Event()
+    made: list[int] = []
+    fork = client.fork
+
+    def held(*args: Any) -> int:
+        asked.set()
+        go.wait()
+        made.append(fork(*args))
+        return made[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(client, "fork", held)
+        start = asyncio.ensure_future(
+            python_m("tests.probe", "pause", env=os.environ, stdout=PIPE, stderr=PIPE)
+        )
+        async with asyncio.timeout(30):
+            await asyncio.to_thread(asked.wait)
+            start.cancel()
+            go.set()
+            with pytest.raises(asyncio.CancelledError):
+                await start
+    try:
+        assert len(made) == 1  # forked, and by now ended and reaped
+        assert client.exits.get(made[0]) == -signal.SIGKILL
+    finally:
+        if made and client.exits.get(made[0]) is None:
+            os.kill(made[0], signal.SIGKILL)
 
 
 @contextlib.asynccontextmanager
@@ -205,3 +253,24 @@ def test_a_reused_pid_is_not_an_exited_process() -> None:
     mine.close()
     later = ForkedProcess(client, 4242, [None, None])
     assert later.returncode is None  # running: nothing said this one exited
+
+
+def test_a_test_that_changes_the_process_state_fails_and_it_is_put_back() -> None:
+    """tests/conftest.py's check after every test: the process's environment and
+    SIGTERM handler as they were (an in-process `gateway serve` set both)."""
+    before = signal.getsignal(signal.SIGTERM)
+    path = os.environ["PATH"]
+    with pytest.raises(
+        AssertionError, match=r"changed the environment: \['GATEWAY_GC_TUNING', 'PATH'\]"
+    ):
+        with process_state_kept():
+            os.environ["GATEWAY_GC_TUNING"] = "1"
+            del os.environ["PATH"]
+    assert "GATEWAY_GC_TUNING" not in os.environ and os.environ["PATH"] == path
+    with pytest.raises(AssertionError, match="left a SIGTERM handler"):
+        with process_state_kept():
+            signal.signal(signal.SIGTERM, lambda *_: None)
+    assert signal.getsignal(signal.SIGTERM) is before
+    with process_state_kept():  # and what is put back is no change
+        os.environ["GATEWAY_GC_TUNING"] = "1"
+        del os.environ["GATEWAY_GC_TUNING"]

@@ -410,6 +410,43 @@ async def test_a_cut_read_through_raw_is_upstream_broken() -> None:
     assert isinstance(info.value.__cause__, aiohttp.ClientPayloadError)
 
 
+async def test_complete_says_when_the_whole_body_is_here() -> None:
+    # The relay starts no disconnect watcher for an answer that is complete when
+    # it opens (gateway/proxy.py): reading it waits for nothing. A body still
+    # arriving is not complete; one read to its end is.
+    hold = asyncio.Event()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 4\r\n\r\n"
+    server, url = await _serve_raw(head + b"{}", hold=hold)
+    async with server, _client(AiohttpTransport()) as client:
+        response = await _open(client, url)
+        assert not client.complete(response)
+        reader = client.raw(response)
+        assert await anext(reader) == b"{}"
+        assert not client.complete(response)  # two bytes still to come
+        hold.set()
+        server.close()
+        with pytest.raises(UpstreamBroken):  # ... and they never do: cut, not complete
+            await anext(reader)
+        assert not client.complete(response)
+        await response.aclose()
+    whole = asyncio.Event()
+    server, url = await _serve_raw(head + b"{}{}", hold=whole)
+    async with server, _client(AiohttpTransport()) as client:
+        response = await _open(client, url)
+        chunks = [chunk async for chunk in client.raw(response)]
+        assert b"".join(chunks) == b"{}{}"
+        assert client.complete(response)
+        await response.aclose()
+        whole.set()
+
+
+async def test_complete_is_false_for_answers_read_through_httpx() -> None:
+    async with _client(_Transport(body=_Failing(_instance(aiohttp.ClientPayloadError)))) as client:
+        response = await _open(client)
+        assert not client.complete(response)
+        await response.aclose()
+
+
 async def test_raw_reads_other_answers_through_httpx() -> None:
     async with _client(_Transport(body=_Failing(_instance(aiohttp.ClientPayloadError)))) as client:
         response = await _open(client)
@@ -517,6 +554,7 @@ _REQUESTS: list[tuple[str, list[tuple[bytes, bytes]], bytes | None]] = [
     ("POST", [(b"accept-encoding", b"identity"), (b"x-twice", b"1"), (b"x-twice", b"2")], None),
     ("DELETE", [(b"user-agent", b"client/1"), (b"accept", b"text/event-stream")], b""),
     ("PATCH", [(b"x-name", "Đà Nẵng".encode())], b"abc"),
+    ("PUT", [(b"x-latin", b"caf\xe9")], b"x"),  # not UTF-8: read as latin-1
 ]
 
 

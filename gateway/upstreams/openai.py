@@ -382,7 +382,19 @@ class OpenAIUpstream:
             usage = self._with_calls(usage, calls, ran=ran)
         if usage is metered.usage and model == metered.model:
             return metered
-        return dataclasses.replace(metered, usage=usage, model=model)
+        # Built whole, not with dataclasses.replace (a loop over the fields on
+        # every priced answer); tests/upstreams/test_openai.py fails if a field of
+        # Metered is not passed on here.
+        return Metered(
+            metered.answer_id,
+            metered.task_id,
+            metered.conversation_id,
+            usage,
+            metered.outcome,
+            error_code=metered.error_code,
+            metadata=metered.metadata,
+            model=model,
+        )
 
     def _with_calls(
         self, usage: Usage | None, calls: Mapping[str, int], *, ran: bool

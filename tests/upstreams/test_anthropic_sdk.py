@@ -8,14 +8,17 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
-import anthropic
 import httpx
 import orjson
 import pytest
 
 from tests.fakes.anthropic import ANSWER_PIECES, TOOL_INPUT, FakeAnthropic
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+from tests.sdk import SDK, lazy
 from tests.servers import serve
+
+anthropic = lazy("anthropic")  # imported by the first test that uses it (tests/sdk.py)
+pytestmark = SDK
 
 ANSWER = "".join(ANSWER_PIECES)
 MODEL = "claude-sonnet-4-5"

@@ -4,6 +4,7 @@ filter, request preparation, errors and prices. Tables of cases."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from decimal import Decimal
 from typing import Any
 
@@ -28,7 +29,7 @@ from gateway.upstreams.openai_wire import (
     usage_from,
 )
 from gateway.upstreams.transforms import DropEvents
-from gateway.usage import Usage, estimate_tokens
+from gateway.usage import Metered, Usage, estimate_tokens
 from tests.fakes.openai import ANSWER_PIECES, FakeOpenAI, _Answer
 
 PRICES = {
@@ -1259,3 +1260,25 @@ def test_price_cost_with_audio(price: Price, cost: Decimal) -> None:
     usage = Usage(10, 6, 16)
     audio = Audio(3, 4) if price.audio_input is not None else Audio(3, 99)
     assert price.cost(usage, audio=audio) == cost.scaleb(-6)
+
+
+def test_priced_keeps_every_field_of_the_metered_answer() -> None:
+    # Every field away from its default, so a field priced() forgets to pass on shows.
+    metered = Metered(
+        "chatcmpl-answer-id",
+        "task",
+        "conversation",
+        Usage(10, 5, 15),
+        "cut",
+        error_code="code",
+        metadata={"k": "v"},
+        model=None,
+    )
+    for f in dataclasses.fields(Metered):
+        if f.name != "model":  # set by priced() itself
+            assert getattr(metered, f.name) != f.default, f.name
+    priced = dialect().priced(metered, "gpt-4o-mini")
+    cost = (10 * Decimal("0.15") + 5 * Decimal("0.60")).scaleb(-6)
+    assert priced == dataclasses.replace(
+        metered, usage=Usage(10, 5, 15, cost=cost), model="gpt-4o-mini"
+    )

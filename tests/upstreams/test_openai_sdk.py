@@ -9,12 +9,15 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
-import openai
 import orjson
 import pytest
 
 from tests.fakes.openai import ANSWER_PIECES, FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+from tests.sdk import SDK, lazy
+
+openai = lazy("openai")  # imported by the first test that uses it (tests/sdk.py)
+pytestmark = SDK
 
 ANSWER = "".join(ANSWER_PIECES)
 PRICES = {
