@@ -524,6 +524,9 @@ class PostgresStorage:
         # stream's callbacks (issue 24). One that failed goes back to the pool,
         # which closes it if it is broken.
         self._admit_connections: list[asyncpg.pool.PoolConnectionProxy] = []
+        # At most a quarter of the pool (none of a pool under 4, so that a small
+        # one is never held by admissions while a settle waits for it).
+        self._keep = min(2, pool.get_max_size() // 4)
         self._closing = False
 
     @classmethod
@@ -915,7 +918,12 @@ class PostgresStorage:
                 )
             kept = True
         finally:
-            if kept and not self._closing and _usable(conn):
+            if (
+                kept
+                and not self._closing
+                and len(self._admit_connections) < self._keep
+                and _usable(conn)
+            ):
                 self._admit_connections.append(conn)
             else:
                 await self._pool.release(conn)

@@ -939,6 +939,23 @@ async def test_admissions_keep_their_connection_out_of_the_pool(
     assert given_back and pg._pool._closed  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("size", [1, 2, 3])
+async def test_a_small_pool_is_not_held_by_admissions(postgres_dsn: str, size: int) -> None:
+    """Admissions keep no connection of a pool under 4: with a pool of one or
+    two, the kept ones would leave none for a settle or a read (it would wait
+    for ever)."""
+    await _truncate(postgres_dsn)
+    store = await PostgresStorage.open(postgres_dsn, min_size=0, max_size=size)
+    try:
+        await store.ensure_user("alice", plan="free")
+        together = await asyncio.gather(*(admit(store, "alice", f"r{i}") for i in range(4)))
+        assert all(a.admitted for a in together) and store._admit_connections == []
+        settled = store.settle(settle_event("m0"), pending_id="r0")
+        assert await asyncio.wait_for(settled, 10)
+    finally:
+        await store.close()
+
+
 async def test_a_kept_admission_connection_that_broke_goes_back_to_the_pool(
     pg: PostgresStorage, postgres_dsn: str
 ) -> None:
