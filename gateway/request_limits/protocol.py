@@ -116,20 +116,28 @@ def _configured() -> HeadSettings:
 
 class _Collected:
     """Stands in for the transport while uvicorn frames a message: keeps what it
-    writes, and whether it closed the connection (after the last piece of an
-    answer that ends it, ``Connection: close``)."""
+    writes. Its closing (after the last piece of an answer that ends the
+    connection, ``Connection: close``) writes what it kept to the transport and
+    closes that at once: uvicorn goes on to start the next pipelined request
+    unless the connection is closing by then (``on_response_complete``), and
+    that request's answer could never be delivered."""
 
-    __slots__ = ("closed", "parts")
+    __slots__ = ("closed", "parts", "transport")
 
-    def __init__(self) -> None:
+    def __init__(self, transport: asyncio.Transport) -> None:
         self.parts: list[bytes] = []
         self.closed = False
+        self.transport = transport
 
     def write(self, data: bytes) -> None:
         self.parts.append(data)
 
     def close(self) -> None:
         self.closed = True
+        if self.parts:
+            self.transport.write(b"".join(self.parts))
+            self.parts.clear()
+        self.transport.close()
 
 
 class HeadWithBodyCycle(RequestResponseCycle):
@@ -156,18 +164,19 @@ class HeadWithBodyCycle(RequestResponseCycle):
             await super().send(message)  # type: ignore[arg-type]
             return
         transport = self.transport
-        collected = _Collected()
+        collected = _Collected(transport)
+        if held is not None:
+            # Before what uvicorn writes now (written by the collector's closing too).
+            self._held = None
+            if self._flush is not None:
+                self._flush.cancel()
+                self._flush = None
+            collected.parts.append(held)
         self.transport = collected  # type: ignore[assignment]
         try:
             await super().send(message)  # type: ignore[arg-type]
         finally:
             self.transport = transport
-            if held is not None:
-                self._held = None
-                if self._flush is not None:
-                    self._flush.cancel()
-                    self._flush = None
-                collected.parts.insert(0, held)
             if collected.parts:
                 out = b"".join(collected.parts)
                 if held is None and self.chunked_encoding is False and not self.response_complete:
@@ -176,8 +185,6 @@ class HeadWithBodyCycle(RequestResponseCycle):
                     self._flush = asyncio.get_running_loop().call_soon(self._write_held)
                 elif not self.disconnected:
                     transport.write(out)
-            if collected.closed:
-                transport.close()
 
     def _write_held(self) -> None:
         self._flush = None

@@ -193,3 +193,35 @@ async def test_served_a_held_head_reaches_the_client_before_its_late_body() -> N
     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 11\r\n" in head
     assert body == b'{"ok":true}'
     assert rest.startswith(b"HTTP/1.1 200 OK\r\n") and rest.endswith(b'\r\n\r\n{"ok":true}')
+
+
+@pytest.mark.usefixtures("limits_config")
+async def test_served_a_request_pipelined_behind_an_answer_that_closes_is_not_run() -> None:
+    """An answer that ends its connection (``Connection: close``: the gateway's
+    refusals of a head or a body it cannot trust) is written and closed before
+    uvicorn looks for the next pipelined request, which is then never run: its
+    answer could not be delivered (a paid one would be charged, unseen)."""
+    ran: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        ran.append(scope["path"])
+        while (await receive()).get("more_body", False):
+            pass
+        close = [(b"connection", b"close")] if scope["path"] == "/refused" else []
+        await send({**START, "headers": LENGTH + close})
+        await send(BODY)
+
+    async with serve(app, http=PROTOCOL) as url:
+        parts = urlsplit(url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        try:
+            writer.write(
+                b"GET /refused HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"POST /paid HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+            )
+            answer = await read_all(reader)
+        finally:
+            writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b'{"ok":true}')
+    assert answer.count(b"HTTP/1.1") == 1
+    assert ran == ["/refused"]
