@@ -1079,6 +1079,12 @@ class Proxy:
         finally:
             if watcher is not None:
                 watcher.cancel()
+        # What is left to send waits for the client no longer than the relay's
+        # deadline, and not at all once that has run out: a client that stops
+        # reading (its socket's buffers full) holds its connection, never the
+        # answer's record, which follows the end of the response.
+        when = deadline.when()
+        send_by = since + total if when is None else when
         forms = self.follows.paused_forms(x, relay.meter, None if sse else relay.buffer)
         if forms:
             # Kept before the client sees the end of an answer that paused for
@@ -1092,9 +1098,9 @@ class Proxy:
             else:
                 # Not the end of the response next (an error event, a client
                 # gone): sent now, in order.
-                await self._execute(x, RelaySend(last), send)
+                await self._execute(x, RelaySend(last), send, send_by)
         for command in ending:
-            await self._execute(x, command, send)
+            await self._execute(x, command, send, send_by)
         if cancelled is not None:
             raise cancelled
 
@@ -1104,8 +1110,11 @@ class Proxy:
             self._metrics.inc("gateway_client_disconnects_total")
             relay.client_left(at_end=True)
 
-    async def _execute(self, x: Exchange, command: RelayCommand, send: Send) -> None:
-        """Do one of the commands that end an answer's relay."""
+    async def _execute(
+        self, x: Exchange, command: RelayCommand, send: Send, send_by: float
+    ) -> None:
+        """Do one of the commands that end an answer's relay; a send waits for the
+        client until ``send_by`` (the event loop's time) at most."""
         if isinstance(command, Settle | Refund):
             if command.metering_error is not None:
                 log.error(
@@ -1119,10 +1128,19 @@ class Proxy:
                 await self._kept(self._refund_unused(x, command.result))
         elif isinstance(command, RelaySend | End):
             more = isinstance(command, RelaySend)
+            what = "send an event" if more else "end the response"
             try:
-                await send({"type": "http.response.body", "body": command.body, "more_body": more})
+                async with asyncio.timeout_at(send_by):
+                    await send(
+                        {"type": "http.response.body", "body": command.body, "more_body": more}
+                    )
+            except TimeoutError:  # the client stopped reading: the answer is settled
+                log.warning(
+                    "request %s: could not %s: the client read nothing more in time",
+                    x.request_id,
+                    what,
+                )
             except Exception:  # the client is past helping; the answer is still settled
-                what = "send an event" if more else "end the response"
                 log.exception("request %s: could not %s", x.request_id, what)
         elif isinstance(command, RelayStop):
             if command.task_id is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Any
@@ -647,3 +648,46 @@ async def test_a_chunk_is_sent_before_the_end_of_the_body_is_known(sqlite_url: s
     assert bodies[-1] == (b"", False) and all(more for _, more in bodies[:-1])
     (event,) = events
     assert (event.answer_id, event.total_tokens) == ("m-last", 10)
+
+
+# --- a client that stops reading -----------------------------------------------------
+
+
+async def _stalled_request(h: Harness, body: dict[str, Any]) -> asyncio.StreamWriter:
+    """A chat request from a client that never reads its answer (a small receive
+    buffer, so the gateway's writes back up at once); the connection stays open."""
+    host, _, port = h.url.removeprefix("http://").partition(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    _, writer = await asyncio.open_connection(sock=sock)
+    payload = orjson.dumps(body)
+    writer.write(
+        b"POST /v1/chat-messages HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {h.key}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    await writer.drain()
+    return writer
+
+
+@pytest.mark.parametrize("mode", ["streaming", "blocking"])
+async def test_an_answer_whose_client_stops_reading_is_still_recorded(
+    sqlite_url: str, mode: str
+) -> None:
+    """A client that keeps its connection open but reads nothing (its socket's
+    buffers full) holds the gateway's writes, not the answer's record: the relay
+    ends at upstream.total_timeout, and what it still has to send waits no longer
+    before the answer is settled."""
+    piece = "x" * 2_000_000  # megabytes of answer: more than the sockets hold
+    fake = FakeDify(api_key=UPSTREAM_KEY, answer=[piece, piece, piece, piece])
+    settings = {"upstream": {"total_timeout": 1.0}}
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        writer = await _stalled_request(h, {**CHAT, "response_mode": mode})
+        try:
+            await h.probes.wait_finished(1, timeout=15)
+            (event,) = await h.events()
+        finally:
+            writer.transport.abort()
+    assert event.completion_tokens > 0  # charged, while the client was still connected
