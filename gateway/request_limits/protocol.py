@@ -152,7 +152,7 @@ class HeadWithBodyCycle(RequestResponseCycle):
     in between changes."""
 
     # Class-level defaults: a cycle becomes one by a change of class (see
-    # BoundedHeadProtocol.on_headers_complete), without running an __init__.
+    # BoundedHeadProtocol._start_asgi_task), without running an __init__.
     _held: bytes | None = None
     _flush: asyncio.Handle | None = None
 
@@ -185,6 +185,21 @@ class HeadWithBodyCycle(RequestResponseCycle):
                     self._flush = asyncio.get_running_loop().call_soon(self._write_held)
                 elif not self.disconnected:
                     transport.write(out)
+
+    async def run_asgi(self, app: Any) -> None:
+        async def run(scope: Any, receive: Any, send: Any) -> Any:
+            try:
+                return await app(scope, receive, send)
+            finally:
+                # An application that ends (or fails) with its head still held:
+                # the head goes out before uvicorn ends the response (it closes the
+                # connection), as it would have gone without the holding.
+                if self._held is not None:
+                    if self._flush is not None:
+                        self._flush.cancel()
+                    self._write_held()
+
+        await super().run_asgi(run)
 
     def _write_held(self) -> None:
         self._flush = None
@@ -303,11 +318,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._in_head = False
         self._stop_head_timer()
         super().on_headers_complete()
-        cycle = self.cycle
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         if type(cycle) is RequestResponseCycle:
-            # The cycle uvicorn just made (its task has not run yet): the head of
-            # a response with a length is written with its body (HeadWithBodyCycle).
+            # A cycle uvicorn made, about to run (now, or once the answers pipelined
+            # before it are sent): the head of a response with a length is written
+            # with its body (HeadWithBodyCycle, its run_asgi included).
             cycle.__class__ = HeadWithBodyCycle
+        super()._start_asgi_task(cycle, app)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

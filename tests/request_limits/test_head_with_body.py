@@ -225,3 +225,33 @@ async def test_served_a_request_pipelined_behind_an_answer_that_closes_is_not_ru
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b'{"ok":true}')
     assert answer.count(b"HTTP/1.1") == 1
     assert ran == ["/refused"]
+
+
+@pytest.mark.parametrize("ending", ["raises", "returns"])
+@pytest.mark.usefixtures("limits_config")
+async def test_served_a_held_head_goes_out_when_the_application_ends_without_its_body(
+    ending: str,
+) -> None:
+    """A head held for its body still reaches the client when the application
+    fails (or returns) right after sending it, before the loop turns: as uvicorn
+    writes it, then cuts the connection (not an empty reply, which a client may
+    take for a stale keep-alive connection and send the request again)."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body", False):
+            pass
+        await send(START)
+        if ending == "raises":
+            raise RuntimeError("a bug after the head")
+
+    async with serve(app, http=PROTOCOL) as url:
+        parts = urlsplit(url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = await read_all(reader)
+        finally:
+            writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(
+        b"content-length: 11\r\n\r\n"
+    )
