@@ -1589,3 +1589,34 @@ async def test_sqlite_two_processes_batching_on_one_file_admit_exactly(
     assert sum(admitted for admitted, _, _ in counts) == 50
     assert all(batches < calls == 80 for _, batches, calls in counts)
     assert [d.queries for d in await lite.daily(DAY, DAY)] == [50]
+
+
+def wal_sequence(store: SQLiteStorage) -> bytes:
+    """The WAL header's checkpoint sequence number and salts: they change when
+    a write starts the WAL again from its beginning."""
+    with open(lite_path(store) + "-wal", "rb") as wal:
+        return wal.read(24)[12:24]
+
+
+async def test_sqlite_the_write_that_starts_the_wal_again_is_not_made_on_the_event_loop(
+    lite: SQLiteStorage,
+) -> None:
+    """Review of 4e844b1 (and of the lone call made on the loop): the first
+    commit after the WAL was copied whole writes a new WAL header and fsyncs it
+    (SQLite's wal.c syncs a restarted WAL's header under synchronous = NORMAL:
+    `strace -f` shows an fdatasync of the -wal file in that commit). On the
+    event loop that fsync stops every stream for as long as the disk takes -
+    what `wal_autocheckpoint = 0` and the checkpoint thread are there to avoid.
+    That one write goes to the connection's thread."""
+    await lite.ensure_user("alice", plan="free")
+    for i in range(CHECKPOINT_EVERY):
+        assert (await admit(lite, "alice", f"r{i}")).admitted
+    await asyncio.gather(*lite._background)  # copied it all: the next write starts it again
+    before = wal_sequence(lite)
+    threads = on_threads(lite, writing=True)
+    assert (await admit(lite, "alice", "next")).admitted
+    assert wal_sequence(lite) != before  # this write started the WAL again
+    assert threading.get_ident() not in threads and threads
+    threads.clear()
+    assert (await admit(lite, "alice", "after")).admitted  # the next ones: on the loop again
+    assert threads == {threading.get_ident()}
