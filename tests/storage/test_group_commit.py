@@ -299,6 +299,31 @@ async def test_run_now_waits_while_a_batch_is_in_flight() -> None:
     assert made_now == [0, 5]
 
 
+async def test_a_flush_makes_at_most_one_batch_on_the_event_loop() -> None:
+    """Review of 4e844b1: with a max_batch no larger than what ``run_now_many``
+    makes (database.max_batch 2 to 4 on SQLite), every batch of the queue was
+    made on the event loop, one after another in one callback - a queue of
+    hundreds of calls made at a burst while every other stream waited. One
+    batch is made now; the next is sent as usual (to the thread)."""
+    runner = Runner()
+    runner.release.clear()
+    made_now: list[list[int]] = []
+
+    def now_many(items: Sequence[int]) -> list[int | Exception]:
+        made_now.append(list(items))
+        return [i * 2 for i in items]
+
+    batcher = GroupCommit(
+        "test", runner.many, runner.one, max_batch=2, in_flight=1, run_now_many=now_many
+    )
+    calls = [asyncio.ensure_future(batcher(i)) for i in range(10)]
+    await turns()
+    assert made_now == [[0, 1]] and runner.batches == [[2, 3]]
+    runner.release.set()
+    assert await asyncio.gather(*calls) == [i * 2 for i in range(10)]
+    assert sorted(i for batch in made_now + runner.batches for i in batch) == list(range(10))
+
+
 def test_bounds_are_checked() -> None:
     runner = Runner()
     with pytest.raises(ValueError):
