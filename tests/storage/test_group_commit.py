@@ -1645,3 +1645,41 @@ async def test_sqlite_the_write_that_starts_the_wal_again_is_not_made_on_the_eve
     threads.clear()
     assert (await admit(lite, "alice", "after")).admitted  # the next ones: on the loop again
     assert threads == {threading.get_ident()}
+
+
+async def test_sqlite_a_call_given_up_while_on_the_thread_keeps_the_loop_off_the_connection(
+    lite: SQLiteStorage,
+) -> None:
+    """Review of 4e844b1 (and b70897b): a call is made on the event loop only
+    while the connection's thread is idle (``_on_thread`` 0) - but the count
+    went down as soon as the task waiting for the thread was cancelled (the
+    event loop going away cancels the batch's task), while the thread was
+    still in the batch's transaction. A call made then on the loop (a follow
+    settling what it read as it unwinds) shared that transaction: its BEGIN
+    failed, and its ROLLBACK rolled the thread's batch back, whose later
+    statements then committed one by one - part of a batch written. A call
+    made meanwhile waits for the thread instead."""
+    await lite.ensure_user("alice", plan="free")
+    entered, go = threading.Event(), threading.Event()
+
+    def batch(conn: sqlite3.Connection) -> None:  # a batch under way on the thread
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("UPDATE users SET plan = 'first' WHERE id = 'alice'")
+        entered.set()
+        assert go.wait(30)
+        conn.execute("UPDATE users SET plan = 'second' WHERE id = 'alice'")
+        conn.execute("COMMIT")
+
+    given_up = asyncio.ensure_future(lite._call(batch))
+    await asyncio.to_thread(entered.wait, 30)
+    given_up.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await given_up
+    admitted = admit(lite, "alice", "r1", queries_per_day=5)
+    await turns()
+    go.set()
+    assert (await admitted).admitted
+    user = await lite.get_user("alice")
+    assert user is not None and user.plan == "second"  # the thread's batch, whole
+    (day,) = await lite.daily(DAY, DAY)
+    assert day.queries == 1
