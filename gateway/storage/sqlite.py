@@ -50,6 +50,7 @@ reconciled at settle, a real record superseding a recovered estimate: migration
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import sqlite3
@@ -1042,17 +1043,31 @@ class SQLiteStorage:
         """``fn`` on the connection's thread, now (not through the queue)."""
         loop = asyncio.get_running_loop()
         self._on_thread += 1
+        job = self._executor.submit(self._threaded, fn, *args)
         try:
-            return await loop.run_in_executor(
-                self._executor, functools.partial(self._threaded, fn, *args)
-            )
+            return await asyncio.wrap_future(job, loop=loop)
         except Exception as exc:
             mapped = _error(exc)
             if mapped is exc:
                 raise
             raise mapped from exc
         finally:
-            self._on_thread -= 1
+            if job.done():  # made, failed, or cancelled before the thread began it
+                self._on_thread -= 1
+            else:
+                # Given up on (its task cancelled: the event loop going away)
+                # while the thread makes it, maybe in its transaction: the
+                # connection is the thread's until it is done, or a call made on
+                # the event loop meanwhile would share (and roll back) that
+                # transaction.
+                def done(_: object) -> None:
+                    with contextlib.suppress(RuntimeError):  # the loop is closed
+                        loop.call_soon_threadsafe(self._off_thread)
+
+                job.add_done_callback(done)
+
+    def _off_thread(self) -> None:
+        self._on_thread -= 1
 
     def _threaded(self, fn: Callable[..., T], *args: Any) -> T:
         if self._loop_timeout:
