@@ -150,6 +150,10 @@ class GroupCommit(Generic[Item, Result]):
 
     def _flush(self) -> None:
         self._scheduled = False
+        # One batch at most is made on the event loop per flush: with a
+        # max_batch no larger than ``run_now_many`` makes, the whole queue
+        # would be, batch after batch, in this one callback.
+        now = True
         while self._queue and self._running < self._in_flight:
             batch: list[tuple[Item, asyncio.Future[Result]]] = []
             while self._queue and len(batch) < self._max_batch:
@@ -158,9 +162,12 @@ class GroupCommit(Generic[Item, Result]):
                     batch.append(call)
             if not batch:
                 return
-            if self._running == 0 and (
-                self._now(*batch[0]) if len(batch) == 1 else self._now_many(batch)
+            if (
+                now
+                and self._running == 0
+                and (self._now(*batch[0]) if len(batch) == 1 else self._now_many(batch))
             ):
+                now = False
                 continue  # made on the event loop, answered
             self._running += 1
             task = asyncio.create_task(self._send(batch), name=f"group-commit-{self.name}")

@@ -24,7 +24,9 @@ task, no turn of the event loop waited for), and so is a batch of up to
 NOW_MOST of them that finds the thread idle (on the thread, each statement
 waited for the GIL while the event loop was busy: issue 24): unless another
 connection holds the write lock, then they wait on the thread
-(`SQLiteStorage._call_now`, `_call_now_many`).
+(`SQLiteStorage._call_now`, `_call_now_many`); so does the first write
+after a checkpoint copied the whole WAL, which starts it again and fsyncs its
+new header (`_wal_starts`).
 
 Durability: WAL with ``synchronous = NORMAL``. A committed call survives a crash
 of the process; a power cut or an OS crash may lose the commits since the last
@@ -48,6 +50,7 @@ reconciled at settle, a real record superseding a recovered estimate: migration
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import sqlite3
@@ -1004,6 +1007,10 @@ class SQLiteStorage:
         # Write calls whose frames the WAL holds: since it last started again
         # from its beginning (what its size, and the lag below, is counted in).
         self._in_wal = 0
+        # The WAL was copied whole: the next write starts it again from its
+        # beginning, and SQLite fsyncs the new header in that commit (even under
+        # synchronous = NORMAL) - so it is made on the thread, not on the loop.
+        self._wal_starts = False
         self._checkpoint_every = CHECKPOINT_EVERY  # then as many as wrote CHECKPOINT_PAGES
         self._checkpointing: asyncio.Task[None] | None = None  # the one in progress
         # Checkpoints run on a connection and a thread of their own, so that
@@ -1036,17 +1043,31 @@ class SQLiteStorage:
         """``fn`` on the connection's thread, now (not through the queue)."""
         loop = asyncio.get_running_loop()
         self._on_thread += 1
+        job = self._executor.submit(self._threaded, fn, *args)
         try:
-            return await loop.run_in_executor(
-                self._executor, functools.partial(self._threaded, fn, *args)
-            )
+            return await asyncio.wrap_future(job, loop=loop)
         except Exception as exc:
             mapped = _error(exc)
             if mapped is exc:
                 raise
             raise mapped from exc
         finally:
-            self._on_thread -= 1
+            if job.done():  # made, failed, or cancelled before the thread began it
+                self._on_thread -= 1
+            else:
+                # Given up on (its task cancelled: the event loop going away)
+                # while the thread makes it, maybe in its transaction: the
+                # connection is the thread's until it is done, or a call made on
+                # the event loop meanwhile would share (and roll back) that
+                # transaction.
+                def done(_: object) -> None:
+                    with contextlib.suppress(RuntimeError):  # the loop is closed
+                        loop.call_soon_threadsafe(self._off_thread)
+
+                job.add_done_callback(done)
+
+    def _off_thread(self) -> None:
+        self._on_thread -= 1
 
     def _threaded(self, fn: Callable[..., T], *args: Any) -> T:
         if self._loop_timeout:
@@ -1064,7 +1085,7 @@ class SQLiteStorage:
         connection holds the write lock; else `NotNow`, and the call goes to
         the thread. Its cost was the event loop's anyway, but for SQLite's own
         C code: the Python of a call on the thread holds the GIL."""
-        if not call.now or self._on_thread:
+        if not call.now or self._on_thread or (self._wal_starts and call.writes):
             raise NotNow
         conn = self._conn
         if not self._loop_timeout:
@@ -1092,7 +1113,12 @@ class SQLiteStorage:
         batch that raises anything (another connection holds the write lock;
         `SplitBatch`) is rolled back, nothing of it written: `NotNow`, and it
         goes to the thread, which makes it as before."""
-        if len(calls) > NOW_MOST or self._on_thread or not all(call.now for call in calls):
+        if (
+            len(calls) > NOW_MOST
+            or self._on_thread
+            or self._wal_starts
+            or not all(call.now for call in calls)
+        ):
             raise NotNow
         conn = self._conn
         if not self._loop_timeout:
@@ -1141,6 +1167,7 @@ class SQLiteStorage:
                 self._checkpoint_every = min(CHECKPOINT_MOST, max(CHECKPOINT_EVERY, every))
             if copied and not self._writes:
                 self._in_wal = 0  # the next write starts the WAL again from its beginning
+                self._wal_starts = True
                 return
             # Writes went on meanwhile, their frames behind the copied ones: a
             # WAL is started again only by a write that finds all of it copied,
@@ -1150,6 +1177,7 @@ class SQLiteStorage:
                 # The writes on the thread after it, answered after it, count
                 # in the new WAL.
                 self._in_wal = 0
+                self._wal_starts = True
         except (sqlite3.Error, StorageError) as exc:  # the WAL grows until the next one
             log.warning("SQLite checkpoint failed: %s", exc)
         finally:
@@ -1183,6 +1211,7 @@ class SQLiteStorage:
     async def _call_one(self, call: _Call) -> Any:
         if call.writes:
             result = await self._call(_transaction, call.run)
+            self._wal_starts = False  # (this write, on the thread, started it)
             self._wrote(1)
             return result
         return await self._call(call.run)
@@ -1191,6 +1220,8 @@ class SQLiteStorage:
         if len(calls) == 1:
             return [await self._call_one(calls[0])]
         outcomes = await self._call(_batch, calls)
+        if any(call.writes for call in calls):
+            self._wal_starts = False  # (this batch, on the thread, started it)
         self._wrote(sum(call.writes for call in calls))
         return outcomes
 

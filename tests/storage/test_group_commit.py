@@ -299,6 +299,31 @@ async def test_run_now_waits_while_a_batch_is_in_flight() -> None:
     assert made_now == [0, 5]
 
 
+async def test_a_flush_makes_at_most_one_batch_on_the_event_loop() -> None:
+    """Review of 4e844b1: with a max_batch no larger than what ``run_now_many``
+    makes (database.max_batch 2 to 4 on SQLite), every batch of the queue was
+    made on the event loop, one after another in one callback - a queue of
+    hundreds of calls made at a burst while every other stream waited. One
+    batch is made now; the next is sent as usual (to the thread)."""
+    runner = Runner()
+    runner.release.clear()
+    made_now: list[list[int]] = []
+
+    def now_many(items: Sequence[int]) -> list[int | Exception]:
+        made_now.append(list(items))
+        return [i * 2 for i in items]
+
+    batcher = GroupCommit(
+        "test", runner.many, runner.one, max_batch=2, in_flight=1, run_now_many=now_many
+    )
+    calls = [asyncio.ensure_future(batcher(i)) for i in range(10)]
+    await turns()
+    assert made_now == [[0, 1]] and runner.batches == [[2, 3]]
+    runner.release.set()
+    assert await asyncio.gather(*calls) == [i * 2 for i in range(10)]
+    assert sorted(i for batch in made_now + runner.batches for i in batch) == list(range(10))
+
+
 def test_bounds_are_checked() -> None:
     runner = Runner()
     with pytest.raises(ValueError):
@@ -1589,3 +1614,72 @@ async def test_sqlite_two_processes_batching_on_one_file_admit_exactly(
     assert sum(admitted for admitted, _, _ in counts) == 50
     assert all(batches < calls == 80 for _, batches, calls in counts)
     assert [d.queries for d in await lite.daily(DAY, DAY)] == [50]
+
+
+def wal_sequence(store: SQLiteStorage) -> bytes:
+    """The WAL header's checkpoint sequence number and salts: they change when
+    a write starts the WAL again from its beginning."""
+    with open(lite_path(store) + "-wal", "rb") as wal:
+        return wal.read(24)[12:24]
+
+
+async def test_sqlite_the_write_that_starts_the_wal_again_is_not_made_on_the_event_loop(
+    lite: SQLiteStorage,
+) -> None:
+    """Review of 4e844b1 (and of the lone call made on the loop): the first
+    commit after the WAL was copied whole writes a new WAL header and fsyncs it
+    (SQLite's wal.c syncs a restarted WAL's header under synchronous = NORMAL:
+    `strace -f` shows an fdatasync of the -wal file in that commit). On the
+    event loop that fsync stops every stream for as long as the disk takes -
+    what `wal_autocheckpoint = 0` and the checkpoint thread are there to avoid.
+    That one write goes to the connection's thread."""
+    await lite.ensure_user("alice", plan="free")
+    for i in range(CHECKPOINT_EVERY):
+        assert (await admit(lite, "alice", f"r{i}")).admitted
+    await asyncio.gather(*lite._background)  # copied it all: the next write starts it again
+    before = wal_sequence(lite)
+    threads = on_threads(lite, writing=True)
+    assert (await admit(lite, "alice", "next")).admitted
+    assert wal_sequence(lite) != before  # this write started the WAL again
+    assert threading.get_ident() not in threads and threads
+    threads.clear()
+    assert (await admit(lite, "alice", "after")).admitted  # the next ones: on the loop again
+    assert threads == {threading.get_ident()}
+
+
+async def test_sqlite_a_call_given_up_while_on_the_thread_keeps_the_loop_off_the_connection(
+    lite: SQLiteStorage,
+) -> None:
+    """Review of 4e844b1 (and b70897b): a call is made on the event loop only
+    while the connection's thread is idle (``_on_thread`` 0) - but the count
+    went down as soon as the task waiting for the thread was cancelled (the
+    event loop going away cancels the batch's task), while the thread was
+    still in the batch's transaction. A call made then on the loop (a follow
+    settling what it read as it unwinds) shared that transaction: its BEGIN
+    failed, and its ROLLBACK rolled the thread's batch back, whose later
+    statements then committed one by one - part of a batch written. A call
+    made meanwhile waits for the thread instead."""
+    await lite.ensure_user("alice", plan="free")
+    entered, go = threading.Event(), threading.Event()
+
+    def batch(conn: sqlite3.Connection) -> None:  # a batch under way on the thread
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("UPDATE users SET plan = 'first' WHERE id = 'alice'")
+        entered.set()
+        assert go.wait(30)
+        conn.execute("UPDATE users SET plan = 'second' WHERE id = 'alice'")
+        conn.execute("COMMIT")
+
+    given_up = asyncio.ensure_future(lite._call(batch))
+    await asyncio.to_thread(entered.wait, 30)
+    given_up.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await given_up
+    admitted = admit(lite, "alice", "r1", queries_per_day=5)
+    await turns()
+    go.set()
+    assert (await admitted).admitted
+    user = await lite.get_user("alice")
+    assert user is not None and user.plan == "second"  # the thread's batch, whole
+    (day,) = await lite.daily(DAY, DAY)
+    assert day.queries == 1
