@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping
 from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import parse_qs, unquote
 
@@ -143,6 +143,34 @@ os.register_at_fork(after_in_child=_new_id_space)
 
 def new_request_id() -> str:
     return f"{_ID_PREFIX}-{next(_ids):x}"
+
+
+class _Rest:
+    """The rest of an awaitable whose first step (``steps.send(None)``) was taken
+    and is ``waiting`` on something: awaited, it goes on as ``await`` would have,
+    a cancellation (a deadline) passed into it."""
+
+    __slots__ = ("steps", "waiting")
+
+    def __init__(self, steps: Generator[Any, Any, Any], waiting: Any) -> None:
+        self.steps = steps
+        self.waiting = waiting
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        steps, waiting = self.steps, self.waiting
+        while True:
+            try:
+                sent = yield waiting
+            except BaseException as exc:
+                try:
+                    waiting = steps.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    waiting = steps.send(sent)
+                except StopIteration:
+                    return
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -1128,19 +1156,26 @@ class Proxy:
                 await self._kept(self._refund_unused(x, command.result))
         elif isinstance(command, RelaySend | End):
             more = isinstance(command, RelaySend)
-            what = "send an event" if more else "end the response"
+            message = {"type": "http.response.body", "body": command.body, "more_body": more}
             try:
+                # The send's first step: nearly always all of it (written, or handed
+                # to the transport's buffer); only one that must wait for the client
+                # to read sets a timer.
+                steps = send(message).__await__()
+                try:
+                    waiting = steps.send(None)
+                except StopIteration:
+                    return
                 async with asyncio.timeout_at(send_by):
-                    await send(
-                        {"type": "http.response.body", "body": command.body, "more_body": more}
-                    )
+                    await _Rest(steps, waiting)
             except TimeoutError:  # the client stopped reading: the answer is settled
                 log.warning(
                     "request %s: could not %s: the client read nothing more in time",
                     x.request_id,
-                    what,
+                    "send an event" if more else "end the response",
                 )
             except Exception:  # the client is past helping; the answer is still settled
+                what = "send an event" if more else "end the response"
                 log.exception("request %s: could not %s", x.request_id, what)
         elif isinstance(command, RelayStop):
             if command.task_id is not None:

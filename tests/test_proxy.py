@@ -13,6 +13,7 @@ import httpx
 import orjson
 import pytest
 
+import gateway.proxy
 from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, direct_request, running_gateway
 from tests.servers import read_body, serve
@@ -691,3 +692,29 @@ async def test_an_answer_whose_client_stops_reading_is_still_recorded(
         finally:
             writer.transport.abort()
     assert event.completion_tokens > 0  # charged, while the client was still connected
+
+
+async def test_a_send_that_waits_is_finished_under_its_deadline_or_cut_by_it() -> None:
+    """The ending's sends take their first step bare; one that must wait goes on
+    as awaited (its result, its errors), cancelled at the deadline."""
+    ready = asyncio.Event()
+    done: list[str] = []
+
+    async def send(message: str) -> None:
+        await ready.wait()
+        await asyncio.sleep(0)
+        done.append(message)
+
+    steps = send("a").__await__()
+    waiting = steps.send(None)
+    asyncio.get_running_loop().call_soon(ready.set)
+    await gateway.proxy._Rest(steps, waiting)
+    assert done == ["a"]
+
+    ready.clear()
+    steps = send("b").__await__()
+    waiting = steps.send(None)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0):
+            await gateway.proxy._Rest(steps, waiting)
+    assert done == ["a"]
