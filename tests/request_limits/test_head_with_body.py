@@ -205,6 +205,7 @@ async def test_served_a_request_pipelined_behind_an_answer_that_closes_is_not_ru
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         ran.append(scope["path"])
+        assert type(send.__self__) is HeadWithBodyCycle  # made one as its task started
         while (await receive()).get("more_body", False):
             pass
         close = [(b"connection", b"close")] if scope["path"] == "/refused" else []
