@@ -81,6 +81,9 @@ class ServerConfig:
     # open-files limit). Both applied by `gateway serve` (gateway/request_limits/protocol.py).
     head_timeout: float = _setting(10.0, minimum=0.001)
     max_connections: int = _setting(0, minimum=0)
+    # A client that leaves the gateway's writes unread (its socket's buffers full)
+    # this long has its connection closed (`gateway serve`).
+    send_timeout: float = _setting(60.0, minimum=0.001)
     # --- issue 25, logs (gateway/logs.py) ---
     # "text": one line per record; "json": one JSON object per line. uvicorn's own
     # lines follow the same format.

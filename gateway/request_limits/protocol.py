@@ -60,6 +60,7 @@ class HeadSettings:
     timeout: bytes  # the 408 response
     max_connections: int  # open connections a worker holds at most
     busy: bytes  # the 503 response
+    send_timeout: float  # seconds a client may leave the gateway's writes unread
 
 
 def derived_max_connections(pool_size: int) -> int:
@@ -111,6 +112,7 @@ def _configured() -> HeadSettings:
             headers=[(b"retry-after", b"5")],
             close=True,
         ).http11(b"Service Unavailable"),
+        send_timeout=server.send_timeout,
     )
 
 
@@ -236,6 +238,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._refused = False
         self._dropped = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._unsent = 0  # the write buffer's size at the send timer's last look
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -249,7 +253,47 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         super().connection_lost(exc)
+
+    # A client that stops reading: the transport pauses the gateway's writes when
+    # its buffer passes the high-water mark (the client's socket buffers full), and
+    # resumes them once the client has read nearly all of it. While they are
+    # paused, a timer looks every server.send_timeout at what the buffer still
+    # holds: a client that read nothing since the last look has its connection
+    # aborted (like nginx's send_timeout). Its buffers and file descriptor are
+    # freed, and a send waiting for it returns as for a client that left (what it
+    # was sending is settled as such). No timer unless writes are paused.
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._unsent = self.transport.get_write_buffer_size()
+            self._send_timer = self.loop.call_later(
+                self._settings.send_timeout, self._send_timed_out
+            )
+
+    def resume_writing(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        super().resume_writing()
+
+    def _send_timed_out(self) -> None:
+        unsent = self.transport.get_write_buffer_size()
+        if unsent < self._unsent:  # the client read some: it has another while
+            self._unsent = unsent
+            self._send_timer = self.loop.call_later(
+                self._settings.send_timeout, self._send_timed_out
+            )
+            return
+        self._send_timer = None
+        self.logger.warning(
+            "client read nothing for %g s; connection closed", self._settings.send_timeout
+        )
+        self.transport.abort()
 
     def _start_head_timer(self) -> None:
         self._head_timer = self.loop.call_later(self._settings.head_timeout, self._head_timed_out)

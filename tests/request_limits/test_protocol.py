@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,3 +231,105 @@ async def test_gateway_serve_under_a_low_open_files_limit_keeps_serving(tmp_path
     refused = sum(a.startswith(b"HTTP/1.1 503") for a in answers)
     assert refused >= 1 and 400 - refused <= most_admitted(91, 1.0, opening)
     assert health.startswith(b"HTTP/1.1 200")
+
+
+# --- a client that stops reading (server.send_timeout) -------------------------------
+
+SEND_TIMEOUT = 0.5
+BIG = 8_000_000  # more than the sockets on both ends hold
+
+
+class Watched(protocol.BoundedHeadProtocol):
+    """The protocol, telling a test when a connection ends."""
+
+    settings = protocol.HeadSettings(
+        head_limit=65536,
+        refusal=b"",
+        head_timeout=10.0,
+        timeout=b"",
+        max_connections=20,
+        busy=b"",
+        send_timeout=SEND_TIMEOUT,
+    )
+    lost: asyncio.Event | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if Watched.lost is not None:
+            Watched.lost.set()
+
+
+async def _stalled_client(url: str, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A request from a client that never reads its answer (a small receive
+    buffer, so the server's writes back up at once); the connection stays open."""
+    parts = urlsplit(url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (parts.hostname, parts.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    return reader, writer
+
+
+@pytest.mark.parametrize("pieces", [1, 16], ids=["written-then-returned", "sends-waiting"])
+async def test_a_client_that_stops_reading_is_disconnected_after_the_send_timeout(
+    pieces: int,
+) -> None:
+    """A client that keeps its connection but reads nothing: once the server's writes
+    have waited server.send_timeout, the connection is aborted. A send waiting for
+    the client returns (as for a client that left), and an answer already handed to
+    the transport (the application done) no longer holds the connection."""
+    Watched.lost = asyncio.Event()
+    ended = asyncio.Event()
+    size = BIG // pieces
+
+    async def big(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            headers = [(b"content-length", str(size * pieces).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            for i in range(pieces):
+                more = i < pieces - 1
+                await send({"type": "http.response.body", "body": b"x" * size, "more_body": more})
+        finally:
+            ended.set()
+
+    async with serve(big, http=f"{__name__}:Watched") as url:
+        _, writer = await _stalled_client(url, "/")
+        try:
+            async with asyncio.timeout(15):
+                await ended.wait()  # the application is not held by the client
+                await Watched.lost.wait()  # nor is the connection
+            assert not writer.transport.is_closing()  # the client did not leave
+        finally:
+            writer.transport.abort()
+
+
+async def test_a_client_that_reads_slowly_gets_its_whole_answer() -> None:
+    """The send timeout counts one stop of the client's reading, not the whole
+    answer (one write, so the server's writes stay paused throughout): a client
+    that stops several times, each time for less than it, and for more than it in
+    all, reads the whole answer."""
+    Watched.lost = asyncio.Event()
+    body = b"x" * BIG
+
+    async def big(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = [(b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async with serve(big, http=f"{__name__}:Watched") as url:
+        reader, writer = await _stalled_client(url, "/")
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            read = 0
+            for _ in range(4):
+                # Pacing the client (not waiting for something): each stop shorter
+                # than the timeout, all of them longer.
+                await asyncio.sleep(SEND_TIMEOUT * 0.4)
+                read += len(await reader.readexactly(len(body) // 8))
+            read += len(await reader.readexactly(len(body) - read))
+        finally:
+            writer.close()
+    assert read == len(body)
