@@ -173,6 +173,31 @@ class _Rest:
                     return
 
 
+class _ClientStalled(Exception):
+    """The client read nothing more before a send's deadline."""
+
+
+def _sending_by(send: Send, send_by: float) -> Send:
+    """``send``, each message waiting for the client until ``send_by`` (the event
+    loop's time) at most, then raising `_ClientStalled`. As with the ending's sends
+    (`Proxy._execute`), a send's first step is taken bare: only one that must wait
+    for the client to read sets a timer."""
+
+    async def bounded(message: Any) -> None:
+        steps = send(message).__await__()
+        try:
+            waiting = steps.send(None)
+        except StopIteration:
+            return
+        try:
+            async with asyncio.timeout_at(send_by):
+                await _Rest(steps, waiting)
+        except TimeoutError:
+            raise _ClientStalled from None
+
+    return bounded
+
+
 async def _wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -898,9 +923,22 @@ class Proxy:
             return
         if x.call_price is not None:
             # A paid side call the upstream accepted: charged its price, however its
-            # reply ends (the upstream has done, and billed, the work).
+            # reply ends (the upstream has done, and billed, the work). Its sends
+            # wait for the client no longer than the relay's deadline, as an
+            # answer's do: a client that stops reading holds its connection, never
+            # the charge (nor the reservation until it).
+            assert x.target is not None
+            send_by = asyncio.get_running_loop().time() + x.target.settings.total_timeout
             try:
-                await self._relay_plain(x, response, status, headers, content_type, receive, send)
+                await self._relay_plain(
+                    x, response, status, headers, content_type, receive, _sending_by(send, send_by)
+                )
+            except _ClientStalled:
+                log.warning(
+                    "request %s: could not send a side call's reply: "
+                    "the client read nothing more in time",
+                    x.request_id,
+                )
             finally:
                 await self._kept(
                     self._settle(x, side_cost_result(x.call_price), disconnected=False)

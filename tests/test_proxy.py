@@ -654,9 +654,15 @@ async def test_a_chunk_is_sent_before_the_end_of_the_body_is_known(sqlite_url: s
 # --- a client that stops reading -----------------------------------------------------
 
 
-async def _stalled_request(h: Harness, body: dict[str, Any]) -> asyncio.StreamWriter:
-    """A chat request from a client that never reads its answer (a small receive
-    buffer, so the gateway's writes back up at once); the connection stays open."""
+async def _stalled_request(
+    h: Harness,
+    body: dict[str, Any],
+    path: str = "/v1/chat-messages",
+    headers: bytes = b"",
+) -> asyncio.StreamWriter:
+    """A request (a chat by default) from a client that never reads its answer (a
+    small receive buffer, so the gateway's writes back up at once); the connection
+    stays open."""
     host, _, port = h.url.removeprefix("http://").partition(":")
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -665,7 +671,8 @@ async def _stalled_request(h: Harness, body: dict[str, Any]) -> asyncio.StreamWr
     _, writer = await asyncio.open_connection(sock=sock)
     payload = orjson.dumps(body)
     writer.write(
-        b"POST /v1/chat-messages HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n".encode()
+        + headers
         + f"Authorization: Bearer {h.key}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
         + payload
     )
@@ -692,6 +699,32 @@ async def test_an_answer_whose_client_stops_reading_is_still_recorded(
         finally:
             writer.transport.abort()
     assert event.completion_tokens > 0  # charged, while the client was still connected
+
+
+async def test_a_side_call_whose_client_stops_reading_is_still_charged(sqlite_url: str) -> None:
+    """A paid side call's reply (text to audio) to a client that keeps its
+    connection open but reads nothing: its sends wait no longer than
+    upstream.total_timeout, and the call is charged while the client is still
+    connected."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = {
+        "upstream": {"total_timeout": 1.0},
+        "call_prices": {"dify.text_to_audio": {"price": "0.015", "currency": "EUR"}},
+    }
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        writer = await _stalled_request(
+            h,
+            {"text": "Xin chào", "user": "mallory"},
+            path="/v1/text-to-audio",
+            headers=b"x-fake-audio-bytes: 8000000\r\n",
+        )
+        try:
+            await h.probes.wait_finished(1, timeout=15)
+            (event,) = await h.events()
+            assert not writer.transport.is_closing()  # the client is still there
+        finally:
+            writer.transport.abort()
+    assert event.cost == Decimal("0.015") and event.currency == "EUR"
 
 
 async def test_a_send_that_waits_is_finished_under_its_deadline_or_cut_by_it() -> None:

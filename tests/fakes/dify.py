@@ -15,6 +15,7 @@ Tests steer it per request with headers:
 - ``x-fake-metadata``: a JSON object merged into ``message_end.metadata`` (and a
   workflow's ``outputs``), e.g. ``{"source": "web_search"}``.
 - ``x-fake-status``: answer with this HTTP error status and no answer.
+- ``x-fake-audio-bytes``: text-to-audio answers this many bytes of audio.
 - ``x-fake-usage-json``: a JSON object whose fields replace those of every usage
   object sent, raw (``{"total_tokens": 1e300}``), to play a misbehaving upstream.
 
@@ -1166,8 +1167,10 @@ class FakeDify:
                 payload = self.hitl.submit(
                     params["token"], str(user), usage=usage, cut="cut" in names, text=text
                 )
-            else:  # text_to_audio: Dify answers audio bytes
+            else:  # text_to_audio: Dify answers audio bytes (x-fake-audio-bytes of them)
                 audio = b"ID3fake-mp3"
+                if "x-fake-audio-bytes" in headers:
+                    audio = audio.ljust(int(headers["x-fake-audio-bytes"]), b"\0")
                 headers_out = response_headers(((b"content-type", b"audio/mpeg"),), len(audio))
                 await send({"type": "http.response.start", "status": 200, "headers": headers_out})
                 await send({"type": "http.response.body", "body": audio, "more_body": False})
