@@ -333,3 +333,16 @@ async def test_a_client_that_reads_slowly_gets_its_whole_answer() -> None:
         finally:
             writer.close()
     assert read == len(body)
+
+
+def test_the_send_timeout_is_read_from_the_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text("[server]\nsend_timeout = 2.5\n\n[plans.free]\n")
+    monkeypatch.setenv(ENV_CONFIG, str(config))
+    protocol._configured.cache_clear()
+    try:
+        assert protocol._configured().send_timeout == 2.5
+    finally:
+        protocol._configured.cache_clear()
