@@ -84,7 +84,7 @@ from gateway.relay import Stop as RelayStop
 from gateway.routing import ALLOWED, RouteGuard, side_cost_result
 from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import Accounting, Ownership, PausedForms, UsageEvent
-from gateway.types import Receive, Scope, Send
+from gateway.types import Message, Receive, Scope, Send
 from gateway.upstream_client import UpstreamClient, request_taken
 from gateway.upstreams import Prepared, Route, Upstream
 from gateway.usage import Metered
@@ -196,6 +196,15 @@ def _sending_by(send: Send, send_by: float) -> Send:
             raise _ClientStalled from None
 
     return bounded
+
+
+async def _left() -> Message:
+    """The ``receive`` of a client the gateway no longer waits for: it has left."""
+    return {"type": "http.disconnect"}
+
+
+async def _unsent(message: Any) -> None:
+    """The ``send`` of a client the gateway no longer waits for: nothing is sent."""
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -944,18 +953,47 @@ class Proxy:
                     self._settle(x, side_cost_result(x.call_price), disconnected=False)
                 )
             return
-        await self._start(x, send, status, headers)
+        # The head waits for the client (it can only wait behind an unread answer
+        # pipelined before it) no longer than the relay's deadline; then the
+        # answer is relayed as to a client that left, and settled.
+        assert x.target is not None
+        send_by = asyncio.get_running_loop().time() + x.target.settings.total_timeout
+        if not await self._start(x, send, status, headers, send_by):
+            log.warning(
+                "request %s: could not start the response: the client read nothing in time",
+                x.request_id,
+            )
+            receive, send = _left, _unsent
         sse = content_type.startswith(_SSE)
         with metrics.streaming(sse):
             await self._relay_answer(x, response, sse, receive, send)
 
     @staticmethod
-    async def _start(x: Exchange, send: Send, status: int, headers: Headers) -> None:
+    async def _start(
+        x: Exchange, send: Send, status: int, headers: Headers, send_by: float | None = None
+    ) -> bool:
         """Start the response: the one place ``x.responded`` turns true (from here
-        the status is sent, and a failure can only end the body)."""
+        the status is sent, and a failure can only end the body). With ``send_by``
+        (the event loop's time), the head waits for the client until then at most
+        (False then); as with the ending's sends, only a send that must wait sets
+        a timer."""
         x.responded = True
         note_status(status)
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        message = {"type": "http.response.start", "status": status, "headers": headers}
+        if send_by is None:
+            await send(message)
+            return True
+        steps = send(message).__await__()
+        try:
+            waiting = steps.send(None)
+        except StopIteration:
+            return True
+        try:
+            async with asyncio.timeout_at(send_by):
+                await _Rest(steps, waiting)
+        except TimeoutError:
+            return False
+        return True
 
     async def _relay_plain(
         self,

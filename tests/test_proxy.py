@@ -701,6 +701,33 @@ async def test_an_answer_whose_client_stops_reading_is_still_recorded(
     assert event.completion_tokens > 0  # charged, while the client was still connected
 
 
+@pytest.mark.parametrize("mode", ["streaming", "blocking"])
+async def test_an_answer_whose_head_waits_for_its_client_is_still_recorded(
+    sqlite_url: str, mode: str
+) -> None:
+    """The response's head can wait for the client too (uvicorn drains first:
+    behind an answer pipelined before it and not read). A send that never
+    returns for the head, as uvicorn's for a client that reads nothing: the head
+    waits no longer than upstream.total_timeout, and the answer is then relayed
+    as to a client that left, and recorded."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = {"upstream": {"total_timeout": 0.5}}
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        scope, receive = direct_request(h.key, orjson.dumps({**CHAT, "response_mode": mode}))
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            await asyncio.Event().wait()  # the client reads nothing
+
+        async with asyncio.timeout(15):
+            await h.app(scope, receive, send)
+            await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert [m["type"] for m in sent] == ["http.response.start"]  # nothing after it
+    assert event.completion_tokens > 0
+
+
 async def test_a_side_call_whose_client_stops_reading_is_still_charged(sqlite_url: str) -> None:
     """A paid side call's reply (text to audio) to a client that keeps its
     connection open but reads nothing: its sends wait no longer than
