@@ -958,7 +958,7 @@ class Proxy:
         # answer is relayed as to a client that left, and settled.
         assert x.target is not None
         send_by = asyncio.get_running_loop().time() + x.target.settings.total_timeout
-        if not await self._start(x, send, status, headers, send_by):
+        if not await self._start(x, send, status, headers, send_by=send_by):
             log.warning(
                 "request %s: could not start the response: the client read nothing in time",
                 x.request_id,
@@ -970,7 +970,7 @@ class Proxy:
 
     @staticmethod
     async def _start(
-        x: Exchange, send: Send, status: int, headers: Headers, send_by: float | None = None
+        x: Exchange, send: Send, status: int, headers: Headers, *, send_by: float | None = None
     ) -> bool:
         """Start the response: the one place ``x.responded`` turns true (from here
         the status is sent, and a failure can only end the body). With ``send_by``
