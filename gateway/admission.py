@@ -300,6 +300,9 @@ class Admitter:
             per_model = view.per_model or (team_view is not None and team_view.per_model)
             if team_view is None and not per_model:
                 limits = view.admission  # the same for every request of the plan
+            elif not per_model:
+                assert team_view is not None
+                limits = view.with_team(team_view)  # the same for every request of the pair
             else:
                 limits = admission_limits(
                     view.limits,

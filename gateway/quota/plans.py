@@ -173,16 +173,24 @@ def reported_limit(
                 now + wait,
             )
         return rate_limit(refused, admission.counters, periods)
-    nearest: tuple[Decimal, RateLimit] | None = None
+    # The shares are compared without a RateLimit built for each limit: only
+    # the nearest one's is (the same values `rate_limit` gives it).
+    counters = admission.counters
+    zero = Decimal(0)
+    nearest: tuple[Decimal, Limit, Decimal] | None = None
     for limit in limits:
         if limit.per == "open":
             continue
-        shown = rate_limit(limit, admission.counters, periods)
-        if shown is None:
-            continue
-        if limit.is_rate:
-            shown = replace(shown, reset=now + timedelta(seconds=RATE_SECONDS[limit.per]))
-        share = shown.remaining / limit.max if limit.max else Decimal(0)
+        used = counters.of_limit(limit)
+        maximum = limit.max
+        share = max(maximum - used, zero) / maximum if maximum else zero
         if nearest is None or share < nearest[0]:
-            nearest = (share, shown)
-    return nearest[1] if nearest else None
+            nearest = (share, limit, used)
+    if nearest is None:
+        return None
+    _, limit, used = nearest
+    if limit.is_rate:
+        reset: datetime | None = now + timedelta(seconds=RATE_SECONDS[limit.per])
+    else:
+        reset = reset_of(limit, periods)
+    return RateLimit(limit.name, limit.max, used, reset)
