@@ -18,7 +18,7 @@ the reservation is given back.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
@@ -310,7 +310,7 @@ class Admitter:
                     models=(dialect.requested_models(route, body) if per_model else None),
                 )
             pending = self._pending(snap, dialect, request_id, route, body, upstream)
-            if any(limit.meter == "cost" for limit in limits.limits):
+            if limits.counts_cost:
                 pending = self._with_cost_bound(snap, dialect, pending, route, body)
             lease = None
             if limits.counts_streams:
@@ -500,7 +500,20 @@ class Admitter:
                 reserve_output_tokens=accounting.reserve_output_tokens,
                 answer_reservation=accounting.answer_reservation,
             )
-        return replace(pending, reserved_cost=bound, cost=max(pending.cost, bound))
+        # Built whole rather than with dataclasses.replace (a loop over the
+        # fields on every admission); tests/test_admission.py fails if a field
+        # of Pending is not passed on here.
+        return Pending(
+            id=pending.id,
+            endpoint=pending.endpoint,
+            prompt_tokens=pending.prompt_tokens,
+            completion_tokens=pending.completion_tokens,
+            total_tokens=pending.total_tokens,
+            cost=max(pending.cost, bound),
+            currency=pending.currency,
+            reserved_cost=bound,
+            upstream=pending.upstream,
+        )
 
     def _storage_failed(
         self,
