@@ -861,11 +861,25 @@ def test_a_dify_answer_reserves_the_configured_amount_whatever_its_body() -> Non
     )
 
 
-async def test_the_pending_row_keeps_every_field_when_its_bound_is_added(tmp_path: Path) -> None:
-    """The pending row with its cost bound is built field by field (not with
-    dataclasses.replace): a field of Pending left out would be lost here."""
+async def test_a_bounded_pending_row_is_the_estimates_with_the_bound_added(
+    tmp_path: Path,
+) -> None:
+    """The pending row of a request a money budget holds is built once, with its
+    bound: it is the unbounded row with the bound reserved and carried as its
+    cost (at least), for an answer of each dialect and for a priced side call."""
     config = parse_config(
-        {"database": {"url": f"sqlite:///{tmp_path / 'g.db'}"}, "plans": {"free": {}}}, env={}
+        {
+            "database": {"url": f"sqlite:///{tmp_path / 'g.db'}"},
+            "upstreams": {
+                "dify": {"url": "http://127.0.0.1:9/v1", "api_key_env": "K", "mount": "/v1"},
+                "oai": {"kind": "openai", "url": "http://127.0.0.1:9/v1", "api_key_env": "K"},
+            },
+            "prices": {"gpt-x": {"input": "0.15", "output": "0.60"}},
+            "call_prices": {"dify.text_to_audio": {"price": "0.2"}},
+            "accounting": {"answer_reservation": "0.05"},
+            "plans": {"free": {}},
+        },
+        env={"K": "secret"},
     )
     storage = await open_storage(config.database)
     try:
@@ -873,24 +887,25 @@ async def test_the_pending_row_keeps_every_field_when_its_bound_is_added(tmp_pat
         metrics = Metrics()
         settler = Settler(storage, metrics=metrics, spool=None)
         admitter = Admitter(storage, settler, clock=FixedClock(T0), metrics=metrics)
-        values: dict[str, object] = {}
-        for number, field in enumerate(dataclasses.fields(Pending), start=1):
-            default = field.default
-            if isinstance(default, str):
-                values[field.name] = f"{field.name}-{number}"
-            elif isinstance(default, Decimal):
-                values[field.name] = Decimal(number) / 4
-            elif isinstance(default, int):
-                values[field.name] = number
-            else:
-                values[field.name] = f"{field.name}-{number}"  # id, endpoint: no default
-        pending = Pending(**values)  # type: ignore[arg-type]
-        side = Route("speech", "text-to-audio", role="side_cost", call="dify.text_to_audio")
-        bounded = admitter._with_cost_bound(snap, snap.upstream, pending, side, {})
-        kept = {f.name for f in dataclasses.fields(Pending)} - {"cost", "reserved_cost"}
-        for name in kept:
-            assert getattr(bounded, name) == getattr(pending, name), name
-        assert bounded.reserved_cost == pending.cost  # a side call's bound: its price
-        assert bounded.cost == pending.cost
+        dify, openai = snap.dialects["dify"], snap.dialects["openai"]
+        chat = {"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}], "n": 2}
+        cases = [
+            (dify, dify.route("POST", "/chat-messages"), {"query": "Xin chào", "inputs": {}}),
+            (openai, openai.route("POST", "/chat/completions"), chat),
+            (dify, dify.route("POST", "/text-to-audio"), {"text": "Xin chào"}),
+        ]
+        bounds = []
+        for dialect, route, body in cases:
+            plain = admitter._pending(snap, dialect, "r1", route, body, "dify")
+            bounded = admitter._pending(snap, dialect, "r1", route, body, "dify", bounded=True)
+            bound = bounded.reserved_cost
+            assert plain.reserved_cost == 0
+            assert bounded == dataclasses.replace(
+                plain, reserved_cost=bound, cost=max(plain.cost, bound)
+            )
+            bounds.append(bound)
+        assert bounds[0] == Decimal("0.05")  # Dify: the configured reservation
+        assert bounds[1] > 0
+        assert bounds[2] == Decimal("0.2")  # a side call: its price
     finally:
         await storage.close()
