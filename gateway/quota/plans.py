@@ -8,6 +8,7 @@ message an end user reads is in gateway/messages.py, per language). The database
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -121,13 +122,23 @@ class RateLimit:
             (b"x-ratelimit-resource", self.resource.encode()),
         ]
         if self.reset is not None:
-            headers.append((b"x-ratelimit-reset", str(math.ceil(self.reset.timestamp())).encode()))
+            headers.append((b"x-ratelimit-reset", _epoch(self.reset)))
         return headers
 
 
+# Both are functions of the value alone (equal decimals give the same text, equal
+# instants the same second): the few limits, counts and resets a gateway shows
+# are written once, not on every response.
+@functools.lru_cache(maxsize=4096)
 def _number(value: Decimal) -> bytes:
     """A count as a whole number, an amount of money as its exact decimal."""
     return str(value.normalize() if value != value.to_integral_value() else int(value)).encode()
+
+
+@functools.lru_cache(maxsize=256)
+def _epoch(at: datetime) -> bytes:
+    """``at`` as the Unix time in whole seconds, rounded up."""
+    return str(math.ceil(at.timestamp())).encode()
 
 
 def reset_of(limit: Limit, periods: Periods) -> datetime | None:
