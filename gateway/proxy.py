@@ -1080,17 +1080,19 @@ class Proxy:
             if watcher is not None:
                 watcher.cancel()
         forms = self.follows.paused_forms(x, relay.meter, None if sse else relay.buffer)
+        if forms:
+            # Kept before the client sees the end of an answer that paused for
+            # human input, and before the last chunk, which may hold the form (a
+            # blocking answer's last chunk completes its Content-Length: the
+            # client has it all): it may submit the form at once (gateway/follow.py).
+            await self._kept(self.follows.keep_forms(forms, x.user_id, x.request_id))
         if last is not None:
-            if not forms and ending and isinstance(ending[0], End):
+            if ending and isinstance(ending[0], End):
                 ending[0] = End(last + ending[0].body)
             else:
                 # Not the end of the response next (an error event, a client
-                # gone), or a paused run's forms to keep first: sent now, in order.
+                # gone): sent now, in order.
                 await self._execute(x, RelaySend(last), send)
-        if forms:
-            # Kept before the client sees the end of an answer that paused for
-            # human input: it may submit the form at once (gateway/follow.py).
-            await self._kept(self.follows.keep_forms(forms, x.user_id, x.request_id))
         for command in ending:
             await self._execute(x, command, send)
         if cancelled is not None:

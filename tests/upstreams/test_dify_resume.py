@@ -16,6 +16,7 @@ import httpx
 import orjson
 import pytest
 
+from gateway.follow import Follows
 from gateway.sse import ServerSentEvent
 from gateway.storage import UsageEvent, open_storage
 from gateway.upstreams.dify import DifyUpstream
@@ -203,6 +204,73 @@ async def test_a_run_paused_in_a_blocking_answer_is_followed_too(
         await h.probes.followed.wait_for(1)
         (resumed,) = resumes(await h.events())
     assert resumed.total_tokens == 5000 and resumed.outcome == "complete"
+
+
+async def test_a_blocking_answer_s_form_is_kept_before_the_client_has_the_answer(
+    database_url: str, fake: FakeDify, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A blocking answer is complete for the client once its Content-Length is
+    # sent: the form in it must be kept by then, or a client that submits at
+    # once is refused 404 (it was, now and then, when the last chunk went out
+    # before the form was kept). The gateway is called as an ASGI app here, so
+    # the order of what it sends and what it keeps is exact.
+    order: list[str] = []
+    keep_forms = Follows.keep_forms
+
+    async def recording(self: Follows, *args: Any, **kwargs: Any) -> None:
+        await keep_forms(self, *args, **kwargs)
+        order.append("kept")
+
+    monkeypatch.setattr(Follows, "keep_forms", recording)
+    async with running_gateway(database_url, fake=fake) as h:
+        body = orjson.dumps(WORKFLOW | {"response_mode": "blocking"})
+        headers = [
+            (b"host", b"gateway"),
+            (b"authorization", f"Bearer {h.key}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-fake-scenario", b"pause"),
+            (b"x-fake-message-id", RUN.encode()),
+        ]
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/workflows/run",
+            "raw_path": b"/v1/workflows/run",
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 80),
+        }
+        sent = [False]
+        never = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            if not sent[0]:
+                sent[0] = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await never.wait()  # the client stays
+            return {"type": "http.disconnect"}
+
+        length = 0
+        received = 0
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal length, received
+            if message["type"] == "http.response.start":
+                length = int(dict(message["headers"])[b"content-length"])
+                return
+            received += len(message.get("body", b""))
+            if received and received == length:
+                order.append("answer complete")
+
+        async with asyncio.timeout(10):
+            await h.app(scope, receive, send)
+    assert order == ["kept", "answer complete"]
 
 
 # --- the read breaks, or the gateway stops ----------------------------------------------------
