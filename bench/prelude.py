@@ -10,20 +10,26 @@ given back as for an upstream that failed): what is timed is exactly the
 ledger's ``overhead_ms`` - arrival to forward - and nothing of any upstream.
 
     .venv/bin/python -m bench.prelude [--shape dify|openai] [--requests 3000]
-        [--profile]                  # cProfile of the timed requests, by own time
-    valgrind --tool=callgrind --instr-atstart=no ... python -m bench.prelude --grind
-        # counts only the timed requests (callgrind's client requests via
-        # ``callgrind_control`` are not needed: --grind toggles nothing, it runs
-        # the requests; compare checkouts with PYTHONPATH=<checkout>)
+        [--profile]                  # cProfile of the timed requests
 
-Compare two checkouts by running each with ``PYTHONPATH=<checkout>`` and
-``-P``, alternating, and comparing the medians (or callgrind's totals).
+Timings on a loaded machine move with the load; instruction counts do not.
+Each checkout's instructions per request, by difference (start-up and the
+warm-up cancel out), with this file copied out of the checkout (``-P``: only
+the checkout's ``gateway`` is imported):
+
+    cp bench/prelude.py /tmp/pb.py
+    PYTHONPATH=<checkout> valgrind --tool=callgrind --callgrind-out-file=a.out \
+        .venv/bin/python -P /tmp/pb.py --shape dify --requests 20
+    ... the same with --requests 120 into b.out; then
+    (totals of b.out - totals of a.out) / 100
+
+What is counted besides the steps before the forward is the cut's own: the
+refund of the reservation and the 502, the same on both sides.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
 import pstats
 import statistics
