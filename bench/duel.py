@@ -36,18 +36,16 @@ import asyncio
 import dataclasses
 import json
 import statistics
-import sys
 import threading
-import time
 from pathlib import Path
 
-import asyncpg
 import uvloop
 
 from bench import litellm
 from bench import profile as profiling
 from bench.procs import Server, free_port
 from bench.run import BODY, REPO, Bench, WrkResult, _child_env, parse_args
+from bench.sides import drop_databases, gateway_command, parse_sides, side_database
 
 # The request of each shape: (path, body); an OpenAI shape runs the upstream as OpenAI.
 SHAPES = {
@@ -110,19 +108,9 @@ async def duel(
         await bench.start_upstream()
         servers: dict[str, Server] = {}
         for label, checkout in sides:
-            command = ("env", f"PYTHONPATH={checkout}", sys.executable, "-P", "-m", "gateway")
+            command = gateway_command(checkout)
             bench.s = dataclasses.replace(bench.s, gateway_command=command)
-            if backend == "sqlite":
-                url = f"sqlite:///{bench.tmp / (label + '.db')}"
-            else:
-                name = f"gateway_duel_{label}_{int(time.time())}"
-                conn = await asyncpg.connect(bench.s.postgres)
-                try:
-                    await conn.execute(f'CREATE DATABASE "{name}"')
-                finally:
-                    await conn.close()
-                databases.append(name)
-                url = bench.s.postgres.rsplit("/", 1)[0] + "/" + name
+            url = await side_database(bench, "duel", label, backend, databases)
             await bench._create_users(label, _config(bench, f"{label}-cli", url, shape))
             port = free_port()
             argv = [*command, "--config", str(_config(bench, label, url, shape)), "serve"]
@@ -195,12 +183,7 @@ async def duel(
                 thread.join()
     finally:
         await bench.servers.stop_all()
-        for name in databases:
-            conn = await asyncpg.connect(bench.s.postgres)
-            try:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            finally:
-                await conn.close()
+        await drop_databases(bench, databases)
 
 
 def main() -> None:
@@ -215,14 +198,7 @@ def main() -> None:
         "--profile", type=int, default=0, help="py-spy seconds, one more round (0: off)"
     )
     args = parser.parse_args()
-    sides: list[tuple[str, str]] = []
-    for side in args.sides:
-        label, equals, checkout = side.partition("=")
-        if not equals or not label or not checkout:
-            parser.error(f"{side!r}: give label=checkout")
-        sides.append((label, checkout))
-    if len(sides) < 2:
-        parser.error("give at least two label=checkout")
+    sides = parse_sides(parser, args.sides)
     uvloop.run(
         duel(
             sides,

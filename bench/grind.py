@@ -29,15 +29,14 @@ import dataclasses
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import asyncpg
 import uvloop
 
 from bench import duel
 from bench.procs import Server, free_port
 from bench.run import REPO, Bench, WrkResult, _child_env, parse_args
+from bench.sides import drop_databases, gateway_command, parse_sides, side_database
 
 
 def _totals(path: Path) -> int:
@@ -58,20 +57,10 @@ async def _prepare(
 ) -> Path:
     """A database with the bench's users for one checkout (made by its own CLI);
     the config file it is served with."""
-    if backend == "sqlite":
-        url = f"sqlite:///{bench.tmp / (label + '.db')}"
-    else:
-        name = f"gateway_grind_{label}_{int(time.time())}"
-        conn = await asyncpg.connect(bench.s.postgres)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-        databases.append(name)
-        url = bench.s.postgres.rsplit("/", 1)[0] + "/" + name
+    url = await side_database(bench, "grind", label, backend, databases)
     # _create_users runs the CLI of bench.s.gateway_command: this checkout's
     # (one checkout at a time).
-    command = ("env", f"PYTHONPATH={checkout}", sys.executable, "-P", "-m", "gateway")
+    command = gateway_command(checkout)
     bench.s = dataclasses.replace(bench.s, gateway_command=command)
     await bench._create_users(label, duel._config(bench, f"{label}-cli", url, shape))
     return duel._config(bench, label, url, shape)
@@ -148,12 +137,7 @@ async def grind(
             )
     finally:
         await bench.servers.stop_all()
-        for name in databases:
-            conn = await asyncpg.connect(bench.s.postgres)
-            try:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            finally:
-                await conn.close()
+        await drop_databases(bench, databases)
 
 
 def main() -> None:
@@ -166,12 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         parser.error("valgrind not found (apt-get install -y valgrind)")
-    sides: list[tuple[str, str]] = []
-    for side in args.sides:
-        label, equals, checkout = side.partition("=")
-        if not equals or not label or not checkout:
-            parser.error(f"{side!r}: give label=checkout")
-        sides.append((label, checkout))
+    sides = parse_sides(parser, args.sides, at_least=1)
     uvloop.run(
         grind(
             sides,

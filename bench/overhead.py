@@ -24,8 +24,6 @@ import contextlib
 import dataclasses
 import sqlite3
 import statistics
-import sys
-import time
 
 import asyncpg
 import uvloop
@@ -33,6 +31,7 @@ import uvloop
 from bench import loadgen
 from bench.procs import Server
 from bench.run import BODY, Bench, parse_args
+from bench.sides import drop_databases, gateway_command, parse_sides, side_database
 
 
 async def _overheads(url: str, ids: list[str]) -> list[float]:
@@ -71,19 +70,9 @@ async def overhead(
         await bench.start_upstream()
         servers: dict[str, Server] = {}
         for label, checkout in sides:
-            command = ("env", f"PYTHONPATH={checkout}", sys.executable, "-P", "-m", "gateway")
+            command = gateway_command(checkout)
             bench.s = dataclasses.replace(bench.s, gateway_command=command)
-            if backend == "sqlite":
-                url = f"sqlite:///{bench.tmp / (label + '.db')}"
-            else:
-                name = f"gateway_overhead_{label}_{int(time.time())}"
-                conn = await asyncpg.connect(bench.s.postgres)
-                try:
-                    await conn.execute(f'CREATE DATABASE "{name}"')
-                finally:
-                    await conn.close()
-                databases.append(name)
-                url = bench.s.postgres.rsplit("/", 1)[0] + "/" + name
+            url = await side_database(bench, "overhead", label, backend, databases)
             urls[label] = url
             await bench._create_users(label, bench._gateway_config(f"{label}-cli", url))
             servers[label] = bench._start("gateway-sqlite", label, database_url=url)
@@ -131,12 +120,7 @@ async def overhead(
             )
     finally:
         await bench.servers.stop_all()
-        for name in databases:
-            conn = await asyncpg.connect(bench.s.postgres)
-            try:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            finally:
-                await conn.close()
+        await drop_databases(bench, databases)
 
 
 def main() -> None:
@@ -147,14 +131,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per round")
     parser.add_argument("--rate", type=float, default=100.0, help="answers/s per gateway")
     args = parser.parse_args()
-    sides: list[tuple[str, str]] = []
-    for side in args.sides:
-        label, equals, checkout = side.partition("=")
-        if not equals or not label or not checkout:
-            parser.error(f"{side!r}: give label=checkout")
-        sides.append((label, checkout))
-    if len(sides) < 2:
-        parser.error("give at least two label=checkout")
+    sides = parse_sides(parser, args.sides)
     uvloop.run(overhead(sides, args.backend, args.rounds, args.seconds, args.rate))
 
 

@@ -18,7 +18,7 @@ the reservation is given back.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
@@ -59,6 +59,8 @@ if TYPE_CHECKING:
     from gateway.snapshot import PlanView, Snapshot
 
 log = logging.getLogger("gateway.admission")
+
+ZERO = Decimal(0)
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -300,15 +302,18 @@ class Admitter:
             per_model = view.per_model or (team_view is not None and team_view.per_model)
             if team_view is None and not per_model:
                 limits = view.admission  # the same for every request of the plan
+            elif not per_model:
+                assert team_view is not None
+                limits = view.with_team(team_view)  # the same for every request of the pair
             else:
                 limits = admission_limits(
                     view.limits,
                     team_view.limits if team_view is not None else (),
                     models=(dialect.requested_models(route, body) if per_model else None),
                 )
-            pending = self._pending(snap, dialect, request_id, route, body, upstream)
-            if any(limit.meter == "cost" for limit in limits.limits):
-                pending = self._with_cost_bound(snap, dialect, pending, route, body)
+            pending = self._pending(
+                snap, dialect, request_id, route, body, upstream, bounded=limits.counts_cost
+            )
             lease = None
             if limits.counts_streams:
                 lease = Lease(id=request_id, expires_at=now + snap.lease_ttl)
@@ -404,12 +409,17 @@ class Admitter:
         route: Route,
         body: dict[str, Any],
         upstream: str,
+        *,
+        bounded: bool = False,
     ) -> Pending:
         """The pending row admission writes: what a recovery charges if this
         process dies before the answer is settled - the dialect's estimate for an
         answer that was never seen (the prompt's size); for a paid side call, its
         price (the call, once admitted, is the upstream's to carry out and bill).
-        ``upstream``: the named upstream it goes to, built in (not replaced after)."""
+        ``upstream``: the named upstream it goes to, built in (not replaced after).
+        ``bounded`` (a money budget holds the request): it reserves the upper
+        bound of the answer's cost too (`_cost_bound`), and carries at least that
+        bound as its cost. Built once, whole."""
         if route.role == "side_cost":
             price = snap.config.call_prices.get(route.call or "")
             if price is not None:
@@ -418,19 +428,32 @@ class Admitter:
                     endpoint=route.name,
                     cost=price.price,
                     currency=price.currency,
+                    reserved_cost=price.price if bounded else ZERO,
                     upstream=upstream,
                 )
         usage = dialect.unanswered(route, body).usage
+        cost = ZERO if usage is None else usage.cost
+        reserved = ZERO
+        if bounded:
+            reserved = self._cost_bound(snap, dialect, route, body, cost)
+            cost = max(cost, reserved)
         if usage is None:
-            return Pending(id=request_id, endpoint=route.name, upstream=upstream)
+            return Pending(
+                id=request_id,
+                endpoint=route.name,
+                cost=cost,
+                reserved_cost=reserved,
+                upstream=upstream,
+            )
         return Pending(
             id=request_id,
             endpoint=route.name,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens,
-            cost=usage.cost,
+            cost=cost,
             currency=usage.currency,
+            reserved_cost=reserved,
             upstream=upstream,
         )
 
@@ -470,34 +493,28 @@ class Admitter:
         if cap is None:
             return None
         capped = with_cap(body, route, cap)
-        pending = self._pending(snap, dialect, request_id, route, capped, upstream)
+        pending = self._pending(snap, dialect, request_id, route, capped, upstream, bounded=True)
         changed = {name: value for name, value in capped.items() if body.get(name) != value}
-        return changed, self._with_cost_bound(snap, dialect, pending, route, capped)
+        return changed, pending
 
-    def _with_cost_bound(
-        self,
-        snap: Snapshot,
-        dialect: Upstream,
-        pending: Pending,
-        route: Route,
-        body: dict[str, Any],
-    ) -> Pending:
-        """``pending`` reserving the upper bound of the answer's cost against the
-        money budgets (gateway/quota/budget.py); a recovery charges at least that
-        bound, the most the answer could have cost. A paid side call's bound is
-        its price."""
-        accounting = snap.config.accounting
+    @staticmethod
+    def _cost_bound(
+        snap: Snapshot, dialect: Upstream, route: Route, body: dict[str, Any], cost: Decimal
+    ) -> Decimal:
+        """The upper bound of the answer's cost that its pending row reserves
+        against the money budgets (gateway/quota/budget.py); a recovery charges
+        at least that bound, the most the answer could have cost. A paid side
+        call's bound is its cost (``cost``: its price, or its estimate's)."""
         if route.role == "side_cost":
-            bound = pending.cost
-        else:
-            bound = cost_bound(
-                dialect,
-                route,
-                body,
-                reserve_output_tokens=accounting.reserve_output_tokens,
-                answer_reservation=accounting.answer_reservation,
-            )
-        return replace(pending, reserved_cost=bound, cost=max(pending.cost, bound))
+            return cost
+        accounting = snap.config.accounting
+        return cost_bound(
+            dialect,
+            route,
+            body,
+            reserve_output_tokens=accounting.reserve_output_tokens,
+            answer_reservation=accounting.answer_reservation,
+        )
 
     def _storage_failed(
         self,

@@ -34,7 +34,7 @@ from gateway.messages import Catalogue
 from gateway.mounts import RoutingTable, UpstreamRoute
 from gateway.pricing import PriceTable
 from gateway.quota.limits import Limit
-from gateway.quota.plans import plan_limits, team_limits
+from gateway.quota.plans import admission_limits, plan_limits, team_limits
 from gateway.settle import Terms
 from gateway.storage import AdmissionLimits, Directory, User
 from gateway.upstreams import Upstream, get_upstream
@@ -46,6 +46,8 @@ log = logging.getLogger("gateway")
 # Plan views kept per snapshot (one per plan and set of overrides in use): past
 # this many, the cache starts again (a bound, not an eviction policy).
 _VIEWS = 4096
+# Team pairings kept per user's plan view (`PlanView.with_team`), with the same bound.
+_TEAMS = 256
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -63,6 +65,25 @@ class PlanView:
     # filters per request); otherwise ``admission`` is the whole set.
     per_model: bool
     admission: AdmissionLimits
+    # A team's view -> the admission limits of this view with that team's (as
+    # `admission_limits` orders them), for a view without per-model limits:
+    # keyed by the team view's id and kept with it (compared by identity), so
+    # an id reused after the snapshot's cache started again is never mistaken.
+    _teams: dict[int, tuple[PlanView, AdmissionLimits]] = dataclasses.field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def with_team(self, team: PlanView) -> AdmissionLimits:
+        """This view's admission limits, then ``team``'s (a view without
+        per-model limits: the same for every request of the pair)."""
+        kept = self._teams.get(id(team))
+        if kept is not None and kept[0] is team:
+            return kept[1]
+        limits = admission_limits(self.limits, team.limits)
+        if len(self._teams) >= _TEAMS:
+            self._teams.clear()
+        self._teams[id(team)] = (team, limits)
+        return limits
 
 
 def _view(plan: Plan, limits: tuple[Limit, ...], own: frozenset[str]) -> PlanView:

@@ -21,13 +21,12 @@ Dify prices an answer only when it ends: admission reserves the configured
 
 from __future__ import annotations
 
-import dataclasses
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
-from gateway.pricing import Audio
+from gateway.pricing import Audio, Price
 from gateway.upstreams import Route
 from gateway.upstreams.anthropic import AnthropicUpstream
 from gateway.upstreams.anthropic_wire import ServerCalls
@@ -114,30 +113,54 @@ def cost_bound(
     answer_reservation: Decimal,
 ) -> Decimal:
     """What admission reserves against money budgets for one answer request."""
+    if not isinstance(upstream, OpenAIUpstream | AnthropicUpstream):
+        return answer_reservation  # (Dify) priced only when it ends
     usage, _ = bound_usage(body, reserve_output_tokens=reserve_output_tokens, kind=route.kind)
     model = body.get("model") if isinstance(body.get("model"), str) else None
     # Each token at the dearest rate it can be billed at: a prompt token as text,
     # audio or a cache write, an output token as text or audio (the dearest of
     # each, whichever the price table sets higher).
-    written = dataclasses.replace(usage, cache_write_tokens=usage.prompt_tokens)
+    written = Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        cache_write_tokens=usage.prompt_tokens,
+    )
     costs: list[Decimal | None] = []
-    for tokens in (usage, written):
-        metered = Metered(None, None, None, tokens, "timeout", model=model)
-        if isinstance(upstream, OpenAIUpstream):
-            calls = upstream.calls(route, body, {})
-            for heard, spoken in ((0, 0), (tokens.prompt_tokens, 0), (0, tokens.completion_tokens),
-                                  (tokens.prompt_tokens, tokens.completion_tokens)):  # fmt: skip
+    if isinstance(upstream, OpenAIUpstream):
+        calls = upstream.calls(route, body, {})
+        if _one_rate(upstream.price(model)):
+            # No audio or cache-write rate of its own: every one of the variants
+            # below costs what the plain one does (the same terms, the same
+            # decimal), so it alone is priced.
+            variants: tuple[Usage, ...] = (usage,)
+            audios: tuple[tuple[int, int], ...] = ((0, 0),)
+        else:
+            variants = (usage, written)
+            audios = ((0, 0), (usage.prompt_tokens, 0), (0, usage.completion_tokens),
+                      (usage.prompt_tokens, usage.completion_tokens))  # fmt: skip
+        for tokens in variants:
+            metered = Metered(None, None, None, tokens, "timeout", model=model)
+            for heard, spoken in audios:
                 audio = Audio(prompt=heard, completion=spoken)
                 costs.append(_cost(upstream.priced(metered, model, calls=calls, audio=audio)))
-        elif isinstance(upstream, AnthropicUpstream):
-            # Messages requires max_tokens; the server tools the request lists are
-            # priced one call each (the web searches an answer runs are known only
-            # when it ends: docs/quotas.md, "Money budgets").
+    else:
+        # Messages requires max_tokens; the server tools the request lists are
+        # priced one call each (the web searches an answer runs are known only
+        # when it ends: docs/quotas.md, "Money budgets").
+        for tokens in (usage, written):
+            metered = Metered(None, None, None, tokens, "timeout", model=model)
             costs.append(_cost(upstream.priced(metered, body, ServerCalls())))
-        else:
-            return answer_reservation
     found = [cost for cost in costs if cost is not None]
     return max(found) if found else answer_reservation
+
+
+def _one_rate(price: Price | None) -> bool:
+    """Whether ``price`` bills every prompt token at one rate and every output
+    token at one (no audio or cache-write rate set), or there is none."""
+    return price is None or (
+        price.cache_write_input is None and price.audio_input is None and price.audio_output is None
+    )
 
 
 def _cost(metered: Metered) -> Decimal | None:

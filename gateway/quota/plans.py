@@ -8,6 +8,7 @@ message an end user reads is in gateway/messages.py, per language). The database
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -121,13 +122,23 @@ class RateLimit:
             (b"x-ratelimit-resource", self.resource.encode()),
         ]
         if self.reset is not None:
-            headers.append((b"x-ratelimit-reset", str(math.ceil(self.reset.timestamp())).encode()))
+            headers.append((b"x-ratelimit-reset", _epoch(self.reset)))
         return headers
 
 
+# Both are functions of the value alone (equal decimals give the same text, equal
+# instants the same second): the few limits, counts and resets a gateway shows
+# are written once, not on every response.
+@functools.lru_cache(maxsize=4096)
 def _number(value: Decimal) -> bytes:
     """A count as a whole number, an amount of money as its exact decimal."""
     return str(value.normalize() if value != value.to_integral_value() else int(value)).encode()
+
+
+@functools.lru_cache(maxsize=256)
+def _epoch(at: datetime) -> bytes:
+    """``at`` as the Unix time in whole seconds, rounded up."""
+    return str(math.ceil(at.timestamp())).encode()
 
 
 def reset_of(limit: Limit, periods: Periods) -> datetime | None:
@@ -173,16 +184,24 @@ def reported_limit(
                 now + wait,
             )
         return rate_limit(refused, admission.counters, periods)
-    nearest: tuple[Decimal, RateLimit] | None = None
+    # The shares are compared without a RateLimit built for each limit: only
+    # the nearest one's is (the same values `rate_limit` gives it).
+    counters = admission.counters
+    zero = Decimal(0)
+    nearest: tuple[Decimal, Limit, Decimal] | None = None
     for limit in limits:
         if limit.per == "open":
             continue
-        shown = rate_limit(limit, admission.counters, periods)
-        if shown is None:
-            continue
-        if limit.is_rate:
-            shown = replace(shown, reset=now + timedelta(seconds=RATE_SECONDS[limit.per]))
-        share = shown.remaining / limit.max if limit.max else Decimal(0)
+        used = counters.of_limit(limit)
+        maximum = limit.max
+        share = max(maximum - used, zero) / maximum if maximum else zero
         if nearest is None or share < nearest[0]:
-            nearest = (share, shown)
-    return nearest[1] if nearest else None
+            nearest = (share, limit, used)
+    if nearest is None:
+        return None
+    _, limit, used = nearest
+    if limit.is_rate:
+        reset: datetime | None = now + timedelta(seconds=RATE_SECONDS[limit.per])
+    else:
+        reset = reset_of(limit, periods)
+    return RateLimit(limit.name, limit.max, used, reset)

@@ -280,6 +280,12 @@ class AdmissionLimits:
     set those only; None means unlimited."""
 
     limits: tuple[Limit, ...]
+    # Derived from ``limits`` once (a limit set is built once per plan view and
+    # read on every admission): whether any counts open streams, the team's
+    # counters, money.
+    counts_streams: bool
+    has_team: bool
+    counts_cost: bool
 
     def __init__(
         self,
@@ -302,15 +308,11 @@ class AdmissionLimits:
                 "max_concurrent_streams": max_concurrent_streams,
             }
         )
-        object.__setattr__(self, "limits", (*legacy, *limits))
-
-    @property
-    def counts_streams(self) -> bool:
-        return any(limit.meter == "streams" for limit in self.limits)
-
-    @property
-    def has_team(self) -> bool:
-        return any(limit.scope == "team" for limit in self.limits)
+        every = (*legacy, *limits)
+        object.__setattr__(self, "limits", every)
+        object.__setattr__(self, "counts_streams", any(x.meter == "streams" for x in every))
+        object.__setattr__(self, "has_team", any(x.scope == "team" for x in every))
+        object.__setattr__(self, "counts_cost", any(x.meter == "cost" for x in every))
 
     def with_web_search(self, web_search: WebSearch | None) -> tuple[Limit, ...]:
         """The limits with a web search's own allowance first (`WebSearch.limit`)."""

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from gateway.errors import BadRequest, Forbidden
-from gateway.pricing import Audio
+from gateway.pricing import Audio, Price
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import openai_routes
 from gateway.upstreams.base import Prepared, Route, StreamMeter, keep_models, merge_model_lists
@@ -356,6 +356,11 @@ class OpenAIUpstream:
         if not priced:
             return listed[0] if listed else "web_search"
         return max(priced, key=lambda tool: self._call_prices[tool].price)
+
+    def price(self, model: str | None) -> Price | None:
+        """The price `priced` charges an answer by, when the upstream names the
+        model asked for (``model``): None when the table prices none."""
+        return self._prices.find(model)
 
     def priced(
         self,

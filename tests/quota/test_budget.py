@@ -5,6 +5,7 @@ true cost, and no reservation is left once the answers have ended."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -16,13 +17,19 @@ import httpx
 import orjson
 import pytest
 
+from gateway.admission import Admitter
 from gateway.clock import FixedClock
-from gateway.config import DatabaseConfig, load_config
+from gateway.config import DatabaseConfig, load_config, parse_config
+from gateway.metrics import Metrics
+from gateway.pricing import Audio
 from gateway.quota.budget import bound_usage, cost_bound, lowered_cap, output_cap, with_cap
+from gateway.settle import Settler
+from gateway.snapshot import build_snapshot
 from gateway.storage import AdmissionLimits, Pending, open_storage
 from gateway.upstreams import Route
 from gateway.upstreams.anthropic import AnthropicUpstream
 from gateway.upstreams.openai import OpenAIUpstream
+from gateway.usage import Metered
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.dify import FakeDify
 from tests.fakes.openai import FakeOpenAI
@@ -788,3 +795,117 @@ def test_the_dashboard_shows_general_limits_as_the_usage_api_gives_them() -> Non
     assert 'data-label="Resets">2026-11-21 17:05</td>' in hour
     assert '<th scope="row">cost_per_day[budget-*]</th>' in cost
     assert 'data-label="Used">0.22</td>' in cost and 'data-label="Remaining">1.28</td>' in cost
+
+
+@pytest.mark.parametrize(
+    "price",
+    [
+        {"input": "0.15", "output": "0.60"},
+        {"input": "0.15", "cached_input": "0.075", "output": "0.60"},
+        {"input": "0.15", "output": "0.60", "audio_input": "0.01"},  # cheaper audio
+        {"input": "0.15", "output": "0.60", "audio_output": "9"},
+        {"input": "0.15", "output": "0.60", "audio_input": "3", "cache_write_input": "0.2"},
+        {"input": "0.15", "output": "0.60", "cache_write_input": "0.1"},
+    ],
+)
+@pytest.mark.parametrize("model", ["gpt-x", "unpriced-model"])
+def test_the_bound_is_the_dearest_of_every_way_the_tokens_can_be_billed(
+    price: dict[str, str], model: str
+) -> None:
+    """The bound prices only the ways of billing that a price's rates can make
+    dearer (one way when it sets no audio or cache-write rate): always the
+    dearest of them all, to the same decimal."""
+    data = {**settings(), "prices": {"gpt-x": price}, "pricing": {"unpriced_models": "allow"}}
+    data["call_prices"] = {"openai.web_search": {"price": "0.025"}}
+    config = parse_config(data, env={})
+    upstream = OpenAIUpstream(config)
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Xin chào"}],
+        "web_search_options": {},
+        "max_completion_tokens": 300,
+        "n": 2,
+    }
+    route = _route("chat")
+    bound = cost_bound(
+        upstream, route, body, reserve_output_tokens=4096, answer_reservation=Decimal(7)
+    )
+    # Every way, as the bound was first computed.
+    usage, _ = bound_usage(body, reserve_output_tokens=4096, kind="chat")
+    written = dataclasses.replace(usage, cache_write_tokens=usage.prompt_tokens)
+    calls = upstream.calls(route, body, {})
+    costs = []
+    for tokens in (usage, written):
+        metered = Metered(None, None, None, tokens, "timeout", model=model)
+        for heard, spoken in ((0, 0), (tokens.prompt_tokens, 0), (0, tokens.completion_tokens),
+                              (tokens.prompt_tokens, tokens.completion_tokens)):  # fmt: skip
+            audio = Audio(prompt=heard, completion=spoken)
+            priced = upstream.priced(metered, model, calls=calls, audio=audio)
+            assert priced.usage is not None
+            costs.append(priced.usage.cost)
+    assert bound == max(costs)
+    assert str(bound) == str(max(costs))  # the same decimal, exponent and all
+    assert (bound > 0) == (model == "gpt-x")
+
+
+def test_a_dify_answer_reserves_the_configured_amount_whatever_its_body() -> None:
+    """Dify prices an answer only when it ends: the bound is the configured
+    reservation, without the body being read for one."""
+    body: dict[str, Any] = {"query": "x", "inputs": {}, "max_tokens": "not a number"}
+    reserved = Decimal("0.05")
+    assert (
+        cost_bound(
+            object(), _route("chat"), body, reserve_output_tokens=1, answer_reservation=reserved
+        )
+        == reserved
+    )
+
+
+async def test_a_bounded_pending_row_is_the_estimates_with_the_bound_added(
+    tmp_path: Path,
+) -> None:
+    """The pending row of a request a money budget holds is built once, with its
+    bound: it is the unbounded row with the bound reserved and carried as its
+    cost (at least), for an answer of each dialect and for a priced side call."""
+    config = parse_config(
+        {
+            "database": {"url": f"sqlite:///{tmp_path / 'g.db'}"},
+            "upstreams": {
+                "dify": {"url": "http://127.0.0.1:9/v1", "api_key_env": "K", "mount": "/v1"},
+                "oai": {"kind": "openai", "url": "http://127.0.0.1:9/v1", "api_key_env": "K"},
+            },
+            "prices": {"gpt-x": {"input": "0.15", "output": "0.60"}},
+            "call_prices": {"dify.text_to_audio": {"price": "0.2"}},
+            "accounting": {"answer_reservation": "0.05"},
+            "plans": {"free": {}},
+        },
+        env={"K": "secret"},
+    )
+    storage = await open_storage(config.database)
+    try:
+        snap = build_snapshot(config, storage)
+        metrics = Metrics()
+        settler = Settler(storage, metrics=metrics, spool=None)
+        admitter = Admitter(storage, settler, clock=FixedClock(T0), metrics=metrics)
+        dify, openai = snap.dialects["dify"], snap.dialects["openai"]
+        chat = {"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}], "n": 2}
+        cases = [
+            (dify, dify.route("POST", "/chat-messages"), {"query": "Xin chào", "inputs": {}}),
+            (openai, openai.route("POST", "/chat/completions"), chat),
+            (dify, dify.route("POST", "/text-to-audio"), {"text": "Xin chào"}),
+        ]
+        bounds = []
+        for dialect, route, body in cases:
+            plain = admitter._pending(snap, dialect, "r1", route, body, "dify")
+            bounded = admitter._pending(snap, dialect, "r1", route, body, "dify", bounded=True)
+            bound = bounded.reserved_cost
+            assert plain.reserved_cost == 0
+            assert bounded == dataclasses.replace(
+                plain, reserved_cost=bound, cost=max(plain.cost, bound)
+            )
+            bounds.append(bound)
+        assert bounds[0] == Decimal("0.05")  # Dify: the configured reservation
+        assert bounds[1] > 0
+        assert bounds[2] == Decimal("0.2")  # a side call: its price
+    finally:
+        await storage.close()

@@ -89,3 +89,30 @@ async def test_a_team_view_follows_the_teams_plan_and_overrides(storage: Storage
     changed = await snap.team_view(member)
     assert changed is not None and changed is not view
     assert changed.plan.queries_per_day == 7
+
+
+async def test_a_users_and_a_teams_limits_are_put_together_once_per_pair(
+    storage: Storage,
+) -> None:
+    """Admission's limit set of a user in a team is the same for every request
+    of the pair of views: derived once, and never another team's."""
+    config = parse_config({"plans": {**PLANS, "big": {"queries_per_day": 500}}})
+    snap = build_snapshot(config, storage)
+    await storage.create_team("acme", plan="team", now=T0)
+    await storage.create_team("beta", plan="big", now=T0)
+    mine = snap.plan_view(user(team="acme"))
+    acme = await snap.team_view(user(team="acme"))
+    beta = await snap.team_view(user(team="beta"))
+    assert acme is not None and beta is not None
+    together = mine.with_team(acme)
+    assert together.limits == admission_limits(mine.limits, acme.limits).limits
+    assert mine.with_team(acme) is together
+    other = mine.with_team(beta)
+    assert other.limits == admission_limits(mine.limits, beta.limits).limits
+    assert other.limits != together.limits
+    assert mine.with_team(acme) is together  # beta's did not replace it
+    # A reload derives its own.
+    reloaded = build_snapshot(config, storage, snap)
+    again = await reloaded.team_view(user(team="acme"))
+    assert again is not None and again is not acme
+    assert reloaded.plan_view(user(team="acme")).with_team(again) is not together
