@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import functools
 import logging
 import resource
+import struct
+import termios
 import time
 from typing import Any
 
@@ -270,7 +273,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._send_timer is None:
-            self._unsent = self.transport.get_write_buffer_size()
+            self._unsent = self._unread()
             self._send_timer = self.loop.call_later(
                 self._settings.send_timeout, self._send_timed_out
             )
@@ -281,8 +284,25 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._send_timer = None
         super().resume_writing()
 
-    def _send_timed_out(self) -> None:
+    def _unread(self) -> int:
+        """What the client has not yet taken of the gateway's writes: the
+        transport's buffer and the kernel's send queue (SIOCOUTQ: sent bytes not
+        yet acknowledged, and bytes not yet sent). The transport's buffer alone
+        shrinks only once the kernel's send buffer (megabytes, autotuned) has room
+        for a large part of it: a client reading steadily but slower than that in
+        one send_timeout looked as if it read nothing, and was cut."""
         unsent = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            except OSError:  # not a TCP socket, or no such ioctl here
+                return unsent
+            unsent += struct.unpack("i", queued)[0]
+        return unsent
+
+    def _send_timed_out(self) -> None:
+        unsent = self._unread()
         if unsent < self._unsent:  # the client read some: it has another while
             self._unsent = unsent
             self._send_timer = self.loop.call_later(

@@ -346,3 +346,33 @@ def test_the_send_timeout_is_read_from_the_configuration(
         assert protocol._configured().send_timeout == 2.5
     finally:
         protocol._configured.cache_clear()
+
+
+async def test_a_client_that_reads_steadily_but_slowly_is_not_cut() -> None:
+    """A client that never stops reading, only reads slower than the server
+    writes: each look of the send timeout finds it has read some, so it gets the
+    whole answer. (The kernel's send buffer, several times what it reads in one
+    send timeout, holds what it reads: the transport's own buffer shrinks only
+    once the kernel has room for a large part of it.)"""
+    Watched.lost = asyncio.Event()
+    body = b"x" * BIG
+
+    async def big(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = [(b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async with serve(big, http=f"{__name__}:Watched") as url:
+        reader, writer = await _stalled_client(url, "/")
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            read = 0
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                while read < len(body) // 2:
+                    # Pacing the client (not waiting for something): it reads
+                    # 16 KiB twenty times per send timeout.
+                    await asyncio.sleep(SEND_TIMEOUT / 20)
+                    read += len(await reader.readexactly(16384))
+        finally:
+            writer.close()
+    assert read >= len(body) // 2
