@@ -177,23 +177,31 @@ class _ClientStalled(Exception):
     """The client read nothing more before a send's deadline."""
 
 
+async def _send_by(send: Send, message: Message, send_by: float) -> bool:
+    """Send ``message``, waiting for the client until ``send_by`` (the event loop's
+    time) at most: False when that ran out first. The send's first step is taken
+    bare - nearly always all of it (written, or handed to the transport's buffer) -
+    so that only a send that must wait for the client to read sets a timer."""
+    steps = send(message).__await__()
+    try:
+        waiting = steps.send(None)
+    except StopIteration:
+        return True
+    try:
+        async with asyncio.timeout_at(send_by):
+            await _Rest(steps, waiting)
+    except TimeoutError:
+        return False
+    return True
+
+
 def _sending_by(send: Send, send_by: float) -> Send:
-    """``send``, each message waiting for the client until ``send_by`` (the event
-    loop's time) at most, then raising `_ClientStalled`. As with the ending's sends
-    (`Proxy._execute`), a send's first step is taken bare: only one that must wait
-    for the client to read sets a timer."""
+    """``send``, each message waiting for the client until ``send_by`` at most,
+    then raising `_ClientStalled` (`_send_by`)."""
 
     async def bounded(message: Any) -> None:
-        steps = send(message).__await__()
-        try:
-            waiting = steps.send(None)
-        except StopIteration:
-            return
-        try:
-            async with asyncio.timeout_at(send_by):
-                await _Rest(steps, waiting)
-        except TimeoutError:
-            raise _ClientStalled from None
+        if not await _send_by(send, message, send_by):
+            raise _ClientStalled
 
     return bounded
 
@@ -930,14 +938,14 @@ class Proxy:
             await self.admitter.refund(x.ticket, x.request_id)
             await self._relay_plain(x, response, status, headers, content_type, receive, send)
             return
+        assert x.target is not None
+        send_by = asyncio.get_running_loop().time() + x.target.settings.total_timeout
         if x.call_price is not None:
             # A paid side call the upstream accepted: charged its price, however its
             # reply ends (the upstream has done, and billed, the work). Its sends
             # wait for the client no longer than the relay's deadline, as an
             # answer's do: a client that stops reading holds its connection, never
             # the charge (nor the reservation until it).
-            assert x.target is not None
-            send_by = asyncio.get_running_loop().time() + x.target.settings.total_timeout
             try:
                 await self._relay_plain(
                     x, response, status, headers, content_type, receive, _sending_by(send, send_by)
@@ -956,8 +964,6 @@ class Proxy:
         # The head waits for the client (it can only wait behind an unread answer
         # pipelined before it) no longer than the relay's deadline; then the
         # answer is relayed as to a client that left, and settled.
-        assert x.target is not None
-        send_by = asyncio.get_running_loop().time() + x.target.settings.total_timeout
         if not await self._start(x, send, status, headers, send_by=send_by):
             log.warning(
                 "request %s: could not start the response: the client read nothing in time",
@@ -983,17 +989,7 @@ class Proxy:
         if send_by is None:
             await send(message)
             return True
-        steps = send(message).__await__()
-        try:
-            waiting = steps.send(None)
-        except StopIteration:
-            return True
-        try:
-            async with asyncio.timeout_at(send_by):
-                await _Rest(steps, waiting)
-        except TimeoutError:
-            return False
-        return True
+        return await _send_by(send, message, send_by)
 
     async def _relay_plain(
         self,
@@ -1234,22 +1230,13 @@ class Proxy:
             more = isinstance(command, RelaySend)
             message = {"type": "http.response.body", "body": command.body, "more_body": more}
             try:
-                # The send's first step: nearly always all of it (written, or handed
-                # to the transport's buffer); only one that must wait for the client
-                # to read sets a timer.
-                steps = send(message).__await__()
-                try:
-                    waiting = steps.send(None)
-                except StopIteration:
-                    return
-                async with asyncio.timeout_at(send_by):
-                    await _Rest(steps, waiting)
-            except TimeoutError:  # the client stopped reading: the answer is settled
-                log.warning(
-                    "request %s: could not %s: the client read nothing more in time",
-                    x.request_id,
-                    "send an event" if more else "end the response",
-                )
+                if not await _send_by(send, message, send_by):
+                    # The client stopped reading: the answer is settled all the same.
+                    log.warning(
+                        "request %s: could not %s: the client read nothing more in time",
+                        x.request_id,
+                        "send an event" if more else "end the response",
+                    )
             except Exception:  # the client is past helping; the answer is still settled
                 what = "send an event" if more else "end the response"
                 log.exception("request %s: could not %s", x.request_id, what)
