@@ -273,6 +273,17 @@ async def _stalled_client(url: str, path: str) -> tuple[asyncio.StreamReader, as
     return reader, writer
 
 
+def _whole(body: bytes) -> Any:
+    """An application answering ``body`` whole, in one send, with its length."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = [(b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
 @pytest.mark.parametrize("pieces", [1, 16], ids=["written-then-returned", "sends-waiting"])
 async def test_a_client_that_stops_reading_is_disconnected_after_the_send_timeout(
     pieces: int,
@@ -313,13 +324,7 @@ async def test_a_client_that_reads_slowly_gets_its_whole_answer() -> None:
     all, reads the whole answer."""
     Watched.lost = asyncio.Event()
     body = b"x" * BIG
-
-    async def big(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        headers = [(b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    async with serve(big, http=f"{__name__}:Watched") as url:
+    async with serve(_whole(body), http=f"{__name__}:Watched") as url:
         reader, writer = await _stalled_client(url, "/")
         try:
             await reader.readuntil(b"\r\n\r\n")
@@ -356,13 +361,7 @@ async def test_a_client_that_reads_steadily_but_slowly_is_not_cut() -> None:
     once the kernel has room for a large part of it.)"""
     Watched.lost = asyncio.Event()
     body = b"x" * BIG
-
-    async def big(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        headers = [(b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    async with serve(big, http=f"{__name__}:Watched") as url:
+    async with serve(_whole(body), http=f"{__name__}:Watched") as url:
         reader, writer = await _stalled_client(url, "/")
         try:
             await reader.readuntil(b"\r\n\r\n")
