@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 import gateway.proxy
+from gateway.request_limits.protocol import BoundedHeadProtocol, HeadSettings
 from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, direct_request, running_gateway
 from tests.servers import read_body, serve
@@ -726,6 +727,73 @@ async def test_an_answer_whose_head_waits_for_its_client_is_still_recorded(
         (event,) = await h.events()
     assert [m["type"] for m in sent] == ["http.response.start"]  # nothing after it
     assert event.completion_tokens > 0
+
+
+class _GatewayServe(BoundedHeadProtocol):
+    """The protocol of `gateway serve`, with its send timeout far off: what ends a
+    connection below is the gateway's own doing."""
+
+    settings = HeadSettings(
+        head_limit=65536,
+        refusal=b"",
+        head_timeout=10.0,
+        timeout=b"",
+        max_connections=20,
+        busy=b"",
+        send_timeout=30.0,
+    )
+
+
+async def test_an_answer_whose_head_could_not_be_sent_ends_its_connection(
+    sqlite_url: str,
+) -> None:
+    """Under `gateway serve`: a chat pipelined behind an answer its client does not
+    read, so its head waits, and gives up at upstream.total_timeout; the answer is
+    recorded. The connection is then aborted: uvicorn's own 500 (a write waiting
+    on the client without a limit) would tell a client that reads again that a
+    request it was charged for failed."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = {"upstream": {"total_timeout": 0.3}}
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        big = b"x" * 8_000_000  # more than the sockets on both ends hold
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope["path"] == "/big":
+                headers = [(b"content-length", str(len(big)).encode())]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": big})
+                return
+            await h.app(scope, receive, send)
+
+        async with serve(app, http=f"{__name__}:_GatewayServe") as url:
+            host, _, port = url.removeprefix("http://").partition(":")
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            payload = orjson.dumps({**CHAT, "response_mode": "blocking"})
+            writer.write(
+                b"GET /big HTTP/1.1\r\nHost: gw\r\n\r\n"
+                b"POST /v1/chat-messages HTTP/1.1\r\nHost: gw\r\n"
+                b"Content-Type: application/json\r\n"
+                + f"Authorization: Bearer {h.key}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
+            try:
+                await h.probes.wait_finished(1, timeout=15)
+                (event,) = await h.events()
+                # The client reads again: it gets what was written before, then the end.
+                data = b""
+                async with asyncio.timeout(15):
+                    with contextlib.suppress(ConnectionError):
+                        while piece := await reader.read(1 << 20):
+                            data += piece
+            finally:
+                writer.transport.abort()
+    assert event.completion_tokens > 0  # recorded once, as a client that left
+    assert data.startswith(b"HTTP/1.1 200")
+    assert b"HTTP/1.1 500" not in data and len(data) < len(big)
 
 
 async def test_a_side_call_whose_client_stops_reading_is_still_charged(sqlite_url: str) -> None:
