@@ -796,6 +796,44 @@ async def test_an_answer_whose_head_could_not_be_sent_ends_its_connection(
     assert b"HTTP/1.1 500" not in data and len(data) < len(big)
 
 
+@pytest.mark.parametrize("where", ["ending", "relay"])
+async def test_no_send_after_one_that_ran_out(sqlite_url: str, where: str) -> None:
+    """A send that ran out at the deadline (the client read nothing more in time)
+    leaves that client stalled: the sends after it are not made, even if the
+    client reads again at once (here the stalled send never returns, and the ones
+    after it would have gone out at once), so it can never get a response ended
+    as if whole with a piece missing. ``ending``: the answer holds mid-stream past
+    upstream.total_timeout, and the ending's first send (an error event, before
+    the end of the stream) runs out; ``relay``: the answer's first event runs out,
+    the ending (the same two sends) would follow."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = {"upstream": {"total_timeout": 0.3}}
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        # Events apart: the first is passed on alone, before the end is known.
+        scenario = [(b"x-fake-scenario", b"hold")] if where == "ending" else []
+        scenario.append((b"x-fake-delay-ms", b"20"))
+        scope, receive = direct_request(h.key, orjson.dumps(CHAT), *scenario)
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            body = message.get("body", b"")
+            if (b"upstream_error" in body) if where == "ending" else len(sent) == 2:
+                await asyncio.Event().wait()  # the client reads nothing, until...
+
+        async with asyncio.timeout(15):
+            await h.app(scope, receive, send)
+            await h.probes.wait_finished(1)
+        events = await h.events()
+    stalled = sent[-1]["body"]  # and nothing after it
+    assert b"upstream_error" in stalled if where == "ending" else b"data:" in stalled
+    assert len([m for m in sent if b"upstream_error" in m.get("body", b"")]) <= 1
+    assert all(m.get("more_body", True) for m in sent)  # never ended
+    if where == "ending":  # read up to the hold, and charged
+        (event,) = events
+        assert event.completion_tokens > 0
+
+
 async def test_a_side_call_whose_client_stops_reading_is_still_charged(sqlite_url: str) -> None:
     """A paid side call's reply (text to audio) to a client that keeps its
     connection open but reads nothing: its sends wait no longer than
