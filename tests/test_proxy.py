@@ -654,6 +654,11 @@ async def test_a_chunk_is_sent_before_the_end_of_the_body_is_known(sqlite_url: s
 
 # --- a client that stops reading -----------------------------------------------------
 
+# upstream.total_timeout in these tests: the relay's deadline, which only has to
+# fire. It is also the upstream's read timeout, so it leaves the fake upstream
+# room to answer on a loaded machine.
+STALL_DEADLINE = 0.3
+
 
 async def _stalled_request(
     h: Harness,
@@ -691,7 +696,7 @@ async def test_an_answer_whose_client_stops_reading_is_still_recorded(
     before the answer is settled."""
     piece = "x" * 2_000_000  # megabytes of answer: more than the sockets hold
     fake = FakeDify(api_key=UPSTREAM_KEY, answer=[piece, piece, piece, piece])
-    settings = {"upstream": {"total_timeout": 1.0}}
+    settings = {"upstream": {"total_timeout": STALL_DEADLINE}}
     async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
         writer = await _stalled_request(h, {**CHAT, "response_mode": mode})
         try:
@@ -712,7 +717,7 @@ async def test_an_answer_whose_head_waits_for_its_client_is_still_recorded(
     waits no longer than upstream.total_timeout, and the answer is then relayed
     as to a client that left, and recorded."""
     fake = FakeDify(api_key=UPSTREAM_KEY)
-    settings = {"upstream": {"total_timeout": 0.5}}
+    settings = {"upstream": {"total_timeout": STALL_DEADLINE}}
     async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
         scope, receive = direct_request(h.key, orjson.dumps({**CHAT, "response_mode": mode}))
         sent: list[dict[str, Any]] = []
@@ -753,7 +758,7 @@ async def test_an_answer_whose_head_could_not_be_sent_ends_its_connection(
     on the client without a limit) would tell a client that reads again that a
     request it was charged for failed."""
     fake = FakeDify(api_key=UPSTREAM_KEY)
-    settings = {"upstream": {"total_timeout": 0.3}}
+    settings = {"upstream": {"total_timeout": STALL_DEADLINE}}
     async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
         big = b"x" * 8_000_000  # more than the sockets on both ends hold
 
@@ -807,7 +812,7 @@ async def test_no_send_after_one_that_ran_out(sqlite_url: str, where: str) -> No
     the end of the stream) runs out; ``relay``: the answer's first event runs out,
     the ending (the same two sends) would follow."""
     fake = FakeDify(api_key=UPSTREAM_KEY)
-    settings = {"upstream": {"total_timeout": 0.3}}
+    settings = {"upstream": {"total_timeout": STALL_DEADLINE}}
     async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
         # Events apart: the first is passed on alone, before the end is known.
         scenario = [(b"x-fake-scenario", b"hold")] if where == "ending" else []
@@ -841,7 +846,7 @@ async def test_a_side_call_whose_client_stops_reading_is_still_charged(sqlite_ur
     connected."""
     fake = FakeDify(api_key=UPSTREAM_KEY)
     settings = {
-        "upstream": {"total_timeout": 1.0},
+        "upstream": {"total_timeout": STALL_DEADLINE},
         "call_prices": {"dify.text_to_audio": {"price": "0.015", "currency": "EUR"}},
     }
     async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
