@@ -989,7 +989,9 @@ class Proxy:
             return
         # The head waits for the client (it can only wait behind an unread answer
         # pipelined before it) no longer than the relay's deadline; then the
-        # answer is relayed as to a client that left, and settled.
+        # answer is relayed as to a client that left, and settled, and the
+        # response never started: `gateway serve` aborts the connection
+        # (HeadWithBodyCycle), where uvicorn alone would answer 500.
         if not await self._start(x, send, status, headers, send_by=send_by):
             log.warning(
                 "request %s: could not start the response: the client read nothing in time",

@@ -749,16 +749,25 @@ class _GatewayServe(BoundedHeadProtocol):
     )
 
 
-async def test_an_answer_whose_head_could_not_be_sent_ends_its_connection(
-    sqlite_url: str,
+@pytest.mark.parametrize("call", ["answer", "side call"])
+async def test_a_response_whose_head_could_not_be_sent_ends_its_connection(
+    sqlite_url: str, call: str
 ) -> None:
-    """Under `gateway serve`: a chat pipelined behind an answer its client does not
-    read, so its head waits, and gives up at upstream.total_timeout; the answer is
-    recorded. The connection is then aborted: uvicorn's own 500 (a write waiting
-    on the client without a limit) would tell a client that reads again that a
-    request it was charged for failed."""
+    """Under `gateway serve`: a chat (or a paid side call) pipelined behind an
+    answer its client does not read, so its head waits, and gives up at
+    upstream.total_timeout; it is recorded (charged) all the same. The connection
+    is then aborted: uvicorn's own 500 (a write waiting on the client without a
+    limit) would tell a client that reads again that a request it was charged
+    for failed."""
     fake = FakeDify(api_key=UPSTREAM_KEY)
-    settings = {"upstream": {"total_timeout": STALL_DEADLINE}}
+    settings = {
+        "upstream": {"total_timeout": STALL_DEADLINE},
+        "call_prices": {"dify.text_to_audio": {"price": "0.015", "currency": "EUR"}},
+    }
+    if call == "answer":
+        path, payload = "/v1/chat-messages", orjson.dumps({**CHAT, "response_mode": "blocking"})
+    else:
+        path, payload = "/v1/text-to-audio", orjson.dumps({"text": "Xin chào", "user": "mallory"})
     async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
         big = b"x" * 8_000_000  # more than the sockets on both ends hold
 
@@ -777,18 +786,17 @@ async def test_an_answer_whose_head_could_not_be_sent_ends_its_connection(
             sock.setblocking(False)
             await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
             reader, writer = await asyncio.open_connection(sock=sock)
-            payload = orjson.dumps({**CHAT, "response_mode": "blocking"})
             writer.write(
                 b"GET /big HTTP/1.1\r\nHost: gw\r\n\r\n"
-                b"POST /v1/chat-messages HTTP/1.1\r\nHost: gw\r\n"
-                b"Content-Type: application/json\r\n"
-                + f"Authorization: Bearer {h.key}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                + f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {h.key}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
                 + payload
             )
             try:
                 await h.probes.wait_finished(1, timeout=15)
                 (event,) = await h.events()
-                # The client reads again: it gets what was written before, then the end.
+                # The client reads again: what was written before, then the end
+                # (an abort, or a close after a 500: the reading ends either way).
                 data = b""
                 async with asyncio.timeout(15):
                     with contextlib.suppress(ConnectionError):
@@ -796,9 +804,12 @@ async def test_an_answer_whose_head_could_not_be_sent_ends_its_connection(
                             data += piece
             finally:
                 writer.transport.abort()
-    assert event.completion_tokens > 0  # recorded once, as a client that left
-    assert data.startswith(b"HTTP/1.1 200")
-    assert b"HTTP/1.1 500" not in data and len(data) < len(big)
+    if call == "answer":
+        assert event.completion_tokens > 0  # recorded once, as for a client that left
+    else:
+        assert event.cost == Decimal("0.015")
+    assert data.startswith(b"HTTP/1.1 200")  # the answer before it
+    assert b"HTTP/1.1 500" not in data
 
 
 @pytest.mark.parametrize("where", ["ending", "relay"])
