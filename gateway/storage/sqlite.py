@@ -661,6 +661,48 @@ def _day_and_month(
     return _counted(conn, source, _DAY_INTEGERS, (user_id, today), month_start)
 
 
+_INTEGERS = _DAY_INTEGERS.count(",") + 1
+_DAY_SUMS = ", ".join(f"sum({column.strip()})" for column in _DAY_INTEGERS.split(","))
+# An admission's reads in one statement (issue 24: each statement is a call
+# into sqlite3 and a VDBE program of its own): whether the user exists, their
+# day rows from ?3 to ?4 (today) - today's (the row of max(day): SQLite takes
+# a query's bare columns from the row its one max() picked) and their sums -
+# and, in the first form, their leases and how many of them expired at ?2.
+_ADMISSION_READS = (
+    "SELECT EXISTS (SELECT 1 FROM users WHERE id = ?1), {leases}"
+    f"max(day), {_DAY_INTEGERS}, cost, cost_reserved, {_DAY_SUMS}, "
+    "group_concat(cost || ',' || cost_reserved, ',') "
+    "FROM usage_daily WHERE user_id = ?1 AND day >= ?3 AND day <= ?4"
+)
+_READS_WITH_LEASES = _ADMISSION_READS.format(
+    leases="(SELECT count(*) FROM stream_leases WHERE user_id = ?1), "
+    "(SELECT count(*) FROM stream_leases WHERE user_id = ?1 AND expires_at <= ?2), "
+)
+_READS = _ADMISSION_READS.format(leases="0, 0, ")
+
+
+def _admission_reads(
+    conn: sqlite3.Connection, user_id: str, stamp: str | None, today: str, first: str
+) -> tuple[bool, int, int, list[Decimal], list[Decimal]]:
+    """What an admission reads of the user, in one statement: whether they
+    exist; their leases and how many of them expired at ``stamp`` (0 and 0
+    when None: streams not counted); their counters today and from ``first``
+    to today (the month; today's again when ``first`` is today), as
+    `_counted` gives them."""
+    row = conn.execute(
+        _READS if stamp is None else _READS_WITH_LEASES, (user_id, stamp, first, today)
+    ).fetchone()
+    n = _INTEGERS  # the columns: 3, max(day), n integers, cost, reserved, n sums, costs
+    if row[3] == today:
+        day = [*map(Decimal, row[4 : 4 + n]), Decimal(row[4 + n]) + Decimal(row[5 + n])]
+    else:
+        day = [Decimal(0)] * (n + 1)
+    month = [Decimal(value or 0) for value in row[6 + n : 6 + 2 * n]]
+    costs = row[-1]
+    month.append(sum(map(Decimal, costs.split(",")), Decimal(0)) if costs else Decimal(0))
+    return bool(row[0]), row[1], row[2], day, month
+
+
 class _Claimed(NamedTuple):
     """A pending row settle or refund removed: where its reservations are."""
 
@@ -1612,37 +1654,31 @@ class SQLiteStorage:
         )
         optional = web_search is not None and web_search.when_exhausted == "disable"
         bits = rate_bits(checked)
+        monthly = any(limit.per == "month" for limit in checked)
+        month = month_start.isoformat()
+        first = month if monthly else today
+
+        created = _ts(now)
+        stamp = created if limits.counts_streams else None
+        keys = sorted({k for k in (x.counter_key for x in checked) if k is not None})
 
         def run(conn: sqlite3.Connection) -> Admission:
             # Under BEGIN IMMEDIATE no other connection can write between these
             # reads and the increment below, so check-then-increment is atomic here.
-            streams = 0
-            if limits.counts_streams:
-                # Whether the user exists, their leases and how many of them have
-                # expired, in one statement; the expired ones (rarely any: a lease
-                # ends with its answer) are deleted only when there are some.
-                stamp = _ts(now)
-                known, leases, expired = conn.execute(
-                    "SELECT EXISTS (SELECT 1 FROM users WHERE id = ?), count(*), "
-                    "count(CASE WHEN expires_at <= ? THEN 1 END) "
-                    "FROM stream_leases WHERE user_id = ?",
-                    (user_id, stamp, user_id),
-                ).fetchone()
-                if not known:
-                    raise NotFound(f"no user {user_id!r}")
-                if expired:
-                    conn.execute(
-                        "DELETE FROM stream_leases WHERE user_id = ? AND expires_at <= ?",
-                        (user_id, stamp),
-                    )
-                streams = leases - expired
-            elif conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
-                raise NotFound(f"no user {user_id!r}")
-            # As PostgreSQL, which reads the month only for a monthly limit.
-            monthly = any(limit.per == "month" for limit in checked)
-            day_used, month_used = _day_and_month(
-                conn, user_id, today, month_start.isoformat(), monthly=monthly
+            known, leases, expired, day_used, month_all = _admission_reads(
+                conn, user_id, stamp, today, first
             )
+            if not known:
+                raise NotFound(f"no user {user_id!r}")
+            if expired:
+                # (rarely any: a lease ends with its answer)
+                conn.execute(
+                    "DELETE FROM stream_leases WHERE user_id = ? AND expires_at <= ?",
+                    (user_id, stamp),
+                )
+            streams = leases - expired
+            # As PostgreSQL, which reads the month only for a monthly limit.
+            month_used = month_all if monthly else None
             epoch = now.timestamp()
             buckets = {
                 at: _rate_buckets(conn, user_id, limit, epoch, team)
@@ -1659,13 +1695,12 @@ class SQLiteStorage:
                     conn,
                     team,
                     today,
-                    month_start.isoformat(),
+                    month,
                     now,
                     monthly=monthly,
                     rates=rates["team"],
                 )
-            keys = sorted({k for k in (x.counter_key for x in checked) if k is not None})
-            models = _model_counters(conn, user_id, keys, today, month_start.isoformat())
+            models = _model_counters(conn, user_id, keys, today, month)
             counters = counters_from(
                 day_used, month_used, streams, rates["user"], team=team_counters, models=models
             )
@@ -1708,7 +1743,7 @@ class SQLiteStorage:
                         pending.id,
                         user_id,
                         today,
-                        _ts(now),
+                        created,
                         pending.endpoint,
                         pending.prompt_tokens,
                         pending.completion_tokens,
