@@ -376,19 +376,25 @@ def decide(
 
 def charged(counters: Counters, charge: Charge, web_searches: int) -> Counters:
     """The counters after an admitted request's charge (the user's and the team's)."""
-    used = dict(counters.used)
-    team = dict(counters.team)
-    models = dict(counters.models)
+    amounts: dict[Meter, Decimal] = {}
     for meter in METERS:
         amount = Decimal(web_searches) if meter == "web_searches" else charge.amount(meter)
         if amount:
-            for per in PERS:
-                for counted in (used, team):
-                    if (meter, per) in counted:
-                        counted[(meter, per)] += amount
-            for key in models:
-                if key[1] == meter:
-                    models[key] += amount
+            amounts[meter] = amount
+    used = dict(counters.used)
+    team = dict(counters.team)
+    models = dict(counters.models)
+    # Each counter looked at once (issue 24: not every meter and window asked
+    # of each mapping, on every admission).
+    for counted in (used, team):
+        for key in counted:
+            added = amounts.get(key[0])
+            if added is not None:
+                counted[key] += added
+    for model_key in models:
+        added = amounts.get(model_key[1])
+        if added is not None:
+            models[model_key] += added
     return Counters(used, team, models)
 
 
