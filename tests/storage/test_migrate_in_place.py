@@ -435,3 +435,38 @@ async def test_sqlite_alerts_keep_their_rows_and_take_exact_money_after_0014(
         ]
     finally:
         await storage.close()
+
+
+async def test_sqlite_leases_and_pending_rows_keep_one_btree_after_0019(tmp_path: Path) -> None:
+    """Issue 24: a lease and a pending row, inserted and deleted by every
+    admission and settle, live in their primary key's b-tree alone (WITHOUT
+    ROWID): a page fewer to write per table and commit. The rows of a database
+    from before are kept, and admit and settle as before (the tests above)."""
+    url = old_sqlite(tmp_path / "old.db", 18)
+    storage = await migrated(url)
+    await storage.close()
+    conn = sqlite3.connect(tmp_path / "old.db")
+    try:
+        layout = {
+            name: sql
+            for name, sql in conn.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'table' "
+                "AND name IN ('stream_leases', 'pending_answers')"
+            )
+        }
+        leases = conn.execute("SELECT id, user_id FROM stream_leases").fetchall()
+        pending = conn.execute("SELECT id, user_id, web_searches FROM pending_answers").fetchall()
+        indexes = {
+            row[0]
+            for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' "
+                "AND tbl_name IN ('stream_leases', 'pending_answers') AND sql IS NOT NULL"
+            )
+        }
+    finally:
+        conn.close()
+    assert set(layout) == {"stream_leases", "pending_answers"}
+    assert all(sql.rstrip().endswith("WITHOUT ROWID") for sql in layout.values())
+    assert leases == [("req-old", "alice")]
+    assert pending == [("req-old", "alice", 1)]
+    assert indexes == {"stream_leases_user_idx", "pending_answers_created_idx"}
