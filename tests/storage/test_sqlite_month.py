@@ -133,3 +133,24 @@ async def test_no_python_call_per_day_row(store: SQLiteStorage) -> None:
     # The day row's upsert adds the reservation, the per-model row's upsert the
     # cost and the reservation: three calls, none per day row.
     assert calls == ["dec_add"] * 3
+
+
+async def test_a_day_without_its_row_counts_nothing_today(store: SQLiteStorage) -> None:
+    """The admission's one read takes today's counters from the month's latest
+    row only when that row is today's (issue 24): on the 31st, which has no row
+    yet, the day counts nothing and the month every earlier day."""
+    exact = AdmissionLimits(queries_per_day=1, tokens_per_month=TOKENS)
+    seen = await store.admit(
+        "alice", day=date(2026, 12, 31), month_start=MONTH, limits=exact, now=NOW
+    )
+    assert not seen.admitted and seen.refused_by == "tokens_per_month"
+    assert seen.counters.of("queries", "day") == 0
+    assert seen.counters.of("tokens", "day") == 0
+    assert seen.counters.of("cost", "day") == 0
+    assert seen.counters.of("tokens", "month") == TOKENS
+    assert seen.counters.of("cost", "month") == COST
+    # Without a monthly limit the month is not read, and today's row alone counts.
+    daily = await store.admit(
+        "alice", day=LAST, month_start=MONTH, limits=AdmissionLimits(queries_per_day=30), now=NOW
+    )
+    assert not daily.admitted and daily.counters.of("queries", "day") == 30
