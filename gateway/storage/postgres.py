@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -154,6 +154,37 @@ def _texts(values: Iterable[str | None]) -> str:
         )
         + "}"
     )
+
+
+def _nullable(values: Iterable[int | Decimal | float | None]) -> str:
+    """An array literal of numbers, None as NULL (str of a float is what
+    PostgreSQL's float input reads, inf and nan included)."""
+    return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
+
+
+def _times(values: Iterable[date | None]) -> str:
+    """An array literal of dates or timezone-aware datetimes (ISO 8601 with
+    its UTC offset), None as NULL."""
+    return "{" + ",".join("NULL" if v is None else v.isoformat() for v in values) + "}"
+
+
+def _bools(values: Iterable[bool | None]) -> str:
+    return "{" + ",".join("NULL" if v is None else "t" if v else "f" for v in values) + "}"
+
+
+# Each SQL type's literal (a batch sends every column as one: its arrays walked
+# element by element by asyncpg cost a batch more than the literals).
+_LITERALS: dict[str, Callable[[Any], str]] = {
+    "text": _texts,
+    "date": _times,
+    "timestamptz": _times,
+    "boolean": _bools,
+    "smallint": _nullable,
+    "integer": _nullable,
+    "bigint": _nullable,
+    "numeric": _nullable,
+    "double precision": _nullable,
+}
 
 
 def _joined(literals: Iterable[str]) -> str:
@@ -294,16 +325,36 @@ _SETTLE_MANY_ARGS = (
     *_SettleCall._fields[_CHECKS],
     *_SettleCall._fields[_CHECKS.stop :],
 )
-_LIMIT_TYPES = {"meters": "smallint", "pers": "smallint", "maxes": "numeric", "scopes": "smallint"}
-_ADMIT_ARRAYS = {**_LIMIT_TYPES, "keys": "text"}
-_SETTLE_ARRAYS = {
-    "kinds": "text",
-    "periods": "text",
-    "values": "numeric",
-    "thresholds": "integer",
-    "channels": "text",
-    "specs": "text",
-}
+# The SQL types of the functions' parameters (of the arrays' elements in the
+# group-commit functions).
+_ADMIT_TYPES = dict(
+    zip(
+        _ADMIT_MANY_ARGS,
+        (
+            *("text", "date", "date", "integer", "integer"),
+            *("smallint", "smallint", "numeric", "smallint", "text"),
+            *("text", "timestamptz", "timestamptz", "boolean", "text", "text"),
+            *("bigint", "bigint", "bigint", "numeric", "text"),
+            *("boolean", "boolean", "numeric", "text", "text"),
+        ),
+        strict=True,
+    )
+)
+_SETTLE_TYPES = dict(
+    zip(
+        _SETTLE_MANY_ARGS,
+        (
+            *("text", "text", "date", "timestamptz", "text", "bigint", "bigint", "bigint"),
+            *("numeric", "text", "text", "boolean", "integer", "text", "text"),
+            *("double precision", "double precision", "text", "text", "text"),
+            *("bigint", "bigint", "date", "integer", "integer", "integer", "integer"),
+            *("text", "text", "numeric", "integer", "text", "bigint", "text", "text"),
+        ),
+        strict=True,
+    )
+)
+_ADMIT_ARRAYS = {f: _ADMIT_TYPES[f] for f in _AdmitCall._fields[_LIMITS]}
+_SETTLE_ARRAYS = {f: _SETTLE_TYPES[f] for f in (*_SettleCall._fields[_CHECKS], "specs")}
 _ADMIT = _call("SELECT * FROM gateway_admit", _AdmitCall._fields, _ADMIT_ARRAYS)
 # A batch of one: gateway_admit with p_batched (an unknown user is known =
 # false, under the batches' lock timeout).
@@ -311,14 +362,27 @@ _ADMIT_BATCHED = _ADMIT.removesuffix(")") + ", true)"
 _SETTLE = _call("SELECT gateway_settle", _SettleCall._fields, _SETTLE_ARRAYS)
 # A batch of one: gateway_settle with p_batched (under the batches' lock timeout).
 _SETTLE_BATCHED = _SETTLE.removesuffix(")") + ", true)"
-_ADMIT_MANY = _call("SELECT * FROM gateway_admit_many", _ADMIT_MANY_ARGS, _ADMIT_ARRAYS)
-_SETTLE_MANY = _call("SELECT * FROM gateway_settle_many", _SETTLE_MANY_ARGS, _SETTLE_ARRAYS)
+_ADMIT_MANY = _call("SELECT * FROM gateway_admit_many", _ADMIT_MANY_ARGS, _ADMIT_TYPES)
+_SETTLE_MANY = _call("SELECT * FROM gateway_settle_many", _SETTLE_MANY_ARGS, _SETTLE_TYPES)
+# The columns of a batch made literals from the calls' values (the others are
+# the calls' literals joined, or made by the batch).
+_ADMIT_COLUMNS = [
+    (at, _LITERALS[_ADMIT_TYPES[field]])
+    for at, field in enumerate(_AdmitCall._fields)
+    if field not in _ADMIT_ARRAYS
+]
+_SETTLE_COLUMNS = [
+    (at, _LITERALS[_SETTLE_TYPES[field]])
+    for at, field in enumerate(_SettleCall._fields)
+    if field not in _SETTLE_ARRAYS
+]
 
 
 def _admit_many_args(admits: Sequence[_Admit]) -> list[Any]:
     """gateway_admit_many's arguments for these admissions (_ADMIT_MANY_ARGS)."""
-    calls = [admit.call for admit in admits]
-    columns: list[Any] = list(zip(*calls, strict=True))
+    columns: list[Any] = list(zip(*(admit.call for admit in admits), strict=True))
+    for at, literal in _ADMIT_COLUMNS:
+        columns[at] = literal(columns[at])
     limit_from: list[int] = []
     limit_count: list[int] = []
     meters: list[str] = []
@@ -354,8 +418,8 @@ def _admit_many_args(admits: Sequence[_Admit]) -> list[Any]:
         keys.append(call.keys)
     return [
         *columns[: _LIMITS.start],
-        limit_from,
-        limit_count,
+        _numbers(limit_from),
+        _numbers(limit_count),
         _joined(meters),
         _joined(pers),
         _joined(maxes),
@@ -367,8 +431,9 @@ def _admit_many_args(admits: Sequence[_Admit]) -> list[Any]:
 
 def _settle_many_args(settles: Sequence[_Settle]) -> list[Any]:
     """gateway_settle_many's arguments for these settles (_SETTLE_MANY_ARGS)."""
-    calls = [settle.call for settle in settles]
-    columns: list[Any] = list(zip(*calls, strict=True))
+    columns: list[Any] = list(zip(*(settle.call for settle in settles), strict=True))
+    for at, literal in _SETTLE_COLUMNS:
+        columns[at] = literal(columns[at])
     check_from: list[int] = []
     check_count: list[int] = []
     channel_from: list[int] = []
@@ -383,10 +448,10 @@ def _settle_many_args(settles: Sequence[_Settle]) -> list[Any]:
         channels += settle.channels
     return [
         *columns[: _CHECKS.start],
-        check_from,
-        check_count,
-        channel_from,
-        channel_count,
+        _numbers(check_from),
+        _numbers(check_count),
+        _numbers(channel_from),
+        _numbers(channel_count),
         *(_joined(column) for column in columns[_CHECKS]),
         *columns[_CHECKS.stop : _SPECS],
         _joined(columns[_SPECS]),
