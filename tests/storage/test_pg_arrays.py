@@ -10,8 +10,9 @@ the calls to sending no list, alone or in a batch.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -23,6 +24,7 @@ from gateway.storage import (
     AdmissionLimits,
     AlertCheck,
     AlertRequest,
+    Lease,
     Pending,
     UsageEvent,
     alert_spec,
@@ -97,13 +99,18 @@ async def test_number_literals_read_back_as_the_exact_numbers(conn: asyncpg.Conn
 
 
 @pytest.fixture
-async def pg(postgres_dsn: str) -> AsyncIterator[PostgresStorage]:
+async def pg(postgres_dsn: str, caplog: pytest.LogCaptureFixture) -> AsyncIterator[PostgresStorage]:
+    """A store whose batches are never refused: a batch PostgreSQL could not
+    read would go call by call (gateway/storage/group.py), hiding the fault."""
     await _truncate(postgres_dsn)
+    caplog.set_level(logging.INFO, logger="gateway.storage")
     store = await PostgresStorage.open(postgres_dsn)
     try:
         yield store
     finally:
         await store.close()
+    refused = [r.getMessage() for r in caplog.get_records("call") if "refused" in r.getMessage()]
+    assert not refused
 
 
 def _no_lists(sent: list[tuple[str, tuple[Any, ...]]], name: str) -> int:
@@ -206,3 +213,105 @@ async def test_admissions_and_settles_send_no_list_and_keep_any_key(
         (per_model.name, 50),
         (tokens.name, 10),
     ]
+
+
+async def test_a_batch_records_every_column_as_it_was_given(pg: PostgresStorage) -> None:
+    """A settle batch's columns sent as literals - texts, NULLs, exact money,
+    floats, flags, times with their offsets - are recorded as the events held
+    them, in a batch as alone."""
+    await pg.ensure_user("alice", plan="free")
+    saigon = timezone(timedelta(hours=7))
+    events = [
+        UsageEvent(
+            answer_id=f'answer "{i}", {{x}}',
+            user_id="alice",
+            day=DAY,
+            created_at=datetime(2026, 11, 21, 16, 30, 5, 123456 + i, tzinfo=saigon),
+            endpoint="chat-messages",
+            prompt_tokens=10**12 + i,
+            completion_tokens=i,
+            total_tokens=10**12 + 2 * i,
+            cost=Decimal("0.0010000") * (i + 1),
+            currency="VND",
+            outcome="client_disconnected" if i % 2 else "complete",
+            estimated=bool(i % 2),
+            web_searches=i,
+            conversation_id=None if i % 2 else "NULL",
+            request_id=TEXTS[i],
+            upstream_latency_ms=None if i % 2 else 1e-05 * i,
+            overhead_ms=12.25 + i,
+            model=TEXTS[i + 5],
+            cached_tokens=i,
+            reasoning_tokens=2 * i,
+            cache_write_tokens=3 * i,
+            upstream=f"up\\{i}",
+        )
+        for i in range(6)
+    ]
+    assert await pg.settle(events[0])
+    assert await asyncio.gather(*(pg.settle(e) for e in events[1:])) == [True] * 5
+    batches, calls = pg.group_commit["settle"]
+    assert calls > batches  # some went together
+    recorded = [e async for e in pg.events(DAY, DAY)]
+    assert sorted(recorded, key=lambda e: e.answer_id) == events
+
+
+async def test_a_batch_of_admissions_writes_each_pending_row_and_lease_as_given(
+    pg: PostgresStorage, postgres_dsn: str
+) -> None:
+    """An admission batch's columns sent as literals: each pending row and
+    lease holds what its admission gave (texts, exact money, times with their
+    offsets, advanced RAG counted), in a batch as alone."""
+    await pg.ensure_user("alice", plan="free")
+    saigon = timezone(timedelta(hours=7))
+    now = datetime(2026, 11, 21, 16, 30, 5, 123456, tzinfo=saigon)
+
+    async def admit(i: int) -> bool:
+        admission = await pg.admit(
+            "alice",
+            day=DAY,
+            month_start=MONTH,
+            limits=AdmissionLimits(queries_per_day=100, max_concurrent_streams=10),
+            now=now,
+            lease=Lease(f"r{i}", now + timedelta(minutes=i + 1, microseconds=i)),
+            advanced_rag=bool(i % 2),
+            pending=Pending(
+                id=f"r{i}",
+                endpoint=TEXTS[i],  # type: ignore[arg-type]
+                prompt_tokens=10**12 + i,
+                completion_tokens=i,
+                total_tokens=10**12 + 2 * i,
+                cost=Decimal("0.0010000") * (i + 1),
+                currency='V"ND',
+                reserved_cost=Decimal("0.5") * i,
+                upstream=f"up,{i}",
+            ),
+        )
+        return admission.admitted
+
+    # (TEXTS[5] is None: an endpoint is never None.)
+    numbers = [0, 1, 2, 3, 4, 6]
+    assert await admit(numbers[0])
+    assert await asyncio.gather(*(admit(i) for i in numbers[1:])) == [True] * 5
+    batches, calls = pg.group_commit["admit"]
+    assert calls > batches  # some went together
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT p.id, p.created_at, p.endpoint, p.prompt_tokens, p.completion_tokens, "
+            "p.total_tokens, p.cost, p.currency, p.reserved_cost, p.upstream, s.expires_at "
+            "FROM pending_answers p JOIN stream_leases s USING (id) ORDER BY p.id"
+        )
+        day = await conn.fetchrow(
+            "SELECT queries, advanced_rag, cost_reserved FROM usage_daily WHERE user_id = 'alice'"
+        )
+    finally:
+        await conn.close()
+    assert [tuple(row) for row in rows] == [
+        (
+            f"r{i}", now, TEXTS[i], 10**12 + i, i, 10**12 + 2 * i, Decimal("0.0010000") * (i + 1),
+            'V"ND', Decimal("0.5") * i, f"up,{i}", now + timedelta(minutes=i + 1, microseconds=i),
+        )
+        for i in numbers
+    ]  # fmt: skip
+    assert tuple(day) == (6, 2, Decimal("0.5") * sum(numbers))
