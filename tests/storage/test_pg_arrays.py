@@ -115,10 +115,15 @@ async def pg(postgres_dsn: str, caplog: pytest.LogCaptureFixture) -> AsyncIterat
 
 def _no_lists(sent: list[tuple[str, tuple[Any, ...]]], name: str) -> int:
     """How many of the statements sent call `name`; asserts none of them had a
-    list or tuple among its arguments."""
+    list or tuple among its arguments but a batch's column of times."""
     calls = [args for query, args in sent if name in query]
     for args in calls:
-        assert not [a for a in args if isinstance(a, list | tuple)], (name, args)
+        walked = [
+            a
+            for a in args
+            if isinstance(a, list | tuple) and not all(isinstance(x, date | None) for x in a)
+        ]
+        assert not walked, (name, args)
     return len(calls)
 
 
@@ -160,7 +165,7 @@ async def test_admissions_and_settles_send_no_list_and_keep_any_key(
     """Per-model limits whose models hold the characters the array syntax
     treats specially, and alert checks named so: admitted and settled alone and
     in batches, every counter and crossing is the one its key names, and no
-    admission or settle sent a list."""
+    admission or settle sent a list (but a batch's column of times)."""
     await pg.ensure_user("alice", plan="free")
     odd = ('we"ird\\model', "a,b {c}", "NULL")
     per_model = Limit('q "per" model, {odd}', "queries", "day", Decimal(5), models=odd)
