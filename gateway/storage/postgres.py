@@ -132,8 +132,9 @@ def _param(number: int, array: str | None) -> str:
     # $n::text::T[]: the parameter is text (asyncpg sends a str as it is) and
     # PostgreSQL's array_in reads it. asyncpg's array encoder walks each element
     # through isinstance checks against the collections ABCs, one Python-level
-    # call or two each: about 3% of an answer's instructions on PostgreSQL when
-    # the admission and the settle sent their arrays that way (issue 24).
+    # call or two each: 6-8% of an answer's instructions on PostgreSQL when the
+    # admission and the settle sent their arrays that way (issue 24; measured
+    # with bench.grind), a quarter of a batch's.
     return f"${number}" if array is None else f"${number}::text::{array}[]"
 
 
@@ -162,21 +163,14 @@ def _nullable(values: Iterable[int | Decimal | float | None]) -> str:
     return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
 
 
-def _times(values: Iterable[date | None]) -> str:
-    """An array literal of dates or timezone-aware datetimes (ISO 8601 with
-    its UTC offset), None as NULL."""
-    return "{" + ",".join("NULL" if v is None else v.isoformat() for v in values) + "}"
-
-
 def _bools(values: Iterable[bool | None]) -> str:
     return "{" + ",".join("NULL" if v is None else "t" if v else "f" for v in values) + "}"
 
 
-# Each SQL type's literal: a batch sends its columns as literals too (_BINARY).
+# Each SQL type's literal: a batch sends its columns as literals too, but its
+# dates and times (_BINARY).
 _LITERALS: dict[str, Callable[[Any], str]] = {
     "text": _texts,
-    "date": _times,
-    "timestamptz": _times,
     "boolean": _bools,
     "smallint": _nullable,
     "integer": _nullable,
