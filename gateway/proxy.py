@@ -195,6 +195,32 @@ async def _send_by(send: Send, message: Message, send_by: float) -> bool:
     return True
 
 
+class _Ending:
+    """The sends that end an answer, each waiting for the client until ``send_by``
+    (the event loop's time) at most (`_send_by`). The client is ``stalled`` once
+    one has run out (or the relay's deadline ran out while a send waited): it
+    read nothing more in time, and what was cut is missing from what it has.
+    Nothing more is sent to it then: a later send could go out at once, the
+    client reading again just after the deadline, and end the response as if
+    it were whole, or wait without the bound."""
+
+    __slots__ = ("send", "send_by", "stalled")
+
+    def __init__(self, send: Send, send_by: float, *, stalled: bool = False) -> None:
+        self.send = send
+        self.send_by = send_by
+        self.stalled = stalled
+
+    async def __call__(self, message: Message) -> bool:
+        """Send ``message`` unless the client is stalled: False if it was not sent."""
+        if self.stalled:
+            return False
+        if not await _send_by(self.send, message, self.send_by):
+            self.stalled = True
+            return False
+        return True
+
+
 def _sending_by(send: Send, send_by: float) -> Send:
     """``send``, each message waiting for the client until ``send_by`` at most,
     then raising `_ClientStalled` (`_send_by`)."""
@@ -963,7 +989,9 @@ class Proxy:
             return
         # The head waits for the client (it can only wait behind an unread answer
         # pipelined before it) no longer than the relay's deadline; then the
-        # answer is relayed as to a client that left, and settled.
+        # answer is relayed as to a client that left, and settled, and the
+        # response never started: `gateway serve` aborts the connection
+        # (HeadWithBodyCycle), where uvicorn alone would answer 500.
         if not await self._start(x, send, status, headers, send_by=send_by):
             log.warning(
                 "request %s: could not start the response: the client read nothing in time",
@@ -1108,6 +1136,9 @@ class Proxy:
         ended = client.ended(response)
         last: bytes | None = None
         cancelled: asyncio.CancelledError | None = None
+        # A send is waiting for the client: a deadline that runs out then finds
+        # a client that read nothing more in time.
+        sending = stalled = False
         ending: list[RelayCommand]
         try:
             async with asyncio.timeout(None if watcher is None else total) as deadline:
@@ -1137,9 +1168,11 @@ class Proxy:
                             if watcher is None:
                                 watcher = loop.create_task(_wait_for_disconnect(receive))
                                 deadline.reschedule(since + total)
+                            sending = True
                             await send(
                                 {"type": "http.response.body", "body": out, "more_body": True}
                             )
+                            sending = False
                     meter_chunk(chunk)
         except (UpstreamBroken, TimeoutError) as exc:
             # TimeoutError: the deadline ran out (upstream.total_timeout, or the
@@ -1154,6 +1187,12 @@ class Proxy:
                 kind,
                 exc.__cause__ if isinstance(exc, UpstreamBroken) else exc,
             )
+            if sending and isinstance(exc, TimeoutError):
+                stalled = True
+                log.warning(
+                    "request %s: could not send an event: the client read nothing more in time",
+                    x.request_id,
+                )
             self._noticed(x, relay, watcher)
             ending = relay.upstream_broken(kind)
         except EventTooLarge as exc:
@@ -1184,7 +1223,11 @@ class Proxy:
         # reading (its socket's buffers full) holds its connection, never the
         # answer's record, which follows the end of the response.
         when = deadline.when()
-        send_by = since + total if when is None else when
+        ending_sends = _Ending(
+            send,
+            since + total if when is None else when,
+            stalled=stalled,
+        )
         forms = self.follows.paused_forms(x, relay.meter, None if sse else relay.buffer)
         if forms:
             # Kept before the client sees the end of an answer that paused for
@@ -1198,9 +1241,9 @@ class Proxy:
             else:
                 # Not the end of the response next (an error event, a client
                 # gone): sent now, in order.
-                await self._execute(x, RelaySend(last), send, send_by)
+                await self._execute(x, RelaySend(last), ending_sends)
         for command in ending:
-            await self._execute(x, command, send, send_by)
+            await self._execute(x, command, ending_sends)
         if cancelled is not None:
             raise cancelled
 
@@ -1210,11 +1253,10 @@ class Proxy:
             self._metrics.inc("gateway_client_disconnects_total")
             relay.client_left(at_end=True)
 
-    async def _execute(
-        self, x: Exchange, command: RelayCommand, send: Send, send_by: float
-    ) -> None:
+    async def _execute(self, x: Exchange, command: RelayCommand, send: _Ending) -> None:
         """Do one of the commands that end an answer's relay; a send waits for the
-        client until ``send_by`` (the event loop's time) at most."""
+        client until the relay's deadline at most, and none is made once one has
+        run out (`_Ending`)."""
         if isinstance(command, Settle | Refund):
             if command.metering_error is not None:
                 log.error(
@@ -1229,8 +1271,9 @@ class Proxy:
         elif isinstance(command, RelaySend | End):
             more = isinstance(command, RelaySend)
             message = {"type": "http.response.body", "body": command.body, "more_body": more}
+            stalled = send.stalled
             try:
-                if not await _send_by(send, message, send_by):
+                if not await send(message) and not stalled:
                     # The client stopped reading: the answer is settled all the same.
                     log.warning(
                         "request %s: could not %s: the client read nothing more in time",
@@ -1249,8 +1292,10 @@ class Proxy:
             # Recorded; now tell the client why its answer ends here, as an SSE
             # error event and a proper end of the stream, if it still listens.
             with contextlib.suppress(Exception):
-                await send({"type": "http.response.body", "body": command.body, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if await send(
+                    {"type": "http.response.body", "body": command.body, "more_body": True}
+                ):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _history(
         self,

@@ -154,7 +154,7 @@ async def test_a_gateway_killed_mid_answer_leaves_it_to_be_recovered_as_an_estim
 async def test_sigterm_lets_open_answers_finish_within_the_grace_and_charges_the_rest(
     database_url: str, storage: Storage, tmp_path: Path
 ) -> None:
-    async with setup(storage, database_url, tmp_path, server={"shutdown_grace": 2}) as s:
+    async with setup(storage, database_url, tmp_path, server={"shutdown_grace": 1}) as s:
         client, key, fake = s.client, s.key, s.fake
         gateway = await GatewayProcess.start(s.config, ENV)
         try:

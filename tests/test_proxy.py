@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 import gateway.proxy
+from gateway.request_limits.protocol import BoundedHeadProtocol, HeadSettings
 from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, direct_request, running_gateway
 from tests.servers import read_body, serve
@@ -653,6 +654,11 @@ async def test_a_chunk_is_sent_before_the_end_of_the_body_is_known(sqlite_url: s
 
 # --- a client that stops reading -----------------------------------------------------
 
+# upstream.total_timeout in these tests: the relay's deadline, which only has to
+# fire. It is also the upstream's read timeout, so it leaves the fake upstream
+# room to answer on a loaded machine.
+STALL_DEADLINE = 0.3
+
 
 async def _stalled_request(
     h: Harness,
@@ -690,7 +696,7 @@ async def test_an_answer_whose_client_stops_reading_is_still_recorded(
     before the answer is settled."""
     piece = "x" * 2_000_000  # megabytes of answer: more than the sockets hold
     fake = FakeDify(api_key=UPSTREAM_KEY, answer=[piece, piece, piece, piece])
-    settings = {"upstream": {"total_timeout": 1.0}}
+    settings = {"upstream": {"total_timeout": STALL_DEADLINE}}
     async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
         writer = await _stalled_request(h, {**CHAT, "response_mode": mode})
         try:
@@ -711,7 +717,7 @@ async def test_an_answer_whose_head_waits_for_its_client_is_still_recorded(
     waits no longer than upstream.total_timeout, and the answer is then relayed
     as to a client that left, and recorded."""
     fake = FakeDify(api_key=UPSTREAM_KEY)
-    settings = {"upstream": {"total_timeout": 0.5}}
+    settings = {"upstream": {"total_timeout": STALL_DEADLINE}}
     async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
         scope, receive = direct_request(h.key, orjson.dumps({**CHAT, "response_mode": mode}))
         sent: list[dict[str, Any]] = []
@@ -728,6 +734,122 @@ async def test_an_answer_whose_head_waits_for_its_client_is_still_recorded(
     assert event.completion_tokens > 0
 
 
+class _GatewayServe(BoundedHeadProtocol):
+    """The protocol of `gateway serve`, with its send timeout far off: what ends a
+    connection below is the gateway's own doing."""
+
+    settings = HeadSettings(
+        head_limit=65536,
+        refusal=b"",
+        head_timeout=10.0,
+        timeout=b"",
+        max_connections=20,
+        busy=b"",
+        send_timeout=30.0,
+    )
+
+
+@pytest.mark.parametrize("call", ["answer", "side call"])
+async def test_a_response_whose_head_could_not_be_sent_ends_its_connection(
+    sqlite_url: str, call: str
+) -> None:
+    """Under `gateway serve`: a chat (or a paid side call) pipelined behind an
+    answer its client does not read, so its head waits, and gives up at
+    upstream.total_timeout; it is recorded (charged) all the same. The connection
+    is then aborted: uvicorn's own 500 (a write waiting on the client without a
+    limit) would tell a client that reads again that a request it was charged
+    for failed."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = {
+        "upstream": {"total_timeout": STALL_DEADLINE},
+        "call_prices": {"dify.text_to_audio": {"price": "0.015", "currency": "EUR"}},
+    }
+    if call == "answer":
+        path, payload = "/v1/chat-messages", orjson.dumps({**CHAT, "response_mode": "blocking"})
+    else:
+        path, payload = "/v1/text-to-audio", orjson.dumps({"text": "Xin chào", "user": "mallory"})
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        big = b"x" * 8_000_000  # more than the sockets on both ends hold
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope["path"] == "/big":
+                headers = [(b"content-length", str(len(big)).encode())]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": big})
+                return
+            await h.app(scope, receive, send)
+
+        async with serve(app, http=f"{__name__}:_GatewayServe") as url:
+            host, _, port = url.removeprefix("http://").partition(":")
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(
+                b"GET /big HTTP/1.1\r\nHost: gw\r\n\r\n"
+                + f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {h.key}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
+            try:
+                await h.probes.wait_finished(1, timeout=15)
+                (event,) = await h.events()
+                # The client reads again: what was written before, then the end
+                # (an abort, or a close after a 500: the reading ends either way).
+                data = b""
+                async with asyncio.timeout(15):
+                    with contextlib.suppress(ConnectionError):
+                        while piece := await reader.read(1 << 20):
+                            data += piece
+            finally:
+                writer.transport.abort()
+    if call == "answer":
+        assert event.completion_tokens > 0  # recorded once, as for a client that left
+    else:
+        assert event.cost == Decimal("0.015")
+    assert data.startswith(b"HTTP/1.1 200")  # the answer before it
+    assert b"HTTP/1.1 500" not in data
+
+
+@pytest.mark.parametrize("where", ["ending", "relay"])
+async def test_no_send_after_one_that_ran_out(sqlite_url: str, where: str) -> None:
+    """A send that ran out at the deadline (the client read nothing more in time)
+    leaves that client stalled: the sends after it are not made, even if the
+    client reads again at once (here the stalled send never returns, and the ones
+    after it would have gone out at once), so it can never get a response ended
+    as if whole with a piece missing. ``ending``: the answer holds mid-stream past
+    upstream.total_timeout, and the ending's first send (an error event, before
+    the end of the stream) runs out; ``relay``: the answer's first event runs out,
+    the ending (the same two sends) would follow."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = {"upstream": {"total_timeout": STALL_DEADLINE}}
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        # Events apart: the first is passed on alone, before the end is known.
+        scenario = [(b"x-fake-scenario", b"hold")] if where == "ending" else []
+        scenario.append((b"x-fake-delay-ms", b"20"))
+        scope, receive = direct_request(h.key, orjson.dumps(CHAT), *scenario)
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            body = message.get("body", b"")
+            if (b"upstream_error" in body) if where == "ending" else len(sent) == 2:
+                await asyncio.Event().wait()  # the client reads nothing, until...
+
+        async with asyncio.timeout(15):
+            await h.app(scope, receive, send)
+            await h.probes.wait_finished(1)
+        events = await h.events()
+    stalled = sent[-1]["body"]  # and nothing after it
+    assert b"upstream_error" in stalled if where == "ending" else b"data:" in stalled
+    assert len([m for m in sent if b"upstream_error" in m.get("body", b"")]) <= 1
+    assert all(m.get("more_body", True) for m in sent)  # never ended
+    if where == "ending":  # read up to the hold, and charged
+        (event,) = events
+        assert event.completion_tokens > 0
+
+
 async def test_a_side_call_whose_client_stops_reading_is_still_charged(sqlite_url: str) -> None:
     """A paid side call's reply (text to audio) to a client that keeps its
     connection open but reads nothing: its sends wait no longer than
@@ -735,7 +857,7 @@ async def test_a_side_call_whose_client_stops_reading_is_still_charged(sqlite_ur
     connected."""
     fake = FakeDify(api_key=UPSTREAM_KEY)
     settings = {
-        "upstream": {"total_timeout": 1.0},
+        "upstream": {"total_timeout": STALL_DEADLINE},
         "call_prices": {"dify.text_to_audio": {"price": "0.015", "currency": "EUR"}},
     }
     async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:

@@ -160,10 +160,18 @@ class HeadWithBodyCycle(RequestResponseCycle):
     # BoundedHeadProtocol._start_asgi_task), without running an __init__.
     _held: bytes | None = None
     _flush: asyncio.Handle | None = None
+    # A send of the head given up (cancelled: the application's deadline) while it
+    # waited for a client that read nothing: see run_asgi.
+    _stalled = False
 
     async def send(self, message: Message) -> None:  # type: ignore[override]
         if self.flow.write_paused and not self.disconnected:
-            await self.flow.drain()  # first, so the framing below runs without a pause
+            try:
+                await self.flow.drain()  # first, so the framing below runs without a pause
+            except asyncio.CancelledError:
+                if not self.response_started:
+                    self._stalled = True
+                raise
         held = self._held
         if held is None and self.response_started:
             await super().send(message)  # type: ignore[arg-type]
@@ -203,6 +211,14 @@ class HeadWithBodyCycle(RequestResponseCycle):
                     if self._flush is not None:
                         self._flush.cancel()
                     self._write_held()
+                elif self._stalled and not self.response_started and not self.disconnected:
+                    # An application that gave up on its head (the client read
+                    # nothing in time) and ends without a response: the connection
+                    # is aborted. uvicorn would answer 500 instead, a write waiting
+                    # on that client without a limit, and a misleading answer for a
+                    # request that may have been served (and charged) all the same.
+                    self.transport.abort()
+                    self.disconnected = True  # uvicorn sends nothing more
 
         await super().run_asgi(run)
 
