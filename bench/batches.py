@@ -24,6 +24,7 @@ from typing import Any
 
 import asyncpg
 
+from gateway.quota.limits import Limit
 from gateway.storage.postgres import (
     _ADMIT,
     _ADMIT_BATCHED,
@@ -32,10 +33,15 @@ from gateway.storage.postgres import (
     _SETTLE_BATCHED,
     _SETTLE_MANY,
     PostgresStorage,
+    _Admit,
     _admit_many_args,
     _AdmitCall,
+    _limit_texts,
+    _numbers,
+    _Settle,
     _settle_many_args,
     _SettleCall,
+    _texts,
 )
 
 
@@ -52,19 +58,31 @@ class Answers:
         self.day = self.now.date()
         self.month = self.day.replace(day=1)
 
-    def admission(self, i: int, user: str) -> _AdmitCall:
-        """gateway_admit's arguments for a plan with queries_per_day,
-        tokens_per_day, tokens_per_month and max_concurrent_streams (meter and
-        window numbers as in gateway/quota/limits.py), the answer's pending row and lease."""
+    # A plan with queries_per_day, tokens_per_day, tokens_per_month and
+    # max_concurrent_streams.
+    limits = (
+        Limit("queries_per_day", "queries", "day", Decimal(10**9)),
+        Limit("tokens_per_day", "tokens", "day", Decimal(10**12)),
+        Limit("tokens_per_month", "tokens", "month", Decimal(10**13)),
+        Limit("max_concurrent_streams", "streams", "open", Decimal(10**6)),
+    )
+    texts = _limit_texts(limits)
+
+    def admission(self, i: int, user: str) -> _Admit:
+        """gateway_admit's arguments for the plan's limits, the answer's
+        pending row and lease."""
+        return _Admit(self._admission(i, user), self.limits)
+
+    def _admission(self, i: int, user: str) -> _AdmitCall:
         return _AdmitCall(
             user_id=user,
             day=self.day,
             month_start=self.month,
-            meters=[1, 8, 8, 10],
-            pers=[1, 1, 2, 3],
-            maxes=[Decimal(10**9), Decimal(10**12), Decimal(10**13), Decimal(10**6)],
-            scopes=[1, 1, 1, 1],
-            keys=[None] * 4,
+            meters=self.texts.meters,
+            pers=self.texts.pers,
+            maxes=self.texts.maxes,
+            scopes=self.texts.scopes,
+            keys=self.texts.keys,
             lease_id=f"r{i}",
             lease_expires=self.now + timedelta(minutes=10),
             now=self.now,
@@ -84,12 +102,15 @@ class Answers:
         )
 
     @staticmethod
-    def admit_batch(calls: list[_AdmitCall]) -> list[Any]:
+    def admit_batch(calls: list[_Admit]) -> list[Any]:
         """``gateway_admit_many``'s arguments, as PostgresStorage._admit_many builds them."""
         return _admit_many_args(calls)
 
-    def settle(self, i: int, user: str) -> _SettleCall:
+    def settle(self, i: int, user: str) -> _Settle:
         """gateway_settle's arguments for answer i's admission, with one alert check."""
+        return _Settle(self._settle(i, user), 1, 1)
+
+    def _settle(self, i: int, user: str) -> _SettleCall:
         return _SettleCall(
             answer_id=f"m{i}",
             user_id=user,
@@ -114,23 +135,23 @@ class Answers:
             cached_tokens=0,
             reasoning_tokens=0,
             month_start=self.month,
-            kinds=["tokens_per_day"],
-            periods=[str(self.day)],
-            values=[10**12],
-            thresholds=[80],
-            channels=["webhook"],
+            kinds=_texts(["tokens_per_day"]),
+            periods=_texts([str(self.day)]),
+            values=_numbers([10**12]),
+            thresholds=_numbers([80]),
+            channels=_texts(["webhook"]),
             cache_write_tokens=0,
             upstream="default",
-            specs=[None],
+            specs=_texts([None]),
         )
 
     @staticmethod
-    def settle_batch(calls: list[_SettleCall]) -> list[Any]:
+    def settle_batch(calls: list[_Settle]) -> list[Any]:
         """``gateway_settle_many``'s arguments, as PostgresStorage._settle_many builds them."""
         return _settle_many_args(calls)
 
 
-async def measure(dsn: str, answers: int) -> list[tuple[int, str, float, float]]:
+async def measure(dsn: str, answers: int) -> list[tuple[int, str, float, float, float]]:
     conn = await asyncpg.connect(dsn)
     try:
         for u in range(100):
@@ -142,17 +163,18 @@ async def measure(dsn: str, answers: int) -> list[tuple[int, str, float, float]]
         for users in (1, 100):
             for batch, many in ((1, False), (1, True), (10, True), (50, True)):
                 cpu, wall = _cpu_seconds(pid), time.perf_counter()
+                client = time.process_time()
                 for start in range(done, done + answers, batch):
                     ids = range(start, start + batch)
                     admissions = [make.admission(i, f"u{i % users}") for i in ids]
                     settles = [make.settle(i, f"u{i % users}") for i in ids]
                     if not many:
-                        await conn.fetchrow(_ADMIT, *admissions[0])
-                        await conn.fetchval(_SETTLE, *settles[0])
+                        await conn.fetchrow(_ADMIT, *admissions[0].call)
+                        await conn.fetchval(_SETTLE, *settles[0].call)
                     else:
                         if batch == 1:  # as PostgresStorage sends a batch of one
-                            await conn.fetchrow(_ADMIT_BATCHED, *admissions[0])
-                            await conn.fetchval(_SETTLE_BATCHED, *settles[0])
+                            await conn.fetchrow(_ADMIT_BATCHED, *admissions[0].call)
+                            await conn.fetchval(_SETTLE_BATCHED, *settles[0].call)
                         else:
                             await conn.fetch(_ADMIT_MANY, *make.admit_batch(admissions))
                             await conn.fetch(_SETTLE_MANY, *make.settle_batch(settles))
@@ -163,6 +185,7 @@ async def measure(dsn: str, answers: int) -> list[tuple[int, str, float, float]]
                         f"{batch}" if many else "1 (single calls)",
                         1000 * (_cpu_seconds(pid) - cpu) / answers,
                         1000 * (time.perf_counter() - wall) / answers,
+                        1000 * (time.process_time() - client) / answers,
                     )
                 )
         return rows
@@ -191,10 +214,12 @@ async def main() -> None:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await admin.close()
     print(f"{args.answers:,} answers per row, one connection")
-    print("| users | answers per call | PostgreSQL CPU per answer | wall per answer |")
-    print("|---:|---:|---:|---:|")
-    for users, batch, cpu, wall in rows:
-        print(f"| {users} | {batch} | {cpu:.3f} ms | {wall:.3f} ms |")
+    # The client's CPU: building the arguments as PostgresStorage does and
+    # asyncpg's encoding of them (and decoding of the answers).
+    print("| users | answers per call | PostgreSQL CPU per answer | wall per answer | client CPU |")
+    print("|---:|---:|---:|---:|---:|")
+    for users, batch, cpu, wall, client in rows:
+        print(f"| {users} | {batch} | {cpu:.3f} ms | {wall:.3f} ms | {client:.3f} ms |")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -115,25 +115,110 @@ _RESERVE_UPLOAD = "SELECT * FROM gateway_reserve_upload($1, $2, $3, $4, $5, $6, 
 # few dozen a larger batch saves little, and a batch holds its users' row locks
 # until it commits.
 DEFAULT_MAX_BATCH = 64
+# Plans' limit sets whose array literals are kept (PostgresStorage._limit_texts):
+# more than any configuration has plans and teams' plans, times a few reloads.
+_LIMIT_LITERALS_KEPT = 256
 
 
-def _call(select: str, count: int) -> str:
-    """`select` applied to `count` parameters, $1 to $count."""
-    return f"{select}({', '.join(f'${n}' for n in range(1, count + 1))})"
+def _call(select: str, fields: Sequence[str], arrays: dict[str, str] | None = None) -> str:
+    """`select` applied to one parameter per field, $1 to $len(fields); a field
+    named in `arrays` is sent as the text of an array of that type (_numbers,
+    _texts)."""
+    arrays = arrays or {}
+    return f"{select}({', '.join(_param(n, arrays.get(f)) for n, f in enumerate(fields, 1))})"
+
+
+def _param(number: int, array: str | None) -> str:
+    # $n::text::T[]: the parameter is text (asyncpg sends a str as it is) and
+    # PostgreSQL's array_in reads it. asyncpg's array encoder walks each element
+    # through isinstance checks against the collections ABCs, one Python-level
+    # call or two each: 6-8% of an answer's instructions on PostgreSQL when the
+    # admission and the settle sent their arrays that way (issue 24; measured
+    # with bench.grind), a quarter of a batch's.
+    return f"${number}" if array is None else f"${number}::text::{array}[]"
+
+
+def _numbers(values: Iterable[int | Decimal]) -> str:
+    """An array literal of numbers (str of an int or a Decimal is what
+    PostgreSQL's numeric and integer input read, exponents included)."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _texts(values: Iterable[str | None]) -> str:
+    """An array literal of texts: each element quoted, its quotes and
+    backslashes escaped (the array input syntax), None as NULL."""
+    return (
+        "{"
+        + ",".join(
+            "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            for v in values
+        )
+        + "}"
+    )
+
+
+def _nullable(values: Iterable[int | Decimal | float | None]) -> str:
+    """An array literal of numbers, None as NULL (str of a float is what
+    PostgreSQL's float input reads, inf and nan included)."""
+    return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
+
+
+def _bools(values: Iterable[bool | None]) -> str:
+    return "{" + ",".join("NULL" if v is None else "t" if v else "f" for v in values) + "}"
+
+
+# Each SQL type's literal: a batch sends its columns as literals too, but its
+# dates and times (_BINARY).
+_LITERALS: dict[str, Callable[[Any], str]] = {
+    "text": _texts,
+    "boolean": _bools,
+    "smallint": _nullable,
+    "integer": _nullable,
+    "bigint": _nullable,
+    "numeric": _nullable,
+    "double precision": _nullable,
+}
+
+
+def _joined(literals: Iterable[str]) -> str:
+    """The array literals' elements as one literal, in order."""
+    return "{" + ",".join(x[1:-1] for x in literals if x != "{}") + "}"
+
+
+class _Limits(NamedTuple):
+    """Limits as gateway_admit takes them, as array literals (_param): meter and
+    window numbers (1-based, in quota.METERS and quota.PERS order), maximums,
+    scopes (1 user, 2 team) and per-model counter keys."""
+
+    meters: str
+    pers: str
+    maxes: str
+    scopes: str
+    keys: str
+
+
+def _limit_texts(limits: Sequence[Limit]) -> _Limits:
+    return _Limits(
+        _numbers([METERS.index(limit.meter) + 1 for limit in limits]),
+        _numbers([PERS.index(limit.per) + 1 for limit in limits]),
+        _numbers([limit.max for limit in limits]),
+        _numbers([2 if limit.scope == "team" else 1 for limit in limits]),
+        _texts([limit.counter_key for limit in limits]),
+    )
 
 
 class _AdmitCall(NamedTuple):
     """One admission: gateway_admit's arguments, in its order (the limits are
-    five arrays there: _limit_arrays)."""
+    five arrays there, sent as text: _Limits)."""
 
     user_id: str
     day: date
     month_start: date
-    meters: list[int]
-    pers: list[int]
-    maxes: list[Decimal]
-    scopes: list[int]
-    keys: list[str | None]
+    meters: str
+    pers: str
+    maxes: str
+    scopes: str
+    keys: str
     lease_id: str | None
     lease_expires: datetime | None
     now: datetime
@@ -188,14 +273,27 @@ class _SettleCall(NamedTuple):
     cached_tokens: int
     reasoning_tokens: int
     month_start: date | None
-    kinds: list[str]
-    periods: list[str]
-    values: list[int | Decimal]
-    thresholds: list[int]
-    channels: list[str]
+    kinds: str
+    periods: str
+    values: str
+    thresholds: str
+    channels: str
     cache_write_tokens: int
     upstream: str
-    specs: list[str | None]
+    specs: str
+
+
+class _Settle(NamedTuple):
+    """A settle waiting for its batch: its call (its arrays sent as text, _param),
+    and how many alert checks and channels those hold."""
+
+    call: _SettleCall
+    checks: int
+    channels: int
+
+
+# A settle without alert checks: its arrays, empty.
+_NO_CHECKS = ("{}", "{}", "{}", "{}", "{}")
 
 
 # The group-commit functions (0010) take each call's arguments as arrays, in the
@@ -220,29 +318,88 @@ _SETTLE_MANY_ARGS = (
     *_SettleCall._fields[_CHECKS],
     *_SettleCall._fields[_CHECKS.stop :],
 )
-_ADMIT = _call("SELECT * FROM gateway_admit", len(_AdmitCall._fields))
+# The SQL types of the functions' parameters (of the arrays' elements in the
+# group-commit functions).
+_ADMIT_TYPES = dict(
+    zip(
+        _ADMIT_MANY_ARGS,
+        (
+            *("text", "date", "date", "integer", "integer"),
+            *("smallint", "smallint", "numeric", "smallint", "text"),
+            *("text", "timestamptz", "timestamptz", "boolean", "text", "text"),
+            *("bigint", "bigint", "bigint", "numeric", "text"),
+            *("boolean", "boolean", "numeric", "text", "text"),
+        ),
+        strict=True,
+    )
+)
+_SETTLE_TYPES = dict(
+    zip(
+        _SETTLE_MANY_ARGS,
+        (
+            *("text", "text", "date", "timestamptz", "text", "bigint", "bigint", "bigint"),
+            *("numeric", "text", "text", "boolean", "integer", "text", "text"),
+            *("double precision", "double precision", "text", "text", "text"),
+            *("bigint", "bigint", "date", "integer", "integer", "integer", "integer"),
+            *("text", "text", "numeric", "integer", "text", "bigint", "text", "text"),
+        ),
+        strict=True,
+    )
+)
+_ADMIT_ARRAYS = {f: _ADMIT_TYPES[f] for f in _AdmitCall._fields[_LIMITS]}
+_SETTLE_ARRAYS = {f: _SETTLE_TYPES[f] for f in (*_SettleCall._fields[_CHECKS], "specs")}
+_ADMIT = _call("SELECT * FROM gateway_admit", _AdmitCall._fields, _ADMIT_ARRAYS)
 # A batch of one: gateway_admit with p_batched (an unknown user is known =
 # false, under the batches' lock timeout).
 _ADMIT_BATCHED = _ADMIT.removesuffix(")") + ", true)"
-_SETTLE = _call("SELECT gateway_settle", len(_SettleCall._fields))
+_SETTLE = _call("SELECT gateway_settle", _SettleCall._fields, _SETTLE_ARRAYS)
 # A batch of one: gateway_settle with p_batched (under the batches' lock timeout).
 _SETTLE_BATCHED = _SETTLE.removesuffix(")") + ", true)"
-_ADMIT_MANY = _call("SELECT * FROM gateway_admit_many", len(_ADMIT_MANY_ARGS))
-_SETTLE_MANY = _call("SELECT * FROM gateway_settle_many", len(_SETTLE_MANY_ARGS))
+# A batch's columns go as literals, but its dates and times: asyncpg walks an
+# array of them for less than their isoformat costs here, and PostgreSQL reads
+# them in binary for a fraction of parsing their text (about 0.5 us a
+# timestamp). Measured with a batch of 50 (client instructions per answer,
+# under callgrind): every column an array 406k, every one a literal 315k,
+# these as arrays 302k; texts or numbers as arrays too, 342k and 354k.
+_BINARY = ("date", "timestamptz")
+_ADMIT_MANY_ARRAYS = {
+    f: t for f, t in _ADMIT_TYPES.items() if t not in _BINARY or f in _ADMIT_ARRAYS
+}
+_SETTLE_MANY_ARRAYS = {
+    f: t for f, t in _SETTLE_TYPES.items() if t not in _BINARY or f in _SETTLE_ARRAYS
+}
+_ADMIT_MANY = _call("SELECT * FROM gateway_admit_many", _ADMIT_MANY_ARGS, _ADMIT_MANY_ARRAYS)
+_SETTLE_MANY = _call("SELECT * FROM gateway_settle_many", _SETTLE_MANY_ARGS, _SETTLE_MANY_ARRAYS)
+# The columns of a batch made literals from the calls' values (the others are
+# the calls' literals joined, or made by the batch).
+_ADMIT_COLUMNS = [
+    (at, _LITERALS[_ADMIT_TYPES[field]])
+    for at, field in enumerate(_AdmitCall._fields)
+    if field in _ADMIT_MANY_ARRAYS and field not in _ADMIT_ARRAYS
+]
+_SETTLE_COLUMNS = [
+    (at, _LITERALS[_SETTLE_TYPES[field]])
+    for at, field in enumerate(_SettleCall._fields)
+    if field in _SETTLE_MANY_ARRAYS and field not in _SETTLE_ARRAYS
+]
 
 
-def _admit_many_args(calls: Sequence[_AdmitCall]) -> list[Any]:
-    """gateway_admit_many's arguments for these calls (_ADMIT_MANY_ARGS)."""
-    columns: list[Any] = list(zip(*calls, strict=True))
+def _admit_many_args(admits: Sequence[_Admit]) -> list[Any]:
+    """gateway_admit_many's arguments for these admissions (_ADMIT_MANY_ARGS)."""
+    columns: list[Any] = list(zip(*(admit.call for admit in admits), strict=True))
+    for at, literal in _ADMIT_COLUMNS:
+        columns[at] = literal(columns[at])
     limit_from: list[int] = []
     limit_count: list[int] = []
-    meters: list[int] = []
-    pers: list[int] = []
-    maxes: list[Decimal] = []
-    scopes: list[int] = []
-    keys: list[str | None] = []
+    meters: list[str] = []
+    pers: list[str] = []
+    maxes: list[str] = []
+    scopes: list[str] = []
+    keys: list[str] = []
+    count = 0
     last: _AdmitCall | None = None
-    for call in calls:
+    for admit in admits:
+        call = admit.call
         # A call with the same limits as the one before it (one plan's users)
         # shares its slice: the function slices the arrays once per set.
         if (
@@ -257,63 +414,53 @@ def _admit_many_args(calls: Sequence[_AdmitCall]) -> list[Any]:
             limit_count.append(limit_count[-1])
             continue
         last = call
-        limit_from.append(len(meters) + 1)
-        limit_count.append(len(call.meters))
-        meters += call.meters
-        pers += call.pers
-        maxes += call.maxes
-        scopes += call.scopes
-        keys += call.keys
+        limit_from.append(count + 1)
+        limit_count.append(len(admit.limits))
+        count += len(admit.limits)
+        meters.append(call.meters)
+        pers.append(call.pers)
+        maxes.append(call.maxes)
+        scopes.append(call.scopes)
+        keys.append(call.keys)
     return [
         *columns[: _LIMITS.start],
-        limit_from,
-        limit_count,
-        meters,
-        pers,
-        maxes,
-        scopes,
-        keys,
+        _numbers(limit_from),
+        _numbers(limit_count),
+        _joined(meters),
+        _joined(pers),
+        _joined(maxes),
+        _joined(scopes),
+        _joined(keys),
         *columns[_LIMITS.stop :],
     ]
 
 
-def _settle_many_args(calls: Sequence[_SettleCall]) -> list[Any]:
-    """gateway_settle_many's arguments for these calls (_SETTLE_MANY_ARGS)."""
-    columns: list[Any] = list(zip(*calls, strict=True))
+def _settle_many_args(settles: Sequence[_Settle]) -> list[Any]:
+    """gateway_settle_many's arguments for these settles (_SETTLE_MANY_ARGS)."""
+    columns: list[Any] = list(zip(*(settle.call for settle in settles), strict=True))
+    for at, literal in _SETTLE_COLUMNS:
+        columns[at] = literal(columns[at])
     check_from: list[int] = []
     check_count: list[int] = []
     channel_from: list[int] = []
     channel_count: list[int] = []
-    kinds: list[str] = []
-    periods: list[str] = []
-    values: list[int | Decimal] = []
-    thresholds: list[int] = []
-    channels: list[str] = []
-    specs: list[str | None] = []
-    for call in calls:
-        check_from.append(len(kinds) + 1)
-        check_count.append(len(call.kinds))
-        kinds += call.kinds
-        periods += call.periods
-        values += call.values
-        thresholds += call.thresholds
-        specs += call.specs
-        channel_from.append(len(channels) + 1)
-        channel_count.append(len(call.channels))
-        channels += call.channels
+    checks = channels = 0
+    for settle in settles:
+        check_from.append(checks + 1)
+        check_count.append(settle.checks)
+        checks += settle.checks
+        channel_from.append(channels + 1)
+        channel_count.append(settle.channels)
+        channels += settle.channels
     return [
         *columns[: _CHECKS.start],
-        check_from,
-        check_count,
-        channel_from,
-        channel_count,
-        kinds,
-        periods,
-        values,
-        thresholds,
-        channels,
+        _numbers(check_from),
+        _numbers(check_count),
+        _numbers(channel_from),
+        _numbers(channel_count),
+        *(_joined(column) for column in columns[_CHECKS]),
         *columns[_CHECKS.stop : _SPECS],
-        specs,
+        _joined(columns[_SPECS]),
     ]
 
 
@@ -498,8 +645,8 @@ def _usable(conn: asyncpg.pool.PoolConnectionProxy) -> bool:
         return False
 
 
-def _settled_user(call: _SettleCall) -> str:
-    return call.user_id
+def _settled_user(settle: _Settle) -> str:
+    return settle.call.user_id
 
 
 class PostgresStorage:
@@ -513,10 +660,11 @@ class PostgresStorage:
             abandoned=self._admission_abandoned,
             key=_admitted_user,
         )
-        self._settles: GroupCommit[_SettleCall, bool] = GroupCommit(
+        self._settles: GroupCommit[_Settle, bool] = GroupCommit(
             "settle", self._settle_many, self._settle_one, max_batch=max_batch, key=_settled_user
         )
         self._background: set[asyncio.Task[Any]] = set()
+        self._limit_literals: dict[int, tuple[tuple[Limit, ...], _Limits]] = {}
         # Connections the admission batches keep between them (at most the
         # batcher's in_flight): taken from the pool and given back through it
         # cost an admission two more turns of the event loop (asyncpg's release
@@ -855,18 +1003,21 @@ class PostgresStorage:
         team: str | None = None,
     ) -> Admission:
         reserved = limits.with_web_search(web_search)
-        meters, pers, maxes, scopes, keys = _limit_arrays(reserved)
+        # A plan's limits are one tuple for as long as its snapshot lives
+        # (AdmissionLimits): their literals are made once (a web search's
+        # allowance put first makes a tuple of the call's own).
+        texts = self._limit_texts(reserved) if reserved is limits.limits else _limit_texts(reserved)
         # Positional, in the record's order: by keyword, building it cost 4-5 µs
         # more a call (docs/performance.md). mypy checks each field's type.
         call = _AdmitCall(
             user_id,
             day,
             month_start,
-            meters,
-            pers,
-            maxes,
-            scopes,
-            keys,
+            texts.meters,
+            texts.pers,
+            texts.maxes,
+            texts.scopes,
+            texts.keys,
             lease.id if lease else None,
             lease.expires_at if lease else None,
             now,
@@ -885,6 +1036,19 @@ class PostgresStorage:
             pending.upstream if pending else "default",
         )
         return await self._admits(_Admit(call, reserved))
+
+    def _limit_texts(self, limits: tuple[Limit, ...]) -> _Limits:
+        """_limit_texts of a plan's limits, made once: found by the tuple's
+        identity (hashing a tuple of dataclasses is a Python call per limit);
+        the entry holds the tuple, so its id is not reused while it is kept."""
+        kept = self._limit_literals.get(id(limits))
+        if kept is not None and kept[0] is limits:
+            return kept[1]
+        texts = _limit_texts(limits)
+        if len(self._limit_literals) >= _LIMIT_LITERALS_KEPT:  # reloads made new ones
+            self._limit_literals.clear()
+        self._limit_literals[id(limits)] = (limits, texts)
+        return texts
 
     async def _admit_one(self, admit: _Admit) -> Admission:
         with _mapped():
@@ -913,9 +1077,7 @@ class PostgresStorage:
                     return [NotFound("unknown user")]
                 return [_admission(row, admits[0].limits)]
             with _mapped(), _mapped_batch():
-                rows = await conn.fetch(
-                    _ADMIT_MANY, *_admit_many_args([admit.call for admit in admits])
-                )
+                rows = await conn.fetch(_ADMIT_MANY, *_admit_many_args(admits))
             kept = True
         finally:
             if (
@@ -1085,57 +1247,68 @@ class PostgresStorage:
         pending_id: str | None = None,
         alerts: AlertRequest | None = None,
     ) -> bool:
-        checks = [(c, t) for c in alerts.checks for t in c.thresholds] if alerts else []
+        if alerts is None:
+            kinds, periods, values, thresholds, specs = _NO_CHECKS
+            channels = "{}"
+            checked = channel_count = 0
+        else:
+            checks = [(c, t) for c in alerts.checks for t in c.thresholds]
+            kinds = _texts([c.limit for c, _ in checks])
+            periods = _texts([c.period for c, _ in checks])
+            values = _numbers([c.value for c, _ in checks])
+            thresholds = _numbers([t for _, t in checks])
+            specs = _texts([c.spec for c, _ in checks])
+            channels = _texts(alerts.channels)
+            checked, channel_count = len(checks), len(alerts.channels)
         # Positional, in the record's order, as the admission's call.
-        return await self._settles(
-            _SettleCall(
-                event.answer_id,
-                event.user_id,
-                event.day,
-                event.created_at,
-                event.endpoint,
-                event.prompt_tokens,
-                event.completion_tokens,
-                event.total_tokens,
-                event.cost,
-                event.currency,
-                event.outcome,
-                event.estimated,
-                event.web_searches,
-                event.conversation_id,
-                event.request_id,
-                event.upstream_latency_ms,
-                event.overhead_ms,
-                lease_id,
-                pending_id,
-                event.model,
-                event.cached_tokens,
-                event.reasoning_tokens,
-                alerts.month_start if alerts else None,
-                [c.limit for c, _ in checks],
-                [c.period for c, _ in checks],
-                [c.value for c, _ in checks],
-                [t for _, t in checks],
-                list(alerts.channels) if alerts else [],
-                event.cache_write_tokens,
-                event.upstream,
-                [c.spec for c, _ in checks],
-            )
+        call = _SettleCall(
+            event.answer_id,
+            event.user_id,
+            event.day,
+            event.created_at,
+            event.endpoint,
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.total_tokens,
+            event.cost,
+            event.currency,
+            event.outcome,
+            event.estimated,
+            event.web_searches,
+            event.conversation_id,
+            event.request_id,
+            event.upstream_latency_ms,
+            event.overhead_ms,
+            lease_id,
+            pending_id,
+            event.model,
+            event.cached_tokens,
+            event.reasoning_tokens,
+            alerts.month_start if alerts else None,
+            kinds,
+            periods,
+            values,
+            thresholds,
+            channels,
+            event.cache_write_tokens,
+            event.upstream,
+            specs,
         )
+        return await self._settles(_Settle(call, checked, channel_count))
 
-    async def _settle_one(self, call: _SettleCall) -> bool:
+    async def _settle_one(self, settle: _Settle) -> bool:
         with _mapped():
-            return bool(await self._pool.fetchval(_SETTLE, *call))
+            return bool(await self._pool.fetchval(_SETTLE, *settle.call))
 
-    async def _settle_many(self, calls: Sequence[_SettleCall]) -> list[bool | Exception]:
-        if len(calls) == 1:
+    async def _settle_many(self, settles: Sequence[_Settle]) -> list[bool | Exception]:
+        if len(settles) == 1:
             # A batch of one (no batch was in flight: the usual case under light
             # load) goes as it is, under the batches' lock timeout.
             with _mapped(), _mapped_batch():
-                return [bool(await self._pool.fetchval(_SETTLE_BATCHED, *calls[0]))]
+                return [bool(await self._pool.fetchval(_SETTLE_BATCHED, *settles[0].call))]
         with _mapped(), _mapped_batch():
-            rows = await self._pool.fetch(_SETTLE_MANY, *_settle_many_args(calls))
-        results: list[bool | Exception] = [StorageError("no answer")] * len(calls)
+            rows = await self._pool.fetch(_SETTLE_MANY, *_settle_many_args(settles))
+        results: list[bool | Exception] = [StorageError("no answer")] * len(settles)
         for row in rows:
             results[row["ord"] - 1] = bool(row["settled"])
         return results

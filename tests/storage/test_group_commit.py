@@ -883,14 +883,14 @@ async def test_a_batch_of_one_admission_keeps_its_lock_timeout_to_itself(
     try:
         async with conn.transaction():
             await conn.execute("SET LOCAL lock_timeout = '7s'")
-            for user, maxes in (("alice", [Decimal(5)]), ("alice", [Decimal(0)]), ("bob", [])):
+            for user, maxes in (("alice", "{5}"), ("alice", "{0}"), ("bob", "{}")):
+                ones, keys = ("{}", "{}") if maxes == "{}" else ("{1}", "{NULL}")
                 row = await conn.fetchrow(
                     _ADMIT_BATCHED,
                     *_AdmitCall(
-                        user, DAY, DAY.replace(day=1), [1] * len(maxes), [1] * len(maxes), maxes,
-                        [1] * len(maxes), [None] * len(maxes), None, None, NOW, False, None,
-                        None, None, None, None, None, None, False, False, Decimal(0), None,
-                        "default",
+                        user, DAY, DAY.replace(day=1), ones, ones, maxes, ones, keys, None, None,
+                        NOW, False, None, None, None, None, None, None, None, False, False,
+                        Decimal(0), None, "default",
                     ),
                 )  # fmt: skip
                 assert row is not None and row["known"] is (user == "alice")
@@ -914,7 +914,7 @@ async def test_a_batch_of_one_settle_keeps_its_lock_timeout_to_itself(
         return _SettleCall(
             answer_id, user, DAY, NOW, "chat-messages", 75, 25, 100, Decimal("0.001"), "USD",
             "complete", False, 0, None, None, 1.0, 1.0, None, pending, None, 0, 0, MONTH,
-            ["tokens_per_day"], ["day"], [1000], [5], [], 0, "default", [None],
+            '{"tokens_per_day"}', '{"day"}', "{1000}", "{5}", "{}", 0, "default", "{NULL}",
         )  # fmt: skip
 
     conn = await asyncpg.connect(pg_dsn(pg))
