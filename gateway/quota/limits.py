@@ -374,10 +374,22 @@ def decide(
     return Decision(None, web)
 
 
+# The meters a `Charge` can add to (its `amount` is 0 for every other).
+_CHARGED: tuple[Meter, ...] = (
+    "queries",
+    "advanced_rag",
+    "web_searches",
+    "uploads",
+    "upload_bytes",
+    "cost",
+    "streams",
+)
+
+
 def charged(counters: Counters, charge: Charge, web_searches: int) -> Counters:
     """The counters after an admitted request's charge (the user's and the team's)."""
     amounts: dict[Meter, Decimal] = {}
-    for meter in METERS:
+    for meter in _CHARGED:
         amount = Decimal(web_searches) if meter == "web_searches" else charge.amount(meter)
         if amount:
             amounts[meter] = amount

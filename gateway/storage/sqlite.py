@@ -1661,6 +1661,7 @@ class SQLiteStorage:
         created = _ts(now)
         stamp = created if limits.counts_streams else None
         keys = sorted({k for k in (x.counter_key for x in checked) if k is not None})
+        expires = _ts(lease.expires_at) if lease is not None else ""
 
         def run(conn: sqlite3.Connection) -> Admission:
             # Under BEGIN IMMEDIATE no other connection can write between these
@@ -1700,7 +1701,7 @@ class SQLiteStorage:
                     monthly=monthly,
                     rates=rates["team"],
                 )
-            models = _model_counters(conn, user_id, keys, today, month)
+            models = _model_counters(conn, user_id, keys, today, month) if keys else None
             counters = counters_from(
                 day_used, month_used, streams, rates["user"], team=team_counters, models=models
             )
@@ -1725,12 +1726,14 @@ class SQLiteStorage:
                 "cost_reserved = dec_add(cost_reserved, excluded.cost_reserved)",
                 (user_id, today, charge.advanced_rag, searches, str(charge.cost)),
             )
-            _count_rates(conn, user_id, bits, "queries", epoch, 1)
-            _add_models(conn, user_id, keys, today, queries=1, reserved=charge.cost)
+            if bits:
+                _count_rates(conn, user_id, bits, "queries", epoch, 1)
+            if keys:
+                _add_models(conn, user_id, keys, today, queries=1, reserved=charge.cost)
             if lease is not None:
                 conn.execute(
                     "INSERT INTO stream_leases (id, user_id, expires_at) VALUES (?, ?, ?)",
-                    (lease.id, user_id, _ts(lease.expires_at)),
+                    (lease.id, user_id, expires),
                 )
             if pending is not None:
                 # In the same transaction: an admitted answer is never unrecorded.
