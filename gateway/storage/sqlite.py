@@ -180,6 +180,11 @@ CHECKPOINT_LAG = 2
 # The most calls of a batch made on the event loop rather than on the thread
 # (a few hundred microseconds each; the event loop waits for them).
 NOW_MOST = 4
+# The most members of a team whose admission is made on the event loop (issue
+# 24): its counters are read member by member, two statements each; a larger
+# team's admission goes to the thread, as every team's did (the hop cost more
+# than a small team's statements).
+TEAM_NOW_MOST = 4
 # What the WAL is cut back to when it starts again: a few checkpoints' worth.
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 
@@ -518,6 +523,8 @@ def _in_one_transaction(
                 conn.execute("SAVEPOINT call")
             try:
                 outcomes.append(call.run(conn))
+            except NotNow:
+                raise  # (on the event loop: the batch goes to the thread, nothing written)
             except Exception as exc:
                 if not conn.in_transaction:
                     # SQLite ended the transaction itself (a full disk, an I/O
@@ -593,11 +600,14 @@ def _team_counters(
     *,
     monthly: bool,
     rates: dict[tuple[Meter, Per], Decimal],
+    most: int | None = None,
 ) -> Counters:
     """A team's counters: its members' day rows summed, their open streams at
     ``now`` (None: not counted), and ``rates`` (what the team's rate windows
-    count)."""
+    count). `NotNow` when the team has more than ``most`` members (None: any)."""
     members = [row[0] for row in conn.execute("SELECT id FROM users WHERE team_id = ?", (team,))]
+    if most is not None and len(members) > most:
+        raise NotNow
     day = [Decimal(0)] * len(DAY_METERS)
     month = [Decimal(0)] * len(DAY_METERS)
     for member in members:
@@ -1038,6 +1048,8 @@ class SQLiteStorage:
             run_now_many=self._call_now_many,
         )
         self._background: set[asyncio.Task[None]] = set()
+        # Teams found larger than TEAM_NOW_MOST: their admissions go to the thread.
+        self._large_teams: set[str] = set()
         # Calls sent to the connection's thread and not yet answered (batches,
         # lone calls, a WAL restart; not the checkpoints, which have a thread
         # of their own): a call is made on the event loop only when it is 0.
@@ -1692,15 +1704,22 @@ class SQLiteStorage:
                 rates[limit.scope][(limit.meter, limit.per)] = rate_used(found, limit.per, epoch)
             team_counters = None
             if team is not None and limits.has_team:
-                team_counters = _team_counters(
-                    conn,
-                    team,
-                    today,
-                    month,
-                    now,
-                    monthly=monthly,
-                    rates=rates["team"],
-                )
+                try:
+                    team_counters = _team_counters(
+                        conn,
+                        team,
+                        today,
+                        month,
+                        now,
+                        monthly=monthly,
+                        rates=rates["team"],
+                        # On the event loop, a small team's only (its rows are
+                        # read member by member); on the thread, any.
+                        most=None if self._on_thread else TEAM_NOW_MOST,
+                    )
+                except NotNow:
+                    self._large_teams.add(team)  # its next admissions go to the thread
+                    raise
             models = _model_counters(conn, user_id, keys, today, month) if keys else None
             counters = counters_from(
                 day_used, month_used, streams, rates["user"], team=team_counters, models=models
@@ -1766,8 +1785,7 @@ class SQLiteStorage:
         return await self._tx(
             run,
             abandoned=self._admission_abandoned(user_id, day, lease, pending),
-            # A team's counters sum its members' rows: not on the event loop.
-            now=team is None or not limits.has_team,
+            now=team is None or not limits.has_team or team not in self._large_teams,
         )
 
     async def rate_counts(self, user_id: str, *, now: datetime) -> dict[tuple[Meter, Per], Decimal]:
