@@ -539,13 +539,19 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     By default asyncpg resets every connection it takes back (RESET ALL, UNLISTEN,
     unlock advisory locks...): one more round trip per statement, which doubled
     the database round trips of every answer (measured in docs/performance.md).
-    The gateway leaves no session state behind - no SET, LISTEN, cursors or
+    The gateway leaves no session state behind - no SET but the one every
+    connection makes when it opens (`_init_connection`), no LISTEN, cursors or
     session-level advisory locks (migrations lock per transaction) - and asyncpg
     still rolls back a transaction left open before calling this.
     """
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
+    # The array literals (_param) write NULL unquoted, which PostgreSQL reads as
+    # NULL only under array_nulls = on (its default; a database or role may turn
+    # it off). Set for the connection's life, whatever those defaults: a SET, not
+    # a startup parameter, which a pooler such as PgBouncer may refuse.
+    await conn.execute("SET array_nulls = on")
     await conn.set_type_codec(
         "jsonb",
         schema="pg_catalog",
@@ -709,10 +715,6 @@ class PostgresStorage:
                 command_timeout=command_timeout,
                 init=_init_connection,
                 reset=_keep_session,
-                # The array literals (_param) write NULL unquoted: read as NULL
-                # only under array_nulls = on, whatever the database's or role's
-                # default (a startup parameter overrides both).
-                server_settings={"array_nulls": "on"},
             )
         return cls(pool, max_batch=max_batch)
 
