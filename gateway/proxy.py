@@ -221,6 +221,18 @@ class _Ending:
         return True
 
 
+def _meter_unsent(meter_chunk: Callable[[bytes], object], chunk: bytes) -> EventTooLarge | None:
+    """Meter a chunk whose send to the client never completed (the deadline ran
+    out, or the request was cancelled, while it waited): passed on or not, the
+    upstream produced it. An event too large in it is returned, for the ending
+    that charges what was read or the estimate."""
+    try:
+        meter_chunk(chunk)
+    except EventTooLarge as exc:
+        return exc
+    return None
+
+
 def _sending_by(send: Send, send_by: float) -> Send:
     """``send``, each message waiting for the client until ``send_by`` at most,
     then raising `_ClientStalled` (`_send_by`)."""
@@ -1137,8 +1149,12 @@ class Proxy:
         last: bytes | None = None
         cancelled: asyncio.CancelledError | None = None
         # A send is waiting for the client: a deadline that runs out then finds
-        # a client that read nothing more in time.
+        # a client that read nothing more in time. Its chunk is metered after the
+        # send (the meter's work does not delay the bytes), so one that never
+        # completes leaves its chunk unmetered: metered by the ending instead
+        # (`_meter_unsent`), since the upstream produced, and bills, it.
         sending = stalled = False
+        too_large: EventTooLarge | None = None
         ending: list[RelayCommand]
         try:
             async with asyncio.timeout(None if watcher is None else total) as deadline:
@@ -1193,8 +1209,13 @@ class Proxy:
                     "request %s: could not send an event: the client read nothing more in time",
                     x.request_id,
                 )
+                too_large = _meter_unsent(meter_chunk, chunk)
             self._noticed(x, relay, watcher)
-            ending = relay.upstream_broken(kind)
+            ending = (
+                relay.upstream_broken(kind)
+                if too_large is None
+                else relay.event_too_large(too_large.events)
+            )
         except EventTooLarge as exc:
             # A line or event past upstream.max_event_bytes: a broken (or hostile)
             # upstream, charged what was read (or the estimate).
@@ -1206,10 +1227,16 @@ class Proxy:
             # The server is going away (or cancelled this request): what was read
             # is still settled below, shielded, before the cancellation goes on.
             cancelled = exc
+            if sending:
+                too_large = _meter_unsent(meter_chunk, chunk)
             self._noticed(x, relay, watcher)
-            ending = relay.shutdown()
+            ending = (
+                relay.shutdown() if too_large is None else relay.event_too_large(too_large.events)
+            )
         except Exception:
             log.exception("request %s: unexpected error while relaying an answer", x.request_id)
+            if sending:
+                _meter_unsent(meter_chunk, chunk)  # the failure charges an estimate at least
             self._noticed(x, relay, watcher)
             ending = relay.gateway_failed()
         else:

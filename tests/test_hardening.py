@@ -510,3 +510,31 @@ async def test_odd_openai_answers_are_recorded(
     assert response.status_code == 200
     (event,) = events
     assert (event.prompt_tokens, event.completion_tokens) == tokens
+
+
+@pytest.mark.parametrize("policy", ["stop", "drain"])
+@pytest.mark.parametrize("shape", ["chatflow", "agent"])
+async def test_leaving_after_the_first_event_is_never_free(
+    sqlite_url: str, policy: str, shape: str
+) -> None:
+    """Attack: read a streamed answer up to its first event (workflow_started, an
+    agent's first thought: no text, no node usage yet), then disconnect, again and
+    again. The upstream has the prompt (and bills it): each answer is charged,
+    never given back."""
+    fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.05)
+    settings = {"upstream": {"on_client_disconnect": policy, "disconnect_grace": 5.0}}
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        async with (
+            httpx.AsyncClient(base_url=h.url, timeout=10) as client,
+            client.stream(
+                "POST",
+                "/v1/chat-messages",
+                json=CHAT,
+                headers=h.auth(**{"x-fake-scenario": shape}),
+            ) as response,
+        ):
+            first = await anext(response.aiter_raw())
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert b"workflow_started" in first or b"agent_thought" in first  # no text yet
+    assert event.total_tokens > 0

@@ -756,9 +756,10 @@ async def test_a_response_whose_head_could_not_be_sent_ends_its_connection(
     """Under `gateway serve`: a chat (or a paid side call) pipelined behind an
     answer its client does not read, so its head waits, and gives up at
     upstream.total_timeout; it is recorded (charged) all the same. The connection
-    is then aborted: uvicorn's own 500 (a write waiting on the client without a
+    is then closed: uvicorn's own 500 (a write waiting on the client without a
     limit) would tell a client that reads again that a request it was charged
-    for failed."""
+    for failed. Closed, not aborted: the answer before it, handed over whole,
+    still reaches a client that reads again."""
     fake = FakeDify(api_key=UPSTREAM_KEY)
     settings = {
         "upstream": {"total_timeout": STALL_DEADLINE},
@@ -796,7 +797,7 @@ async def test_a_response_whose_head_could_not_be_sent_ends_its_connection(
                 await h.probes.wait_finished(1, timeout=15)
                 (event,) = await h.events()
                 # The client reads again: what was written before, then the end
-                # (an abort, or a close after a 500: the reading ends either way).
+                # (a close, or one after a 500: the reading ends either way).
                 data = b""
                 async with asyncio.timeout(15):
                     with contextlib.suppress(ConnectionError):
@@ -808,7 +809,9 @@ async def test_a_response_whose_head_could_not_be_sent_ends_its_connection(
         assert event.completion_tokens > 0  # recorded once, as for a client that left
     else:
         assert event.cost == Decimal("0.015")
-    assert data.startswith(b"HTTP/1.1 200")  # the answer before it
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert rest[: len(big)] == big  # the answer before it, whole
     assert b"HTTP/1.1 500" not in data
 
 
@@ -841,13 +844,18 @@ async def test_no_send_after_one_that_ran_out(sqlite_url: str, where: str) -> No
             await h.app(scope, receive, send)
             await h.probes.wait_finished(1)
         events = await h.events()
+        stops = list(fake.stops)
     stalled = sent[-1]["body"]  # and nothing after it
     assert b"upstream_error" in stalled if where == "ending" else b"data:" in stalled
     assert len([m for m in sent if b"upstream_error" in m.get("body", b"")]) <= 1
     assert all(m.get("more_body", True) for m in sent)  # never ended
-    if where == "ending":  # read up to the hold, and charged
-        (event,) = events
-        assert event.completion_tokens > 0
+    # Charged what was read, the event whose send ran out included: it holds the
+    # first text (and the task id), which the upstream produced and bills. Its
+    # meter learnt the task id from it, so the answer was stopped upstream too.
+    (event,) = events
+    assert event.completion_tokens > 0
+    if where == "relay":
+        assert stops
 
 
 async def test_a_side_call_whose_client_stops_reading_is_still_charged(sqlite_url: str) -> None:
@@ -900,3 +908,63 @@ async def test_a_send_that_waits_is_finished_under_its_deadline_or_cut_by_it() -
         async with asyncio.timeout(0):
             await gateway.proxy._Rest(steps, waiting)
     assert done == ["a"]
+
+
+async def test_the_shutdown_notice_waits_for_its_client_no_longer_than_the_deadline(
+    sqlite_url: str,
+) -> None:
+    """A request cancelled (the server going away) whose client reads nothing
+    more: the shutdown notice's send gives up at upstream.total_timeout, and the
+    cancellation goes on; the answer is recorded as cut by the shutdown."""
+    fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.05)
+    settings = {"upstream": {"total_timeout": STALL_DEADLINE}}
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        scope, receive = direct_request(h.key, orjson.dumps(CHAT))
+        first_chunk = asyncio.Event()
+
+        async def send(message: dict[str, Any]) -> None:
+            if message.get("body"):
+                first_chunk.set()
+            if b"shutting_down" in message.get("body", b""):
+                await asyncio.Event().wait()  # the client reads nothing more
+
+        task = asyncio.create_task(h.app(scope, receive, send))
+        await first_chunk.wait()
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=15)
+        if not done:
+            task.cancel()  # the notice's send waited without a bound
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert done
+    assert event.outcome == "shutdown"
+
+
+async def test_an_answer_cancelled_while_its_first_event_waits_for_the_client_is_charged(
+    sqlite_url: str,
+) -> None:
+    """The server goes away (the request is cancelled) while the answer's first
+    event waits for a client that reads nothing: that event, the first text,
+    came from the upstream and is billed there, so the answer is charged what it
+    holds, never refunded."""
+    fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.05)
+    # The shutdown notice's send waits for this client too, until the deadline.
+    settings = {"upstream": {"total_timeout": STALL_DEADLINE}}
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        scope, receive = direct_request(h.key, orjson.dumps(CHAT))
+        waiting = asyncio.Event()
+
+        async def send(message: dict[str, Any]) -> None:
+            if message.get("body"):
+                waiting.set()
+                await asyncio.Event().wait()  # the client reads nothing
+
+        task = asyncio.create_task(h.app(scope, receive, send))
+        await waiting.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert event.outcome == "shutdown"
+    assert event.estimated and event.completion_tokens > 0

@@ -214,10 +214,14 @@ class HeadWithBodyCycle(RequestResponseCycle):
                 elif self._stalled and not self.response_started and not self.disconnected:
                     # An application that gave up on its head (the client read
                     # nothing in time) and ends without a response: the connection
-                    # is aborted. uvicorn would answer 500 instead, a write waiting
+                    # is closed. uvicorn would answer 500 instead, a write waiting
                     # on that client without a limit, and a misleading answer for a
                     # request that may have been served (and charged) all the same.
-                    self.transport.abort()
+                    # Closed, not aborted: what the transport still holds of the
+                    # answer before it (handed over whole, and recorded so) goes
+                    # out first; a client that reads none of it is cut by the
+                    # send timeout.
+                    self.transport.close()
                     self.disconnected = True  # uvicorn sends nothing more
 
         await super().run_asgi(run)

@@ -496,6 +496,16 @@ _TEAM_LIST = TEAM_LIST_SELECT.format(cost_sum="coalesce(sum(d.cost), 0)", p1="$1
 _COSTS_BY_CURRENCY = COSTS_BY_CURRENCY_SELECT.format(cost_sum="sum(cost)")
 
 
+def _batch_args(make: Callable[[Sequence[Any]], list[Any]], calls: Sequence[Any]) -> list[Any]:
+    """A batch's arguments; a call holding a value of the wrong type (which the
+    literals cannot format, and asyncpg refuses) splits the batch, as asyncpg's
+    refusal of it would: only that call fails."""
+    try:
+        return make(calls)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise SplitBatch(f"{type(exc).__name__}: {exc}") from exc
+
+
 @contextlib.contextmanager
 def _mapped_batch() -> Iterator[None]:
     """Like `_mapped`, but an error that one call of a batch can cause - a value
@@ -529,13 +539,19 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     By default asyncpg resets every connection it takes back (RESET ALL, UNLISTEN,
     unlock advisory locks...): one more round trip per statement, which doubled
     the database round trips of every answer (measured in docs/performance.md).
-    The gateway leaves no session state behind - no SET, LISTEN, cursors or
+    The gateway leaves no session state behind - no SET but the one every
+    connection makes when it opens (`_init_connection`), no LISTEN, cursors or
     session-level advisory locks (migrations lock per transaction) - and asyncpg
     still rolls back a transaction left open before calling this.
     """
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
+    # The array literals (_param) write NULL unquoted, which PostgreSQL reads as
+    # NULL only under array_nulls = on (its default; a database or role may turn
+    # it off). Set for the connection's life, whatever those defaults: a SET, not
+    # a startup parameter, which a pooler such as PgBouncer may refuse.
+    await conn.execute("SET array_nulls = on")
     await conn.set_type_codec(
         "jsonb",
         schema="pg_catalog",
@@ -665,6 +681,8 @@ class PostgresStorage:
         )
         self._background: set[asyncio.Task[Any]] = set()
         self._limit_literals: dict[int, tuple[tuple[Limit, ...], _Limits]] = {}
+        # Tuples admitted once, not yet kept (_limit_texts).
+        self._limit_seen_once: dict[int, tuple[Limit, ...]] = {}
         # Connections the admission batches keep between them (at most the
         # batcher's in_flight): taken from the pool and given back through it
         # cost an admission two more turns of the event loop (asyncpg's release
@@ -1040,14 +1058,27 @@ class PostgresStorage:
     def _limit_texts(self, limits: tuple[Limit, ...]) -> _Limits:
         """_limit_texts of a plan's limits, made once: found by the tuple's
         identity (hashing a tuple of dataclasses is a Python call per limit);
-        the entry holds the tuple, so its id is not reused while it is kept."""
-        kept = self._limit_literals.get(id(limits))
+        an entry holds its tuple, so its id is not reused while it is kept.
+
+        A tuple is kept from its second admission on: a plan with per-model
+        limits makes a tuple of each request's own (the models it names), seen
+        once, which would otherwise fill the cache and clear it, plans' tuples
+        with it, every few hundred requests."""
+        key = id(limits)
+        kept = self._limit_literals.get(key)
         if kept is not None and kept[0] is limits:
             return kept[1]
         texts = _limit_texts(limits)
+        seen = self._limit_seen_once.get(key)
+        if seen is None or seen is not limits:
+            if len(self._limit_seen_once) >= _LIMIT_LITERALS_KEPT:
+                self._limit_seen_once.clear()
+            self._limit_seen_once[key] = limits
+            return texts
+        del self._limit_seen_once[key]
         if len(self._limit_literals) >= _LIMIT_LITERALS_KEPT:  # reloads made new ones
             self._limit_literals.clear()
-        self._limit_literals[id(limits)] = (limits, texts)
+        self._limit_literals[key] = (limits, texts)
         return texts
 
     async def _admit_one(self, admit: _Admit) -> Admission:
@@ -1076,8 +1107,9 @@ class PostgresStorage:
                 if not row["known"]:
                     return [NotFound("unknown user")]
                 return [_admission(row, admits[0].limits)]
+            args = _batch_args(_admit_many_args, admits)
             with _mapped(), _mapped_batch():
-                rows = await conn.fetch(_ADMIT_MANY, *_admit_many_args(admits))
+                rows = await conn.fetch(_ADMIT_MANY, *args)
             kept = True
         finally:
             if (
@@ -1306,8 +1338,9 @@ class PostgresStorage:
             # load) goes as it is, under the batches' lock timeout.
             with _mapped(), _mapped_batch():
                 return [bool(await self._pool.fetchval(_SETTLE_BATCHED, *settles[0].call))]
+        args = _batch_args(_settle_many_args, settles)
         with _mapped(), _mapped_batch():
-            rows = await self._pool.fetch(_SETTLE_MANY, *_settle_many_args(settles))
+            rows = await self._pool.fetch(_SETTLE_MANY, *args)
         results: list[bool | Exception] = [StorageError("no answer")] * len(settles)
         for row in rows:
             results[row["ord"] - 1] = bool(row["settled"])

@@ -449,6 +449,12 @@ class DifyStreamMeter:
         partial = self._partial_usage()
         if self._error:
             return self._metered(partial, "error", code=self._error_code)
+        if partial is None and self._task_id is not None:
+            # The run began (Dify named its task) but no text or node usage came
+            # yet: the prompt is with the model, which bills it (and any hidden
+            # reasoning). Never free, whatever ended it: a client leaving after
+            # the first event would otherwise be refunded its query, every time.
+            partial = estimate_usage(self._prompt_chars, 0)
         # Naming the cause lets the ledger tell a broken usage event from a lost stream.
         code = "malformed_usage" if self._malformed else None
         return self._metered(partial, "cut", code=code)

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.quota.limits import Limit
 from gateway.storage import (
@@ -144,19 +146,20 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[Any, ...]]]:
     return seen
 
 
-def _event(answer_id: str, model: str) -> UsageEvent:
-    return UsageEvent(
-        answer_id=answer_id,
-        user_id="alice",
-        day=DAY,
-        created_at=NOW,
-        endpoint="chat-messages",
-        prompt_tokens=30,
-        completion_tokens=10,
-        total_tokens=40,
-        cost=Decimal("0.0010000"),
-        model=model,
-    )
+def _event(answer_id: str, model: str | None = "gpt-4o", **changes: Any) -> UsageEvent:
+    fields: dict[str, Any] = {
+        "answer_id": answer_id,
+        "user_id": "alice",
+        "day": DAY,
+        "created_at": NOW,
+        "endpoint": "chat-messages",
+        "prompt_tokens": 30,
+        "completion_tokens": 10,
+        "total_tokens": 40,
+        "cost": Decimal("0.0010000"),
+        "model": model,
+    }
+    return UsageEvent(**(fields | changes))
 
 
 async def test_admissions_and_settles_send_no_list_and_keep_any_key(
@@ -320,3 +323,193 @@ async def test_a_batch_of_admissions_writes_each_pending_row_and_lease_as_given(
         for i in numbers
     ]  # fmt: skip
     assert tuple(day) == (6, 2, Decimal("0.5") * sum(numbers))
+
+
+# --- review: batches with one bad call, array_nulls, the literals' cache -------------
+
+
+@pytest.fixture
+async def store(postgres_dsn: str) -> AsyncIterator[PostgresStorage]:
+    """A store whose batches may be refused (and split): the tests below send one."""
+    await _truncate(postgres_dsn)
+    store = await PostgresStorage.open(postgres_dsn)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def _settle_batch(pg: PostgresStorage, events: list[UsageEvent]) -> list[Any]:
+    """The events settled in one batch (the counters see one batch of them all)."""
+    before = pg.group_commit["settle"]
+    results = await asyncio.gather(*(pg.settle(e) for e in events), return_exceptions=True)
+    after = pg.group_commit["settle"]
+    assert (after[0] - before[0], after[1] - before[1]) == (1, len(events))
+    return results
+
+
+async def _ledger(pg: PostgresStorage) -> list[str]:
+    return sorted([e.answer_id async for e in pg.events(DAY, DAY)])
+
+
+async def test_a_value_of_the_wrong_type_fails_its_settle_alone(store: PostgresStorage) -> None:
+    """A value the literals cannot write (an int where a text goes): asyncpg
+    refused such a value alone, the batch split and only its call failed. It
+    still does: the batch is split, not failed whole (which sent every call of
+    it, the good records too, to the spool)."""
+    await store.ensure_user("alice", plan="free")
+    events = [_event("b1"), _event("b2", conversation_id=12345), _event("b3")]
+    results = await _settle_batch(store, events)
+    assert [type(r).__name__ for r in results] == ["bool", "StorageError", "bool"], results
+    assert await _ledger(store) == ["b1", "b3"]
+
+
+async def test_a_value_of_the_wrong_type_fails_its_admission_alone(
+    store: PostgresStorage,
+) -> None:
+    await store.ensure_user("alice", plan="free")
+    limits = AdmissionLimits(queries_per_day=10)
+
+    async def admit(name: str, currency: Any = "USD") -> Any:
+        return await store.admit(
+            "alice", day=DAY, month_start=MONTH, limits=limits, now=NOW,
+            pending=Pending(id=name, endpoint="chat-messages", currency=currency),
+        )  # fmt: skip
+
+    results = await asyncio.gather(
+        admit("p1"), admit("p2", currency=840), admit("p3"), return_exceptions=True
+    )
+    assert [type(r).__name__ for r in results] == ["Admission", "StorageError", "Admission"]
+
+
+@pytest.fixture
+async def array_nulls_off(postgres_dsn: str) -> AsyncIterator[PostgresStorage]:
+    """The run's database with ``array_nulls = off`` as its default (a DBA's
+    choice), under which an unquoted NULL in an array literal is the text 'NULL'."""
+    name = postgres_dsn.rpartition("/")[2]
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" SET array_nulls = off')
+        plain = await asyncpg.connect(postgres_dsn)
+        try:
+            assert await plain.fetchval("SHOW array_nulls") == "off"  # a new connection's
+        finally:
+            await plain.close()
+        await _truncate(postgres_dsn)
+        store = await PostgresStorage.open(postgres_dsn)
+        try:
+            yield store
+        finally:
+            await store.close()
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" RESET array_nulls')
+        await admin.close()
+
+
+async def test_array_nulls_off_keeps_none_null(array_nulls_off: PostgresStorage) -> None:
+    """None is written as an unquoted NULL: under array_nulls = off that would be
+    the text 'NULL' - a settle batch without a pending row (an answer admitted
+    while the database was away) claimed the pending row 'NULL', found none and
+    recorded nothing. The gateway's connections set array_nulls themselves."""
+    pg = array_nulls_off
+    await pg.ensure_user("alice", plan="free")
+    events = [
+        _event(f"n{i}", model=None, conversation_id=None, upstream_latency_ms=12.5, overhead_ms=0.5)
+        for i in range(3)
+    ]
+    assert await _settle_batch(pg, events) == [True] * 3
+    recorded = [e async for e in pg.events(DAY, DAY)]
+    assert {(e.model, e.conversation_id) for e in recorded} == {(None, None)}
+    assert len(recorded) == 3
+
+
+async def test_array_nulls_off_keeps_a_teams_limit_the_teams(
+    array_nulls_off: PostgresStorage,
+) -> None:
+    """Attack: three members of a team with a limit of 4 queries a day. A plain
+    limit's counter key is None; read as the text 'NULL' it was a per-model key,
+    counted on each member's own counters: every member had the whole team's
+    allowance (12 admitted)."""
+    pg = array_nulls_off
+    await pg.create_team("t1", plan="free", now=NOW)
+    users = ("alice", "bob", "carol")
+    for user in users:
+        await pg.ensure_user(user, plan="free")
+        await pg.set_team(user, "t1")
+    limits = AdmissionLimits((Limit("team_q", "queries", "day", Decimal(4), scope="team"),))
+    admitted = 0
+    for i in range(12):
+        admission = await pg.admit(
+            users[i % 3], day=DAY, month_start=MONTH, limits=limits, now=NOW,
+            pending=Pending(id=f"k{i}", endpoint="chat-messages"), team="t1",
+        )  # fmt: skip
+        admitted += admission.admitted
+    assert admitted == 4
+
+
+async def test_a_plans_limit_literals_are_made_once_beside_per_model_requests(
+    pg: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan with per-model limits makes each request's limits a tuple of its
+    own, seen once: they must not push a plan's kept literals out."""
+    import gateway.storage.postgres as postgres
+
+    await pg.ensure_user("alice", plan="free")
+    made: list[int] = []
+    original = postgres._limit_texts
+
+    def counting(limits: Any) -> Any:
+        made.append(len(limits))
+        return original(limits)
+
+    monkeypatch.setattr(postgres, "_limit_texts", counting)
+    stable = AdmissionLimits(queries_per_day=10**6)
+    per_model = Limit("gpt", "queries", "day", Decimal(10**6), models=("gpt-*",))
+    for _ in range(300):
+        await pg.admit("alice", day=DAY, month_start=MONTH, limits=stable, now=NOW)
+        fresh = AdmissionLimits((per_model,), queries_per_day=10**6)  # a request's own
+        await pg.admit("alice", day=DAY, month_start=MONTH, limits=fresh, now=NOW)
+    assert made.count(1) == 2  # the plan's: at its first admission and its second (kept)
+    assert len(pg._limit_literals) == 1
+
+
+# Text PostgreSQL's text can hold (no NUL, no lone surrogate), and what the array
+# input syntax treats specially.
+_STORABLE = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"))
+_TRICKY = st.text(st.sampled_from(list("\\\"{},NUL \t\n\r\x0b\x0c\x01\x7f'$[]:=\u00a0\ufeff😀")))
+_ANY_TEXT = st.one_of(st.none(), _STORABLE, _TRICKY, st.sampled_from(["NULL", "null", " NULL "]))
+
+
+class _Connection:
+    """One connection in a loop of its own, for a test hypothesis runs many times."""
+
+    def __init__(self, dsn: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.conn: asyncpg.Connection = self.loop.run_until_complete(asyncpg.connect(dsn))
+
+    def value(self, query: str, *args: Any) -> Any:
+        return self.loop.run_until_complete(self.conn.fetchval(query, *args))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.conn.close())
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def one_connection(postgres_dsn: str) -> Iterator[_Connection]:
+    connection = _Connection(postgres_dsn)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(_ANY_TEXT, max_size=5), max_size=5))
+def test_any_texts_read_back_alone_and_joined(
+    one_connection: _Connection, parts: list[list[str | None]]
+) -> None:
+    for part in parts:
+        assert one_connection.value("SELECT $1::text::text[]", _texts(part)) == part
+    joined = one_connection.value("SELECT $1::text::text[]", _joined(_texts(x) for x in parts))
+    assert joined == [v for part in parts for v in part]

@@ -539,22 +539,24 @@ PROMPT_ESTIMATE = estimate_tokens(len("Tell me a pangram") + len("dry"))
 
 
 @pytest.mark.parametrize(
-    ("events", "cut", "outcome", "code", "has_usage"),
+    ("events", "cut", "outcome", "code", "text"),
     [
-        ([error()], False, "error", "provider_quota_exceeded", False),
+        ([error()], False, "error", "provider_quota_exceeded", None),
         (
             [*[message(t) for t in TEXT], error("internal_server_error", 500)],
             False,
             "error",
             "internal_server_error",
-            True,
+            TEXT,
         ),
-        ([message(t) for t in TEXT], True, "cut", None, True),
-        ([message(t) for t in TEXT], False, "cut", None, True),
-        ([], True, "cut", None, False),
-        ([], False, "cut", None, False),
-        ([PING, PING], False, "cut", None, False),
-        ([message("")], True, "cut", None, False),
+        ([message(t) for t in TEXT], True, "cut", None, TEXT),
+        ([message(t) for t in TEXT], False, "cut", None, TEXT),
+        ([], True, "cut", None, None),
+        ([], False, "cut", None, None),
+        ([PING, PING], False, "cut", None, None),
+        # The run began (its task named) before any text: the prompt is billed.
+        ([message("")], True, "cut", None, []),
+        ([ev({"event": "workflow_started", **CHAT_ENVELOPE})], True, "cut", None, []),
     ],
     ids=[
         "error-before-text",
@@ -565,15 +567,22 @@ PROMPT_ESTIMATE = estimate_tokens(len("Tell me a pangram") + len("dry"))
         "no-events",
         "only-pings",
         "empty-text",
+        "only-started",
     ],
 )
 def test_failures(
-    events: list[ServerSentEvent], cut: bool, outcome: str, code: str | None, has_usage: bool
+    events: list[ServerSentEvent],
+    cut: bool,
+    outcome: str,
+    code: str | None,
+    text: list[str] | None,
 ) -> None:
+    """``text``: what came of the answer before it failed, None where nothing
+    shows the upstream began (no usage: the reservation is given back)."""
     _, result = run(CHAT, events, BODY, cut=cut)
     assert result.outcome == outcome
     assert result.error_code == code
-    if not has_usage:
+    if text is None:
         assert result.usage is None
         return
     usage = result.usage
@@ -581,7 +590,7 @@ def test_failures(
     assert usage.cost == 0
     assert usage.prompt_tokens == PROMPT_ESTIMATE
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
-    expected = len("".join(TEXT)) / 4
+    expected = len("".join(text)) / 4
     assert abs(usage.completion_tokens - expected) <= 0.2 * expected
 
 
@@ -938,3 +947,29 @@ def test_filter_history_by_route() -> None:
         "data": [new],
         "has_more": False,
     }
+
+
+@pytest.mark.parametrize(
+    "began",
+    [
+        [{"event": "workflow_started", "workflow_run_id": "r1", "data": {}}],
+        [
+            {"event": "workflow_started", "workflow_run_id": "r1", "data": {}},
+            {"event": "node_started", "workflow_run_id": "r1", "data": {"node_type": "llm"}},
+        ],
+        [{"event": "message", "message_id": "m1", "answer": ""}],
+        [{"event": "agent_thought", "message_id": "m1", "thought": ""}],
+    ],
+    ids=["workflow_started", "llm_node_started", "empty_message", "empty_agent_thought"],
+)
+def test_an_answer_cut_after_it_began_is_charged_its_prompt(began: list[dict[str, Any]]) -> None:
+    """A stream cut (client gone under the stop policy, stalled, deadline, upstream
+    broken) after Dify named its task but before any text or node usage: the
+    prompt is with the model, which bills it, so the prompt's estimate is charged
+    (as OpenAI's and Anthropic's meters charge a stream that began), never a refund."""
+    events = [ev({**obj, "task_id": "t1"}) for obj in began]
+    _, result = run(CHAT, events, BODY, cut=True)
+    assert result.outcome == "cut" and result.task_id == "t1"
+    usage = result.usage
+    assert usage is not None and usage.estimated
+    assert (usage.prompt_tokens, usage.completion_tokens) == (PROMPT_ESTIMATE, 0)
