@@ -10,6 +10,7 @@ the calls to sending no list, alone or in a batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -100,17 +101,23 @@ async def test_number_literals_read_back_as_the_exact_numbers(conn: asyncpg.Conn
     assert await conn.fetchval("SELECT $1::text::integer[]", _numbers(ints)) == ints
 
 
-@pytest.fixture
-async def pg(postgres_dsn: str, caplog: pytest.LogCaptureFixture) -> AsyncIterator[PostgresStorage]:
-    """A store whose batches are never refused: a batch PostgreSQL could not
-    read would go call by call (gateway/storage/group.py), hiding the fault."""
-    await _truncate(postgres_dsn)
-    caplog.set_level(logging.INFO, logger="gateway.storage")
-    store = await PostgresStorage.open(postgres_dsn)
+@contextlib.asynccontextmanager
+async def _empty_store(dsn: str) -> AsyncIterator[PostgresStorage]:
+    await _truncate(dsn)
+    store = await PostgresStorage.open(dsn)
     try:
         yield store
     finally:
         await store.close()
+
+
+@pytest.fixture
+async def pg(postgres_dsn: str, caplog: pytest.LogCaptureFixture) -> AsyncIterator[PostgresStorage]:
+    """A store whose batches are never refused: a batch PostgreSQL could not
+    read would go call by call (gateway/storage/group.py), hiding the fault."""
+    caplog.set_level(logging.INFO, logger="gateway.storage")
+    async with _empty_store(postgres_dsn) as store:
+        yield store
     refused = [r.getMessage() for r in caplog.get_records("call") if "refused" in r.getMessage()]
     assert not refused
 
@@ -331,12 +338,8 @@ async def test_a_batch_of_admissions_writes_each_pending_row_and_lease_as_given(
 @pytest.fixture
 async def store(postgres_dsn: str) -> AsyncIterator[PostgresStorage]:
     """A store whose batches may be refused (and split): the tests below send one."""
-    await _truncate(postgres_dsn)
-    store = await PostgresStorage.open(postgres_dsn)
-    try:
+    async with _empty_store(postgres_dsn) as store:
         yield store
-    finally:
-        await store.close()
 
 
 async def _settle_batch(pg: PostgresStorage, events: list[UsageEvent]) -> list[Any]:
@@ -395,12 +398,8 @@ async def array_nulls_off(postgres_dsn: str) -> AsyncIterator[PostgresStorage]:
             assert await plain.fetchval("SHOW array_nulls") == "off"  # a new connection's
         finally:
             await plain.close()
-        await _truncate(postgres_dsn)
-        store = await PostgresStorage.open(postgres_dsn)
-        try:
+        async with _empty_store(postgres_dsn) as store:
             yield store
-        finally:
-            await store.close()
     finally:
         await admin.execute(f'ALTER DATABASE "{name}" RESET array_nulls')
         await admin.close()
