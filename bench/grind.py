@@ -28,7 +28,6 @@ import asyncio
 import dataclasses
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import uvloop
@@ -36,16 +35,14 @@ import uvloop
 from bench import duel
 from bench.procs import Server, free_port
 from bench.run import REPO, Bench, WrkResult, _child_env, parse_args
-from bench.sides import drop_databases, gateway_command, parse_sides, side_database
-
-
-def _totals(path: Path) -> int:
-    """The instructions a callgrind dump counted (its ``totals:`` line; its
-    ``summary:`` line says 0 when counting was switched on and off)."""
-    for line in path.read_text().splitlines():
-        if line.startswith("totals:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{path}: no totals in the callgrind dump")
+from bench.sides import (
+    callgrind_python,
+    callgrind_totals,
+    drop_databases,
+    gateway_command,
+    parse_sides,
+    side_database,
+)
 
 
 def _control(*args: str) -> None:
@@ -73,14 +70,7 @@ async def _count(
     out = bench.tmp / f"callgrind.{label}.out"
     port = free_port()
     argv = [
-        "env",
-        f"PYTHONPATH={checkout}",
-        "valgrind",
-        "--tool=callgrind",
-        "--instr-atstart=no",
-        f"--callgrind-out-file={out}",
-        sys.executable,
-        "-P",
+        *callgrind_python(checkout, out),
         "-m",
         "gateway",
         "--config",
@@ -105,7 +95,7 @@ async def _count(
         raise RuntimeError(f"{label}: callgrind wrote no dump:\n{server.log_tail()}")
     result = results[label]
     await bench.servers.stop(server)
-    return _totals(dumps[-1]), result.requests - result.failed
+    return callgrind_totals(dumps[-1]), result.requests - result.failed
 
 
 async def grind(

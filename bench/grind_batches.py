@@ -27,7 +27,7 @@ from pathlib import Path
 
 import asyncpg
 
-from bench.sides import parse_sides
+from bench.sides import callgrind_python, callgrind_totals, parse_sides
 
 USERS = 100
 UNCOUNTED = 5
@@ -71,14 +71,7 @@ async def _side(checkout: str, postgres: str, batch: int, rounds: int, out: Path
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
         argv = [
-            "env",
-            f"PYTHONPATH={checkout}",
-            "valgrind",
-            "--tool=callgrind",
-            "--instr-atstart=no",
-            f"--callgrind-out-file={out}",
-            sys.executable,
-            "-P",
+            *callgrind_python(checkout, out),
             __file__,
             "--child",
             postgres.rpartition("/")[0] + "/" + name,
@@ -89,12 +82,7 @@ async def _side(checkout: str, postgres: str, batch: int, rounds: int, out: Path
     finally:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await admin.close()
-    total = 0
-    for dump in out.parent.glob(out.name + "*"):
-        for line in dump.read_text().splitlines():
-            if line.startswith("totals:"):
-                total += int(line.split()[1])
-    return total
+    return sum(callgrind_totals(dump) for dump in out.parent.glob(out.name + "*"))
 
 
 async def grind(sides: list[tuple[str, str]], postgres: str, batch: int, rounds: int) -> None:

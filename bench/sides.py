@@ -1,12 +1,14 @@
 """What the side-by-side benchmarks (``bench.duel``, ``bench.overhead``,
-``bench.grind``) share: the checkouts named on their command line, the command
-that runs one of them, and a database of its own for each."""
+``bench.grind``, ``bench.grind_batches``) share: the checkouts named on their
+command line, the command that runs one of them (under callgrind too), and a
+database of its own for each."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import asyncpg
 
@@ -32,6 +34,31 @@ def parse_sides(
 def gateway_command(checkout: str) -> tuple[str, ...]:
     """``python -m gateway`` of one checkout (``-P``: not the current directory's)."""
     return ("env", f"PYTHONPATH={checkout}", sys.executable, "-P", "-m", "gateway")
+
+
+def callgrind_python(checkout: str, out: Path) -> list[str]:
+    """This Python, with one checkout's code first, under callgrind, counting
+    only once switched on (``callgrind_control -i on``, or the program's own
+    start), into ``out``: the arguments follow."""
+    return [
+        "env",
+        f"PYTHONPATH={checkout}",
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out}",
+        sys.executable,
+        "-P",
+    ]
+
+
+def callgrind_totals(path: Path) -> int:
+    """The instructions a callgrind dump counted (its ``totals:`` line; its
+    ``summary:`` line says 0 when counting was switched on and off)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{path}: no totals in the callgrind dump")
 
 
 async def side_database(
