@@ -1678,6 +1678,16 @@ class SQLiteStorage:
         def run(conn: sqlite3.Connection) -> Admission:
             # Under BEGIN IMMEDIATE no other connection can write between these
             # reads and the increment below, so check-then-increment is atomic here.
+            if team is not None and limits.has_team and not self._on_thread:
+                # On the event loop, a small team's only: its size found first,
+                # bounded, before any read of its members' rows (review).
+                (size,) = conn.execute(
+                    "SELECT count(*) FROM (SELECT 1 FROM users WHERE team_id = ? LIMIT ?)",
+                    (team, TEAM_NOW_MOST + 1),
+                ).fetchone()
+                if size > TEAM_NOW_MOST:
+                    self._large_teams.add(team)  # its next admissions go to the thread
+                    raise NotNow
             known, leases, expired, day_used, month_all = _admission_reads(
                 conn, user_id, stamp, today, first
             )
