@@ -470,3 +470,26 @@ async def test_sqlite_leases_and_pending_rows_keep_one_btree_after_0019(tmp_path
     assert leases == [("req-old", "alice")]
     assert pending == [("req-old", "alice", 1)]
     assert indexes == {"stream_leases_user_idx", "pending_answers_created_idx"}
+
+
+async def test_0019_drops_what_a_user_deleted_by_hand_left_behind(tmp_path: Path) -> None:
+    """A user deleted with the sqlite3 shell (foreign keys off there: nothing
+    cascades) leaves their lease and pending row behind. 0019's copy into the
+    new tables checked each row's user, and the upgrade failed: the gateway did
+    not start. Such rows, which no user owns, are not copied."""
+    url = old_sqlite(tmp_path / "old.db", 18)
+    conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)  # the shell's way
+    try:
+        conn.execute("INSERT INTO users (id, plan, created_at) VALUES ('gone', 'free', 'z')")
+        conn.execute("INSERT INTO stream_leases VALUES ('l-gone', 'gone', 'z')")
+        conn.execute("DELETE FROM users WHERE id = 'gone'")
+    finally:
+        conn.close()
+    storage = await migrated(url)
+    await storage.close()
+    conn = sqlite3.connect(tmp_path / "old.db")
+    try:
+        leases = conn.execute("SELECT id FROM stream_leases").fetchall()
+    finally:
+        conn.close()
+    assert ("l-gone",) not in leases and ("req-old",) in leases

@@ -11,7 +11,8 @@ CREATE TABLE stream_leases_new (
     expires_at TEXT NOT NULL
 ) WITHOUT ROWID;
 INSERT INTO stream_leases_new (id, user_id, expires_at)
-SELECT id, user_id, expires_at FROM stream_leases;
+SELECT id, user_id, expires_at FROM stream_leases
+WHERE id IS NOT NULL AND user_id IN (SELECT id FROM users);
 DROP TABLE stream_leases;
 ALTER TABLE stream_leases_new RENAME TO stream_leases;
 CREATE INDEX stream_leases_user_idx ON stream_leases (user_id, expires_at);
@@ -39,7 +40,8 @@ INSERT INTO pending_answers_new (
 SELECT
     id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens, total_tokens,
     cost, currency, web_searches, reserved_cost, rates, scopes, upstream
-FROM pending_answers;
+FROM pending_answers
+WHERE id IS NOT NULL AND user_id IN (SELECT id FROM users);
 DROP TABLE pending_answers;
 ALTER TABLE pending_answers_new RENAME TO pending_answers;
 CREATE INDEX pending_answers_created_idx ON pending_answers (created_at);
