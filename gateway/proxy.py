@@ -221,14 +221,15 @@ class _Ending:
         return True
 
 
-def _meter_unsent(meter_chunk: Callable[[bytes], object], chunk: bytes) -> EventTooLarge | None:
+def _meter_unsent(meter_chunk: Callable[[bytes], object], chunk: bytes) -> Exception | None:
     """Meter a chunk whose send to the client never completed (the deadline ran
     out, or the request was cancelled, while it waited): passed on or not, the
-    upstream produced it. An event too large in it is returned, for the ending
-    that charges what was read or the estimate."""
+    upstream produced it. What metering it raised is returned, for the ending:
+    an event too large charges what was read or the estimate, anything else is
+    a bug, charged as the relay's own failures are (never refunded)."""
     try:
         meter_chunk(chunk)
-    except EventTooLarge as exc:
+    except Exception as exc:
         return exc
     return None
 
@@ -1002,7 +1003,7 @@ class Proxy:
         # The head waits for the client (it can only wait behind an unread answer
         # pipelined before it) no longer than the relay's deadline; then the
         # answer is relayed as to a client that left, and settled, and the
-        # response never started: `gateway serve` aborts the connection
+        # response never started: `gateway serve` closes the connection
         # (HeadWithBodyCycle), where uvicorn alone would answer 500.
         if not await self._start(x, send, status, headers, send_by=send_by):
             log.warning(
@@ -1154,7 +1155,7 @@ class Proxy:
         # completes leaves its chunk unmetered: metered by the ending instead
         # (`_meter_unsent`), since the upstream produced, and bills, it.
         sending = stalled = False
-        too_large: EventTooLarge | None = None
+        unmetered: Exception | None = None  # what metering that chunk raised
         ending: list[RelayCommand]
         try:
             async with asyncio.timeout(None if watcher is None else total) as deadline:
@@ -1209,13 +1210,9 @@ class Proxy:
                     "request %s: could not send an event: the client read nothing more in time",
                     x.request_id,
                 )
-                too_large = _meter_unsent(meter_chunk, chunk)
+                unmetered = _meter_unsent(meter_chunk, chunk)
             self._noticed(x, relay, watcher)
-            ending = (
-                relay.upstream_broken(kind)
-                if too_large is None
-                else relay.event_too_large(too_large.events)
-            )
+            ending = self._unmetered_ending(x, relay, unmetered) or relay.upstream_broken(kind)
         except EventTooLarge as exc:
             # A line or event past upstream.max_event_bytes: a broken (or hostile)
             # upstream, charged what was read (or the estimate).
@@ -1228,15 +1225,13 @@ class Proxy:
             # is still settled below, shielded, before the cancellation goes on.
             cancelled = exc
             if sending:
-                too_large = _meter_unsent(meter_chunk, chunk)
+                unmetered = _meter_unsent(meter_chunk, chunk)
             self._noticed(x, relay, watcher)
-            ending = (
-                relay.shutdown() if too_large is None else relay.event_too_large(too_large.events)
-            )
+            ending = self._unmetered_ending(x, relay, unmetered) or relay.shutdown()
         except Exception:
             log.exception("request %s: unexpected error while relaying an answer", x.request_id)
             if sending:
-                _meter_unsent(meter_chunk, chunk)  # the failure charges an estimate at least
+                _meter_unsent(meter_chunk, chunk)  # read or not, the failure charges an estimate
             self._noticed(x, relay, watcher)
             ending = relay.gateway_failed()
         else:
@@ -1273,6 +1268,24 @@ class Proxy:
             await self._execute(x, command, ending_sends)
         if cancelled is not None:
             raise cancelled
+
+    def _unmetered_ending(
+        self, x: Exchange, relay: Relay, unmetered: Exception | None
+    ) -> list[RelayCommand] | None:
+        """The ending when metering the chunk whose send never completed raised
+        (`_meter_unsent`); None when it did not."""
+        if unmetered is None:
+            return None
+        if isinstance(unmetered, EventTooLarge):
+            self._metrics.inc("gateway_upstream_errors_total", kind="event_too_large")
+            log.warning("request %s: upstream stream refused: %s", x.request_id, unmetered)
+            return relay.event_too_large(unmetered.events)
+        log.error(
+            "request %s: unexpected error while metering an answer",
+            x.request_id,
+            exc_info=unmetered,
+        )
+        return relay.gateway_failed()
 
     def _noticed(self, x: Exchange, relay: Relay, watcher: asyncio.Task[None] | None) -> None:
         """At the end of an answer: a client that left unnoticed is counted."""

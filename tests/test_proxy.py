@@ -968,3 +968,35 @@ async def test_an_answer_cancelled_while_its_first_event_waits_for_the_client_is
         (event,) = await h.events()
     assert event.outcome == "shutdown"
     assert event.estimated and event.completion_tokens > 0
+
+
+async def test_a_meter_that_fails_on_the_event_whose_send_ran_out_is_charged(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in metering the event whose send ran out at the deadline (the
+    client read nothing more): the answer is charged as for the relay's other
+    failures, at least the estimate, never refunded, and the error is logged
+    rather than escaping the relay."""
+    import gateway.relay
+
+    def broken(self: gateway.relay.Relay, chunk: bytes) -> None:
+        raise RuntimeError("a meter bug")
+
+    monkeypatch.setattr(gateway.relay.Relay, "meter_chunk", broken)
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = {"upstream": {"total_timeout": STALL_DEADLINE}}
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        scope, receive = direct_request(h.key, orjson.dumps(CHAT), (b"x-fake-delay-ms", b"20"))
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if len(sent) == 2:  # the first event: the client reads nothing more
+                await asyncio.Event().wait()
+
+        async with asyncio.timeout(15):
+            await h.app(scope, receive, send)
+            await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert event.estimated and event.total_tokens > 0
+    assert event.outcome == "cut"
