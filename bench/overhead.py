@@ -20,44 +20,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
-import sqlite3
 import statistics
 
-import asyncpg
 import uvloop
 
 from bench import loadgen
 from bench.procs import Server
-from bench.run import BODY, Bench, parse_args
+from bench.run import BODY, Bench, ledger_overheads, parse_args
 from bench.sides import drop_databases, gateway_command, parse_sides, side_database
-
-
-async def _overheads(url: str, ids: list[str]) -> list[float]:
-    if url.startswith("sqlite:///"):
-        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as lite:
-            values = []
-            for i in range(0, len(ids), 500):
-                chunk = ids[i : i + 500]
-                marks = ",".join("?" * len(chunk))
-                values += [
-                    row[0]
-                    for row in lite.execute(
-                        f"SELECT overhead_ms FROM usage_events WHERE request_id IN ({marks})",
-                        chunk,
-                    )
-                ]
-    else:
-        conn = await asyncpg.connect(url, timeout=5)
-        try:
-            rows = await conn.fetch(
-                "SELECT overhead_ms FROM usage_events WHERE request_id = ANY($1)", ids
-            )
-        finally:
-            await conn.close()
-        values = [row[0] for row in rows]
-    return [v for v in values if v is not None]
 
 
 async def overhead(
@@ -96,7 +67,7 @@ async def overhead(
             line = [f"round {number}"]
             for label, samples in zip(labels, runs, strict=True):
                 ids = [s.request_id for s in samples if s.ok and s.request_id]
-                values = await _overheads(urls[label], ids)
+                values = await ledger_overheads(urls[label], ids)
                 p50, p99 = loadgen.percentile(values, 50), loadgen.percentile(values, 99)
                 if number:
                     measured[label].append((p50, p99))

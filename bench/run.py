@@ -285,6 +285,34 @@ class _Cell:
         }
 
 
+async def ledger_overheads(url: str, ids: list[str]) -> list[float]:
+    """The ``overhead_ms`` a gateway's ledger (``sqlite:///path`` or a
+    PostgreSQL URL) recorded for the answers of these request ids."""
+    values: list[float | None] = []
+    if url.startswith("sqlite:///"):
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as lite:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                values += [
+                    row[0]
+                    for row in lite.execute(
+                        f"SELECT overhead_ms FROM usage_events WHERE request_id IN ({marks})",
+                        chunk,
+                    )
+                ]
+    else:
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            rows = await conn.fetch(
+                "SELECT overhead_ms FROM usage_events WHERE request_id = ANY($1)", ids
+            )
+        finally:
+            await conn.close()
+        values = [row[0] for row in rows]
+    return [v for v in values if v is not None]
+
+
 class Bench:
     def __init__(self, settings: Settings) -> None:
         self.s = settings
@@ -835,30 +863,12 @@ default_plan = "bench"
         (authentication, the body, admission), so the added time to first byte
         splits into that and the rest (the proxying itself)."""
         for path, ids in self.latency_ids.items():
-            values: list[float] = []
             if path == "gateway-sqlite":
-                with contextlib.closing(sqlite3.connect(self.tmp / "gateway.db")) as lite:
-                    for i in range(0, len(ids), 500):
-                        chunk = ids[i : i + 500]
-                        marks = ",".join("?" * len(chunk))
-                        values += [
-                            row[0]
-                            for row in lite.execute(
-                                "SELECT overhead_ms FROM usage_events "
-                                f"WHERE request_id IN ({marks})",
-                                chunk,
-                            )
-                        ]
+                values = await ledger_overheads(f"sqlite:///{self.tmp / 'gateway.db'}", ids)
             elif self.pg_url is not None:
-                conn = await asyncpg.connect(self.pg_url, timeout=5)
-                try:
-                    rows = await conn.fetch(
-                        "SELECT overhead_ms FROM usage_events WHERE request_id = ANY($1)", ids
-                    )
-                finally:
-                    await conn.close()
-                values = [row[0] for row in rows]
-            values = [v for v in values if v is not None]
+                values = await ledger_overheads(self.pg_url, ids)
+            else:
+                values = []
             if values:
                 self.results["latency"][path]["ledger_overhead_ms"] = {
                     "answers": len(values),
