@@ -512,3 +512,32 @@ def test_any_texts_read_back_alone_and_joined(
         assert one_connection.value("SELECT $1::text::text[]", _texts(part)) == part
     joined = one_connection.value("SELECT $1::text::text[]", _joined(_texts(x) for x in parts))
     assert joined == [v for part in parts for v in part]
+
+
+@pytest.mark.parametrize(
+    ("function", "fields", "types"),
+    [
+        ("gateway_admit_many", "_ADMIT_MANY_ARGS", "_ADMIT_TYPES"),
+        ("gateway_settle_many", "_SETTLE_MANY_ARGS", "_SETTLE_TYPES"),
+    ],
+)
+async def test_the_literals_types_are_the_functions(
+    conn: asyncpg.Connection, function: str, fields: str, types: str
+) -> None:
+    """The SQL types the literals are cast to (`_ADMIT_TYPES`, `_SETTLE_TYPES`,
+    written by hand) are those of the batch functions' parameters, in order: a
+    function whose parameter changes type fails here, not on a batch at run time."""
+    import gateway.storage.postgres as postgres
+
+    declared = await conn.fetch(
+        "SELECT format_type(a.oid, NULL) FROM pg_proc p,"
+        " unnest(p.proargtypes) WITH ORDINALITY AS a(oid, n)"
+        " WHERE p.proname = $1 ORDER BY a.n",
+        function,
+    )
+    mine = getattr(postgres, types)
+    expected = [
+        mine[field].replace("timestamptz", "timestamp with time zone") + "[]"
+        for field in getattr(postgres, fields)
+    ]
+    assert [row[0] for row in declared] == expected
