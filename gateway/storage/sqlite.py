@@ -600,14 +600,11 @@ def _team_counters(
     *,
     monthly: bool,
     rates: dict[tuple[Meter, Per], Decimal],
-    most: int | None = None,
 ) -> Counters:
     """A team's counters: its members' day rows summed, their open streams at
     ``now`` (None: not counted), and ``rates`` (what the team's rate windows
-    count). `NotNow` when the team has more than ``most`` members (None: any)."""
+    count)."""
     members = [row[0] for row in conn.execute("SELECT id FROM users WHERE team_id = ?", (team,))]
-    if most is not None and len(members) > most:
-        raise NotNow
     day = [Decimal(0)] * len(DAY_METERS)
     month = [Decimal(0)] * len(DAY_METERS)
     for member in members:
@@ -1714,22 +1711,11 @@ class SQLiteStorage:
                 rates[limit.scope][(limit.meter, limit.per)] = rate_used(found, limit.per, epoch)
             team_counters = None
             if team is not None and limits.has_team:
-                try:
-                    team_counters = _team_counters(
-                        conn,
-                        team,
-                        today,
-                        month,
-                        now,
-                        monthly=monthly,
-                        rates=rates["team"],
-                        # On the event loop, a small team's only (its rows are
-                        # read member by member); on the thread, any.
-                        most=None if self._on_thread else TEAM_NOW_MOST,
-                    )
-                except NotNow:
-                    self._large_teams.add(team)  # its next admissions go to the thread
-                    raise
+                # (On the event loop, a team of at most TEAM_NOW_MOST members:
+                # found so above, and none can join under this write lock.)
+                team_counters = _team_counters(
+                    conn, team, today, month, now, monthly=monthly, rates=rates["team"]
+                )
             models = _model_counters(conn, user_id, keys, today, month) if keys else None
             counters = counters_from(
                 day_used, month_used, streams, rates["user"], team=team_counters, models=models
