@@ -410,13 +410,48 @@ def _process_state_kept() -> Iterator[None]:
         yield
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # around xdist's, which reads the groups
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> Iterator[None]:
     """The browser tests are one xdist group (`--dist loadgroup`): one worker runs
-    them all, and only it launches Chromium (~2 s of CPU for each launch)."""
+    them all, and only it launches Chromium (~2 s of CPU for each launch). After
+    xdist's hook, each grouped test's node id names its group (`_name_groups`)."""
     for item in items:
         if "browser" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("browser"))
+    yield
+    if getattr(config.option, "loadgroup", False):  # an xdist worker, --dist loadgroup
+        _name_groups(items)
+
+
+def _name_groups(items: list[pytest.Item]) -> None:
+    """Each test of an xdist group gets its node id ending in ``@<group>``, which is
+    all the controller's `--dist loadgroup` scheduling sees of the groups.
+    pytest-xdist (3.8) writes it into ``item._nodeid``, which pytest 9.2 no longer
+    reads (the node id is ``item._id``, a structured `NodeId`): every test was its
+    own group, and each worker imported the SDKs and launched Chromium. Here the
+    suffix is set where this pytest keeps the node id, once, and a pytest where
+    neither works stops the run rather than silently scattering the groups
+    (`tests/test_suite_groups.py`)."""
+    for item in items:
+        names = {
+            str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+            for mark in item.iter_markers("xdist_group")
+        }
+        if not names:
+            continue
+        nodeid = f"{item.nodeid}@{'_'.join(sorted(names))}"
+        if item.nodeid.endswith(nodeid[len(item.nodeid) :]):
+            continue  # xdist's own renaming took
+        node_id = getattr(item, "_id", None)
+        if node_id is not None:
+            item._id = type(node_id).parse(nodeid)
+        if item.nodeid != nodeid:
+            raise pytest.UsageError(
+                f"cannot name the xdist group of {item.nodeid} (--dist loadgroup): "
+                "this pytest keeps node ids where tests/conftest.py does not look"
+            )
 
 
 @pytest.hookimpl(wrapper=True)
