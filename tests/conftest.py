@@ -18,6 +18,7 @@ import signal
 import ssl
 import tempfile
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -348,7 +349,8 @@ async def storage(database_url: str) -> AsyncIterator[Storage]:
 async def pg_behind_proxy(postgres_dsn: str) -> AsyncIterator[tuple[str, TCPProxy]]:
     """An emptied PostgreSQL database reached through a TCP forwarder the test can cut."""
     await _truncate(postgres_dsn)
-    proxy = TCPProxy("127.0.0.1", 5432)
+    server = urllib.parse.urlsplit(postgres_dsn)  # $GATEWAY_TEST_POSTGRES's server
+    proxy = TCPProxy(server.hostname or "127.0.0.1", server.port or 5432)
     await proxy.start()
     base, _, database = postgres_dsn.rpartition("/")
     user = base.split("//", 1)[1].split("@", 1)[0]
