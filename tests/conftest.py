@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import secrets
 import shutil
 import signal
-import ssl
 import tempfile
 import time
 import urllib.parse
@@ -32,6 +30,7 @@ import pytest_asyncio
 from gateway.config import DatabaseConfig
 from gateway.storage import Storage, open_storage
 from tests.browser import chromium, require_chromium
+from tests.sslcontexts import shared
 from tests.tcpproxy import TCPProxy
 
 ADMIN_DSN = os.environ.get("GATEWAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -43,27 +42,7 @@ hypothesis.settings.register_profile("gateway", deadline=None)
 hypothesis.settings.load_profile("gateway")
 
 
-def _shared(create: Any) -> Any:
-    """``create`` (an httpx ``create_ssl_context``), building each context of the
-    default arguments once."""
-
-    @functools.cache
-    def default(verify: bool, trust_env: bool) -> ssl.SSLContext:
-        context: ssl.SSLContext = create(verify=verify, trust_env=trust_env)
-        return context
-
-    def shared(
-        verify: ssl.SSLContext | str | bool = True, cert: Any = None, trust_env: bool = True
-    ) -> ssl.SSLContext:
-        if isinstance(verify, bool) and cert is None:
-            return default(verify, trust_env)
-        context: ssl.SSLContext = create(verify=verify, cert=cert, trust_env=trust_env)
-        return context
-
-    return shared
-
-
-_shared_ssl_context = _shared(httpx.create_ssl_context)
+_shared_ssl_context = shared(httpx.create_ssl_context)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -83,9 +62,9 @@ def shared_ssl_context() -> Iterator[None]:
         with contextlib.suppress(ImportError):  # the SDKs are not installed
             import httpx2
 
-            shared = _shared(httpx2.create_ssl_context)
-            patch.setattr(httpx2, "create_ssl_context", shared)
-            patch.setattr(httpx2._transports.default, "create_ssl_context", shared)
+            shared2 = shared(httpx2.create_ssl_context)
+            patch.setattr(httpx2, "create_ssl_context", shared2)
+            patch.setattr(httpx2._transports.default, "create_ssl_context", shared2)
         yield
 
 
