@@ -22,7 +22,10 @@ their own (the seed is as random as a fresh process's; it is only shared). The
 gateway neither depends on nor persists hash order, and nothing a test checks
 does; a child asked for with PYTHONHASHSEED set otherwise than the server's is
 started afresh, with that seed. (`random` and `secrets` are unaffected: random
-reseeds in a forked child, secrets reads the kernel.)
+reseeds in a forked child, secrets reads the kernel.) Nor does a child build
+its own httpx default SSL context: it has the server's, built once before the
+forks (`_share_ssl_contexts`), keyed on the SSL_CERT_* variables that choose the
+CA bundle.
 """
 
 from __future__ import annotations
