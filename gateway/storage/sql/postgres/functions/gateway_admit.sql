@@ -91,6 +91,7 @@ DECLARE
     v_expired boolean;
     v_timeout text;
     v_set text;
+    v_leases bigint[];
     v_refused integer;
     v_web integer;
     v_used numeric;
@@ -145,16 +146,20 @@ BEGIN
             FROM usage_daily u
             WHERE u.user_id = p_user AND u.day >= p_month_start AND u.day <= p_day
         ) END,
-        -- (Each lease read a range of the (user, expiry) index: a scan of all
-        -- the user's leases went through the heap for every dead one.)
+        -- The open and the expired ones in one index scan of the user's
+        -- leases (a subplan less: 2% of an admission's instructions). An
+        -- index scan, not a bitmap scan (enable_bitmapscan, above): it marks
+        -- the settled leases' entries dead as it passes them.
         CASE WHEN v_streamed THEN (
-            SELECT count(*) FROM stream_leases s
-            WHERE s.user_id = p_user AND s.expires_at > p_now
-        ) ELSE 0 END,
-        v_streamed AND EXISTS (
-            SELECT 1 FROM stream_leases s WHERE s.user_id = p_user AND s.expires_at <= p_now
-        )
-    INTO v_day, v_month, v_streams, v_expired;
+            SELECT ARRAY[
+                count(*) FILTER (WHERE s.expires_at > p_now),
+                count(*) FILTER (WHERE s.expires_at <= p_now)
+            ]
+            FROM stream_leases s WHERE s.user_id = p_user
+        ) ELSE '{0,0}'::bigint[] END
+    INTO v_day, v_month, v_leases;
+    v_streams := v_leases[1];
+    v_expired := v_leases[2] > 0;
     IF v_expired THEN
         -- The user's expired leases no one else is deleting (SKIP LOCKED:
         -- admission never waits for a lease). Written here, not in a LANGUAGE
