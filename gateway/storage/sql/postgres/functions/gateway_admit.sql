@@ -209,8 +209,8 @@ BEGIN
     ELSE
         -- gateway_decide's rule for a user's own limits (no rate, per-model or
         -- team limit: the usual plan), written out as in gateway_admit_many:
-        -- the call cost a third more than the rule (3.4% of an admission's
-        -- instructions, docs/performance.md). Kept the same as gateway_decide;
+        -- the call alone cost 3.4% of an admission's instructions
+        -- (docs/performance.md). Kept the same as gateway_decide;
         -- tests/storage/test_quota_model.py checks both against the Python rule.
         v_web := v_charge[3]::integer;
         IF v_web > 0 THEN
