@@ -92,10 +92,6 @@ DECLARE
     v_timeout text;
     v_set text;
     v_leases bigint[];
-    v_refused integer;
-    v_web integer;
-    v_used numeric;
-    m smallint;
 BEGIN
     IF p_batched THEN
         -- (Assignments, not PERFORM: an expression, not a query.)
@@ -201,60 +197,21 @@ BEGIN
         1, CASE WHEN p_advanced_rag THEN 1 ELSE 0 END, CASE WHEN p_web_ask THEN 1 ELSE 0 END,
         0, 0, 0, 0, 0, coalesce(p_reserve_cost, 0), CASE WHEN p_lease IS NULL THEN 0 ELSE 1 END
     ]::numeric[];
-    IF v_rates IS NOT NULL OR 2 = ANY (p_scopes) THEN
-        d := gateway_decide(p_meters, p_pers, p_maxes, v_day, v_month, v_streams, v_rates,
-            v_charge, p_web_optional, p_scopes, v_team_day, v_team_month, v_team_streams);
-        v_refused := d.refused;
-        v_web := d.web;
-    ELSE
-        -- gateway_decide's rule for a user's own limits (no rate, per-model or
-        -- team limit: the usual plan), written out as in gateway_admit_many:
-        -- the call alone cost 3.4% of an admission's instructions
-        -- (docs/performance.md). Kept the same as gateway_decide;
-        -- tests/storage/test_quota_model.py checks both against the Python rule.
-        v_web := v_charge[3]::integer;
-        IF v_web > 0 THEN
-            FOR i IN 1 .. cardinality(p_meters) LOOP
-                CONTINUE WHEN p_meters[i] <> 3;
-                v_used := CASE p_pers[i] WHEN 1 THEN v_day[3] ELSE v_month[3] END;
-                IF v_used + v_web > p_maxes[i] THEN
-                    v_web := 0;
-                    EXIT WHEN p_web_optional;
-                    v_refused := i;
-                    EXIT;
-                END IF;
-            END LOOP;
-        END IF;
-        IF v_refused IS NULL THEN
-            FOR i IN 1 .. cardinality(p_meters) LOOP
-                m := p_meters[i];
-                CONTINUE WHEN m = 3;
-                v_used := CASE p_pers[i]
-                    WHEN 1 THEN v_day[m] WHEN 2 THEN v_month[m] WHEN 3 THEN v_streams
-                END;
-                IF (v_charge[m] > 0 AND v_used + v_charge[m] > p_maxes[i])
-                    OR (m BETWEEN 6 AND 9 AND v_used >= p_maxes[i])
-                THEN
-                    v_refused := i;
-                    v_web := 0;
-                    EXIT;
-                END IF;
-            END LOOP;
-        END IF;
-    END IF;
-    IF v_refused IS NOT NULL THEN
-        IF p_pers[v_refused] >= 4 THEN
+    d := gateway_decide(p_meters, p_pers, p_maxes, v_day, v_month, v_streams, v_rates,
+        v_charge, p_web_optional, p_scopes, v_team_day, v_team_month, v_team_streams);
+    IF d.refused IS NOT NULL THEN
+        IF p_pers[d.refused] >= 4 THEN
             v_retry := gateway_rate_retry(p_user,
-                CASE WHEN p_scopes[v_refused] = 2 THEN p_team END,
-                p_meters[v_refused], p_pers[v_refused],
-                p_maxes[v_refused], v_charge[p_meters[v_refused]], p_now);
+                CASE WHEN p_scopes[d.refused] = 2 THEN p_team END,
+                p_meters[d.refused], p_pers[d.refused],
+                p_maxes[d.refused], v_charge[p_meters[d.refused]], p_now);
         END IF;
         IF p_batched THEN
             v_set := set_config('lock_timeout', v_timeout, true);
         END IF;
         -- RETURN NEXT of the output columns, not RETURN QUERY (a query).
         known := true;
-        refused := v_refused;
+        refused := d.refused;
         day_used := v_day;
         month_used := v_month;
         open_streams := v_streams;
@@ -267,9 +224,9 @@ BEGIN
         RETURN NEXT;
         RETURN;
     END IF;
-    v_charge[3] := v_web;
+    v_charge[3] := d.web;
     INSERT INTO usage_daily AS u (user_id, day, queries, advanced_rag, web_searches, cost_reserved)
-    VALUES (p_user, p_day, 1, v_charge[2], v_web, v_charge[9])
+    VALUES (p_user, p_day, 1, v_charge[2], d.web, v_charge[9])
     ON CONFLICT (user_id, day) DO UPDATE SET
         queries = u.queries + 1,
         advanced_rag = u.advanced_rag + excluded.advanced_rag,
@@ -303,7 +260,7 @@ BEGIN
             total_tokens, cost, currency, web_searches, reserved_cost, rates, scopes, upstream
         ) VALUES (
             p_pending, p_user, p_day, p_now, p_endpoint, p_prompt, p_completion,
-            p_total, p_cost, p_currency, v_web, v_charge[9], v_bits, v_keys, p_upstream
+            p_total, p_cost, p_currency, d.web, v_charge[9], v_bits, v_keys, p_upstream
         );
     END IF;
     IF v_team THEN
@@ -323,7 +280,7 @@ BEGIN
     day_used := v_day;
     month_used := v_month;
     open_streams := v_streams;
-    web_reserved := v_web > 0;
+    web_reserved := d.web > 0;
     rate_used := v_rates;
     team_day := v_team_day;
     team_month := v_team_month;

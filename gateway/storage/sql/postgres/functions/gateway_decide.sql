@@ -11,9 +11,8 @@
 -- user's team: p_team_day, p_team_month and p_team_streams.
 -- tests/storage/test_quota_model.py checks this against the Python rule.
 -- gateway_admit_many writes the part for a user's own limits out in its loop
--- (a call per element cost a third of an element's work), and gateway_admit
--- for a plan of own limits only (the call cost 3.4% of a lone admission): a
--- change here is made there too; the model test checks both copies.
+-- (a call per element cost a third of an element's work): a change here is
+-- made there too; the model test's batches of own limits check that copy.
 CREATE OR REPLACE FUNCTION gateway_decide(
     p_meters smallint[],
     p_pers smallint[],
