@@ -539,10 +539,18 @@ class ResponsesStreamMeter(_StreamMeter):
 
 
 _USAGE_OBJECT_BYTES: Final = re.compile(rb'"usage"\s*:\s*\{')
+_USAGE_KEY_BYTES: Final = _USAGE_KEY.encode()
 
 
 def has_usage_object(events: bytes) -> bool:
-    """Whether raw SSE bytes may hold a usage chunk (a cheap test, no parsing)."""
+    """Whether raw SSE bytes may hold a usage chunk (a cheap test, no parsing):
+    ``_USAGE_OBJECT_BYTES.search(events) is not None``, told at once for the
+    usual chunk, as `_usage_object_in` tells it."""
+    at = events.find(_USAGE_KEY_BYTES)
+    if at < 0:
+        return False
+    if events[at + 7 : at + 12] == b":null" and events.find(_USAGE_KEY_BYTES, at + 1) < 0:
+        return False
     return _USAGE_OBJECT_BYTES.search(events) is not None
 
 

@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 from gateway.upstreams.openai_wire import (
     _CHUNK_TEXT,
     _USAGE_OBJECT,
+    _USAGE_OBJECT_BYTES,
     _text_in_chunk,
     _usage_object_in,
+    has_usage_object,
 )
 
 # Pieces a chunk is made of, and the ones that trip a hand-written scan.
@@ -77,6 +79,8 @@ def test_text_in_chunk_is_the_patterns_count(data: str) -> None:
 @given(texts)
 def test_usage_object_is_the_patterns_search(data: str) -> None:
     assert _usage_object_in(data) == (_USAGE_OBJECT.search(data) is not None)
+    raw = data.encode()
+    assert has_usage_object(raw) == (_USAGE_OBJECT_BYTES.search(raw) is not None)
 
 
 @pytest.mark.parametrize(
@@ -112,4 +116,6 @@ def test_text_in_chunk_examples(data: str, chars: int) -> None:
 )
 def test_usage_object_examples(data: str, found: bool) -> None:
     assert _usage_object_in(data) is found
+    raw = data.encode()
+    assert has_usage_object(raw) is (_USAGE_OBJECT_BYTES.search(raw) is not None)
     assert (_USAGE_OBJECT.search(data) is not None) is found
