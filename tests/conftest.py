@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import secrets
 import shutil
 import signal
-import ssl
 import tempfile
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import pytest_asyncio
 from gateway.config import DatabaseConfig
 from gateway.storage import Storage, open_storage
 from tests.browser import chromium, require_chromium
+from tests.sslcontexts import shared
 from tests.tcpproxy import TCPProxy
 
 ADMIN_DSN = os.environ.get("GATEWAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -42,27 +42,7 @@ hypothesis.settings.register_profile("gateway", deadline=None)
 hypothesis.settings.load_profile("gateway")
 
 
-def _shared(create: Any) -> Any:
-    """``create`` (an httpx ``create_ssl_context``), building each context of the
-    default arguments once."""
-
-    @functools.cache
-    def default(verify: bool, trust_env: bool) -> ssl.SSLContext:
-        context: ssl.SSLContext = create(verify=verify, trust_env=trust_env)
-        return context
-
-    def shared(
-        verify: ssl.SSLContext | str | bool = True, cert: Any = None, trust_env: bool = True
-    ) -> ssl.SSLContext:
-        if isinstance(verify, bool) and cert is None:
-            return default(verify, trust_env)
-        context: ssl.SSLContext = create(verify=verify, cert=cert, trust_env=trust_env)
-        return context
-
-    return shared
-
-
-_shared_ssl_context = _shared(httpx.create_ssl_context)
+_shared_ssl_context = shared(httpx.create_ssl_context)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -82,9 +62,9 @@ def shared_ssl_context() -> Iterator[None]:
         with contextlib.suppress(ImportError):  # the SDKs are not installed
             import httpx2
 
-            shared = _shared(httpx2.create_ssl_context)
-            patch.setattr(httpx2, "create_ssl_context", shared)
-            patch.setattr(httpx2._transports.default, "create_ssl_context", shared)
+            shared2 = shared(httpx2.create_ssl_context)
+            patch.setattr(httpx2, "create_ssl_context", shared2)
+            patch.setattr(httpx2._transports.default, "create_ssl_context", shared2)
         yield
 
 
@@ -348,7 +328,8 @@ async def storage(database_url: str) -> AsyncIterator[Storage]:
 async def pg_behind_proxy(postgres_dsn: str) -> AsyncIterator[tuple[str, TCPProxy]]:
     """An emptied PostgreSQL database reached through a TCP forwarder the test can cut."""
     await _truncate(postgres_dsn)
-    proxy = TCPProxy("127.0.0.1", 5432)
+    server = urllib.parse.urlsplit(postgres_dsn)  # $GATEWAY_TEST_POSTGRES's server
+    proxy = TCPProxy(server.hostname or "127.0.0.1", server.port or 5432)
     await proxy.start()
     base, _, database = postgres_dsn.rpartition("/")
     user = base.split("//", 1)[1].split("@", 1)[0]
@@ -410,13 +391,48 @@ def _process_state_kept() -> Iterator[None]:
         yield
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # around xdist's, which reads the groups
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> Iterator[None]:
     """The browser tests are one xdist group (`--dist loadgroup`): one worker runs
-    them all, and only it launches Chromium (~2 s of CPU for each launch)."""
+    them all, and only it launches Chromium (~2 s of CPU for each launch). After
+    xdist's hook, each grouped test's node id names its group (`_name_groups`)."""
     for item in items:
         if "browser" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("browser"))
+    yield
+    if getattr(config.option, "loadgroup", False):  # an xdist worker, --dist loadgroup
+        _name_groups(items)
+
+
+def _name_groups(items: list[pytest.Item]) -> None:
+    """Each test of an xdist group gets its node id ending in ``@<group>``, which is
+    all the controller's `--dist loadgroup` scheduling sees of the groups.
+    pytest-xdist (3.8) writes it into ``item._nodeid``, which pytest 9.2 no longer
+    reads (the node id is ``item._id``, a structured `NodeId`): every test was its
+    own group, and each worker imported the SDKs and launched Chromium. Here the
+    suffix is set where this pytest keeps the node id, once, and a pytest where
+    neither works stops the run rather than silently scattering the groups
+    (`tests/test_suite_groups.py`)."""
+    for item in items:
+        names = {
+            str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+            for mark in item.iter_markers("xdist_group")
+        }
+        if not names:
+            continue
+        nodeid = f"{item.nodeid}@{'_'.join(sorted(names))}"
+        if item.nodeid.endswith(nodeid[len(item.nodeid) :]):
+            continue  # xdist's own renaming took
+        node_id = getattr(item, "_id", None)
+        if node_id is not None:
+            item._id = type(node_id).parse(nodeid)
+        if item.nodeid != nodeid:
+            raise pytest.UsageError(
+                f"cannot name the xdist group of {item.nodeid} (--dist loadgroup): "
+                "this pytest keeps node ids where tests/conftest.py does not look"
+            )
 
 
 @pytest.hookimpl(wrapper=True)

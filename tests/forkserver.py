@@ -22,7 +22,10 @@ their own (the seed is as random as a fresh process's; it is only shared). The
 gateway neither depends on nor persists hash order, and nothing a test checks
 does; a child asked for with PYTHONHASHSEED set otherwise than the server's is
 started afresh, with that seed. (`random` and `secrets` are unaffected: random
-reseeds in a forked child, secrets reads the kernel.)
+reseeds in a forked child, secrets reads the kernel.) Nor does a child build
+its own httpx default SSL context: it has the server's, built once before the
+forks (`_share_ssl_contexts`), keyed on the SSL_CERT_* variables that choose the
+CA bundle.
 """
 
 from __future__ import annotations
@@ -71,6 +74,9 @@ _PRELOAD = (
     "gateway.app",
     "gateway.demo",
     "gateway.request_limits.protocol",
+    "gateway.storage.postgres",
+    "gateway.storage.sqlite",
+    "gateway.upstreams.dify",
     "uvicorn.main",
     "uvicorn.config",
     "uvicorn.server",
@@ -99,6 +105,7 @@ def _server(sock: socket.socket) -> tuple[str, list[str]] | None:
     for name in _PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+    _share_ssl_contexts()
     # What a pre-forking server does (the gc module's documentation): the imported
     # objects are moved out of the collector's way, so that a child's collections
     # (`gateway serve` collects everything once it has started, gateway/app.py)
@@ -139,6 +146,23 @@ def _server(sock: socket.socket) -> tuple[str, list[str]] | None:
             children[pidfd] = pid
             poller.register(pidfd, select.POLLIN)
             _send(sock, {"pid": pid})
+
+
+def _share_ssl_contexts() -> None:
+    """The children's httpx clients (the gateway's upstream clients) take the
+    default SSL context built here once (`tests/sslcontexts.py`), as the pytest
+    process's do, rather than each loading the CA bundle (~25 ms of CPU per
+    `gateway serve`)."""
+    import httpx
+
+    from tests.sslcontexts import shared
+
+    create = shared(httpx.create_ssl_context)
+    # httpx's transport imported the function by name; httpx-aiohttp calls it
+    # through the package.
+    httpx.create_ssl_context = create
+    httpx._transports.default.create_ssl_context = create  # type: ignore[attr-defined]
+    create()  # built before the fork: every child has it
 
 
 # Set to SIG_IGN by subprocess before exec and by Python at start-up, whatever

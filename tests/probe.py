@@ -11,6 +11,8 @@ import signal
 import sys
 import tempfile
 
+import httpx
+
 if __name__ == "__main__":
     state = {
         "name": __name__,
@@ -37,6 +39,10 @@ if __name__ == "__main__":
         "hash_randomization": sys.flags.hash_randomization,
         "stdout_line_buffering": sys.stdout.line_buffering,
         "stderr_line_buffering": sys.stderr.line_buffering,
+        # The CA certificates of httpx's default SSL context (a forked child has
+        # the fork server's, tests/forkserver.py; it must be the one a fresh
+        # process would load).
+        "ca_certs": [c["serialNumber"] for c in httpx.create_ssl_context().get_ca_certs()],
     }
     print(json.dumps(state), flush=True)
     print("probe: on stderr", file=sys.stderr)

@@ -219,12 +219,12 @@ async def _ready(proc: Process, port: int, workers: int, timeout: float) -> None
             listening = listening or b"Uvicorn running on" in line
             if ready == workers and listening:
                 if workers > 1:
-                    await _accepting(port)
+                    await accepting(port)
                 return
     raise RuntimeError(f"gateway process did not start (exit {await proc.wait()})")
 
 
-async def _accepting(port: int) -> None:
+async def accepting(port: int) -> None:
     """Until the port takes connections. Under ``--workers`` the parent binds the
     socket and says "running on", but the socket listens only once a worker has
     created its server, after its "startup complete" (and workers say nothing

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import certifi
 import pytest
 
 from tests import forkserver
@@ -75,6 +76,28 @@ async def test_a_forked_child_is_what_a_fresh_python_m_would_be(tmp_path: Path) 
     assert state["own_session"] and state["own_group"]
     assert state["signals"][str(int(signal.SIGUSR1))] == repr(signal.SIG_IGN)
     assert state["fds"] == [0, 1, 2, 3]  # the standard streams, and listdir's own
+
+
+@pytest.fixture
+def one_ca(tmp_path: Path) -> Path:
+    """A CA bundle of one certificate (certifi's first)."""
+    first = Path(certifi.where()).read_text().split("-----END CERTIFICATE-----")[0]
+    (tmp_path / "one.pem").write_text(first + "-----END CERTIFICATE-----\n")
+    return tmp_path / "one.pem"
+
+
+@forking
+async def test_a_child_told_of_other_ca_certificates_loads_them(one_ca: Path) -> None:
+    """The fork server's children share its httpx default SSL context (built once,
+    tests/forkserver.py), which SSL_CERT_FILE chooses: a child given another file
+    loads that one, as a fresh process does."""
+    env = {**os.environ, "SSL_CERT_FILE": str(one_ca)}
+    env.pop("SSL_CERT_DIR", None)
+    _, default, _ = await probe(env=dict(os.environ), fork=True)
+    _, forked, _ = await probe(env=env, fork=True)
+    _, fresh, _ = await probe(env=env, fork=False)
+    assert len(forked["ca_certs"]) == 1 and forked["ca_certs"] == fresh["ca_certs"]
+    assert len(default["ca_certs"]) > 1
 
 
 @forking

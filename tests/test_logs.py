@@ -28,7 +28,7 @@ from tests.fakes.dify import FakeDify
 from tests.forkserver import PIPE, python_m
 from tests.harness import UPSTREAM_KEY, USER, running_gateway, to_toml
 from tests.processes import GatewayProcess
-from tests.servers import free_port, serve, spawn_gateway
+from tests.servers import accepting, free_port, serve, spawn_gateway
 
 ENV = {"TEST_UPSTREAM_KEY": UPSTREAM_KEY}
 BLOCKING = {"query": "Xin chào", "inputs": {}, "response_mode": "blocking"}
@@ -147,6 +147,9 @@ async def test_serve_json_log_with_two_workers(tmp_path: Path) -> None:
         process = GatewayProcess(await spawn_gateway(s.config, port, ENV, workers=2), port)
         try:
             await count_lines(process, "Application startup complete", 2)
+            # A worker listens on the socket only after its "startup complete": a
+            # request sent on that line alone could be refused (a ConnectError).
+            await accepting(port)
             request_id = await ask(process.url, s.key)
             await process.wait_for_line('"logger":"gateway.answers"')
         finally:

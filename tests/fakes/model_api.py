@@ -78,6 +78,16 @@ class FakeModelAPI:
     def release_held(self) -> None:
         self._release.set()
 
+    async def held(self, receive: Receive) -> None:
+        """Wait until `release_held` is called or the client closes the connection."""
+        gone = asyncio.ensure_future(_closed(receive))
+        released = asyncio.ensure_future(self._release.wait())
+        try:
+            await asyncio.wait({gone, released}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            released.cancel()
+
     async def record(self, scope: Scope, receive: Receive) -> tuple[str, dict[str, str], Any]:
         """Read a request and record it: its path without /v1, headers, parsed body."""
         path = scope["path"].removeprefix("/v1")

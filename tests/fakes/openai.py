@@ -28,7 +28,7 @@ Tests steer it per request with headers:
   usage), ``no_usage`` (ignore ``include_usage``, as some compatible servers do),
   ``error_midstream`` (an error ``data:`` line after the first piece),
   ``hold`` (pause after the first piece until the client closes the connection or
-  `release_held` is called).
+  `release_held` is called; a blocking answer is held before its headers).
 
 Like OpenAI, an answer stops being generated when its client closes the
 connection (there is no stop endpoint); ``closed`` counts such answers. What it
@@ -276,6 +276,8 @@ class _Answer:
         if self.path == "/embeddings":
             await send_json(send, 200, orjson.dumps(self.embeddings()))
         elif not stream:
+            if "hold" in self.scenario:
+                await self.fake.held(receive)
             if self.path == "/chat/completions":
                 body = self.chat_completion()
             elif self.path == "/completions":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from decimal import Decimal
 from typing import Any, cast
 
@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 
 from tests.fakes.dify import ANSWER_PIECES, FakeDify, Usage
+from tests.harness import until
 
 ANSWER = "".join(ANSWER_PIECES)
 USAGE_KEYS = {
@@ -84,13 +85,6 @@ async def stream(fake: FakeDify, path: str, scenario: str | None = None, **extra
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/event-stream")
     return parse_sse(response.content)
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 class Call:

@@ -33,7 +33,7 @@ from gateway.usage import Metered
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.dify import FakeDify
 from tests.fakes.openai import FakeOpenAI
-from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
+from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml, until
 from tests.test_admission import CHAT, HCM, two_gateways
 
 # A token of this model costs 0.001 to read and 0.002 to write.
@@ -597,8 +597,8 @@ async def test_forty_parallel_lowered_answers_across_two_processes_never_pass_th
         upstream={"kind": "openai"},
         settings={"prices": PRICES},
     ) as (ports, key, _):
-        responses = await asyncio.gather(
-            *(
+        sent = [
+            asyncio.ensure_future(
                 client.post(
                     f"http://127.0.0.1:{ports[i % 2]}/v1/chat/completions",
                     json=BODY,
@@ -606,17 +606,21 @@ async def test_forty_parallel_lowered_answers_across_two_processes_never_pass_th
                         "Authorization": f"Bearer {key}",
                         **STEER,
                         "x-fake-completion-tokens": "cap",
-                        # Long enough for all 40 to be decided before the first
-                        # answer settles: a settle gives back what its bound
-                        # held beyond its cost, and with answers settling in
-                        # between, the room could pass from a whole bound to
-                        # less than any lowered one and no cap be lowered.
-                        "x-fake-delay-ms": "400",
+                        # Every answer waits until all 40 are decided: a settle
+                        # gives back what its bound held beyond its cost, and
+                        # with answers settling in between, the room could pass
+                        # from a whole bound to less than any lowered one and no
+                        # cap be lowered.
+                        "x-fake-scenario": "hold",
                     },
                 )
-                for i in range(40)
             )
-        )
+            for i in range(40)
+        ]
+        # Decided: refused (answered at once) or admitted (at the upstream, held).
+        await until(lambda: len(fake.requests) + sum(s.done() for s in sent) == 40, timeout=30)
+        fake.release_held()
+        responses = await asyncio.gather(*sent)
     spent, reserved, _ = await _after(postgres_dsn, budget, BOUND)
     caps = [r.json["max_tokens"] for r in fake.requests]
     assert {r.status_code for r in responses} == {200, 429}
