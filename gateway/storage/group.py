@@ -124,8 +124,7 @@ class GroupCommit(Generic[Item, Result]):
         if not self._scheduled and self._running < self._in_flight:
             # On the next turn: the calls made in this turn (say, every request
             # one read of the socket brought) go together.
-            self._scheduled = True
-            loop.call_soon(self._flush)
+            self._schedule(loop)
         try:
             return await future
         except asyncio.CancelledError:
@@ -145,8 +144,42 @@ class GroupCommit(Generic[Item, Result]):
         together, on the next (as those after a call made now do): for a
         caller that makes several calls at once and means them as one batch."""
         if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._schedule(asyncio.get_running_loop())
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Have the queue flushed on the next turn of the event loop. Without a
+        runner that makes calls on the event loop, the flush is the first
+        batch's own task, which sends it as it starts (issue 24): a callback
+        that made a task to send it cost its calls a turn more, each a wait
+        behind every other stream's callbacks."""
+        self._scheduled = True
+        if self._run_now is None and self._run_now_many is None:
+            task = loop.create_task(self._flush_and_send(), name=f"group-commit-{self.name}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            loop.call_soon(self._flush)
+
+    def _next_batch(self) -> list[tuple[Item, asyncio.Future[Result]]]:
+        """The queue's next batch (its callers not cancelled), at most max_batch."""
+        batch: list[tuple[Item, asyncio.Future[Result]]] = []
+        while self._queue and len(batch) < self._max_batch:
+            call = self._queue.popleft()
+            if not call[1].done():  # a caller cancelled before it was sent: no call
+                batch.append(call)
+        return batch
+
+    async def _flush_and_send(self) -> None:
+        self._scheduled = False
+        if self._running >= self._in_flight:  # (never more than in_flight at once)
+            return
+        batch = self._next_batch()
+        if not batch:
+            return
+        self._running += 1
+        if self._queue:
+            self._flush()  # more than a batch: the next ones in tasks of their own
+        await self._send(batch)
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -155,11 +188,7 @@ class GroupCommit(Generic[Item, Result]):
         # would be, batch after batch, in this one callback.
         now = True
         while self._queue and self._running < self._in_flight:
-            batch: list[tuple[Item, asyncio.Future[Result]]] = []
-            while self._queue and len(batch) < self._max_batch:
-                call = self._queue.popleft()
-                if not call[1].done():  # a caller cancelled before it was sent: no call
-                    batch.append(call)
+            batch = self._next_batch()
             if not batch:
                 return
             if (
@@ -207,6 +236,7 @@ class GroupCommit(Generic[Item, Result]):
         return True
 
     async def _send(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        """Send a batch (counted in ``_running`` by the caller)."""
         items = [item for item, _ in batch]
         self.batches += 1
         self.calls += len(items)

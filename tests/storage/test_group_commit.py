@@ -125,6 +125,20 @@ async def test_calls_made_together_go_in_one_batch() -> None:
     assert (batcher.batches, batcher.calls) == (1, 10)
 
 
+async def test_a_batch_is_sent_in_the_turn_after_its_calls() -> None:
+    """Issue 24: the flush is the batch's own task, which sends it as it starts.
+    A flush callback that made a task to send it cost every call a turn of the
+    event loop more (a wait behind every other stream's callbacks)."""
+    runner = Runner()
+    batcher = group(runner)
+    calls = asyncio.ensure_future(asyncio.gather(batcher(1), batcher(2)))
+    await asyncio.sleep(0)  # the calls are made
+    assert runner.batches == []
+    await asyncio.sleep(0)  # the next turn: sent, together
+    assert runner.batches == [[1, 2]]
+    assert await calls == [2, 4]
+
+
 async def turns(count: int = 10) -> None:
     """Let the event loop run ``count`` turns (no time passes)."""
     for _ in range(count):
