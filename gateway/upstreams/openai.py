@@ -107,7 +107,7 @@ _ERROR_TYPES: Final = {
 class _PricedMeter:
     """A stream meter whose result is priced from the table when it finishes."""
 
-    __slots__ = ("_body", "_dialect", "_meter", "_route")
+    __slots__ = ("_body", "_dialect", "_meter", "_route", "feed")
 
     def __init__(
         self,
@@ -118,13 +118,12 @@ class _PricedMeter:
     ) -> None:
         self._meter, self._dialect = meter, dialect
         self._route, self._body = route, body
+        # Each event goes to the meter itself: no call of this one's between.
+        self.feed: Callable[[ServerSentEvent], None] = meter.feed
 
     @property
     def task_id(self) -> str | None:
         return None  # no stop endpoint: an answer is stopped by closing its stream
-
-    def feed(self, event: ServerSentEvent) -> None:
-        self._meter.feed(event)
 
     def finish(self, *, cut: bool) -> Metered:
         metered = self._meter.finish(cut=cut)

@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Callable
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -56,9 +57,18 @@ _LINE = st.sampled_from([b"data: a", b"data: usage", b": ping", b"event: x", b""
 
 
 @st.composite
-def streams(draw: st.DrawFn) -> bytes:
-    parts = draw(st.lists(st.tuples(_LINE, _ENDINGS), max_size=30))
+def streams(draw: st.DrawFn, endings: st.SearchStrategy[bytes] = _ENDINGS) -> bytes:
+    parts = draw(st.lists(st.tuples(_LINE, endings), max_size=30))
     return b"".join(line + end for line, end in parts)
+
+
+def _compare(stream: bytes, data: st.DataObject) -> None:
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    ours, reference = DropEvents(drop_usage), Reference(drop_usage)
+    got = [ours.feed(c) for c in chunks] + [ours.flush()]
+    want = [reference.feed(c) for c in chunks] + [reference.flush()]
+    assert got == want
 
 
 @settings(max_examples=500, deadline=None)
@@ -66,12 +76,50 @@ def streams(draw: st.DrawFn) -> bytes:
 def test_any_chunking_cuts_and_drops_as_a_whole_search_would(
     stream: bytes, data: st.DataObject
 ) -> None:
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
-    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    _compare(stream, data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(streams(st.just(b"\n")), st.data())
+def test_streams_of_line_feeds_alone_are_cut_as_a_whole_search_would(
+    stream: bytes, data: st.DataObject
+) -> None:
+    # The usual stream (OpenAI's): its events are cut without the pattern.
+    _compare(stream, data)
+
+
+def _kept_by_search(complete: bytes) -> bytes:
+    """What DropEvents kept of a run of complete events before it cut them with
+    split (the pattern's search; what follows the last event end is left out)."""
+    kept, start = [], 0
+    for match in _EVENT_END.finditer(complete):
+        event = complete[start : match.end()]
+        if not drop_usage(event):
+            kept.append(event)
+        start = match.end()
+    return b"".join(kept)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from([b"\n", b"\r", b"data: a", b"usage", b"\n\n"]), max_size=20))
+def test_a_run_of_events_keeps_what_a_whole_search_kept(pieces: list[bytes]) -> None:
+    complete = b"".join(pieces)
+    assert DropEvents(drop_usage)._kept(complete) == _kept_by_search(complete)
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b"data: a\n\n\n",  # an odd run of line ends: the last one is no event's
+        b"data: a\n\n\n\n\ndata: usage\n\n",
+        b"data: usage\n\n\n\ndata: b\n\n\n",
+        b"data: a\r\n\r\ndata: usage\n\n",
+    ],
+)
+def test_runs_of_line_ends_are_cut_as_a_whole_search_would(chunk: bytes) -> None:
+    assert DropEvents(drop_usage)._kept(chunk) == _kept_by_search(chunk)
     ours, reference = DropEvents(drop_usage), Reference(drop_usage)
-    got = b"".join(ours.feed(c) for c in chunks) + ours.flush()
-    want = b"".join(reference.feed(c) for c in chunks) + reference.flush()
-    assert got == want
+    assert [ours.feed(chunk), ours.flush()] == [reference.feed(chunk), reference.flush()]
 
 
 def test_a_long_incomplete_event_costs_linear_time() -> None:
