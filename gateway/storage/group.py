@@ -91,6 +91,7 @@ class GroupCommit(Generic[Item, Result]):
         self._queue: deque[tuple[Item, asyncio.Future[Result]]] = deque()
         self._running = 0
         self._scheduled = False
+        self._flush_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # What went out, for tests and the benchmark: batches sent, calls in them.
         self.batches = 0
@@ -155,10 +156,25 @@ class GroupCommit(Generic[Item, Result]):
         self._scheduled = True
         if self._run_now is None and self._run_now_many is None:
             task = loop.create_task(self._flush_and_send(), name=f"group-commit-{self.name}")
+            self._flush_task = task
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._flush_done)
         else:
             loop.call_soon(self._flush)
+
+    def _flush_done(self, task: asyncio.Task[None]) -> None:
+        """A flush task is done. One cancelled before its first step (by what
+        cancels tasks it does not own: asyncio.run's teardown, drain()
+        cancelled at close) never flushed: the queue is its, and nothing else
+        would send it, nor any call made later (a flush is scheduled). Its
+        callers are cancelled, as those of a batch whose task is cancelled."""
+        self._tasks.discard(task)
+        if task is self._flush_task:
+            self._flush_task = None
+            if self._scheduled:  # (its first step clears it)
+                self._scheduled = False
+                while self._queue:
+                    self._queue.popleft()[1].cancel()
 
     def _next_batch(self) -> list[tuple[Item, asyncio.Future[Result]]]:
         """The queue's next batch (its callers not cancelled), at most max_batch."""

@@ -247,6 +247,27 @@ async def test_a_split_batch_resends_each_key_in_order_and_keys_side_by_side() -
     assert [i for i in runner.singles if i % 2 == 0] == [0, 2, 4]
 
 
+async def test_the_flush_task_cancelled_before_it_starts_does_not_wedge_the_batcher() -> None:
+    """Review of 6ac1943 (F2): the flush is a task, and one cancelled before its
+    first step (by what cancels tasks it does not own: asyncio.run's teardown,
+    drain() cancelled at close) never cleared ``_scheduled``: every later call
+    queued behind a flush that never came, and the queued callers, not
+    cancelled themselves, waited forever. They are cancelled, as the callers of
+    a batch whose task is cancelled are; a later call goes as usual."""
+    runner = Runner()
+    batcher = group(runner)
+    first = asyncio.ensure_future(batcher(1))
+    await asyncio.sleep(0)  # queued, its flush task made
+    for task in list(batcher._tasks):
+        task.cancel()
+    await turns()
+    assert first.cancelled() and runner.batches == []
+    later = asyncio.ensure_future(batcher(2))
+    await turns()
+    assert later.done() and later.result() == 4
+    assert runner.batches == [[2]]
+
+
 async def test_max_batch_one_sends_every_call_alone() -> None:
     runner = Runner()
     batcher = group(runner, max_batch=1)
