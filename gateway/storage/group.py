@@ -280,7 +280,12 @@ class GroupCommit(Generic[Item, Result]):
                 len(items),
                 split,
             )
-            await self._one_by_one(batch)
+            try:
+                await self._one_by_one(batch)
+            except asyncio.CancelledError:  # the event loop is going away
+                for _, future in batch:
+                    future.cancel()  # (no-op for those answered)
+                raise
             return
         for (item, future), outcome in zip(batch, outcomes, strict=True):
             self._deliver(item, future, outcome)

@@ -268,6 +268,34 @@ async def test_the_flush_task_cancelled_before_it_starts_does_not_wedge_the_batc
     assert runner.batches == [[2]]
 
 
+async def test_a_batch_task_cancelled_while_resending_call_by_call_answers_every_caller() -> None:
+    """Review F3: the task sending a split batch is cancelled (the event loop
+    going away) while its calls are resent one by one. The callers not yet
+    answered waited forever (``_send`` cancelled them only while the batch
+    itself was out); they are cancelled, those answered keep their answers."""
+    runner = Runner()
+    held = asyncio.Event()
+    real_one = runner.one
+
+    async def one(item: int) -> int:
+        if item == 2:  # a row lock held elsewhere
+            await held.wait()
+        return await real_one(item)
+
+    async def many(items: Sequence[int]) -> list[int | Exception]:
+        raise SplitBatch("refused")
+
+    batcher = GroupCommit("test", many, one, max_batch=64)
+    callers = [asyncio.ensure_future(batcher(i)) for i in (1, 2, 3)]
+    assert await asyncio.gather(callers[0], callers[2]) == [2, 6]
+    assert not callers[1].done()  # 2 waits in the database
+    for task in list(batcher._tasks):
+        task.cancel()
+    await turns()
+    assert callers[1].cancelled()
+    assert await batcher(4) == 8  # and the batcher goes on
+
+
 async def test_max_batch_one_sends_every_call_alone() -> None:
     runner = Runner()
     batcher = group(runner, max_batch=1)
