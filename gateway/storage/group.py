@@ -45,6 +45,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
+from functools import partial
 from typing import Generic, TypeVar
 
 log = logging.getLogger("gateway.storage")
@@ -92,6 +93,7 @@ class GroupCommit(Generic[Item, Result]):
         self._running = 0
         self._scheduled = False
         self._flush_task: asyncio.Task[None] | None = None
+        self._unstarted: set[int] = set()  # id() of the batches whose task has not started
         self._tasks: set[asyncio.Task[None]] = set()
         # What went out, for tests and the benchmark: batches sent, calls in them.
         self.batches = 0
@@ -215,9 +217,30 @@ class GroupCommit(Generic[Item, Result]):
                 now = False
                 continue  # made on the event loop, answered
             self._running += 1
-            task = asyncio.create_task(self._send(batch), name=f"group-commit-{self.name}")
+            self._unstarted.add(id(batch))
+            task = asyncio.create_task(self._send_own(batch), name=f"group-commit-{self.name}")
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(partial(self._send_done, batch))
+
+    async def _send_own(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        """A batch's own task, made by a flush."""
+        self._unstarted.discard(id(batch))
+        await self._send(batch)
+
+    def _send_done(
+        self, batch: list[tuple[Item, asyncio.Future[Result]]], task: asyncio.Task[None]
+    ) -> None:
+        """A batch's own task is done. One cancelled before its first step (as a
+        flush task can be) never sent its batch nor gave its slot back: its
+        callers are cancelled and the slot is free for the queue."""
+        self._tasks.discard(task)
+        if id(batch) in self._unstarted:
+            self._unstarted.discard(id(batch))
+            self._running -= 1
+            for _, future in batch:
+                future.cancel()
+            if self._queue and not self._scheduled:
+                self._flush()
 
     def _now(self, item: Item, future: asyncio.Future[Result]) -> bool:
         """Make a lone call on the event loop; False when there is no ``run_now``

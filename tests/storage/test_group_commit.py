@@ -296,6 +296,30 @@ async def test_a_batch_task_cancelled_while_resending_call_by_call_answers_every
     assert await batcher(4) == 8  # and the batcher goes on
 
 
+async def test_a_batch_task_cancelled_before_it_starts_gives_its_slot_back() -> None:
+    """As a flush task can be, a batch's own task made by a flush can be
+    cancelled before its first step: its callers waited forever, and the slot it
+    held (one of ``in_flight``) was never given back. Its callers are cancelled;
+    the other batches go as usual, the next in the slot it frees."""
+    runner = Runner()
+    runner.release.clear()
+    batcher = group(runner, max_batch=2, in_flight=2)
+    calls = [asyncio.ensure_future(batcher(i)) for i in range(6)]
+    await asyncio.sleep(0)  # the calls are made, their flush task with them
+    flush = set(batcher._tasks)
+    await asyncio.sleep(0)  # it sends [0, 1] and makes [2, 3]'s task, not started yet
+    assert runner.batches == [[0, 1]]
+    [second] = batcher._tasks - flush
+    second.cancel()
+    await turns()
+    assert calls[2].cancelled() and calls[3].cancelled()
+    assert runner.batches == [[0, 1], [4, 5]]  # in the slot it gave back
+    runner.release.set()
+    assert await asyncio.gather(*calls[:2], *calls[4:]) == [0, 2, 8, 10]
+    assert await batcher(6) == 12
+    assert batcher._running == 0
+
+
 async def test_max_batch_one_sends_every_call_alone() -> None:
     runner = Runner()
     batcher = group(runner, max_batch=1)
