@@ -23,14 +23,19 @@
 -- (docs/performance.md). Without p_batched an unknown user raises and a row
 -- lock is waited for.
 --
--- enable_bitmapscan is off for the statements planned here (and in the
--- functions it calls): a bitmap scan of the open leases' range of the (user,
--- expiry) index visits every lease deleted there since the last vacuum - every
--- answer settled within a lease's lifetime, tens of thousands after a burst -
--- at every admission, and never marks them dead; an index scan marks them as
--- it passes, so the next one skips them. Which one the planner picks depends on
--- the table's size when a connection first plans it (7.3M against 0.73M
--- instructions an admission with 20,000 such leases; docs/performance.md).
+-- Bitmap and sequential scans are off for the statements planned here: the
+-- open leases are read by an index scan of the (user, expiry) index. A bitmap
+-- scan of that range visits every lease deleted there since the last vacuum -
+-- every answer settled within a lease's lifetime, tens of thousands after a
+-- burst - at every admission, and never marks them dead; an index scan marks
+-- them as it passes, so the next one skips them; a sequential scan (which the
+-- planner picks under statistics taken before a burst) reads the whole table
+-- for every user. Which one the planner picks depends on the statistics and
+-- on when a connection plans the statement (7.3M against 0.73M instructions
+-- an admission with 20,000 such leases; docs/performance.md). The clauses hold
+-- for this function's own statements only: a function's plans are cached per
+-- connection, whoever called it first, so gateway_team_counters, which reads
+-- the team's leases, carries its own.
 CREATE OR REPLACE FUNCTION gateway_admit(
     p_user text,
     p_day date,
@@ -70,7 +75,7 @@ CREATE OR REPLACE FUNCTION gateway_admit(
     team_day numeric[],
     team_month numeric[],
     team_streams bigint
-) LANGUAGE plpgsql SET enable_bitmapscan = off AS $$
+) LANGUAGE plpgsql SET enable_bitmapscan = off SET enable_seqscan = off AS $$
 DECLARE
     v_day numeric[];
     v_month numeric[];
@@ -144,7 +149,7 @@ BEGIN
         ) END,
         -- The open and the expired ones in one index scan of the user's
         -- leases (a subplan less: 2% of an admission's instructions). An
-        -- index scan, not a bitmap scan (enable_bitmapscan, above): it marks
+        -- index scan (the SET clauses, above): it marks
         -- the settled leases' entries dead as it passes them.
         CASE WHEN v_streamed THEN (
             SELECT ARRAY[

@@ -5,8 +5,8 @@
 -- user's day row once per batch. Each element's limits are a slice (from,
 -- count) of the shared limit arrays. Lock order as everywhere: users' rows in
 -- user order, then day rows. A batch waits at most 250 ms for a row lock: the
--- gateway then sends the elements one by one (0010). Bitmap scans are off, as
--- in gateway_admit (its leases' reads).
+-- gateway then sends the elements one by one (0010). Bitmap and sequential
+-- scans are off, as in gateway_admit (its leases' reads).
 CREATE OR REPLACE FUNCTION gateway_admit_many(
     p_users text[],
     p_days date[],
@@ -48,7 +48,7 @@ CREATE OR REPLACE FUNCTION gateway_admit_many(
     team_day numeric[],
     team_month numeric[],
     team_streams bigint
-) LANGUAGE plpgsql SET lock_timeout = '250ms' SET enable_bitmapscan = off AS $$
+) LANGUAGE plpgsql SET lock_timeout = '250ms' SET enable_bitmapscan = off SET enable_seqscan = off AS $$
 DECLARE
     e record;
     n integer := cardinality(p_users);

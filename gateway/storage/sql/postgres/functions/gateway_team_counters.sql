@@ -1,10 +1,12 @@
 -- A team's counters (issue 21, team scope): its members' day rows summed, today
 -- and, with p_month_start, this month; and its members' open streams. Team
 -- usage is not stored apart (0013): it is the sum of its members'.
+-- Bitmap and sequential scans off: its members' leases are read by an index
+-- scan, whoever calls it first on a connection (see gateway_admit).
 CREATE OR REPLACE FUNCTION gateway_team_counters(
     p_team text, p_day date, p_month_start date, p_now timestamptz,
     OUT day_used numeric[], OUT month_used numeric[], OUT streams bigint
-) LANGUAGE plpgsql STABLE AS $$
+) LANGUAGE plpgsql STABLE SET enable_bitmapscan = off SET enable_seqscan = off AS $$
 BEGIN
     SELECT
         ARRAY[
