@@ -538,3 +538,75 @@ async def test_leaving_after_the_first_event_is_never_free(
         (event,) = await h.events()
     assert b"workflow_started" in first or b"agent_thought" in first  # no text yet
     assert event.total_tokens > 0
+
+
+class _ToolCallsWithoutUsage:
+    """An OpenAI-compatible server that ignores stream_options.include_usage and
+    answers with one tool call only: no delta.content, no usage chunk."""
+
+    def __init__(self, arguments: str) -> None:
+        self.arguments = arguments
+        self.answered = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        self.answered += 1
+        base = {"id": f"chatcmpl-{self.answered}", "object": "chat.completion.chunk"}
+        call = {"index": 0, "id": "call_1", "type": "function"}
+        deltas: list[dict[str, Any]] = [
+            {"role": "assistant", "content": None},
+            {"tool_calls": [{**call, "function": {"name": "f", "arguments": ""}}]},
+            *(
+                {
+                    "tool_calls": [
+                        {"index": 0, "function": {"arguments": self.arguments[i : i + 500]}}
+                    ]
+                }
+                for i in range(0, len(self.arguments), 500)
+            ),
+        ]
+        head = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        for delta in deltas:
+            chunk = {**base, "model": "gpt-4o-mini", "choices": [{"index": 0, "delta": delta}]}
+            body = b"data: " + orjson.dumps(chunk) + b"\n\n"
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+async def test_tool_call_answers_from_a_server_that_reports_no_usage_are_charged_and_capped(
+    database_url: str,
+) -> None:
+    """The attack: against a compatible server that ignores include_usage, ask
+    for tool calls only (tool_choice "required"). The answer has no text in
+    delta.content; it was refunded, so every one was free and the daily query
+    cap never bit. Now it is charged an estimate of its prompt and its tool
+    call's arguments, and counts against the cap."""
+    arguments = "x" * 8000  # about 2,000 completion tokens
+    upstream = _ToolCallsWithoutUsage(arguments)
+    settings = {
+        "upstream": {"kind": "openai"},
+        "prices": {"gpt-4o-mini": {"input": "0.15", "output": "0.60"}},
+        "plans": {"free": {"queries_per_day": 1}},
+    }
+    body = {
+        "model": "gpt-4o-mini",
+        "stream": True,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "tool_choice": "required",
+        "messages": [{"role": "user", "content": "call f"}],
+    }
+    async with running_gateway(database_url, upstream=upstream, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            first = await client.post("/v1/chat/completions", json=body, headers=h.auth())
+            assert first.status_code == 200 and arguments[:500] in first.text
+            await h.probes.wait_finished(1)
+            again = await client.post("/v1/chat/completions", json=body, headers=h.auth())
+        events = await h.events()
+    assert again.status_code == 429 and upstream.answered == 1
+    assert len(events) == 1
+    assert events[0].estimated and events[0].completion_tokens >= 1000
+    assert events[0].cost > 0

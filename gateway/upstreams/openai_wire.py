@@ -59,8 +59,15 @@ _loads = orjson.loads
 _USAGE_OBJECT: Final = re.compile(r'"usage"\s*:\s*\{')
 _ERROR_FIRST: Final = re.compile(r'\s*\{\s*"error"\s*:')
 _DONE: Final = "[DONE]"
-# The text of a chunk: delta.content (chat) or text (completions), as a JSON string.
-_CHUNK_TEXT: Final = re.compile(r'"(?:content|text)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+# The text of a chunk, as JSON strings: delta.content (chat) or text
+# (completions), and what a model writes besides: a tool call's arguments, a
+# refusal, reasoning (reasoning_content: vLLM, DeepSeek; reasoning: OpenRouter,
+# Ollama), an audio answer's transcript. A stream of tool calls alone is billed
+# like any other answer.
+_CHUNK_TEXT: Final = re.compile(
+    r'"(?:content|text|arguments|refusal|reasoning_content|reasoning|transcript)"'
+    r'\s*:\s*"((?:[^"\\]|\\.)*)"'
+)
 # The three patterns above define what the stream meter's hot path reads in a
 # chunk. Run on every chunk they were most of an answer's metering (a search by
 # _CHUNK_TEXT alone, some 30,000 instructions: issue 24), so the usual chunk is
@@ -84,12 +91,20 @@ def _usage_object_in(data: str) -> bool:
 
 
 def _text_in_chunk(data: str) -> int:
-    """The characters of ``data``'s ``"content"`` and ``"text"`` strings as
-    written (escapes as two or six): the sum of the group lengths _CHUNK_TEXT
-    finds. Told at once for the usual chunk: no such member, or one
+    """The characters of ``data``'s text strings (_CHUNK_TEXT's keys) as written
+    (escapes as two or six): the sum of the group lengths _CHUNK_TEXT finds.
+    Told at once for the usual chunk: no such member, or one
     ``"content":"..."`` whose closing quote has no backslash before it."""
     content = data.find(_CONTENT_KEY)
-    if _TEXT_KEY not in data:
+    # Any other key _CHUNK_TEXT reads leaves the chunk to it ('"reasoning' begins
+    # both of its own; `in` tests written out: a loop or any() cost more).
+    if (
+        _TEXT_KEY not in data
+        and '"arguments"' not in data
+        and '"refusal"' not in data
+        and '"reasoning' not in data
+        and '"transcript"' not in data
+    ):
         if content < 0:
             return 0
         start = content + len(_CONTENT_KEY) + 2
@@ -223,16 +238,23 @@ def prompt_chars(body: dict[str, Any]) -> int:
 
 
 def _partial(prompt: int, text: int, *, started: bool) -> Usage | None:
-    """The charge for a stream that reported no usage. As for Dify, an answer that
-    produced text is charged an estimate and one that produced none is not; but a
-    stream the upstream had begun and that was then cut (OpenAI bills the prompt
-    of an answer stopped by closing it) is charged at least its prompt."""
+    """The charge for a stream that reported no usage: an estimate of its prompt
+    and of the text it produced. A stream the upstream had begun is charged at
+    least its prompt, whether it was cut (OpenAI bills the prompt of an answer
+    stopped by closing it) or ended without usage (a compatible server that
+    ignores include_usage bills its answer all the same); one the upstream never
+    began, and that produced no text, is not charged."""
     return estimate_usage(prompt, text) if text or started else None
+
+
+# What a model writes in a message (or a delta) besides its tool calls.
+_MESSAGE_TEXT: Final = ("content", "refusal", "reasoning_content", "reasoning")
 
 
 def _choices_chars(obj: dict[str, Any], part: str) -> int:
     """Characters of text in ``obj``'s choices: each choice's ``part`` ("message"
-    in a body, "delta" in a stream chunk) content, and a completion's ``text``."""
+    in a body, "delta" in a stream chunk) - its content, refusal, reasoning, tool
+    calls' names and arguments, audio transcript - and a completion's ``text``."""
     chars = 0
     choices = obj.get("choices")
     if isinstance(choices, list):
@@ -240,9 +262,33 @@ def _choices_chars(obj: dict[str, Any], part: str) -> int:
             if isinstance(choice, dict):
                 message = choice.get(part)
                 if isinstance(message, dict):
-                    chars += _text_chars(message.get("content"))
+                    chars += _message_chars(message)
                 chars += _text_chars(choice.get("text"))
     return chars
+
+
+def _message_chars(message: dict[str, Any]) -> int:
+    chars = 0
+    for key in _MESSAGE_TEXT:
+        chars += _text_chars(message.get(key))
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        if isinstance(call, dict):
+            chars += _function_chars(call.get("function"))
+    chars += _function_chars(message.get("function_call"))  # (the API's older form)
+    audio = message.get("audio")
+    if isinstance(audio, dict):
+        chars += _text_chars(audio.get("transcript"))
+    return chars
+
+
+def _function_chars(function: object) -> int:
+    if not isinstance(function, dict):
+        return 0
+    name, arguments = function.get("name"), function.get("arguments")
+    return (len(name) if isinstance(name, str) else 0) + (
+        len(arguments) if isinstance(arguments, str) else 0
+    )
 
 
 def _answer_chars(obj: dict[str, Any]) -> int:
@@ -405,7 +451,9 @@ class _StreamMeter:
         if self._usage is not None:
             outcome: Outcome = "error" if self._errored else "complete"
             return Metered(None, None, None, self._usage, outcome, error_code=code, model=model)
-        partial = _partial(self._prompt_chars, self._text_chars, started=cut and self._started)
+        # (An error the upstream answered with, the stream not cut, is not billed.)
+        begun = self._started and (cut or not self._errored)
+        partial = _partial(self._prompt_chars, self._text_chars, started=begun)
         if self._errored:
             return Metered(None, None, None, partial, "error", error_code=code, model=model)
         code = "malformed_usage" if self._malformed else None

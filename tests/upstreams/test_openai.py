@@ -22,6 +22,7 @@ from gateway.upstreams.openai import OpenAIUpstream
 from gateway.upstreams.openai_wire import (
     ChatStreamMeter,
     ResponsesStreamMeter,
+    _answer_chars,
     has_usage_object,
     is_usage_only,
     meter_body,
@@ -716,15 +717,60 @@ def test_toml_numbers_are_read_as_their_decimal_text() -> None:
         ),
     ],
 )
-def test_a_begun_stream_cut_before_any_text_is_charged_its_prompt(meter: Any, first: bytes) -> None:
+def test_a_begun_stream_without_text_or_usage_is_charged_its_prompt(
+    meter: Any, first: bytes
+) -> None:
+    """Cut, or ended by a server that ignores include_usage: the upstream read the
+    prompt and bills it either way."""
     body = {"messages": [{"content": "x" * 40}], "input": "y" * 40}
-    cut = meter(body)
-    _feed(cut, first)
-    usage = cut.finish(cut=True).usage
-    assert usage is not None and usage.estimated and usage.prompt_tokens == 20
-    ended = meter(body)
-    _feed(ended, first)
-    assert ended.finish(cut=False).usage is None  # ended without text: nothing produced
+    for cut in (True, False):
+        begun = meter(body)
+        _feed(begun, first)
+        usage = begun.finish(cut=cut).usage
+        assert usage is not None and usage.estimated and usage.prompt_tokens == 20
+        assert usage.completion_tokens == 0
+
+
+# Model output besides delta.content, about 1,000 tokens' worth (4,000 characters).
+_NOT_CONTENT = [
+    pytest.param(
+        {"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": "x" * 4000}}]},
+        id="tool_calls",
+    ),
+    pytest.param({"function_call": {"arguments": "x" * 4000}}, id="function_call"),
+    pytest.param({"reasoning_content": "x" * 4000}, id="reasoning_content"),  # vLLM, DeepSeek
+    pytest.param({"reasoning": "x" * 4000}, id="reasoning"),  # OpenRouter, Ollama
+    pytest.param({"refusal": "x" * 4000}, id="refusal"),
+    pytest.param({"audio": {"transcript": "x" * 4000}}, id="audio"),
+]
+
+
+@pytest.mark.parametrize("delta", _NOT_CONTENT)
+@pytest.mark.parametrize("first", [True, False], ids=["parsed", "unparsed"])
+@pytest.mark.parametrize("cut", [False, True], ids=["ended-without-usage", "cut"])
+def test_a_stream_without_usage_is_estimated_from_what_the_model_wrote_besides_content(
+    delta: dict[str, Any], first: bool, cut: bool
+) -> None:
+    """A compatible server that ignores include_usage, or a stream cut before its
+    usage: a tool call, a refusal, reasoning or an audio transcript was written
+    by the model and is billed; the estimate counts it (in the first chunk,
+    which is parsed, and in the later ones, which are not)."""
+    meter = ChatStreamMeter({"messages": [{"content": "x" * 40}]})
+    chunk = {"id": "c", "model": "m", "choices": [{"index": 0, "delta": delta}]}
+    if not first:
+        _feed(meter, b'data: {"id":"c","model":"m","choices":[{"delta":{"role":"assistant"}}]}\n\n')
+    _feed(meter, b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n")
+    usage = meter.finish(cut=cut).usage
+    assert usage is not None and usage.estimated
+    assert usage.completion_tokens >= 1000 and usage.prompt_tokens == 10
+
+
+@pytest.mark.parametrize("delta", _NOT_CONTENT)
+def test_a_blocking_body_without_usage_is_estimated_from_what_the_model_wrote(
+    delta: dict[str, Any],
+) -> None:
+    body = {"choices": [{"index": 0, "message": delta}]}
+    assert _answer_chars(body) >= 4000
 
 
 # --- responses streams without "event:" lines ----------------------------------------------

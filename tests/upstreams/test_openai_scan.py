@@ -48,6 +48,11 @@ _PIECES = [
     '"content":"x"',
     '"usage":null',
     '"usage":{',
+    '"arguments":"',
+    '"refusal":null',
+    '"reasoning_content": "',
+    '"reasoning":"',
+    '"transcript":"',
 ]
 _ANY = st.lists(st.sampled_from(_PIECES) | st.text(max_size=3), max_size=24).map("".join)
 # Chunks shaped like the usual one (one "content" string, a "usage" member), the
@@ -98,6 +103,14 @@ def test_usage_object_is_the_patterns_search(data: str) -> None:
         ('{"content":"content"}', 7),
         ('{"content":"a","content":"bc"}', 3),
         ('{"content":"\\u00e9\\n"}', 8),
+        # What a model writes besides content is counted too, and sends the
+        # chunk to the pattern.
+        ('{"delta":{"tool_calls":[{"function":{"arguments":"{\\"a\\":1}"}}]}}', 9),
+        ('{"delta":{"content":"a","reasoning_content":"bcd"}}', 4),
+        ('{"delta":{"reasoning":"xy"}}', 2),
+        ('{"delta":{"content":"","refusal":"no"}}', 2),
+        ('{"delta":{"content":null,"refusal":null}}', 0),
+        ('{"delta":{"audio":{"transcript":"hi"}}}', 2),
     ],
 )
 def test_text_in_chunk_examples(data: str, chars: int) -> None:
