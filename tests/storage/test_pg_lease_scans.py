@@ -185,14 +185,13 @@ async def test_a_batch_of_admissions_reads_the_leases_by_an_index_scan(dsn: str)
 
 async def test_under_analyzed_statistics_the_leases_are_read_by_an_index_scan(dsn: str) -> None:
     """Statistics taken before a burst (as autovacuum takes them): the planner
-    then costs a sequential scan below an index scan. The first admission after
-    the burst passes the settled leases' entries and marks them dead; the next
-    ones skip them."""
+    then costs a sequential scan below an index scan. (Whether the first index
+    scan's marks spare the next ones depends on every other transaction of the
+    database having ended: not asserted here.)"""
     await _users(dsn, *(f"u{i}" for i in range(50)))
     await _settled(dsn, "u0", analyzed_with=100)
     reads = _lease_reads(await _plans(dsn, _admissions("u0", 3)), "s")
     assert len(reads) == 3 and _index_scans(reads), reads
-    assert reads[-1][1] < 40, reads
 
 
 async def test_a_bystander_does_not_read_another_users_burst(dsn: str) -> None:
