@@ -74,13 +74,13 @@ def _reference_text(data: str) -> int:
     return sum(len(match.group(1)) for match in _CHUNK_TEXT.finditer(data))
 
 
-@settings(max_examples=3000)
+@settings(max_examples=500)
 @given(texts)
 def test_text_in_chunk_is_the_patterns_count(data: str) -> None:
     assert _text_in_chunk(data) == _reference_text(data)
 
 
-@settings(max_examples=2000)
+@settings(max_examples=400)
 @given(texts)
 def test_usage_object_is_the_patterns_search(data: str) -> None:
     assert _usage_object_in(data) == (_USAGE_OBJECT.search(data) is not None)
