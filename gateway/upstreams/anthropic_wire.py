@@ -322,7 +322,10 @@ class MessageStreamMeter:
                 cache_write_tokens=self._start.cache_write_tokens,
                 estimated=True,
             )
-        elif self._text_chars or (cut and self._started):
+        elif self._text_chars or (self._started and (cut or not self._errored)):
+            # A message the upstream began is charged at least its prompt, cut or
+            # ended without usage (a compatible server's message_start without
+            # one), as for OpenAI.
             usage = estimate_usage(self._prompt_chars, self._text_chars)
         if self._errored:
             return Metered(None, None, None, usage, "error", error_code=code, model=model)

@@ -285,10 +285,7 @@ def _message_chars(message: dict[str, Any]) -> int:
 def _function_chars(function: object) -> int:
     if not isinstance(function, dict):
         return 0
-    name, arguments = function.get("name"), function.get("arguments")
-    return (len(name) if isinstance(name, str) else 0) + (
-        len(arguments) if isinstance(arguments, str) else 0
-    )
+    return _text_chars(function.get("name")) + _text_chars(function.get("arguments"))
 
 
 def _answer_chars(obj: dict[str, Any]) -> int:

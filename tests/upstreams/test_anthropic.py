@@ -292,6 +292,20 @@ def test_an_error_before_any_text_is_not_charged() -> None:
     assert metered.outcome == "error" and metered.usage is None
 
 
+@pytest.mark.parametrize("cut", [True, False], ids=["cut", "ended-without-usage"])
+def test_a_begun_message_without_usage_or_text_is_charged_its_prompt(cut: bool) -> None:
+    """A compatible server's message_start without usage, and no text: the
+    upstream read the prompt and bills it, cut or ended."""
+    meter = MessageStreamMeter(BODY)
+    _feed(
+        meter, b'event: message_start\ndata: {"type":"message_start","message":{"model":"m"}}\n\n'
+    )
+    _feed(meter, b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    usage = meter.finish(cut=cut).usage
+    assert usage is not None and usage.estimated and usage.completion_tokens == 0
+    assert usage.prompt_tokens == estimate_tokens(prompt_chars(BODY))
+
+
 def test_a_broken_message_start_is_named() -> None:
     meter = MessageStreamMeter(BODY)
     _feed(meter, b"event: message_start\ndata: {oops\n\n")
