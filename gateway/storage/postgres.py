@@ -1,10 +1,11 @@
 """The PostgreSQL backend (asyncpg): production, any number of gateway replicas.
 
 Every operation on the request path is ONE statement, so one round trip:
-admission is a conditional upsert whose ``ON CONFLICT ... WHERE`` is evaluated
-against the latest committed row under its row lock (that is what makes it exact
-across replicas), and settle is one call of ``gateway_settle`` that claims the
-answer's pending row, writes the ledger row, the day row and the lifetime totals,
+admission is one call of ``gateway_admit``, which checks and reserves under the
+user's admission lock (a transaction's advisory lock: that is what makes it
+exact across replicas; settles do not take it, nor write the day row admissions
+write - migration 0023), and settle is one call of ``gateway_settle`` that claims
+the answer's pending row, writes the ledger row, the day row and the lifetime totals,
 releases the lease and decides the alert crossings, in one transaction (see the
 migrations under sql/postgres). A second settle of the same answer blocks on the
 pending row (or the ledger's unique index) until the first commits, then finds
@@ -103,16 +104,23 @@ _EXPORT_BATCH = 1000
 
 
 # An upload given back once (its key row goes with it): a retry does nothing.
+# Uploads are counted in the admissions' row of the day (part 0, 0023).
 _RELEASE_UPLOAD = (
     "WITH held AS (DELETE FROM upload_reservations WHERE id = $1 AND user_id = $2 "
     "RETURNING day, size) "
     "UPDATE usage_daily u SET uploads = u.uploads - 1, "
     "upload_bytes = greatest(u.upload_bytes - held.size, 0) "
-    "FROM held WHERE u.user_id = $2 AND u.day = held.day AND u.uploads > 0"
+    "FROM held WHERE u.user_id = $2 AND u.day = held.day AND u.part = 0 AND u.uploads > 0"
+)
+# A user's day is two rows, the admissions' and the settles' (0023): its usage
+# is their sum, DAILY_COLUMNS' names and types, grouped by (user_id, day).
+_DAILY_SUMS = "user_id, day, " + ", ".join(
+    f"sum({c}){'' if c == 'cost' else '::bigint'} AS {c}"
+    for c in DAILY_COLUMNS.split(", ")[2:]
 )
 _RESERVE_UPLOAD = "SELECT * FROM gateway_reserve_upload($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 # A batch is at most this many calls by default (database.max_batch): past a
-# few dozen a larger batch saves little, and a batch holds its users' row locks
+# few dozen a larger batch saves little, and a batch holds its users' locks
 # until it commits.
 DEFAULT_MAX_BATCH = 64
 # Plans' limit sets whose array literals are kept (PostgresStorage._limit_texts):
@@ -857,7 +865,8 @@ class PostgresStorage:
         daily = ", ".join(f"d.{c}" for c in DAILY_COLUMNS.split(", "))
         sql = (
             f"SELECT {USER_COLUMNS}, {daily} FROM users u "
-            f"LEFT JOIN usage_daily d ON d.user_id = u.id AND d.day = $1{where} "
+            f"LEFT JOIN (SELECT {_DAILY_SUMS} FROM usage_daily WHERE day = $1 "
+            f"GROUP BY user_id, day) d ON d.user_id = u.id{where} "
             f"ORDER BY {order} LIMIT $2 OFFSET $3"
         )
         with _mapped():
@@ -1401,13 +1410,14 @@ class PostgresStorage:
     async def daily(
         self, start: date, end: date, *, user_id: str | None = None
     ) -> list[DailyUsage]:
-        sql = f"SELECT {DAILY_COLUMNS} FROM usage_daily WHERE day >= $1 AND day <= $2"
+        sql = f"SELECT {_DAILY_SUMS} FROM usage_daily WHERE day >= $1 AND day <= $2"
         params: list[Any] = [start, end]
         if user_id is not None:
             sql += " AND user_id = $3"
             params.append(user_id)
+        sql += " GROUP BY day, user_id ORDER BY day, user_id"
         with _mapped():
-            rows = await self._pool.fetch(sql + " ORDER BY day, user_id", *params)
+            rows = await self._pool.fetch(sql, *params)
         return [_daily(row) for row in rows]
 
     async def events(
@@ -1440,7 +1450,10 @@ class PostgresStorage:
         if user_id is not None:
             where += " AND user_id = $5"
             params.append(user_id)
-        sql = f"SELECT {DAILY_COLUMNS} FROM usage_daily WHERE {where} ORDER BY day, user_id LIMIT {_EXPORT_BATCH}"
+        sql = (
+            f"SELECT {_DAILY_SUMS} FROM usage_daily WHERE {where} "
+            f"GROUP BY day, user_id ORDER BY day, user_id LIMIT {_EXPORT_BATCH}"
+        )
         after: tuple[date, str] = (date.min, "")
         while True:
             with _mapped():

@@ -21,8 +21,9 @@ BEGIN
     END IF;
     DELETE FROM stream_leases WHERE id = p_lease;
     IF v_claimed THEN
+        -- The query leaves the admissions' row it was counted in (0023).
         UPDATE usage_daily SET queries = queries - 1
-        WHERE user_id = p_user AND day = p_day AND queries > 0;
+        WHERE user_id = p_user AND day = p_day AND part = 0 AND queries > 0;
         IF v_reserved <> 0 OR v_reserved_cost <> 0 THEN
             PERFORM gateway_release(p_user, v_day, v_reserved, v_reserved_cost);
         END IF;

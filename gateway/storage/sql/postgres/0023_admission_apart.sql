@@ -1,0 +1,20 @@
+-- Issue 24: an admission no longer waits for the same user's settles' row
+-- locks (held until their commit is flushed: a third of an admission's wall
+-- time at 100 answers/s, docs/performance.md).
+--
+-- A user's day is two rows: part 0, written by admissions (the query, advanced
+-- RAG, a web search and a cost bound reserved, uploads) and refunds; part 1,
+-- written by settles, recoveries and the release of reservations (the tokens,
+-- the cost, the web searches used less those reserved, the cost bound given
+-- back - a negative cost_reserved). A day's usage is the sum of its two rows:
+-- every reader sums them (an admission in the one statement that reads its
+-- counters, so a settle's "release the reservation, add what was used" is seen
+-- whole or not at all). An existing row is part 0.
+--
+-- Admissions serialize per user on a transaction-scoped advisory lock
+-- (gateway_admit) instead of the user's row, which settles update (lifetime
+-- totals).
+ALTER TABLE usage_daily ADD COLUMN IF NOT EXISTS part smallint NOT NULL DEFAULT 0;
+ALTER TABLE usage_daily DROP CONSTRAINT IF EXISTS usage_daily_pkey;
+ALTER TABLE usage_daily ADD PRIMARY KEY (user_id, day, part);
+ALTER TABLE usage_daily ADD CONSTRAINT usage_daily_part_check CHECK (part IN (0, 1));
