@@ -115,8 +115,7 @@ _RELEASE_UPLOAD = (
 # A user's day is two rows, the admissions' and the settles' (0023): its usage
 # is their sum, DAILY_COLUMNS' names and types, grouped by (user_id, day).
 _DAILY_SUMS = "user_id, day, " + ", ".join(
-    f"sum({c}){'' if c == 'cost' else '::bigint'} AS {c}"
-    for c in DAILY_COLUMNS.split(", ")[2:]
+    f"sum({c}){'' if c == 'cost' else '::bigint'} AS {c}" for c in DAILY_COLUMNS.split(", ")[2:]
 )
 _RESERVE_UPLOAD = "SELECT * FROM gateway_reserve_upload($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 # A batch is at most this many calls by default (database.max_batch): past a

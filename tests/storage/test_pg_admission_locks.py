@@ -1,0 +1,243 @@
+"""PostgreSQL: an admission does not wait for the same user's settles (issue 24).
+
+A settle holds its row locks until its commit has been flushed. An admission
+used to lock the user's row, which a settle updates (the lifetime totals), and
+to write the day row a settle writes: it waited for the settle's commit - a
+third of its wall time at 100 answers/s. Since migration 0023 admissions
+serialize on an advisory lock of their own and write the admissions' row of the
+day (part 0); settles write the settles' row (part 1), and an admission reads
+both in one statement.
+
+The tests hold a settle inside its transaction, every row lock it takes
+already taken, with a trigger that waits at an advisory "gate" the test holds;
+and race many admissions against settles for a money cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+import pytest
+
+from gateway.config import DatabaseConfig
+from gateway.storage import AdmissionLimits, Pending, open_storage
+from gateway.storage.base import Admission, Lease, Storage, UsageEvent
+from tests.conftest import PostgresServer
+
+pytestmark = pytest.mark.postgres
+
+NOW = datetime.now(UTC)
+DAY = NOW.date()
+MONTH = DAY.replace(day=1)
+EXPIRES = NOW + timedelta(minutes=15)
+GATE = 240_023
+# Waits at the gate in the settle's write of a day row (its lock on the user's
+# row, its ledger row and its day row taken): an update or insert that adds
+# prompt tokens, which admissions never do.
+_GATE_TRIGGER = f"""
+CREATE FUNCTION test_settle_gate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.prompt_tokens <> 0
+        AND (TG_OP = 'INSERT' OR NEW.prompt_tokens <> OLD.prompt_tokens)
+    THEN
+        PERFORM pg_advisory_xact_lock_shared({GATE});
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER test_settle_gate AFTER INSERT OR UPDATE ON usage_daily
+    FOR EACH ROW EXECUTE FUNCTION test_settle_gate();
+"""
+# Backends of this database waiting for a lock other than the gate.
+_LOCK_WAITS = f"""
+SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE a.datname = current_database() AND NOT l.granted
+    AND NOT (l.locktype = 'advisory' AND l.objid = {GATE})
+"""
+_AT_GATE = f"""
+SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE a.datname = current_database() AND NOT l.granted
+    AND l.locktype = 'advisory' AND l.objid = {GATE}
+"""
+
+
+async def until_async(condition: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """``harness.until`` for a condition that queries: checked every 5 ms."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def dsn(postgres: PostgresServer) -> AsyncIterator[str]:
+    """A database of its own (the gate's trigger is on its usage_daily)."""
+    url = await postgres.new_database_async()
+    storage = await open_storage(DatabaseConfig(url=url))
+    try:
+        await storage.migrate()
+    finally:
+        await storage.close()
+    yield url
+
+
+def _pending(request: str, reserve: str) -> Pending:
+    return Pending(request, "chat-messages", reserved_cost=Decimal(reserve))
+
+
+def _answer(request: str, cost: str) -> UsageEvent:
+    return UsageEvent(
+        f"a-{request}",
+        "alice",
+        DAY,
+        NOW,
+        "chat-messages",
+        prompt_tokens=10,
+        completion_tokens=20,
+        total_tokens=30,
+        cost=Decimal(cost),
+        request_id=request,
+    )
+
+
+async def test_an_admission_does_not_wait_for_a_settle_of_the_same_user(dsn: str) -> None:
+    storage = await open_storage(DatabaseConfig(url=dsn))
+    admin = await asyncpg.connect(dsn)
+    gate = await asyncpg.connect(dsn)
+    settle: asyncio.Task[bool] | None = None
+    admit: asyncio.Task[Admission] | None = None
+    try:
+        await storage.ensure_user("alice", plan="free")
+        limits = AdmissionLimits(
+            queries_per_day=100,
+            tokens_per_day=10_000,
+            max_concurrent_streams=5,
+            cost_per_day=Decimal("2"),
+        )
+        first = await storage.admit(
+            "alice",
+            day=DAY,
+            month_start=MONTH,
+            limits=limits,
+            now=NOW,
+            lease=Lease("r1", EXPIRES),
+            pending=_pending("r1", "0.5"),
+        )
+        assert first.admitted
+        await admin.execute(_GATE_TRIGGER)
+        await gate.execute("SELECT pg_advisory_lock($1)", GATE)
+        settle = asyncio.create_task(
+            storage.settle(_answer("r1", "0.25"), lease_id="r1", pending_id="r1")
+        )
+
+        async def at_gate() -> bool:
+            return bool(await admin.fetchval(_AT_GATE))
+
+        # The settle is in its transaction with its row locks taken.
+        await until_async(at_gate)
+        admit = asyncio.create_task(
+            storage.admit(
+                "alice",
+                day=DAY,
+                month_start=MONTH,
+                limits=limits,
+                now=NOW,
+                lease=Lease("r2", EXPIRES),
+                pending=_pending("r2", "0.5"),
+            )
+        )
+
+        async def ended_or_waiting() -> bool:
+            return admit.done() or bool(await admin.fetchval(_LOCK_WAITS))
+
+        await until_async(ended_or_waiting)
+        # The old schema: the admission waited for the settle's lock on the
+        # user's row (then its day row) until the settle committed.
+        assert admit.done(), "the admission waits for the settle's row locks"
+        second = admit.result()
+        # It saw the first answer's reservation (the settle is not committed):
+        # the day's cost is the two bounds, two queries, one open stream more.
+        assert second.admitted
+        counters = second.counters
+        assert counters.of("cost", "day") == Decimal("1.0")
+        assert counters.of("queries", "day") == 2
+        assert counters.of("streams", "open") == 2
+        await gate.execute("SELECT pg_advisory_unlock($1)", GATE)
+        assert await settle
+        # The settle replaced its reservation by the answer's cost.
+        (today,) = await storage.daily(DAY, DAY, user_id="alice")
+        assert (today.queries, today.total_tokens, today.cost) == (2, 30, Decimal("0.25"))
+        third = await storage.admit("alice", day=DAY, month_start=MONTH, limits=limits, now=NOW)
+        assert third.counters.of("cost", "day") == Decimal("0.75")  # 0.25 + r2's 0.5
+        assert third.counters.of("queries", "day") == 3
+    finally:
+        await gate.close()  # ends the gate, if a failure left it held
+        for task in (settle, admit):
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
+        await admin.close()
+        await storage.close()
+
+
+async def test_admissions_racing_settles_never_overshoot_a_money_cap(dsn: str) -> None:
+    """Three replicas admit one user's requests (twelve clients), each reserving a cost bound
+    of 0.10 against a daily cap of 1.00, and settle each answer at once for
+    0.02 to 0.10: every admission reads the settles' releases with what they
+    added in one snapshot, so the day's cost never passes the cap - and the
+    settles' cheaper answers leave room that later admissions use."""
+    stores: list[Storage] = [await open_storage(DatabaseConfig(url=dsn)) for _ in range(3)]
+    rng = random.Random(24)
+    cap = Decimal("1.00")
+    limits = AdmissionLimits(cost_per_day=cap, max_concurrent_streams=50)
+    admitted: list[str] = []
+    try:
+        await stores[0].ensure_user("alice", plan="free")
+
+        async def client(c: int) -> None:
+            # Twelve clients, each sending its next request once the last ended.
+            for n in range(15):
+                await request(stores[c % 3], f"q{c}-{n}")
+
+        async def request(store: Storage, rid: str) -> None:
+            a = await store.admit(
+                "alice",
+                day=DAY,
+                month_start=MONTH,
+                limits=limits,
+                now=NOW,
+                lease=Lease(rid, EXPIRES),
+                pending=_pending(rid, "0.10"),
+            )
+            # What this admission saw, its own bound included, is within the cap.
+            assert a.counters.of("cost", "day") <= cap
+            if not a.admitted:
+                return
+            admitted.append(rid)
+            cost = f"0.{rng.randint(2, 10):02d}"
+            assert await store.settle(_answer(rid, cost), lease_id=rid, pending_id=rid)
+
+        await asyncio.gather(*(client(c) for c in range(12)))
+        # The cheaper answers left room for more than ten.
+        assert len(admitted) > 10
+        (today,) = await stores[0].daily(DAY, DAY, user_id="alice")
+        assert today.cost <= cap
+        assert today.queries == len(admitted)
+        conn = await asyncpg.connect(dsn)
+        try:
+            reserved = await conn.fetchval("SELECT sum(cost_reserved) FROM usage_daily")
+            ledger = await conn.fetchval("SELECT sum(cost) FROM usage_events")
+            lifetime = await conn.fetchval("SELECT lifetime_cost FROM users")
+            assert await conn.fetchval("SELECT count(*) FROM pending_answers") == 0
+        finally:
+            await conn.close()
+        assert reserved == 0
+        assert ledger == lifetime == today.cost
+    finally:
+        for store in stores:
+            await store.close()
