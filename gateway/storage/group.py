@@ -37,6 +37,19 @@ while its call is in flight does not stop the call - it may be in a
 transaction already - and its result is handed to ``abandoned`` instead, which
 can undo it (an admission nobody will use); so is a result that arrived in the
 same turn of the event loop as the cancellation.
+
+The task that sends a batch can be cancelled too, while the batch is in flight
+(the event loop going away: asyncio.run's teardown cancels every task). Its
+callers are cancelled, and the runner's wait for the answer is: the batch may
+have committed, and nobody would learn it - an admission would stay reserved,
+and a recovery would later charge its pending row for an answer never
+forwarded. So each call given up so (by the batch's task or, with ``max_batch``
+1, by its caller) is handed to ``lost``, which finds out and undoes what was
+made (PostgreSQL gives an admission back by its pending row, which only a made
+one has); a runner whose work goes on without its waiter (SQLite's thread)
+hands the answer to ``abandoned`` itself when it comes. A drain that is
+cancelled (a close given up) leaves the batches in flight alone: it no longer
+cancels them. Nothing of this costs the calls that are not given up.
 """
 
 from __future__ import annotations
@@ -74,6 +87,7 @@ class GroupCommit(Generic[Item, Result]):
         max_batch: int,
         in_flight: int = 2,
         abandoned: Callable[[Item, Result], None] | None = None,
+        lost: Callable[[Item], None] | None = None,
         key: Callable[[Item], Hashable] | None = None,
         run_now: Callable[[Item], Result] | None = None,
         run_now_many: Callable[[Sequence[Item]], Sequence[Result | Exception]] | None = None,
@@ -86,6 +100,7 @@ class GroupCommit(Generic[Item, Result]):
         self._max_batch = max_batch
         self._in_flight = in_flight
         self._abandoned = abandoned
+        self._lost = lost
         self._key = key
         self._run_now = run_now
         self._run_now_many = run_now_many
@@ -101,7 +116,11 @@ class GroupCommit(Generic[Item, Result]):
 
     async def __call__(self, item: Item) -> Result:
         if self._max_batch == 1:
-            return await self._run_one(item)
+            try:
+                return await self._run_one(item)
+            except asyncio.CancelledError:  # given up in flight: its answer is lost
+                self._lose([item])
+                raise
         if (
             self._run_now is not None
             and not self._running
@@ -287,6 +306,7 @@ class GroupCommit(Generic[Item, Result]):
         except asyncio.CancelledError:  # the event loop is going away
             for _, future in batch:
                 future.cancel()
+            self._lose(items)  # (it may have committed)
             raise
         except Exception as exc:  # every caller's error
             outcomes = [exc] * len(items)
@@ -313,6 +333,13 @@ class GroupCommit(Generic[Item, Result]):
         for (item, future), outcome in zip(batch, outcomes, strict=True):
             self._deliver(item, future, outcome)
 
+    def _lose(self, items: Sequence[Item]) -> None:
+        """Calls given up in flight, their answers lost: to ``lost``, which
+        finds out whether each was made and undoes it."""
+        if self._lost is not None:
+            for item in items:
+                self._lost(item)
+
     def _deliver(
         self, item: Item, future: asyncio.Future[Result], outcome: Result | BaseException
     ) -> None:
@@ -338,6 +365,9 @@ class GroupCommit(Generic[Item, Result]):
                 outcome: Result | BaseException
                 try:
                     outcome = await self._run_one(item)
+                except asyncio.CancelledError:  # the event loop is going away
+                    self._lose([item])  # (it may have committed)
+                    raise
                 except Exception as exc:
                     outcome = exc
                 self._deliver(item, future, outcome)
@@ -345,9 +375,11 @@ class GroupCommit(Generic[Item, Result]):
         await asyncio.gather(*(run(calls) for calls in by_key.values()))
 
     async def drain(self) -> None:
-        """Wait until every queued call has been sent and answered."""
+        """Wait until every queued call has been sent and answered. A drain
+        cancelled (a close given up) does not cancel the batches in flight, as
+        a gather of them did: each would have lost its answer."""
         while self._tasks or self._queue:
             if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+                await asyncio.wait(self._tasks)
             else:
                 await asyncio.sleep(0)

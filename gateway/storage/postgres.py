@@ -674,6 +674,7 @@ class PostgresStorage:
             self._admit_one,
             max_batch=max_batch,
             abandoned=self._admission_abandoned,
+            lost=self._admission_lost,
             key=_admitted_user,
         )
         self._settles: GroupCommit[_Settle, bool] = GroupCommit(
@@ -1140,6 +1141,23 @@ class PostgresStorage:
         log.info("admission for %s abandoned by its caller; given back", user_id)
         task = asyncio.create_task(
             self._refund_quietly(user_id, day, lease_id=lease_id, pending_id=pending_id)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _admission_lost(self, admit: _Admit) -> None:
+        """An admission given up in flight, its answer lost (its batch's task
+        cancelled: the event loop going away): it may have committed. Given
+        back by its pending row, which gateway_refund gives back only while it
+        is there (without one it would give back a query never reserved)."""
+        call = admit.call
+        if call.pending_id is None:
+            log.warning("admission for %s lost in flight; kept", call.user_id)
+            return
+        task = asyncio.create_task(
+            self._refund_quietly(
+                call.user_id, call.day, lease_id=call.lease_id, pending_id=call.pending_id
+            )
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
