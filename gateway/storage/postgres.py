@@ -726,9 +726,10 @@ class PostgresStorage:
         await self._settles.drain()
         while self._admit_connections:
             await self._pool.release(self._admit_connections.pop())
-        # (A give-back may start when what it gives back ends.)
+        # (A give-back may start when what it gives back ends.) Shielded: a
+        # close given up leaves them going.
         while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+            await asyncio.shield(asyncio.gather(*self._background, return_exceptions=True))
         await self._pool.close()
 
     @property

@@ -400,3 +400,44 @@ async def test_postgres_an_admission_given_up_before_it_committed_gives_back_not
         assert queries == 1  # "kept"'s, still counted
     finally:
         await blocker.close()
+
+
+@pytest.mark.postgres
+async def test_postgres_a_close_given_up_leaves_a_give_back_waiting_for_a_connection_alone(
+    postgres_dsn: str,
+) -> None:
+    """A close cancelled while it waits for the give-backs (its admission's
+    caller went away mid-call) cancelled them with it: one still waiting for a
+    pool connection was never sent, and the admission stayed reserved. It now
+    goes on, and a later close waits for it."""
+    await _truncate(postgres_dsn)
+    store = await PostgresStorage.open(postgres_dsn, min_size=1, max_size=1)
+    await store.ensure_user("alice", plan="free")
+    blocker = await asyncpg.connect(postgres_dsn)
+    hold = blocker.transaction()
+    await hold.start()
+    await blocker.execute("SELECT 1 FROM users WHERE id = 'alice' FOR UPDATE")
+    try:
+        gone = admit(store, "alice", "r1", queries_per_day=10, max_concurrent_streams=5)
+        await until(lambda: store.group_commit["admit"] == (1, 1))
+        await turns()  # in the database, on the pool's one connection
+        gone.cancel()  # its caller went away mid-call: the batch goes on
+        # The test queues for the pool's connection first: the give-back waits.
+        taken = asyncio.ensure_future(store._pool.acquire())
+        await turns()
+        closing = asyncio.ensure_future(store.close())
+        await hold.rollback()
+        await until(lambda: bool(store._background) and taken.done())
+        await turns()
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        await store._pool.release(await taken)
+        await store.close()
+        assert await pending_rows(blocker, "r1") == 0
+        queries = await blocker.fetchval(
+            "SELECT queries FROM usage_daily WHERE user_id = 'alice' AND day = $1", DAY
+        )
+        assert queries in (None, 0)
+    finally:
+        await blocker.close()
