@@ -43,13 +43,15 @@ The task that sends a batch can be cancelled too, while the batch is in flight
 callers are cancelled, and the runner's wait for the answer is: the batch may
 have committed, and nobody would learn it - an admission would stay reserved,
 and a recovery would later charge its pending row for an answer never
-forwarded. So each call given up so (by the batch's task or, with ``max_batch``
-1, by its caller) is handed to ``lost``, which finds out and undoes what was
-made (PostgreSQL gives an admission back by its pending row, which only a made
-one has); a runner whose work goes on without its waiter (SQLite's thread)
-hands the answer to ``abandoned`` itself when it comes. A drain that is
-cancelled (a close given up) leaves the batches in flight alone: it no longer
-cancels them. Nothing of this costs the calls that are not given up.
+forwarded. So the calls given up so (by the batch's task or, with
+``max_batch`` 1, by its caller) are handed to ``lost``, which finds out and
+undoes what was made (PostgreSQL gives an admission back by its pending row,
+which only a made one has); the task awaits it before it ends, as asyncio.run's
+teardown waits for the tasks it cancelled and for no other. A runner whose work
+goes on without its waiter (SQLite's thread) waits for the answer itself and
+hands it to ``abandoned``. A drain that is cancelled (a close given up) leaves
+the batches in flight alone: it no longer cancels them. Nothing of this costs
+the calls that are not given up.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class GroupCommit(Generic[Item, Result]):
         max_batch: int,
         in_flight: int = 2,
         abandoned: Callable[[Item, Result], None] | None = None,
-        lost: Callable[[Item], None] | None = None,
+        lost: Callable[[Sequence[Item]], Awaitable[None]] | None = None,
         key: Callable[[Item], Hashable] | None = None,
         run_now: Callable[[Item], Result] | None = None,
         run_now_many: Callable[[Sequence[Item]], Sequence[Result | Exception]] | None = None,
@@ -119,7 +121,7 @@ class GroupCommit(Generic[Item, Result]):
             try:
                 return await self._run_one(item)
             except asyncio.CancelledError:  # given up in flight: its answer is lost
-                self._lose([item])
+                await self._lose([item])
                 raise
         if (
             self._run_now is not None
@@ -306,7 +308,7 @@ class GroupCommit(Generic[Item, Result]):
         except asyncio.CancelledError:  # the event loop is going away
             for _, future in batch:
                 future.cancel()
-            self._lose(items)  # (it may have committed)
+            await self._lose(items)  # (it may have committed)
             raise
         except Exception as exc:  # every caller's error
             outcomes = [exc] * len(items)
@@ -333,12 +335,16 @@ class GroupCommit(Generic[Item, Result]):
         for (item, future), outcome in zip(batch, outcomes, strict=True):
             self._deliver(item, future, outcome)
 
-    def _lose(self, items: Sequence[Item]) -> None:
+    async def _lose(self, items: Sequence[Item]) -> None:
         """Calls given up in flight, their answers lost: to ``lost``, which
-        finds out whether each was made and undoes it."""
-        if self._lost is not None:
-            for item in items:
-                self._lost(item)
+        finds out whether each was made and undoes it (awaited by the task
+        being cancelled; cancelled again, it gives up)."""
+        if self._lost is None:
+            return
+        try:
+            await self._lost(items)
+        except Exception:  # (the cancellation is what the task ends with)
+            log.exception("%s: calls given up in flight not undone", self.name)
 
     def _deliver(
         self, item: Item, future: asyncio.Future[Result], outcome: Result | BaseException
@@ -366,7 +372,7 @@ class GroupCommit(Generic[Item, Result]):
                 try:
                     outcome = await self._run_one(item)
                 except asyncio.CancelledError:  # the event loop is going away
-                    self._lose([item])  # (it may have committed)
+                    await self._lose([item])  # (it may have committed)
                     raise
                 except Exception as exc:
                     outcome = exc

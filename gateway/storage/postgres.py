@@ -674,7 +674,7 @@ class PostgresStorage:
             self._admit_one,
             max_batch=max_batch,
             abandoned=self._admission_abandoned,
-            lost=self._admission_lost,
+            lost=self._admissions_lost,
             key=_admitted_user,
         )
         self._settles: GroupCommit[_Settle, bool] = GroupCommit(
@@ -1146,22 +1146,24 @@ class PostgresStorage:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _admission_lost(self, admit: _Admit) -> None:
-        """An admission given up in flight, its answer lost (its batch's task
-        cancelled: the event loop going away): it may have committed. Given
-        back by its pending row, which gateway_refund gives back only while it
-        is there (without one it would give back a query never reserved)."""
-        call = admit.call
-        if call.pending_id is None:
-            log.warning("admission for %s lost in flight; kept", call.user_id)
-            return
-        task = asyncio.create_task(
-            self._refund_quietly(
-                call.user_id, call.day, lease_id=call.lease_id, pending_id=call.pending_id
+    async def _admissions_lost(self, admits: Sequence[_Admit]) -> None:
+        """Admissions given up in flight, their answers lost (their batch's
+        task cancelled: the event loop going away): they may have committed.
+        Given back by their pending rows, which gateway_refund gives back only
+        while they are there (without one it would give back a query never
+        reserved)."""
+        refunds = []
+        for admit in admits:
+            call = admit.call
+            if call.pending_id is None:
+                log.warning("admission for %s lost in flight; kept", call.user_id)
+                continue
+            refunds.append(
+                self._refund_quietly(
+                    call.user_id, call.day, lease_id=call.lease_id, pending_id=call.pending_id
+                )
             )
-        )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        await asyncio.gather(*refunds)
 
     async def _refund_quietly(
         self, user_id: str, day: date, *, lease_id: str | None, pending_id: str | None

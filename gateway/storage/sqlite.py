@@ -1097,13 +1097,20 @@ class SQLiteStorage:
         ``given_up`` gets what it returns when the task waiting for it is
         cancelled while the thread makes it (the event loop going away cancels
         a batch's task): the thread goes on, and what it committed is undone
-        there rather than lost."""
+        rather than lost. The task waits for the thread before it ends, so
+        that asyncio.run's teardown, which waits for the tasks it cancelled
+        and no more, waits for the answer and the give-back it starts too."""
         loop = asyncio.get_running_loop()
         self._on_thread += 1
         job = self._executor.submit(self._threaded, fn, *args)
         try:
             result = await asyncio.wrap_future(job, loop=loop)
         except asyncio.CancelledError:
+            if not job.done():  # (one the thread had not begun was cancelled)
+                # Cancelled again, it waits no longer (the answer still
+                # comes, through _given_up).
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wrap_future(job, loop=loop)
             self._given_up(loop, job, given_up)
             raise
         except Exception as exc:

@@ -40,23 +40,37 @@ def batch_tasks(batcher: GroupCommit[int, int]) -> list[asyncio.Task[None]]:
     return list(batcher._tasks)
 
 
+class Lost:
+    """A ``lost`` that records the calls it is given."""
+
+    def __init__(self) -> None:
+        self.items: list[int] = []
+
+    async def __call__(self, items: Sequence[int]) -> None:
+        await asyncio.sleep(0)  # (an undo takes a round trip; the task waits for it)
+        self.items.extend(items)
+
+
 async def test_a_batch_whose_task_is_cancelled_in_flight_goes_to_lost() -> None:
     """The batch may have committed: its calls go to ``lost``, which finds out
-    and undoes what was made; the callers are cancelled (they are going too)."""
+    and undoes what was made, before the task ends (asyncio.run's teardown
+    waits for the tasks it cancelled, no more); the callers are cancelled
+    (they are going too)."""
     runner = Runner()
     runner.release.clear()
-    lost: list[int] = []
-    batcher = group(runner, lost=lost.append)
+    lost = Lost()
+    batcher = group(runner, lost=lost)
     calls = [asyncio.ensure_future(batcher(i)) for i in (1, 2)]
     assert await runner.entered.get() == [1, 2]
-    for task in batch_tasks(batcher):
+    tasks = batch_tasks(batcher)
+    for task in tasks:
         task.cancel()
-    await turns()
+    await asyncio.wait(tasks)
+    assert lost.items == [1, 2]
     assert all(call.cancelled() for call in calls)
-    assert lost == [1, 2]
     runner.release.set()
     assert await batcher(3) == 6  # and the batcher goes on
-    assert lost == [1, 2]  # (nothing of an answered batch)
+    assert lost.items == [1, 2]  # (nothing of an answered batch)
 
 
 async def test_queued_calls_of_a_loop_going_away_are_not_sent() -> None:
@@ -65,8 +79,8 @@ async def test_queued_calls_of_a_loop_going_away_are_not_sent() -> None:
     it, their callers gone, are never sent."""
     runner = Runner()
     runner.release.clear()
-    lost: list[int] = []
-    batcher = group(runner, lost=lost.append, in_flight=1)
+    lost = Lost()
+    batcher = group(runner, lost=lost, in_flight=1)
     first = asyncio.ensure_future(batcher(1))
     assert await runner.entered.get() == [1]
     queued = [asyncio.ensure_future(batcher(i)) for i in (2, 3)]
@@ -77,7 +91,7 @@ async def test_queued_calls_of_a_loop_going_away_are_not_sent() -> None:
     await turns()
     await batcher.drain()
     assert runner.batches == [[1]] and runner.singles == []
-    assert lost == [1]
+    assert lost.items == [1]
     assert all(call.cancelled() for call in (first, *queued))
 
 
@@ -97,8 +111,8 @@ async def test_a_call_resent_on_its_own_given_up_in_flight_goes_to_lost() -> Non
     async def many(items: Sequence[int]) -> list[int | Exception]:
         raise SplitBatch("refused")
 
-    lost: list[int] = []
-    batcher = GroupCommit("test", many, one, max_batch=64, key=lambda item: 0, lost=lost.append)
+    lost = Lost()
+    batcher = GroupCommit("test", many, one, max_batch=64, key=lambda item: 0, lost=lost)
     callers = [asyncio.ensure_future(batcher(i)) for i in (1, 2, 3)]
     assert await callers[0] == 2
     await turns()
@@ -106,7 +120,7 @@ async def test_a_call_resent_on_its_own_given_up_in_flight_goes_to_lost() -> Non
         task.cancel()
     await turns()
     assert callers[1].cancelled() and callers[2].cancelled()
-    assert lost == [2] and runner.singles == [1]  # 2 never reached the runner; 3 never sent
+    assert lost.items == [2] and runner.singles == [1]  # 2 never reached the runner; 3 never sent
 
 
 async def test_a_lone_call_given_up_in_flight_goes_to_lost_with_max_batch_one() -> None:
@@ -114,13 +128,13 @@ async def test_a_lone_call_given_up_in_flight_goes_to_lost_with_max_batch_one() 
     flight, the call's answer is lost as a batch's would be."""
     runner = Runner()
     runner.release.clear()
-    lost: list[int] = []
-    batcher = group(runner, max_batch=1, lost=lost.append)
+    lost = Lost()
+    batcher = group(runner, max_batch=1, lost=lost)
     gone = asyncio.ensure_future(batcher(1))
     await until(lambda: runner.singles == [1])
     gone.cancel()
     await turns()
-    assert gone.cancelled() and lost == [1]
+    assert gone.cancelled() and lost.items == [1]
 
 
 async def test_a_drain_cancelled_leaves_the_batches_in_flight_alone() -> None:
@@ -204,6 +218,47 @@ async def test_sqlite_an_admission_on_the_thread_when_its_batch_task_is_cancelle
     blocker.execute("ROLLBACK")  # the thread's transaction goes on, and commits
     blocker.close()
     await store.close()  # waits for the thread's answer and the give-back
+    await nothing_reserved_sqlite(path)
+
+
+async def test_sqlite_an_admission_on_the_thread_at_asyncio_runs_teardown_is_given_back(
+    tmp_path: Path,
+) -> None:
+    """The real thing: asyncio.run's main returns with an admission on the
+    thread, and its teardown cancels every task, waits for those, and closes
+    the loop. The batch's task waits for the thread's answer before it ends,
+    so the give-back it starts is made before the loop closes (before, even
+    with the answer handed over, it came after)."""
+    path = str(tmp_path / "gateway.db")
+    await (await sqlite_store(path)).close()
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    stores: list[SQLiteStorage] = []
+    tasks: list[asyncio.Future[None]] = []
+
+    async def torn_down(started: asyncio.Event) -> None:
+        try:
+            started.set()
+            await asyncio.Event().wait()
+        finally:  # the teardown has cancelled every task, the batch's with them
+            blocker.execute("ROLLBACK")
+
+    async def main() -> None:
+        store = await SQLiteStorage.open(path)
+        stores.append(store)
+        entered = on_the_thread(store)
+        admit(store, "alice", "r1", queries_per_day=10, max_concurrent_streams=5)
+        await asyncio.to_thread(entered.wait, 30)
+        started = asyncio.Event()
+        tasks.append(asyncio.ensure_future(torn_down(started)))
+        await started.wait()
+
+    await asyncio.to_thread(asyncio.run, main())
+    blocker.close()
+    [store] = stores  # (never closed: what the process exiting would leave)
+    store._executor.submit(store._conn.close).result()
+    store._executor.shutdown()
+    store._checkpoints.shutdown()
     await nothing_reserved_sqlite(path)
 
 
@@ -345,13 +400,16 @@ async def test_postgres_an_admission_committed_when_its_batch_task_is_cancelled_
         caller = admit(store, "alice", "r1", queries_per_day=10, max_concurrent_streams=5)
         await until(proxy.answered)  # committed: the server said it is idle again
         assert await pending_rows(watcher, "r1") == 1
-        for task in [*store._admits._tasks, caller]:
+        batches = list(store._admits._tasks)
+        for task in [*batches, caller]:
             task.cancel()
         await turns()
         proxy.flowing.set()  # the answer arrives, to nobody
         with pytest.raises(asyncio.CancelledError):
             await caller
-        await store.close()  # waits for the give-back
+        # The batch's task ends once the give-back is made: asyncio.run's
+        # teardown, which waits for the tasks it cancelled, waits for it too.
+        await asyncio.wait(batches)
         assert await pending_rows(watcher, "r1") == 0
         assert await watcher.fetchval("SELECT count(*) FROM stream_leases WHERE id = 'r1'") == 0
         queries = await watcher.fetchval(
@@ -364,6 +422,7 @@ async def test_postgres_an_admission_committed_when_its_batch_task_is_cancelled_
         assert bob == 1  # (given back by its own row only)
     finally:
         proxy.flowing.set()
+        await store.close()
         await watcher.close()
 
 
