@@ -40,6 +40,12 @@ def batch_tasks(batcher: GroupCommit[int, int]) -> list[asyncio.Task[None]]:
     return list(batcher._tasks)
 
 
+def cancel(*tasks: asyncio.Future[Any]) -> None:
+    """Cancel them all at once, as asyncio.run's teardown does."""
+    for task in tasks:
+        task.cancel()
+
+
 class Lost:
     """A ``lost`` that records the calls it is given."""
 
@@ -280,8 +286,7 @@ async def test_sqlite_a_batch_of_admissions_given_up_on_the_thread_is_given_back
     ]
     await asyncio.to_thread(entered.wait, 30)
     assert store.group_commit["calls"][1] == 2 + 3  # migrate, ensure_user, one batch of 3
-    for task in [*store._calls._tasks, *callers]:
-        task.cancel()
+    cancel(*store._calls._tasks, *callers)
     await turns()
     assert all(caller.cancelled() for caller in callers)
     blocker.execute("ROLLBACK")
@@ -401,8 +406,7 @@ async def test_postgres_an_admission_committed_when_its_batch_task_is_cancelled_
         await until(proxy.answered)  # committed: the server said it is idle again
         assert await pending_rows(watcher, "r1") == 1
         batches = list(store._admits._tasks)
-        for task in [*batches, caller]:
-            task.cancel()
+        cancel(*batches, caller)
         await turns()
         proxy.flowing.set()  # the answer arrives, to nobody
         with pytest.raises(asyncio.CancelledError):
@@ -444,8 +448,7 @@ async def test_postgres_an_admission_given_up_before_it_committed_gives_back_not
     caller = admit(store, "alice", "r1", queries_per_day=10)
     await until(lambda: store.group_commit["admit"] == (2, 2))
     await turns()
-    for task in [*store._admits._tasks, caller]:
-        task.cancel()
+    cancel(*store._admits._tasks, caller)
     with pytest.raises(asyncio.CancelledError):
         await caller
     await store.close()
