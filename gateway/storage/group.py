@@ -40,10 +40,10 @@ same turn of the event loop as the cancellation.
 
 The task that sends a batch can be cancelled too, while the batch is in flight
 (the event loop going away: asyncio.run's teardown cancels every task). Its
-callers are cancelled, and the runner's wait for the answer is: the batch may
-have committed, and nobody would learn it - an admission would stay reserved,
-and a recovery would later charge its pending row for an answer never
-forwarded. So the calls given up so (by the batch's task or, with
+callers are cancelled, and so is the runner's wait for the answer; but the
+batch may have committed, and nobody would learn it - an admission would stay
+reserved, and a recovery would later charge its pending row for an answer
+never forwarded. So the calls given up so (by the batch's task or, with
 ``max_batch`` 1, by its caller) are handed to ``lost``, which finds out and
 undoes what was made (PostgreSQL gives an admission back by its pending row,
 which only a made one has); the task awaits it before it ends, as asyncio.run's

@@ -1106,16 +1106,17 @@ class SQLiteStorage:
         try:
             result = await asyncio.wrap_future(job, loop=loop)
         except asyncio.CancelledError:
-            if not job.done():  # (one the thread had not begun was cancelled)
-                # Cancelled again, it waits no longer (the answer still
-                # comes, through _given_up).
+            if not job.done():  # (a job the thread had not begun is cancelled)
+                # The thread makes it all the same, maybe a commit: its answer
+                # is waited for. Cancelled again, the task waits no longer; the
+                # answer still comes, through _given_up.
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.wrap_future(job, loop=loop)
             self._given_up(loop, job, given_up)
             raise
-        except Exception as exc:
+        except BaseException as exc:
             self._on_thread -= 1
-            mapped = _error(exc)
+            mapped = _error(exc) if isinstance(exc, Exception) else exc
             if mapped is exc:
                 raise
             raise mapped from exc
@@ -1132,9 +1133,10 @@ class SQLiteStorage:
         made; one it made in the turn its waiter was cancelled, or is making
         (maybe in its transaction: the connection is the thread's until it is
         done, or a call made on the event loop meanwhile would share, and roll
-        back, that transaction), is answered to ``given_up``. A background task
-        waits for that answer, so close() does (the connection stays open for
-        the give-back it starts)."""
+        back, that transaction), is answered to ``given_up``: at once, or (its
+        task cancelled twice) when the thread is done, and a background task
+        waits for that, so close() does (the connection stays open for the
+        give-back it starts)."""
 
         def answered(_: object = None) -> None:
             self._on_thread -= 1
