@@ -295,6 +295,29 @@ async def test_sqlite_a_batch_of_admissions_given_up_on_the_thread_is_given_back
     await nothing_reserved_sqlite(path)
 
 
+async def test_sqlite_with_max_batch_one_a_caller_given_up_on_the_thread_gives_back(
+    tmp_path: Path,
+) -> None:
+    """``database.max_batch`` 1: no batcher, the caller's own task waits for
+    the thread. Cancelled meanwhile (the server shutting down), its admission
+    was committed and kept; it is given back, as a batched one is."""
+    path = str(tmp_path / "gateway.db")
+    await (await sqlite_store(path)).close()
+    store = await SQLiteStorage.open(path, max_batch=1)
+    blocker = held_write_lock(path)
+    entered = on_the_thread(store)
+    caller = admit(store, "alice", "r1", queries_per_day=10, max_concurrent_streams=5)
+    await asyncio.to_thread(entered.wait, 30)
+    caller.cancel()
+    await turns()
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await store.close()
+    await nothing_reserved_sqlite(path)
+
+
 async def test_sqlite_a_close_given_up_lets_the_batch_in_flight_answer_its_caller(
     tmp_path: Path,
 ) -> None:
