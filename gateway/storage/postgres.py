@@ -681,6 +681,7 @@ class PostgresStorage:
             self._admit_one,
             max_batch=max_batch,
             abandoned=self._admission_abandoned,
+            lost=self._admissions_lost,
             key=_admitted_user,
         )
         self._settles: GroupCommit[_Settle, bool] = GroupCommit(
@@ -732,9 +733,10 @@ class PostgresStorage:
         await self._settles.drain()
         while self._admit_connections:
             await self._pool.release(self._admit_connections.pop())
-        # (A give-back may start when what it gives back ends.)
+        # (A give-back may start when what it gives back ends.) Shielded: a
+        # close given up leaves them going.
         while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+            await asyncio.shield(asyncio.gather(*self._background, return_exceptions=True))
         await self._pool.close()
 
     @property
@@ -1151,6 +1153,25 @@ class PostgresStorage:
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _admissions_lost(self, admits: Sequence[_Admit]) -> None:
+        """Admissions given up in flight, their answers lost (their batch's
+        task cancelled: the event loop going away): they may have committed.
+        Given back by their pending rows, which gateway_refund gives back only
+        while they are there (without one it would give back a query never
+        reserved)."""
+        refunds = []
+        for admit in admits:
+            call = admit.call
+            if call.pending_id is None:
+                log.warning("admission for %s lost in flight; kept", call.user_id)
+                continue
+            refunds.append(
+                self._refund_quietly(
+                    call.user_id, call.day, lease_id=call.lease_id, pending_id=call.pending_id
+                )
+            )
+        await asyncio.gather(*refunds)
 
     async def _refund_quietly(
         self, user_id: str, day: date, *, lease_id: str | None, pending_id: str | None
