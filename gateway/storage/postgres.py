@@ -758,8 +758,21 @@ class PostgresStorage:
                     "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
                 )
                 applied = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+                known = migrations("postgres")
+                newer = sorted(applied - {version for version, _ in known})
+                if newer:
+                    # A database migrated by a newer release: its schema is not
+                    # this code's, and this code's functions must not replace
+                    # the newer ones (a rolling update's old pod restarting,
+                    # docs/deploy.md). Nothing is changed; the process stops.
+                    raise StorageError(
+                        "the database was migrated by a newer release of the gateway "
+                        f"(migration {', '.join(f'{v:04d}' for v in newer)} is unknown to "
+                        f"this one, which knows up to {known[-1][0]:04d}): run the newer "
+                        "release, or restore a backup taken before it migrated"
+                    )
                 count = 0
-                for version, sql in migrations("postgres"):
+                for version, sql in known:
                     if version in applied:
                         continue
                     await conn.execute(sql)
@@ -767,13 +780,16 @@ class PostgresStorage:
                         "INSERT INTO schema_migrations (version) VALUES ($1)", version
                     )
                     count += 1
-                # The functions need the schema of migration 0015 (which made
-                # schema_functions); a database held at an older version (a test
-                # of an old release's schema) keeps the functions it has.
+                # The functions need the schema of migration 0023 (which renamed
+                # 0015's schema_functions schema_function_set, so that an older
+                # release's migrate - which installs its functions only when
+                # schema_functions exists - leaves these in place); a database
+                # held at an older version (a test of an old release's schema)
+                # keeps the functions it has.
                 digest, texts = functions("postgres")
-                if await conn.fetchval("SELECT to_regclass('schema_functions')") is None:
+                if await conn.fetchval("SELECT to_regclass('schema_function_set')") is None:
                     return count
-                applied_hash = await conn.fetchval("SELECT hash FROM schema_functions")
+                applied_hash = await conn.fetchval("SELECT hash FROM schema_function_set")
                 if applied_hash != digest:
                     # The files go in name order; a function may call one whose
                     # file comes later (as pg_dump restores them).
@@ -784,7 +800,7 @@ class PostgresStorage:
                     for text in texts:
                         await conn.execute(text)
                     await conn.execute(
-                        "INSERT INTO schema_functions (id, hash) VALUES (1, $1) "
+                        "INSERT INTO schema_function_set (id, hash) VALUES (1, $1) "
                         "ON CONFLICT (id) DO UPDATE SET hash = excluded.hash, applied_at = now()",
                         digest,
                     )

@@ -18,3 +18,11 @@ ALTER TABLE usage_daily ADD COLUMN IF NOT EXISTS part smallint NOT NULL DEFAULT 
 ALTER TABLE usage_daily DROP CONSTRAINT IF EXISTS usage_daily_pkey;
 ALTER TABLE usage_daily ADD PRIMARY KEY (user_id, day, part);
 ALTER TABLE usage_daily ADD CONSTRAINT usage_daily_part_check CHECK (part IN (0, 1));
+
+-- The live functions' record gets a new name (it was schema_functions, 0015).
+-- The previous release's migrate() installs its own function set only when
+-- to_regclass('schema_functions') is not null: one of its pods restarting
+-- during a rolling update therefore leaves this release's functions in place
+-- instead of putting back functions whose ON CONFLICT (user_id, day) matches
+-- no key of usage_daily any more (docs/deploy.md, the upgrade note of 0023).
+ALTER TABLE schema_functions RENAME TO schema_function_set;
