@@ -882,8 +882,11 @@ class PostgresStorage:
         daily = ", ".join(f"d.{c}" for c in DAILY_COLUMNS.split(", "))
         sql = (
             f"SELECT {USER_COLUMNS}, {daily} FROM users u "
-            f"LEFT JOIN (SELECT {_DAILY_SUMS} FROM usage_daily WHERE day = $1 "
-            f"GROUP BY user_id, day) d ON d.user_id = u.id{where} "
+            # Lateral: the page's users' day rows, read through the primary
+            # key per user - a join with the day's sums grouped beforehand
+            # summed every active user's rows before LIMIT cut the page.
+            f"LEFT JOIN LATERAL (SELECT {_DAILY_SUMS} FROM usage_daily x "
+            f"WHERE x.user_id = u.id AND x.day = $1 GROUP BY user_id, day) d ON true{where} "
             f"ORDER BY {order} LIMIT $2 OFFSET $3"
         )
         with _mapped():
