@@ -21,13 +21,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 import pytest
 
 from gateway.config import DatabaseConfig
+from gateway.quota.limits import Limit
 from gateway.storage import AdmissionLimits, Pending, open_storage
 from gateway.storage.base import Admission, Lease, Storage, UsageEvent
+from gateway.storage.postgres import PostgresStorage
 from tests.conftest import PostgresServer
 
 pytestmark = pytest.mark.postgres
@@ -241,3 +244,110 @@ async def test_admissions_racing_settles_never_overshoot_a_money_cap(dsn: str) -
     finally:
         for store in stores:
             await store.close()
+
+
+# Waits at the gate in a settle's write of a per-model counter row (the row
+# lock taken), with no lock timeout while it waits (a batch's 250 ms would end
+# it there): an update or insert that adds prompt tokens, which admissions
+# never do.
+_MODELS_GATE_TRIGGER = f"""
+CREATE FUNCTION test_models_gate() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    v_timeout text := current_setting('lock_timeout');
+BEGIN
+    IF NEW.prompt_tokens <> 0
+        AND (TG_OP = 'INSERT' OR NEW.prompt_tokens <> OLD.prompt_tokens)
+    THEN
+        PERFORM set_config('lock_timeout', '0', true);
+        PERFORM pg_advisory_xact_lock_shared({GATE});
+        PERFORM set_config('lock_timeout', v_timeout, true);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER test_models_gate AFTER INSERT OR UPDATE ON usage_models
+    FOR EACH ROW EXECUTE FUNCTION test_models_gate();
+"""
+
+
+async def test_a_batch_of_settles_and_an_admission_form_no_lock_cycle(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of two settles of a user under a per-model limit goes element
+    by element. Element 1 holds the per-model counter row; an admission of the
+    same user, deleting expired leases, takes element 2's (expired) lease and
+    waits for that counter row. Had element 2 then deleted its lease, the two
+    would wait for each other until the batch's lock timeout split it: the
+    batch deletes all its leases before any element."""
+    storage = await open_storage(DatabaseConfig(url=dsn))
+    admin = await asyncpg.connect(dsn)
+    gate = await asyncpg.connect(dsn)
+    batch: asyncio.Task[list[bool | Exception]] | None = None
+    admit: asyncio.Task[Admission] | None = None
+    try:
+        await storage.ensure_user("alice", plan="free")
+        per_model = Limit("cost_per_day[gpt*]", "cost", "day", Decimal("5"), models=("gpt*",))
+        limits = AdmissionLimits([per_model], max_concurrent_streams=10)
+        for rid, expires in (("r1", EXPIRES), ("r2", NOW + timedelta(minutes=1))):
+            admitted = await storage.admit(
+                "alice",
+                day=DAY,
+                month_start=MONTH,
+                limits=limits,
+                now=NOW,
+                lease=Lease(rid, expires),
+                pending=_pending(rid, "0.5"),
+            )
+            assert admitted.admitted
+        # The two settles as the group commit would send them together, and
+        # an admission as sent on its own (no lock timeout).
+        captured: list[Any] = []
+
+        async def capture(call: Any) -> Any:
+            captured.append(call)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(storage, "_settles", capture)
+            patch.setattr(storage, "_admits", capture)
+            later = NOW + timedelta(minutes=2)  # r2's lease has expired
+            await storage.settle(_answer("r1", "0.25"), lease_id="r1", pending_id="r1")
+            await storage.settle(_answer("r2", "0.25"), lease_id="r2", pending_id="r2")
+            await storage.admit(
+                "alice",
+                day=DAY,
+                month_start=MONTH,
+                limits=limits,
+                now=later,
+                lease=Lease("r3", later + timedelta(minutes=15)),
+                pending=_pending("r3", "0.5"),
+            )
+        first, second, admission = captured
+        assert isinstance(storage, PostgresStorage)
+        await admin.execute(_MODELS_GATE_TRIGGER)
+        await gate.execute("SELECT pg_advisory_lock($1)", GATE)
+        batch = asyncio.create_task(storage._settle_many([first, second]))
+
+        async def at_gate() -> bool:
+            return bool(await admin.fetchval(_AT_GATE))
+
+        await until_async(at_gate)  # element 1 holds the counter row
+        admit = asyncio.create_task(storage._admit_one(admission))
+
+        async def admission_waits() -> bool:
+            assert admit is not None
+            return admit.done() or bool(await admin.fetchval(_LOCK_WAITS))
+
+        await until_async(admission_waits)  # for the counter row
+        await gate.execute("SELECT pg_advisory_unlock($1)", GATE)
+        # Element 2 did not wait for its lease behind the admission: the batch
+        # was not refused (split) by its lock timeout.
+        assert await batch == [True, True]
+        assert (await admit).admitted
+        assert await admin.fetchval("SELECT count(*) FROM stream_leases") == 1  # r3's
+    finally:
+        await gate.close()
+        for task in (batch, admit):
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
+        await admin.close()
+        await storage.close()

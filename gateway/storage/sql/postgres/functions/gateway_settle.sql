@@ -40,8 +40,8 @@ DECLARE
     v_recovered boolean := false;
     v_settled boolean;
     v_ended boolean := false;
-    -- Today's row as the settle left it, and the month's tokens, for the alert
-    -- checks; NULL: not read.
+    -- Today's counters (both rows) and the month's tokens, for the alert
+    -- checks; NULL: not read yet.
     v_queries bigint;
     v_tokens bigint;
     v_searches bigint;
@@ -180,23 +180,9 @@ BEGIN
         -- joining them with the counters, which cost about a fifth of a
         -- settle's PostgreSQL CPU even when nothing was crossed
         -- (docs/performance.md). The four original kinds read the user's day
-        -- rows (both parts of a day, 0023), the month's with today's in one read.
-        IF (p_month_start <= p_day) IS TRUE THEN
-            SELECT
-                coalesce(sum(d.queries) FILTER (WHERE d.day = p_day), 0),
-                coalesce(sum(d.total_tokens) FILTER (WHERE d.day = p_day), 0),
-                coalesce(sum(d.web_searches) FILTER (WHERE d.day = p_day), 0),
-                coalesce(sum(d.total_tokens), 0)
-            INTO v_queries, v_tokens, v_searches, v_month
-            FROM usage_daily d
-            WHERE d.user_id = p_user AND d.day >= p_month_start AND d.day <= p_day;
-        ELSE
-            SELECT
-                coalesce(sum(d.queries), 0), coalesce(sum(d.total_tokens), 0),
-                coalesce(sum(d.web_searches), 0)
-            INTO v_queries, v_tokens, v_searches
-            FROM usage_daily d WHERE d.user_id = p_user AND d.day = p_day;
-        END IF;
+        -- rows (both parts of a day, 0023) when a check first needs them: the
+        -- month's tokens only when a monthly check is there, with today's in
+        -- one read if both are.
         -- As far as the longest list reaches (a shorter one reads NULLs), as
         -- unnest(p_kinds, p_periods, ...) did.
         FOR i IN 1 .. greatest(
@@ -208,12 +194,32 @@ BEGIN
                 -- Any other limit per day or month (issue 21): money budgets,
                 -- general, per-model and team limits.
                 v_used := gateway_alert_used(p_user, p_day, p_month_start, p_specs[i]);
-            ELSIF p_kinds[i] = 'queries_per_day' THEN
-                v_used := v_queries;
-            ELSIF p_kinds[i] = 'tokens_per_day' THEN
-                v_used := v_tokens;
-            ELSIF p_kinds[i] = 'web_searches_per_day' THEN
-                v_used := v_searches;
+            ELSIF p_kinds[i] IN ('queries_per_day', 'tokens_per_day', 'web_searches_per_day') THEN
+                IF v_queries IS NULL THEN
+                    IF (p_month_start <= p_day) IS TRUE AND 'tokens_per_month' = ANY (p_kinds) THEN
+                        SELECT
+                            coalesce(sum(d.queries) FILTER (WHERE d.day = p_day), 0),
+                            coalesce(sum(d.total_tokens) FILTER (WHERE d.day = p_day), 0),
+                            coalesce(sum(d.web_searches) FILTER (WHERE d.day = p_day), 0),
+                            coalesce(sum(d.total_tokens), 0)
+                        INTO v_queries, v_tokens, v_searches, v_month
+                        FROM usage_daily d
+                        WHERE d.user_id = p_user AND d.day >= p_month_start AND d.day <= p_day;
+                    ELSE
+                        SELECT
+                            coalesce(sum(d.queries), 0), coalesce(sum(d.total_tokens), 0),
+                            coalesce(sum(d.web_searches), 0)
+                        INTO v_queries, v_tokens, v_searches
+                        FROM usage_daily d WHERE d.user_id = p_user AND d.day = p_day;
+                    END IF;
+                END IF;
+                IF p_kinds[i] = 'queries_per_day' THEN
+                    v_used := v_queries;
+                ELSIF p_kinds[i] = 'tokens_per_day' THEN
+                    v_used := v_tokens;
+                ELSE
+                    v_used := v_searches;
+                END IF;
             ELSE
                 IF v_month IS NULL THEN
                     SELECT coalesce(sum(d.total_tokens), 0) INTO v_month

@@ -69,6 +69,13 @@ BEGIN
             )
     ) THEN
         INSERT INTO pending_answers SELECT * FROM unnest(v_claimed_rows) AS r ORDER BY r.user_id, r.id;
+        -- Every element's lease goes before any element writes a row (each
+        -- single call's own delete then finds it gone). Deleted element by
+        -- element, a later element's expired lease could be held by an
+        -- admission (which deletes expired leases under the user's admission
+        -- lock) waiting for a per-model counter row an earlier element wrote:
+        -- a lock cycle broken only by the lock timeout.
+        DELETE FROM stream_leases WHERE id = ANY (p_leases);
         FOR v_ord IN
             SELECT t.ord FROM unnest(p_users) WITH ORDINALITY AS t(user_id, ord)
             ORDER BY t.user_id, t.ord
