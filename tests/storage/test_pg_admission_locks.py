@@ -29,8 +29,15 @@ import pytest
 from gateway.config import DatabaseConfig
 from gateway.quota.limits import Limit
 from gateway.storage import AdmissionLimits, Pending, open_storage
-from gateway.storage.base import Admission, Lease, Storage, UsageEvent
-from gateway.storage.postgres import PostgresStorage
+from gateway.storage.base import (
+    Admission,
+    AlertCheck,
+    AlertRequest,
+    Lease,
+    Storage,
+    UsageEvent,
+)
+from gateway.storage.postgres import _SETTLE, PostgresStorage
 from tests.conftest import PostgresServer
 
 pytestmark = pytest.mark.postgres
@@ -350,4 +357,69 @@ async def test_a_batch_of_settles_and_an_admission_form_no_lock_cycle(
             if task is not None:
                 await asyncio.gather(task, return_exceptions=True)
         await admin.close()
+        await storage.close()
+
+
+async def _day_rows_fetched(
+    dsn: str, storage: PostgresStorage, answer: UsageEvent, alerts: AlertRequest
+) -> int:
+    """Rows of usage_daily a settle with these alert checks fetched through an
+    index (its transaction's own statistics), the settle sent on one connection."""
+    captured: list[Any] = []
+
+    async def capture(call: Any) -> Any:
+        captured.append(call)
+
+    saved = storage._settles
+    storage._settles = capture  # type: ignore[assignment]
+    try:
+        await storage.settle(answer, alerts=alerts)
+    finally:
+        storage._settles = saved
+    (settle,) = captured
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            assert await conn.fetchval(_SETTLE, *settle.call)
+            fetched = await conn.fetchval(
+                "SELECT idx_tup_fetch FROM pg_stat_xact_user_tables WHERE relname = 'usage_daily'"
+            )
+    finally:
+        await conn.close()
+    return int(fetched)
+
+
+async def test_a_settle_reads_the_month_only_for_a_monthly_alert_check(dsn: str) -> None:
+    """A settle's alert checks read the user's day rows; the month's (up to 62
+    rows) only when a monthly check is among them."""
+    storage = await open_storage(DatabaseConfig(url=dsn))
+    assert isinstance(storage, PostgresStorage)
+    conn = await asyncpg.connect(dsn)
+    start = DAY - timedelta(days=25)
+    try:
+        await storage.ensure_user("alice", plan="free")
+        # 25 earlier days, each with both rows.
+        await conn.execute(
+            "INSERT INTO usage_daily (user_id, day, part, total_tokens) "
+            "SELECT 'alice', $1::date + g, p, 100 FROM generate_series(0, 24) g, "
+            "generate_series(0, 1) p",
+            start,
+        )
+        daily = AlertCheck("tokens_per_day", DAY.isoformat(), 20, (50,))
+        monthly = AlertCheck("tokens_per_month", DAY.isoformat()[:7], 100_000, (50,))
+        day_only = await _day_rows_fetched(
+            dsn, storage, _answer("d1", "0.01"), AlertRequest((daily,), start, ())
+        )
+        both = await _day_rows_fetched(
+            dsn, storage, _answer("d2", "0.01"), AlertRequest((daily, monthly), start, ())
+        )
+        assert day_only < 10, f"a settle with a daily check read {day_only} day rows"
+        assert both >= 50
+        # The daily check saw today's rows: the first answer's 30 tokens of 20
+        # crossed 50% (announced once).
+        assert await conn.fetchval(
+            "SELECT used FROM notifications WHERE kind = 'tokens_per_day'"
+        ) == Decimal(30)
+    finally:
+        await conn.close()
         await storage.close()
