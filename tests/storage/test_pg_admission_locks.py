@@ -423,3 +423,80 @@ async def test_a_settle_reads_the_month_only_for_a_monthly_alert_check(dsn: str)
     finally:
         await conn.close()
         await storage.close()
+
+
+async def test_an_admission_under_a_per_model_limit_does_not_wait_for_a_settle(
+    dsn: str,
+) -> None:
+    """The per-model counters are two rows a key and day too (0023): the
+    admission writes the admissions' row, the settle the settles' row (the
+    review of 0023: with one row, an admission under a per-model limit waited,
+    holding the user's admission lock, for the settle's commit)."""
+    storage = await open_storage(DatabaseConfig(url=dsn))
+    admin = await asyncpg.connect(dsn)
+    gate = await asyncpg.connect(dsn)
+    settle: asyncio.Task[bool] | None = None
+    admit: asyncio.Task[Admission] | None = None
+    try:
+        await storage.ensure_user("alice", plan="free")
+        per_model = Limit("cost_per_day[gpt*]", "cost", "day", Decimal("5"), models=("gpt*",))
+        limits = AdmissionLimits([per_model])
+        first = await storage.admit(
+            "alice",
+            day=DAY,
+            month_start=MONTH,
+            limits=limits,
+            now=NOW,
+            lease=Lease("r1", EXPIRES),
+            pending=_pending("r1", "0.5"),
+        )
+        assert first.admitted
+        await admin.execute(_MODELS_GATE_TRIGGER)
+        await gate.execute("SELECT pg_advisory_lock($1)", GATE)
+        settle = asyncio.create_task(
+            storage.settle(_answer("r1", "0.25"), lease_id="r1", pending_id="r1")
+        )
+
+        async def at_gate() -> bool:
+            return bool(await admin.fetchval(_AT_GATE))
+
+        await until_async(at_gate)  # the settle holds its per-model counter row
+        admit = asyncio.create_task(
+            storage.admit(
+                "alice",
+                day=DAY,
+                month_start=MONTH,
+                limits=limits,
+                now=NOW,
+                lease=Lease("r2", EXPIRES),
+                pending=_pending("r2", "0.5"),
+            )
+        )
+
+        async def ended_or_waiting() -> bool:
+            assert admit is not None
+            return admit.done() or bool(await admin.fetchval(_LOCK_WAITS))
+
+        await until_async(ended_or_waiting)
+        assert admit.done(), "the admission waited for the settle's usage_models row lock"
+        second = admit.result()
+        assert second.admitted
+        # It saw the first answer's reservation (the settle is not committed).
+        assert second.counters.of_limit(per_model) == Decimal("1.0")
+        await gate.execute("SELECT pg_advisory_unlock($1)", GATE)
+        assert await settle
+        # The two rows summed: 0.25 answered, r2's 0.5 reserved.
+        held = await admin.fetch("SELECT part, cost, cost_reserved FROM usage_models ORDER BY part")
+        assert [tuple(row) for row in held] == [
+            (0, Decimal(0), Decimal("1.0")),
+            (1, Decimal("0.25"), Decimal("-0.5")),
+        ]
+        third = await storage.admit("alice", day=DAY, month_start=MONTH, limits=limits, now=NOW)
+        assert third.counters.of_limit(per_model) == Decimal("0.75")
+    finally:
+        await gate.close()
+        for task in (settle, admit):
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
+        await admin.close()
+        await storage.close()

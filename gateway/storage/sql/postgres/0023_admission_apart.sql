@@ -19,6 +19,15 @@ ALTER TABLE usage_daily DROP CONSTRAINT IF EXISTS usage_daily_pkey;
 ALTER TABLE usage_daily ADD PRIMARY KEY (user_id, day, part);
 ALTER TABLE usage_daily ADD CONSTRAINT usage_daily_part_check CHECK (part IN (0, 1));
 
+-- The per-model counters (0015) likewise: part 0 written by admissions and
+-- refunds, part 1 by settles, recoveries and supersedes (gateway_add_models'
+-- p_part); their readers sum the key's rows of the days they count. An
+-- existing row is part 0.
+ALTER TABLE usage_models ADD COLUMN IF NOT EXISTS part smallint NOT NULL DEFAULT 0;
+ALTER TABLE usage_models DROP CONSTRAINT IF EXISTS usage_models_pkey;
+ALTER TABLE usage_models ADD PRIMARY KEY (user_id, scope, day, part);
+ALTER TABLE usage_models ADD CONSTRAINT usage_models_part_check CHECK (part IN (0, 1));
+
 -- The live functions' record gets a new name (it was schema_functions, 0015).
 -- The previous release's migrate() installs its own function set only when
 -- to_regclass('schema_functions') is not null: one of its pods restarting

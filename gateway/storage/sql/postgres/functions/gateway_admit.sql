@@ -256,7 +256,7 @@ BEGIN
         END IF;
     END LOOP;
     IF cardinality(v_keys) > 0 THEN
-        PERFORM gateway_add_models(p_user, v_keys, p_day, 1, 0, 0, 0, 0, v_charge[9]);
+        PERFORM gateway_add_models(p_user, v_keys, p_day, 1, 0, 0, 0, 0, v_charge[9], 0::smallint);
         FOR i IN 1 .. cardinality(p_meters) LOOP
             IF p_keys[i] IS NOT NULL AND p_meters[i] IN (1, 9) THEN
                 v_rates[i] := v_rates[i] + v_charge[p_meters[i]];

@@ -28,7 +28,9 @@ BEGIN
             PERFORM gateway_release(p_user, v_day, v_reserved, v_reserved_cost);
         END IF;
         IF cardinality(v_keys) > 0 THEN
-            PERFORM gateway_add_models(p_user, v_keys, v_day, -1, 0, 0, 0, 0, -v_reserved_cost);
+            PERFORM gateway_add_models(
+                p_user, v_keys, v_day, -1, 0, 0, 0, 0, -v_reserved_cost, 0::smallint
+            );
         END IF;
         -- The query leaves the query rates' buckets it was counted in.
         IF v_rates & 1 <> 0 THEN

@@ -160,7 +160,7 @@ BEGIN
                 CASE WHEN v_settled THEN p_completion ELSE 0 END,
                 CASE WHEN v_settled THEN p_total ELSE 0 END,
                 CASE WHEN v_settled THEN p_cost ELSE 0 END,
-                -v_reserved_cost
+                -v_reserved_cost, 1::smallint
             );
         END IF;
         IF NOT v_settled THEN

@@ -53,7 +53,8 @@ BEGIN
         -- The per-model counters the estimate was charged to, likewise (0016).
         PERFORM gateway_add_models(
             p_user, r.scopes, r.day, 0, p_prompt - r.prompt_tokens,
-            p_completion - r.completion_tokens, p_total - r.total_tokens, p_cost - r.cost, 0
+            p_completion - r.completion_tokens, p_total - r.total_tokens, p_cost - r.cost, 0,
+            1::smallint
         );
     END IF;
     RETURN true;
