@@ -100,6 +100,11 @@ log = logging.getLogger("gateway.storage")
 # An arbitrary constant naming the advisory lock that serialises migrations
 # between processes starting at the same time.
 _MIGRATION_LOCK = 0x6761_7465_7761_79
+# A migration's statements are not held to database.command_timeout (5 s, meant
+# for requests): one may rebuild a large table's index (0023: about 2.5 s per
+# 1.5 million day rows), and one cancelled rolls the start-up's migration back,
+# at every start. A process starting meanwhile waits as long for the lock.
+_MIGRATION_TIMEOUT = 3600.0
 _EXPORT_BATCH = 1000
 
 
@@ -752,7 +757,9 @@ class PostgresStorage:
     async def migrate(self) -> int:
         with _mapped():
             async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK, timeout=_MIGRATION_TIMEOUT
+                )
                 await conn.execute(
                     "CREATE TABLE IF NOT EXISTS schema_migrations "
                     "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
@@ -775,7 +782,7 @@ class PostgresStorage:
                 for version, sql in known:
                     if version in applied:
                         continue
-                    await conn.execute(sql)
+                    await conn.execute(sql, timeout=_MIGRATION_TIMEOUT)
                     await conn.execute(
                         "INSERT INTO schema_migrations (version) VALUES ($1)", version
                     )
@@ -796,9 +803,9 @@ class PostgresStorage:
                     await conn.execute("SET LOCAL check_function_bodies = off")
                     # Every function is defined anew (its signature may have
                     # changed): none from an older set is left behind.
-                    await conn.execute(_DROP_FUNCTIONS)
+                    await conn.execute(_DROP_FUNCTIONS, timeout=_MIGRATION_TIMEOUT)
                     for text in texts:
-                        await conn.execute(text)
+                        await conn.execute(text, timeout=_MIGRATION_TIMEOUT)
                     await conn.execute(
                         "INSERT INTO schema_function_set (id, hash) VALUES (1, $1) "
                         "ON CONFLICT (id) DO UPDATE SET hash = excluded.hash, applied_at = now()",

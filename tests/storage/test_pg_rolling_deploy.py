@@ -190,3 +190,20 @@ async def test_migrate_refuses_a_database_migrated_by_a_newer_release(dsn: str) 
     finally:
         await storage.close()
         await conn.close()
+
+
+async def test_a_migration_longer_than_the_command_timeout_completes(
+    postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migration's statement may take longer than database.command_timeout
+    (5 s, meant for requests): 0023 rebuilds usage_daily's primary key, about
+    2.5 s per 1.5 million rows. Under the request timeout it was cancelled and
+    rolled back at every start-up, and the new release never started."""
+    url = await postgres.new_database_async()
+    slow = migrations("postgres") + [(9999, "SELECT pg_sleep(0.6)")]
+    monkeypatch.setattr("gateway.storage.postgres.migrations", lambda _backend: slow)
+    storage = await open_storage(DatabaseConfig(url=url, command_timeout=0.2))
+    try:
+        assert await storage.migrate() == len(slow)
+    finally:
+        await storage.close()
