@@ -3,8 +3,8 @@
 Every operation on the request path is ONE statement, so one round trip:
 admission is one call of ``gateway_admit``, which checks and reserves under the
 user's admission lock (a transaction's advisory lock: that is what makes it
-exact across replicas; settles do not take it, nor write the day row admissions
-write - migration 0023), and settle is one call of ``gateway_settle`` that claims
+exact across replicas; settles do not take it, nor write the day row and the
+per-model counter rows admissions write - migration 0023), and settle is one call of ``gateway_settle`` that claims
 the answer's pending row, writes the ledger row, the day row and the lifetime totals,
 releases the lease and decides the alert crossings, in one transaction (see the
 migrations under sql/postgres). A second settle of the same answer blocks on the
