@@ -200,7 +200,7 @@ async def test_a_migration_longer_than_the_command_timeout_completes(
     2.5 s per 1.5 million rows. Under the request timeout it was cancelled and
     rolled back at every start-up, and the new release never started."""
     url = await postgres.new_database_async()
-    slow = migrations("postgres") + [(9999, "SELECT pg_sleep(0.6)")]
+    slow = [*migrations("postgres"), (9999, "SELECT pg_sleep(0.6)")]
     monkeypatch.setattr("gateway.storage.postgres.migrations", lambda _backend: slow)
     storage = await open_storage(DatabaseConfig(url=url, command_timeout=0.2))
     try:
