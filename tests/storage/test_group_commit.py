@@ -665,7 +665,7 @@ ANSWERED_BY = ("research", "default", "backup")  # settles' (ledger rows')
 TABLE_ROWS = {
     "users": "SELECT id, lifetime_prompt_tokens, lifetime_completion_tokens, "
     "lifetime_tokens, lifetime_cost FROM users ORDER BY id",
-    "usage_daily": "SELECT * FROM usage_daily ORDER BY user_id, day",
+    "usage_daily": "SELECT * FROM usage_daily ORDER BY user_id, day, part",
     "usage_events": "SELECT answer_id, user_id, day, created_at, endpoint, conversation_id, "
     "request_id, prompt_tokens, completion_tokens, total_tokens, cost, currency, outcome, "
     "estimated, web_searches, upstream_latency_ms, overhead_ms, model, cached_tokens, "
