@@ -477,6 +477,8 @@ def _settle_many_args(settles: Sequence[_Settle]) -> list[Any]:
 
 
 _REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
+# The user's admission lock, as gateway_admit takes it (0023).
+_ADMISSION_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended($1, 24))"
 _DROP_FUNCTIONS = """
 DO $$
 DECLARE
@@ -1182,10 +1184,14 @@ class PostgresStorage:
 
     async def _admissions_lost(self, admits: Sequence[_Admit]) -> None:
         """Admissions given up in flight, their answers lost (their batch's
-        task cancelled: the event loop going away): they may have committed.
-        Given back by their pending rows, which gateway_refund gives back only
-        while they are there (without one it would give back a query never
-        reserved)."""
+        task cancelled: the event loop going away): they may have committed,
+        or may still. Given back by their pending rows, which gateway_refund
+        gives back only while they are there (without one it would give back
+        a query never reserved), under the user's admission lock: an admission
+        still on the server - its cancellation not acknowledged before asyncpg
+        gave the connection up, say a lost CancelRequest - holds that lock, or
+        waits for it ahead of the give-back, so the give-back comes after its
+        commit or its rollback, never before (review of the shutdown fix)."""
         refunds = []
         for admit in admits:
             call = admit.call
@@ -1193,11 +1199,21 @@ class PostgresStorage:
                 log.warning("admission for %s lost in flight; kept", call.user_id)
                 continue
             refunds.append(
-                self._refund_quietly(
-                    call.user_id, call.day, lease_id=call.lease_id, pending_id=call.pending_id
-                )
+                self._give_back_lost(call.user_id, call.day, call.lease_id, call.pending_id)
             )
         await asyncio.gather(*refunds)
+
+    async def _give_back_lost(
+        self, user_id: str, day: date, lease_id: str | None, pending_id: str
+    ) -> None:
+        try:
+            with _mapped():
+                async with self._pool.acquire() as conn, conn.transaction():
+                    await conn.execute(_ADMISSION_LOCK, user_id)
+                    await conn.fetchval(_REFUND, user_id, day, lease_id, pending_id)
+        except StorageError as exc:
+            # The pending row stays: a recovery charges it as an estimate later.
+            log.warning("could not give back a lost admission of %s: %s", user_id, exc)
 
     async def _refund_quietly(
         self, user_id: str, day: date, *, lease_id: str | None, pending_id: str | None
