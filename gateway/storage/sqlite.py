@@ -1398,7 +1398,9 @@ class SQLiteStorage:
             await self._calls.drain()
             if not self._background:
                 break
-            await asyncio.gather(*self._background, return_exceptions=True)
+            # Shielded, as PostgreSQL's: a close given up (a second Ctrl-C, a
+            # deadline around it) leaves the give-backs going.
+            await asyncio.shield(asyncio.gather(*self._background, return_exceptions=True))
         loop = asyncio.get_running_loop()
         if self._checkpointer is not None:
             await loop.run_in_executor(self._checkpoints, self._checkpointer.close)

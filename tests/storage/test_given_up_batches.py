@@ -526,3 +526,42 @@ async def test_postgres_a_close_given_up_leaves_a_give_back_waiting_for_a_connec
         assert queries in (None, 0)
     finally:
         await blocker.close()
+
+
+async def test_sqlite_a_close_given_up_leaves_a_give_back_alone(tmp_path: Path) -> None:
+    """SQLiteStorage.close() given up while it waits for the give-backs
+    cancelled them (PostgreSQL's close shields that wait): a give-back still
+    waiting - here for a checkpoint fallen behind the writes - when the close
+    is given up was never made, and the admission stayed reserved (review of
+    the shutdown fix)."""
+    path = str(tmp_path / "gateway.db")
+    store = await sqlite_store(path)
+    blocker = held_write_lock(path)
+    entered = on_the_thread(store)
+    caller = admit(store, "alice", "r1", queries_per_day=10, max_concurrent_streams=5)
+    await asyncio.to_thread(entered.wait, 30)
+    caller.cancel()  # its caller went away mid-call: the batch goes on
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    # A checkpoint fallen behind the writes: the next write waits for it.
+    slow = asyncio.Event()
+
+    async def checkpointing() -> None:
+        await slow.wait()
+
+    checkpoint = asyncio.ensure_future(checkpointing())
+    store._checkpointing = checkpoint
+    store._in_wal = 10**9
+    blocker.execute("ROLLBACK")  # the admission commits; its give-back starts, and waits
+    blocker.close()
+    await until(lambda: bool(store._background))
+    closing = asyncio.ensure_future(store.close())
+    await turns()
+    closing.cancel()  # the close given up
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    slow.set()
+    await checkpoint
+    store._checkpointing = None
+    await store.close()
+    await nothing_reserved_sqlite(path)
