@@ -174,7 +174,7 @@ async def _empty(conn: asyncpg.Connection) -> None:
             # Kept: the migrations' and the live functions' records. Users go
             # after the tables that name them, teams after users.
             "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
-            " AND tablename NOT IN ('schema_migrations', 'schema_functions')"
+            " AND tablename NOT IN ('schema_migrations', 'schema_function_set')"
             " ORDER BY tablename IN ('users', 'teams'), tablename = 'teams', tablename"
         )
     ]
