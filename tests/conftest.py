@@ -461,9 +461,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """The garbage collector tuned as `gateway serve` tunes it (`tune_gc`): what is
     alive once the tests are collected (modules, the collected tests) moved out of
     its way, and the youngest generation collected every 7,000 allocations, not
-    700. With the defaults, collections took ~13% of a pytest process's CPU, most
-    of it full collections walking that heap (measured with `gc.callbacks`: 2.39 s
-    of 17.9 s on four modules, 0.86 s tuned). Cyclic garbage is still collected,
+    700. With the defaults, collections took a tenth of the workers' CPU, most of
+    it full collections walking that heap (measured with `gc.callbacks`: 5.8 s of
+    the three workers' ~59 s in a run, 2.7 s tuned). Cyclic garbage is still collected,
     later: what it warns of when collected (an unclosed socket) still fails a
     test, as pytest's last collection at the end of the process catches what is
     left."""
