@@ -303,6 +303,13 @@ class Settler:
             log_answer(event)
         try:
             await self._write(write)
+        except asyncio.CancelledError:
+            # Given up in flight (a shutdown past its grace cancels the answers
+            # still being recorded): the spool has it, and a write that landed
+            # as well is counted once (the ledger is keyed by the answer's id).
+            # Without it the pending row's estimate would be charged instead.
+            self._to_spool(write)
+            raise
         except StorageError as exc:
             log.warning("ledger write for %s failed, will retry: %s", event.answer_id, exc.message)
             self._metrics.inc("gateway_storage_errors_total", operation="settle")

@@ -5,11 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+# PostgreSQL's CancelRequest: its length and code, a new connection's first bytes.
+CANCEL_REQUEST = (16).to_bytes(4, "big") + (80877102).to_bytes(4, "big")
+
 
 class TCPProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, lose_cancels: bool = False) -> None:
         self.target = (target_host, target_port)
         self.port = 0
+        # PostgreSQL's cancellations taken and never delivered (as by a load
+        # balancer that sends them to another server); the client must connect
+        # with sslmode=disable for its CancelRequest to be seen.
+        self.lose_cancels = lose_cancels
+        self.cancels_lost = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -19,12 +27,21 @@ class TCPProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = b""
+        if self.lose_cancels:
+            with contextlib.suppress(asyncio.IncompleteReadError):
+                first = await reader.readexactly(8)
+            if first == CANCEL_REQUEST:
+                self.cancels_lost += 1
+                self._writers.add(writer)  # held open until cut, never answered
+                return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.close()
             return
         self._writers.update((writer, up_writer))
+        up_writer.write(first)
         for src, dst in ((reader, up_writer), (up_reader, writer)):
             task = asyncio.create_task(self._pipe(src, dst))
             self._tasks.add(task)

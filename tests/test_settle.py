@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from gateway.errors import StorageError
 from gateway.metrics import Metrics
@@ -215,3 +217,61 @@ async def test_a_spooled_record_claims_its_pending_answer_when_replayed(
     user = await storage.get_user("alice")
     assert user is not None and user.lifetime_tokens == 2 * 1168
     assert metrics.get("gateway_answers_duplicate_total") == 0
+
+
+class Held:
+    """Delegates to a real storage; each settle is held at ``entered`` until
+    ``go`` is set, having been written first when ``lands`` is true (a write
+    whose commit arrived just as it was given up)."""
+
+    def __init__(self, storage: Storage, *, lands: bool) -> None:
+        self.storage = storage
+        self.lands = lands
+        self.entered = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def settle(
+        self,
+        event: UsageEvent,
+        *,
+        lease_id: str | None = None,
+        pending_id: str | None = None,
+        alerts: Any = None,
+    ) -> bool:
+        written = False
+        if self.lands:
+            written = await self.storage.settle(
+                event, lease_id=lease_id, pending_id=pending_id, alerts=alerts
+            )
+        self.entered.set()
+        await self.go.wait()
+        return written
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.storage, name)
+
+
+@pytest.mark.parametrize("lands", [False, True], ids=["not-written", "written-as-given-up"])
+async def test_a_record_given_up_in_flight_is_spooled_and_counted_once(
+    storage: Storage, tmp_path: Path, lands: bool
+) -> None:
+    """A shutdown past its grace cancels the answers still being recorded: one
+    cancelled while its ledger write was on its way lost its exact usage (its
+    pending row's estimate was charged later instead). It is spooled; replayed,
+    it is counted once whether or not the cancelled write landed (review of the
+    shutdown fix)."""
+    await storage.ensure_user("alice", plan="free")
+    spool = tmp_path / "spool.jsonl"
+    held = Held(storage, lands=lands)
+    settler = Settler(held, metrics=Metrics(), spool=spool)  # type: ignore[arg-type]
+    recording = asyncio.ensure_future(settler.record(EVENT))
+    await held.entered.wait()
+    recording.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await recording
+    assert spool.read_bytes().count(b"\n") == 1
+
+    healthy = Settler(storage, metrics=Metrics(), spool=spool)
+    assert await healthy.replay() == 1
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 1168

@@ -37,6 +37,21 @@ while its call is in flight does not stop the call - it may be in a
 transaction already - and its result is handed to ``abandoned`` instead, which
 can undo it (an admission nobody will use); so is a result that arrived in the
 same turn of the event loop as the cancellation.
+
+The task that sends a batch can be cancelled too, while the batch is in flight
+(the event loop going away: asyncio.run's teardown cancels every task). Its
+callers are cancelled, and so is the runner's wait for the answer; but the
+batch may have committed, and nobody would learn it - an admission would stay
+reserved, and a recovery would later charge its pending row for an answer
+never forwarded. So the calls given up so (by the batch's task or, with
+``max_batch`` 1, by its caller) are handed to ``lost``, which finds out and
+undoes what was made (PostgreSQL gives an admission back by its pending row,
+which only a made one has); the task awaits it before it ends, as asyncio.run's
+teardown waits for the tasks it cancelled and for no other. A runner whose work
+goes on without its waiter (SQLite's thread) waits for the answer itself and
+hands it to ``abandoned``. A drain that is cancelled (a close given up) leaves
+the batches in flight alone: it no longer cancels them. Nothing of this costs
+the calls that are not given up.
 """
 
 from __future__ import annotations
@@ -74,6 +89,7 @@ class GroupCommit(Generic[Item, Result]):
         max_batch: int,
         in_flight: int = 2,
         abandoned: Callable[[Item, Result], None] | None = None,
+        lost: Callable[[Sequence[Item]], Awaitable[None]] | None = None,
         key: Callable[[Item], Hashable] | None = None,
         run_now: Callable[[Item], Result] | None = None,
         run_now_many: Callable[[Sequence[Item]], Sequence[Result | Exception]] | None = None,
@@ -86,6 +102,7 @@ class GroupCommit(Generic[Item, Result]):
         self._max_batch = max_batch
         self._in_flight = in_flight
         self._abandoned = abandoned
+        self._lost = lost
         self._key = key
         self._run_now = run_now
         self._run_now_many = run_now_many
@@ -101,7 +118,11 @@ class GroupCommit(Generic[Item, Result]):
 
     async def __call__(self, item: Item) -> Result:
         if self._max_batch == 1:
-            return await self._run_one(item)
+            try:
+                return await self._run_one(item)
+            except asyncio.CancelledError:  # given up in flight: its answer is lost
+                await self._lose([item])
+                raise
         if (
             self._run_now is not None
             and not self._running
@@ -166,8 +187,7 @@ class GroupCommit(Generic[Item, Result]):
 
     def _flush_done(self, task: asyncio.Task[None]) -> None:
         """A flush task is done. One cancelled before its first step (by what
-        cancels tasks it does not own: asyncio.run's teardown, drain()
-        cancelled at close) never flushed: the queue is its, and nothing else
+        cancels tasks it does not own: asyncio.run's teardown) never flushed: the queue is its, and nothing else
         would send it, nor any call made later (a flush is scheduled). Its
         callers are cancelled, as those of a batch whose task is cancelled."""
         self._tasks.discard(task)
@@ -287,6 +307,7 @@ class GroupCommit(Generic[Item, Result]):
         except asyncio.CancelledError:  # the event loop is going away
             for _, future in batch:
                 future.cancel()
+            await self._lose(items)  # (it may have committed)
             raise
         except Exception as exc:  # every caller's error
             outcomes = [exc] * len(items)
@@ -313,6 +334,17 @@ class GroupCommit(Generic[Item, Result]):
         for (item, future), outcome in zip(batch, outcomes, strict=True):
             self._deliver(item, future, outcome)
 
+    async def _lose(self, items: Sequence[Item]) -> None:
+        """Calls given up in flight, their answers lost: to ``lost``, which
+        finds out whether each was made and undoes it (awaited by the task
+        being cancelled; cancelled again, it gives up)."""
+        if self._lost is None:
+            return
+        try:
+            await self._lost(items)
+        except Exception:  # (the cancellation is what the task ends with)
+            log.exception("%s: calls given up in flight not undone", self.name)
+
     def _deliver(
         self, item: Item, future: asyncio.Future[Result], outcome: Result | BaseException
     ) -> None:
@@ -338,6 +370,9 @@ class GroupCommit(Generic[Item, Result]):
                 outcome: Result | BaseException
                 try:
                     outcome = await self._run_one(item)
+                except asyncio.CancelledError:  # the event loop is going away
+                    await self._lose([item])  # (it may have committed)
+                    raise
                 except Exception as exc:
                     outcome = exc
                 self._deliver(item, future, outcome)
@@ -345,9 +380,11 @@ class GroupCommit(Generic[Item, Result]):
         await asyncio.gather(*(run(calls) for calls in by_key.values()))
 
     async def drain(self) -> None:
-        """Wait until every queued call has been sent and answered."""
+        """Wait until every queued call has been sent and answered. A drain
+        cancelled (a close given up) does not cancel the batches in flight, as
+        a gather of them did: each would have lost its answer."""
         while self._tasks or self._queue:
             if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+                await asyncio.wait(self._tasks)
             else:
                 await asyncio.sleep(0)

@@ -1,10 +1,11 @@
 """The PostgreSQL backend (asyncpg): production, any number of gateway replicas.
 
 Every operation on the request path is ONE statement, so one round trip:
-admission is a conditional upsert whose ``ON CONFLICT ... WHERE`` is evaluated
-against the latest committed row under its row lock (that is what makes it exact
-across replicas), and settle is one call of ``gateway_settle`` that claims the
-answer's pending row, writes the ledger row, the day row and the lifetime totals,
+admission is one call of ``gateway_admit``, which checks and reserves under the
+user's admission lock (a transaction's advisory lock: that is what makes it
+exact across replicas; settles do not take it, nor write the day row and the
+per-model counter rows admissions write - migration 0023), and settle is one call of ``gateway_settle`` that claims
+the answer's pending row, writes the ledger row, the day row and the lifetime totals,
 releases the lease and decides the alert crossings, in one transaction (see the
 migrations under sql/postgres). A second settle of the same answer blocks on the
 pending row (or the ledger's unique index) until the first commits, then finds
@@ -99,20 +100,31 @@ log = logging.getLogger("gateway.storage")
 # An arbitrary constant naming the advisory lock that serialises migrations
 # between processes starting at the same time.
 _MIGRATION_LOCK = 0x6761_7465_7761_79
+# A migration's statements are not held to database.command_timeout (5 s, meant
+# for requests): one may rebuild a large table's index (0023: about 2.5 s per
+# 1.5 million day rows), and one cancelled rolls the start-up's migration back,
+# at every start. A process starting meanwhile waits as long for the lock.
+_MIGRATION_TIMEOUT = 3600.0
 _EXPORT_BATCH = 1000
 
 
 # An upload given back once (its key row goes with it): a retry does nothing.
+# Uploads are counted in the admissions' row of the day (part 0, 0023).
 _RELEASE_UPLOAD = (
     "WITH held AS (DELETE FROM upload_reservations WHERE id = $1 AND user_id = $2 "
     "RETURNING day, size) "
     "UPDATE usage_daily u SET uploads = u.uploads - 1, "
     "upload_bytes = greatest(u.upload_bytes - held.size, 0) "
-    "FROM held WHERE u.user_id = $2 AND u.day = held.day AND u.uploads > 0"
+    "FROM held WHERE u.user_id = $2 AND u.day = held.day AND u.part = 0 AND u.uploads > 0"
+)
+# A user's day is two rows, the admissions' and the settles' (0023): its usage
+# is their sum, DAILY_COLUMNS' names and types, grouped by (user_id, day).
+_DAILY_SUMS = "user_id, day, " + ", ".join(
+    f"sum({c}){'' if c == 'cost' else '::bigint'} AS {c}" for c in DAILY_COLUMNS.split(", ")[2:]
 )
 _RESERVE_UPLOAD = "SELECT * FROM gateway_reserve_upload($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 # A batch is at most this many calls by default (database.max_batch): past a
-# few dozen a larger batch saves little, and a batch holds its users' row locks
+# few dozen a larger batch saves little, and a batch holds its users' locks
 # until it commits.
 DEFAULT_MAX_BATCH = 64
 # Plans' limit sets whose array literals are kept (PostgresStorage._limit_texts):
@@ -465,6 +477,8 @@ def _settle_many_args(settles: Sequence[_Settle]) -> list[Any]:
 
 
 _REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
+# The user's admission lock, as gateway_admit takes it (0023).
+_ADMISSION_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended($1, 24))"
 _DROP_FUNCTIONS = """
 DO $$
 DECLARE
@@ -674,6 +688,7 @@ class PostgresStorage:
             self._admit_one,
             max_batch=max_batch,
             abandoned=self._admission_abandoned,
+            lost=self._admissions_lost,
             key=_admitted_user,
         )
         self._settles: GroupCommit[_Settle, bool] = GroupCommit(
@@ -725,9 +740,10 @@ class PostgresStorage:
         await self._settles.drain()
         while self._admit_connections:
             await self._pool.release(self._admit_connections.pop())
-        # (A give-back may start when what it gives back ends.)
+        # (A give-back may start when what it gives back ends.) Shielded: a
+        # close given up leaves them going.
         while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+            await asyncio.shield(asyncio.gather(*self._background, return_exceptions=True))
         await self._pool.close()
 
     @property
@@ -743,39 +759,57 @@ class PostgresStorage:
     async def migrate(self) -> int:
         with _mapped():
             async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK, timeout=_MIGRATION_TIMEOUT
+                )
                 await conn.execute(
                     "CREATE TABLE IF NOT EXISTS schema_migrations "
                     "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
                 )
                 applied = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+                known = migrations("postgres")
+                newer = sorted(applied - {version for version, _ in known})
+                if newer:
+                    # A database migrated by a newer release: its schema is not
+                    # this code's, and this code's functions must not replace
+                    # the newer ones (a rolling update's old pod restarting,
+                    # docs/deploy.md). Nothing is changed; the process stops.
+                    raise StorageError(
+                        "the database was migrated by a newer release of the gateway "
+                        f"(migration {', '.join(f'{v:04d}' for v in newer)} is unknown to "
+                        f"this one, which knows up to {known[-1][0]:04d}): run the newer "
+                        "release, or restore a backup taken before it migrated"
+                    )
                 count = 0
-                for version, sql in migrations("postgres"):
+                for version, sql in known:
                     if version in applied:
                         continue
-                    await conn.execute(sql)
+                    await conn.execute(sql, timeout=_MIGRATION_TIMEOUT)
                     await conn.execute(
                         "INSERT INTO schema_migrations (version) VALUES ($1)", version
                     )
                     count += 1
-                # The functions need the schema of migration 0015 (which made
-                # schema_functions); a database held at an older version (a test
-                # of an old release's schema) keeps the functions it has.
+                # The functions need the schema of migration 0023 (which renamed
+                # 0015's schema_functions schema_function_set, so that an older
+                # release's migrate - which installs its functions only when
+                # schema_functions exists - leaves these in place); a database
+                # held at an older version (a test of an old release's schema)
+                # keeps the functions it has.
                 digest, texts = functions("postgres")
-                if await conn.fetchval("SELECT to_regclass('schema_functions')") is None:
+                if await conn.fetchval("SELECT to_regclass('schema_function_set')") is None:
                     return count
-                applied_hash = await conn.fetchval("SELECT hash FROM schema_functions")
+                applied_hash = await conn.fetchval("SELECT hash FROM schema_function_set")
                 if applied_hash != digest:
                     # The files go in name order; a function may call one whose
                     # file comes later (as pg_dump restores them).
                     await conn.execute("SET LOCAL check_function_bodies = off")
                     # Every function is defined anew (its signature may have
                     # changed): none from an older set is left behind.
-                    await conn.execute(_DROP_FUNCTIONS)
+                    await conn.execute(_DROP_FUNCTIONS, timeout=_MIGRATION_TIMEOUT)
                     for text in texts:
-                        await conn.execute(text)
+                        await conn.execute(text, timeout=_MIGRATION_TIMEOUT)
                     await conn.execute(
-                        "INSERT INTO schema_functions (id, hash) VALUES (1, $1) "
+                        "INSERT INTO schema_function_set (id, hash) VALUES (1, $1) "
                         "ON CONFLICT (id) DO UPDATE SET hash = excluded.hash, applied_at = now()",
                         digest,
                     )
@@ -857,7 +891,11 @@ class PostgresStorage:
         daily = ", ".join(f"d.{c}" for c in DAILY_COLUMNS.split(", "))
         sql = (
             f"SELECT {USER_COLUMNS}, {daily} FROM users u "
-            f"LEFT JOIN usage_daily d ON d.user_id = u.id AND d.day = $1{where} "
+            # Lateral: the page's users' day rows, read through the primary
+            # key per user - a join with the day's sums grouped beforehand
+            # summed every active user's rows before LIMIT cut the page.
+            f"LEFT JOIN LATERAL (SELECT {_DAILY_SUMS} FROM usage_daily x "
+            f"WHERE x.user_id = u.id AND x.day = $1 GROUP BY user_id, day) d ON true{where} "
             f"ORDER BY {order} LIMIT $2 OFFSET $3"
         )
         with _mapped():
@@ -1144,6 +1182,39 @@ class PostgresStorage:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def _admissions_lost(self, admits: Sequence[_Admit]) -> None:
+        """Admissions given up in flight, their answers lost (their batch's
+        task cancelled: the event loop going away): they may have committed,
+        or may still. Given back by their pending rows, which gateway_refund
+        gives back only while they are there (without one it would give back
+        a query never reserved), under the user's admission lock: an admission
+        still on the server - its cancellation not acknowledged before asyncpg
+        gave the connection up, say a lost CancelRequest - holds that lock, or
+        waits for it ahead of the give-back, so the give-back comes after its
+        commit or its rollback, never before (review of the shutdown fix)."""
+        refunds = []
+        for admit in admits:
+            call = admit.call
+            if call.pending_id is None:
+                log.warning("admission for %s lost in flight; kept", call.user_id)
+                continue
+            refunds.append(
+                self._give_back_lost(call.user_id, call.day, call.lease_id, call.pending_id)
+            )
+        await asyncio.gather(*refunds)
+
+    async def _give_back_lost(
+        self, user_id: str, day: date, lease_id: str | None, pending_id: str
+    ) -> None:
+        try:
+            with _mapped():
+                async with self._pool.acquire() as conn, conn.transaction():
+                    await conn.execute(_ADMISSION_LOCK, user_id)
+                    await conn.fetchval(_REFUND, user_id, day, lease_id, pending_id)
+        except StorageError as exc:
+            # The pending row stays: a recovery charges it as an estimate later.
+            log.warning("could not give back a lost admission of %s: %s", user_id, exc)
+
     async def _refund_quietly(
         self, user_id: str, day: date, *, lease_id: str | None, pending_id: str | None
     ) -> None:
@@ -1401,13 +1472,14 @@ class PostgresStorage:
     async def daily(
         self, start: date, end: date, *, user_id: str | None = None
     ) -> list[DailyUsage]:
-        sql = f"SELECT {DAILY_COLUMNS} FROM usage_daily WHERE day >= $1 AND day <= $2"
+        sql = f"SELECT {_DAILY_SUMS} FROM usage_daily WHERE day >= $1 AND day <= $2"
         params: list[Any] = [start, end]
         if user_id is not None:
             sql += " AND user_id = $3"
             params.append(user_id)
+        sql += " GROUP BY day, user_id ORDER BY day, user_id"
         with _mapped():
-            rows = await self._pool.fetch(sql + " ORDER BY day, user_id", *params)
+            rows = await self._pool.fetch(sql, *params)
         return [_daily(row) for row in rows]
 
     async def events(
@@ -1440,7 +1512,10 @@ class PostgresStorage:
         if user_id is not None:
             where += " AND user_id = $5"
             params.append(user_id)
-        sql = f"SELECT {DAILY_COLUMNS} FROM usage_daily WHERE {where} ORDER BY day, user_id LIMIT {_EXPORT_BATCH}"
+        sql = (
+            f"SELECT {_DAILY_SUMS} FROM usage_daily WHERE {where} "
+            f"GROUP BY day, user_id ORDER BY day, user_id LIMIT {_EXPORT_BATCH}"
+        )
         after: tuple[date, str] = (date.min, "")
         while True:
             with _mapped():

@@ -55,7 +55,7 @@ import functools
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -1090,35 +1090,83 @@ class SQLiteStorage:
         mean batch size."""
         return {self._calls.name: (self._calls.batches, self._calls.calls)}
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn`` on the connection's thread, now (not through the queue)."""
+    async def _call(
+        self, fn: Callable[..., T], *args: Any, given_up: Callable[[T], None] | None = None
+    ) -> T:
+        """``fn`` on the connection's thread, now (not through the queue).
+        ``given_up`` gets what it returns when the task waiting for it is
+        cancelled while the thread makes it (the event loop going away cancels
+        a batch's task): the thread goes on, and what it committed is undone
+        rather than lost. The task waits for the thread before it ends, so
+        that asyncio.run's teardown, which waits for the tasks it cancelled
+        and no more, waits for the answer and the give-back it starts too."""
         loop = asyncio.get_running_loop()
         self._on_thread += 1
         job = self._executor.submit(self._threaded, fn, *args)
         try:
-            return await asyncio.wrap_future(job, loop=loop)
-        except Exception as exc:
-            mapped = _error(exc)
+            result = await asyncio.wrap_future(job, loop=loop)
+        except asyncio.CancelledError:
+            if not job.done():  # (a job the thread had not begun is cancelled)
+                # The thread makes it all the same, maybe a commit: its answer
+                # is waited for. Cancelled again, the task waits no longer; the
+                # answer still comes, through _given_up.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wrap_future(job, loop=loop)
+            self._given_up(loop, job, given_up)
+            raise
+        except BaseException as exc:
+            self._on_thread -= 1
+            mapped = _error(exc) if isinstance(exc, Exception) else exc
             if mapped is exc:
                 raise
             raise mapped from exc
-        finally:
-            if job.done():  # made, failed, or cancelled before the thread began it
-                self._on_thread -= 1
-            else:
-                # Given up on (its task cancelled: the event loop going away)
-                # while the thread makes it, maybe in its transaction: the
-                # connection is the thread's until it is done, or a call made on
-                # the event loop meanwhile would share (and roll back) that
-                # transaction.
-                def done(_: object) -> None:
-                    with contextlib.suppress(RuntimeError):  # the loop is closed
-                        loop.call_soon_threadsafe(self._off_thread)
-
-                job.add_done_callback(done)
-
-    def _off_thread(self) -> None:
         self._on_thread -= 1
+        return result
+
+    def _given_up(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        job: Future[T],
+        given_up: Callable[[T], None] | None,
+    ) -> None:
+        """A call's waiter was cancelled. One the thread has not begun is not
+        made; one it made in the turn its waiter was cancelled, or is making
+        (maybe in its transaction: the connection is the thread's until it is
+        done, or a call made on the event loop meanwhile would share, and roll
+        back, that transaction), is answered to ``given_up``: at once, or (its
+        task cancelled twice) when the thread is done, and a background task
+        waits for that, so close() does (the connection stays open for the
+        give-back it starts)."""
+
+        def answered(_: object = None) -> None:
+            self._on_thread -= 1
+            if given_up is not None and not job.cancelled() and job.exception() is None:
+                given_up(job.result())
+
+        if job.done():  # made, failed, or cancelled before the thread began it
+            answered()
+            return
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def answer() -> None:
+            try:
+                answered()
+            finally:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+        def done(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(answer)
+
+        job.add_done_callback(done)
+        task = loop.create_task(self._answer_of(waiter))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _answer_of(waiter: asyncio.Future[None]) -> None:
+        await waiter
 
     def _threaded(self, fn: Callable[..., T], *args: Any) -> T:
         if self._loop_timeout:
@@ -1261,7 +1309,9 @@ class SQLiteStorage:
 
     async def _call_one(self, call: _Call) -> Any:
         if call.writes:
-            result = await self._call(_transaction, call.run)
+            result = await self._call(
+                _transaction, call.run, given_up=functools.partial(self._made_anyway, (call,))
+            )
             self._wal_starts = False  # (this write, on the thread, started it)
             self._wrote(1)
             return result
@@ -1270,11 +1320,23 @@ class SQLiteStorage:
     async def _call_many(self, calls: Sequence[_Call]) -> list[Any]:
         if len(calls) == 1:
             return [await self._call_one(calls[0])]
-        outcomes = await self._call(_batch, calls)
+        outcomes: list[Any] = await self._call(
+            _batch, calls, given_up=functools.partial(self._made_anyway, calls, many=True)
+        )
         if any(call.writes for call in calls):
             self._wal_starts = False  # (this batch, on the thread, started it)
         self._wrote(sum(call.writes for call in calls))
         return outcomes
+
+    def _made_anyway(self, calls: Sequence[_Call], outcome: Any, *, many: bool = False) -> None:
+        """Writes the thread made after their batch's task was cancelled: their
+        callers were cancelled with it, so each one made is abandoned (an
+        admission given back), as a cancelled caller's is."""
+        self._wal_starts = False
+        self._wrote(sum(call.writes for call in calls))
+        for call, made in zip(calls, outcome if many else [outcome], strict=True):
+            if not isinstance(made, Exception):
+                _abandoned(call, made)
 
     def _admission_abandoned(
         self, user_id: str, day: date, lease: Lease | None, pending: Pending | None
@@ -1336,7 +1398,9 @@ class SQLiteStorage:
             await self._calls.drain()
             if not self._background:
                 break
-            await asyncio.gather(*self._background, return_exceptions=True)
+            # Shielded, as PostgreSQL's: a close given up (a second Ctrl-C, a
+            # deadline around it) leaves the give-backs going.
+            await asyncio.shield(asyncio.gather(*self._background, return_exceptions=True))
         loop = asyncio.get_running_loop()
         if self._checkpointer is not None:
             await loop.run_in_executor(self._checkpoints, self._checkpointer.close)

@@ -568,11 +568,14 @@ async def test_the_dashboard_in_chromium(sqlite_url: str, screenshots: Path, bro
         assert await alice.locator("td").nth(3).inner_text() == "3.504"  # 3 x 1,168
         await page.screenshot(path=screenshots / "users.png", full_page=True)
 
-        # Sort by id, search.
+        # Sort by id, search. Each click navigates: the table is read once the new
+        # page has loaded (read while it loaded, it had no rows: a failure seen on a
+        # loaded machine).
         await page.click("th a:has-text('User')")
-        assert "sort=id" in page.url
+        await page.wait_for_url(lambda url: "sort=id" in url)
         await page.fill("input[name=q]", "user-")
         await page.click("form.filters button")
+        await page.wait_for_url(lambda url: "q=user-" in url)
         assert await page.locator("table.users tbody tr").count() == 8
 
         # 3. A user's page: the chart is drawn; the table of days is there too.

@@ -665,7 +665,7 @@ ANSWERED_BY = ("research", "default", "backup")  # settles' (ledger rows')
 TABLE_ROWS = {
     "users": "SELECT id, lifetime_prompt_tokens, lifetime_completion_tokens, "
     "lifetime_tokens, lifetime_cost FROM users ORDER BY id",
-    "usage_daily": "SELECT * FROM usage_daily ORDER BY user_id, day",
+    "usage_daily": "SELECT * FROM usage_daily ORDER BY user_id, day, part",
     "usage_events": "SELECT answer_id, user_id, day, created_at, endpoint, conversation_id, "
     "request_id, prompt_tokens, completion_tokens, total_tokens, cost, currency, outcome, "
     "estimated, web_searches, upstream_latency_ms, overhead_ms, model, cached_tokens, "
@@ -1745,7 +1745,10 @@ async def test_sqlite_a_call_given_up_while_on_the_thread_keeps_the_loop_off_the
     settling what it read as it unwinds) shared that transaction: its BEGIN
     failed, and its ROLLBACK rolled the thread's batch back, whose later
     statements then committed one by one - part of a batch written. A call
-    made meanwhile waits for the thread instead."""
+    made meanwhile waits for the thread instead. (A task cancelled once now
+    waits for the thread's answer before it ends, so that what the thread made
+    is given back: tests/storage/test_given_up_batches.py; cancelled again, it
+    waits no longer.)"""
     await lite.ensure_user("alice", plan="free")
     entered, go = threading.Event(), threading.Event()
 
@@ -1760,6 +1763,9 @@ async def test_sqlite_a_call_given_up_while_on_the_thread_keeps_the_loop_off_the
     given_up = asyncio.ensure_future(lite._call(batch))
     await asyncio.to_thread(entered.wait, 30)
     given_up.cancel()
+    await turns()
+    assert not given_up.done()  # it waits for the thread's answer before it ends...
+    given_up.cancel()  # ...unless cancelled again
     with pytest.raises(asyncio.CancelledError):
         await given_up
     admitted = admit(lite, "alice", "r1", queries_per_day=5)

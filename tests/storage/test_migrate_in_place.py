@@ -303,7 +303,7 @@ async def test_postgres_functions_are_applied_when_their_files_change(
         conn = await asyncpg.connect(dsn)
         try:
             digest, texts = functions("postgres")
-            assert await conn.fetchval("SELECT hash FROM schema_functions") == digest
+            assert await conn.fetchval("SELECT hash FROM schema_function_set") == digest
             names = await conn.fetch(
                 "SELECT p.proname, count(*) FROM pg_proc p JOIN pg_namespace n "
                 "ON n.oid = p.pronamespace WHERE n.nspname = current_schema() "
@@ -320,12 +320,12 @@ async def test_postgres_functions_are_applied_when_their_files_change(
                 "SELECT count(*) FROM pg_proc WHERE proname = 'gateway_release'"
             )
             # Other files (here: a database whose hash is another's) are applied.
-            await conn.execute("UPDATE schema_functions SET hash = 'older'")
+            await conn.execute("UPDATE schema_function_set SET hash = 'older'")
             assert await storage.migrate() == 0
             assert await conn.fetchval(
                 "SELECT count(*) FROM pg_proc WHERE proname = 'gateway_release'"
             )
-            assert await conn.fetchval("SELECT hash FROM schema_functions") == digest
+            assert await conn.fetchval("SELECT hash FROM schema_function_set") == digest
         finally:
             await conn.close()
     finally:

@@ -1,9 +1,11 @@
 -- Admission: check-and-reserve one request against a set of limits, in one
--- round trip (docs/quotas.md). Under the user's row lock - all admissions of a
--- user queue on it, and each statement after it sees what the ones before
--- committed (READ COMMITTED), so check-then-reserve is exact across replicas -
--- the counters are read (today's row; the month's sums and the open leases only
--- when a monthly or stream limit is set), gateway_decide applies the rule, and an admitted request's
+-- round trip (docs/quotas.md). Under the user's admission lock (an advisory
+-- lock of the transaction, keyed by the user: all admissions of a user queue
+-- on it, and each statement after it sees what the ones before committed (READ
+-- COMMITTED), so check-then-reserve is exact across replicas; settles do not
+-- take it, 0023) the counters are read (today's rows; the month's sums and the
+-- open leases only when a monthly or stream limit is set), gateway_decide
+-- applies the rule, and an admitted request's
 -- charge is added: one query, an advanced-RAG query, a web search, a cost
 -- bound (cost_reserved), a stream lease, the query in the query rates' current
 -- buckets, and its pending row, which holds the web search and cost bound
@@ -109,8 +111,11 @@ BEGIN
     IF v_team THEN
         PERFORM 1 FROM teams WHERE id = p_team FOR NO KEY UPDATE;
     END IF;
-    -- NO KEY UPDATE does not block the foreign-key checks of concurrent ledger writes.
-    PERFORM 1 FROM users WHERE id = p_user FOR NO KEY UPDATE;
+    -- The user's admission lock, taken if the user exists. Not the user's row:
+    -- settles update it (lifetime totals), and an admission would wait for
+    -- their commits (0023). The key is 64 bits of the user id's hash (a
+    -- collision only makes two users' admissions queue on one lock).
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_user, 24)) FROM users WHERE id = p_user;
     IF NOT FOUND THEN
         IF NOT p_batched THEN
             RAISE foreign_key_violation USING MESSAGE = 'unknown user ' || p_user;
@@ -122,20 +127,25 @@ BEGIN
         RETURN;
     END IF;
     -- The counters, in one statement after the lock (a statement that waited
-    -- for the lock would read other tables' rows as they were before it):
-    -- today's row by its key; only for a monthly limit, the month's sums
+    -- for the lock would read other tables' rows as they were before it; one
+    -- snapshot: a settle's release of a reservation and what it adds instead
+    -- are both seen or neither, 0023): today's two rows (admissions' and
+    -- settles') by their key; only for a monthly limit, the month's sums
     -- (today's included); only for a stream limit, the open leases and the
     -- expired ones. Read here rather than by a helper (a call and its function
     -- scan cost more than the read), in one statement rather than four (each
     -- costs an executor start-up).
     SELECT
-        coalesce((
+        (
             SELECT ARRAY[
-                u.queries, u.advanced_rag, u.web_searches, u.uploads, u.upload_bytes,
-                u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost + u.cost_reserved
+                coalesce(sum(u.queries), 0), coalesce(sum(u.advanced_rag), 0),
+                coalesce(sum(u.web_searches), 0), coalesce(sum(u.uploads), 0),
+                coalesce(sum(u.upload_bytes), 0), coalesce(sum(u.prompt_tokens), 0),
+                coalesce(sum(u.completion_tokens), 0), coalesce(sum(u.total_tokens), 0),
+                coalesce(sum(u.cost + u.cost_reserved), 0)
             ]::numeric[]
             FROM usage_daily u WHERE u.user_id = p_user AND u.day = p_day
-        ), '{0,0,0,0,0,0,0,0,0}'::numeric[]),
+        ),
         CASE WHEN v_monthly THEN (
             SELECT ARRAY[
                 coalesce(sum(u.queries), 0), coalesce(sum(u.advanced_rag), 0),
@@ -230,9 +240,10 @@ BEGIN
         RETURN;
     END IF;
     v_charge[3] := d.web;
+    -- The admissions' row of the day (part 0): settles write the other one.
     INSERT INTO usage_daily AS u (user_id, day, queries, advanced_rag, web_searches, cost_reserved)
     VALUES (p_user, p_day, 1, v_charge[2], d.web, v_charge[9])
-    ON CONFLICT (user_id, day) DO UPDATE SET
+    ON CONFLICT (user_id, day, part) DO UPDATE SET
         queries = u.queries + 1,
         advanced_rag = u.advanced_rag + excluded.advanced_rag,
         web_searches = u.web_searches + excluded.web_searches,
@@ -245,7 +256,7 @@ BEGIN
         END IF;
     END LOOP;
     IF cardinality(v_keys) > 0 THEN
-        PERFORM gateway_add_models(p_user, v_keys, p_day, 1, 0, 0, 0, 0, v_charge[9]);
+        PERFORM gateway_add_models(p_user, v_keys, p_day, 1, 0, 0, 0, 0, v_charge[9], 0::smallint);
         FOR i IN 1 .. cardinality(p_meters) LOOP
             IF p_keys[i] IS NOT NULL AND p_meters[i] IN (1, 9) THEN
                 v_rates[i] := v_rates[i] + v_charge[p_meters[i]];

@@ -3,8 +3,9 @@
 -- one after another in (user, position) order - each element against the
 -- counters the elements before it left, kept in memory - but writing each
 -- user's day row once per batch. Each element's limits are a slice (from,
--- count) of the shared limit arrays. Lock order as everywhere: users' rows in
--- user order, then day rows. A batch waits at most 250 ms for a row lock: the
+-- count) of the shared limit arrays. Lock order as everywhere: teams' rows,
+-- users' admission locks (gateway_admit) in user order, then day rows. A batch
+-- waits at most 250 ms for a lock: the
 -- gateway then sends the elements one by one (0010). Bitmap and sequential
 -- scans are off, as in gateway_admit (its leases' reads).
 CREATE OR REPLACE FUNCTION gateway_admit_many(
@@ -155,7 +156,7 @@ BEGIN
                 -- What the batch admitted for this user and day, added to the day row once.
                 INSERT INTO usage_daily AS u (user_id, day, queries, advanced_rag, web_searches, cost_reserved)
                 VALUES (v_user, v_day, v_new[1], v_new[2], v_new[3], v_new[9])
-                ON CONFLICT (user_id, day) DO UPDATE SET
+                ON CONFLICT (user_id, day, part) DO UPDATE SET
                     queries = u.queries + excluded.queries,
                     advanced_rag = u.advanced_rag + excluded.advanced_rag,
                     web_searches = u.web_searches + excluded.web_searches,
@@ -163,7 +164,8 @@ BEGIN
                 v_new := array_fill(0, ARRAY[9])::numeric[];
             END IF;
             IF v_user IS DISTINCT FROM e.user_id THEN
-                PERFORM 1 FROM users WHERE id = e.user_id FOR NO KEY UPDATE;
+                PERFORM pg_advisory_xact_lock(hashtextextended(e.user_id, 24))
+                FROM users WHERE id = e.user_id;
                 v_known := FOUND;
                 v_counted := false;
                 v_leases := 0;
@@ -177,14 +179,17 @@ BEGIN
                 -- read with them, once per user.
                 v_leased := v_streams_any AND NOT v_counted;
                 SELECT
-                    coalesce((
+                    (
                         SELECT ARRAY[
-                            u.queries, u.advanced_rag, u.web_searches, u.uploads,
-                            u.upload_bytes, u.prompt_tokens, u.completion_tokens,
-                            u.total_tokens, u.cost + u.cost_reserved
+                            coalesce(sum(u.queries), 0), coalesce(sum(u.advanced_rag), 0),
+                            coalesce(sum(u.web_searches), 0), coalesce(sum(u.uploads), 0),
+                            coalesce(sum(u.upload_bytes), 0), coalesce(sum(u.prompt_tokens), 0),
+                            coalesce(sum(u.completion_tokens), 0),
+                            coalesce(sum(u.total_tokens), 0),
+                            coalesce(sum(u.cost + u.cost_reserved), 0)
                         ]::numeric[]
                         FROM usage_daily u WHERE u.user_id = v_user AND u.day = v_day
-                    ), '{0,0,0,0,0,0,0,0,0}'::numeric[]),
+                    ),
                     CASE WHEN v_months THEN (
                         SELECT ARRAY[
                             coalesce(sum(u.queries), 0), coalesce(sum(u.advanced_rag), 0),
@@ -359,7 +364,7 @@ BEGIN
     IF v_new[1] > 0 THEN
         INSERT INTO usage_daily AS u (user_id, day, queries, advanced_rag, web_searches, cost_reserved)
         VALUES (v_user, v_day, v_new[1], v_new[2], v_new[3], v_new[9])
-        ON CONFLICT (user_id, day) DO UPDATE SET
+        ON CONFLICT (user_id, day, part) DO UPDATE SET
             queries = u.queries + excluded.queries,
             advanced_rag = u.advanced_rag + excluded.advanced_rag,
             web_searches = u.web_searches + excluded.web_searches,

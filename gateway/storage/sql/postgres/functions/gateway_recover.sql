@@ -40,7 +40,7 @@ BEGIN
         IF cardinality(r.scopes) > 0 THEN
             PERFORM gateway_add_models(
                 r.user_id, r.scopes, r.day, 0, r.prompt_tokens, r.completion_tokens,
-                r.total_tokens, r.cost, -r.reserved_cost
+                r.total_tokens, r.cost, -r.reserved_cost, 1::smallint
             );
         END IF;
         IF r.reserved_cost <> 0 THEN

@@ -21,13 +21,16 @@ BEGIN
     END IF;
     DELETE FROM stream_leases WHERE id = p_lease;
     IF v_claimed THEN
+        -- The query leaves the admissions' row it was counted in (0023).
         UPDATE usage_daily SET queries = queries - 1
-        WHERE user_id = p_user AND day = p_day AND queries > 0;
+        WHERE user_id = p_user AND day = p_day AND part = 0 AND queries > 0;
         IF v_reserved <> 0 OR v_reserved_cost <> 0 THEN
             PERFORM gateway_release(p_user, v_day, v_reserved, v_reserved_cost);
         END IF;
         IF cardinality(v_keys) > 0 THEN
-            PERFORM gateway_add_models(p_user, v_keys, v_day, -1, 0, 0, 0, 0, -v_reserved_cost);
+            PERFORM gateway_add_models(
+                p_user, v_keys, v_day, -1, 0, 0, 0, 0, -v_reserved_cost, 0::smallint
+            );
         END IF;
         -- The query leaves the query rates' buckets it was counted in.
         IF v_rates & 1 <> 0 THEN

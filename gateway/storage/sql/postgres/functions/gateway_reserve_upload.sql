@@ -2,7 +2,7 @@
 -- its file's p_size bytes are counted on the user's day only while every limit
 -- given (uploads and upload bytes per day or month; scope 2: the team's) allows
 -- it. The locks are gateway_admit's, in its order (the team's row, then the
--- user's), so a user's - or a team's - uploads and answers are decided one at a
+-- user's admission lock), so a user's - or a team's - uploads and answers are decided one at a
 -- time, across replicas; the rule is gateway_decide's, with a charge of one
 -- upload (meter 4) and p_size upload bytes (meter 5). With no limits the upload
 -- is counted, unconditionally. Limits come as gateway_admit takes them.
@@ -47,7 +47,8 @@ BEGIN
     IF v_team THEN
         PERFORM 1 FROM teams WHERE id = p_team FOR NO KEY UPDATE;
     END IF;
-    PERFORM 1 FROM users WHERE id = p_user FOR NO KEY UPDATE;
+    -- The user's admission lock, as gateway_admit takes it (0023).
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_user, 24)) FROM users WHERE id = p_user;
     IF NOT FOUND THEN
         RAISE foreign_key_violation USING MESSAGE = 'unknown user ' || p_user;
     END IF;
@@ -56,7 +57,7 @@ BEGIN
     FROM upload_reservations r WHERE r.id = p_key AND r.user_id = p_user;
     IF v_held_day IS NOT NULL AND v_held_size <> p_size THEN
         UPDATE usage_daily u SET upload_bytes = greatest(u.upload_bytes + p_size - v_held_size, 0)
-        WHERE u.user_id = p_user AND u.day = v_held_day;
+        WHERE u.user_id = p_user AND u.day = v_held_day AND u.part = 0;
         UPDATE upload_reservations SET size = p_size WHERE id = p_key;
     END IF;
     SELECT c.day_used, c.month_used INTO v_day, v_month
@@ -81,7 +82,7 @@ BEGIN
     END IF;
     INSERT INTO usage_daily AS u (user_id, day, uploads, upload_bytes)
     VALUES (p_user, p_day, 1, p_size)
-    ON CONFLICT (user_id, day) DO UPDATE SET
+    ON CONFLICT (user_id, day, part) DO UPDATE SET
         uploads = u.uploads + 1,
         upload_bytes = u.upload_bytes + excluded.upload_bytes;
     DELETE FROM upload_reservations WHERE user_id = p_user AND day < p_day - 1;

@@ -12,6 +12,10 @@
 --    bound, per-model counters) whether or not the answer was new, and counts
 --    its tokens in the token rates its admission counted it in;
 -- 4. decides the threshold alerts the settle crossed (0009).
+-- It writes the settles' row of the day (part 1, 0023), never the one
+-- admissions write, nor takes the admission lock: an admission does not wait
+-- for it. What it adds and the reservation it gives back are one write of that
+-- row (a reservation's release is a negative amount there).
 -- Returns whether it recorded the answer. p_upstream: the named upstream that
 -- answered (0017; a caller of the previous version names none). A recovery
 -- writes its estimate through here too, with no pending row and no checks.
@@ -36,8 +40,8 @@ DECLARE
     v_recovered boolean := false;
     v_settled boolean;
     v_ended boolean := false;
-    -- Today's row as the settle left it, and the month's tokens, for the alert
-    -- checks; NULL: not read.
+    -- Today's counters (both rows) and the month's tokens, for the alert
+    -- checks; NULL: not read yet.
     v_queries bigint;
     v_tokens bigint;
     v_searches bigint;
@@ -108,42 +112,40 @@ BEGIN
             IF v_day = p_day AND (v_reserved <> 0 OR v_reserved_cost <> 0) THEN
                 -- The reservations end on the day row the answer is added to:
                 -- one write of it, leaving what adding then releasing would.
+                -- (The web searches reserved were counted in the admissions'
+                -- row: here they become what the answer used.)
                 INSERT INTO usage_daily AS d (
-                    user_id, day, web_searches, prompt_tokens, completion_tokens,
+                    user_id, day, part, web_searches, prompt_tokens, completion_tokens,
                     total_tokens, cost, cost_reserved
                 ) VALUES (
-                    p_user, p_day, greatest(p_web_searches - v_reserved, 0), p_prompt,
+                    p_user, p_day, 1, p_web_searches - v_reserved, p_prompt,
                     p_completion, p_total, p_cost, -v_reserved_cost
-                ) ON CONFLICT (user_id, day) DO UPDATE SET
-                    web_searches = greatest(d.web_searches + p_web_searches - v_reserved, 0),
-                    prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
-                    completion_tokens = d.completion_tokens + excluded.completion_tokens,
-                    total_tokens = d.total_tokens + excluded.total_tokens,
-                    cost = d.cost + excluded.cost,
-                    cost_reserved = d.cost_reserved + excluded.cost_reserved
-                RETURNING d.queries, d.total_tokens, d.web_searches
-                INTO v_queries, v_tokens, v_searches;
-                v_ended := true;
-            ELSE
-                INSERT INTO usage_daily AS d (
-                    user_id, day, web_searches, prompt_tokens, completion_tokens,
-                    total_tokens, cost
-                ) VALUES (
-                    p_user, p_day, p_web_searches, p_prompt, p_completion, p_total, p_cost
-                ) ON CONFLICT (user_id, day) DO UPDATE SET
+                ) ON CONFLICT (user_id, day, part) DO UPDATE SET
                     web_searches = d.web_searches + excluded.web_searches,
                     prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
                     completion_tokens = d.completion_tokens + excluded.completion_tokens,
                     total_tokens = d.total_tokens + excluded.total_tokens,
-                    cost = d.cost + excluded.cost
-                RETURNING d.queries, d.total_tokens, d.web_searches
-                INTO v_queries, v_tokens, v_searches;
+                    cost = d.cost + excluded.cost,
+                    cost_reserved = d.cost_reserved + excluded.cost_reserved;
+                v_ended := true;
+            ELSE
+                INSERT INTO usage_daily AS d (
+                    user_id, day, part, web_searches, prompt_tokens, completion_tokens,
+                    total_tokens, cost
+                ) VALUES (
+                    p_user, p_day, 1, p_web_searches, p_prompt, p_completion, p_total, p_cost
+                ) ON CONFLICT (user_id, day, part) DO UPDATE SET
+                    web_searches = d.web_searches + excluded.web_searches,
+                    prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
+                    completion_tokens = d.completion_tokens + excluded.completion_tokens,
+                    total_tokens = d.total_tokens + excluded.total_tokens,
+                    cost = d.cost + excluded.cost;
             END IF;
         END IF;
         IF NOT v_ended AND (v_reserved <> 0 OR v_reserved_cost <> 0) THEN
             -- Whether or not the answer id was new, the reservations end, on
-            -- the day row they were made on. The user's row first, as
-            -- everywhere (the users update took it if the answer was new).
+            -- the day they were made on. The user's row first, as among
+            -- settles (the users update took it if the answer was new).
             IF NOT v_settled THEN
                 PERFORM 1 FROM users WHERE id = p_user FOR NO KEY UPDATE;
             END IF;
@@ -158,7 +160,7 @@ BEGIN
                 CASE WHEN v_settled THEN p_completion ELSE 0 END,
                 CASE WHEN v_settled THEN p_total ELSE 0 END,
                 CASE WHEN v_settled THEN p_cost ELSE 0 END,
-                -v_reserved_cost
+                -v_reserved_cost, 1::smallint
             );
         END IF;
         IF NOT v_settled THEN
@@ -178,19 +180,9 @@ BEGIN
         -- joining them with the counters, which cost about a fifth of a
         -- settle's PostgreSQL CPU even when nothing was crossed
         -- (docs/performance.md). The four original kinds read the user's day
-        -- rows: today's as the write above returned it; the month's sum only
-        -- when a check needs it; all of them in one read when the settle did
-        -- not write today's row (a superseding record).
-        IF v_queries IS NULL OR (p_month_start <= p_day) IS NOT TRUE THEN
-            SELECT
-                coalesce(max(d.queries) FILTER (WHERE d.day = p_day), 0),
-                coalesce(max(d.total_tokens) FILTER (WHERE d.day = p_day), 0),
-                coalesce(max(d.web_searches) FILTER (WHERE d.day = p_day), 0),
-                coalesce(sum(d.total_tokens), 0)
-            INTO v_queries, v_tokens, v_searches, v_month
-            FROM usage_daily d
-            WHERE d.user_id = p_user AND d.day >= p_month_start AND d.day <= p_day;
-        END IF;
+        -- rows (both parts of a day, 0023) when a check first needs them: the
+        -- month's tokens only when a monthly check is there, with today's in
+        -- one read if both are.
         -- As far as the longest list reaches (a shorter one reads NULLs), as
         -- unnest(p_kinds, p_periods, ...) did.
         FOR i IN 1 .. greatest(
@@ -202,12 +194,32 @@ BEGIN
                 -- Any other limit per day or month (issue 21): money budgets,
                 -- general, per-model and team limits.
                 v_used := gateway_alert_used(p_user, p_day, p_month_start, p_specs[i]);
-            ELSIF p_kinds[i] = 'queries_per_day' THEN
-                v_used := v_queries;
-            ELSIF p_kinds[i] = 'tokens_per_day' THEN
-                v_used := v_tokens;
-            ELSIF p_kinds[i] = 'web_searches_per_day' THEN
-                v_used := v_searches;
+            ELSIF p_kinds[i] IN ('queries_per_day', 'tokens_per_day', 'web_searches_per_day') THEN
+                IF v_queries IS NULL THEN
+                    IF (p_month_start <= p_day) IS TRUE AND 'tokens_per_month' = ANY (p_kinds) THEN
+                        SELECT
+                            coalesce(sum(d.queries) FILTER (WHERE d.day = p_day), 0),
+                            coalesce(sum(d.total_tokens) FILTER (WHERE d.day = p_day), 0),
+                            coalesce(sum(d.web_searches) FILTER (WHERE d.day = p_day), 0),
+                            coalesce(sum(d.total_tokens), 0)
+                        INTO v_queries, v_tokens, v_searches, v_month
+                        FROM usage_daily d
+                        WHERE d.user_id = p_user AND d.day >= p_month_start AND d.day <= p_day;
+                    ELSE
+                        SELECT
+                            coalesce(sum(d.queries), 0), coalesce(sum(d.total_tokens), 0),
+                            coalesce(sum(d.web_searches), 0)
+                        INTO v_queries, v_tokens, v_searches
+                        FROM usage_daily d WHERE d.user_id = p_user AND d.day = p_day;
+                    END IF;
+                END IF;
+                IF p_kinds[i] = 'queries_per_day' THEN
+                    v_used := v_queries;
+                ELSIF p_kinds[i] = 'tokens_per_day' THEN
+                    v_used := v_tokens;
+                ELSE
+                    v_used := v_searches;
+                END IF;
             ELSE
                 IF v_month IS NULL THEN
                     SELECT coalesce(sum(d.total_tokens), 0) INTO v_month

@@ -69,6 +69,13 @@ BEGIN
             )
     ) THEN
         INSERT INTO pending_answers SELECT * FROM unnest(v_claimed_rows) AS r ORDER BY r.user_id, r.id;
+        -- Every element's lease goes before any element writes a row (each
+        -- single call's own delete then finds it gone). Deleted element by
+        -- element, a later element's expired lease could be held by an
+        -- admission (which deletes expired leases under the user's admission
+        -- lock) waiting for a per-model counter row an earlier element wrote:
+        -- a lock cycle broken only by the lock timeout.
+        DELETE FROM stream_leases WHERE id = ANY (p_leases);
         FOR v_ord IN
             SELECT t.ord FROM unnest(p_users) WITH ORDINALITY AS t(user_id, ord)
             ORDER BY t.user_id, t.ord
@@ -168,16 +175,17 @@ BEGIN
             GROUP BY t.user_id
         ) s
         WHERE u.id = s.user_id;
+        -- The settles' rows of the days (part 1, 0023): admissions do not wait for them.
         INSERT INTO usage_daily AS d
-            (user_id, day, web_searches, prompt_tokens, completion_tokens, total_tokens, cost)
-        SELECT t.user_id, t.day, sum(t.web_searches), sum(t.prompt), sum(t.completion),
+            (user_id, day, part, web_searches, prompt_tokens, completion_tokens, total_tokens, cost)
+        SELECT t.user_id, t.day, 1, sum(t.web_searches), sum(t.prompt), sum(t.completion),
             sum(t.total), sum(t.cost)
         FROM unnest(p_users, p_days, p_web_searches, p_prompt, p_completion, p_total, p_cost)
             WITH ORDINALITY AS t(user_id, day, web_searches, prompt, completion, total, cost, ord)
         WHERE v_settled[t.ord]
         GROUP BY t.user_id, t.day
         ORDER BY t.user_id, t.day
-        ON CONFLICT (user_id, day) DO UPDATE SET
+        ON CONFLICT (user_id, day, part) DO UPDATE SET
             web_searches = d.web_searches + excluded.web_searches,
             prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
             completion_tokens = d.completion_tokens + excluded.completion_tokens,
@@ -198,15 +206,15 @@ BEGIN
         -- Each claimed row's reservation ends, whether or not its element was
         -- recorded (as in the single function); before the alert checks, so
         -- that they see the count the answers used.
-        UPDATE usage_daily d SET
-            web_searches = greatest(d.web_searches - g.searches, 0),
-            cost_reserved = d.cost_reserved - g.cost
-        FROM (
-            SELECT r.user_id, r.day, sum(r.web_searches) AS searches, sum(r.reserved_cost) AS cost
-            FROM unnest(v_claimed_rows) AS r WHERE r.web_searches <> 0 OR r.reserved_cost <> 0
-            GROUP BY r.user_id, r.day
-        ) g
-        WHERE d.user_id = g.user_id AND d.day = g.day;
+        -- Negative amounts in the settles' rows (gateway_release).
+        INSERT INTO usage_daily AS d (user_id, day, part, web_searches, cost_reserved)
+        SELECT r.user_id, r.day, 1, -sum(r.web_searches), -sum(r.reserved_cost)
+        FROM unnest(v_claimed_rows) AS r WHERE r.web_searches <> 0 OR r.reserved_cost <> 0
+        GROUP BY r.user_id, r.day
+        ORDER BY r.user_id, r.day
+        ON CONFLICT (user_id, day, part) DO UPDATE SET
+            web_searches = d.web_searches + excluded.web_searches,
+            cost_reserved = d.cost_reserved + excluded.cost_reserved;
     END IF;
 
     IF cardinality(v_inserted) > 0 AND coalesce(cardinality(p_kinds), 0) > 0 THEN
@@ -245,10 +253,10 @@ BEGIN
                 END AS used
             FROM checks c CROSS JOIN LATERAL (
                 SELECT
-                    coalesce(max(d.queries) FILTER (WHERE d.day = c.day), 0) AS queries_per_day,
-                    coalesce(max(d.total_tokens) FILTER (WHERE d.day = c.day), 0)
+                    coalesce(sum(d.queries) FILTER (WHERE d.day = c.day), 0) AS queries_per_day,
+                    coalesce(sum(d.total_tokens) FILTER (WHERE d.day = c.day), 0)
                         AS tokens_per_day,
-                    coalesce(max(d.web_searches) FILTER (WHERE d.day = c.day), 0)
+                    coalesce(sum(d.web_searches) FILTER (WHERE d.day = c.day), 0)
                         AS web_searches_per_day,
                     coalesce(sum(d.total_tokens), 0) AS tokens_per_month
                 FROM usage_daily d

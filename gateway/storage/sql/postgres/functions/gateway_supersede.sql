@@ -37,18 +37,24 @@ BEGIN
         lifetime_tokens = lifetime_tokens + p_total - r.total_tokens,
         lifetime_cost = lifetime_cost + p_cost - r.cost
     WHERE id = p_user;
-    UPDATE usage_daily SET
-        web_searches = greatest(web_searches + p_web_searches - r.web_searches, 0),
-        prompt_tokens = prompt_tokens + p_prompt - r.prompt_tokens,
-        completion_tokens = completion_tokens + p_completion - r.completion_tokens,
-        total_tokens = total_tokens + p_total - r.total_tokens,
-        cost = cost + p_cost - r.cost
-    WHERE user_id = p_user AND day = r.day;
+    -- The difference goes to the settles' row of the estimate's day (0023).
+    INSERT INTO usage_daily AS d (
+        user_id, day, part, web_searches, prompt_tokens, completion_tokens, total_tokens, cost
+    ) VALUES (
+        p_user, r.day, 1, p_web_searches - r.web_searches, p_prompt - r.prompt_tokens,
+        p_completion - r.completion_tokens, p_total - r.total_tokens, p_cost - r.cost
+    ) ON CONFLICT (user_id, day, part) DO UPDATE SET
+        web_searches = d.web_searches + excluded.web_searches,
+        prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = d.completion_tokens + excluded.completion_tokens,
+        total_tokens = d.total_tokens + excluded.total_tokens,
+        cost = d.cost + excluded.cost;
     IF cardinality(r.scopes) > 0 THEN
         -- The per-model counters the estimate was charged to, likewise (0016).
         PERFORM gateway_add_models(
             p_user, r.scopes, r.day, 0, p_prompt - r.prompt_tokens,
-            p_completion - r.completion_tokens, p_total - r.total_tokens, p_cost - r.cost, 0
+            p_completion - r.completion_tokens, p_total - r.total_tokens, p_cost - r.cost, 0,
+            1::smallint
         );
     END IF;
     RETURN true;

@@ -7,15 +7,16 @@ CREATE OR REPLACE FUNCTION gateway_user_counters(
     OUT day_used numeric[], OUT month_used numeric[]
 ) LANGUAGE plpgsql STABLE AS $$
 BEGIN
+    -- Today's two rows (admissions' and settles', 0023) in one statement.
     SELECT ARRAY[
-        u.queries, u.advanced_rag, u.web_searches, u.uploads, u.upload_bytes,
-        u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost + u.cost_reserved
+        coalesce(sum(u.queries), 0), coalesce(sum(u.advanced_rag), 0),
+        coalesce(sum(u.web_searches), 0), coalesce(sum(u.uploads), 0),
+        coalesce(sum(u.upload_bytes), 0), coalesce(sum(u.prompt_tokens), 0),
+        coalesce(sum(u.completion_tokens), 0), coalesce(sum(u.total_tokens), 0),
+        coalesce(sum(u.cost + u.cost_reserved), 0)
     ]::numeric[]
     INTO day_used
     FROM usage_daily u WHERE u.user_id = p_user AND u.day = p_day;
-    IF day_used IS NULL THEN
-        day_used := '{0,0,0,0,0,0,0,0,0}'::numeric[];
-    END IF;
     IF p_month_start IS NOT NULL THEN
         SELECT ARRAY[
             day_used[1] + coalesce(sum(u.queries), 0),

@@ -1,0 +1,209 @@
+"""PostgreSQL: a rolling update with pods of two releases on one database.
+
+Every gateway runs `migrate` at start-up, and `migrate` installs its own set of
+functions whenever their hash differs from the one recorded. Migration 0023
+changed usage_daily's primary key: the previous release's functions
+(``ON CONFLICT (user_id, day)``) no longer match it, so a pod of that release
+restarting during the rollout must not put them back. 0023 renamed the record
+(``schema_functions`` -> ``schema_function_set``), and the previous release
+installs functions only when ``schema_functions`` exists; and `migrate` now
+refuses a database migrated by a release newer than itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+import pytest
+
+from gateway.config import DatabaseConfig
+from gateway.errors import StorageError
+from gateway.storage import AdmissionLimits, Pending, functions, migrations, open_storage
+from gateway.storage.base import Lease, UsageEvent
+from tests.conftest import PostgresServer
+
+pytestmark = pytest.mark.postgres
+
+NOW = datetime.now(UTC)
+DAY = NOW.date()
+MONTH = DAY.replace(day=1)
+EXPIRES = NOW + timedelta(minutes=15)
+# The function set a previous-release pod would install: one marker function
+# stands for it (its real set is gone from this tree; what matters is whether
+# it drops this release's set and installs its own).
+_PREVIOUS_SET = [
+    "CREATE FUNCTION gateway_previous_release() RETURNS integer LANGUAGE sql AS $$ SELECT 22 $$"
+]
+# _DROP_FUNCTIONS of the previous release (fa1ad30), unchanged.
+_PREVIOUS_DROP_FUNCTIONS = """
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN
+        SELECT p.oid::regprocedure FROM pg_proc p
+        JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = current_schema() AND p.proname LIKE 'gateway\\_%'
+    LOOP
+        EXECUTE 'DROP FUNCTION ' || f;
+    END LOOP;
+END
+$$
+"""
+_PREVIOUS_MIGRATION_LOCK = 0x6761_7465_7761_79
+
+
+async def _previous_release_migrate(conn: asyncpg.Connection) -> int:
+    """PostgresStorage.migrate of the previous release (fa1ad30), line for
+    line, on one connection: its migrations are this tree's up to 0022, its
+    functions `_PREVIOUS_SET` under another hash."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _PREVIOUS_MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        applied = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        count = 0
+        for version, sql in [(v, s) for v, s in migrations("postgres") if v <= 22]:
+            if version in applied:
+                continue
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            count += 1
+        digest, texts = "previous-release", _PREVIOUS_SET
+        if await conn.fetchval("SELECT to_regclass('schema_functions')") is None:
+            return count
+        applied_hash = await conn.fetchval("SELECT hash FROM schema_functions")
+        if applied_hash != digest:
+            await conn.execute("SET LOCAL check_function_bodies = off")
+            await conn.execute(_PREVIOUS_DROP_FUNCTIONS)
+            for text in texts:
+                await conn.execute(text)
+            await conn.execute(
+                "INSERT INTO schema_functions (id, hash) VALUES (1, $1) "
+                "ON CONFLICT (id) DO UPDATE SET hash = excluded.hash, applied_at = now()",
+                digest,
+            )
+        return count
+
+
+@pytest.fixture
+async def dsn(postgres: PostgresServer) -> AsyncIterator[str]:
+    """A database of its own, migrated by this release."""
+    url = await postgres.new_database_async()
+    storage = await open_storage(DatabaseConfig(url=url))
+    try:
+        await storage.migrate()
+    finally:
+        await storage.close()
+    yield url
+
+
+async def _gateway_functions(conn: asyncpg.Connection) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = current_schema() AND p.proname LIKE 'gateway\\_%'"
+    )
+    return {row[0] for row in rows}
+
+
+async def test_a_previous_release_pod_restarting_leaves_this_releases_functions(
+    dsn: str,
+) -> None:
+    """The rollout: a new pod migrated, then an old pod restarts (its migrate
+    runs). Admissions and settles of both still work: the old pod's migrate
+    found no ``schema_functions`` and installed nothing."""
+    conn = await asyncpg.connect(dsn)
+    storage = await open_storage(DatabaseConfig(url=dsn))
+    try:
+        before = await _gateway_functions(conn)
+        assert await _previous_release_migrate(conn) == 0
+        # Before 0023 renamed the record, the old pod dropped every function
+        # of this release and installed its own.
+        assert await _gateway_functions(conn) == before, "an old pod replaced the functions"
+        await storage.ensure_user("alice", plan="free")
+        limits = AdmissionLimits(queries_per_day=10, cost_per_day=Decimal("1"))
+        admitted = await storage.admit(
+            "alice",
+            day=DAY,
+            month_start=MONTH,
+            limits=limits,
+            now=NOW,
+            lease=Lease("r1", EXPIRES),
+            pending=Pending("r1", "chat-messages", reserved_cost=Decimal("0.5")),
+        )
+        assert admitted.admitted
+        answer = UsageEvent(
+            "a-r1",
+            "alice",
+            DAY,
+            NOW,
+            "chat-messages",
+            prompt_tokens=10,
+            completion_tokens=20,
+            total_tokens=30,
+            cost=Decimal("0.25"),
+            request_id="r1",
+        )
+        assert await storage.settle(answer, lease_id="r1", pending_id="r1")
+        (today,) = await storage.daily(DAY, DAY, user_id="alice")
+        assert (today.queries, today.total_tokens, today.cost) == (1, 30, Decimal("0.25"))
+        # A new pod restarting afterwards finds its own set in place.
+        assert await storage.migrate() == 0
+        assert await _gateway_functions(conn) == before
+    finally:
+        await storage.close()
+        await conn.close()
+
+
+async def test_migrate_refuses_a_database_migrated_by_a_newer_release(dsn: str) -> None:
+    """A database holding a migration this code does not know was migrated by
+    a newer release: migrate stops the start-up with a clear error and changes
+    nothing - above all, it does not put its older functions back."""
+    conn = await asyncpg.connect(dsn)
+    storage = await open_storage(DatabaseConfig(url=dsn))
+    newer = migrations("postgres")[-1][0] + 1
+    try:
+        # What a newer release would have left: its migration recorded, its
+        # own function set (another hash; here one more function).
+        await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", newer)
+        await conn.execute("UPDATE schema_function_set SET hash = 'newer'")
+        await conn.execute(
+            "CREATE FUNCTION gateway_newer_release() RETURNS integer LANGUAGE sql AS $$ SELECT 1 $$"
+        )
+        before = await _gateway_functions(conn)
+        with pytest.raises(StorageError) as refused:
+            await storage.migrate()
+        assert f"migration {newer:04d} is unknown" in refused.value.message
+        assert "newer release" in refused.value.message
+        assert await _gateway_functions(conn) == before
+        assert await conn.fetchval("SELECT hash FROM schema_function_set") == "newer"
+        # The database as it was: the newer release keeps working on it.
+        await conn.execute("DELETE FROM schema_migrations WHERE version = $1", newer)
+        digest, _texts = functions("postgres")
+        assert await storage.migrate() == 0
+        assert await conn.fetchval("SELECT hash FROM schema_function_set") == digest
+    finally:
+        await storage.close()
+        await conn.close()
+
+
+async def test_a_migration_longer_than_the_command_timeout_completes(
+    postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migration's statement may take longer than database.command_timeout
+    (5 s, meant for requests): 0023 rebuilds usage_daily's primary key, about
+    2.5 s per 1.5 million rows. Under the request timeout it was cancelled and
+    rolled back at every start-up, and the new release never started."""
+    url = await postgres.new_database_async()
+    slow = [*migrations("postgres"), (9999, "SELECT pg_sleep(0.6)")]
+    monkeypatch.setattr("gateway.storage.postgres.migrations", lambda _backend: slow)
+    storage = await open_storage(DatabaseConfig(url=url, command_timeout=0.2))
+    try:
+        assert await storage.migrate() == len(slow)
+    finally:
+        await storage.close()
