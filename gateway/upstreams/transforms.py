@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 # The end of an SSE event: a line ending followed by an empty line. A line ends in
@@ -11,6 +11,7 @@ from typing import Final
 _MAX_END: Final = 4  # the longest event end: "\r\n\r\n"
 _EVENT_END: Final = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
 _CR: Final = 13  # b"\r" as a byte value: ``13 in data`` is a memchr
+_LF: Final = 10
 
 
 def _last_bytes(pieces: list[bytes]) -> bytes:
@@ -32,15 +33,25 @@ class DropEvents:
     it says no event in the run can be dropped, the run is passed on as it is,
     unsplit. With it, a chunk that ends at an event boundary and holds nothing to
     drop - nearly every chunk - costs one test and no copy.
+
+    ``marks``, when given (in place of ``may_drop``), finds in a run of complete
+    events the places that may make one droppable: every event ``drop`` would
+    drop holds one of them (none: nothing is dropped). Only the events that hold
+    one are cut out and tested; the rest of the run is passed on as it is.
     """
 
-    __slots__ = ("_drop", "_held", "_held_len", "_may_drop")
+    __slots__ = ("_drop", "_held", "_held_len", "_marks", "_may_drop")
 
     def __init__(
-        self, drop: Callable[[bytes], bool], *, may_drop: Callable[[bytes], bool] | None = None
+        self,
+        drop: Callable[[bytes], bool],
+        *,
+        may_drop: Callable[[bytes], bool] | None = None,
+        marks: Callable[[bytes], Sequence[int]] | None = None,
     ) -> None:
         self._drop = drop
         self._may_drop = may_drop
+        self._marks = marks
         # The incomplete event, in pieces: a long one is searched for its end only
         # where new bytes came (an end is at most 4 bytes, so the last 4 held bytes
         # and the chunk), and joined once, when it is complete: linear time.
@@ -52,6 +63,9 @@ class DropEvents:
         if not held and chunk[-2:] == b"\n\n":
             # The usual chunk: whole events, nothing held before it (what the
             # general path below makes of it, without its copies and calls).
+            if self._marks is not None:
+                marks = self._marks(chunk)
+                return self._kept_at(chunk, marks) if marks else chunk
             if self._may_drop is not None and not self._may_drop(chunk):
                 return chunk
             return self._kept(chunk)
@@ -78,9 +92,46 @@ class DropEvents:
         complete, rest = data[:cut], data[cut:]
         self._held = [rest] if rest else []
         self._held_len = len(rest)
-        if not complete or (self._may_drop is not None and not self._may_drop(complete)):
+        if not complete:
+            return complete
+        if self._marks is not None:
+            marks = self._marks(complete)
+            return self._kept_at(complete, marks) if marks else complete
+        if self._may_drop is not None and not self._may_drop(complete):
             return complete
         return self._kept(complete)
+
+    def _kept_at(self, complete: bytes, marks: Sequence[int]) -> bytes:
+        """`_kept`, testing only the events that hold one of ``marks`` (ascending
+        places in ``complete``, none at a line end). Where split would cut the
+        events otherwise than the search below (a CR, an odd run of line feeds
+        before a mark's event or at the end), `_kept` cuts them."""
+        size = len(complete)
+        if _CR in complete or complete[-2:] != b"\n\n" or complete[size - 3 : size - 2] == b"\n":
+            return self._kept(complete)
+        drop = self._drop
+        pieces: list[bytes] = []
+        start = 0  # what is not placed yet begins here
+        tested = 0  # the end of the last event tested
+        for at in marks:
+            if at < tested:
+                continue  # in the event just tested
+            # The event around the mark: from the end of the line-end pair before
+            # it (a pair alone: a longer run is cut in pairs from its start, as
+            # split cuts it) to the end of the first pair after it (the start of
+            # a run, where split cuts too).
+            before = complete.rfind(b"\n\n", 0, at)
+            if before > 0 and complete[before - 1] == _LF:
+                return self._kept(complete)
+            begin = before + 2 if before >= 0 else 0
+            tested = complete.find(b"\n\n", at) + 2
+            if drop(complete[begin:tested]):
+                pieces.append(complete[start:begin])
+                start = tested
+        if not start:
+            return complete
+        pieces.append(complete[start:])
+        return b"".join(pieces)
 
     def _kept(self, complete: bytes) -> bytes:
         """The events of ``complete`` that are not dropped (what follows its last

@@ -9,13 +9,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.sse import ServerSentEvent
 from gateway.upstreams.openai_wire import (
     _CHUNK_TEXT,
     _USAGE_OBJECT,
     _USAGE_OBJECT_BYTES,
+    ChatStreamMeter,
     _text_in_chunk,
     _usage_object_in,
+    _usual_prefix,
     has_usage_object,
+    usage_objects,
 )
 
 # Pieces a chunk is made of, and the ones that trip a hand-written scan.
@@ -88,6 +92,173 @@ def test_usage_object_is_the_patterns_search(data: str) -> None:
     assert has_usage_object(raw) == (_USAGE_OBJECT_BYTES.search(raw) is not None)
 
 
+@settings(max_examples=300)
+@given(texts)
+def test_usage_objects_are_where_the_pattern_matches(data: str) -> None:
+    raw = data.encode()
+    assert usage_objects(raw) == [m.start() for m in _USAGE_OBJECT_BYTES.finditer(raw)]
+
+
+class _Unremembered(ChatStreamMeter):
+    """The stream meter without its memo of how chunks begin: every chunk read
+    as a whole (the reference for the memo's reading)."""
+
+    __slots__ = ()
+
+    def feed(self, event: ServerSentEvent) -> None:
+        self._prefix = None
+        super().feed(event)
+
+
+def _state(meter: ChatStreamMeter) -> tuple[object, ...]:
+    return (
+        meter._text_chars,
+        meter._usage,
+        meter._started,
+        meter._model,
+        meter._errored,
+        meter._error_code,
+        meter._malformed,
+        meter.extras.audio,
+    )
+
+
+# A stream's chunks: how they begin (the usual envelope, or one a memo of it must
+# not be taken from: another text key, a "usage" member, an error), the content
+# string's text (escapes, line feeds, a key's name), and how they go on after it
+# (a usage object, another text key, a second "usage", a string never closed).
+_USUAL_HEAD = '{"id":"c","model":"m","choices":[{"delta":{"content":"'
+_HEADS = st.sampled_from(
+    [
+        _USUAL_HEAD,
+        _USUAL_HEAD,
+        _USUAL_HEAD,
+        '{"id":"c","usage":null,"choices":[{"delta":{"content":"',
+        '{"error":{"message":"x"},"content":"',
+        ' {"id":"c","content":"',
+        '{"id":"c","choices":[{"delta":{"content" :"',
+        *(
+            '{"id":"c","' + key + '":"a","content":"'
+            for key in (
+                "text",
+                "arguments",
+                "refusal",
+                "reasoning_content",
+                "reasoning",
+                "transcript",
+            )
+        ),
+    ]
+)
+_VALUES = st.lists(
+    st.sampled_from(
+        ["ab", '\\"', "\\\\", "\\\n", "\n", "é", 'text"', 'usage"', 'content"', 'reasoning"', ":"]
+    ),
+    max_size=3,
+).map("".join)
+_RESTS = st.sampled_from(
+    [
+        '"}}]}',
+        '"}}],"usage":null}',
+        '"}}],"usage" : null}',
+        '"}}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}',
+        '"}}],"usage":null,"usage":{}}',
+        *(
+            '","' + key + '":"ab"}}]}'
+            for key in (
+                "text",
+                "arguments",
+                "refusal",
+                "reasoning_content",
+                "reasoning",
+                "transcript",
+                "content",
+            )
+        ),
+        "",
+    ]
+)
+
+
+@st.composite
+def _streams(draw: st.DrawFn) -> list[str]:
+    """Chunks most of which begin alike (one head per stream), a few otherwise."""
+    head = draw(_HEADS)
+    chunk = st.builds(lambda value, rest: head + value + rest, _VALUES, _RESTS)
+    other = st.builds(lambda h, value, rest: h + value + rest, _HEADS, _VALUES, _RESTS)
+    return draw(st.lists(chunk | chunk | chunk | other, min_size=1, max_size=10))
+
+
+@settings(max_examples=500)
+@given(_streams())
+def test_a_stream_read_past_its_chunks_beginning_is_read_as_a_whole(chunks: list[str]) -> None:
+    # The first chunk is parsed (the model); the others go the hot path, the memo
+    # of the stream's beginning taken from the chunks read there.
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    ours, reference = ChatStreamMeter(body), _Unremembered(body)
+    for data in ['{"model":"m","choices":[]}', *chunks]:
+        event = ServerSentEvent("message", data)
+        ours.feed(event)
+        reference.feed(event)
+        assert _state(ours) == _state(reference), data
+    assert ours.finish(cut=False) == reference.finish(cut=False)
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [
+        'ab"}}],"usage":null}',  # the usual chunk
+        'ab"}}],"usage":null,"usage":{}}',  # a second "usage", an object
+        'ab"}}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}',
+        *(
+            'ab","' + key + '":"cd"}}]}'
+            for key in (
+                "text",
+                "arguments",
+                "refusal",
+                "reasoning_content",
+                "transcript",
+                "content",
+            )
+        ),
+        'text":"x"}}]}',  # a key that begins at the head's last quote
+        "ab",  # a string never closed
+        'a\\"b"}}]}',  # an escaped quote
+        'a\\\nb"}}]}',  # a line feed after a backslash
+        "",
+    ],
+)
+def test_a_chunk_begun_as_the_last_is_read_as_a_whole(rest: str) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    ours, reference = ChatStreamMeter(body), _Unremembered(body)
+    for data in ['{"model":"m","choices":[]}', _USUAL_HEAD + 'x"}}]}', _USUAL_HEAD + rest]:
+        event = ServerSentEvent("message", data)
+        ours.feed(event)
+        reference.feed(event)
+    assert ours._prefix is not None  # the memo was taken, and used
+    assert _state(ours) == _state(reference)
+
+
+@pytest.mark.parametrize(
+    ("data", "prefix"),
+    [
+        (
+            '{"id":"c","choices":[{"delta":{"content":"hi"}}]}',
+            '{"id":"c","choices":[{"delta":{"content":"',
+        ),
+        ('{"usage":null,"content":"hi"}', None),  # a usage member before the text
+        ('{"error":1,"content":"hi"}', None),  # may begin an error
+        (' {"id":"c","content":"hi"}', None),
+        ('{"content":"hi","text":"x"}', None),  # another text key
+        ('{"content":"hi","content":"x"}', None),
+        ('{"content": "hi"}', None),
+        ('{"id":"c"}', None),
+    ],
+)
+def test_usual_prefix(data: str, prefix: str | None) -> None:
+    assert _usual_prefix(data) == prefix
+
+
 @pytest.mark.parametrize(
     ("data", "chars"),
     [
@@ -125,10 +296,12 @@ def test_text_in_chunk_examples(data: str, chars: int) -> None:
         ('{"usage":null,"x":"\\"usage\\":{"}', False),
         ('{"a":"\\"usage\\": {"}', False),  # escaped quotes end the key: no member
         ('"usage"\u2003:\u2003{', True),
+        ('{"usage":null,"x":{"usage":{}}}', True),  # a second one, not null
     ],
 )
 def test_usage_object_examples(data: str, found: bool) -> None:
     assert _usage_object_in(data) is found
     raw = data.encode()
     assert has_usage_object(raw) is (_USAGE_OBJECT_BYTES.search(raw) is not None)
+    assert bool(usage_objects(raw)) is (_USAGE_OBJECT_BYTES.search(raw) is not None)
     assert (_USAGE_OBJECT.search(data) is not None) is found

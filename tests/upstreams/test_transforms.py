@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.upstreams.openai_wire import has_usage_object, usage_objects
 from gateway.upstreams.transforms import DropEvents
 
 _EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
@@ -132,3 +133,66 @@ def test_a_long_incomplete_event_costs_linear_time() -> None:
     out = transform.feed(b"\n\ndata: b\n\n")
     assert time.perf_counter() - began < 2.0
     assert out == b"data: " + b"a" * (8 * 1024 * 1024) + b"\n\ndata: b\n\n"
+
+
+# The OpenAI dialect's filter: the events that hold a usage object are found by
+# its marks (`usage_objects`), and only they are cut out and tested. It must keep
+# and drop what the filter did when it tested every event of a run that may hold
+# one (`may_drop`), with any line ends, any chunking.
+_USAGE_LINES = st.sampled_from(
+    [
+        b"data: a",
+        b'data: {"usage":null}',
+        b'data: {"usage":{}}',
+        b'data: {"usage" : {}, "keep"}',
+        b'data: "usage":{"usage":{',
+        b": ping",
+        b"",
+    ]
+)
+
+
+def _drop_usage_object(event: bytes) -> bool:
+    return has_usage_object(event) and b"keep" not in event
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.tuples(_USAGE_LINES, st.sampled_from([b"\n", b"\n", b"\n\n", b"\r\n", b"\r"])),
+        max_size=16,
+    ),
+    st.data(),
+)
+def test_marked_events_are_dropped_as_when_every_event_was_tested(
+    parts: list[tuple[bytes, bytes]], data: st.DataObject
+) -> None:
+    stream = b"".join(line + end for line, end in parts)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    ours = DropEvents(_drop_usage_object, marks=usage_objects)
+    reference = DropEvents(_drop_usage_object, may_drop=has_usage_object)
+    got = [ours.feed(c) for c in chunks] + [ours.flush()]
+    want = [reference.feed(c) for c in chunks] + [reference.flush()]
+    assert got == want
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b'data: a\n\ndata: {"usage":{}}\n\ndata: b\n\n',
+        b'data: {"usage":{}}\n\n',  # the first event
+        b'data: {"usage":{}, "keep"}\n\ndata: {"usage":{}}\n\n',  # one kept, one not
+        b'data: {"usage":{}}\ndata: "usage":{\n\ndata: b\n\n',  # two marks, one event
+        b'data: a\n\n\ndata: {"usage":{}}\n\n',  # an odd run of line feeds before it
+        b'data: a\n\n\n\ndata: {"usage":{}}\n\n',
+        b'data: {"usage":{}}\n\ndata: a\n\n\n',  # and at the end
+        b'data: a\r\n\r\ndata: {"usage":{}}\n\n',
+        b'data: {"usage":{}}\n\ndata: a',  # an event begun after the last end
+    ],
+)
+def test_marked_events_examples(chunk: bytes) -> None:
+    ours = DropEvents(_drop_usage_object, marks=usage_objects)
+    reference = DropEvents(_drop_usage_object, may_drop=has_usage_object)
+    assert [ours.feed(chunk), ours.flush()] == [reference.feed(chunk), reference.flush()]
+    assert ours._kept_at(chunk, usage_objects(chunk)) == reference._kept(chunk)
