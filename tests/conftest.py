@@ -473,15 +473,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
-    """`-n auto` (pyproject's addopts): the whole suite runs on one worker more
+    """`-n auto` (pyproject's addopts): the whole suite runs on two workers more
     than there are cores, each with its own PostgreSQL database; a run of chosen
     files or tests stays in this process, without the workers' start-up (and
     with a working debugger).
 
-    One more than the cores: with a worker per core, the cores stood idle for
+    Two more than the cores: with a worker per core, the cores stood idle for
     about a third of a run, while tests waited on timers, sockets and the
-    processes they start; the extra worker fills that (docs/testing.md)."""
+    processes they start; the extra workers fill that (two: a few seconds
+    faster than one on two cores, docs/testing.md)."""
     whole = {config.rootpath, config.rootpath / "tests"}
     if all(Path(arg.split("::")[0]).resolve() in whole for arg in config.args):
-        return len(os.sched_getaffinity(0)) + 1
+        return len(os.sched_getaffinity(0)) + 2
     return 0
