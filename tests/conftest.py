@@ -156,6 +156,20 @@ def postgres_dsn(postgres: PostgresServer) -> str:
     return dsn
 
 
+@pytest.fixture
+async def own_database(postgres: PostgresServer) -> AsyncIterator[str]:
+    """A new database of the test's own, migrated, for a test that changes what
+    the run's shared one must keep (a trigger, the functions' record); dropped
+    with the run's databases."""
+    url = await postgres.new_database_async()
+    storage = await open_storage(DatabaseConfig(url=url))
+    try:
+        await storage.migrate()
+    finally:
+        await storage.close()
+    yield url
+
+
 async def _truncate(dsn: str) -> None:
     """Empty every table but the schema's records and restart the sequences."""
     conn = await asyncpg.connect(dsn)

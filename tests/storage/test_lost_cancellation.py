@@ -20,6 +20,7 @@ import contextlib
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import pytest
@@ -107,7 +108,8 @@ async def test_a_lost_admission_is_given_back_after_it_commits_not_before(
         for task in batches:
             task.cancel()
         caller.cancel()
-        ending = asyncio.ensure_future(asyncio.wait([caller, *batches]))
+        given_up: list[asyncio.Future[Any]] = [caller, *batches]
+        ending = asyncio.ensure_future(asyncio.wait(given_up))
 
         async def given_back_or_waiting() -> bool:
             # Before: the give-back found no pending row at once and was done.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -38,7 +38,6 @@ from gateway.storage.base import (
     UsageEvent,
 )
 from gateway.storage.postgres import _SETTLE, PostgresStorage
-from tests.conftest import PostgresServer
 
 pytestmark = pytest.mark.postgres
 
@@ -86,15 +85,9 @@ async def until_async(condition: Callable[[], Awaitable[bool]], timeout: float =
 
 
 @pytest.fixture
-async def dsn(postgres: PostgresServer) -> AsyncIterator[str]:
-    """A database of its own (the gate's trigger is on its usage_daily)."""
-    url = await postgres.new_database_async()
-    storage = await open_storage(DatabaseConfig(url=url))
-    try:
-        await storage.migrate()
-    finally:
-        await storage.close()
-    yield url
+def dsn(own_database: str) -> str:
+    """A database of its own: the gate's trigger goes on its usage_daily."""
+    return own_database
 
 
 def _pending(request: str, reserve: str) -> Pending:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -24,7 +23,7 @@ from gateway.errors import StorageError
 from gateway.quota.limits import Limit
 from gateway.storage import AdmissionLimits, Pending, open_storage
 from gateway.storage.base import Lease, Storage, UsageEvent, WebSearch
-from tests.conftest import PostgresServer
+from tests.conftest import _truncate
 
 pytestmark = pytest.mark.postgres
 
@@ -40,14 +39,10 @@ MODEL_CAP = Decimal("0.80")
 
 
 @pytest.fixture
-async def dsn(postgres: PostgresServer) -> AsyncIterator[str]:
-    url = await postgres.new_database_async()
-    storage = await open_storage(DatabaseConfig(url=url))
-    try:
-        await storage.migrate()
-    finally:
-        await storage.close()
-    yield url
+async def dsn(postgres_dsn: str) -> str:
+    """The run's database, emptied."""
+    await _truncate(postgres_dsn)
+    return postgres_dsn
 
 
 async def test_a_race_of_every_writer_of_the_day_rows_keeps_them_exact(dsn: str) -> None:

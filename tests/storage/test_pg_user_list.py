@@ -10,17 +10,14 @@ through the primary key.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import pytest
 
-from gateway.config import DatabaseConfig
-from gateway.storage import open_storage
 from gateway.storage.postgres import PostgresStorage
-from tests.conftest import PostgresServer
+from tests.conftest import _truncate
 
 pytestmark = pytest.mark.postgres
 
@@ -30,14 +27,10 @@ USERS = 3000
 
 
 @pytest.fixture
-async def dsn(postgres: PostgresServer) -> AsyncIterator[str]:
-    url = await postgres.new_database_async()
-    storage = await open_storage(DatabaseConfig(url=url))
-    try:
-        await storage.migrate()
-    finally:
-        await storage.close()
-    yield url
+async def dsn(postgres_dsn: str) -> str:
+    """The run's database, emptied."""
+    await _truncate(postgres_dsn)
+    return postgres_dsn
 
 
 class _Recording:
