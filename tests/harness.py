@@ -36,6 +36,15 @@ async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
+async def until_async(condition: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """`until` for a condition that has to wait itself (one that asks the
+    database): checked every 5 ms; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
 @dataclass
 class Harness:
     url: str  # the gateway's base URL (without /v1)

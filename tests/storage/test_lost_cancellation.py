@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -27,18 +26,11 @@ import pytest
 
 from gateway.storage.postgres import PostgresStorage
 from tests.conftest import _truncate
+from tests.harness import until_async
 from tests.storage.test_group_commit import DAY, admit
 from tests.tcpproxy import TCPProxy
 
 pytestmark = pytest.mark.postgres
-
-
-async def until_async(condition: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """`tests.harness.until` for a condition that asks the database."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture

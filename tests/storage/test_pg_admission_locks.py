@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -38,6 +36,7 @@ from gateway.storage.base import (
     UsageEvent,
 )
 from gateway.storage.postgres import _SETTLE, PostgresStorage
+from tests.harness import until_async
 
 pytestmark = pytest.mark.postgres
 
@@ -74,14 +73,6 @@ SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE a.datname = current_database() AND NOT l.granted
     AND l.locktype = 'advisory' AND l.objid = {GATE}
 """
-
-
-async def until_async(condition: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """``harness.until`` for a condition that queries: checked every 5 ms."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
