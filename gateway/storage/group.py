@@ -187,8 +187,9 @@ class GroupCommit(Generic[Item, Result]):
 
     def _flush_done(self, task: asyncio.Task[None]) -> None:
         """A flush task is done. One cancelled before its first step (by what
-        cancels tasks it does not own: asyncio.run's teardown) never flushed: the queue is its, and nothing else
-        would send it, nor any call made later (a flush is scheduled). Its
+        cancels tasks it does not own: asyncio.run's teardown) never flushed:
+        the queue is its, and nothing else would send it, nor any call made
+        later (a flush is scheduled). Its
         callers are cancelled, as those of a batch whose task is cancelled."""
         self._tasks.discard(task)
         if task is self._flush_task:

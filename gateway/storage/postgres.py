@@ -4,10 +4,11 @@ Every operation on the request path is ONE statement, so one round trip:
 admission is one call of ``gateway_admit``, which checks and reserves under the
 user's admission lock (a transaction's advisory lock: that is what makes it
 exact across replicas; settles do not take it, nor write the day row and the
-per-model counter rows admissions write - migration 0023), and settle is one call of ``gateway_settle`` that claims
-the answer's pending row, writes the ledger row, the day row and the lifetime totals,
-releases the lease and decides the alert crossings, in one transaction (see the
-migrations under sql/postgres). A second settle of the same answer blocks on the
+per-model counter rows admissions write - migration 0023), and settle is one
+call of ``gateway_settle`` that claims the answer's pending row, writes the
+ledger row, the day row and the lifetime totals, releases the lease and decides
+the alert crossings, in one transaction (see the migrations under
+sql/postgres). A second settle of the same answer blocks on the
 pending row (or the ledger's unique index) until the first commits, then finds
 it gone and so changes nothing.
 
@@ -1184,7 +1185,8 @@ class PostgresStorage:
 
     async def _admissions_lost(self, admits: Sequence[_Admit]) -> None:
         """Admissions given up in flight, their answers lost (their batch's
-        task cancelled: the event loop going away): they may have committed,
+        task cancelled: the event loop going away; with max_batch 1, their
+        caller cancelled): they may have committed,
         or may still. Given back by their pending rows, which gateway_refund
         gives back only while they are there (without one it would give back
         a query never reserved), under the user's admission lock: an admission
