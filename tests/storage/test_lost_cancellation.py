@@ -68,7 +68,7 @@ async def test_a_lost_admission_is_given_back_after_it_commits_not_before(
 ) -> None:
     dsn, proxy = lost_cancels
     store = await PostgresStorage.open(
-        dsn, max_batch=max_batch, min_size=1, max_size=3, command_timeout=2.0
+        dsn, max_batch=max_batch, min_size=1, max_size=3, command_timeout=1.0
     )
     await store.ensure_user("alice", plan="free")
     await store.ensure_user("bob", plan="free")
