@@ -134,25 +134,29 @@ class DropEvents:
         return b"".join(pieces)
 
     def _kept(self, complete: bytes) -> bytes:
-        """The events of ``complete`` that are not dropped (what follows its last
-        event end, if anything, is left out)."""
+        """The events of ``complete`` that are not dropped, and what follows its
+        last event end as it is (a line end after an odd run of them - a blank
+        line, no event's - which was left out: the stream is forwarded byte for
+        byte but for the events dropped)."""
         drop = self._drop
         if _CR not in complete:
             # Every line ends in "\n": the events end where split cuts them, at
             # the same leftmost "\n\n" pairs the pattern finds, a hundred times
             # cheaper than its search (tried at every byte).
             events = complete.split(b"\n\n")
-            del events[-1]  # after the last end
-            return b"".join(
-                [event for event in (event + b"\n\n" for event in events) if not drop(event)]
-            )
-        kept: list[bytes] = []
+            after = events.pop()  # what follows the last end
+            kept = [event for event in (event + b"\n\n" for event in events) if not drop(event)]
+            if after:
+                kept.append(after)
+            return b"".join(kept)
+        kept = []
         start = 0
         for match in _EVENT_END.finditer(complete):
             event = complete[start : match.end()]
             if not drop(event):
                 kept.append(event)
             start = match.end()
+        kept.append(complete[start:])
         return b"".join(kept)
 
     def flush(self) -> bytes:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.upstreams.openai_wire import has_usage_object, usage_objects
+from gateway.upstreams.openai_wire import has_usage_object, is_usage_only, usage_objects
 from gateway.upstreams.transforms import DropEvents
 
 _EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
@@ -20,7 +20,8 @@ _EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
 class Reference:
     """DropEvents as it was before (gateway/upstreams/transforms.py at 6083e21):
     the held bytes and the chunk joined and searched whole on every chunk
-    (quadratic for a long event)."""
+    (quadratic for a long event); but what follows the last event end of what
+    it passes on is kept, as DropEvents keeps it now."""
 
     def __init__(self, drop: Callable[[bytes], bool]) -> None:
         self._drop = drop
@@ -42,6 +43,7 @@ class Reference:
             if not self._drop(event):
                 kept.append(event)
             start = match.end()
+        kept.append(complete[start:])  # (since the review of 03b9278: it was left out)
         return b"".join(kept)
 
     def flush(self) -> bytes:
@@ -91,13 +93,14 @@ def test_streams_of_line_feeds_alone_are_cut_as_a_whole_search_would(
 
 def _kept_by_search(complete: bytes) -> bytes:
     """What DropEvents kept of a run of complete events before it cut them with
-    split (the pattern's search; what follows the last event end is left out)."""
+    split (the pattern's search), and what follows the last event end as it is."""
     kept, start = [], 0
     for match in _EVENT_END.finditer(complete):
         event = complete[start : match.end()]
         if not drop_usage(event):
             kept.append(event)
         start = match.end()
+    kept.append(complete[start:])
     return b"".join(kept)
 
 
@@ -196,3 +199,25 @@ def test_marked_events_examples(chunk: bytes) -> None:
     reference = DropEvents(_drop_usage_object, may_drop=has_usage_object)
     assert [ours.feed(chunk), ours.flush()] == [reference.feed(chunk), reference.flush()]
     assert ours._kept_at(chunk, usage_objects(chunk)) == reference._kept(chunk)
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        # A read ending in an odd run of line ends (a blank line after an event)
+        # that holds a usage object, so its events are cut and tested: the last
+        # "\n" was neither forwarded nor held (review of 03b9278).
+        b'data: {"choices":[{"delta":{"content":"x"}}],"usage":{"prompt_tokens":1}}\n\n\n',
+        b'data: {"choices":[],"usage":{}}\n\ndata: {"a":1}\n\n\n',
+        b'data: {"choices":[{"delta":{}}],"usage":{"x":1}}\r\n\r\n\n',
+    ],
+)
+@pytest.mark.parametrize("how", ["marks", "may_drop"])
+def test_no_byte_after_the_last_event_is_lost(chunk: bytes, how: str) -> None:
+    drop = (
+        DropEvents(is_usage_only, marks=usage_objects)
+        if how == "marks"
+        else DropEvents(is_usage_only, may_drop=has_usage_object)
+    )
+    out = drop.feed(chunk) + drop.flush()
+    assert out == chunk.replace(b'data: {"choices":[],"usage":{}}\n\n', b"")
