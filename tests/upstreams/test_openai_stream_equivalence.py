@@ -24,6 +24,7 @@ from gateway.upstreams.openai_wire import (
     usage_objects,
 )
 from gateway.upstreams.transforms import DropEvents
+from tests.upstreams.test_openai_scan import _state, _Unremembered
 
 _TEXT = st.lists(
     st.sampled_from(
@@ -90,27 +91,6 @@ def _streams(draw: st.DrawFn) -> list[str]:
         "model": draw(_TEXT),
     }
     return draw(st.lists(_chunk(envelope), min_size=1, max_size=14))
-
-
-class _Unremembered(ChatStreamMeter):
-    __slots__ = ()
-
-    def feed(self, event: ServerSentEvent) -> None:
-        self._prefix = None
-        super().feed(event)
-
-
-def _state(meter: ChatStreamMeter) -> tuple[object, ...]:
-    return (
-        meter._text_chars,
-        meter._usage,
-        meter._started,
-        meter._model,
-        meter._errored,
-        meter._error_code,
-        meter._malformed,
-        meter.extras.audio,
-    )
 
 
 @settings(max_examples=200, deadline=None)
