@@ -346,19 +346,35 @@ async def storage(database_url: str) -> AsyncIterator[Storage]:
         await store.close()
 
 
+def pg_address(dsn: str) -> tuple[str, int]:
+    """The host and port of a DSN's server ($GATEWAY_TEST_POSTGRES's), for a
+    TCP forwarder to it."""
+    server = urllib.parse.urlsplit(dsn)
+    return server.hostname or "127.0.0.1", server.port or 5432
+
+
+@contextlib.asynccontextmanager
+async def behind_proxy(dsn: str, proxy: TCPProxy, *, query: str = "") -> AsyncIterator[str]:
+    """``dsn``'s database, emptied, reached through ``proxy`` (made with
+    `pg_address`): started here, cut at the end. ``query``: the DSN's options."""
+    await _truncate(dsn)
+    await proxy.start()
+    server = urllib.parse.urlsplit(dsn)
+    user = f"{server.username}@" if server.username else ""
+    try:
+        yield urllib.parse.urlunsplit(
+            server._replace(netloc=f"{user}127.0.0.1:{proxy.port}", query=query)
+        )
+    finally:
+        await proxy.cut()
+
+
 @pytest.fixture
 async def pg_behind_proxy(postgres_dsn: str) -> AsyncIterator[tuple[str, TCPProxy]]:
     """An emptied PostgreSQL database reached through a TCP forwarder the test can cut."""
-    await _truncate(postgres_dsn)
-    server = urllib.parse.urlsplit(postgres_dsn)  # $GATEWAY_TEST_POSTGRES's server
-    proxy = TCPProxy(server.hostname or "127.0.0.1", server.port or 5432)
-    await proxy.start()
-    base, _, database = postgres_dsn.rpartition("/")
-    user = base.split("//", 1)[1].split("@", 1)[0]
-    try:
-        yield f"postgresql://{user}@127.0.0.1:{proxy.port}/{database}", proxy
-    finally:
-        await proxy.cut()
+    proxy = TCPProxy(*pg_address(postgres_dsn))
+    async with behind_proxy(postgres_dsn, proxy) as dsn:
+        yield dsn, proxy
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
-import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +27,7 @@ import pytest
 from gateway.storage.group import GroupCommit, SplitBatch
 from gateway.storage.postgres import PostgresStorage
 from gateway.storage.sqlite import SQLiteStorage
-from tests.conftest import _truncate
+from tests.conftest import _truncate, behind_proxy, pg_address
 from tests.harness import until
 from tests.storage.test_group_commit import DAY, NOW, Runner, admit, group, turns
 from tests.tcpproxy import TCPProxy
@@ -390,16 +389,9 @@ class HeldProxy(TCPProxy):
 @pytest.fixture
 async def held(postgres_dsn: str) -> AsyncIterator[tuple[str, HeldProxy]]:
     """The test database through a HeldProxy: (its DSN, the proxy)."""
-    await _truncate(postgres_dsn)
-    server = urllib.parse.urlsplit(postgres_dsn)
-    proxy = HeldProxy(server.hostname or "127.0.0.1", server.port or 5432)
-    await proxy.start()
-    base, _, database = postgres_dsn.rpartition("/")
-    user = base.split("//", 1)[1].split("@", 1)[0]
-    try:
-        yield f"postgresql://{user}@127.0.0.1:{proxy.port}/{database}", proxy
-    finally:
-        await proxy.cut()
+    proxy = HeldProxy(*pg_address(postgres_dsn))
+    async with behind_proxy(postgres_dsn, proxy) as dsn:
+        yield dsn, proxy
 
 
 async def pending_rows(conn: asyncpg.Connection, name: str) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,7 +24,7 @@ import asyncpg
 import pytest
 
 from gateway.storage.postgres import PostgresStorage
-from tests.conftest import _truncate
+from tests.conftest import behind_proxy, pg_address
 from tests.harness import until_async
 from tests.storage.test_group_commit import DAY, admit
 from tests.tcpproxy import TCPProxy
@@ -36,23 +35,10 @@ pytestmark = pytest.mark.postgres
 @pytest.fixture
 async def lost_cancels(postgres_dsn: str) -> AsyncIterator[tuple[str, TCPProxy]]:
     """A DSN through a forwarder that loses every CancelRequest."""
-    await _truncate(postgres_dsn)
-    server = urllib.parse.urlsplit(postgres_dsn)
-    proxy = TCPProxy(server.hostname or "127.0.0.1", server.port or 5432, lose_cancels=True)
-    await proxy.start()
-    netloc = (
-        f"{server.username}@127.0.0.1:{proxy.port}"
-        if server.username
-        else f"127.0.0.1:{proxy.port}"
-    )
-    try:
-        # (sslmode=disable: the CancelRequest is then its connection's first bytes)
-        yield (
-            urllib.parse.urlunsplit(server._replace(netloc=netloc, query="sslmode=disable")),
-            proxy,
-        )
-    finally:
-        await proxy.cut()
+    proxy = TCPProxy(*pg_address(postgres_dsn), lose_cancels=True)
+    # (sslmode=disable: the CancelRequest is then its connection's first bytes)
+    async with behind_proxy(postgres_dsn, proxy, query="sslmode=disable") as dsn:
+        yield dsn, proxy
 
 
 def _waiting_admissions(waiting: str) -> str:
