@@ -100,12 +100,66 @@ def _answer(request: str, cost: str) -> UsageEvent:
     )
 
 
+async def _admitted_beside_a_held_settle(
+    storage: Storage,
+    admin: asyncpg.Connection,
+    gate: asyncpg.Connection,
+    limits: AdmissionLimits,
+    trigger: str,
+    tasks: list[asyncio.Task[Any]],
+) -> Admission:
+    """r1 admitted, its settle held at ``trigger``'s gate inside its transaction
+    (its row locks taken), then r2 admitted meanwhile: r2's admission, which
+    must not wait for the settle. The settle's task is ``tasks[0]``, held until
+    the gate is unlocked; ``tasks`` are the caller's to wait for."""
+    first = await storage.admit(
+        "alice",
+        day=DAY,
+        month_start=MONTH,
+        limits=limits,
+        now=NOW,
+        lease=Lease("r1", EXPIRES),
+        pending=_pending("r1", "0.5"),
+    )
+    assert first.admitted
+    await admin.execute(trigger)
+    await gate.execute("SELECT pg_advisory_lock($1)", GATE)
+    tasks.append(
+        asyncio.create_task(storage.settle(_answer("r1", "0.25"), lease_id="r1", pending_id="r1"))
+    )
+
+    async def at_gate() -> bool:
+        return bool(await admin.fetchval(_AT_GATE))
+
+    await until_async(at_gate)
+    admit = asyncio.create_task(
+        storage.admit(
+            "alice",
+            day=DAY,
+            month_start=MONTH,
+            limits=limits,
+            now=NOW,
+            lease=Lease("r2", EXPIRES),
+            pending=_pending("r2", "0.5"),
+        )
+    )
+    tasks.append(admit)
+
+    async def ended_or_waiting() -> bool:
+        return admit.done() or bool(await admin.fetchval(_LOCK_WAITS))
+
+    await until_async(ended_or_waiting)
+    # Before 0023: the admission waited for the settle's locks (the user's row,
+    # its day row, a per-model counter row) until the settle committed.
+    assert admit.done(), "the admission waits for the settle's row locks"
+    return admit.result()
+
+
 async def test_an_admission_does_not_wait_for_a_settle_of_the_same_user(dsn: str) -> None:
     storage = await open_storage(DatabaseConfig(url=dsn))
     admin = await asyncpg.connect(dsn)
     gate = await asyncpg.connect(dsn)
-    settle: asyncio.Task[bool] | None = None
-    admit: asyncio.Task[Admission] | None = None
+    tasks: list[asyncio.Task[Any]] = []
     try:
         await storage.ensure_user("alice", plan="free")
         limits = AdmissionLimits(
@@ -114,47 +168,9 @@ async def test_an_admission_does_not_wait_for_a_settle_of_the_same_user(dsn: str
             max_concurrent_streams=5,
             cost_per_day=Decimal("2"),
         )
-        first = await storage.admit(
-            "alice",
-            day=DAY,
-            month_start=MONTH,
-            limits=limits,
-            now=NOW,
-            lease=Lease("r1", EXPIRES),
-            pending=_pending("r1", "0.5"),
+        second = await _admitted_beside_a_held_settle(
+            storage, admin, gate, limits, _GATE_TRIGGER, tasks
         )
-        assert first.admitted
-        await admin.execute(_GATE_TRIGGER)
-        await gate.execute("SELECT pg_advisory_lock($1)", GATE)
-        settle = asyncio.create_task(
-            storage.settle(_answer("r1", "0.25"), lease_id="r1", pending_id="r1")
-        )
-
-        async def at_gate() -> bool:
-            return bool(await admin.fetchval(_AT_GATE))
-
-        # The settle is in its transaction with its row locks taken.
-        await until_async(at_gate)
-        admit = asyncio.create_task(
-            storage.admit(
-                "alice",
-                day=DAY,
-                month_start=MONTH,
-                limits=limits,
-                now=NOW,
-                lease=Lease("r2", EXPIRES),
-                pending=_pending("r2", "0.5"),
-            )
-        )
-
-        async def ended_or_waiting() -> bool:
-            return admit.done() or bool(await admin.fetchval(_LOCK_WAITS))
-
-        await until_async(ended_or_waiting)
-        # The old schema: the admission waited for the settle's lock on the
-        # user's row (then its day row) until the settle committed.
-        assert admit.done(), "the admission waits for the settle's row locks"
-        second = admit.result()
         # It saw the first answer's reservation (the settle is not committed):
         # the day's cost is the two bounds, two queries, one open stream more.
         assert second.admitted
@@ -163,7 +179,7 @@ async def test_an_admission_does_not_wait_for_a_settle_of_the_same_user(dsn: str
         assert counters.of("queries", "day") == 2
         assert counters.of("streams", "open") == 2
         await gate.execute("SELECT pg_advisory_unlock($1)", GATE)
-        assert await settle
+        assert await tasks[0]
         # The settle replaced its reservation by the answer's cost.
         (today,) = await storage.daily(DAY, DAY, user_id="alice")
         assert (today.queries, today.total_tokens, today.cost) == (2, 30, Decimal("0.25"))
@@ -172,9 +188,7 @@ async def test_an_admission_does_not_wait_for_a_settle_of_the_same_user(dsn: str
         assert third.counters.of("queries", "day") == 3
     finally:
         await gate.close()  # ends the gate, if a failure left it held
-        for task in (settle, admit):
-            if task is not None:
-                await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await admin.close()
         await storage.close()
 
@@ -419,56 +433,20 @@ async def test_an_admission_under_a_per_model_limit_does_not_wait_for_a_settle(
     storage = await open_storage(DatabaseConfig(url=dsn))
     admin = await asyncpg.connect(dsn)
     gate = await asyncpg.connect(dsn)
-    settle: asyncio.Task[bool] | None = None
-    admit: asyncio.Task[Admission] | None = None
+    tasks: list[asyncio.Task[Any]] = []
     try:
         await storage.ensure_user("alice", plan="free")
         per_model = Limit("cost_per_day[gpt*]", "cost", "day", Decimal("5"), models=("gpt*",))
         limits = AdmissionLimits([per_model])
-        first = await storage.admit(
-            "alice",
-            day=DAY,
-            month_start=MONTH,
-            limits=limits,
-            now=NOW,
-            lease=Lease("r1", EXPIRES),
-            pending=_pending("r1", "0.5"),
+        # The settle held inside its per-model counter row's write.
+        second = await _admitted_beside_a_held_settle(
+            storage, admin, gate, limits, _MODELS_GATE_TRIGGER, tasks
         )
-        assert first.admitted
-        await admin.execute(_MODELS_GATE_TRIGGER)
-        await gate.execute("SELECT pg_advisory_lock($1)", GATE)
-        settle = asyncio.create_task(
-            storage.settle(_answer("r1", "0.25"), lease_id="r1", pending_id="r1")
-        )
-
-        async def at_gate() -> bool:
-            return bool(await admin.fetchval(_AT_GATE))
-
-        await until_async(at_gate)  # the settle holds its per-model counter row
-        admit = asyncio.create_task(
-            storage.admit(
-                "alice",
-                day=DAY,
-                month_start=MONTH,
-                limits=limits,
-                now=NOW,
-                lease=Lease("r2", EXPIRES),
-                pending=_pending("r2", "0.5"),
-            )
-        )
-
-        async def ended_or_waiting() -> bool:
-            assert admit is not None
-            return admit.done() or bool(await admin.fetchval(_LOCK_WAITS))
-
-        await until_async(ended_or_waiting)
-        assert admit.done(), "the admission waited for the settle's usage_models row lock"
-        second = admit.result()
         assert second.admitted
         # It saw the first answer's reservation (the settle is not committed).
         assert second.counters.of_limit(per_model) == Decimal("1.0")
         await gate.execute("SELECT pg_advisory_unlock($1)", GATE)
-        assert await settle
+        assert await tasks[0]
         # The two rows summed: 0.25 answered, r2's 0.5 reserved.
         held = await admin.fetch("SELECT part, cost, cost_reserved FROM usage_models ORDER BY part")
         assert [tuple(row) for row in held] == [
@@ -479,8 +457,6 @@ async def test_an_admission_under_a_per_model_limit_does_not_wait_for_a_settle(
         assert third.counters.of_limit(per_model) == Decimal("0.75")
     finally:
         await gate.close()
-        for task in (settle, admit):
-            if task is not None:
-                await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await admin.close()
         await storage.close()
