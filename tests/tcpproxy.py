@@ -42,12 +42,15 @@ class TCPProxy:
             return
         self._writers.update((writer, up_writer))
         up_writer.write(first)
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
+        for src, dst, from_server in ((reader, up_writer, False), (up_reader, writer, True)):
+            task = asyncio.create_task(self._pipe(src, dst, from_server=from_server))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, from_server: bool
+    ) -> None:
+        """One direction's bytes, as they come (a subclass may hold the server's)."""
         with contextlib.suppress(OSError, asyncio.CancelledError):
             while data := await src.read(65536):
                 dst.write(data)

@@ -361,24 +361,12 @@ class HeldProxy(TCPProxy):
         statement and implicit transaction are done, committed."""
         return self.held.endswith(b"Z\x00\x00\x00\x05I")
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.close()
-            return
-        self._writers.update((writer, up_writer))
-        for src, dst, held in ((reader, up_writer, False), (up_reader, writer, True)):
-            task = asyncio.create_task(self._held_pipe(src, dst, held=held))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _held_pipe(
-        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, held: bool
+    async def _pipe(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, from_server: bool
     ) -> None:
         with contextlib.suppress(OSError, asyncio.CancelledError):
             while data := await src.read(65536):
-                if held and not self.flowing.is_set():
+                if from_server and not self.flowing.is_set():
                     self.held += data
                     await self.flowing.wait()
                 dst.write(data)
