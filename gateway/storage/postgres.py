@@ -498,6 +498,12 @@ _REFUND_MANY = (
     "FROM (SELECT * FROM unnest($1::text[], $2::date[], $3::text[], $4::text[]) "
     "WITH ORDINALITY AS t(u, d, l, p, o) ORDER BY u, o OFFSET 0) AS e) AS g"
 )
+# How long a give-back of admissions whose outcome was lost waits for their
+# locks: behind the admission it gives back, which may still wait on the server
+# (for another admission of its user holding the lock) well past the command
+# timeout that gave it up. Past this the give-back fails (a warning) and the
+# pending rows stay for a recovery; storage.close() waits for it.
+_GIVE_BACK_WAIT = 30.0
 # What an admission statement may have raised after it committed all the same
 # (its outcome unknown): a timeout - asyncpg's command_timeout sends a
 # CancelRequest and raises at once, and the cancellation may be lost, or come
@@ -1271,8 +1277,8 @@ class PostgresStorage:
             with _mapped():
                 async with self._pool.acquire() as conn, conn.transaction():
                     if teams:
-                        await conn.execute(_TEAM_LOCKS, teams)
-                    await conn.execute(_ADMISSION_LOCKS, users)
+                        await conn.execute(_TEAM_LOCKS, teams, timeout=_GIVE_BACK_WAIT)
+                    await conn.execute(_ADMISSION_LOCKS, users, timeout=_GIVE_BACK_WAIT)
                     given = await conn.fetchval(
                         _REFUND_MANY,
                         users,
