@@ -478,6 +478,14 @@ def _settle_many_args(settles: Sequence[_Settle]) -> list[Any]:
 
 
 _REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
+# The locks an upload's reservation takes (gateway_reserve_upload): its user's
+# team's row (when it has a team), then the user's admission lock (one row:
+# the team's count, taken first).
+_UPLOAD_LOCKS = (
+    "SELECT pg_advisory_xact_lock(hashtextextended($1, 24)) FROM "
+    "(SELECT count(*) FROM (SELECT 1 FROM teams t JOIN users u ON u.team_id = t.id "
+    "WHERE u.id = $1 FOR NO KEY UPDATE OF t) AS x OFFSET 0) AS team"
+)
 # The admissions' locks, taken in the order the admission functions take them
 # (0023): the teams' rows (by id), then the users' admission locks (by user id,
 # in the database's order of text, as gateway_admit_many goes through its
@@ -1381,7 +1389,14 @@ class PostgresStorage:
         return admission(limits, None if refused is None else refused - 1, counters, 0)
 
     def _upload_abandoned(self, user_id: str, key: str, task: asyncio.Task[Admission]) -> None:
-        if task.cancelled() or task.exception() is not None or not task.result().admitted:
+        if task.cancelled():
+            return
+        failed = task.exception()
+        if failed is not None:
+            # Timed out, or its connection lost: it may have landed all the same.
+            if not isinstance(failed.__cause__, _OUTCOME_UNKNOWN):
+                return
+        elif not task.result().admitted:
             return
         log.info("upload of %s abandoned by its caller; given back", user_id)
         release = asyncio.create_task(self._release_quietly(user_id, key))
@@ -1395,8 +1410,15 @@ class PostgresStorage:
             log.warning("could not give back an abandoned upload of %s: %s", user_id, exc)
 
     async def release_upload(self, user_id: str, *, key: str) -> None:
+        # Under the locks gateway_reserve_upload takes (the user's team's row,
+        # then the user's admission lock), then in a statement of its own (a
+        # snapshot taken after them): a reservation whose outcome was lost -
+        # timed out, its cancellation lost, still waiting on the server - is
+        # given back after its commit, not missed before it and left counted.
         with _mapped():
-            await self._pool.execute(_RELEASE_UPLOAD, key, user_id)
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(_UPLOAD_LOCKS, user_id, timeout=_GIVE_BACK_WAIT)
+                await conn.execute(_RELEASE_UPLOAD, key, user_id)
 
     async def open_streams(self, user_id: str, *, now: datetime) -> int:
         with _mapped():

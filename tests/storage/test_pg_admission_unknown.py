@@ -28,8 +28,9 @@ from gateway.storage import UsageEvent
 from gateway.storage.postgres import PostgresStorage
 from tests.conftest import behind_proxy, pg_address
 from tests.harness import until, until_async
+from tests.storage.test_contract import UPLOADS_PER_DAY
 from tests.storage.test_given_up_batches import HeldProxy
-from tests.storage.test_group_commit import DAY, NOW, admit, group_sent
+from tests.storage.test_group_commit import DAY, MONTH, NOW, admit, group_sent
 from tests.tcpproxy import TCPProxy
 
 pytestmark = pytest.mark.postgres
@@ -314,5 +315,96 @@ async def test_a_give_back_the_database_is_down_for_leaves_the_row_to_a_recovery
             await recovering.close()
     finally:
         await proxy.restore()
+        await watcher.close()
+        await store.close()
+
+
+# --- uploads ------------------------------------------------------------------
+
+RESERVATION_WAITS = waiting("SELECT * FROM gateway_reserve_upload%")
+RELEASE_WAITS = waiting("SELECT pg_advisory_xact_lock(%")
+RESERVATION_RUNS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT * FROM gateway_reserve_upload%' "
+    "AND state = 'active' AND datname = current_database()"
+)
+
+
+def reserve(store: PostgresStorage) -> asyncio.Future[object]:
+    return asyncio.ensure_future(
+        store.reserve_upload(
+            "alice", key="u1", day=DAY, month_start=MONTH, size=100, limits=(UPLOADS_PER_DAY,)
+        )
+    )
+
+
+async def uploads_left(watcher: asyncpg.Connection) -> tuple[int, int]:
+    """Alice's uploads counted today, and the reservation's key row."""
+    return (
+        await count(
+            watcher,
+            "SELECT coalesce(sum(uploads), 0) FROM usage_daily WHERE user_id = 'alice' AND day = $1",
+            DAY,
+        ),
+        await count(watcher, "SELECT count(*) FROM upload_reservations WHERE id = 'u1'"),
+    )
+
+
+async def test_an_upload_given_back_after_its_reservation_timed_out_stays_given_back(
+    postgres_dsn: str, lost_cancels: tuple[str, TCPProxy]
+) -> None:
+    """A reservation whose outcome was lost lets the upload through (fail-open,
+    `UploadTicket.known` false); the upstream refuses the file and the upload
+    is given back by its key. The give-back now waits for the user's lock,
+    behind the reservation still on the server; before, it found nothing yet,
+    and the reservation committed afterwards stayed counted."""
+    dsn, proxy = lost_cancels
+    store = await open_store(dsn)
+    watcher = await asyncpg.connect(postgres_dsn)
+    try:
+        async with Blocked(postgres_dsn) as blocked:
+            caller = reserve(store)
+            await until_async(lambda: _holds(watcher, RESERVATION_WAITS))
+            with pytest.raises(StorageError, match="TimeoutError"):
+                await caller
+            release = asyncio.ensure_future(store.release_upload("alice", key="u1"))
+
+            async def release_waits() -> bool:
+                return release.done() or await _holds(watcher, RELEASE_WAITS)
+
+            await until_async(release_waits)
+            await blocked.release()  # the reservation, still on the server, commits
+            await release
+            await until_async(lambda: _none(watcher, RESERVATION_RUNS))
+        assert await uploads_left(watcher) == (0, 0)
+    finally:
+        await watcher.close()
+        await store.close()
+
+
+async def test_an_upload_abandoned_while_its_reservation_times_out_is_given_back(
+    postgres_dsn: str, lost_cancels: tuple[str, TCPProxy]
+) -> None:
+    """The request goes away while its reservation waits, and the reservation
+    then times out: before, only one known to be admitted was given back."""
+    dsn, proxy = lost_cancels
+    store = await open_store(dsn)
+    watcher = await asyncpg.connect(postgres_dsn)
+    try:
+        async with Blocked(postgres_dsn) as blocked:
+            caller = reserve(store)
+            await until_async(lambda: _holds(watcher, RESERVATION_WAITS))
+            caller.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+
+            async def released_or_none() -> bool:
+                return not store._background or await _holds(watcher, RELEASE_WAITS)
+
+            await until_async(released_or_none)  # (the reservation's task timed out)
+            await blocked.release()
+            await until_async(lambda: _none(watcher, RESERVATION_RUNS))
+            await given_back(store)
+        assert await uploads_left(watcher) == (0, 0)
+    finally:
         await watcher.close()
         await store.close()
