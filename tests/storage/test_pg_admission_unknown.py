@@ -18,16 +18,17 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import httpx
 import pytest
 
 from gateway.errors import StorageError
 from gateway.storage import UsageEvent
 from gateway.storage.postgres import PostgresStorage
 from tests.conftest import behind_proxy, pg_address
-from tests.harness import until, until_async
+from tests.harness import running_gateway, until, until_async
 from tests.storage.test_contract import UPLOADS_PER_DAY
 from tests.storage.test_given_up_batches import HeldProxy
 from tests.storage.test_group_commit import DAY, MONTH, NOW, admit, group_sent
@@ -317,6 +318,51 @@ async def test_a_give_back_the_database_is_down_for_leaves_the_row_to_a_recovery
         await proxy.restore()
         await watcher.close()
         await store.close()
+
+
+@pytest.mark.parametrize("policy", ["closed", "open"])
+async def test_a_gateway_charges_an_answer_once_whatever_its_admission_became(
+    postgres_dsn: str, lost_cancels: tuple[str, TCPProxy], policy: str
+) -> None:
+    """The whole path: the admission times out (its cancellation lost) and
+    commits later. Fail-closed refuses the request and charges nothing;
+    fail-open forwards it and charges the answer once, by its own record."""
+    dsn, proxy = lost_cancels
+    settings = {
+        "database": {"command_timeout": TIMEOUT, "pool_min_size": 2, "pool_max_size": 4},
+        "plans": {"free": {"queries_per_day": 10}},
+        "admission": {"on_storage_error": {"queries": policy, "tokens": policy}},
+    }
+    watcher = await asyncpg.connect(postgres_dsn)
+    try:
+        async with running_gateway(dsn, settings=settings) as h:
+            assert isinstance(h.storage, PostgresStorage)
+            chat = {"query": "Xin chào", "inputs": {}, "response_mode": "blocking", "user": "x"}
+            async with Blocked(postgres_dsn) as blocked, httpx.AsyncClient(timeout=20) as client:
+                response = await client.post(
+                    f"{h.url}/v1/chat-messages", json=chat, headers=h.auth()
+                )
+                await h.probes.wait_finished(1)
+                await blocked.release()  # the admission, still on the server, commits
+                await until_async(lambda: _none(watcher, ADMISSION_RUNS))
+                await given_back(h.storage)
+            later = datetime.now(UTC) + timedelta(days=1)
+            assert await h.storage.recover(before=later, now=later) == []
+            events = await h.events()
+            pending = await count(watcher, "SELECT count(*) FROM pending_answers")
+            queries = await count(watcher, "SELECT coalesce(sum(queries), 0) FROM usage_daily")
+        assert proxy.cancels_lost >= 1
+        if policy == "closed":
+            assert response.status_code == 503
+            assert events == []  # before: the pending row's estimate, for nothing forwarded
+        else:
+            assert response.status_code == 200
+            # Once, by its record (before: and the estimate of gw-<request id>).
+            assert [e.answer_id for e in events] == [response.json()["message_id"]]
+        # Nothing left reserved; fail-open's answer counts no query (docs/quotas.md).
+        assert (pending, queries) == (0, 0)
+    finally:
+        await watcher.close()
 
 
 # --- uploads ------------------------------------------------------------------
