@@ -694,10 +694,14 @@ def usage_marks(events: bytes) -> list[int]:
     its start and at the end of its key). For bytes without a letter escape
     the matches are the plain key's, found with bytes.find: a search by the
     pattern costs several times more, and nearly every chunk has the key."""
+    at = events.find(_USAGE_KEY_BYTES)
     if _LETTER_ESCAPE_BYTES in events:
         return [match.start() for match in _USAGE_MARK_BYTES.finditer(events)]
+    if at < 0:
+        return []
+    if events[at + 7 : at + 12] == b":null" and events.find(_USAGE_KEY_BYTES, at + 7) < 0:
+        return []  # the usual chunk (one "usage" member, null), told without a list
     marks = []
-    at = events.find(_USAGE_KEY_BYTES)
     while at >= 0:
         if events[at + 7 : at + 12] != b":null":
             marks.append(at)

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from gateway.sse import ServerSentEvent
 from gateway.upstreams.openai_wire import (
     _CHUNK_TEXT,
-    _USAGE_OBJECT,
     _USAGE_MARK_BYTES,
+    _USAGE_OBJECT,
     ChatStreamMeter,
     _text_in_chunk,
     _usage_object_in,
