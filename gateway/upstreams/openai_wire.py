@@ -79,7 +79,7 @@ _USAGE_KEY: Final = '"usage"'
 # How an escaped letter of a key begins ("\u0075sage" is "usage"; OpenAI's own
 # chunks escape none): a chunk that holds one is parsed whole, since the scans
 # below look for keys as they are usually written.
-_LETTER_ESCAPE: Final = "\\u00"
+_LETTER_ESCAPE: Final = "\\u00"  # looked for where a backslash is: a memchr first
 _CONTENT_KEY: Final = '"content"'
 _TEXT_KEY: Final = '"text"'
 
@@ -524,7 +524,7 @@ class ChatStreamMeter(_StreamMeter):
             at = tail.find(_USAGE_KEY)
             if (
                 (at < 0 or (tail[at + 7 : at + 12] == ":null" and _USAGE_KEY not in tail[at + 1 :]))
-                and _LETTER_ESCAPE not in tail
+                and ("\\" not in tail or _LETTER_ESCAPE not in tail)
                 and _TEXT_KEY not in tail
                 and '"arguments"' not in tail
                 and '"refusal"' not in tail
@@ -547,7 +547,7 @@ class ChatStreamMeter(_StreamMeter):
             return
         if (
             self._started
-            and _LETTER_ESCAPE not in data
+            and ("\\" not in data or _LETTER_ESCAPE not in data)
             and not _usage_object_in(data)
             and _ERROR_FIRST.match(data) is None
         ):
@@ -677,7 +677,10 @@ _USAGE_MARK_BYTES: Final = re.compile(
     rb'"(?:u|\\u0075)(?:s|\\u0073)(?:a|\\u0061)(?:g|\\u0067)(?:e|\\u0065)"(?!:null)'
 )
 # Every escaped letter of "usage" begins so: without it, only the plain key can match.
+# Looked for only where a backslash is (a memchr: a search for the four bytes
+# costs more than the rest of a usual chunk's test).
 _LETTER_ESCAPE_BYTES: Final = b"\\u00"
+_BACKSLASH: Final = 92
 
 
 def has_usage_key(events: bytes) -> bool:
@@ -695,7 +698,7 @@ def usage_marks(events: bytes) -> list[int]:
     the matches are the plain key's, found with bytes.find: a search by the
     pattern costs several times more, and nearly every chunk has the key."""
     at = events.find(_USAGE_KEY_BYTES)
-    if _LETTER_ESCAPE_BYTES in events:
+    if _BACKSLASH in events and _LETTER_ESCAPE_BYTES in events:
         return [match.start() for match in _USAGE_MARK_BYTES.finditer(events)]
     if at < 0:
         return []
