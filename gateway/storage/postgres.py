@@ -1414,10 +1414,12 @@ class PostgresStorage:
         # then the user's admission lock), then in a statement of its own (a
         # snapshot taken after them): a reservation whose outcome was lost -
         # timed out, its cancellation lost, still waiting on the server - is
-        # given back after its commit, not missed before it and left counted.
+        # given back after its commit, not missed before it and left counted
+        # (one still waiting past the command timeout fails this: the settler
+        # tries again later).
         with _mapped():
             async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute(_UPLOAD_LOCKS, user_id, timeout=_GIVE_BACK_WAIT)
+                await conn.execute(_UPLOAD_LOCKS, user_id)
                 await conn.execute(_RELEASE_UPLOAD, key, user_id)
 
     async def open_streams(self, user_id: str, *, now: datetime) -> int:

@@ -121,10 +121,8 @@ ADMISSION_RUNS = (
 )
 
 
-async def open_store(dsn: str, **options: object) -> PostgresStorage:
-    store = await PostgresStorage.open(
-        dsn, min_size=2, max_size=4, command_timeout=TIMEOUT, **options
-    )
+async def open_store(dsn: str, *, command_timeout: float = TIMEOUT) -> PostgresStorage:
+    store = await PostgresStorage.open(dsn, min_size=2, max_size=4, command_timeout=command_timeout)
     for user in ("alice", "bob", "warm"):
         await store.ensure_user(user, plan="free")
     return store
@@ -367,6 +365,9 @@ async def test_a_gateway_charges_an_answer_once_whatever_its_admission_became(
 
 # --- uploads ------------------------------------------------------------------
 
+# The give-back of an upload waits for the lock under the command timeout (the
+# settler tries again when it fails): the test releases the lock within it.
+UPLOAD_TIMEOUT = 1.0
 RESERVATION_WAITS = waiting("SELECT * FROM gateway_reserve_upload%")
 RELEASE_WAITS = waiting("SELECT pg_advisory_xact_lock(%")
 RESERVATION_RUNS = (
@@ -404,7 +405,7 @@ async def test_an_upload_given_back_after_its_reservation_timed_out_stays_given_
     behind the reservation still on the server; before, it found nothing yet,
     and the reservation committed afterwards stayed counted."""
     dsn, proxy = lost_cancels
-    store = await open_store(dsn)
+    store = await open_store(dsn, command_timeout=UPLOAD_TIMEOUT)
     watcher = await asyncpg.connect(postgres_dsn)
     try:
         async with Blocked(postgres_dsn) as blocked:
@@ -433,7 +434,7 @@ async def test_an_upload_abandoned_while_its_reservation_times_out_is_given_back
     """The request goes away while its reservation waits, and the reservation
     then times out: before, only one known to be admitted was given back."""
     dsn, proxy = lost_cancels
-    store = await open_store(dsn)
+    store = await open_store(dsn, command_timeout=UPLOAD_TIMEOUT)
     watcher = await asyncpg.connect(postgres_dsn)
     try:
         async with Blocked(postgres_dsn) as blocked:
