@@ -19,13 +19,15 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import asyncpg
 import httpx
 import pytest
 
 from gateway.errors import StorageError
-from gateway.storage import UsageEvent
+from gateway.quota.limits import Limit
+from gateway.storage import AdmissionLimits, Pending, UsageEvent
 from gateway.storage.postgres import PostgresStorage
 from tests.conftest import behind_proxy, pg_address
 from tests.harness import running_gateway, until, until_async
@@ -78,18 +80,23 @@ async def left_of(conn: asyncpg.Connection, user: str, name: str) -> tuple[int, 
     )
 
 
-class Blocked:
-    """Alice's admission lock held on a connection of its own (as by her
-    other admission, slow to commit): her admission waits for it."""
+ALICES_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('alice', 24))"
 
-    def __init__(self, dsn: str) -> None:
+
+class Blocked:
+    """Alice's admission lock (or what ``statement`` locks) held on a
+    connection of its own, as by her other admission slow to commit: her
+    admission waits for it."""
+
+    def __init__(self, dsn: str, statement: str = ALICES_LOCK) -> None:
         self.dsn = dsn
+        self.statement = statement
 
     async def __aenter__(self) -> Blocked:
         self.conn = await asyncpg.connect(self.dsn)
         self.hold = self.conn.transaction()
         await self.hold.start()
-        await self.conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('alice', 24))")
+        await self.conn.execute(self.statement)
         return self
 
     async def release(self) -> None:
@@ -114,6 +121,7 @@ def waiting(statement: str) -> str:
 # waits for the lock under the command timeout.
 ADMISSION_WAITS = waiting("SELECT % gateway_admit%") + " AND query NOT LIKE '%, true)'"
 GIVE_BACK_WAITS = waiting("SELECT count(pg_advisory_xact_lock(%")
+TEAM_GIVE_BACK_WAITS = waiting("SELECT count(*) FROM (SELECT 1 FROM teams%")
 ALICES_ANSWERS = "SELECT count(*) FROM usage_events WHERE user_id = 'alice'"
 ADMISSION_RUNS = (
     "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT % gateway_admit%' "
@@ -234,6 +242,52 @@ async def test_fail_open_an_answer_let_through_is_charged_once(
         )
         lifetime = await count(watcher, "SELECT lifetime_tokens FROM users WHERE id = 'alice'")
         assert (tokens, lifetime) == (42, 42)
+    finally:
+        await watcher.close()
+        await store.close()
+
+
+async def test_a_give_back_waits_behind_an_admission_waiting_for_its_team(
+    postgres_dsn: str, lost_cancels: tuple[str, TCPProxy]
+) -> None:
+    """An admission under a team's limits takes the team's row first, then the
+    user's lock. One that timed out waiting for the team's row (held by a
+    teammate's admission) is still waiting for it on the server: the
+    give-back takes the team's row too, behind it - with the user's lock
+    alone it would find nothing yet, and the admission commit after it."""
+    dsn, proxy = lost_cancels
+    store = await open_store(dsn)
+    await store.create_team("t1", plan="free", now=NOW)
+    await store.set_team("alice", "t1")
+    limits = AdmissionLimits((Limit("team_q", "queries", "day", Decimal(10), scope="team"),))
+    watcher = await asyncpg.connect(postgres_dsn)
+    team_row = "SELECT 1 FROM teams WHERE id = 't1' FOR NO KEY UPDATE"
+    try:
+        async with Blocked(postgres_dsn, team_row) as blocked:
+            caller = asyncio.ensure_future(
+                store.admit(
+                    "alice",
+                    day=DAY,
+                    month_start=MONTH,
+                    now=NOW,
+                    limits=limits,
+                    team="t1",
+                    pending=Pending(id="r1", endpoint="chat-messages", total_tokens=10),
+                )
+            )
+            await until_async(lambda: _holds(watcher, ADMISSION_WAITS))
+            with pytest.raises(StorageError, match="TimeoutError"):
+                await caller
+            assert proxy.cancels_lost >= 1
+
+            async def give_back_waits() -> bool:
+                return not store._background or await _holds(watcher, TEAM_GIVE_BACK_WAITS)
+
+            await until_async(give_back_waits)
+            await blocked.release()  # the admission, still on the server, commits
+            await until_async(lambda: _none(watcher, ADMISSION_RUNS))
+            await given_back(store)
+        assert await left_of(watcher, "alice", "r1") == (0, 0, 0)
     finally:
         await watcher.close()
         await store.close()
