@@ -700,6 +700,7 @@ _USAGE_MARK_BYTES: Final = re.compile(
     rb'"(?:u|\\u0075)(?:s|\\u0073)(?:a|\\u0061)(?:g|\\u0067)(?:e|\\u0065)"'
     rb"(?![ \t]*:[ \t]*null)"
 )
+_PLAIN_USAGE_MARK_BYTES: Final = re.compile(rb'"usage"(?![ \t]*:[ \t]*null)')
 _BACKSLASH: Final = 92
 
 
@@ -717,15 +718,17 @@ def usage_marks(events: bytes) -> list[int]:
     "usage" member, null, and no escaped letter): one search by the pattern
     costs more than that chunk's whole filtering. A run of several chunks is
     searched by the pattern: cheaper than a loop of finds over its members."""
+    if _BACKSLASH in events and (b"\\u006" in events or b"\\u007" in events):
+        return [match.start() for match in _USAGE_MARK_BYTES.finditer(events)]
+    # No escaped letter: the plain key's pattern (a literal prefix, which the
+    # regex engine looks for as a string; the pattern with escapes stops at
+    # every quote), after the usual chunk is told at once.
     at = events.find(_USAGE_KEY_BYTES)
-    usual = at < 0 or (
+    if at < 0 or (
         events[at + 7 : at + 12] == b":null" and events.find(_USAGE_KEY_BYTES, at + 7) < 0
-    )
-    if usual and (
-        _BACKSLASH not in events or (b"\\u006" not in events and b"\\u007" not in events)
     ):
         return []
-    return [match.start() for match in _USAGE_MARK_BYTES.finditer(events)]
+    return [match.start() for match in _PLAIN_USAGE_MARK_BYTES.finditer(events)]
 
 
 def is_usage_only(event: bytes) -> bool:
