@@ -469,6 +469,30 @@ class UpstreamClient:
         return type(stream) is AiohttpBody and stream._aiohttp.content.is_eof()
 
     @staticmethod
+    def whole(response: httpx.Response) -> bytes | None:
+        """For an answer read from aiohttp's stream (`raw`): its whole body, when
+        all of it is already here and fits in one read - the one chunk `raw` would
+        yield, taken without its generator (the stream is then at its end). None,
+        with nothing read, for an empty body, a body still arriving or longer than
+        one read, a failed stream, and other streams."""
+        stream = response.stream
+        if type(stream) is not AiohttpBody:
+            return None
+        content = stream._aiohttp.content
+        if (
+            not content.is_eof()
+            or content.exception() is not None
+            or not 0 < content.total_bytes <= AiohttpResponseStream.CHUNK_SIZE
+        ):
+            return None
+        try:
+            # What is buffered is at most all the body received (total_bytes):
+            # this one read leaves the stream at its end.
+            return content.read_nowait(AiohttpResponseStream.CHUNK_SIZE) or None
+        except FOREIGN as exc:
+            raise _broken(exc) from exc
+
+    @staticmethod
     async def decoded(response: httpx.Response) -> AsyncIterator[bytes]:
         """A body with its Content-Encoding undone (httpx decodes above the stream,
         so its DecodingError is mapped here: `UpstreamBroken`)."""
