@@ -40,6 +40,7 @@ from gateway.upstream_client import (
     error_kind,
     timeout_phase,
 )
+from tests.harness import until
 
 # The timeouts, and their phase: "connect" when the request never reached the
 # upstream, "read" when it did (and the answer may be running, and billed).
@@ -438,6 +439,59 @@ async def test_complete_says_when_the_whole_body_is_here() -> None:
         assert client.complete(response)
         await response.aclose()
         whole.set()
+
+
+async def test_whole_reads_a_body_that_is_here_and_fits_one_read() -> None:
+    # The relay's path for a body already here whole (gateway/proxy.py): the one
+    # chunk raw would yield, read at once, the stream left at its end.
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    body = b'{"id": "x"}'
+    whole = asyncio.Event()
+    server, url = await _serve_raw(head % len(body) + body, hold=whole)
+    async with server, _client(AiohttpTransport()) as client:
+        response = await _open(client, url)
+        await until(lambda: client.complete(response))
+        assert client.whole(response) == body
+        assert [chunk async for chunk in client.raw(response)] == []  # at its end
+        await response.aclose()
+        whole.set()
+
+
+async def test_whole_reads_nothing_of_a_body_still_arriving() -> None:
+    hold = asyncio.Event()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 4\r\n\r\n"
+    server, url = await _serve_raw(head + b"{}", hold=hold)
+    async with server, _client(AiohttpTransport()) as client:
+        response = await _open(client, url)
+        await until(lambda: response.stream._aiohttp.content.total_bytes == 2)  # type: ignore[attr-defined]
+        assert client.whole(response) is None
+        assert await anext(client.raw(response)) == b"{}"  # nothing was taken
+        await response.aclose()
+        hold.set()
+
+
+@pytest.mark.parametrize("size", [0, AiohttpResponseStream.CHUNK_SIZE + 1])
+async def test_whole_reads_nothing_of_a_body_empty_or_longer_than_one_read(size: int) -> None:
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    body = b"x" * size
+    whole = asyncio.Event()
+    server, url = await _serve_raw(head % size + body, hold=whole)
+    async with server, _client(AiohttpTransport()) as client:
+        response = await _open(client, url)
+        await until(lambda: client.complete(response))
+        assert client.whole(response) is None
+        chunks = [chunk async for chunk in client.raw(response)]
+        assert b"".join(chunks) == body  # read as before, in reads of CHUNK_SIZE
+        assert len(chunks) == (2 if size else 0)
+        await response.aclose()
+        whole.set()
+
+
+async def test_whole_is_none_for_answers_read_through_httpx() -> None:
+    async with _client(_Transport(body=_Failing(_instance(aiohttp.ClientPayloadError)))) as client:
+        response = await _open(client)
+        assert client.whole(response) is None
+        await response.aclose()
 
 
 async def test_complete_is_false_for_answers_read_through_httpx() -> None:
