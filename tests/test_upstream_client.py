@@ -463,7 +463,9 @@ async def test_whole_reads_nothing_of_a_body_still_arriving() -> None:
     server, url = await _serve_raw(head + b"{}", hold=hold)
     async with server, _client(AiohttpTransport()) as client:
         response = await _open(client, url)
-        await until(lambda: response.stream._aiohttp.content.total_bytes == 2)  # type: ignore[attr-defined]
+        stream = response.stream
+        assert isinstance(stream, AiohttpBody)
+        await until(lambda: stream._aiohttp.content.total_bytes == 2)
         assert client.whole(response) is None
         assert await anext(client.raw(response)) == b"{}"  # nothing was taken
         await response.aclose()
