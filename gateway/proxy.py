@@ -487,7 +487,7 @@ class Proxy:
             try:
                 await self._relay(x, response, receive, send)
             finally:
-                await response.aclose()
+                await UpstreamClient.close(response)
         finally:
             if x.follow is not None:
                 await x.follow.close()  # never handed to a reader: the submit failed
