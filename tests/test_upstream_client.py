@@ -37,6 +37,7 @@ from gateway.upstream_client import (
     AiohttpStream,
     MappedStream,
     UpstreamClient,
+    direct_response,
     error_kind,
     timeout_phase,
 )
@@ -686,3 +687,51 @@ async def test_a_body_that_decodes_is_passed_on_decoded() -> None:
     async with _client(_Encoded(gzip.compress(b'{"data": []}'))) as client:
         response = await _open(client)
         assert b"".join([c async for c in client.decoded(response)]) == b'{"data": []}'
+
+
+# --- a direct answer's httpx.Response -------------------------------------------------
+
+
+def _attributes(response: httpx.Response) -> dict[str, Any]:
+    out = dict(vars(response))
+    out["headers"] = vars(out["headers"])
+    return out
+
+
+def test_a_direct_response_is_the_one_httpx_would_build() -> None:
+    # direct_response sets what httpx.Response's constructor sets, without its
+    # checks: if an httpx release adds, drops or renames an attribute, this fails.
+    raw = (
+        (b"Content-Type", b"application/json"),
+        (b"X-Twice", b"1"),
+        (b"x-twice", b"2"),
+        (b"X-Latin", b"caf\xe9"),
+    )
+    stream = AiohttpBody(None)  # type: ignore[arg-type]
+    built = direct_response(200, raw, stream)
+    expected = httpx.Response(
+        200, headers=raw, stream=stream, extensions={"http_version": b"HTTP/1.1"}
+    )
+    assert _attributes(built) == _attributes(expected)
+    assert built.headers.get_list("x-twice") == ["1", "2"]
+    assert built.headers.raw == list(raw)
+
+
+async def test_close_closes_an_answer_once_a_direct_one_as_httpx_would() -> None:
+    closed: list[str] = []
+
+    class Aiohttp:
+        async def __aexit__(self, *exc: object) -> None:
+            closed.append("direct")
+
+    class Stream(httpx.AsyncByteStream):
+        async def aclose(self) -> None:
+            closed.append("httpx")
+
+    direct = direct_response(200, (), AiohttpBody(Aiohttp()))  # type: ignore[arg-type]
+    other = httpx.Response(200, stream=Stream())
+    for _ in range(2):
+        await UpstreamClient.close(direct)
+        await UpstreamClient.close(other)
+    assert direct.is_closed and other.is_closed
+    assert closed == ["direct", "httpx"]  # each once
