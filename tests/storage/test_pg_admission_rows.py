@@ -53,9 +53,14 @@ async def test_an_admission_takes_no_lock_on_the_users_row(dsn: str) -> None:
         # The day's admissions row exists: the upsert below updates it (no key
         # check there either way).
         first = await storage.admit(
-            "alice", day=DAY, month_start=MONTH, limits=LIMITS, now=NOW,
-            lease=Lease("r1", EXPIRES), pending=_pending("r1"),
-        )  # fmt: skip
+            "alice",
+            day=DAY,
+            month_start=MONTH,
+            limits=LIMITS,
+            now=NOW,
+            lease=Lease("r1", EXPIRES),
+            pending=_pending("r1"),
+        )
         assert first.admitted
         # The user's row locked as a DELETE of it locks it, which conflicts
         # with the FOR KEY SHARE of a foreign-key check.
@@ -64,9 +69,14 @@ async def test_an_admission_takes_no_lock_on_the_users_row(dsn: str) -> None:
         await holder.execute("SELECT 1 FROM users WHERE id = 'alice' FOR UPDATE")
         admit = asyncio.create_task(
             storage.admit(
-                "alice", day=DAY, month_start=MONTH, limits=LIMITS, now=NOW,
-                lease=Lease("r2", EXPIRES), pending=_pending("r2"),
-            )  # fmt: skip
+                "alice",
+                day=DAY,
+                month_start=MONTH,
+                limits=LIMITS,
+                now=NOW,
+                lease=Lease("r2", EXPIRES),
+                pending=_pending("r2"),
+            )
         )
 
         async def ended_or_waiting() -> bool:
@@ -98,9 +108,14 @@ async def test_deleting_a_user_deletes_its_leases_and_pending_rows(dsn: str) -> 
         for user in ("alice", "bob"):
             await storage.ensure_user(user, plan="free")
             admitted = await storage.admit(
-                user, day=DAY, month_start=MONTH, limits=LIMITS, now=NOW,
-                lease=Lease(f"{user}-r1", EXPIRES), pending=_pending(f"{user}-r1"),
-            )  # fmt: skip
+                user,
+                day=DAY,
+                month_start=MONTH,
+                limits=LIMITS,
+                now=NOW,
+                lease=Lease(f"{user}-r1", EXPIRES),
+                pending=_pending(f"{user}-r1"),
+            )
             assert admitted.admitted
         # The usage rows go by their own keys' cascade.
         await admin.execute("DELETE FROM users WHERE id = 'alice'")
