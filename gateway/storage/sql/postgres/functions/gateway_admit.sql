@@ -130,9 +130,9 @@ BEGIN
     -- for the lock would read other tables' rows as they were before it; one
     -- snapshot: a settle's release of a reservation and what it adds instead
     -- are both seen or neither, 0023): today's two rows (admissions' and
-    -- settles'); only for a monthly limit, the month's sums
-    -- (today's included); only for a stream limit, the open leases and the
-    -- expired ones. Read here rather than by a helper (a call and its function
+    -- settles'); only for a monthly limit, the month's sums (today's
+    -- included); only for a stream limit, the open leases and the expired
+    -- ones. Read here rather than by a helper (a call and its function
     -- scan cost more than the read), in one statement rather than four (each
     -- costs an executor start-up).
     SELECT
@@ -166,8 +166,9 @@ BEGIN
             FROM stream_leases s WHERE s.user_id = p_user
         ) ELSE '{0,0}'::bigint[] END)
     -- Today's rows and the month's in one scan of the user's day rows (today's
-    -- only without a monthly limit) and one aggregate: a subplan less than a
-    -- scan each (11,000 instructions, 1% of a lone admission; pgadmit).
+    -- only without a monthly limit), the day's sums filtered: a subplan less
+    -- than a scan each (11,000 instructions, 1% of a lone admission;
+    -- docs/performance.md).
     FROM usage_daily u
     WHERE u.user_id = p_user AND u.day <= p_day
         AND u.day >= CASE WHEN v_monthly THEN p_month_start ELSE p_day END
