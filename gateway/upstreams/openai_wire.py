@@ -44,12 +44,12 @@ __all__ = [
     "ResponsesStreamMeter",
     "ToolCalls",
     "audio_from",
-    "has_usage_object",
+    "has_usage_key",
     "is_usage_only",
     "meter_body",
     "prompt_chars",
     "usage_from",
-    "usage_objects",
+    "usage_marks",
 ]
 
 # Module-level so tests can count parses by patching it; looked up at call time.
@@ -76,6 +76,10 @@ _CHUNK_TEXT: Final = re.compile(
 # which give what the patterns give; anything else is left to the patterns.
 # tests/upstreams/test_openai_scan.py checks each against its pattern.
 _USAGE_KEY: Final = '"usage"'
+# How an escaped letter of a key begins ("\u0075sage" is "usage"; OpenAI's own
+# chunks escape none): a chunk that holds one is parsed whole, since the scans
+# below look for keys as they are usually written.
+_LETTER_ESCAPE: Final = "\\u00"  # looked for where a backslash is: a memchr first
 _CONTENT_KEY: Final = '"content"'
 _TEXT_KEY: Final = '"text"'
 
@@ -520,6 +524,7 @@ class ChatStreamMeter(_StreamMeter):
             at = tail.find(_USAGE_KEY)
             if (
                 (at < 0 or (tail[at + 7 : at + 12] == ":null" and _USAGE_KEY not in tail[at + 1 :]))
+                and ("\\" not in tail or _LETTER_ESCAPE not in tail)
                 and _TEXT_KEY not in tail
                 and '"arguments"' not in tail
                 and '"refusal"' not in tail
@@ -540,7 +545,12 @@ class ChatStreamMeter(_StreamMeter):
             return
         if data == _DONE:
             return
-        if self._started and not _usage_object_in(data) and _ERROR_FIRST.match(data) is None:
+        if (
+            self._started
+            and ("\\" not in data or _LETTER_ESCAPE not in data)
+            and not _usage_object_in(data)
+            and _ERROR_FIRST.match(data) is None
+        ):
             # The hot path: the text is measured where it sits, unparsed (escapes
             # count as written; good enough for an estimate).
             self._text_chars += _text_in_chunk(data)
@@ -652,40 +662,60 @@ class ResponsesStreamMeter(_StreamMeter):
             self._malformed = True
 
 
-_USAGE_OBJECT_BYTES: Final = re.compile(rb'"usage"\s*:\s*\{')
 _USAGE_KEY_BYTES: Final = _USAGE_KEY.encode()
+# A "usage" member that may hold an object, as a usage chunk's bytes can show it:
+# its key written plainly or with any of its letters escaped ("\u0075sage"), and
+# not followed at once by ":null". A JSON string holds no unescaped quote, so a
+# match begins at a key or at a string value ("usage" as a value: tested, kept).
+# It asks nothing of what follows the key but that, since a chunk's data lines
+# may split it there ('"usage":' then 'data: {...}'): a search for the key and
+# its object in the raw bytes missed such a chunk, and an escaped key, and both
+# were forwarded to clients that had not asked for them (review of the streamed
+# path). The stream meter reads the data lines joined, and parses a chunk with
+# a letter escape whole (`_LETTER_ESCAPE`).
+_USAGE_MARK_BYTES: Final = re.compile(
+    rb'"(?:u|\\u0075)(?:s|\\u0073)(?:a|\\u0061)(?:g|\\u0067)(?:e|\\u0065)"(?!:null)'
+)
+# Every escaped letter of "usage" begins so: without it, only the plain key can match.
+# Looked for only where a backslash is (a memchr: a search for the four bytes
+# costs more than the rest of a usual chunk's test).
+_LETTER_ESCAPE_BYTES: Final = b"\\u00"
+_BACKSLASH: Final = 92
 
 
-def has_usage_object(events: bytes) -> bool:
+def has_usage_key(events: bytes) -> bool:
     """Whether raw SSE bytes may hold a usage chunk (a cheap test, no parsing):
-    ``_USAGE_OBJECT_BYTES.search(events) is not None``, told at once for the
-    usual chunk, as `_usage_object_in` tells it."""
-    at = events.find(_USAGE_KEY_BYTES)
-    if at < 0:
-        return False
-    if events[at + 7 : at + 12] == b":null" and events.find(_USAGE_KEY_BYTES, at + 1) < 0:
-        return False
-    return _USAGE_OBJECT_BYTES.search(events) is not None
+    ``_USAGE_MARK_BYTES.search(events) is not None``, told at once for the
+    usual chunk (no "usage" member, or one, null) as `usage_marks` tells it."""
+    return bool(usage_marks(events))
 
 
-def usage_objects(events: bytes) -> list[int]:
-    """Where ``_USAGE_OBJECT_BYTES`` matches in raw SSE bytes (`DropEvents`'
+def usage_marks(events: bytes) -> list[int]:
+    """Where ``_USAGE_MARK_BYTES`` matches in raw SSE bytes (`DropEvents`'
     marks): a usage-only chunk holds a match, and a search of a run of events
-    finds it, since two matches cannot overlap (a match holds a quote only at
-    its start and at the end of "usage"). Empty at once for the usual chunk, as
-    `has_usage_object` tells it."""
+    finds it, since two matches cannot overlap (a match holds quotes only at
+    its start and at the end of its key). For bytes without a letter escape
+    the matches are the plain key's, found with bytes.find: a search by the
+    pattern costs several times more, and nearly every chunk has the key."""
     at = events.find(_USAGE_KEY_BYTES)
+    if _BACKSLASH in events and _LETTER_ESCAPE_BYTES in events:
+        return [match.start() for match in _USAGE_MARK_BYTES.finditer(events)]
     if at < 0:
         return []
-    if events[at + 7 : at + 12] == b":null" and events.find(_USAGE_KEY_BYTES, at + 1) < 0:
-        return []
-    return [match.start() for match in _USAGE_OBJECT_BYTES.finditer(events)]
+    if events[at + 7 : at + 12] == b":null" and events.find(_USAGE_KEY_BYTES, at + 7) < 0:
+        return []  # the usual chunk (one "usage" member, null), told without a list
+    marks = []
+    while at >= 0:
+        if events[at + 7 : at + 12] != b":null":
+            marks.append(at)
+        at = events.find(_USAGE_KEY_BYTES, at + 7)
+    return marks
 
 
 def is_usage_only(event: bytes) -> bool:
     """Whether one raw SSE event is the usage-only chunk (``choices: []``, a usage
     object) that ``stream_options.include_usage`` adds at the end of a stream."""
-    if not has_usage_object(event):
+    if not has_usage_key(event):
         return False
     data = b"\n".join(
         line[5:].removeprefix(b" ")

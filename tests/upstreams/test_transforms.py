@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.upstreams.openai_wire import has_usage_object, is_usage_only, usage_objects
+from gateway.upstreams.openai_wire import has_usage_key, is_usage_only, usage_marks
 from gateway.upstreams.transforms import DropEvents
 
 _EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
@@ -139,7 +139,7 @@ def test_a_long_incomplete_event_costs_linear_time() -> None:
 
 
 # The OpenAI dialect's filter: the events that hold a usage object are found by
-# its marks (`usage_objects`), and only they are cut out and tested. It must keep
+# its marks (`usage_marks`), and only they are cut out and tested. It must keep
 # and drop what the filter did when it tested every event of a run that may hold
 # one (`may_drop`), with any line ends, any chunking.
 _USAGE_LINES = st.sampled_from(
@@ -156,7 +156,7 @@ _USAGE_LINES = st.sampled_from(
 
 
 def _drop_usage_object(event: bytes) -> bool:
-    return has_usage_object(event) and b"keep" not in event
+    return has_usage_key(event) and b"keep" not in event
 
 
 @settings(max_examples=500, deadline=None)
@@ -173,8 +173,8 @@ def test_marked_events_are_dropped_as_when_every_event_was_tested(
     stream = b"".join(line + end for line, end in parts)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
     chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
-    ours = DropEvents(_drop_usage_object, marks=usage_objects)
-    reference = DropEvents(_drop_usage_object, may_drop=has_usage_object)
+    ours = DropEvents(_drop_usage_object, marks=usage_marks)
+    reference = DropEvents(_drop_usage_object, may_drop=has_usage_key)
     got = [ours.feed(c) for c in chunks] + [ours.flush()]
     want = [reference.feed(c) for c in chunks] + [reference.flush()]
     assert got == want
@@ -195,10 +195,10 @@ def test_marked_events_are_dropped_as_when_every_event_was_tested(
     ],
 )
 def test_marked_events_examples(chunk: bytes) -> None:
-    ours = DropEvents(_drop_usage_object, marks=usage_objects)
-    reference = DropEvents(_drop_usage_object, may_drop=has_usage_object)
+    ours = DropEvents(_drop_usage_object, marks=usage_marks)
+    reference = DropEvents(_drop_usage_object, may_drop=has_usage_key)
     assert [ours.feed(chunk), ours.flush()] == [reference.feed(chunk), reference.flush()]
-    assert ours._kept_at(chunk, usage_objects(chunk)) == reference._kept(chunk)
+    assert ours._kept_at(chunk, usage_marks(chunk)) == reference._kept(chunk)
 
 
 @pytest.mark.parametrize(
@@ -215,9 +215,9 @@ def test_marked_events_examples(chunk: bytes) -> None:
 @pytest.mark.parametrize("how", ["marks", "may_drop"])
 def test_no_byte_after_the_last_event_is_lost(chunk: bytes, how: str) -> None:
     drop = (
-        DropEvents(is_usage_only, marks=usage_objects)
+        DropEvents(is_usage_only, marks=usage_marks)
         if how == "marks"
-        else DropEvents(is_usage_only, may_drop=has_usage_object)
+        else DropEvents(is_usage_only, may_drop=has_usage_key)
     )
     out = drop.feed(chunk) + drop.flush()
     assert out == chunk.replace(b'data: {"choices":[],"usage":{}}\n\n', b"")
