@@ -23,7 +23,7 @@ from gateway.upstreams.openai_wire import (
     ChatStreamMeter,
     ResponsesStreamMeter,
     _answer_chars,
-    has_usage_key,
+    has_usage_mark,
     is_usage_only,
     meter_body,
     prompt_chars,
@@ -392,7 +392,7 @@ def test_a_chunk_without_usage_is_passed_as_it_is() -> None:
     f = _hiding_usage()
     chunk = b'data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
     assert f.feed(chunk) is chunk
-    assert not has_usage_key(chunk) and not is_usage_only(chunk)
+    assert not has_usage_mark(chunk) and not is_usage_only(chunk)
 
 
 @pytest.mark.parametrize(
@@ -441,7 +441,7 @@ def test_an_oddly_written_usage_chunk_is_hidden_and_read(usage: bytes) -> None:
 
 def test_a_usage_key_as_a_string_value_is_kept() -> None:
     chunk = b'data: {"choices":[{"delta":{"content":"usage"}}],"type":"usage"}\n\n'
-    assert has_usage_key(chunk) and not is_usage_only(chunk)
+    assert has_usage_mark(chunk) and not is_usage_only(chunk)
     assert _filtered([chunk]) == chunk
 
 

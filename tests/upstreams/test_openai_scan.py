@@ -18,7 +18,7 @@ from gateway.upstreams.openai_wire import (
     _text_in_chunk,
     _usage_object_in,
     _usual_prefix,
-    has_usage_key,
+    has_usage_mark,
     usage_marks,
 )
 
@@ -92,7 +92,7 @@ def test_text_in_chunk_is_the_patterns_count(data: str) -> None:
 def test_usage_object_is_the_patterns_search(data: str) -> None:
     assert _usage_object_in(data) == (_USAGE_OBJECT.search(data) is not None)
     raw = data.encode()
-    assert has_usage_key(raw) == (_USAGE_MARK_BYTES.search(raw) is not None)
+    assert has_usage_mark(raw) == (_USAGE_MARK_BYTES.search(raw) is not None)
 
 
 @settings(max_examples=300)
@@ -305,6 +305,6 @@ def test_text_in_chunk_examples(data: str, chars: int) -> None:
 def test_usage_object_examples(data: str, found: bool) -> None:
     assert _usage_object_in(data) is found
     raw = data.encode()
-    assert has_usage_key(raw) is (_USAGE_MARK_BYTES.search(raw) is not None)
+    assert has_usage_mark(raw) is (_USAGE_MARK_BYTES.search(raw) is not None)
     assert bool(usage_marks(raw)) is (_USAGE_MARK_BYTES.search(raw) is not None)
     assert (_USAGE_OBJECT.search(data) is not None) is found

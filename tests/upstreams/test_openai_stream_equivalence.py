@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from gateway.sse import ServerSentEvent
 from gateway.upstreams.openai_wire import (
     ChatStreamMeter,
-    has_usage_key,
+    has_usage_mark,
     is_usage_only,
     usage_marks,
 )
@@ -121,7 +121,7 @@ def test_marked_filter_forwards_what_the_may_drop_filter_forwards(
     )
     cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=5)))
     ours = DropEvents(is_usage_only, marks=usage_marks)
-    reference = DropEvents(is_usage_only, may_drop=has_usage_key)
+    reference = DropEvents(is_usage_only, may_drop=has_usage_mark)
     start = 0
     for cut in [*cuts, len(raw)]:
         piece = raw[start:cut]
