@@ -109,6 +109,14 @@ BEGIN
                 lifetime_tokens = lifetime_tokens + p_total,
                 lifetime_cost = lifetime_cost + p_cost
             WHERE id = p_user;
+            IF NOT FOUND THEN
+                -- No such user (0025): the error the ledger's foreign key
+                -- raised, and the ledger row goes with the transaction.
+                RAISE foreign_key_violation USING
+                    MESSAGE = 'insert or update on table "usage_events" violates foreign key '
+                        'constraint "usage_events_user_id_fkey"',
+                    DETAIL = format('Key (user_id)=(%s) is not present in table "users".', p_user);
+            END IF;
             IF v_day = p_day AND (v_reserved <> 0 OR v_reserved_cost <> 0) THEN
                 -- The reservations end on the day row the answer is added to:
                 -- one write of it, leaving what adding then releasing would.
