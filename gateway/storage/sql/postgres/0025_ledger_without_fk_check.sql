@@ -23,3 +23,6 @@ BEGIN
     RETURN OLD;
 END
 $$;
+
+-- EXPERIMENT
+ALTER TABLE usage_daily DROP CONSTRAINT IF EXISTS usage_daily_part_check;
