@@ -81,7 +81,9 @@ async def test_the_ledger_has_no_key_and_a_deleted_users_rows_still_go(dsn: str)
         await storage.close()
 
 
-async def _deleting(dsn: str, user: str) -> tuple[asyncpg.Connection, asyncpg.transaction.Transaction]:
+async def _deleting(
+    dsn: str, user: str
+) -> tuple[asyncpg.Connection, asyncpg.transaction.Transaction]:
     """A user's delete under way, not committed: it holds the user's row."""
     conn = await asyncpg.connect(dsn)
     tx = conn.transaction()
