@@ -20,7 +20,15 @@ DECLARE
     v_settled boolean[];
     v_users bigint;
     v_found bigint;
+    v_set text;
 BEGIN
+    -- Its statements on their generic plans (the SET clause) for batches of
+    -- up to 12: PostgreSQL planned them again at every call otherwise, a
+    -- fifth of a batch of 8's instructions. Larger batches are planned for
+    -- their sizes, which pays there (docs/performance.md).
+    IF cardinality(p_answer_ids) > 12 THEN
+        v_set := set_config('plan_cache_mode', 'auto', true);
+    END IF;
     -- A batch of one (a settle that found no batch in flight, the usual case
     -- under light load) is the single function: it does the same, for about
     -- half the CPU of the set-based path below. The function's lock_timeout
