@@ -487,7 +487,7 @@ class Proxy:
             try:
                 await self._relay(x, response, receive, send)
             finally:
-                await response.aclose()
+                await UpstreamClient.close(response)
         finally:
             if x.follow is not None:
                 await x.follow.close()  # never handed to a reader: the submit failed
@@ -1157,40 +1157,53 @@ class Proxy:
         sending = stalled = False
         unmetered: Exception | None = None  # what metering that chunk raised
         ending: list[RelayCommand]
+        # A body already here whole, in one read (`UpstreamClient.whole`: a
+        # blocking answer, usually) is relayed as the loop below relays its one
+        # chunk - forwarded, kept to go with the end, metered - without the
+        # loop's reader and deadline: nothing waits before the end.
+        deadline: asyncio.Timeout | None = None
         try:
-            async with asyncio.timeout(None if watcher is None else total) as deadline:
-                async for chunk in client.raw(response):
-                    if watcher is not None and watcher.done() and relay.listening:
-                        self._client_left(x)
-                        for command in relay.client_left():
-                            if isinstance(command, RelayStop):
-                                if command.task_id is not None:
-                                    relay.stop_answered(await self._stop(x, command.task_id))
-                            elif isinstance(command, ExtendDeadline):
-                                deadline.reschedule(loop.time() + command.seconds)
-                        if not relay.reading:
-                            # Closing the response stops the answer; the chunk
-                            # in hand is metered first (it may be the first
-                            # sign the answer began, and billed).
-                            meter_chunk(chunk)
-                            break
-                    out = forward(chunk)
-                    if out is not None:
-                        if first_byte:
-                            first_byte = False
-                            x.first_byte(metrics)
-                        if ended is not None and ended():
-                            last = out  # the end is known: sent with it, below
-                        else:
-                            if watcher is None:
-                                watcher = loop.create_task(_wait_for_disconnect(receive))
-                                deadline.reschedule(since + total)
-                            sending = True
-                            await send(
-                                {"type": "http.response.body", "body": out, "more_body": True}
-                            )
-                            sending = False
-                    meter_chunk(chunk)
+            whole = None if watcher is not None else client.whole(response)
+            if whole is not None:
+                out = forward(whole)
+                if out is not None:
+                    x.first_byte(metrics)
+                    last = out
+                meter_chunk(whole)
+            else:
+                async with asyncio.timeout(None if watcher is None else total) as deadline:
+                    async for chunk in client.raw(response):
+                        if watcher is not None and watcher.done() and relay.listening:
+                            self._client_left(x)
+                            for command in relay.client_left():
+                                if isinstance(command, RelayStop):
+                                    if command.task_id is not None:
+                                        relay.stop_answered(await self._stop(x, command.task_id))
+                                elif isinstance(command, ExtendDeadline):
+                                    deadline.reschedule(loop.time() + command.seconds)
+                            if not relay.reading:
+                                # Closing the response stops the answer; the chunk
+                                # in hand is metered first (it may be the first
+                                # sign the answer began, and billed).
+                                meter_chunk(chunk)
+                                break
+                        out = forward(chunk)
+                        if out is not None:
+                            if first_byte:
+                                first_byte = False
+                                x.first_byte(metrics)
+                            if ended is not None and ended():
+                                last = out  # the end is known: sent with it, below
+                            else:
+                                if watcher is None:
+                                    watcher = loop.create_task(_wait_for_disconnect(receive))
+                                    deadline.reschedule(since + total)
+                                sending = True
+                                await send(
+                                    {"type": "http.response.body", "body": out, "more_body": True}
+                                )
+                                sending = False
+                        meter_chunk(chunk)
         except (UpstreamBroken, TimeoutError) as exc:
             # TimeoutError: the deadline ran out (upstream.total_timeout, or the
             # grace once the client left); the upstream's own errors arrive mapped.
@@ -1244,7 +1257,7 @@ class Proxy:
         # deadline, and not at all once that has run out: a client that stops
         # reading (its socket's buffers full) holds its connection, never the
         # answer's record, which follows the end of the response.
-        when = deadline.when()
+        when = None if deadline is None else deadline.when()
         ending_sends = _Ending(
             send,
             since + total if when is None else when,

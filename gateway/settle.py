@@ -302,7 +302,7 @@ class Settler:
             # succeeds now, is retried or is spooled.
             log_answer(event)
         try:
-            await self._write(write)
+            await self._write(write, bounded=True)
         except asyncio.CancelledError:
             # Given up in flight (a shutdown past its grace cancels the answers
             # still being recorded): the spool has it, and a write that landed
@@ -382,13 +382,14 @@ class Settler:
             )
         return bounded
 
-    async def _write(self, write: Write) -> None:
-        """Bound, then write. A failure other than the database's (a value the
-        driver refuses after all) is raised as StorageError too, so the event takes
-        the retry-then-spool way of any failed write: never lost, and never a
+    async def _write(self, write: Write, *, bounded: bool = False) -> None:
+        """Bound (unless `record` just did, on the same terms: ``bounded``), then
+        write. A failure other than the database's (a value the driver refuses
+        after all) is raised as StorageError too, so the event takes the
+        retry-then-spool way of any failed write: never lost, and never a
         traceback on the request that produced it."""
         terms = write.terms if write.terms is not None else self._terms()
-        event = self._bounded(write.event, terms)
+        event = write.event if bounded else self._bounded(write.event, terms)
         began = time.perf_counter()
         try:
             settled = await self._storage.settle(

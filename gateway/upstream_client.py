@@ -30,7 +30,7 @@ checks that every exception class these libraries define is in it.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Final, Literal
 
 import aiohttp
@@ -279,6 +279,32 @@ def _joined(headers: Headers) -> list[tuple[str, str]]:
     return out
 
 
+def direct_response(
+    status: int, raw: Sequence[tuple[bytes, bytes]], stream: AiohttpBody
+) -> httpx.Response:
+    """``httpx.Response(status, headers=raw, stream=stream, extensions=_HTTP11)``,
+    its attributes set as that constructor sets them from these arguments, without
+    its checks of what kind each argument is (raw headers as aiohttp gives them:
+    byte pairs, their names lower-cased once as httpx.Headers does).
+    tests/test_upstream_client.py compares the two, attribute by attribute."""
+    headers = httpx.Headers.__new__(httpx.Headers)
+    headers._list = [(name, name.lower(), value) for name, value in raw]
+    headers._encoding = None
+    response = httpx.Response.__new__(httpx.Response)
+    response.status_code = status
+    response.headers = headers
+    response._request = None
+    response.next_request = None
+    response.extensions = dict(_HTTP11)
+    response.history = []
+    response.is_closed = False
+    response.is_stream_consumed = False
+    response.default_encoding = "utf-8"
+    response.stream = stream
+    response._num_bytes_downloaded = 0
+    return response
+
+
 class UpstreamClient:
     """One upstream's httpx client, as the proxy uses it (shared by all users)."""
 
@@ -403,12 +429,7 @@ class UpstreamClient:
             compress=False,
             timeout=limits,
         )
-        return httpx.Response(
-            answer.status,
-            headers=answer.raw_headers,
-            stream=AiohttpBody(answer),
-            extensions=_HTTP11,
-        )
+        return direct_response(answer.status, answer.raw_headers, AiohttpBody(answer))
 
     def _target(self, url: str) -> yarl.URL:
         """The URL as aiohttp takes it: the one httpx would send (checked, and
@@ -450,6 +471,20 @@ class UpstreamClient:
         return response.aiter_raw()
 
     @staticmethod
+    async def close(response: httpx.Response) -> None:
+        """``response.aclose()``; an answer requested directly (`AiohttpBody`) is
+        closed as aclose closes it, without httpx's context that names the
+        request in an httpx error: it has no request, and its stream raises
+        gateway errors."""
+        stream = response.stream
+        if type(stream) is AiohttpBody:
+            if not response.is_closed:
+                response.is_closed = True
+                await stream.aclose()
+            return
+        await response.aclose()
+
+    @staticmethod
     def ended(response: httpx.Response) -> Callable[[], bool] | None:
         """For an answer read from aiohttp's stream (`raw`): a test of whether its
         body is over, nothing left to read - true as soon as the last chunk came
@@ -467,6 +502,30 @@ class UpstreamClient:
         streams (they do not tell) and for a body still arriving."""
         stream = response.stream
         return type(stream) is AiohttpBody and stream._aiohttp.content.is_eof()
+
+    @staticmethod
+    def whole(response: httpx.Response) -> bytes | None:
+        """For an answer read from aiohttp's stream (`raw`): its whole body, when
+        all of it is already here and fits in one read - the one chunk `raw` would
+        yield, taken without its generator (the stream is then at its end). None,
+        with nothing read, for an empty body, a body still arriving or longer than
+        one read, a failed stream, and other streams."""
+        stream = response.stream
+        if type(stream) is not AiohttpBody:
+            return None
+        content = stream._aiohttp.content
+        if (
+            not content.is_eof()
+            or content.exception() is not None
+            or not 0 < content.total_bytes <= AiohttpResponseStream.CHUNK_SIZE
+        ):
+            return None
+        try:
+            # What is buffered is at most all the body received (total_bytes):
+            # this one read leaves the stream at its end.
+            return content.read_nowait(AiohttpResponseStream.CHUNK_SIZE) or None
+        except FOREIGN as exc:
+            raise _broken(exc) from exc
 
     @staticmethod
     async def decoded(response: httpx.Response) -> AsyncIterator[bytes]:

@@ -15,6 +15,7 @@ import pytest
 
 import gateway.proxy
 from gateway.request_limits.protocol import BoundedHeadProtocol, HeadSettings
+from gateway.upstream_client import UpstreamClient
 from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, direct_request, running_gateway
 from tests.servers import read_body, serve
@@ -592,12 +593,16 @@ async def _raw_upstream(
 
 
 async def _relayed(
-    url: str, sqlite_url: str, on_body: Callable[[dict[str, Any]], None] = lambda m: None
+    url: str,
+    sqlite_url: str,
+    on_body: Callable[[dict[str, Any]], None] = lambda m: None,
+    chat: dict[str, Any] = CHAT,
 ) -> tuple[list[dict[str, Any]], list[Any]]:
-    """The messages the gateway sends its client for one streamed answer from
-    ``url``, driven directly through the app, and the answers in the ledger."""
+    """The messages the gateway sends its client for one answer (streamed, by
+    default) from ``url``, driven directly through the app, and the answers in
+    the ledger."""
     async with running_gateway(sqlite_url, upstream_url=url) as h:
-        scope, receive = direct_request(h.key, orjson.dumps(CHAT))
+        scope, receive = direct_request(h.key, orjson.dumps(chat))
         sent: list[dict[str, Any]] = []
 
         async def send(message: dict[str, Any]) -> None:
@@ -650,6 +655,108 @@ async def test_a_chunk_is_sent_before_the_end_of_the_body_is_known(sqlite_url: s
     assert bodies[-1] == (b"", False) and all(more for _, more in bodies[:-1])
     (event,) = events
     assert (event.answer_id, event.total_tokens) == ("m-last", 10)
+
+
+def _blocking_answer(answer: str) -> bytes:
+    """A Dify blocking chat answer: its head and its JSON body."""
+    body = orjson.dumps(
+        {
+            "event": "message",
+            "task_id": "t-1",
+            "id": "m-whole",
+            "message_id": "m-whole",
+            "conversation_id": "c-1",
+            "mode": "chat",
+            "answer": answer,
+            "metadata": {
+                "usage": {
+                    "prompt_tokens": 7,
+                    "completion_tokens": 3,
+                    "total_tokens": 10,
+                    "total_price": "0.0001",
+                    "currency": "USD",
+                }
+            },
+            "created_at": 1,
+        }
+    )
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    return head % len(body) + body
+
+
+_BLOCKING_CHAT = {**CHAT, "response_mode": "blocking"}
+
+
+@pytest.fixture
+def chunk_reads(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Response]:
+    """The answers whose body the relay read with its chunk reader
+    (`UpstreamClient.raw`), not whole."""
+    reads: list[httpx.Response] = []
+    raw = UpstreamClient.raw
+
+    def counted(response: httpx.Response) -> AsyncIterator[bytes]:
+        reads.append(response)
+        return raw(response)
+
+    monkeypatch.setattr(UpstreamClient, "raw", staticmethod(counted))
+    return reads
+
+
+async def test_a_blocking_answer_here_whole_is_relayed_from_one_read(
+    sqlite_url: str, chunk_reads: list[httpx.Response]
+) -> None:
+    """A blocking answer whose whole body came with its head is read at once
+    (`UpstreamClient.whole`), without the chunk reader: the client gets it with
+    the end of the response, in one message, and it is recorded once."""
+    answer = _blocking_answer("Xin chao")
+
+    async def at_once(writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)
+        await writer.drain()
+
+    async with _raw_upstream(at_once) as url:
+        sent, events = await _relayed(url, sqlite_url, chat=_BLOCKING_CHAT)
+    body = answer.partition(b"\r\n\r\n")[2]
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert bodies == [{"type": "http.response.body", "body": body, "more_body": False}]
+    assert chunk_reads == []
+    (event,) = events
+    assert (event.answer_id, event.total_tokens, event.outcome) == ("m-whole", 10, "complete")
+
+
+@pytest.mark.parametrize("arrival", ["longer than one read", "in two parts"])
+async def test_a_blocking_answer_not_here_whole_is_read_in_chunks(
+    sqlite_url: str, chunk_reads: list[httpx.Response], arrival: str
+) -> None:
+    """A blocking answer longer than one read, or still arriving, goes through
+    the chunk reader as before: the same bytes, passed on as they come, and
+    recorded once."""
+    long = arrival == "longer than one read"
+    answer = _blocking_answer("x" * (20_000 if long else 100))
+    passed_on = asyncio.Event()
+
+    async def write(writer: asyncio.StreamWriter) -> None:
+        if long:
+            writer.write(answer)
+        else:
+            writer.write(answer[:-10])
+            await writer.drain()
+            await passed_on.wait()
+            writer.write(answer[-10:])
+        await writer.drain()
+
+    def on_body(message: dict[str, Any]) -> None:
+        if message["body"]:
+            passed_on.set()
+
+    async with _raw_upstream(write) as url:
+        sent, events = await _relayed(url, sqlite_url, on_body, chat=_BLOCKING_CHAT)
+    bodies = [(m["body"], m["more_body"]) for m in sent if m["type"] == "http.response.body"]
+    assert b"".join(body for body, _ in bodies) == answer.partition(b"\r\n\r\n")[2]
+    assert len(bodies) >= 2 and not bodies[-1][1] and all(more for _, more in bodies[:-1])
+    assert len(chunk_reads) == 1
+    (event,) = events
+    assert (event.answer_id, event.total_tokens, event.outcome) == ("m-whole", 10, "complete")
 
 
 # --- a client that stops reading -----------------------------------------------------

@@ -12,10 +12,12 @@ from typing import Any
 import orjson
 import pytest
 
+import gateway.settle
 from gateway.errors import StorageError
 from gateway.metrics import Metrics
 from gateway.settle import Settler, Write, event_from_json, event_to_json
 from gateway.storage import AdmissionLimits, AlertCheck, AlertRequest, Pending, Storage, UsageEvent
+from gateway.usage_bounds import DEFAULT_MAX_TOKENS_PER_ANSWER, bound_event
 
 EVENT = UsageEvent(
     answer_id="m1",
@@ -107,6 +109,35 @@ async def test_a_failed_write_is_retried(storage: Storage, tmp_path: Path) -> No
     assert user is not None and user.lifetime_tokens == 1168
     assert metrics.get("gateway_settle_retries_total") == 2
     assert not (tmp_path / "spool").exists()
+
+
+async def test_a_record_is_bounded_once_and_its_retry_bounds_it_again(
+    storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # record bounds the answer (for its log line and its write); its first write
+    # does not bound it again, a retry (or a replay) does.
+    bounded: list[str] = []
+
+    def counted(event: UsageEvent, *, max_tokens: int) -> tuple[UsageEvent, list[str]]:
+        bounded.append(event.answer_id)
+        return bound_event(event, max_tokens=max_tokens)
+
+    monkeypatch.setattr(gateway.settle, "bound_event", counted)
+    await storage.ensure_user("alice", plan="free")
+    settler = Settler(
+        Flaky(storage, failures=1),
+        metrics=Metrics(),
+        spool=tmp_path / "spool",
+        retry_delays=(0,),
+    )  # type: ignore[arg-type]
+    huge = replace(EVENT, total_tokens=10**30)
+    await settler.record(huge)
+    assert bounded == ["m1"]
+    await next(iter(settler._tasks))
+    assert bounded == ["m1", "m1"]
+    user = await storage.get_user("alice")
+    clamped, _ = bound_event(huge, max_tokens=DEFAULT_MAX_TOKENS_PER_ANSWER)
+    assert user is not None and user.lifetime_tokens == clamped.total_tokens < 10**30
 
 
 async def test_records_that_cannot_be_written_are_spooled_and_replayed(

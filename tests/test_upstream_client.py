@@ -37,9 +37,11 @@ from gateway.upstream_client import (
     AiohttpStream,
     MappedStream,
     UpstreamClient,
+    direct_response,
     error_kind,
     timeout_phase,
 )
+from tests.harness import until
 
 # The timeouts, and their phase: "connect" when the request never reached the
 # upstream, "read" when it did (and the answer may be running, and billed).
@@ -440,6 +442,61 @@ async def test_complete_says_when_the_whole_body_is_here() -> None:
         whole.set()
 
 
+async def test_whole_reads_a_body_that_is_here_and_fits_one_read() -> None:
+    # The relay's path for a body already here whole (gateway/proxy.py): the one
+    # chunk raw would yield, read at once, the stream left at its end.
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    body = b'{"id": "x"}'
+    whole = asyncio.Event()
+    server, url = await _serve_raw(head % len(body) + body, hold=whole)
+    async with server, _client(AiohttpTransport()) as client:
+        response = await _open(client, url)
+        await until(lambda: client.complete(response))
+        assert client.whole(response) == body
+        assert [chunk async for chunk in client.raw(response)] == []  # at its end
+        await response.aclose()
+        whole.set()
+
+
+async def test_whole_reads_nothing_of_a_body_still_arriving() -> None:
+    hold = asyncio.Event()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 4\r\n\r\n"
+    server, url = await _serve_raw(head + b"{}", hold=hold)
+    async with server, _client(AiohttpTransport()) as client:
+        response = await _open(client, url)
+        stream = response.stream
+        assert isinstance(stream, AiohttpBody)
+        await until(lambda: stream._aiohttp.content.total_bytes == 2)
+        assert client.whole(response) is None
+        assert await anext(client.raw(response)) == b"{}"  # nothing was taken
+        await response.aclose()
+        hold.set()
+
+
+@pytest.mark.parametrize("size", [0, AiohttpResponseStream.CHUNK_SIZE + 1])
+async def test_whole_reads_nothing_of_a_body_empty_or_longer_than_one_read(size: int) -> None:
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    body = b"x" * size
+    whole = asyncio.Event()
+    server, url = await _serve_raw(head % size + body, hold=whole)
+    async with server, _client(AiohttpTransport()) as client:
+        response = await _open(client, url)
+        await until(lambda: client.complete(response))
+        assert client.whole(response) is None
+        chunks = [chunk async for chunk in client.raw(response)]
+        assert b"".join(chunks) == body  # read as before, in reads of CHUNK_SIZE
+        assert len(chunks) == (2 if size else 0)
+        await response.aclose()
+        whole.set()
+
+
+async def test_whole_is_none_for_answers_read_through_httpx() -> None:
+    async with _client(_Transport(body=_Failing(_instance(aiohttp.ClientPayloadError)))) as client:
+        response = await _open(client)
+        assert client.whole(response) is None
+        await response.aclose()
+
+
 async def test_complete_is_false_for_answers_read_through_httpx() -> None:
     async with _client(_Transport(body=_Failing(_instance(aiohttp.ClientPayloadError)))) as client:
         response = await _open(client)
@@ -630,3 +687,51 @@ async def test_a_body_that_decodes_is_passed_on_decoded() -> None:
     async with _client(_Encoded(gzip.compress(b'{"data": []}'))) as client:
         response = await _open(client)
         assert b"".join([c async for c in client.decoded(response)]) == b'{"data": []}'
+
+
+# --- a direct answer's httpx.Response -------------------------------------------------
+
+
+def _attributes(response: httpx.Response) -> dict[str, Any]:
+    out = dict(vars(response))
+    out["headers"] = vars(out["headers"])
+    return out
+
+
+def test_a_direct_response_is_the_one_httpx_would_build() -> None:
+    # direct_response sets what httpx.Response's constructor sets, without its
+    # checks: if an httpx release adds, drops or renames an attribute, this fails.
+    raw = (
+        (b"Content-Type", b"application/json"),
+        (b"X-Twice", b"1"),
+        (b"x-twice", b"2"),
+        (b"X-Latin", b"caf\xe9"),
+    )
+    stream = AiohttpBody(None)  # type: ignore[arg-type]
+    built = direct_response(200, raw, stream)
+    expected = httpx.Response(
+        200, headers=raw, stream=stream, extensions={"http_version": b"HTTP/1.1"}
+    )
+    assert _attributes(built) == _attributes(expected)
+    assert built.headers.get_list("x-twice") == ["1", "2"]
+    assert built.headers.raw == list(raw)
+
+
+async def test_close_closes_an_answer_once_a_direct_one_as_httpx_would() -> None:
+    closed: list[str] = []
+
+    class Aiohttp:
+        async def __aexit__(self, *exc: object) -> None:
+            closed.append("direct")
+
+    class Stream(httpx.AsyncByteStream):
+        async def aclose(self) -> None:
+            closed.append("httpx")
+
+    direct = direct_response(200, (), AiohttpBody(Aiohttp()))  # type: ignore[arg-type]
+    other = httpx.Response(200, stream=Stream())
+    for _ in range(2):
+        await UpstreamClient.close(direct)
+        await UpstreamClient.close(other)
+    assert direct.is_closed and other.is_closed
+    assert closed == ["direct", "httpx"]  # each once

@@ -478,8 +478,47 @@ def _settle_many_args(settles: Sequence[_Settle]) -> list[Any]:
 
 
 _REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
-# The user's admission lock, as gateway_admit takes it (0023).
-_ADMISSION_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended($1, 24))"
+# The locks an upload's reservation takes (gateway_reserve_upload): its user's
+# team's row (when it has a team), then the user's admission lock (one row:
+# the team's count, taken first).
+_UPLOAD_LOCKS = (
+    "SELECT pg_advisory_xact_lock(hashtextextended($1, 24)) FROM "
+    "(SELECT count(*) FROM (SELECT 1 FROM teams t JOIN users u ON u.team_id = t.id "
+    "WHERE u.id = $1 FOR NO KEY UPDATE OF t) AS x OFFSET 0) AS team"
+)
+# The admissions' locks, taken in the order the admission functions take them
+# (0023): the teams' rows (by id), then the users' admission locks (by user id,
+# in the database's order of text, as gateway_admit_many goes through its
+# users; each once). The subqueries are kept apart (OFFSET 0) so that the
+# locks are taken row by row in their order.
+_TEAM_LOCKS = (
+    "SELECT count(*) FROM (SELECT 1 FROM teams WHERE id = ANY($1::text[]) "
+    "ORDER BY id FOR NO KEY UPDATE) AS t"
+)
+_ADMISSION_LOCKS = (
+    "SELECT count(pg_advisory_xact_lock(hashtextextended(u, 24))) "
+    "FROM (SELECT DISTINCT u FROM unnest($1::text[]) AS u ORDER BY u OFFSET 0) AS s"
+)
+# Admissions given back by their pending rows (gateway_refund gives back only
+# while a pending row is there), a user's in turn, the users in lock order.
+_REFUND_MANY = (
+    "SELECT count(*) FILTER (WHERE r) FROM (SELECT gateway_refund(u, d, l, p) AS r "
+    "FROM (SELECT * FROM unnest($1::text[], $2::date[], $3::text[], $4::text[]) "
+    "WITH ORDINALITY AS t(u, d, l, p, o) ORDER BY u, o OFFSET 0) AS e) AS g"
+)
+# How long a give-back of admissions whose outcome was lost waits for their
+# locks: behind the admission it gives back, which may still wait on the server
+# (for another admission of its user holding the lock) well past the command
+# timeout that gave it up. Past this the give-back fails (a warning) and the
+# pending rows stay for a recovery; storage.close() waits for it.
+_GIVE_BACK_WAIT = 30.0
+# What an admission statement may have raised after it committed all the same
+# (its outcome unknown): a timeout - asyncpg's command_timeout sends a
+# CancelRequest and raises at once, and the cancellation may be lost, or come
+# after the commit - or its connection lost mid-statement (class 08: the server
+# may have committed before it noticed). An error the server reported rolled the
+# statement back (a refused value, a constraint, the batches' lock timeout).
+_OUTCOME_UNKNOWN = (TimeoutError, OSError, asyncpg.PostgresConnectionError)
 _DROP_FUNCTIONS = """
 DO $$
 DECLARE
@@ -1122,7 +1161,14 @@ class PostgresStorage:
 
     async def _admit_one(self, admit: _Admit) -> Admission:
         with _mapped():
-            row = await self._pool.fetchrow(_ADMIT, *admit.call)
+            # (The connection taken apart from the statement: only the
+            # statement's errors leave its outcome unknown.)
+            async with self._pool.acquire() as conn:
+                try:
+                    row = await conn.fetchrow(_ADMIT, *admit.call)
+                except _OUTCOME_UNKNOWN:
+                    self._outcome_lost([admit])
+                    raise
         assert row is not None
         return _admission(row, admit.limits)
 
@@ -1140,7 +1186,11 @@ class PostgresStorage:
                 # A batch of one (no batch was in flight: the usual case under
                 # light load) goes as it is, under the batches' lock timeout.
                 with _mapped(), _mapped_batch():
-                    row = await conn.fetchrow(_ADMIT_BATCHED, *admits[0].call)
+                    try:
+                        row = await conn.fetchrow(_ADMIT_BATCHED, *admits[0].call)
+                    except _OUTCOME_UNKNOWN:
+                        self._outcome_lost(admits)
+                        raise
                 kept = True
                 assert row is not None
                 if not row["known"]:
@@ -1148,7 +1198,11 @@ class PostgresStorage:
                 return [_admission(row, admits[0].limits)]
             args = _batch_args(_admit_many_args, admits)
             with _mapped(), _mapped_batch():
-                rows = await conn.fetch(_ADMIT_MANY, *args)
+                try:
+                    rows = await conn.fetch(_ADMIT_MANY, *args)
+                except _OUTCOME_UNKNOWN:
+                    self._outcome_lost(admits)
+                    raise
             kept = True
         finally:
             if (
@@ -1183,39 +1237,79 @@ class PostgresStorage:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _admissions_lost(self, admits: Sequence[_Admit]) -> None:
-        """Admissions given up in flight, their answers lost (their batch's
-        task cancelled: the event loop going away; with max_batch 1, their
-        caller cancelled): they may have committed,
-        or may still. Given back by their pending rows, which gateway_refund
-        gives back only while they are there (without one it would give back
-        a query never reserved), under the user's admission lock: an admission
-        still on the server - its cancellation not acknowledged before asyncpg
-        gave the connection up, say a lost CancelRequest - holds that lock, or
-        waits for it ahead of the give-back, so the give-back comes after its
-        commit or its rollback, never before (review of the shutdown fix)."""
-        refunds = []
-        for admit in admits:
-            call = admit.call
-            if call.pending_id is None:
-                log.warning("admission for %s lost in flight; kept", call.user_id)
-                continue
-            refunds.append(
-                self._give_back_lost(call.user_id, call.day, call.lease_id, call.pending_id)
-            )
-        await asyncio.gather(*refunds)
+    def _outcome_lost(self, admits: Sequence[_Admit]) -> None:
+        """Admissions whose statement failed with its outcome unknown
+        (_OUTCOME_UNKNOWN): each caller gets a StorageError, so none of their
+        answers is forwarded as admitted - fail-closed refuses the request,
+        fail-open forwards it unreserved, settled without a pending row or a
+        lease - yet the statement may have committed, or may still: its query,
+        lease and pending row would stay, and a recovery would charge the
+        pending row's estimate (fail-open: a second charge of the answer).
+        They are given back in the background, as admissions lost at shutdown
+        are (`_admissions_lost`: under the admission locks, after the
+        statement's commit or rollback)."""
+        task = asyncio.create_task(self._admissions_lost(admits))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-    async def _give_back_lost(
-        self, user_id: str, day: date, lease_id: str | None, pending_id: str
-    ) -> None:
+    async def _admissions_lost(self, admits: Sequence[_Admit]) -> None:
+        """Admissions whose answers were lost in flight (their batch's task
+        cancelled: the event loop going away; with max_batch 1, their caller
+        cancelled; or their statement timed out or lost its connection,
+        `_outcome_lost`): they may have committed, or may still. Given back by
+        their pending rows, which gateway_refund gives back only while they
+        are there (without one it would give back a query never reserved),
+        under the locks their admission takes, in its order (the teams' rows,
+        then the users' admission locks), in one transaction: an admission
+        still on the server - its cancellation not acknowledged, say a lost
+        CancelRequest, or its statement's answer not come - holds those locks,
+        or waits for them ahead of the give-back, so the give-back comes after
+        its commit or its rollback, never before (review of the shutdown fix).
+        A batch's users' locks are all taken before anything is given back: a
+        batch holding the first of them while it waits for a later one is
+        waited for.
+
+        One attempt: when the database cannot be reached (a warning, once for
+        the batch), the pending rows stay, and a recovery charges them later."""
+        calls = []
+        for admit in admits:
+            if admit.call.pending_id is None:
+                log.warning("admission for %s lost in flight; kept", admit.call.user_id)
+            else:
+                calls.append(admit.call)
+        if not calls:
+            return
+        users = [call.user_id for call in calls]
+        teams = sorted({call.team for call in calls if call.team is not None})
         try:
             with _mapped():
                 async with self._pool.acquire() as conn, conn.transaction():
-                    await conn.execute(_ADMISSION_LOCK, user_id)
-                    await conn.fetchval(_REFUND, user_id, day, lease_id, pending_id)
+                    if teams:
+                        await conn.execute(_TEAM_LOCKS, teams, timeout=_GIVE_BACK_WAIT)
+                    await conn.execute(_ADMISSION_LOCKS, users, timeout=_GIVE_BACK_WAIT)
+                    given = await conn.fetchval(
+                        _REFUND_MANY,
+                        users,
+                        [call.day for call in calls],
+                        [call.lease_id for call in calls],
+                        [call.pending_id for call in calls],
+                    )
         except StorageError as exc:
-            # The pending row stays: a recovery charges it as an estimate later.
-            log.warning("could not give back a lost admission of %s: %s", user_id, exc)
+            # The pending rows stay: a recovery charges them as estimates later.
+            log.warning(
+                "could not give back %d admission(s) lost in flight (%s): %s; "
+                "a recovery will charge any that landed",
+                len(calls),
+                ", ".join(sorted(set(users))),
+                exc,
+            )
+            return
+        if given:
+            log.info(
+                "%d admission(s) lost in flight had landed; given back (%s)",
+                given,
+                ", ".join(sorted(set(users))),
+            )
 
     async def _refund_quietly(
         self, user_id: str, day: date, *, lease_id: str | None, pending_id: str | None
@@ -1295,7 +1389,14 @@ class PostgresStorage:
         return admission(limits, None if refused is None else refused - 1, counters, 0)
 
     def _upload_abandoned(self, user_id: str, key: str, task: asyncio.Task[Admission]) -> None:
-        if task.cancelled() or task.exception() is not None or not task.result().admitted:
+        if task.cancelled():
+            return
+        failed = task.exception()
+        if failed is not None:
+            # Timed out, or its connection lost: it may have landed all the same.
+            if not isinstance(failed.__cause__, _OUTCOME_UNKNOWN):
+                return
+        elif not task.result().admitted:
             return
         log.info("upload of %s abandoned by its caller; given back", user_id)
         release = asyncio.create_task(self._release_quietly(user_id, key))
@@ -1309,8 +1410,17 @@ class PostgresStorage:
             log.warning("could not give back an abandoned upload of %s: %s", user_id, exc)
 
     async def release_upload(self, user_id: str, *, key: str) -> None:
+        # Under the locks gateway_reserve_upload takes (the user's team's row,
+        # then the user's admission lock), then in a statement of its own (a
+        # snapshot taken after them): a reservation whose outcome was lost -
+        # timed out, its cancellation lost, still waiting on the server - is
+        # given back after its commit, not missed before it and left counted
+        # (one still waiting past the command timeout fails this: the settler
+        # tries again later).
         with _mapped():
-            await self._pool.execute(_RELEASE_UPLOAD, key, user_id)
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(_UPLOAD_LOCKS, user_id)
+                await conn.execute(_RELEASE_UPLOAD, key, user_id)
 
     async def open_streams(self, user_id: str, *, now: datetime) -> int:
         with _mapped():

@@ -40,7 +40,7 @@ from gateway.upstreams.openai_wire import (
     is_usage_only,
     meter_body,
     prompt_chars,
-    usage_objects,
+    usage_marks,
 )
 from gateway.upstreams.terms import calls_cost, pricing_terms
 from gateway.upstreams.transforms import DropEvents
@@ -299,7 +299,7 @@ class OpenAIUpstream:
         if prepared.memo != _HIDE_USAGE:
             return None
         # The client did not ask for the usage chunk: it gets the stream without it.
-        return DropEvents(is_usage_only, marks=usage_objects)
+        return DropEvents(is_usage_only, marks=usage_marks)
 
     def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:
         extras = Extras()

@@ -22,6 +22,7 @@ Token counts only: OpenAI sends no money, the dialect prices the tokens.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Final
 
@@ -44,16 +45,35 @@ __all__ = [
     "ResponsesStreamMeter",
     "ToolCalls",
     "audio_from",
-    "has_usage_object",
+    "has_usage_mark",
     "is_usage_only",
     "meter_body",
     "prompt_chars",
     "usage_from",
-    "usage_objects",
+    "usage_marks",
 ]
 
 # Module-level so tests can count parses by patching it; looked up at call time.
 _loads = orjson.loads
+
+
+def _parsed(data: str | bytes) -> Any:
+    """``data`` parsed as JSON, as the clients' own parsers read it: orjson, and
+    where it refuses what Python's json module takes (NaN, a lone surrogate
+    escape, a number too large for a double) or bytes that are not UTF-8 (read
+    as the stream's decoder reads them, with replacement), json. ValueError when
+    neither reads it. Without the second reading, such a usage chunk was
+    estimated by the meter and shown to a client that had not asked for it
+    (review of the streamed path)."""
+    try:
+        return _loads(data)
+    except orjson.JSONDecodeError:
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        try:
+            return json.loads(text)
+        except RecursionError as exc:
+            raise ValueError("JSON nested too deeply") from exc
+
 
 # A chunk that carries usage: every chunk has a "usage" key once include_usage is
 # set, but only the last one has an object there.
@@ -493,8 +513,9 @@ class ChatStreamMeter(_StreamMeter):
     """Meters a streamed chat completion or completion (``data:`` chunks, then
     ``data: [DONE]``).
 
-    Only chunks that can carry usage or an error are parsed, and the first one
-    (for the model). Answer text is measured in the others without parsing them,
+    Only chunks that can carry usage or an error are parsed, the first one
+    (for the model), and those with an escaped lower-case letter (a key may be
+    written so). Answer text is measured in the others without parsing them,
     for an estimate when no usage comes.
     """
 
@@ -510,8 +531,8 @@ class ChatStreamMeter(_StreamMeter):
         data = event.data
         prefix = self._prefix
         if prefix is not None and data.startswith(prefix):
-            # The usual chunk, read as `_usage_object_in`, `_ERROR_FIRST` and
-            # `_text_in_chunk` read it, but past the prefix (which holds no key
+            # The usual chunk, read as `_usage_object_in`, `_ERROR_FIRST`, the
+            # escape test and `_text_in_chunk` read it below, but past the prefix (which holds no key
             # they look for; one can begin only at its last character, the quote):
             # a third of the bytes, and three str.find/startswith calls instead of
             # five (each parses its arguments: some 700 instructions on Python
@@ -520,6 +541,7 @@ class ChatStreamMeter(_StreamMeter):
             at = tail.find(_USAGE_KEY)
             if (
                 (at < 0 or (tail[at + 7 : at + 12] == ":null" and _USAGE_KEY not in tail[at + 1 :]))
+                and ("\\" not in tail or ("\\u006" not in tail and "\\u007" not in tail))
                 and _TEXT_KEY not in tail
                 and '"arguments"' not in tail
                 and '"refusal"' not in tail
@@ -540,17 +562,27 @@ class ChatStreamMeter(_StreamMeter):
             return
         if data == _DONE:
             return
-        if self._started and not _usage_object_in(data) and _ERROR_FIRST.match(data) is None:
+        if (
+            self._started
+            and ("\\" not in data or ("\\u006" not in data and "\\u007" not in data))
+            and not _usage_object_in(data)
+            and _ERROR_FIRST.match(data) is None
+        ):
             # The hot path: the text is measured where it sits, unparsed (escapes
-            # count as written; good enough for an estimate).
+            # count as written; good enough for an estimate). A chunk with an
+            # escaped lower-case letter ("\u006" or "\u007": "\u0075sage" is
+            # "usage"; OpenAI's own chunks escape none) is parsed whole, since
+            # the scans look for keys as they are usually written; it is looked
+            # for only where a backslash is (a memchr), and not as "\u00", which
+            # json.dumps writes for every é.
             self._text_chars += _text_in_chunk(data)
             # A chunk not begun as the last one read this way: the stream's
             # chunks may begin otherwise from here (a first one with its role).
             self._prefix = _usual_prefix(data) or prefix
             return
         try:
-            obj = _loads(data)
-        except orjson.JSONDecodeError:
+            obj = _parsed(data)
+        except ValueError:
             obj = None
         if not isinstance(obj, dict):
             self._malformed = True
@@ -652,40 +684,57 @@ class ResponsesStreamMeter(_StreamMeter):
             self._malformed = True
 
 
-_USAGE_OBJECT_BYTES: Final = re.compile(rb'"usage"\s*:\s*\{')
 _USAGE_KEY_BYTES: Final = _USAGE_KEY.encode()
+# A "usage" member that may hold an object, as a usage chunk's bytes can show it:
+# its key written plainly or with any of its letters escaped ("\u0075sage"), and
+# not followed by a null. A JSON string holds no unescaped quote, so a match
+# begins at a key, at a string value ("usage" as a value), or at an escaped
+# quote inside a string ('"say \\"usage\\""'): those are tested and kept. It
+# asks nothing else of what follows the key, since a chunk's data lines may
+# split it there ('"usage":' then 'data: {...}'): a search for the key and its
+# object in the raw bytes missed such a chunk, and an escaped key, and both were
+# forwarded to clients that had not asked for them (review of the streamed
+# path). The stream meter reads the data lines joined, and parses a chunk with
+# an escaped letter whole.
+_USAGE_MARK_BYTES: Final = re.compile(
+    rb'"(?:u|\\u0075)(?:s|\\u0073)(?:a|\\u0061)(?:g|\\u0067)(?:e|\\u0065)"'
+    rb"(?![ \t]*:[ \t]*null)"
+)
+_PLAIN_USAGE_MARK_BYTES: Final = re.compile(rb'"usage"(?![ \t]*:[ \t]*null)')
+_BACKSLASH: Final = 92
 
 
-def has_usage_object(events: bytes) -> bool:
+def has_usage_mark(events: bytes) -> bool:
     """Whether raw SSE bytes may hold a usage chunk (a cheap test, no parsing):
-    ``_USAGE_OBJECT_BYTES.search(events) is not None``, told at once for the
-    usual chunk, as `_usage_object_in` tells it."""
-    at = events.find(_USAGE_KEY_BYTES)
-    if at < 0:
-        return False
-    if events[at + 7 : at + 12] == b":null" and events.find(_USAGE_KEY_BYTES, at + 1) < 0:
-        return False
-    return _USAGE_OBJECT_BYTES.search(events) is not None
+    ``_USAGE_MARK_BYTES.search(events) is not None``."""
+    return bool(usage_marks(events))
 
 
-def usage_objects(events: bytes) -> list[int]:
-    """Where ``_USAGE_OBJECT_BYTES`` matches in raw SSE bytes (`DropEvents`'
+def usage_marks(events: bytes) -> list[int]:
+    """Where ``_USAGE_MARK_BYTES`` matches in raw SSE bytes (`DropEvents`'
     marks): a usage-only chunk holds a match, and a search of a run of events
-    finds it, since two matches cannot overlap (a match holds a quote only at
-    its start and at the end of "usage"). Empty at once for the usual chunk, as
-    `has_usage_object` tells it."""
+    finds it, since two matches cannot overlap (a match holds quotes only at
+    its start and at the end of its key). Empty at once for the usual chunk (one
+    "usage" member, null, and no escaped letter): one search by the pattern
+    costs more than that chunk's whole filtering. A run of several chunks is
+    searched by the pattern: cheaper than a loop of finds over its members."""
+    if _BACKSLASH in events and (b"\\u006" in events or b"\\u007" in events):
+        return [match.start() for match in _USAGE_MARK_BYTES.finditer(events)]
+    # No escaped letter: the plain key's pattern (a literal prefix, which the
+    # regex engine looks for as a string; the pattern with escapes stops at
+    # every quote), after the usual chunk is told at once.
     at = events.find(_USAGE_KEY_BYTES)
-    if at < 0:
+    if at < 0 or (
+        events[at + 7 : at + 12] == b":null" and events.find(_USAGE_KEY_BYTES, at + 7) < 0
+    ):
         return []
-    if events[at + 7 : at + 12] == b":null" and events.find(_USAGE_KEY_BYTES, at + 1) < 0:
-        return []
-    return [match.start() for match in _USAGE_OBJECT_BYTES.finditer(events)]
+    return [match.start() for match in _PLAIN_USAGE_MARK_BYTES.finditer(events)]
 
 
 def is_usage_only(event: bytes) -> bool:
     """Whether one raw SSE event is the usage-only chunk (``choices: []``, a usage
     object) that ``stream_options.include_usage`` adds at the end of a stream."""
-    if not has_usage_object(event):
+    if not has_usage_mark(event):
         return False
     data = b"\n".join(
         line[5:].removeprefix(b" ")
@@ -693,7 +742,7 @@ def is_usage_only(event: bytes) -> bool:
         if line.startswith(b"data:")
     )
     try:
-        obj = _loads(data)
-    except orjson.JSONDecodeError:
+        obj = _parsed(data)
+    except ValueError:
         return False
     return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)

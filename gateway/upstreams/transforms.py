@@ -125,8 +125,10 @@ class DropEvents:
                 return self._kept(complete)
             begin = before + 2 if before >= 0 else 0
             tested = complete.find(b"\n\n", at) + 2
-            if drop(complete[begin:tested]):
+            event = complete[begin:tested]
+            if drop(event):
                 pieces.append(complete[start:begin])
+                pieces.append(_blank_lines(event))
                 start = tested
         if not start:
             return complete
@@ -145,7 +147,10 @@ class DropEvents:
             # cheaper than its search (tried at every byte).
             events = complete.split(b"\n\n")
             after = events.pop()  # what follows the last end
-            kept = [event for event in (event + b"\n\n" for event in events) if not drop(event)]
+            kept = []
+            for event in events:
+                event += b"\n\n"
+                kept.append(_blank_lines(event) if drop(event) else event)
             if after:
                 kept.append(after)
             return b"".join(kept)
@@ -153,8 +158,7 @@ class DropEvents:
         start = 0
         for match in _EVENT_END.finditer(complete):
             event = complete[start : match.end()]
-            if not drop(event):
-                kept.append(event)
+            kept.append(_blank_lines(event) if drop(event) else event)
             start = match.end()
         kept.append(complete[start:])
         return b"".join(kept)
@@ -162,4 +166,13 @@ class DropEvents:
     def flush(self) -> bytes:
         rest = b"".join(self._held)
         self._held, self._held_len = [], 0
-        return b"" if rest and self._drop(rest) else rest
+        return _blank_lines(rest) if rest and self._drop(rest) else rest
+
+
+def _blank_lines(event: bytes) -> bytes:
+    """What of a dropped event is kept: the line ends it begins with. The events
+    are cut at the first two line ends of a run, so the last of an odd run (a
+    blank line after the event before: no event's) begins the next event; it is
+    forwarded, so the output does not depend on where the upstream's reads end
+    (review of the streamed path)."""
+    return event[: len(event) - len(event.lstrip(b"\r\n"))]

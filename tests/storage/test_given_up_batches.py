@@ -448,6 +448,9 @@ async def test_postgres_an_admission_given_up_before_it_committed_gives_back_not
     hold = blocker.transaction()
     await hold.start()
     await blocker.execute("SELECT 1 FROM users WHERE id = 'alice' FOR UPDATE")
+    # (Since 0024 an admission's rows take no key lock on the user's row: it
+    # is held by the user's admission lock.)
+    await blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended('alice', 24))")
     caller = admit(store, "alice", "r1", queries_per_day=10)
     await until(lambda: store.group_commit["admit"] == (2, 2))
     await turns()
@@ -482,6 +485,9 @@ async def test_postgres_a_close_given_up_leaves_a_give_back_waiting_for_a_connec
     hold = blocker.transaction()
     await hold.start()
     await blocker.execute("SELECT 1 FROM users WHERE id = 'alice' FOR UPDATE")
+    # (Since 0024 an admission's rows take no key lock on the user's row: it
+    # is held by the user's admission lock.)
+    await blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended('alice', 24))")
     try:
         gone = admit(store, "alice", "r1", queries_per_day=10, max_concurrent_streams=5)
         await until(lambda: store.group_commit["admit"] == (1, 1))

@@ -625,6 +625,9 @@ async def test_an_abandoned_admission_is_given_back(postgres_dsn: str) -> None:
     hold = blocker.transaction()
     await hold.start()
     await blocker.execute("SELECT 1 FROM users WHERE id = 'alice' FOR UPDATE")
+    # (Since 0024 an admission's rows take no key lock on the user's row: it
+    # is held by the user's admission lock.)
+    await blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended('alice', 24))")
     kept = admit(first, "alice", "r1", queries_per_day=10, max_concurrent_streams=5)
     gone = admit(first, "alice", "r2", queries_per_day=10, max_concurrent_streams=5)
     await turns()
@@ -941,6 +944,9 @@ async def test_a_lone_call_waiting_on_a_row_lock_gives_up_its_batch_and_goes_alo
     hold = blocker.transaction()
     await hold.start()
     await blocker.execute("SELECT 1 FROM users WHERE id = 'hot' FOR UPDATE")
+    # (Since 0024 an admission's rows take no key lock on the user's row: it
+    # is held by the user's admission lock.)
+    await blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended('hot', 24))")
     try:
         call: asyncio.Future[Any] = (
             admit(pg, "hot", "h1")
@@ -1101,6 +1107,9 @@ async def test_a_row_held_elsewhere_holds_up_only_its_users_admissions(pg: Postg
     hold = blocker.transaction()
     await hold.start()
     await blocker.execute("SELECT 1 FROM users WHERE id = 'hot' FOR UPDATE")
+    # (Since 0024 an admission's rows take no key lock on the user's row: it
+    # is held by the user's admission lock.)
+    await blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended('hot', 24))")
     try:
         hot = [admit(pg, "hot", "h1"), admit(pg, "hot", "h2")]
         await turns()

@@ -23,7 +23,7 @@ from gateway.upstreams.openai_wire import (
     ChatStreamMeter,
     ResponsesStreamMeter,
     _answer_chars,
-    has_usage_object,
+    has_usage_mark,
     is_usage_only,
     meter_body,
     prompt_chars,
@@ -392,7 +392,7 @@ def test_a_chunk_without_usage_is_passed_as_it_is() -> None:
     f = _hiding_usage()
     chunk = b'data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
     assert f.feed(chunk) is chunk
-    assert not has_usage_object(chunk) and not is_usage_only(chunk)
+    assert not has_usage_mark(chunk) and not is_usage_only(chunk)
 
 
 @pytest.mark.parametrize(
@@ -410,6 +410,39 @@ def test_only_the_usage_only_chunk_is_hidden(event: bytes) -> None:
 
 def test_an_unterminated_usage_chunk_at_the_end_is_hidden_too() -> None:
     assert _filtered([b'data: {"choices":[],"usage":{"prompt_tokens":1}}']) == b""
+
+
+# The usage chunk as an unusual upstream may write it: its data split over two
+# lines after the key, or its key escaped. Each was forwarded to a client that had
+# not asked for usage (review of the streamed path); the meter reads each.
+_ODDLY_WRITTEN_USAGE = [
+    b'data: {"choices":[],"usage":\ndata: {"prompt_tokens":3,"completion_tokens":4,'
+    b'"total_tokens":7}}\n\n',
+    b'data: {"choices":[],"usage"\ndata: : {"prompt_tokens":3,"completion_tokens":4,'
+    b'"total_tokens":7}}\n\n',
+    b'data: {"choices":[],"\\u0075sage":{"prompt_tokens":3,"completion_tokens":4,'
+    b'"total_tokens":7}}\n\n',
+    b'data: {"choices":[],"us\\u0061g\\u0065":{"prompt_tokens":3,"completion_tokens":4,'
+    b'"total_tokens":7}}\r\n\r\n',
+]
+
+
+@pytest.mark.parametrize("usage", _ODDLY_WRITTEN_USAGE)
+def test_an_oddly_written_usage_chunk_is_hidden_and_read(usage: bytes) -> None:
+    text = b'data: {"id":"c","choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
+    stream = text * 2 + usage + b"data: [DONE]\n\n"
+    assert _filtered([stream]) == text * 2 + b"data: [DONE]\n\n"
+    for cut in range(1, len(stream)):
+        assert _filtered([stream[:cut], stream[cut:]]) == text * 2 + b"data: [DONE]\n\n"
+    meter = ChatStreamMeter({})
+    _feed(meter, stream)
+    assert meter.finish(cut=False).usage == Usage(3, 4, 7)
+
+
+def test_a_usage_key_as_a_string_value_is_kept() -> None:
+    chunk = b'data: {"choices":[{"delta":{"content":"usage"}}],"type":"usage"}\n\n'
+    assert has_usage_mark(chunk) and not is_usage_only(chunk)
+    assert _filtered([chunk]) == chunk
 
 
 # --- preparing requests ------------------------------------------------------------------

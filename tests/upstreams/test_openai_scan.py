@@ -12,14 +12,14 @@ from hypothesis import strategies as st
 from gateway.sse import ServerSentEvent
 from gateway.upstreams.openai_wire import (
     _CHUNK_TEXT,
+    _USAGE_MARK_BYTES,
     _USAGE_OBJECT,
-    _USAGE_OBJECT_BYTES,
     ChatStreamMeter,
     _text_in_chunk,
     _usage_object_in,
     _usual_prefix,
-    has_usage_object,
-    usage_objects,
+    has_usage_mark,
+    usage_marks,
 )
 
 # Pieces a chunk is made of, and the ones that trip a hand-written scan.
@@ -57,6 +57,9 @@ _PIECES = [
     '"reasoning_content": "',
     '"reasoning":"',
     '"transcript":"',
+    "\\u0075",  # "u" escaped: keys spelled so are keys all the same
+    '"\\u0075sage":{',
+    '"us\\u0061ge":null',
 ]
 _ANY = st.lists(st.sampled_from(_PIECES) | st.text(max_size=3), max_size=24).map("".join)
 # Chunks shaped like the usual one (one "content" string, a "usage" member), the
@@ -89,14 +92,14 @@ def test_text_in_chunk_is_the_patterns_count(data: str) -> None:
 def test_usage_object_is_the_patterns_search(data: str) -> None:
     assert _usage_object_in(data) == (_USAGE_OBJECT.search(data) is not None)
     raw = data.encode()
-    assert has_usage_object(raw) == (_USAGE_OBJECT_BYTES.search(raw) is not None)
+    assert has_usage_mark(raw) == (_USAGE_MARK_BYTES.search(raw) is not None)
 
 
 @settings(max_examples=300)
 @given(texts)
-def test_usage_objects_are_where_the_pattern_matches(data: str) -> None:
+def test_usage_marks_are_where_the_pattern_matches(data: str) -> None:
     raw = data.encode()
-    assert usage_objects(raw) == [m.start() for m in _USAGE_OBJECT_BYTES.finditer(raw)]
+    assert usage_marks(raw) == [m.start() for m in _USAGE_MARK_BYTES.finditer(raw)]
 
 
 class _Unremembered(ChatStreamMeter):
@@ -302,6 +305,6 @@ def test_text_in_chunk_examples(data: str, chars: int) -> None:
 def test_usage_object_examples(data: str, found: bool) -> None:
     assert _usage_object_in(data) is found
     raw = data.encode()
-    assert has_usage_object(raw) is (_USAGE_OBJECT_BYTES.search(raw) is not None)
-    assert bool(usage_objects(raw)) is (_USAGE_OBJECT_BYTES.search(raw) is not None)
+    assert has_usage_mark(raw) is (_USAGE_MARK_BYTES.search(raw) is not None)
+    assert bool(usage_marks(raw)) is (_USAGE_MARK_BYTES.search(raw) is not None)
     assert (_USAGE_OBJECT.search(data) is not None) is found

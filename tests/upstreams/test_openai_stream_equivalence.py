@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from gateway.sse import ServerSentEvent
 from gateway.upstreams.openai_wire import (
     ChatStreamMeter,
-    has_usage_object,
+    has_usage_mark,
     is_usage_only,
-    usage_objects,
+    usage_marks,
 )
 from gateway.upstreams.transforms import DropEvents
 from tests.upstreams.test_openai_scan import _state, _Unremembered
@@ -120,8 +120,8 @@ def test_marked_filter_forwards_what_the_may_drop_filter_forwards(
         for chunk, sep in zip(chunks, separators, strict=False)
     )
     cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=5)))
-    ours = DropEvents(is_usage_only, marks=usage_objects)
-    reference = DropEvents(is_usage_only, may_drop=has_usage_object)
+    ours = DropEvents(is_usage_only, marks=usage_marks)
+    reference = DropEvents(is_usage_only, may_drop=has_usage_mark)
     start = 0
     for cut in [*cuts, len(raw)]:
         piece = raw[start:cut]

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.upstreams.openai_wire import has_usage_object, is_usage_only, usage_objects
+from gateway.upstreams.openai_wire import has_usage_mark, is_usage_only, usage_marks
 from gateway.upstreams.transforms import DropEvents
 
 _EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
@@ -21,7 +21,8 @@ class Reference:
     """DropEvents as it was before (gateway/upstreams/transforms.py at 6083e21):
     the held bytes and the chunk joined and searched whole on every chunk
     (quadratic for a long event); but what follows the last event end of what
-    it passes on is kept, as DropEvents keeps it now."""
+    it passes on is kept, and the line ends a dropped event begins with (the
+    last of an odd run: a blank line, no event's), as DropEvents keeps them now."""
 
     def __init__(self, drop: Callable[[bytes], bool]) -> None:
         self._drop = drop
@@ -40,15 +41,20 @@ class Reference:
         kept, start = [], 0
         for match in _EVENT_END.finditer(complete):
             event = complete[start : match.end()]
-            if not self._drop(event):
-                kept.append(event)
+            kept.append(_leading_line_ends(event) if self._drop(event) else event)
             start = match.end()
         kept.append(complete[start:])  # (since the review of 03b9278: it was left out)
         return b"".join(kept)
 
     def flush(self) -> bytes:
         rest, self._held = self._held, b""
-        return b"" if rest and self._drop(rest) else rest
+        return _leading_line_ends(rest) if rest and self._drop(rest) else rest
+
+
+def _leading_line_ends(event: bytes) -> bytes:
+    """The blank lines a dropped event begins with, kept (since the review of
+    30d753c: they were dropped with it, or not, by where the reads ended)."""
+    return event[: len(event) - len(event.lstrip(b"\r\n"))]
 
 
 def drop_usage(event: bytes) -> bool:
@@ -97,8 +103,7 @@ def _kept_by_search(complete: bytes) -> bytes:
     kept, start = [], 0
     for match in _EVENT_END.finditer(complete):
         event = complete[start : match.end()]
-        if not drop_usage(event):
-            kept.append(event)
+        kept.append(_leading_line_ends(event) if drop_usage(event) else event)
         start = match.end()
     kept.append(complete[start:])
     return b"".join(kept)
@@ -139,7 +144,7 @@ def test_a_long_incomplete_event_costs_linear_time() -> None:
 
 
 # The OpenAI dialect's filter: the events that hold a usage object are found by
-# its marks (`usage_objects`), and only they are cut out and tested. It must keep
+# its marks (`usage_marks`), and only they are cut out and tested. It must keep
 # and drop what the filter did when it tested every event of a run that may hold
 # one (`may_drop`), with any line ends, any chunking.
 _USAGE_LINES = st.sampled_from(
@@ -156,7 +161,7 @@ _USAGE_LINES = st.sampled_from(
 
 
 def _drop_usage_object(event: bytes) -> bool:
-    return has_usage_object(event) and b"keep" not in event
+    return has_usage_mark(event) and b"keep" not in event
 
 
 @settings(max_examples=500, deadline=None)
@@ -173,8 +178,8 @@ def test_marked_events_are_dropped_as_when_every_event_was_tested(
     stream = b"".join(line + end for line, end in parts)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
     chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
-    ours = DropEvents(_drop_usage_object, marks=usage_objects)
-    reference = DropEvents(_drop_usage_object, may_drop=has_usage_object)
+    ours = DropEvents(_drop_usage_object, marks=usage_marks)
+    reference = DropEvents(_drop_usage_object, may_drop=has_usage_mark)
     got = [ours.feed(c) for c in chunks] + [ours.flush()]
     want = [reference.feed(c) for c in chunks] + [reference.flush()]
     assert got == want
@@ -195,10 +200,10 @@ def test_marked_events_are_dropped_as_when_every_event_was_tested(
     ],
 )
 def test_marked_events_examples(chunk: bytes) -> None:
-    ours = DropEvents(_drop_usage_object, marks=usage_objects)
-    reference = DropEvents(_drop_usage_object, may_drop=has_usage_object)
+    ours = DropEvents(_drop_usage_object, marks=usage_marks)
+    reference = DropEvents(_drop_usage_object, may_drop=has_usage_mark)
     assert [ours.feed(chunk), ours.flush()] == [reference.feed(chunk), reference.flush()]
-    assert ours._kept_at(chunk, usage_objects(chunk)) == reference._kept(chunk)
+    assert ours._kept_at(chunk, usage_marks(chunk)) == reference._kept(chunk)
 
 
 @pytest.mark.parametrize(
@@ -215,9 +220,9 @@ def test_marked_events_examples(chunk: bytes) -> None:
 @pytest.mark.parametrize("how", ["marks", "may_drop"])
 def test_no_byte_after_the_last_event_is_lost(chunk: bytes, how: str) -> None:
     drop = (
-        DropEvents(is_usage_only, marks=usage_objects)
+        DropEvents(is_usage_only, marks=usage_marks)
         if how == "marks"
-        else DropEvents(is_usage_only, may_drop=has_usage_object)
+        else DropEvents(is_usage_only, may_drop=has_usage_mark)
     )
     out = drop.feed(chunk) + drop.flush()
     assert out == chunk.replace(b'data: {"choices":[],"usage":{}}\n\n', b"")

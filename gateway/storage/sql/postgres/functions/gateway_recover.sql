@@ -3,7 +3,8 @@
 -- bound reserved is replaced by the estimate; the estimate's tokens count in the
 -- token rates the answer was admitted under. SKIP LOCKED: each pending row is
 -- recovered by one process, or settled by its gateway. The estimate is the
--- upstream's the answer was sent to (0017).
+-- upstream's the answer was sent to (0017). A pending row whose user is gone
+-- (0024) is dropped.
 CREATE OR REPLACE FUNCTION gateway_recover(p_before timestamp with time zone, p_limit integer, p_now timestamp with time zone)
  RETURNS SETOF text
  LANGUAGE plpgsql
@@ -17,6 +18,11 @@ BEGIN
         ORDER BY p.user_id, p.id LIMIT p_limit FOR UPDATE SKIP LOCKED
     LOOP
         DELETE FROM pending_answers WHERE id = r.id;
+        IF NOT EXISTS (SELECT FROM users WHERE id = r.user_id) THEN
+            -- Its user was deleted while it was being admitted (no foreign
+            -- key since 0024): there is no one to charge the estimate to.
+            CONTINUE;
+        END IF;
         -- The estimate is written as a settle with no pending row, no model
         -- nor token parts and no alert checks writes an answer.
         v_recorded := gateway_settle(
