@@ -32,6 +32,7 @@ import pytest_asyncio
 from gateway.config import DatabaseConfig
 from gateway.storage import Storage, open_storage
 from tests.browser import chromium, require_chromium
+from tests.harness import MIGRATED
 from tests.sslcontexts import shared
 from tests.tcpproxy import TCPProxy
 
@@ -153,6 +154,7 @@ def postgres_dsn(postgres: PostgresServer) -> str:
         await storage.close()
 
     asyncio.run(migrate())
+    MIGRATED.add(dsn)
     return dsn
 
 
@@ -309,9 +311,12 @@ def _sqlite_copy(request: pytest.FixtureRequest) -> Iterator[str]:
     folder = Path(tempfile.mkdtemp(dir=request.getfixturevalue("_sqlite_root")))
     target = folder / "gateway.db"
     shutil.copyfile(template, target)
+    url = f"sqlite:///{target}"
+    MIGRATED.add(url)
     try:
-        yield f"sqlite:///{target}"
+        yield url
     finally:
+        MIGRATED.discard(url)
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -3,7 +3,6 @@ linear time, ends the answer as an upstream error, and is still charged."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
@@ -19,13 +18,13 @@ from tests.upstreams.test_openai_sdk import PRICES
 def test_a_long_line_costs_linear_time() -> None:
     # 7.5 MB in 2 KB chunks: re-scanning the held line for every chunk copies and
     # searches about 15 GB (seconds); buffering it in pieces, a few milliseconds.
+    # Shown, not timed: each chunk is held as it came, not joined to what was held.
     decoder = SSEDecoder()
-    chunk = b"x" * 2048
-    began = time.perf_counter()
+    chunks = [b"x" * 2048 for _ in range(7_500_000 // 2048)]
     decoder.feed(b"data: ")
-    for _ in range(7_500_000 // len(chunk)):
+    for chunk in chunks:
         assert decoder.feed(chunk) == []
-    assert time.perf_counter() - began < 1.0
+    assert all(held is chunk for held, chunk in zip(decoder._buf[1:], chunks, strict=True))
     (event,) = decoder.feed(b"\n\n")
     assert len(event.data) == 7_500_000 // len(chunk) * len(chunk)
 
@@ -109,16 +108,14 @@ async def test_an_endless_line_ends_the_answer_with_an_error_and_is_charged(
     settings = {"upstream": {"max_event_bytes": 1024 * 1024}}
     async with running_gateway(sqlite_url, upstream=upstream, settings=settings) as h:
         body = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
-        began = time.perf_counter()
+        # The upstream holds its answer open: only the gateway can end it.
         async with httpx.AsyncClient(timeout=20) as client:
             reply = await client.post(f"{h.url}/v1/chat-messages", json=body, headers=h.auth())
-        elapsed = time.perf_counter() - began
         await h.probes.wait_finished(1)
         await h.gateway.idle()
         (event,) = await h.events()
         errors = h.gateway.metrics.get("gateway_upstream_errors_total", kind="event_too_large")
     assert reply.status_code == 200
-    assert elapsed < 10
     # The answer ended with an SSE error event in Dify's shape.
     last = reply.content.rstrip(b"\n").rsplit(b"\n", 1)[-1]
     assert last.startswith(b"data: ")

@@ -478,19 +478,13 @@ def _settle_many_args(settles: Sequence[_Settle]) -> list[Any]:
 
 
 _REFUND = "SELECT gateway_refund($1, $2, $3, $4)"
-# The locks an upload's reservation takes (gateway_reserve_upload): its user's
-# team's row (when it has a team), then the user's admission lock (one row:
-# the team's count, taken first).
-_UPLOAD_LOCKS = (
-    "SELECT pg_advisory_xact_lock(hashtextextended($1, 24)) FROM "
-    "(SELECT count(*) FROM (SELECT 1 FROM teams t JOIN users u ON u.team_id = t.id "
-    "WHERE u.id = $1 FOR NO KEY UPDATE OF t) AS x OFFSET 0) AS team"
-)
 # The admissions' locks, taken in the order the admission functions take them
 # (0023): the teams' rows (by id), then the users' admission locks (by user id,
 # in the database's order of text, as gateway_admit_many goes through its
 # users; each once). The subqueries are kept apart (OFFSET 0) so that the
-# locks are taken row by row in their order.
+# locks are taken row by row in their order. Taken by a give-back whose
+# statement's backend is not known (which only orders it after an admission
+# that holds them or waits for them already).
 _TEAM_LOCKS = (
     "SELECT count(*) FROM (SELECT 1 FROM teams WHERE id = ANY($1::text[]) "
     "ORDER BY id FOR NO KEY UPDATE) AS t"
@@ -506,12 +500,26 @@ _REFUND_MANY = (
     "FROM (SELECT * FROM unnest($1::text[], $2::date[], $3::text[], $4::text[]) "
     "WITH ORDINALITY AS t(u, d, l, p, o) ORDER BY u, o OFFSET 0) AS e) AS g"
 )
-# How long a give-back of admissions whose outcome was lost waits for their
-# locks: behind the admission it gives back, which may still wait on the server
-# (for another admission of its user holding the lock) well past the command
-# timeout that gave it up. Past this the give-back fails (a warning) and the
-# pending rows stay for a recovery; storage.close() waits for it.
+# The backend that ran a statement whose outcome was lost, ended, and waited for
+# (up to the milliseconds given; PostgreSQL 14): once it is gone its transaction
+# has committed or never will, whatever it was waiting for (a lock, the
+# statement's own bytes still on their way, a table a migration holds). True
+# when it is gone (or was: no such backend of ours), False when it outlived the
+# wait. Only a client backend of this database and role is ended: a pid the
+# system gave again meanwhile is another program's, not ours to end.
+_END_BACKEND = (
+    "SELECT coalesce(bool_and(pg_terminate_backend(pid, $2)), true) FROM pg_stat_activity "
+    "WHERE pid = $1 AND backend_type = 'client backend' "
+    "AND datname = current_database() AND usename = current_user"
+)
+# How long a give-back waits for the backend it ends (ended, it has let go of
+# any lock it waited for at once; only a commit's flush can make it wait). Past
+# this the give-back fails (a warning) and the pending rows stay for a recovery.
 _GIVE_BACK_WAIT = 30.0
+# Give-backs under way at once, each on a connection of the pool: a database
+# that times statements out by the hundred (a brownout) must not have its
+# give-backs take the pool from everything else (review of the unknown outcome).
+_GIVE_BACKS_AT_ONCE = 2
 # What an admission statement may have raised after it committed all the same
 # (its outcome unknown): a timeout - asyncpg's command_timeout sends a
 # CancelRequest and raises at once, and the cancellation may be lost, or come
@@ -706,6 +714,15 @@ def _admitted_user(admit: _Admit) -> str:
     return admit.call.user_id
 
 
+def _given_up(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> None:
+    """Close ``conn``, whose statement was given up with its outcome unknown:
+    it is never used again, whatever became of its CancelRequest, and its
+    backend (noted before the statement: a connection lost cannot tell it) can
+    be ended and waited for."""
+    with contextlib.suppress(asyncpg.InterfaceError):  # lost: given back to the pool already
+        conn.terminate()
+
+
 def _usable(conn: asyncpg.pool.PoolConnectionProxy) -> bool:
     """Whether a connection kept out of the pool is still open (one the
     database closed, asyncpg gives back to the pool itself)."""
@@ -728,13 +745,20 @@ class PostgresStorage:
             self._admit_one,
             max_batch=max_batch,
             abandoned=self._admission_abandoned,
-            lost=self._admissions_lost,
+            lost=self._batch_lost,
             key=_admitted_user,
         )
         self._settles: GroupCommit[_Settle, bool] = GroupCommit(
             "settle", self._settle_many, self._settle_one, max_batch=max_batch, key=_settled_user
         )
         self._background: set[asyncio.Task[Any]] = set()
+        self._give_back_slots = asyncio.Semaphore(_GIVE_BACKS_AT_ONCE)
+        # The backends of admissions cancelled in flight, by id() of the
+        # admission, until the batches' lost hook gives them back (`_batch_lost`).
+        self._lost_backends: dict[int, int | None] = {}
+        # Upload reservations whose outcome was lost, by key: their backends'
+        # ending, which a release of the upload waits for (`release_upload`).
+        self._ending: dict[str, asyncio.Task[bool]] = {}
         self._limit_literals: dict[int, tuple[tuple[Limit, ...], _Limits]] = {}
         # Tuples admitted once, not yet kept (_limit_texts).
         self._limit_seen_once: dict[int, tuple[Limit, ...]] = {}
@@ -1164,10 +1188,16 @@ class PostgresStorage:
             # (The connection taken apart from the statement: only the
             # statement's errors leave its outcome unknown.)
             async with self._pool.acquire() as conn:
+                backend = conn.get_server_pid()
                 try:
                     row = await conn.fetchrow(_ADMIT, *admit.call)
                 except _OUTCOME_UNKNOWN:
-                    self._outcome_lost([admit])
+                    _given_up(conn)
+                    self._outcome_lost([admit], backend)
+                    raise
+                except asyncio.CancelledError:
+                    _given_up(conn)
+                    self._note_lost([admit], backend)
                     raise
         assert row is not None
         return _admission(row, admit.limits)
@@ -1181,6 +1211,7 @@ class PostgresStorage:
             with _mapped():
                 conn = await self._pool.acquire()
         kept = False
+        backend = conn.get_server_pid()
         try:
             if len(admits) == 1:
                 # A batch of one (no batch was in flight: the usual case under
@@ -1189,7 +1220,12 @@ class PostgresStorage:
                     try:
                         row = await conn.fetchrow(_ADMIT_BATCHED, *admits[0].call)
                     except _OUTCOME_UNKNOWN:
-                        self._outcome_lost(admits)
+                        _given_up(conn)
+                        self._outcome_lost(admits, backend)
+                        raise
+                    except asyncio.CancelledError:
+                        _given_up(conn)
+                        self._note_lost(admits, backend)
                         raise
                 kept = True
                 assert row is not None
@@ -1201,7 +1237,12 @@ class PostgresStorage:
                 try:
                     rows = await conn.fetch(_ADMIT_MANY, *args)
                 except _OUTCOME_UNKNOWN:
-                    self._outcome_lost(admits)
+                    _given_up(conn)
+                    self._outcome_lost(admits, backend)
+                    raise
+                except asyncio.CancelledError:
+                    _given_up(conn)
+                    self._note_lost(admits, backend)
                     raise
             kept = True
         finally:
@@ -1237,40 +1278,53 @@ class PostgresStorage:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _outcome_lost(self, admits: Sequence[_Admit]) -> None:
+    def _outcome_lost(self, admits: Sequence[_Admit], backend: int | None) -> None:
         """Admissions whose statement failed with its outcome unknown
-        (_OUTCOME_UNKNOWN): each caller gets a StorageError, so none of their
-        answers is forwarded as admitted - fail-closed refuses the request,
-        fail-open forwards it unreserved, settled without a pending row or a
-        lease - yet the statement may have committed, or may still: its query,
-        lease and pending row would stay, and a recovery would charge the
-        pending row's estimate (fail-open: a second charge of the answer).
-        They are given back in the background, as admissions lost at shutdown
-        are (`_admissions_lost`: under the admission locks, after the
-        statement's commit or rollback)."""
-        task = asyncio.create_task(self._admissions_lost(admits))
+        (_OUTCOME_UNKNOWN) on the connection of ``backend``: each caller gets a
+        StorageError, so none of their answers is forwarded as admitted -
+        fail-closed refuses the request, fail-open forwards it unreserved,
+        settled without a pending row or a lease - yet the statement may have
+        committed, or may still: its query, lease and pending row would stay,
+        and a recovery would charge the pending row's estimate (fail-open: a
+        second charge of the answer). They are given back in the background,
+        as admissions lost at shutdown are (`_admissions_lost`)."""
+        task = asyncio.create_task(self._admissions_lost(admits, backend))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _admissions_lost(self, admits: Sequence[_Admit]) -> None:
-        """Admissions whose answers were lost in flight (their batch's task
-        cancelled: the event loop going away; with max_batch 1, their caller
-        cancelled; or their statement timed out or lost its connection,
-        `_outcome_lost`): they may have committed, or may still. Given back by
-        their pending rows, which gateway_refund gives back only while they
-        are there (without one it would give back a query never reserved),
-        under the locks their admission takes, in its order (the teams' rows,
-        then the users' admission locks), in one transaction: an admission
-        still on the server - its cancellation not acknowledged, say a lost
-        CancelRequest, or its statement's answer not come - holds those locks,
-        or waits for them ahead of the give-back, so the give-back comes after
-        its commit or its rollback, never before (review of the shutdown fix).
-        A batch's users' locks are all taken before anything is given back: a
-        batch holding the first of them while it waits for a later one is
-        waited for.
+    def _note_lost(self, admits: Sequence[_Admit], backend: int) -> None:
+        for admit in admits:
+            self._lost_backends[id(admit)] = backend
 
-        One attempt: when the database cannot be reached (a warning, once for
-        the batch), the pending rows stay, and a recovery charges them later."""
+    async def _batch_lost(self, admits: Sequence[_Admit]) -> None:
+        """The admission batches' ``lost`` hook: admissions given up in flight
+        (their batch's task cancelled: the event loop going away; with
+        max_batch 1, their caller cancelled), given back by their statement's
+        backend (noted as they were given up) as `_outcome_lost` gives back
+        those that timed out."""
+        by_backend: dict[int | None, list[_Admit]] = {}
+        for admit in admits:
+            by_backend.setdefault(self._lost_backends.pop(id(admit), None), []).append(admit)
+        await asyncio.gather(
+            *(self._admissions_lost(lost, backend) for backend, lost in by_backend.items())
+        )
+
+    async def _admissions_lost(self, admits: Sequence[_Admit], backend: int | None) -> None:
+        """Admissions whose answers were lost in flight: they may have
+        committed, or may still (a CancelRequest lost, or come before the
+        statement itself; the statement waiting for a lock or a table). Their
+        statement's backend is ended and waited for first (its connection was
+        closed when the statement was given up), so that its transaction has
+        committed or never will; then they are given back by their pending
+        rows, which gateway_refund gives back only while they are there (an
+        admission that did not land has none: without one it would give back a
+        query never reserved). Without the backend (a connection never opened),
+        under the locks their admission takes, in its order, which orders the
+        give-back after an admission that holds them or waits for them.
+
+        One attempt: when the database cannot be reached, or the backend
+        outlives _GIVE_BACK_WAIT (a warning, once for the batch), the pending
+        rows stay, and a recovery charges them later."""
         calls = []
         for admit in admits:
             if admit.call.pending_id is None:
@@ -1282,18 +1336,28 @@ class PostgresStorage:
         users = [call.user_id for call in calls]
         teams = sorted({call.team for call in calls if call.team is not None})
         try:
-            with _mapped():
-                async with self._pool.acquire() as conn, conn.transaction():
-                    if teams:
-                        await conn.execute(_TEAM_LOCKS, teams, timeout=_GIVE_BACK_WAIT)
-                    await conn.execute(_ADMISSION_LOCKS, users, timeout=_GIVE_BACK_WAIT)
-                    given = await conn.fetchval(
-                        _REFUND_MANY,
-                        users,
-                        [call.day for call in calls],
-                        [call.lease_id for call in calls],
-                        [call.pending_id for call in calls],
-                    )
+            async with self._give_back_slots:
+                with _mapped():
+                    async with self._pool.acquire() as conn:
+                        if backend is not None and not await conn.fetchval(
+                            _END_BACKEND,
+                            backend,
+                            int(_GIVE_BACK_WAIT * 1000),
+                            timeout=_GIVE_BACK_WAIT + 5,
+                        ):
+                            raise StorageError(f"backend {backend} still running")
+                        async with conn.transaction():
+                            if backend is None:
+                                if teams:
+                                    await conn.execute(_TEAM_LOCKS, teams)
+                                await conn.execute(_ADMISSION_LOCKS, users)
+                            given = await conn.fetchval(
+                                _REFUND_MANY,
+                                users,
+                                [call.day for call in calls],
+                                [call.lease_id for call in calls],
+                                [call.pending_id for call in calls],
+                            )
         except StorageError as exc:
             # The pending rows stay: a recovery charges them as estimates later.
             log.warning(
@@ -1377,7 +1441,17 @@ class PostgresStorage:
 
     async def _reserve_upload(self, args: tuple[Any, ...], limits: Sequence[Limit]) -> Admission:
         with _mapped():
-            row = await self._pool.fetchrow(_RESERVE_UPLOAD, *args)
+            async with self._pool.acquire() as conn:
+                backend = conn.get_server_pid()
+                try:
+                    row = await conn.fetchrow(_RESERVE_UPLOAD, *args)
+                except _OUTCOME_UNKNOWN:
+                    # It may land later: its backend is ended and waited for
+                    # before the upload is given back or counted again by its
+                    # key (`release_upload`), which then sees what it did.
+                    _given_up(conn)
+                    self._upload_outcome_lost(args[1], backend)
+                    raise
         assert row is not None
         team = (
             counters_from(row["team_day"], row["team_month"], 0)
@@ -1387,6 +1461,32 @@ class PostgresStorage:
         counters = counters_from(row["day_used"], row["month_used"], 0, team=team)
         refused = row["refused"]
         return admission(limits, None if refused is None else refused - 1, counters, 0)
+
+    def _upload_outcome_lost(self, key: str, backend: int) -> None:
+        task = asyncio.create_task(self._end_backend(backend))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        self._ending[key] = task
+        task.add_done_callback(lambda _: self._ending.pop(key, None))
+
+    async def _end_backend(self, backend: int) -> bool:
+        """Whether the backend of a statement given up is gone (ended and waited
+        for: `_END_BACKEND`); False (a warning) when it could not be ended."""
+        try:
+            async with self._give_back_slots:
+                with _mapped():
+                    ended = await self._pool.fetchval(
+                        _END_BACKEND,
+                        backend,
+                        int(_GIVE_BACK_WAIT * 1000),
+                        timeout=_GIVE_BACK_WAIT + 5,
+                    )
+        except StorageError as exc:
+            log.warning("could not end the backend %d of a statement given up: %s", backend, exc)
+            return False
+        if not ended:
+            log.warning("the backend %d of a statement given up outlived the wait", backend)
+        return bool(ended)
 
     def _upload_abandoned(self, user_id: str, key: str, task: asyncio.Task[Admission]) -> None:
         if task.cancelled():
@@ -1410,17 +1510,15 @@ class PostgresStorage:
             log.warning("could not give back an abandoned upload of %s: %s", user_id, exc)
 
     async def release_upload(self, user_id: str, *, key: str) -> None:
-        # Under the locks gateway_reserve_upload takes (the user's team's row,
-        # then the user's admission lock), then in a statement of its own (a
-        # snapshot taken after them): a reservation whose outcome was lost -
-        # timed out, its cancellation lost, still waiting on the server - is
-        # given back after its commit, not missed before it and left counted
-        # (one still waiting past the command timeout fails this: the settler
-        # tries again later).
+        # A reservation whose outcome was lost (timed out, its connection lost)
+        # is given back once its backend is gone, not missed before its commit
+        # and left counted; a backend not known to be gone fails this (the
+        # settler tries again later).
+        ending = self._ending.get(key)
+        if ending is not None and not await asyncio.shield(ending):
+            raise StorageError("the reservation's backend is not known to be gone")
         with _mapped():
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute(_UPLOAD_LOCKS, user_id)
-                await conn.execute(_RELEASE_UPLOAD, key, user_id)
+            await self._pool.execute(_RELEASE_UPLOAD, key, user_id)
 
     async def open_streams(self, user_id: str, *, now: datetime) -> int:
         with _mapped():

