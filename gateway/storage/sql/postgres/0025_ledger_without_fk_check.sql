@@ -27,7 +27,7 @@ $$;
 -- The day rows' check of their part (0023's CHECK (part IN (0, 1))) goes too:
 -- PostgreSQL parses and compiles a table's CHECK expressions again for every
 -- statement that writes the table: 26,000 of a lone settle's instructions
--- (3.5%; an admission writes its day row too). Only the function set writes
+-- (3.5%), and as many of a lone admission's. Only the function set writes
 -- the column: each statement the column's default, 0 (admissions, refunds),
 -- or a literal 1 (settles, recoveries, releases); a row of another part would
 -- still be summed by every reader of the day. (usage_models keeps its check:
