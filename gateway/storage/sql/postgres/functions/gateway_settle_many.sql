@@ -24,8 +24,9 @@ DECLARE
 BEGIN
     -- Its statements on their generic plans (the SET clause) for batches of
     -- up to 12: PostgreSQL planned them again at every call otherwise, a
-    -- fifth of a batch of 8's instructions. Larger batches are planned for
-    -- their sizes, which pays there (docs/performance.md).
+    -- fifth of a batch of 8's instructions. Larger batches are planned per
+    -- call, which pays there: probably because a custom plan's = ANY of a
+    -- (then constant) array is hashed (docs/performance.md).
     IF cardinality(p_answer_ids) > 12 THEN
         v_set := set_config('plan_cache_mode', 'auto', true);
     END IF;
