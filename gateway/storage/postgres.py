@@ -1225,13 +1225,8 @@ class PostgresStorage:
                 backend = _backend_of(conn)
                 try:
                     row = await conn.fetchrow(_ADMIT, *admit.call)
-                except _OUTCOME_UNKNOWN:
-                    _given_up(conn)
-                    self._outcome_lost([admit], backend)
-                    raise
-                except asyncio.CancelledError:
-                    _given_up(conn)
-                    self._note_lost([admit], backend)
+                except (*_OUTCOME_UNKNOWN, asyncio.CancelledError) as exc:
+                    self._statement_lost(conn, [admit], backend, exc)
                     raise
         assert row is not None
         return _admission(row, admit.limits)
@@ -1253,13 +1248,8 @@ class PostgresStorage:
                 with _mapped(), _mapped_batch():
                     try:
                         row = await conn.fetchrow(_ADMIT_BATCHED, *admits[0].call)
-                    except _OUTCOME_UNKNOWN:
-                        _given_up(conn)
-                        self._outcome_lost(admits, backend)
-                        raise
-                    except asyncio.CancelledError:
-                        _given_up(conn)
-                        self._note_lost(admits, backend)
+                    except (*_OUTCOME_UNKNOWN, asyncio.CancelledError) as exc:
+                        self._statement_lost(conn, admits, backend, exc)
                         raise
                 kept = True
                 assert row is not None
@@ -1270,13 +1260,8 @@ class PostgresStorage:
             with _mapped(), _mapped_batch():
                 try:
                     rows = await conn.fetch(_ADMIT_MANY, *args)
-                except _OUTCOME_UNKNOWN:
-                    _given_up(conn)
-                    self._outcome_lost(admits, backend)
-                    raise
-                except asyncio.CancelledError:
-                    _given_up(conn)
-                    self._note_lost(admits, backend)
+                except (*_OUTCOME_UNKNOWN, asyncio.CancelledError) as exc:
+                    self._statement_lost(conn, admits, backend, exc)
                     raise
             kept = True
         finally:
@@ -1326,9 +1311,23 @@ class PostgresStorage:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _note_lost(self, admits: Sequence[_Admit], backend: Backend | None) -> None:
-        for admit in admits:
-            self._lost_backends[id(admit)] = backend
+    def _statement_lost(
+        self,
+        conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+        admits: Sequence[_Admit],
+        backend: Backend | None,
+        exc: BaseException,
+    ) -> None:
+        """An admission statement given up with its outcome unknown: timed out
+        or its connection lost (given back now, `_outcome_lost`), or cancelled
+        in flight (given back by the batches' lost hook, `_batch_lost`, which
+        finds its backend noted here). Its connection is closed either way."""
+        _given_up(conn)
+        if isinstance(exc, asyncio.CancelledError):
+            for admit in admits:
+                self._lost_backends[id(admit)] = backend
+        else:
+            self._outcome_lost(admits, backend)
 
     async def _batch_lost(self, admits: Sequence[_Admit]) -> None:
         """The admission batches' ``lost`` hook: admissions given up in flight

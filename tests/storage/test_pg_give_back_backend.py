@@ -183,7 +183,13 @@ async def test_a_give_back_of_a_store_whose_current_user_is_not_its_login_comes_
     the admission - still waiting for Alice's lock, never cancelled - lands
     after it: its query, lease and pending row stay."""
     dsn, _ = lost_cancels
-    store = await open_store(f"{dsn}&role={other_role}")
+    await _nothing_left_of_a_timed_out_admission(f"{dsn}&role={other_role}", postgres_dsn)
+
+
+async def _nothing_left_of_a_timed_out_admission(dsn: str, postgres_dsn: str) -> None:
+    """Alice's admission ``r1``, through ``dsn``, times out waiting for her lock;
+    once the lock is let go and the give-back is over, nothing of it is left."""
+    store = await open_store(dsn)
     watcher = await asyncpg.connect(postgres_dsn)
     try:
         await warm_up(store)
@@ -268,24 +274,4 @@ async def test_a_give_back_behind_a_pooler_comes_after_the_admission(
     once Alice's lock is free. (Closing the client's connection does not end
     the server's either: the pooler holds it.)"""
     dsn, _ = pooler
-    store = await open_store(dsn)
-    watcher = await asyncpg.connect(postgres_dsn)
-    try:
-        await warm_up(store)
-        async with Blocked(postgres_dsn, ALICES_LOCK) as blocked:
-            caller = admit(store, "alice", "r1", queries_per_day=10, max_concurrent_streams=5)
-            with pytest.raises(StorageError, match="TimeoutError"):
-                await caller
-
-            async def done_or_waiting() -> bool:
-                return not store._background or await count(watcher, LOCK_WAITERS) >= 2
-
-            await until_async(done_or_waiting)
-            await blocked.release()
-            await until_async(lambda: _no_admission_running(watcher))
-            await given_back(store)
-        _, lease, queries = await left_of(watcher, "alice", "r1")
-        assert (lease, queries) == (0, 0)
-    finally:
-        await watcher.close()
-        await store.close()
+    await _nothing_left_of_a_timed_out_admission(dsn, postgres_dsn)
