@@ -44,13 +44,6 @@ from tests.tcpproxy import TCPProxy
 pytestmark = pytest.mark.postgres
 
 
-@pytest.fixture
-async def lost_cancels(postgres_dsn: str) -> AsyncIterator[tuple[str, TCPProxy]]:
-    proxy = TCPProxy(*pg_address(postgres_dsn), lose_cancels=True)
-    async with behind_proxy(postgres_dsn, proxy, query="sslmode=disable") as dsn:
-        yield dsn, proxy
-
-
 # --- A. the give-back's terminate() suppresses asyncpg's own cancellation ------------
 
 
