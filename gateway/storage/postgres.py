@@ -504,13 +504,18 @@ _REFUND_MANY = (
 # (up to the milliseconds given; PostgreSQL 14): once it is gone its transaction
 # has committed or never will, whatever it was waiting for (a lock, the
 # statement's own bytes still on their way, a table a migration holds). True
-# when it is gone (or was: no such backend of ours), False when it outlived the
-# wait. Only a client backend of this database and role is ended: a pid the
-# system gave again meanwhile is another program's, not ours to end.
+# when it is gone (or was: no such backend), False when it outlived the wait.
+# A backend is its pid and its start, as it told them when its connection
+# opened (`_init_connection`): a pid the system gave again is not ended.
 _END_BACKEND = (
-    "SELECT coalesce(bool_and(pg_terminate_backend(pid, $2)), true) FROM pg_stat_activity "
-    "WHERE pid = $1 AND backend_type = 'client backend' "
-    "AND datname = current_database() AND usename = current_user"
+    "SELECT coalesce(bool_and(pg_terminate_backend(pid, $3)), true) FROM pg_stat_activity "
+    "WHERE pid = $1 AND backend_start = $2"
+)
+# The same, not waited for: sent as soon as the statement is given up, so that
+# it does not go on holding a backend and its user's lock (closing the
+# connection at once left asyncpg's CancelRequest unsent: review of cc2a490).
+_KILL_BACKEND = (
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2"
 )
 # How long a give-back waits for the backend it ends (ended, it has let go of
 # any lock it waited for at once; only a commit's flush can make it wait). Past
@@ -608,12 +613,30 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
+# Backends by pid, as each told its start when its connection opened: a
+# statement given up has its backend ended by both (`_END_BACKEND`). A pid the
+# server gives again is noted again when its connection opens.
+_BACKEND_STARTS: dict[int, datetime] = {}
+_BACKENDS_NOTED = 65536  # past this many pids (months of new connections), forgotten
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # The array literals (_param) write NULL unquoted, which PostgreSQL reads as
     # NULL only under array_nulls = on (its default; a database or role may turn
-    # it off). Set for the connection's life, whatever those defaults: a SET, not
-    # a startup parameter, which a pooler such as PgBouncer may refuse.
-    await conn.execute("SET array_nulls = on")
+    # it off). Set for the connection's life, whatever those defaults: a SET
+    # (set_config), not a startup parameter, which a pooler such as PgBouncer may
+    # refuse. In the same round trip, the backend's pid and start: behind a
+    # pooler, the pid asyncpg was told is the pooler's, not the backend's, and
+    # nothing is noted (a give-back then goes by the admission's locks).
+    row = await conn.fetchrow(
+        "SELECT set_config('array_nulls', 'on', false), pg_backend_pid(), "
+        "(SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())"
+    )
+    assert row is not None
+    if row[1] == conn.get_server_pid() and row[2] is not None:
+        if len(_BACKEND_STARTS) >= _BACKENDS_NOTED:
+            _BACKEND_STARTS.clear()
+        _BACKEND_STARTS[row[1]] = row[2]
     await conn.set_type_codec(
         "jsonb",
         schema="pg_catalog",
@@ -714,6 +737,17 @@ def _admitted_user(admit: _Admit) -> str:
     return admit.call.user_id
 
 
+Backend = tuple[int, datetime]  # a backend's pid and start
+
+
+def _backend_of(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> Backend | None:
+    """The backend of ``conn`` (noted before a statement: a connection lost
+    cannot tell it); None behind a pooler."""
+    pid = conn.get_server_pid()
+    start = _BACKEND_STARTS.get(pid)
+    return None if start is None else (pid, start)
+
+
 def _given_up(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> None:
     """Close ``conn``, whose statement was given up with its outcome unknown:
     it is never used again, whatever became of its CancelRequest, and its
@@ -755,10 +789,10 @@ class PostgresStorage:
         self._give_back_slots = asyncio.Semaphore(_GIVE_BACKS_AT_ONCE)
         # The backends of admissions cancelled in flight, by id() of the
         # admission, until the batches' lost hook gives them back (`_batch_lost`).
-        self._lost_backends: dict[int, int | None] = {}
+        self._lost_backends: dict[int, Backend | None] = {}
         # Upload reservations whose outcome was lost, by key: their backends'
         # ending, which a release of the upload waits for (`release_upload`).
-        self._ending: dict[str, asyncio.Task[bool]] = {}
+        self._ending: dict[str, tuple[Backend, asyncio.Task[bool]]] = {}
         self._limit_literals: dict[int, tuple[tuple[Limit, ...], _Limits]] = {}
         # Tuples admitted once, not yet kept (_limit_texts).
         self._limit_seen_once: dict[int, tuple[Limit, ...]] = {}
@@ -1188,16 +1222,11 @@ class PostgresStorage:
             # (The connection taken apart from the statement: only the
             # statement's errors leave its outcome unknown.)
             async with self._pool.acquire() as conn:
-                backend = conn.get_server_pid()
+                backend = _backend_of(conn)
                 try:
                     row = await conn.fetchrow(_ADMIT, *admit.call)
-                except _OUTCOME_UNKNOWN:
-                    _given_up(conn)
-                    self._outcome_lost([admit], backend)
-                    raise
-                except asyncio.CancelledError:
-                    _given_up(conn)
-                    self._note_lost([admit], backend)
+                except (*_OUTCOME_UNKNOWN, asyncio.CancelledError) as exc:
+                    self._statement_lost(conn, [admit], backend, exc)
                     raise
         assert row is not None
         return _admission(row, admit.limits)
@@ -1211,7 +1240,7 @@ class PostgresStorage:
             with _mapped():
                 conn = await self._pool.acquire()
         kept = False
-        backend = conn.get_server_pid()
+        backend = _backend_of(conn)
         try:
             if len(admits) == 1:
                 # A batch of one (no batch was in flight: the usual case under
@@ -1219,13 +1248,8 @@ class PostgresStorage:
                 with _mapped(), _mapped_batch():
                     try:
                         row = await conn.fetchrow(_ADMIT_BATCHED, *admits[0].call)
-                    except _OUTCOME_UNKNOWN:
-                        _given_up(conn)
-                        self._outcome_lost(admits, backend)
-                        raise
-                    except asyncio.CancelledError:
-                        _given_up(conn)
-                        self._note_lost(admits, backend)
+                    except (*_OUTCOME_UNKNOWN, asyncio.CancelledError) as exc:
+                        self._statement_lost(conn, admits, backend, exc)
                         raise
                 kept = True
                 assert row is not None
@@ -1236,13 +1260,8 @@ class PostgresStorage:
             with _mapped(), _mapped_batch():
                 try:
                     rows = await conn.fetch(_ADMIT_MANY, *args)
-                except _OUTCOME_UNKNOWN:
-                    _given_up(conn)
-                    self._outcome_lost(admits, backend)
-                    raise
-                except asyncio.CancelledError:
-                    _given_up(conn)
-                    self._note_lost(admits, backend)
+                except (*_OUTCOME_UNKNOWN, asyncio.CancelledError) as exc:
+                    self._statement_lost(conn, admits, backend, exc)
                     raise
             kept = True
         finally:
@@ -1278,7 +1297,7 @@ class PostgresStorage:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _outcome_lost(self, admits: Sequence[_Admit], backend: int | None) -> None:
+    def _outcome_lost(self, admits: Sequence[_Admit], backend: Backend | None) -> None:
         """Admissions whose statement failed with its outcome unknown
         (_OUTCOME_UNKNOWN) on the connection of ``backend``: each caller gets a
         StorageError, so none of their answers is forwarded as admitted -
@@ -1292,9 +1311,23 @@ class PostgresStorage:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _note_lost(self, admits: Sequence[_Admit], backend: int) -> None:
-        for admit in admits:
-            self._lost_backends[id(admit)] = backend
+    def _statement_lost(
+        self,
+        conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+        admits: Sequence[_Admit],
+        backend: Backend | None,
+        exc: BaseException,
+    ) -> None:
+        """An admission statement given up with its outcome unknown: timed out
+        or its connection lost (given back now, `_outcome_lost`), or cancelled
+        in flight (given back by the batches' lost hook, `_batch_lost`, which
+        finds its backend noted here). Its connection is closed either way."""
+        _given_up(conn)
+        if isinstance(exc, asyncio.CancelledError):
+            for admit in admits:
+                self._lost_backends[id(admit)] = backend
+        else:
+            self._outcome_lost(admits, backend)
 
     async def _batch_lost(self, admits: Sequence[_Admit]) -> None:
         """The admission batches' ``lost`` hook: admissions given up in flight
@@ -1302,14 +1335,14 @@ class PostgresStorage:
         max_batch 1, their caller cancelled), given back by their statement's
         backend (noted as they were given up) as `_outcome_lost` gives back
         those that timed out."""
-        by_backend: dict[int | None, list[_Admit]] = {}
+        by_backend: dict[Backend | None, list[_Admit]] = {}
         for admit in admits:
             by_backend.setdefault(self._lost_backends.pop(id(admit), None), []).append(admit)
         await asyncio.gather(
             *(self._admissions_lost(lost, backend) for backend, lost in by_backend.items())
         )
 
-    async def _admissions_lost(self, admits: Sequence[_Admit], backend: int | None) -> None:
+    async def _admissions_lost(self, admits: Sequence[_Admit], backend: Backend | None) -> None:
         """Admissions whose answers were lost in flight: they may have
         committed, or may still (a CancelRequest lost, or come before the
         statement itself; the statement waiting for a lock or a table). Their
@@ -1318,9 +1351,10 @@ class PostgresStorage:
         committed or never will; then they are given back by their pending
         rows, which gateway_refund gives back only while they are there (an
         admission that did not land has none: without one it would give back a
-        query never reserved). Without the backend (a connection never opened),
-        under the locks their admission takes, in its order, which orders the
-        give-back after an admission that holds them or waits for them.
+        query never reserved). Without the backend (behind a pooler, which
+        hides it), under the locks their admission takes, in its order, which
+        orders the give-back after an admission that holds them or waits for
+        them (not after one that has not reached them yet).
 
         One attempt: when the database cannot be reached, or the backend
         outlives _GIVE_BACK_WAIT (a warning, once for the batch), the pending
@@ -1335,17 +1369,19 @@ class PostgresStorage:
             return
         users = [call.user_id for call in calls]
         teams = sorted({call.team for call in calls if call.team is not None})
+        if backend is not None:
+            await self._kill(backend)
         try:
             async with self._give_back_slots:
                 with _mapped():
                     async with self._pool.acquire() as conn:
                         if backend is not None and not await conn.fetchval(
                             _END_BACKEND,
-                            backend,
+                            *backend,
                             int(_GIVE_BACK_WAIT * 1000),
                             timeout=_GIVE_BACK_WAIT + 5,
                         ):
-                            raise StorageError(f"backend {backend} still running")
+                            raise StorageError(f"backend {backend[0]} still running")
                         async with conn.transaction():
                             if backend is None:
                                 if teams:
@@ -1442,7 +1478,7 @@ class PostgresStorage:
     async def _reserve_upload(self, args: tuple[Any, ...], limits: Sequence[Limit]) -> Admission:
         with _mapped():
             async with self._pool.acquire() as conn:
-                backend = conn.get_server_pid()
+                backend = _backend_of(conn)
                 try:
                     row = await conn.fetchrow(_RESERVE_UPLOAD, *args)
                 except _OUTCOME_UNKNOWN:
@@ -1462,30 +1498,50 @@ class PostgresStorage:
         refused = row["refused"]
         return admission(limits, None if refused is None else refused - 1, counters, 0)
 
-    def _upload_outcome_lost(self, key: str, backend: int) -> None:
+    def _upload_outcome_lost(self, key: str, backend: Backend | None) -> None:
+        if backend is not None:  # (behind a pooler: released as it comes)
+            self._start_ending(key, backend)
+
+    def _start_ending(self, key: str, backend: Backend) -> asyncio.Task[bool]:
         task = asyncio.create_task(self._end_backend(backend))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        self._ending[key] = task
-        task.add_done_callback(lambda _: self._ending.pop(key, None))
+        self._ending[key] = (backend, task)
 
-    async def _end_backend(self, backend: int) -> bool:
+        def forget(done: asyncio.Task[bool]) -> None:
+            # Kept while the backend is not known to be gone: a release tries again.
+            if not done.cancelled() and done.result() and self._ending.get(key, (0, 0))[1] is done:
+                del self._ending[key]
+
+        task.add_done_callback(forget)
+        return task
+
+    async def _kill(self, backend: Backend) -> None:
+        """End ``backend`` now, not waited for (`_KILL_BACKEND`)."""
+        try:
+            with _mapped():
+                await self._pool.execute(_KILL_BACKEND, *backend)
+        except StorageError as exc:  # (the wait that follows tries again)
+            log.debug("could not end the backend %d at once: %s", backend[0], exc)
+
+    async def _end_backend(self, backend: Backend) -> bool:
         """Whether the backend of a statement given up is gone (ended and waited
         for: `_END_BACKEND`); False (a warning) when it could not be ended."""
+        await self._kill(backend)
         try:
             async with self._give_back_slots:
                 with _mapped():
                     ended = await self._pool.fetchval(
                         _END_BACKEND,
-                        backend,
+                        *backend,
                         int(_GIVE_BACK_WAIT * 1000),
                         timeout=_GIVE_BACK_WAIT + 5,
                     )
         except StorageError as exc:
-            log.warning("could not end the backend %d of a statement given up: %s", backend, exc)
+            log.warning("could not end the backend %d of a statement given up: %s", backend[0], exc)
             return False
         if not ended:
-            log.warning("the backend %d of a statement given up outlived the wait", backend)
+            log.warning("the backend %d of a statement given up outlived the wait", backend[0])
         return bool(ended)
 
     def _upload_abandoned(self, user_id: str, key: str, task: asyncio.Task[Admission]) -> None:
@@ -1514,9 +1570,13 @@ class PostgresStorage:
         # is given back once its backend is gone, not missed before its commit
         # and left counted; a backend not known to be gone fails this (the
         # settler tries again later).
-        ending = self._ending.get(key)
-        if ending is not None and not await asyncio.shield(ending):
-            raise StorageError("the reservation's backend is not known to be gone")
+        entry = self._ending.get(key)
+        if entry is not None:
+            backend, ending = entry
+            if ending.done() and not ending.result():  # not ended before: again
+                ending = self._start_ending(key, backend)
+            if not await asyncio.shield(ending):
+                raise StorageError("the reservation's backend is not known to be gone")
         with _mapped():
             await self._pool.execute(_RELEASE_UPLOAD, key, user_id)
 

@@ -17,28 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
 
 from gateway.storage.postgres import PostgresStorage
-from tests.conftest import behind_proxy, pg_address
 from tests.harness import until_async
 from tests.storage.test_group_commit import DAY, admit
 from tests.tcpproxy import TCPProxy
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-async def lost_cancels(postgres_dsn: str) -> AsyncIterator[tuple[str, TCPProxy]]:
-    """A DSN through a forwarder that loses every CancelRequest."""
-    proxy = TCPProxy(*pg_address(postgres_dsn), lose_cancels=True)
-    # (sslmode=disable: the CancelRequest is then its connection's first bytes)
-    async with behind_proxy(postgres_dsn, proxy, query="sslmode=disable") as dsn:
-        yield dsn, proxy
 
 
 def _waiting_admissions(waiting: str) -> str:

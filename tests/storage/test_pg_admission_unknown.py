@@ -44,15 +44,6 @@ LATER = NOW + timedelta(days=1)  # a recovery then takes every pending row
 
 
 @pytest.fixture
-async def lost_cancels(postgres_dsn: str) -> AsyncIterator[tuple[str, TCPProxy]]:
-    """A DSN through a forwarder that loses every CancelRequest."""
-    proxy = TCPProxy(*pg_address(postgres_dsn), lose_cancels=True)
-    # (sslmode=disable: the CancelRequest is then its connection's first bytes)
-    async with behind_proxy(postgres_dsn, proxy, query="sslmode=disable") as dsn:
-        yield dsn, proxy
-
-
-@pytest.fixture
 async def held(postgres_dsn: str) -> AsyncIterator[tuple[str, HeldProxy]]:
     """A DSN through a forwarder whose answers from the server can be held."""
     proxy = HeldProxy(*pg_address(postgres_dsn))

@@ -55,13 +55,6 @@ LOCK_WAITERS = (
 )
 
 
-@pytest.fixture
-async def lost_cancels(postgres_dsn: str) -> AsyncIterator[tuple[str, TCPProxy]]:
-    proxy = TCPProxy(*pg_address(postgres_dsn), lose_cancels=True)
-    async with behind_proxy(postgres_dsn, proxy, query="sslmode=disable") as dsn:
-        yield dsn, proxy
-
-
 class HoldsNextStatement(TCPProxy):
     """A forwarder that holds the next bytes a client sends (``hold_next``) until
     ``let_go`` is set - a statement slow on its way to the server (a congested
