@@ -32,14 +32,18 @@ CREATE OR REPLACE FUNCTION gateway_settle(p_answer_id text, p_user text, p_day d
  LANGUAGE plpgsql
 AS $$
 DECLARE
+    -- (No initial values where a statement sets the variable or NULL does:
+    -- PL/pgSQL prepares each expression again in every transaction, about
+    -- 1,400 instructions each; docs/performance.md.)
     v_day date;
-    v_reserved integer := 0;
-    v_reserved_cost numeric := 0;
-    v_rates integer := 0;
-    v_keys text[] := '{}';
-    v_recovered boolean := false;
+    v_reserved integer;
+    v_reserved_cost numeric;
+    v_rates integer;
+    v_keys text[];
+    v_recovered boolean;
     v_settled boolean;
-    v_ended boolean := false;
+    -- true: the reservations ended on the answer's day row (NULL: not yet).
+    v_ended boolean;
     -- Today's counters (both rows) and the month's tokens, for the alert
     -- checks; NULL: not read yet.
     v_queries bigint;
@@ -47,8 +51,8 @@ DECLARE
     v_searches bigint;
     v_month numeric;
     v_used numeric;
-    v_crossed integer[] := '{}';
-    v_amounts numeric[] := '{}';
+    v_crossed integer[];  -- NULL: none (NULL || i is {i})
+    v_amounts numeric[];
     v_timeout text;
     v_set text;
 BEGIN
@@ -62,6 +66,12 @@ BEGIN
         RETURNING day, web_searches, reserved_cost, rates, scopes
         INTO v_day, v_reserved, v_reserved_cost, v_rates, v_keys;
         v_recovered := NOT FOUND;
+    ELSE
+        -- No pending row (a recovery's estimate, a fail-open answer): nothing reserved.
+        v_reserved := 0;
+        v_reserved_cost := 0;
+        v_rates := 0;
+        v_keys := '{}';
     END IF;
     IF v_recovered THEN
         -- A recovery took the pending row and charged an estimate.
@@ -109,6 +119,14 @@ BEGIN
                 lifetime_tokens = lifetime_tokens + p_total,
                 lifetime_cost = lifetime_cost + p_cost
             WHERE id = p_user;
+            IF NOT FOUND THEN
+                -- No such user (0025): the error the ledger's foreign key
+                -- raised, and the ledger row goes with the transaction.
+                RAISE foreign_key_violation USING
+                    MESSAGE = 'insert or update on table "usage_events" violates foreign key '
+                        'constraint "usage_events_user_id_fkey"',
+                    DETAIL = format('Key (user_id)=(%s) is not present in table "users".', p_user);
+            END IF;
             IF v_day = p_day AND (v_reserved <> 0 OR v_reserved_cost <> 0) THEN
                 -- The reservations end on the day row the answer is added to:
                 -- one write of it, leaving what adding then releasing would.
@@ -142,7 +160,7 @@ BEGIN
                     cost = d.cost + excluded.cost;
             END IF;
         END IF;
-        IF NOT v_ended AND (v_reserved <> 0 OR v_reserved_cost <> 0) THEN
+        IF v_ended IS NULL AND (v_reserved <> 0 OR v_reserved_cost <> 0) THEN
             -- Whether or not the answer id was new, the reservations end, on
             -- the day they were made on. The user's row first, as among
             -- settles (the users update took it if the answer was new).

@@ -6,6 +6,7 @@ CREATE OR REPLACE FUNCTION gateway_settle_many(p_answer_ids text[], p_users text
  RETURNS TABLE(ord integer, settled boolean)
  LANGUAGE plpgsql
  SET lock_timeout TO '250ms'
+ SET plan_cache_mode TO force_generic_plan
 AS $$
 DECLARE
     v_claimed text[];
@@ -17,7 +18,18 @@ DECLARE
     v_candidates bigint[];
     v_inserted text[];
     v_settled boolean[];
+    v_users bigint;
+    v_found bigint;
+    v_set text;
 BEGIN
+    -- Its statements on their generic plans (the SET clause) for batches of
+    -- up to 12: PostgreSQL planned them again at every call otherwise, a
+    -- fifth of a batch of 8's instructions. Larger batches are planned per
+    -- call, which pays there: probably because a custom plan's = ANY of a
+    -- (then constant) array is hashed (docs/performance.md).
+    IF cardinality(p_answer_ids) > 12 THEN
+        v_set := set_config('plan_cache_mode', 'auto', true);
+    END IF;
     -- A batch of one (a settle that found no batch in flight, the usual case
     -- under light load) is the single function: it does the same, for about
     -- half the CPU of the set-based path below. The function's lock_timeout
@@ -145,9 +157,12 @@ BEGIN
     )
     SELECT coalesce(array_agg(answer_id), '{}') INTO v_inserted FROM written;
 
-    SELECT array_agg(t.ord = ANY (v_candidates) AND t.answer_id = ANY (v_inserted) ORDER BY t.ord)
-    INTO v_settled
-    FROM unnest(p_answer_ids) WITH ORDINALITY AS t(answer_id, ord);
+    -- (And how many users they are: each must be found below, 0025.)
+    SELECT array_agg(t.ord = ANY (v_candidates) AND t.answer_id = ANY (v_inserted) ORDER BY t.ord),
+        count(DISTINCT t.user_id)
+            FILTER (WHERE t.ord = ANY (v_candidates) AND t.answer_id = ANY (v_inserted))
+    INTO v_settled, v_users
+    FROM unnest(p_answer_ids, p_users) WITH ORDINALITY AS t(answer_id, user_id, ord);
 
     IF cardinality(v_inserted) > 0 OR v_give_back THEN
         -- The users' rows, locked in user order before any is written: those of
@@ -175,6 +190,15 @@ BEGIN
             GROUP BY t.user_id
         ) s
         WHERE u.id = s.user_id;
+        -- A settled element's user not found (0025): the error the ledger's
+        -- foreign key raised. (The gateway then settles the batch's elements
+        -- one by one: only that one fails.)
+        GET DIAGNOSTICS v_found = ROW_COUNT;
+        IF v_found < v_users THEN
+            RAISE foreign_key_violation USING
+                MESSAGE = 'insert or update on table "usage_events" violates foreign key '
+                    'constraint "usage_events_user_id_fkey"';
+        END IF;
         -- The settles' rows of the days (part 1, 0023): admissions do not wait for them.
         INSERT INTO usage_daily AS d
             (user_id, day, part, web_searches, prompt_tokens, completion_tokens, total_tokens, cost)
