@@ -3,8 +3,10 @@
 -- bound reserved is replaced by the estimate; the estimate's tokens count in the
 -- token rates the answer was admitted under. SKIP LOCKED: each pending row is
 -- recovered by one process, or settled by its gateway. The estimate is the
--- upstream's the answer was sent to (0017). A pending row whose user is gone
--- (0024) is dropped.
+-- upstream's the answer was sent to (0017). The pending rows of users who are
+-- gone (no foreign key since 0024: deleted with triggers off, say) are dropped
+-- first, with their leases: they do not count in the batch the caller reads a
+-- short one of as the end (review of 0024/0025).
 CREATE OR REPLACE FUNCTION gateway_recover(p_before timestamp with time zone, p_limit integer, p_now timestamp with time zone)
  RETURNS SETOF text
  LANGUAGE plpgsql
@@ -13,14 +15,20 @@ DECLARE
     r pending_answers%ROWTYPE;
     v_recorded boolean;
 BEGIN
+    WITH gone AS (
+        DELETE FROM pending_answers p WHERE p.created_at < p_before
+            AND NOT EXISTS (SELECT FROM users u WHERE u.id = p.user_id)
+        RETURNING p.id
+    )
+    DELETE FROM stream_leases l USING gone WHERE l.id = gone.id;
     FOR r IN
         SELECT * FROM pending_answers p WHERE p.created_at < p_before
         ORDER BY p.user_id, p.id LIMIT p_limit FOR UPDATE SKIP LOCKED
     LOOP
         DELETE FROM pending_answers WHERE id = r.id;
         IF NOT EXISTS (SELECT FROM users WHERE id = r.user_id) THEN
-            -- Its user was deleted while it was being admitted (no foreign
-            -- key since 0024): there is no one to charge the estimate to.
+            -- Its user was deleted since the drop above: no one to charge.
+            DELETE FROM stream_leases WHERE id = r.id;
             CONTINUE;
         END IF;
         -- The estimate is written as a settle with no pending row, no model
