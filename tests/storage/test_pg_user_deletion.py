@@ -8,38 +8,21 @@ user's pending row with its lease, and a round is not ended early by such rows.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from datetime import datetime, timedelta
 
 import asyncpg
 import pytest
 
 from gateway.config import DatabaseConfig
-from gateway.storage import UsageEvent, open_storage
+from gateway.storage import open_storage
+from tests.storage.test_pg_settle_rows import NOW, _event
 
 pytestmark = pytest.mark.postgres
-
-NOW = datetime.now(UTC)
-DAY = NOW.date()
 
 
 @pytest.fixture
 def dsn(own_database: str) -> str:
     return own_database
-
-
-def _event(answer_id: str, user: str) -> UsageEvent:
-    return UsageEvent(
-        answer_id=answer_id,
-        user_id=user,
-        day=DAY,
-        created_at=NOW,
-        endpoint="chat-messages",
-        prompt_tokens=75,
-        completion_tokens=25,
-        total_tokens=100,
-        cost=Decimal("0.001"),
-    )
 
 
 async def _lease_and_pending(conn: asyncpg.Connection, user: str, at: datetime) -> None:
