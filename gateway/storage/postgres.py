@@ -615,7 +615,8 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 # Backends by pid, as each told its start when its connection opened: a
 # statement given up has its backend ended by both (`_END_BACKEND`). A pid the
-# server gives again is noted again when its connection opens.
+# server gives again is noted again when its connection opens. (By pid alone:
+# one database server per process, as `gateway serve` runs.)
 _BACKEND_STARTS: dict[int, datetime] = {}
 _BACKENDS_NOTED = 65536  # past this many pids (months of new connections), forgotten
 
@@ -1483,8 +1484,8 @@ class PostgresStorage:
                     row = await conn.fetchrow(_RESERVE_UPLOAD, *args)
                 except _OUTCOME_UNKNOWN:
                     # It may land later: its backend is ended and waited for
-                    # before the upload is given back or counted again by its
-                    # key (`release_upload`), which then sees what it did.
+                    # before the upload is given back (`release_upload` waits),
+                    # which then sees what it did.
                     _given_up(conn)
                     self._upload_outcome_lost(args[1], backend)
                     raise
