@@ -9,6 +9,12 @@
 --   as the keys' cascade took them. Else a user made again under the same id
 --   met the old pending answers (charged to them by recovery), leases and
 --   ledger rows.
+-- The path the functions keep (FROM CURRENT): the gateway's schema, then pg_temp
+-- named last, as a function run as its owner should have it (else a session's
+-- temporary tables of those names would be searched first). For the rest of
+-- this migration's transaction only.
+SELECT set_config('search_path', quote_ident(current_schema()) || ', pg_temp', true);
+
 CREATE OR REPLACE FUNCTION user_deleted_cascade() RETURNS trigger LANGUAGE plpgsql
     SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
