@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import aiohttp
 import httpx
 import pytest
@@ -209,7 +211,10 @@ def test_drop_events(chunks: list[bytes], expected: bytes) -> None:
 
 
 def test_drop_events_passes_a_run_with_nothing_to_drop_as_it_is() -> None:
-    transform = DropEvents(lambda event: b'"usage"' in event, may_drop=lambda run: b"usage" in run)
+    transform = DropEvents(
+        lambda event: b'"usage"' in event,
+        marks=lambda run: [m.start() for m in re.finditer(rb'"usage"', run)],
+    )
     chunk = b"data: a\n\ndata: b\n\n"
     assert transform.feed(chunk) is chunk
     assert transform.feed(b'data: {"usage":1}\n\ndata: c\n\n') == b"data: c\n\n"

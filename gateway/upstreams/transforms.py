@@ -29,28 +29,23 @@ class DropEvents:
     ``drop(event_bytes)`` is true (e.g. a usage chunk the dialect asked for and
     the client did not). Holds back at most the one event still incomplete.
 
-    ``may_drop``, when given, is a cheap test of a run of complete events: when
-    it says no event in the run can be dropped, the run is passed on as it is,
-    unsplit. With it, a chunk that ends at an event boundary and holds nothing to
-    drop - nearly every chunk - costs one test and no copy.
-
-    ``marks``, when given (in place of ``may_drop``), finds in a run of complete
-    events the places that may make one droppable: every event ``drop`` would
-    drop holds one of them (none: nothing is dropped). Only the events that hold
-    one are cut out and tested; the rest of the run is passed on as it is.
+    ``marks``, when given, finds in a run of complete events the places that may
+    make one droppable: every event ``drop`` would drop holds one of them (none:
+    nothing is dropped, and the run is passed on as it is, unsplit). Only the
+    events that hold one are cut out and tested; the rest of the run is passed
+    on as it is. With it, a chunk that ends at an event boundary and holds
+    nothing to drop - nearly every chunk - costs one call and no copy.
     """
 
-    __slots__ = ("_drop", "_held", "_held_len", "_marks", "_may_drop")
+    __slots__ = ("_drop", "_held", "_held_len", "_marks")
 
     def __init__(
         self,
         drop: Callable[[bytes], bool],
         *,
-        may_drop: Callable[[bytes], bool] | None = None,
         marks: Callable[[bytes], Sequence[int]] | None = None,
     ) -> None:
         self._drop = drop
-        self._may_drop = may_drop
         self._marks = marks
         # The incomplete event, in pieces: a long one is searched for its end only
         # where new bytes came (an end is at most 4 bytes, so the last 4 held bytes
@@ -66,8 +61,6 @@ class DropEvents:
             if self._marks is not None:
                 marks = self._marks(chunk)
                 return self._kept_at(chunk, marks) if marks else chunk
-            if self._may_drop is not None and not self._may_drop(chunk):
-                return chunk
             return self._kept(chunk)
         tail = _last_bytes(held)
         window = tail + chunk if tail else chunk
@@ -97,8 +90,6 @@ class DropEvents:
         if self._marks is not None:
             marks = self._marks(complete)
             return self._kept_at(complete, marks) if marks else complete
-        if self._may_drop is not None and not self._may_drop(complete):
-            return complete
         return self._kept(complete)
 
     def _kept_at(self, complete: bytes, marks: Sequence[int]) -> bytes:

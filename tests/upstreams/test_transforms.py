@@ -161,8 +161,8 @@ def test_a_long_incomplete_event_costs_linear_time(monkeypatch: pytest.MonkeyPat
 
 # The OpenAI dialect's filter: the events that hold a usage object are found by
 # its marks (`usage_marks`), and only they are cut out and tested. It must keep
-# and drop what the filter did when it tested every event of a run that may hold
-# one (`may_drop`), with any line ends, any chunking.
+# and drop what the filter does when it tests every event (no marks), with any
+# line ends, any chunking.
 _USAGE_LINES = st.sampled_from(
     [
         b"data: a",
@@ -195,7 +195,7 @@ def test_marked_events_are_dropped_as_when_every_event_was_tested(
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
     chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
     ours = DropEvents(_drop_usage_object, marks=usage_marks)
-    reference = DropEvents(_drop_usage_object, may_drop=has_usage_mark)
+    reference = DropEvents(_drop_usage_object)
     got = [ours.feed(c) for c in chunks] + [ours.flush()]
     want = [reference.feed(c) for c in chunks] + [reference.flush()]
     assert got == want
@@ -217,7 +217,7 @@ def test_marked_events_are_dropped_as_when_every_event_was_tested(
 )
 def test_marked_events_examples(chunk: bytes) -> None:
     ours = DropEvents(_drop_usage_object, marks=usage_marks)
-    reference = DropEvents(_drop_usage_object, may_drop=has_usage_mark)
+    reference = DropEvents(_drop_usage_object)
     assert [ours.feed(chunk), ours.flush()] == [reference.feed(chunk), reference.flush()]
     assert ours._kept_at(chunk, usage_marks(chunk)) == reference._kept(chunk)
 
@@ -233,12 +233,12 @@ def test_marked_events_examples(chunk: bytes) -> None:
         b'data: {"choices":[{"delta":{}}],"usage":{"x":1}}\r\n\r\n\n',
     ],
 )
-@pytest.mark.parametrize("how", ["marks", "may_drop"])
+@pytest.mark.parametrize("how", ["marks", "every-event"])
 def test_no_byte_after_the_last_event_is_lost(chunk: bytes, how: str) -> None:
     drop = (
         DropEvents(is_usage_only, marks=usage_marks)
         if how == "marks"
-        else DropEvents(is_usage_only, may_drop=has_usage_mark)
+        else DropEvents(is_usage_only)
     )
     out = drop.feed(chunk) + drop.flush()
     assert out == chunk.replace(b'data: {"choices":[],"usage":{}}\n\n', b"")
