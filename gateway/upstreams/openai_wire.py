@@ -208,8 +208,8 @@ def _data_type(data: str) -> tuple[str, object]:
         # A text delta's only object is the event itself: its type is the first.
         return (str(kinds[0]) if kinds else ""), None
     try:
-        obj = _loads(data)
-    except orjson.JSONDecodeError:
+        obj = _parsed(data)
+    except ValueError:
         # Unreadable: taken for the kind it names, so a broken final event is
         # reported as one (malformed usage), as with an "event:" line.
         return next(kind for kind in kinds if kind in _RESPONSE_PARSED), None
@@ -438,8 +438,8 @@ def meter_body(body: dict[str, Any], response: bytes, extras: Extras | None = No
     is the one the upstream names.
     """
     try:
-        obj = _loads(response)
-    except orjson.JSONDecodeError:
+        obj = _parsed(response)
+    except ValueError:
         obj = None
     if not isinstance(obj, dict):
         return unreadable_answer(prompt_chars(body), response)
@@ -646,8 +646,8 @@ class ResponsesStreamMeter(_StreamMeter):
             return
         if obj is None:
             try:
-                obj = _loads(data)
-            except orjson.JSONDecodeError:
+                obj = _parsed(data)
+            except ValueError:
                 obj = None
         if not isinstance(obj, dict):
             if kind in _RESPONSE_FINAL:

@@ -146,6 +146,23 @@ def test_blocking_chat_completion() -> None:
 
 
 @pytest.mark.parametrize(
+    "odd",
+    [b'"cost":NaN', b'"note":"\\ud800"', b'"note":"\xff"'],
+    ids=["NaN", "lone-surrogate", "not-utf8"],
+)
+def test_a_blocking_body_only_pythons_json_reads_is_read_not_estimated(odd: bytes) -> None:
+    # What the client's own parser (Python's json, with replacement for bytes
+    # not UTF-8) reads is read here too, as in a stream: not an estimate.
+    raw = orjson.dumps(_fake("/chat/completions", {"model": "m"}).chat_completion())
+    raw = raw.replace(b'"usage":{', b'"usage":{' + odd + b",", 1)
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(raw)
+    result = meter_body({}, raw)
+    assert result.outcome == "complete"
+    assert result.usage == Usage(12, 7, 19)
+
+
+@pytest.mark.parametrize(
     ("path", "method"),
     [
         ("/completions", "completion_body"),
