@@ -525,6 +525,13 @@ _GIVE_BACK_WAIT = 30.0
 # that times statements out by the hundred (a brownout) must not have its
 # give-backs take the pool from everything else (review of the unknown outcome).
 _GIVE_BACKS_AT_ONCE = 2
+# How long close() waits for the give-backs still under way (each may wait up
+# to _GIVE_BACK_WAIT for its backend, two at a time; a database gone dark makes
+# every one of them wait out its timeouts). Past it they are cancelled, their
+# pending rows left to a recovery, as a give-back that fails leaves them: a
+# shutdown is not held for minutes (nor cut by the supervisor's SIGKILL, past
+# what the settler flushed). The same bound as the runtime's other shutdown steps.
+CLOSE_GRACE = 10.0
 # What an admission statement may have raised after it committed all the same
 # (its outcome unknown): a timeout - asyncpg's command_timeout sends a
 # CancelRequest and raises at once, and the cancellation may be lost, or come
@@ -808,6 +815,7 @@ class PostgresStorage:
         # one is never held by admissions while a settle waits for it).
         self._keep = min(2, pool.get_max_size() // 4)
         self._closing = False
+        self.close_grace = CLOSE_GRACE
 
     @classmethod
     async def open(
@@ -839,11 +847,31 @@ class PostgresStorage:
         await self._settles.drain()
         while self._admit_connections:
             await self._pool.release(self._admit_connections.pop())
-        # (A give-back may start when what it gives back ends.) Shielded: a
-        # close given up leaves them going.
-        while self._background:
-            await asyncio.shield(asyncio.gather(*self._background, return_exceptions=True))
+        await self._give_backs_end(self.close_grace)
         await self._pool.close()
+
+    async def _give_backs_end(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for the give-backs under way (a
+        give-back may start when what it gives back ends), then cancel those
+        left: their pending rows stay for a recovery (`CLOSE_GRACE`). A close
+        itself cancelled leaves them going (asyncio.wait cancels nothing)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._background:
+            _, left = await asyncio.wait(
+                set(self._background), timeout=max(deadline - loop.time(), 0)
+            )
+            if left and loop.time() >= deadline:
+                log.warning(
+                    "%d give-back(s) still under way after %g s at close; cancelled: "
+                    "a recovery will charge any admission that landed",
+                    len(left),
+                    grace,
+                )
+                for task in left:
+                    task.cancel()
+                await asyncio.gather(*left, return_exceptions=True)
+                return
 
     @property
     def group_commit(self) -> dict[str, tuple[int, int]]:
