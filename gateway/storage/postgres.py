@@ -801,6 +801,10 @@ class PostgresStorage:
         # Upload reservations whose outcome was lost, by key: their backends'
         # ending, which a release of the upload waits for (`release_upload`).
         self._ending: dict[str, tuple[Backend, asyncio.Task[bool]]] = {}
+        # The same behind a pooler (no backend to wait for), by key: the team
+        # whose row the reservation locked, if any; its release takes the
+        # reservation's locks first (`release_upload`).
+        self._unordered: dict[str, str | None] = {}
         self._limit_literals: dict[int, tuple[tuple[Limit, ...], _Limits]] = {}
         # Tuples admitted once, not yet kept (_limit_texts).
         self._limit_seen_once: dict[int, tuple[Limit, ...]] = {}
@@ -1515,7 +1519,7 @@ class PostgresStorage:
                     # before the upload is given back (`release_upload` waits),
                     # which then sees what it did.
                     _given_up(conn)
-                    self._upload_outcome_lost(args[1], backend)
+                    self._upload_outcome_lost(args[1], backend, team=args[9])
                     raise
         assert row is not None
         team = (
@@ -1527,8 +1531,12 @@ class PostgresStorage:
         refused = row["refused"]
         return admission(limits, None if refused is None else refused - 1, counters, 0)
 
-    def _upload_outcome_lost(self, key: str, backend: Backend | None) -> None:
-        if backend is not None:  # (behind a pooler: released as it comes)
+    def _upload_outcome_lost(self, key: str, backend: Backend | None, *, team: str | None) -> None:
+        if backend is None:  # behind a pooler: released under the reservation's locks
+            if len(self._unordered) >= _BACKENDS_NOTED:
+                self._unordered.clear()
+            self._unordered[key] = team
+        else:
             self._start_ending(key, backend)
 
     def _start_ending(self, key: str, backend: Backend) -> asyncio.Task[bool]:
@@ -1606,6 +1614,21 @@ class PostgresStorage:
                 ending = self._start_ending(key, backend)
             if not await asyncio.shield(ending):
                 raise StorageError("the reservation's backend is not known to be gone")
+        if key in self._unordered:
+            # Behind a pooler, which hides the backend: under the locks the
+            # reservation takes, in its order (the team's row, then the user's
+            # admission lock), which orders the release after a reservation
+            # that holds them or waits for them - not after one still on its
+            # way, as an admission's give-back there (`_admissions_lost`).
+            team = self._unordered[key]
+            with _mapped():
+                async with self._pool.acquire() as conn, conn.transaction():
+                    if team is not None:
+                        await conn.execute(_TEAM_LOCKS, [team])
+                    await conn.execute(_ADMISSION_LOCKS, [user_id])
+                    await conn.execute(_RELEASE_UPLOAD, key, user_id)
+            del self._unordered[key]
+            return
         with _mapped():
             await self._pool.execute(_RELEASE_UPLOAD, key, user_id)
 
