@@ -143,6 +143,7 @@ class OpenAIUpstream:
     kind = "openai"
     user_field = "user"
     stops_by_closing = True  # OpenAI stops generating when the client closes
+    bills_errors = False  # an HTTP error is answered before any billed work
     key_header = None  # the gateway key comes as a bearer token only
 
     def __init__(self, config: Config | None = None) -> None:
@@ -324,6 +325,9 @@ class OpenAIUpstream:
         return self.priced(
             metered, _requested_model(body), calls=calls, ran=ran, audio=extras.audio
         )
+
+    def billed_error(self, route: Route, body: dict[str, Any], status: int, content: bytes) -> bool:
+        return False
 
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         prompt = estimate_tokens(prompt_chars(body))
