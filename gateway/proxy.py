@@ -1182,8 +1182,10 @@ class Proxy:
         total = settings.total_timeout
         since = loop.time()
         watcher: asyncio.Task[None] | None = None
+        timer: asyncio.TimerHandle | None = None  # a stop call before the deadline
         if not client.complete(response):
             watcher = loop.create_task(_wait_for_disconnect(receive))
+            timer = self._stop_timer(x, relay, relay.stop_before(total))
         forward = relay.forward
         meter_chunk = relay.meter_chunk
         first_byte = True
@@ -1206,7 +1208,6 @@ class Proxy:
         # chunk - forwarded, kept to go with the end, metered - without the
         # loop's reader and deadline: nothing waits before the end.
         deadline: asyncio.Timeout | None = None
-        timer: asyncio.TimerHandle | None = None  # a drained answer's stop (`_grace_over`)
         try:
             whole = None if watcher is not None else client.whole(response)
             if whole is not None:
@@ -1227,9 +1228,9 @@ class Proxy:
                                 elif isinstance(command, ExtendDeadline):
                                     deadline.reschedule(loop.time() + command.seconds)
                                 elif isinstance(command, StopAfter):
-                                    timer = loop.call_later(
-                                        command.seconds, self._grace_over, x, relay
-                                    )
+                                    if timer is not None:
+                                        timer.cancel()  # the total's: the grace's now
+                                    timer = self._stop_timer(x, relay, command)
                             if not relay.reading:
                                 # Closing the response stops the answer; the chunk
                                 # in hand is metered first (it may be the first
@@ -1247,6 +1248,9 @@ class Proxy:
                                 if watcher is None:
                                     watcher = loop.create_task(_wait_for_disconnect(receive))
                                     deadline.reschedule(since + total)
+                                    timer = self._stop_timer(
+                                        x, relay, relay.stop_before(since + total - loop.time())
+                                    )
                                 sending = True
                                 await send(
                                     {"type": "http.response.body", "body": out, "more_body": True}
@@ -1561,15 +1565,23 @@ class Proxy:
         policy = x.target.settings.on_client_disconnect
         log.info("request %s: client disconnected mid-answer; policy %s", x.request_id, policy)
 
-    def _grace_over(self, x: Exchange, relay: Relay) -> None:
-        """A drained answer's grace is nearly over: its stop call, if the relay
-        asks for one, runs while the answer is read on (its result told to the
-        relay, so that the ending does not stop it again)."""
-        for command in relay.grace_over():
-            if isinstance(command, RelayStop) and command.task_id is not None:
-                self._keep(self._stop_drained(x, relay, command.task_id))
+    def _stop_timer(
+        self, x: Exchange, relay: Relay, after: StopAfter | None = None
+    ) -> asyncio.TimerHandle | None:
+        """The timer of a relay's `StopAfter` (none: no timer)."""
+        if after is None:
+            return None
+        return asyncio.get_running_loop().call_later(after.seconds, self._deadline_near, x, relay)
 
-    async def _stop_drained(self, x: Exchange, relay: Relay, task_id: str) -> None:
+    def _deadline_near(self, x: Exchange, relay: Relay) -> None:
+        """An answer's deadline is near: its stop call, if the relay asks for
+        one, runs while the answer is read on (its result told to the relay,
+        so that the ending does not stop it again)."""
+        for command in relay.deadline_near():
+            if isinstance(command, RelayStop) and command.task_id is not None:
+                self._keep(self._stop_near_deadline(x, relay, command.task_id))
+
+    async def _stop_near_deadline(self, x: Exchange, relay: Relay, task_id: str) -> None:
         relay.stop_answered(await self._stop(x, task_id))
 
     async def _stop(self, x: Exchange, task_id: str) -> bool:

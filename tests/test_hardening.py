@@ -209,7 +209,11 @@ async def test_a_cancelled_request_still_records_its_answer_and_frees_its_slot(
 async def test_an_answer_abandoned_at_the_total_timeout_is_stopped_upstream(
     sqlite_url: str,
 ) -> None:
+    """An answer still running at ``upstream.total_timeout`` whose stop call
+    ahead of it did nothing (Dify answered "success" and ran on): cut at the
+    deadline, charged an estimate, and stopped once (not again at the cut)."""
     fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.2)
+    fake.stops_ignored = True
     async with running_gateway(
         sqlite_url, fake=fake, settings={"upstream": {"total_timeout": 0.5}}
     ) as h:
@@ -567,6 +571,33 @@ async def test_an_answer_drained_past_its_grace_is_charged_its_money(database_ur
     assert fake.stops  # stopped by a call, within the grace
     assert event.outcome == "disconnected" and not event.estimated
     assert event.completion_tokens > 0 and event.cost > 0
+
+
+async def test_an_answer_running_past_its_total_timeout_is_charged_its_money(
+    database_url: str,
+) -> None:
+    """Attack: an answer made to run longer than ``upstream.total_timeout`` (an
+    agent's tool loop), the client connected. Cut at the deadline it was charged
+    an estimate, at no money for Dify. Now it is stopped by a call ahead of the
+    deadline and read on: the client gets the end Dify gives a stopped answer,
+    and the usage in it is charged."""
+    fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.3)
+    settings = {"upstream": {"total_timeout": 0.5}}
+    async with running_gateway(database_url, fake=fake, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            answer = await client.post(
+                "/v1/chat-messages",
+                json={"query": "Write a long essay.", "inputs": {}, "response_mode": "streaming"},
+                headers=h.auth(),
+            )
+        await h.probes.wait_finished(1)
+        await h.gateway.idle()
+        (event,) = await h.events()
+    assert fake.stops  # stopped by a call, before the deadline
+    assert b'"event":"message_end"' in answer.content
+    assert b"upstream_error" not in answer.content
+    assert not event.estimated and event.completion_tokens > 0 and event.cost > 0
+    assert len(fake.stops) == 1
 
 
 class _ToolCallsWithoutUsage:
