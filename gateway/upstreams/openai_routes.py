@@ -200,8 +200,11 @@ def refine_answer(route: Route, body: dict[str, Any] | None) -> Route:
     if isinstance(items, list) and any(_is_item_reference(item) for item in items):
         return _ITEM_REFERENCE
     tools = body.get("tools")
-    if names_file(items) or (
-        isinstance(tools, list) and any(_tool_names_objects(tool) for tool in tools)
+    # A stored prompt's variables may be input parts too.
+    if (
+        names_file(items)
+        or names_file(body.get("prompt"))
+        or (isinstance(tools, list) and any(_tool_names_objects(tool) for tool in tools))
     ):
         return _ACCOUNT_FILES
     previous = body.get("previous_response_id")

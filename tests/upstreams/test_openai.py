@@ -1396,6 +1396,8 @@ _FILE_PART = {"type": "file", "file": {"file_id": "file-1"}}
             {"type": "input_image", "file_id": "file-1"}]}]}),
         ("responses", {"input": [{"type": "function_call_output", "call_id": "c", "output": [
             {"type": "input_file", "file_id": "file-1"}]}]}),
+        ("responses", {"prompt": {"id": "pmpt_1", "variables": {
+            "doc": {"type": "input_file", "file_id": "file-1"}}}}),
         ("responses", {"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}),
         ("responses", {"tools": [{"type": "code_interpreter", "container": "cntr_1"}]}),
         ("responses", {"tools": [{"type": "code_interpreter",
