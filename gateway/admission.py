@@ -6,8 +6,10 @@ request that asks for one, and counts advanced RAG - while the plan's limits
 allow it. The web-search allowance is decided in that same step (issue 20: read
 apart from it, 20 parallel requests with one search left all ran a search):
 refused, or admitted with web search turned off, as `web_search.when_exhausted`
-says. What was reserved is kept on a `Ticket` (and the web search on the
-answer's pending row) until the answer is settled or the reservation given back.
+says. Whether a request asks for web search is the `[web_search]` rule's for a
+Dify app, the dialect's own for OpenAI and Anthropic (their web-search tools;
+review-sec F4). What was reserved is kept on a `Ticket` (and the web search on
+the answer's pending row) until the answer is settled or the reservation given back.
 
 An upload is admitted apart, once its file's size is known (`reserve_upload`:
 its count and bytes against the user's and the team's upload limits, in one
