@@ -73,9 +73,11 @@ def output_cap(body: dict[str, Any], kind: str | None = None) -> int | None:
     honours: vLLM and SGLang take ``max_completion_tokens or max_tokens``, so a
     cap of 0 (``0``, ``"0"``, ``0.0``), like null, is "not set" and the next field
     is read (review-sec F1: ``max_completion_tokens: 0`` beside ``max_tokens:
-    1000`` was taken for a bound of no output at all). A negative cap (llama.cpp
-    reads ``-1`` as "no limit") or one no count reads is no bound; so is a
-    request whose fields are all unset or 0."""
+    1000`` was taken for a bound of no output at all); a server that knows only
+    ``max_tokens`` reads that one, so of two caps set the larger is the bound. A
+    negative cap (llama.cpp reads ``-1`` as "no limit") or one no count reads is
+    no bound; so is a request whose fields are all unset or 0."""
+    bound: int | None = None
     for name in ROUTE_CAPS.get(kind or "", OUTPUT_CAPS):
         value = body.get(name)
         if value is None:
@@ -83,9 +85,9 @@ def output_cap(body: dict[str, Any], kind: str | None = None) -> int | None:
         cap = _count(value)
         if cap is None or cap < 0:
             return None
-        if cap > 0:
-            return cap
-    return None
+        if cap > 0 and (bound is None or cap > bound):
+            bound = cap
+    return bound
 
 
 def answers(body: dict[str, Any], kind: str | None = None) -> int:

@@ -79,7 +79,7 @@ async def ask(client: httpx.AsyncClient, h: Harness, body: dict[str, Any] = BODY
 @pytest.mark.parametrize(
     ("body", "cap"),
     [
-        ({"max_completion_tokens": 5, "max_tokens": 9}, 5),
+        ({"max_completion_tokens": 5, "max_tokens": 9}, 9),  # the larger: see below
         ({"max_tokens": 9}, 9),
         ({"max_output_tokens": 7}, 7),
         ({"max_tokens": True}, None),
@@ -106,6 +106,9 @@ def test_output_cap(body: dict[str, Any], cap: int | None) -> None:
         ("completion", {"max_tokens": 0}, None),
         ("response", {"max_output_tokens": "0"}, None),
         ("message", {"max_tokens": 0}, None),
+        # A server that knows only max_tokens reads it: of two caps, the larger.
+        ("chat", {"max_completion_tokens": 5, "max_tokens": 1000}, 1000),
+        ("chat", {"max_completion_tokens": 1000, "max_tokens": "5"}, 1000),
         # A negative cap (llama.cpp: -1 is "no limit") or no count after a 0.
         ("chat", {"max_completion_tokens": 0, "max_tokens": -1}, None),
         ("chat", {"max_completion_tokens": 0, "max_tokens": "lots"}, None),
@@ -431,7 +434,7 @@ def _route(kind: str) -> Route:
         ("response", {"max_tokens": 1}, 4096),
         ("response", {"max_completion_tokens": 1}, 4096),
         ("completion", {"max_completion_tokens": 1}, 4096),
-        ("chat", {"max_completion_tokens": 5, "max_tokens": 9}, 5),
+        ("chat", {"max_completion_tokens": 5, "max_tokens": 9}, 9),
         ("response", {"max_output_tokens": 7}, 7),
         ("message", {"max_tokens": 7}, 7),
     ],
