@@ -368,6 +368,18 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "Công cụ {tool} chưa được định giá trên gateway này "
         '([call_prices."anthropic.{name}"]) nên không dùng được.',
     ),
+    # Review-sec F2: what the client asks for that the upstream bills above the
+    # table's rates (OpenAI's priority tier, Anthropic's fast mode, long context).
+    "service_tier_not_priced": _e(
+        "service_tier_not_priced",
+        "The service tier {tier} has no price on this gateway, so it is not available.",
+        "Mức dịch vụ {tier} chưa được định giá trên gateway này nên không dùng được.",
+    ),
+    "option_not_priced": _e(
+        "option_not_priced",
+        "The option {option} has no price on this gateway, so it is not available.",
+        "Tùy chọn {option} chưa được định giá trên gateway này nên không dùng được.",
+    ),
     # --- malformed requests (400) ---
     "method_case": _e(
         "invalid_param",

@@ -723,6 +723,8 @@ class Proxy:
     def _rewrite(self, x: Exchange) -> None:
         """Let the dialect set the user (and what else it needs), then serialise the
         JSON body: a body that cannot be forwarded is refused before admission."""
+        if x.route.produces_answer:
+            x.dialect.check_headers(x.route, x.headers.forward)
         prepared = x.dialect.prepare(
             x.route, x.json, x.query, x.user_id, method=x.method, request_id=x.request_id
         )
@@ -1678,7 +1680,11 @@ class Proxy:
                 currency=usage.currency,
                 outcome=outcome,
                 estimated=usage.estimated,
-                web_searches=int(used_web_search(result.metadata, snap.config.web_search)),
+                web_searches=(
+                    int(used_web_search(result.metadata, snap.config.web_search))
+                    if result.web_searches is None
+                    else int(result.web_searches > 0)  # answers that searched (docs/features.md)
+                ),
                 conversation_id=result.conversation_id,
                 request_id=request_id,
                 upstream_latency_ms=round(upstream_ms, 3),

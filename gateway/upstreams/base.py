@@ -54,6 +54,12 @@ uses it for one request:
     parameters in ``query``) of the merged list. An API whose list is one page
     (OpenAI's) forwards the client's query once and answers the list whole.
 
+``check_headers(route, headers)``
+    Refuses, before anything is reserved, a request whose headers (as they
+    would be forwarded) ask the upstream for something the gateway does not
+    price: Anthropic's long-context beta (review-sec F2). Most dialects read
+    no header and return at once.
+
 ``prepare(route, body, query, user_id, *, method, request_id) -> Prepared``
     Puts the authenticated end user where this API reads it: into the parsed
     JSON request body (``body``, rewritten in place; None when the request has
@@ -262,6 +268,10 @@ class Upstream(Protocol):
         """The route once its JSON body is known; called only for ``route.by_body``."""
         ...
 
+    def check_headers(self, route: Route, headers: Headers) -> None:
+        """Refuse a request whose forwarded headers change its price (see above)."""
+        ...
+
     def prepare(
         self,
         route: Route,
@@ -380,3 +390,24 @@ def merge_model_lists(pages: list[dict[str, Any]]) -> dict[str, Any]:
     if "last_id" in merged:
         merged["last_id"] = data[-1]["id"] if data else None
     return merged
+
+
+def names_file(value: object) -> bool:
+    """Whether a request's content (messages, input items and their parts, at
+    any depth) names an upstream file by id: an object with a non-null
+    ``file_id`` (OpenAI's chat ``file`` part and Responses ``input_file`` /
+    ``input_image``, Anthropic's ``source.type == "file"`` and
+    ``container_upload``). The upstream looks such an id up across the whole
+    account, as it does on its /files routes, which are the operator's
+    (review-sec F3). Strings are not looked into: a tool's JSON arguments are
+    text to the upstream."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("file_id") is not None:
+                return True
+            stack.extend(child for child in node.values() if isinstance(child, dict | list))
+        elif isinstance(node, list):
+            stack.extend(child for child in node if isinstance(child, dict | list))
+    return False

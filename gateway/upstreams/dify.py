@@ -17,7 +17,7 @@ import orjson
 from gateway.http import with_param
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import dify_routes
-from gateway.upstreams.base import Prepared, Route
+from gateway.upstreams.base import Headers, Prepared, Route
 from gateway.upstreams.dify_history import filter_conversations, filter_messages
 from gateway.upstreams.dify_resume import (
     PAUSE_EVENTS,
@@ -504,6 +504,9 @@ class DifyUpstream:
 
     def route(self, method: str, path: str) -> Route:
         return dify_routes.dify_route(method, path)
+
+    def check_headers(self, route: Route, headers: Headers) -> None:
+        return None  # no header of Dify's changes what an answer costs
 
     def refine(self, route: Route, body: dict[str, Any] | None) -> Route:
         if route is dify_routes.RENAME and dify_routes.asks_to_generate(body):
