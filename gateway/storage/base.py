@@ -11,7 +11,7 @@ upsert, never read-modify-write in the application.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -955,6 +955,19 @@ class Ownership(Protocol):
         """The upstream that answered the first recorded message of this user's
         conversation (a Dify conversation lives in the app that made it), or None
         when the ledger has none."""
+        ...
+
+    async def remember_upload(
+        self, upload_id: str, *, user_id: str, upstream: str, now: datetime
+    ) -> None:
+        """Keep whose an upload is: a file the upstream accepted from ``user_id``
+        under ``upload_id`` (review F9: Dify lets any answer of the workspace
+        attach a file by its id). The first record of an id wins."""
+        ...
+
+    async def upload_owners(self, upload_ids: Collection[str]) -> dict[str, str]:
+        """The user each of these upload ids was kept for (`remember_upload`),
+        by id; an id kept for nobody is left out. One query however many ids."""
         ...
 
 
