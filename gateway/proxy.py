@@ -768,10 +768,10 @@ class Proxy:
             await self.guard.check_files(prepared.file_ids, x.user_id)
 
     async def _limits_uploads(self, x: Exchange) -> bool:
-        """Whether the caller's plan sets a file size, or it or their team's an
-        ``uploads`` / ``upload_bytes`` limit (what holds their uploads). Without the user's plan: refused
-        (503), as an upload is; a team that cannot be read leaves the user's
-        own plan, as admission does."""
+        """Whether the caller's plan sets a file size, or it or their team's
+        an ``uploads`` / ``upload_bytes`` limit (what holds their uploads).
+        Without the user's plan: refused (503), as an upload is; a team that
+        cannot be read leaves the user's own plan, as admission does."""
         snap, user_id = x.snap, x.user_id
         try:
             user = await snap.users.get(user_id, default_plan=snap.config.accounting.default_plan)

@@ -941,8 +941,9 @@ class ReportReads(Protocol):
 
 
 class Ownership(Protocol):
-    """Who an answer or a conversation belongs to, read from the ledger before a
-    request may touch what it made (issue 20, default deny; issue 23, upstreams)."""
+    """Who an answer, a conversation or an upload belongs to, read before a
+    request may touch what it made (issue 20, default deny; issue 23,
+    upstreams; review F9, Dify's uploads)."""
 
     async def answer_owner(self, answer_id: str) -> AnswerOwner | None:
         """The user whose ledger row has this answer id (an upstream object id such as
