@@ -120,6 +120,8 @@ _UPLOAD_REPLY_BYTES = 64 * 1024
 # Placeholders until `_parse` and `route` fill them in (never used before).
 _NO_ROUTE = Route("other", "")
 _NO_HEADERS = RequestHeaders([])
+# An error answer read whole to tell whether its run had begun (`_relay_error`).
+_MAX_ERROR_BODY = 64 * 1024
 # Upstream answers that send a request on to the next fallback (issue 23).
 _RATE_LIMITED = 429
 _SERVER_ERROR = 500
@@ -827,6 +829,9 @@ class Proxy:
         headers = x.headers.forward
         if isinstance(x.body, bytes):
             headers.append((b"content-length", str(len(x.body)).encode()))
+        # The gateway's request id, for the upstream's logs; also the name vLLM
+        # gives the answer (the client's own was dropped: `http._DROP_REQUEST`).
+        headers.append((b"x-request-id", x.request_id.encode()))
         assert x.target is not None
         headers.append(x.target.authorization)  # each attempt puts its own key here
         attempts = x.attempts
@@ -1022,6 +1027,9 @@ class Proxy:
             await self._relay_plain(x, response, status, headers, content_type, receive, send)
             return
         if x.ticket is None or not 200 <= status < 300:
+            if x.ticket is not None and x.dialect.bills_errors and x.route.produces_answer:
+                await self._relay_error(x, response, status, headers, send)
+                return
             # Not an answer (or a refused one): nothing to meter.
             await self.admitter.refund(x.ticket, x.request_id)
             await self._relay_plain(x, response, status, headers, content_type, receive, send)
@@ -1080,6 +1088,42 @@ class Proxy:
             await send(message)
             return True
         return await _send_by(send, message, send_by)
+
+    async def _relay_error(
+        self, x: Exchange, response: httpx.Response, status: int, headers: Headers, send: Send
+    ) -> None:
+        """An HTTP error answering an answer request of a dialect whose errors
+        may come after billed work (`Upstream.bills_errors`): read whole (up to
+        _MAX_ERROR_BODY: an error is small; past it, charged), the dialect says
+        whether the upstream had started; then the prompt's estimate is charged
+        (outcome ``error``) or the reservation given back - before the client
+        hears of it, as any record - and the error relayed unchanged."""
+        content = bytearray()
+        rest = None
+        try:
+            async for chunk in response.aiter_raw():
+                content += chunk
+                if len(content) > _MAX_ERROR_BODY:
+                    rest = response
+                    break
+        except UpstreamBroken as exc:
+            log.warning("request %s: upstream error body cut: %r", x.request_id, exc.__cause__)
+        body = bytes(content)
+        if rest is not None or x.dialect.billed_error(x.route, x.answer_body, status, body):
+            estimate = x.dialect.unanswered(x.route, x.answer_body)
+            log.info(
+                "request %s: upstream error %d after its run began: charged", x.request_id, status
+            )
+            await self._kept(
+                self._settle(x, dataclasses.replace(estimate, outcome="error"), disconnected=False)
+            )
+        else:
+            await self.admitter.refund(x.ticket, x.request_id)
+        await self._start(x, send, status, headers)
+        await send({"type": "http.response.body", "body": body, "more_body": rest is not None})
+        if rest is not None:
+            await self._pass_body(x, rest, send)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _relay_plain(
         self,

@@ -134,6 +134,7 @@ class AnthropicUpstream:
     kind = "anthropic"
     user_field = "user_id"  # no form or multipart route: never used
     stops_by_closing = True  # Anthropic stops generating when the client closes
+    bills_errors = False  # an HTTP error is answered before any billed work
     key_header = b"x-api-key"  # where Anthropic's SDKs send the (gateway) key
 
     def __init__(self, config: Config | None = None) -> None:
@@ -301,6 +302,9 @@ class AnthropicUpstream:
     def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:
         calls = ServerCalls()
         return self.priced(meter_message(body, response, calls), body, calls)
+
+    def billed_error(self, route: Route, body: dict[str, Any], status: int, content: bytes) -> bool:
+        return False
 
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         prompt = estimate_tokens(prompt_chars(body))

@@ -92,6 +92,14 @@ uses it for one request:
     or, for an API without a stop endpoint (``stops_by_closing`` True), by
     closing the upstream connection - the proxy then stops reading and closes it.
 
+``bills_errors`` and ``billed_error(route, body, status, content) -> bool``
+    Whether an HTTP error answering an answer request may come after the
+    upstream ran, and billed, some of it (a Dify blocking run that failed after
+    its LLM nodes ran). Where ``bills_errors``, the proxy reads such an error
+    whole and asks ``billed_error``: True keeps the query spent and charges the
+    prompt's estimate (outcome ``error``), as a stream that ends in an error
+    event is charged; False gives the reservation back.
+
 ``error_body(status, code, message)`` and ``stream_error(status, code, message)``
     The API's own error shapes, as a response body and as a complete SSE frame
     sent when a stream breaks after its headers went out, so frontends show the
@@ -234,6 +242,15 @@ class Upstream(Protocol):
     @property
     def stops_by_closing(self) -> bool:
         """True when a running answer is stopped by closing the upstream connection."""
+        ...
+
+    @property
+    def bills_errors(self) -> bool:
+        """True when an HTTP error answering an answer may come after billed work."""
+        ...
+
+    def billed_error(self, route: Route, body: dict[str, Any], status: int, content: bytes) -> bool:
+        """Whether this HTTP error (its whole body) came after billed work (see above)."""
         ...
 
     @property

@@ -509,6 +509,10 @@ class DifyStreamMeter:
         )
 
 
+# A blocking answer's errors that come after the run started (`billed_error`).
+_BILLED_ERRORS = frozenset({(500, "internal_server_error"), (400, "completion_request_error")})
+
+
 class DifyUpstream:
     """The Dify Service API (``.../v1``), as described in dify.md."""
 
@@ -517,6 +521,10 @@ class DifyUpstream:
     kind = "dify"
     user_field = "user"
     stops_by_closing = False
+    # A blocking run that fails after its LLM nodes ran (a code or HTTP node
+    # after them, the model failing mid-answer) is answered as an HTTP error,
+    # with no usage: Dify's blocking pipelines raise the run's error.
+    bills_errors = True
     key_header = None  # the gateway key comes as a bearer token only
 
     def __init__(self, config: Config | None = None) -> None:
@@ -691,6 +699,23 @@ class DifyUpstream:
         except ValueError:
             return Metered(run_id, task_id, None, None, "cut", metadata=metadata)
         return Metered(run_id, task_id, None, usage, "complete", metadata=metadata)
+
+    def billed_error(self, route: Route, body: dict[str, Any], status: int, content: bytes) -> bool:
+        """A blocking answer's error in Dify's own shape whose code says the
+        run had started: ``internal_server_error`` (500: a node failed after
+        others ran) or ``completion_request_error`` (400: the model failed, maybe
+        mid-answer). Streamed, the same run would have sent its usage so far;
+        blocking, the gateway charges the prompt's estimate. Other codes (a
+        parameter, the app or its provider refused) come before any work, and an
+        error page of a proxy in front of Dify (502, 503) is no run at all."""
+        if body.get("response_mode") == "streaming" or not route.produces_answer:
+            return False
+        try:
+            error = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            return False
+        code = error.get("code") if isinstance(error, dict) else None
+        return (status, code) in _BILLED_ERRORS
 
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         # Only the prompt is known: the answer, if any, was never seen (its

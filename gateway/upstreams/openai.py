@@ -143,6 +143,7 @@ class OpenAIUpstream:
     kind = "openai"
     user_field = "user"
     stops_by_closing = True  # OpenAI stops generating when the client closes
+    bills_errors = False  # an HTTP error is answered before any billed work
     key_header = None  # the gateway key comes as a bearer token only
 
     def __init__(self, config: Config | None = None) -> None:
@@ -191,6 +192,14 @@ class OpenAIUpstream:
         body["user"] = user_id
         if "safety_identifier" in body:
             body["safety_identifier"] = user_id
+        # The names a compatible server gives its answer when the client chooses
+        # them (vLLM's request_id, SGLang's rid): a stored answer is recorded
+        # under the upstream's name, once, so a client reusing one would have
+        # each repeat taken for a retry of one answer and charged once. Dropped;
+        # vLLM names answers by the X-Request-Id header first, which carries the
+        # gateway's own request id (proxy.py, `_forward`).
+        body.pop("request_id", None)
+        body.pop("rid", None)
         memo = None
         if route.kind == "response" and body.get("background") is True:
             # A background response is answered later, to whoever polls for it:
@@ -316,6 +325,9 @@ class OpenAIUpstream:
         return self.priced(
             metered, _requested_model(body), calls=calls, ran=ran, audio=extras.audio
         )
+
+    def billed_error(self, route: Route, body: dict[str, Any], status: int, content: bytes) -> bool:
+        return False
 
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         prompt = estimate_tokens(prompt_chars(body))
