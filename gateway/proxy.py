@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Mapping
 from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import parse_qs, unquote
 
@@ -52,6 +52,7 @@ from gateway.clock import periods_at
 from gateway.error_response import render_error
 from gateway.errors import (
     BadRequest,
+    Forbidden,
     GatewayError,
     NotFound,
     PayloadTooLarge,
@@ -77,6 +78,7 @@ from gateway.messages import english
 from gateway.model_access import allows, check_models, shown_model
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
 from gateway.pricing import CallPrice
+from gateway.quota.limits import UPLOAD_METERS, Limit
 from gateway.relay import Command as RelayCommand
 from gateway.relay import Count, End, ExtendDeadline, Notice, Refund, Relay, Settle, StopAfter
 from gateway.relay import Send as RelaySend
@@ -87,6 +89,7 @@ from gateway.storage import Accounting, Ownership, PausedForms, UsageEvent
 from gateway.types import Message, Receive, Scope, Send
 from gateway.upstream_client import UpstreamClient, request_taken
 from gateway.upstreams import Prepared, Route, Upstream
+from gateway.upstreams.base import KeepsUploads
 from gateway.usage import Metered
 
 if TYPE_CHECKING:
@@ -111,6 +114,9 @@ _MAX_BUFFERED_BODY = 16 * 1024 * 1024
 # headers, boundaries, other fields): with a Content-Length over the plan's file
 # size by more than this, the file is certainly too large.
 _MULTIPART_SLACK = FIELDS_ALLOWANCE + 64 * 1024
+# An upload's reply (Dify: a file's id, name, size... ~300 bytes) is read whole up
+# to this size to keep whose the file is; past it, passed on unread.
+_UPLOAD_REPLY_BYTES = 64 * 1024
 # Placeholders until `_parse` and `route` fill them in (never used before).
 _NO_ROUTE = Route("other", "")
 _NO_HEADERS = RequestHeaders([])
@@ -470,6 +476,8 @@ class Proxy:
         await self._choose(x)
         await self._check_models(x)
         self._rewrite(x)
+        if x.prepared is not None and (x.prepared.file_ids or x.prepared.files_by_value):
+            await self._check_files(x, x.prepared)
         if x.route.lists_models and x.mount is not None and x.mount.shared:
             await self._model_union(x, send)
             return
@@ -552,7 +560,9 @@ class Proxy:
         )
         if route.role == "side_cost":
             x.call_price = self.guard.call_price(route, call_prices)
-        elif route.owned_answer is not None:
+        if route.owned_answer is not None:
+            # A scoped read of a stored answer, or a side call on one (Dify's
+            # text-to-audio of a message): the ledger must name the caller.
             x.holder = await self.guard.check_owner(route, x.user_id)
 
     # --- read and rewrite ------------------------------------------------------------
@@ -734,15 +744,54 @@ class Proxy:
         if prepared.headers:
             sent = {name for name, _ in forward}
             forward += [(k, v) for k, v in prepared.headers if k not in sent]
-        if x.route.produces_answer or x.route.is_history or x.route.lists_models:
-            # Usage is read from the raw bytes, and history pages and model lists
-            # may be filtered: ask for them uncompressed.
+        route = x.route
+        if route.produces_answer or route.is_history or route.lists_models or route.is_upload:
+            # Usage is read from the raw bytes, history pages and model lists
+            # may be filtered, an upload's reply names its file: ask for them
+            # uncompressed.
             forward.append((b"accept-encoding", b"identity"))
         elif x.headers.accept_encoding is not None:
             forward.append((b"accept-encoding", x.headers.accept_encoding))
         x.json = prepared.body
         if x.json is not None:
             x.body = _serialised(x.json)
+
+    async def _check_files(self, x: Exchange, prepared: Prepared) -> None:
+        """An answer that attaches stored files (Dify's): each must be the
+        caller's upload (review F9, 404 otherwise); and one that gives a file
+        otherwise than as an upload (a URL the upstream fetches itself) is
+        refused when the caller's plan limits uploads (F5), which such a file
+        would pass unchecked and uncounted."""
+        if prepared.files_by_value and await self._limits_uploads(x):
+            raise Forbidden(
+                "Your plan limits uploads: attach files by uploading them "
+                "(transfer_method local_file), not by URL.",
+                code="file_transfer_not_allowed",
+            )
+        if prepared.file_ids:
+            await self.guard.check_files(prepared.file_ids, x.user_id)
+
+    async def _limits_uploads(self, x: Exchange) -> bool:
+        """Whether the caller's plan sets a file size, or it or their team's
+        an ``uploads`` / ``upload_bytes`` limit (what holds their uploads).
+        Without the user's plan: refused (503), as an upload is; a team that
+        cannot be read leaves the user's own plan, as admission does."""
+        snap, user_id = x.snap, x.user_id
+        try:
+            user = await snap.users.get(user_id, default_plan=snap.config.accounting.default_plan)
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation="user")
+            raise StorageError("The usage database is unavailable; try again shortly.") from exc
+        view = snap.plan_view(user)
+        if view.plan.file_size_mb is not None or _limits_uploads(view.limits):
+            return True
+        try:
+            team = await snap.team_view(user)
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation="team")
+            log.warning("team of %s not read, its upload limits not applied: %s", user_id, exc)
+            return False
+        return team is not None and _limits_uploads(team.limits)
 
     # --- admit -----------------------------------------------------------------------
 
@@ -1095,6 +1144,9 @@ class Proxy:
             # before the client hears of it and shielded from its leaving.
             self._upload_kept(x)
             await self._kept(self._count_upload(x))
+            if isinstance(x.dialect, KeepsUploads):
+                await self._relay_upload(x, x.dialect, response, status, headers, send)
+                return
         if ok and x.route.is_history and b"json" in content_type:
             days = (await self.admitter.plan_of(x.snap, x.user_id)).chat_history_days
             if days is not None:
@@ -1116,6 +1168,72 @@ class Proxy:
         else:
             await self._pass_body(x, response, send)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _relay_upload(
+        self,
+        x: Exchange,
+        dialect: KeepsUploads,
+        response: httpx.Response,
+        status: int,
+        headers: Headers,
+        send: Send,
+    ) -> None:
+        """An accepted upload's reply (a small JSON body), read whole: whose the
+        file it names is, is kept before the client hears of it (review F9), so
+        an answer sent the moment the reply arrives finds the record. A reply
+        past ``_UPLOAD_REPLY_BYTES`` is passed on unread: its file stays
+        unknown, and refused to every answer."""
+        held: list[bytes] = []
+        size = 0
+        chunks = response.aiter_raw()
+        broken = False
+        try:
+            async for chunk in chunks:
+                held.append(chunk)
+                size += len(chunk)
+                if size > _UPLOAD_REPLY_BYTES:
+                    break
+        except UpstreamBroken as exc:
+            broken = True
+            log.warning(
+                "request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__
+            )
+        body = b"".join(held)
+        whole = not broken and size <= _UPLOAD_REPLY_BYTES
+        file_id = dialect.uploaded_file_id(x.route, body) if whole else None
+        if file_id is not None:
+            await self._kept(self._remember_upload(x, file_id))
+        await self._start(x, send, status, headers)
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        if not broken and not whole:
+            try:
+                async for chunk in chunks:  # the rest, as it comes
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except UpstreamBroken as exc:
+                log.warning(
+                    "request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__
+                )
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _remember_upload(self, x: Exchange, file_id: str) -> None:
+        """Keep the upload's file as the caller's. A record that fails is
+        logged and counted: the upload stands, and answers naming its file are
+        refused (nobody's file is given to anybody)."""
+        assert x.target is not None
+        try:
+            await self._storage.remember_upload(
+                file_id, user_id=x.user_id, upstream=x.target.name, now=self._clock.now()
+            )
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation="remember_upload")
+            log.error(
+                "request %s: could not keep upload %s as %s's (answers naming it will "
+                "be refused): %s",
+                x.request_id,
+                file_id,
+                x.user_id,
+                exc.message,
+            )
 
     async def _pass_body(self, x: Exchange, response: httpx.Response, send: Send) -> None:
         try:
@@ -1844,3 +1962,8 @@ class Proxy:
                 size,
                 exc.message,
             )
+
+
+def _limits_uploads(limits: Iterable[Limit]) -> bool:
+    """Whether any of ``limits`` counts uploads (`UPLOAD_METERS`)."""
+    return any(limit.meter in UPLOAD_METERS for limit in limits)

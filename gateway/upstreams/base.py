@@ -116,7 +116,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from gateway.sse import ServerSentEvent
 from gateway.usage import Metered
@@ -181,12 +181,20 @@ class Prepared:
     rewritten), ``query`` the raw query string to send, ``headers`` upstream
     request headers added unless the client sent a header of that name, and
     ``memo`` anything the dialect wants back in ``stream_transform``.
+
+    ``file_ids``: the upstream's stored files the request names by id, which
+    must be uploads the gateway kept for the caller (``KeepsUploads``; review
+    F9), else it is refused 404; ``files_by_value``: it gives files otherwise
+    than as such uploads (a URL the upstream fetches itself), refused when the
+    caller's plan limits uploads (F5).
     """
 
     body: dict[str, Any] | None
     query: bytes
     headers: Headers = field(default_factory=list)
     memo: Any = None
+    file_ids: frozenset[str] = frozenset()
+    files_by_value: bool = False
 
 
 class StreamMeter(Protocol):
@@ -348,6 +356,17 @@ class Upstream(Protocol):
 
     def stream_error(self, status: int, code: str, message: str) -> bytes:
         """A complete SSE frame telling the client a stream broke after it began."""
+        ...
+
+
+@runtime_checkable
+class KeepsUploads(Protocol):
+    """A dialect whose answers name uploaded files by id (Dify's): the gateway
+    keeps whose each accepted upload is (review F9)."""
+
+    def uploaded_file_id(self, route: Route, body: bytes | bytearray) -> str | None:
+        """The id of the file an accepted upload (``route.is_upload``) created,
+        read from the upstream's reply ``body``; None when it names none."""
         ...
 
 
