@@ -226,6 +226,9 @@ class DifyStreamMeter:
         "_error",
         "_error_code",
         "_forms",
+        "_hot",
+        "_hot_len",
+        "_hot_overhead",
         "_malformed",
         "_message_id",
         "_message_usage",
@@ -260,6 +263,11 @@ class DifyStreamMeter:
         # data around the text (learned from that type's first event).
         self._text_chars = 0
         self._overhead: dict[str, int] = {}
+        # The last event read on the hot path: what _EVENT_TYPE matched (its
+        # length), and its type's envelope (`feed`).
+        self._hot: str | None = None
+        self._hot_len = 0
+        self._hot_overhead = 0
         self._message_usage: Usage | None = None
         self._metadata: dict[str, Any] | None = None
         self._workflow_finished = False
@@ -289,6 +297,16 @@ class DifyStreamMeter:
 
     def feed(self, event: ServerSentEvent) -> None:
         data = event.data
+        if data[: self._hot_len] == self._hot:
+            # The hot path's event again (below): data that begins with the very
+            # text _EVENT_TYPE matched in the last one is matched alike (the
+            # match ends at the type's closing quote), so it is of that type,
+            # its envelope measured - without the match. (None until then:
+            # no slice equals it.)
+            extra = len(data) - self._hot_overhead
+            if extra > 0:
+                self._text_chars += extra
+            return
         if not data:  # `event: ping` keep-alives carry no data (dify.md)
             return
         match = _EVENT_TYPE.match(data)
@@ -296,6 +314,7 @@ class DifyStreamMeter:
             kind = match.group(1)
             overhead = self._overhead.get(kind)
             if overhead is not None:
+                self._hot, self._hot_len, self._hot_overhead = match.group(0), match.end(), overhead
                 # The hot path. The answer's length is estimated as the data's length
                 # minus the envelope measured on this type's first event. Escapes
                 # inflate it (`\n` is two characters, `\uXXXX` six, as older Dify

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from decimal import Decimal
 from typing import Any
 
@@ -1050,3 +1051,49 @@ def test_a_title_priced_in_another_currency_than_difys_is_left_out() -> None:
     free = PRICED_ANSWER.replace(b'"0.002"', b'"0"')
     alone = up.meter_blocking(chat, new, free).usage
     assert alone is not None and (alone.cost, alone.currency) == (Decimal("0.001"), "EUR")
+
+
+def _drawn_stream(rng: random.Random) -> list[ServerSentEvent]:
+    """Dify-like events, mostly text events of a few types whose envelopes and
+    types begin alike (message, message_end, agent_message; spaced or not),
+    with pings, ids, escapes, usage and events that are not JSON."""
+    envelopes = ['{"event": "%s", ', '{"event":"%s",', ' { "event" : "%s", ', '{"event": "%s"}']
+    kinds = ["message", "message", "message", "agent_message", "message_end", "messages", "m"]
+    events: list[ServerSentEvent] = []
+    for _ in range(rng.randint(1, 30)):
+        roll = rng.random()
+        if roll < 0.05:
+            events.append(PING)
+            continue
+        if roll < 0.1:
+            events.append(
+                ev(rng.choice(['{"event": "message"', "not json", '{"event": "message"}']))
+            )
+            continue
+        kind = rng.choice(kinds)
+        head = rng.choice(envelopes[:3]) % kind
+        answer = json.dumps("".join(rng.choice('ab\u00e9\n"') for _ in range(rng.randint(0, 9))))
+        if kind == "message_end" and rng.random() < 0.5:
+            body = '"task_id": "t1", "message_id": "m1", "metadata": {"usage": %s}}'
+            events.append(ev(head + body % orjson.dumps(DOC_USAGE).decode()))
+            continue
+        ids = rng.choice(['"task_id": "t1", ', f'"task_id": "t{rng.randint(1, 3)}", ', ""])
+        events.append(ev(head + ids + '"answer": ' + answer + "}"))
+    return events
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_hot_paths_memo_meters_as_the_match_does(seed: int) -> None:
+    # DifyStreamMeter.feed reads an event that begins with what _EVENT_TYPE
+    # matched in the last hot one without the match: the same meter read
+    # without that memo (cleared before every event) ends the same.
+    events = _drawn_stream(random.Random(seed))
+    with_memo, without = UP.stream_meter(CHAT, {}), UP.stream_meter(CHAT, {})
+    for event in events:
+        with_memo.feed(event)
+        without._hot = None
+        without.feed(event)
+        assert with_memo._text_chars == without._text_chars
+        assert with_memo.task_id == without.task_id
+    assert with_memo.malformed == without.malformed
+    assert with_memo.finish(cut=True) == without.finish(cut=True)
