@@ -778,6 +778,9 @@ class Proxy:
         headers = x.headers.forward
         if isinstance(x.body, bytes):
             headers.append((b"content-length", str(len(x.body)).encode()))
+        # The gateway's request id, for the upstream's logs; also the name vLLM
+        # gives the answer (the client's own was dropped: `http._DROP_REQUEST`).
+        headers.append((b"x-request-id", x.request_id.encode()))
         assert x.target is not None
         headers.append(x.target.authorization)  # each attempt puts its own key here
         attempts = x.attempts

@@ -192,6 +192,14 @@ class OpenAIUpstream:
         body["user"] = user_id
         if "safety_identifier" in body:
             body["safety_identifier"] = user_id
+        # The names a compatible server gives its answer when the client chooses
+        # them (vLLM's request_id, SGLang's rid): a stored answer is recorded
+        # under the upstream's name, once, so a client reusing one would have
+        # each repeat taken for a retry of one answer and charged once. Dropped;
+        # vLLM names answers by the X-Request-Id header first, which carries the
+        # gateway's own request id (proxy.py, `_forward`).
+        body.pop("request_id", None)
+        body.pop("rid", None)
         memo = None
         if route.kind == "response" and body.get("background") is True:
             # A background response is answered later, to whoever polls for it:

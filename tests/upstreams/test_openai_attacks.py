@@ -221,3 +221,95 @@ async def test_spoken_answers_are_charged_their_audio_tokens_at_the_audio_rate(
     assert answered.status_code == 200
     # 7000 * 2.5 + 50 * 10 + 150 * 80 per million, and one audio answer
     assert event.cost == Decimal("0.03") + Decimal("0.005")
+
+
+# --- answer names a client chooses -------------------------------------------------------
+
+
+class _NamesAnswersAsVllm:
+    """An OpenAI-compatible server that names its answers as vLLM does -
+    ``chatcmpl-{X-Request-Id header, else the body's request_id}`` - or, given
+    SGLang's ``rid``, by that; each answer 1,000 + 1,000 tokens."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[dict[str, str], dict[str, Any]]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        request = orjson.loads(body)
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        self.seen.append((headers, request))
+        name = (
+            request.get("rid")
+            or headers.get("x-request-id")
+            or request.get("request_id")
+            or f"{len(self.seen):032d}"
+        )
+        answer = {
+            "id": f"chatcmpl-{name}",
+            "object": "chat.completion",
+            "created": 1,
+            "model": request["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "x"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 1000, "total_tokens": 2000},
+        }
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": orjson.dumps(answer)})
+
+
+@pytest.mark.parametrize("where", ["request_id", "rid", "x-request-id"])
+async def test_answers_named_by_the_client_are_each_charged(database_url: str, where: str) -> None:
+    """Attack: a stored chat completion (``store: true``) is recorded under the
+    name the upstream gives it, once. vLLM names it by the client's
+    ``X-Request-Id`` or body ``request_id`` (SGLang by ``rid``): the same name
+    sent three times made the second and third answers look like retries of
+    the first - generated upstream, charged nothing. The gateway drops the
+    body's fields and sends its own request id as ``X-Request-Id``."""
+    upstream = _NamesAnswersAsVllm()
+    config = {
+        "upstream": {"kind": "openai"},
+        "prices": {"gpt-4o-mini": {"input": "1000", "output": "1000"}},  # 1.00 per 1,000
+    }
+    body: dict[str, Any] = {**CHAT, "max_tokens": 1000, "store": True}
+    extra: dict[str, str] = {}
+    if where == "x-request-id":
+        extra["X-Request-Id"] = "0123456789abcdef"
+    else:
+        body[where] = "0123456789abcdef"
+    async with running_gateway(database_url, upstream=upstream, settings=config) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            for i in range(3):
+                answer = await client.post(
+                    "/v1/chat/completions", json=body, headers={**h.auth(), **extra}
+                )
+                assert answer.status_code == 200, answer.text
+                await h.probes.wait_finished(i + 1)
+                headers, forwarded = upstream.seen[-1]
+                assert "request_id" not in forwarded and "rid" not in forwarded
+                assert headers["x-request-id"] == answer.headers["x-request-id"]
+        day = h.gateway.today()
+        rows = await h.storage.daily(day, day)
+    assert len(upstream.seen) == 3
+    spent = sum((row.cost for row in rows), Decimal(0))
+    tokens = sum(row.total_tokens for row in rows)
+    queries = sum(row.queries for row in rows)
+    assert (queries, tokens, spent) == (3, 6000, Decimal("6"))  # before: (3, 2000, 2)
