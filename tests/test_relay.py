@@ -183,7 +183,7 @@ def test_broken_after_the_first_byte_is_charged_what_was_read() -> None:
 def test_client_gone_then_drained_to_the_end_is_settled_disconnected() -> None:
     r = relay()
     chunk(r, TEXT)
-    # Read on for the grace; stopped by a call 3.5 s before its end (`grace_over`).
+    # Read on for the grace; stopped by a call 3.5 s before its end (`deadline_near`).
     assert r.client_left() == [ExtendDeadline(7.0), StopAfter(3.5)]
     assert r.state == "draining" and not r.listening and r.reading
     assert chunk(r, USAGE_EVENT) is None  # metered, not sent
@@ -233,7 +233,7 @@ def test_stop_policy_without_a_task_id_drains() -> None:
     r = relay(policy="stop", task_id=None)
     assert r.client_left() == [ExtendDeadline(7.0), StopAfter(3.5)]
     assert r.state == "draining"
-    assert r.grace_over() == []  # still no task to stop by a call
+    assert r.deadline_near() == []  # still no task to stop by a call
 
 
 def test_a_drained_answer_is_stopped_before_its_grace_ends_and_read_to_its_usage() -> None:
@@ -244,9 +244,9 @@ def test_a_drained_answer_is_stopped_before_its_grace_ends_and_read_to_its_usage
     r = relay()
     chunk(r, TEXT)
     assert r.client_left() == [ExtendDeadline(7.0), StopAfter(3.5)]
-    assert r.grace_over() == [Stop("t1")]
+    assert r.deadline_near() == [Stop("t1")]
     r.stop_answered(True)
-    assert r.grace_over() == []  # stopped once
+    assert r.deadline_near() == []  # stopped once
     assert chunk(r, USAGE_EVENT) is None
     commands = r.upstream_ended()
     settle = decision(commands)
@@ -259,7 +259,7 @@ def test_a_drained_answer_whose_stop_failed_is_stopped_again_when_cut() -> None:
     r = relay()
     chunk(r, TEXT)
     r.client_left()
-    assert r.grace_over() == [Stop("t1")]
+    assert r.deadline_near() == [Stop("t1")]
     r.stop_answered(False)
     commands = r.deadline()
     assert Stop("t1", wait=False) in commands
@@ -268,17 +268,36 @@ def test_a_drained_answer_whose_stop_failed_is_stopped_again_when_cut() -> None:
     assert settle.result.usage.estimated
 
 
-def test_no_stop_call_before_the_grace_ends_where_it_cannot_help() -> None:
-    """Stopped by closing, a client still listening, a short grace's half."""
-    r = relay(stops_by_closing=True)
-    assert r.client_left() == [ExtendDeadline(7.0)]  # closing at the end is the stop
-    assert r.grace_over() == []
+def test_an_answer_still_running_near_its_total_deadline_is_stopped_and_read_to_its_usage() -> None:
+    """The client still there, the answer nears ``upstream.total_timeout``: a
+    stop call 10 s before it (half of a shorter one), and the answer read on
+    to the usage the upstream ends it with, which the client receives too."""
     r = relay()
-    assert r.grace_over() == []  # the client is still there
+    assert r.stop_before(600.0) == StopAfter(590.0)
+    assert r.stop_before(4.0) == StopAfter(2.0)
+    chunk(r, TEXT)
+    assert r.deadline_near() == [Stop("t1")]
+    r.stop_answered(True)
+    assert chunk(r, USAGE_EVENT) == USAGE_EVENT  # still sent: the client listens
+    settle = decision(r.upstream_ended())
+    assert isinstance(settle, Settle) and settle.outcome == "complete"
+    assert settle.result.usage == USAGE
+
+
+def test_no_stop_call_before_a_deadline_where_it_cannot_help() -> None:
+    """Stopped by closing (OpenAI, Anthropic), no meter (a blocking answer), no
+    task named yet, the answer over."""
+    r = relay(stops_by_closing=True)
+    assert r.stop_before(600.0) is None
+    assert r.client_left() == [ExtendDeadline(7.0)]  # closing at the end is the stop
+    assert r.deadline_near() == []
+    assert relay(sse=False).stop_before(600.0) is None
+    r = relay(task_id=None)
+    assert r.deadline_near() == []
     r = relay()
     r.client_left()
     r.upstream_ended()
-    assert r.grace_over() == []  # the answer is over
+    assert r.deadline_near() == []  # the answer is over
 
 
 def test_grace_expired_before_any_text_is_refunded() -> None:
@@ -428,7 +447,7 @@ EVENTS = st.sampled_from(
         "failed",
         "stop_ok",
         "stop_failed",
-        "grace_over",
+        "deadline_near",
     ]
 )
 
@@ -456,8 +475,8 @@ def feed(r: Relay, event: str) -> list[Any]:
         return r.shutdown()
     if event == "failed":
         return r.gateway_failed()
-    if event == "grace_over":
-        return r.grace_over()
+    if event == "deadline_near":
+        return r.deadline_near()
     if event == "stop_ok":
         r.stop_answered(True)
         return []
@@ -483,8 +502,8 @@ def test_any_sequence_ends_exactly_once(
         if ended:
             if event in ("stop_ok", "stop_failed"):
                 continue
-            if event == "grace_over":
-                assert r.grace_over() == []  # (a timer that fired late: nothing)
+            if event == "deadline_near":
+                assert r.deadline_near() == []  # (a timer that fired late: nothing)
                 continue
             with pytest.raises(RelayEnded):
                 feed(r, event)
