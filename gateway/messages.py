@@ -362,6 +362,21 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "A request without a model has no price on this gateway, so its use cannot be charged.",
         "Yêu cầu không ghi rõ mô hình nên gateway này không thể tính phí.",
     ),
+    # Review-sec F12: fields that make a router answer with another model.
+    "model_fallback_not_allowed": _e(
+        "model_fallback_not_allowed",
+        "The field {field} can make the upstream answer with a model this gateway "
+        "cannot check, so it is not available.",
+        "Trường {field} có thể khiến upstream trả lời bằng một mô hình mà gateway này "
+        "không kiểm tra được, nên không dùng được.",
+    ),
+    "model_fallback_dearer": _e(
+        "model_fallback_not_allowed",
+        "The fallback model {model} costs more than {requested}, the model the request "
+        "names: name it as the model instead.",
+        "Mô hình dự phòng {model} đắt hơn {requested}, mô hình được ghi trong yêu cầu: "
+        "hãy ghi nó làm mô hình chính.",
+    ),
     "tool_not_priced": _e(
         "tool_not_priced",
         "The tool {tool} has no price on this gateway "

@@ -489,6 +489,47 @@ async def test_a_response_reading_stored_items_by_reference_is_refused(
     assert (await request(h, "POST", "/v1/responses", json=own)).status_code == 200
 
 
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        {"id": "pmpt_operators_app"},
+        {"id": "pmpt_operators_app", "version": "2", "variables": {"city": "Huế"}},
+        "pmpt_operators_app",
+    ],
+    ids=["by-id", "with-variables", "bare-id"],
+)
+@pytest.mark.parametrize("allow", [[], ["POST /responses"]], ids=["default", "allow-listed"])
+async def test_a_response_running_a_stored_prompt_is_refused(
+    database_url: str, prompt: object, allow: list[str]
+) -> None:
+    """The attack (review-sec F13): a stored prompt (``prompt.id``, an object of the
+    project that any frontend using it shows) brings tools the gateway never sees.
+    ``code_interpreter`` without a call price is refused when listed, but ran
+    through the prompt and was charged 0 (its model and files went unchecked too).
+    A response that runs a stored prompt is operator-only, like conversations and
+    item references, and ``upstream.allow`` does not open it."""
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    settings = {**openai_settings(), "upstream": {"kind": "openai", "allow": allow}}
+    async with running_gateway(database_url, upstream=fake, settings=settings) as h:
+        listed = {"model": "gpt-4o-mini", "input": "hi", "tools": [{"type": "code_interpreter"}]}
+        openai_error(await request(h, "POST", "/v1/responses", json=listed), 403, "tool_not_priced")
+        body = {"model": "gpt-4o-mini", "input": "hi", "prompt": prompt}
+        via_prompt = await request(
+            h,
+            "POST",
+            "/v1/responses",
+            json=body,
+            headers={"x-fake-tool-calls": "code_interpreter_call"},
+        )
+        openai_error(via_prompt, 403, "endpoint_not_allowed")
+        assert fake.requests == []
+        assert await h.events() == []
+        # "prompt": null names no stored prompt: answered.
+        plain = await request(h, "POST", "/v1/responses", json={**body, "prompt": None})
+        assert plain.status_code == 200, plain.text
+    assert len(fake.requests) == 1
+
+
 async def test_a_side_call_the_upstream_took_but_never_answered_is_charged_its_price(
     database_url: str, fake: FakeDify
 ) -> None:

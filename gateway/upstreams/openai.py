@@ -39,6 +39,7 @@ from gateway.upstreams.base import (
     keep_models,
     merge_model_lists,
 )
+from gateway.upstreams.openai_fallbacks import check_fallbacks, fallback_models
 from gateway.upstreams.openai_routes import object_id_meter, with_object_id
 from gateway.upstreams.openai_wire import (
     ChatStreamMeter,
@@ -241,6 +242,11 @@ class OpenAIUpstream:
                 f"{named} has no price on this gateway, so its use cannot be charged.",
                 code="model_not_priced",
             )
+        # A router's fallbacks (openai_fallbacks.py): priced, and no dearer than model.
+        calls = (
+            (lambda name: _chat_calls({**body, "model": name})) if route.kind == "chat" else None
+        )
+        check_fallbacks(body, model, self._prices, allow_unpriced=self._allow_unpriced, calls=calls)
         tier = body.get("service_tier")
         if tier is not None and (not isinstance(tier, str) or tier not in _PRICED_TIERS):
             raise Forbidden(
@@ -284,15 +290,16 @@ class OpenAIUpstream:
     ) -> tuple[str | None, ...] | None:
         """The models an answer or paid call runs: the body's ``model`` (None when
         absent or not a string: the upstream would pick one itself, e.g. a stored
-        prompt's), and a Responses tool's own ``model`` (``image_generation``
-        runs one; without it OpenAI picks its default, so it is None too). A
-        model read (``GET /models/ID``) names its model. Moderations, free and
-        keeping nothing, are not checked."""
+        prompt's), the fallbacks a router may answer with instead
+        (openai_fallbacks.py), and a Responses tool's own ``model``
+        (``image_generation`` runs one; without it OpenAI picks its default, so
+        it is None too). A model read (``GET /models/ID``) names its model.
+        Moderations, free and keeping nothing, are not checked."""
         if route.model is not None:
             return (route.model,)
         if not route.admitted or body is None:
             return None
-        models: list[str | None] = [_requested_model(body)]
+        models: list[str | None] = [_requested_model(body), *fallback_models(body)]
         if route.kind == "response":
             tools = body.get("tools")
             for tool in tools if isinstance(tools, list) else ():

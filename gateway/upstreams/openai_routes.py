@@ -146,6 +146,17 @@ _IN_CONVERSATION: Final = Route("response", "responses/conversation", role="oper
 _ITEM_REFERENCE: Final = Route("response", "responses/item_reference", role="operator")
 
 
+# A response that runs a stored prompt (``prompt.id``, a project object any
+# frontend using it shows): the prompt brings instructions, tools, files and
+# models the gateway never sees, so it could run paid tools that are refused when
+# listed, unpriced and unchecked by the plan's allow-list (review-sec F13).
+_STORED_PROMPT: Final = Route("response", "responses/prompt", role="operator")
+
+
+def _runs_stored_prompt(body: dict[str, Any]) -> bool:
+    return body.get("prompt") is not None
+
+
 def _is_item_reference(item: object) -> bool:
     """An input item OpenAI resolves by id from storage: ``type`` "item_reference",
     or (the type being optional for it) an id with no content of its own."""
@@ -187,7 +198,8 @@ def refine_answer(route: Route, body: dict[str, Any] | None) -> Route:
     operator-only. A new response that continues a stored response is checked
     like a read of that response (its owner must be the caller), since the
     model is given everything the earlier one held; one that reads a
-    conversation or a stored item by reference is operator-only."""
+    conversation or a stored item by reference, or runs a stored prompt, is
+    operator-only."""
     if body is None:
         return route
     if route is CHAT:
@@ -196,6 +208,8 @@ def refine_answer(route: Route, body: dict[str, Any] | None) -> Route:
         return route
     if body.get("conversation") is not None:
         return _IN_CONVERSATION
+    if _runs_stored_prompt(body):
+        return _STORED_PROMPT
     items = body.get("input")
     if isinstance(items, list) and any(_is_item_reference(item) for item in items):
         return _ITEM_REFERENCE
