@@ -1305,7 +1305,7 @@ class Proxy:
         timer: asyncio.TimerHandle | None = None  # a stop call before the deadline
         if not client.complete(response):
             watcher = loop.create_task(_wait_for_disconnect(receive))
-            timer = self._stop_timer(x, relay, relay.stop_before(total))
+            timer = self._stop_timer(x, relay, relay.stop_at(total))
         forward = relay.forward
         meter_chunk = relay.meter_chunk
         first_byte = True
@@ -1337,7 +1337,10 @@ class Proxy:
                     last = out
                 meter_chunk(whole)
             else:
-                async with asyncio.timeout(None if watcher is None else total) as deadline:
+                # (An answer stopped by a call at the deadline is read on for its
+                # usage: `Relay.after_stop`.)
+                limit = None if watcher is None else total + relay.after_stop(total)
+                async with asyncio.timeout(limit) as deadline:
                     async for chunk in client.raw(response):
                         if watcher is not None and watcher.done() and relay.listening:
                             self._client_left(x)
@@ -1367,9 +1370,9 @@ class Proxy:
                             else:
                                 if watcher is None:
                                     watcher = loop.create_task(_wait_for_disconnect(receive))
-                                    deadline.reschedule(since + total)
+                                    deadline.reschedule(since + total + relay.after_stop(total))
                                     timer = self._stop_timer(
-                                        x, relay, relay.stop_before(since + total - loop.time())
+                                        x, relay, relay.stop_at(since + total - loop.time())
                                     )
                                 sending = True
                                 await send(

@@ -10,7 +10,7 @@ makes a `Settle` or a `Refund`, and it refuses to run twice.
 States, named as mitmproxy names its stream states (`layers/http/__init__.py`)::
 
     streaming --client_left(drain, or stop call)--> draining
-    streaming|draining --deadline_near (a stop call before the deadline)--> the same
+    streaming|draining --deadline_near (a stop call at the deadline, read on)--> the same
     streaming --client_left(stop, by closing)--> stopped (the chunk in hand is metered)
     streaming|draining --upstream_ended--------------------> finished
     streaming|draining --upstream_broken/deadline/too_large-> cut
@@ -89,7 +89,7 @@ class ExtendDeadline:
 @dataclass(frozen=True, slots=True)
 class StopAfter:
     """In ``seconds``, unless the answer has ended, tell the relay its deadline
-    is near (`deadline_near`) and do what it returns."""
+    has come (`deadline_near`) and do what it returns."""
 
     seconds: float
 
@@ -129,10 +129,10 @@ class Notice:
 Command = Send | End | Stop | ExtendDeadline | StopAfter | Count | Settle | Refund | Notice
 
 
-# Of the time an answer is read for (upstream.total_timeout, or the grace once
-# its client left), the part kept for after a stop call: the upstream ends a
-# stopped answer with the usage so far (Dify's message_end), which this leaves
-# time to read. At most half the time.
+# How long an answer stopped by a call at its deadline (upstream.total_timeout,
+# or the grace once its client left) is read on: the upstream ends a stopped
+# answer with the usage so far (Dify's message_end). At most the deadline's own
+# length. The longest an answer can take counts it (snapshot.longest_answer).
 STOP_LEAD = 10.0
 
 
@@ -251,8 +251,10 @@ class Relay:
             if task_id is not None:
                 return [Stop(task_id), ExtendDeadline(self.grace)]
         self.state = "draining"
-        stop = self.stop_before(self.grace)
-        return [ExtendDeadline(self.grace)] if stop is None else [ExtendDeadline(self.grace), stop]
+        stop = self.stop_at(self.grace)
+        if stop is None:
+            return [ExtendDeadline(self.grace)]
+        return [ExtendDeadline(self.grace + self.after_stop(self.grace)), stop]
 
     @property
     def stops_by_call(self) -> bool:
@@ -260,18 +262,25 @@ class Relay:
         usage so far: Dify's message_end)."""
         return self.meter is not None and not self.dialect.stops_by_closing
 
-    def stop_before(self, seconds: float) -> StopAfter | None:
+    def stop_at(self, seconds: float) -> StopAfter | None:
         """For a deadline ``seconds`` away (``upstream.total_timeout`` from the
-        start, the grace once the client left): a stop call ahead of it
-        (`deadline_near`), so that the usage the upstream ends a stopped answer
-        with is read before it. Cut at the deadline, an answer still running was
+        start, the grace once the client left): a stop call when it comes
+        (`deadline_near`), after which the answer is read on for
+        `after_stop` seconds more, for the usage the upstream ends a stopped
+        answer with. Cut at the deadline instead, an answer still running was
         charged an estimate, which prices no money for Dify."""
         if not self.stops_by_call or seconds <= 0:
             return None
-        return StopAfter(seconds - min(STOP_LEAD, seconds / 2))
+        return StopAfter(seconds)
+
+    def after_stop(self, seconds: float) -> float:
+        """How long past a deadline ``seconds`` away the answer is read, after
+        its stop call: `STOP_LEAD`, at most the deadline's own length (none
+        for an answer stopped otherwise)."""
+        return min(STOP_LEAD, seconds) if self.stops_by_call else 0.0
 
     def deadline_near(self) -> list[Command]:
-        """The deadline is near (`StopAfter`): stop the answer upstream by a call,
+        """The deadline has come (`StopAfter`): stop the answer upstream by a call,
         if it is still being read and the upstream named its task; the driver
         reports the call's result (`stop_answered`) and reads on."""
         meter = self.meter

@@ -602,6 +602,28 @@ async def test_an_answer_running_past_its_total_timeout_is_charged_its_money(
     assert len(fake.stops) == 1
 
 
+async def test_an_answer_finishing_within_its_total_timeout_is_not_stopped(
+    sqlite_url: str,
+) -> None:
+    """The stop call comes at ``upstream.total_timeout``, not before: an answer
+    of about 2 s under a 3 s deadline reaches its end whole, unstopped (from a
+    review: a first version stopped it at half a short deadline)."""
+    fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.2, answer=tuple(f"piece{i} " for i in range(10)))
+    settings = {"upstream": {"total_timeout": 3.0}}
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            answer = await client.post(
+                "/v1/chat-messages",
+                json={"query": "Hi", "inputs": {}, "response_mode": "streaming"},
+                headers=h.auth(),
+            )
+        await h.probes.wait_finished(1)
+        await h.gateway.idle()
+        (event,) = await h.events()
+    assert fake.stops == []
+    assert b"piece9" in answer.content and event.outcome == "complete"
+
+
 class _ToolCallsWithoutUsage:
     """An OpenAI-compatible server that ignores stream_options.include_usage and
     answers with one tool call only: no delta.content, no usage chunk."""

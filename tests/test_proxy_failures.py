@@ -377,10 +377,20 @@ async def test_an_error_before_the_run_began_gives_the_query_back(
     assert events == [] and queries == 0
 
 
-async def test_a_400_after_the_model_failed_mid_answer_is_charged(sqlite_url: str) -> None:
-    """Dify's ``completion_request_error``: the model call failed, maybe after it
-    generated (and billed) part of the answer: charged the prompt's estimate."""
-    body = b'{"code": "completion_request_error", "message": "timeout", "status": 400}'
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"code": "completion_request_error", "message": "timeout", "status": 400}',
+        b'{"code": "invalid_param", "message": "Run failed: Code node failed", "status": 400}',
+    ],
+    ids=["model-failed", "chatflow-run-failed"],
+)
+async def test_a_400_after_the_run_began_is_charged(sqlite_url: str, body: bytes) -> None:
+    """Dify's ``completion_request_error`` (the model call failed, maybe after
+    it generated, and billed, part of the answer) and a chatflow's failed run,
+    which Dify 1.x answers 400 ``invalid_param`` "Run failed: ..." (a later
+    node failed after its LLM nodes ran: from a review, the first fix missed
+    it): charged the prompt's estimate."""
     upstream = _RunFailsAfterItsModel(400, body)
     async with running_gateway(sqlite_url, upstream=upstream) as h:
         answer = await _ask(h, "blocking")

@@ -530,6 +530,11 @@ class DifyStreamMeter:
 
 # A blocking answer's errors that come after the run started (`billed_error`).
 _BILLED_ERRORS = frozenset({(500, "internal_server_error"), (400, "completion_request_error")})
+# A chatflow's run that failed (a node after its LLM nodes): Dify 1.x raises it
+# as ValueError(f"Run failed: {error}"), which its API answers 400
+# invalid_param - the code of a parameter refused before any work, told apart
+# by this message (review R2-5; api/core/app/apps/advanced_chat).
+_RUN_FAILED = "Run failed:"
 
 
 class DifyUpstream:
@@ -723,10 +728,11 @@ class DifyUpstream:
         return Metered(run_id, task_id, None, usage, "complete", metadata=metadata)
 
     def billed_error(self, route: Route, body: dict[str, Any], status: int, content: bytes) -> bool:
-        """A blocking answer's error in Dify's own shape whose code says the
-        run had started: ``internal_server_error`` (500: a node failed after
-        others ran) or ``completion_request_error`` (400: the model failed, maybe
-        mid-answer). Streamed, the same run would have sent its usage so far;
+        """A blocking answer's error in Dify's own shape that says the run had
+        started: ``internal_server_error`` (500: a node failed after others
+        ran), ``completion_request_error`` (400: the model failed, maybe
+        mid-answer) or ``invalid_param`` with "Run failed:" (400: a chatflow's
+        node failed after others ran). Streamed, the same run would have sent its usage so far;
         blocking, the gateway charges the prompt's estimate. Other codes (a
         parameter, the app or its provider refused) come before any work, and an
         error page of a proxy in front of Dify (502, 503) is no run at all."""
@@ -736,8 +742,18 @@ class DifyUpstream:
             error = orjson.loads(content)
         except orjson.JSONDecodeError:
             return False
-        code = error.get("code") if isinstance(error, dict) else None
-        return (status, code) in _BILLED_ERRORS
+        if not isinstance(error, dict):
+            return False
+        code = error.get("code")
+        if (status, code) in _BILLED_ERRORS:
+            return True
+        message = error.get("message")
+        return (
+            status == 400
+            and code == "invalid_param"
+            and isinstance(message, str)
+            and message.startswith(_RUN_FAILED)
+        )
 
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         # Only the prompt is known: the answer, if any, was never seen (its
