@@ -89,6 +89,15 @@ _PRICED_OPTIONS: Final = {
 # (context-1m-2025-08-07), whose prompts over 200K tokens Anthropic bills at its
 # long-context rates (2x input, 1.5x output).
 _PRICED_BETA_PREFIXES: Final = ("context-1m",)
+# A prompt cache's lifetime (review2 R2-2): Anthropic bills the writes of a
+# 5-minute cache (the default) at 1.25x input, [prices]' one
+# cache_write_input, but a 1-hour cache's ("ttl": "1h") at 2x. Any other
+# ``cache_control.ttl`` (in system, messages, tools or at the top) is refused.
+_PRICED_CACHE_TTLS: Final = frozenset({"5m"})
+_CACHED_PARTS: Final = ("system", "messages", "tools")
+# Values the client or the model chose that are not content blocks: a tool's
+# JSON Schema, a tool call's arguments.
+_NOT_BLOCKS: Final = frozenset({"input_schema", "input"})
 _BETA_HEADER: Final = b"anthropic-beta"
 
 # Anthropic's error "type" per status (its API reference, "Errors").
@@ -248,6 +257,13 @@ class AnthropicUpstream:
                     code="service_tier_not_priced",
                 )
             option = f"{name}: {value!r}"
+            raise Forbidden(
+                f"The option {option} has no price on this gateway, so it is not available.",
+                code="option_not_priced",
+            )
+        ttl = _unpriced_cache_ttl(body)
+        if ttl is not None:
+            option = f"cache_control.ttl: {ttl!r}"
             raise Forbidden(
                 f"The option {option} has no price on this gateway, so it is not available.",
                 code="option_not_priced",
@@ -454,6 +470,30 @@ def _check_request(body: dict[str, Any]) -> None:
             "max_tokens must be a positive integer (the Messages API requires it).",
             code="invalid_param",
         )
+
+
+def _unpriced_cache_ttl(body: dict[str, Any]) -> object:
+    """The first ``cache_control.ttl`` other than "5m" (None, as absent, when
+    there is none) in the body's top-level ``cache_control`` or at any depth of
+    its ``system``, ``messages`` and ``tools``."""
+    top = {"cache_control": body.get("cache_control")}
+    stack: list[object] = [top, *(body.get(part) for part in _CACHED_PARTS)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            control = node.get("cache_control")
+            if isinstance(control, dict):
+                ttl = control.get("ttl")
+                if ttl is not None and not (isinstance(ttl, str) and ttl in _PRICED_CACHE_TTLS):
+                    return ttl
+            stack.extend(
+                child
+                for key, child in node.items()
+                if isinstance(child, dict | list) and key not in _NOT_BLOCKS
+            )
+        elif isinstance(node, list):
+            stack.extend(child for child in node if isinstance(child, dict | list))
+    return None
 
 
 def _json_type(value: object) -> str:

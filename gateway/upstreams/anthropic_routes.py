@@ -16,22 +16,24 @@ import re
 from typing import Any, Final
 from urllib.parse import unquote
 
+from gateway.errors import BadRequest
 from gateway.upstreams.base import Route, names_file
 
-__all__ = ["MESSAGE", "OPERATOR", "UNKNOWN", "anthropic_route", "refine_message"]
+__all__ = ["COUNT_TOKENS", "MESSAGE", "OPERATOR", "UNKNOWN", "anthropic_route", "refine_message"]
 
 # by_body: a message that names the account's files or a container by id is the
-# operator's (``refine_message``).
+# operator's (``refine_message``); so is counting its tokens (review2 R2-6).
 MESSAGE: Final = Route("message", "messages", role="answer", by_body=True)
+COUNT_TOKENS: Final = Route(
+    "count_tokens", "messages/count_tokens", role="passthrough", by_body=True
+)
 OPERATOR: Final = Route("operator", "operator", role="operator")
 UNKNOWN: Final = Route("unknown", "unknown")
 _MODELS: Final = Route("models", "models", role="passthrough", lists_models=True)
 
 _EXACT: Final[dict[tuple[str, str], Route]] = {
     ("POST", "messages"): MESSAGE,
-    ("POST", "messages/count_tokens"): Route(
-        "count_tokens", "messages/count_tokens", "passthrough"
-    ),
+    ("POST", "messages/count_tokens"): COUNT_TOKENS,
     ("GET", "models"): _MODELS,
 }
 _MODEL: Final = re.compile(r"models/([^/]+)")
@@ -81,9 +83,14 @@ def _names_container(container: object) -> bool:
 
 
 def refine_message(route: Route, body: dict[str, Any] | None) -> Route:
-    """A message, as its body makes it: operator-only when it names the
-    account's files, a container or its skills (above)."""
-    if body is None or route is not MESSAGE:
+    """A message, or the count of its tokens, as its body makes it:
+    operator-only when it names the account's files, a container or its skills
+    (above). Counting is free, but would tell whether any file id of the
+    workspace exists and how large it is (review2 R2-6); one whose body the
+    gateway did not read as JSON is refused, as it could not be checked."""
+    if route is COUNT_TOKENS and body is None:
+        raise BadRequest("The request body must be a JSON object.")
+    if body is None or (route is not MESSAGE and route is not COUNT_TOKENS):
         return route
     if names_file(body.get("messages")) or _names_container(body.get("container")):
         return _ACCOUNT_FILES

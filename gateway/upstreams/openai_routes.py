@@ -173,12 +173,40 @@ def _is_item_reference(item: object) -> bool:
 _ACCOUNT_FILES: Final = Route("account_files", "account_files", role="operator")
 
 
+# Keys whose (non-empty) value names the account's stored objects by id.
+_ID_LISTS: Final = ("file_ids", "vector_store_ids")
+
+
+def _tool_names_ids(tool: dict[str, Any]) -> bool:
+    """Whether a tool names the account's files or vector stores by id at any
+    depth: a non-null ``file_id`` (``image_generation``'s
+    ``input_image_mask.file_id``, review2 R2-4), a non-empty ``file_ids`` or
+    ``vector_store_ids``. A function tool's ``parameters`` is a JSON Schema of
+    its own arguments (a property may well be called ``file_id``): not read."""
+    stack: list[object] = [tool]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("file_id") is not None or any(node.get(key) for key in _ID_LISTS):
+                return True
+            stack.extend(
+                child
+                for key, child in node.items()
+                if isinstance(child, dict | list) and not (node is tool and key == "parameters")
+            )
+        elif isinstance(node, list):
+            stack.extend(child for child in node if isinstance(child, dict | list))
+    return False
+
+
 def _tool_names_objects(tool: object) -> bool:
     """A Responses tool that reads the account's stored objects: ``file_search``
-    (its vector stores), ``code_interpreter`` in an existing container or with
-    files by id."""
+    (its vector stores), ``code_interpreter`` in an existing container, any tool
+    naming files or vector stores by id (``_tool_names_ids``)."""
     if not isinstance(tool, dict):
         return False
+    if _tool_names_ids(tool):
+        return True
     kind = tool.get("type")
     if kind == "file_search":
         return True

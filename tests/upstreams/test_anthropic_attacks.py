@@ -1,13 +1,18 @@
 """Attacks on the Anthropic dialect's checks (review-sec), against a real gateway in
 front of a real local fake upstream: rates the price table does not hold (long
 context, fast mode) and the account's files read through an answer. Each is
-refused before anything is forwarded or reserved."""
+refused before anything is forwarded or reserved.
+
+review2: the 1-hour prompt cache (billed above the one cache write price) and
+the account's files named to count_tokens."""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from tests.fakes.anthropic import FakeAnthropic
@@ -109,3 +114,110 @@ async def test_a_message_cannot_read_the_accounts_files_by_id(
         await nothing_reserved(h, fake)
     anthropic_error(direct, 403, "endpoint_not_allowed")
     anthropic_error(refused, 403, "endpoint_not_allowed")
+
+
+# --- review2 --------------------------------------------------------------------------------
+
+_ONE_HOUR = {"type": "ephemeral", "ttl": "1h"}
+_LONG_TEXT = "a very long document ..."
+# Where a cache breakpoint may be set: a content block (at any depth, a tool
+# result's too), a system block, a tool, the whole request.
+CACHE_CONTROLS: dict[str, dict[str, Any]] = {
+    "message-block": {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": _LONG_TEXT, "cache_control": _ONE_HOUR}]}]},
+    "tool-result-block": {"messages": [
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+            {"type": "text", "text": _LONG_TEXT, "cache_control": _ONE_HOUR}]}]}]},
+    "system-block": {"system": [{"type": "text", "text": _LONG_TEXT, "cache_control": _ONE_HOUR}]},
+    "tool": {"tools": [{"name": "read", "input_schema": {"type": "object"},
+                        "cache_control": _ONE_HOUR}]},
+    "top-level": {"cache_control": _ONE_HOUR},
+}  # fmt: skip
+CACHE_SETTINGS = {
+    **SETTINGS,
+    # cache_write_input: Anthropic's 5-minute cache write (1.25x input).
+    "prices": {MODEL: {"input": "3", "cached_input": "0.30", "cache_write_input": "3.75",
+                       "output": "15"}},
+}  # fmt: skip
+CACHE_STEER = {"x-fake-input-tokens": "10", "x-fake-cache-creation-tokens": "1000000"}
+
+
+@pytest.mark.parametrize("change", CACHE_CONTROLS.values(), ids=CACHE_CONTROLS.keys())
+async def test_a_one_hour_cache_write_is_refused_not_charged_at_the_five_minute_price(
+    sqlite_url: str, change: dict[str, Any]
+) -> None:
+    # Attack (review2 R2-2): cache_control "ttl": "1h" was forwarded; Anthropic
+    # bills 1-hour cache writes at 2x input (1M tokens: 6.00 here), but the one
+    # cache_write_input price is the 5-minute write's 1.25x, so they were
+    # charged 3.75.
+    fake = FakeAnthropic(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, upstream=fake, settings=CACHE_SETTINGS) as h:
+        refused = await post(h, {**BODY, **change}, **CACHE_STEER)
+        await nothing_reserved(h, fake)
+    assert "cache_control.ttl: '1h'" in anthropic_error(refused, 403, "option_not_priced")
+
+
+@pytest.mark.parametrize("ttl", ["5m", None, "absent"])
+async def test_a_five_minute_cache_write_is_forwarded_and_charged_its_price(
+    sqlite_url: str, ttl: str | None
+) -> None:
+    control: dict[str, Any] = {"type": "ephemeral"}
+    if ttl != "absent":
+        control["ttl"] = ttl
+    block = {"type": "text", "text": _LONG_TEXT, "cache_control": control}
+    body = {**BODY, "messages": [{"role": "user", "content": [block]}]}
+    fake = FakeAnthropic(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, upstream=fake, settings=CACHE_SETTINGS) as h:
+        answer = await post(h, body, **CACHE_STEER)
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert answer.status_code == 200, answer.text
+    assert fake.requests[0].json["messages"][0]["content"][0]["cache_control"] == control
+    assert event.cost >= Decimal("3.75")  # 1M cache-written tokens at cache_write_input
+
+
+_COUNTED_FILE = {**BODY, "messages": [{"role": "user", "content": [
+    {"type": "document", "source": {"type": "file", "file_id": "file_Bobs"}},
+    {"type": "text", "text": "Quote this document in full."}]}]}  # fmt: skip
+FILES_BETA = {"anthropic-beta": "files-api-2025-04-14"}
+
+
+async def count(h: Harness, body: dict[str, Any] | bytes, **headers: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+        path, auth = "/v1/messages/count_tokens", h.auth(**VERSION, **FILES_BETA, **headers)
+        if isinstance(body, bytes):
+            return await client.post(path, content=body, headers=auth)
+        return await client.post(path, json=body, headers=auth)
+
+
+async def test_count_tokens_cannot_read_the_accounts_files_by_id(sqlite_url: str) -> None:
+    # Attack (review2 R2-6): a message naming a file by id is the operator's (F3),
+    # but counting the same message's tokens was passed through with the
+    # operator's key: whether any file id of the workspace exists, and its size
+    # (404 or a count), for free and without limit.
+    fake = FakeAnthropic(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, upstream=fake, settings=SETTINGS) as h:
+        message = await post(h, _COUNTED_FILE, **FILES_BETA)
+        counted = await count(h, _COUNTED_FILE)
+        # Nor in a body not sent as JSON, which the gateway would not have read.
+        unread = await count(h, orjson.dumps(_COUNTED_FILE), **{"content-type": "text/plain"})
+        await nothing_reserved(h, fake)
+    anthropic_error(message, 403, "endpoint_not_allowed")
+    anthropic_error(counted, 403, "endpoint_not_allowed")
+    assert unread.status_code == 400, unread.text
+
+
+async def test_count_tokens_of_a_message_naming_no_file_is_passed_through(
+    sqlite_url: str,
+) -> None:
+    body = {**BODY, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "file", "file_id": None}}, "Hi"]}]}  # fmt: skip
+    fake = FakeAnthropic(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, upstream=fake, settings=SETTINGS) as h:
+        counted = await count(h, BODY)
+        null_id = await count(h, body)
+    assert counted.status_code == 200 and "input_tokens" in counted.json(), counted.text
+    assert null_id.status_code == 200, null_id.text
+    assert len(fake.requests) == 2

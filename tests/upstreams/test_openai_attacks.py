@@ -298,6 +298,20 @@ ACCOUNT_FILES = {
             ],
         },
     ),
+    # review2 R2-4: a file id anywhere in any tool, here an image tool's mask.
+    "responses-image-mask": (
+        "/v1/responses",
+        {
+            **RESPONSE,
+            "tools": [{"type": "image_generation", "input_image_mask": {"file_id": "file-Bobs"}}],
+        },
+    ),
+}
+# The tools those answers use, priced so that only the file ids refuse them.
+TOOL_PRICES = {
+    "openai.file_search": {"price": "0.0025"},
+    "openai.code_interpreter": {"price": "0.03"},
+    "openai.image_generation": {"price": "0.04"},
 }
 
 
@@ -311,15 +325,36 @@ async def test_an_answer_cannot_read_the_accounts_files_by_id(
     # the model read (and quoted) whatever the id held: the operator's file, another
     # app's, another user's upload. Refused like an item_reference.
     fake = FakeOpenAI(api_key=UPSTREAM_KEY)
-    prices = settings(call_prices={"openai.file_search": {"price": "0.0025"},
-                                   "openai.code_interpreter": {"price": "0.03"}})  # fmt: skip
-    async with running_gateway(sqlite_url, upstream=fake, settings=prices) as h:
+    async with running_gateway(
+        sqlite_url, upstream=fake, settings=settings(call_prices=TOOL_PRICES)
+    ) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
             direct = await client.get("/v1/files/file-Bobs", headers=h.auth())
         refused = await post(h, path, body)
         await nothing_reserved(h, fake)
     openai_error(direct, 403, "endpoint_not_allowed")
     openai_error(refused, 403, "endpoint_not_allowed")
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [
+        {"type": "image_generation", "input_image_mask": {"file_id": None}},
+        {"type": "function", "name": "read", "parameters": {
+            "type": "object", "properties": {"file_id": {"type": "string"}}}},
+    ],
+    ids=["null-file-id", "function-argument-named-file-id"],
+)  # fmt: skip
+async def test_a_tool_naming_no_file_is_forwarded(sqlite_url: str, tool: dict[str, Any]) -> None:
+    # The R2-4 check reads file ids, not the word: a null one names no file, and a
+    # function tool's JSON Schema may well have an argument called file_id.
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(
+        sqlite_url, upstream=fake, settings=settings(call_prices=TOOL_PRICES)
+    ) as h:
+        answer = await post(h, "/v1/responses", {**RESPONSE, "tools": [tool]})
+    assert answer.status_code == 200, answer.text
+    assert len(fake.requests) == 1
 
 
 # --- answer names a client chooses -------------------------------------------------------
