@@ -78,7 +78,7 @@ from gateway.model_access import allows, check_models, shown_model
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
 from gateway.pricing import CallPrice
 from gateway.relay import Command as RelayCommand
-from gateway.relay import Count, End, ExtendDeadline, Notice, Refund, Relay, Settle
+from gateway.relay import Count, End, ExtendDeadline, Notice, Refund, Relay, Settle, StopAfter
 from gateway.relay import Send as RelaySend
 from gateway.relay import Stop as RelayStop
 from gateway.routing import ALLOWED, RouteGuard, side_cost_result
@@ -1162,6 +1162,7 @@ class Proxy:
         # chunk - forwarded, kept to go with the end, metered - without the
         # loop's reader and deadline: nothing waits before the end.
         deadline: asyncio.Timeout | None = None
+        timer: asyncio.TimerHandle | None = None  # a drained answer's stop (`_grace_over`)
         try:
             whole = None if watcher is not None else client.whole(response)
             if whole is not None:
@@ -1181,6 +1182,10 @@ class Proxy:
                                         relay.stop_answered(await self._stop(x, command.task_id))
                                 elif isinstance(command, ExtendDeadline):
                                     deadline.reschedule(loop.time() + command.seconds)
+                                elif isinstance(command, StopAfter):
+                                    timer = loop.call_later(
+                                        command.seconds, self._grace_over, x, relay
+                                    )
                             if not relay.reading:
                                 # Closing the response stops the answer; the chunk
                                 # in hand is metered first (it may be the first
@@ -1253,6 +1258,8 @@ class Proxy:
         finally:
             if watcher is not None:
                 watcher.cancel()
+            if timer is not None:
+                timer.cancel()
         # What is left to send waits for the client no longer than the relay's
         # deadline, and not at all once that has run out: a client that stops
         # reading (its socket's buffers full) holds its connection, never the
@@ -1509,6 +1516,17 @@ class Proxy:
         assert x.target is not None
         policy = x.target.settings.on_client_disconnect
         log.info("request %s: client disconnected mid-answer; policy %s", x.request_id, policy)
+
+    def _grace_over(self, x: Exchange, relay: Relay) -> None:
+        """A drained answer's grace is nearly over: its stop call, if the relay
+        asks for one, runs while the answer is read on (its result told to the
+        relay, so that the ending does not stop it again)."""
+        for command in relay.grace_over():
+            if isinstance(command, RelayStop) and command.task_id is not None:
+                self._keep(self._stop_drained(x, relay, command.task_id))
+
+    async def _stop_drained(self, x: Exchange, relay: Relay, task_id: str) -> None:
+        relay.stop_answered(await self._stop(x, task_id))
 
     async def _stop(self, x: Exchange, task_id: str) -> bool:
         """Ask the upstream to stop generating an answer (same task id and user)."""

@@ -10,6 +10,7 @@ makes a `Settle` or a `Refund`, and it refuses to run twice.
 States, named as mitmproxy names its stream states (`layers/http/__init__.py`)::
 
     streaming --client_left(drain, or stop call)--> draining
+    draining --grace_over (drain: the stop call before the grace ends)--> draining
     streaming --client_left(stop, by closing)--> stopped (the chunk in hand is metered)
     streaming|draining --upstream_ended--------------------> finished
     streaming|draining --upstream_broken/deadline/too_large-> cut
@@ -86,6 +87,14 @@ class ExtendDeadline:
 
 
 @dataclass(frozen=True, slots=True)
+class StopAfter:
+    """In ``seconds``, unless the answer has ended, tell the relay the grace is
+    nearly over (`grace_over`) and do what it returns."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class Count:
     """Increment this counter (a metric with no labels)."""
 
@@ -117,7 +126,14 @@ class Notice:
     body: bytes
 
 
-Command = Send | End | Stop | ExtendDeadline | Count | Settle | Refund | Notice
+Command = Send | End | Stop | ExtendDeadline | StopAfter | Count | Settle | Refund | Notice
+
+
+# Of the grace a drained answer is read for, the part kept for after its stop
+# call: the upstream ends a stopped answer with the usage so far (Dify's
+# message_end, docs/upstreams/dify.md), which this leaves time to read. At most
+# half the grace.
+STOP_LEAD = 10.0
 
 
 def _ignore(event: ServerSentEvent) -> None:
@@ -224,17 +240,42 @@ class Relay:
         if at_end:
             self.state = "draining"
             return []
-        if self.policy == "stop" and self.meter is not None:
+        meter = self.meter
+        if self.policy == "stop" and meter is not None:
             if self.dialect.stops_by_closing:
                 self.state = "stopped"
                 self.stop_sent = True
                 return [Stop(None)]
-            task_id = self.meter.task_id
+            task_id = meter.task_id
             self.state = "draining"
             if task_id is not None:
                 return [Stop(task_id), ExtendDeadline(self.grace)]
         self.state = "draining"
+        if meter is not None and not self.dialect.stops_by_closing and self.grace > 0:
+            # Drained: stopped by a call before the grace runs out (`grace_over`),
+            # so that the usage the upstream ends a stopped answer with is read
+            # within the grace - cut at its end, an answer running longer was
+            # charged an estimate, which prices no money for Dify.
+            return [
+                ExtendDeadline(self.grace),
+                StopAfter(self.grace - min(STOP_LEAD, self.grace / 2)),
+            ]
         return [ExtendDeadline(self.grace)]
+
+    def grace_over(self) -> list[Command]:
+        """A drained answer's grace is nearly over (`StopAfter`): stop it upstream
+        by a call, if it is still being read and the upstream named its task;
+        the driver reports the call's result (`stop_answered`) and reads on."""
+        meter = self.meter
+        if (
+            self.state != "draining"
+            or self.stop_sent
+            or meter is None
+            or meter.task_id is None
+            or self.dialect.stops_by_closing
+        ):
+            return []
+        return [Stop(meter.task_id)]
 
     def stop_answered(self, ok: bool) -> None:
         """The result of a `Stop` call the driver awaited."""

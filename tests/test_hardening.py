@@ -540,6 +540,35 @@ async def test_leaving_after_the_first_event_is_never_free(
     assert event.total_tokens > 0
 
 
+async def test_an_answer_drained_past_its_grace_is_charged_its_money(database_url: str) -> None:
+    """Attack: leave a long answer (an essay, an agent's tool loop) right after
+    its first text, so that it outlasts ``disconnect_grace`` (default drain).
+    Cut at the grace's end it was charged an estimate, which prices no money
+    for Dify (docs/proxy.md, "Estimates"): a money budget never saw it, while
+    Dify billed all it generated. The gateway now stops the answer by a call
+    before the grace ends and reads the usage Dify ends it with."""
+    fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.3)
+    settings = {"upstream": {"disconnect_grace": 0.2}}
+    async with running_gateway(database_url, fake=fake, settings=settings) as h:
+        async with (
+            httpx.AsyncClient(base_url=h.url, timeout=10) as client,
+            client.stream(
+                "POST",
+                "/v1/chat-messages",
+                json={"query": "Write a long essay.", "inputs": {}, "response_mode": "streaming"},
+                headers=h.auth(),
+            ) as response,
+        ):
+            async for chunk in response.aiter_raw():
+                if b'"event":"message"' in chunk:
+                    break  # the client leaves mid-answer
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert fake.stops  # stopped by a call, within the grace
+    assert event.outcome == "disconnected" and not event.estimated
+    assert event.completion_tokens > 0 and event.cost > 0
+
+
 class _ToolCallsWithoutUsage:
     """An OpenAI-compatible server that ignores stream_options.include_usage and
     answers with one tool call only: no delta.content, no usage chunk."""

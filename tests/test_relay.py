@@ -26,6 +26,7 @@ from gateway.relay import (
     Send,
     Settle,
     Stop,
+    StopAfter,
 )
 from gateway.sse import ServerSentEvent, SSEDecoder
 from gateway.upstreams import Route
@@ -182,7 +183,8 @@ def test_broken_after_the_first_byte_is_charged_what_was_read() -> None:
 def test_client_gone_then_drained_to_the_end_is_settled_disconnected() -> None:
     r = relay()
     chunk(r, TEXT)
-    assert r.client_left() == [ExtendDeadline(7.0)]
+    # Read on for the grace; stopped by a call 3.5 s before its end (`grace_over`).
+    assert r.client_left() == [ExtendDeadline(7.0), StopAfter(3.5)]
     assert r.state == "draining" and not r.listening and r.reading
     assert chunk(r, USAGE_EVENT) is None  # metered, not sent
     commands = r.upstream_ended()
@@ -229,8 +231,54 @@ def test_client_gone_with_a_stop_call_that_failed_is_stopped_again_at_the_end() 
 
 def test_stop_policy_without_a_task_id_drains() -> None:
     r = relay(policy="stop", task_id=None)
-    assert r.client_left() == [ExtendDeadline(7.0)]
+    assert r.client_left() == [ExtendDeadline(7.0), StopAfter(3.5)]
     assert r.state == "draining"
+    assert r.grace_over() == []  # still no task to stop by a call
+
+
+def test_a_drained_answer_is_stopped_before_its_grace_ends_and_read_to_its_usage() -> None:
+    """Drained past most of its grace, the answer is stopped by a call and read
+    on: the upstream ends a stopped answer with the usage so far (Dify's
+    message_end), which is charged - cut at the grace's end instead, it was
+    an estimate, which prices no money for Dify."""
+    r = relay()
+    chunk(r, TEXT)
+    assert r.client_left() == [ExtendDeadline(7.0), StopAfter(3.5)]
+    assert r.grace_over() == [Stop("t1")]
+    r.stop_answered(True)
+    assert r.grace_over() == []  # stopped once
+    assert chunk(r, USAGE_EVENT) is None
+    commands = r.upstream_ended()
+    settle = decision(commands)
+    assert isinstance(settle, Settle) and settle.outcome == "disconnected"
+    assert settle.result.usage == USAGE
+    assert not any(isinstance(c, Stop) for c in commands)
+
+
+def test_a_drained_answer_whose_stop_failed_is_stopped_again_when_cut() -> None:
+    r = relay()
+    chunk(r, TEXT)
+    r.client_left()
+    assert r.grace_over() == [Stop("t1")]
+    r.stop_answered(False)
+    commands = r.deadline()
+    assert Stop("t1", wait=False) in commands
+    settle = decision(commands)
+    assert isinstance(settle, Settle) and settle.result.usage is not None
+    assert settle.result.usage.estimated
+
+
+def test_no_stop_call_before_the_grace_ends_where_it_cannot_help() -> None:
+    """Stopped by closing, a client still listening, a short grace's half."""
+    r = relay(stops_by_closing=True)
+    assert r.client_left() == [ExtendDeadline(7.0)]  # closing at the end is the stop
+    assert r.grace_over() == []
+    r = relay()
+    assert r.grace_over() == []  # the client is still there
+    r = relay()
+    r.client_left()
+    r.upstream_ended()
+    assert r.grace_over() == []  # the answer is over
 
 
 def test_grace_expired_before_any_text_is_refunded() -> None:
@@ -380,6 +428,7 @@ EVENTS = st.sampled_from(
         "failed",
         "stop_ok",
         "stop_failed",
+        "grace_over",
     ]
 )
 
@@ -407,6 +456,8 @@ def feed(r: Relay, event: str) -> list[Any]:
         return r.shutdown()
     if event == "failed":
         return r.gateway_failed()
+    if event == "grace_over":
+        return r.grace_over()
     if event == "stop_ok":
         r.stop_answered(True)
         return []
@@ -431,6 +482,9 @@ def test_any_sequence_ends_exactly_once(
     for event in events:
         if ended:
             if event in ("stop_ok", "stop_failed"):
+                continue
+            if event == "grace_over":
+                assert r.grace_over() == []  # (a timer that fired late: nothing)
                 continue
             with pytest.raises(RelayEnded):
                 feed(r, event)

@@ -525,6 +525,13 @@ _GIVE_BACK_WAIT = 30.0
 # that times statements out by the hundred (a brownout) must not have its
 # give-backs take the pool from everything else (review of the unknown outcome).
 _GIVE_BACKS_AT_ONCE = 2
+# How long close() waits for the give-backs still under way (each may wait up
+# to _GIVE_BACK_WAIT for its backend, two at a time; a database gone dark makes
+# every one of them wait out its timeouts). Past it they are cancelled, their
+# pending rows left to a recovery, as a give-back that fails leaves them: a
+# shutdown is not held for minutes (nor cut by the supervisor's SIGKILL, past
+# what the settler flushed). The same bound as the runtime's other shutdown steps.
+CLOSE_GRACE = 10.0
 # What an admission statement may have raised after it committed all the same
 # (its outcome unknown): a timeout - asyncpg's command_timeout sends a
 # CancelRequest and raises at once, and the cancellation may be lost, or come
@@ -794,6 +801,10 @@ class PostgresStorage:
         # Upload reservations whose outcome was lost, by key: their backends'
         # ending, which a release of the upload waits for (`release_upload`).
         self._ending: dict[str, tuple[Backend, asyncio.Task[bool]]] = {}
+        # The same behind a pooler (no backend to wait for), by key: the team
+        # whose row the reservation locked, if any; its release takes the
+        # reservation's locks first (`release_upload`).
+        self._unordered: dict[str, str | None] = {}
         self._limit_literals: dict[int, tuple[tuple[Limit, ...], _Limits]] = {}
         # Tuples admitted once, not yet kept (_limit_texts).
         self._limit_seen_once: dict[int, tuple[Limit, ...]] = {}
@@ -808,6 +819,7 @@ class PostgresStorage:
         # one is never held by admissions while a settle waits for it).
         self._keep = min(2, pool.get_max_size() // 4)
         self._closing = False
+        self.close_grace = CLOSE_GRACE
 
     @classmethod
     async def open(
@@ -839,11 +851,31 @@ class PostgresStorage:
         await self._settles.drain()
         while self._admit_connections:
             await self._pool.release(self._admit_connections.pop())
-        # (A give-back may start when what it gives back ends.) Shielded: a
-        # close given up leaves them going.
-        while self._background:
-            await asyncio.shield(asyncio.gather(*self._background, return_exceptions=True))
+        await self._give_backs_end(self.close_grace)
         await self._pool.close()
+
+    async def _give_backs_end(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for the give-backs under way (a
+        give-back may start when what it gives back ends), then cancel those
+        left: their pending rows stay for a recovery (`CLOSE_GRACE`). A close
+        itself cancelled leaves them going (asyncio.wait cancels nothing)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._background:
+            _, left = await asyncio.wait(
+                set(self._background), timeout=max(deadline - loop.time(), 0)
+            )
+            if left and loop.time() >= deadline:
+                log.warning(
+                    "%d give-back(s) still under way after %g s at close; cancelled: "
+                    "a recovery will charge any admission that landed",
+                    len(left),
+                    grace,
+                )
+                for task in left:
+                    task.cancel()
+                await asyncio.gather(*left, return_exceptions=True)
+                return
 
     @property
     def group_commit(self) -> dict[str, tuple[int, int]]:
@@ -1487,7 +1519,7 @@ class PostgresStorage:
                     # before the upload is given back (`release_upload` waits),
                     # which then sees what it did.
                     _given_up(conn)
-                    self._upload_outcome_lost(args[1], backend)
+                    self._upload_outcome_lost(args[1], backend, team=args[9])
                     raise
         assert row is not None
         team = (
@@ -1499,8 +1531,12 @@ class PostgresStorage:
         refused = row["refused"]
         return admission(limits, None if refused is None else refused - 1, counters, 0)
 
-    def _upload_outcome_lost(self, key: str, backend: Backend | None) -> None:
-        if backend is not None:  # (behind a pooler: released as it comes)
+    def _upload_outcome_lost(self, key: str, backend: Backend | None, *, team: str | None) -> None:
+        if backend is None:  # behind a pooler: released under the reservation's locks
+            if len(self._unordered) >= _BACKENDS_NOTED:
+                self._unordered.clear()
+            self._unordered[key] = team
+        else:
             self._start_ending(key, backend)
 
     def _start_ending(self, key: str, backend: Backend) -> asyncio.Task[bool]:
@@ -1578,6 +1614,21 @@ class PostgresStorage:
                 ending = self._start_ending(key, backend)
             if not await asyncio.shield(ending):
                 raise StorageError("the reservation's backend is not known to be gone")
+        if key in self._unordered:
+            # Behind a pooler, which hides the backend: under the locks the
+            # reservation takes, in its order (the team's row, then the user's
+            # admission lock), which orders the release after a reservation
+            # that holds them or waits for them - not after one still on its
+            # way, as an admission's give-back there (`_admissions_lost`).
+            team = self._unordered[key]
+            with _mapped():
+                async with self._pool.acquire() as conn, conn.transaction():
+                    if team is not None:
+                        await conn.execute(_TEAM_LOCKS, [team])
+                    await conn.execute(_ADMISSION_LOCKS, [user_id])
+                    await conn.execute(_RELEASE_UPLOAD, key, user_id)
+            del self._unordered[key]
+            return
         with _mapped():
             await self._pool.execute(_RELEASE_UPLOAD, key, user_id)
 

@@ -363,6 +363,66 @@ async def test_a_give_back_the_database_is_down_for_leaves_the_row_to_a_recovery
         await store.close()
 
 
+async def test_a_close_does_not_wait_out_a_give_back_the_database_does_not_answer(
+    postgres_dsn: str, held: tuple[str, HeldProxy], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Alice's and Bob's admissions commit and their answer is lost (held past
+    the command timeout); the database answers nothing more (a network gone
+    dark), so their give-back waits - for its backend, up to 35 s, and give-backs queue two at
+    a time behind it. The store closes within its grace all the same (before:
+    it waited for every give-back, minutes for a brownout's hundreds, until the
+    supervisor's SIGKILL), with one warning, and the pending rows of the
+    admissions that landed are left to a recovery, which charges each once."""
+    dsn, proxy = held
+    # A connection opened for the give-back waits for the dark database as long
+    # as a statement does (_GIVE_BACK_WAIT): not cut short by the default 5 s.
+    store = await PostgresStorage.open(
+        dsn, min_size=2, max_size=4, command_timeout=TIMEOUT, connect_timeout=60
+    )
+    for user in ("alice", "bob", "warm"):
+        await store.ensure_user(user, plan="free")
+    store.close_grace = 0.2
+    watcher = await asyncpg.connect(postgres_dsn)
+    try:
+        # (As in the batch's test above: a batch prepared on the kept connection.)
+        warm = [admit(store, "warm", f"warm{i}", queries_per_day=10) for i in range(2)]
+        assert all(a.admitted for a in await asyncio.gather(*warm))
+        proxy.flowing.clear()
+        callers = [
+            admit(store, "alice", "r1", queries_per_day=10, max_concurrent_streams=5),
+            admit(store, "bob", "b1", queries_per_day=10, max_concurrent_streams=5),
+        ]
+        await until(proxy.answered)  # committed; its answer held from here on
+        for caller in callers:
+            with pytest.raises(StorageError, match="TimeoutError"):
+                await caller
+        assert store._background  # their give-back, waiting on the dark database
+        caplog.clear()
+        try:
+            await asyncio.wait_for(store.close(), timeout=30)
+        except TimeoutError:
+            pytest.fail("close() waited for a give-back past its grace")
+        assert not store._background
+        warnings = [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno >= logging.WARNING and r.name.startswith("gateway")
+        ]
+        assert any("1 give-back(s) still under way" in w for w in warnings), warnings
+        assert await left_of(watcher, "alice", "r1") == (1, 1, 1)
+        recovering = await PostgresStorage.open(postgres_dsn, min_size=1, max_size=2)
+        try:
+            recovered = await recovering.recover(before=LATER, now=LATER)
+            assert {"r1", "b1"} <= set(recovered)
+            assert await count(watcher, ALICES_ANSWERS) == 1
+        finally:
+            await recovering.close()
+    finally:
+        proxy.flowing.set()
+        await watcher.close()
+        await store.close()
+
+
 @pytest.mark.parametrize("policy", ["closed", "open"])
 async def test_a_gateway_charges_an_answer_once_whatever_its_admission_became(
     postgres_dsn: str, lost_cancels: tuple[str, TCPProxy], policy: str

@@ -3,10 +3,12 @@ is ended at once (not left holding a backend and its user's lock until the
 give-back's turn), a release waits until its reservation's backend is known to
 be gone, and the backend is known by its pid and start, whatever role the
 connection works as, and not at all behind a pooler (which hides it: the
-give-back then goes by the admission's locks). From a review of the first
-version, which closed the connection at once, so that asyncpg's CancelRequest
-never went out, told backends by role, and let a release retried after a
-failed end go first: each test here failed on it.
+give-back then goes by the admission's locks, and an upload's release by the
+reservation's). From a review of the first version, which closed the
+connection at once, so that asyncpg's CancelRequest never went out, told
+backends by role, and let a release retried after a failed end go first: each
+test here failed on it (the upload's release behind a pooler, added later,
+failed on the version before it).
 """
 
 from __future__ import annotations
@@ -268,3 +270,37 @@ async def test_a_give_back_behind_a_pooler_comes_after_the_admission(
     the server's either: the pooler holds it.)"""
     dsn, _ = pooler
     await _nothing_left_of_a_timed_out_admission(dsn, postgres_dsn)
+
+
+async def test_an_upload_released_behind_a_pooler_comes_after_its_reservation(
+    postgres_dsn: str, pooler: tuple[str, RewritesBackendKey]
+) -> None:
+    """Behind a pooler an upload's reservation times out waiting for Alice's
+    lock, its cancellation lost: it stays on the server, and commits once the
+    lock is free. Its release (the request refused, the settler giving the
+    upload back) has no backend to wait for; it takes the reservation's locks
+    first, so it comes after the reservation's commit. (Before, it came at once,
+    found nothing, and the upload of a file never forwarded stayed counted.)"""
+    dsn, _ = pooler
+    store = await open_store(dsn)
+    watcher = await asyncpg.connect(postgres_dsn)
+    try:
+        async with Blocked(postgres_dsn, ALICES_LOCK) as blocked:
+            caller = reserve(store)
+            await until_async(lambda: _holds(watcher, RESERVATION_WAITS))
+            with pytest.raises(StorageError, match="TimeoutError"):
+                await caller
+            release = asyncio.ensure_future(store.release_upload("alice", key="u1"))
+
+            async def release_done_or_waiting() -> bool:
+                return release.done() or await count(watcher, LOCK_WAITERS) >= 2
+
+            await until_async(release_done_or_waiting)
+            await blocked.release()  # the reservation, still on the server, commits
+            await release
+            await until_async(lambda: _none(watcher, RESERVATION_RUNS))
+        assert await uploads_left(watcher) == (0, 0)  # before: (1, 1)
+        assert not store._unordered
+    finally:
+        await watcher.close()
+        await store.close()
