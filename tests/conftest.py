@@ -183,7 +183,10 @@ class _WarmConnections:
         "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; CLOSE ALL; UNLISTEN *;"
         " SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
     )
-    _KEPT = 4  # per pytest process: a few more of the server's connections open
+    # Per pytest process, kept open on the server: most tests open two (the
+    # admissions keep one); four runs at once on one server (helpers, CI) must
+    # stay well under its max_connections.
+    _KEPT = 2
     _QUERIES = 10_000  # a connection's statements before it is closed after all
 
     def __init__(self, dsn: str, loop: asyncio.AbstractEventLoop) -> None:
@@ -219,9 +222,12 @@ class _WarmConnections:
     async def close(self, conn: asyncpg.Connection, *, timeout: float | None = None) -> None:
         """`asyncpg.Connection.close`: a connection this made is kept if it is clean."""
         key = self.made.get(conn)
-        if key is not None and await self._keep(conn):
-            self.idle.append((key, conn))
-            return
+        try:
+            if key is not None and await self._keep(conn):
+                self.idle.append((key, conn))
+                return
+        except Exception:
+            return  # ended (terminated), as a failed close would have
         self.made.pop(conn, None)
         await self._close(conn, timeout=timeout)
 
@@ -240,8 +246,11 @@ class _WarmConnections:
             return False
         try:
             await conn.execute(self._RESET, timeout=5)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            return False
+        except BaseException:
+            # As asyncpg's close does when its own last message fails.
+            conn.terminate()
+            self.made.pop(conn, None)
+            raise
         return True
 
     async def aclose(self) -> None:
