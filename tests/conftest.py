@@ -209,7 +209,8 @@ class _WarmConnections:
         if dsn != self.dsn or not self._here() or kwargs.get("loop") not in (None, self.loop):
             return await self._connect(dsn, **kwargs)
         key = repr(sorted(kwargs.items()))
-        for i, (kept_key, conn) in enumerate(self.idle):
+        for i in reversed(range(len(self.idle))):  # the last kept first
+            kept_key, conn = self.idle[i]
             if kept_key == key:
                 del self.idle[i]
                 if not conn.is_closed():
