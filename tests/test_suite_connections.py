@@ -1,8 +1,9 @@
-"""The PostgreSQL connections the tests on ``database_url`` lend each other
-(tests/conftest.py, `_WarmConnections`) start as clean as new ones: what a test
-left on its session (settings, temporary tables, advisory locks) is gone before
-the next storage gets it, and the storage's own start (`_init_connection`) runs
-on it again."""
+"""The suite's connections to PostgreSQL. Those the tests on ``database_url``
+lend each other (tests/conftest.py, `_WarmConnections`) start as clean as new
+ones: what a test left on its session (settings, temporary tables, advisory
+locks) is gone before the next storage gets it, and the storage's own start
+(`_init_connection`) runs on it again. The forwarder the tests cut
+(tests/tcpproxy.py) gets its port back."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from gateway.config import DatabaseConfig
 from gateway.storage import open_storage
+from tests.tcpproxy import TCPProxy
 
 
 @pytest.mark.postgres
@@ -39,3 +41,19 @@ async def test_a_lent_connection_starts_as_clean_as_a_new_one(database_url: str)
             )
     finally:
         await second.close()
+
+
+async def test_a_cut_proxy_keeps_a_port_no_outgoing_connection_takes() -> None:
+    """`TCPProxy.restore` binds the port it had again: one from the kernel's
+    ephemeral range (32768 and up) could be taken meanwhile as the source port
+    of any outgoing connection on the machine (a test failed so)."""
+    proxy = TCPProxy("127.0.0.1", 9)
+    await proxy.start()
+    port = proxy.port
+    await proxy.cut()
+    assert 0 < port < 32768
+    await proxy.restore()
+    try:
+        assert proxy.port == port
+    finally:
+        await proxy.cut()
