@@ -6,8 +6,10 @@ request that asks for one, and counts advanced RAG - while the plan's limits
 allow it. The web-search allowance is decided in that same step (issue 20: read
 apart from it, 20 parallel requests with one search left all ran a search):
 refused, or admitted with web search turned off, as `web_search.when_exhausted`
-says. What was reserved is kept on a `Ticket` (and the web search on the
-answer's pending row) until the answer is settled or the reservation given back.
+says. Whether a request asks for web search is the `[web_search]` rule's for a
+Dify app, the dialect's own for OpenAI and Anthropic (their web-search tools;
+review-sec F4). What was reserved is kept on a `Ticket` (and the web search on
+the answer's pending row) until the answer is settled or the reservation given back.
 
 An upload is admitted apart, once its file's size is known (`reserve_upload`:
 its count and bytes against the user's and the team's upload limits, in one
@@ -21,11 +23,11 @@ import logging
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from gateway.alerts import alert_request
 from gateway.clock import Periods, periods_at
-from gateway.config import Plan
+from gateway.config import Plan, WebSearchConfig
 from gateway.errors import Forbidden, QuotaExceeded, StorageError
 from gateway.features import asks_for_advanced_rag, asks_for_web_search, set_path
 from gateway.messages import english
@@ -51,6 +53,8 @@ from gateway.storage import (
     WebSearch,
 )
 from gateway.upstreams import Route, Upstream
+from gateway.upstreams.anthropic import AnthropicUpstream
+from gateway.upstreams.openai import OpenAIUpstream
 
 if TYPE_CHECKING:
     from gateway.clock import Clock
@@ -63,6 +67,24 @@ log = logging.getLogger("gateway.admission")
 ZERO = Decimal(0)
 
 Headers = list[tuple[bytes, bytes]]
+
+
+# Review-sec F4: the dialects that read web search in a request and count the
+# searches an answer ran themselves (a tool, a search model; the answer's own
+# report), where Dify apps need the [web_search] rule's paths.
+_COUNTS_OWN_SEARCHES = (OpenAIUpstream, AnthropicUpstream)
+
+
+def _asks_for_web_search(
+    dialect: Upstream, route: Route, body: dict[str, Any], rule: WebSearchConfig
+) -> Literal["refuse", "disable"] | None:
+    """None when the request does not ask for web search; else what to do once
+    the day's searches are spent. The ``disable`` rewrite is a Dify input: an
+    OpenAI or Anthropic request that asks for a search it has no allowance for
+    is refused."""
+    if isinstance(dialect, _COUNTS_OWN_SEARCHES):
+        return "refuse" if dialect.asks_for_web_search(route, body) else None
+    return rule.when_exhausted if asks_for_web_search(body, rule) else None
 
 
 def _plain(value: Decimal | int) -> Decimal | int:
@@ -296,8 +318,9 @@ class Admitter:
             if advanced and not plan.advanced_rag:
                 key = "feature_not_in_plan_own" if "advanced_rag" in own else "feature_not_in_plan"
                 raise Forbidden(english(key), key=key)
-            if asks_for_web_search(body, config.web_search):
-                web_search = WebSearch(None, config.web_search.when_exhausted)
+            searches = _asks_for_web_search(dialect, route, body, config.web_search)
+            if searches is not None:
+                web_search = WebSearch(None, searches)
             team, team_view = await self._team(snap, user)
             per_model = view.per_model or (team_view is not None and team_view.per_model)
             if team_view is None and not per_model:
@@ -374,6 +397,7 @@ class Admitter:
         rule = config.web_search
         if (
             rule.when_exhausted == "disable"
+            and not isinstance(dialect, _COUNTS_OWN_SEARCHES)
             and plan.web_searches_per_day is not None
             and (
                 not admission.web_search_reserved

@@ -109,12 +109,14 @@ def is_json(media_type: bytes) -> bool:
     )
 
 
-# Request headers the gateway sets itself rather than forwarding.
+# Request headers the gateway sets itself rather than forwarding (x-request-id:
+# the gateway's own, unique; a client's could name the upstream's answer).
 _DROP_REQUEST: Final = HOP_BY_HOP | {
     b"host",
     b"authorization",
     b"content-length",
     b"accept-encoding",
+    b"x-request-id",
 }
 
 

@@ -325,6 +325,14 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "Lệnh gọi này tính phí theo lượt nhưng chưa được định giá, "
         "nên không dùng được qua gateway.",
     ),
+    # Review F5: a file the upstream fetches itself passes the plan's upload limits.
+    "file_transfer_not_allowed": _e(
+        "file_transfer_not_allowed",
+        "Your plan limits uploads: attach files by uploading them "
+        "(transfer_method local_file), not by URL.",
+        "Gói của bạn giới hạn việc tải tệp lên: hãy đính kèm tệp bằng cách tải lên "
+        "(transfer_method local_file), không dùng URL.",
+    ),
     # --- models (403): a plan's allow-list (issue 21, gateway/model_access.py) ---
     "model_not_in_plan": _e(
         "model_not_in_plan",
@@ -368,6 +376,18 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "Công cụ {tool} chưa được định giá trên gateway này "
         '([call_prices."anthropic.{name}"]) nên không dùng được.',
     ),
+    # Review-sec F2: what the client asks for that the upstream bills above the
+    # table's rates (OpenAI's priority tier, Anthropic's fast mode, long context).
+    "service_tier_not_priced": _e(
+        "service_tier_not_priced",
+        "The service tier {tier} has no price on this gateway, so it is not available.",
+        "Mức dịch vụ {tier} chưa được định giá trên gateway này nên không dùng được.",
+    ),
+    "option_not_priced": _e(
+        "option_not_priced",
+        "The option {option} has no price on this gateway, so it is not available.",
+        "Tùy chọn {option} chưa được định giá trên gateway này nên không dùng được.",
+    ),
     # --- malformed requests (400) ---
     "method_case": _e(
         "invalid_param",
@@ -388,6 +408,16 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "invalid_param",
         "The request body is nested too deeply to forward.",
         "Nội dung yêu cầu lồng nhau quá sâu nên không chuyển tiếp được.",
+    ),
+    "message_id_type": _e(
+        "invalid_param",
+        "The message_id must be a string.",
+        "Trường message_id phải là một chuỗi.",
+    ),
+    "file_id_type": _e(
+        "invalid_param",
+        "A file id in the request must be a string.",
+        "Mã tệp trong yêu cầu phải là một chuỗi.",
     ),
     "multipart_boundary": _e(
         "invalid_param",

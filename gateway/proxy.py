@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Mapping
 from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import parse_qs, unquote
 
@@ -52,6 +52,7 @@ from gateway.clock import periods_at
 from gateway.error_response import render_error
 from gateway.errors import (
     BadRequest,
+    Forbidden,
     GatewayError,
     NotFound,
     PayloadTooLarge,
@@ -77,6 +78,7 @@ from gateway.messages import english
 from gateway.model_access import allows, check_models, shown_model
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
 from gateway.pricing import CallPrice
+from gateway.quota.limits import UPLOAD_METERS, Limit
 from gateway.relay import Command as RelayCommand
 from gateway.relay import Count, End, ExtendDeadline, Notice, Refund, Relay, Settle, StopAfter
 from gateway.relay import Send as RelaySend
@@ -87,6 +89,7 @@ from gateway.storage import Accounting, Ownership, PausedForms, UsageEvent
 from gateway.types import Message, Receive, Scope, Send
 from gateway.upstream_client import UpstreamClient, request_taken
 from gateway.upstreams import Prepared, Route, Upstream
+from gateway.upstreams.base import KeepsUploads
 from gateway.usage import Metered
 
 if TYPE_CHECKING:
@@ -111,9 +114,14 @@ _MAX_BUFFERED_BODY = 16 * 1024 * 1024
 # headers, boundaries, other fields): with a Content-Length over the plan's file
 # size by more than this, the file is certainly too large.
 _MULTIPART_SLACK = FIELDS_ALLOWANCE + 64 * 1024
+# An upload's reply (Dify: a file's id, name, size... ~300 bytes) is read whole up
+# to this size to keep whose the file is; past it, passed on unread.
+_UPLOAD_REPLY_BYTES = 64 * 1024
 # Placeholders until `_parse` and `route` fill them in (never used before).
 _NO_ROUTE = Route("other", "")
 _NO_HEADERS = RequestHeaders([])
+# An error answer read whole to tell whether its run had begun (`_relay_error`).
+_MAX_ERROR_BODY = 64 * 1024
 # Upstream answers that send a request on to the next fallback (issue 23).
 _RATE_LIMITED = 429
 _SERVER_ERROR = 500
@@ -468,6 +476,8 @@ class Proxy:
         await self._choose(x)
         await self._check_models(x)
         self._rewrite(x)
+        if x.prepared is not None and (x.prepared.file_ids or x.prepared.files_by_value):
+            await self._check_files(x, x.prepared)
         if x.route.lists_models and x.mount is not None and x.mount.shared:
             await self._model_union(x, send)
             return
@@ -550,7 +560,9 @@ class Proxy:
         )
         if route.role == "side_cost":
             x.call_price = self.guard.call_price(route, call_prices)
-        elif route.owned_answer is not None:
+        if route.owned_answer is not None:
+            # A scoped read of a stored answer, or a side call on one (Dify's
+            # text-to-audio of a message): the ledger must name the caller.
             x.holder = await self.guard.check_owner(route, x.user_id)
 
     # --- read and rewrite ------------------------------------------------------------
@@ -721,6 +733,8 @@ class Proxy:
     def _rewrite(self, x: Exchange) -> None:
         """Let the dialect set the user (and what else it needs), then serialise the
         JSON body: a body that cannot be forwarded is refused before admission."""
+        if x.route.produces_answer:
+            x.dialect.check_headers(x.route, x.headers.forward)
         prepared = x.dialect.prepare(
             x.route, x.json, x.query, x.user_id, method=x.method, request_id=x.request_id
         )
@@ -730,15 +744,54 @@ class Proxy:
         if prepared.headers:
             sent = {name for name, _ in forward}
             forward += [(k, v) for k, v in prepared.headers if k not in sent]
-        if x.route.produces_answer or x.route.is_history or x.route.lists_models:
-            # Usage is read from the raw bytes, and history pages and model lists
-            # may be filtered: ask for them uncompressed.
+        route = x.route
+        if route.produces_answer or route.is_history or route.lists_models or route.is_upload:
+            # Usage is read from the raw bytes, history pages and model lists
+            # may be filtered, an upload's reply names its file: ask for them
+            # uncompressed.
             forward.append((b"accept-encoding", b"identity"))
         elif x.headers.accept_encoding is not None:
             forward.append((b"accept-encoding", x.headers.accept_encoding))
         x.json = prepared.body
         if x.json is not None:
             x.body = _serialised(x.json)
+
+    async def _check_files(self, x: Exchange, prepared: Prepared) -> None:
+        """An answer that attaches stored files (Dify's): each must be the
+        caller's upload (review F9, 404 otherwise); and one that gives a file
+        otherwise than as an upload (a URL the upstream fetches itself) is
+        refused when the caller's plan limits uploads (F5), which such a file
+        would pass unchecked and uncounted."""
+        if prepared.files_by_value and await self._limits_uploads(x):
+            raise Forbidden(
+                "Your plan limits uploads: attach files by uploading them "
+                "(transfer_method local_file), not by URL.",
+                code="file_transfer_not_allowed",
+            )
+        if prepared.file_ids:
+            await self.guard.check_files(prepared.file_ids, x.user_id)
+
+    async def _limits_uploads(self, x: Exchange) -> bool:
+        """Whether the caller's plan sets a file size, or it or their team's
+        an ``uploads`` / ``upload_bytes`` limit (what holds their uploads).
+        Without the user's plan: refused (503), as an upload is; a team that
+        cannot be read leaves the user's own plan, as admission does."""
+        snap, user_id = x.snap, x.user_id
+        try:
+            user = await snap.users.get(user_id, default_plan=snap.config.accounting.default_plan)
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation="user")
+            raise StorageError("The usage database is unavailable; try again shortly.") from exc
+        view = snap.plan_view(user)
+        if view.plan.file_size_mb is not None or _limits_uploads(view.limits):
+            return True
+        try:
+            team = await snap.team_view(user)
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation="team")
+            log.warning("team of %s not read, its upload limits not applied: %s", user_id, exc)
+            return False
+        return team is not None and _limits_uploads(team.limits)
 
     # --- admit -----------------------------------------------------------------------
 
@@ -778,6 +831,9 @@ class Proxy:
         headers = x.headers.forward
         if isinstance(x.body, bytes):
             headers.append((b"content-length", str(len(x.body)).encode()))
+        # The gateway's request id, for the upstream's logs; also the name vLLM
+        # gives the answer (the client's own was dropped: `http._DROP_REQUEST`).
+        headers.append((b"x-request-id", x.request_id.encode()))
         assert x.target is not None
         headers.append(x.target.authorization)  # each attempt puts its own key here
         attempts = x.attempts
@@ -973,6 +1029,9 @@ class Proxy:
             await self._relay_plain(x, response, status, headers, content_type, receive, send)
             return
         if x.ticket is None or not 200 <= status < 300:
+            if x.ticket is not None and x.dialect.bills_errors and x.route.produces_answer:
+                await self._relay_error(x, response, status, headers, send)
+                return
             # Not an answer (or a refused one): nothing to meter.
             await self.admitter.refund(x.ticket, x.request_id)
             await self._relay_plain(x, response, status, headers, content_type, receive, send)
@@ -1032,6 +1091,42 @@ class Proxy:
             return True
         return await _send_by(send, message, send_by)
 
+    async def _relay_error(
+        self, x: Exchange, response: httpx.Response, status: int, headers: Headers, send: Send
+    ) -> None:
+        """An HTTP error answering an answer request of a dialect whose errors
+        may come after billed work (`Upstream.bills_errors`): read whole (up to
+        _MAX_ERROR_BODY: an error is small; past it, charged), the dialect says
+        whether the upstream had started; then the prompt's estimate is charged
+        (outcome ``error``) or the reservation given back - before the client
+        hears of it, as any record - and the error relayed unchanged."""
+        content = bytearray()
+        rest = None
+        try:
+            async for chunk in response.aiter_raw():
+                content += chunk
+                if len(content) > _MAX_ERROR_BODY:
+                    rest = response
+                    break
+        except UpstreamBroken as exc:
+            log.warning("request %s: upstream error body cut: %r", x.request_id, exc.__cause__)
+        body = bytes(content)
+        if rest is not None or x.dialect.billed_error(x.route, x.answer_body, status, body):
+            estimate = x.dialect.unanswered(x.route, x.answer_body)
+            log.info(
+                "request %s: upstream error %d after its run began: charged", x.request_id, status
+            )
+            await self._kept(
+                self._settle(x, dataclasses.replace(estimate, outcome="error"), disconnected=False)
+            )
+        else:
+            await self.admitter.refund(x.ticket, x.request_id)
+        await self._start(x, send, status, headers)
+        await send({"type": "http.response.body", "body": body, "more_body": rest is not None})
+        if rest is not None:
+            await self._pass_body(x, rest, send)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
     async def _relay_plain(
         self,
         x: Exchange,
@@ -1049,6 +1144,9 @@ class Proxy:
             # before the client hears of it and shielded from its leaving.
             self._upload_kept(x)
             await self._kept(self._count_upload(x))
+            if isinstance(x.dialect, KeepsUploads):
+                await self._relay_upload(x, x.dialect, response, status, headers, send)
+                return
         if ok and x.route.is_history and b"json" in content_type:
             days = (await self.admitter.plan_of(x.snap, x.user_id)).chat_history_days
             if days is not None:
@@ -1070,6 +1168,72 @@ class Proxy:
         else:
             await self._pass_body(x, response, send)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _relay_upload(
+        self,
+        x: Exchange,
+        dialect: KeepsUploads,
+        response: httpx.Response,
+        status: int,
+        headers: Headers,
+        send: Send,
+    ) -> None:
+        """An accepted upload's reply (a small JSON body), read whole: whose the
+        file it names is, is kept before the client hears of it (review F9), so
+        an answer sent the moment the reply arrives finds the record. A reply
+        past ``_UPLOAD_REPLY_BYTES`` is passed on unread: its file stays
+        unknown, and refused to every answer."""
+        held: list[bytes] = []
+        size = 0
+        chunks = response.aiter_raw()
+        broken = False
+        try:
+            async for chunk in chunks:
+                held.append(chunk)
+                size += len(chunk)
+                if size > _UPLOAD_REPLY_BYTES:
+                    break
+        except UpstreamBroken as exc:
+            broken = True
+            log.warning(
+                "request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__
+            )
+        body = b"".join(held)
+        whole = not broken and size <= _UPLOAD_REPLY_BYTES
+        file_id = dialect.uploaded_file_id(x.route, body) if whole else None
+        if file_id is not None:
+            await self._kept(self._remember_upload(x, file_id))
+        await self._start(x, send, status, headers)
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        if not broken and not whole:
+            try:
+                async for chunk in chunks:  # the rest, as it comes
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except UpstreamBroken as exc:
+                log.warning(
+                    "request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__
+                )
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _remember_upload(self, x: Exchange, file_id: str) -> None:
+        """Keep the upload's file as the caller's. A record that fails is
+        logged and counted: the upload stands, and answers naming its file are
+        refused (nobody's file is given to anybody)."""
+        assert x.target is not None
+        try:
+            await self._storage.remember_upload(
+                file_id, user_id=x.user_id, upstream=x.target.name, now=self._clock.now()
+            )
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation="remember_upload")
+            log.error(
+                "request %s: could not keep upload %s as %s's (answers naming it will "
+                "be refused): %s",
+                x.request_id,
+                file_id,
+                x.user_id,
+                exc.message,
+            )
 
     async def _pass_body(self, x: Exchange, response: httpx.Response, send: Send) -> None:
         try:
@@ -1138,8 +1302,10 @@ class Proxy:
         total = settings.total_timeout
         since = loop.time()
         watcher: asyncio.Task[None] | None = None
+        timer: asyncio.TimerHandle | None = None  # a stop call before the deadline
         if not client.complete(response):
             watcher = loop.create_task(_wait_for_disconnect(receive))
+            timer = self._stop_timer(x, relay, relay.stop_at(total))
         forward = relay.forward
         meter_chunk = relay.meter_chunk
         first_byte = True
@@ -1162,7 +1328,6 @@ class Proxy:
         # chunk - forwarded, kept to go with the end, metered - without the
         # loop's reader and deadline: nothing waits before the end.
         deadline: asyncio.Timeout | None = None
-        timer: asyncio.TimerHandle | None = None  # a drained answer's stop (`_grace_over`)
         try:
             whole = None if watcher is not None else client.whole(response)
             if whole is not None:
@@ -1172,7 +1337,10 @@ class Proxy:
                     last = out
                 meter_chunk(whole)
             else:
-                async with asyncio.timeout(None if watcher is None else total) as deadline:
+                # (An answer stopped by a call at the deadline is read on for its
+                # usage: `Relay.after_stop`.)
+                limit = None if watcher is None else total + relay.after_stop(total)
+                async with asyncio.timeout(limit) as deadline:
                     async for chunk in client.raw(response):
                         if watcher is not None and watcher.done() and relay.listening:
                             self._client_left(x)
@@ -1183,9 +1351,9 @@ class Proxy:
                                 elif isinstance(command, ExtendDeadline):
                                     deadline.reschedule(loop.time() + command.seconds)
                                 elif isinstance(command, StopAfter):
-                                    timer = loop.call_later(
-                                        command.seconds, self._grace_over, x, relay
-                                    )
+                                    if timer is not None:
+                                        timer.cancel()  # the total's: the grace's now
+                                    timer = self._stop_timer(x, relay, command)
                             if not relay.reading:
                                 # Closing the response stops the answer; the chunk
                                 # in hand is metered first (it may be the first
@@ -1202,7 +1370,10 @@ class Proxy:
                             else:
                                 if watcher is None:
                                     watcher = loop.create_task(_wait_for_disconnect(receive))
-                                    deadline.reschedule(since + total)
+                                    deadline.reschedule(since + total + relay.after_stop(total))
+                                    timer = self._stop_timer(
+                                        x, relay, relay.stop_at(since + total - loop.time())
+                                    )
                                 sending = True
                                 await send(
                                     {"type": "http.response.body", "body": out, "more_body": True}
@@ -1517,15 +1688,23 @@ class Proxy:
         policy = x.target.settings.on_client_disconnect
         log.info("request %s: client disconnected mid-answer; policy %s", x.request_id, policy)
 
-    def _grace_over(self, x: Exchange, relay: Relay) -> None:
-        """A drained answer's grace is nearly over: its stop call, if the relay
-        asks for one, runs while the answer is read on (its result told to the
-        relay, so that the ending does not stop it again)."""
-        for command in relay.grace_over():
-            if isinstance(command, RelayStop) and command.task_id is not None:
-                self._keep(self._stop_drained(x, relay, command.task_id))
+    def _stop_timer(
+        self, x: Exchange, relay: Relay, after: StopAfter | None = None
+    ) -> asyncio.TimerHandle | None:
+        """The timer of a relay's `StopAfter` (none: no timer)."""
+        if after is None:
+            return None
+        return asyncio.get_running_loop().call_later(after.seconds, self._deadline_near, x, relay)
 
-    async def _stop_drained(self, x: Exchange, relay: Relay, task_id: str) -> None:
+    def _deadline_near(self, x: Exchange, relay: Relay) -> None:
+        """An answer's deadline is near: its stop call, if the relay asks for
+        one, runs while the answer is read on (its result told to the relay,
+        so that the ending does not stop it again)."""
+        for command in relay.deadline_near():
+            if isinstance(command, RelayStop) and command.task_id is not None:
+                self._keep(self._stop_near_deadline(x, relay, command.task_id))
+
+    async def _stop_near_deadline(self, x: Exchange, relay: Relay, task_id: str) -> None:
         relay.stop_answered(await self._stop(x, task_id))
 
     async def _stop(self, x: Exchange, task_id: str) -> bool:
@@ -1622,7 +1801,11 @@ class Proxy:
                 currency=usage.currency,
                 outcome=outcome,
                 estimated=usage.estimated,
-                web_searches=int(used_web_search(result.metadata, snap.config.web_search)),
+                web_searches=(
+                    int(used_web_search(result.metadata, snap.config.web_search))
+                    if result.web_searches is None
+                    else int(result.web_searches > 0)  # answers that searched (docs/features.md)
+                ),
                 conversation_id=result.conversation_id,
                 request_id=request_id,
                 upstream_latency_ms=round(upstream_ms, 3),
@@ -1782,3 +1965,8 @@ class Proxy:
                 size,
                 exc.message,
             )
+
+
+def _limits_uploads(limits: Iterable[Limit]) -> bool:
+    """Whether any of ``limits`` counts uploads (`UPLOAD_METERS`)."""
+    return any(limit.meter in UPLOAD_METERS for limit in limits)

@@ -10,7 +10,7 @@ makes a `Settle` or a `Refund`, and it refuses to run twice.
 States, named as mitmproxy names its stream states (`layers/http/__init__.py`)::
 
     streaming --client_left(drain, or stop call)--> draining
-    draining --grace_over (drain: the stop call before the grace ends)--> draining
+    streaming|draining --deadline_near (a stop call at the deadline, read on)--> the same
     streaming --client_left(stop, by closing)--> stopped (the chunk in hand is metered)
     streaming|draining --upstream_ended--------------------> finished
     streaming|draining --upstream_broken/deadline/too_large-> cut
@@ -88,8 +88,8 @@ class ExtendDeadline:
 
 @dataclass(frozen=True, slots=True)
 class StopAfter:
-    """In ``seconds``, unless the answer has ended, tell the relay the grace is
-    nearly over (`grace_over`) and do what it returns."""
+    """In ``seconds``, unless the answer has ended, tell the relay its deadline
+    has come (`deadline_near`) and do what it returns."""
 
     seconds: float
 
@@ -129,10 +129,10 @@ class Notice:
 Command = Send | End | Stop | ExtendDeadline | StopAfter | Count | Settle | Refund | Notice
 
 
-# Of the grace a drained answer is read for, the part kept for after its stop
-# call: the upstream ends a stopped answer with the usage so far (Dify's
-# message_end, docs/upstreams/dify.md), which this leaves time to read. At most
-# half the grace.
+# How long an answer stopped by a call at its deadline (upstream.total_timeout,
+# or the grace once its client left) is read on: the upstream ends a stopped
+# answer with the usage so far (Dify's message_end). At most the deadline's own
+# length. The longest an answer can take counts it (snapshot.longest_answer).
 STOP_LEAD = 10.0
 
 
@@ -251,24 +251,41 @@ class Relay:
             if task_id is not None:
                 return [Stop(task_id), ExtendDeadline(self.grace)]
         self.state = "draining"
-        if meter is not None and not self.dialect.stops_by_closing and self.grace > 0:
-            # Drained: stopped by a call before the grace runs out (`grace_over`),
-            # so that the usage the upstream ends a stopped answer with is read
-            # within the grace - cut at its end, an answer running longer was
-            # charged an estimate, which prices no money for Dify.
-            return [
-                ExtendDeadline(self.grace),
-                StopAfter(self.grace - min(STOP_LEAD, self.grace / 2)),
-            ]
-        return [ExtendDeadline(self.grace)]
+        stop = self.stop_at(self.grace)
+        if stop is None:
+            return [ExtendDeadline(self.grace)]
+        return [ExtendDeadline(self.grace + self.after_stop(self.grace)), stop]
 
-    def grace_over(self) -> list[Command]:
-        """A drained answer's grace is nearly over (`StopAfter`): stop it upstream
-        by a call, if it is still being read and the upstream named its task;
-        the driver reports the call's result (`stop_answered`) and reads on."""
+    @property
+    def stops_by_call(self) -> bool:
+        """A streamed answer the upstream stops by a call (and ends with the
+        usage so far: Dify's message_end)."""
+        return self.meter is not None and not self.dialect.stops_by_closing
+
+    def stop_at(self, seconds: float) -> StopAfter | None:
+        """For a deadline ``seconds`` away (``upstream.total_timeout`` from the
+        start, the grace once the client left): a stop call when it comes
+        (`deadline_near`), after which the answer is read on for
+        `after_stop` seconds more, for the usage the upstream ends a stopped
+        answer with. Cut at the deadline instead, an answer still running was
+        charged an estimate, which prices no money for Dify."""
+        if not self.stops_by_call or seconds <= 0:
+            return None
+        return StopAfter(seconds)
+
+    def after_stop(self, seconds: float) -> float:
+        """How long past a deadline ``seconds`` away the answer is read, after
+        its stop call: `STOP_LEAD`, at most the deadline's own length (none
+        for an answer stopped otherwise)."""
+        return min(STOP_LEAD, seconds) if self.stops_by_call else 0.0
+
+    def deadline_near(self) -> list[Command]:
+        """The deadline has come (`StopAfter`): stop the answer upstream by a call,
+        if it is still being read and the upstream named its task; the driver
+        reports the call's result (`stop_answered`) and reads on."""
         meter = self.meter
         if (
-            self.state != "draining"
+            not self.reading
             or self.stop_sent
             or meter is None
             or meter.task_id is None

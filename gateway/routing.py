@@ -9,9 +9,11 @@ that route alone and before the body is read where it can:
   names them, when they are forwarded as an unmetered pass-through;
 - a ``side_cost`` must have its price in ``[call_prices]``, or it is refused 403
   (never forwarded free);
-- a ``scoped`` route naming an answer the upstream keeps (``owned_answer``) is
-  forwarded only when the ledger shows that answer is the caller's; otherwise
-  404, as if it did not exist.
+- a route naming an answer the upstream keeps (``owned_answer``: a scoped read,
+  or a side cost such as Dify's text-to-audio of a message) is forwarded only
+  when the ledger shows that answer is the caller's; otherwise 404, as if it
+  did not exist; so is an answer naming stored files (``check_files``) that are
+  not the caller's uploads.
 
 The roles and the table of every dialect are in docs/security.md.
 """
@@ -109,6 +111,24 @@ class RouteGuard:
             # 404, not 403: another user's object must not be told from a missing one.
             raise NotFound(f"No object found with id '{answer_id}'.", code="not_found")
         return owner.upstream
+
+    async def check_files(self, file_ids: frozenset[str], user_id: str) -> None:
+        """For an answer naming stored files by id (Dify's uploads, review F9):
+        refuse unless each is an upload the gateway kept for the caller. The
+        upstream finds such a file in the whole workspace, whoever uploaded it;
+        the gateway knows only the uploads that passed through it, so a file it
+        does not know (one uploaded before it kept them, or elsewhere) is
+        refused too. One query for all the ids."""
+        try:
+            owners = await self._storage.upload_owners(file_ids)
+        except StorageError as exc:
+            # Fails closed, as check_owner: without the records nobody's files are used.
+            self._metrics.inc("gateway_storage_errors_total", operation="upload_owners")
+            raise StorageError("The usage database is unavailable; try again shortly.") from exc
+        for file_id in sorted(file_ids):
+            if owners.get(file_id) != user_id:
+                # 404, as for another user's object: not told from a missing one.
+                raise NotFound(f"No object found with id '{file_id}'.", code="not_found")
 
 
 def side_cost_result(price: CallPrice) -> Metered:

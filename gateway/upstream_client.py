@@ -29,6 +29,9 @@ checks that every exception class these libraries define is in it.
 
 from __future__ import annotations
 
+import bisect
+import collections
+import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Final, Literal
@@ -279,6 +282,74 @@ def _joined(headers: Headers) -> list[tuple[str, str]]:
     return out
 
 
+# The StreamReader attributes `drain` reads and sets (aiohttp 3.14's; any other
+# shape reads through read_nowait).
+_DRAINED: Final = (
+    "_buffer",
+    "_buffer_offset",
+    "_cursor",
+    "_exception",
+    "_http_chunk_splits",
+    "_low_water",
+    "_low_water_chunks",
+    "_protocol",
+    "_size",
+    "_timer",
+    "_waiter",
+)
+_DRAINABLE: Final = all(
+    name in getattr(aiohttp.StreamReader, "__slots__", ()) for name in _DRAINED
+) and callable(getattr(aiohttp.StreamReader, "_read_nowait_chunk", None))
+
+
+def drain(content: aiohttp.StreamReader) -> bytes:
+    """``content.read_nowait(n)`` for an ``n`` at least what is buffered, of a
+    reader at the end of its body (fed its end: resuming the connection's
+    reading parses nothing more into it): all of it, as one bytes, and the
+    reader left as that read leaves it. aiohttp reads
+    one chunk at a time, each with its bookkeeping and a call to resume the
+    connection's reading (which parses again what is left, nothing at the end
+    of a body): an answer of 20 events is 20 chunks. Here the chunks are
+    joined at once, the bookkeeping done once, and reading resumed once if the
+    last of those calls would have resumed it (each call's condition holds
+    from the first that holds on: the buffer only shrinks).
+    tests/test_upstream_client.py compares the two, attribute by attribute."""
+    if content._exception is not None:
+        raise content._exception
+    waiter = content._waiter
+    if waiter and not waiter.done():
+        raise RuntimeError("Called while some coroutine is waiting for incoming data.")
+    content._timer.assert_timeout()
+    buffer = content._buffer
+    if not buffer:
+        return b""
+    offset = content._buffer_offset
+    data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+    if offset:
+        data = data[offset:]
+        content._buffer_offset = 0
+    buffer.clear()
+    size = len(data)
+    content._size -= size
+    cursor = content._cursor = content._cursor + size
+    splits = content._http_chunk_splits
+    if splits:
+        # The ends of the chunks passed (all but the last, at the end of a
+        # body), dropped at once: the ends only grow, as the reader appends them.
+        passed = bisect.bisect_left(splits, cursor)
+        if passed == len(splits):
+            splits.clear()
+        elif passed:
+            splits = content._http_chunk_splits = collections.deque(
+                itertools.islice(splits, passed, None)
+            )
+    if content._size < content._low_water and (
+        splits is None or len(splits) < content._low_water_chunks
+    ):
+        content._protocol.resume_reading()
+    return data
+
+
 def direct_response(
     status: int, raw: Sequence[tuple[bytes, bytes]], stream: AiohttpBody
 ) -> httpx.Response:
@@ -523,6 +594,8 @@ class UpstreamClient:
         try:
             # What is buffered is at most all the body received (total_bytes):
             # this one read leaves the stream at its end.
+            if _DRAINABLE and type(content) is aiohttp.StreamReader:
+                return drain(content) or None
             return content.read_nowait(AiohttpResponseStream.CHUNK_SIZE) or None
         except FOREIGN as exc:
             raise _broken(exc) from exc

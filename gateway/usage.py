@@ -228,6 +228,10 @@ class Metered:
     ``metadata`` is the answer's metadata object (``message_end.metadata``, or a
     workflow's ``outputs``) for rules that look into it, such as web-search counting.
     ``model`` is the model that answered, when the upstream names it.
+    ``web_searches``: the web searches the answer ran, as a dialect that counts
+    them reads them from the answer (OpenAI's web-search calls, Anthropic's
+    ``server_tool_use.web_search_requests``); None where the ``[web_search]``
+    rule reads ``metadata`` instead (Dify).
     """
 
     answer_id: str | None
@@ -238,6 +242,7 @@ class Metered:
     error_code: str | None = None
     metadata: dict[str, object] | None = None
     model: str | None = None
+    web_searches: int | None = None
 
 
 def estimate_usage(prompt_chars: int, text_chars: int) -> Usage:

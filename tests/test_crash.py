@@ -261,7 +261,7 @@ async def test_a_running_gateway_recovers_answers_once_they_are_older_than_the_b
     clock = FixedClock(datetime(2026, 11, 21, 9, 0, tzinfo=UTC))
     settings = {
         "upstream": {"total_timeout": 5.0, "disconnect_grace": 1.0},
-        "database": {"recover_after": 10.0, "recover_interval": 0.01},
+        "database": {"recover_after": 20.0, "recover_interval": 0.01},
     }
     async with running_gateway(sqlite_url, settings=settings, clock=clock) as h:
         admitted = await h.storage.admit(
@@ -276,7 +276,7 @@ async def test_a_running_gateway_recovers_answers_once_they_are_older_than_the_b
         passes = h.probes.recoveries
         await passes.wait_for(passes.value + 2)
         assert await h.events() == []  # too young to be taken for lost
-        clock.advance(timedelta(seconds=11))
+        clock.advance(timedelta(seconds=21))
         await passes.wait_for(passes.value + 2)
         (event,) = await h.events()
         assert h.gateway.metrics.get("gateway_answers_recovered_total") == 1
@@ -298,9 +298,11 @@ def test_the_recovery_bound_is_never_shorter_than_the_longest_answer() -> None:
         )
         return Gateway(config).recover_after
 
-    assert bound() == timedelta(seconds=95)  # derived: the answer's limits plus a minute
+    # The answer's limits, each read on after the stop call it brings (10 s, at
+    # most its own length: relay.STOP_LEAD): 30 + 10 + 5 + 5.
+    assert bound() == timedelta(seconds=110)  # derived: the longest answer plus a minute
     assert bound(recover_after=120.0) == timedelta(seconds=120)
-    assert bound(recover_after=10.0) == timedelta(seconds=35)  # raised to the longest
+    assert bound(recover_after=10.0) == timedelta(seconds=50)  # raised to the longest
 
 
 def test_the_recovery_bound_and_lease_cover_a_request_that_walks_its_fallbacks() -> None:

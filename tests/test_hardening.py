@@ -5,7 +5,9 @@ unrecorded on timeouts and cancellation, leaked stream slots, unfiltered history
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import date
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -209,7 +211,11 @@ async def test_a_cancelled_request_still_records_its_answer_and_frees_its_slot(
 async def test_an_answer_abandoned_at_the_total_timeout_is_stopped_upstream(
     sqlite_url: str,
 ) -> None:
+    """An answer still running at ``upstream.total_timeout`` whose stop call
+    ahead of it did nothing (Dify answered "success" and ran on): cut at the
+    deadline, charged an estimate, and stopped once (not again at the cut)."""
     fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.2)
+    fake.stops_ignored = True
     async with running_gateway(
         sqlite_url, fake=fake, settings={"upstream": {"total_timeout": 0.5}}
     ) as h:
@@ -569,6 +575,55 @@ async def test_an_answer_drained_past_its_grace_is_charged_its_money(database_ur
     assert event.completion_tokens > 0 and event.cost > 0
 
 
+async def test_an_answer_running_past_its_total_timeout_is_charged_its_money(
+    database_url: str,
+) -> None:
+    """Attack: an answer made to run longer than ``upstream.total_timeout`` (an
+    agent's tool loop), the client connected. Cut at the deadline it was charged
+    an estimate, at no money for Dify. Now it is stopped by a call ahead of the
+    deadline and read on: the client gets the end Dify gives a stopped answer,
+    and the usage in it is charged."""
+    fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.3)
+    settings = {"upstream": {"total_timeout": 0.5}}
+    async with running_gateway(database_url, fake=fake, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            answer = await client.post(
+                "/v1/chat-messages",
+                json={"query": "Write a long essay.", "inputs": {}, "response_mode": "streaming"},
+                headers=h.auth(),
+            )
+        await h.probes.wait_finished(1)
+        await h.gateway.idle()
+        (event,) = await h.events()
+    assert fake.stops  # stopped by a call, before the deadline
+    assert b'"event":"message_end"' in answer.content
+    assert b"upstream_error" not in answer.content
+    assert not event.estimated and event.completion_tokens > 0 and event.cost > 0
+    assert len(fake.stops) == 1
+
+
+async def test_an_answer_finishing_within_its_total_timeout_is_not_stopped(
+    sqlite_url: str,
+) -> None:
+    """The stop call comes at ``upstream.total_timeout``, not before: an answer
+    of about 2 s under a 3 s deadline reaches its end whole, unstopped (from a
+    review: a first version stopped it at half a short deadline)."""
+    fake = FakeDify(api_key=UPSTREAM_KEY, delay=0.2, answer=tuple(f"piece{i} " for i in range(10)))
+    settings = {"upstream": {"total_timeout": 3.0}}
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            answer = await client.post(
+                "/v1/chat-messages",
+                json={"query": "Hi", "inputs": {}, "response_mode": "streaming"},
+                headers=h.auth(),
+            )
+        await h.probes.wait_finished(1)
+        await h.gateway.idle()
+        (event,) = await h.events()
+    assert fake.stops == []
+    assert b"piece9" in answer.content and event.outcome == "complete"
+
+
 class _ToolCallsWithoutUsage:
     """An OpenAI-compatible server that ignores stream_options.include_usage and
     answers with one tool call only: no delta.content, no usage chunk."""
@@ -639,3 +694,392 @@ async def test_tool_call_answers_from_a_server_that_reports_no_usage_are_charged
     assert len(events) == 1
     assert events[0].estimated and events[0].completion_tokens >= 1000
     assert events[0].cost > 0
+
+
+# --- Dify: text-to-audio of another user's message (review F8) ----------------------------
+
+
+class _DifyWithTts:
+    """Dify 1.x as its source reads: a blocking chat answer kept per end user,
+    and ``POST /text-to-audio`` with a ``message_id`` speaking that message's
+    answer after ``db.session.query(Message).where(Message.id == message_id)``
+    (any spelling of the UUID), with no check of the end user nor the app; with
+    ``text`` alone, speaking the text. The "audio" is the text, so the test can
+    read it."""
+
+    def __init__(self) -> None:
+        self.messages: dict[str, str] = {}
+        self.spoken = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        request = orjson.loads(await read_body(receive) or b"{}")
+        path = scope["path"].removeprefix("/v1")
+        kind, status = b"application/json", 200
+        if path == "/chat-messages":
+            message_id = f"00000000-0000-4000-8000-{len(self.messages):012d}"
+            answer = f"Private answer for {request['user']}: {request['query']}"
+            self.messages[message_id] = answer
+            usage = {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20,
+                     "total_price": "0.001", "currency": "USD"}  # fmt: skip
+            raw = orjson.dumps(
+                {
+                    "event": "message",
+                    "task_id": "t",
+                    "id": message_id,
+                    "message_id": message_id,
+                    "conversation_id": "c",
+                    "mode": "chat",
+                    "answer": answer,
+                    "metadata": {"usage": usage},
+                    "created_at": 1,
+                }
+            )
+        elif path == "/text-to-audio" and request.get("message_id"):
+            answer = self.messages.get(str(uuid.UUID(request["message_id"])))  # no user check
+            self.spoken += 1
+            kind, raw = b"audio/mpeg", (answer or "").encode()
+        elif path == "/text-to-audio" and isinstance(request.get("text"), str):
+            self.spoken += 1
+            kind, raw = b"audio/mpeg", request["text"].encode()
+        else:
+            status, raw = 404, orjson.dumps({"code": "not_found", "message": "no", "status": 404})
+        await send(
+            {"type": "http.response.start", "status": status, "headers": [(b"content-type", kind)]}
+        )
+        await send({"type": "http.response.body", "body": raw})
+
+
+TTS_PRICED = {"call_prices": {"dify.text_to_audio": {"price": "0.015", "currency": "USD"}}}
+
+
+async def test_text_to_audio_does_not_read_another_users_message(database_url: str) -> None:
+    """The attack: Bob sends ``POST /text-to-audio {"message_id": <Alice's>}``.
+    Dify 1.x looks the message up by id alone (AudioService.transcript_tts), so
+    it read Alice's answer out to him. The ledger knows whose each Dify message
+    is (its answer id): the call is now refused 404 in Dify's shape, as another
+    user's stored response is, before anything is forwarded or charged."""
+    upstream = _DifyWithTts()
+    async with running_gateway(database_url, upstream=upstream, settings=TTS_PRICED) as h:
+        bob = await h.add_user("bob")
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            mine = await client.post(
+                "/v1/chat-messages",
+                json={"query": "my diagnosis is X", "inputs": {}, "response_mode": "blocking"},
+                headers=h.auth(),
+            )
+            message_id = mine.json()["message_id"]
+            await h.probes.wait_finished(1)
+            stolen = await client.post(
+                "/v1/text-to-audio", json={"message_id": message_id}, headers=h.auth(bob)
+            )
+            # Any spelling of the same UUID is the same message to Dify.
+            shouted = await client.post(
+                "/v1/text-to-audio", json={"message_id": message_id.upper()}, headers=h.auth(bob)
+            )
+        events = await h.events()
+    for refused in (stolen, shouted):
+        assert refused.status_code == 404, refused.text
+        assert refused.json()["code"] == "not_found" and refused.json()["status"] == 404
+        assert b"my diagnosis is X" not in refused.content
+    assert upstream.spoken == 0
+    assert [event.user_id for event in events] == [USER]  # nothing charged to Bob
+
+
+async def test_text_to_audio_reads_the_callers_own_message_and_any_text(sqlite_url: str) -> None:
+    """The owner's read of their own answer (in any UUID spelling) and the
+    text-only form (anyone's, nothing of another user in it) stay priced calls."""
+    upstream = _DifyWithTts()
+    async with running_gateway(sqlite_url, upstream=upstream, settings=TTS_PRICED) as h:
+        bob = await h.add_user("bob")
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            mine = await client.post(
+                "/v1/chat-messages",
+                json={"query": "my diagnosis is X", "inputs": {}, "response_mode": "blocking"},
+                headers=h.auth(),
+            )
+            message_id = mine.json()["message_id"]
+            await h.probes.wait_finished(1)
+            own = await client.post(
+                "/v1/text-to-audio", json={"message_id": message_id.upper()}, headers=h.auth()
+            )
+            await h.probes.wait_finished(2)
+            text = await client.post(
+                "/v1/text-to-audio",
+                json={"text": "Xin chào", "message_id": ""},
+                headers=h.auth(bob),
+            )
+            await h.probes.wait_finished(3)
+            odd = await client.post(
+                "/v1/text-to-audio", json={"message_id": 7}, headers=h.auth(bob)
+            )
+        events = await h.events()
+    assert own.status_code == 200 and b"my diagnosis is X" in own.content
+    assert text.status_code == 200 and text.content == "Xin chào".encode()
+    assert odd.status_code == 400 and odd.json()["code"] == "invalid_param"
+    spoken = [(e.user_id, e.cost) for e in events if e.endpoint == "text-to-audio"]
+    assert spoken == [(USER, Decimal("0.015")), ("bob", Decimal("0.015"))]
+
+
+# --- Dify: an answer attaching another user's upload (review F9) ---------------------------
+
+
+def _attach(*file_ids: str, where: str = "files") -> dict[str, Any]:
+    files = [
+        {"type": "document", "transfer_method": "local_file", "upload_file_id": file_id}
+        for file_id in file_ids
+    ]
+    body: dict[str, Any] = {"query": "Quote the attached document.", "inputs": {}}
+    if where == "files":
+        body["files"] = files
+    elif where == "input":
+        body["inputs"] = {"doc": files[0]}
+    else:
+        body["inputs"] = {"docs": files}
+    return {**body, "response_mode": "blocking"}
+
+
+async def _upload(client: httpx.AsyncClient, h: Harness, key: str | None = None) -> str:
+    upload = await client.post(
+        "/v1/files/upload",
+        files={"file": ("payslip.pdf", b"%PDF-1.4 salary", "application/pdf")},
+        headers=h.auth(key),
+    )
+    assert upload.status_code == 201, upload.text
+    file_id: str = upload.json()["id"]
+    return file_id
+
+
+async def test_a_chat_request_cannot_attach_another_users_upload(database_url: str) -> None:
+    """The attack: Alice's chat request names Bob's upload by its
+    ``upload_file_id``. Dify 1.x finds the file within the whole workspace
+    (``UploadFile.id == id AND tenant_id == tenant``: no end-user check), so the
+    model read Bob's file to her. The gateway now keeps whose each upload is and
+    refuses the request 404 in Dify's shape, before anything is forwarded."""
+    async with running_gateway(database_url) as h:
+        assert h.fake is not None
+        bob = await h.add_user("bob")
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            bobs_file = await _upload(client, h, bob)
+            answer = await client.post(
+                "/v1/chat-messages", json=_attach(bobs_file), headers=h.auth()
+            )
+        sent = [r for r in h.fake.requests if r.path.endswith("/chat-messages")]
+    assert answer.status_code == 404, answer.text
+    assert answer.json() == {
+        "code": "not_found",
+        "message": f"No object found with id '{bobs_file}'.",
+        "status": 404,
+    }
+    assert sent == []
+
+
+@pytest.mark.parametrize(
+    ("path", "where"),
+    [
+        ("/v1/chat-messages", "input"),
+        ("/v1/completion-messages", "inputs"),
+        ("/v1/workflows/run", "input"),
+        ("/v1/workflows/run", "inputs"),
+    ],
+)
+async def test_no_answer_route_attaches_another_users_upload(
+    sqlite_url: str, path: str, where: str
+) -> None:
+    """The same through a file-typed input (one file, or a list of them), on every
+    answer route. The caller's own uploads (several, in any UUID spelling) are
+    forwarded as sent; one of Bob's beside them is refused."""
+    async with running_gateway(sqlite_url) as h:
+        assert h.fake is not None
+        bob = await h.add_user("bob")
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            bobs_file = await _upload(client, h, bob)
+            own, more = await _upload(client, h), await _upload(client, h)
+            mine = (own.upper(),) if where == "input" else (own.upper(), more)
+            allowed = await client.post(path, json=_attach(*mine, where=where), headers=h.auth())
+            theirs = (bobs_file,) if where == "input" else (own, bobs_file)
+            answer = await client.post(path, json=_attach(*theirs, where=where), headers=h.auth())
+        sent = [r for r in h.fake.requests if not r.path.endswith("/files/upload")]
+    assert allowed.status_code == 200, allowed.text
+    assert answer.status_code == 404, answer.text
+    (forwarded,) = sent
+    value = forwarded.json["inputs"]["doc" if where == "input" else "docs"]
+    assert value == _attach(*mine, where=where)["inputs"]["doc" if where == "input" else "docs"]
+
+
+async def test_a_team_mate_or_an_unknown_upload_is_not_attached(sqlite_url: str) -> None:
+    """A team shares limits, not files: Bob's upload is his even to his team
+    mate. A file the gateway never saw uploaded (one uploaded before it kept
+    uploads, at Dify directly, or a tool's file) is refused too: nothing
+    shows it is the caller's."""
+    async with running_gateway(sqlite_url, settings={"plans": {"team": {}}}) as h:
+        assert h.fake is not None
+        bob = await h.add_user("bob")
+        await h.gateway.accounts.create_team("acme", plan="team")
+        await h.gateway.accounts.set_team(USER, "acme")
+        await h.gateway.accounts.set_team("bob", "acme")
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            bobs_file = await _upload(client, h, bob)
+            mate = await client.post("/v1/chat-messages", json=_attach(bobs_file), headers=h.auth())
+            unknown = await client.post(
+                "/v1/chat-messages", json=_attach(str(uuid.uuid4())), headers=h.auth()
+            )
+            tool = _attach()
+            tool["files"] = [{"type": "image", "transfer_method": "tool_file",
+                              "tool_file_id": str(uuid.uuid4())}]  # fmt: skip
+            tools = await client.post("/v1/chat-messages", json=tool, headers=h.auth())
+        sent = [r for r in h.fake.requests if r.path.endswith("/chat-messages")]
+    assert [r.status_code for r in (mate, unknown, tools)] == [404, 404, 404]
+    assert sent == []
+
+
+async def test_an_upload_that_cannot_be_kept_is_refused_to_answers(sqlite_url: str) -> None:
+    """Fails closed: when the upload's record cannot be written, the upload
+    stands (the upstream has it) but no answer may attach it."""
+    async with running_gateway(sqlite_url) as h:
+        storage = h.storage
+
+        async def down(*args: Any, **kwargs: Any) -> None:
+            raise StorageError("down")
+
+        original = storage.remember_upload
+        storage.remember_upload = down  # type: ignore[method-assign]
+        try:
+            async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+                file_id = await _upload(client, h)
+                storage.remember_upload = original  # type: ignore[method-assign]
+                answer = await client.post(
+                    "/v1/chat-messages", json=_attach(file_id), headers=h.auth()
+                )
+        finally:
+            storage.remember_upload = original  # type: ignore[method-assign]
+    assert answer.status_code == 404
+
+
+# --- Dify: files given by URL past the plan's upload limits (review F5) ---------------------
+
+BY_URL = {
+    "query": "Summarise the attached report.",
+    "inputs": {},
+    "response_mode": "blocking",
+    "files": [
+        {
+            "type": "document",
+            "transfer_method": "remote_url",
+            "url": "https://attacker.example/report-2MB.pdf",
+        }
+    ]
+    * 5,
+}
+
+
+async def test_a_remote_url_file_does_not_get_around_the_upload_limits(database_url: str) -> None:
+    """The attack: a plan refuses a 2 MB upload (``file_size_mb = 1``) and allows
+    one upload a day; the user names five 2 MB files by URL in the chat request
+    itself (``transfer_method: "remote_url"``), which Dify fetches server-side
+    up to its own limits: no size checked, nothing counted. Refused 403 in
+    Dify's shape: under upload limits, files come as uploads."""
+    limits = {"file_size_mb": 1, "limits": [{"meter": "uploads", "per": "day", "max": 1}]}
+    async with running_gateway(database_url, settings={"plans": {"free": limits}}) as h:
+        assert h.fake is not None
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            big = await client.post(
+                "/v1/files/upload",
+                files={"file": ("report.pdf", b"x" * (2 * 1024 * 1024), "application/pdf")},
+                headers=h.auth(),
+            )
+            assert big.status_code == 413  # the plan's file size
+            answer = await client.post("/v1/chat-messages", json=BY_URL, headers=h.auth())
+        sent = [r for r in h.fake.requests if r.path.endswith("/chat-messages")]
+    assert answer.status_code == 403, answer.text
+    assert answer.json()["code"] == "file_transfer_not_allowed"
+    assert answer.json()["status"] == 403
+    assert sent == []
+
+
+@pytest.mark.parametrize(
+    "plans",
+    [
+        {"free": {"file_size_mb": 5}},
+        {"free": {"limits": [{"meter": "upload_bytes", "per": "month", "max": 10**6}]}},
+        # A team's upload limit holds its members' uploads too.
+        {"team": {"limits": [{"meter": "uploads", "per": "day", "max": 3}]}},
+    ],
+)
+async def test_files_by_url_are_refused_only_under_upload_limits(
+    sqlite_url: str, plans: dict[str, Any]
+) -> None:
+    """A file-typed input given by URL, under each kind of upload limit; a plan
+    without one (Bob's) leaves URLs to Dify, as before."""
+    settings = {"plans": {"free": {}, "team": {}, "open": {}, **plans}}
+    async with running_gateway(sqlite_url, settings=settings) as h:
+        bob = await h.add_user("bob", plan="open")
+        await h.gateway.accounts.create_team("acme", plan="team")
+        await h.gateway.accounts.set_team(USER, "acme")
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            as_input = {**BY_URL, "files": [], "inputs": {"report": BY_URL["files"][0]}}
+            free = await client.post("/v1/workflows/run", json=as_input, headers=h.auth(bob))
+            answer = await client.post("/v1/workflows/run", json=as_input, headers=h.auth())
+    assert free.status_code == 200, free.text
+    assert answer.status_code == 403, answer.text
+
+
+# --- Dify: the title generated for a new conversation (review F6) --------------------------
+
+TITLE_PRICED = {"call_prices": {"dify.auto_generate_name": {"price": "0.001", "currency": "USD"}}}
+
+
+async def test_the_title_generated_for_a_new_conversation_is_charged_like_a_rename(
+    database_url: str,
+) -> None:
+    """The attack: a client starts a new conversation with every request. Dify
+    then generates a title with the app's model each time (``auto_generate_name``
+    defaults to true) and leaves it out of the answer's usage, while the same
+    call made as a rename is the priced side cost ``dify.auto_generate_name``.
+    With that price set, such an answer is now charged it on top of its usage."""
+    async with running_gateway(database_url, settings=TITLE_PRICED) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            answer = await client.post(
+                "/v1/chat-messages",
+                json={"query": "hi", "inputs": {}, "response_mode": "blocking"},
+                headers=h.auth(),
+            )
+        assert answer.status_code == 200
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    usage_price = Decimal(answer.json()["metadata"]["usage"]["total_price"])
+    assert event.cost == usage_price + Decimal("0.001")
+
+
+async def test_only_answers_that_make_a_title_are_charged_for_one(sqlite_url: str) -> None:
+    """Dify makes a title for a chat without a conversation (absent or empty)
+    unless ``auto_generate_name`` is false to every version; streamed or
+    blocking alike. A default configuration (no such price) forwards these
+    answers as before and charges what Dify reports: the gap
+    docs/security.md names."""
+    cases = [
+        ({}, "streaming", True),
+        ({"conversation_id": ""}, "blocking", True),
+        ({"auto_generate_name": "false"}, "blocking", True),  # true to reqparse's bool()
+        ({"auto_generate_name": False}, "streaming", False),
+        ({"auto_generate_name": 0}, "blocking", False),
+        ({"conversation_id": "c-1"}, "streaming", False),  # no new conversation
+    ]
+    # The fake's usage costs 0.0013030 (docs/upstreams/dify.md's example).
+    usage, title = Decimal("0.0013030"), Decimal("0.001")
+    for settings, priced in ((TITLE_PRICED, True), (None, False)):
+        async with running_gateway(sqlite_url, settings=settings) as h:
+            assert h.fake is not None
+            async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+                for n, (body, mode, _) in enumerate(cases, 1):
+                    ask = {"query": "hi", "inputs": {}, "response_mode": mode, **body}
+                    answer = await client.post("/v1/chat-messages", json=ask, headers=h.auth())
+                    assert answer.status_code == 200
+                    await h.probes.wait_finished(n)
+            events = (await h.events())[-len(cases) :]  # this gateway's, in order
+            sent = [r.json for r in h.fake.requests if r.path.endswith("/chat-messages")]
+        expected = [usage + (title if titled and priced else 0) for _, _, titled in cases]
+        assert [event.cost for event in events] == expected, priced
+        assert [{k: v for k, v in r.items() if k in ("auto_generate_name", "conversation_id")}
+                for r in sent] == [body for body, _, _ in cases]  # fmt: skip

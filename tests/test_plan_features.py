@@ -15,7 +15,9 @@ import orjson
 import pytest
 
 from gateway.errors import StorageError
+from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.dify import FakeDify
+from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 from tests.servers import serve
 from tests.test_admission import two_gateways
@@ -209,6 +211,151 @@ async def test_the_reserved_search_becomes_what_the_answer_used(database_url: st
     assert refused.status_code == 429
     assert (row.queries, row.web_searches) == (3, 2)
     assert [e.web_searches for e in events] == [0, 1, 1]
+
+
+# --- web searches on OpenAI and Anthropic upstreams (review-sec F4) ------------------------
+
+OPENAI = {
+    "upstream": {"kind": "openai"},
+    "prices": {"gpt-4o-mini": {"input": "1", "output": "1"}},
+    "call_prices": {
+        "openai.web_search": {"price": "0.01"},
+        "openai.chat_web_search": {"price": "0.03"},
+    },
+}
+SEARCHING_RESPONSE = {
+    "model": "gpt-4o-mini",
+    "input": "news today?",
+    "tools": [{"type": "web_search"}],
+}
+RAN_SEARCHES = {"x-fake-tool-calls": "web_search_call,web_search_call"}
+
+
+async def test_the_daily_web_search_allowance_holds_openai_web_searches(
+    database_url: str,
+) -> None:
+    """The attack: with ``web_searches_per_day = 1`` on an OpenAI upstream, three
+    answers with the Responses ``web_search`` tool were all forwarded and the
+    day's ``web_searches`` stayed 0: the allowance was read only from Dify's
+    inputs and answer metadata. Now a request listing the tool reserves a search,
+    the answer's web_search_call items settle it (an answer that searched counts
+    once, however many calls it made), and the next is refused; a request that
+    cannot search is not held."""
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    settings = {**OPENAI, **plans(web_searches_per_day=1)}
+    async with running_gateway(database_url, upstream=fake, settings=settings) as h:
+        first = await post(h, "/v1/responses", SEARCHING_RESPONSE, **RAN_SEARCHES)
+        await h.probes.wait_finished(1)
+        refused = [
+            await post(h, "/v1/responses", SEARCHING_RESPONSE, **RAN_SEARCHES) for _ in range(2)
+        ]
+        plain = await post(h, "/v1/responses", {"model": "gpt-4o-mini", "input": "hi"})
+        await h.probes.wait_finished(2)
+        row = await today_row(h)
+        events = await h.events()
+    assert first.status_code == 200 and plain.status_code == 200
+    assert [r.status_code for r in refused] == [429, 429]
+    assert refused[0].json()["error"]["code"] == "web_search_limit"
+    assert refused[0].headers["x-ratelimit-resource"] == "web_searches_per_day"
+    assert len(fake.requests) == 2
+    assert (row.queries, row.web_searches) == (2, 1)
+    assert sorted(e.web_searches for e in events) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "news?"}],
+         "web_search_options": {}},
+        {"model": "gpt-4o-mini-search-preview",
+         "messages": [{"role": "user", "content": "news?"}]},
+    ],
+    ids=["web_search_options", "search-model"],
+)  # fmt: skip
+async def test_the_allowance_holds_chat_completions_that_search(
+    sqlite_url: str, body: dict[str, Any]
+) -> None:
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    settings = {**OPENAI, **plans(web_searches_per_day=1)}
+    settings["prices"] = {**OPENAI["prices"], "gpt-4o-mini-search-preview": {"input": "1"}}
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        first = await post(h, "/v1/chat/completions", body)
+        await h.probes.wait_finished(1)
+        refused = await post(h, "/v1/chat/completions", body)
+        row = await today_row(h)
+    assert (first.status_code, refused.status_code) == (200, 429)
+    assert (row.queries, row.web_searches) == (1, 1)
+
+
+async def test_a_response_that_did_not_search_gives_its_reservation_back(sqlite_url: str) -> None:
+    """A request listing the tool reserves a search; an answer that ran none is
+    settled at 0, so the allowance is still there for the next one."""
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    settings = {**OPENAI, **plans(web_searches_per_day=1)}
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        unused = await post(h, "/v1/responses", SEARCHING_RESPONSE)  # answered without searching
+        await h.probes.wait_finished(1)
+        assert (await today_row(h)).web_searches == 0
+        searched = await post(h, "/v1/responses", SEARCHING_RESPONSE, **RAN_SEARCHES)
+        await h.probes.wait_finished(2)
+        refused = await post(h, "/v1/responses", SEARCHING_RESPONSE)
+        row = await today_row(h)
+    assert [r.status_code for r in (unused, searched, refused)] == [200, 200, 429]
+    assert (row.queries, row.web_searches) == (2, 1)
+
+
+async def test_a_spent_allowance_refuses_openai_searches_even_in_disable_mode(
+    sqlite_url: str,
+) -> None:
+    """``when_exhausted = "disable"`` turns a Dify app's search off through one of
+    its inputs; an OpenAI request has no such input (an ``inputs`` member would
+    only make OpenAI refuse it), so a search it has no allowance for is refused,
+    and the other requests are forwarded as they came."""
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    settings = {
+        **OPENAI,
+        **plans(web_searches_per_day=1),
+        "web_search": {"when_exhausted": "disable"},
+    }
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        first = await post(h, "/v1/responses", SEARCHING_RESPONSE, **RAN_SEARCHES)
+        await h.probes.wait_finished(1)
+        refused = await post(h, "/v1/responses", SEARCHING_RESPONSE, **RAN_SEARCHES)
+        plain = await post(h, "/v1/responses", {"model": "gpt-4o-mini", "input": "hi"})
+    assert [r.status_code for r in (first, refused, plain)] == [200, 429, 200]
+    assert refused.json()["error"]["code"] == "web_search_limit"
+    assert [("inputs" in r.json) for r in fake.requests] == [False, False]  # type: ignore[operator]
+
+
+async def test_the_daily_web_search_allowance_holds_anthropic_web_searches(
+    sqlite_url: str,
+) -> None:
+    """The same on an Anthropic upstream: a message listing the ``web_search``
+    server tool reserves a search, settled from the answer's
+    ``usage.server_tool_use.web_search_requests``."""
+    fake = FakeAnthropic(api_key=UPSTREAM_KEY)
+    settings = {
+        "upstream": {"kind": "anthropic"},
+        "prices": {"claude-sonnet-4-5": {"input": "3", "output": "15"}},
+        "call_prices": {"anthropic.web_search": {"price": "0.01"}},
+        **plans(web_searches_per_day=1),
+    }
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "news today?"}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+    }
+    steer = {"anthropic-version": "2023-06-01", "x-fake-web-searches": "2"}
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        first = await post(h, "/v1/messages", body, **steer)
+        await h.probes.wait_finished(1)
+        refused = await post(h, "/v1/messages", body, **steer)
+        row = await today_row(h)
+        (event,) = await h.events()
+    assert (first.status_code, refused.status_code) == (200, 429)
+    assert refused.json()["error"]["code"] == "web_search_limit"
+    assert (row.queries, row.web_searches, event.web_searches) == (1, 1, 1)
 
 
 # --- advanced RAG ---------------------------------------------------------------------

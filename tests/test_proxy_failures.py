@@ -264,3 +264,138 @@ def test_a_forked_worker_draws_request_ids_of_its_own() -> None:
     prefix = parent.rpartition("-")[0]
     assert len(prefix) == 24
     assert child.rpartition("-")[0] != prefix
+
+
+class _RunFailsAfterItsModel:
+    """A Dify chatflow whose LLM node runs (1,000 tokens, 0.5 USD billed), then a
+    later node fails. Streamed: the node's usage, then an ``error`` event.
+    Blocking: Dify raises the run's error - ``status``, with ``body`` (its own
+    error shape, or a proxy's error page in front of it)."""
+
+    def __init__(self, status: int = 500, body: bytes | None = None) -> None:
+        self.status = status
+        self.body = body or orjson.dumps(
+            {"code": "internal_server_error", "message": "Code node failed", "status": 500}
+        )
+        self.answers = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.answers += 1
+        if orjson.loads(body).get("response_mode") != "streaming":
+            head = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": self.status, "headers": head})
+            await send({"type": "http.response.body", "body": self.body})
+            return
+        ids = {"task_id": "t-1", "workflow_run_id": "run-1", "conversation_id": "c-1"}
+        usage = {"prompt_tokens": 900, "completion_tokens": 100, "total_tokens": 1000}
+        node = {
+            "node_type": "llm",
+            "status": "succeeded",
+            "outputs": {"usage": usage},
+            "execution_metadata": {"total_tokens": 1000, "total_price": "0.5", "currency": "USD"},
+        }
+        events = [
+            {"event": "workflow_started", **ids, "message_id": "m-1", "data": {"id": "run-1"}},
+            {"event": "node_finished", **ids, "data": node},
+            {"event": "error", **ids, "message_id": "m-1", "status": 500,
+             "code": "internal_server_error", "message": "Code node failed"},
+        ]  # fmt: skip
+        head = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        for event in events:
+            chunk = b"data: " + orjson.dumps(event) + b"\n\n"
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def _ask(h: Harness, mode: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+        return await client.post(
+            "/v1/chat-messages",
+            json={"query": "hi", "inputs": {}, "response_mode": mode},
+            headers=h.auth(),
+        )
+
+
+@pytest.mark.parametrize("mode", ["streaming", "blocking"])
+async def test_a_run_that_fails_after_its_model_ran_is_charged_however_it_was_asked(
+    database_url: str, mode: str
+) -> None:
+    """Attack: a chatflow that can fail after its LLM node (a code node parsing
+    the model's output, steered to break it) asked for ``blocking``. Dify then
+    answers the run's error as HTTP 500 with no usage; the gateway took every
+    HTTP error for "nothing generated" and gave the query back, so the run was
+    free - streamed, the same run is charged its node's usage. Now the query
+    stays spent and the prompt's estimate is charged (outcome ``error``)."""
+    upstream = _RunFailsAfterItsModel()
+    async with running_gateway(database_url, upstream=upstream) as h:
+        answer = await _ask(h, mode)
+        await h.probes.wait_finished(1)
+        events = await h.events()
+        queries = await today_queries(h)
+    assert upstream.answers == 1
+    (event,) = events
+    assert queries == 1 and event.total_tokens > 0
+    if mode == "blocking":
+        assert answer.status_code == 500
+        assert answer.json()["code"] == "internal_server_error"  # relayed unchanged
+        assert event.outcome == "error" and event.estimated
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (400, b'{"code": "invalid_param", "message": "query is required", "status": 400}'),
+        (400, b'{"code": "provider_quota_exceeded", "message": "quota", "status": 400}'),
+        (502, b"<html><body>502 Bad Gateway</body></html>"),
+        (500, b"not json"),
+    ],
+    ids=["invalid-param", "provider-quota", "proxy-page", "unreadable"],
+)
+async def test_an_error_before_the_run_began_gives_the_query_back(
+    sqlite_url: str, status: int, body: bytes
+) -> None:
+    """A blocking request Dify refuses before running anything (a parameter, the
+    app's provider), or an error page of a proxy in front of Dify: nothing was
+    generated, the query is given back and nothing recorded; the error reaches
+    the client unchanged."""
+    upstream = _RunFailsAfterItsModel(status, body)
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        answer = await _ask(h, "blocking")
+        await h.probes.wait_finished(1)
+        events = await h.events()
+        queries = await today_queries(h)
+    assert (answer.status_code, answer.content) == (status, body)
+    assert events == [] and queries == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"code": "completion_request_error", "message": "timeout", "status": 400}',
+        b'{"code": "invalid_param", "message": "Run failed: Code node failed", "status": 400}',
+    ],
+    ids=["model-failed", "chatflow-run-failed"],
+)
+async def test_a_400_after_the_run_began_is_charged(sqlite_url: str, body: bytes) -> None:
+    """Dify's ``completion_request_error`` (the model call failed, maybe after
+    it generated, and billed, part of the answer) and a chatflow's failed run,
+    which Dify 1.x answers 400 ``invalid_param`` "Run failed: ..." (a later
+    node failed after its LLM nodes ran: from a review, the first fix missed
+    it): charged the prompt's estimate."""
+    upstream = _RunFailsAfterItsModel(400, body)
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        answer = await _ask(h, "blocking")
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+        queries = await today_queries(h)
+    assert answer.status_code == 400 and answer.content == body
+    assert queries == 1 and event.outcome == "error" and event.estimated

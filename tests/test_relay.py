@@ -183,8 +183,9 @@ def test_broken_after_the_first_byte_is_charged_what_was_read() -> None:
 def test_client_gone_then_drained_to_the_end_is_settled_disconnected() -> None:
     r = relay()
     chunk(r, TEXT)
-    # Read on for the grace; stopped by a call 3.5 s before its end (`grace_over`).
-    assert r.client_left() == [ExtendDeadline(7.0), StopAfter(3.5)]
+    # Read on for the grace; stopped by a call at its end (`deadline_near`), read on
+    # for as long again (at most STOP_LEAD) for the usage the stop brings.
+    assert r.client_left() == [ExtendDeadline(14.0), StopAfter(7.0)]
     assert r.state == "draining" and not r.listening and r.reading
     assert chunk(r, USAGE_EVENT) is None  # metered, not sent
     commands = r.upstream_ended()
@@ -231,22 +232,22 @@ def test_client_gone_with_a_stop_call_that_failed_is_stopped_again_at_the_end() 
 
 def test_stop_policy_without_a_task_id_drains() -> None:
     r = relay(policy="stop", task_id=None)
-    assert r.client_left() == [ExtendDeadline(7.0), StopAfter(3.5)]
+    assert r.client_left() == [ExtendDeadline(14.0), StopAfter(7.0)]
     assert r.state == "draining"
-    assert r.grace_over() == []  # still no task to stop by a call
+    assert r.deadline_near() == []  # still no task to stop by a call
 
 
-def test_a_drained_answer_is_stopped_before_its_grace_ends_and_read_to_its_usage() -> None:
-    """Drained past most of its grace, the answer is stopped by a call and read
+def test_a_drained_answer_is_stopped_when_its_grace_ends_and_read_to_its_usage() -> None:
+    """Drained to the end of its grace, the answer is stopped by a call and read
     on: the upstream ends a stopped answer with the usage so far (Dify's
     message_end), which is charged - cut at the grace's end instead, it was
     an estimate, which prices no money for Dify."""
     r = relay()
     chunk(r, TEXT)
-    assert r.client_left() == [ExtendDeadline(7.0), StopAfter(3.5)]
-    assert r.grace_over() == [Stop("t1")]
+    assert r.client_left() == [ExtendDeadline(14.0), StopAfter(7.0)]
+    assert r.deadline_near() == [Stop("t1")]
     r.stop_answered(True)
-    assert r.grace_over() == []  # stopped once
+    assert r.deadline_near() == []  # stopped once
     assert chunk(r, USAGE_EVENT) is None
     commands = r.upstream_ended()
     settle = decision(commands)
@@ -259,7 +260,7 @@ def test_a_drained_answer_whose_stop_failed_is_stopped_again_when_cut() -> None:
     r = relay()
     chunk(r, TEXT)
     r.client_left()
-    assert r.grace_over() == [Stop("t1")]
+    assert r.deadline_near() == [Stop("t1")]
     r.stop_answered(False)
     commands = r.deadline()
     assert Stop("t1", wait=False) in commands
@@ -268,17 +269,37 @@ def test_a_drained_answer_whose_stop_failed_is_stopped_again_when_cut() -> None:
     assert settle.result.usage.estimated
 
 
-def test_no_stop_call_before_the_grace_ends_where_it_cannot_help() -> None:
-    """Stopped by closing, a client still listening, a short grace's half."""
-    r = relay(stops_by_closing=True)
-    assert r.client_left() == [ExtendDeadline(7.0)]  # closing at the end is the stop
-    assert r.grace_over() == []
+def test_an_answer_still_running_at_its_total_deadline_is_stopped_and_read_to_its_usage() -> None:
+    """The client still there, the answer reaches ``upstream.total_timeout``: a
+    stop call then, and the answer read on (10 s at most, as long again for a
+    shorter deadline) to the usage the upstream ends it with, which the client
+    receives too."""
     r = relay()
-    assert r.grace_over() == []  # the client is still there
+    assert (r.stop_at(600.0), r.after_stop(600.0)) == (StopAfter(600.0), 10.0)
+    assert (r.stop_at(4.0), r.after_stop(4.0)) == (StopAfter(4.0), 4.0)
+    chunk(r, TEXT)
+    assert r.deadline_near() == [Stop("t1")]
+    r.stop_answered(True)
+    assert chunk(r, USAGE_EVENT) == USAGE_EVENT  # still sent: the client listens
+    settle = decision(r.upstream_ended())
+    assert isinstance(settle, Settle) and settle.outcome == "complete"
+    assert settle.result.usage == USAGE
+
+
+def test_no_stop_call_before_a_deadline_where_it_cannot_help() -> None:
+    """Stopped by closing (OpenAI, Anthropic), no meter (a blocking answer), no
+    task named yet, the answer over."""
+    r = relay(stops_by_closing=True)
+    assert (r.stop_at(600.0), r.after_stop(600.0)) == (None, 0.0)
+    assert r.client_left() == [ExtendDeadline(7.0)]  # closing at the end is the stop
+    assert r.deadline_near() == []
+    assert relay(sse=False).stop_at(600.0) is None
+    r = relay(task_id=None)
+    assert r.deadline_near() == []
     r = relay()
     r.client_left()
     r.upstream_ended()
-    assert r.grace_over() == []  # the answer is over
+    assert r.deadline_near() == []  # the answer is over
 
 
 def test_grace_expired_before_any_text_is_refunded() -> None:
@@ -428,7 +449,7 @@ EVENTS = st.sampled_from(
         "failed",
         "stop_ok",
         "stop_failed",
-        "grace_over",
+        "deadline_near",
     ]
 )
 
@@ -456,8 +477,8 @@ def feed(r: Relay, event: str) -> list[Any]:
         return r.shutdown()
     if event == "failed":
         return r.gateway_failed()
-    if event == "grace_over":
-        return r.grace_over()
+    if event == "deadline_near":
+        return r.deadline_near()
     if event == "stop_ok":
         r.stop_answered(True)
         return []
@@ -483,8 +504,8 @@ def test_any_sequence_ends_exactly_once(
         if ended:
             if event in ("stop_ok", "stop_failed"):
                 continue
-            if event == "grace_over":
-                assert r.grace_over() == []  # (a timer that fired late: nothing)
+            if event == "deadline_near":
+                assert r.deadline_near() == []  # (a timer that fired late: nothing)
                 continue
             with pytest.raises(RelayEnded):
                 feed(r, event)

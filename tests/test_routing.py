@@ -14,7 +14,9 @@ import orjson
 import pytest
 
 from gateway.config import parse_config
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, NotFound, StorageError
+from gateway.metrics import Metrics
+from gateway.routing import RouteGuard
 from tests.fakes.dify import FakeDify
 from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
@@ -500,3 +502,36 @@ async def test_a_side_call_the_upstream_took_but_never_answered_is_charged_its_p
         (event,) = await h.events()
     assert event.cost == Decimal("0.015") and event.currency == "EUR"
     assert event.outcome == "timeout"
+
+
+class _Uploads:
+    """The `Ownership` reads `RouteGuard.check_files` makes, counted."""
+
+    def __init__(self, owners: dict[str, str], *, down: bool = False) -> None:
+        self.owners, self.down, self.queries = owners, down, 0
+
+    async def upload_owners(self, upload_ids: Any) -> dict[str, str]:
+        self.queries += 1
+        if self.down:
+            raise StorageError("down")
+        return {i: self.owners[i] for i in upload_ids if i in self.owners}
+
+
+async def test_the_files_an_answer_attaches_are_checked_in_one_query() -> None:
+    """Review F9: a request naming many files costs one lookup, not one per file;
+    one file not the caller's refuses the whole request; without the records,
+    nobody's files are attached (503)."""
+    ids = frozenset(f"f-{n}" for n in range(50))
+    uploads = _Uploads(dict.fromkeys(ids, "alice") | {"f-bob": "bob"})
+    guard = RouteGuard(uploads, metrics=Metrics())  # type: ignore[arg-type]
+    await guard.check_files(ids, "alice")
+    assert uploads.queries == 1
+    with pytest.raises(NotFound, match="f-bob"):
+        await guard.check_files(ids | {"f-bob"}, "alice")
+    with pytest.raises(NotFound, match="f-unknown"):
+        await guard.check_files(frozenset({"f-unknown"}), "alice")
+    assert uploads.queries == 3
+    down = RouteGuard(_Uploads({}, down=True), metrics=Metrics())  # type: ignore[arg-type]
+    with pytest.raises(StorageError) as refused:
+        await down.check_files(frozenset({"f-1"}), "alice")
+    assert refused.value.status == 503

@@ -302,12 +302,16 @@ def test_chunks_of_several_one_line_events_read_as_the_general_path_reads_them()
     assert [e.id for e in expected][-3:] == ["9", "9", "9"]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     st.data(),
     st.lists(
         st.tuples(
-            st.text(st.characters(codec="utf-8", exclude_characters="\r\n\0"), max_size=8),
+            st.sampled_from([b"data: ", b"data: ", b"data: ", b"data:", b"data:  ", b"event: "]),
+            st.one_of(
+                st.text(st.characters(codec="utf-8", exclude_characters="\r\n\0"), max_size=8),
+                st.sampled_from(["data: x", "data:", " data: ", "\u00e9data: "]),
+            ),
             st.sampled_from([b"\n\n", b"\n\n", b"\n\n", b"\n", b"\n\n\n"]),
         ),
         min_size=1,
@@ -315,15 +319,17 @@ def test_chunks_of_several_one_line_events_read_as_the_general_path_reads_them()
     ),
 )
 def test_runs_of_data_events_in_any_chunks_give_the_events_of_the_general_path(
-    data: st.DataObject, lines: list[tuple[str, bytes]]
+    data: st.DataObject, lines: list[tuple[bytes, str, bytes]]
 ) -> None:
-    # Mostly one-line data events, some not ended or ended twice; cut anywhere,
-    # and cut at the line ends (where the whole-events path reads them).
-    stream = b"".join(b"data: " + value.encode() + end for value, end in lines)
+    # Mostly one-line data events ("data: ", its space read as the prefix's),
+    # some with no space or two, some not ended or ended twice, a few other
+    # fields; values that hold "data:" too; cut anywhere, and cut at the line
+    # ends (where the whole-events path reads them).
+    pieces = [prefix + value.encode() + end for prefix, value, end in lines]
+    stream = b"".join(pieces)
     byte_by_byte = decode(one_byte_chunks(stream))
     assert decode([stream]) == byte_by_byte
     assert decode(_cuts(data.draw, stream)) == byte_by_byte
-    pieces = [b"data: " + value.encode() + end for value, end in lines]
     ends = sorted(data.draw(st.sets(st.integers(1, len(pieces)))))
     by_events = [
         b"".join(pieces[i:j]) for i, j in zip([0, *ends], [*ends, len(pieces)], strict=True)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gzip
 import inspect
+import random
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterator
@@ -30,6 +31,7 @@ from httpx_aiohttp.transport import AiohttpResponseStream, map_aiohttp_exception
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+import gateway.upstream_client as upstream_client
 from gateway.bodies import BodyFailure
 from gateway.errors import UpstreamBroken, UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream_client import (
@@ -38,6 +40,7 @@ from gateway.upstream_client import (
     MappedStream,
     UpstreamClient,
     direct_response,
+    drain,
     error_kind,
     timeout_phase,
 )
@@ -735,3 +738,148 @@ async def test_close_closes_an_answer_once_a_direct_one_as_httpx_would() -> None
         await UpstreamClient.close(other)
     assert direct.is_closed and other.is_closed
     assert closed == ["direct", "httpx"]  # each once
+
+
+class _ReadingProtocol:
+    """What a StreamReader asks of its connection: resumed (and paused) reading."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.resumed = 0
+        self.paused = 0
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        self.resumed += resume_parser  # (feed_eof resumes it without the parser)
+
+    def pause_reading(self) -> None:
+        self.paused += 1
+
+
+def _reader_state(reader: aiohttp.StreamReader) -> dict[str, Any]:
+    state = {name: getattr(reader, name) for name in aiohttp.StreamReader.__slots__}
+    for name in ("_buffer", "_http_chunk_splits"):
+        state[name] = None if state[name] is None else list(state[name])
+    del state["_protocol"], state["_loop"], state["_timer"]
+    return state
+
+
+def _fed_reader(
+    loop: asyncio.AbstractEventLoop,
+    chunks: list[bytes],
+    *,
+    limit: int,
+    http_chunks: bool,
+    unfinished: bool = False,
+) -> tuple[aiohttp.StreamReader, _ReadingProtocol]:
+    """A reader fed ``chunks`` (as HTTP chunks: ``http_chunks``; the last one's
+    end never seen: ``unfinished``), then its end."""
+    protocol = _ReadingProtocol()
+    reader = aiohttp.StreamReader(protocol, limit, loop=loop)  # type: ignore[arg-type]
+    for at, chunk in enumerate(chunks):
+        if http_chunks:
+            reader.begin_http_chunk_receiving()
+        reader.feed_data(chunk)
+        if http_chunks and not (unfinished and at == len(chunks) - 1):
+            reader.end_http_chunk_receiving()
+    reader.feed_eof()
+    return reader, protocol
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_drain_reads_and_leaves_the_reader_as_read_nowait_does(seed: int) -> None:
+    # drain is read_nowait(n) for an n at least what is buffered, at the end of
+    # a body: the same bytes, every attribute of the reader the same after, and
+    # the connection's reading resumed when read_nowait would have resumed it.
+    # Drawn: how the body came in chunks (HTTP chunks or not), the reader's
+    # limit (reading resumed or not), a first read of part of it (an offset
+    # into the first chunk, chunk splits already passed).
+    rng = random.Random(seed)
+    chunks = [rng.randbytes(rng.randint(1, 300)) for _ in range(rng.randint(1, 25))]
+    limit = rng.choice([0, 1, 16, 2**8, 2**16])  # 0: reading never resumed
+    http_chunks = rng.random() < 0.7
+    fed = {"limit": limit, "http_chunks": http_chunks, "unfinished": rng.random() < 0.3}
+    first = rng.choice([0, 0, 1, rng.randint(1, len(chunks[0]))])
+    loop = asyncio.get_running_loop()
+    general, general_protocol = _fed_reader(loop, chunks, **fed)  # type: ignore[arg-type]
+    fast, fast_protocol = _fed_reader(loop, chunks, **fed)  # type: ignore[arg-type]
+    if first:
+        assert general.read_nowait(first) == fast.read_nowait(first)
+        general_protocol.resumed = fast_protocol.resumed = 0
+    assert _reader_state(fast) == _reader_state(general)
+    expected = general.read_nowait(AiohttpResponseStream.CHUNK_SIZE * 100)
+    assert drain(fast) == expected == b"".join(chunks)[first:]
+    assert _reader_state(fast) == _reader_state(general)
+    assert fast.at_eof()
+    assert bool(fast_protocol.resumed) == bool(general_protocol.resumed)
+    assert fast_protocol.resumed <= 1
+    assert drain(fast) == general.read_nowait(10) == b""  # nothing left
+    assert _reader_state(fast) == _reader_state(general)
+
+
+async def test_drain_refuses_as_read_nowait_does() -> None:
+    loop = asyncio.get_running_loop()
+    for reader in (_fed_reader(loop, [b"x"], limit=16, http_chunks=True)[0] for _ in range(2)):
+        failure = aiohttp.ClientPayloadError("broken")
+        reader.set_exception(failure)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            reader.read_nowait(10)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            drain(reader)
+
+    class TimedOut:
+        def assert_timeout(self) -> None:
+            raise TimeoutError
+
+    for _ in range(2):
+        timed_out = aiohttp.StreamReader(
+            _ReadingProtocol(),  # type: ignore[arg-type]
+            16,
+            timer=TimedOut(),  # type: ignore[arg-type]
+            loop=loop,
+        )
+        timed_out.feed_data(b"x")
+        timed_out.feed_eof()
+        with pytest.raises(TimeoutError):
+            timed_out.read_nowait(10)
+        with pytest.raises(TimeoutError):
+            drain(timed_out)
+    waiting = aiohttp.StreamReader(_ReadingProtocol(), 16, loop=loop)  # type: ignore[arg-type]
+    task = asyncio.ensure_future(waiting.read(1))
+    await until(lambda: waiting._waiter is not None)
+    with pytest.raises(RuntimeError):
+        waiting.read_nowait(1)
+    with pytest.raises(RuntimeError):
+        drain(waiting)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def test_whole_drains_a_body_of_many_chunks_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The installed aiohttp is one drain knows (else every body goes through
+    # read_nowait, chunk by chunk): a chunked body here whole is read by it.
+
+    assert upstream_client._DRAINABLE
+    drained: list[bytes] = []
+
+    def spied(content: aiohttp.StreamReader) -> bytes:
+        drained.append(data := drain(content))
+        return data
+
+    monkeypatch.setattr(upstream_client, "drain", spied)
+    events = [b'data: {"n": %d}\n\n' % n for n in range(20)]
+    head = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    body = b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in events) + b"0\r\n\r\n"
+    whole = asyncio.Event()
+    server, url = await _serve_raw(head + body, hold=whole)
+    async with server, _client(AiohttpTransport()) as client:
+        response = await _open(client, url)
+        await until(lambda: client.complete(response))
+        assert client.whole(response) == b"".join(events)
+        assert drained == [b"".join(events)]
+        assert [chunk async for chunk in client.raw(response)] == []  # at its end
+        await response.aclose()
+        whole.set()

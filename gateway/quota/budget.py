@@ -68,16 +68,26 @@ def _count(value: object) -> int | None:
 
 
 def output_cap(body: dict[str, Any], kind: str | None = None) -> int | None:
-    """The request's own cap on its output tokens, per answer, or None: the first
-    cap the route's ``kind`` honours that the body sets (a cap set to what no
-    count reads is no bound)."""
+    """The request's own cap on its output tokens, per answer, or None (no bound),
+    read as the most lenient compatible server reads the caps the route's ``kind``
+    honours: vLLM and SGLang take ``max_completion_tokens or max_tokens``, so a
+    cap of 0 (``0``, ``"0"``, ``0.0``), like null, is "not set" and the next field
+    is read (review-sec F1: ``max_completion_tokens: 0`` beside ``max_tokens:
+    1000`` was taken for a bound of no output at all); a server that knows only
+    ``max_tokens`` reads that one, so of two caps set the larger is the bound. A
+    negative cap (llama.cpp reads ``-1`` as "no limit") or one no count reads is
+    no bound; so is a request whose fields are all unset or 0."""
+    bound: int | None = None
     for name in ROUTE_CAPS.get(kind or "", OUTPUT_CAPS):
         value = body.get(name)
         if value is None:
             continue
         cap = _count(value)
-        return cap if cap is not None and cap >= 0 else None
-    return None
+        if cap is None or cap < 0:
+            return None
+        if cap > 0 and (bound is None or cap > bound):
+            bound = cap
+    return bound
 
 
 def answers(body: dict[str, Any], kind: str | None = None) -> int:

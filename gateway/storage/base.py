@@ -11,7 +11,7 @@ upsert, never read-modify-write in the application.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -941,8 +941,9 @@ class ReportReads(Protocol):
 
 
 class Ownership(Protocol):
-    """Who an answer or a conversation belongs to, read from the ledger before a
-    request may touch what it made (issue 20, default deny; issue 23, upstreams)."""
+    """Who an answer, a conversation or an upload belongs to, read before a
+    request may touch what it made (issue 20, default deny; issue 23,
+    upstreams; review F9, Dify's uploads)."""
 
     async def answer_owner(self, answer_id: str) -> AnswerOwner | None:
         """The user whose ledger row has this answer id (an upstream object id such as
@@ -955,6 +956,19 @@ class Ownership(Protocol):
         """The upstream that answered the first recorded message of this user's
         conversation (a Dify conversation lives in the app that made it), or None
         when the ledger has none."""
+        ...
+
+    async def remember_upload(
+        self, upload_id: str, *, user_id: str, upstream: str, now: datetime
+    ) -> None:
+        """Keep whose an upload is: a file the upstream accepted from ``user_id``
+        under ``upload_id`` (review F9: Dify lets any answer of the workspace
+        attach a file by its id). The first record of an id wins."""
+        ...
+
+    async def upload_owners(self, upload_ids: Collection[str]) -> dict[str, str]:
+        """The user each of these upload ids was kept for (`remember_upload`),
+        by id; an id kept for nobody is left out. One query however many ids."""
         ...
 
 

@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Sequence
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -1899,6 +1899,30 @@ class PostgresStorage:
                 conversation_id,
             )
         return None if upstream is None else str(upstream)
+
+    async def remember_upload(
+        self, upload_id: str, *, user_id: str, upstream: str, now: datetime
+    ) -> None:
+        with _mapped():
+            await self._pool.execute(
+                "INSERT INTO upload_owners (upload_id, user_id, upstream, created_at) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (upload_id) DO NOTHING",
+                upload_id,
+                user_id,
+                upstream,
+                now,
+            )
+
+    async def upload_owners(self, upload_ids: Collection[str]) -> dict[str, str]:
+        if not upload_ids:
+            return {}
+        # The primary key: one index probe per id, in one round trip.
+        with _mapped():
+            rows = await self._pool.fetch(
+                "SELECT upload_id, user_id FROM upload_owners WHERE upload_id = ANY($1::text[])",
+                list(upload_ids),
+            )
+        return {row["upload_id"]: row["user_id"] for row in rows}
 
     # --- human-input resumes (issue 20) ---
 

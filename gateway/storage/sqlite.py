@@ -54,7 +54,7 @@ import contextlib
 import functools
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -2340,6 +2340,34 @@ class SQLiteStorage:
             ).fetchone()
         )
         return None if row is None else str(row[0])
+
+    async def remember_upload(
+        self, upload_id: str, *, user_id: str, upstream: str, now: datetime
+    ) -> None:
+        row = (upload_id, user_id, upstream, _ts(now))
+        await self._tx(
+            lambda conn: conn.execute(
+                "INSERT INTO upload_owners (upload_id, user_id, upstream, created_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (upload_id) DO NOTHING",
+                row,
+            )
+        )
+
+    async def upload_owners(self, upload_ids: Collection[str]) -> dict[str, str]:
+        if not upload_ids:
+            return {}
+        # The ids as one JSON parameter, however many a request names (SQLite
+        # bounds the number of parameters of a statement); the primary key
+        # finds each.
+        ids = orjson.dumps(list(upload_ids)).decode()
+        rows = await self._run(
+            lambda conn: conn.execute(
+                "SELECT upload_id, user_id FROM upload_owners "
+                "WHERE upload_id IN (SELECT value FROM json_each(?))",
+                (ids,),
+            ).fetchall()
+        )
+        return {str(row[0]): str(row[1]) for row in rows}
 
     # --- human-input resumes (issue 20) ---
 

@@ -35,7 +35,14 @@ from gateway.upstreams.anthropic_wire import (
     meter_message,
     prompt_chars,
 )
-from gateway.upstreams.base import Prepared, Route, StreamMeter, keep_models, merge_model_lists
+from gateway.upstreams.base import (
+    Headers,
+    Prepared,
+    Route,
+    StreamMeter,
+    keep_models,
+    merge_model_lists,
+)
 from gateway.upstreams.terms import calls_cost, pricing_terms
 from gateway.usage import Metered, Usage, estimate_tokens
 
@@ -63,6 +70,26 @@ _TOOL_VERSION: Final = re.compile(r"_20[0-9]{6}$")
 # The server tools whose calls the usage counts (usage.server_tool_use); any
 # other paid server tool an answer lists is charged one call per answer.
 _COUNTED_TOOLS: Final = frozenset({"web_search", "web_fetch"})
+# The server tool counted against web_searches_per_day (review-sec F4).
+_WEB_SEARCH: Final = "web_search"
+
+# Review-sec F2: what a request may ask for that Anthropic bills at the model's
+# standard rates, which [prices] holds. ``service_tier`` "auto" (Anthropic's
+# default: Priority Tier capacity when the organisation bought some, drawn from
+# its commitment at the same per-token prices) and "standard_only" change no
+# rate; ``speed`` "fast" (fast mode, up to 6x) and ``inference_geo`` "us"
+# (US-only inference, 1.1x) do, and are refused, as are values the gateway does
+# not know.
+_PRICED_OPTIONS: Final = {
+    "service_tier": frozenset({"auto", "standard_only"}),
+    "speed": frozenset({"standard"}),
+    "inference_geo": frozenset({"global"}),
+}
+# anthropic-beta values that change the rates: the 1M-token context window
+# (context-1m-2025-08-07), whose prompts over 200K tokens Anthropic bills at its
+# long-context rates (2x input, 1.5x output).
+_PRICED_BETA_PREFIXES: Final = ("context-1m",)
+_BETA_HEADER: Final = b"anthropic-beta"
 
 # Anthropic's error "type" per status (its API reference, "Errors").
 _ERROR_TYPES: Final = {
@@ -134,6 +161,7 @@ class AnthropicUpstream:
     kind = "anthropic"
     user_field = "user_id"  # no form or multipart route: never used
     stops_by_closing = True  # Anthropic stops generating when the client closes
+    bills_errors = False  # an HTTP error is answered before any billed work
     key_header = b"x-api-key"  # where Anthropic's SDKs send the (gateway) key
 
     def __init__(self, config: Config | None = None) -> None:
@@ -152,7 +180,23 @@ class AnthropicUpstream:
         return anthropic_routes.anthropic_route(method, path)
 
     def refine(self, route: Route, body: dict[str, Any] | None) -> Route:
-        return route
+        return anthropic_routes.refine_message(route, body)
+
+    def check_headers(self, route: Route, headers: Headers) -> None:
+        """Refuse an ``anthropic-beta`` (a comma-separated list; the header may
+        come more than once) that opens rates the price table does not hold."""
+        for name, value in headers:
+            if name != _BETA_HEADER:
+                continue
+            for beta in value.decode("latin-1").split(","):
+                beta = beta.strip()
+                if beta.lower().startswith(_PRICED_BETA_PREFIXES):
+                    option = f"anthropic-beta: {beta}"
+                    raise Forbidden(
+                        f"The option {option} has no price on this gateway, "
+                        "so it is not available.",
+                        code="option_not_priced",
+                    )
 
     def prepare(
         self,
@@ -192,6 +236,21 @@ class AnthropicUpstream:
             raise Forbidden(
                 f"{named} has no price on this gateway, so its use cannot be charged.",
                 code="model_not_priced",
+            )
+        for name, priced in _PRICED_OPTIONS.items():
+            value = body.get(name)
+            if value is None or (isinstance(value, str) and value in priced):
+                continue
+            if name == "service_tier":
+                raise Forbidden(
+                    f"The service tier {value!r} has no price on this gateway, "
+                    "so it is not available.",
+                    code="service_tier_not_priced",
+                )
+            option = f"{name}: {value!r}"
+            raise Forbidden(
+                f"The option {option} has no price on this gateway, so it is not available.",
+                code="option_not_priced",
             )
         for tool in _paid_tools(body):
             if tool not in self._call_prices:
@@ -290,6 +349,11 @@ class AnthropicUpstream:
     def is_streaming(self, route: Route, body: dict[str, Any]) -> bool:
         return body.get("stream") is True
 
+    def asks_for_web_search(self, route: Route, body: dict[str, Any]) -> bool:
+        """Whether a message may search the web (held by ``web_searches_per_day``,
+        review-sec F4): it lists the ``web_search_*`` server tool."""
+        return route.produces_answer and _WEB_SEARCH in _paid_tools(body)
+
     # --- answers -------------------------------------------------------------------
 
     def stream_meter(self, route: Route, body: dict[str, Any]) -> StreamMeter:
@@ -301,6 +365,9 @@ class AnthropicUpstream:
     def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:
         calls = ServerCalls()
         return self.priced(meter_message(body, response, calls), body, calls)
+
+    def billed_error(self, route: Route, body: dict[str, Any], status: int, content: bytes) -> bool:
+        return False
 
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         prompt = estimate_tokens(prompt_chars(body))
@@ -333,9 +400,10 @@ class AnthropicUpstream:
             charged = self.calls(body, calls.counts)
             if charged:
                 usage = self._with_calls(usage, charged)
-        if usage is metered.usage and model == metered.model:
+        searches = calls.counts.get(_WEB_SEARCH, 0)
+        if usage is metered.usage and model == metered.model and searches == metered.web_searches:
             return metered
-        return dataclasses.replace(metered, usage=usage, model=model)
+        return dataclasses.replace(metered, usage=usage, model=model, web_searches=searches)
 
     def _with_calls(self, usage: Usage, calls: Mapping[str, int]) -> Usage:
         cost, currency = calls_cost(self._call_prices, calls)

@@ -13,14 +13,16 @@ and docs/upstreams/anthropic.md.
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Any, Final
 from urllib.parse import unquote
 
-from gateway.upstreams.base import Route
+from gateway.upstreams.base import Route, names_file
 
-__all__ = ["MESSAGE", "OPERATOR", "UNKNOWN", "anthropic_route"]
+__all__ = ["MESSAGE", "OPERATOR", "UNKNOWN", "anthropic_route", "refine_message"]
 
-MESSAGE: Final = Route("message", "messages", role="answer")
+# by_body: a message that names the account's files or a container by id is the
+# operator's (``refine_message``).
+MESSAGE: Final = Route("message", "messages", role="answer", by_body=True)
 OPERATOR: Final = Route("operator", "operator", role="operator")
 UNKNOWN: Final = Route("unknown", "unknown")
 _MODELS: Final = Route("models", "models", role="passthrough", lists_models=True)
@@ -54,3 +56,35 @@ def anthropic_route(method: str, path: str) -> Route:
     if key.split("/", 1)[0] in _OPERATOR_PREFIXES:
         return OPERATOR
     return UNKNOWN
+
+
+# A message that names the account's objects by id (review-sec F3): a file
+# (``source.type == "file"``, ``container_upload``), which Anthropic looks up
+# across the whole workspace as on the /files routes, which are the operator's;
+# an existing code-execution container (``container``, its id, holding another
+# answer's files); or the workspace's own skills (``container.skills`` of type
+# "custom", the /skills routes' objects).
+_ACCOUNT_FILES: Final = Route("account_files", "account_files", role="operator")
+
+
+def _names_container(container: object) -> bool:
+    if isinstance(container, str):
+        return True  # the id of an existing container
+    if not isinstance(container, dict):
+        return False
+    if container.get("id") is not None:
+        return True
+    skills = container.get("skills")
+    return isinstance(skills, list) and any(
+        not isinstance(skill, dict) or skill.get("type") != "anthropic" for skill in skills
+    )
+
+
+def refine_message(route: Route, body: dict[str, Any] | None) -> Route:
+    """A message, as its body makes it: operator-only when it names the
+    account's files, a container or its skills (above)."""
+    if body is None or route is not MESSAGE:
+        return route
+    if names_file(body.get("messages")) or _names_container(body.get("container")):
+        return _ACCOUNT_FILES
+    return route

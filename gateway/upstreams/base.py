@@ -54,6 +54,12 @@ uses it for one request:
     parameters in ``query``) of the merged list. An API whose list is one page
     (OpenAI's) forwards the client's query once and answers the list whole.
 
+``check_headers(route, headers)``
+    Refuses, before anything is reserved, a request whose headers (as they
+    would be forwarded) ask the upstream for something the gateway does not
+    price: Anthropic's long-context beta (review-sec F2). Most dialects read
+    no header and return at once.
+
 ``prepare(route, body, query, user_id, *, method, request_id) -> Prepared``
     Puts the authenticated end user where this API reads it: into the parsed
     JSON request body (``body``, rewritten in place; None when the request has
@@ -92,6 +98,14 @@ uses it for one request:
     or, for an API without a stop endpoint (``stops_by_closing`` True), by
     closing the upstream connection - the proxy then stops reading and closes it.
 
+``bills_errors`` and ``billed_error(route, body, status, content) -> bool``
+    Whether an HTTP error answering an answer request may come after the
+    upstream ran, and billed, some of it (a Dify blocking run that failed after
+    its LLM nodes ran). Where ``bills_errors``, the proxy reads such an error
+    whole and asks ``billed_error``: True keeps the query spent and charges the
+    prompt's estimate (outcome ``error``), as a stream that ends in an error
+    event is charged; False gives the reservation back.
+
 ``error_body(status, code, message)`` and ``stream_error(status, code, message)``
     The API's own error shapes, as a response body and as a complete SSE frame
     sent when a stream breaks after its headers went out, so frontends show the
@@ -102,7 +116,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from gateway.sse import ServerSentEvent
 from gateway.usage import Metered
@@ -167,12 +181,20 @@ class Prepared:
     rewritten), ``query`` the raw query string to send, ``headers`` upstream
     request headers added unless the client sent a header of that name, and
     ``memo`` anything the dialect wants back in ``stream_transform``.
+
+    ``file_ids``: the upstream's stored files the request names by id, which
+    must be uploads the gateway kept for the caller (``KeepsUploads``; review
+    F9), else it is refused 404; ``files_by_value``: it gives files otherwise
+    than as such uploads (a URL the upstream fetches itself), refused when the
+    caller's plan limits uploads (F5).
     """
 
     body: dict[str, Any] | None
     query: bytes
     headers: Headers = field(default_factory=list)
     memo: Any = None
+    file_ids: frozenset[str] = frozenset()
+    files_by_value: bool = False
 
 
 class StreamMeter(Protocol):
@@ -229,6 +251,15 @@ class Upstream(Protocol):
         ...
 
     @property
+    def bills_errors(self) -> bool:
+        """True when an HTTP error answering an answer may come after billed work."""
+        ...
+
+    def billed_error(self, route: Route, body: dict[str, Any], status: int, content: bytes) -> bool:
+        """Whether this HTTP error (its whole body) came after billed work (see above)."""
+        ...
+
+    @property
     def key_header(self) -> bytes | None:
         """A request header, besides Authorization, that carries the client's key."""
         ...
@@ -243,6 +274,10 @@ class Upstream(Protocol):
 
     def refine(self, route: Route, body: dict[str, Any] | None) -> Route:
         """The route once its JSON body is known; called only for ``route.by_body``."""
+        ...
+
+    def check_headers(self, route: Route, headers: Headers) -> None:
+        """Refuse a request whose forwarded headers change its price (see above)."""
         ...
 
     def prepare(
@@ -324,6 +359,17 @@ class Upstream(Protocol):
         ...
 
 
+@runtime_checkable
+class KeepsUploads(Protocol):
+    """A dialect whose answers name uploaded files by id (Dify's): the gateway
+    keeps whose each accepted upload is (review F9)."""
+
+    def uploaded_file_id(self, route: Route, body: bytes | bytearray) -> str | None:
+        """The id of the file an accepted upload (``route.is_upload``) created,
+        read from the upstream's reply ``body``; None when it names none."""
+        ...
+
+
 def keep_models(page: dict[str, Any], allowed: Callable[[str], bool]) -> dict[str, Any]:
     """A model list whose ``data`` holds objects named by ``id`` (OpenAI's and
     Anthropic's shape), with only the allowed models; returns ``page`` itself
@@ -363,3 +409,24 @@ def merge_model_lists(pages: list[dict[str, Any]]) -> dict[str, Any]:
     if "last_id" in merged:
         merged["last_id"] = data[-1]["id"] if data else None
     return merged
+
+
+def names_file(value: object) -> bool:
+    """Whether a request's content (messages, input items and their parts, at
+    any depth) names an upstream file by id: an object with a non-null
+    ``file_id`` (OpenAI's chat ``file`` part and Responses ``input_file`` /
+    ``input_image``, Anthropic's ``source.type == "file"`` and
+    ``container_upload``). The upstream looks such an id up across the whole
+    account, as it does on its /files routes, which are the operator's
+    (review-sec F3). Strings are not looked into: a tool's JSON arguments are
+    text to the upstream."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("file_id") is not None:
+                return True
+            stack.extend(child for child in node.values() if isinstance(child, dict | list))
+        elif isinstance(node, list):
+            stack.extend(child for child in node if isinstance(child, dict | list))
+    return False

@@ -7,6 +7,7 @@ Every wire fact used here is in docs/upstreams/dify.md (cited below as
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -17,7 +18,8 @@ import orjson
 from gateway.http import with_param
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import dify_routes
-from gateway.upstreams.base import Prepared, Route
+from gateway.upstreams.base import Headers, Prepared, Route
+from gateway.upstreams.dify_files import named_files, uploaded_file_id
 from gateway.upstreams.dify_history import filter_conversations, filter_messages
 from gateway.upstreams.dify_resume import (
     PAUSE_EVENTS,
@@ -39,8 +41,11 @@ from gateway.usage import (
 
 if TYPE_CHECKING:
     from gateway.config import Config
+    from gateway.pricing import CallPrice
 
 __all__ = ["DifyStreamMeter", "DifyUpstream"]
+
+log = logging.getLogger("gateway.upstreams")
 
 # --- routes ------------------------------------------------------------------------------
 
@@ -180,6 +185,26 @@ def _node_usage(data: dict[str, Any]) -> Usage:
     return read.usable(usage)
 
 
+def _with_call(usage: Usage | None, price: CallPrice | None) -> Usage | None:
+    """``usage`` with one paid side call added to its cost (exact decimals), as
+    the other dialects add theirs (terms.calls_cost); an answer that ran
+    nothing (no usage) makes no call. Dify prices its own usage in its own
+    currency: a call priced in another one cannot be added to it, and is left
+    out, logged (docs/configuration.md, "Currency")."""
+    if usage is None or price is None:
+        return usage
+    if not usage.cost:
+        usage = dataclasses.replace(usage, currency=price.currency)
+    elif usage.currency != price.currency:
+        log.warning(
+            "a call priced in %s left out of an answer Dify priced in %s",
+            price.currency,
+            usage.currency,
+        )
+        return usage
+    return dataclasses.replace(usage, cost=usage.cost + price.price)
+
+
 def _prompt_chars(body: dict[str, Any]) -> int:
     query = body.get("query")
     chars = len(query) if isinstance(query, str) else 0
@@ -201,6 +226,9 @@ class DifyStreamMeter:
         "_error",
         "_error_code",
         "_forms",
+        "_hot",
+        "_hot_len",
+        "_hot_overhead",
         "_malformed",
         "_message_id",
         "_message_usage",
@@ -211,6 +239,7 @@ class DifyStreamMeter:
         "_route",
         "_task_id",
         "_text_chars",
+        "_title_price",
         "_workflow_clamped",
         "_workflow_finished",
         "_workflow_outputs",
@@ -218,8 +247,13 @@ class DifyStreamMeter:
         "_workflow_total",
     )
 
-    def __init__(self, route: Route, body: dict[str, Any]) -> None:
+    def __init__(
+        self, route: Route, body: dict[str, Any], *, title_price: CallPrice | None = None
+    ) -> None:
         self._route = route
+        # The title Dify generates for a new conversation (review F6): charged
+        # with the answer, at the rename's call price, when one is set.
+        self._title_price = title_price
         self._prompt_chars = _prompt_chars(body)
         self._task_id: str | None = None
         self._message_id: str | None = None
@@ -229,6 +263,11 @@ class DifyStreamMeter:
         # data around the text (learned from that type's first event).
         self._text_chars = 0
         self._overhead: dict[str, int] = {}
+        # The last event read on the hot path: what _EVENT_TYPE matched (its
+        # length), and its type's envelope (`feed`).
+        self._hot: str | None = None
+        self._hot_len = 0
+        self._hot_overhead = 0
         self._message_usage: Usage | None = None
         self._metadata: dict[str, Any] | None = None
         self._workflow_finished = False
@@ -258,6 +297,16 @@ class DifyStreamMeter:
 
     def feed(self, event: ServerSentEvent) -> None:
         data = event.data
+        if data[: self._hot_len] == self._hot:
+            # The hot path's event again (below): data that begins with the very
+            # text _EVENT_TYPE matched in the last one is matched alike (the
+            # match ends at the type's closing quote), so it is of that type,
+            # its envelope measured - without the match. (None until then:
+            # no slice equals it.)
+            extra = len(data) - self._hot_overhead
+            if extra > 0:
+                self._text_chars += extra
+            return
         if not data:  # `event: ping` keep-alives carry no data (dify.md)
             return
         match = _EVENT_TYPE.match(data)
@@ -265,6 +314,7 @@ class DifyStreamMeter:
             kind = match.group(1)
             overhead = self._overhead.get(kind)
             if overhead is not None:
+                self._hot, self._hot_len, self._hot_overhead = match.group(0), match.end(), overhead
                 # The hot path. The answer's length is estimated as the data's length
                 # minus the envelope measured on this type's first event. Escapes
                 # inflate it (`\n` is two characters, `\uXXXX` six, as older Dify
@@ -471,25 +521,43 @@ class DifyStreamMeter:
             answer_id=answer_id,
             task_id=self._task_id,
             conversation_id=self._conversation_id,
-            usage=usage,
+            usage=_with_call(usage, self._title_price),
             outcome=outcome,
             error_code=code,
             metadata=metadata,
         )
 
 
+# A blocking answer's errors that come after the run started (`billed_error`).
+_BILLED_ERRORS = frozenset({(500, "internal_server_error"), (400, "completion_request_error")})
+# A chatflow's run that failed (a node after its LLM nodes): Dify 1.x raises it
+# as ValueError(f"Run failed: {error}"), which its API answers 400
+# invalid_param - the code of a parameter refused before any work, told apart
+# by this message (review R2-5; api/core/app/apps/advanced_chat).
+_RUN_FAILED = "Run failed:"
+
+
 class DifyUpstream:
     """The Dify Service API (``.../v1``), as described in dify.md."""
 
-    __slots__ = ()
+    __slots__ = ("_title_price",)
 
     kind = "dify"
     user_field = "user"
     stops_by_closing = False
+    # A blocking run that fails after its LLM nodes ran (a code or HTTP node
+    # after them, the model failing mid-answer) is answered as an HTTP error,
+    # with no usage: Dify's blocking pipelines raise the run's error.
+    bills_errors = True
     key_header = None  # the gateway key comes as a bearer token only
 
     def __init__(self, config: Config | None = None) -> None:
-        """Dify needs no settings of its own: it reports usage with its price."""
+        """Dify reports usage with its price; the one price the gateway adds is
+        the title Dify generates for a new conversation, at the rename's call
+        price (``[call_prices."dify.auto_generate_name"]``, review F6). Without
+        that price the title is not charged (docs/security.md)."""
+        prices = config.call_prices if config is not None else {}
+        self._title_price = prices.get(dify_routes.AUTO_NAME.call or "")
 
     def upstream_credential(self, api_key: str) -> tuple[bytes, bytes]:
         return (b"authorization", f"Bearer {api_key}".encode())
@@ -497,9 +565,14 @@ class DifyUpstream:
     def route(self, method: str, path: str) -> Route:
         return dify_routes.dify_route(method, path)
 
+    def check_headers(self, route: Route, headers: Headers) -> None:
+        return None  # no header of Dify's changes what an answer costs
+
     def refine(self, route: Route, body: dict[str, Any] | None) -> Route:
         if route is dify_routes.RENAME and dify_routes.asks_to_generate(body):
             return dify_routes.AUTO_NAME  # Dify asks the app's model for a title
+        if route is dify_routes.TEXT_TO_AUDIO:
+            return dify_routes.spoken_message(route, body)
         return route
 
     def error_body(self, status: int, code: str, message: str) -> bytes:
@@ -525,7 +598,17 @@ class DifyUpstream:
         query = with_param(query, "user", user_id, add=method in _QUERY_USER_METHODS)
         # Dify accepts the request id as its trace id (1-128 of [A-Za-z0-9_-]), so
         # its logs and the gateway's name the same request.
-        return Prepared(body, query, [(b"x-trace-id", request_id.encode())])
+        prepared = Prepared(body, query, [(b"x-trace-id", request_id.encode())])
+        if route.produces_answer:
+            # The files the answer attaches, which Dify finds in the whole
+            # workspace: the proxy checks they are the caller's uploads.
+            files = named_files(body)
+            if files:
+                prepared.file_ids, prepared.files_by_value = files.ids, files.by_value
+        return prepared
+
+    def uploaded_file_id(self, route: Route, body: bytes | bytearray) -> str | None:
+        return uploaded_file_id(body) if route.is_upload else None
 
     def stream_transform(self, route: Route, prepared: Prepared) -> None:
         return None  # the client gets Dify's stream byte for byte
@@ -570,8 +653,16 @@ class DifyUpstream:
         type. The proxy core decides from the response's Content-Type."""
         return body.get("response_mode") == "streaming"
 
+    def _title(self, route: Route, body: dict[str, Any]) -> CallPrice | None:
+        """The price of the title Dify generates with this answer, if it does
+        and the title is priced."""
+        price = self._title_price
+        return (
+            price if price is not None and dify_routes.names_new_conversation(route, body) else None
+        )
+
     def stream_meter(self, route: Route, body: dict[str, Any]) -> DifyStreamMeter:
-        return DifyStreamMeter(route, body)
+        return DifyStreamMeter(route, body, title_price=self._title(route, body))
 
     # --- human-input resumes, followed by the gateway (gateway/follow.py) ------------
 
@@ -615,6 +706,7 @@ class DifyUpstream:
             if isinstance(answer, str) and answer:
                 usage = estimate_usage(_prompt_chars(body), len(answer))
             outcome = "cut"
+        usage = _with_call(usage, self._title(route, body))
         return Metered(answer_id, task_id, conversation_id, usage, outcome, metadata=metadata)
 
     @staticmethod
@@ -635,9 +727,39 @@ class DifyUpstream:
             return Metered(run_id, task_id, None, None, "cut", metadata=metadata)
         return Metered(run_id, task_id, None, usage, "complete", metadata=metadata)
 
+    def billed_error(self, route: Route, body: dict[str, Any], status: int, content: bytes) -> bool:
+        """A blocking answer's error in Dify's own shape that says the run had
+        started: ``internal_server_error`` (500: a node failed after others
+        ran), ``completion_request_error`` (400: the model failed, maybe
+        mid-answer) or ``invalid_param`` with "Run failed:" (400: a chatflow's
+        node failed after others ran). Streamed, the same run would have sent its usage so far;
+        blocking, the gateway charges the prompt's estimate. Other codes (a
+        parameter, the app or its provider refused) come before any work, and an
+        error page of a proxy in front of Dify (502, 503) is no run at all."""
+        if body.get("response_mode") == "streaming" or not route.produces_answer:
+            return False
+        try:
+            error = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(error, dict):
+            return False
+        code = error.get("code")
+        if (status, code) in _BILLED_ERRORS:
+            return True
+        message = error.get("message")
+        return (
+            status == 400
+            and code == "invalid_param"
+            and isinstance(message, str)
+            and message.startswith(_RUN_FAILED)
+        )
+
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
-        # Only the prompt is known: the answer, if any, was never seen.
-        return Metered(None, None, None, estimate_usage(_prompt_chars(body), 0), "timeout")
+        # Only the prompt is known: the answer, if any, was never seen (its
+        # title, if any, is generated as the run starts).
+        usage = _with_call(estimate_usage(_prompt_chars(body), 0), self._title(route, body))
+        return Metered(None, None, None, usage, "timeout")
 
     def stop_request(self, route: Route, task_id: str, user_id: str) -> tuple[str, bytes] | None:
         prefix = _STOP_PREFIXES.get(route.kind)

@@ -8,10 +8,13 @@ docs/security.md and docs/upstreams/dify.md ("Routes").
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Final
 
+from gateway.errors import BadRequest
 from gateway.upstreams.base import Route
+from gateway.upstreams.dify_files import canonical_file_id
 
 __all__ = [
     "AUTO_NAME",
@@ -22,11 +25,14 @@ __all__ = [
     "RENAME",
     "RESUME_EVENTS",
     "RESUME_SUBMIT",
+    "TEXT_TO_AUDIO",
     "UNKNOWN",
     "UPLOAD",
     "WORKFLOW",
     "asks_to_generate",
     "dify_route",
+    "names_new_conversation",
+    "spoken_message",
 ]
 
 # --- answers -----------------------------------------------------------------------------
@@ -59,8 +65,11 @@ AUTO_NAME: Final = Route(
 _SUGGESTED: Final = Route(
     "suggested", "messages/suggested", role="side_cost", call="dify.suggested_questions"
 )
-_TEXT_TO_AUDIO: Final = Route(
-    "text_to_audio", "text-to-audio", role="side_cost", call="dify.text_to_audio"
+# Its body decides what it reads (review F8): a `message_id` makes Dify speak that
+# message's answer, which Dify 1.x looks up by id alone (no end user, not even the
+# app: AudioService.transcript_tts), so the message must be the caller's answer.
+TEXT_TO_AUDIO: Final = Route(
+    "text_to_audio", "text-to-audio", role="side_cost", call="dify.text_to_audio", by_body=True
 )
 _AUDIO_TO_TEXT: Final = Route(
     "audio_to_text", "audio-to-text", role="side_cost", call="dify.audio_to_text"
@@ -86,7 +95,7 @@ _EXACT: Final[dict[tuple[str, str], Route]] = {
     ("POST", "files/upload"): UPLOAD,
     ("GET", "conversations"): CONVERSATIONS,
     ("GET", "messages"): MESSAGES,
-    ("POST", "text-to-audio"): _TEXT_TO_AUDIO,
+    ("POST", "text-to-audio"): TEXT_TO_AUDIO,
     ("POST", "audio-to-text"): _AUDIO_TO_TEXT,
     # App settings any end user's frontend reads (no user data).
     ("GET", "parameters"): _passthrough("parameters"),
@@ -155,6 +164,44 @@ def dify_route(method: str, path: str) -> Route:
     return UNKNOWN
 
 
+def spoken_message(route: Route, body: dict[str, Any] | None) -> Route:
+    """Text-to-audio, as its body makes it: with a ``message_id``, a read of that
+    answer, which the ledger must show is the caller's (``owned_answer``; 404
+    otherwise); with text alone, the plain priced call. An empty id is none, as
+    Dify reads it (``if message_id:``); one that is not a string is refused."""
+    message_id = body.get("message_id") if body is not None else None
+    if message_id is None or message_id == "":
+        return route
+    if not isinstance(message_id, str):
+        raise BadRequest("The message_id must be a string.")
+    # The ledger keeps Dify's ids as Dify writes them (lower case); Dify reads
+    # any spelling of the same UUID as that id.
+    return dataclasses.replace(route, owned_answer=canonical_file_id(message_id), by_body=False)
+
+
+def _false_to_every_version(value: object) -> bool:
+    """Whether every Dify version reads this boolean field as false: false and
+    0 only (reqparse's ``type=bool`` reads "false" as true; pydantic's lax bool
+    reads "yes" as true)."""
+    if value is False:
+        return True
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
+
+
+def names_new_conversation(route: Route, body: dict[str, Any] | None) -> bool:
+    """Whether a chat request starts a conversation whose title Dify generates
+    with the app's model (review F6): no ``conversation_id`` (absent, null or
+    empty: Dify starts a new one) and ``auto_generate_name`` not false (absent
+    is true: Dify's default). An explicit null is no generation (reqparse keeps
+    it as None; pydantic refuses the request)."""
+    if route is not CHAT or body is None or body.get("conversation_id"):
+        return False
+    if "auto_generate_name" not in body:
+        return True
+    value = body["auto_generate_name"]
+    return value is not None and not _false_to_every_version(value)
+
+
 def asks_to_generate(body: dict[str, Any] | None) -> bool:
     """Whether a rename asks Dify to generate the name (an LLM call).
 
@@ -167,6 +214,4 @@ def asks_to_generate(body: dict[str, Any] | None) -> bool:
     if body is None:
         return False
     value = body.get("auto_generate")
-    if value is None or value is False:
-        return False
-    return not (isinstance(value, int | float) and not isinstance(value, bool) and value == 0)
+    return value is not None and not _false_to_every_version(value)

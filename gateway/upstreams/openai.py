@@ -31,7 +31,14 @@ from gateway.errors import BadRequest, Forbidden
 from gateway.pricing import Audio, Price
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import openai_routes
-from gateway.upstreams.base import Prepared, Route, StreamMeter, keep_models, merge_model_lists
+from gateway.upstreams.base import (
+    Headers,
+    Prepared,
+    Route,
+    StreamMeter,
+    keep_models,
+    merge_model_lists,
+)
 from gateway.upstreams.openai_routes import object_id_meter, with_object_id
 from gateway.upstreams.openai_wire import (
     ChatStreamMeter,
@@ -88,8 +95,16 @@ _MODEL_TOOLS: Final = frozenset({"image_generation"})
 # Chat-completions models that search the web on every answer (gpt-4o-search-preview,
 # gpt-4o-mini-search-preview-2025-03-11, gpt-5-search-api).
 _SEARCH_MODEL: Final = re.compile(r"-search(?:-|$)")
+# The service tiers an answer may ask for (review-sec F2): absent or null, "auto"
+# and "default" run at the project's standard rates, which [prices] holds, and
+# "flex" at lower ones. Any other ("priority", billed at about twice the standard
+# rates; "scale", the operator's reserved capacity) is refused: no price of the
+# table covers it.
+_PRICED_TIERS: Final = frozenset({"auto", "default", "flex"})
 # Per-answer calls of a chat completion.
 _CHAT_WEB_SEARCH: Final = "chat_web_search"
+# The calls that are web searches, counted against web_searches_per_day (review-sec F4).
+_SEARCH_CALLS: Final = frozenset({*_WEB_SEARCH_TOOLS, _CHAT_WEB_SEARCH})
 _AUDIO_OUTPUT: Final = "audio_output"
 
 # OpenAI's error "type" per status, as its API sends them.
@@ -143,6 +158,7 @@ class OpenAIUpstream:
     kind = "openai"
     user_field = "user"
     stops_by_closing = True  # OpenAI stops generating when the client closes
+    bills_errors = False  # an HTTP error is answered before any billed work
     key_header = None  # the gateway key comes as a bearer token only
 
     def __init__(self, config: Config | None = None) -> None:
@@ -161,7 +177,10 @@ class OpenAIUpstream:
         return openai_routes.openai_route(method, path)
 
     def refine(self, route: Route, body: dict[str, Any] | None) -> Route:
-        return openai_routes.refine_response(route, body)
+        return openai_routes.refine_answer(route, body)
+
+    def check_headers(self, route: Route, headers: Headers) -> None:
+        return None  # the service tier is a body field (_check_priced)
 
     def prepare(
         self,
@@ -191,6 +210,14 @@ class OpenAIUpstream:
         body["user"] = user_id
         if "safety_identifier" in body:
             body["safety_identifier"] = user_id
+        # The names a compatible server gives its answer when the client chooses
+        # them (vLLM's request_id, SGLang's rid): a stored answer is recorded
+        # under the upstream's name, once, so a client reusing one would have
+        # each repeat taken for a retry of one answer and charged once. Dropped;
+        # vLLM names answers by the X-Request-Id header first, which carries the
+        # gateway's own request id (proxy.py, `_forward`).
+        body.pop("request_id", None)
+        body.pop("rid", None)
         memo = None
         if route.kind == "response" and body.get("background") is True:
             # A background response is answered later, to whoever polls for it:
@@ -214,6 +241,12 @@ class OpenAIUpstream:
                 f"{named} has no price on this gateway, so its use cannot be charged.",
                 code="model_not_priced",
             )
+        tier = body.get("service_tier")
+        if tier is not None and (not isinstance(tier, str) or tier not in _PRICED_TIERS):
+            raise Forbidden(
+                f"The service tier {tier!r} has no price on this gateway, so it is not available.",
+                code="service_tier_not_priced",
+            )
         if route.kind == "chat":
             asked = _chat_calls(body)
         elif route.kind == "response":
@@ -230,6 +263,19 @@ class OpenAIUpstream:
 
     def is_streaming(self, route: Route, body: dict[str, Any]) -> bool:
         return body.get("stream") is True
+
+    def asks_for_web_search(self, route: Route, body: dict[str, Any]) -> bool:
+        """Whether an answer may search the web (held by ``web_searches_per_day``,
+        review-sec F4): a chat completion with ``web_search_options`` or a search
+        model; a response listing a ``web_search*`` tool, or asking a search model."""
+        if route.kind == "chat":
+            return _CHAT_WEB_SEARCH in _chat_calls(body)
+        if route.kind != "response":
+            return False
+        model = _requested_model(body)
+        return any(tool.startswith("web_search") for tool in _response_tools(body)) or (
+            model is not None and _SEARCH_MODEL.search(model) is not None
+        )
 
     # --- model allow-lists (issue 21, gateway/model_access.py) ---------------------
 
@@ -317,6 +363,9 @@ class OpenAIUpstream:
             metered, _requested_model(body), calls=calls, ran=ran, audio=extras.audio
         )
 
+    def billed_error(self, route: Route, body: dict[str, Any], status: int, content: bytes) -> bool:
+        return False
+
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         prompt = estimate_tokens(prompt_chars(body))
         usage = Usage(prompt_tokens=prompt, total_tokens=prompt, estimated=True)
@@ -382,9 +431,11 @@ class OpenAIUpstream:
             usage, _ = self._prices.priced(
                 usage, metered.model, requested, max_tokens=self._max_tokens, audio=audio
             )
+        searches = 0
         if calls:
             usage = self._with_calls(usage, calls, ran=ran)
-        if usage is metered.usage and model == metered.model:
+            searches = sum(count for call, count in calls.items() if call in _SEARCH_CALLS)
+        if usage is metered.usage and model == metered.model and searches == metered.web_searches:
             return metered
         # Built whole, not with dataclasses.replace (a loop over the fields on
         # every priced answer); tests/upstreams/test_openai.py fails if a field of
@@ -398,6 +449,7 @@ class OpenAIUpstream:
             error_code=metered.error_code,
             metadata=metered.metadata,
             model=model,
+            web_searches=searches,
         )
 
     def _with_calls(

@@ -22,7 +22,7 @@ from urllib.parse import unquote
 import orjson
 
 from gateway.sse import ServerSentEvent
-from gateway.upstreams.base import Route, StreamMeter
+from gateway.upstreams.base import Route, StreamMeter, names_file
 from gateway.usage import Metered
 
 __all__ = [
@@ -34,10 +34,13 @@ __all__ = [
     "UNKNOWN",
     "ObjectIdMeter",
     "openai_route",
+    "refine_answer",
     "with_object_id",
 ]
 
-CHAT: Final = Route("chat", "chat/completions", role="answer")
+# by_body (both): an answer whose input names the account's files by id is the
+# operator's (``refine_answer``).
+CHAT: Final = Route("chat", "chat/completions", role="answer", by_body=True)
 COMPLETION: Final = Route("completion", "completions", role="answer")
 EMBEDDING: Final = Route("embedding", "embeddings", role="answer")
 # by_body: a response that continues a stored one (previous_response_id) or a
@@ -152,18 +155,58 @@ def _is_item_reference(item: object) -> bool:
     return kind == "item_reference" or (kind is None and "content" not in item)
 
 
-def refine_response(route: Route, body: dict[str, Any] | None) -> Route:
-    """A new response, as its body makes it: one that continues a stored response
-    is checked like a read of that response (its owner must be the caller), since
-    the model is given everything the earlier one held; one that reads a
+# An answer whose input or tools name the account's files, vector stores or
+# containers by id: OpenAI looks them up across the whole project, as on the
+# /files, /vector_stores and /containers routes, which are the operator's
+# (review-sec F3): the model would read, and quote, any of them.
+_ACCOUNT_FILES: Final = Route("account_files", "account_files", role="operator")
+
+
+def _tool_names_objects(tool: object) -> bool:
+    """A Responses tool that reads the account's stored objects: ``file_search``
+    (its vector stores), ``code_interpreter`` in an existing container or with
+    files by id."""
+    if not isinstance(tool, dict):
+        return False
+    kind = tool.get("type")
+    if kind == "file_search":
+        return True
+    if kind == "code_interpreter":
+        container = tool.get("container")
+        return (
+            isinstance(container, str)
+            or names_file(container)
+            or (isinstance(container, dict) and bool(container.get("file_ids")))
+        )
+    return False
+
+
+def refine_answer(route: Route, body: dict[str, Any] | None) -> Route:
+    """An answer request, as its body makes it. Either kind that names the
+    account's files (or a response's tools its vector stores or containers) is
+    operator-only. A new response that continues a stored response is checked
+    like a read of that response (its owner must be the caller), since the
+    model is given everything the earlier one held; one that reads a
     conversation or a stored item by reference is operator-only."""
-    if body is None or route is not RESPONSE:
+    if body is None:
+        return route
+    if route is CHAT:
+        return _ACCOUNT_FILES if names_file(body.get("messages")) else route
+    if route is not RESPONSE:
         return route
     if body.get("conversation") is not None:
         return _IN_CONVERSATION
     items = body.get("input")
     if isinstance(items, list) and any(_is_item_reference(item) for item in items):
         return _ITEM_REFERENCE
+    tools = body.get("tools")
+    # A stored prompt's variables may be input parts too.
+    if (
+        names_file(items)
+        or names_file(body.get("prompt"))
+        or (isinstance(tools, list) and any(_tool_names_objects(tool) for tool in tools))
+    ):
+        return _ACCOUNT_FILES
     previous = body.get("previous_response_id")
     if isinstance(previous, str):
         return dataclasses.replace(route, owned_answer=previous, by_body=False)

@@ -634,6 +634,9 @@ class FakeDify:
         self.completed_answers = 0  # reached their natural end, or a stop
         self.disconnects = 0  # clients that left while their answer was being made
         self.stops: list[str] = []  # task ids named by stop calls
+        # A stop answered "success" and not acted on (Dify's known bugs with
+        # some app types): the answer runs on.
+        self.stops_ignored = False
         self.uploaded_bytes: list[int] = []
         self.upload_fields: list[dict[str, str]] = []  # the form fields beside the file
         self.holding = 0  # "hold" answers waiting on `release` right now
@@ -1087,7 +1090,7 @@ class FakeDify:
         run = self._running.get(task_id)
         # Dify only honours a stop from the user who started the task, and says
         # "success" either way.
-        if run is not None and run.user == user:
+        if run is not None and run.user == user and not self.stops_ignored:
             run.stopped.set()
         await send_json(send, 200, b'{"result":"success"}')
 

@@ -79,7 +79,7 @@ async def ask(client: httpx.AsyncClient, h: Harness, body: dict[str, Any] = BODY
 @pytest.mark.parametrize(
     ("body", "cap"),
     [
-        ({"max_completion_tokens": 5, "max_tokens": 9}, 5),
+        ({"max_completion_tokens": 5, "max_tokens": 9}, 9),  # the larger: see below
         ({"max_tokens": 9}, 9),
         ({"max_output_tokens": 7}, 7),
         ({"max_tokens": True}, None),
@@ -91,6 +91,54 @@ async def ask(client: httpx.AsyncClient, h: Harness, body: dict[str, Any] = BODY
 )
 def test_output_cap(body: dict[str, Any], cap: int | None) -> None:
     assert output_cap(body) == cap
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "cap"),
+    [
+        # vLLM / SGLang: ``max_completion_tokens or max_tokens``: a 0 is "not set".
+        ("chat", {"max_completion_tokens": 0, "max_tokens": 1000}, 1000),
+        ("chat", {"max_completion_tokens": "0", "max_tokens": 1000}, 1000),
+        ("chat", {"max_completion_tokens": 0.0, "max_tokens": "1000"}, 1000),
+        # No field gives a positive count: no bound (the server's default length).
+        ("chat", {"max_completion_tokens": 0}, None),
+        ("chat", {"max_completion_tokens": 0, "max_tokens": 0}, None),
+        ("completion", {"max_tokens": 0}, None),
+        ("response", {"max_output_tokens": "0"}, None),
+        ("message", {"max_tokens": 0}, None),
+        # A server that knows only max_tokens reads it: of two caps, the larger.
+        ("chat", {"max_completion_tokens": 5, "max_tokens": 1000}, 1000),
+        ("chat", {"max_completion_tokens": 1000, "max_tokens": "5"}, 1000),
+        # A negative cap (llama.cpp: -1 is "no limit") or no count after a 0.
+        ("chat", {"max_completion_tokens": 0, "max_tokens": -1}, None),
+        ("chat", {"max_completion_tokens": 0, "max_tokens": "lots"}, None),
+    ],
+)
+def test_a_cap_of_0_is_not_a_bound_but_unset_as_lenient_servers_read_it(
+    kind: str, body: dict[str, Any], cap: int | None
+) -> None:
+    """Review-sec F1: ``max_completion_tokens: 0`` was read as a cap of no output
+    at all, though vLLM and SGLang read it as unset and write up to
+    ``max_tokens`` (or, with no other cap, the rest of the context)."""
+    assert output_cap(body, kind) == cap
+
+
+def test_a_zero_cap_beside_a_real_one_is_lowered_with_it(tmp_path: Path) -> None:
+    """``lower_output_cap`` lowers the cap a lenient server honours (``max_tokens``,
+    behind a ``max_completion_tokens`` of 0), writing the lowered cap into both."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(to_toml(settings()))
+    upstream = OpenAIUpstream(load_config(path, env={}))
+    route = Route("chat", "chat/completions", role="answer")
+    request = {**BODY, "max_tokens": 1000, "max_completion_tokens": 0}
+    remaining = cost_bound(
+        upstream, route, {**BODY, "max_tokens": 500}, reserve_output_tokens=4096,
+        answer_reservation=Decimal(0),
+    )  # fmt: skip
+    cap = lowered_cap(upstream, route, request, remaining, reserve_output_tokens=4096)
+    assert cap is not None and 1 <= cap <= 500
+    capped = with_cap(request, route, cap)
+    assert (capped["max_completion_tokens"], capped["max_tokens"]) == (cap, cap)
 
 
 def test_the_bound_covers_every_answer_the_request_can_get() -> None:
@@ -386,7 +434,7 @@ def _route(kind: str) -> Route:
         ("response", {"max_tokens": 1}, 4096),
         ("response", {"max_completion_tokens": 1}, 4096),
         ("completion", {"max_completion_tokens": 1}, 4096),
-        ("chat", {"max_completion_tokens": 5, "max_tokens": 9}, 5),
+        ("chat", {"max_completion_tokens": 5, "max_tokens": 9}, 9),
         ("response", {"max_output_tokens": 7}, 7),
         ("message", {"max_tokens": 7}, 7),
     ],
@@ -483,6 +531,33 @@ def test_the_bound_prices_every_token_at_the_dearest_rate_it_can_be_billed_at(
         answer_reservation=Decimal(0),
     )
     assert bound == len(orjson.dumps(message)) * Decimal("0.002") + 100 * Decimal("0.002")
+
+
+async def test_a_zero_max_completion_tokens_does_not_hide_max_tokens_from_the_budget(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    """Review-sec F1, the attack: a request whose ``max_tokens: 1000`` bound does
+    not fit the day's budget is refused; the same with ``max_completion_tokens:
+    0`` added was admitted on a bound of no output, and a vLLM/SGLang server
+    (``max_completion_tokens or max_tokens``) wrote 1000 tokens: 2.01 spent of
+    a 1.00 budget. Now both are refused, and nothing reaches the upstream."""
+    body = {**BODY, "max_tokens": 1000}  # a bound of more than 2.00
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    steer = {**STEER, "x-fake-completion-tokens": "1000"}  # what such a server writes
+    async with running_gateway(
+        database_url, upstream=fake, settings=settings(cost_per_day="1.00"), clock=FixedClock(T0)
+    ) as h:
+        answers = [
+            await client.post(
+                f"{h.url}/v1/chat/completions", json=sent, headers={**h.auth(), **steer}
+            )
+            for sent in (body, {**body, "max_completion_tokens": 0})
+        ]
+        rows = await h.storage.daily(T0.date(), T0.date())
+    assert [a.status_code for a in answers] == [429, 429]
+    assert answers[1].json()["error"]["code"] == "daily_cost_limit"
+    assert fake.requests == []
+    assert sum((row.cost for row in rows), Decimal(0)) == 0
 
 
 # --- lower_output_cap ----------------------------------------------------------------------

@@ -1626,3 +1626,17 @@ async def test_conversation_upstream_is_where_the_users_conversation_began(
     # Another user's conversation of the same id is not read; nor an unknown one.
     assert await storage.conversation_upstream("bob", "c-1") is None
     assert await storage.conversation_upstream("alice", "c-%") is None
+
+
+async def test_upload_owners_are_read_back_in_one_query(storage: Storage) -> None:
+    # Review F9: whose each upload is, for the answers that attach it by id.
+    await storage.remember_upload("u-1", user_id="alice", upstream="default", now=NOW)
+    await storage.remember_upload("u-2", user_id="bob", upstream="research", now=NOW)
+    # The first record of an id wins: a later claim does not take it over.
+    await storage.remember_upload("u-1", user_id="mallory", upstream="default", now=NOW)
+    many = [f"u-{n}" for n in range(5000)]  # past SQLite's parameter bound of old builds
+    assert await storage.upload_owners(many) == {"u-1": "alice", "u-2": "bob"}
+    assert await storage.upload_owners({"u-2"}) == {"u-2": "bob"}
+    # Exact match only; nothing asked, nothing read.
+    assert await storage.upload_owners(["u-%", "U-1", ""]) == {}
+    assert await storage.upload_owners([]) == {}

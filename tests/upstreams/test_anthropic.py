@@ -623,3 +623,117 @@ def test_each_upstream_of_a_shared_mount_is_asked_for_its_whole_model_list() -> 
     }
     first = up.page_models(anthropic_route("GET", "/models"), union, b"limit=3&before_id=c")
     assert (first["data"], first["has_more"]) == ([{"id": "a"}, {"id": "b"}], False)
+
+
+# --- rates the price table does not hold (review-sec F2) --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"speed": "fast"}, "option_not_priced"),  # fast mode: up to 6x
+        ({"inference_geo": "us"}, "option_not_priced"),  # US-only inference: 1.1x
+        ({"inference_geo": ["us"]}, "option_not_priced"),
+        ({"service_tier": "priority"}, "service_tier_not_priced"),
+        ({"service_tier": 1}, "service_tier_not_priced"),
+    ],
+)
+def test_an_option_billed_above_the_table_is_refused(change: dict[str, Any], code: str) -> None:
+    up = dialect()
+    route = up.route("POST", "/messages")
+    with pytest.raises(Forbidden) as refused:
+        up.prepare(route, {**BODY, **change}, b"", "a", method="POST", request_id="r")
+    assert refused.value.code == code
+    # What bills at the standard rates goes through.
+    for harmless in ({"speed": "standard"}, {"inference_geo": "global"},
+                     {"service_tier": "auto"}, {"service_tier": "standard_only"},
+                     {"speed": None, "inference_geo": None, "service_tier": None}):  # fmt: skip
+        up.prepare(route, {**BODY, **harmless}, b"", "a", method="POST", request_id="r")
+
+
+@pytest.mark.parametrize(
+    ("betas", "refused"),
+    [
+        ([b"context-1m-2025-08-07"], True),
+        ([b"prompt-caching-2024-07-31, Context-1M-2025-08-07"], True),
+        ([b"token-efficient-tools-2025-02-19", b"context-1m-2025-08-07"], True),
+        ([b"token-efficient-tools-2025-02-19,interleaved-thinking-2025-05-14"], False),
+        ([], False),
+    ],
+)
+def test_the_long_context_beta_is_refused(betas: list[bytes], refused: bool) -> None:
+    """``anthropic-beta: context-1m-*`` opens the 1M-token context, whose prompts
+    over 200K tokens Anthropic bills at its long-context rates; other betas are
+    passed on as sent."""
+    up = dialect()
+    headers = request_headers(
+        [(b"anthropic-version", b"2023-06-01"), *((b"anthropic-beta", b) for b in betas)],
+        b"x-user",
+        up.key_header,
+    )
+    route = up.route("POST", "/messages")
+    if not refused:
+        up.check_headers(route, headers.forward)
+        return
+    with pytest.raises(Forbidden) as error:
+        up.check_headers(route, headers.forward)
+    assert error.value.code == "option_not_priced"
+    assert "context-1" in error.value.message.lower()
+
+
+# --- messages that name the account's objects (review-sec F3) -----------------------------
+
+
+def _document(source: dict[str, Any]) -> dict[str, Any]:
+    content = [{"type": "document", "source": source}, {"type": "text", "text": "Quote it."}]
+    return {"messages": [{"role": "user", "content": content}]}
+
+
+@pytest.mark.parametrize(
+    ("change", "operator"),
+    [
+        ({}, False),
+        (_document({"type": "file", "file_id": "file_1"}), True),
+        (_document({"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}), False),
+        (_document({"type": "url", "url": "https://example.com/a.pdf"}), False),
+        ({"messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "file", "file_id": "file_1"}}]}]}, True),
+        ({"messages": [{"role": "user", "content": [
+            {"type": "container_upload", "file_id": "file_1"}]}]}, True),
+        ({"container": "container_1"}, True),
+        ({"container": {"id": "container_1"}}, True),
+        ({"container": {"skills": [{"type": "custom", "skill_id": "skill_1"}]}}, True),
+        ({"container": {"skills": [{"type": "anthropic", "skill_id": "pptx"}]}}, False),
+        ({"container": None}, False),
+    ],
+)  # fmt: skip
+def test_a_message_naming_the_accounts_files_is_the_operators(
+    change: dict[str, Any], operator: bool
+) -> None:
+    up = dialect()
+    route = up.route("POST", "/messages")
+    assert route.by_body
+    refined = up.refine(route, {**BODY, **change})
+    assert (refined.role == "operator") is operator
+    assert refined is route or operator
+
+
+def test_a_message_counts_the_web_searches_it_ran() -> None:
+    """Review-sec F4: a message may search when it lists the web search tool, and
+    its searches are the ones its usage reports."""
+    up = dialect(call_prices={"anthropic.web_search": {"price": "0.01"}})
+    route = up.route("POST", "/messages")
+    tools = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]
+    assert up.asks_for_web_search(route, {**BODY, "tools": tools})
+    assert not up.asks_for_web_search(route, BODY)
+    assert not up.asks_for_web_search(up.route("POST", "/messages/count_tokens"), BODY)
+    raw = orjson.dumps(
+        {"type": "message", "id": "msg_1", "model": MODEL, "content": [],
+         "usage": {"input_tokens": 10, "output_tokens": 5,
+                   "server_tool_use": {"web_search_requests": 3}}}
+    )  # fmt: skip
+    body = {**BODY, "tools": tools}
+    assert up.meter_blocking(route, body, raw).web_searches == 3
+    raw = orjson.dumps({"type": "message", "id": "msg_2", "model": MODEL, "content": [],
+                        "usage": {"input_tokens": 10, "output_tokens": 5}})  # fmt: skip
+    assert up.meter_blocking(route, body, raw).web_searches == 0

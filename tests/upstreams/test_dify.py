@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import random
 from decimal import Decimal
 from typing import Any
 
 import orjson
 import pytest
 
+from gateway.config import parse_config
+from gateway.errors import BadRequest
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import dify, get_upstream
 from gateway.upstreams.base import Route
@@ -973,3 +976,124 @@ def test_an_answer_cut_after_it_began_is_charged_its_prompt(began: list[dict[str
     usage = result.usage
     assert usage is not None and usage.estimated
     assert (usage.prompt_tokens, usage.completion_tokens) == (PROMPT_ESTIMATE, 0)
+
+
+# --- text-to-audio of a message, titles of new conversations (review F8, F6) ----------------
+
+
+def test_text_to_audio_of_a_message_names_the_answer_the_ledger_must_give_the_caller() -> None:
+    """Dify 1.x speaks any message by id (no user check): the route names it as
+    an owned answer, in the ledger's spelling; the text form stays the plain
+    priced call, and an id Dify reads as none (empty) too."""
+    route = UP.route("POST", "/text-to-audio")
+    message = "0B7D4A52-7F3E-4C55-9A3C-2F1E6D3C9B10"
+    spoken = UP.refine(route, {"message_id": message, "voice": "x"})
+    assert spoken.owned_answer == message.lower() and spoken.role == "side_cost"
+    assert spoken.call == "dify.text_to_audio" and not spoken.by_body
+    assert UP.refine(route, {"text": "Xin chào"}) is route
+    assert UP.refine(route, {"text": "Xin chào", "message_id": ""}) is route
+    assert UP.refine(route, {"text": "Xin chào", "message_id": None}) is route
+    assert UP.refine(route, None) is route
+    with pytest.raises(BadRequest):
+        UP.refine(route, {"message_id": ["a"]})
+
+
+def _titled(price: str = "0.001", currency: str = "USD") -> DifyUpstream:
+    config = parse_config(
+        {"call_prices": {"dify.auto_generate_name": {"price": price, "currency": currency}}},
+        env={},
+    )
+    return DifyUpstream(config)
+
+
+PRICED_ANSWER = orjson.dumps(
+    {
+        "event": "message",
+        "task_id": "t",
+        "message_id": "m",
+        "conversation_id": "c",
+        "answer": "hi",
+        "metadata": {"usage": {"total_tokens": 3, "total_price": "0.002", "currency": "USD"}},
+    }
+)
+
+
+def test_a_new_conversations_title_is_added_to_its_answers_cost() -> None:
+    up = _titled()
+    chat = up.route("POST", "/chat-messages")
+    new = {"query": "hi", "inputs": {}}
+    blocking = up.meter_blocking(chat, new, PRICED_ANSWER)
+    assert blocking.usage is not None and blocking.usage.cost == Decimal("0.003")
+    # A timeout's estimate too: the title is made as the run starts.
+    unanswered = up.unanswered(chat, new).usage
+    assert unanswered is not None and unanswered.cost == Decimal("0.001")
+    # Not for a conversation that goes on, nor for a completion (no conversation).
+    going_on = up.meter_blocking(chat, {**new, "conversation_id": "c"}, PRICED_ANSWER)
+    assert going_on.usage is not None and going_on.usage.cost == Decimal("0.002")
+    completion = up.meter_blocking(up.route("POST", "/completion-messages"), new, PRICED_ANSWER)
+    assert completion.usage is not None and completion.usage.cost == Decimal("0.002")
+    # An error body ran nothing: no title either.
+    error = b'{"code": "invalid_param", "message": "x", "status": 400}'
+    assert up.meter_blocking(chat, new, error).usage is None
+    # Without the price (the default), the answer costs what Dify reports.
+    plain = UP.meter_blocking(chat, new, PRICED_ANSWER)
+    assert plain.usage is not None and plain.usage.cost == Decimal("0.002")
+
+
+def test_a_title_priced_in_another_currency_than_difys_is_left_out() -> None:
+    """Decimals of two currencies are never added: the title is left out (logged)
+    when Dify priced the answer in another currency; a free answer takes it."""
+    up = _titled(currency="EUR")
+    chat = up.route("POST", "/chat-messages")
+    new = {"query": "hi", "inputs": {}}
+    mixed = up.meter_blocking(chat, new, PRICED_ANSWER).usage
+    assert mixed is not None and (mixed.cost, mixed.currency) == (Decimal("0.002"), "USD")
+    free = PRICED_ANSWER.replace(b'"0.002"', b'"0"')
+    alone = up.meter_blocking(chat, new, free).usage
+    assert alone is not None and (alone.cost, alone.currency) == (Decimal("0.001"), "EUR")
+
+
+def _drawn_stream(rng: random.Random) -> list[ServerSentEvent]:
+    """Dify-like events, mostly text events of a few types whose envelopes and
+    types begin alike (message, message_end, agent_message; spaced or not),
+    with pings, ids, escapes, usage and events that are not JSON."""
+    envelopes = ['{"event": "%s", ', '{"event":"%s",', ' { "event" : "%s", ', '{"event": "%s"}']
+    kinds = ["message", "message", "message", "agent_message", "message_end", "messages", "m"]
+    events: list[ServerSentEvent] = []
+    for _ in range(rng.randint(1, 30)):
+        roll = rng.random()
+        if roll < 0.05:
+            events.append(PING)
+            continue
+        if roll < 0.1:
+            events.append(
+                ev(rng.choice(['{"event": "message"', "not json", '{"event": "message"}']))
+            )
+            continue
+        kind = rng.choice(kinds)
+        head = rng.choice(envelopes[:3]) % kind
+        answer = json.dumps("".join(rng.choice('ab\u00e9\n"') for _ in range(rng.randint(0, 9))))
+        if kind == "message_end" and rng.random() < 0.5:
+            body = '"task_id": "t1", "message_id": "m1", "metadata": {"usage": %s}}'
+            events.append(ev(head + body % orjson.dumps(DOC_USAGE).decode()))
+            continue
+        ids = rng.choice(['"task_id": "t1", ', f'"task_id": "t{rng.randint(1, 3)}", ', ""])
+        events.append(ev(head + ids + '"answer": ' + answer + "}"))
+    return events
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_hot_paths_memo_meters_as_the_match_does(seed: int) -> None:
+    # DifyStreamMeter.feed reads an event that begins with what _EVENT_TYPE
+    # matched in the last hot one without the match: the same meter read
+    # without that memo (cleared before every event) ends the same.
+    events = _drawn_stream(random.Random(seed))
+    with_memo, without = UP.stream_meter(CHAT, {}), UP.stream_meter(CHAT, {})
+    for event in events:
+        with_memo.feed(event)
+        without._hot = None
+        without.feed(event)
+        assert with_memo._text_chars == without._text_chars
+        assert with_memo.task_id == without.task_id
+    assert with_memo.malformed == without.malformed
+    assert with_memo.finish(cut=True) == without.finish(cut=True)

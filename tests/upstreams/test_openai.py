@@ -1371,10 +1371,112 @@ def test_priced_keeps_every_field_of_the_metered_answer() -> None:
         model=None,
     )
     for f in dataclasses.fields(Metered):
-        if f.name != "model":  # set by priced() itself
+        if f.name not in ("model", "web_searches"):  # set by priced() itself
             assert getattr(metered, f.name) != f.default, f.name
     priced = dialect().priced(metered, "gpt-4o-mini")
     cost = (10 * Decimal("0.15") + 5 * Decimal("0.60")).scaleb(-6)
     assert priced == dataclasses.replace(
-        metered, usage=Usage(10, 5, 15, cost=cost), model="gpt-4o-mini"
+        metered, usage=Usage(10, 5, 15, cost=cost), model="gpt-4o-mini", web_searches=0
     )
+
+
+# --- answers that name the account's objects (review-sec F3) ---------------------------
+
+
+_FILE_PART = {"type": "file", "file": {"file_id": "file-1"}}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("chat/completions", {"messages": [{"role": "user", "content": [_FILE_PART]}]}),
+        ("responses", {"input": [{"role": "user", "content": [
+            {"type": "input_file", "file_id": "file-1"}]}]}),
+        ("responses", {"input": [{"role": "user", "content": [
+            {"type": "input_image", "file_id": "file-1"}]}]}),
+        ("responses", {"input": [{"type": "function_call_output", "call_id": "c", "output": [
+            {"type": "input_file", "file_id": "file-1"}]}]}),
+        ("responses", {"prompt": {"id": "pmpt_1", "variables": {
+            "doc": {"type": "input_file", "file_id": "file-1"}}}}),
+        ("responses", {"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}),
+        ("responses", {"tools": [{"type": "code_interpreter", "container": "cntr_1"}]}),
+        ("responses", {"tools": [{"type": "code_interpreter",
+                                  "container": {"type": "auto", "file_ids": ["f"]}}]}),
+    ],
+)  # fmt: skip
+def test_an_answer_naming_the_accounts_files_is_the_operators(
+    path: str, body: dict[str, Any]
+) -> None:
+    up = dialect()
+    route = up.route("POST", path)
+    assert route.by_body
+    assert up.refine(route, {"model": "gpt-4o-mini", **body}).role == "operator"
+
+
+def test_files_sent_inline_and_new_containers_stay_the_callers() -> None:
+    """What names no stored object of the account is the caller's own: a file
+    sent inline, a fresh container, a tool's JSON arguments (text to the
+    upstream), a file part whose id is null."""
+    up = dialect()
+    inline = {"type": "file", "file": {"file_data": "data:...", "filename": "a.pdf"}}
+    null_id = {"type": "file", "file": {"file_id": None, "file_data": "data:..."}}
+    call = {"id": "c", "type": "function",
+            "function": {"name": "f", "arguments": '{"file_id": "x"}'}}  # fmt: skip
+    chats = [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "user", "content": [inline, null_id]}],
+        [{"role": "assistant", "tool_calls": [call]}],
+    ]
+    responses = [
+        {"input": "hi"},
+        {"input": [{"role": "user", "content": [
+            {"type": "input_file", "file_data": "data:...", "filename": "a.pdf"}]}]},
+        {"tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]},
+        {"tools": [{"type": "web_search"}]},
+    ]  # fmt: skip
+    chat = up.route("POST", "chat/completions")
+    assert chat.by_body
+    for messages in chats:
+        assert up.refine(chat, {"model": "gpt-4o-mini", "messages": messages}) is chat
+    response = up.route("POST", "responses")
+    for body in responses:
+        assert up.refine(response, {"model": "gpt-4o-mini", **body}) is response
+
+
+# --- web search, for web_searches_per_day (review-sec F4) --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "asks"),
+    [
+        ("chat/completions", {"model": "gpt-4o-mini"}, False),
+        ("chat/completions", {"model": "gpt-4o-mini", "web_search_options": {}}, True),
+        ("chat/completions", {"model": "gpt-4o-mini-search-preview"}, True),
+        ("chat/completions", {"model": "gpt-5-search-api-2025-10-14"}, True),
+        ("responses", {"model": "gpt-4o-mini", "tools": [{"type": "function", "name": "f"}]}, False),
+        ("responses", {"model": "gpt-4o-mini", "tools": [{"type": "web_search"}]}, True),
+        ("responses", {"model": "gpt-4o-mini",
+                       "tools": [{"type": "web_search_preview_2025_03_11"}]}, True),
+        ("completions", {"model": "gpt-4o-mini", "web_search_options": {}}, False),
+        ("embeddings", {"model": "text-embedding-3-small"}, False),
+    ],
+)  # fmt: skip
+def test_the_requests_that_may_search_the_web(path: str, body: dict[str, Any], asks: bool) -> None:
+    up = dialect()
+    assert up.asks_for_web_search(up.route("POST", path), body) is asks
+
+
+def test_an_answer_counts_the_web_searches_it_ran() -> None:
+    """A response's web_search_call items, and a chat completion's search (one per
+    answer), as the settle counts them against web_searches_per_day."""
+    up = dialect(call_prices={"openai.web_search": {"price": "0.01"},
+                              "openai.chat_web_search": {"price": "0.03"}})  # fmt: skip
+    metered = Metered(None, None, None, Usage(10, 5, 15), "complete")
+    response = up.route("POST", "responses")
+    body = {"model": "gpt-4o-mini", "tools": [{"type": "web_search"}]}
+    calls = up.calls(response, body, {"web_search": 3, "code_interpreter": 1})
+    assert up.priced(metered, "gpt-4o-mini", calls=calls).web_searches == 3
+    assert up.priced(metered, "gpt-4o-mini", calls={}).web_searches == 0
+    chat = up.route("POST", "chat/completions")
+    calls = up.calls(chat, {"model": "gpt-4o-mini", "web_search_options": {}}, {})
+    assert up.priced(metered, "gpt-4o-mini", calls=calls).web_searches == 1

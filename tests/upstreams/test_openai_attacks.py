@@ -221,3 +221,194 @@ async def test_spoken_answers_are_charged_their_audio_tokens_at_the_audio_rate(
     assert answered.status_code == 200
     # 7000 * 2.5 + 50 * 10 + 150 * 80 per million, and one audio answer
     assert event.cost == Decimal("0.03") + Decimal("0.005")
+
+
+# --- service tiers (review-sec F2) -----------------------------------------------------
+
+RESPONSE = {"model": "gpt-4o-mini", "input": "Xin chào", "max_output_tokens": 100}
+
+
+@pytest.mark.parametrize("tier", ["priority", "scale", ["priority"]])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+async def test_a_dearer_service_tier_is_refused_not_charged_at_the_standard_price(
+    sqlite_url: str, path: str, tier: object
+) -> None:
+    # Attack: "service_tier": "priority" was forwarded, and OpenAI billed the answer
+    # at its priority rates (about twice the standard ones) while the gateway
+    # charged (and bounded) it at the one [prices] rate. The tiers at or below the
+    # standard rates still go through.
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    body = CHAT if path == "/v1/chat/completions" else RESPONSE
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings()) as h:
+        refused = await post(h, path, {**body, "service_tier": tier})
+        await nothing_reserved(h, fake)
+        for allowed in ("auto", "default", "flex", None):
+            answered = await post(h, path, {**body, "service_tier": allowed})
+            assert answered.status_code == 200, answered.text
+    error = openai_error(refused, 403, "service_tier_not_priced")
+    assert error["type"] == "permission_error" and repr(tier) in error["message"]
+    assert [r.json["service_tier"] for r in fake.requests] == ["auto", "default", "flex", None]
+
+
+# --- the account's files, by id (review-sec F3) ----------------------------------------
+
+_FILE_TEXT = {"type": "text", "text": "Quote this document in full."}
+_INPUT_TEXT = {"type": "input_text", "text": "Quote this document in full."}
+
+
+def _responses_input(*parts: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [*parts, _INPUT_TEXT]}]
+
+
+ACCOUNT_FILES = {
+    "chat-file-part": (
+        "/v1/chat/completions",
+        {
+            **CHAT,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "file", "file": {"file_id": "file-Bobs"}}, _FILE_TEXT],
+                }
+            ],
+        },
+    ),
+    "responses-input-file": (
+        "/v1/responses",
+        {**RESPONSE, "input": _responses_input({"type": "input_file", "file_id": "file-Bobs"})},
+    ),
+    "responses-input-image": (
+        "/v1/responses",
+        {**RESPONSE, "input": _responses_input({"type": "input_image", "file_id": "file-Bobs"})},
+    ),
+    "responses-file-search": (
+        "/v1/responses",
+        {**RESPONSE, "tools": [{"type": "file_search", "vector_store_ids": ["vs_Bobs"]}]},
+    ),
+    "responses-container-id": (
+        "/v1/responses",
+        {**RESPONSE, "tools": [{"type": "code_interpreter", "container": "cntr_Bobs"}]},
+    ),
+    "responses-container-files": (
+        "/v1/responses",
+        {
+            **RESPONSE,
+            "tools": [
+                {"type": "code_interpreter", "container": {"type": "auto", "file_ids": ["f-1"]}}
+            ],
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize(("path", "body"), ACCOUNT_FILES.values(), ids=ACCOUNT_FILES.keys())
+async def test_an_answer_cannot_read_the_accounts_files_by_id(
+    sqlite_url: str, path: str, body: dict[str, Any]
+) -> None:
+    # Attack: the /files, /vector_stores and /containers routes are the operator's
+    # (OpenAI looks an id up across the whole project), but an answer naming a file,
+    # a vector store or a container by id was forwarded with the operator's key, and
+    # the model read (and quoted) whatever the id held: the operator's file, another
+    # app's, another user's upload. Refused like an item_reference.
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    prices = settings(call_prices={"openai.file_search": {"price": "0.0025"},
+                                   "openai.code_interpreter": {"price": "0.03"}})  # fmt: skip
+    async with running_gateway(sqlite_url, upstream=fake, settings=prices) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            direct = await client.get("/v1/files/file-Bobs", headers=h.auth())
+        refused = await post(h, path, body)
+        await nothing_reserved(h, fake)
+    openai_error(direct, 403, "endpoint_not_allowed")
+    openai_error(refused, 403, "endpoint_not_allowed")
+
+
+# --- answer names a client chooses -------------------------------------------------------
+
+
+class _NamesAnswersAsVllm:
+    """An OpenAI-compatible server that names its answers as vLLM does -
+    ``chatcmpl-{X-Request-Id header, else the body's request_id}`` - or, given
+    SGLang's ``rid``, by that; each answer 1,000 + 1,000 tokens."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[dict[str, str], dict[str, Any]]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        request = orjson.loads(body)
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        self.seen.append((headers, request))
+        name = (
+            request.get("rid")
+            or headers.get("x-request-id")
+            or request.get("request_id")
+            or f"{len(self.seen):032d}"
+        )
+        answer = {
+            "id": f"chatcmpl-{name}",
+            "object": "chat.completion",
+            "created": 1,
+            "model": request["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "x"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 1000, "total_tokens": 2000},
+        }
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": orjson.dumps(answer)})
+
+
+@pytest.mark.parametrize("where", ["request_id", "rid", "x-request-id"])
+async def test_answers_named_by_the_client_are_each_charged(database_url: str, where: str) -> None:
+    """Attack: a stored chat completion (``store: true``) is recorded under the
+    name the upstream gives it, once. vLLM names it by the client's
+    ``X-Request-Id`` or body ``request_id`` (SGLang by ``rid``): the same name
+    sent three times made the second and third answers look like retries of
+    the first - generated upstream, charged nothing. The gateway drops the
+    body's fields and sends its own request id as ``X-Request-Id``."""
+    upstream = _NamesAnswersAsVllm()
+    config = {
+        "upstream": {"kind": "openai"},
+        "prices": {"gpt-4o-mini": {"input": "1000", "output": "1000"}},  # 1.00 per 1,000
+    }
+    body: dict[str, Any] = {**CHAT, "max_tokens": 1000, "store": True}
+    extra: dict[str, str] = {}
+    if where == "x-request-id":
+        extra["X-Request-Id"] = "0123456789abcdef"
+    else:
+        body[where] = "0123456789abcdef"
+    async with running_gateway(database_url, upstream=upstream, settings=config) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            for i in range(3):
+                answer = await client.post(
+                    "/v1/chat/completions", json=body, headers={**h.auth(), **extra}
+                )
+                assert answer.status_code == 200, answer.text
+                await h.probes.wait_finished(i + 1)
+                headers, forwarded = upstream.seen[-1]
+                assert "request_id" not in forwarded and "rid" not in forwarded
+                assert headers["x-request-id"] == answer.headers["x-request-id"]
+        day = h.gateway.today()
+        rows = await h.storage.daily(day, day)
+    assert len(upstream.seen) == 3
+    spent = sum((row.cost for row in rows), Decimal(0))
+    tokens = sum(row.total_tokens for row in rows)
+    queries = sum(row.queries for row in rows)
+    assert (queries, tokens, spent) == (3, 6000, Decimal("6"))  # before: (3, 2000, 2)
