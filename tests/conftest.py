@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,121 @@ def postgres_dsn(postgres: PostgresServer) -> str:
     asyncio.run(migrate())
     MIGRATED.add(dsn)
     return dsn
+
+
+class _WarmConnections:
+    """Connections to the run's PostgreSQL database that outlive the storage that
+    opened them, lent to the next storage of a test on ``database_url`` (in the
+    session's event loop, where they live).
+
+    A new server process is most of what a test on PostgreSQL costs: the backend
+    starts, loads the catalog, and compiles and plans each function it calls
+    (`gateway_admit`, `gateway_settle`...) anew: a test that opened a storage,
+    admitted and settled an answer cost the server ~38 ms of CPU on new
+    connections, ~3 ms on warm ones (and the pytest process ~12 and ~2 ms).
+    A connection is kept only as clean as a new one: out of any transaction,
+    without listeners, after the statement that ends a pooler's session
+    (`_RESET`: the session's settings back to its start, its temporary tables,
+    advisory locks and cursors gone). The storage still opens its pool and runs
+    its `init` on each connection it takes. Only tests on ``database_url`` take
+    them: a test on ``postgres_dsn`` changes what a connection starts with (the
+    database's defaults, roles) or counts the server's backends."""
+
+    # DISCARD ALL without DEALLOCATE ALL and DISCARD PLANS: asyncpg keeps the
+    # statements it prepared on the connection, which are what is warm.
+    _RESET = (
+        "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; CLOSE ALL; UNLISTEN *;"
+        " SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
+    )
+    # Per pytest process, kept open on the server: most tests open two (the
+    # admissions keep one); four runs at once on one server (helpers, CI) must
+    # stay well under its max_connections.
+    _KEPT = 2
+    _QUERIES = 10_000  # a connection's statements before it is closed after all
+
+    def __init__(self, dsn: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.dsn = dsn
+        self.loop = loop
+        self.lending = False
+        self.idle: list[tuple[str, asyncpg.Connection]] = []
+        self.made: weakref.WeakKeyDictionary[asyncpg.Connection, str] = weakref.WeakKeyDictionary()
+        self._connect = asyncpg.connection.connect
+        self._close = asyncpg.Connection.close
+
+    def _here(self) -> bool:
+        try:
+            return self.lending and asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            return False
+
+    async def connect(self, dsn: Any = None, **kwargs: Any) -> asyncpg.Connection:
+        """asyncpg's `connect` as an asyncpg pool calls it."""
+        if dsn != self.dsn or not self._here() or kwargs.get("loop") not in (None, self.loop):
+            return await self._connect(dsn, **kwargs)
+        key = repr(sorted(kwargs.items()))
+        for i in reversed(range(len(self.idle))):  # the last kept first
+            kept_key, conn = self.idle[i]
+            if kept_key == key:
+                del self.idle[i]
+                if not conn.is_closed():
+                    return conn
+                break
+        conn = await self._connect(dsn, **kwargs)
+        self.made[conn] = key
+        return conn
+
+    async def close(self, conn: asyncpg.Connection, *, timeout: float | None = None) -> None:
+        """`asyncpg.Connection.close`: a connection this made is kept if it is clean."""
+        key = self.made.get(conn)
+        try:
+            if key is not None and await self._keep(conn):
+                self.idle.append((key, conn))
+                return
+        except Exception:
+            return  # ended (terminated), as a failed close would have
+        self.made.pop(conn, None)
+        await self._close(conn, timeout=timeout)
+
+    async def _keep(self, conn: asyncpg.Connection) -> bool:
+        if (
+            not self._here()
+            or len(self.idle) >= self._KEPT
+            or conn.is_closed()
+            or conn.is_in_transaction()
+            or conn._listeners
+            or conn._log_listeners
+            or conn._termination_listeners
+            or conn._query_loggers
+            or conn._protocol.queries_count >= self._QUERIES
+        ):
+            return False
+        try:
+            await conn.execute(self._RESET, timeout=5)
+        except BaseException:
+            # As asyncpg's close does when its own last message fails.
+            conn.terminate()
+            self.made.pop(conn, None)
+            raise
+        return True
+
+    async def aclose(self) -> None:
+        while self.idle:
+            _, conn = self.idle.pop()
+            self.made.pop(conn, None)
+            await self._close(conn)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def _warm_connections(postgres_dsn: str) -> AsyncIterator[_WarmConnections]:
+    warm = _WarmConnections(postgres_dsn, asyncio.get_running_loop())
+    with pytest.MonkeyPatch.context() as patch:
+        # The pool looks asyncpg.connection.connect up when it is made.
+        patch.setattr(asyncpg.connection, "connect", warm.connect)
+        patch.setattr(asyncpg.Connection, "close", lambda conn, **kw: warm.close(conn, **kw))
+        try:
+            yield warm
+        finally:
+            await warm.aclose()
 
 
 @pytest.fixture
@@ -335,8 +451,13 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
             yield url
         return
     dsn: str = request.getfixturevalue("postgres_dsn")
+    warm: _WarmConnections = request.getfixturevalue("_warm_connections")
     request.getfixturevalue("_postgres_emptier").empty()
-    yield dsn
+    warm.lending = True
+    try:
+        yield dsn
+    finally:
+        warm.lending = False
 
 
 @pytest.fixture

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 
 # PostgreSQL's CancelRequest: its length and code, a new connection's first bytes.
 CANCEL_REQUEST = (16).to_bytes(4, "big") + (80877102).to_bytes(4, "big")
+_random = random.SystemRandom()  # as tests.servers: each xdist worker its own
 
 
 class TCPProxy:
@@ -23,7 +25,20 @@ class TCPProxy:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        if self.port:  # restored: the same port again
+            self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+            return
+        # A port below the kernel's ephemeral range (as tests.servers.free_port's):
+        # one from there was taken, while the proxy was cut, as the source port of
+        # some outgoing connection on the machine, and `restore` could not bind
+        # it again (EADDRINUSE, seen on a machine running several suites).
+        for _ in range(100):
+            port = _random.randrange(20000, 32768)
+            with contextlib.suppress(OSError):
+                self._server = await asyncio.start_server(self._accept, "127.0.0.1", port)
+                self.port = port
+                return
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

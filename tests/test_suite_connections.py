@@ -1,0 +1,59 @@
+"""The suite's connections to PostgreSQL. Those the tests on ``database_url``
+lend each other (tests/conftest.py, `_WarmConnections`) start as clean as new
+ones: what a test left on its session (settings, temporary tables, advisory
+locks) is gone before the next storage gets it, and the storage's own start
+(`_init_connection`) runs on it again. The forwarder the tests cut
+(tests/tcpproxy.py) gets its port back."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.config import DatabaseConfig
+from gateway.storage import open_storage
+from tests.tcpproxy import TCPProxy
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_lent_connection_starts_as_clean_as_a_new_one(database_url: str) -> None:
+    config = DatabaseConfig(url=database_url, pool_min_size=1, pool_max_size=1)
+    first = await open_storage(config)
+    try:
+        async with first._pool.acquire() as conn:  # type: ignore[attr-defined]
+            pid = conn.get_server_pid()
+            await conn.execute(
+                "SET statement_timeout = 1234; SET array_nulls = off;"
+                " CREATE TEMP TABLE left_behind (x int); SELECT pg_advisory_lock(42)"
+            )
+    finally:
+        await first.close()
+    second = await open_storage(config)
+    try:
+        async with second._pool.acquire() as conn:  # type: ignore[attr-defined]
+            assert conn.get_server_pid() == pid  # the same backend, lent
+            assert await conn.fetchval("SHOW statement_timeout") == "0"
+            assert await conn.fetchval("SHOW array_nulls") == "on"
+            assert await conn.fetchval("SELECT to_regclass('pg_temp.left_behind')") is None
+            assert not await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                " AND pid = pg_backend_pid()"
+            )
+    finally:
+        await second.close()
+
+
+async def test_a_cut_proxy_keeps_a_port_no_outgoing_connection_takes() -> None:
+    """`TCPProxy.restore` binds the port it had again: one from the kernel's
+    ephemeral range (32768 and up) could be taken meanwhile as the source port
+    of any outgoing connection on the machine (a test failed so)."""
+    proxy = TCPProxy("127.0.0.1", 9)
+    await proxy.start()
+    port = proxy.port
+    await proxy.cut()
+    assert 0 < port < 32768
+    await proxy.restore()
+    try:
+        assert proxy.port == port
+    finally:
+        await proxy.cut()
