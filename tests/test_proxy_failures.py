@@ -19,7 +19,7 @@ from gateway.sse import ServerSentEvent, SSEDecoder
 from gateway.upstreams.dify import DifyUpstream
 from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
-from tests.servers import serve
+from tests.servers import read_body, serve
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
 
@@ -282,12 +282,7 @@ class _RunFailsAfterItsModel:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         self.answers += 1
         if orjson.loads(body).get("response_mode") != "streaming":
             head = [(b"content-type", b"application/json")]

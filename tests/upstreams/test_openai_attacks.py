@@ -13,6 +13,7 @@ import pytest
 
 from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+from tests.servers import read_body
 
 PRICES = {
     "gpt-4o-mini": {"input": "0.15", "output": "0.60"},
@@ -371,12 +372,7 @@ class _NamesAnswersAsVllm:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         request = orjson.loads(body)
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         self.seen.append((headers, request))

@@ -18,6 +18,7 @@ from gateway.errors import Forbidden
 from gateway.pricing import Price, PriceTable
 from gateway.upstreams.openai_fallbacks import check_fallbacks, fallback_models
 from tests.harness import USER, Harness, running_gateway
+from tests.servers import read_body
 
 PRICES = {
     "gpt-4o-mini": {"input": "0.15", "output": "0.60"},
@@ -48,12 +49,7 @@ class Router:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         request = orjson.loads(body)
         self.requests.append(request)
         named = [*(request.get("fallbacks") or ()), *(request.get("models") or ())]
