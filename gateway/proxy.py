@@ -879,11 +879,36 @@ class Proxy:
             )
             metrics.inc("gateway_upstream_attempts_total", upstream=name, outcome=outcome)
             if outcome != "answered" and index < last:
+                if outcome == "server_error" and x.dialect.bills_errors and x.route.produces_answer:
+                    # A run that began, failed, and was billed (`_relay_error`) is
+                    # the request's answer, charged: not run again at the next one.
+                    billed = await self._billed_failure(x, response)
+                    if billed is not None:
+                        return billed
                 with contextlib.suppress(UpstreamBroken):
                     await response.aclose()
                 continue
             return response
         raise AssertionError("a request has at least one upstream to try")
+
+    async def _billed_failure(self, x: Exchange, response: httpx.Response) -> httpx.Response | None:
+        """A 5xx from an upstream with fallbacks, of a dialect whose errors may
+        come after billed work: the response again, its body read whole, when the
+        dialect says the run had begun and was billed; else None (read, or
+        larger than an error is: the request goes on to the next upstream)."""
+        content = bytearray()
+        try:
+            async for chunk in response.aiter_raw():
+                content += chunk
+                if len(content) > _MAX_ERROR_BODY:
+                    return None
+        except UpstreamBroken:
+            return None
+        body = bytes(content)
+        status = response.status_code
+        if not x.dialect.billed_error(x.route, x.answer_body, status, body):
+            return None
+        return httpx.Response(status, headers=response.headers.raw, content=body)
 
     async def _stop_everywhere(
         self, x: Exchange, attempts: tuple[str, ...], headers: Headers, query: str
@@ -1103,11 +1128,14 @@ class Proxy:
         content = bytearray()
         rest = None
         try:
-            async for chunk in response.aiter_raw():
-                content += chunk
-                if len(content) > _MAX_ERROR_BODY:
-                    rest = response
-                    break
+            if response.is_stream_consumed:  # read whole already (`_billed_failure`)
+                content += response.content
+            else:
+                async for chunk in response.aiter_raw():
+                    content += chunk
+                    if len(content) > _MAX_ERROR_BODY:
+                        rest = response
+                        break
         except UpstreamBroken as exc:
             log.warning("request %s: upstream error body cut: %r", x.request_id, exc.__cause__)
         body = bytes(content)
