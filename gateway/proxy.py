@@ -114,14 +114,14 @@ _MAX_BUFFERED_BODY = 16 * 1024 * 1024
 # headers, boundaries, other fields): with a Content-Length over the plan's file
 # size by more than this, the file is certainly too large.
 _MULTIPART_SLACK = FIELDS_ALLOWANCE + 64 * 1024
-# An upload's reply (Dify: a file's id, name, size... ~300 bytes) is read whole up
-# to this size to keep whose the file is; past it, passed on unread.
-_UPLOAD_REPLY_BYTES = 64 * 1024
+# A small reply read whole before it is passed on (`_read_small`): an upload's
+# (Dify: a file's id, name, size... ~300 bytes), to keep whose the file is; an
+# answer's HTTP error, to tell whether its run had begun. Past it, passed on as
+# it comes.
+_SMALL_BODY = 64 * 1024
 # Placeholders until `_parse` and `route` fill them in (never used before).
 _NO_ROUTE = Route("other", "")
 _NO_HEADERS = RequestHeaders([])
-# An error answer read whole to tell whether its run had begun (`_relay_error`).
-_MAX_ERROR_BODY = 64 * 1024
 # Upstream answers that send a request on to the next fallback (issue 23).
 _RATE_LIMITED = 429
 _SERVER_ERROR = 500
@@ -896,17 +896,9 @@ class Proxy:
         come after billed work: the response again, its body read whole, when the
         dialect says the run had begun and was billed; else None (read, or
         larger than an error is: the request goes on to the next upstream)."""
-        content = bytearray()
-        try:
-            async for chunk in response.aiter_raw():
-                content += chunk
-                if len(content) > _MAX_ERROR_BODY:
-                    return None
-        except UpstreamBroken:
-            return None
-        body = bytes(content)
+        body, whole = await _read_small(x, response.aiter_raw())
         status = response.status_code
-        if not x.dialect.billed_error(x.route, x.answer_body, status, body):
+        if not whole or not x.dialect.billed_error(x.route, x.answer_body, status, body):
             return None
         return httpx.Response(status, headers=response.headers.raw, content=body)
 
@@ -1121,25 +1113,16 @@ class Proxy:
     ) -> None:
         """An HTTP error answering an answer request of a dialect whose errors
         may come after billed work (`Upstream.bills_errors`): read whole (up to
-        _MAX_ERROR_BODY: an error is small; past it, charged), the dialect says
+        _SMALL_BODY: an error is small; past it, charged), the dialect says
         whether the upstream had started; then the prompt's estimate is charged
         (outcome ``error``) or the reservation given back - before the client
         hears of it, as any record - and the error relayed unchanged."""
-        content = bytearray()
-        rest = None
-        try:
-            if response.is_stream_consumed:  # read whole already (`_billed_failure`)
-                content += response.content
-            else:
-                async for chunk in response.aiter_raw():
-                    content += chunk
-                    if len(content) > _MAX_ERROR_BODY:
-                        rest = response
-                        break
-        except UpstreamBroken as exc:
-            log.warning("request %s: upstream error body cut: %r", x.request_id, exc.__cause__)
-        body = bytes(content)
-        if rest is not None or x.dialect.billed_error(x.route, x.answer_body, status, body):
+        if response.is_stream_consumed:  # read whole already (`_billed_failure`)
+            body, whole, chunks = response.content, True, None
+        else:
+            chunks = response.aiter_raw()
+            body, whole = await _read_small(x, chunks)
+        if not whole or x.dialect.billed_error(x.route, x.answer_body, status, body):
             estimate = x.dialect.unanswered(x.route, x.answer_body)
             log.info(
                 "request %s: upstream error %d after its run began: charged", x.request_id, status
@@ -1149,11 +1132,7 @@ class Proxy:
             )
         else:
             await self.admitter.refund(x.ticket, x.request_id)
-        await self._start(x, send, status, headers)
-        await send({"type": "http.response.body", "body": body, "more_body": rest is not None})
-        if rest is not None:
-            await self._pass_body(x, rest, send)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self._pass_on(x, status, headers, body, None if whole else chunks, send)
 
     async def _relay_plain(
         self,
@@ -1209,39 +1188,31 @@ class Proxy:
         """An accepted upload's reply (a small JSON body), read whole: whose the
         file it names is, is kept before the client hears of it (review F9), so
         an answer sent the moment the reply arrives finds the record. A reply
-        past ``_UPLOAD_REPLY_BYTES`` is passed on unread: its file stays
+        past ``_SMALL_BODY`` is passed on unread: its file stays
         unknown, and refused to every answer."""
-        held: list[bytes] = []
-        size = 0
         chunks = response.aiter_raw()
-        broken = False
-        try:
-            async for chunk in chunks:
-                held.append(chunk)
-                size += len(chunk)
-                if size > _UPLOAD_REPLY_BYTES:
-                    break
-        except UpstreamBroken as exc:
-            broken = True
-            log.warning(
-                "request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__
-            )
-        body = b"".join(held)
-        whole = not broken and size <= _UPLOAD_REPLY_BYTES
+        body, whole = await _read_small(x, chunks)
         file_id = dialect.uploaded_file_id(x.route, body) if whole else None
         if file_id is not None:
             await self._kept(self._remember_upload(x, file_id))
+        await self._pass_on(x, status, headers, body, None if whole else chunks, send)
+
+    async def _pass_on(
+        self,
+        x: Exchange,
+        status: int,
+        headers: Headers,
+        head: bytes,
+        rest: AsyncIterator[bytes] | None,
+        send: Send,
+    ) -> None:
+        """A reply read in part or whole (`_read_small`): what was read, then
+        the ``rest`` of its body as it comes."""
         await self._start(x, send, status, headers)
-        await send({"type": "http.response.body", "body": body, "more_body": True})
-        if not broken and not whole:
-            try:
-                async for chunk in chunks:  # the rest, as it comes
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except UpstreamBroken as exc:
-                log.warning(
-                    "request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__
-                )
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": head, "more_body": rest is not None})
+        if rest is not None:
+            await self._pass_chunks(x, rest, send)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _remember_upload(self, x: Exchange, file_id: str) -> None:
         """Keep the upload's file as the caller's. A record that fails is
@@ -1264,8 +1235,11 @@ class Proxy:
             )
 
     async def _pass_body(self, x: Exchange, response: httpx.Response, send: Send) -> None:
+        await self._pass_chunks(x, response.aiter_raw(), send)
+
+    async def _pass_chunks(self, x: Exchange, chunks: AsyncIterator[bytes], send: Send) -> None:
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamBroken as exc:
             log.warning(
@@ -1330,7 +1304,7 @@ class Proxy:
         total = settings.total_timeout
         since = loop.time()
         watcher: asyncio.Task[None] | None = None
-        timer: asyncio.TimerHandle | None = None  # a stop call before the deadline
+        timer: asyncio.TimerHandle | None = None  # the stop call at the deadline
         if not client.complete(response):
             watcher = loop.create_task(_wait_for_disconnect(receive))
             timer = self._stop_timer(x, relay, relay.stop_at(total))
@@ -1717,7 +1691,7 @@ class Proxy:
         log.info("request %s: client disconnected mid-answer; policy %s", x.request_id, policy)
 
     def _stop_timer(
-        self, x: Exchange, relay: Relay, after: StopAfter | None = None
+        self, x: Exchange, relay: Relay, after: StopAfter | None
     ) -> asyncio.TimerHandle | None:
         """The timer of a relay's `StopAfter` (none: no timer)."""
         if after is None:
@@ -1725,14 +1699,14 @@ class Proxy:
         return asyncio.get_running_loop().call_later(after.seconds, self._deadline_near, x, relay)
 
     def _deadline_near(self, x: Exchange, relay: Relay) -> None:
-        """An answer's deadline is near: its stop call, if the relay asks for
+        """An answer's deadline has come: its stop call, if the relay asks for
         one, runs while the answer is read on (its result told to the relay,
         so that the ending does not stop it again)."""
         for command in relay.deadline_near():
             if isinstance(command, RelayStop) and command.task_id is not None:
-                self._keep(self._stop_near_deadline(x, relay, command.task_id))
+                self._keep(self._stop_at_deadline(x, relay, command.task_id))
 
-    async def _stop_near_deadline(self, x: Exchange, relay: Relay, task_id: str) -> None:
+    async def _stop_at_deadline(self, x: Exchange, relay: Relay, task_id: str) -> None:
         relay.stop_answered(await self._stop(x, task_id))
 
     async def _stop(self, x: Exchange, task_id: str) -> bool:
@@ -1993,6 +1967,21 @@ class Proxy:
                 size,
                 exc.message,
             )
+
+
+async def _read_small(x: Exchange, chunks: AsyncIterator[bytes]) -> tuple[bytes, bool]:
+    """The first bytes of a body that should be small: (them, whole). Not
+    whole: the body runs past ``_SMALL_BODY`` (the rest still in ``chunks``).
+    A body cut by the upstream is what came of it (logged), whole."""
+    held = bytearray()
+    try:
+        async for chunk in chunks:
+            held += chunk
+            if len(held) > _SMALL_BODY:
+                return bytes(held), False
+    except UpstreamBroken as exc:
+        log.warning("request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__)
+    return bytes(held), True
 
 
 def _limits_uploads(limits: Iterable[Limit]) -> bool:

@@ -957,6 +957,42 @@ async def test_an_upload_that_cannot_be_kept_is_refused_to_answers(sqlite_url: s
     assert answer.status_code == 404
 
 
+class _LargeUploadReply:
+    """A Dify whose upload reply runs past the 64 KiB the gateway reads to keep
+    whose the file is (a long name, say), then answers chats as Dify does."""
+
+    FILE_ID = "7c0e6a2e-0d4b-4f7e-9a51-3b1a5d9e8c10"
+
+    def __init__(self) -> None:
+        self.reply = orjson.dumps({"id": self.FILE_ID, "name": "x" * 100_000, "size": 15})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        head = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 201, "headers": head})
+        await send({"type": "http.response.body", "body": self.reply})
+
+
+async def test_an_upload_reply_too_large_to_read_is_passed_on_and_its_file_not_kept(
+    sqlite_url: str,
+) -> None:
+    """Past 64 KiB, an upload's reply is passed on whole as it comes, unread: its
+    file is nobody's on record, so no answer may attach it (fails closed)."""
+    upstream = _LargeUploadReply()
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            upload = await client.post(
+                "/v1/files/upload",
+                files={"file": ("payslip.pdf", b"%PDF-1.4 salary", "application/pdf")},
+                headers=h.auth(),
+            )
+        owners = await h.storage.upload_owners([upstream.FILE_ID])
+    assert (upload.status_code, upload.content) == (201, upstream.reply)
+    assert owners == {}
+
+
 # --- Dify: files given by URL past the plan's upload limits (review F5) ---------------------
 
 BY_URL = {

@@ -345,6 +345,20 @@ async def test_a_run_that_fails_after_its_model_ran_is_charged_however_it_was_as
         assert event.outcome == "error" and event.estimated
 
 
+async def test_an_error_too_large_to_read_is_charged_and_relayed_whole(sqlite_url: str) -> None:
+    """A blocking answer's error body past the 64 KiB the gateway reads to tell
+    whether the run began: charged (the prompt's estimate), and relayed whole -
+    what was read, then the rest as it comes."""
+    body = b'{"code": "internal_server_error", "message": "' + b"x" * 100_000 + b'"}'
+    upstream = _RunFailsAfterItsModel(500, body)
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        answer = await _ask(h, "blocking")
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert (answer.status_code, answer.content) == (500, body)
+    assert event.outcome == "error" and event.estimated
+
+
 @pytest.mark.parametrize(
     ("status", "body"),
     [
