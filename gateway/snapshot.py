@@ -19,7 +19,6 @@ named upstream's address, key and timeouts (`Target`).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import types
 from collections.abc import Mapping
@@ -39,7 +38,7 @@ from gateway.quota.plans import admission_limits, plan_limits, team_limits
 from gateway.relay import STOP_LEAD
 from gateway.settle import Terms
 from gateway.storage import AdmissionLimits, Directory, User
-from gateway.upstreams import DIALECTS, Upstream, get_upstream
+from gateway.upstreams import Upstream, get_upstream
 
 __all__ = ["Current", "PlanView", "Snapshot", "Target", "build_snapshot", "recover_after"]
 
@@ -209,14 +208,6 @@ def _chain(ups: Mapping[str, UpstreamConfig], first: str) -> list[UpstreamConfig
     return chain
 
 
-def _stops_by_call(kind: str) -> bool:
-    """Whether the dialect of ``kind`` stops an answer by a call (Dify), not by
-    closing its connection."""
-    module, _, name = DIALECTS[kind].partition(":")
-    stops_by_closing: bool = getattr(importlib.import_module(module), name).stops_by_closing
-    return not stops_by_closing
-
-
 def longest_answer(config: Config) -> float:
     """The longest an answer can take, in seconds, from its admission: along the
     longest chain of fallbacks a request may walk (issue 23), each attempt but
@@ -229,7 +220,7 @@ def longest_answer(config: Config) -> float:
         waits = sum(up.connect_timeout + up.total_timeout for up in chain)
         for last in chain:
             ends = last.total_timeout + last.disconnect_grace
-            if _stops_by_call(last.kind):
+            if not get_upstream(last.kind, config).stops_by_closing:
                 # Each deadline read on after the stop call it brings (relay.STOP_LEAD).
                 ends += min(STOP_LEAD, last.total_timeout) + min(STOP_LEAD, last.disconnect_grace)
             longest = max(longest, waits - last.connect_timeout - last.total_timeout + ends)
