@@ -1220,6 +1220,31 @@ async def test_a_stored_answer_is_read_from_the_upstream_that_gave_it(sqlite_url
     ]
 
 
+async def _blocking_through_fallback(
+    database_url: str, primary: Any
+) -> tuple[httpx.Response, list[Any], int, FakeDify]:
+    """A blocking chat to mount ``primary`` (the app given), whose fallback is a
+    fake Dify: (the answer, the ledger's events, today's queries, the fallback)."""
+    backup = FakeDify(api_key=RESEARCH_KEY)
+    async with contextlib.AsyncExitStack() as stack:
+        primary_url = await stack.enter_async_context(serve(primary))
+        backup_url = await stack.enter_async_context(serve(backup))
+        upstreams = {
+            "primary": {"url": primary_url + "/v1", "api_key_env": "SUPPORT_KEY",
+                        "fallbacks": ["backup"]},
+            "backup": {"url": backup_url + "/v1", "api_key_env": "RESEARCH_KEY"},
+        }  # fmt: skip
+        h = await stack.enter_async_context(gateway(database_url, upstreams))
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            answer = await client.post(
+                "/primary/v1/chat-messages",
+                json={"query": "hi", "inputs": {}, "response_mode": "blocking"},
+                headers=h.auth(),
+            )
+        await h.probes.wait_finished(1)
+        return answer, await h.events(), await queries_today(h), backup
+
+
 async def test_a_billed_failed_run_is_charged_not_run_again_at_the_fallback(
     sqlite_url: str,
 ) -> None:
@@ -1230,25 +1255,8 @@ async def test_a_billed_failed_run_is_charged_not_run_again_at_the_fallback(
     relayed, charged the prompt's estimate, and not run again."""
     from tests.test_proxy_failures import _RunFailsAfterItsModel
 
-    primary, backup = _RunFailsAfterItsModel(), FakeDify(api_key=RESEARCH_KEY)
-    async with contextlib.AsyncExitStack() as stack:
-        primary_url = await stack.enter_async_context(serve(primary))
-        backup_url = await stack.enter_async_context(serve(backup))
-        upstreams = {
-            "primary": {"url": primary_url + "/v1", "api_key_env": "SUPPORT_KEY",
-                        "fallbacks": ["backup"]},
-            "backup": {"url": backup_url + "/v1", "api_key_env": "RESEARCH_KEY"},
-        }  # fmt: skip
-        h = await stack.enter_async_context(gateway(sqlite_url, upstreams))
-        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
-            answer = await client.post(
-                "/primary/v1/chat-messages",
-                json={"query": "hi", "inputs": {}, "response_mode": "blocking"},
-                headers=h.auth(),
-            )
-        await h.probes.wait_finished(1)
-        (event,) = await h.events()
-        queries = await queries_today(h)
+    primary = _RunFailsAfterItsModel()
+    answer, (event,), queries, backup = await _blocking_through_fallback(sqlite_url, primary)
     assert answer.status_code == 500 and answer.json()["code"] == "internal_server_error"
     assert (primary.answers, backup.answers_started) == (1, 0)
     assert (event.upstream, event.outcome, event.estimated) == ("primary", "error", True)
@@ -1261,23 +1269,6 @@ async def test_an_error_page_before_any_run_still_falls_back(sqlite_url: str) ->
     from tests.test_proxy_failures import _RunFailsAfterItsModel
 
     primary = _RunFailsAfterItsModel(502, b"<html><body>502 Bad Gateway</body></html>")
-    backup = FakeDify(api_key=RESEARCH_KEY)
-    async with contextlib.AsyncExitStack() as stack:
-        primary_url = await stack.enter_async_context(serve(primary))
-        backup_url = await stack.enter_async_context(serve(backup))
-        upstreams = {
-            "primary": {"url": primary_url + "/v1", "api_key_env": "SUPPORT_KEY",
-                        "fallbacks": ["backup"]},
-            "backup": {"url": backup_url + "/v1", "api_key_env": "RESEARCH_KEY"},
-        }  # fmt: skip
-        h = await stack.enter_async_context(gateway(sqlite_url, upstreams))
-        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
-            answer = await client.post(
-                "/primary/v1/chat-messages",
-                json={"query": "hi", "inputs": {}, "response_mode": "blocking"},
-                headers=h.auth(),
-            )
-        await h.probes.wait_finished(1)
-        (event,) = await h.events()
+    answer, (event,), _, _ = await _blocking_through_fallback(sqlite_url, primary)
     assert answer.status_code == 200 and primary.answers == 1
     assert (event.upstream, event.estimated) == ("backup", False)
