@@ -865,7 +865,7 @@ class PostgresStorage:
             _, left = await asyncio.wait(
                 set(self._background), timeout=max(deadline - loop.time(), 0)
             )
-            if left and loop.time() >= deadline:
+            if left:  # (all done, or the grace ran out)
                 log.warning(
                     "%d give-back(s) still under way after %g s at close; cancelled: "
                     "a recovery will charge any admission that landed",
