@@ -511,6 +511,8 @@ _END_BACKEND = (
     "SELECT coalesce(bool_and(pg_terminate_backend(pid, $3)), true) FROM pg_stat_activity "
     "WHERE pid = $1 AND backend_start = $2"
 )
+# Whether a backend is there still (`_ended`).
+_BACKEND_THERE = "SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2"
 # The same, not waited for: sent as soon as the statement is given up, so that
 # it does not go on holding a backend and its user's lock (closing the
 # connection at once left asyncpg's CancelRequest unsent: review of cc2a490).
@@ -763,6 +765,19 @@ def _given_up(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> No
     be ended and waited for."""
     with contextlib.suppress(asyncpg.InterfaceError):  # lost: given back to the pool already
         conn.terminate()
+
+
+async def _ended(conn: asyncpg.pool.PoolConnectionProxy, backend: Backend) -> bool:
+    """Whether ``backend`` is gone: ended and waited for (`_END_BACKEND`). Its
+    false is checked again in a statement of its own: pg_terminate_backend
+    answers false (with a warning) for a pid that is no backend any more, which
+    the statement's view of pg_stat_activity (read once, at its start) could
+    still show - a backend `_kill` ended a moment before."""
+    if await conn.fetchval(
+        _END_BACKEND, *backend, int(_GIVE_BACK_WAIT * 1000), timeout=_GIVE_BACK_WAIT + 5
+    ):
+        return True
+    return not await conn.fetchval(_BACKEND_THERE, *backend)
 
 
 def _usable(conn: asyncpg.pool.PoolConnectionProxy) -> bool:
@@ -1408,12 +1423,7 @@ class PostgresStorage:
             async with self._give_back_slots:
                 with _mapped():
                     async with self._pool.acquire() as conn:
-                        if backend is not None and not await conn.fetchval(
-                            _END_BACKEND,
-                            *backend,
-                            int(_GIVE_BACK_WAIT * 1000),
-                            timeout=_GIVE_BACK_WAIT + 5,
-                        ):
+                        if backend is not None and not await _ended(conn, backend):
                             raise StorageError(f"backend {backend[0]} still running")
                         async with conn.transaction():
                             if backend is None:
@@ -1568,12 +1578,8 @@ class PostgresStorage:
         try:
             async with self._give_back_slots:
                 with _mapped():
-                    ended = await self._pool.fetchval(
-                        _END_BACKEND,
-                        *backend,
-                        int(_GIVE_BACK_WAIT * 1000),
-                        timeout=_GIVE_BACK_WAIT + 5,
-                    )
+                    async with self._pool.acquire() as conn:
+                        ended = await _ended(conn, backend)
         except StorageError as exc:
             log.warning("could not end the backend %d of a statement given up: %s", backend[0], exc)
             return False

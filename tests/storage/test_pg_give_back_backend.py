@@ -304,3 +304,37 @@ async def test_an_upload_released_behind_a_pooler_comes_after_its_reservation(
     finally:
         await watcher.close()
         await store.close()
+
+
+async def test_a_backend_gone_when_it_was_to_be_ended_is_gone(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pg_terminate_backend answers false (and warns) for a pid that is no
+    backend any more, which the ending statement's view of pg_stat_activity,
+    read at its start, can still list: a backend `_kill` ended a moment before.
+    That false is not "outlived the wait": the backend is looked for again, and
+    a gone one lets the release go on (before, it failed it under load). One
+    that is there is still not gone."""
+    # The ending statement as it answers in that race, for any backend.
+    monkeypatch.setattr(
+        postgres, "_END_BACKEND", "SELECT false FROM (SELECT $1::int, $2::timestamptz, $3::int) s"
+    )
+    store = await open_store(postgres_dsn)
+    victim = await asyncpg.connect(postgres_dsn)
+    try:
+        pid = victim.get_server_pid()
+        start = await victim.fetchval(
+            "SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        )
+        async with store._pool.acquire() as conn:
+            assert not await postgres._ended(conn, (pid, start))  # there: not gone
+        await victim.close()
+        gone = await asyncpg.connect(postgres_dsn)  # (the view is read afresh)
+        await until_async(
+            lambda: _none(gone, f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}")
+        )
+        await gone.close()
+        assert await store._end_backend((pid, start))  # before: False, "outlived the wait"
+    finally:
+        await victim.close()
+        await store.close()
