@@ -113,11 +113,30 @@ def _as_number(value: object) -> str | None:
     return str(number)
 
 
+def _absent(obj: object, path: str) -> bool:
+    """Whether ``path`` is missing from ``obj`` along objects alone - the usual
+    case, each request asked whether it names advanced RAG and web search:
+    found so without `values_at`'s generator and lists (issue 24). False when
+    it may be there, or a list on the way needs the general walk."""
+    if not path:
+        return True
+    node = obj
+    for key in _keys(path):
+        if not isinstance(node, Mapping):
+            return not isinstance(node, list)  # (a list: each element is looked at)
+        if key not in node:
+            return True
+        node = node[key]
+    return False
+
+
 def matches(obj: object, path: str, values: Iterable[str]) -> bool:
     """Whether the value at ``path`` is one of ``values``, compared as text after
     the upstream's own normalisation (see the module docstring): NULs removed, a
     value a checkbox reads as true or false taking that reading too, and one a
     number input reads as a number that number."""
+    if _absent(obj, path):
+        return False
     found = list(values_at(obj, path))
     if not found:  # the usual case: the request or answer does not mention it
         return False

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
 
 from gateway.config import AdvancedRagConfig, WebSearchConfig
 from gateway.features import (
+    _absent,
     asks_for_advanced_rag,
     asks_for_web_search,
     matches,
@@ -160,3 +162,29 @@ def test_a_checkbox_value_matches_as_dify_reads_it(value: Any, asks: bool) -> No
 def test_a_number_matches_as_dify_reads_it(value: Any, asks: bool) -> None:
     rule = AdvancedRagConfig(request_path="inputs.level", request_values=("2",))
     assert asks_for_advanced_rag({"inputs": {"level": value}}, rule) is asks
+
+
+def test_matches_without_the_general_walk_only_when_nothing_is_there() -> None:
+    """`matches` answers False at once for a path missing along objects
+    (issue 24): random documents and paths, the quick answer against
+    `values_at`'s, each time it is given."""
+    rng = random.Random(24)
+    keys = ["a", "b", "c"]
+
+    def document(depth: int) -> Any:
+        roll = rng.random()
+        if depth == 0 or roll < 0.2:
+            return rng.choice([1, "on", "x", None, True, 2.0])
+        if roll < 0.4:
+            return [document(depth - 1) for _ in range(rng.randint(0, 3))]
+        return {k: document(depth - 1) for k in keys if rng.random() < 0.6}
+
+    quick = 0
+    for _ in range(3000):
+        obj = document(4)
+        path = ".".join(rng.choice(keys) for _ in range(rng.randint(0, 3)))
+        if _absent(obj, path):
+            quick += 1
+            assert list(values_at(obj, path)) == [], (obj, path)
+            assert not matches(obj, path, ["1", "on", "x", "true", "2"])
+    assert quick > 1000  # the quick answer was given often
