@@ -41,6 +41,9 @@ _PATH_SAFE: Final = "/:@!$&'()*+,;=-._~"
 _UNSAFE_PATH_CHARS: Final = re.compile(r"[?#\\\x00-\x1f\x7f]")
 # "//" anywhere but a final "/" is fine; "." and ".." as whole segments are not.
 _UNSAFE_PATH_SEGMENT: Final = re.compile(r"//|/\.\.?(?=/|$)")
+# A path ``quote`` would return as it is: only what it never escapes (its
+# letters, digits and "_.-~") and _PATH_SAFE.
+_QUOTED_AS_IS: Final = re.compile(r"[A-Za-z0-9_.\-~/:@!$&'()*+,;=]*")
 
 
 def canonical_path(path: str) -> str:
@@ -56,6 +59,8 @@ def canonical_path(path: str) -> str:
         raise BadRequest("The request path contains characters that are not allowed.")
     if _UNSAFE_PATH_SEGMENT.search(path):
         raise BadRequest("The request path must not contain empty, '.' or '..' segments.")
+    if _QUOTED_AS_IS.fullmatch(path):
+        return path  # (the usual path: quote's encoding and scan not needed, issue 24)
     return quote(path, safe=_PATH_SAFE)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import re
+import string
+from urllib.parse import quote
 
 import aiohttp
 import httpx
@@ -10,6 +13,7 @@ import pytest
 
 from gateway.errors import BadRequest
 from gateway.http import (
+    _PATH_SAFE,
     canonical_path,
     connection_tokens,
     is_json,
@@ -218,3 +222,21 @@ def test_drop_events_passes_a_run_with_nothing_to_drop_as_it_is() -> None:
     chunk = b"data: a\n\ndata: b\n\n"
     assert transform.feed(chunk) is chunk
     assert transform.feed(b'data: {"usage":1}\n\ndata: c\n\n') == b"data: c\n\n"
+
+
+def test_a_path_quote_would_not_change_is_returned_as_it_is() -> None:
+    """`canonical_path` skips ``quote`` for a path it would return unchanged
+    (issue 24): random paths of every kind of character, against ``quote``
+    itself."""
+    rng = random.Random(24)
+    alphabet = string.printable + "äé€😀\u00a0\u2028" + "/" * 20
+    as_is = 0
+    for _ in range(5000):
+        path = "/" + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        try:
+            got = canonical_path(path)
+        except BadRequest:
+            continue
+        assert got == quote(path, safe=_PATH_SAFE), path
+        as_is += got == path
+    assert as_is > 100
