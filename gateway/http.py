@@ -115,7 +115,7 @@ def is_json(media_type: bytes) -> bool:
 # user profile a call is attributed - and may be billed - to). The operator's
 # choice, set per upstream (`Upstream.upstream_credentials`), never a
 # client's: dropped from every request, whatever its dialect.
-ACCOUNT_HEADERS: Final = frozenset(
+_ACCOUNT_HEADERS: Final = frozenset(
     {
         b"openai-organization",
         b"openai-project",
@@ -127,7 +127,7 @@ ACCOUNT_HEADERS: Final = frozenset(
 # the gateway's own, unique; a client's could name the upstream's answer).
 _DROP_REQUEST: Final = (
     HOP_BY_HOP
-    | ACCOUNT_HEADERS
+    | _ACCOUNT_HEADERS
     | {
         b"host",
         b"authorization",
