@@ -33,7 +33,47 @@ HOP_BY_HOP: Final = frozenset(
 # front of the gateway (uvicorn) adds its own `date` (and, unless turned off,
 # `server`): the upstream's would make two, and RFC 9110 6.6.1 allows one Date.
 _SERVER_SET: Final = frozenset({b"date", b"server"})
-_DROP_RESPONSE: Final = HOP_BY_HOP | {b"x-request-id"} | _SERVER_SET
+# Response headers that describe the operator's account, not the answer: whose
+# it is (OpenAI's organization and project, Anthropic's organization and
+# workspace), and the account's rate limits - OpenAI's x-ratelimit-*, Anthropic's
+# anthropic-ratelimit-* and anthropic-priority-*, counted over every user's
+# traffic, which any user could watch. The gateway's own X-RateLimit-* (the
+# caller's limit) are added after these are dropped. Nothing a client needs to
+# retry goes: retry-after, retry-after-ms, x-should-retry and request-id stay.
+_ACCOUNT_RESPONSE: Final = frozenset(
+    {
+        b"openai-organization",
+        b"openai-project",
+        b"anthropic-organization-id",
+        b"anthropic-workspace-id",
+    }
+)
+_ACCOUNT_RESPONSE_PREFIXES: Final = (
+    b"x-ratelimit-",
+    b"anthropic-ratelimit-",
+    b"anthropic-priority-",
+)
+# The headers of the LLM routers an operator may put between the gateway and the
+# provider, by family: LiteLLM (x-litellm-*), Portkey (x-portkey-*), Helicone
+# (helicone-*), Cloudflare AI Gateway (cf-aig-*). In a request, each family has
+# headers that choose what the gateway decides or the operator configured:
+# whose call it is (x-litellm-end-user-id and x-litellm-customer-id, read
+# before the body's user; helicone-user-id), which stored key or provider it
+# uses (x-portkey-virtual-key, x-portkey-provider, x-portkey-config,
+# cf-aig-byok-alias), where the operator's key is sent (x-portkey-custom-host,
+# helicone-target-url), its cost, budget and rate limits (cf-aig-custom-cost,
+# helicone-ratelimit-policy), its routing (x-litellm-tags), retries and
+# timeouts. None of them is a client's to choose: the whole families are
+# dropped. In a response they tell of the router and the operator's key there
+# (x-litellm-key-spend, x-litellm-model-api-base; LiteLLM's llm_provider-*
+# repeat the provider's own headers, account ones included): dropped too.
+_ROUTER_PREFIXES: Final = (b"x-litellm-", b"x-portkey-", b"helicone-", b"cf-aig-")
+_DROP_RESPONSE: Final = HOP_BY_HOP | {b"x-request-id"} | _SERVER_SET | _ACCOUNT_RESPONSE
+_DROP_RESPONSE_PREFIXES: Final = (
+    *_ACCOUNT_RESPONSE_PREFIXES,
+    *_ROUTER_PREFIXES,
+    b"llm_provider-",
+)
 
 # Characters a path segment may carry unescaped (RFC 3986 pchar, minus "%": any
 # percent sign in the decoded path is data and must be escaped again).
@@ -89,16 +129,20 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
 
 def response_headers(raw: Headers) -> Headers:
     """An upstream response's headers as the client gets them: lower-cased names,
-    without hop-by-hop fields (listed in Connection or always) and ``x-request-id``."""
+    without hop-by-hop fields (listed in Connection or always), ``x-request-id``,
+    and what describes the operator's account or router (`_ACCOUNT_RESPONSE`,
+    `_ROUTER_PREFIXES`)."""
     listed: frozenset[bytes] = frozenset()
     for name, value in raw:
         if name.lower() == b"connection":
             listed = connection_tokens(value)
-    return [
-        (name.lower(), value)
-        for name, value in raw
-        if name.lower() not in _DROP_RESPONSE and name.lower() not in listed
-    ]
+    kept: Headers = []
+    for name, value in raw:
+        name = name.lower()
+        if name in _DROP_RESPONSE or name in listed or name.startswith(_DROP_RESPONSE_PREFIXES):
+            continue
+        kept.append((name, value))
+    return kept
 
 
 def is_json(media_type: bytes) -> bool:
@@ -124,7 +168,10 @@ _ACCOUNT_HEADERS: Final = frozenset(
     }
 )
 # Request headers the gateway sets itself rather than forwarding (x-request-id:
-# the gateway's own, unique; a client's could name the upstream's answer).
+# the gateway's own, unique; a client's could name the upstream's answer), and
+# the client's cookies: the gateway reads none, and a browser sends a frontend's
+# session cookies (same site, or a parent domain's) to the gateway's /v1 too -
+# never to the provider, a third party.
 _DROP_REQUEST: Final = (
     HOP_BY_HOP
     | _ACCOUNT_HEADERS
@@ -134,6 +181,7 @@ _DROP_REQUEST: Final = (
         b"content-length",
         b"accept-encoding",
         b"x-request-id",
+        b"cookie",
     }
 )
 
@@ -218,6 +266,8 @@ def request_headers(
                 except ValueError:
                     raise BadRequest("Invalid Content-Length header.") from None
             continue
+        if name.startswith(_ROUTER_PREFIXES):
+            continue  # a router's: whose call it is, its key, provider, budget...
         if name == b"content-type":
             if content_type:
                 # Which one would the upstream read? Refuse rather than guess.

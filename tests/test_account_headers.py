@@ -154,3 +154,133 @@ async def test_each_upstream_tried_sends_its_own_account(sqlite_url: str) -> Non
     assert backup.account() == [[("openai-organization", "org-backup")]]
     (sent,) = backup.headers
     assert ("authorization", f"Bearer {BACKUP_KEY}") in sent
+
+
+# --- what a router in front of the provider reads, and the client's cookies ------------
+
+# LiteLLM reads the end user from these before the body's user ("always checked,
+# no configuration required": STANDARD_CUSTOMER_ID_HEADERS); its spend, end-user
+# budgets and rate limits follow them. Tags choose other deployments.
+NAMES_ALICE = {
+    "x-litellm-end-user-id": "alice",
+    "x-litellm-customer-id": "alice",
+    "x-litellm-tags": "premium",
+    "x-portkey-virtual-key": "operators-other-key",
+    "x-portkey-custom-host": "https://attacker.example",
+    "helicone-user-id": "alice",
+    "cf-aig-custom-cost": '{"total_cost": 0}',
+}
+ROUTERS = ("x-litellm-", "x-portkey-", "helicone-", "cf-aig-")
+
+
+async def test_a_user_cannot_name_another_user_to_a_router_upstream(sqlite_url: str) -> None:
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    upstream = Seen(fake)
+    settings = {"upstream": {"kind": "openai"}, "prices": PRICES}
+    async with running_gateway(sqlite_url, upstream=upstream, settings=settings) as h:
+        mallory = await h.add_user("mallory")
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            answered = await client.post(
+                "/v1/chat/completions",
+                json=chat("gpt-4o-mini"),
+                headers={"Authorization": f"Bearer {mallory}", **NAMES_ALICE},
+            )
+        await h.probes.wait_finished(1)
+    assert answered.status_code == 200, answered.text
+    (sent,) = fake.requests
+    assert sent.json["user"] == "mallory"  # the body says who it is...
+    (headers,) = upstream.headers
+    # ...and no header says otherwise, nor picks a key, host, budget or deployment.
+    assert [(k, v) for k, v in headers if k.startswith(ROUTERS)] == []
+
+
+async def test_the_end_users_cookies_stay_with_the_gateway(sqlite_url: str) -> None:
+    # A frontend on the gateway's site (same origin, or a parent-domain cookie):
+    # the browser attaches its session cookie to every /v1 call.
+    upstream = Seen(FakeOpenAI(api_key=UPSTREAM_KEY))
+    settings = {"upstream": {"kind": "openai"}, "prices": PRICES}
+    async with running_gateway(sqlite_url, upstream=upstream, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            answered = await client.post(
+                "/v1/chat/completions",
+                json=chat("gpt-4o-mini"),
+                headers=h.auth(Cookie="chat_session=s3cr3t-session-of-alice"),
+            )
+            listed = await client.get("/v1/models", headers=h.auth(Cookie="chat_session=s3"))
+        await h.probes.wait_finished(1)
+    assert answered.status_code == 200 and listed.status_code == 200
+    assert [[v for k, v in headers if k == "cookie"] for headers in upstream.headers] == [[], []]
+
+
+# --- what the upstream says about the operator's account -------------------------------
+
+# As OpenAI and Anthropic send them with every answer (the rate limits are the
+# account's: every user's traffic, summed).
+OPERATORS_ACCOUNT = [
+    (b"openai-organization", b"acme-operator-org"),
+    (b"openai-project", b"proj_OperatorProject123"),
+    (b"x-ratelimit-limit-tokens", b"30000000"),
+    (b"x-ratelimit-remaining-tokens", b"29123456"),
+    (b"x-ratelimit-remaining-requests", b"9871"),
+    (b"x-ratelimit-remaining", b"9871"),
+    (b"anthropic-organization-id", b"0b1c-operator"),
+    (b"anthropic-ratelimit-tokens-remaining", b"1999000"),
+    (b"x-litellm-key-spend", b"1234.5"),
+]
+# What a client's SDK reads to retry, poll or name its request.
+FOR_THE_CLIENT = [
+    (b"retry-after-ms", b"1500"),
+    (b"x-should-retry", b"false"),
+    (b"request-id", b"req_011"),
+    (b"openai-processing-ms", b"210"),
+]
+
+
+class WithHeaders:
+    """An upstream's app, its responses sent with ``extra`` headers."""
+
+    def __init__(self, app: Any, extra: list[tuple[bytes, bytes]]) -> None:
+        self.app, self.extra = app, extra
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def with_extra(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message["headers"], *self.extra]}
+            await send(message)
+
+        await self.app(scope, receive, with_extra)
+
+
+@pytest.mark.parametrize("status", ["200", "429"])
+async def test_the_operators_account_headers_stay_with_the_gateway(
+    sqlite_url: str, status: str
+) -> None:
+    upstream = WithHeaders(FakeOpenAI(api_key=UPSTREAM_KEY), OPERATORS_ACCOUNT + FOR_THE_CLIENT)
+    settings = {
+        "upstream": {"kind": "openai"},
+        "prices": PRICES,
+        "plans": {"free": {"queries_per_day": 10}},
+    }
+    steer = {} if status == "200" else {"x-fake-status": status}
+    async with running_gateway(sqlite_url, upstream=upstream, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            answered = await client.post(
+                "/v1/chat/completions",
+                json=chat("gpt-4o-mini", stream=False),
+                headers=h.auth(**steer),
+            )
+        await h.probes.wait_finished(1)
+    assert answered.status_code == int(status), answered.text
+    got = answered.headers
+    relayed = [
+        (name, value)
+        for name, value in OPERATORS_ACCOUNT
+        if value.decode() in got.get_list(name.decode())
+    ]
+    assert relayed == [], f"the operator's account, told to an end user: {relayed}"
+    # The gateway's own X-RateLimit-* (the caller's limit, as admitted) are there.
+    assert got.get_list("x-ratelimit-remaining") == ["9"]
+    assert (got["x-ratelimit-limit"], got["x-ratelimit-resource"]) == ("10", "queries_per_day")
+    assert [(k, got.get(k.decode())) for k, _ in FOR_THE_CLIENT] == [
+        (k, v.decode()) for k, v in FOR_THE_CLIENT
+    ]

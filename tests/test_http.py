@@ -96,6 +96,69 @@ def test_with_param_escapes_the_value() -> None:
             [(b"x-b", b"2")],
         ),
         ([(b"Keep-Alive", b"timeout=5"), (b"Upgrade", b"h2c")], []),
+        # The operator's account: whose it is, and its rate limits (every user's
+        # traffic, summed), OpenAI's and Anthropic's.
+        (
+            [
+                (b"openai-organization", b"acme-operator-org"),
+                (b"OpenAI-Project", b"proj_operator"),
+                (b"x-ratelimit-limit-tokens", b"30000000"),
+                (b"x-ratelimit-remaining-tokens", b"29123456"),
+                (b"x-ratelimit-reset-requests", b"6ms"),
+                (b"anthropic-organization-id", b"0b1c-operator"),
+                (b"anthropic-workspace-id", b"wrkspc_operator"),
+                (b"anthropic-ratelimit-requests-remaining", b"3999"),
+                (b"anthropic-ratelimit-input-tokens-remaining", b"1999000"),
+                (b"anthropic-priority-input-tokens-remaining", b"100"),
+            ],
+            [],
+        ),
+        # A router's, about the operator's key there and where it sends it.
+        (
+            [
+                (b"x-litellm-key-spend", b"1234.5"),
+                (b"x-litellm-model-api-base", b"https://internal.example/v1"),
+                (b"llm_provider-openai-organization", b"acme-operator-org"),
+                (b"x-portkey-last-used-option-params", b"{}"),
+                (b"helicone-id", b"1"),
+                (b"cf-aig-log-id", b"1"),
+            ],
+            [],
+        ),
+        # What a client needs to retry or to name its request stays, and the
+        # rest of the answer's own headers.
+        (
+            [
+                (b"retry-after", b"2"),
+                (b"retry-after-ms", b"1500"),
+                (b"x-should-retry", b"true"),
+                (b"request-id", b"req_011"),
+                (b"openai-processing-ms", b"210"),
+                (b"openai-version", b"2020-10-01"),
+                (b"openai-poll-after-ms", b"500"),
+                (b"x-ratelimited", b"1"),
+            ],
+            [
+                (b"retry-after", b"2"),
+                (b"retry-after-ms", b"1500"),
+                (b"x-should-retry", b"true"),
+                (b"request-id", b"req_011"),
+                (b"openai-processing-ms", b"210"),
+                (b"openai-version", b"2020-10-01"),
+                (b"openai-poll-after-ms", b"500"),
+                (b"x-ratelimited", b"1"),
+            ],
+        ),
+    ],
+    ids=[
+        "lower-cased",
+        "hop-by-hop",
+        "request-id",
+        "connection-listed",
+        "hop-by-hop-always",
+        "operators-account",
+        "router",
+        "kept",
     ],
 )
 def test_response_headers(
@@ -168,6 +231,47 @@ def test_request_headers_drop_the_account_a_client_names() -> None:
         (b"openai-beta", b"assistants=v2"),
         (b"anthropic-version", b"2023-06-01"),
     ]
+
+
+def test_request_headers_drop_cookies_and_what_a_router_reads() -> None:
+    # A router between the gateway and the provider reads these as whose call
+    # it is (LiteLLM reads x-litellm-end-user-id before the body's user), which
+    # stored key, provider or host the operator's key goes to, its budget, tags
+    # and retries; a browser's cookies are the frontend's. None go upstream,
+    # and nothing a real client sends is lost with them.
+    kept = [
+        (b"content-type", b"application/json"),
+        (b"accept", b"application/json"),
+        (b"user-agent", b"OpenAI/Python 3.57.0"),
+        (b"openai-beta", b"assistants=v2"),
+        (b"anthropic-version", b"2023-06-01"),
+        (b"anthropic-beta", b"prompt-caching-2024-07-31"),
+        (b"x-stainless-lang", b"python"),
+        (b"x-stainless-retry-count", b"0"),
+        (b"x-trace-id", b"t-1"),
+    ]
+    dropped = [
+        (b"cookie", b"chat_session=s3cr3t"),
+        (b"x-litellm-end-user-id", b"alice"),
+        (b"x-litellm-customer-id", b"alice"),
+        (b"x-litellm-tags", b"premium-deployment"),
+        (b"x-litellm-spend-logs-metadata", b"{}"),
+        (b"x-litellm-num-retries", b"50"),
+        (b"x-litellm-timeout", b"3600"),
+        (b"x-litellm-api-key", b"sk-other"),
+        (b"x-portkey-virtual-key", b"operators-other-key"),
+        (b"x-portkey-provider", b"openai"),
+        (b"x-portkey-config", b"pc-operator"),
+        (b"x-portkey-custom-host", b"https://attacker.example"),
+        (b"helicone-user-id", b"alice"),
+        (b"helicone-target-url", b"https://attacker.example"),
+        (b"helicone-ratelimit-policy", b"1000000;w=60"),
+        (b"cf-aig-custom-cost", b'{"total_cost":0}'),
+        (b"cf-aig-byok-alias", b"production"),
+        (b"cf-aig-skip-cache", b"true"),
+    ]
+    split = request_headers([*dropped[:9], *kept, *dropped[9:]], b"x-user", b"x-api-key")
+    assert split.forward == kept
 
 
 @pytest.mark.parametrize(
