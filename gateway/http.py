@@ -7,6 +7,7 @@ them, so each is tested exhaustively with tables (tests/test_http.py).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import quote, unquote_plus
@@ -143,6 +144,64 @@ def response_headers(raw: Headers) -> Headers:
             continue
         kept.append((name, value))
     return kept
+
+
+# An upstream key found in an error's body is passed on as this (`KeyMask`).
+_MASK: Final = b"***"
+# A shorter key is not masked: "test" or "EMPTY" (a local server's) would be
+# masked in every word that holds it, and a key that short keeps nothing secret.
+_SHORTEST_MASKED: Final = 8
+
+
+class KeyMask:
+    """The operator's upstream keys, masked in a body the upstream wrote: some
+    OpenAI-compatible servers and proxies quote the key they were sent in an
+    auth or budget error, and the key must never reach a client.
+
+    `whole` masks a body read whole; `feed` and `end` a body passed on as it
+    comes, holding back the last bytes of each chunk that may begin a key its
+    next chunk ends. False when there is no key to mask.
+    """
+
+    __slots__ = ("_held", "_keep", "_pattern")
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        found = sorted(
+            {key.encode() for key in keys if len(key) >= _SHORTEST_MASKED}, key=len, reverse=True
+        )
+        # Longest first: a key that begins another is not masked in its place.
+        self._pattern = re.compile(b"|".join(map(re.escape, found))) if found else None
+        self._keep = len(found[0]) - 1 if found else 0
+        self._held = b""
+
+    def __bool__(self) -> bool:
+        return self._pattern is not None
+
+    def whole(self, body: bytes) -> bytes:
+        return body if self._pattern is None else self._pattern.sub(_MASK, body)
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What can be passed on of a body's next chunk, masked."""
+        if self._pattern is None:
+            return chunk
+        data = self._held + chunk
+        out = bytearray()
+        start = 0
+        for match in self._pattern.finditer(data):
+            out += data[start : match.start()]
+            out += _MASK
+            start = match.end()
+        # A key begun in the last bytes (after the last key found) may end in
+        # the next chunk: they wait for it.
+        cut = max(start, len(data) - self._keep)
+        out += data[start:cut]
+        self._held = data[cut:]
+        return bytes(out)
+
+    def end(self) -> bytes:
+        """The bytes held back at the body's end: no key (it would have been found)."""
+        held, self._held = self._held, b""
+        return held
 
 
 def is_json(media_type: bytes) -> bool:

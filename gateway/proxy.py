@@ -66,6 +66,7 @@ from gateway.features import used_web_search
 from gateway.follow import Follow, Follows
 from gateway.http import (
     Headers,
+    KeyMask,
     RequestHeaders,
     canonical_path,
     is_json,
@@ -1117,11 +1118,13 @@ class Proxy:
         _SMALL_BODY: an error is small; past it, charged), the dialect says
         whether the upstream had started; then the prompt's estimate is charged
         (outcome ``error``) or the reservation given back - before the client
-        hears of it, as any record - and the error relayed unchanged."""
+        hears of it, as any record - and the error relayed (`_pass_on`)."""
         if response.is_stream_consumed:  # read whole already (`_billed_failure`)
+            # (its content decoded by httpx)
             body, whole, chunks = response.content, True, None
+            headers = _decoded(headers) if _encoded(headers) else headers
         else:
-            chunks = response.aiter_raw()
+            chunks, headers = _error_body(response, headers)
             body, whole = await _read_small(x, chunks)
         if not whole or x.dialect.billed_error(x.route, x.answer_body, status, body):
             estimate = x.dialect.unanswered(x.route, x.answer_body)
@@ -1167,6 +1170,13 @@ class Proxy:
             if lists:
                 await self._models(x, send, response, status, headers, lists)
                 return
+        if not ok and x.method != "HEAD" and not content_type.startswith(_SSE):
+            # An error, read whole (up to _SMALL_BODY) to pass it on without
+            # the operator's keys (`_pass_on`).
+            chunks, headers = _error_body(response, headers)
+            body, whole = await _read_small(x, chunks)
+            await self._pass_on(x, status, headers, body, None if whole else chunks, send)
+            return
         await self._start(x, send, status, headers)
         if content_type.startswith(_SSE):
             # An unmetered event stream (a run's events read again): it may stay open
@@ -1208,7 +1218,10 @@ class Proxy:
         send: Send,
     ) -> None:
         """A reply read in part or whole (`_read_small`): what was read, then
-        the ``rest`` of its body as it comes."""
+        the ``rest`` of its body as it comes. An error's body goes without the
+        request's upstream keys (`_without_keys`)."""
+        if not 200 <= status < 300:
+            headers, head, rest = _without_keys(x, headers, head, rest)
         await self._start(x, send, status, headers)
         await send({"type": "http.response.body", "body": head, "more_body": rest is not None})
         if rest is not None:
@@ -1983,6 +1996,62 @@ async def _read_small(x: Exchange, chunks: AsyncIterator[bytes]) -> tuple[bytes,
     except UpstreamBroken as exc:
         log.warning("request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__)
     return bytes(held), True
+
+
+def _encoded(headers: Headers) -> bool:
+    """Whether a reply's body has a Content-Encoding (other than identity)."""
+    encoding = next((v for k, v in headers if k == b"content-encoding"), b"identity")
+    return encoding.strip().lower() != b"identity"
+
+
+def _decoded(headers: Headers) -> Headers:
+    """A reply's headers once its body is decoded: no Content-Encoding, and no
+    Content-Length (the encoded body's)."""
+    return [(k, v) for k, v in headers if k not in (b"content-length", b"content-encoding")]
+
+
+def _error_body(response: httpx.Response, headers: Headers) -> tuple[AsyncIterator[bytes], Headers]:
+    """An error's body to read (`_read_small`), decoded when it is encoded (a
+    client's Accept-Encoding is forwarded on routes that are not answers), so
+    that a key in it is found; and the headers that go with it."""
+    if _encoded(headers):
+        return UpstreamClient.decoded(response), _decoded(headers)
+    return response.aiter_raw(), headers
+
+
+def _without_keys(
+    x: Exchange, headers: Headers, head: bytes, rest: AsyncIterator[bytes] | None
+) -> tuple[Headers, bytes, AsyncIterator[bytes] | None]:
+    """An error reply (`_pass_on`) without the key of any upstream the request
+    was sent to (its fallbacks' too): some compatible servers and proxies quote
+    the key they were sent in an auth or budget error, and the operator's key
+    never leaves the gateway (docs/security.md). Content-Length follows: the
+    whole body's length, none for a body passed on as it comes."""
+    targets = x.snap.targets
+    keys = [targets[name].settings.api_key for name in x.attempts if name in targets]
+    if x.target is not None:
+        keys.append(x.target.settings.api_key)
+    mask = KeyMask(keys)
+    if rest is None:
+        body = mask.whole(head)
+        kept = [(k, v) for k, v in headers if k != b"content-length"]
+        kept.append((b"content-length", str(len(body)).encode()))
+        return kept, body, None
+    if not mask:
+        return headers, head, rest
+    kept = [(k, v) for k, v in headers if k != b"content-length"]
+    return kept, mask.feed(head), _masked(mask, rest)
+
+
+async def _masked(mask: KeyMask, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The rest of a body passed on as it comes, masked (`KeyMask.feed`)."""
+    async for chunk in chunks:
+        passed = mask.feed(chunk)
+        if passed:
+            yield passed
+    held = mask.end()
+    if held:
+        yield held
 
 
 def _limits_uploads(limits: Iterable[Limit]) -> bool:

@@ -10,6 +10,7 @@ import pytest
 
 from gateway.errors import BadRequest
 from gateway.http import (
+    KeyMask,
     canonical_path,
     connection_tokens,
     is_json,
@@ -272,6 +273,47 @@ def test_request_headers_drop_cookies_and_what_a_router_reads() -> None:
     ]
     split = request_headers([*dropped[:9], *kept, *dropped[9:]], b"x-user", b"x-api-key")
     assert split.forward == kept
+
+
+@pytest.mark.parametrize(
+    ("keys", "body", "expected"),
+    [
+        (["sk-operator-key"], b'{"m": "bad key sk-operator-key."}', b'{"m": "bad key ***."}'),
+        (["sk-operator-key"], b"sk-operator-keysk-operator-key", b"******"),
+        (["sk-operator-key"], b"no key here", b"no key here"),
+        # Both of two keys, the longer first where one begins the other.
+        (
+            ["sk-operator", "sk-operator-key-2"],
+            b"sk-operator-key-2 sk-operator",
+            b"*** ***",
+        ),
+        # A key too short to be one is left alone: it would mask words.
+        (["EMPTY", "test"], b"EMPTY test", b"EMPTY test"),
+        ([], b"anything", b"anything"),
+    ],
+)
+def test_key_mask_whole(keys: list[str], body: bytes, expected: bytes) -> None:
+    assert KeyMask(keys).whole(body) == expected
+
+
+def test_key_mask_finds_a_key_split_between_chunks_wherever_it_is_cut() -> None:
+    key = "app-upstream-secret"
+    body = b'{"error": "budget exceeded for app-upstream-secret; app-upstream-secret"}'
+    expected = KeyMask([key]).whole(body)
+    assert key.encode() not in expected
+    for first in range(len(body) + 1):
+        for second in range(first, len(body) + 1):
+            mask = KeyMask([key])
+            chunks = [body[:first], body[first:second], body[second:]]
+            passed = b"".join(mask.feed(chunk) for chunk in chunks) + mask.end()
+            assert passed == expected, (first, second)
+
+
+def test_a_key_mask_with_no_key_is_false_and_passes_chunks_as_they_are() -> None:
+    mask = KeyMask(["short"])
+    assert not mask
+    assert mask.feed(b"short") == b"short" and mask.end() == b""
+    assert KeyMask(["long-enough"])
 
 
 @pytest.mark.parametrize(
