@@ -652,7 +652,7 @@ async def test_refusals_speak_the_users_language(gw: Harness, fake: FakeAnthropi
 
 
 async def test_exports_carry_the_cache_writes(database_url: str, fake: FakeAnthropic) -> None:
-    env = {"GATEWAY_ADMIN_TOKEN": "admin-token"}
+    env = {"GATEWAY_ADMIN_TOKEN": "admin-token-0123456789"}
     async with running_gateway(
         database_url, upstream=fake, settings=anthropic_settings(), env=env
     ) as h:
@@ -660,7 +660,7 @@ async def test_exports_carry_the_cache_writes(database_url: str, fake: FakeAnthr
             await sdk.messages.create(model=MODEL, max_tokens=64, messages=MESSAGES)  # type: ignore[arg-type]
         await h.probes.wait_finished(1)
         async with httpx.AsyncClient(base_url=h.url, timeout=10) as http:
-            admin = {"Authorization": "Bearer admin-token"}
+            admin = {"Authorization": "Bearer admin-token-0123456789"}
             as_json = await http.get("/admin/export/events?format=json", headers=admin)
             as_csv = await http.get("/admin/export/events?format=csv", headers=admin)
     (row,) = orjson.loads(as_json.content)
