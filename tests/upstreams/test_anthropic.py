@@ -797,7 +797,7 @@ COUNTS = {"input_tokens": 1000, "cache_read_input_tokens": 400, "output_tokens":
             },
             None,
             USAGE,
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_usage_from_reads_the_one_hour_writes(
