@@ -61,8 +61,9 @@ class Price:
     that went to a 1-hour cache (Anthropic's ``ttl: "1h"``, billed at 2x input
     where the 5-minute write is 1.25x); None bills them at ``CACHE_WRITE_1H_RATE``
     times ``input`` (Anthropic's own multiplier), or at the 5-minute write's price
-    when that is dearer, never below either (`cache_write_1h_rate`). Reasoning tokens are part of the completion
-    tokens and billed as output, as providers bill them. ``audio_input`` and
+    when that is dearer, never below either (`cache_write_1h_rate`). Reasoning
+    tokens are part of the completion tokens and billed as output, as providers
+    bill them. ``audio_input`` and
     ``audio_output`` price the audio tokens among the prompt and completion
     tokens (OpenAI's audio models bill them at an audio rate); None bills them
     at ``input`` and ``output``.

@@ -4,7 +4,8 @@ Metered: ``POST /messages``, blocking or streamed. Usage comes from the answer
 itself (anthropic_wire.py): ``message_start`` and ``message_delta`` in a stream,
 the message's ``usage`` in a body. Anthropic reports tokens only; the cost comes
 from ``[prices]`` (cache reads at ``cached_input``, cache writes at
-``cache_write_input``, 1-hour cache writes at ``cache_write_1h_input``) plus the server tools an answer ran (web search...) from
+``cache_write_input``, a 1-hour cache's at ``cache_write_1h_input``) plus the
+server tools an answer ran (web search...) from
 ``[call_prices."anthropic.<tool>"]``. A request for a model or a server tool
 without a price, one whose ``stream`` is not a JSON boolean, or one without a
 positive integer ``max_tokens`` (the API requires it) is refused before admission.
