@@ -270,11 +270,14 @@ class AnthropicUpstream:
         ttl = _unpriced_cache_ttl(body, _PRICED_CACHE_TTLS_1H if one_hour else _PRICED_CACHE_TTLS)
         if ttl is not None:
             option = f"cache_control.ttl: {ttl!r}"
-            # The price the operator would set (none can open another ttl).
-            needed = f" ({self._price_key(model)}.cache_write_1h_input)" if ttl == _ONE_HOUR else ""
+            if ttl == _ONE_HOUR:  # named with the price that would open it
+                raise Forbidden(
+                    f"The option {option} has no price on this gateway "
+                    f"({self._price_key(model)}.cache_write_1h_input), so it is not available.",
+                    code="option_not_priced",
+                )
             raise Forbidden(
-                f"The option {option} has no price on this gateway{needed}, "
-                "so it is not available.",
+                f"The option {option} has no price on this gateway, so it is not available.",
                 code="option_not_priced",
             )
         for tool in _paid_tools(body):

@@ -160,11 +160,18 @@ async def test_a_one_hour_cache_write_is_refused_not_charged_at_the_five_minute_
     fake = FakeAnthropic(api_key=UPSTREAM_KEY)
     async with running_gateway(sqlite_url, upstream=fake, settings=CACHE_SETTINGS) as h:
         refused = await post(h, {**BODY, **change}, **CACHE_STEER)
+        in_vietnamese = await post(h, {**BODY, **change}, **{"accept-language": "vi"})
         await nothing_reserved(h, fake)
     message = anthropic_error(refused, 403, "option_not_priced")
-    assert "cache_control.ttl: '1h'" in message
-    # It names the price that would open it.
-    assert f'prices."{MODEL}".cache_write_1h_input' in message
+    # It names the price that would open it, in the user's language too.
+    assert message == (
+        "The option cache_control.ttl: '1h' has no price on this gateway "
+        f'(prices."{MODEL}".cache_write_1h_input), so it is not available.'
+    )
+    assert anthropic_error(in_vietnamese, 403, "option_not_priced") == (
+        "Tùy chọn cache_control.ttl: '1h' chưa được định giá trên gateway này "
+        f'(prices."{MODEL}".cache_write_1h_input) nên không dùng được.'
+    )
 
 
 @pytest.mark.parametrize("ttl", ["5m", None, "absent"])
