@@ -126,6 +126,14 @@ class UpstreamConfig:
     # (a read timeout, a disconnect): its answer may be generated and billed
     # unrecorded (docs/configuration.md, "Fallbacks").
     fallback_after_timeout: bool = False
+    # The account the operator's key acts for at an OpenAI upstream (the
+    # OpenAI-Organization and OpenAI-Project headers) and an Anthropic one
+    # (anthropic-workspace-id): who is billed, and whose files, vector stores
+    # and assistants the key reaches. "" sends none (the key's default). A
+    # client's own such headers are never forwarded (gateway/http.py).
+    organization: str = ""
+    project: str = ""
+    workspace: str = ""
     name: str = field(default="default", metadata={"resolved": True})  # its NAME
     # --- end of issue 23 ---
     api_key: str = _resolved()
@@ -806,6 +814,7 @@ def _upstreams(
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"{key}.url: expected an http:// or https:// URL, got {url!r}")
         _check_allow_list(upstream.allow, key)
+        _check_account(upstream, key)
         found[name] = dataclasses.replace(upstream, url=url.rstrip("/"), api_key=api_key)
     try:
         check_upstreams(
@@ -825,6 +834,39 @@ def _upstreams(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return found
+
+
+# Which kind of upstream takes each account option (`UpstreamConfig.organization`
+# ...); the dialect sends it (`Upstream.upstream_credentials`).
+_ACCOUNT_OPTIONS: dict[str, str] = {
+    "organization": "openai",
+    "project": "openai",
+    "workspace": "anthropic",
+}
+_ACCOUNT_EXAMPLES: dict[str, str] = {
+    "organization": "org-...",
+    "project": "proj_...",
+    "workspace": "wrkspc_...",
+}
+
+
+def _check_account(upstream: UpstreamConfig, key: str) -> None:
+    """An upstream's account options: only on the kind that reads them, each an
+    id as the API gives it (visible ASCII, no spaces: it is sent as a header)."""
+    for option, kind in _ACCOUNT_OPTIONS.items():
+        value: str = getattr(upstream, option)
+        if not value:
+            continue
+        if upstream.kind != kind:
+            raise ConfigError(
+                f"{key}.{option}: only an upstream of kind {kind!r} takes it; "
+                f"this one is of kind {upstream.kind!r}"
+            )
+        if not all("!" <= char <= "~" for char in value):
+            raise ConfigError(
+                f"{key}.{option}: expected an id such as "
+                f"{_ACCOUNT_EXAMPLES[option]!r} (visible ASCII, no spaces), got {value!r}"
+            )
 
 
 def _check_model_globs(globs: tuple[str, ...] | None, path: str) -> None:

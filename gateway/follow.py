@@ -238,7 +238,7 @@ class Follows:
         assert target is not None and client is not None  # chosen before forwarding
         url = target.url + path + "?" + query.decode("latin-1")
         headers = [
-            target.authorization,
+            *target.credentials,
             (b"accept-encoding", b"identity"),
             (b"x-trace-id", x.request_id.encode()),
         ]

@@ -109,15 +109,33 @@ def is_json(media_type: bytes) -> bool:
     )
 
 
+# Headers that choose the account the operator's key acts for: who is billed,
+# and whose files, vector stores, assistants and workspace objects the call
+# reaches (OpenAI's organization and project; Anthropic's workspace, and the
+# user profile a call is attributed - and may be billed - to). The operator's
+# choice, set per upstream (`Upstream.upstream_credentials`), never a
+# client's: dropped from every request, whatever its dialect.
+_ACCOUNT_HEADERS: Final = frozenset(
+    {
+        b"openai-organization",
+        b"openai-project",
+        b"anthropic-workspace-id",
+        b"anthropic-user-profile-id",
+    }
+)
 # Request headers the gateway sets itself rather than forwarding (x-request-id:
 # the gateway's own, unique; a client's could name the upstream's answer).
-_DROP_REQUEST: Final = HOP_BY_HOP | {
-    b"host",
-    b"authorization",
-    b"content-length",
-    b"accept-encoding",
-    b"x-request-id",
-}
+_DROP_REQUEST: Final = (
+    HOP_BY_HOP
+    | _ACCOUNT_HEADERS
+    | {
+        b"host",
+        b"authorization",
+        b"content-length",
+        b"accept-encoding",
+        b"x-request-id",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)

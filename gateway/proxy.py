@@ -835,7 +835,7 @@ class Proxy:
         # gives the answer (the client's own was dropped: `http._DROP_REQUEST`).
         headers.append((b"x-request-id", x.request_id.encode()))
         assert x.target is not None
-        headers.append(x.target.authorization)  # each attempt puts its own key here
+        own = len(headers)  # each attempt puts its own key (and account) from here
         attempts = x.attempts
         if not (x.body is None or isinstance(x.body, bytes)) or x.follow is not None:
             # A body forwarded as it is read cannot be sent twice; a resume's read
@@ -854,7 +854,7 @@ class Proxy:
                 log.warning("request %s: upstream %s failed; trying %s", x.request_id, failed, name)
                 await self._move_pending(x, name)
             target = x.target
-            headers[-1] = target.authorization
+            headers[own:] = target.credentials
             try:
                 response = await self._open(x, target.url + x.path + query, headers)
             except (UpstreamTimeout, UpstreamUnavailable) as exc:
@@ -912,10 +912,11 @@ class Proxy:
         task does nothing). The first success is answered, else the last reply."""
         chosen: httpx.Response | None = None
         failure: UpstreamTimeout | UpstreamUnavailable | None = None
+        own = len(headers)
         for name in attempts:
             self._use(x, name)
             assert x.target is not None
-            headers[-1] = x.target.authorization
+            headers[own:] = x.target.credentials
             try:
                 response = await self._open(x, x.target.url + x.path + query, headers)
             except (UpstreamTimeout, UpstreamUnavailable) as exc:
@@ -1618,7 +1619,7 @@ class Proxy:
             url = target.url + x.path + ("?" + query.decode("latin-1") if query else "")
             try:
                 reply = await client.request(
-                    "GET", url, headers=[*x.headers.forward, target.authorization]
+                    "GET", url, headers=[*x.headers.forward, *target.credentials]
                 )
                 page = orjson.loads(reply.content) if reply.is_success else None
             except (UpstreamUnavailable, orjson.JSONDecodeError) as exc:
@@ -1721,7 +1722,7 @@ class Proxy:
                 "POST",
                 target.url + path,
                 content=payload,
-                headers=[(b"content-type", b"application/json"), target.authorization],
+                headers=[(b"content-type", b"application/json"), *target.credentials],
             )
         except UpstreamUnavailable as exc:
             log.warning(

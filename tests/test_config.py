@@ -355,6 +355,43 @@ def test_a_named_upstream_without_api_key_env_is_refused_not_sent_another_key() 
     assert legacy.upstream.url == "http://127.0.0.1:5001/v1"
 
 
+def test_an_upstreams_account_is_set_on_the_kind_that_reads_it() -> None:
+    # The organization, project (OpenAI) and workspace (Anthropic) the
+    # operator's key acts for: sent as headers (a client's own are dropped).
+    config = parse_config(
+        {
+            "upstream": {"kind": "openai", "organization": "org-A1", "project": "proj_B2"},
+            "upstreams": {
+                "claude": {"kind": "anthropic", "workspace": "wrkspc_C3", **NAMED_KEYS},
+            },
+        },
+        env={},
+    )
+    assert (config.upstream.organization, config.upstream.project) == ("org-A1", "proj_B2")
+    assert config.upstreams["claude"].workspace == "wrkspc_C3"
+    text = render_config(config)
+    assert 'organization = "org-A1"' in text and 'workspace = "wrkspc_C3"' in text
+
+
+@pytest.mark.parametrize(
+    ("table", "match"),
+    [
+        ({"kind": "dify", "organization": "org-1"}, r"upstream\.organization: only .*'openai'"),
+        ({"kind": "anthropic", "project": "proj_1"}, r"upstream\.project: only .*'openai'"),
+        ({"kind": "openai", "workspace": "wrkspc_1"}, r"upstream\.workspace: only .*'anthropic'"),
+        ({"kind": "openai", "organization": "org 1"}, r"upstream\.organization: expected an id"),
+        ({"kind": "openai", "project": "proj\r\nx: y"}, r"upstream\.project: expected an id"),
+        ({"kind": "anthropic", "workspace": "wrkspc_é"}, r"upstream\.workspace: expected an id"),
+        ({"kind": "openai", "organization": 7}, r"upstream\.organization: expected a string"),
+    ],
+)
+def test_an_upstreams_account_is_refused_where_it_would_not_be_read_or_sent_intact(
+    table: dict[str, object], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_config({"upstream": table}, env={})
+
+
 def test_check_config_warns_of_one_key_variable_read_at_two_hosts() -> None:
     from gateway.cli import config_warnings
 

@@ -149,6 +149,27 @@ def test_request_headers_split() -> None:
     assert split.media_type == b"application/json" and split.preflight
 
 
+def test_request_headers_drop_the_account_a_client_names() -> None:
+    # Who the operator's key bills and whose objects it reaches is the
+    # operator's choice (the upstream's table), in every dialect.
+    split = request_headers(
+        [
+            (b"openai-organization", b"org-victim"),
+            (b"openai-project", b"proj-victim"),
+            (b"anthropic-workspace-id", b"wrkspc_victim"),
+            (b"anthropic-user-profile-id", b"uprof_victim"),
+            (b"openai-beta", b"assistants=v2"),
+            (b"anthropic-version", b"2023-06-01"),
+        ],
+        b"x-user",
+        b"x-api-key",
+    )
+    assert split.forward == [
+        (b"openai-beta", b"assistants=v2"),
+        (b"anthropic-version", b"2023-06-01"),
+    ]
+
+
 @pytest.mark.parametrize(
     "raw",
     [

@@ -48,7 +48,7 @@ from gateway.upstreams.terms import calls_cost, pricing_terms
 from gateway.usage import Metered, Usage, estimate_tokens
 
 if TYPE_CHECKING:
-    from gateway.config import Config
+    from gateway.config import Config, UpstreamConfig
 
 __all__ = ["AnthropicUpstream"]
 
@@ -184,8 +184,13 @@ class AnthropicUpstream:
         self._allow_unpriced = terms.allow_unpriced
         self._call_prices = terms.call_prices
 
-    def upstream_credential(self, api_key: str) -> tuple[bytes, bytes]:
-        return (b"x-api-key", api_key.encode())
+    def upstream_credentials(self, upstream: UpstreamConfig) -> tuple[tuple[bytes, bytes], ...]:
+        # The workspace a key that can act in more than one works in (the SDK's
+        # `workspace_id`; a workspace's own key may omit it).
+        headers = [(b"x-api-key", upstream.api_key.encode())]
+        if upstream.workspace:
+            headers.append((b"anthropic-workspace-id", upstream.workspace.encode()))
+        return tuple(headers)
 
     # --- requests ------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ from gateway.upstreams.transforms import DropEvents
 from gateway.usage import Metered, Usage, estimate_tokens
 
 if TYPE_CHECKING:
-    from gateway.config import Config
+    from gateway.config import Config, UpstreamConfig
 
 __all__ = ["OpenAIUpstream"]
 
@@ -171,8 +171,16 @@ class OpenAIUpstream:
 
     # --- requests ------------------------------------------------------------------
 
-    def upstream_credential(self, api_key: str) -> tuple[bytes, bytes]:
-        return (b"authorization", f"Bearer {api_key}".encode())
+    def upstream_credentials(self, upstream: UpstreamConfig) -> tuple[tuple[bytes, bytes], ...]:
+        # The organization and project OpenAI bills the key's calls to, and
+        # whose files, vector stores and assistants it reaches (the SDKs'
+        # `organization` / `project`; without them, the key's defaults).
+        headers = [(b"authorization", f"Bearer {upstream.api_key}".encode())]
+        if upstream.organization:
+            headers.append((b"openai-organization", upstream.organization.encode()))
+        if upstream.project:
+            headers.append((b"openai-project", upstream.project.encode()))
+        return tuple(headers)
 
     def route(self, method: str, path: str) -> Route:
         return openai_routes.openai_route(method, path)

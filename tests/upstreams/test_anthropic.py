@@ -546,13 +546,15 @@ def test_errors_in_anthropic_shape(status: int, kind: str) -> None:
 
 
 def test_the_registry_builds_the_dialect() -> None:
-    config = parse_config({"upstream": {"kind": "anthropic"}, "prices": TABLE}, env={})
+    config = parse_config(
+        {"upstream": {"kind": "anthropic", "api_key_env": "K"}, "prices": TABLE},
+        env={"K": "sk-ant-x"},
+    )
     up = get_upstream("anthropic", config)
     assert isinstance(up, AnthropicUpstream) and up.kind == "anthropic"
-    assert up.upstream_credential("sk-ant-x") == (b"x-api-key", b"sk-ant-x")
-    assert get_upstream("openai", config).upstream_credential("k") == (
-        b"authorization",
-        b"Bearer k",
+    assert up.upstream_credentials(config.upstream) == ((b"x-api-key", b"sk-ant-x"),)
+    assert get_upstream("openai", config).upstream_credentials(config.upstream) == (
+        (b"authorization", b"Bearer sk-ant-x"),
     )
 
 
