@@ -282,6 +282,35 @@ def test_call_prices_are_parsed_as_decimals_and_refused_when_negative() -> None:
         parse_config({"call_prices": {"x": "0.01"}}, env={})
 
 
+def test_the_one_hour_cache_write_price_is_an_optional_decimal_never_negative() -> None:
+    prices = {
+        "claude-sonnet-4-5": {
+            "input": "3",
+            "cache_write_input": "3.75",
+            "cache_write_1h_input": "6.00",
+        },
+        "claude-haiku-4-5": {"input": "1"},
+    }
+    config = parse_config({"prices": prices}, env={})
+    assert config.prices["claude-sonnet-4-5"].cache_write_1h_input == Decimal("6.00")
+    assert config.prices["claude-haiku-4-5"].cache_write_1h_input is None
+    with pytest.raises(
+        ConfigError, match=r"prices\.m\.cache_write_1h_input: expected a number >= 0"
+    ):
+        parse_config({"prices": {"m": {"input": "1", "cache_write_1h_input": "-6"}}}, env={})
+    with pytest.raises(ConfigError, match=r"prices\.m\.cache_write_1h_input"):
+        parse_config({"prices": {"m": {"cache_write_1h_input": "six"}}}, env={})
+
+
+def test_the_shipped_anthropic_prices_bill_one_hour_writes_at_twice_the_input() -> None:
+    config = load_config(ROOT / "config" / "anthropic.toml", env={})
+    assert config.prices
+    for model, price in config.prices.items():
+        assert price.cache_write_1h_input == 2 * price.input, model
+        assert price.cache_write_input == price.input * Decimal("1.25"), model
+    assert config.prices["claude-sonnet-4-5"].cache_write_1h_input == Decimal("6.00")
+
+
 def test_prices_in_more_than_one_currency_are_refused_naming_both_keys() -> None:
     # gpt-4o-mini in VND and gpt-4o in USD would be added into one total (issue 25).
     prices = {"gpt-4o": {"input": "2.5"}, "gpt-4o-mini": {"input": "3900", "currency": "VND"}}

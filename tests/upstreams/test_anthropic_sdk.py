@@ -675,6 +675,45 @@ async def test_exports_carry_the_cache_writes(database_url: str, fake: FakeAnthr
     assert (cells["cached_tokens"], cells["cache_write_tokens"]) == ("400", "200")
 
 
+@pytest.mark.parametrize("streamed", [True, False])
+async def test_a_one_hour_cache_through_the_sdk_is_charged_its_price(
+    sqlite_url: str, fake: FakeAnthropic, streamed: bool
+) -> None:
+    """The SDK's own types read the usage the gateway meters: 150 of the 200
+    cache writes to a 1-hour cache (Usage.cache_creation), charged at
+    cache_write_1h_input, the 50 others at cache_write_input."""
+    prices = {MODEL: {**PRICES[MODEL], "cache_write_1h_input": "6"}}
+    system = [{"type": "text", "text": "A long document.",
+               "cache_control": {"type": "ephemeral", "ttl": "1h"}}]  # fmt: skip
+    settings = anthropic_settings(prices=prices)
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        headers = {"x-fake-cache-creation-1h-tokens": "150"}
+        async with client(h, **headers) as sdk:
+            if streamed:
+                async with sdk.messages.stream(
+                    model=MODEL,
+                    max_tokens=1024,
+                    system=system,  # type: ignore[arg-type]
+                    messages=MESSAGES,  # type: ignore[arg-type]
+                ) as stream:
+                    message = await stream.get_final_message()
+            else:
+                message = await sdk.messages.create(
+                    model=MODEL,
+                    max_tokens=1024,
+                    system=system,  # type: ignore[arg-type]
+                    messages=MESSAGES,  # type: ignore[arg-type]
+                )
+        event = await only_event(h)
+    split = message.usage.cache_creation
+    assert split is not None
+    assert (split.ephemeral_5m_input_tokens, split.ephemeral_1h_input_tokens) == (50, 150)
+    assert message.usage.cache_creation_input_tokens == 200
+    assert fake.requests[0].json["system"] == system
+    # 150 writes at 6 instead of 3.75.
+    assert_metered(event, cost=COST + 150 * (Decimal(6) - Decimal("3.75")) / 1_000_000)
+
+
 async def test_an_unreachable_upstream_is_a_502_in_anthropic_shape(sqlite_url: str) -> None:
     async with serve(FakeAnthropic(api_key=UPSTREAM_KEY)) as dead:  # closed afterwards
         pass
