@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.errors import ConfigError
@@ -730,10 +730,16 @@ def parse_config(
     )
 
     admin = config.admin
-    admin = dataclasses.replace(
-        admin, token=env.get(ENV_ADMIN_TOKEN) or env.get(admin.token_env, "")
+    admin_token = env.get(ENV_ADMIN_TOKEN) or env.get(admin.token_env, "")
+    _unguessable(
+        admin_token,
+        "admin.token_env",
+        ENV_ADMIN_TOKEN if env.get(ENV_ADMIN_TOKEN) else admin.token_env,
     )
-    metrics = dataclasses.replace(config.metrics, token=env.get(config.metrics.token_env, ""))
+    admin = dataclasses.replace(admin, token=admin_token)
+    metrics_token = env.get(config.metrics.token_env, "")
+    _unguessable(metrics_token, "metrics.token_env", config.metrics.token_env)
+    metrics = dataclasses.replace(config.metrics, token=metrics_token)
     auth = _resolve_auth(config.auth, env, base=Path(source).parent if source else Path.cwd())
 
     return dataclasses.replace(
@@ -932,6 +938,25 @@ def _is_webhook_secret(secret: str) -> bool:
         return False
 
 
+# The shortest secrets taken, in bytes. An HS256 secret is attacked offline:
+# every user holds a token it signed, and can try keys against it at leisure
+# until one signs a token for anyone (RFC 7518 3.2: a key as long as the hash,
+# 256 bits, or longer). The other secrets are guessed online, one request per
+# guess (the admin token's throttled): 16 bytes is still out of reach there.
+MIN_HS256_BYTES: Final = 32
+MIN_TOKEN_BYTES: Final = 16
+
+
+def _unguessable(secret: str, key: str, variable: str, *, least: int = MIN_TOKEN_BYTES) -> None:
+    """Refuse a secret (when set) short enough to be guessed."""
+    size = len(secret.encode())
+    if 0 < size < least:
+        raise ConfigError(
+            f"{key}: {variable} holds {size} bytes; a secret that short can be guessed - "
+            f"use at least {least} (`openssl rand -hex 32` makes 64)"
+        )
+
+
 def _resolve_auth(auth: AuthConfig, env: Mapping[str, str], *, base: Path) -> AuthConfig:
     """Read the secrets and key files the chosen auth mode needs, refusing what is missing."""
     jwt, trusted = auth.jwt, auth.trusted_header
@@ -943,6 +968,7 @@ def _resolve_auth(auth: AuthConfig, env: Mapping[str, str], *, base: Path) -> Au
                     f"auth.jwt.secret_env: the environment variable {jwt.secret_env} "
                     "holding the HS256 secret is not set"
                 )
+            _unguessable(secret, "auth.jwt.secret_env", jwt.secret_env, least=MIN_HS256_BYTES)
             jwt = dataclasses.replace(jwt, secret=secret)
         else:
             if bool(jwt.public_key_file) == bool(jwt.jwks_file):
@@ -965,6 +991,7 @@ def _resolve_auth(auth: AuthConfig, env: Mapping[str, str], *, base: Path) -> Au
                 f"auth.trusted_header.service_key_env: the environment variable "
                 f"{trusted.service_key_env} holding the service key is not set"
             )
+        _unguessable(service_key, "auth.trusted_header.service_key_env", trusted.service_key_env)
         trusted = dataclasses.replace(trusted, service_key=service_key)
     return dataclasses.replace(auth, jwt=jwt, trusted_header=trusted)
 

@@ -157,8 +157,22 @@ def cost_bound(
     else:
         # Messages requires max_tokens; the server tools the request lists are
         # priced one call each (the web searches an answer runs are known only
-        # when it ends: docs/quotas.md, "Money budgets").
-        for tokens in (usage, written):
+        # when it ends: docs/quotas.md, "Money budgets"). A request that asks
+        # for a 1-hour cache may have its whole prompt written to one, at the
+        # 1-hour rate (Anthropic writes one only when asked: the same reading
+        # of cache_control that refuses the ttl where it has no price).
+        bounds: list[Usage] = [usage, written]
+        if upstream.asks_for_one_hour_cache(body):
+            bounds.append(
+                Usage(
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    total_tokens=usage.total_tokens,
+                    cache_write_tokens=usage.prompt_tokens,
+                    cache_write_1h_tokens=usage.prompt_tokens,
+                )
+            )
+        for tokens in bounds:
             metered = Metered(None, None, None, tokens, "timeout", model=model)
             costs.append(_cost(upstream.priced(metered, body, ServerCalls())))
     found = [cost for cost in costs if cost is not None]

@@ -4,7 +4,8 @@ Metered: ``POST /messages``, blocking or streamed. Usage comes from the answer
 itself (anthropic_wire.py): ``message_start`` and ``message_delta`` in a stream,
 the message's ``usage`` in a body. Anthropic reports tokens only; the cost comes
 from ``[prices]`` (cache reads at ``cached_input``, cache writes at
-``cache_write_input``) plus the server tools an answer ran (web search...) from
+``cache_write_input``, a 1-hour cache's at ``cache_write_1h_input``) plus the
+server tools an answer ran (web search...) from
 ``[call_prices."anthropic.<tool>"]``. A request for a model or a server tool
 without a price, one whose ``stream`` is not a JSON boolean, or one without a
 positive integer ``max_tokens`` (the API requires it) is refused before admission.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, urlencode
 
@@ -90,10 +91,13 @@ _PRICED_OPTIONS: Final = {
 # long-context rates (2x input, 1.5x output).
 _PRICED_BETA_PREFIXES: Final = ("context-1m",)
 # A prompt cache's lifetime (review2 R2-2): Anthropic bills the writes of a
-# 5-minute cache (the default) at 1.25x input, [prices]' one
-# cache_write_input, but a 1-hour cache's ("ttl": "1h") at 2x. Any other
-# ``cache_control.ttl`` (in system, messages, tools or at the top) is refused.
+# 5-minute cache (the default) at 1.25x input, [prices]' cache_write_input, but
+# a 1-hour cache's ("ttl": "1h") at 2x, cache_write_1h_input: "1h" is taken
+# only for a model whose price sets it. Any other ``cache_control.ttl`` (in
+# system, messages, tools or at the top) is refused.
 _PRICED_CACHE_TTLS: Final = frozenset({"5m"})
+_ONE_HOUR: Final = "1h"
+_PRICED_CACHE_TTLS_1H: Final = _PRICED_CACHE_TTLS | {_ONE_HOUR}
 _CACHED_PARTS: Final = ("system", "messages", "tools")
 # Values the client or the model chose that are not content blocks: a tool's
 # JSON Schema, a tool call's arguments.
@@ -266,9 +270,17 @@ class AnthropicUpstream:
                 f"The option {option} has no price on this gateway, so it is not available.",
                 code="option_not_priced",
             )
-        ttl = _unpriced_cache_ttl(body)
+        price = self._prices.find(model)
+        one_hour = price is not None and price.cache_write_1h_input is not None
+        ttl = _unpriced_cache_ttl(body, _PRICED_CACHE_TTLS_1H if one_hour else _PRICED_CACHE_TTLS)
         if ttl is not None:
             option = f"cache_control.ttl: {ttl!r}"
+            if ttl == _ONE_HOUR:  # named with the price that would open it
+                raise Forbidden(
+                    f"The option {option} has no price on this gateway "
+                    f"({self._price_key(model)}.cache_write_1h_input), so it is not available.",
+                    code="option_not_priced",
+                )
             raise Forbidden(
                 f"The option {option} has no price on this gateway, so it is not available.",
                 code="option_not_priced",
@@ -280,6 +292,23 @@ class AnthropicUpstream:
                     f'([call_prices."anthropic.{tool}"]), so it is not available.',
                     code="tool_not_priced",
                 )
+
+    def asks_for_one_hour_cache(self, body: dict[str, Any]) -> bool:
+        """Whether a message asks for a 1-hour prompt cache (a ``"1h"`` ttl
+        anywhere Anthropic reads one): only then may its answer write one, and
+        its money bound holds every prompt token as a 1-hour write
+        (gateway/quota/budget.py)."""
+        return any(ttl == _ONE_HOUR for ttl in _cache_ttls(body))
+
+    def _price_key(self, model: str | None) -> str:
+        """The ``[prices]`` entry that prices ``model`` (the one it would have,
+        when none does), as the configuration names it."""
+        if model is None:
+            return "prices"
+        name = self._prices.name(model)
+        if name is None and self._prices.prices(model):
+            name = "*"  # priced by the "*" entry
+        return f'prices."{name or model}"'
 
     # --- model allow-lists (gateway/model_access.py) ---------------------------------
 
@@ -477,10 +506,19 @@ def _check_request(body: dict[str, Any]) -> None:
         )
 
 
-def _unpriced_cache_ttl(body: dict[str, Any]) -> object:
-    """The first ``cache_control.ttl`` other than "5m" (None, as absent, when
-    there is none) in the body's top-level ``cache_control`` or at any depth of
-    its ``system``, ``messages`` and ``tools``."""
+def _unpriced_cache_ttl(body: dict[str, Any], priced: frozenset[str]) -> object:
+    """The first ``cache_control.ttl`` not in ``priced`` (None, as absent, when
+    there is none; see `_cache_ttls`)."""
+    for ttl in _cache_ttls(body):
+        if not (isinstance(ttl, str) and ttl in priced):
+            return ttl
+    return None
+
+
+def _cache_ttls(body: dict[str, Any]) -> Iterator[object]:
+    """Every ``cache_control.ttl`` set (not None) in the body's top-level
+    ``cache_control`` or at any depth of its ``system``, ``messages`` and
+    ``tools``, as Anthropic reads them."""
     top = {"cache_control": body.get("cache_control")}
     stack: list[object] = [top, *(body.get(part) for part in _CACHED_PARTS)]
     while stack:
@@ -489,8 +527,8 @@ def _unpriced_cache_ttl(body: dict[str, Any]) -> object:
             control = node.get("cache_control")
             if isinstance(control, dict):
                 ttl = control.get("ttl")
-                if ttl is not None and not (isinstance(ttl, str) and ttl in _PRICED_CACHE_TTLS):
-                    return ttl
+                if ttl is not None:
+                    yield ttl
             stack.extend(
                 child
                 for key, child in node.items()
@@ -498,7 +536,6 @@ def _unpriced_cache_ttl(body: dict[str, Any]) -> object:
             )
         elif isinstance(node, list):
             stack.extend(child for child in node if isinstance(child, dict | list))
-    return None
 
 
 def _json_type(value: object) -> str:

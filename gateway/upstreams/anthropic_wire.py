@@ -5,8 +5,10 @@ types (docs/upstreams/anthropic.md, "Wire format"):
 
 - a blocking answer is one ``message`` object whose ``usage`` is
   ``{input_tokens, output_tokens, cache_creation_input_tokens,
-  cache_read_input_tokens, server_tool_use: {web_search_requests,
-  web_fetch_requests}}``;
+  cache_read_input_tokens, cache_creation: {ephemeral_5m_input_tokens,
+  ephemeral_1h_input_tokens}, server_tool_use: {web_search_requests,
+  web_fetch_requests}}`` (``cache_creation``: the cache writes by the cache's
+  lifetime, the SDK's ``CacheCreation``);
 - a streamed answer is named SSE events in this order: ``message_start`` (the
   message, with the input side of the usage), then per content block
   ``content_block_start``, ``content_block_delta``..., ``content_block_stop``,
@@ -19,7 +21,8 @@ types (docs/upstreams/anthropic.md, "Wire format"):
 ``input_tokens`` counts only the prompt tokens that neither read nor wrote the
 prompt cache; the gateway records the prompt as OpenAI reports it: every prompt
 token (``prompt_tokens`` = input + cache reads + cache writes), the cache reads
-as ``cached_tokens`` and the cache writes as ``cache_write_tokens``.
+as ``cached_tokens`` and the cache writes as ``cache_write_tokens``, of which
+the 1-hour cache's as ``cache_write_1h_tokens`` (billed at their own rate).
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ def usage_from(raw: object, *, start: Usage | None = None) -> Usage:
         "input_tokens", base.prompt_tokens - base.cached_tokens - base.cache_write_tokens
     )
     written = count("cache_creation_input_tokens", base.cache_write_tokens)
+    written, written_1h = _cache_writes(read, raw.get("cache_creation"), written, base)
     cached = count("cache_read_input_tokens", base.cached_tokens)
     output = count("output_tokens", base.completion_tokens)
     prompt = uncached + written + cached
@@ -125,8 +129,32 @@ def usage_from(raw: object, *, start: Usage | None = None) -> Usage:
         total_tokens=prompt + output,
         cached_tokens=cached,
         cache_write_tokens=written,
+        cache_write_1h_tokens=written_1h,
     )
     return read.usable(usage)
+
+
+def _cache_writes(read: FieldReader, split: object, written: int, base: Usage) -> tuple[int, int]:
+    """The cache writes and, of them, the 1-hour cache's, from ``usage``'s
+    ``cache_creation`` (``split``) beside its ``cache_creation_input_tokens``
+    (``written``).
+
+    A 1-hour count the object leaves out (or null, or no object: message_delta
+    has none in the SDK's types) keeps the one ``base`` had, as the other counts
+    do. The writes are never fewer than their parts: a split that sums past the
+    total raises it, so a 1-hour write is never dropped for a smaller total. A
+    ``cache_creation`` that is not an object is named (clamped) and every write
+    is taken as a 1-hour one, the dearest they can be."""
+    written_1h = base.cache_write_1h_tokens
+    five_minutes = 0
+    if isinstance(split, dict):
+        if split.get("ephemeral_1h_input_tokens") is not None:
+            written_1h = read.tokens(split, "ephemeral_1h_input_tokens")
+        five_minutes = read.tokens(split, "ephemeral_5m_input_tokens")
+    elif split is not None:
+        read.bad("cache_creation", split)
+        return written, written
+    return max(written, five_minutes + written_1h), written_1h
 
 
 def _text_chars(value: object) -> int:
@@ -320,6 +348,7 @@ class MessageStreamMeter:
                 total_tokens=self._start.prompt_tokens + output,
                 cached_tokens=self._start.cached_tokens,
                 cache_write_tokens=self._start.cache_write_tokens,
+                cache_write_1h_tokens=self._start.cache_write_1h_tokens,
                 estimated=True,
             )
         elif self._text_chars or (self._started and (cut or not self._errored)):
