@@ -226,6 +226,14 @@ _ACCOUNT_HEADERS: Final = frozenset(
         b"anthropic-user-profile-id",
     }
 )
+# The other headers that carry an API key: a client's is never forwarded with
+# the operator's. A router reads them in its own order: LiteLLM takes Azure's
+# api-key before Anthropic's x-api-key, so behind an Anthropic upstream (whose
+# key goes in x-api-key, with no Authorization) a client's api-key was the key
+# it authenticated.
+_KEY_HEADERS: Final = frozenset(
+    {b"x-api-key", b"api-key", b"x-goog-api-key", b"ocp-apim-subscription-key"}
+)
 # Request headers the gateway sets itself rather than forwarding (x-request-id:
 # the gateway's own, unique; a client's could name the upstream's answer), and
 # the client's cookies: the gateway reads none, and a browser sends a frontend's
@@ -234,6 +242,7 @@ _ACCOUNT_HEADERS: Final = frozenset(
 _DROP_REQUEST: Final = (
     HOP_BY_HOP
     | _ACCOUNT_HEADERS
+    | _KEY_HEADERS
     | {
         b"host",
         b"authorization",

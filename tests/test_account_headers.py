@@ -194,6 +194,32 @@ async def test_a_user_cannot_name_another_user_to_a_router_upstream(sqlite_url: 
     assert [(k, v) for k, v in headers if k.startswith(ROUTERS)] == []
 
 
+async def test_a_key_of_the_clients_never_goes_with_the_operators(sqlite_url: str) -> None:
+    # The gateway sends an Anthropic upstream the operator's key in x-api-key,
+    # and no Authorization; LiteLLM reads Azure's api-key before x-api-key, so
+    # a client's api-key was the key a LiteLLM upstream authenticated.
+    upstream = Seen(FakeAnthropic(api_key=UPSTREAM_KEY))
+    settings = {"upstream": {"kind": "anthropic"}, "prices": PRICES}
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    others = {"api-key": "sk-other", "x-goog-api-key": "other", "ocp-apim-subscription-key": "o"}
+    async with running_gateway(sqlite_url, upstream=upstream, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            answered = await client.post(
+                "/v1/messages",
+                json=body,
+                headers={"x-api-key": h.key, "anthropic-version": "2023-06-01", **others},
+            )
+        await h.probes.wait_finished(1)
+    assert answered.status_code == 200, answered.text
+    (headers,) = upstream.headers
+    keys = [(k, v) for k, v in headers if k in {*others, "x-api-key", "authorization"}]
+    assert keys == [("x-api-key", UPSTREAM_KEY)]
+
+
 async def test_the_end_users_cookies_stay_with_the_gateway(sqlite_url: str) -> None:
     # A frontend on the gateway's site (same origin, or a parent-domain cookie):
     # the browser attaches its session cookie to every /v1 call.

@@ -234,7 +234,7 @@ def test_request_headers_drop_the_account_a_client_names() -> None:
     ]
 
 
-def test_request_headers_drop_cookies_and_what_a_router_reads() -> None:
+def test_request_headers_drop_cookies_keys_and_what_a_router_reads() -> None:
     # A router between the gateway and the provider reads these as whose call
     # it is (LiteLLM reads x-litellm-end-user-id before the body's user), which
     # stored key, provider or host the operator's key goes to, its budget, tags
@@ -270,9 +270,19 @@ def test_request_headers_drop_cookies_and_what_a_router_reads() -> None:
         (b"cf-aig-custom-cost", b'{"total_cost":0}'),
         (b"cf-aig-byok-alias", b"production"),
         (b"cf-aig-skip-cache", b"true"),
+        # Keys in the headers other APIs take them in (LiteLLM reads Azure's
+        # api-key before x-api-key, and behind an Anthropic upstream the
+        # operator's key is in x-api-key, with no Authorization).
+        (b"api-key", b"sk-other"),
+        (b"x-goog-api-key", b"other"),
+        (b"ocp-apim-subscription-key", b"other"),
     ]
     split = request_headers([*dropped[:9], *kept, *dropped[9:]], b"x-user", b"x-api-key")
     assert split.forward == kept
+    # Where the dialect takes no key in x-api-key (OpenAI's, Dify's), a client's
+    # is dropped as well.
+    split = request_headers([*kept, (b"x-api-key", b"sk-other"), *dropped], b"x-user")
+    assert split.forward == kept and split.api_key is None
 
 
 @pytest.mark.parametrize(
