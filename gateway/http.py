@@ -59,12 +59,12 @@ _ACCOUNT_RESPONSE_PREFIXES: Final = (
 # (helicone-*), Cloudflare AI Gateway (cf-aig-*). In a request, each family has
 # headers that choose what the gateway decides or the operator configured:
 # whose call it is (x-litellm-end-user-id and x-litellm-customer-id, read
-# before the body's user; helicone-user-id), which stored key or provider it
-# uses (x-portkey-virtual-key, x-portkey-provider, x-portkey-config,
-# cf-aig-byok-alias), where the operator's key is sent (x-portkey-custom-host,
+# before the body's user; helicone-user-id), which key, stored key or provider
+# it uses (x-litellm-api-key, x-portkey-virtual-key, x-portkey-provider,
+# x-portkey-config), where the operator's key is sent (x-portkey-custom-host,
 # helicone-target-url), its cost, budget and rate limits (cf-aig-custom-cost,
-# helicone-ratelimit-policy), its routing (x-litellm-tags), retries and
-# timeouts. None of them is a client's to choose: the whole families are
+# helicone-ratelimit-policy), whether it is logged (cf-aig-collect-log), its
+# routing (x-litellm-tags), retries and timeouts. None of them is a client's to choose: the whole families are
 # dropped. In a response they tell of the router and the operator's key there
 # (x-litellm-key-spend, x-litellm-model-api-base; LiteLLM's llm_provider-*
 # repeat the provider's own headers, account ones included): dropped too.

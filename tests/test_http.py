@@ -268,7 +268,7 @@ def test_request_headers_drop_cookies_keys_and_what_a_router_reads() -> None:
         (b"helicone-target-url", b"https://attacker.example"),
         (b"helicone-ratelimit-policy", b"1000000;w=60"),
         (b"cf-aig-custom-cost", b'{"total_cost":0}'),
-        (b"cf-aig-byok-alias", b"production"),
+        (b"cf-aig-collect-log", b"false"),
         (b"cf-aig-skip-cache", b"true"),
         # Keys in the headers other APIs take them in (LiteLLM reads Azure's
         # api-key before x-api-key, and behind an Anthropic upstream the
