@@ -126,6 +126,8 @@ _NO_HEADERS = RequestHeaders([])
 # Upstream answers that send a request on to the next fallback (issue 23).
 _RATE_LIMITED = 429
 _SERVER_ERROR = 500
+# A reply with no body, whose Content-Length is the stored representation's.
+_NOT_MODIFIED = 304
 # The pages of one upstream's model list read at most for a shared mount's list
 # (Anthropic's: 1000 models a page).
 _MODEL_LIST_PAGES = 10
@@ -1170,7 +1172,7 @@ class Proxy:
             if lists:
                 await self._models(x, send, response, status, headers, lists)
                 return
-        if not ok and x.method != "HEAD" and not content_type.startswith(_SSE):
+        if _is_error(status) and x.method != "HEAD" and not content_type.startswith(_SSE):
             # An error, read whole (up to _SMALL_BODY) to pass it on without
             # the operator's keys (`_pass_on`).
             chunks, headers = _error_body(response, headers)
@@ -1220,7 +1222,7 @@ class Proxy:
         """A reply read in part or whole (`_read_small`): what was read, then
         the ``rest`` of its body as it comes. An error's body goes without the
         request's upstream keys (`_without_keys`)."""
-        if not 200 <= status < 300:
+        if _is_error(status):
             headers, head, rest = _without_keys(x, headers, head, rest)
         await self._start(x, send, status, headers)
         await send({"type": "http.response.body", "body": head, "more_body": rest is not None})
@@ -1996,6 +1998,12 @@ async def _read_small(x: Exchange, chunks: AsyncIterator[bytes]) -> tuple[bytes,
     except UpstreamBroken as exc:
         log.warning("request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__)
     return bytes(held), True
+
+
+def _is_error(status: int) -> bool:
+    """A reply whose body may quote an upstream key (`_without_keys`): not a
+    2xx, nor a 304 (no body, and a Content-Length that is the stored one's)."""
+    return not 200 <= status < 300 and status != _NOT_MODIFIED
 
 
 def _encoded(headers: Headers) -> bool:

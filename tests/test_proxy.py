@@ -1124,6 +1124,7 @@ class QuotesKey:
     at the end), gzip-encoded when the client accepts it and ``gzipped``."""
 
     def __init__(self, status: int, *, padding: int = 0, gzipped: bool = False) -> None:
+        # (304: no body, and the Content-Length of the representation the client has)
         self.status, self.padding, self.gzipped = status, padding, gzipped
         self.requests = 0
 
@@ -1141,6 +1142,8 @@ class QuotesKey:
             body = gzip.compress(body)
             out.append((b"content-encoding", b"gzip"))
         out.append((b"content-length", str(len(body)).encode()))
+        if self.status == 304:
+            body, out = b"", [(b"etag", b'"v1"'), (b"content-length", b"1234")]
         await send({"type": "http.response.start", "status": self.status, "headers": out})
         await send({"type": "http.response.body", "body": body})
 
@@ -1236,3 +1239,14 @@ async def test_a_fallbacks_error_quoting_its_own_key_is_masked(sqlite_url: str) 
     assert len(primary.headers) == 1 and backup.requests == 1
     assert response.status_code == 401
     assert _masked(response, BACKUP_KEY) == "Budget exceeded for key ***. (***)"
+
+
+async def test_a_not_modified_reply_is_passed_on_as_it_is(sqlite_url: str) -> None:
+    upstream = QuotesKey(304)
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            response = await client.get(
+                "/v1/parameters", headers=h.auth(**{"If-None-Match": '"v1"'})
+            )
+    assert response.status_code == 304 and response.content == b""
+    assert (response.headers["etag"], response.headers["content-length"]) == ('"v1"', "1234")
