@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, urlencode
 
@@ -44,6 +44,7 @@ from gateway.upstreams.base import (
     keep_models,
     merge_model_lists,
 )
+from gateway.upstreams.cache_ttl import asks_for_one_hour_cache, check_cache_ttls
 from gateway.upstreams.terms import calls_cost, pricing_terms
 from gateway.usage import Metered, Usage, estimate_tokens
 
@@ -90,14 +91,8 @@ _PRICED_OPTIONS: Final = {
 # (context-1m-2025-08-07), whose prompts over 200K tokens Anthropic bills at its
 # long-context rates (2x input, 1.5x output).
 _PRICED_BETA_PREFIXES: Final = ("context-1m",)
-# A prompt cache's lifetime (review2 R2-2): Anthropic bills the writes of a
-# 5-minute cache (the default) at 1.25x input, [prices]' cache_write_input, but
-# a 1-hour cache's ("ttl": "1h") at 2x, cache_write_1h_input: "1h" is taken
-# only for a model whose price sets it. Any other ``cache_control.ttl`` (in
-# system, messages, tools or at the top) is refused.
-_PRICED_CACHE_TTLS: Final = frozenset({"5m"})
-_ONE_HOUR: Final = "1h"
-_PRICED_CACHE_TTLS_1H: Final = _PRICED_CACHE_TTLS | {_ONE_HOUR}
+# Where Anthropic reads a prompt cache's ``cache_control`` (and its ttl:
+# cache_ttl.py), besides the top level.
 _CACHED_PARTS: Final = ("system", "messages", "tools")
 # Values the client or the model chose that are not content blocks: a tool's
 # JSON Schema, a tool call's arguments.
@@ -270,21 +265,8 @@ class AnthropicUpstream:
                 f"The option {option} has no price on this gateway, so it is not available.",
                 code="option_not_priced",
             )
-        price = self._prices.find(model)
-        one_hour = price is not None and price.cache_write_1h_input is not None
-        ttl = _unpriced_cache_ttl(body, _PRICED_CACHE_TTLS_1H if one_hour else _PRICED_CACHE_TTLS)
-        if ttl is not None:
-            option = f"cache_control.ttl: {ttl!r}"
-            if ttl == _ONE_HOUR:  # named with the price that would open it
-                raise Forbidden(
-                    f"The option {option} has no price on this gateway "
-                    f"({self._price_key(model)}.cache_write_1h_input), so it is not available.",
-                    code="option_not_priced",
-                )
-            raise Forbidden(
-                f"The option {option} has no price on this gateway, so it is not available.",
-                code="option_not_priced",
-            )
+        # Review2 R2-2: a 1-hour cache only where the model's price sets its writes'.
+        check_cache_ttls(body, self._prices, model, parts=_CACHED_PARTS, skip=_NOT_BLOCKS)
         for tool in _paid_tools(body):
             if tool not in self._call_prices:
                 raise Forbidden(
@@ -298,17 +280,7 @@ class AnthropicUpstream:
         anywhere Anthropic reads one): only then may its answer write one, and
         its money bound holds every prompt token as a 1-hour write
         (gateway/quota/budget.py)."""
-        return any(ttl == _ONE_HOUR for ttl in _cache_ttls(body))
-
-    def _price_key(self, model: str | None) -> str:
-        """The ``[prices]`` entry that prices ``model`` (the one it would have,
-        when none does), as the configuration names it."""
-        if model is None:
-            return "prices"
-        name = self._prices.name(model)
-        if name is None and self._prices.prices(model):
-            name = "*"  # priced by the "*" entry
-        return f'prices."{name or model}"'
+        return asks_for_one_hour_cache(body, _CACHED_PARTS, _NOT_BLOCKS)
 
     # --- model allow-lists (gateway/model_access.py) ---------------------------------
 
@@ -504,38 +476,6 @@ def _check_request(body: dict[str, Any]) -> None:
             "max_tokens must be a positive integer (the Messages API requires it).",
             code="invalid_param",
         )
-
-
-def _unpriced_cache_ttl(body: dict[str, Any], priced: frozenset[str]) -> object:
-    """The first ``cache_control.ttl`` not in ``priced`` (None, as absent, when
-    there is none; see `_cache_ttls`)."""
-    for ttl in _cache_ttls(body):
-        if not (isinstance(ttl, str) and ttl in priced):
-            return ttl
-    return None
-
-
-def _cache_ttls(body: dict[str, Any]) -> Iterator[object]:
-    """Every ``cache_control.ttl`` set (not None) in the body's top-level
-    ``cache_control`` or at any depth of its ``system``, ``messages`` and
-    ``tools``, as Anthropic reads them."""
-    top = {"cache_control": body.get("cache_control")}
-    stack: list[object] = [top, *(body.get(part) for part in _CACHED_PARTS)]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            control = node.get("cache_control")
-            if isinstance(control, dict):
-                ttl = control.get("ttl")
-                if ttl is not None:
-                    yield ttl
-            stack.extend(
-                child
-                for key, child in node.items()
-                if isinstance(child, dict | list) and key not in _NOT_BLOCKS
-            )
-        elif isinstance(node, list):
-            stack.extend(child for child in node if isinstance(child, dict | list))
 
 
 def _json_type(value: object) -> str:
