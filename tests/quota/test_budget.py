@@ -418,6 +418,42 @@ def test_the_cost_bound_of_an_anthropic_request() -> None:
     assert bound == (len(orjson.dumps(body)) * 3 + 1000 * 15) * Decimal("1e-6")
 
 
+@pytest.mark.parametrize(
+    ("price", "ttl", "prompt_rate"),
+    [
+        # A 1-hour cache through a router in front of Claude (review4 R4-2): every
+        # prompt token may be a 1-hour write, at cache_write_1h_input.
+        ({"cache_write_input": "3.75", "cache_write_1h_input": "6"}, "1h", "6"),
+        ({"cache_write_1h_input": "6"}, "1h", "6"),  # no 5-minute price of its own
+        # A 5-minute one's at cache_write_input; none, at input.
+        ({"cache_write_input": "3.75", "cache_write_1h_input": "6"}, "5m", "3.75"),
+        ({"cache_write_1h_input": "6"}, None, "3"),
+    ],
+)
+def test_the_cost_bound_of_a_cache_through_a_router(
+    price: dict[str, str], ttl: str | None, prompt_rate: str
+) -> None:
+    prices = {"claude-x": {"input": "3", "output": "15", **price}}
+    config = parse_config({"upstream": {"kind": "openai"}, "prices": prices}, env={})
+    part: dict[str, Any] = {"type": "text", "text": "a long document"}
+    if ttl is not None:
+        part["cache_control"] = {"type": "ephemeral", "ttl": ttl}
+    body = {
+        "model": "claude-x",
+        "max_tokens": 1000,
+        "messages": [{"role": "user", "content": [part]}],
+    }
+    bound = cost_bound(
+        OpenAIUpstream(config),
+        _route("chat"),
+        body,
+        reserve_output_tokens=4096,
+        answer_reservation=Decimal("9"),
+    )
+    prompt = len(orjson.dumps(body))
+    assert bound == (prompt * Decimal(prompt_rate) + 1000 * 15) * Decimal("1e-6")
+
+
 # --- the bound: what the upstream will actually honour (review of issue 21) -------------
 
 
