@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import time
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -49,15 +50,21 @@ class Identity:
 def valid_user_id(user: str) -> bool:
     """1 to 255 characters; no control characters (C0, DEL and C1) nor line or
     paragraph separators (a user id goes into query strings, form fields and
-    logs), and no whitespace of any kind at either end: something on the way (the
-    operator's backend, a database, the upstream) may trim it, and ``alice\xa0``
-    would become ``alice``."""
+    logs), and no whitespace of any kind, nor an invisible format character
+    (a zero-width space, a byte order mark), at either end: something on the way
+    (the operator's backend, a database, the upstream; JavaScript's ``trim``
+    takes U+FEFF) may trim it, and ``alice\xa0`` would become ``alice``."""
     return (
         0 < len(user) <= 255
-        and not user[0].isspace()
-        and not user[-1].isspace()
+        and not _trimmable(user[0])
+        and not _trimmable(user[-1])
         and not any(ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029" for c in user)
     )
+
+
+def _trimmable(char: str) -> bool:
+    """Whitespace, or a format character (Cf: U+200B, U+2060, U+FEFF...)."""
+    return char.isspace() or unicodedata.category(char) == "Cf"
 
 
 def header_user_id(value: bytes | None) -> str:

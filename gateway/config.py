@@ -922,6 +922,16 @@ def _resolve_alerts(
                 f"alerts.webhook_secret_env: {alerts.webhook_secret_env} is not a Standard "
                 "Webhooks secret ('whsec_' followed by base64)"
             )
+        else:
+            # The key, not its text: one captured signature lets anyone try keys
+            # offline (a 1-byte key falls in 256 tries).
+            key = base64.b64decode(secret.removeprefix("whsec_"))
+            if len(key) < MIN_TOKEN_BYTES:
+                raise ConfigError(
+                    f"alerts.webhook_secret_env: {alerts.webhook_secret_env}'s key is "
+                    f"{len(key)} bytes; a key that short can be guessed - use at least "
+                    f"{MIN_TOKEN_BYTES} (Standard Webhooks: 24 to 64 random bytes)"
+                )
     return dataclasses.replace(
         alerts,
         webhook_secret=secret,

@@ -466,6 +466,13 @@ def test_the_signature_is_the_standard_one() -> None:
         ({"webhook_url": "http://h/x"}, {}, "GATEWAY_WEBHOOK_SECRET is not set"),
         ({"webhook_url": "http://h/x"}, {"GATEWAY_WEBHOOK_SECRET": "s3cret"}, "Standard"),
         ({"webhook_url": "http://h/x"}, {"GATEWAY_WEBHOOK_SECRET": "whsec_***"}, "Standard"),
+        # A key found from one captured signature in 256 tries (review 4, R4-4).
+        ({"webhook_url": "http://h/x"}, {"GATEWAY_WEBHOOK_SECRET": "whsec_AQ=="}, "1 bytes"),
+        (
+            {"webhook_url": "http://h/x"},
+            {"GATEWAY_WEBHOOK_SECRET": "whsec_" + base64.b64encode(b"k" * 15).decode()},
+            "key is 15 bytes; a key that short can be guessed - use at least 16",
+        ),
         ({"webhook_url": "ftp://h/x"}, {}, "alerts.webhook_url"),
         ({"thresholds": [0]}, {}, "alerts.thresholds[0]: expected a number >= 1"),
         ({"thresholds": ["80"]}, {}, "alerts.thresholds[0]: expected an integer"),

@@ -613,6 +613,12 @@ async def test_a_user_header_that_is_not_utf8_is_refused_everywhere(
         pytest.param(lambda user: user + "\u2028", id="trailing-line-separator"),
         pytest.param(lambda user: user + "\u0085", id="trailing-NEL"),
         pytest.param(lambda user: user[:2] + "\u0085" + user[2:], id="C1-control-inside"),
+        # Invisible, not whitespace to Python (review 4, R4-3): JavaScript's trim
+        # takes U+FEFF, and a backend that strips zero-widths takes the others.
+        pytest.param(lambda user: user + "\ufeff", id="trailing-BOM"),
+        pytest.param(lambda user: "\ufeff" + user, id="leading-BOM"),
+        pytest.param(lambda user: user + "\u200b", id="trailing-zero-width-space"),
+        pytest.param(lambda user: user + "\u2060", id="trailing-word-joiner"),
     ],
 )
 @pytest.mark.parametrize("path", ["/v1/chat-messages", "/v1/usage", "/v1/conversations"])
@@ -640,6 +646,7 @@ async def test_only_the_spaces_and_tabs_http_allows_around_a_user_header_are_tri
     assert header_user_id("alice\u00a0".encode()) == "alice\u00a0"  # refused after
     assert not valid_user_id("alice\u00a0") and not valid_user_id("\u3000alice")
     assert valid_user_id("alice\u00a0smith") and valid_user_id("d\u0169ng")
+    assert valid_user_id("al\u200bice")  # inside, it is as distinct everywhere
 
 
 async def test_api_key_mode_ignores_and_drops_the_user_header(api_key: Harness) -> None:

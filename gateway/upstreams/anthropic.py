@@ -379,14 +379,16 @@ class AnthropicUpstream:
     # --- answers -------------------------------------------------------------------
 
     def stream_meter(self, route: Route, body: dict[str, Any]) -> StreamMeter:
-        return _PricedMeter(MessageStreamMeter(body), self, body)
+        one_hour = self.asks_for_one_hour_cache(body)
+        return _PricedMeter(MessageStreamMeter(body, one_hour=one_hour), self, body)
 
     def stream_transform(self, route: Route, prepared: Prepared) -> None:
         return None  # the client gets the upstream's bytes untouched
 
     def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:
         calls = ServerCalls()
-        return self.priced(meter_message(body, response, calls), body, calls)
+        one_hour = self.asks_for_one_hour_cache(body)
+        return self.priced(meter_message(body, response, calls, one_hour=one_hour), body, calls)
 
     def billed_error(self, route: Route, body: dict[str, Any], status: int, content: bytes) -> bool:
         return False

@@ -15,7 +15,7 @@ from gateway.config import parse_config
 from gateway.errors import BadRequest, Forbidden
 from gateway.http import request_headers
 from gateway.pricing import Price
-from gateway.sse import SSEDecoder
+from gateway.sse import ServerSentEvent, SSEDecoder
 from gateway.upstreams import get_upstream
 from gateway.upstreams.anthropic import AnthropicUpstream
 from gateway.upstreams.anthropic_routes import anthropic_route
@@ -890,3 +890,107 @@ def test_the_refusal_of_a_one_hour_cache_names_the_price_to_set(
         )
     assert refused.value.code == "option_not_priced"
     assert "cache_control.ttl: '1h'" in str(refused.value) and key in str(refused.value)
+
+
+# --- cache writes no lifetime accounts for (review 4, R4-1) -------------------------------
+
+_ONE_HOUR_PRICES = {
+    MODEL: {
+        "input": "3",
+        "cached_input": "0.30",
+        "cache_write_input": "3.75",
+        "cache_write_1h_input": "6",
+        "output": "15",
+    }
+}
+_MILLION = Decimal(1_000_000)
+
+
+def _priced_dialect() -> AnthropicUpstream:
+    config = {"upstream": {"kind": "anthropic"}, "prices": _ONE_HOUR_PRICES}
+    return AnthropicUpstream(parse_config(config, env={}))
+
+
+def _cached_body(*ttls: str) -> dict[str, Any]:
+    blocks = [
+        {"type": "text", "text": f"part {i}", "cache_control": {"type": "ephemeral", "ttl": ttl}}
+        for i, ttl in enumerate(ttls)
+    ]
+    return {
+        "model": MODEL,
+        "max_tokens": 100,
+        "system": blocks,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+
+
+def _streamed_cost(body: dict[str, Any], start: dict[str, Any], delta: dict[str, Any]) -> Usage:
+    up = _priced_dialect()
+    meter = up.stream_meter(up.route("POST", "/messages"), {**body, "stream": True})
+    message = {"id": "msg_1", "model": MODEL, "usage": start}
+    for kind, data in (
+        ("message_start", {"type": "message_start", "message": message}),
+        ("message_delta", {"type": "message_delta", "delta": {}, "usage": delta}),
+        ("message_stop", {"type": "message_stop"}),
+    ):
+        meter.feed(ServerSentEvent(event=kind, data=orjson.dumps(data).decode()))
+    metered = meter.finish(cut=False)
+    assert metered.usage is not None
+    return metered.usage
+
+
+@pytest.mark.parametrize(
+    ("ttls", "split", "writes_1h"),
+    [
+        # Asked for one lifetime, 1 hour: all 5000 cumulative writes are 1-hour.
+        pytest.param(("1h",), (0, 1000), 5000, id="one-hour-only"),
+        # Both: the 300 five-minute ones stay, the 4700 others are 1-hour (dearest).
+        pytest.param(("5m", "1h"), (300, 700), 4700, id="both"),
+        # 5 minutes only: Anthropic writes no 1-hour cache for it.
+        pytest.param(("5m",), (1000, 0), 0, id="five-minutes-only"),
+    ],
+)
+def test_cumulative_writes_past_message_starts_split_are_the_requests_dearest_lifetime(
+    ttls: tuple[str, ...], split: tuple[int, int], writes_1h: int
+) -> None:
+    """Attack (review 4, R4-1): message_delta's counts are cumulative and carry no
+    ``cache_creation`` (the SDK's MessageDeltaUsage); writes past message_start's
+    split (a server-tool loop under automatic caching moves the breakpoint) were
+    priced at the 5-minute rate, 1.25x, where a request asking for a 1-hour cache
+    is billed 2x."""
+    five, hour = split
+    start = {
+        "input_tokens": 10,
+        "cache_creation_input_tokens": five + hour,
+        "cache_creation": {"ephemeral_5m_input_tokens": five, "ephemeral_1h_input_tokens": hour},
+        "output_tokens": 1,
+    }
+    delta = {"input_tokens": 10, "cache_creation_input_tokens": 5000, "output_tokens": 20}
+    usage = _streamed_cost(_cached_body(*ttls), start, delta)
+    assert (usage.cache_write_tokens, usage.cache_write_1h_tokens) == (5000, writes_1h)
+    billed = 10 * Decimal(3) + (5000 - writes_1h) * Decimal("3.75") + writes_1h * Decimal(6)
+    assert usage.cost == (billed + 20 * Decimal(15)) / _MILLION
+
+
+@pytest.mark.parametrize(("ttls", "writes_1h"), [(("1h",), 4000), (("5m",), 0)])
+def test_a_blocking_answer_without_the_split_prices_writes_at_the_requests_lifetime(
+    ttls: tuple[str, ...], writes_1h: int
+) -> None:
+    """Attack (review 4, R4-1): an answer whose usage leaves ``cache_creation`` out
+    (an Anthropic-compatible server) had every write priced at 1.25x: 0.01533
+    charged for a 1-hour-only request billed 0.02433."""
+    up = _priced_dialect()
+    answer = {
+        "id": "msg_2",
+        "type": "message",
+        "model": MODEL,
+        "content": [{"type": "text", "text": "hello"}],
+        "usage": {"input_tokens": 10, "cache_creation_input_tokens": 4000, "output_tokens": 20},
+    }
+    metered = up.meter_blocking(
+        up.route("POST", "/messages"), _cached_body(*ttls), orjson.dumps(answer)
+    )
+    assert metered.usage is not None
+    assert metered.usage.cache_write_1h_tokens == writes_1h
+    writes = (4000 - writes_1h) * Decimal("3.75") + writes_1h * Decimal(6)
+    assert metered.usage.cost == (10 * Decimal(3) + writes + 20 * Decimal(15)) / _MILLION
