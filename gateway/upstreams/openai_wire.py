@@ -304,8 +304,7 @@ def _cache_writes(
 
     The writes are never fewer than their parts (a split that sums past the
     total raises it). A split that is not an object is named (clamped) and
-    every write taken as unattributed: the dialect prices those as 1-hour
-    writes when the request asked for a 1-hour cache."""
+    every write taken as a 1-hour one, the dearest they can be."""
     details = raw.get(details_name)
     details = details if isinstance(details, dict) else {}
     names = [name for name in _DETAIL_WRITES if details.get(name) is not None]
@@ -324,6 +323,7 @@ def _cache_writes(
         one_hour = read.tokens(split, _ONE_HOUR)
     elif split is not None:
         read.bad(split_name, split)
+        return written, written, 0  # as anthropic_wire.py reads it: the dearest
     written = max(written, five_minutes + one_hour)
     return written, one_hour, written - five_minutes - one_hour
 

@@ -1568,13 +1568,13 @@ def test_a_routers_cache_writes_are_read_as_parts_of_the_prompt(
     assert usage.completion_tokens == 20 and usage.clamped == ()
 
 
-def test_a_cache_split_that_is_not_an_object_is_named_and_unattributed() -> None:
+def test_a_cache_split_that_is_not_an_object_is_named_and_taken_as_one_hour() -> None:
     raw = {"prompt_tokens": 1310, "completion_tokens": 20, "cache_creation_input_tokens": 1000,
            "cache_creation": "1h"}  # fmt: skip
     usage = usage_from(raw)
     assert usage.clamped == ("cache_creation='1h'",)
-    assert (usage.cache_write_tokens, usage.cache_write_1h_tokens) == (1000, 0)
-    assert openai_wire.unattributed_cache_writes(raw) == 1000
+    assert (usage.cache_write_tokens, usage.cache_write_1h_tokens) == (1000, 1000)
+    assert openai_wire.unattributed_cache_writes(raw) == 0
 
 
 @pytest.mark.parametrize(
