@@ -189,6 +189,9 @@ class _Answer:
         }
 
     def response_usage(self) -> JSON:
+        return {**self._response_usage(), **self.usage_extra}
+
+    def _response_usage(self) -> JSON:
         return {
             "input_tokens": self.prompt,
             "input_tokens_details": {"cached_tokens": self.cached, "cache_write_tokens": 0},

@@ -604,6 +604,27 @@ async def test_a_one_hour_cache_through_a_router_is_charged_its_price(
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "blocking"])
+async def test_a_one_hour_cache_through_a_routers_responses_is_charged_its_price(
+    sqlite_url: str, stream: bool
+) -> None:
+    # The Responses API's usage, the writes named in input_tokens_details.
+    part = {"type": "input_text", "text": "a very long document ...",
+            "cache_control": {"type": "ephemeral", "ttl": "1h"}}  # fmt: skip
+    body = {"model": CLAUDE, "max_output_tokens": 20, "stream": stream,
+            "input": [{"role": "user", "content": [part]}]}  # fmt: skip
+    extra = {"input_tokens_details": {"cached_tokens": 0, "cache_creation_tokens": 100_000}}
+    steer = {"x-fake-prompt-tokens": "100010", "x-fake-completion-tokens": "20",
+             "x-fake-usage-extra": orjson.dumps(extra).decode()}  # fmt: skip
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, upstream=fake, settings=router_settings()) as h:
+        answer = await post_router(h, "/v1/responses", body, **steer)
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert answer.status_code == 200, answer.text
+    assert event.cost == micro((10, "3"), (100_000, "6"), (20, "15")) == Decimal("0.60033")
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "blocking"])
 @pytest.mark.parametrize("ttl", ["5m", None, "absent"])
 async def test_a_five_minute_cache_through_a_router_is_charged_its_price(
     sqlite_url: str, stream: bool, ttl: str | None
