@@ -42,6 +42,7 @@ from gateway.storage import (
     OutboxItem,
     alert_spec,
 )
+from gateway.tls import client_context
 
 log = logging.getLogger("gateway.alerts")
 
@@ -241,7 +242,7 @@ class OutboxWorker:
         # Made when first needed, so that a worker restarted after its client was
         # closed has one again.
         if self._client is None or self._client.is_closed:
-            self._client = httpx.AsyncClient(follow_redirects=False)
+            self._client = httpx.AsyncClient(verify=client_context(), follow_redirects=False)
         return self._client
 
     async def run_once(self) -> int:

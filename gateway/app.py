@@ -15,6 +15,7 @@ import contextlib
 import gc
 import hashlib
 import importlib.resources
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
@@ -30,7 +31,7 @@ from gateway.admin import admin_routes, error_response, services, token_refusal
 from gateway.clock import Clock
 from gateway.config import Config, load_config
 from gateway.cors import Cors, covered
-from gateway.errors import NotFound, StorageError
+from gateway.errors import STORAGE_UNAVAILABLE, NotFound, StorageError
 from gateway.logs import configure_logging
 from gateway.mounts import OWN_UNDER_V1
 from gateway.probes import Probes
@@ -41,6 +42,8 @@ from gateway.storage import Storage
 from gateway.types import Receive, Scope, Send
 from gateway.usage_api import usage_routes
 
+log = logging.getLogger("gateway")
+
 
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
@@ -50,7 +53,12 @@ async def readyz(request: Request) -> Response:
     try:
         await services(request).storage.ping()
     except StorageError as exc:
-        return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
+        # No credential reaches /readyz: the driver's words (the database's address,
+        # user or name) go to the log, not to whoever asks.
+        log.warning("not ready: %s", exc.message)
+        return JSONResponse(
+            {"status": "unavailable", "reason": STORAGE_UNAVAILABLE}, status_code=503
+        )
     return JSONResponse({"status": "ready"})
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import time
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -47,13 +48,31 @@ class Identity:
 
 
 def valid_user_id(user: str) -> bool:
-    """1 to 255 characters, none of them control characters (a user id goes into
-    query strings, form fields and logs)."""
-    return 0 < len(user) <= 255 and not any(ord(c) < 32 or ord(c) == 127 for c in user)
+    """1 to 255 characters; no control characters (C0, DEL and C1) nor line or
+    paragraph separators (a user id goes into query strings, form fields and
+    logs), and no whitespace of any kind, nor an invisible format character
+    (a zero-width space, a byte order mark), at either end: something on the way
+    (the operator's backend, a database, the upstream; JavaScript's ``trim``
+    takes U+FEFF) may trim it, and ``alice\xa0`` would become ``alice``."""
+    return (
+        0 < len(user) <= 255
+        and not _trimmable(user[0])
+        and not _trimmable(user[-1])
+        and not any(ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029" for c in user)
+    )
+
+
+def _trimmable(char: str) -> bool:
+    """Whitespace, or a format character (Cf: U+200B, U+2060, U+FEFF...)."""
+    return char.isspace() or unicodedata.category(char) == "Cf"
 
 
 def header_user_id(value: bytes | None) -> str:
-    """The user id a trusted user header names: its raw bytes as UTF-8, trimmed.
+    """The user id a trusted user header names: its raw bytes as UTF-8, with the
+    spaces and tabs HTTP allows around a header's value trimmed (RFC 9110 5.5),
+    nothing else: `str.strip` would trim any Unicode whitespace, and make
+    ``alice\xa0``, another account at the operator's backend, ``alice``
+    (`valid_user_id` refuses an id that still starts or ends with whitespace).
 
     The one decoding of the header, for every entry point (the proxy and
     /v1/usage both hand it the raw bytes of the ASGI scope): a second reading, as
@@ -61,7 +80,7 @@ def header_user_id(value: bytes | None) -> str:
     that are not UTF-8 raise `UnicodeDecodeError` rather than being replaced:
     replacement would give ``caf\xe9`` and ``caf\xe8`` the same id.
     """
-    return (value or b"").decode("utf-8").strip()
+    return (value or b"").decode("utf-8").strip(" \t")
 
 
 class _TTLCache(Generic[K, V]):

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.errors import ConfigError
@@ -126,6 +126,14 @@ class UpstreamConfig:
     # (a read timeout, a disconnect): its answer may be generated and billed
     # unrecorded (docs/configuration.md, "Fallbacks").
     fallback_after_timeout: bool = False
+    # The account the operator's key acts for at an OpenAI upstream (the
+    # OpenAI-Organization and OpenAI-Project headers) and an Anthropic one
+    # (anthropic-workspace-id): who is billed, and whose files, vector stores
+    # and assistants the key reaches. "" sends none (the key's default). A
+    # client's own such headers are never forwarded (gateway/http.py).
+    organization: str = ""
+    project: str = ""
+    workspace: str = ""
     name: str = field(default="default", metadata={"resolved": True})  # its NAME
     # --- end of issue 23 ---
     api_key: str = _resolved()
@@ -722,10 +730,16 @@ def parse_config(
     )
 
     admin = config.admin
-    admin = dataclasses.replace(
-        admin, token=env.get(ENV_ADMIN_TOKEN) or env.get(admin.token_env, "")
+    admin_token = env.get(ENV_ADMIN_TOKEN) or env.get(admin.token_env, "")
+    _unguessable(
+        admin_token,
+        "admin.token_env",
+        ENV_ADMIN_TOKEN if env.get(ENV_ADMIN_TOKEN) else admin.token_env,
     )
-    metrics = dataclasses.replace(config.metrics, token=env.get(config.metrics.token_env, ""))
+    admin = dataclasses.replace(admin, token=admin_token)
+    metrics_token = env.get(config.metrics.token_env, "")
+    _unguessable(metrics_token, "metrics.token_env", config.metrics.token_env)
+    metrics = dataclasses.replace(config.metrics, token=metrics_token)
     auth = _resolve_auth(config.auth, env, base=Path(source).parent if source else Path.cwd())
 
     return dataclasses.replace(
@@ -806,6 +820,7 @@ def _upstreams(
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"{key}.url: expected an http:// or https:// URL, got {url!r}")
         _check_allow_list(upstream.allow, key)
+        _check_account(upstream, key)
         found[name] = dataclasses.replace(upstream, url=url.rstrip("/"), api_key=api_key)
     try:
         check_upstreams(
@@ -825,6 +840,39 @@ def _upstreams(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return found
+
+
+# Which kind of upstream takes each account option (`UpstreamConfig.organization`
+# ...); the dialect sends it (`Upstream.upstream_credentials`).
+_ACCOUNT_OPTIONS: dict[str, str] = {
+    "organization": "openai",
+    "project": "openai",
+    "workspace": "anthropic",
+}
+_ACCOUNT_EXAMPLES: dict[str, str] = {
+    "organization": "org-...",
+    "project": "proj_...",
+    "workspace": "wrkspc_...",
+}
+
+
+def _check_account(upstream: UpstreamConfig, key: str) -> None:
+    """An upstream's account options: only on the kind that reads them, each an
+    id as the API gives it (visible ASCII, no spaces: it is sent as a header)."""
+    for option, kind in _ACCOUNT_OPTIONS.items():
+        value: str = getattr(upstream, option)
+        if not value:
+            continue
+        if upstream.kind != kind:
+            raise ConfigError(
+                f"{key}.{option}: only an upstream of kind {kind!r} takes it; "
+                f"this one is of kind {upstream.kind!r}"
+            )
+        if not all("!" <= char <= "~" for char in value):
+            raise ConfigError(
+                f"{key}.{option}: expected an id such as "
+                f"{_ACCOUNT_EXAMPLES[option]!r} (visible ASCII, no spaces), got {value!r}"
+            )
 
 
 def _check_model_globs(globs: tuple[str, ...] | None, path: str) -> None:
@@ -874,6 +922,16 @@ def _resolve_alerts(
                 f"alerts.webhook_secret_env: {alerts.webhook_secret_env} is not a Standard "
                 "Webhooks secret ('whsec_' followed by base64)"
             )
+        else:
+            # The key, not its text: one captured signature lets anyone try keys
+            # offline (a 1-byte key falls in 256 tries).
+            key = base64.b64decode(secret.removeprefix("whsec_"))
+            if len(key) < MIN_TOKEN_BYTES:
+                raise ConfigError(
+                    f"alerts.webhook_secret_env: {alerts.webhook_secret_env}'s key is "
+                    f"{len(key)} bytes; a key that short can be guessed - use at least "
+                    f"{MIN_TOKEN_BYTES} (Standard Webhooks: 24 to 64 random bytes)"
+                )
     return dataclasses.replace(
         alerts,
         webhook_secret=secret,
@@ -890,6 +948,25 @@ def _is_webhook_secret(secret: str) -> bool:
         return False
 
 
+# The shortest secrets taken, in bytes. An HS256 secret is attacked offline:
+# every user holds a token it signed, and can try keys against it at leisure
+# until one signs a token for anyone (RFC 7518 3.2: a key as long as the hash,
+# 256 bits, or longer). The other secrets are guessed online, one request per
+# guess (the admin token's throttled): 16 bytes is still out of reach there.
+MIN_HS256_BYTES: Final = 32
+MIN_TOKEN_BYTES: Final = 16
+
+
+def _unguessable(secret: str, key: str, variable: str, *, least: int = MIN_TOKEN_BYTES) -> None:
+    """Refuse a secret (when set) short enough to be guessed."""
+    size = len(secret.encode())
+    if 0 < size < least:
+        raise ConfigError(
+            f"{key}: {variable} holds {size} bytes; a secret that short can be guessed - "
+            f"use at least {least} (`openssl rand -hex 32` makes 64)"
+        )
+
+
 def _resolve_auth(auth: AuthConfig, env: Mapping[str, str], *, base: Path) -> AuthConfig:
     """Read the secrets and key files the chosen auth mode needs, refusing what is missing."""
     jwt, trusted = auth.jwt, auth.trusted_header
@@ -901,6 +978,7 @@ def _resolve_auth(auth: AuthConfig, env: Mapping[str, str], *, base: Path) -> Au
                     f"auth.jwt.secret_env: the environment variable {jwt.secret_env} "
                     "holding the HS256 secret is not set"
                 )
+            _unguessable(secret, "auth.jwt.secret_env", jwt.secret_env, least=MIN_HS256_BYTES)
             jwt = dataclasses.replace(jwt, secret=secret)
         else:
             if bool(jwt.public_key_file) == bool(jwt.jwks_file):
@@ -923,6 +1001,7 @@ def _resolve_auth(auth: AuthConfig, env: Mapping[str, str], *, base: Path) -> Au
                 f"auth.trusted_header.service_key_env: the environment variable "
                 f"{trusted.service_key_env} holding the service key is not set"
             )
+        _unguessable(service_key, "auth.trusted_header.service_key_env", trusted.service_key_env)
         trusted = dataclasses.replace(trusted, service_key=service_key)
     return dataclasses.replace(auth, jwt=jwt, trusted_header=trusted)
 

@@ -30,6 +30,7 @@ Every refusal the gateway makes is rendered in the upstream's own error shape (s
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Final
 
 
 class GatewayError(Exception):
@@ -67,6 +68,11 @@ class ConfigError(GatewayError):
 class StorageError(GatewayError):
     status = 503
     code = "storage_unavailable"
+
+
+# What a client is told of any storage failure: the driver's own text names the
+# database's address, user or name (logged instead, for the operator).
+STORAGE_UNAVAILABLE: Final = "The usage database is unavailable; try again shortly."
 
 
 class NotFound(GatewayError):

@@ -40,7 +40,13 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import httpx
 
 from gateway.bodies import BodyFailure
-from gateway.errors import NotFound, StorageError, UpstreamBroken, UpstreamError
+from gateway.errors import (
+    STORAGE_UNAVAILABLE,
+    NotFound,
+    StorageError,
+    UpstreamBroken,
+    UpstreamError,
+)
 from gateway.probes import Probes
 from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import PausedForm
@@ -217,7 +223,7 @@ class Follows:
         except StorageError as exc:
             # Fails closed, before anything is forwarded: the reservation goes back.
             self._metrics.inc("gateway_storage_errors_total", operation="paused_form")
-            raise StorageError("The usage database is unavailable; try again shortly.") from exc
+            raise StorageError(STORAGE_UNAVAILABLE) from exc
         if form is not None and form.user_id != x.user_id:
             # Another user's paused run: refused exactly as an unknown form, so a
             # leaked token neither resumes nor reveals someone else's run.
@@ -238,7 +244,7 @@ class Follows:
         assert target is not None and client is not None  # chosen before forwarding
         url = target.url + path + "?" + query.decode("latin-1")
         headers = [
-            target.authorization,
+            *target.credentials,
             (b"accept-encoding", b"identity"),
             (b"x-trace-id", x.request_id.encode()),
         ]

@@ -7,6 +7,7 @@ them, so each is tested exhaustively with tables (tests/test_http.py).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import quote, unquote_plus
@@ -33,7 +34,47 @@ HOP_BY_HOP: Final = frozenset(
 # front of the gateway (uvicorn) adds its own `date` (and, unless turned off,
 # `server`): the upstream's would make two, and RFC 9110 6.6.1 allows one Date.
 _SERVER_SET: Final = frozenset({b"date", b"server"})
-_DROP_RESPONSE: Final = HOP_BY_HOP | {b"x-request-id"} | _SERVER_SET
+# Response headers that describe the operator's account, not the answer: whose
+# it is (OpenAI's organization and project, Anthropic's organization and
+# workspace), and the account's rate limits - OpenAI's x-ratelimit-*, Anthropic's
+# anthropic-ratelimit-* and anthropic-priority-*, counted over every user's
+# traffic, which any user could watch. The gateway's own X-RateLimit-* (the
+# caller's limit) are added after these are dropped. Nothing a client needs to
+# retry goes: retry-after, retry-after-ms, x-should-retry and request-id stay.
+_ACCOUNT_RESPONSE: Final = frozenset(
+    {
+        b"openai-organization",
+        b"openai-project",
+        b"anthropic-organization-id",
+        b"anthropic-workspace-id",
+    }
+)
+_ACCOUNT_RESPONSE_PREFIXES: Final = (
+    b"x-ratelimit-",
+    b"anthropic-ratelimit-",
+    b"anthropic-priority-",
+)
+# The headers of the LLM routers an operator may put between the gateway and the
+# provider, by family: LiteLLM (x-litellm-*), Portkey (x-portkey-*), Helicone
+# (helicone-*), Cloudflare AI Gateway (cf-aig-*). In a request, each family has
+# headers that choose what the gateway decides or the operator configured:
+# whose call it is (x-litellm-end-user-id and x-litellm-customer-id, read
+# before the body's user; helicone-user-id), which key, stored key or provider
+# it uses (x-litellm-api-key, x-portkey-virtual-key, x-portkey-provider,
+# x-portkey-config), where the operator's key is sent (x-portkey-custom-host,
+# helicone-target-url), its cost, budget and rate limits (cf-aig-custom-cost,
+# helicone-ratelimit-policy), whether it is logged (cf-aig-collect-log), its
+# routing (x-litellm-tags), retries and timeouts. None of them is a client's to choose: the whole families are
+# dropped. In a response they tell of the router and the operator's key there
+# (x-litellm-key-spend, x-litellm-model-api-base; LiteLLM's llm_provider-*
+# repeat the provider's own headers, account ones included): dropped too.
+_ROUTER_PREFIXES: Final = (b"x-litellm-", b"x-portkey-", b"helicone-", b"cf-aig-")
+_DROP_RESPONSE: Final = HOP_BY_HOP | {b"x-request-id"} | _SERVER_SET | _ACCOUNT_RESPONSE
+_DROP_RESPONSE_PREFIXES: Final = (
+    *_ACCOUNT_RESPONSE_PREFIXES,
+    *_ROUTER_PREFIXES,
+    b"llm_provider-",
+)
 
 # Characters a path segment may carry unescaped (RFC 3986 pchar, minus "%": any
 # percent sign in the decoded path is data and must be escaped again).
@@ -94,16 +135,78 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
 
 def response_headers(raw: Headers) -> Headers:
     """An upstream response's headers as the client gets them: lower-cased names,
-    without hop-by-hop fields (listed in Connection or always) and ``x-request-id``."""
+    without hop-by-hop fields (listed in Connection or always), ``x-request-id``,
+    and what describes the operator's account or router (`_ACCOUNT_RESPONSE`,
+    `_ROUTER_PREFIXES`)."""
     listed: frozenset[bytes] = frozenset()
     for name, value in raw:
         if name.lower() == b"connection":
             listed = connection_tokens(value)
-    return [
-        (name.lower(), value)
-        for name, value in raw
-        if name.lower() not in _DROP_RESPONSE and name.lower() not in listed
-    ]
+    kept: Headers = []
+    for name, value in raw:
+        name = name.lower()
+        if name in _DROP_RESPONSE or name in listed or name.startswith(_DROP_RESPONSE_PREFIXES):
+            continue
+        kept.append((name, value))
+    return kept
+
+
+# An upstream key found in an error's body is passed on as this (`KeyMask`).
+_MASK: Final = b"***"
+# A shorter key is not masked: "test" or "EMPTY" (a local server's) would be
+# masked in every word that holds it, and a key that short keeps nothing secret.
+_SHORTEST_MASKED: Final = 8
+
+
+class KeyMask:
+    """The operator's upstream keys, masked in a body the upstream wrote: some
+    OpenAI-compatible servers and proxies quote the key they were sent in an
+    auth or budget error, and the key must never reach a client.
+
+    `whole` masks a body read whole; `feed` and `end` a body passed on as it
+    comes, holding back the last bytes of each chunk that may begin a key its
+    next chunk ends. False when there is no key to mask.
+    """
+
+    __slots__ = ("_held", "_keep", "_pattern")
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        found = sorted(
+            {key.encode() for key in keys if len(key) >= _SHORTEST_MASKED}, key=len, reverse=True
+        )
+        # Longest first: a key that begins another is not masked in its place.
+        self._pattern = re.compile(b"|".join(map(re.escape, found))) if found else None
+        self._keep = len(found[0]) - 1 if found else 0
+        self._held = b""
+
+    def __bool__(self) -> bool:
+        return self._pattern is not None
+
+    def whole(self, body: bytes) -> bytes:
+        return body if self._pattern is None else self._pattern.sub(_MASK, body)
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What can be passed on of a body's next chunk, masked."""
+        if self._pattern is None:
+            return chunk
+        data = self._held + chunk
+        out = bytearray()
+        start = 0
+        for match in self._pattern.finditer(data):
+            out += data[start : match.start()]
+            out += _MASK
+            start = match.end()
+        # A key begun in the last bytes (after the last key found) may end in
+        # the next chunk: they wait for it.
+        cut = max(start, len(data) - self._keep)
+        out += data[start:cut]
+        self._held = data[cut:]
+        return bytes(out)
+
+    def end(self) -> bytes:
+        """The bytes held back at the body's end: no key (it would have been found)."""
+        held, self._held = self._held, b""
+        return held
 
 
 def is_json(media_type: bytes) -> bool:
@@ -114,15 +217,46 @@ def is_json(media_type: bytes) -> bool:
     )
 
 
+# Headers that choose the account the operator's key acts for: who is billed,
+# and whose files, vector stores, assistants and workspace objects the call
+# reaches (OpenAI's organization and project; Anthropic's workspace, and the
+# user profile a call is attributed - and may be billed - to). The operator's
+# choice, set per upstream (`Upstream.upstream_credentials`), never a
+# client's: dropped from every request, whatever its dialect.
+_ACCOUNT_HEADERS: Final = frozenset(
+    {
+        b"openai-organization",
+        b"openai-project",
+        b"anthropic-workspace-id",
+        b"anthropic-user-profile-id",
+    }
+)
+# The other headers that carry an API key: a client's is never forwarded with
+# the operator's. A router reads them in its own order: LiteLLM takes Azure's
+# api-key before Anthropic's x-api-key, so behind an Anthropic upstream (whose
+# key goes in x-api-key, with no Authorization) a client's api-key was the key
+# it authenticated.
+_KEY_HEADERS: Final = frozenset(
+    {b"x-api-key", b"api-key", b"x-goog-api-key", b"ocp-apim-subscription-key"}
+)
 # Request headers the gateway sets itself rather than forwarding (x-request-id:
-# the gateway's own, unique; a client's could name the upstream's answer).
-_DROP_REQUEST: Final = HOP_BY_HOP | {
-    b"host",
-    b"authorization",
-    b"content-length",
-    b"accept-encoding",
-    b"x-request-id",
-}
+# the gateway's own, unique; a client's could name the upstream's answer), and
+# the client's cookies: the gateway reads none, and a browser sends a frontend's
+# session cookies (same site, or a parent domain's) to the gateway's /v1 too -
+# never to the provider, a third party.
+_DROP_REQUEST: Final = (
+    HOP_BY_HOP
+    | _ACCOUNT_HEADERS
+    | _KEY_HEADERS
+    | {
+        b"host",
+        b"authorization",
+        b"content-length",
+        b"accept-encoding",
+        b"x-request-id",
+        b"cookie",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +339,8 @@ def request_headers(
                 except ValueError:
                     raise BadRequest("Invalid Content-Length header.") from None
             continue
+        if name.startswith(_ROUTER_PREFIXES):
+            continue  # a router's: whose call it is, its key, provider, budget...
         if name == b"content-type":
             if content_type:
                 # Which one would the upstream read? Refuse rather than guess.

@@ -403,6 +403,12 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "The option {option} has no price on this gateway, so it is not available.",
         "Tùy chọn {option} chưa được định giá trên gateway này nên không dùng được.",
     ),
+    # Anthropic's 1-hour prompt cache: opened per model by the price it names.
+    "option_not_priced_setting": _e(
+        "option_not_priced",
+        "The option {option} has no price on this gateway ({setting}), so it is not available.",
+        "Tùy chọn {option} chưa được định giá trên gateway này ({setting}) nên không dùng được.",
+    ),
     # --- malformed requests (400) ---
     "method_case": _e(
         "invalid_param",

@@ -18,6 +18,7 @@ from gateway.errors import ConfigError
 from gateway.usage import ZERO, Usage
 
 __all__ = [
+    "CACHE_WRITE_1H_RATE",
     "Audio",
     "CallPrice",
     "Price",
@@ -38,6 +39,12 @@ _SNAPSHOT: Final = re.compile(
 )
 
 
+# What Anthropic bills a 1-hour cache write at, in multiples of the input price
+# (its pricing page, "Prompt caching": 5-minute writes 1.25x, 1-hour writes 2x,
+# reads 0.1x): the price of a 1-hour write [prices] does not set.
+CACHE_WRITE_1H_RATE: Final = Decimal(2)
+
+
 def is_snapshot_suffix(suffix: str) -> bool:
     """Whether ``suffix`` (what follows a model name) is a snapshot's date."""
     return _SNAPSHOT.fullmatch(suffix) is not None
@@ -50,8 +57,13 @@ class Price:
     ``cached_input`` prices prompt tokens read from the provider's prompt cache;
     None bills them at ``input``. ``cache_write_input`` prices prompt tokens
     written to it (Anthropic bills cache writes above the input rate); None bills
-    them at ``input``. Reasoning tokens are part of the completion
-    tokens and billed as output, as providers bill them. ``audio_input`` and
+    them at ``input``. ``cache_write_1h_input`` prices those of the cache writes
+    that went to a 1-hour cache (Anthropic's ``ttl: "1h"``, billed at 2x input
+    where the 5-minute write is 1.25x); None bills them at ``CACHE_WRITE_1H_RATE``
+    times ``input`` (Anthropic's own multiplier), or at the 5-minute write's price
+    when that is dearer, never below either (`cache_write_1h_rate`). Reasoning
+    tokens are part of the completion tokens and billed as output, as providers
+    bill them. ``audio_input`` and
     ``audio_output`` price the audio tokens among the prompt and completion
     tokens (OpenAI's audio models bill them at an audio rate); None bills them
     at ``input`` and ``output``.
@@ -62,6 +74,7 @@ class Price:
     output: Decimal = field(default=ZERO, metadata={"min": 0})
     cached_input: Decimal | None = field(default=None, metadata={"min": 0})
     cache_write_input: Decimal | None = field(default=None, metadata={"min": 0})
+    cache_write_1h_input: Decimal | None = field(default=None, metadata={"min": 0})
     audio_input: Decimal | None = field(default=None, metadata={"min": 0})
     audio_output: Decimal | None = field(default=None, metadata={"min": 0})
     currency: str = "USD"
@@ -73,7 +86,19 @@ class Price:
             usage.cached_tokens,
             usage.cache_write_tokens,
             audio,
+            cache_write_1h_tokens=usage.cache_write_1h_tokens,
         )
+
+    def cache_write_1h_rate(self) -> Decimal:
+        """The price of one million 1-hour cache writes: ``cache_write_1h_input``,
+        else the dearer of ``CACHE_WRITE_1H_RATE`` x ``input`` and the 5-minute
+        write's price: 1-hour writes the request did not ask for (or that a
+        model without the price reported) are never charged below what
+        Anthropic bills for them."""
+        if self.cache_write_1h_input is not None:
+            return self.cache_write_1h_input
+        five_minutes = self.input if self.cache_write_input is None else self.cache_write_input
+        return max(self.input * CACHE_WRITE_1H_RATE, five_minutes)
 
     def cost_of(
         self,
@@ -82,19 +107,25 @@ class Price:
         cached_tokens: int,
         cache_write_tokens: int,
         audio: Audio | None = None,
+        *,
+        cache_write_1h_tokens: int = 0,
     ) -> Decimal:
         """`cost` from the counts themselves (no `Usage` built to hold them)."""
         cached = min(cached_tokens, prompt_tokens)
-        # Cache reads and cache writes are both parts of the prompt tokens.
+        # Cache reads and cache writes are both parts of the prompt tokens, and
+        # the 1-hour writes a part of the writes.
         written = min(cache_write_tokens, prompt_tokens - cached)
+        written_1h = min(cache_write_1h_tokens, written)
         cached_price = self.input if self.cached_input is None else self.cached_input
         write_price = self.input if self.cache_write_input is None else self.cache_write_input
         micro = (
             (prompt_tokens - cached - written) * self.input
             + cached * cached_price
-            + written * write_price
+            + (written - written_1h) * write_price
             + completion_tokens * self.output
         )
+        if written_1h > 0:
+            micro += written_1h * self.cache_write_1h_rate()
         if audio is not None:
             # Audio tokens are counted among the prompt (not cached) and completion
             # tokens, already priced above at the text rate: add the difference.
@@ -195,12 +226,16 @@ class PriceTable:
         completion = usage.completion_tokens
         cached = usage.cached_tokens
         written = usage.cache_write_tokens
+        written_1h = usage.cache_write_1h_tokens
         if max_tokens is not None:
             prompt = min(prompt, max_tokens)
             completion = min(completion, max_tokens)
             cached = min(cached, max_tokens)
             written = min(written, max_tokens)
-        cost = price.cost_of(prompt, completion, cached, written, audio)
+            written_1h = min(written_1h, max_tokens)
+        cost = price.cost_of(
+            prompt, completion, cached, written, audio, cache_write_1h_tokens=written_1h
+        )
         # Built whole rather than with dataclasses.replace (a loop over the fields
         # on every priced answer); tests/test_pricing.py fails if a field of Usage
         # is not passed on here.
@@ -214,6 +249,7 @@ class PriceTable:
             cached_tokens=usage.cached_tokens,
             reasoning_tokens=usage.reasoning_tokens,
             cache_write_tokens=usage.cache_write_tokens,
+            cache_write_1h_tokens=usage.cache_write_1h_tokens,
             clamped=usage.clamped,
         ), True
 

@@ -66,6 +66,7 @@ from gateway.features import used_web_search
 from gateway.follow import Follow, Follows
 from gateway.http import (
     Headers,
+    KeyMask,
     RequestHeaders,
     canonical_path,
     is_json,
@@ -125,6 +126,8 @@ _NO_HEADERS = RequestHeaders([])
 # Upstream answers that send a request on to the next fallback (issue 23).
 _RATE_LIMITED = 429
 _SERVER_ERROR = 500
+# A reply with no body, whose Content-Length is the stored representation's.
+_NOT_MODIFIED = 304
 # The pages of one upstream's model list read at most for a shared mount's list
 # (Anthropic's: 1000 models a page).
 _MODEL_LIST_PAGES = 10
@@ -835,7 +838,7 @@ class Proxy:
         # gives the answer (the client's own was dropped: `http._DROP_REQUEST`).
         headers.append((b"x-request-id", x.request_id.encode()))
         assert x.target is not None
-        headers.append(x.target.authorization)  # each attempt puts its own key here
+        own = len(headers)  # each attempt puts its own key (and account) from here
         attempts = x.attempts
         if not (x.body is None or isinstance(x.body, bytes)) or x.follow is not None:
             # A body forwarded as it is read cannot be sent twice; a resume's read
@@ -854,7 +857,7 @@ class Proxy:
                 log.warning("request %s: upstream %s failed; trying %s", x.request_id, failed, name)
                 await self._move_pending(x, name)
             target = x.target
-            headers[-1] = target.authorization
+            headers[own:] = target.credentials
             try:
                 response = await self._open(x, target.url + x.path + query, headers)
             except (UpstreamTimeout, UpstreamUnavailable) as exc:
@@ -912,10 +915,11 @@ class Proxy:
         task does nothing). The first success is answered, else the last reply."""
         chosen: httpx.Response | None = None
         failure: UpstreamTimeout | UpstreamUnavailable | None = None
+        own = len(headers)
         for name in attempts:
             self._use(x, name)
             assert x.target is not None
-            headers[-1] = x.target.authorization
+            headers[own:] = x.target.credentials
             try:
                 response = await self._open(x, x.target.url + x.path + query, headers)
             except (UpstreamTimeout, UpstreamUnavailable) as exc:
@@ -1116,11 +1120,13 @@ class Proxy:
         _SMALL_BODY: an error is small; past it, charged), the dialect says
         whether the upstream had started; then the prompt's estimate is charged
         (outcome ``error``) or the reservation given back - before the client
-        hears of it, as any record - and the error relayed unchanged."""
+        hears of it, as any record - and the error relayed (`_pass_on`)."""
         if response.is_stream_consumed:  # read whole already (`_billed_failure`)
+            # (its content decoded by httpx)
             body, whole, chunks = response.content, True, None
+            headers = _decoded(headers) if _encoded(headers) else headers
         else:
-            chunks = response.aiter_raw()
+            chunks, headers = _error_body(response, headers)
             body, whole = await _read_small(x, chunks)
         if not whole or x.dialect.billed_error(x.route, x.answer_body, status, body):
             estimate = x.dialect.unanswered(x.route, x.answer_body)
@@ -1166,6 +1172,13 @@ class Proxy:
             if lists:
                 await self._models(x, send, response, status, headers, lists)
                 return
+        if _is_error(status) and x.method != "HEAD" and not content_type.startswith(_SSE):
+            # An error, read whole (up to _SMALL_BODY) to pass it on without
+            # the operator's keys (`_pass_on`).
+            chunks, headers = _error_body(response, headers)
+            body, whole = await _read_small(x, chunks)
+            await self._pass_on(x, status, headers, body, None if whole else chunks, send)
+            return
         await self._start(x, send, status, headers)
         if content_type.startswith(_SSE):
             # An unmetered event stream (a run's events read again): it may stay open
@@ -1207,7 +1220,10 @@ class Proxy:
         send: Send,
     ) -> None:
         """A reply read in part or whole (`_read_small`): what was read, then
-        the ``rest`` of its body as it comes."""
+        the ``rest`` of its body as it comes. An error's body goes without the
+        request's upstream keys (`_without_keys`)."""
+        if _is_error(status):
+            headers, head, rest = _without_keys(x, headers, head, rest)
         await self._start(x, send, status, headers)
         await send({"type": "http.response.body", "body": head, "more_body": rest is not None})
         if rest is not None:
@@ -1618,7 +1634,7 @@ class Proxy:
             url = target.url + x.path + ("?" + query.decode("latin-1") if query else "")
             try:
                 reply = await client.request(
-                    "GET", url, headers=[*x.headers.forward, target.authorization]
+                    "GET", url, headers=[*x.headers.forward, *target.credentials]
                 )
                 page = orjson.loads(reply.content) if reply.is_success else None
             except (UpstreamUnavailable, orjson.JSONDecodeError) as exc:
@@ -1721,7 +1737,7 @@ class Proxy:
                 "POST",
                 target.url + path,
                 content=payload,
-                headers=[(b"content-type", b"application/json"), target.authorization],
+                headers=[(b"content-type", b"application/json"), *target.credentials],
             )
         except UpstreamUnavailable as exc:
             log.warning(
@@ -1982,6 +1998,68 @@ async def _read_small(x: Exchange, chunks: AsyncIterator[bytes]) -> tuple[bytes,
     except UpstreamBroken as exc:
         log.warning("request %s: upstream body ended abnormally: %r", x.request_id, exc.__cause__)
     return bytes(held), True
+
+
+def _is_error(status: int) -> bool:
+    """A reply whose body may quote an upstream key (`_without_keys`): not a
+    2xx, nor a 304 (no body, and a Content-Length that is the stored one's)."""
+    return not 200 <= status < 300 and status != _NOT_MODIFIED
+
+
+def _encoded(headers: Headers) -> bool:
+    """Whether a reply's body has a Content-Encoding (other than identity)."""
+    encoding = next((v for k, v in headers if k == b"content-encoding"), b"identity")
+    return encoding.strip().lower() != b"identity"
+
+
+def _decoded(headers: Headers) -> Headers:
+    """A reply's headers once its body is decoded: no Content-Encoding, and no
+    Content-Length (the encoded body's)."""
+    return [(k, v) for k, v in headers if k not in (b"content-length", b"content-encoding")]
+
+
+def _error_body(response: httpx.Response, headers: Headers) -> tuple[AsyncIterator[bytes], Headers]:
+    """An error's body to read (`_read_small`), decoded when it is encoded (a
+    client's Accept-Encoding is forwarded on routes that are not answers), so
+    that a key in it is found; and the headers that go with it."""
+    if _encoded(headers):
+        return UpstreamClient.decoded(response), _decoded(headers)
+    return response.aiter_raw(), headers
+
+
+def _without_keys(
+    x: Exchange, headers: Headers, head: bytes, rest: AsyncIterator[bytes] | None
+) -> tuple[Headers, bytes, AsyncIterator[bytes] | None]:
+    """An error reply (`_pass_on`) without the key of any upstream the request
+    was sent to (its fallbacks' too): some compatible servers and proxies quote
+    the key they were sent in an auth or budget error, and the operator's key
+    never leaves the gateway (docs/security.md). Content-Length follows: the
+    whole body's length, none for a body passed on as it comes."""
+    targets = x.snap.targets
+    keys = [targets[name].settings.api_key for name in x.attempts if name in targets]
+    if x.target is not None:
+        keys.append(x.target.settings.api_key)
+    mask = KeyMask(keys)
+    if rest is None:
+        body = mask.whole(head)
+        kept = [(k, v) for k, v in headers if k != b"content-length"]
+        kept.append((b"content-length", str(len(body)).encode()))
+        return kept, body, None
+    if not mask:
+        return headers, head, rest
+    kept = [(k, v) for k, v in headers if k != b"content-length"]
+    return kept, mask.feed(head), _masked(mask, rest)
+
+
+async def _masked(mask: KeyMask, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The rest of a body passed on as it comes, masked (`KeyMask.feed`)."""
+    async for chunk in chunks:
+        passed = mask.feed(chunk)
+        if passed:
+            yield passed
+    held = mask.end()
+    if held:
+        yield held
 
 
 def _limits_uploads(limits: Iterable[Limit]) -> bool:

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
 from gateway.allowlist import AllowList
-from gateway.errors import Forbidden, NotFound, StorageError
+from gateway.errors import STORAGE_UNAVAILABLE, Forbidden, NotFound, StorageError
 from gateway.pricing import CallPrice
 from gateway.upstreams import Route
 from gateway.usage import Metered, Usage
@@ -106,7 +106,7 @@ class RouteGuard:
         except StorageError as exc:
             # Fails closed: without the ledger nobody's objects are shown.
             self._metrics.inc("gateway_storage_errors_total", operation="answer_owner")
-            raise StorageError("The usage database is unavailable; try again shortly.") from exc
+            raise StorageError(STORAGE_UNAVAILABLE) from exc
         if owner is None or owner.user_id != user_id:
             # 404, not 403: another user's object must not be told from a missing one.
             raise NotFound(f"No object found with id '{answer_id}'.", code="not_found")
@@ -124,7 +124,7 @@ class RouteGuard:
         except StorageError as exc:
             # Fails closed, as check_owner: without the records nobody's files are used.
             self._metrics.inc("gateway_storage_errors_total", operation="upload_owners")
-            raise StorageError("The usage database is unavailable; try again shortly.") from exc
+            raise StorageError(STORAGE_UNAVAILABLE) from exc
         for file_id in sorted(file_ids):
             if owners.get(file_id) != user_id:
                 # 404, as for another user's object: not told from a missing one.

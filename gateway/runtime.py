@@ -41,6 +41,7 @@ from gateway.settle import Settler
 from gateway.snapshot import Current, Snapshot, build_snapshot, recover_after
 from gateway.storage import Storage, open_storage
 from gateway.tasks import Tasks
+from gateway.tls import client_context
 from gateway.upstream_client import UpstreamClient
 from gateway.upstreams import Upstream
 
@@ -117,8 +118,14 @@ def make_client(
             # No cookie jar: this one client serves every user.
             return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
-        transport = AiohttpTransport(limits=limits, client=session)
-    return SharedClient(transport=transport, limits=limits, timeout=timeout, follow_redirects=False)
+        transport = AiohttpTransport(verify=client_context(), limits=limits, client=session)
+    return SharedClient(
+        verify=client_context(),
+        transport=transport,
+        limits=limits,
+        timeout=timeout,
+        follow_redirects=False,
+    )
 
 
 class InFlight:

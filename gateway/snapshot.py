@@ -99,7 +99,8 @@ class Target:
     name: str
     settings: UpstreamConfig  # its table: timeouts, disconnect policy, event cap
     url: str  # its base URL, without a trailing "/"
-    authorization: tuple[bytes, bytes]  # the header with its own key, in its dialect's form
+    # The headers with its own key (and the account it acts for), in its dialect's form.
+    credentials: tuple[tuple[bytes, bytes], ...]
     blocking_timeout: httpx.Timeout  # a blocking answer may take as long as any answer
 
 
@@ -301,9 +302,9 @@ def _target(up: UpstreamConfig, dialect: Upstream) -> Target:
         name=up.name,
         settings=up,
         url=up.url,
-        # The header that carries the operator's key for this upstream: its
+        # The headers that carry the operator's key for this upstream: its
         # dialect's (Anthropic's x-api-key). Never another upstream's key.
-        authorization=dialect.upstream_credential(up.api_key),
+        credentials=dialect.upstream_credentials(up),
         blocking_timeout=httpx.Timeout(
             connect=up.connect_timeout,
             read=up.total_timeout,

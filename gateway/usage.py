@@ -99,6 +99,10 @@ class FieldReader:
             shown = f"<{type(value).__name__}>"
         self.clamped.append(f"{name}={shown}")
 
+    def bad(self, name: str, value: object) -> None:
+        """Name a field the caller could not read, and bounded itself."""
+        self._bad(name, value)
+
     def tokens(self, raw: dict[str, Any], name: str) -> int:
         """``raw[name]`` as a token count (absent or null: 0)."""
         return self._tokens(raw, name)[0]
@@ -201,6 +205,10 @@ class Usage:
     # Prompt tokens written to the prompt cache (Anthropic's cache_creation_input_tokens),
     # like cached_tokens a part of prompt_tokens, billed at their own rate.
     cache_write_tokens: int = 0
+    # Of cache_write_tokens, those written to a 1-hour cache (Anthropic's
+    # usage.cache_creation.ephemeral_1h_input_tokens), billed at their own rate;
+    # the rest are 5-minute writes.
+    cache_write_1h_tokens: int = 0
     # The fields the upstream reported out of range, each with what it held
     # ("total_tokens=-5"): the answer is recorded with outcome "clamped".
     clamped: tuple[str, ...] = ()
@@ -216,6 +224,7 @@ class Usage:
             cached_tokens=self.cached_tokens + other.cached_tokens,
             reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
             cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
+            cache_write_1h_tokens=self.cache_write_1h_tokens + other.cache_write_1h_tokens,
             clamped=self.clamped + other.clamped,
         )
 

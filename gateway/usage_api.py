@@ -10,6 +10,7 @@ body shape of every other refusal of the gateway (realm "api").
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -17,13 +18,15 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.admin import MAX_DAYS, error_response, int_param, json_response, services
-from gateway.errors import GatewayError
+from gateway.errors import STORAGE_UNAVAILABLE, GatewayError, StorageError
 from gateway.http import request_headers
 from gateway.reports import daily_dict
 
 if TYPE_CHECKING:
     from gateway.services import Services
     from gateway.snapshot import Snapshot
+
+log = logging.getLogger("gateway.usage_api")
 
 __all__ = ["usage_routes"]
 
@@ -59,6 +62,14 @@ def _private(response: Response) -> Response:
     return response
 
 
+def _unavailable(gw: Services, exc: StorageError) -> Response:
+    """A storage failure told without the driver's words, which name the database's
+    address, user or name to any caller (a bearer token of any kind reaches the
+    key lookup); logged for the operator."""
+    log.warning("/v1/usage: %s", exc.message)
+    return error_response(gw, StorageError(STORAGE_UNAVAILABLE), realm="api")
+
+
 async def my_usage(request: Request) -> Response:
     """What the caller has used and has left, per limit of their plan."""
     gw = services(request)
@@ -66,6 +77,8 @@ async def my_usage(request: Request) -> Response:
         user_id = await _end_user(request, gw)
         # Fresh from storage: the in-process user cache holds plans, not counters.
         return _private(json_response(gw, await gw.reports.usage(await gw.reports.user(user_id))))
+    except StorageError as exc:
+        return _unavailable(gw, exc)
     except GatewayError as exc:
         return error_response(gw, exc, realm="api")
 
@@ -88,6 +101,8 @@ async def my_daily_usage(request: Request) -> Response:
                 },
             )
         )
+    except StorageError as exc:
+        return _unavailable(gw, exc)
     except GatewayError as exc:
         return error_response(gw, exc, realm="api")
 

@@ -19,6 +19,24 @@ import pytest
 from tests.servers import serve
 
 CHROMIUM = "/usr/bin/chromium"
+# The features Playwright's Chromium switches turn off (Playwright 1.65,
+# coreBundle.js `disabledFeatures`: HTTP kept on HTTP, no Lens, Media Router,
+# optimization hints, network time or AI-mode requests...).
+_PLAYWRIGHTS_DISABLED = [
+    "AvoidUnnecessaryBeforeUnloadCheckSync",
+    "DestroyProfileOnBrowserClose",
+    "HttpsUpgrades",
+    "HttpsFirstBalancedModeAutoEnable",
+    "LensOverlay",
+    "MediaRouter",
+    "PaintHolding",
+    "ThirdPartyStoragePartitioning",
+    "AvoidCorsURLLoaderRestartOnRedirect",
+    "OptimizationHints",
+    "NetworkTimeServiceQuerying",
+    "AimEnabled",
+    "PreconnectToSearch",
+]
 CHROMIUM_ARGS = [
     "--headless=new",
     "--no-sandbox",
@@ -28,10 +46,12 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     # Chromium's new headless mode is the whole browser: each window (a
     # context's first page) renders two WebUI popups of its address bar, each in
-    # a renderer of its own (~0.5 s of CPU). This turns off the omnibox's (the
-    # other, AI mode's, has no switch found); a fifth of the browser tests'
-    # Chromium CPU. The pages under test never see the address bar.
-    "--disable-features=WebUIOmniboxPopup",
+    # a renderer of its own (~0.5 s of CPU). WebUIOmniboxPopup turns off the
+    # omnibox's; a fifth of the browser tests' Chromium CPU. The pages under test
+    # never see the address bar. Chromium reads the last --disable-features it is
+    # given, so Playwright's own list (its chromiumSwitches), which this
+    # one would otherwise replace, is repeated before it.
+    "--disable-features=" + ",".join([*_PLAYWRIGHTS_DISABLED, "WebUIOmniboxPopup"]),
 ]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 

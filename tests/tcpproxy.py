@@ -23,6 +23,9 @@ class TCPProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Counts the cuts: a connection accepted before one and still connecting
+        # onwards when it came is dropped, not piped through a cut proxy.
+        self._cuts = 0
 
     async def start(self) -> None:
         if self.port:  # restored: the same port again
@@ -42,10 +45,14 @@ class TCPProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        cuts = self._cuts
         first = b""
         if self.lose_cancels:
             with contextlib.suppress(asyncio.IncompleteReadError):
                 first = await reader.readexactly(8)
+            if self._cuts != cuts:
+                writer.transport.abort()
+                return
             if first == CANCEL_REQUEST:
                 self.cancels_lost += 1
                 self._writers.add(writer)  # held open until cut, never answered
@@ -54,6 +61,12 @@ class TCPProxy:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.close()
+            return
+        if self._cuts != cuts:
+            # Cut while this connection was on its way to the server (an asyncpg
+            # pool restoring its floor, say): it must not outlive the cut.
+            writer.transport.abort()
+            up_writer.transport.abort()
             return
         self._writers.update((writer, up_writer))
         up_writer.write(first)
@@ -74,6 +87,7 @@ class TCPProxy:
 
     async def cut(self) -> None:
         """Refuse new connections and drop the open ones, like a database going down."""
+        self._cuts += 1
         server, self._server = self._server, None
         if server is not None:
             server.close()

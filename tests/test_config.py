@@ -3,6 +3,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -167,13 +168,13 @@ def test_environment_overrides(tmp_path: Path) -> None:
         "GATEWAY_DATABASE_URL": "postgresql://u:secret@db/gw",
         "GATEWAY_UPSTREAM_URL": "https://dify.example.com/v1/",
         "MY_DIFY_KEY": "app-from-named-var",
-        "GATEWAY_ADMIN_TOKEN": "admin-secret",
+        "GATEWAY_ADMIN_TOKEN": "admin-secret-0123456789",
     }
     config = load_config(path, env=env)
     assert config.database.url == "postgresql://u:secret@db/gw"
     assert config.upstream.url == "https://dify.example.com/v1"
     assert config.upstream.api_key == "app-from-named-var"
-    assert config.admin.token == "admin-secret"
+    assert config.admin.token == "admin-secret-0123456789"
     config = load_config(path, env={**env, "GATEWAY_UPSTREAM_API_KEY": "app-direct"})
     assert config.upstream.api_key == "app-direct"
     assert (
@@ -187,14 +188,59 @@ def test_render_masks_secrets() -> None:
         env={
             "GATEWAY_DATABASE_URL": "postgresql://gw:hunter2@db/gw",
             "DIFY_API_KEY": "app-123",
-            "GATEWAY_ADMIN_TOKEN": "tok",
+            "GATEWAY_ADMIN_TOKEN": "tok-0123456789abcdef",
         },
     )
     text = render_config(config)
-    assert "hunter2" not in text and "app-123" not in text and 'tok"' not in text
+    assert "hunter2" not in text and "app-123" not in text and "tok-0123" not in text
     assert 'url = "postgresql://gw:***@db/gw"' in text
     assert 'api_key = "***"' in text and 'token = "***"' in text
     assert "queries_per_day = 5" in text and "# tokens_per_day = unlimited" in text
+
+
+@pytest.mark.parametrize(
+    ("settings", "env", "refusal"),
+    [
+        pytest.param(
+            {"auth": {"mode": "jwt"}},
+            {"GATEWAY_JWT_SECRET": "secret"},
+            "auth.jwt.secret_env: GATEWAY_JWT_SECRET holds 6 bytes",
+            id="hs256-secret",
+        ),
+        pytest.param(
+            {"auth": {"mode": "jwt"}},
+            {"GATEWAY_JWT_SECRET": "s" * 31},
+            "GATEWAY_JWT_SECRET holds 31 bytes; .* at least 32",
+            id="hs256-secret-one-short",
+        ),
+        pytest.param(
+            {"auth": {"mode": "trusted_header"}},
+            {"GATEWAY_SERVICE_KEY": "svc"},
+            "auth.trusted_header.service_key_env: GATEWAY_SERVICE_KEY holds 3 bytes",
+            id="service-key",
+        ),
+        pytest.param(
+            {}, {"GATEWAY_ADMIN_TOKEN": "admin"}, "admin.token_env: GATEWAY_ADMIN_TOKEN", id="admin"
+        ),
+        pytest.param(
+            {"admin": {"token_env": "OPS_TOKEN"}},
+            {"OPS_TOKEN": "p" * 15},
+            "admin.token_env: OPS_TOKEN holds 15 bytes; .* at least 16",
+            id="admin-own-variable",
+        ),
+        pytest.param({}, {"GATEWAY_METRICS_TOKEN": "metrics"}, "metrics.token_env", id="metrics"),
+    ],
+)
+def test_a_guessable_secret_is_refused_at_load(
+    settings: dict[str, Any], env: dict[str, str], refusal: str
+) -> None:
+    """Attack (review 3, #8): GATEWAY_JWT_SECRET=secret was taken; any user holds a
+    token it signed and can find a six-letter key offline in seconds, then sign a
+    token for anyone. A five-letter admin token is within the throttle's guesses."""
+    with pytest.raises(ConfigError, match=refusal):
+        parse_config({"plans": {"free": {}}, **settings}, env=env)
+    strong = {name: "x" * 32 for name in env}
+    parse_config({"plans": {"free": {}}, **settings}, env=strong)
 
 
 def test_overrides_replace_plan_limits() -> None:
@@ -234,6 +280,35 @@ def test_call_prices_are_parsed_as_decimals_and_refused_when_negative() -> None:
         parse_config({"call_prices": {"x": {"price": "-1"}}}, env={})
     with pytest.raises(ConfigError, match="call_prices"):
         parse_config({"call_prices": {"x": "0.01"}}, env={})
+
+
+def test_the_one_hour_cache_write_price_is_an_optional_decimal_never_negative() -> None:
+    prices = {
+        "claude-sonnet-4-5": {
+            "input": "3",
+            "cache_write_input": "3.75",
+            "cache_write_1h_input": "6.00",
+        },
+        "claude-haiku-4-5": {"input": "1"},
+    }
+    config = parse_config({"prices": prices}, env={})
+    assert config.prices["claude-sonnet-4-5"].cache_write_1h_input == Decimal("6.00")
+    assert config.prices["claude-haiku-4-5"].cache_write_1h_input is None
+    with pytest.raises(
+        ConfigError, match=r"prices\.m\.cache_write_1h_input: expected a number >= 0"
+    ):
+        parse_config({"prices": {"m": {"input": "1", "cache_write_1h_input": "-6"}}}, env={})
+    with pytest.raises(ConfigError, match=r"prices\.m\.cache_write_1h_input"):
+        parse_config({"prices": {"m": {"cache_write_1h_input": "six"}}}, env={})
+
+
+def test_the_shipped_anthropic_prices_bill_one_hour_writes_at_twice_the_input() -> None:
+    config = load_config(ROOT / "config" / "anthropic.toml", env={})
+    assert config.prices
+    for model, price in config.prices.items():
+        assert price.cache_write_1h_input == 2 * price.input, model
+        assert price.cache_write_input == price.input * Decimal("1.25"), model
+    assert config.prices["claude-sonnet-4-5"].cache_write_1h_input == Decimal("6.00")
 
 
 def test_prices_in_more_than_one_currency_are_refused_naming_both_keys() -> None:
@@ -324,6 +399,43 @@ def test_a_named_upstream_without_api_key_env_is_refused_not_sent_another_key() 
     legacy = parse_config({"upstream": {}}, env={"DIFY_API_KEY": "app-dify-secret"})
     assert legacy.upstream.api_key == "app-dify-secret"
     assert legacy.upstream.url == "http://127.0.0.1:5001/v1"
+
+
+def test_an_upstreams_account_is_set_on_the_kind_that_reads_it() -> None:
+    # The organization, project (OpenAI) and workspace (Anthropic) the
+    # operator's key acts for: sent as headers (a client's own are dropped).
+    config = parse_config(
+        {
+            "upstream": {"kind": "openai", "organization": "org-A1", "project": "proj_B2"},
+            "upstreams": {
+                "claude": {"kind": "anthropic", "workspace": "wrkspc_C3", **NAMED_KEYS},
+            },
+        },
+        env={},
+    )
+    assert (config.upstream.organization, config.upstream.project) == ("org-A1", "proj_B2")
+    assert config.upstreams["claude"].workspace == "wrkspc_C3"
+    text = render_config(config)
+    assert 'organization = "org-A1"' in text and 'workspace = "wrkspc_C3"' in text
+
+
+@pytest.mark.parametrize(
+    ("table", "match"),
+    [
+        ({"kind": "dify", "organization": "org-1"}, r"upstream\.organization: only .*'openai'"),
+        ({"kind": "anthropic", "project": "proj_1"}, r"upstream\.project: only .*'openai'"),
+        ({"kind": "openai", "workspace": "wrkspc_1"}, r"upstream\.workspace: only .*'anthropic'"),
+        ({"kind": "openai", "organization": "org 1"}, r"upstream\.organization: expected an id"),
+        ({"kind": "openai", "project": "proj\r\nx: y"}, r"upstream\.project: expected an id"),
+        ({"kind": "anthropic", "workspace": "wrkspc_é"}, r"upstream\.workspace: expected an id"),
+        ({"kind": "openai", "organization": 7}, r"upstream\.organization: expected a string"),
+    ],
+)
+def test_an_upstreams_account_is_refused_where_it_would_not_be_read_or_sent_intact(
+    table: dict[str, object], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_config({"upstream": table}, env={})
 
 
 def test_check_config_warns_of_one_key_variable_read_at_two_hosts() -> None:

@@ -15,7 +15,7 @@ import pytest
 from gateway.auth import Authenticator
 from gateway.cli import main
 from gateway.config import AuthConfig, Config, DatabaseConfig, parse_config
-from gateway.errors import ConfigError
+from gateway.errors import STORAGE_UNAVAILABLE, ConfigError
 from gateway.http import response_headers
 from gateway.keys import hash_key
 from gateway.storage import ApiKey, UsageEvent, open_storage
@@ -269,3 +269,36 @@ def test_relayed_responses_leave_date_and_server_to_the_gateways_server() -> Non
         (b"X-Request-Id", b"theirs"),
     ]
     assert response_headers(upstream) == [(b"content-type", b"application/json")]
+
+
+# --- what a database outage tells those who ask ---------------------------------------
+
+
+@pytest.mark.postgres
+async def test_a_database_outage_does_not_tell_anyone_where_the_database_is(
+    pg_behind_proxy: tuple[str, TCPProxy], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attack (review 3, #5): with no credential at all, /readyz answered the
+    driver's words, and so did /v1/usage to any bearer token (the key lookup
+    fails first): 'PostgreSQL error: ConnectionRefusedError: ... ('10.x.y.z',
+    5432)', or the database's user or name in other errors. Now a fixed message;
+    the words go to the log, for the operator."""
+    url, proxy = pg_behind_proxy
+    settings = {"database": {"connect_timeout": 1.0, "command_timeout": 2.0}}
+    async with running_gateway(url, settings=settings) as h:
+        await proxy.cut()
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            ready = await client.get("/readyz")
+            usage = await client.get("/v1/usage", headers={"Authorization": "Bearer gwk_x"})
+            daily = await client.get("/v1/usage/daily", headers={"Authorization": "Bearer gwk_x"})
+        await proxy.restore()
+    assert ready.status_code == 503
+    assert ready.json() == {"status": "unavailable", "reason": STORAGE_UNAVAILABLE}
+    for answer in (usage, daily):
+        assert answer.status_code == 503
+        assert answer.json()["message"] == STORAGE_UNAVAILABLE
+    for answer in (ready, usage, daily):
+        assert "PostgreSQL" not in answer.text and str(proxy.port) not in answer.text
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("not ready: PostgreSQL error" in m for m in logged)
+    assert any(m.startswith("/v1/usage: PostgreSQL error") for m in logged)

@@ -5,11 +5,13 @@ unrecorded on timeouts and cancellation, leaked stream slots, unfiltered history
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from datetime import date
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import httpx
 import orjson
 import pytest
@@ -873,6 +875,52 @@ async def test_a_chat_request_cannot_attach_another_users_upload(database_url: s
         "status": 404,
     }
     assert sent == []
+
+
+async def _delete_user(url: str, user: str) -> None:
+    """Delete a user as an operator does, by hand (the gateway has no command
+    for it); on SQLite with foreign keys on, so the user's keys go too."""
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("DELETE FROM users WHERE id = ?", (user,))
+        finally:
+            conn.close()
+        return
+    pg = await asyncpg.connect(url)
+    try:
+        await pg.execute("DELETE FROM users WHERE id = $1", user)
+    finally:
+        await pg.close()
+
+
+async def test_a_user_made_again_under_a_deleted_users_id_cannot_attach_their_uploads(
+    database_url: str,
+) -> None:
+    """The attack: Bob uploads his payslip, and is deleted; the id "bob" is
+    later given to somebody else (a reused login, a token subject issued anew),
+    who names the old upload's id. The gateway knows users by id alone: the
+    upload's record outlived Bob and made the new bob its owner. A user's
+    deletion now takes the records with it (PostgreSQL 0029, SQLite 0022)."""
+    async with running_gateway(database_url) as h:
+        assert h.fake is not None
+        bob = await h.add_user("bob")
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            bobs_file = await _upload(client, h, bob)
+            before = await client.post(
+                "/v1/chat-messages", json=_attach(bobs_file), headers=h.auth(bob)
+            )
+            await _delete_user(database_url, "bob")
+            new_bob = await h.add_user("bob")
+            answer = await client.post(
+                "/v1/chat-messages", json=_attach(bobs_file), headers=h.auth(new_bob)
+            )
+        sent = [r for r in h.fake.requests if r.path.endswith("/chat-messages")]
+    assert before.status_code == 200, before.text
+    assert answer.status_code == 404, answer.text
+    assert answer.json()["code"] == "not_found"
+    assert len(sent) == 1  # the old Bob's own answer only
 
 
 @pytest.mark.parametrize(

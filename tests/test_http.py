@@ -14,6 +14,7 @@ import pytest
 from gateway.errors import BadRequest
 from gateway.http import (
     _PATH_SAFE,
+    KeyMask,
     canonical_path,
     connection_tokens,
     is_json,
@@ -100,6 +101,69 @@ def test_with_param_escapes_the_value() -> None:
             [(b"x-b", b"2")],
         ),
         ([(b"Keep-Alive", b"timeout=5"), (b"Upgrade", b"h2c")], []),
+        # The operator's account: whose it is, and its rate limits (every user's
+        # traffic, summed), OpenAI's and Anthropic's.
+        (
+            [
+                (b"openai-organization", b"acme-operator-org"),
+                (b"OpenAI-Project", b"proj_operator"),
+                (b"x-ratelimit-limit-tokens", b"30000000"),
+                (b"x-ratelimit-remaining-tokens", b"29123456"),
+                (b"x-ratelimit-reset-requests", b"6ms"),
+                (b"anthropic-organization-id", b"0b1c-operator"),
+                (b"anthropic-workspace-id", b"wrkspc_operator"),
+                (b"anthropic-ratelimit-requests-remaining", b"3999"),
+                (b"anthropic-ratelimit-input-tokens-remaining", b"1999000"),
+                (b"anthropic-priority-input-tokens-remaining", b"100"),
+            ],
+            [],
+        ),
+        # A router's, about the operator's key there and where it sends it.
+        (
+            [
+                (b"x-litellm-key-spend", b"1234.5"),
+                (b"x-litellm-model-api-base", b"https://internal.example/v1"),
+                (b"llm_provider-openai-organization", b"acme-operator-org"),
+                (b"x-portkey-last-used-option-params", b"{}"),
+                (b"helicone-id", b"1"),
+                (b"cf-aig-log-id", b"1"),
+            ],
+            [],
+        ),
+        # What a client needs to retry or to name its request stays, and the
+        # rest of the answer's own headers.
+        (
+            [
+                (b"retry-after", b"2"),
+                (b"retry-after-ms", b"1500"),
+                (b"x-should-retry", b"true"),
+                (b"request-id", b"req_011"),
+                (b"openai-processing-ms", b"210"),
+                (b"openai-version", b"2020-10-01"),
+                (b"openai-poll-after-ms", b"500"),
+                (b"x-ratelimited", b"1"),
+            ],
+            [
+                (b"retry-after", b"2"),
+                (b"retry-after-ms", b"1500"),
+                (b"x-should-retry", b"true"),
+                (b"request-id", b"req_011"),
+                (b"openai-processing-ms", b"210"),
+                (b"openai-version", b"2020-10-01"),
+                (b"openai-poll-after-ms", b"500"),
+                (b"x-ratelimited", b"1"),
+            ],
+        ),
+    ],
+    ids=[
+        "lower-cased",
+        "hop-by-hop",
+        "request-id",
+        "connection-listed",
+        "hop-by-hop-always",
+        "operators-account",
+        "router",
+        "kept",
     ],
 )
 def test_response_headers(
@@ -151,6 +215,119 @@ def test_request_headers_split() -> None:
     assert split.authorization == b"Bearer k" and split.user_header == b"bob"
     assert split.content_length == 12 and split.accept_encoding == b"gzip"
     assert split.media_type == b"application/json" and split.preflight
+
+
+def test_request_headers_drop_the_account_a_client_names() -> None:
+    # Who the operator's key bills and whose objects it reaches is the
+    # operator's choice (the upstream's table), in every dialect.
+    split = request_headers(
+        [
+            (b"openai-organization", b"org-victim"),
+            (b"openai-project", b"proj-victim"),
+            (b"anthropic-workspace-id", b"wrkspc_victim"),
+            (b"anthropic-user-profile-id", b"uprof_victim"),
+            (b"openai-beta", b"assistants=v2"),
+            (b"anthropic-version", b"2023-06-01"),
+        ],
+        b"x-user",
+        b"x-api-key",
+    )
+    assert split.forward == [
+        (b"openai-beta", b"assistants=v2"),
+        (b"anthropic-version", b"2023-06-01"),
+    ]
+
+
+def test_request_headers_drop_cookies_keys_and_what_a_router_reads() -> None:
+    # A router between the gateway and the provider reads these as whose call
+    # it is (LiteLLM reads x-litellm-end-user-id before the body's user), which
+    # stored key, provider or host the operator's key goes to, its budget, tags
+    # and retries; a browser's cookies are the frontend's. None go upstream,
+    # and nothing a real client sends is lost with them.
+    kept = [
+        (b"content-type", b"application/json"),
+        (b"accept", b"application/json"),
+        (b"user-agent", b"OpenAI/Python 3.57.0"),
+        (b"openai-beta", b"assistants=v2"),
+        (b"anthropic-version", b"2023-06-01"),
+        (b"anthropic-beta", b"prompt-caching-2024-07-31"),
+        (b"x-stainless-lang", b"python"),
+        (b"x-stainless-retry-count", b"0"),
+        (b"x-trace-id", b"t-1"),
+    ]
+    dropped = [
+        (b"cookie", b"chat_session=s3cr3t"),
+        (b"x-litellm-end-user-id", b"alice"),
+        (b"x-litellm-customer-id", b"alice"),
+        (b"x-litellm-tags", b"premium-deployment"),
+        (b"x-litellm-spend-logs-metadata", b"{}"),
+        (b"x-litellm-num-retries", b"50"),
+        (b"x-litellm-timeout", b"3600"),
+        (b"x-litellm-api-key", b"sk-other"),
+        (b"x-portkey-virtual-key", b"operators-other-key"),
+        (b"x-portkey-provider", b"openai"),
+        (b"x-portkey-config", b"pc-operator"),
+        (b"x-portkey-custom-host", b"https://attacker.example"),
+        (b"helicone-user-id", b"alice"),
+        (b"helicone-target-url", b"https://attacker.example"),
+        (b"helicone-ratelimit-policy", b"1000000;w=60"),
+        (b"cf-aig-custom-cost", b'{"total_cost":0}'),
+        (b"cf-aig-collect-log", b"false"),
+        (b"cf-aig-skip-cache", b"true"),
+        # Keys in the headers other APIs take them in (LiteLLM reads Azure's
+        # api-key before x-api-key, and behind an Anthropic upstream the
+        # operator's key is in x-api-key, with no Authorization).
+        (b"api-key", b"sk-other"),
+        (b"x-goog-api-key", b"other"),
+        (b"ocp-apim-subscription-key", b"other"),
+    ]
+    split = request_headers([*dropped[:9], *kept, *dropped[9:]], b"x-user", b"x-api-key")
+    assert split.forward == kept
+    # Where the dialect takes no key in x-api-key (OpenAI's, Dify's), a client's
+    # is dropped as well.
+    split = request_headers([*kept, (b"x-api-key", b"sk-other"), *dropped], b"x-user")
+    assert split.forward == kept and split.api_key is None
+
+
+@pytest.mark.parametrize(
+    ("keys", "body", "expected"),
+    [
+        (["sk-operator-key"], b'{"m": "bad key sk-operator-key."}', b'{"m": "bad key ***."}'),
+        (["sk-operator-key"], b"sk-operator-keysk-operator-key", b"******"),
+        (["sk-operator-key"], b"no key here", b"no key here"),
+        # Both of two keys, the longer first where one begins the other.
+        (
+            ["sk-operator", "sk-operator-key-2"],
+            b"sk-operator-key-2 sk-operator",
+            b"*** ***",
+        ),
+        # A key too short to be one is left alone: it would mask words.
+        (["EMPTY", "test"], b"EMPTY test", b"EMPTY test"),
+        ([], b"anything", b"anything"),
+    ],
+)
+def test_key_mask_whole(keys: list[str], body: bytes, expected: bytes) -> None:
+    assert KeyMask(keys).whole(body) == expected
+
+
+def test_key_mask_finds_a_key_split_between_chunks_wherever_it_is_cut() -> None:
+    key = "app-upstream-secret"
+    body = b'{"error": "budget exceeded for app-upstream-secret; app-upstream-secret"}'
+    expected = KeyMask([key]).whole(body)
+    assert key.encode() not in expected
+    for first in range(len(body) + 1):
+        for second in range(first, len(body) + 1):
+            mask = KeyMask([key])
+            chunks = [body[:first], body[first:second], body[second:]]
+            passed = b"".join(mask.feed(chunk) for chunk in chunks) + mask.end()
+            assert passed == expected, (first, second)
+
+
+def test_a_key_mask_with_no_key_is_false_and_passes_chunks_as_they_are() -> None:
+    mask = KeyMask(["short"])
+    assert not mask
+    assert mask.feed(b"short") == b"short" and mask.end() == b""
+    assert KeyMask(["long-enough"])
 
 
 @pytest.mark.parametrize(

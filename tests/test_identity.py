@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import ECAlgorithm
 
+from gateway.auth import header_user_id, valid_user_id
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from tests.fakes.dify import RecordedRequest
@@ -288,6 +289,7 @@ HS_REFUSALS = [
     pytest.param(lambda u: bearer(hs256(claims(u, exp=None))), r"'exp'", id="no-exp"),
     pytest.param(lambda u: bearer(hs256(claims(None))), r"'sub'", id="no-sub"),
     pytest.param(lambda u: bearer(hs256(claims(""))), r"'sub'", id="empty-sub"),
+    pytest.param(lambda u: bearer(hs256(claims(u + "\u00a0"))), r"'sub'", id="sub-ending-in-nbsp"),
     pytest.param(lambda u: bearer(unsigned(claims(u))), r"algorithm 'none'", id="alg-none"),
     pytest.param(
         lambda u: bearer(jwt.encode(claims(u), SECRET * 2, algorithm="HS512")),
@@ -601,6 +603,50 @@ async def test_a_user_header_that_is_not_utf8_is_refused_everywhere(
             response = await client.post(path, json=CHAT, headers=headers)
     assert_unauthorized(response, r"X-Gateway-User header: the user id must be UTF-8")
     assert await trusted.storage.get_user("caf\ufffd") is None
+
+
+@pytest.mark.parametrize(
+    "disguise",
+    [
+        pytest.param(lambda user: user + "\u00a0", id="trailing-no-break-space"),
+        pytest.param(lambda user: "\u3000" + user, id="leading-ideographic-space"),
+        pytest.param(lambda user: user + "\u2028", id="trailing-line-separator"),
+        pytest.param(lambda user: user + "\u0085", id="trailing-NEL"),
+        pytest.param(lambda user: user[:2] + "\u0085" + user[2:], id="C1-control-inside"),
+        # Invisible, not whitespace to Python (review 4, R4-3): JavaScript's trim
+        # takes U+FEFF, and a backend that strips zero-widths takes the others.
+        pytest.param(lambda user: user + "\ufeff", id="trailing-BOM"),
+        pytest.param(lambda user: "\ufeff" + user, id="leading-BOM"),
+        pytest.param(lambda user: user + "\u200b", id="trailing-zero-width-space"),
+        pytest.param(lambda user: user + "\u2060", id="trailing-word-joiner"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/chat-messages", "/v1/usage", "/v1/conversations"])
+async def test_a_user_id_with_unicode_whitespace_at_an_end_is_refused_not_trimmed(
+    trusted: Harness, disguise: Callable[[str], str], path: str
+) -> None:
+    """Attack (review 3, #1): ``alice\\xa0`` is another account at the operator's
+    backend (which trims only ASCII), sent with the service key. `str.strip` made
+    it ``alice``: the attacker read alice's usage and conversations and was charged
+    to her. Refused, nothing forwarded, no user made."""
+    victim = new_user()
+    attacker = disguise(victim)
+    headers = {"Authorization": f"Bearer {SERVICE_KEY}", "X-Gateway-User": attacker.encode()}
+    method = "POST" if path == "/v1/chat-messages" else "GET"
+    response, forwarded = await send(trusted, headers, method=method, path=path)
+    assert_unauthorized(response, r"Invalid X-Gateway-User header\.")
+    assert forwarded == []
+    assert await trusted.storage.get_user(victim) is None
+    assert await trusted.storage.get_user(attacker) is None
+
+
+async def test_only_the_spaces_and_tabs_http_allows_around_a_user_header_are_trimmed() -> None:
+    """(httpx will not send them; a server's parser usually trims them first.)"""
+    assert header_user_id(b" \talice\t ") == "alice"
+    assert header_user_id("alice\u00a0".encode()) == "alice\u00a0"  # refused after
+    assert not valid_user_id("alice\u00a0") and not valid_user_id("\u3000alice")
+    assert valid_user_id("alice\u00a0smith") and valid_user_id("d\u0169ng")
+    assert valid_user_id("al\u200bice")  # inside, it is as distinct everywhere
 
 
 async def test_api_key_mode_ignores_and_drops_the_user_header(api_key: Harness) -> None:

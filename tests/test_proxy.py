@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
@@ -1111,3 +1112,141 @@ async def test_a_meter_that_fails_on_the_event_whose_send_ran_out_is_charged(
         (event,) = await h.events()
     assert event.estimated and event.total_tokens > 0
     assert event.outcome == "cut"
+
+
+# --- an upstream error that quotes the operator's key ---------------------------------
+
+
+class QuotesKey:
+    """An upstream that refuses every request with ``status`` and an error that
+    quotes the key it was sent, as some OpenAI-compatible servers' and proxies'
+    auth and budget errors do: ``padding`` bytes before it (and the key again
+    at the end), gzip-encoded when the client accepts it and ``gzipped``."""
+
+    def __init__(self, status: int, *, padding: int = 0, gzipped: bool = False) -> None:
+        # (304: no body, and the Content-Length of the representation the client has)
+        self.status, self.padding, self.gzipped = status, padding, gzipped
+        self.requests = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        self.requests += 1
+        headers = dict(scope["headers"])
+        key = headers.get(b"authorization", b"").decode().removeprefix("Bearer ")
+        message = f"{'.' * self.padding}Budget exceeded for key {key}. ({key})"
+        body = orjson.dumps({"error": {"message": message, "type": "insufficient_quota"}})
+        out = [(b"content-type", b"application/json")]
+        if self.gzipped and b"gzip" in headers.get(b"accept-encoding", b""):
+            body = gzip.compress(body)
+            out.append((b"content-encoding", b"gzip"))
+        out.append((b"content-length", str(len(body)).encode()))
+        if self.status == 304:
+            body, out = b"", [(b"etag", b'"v1"'), (b"content-length", b"1234")]
+        await send({"type": "http.response.start", "status": self.status, "headers": out})
+        await send({"type": "http.response.body", "body": body})
+
+
+OPENAI = {
+    "upstream": {"kind": "openai"},
+    "prices": {"gpt-4o-mini": {"input": "0.15", "output": "0.60"}},
+}
+OPENAI_CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _masked(response: httpx.Response, key: str) -> str:
+    """The error's message, once checked to be whole, valid and keyless."""
+    assert key not in response.text, f"the end user read the operator's key: {response.text}"
+    if "content-length" in response.headers:
+        assert int(response.headers["content-length"]) == len(response.content)
+    message: str = orjson.loads(response.content)["error"]["message"]
+    return message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_upstream_error_quoting_the_operators_key_reaches_the_user_masked(
+    sqlite_url: str, stream: bool
+) -> None:
+    upstream = QuotesKey(403)
+    async with running_gateway(sqlite_url, upstream=upstream, settings=OPENAI) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            response = await client.post(
+                "/v1/chat/completions", json={**OPENAI_CHAT, "stream": stream}, headers=h.auth()
+            )
+        await h.probes.wait_finished(1)
+    assert upstream.requests == 1 and response.status_code == 403
+    assert _masked(response, UPSTREAM_KEY) == "Budget exceeded for key ***. (***)"
+
+
+async def test_a_dify_error_quoting_the_key_is_masked_and_still_read_for_its_charge(
+    sqlite_url: str,
+) -> None:
+    # Dify's errors answering an answer are read whole (`_relay_error`) to tell
+    # whether the run had begun: that read is masked as it is passed on.
+    upstream = QuotesKey(400)
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        response, data = await stream(h, "/v1/chat-messages", CHAT)
+        await h.probes.wait_finished(1)
+        assert await h.events() == []  # refused before the run: nothing charged
+    assert response.status_code == 400
+    assert UPSTREAM_KEY.encode() not in data and b"Budget exceeded for key ***." in data
+    assert int(response.headers["content-length"]) == len(data)
+
+
+async def test_an_encoded_error_quoting_the_key_is_masked_decoded(sqlite_url: str) -> None:
+    # A route that is no answer forwards the client's Accept-Encoding: the
+    # upstream's gzip is undone, so that the key in it is found.
+    upstream = QuotesKey(401, gzipped=True)
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            response = await client.get(
+                "/v1/parameters", headers=h.auth(**{"Accept-Encoding": "gzip"})
+            )
+    assert upstream.requests == 1 and response.status_code == 401
+    assert "content-encoding" not in response.headers
+    assert _masked(response, UPSTREAM_KEY).endswith("Budget exceeded for key ***. (***)")
+
+
+async def test_a_long_error_quoting_the_key_is_masked_past_what_is_read_whole(
+    sqlite_url: str,
+) -> None:
+    # Past the 64 KiB read whole, the rest is passed on as it comes: masked as
+    # it comes, a key cut between two reads too, with no Content-Length.
+    padding = gateway.proxy._SMALL_BODY - 40
+    upstream = QuotesKey(403, padding=padding)
+    async with running_gateway(sqlite_url, upstream=upstream, settings=OPENAI) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            response = await client.post("/v1/chat/completions", json=OPENAI_CHAT, headers=h.auth())
+    assert response.status_code == 403 and "content-length" not in response.headers
+    assert _masked(response, UPSTREAM_KEY) == "." * padding + "Budget exceeded for key ***. (***)"
+
+
+async def test_a_fallbacks_error_quoting_its_own_key_is_masked(sqlite_url: str) -> None:
+    from tests.test_named_upstreams import BACKUP_KEY, Refuses, gateway, openai
+
+    primary, backup = Refuses(503), QuotesKey(401)
+    async with serve(primary) as primary_url, serve(backup) as backup_url:
+        upstreams = {
+            "primary": openai(primary_url + "/v1", "HOSTED_KEY", mount="/v1", fallbacks=["backup"]),
+            "backup": openai(backup_url + "/v1", "BACKUP_KEY", mount="/backup/v1"),
+        }
+        async with gateway(sqlite_url, upstreams) as h:
+            async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+                response = await client.post(
+                    "/v1/chat/completions", json=OPENAI_CHAT, headers=h.auth()
+                )
+    assert len(primary.headers) == 1 and backup.requests == 1
+    assert response.status_code == 401
+    assert _masked(response, BACKUP_KEY) == "Budget exceeded for key ***. (***)"
+
+
+async def test_a_not_modified_reply_is_passed_on_as_it_is(sqlite_url: str) -> None:
+    upstream = QuotesKey(304)
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            response = await client.get(
+                "/v1/parameters", headers=h.auth(**{"If-None-Match": '"v1"'})
+            )
+    assert response.status_code == 304 and response.content == b""
+    assert (response.headers["etag"], response.headers["content-length"]) == ('"v1"', "1234")

@@ -4,12 +4,16 @@ one object, and the configuration snapshot a reload swaps whole."""
 from __future__ import annotations
 
 import dataclasses
+import ssl
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
+from gateway import tls
 from gateway.config import parse_config
-from gateway.runtime import Gateway
+from gateway.runtime import Gateway, make_client
 from tests.harness import running_gateway
 
 
@@ -44,3 +48,46 @@ async def test_the_started_parts_share_one_snapshot_swapped_whole(
         path.write_text("[plans.free]\nqueries_per_day = -1\n")
         assert not await h.gateway.reload()
         assert running.current.snapshot is after  # a refused reload swaps nothing
+
+
+async def test_the_upstreams_clients_load_the_ca_bundle_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each httpx client loaded the whole CA bundle, about 40 ms of CPU on the event
+    loop, at a start for every upstream (and again for the alerts' webhooks); the
+    clients now share one context per CA source, whichever transport they use."""
+    loads: list[object] = []
+    load = ssl.SSLContext.load_verify_locations
+
+    def counted(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> None:
+        loads.append(args or kwargs)
+        load(self, *args, **kwargs)
+
+    # As a process outside the suite makes them (tests/conftest.py shares httpx's).
+    for module in (httpx, httpx._transports.default):
+        monkeypatch.setattr(module, "create_ssl_context", httpx._config.create_ssl_context)
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counted)
+    monkeypatch.setattr(tls, "_contexts", {})
+    config = parse_config(
+        {
+            "upstreams": {
+                name: {
+                    "url": f"https://{name}.example/v1",
+                    "kind": "openai",
+                    "api_key_env": "K",
+                    "transport": t,
+                }
+                for name, t in (("a", "aiohttp"), ("b", "aiohttp"), ("c", "httpx"))
+            },
+            "plans": {"free": {}},
+        },
+        env={},
+    )
+    clients = [make_client(up) for up in config.upstreams.values()]
+    try:
+        assert len(loads) == 1
+        contexts = {id(c._transport.ssl_context) for c in clients[:2]}  # type: ignore[attr-defined]
+        assert contexts == {id(tls.client_context())}
+    finally:
+        for client in clients:
+            await client.aclose()

@@ -125,7 +125,7 @@ async def test_a_fail_open_admission_keeps_the_upstream_on_its_ticket(sqlite_url
 
 # --- the surfaces ------------------------------------------------------------------
 
-ADMIN = {"Authorization": "Bearer admin-token"}
+ADMIN = {"Authorization": "Bearer admin-token-0123456789"}
 # One answer of the fake Dify (tests/test_proxy.py, FULL).
 ANSWER = {"prompt_tokens": 1033, "completion_tokens": 135, "total_tokens": 1168}
 
@@ -152,7 +152,7 @@ async def test_usage_by_upstream_on_every_surface(
     details, the exports and the CLI's `users show` and `teams show` sum them per
     upstream, as they do per model."""
     config_file = tmp_path / "gateway.toml"
-    env = {"GATEWAY_ADMIN_TOKEN": "admin-token"}
+    env = {"GATEWAY_ADMIN_TOKEN": "admin-token-0123456789"}
     async with running_gateway(database_url, env=env, config_file=config_file) as h:
         bob = await h.add_user("bob")
         await h.gateway.accounts.create_team("ops", plan="free")
@@ -213,7 +213,7 @@ async def test_usage_by_upstream_on_every_surface(
 
 
 async def test_a_user_without_answers_has_no_upstream_rows(database_url: str) -> None:
-    env = {"GATEWAY_ADMIN_TOKEN": "admin-token"}
+    env = {"GATEWAY_ADMIN_TOKEN": "admin-token-0123456789"}
     async with running_gateway(database_url, env=env) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=10) as http:
             mine = (await http.get("/v1/usage", headers=h.auth())).json()

@@ -136,17 +136,29 @@ def cost_bound(
         total_tokens=usage.total_tokens,
         cache_write_tokens=usage.prompt_tokens,
     )
+    # A request that asks for a 1-hour cache may have its whole prompt written to
+    # one, at the 1-hour rate (Anthropic writes one only when asked: the same
+    # reading of cache_control that refuses the ttl where it has no price).
+    written_1h = Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        cache_write_tokens=usage.prompt_tokens,
+        cache_write_1h_tokens=usage.prompt_tokens,
+    )
     costs: list[Decimal | None] = []
     if isinstance(upstream, OpenAIUpstream):
         calls = upstream.calls(route, body, {})
-        if _one_rate(upstream.price(model)):
+        one_hour = upstream.asks_for_one_hour_cache(body)
+        if _one_rate(upstream.price(model)) and not one_hour:
             # No audio or cache-write rate of its own: every one of the variants
             # below costs what the plain one does (the same terms, the same
             # decimal), so it alone is priced.
             variants: tuple[Usage, ...] = (usage,)
             audios: tuple[tuple[int, int], ...] = ((0, 0),)
         else:
-            variants = (usage, written)
+            # (A router in front of Claude writes its cache: review4 R4-2.)
+            variants = (usage, written, written_1h) if one_hour else (usage, written)
             audios = ((0, 0), (usage.prompt_tokens, 0), (0, usage.completion_tokens),
                       (usage.prompt_tokens, usage.completion_tokens))  # fmt: skip
         for tokens in variants:
@@ -158,7 +170,10 @@ def cost_bound(
         # Messages requires max_tokens; the server tools the request lists are
         # priced one call each (the web searches an answer runs are known only
         # when it ends: docs/quotas.md, "Money budgets").
-        for tokens in (usage, written):
+        bounds: list[Usage] = [usage, written]
+        if upstream.asks_for_one_hour_cache(body):
+            bounds.append(written_1h)
+        for tokens in bounds:
             metered = Metered(None, None, None, tokens, "timeout", model=model)
             costs.append(_cost(upstream.priced(metered, body, ServerCalls())))
     found = [cost for cost in costs if cost is not None]

@@ -963,7 +963,10 @@ class Ownership(Protocol):
     ) -> None:
         """Keep whose an upload is: a file the upstream accepted from ``user_id``
         under ``upload_id`` (review F9: Dify lets any answer of the workspace
-        attach a file by its id). The first record of an id wins."""
+        attach a file by its id). The first record of an id wins. Nothing is
+        kept for a user who is not there (deleted while the upload was under
+        way): a user's deletion forgets the user's uploads (PostgreSQL 0029,
+        SQLite 0022), and one made again under the same id is somebody new."""
         ...
 
     async def upload_owners(self, upload_ids: Collection[str]) -> dict[str, str]:

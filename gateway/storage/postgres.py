@@ -1909,10 +1909,15 @@ class PostgresStorage:
     async def remember_upload(
         self, upload_id: str, *, user_id: str, upstream: str, now: datetime
     ) -> None:
+        # Only for a user who is there (0029): the key share waits for a delete
+        # of the user under way, then finds no row. Else an upload answered
+        # after its user's deletion was kept - after the trigger had deleted
+        # the user's rows - for whoever is made again under the id.
         with _mapped():
             await self._pool.execute(
                 "INSERT INTO upload_owners (upload_id, user_id, upstream, created_at) "
-                "VALUES ($1, $2, $3, $4) ON CONFLICT (upload_id) DO NOTHING",
+                "SELECT $1, id, $3::text, $4::timestamptz FROM users WHERE id = $2 "
+                "FOR KEY SHARE ON CONFLICT (upload_id) DO NOTHING",
                 upload_id,
                 user_id,
                 upstream,

@@ -235,10 +235,22 @@ def _connect(path: str, timeout: float) -> sqlite3.Connection:
 
 
 def _statements(sql: str) -> Iterable[str]:
+    """A migration's statements, one at a time (`sqlite3.Connection.execute`
+    takes one): split at each ";" that ends a whole statement, so that a
+    trigger's body (statements of its own between BEGIN and END) stays whole."""
     lines = [line for line in sql.splitlines() if not line.lstrip().startswith("--")]
-    for statement in "\n".join(lines).split(";"):
-        if statement.strip():
+    statement = ""
+    for piece in "\n".join(lines).split(";"):
+        statement += piece
+        if not statement.strip():
+            statement = ""
+        elif sqlite3.complete_statement(statement + ";"):
             yield statement
+            statement = ""
+        else:
+            statement += ";"
+    if statement.strip():
+        yield statement
 
 
 def _record_crossings(conn: sqlite3.Connection, event: UsageEvent, alerts: AlertRequest) -> None:
@@ -2344,11 +2356,13 @@ class SQLiteStorage:
     async def remember_upload(
         self, upload_id: str, *, user_id: str, upstream: str, now: datetime
     ) -> None:
-        row = (upload_id, user_id, upstream, _ts(now))
+        # Only for a user who is there (0022): an upload answered after its
+        # user's deletion is not kept for whoever is made again under the id.
+        row = (upload_id, upstream, _ts(now), user_id)
         await self._tx(
             lambda conn: conn.execute(
                 "INSERT INTO upload_owners (upload_id, user_id, upstream, created_at) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (upload_id) DO NOTHING",
+                "SELECT ?, id, ?, ? FROM users WHERE id = ? ON CONFLICT (upload_id) DO NOTHING",
                 row,
             )
         )

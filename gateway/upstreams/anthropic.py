@@ -4,7 +4,8 @@ Metered: ``POST /messages``, blocking or streamed. Usage comes from the answer
 itself (anthropic_wire.py): ``message_start`` and ``message_delta`` in a stream,
 the message's ``usage`` in a body. Anthropic reports tokens only; the cost comes
 from ``[prices]`` (cache reads at ``cached_input``, cache writes at
-``cache_write_input``) plus the server tools an answer ran (web search...) from
+``cache_write_input``, a 1-hour cache's at ``cache_write_1h_input``) plus the
+server tools an answer ran (web search...) from
 ``[call_prices."anthropic.<tool>"]``. A request for a model or a server tool
 without a price, one whose ``stream`` is not a JSON boolean, or one without a
 positive integer ``max_tokens`` (the API requires it) is refused before admission.
@@ -43,11 +44,12 @@ from gateway.upstreams.base import (
     keep_models,
     merge_model_lists,
 )
+from gateway.upstreams.cache_ttl import asks_for_one_hour_cache, check_cache_ttls
 from gateway.upstreams.terms import calls_cost, pricing_terms
 from gateway.usage import Metered, Usage, estimate_tokens
 
 if TYPE_CHECKING:
-    from gateway.config import Config
+    from gateway.config import Config, UpstreamConfig
 
 __all__ = ["AnthropicUpstream"]
 
@@ -89,11 +91,8 @@ _PRICED_OPTIONS: Final = {
 # (context-1m-2025-08-07), whose prompts over 200K tokens Anthropic bills at its
 # long-context rates (2x input, 1.5x output).
 _PRICED_BETA_PREFIXES: Final = ("context-1m",)
-# A prompt cache's lifetime (review2 R2-2): Anthropic bills the writes of a
-# 5-minute cache (the default) at 1.25x input, [prices]' one
-# cache_write_input, but a 1-hour cache's ("ttl": "1h") at 2x. Any other
-# ``cache_control.ttl`` (in system, messages, tools or at the top) is refused.
-_PRICED_CACHE_TTLS: Final = frozenset({"5m"})
+# Where Anthropic reads a prompt cache's ``cache_control`` (and its ttl:
+# cache_ttl.py), besides the top level.
 _CACHED_PARTS: Final = ("system", "messages", "tools")
 # Values the client or the model chose that are not content blocks: a tool's
 # JSON Schema, a tool call's arguments.
@@ -180,8 +179,13 @@ class AnthropicUpstream:
         self._allow_unpriced = terms.allow_unpriced
         self._call_prices = terms.call_prices
 
-    def upstream_credential(self, api_key: str) -> tuple[bytes, bytes]:
-        return (b"x-api-key", api_key.encode())
+    def upstream_credentials(self, upstream: UpstreamConfig) -> tuple[tuple[bytes, bytes], ...]:
+        # The workspace a key that can act in more than one works in (the SDK's
+        # `workspace_id`; a workspace's own key may omit it).
+        headers = [(b"x-api-key", upstream.api_key.encode())]
+        if upstream.workspace:
+            headers.append((b"anthropic-workspace-id", upstream.workspace.encode()))
+        return tuple(headers)
 
     # --- requests ------------------------------------------------------------------
 
@@ -261,13 +265,8 @@ class AnthropicUpstream:
                 f"The option {option} has no price on this gateway, so it is not available.",
                 code="option_not_priced",
             )
-        ttl = _unpriced_cache_ttl(body)
-        if ttl is not None:
-            option = f"cache_control.ttl: {ttl!r}"
-            raise Forbidden(
-                f"The option {option} has no price on this gateway, so it is not available.",
-                code="option_not_priced",
-            )
+        # Review2 R2-2: a 1-hour cache only where the model's price sets its writes'.
+        check_cache_ttls(body, self._prices, model, parts=_CACHED_PARTS, skip=_NOT_BLOCKS)
         for tool in _paid_tools(body):
             if tool not in self._call_prices:
                 raise Forbidden(
@@ -275,6 +274,13 @@ class AnthropicUpstream:
                     f'([call_prices."anthropic.{tool}"]), so it is not available.',
                     code="tool_not_priced",
                 )
+
+    def asks_for_one_hour_cache(self, body: dict[str, Any]) -> bool:
+        """Whether a message asks for a 1-hour prompt cache (a ``"1h"`` ttl
+        anywhere Anthropic reads one): only then may its answer write one, and
+        its money bound holds every prompt token as a 1-hour write
+        (gateway/quota/budget.py)."""
+        return asks_for_one_hour_cache(body, _CACHED_PARTS, _NOT_BLOCKS)
 
     # --- model allow-lists (gateway/model_access.py) ---------------------------------
 
@@ -373,14 +379,16 @@ class AnthropicUpstream:
     # --- answers -------------------------------------------------------------------
 
     def stream_meter(self, route: Route, body: dict[str, Any]) -> StreamMeter:
-        return _PricedMeter(MessageStreamMeter(body), self, body)
+        one_hour = self.asks_for_one_hour_cache(body)
+        return _PricedMeter(MessageStreamMeter(body, one_hour=one_hour), self, body)
 
     def stream_transform(self, route: Route, prepared: Prepared) -> None:
         return None  # the client gets the upstream's bytes untouched
 
     def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:
         calls = ServerCalls()
-        return self.priced(meter_message(body, response, calls), body, calls)
+        one_hour = self.asks_for_one_hour_cache(body)
+        return self.priced(meter_message(body, response, calls, one_hour=one_hour), body, calls)
 
     def billed_error(self, route: Route, body: dict[str, Any], status: int, content: bytes) -> bool:
         return False
@@ -470,30 +478,6 @@ def _check_request(body: dict[str, Any]) -> None:
             "max_tokens must be a positive integer (the Messages API requires it).",
             code="invalid_param",
         )
-
-
-def _unpriced_cache_ttl(body: dict[str, Any]) -> object:
-    """The first ``cache_control.ttl`` other than "5m" (None, as absent, when
-    there is none) in the body's top-level ``cache_control`` or at any depth of
-    its ``system``, ``messages`` and ``tools``."""
-    top = {"cache_control": body.get("cache_control")}
-    stack: list[object] = [top, *(body.get(part) for part in _CACHED_PARTS)]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            control = node.get("cache_control")
-            if isinstance(control, dict):
-                ttl = control.get("ttl")
-                if ttl is not None and not (isinstance(ttl, str) and ttl in _PRICED_CACHE_TTLS):
-                    return ttl
-            stack.extend(
-                child
-                for key, child in node.items()
-                if isinstance(child, dict | list) and key not in _NOT_BLOCKS
-            )
-        elif isinstance(node, list):
-            stack.extend(child for child in node if isinstance(child, dict | list))
-    return None
 
 
 def _json_type(value: object) -> str:

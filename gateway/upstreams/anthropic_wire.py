@@ -5,8 +5,10 @@ types (docs/upstreams/anthropic.md, "Wire format"):
 
 - a blocking answer is one ``message`` object whose ``usage`` is
   ``{input_tokens, output_tokens, cache_creation_input_tokens,
-  cache_read_input_tokens, server_tool_use: {web_search_requests,
-  web_fetch_requests}}``;
+  cache_read_input_tokens, cache_creation: {ephemeral_5m_input_tokens,
+  ephemeral_1h_input_tokens}, server_tool_use: {web_search_requests,
+  web_fetch_requests}}`` (``cache_creation``: the cache writes by the cache's
+  lifetime, the SDK's ``CacheCreation``);
 - a streamed answer is named SSE events in this order: ``message_start`` (the
   message, with the input side of the usage), then per content block
   ``content_block_start``, ``content_block_delta``..., ``content_block_stop``,
@@ -19,7 +21,8 @@ types (docs/upstreams/anthropic.md, "Wire format"):
 ``input_tokens`` counts only the prompt tokens that neither read nor wrote the
 prompt cache; the gateway records the prompt as OpenAI reports it: every prompt
 token (``prompt_tokens`` = input + cache reads + cache writes), the cache reads
-as ``cached_tokens`` and the cache writes as ``cache_write_tokens``.
+as ``cached_tokens`` and the cache writes as ``cache_write_tokens``, of which
+the 1-hour cache's as ``cache_write_1h_tokens`` (billed at their own rate).
 """
 
 from __future__ import annotations
@@ -96,13 +99,15 @@ class ServerCalls:
                 self.counts[tool] = read.tokens(tools, field)
 
 
-def usage_from(raw: object, *, start: Usage | None = None) -> Usage:
+def usage_from(raw: object, *, start: Usage | None = None, one_hour: bool = False) -> Usage:
     """An Anthropic ``usage`` object as the gateway's token counts.
 
     ``start`` is what ``message_start`` reported, for a ``message_delta``'s
     usage: a count the delta leaves out (or null) keeps its value there. Each
-    count is read on its own (FieldReader). Raises ``ValueError`` when it is not
-    an object, or nothing usable is left.
+    count is read on its own (FieldReader). ``one_hour``: the request asked for
+    a 1-hour cache, so writes no lifetime accounts for are 1-hour ones
+    (`_cache_writes`). Raises ``ValueError`` when it is not an object, or
+    nothing usable is left.
     """
     if not isinstance(raw, dict):
         raise ValueError(f"usage is not an object: {raw!r}")
@@ -116,6 +121,7 @@ def usage_from(raw: object, *, start: Usage | None = None) -> Usage:
         "input_tokens", base.prompt_tokens - base.cached_tokens - base.cache_write_tokens
     )
     written = count("cache_creation_input_tokens", base.cache_write_tokens)
+    written, written_1h = _cache_writes(read, raw.get("cache_creation"), written, base, one_hour)
     cached = count("cache_read_input_tokens", base.cached_tokens)
     output = count("output_tokens", base.completion_tokens)
     prompt = uncached + written + cached
@@ -125,8 +131,42 @@ def usage_from(raw: object, *, start: Usage | None = None) -> Usage:
         total_tokens=prompt + output,
         cached_tokens=cached,
         cache_write_tokens=written,
+        cache_write_1h_tokens=written_1h,
     )
     return read.usable(usage)
+
+
+def _cache_writes(
+    read: FieldReader, split: object, written: int, base: Usage, one_hour: bool
+) -> tuple[int, int]:
+    """The cache writes and, of them, the 1-hour cache's, from ``usage``'s
+    ``cache_creation`` (``split``) beside its ``cache_creation_input_tokens``
+    (``written``).
+
+    A lifetime's count the object leaves out (or null, or no object: message_delta
+    has none in the SDK's types) keeps the one ``base`` had, as the other counts
+    do. The writes are never fewer than their parts: a split that sums past the
+    total raises it, so a 1-hour write is never dropped for a smaller total.
+    Writes the split does not account for (a total past it, or no split at all)
+    are 1-hour ones when the request asked for a 1-hour cache (``one_hour``):
+    Anthropic bills them at 2x, and they were 5-minute ones at 1.25x (review 4,
+    R4-1); else 5-minute ones, the only cache such a request can write. A
+    ``cache_creation`` that is not an object is named (clamped) and every write
+    is taken as a 1-hour one, the dearest they can be."""
+    written_1h = base.cache_write_1h_tokens
+    five_minutes = base.cache_write_tokens - base.cache_write_1h_tokens
+    if isinstance(split, dict):
+        if split.get("ephemeral_1h_input_tokens") is not None:
+            written_1h = read.tokens(split, "ephemeral_1h_input_tokens")
+        if split.get("ephemeral_5m_input_tokens") is not None:
+            five_minutes = read.tokens(split, "ephemeral_5m_input_tokens")
+    elif split is not None:
+        read.bad("cache_creation", split)
+        return written, written
+    written = max(written, five_minutes + written_1h)
+    if one_hour:
+        written_1h = written - five_minutes
+    return written, written_1h
 
 
 def _text_chars(value: object) -> int:
@@ -164,7 +204,11 @@ def _error_type(error: object) -> str:
 
 
 def meter_message(
-    body: dict[str, Any], response: bytes, calls: ServerCalls | None = None
+    body: dict[str, Any],
+    response: bytes,
+    calls: ServerCalls | None = None,
+    *,
+    one_hour: bool = False,
 ) -> Metered:
     """Usage of a blocking answer (one ``message`` object, or an error); its
     server-tool calls go into ``calls`` when given."""
@@ -181,7 +225,7 @@ def meter_message(
     if calls is not None:
         calls.read(raw)
     try:
-        usage = usage_from(raw)
+        usage = usage_from(raw, one_hour=one_hour)
         outcome: Outcome = "complete"
     except ValueError:
         # No usable usage: an estimate from the prompt and the answer's text.
@@ -204,6 +248,7 @@ class MessageStreamMeter:
         "_final",
         "_malformed",
         "_model",
+        "_one_hour",
         "_prompt_chars",
         "_seen",
         "_start",
@@ -212,8 +257,9 @@ class MessageStreamMeter:
         "calls",
     )
 
-    def __init__(self, body: dict[str, Any]) -> None:
+    def __init__(self, body: dict[str, Any], *, one_hour: bool = False) -> None:
         self._prompt_chars = prompt_chars(body)
+        self._one_hour = one_hour  # the request asked for a 1-hour cache (`usage_from`)
         self._model: str | None = None
         self._started = False  # message_start came: the upstream began (and bills) it
         self._start: Usage | None = None  # message_start's usage
@@ -275,7 +321,7 @@ class MessageStreamMeter:
         raw = message.get("usage")
         self.calls.read(raw)
         try:
-            self._start = usage_from(raw)
+            self._start = usage_from(raw, one_hour=self._one_hour)
         except ValueError:
             self._malformed = True
 
@@ -293,7 +339,7 @@ class MessageStreamMeter:
     def _on_delta(self, raw: object) -> None:
         self.calls.read(raw)
         try:
-            self._final = usage_from(raw, start=self._start)
+            self._final = usage_from(raw, start=self._start, one_hour=self._one_hour)
         except ValueError:
             self._malformed = True
 
@@ -320,6 +366,7 @@ class MessageStreamMeter:
                 total_tokens=self._start.prompt_tokens + output,
                 cached_tokens=self._start.cached_tokens,
                 cache_write_tokens=self._start.cache_write_tokens,
+                cache_write_1h_tokens=self._start.cache_write_1h_tokens,
                 estimated=True,
             )
         elif self._text_chars or (self._started and (cut or not self._errored)):

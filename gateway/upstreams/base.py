@@ -6,11 +6,13 @@ Adding an upstream means adding one module here and one line in the registry
 or a header of any one API. What a dialect provides, in the order the proxy
 uses it for one request:
 
-``key_header`` and ``upstream_credential(api_key)``
+``key_header`` and ``upstream_credentials(upstream)``
     Where this API's clients send their key besides ``Authorization: Bearer``
     (Anthropic's ``x-api-key``; None: nowhere else) - the gateway reads the
-    gateway key there and never forwards that header - and the header that
-    carries the operator's key upstream.
+    gateway key there and never forwards that header - and the headers that
+    carry the operator's key upstream, with the account it acts for (OpenAI's
+    organization and project, Anthropic's workspace) as the upstream's table
+    sets it.
 
 ``route(method, path) -> Route``
     Classifies a request (``path`` is relative to the API base, e.g.
@@ -116,10 +118,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from gateway.sse import ServerSentEvent
 from gateway.usage import Metered
+
+if TYPE_CHECKING:
+    from gateway.config import UpstreamConfig
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -264,8 +269,12 @@ class Upstream(Protocol):
         """A request header, besides Authorization, that carries the client's key."""
         ...
 
-    def upstream_credential(self, api_key: str) -> tuple[bytes, bytes]:
-        """The request header that gives the upstream the operator's ``api_key``."""
+    def upstream_credentials(self, upstream: UpstreamConfig) -> tuple[tuple[bytes, bytes], ...]:
+        """The request headers that give the upstream the operator's key
+        (``upstream.api_key``) and the account it acts for, as ``upstream`` sets
+        it: who is billed and whose stored objects the key reaches are the
+        operator's choice, so a client's own such headers are never forwarded
+        (`gateway.http`)."""
         ...
 
     def route(self, method: str, path: str) -> Route:

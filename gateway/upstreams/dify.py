@@ -40,7 +40,7 @@ from gateway.usage import (
 )
 
 if TYPE_CHECKING:
-    from gateway.config import Config
+    from gateway.config import Config, UpstreamConfig
     from gateway.pricing import CallPrice
 
 __all__ = ["DifyStreamMeter", "DifyUpstream"]
@@ -559,8 +559,8 @@ class DifyUpstream:
         prices = config.call_prices if config is not None else {}
         self._title_price = prices.get(dify_routes.AUTO_NAME.call or "")
 
-    def upstream_credential(self, api_key: str) -> tuple[bytes, bytes]:
-        return (b"authorization", f"Bearer {api_key}".encode())
+    def upstream_credentials(self, upstream: UpstreamConfig) -> tuple[tuple[bytes, bytes], ...]:
+        return ((b"authorization", f"Bearer {upstream.api_key}".encode()),)
 
     def route(self, method: str, path: str) -> Route:
         return dify_routes.dify_route(method, path)

@@ -39,6 +39,7 @@ from gateway.upstreams.base import (
     keep_models,
     merge_model_lists,
 )
+from gateway.upstreams.cache_ttl import asks_for_one_hour_cache, check_cache_ttls
 from gateway.upstreams.openai_fallbacks import check_fallbacks, fallback_models
 from gateway.upstreams.openai_routes import object_id_meter, with_object_id
 from gateway.upstreams.openai_wire import (
@@ -55,7 +56,7 @@ from gateway.upstreams.transforms import DropEvents
 from gateway.usage import Metered, Usage, estimate_tokens
 
 if TYPE_CHECKING:
-    from gateway.config import Config
+    from gateway.config import Config, UpstreamConfig
 
 __all__ = ["OpenAIUpstream"]
 
@@ -107,6 +108,12 @@ _CHAT_WEB_SEARCH: Final = "chat_web_search"
 # The calls that are web searches, counted against web_searches_per_day (review-sec F4).
 _SEARCH_CALLS: Final = frozenset({*_WEB_SEARCH_TOOLS, _CHAT_WEB_SEARCH})
 _AUDIO_OUTPUT: Final = "audio_output"
+# Where a router in front of Claude (LiteLLM, Portkey, OpenRouter) reads
+# Anthropic's ``cache_control`` and passes it on, ttl included (review4 R4-2):
+# a message's content parts, a tool, a Responses input item, the top level.
+# A function's JSON Schema ("parameters") is the client's, not a block.
+_CACHED_PARTS: Final = ("messages", "tools", "input")
+_NOT_BLOCKS: Final = frozenset({"parameters"})
 
 # OpenAI's error "type" per status, as its API sends them.
 _ERROR_TYPES: Final = {
@@ -171,8 +178,16 @@ class OpenAIUpstream:
 
     # --- requests ------------------------------------------------------------------
 
-    def upstream_credential(self, api_key: str) -> tuple[bytes, bytes]:
-        return (b"authorization", f"Bearer {api_key}".encode())
+    def upstream_credentials(self, upstream: UpstreamConfig) -> tuple[tuple[bytes, bytes], ...]:
+        # The organization and project OpenAI bills the key's calls to, and
+        # whose files, vector stores and assistants it reaches (the SDKs'
+        # `organization` / `project`; without them, the key's defaults).
+        headers = [(b"authorization", f"Bearer {upstream.api_key}".encode())]
+        if upstream.organization:
+            headers.append((b"openai-organization", upstream.organization.encode()))
+        if upstream.project:
+            headers.append((b"openai-project", upstream.project.encode()))
+        return tuple(headers)
 
     def route(self, method: str, path: str) -> Route:
         return openai_routes.openai_route(method, path)
@@ -234,7 +249,8 @@ class OpenAIUpstream:
     def _check_priced(self, route: Route, body: dict[str, Any]) -> None:
         """Refuse, before admission, an answer whose cost could not be told: a
         model the price table does not price (unless ``pricing.unpriced_models``
-        allows it at cost 0), or a paid tool without a call price."""
+        allows it at cost 0), a paid tool without a call price, or a prompt cache
+        whose lifetime the model's price does not open (cache_ttl.py)."""
         model = _requested_model(body)
         if not self._allow_unpriced and not self._prices.prices(model):
             named = f"The model {model!r}" if model is not None else "A request without a model"
@@ -253,6 +269,8 @@ class OpenAIUpstream:
                 f"The service tier {tier!r} has no price on this gateway, so it is not available.",
                 code="service_tier_not_priced",
             )
+        # Review4 R4-2: a router in front of Claude passes cache_control on.
+        check_cache_ttls(body, self._prices, model, parts=_CACHED_PARTS, skip=_NOT_BLOCKS)
         if route.kind == "chat":
             asked = _chat_calls(body)
         elif route.kind == "response":
@@ -266,6 +284,12 @@ class OpenAIUpstream:
                     f'([call_prices."openai.{tool}"]), so it is not available.',
                     code="tool_not_priced",
                 )
+
+    def asks_for_one_hour_cache(self, body: dict[str, Any]) -> bool:
+        """Whether a request asks a router in front of Claude for a 1-hour
+        prompt cache (a ``"1h"`` ttl where it reads one): its money bound then
+        holds every prompt token as a 1-hour write (gateway/quota/budget.py)."""
+        return asks_for_one_hour_cache(body, _CACHED_PARTS, _NOT_BLOCKS)
 
     def is_streaming(self, route: Route, body: dict[str, Any]) -> bool:
         return body.get("stream") is True
@@ -363,7 +387,18 @@ class OpenAIUpstream:
     def priced_with(
         self, metered: Metered, route: Route, body: dict[str, Any], extras: Extras
     ) -> Metered:
-        """An answer's ``metered`` usage priced with what else it reported."""
+        """An answer's ``metered`` usage priced with what else it reported.
+
+        Cache writes a router reported without their cache's lifetime are
+        charged as 1-hour writes when the request asked for a 1-hour cache:
+        Anthropic may have written every one of them to it (review4 R4-2)."""
+        usage = metered.usage
+        if extras.unattributed_writes and usage is not None and self.asks_for_one_hour_cache(body):
+            written_1h = usage.cache_write_1h_tokens + extras.unattributed_writes
+            usage = dataclasses.replace(
+                usage, cache_write_1h_tokens=min(written_1h, usage.cache_write_tokens)
+            )
+            metered = dataclasses.replace(metered, usage=usage)
         calls = self.calls(route, body, extras.calls.counts())
         ran = route.kind == "response"
         return self.priced(

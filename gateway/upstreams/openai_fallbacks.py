@@ -129,13 +129,15 @@ def check_fallbacks(
 def _rates(price: Price | None) -> tuple[Decimal, ...]:
     """Every rate a token can be billed at under ``price`` (none: nothing)."""
     if price is None:
-        return (_ZERO,) * 6
+        return (_ZERO,) * 7
     text_in, text_out = price.input, price.output
     return (
         text_in,
         text_out,
         text_in if price.cached_input is None else price.cached_input,
         text_in if price.cache_write_input is None else price.cache_write_input,
+        # A router in front of Claude reports 1-hour cache writes (review4 R4-2).
+        price.cache_write_1h_rate(),
         text_in if price.audio_input is None else price.audio_input,
         text_out if price.audio_output is None else price.audio_output,
     )

@@ -49,6 +49,7 @@ __all__ = [
     "is_usage_only",
     "meter_body",
     "prompt_chars",
+    "unattributed_cache_writes",
     "usage_from",
     "usage_marks",
 ]
@@ -237,28 +238,118 @@ def usage_from(raw: object) -> Usage:
     Each count is read on its own (FieldReader): a bad one is derived from the
     others or bounded, and named in ``clamped``; the rest is kept. Raises
     ``ValueError`` when it is not an object, or nothing usable is left.
+
+    The prompt cache's writes a router in front of Claude reports
+    (`_cache_writes`) are read as ``cache_write_tokens``, of which the 1-hour
+    cache's as ``cache_write_1h_tokens``, both parts of ``prompt_tokens`` (as
+    pricing.py prices them), whichever way the router counted its prompt
+    (`_router_prompt`).
     """
     if not isinstance(raw, dict):
         raise ValueError(f"usage is not an object: {raw!r}")
     read = FieldReader()
     if "input_tokens" in raw or "output_tokens" in raw:  # the responses API
         prompt, completion, total = read.split(raw, "input_tokens", "output_tokens", "total_tokens")
-        cached = _detail(raw, "input_tokens_details", "cached_tokens", read)
+        details = "input_tokens_details"
         reasoning = _detail(raw, "output_tokens_details", "reasoning_tokens", read)
     else:
         prompt, completion, total = read.split(
             raw, "prompt_tokens", "completion_tokens", "total_tokens"
         )
-        cached = _detail(raw, "prompt_tokens_details", "cached_tokens", read)
+        details = "prompt_tokens_details"
         reasoning = _detail(raw, "completion_tokens_details", "reasoning_tokens", read)
+    cached = _detail(raw, details, "cached_tokens", read)
+    written = written_1h = 0
+    writes = _cache_writes(raw, details, read)
+    if writes is not None:
+        written, written_1h, _ = writes
+        prompt = _router_prompt(prompt, completion, total, cached, written)
+        total = max(total, prompt + completion)
     usage = Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
         cached_tokens=cached,
         reasoning_tokens=reasoning,
+        cache_write_tokens=written,
+        cache_write_1h_tokens=written_1h,
     )
     return read.usable(usage)
+
+
+# Anthropic's prompt-cache counts as the LLM routers in front of Claude put
+# them in an OpenAI usage object (review4 R4-2), each the same count where
+# several are there: LiteLLM's ``usage.cache_creation_input_tokens`` and
+# ``prompt_tokens_details.cache_creation_tokens``, split by the cache's
+# lifetime in ``prompt_tokens_details.cache_creation_token_details``
+# (litellm/types/utils.py, Usage and PromptTokensDetailsWrapper); Portkey's
+# ``usage.cache_creation_input_tokens`` and ``cache_read_input_tokens``;
+# OpenRouter's ``prompt_tokens_details.cache_write_tokens``; Anthropic's own
+# split, ``usage.cache_creation``, where a router passes it on.
+_WRITES: Final = "cache_creation_input_tokens"
+_READS: Final = "cache_read_input_tokens"
+_SPLIT: Final = "cache_creation"
+_DETAIL_WRITES: Final = ("cache_creation_tokens", "cache_write_tokens")
+_DETAIL_SPLIT: Final = "cache_creation_token_details"
+_FIVE_MINUTES: Final = "ephemeral_5m_input_tokens"
+_ONE_HOUR: Final = "ephemeral_1h_input_tokens"
+
+
+def _cache_writes(
+    raw: dict[str, Any], details_name: str, read: FieldReader
+) -> tuple[int, int, int] | None:
+    """The cache writes a usage object reports, of them the 1-hour cache's, and
+    those neither part of a split names (unattributed); None when it names
+    none of Anthropic's cache counts.
+
+    The writes are never fewer than their parts (a split that sums past the
+    total raises it). A split that is not an object is named (clamped) and
+    every write taken as a 1-hour one, the dearest they can be."""
+    details = raw.get(details_name)
+    details = details if isinstance(details, dict) else {}
+    names = [name for name in _DETAIL_WRITES if details.get(name) is not None]
+    split: object = details.get(_DETAIL_SPLIT)
+    split_name = _DETAIL_SPLIT
+    if split is None:
+        split, split_name = raw.get(_SPLIT), _SPLIT
+    if raw.get(_WRITES) is None and raw.get(_READS) is None and not names and split is None:
+        return None
+    written = read.tokens(raw, _WRITES)
+    for name in names:
+        written = max(written, read.tokens(details, name))
+    five_minutes = one_hour = 0
+    if isinstance(split, dict):
+        five_minutes = read.tokens(split, _FIVE_MINUTES)
+        one_hour = read.tokens(split, _ONE_HOUR)
+    elif split is not None:
+        read.bad(split_name, split)
+        return written, written, 0  # as anthropic_wire.py reads it: the dearest
+    written = max(written, five_minutes + one_hour)
+    return written, one_hour, written - five_minutes - one_hour
+
+
+def _router_prompt(prompt: int, completion: int, total: int, cached: int, written: int) -> int:
+    """Every prompt token, the cache's reads and writes among them, from a
+    router's counts: LiteLLM's and OpenRouter's ``prompt_tokens`` count them
+    all, Portkey's counts only the uncached ones (Anthropic's ``input_tokens``)
+    and its ``total_tokens`` all of them. A prompt fewer than its own cache
+    reads and writes is taken to leave them out; a total past the prompt and
+    the completion holds prompt tokens the prompt does not."""
+    if prompt < cached + written:
+        prompt += cached + written
+    return max(prompt, total - completion)
+
+
+def unattributed_cache_writes(raw: object) -> int:
+    """The cache writes a usage object reports that no split by the cache's
+    lifetime attributes (all of them, without a split): the dialect charges
+    them as 1-hour writes when the request asked for a 1-hour cache."""
+    if not isinstance(raw, dict):
+        return 0
+    responses = "input_tokens" in raw or "output_tokens" in raw  # as `usage_from` tells
+    details = "input_tokens_details" if responses else "prompt_tokens_details"
+    writes = _cache_writes(raw, details, FieldReader())
+    return 0 if writes is None else writes[2]
 
 
 def _text_chars(value: object) -> int:
@@ -419,15 +510,18 @@ def audio_from(raw: object) -> Audio | None:
 
 class Extras:
     """What an answer reports besides its token counts that the dialect prices:
-    the tool calls of a response, the audio tokens of a chat completion; and, for
-    a blocking answer, its parsed body (``answer``), read once for all of it."""
+    the tool calls of a response, the audio tokens of a chat completion, the
+    cache writes no count attributes to a cache's lifetime; and, for a blocking
+    answer, its parsed body (``answer``), read once for all of it."""
 
-    __slots__ = ("answer", "audio", "calls")
+    __slots__ = ("answer", "audio", "calls", "unattributed_writes")
 
     def __init__(self) -> None:
         self.calls = ToolCalls()
         self.audio: Audio | None = None
         self.answer: object = None
+        # Cache writes a router reported without their cache's lifetime.
+        self.unattributed_writes = 0
 
 
 def meter_body(body: dict[str, Any], response: bytes, extras: Extras | None = None) -> Metered:
@@ -449,6 +543,7 @@ def meter_body(body: dict[str, Any], response: bytes, extras: Extras | None = No
         if obj.get("object") == "response":
             extras.calls.add_output(obj.get("output"))
         extras.audio = audio_from(obj.get("usage"))
+        extras.unattributed_writes = unattributed_cache_writes(obj.get("usage"))
     if "error" in obj and "usage" not in obj:
         return Metered(None, None, None, None, "error", error_code=_error_code(obj["error"]))
     raw = obj.get("usage")
@@ -603,6 +698,7 @@ class ChatStreamMeter(_StreamMeter):
                 self._malformed = True
             else:
                 self.extras.audio = audio_from(raw)
+                self.extras.unattributed_writes = unattributed_cache_writes(raw)
 
     @staticmethod
     def _chunk_text(obj: dict[str, Any]) -> int:
@@ -682,6 +778,8 @@ class ResponsesStreamMeter(_StreamMeter):
             self._usage = usage_from(response["usage"])
         except ValueError:
             self._malformed = True
+        else:
+            self.extras.unattributed_writes = unattributed_cache_writes(response["usage"])
 
 
 _USAGE_KEY_BYTES: Final = _USAGE_KEY.encode()

@@ -14,6 +14,10 @@ Tests steer it per request with headers:
 
 - ``x-fake-input-tokens``, ``x-fake-output-tokens``, ``x-fake-cache-read-tokens``,
   ``x-fake-cache-creation-tokens``: the usage it reports;
+  ``x-fake-cache-creation-1h-tokens``: how many of the cache writes went to a
+  1-hour cache (``usage.cache_creation``, split by lifetime as Anthropic reports
+  it: in the message's usage and message_start's, not in message_delta's, whose
+  type in the SDK has no ``cache_creation``);
 - ``x-fake-web-searches``: web searches it says it ran (``server_tool_use`` blocks
   and ``usage.server_tool_use.web_search_requests``);
 - ``x-fake-tool-use``: answer with a call of this tool (a ``tool_use`` block whose
@@ -155,6 +159,7 @@ class _Answer:
         self.output = int(headers.get("x-fake-output-tokens", str(len(ANSWER_PIECES))))
         self.cache_read = int(headers.get("x-fake-cache-read-tokens", "0"))
         self.cache_creation = int(headers.get("x-fake-cache-creation-tokens", "0"))
+        self.cache_creation_1h = int(headers.get("x-fake-cache-creation-1h-tokens", "0"))
         self.searches = int(headers.get("x-fake-web-searches", "0"))
         self.tool = headers.get("x-fake-tool-use")
         self.id = f"msg_fake{n:020d}"
@@ -164,6 +169,10 @@ class _Answer:
             "input_tokens": self.input,
             "cache_creation_input_tokens": self.cache_creation,
             "cache_read_input_tokens": self.cache_read,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": max(self.cache_creation - self.cache_creation_1h, 0),
+                "ephemeral_1h_input_tokens": self.cache_creation_1h,
+            },
             "output_tokens": output,
             "server_tool_use": {"web_search_requests": self.searches, "web_fetch_requests": 0}
             if self.searches
@@ -275,13 +284,15 @@ class _Answer:
                     out.append(_delta(index, {"type": "input_json_delta", "partial_json": part}))
             out.append(event("content_block_stop", {"type": "content_block_stop", "index": index}))
         before_delta = len(out)
+        usage = self.usage(output=self.output)
+        del usage["cache_creation"]  # not in the SDK's MessageDeltaUsage
         out.append(
             event(
                 "message_delta",
                 {
                     "type": "message_delta",
                     "delta": {"stop_reason": self.stop_reason, "stop_sequence": None},
-                    "usage": self.usage(output=self.output),
+                    "usage": usage,
                 },
             )
         )

@@ -16,6 +16,10 @@ Tests steer it per request with headers:
   writes until it is stopped);
 - ``x-fake-audio-prompt-tokens``, ``x-fake-audio-completion-tokens``: the audio
   tokens among them (chat completions' ``*_tokens_details.audio_tokens``);
+- ``x-fake-usage-extra``: a JSON object merged into the usage object it reports,
+  as an LLM router in front of Claude adds Anthropic's cache counts
+  (``cache_creation_input_tokens``, ``prompt_tokens_details`` with
+  ``cache_creation_tokens``...);
 - ``x-fake-model``: the model it says answered (default: the one asked for);
 - ``x-fake-delay-ms``: the pause between two streamed events;
 - ``x-fake-status``: answer with this HTTP error status, in OpenAI's error shape;
@@ -137,6 +141,7 @@ class _Answer:
         self.audio_completion = int(headers.get("x-fake-audio-completion-tokens", "0"))
         self.tool_calls = [t for t in headers.get("x-fake-tool-calls", "").split(",") if t]
         self.container = headers.get("x-fake-container", "cntr_fake")
+        self.usage_extra: JSON = orjson.loads(headers.get("x-fake-usage-extra", "{}"))
         self.created = int(time.time())
         self.id = {
             "/chat/completions": f"chatcmpl-fake{n:06d}",
@@ -164,6 +169,9 @@ class _Answer:
     # --- usage objects -------------------------------------------------------------
 
     def chat_usage(self) -> JSON:
+        return {**self._chat_usage(), **self.usage_extra}
+
+    def _chat_usage(self) -> JSON:
         return {
             "prompt_tokens": self.prompt,
             "completion_tokens": self.completion,
@@ -181,6 +189,9 @@ class _Answer:
         }
 
     def response_usage(self) -> JSON:
+        return {**self._response_usage(), **self.usage_extra}
+
+    def _response_usage(self) -> JSON:
         return {
             "input_tokens": self.prompt,
             "input_tokens_details": {"cached_tokens": self.cached, "cache_write_tokens": 0},

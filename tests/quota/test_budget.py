@@ -418,6 +418,42 @@ def test_the_cost_bound_of_an_anthropic_request() -> None:
     assert bound == (len(orjson.dumps(body)) * 3 + 1000 * 15) * Decimal("1e-6")
 
 
+@pytest.mark.parametrize(
+    ("price", "ttl", "prompt_rate"),
+    [
+        # A 1-hour cache through a router in front of Claude (review4 R4-2): every
+        # prompt token may be a 1-hour write, at cache_write_1h_input.
+        ({"cache_write_input": "3.75", "cache_write_1h_input": "6"}, "1h", "6"),
+        ({"cache_write_1h_input": "6"}, "1h", "6"),  # no 5-minute price of its own
+        # A 5-minute one's at cache_write_input; none, at input.
+        ({"cache_write_input": "3.75", "cache_write_1h_input": "6"}, "5m", "3.75"),
+        ({"cache_write_1h_input": "6"}, None, "3"),
+    ],
+)
+def test_the_cost_bound_of_a_cache_through_a_router(
+    price: dict[str, str], ttl: str | None, prompt_rate: str
+) -> None:
+    prices = {"claude-x": {"input": "3", "output": "15", **price}}
+    config = parse_config({"upstream": {"kind": "openai"}, "prices": prices}, env={})
+    part: dict[str, Any] = {"type": "text", "text": "a long document"}
+    if ttl is not None:
+        part["cache_control"] = {"type": "ephemeral", "ttl": ttl}
+    body = {
+        "model": "claude-x",
+        "max_tokens": 1000,
+        "messages": [{"role": "user", "content": [part]}],
+    }
+    bound = cost_bound(
+        OpenAIUpstream(config),
+        _route("chat"),
+        body,
+        reserve_output_tokens=4096,
+        answer_reservation=Decimal("9"),
+    )
+    prompt = len(orjson.dumps(body))
+    assert bound == (prompt * Decimal(prompt_rate) + 1000 * 15) * Decimal("1e-6")
+
+
 # --- the bound: what the upstream will actually honour (review of issue 21) -------------
 
 
@@ -531,6 +567,48 @@ def test_the_bound_prices_every_token_at_the_dearest_rate_it_can_be_billed_at(
         answer_reservation=Decimal(0),
     )
     assert bound == len(orjson.dumps(message)) * Decimal("0.002") + 100 * Decimal("0.002")
+
+
+@pytest.mark.parametrize(
+    ("price", "rate"),
+    [
+        ({"cache_write_input": "3.75", "cache_write_1h_input": "6"}, Decimal("6")),
+        # (A model without the 1-hour price is refused the ttl; its bound would be
+        # at the rate its 1-hour writes are charged: 2x input.)
+        ({"cache_write_input": "3.75"}, Decimal("6")),
+    ],
+)
+def test_the_cost_bound_of_a_one_hour_cache_holds_its_writes(
+    price: dict[str, str], rate: Decimal
+) -> None:
+    """A request asking for a 1-hour cache may have its whole prompt written to
+    one, at 2x input: a bound at the 5-minute 1.25x would be passed."""
+    from gateway.config import parse_config
+
+    prices = {"claude-x": {"input": "3", "output": "15", **price}}
+    upstream = AnthropicUpstream(
+        parse_config({"upstream": {"kind": "anthropic"}, "prices": prices}, env={})
+    )
+    block = {"type": "text", "text": "x", "cache_control": {"type": "ephemeral", "ttl": "1h"}}
+    body = {
+        "model": "claude-x",
+        "max_tokens": 1000,
+        "system": [block],
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    route = Route(name="messages", kind="chat", role="answer")
+
+    def bound(body: dict[str, Any]) -> Decimal:
+        return cost_bound(
+            upstream, route, body, reserve_output_tokens=4096, answer_reservation=Decimal(0)
+        )
+
+    prompt = len(orjson.dumps(body))
+    assert bound(body) == (prompt * rate + 1000 * 15) * Decimal("1e-6")
+    # The same prompt cached for 5 minutes is bound at the 5-minute write's 3.75.
+    five = {**body, "system": [{**block, "cache_control": {"type": "ephemeral", "ttl": "5m"}}]}
+    prompt = len(orjson.dumps(five))
+    assert bound(five) == (prompt * Decimal("3.75") + 1000 * 15) * Decimal("1e-6")
 
 
 async def test_a_zero_max_completion_tokens_does_not_hide_max_tokens_from_the_budget(

@@ -1630,6 +1630,8 @@ async def test_conversation_upstream_is_where_the_users_conversation_began(
 
 async def test_upload_owners_are_read_back_in_one_query(storage: Storage) -> None:
     # Review F9: whose each upload is, for the answers that attach it by id.
+    for user in ("alice", "bob", "mallory"):
+        await storage.ensure_user(user, plan="free")
     await storage.remember_upload("u-1", user_id="alice", upstream="default", now=NOW)
     await storage.remember_upload("u-2", user_id="bob", upstream="research", now=NOW)
     # The first record of an id wins: a later claim does not take it over.
@@ -1640,3 +1642,53 @@ async def test_upload_owners_are_read_back_in_one_query(storage: Storage) -> Non
     # Exact match only; nothing asked, nothing read.
     assert await storage.upload_owners(["u-%", "U-1", ""]) == {}
     assert await storage.upload_owners([]) == {}
+
+
+async def _delete_user(url: str, user: str) -> None:
+    """Delete a user by hand, as an operator does (the gateway has no command
+    for it): on SQLite with the sqlite3 shell's defaults, foreign keys off."""
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            conn.execute("DELETE FROM users WHERE id = ?", (user,))
+        finally:
+            conn.close()
+        return
+    pg = await asyncpg.connect(url)
+    try:
+        await pg.execute("DELETE FROM users WHERE id = $1", user)
+    finally:
+        await pg.close()
+
+
+async def test_a_deleted_users_uploads_go_with_the_user(
+    storage: Storage, database_url: str
+) -> None:
+    # The attack: alice is deleted; somebody is later given the id "alice"
+    # again (a reused login, a JWT subject issued anew, `gateway users add`).
+    # The gateway knows users by id alone: the old alice's upload rows made the
+    # new one the owner of her files, and her answers could attach them.
+    for user in ("alice", "bob"):
+        await storage.ensure_user(user, plan="free")
+    await storage.remember_upload("u-1", user_id="alice", upstream="default", now=NOW)
+    await storage.remember_upload("u-2", user_id="bob", upstream="default", now=NOW)
+    await _delete_user(database_url, "alice")
+    assert await storage.upload_owners(["u-1", "u-2"]) == {"u-2": "bob"}
+    await storage.ensure_user("alice", plan="free")
+    assert await storage.upload_owners(["u-1", "u-2"]) == {"u-2": "bob"}
+    # The new alice's own uploads are hers.
+    await storage.remember_upload("u-3", user_id="alice", upstream="default", now=NOW)
+    assert await storage.upload_owners(["u-1", "u-3"]) == {"u-3": "alice"}
+
+
+async def test_an_upload_of_a_user_deleted_meanwhile_is_not_kept(
+    storage: Storage, database_url: str
+) -> None:
+    # The upstream's reply to an upload comes after its user was deleted (the
+    # upload was admitted before): the record would outlive the deletion, for
+    # whoever is made again under the id.
+    await storage.ensure_user("alice", plan="free")
+    await _delete_user(database_url, "alice")
+    await storage.remember_upload("u-1", user_id="alice", upstream="default", now=NOW)
+    await storage.ensure_user("alice", plan="free")
+    assert await storage.upload_owners(["u-1"]) == {}

@@ -493,3 +493,53 @@ async def test_0019_drops_what_a_user_deleted_by_hand_left_behind(tmp_path: Path
     finally:
         conn.close()
     assert ("l-gone",) not in leases and ("req-old",) in leases
+
+
+# The releases before PostgreSQL 0029 and SQLite 0022 (whose upload records
+# outlived their users).
+BEFORE_UPLOADS_GO = {"postgres": 28, "sqlite": 21}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_before_uploads_go(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same data, and an upload kept for alice and one for a user deleted
+    since, in a database of the schema before PostgreSQL 0029 / SQLite 0022."""
+    insert = (
+        "INSERT INTO upload_owners (upload_id, user_id, upstream, created_at) "
+        "VALUES ('u-alice', 'alice', 'default', '2026-11-20'), "
+        "('u-gone', 'gone', 'default', '2026-11-20')"
+    )
+    if request.param == "sqlite":
+        url = old_sqlite(tmp_path / "old.db", BEFORE_UPLOADS_GO["sqlite"])
+        conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+        try:
+            conn.execute(insert)
+        finally:
+            conn.close()
+        return url
+    server: PostgresServer = request.getfixturevalue("postgres")
+
+    async def make() -> str:
+        dsn = await old_postgres(server, BEFORE_UPLOADS_GO["postgres"])
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(insert)
+        finally:
+            await conn.close()
+        return dsn
+
+    return asyncio.run(make())
+
+
+async def test_uploads_of_users_deleted_before_the_upgrade_are_dropped(
+    database_before_uploads_go: str,
+) -> None:
+    """A user deleted before the release left their upload records behind: the
+    migration drops them (else one made again under that id owned the files),
+    and keeps those of the users that are there."""
+    storage = await migrated(database_before_uploads_go)
+    try:
+        await storage.ensure_user("gone", plan="free")  # made again
+        assert await storage.upload_owners(["u-alice", "u-gone"]) == {"u-alice": "alice"}
+    finally:
+        await storage.close()

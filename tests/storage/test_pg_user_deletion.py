@@ -2,11 +2,14 @@
 before 0024 and 0025 dropped the keys: whoever deletes (any search_path, a
 role allowed only to delete users), TRUNCATE included; recovery drops a gone
 user's pending row with its lease, and a round is not ended early by such rows.
-(From a review of 0024/0025: each test failed on them.)
+(From a review of 0024/0025: each test failed on them.) A user's uploads
+(upload_owners) go the same way since 0029, and an upload answered while its
+user's deletion is under way is not kept.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import datetime, timedelta
 
@@ -15,7 +18,9 @@ import pytest
 
 from gateway.config import DatabaseConfig
 from gateway.storage import open_storage
-from tests.storage.test_pg_settle_rows import NOW, _event
+from gateway.storage.base import Storage
+from tests.harness import until_async
+from tests.storage.test_pg_settle_rows import NOW, _deleting, _event, _waiting
 
 pytestmark = pytest.mark.postgres
 
@@ -47,11 +52,30 @@ async def _lease_and_pending(conn: asyncpg.Connection, user: str, at: datetime) 
 async def _rows(conn: asyncpg.Connection, user: str) -> dict[str, int]:
     return {
         table: await conn.fetchval(f"SELECT count(*) FROM {table} WHERE user_id = $1", user)
-        for table in ("usage_events", "stream_leases", "pending_answers", "usage_daily")
+        for table in (
+            "usage_events",
+            "stream_leases",
+            "pending_answers",
+            "usage_daily",
+            "upload_owners",
+        )
     }
 
 
-_NONE = {"usage_events": 0, "stream_leases": 0, "pending_answers": 0, "usage_daily": 0}
+_NONE = {
+    "usage_events": 0,
+    "stream_leases": 0,
+    "pending_answers": 0,
+    "usage_daily": 0,
+    "upload_owners": 0,
+}
+
+
+async def _answered_and_uploaded(storage: Storage, user: str) -> None:
+    """A user with a ledger row (and so a day row) and a kept upload."""
+    await storage.ensure_user(user, plan="free")
+    assert await storage.settle(_event("a1", user))
+    await storage.remember_upload(f"u-{user}", user_id=user, upstream="default", now=NOW)
 
 
 async def test_truncate_users_cascade_still_takes_the_ledger_leases_and_pending_rows(
@@ -63,8 +87,7 @@ async def test_truncate_users_cascade_still_takes_the_ledger_leases_and_pending_
     storage = await open_storage(DatabaseConfig(url=dsn))
     conn = await asyncpg.connect(dsn)
     try:
-        await storage.ensure_user("alice", plan="free")
-        assert await storage.settle(_event("a1", "alice"))
+        await _answered_and_uploaded(storage, "alice")
         await _lease_and_pending(conn, "alice", NOW - timedelta(hours=2))
         await conn.execute("TRUNCATE users CASCADE")
         assert await _rows(conn, "alice") == _NONE
@@ -87,23 +110,24 @@ async def test_a_deleted_users_rows_go_whatever_the_deleters_search_path(dsn: st
     storage = await open_storage(DatabaseConfig(url=dsn))
     conn = await asyncpg.connect(dsn)
     try:
-        await storage.ensure_user("alice", plan="free")
-        assert await storage.settle(_event("a1", "alice"))
+        await _answered_and_uploaded(storage, "alice")
         await _lease_and_pending(conn, "alice", NOW)
         await conn.execute(
             "CREATE SCHEMA other;"
             "CREATE TABLE other.usage_events (user_id text);"
             "CREATE TABLE other.stream_leases (user_id text);"
             "CREATE TABLE other.pending_answers (user_id text);"
+            "CREATE TABLE other.upload_owners (user_id text);"
             "INSERT INTO other.usage_events VALUES ('alice');"
             "INSERT INTO other.stream_leases VALUES ('alice');"
             "INSERT INTO other.pending_answers VALUES ('alice');"
+            "INSERT INTO other.upload_owners VALUES ('alice');"
         )
         await conn.execute("SET search_path = other, public")
         await conn.execute("DELETE FROM public.users WHERE id = 'alice'")
         await conn.execute("RESET search_path")
         assert await _rows(conn, "alice") == _NONE
-        for table in ("usage_events", "stream_leases", "pending_answers"):
+        for table in ("usage_events", "stream_leases", "pending_answers", "upload_owners"):
             assert await conn.fetchval(f"SELECT count(*) FROM other.{table}") == 1, table
     finally:
         await conn.close()
@@ -116,8 +140,7 @@ async def test_a_deleted_users_rows_go_with_a_search_path_without_the_schema(dsn
     storage = await open_storage(DatabaseConfig(url=dsn))
     conn = await asyncpg.connect(dsn)
     try:
-        await storage.ensure_user("alice", plan="free")
-        assert await storage.settle(_event("a1", "alice"))
+        await _answered_and_uploaded(storage, "alice")
         await conn.execute("SET search_path = pg_catalog")
         await conn.execute("DELETE FROM public.users WHERE id = 'alice'")
         await conn.execute("RESET search_path")
@@ -136,8 +159,7 @@ async def test_a_role_that_may_delete_users_still_can(dsn: str) -> None:
     storage = await open_storage(DatabaseConfig(url=dsn))
     conn = await asyncpg.connect(dsn)
     try:
-        await storage.ensure_user("alice", plan="free")
-        assert await storage.settle(_event("a1", "alice"))
+        await _answered_and_uploaded(storage, "alice")
         await conn.execute(f"CREATE ROLE {role}")
         try:
             await conn.execute(f"GRANT SELECT, DELETE ON users TO {role}")
@@ -198,4 +220,57 @@ async def test_a_recovery_round_does_not_stop_at_a_batch_of_dropped_rows(
         assert (await _rows(conn, "bob"))["pending_answers"] == 0
     finally:
         await conn.close()
+        await storage.close()
+
+
+async def test_an_upload_answered_while_its_user_is_deleted_is_not_kept(dsn: str) -> None:
+    # The upload's reply comes while a delete of its user is under way: the
+    # trigger has deleted the user's rows already (in the delete's snapshot),
+    # and a record written next to it outlived the user, for whoever is made
+    # again under the id. The record waits for the delete, then finds no user.
+    storage = await open_storage(DatabaseConfig(url=dsn))
+    admin = await asyncpg.connect(dsn)
+    try:
+        await storage.ensure_user("alice", plan="free")
+        deleter, tx = await _deleting(dsn, "alice")
+        kept = asyncio.create_task(
+            storage.remember_upload("u-late", user_id="alice", upstream="default", now=NOW)
+        )
+        await until_async(lambda: _waiting(admin))
+        await tx.commit()
+        await deleter.close()
+        await kept
+        await storage.ensure_user("alice", plan="free")
+        assert await storage.upload_owners(["u-late"]) == {}
+    finally:
+        await admin.close()
+        await storage.close()
+
+
+async def test_a_delete_waits_for_an_upload_being_kept_and_takes_it(dsn: str) -> None:
+    # The other order: the record holds its key share on the user's row; the
+    # delete waits for its commit, then its trigger deletes the record.
+    storage = await open_storage(DatabaseConfig(url=dsn))
+    admin = await asyncpg.connect(dsn)
+    keeper = await asyncpg.connect(dsn)
+    try:
+        await storage.ensure_user("alice", plan="free")
+        tx = keeper.transaction()
+        await tx.start()
+        await keeper.execute(
+            "INSERT INTO upload_owners (upload_id, user_id, upstream, created_at) "
+            "SELECT 'u-1', id, 'default', now() FROM users WHERE id = 'alice' FOR KEY SHARE"
+        )
+        delete = asyncio.create_task(admin.execute("DELETE FROM users WHERE id = 'alice'"))
+        watcher = await asyncpg.connect(dsn)
+        try:
+            await until_async(lambda: _waiting(watcher))
+        finally:
+            await watcher.close()
+        await tx.commit()
+        await delete
+        assert await _rows(admin, "alice") == _NONE
+    finally:
+        await keeper.close()
+        await admin.close()
         await storage.close()

@@ -15,7 +15,7 @@ from gateway.config import parse_config
 from gateway.errors import BadRequest, Forbidden
 from gateway.http import request_headers
 from gateway.pricing import Price
-from gateway.sse import SSEDecoder
+from gateway.sse import ServerSentEvent, SSEDecoder
 from gateway.upstreams import get_upstream
 from gateway.upstreams.anthropic import AnthropicUpstream
 from gateway.upstreams.anthropic_routes import anthropic_route
@@ -546,13 +546,15 @@ def test_errors_in_anthropic_shape(status: int, kind: str) -> None:
 
 
 def test_the_registry_builds_the_dialect() -> None:
-    config = parse_config({"upstream": {"kind": "anthropic"}, "prices": TABLE}, env={})
+    config = parse_config(
+        {"upstream": {"kind": "anthropic", "api_key_env": "K"}, "prices": TABLE},
+        env={"K": "sk-ant-x"},
+    )
     up = get_upstream("anthropic", config)
     assert isinstance(up, AnthropicUpstream) and up.kind == "anthropic"
-    assert up.upstream_credential("sk-ant-x") == (b"x-api-key", b"sk-ant-x")
-    assert get_upstream("openai", config).upstream_credential("k") == (
-        b"authorization",
-        b"Bearer k",
+    assert up.upstream_credentials(config.upstream) == ((b"x-api-key", b"sk-ant-x"),)
+    assert get_upstream("openai", config).upstream_credentials(config.upstream) == (
+        (b"authorization", b"Bearer sk-ant-x"),
     )
 
 
@@ -737,3 +739,258 @@ def test_a_message_counts_the_web_searches_it_ran() -> None:
     raw = orjson.dumps({"type": "message", "id": "msg_2", "model": MODEL, "content": [],
                         "usage": {"input_tokens": 10, "output_tokens": 5}})  # fmt: skip
     assert up.meter_blocking(route, body, raw).web_searches == 0
+
+
+# --- the 1-hour prompt cache (cache_write_1h_input) ---------------------------------------------
+
+ONE_HOUR_TABLE = {MODEL: {**TABLE[MODEL], "cache_write_1h_input": "6"}}
+# Of STEER's 200 cache writes, 150 to a 1-hour cache (usage.cache_creation).
+STEER_1H = {"x-fake-cache-creation-1h-tokens": "150"}
+USAGE_1H = Usage(
+    1600, 700, 2300, cached_tokens=400, cache_write_tokens=200, cache_write_1h_tokens=150
+)
+# COST with 150 of the 200 writes at 6, not 3.75.
+COST_1H = COST + 150 * (Decimal("6") - Decimal("3.75")) / 1_000_000
+SPLIT = {"ephemeral_5m_input_tokens": 50, "ephemeral_1h_input_tokens": 150}
+COUNTS = {"input_tokens": 1000, "cache_read_input_tokens": 400, "output_tokens": 700}
+
+
+@pytest.mark.parametrize(
+    ("raw", "start", "expected"),
+    [
+        (  # a message's usage (the SDK's Usage.cache_creation: CacheCreation)
+            {**COUNTS, "cache_creation_input_tokens": 200, "cache_creation": SPLIT},
+            None,
+            USAGE_1H,
+        ),
+        (  # message_delta without cache_creation (MessageDeltaUsage has none): kept
+            {**COUNTS, "cache_creation_input_tokens": 200},
+            USAGE_1H,
+            USAGE_1H,
+        ),
+        (  # a later cache_creation replaces message_start's, as the other counts do
+            {**COUNTS, "cache_creation_input_tokens": 200, "cache_creation": SPLIT},
+            Usage(1400, 1, 1401, cached_tokens=400, cache_write_tokens=0),
+            USAGE_1H,
+        ),
+        (  # a split that sums past the total: the writes are never fewer than their parts
+            {**COUNTS, "cache_creation_input_tokens": 100, "cache_creation": SPLIT},
+            None,
+            USAGE_1H,
+        ),
+        (  # no total at all, only the split
+            {**COUNTS, "cache_creation": SPLIT},
+            None,
+            USAGE_1H,
+        ),
+        (  # a null split, or a null 1-hour count in it, keeps what was read before
+            {**COUNTS, "cache_creation": {"ephemeral_1h_input_tokens": None}},
+            USAGE_1H,
+            USAGE_1H,
+        ),
+        (  # all to the 5-minute cache
+            {
+                **COUNTS,
+                "cache_creation_input_tokens": 200,
+                "cache_creation": {
+                    "ephemeral_5m_input_tokens": 200,
+                    "ephemeral_1h_input_tokens": 0,
+                },
+            },
+            None,
+            USAGE,
+        ),
+    ],
+)
+def test_usage_from_reads_the_one_hour_writes(
+    raw: dict[str, Any], start: Usage | None, expected: Usage
+) -> None:
+    assert usage_from(raw, start=start) == expected
+
+
+def test_a_cache_creation_that_is_not_an_object_is_named_and_bounded() -> None:
+    usage = usage_from({**COUNTS, "cache_creation_input_tokens": 200, "cache_creation": "1h"})
+    assert usage.clamped == ("cache_creation='1h'",)
+    # The split is unknown: every write is taken as the dearest, a 1-hour one.
+    assert (usage.cache_write_tokens, usage.cache_write_1h_tokens) == (200, 200)
+
+
+def test_one_hour_writes_are_metered_from_the_stream_and_the_body() -> None:
+    up = dialect(prices=ONE_HOUR_TABLE)
+    route = up.route("POST", "/messages")
+    meter = up.stream_meter(route, BODY)
+    _feed_any(meter, _stream(**STEER_1H))
+    streamed = meter.finish(cut=False)
+    assert streamed.usage is not None and streamed.outcome == "complete"
+    assert streamed.usage.cache_write_1h_tokens == 150
+    assert streamed.usage.cost == COST_1H == Decimal("0.0147075")
+    answer = _fake(BODY, **STEER, **STEER_1H)
+    body = orjson.dumps(answer.message(content=answer.blocks(), stop_reason="end_turn", output=700))
+    blocking = up.meter_blocking(route, BODY, body)
+    assert blocking.usage is not None and blocking.usage.cost == COST_1H
+
+
+def test_a_stream_cut_before_message_delta_keeps_its_one_hour_writes() -> None:
+    up = dialect(prices=ONE_HOUR_TABLE)
+    meter = up.stream_meter(up.route("POST", "/messages"), BODY)
+    _feed_any(meter, _events_until(b"message_delta", **STEER_1H))
+    metered = meter.finish(cut=True)
+    assert metered.outcome == "cut" and metered.usage is not None and metered.usage.estimated
+    assert metered.usage.cache_write_1h_tokens == 150
+
+
+def test_one_hour_writes_of_a_model_without_the_price_cost_twice_the_input() -> None:
+    """Not the 5-minute 3.75: Anthropic's 1-hour rate, 2x input."""
+    meter = dialect().stream_meter(dialect().route("POST", "/messages"), BODY)
+    _feed_any(meter, _stream(**STEER_1H))
+    metered = meter.finish(cut=False)
+    assert metered.usage is not None
+    assert metered.usage.cost == COST + 150 * (Decimal("6") - Decimal("3.75")) / 1_000_000
+
+
+def _one_hour_body(ttl: object = "1h") -> dict[str, Any]:
+    block = {"type": "text", "text": "x", "cache_control": {"type": "ephemeral", "ttl": ttl}}
+    return {**BODY, "system": [block]}
+
+
+def test_a_one_hour_cache_is_taken_for_a_model_with_its_price_only() -> None:
+    up = dialect(prices=ONE_HOUR_TABLE)
+    route = up.route("POST", "/messages")
+    up.prepare(route, _one_hour_body(), b"", "a", method="POST", request_id="r")
+    # A dated model takes its base name's price, the 1-hour one included.
+    dated = {**_one_hour_body(), "model": f"{MODEL}-20250929"}
+    up.prepare(route, dated, b"", "a", method="POST", request_id="r")
+    # No price opens any other ttl.
+    with pytest.raises(Forbidden) as other:
+        up.prepare(route, _one_hour_body("2h"), b"", "a", method="POST", request_id="r")
+    assert other.value.code == "option_not_priced"
+    assert "'2h'" in str(other.value) and "cache_write_1h_input" not in str(other.value)
+
+
+@pytest.mark.parametrize(
+    ("prices", "model", "key"),
+    [
+        (TABLE, MODEL, f'prices."{MODEL}".cache_write_1h_input'),
+        (TABLE, f"{MODEL}-20250929", f'prices."{MODEL}".cache_write_1h_input'),
+        ({"*": TABLE[MODEL]}, MODEL, 'prices."*".cache_write_1h_input'),
+    ],
+)
+def test_the_refusal_of_a_one_hour_cache_names_the_price_to_set(
+    prices: dict[str, Any], model: str, key: str
+) -> None:
+    up = dialect(prices=prices)
+    with pytest.raises(Forbidden) as refused:
+        up.prepare(
+            up.route("POST", "/messages"),
+            {**_one_hour_body(), "model": model},
+            b"",
+            "a",
+            method="POST",
+            request_id="r",
+        )
+    assert refused.value.code == "option_not_priced"
+    assert "cache_control.ttl: '1h'" in str(refused.value) and key in str(refused.value)
+
+
+# --- cache writes no lifetime accounts for (review 4, R4-1) -------------------------------
+
+_ONE_HOUR_PRICES = {
+    MODEL: {
+        "input": "3",
+        "cached_input": "0.30",
+        "cache_write_input": "3.75",
+        "cache_write_1h_input": "6",
+        "output": "15",
+    }
+}
+_MILLION = Decimal(1_000_000)
+
+
+def _priced_dialect() -> AnthropicUpstream:
+    config = {"upstream": {"kind": "anthropic"}, "prices": _ONE_HOUR_PRICES}
+    return AnthropicUpstream(parse_config(config, env={}))
+
+
+def _cached_body(*ttls: str) -> dict[str, Any]:
+    blocks = [
+        {"type": "text", "text": f"part {i}", "cache_control": {"type": "ephemeral", "ttl": ttl}}
+        for i, ttl in enumerate(ttls)
+    ]
+    return {
+        "model": MODEL,
+        "max_tokens": 100,
+        "system": blocks,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+
+
+def _streamed_cost(body: dict[str, Any], start: dict[str, Any], delta: dict[str, Any]) -> Usage:
+    up = _priced_dialect()
+    meter = up.stream_meter(up.route("POST", "/messages"), {**body, "stream": True})
+    message = {"id": "msg_1", "model": MODEL, "usage": start}
+    for kind, data in (
+        ("message_start", {"type": "message_start", "message": message}),
+        ("message_delta", {"type": "message_delta", "delta": {}, "usage": delta}),
+        ("message_stop", {"type": "message_stop"}),
+    ):
+        meter.feed(ServerSentEvent(event=kind, data=orjson.dumps(data).decode()))
+    metered = meter.finish(cut=False)
+    assert metered.usage is not None
+    return metered.usage
+
+
+@pytest.mark.parametrize(
+    ("ttls", "split", "writes_1h"),
+    [
+        # Asked for one lifetime, 1 hour: all 5000 cumulative writes are 1-hour.
+        pytest.param(("1h",), (0, 1000), 5000, id="one-hour-only"),
+        # Both: the 300 five-minute ones stay, the 4700 others are 1-hour (dearest).
+        pytest.param(("5m", "1h"), (300, 700), 4700, id="both"),
+        # 5 minutes only: Anthropic writes no 1-hour cache for it.
+        pytest.param(("5m",), (1000, 0), 0, id="five-minutes-only"),
+    ],
+)
+def test_cumulative_writes_past_message_starts_split_are_the_requests_dearest_lifetime(
+    ttls: tuple[str, ...], split: tuple[int, int], writes_1h: int
+) -> None:
+    """Attack (review 4, R4-1): message_delta's counts are cumulative and carry no
+    ``cache_creation`` (the SDK's MessageDeltaUsage); writes past message_start's
+    split (a server-tool loop under automatic caching moves the breakpoint) were
+    priced at the 5-minute rate, 1.25x, where a request asking for a 1-hour cache
+    is billed 2x."""
+    five, hour = split
+    start = {
+        "input_tokens": 10,
+        "cache_creation_input_tokens": five + hour,
+        "cache_creation": {"ephemeral_5m_input_tokens": five, "ephemeral_1h_input_tokens": hour},
+        "output_tokens": 1,
+    }
+    delta = {"input_tokens": 10, "cache_creation_input_tokens": 5000, "output_tokens": 20}
+    usage = _streamed_cost(_cached_body(*ttls), start, delta)
+    assert (usage.cache_write_tokens, usage.cache_write_1h_tokens) == (5000, writes_1h)
+    billed = 10 * Decimal(3) + (5000 - writes_1h) * Decimal("3.75") + writes_1h * Decimal(6)
+    assert usage.cost == (billed + 20 * Decimal(15)) / _MILLION
+
+
+@pytest.mark.parametrize(("ttls", "writes_1h"), [(("1h",), 4000), (("5m",), 0)])
+def test_a_blocking_answer_without_the_split_prices_writes_at_the_requests_lifetime(
+    ttls: tuple[str, ...], writes_1h: int
+) -> None:
+    """Attack (review 4, R4-1): an answer whose usage leaves ``cache_creation`` out
+    (an Anthropic-compatible server) had every write priced at 1.25x: 0.01533
+    charged for a 1-hour-only request billed 0.02433."""
+    up = _priced_dialect()
+    answer = {
+        "id": "msg_2",
+        "type": "message",
+        "model": MODEL,
+        "content": [{"type": "text", "text": "hello"}],
+        "usage": {"input_tokens": 10, "cache_creation_input_tokens": 4000, "output_tokens": 20},
+    }
+    metered = up.meter_blocking(
+        up.route("POST", "/messages"), _cached_body(*ttls), orjson.dumps(answer)
+    )
+    assert metered.usage is not None
+    assert metered.usage.cache_write_1h_tokens == writes_1h
+    writes = (4000 - writes_1h) * Decimal("3.75") + writes_1h * Decimal(6)
+    assert metered.usage.cost == (10 * Decimal(3) + writes + 20 * Decimal(15)) / _MILLION

@@ -4,7 +4,12 @@ context, fast mode) and the account's files read through an answer. Each is
 refused before anything is forwarded or reserved.
 
 review2: the 1-hour prompt cache (billed above the one cache write price) and
-the account's files named to count_tokens."""
+the account's files named to count_tokens.
+
+The 1-hour cache priced (cache_write_1h_input): taken where the model has the
+price, its writes charged at it as the stream and the body report them, and
+reserved at it; 1-hour writes reported for a request that did not ask for them
+charged at the 1-hour rate, never the 5-minute one."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.fakes.anthropic import FakeAnthropic
+from tests.fakes.anthropic import ANSWER_PIECES, FakeAnthropic
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 
 MODEL = "claude-sonnet-4-5"
@@ -155,8 +160,18 @@ async def test_a_one_hour_cache_write_is_refused_not_charged_at_the_five_minute_
     fake = FakeAnthropic(api_key=UPSTREAM_KEY)
     async with running_gateway(sqlite_url, upstream=fake, settings=CACHE_SETTINGS) as h:
         refused = await post(h, {**BODY, **change}, **CACHE_STEER)
+        in_vietnamese = await post(h, {**BODY, **change}, **{"accept-language": "vi"})
         await nothing_reserved(h, fake)
-    assert "cache_control.ttl: '1h'" in anthropic_error(refused, 403, "option_not_priced")
+    message = anthropic_error(refused, 403, "option_not_priced")
+    # It names the price that would open it, in the user's language too.
+    assert message == (
+        "The option cache_control.ttl: '1h' has no price on this gateway "
+        f'(prices."{MODEL}".cache_write_1h_input), so it is not available.'
+    )
+    assert anthropic_error(in_vietnamese, 403, "option_not_priced") == (
+        "Tùy chọn cache_control.ttl: '1h' chưa được định giá trên gateway này "
+        f'(prices."{MODEL}".cache_write_1h_input) nên không dùng được.'
+    )
 
 
 @pytest.mark.parametrize("ttl", ["5m", None, "absent"])
@@ -221,3 +236,94 @@ async def test_count_tokens_of_a_message_naming_no_file_is_passed_through(
     assert counted.status_code == 200 and "input_tokens" in counted.json(), counted.text
     assert null_id.status_code == 200, null_id.text
     assert len(fake.requests) == 2
+
+
+# --- the 1-hour cache priced ([prices."MODEL"].cache_write_1h_input) -----------------------
+
+ONE_HOUR_SETTINGS = {
+    **SETTINGS,
+    "prices": {MODEL: {**CACHE_SETTINGS["prices"][MODEL], "cache_write_1h_input": "6"}},
+}
+# Of the 1M cache writes, 600,000 to a 1-hour cache (usage.cache_creation).
+STEER_1H = {**CACHE_STEER, "x-fake-cache-creation-1h-tokens": "600000"}
+
+
+def cost_1h(rate: str) -> Decimal:
+    """STEER_1H's answer: 10 uncached prompt tokens at 3, 400,000 5-minute writes
+    at 3.75, 600,000 1-hour writes at ``rate``, the answer's output at 15."""
+    micro = (
+        10 * Decimal("3")
+        + 400_000 * Decimal("3.75")
+        + 600_000 * Decimal(rate)
+        + len(ANSWER_PIECES) * Decimal("15")
+    )
+    return micro.scaleb(-6)
+
+
+def _cached(ttl: str | None, **body: Any) -> dict[str, Any]:
+    control: dict[str, Any] = {"type": "ephemeral"}
+    if ttl is not None:
+        control["ttl"] = ttl
+    block = {"type": "text", "text": _LONG_TEXT, "cache_control": control}
+    return {**BODY, **body, "messages": [{"role": "user", "content": [block]}]}
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "blocking"])
+async def test_a_one_hour_cache_is_forwarded_and_charged_its_price(
+    database_url: str, stream: bool
+) -> None:
+    fake = FakeAnthropic(api_key=UPSTREAM_KEY)
+    body = _cached("1h", stream=stream)
+    async with running_gateway(database_url, upstream=fake, settings=ONE_HOUR_SETTINGS) as h:
+        answer = await post(h, body, **STEER_1H)
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert answer.status_code == 200, answer.text
+    control = fake.requests[0].json["messages"][0]["content"][0]["cache_control"]
+    assert control == {"type": "ephemeral", "ttl": "1h"}
+    assert event.cost == cost_1h("6") == Decimal("5.100135")
+    assert (event.prompt_tokens, event.cache_write_tokens) == (1_000_010, 1_000_000)
+    assert event.outcome == "complete"
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "blocking"])
+@pytest.mark.parametrize(
+    "settings", [ONE_HOUR_SETTINGS, CACHE_SETTINGS], ids=["1h-priced", "1h-unpriced"]
+)
+async def test_one_hour_writes_a_request_did_not_ask_for_are_charged_the_one_hour_rate(
+    sqlite_url: str, settings: dict[str, Any], stream: bool
+) -> None:
+    # Attack: a request the gateway reads as caching for 5 minutes (or, with the
+    # ttl where the gateway does not look, as asking for nothing) whose answer
+    # reports 1-hour writes: charged at cache_write_input (3.75) they would be
+    # undercharged. They are charged the 1-hour price, or, where the model has
+    # none, Anthropic's 2x input (6 here).
+    fake = FakeAnthropic(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        answer = await post(h, _cached("5m", stream=stream), **STEER_1H)
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert answer.status_code == 200, answer.text
+    assert event.cost == cost_1h("6")
+    assert event.cost > cost_1h("3.75")  # what the 5-minute price made of it
+
+
+async def test_a_one_hour_cache_is_reserved_at_the_one_hour_rate(sqlite_url: str) -> None:
+    # Attack: a request asking for a 1-hour cache whose money bound priced its
+    # prompt as 5-minute writes (1.25x input) could pass the budget by its
+    # 1-hour writes (2x). With 0.50 left, a 100 KB prompt is bound near 0.39 as
+    # 5-minute writes and near 0.62 as 1-hour ones: refused, nothing forwarded.
+    text = "x" * 100_000
+    settings = {**ONE_HOUR_SETTINGS, "plans": {"free": {"cost_per_day": "0.50"}}}
+    fake = FakeAnthropic(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        body = _cached("1h", system=text)
+        refused = await post(h, body)
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["x-ratelimit-resource"] == "cost_per_day"
+        assert fake.requests == []
+        # The same prompt cached for 5 minutes fits.
+        admitted = await post(h, _cached("5m", system=text))
+        await h.probes.wait_finished(1)
+    assert admitted.status_code == 200, admitted.text
+    assert len(fake.requests) == 1

@@ -652,7 +652,7 @@ async def test_refusals_speak_the_users_language(gw: Harness, fake: FakeAnthropi
 
 
 async def test_exports_carry_the_cache_writes(database_url: str, fake: FakeAnthropic) -> None:
-    env = {"GATEWAY_ADMIN_TOKEN": "admin-token"}
+    env = {"GATEWAY_ADMIN_TOKEN": "admin-token-0123456789"}
     async with running_gateway(
         database_url, upstream=fake, settings=anthropic_settings(), env=env
     ) as h:
@@ -660,7 +660,7 @@ async def test_exports_carry_the_cache_writes(database_url: str, fake: FakeAnthr
             await sdk.messages.create(model=MODEL, max_tokens=64, messages=MESSAGES)  # type: ignore[arg-type]
         await h.probes.wait_finished(1)
         async with httpx.AsyncClient(base_url=h.url, timeout=10) as http:
-            admin = {"Authorization": "Bearer admin-token"}
+            admin = {"Authorization": "Bearer admin-token-0123456789"}
             as_json = await http.get("/admin/export/events?format=json", headers=admin)
             as_csv = await http.get("/admin/export/events?format=csv", headers=admin)
     (row,) = orjson.loads(as_json.content)
@@ -673,6 +673,45 @@ async def test_exports_carry_the_cache_writes(database_url: str, fake: FakeAnthr
     header, line = as_csv.text.splitlines()
     cells = dict(zip(header.split(","), line.split(","), strict=True))
     assert (cells["cached_tokens"], cells["cache_write_tokens"]) == ("400", "200")
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+async def test_a_one_hour_cache_through_the_sdk_is_charged_its_price(
+    sqlite_url: str, fake: FakeAnthropic, streamed: bool
+) -> None:
+    """The SDK's own types read the usage the gateway meters: 150 of the 200
+    cache writes to a 1-hour cache (Usage.cache_creation), charged at
+    cache_write_1h_input, the 50 others at cache_write_input."""
+    prices = {MODEL: {**PRICES[MODEL], "cache_write_1h_input": "6"}}
+    system = [{"type": "text", "text": "A long document.",
+               "cache_control": {"type": "ephemeral", "ttl": "1h"}}]  # fmt: skip
+    settings = anthropic_settings(prices=prices)
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        headers = {"x-fake-cache-creation-1h-tokens": "150"}
+        async with client(h, **headers) as sdk:
+            if streamed:
+                async with sdk.messages.stream(
+                    model=MODEL,
+                    max_tokens=1024,
+                    system=system,  # type: ignore[arg-type]
+                    messages=MESSAGES,  # type: ignore[arg-type]
+                ) as stream:
+                    message = await stream.get_final_message()
+            else:
+                message = await sdk.messages.create(
+                    model=MODEL,
+                    max_tokens=1024,
+                    system=system,  # type: ignore[arg-type]
+                    messages=MESSAGES,  # type: ignore[arg-type]
+                )
+        event = await only_event(h)
+    split = message.usage.cache_creation
+    assert split is not None
+    assert (split.ephemeral_5m_input_tokens, split.ephemeral_1h_input_tokens) == (50, 150)
+    assert message.usage.cache_creation_input_tokens == 200
+    assert fake.requests[0].json["system"] == system
+    # 150 writes at 6 instead of 3.75.
+    assert_metered(event, cost=COST + 150 * (Decimal(6) - Decimal("3.75")) / 1_000_000)
 
 
 async def test_an_unreachable_upstream_is_a_502_in_anthropic_shape(sqlite_url: str) -> None:

@@ -17,7 +17,7 @@ from gateway.config import parse_config
 from gateway.errors import BadRequest, ConfigError, Forbidden
 from gateway.pricing import Audio, Price, PriceTable
 from gateway.sse import SSEDecoder
-from gateway.upstreams import get_upstream
+from gateway.upstreams import get_upstream, openai_wire
 from gateway.upstreams.openai import OpenAIUpstream
 from gateway.upstreams.openai_wire import (
     ChatStreamMeter,
@@ -1480,3 +1480,167 @@ def test_an_answer_counts_the_web_searches_it_ran() -> None:
     chat = up.route("POST", "chat/completions")
     calls = up.calls(chat, {"model": "gpt-4o-mini", "web_search_options": {}}, {})
     assert up.priced(metered, "gpt-4o-mini", calls=calls).web_searches == 1
+
+
+# --- Anthropic's prompt cache reported by a router (review4 R4-2) -------------------------
+
+# The usage objects of routers in front of Claude for one answer: 10 uncached
+# prompt tokens, 300 read from the cache, 1,000 written to it (400 for 5
+# minutes, 600 for an hour), 20 output tokens. LiteLLM (litellm/types/utils.py)
+# and OpenRouter count every prompt token in prompt_tokens; Portkey only the
+# uncached ones (Anthropic's input_tokens), and all of them in total_tokens.
+_SPLIT = {"ephemeral_5m_input_tokens": 400, "ephemeral_1h_input_tokens": 600}
+ROUTER_USAGES: dict[str, tuple[dict[str, Any], tuple[int, int, int, int, int]]] = {
+    "litellm": (
+        {"prompt_tokens": 1310, "completion_tokens": 20, "total_tokens": 1330,
+         "prompt_tokens_details": {"cached_tokens": 300, "cache_creation_tokens": 1000,
+                                   "cache_creation_token_details": _SPLIT},
+         "cache_creation_input_tokens": 1000, "cache_read_input_tokens": 300},
+        (1310, 1330, 300, 1000, 600),
+    ),
+    "litellm-no-split": (
+        {"prompt_tokens": 1310, "completion_tokens": 20, "total_tokens": 1330,
+         "prompt_tokens_details": {"cached_tokens": 300}, "cache_creation_input_tokens": 1000},
+        (1310, 1330, 300, 1000, 0),
+    ),
+    "portkey": (
+        {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 1330,
+         "prompt_tokens_details": {"cached_tokens": 300},
+         "cache_read_input_tokens": 300, "cache_creation_input_tokens": 1000},
+        (1310, 1330, 300, 1000, 0),
+    ),
+    "portkey-reads-only": (
+        {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 330,
+         "prompt_tokens_details": {"cached_tokens": 300},
+         "cache_read_input_tokens": 300, "cache_creation_input_tokens": 0},
+        (310, 330, 300, 0, 0),
+    ),
+    "openrouter": (
+        {"prompt_tokens": 1310, "completion_tokens": 20, "total_tokens": 1330,
+         "prompt_tokens_details": {"cached_tokens": 300, "cache_write_tokens": 1000}},
+        (1310, 1330, 300, 1000, 0),
+    ),
+    "anthropic-split-passed-on": (
+        {"prompt_tokens": 1310, "completion_tokens": 20, "total_tokens": 1330,
+         "prompt_tokens_details": {"cached_tokens": 300},
+         "cache_creation_input_tokens": 1000, "cache_creation": _SPLIT},
+        (1310, 1330, 300, 1000, 600),
+    ),
+    # A prompt fewer than its own cache counts, the total no help: they are not in it.
+    "prompt-without-its-cache": (
+        {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30,
+         "prompt_tokens_details": {"cached_tokens": 300}, "cache_creation_input_tokens": 1000},
+        (1310, 1330, 300, 1000, 0),
+    ),
+    "split-past-the-total": (
+        {"prompt_tokens": 1310, "completion_tokens": 20, "total_tokens": 1330,
+         "prompt_tokens_details": {"cached_tokens": 300, "cache_creation_tokens": 900,
+                                   "cache_creation_token_details": _SPLIT}},
+        (1310, 1330, 300, 1000, 600),
+    ),
+    "responses": (
+        {"input_tokens": 1310, "output_tokens": 20, "total_tokens": 1330,
+         "input_tokens_details": {"cached_tokens": 300, "cache_creation_tokens": 1000}},
+        (1310, 1330, 300, 1000, 0),
+    ),
+    # OpenAI itself: no cache writes named, every count as it was.
+    "openai": (
+        {"prompt_tokens": 1310, "completion_tokens": 20, "total_tokens": 1330,
+         "prompt_tokens_details": {"cached_tokens": 300, "audio_tokens": 0}},
+        (1310, 1330, 300, 0, 0),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("raw", "expected"), ROUTER_USAGES.values(), ids=ROUTER_USAGES.keys())
+def test_a_routers_cache_writes_are_read_as_parts_of_the_prompt(
+    raw: dict[str, Any], expected: tuple[int, int, int, int, int]
+) -> None:
+    usage = usage_from(raw)
+    counts = (
+        usage.prompt_tokens,
+        usage.total_tokens,
+        usage.cached_tokens,
+        usage.cache_write_tokens,
+        usage.cache_write_1h_tokens,
+    )
+    assert counts == expected
+    assert usage.completion_tokens == 20 and usage.clamped == ()
+
+
+def test_a_cache_split_that_is_not_an_object_is_named_and_taken_as_one_hour() -> None:
+    raw = {"prompt_tokens": 1310, "completion_tokens": 20, "cache_creation_input_tokens": 1000,
+           "cache_creation": "1h"}  # fmt: skip
+    usage = usage_from(raw)
+    assert usage.clamped == ("cache_creation='1h'",)
+    assert (usage.cache_write_tokens, usage.cache_write_1h_tokens) == (1000, 1000)
+    assert openai_wire.unattributed_cache_writes(raw) == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "unattributed"),
+    [("litellm", 0), ("litellm-no-split", 1000), ("portkey", 1000), ("openrouter", 1000),
+     ("split-past-the-total", 0), ("openai", 0)],
+)  # fmt: skip
+def test_unattributed_cache_writes(name: str, unattributed: int) -> None:
+    assert openai_wire.unattributed_cache_writes(ROUTER_USAGES[name][0]) == unattributed
+
+
+# Claude Sonnet's prices, per million tokens.
+_CLAUDE_PRICE = {"input": "3", "cached_input": "0.30", "cache_write_input": "3.75",
+                 "cache_write_1h_input": "6", "output": "15"}  # fmt: skip
+_UNCACHED, _READ, _WRITE_5M, _WRITE_1H, _OUT = (
+    Decimal(r) for r in ("3", "0.30", "3.75", "6", "15")
+)
+
+
+def _charged(raw: dict[str, Any], ttl: str | None) -> Decimal:
+    """What the dialect charges a blocking chat completion with usage ``raw``
+    whose request set a cache breakpoint of ``ttl`` (None: no breakpoint)."""
+    up = OpenAIUpstream(
+        parse_config({"upstream": {"kind": "openai"}, "prices": {"claude": _CLAUDE_PRICE}}, env={})
+    )
+    content: list[dict[str, Any]] = [{"type": "text", "text": "a document"}]
+    if ttl is not None:
+        content[0]["cache_control"] = {"type": "ephemeral", "ttl": ttl}
+    body = {"model": "claude", "messages": [{"role": "user", "content": content}]}
+    route = up.refine(up.route("POST", "/chat/completions"), body)
+    prepared = up.prepare(route, body, b"", "u", method="POST", request_id="r")
+    answer = {"object": "chat.completion", "model": "claude", "usage": raw}
+    metered = up.meter_blocking(route, prepared.body, orjson.dumps(answer))
+    assert metered.usage is not None
+    return metered.usage.cost
+
+
+@pytest.mark.parametrize(
+    ("name", "ttl", "terms"),
+    [
+        # The split says which writes are whose: 400 at 3.75, 600 at 6.
+        ("litellm", "1h", ((10, _UNCACHED), (300, _READ), (400, _WRITE_5M), (600, _WRITE_1H))),
+        ("litellm", "5m", ((10, _UNCACHED), (300, _READ), (400, _WRITE_5M), (600, _WRITE_1H))),
+        # No split: a 1-hour request's writes are all taken as 1-hour ones...
+        ("litellm-no-split", "1h", ((10, _UNCACHED), (300, _READ), (1000, _WRITE_1H))),
+        ("portkey", "1h", ((10, _UNCACHED), (300, _READ), (1000, _WRITE_1H))),
+        ("openrouter", "1h", ((10, _UNCACHED), (300, _READ), (1000, _WRITE_1H))),
+        # ...a 5-minute one's as 5-minute ones.
+        ("litellm-no-split", "5m", ((10, _UNCACHED), (300, _READ), (1000, _WRITE_5M))),
+        ("portkey", None, ((10, _UNCACHED), (300, _READ), (1000, _WRITE_5M))),
+        ("openrouter", "5m", ((10, _UNCACHED), (300, _READ), (1000, _WRITE_5M))),
+        ("portkey-reads-only", None, ((10, _UNCACHED), (300, _READ))),
+    ],
+)
+def test_a_routers_cache_writes_are_charged_once_at_their_rate(
+    name: str, ttl: str | None, terms: tuple[tuple[int, Decimal], ...]
+) -> None:
+    # Each prompt token once: the writes and reads are parts of the prompt
+    # (LiteLLM's prompt_tokens holds them; Anthropic's input_tokens does not).
+    expected = (sum(count * rate for count, rate in terms) + 20 * _OUT) / Decimal(1_000_000)
+    assert _charged(ROUTER_USAGES[name][0], ttl) == expected
+
+
+def test_the_charge_of_a_routers_cache_writes_in_figures() -> None:
+    # 10 x 3 + 300 x 0.30 + 1,000 x 6 + 20 x 15 = 6,420 per million (5 minutes:
+    # 1,000 x 3.75, 4,170); before, the writes at input: 1,010 x 3 + 300 x 0.30
+    # + 20 x 15 = 3,420.
+    assert _charged(ROUTER_USAGES["litellm-no-split"][0], "1h") == Decimal("0.00642")
+    assert _charged(ROUTER_USAGES["litellm-no-split"][0], "5m") == Decimal("0.00417")

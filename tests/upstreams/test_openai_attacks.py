@@ -11,6 +11,9 @@ import httpx
 import orjson
 import pytest
 
+from gateway.config import parse_config
+from gateway.errors import Forbidden
+from gateway.upstreams.openai import OpenAIUpstream
 from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 from tests.servers import read_body
@@ -443,3 +446,260 @@ async def test_answers_named_by_the_client_are_each_charged(database_url: str, w
     tokens = sum(row.total_tokens for row in rows)
     queries = sum(row.queries for row in rows)
     assert (queries, tokens, spent) == (3, 6000, Decimal("6"))  # before: (3, 2000, 2)
+
+
+# --- Anthropic's prompt cache through a router (review4 R4-2) ----------------------------
+# An upstream of kind openai that is an LLM router in front of Claude (LiteLLM,
+# Portkey, OpenRouter) passes the cache_control of OpenAI-format messages and
+# tools on to Anthropic, ttl included. Anthropic bills the cache writes at 1.25x
+# input (5 minutes, the default) or 2x (1 hour); the router reports them
+# (LiteLLM: counted in prompt_tokens and named in
+# usage.cache_creation_input_tokens, docs.litellm.ai/docs/completion/prompt_caching).
+
+CLAUDE = "claude-sonnet-4-5"
+CLAUDE_PRICE = {"input": "3", "cached_input": "0.30", "cache_write_input": "3.75", "output": "15"}
+ROUTER_PRICES = {CLAUDE: {**CLAUDE_PRICE, "cache_write_1h_input": "6"}}
+BIG = "lorem ipsum " * 30_000
+REVIEW_BODY = {
+    "model": CLAUDE,
+    "max_tokens": 20,
+    "messages": [
+        {
+            "role": "system",
+            "content": [
+                {"type": "text", "text": BIG, "cache_control": {"type": "ephemeral", "ttl": "1h"}}
+            ],
+        },
+        {"role": "user", "content": "hi"},
+    ],
+}
+# LiteLLM's answer for Claude: prompt_tokens counts every prompt token; the
+# cache writes are named apart.
+REVIEW_ANSWER = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "model": CLAUDE,
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+    ],
+    "usage": {
+        "prompt_tokens": 100_010,
+        "completion_tokens": 20,
+        "total_tokens": 100_030,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "cache_creation_input_tokens": 100_000,
+    },
+}
+
+
+def test_a_one_hour_cache_through_a_router_is_refused_or_charged_its_price() -> None:
+    # Review4 R4-2 (the reviewer's test): 100,000 tokens written to a 1-hour
+    # cache were charged at input, 0.30033 against the 0.60033 Anthropic bills.
+    up = OpenAIUpstream(
+        parse_config({"upstream": {"kind": "openai"}, "prices": ROUTER_PRICES}, env={})
+    )
+    route = up.refine(up.route("POST", "/chat/completions"), REVIEW_BODY)
+    body = orjson.loads(orjson.dumps(REVIEW_BODY))
+    try:
+        prepared = up.prepare(route, body, b"", "attacker", method="POST", request_id="r")
+    except Forbidden:
+        return  # refused before anything is spent: fine
+    metered = up.meter_blocking(route, prepared.body, orjson.dumps(REVIEW_ANSWER))
+    assert metered.usage is not None
+    billed = (10 * Decimal(3) + 100_000 * Decimal(6) + 20 * Decimal(15)) / Decimal(1_000_000)
+    assert metered.usage.cost >= billed, (
+        f"forwarded with cache_control ttl 1h and charged {metered.usage.cost}; "
+        f"Anthropic bills {billed}"
+    )
+
+
+def router_settings(prices: dict[str, Any] = ROUTER_PRICES, **extra: Any) -> dict[str, Any]:
+    return {"upstream": {"kind": "openai"}, "prices": prices, **extra}
+
+
+def cached_chat(ttl: str | None = "1h", *, where: str = "message", **body: Any) -> dict[str, Any]:
+    """A chat completion with a cache breakpoint (a ttl, none, or absent) in one
+    of the places a router reads one."""
+    control: dict[str, Any] = {"type": "ephemeral"}
+    if ttl != "absent":
+        control["ttl"] = ttl
+    part = {"type": "text", "text": "a very long document ...", "cache_control": control}
+    chat: dict[str, Any] = {"model": CLAUDE, "max_tokens": 20, **body}
+    if where == "message":
+        chat["messages"] = [
+            {"role": "system", "content": [part]},
+            {"role": "user", "content": "hi"},
+        ]
+        return chat
+    chat["messages"] = [{"role": "user", "content": "hi"}]
+    if where == "tool":
+        function = {"name": "read", "parameters": {"type": "object"}}
+        chat["tools"] = [{"type": "function", "function": function, "cache_control": control}]
+    else:  # the top level
+        chat["cache_control"] = control
+    return chat
+
+
+async def post_router(
+    h: Harness, path: str, body: dict[str, Any], **headers: str
+) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+        return await client.post(path, json=body, headers=h.auth(**headers))
+
+
+def router_steer(extra: dict[str, Any], prompt: int = 100_010) -> dict[str, str]:
+    """The fake as a router reporting ``prompt`` prompt tokens, 20 completion
+    tokens and ``extra`` in its usage."""
+    return {
+        "x-fake-prompt-tokens": str(prompt),
+        "x-fake-completion-tokens": "20",
+        "x-fake-usage-extra": orjson.dumps(extra).decode(),
+    }
+
+
+LITELLM_WRITES = {"cache_creation_input_tokens": 100_000}
+LITELLM_SPLIT = {
+    "cache_creation_input_tokens": 100_000,
+    "prompt_tokens_details": {
+        "cached_tokens": 0,
+        "cache_creation_tokens": 100_000,
+        "cache_creation_token_details": {
+            "ephemeral_5m_input_tokens": 40_000,
+            "ephemeral_1h_input_tokens": 60_000,
+        },
+    },
+}
+
+
+def micro(*terms: tuple[int, str]) -> Decimal:
+    return sum((count * Decimal(rate) for count, rate in terms), Decimal(0)).scaleb(-6)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "blocking"])
+@pytest.mark.parametrize(
+    ("extra", "cost"),
+    [
+        # Without a split, every write taken as a 1-hour one (the request asked for it).
+        (LITELLM_WRITES, micro((10, "3"), (100_000, "6"), (20, "15"))),
+        (LITELLM_SPLIT, micro((10, "3"), (40_000, "3.75"), (60_000, "6"), (20, "15"))),
+    ],
+    ids=["litellm", "litellm-split"],
+)
+async def test_a_one_hour_cache_through_a_router_is_charged_its_price(
+    database_url: str, stream: bool, extra: dict[str, Any], cost: Decimal
+) -> None:
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(database_url, upstream=fake, settings=router_settings()) as h:
+        body = cached_chat("1h", stream=stream)
+        answer = await post_router(h, "/v1/chat/completions", body, **router_steer(extra))
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert answer.status_code == 200, answer.text
+    control = fake.requests[0].json["messages"][0]["content"][0]["cache_control"]
+    assert control == {"type": "ephemeral", "ttl": "1h"}
+    assert cost in (Decimal("0.60033"), Decimal("0.51033"))
+    assert event.cost == cost
+    assert (event.prompt_tokens, event.cache_write_tokens) == (100_010, 100_000)
+    assert event.outcome == "complete"
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "blocking"])
+async def test_a_one_hour_cache_through_a_routers_responses_is_charged_its_price(
+    sqlite_url: str, stream: bool
+) -> None:
+    # The Responses API's usage, the writes named in input_tokens_details.
+    part = {"type": "input_text", "text": "a very long document ...",
+            "cache_control": {"type": "ephemeral", "ttl": "1h"}}  # fmt: skip
+    body = {"model": CLAUDE, "max_output_tokens": 20, "stream": stream,
+            "input": [{"role": "user", "content": [part]}]}  # fmt: skip
+    extra = {"input_tokens_details": {"cached_tokens": 0, "cache_creation_tokens": 100_000}}
+    steer = {"x-fake-prompt-tokens": "100010", "x-fake-completion-tokens": "20",
+             "x-fake-usage-extra": orjson.dumps(extra).decode()}  # fmt: skip
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, upstream=fake, settings=router_settings()) as h:
+        answer = await post_router(h, "/v1/responses", body, **steer)
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert answer.status_code == 200, answer.text
+    assert event.cost == micro((10, "3"), (100_000, "6"), (20, "15")) == Decimal("0.60033")
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "blocking"])
+@pytest.mark.parametrize("ttl", ["5m", None, "absent"])
+async def test_a_five_minute_cache_through_a_router_is_charged_its_price(
+    sqlite_url: str, stream: bool, ttl: str | None
+) -> None:
+    # Charged at input (0.30033) before: the writes at cache_write_input (1.25x).
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, upstream=fake, settings=router_settings()) as h:
+        body = cached_chat(ttl, stream=stream)
+        steer = router_steer(LITELLM_WRITES)
+        answer = await post_router(h, "/v1/chat/completions", body, **steer)
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert answer.status_code == 200, answer.text
+    assert event.cost == micro((10, "3"), (100_000, "3.75"), (20, "15")) == Decimal("0.37533")
+
+
+@pytest.mark.parametrize("where", ["message", "tool", "top-level"])
+async def test_a_one_hour_cache_through_a_router_is_refused_where_it_has_no_price(
+    sqlite_url: str, where: str
+) -> None:
+    # Review4 R4-2: docs/configuration.md promises the refusal for any upstream.
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    unpriced = router_settings({CLAUDE: CLAUDE_PRICE})
+    async with running_gateway(sqlite_url, upstream=fake, settings=unpriced) as h:
+        one_hour = await post_router(h, "/v1/chat/completions", cached_chat("1h", where=where))
+        in_vietnamese = await post_router(
+            h, "/v1/chat/completions", cached_chat("1h", where=where), **{"accept-language": "vi"}
+        )
+        other = await post_router(h, "/v1/chat/completions", cached_chat("2h", where=where))
+        await nothing_reserved(h, fake)
+    error = openai_error(one_hour, 403, "option_not_priced")
+    assert error["type"] == "permission_error"
+    assert error["message"] == (
+        "The option cache_control.ttl: '1h' has no price on this gateway "
+        f'(prices."{CLAUDE}".cache_write_1h_input), so it is not available.'
+    )
+    assert openai_error(in_vietnamese, 403, "option_not_priced")["message"] == (
+        "Tùy chọn cache_control.ttl: '1h' chưa được định giá trên gateway này "
+        f'(prices."{CLAUDE}".cache_write_1h_input) nên không dùng được.'
+    )
+    assert "'2h'" in openai_error(other, 403, "option_not_priced")["message"]
+
+
+async def test_a_ttl_in_a_functions_schema_is_not_a_cache(sqlite_url: str) -> None:
+    # The client's JSON Schema may name a property "cache_control": not a block.
+    schema = {"type": "object", "cache_control": {"ttl": "1h"}}
+    tool = {"type": "function", "function": {"name": "read", "parameters": schema}}
+    body = {"model": CLAUDE, "messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(
+        sqlite_url, upstream=fake, settings=router_settings({CLAUDE: CLAUDE_PRICE})
+    ) as h:
+        answer = await post_router(h, "/v1/chat/completions", body)
+        await h.probes.wait_finished(1)
+    assert answer.status_code == 200, answer.text
+
+
+async def test_a_one_hour_cache_through_a_router_is_reserved_at_the_one_hour_rate(
+    sqlite_url: str,
+) -> None:
+    # The money bound held the prompt as 5-minute writes (3.75): with 0.50 left, a
+    # 100 KB prompt is bound near 0.38 so, and near 0.60 as 1-hour writes (6).
+    text = "x" * 100_000
+    settings = router_settings(plans={"free": {"cost_per_day": "0.50"}})
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        one_hour = cached_chat("1h")
+        one_hour["messages"][0]["content"][0]["text"] = text
+        refused = await post_router(h, "/v1/chat/completions", one_hour)
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["x-ratelimit-resource"] == "cost_per_day"
+        assert fake.requests == []
+        five_minutes = cached_chat("5m")
+        five_minutes["messages"][0]["content"][0]["text"] = text
+        admitted = await post_router(h, "/v1/chat/completions", five_minutes)
+        await h.probes.wait_finished(1)
+    assert admitted.status_code == 200, admitted.text
+    assert len(fake.requests) == 1

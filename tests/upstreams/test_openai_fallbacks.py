@@ -328,6 +328,9 @@ TABLE = PriceTable(
         "dear-cache": Price(input=Decimal(1), output=Decimal(2), cache_write_input=Decimal(2)),
         "dear-audio": Price(input=Decimal(1), output=Decimal(2), audio_output=Decimal(9)),
         "cached": Price(input=Decimal(1), output=Decimal(2), cached_input=Decimal("0.1")),
+        # 1-hour cache writes (review4 R4-2): mini's are 2x input, 2.
+        "dear-1h": Price(input=Decimal(1), output=Decimal(2), cache_write_1h_input=Decimal(3)),
+        "same-1h": Price(input=Decimal(1), output=Decimal(2), cache_write_1h_input=Decimal(2)),
     }
 )
 
@@ -343,6 +346,8 @@ TABLE = PriceTable(
         ("dear-out", "model_fallback_not_allowed"),
         ("dear-cache", "model_fallback_not_allowed"),
         ("dear-audio", "model_fallback_not_allowed"),
+        ("dear-1h", "model_fallback_not_allowed"),  # a router in front of Claude
+        ("same-1h", None),
         ("unknown", "model_not_priced"),
     ],
 )

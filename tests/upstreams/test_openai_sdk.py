@@ -230,7 +230,7 @@ async def test_models_pass_through_unmetered(gw: Harness, fake: FakeOpenAI) -> N
 async def test_usage_admin_and_exports_show_model_and_token_parts(
     database_url: str, fake: FakeOpenAI
 ) -> None:
-    env = {"GATEWAY_ADMIN_TOKEN": "admin-token"}
+    env = {"GATEWAY_ADMIN_TOKEN": "admin-token-0123456789"}
     async with running_gateway(
         database_url, upstream=fake, settings=openai_settings(), env=env
     ) as h:
@@ -238,7 +238,7 @@ async def test_usage_admin_and_exports_show_model_and_token_parts(
             await sdk.chat.completions.create(model="gpt-4o-mini", messages=[])
         await h.probes.wait_finished(1)
         async with httpx.AsyncClient(base_url=h.url, timeout=10) as http:
-            admin = {"Authorization": "Bearer admin-token"}
+            admin = {"Authorization": "Bearer admin-token-0123456789"}
             as_json = await http.get("/admin/export/events?format=json", headers=admin)
             as_csv = await http.get("/admin/export/events?format=csv", headers=admin)
             mine = (await http.get("/v1/usage", headers=h.auth())).json()
