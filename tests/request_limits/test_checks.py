@@ -20,6 +20,7 @@ import pytest
 
 from gateway.config import ENV_CONFIG
 from gateway.request_limits import protocol
+from gateway.request_limits.checks import BodyDeadline
 from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
 from tests.servers import free_port, serve, start_gateway
@@ -286,3 +287,76 @@ async def test_gateway_serve_cuts_off_an_endless_head(tmp_path: Path) -> None:
         await proc.wait()
     assert_refused_head(data, 2000)
     assert sent < FLOOD_BOUND
+
+
+# --- the deadline's timer, only for a receive that waits (issue 24) ---------------
+
+
+def _deadline(receive: Any, sent: list[Any], timeout: float = 0.05) -> BodyDeadline:
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    return BodyDeadline(receive, send, timeout=timeout, error_body=lambda *_: b"{}")
+
+
+async def test_a_body_the_server_has_is_taken_without_arming_a_timer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    armed: list[float] = []
+    real = asyncio.timeout
+
+    def timeout(delay: float) -> Any:
+        armed.append(delay)
+        return real(delay)
+
+    monkeypatch.setattr(asyncio, "timeout", timeout)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    deadline = _deadline(receive, [])
+    assert (await deadline.receive())["body"] == b"{}"
+    assert armed == []  # on main: [0.05], a timer per receive
+    assert deadline.body_done
+
+
+async def test_a_receive_that_waits_gets_its_message_or_the_408() -> None:
+    arrived = asyncio.Event()
+
+    async def late() -> dict[str, Any]:
+        await arrived.wait()
+        await asyncio.sleep(0)  # (a second wait, after the first resumed)
+        return {"type": "http.request", "body": b"late", "more_body": False}
+
+    deadline = _deadline(late, [])
+    waiting = asyncio.ensure_future(deadline.receive())
+    await asyncio.sleep(0)
+    arrived.set()
+    assert (await waiting)["body"] == b"late"
+    assert deadline.body_done
+
+    sent: list[Any] = []
+    silent = _deadline(asyncio.Event().wait, sent)
+    assert await silent.receive() == {"type": "http.disconnect"}
+    assert sent[0]["status"] == 408
+    assert not silent.body_done
+    assert await silent.receive() == {"type": "http.disconnect"}  # gone
+
+
+async def test_a_receive_that_waits_is_cancelled_with_its_task() -> None:
+    stopped = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            stopped.set()
+        raise AssertionError("not reached")
+
+    deadline = _deadline(receive, [], timeout=3600)  # not what ends it here
+    task = asyncio.ensure_future(deadline.receive())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert stopped.is_set()  # the server's receive saw the cancellation
