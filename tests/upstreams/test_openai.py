@@ -1692,3 +1692,80 @@ def test_unreadable_reads_named_apart_are_named_and_bounded() -> None:
     # Read as none: the prompt from the total, every token not written as input.
     assert (usage.prompt_tokens, usage.cached_tokens, usage.cache_write_tokens) == (1310, 0, 1000)
 
+
+def _claude_without_one_hour() -> OpenAIUpstream:
+    price = {k: v for k, v in _CLAUDE_PRICE.items() if k != "cache_write_1h_input"}
+    return OpenAIUpstream(
+        parse_config({"upstream": {"kind": "openai"}, "prices": {"claude": price}}, env={})
+    )
+
+
+# LiteLLM's cache_control_injection_points (AnthropicCacheControlHook): LiteLLM
+# sets each point's control - ttl included - as the cache_control of the
+# messages it names, before the call to Claude (review5 R5-7).
+_INJECTED_ONE_HOUR: dict[str, Any] = {
+    "model": "claude",
+    "messages": [
+        {"role": "system", "content": "a long document"},
+        {"role": "user", "content": "hi"},
+    ],
+    "cache_control_injection_points": [
+        {"location": "message", "role": "system", "control": {"type": "ephemeral", "ttl": "1h"}}
+    ],
+}
+
+
+def test_a_one_hour_ttl_litellm_injects_is_refused_where_it_has_no_price() -> None:
+    up = _claude_without_one_hour()
+    route = up.refine(up.route("POST", "/chat/completions"), _INJECTED_ONE_HOUR)
+    with pytest.raises(Forbidden) as refused:
+        up._check_priced(route, _INJECTED_ONE_HOUR)
+    assert refused.value.code == "option_not_priced"
+    assert "cache_control.ttl: '1h'" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("points", "refused"),
+    [
+        ([{"location": "message", "index": -1, "control": {"type": "ephemeral", "ttl": "2h"}}],
+         True),
+        ([{"location": "tool_config", "control": {"type": "ephemeral", "ttl": 3600}}], True),
+        ([{"location": "message", "role": "system", "control": {"type": "ephemeral",
+                                                               "ttl": "5m"}}], False),
+        ([{"location": "message", "role": "system"}], False),  # LiteLLM's default: 5 minutes
+        ([{"location": "message", "role": "system", "control": None}], False),
+        ("not a list", False),
+        (["not a point"], False),
+    ],
+)  # fmt: skip
+def test_the_ttls_litellm_injects_are_checked_as_cache_controls_are(
+    points: object, refused: bool
+) -> None:
+    up = _claude_without_one_hour()
+    body = {**_INJECTED_ONE_HOUR, "cache_control_injection_points": points}
+    route = up.refine(up.route("POST", "/chat/completions"), body)
+    if refused:
+        with pytest.raises(Forbidden):
+            up._check_priced(route, body)
+    else:
+        up._check_priced(route, body)
+    assert not up.asks_for_one_hour_cache(body)
+
+
+def test_a_one_hour_ttl_litellm_injects_charges_its_writes_at_the_one_hour_rate() -> None:
+    # LiteLLM without cache_creation_token_details leaves its writes unattributed:
+    # a request that asked for 1 hour has them charged as 1-hour writes.
+    # 10 x 3 + 300 x 0.30 + 1,000 x 6 + 20 x 15 = 6,420 per million; before,
+    # as 5-minute writes (the ttl not seen), 4,170.
+    up = OpenAIUpstream(
+        parse_config({"upstream": {"kind": "openai"}, "prices": {"claude": _CLAUDE_PRICE}}, env={})
+    )
+    assert up.asks_for_one_hour_cache(_INJECTED_ONE_HOUR)
+    body = orjson.loads(orjson.dumps(_INJECTED_ONE_HOUR))
+    route = up.refine(up.route("POST", "/chat/completions"), body)
+    prepared = up.prepare(route, body, b"", "u", method="POST", request_id="r")
+    usage = ROUTER_USAGES["litellm-no-split"][0]
+    answer = {"object": "chat.completion", "model": "claude", "usage": usage}
+    metered = up.meter_blocking(route, prepared.body, orjson.dumps(answer))
+    assert metered.usage is not None
+    assert metered.usage.cost == Decimal("0.00642")
