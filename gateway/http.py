@@ -158,10 +158,34 @@ _MASK: Final = b"***"
 _SHORTEST_MASKED: Final = 8
 
 
+def _spelled(key: str) -> tuple[bytes, int]:
+    """A key's pattern: the key as it is or quoted JSON-escaped, character by
+    character (some encoders write '/' as \\/, .NET every '+' as \\u002B: a
+    client's JSON parser gives the key back whole); and its longest match."""
+    parts: list[bytes] = []
+    longest = 0
+    for char in key:
+        raw = re.escape(char.encode())
+        if char.isascii() and not char.isalnum():
+            hex_digits = "".join(
+                f"[{h}{h.upper()}]" if h.isalpha() else h for h in f"{ord(char):04x}"
+            )
+            spellings = [raw, rb"\\u" + hex_digits.encode()]
+            if char == "/":
+                spellings.append(rb"\\/")
+            parts.append(b"(?:" + b"|".join(spellings) + b")")
+            longest += 6  # \uXXXX
+        else:
+            parts.append(raw)
+            longest += len(char.encode())
+    return b"".join(parts), longest
+
+
 class KeyMask:
     """The operator's upstream keys, masked in a body the upstream wrote: some
     OpenAI-compatible servers and proxies quote the key they were sent in an
-    auth or budget error, and the key must never reach a client.
+    auth or budget error, and the key must never reach a client. A key is
+    found as it is and JSON-escaped (`_spelled`).
 
     `whole` masks a body read whole; `feed` and `end` a body passed on as it
     comes, holding back the last bytes of each chunk that may begin a key its
@@ -171,12 +195,11 @@ class KeyMask:
     __slots__ = ("_held", "_keep", "_pattern")
 
     def __init__(self, keys: Iterable[str]) -> None:
-        found = sorted(
-            {key.encode() for key in keys if len(key) >= _SHORTEST_MASKED}, key=len, reverse=True
-        )
         # Longest first: a key that begins another is not masked in its place.
-        self._pattern = re.compile(b"|".join(map(re.escape, found))) if found else None
-        self._keep = len(found[0]) - 1 if found else 0
+        found = sorted({key for key in keys if len(key) >= _SHORTEST_MASKED}, key=len, reverse=True)
+        spelled = [_spelled(key) for key in found]
+        self._pattern = re.compile(b"|".join(p for p, _ in spelled)) if found else None
+        self._keep = max(n for _, n in spelled) - 1 if found else 0
         self._held = b""
 
     def __bool__(self) -> bool:
@@ -190,23 +213,30 @@ class KeyMask:
         if self._pattern is None:
             return chunk
         data = self._held + chunk
+        # A key begun in the last bytes may end in the next chunk: they wait
+        # for it. So does a key found there, which may begin a longer one
+        # (review5 R5-4): the next feed (or `end`) reads it again, whole.
+        safe = len(data) - self._keep
         out = bytearray()
         start = 0
+        cut = None
         for match in self._pattern.finditer(data):
+            if match.end() > safe:
+                cut = max(start, min(match.start(), safe))
+                break
             out += data[start : match.start()]
             out += _MASK
             start = match.end()
-        # A key begun in the last bytes (after the last key found) may end in
-        # the next chunk: they wait for it.
-        cut = max(start, len(data) - self._keep)
+        if cut is None:
+            cut = max(start, safe)
         out += data[start:cut]
         self._held = data[cut:]
         return bytes(out)
 
     def end(self) -> bytes:
-        """The bytes held back at the body's end: no key (it would have been found)."""
+        """The bytes held back at the body's end, masked."""
         held, self._held = self._held, b""
-        return held
+        return self.whole(held)
 
 
 def is_json(media_type: bytes) -> bool:

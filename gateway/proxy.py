@@ -28,8 +28,9 @@ import logging
 import os
 import re
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Mapping
-from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
+from typing import IO, TYPE_CHECKING, Any, Final, Literal, Protocol
 from urllib.parse import parse_qs, unquote
 
 import httpx
@@ -120,6 +121,15 @@ _MULTIPART_SLACK = FIELDS_ALLOWANCE + 64 * 1024
 # answer's HTTP error, to tell whether its run had begun. Past it, passed on as
 # it comes.
 _SMALL_BODY = 64 * 1024
+# An error body the gateway decodes to mask the keys in it (`_inflated`) is cut
+# past this much: an error has no business being larger, and a small gzip body
+# inflates a thousandfold (review5 R5-2). It is inflated this much at a time.
+_MAX_ERROR_BODY = 8 * _SMALL_BODY
+_INFLATE_STEP = 16 * 1024
+# The Content-Encodings the gateway decodes (`_inflated`), and so may ask an
+# upstream for in the client's stead: an error in any other could not be read
+# for the keys it may quote (review5 R5-1).
+_DECODABLE: Final = frozenset({b"gzip", b"x-gzip", b"deflate"})
 # Placeholders until `_parse` and `route` fill them in (never used before).
 _NO_ROUTE = Route("other", "")
 _NO_HEADERS = RequestHeaders([])
@@ -754,7 +764,10 @@ class Proxy:
             # uncompressed.
             forward.append((b"accept-encoding", b"identity"))
         elif x.headers.accept_encoding is not None:
-            forward.append((b"accept-encoding", x.headers.accept_encoding))
+            # Other bodies may be passed on compressed as they come, but only
+            # in an encoding the gateway decodes: an error's body is read for
+            # the keys it may quote (`_error_body`).
+            forward.append((b"accept-encoding", _decodable_accept(x.headers.accept_encoding)))
         x.json = prepared.body
         if x.json is not None:
             x.body = _serialised(x.json)
@@ -899,11 +912,17 @@ class Proxy:
         come after billed work: the response again, its body read whole, when the
         dialect says the run had begun and was billed; else None (read, or
         larger than an error is: the request goes on to the next upstream)."""
-        body, whole = await _read_small(x, response.aiter_raw())
         status = response.status_code
+        headers = [(k.lower(), v) for k, v in response.headers.raw]
+        read = _error_body(x, response, headers)
+        if read is None:  # an encoding the gateway cannot read
+            return None
+        chunks, headers = read
+        body, whole = await _read_small(x, chunks)
         if not whole or not x.dialect.billed_error(x.route, x.answer_body, status, body):
             return None
-        return httpx.Response(status, headers=response.headers.raw, content=body)
+        # Decoded (`_error_body`, bounded): its headers say so.
+        return httpx.Response(status, headers=headers, content=body)
 
     async def _stop_everywhere(
         self, x: Exchange, attempts: tuple[str, ...], headers: Headers, query: str
@@ -1121,13 +1140,15 @@ class Proxy:
         whether the upstream had started; then the prompt's estimate is charged
         (outcome ``error``) or the reservation given back - before the client
         hears of it, as any record - and the error relayed (`_pass_on`)."""
-        if response.is_stream_consumed:  # read whole already (`_billed_failure`)
-            # (its content decoded by httpx)
-            body, whole, chunks = response.content, True, None
-            headers = _decoded(headers) if _encoded(headers) else headers
-        else:
-            chunks, headers = _error_body(response, headers)
+        chunks: AsyncIterator[bytes] | None = None
+        unreadable = False
+        if response.is_stream_consumed:  # read whole and decoded (`_billed_failure`)
+            body, whole = response.content, True
+        elif (read := _error_body(x, response, headers)) is not None:
+            chunks, headers = read
             body, whole = await _read_small(x, chunks)
+        else:  # an encoding the gateway cannot read: as an empty error
+            body, whole, unreadable = b"", True, True
         if not whole or x.dialect.billed_error(x.route, x.answer_body, status, body):
             estimate = x.dialect.unanswered(x.route, x.answer_body)
             log.info(
@@ -1138,6 +1159,9 @@ class Proxy:
             )
         else:
             await self.admitter.refund(x.ticket, x.request_id)
+        if unreadable:
+            await self._pass_unreadable(x, status, headers, send)
+            return
         await self._pass_on(x, status, headers, body, None if whole else chunks, send)
 
     async def _relay_plain(
@@ -1172,18 +1196,29 @@ class Proxy:
             if lists:
                 await self._models(x, send, response, status, headers, lists)
                 return
-        if _is_error(status) and x.method != "HEAD" and not content_type.startswith(_SSE):
-            # An error, read whole (up to _SMALL_BODY) to pass it on without
-            # the operator's keys (`_pass_on`).
-            chunks, headers = _error_body(response, headers)
-            body, whole = await _read_small(x, chunks)
-            await self._pass_on(x, status, headers, body, None if whole else chunks, send)
-            return
+        sse = content_type.startswith(_SSE)
+        chunks: AsyncIterator[bytes] | None = None
+        if _is_error(status) and x.method != "HEAD":
+            read = _error_body(x, response, headers)
+            if read is None:
+                await self._pass_unreadable(x, status, headers, send)
+                return
+            chunks, headers = read
+            if not sse:
+                # An error, read whole (up to _SMALL_BODY) to pass it on without
+                # the operator's keys (`_pass_on`).
+                body, whole = await _read_small(x, chunks)
+                await self._pass_on(x, status, headers, body, None if whole else chunks, send)
+                return
+            # An error as an event stream (a server that streams every reply to
+            # stream=true): masked as it comes (review5 R5-3).
+            headers, _, chunks = _without_keys(x, headers, b"", chunks)
         await self._start(x, send, status, headers)
-        if content_type.startswith(_SSE):
+        if sse:
             # An unmetered event stream (a run's events read again): it may stay open
             # for minutes, so it ends when its client leaves, not when the upstream does.
-            if not await self._pass_stream(x, response, receive, send):
+            stream = response.aiter_raw() if chunks is None else chunks
+            if not await self._pass_stream(x, stream, receive, send):
                 return
         else:
             await self._pass_body(x, response, send)
@@ -1209,6 +1244,29 @@ class Proxy:
         if file_id is not None:
             await self._kept(self._remember_upload(x, file_id))
         await self._pass_on(x, status, headers, body, None if whole else chunks, send)
+
+    async def _pass_unreadable(
+        self, x: Exchange, status: int, headers: Headers, send: Send
+    ) -> None:
+        """An error whose body is in an encoding the gateway cannot decode (an
+        upstream that ignored the Accept-Encoding it was sent): the key it may
+        quote cannot be looked for, so it is not passed on. The upstream's status
+        and headers (Retry-After...) go with the gateway's own error in the
+        dialect's shape instead (review5 R5-1)."""
+        coding = _coding(headers) or b""
+        log.warning(
+            "request %s: upstream error %d in Content-Encoding %r, which the gateway cannot "
+            "read: replaced",
+            x.request_id,
+            status,
+            coding.decode("latin-1"),
+        )
+        message = "The upstream's error could not be read."
+        body = x.dialect.error_body(status, "upstream_error", message)
+        dropped = (b"content-length", b"content-encoding", b"content-type")
+        headers = [(k, v) for k, v in headers if k not in dropped]
+        headers.append((b"content-type", b"application/json"))
+        await self._pass_on(x, status, headers, body, None, send)
 
     async def _pass_on(
         self,
@@ -1263,12 +1321,12 @@ class Proxy:
             )
 
     async def _pass_stream(
-        self, x: Exchange, response: httpx.Response, receive: Receive, send: Send
+        self, x: Exchange, chunks: AsyncIterator[bytes], receive: Receive, send: Send
     ) -> bool:
         """Pass an unmetered stream on until it ends or its client leaves (False)."""
         loop = asyncio.get_running_loop()
         watcher = loop.create_task(_wait_for_disconnect(receive))
-        relay = loop.create_task(self._pass_body(x, response, send))
+        relay = loop.create_task(self._pass_chunks(x, chunks, send))
         try:
             await asyncio.wait((watcher, relay), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -2006,10 +2064,13 @@ def _is_error(status: int) -> bool:
     return not 200 <= status < 300 and status != _NOT_MODIFIED
 
 
-def _encoded(headers: Headers) -> bool:
-    """Whether a reply's body has a Content-Encoding (other than identity)."""
-    encoding = next((v for k, v in headers if k == b"content-encoding"), b"identity")
-    return encoding.strip().lower() != b"identity"
+def _coding(headers: Headers) -> bytes | None:
+    """A reply's Content-Encoding, its whole list lower-cased; None for none
+    (or identity)."""
+    listed = b",".join(v for k, v in headers if k == b"content-encoding")
+    codings = [c.strip().lower() for c in listed.split(b",") if c.strip()]
+    codings = [c for c in codings if c != b"identity"]
+    return b", ".join(codings) if codings else None
 
 
 def _decoded(headers: Headers) -> Headers:
@@ -2018,13 +2079,73 @@ def _decoded(headers: Headers) -> Headers:
     return [(k, v) for k, v in headers if k not in (b"content-length", b"content-encoding")]
 
 
-def _error_body(response: httpx.Response, headers: Headers) -> tuple[AsyncIterator[bytes], Headers]:
+def _decodable_accept(accept: bytes) -> bytes:
+    """A client's Accept-Encoding as forwarded: only the codings the gateway
+    decodes (`_DECODABLE`) and identity, with their weights; identity when
+    none is left. A body in any of them passes on as it is (the client asked
+    for it), and an error in any of them can be read (`_error_body`)."""
+    kept = []
+    for item in accept.split(b","):
+        coding = item.split(b";", 1)[0].strip().lower()
+        if coding in _DECODABLE or coding == b"identity":
+            kept.append(item.strip())
+    return b", ".join(kept) if kept else b"identity"
+
+
+def _error_body(
+    x: Exchange, response: httpx.Response, headers: Headers
+) -> tuple[AsyncIterator[bytes], Headers] | None:
     """An error's body to read (`_read_small`), decoded when it is encoded (a
     client's Accept-Encoding is forwarded on routes that are not answers), so
-    that a key in it is found; and the headers that go with it."""
-    if _encoded(headers):
-        return UpstreamClient.decoded(response), _decoded(headers)
-    return response.aiter_raw(), headers
+    that a key in it is found; and the headers that go with it. None for an
+    encoding the gateway does not decode (anything but one coding of
+    `_DECODABLE`): such a body is not passed on (`_pass_unreadable`)."""
+    coding = _coding(headers)
+    if coding is None:
+        return response.aiter_raw(), headers
+    if coding not in _DECODABLE:
+        return None
+    return _inflated(x, response.aiter_raw(), coding), _decoded(headers)
+
+
+async def _inflated(
+    x: Exchange, chunks: AsyncIterator[bytes], coding: bytes
+) -> AsyncIterator[bytes]:
+    """A gzip or deflate body decoded a step (`_INFLATE_STEP`) at a time, and
+    cut past `_MAX_ERROR_BODY` (review5 R5-2: httpx inflates each chunk in
+    one go). A body that is not what it says raises `UpstreamBroken`; deflate
+    is zlib-wrapped or raw, as httpx takes it."""
+    wbits = 16 + zlib.MAX_WBITS if coding != b"deflate" else zlib.MAX_WBITS
+    inflater = zlib.decompressobj(wbits)
+    total = 0
+    begun = False
+    async for data in chunks:
+        if not data:
+            continue
+        while not inflater.eof:
+            try:
+                out = inflater.decompress(data, _INFLATE_STEP)
+            except zlib.error as exc:
+                if coding == b"deflate" and not begun:  # raw deflate, no zlib header
+                    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+                    begun = True
+                    continue
+                raise UpstreamBroken("The upstream connection was lost.", timed_out=False) from exc
+            begun = True
+            data = inflater.unconsumed_tail
+            total += len(out)
+            if total > _MAX_ERROR_BODY:
+                log.warning(
+                    "request %s: upstream error decoded past %d bytes: cut",
+                    x.request_id,
+                    _MAX_ERROR_BODY,
+                )
+                yield out[: len(out) - (total - _MAX_ERROR_BODY)]
+                return
+            if out:
+                yield out
+            if not data and len(out) < _INFLATE_STEP:
+                break  # this chunk is decoded: the next one
 
 
 def _without_keys(

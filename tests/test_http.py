@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 import aiohttp
 import httpx
+import orjson
 import pytest
 
 from gateway.errors import BadRequest
@@ -321,6 +322,42 @@ def test_key_mask_finds_a_key_split_between_chunks_wherever_it_is_cut() -> None:
             chunks = [body[:first], body[first:second], body[second:]]
             passed = b"".join(mask.feed(chunk) for chunk in chunks) + mask.end()
             assert passed == expected, (first, second)
+
+
+def test_key_mask_masks_a_key_that_begins_another_in_its_place_wherever_it_is_cut() -> None:
+    # review5 R5-4: a chunk ending right after the shorter key (the longer's
+    # prefix) had the shorter masked and the longer's rest passed in the clear.
+    short, long = "sk-operator-shared", "sk-operator-shared-backup-7f3a9c"
+    body = f'{{"error": "invalid key {long}, or {short}"}}'.encode()
+    expected = KeyMask([short, long]).whole(body)
+    assert expected == b'{"error": "invalid key ***, or ***"}'
+    for cut in range(len(body) + 1):
+        mask = KeyMask([short, long])
+        passed = mask.feed(body[:cut]) + mask.feed(body[cut:]) + mask.end()
+        assert passed == expected, cut
+
+
+@pytest.mark.parametrize(
+    "quoted",
+    [
+        "q3\\u002BVx9/Lm2Kp8\\u002bRt4/Wz6Ys1",  # .NET: '+' as \u002B
+        "q3+Vx9\\/Lm2Kp8+Rt4\\/Wz6Ys1",  # PHP: '/' as \/
+        "q3\\u002BVx9\\/Lm2Kp8+Rt4\\u002fWz6Ys1",  # any mix
+    ],
+)
+def test_key_mask_masks_a_key_quoted_json_escaped(quoted: str) -> None:
+    # review5 R5-5: the escaped bytes did not match, and the client's JSON
+    # parser gave the key back whole.
+    key = "q3+Vx9/Lm2Kp8+Rt4/Wz6Ys1"
+    body = b'{"error": {"message": "Invalid API key: ' + quoted.encode() + b'"}}'
+    assert key in orjson.loads(body)["error"]["message"]
+    assert orjson.loads(KeyMask([key]).whole(body)) == {
+        "error": {"message": "Invalid API key: ***"}
+    }
+    for cut in range(len(body) + 1):
+        mask = KeyMask([key])
+        passed = mask.feed(body[:cut]) + mask.feed(body[cut:]) + mask.end()
+        assert passed == KeyMask([key]).whole(body), cut
 
 
 def test_a_key_mask_with_no_key_is_false_and_passes_chunks_as_they_are() -> None:

@@ -647,6 +647,10 @@ async def test_only_the_spaces_and_tabs_http_allows_around_a_user_header_are_tri
     assert not valid_user_id("alice\u00a0") and not valid_user_id("\u3000alice")
     assert valid_user_id("alice\u00a0smith") and valid_user_id("d\u0169ng")
     assert valid_user_id("al\u200bice")  # inside, it is as distinct everywhere
+    # A subdivision flag ends with a format character nothing trims, CANCEL TAG
+    # (review 5, R5-8): an id ending with one stays valid.
+    scotland = "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"
+    assert valid_user_id("hamish" + scotland)
 
 
 async def test_api_key_mode_ignores_and_drops_the_user_header(api_key: Harness) -> None:

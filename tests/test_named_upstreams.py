@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -1258,6 +1259,34 @@ async def test_a_billed_failed_run_is_charged_not_run_again_at_the_fallback(
     primary = _RunFailsAfterItsModel()
     answer, (event,), queries, backup = await _blocking_through_fallback(sqlite_url, primary)
     assert answer.status_code == 500 and answer.json()["code"] == "internal_server_error"
+    assert (primary.answers, backup.answers_started) == (1, 0)
+    assert (event.upstream, event.outcome, event.estimated) == ("primary", "error", True)
+    assert queries == 1
+
+
+async def test_a_billed_failed_run_gzipped_is_read_decoded_and_charged(sqlite_url: str) -> None:
+    """The same billed failure gzip-encoded (the upstream ignored the identity
+    it was asked for): it is read decoded, a step at a time (`_inflated`, no
+    longer httpx's inflating whole), and charged, not run again - its raw
+    bytes were read, taken for no billed error, and the run made twice."""
+    from tests.test_proxy_failures import _RunFailsAfterItsModel
+
+    class Gzipped(_RunFailsAfterItsModel):
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            async def gzipped(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    headers = [*message["headers"], (b"content-encoding", b"gzip")]
+                    message = {**message, "headers": headers}
+                elif message["type"] == "http.response.body":
+                    message = {**message, "body": gzip.compress(message["body"])}
+                await send(message)
+
+            await super().__call__(scope, receive, gzipped)
+
+    primary = Gzipped()
+    answer, (event,), queries, backup = await _blocking_through_fallback(sqlite_url, primary)
+    assert answer.status_code == 500 and answer.json()["code"] == "internal_server_error"
+    assert "content-encoding" not in answer.headers
     assert (primary.answers, backup.answers_started) == (1, 0)
     assert (event.upstream, event.outcome, event.estimated) == ("primary", "error", True)
     assert queries == 1

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
+import shutil
 import socket
+from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Any
@@ -1127,6 +1130,7 @@ class QuotesKey:
         # (304: no body, and the Content-Length of the representation the client has)
         self.status, self.padding, self.gzipped = status, padding, gzipped
         self.requests = 0
+        self.accept_encoding: bytes | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -1134,6 +1138,7 @@ class QuotesKey:
         await read_body(receive)
         self.requests += 1
         headers = dict(scope["headers"])
+        self.accept_encoding = headers.get(b"accept-encoding")
         key = headers.get(b"authorization", b"").decode().removeprefix("Bearer ")
         message = f"{'.' * self.padding}Budget exceeded for key {key}. ({key})"
         body = orjson.dumps({"error": {"message": message, "type": "insufficient_quota"}})
@@ -1206,6 +1211,213 @@ async def test_an_encoded_error_quoting_the_key_is_masked_decoded(sqlite_url: st
     assert upstream.requests == 1 and response.status_code == 401
     assert "content-encoding" not in response.headers
     assert _masked(response, UPSTREAM_KEY).endswith("Budget exceeded for key ***. (***)")
+
+
+async def test_a_clients_accept_encoding_is_forwarded_with_only_what_the_gateway_decodes(
+    sqlite_url: str,
+) -> None:
+    # review5 R5-1: a browser's "br, zstd" let the upstream answer an error in
+    # an encoding httpx cannot decode here, and the key in it went unmasked.
+    upstream = QuotesKey(401, gzipped=True)
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            response = await client.get(
+                "/v1/parameters",
+                headers=h.auth(**{"Accept-Encoding": "gzip;q=1.0, deflate, br, zstd, *;q=0.1"}),
+            )
+            only_brotli = await client.get(
+                "/v1/parameters", headers=h.auth(**{"Accept-Encoding": "br"})
+            )
+    assert upstream.accept_encoding == b"identity"  # the last request's: br alone
+    assert response.status_code == only_brotli.status_code == 401
+    assert _masked(response, UPSTREAM_KEY).endswith("Budget exceeded for key ***. (***)")
+    assert _masked(only_brotli, UPSTREAM_KEY).endswith("Budget exceeded for key ***. (***)")
+
+
+async def test_the_accept_encoding_forwarded_keeps_the_clients_decodable_codings(
+    sqlite_url: str,
+) -> None:
+    upstream = QuotesKey(401)
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            await client.get(
+                "/v1/parameters",
+                headers=h.auth(**{"Accept-Encoding": "gzip;q=1.0, deflate, br, zstd, *;q=0.1"}),
+            )
+    assert upstream.accept_encoding == b"gzip;q=1.0, deflate"
+
+
+# {"error":{"message":"Budget exceeded for key app-upstream-secret.
+# (app-upstream-secret)","type":"insufficient_quota"}} compressed with Brotli
+# (node: zlib.brotliCompressSync). The key is not in these bytes as they are.
+_BR_ERROR = base64.b64decode(
+    "G3UAIIzEOCbxRlHEQVBuS1UuKbiYZbhPlhVBWen0OeXAvWVp1JbQAQ9083vKSkIwo71chawoYIOTh6G3pVDU8Tn6"
+    "zTPtpl/aC+NbJzKYRHpAk7B2GGc="
+)
+
+
+class QuotesKeyInBrotli:
+    """An upstream (behind Cloudflare, nginx's brotli module...) that refuses
+    with an error quoting the key it was sent, Brotli-encoded when the client
+    accepts ``br`` - or ``always``, whatever it was asked for."""
+
+    def __init__(self, *, always: bool = False, coding: bytes = b"br") -> None:
+        self.always, self.coding = always, coding
+        self.requests = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        self.requests += 1
+        headers = dict(scope["headers"])
+        assert headers.get(b"authorization") == f"Bearer {UPSTREAM_KEY}".encode()
+        out = [(b"content-type", b"application/json"), (b"retry-after", b"7")]
+        body = orjson.dumps({"error": {"message": "Budget exceeded for key " + UPSTREAM_KEY}})
+        if self.always or b"br" in headers.get(b"accept-encoding", b""):
+            body = _BR_ERROR
+            out.append((b"content-encoding", self.coding))
+        out.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": 401, "headers": out})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _brotli_decoded(body: bytes) -> bytes | None:
+    """``body`` Brotli-decoded by node, as the end user can; None without node."""
+    node = shutil.which("node")
+    if node is None:
+        return None
+    script = (
+        "process.stdout.write(require('zlib').brotliDecompressSync(require('fs').readFileSync(0)))"
+    )
+    process = await asyncio.create_subprocess_exec(
+        node, "-e", script, stdin=PIPE, stdout=PIPE, stderr=PIPE
+    )
+    decoded, _ = await process.communicate(body)
+    return decoded
+
+
+async def test_a_browsers_error_reaches_it_whole_and_keyless(sqlite_url: str) -> None:
+    # review5 R5-1, as the review found it: the Brotli error went out still
+    # compressed, labelled plain JSON, and one decompression gave the key.
+    upstream = QuotesKeyInBrotli()
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            response = await client.get(
+                "/v1/parameters",
+                headers=h.auth(**{"Accept-Encoding": "gzip, deflate, br, zstd"}),
+            )
+    assert upstream.requests == 1 and response.status_code == 401
+    recovered = await _brotli_decoded(response.content)
+    assert recovered is None or UPSTREAM_KEY.encode() not in recovered, recovered
+    assert "content-encoding" not in response.headers and response.content != _BR_ERROR
+    assert _masked(response, UPSTREAM_KEY) == "Budget exceeded for key ***"
+
+
+@pytest.mark.parametrize("coding", [b"br", b"gzip, br", b"zstd"])
+async def test_an_error_in_an_encoding_the_gateway_cannot_decode_is_replaced_by_its_own(
+    sqlite_url: str, coding: bytes
+) -> None:
+    # The attack: an upstream (or a router in front of it) that answers an
+    # error in Brotli whatever it was asked for. The key it may quote cannot be
+    # looked for in it: the gateway's own error goes instead, in the dialect's
+    # shape, with the upstream's status and Retry-After.
+    upstream = QuotesKeyInBrotli(always=True, coding=coding)
+    async with running_gateway(sqlite_url, upstream=upstream, settings=OPENAI) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            response = await client.get("/v1/models/gpt-4o-mini", headers=h.auth())
+    assert upstream.requests == 1 and response.status_code == 401
+    assert response.content != _BR_ERROR and "content-encoding" not in response.headers
+    recovered = await _brotli_decoded(response.content)
+    assert recovered is None or UPSTREAM_KEY.encode() not in recovered
+    assert response.headers["retry-after"] == "7"
+    assert response.headers["content-type"] == "application/json"
+    assert _masked(response, UPSTREAM_KEY) == "The upstream's error could not be read."
+    assert orjson.loads(response.content)["error"]["code"] == "upstream_error"
+
+
+async def test_an_encoded_error_is_decoded_with_a_bound(sqlite_url: str) -> None:
+    # review5 R5-2: a 60 KiB gzip error (60 MiB of zeros) was inflated whole,
+    # held as 16.8 MB, and 60 MiB went to the client.
+    inflated = 60 * 1024 * 1024
+    bomb = gzip.compress(b"\0" * inflated, compresslevel=9)
+    assert len(bomb) < 64 * 1024
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        out = [
+            (b"content-type", b"application/json"),
+            (b"content-encoding", b"gzip"),
+            (b"content-length", str(len(bomb)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 401, "headers": out})
+        await send({"type": "http.response.body", "body": bomb})
+
+    largest = 0
+    real = gateway.proxy._read_small
+
+    async def watched(x: Any, chunks: Any) -> tuple[bytes, bool]:
+        nonlocal largest
+        body, whole = await real(x, chunks)
+        largest = max(largest, len(body))
+        return body, whole
+
+    gateway.proxy._read_small = watched  # type: ignore[assignment]
+    try:
+        async with running_gateway(sqlite_url, upstream=upstream) as h:
+            async with httpx.AsyncClient(base_url=h.url, timeout=30) as client:
+                async with client.stream(
+                    "GET", "/v1/parameters", headers=h.auth(**{"Accept-Encoding": "gzip"})
+                ) as response:
+                    received = b"".join([raw async for raw in response.aiter_raw()])
+    finally:
+        gateway.proxy._read_small = real  # type: ignore[assignment]
+    assert response.status_code == 401
+    # What the gateway held of the error at once, and what it sent for it: cut.
+    assert largest <= 2 * gateway.proxy._SMALL_BODY, f"held {largest} bytes of one error"
+    assert received == b"\0" * gateway.proxy._MAX_ERROR_BODY
+
+
+class QuotesKeyAsEvents:
+    """An upstream that refuses a streamed answer with an error status and an
+    event-stream body quoting the key it was sent (servers that stream every
+    reply to stream=true once the request is parsed), in two chunks cut
+    inside the key."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        self.requests += 1
+        key = dict(scope["headers"]).get(b"authorization", b"").decode().removeprefix("Bearer ")
+        event = orjson.dumps({"error": {"message": f"Budget exceeded for key {key}."}})
+        body = b"data: " + event + b"\n\n"
+        cut = body.index(key.encode()) + 5
+        out = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 402, "headers": out})
+        await send({"type": "http.response.body", "body": body[:cut], "more_body": True})
+        await send({"type": "http.response.body", "body": body[cut:]})
+
+
+async def test_an_event_stream_error_quoting_the_key_is_masked(sqlite_url: str) -> None:
+    # review5 R5-3: an error status with an event-stream body was relayed as
+    # it came, unmasked.
+    upstream = QuotesKeyAsEvents()
+    async with running_gateway(sqlite_url, upstream=upstream, settings=OPENAI) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            response = await client.post(
+                "/v1/chat/completions", json={**OPENAI_CHAT, "stream": True}, headers=h.auth()
+            )
+        await h.probes.wait_finished(1)
+    assert upstream.requests == 1 and response.status_code == 402
+    assert response.headers["content-type"] == "text/event-stream"
+    assert UPSTREAM_KEY not in response.text, f"the end user read the key: {response.text}"
+    assert response.text == 'data: {"error":{"message":"Budget exceeded for key ***."}}\n\n'
 
 
 async def test_a_long_error_quoting_the_key_is_masked_past_what_is_read_whole(

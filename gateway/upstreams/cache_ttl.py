@@ -18,24 +18,53 @@ from typing import Any, Final
 from gateway.errors import Forbidden
 from gateway.pricing import PriceTable
 
-__all__ = ["ONE_HOUR", "asks_for_one_hour_cache", "cache_ttls", "check_cache_ttls", "price_key"]
+__all__ = [
+    "INJECTION_POINTS",
+    "ONE_HOUR",
+    "asks_for_one_hour_cache",
+    "cache_ttls",
+    "check_cache_ttls",
+    "price_key",
+]
 
 ONE_HOUR: Final = "1h"
+# LiteLLM's request field that has it put a cache breakpoint on the messages it
+# names (AnthropicCacheControlHook, litellm/integrations/
+# anthropic_cache_control_hook.py): a list of ``{"location": "message", "role":
+# ..., "index": ..., "control": {"type": "ephemeral", "ttl": ...}}``, each
+# ``control`` set as those messages' ``cache_control`` before the call to
+# Claude, ttl included (review5 R5-7). Every point's ttl is read, whatever its
+# location (a Bedrock ``tool_config`` point carries a ``control`` too).
+INJECTION_POINTS: Final = "cache_control_injection_points"
 _PRICED: Final = frozenset({"5m"})
 _PRICED_1H: Final = _PRICED | {ONE_HOUR}
 
 
 def cache_ttls(
-    body: dict[str, Any], parts: Iterable[str], skip: frozenset[str]
+    body: dict[str, Any],
+    parts: Iterable[str],
+    skip: frozenset[str],
+    injected: Iterable[str] = (),
 ) -> Iterator[object]:
     """Every ``cache_control.ttl`` set (not None) in the body's top-level
     ``cache_control`` or at any depth of its ``parts``, leaving out the values
     under the keys ``skip`` names (what the client or the model chose that is
-    not a content block: a tool's JSON Schema, a tool call's arguments).
+    not a content block: a tool's JSON Schema, a tool call's arguments), and
+    every ``control.ttl`` of the injection points listed under the keys
+    ``injected`` names (a router puts that ``control`` on the messages it
+    names as their ``cache_control``: `INJECTION_POINTS`).
 
     Walked with a stack, not recursion: the body may nest a thousand levels."""
     top = {"cache_control": body.get("cache_control")}
     stack: list[object] = [top, *(body.get(part) for part in parts)]
+    for name in injected:
+        points = body.get(name)
+        if isinstance(points, list):
+            stack.extend(
+                {"cache_control": point.get("control")}
+                for point in points
+                if isinstance(point, dict)
+            )
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
@@ -54,11 +83,14 @@ def cache_ttls(
 
 
 def asks_for_one_hour_cache(
-    body: dict[str, Any], parts: Iterable[str], skip: frozenset[str]
+    body: dict[str, Any],
+    parts: Iterable[str],
+    skip: frozenset[str],
+    injected: Iterable[str] = (),
 ) -> bool:
     """Whether a request asks for a 1-hour prompt cache (a ``"1h"`` ttl anywhere
     Anthropic reads one): only then may its answer write one."""
-    return any(ttl == ONE_HOUR for ttl in cache_ttls(body, parts, skip))
+    return any(ttl == ONE_HOUR for ttl in cache_ttls(body, parts, skip, injected))
 
 
 def price_key(prices: PriceTable, model: str | None) -> str:
@@ -79,6 +111,7 @@ def check_cache_ttls(
     *,
     parts: Iterable[str],
     skip: frozenset[str],
+    injected: Iterable[str] = (),
 ) -> None:
     """Refuse (403 ``option_not_priced``) the first ``cache_control.ttl`` the
     price of ``model`` does not open: "1h" without ``cache_write_1h_input``
@@ -86,7 +119,7 @@ def check_cache_ttls(
     price = prices.find(model)
     one_hour = price is not None and price.cache_write_1h_input is not None
     priced = _PRICED_1H if one_hour else _PRICED
-    for ttl in cache_ttls(body, parts, skip):
+    for ttl in cache_ttls(body, parts, skip, injected):
         if isinstance(ttl, str) and ttl in priced:
             continue
         option = f"cache_control.ttl: {ttl!r}"

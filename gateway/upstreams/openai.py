@@ -39,7 +39,11 @@ from gateway.upstreams.base import (
     keep_models,
     merge_model_lists,
 )
-from gateway.upstreams.cache_ttl import asks_for_one_hour_cache, check_cache_ttls
+from gateway.upstreams.cache_ttl import (
+    INJECTION_POINTS,
+    asks_for_one_hour_cache,
+    check_cache_ttls,
+)
 from gateway.upstreams.openai_fallbacks import check_fallbacks, fallback_models
 from gateway.upstreams.openai_routes import object_id_meter, with_object_id
 from gateway.upstreams.openai_wire import (
@@ -111,9 +115,12 @@ _AUDIO_OUTPUT: Final = "audio_output"
 # Where a router in front of Claude (LiteLLM, Portkey, OpenRouter) reads
 # Anthropic's ``cache_control`` and passes it on, ttl included (review4 R4-2):
 # a message's content parts, a tool, a Responses input item, the top level.
-# A function's JSON Schema ("parameters") is the client's, not a block.
+# A function's JSON Schema ("parameters") is the client's, not a block. LiteLLM
+# also puts a ``cache_control`` (ttl included) on the messages a request's
+# injection points name (cache_ttl.INJECTION_POINTS, review5 R5-7).
 _CACHED_PARTS: Final = ("messages", "tools", "input")
 _NOT_BLOCKS: Final = frozenset({"parameters"})
+_INJECTED: Final = (INJECTION_POINTS,)
 
 # OpenAI's error "type" per status, as its API sends them.
 _ERROR_TYPES: Final = {
@@ -270,7 +277,9 @@ class OpenAIUpstream:
                 code="service_tier_not_priced",
             )
         # Review4 R4-2: a router in front of Claude passes cache_control on.
-        check_cache_ttls(body, self._prices, model, parts=_CACHED_PARTS, skip=_NOT_BLOCKS)
+        check_cache_ttls(
+            body, self._prices, model, parts=_CACHED_PARTS, skip=_NOT_BLOCKS, injected=_INJECTED
+        )
         if route.kind == "chat":
             asked = _chat_calls(body)
         elif route.kind == "response":
@@ -289,7 +298,7 @@ class OpenAIUpstream:
         """Whether a request asks a router in front of Claude for a 1-hour
         prompt cache (a ``"1h"`` ttl where it reads one): its money bound then
         holds every prompt token as a 1-hour write (gateway/quota/budget.py)."""
-        return asks_for_one_hour_cache(body, _CACHED_PARTS, _NOT_BLOCKS)
+        return asks_for_one_hour_cache(body, _CACHED_PARTS, _NOT_BLOCKS, _INJECTED)
 
     def is_streaming(self, route: Route, body: dict[str, Any]) -> bool:
         return body.get("stream") is True

@@ -243,7 +243,8 @@ def usage_from(raw: object) -> Usage:
     (`_cache_writes`) are read as ``cache_write_tokens``, of which the 1-hour
     cache's as ``cache_write_1h_tokens``, both parts of ``prompt_tokens`` (as
     pricing.py prices them), whichever way the router counted its prompt
-    (`_router_prompt`).
+    (`_router_prompt`); the reads a router names apart
+    (``cache_read_input_tokens``) as ``cached_tokens``, once.
     """
     if not isinstance(raw, dict):
         raise ValueError(f"usage is not an object: {raw!r}")
@@ -259,6 +260,11 @@ def usage_from(raw: object) -> Usage:
         details = "prompt_tokens_details"
         reasoning = _detail(raw, "completion_tokens_details", "reasoning_tokens", read)
     cached = _detail(raw, details, "cached_tokens", read)
+    if raw.get(_READS) is not None:
+        # The cache's reads a router names apart (review5 R5-6): Portkey before
+        # 1.14 names them only there, LiteLLM and later Portkey in cached_tokens
+        # too - the same count, read once.
+        cached = max(cached, read.tokens(raw, _READS))
     written = written_1h = 0
     writes = _cache_writes(raw, details, read)
     if writes is not None:
@@ -283,7 +289,9 @@ def usage_from(raw: object) -> Usage:
 # ``prompt_tokens_details.cache_creation_tokens``, split by the cache's
 # lifetime in ``prompt_tokens_details.cache_creation_token_details``
 # (litellm/types/utils.py, Usage and PromptTokensDetailsWrapper); Portkey's
-# ``usage.cache_creation_input_tokens`` and ``cache_read_input_tokens``;
+# ``usage.cache_creation_input_tokens`` and ``cache_read_input_tokens``
+# (src/providers/anthropic/chatComplete.ts: the reads also in
+# ``prompt_tokens_details.cached_tokens`` from 1.14.0 on, only there before);
 # OpenRouter's ``prompt_tokens_details.cache_write_tokens``; Anthropic's own
 # split, ``usage.cache_creation``, where a router passes it on.
 _WRITES: Final = "cache_creation_input_tokens"

@@ -1503,6 +1503,8 @@ ROUTER_USAGES: dict[str, tuple[dict[str, Any], tuple[int, int, int, int, int]]] 
          "prompt_tokens_details": {"cached_tokens": 300}, "cache_creation_input_tokens": 1000},
         (1310, 1330, 300, 1000, 0),
     ),
+    # Portkey from 1.14.0 (src/providers/anthropic/chatComplete.ts): the reads
+    # in cached_tokens and named apart, the writes named apart.
     "portkey": (
         {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 1330,
          "prompt_tokens_details": {"cached_tokens": 300},
@@ -1513,6 +1515,18 @@ ROUTER_USAGES: dict[str, tuple[dict[str, Any], tuple[int, int, int, int, int]]] 
         {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 330,
          "prompt_tokens_details": {"cached_tokens": 300},
          "cache_read_input_tokens": 300, "cache_creation_input_tokens": 0},
+        (310, 330, 300, 0, 0),
+    ),
+    # Portkey before 1.14.0: no prompt_tokens_details, the reads named only
+    # apart (review5 R5-6: they were read as uncached prompt tokens).
+    "portkey-before-1.14": (
+        {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 1330,
+         "cache_read_input_tokens": 300, "cache_creation_input_tokens": 1000},
+        (1310, 1330, 300, 1000, 0),
+    ),
+    "portkey-before-1.14-reads-only": (
+        {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 330,
+         "cache_read_input_tokens": 300},
         (310, 330, 300, 0, 0),
     ),
     "openrouter": (
@@ -1579,8 +1593,9 @@ def test_a_cache_split_that_is_not_an_object_is_named_and_taken_as_one_hour() ->
 
 @pytest.mark.parametrize(
     ("name", "unattributed"),
-    [("litellm", 0), ("litellm-no-split", 1000), ("portkey", 1000), ("openrouter", 1000),
-     ("split-past-the-total", 0), ("openai", 0)],
+    [("litellm", 0), ("litellm-no-split", 1000), ("portkey", 1000),
+     ("portkey-before-1.14", 1000), ("openrouter", 1000), ("split-past-the-total", 0),
+     ("openai", 0)],
 )  # fmt: skip
 def test_unattributed_cache_writes(name: str, unattributed: int) -> None:
     assert openai_wire.unattributed_cache_writes(ROUTER_USAGES[name][0]) == unattributed
@@ -1627,6 +1642,9 @@ def _charged(raw: dict[str, Any], ttl: str | None) -> Decimal:
         ("portkey", None, ((10, _UNCACHED), (300, _READ), (1000, _WRITE_5M))),
         ("openrouter", "5m", ((10, _UNCACHED), (300, _READ), (1000, _WRITE_5M))),
         ("portkey-reads-only", None, ((10, _UNCACHED), (300, _READ))),
+        ("portkey-before-1.14", "1h", ((10, _UNCACHED), (300, _READ), (1000, _WRITE_1H))),
+        ("portkey-before-1.14", None, ((10, _UNCACHED), (300, _READ), (1000, _WRITE_5M))),
+        ("portkey-before-1.14-reads-only", None, ((10, _UNCACHED), (300, _READ))),
     ],
 )
 def test_a_routers_cache_writes_are_charged_once_at_their_rate(
@@ -1644,3 +1662,110 @@ def test_the_charge_of_a_routers_cache_writes_in_figures() -> None:
     # + 20 x 15 = 3,420.
     assert _charged(ROUTER_USAGES["litellm-no-split"][0], "1h") == Decimal("0.00642")
     assert _charged(ROUTER_USAGES["litellm-no-split"][0], "5m") == Decimal("0.00417")
+
+
+def test_portkeys_cache_reads_named_apart_are_charged_in_figures() -> None:
+    # Review5 R5-6: Portkey before 1.14 names its reads only in
+    # cache_read_input_tokens. 10 x 3 + 300 x 0.30 + 1,000 x 3.75 + 20 x 15 =
+    # 4,170 per million; before, the reads at input: 310 x 3 + 1,000 x 3.75 +
+    # 20 x 15 = 4,980.
+    assert _charged(ROUTER_USAGES["portkey-before-1.14"][0], None) == Decimal("0.00417")
+    # The same reads in both places (LiteLLM, Portkey 1.14) are charged once.
+    assert _charged(ROUTER_USAGES["portkey"][0], None) == Decimal("0.00417")
+
+
+def test_reads_named_apart_and_in_cached_tokens_are_read_once_the_larger() -> None:
+    raw = {"prompt_tokens": 1310, "completion_tokens": 20, "total_tokens": 1330,
+           "prompt_tokens_details": {"cached_tokens": 200},
+           "cache_read_input_tokens": 300, "cache_creation_input_tokens": 1000}  # fmt: skip
+    usage = usage_from(raw)
+    assert (usage.prompt_tokens, usage.cached_tokens, usage.cache_write_tokens) == (1310, 300, 1000)
+    raw["prompt_tokens_details"] = {"cached_tokens": 400}
+    assert usage_from(raw).cached_tokens == 400
+
+
+def test_unreadable_reads_named_apart_are_named_and_bounded() -> None:
+    raw = {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 1330,
+           "cache_read_input_tokens": "many", "cache_creation_input_tokens": 1000}  # fmt: skip
+    usage = usage_from(raw)
+    assert usage.clamped == ("cache_read_input_tokens='many'",)
+    # Read as none: the prompt from the total, every token not written as input.
+    assert (usage.prompt_tokens, usage.cached_tokens, usage.cache_write_tokens) == (1310, 0, 1000)
+
+
+def _claude_without_one_hour() -> OpenAIUpstream:
+    price = {k: v for k, v in _CLAUDE_PRICE.items() if k != "cache_write_1h_input"}
+    return OpenAIUpstream(
+        parse_config({"upstream": {"kind": "openai"}, "prices": {"claude": price}}, env={})
+    )
+
+
+# LiteLLM's cache_control_injection_points (AnthropicCacheControlHook): LiteLLM
+# sets each point's control - ttl included - as the cache_control of the
+# messages it names, before the call to Claude (review5 R5-7).
+_INJECTED_ONE_HOUR: dict[str, Any] = {
+    "model": "claude",
+    "messages": [
+        {"role": "system", "content": "a long document"},
+        {"role": "user", "content": "hi"},
+    ],
+    "cache_control_injection_points": [
+        {"location": "message", "role": "system", "control": {"type": "ephemeral", "ttl": "1h"}}
+    ],
+}
+
+
+def test_a_one_hour_ttl_litellm_injects_is_refused_where_it_has_no_price() -> None:
+    up = _claude_without_one_hour()
+    route = up.refine(up.route("POST", "/chat/completions"), _INJECTED_ONE_HOUR)
+    with pytest.raises(Forbidden) as refused:
+        up._check_priced(route, _INJECTED_ONE_HOUR)
+    assert refused.value.code == "option_not_priced"
+    assert "cache_control.ttl: '1h'" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("points", "refused"),
+    [
+        ([{"location": "message", "index": -1, "control": {"type": "ephemeral", "ttl": "2h"}}],
+         True),
+        ([{"location": "tool_config", "control": {"type": "ephemeral", "ttl": 3600}}], True),
+        ([{"location": "message", "role": "system", "control": {"type": "ephemeral",
+                                                               "ttl": "5m"}}], False),
+        ([{"location": "message", "role": "system"}], False),  # LiteLLM's default: 5 minutes
+        ([{"location": "message", "role": "system", "control": None}], False),
+        ("not a list", False),
+        (["not a point"], False),
+    ],
+)  # fmt: skip
+def test_the_ttls_litellm_injects_are_checked_as_cache_controls_are(
+    points: object, refused: bool
+) -> None:
+    up = _claude_without_one_hour()
+    body = {**_INJECTED_ONE_HOUR, "cache_control_injection_points": points}
+    route = up.refine(up.route("POST", "/chat/completions"), body)
+    if refused:
+        with pytest.raises(Forbidden):
+            up._check_priced(route, body)
+    else:
+        up._check_priced(route, body)
+    assert not up.asks_for_one_hour_cache(body)
+
+
+def test_a_one_hour_ttl_litellm_injects_charges_its_writes_at_the_one_hour_rate() -> None:
+    # LiteLLM without cache_creation_token_details leaves its writes unattributed:
+    # a request that asked for 1 hour has them charged as 1-hour writes.
+    # 10 x 3 + 300 x 0.30 + 1,000 x 6 + 20 x 15 = 6,420 per million; before,
+    # as 5-minute writes (the ttl not seen), 4,170.
+    up = OpenAIUpstream(
+        parse_config({"upstream": {"kind": "openai"}, "prices": {"claude": _CLAUDE_PRICE}}, env={})
+    )
+    assert up.asks_for_one_hour_cache(_INJECTED_ONE_HOUR)
+    body = orjson.loads(orjson.dumps(_INJECTED_ONE_HOUR))
+    route = up.refine(up.route("POST", "/chat/completions"), body)
+    prepared = up.prepare(route, body, b"", "u", method="POST", request_id="r")
+    usage = ROUTER_USAGES["litellm-no-split"][0]
+    answer = {"object": "chat.completion", "model": "claude", "usage": usage}
+    metered = up.meter_blocking(route, prepared.body, orjson.dumps(answer))
+    assert metered.usage is not None
+    assert metered.usage.cost == Decimal("0.00642")

@@ -525,6 +525,16 @@ def cached_chat(ttl: str | None = "1h", *, where: str = "message", **body: Any) 
         control["ttl"] = ttl
     part = {"type": "text", "text": "a very long document ...", "cache_control": control}
     chat: dict[str, Any] = {"model": CLAUDE, "max_tokens": 20, **body}
+    if where == "injected":
+        # LiteLLM puts the control on the messages the point names (review5 R5-7).
+        del part["cache_control"]
+        chat["messages"] = [
+            {"role": "system", "content": [part]},
+            {"role": "user", "content": "hi"},
+        ]
+        point = {"location": "message", "role": "system", "control": control}
+        chat["cache_control_injection_points"] = [point]
+        return chat
     if where == "message":
         chat["messages"] = [
             {"role": "system", "content": [part]},
@@ -641,7 +651,7 @@ async def test_a_five_minute_cache_through_a_router_is_charged_its_price(
     assert event.cost == micro((10, "3"), (100_000, "3.75"), (20, "15")) == Decimal("0.37533")
 
 
-@pytest.mark.parametrize("where", ["message", "tool", "top-level"])
+@pytest.mark.parametrize("where", ["message", "tool", "top-level", "injected"])
 async def test_a_one_hour_cache_through_a_router_is_refused_where_it_has_no_price(
     sqlite_url: str, where: str
 ) -> None:
@@ -666,6 +676,48 @@ async def test_a_one_hour_cache_through_a_router_is_refused_where_it_has_no_pric
         f'(prices."{CLAUDE}".cache_write_1h_input) nên không dùng được.'
     )
     assert "'2h'" in openai_error(other, 403, "option_not_priced")["message"]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "blocking"])
+@pytest.mark.parametrize(
+    ("ttl", "rate"), [("1h", "6"), ("5m", "3.75"), (None, "3.75")], ids=["1h", "5m", "none"]
+)
+async def test_a_cache_litellm_injects_is_charged_at_its_ttls_rate(
+    sqlite_url: str, stream: bool, ttl: str | None, rate: str
+) -> None:
+    # Attack (review5 R5-7): the ttl in cache_control_injection_points, which
+    # LiteLLM puts on the system message, was not read: 100,000 writes LiteLLM
+    # leaves unattributed (no cache_creation_token_details) were charged at
+    # 3.75 (0.37533) where Anthropic bills a 1-hour cache's at 6 (0.60033).
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, upstream=fake, settings=router_settings()) as h:
+        body = cached_chat(ttl, where="injected", stream=stream)
+        steer = router_steer(LITELLM_WRITES)
+        answer = await post_router(h, "/v1/chat/completions", body, **steer)
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert answer.status_code == 200, answer.text
+    (point,) = fake.requests[0].json["cache_control_injection_points"]
+    assert point["control"] == {"type": "ephemeral", "ttl": ttl}  # passed on as it was
+    assert event.cost == micro((10, "3"), (100_000, rate), (20, "15"))
+    assert event.cost == (Decimal("0.60033") if ttl == "1h" else Decimal("0.37533"))
+
+
+async def test_a_one_hour_cache_litellm_injects_is_reserved_at_the_one_hour_rate(
+    sqlite_url: str,
+) -> None:
+    # Review5 R5-7: the money bound held no 1-hour write for an injected ttl.
+    # With 0.50 left, a 100 KB prompt is bound near 0.38 as 5-minute writes and
+    # near 0.60 as 1-hour ones: refused before anything is sent.
+    settings = router_settings(plans={"free": {"cost_per_day": "0.50"}})
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        body = cached_chat("1h", where="injected")
+        body["messages"][0]["content"][0]["text"] = "x" * 100_000
+        refused = await post_router(h, "/v1/chat/completions", body)
+    assert refused.status_code == 429, refused.text
+    assert refused.headers["x-ratelimit-resource"] == "cost_per_day"
+    assert fake.requests == []
 
 
 async def test_a_ttl_in_a_functions_schema_is_not_a_cache(sqlite_url: str) -> None:
