@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from gateway.alerts import alert_request
 from gateway.clock import Periods, periods_at
 from gateway.config import Plan, WebSearchConfig
-from gateway.errors import Forbidden, QuotaExceeded, StorageError
+from gateway.errors import STORAGE_UNAVAILABLE, Forbidden, QuotaExceeded, StorageError
 from gateway.features import asks_for_advanced_rag, asks_for_web_search, set_path
 from gateway.messages import english
 from gateway.quota.budget import cost_bound, lowered_cap, with_cap
@@ -564,7 +564,7 @@ class Admitter:
             )
             metrics.inc("gateway_admission_storage_failures_total", policy="closed")
             raise StorageError(
-                "The usage database is unavailable; try again shortly.",
+                STORAGE_UNAVAILABLE,
                 headers=[(b"retry-after", b"5")],
             ) from exc
         log.error(
@@ -599,7 +599,7 @@ class Admitter:
         except StorageError as exc:
             self._metrics.inc("gateway_storage_errors_total", operation="upload")
             raise StorageError(
-                "The usage database is unavailable; try again shortly.",
+                STORAGE_UNAVAILABLE,
                 headers=[(b"retry-after", b"5")],
             ) from exc
         team, team_view = await self._team(snap, user)

@@ -52,6 +52,7 @@ from gateway.bodies import (
 from gateway.clock import periods_at
 from gateway.error_response import render_error
 from gateway.errors import (
+    STORAGE_UNAVAILABLE,
     BadRequest,
     Forbidden,
     GatewayError,
@@ -549,7 +550,7 @@ class Proxy:
             x.user_id = await x.snap.identify(x.headers.credential, x.headers.user_header)
         except StorageError as exc:
             self._metrics.inc("gateway_storage_errors_total", operation="authenticate")
-            raise StorageError("The usage database is unavailable; try again shortly.") from exc
+            raise StorageError(STORAGE_UNAVAILABLE) from exc
 
     # --- route (default deny) --------------------------------------------------------
 
@@ -797,7 +798,7 @@ class Proxy:
             user = await snap.users.get(user_id, default_plan=snap.config.accounting.default_plan)
         except StorageError as exc:
             self._metrics.inc("gateway_storage_errors_total", operation="user")
-            raise StorageError("The usage database is unavailable; try again shortly.") from exc
+            raise StorageError(STORAGE_UNAVAILABLE) from exc
         view = snap.plan_view(user)
         if view.plan.file_size_mb is not None or _limits_uploads(view.limits):
             return True
