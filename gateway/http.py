@@ -158,27 +158,57 @@ _MASK: Final = b"***"
 _SHORTEST_MASKED: Final = 8
 
 
+# JSON's short escapes (RFC 8259 7), a key's character may be written as.
+_SHORT_ESCAPES: Final = {
+    '"': b'\\"',
+    "\\": b"\\\\",
+    "/": b"\\/",
+    "\b": b"\\b",
+    "\f": b"\\f",
+    "\n": b"\\n",
+    "\r": b"\\r",
+    "\t": b"\\t",
+}
+
+
 def _spelled(key: str) -> tuple[bytes, int]:
     """A key's pattern: the key as it is or quoted JSON-escaped, character by
-    character (some encoders write '/' as \\/, .NET every '+' as \\u002B: a
-    client's JSON parser gives the key back whole); and its longest match."""
+    character (some encoders write '/' as \\/, .NET every '+' as \\u002B, others
+    every non-ASCII character as \\uXXXX: a client's JSON parser gives the key
+    back whole); and its longest match."""
     parts: list[bytes] = []
     longest = 0
     for char in key:
-        raw = re.escape(char.encode())
-        if char.isascii() and not char.isalnum():
-            hex_digits = "".join(
-                f"[{h}{h.upper()}]" if h.isalpha() else h for h in f"{ord(char):04x}"
-            )
-            spellings = [raw, rb"\\u" + hex_digits.encode()]
-            if char == "/":
-                spellings.append(rb"\\/")
-            parts.append(b"(?:" + b"|".join(spellings) + b")")
-            longest += 6  # \uXXXX
-        else:
+        raw = char.encode()
+        if char.isascii() and char.isalnum():
             parts.append(raw)
-            longest += len(char.encode())
-    return b"".join(parts), longest
+            longest += 1
+            continue
+        spellings = [raw, _u_escaped(char)]
+        short = _SHORT_ESCAPES.get(char)
+        if short is not None:
+            spellings.append(short)
+        parts.append(b"(?:" + b"|".join(re.escape(w) for w in spellings) + b")")
+        longest += max(len(w) for w in spellings)
+    # The \\u escapes' hex digits in either case.
+    pattern = re.sub(rb"\\\\u([0-9a-f]{4})", _either_case, b"".join(parts))
+    return pattern, longest
+
+
+def _u_escaped(char: str) -> bytes:
+    """``char`` as JSON's \\uXXXX escape (a surrogate pair past the BMP), lower-case hex."""
+    units = char.encode("utf-16-be")
+    return b"".join(
+        b"\\u%04x" % int.from_bytes(units[i : i + 2], "big") for i in range(0, len(units), 2)
+    )
+
+
+def _either_case(match: re.Match[bytes]) -> bytes:
+    digits = b"".join(
+        b"[%s%s]" % (d.lower(), d.upper()) if d.isalpha() else d
+        for d in (bytes([c]) for c in match.group(1))
+    )
+    return b"\\\\u" + digits
 
 
 class KeyMask:

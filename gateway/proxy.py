@@ -764,11 +764,17 @@ class Proxy:
             # may be filtered, an upload's reply names its file: ask for them
             # uncompressed.
             forward.append((b"accept-encoding", b"identity"))
-        elif x.headers.accept_encoding is not None:
+        else:
             # Other bodies may be passed on compressed as they come, but only
             # in an encoding the gateway decodes: an error's body is read for
-            # the keys it may quote (`_error_body`).
-            forward.append((b"accept-encoding", _decodable_accept(x.headers.accept_encoding)))
+            # the keys it may quote (`_error_body`). A client that names none
+            # gets identity: the HTTP client would otherwise ask for its own
+            # defaults, br and zstd among them where their libraries are
+            # installed (review 6, R6-4).
+            accept = x.headers.accept_encoding
+            forward.append(
+                (b"accept-encoding", b"identity" if accept is None else _decodable_accept(accept))
+            )
         x.json = prepared.body
         if x.json is not None:
             x.body = _serialised(x.json)
@@ -912,12 +918,15 @@ class Proxy:
         """A 5xx from an upstream with fallbacks, of a dialect whose errors may
         come after billed work: the response again, its body read whole, when the
         dialect says the run had begun and was billed; else None (read, or
-        larger than an error is: the request goes on to the next upstream)."""
+        larger than an error is: the request goes on to the next upstream). One
+        in an encoding the gateway cannot read is taken as billed, unread: it
+        may be a run that began, and running it again would have it paid twice
+        and charged once (review 6, R6-1); `_relay_error` charges it."""
         status = response.status_code
         headers = [(k.lower(), v) for k, v in response.headers.raw]
         read = _error_body(x, response, headers)
         if read is None:  # an encoding the gateway cannot read
-            return None
+            return response
         chunks, headers = read
         body, whole = await _read_small(x, chunks)
         if not whole or not x.dialect.billed_error(x.route, x.answer_body, status, body):
@@ -1148,8 +1157,10 @@ class Proxy:
         elif (read := _error_body(x, response, headers)) is not None:
             chunks, headers = read
             body, whole = await _read_small(x, chunks)
-        else:  # an encoding the gateway cannot read: as an empty error
-            body, whole, unreadable = b"", True, True
+        else:
+            # An encoding the gateway cannot read: charged, as an error it cannot
+            # read whole is - it may be a run that began (review 6, R6-1).
+            body, whole, unreadable = b"", False, True
         if not whole or x.dialect.billed_error(x.route, x.answer_body, status, body):
             estimate = x.dialect.unanswered(x.route, x.answer_body)
             log.info(
@@ -2087,10 +2098,25 @@ def _decodable_accept(accept: bytes) -> bytes:
     for it), and an error in any of them can be read (`_error_body`)."""
     kept = []
     for item in accept.split(b","):
-        coding = item.split(b";", 1)[0].strip().lower()
-        if coding in _DECODABLE or coding == b"identity":
+        coding, _, params = item.partition(b";")
+        coding = coding.strip().lower()
+        if (coding in _DECODABLE or coding == b"identity") and not _refused(params):
             kept.append(item.strip())
     return b", ".join(kept) if kept else b"identity"
+
+
+def _refused(params: bytes) -> bool:
+    """Whether a coding's parameters weigh it 0 (``q=0``, ``q=0.000``): kept
+    alone, ``identity;q=0`` would ask for no acceptable coding at all (review 6,
+    R6-3)."""
+    for param in params.split(b";"):
+        name, _, value = param.partition(b"=")
+        if name.strip().lower() == b"q":
+            try:
+                return float(value.strip()) == 0
+            except ValueError:
+                return False
+    return False
 
 
 def _error_body(
@@ -2120,6 +2146,12 @@ async def _inflated(
     inflater = zlib.decompressobj(wbits)
     total = 0
     begun = False
+    if coding == b"deflate":
+        # A zlib header is two bytes: the first chunk is made that long at least,
+        # so that a raw stream is told apart before anything is decoded (a
+        # one-byte first read was taken for zlib, and the body lost: review 6,
+        # R6-2).
+        chunks = _at_least(chunks, 2)
     async for data in chunks:
         if not data:
             continue
@@ -2147,6 +2179,22 @@ async def _inflated(
                 yield out
             if not data and len(out) < _INFLATE_STEP:
                 break  # this chunk is decoded: the next one
+
+
+async def _at_least(chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:
+    """``chunks``, the first one (unless the body is shorter) ``size`` bytes at
+    least."""
+    held = b""
+    started = False
+    async for chunk in chunks:
+        if not started:
+            held += chunk
+            if len(held) < size:
+                continue
+            chunk, started = held, True
+        yield chunk
+    if not started and held:
+        yield held
 
 
 def _without_keys(

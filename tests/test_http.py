@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import string
@@ -454,3 +455,25 @@ def test_a_path_quote_would_not_change_is_returned_as_it_is() -> None:
         assert got == quote(path, safe=_PATH_SAFE), path
         as_is += got == path
     assert as_is > 100
+
+
+@pytest.mark.parametrize(
+    "key", ['local"pass-123', "local\\pass-123", "cl\u00e9-secr\u00e8te-1", "emoji-\U0001f600-key"]
+)
+def test_key_mask_masks_a_key_with_json_short_escapes_or_non_ascii_escaped(key: str) -> None:
+    """Review 6, R6-5: JSON's two-character escapes (every encoder writes \\" and
+    \\\\) and \\uXXXX for a non-ASCII character (ensure_ascii; a surrogate pair
+    past the BMP) were not found."""
+    message = {"error": {"message": "bad key " + key}}
+    for quoted in (
+        orjson.dumps(message),
+        json.dumps(message).encode(),
+        re.sub(
+            r"\\u[0-9a-f]{4}", lambda m: "\\u" + m.group()[2:].upper(), json.dumps(message)
+        ).encode(),
+    ):
+        masked = KeyMask([key]).whole(quoted)
+        assert orjson.loads(masked)["error"]["message"] == "bad key ***", masked
+        mask = KeyMask([key])
+        fed = b"".join(mask.feed(quoted[i : i + 3]) for i in range(0, len(quoted), 3)) + mask.end()
+        assert fed == masked

@@ -1301,3 +1301,32 @@ async def test_an_error_page_before_any_run_still_falls_back(sqlite_url: str) ->
     answer, (event,), _, _ = await _blocking_through_fallback(sqlite_url, primary)
     assert answer.status_code == 200 and primary.answers == 1
     assert (event.upstream, event.estimated) == ("backup", False)
+
+
+async def test_a_failed_run_in_an_encoding_the_gateway_cannot_read_is_charged_not_run_again(
+    sqlite_url: str,
+) -> None:
+    """Attack (review 6, R6-1): the same billed failure labelled ``br`` (an
+    upstream or a CDN that ignored the identity it was asked for). It was taken
+    unread for no billed error: the run was made again at the fallback, paid
+    twice upstream and the first never charged; at the last upstream it was
+    refunded, while an error too large to read whole is charged. Now it is
+    taken as billed: charged, not run again, replaced by the gateway's error."""
+    from tests.test_proxy_failures import _RunFailsAfterItsModel
+
+    class Brotli(_RunFailsAfterItsModel):
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            async def labelled(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    headers = [*message["headers"], (b"content-encoding", b"br")]
+                    message = {**message, "headers": headers}
+                await send(message)
+
+            await super().__call__(scope, receive, labelled)
+
+    primary = Brotli()
+    answer, (event,), queries, backup = await _blocking_through_fallback(sqlite_url, primary)
+    assert answer.status_code == 500 and "could not be read" in answer.json()["message"]
+    assert (primary.answers, backup.answers_started) == (1, 0)
+    assert (event.upstream, event.outcome, event.estimated) == ("primary", "error", True)
+    assert queries == 1

@@ -8,6 +8,8 @@ import contextlib
 import gzip
 import shutil
 import socket
+import types
+import zlib
 from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
@@ -1247,6 +1249,31 @@ async def test_the_accept_encoding_forwarded_keeps_the_clients_decodable_codings
     assert upstream.accept_encoding == b"gzip;q=1.0, deflate"
 
 
+async def test_a_client_that_names_no_coding_or_refuses_identity_has_identity_asked_for(
+    sqlite_url: str,
+) -> None:
+    """Review 6: with no Accept-Encoding the HTTP client asked the upstream for
+    its own defaults (br and zstd where their libraries are installed), whose
+    errors the gateway cannot read (R6-4); ``identity;q=0, br`` was forwarded as
+    ``identity;q=0`` alone, asking for no acceptable coding (R6-3)."""
+    upstream = QuotesKey(401)
+    seen = []
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            del client.headers["accept-encoding"]
+            await client.get("/v1/parameters", headers=h.auth())
+            seen.append(upstream.accept_encoding)
+            await client.get(
+                "/v1/parameters", headers=h.auth(**{"Accept-Encoding": "identity;q=0, br"})
+            )
+            seen.append(upstream.accept_encoding)
+            await client.get(
+                "/v1/parameters", headers=h.auth(**{"Accept-Encoding": "gzip;q=0.000, deflate"})
+            )
+            seen.append(upstream.accept_encoding)
+    assert seen == [b"identity", b"identity", b"deflate"]
+
+
 # {"error":{"message":"Budget exceeded for key app-upstream-secret.
 # (app-upstream-secret)","type":"insufficient_quota"}} compressed with Brotli
 # (node: zlib.brotliCompressSync). The key is not in these bytes as they are.
@@ -1462,3 +1489,28 @@ async def test_a_not_modified_reply_is_passed_on_as_it_is(sqlite_url: str) -> No
             )
     assert response.status_code == 304 and response.content == b""
     assert (response.headers["etag"], response.headers["content-length"]) == ('"v1"', "1234")
+
+
+async def _inflate(parts: list[bytes], coding: bytes) -> bytes:
+    async def chunks() -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+
+    x = types.SimpleNamespace(request_id="test")
+    out = b""
+    async for chunk in gateway.proxy._inflated(x, chunks(), coding):  # type: ignore[arg-type]
+        out += chunk
+    return out
+
+
+@pytest.mark.parametrize("wbits", [-zlib.MAX_WBITS, zlib.MAX_WBITS], ids=["raw", "zlib"])
+async def test_a_deflate_error_is_decoded_however_its_first_bytes_are_cut(wbits: int) -> None:
+    """Review 6, R6-2: a raw deflate body whose first read was one byte was taken
+    for zlib-wrapped (its header is two bytes), and the error's body lost."""
+    message = b'{"error":{"message":"model not found","type":"invalid_request_error"}}'
+    compressor = zlib.compressobj(wbits=wbits)
+    body = compressor.compress(message) + compressor.flush()
+    for cut in range(4):
+        parts = [body[:cut], body[cut:]] if cut else [body]
+        assert await _inflate([b"", *parts], b"deflate") == message
+    assert await _inflate([body[:1], body[1:2], body[2:]], b"deflate") == message
