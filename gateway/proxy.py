@@ -919,14 +919,16 @@ class Proxy:
         come after billed work: the response again, its body read whole, when the
         dialect says the run had begun and was billed; else None (read, or
         larger than an error is: the request goes on to the next upstream). One
-        in an encoding the gateway cannot read is taken as billed, unread: it
-        may be a run that began, and running it again would have it paid twice
-        and charged once (review 6, R6-1); `_relay_error` charges it."""
+        in an encoding the gateway cannot read is taken as billed, unread, when
+        the dialect says an error of its status may have been (review 6, R6-1;
+        review 7, R7-1): running it again would have it paid twice and charged
+        once; `_relay_error` charges it."""
         status = response.status_code
         headers = [(k.lower(), v) for k, v in response.headers.raw]
         read = _error_body(x, response, headers)
-        if read is None:  # an encoding the gateway cannot read
-            return response
+        if read is None:  # an encoding the gateway cannot read: as the dialect takes it
+            billed = x.dialect.billed_error(x.route, x.answer_body, status, None)
+            return response if billed else None
         chunks, headers = read
         body, whole = await _read_small(x, chunks)
         if not whole or not x.dialect.billed_error(x.route, x.answer_body, status, body):
@@ -1151,16 +1153,16 @@ class Proxy:
         (outcome ``error``) or the reservation given back - before the client
         hears of it, as any record - and the error relayed (`_pass_on`)."""
         chunks: AsyncIterator[bytes] | None = None
-        unreadable = False
+        body: bytes | None
         if response.is_stream_consumed:  # read whole and decoded (`_billed_failure`)
             body, whole = response.content, True
         elif (read := _error_body(x, response, headers)) is not None:
             chunks, headers = read
             body, whole = await _read_small(x, chunks)
         else:
-            # An encoding the gateway cannot read: charged, as an error it cannot
-            # read whole is - it may be a run that began (review 6, R6-1).
-            body, whole, unreadable = b"", False, True
+            # An encoding the gateway cannot read: the dialect says whether such an
+            # error may have come after billed work (review 6 R6-1, review 7 R7-1).
+            body, whole = None, True
         if not whole or x.dialect.billed_error(x.route, x.answer_body, status, body):
             estimate = x.dialect.unanswered(x.route, x.answer_body)
             log.info(
@@ -1171,7 +1173,7 @@ class Proxy:
             )
         else:
             await self.admitter.refund(x.ticket, x.request_id)
-        if unreadable:
+        if body is None:
             await self._pass_unreadable(x, status, headers, send)
             return
         await self._pass_on(x, status, headers, body, None if whole else chunks, send)

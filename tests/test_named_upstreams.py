@@ -1330,3 +1330,79 @@ async def test_a_failed_run_in_an_encoding_the_gateway_cannot_read_is_charged_no
     assert (primary.answers, backup.answers_started) == (1, 0)
     assert (event.upstream, event.outcome, event.estimated) == ("primary", "error", True)
     assert queries == 1
+
+
+class _Labelled:
+    """``inner``'s reply, its head labelled Content-Encoding ``br`` (an upstream
+    or a CDN that ignored the identity it was asked for)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    @property
+    def answers(self) -> int:
+        return int(self.inner.answers)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def labelled(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message["headers"], (b"content-encoding", b"br")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.inner(scope, receive, labelled)
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+async def test_an_unreadable_proxy_error_page_before_any_run_still_falls_back(
+    sqlite_url: str, status: int
+) -> None:
+    """Review 7, R7-1: a 502/503/504 page of a proxy in front of the first Dify,
+    labelled br, was taken for a billed run (the fix of R6-1 took every
+    unreadable error so): charged, and the fallback never tried. Dify's billed
+    errors are a 500 or a 400, which the status alone rules out."""
+    from tests.test_proxy_failures import _RunFailsAfterItsModel
+
+    primary = _Labelled(_RunFailsAfterItsModel(status, b"<html><body>down</body></html>"))
+    answer, (event,), _, _ = await _blocking_through_fallback(sqlite_url, primary)
+    assert (answer.status_code, event.upstream, event.estimated) == (200, "backup", False)
+
+
+class _AlwaysFails:
+    """Answers every request ``status`` with an HTML page labelled ``br``."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.answers = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        self.answers += 1
+        head = [(b"content-type", b"text/html"), (b"content-encoding", b"br")]
+        await send({"type": "http.response.start", "status": self.status, "headers": head})
+        await send({"type": "http.response.body", "body": b"<html>down</html>"})
+
+
+@pytest.mark.parametrize(
+    ("mode", "status"), [("streaming", 500), ("streaming", 503), ("blocking", 503)]
+)
+async def test_an_unreadable_error_that_was_no_run_is_not_charged(
+    sqlite_url: str, mode: str, status: int
+) -> None:
+    """Review 7, R7-1: one upstream, an error labelled br. A streaming request's
+    HTTP error comes before any run (a run that began answers 200 and streams its
+    usage), and a 503 is a proxy's page: refunded, as before R6-1's fix."""
+    upstream = _AlwaysFails(status)
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            answer = await client.post(
+                "/v1/chat-messages",
+                json={"query": "hi", "inputs": {}, "response_mode": mode},
+                headers=h.auth(),
+            )
+        await h.probes.wait_finished(1)
+        events, queries = await h.events(), await queries_today(h)
+    assert answer.status_code == status and upstream.answers == 1
+    assert (events, queries) == ([], 0)

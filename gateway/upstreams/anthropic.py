@@ -390,7 +390,9 @@ class AnthropicUpstream:
         one_hour = self.asks_for_one_hour_cache(body)
         return self.priced(meter_message(body, response, calls, one_hour=one_hour), body, calls)
 
-    def billed_error(self, route: Route, body: dict[str, Any], status: int, content: bytes) -> bool:
+    def billed_error(
+        self, route: Route, body: dict[str, Any], status: int, content: bytes | None
+    ) -> bool:
         return False
 
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:

@@ -260,8 +260,12 @@ class Upstream(Protocol):
         """True when an HTTP error answering an answer may come after billed work."""
         ...
 
-    def billed_error(self, route: Route, body: dict[str, Any], status: int, content: bytes) -> bool:
-        """Whether this HTTP error (its whole body) came after billed work (see above)."""
+    def billed_error(
+        self, route: Route, body: dict[str, Any], status: int, content: bytes | None
+    ) -> bool:
+        """Whether this HTTP error (its whole body) came after billed work (see
+        above); ``content`` None: a body in an encoding the gateway cannot read,
+        of an error that may or may not have come after billed work."""
         ...
 
     @property

@@ -530,6 +530,8 @@ class DifyStreamMeter:
 
 # A blocking answer's errors that come after the run started (`billed_error`).
 _BILLED_ERRORS = frozenset({(500, "internal_server_error"), (400, "completion_request_error")})
+# The statuses of the billed errors, "Run failed:"'s 400 among them.
+_BILLED_STATUSES = frozenset({status for status, _ in _BILLED_ERRORS} | {400})
 # A chatflow's run that failed (a node after its LLM nodes): Dify 1.x raises it
 # as ValueError(f"Run failed: {error}"), which its API answers 400
 # invalid_param - the code of a parameter refused before any work, told apart
@@ -727,7 +729,9 @@ class DifyUpstream:
             return Metered(run_id, task_id, None, None, "cut", metadata=metadata)
         return Metered(run_id, task_id, None, usage, "complete", metadata=metadata)
 
-    def billed_error(self, route: Route, body: dict[str, Any], status: int, content: bytes) -> bool:
+    def billed_error(
+        self, route: Route, body: dict[str, Any], status: int, content: bytes | None
+    ) -> bool:
         """A blocking answer's error in Dify's own shape that says the run had
         started: ``internal_server_error`` (500: a node failed after others
         ran), ``completion_request_error`` (400: the model failed, maybe
@@ -735,9 +739,14 @@ class DifyUpstream:
         node failed after others ran). Streamed, the same run would have sent its usage so far;
         blocking, the gateway charges the prompt's estimate. Other codes (a
         parameter, the app or its provider refused) come before any work, and an
-        error page of a proxy in front of Dify (502, 503) is no run at all."""
+        error page of a proxy in front of Dify (502, 503) is no run at all. A
+        body the gateway cannot read (``content`` None) of a status a billed
+        error has is taken as billed: it may be a run that began (review 6,
+        R6-1), and no other status is one (review 7, R7-1)."""
         if body.get("response_mode") == "streaming" or not route.produces_answer:
             return False
+        if content is None:
+            return status in _BILLED_STATUSES
         try:
             error = orjson.loads(content)
         except orjson.JSONDecodeError:

@@ -414,7 +414,9 @@ class OpenAIUpstream:
             metered, _requested_model(body), calls=calls, ran=ran, audio=extras.audio
         )
 
-    def billed_error(self, route: Route, body: dict[str, Any], status: int, content: bytes) -> bool:
+    def billed_error(
+        self, route: Route, body: dict[str, Any], status: int, content: bytes | None
+    ) -> bool:
         return False
 
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
