@@ -104,23 +104,32 @@ class BodyDeadline:
         # request on uvloop (issue 24). One it must wait for is waited for
         # under the deadline, from that step on.
         steps = self._receive().__await__()
-        try:
-            waiting = steps.send(None)
-        except StopIteration as done:
-            message: Message = done.value
-        else:
-            message = await self._waited(steps, waiting)
+        message: Message
+        if not isinstance(steps, Generator):
+            # Steps that are a plain iterator (PEP 492 allows it: Granian's
+            # receive) cannot be sent or thrown into by hand: awaited under the
+            # deadline whole, as before (review 7, R7-2).
+            message = await self._waited(_iterated(steps))
             if self._gone:
                 return message  # (timed out)
+        else:
+            try:
+                waiting = steps.send(None)
+            except StopIteration as done:
+                message = done.value
+            else:
+                message = await self._waited(_resumed(steps, waiting))
+                if self._gone:
+                    return message  # (timed out)
         if message["type"] != "http.request" or not message.get("more_body", False):
             self.body_done = True
         return message
 
-    async def _waited(self, steps: Generator[Any, Any, Message], waiting: Any) -> Message:
-        """The rest of a receive that had to wait, under the body's deadline."""
+    async def _waited(self, rest: Awaitable[Message]) -> Message:
+        """The rest of a receive that has to wait, under the body's deadline."""
         try:
             async with asyncio.timeout(self._timeout):
-                message = await _resumed(steps, waiting)
+                message = await rest
         except TimeoutError:
             self._gone = True
             self._on_timeout()
@@ -142,6 +151,14 @@ class BodyDeadline:
         if message["type"] == "http.response.start":
             self._started = True
         return self._send(message)
+
+
+@types.coroutine
+def _iterated(steps: Any) -> Generator[Any, Any, Message]:
+    """Await an awaitable whose ``__await__`` gave a plain iterator (``steps``:
+    Iterator, whose ``yield from`` mypy takes for a None)."""
+    message: Message = yield from steps
+    return message
 
 
 @types.coroutine

@@ -360,3 +360,43 @@ async def test_a_receive_that_waits_is_cancelled_with_its_task() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert stopped.is_set()  # the server's receive saw the cancellation
+
+
+class _IterAwaitable:
+    """An awaitable whose ``__await__`` is a plain iterator (``__next__`` only,
+    no ``send``/``throw``), as PEP 492 allows and ``await`` takes: the shape of
+    Granian's receive."""
+
+    def __init__(self, message: dict[str, Any], waits: int) -> None:
+        self.message = message
+        self.waits = waits
+
+    def __await__(self) -> Any:
+        return self
+
+    def __iter__(self) -> Any:
+        return self
+
+    def __next__(self) -> Any:
+        if self.waits:
+            self.waits -= 1
+            return None  # a bare yield: the task steps it again
+        raise StopIteration(self.message)
+
+
+@pytest.mark.parametrize("waits", [0, 2])
+async def test_a_receive_whose_await_is_a_plain_iterator_is_awaited(waits: int) -> None:
+    """Review 7, R7-2: the receive was stepped by hand with ``send``, which such
+    an awaitable has not: every body failed with an AttributeError, a 500."""
+    message = {"type": "http.request", "body": b"z", "more_body": False}
+    deadline = _deadline(lambda: _IterAwaitable(message, waits), [], timeout=3600)
+    assert await deadline.receive() == message
+    assert deadline.body_done
+
+
+async def test_a_plain_iterator_receive_that_never_ends_is_answered_408() -> None:
+    sent: list[Any] = []
+    message = {"type": "http.request", "body": b"z", "more_body": False}
+    deadline = _deadline(lambda: _IterAwaitable(message, 10**9), sent, timeout=0.01)
+    assert await deadline.receive() == {"type": "http.disconnect"}
+    assert sent[0]["status"] == 408
