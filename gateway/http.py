@@ -172,27 +172,41 @@ _SHORT_ESCAPES: Final = {
 
 
 def _spelled(key: str) -> tuple[bytes, int]:
-    """A key's pattern: the key as it is or quoted JSON-escaped, character by
+    """A key's pattern: the key as it is, or quoted JSON-escaped character by
     character (some encoders write '/' as \\/, .NET every '+' as \\u002B, others
     every non-ASCII character as \\uXXXX: a client's JSON parser gives the key
-    back whole); and its longest match."""
+    back whole); and its longest match. The two are alternatives, not one
+    pattern with a choice per character: inside JSON a backslash or a quote is
+    always escaped, so no spelling of one character is the start of another's,
+    and a body of near-misses is read in linear time (a raw backslash that was
+    also the start of ``\\\\`` made a key of backslashes take exponential time:
+    review 7, R7-3)."""
     parts: list[bytes] = []
-    longest = 0
+    escaped_longest = 0
     for char in key:
         raw = char.encode()
         if char.isascii() and char.isalnum():
             parts.append(raw)
-            longest += 1
+            escaped_longest += 1
             continue
-        spellings = [raw, _u_escaped(char)]
+        spellings = [_u_escaped(char)]
         short = _SHORT_ESCAPES.get(char)
         if short is not None:
             spellings.append(short)
+        if not _always_escaped(char):
+            spellings.append(raw)
         parts.append(b"(?:" + b"|".join(re.escape(w) for w in spellings) + b")")
-        longest += max(len(w) for w in spellings)
+        escaped_longest += max(len(w) for w in spellings)
     # The \\u escapes' hex digits in either case.
-    pattern = re.sub(rb"\\\\u([0-9a-f]{4})", _either_case, b"".join(parts))
-    return pattern, longest
+    escaped = re.sub(rb"\\\\u([0-9a-f]{4})", _either_case, b"".join(parts))
+    as_is = key.encode()
+    pattern = re.escape(as_is) + b"|" + escaped
+    return pattern, max(len(as_is), escaped_longest)
+
+
+def _always_escaped(char: str) -> bool:
+    """A character JSON always escapes in a string (RFC 8259 7)."""
+    return char in '"\\' or ord(char) < 0x20
 
 
 def _u_escaped(char: str) -> bytes:

@@ -477,3 +477,29 @@ def test_key_mask_masks_a_key_with_json_short_escapes_or_non_ascii_escaped(key: 
         mask = KeyMask([key])
         fed = b"".join(mask.feed(quoted[i : i + 3]) for i in range(0, len(quoted), 3)) + mask.end()
         assert fed == masked
+
+
+def test_key_mask_reads_a_body_of_near_misses_in_linear_time() -> None:
+    """Review 7, R7-3: a backslash's raw spelling was the start of its escaped
+    one (``\\\\``), so a key of backslashes against a body just short of it was
+    tried in every split: Fibonacci(n) - 40 took 6 s, 60 would outlast the
+    suite's timeout, the event loop blocked all along. Now the key as it is and
+    its JSON-escaped form are two alternatives."""
+    key = "\\" * 60
+    mask = KeyMask([key])
+    assert mask.whole(b"\\" * 59 + b"x") == b"\\" * 59 + b"x"
+    assert mask.whole(b"<" + b"\\" * 60 + b">") == b"<***>"
+    assert b"\\" not in mask.whole(b"<" + b"\\\\" * 60 + b">")  # JSON-escaped
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["sk-[abc]\\def-ghij", "sk-\x00\x01\x7f-abcdefgh", "sk-\U0001f600-abcdef", "sk-(?:x)|.*+?{}^$"],
+)
+def test_key_mask_masks_keys_of_any_character(key: str) -> None:
+    """Review 7: regex metacharacters, controls and astral characters, as they
+    are and JSON-escaped."""
+    mask = KeyMask([key])
+    for spelled in (json.dumps(key), json.dumps(key, ensure_ascii=False)):
+        assert mask.whole(spelled.encode()) == b'"***"'
+    assert mask.whole(key.encode()) == b"***"
