@@ -19,6 +19,7 @@ route is declared in anthropic_routes.py with its role (default deny).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -379,7 +380,7 @@ class AnthropicUpstream:
     # --- answers -------------------------------------------------------------------
 
     def stream_meter(self, route: Route, body: dict[str, Any]) -> StreamMeter:
-        one_hour = self.asks_for_one_hour_cache(body)
+        one_hour = functools.partial(self.asks_for_one_hour_cache, body)
         return _PricedMeter(MessageStreamMeter(body, one_hour=one_hour), self, body)
 
     def stream_transform(self, route: Route, prepared: Prepared) -> None:
@@ -387,7 +388,7 @@ class AnthropicUpstream:
 
     def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:
         calls = ServerCalls()
-        one_hour = self.asks_for_one_hour_cache(body)
+        one_hour = functools.partial(self.asks_for_one_hour_cache, body)
         return self.priced(meter_message(body, response, calls, one_hour=one_hour), body, calls)
 
     def billed_error(

@@ -28,6 +28,7 @@ the 1-hour cache's as ``cache_write_1h_tokens`` (billed at their own rate).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
@@ -73,6 +74,10 @@ _SERVER_TOOL_COUNTS: Final = {
 _SERVER_TOOL_NAMES: Final = frozenset(_SERVER_TOOL_COUNTS.values())
 
 
+def _not_asked() -> bool:
+    return False
+
+
 def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
@@ -99,14 +104,16 @@ class ServerCalls:
                 self.counts[tool] = read.tokens(tools, field)
 
 
-def usage_from(raw: object, *, start: Usage | None = None, one_hour: bool = False) -> Usage:
+def usage_from(
+    raw: object, *, start: Usage | None = None, one_hour: Callable[[], bool] = _not_asked
+) -> Usage:
     """An Anthropic ``usage`` object as the gateway's token counts.
 
     ``start`` is what ``message_start`` reported, for a ``message_delta``'s
     usage: a count the delta leaves out (or null) keeps its value there. Each
-    count is read on its own (FieldReader). ``one_hour``: the request asked for
-    a 1-hour cache, so writes no lifetime accounts for are 1-hour ones
-    (`_cache_writes`). Raises ``ValueError`` when it is not an object, or
+    count is read on its own (FieldReader). ``one_hour``: whether the request
+    asked for a 1-hour cache, so writes no lifetime accounts for are 1-hour ones
+    (`_cache_writes`; asked only when there are such writes). Raises ``ValueError`` when it is not an object, or
     nothing usable is left.
     """
     if not isinstance(raw, dict):
@@ -137,7 +144,7 @@ def usage_from(raw: object, *, start: Usage | None = None, one_hour: bool = Fals
 
 
 def _cache_writes(
-    read: FieldReader, split: object, written: int, base: Usage, one_hour: bool
+    read: FieldReader, split: object, written: int, base: Usage, one_hour: Callable[[], bool]
 ) -> tuple[int, int]:
     """The cache writes and, of them, the 1-hour cache's, from ``usage``'s
     ``cache_creation`` (``split``) beside its ``cache_creation_input_tokens``
@@ -163,10 +170,10 @@ def _cache_writes(
     elif split is not None:
         read.bad("cache_creation", split)
         return written, written
-    written = max(written, five_minutes + written_1h)
-    if one_hour:
+    split_sum = five_minutes + written_1h
+    if written > split_sum and one_hour():  # (asked only then: it reads the whole body)
         written_1h = written - five_minutes
-    return written, written_1h
+    return max(written, split_sum), written_1h
 
 
 def _text_chars(value: object) -> int:
@@ -208,7 +215,7 @@ def meter_message(
     response: bytes,
     calls: ServerCalls | None = None,
     *,
-    one_hour: bool = False,
+    one_hour: Callable[[], bool] = _not_asked,
 ) -> Metered:
     """Usage of a blocking answer (one ``message`` object, or an error); its
     server-tool calls go into ``calls`` when given."""
@@ -257,7 +264,7 @@ class MessageStreamMeter:
         "calls",
     )
 
-    def __init__(self, body: dict[str, Any], *, one_hour: bool = False) -> None:
+    def __init__(self, body: dict[str, Any], *, one_hour: Callable[[], bool] = _not_asked) -> None:
         self._prompt_chars = prompt_chars(body)
         self._one_hour = one_hour  # the request asked for a 1-hour cache (`usage_from`)
         self._model: str | None = None

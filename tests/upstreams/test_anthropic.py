@@ -994,3 +994,24 @@ def test_a_blocking_answer_without_the_split_prices_writes_at_the_requests_lifet
     assert metered.usage.cache_write_1h_tokens == writes_1h
     writes = (4000 - writes_1h) * Decimal("3.75") + writes_1h * Decimal(6)
     assert metered.usage.cost == (10 * Decimal(3) + writes + 20 * Decimal(15)) / _MILLION
+
+
+def test_whether_the_request_asked_for_a_one_hour_cache_is_asked_only_for_unsplit_writes() -> None:
+    """Reading the request for its cache lifetimes walks its whole body (tens of
+    microseconds for a long chat): the meter asks only when the usage has cache
+    writes its split does not account for."""
+    asked: list[bool] = []
+
+    def one_hour() -> bool:
+        asked.append(True)
+        return True
+
+    split = {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 40}
+    usage_from({"input_tokens": 5, "output_tokens": 1}, one_hour=one_hour)
+    usage_from(
+        {"input_tokens": 5, "cache_creation_input_tokens": 40, "cache_creation": split},
+        one_hour=one_hour,
+    )
+    assert asked == []
+    usage = usage_from({"input_tokens": 5, "cache_creation_input_tokens": 40}, one_hour=one_hour)
+    assert asked == [True] and usage.cache_write_1h_tokens == 40
