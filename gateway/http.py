@@ -64,10 +64,11 @@ _ACCOUNT_RESPONSE_PREFIXES: Final = (
 # x-portkey-config), where the operator's key is sent (x-portkey-custom-host,
 # helicone-target-url), its cost, budget and rate limits (cf-aig-custom-cost,
 # helicone-ratelimit-policy), whether it is logged (cf-aig-collect-log), its
-# routing (x-litellm-tags), retries and timeouts. None of them is a client's to choose: the whole families are
-# dropped. In a response they tell of the router and the operator's key there
-# (x-litellm-key-spend, x-litellm-model-api-base; LiteLLM's llm_provider-*
-# repeat the provider's own headers, account ones included): dropped too.
+# routing (x-litellm-tags), retries and timeouts. None of them is a client's to
+# choose: the whole families are dropped. In a response they tell of the router
+# and the operator's key there (x-litellm-key-spend, x-litellm-model-api-base;
+# LiteLLM's llm_provider-* repeat the provider's own headers, account ones
+# included): dropped too.
 _ROUTER_PREFIXES: Final = (b"x-litellm-", b"x-portkey-", b"helicone-", b"cf-aig-")
 _DROP_RESPONSE: Final = HOP_BY_HOP | {b"x-request-id"} | _SERVER_SET | _ACCOUNT_RESPONSE
 _DROP_RESPONSE_PREFIXES: Final = (
