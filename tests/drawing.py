@@ -4,12 +4,16 @@ Hypothesis spends about as much CPU on each choice it makes as the tests spend o
 the example (recording it, its span, its node in the tree of what was tried), and
 more on each strategy built inside a draw (validated anew). A test that drew a
 stream line by line and its cut points one integer at a time spent ~86% of its CPU
-in hypothesis. Here a stream's structure is read from one drawn byte string
-(`Shape`) and a chunking costs two choices (`chunked`), whatever their sizes; the
-values hypothesis is good at (text, integers) are still drawn as such.
+in hypothesis. Here a stream's structure is read from drawn bytes (`Shape`) and a
+chunking from a few more (`chunked`); the values hypothesis is good at (text,
+integers) are still drawn as such.
 
-Both shrink where hypothesis shrinks a byte string, to zeros: a `Shape` of zeros
-reads the first option everywhere, a chunking of zeros is the fewest cuts."""
+The bytes are drawn in blocks of one size, as they are read. Hypothesis's
+generator copies a drawn value over another of the same kind (to repeat a line,
+say); a copy that does not fit (bytes of another length) is read as the simplest
+value instead and all that follows it too: with blocks of several sizes, four
+examples in ten read zeros throughout. Zeros are also where a failure shrinks
+to: the first option everywhere, and the fewest cuts."""
 
 from __future__ import annotations
 
@@ -21,21 +25,38 @@ from hypothesis import strategies as st
 T = TypeVar("T")
 S = TypeVar("S", bytes, list[bytes])
 
+BLOCK = 128  # bytes: hypothesis draws ~1 us a byte, ~30 us a draw
+_BLOCK = st.binary(min_size=BLOCK, max_size=BLOCK)
+
 
 class Shape:
-    """Choices read one byte each from a drawn byte string; past its end, zeros."""
+    """Choices read from drawn bytes, a block at a time."""
 
-    __slots__ = ("_at", "_raw")
+    __slots__ = ("_at", "_draw", "_raw")
 
-    def __init__(self, raw: bytes) -> None:
-        self._raw = raw
+    def __init__(self, draw: st.DrawFn) -> None:
+        self._draw = draw
+        self._raw = bytearray()
         self._at = 0
 
-    def below(self, n: int) -> int:
-        """0 <= i < n (n <= 256), each about equally likely; 0 for a zero byte."""
+    def take(self, size: int) -> bytes:
+        """`size` bytes as drawn."""
         at = self._at
-        self._at = at + 1
-        return (self._raw[at] * n >> 8) if at < len(self._raw) else 0
+        while at + size > len(self._raw):
+            self._raw += self._draw(_BLOCK)
+        self._at = at + size
+        return bytes(self._raw[at : at + size])
+
+    def below(self, n: int) -> int:
+        """0 <= i < n, each about equally likely; 0 from zeros."""
+        if n <= 256:
+            at = self._at
+            if at >= len(self._raw):
+                self._raw += self._draw(_BLOCK)
+            self._at = at + 1
+            return self._raw[at] * n >> 8
+        width = ((n - 1).bit_length() + 7) // 8
+        return int.from_bytes(self.take(width), "big") * n >> (8 * width)
 
     def flag(self) -> bool:
         return self.below(2) == 1
@@ -52,42 +73,32 @@ class Shape:
         return out
 
 
-def shape(draw: st.DrawFn, size: int) -> Shape:
-    """A `Shape` of `size` bytes: one choice (hypothesis draws ~1 us a byte)."""
-    return Shape(draw(st.binary(min_size=size, max_size=size)))
-
-
 def chunked(draw: st.DrawFn, data: S) -> list[S]:
-    """`data` cut into pieces, in two choices: how finely, then where.
+    """`data` cut into pieces: how finely, then where, read from a `Shape`.
 
     The fineness runs from no cut (0, what a failure shrinks to first), through
     pieces of up to all of it, half of it, a quarter... down to pieces of one
     byte, to every byte cut; one piece in sixteen is empty. So a test sees a
     few cuts and cuts everywhere alike, whatever the length: inside multi-byte
     characters, between the CR and the LF of a pair, at both ends (an empty
-    first or last piece: every chunking that covers `data` before its pieces run
-    out ends with one). `data` may be a list (of pieces): it is cut the same way.
+    first piece, and a last one: a chunking whose pieces end at the end of
+    `data` has one). `data` may be a list (of pieces): it is cut the same way.
+    It costs hypothesis a draw (two from ~100 cuts on, n/100 for every byte).
     """
+    shape = Shape(draw)
     n = len(data)
     levels = (n + 1).bit_length()
-    # (A byte: hypothesis draws an integer at its bounds a third of the time.)
-    level = shape(draw, 1).below(levels + 2)
+    level = shape.below(levels + 2)
     if level == 0:
         return [data]
     if level > levels:
         return [data[i : i + 1] for i in range(n)]
     top = (n + 1) >> (level - 1)  # the longest piece: n + 1 down to 1
-    width = 1 if top < 256 else 2
-    count = 2 * (n + 1) // (top + 1) + 8  # enough pieces to cover data, mostly
-    raw = draw(st.binary(min_size=count * width, max_size=count * width))
-    bits = 8 * width
     pieces, at = [], 0
-    for i in range(0, count * width, width):
-        if at >= n:
-            break
-        unit = int.from_bytes(raw[i : i + width], "big")
+    while at < n:
         # A zero is the longest piece; a unit in the top sixteenth, an empty one.
-        size = 0 if unit >> (bits - 4) == 15 else top - (unit * 16 // 15 * top >> bits)
+        unit = shape.below(16 * top)
+        size = 0 if unit >= 15 * top else top - unit // 15
         pieces.append(data[at : at + size])
         at += size
     pieces.append(data[at:])

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.sse import ServerSentEvent, SSEDecoder
-from tests.drawing import Shape, chunked, shape
+from tests.drawing import Shape, chunked
 
 E = ServerSentEvent
 
@@ -169,10 +169,6 @@ _retry = st.integers(0, 10**6).map(str) | st.just("1x")
 _EVENT_NAMES = ["", "message", "message_end", "ping"]
 _OPTIONAL = [("id", _id), ("retry", _retry), ("", _text), ("unknown", _text)]
 _MAX_BLOCKS = 6
-# Per block: an event name and whether it is there, the four optional lines,
-# the number of data lines, their order (up to 8 lines: 7); then a BOM, the last
-# blank line and the line endings (up to 9 lines a block).
-_SHAPE_SIZE = 3 + _MAX_BLOCKS * (1 + 1 + 4 + 1 + 7 + 9)
 
 
 def _blocks(draw: st.DrawFn, shape: Shape) -> list[list[tuple[str, str]]]:
@@ -212,7 +208,7 @@ def _expected(blocks: list[list[tuple[str, str]]]) -> list[ServerSentEvent]:
 
 @st.composite
 def _streams(draw: st.DrawFn, *, endings: list[bytes]) -> tuple[bytes, list[ServerSentEvent]]:
-    shape_ = shape(draw, _SHAPE_SIZE)
+    shape_ = Shape(draw)
     blocks = _blocks(draw, shape_)
     out = [b"\xef\xbb\xbf"] if shape_.flag() else []
     previous = b""
@@ -316,7 +312,7 @@ _run_text = st.text(st.characters(codec="utf-8", exclude_characters="\r\n\0"), m
 
 @st.composite
 def _runs(draw: st.DrawFn) -> list[tuple[bytes, str, bytes]]:
-    shape_ = shape(draw, 1 + 8 * 4)
+    shape_ = Shape(draw)
     lines = []
     for _ in range(1 + shape_.below(8)):
         prefix = shape_.pick(_PREFIXES)

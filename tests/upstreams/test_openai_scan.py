@@ -25,7 +25,6 @@ from gateway.upstreams.openai_wire import (
     usage_marks,
 )
 from tests.drawing import Shape
-from tests.drawing import shape as draw_shape
 
 # Pieces a chunk is made of, and the ones that trip a hand-written scan.
 _PIECES = [
@@ -86,7 +85,7 @@ def texts(draw: st.DrawFn) -> str:
     string, a "usage" member: the shape the scans read without the patterns),
     with anything around and inside: its structure from one drawn byte string,
     its free characters from one drawn text."""
-    shape = draw_shape(draw, 1 + 24 * 3)
+    shape = Shape(draw)
     free = iter(draw(_FREE))
     if not shape.flag():
         return _pieces(shape, free, most=24, chars=3)
@@ -200,10 +199,8 @@ _MAX_CHUNKS = 10
 
 @st.composite
 def _streams(draw: st.DrawFn) -> list[str]:
-    """Chunks most of which begin alike (one head per stream), a few otherwise:
-    read from one drawn byte string (a chunk's head, value of up to three
-    pieces, and rest: 6 bytes)."""
-    shape = draw_shape(draw, 2 + _MAX_CHUNKS * 6)
+    """Chunks most of which begin alike (one head per stream), a few otherwise."""
+    shape = Shape(draw)
     head = shape.pick(_HEADS)
     chunks = []
     for _ in range(1 + shape.below(_MAX_CHUNKS)):

@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 from gateway.upstreams import transforms
 from gateway.upstreams.openai_wire import has_usage_mark, is_usage_only, usage_marks
 from gateway.upstreams.transforms import DropEvents
-from tests.drawing import chunked
-from tests.drawing import shape as draw_shape
+from tests.drawing import Shape, chunked
 
 _EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
 
@@ -69,8 +68,8 @@ _LINES = [b"data: a", b"data: usage", b": ping", b"event: x", b"", b"data:"]
 
 @st.composite
 def streams(draw: st.DrawFn, endings: list[bytes] = _ENDINGS) -> bytes:
-    # Up to 30 lines, each a line and an ending: read from one drawn byte string.
-    shape = draw_shape(draw, 1 + 30 * 2)
+    # Up to 30 lines, each a line and an ending, read from drawn bytes.
+    shape = Shape(draw)
     lines = (shape.pick(_LINES) + shape.pick(endings) for _ in range(shape.below(31)))
     return b"".join(lines)
 
@@ -117,7 +116,7 @@ _RUN_PIECES = [b"\n", b"\r", b"data: a", b"usage", b"\n\n"]
 
 @st.composite
 def _runs(draw: st.DrawFn) -> bytes:
-    shape = draw_shape(draw, 1 + 20)
+    shape = Shape(draw)
     return b"".join(shape.pick(_RUN_PIECES) for _ in range(shape.below(21)))
 
 
@@ -192,7 +191,7 @@ def _drop_usage_object(event: bytes) -> bool:
 
 @st.composite
 def _usage_streams(draw: st.DrawFn) -> bytes:
-    shape = draw_shape(draw, 1 + 16 * 2)
+    shape = Shape(draw)
     lines = (shape.pick(_USAGE_LINES) + shape.pick(_USAGE_ENDS) for _ in range(shape.below(17)))
     return b"".join(lines)
 
