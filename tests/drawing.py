@@ -27,17 +27,28 @@ S = TypeVar("S", bytes, list[bytes])
 
 BLOCK = 128  # bytes: hypothesis draws ~1 us a byte, ~30 us a draw
 _BLOCK = st.binary(min_size=BLOCK, max_size=BLOCK)
+_CHARS = st.text(min_size=32, max_size=32)  # any characters, as st.text() draws them
 
 
 class Shape:
     """Choices read from drawn bytes, a block at a time."""
 
-    __slots__ = ("_at", "_draw", "_raw")
+    __slots__ = ("_at", "_chars", "_chars_at", "_draw", "_raw")
 
     def __init__(self, draw: st.DrawFn) -> None:
         self._draw = draw
         self._raw = bytearray()
         self._at = 0
+        self._chars = ""
+        self._chars_at = 0
+
+    def chars(self, size: int) -> str:
+        """`size` characters as `st.text()` draws them (in blocks of 32)."""
+        at = self._chars_at
+        while at + size > len(self._chars):
+            self._chars += self._draw(_CHARS)
+        self._chars_at = at + size
+        return self._chars[at : at + size]
 
     def take(self, size: int) -> bytes:
         """`size` bytes as drawn."""

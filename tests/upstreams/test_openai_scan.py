@@ -5,9 +5,6 @@ never closed, keys inside strings) drawn often."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from itertools import islice
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -65,15 +62,14 @@ _PIECES = [
     '"\\u0075sage":{',
     '"us\\u0061ge":null',
 ]
-_FREE_CHARS = 24 * 3 + 2 * 6 * 2  # enough for every free piece a text reads
 
 
-def _pieces(shape: Shape, free: Iterator[str], *, most: int, chars: int) -> str:
-    """Up to `most` pieces: of `_PIECES`, or of up to `chars` free characters."""
+def _pieces(shape: Shape, *, most: int, chars: int) -> str:
+    """Up to `most` pieces: of `_PIECES`, or of up to `chars` characters."""
     out = []
     for _ in range(shape.below(most + 1)):
         if shape.flag():
-            out.append("".join(islice(free, shape.below(chars + 1))))
+            out.append(shape.chars(shape.below(chars + 1)))
         else:
             out.append(shape.pick(_PIECES))
     return "".join(out)
@@ -83,20 +79,15 @@ def _pieces(shape: Shape, free: Iterator[str], *, most: int, chars: int) -> str:
 def texts(draw: st.DrawFn) -> str:
     """Any text of pieces, or one shaped like the usual chunk (one "content"
     string, a "usage" member: the shape the scans read without the patterns),
-    with anything around and inside: its structure from one drawn byte string,
-    its free characters from one drawn text."""
+    with anything around and inside."""
     shape = Shape(draw)
-    free = iter(draw(_FREE))
     if not shape.flag():
-        return _pieces(shape, free, most=24, chars=3)
-    before = _pieces(shape, free, most=6, chars=2)
-    value = _pieces(shape, free, most=6, chars=2)
+        return _pieces(shape, most=24, chars=3)
+    before = _pieces(shape, most=6, chars=2)
+    value = _pieces(shape, most=6, chars=2)
     after = shape.pick(['"}}]', '"}}],', "", '\\"}}]'])
     usage = shape.pick(['"usage":null}', ',"usage":null}', '"usage": null}', '"usage":{}}', ""])
     return '{"id":"c",' + before + '"choices":[{"delta":{"content":"' + value + after + usage
-
-
-_FREE = st.text(min_size=_FREE_CHARS, max_size=_FREE_CHARS)
 
 
 def _reference_text(data: str) -> int:
