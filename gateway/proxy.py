@@ -934,6 +934,10 @@ class Proxy:
         body, whole = await _read_small(x, chunks)
         if not whole or not x.dialect.billed_error(x.route, x.answer_body, status, body):
             return None
+        # Read to its end, or to where it broke (its rest unread, the connection
+        # still held): closed here, not when it is collected.
+        with contextlib.suppress(UpstreamBroken):
+            await response.aclose()
         # Decoded (`_error_body`, bounded): its headers say so.
         return httpx.Response(status, headers=headers, content=body)
 

@@ -22,6 +22,7 @@ import pytest
 import gateway.proxy
 from gateway.request_limits.protocol import BoundedHeadProtocol, HeadSettings
 from gateway.upstream_client import UpstreamClient
+from gateway.upstreams.dify import DifyUpstream
 from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, direct_request, running_gateway
 from tests.servers import read_body, serve
@@ -1549,3 +1550,41 @@ async def test_a_deflate_error_is_decoded_however_its_first_bytes_are_cut(wbits:
         parts = [body[:cut], body[cut:]] if cut else [body]
         assert await _inflate([b"", *parts], b"deflate") == message
     assert await _inflate([body[:1], body[1:2], body[2:]], b"deflate") == message
+
+
+class _Stream(httpx.AsyncByteStream):
+    """A response body from the given parts, that says whether it was closed."""
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for part in self.parts:
+            yield part
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_billed_failure_broken_past_its_error_closes_the_upstreams_response() -> None:
+    """A Dify blocking answer's billed 500 whose gzip breaks after the error's
+    JSON (a bad trailer, here) is the answer (`_billed_failure`), from what was
+    read of it; the upstream's response, left part-read, is closed there and
+    then: not left holding its connection until garbage collection."""
+    error = orjson.dumps({"code": "internal_server_error", "message": "node failed"})
+    packed = gzip.compress(error)
+    broken = packed[:-8] + bytes(8)  # the CRC and length wrong
+    stream = _Stream([broken[:-8], broken[-8:]])  # the error, then the trailer
+    response = httpx.Response(500, headers={"content-encoding": "gzip"}, stream=stream)
+    dify = DifyUpstream()
+    x = types.SimpleNamespace(
+        request_id="test",
+        dialect=dify,
+        route=dify.route("POST", "/chat-messages"),
+        answer_body={"response_mode": "blocking", "query": "hi"},
+    )
+    proxy = object.__new__(gateway.proxy.Proxy)
+    billed = await proxy._billed_failure(x, response)  # type: ignore[arg-type]
+    assert billed is not None and billed.content == error
+    assert stream.closed
