@@ -65,7 +65,9 @@ _ACCOUNT_RESPONSE_PREFIXES: Final = (
 # helicone-target-url), its cost, budget and rate limits (cf-aig-custom-cost,
 # helicone-ratelimit-policy), whether it is logged (cf-aig-collect-log), its
 # routing (x-litellm-tags), retries and timeouts. None of them is a client's to
-# choose: the whole families are dropped. In a response they tell of the router
+# choose: the whole families are dropped (the operator's, such as Portkey's key
+# and provider, are an upstream's `headers`: `gateway.snapshot.Target`). In a
+# response they tell of the router
 # and the operator's key there (x-litellm-key-spend, x-litellm-model-api-base;
 # LiteLLM's llm_provider-* repeat the provider's own headers, account ones
 # included): dropped too.

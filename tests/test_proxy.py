@@ -1129,9 +1129,17 @@ class QuotesKey:
     auth and budget errors do: ``padding`` bytes before it (and the key again
     at the end), gzip-encoded when the client accepts it and ``gzipped``."""
 
-    def __init__(self, status: int, *, padding: int = 0, gzipped: bool = False) -> None:
+    def __init__(
+        self,
+        status: int,
+        *,
+        padding: int = 0,
+        gzipped: bool = False,
+        header: bytes = b"authorization",
+    ) -> None:
         # (304: no body, and the Content-Length of the representation the client has)
         self.status, self.padding, self.gzipped = status, padding, gzipped
+        self.header = header  # the header whose key it quotes
         self.requests = 0
         self.accept_encoding: bytes | None = None
 
@@ -1142,7 +1150,7 @@ class QuotesKey:
         self.requests += 1
         headers = dict(scope["headers"])
         self.accept_encoding = headers.get(b"accept-encoding")
-        key = headers.get(b"authorization", b"").decode().removeprefix("Bearer ")
+        key = headers.get(self.header, b"").decode().removeprefix("Bearer ")
         message = f"{'.' * self.padding}Budget exceeded for key {key}. ({key})"
         body = orjson.dumps({"error": {"message": message, "type": "insufficient_quota"}})
         out = [(b"content-type", b"application/json")]
@@ -1479,6 +1487,33 @@ async def test_a_fallbacks_error_quoting_its_own_key_is_masked(sqlite_url: str) 
     assert len(primary.headers) == 1 and backup.requests == 1
     assert response.status_code == 401
     assert _masked(response, BACKUP_KEY) == "Budget exceeded for key ***. (***)"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_error_quoting_a_secret_header_of_the_operators_reaches_the_user_masked(
+    sqlite_url: str, stream: bool
+) -> None:
+    # A router's own key (Portkey's x-portkey-api-key, from headers_env) is the
+    # operator's secret as the upstream key is: Portkey and LiteLLM quote the
+    # key they were sent in an auth or budget error.
+    secret = "pk-portkey-operator-secret"
+    upstream = QuotesKey(401, header=b"x-portkey-api-key")
+    settings = {
+        **OPENAI,
+        "upstream": {"kind": "openai", "headers_env": {"x-portkey-api-key": "PORTKEY_KEY"}},
+    }
+    async with running_gateway(
+        sqlite_url, upstream=upstream, settings=settings, env={"PORTKEY_KEY": secret}
+    ) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            response = await client.post(
+                "/v1/chat/completions",
+                json={**OPENAI_CHAT, "stream": stream},
+                headers=h.auth(**{"x-portkey-api-key": "pk-a-clients-own-key"}),
+            )
+        await h.probes.wait_finished(1)
+    assert upstream.requests == 1 and response.status_code == 401
+    assert _masked(response, secret) == "Budget exceeded for key ***. (***)"
 
 
 async def test_a_not_modified_reply_is_passed_on_as_it_is(sqlite_url: str) -> None:
