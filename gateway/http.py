@@ -336,6 +336,19 @@ _DROP_REQUEST: Final = (
 )
 
 
+def _dropped_as_cgi_reads(name: bytes, user_header: bytes, key_header: bytes | None) -> bool:
+    """A name with underscores that a server reading headers as CGI variables
+    (WSGI's environ, PHP; HTTP_X_LITELLM_END_USER_ID for both spellings) takes
+    for one the gateway reads or drops: dropped too, or a router behind such a
+    server would read ``x_litellm_end_user_id`` as the header the gateway drops."""
+    dashed = name.replace(b"_", b"-")
+    return (
+        dashed in _DROP_REQUEST
+        or dashed.startswith(_ROUTER_PREFIXES)
+        or dashed in (user_header, key_header, b"content-type")
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class RequestHeaders:
     """A client request's headers, split into what is forwarded and what the
@@ -418,6 +431,8 @@ def request_headers(
             continue
         if name.startswith(_ROUTER_PREFIXES):
             continue  # a router's: whose call it is, its key, provider, budget...
+        if b"_" in name and _dropped_as_cgi_reads(name, user_header, key_header):
+            continue
         if name == b"content-type":
             if content_type:
                 # Which one would the upstream read? Refuse rather than guess.

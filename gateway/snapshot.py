@@ -113,16 +113,23 @@ class Target:
         """A request's headers for this upstream: the client's that are
         forwarded (``forward``, with the gateway's own), without those the
         operator sets here, then this upstream's `credentials`."""
-        owned = self.owned
-        if not owned:
+        if not self.owned:
             return [*forward, *self.credentials]
-        return [*(pair for pair in forward if pair[0] not in owned), *self.credentials]
+        return [*self.client_headers(forward), *self.credentials]
 
     def client_headers(self, forward: Headers) -> Headers:
         """``forward`` without the headers the operator sets here (a request
-        sent with no credentials: a CORS preflight)."""
+        sent with no credentials: a CORS preflight), in either spelling a
+        server reading them as CGI variables takes for one
+        (`gateway.http._dropped_as_cgi_reads`)."""
         owned = self.owned
-        return [pair for pair in forward if pair[0] not in owned] if owned else forward
+        if not owned:
+            return forward
+        return [
+            (name, value)
+            for name, value in forward
+            if name not in owned and (b"_" not in name or name.replace(b"_", b"-") not in owned)
+        ]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
