@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -60,6 +61,10 @@ def _choice(default: str, choices: Mapping[str, object]) -> Any:
 def _resolved(default: Any = "") -> Any:
     """A value computed at load (a secret read from the environment), not a file key."""
     return field(default=default, repr=False, metadata={"resolved": True, "secret": True})
+
+
+def _no_headers() -> Mapping[str, str]:
+    return types.MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +141,20 @@ class UpstreamConfig:
     workspace: str = ""
     name: str = field(default="default", metadata={"resolved": True})  # its NAME
     # --- end of issue 23 ---
+    # Headers sent on every request to this upstream, for a router in front of
+    # the provider (Portkey's x-portkey-provider, Helicone's Helicone-Auth):
+    # name -> value, and name -> the environment variable that holds a secret
+    # value. Checked at load (`_check_headers`); a client's header of such a
+    # name is never forwarded to this upstream (`gateway.snapshot.Target`).
+    headers: Mapping[str, str] = field(default_factory=_no_headers)
+    headers_env: Mapping[str, str] = field(default_factory=_no_headers)
     api_key: str = _resolved()
+    # headers_env's values, read at load: secrets, masked as the key is.
+    header_secrets: Mapping[str, str] = field(
+        default_factory=_no_headers,
+        repr=False,
+        metadata={"resolved": True, "secret": True},
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -821,7 +839,12 @@ def _upstreams(
             raise ConfigError(f"{key}.url: expected an http:// or https:// URL, got {url!r}")
         _check_allow_list(upstream.allow, key)
         _check_account(upstream, key)
-        found[name] = dataclasses.replace(upstream, url=url.rstrip("/"), api_key=api_key)
+        found[name] = dataclasses.replace(
+            upstream,
+            url=url.rstrip("/"),
+            api_key=api_key,
+            header_secrets=_check_headers(upstream, key, env),
+        )
     try:
         check_upstreams(
             [
@@ -873,6 +896,87 @@ def _check_account(upstream: UpstreamConfig, key: str) -> None:
                 f"{key}.{option}: expected an id such as "
                 f"{_ACCOUNT_EXAMPLES[option]!r} (visible ASCII, no spaces), got {value!r}"
             )
+
+
+# An HTTP header's name (RFC 9110 5.6.2: a token).
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# What a header's value may hold (RFC 9110 5.5): visible ASCII, Latin-1's
+# obs-text, spaces and tabs inside; never CR, LF, NUL or another control.
+_HEADER_VALUE: Final = re.compile(
+    r"[\x21-\x7e\x80-\xff]([\x20-\x7e\x80-\xff\t]*[\x21-\x7e\x80-\xff])?"
+)
+# Headers an upstream's `headers` may not set, with why: the gateway sets them
+# itself (framing, its key, the account options, its request id), or they
+# would change what an answer costs unseen by the meter.
+_OWNED_HEADERS: Final = {
+    **dict.fromkeys(
+        (
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "host",
+            "content-length",
+            "content-type",
+            "content-encoding",
+            "accept-encoding",
+            "expect",
+        ),
+        "the gateway frames each request itself",
+    ),
+    **dict.fromkeys(
+        ("authorization", "x-api-key", "api-key"),
+        "the gateway sends the upstream key there: set it with api_key_env",
+    ),
+    "openai-organization": "set it with the upstream's organization option",
+    "openai-project": "set it with the upstream's project option",
+    "anthropic-workspace-id": "set it with the upstream's workspace option",
+    "x-request-id": "the gateway sends its own request id",
+    # A client's is checked per request (`Upstream.check_headers`): one set
+    # here could open rates the price table does not hold.
+    "anthropic-beta": "it can change what an answer costs unseen by the meter",
+}
+
+
+def _check_headers(upstream: UpstreamConfig, key: str, env: Mapping[str, str]) -> Mapping[str, str]:
+    """An upstream's ``headers`` and ``headers_env``, checked; returns the
+    secret values ``headers_env`` names, read from ``env``. A value is never
+    quoted in an error: an operator may have put a key in ``headers`` by
+    mistake, and ``headers_env``'s are secrets."""
+    seen: dict[str, str] = {}  # lower-case name -> the key that set it
+    secrets: dict[str, str] = {}
+    for table in ("headers", "headers_env"):
+        for name, value in getattr(upstream, table).items():
+            path = f"{key}.{table}.{_toml_value(name)}"
+            lower = name.lower()
+            if not _HEADER_NAME.fullmatch(name):
+                raise ConfigError(f"{path}: not a valid HTTP header name")
+            if lower in seen:
+                raise ConfigError(f"{path}: the header is already set by {seen[lower]}")
+            why = _OWNED_HEADERS.get(lower)
+            if why is None and lower.startswith("proxy-"):
+                why = "the gateway frames each request itself"
+            if why is not None:
+                raise ConfigError(f"{path}: this header cannot be set here: {why}")
+            seen[lower] = path
+            if table == "headers_env":
+                variable, value = value, env.get(value, "")
+                if not value:
+                    raise ConfigError(
+                        f"{path}: the environment variable {variable} is not set or empty"
+                    )
+                secrets[name] = value
+                what = f"the value of {variable}"
+            else:
+                what = "the value"
+            if not _HEADER_VALUE.fullmatch(value):
+                raise ConfigError(
+                    f"{path}: {what} is not a valid header value (printable ASCII or "
+                    "Latin-1, no control characters, no space at either end)"
+                )
+    return types.MappingProxyType(secrets)
 
 
 def _check_model_globs(globs: tuple[str, ...] | None, path: str) -> None:
@@ -1113,6 +1217,15 @@ def _build(
 def _coerce(value: Any, tp: Any, path: str, minimum: float | None) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Mapping:  # a table of strings (an upstream's headers)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a table of strings, got {_kind(value)}")
+        return types.MappingProxyType(
+            {
+                name: _coerce(item, args[1], f"{path}.{_toml_value(name)}", minimum)
+                for name, item in value.items()
+            }
+        )
     if tp == Scalar:
         if isinstance(value, dict | list):
             raise ConfigError(f"{path}: expected a string, number or boolean, got {_kind(value)}")
@@ -1258,8 +1371,8 @@ def render_config(config: Config) -> str:
                 lines.append(f"# {f.name} = {shown}")
                 continue
             if f.metadata.get("secret"):
-                if f.name == "key_text":
-                    continue
+                if f.name in ("key_text", "header_secrets"):
+                    continue  # a document; headers_env's values (named by headers_env)
                 value = "***" if value else "(not set)"
             elif f.name == "url" and isinstance(obj, DatabaseConfig):
                 value = mask_url(value)
@@ -1308,6 +1421,9 @@ def render_config(config: Config) -> str:
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, Mapping):  # an inline table
+        pairs = ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + pairs + "}" if pairs else "{}"
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):

@@ -65,7 +65,9 @@ _ACCOUNT_RESPONSE_PREFIXES: Final = (
 # helicone-target-url), its cost, budget and rate limits (cf-aig-custom-cost,
 # helicone-ratelimit-policy), whether it is logged (cf-aig-collect-log), its
 # routing (x-litellm-tags), retries and timeouts. None of them is a client's to
-# choose: the whole families are dropped. In a response they tell of the router
+# choose: the whole families are dropped (the operator's, such as Portkey's key
+# and provider, are an upstream's `headers`: `gateway.snapshot.Target`). In a
+# response they tell of the router
 # and the operator's key there (x-litellm-key-spend, x-litellm-model-api-base;
 # LiteLLM's llm_provider-* repeat the provider's own headers, account ones
 # included): dropped too.
@@ -334,6 +336,19 @@ _DROP_REQUEST: Final = (
 )
 
 
+def _dropped_as_cgi_reads(name: bytes, user_header: bytes, key_header: bytes | None) -> bool:
+    """A name with underscores that a server reading headers as CGI variables
+    (WSGI's environ, PHP; HTTP_X_LITELLM_END_USER_ID for both spellings) takes
+    for one the gateway reads or drops: dropped too, or a router behind such a
+    server would read ``x_litellm_end_user_id`` as the header the gateway drops."""
+    dashed = name.replace(b"_", b"-")
+    return (
+        dashed in _DROP_REQUEST
+        or dashed.startswith(_ROUTER_PREFIXES)
+        or dashed in (user_header, key_header, b"content-type")
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class RequestHeaders:
     """A client request's headers, split into what is forwarded and what the
@@ -416,6 +431,8 @@ def request_headers(
             continue
         if name.startswith(_ROUTER_PREFIXES):
             continue  # a router's: whose call it is, its key, provider, budget...
+        if b"_" in name and _dropped_as_cgi_reads(name, user_header, key_header):
+            continue
         if name == b"content-type":
             if content_type:
                 # Which one would the upstream read? Refuse rather than guess.

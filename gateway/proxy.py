@@ -858,7 +858,6 @@ class Proxy:
         # gives the answer (the client's own was dropped: `http._DROP_REQUEST`).
         headers.append((b"x-request-id", x.request_id.encode()))
         assert x.target is not None
-        own = len(headers)  # each attempt puts its own key (and account) from here
         attempts = x.attempts
         if not (x.body is None or isinstance(x.body, bytes)) or x.follow is not None:
             # A body forwarded as it is read cannot be sent twice; a resume's read
@@ -877,9 +876,11 @@ class Proxy:
                 log.warning("request %s: upstream %s failed; trying %s", x.request_id, failed, name)
                 await self._move_pending(x, name)
             target = x.target
-            headers[own:] = target.credentials
             try:
-                response = await self._open(x, target.url + x.path + query, headers)
+                # Each attempt its own key, account and operator's headers.
+                response = await self._open(
+                    x, target.url + x.path + query, target.request_headers(headers)
+                )
             except (UpstreamTimeout, UpstreamUnavailable) as exc:
                 outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "unreachable"
                 metrics.inc("gateway_upstream_attempts_total", upstream=name, outcome=outcome)
@@ -933,6 +934,10 @@ class Proxy:
         body, whole = await _read_small(x, chunks)
         if not whole or not x.dialect.billed_error(x.route, x.answer_body, status, body):
             return None
+        # Read to its end, or to where it broke (its rest unread, the connection
+        # still held): closed here, not when it is collected.
+        with contextlib.suppress(UpstreamBroken):
+            await response.aclose()
         # Decoded (`_error_body`, bounded): its headers say so.
         return httpx.Response(status, headers=headers, content=body)
 
@@ -946,13 +951,13 @@ class Proxy:
         task does nothing). The first success is answered, else the last reply."""
         chosen: httpx.Response | None = None
         failure: UpstreamTimeout | UpstreamUnavailable | None = None
-        own = len(headers)
         for name in attempts:
             self._use(x, name)
             assert x.target is not None
-            headers[own:] = x.target.credentials
             try:
-                response = await self._open(x, x.target.url + x.path + query, headers)
+                response = await self._open(
+                    x, x.target.url + x.path + query, x.target.request_headers(headers)
+                )
             except (UpstreamTimeout, UpstreamUnavailable) as exc:
                 failure = exc
                 log.warning("request %s: stop at %s: %r", x.request_id, name, exc)
@@ -1706,7 +1711,7 @@ class Proxy:
             url = target.url + x.path + ("?" + query.decode("latin-1") if query else "")
             try:
                 reply = await client.request(
-                    "GET", url, headers=[*x.headers.forward, *target.credentials]
+                    "GET", url, headers=target.request_headers(x.headers.forward)
                 )
                 page = orjson.loads(reply.content) if reply.is_success else None
             except (UpstreamUnavailable, orjson.JSONDecodeError) as exc:
@@ -1961,7 +1966,9 @@ class Proxy:
         first = mount.upstreams[0]
         target = snap.targets[first]
         url = target.url + x.path + ("?" + x.query.decode("latin-1") if x.query else "")
-        response = await self.clients[first].request("OPTIONS", url, headers=x.headers.forward)
+        response = await self.clients[first].request(
+            "OPTIONS", url, headers=target.client_headers(x.headers.forward)
+        )
         out = response_headers(response.headers.raw)
         out = [(k, v) for k, v in out if k not in (b"content-length", b"content-encoding")]
         out += [
@@ -2203,15 +2210,16 @@ def _without_keys(
     x: Exchange, headers: Headers, head: bytes, rest: AsyncIterator[bytes] | None
 ) -> tuple[Headers, bytes, AsyncIterator[bytes] | None]:
     """An error reply (`_pass_on`) without the key of any upstream the request
-    was sent to (its fallbacks' too): some compatible servers and proxies quote
-    the key they were sent in an auth or budget error, and the operator's key
-    never leaves the gateway (docs/security.md). Content-Length follows: the
-    whole body's length, none for a body passed on as it comes."""
+    was sent to (its fallbacks' too), nor the secret headers it was sent with
+    (``headers_env``): some compatible servers and proxies quote the key they
+    were sent in an auth or budget error, and the operator's key never leaves
+    the gateway (docs/security.md). Content-Length follows: the whole body's
+    length, none for a body passed on as it comes."""
     targets = x.snap.targets
-    keys = [targets[name].settings.api_key for name in x.attempts if name in targets]
+    sent = [targets[name].settings for name in x.attempts if name in targets]
     if x.target is not None:
-        keys.append(x.target.settings.api_key)
-    mask = KeyMask(keys)
+        sent.append(x.target.settings)
+    mask = KeyMask(key for up in sent for key in (up.api_key, *up.header_secrets.values()))
     if rest is None:
         body = mask.whole(head)
         kept = [(k, v) for k, v in headers if k != b"content-length"]

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import signal
+import types
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import date
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -399,8 +400,9 @@ class Gateway:
             self._reload_tried("refused")
             return False
         # Connections and sockets are set up once: these sections need a restart.
-        # The upstreams' models and fallbacks (routing, not connections) follow a
-        # reload that changes nothing else of the upstreams (issue 23).
+        # The upstreams' models and fallbacks (routing, not connections) and
+        # headers (sent per request) follow a reload that changes nothing else
+        # of the upstreams (issue 23).
         rerouted = _connections(new) == _connections(running)
         fixed = [
             name
@@ -547,10 +549,22 @@ class Gateway:
 
 
 def _connections(config: Config) -> list[tuple[str, UpstreamConfig]]:
-    """The upstreams without their routing (``models``, ``fallbacks``): what a
-    reload cannot change."""
+    """The upstreams without their routing (``models``, ``fallbacks``) and the
+    operator's headers (``headers``, ``headers_env`` and the values read for
+    it): what a reload cannot change."""
+    none: Mapping[str, str] = types.MappingProxyType({})
     return [
-        (name, dataclasses.replace(up, models=(), fallbacks=()))
+        (
+            name,
+            dataclasses.replace(
+                up,
+                models=(),
+                fallbacks=(),
+                headers=none,
+                headers_env=none,
+                header_secrets=none,
+            ),
+        )
         for name, up in config.upstreams.items()
     ]
 

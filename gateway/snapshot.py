@@ -9,8 +9,9 @@ version of the configuration, whatever a reload does meanwhile. A request that
 arrives after the reload sees the new one.
 
 What a reload does not change (the ``server``, ``upstream``, ``upstreams`` and
-``database`` sections need a restart, except the upstreams' ``models`` and
-``fallbacks``, which follow a reload that changes nothing else of them) is in
+``database`` sections need a restart, except the upstreams' ``models``,
+``fallbacks`` and ``headers`` (with ``headers_env``), which follow a reload
+that changes nothing else of them) is in
 every snapshot too, so a request needs nothing else to know where and how to
 forward: the mounts and their routing (issue 23, gateway/mounts.py) and each
 named upstream's address, key and timeouts (`Target`).
@@ -30,6 +31,7 @@ import httpx
 from gateway.accounts import effective_plan, team_plan
 from gateway.auth import Authenticator, TeamDirectory, UserDirectory
 from gateway.config import GENERAL_PREFIX, Config, Plan, UpstreamConfig, is_override_name
+from gateway.http import Headers
 from gateway.messages import Catalogue
 from gateway.mounts import RoutingTable, UpstreamRoute
 from gateway.pricing import PriceTable
@@ -99,9 +101,35 @@ class Target:
     name: str
     settings: UpstreamConfig  # its table: timeouts, disconnect policy, event cap
     url: str  # its base URL, without a trailing "/"
-    # The headers with its own key (and the account it acts for), in its dialect's form.
+    # The headers with its own key (and the account it acts for), in its
+    # dialect's form, then the operator's own (its ``headers`` and ``headers_env``).
     credentials: tuple[tuple[bytes, bytes], ...]
     blocking_timeout: httpx.Timeout  # a blocking answer may take as long as any answer
+    # The operator's header names (lower case): a client's of the same name is
+    # never sent to this upstream, beside or instead of the operator's.
+    owned: frozenset[bytes] = frozenset()
+
+    def request_headers(self, forward: Headers) -> Headers:
+        """A request's headers for this upstream: the client's that are
+        forwarded (``forward``, with the gateway's own), without those the
+        operator sets here, then this upstream's `credentials`."""
+        if not self.owned:
+            return [*forward, *self.credentials]
+        return [*self.client_headers(forward), *self.credentials]
+
+    def client_headers(self, forward: Headers) -> Headers:
+        """``forward`` without the headers the operator sets here (a request
+        sent with no credentials: a CORS preflight), in either spelling a
+        server reading them as CGI variables takes for one
+        (`gateway.http._dropped_as_cgi_reads`)."""
+        owned = self.owned
+        if not owned:
+            return forward
+        return [
+            (name, value)
+            for name, value in forward
+            if name not in owned and (b"_" not in name or name.replace(b"_", b"-") not in owned)
+        ]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -298,13 +326,21 @@ def routing_table(config: Config) -> RoutingTable:
 
 
 def _target(up: UpstreamConfig, dialect: Upstream) -> Target:
+    # The operator's headers for a router in front of the provider, checked at
+    # load (gateway/config.py `_check_headers`): lower case, as HTTP/2 sends them.
+    own = tuple(
+        (name.lower().encode(), value.encode("latin-1"))
+        for name, value in (*up.headers.items(), *up.header_secrets.items())
+    )
     return Target(
         name=up.name,
         settings=up,
         url=up.url,
         # The headers that carry the operator's key for this upstream: its
-        # dialect's (Anthropic's x-api-key). Never another upstream's key.
-        credentials=dialect.upstream_credentials(up),
+        # dialect's (Anthropic's x-api-key). Never another upstream's key, nor
+        # another upstream's headers.
+        credentials=dialect.upstream_credentials(up) + own,
+        owned=frozenset(name for name, _ in own),
         blocking_timeout=httpx.Timeout(
             connect=up.connect_timeout,
             read=up.total_timeout,

@@ -17,7 +17,7 @@ from tests.fakes.dify import FakeDify
 from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, running_gateway
 from tests.servers import serve
-from tests.test_named_upstreams import BACKUP_KEY, Refuses, chat, gateway, openai
+from tests.test_named_upstreams import BACKUP_KEY, KEYS, Refuses, chat, gateway, openai
 
 # What an attacker sends along with an ordinary request: another organization's
 # and project's ids (known from a shared screenshot, a leaked log, an error
@@ -310,3 +310,136 @@ async def test_the_operators_account_headers_stay_with_the_gateway(
     assert [(k, got.get(k.decode())) for k, _ in FOR_THE_CLIENT] == [
         (k, v.decode()) for k, v in FOR_THE_CLIENT
     ]
+
+
+# --- the operator's headers for a router in front of the provider ----------------------
+
+# What Portkey's hosted gateway needs with every request (the operator's Portkey
+# key, and the provider it should call with the key in Authorization), and a
+# header of the operator's own outside the routers' families.
+PORTKEY_KEY = "pk-operator-portkey-secret"
+OPERATORS = {
+    "x-portkey-api-key": PORTKEY_KEY,
+    "x-portkey-provider": "openai",
+    "x-custom-tenant": "acme",
+}
+ROUTER = {
+    "headers": {"x-portkey-provider": "openai", "X-Custom-Tenant": "acme"},
+    "headers_env": {"x-portkey-api-key": "PORTKEY_KEY"},
+}
+# What a client sends to choose them instead: its own Portkey key (its own
+# account's logs and budget), another provider, another tenant - twice, and in
+# another case.
+CHOSEN = [
+    ("x-portkey-api-key", "pk-attackers-own"),
+    ("X-Portkey-Provider", "anthropic"),
+    ("x-custom-tenant", "victim"),
+    ("X-CUSTOM-TENANT", "victim-again"),
+    ("x_custom_tenant", "victim-as-a-cgi-variable"),  # HTTP_X_CUSTOM_TENANT too
+]
+
+
+def operators(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The headers of ``OPERATORS``' names in one request (in either spelling a
+    server reading them as CGI variables takes for one), sorted."""
+    return sorted((k, v) for k, v in headers if k.replace("_", "-") in OPERATORS)
+
+
+async def test_a_client_cannot_send_the_headers_the_operator_sets_for_the_router(
+    sqlite_url: str,
+) -> None:
+    # An answer, a side call (the model list) and one whose body is streamed
+    # through as it is read (an embeddings call is an answer; /files is not
+    # metered: a Dify upload below): each carries the operator's headers, once.
+    upstream = Seen(FakeOpenAI(api_key=UPSTREAM_KEY))
+    settings = {"upstream": {"kind": "openai", **ROUTER}, "prices": PRICES}
+    async with running_gateway(
+        sqlite_url, upstream=upstream, settings=settings, env={"PORTKEY_KEY": PORTKEY_KEY}
+    ) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            answered = await client.post(
+                "/v1/chat/completions",
+                json=chat("gpt-4o-mini"),
+                headers=[*h.auth().items(), *CHOSEN],
+            )
+            listed = await client.get("/v1/models", headers=[*h.auth().items(), *CHOSEN])
+        await h.probes.wait_finished(1)
+    assert answered.status_code == 200 and listed.status_code == 200
+    expected = sorted(OPERATORS.items())
+    assert [operators(headers) for headers in upstream.headers] == [expected, expected]
+
+
+async def test_a_dify_upstreams_headers_go_with_its_uploads_and_stop_calls(sqlite_url: str) -> None:
+    upstream = Seen(FakeDify(api_key=UPSTREAM_KEY))
+    settings = {"upstream": ROUTER}
+    async with running_gateway(
+        sqlite_url, upstream=upstream, settings=settings, env={"PORTKEY_KEY": PORTKEY_KEY}
+    ) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            sent = [*h.auth().items(), *CHOSEN]
+            uploaded = await client.post(
+                "/v1/files/upload",
+                files={"file": ("a.txt", b"hello", "text/plain")},
+                headers=sent,
+            )
+            answered = await client.post(
+                "/v1/chat-messages",
+                json={"inputs": {}, "query": "hi", "response_mode": "blocking"},
+                headers=sent,
+            )
+            stopped = await client.post(
+                "/v1/chat-messages/task-1/stop", json={"user": "x"}, headers=sent
+            )
+    assert (uploaded.status_code, answered.status_code) == (201, 200), answered.text
+    assert stopped.status_code == 200, stopped.text
+    expected = sorted(OPERATORS.items())
+    assert [operators(headers) for headers in upstream.headers] == [expected] * 3
+
+
+async def test_a_fallback_never_gets_the_headers_of_the_upstream_before_it(
+    sqlite_url: str,
+) -> None:
+    # Helicone in front of the primary only: its Helicone-Auth (the operator's
+    # Helicone key) must not reach the backup, a third party's server; the
+    # client's own never reaches either.
+    primary = Seen(Refuses(503))
+    backup = Seen(FakeOpenAI(api_key=BACKUP_KEY))
+    helicone = "Bearer sk-helicone-operator-secret"
+    async with serve(primary) as primary_url, serve(backup) as backup_url:
+        upstreams = {
+            "primary": openai(
+                primary_url + "/v1",
+                "HOSTED_KEY",
+                mount="/v1",
+                fallbacks=["backup"],
+                headers={"x-custom-tenant": "acme"},
+                headers_env={"Helicone-Auth": "HELICONE_KEY"},
+            ),
+            "backup": openai(backup_url + "/v1", "BACKUP_KEY"),
+        }
+        async with running_gateway(
+            sqlite_url,
+            upstream_url="http://127.0.0.1:9/v1",
+            settings={"upstream": None, "upstreams": upstreams, "prices": PRICES},
+            env={**KEYS, "HELICONE_KEY": helicone},
+        ) as h:
+            async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+                answered = await client.post(
+                    "/v1/chat/completions",
+                    json=chat("gpt-4o-mini"),
+                    headers=h.auth(
+                        **{"Helicone-Auth": "Bearer sk-helicone-attacker", "x-custom-tenant": "me"}
+                    ),
+                )
+            await h.probes.wait_finished(1)
+    assert answered.status_code == 200, answered.text
+    (tried,) = primary.headers
+    assert sorted((k, v) for k, v in tried if k in ("helicone-auth", "x-custom-tenant")) == [
+        ("helicone-auth", helicone),
+        ("x-custom-tenant", "acme"),
+    ]
+    (sent,) = backup.headers
+    assert [v for k, v in sent if k == "helicone-auth"] == []
+    # A name the backup's operator set nothing for is the client's there, as
+    # any header outside the routers' families is.
+    assert [v for k, v in sent if k == "x-custom-tenant"] == ["me"]

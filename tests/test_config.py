@@ -438,6 +438,132 @@ def test_an_upstreams_account_is_refused_where_it_would_not_be_read_or_sent_inta
         parse_config({"upstream": table}, env={})
 
 
+# --- an upstream's own headers (a router in front of the provider) ----------------------
+
+PORTKEY = {
+    "kind": "openai",
+    "url": "https://api.portkey.ai/v1",
+    "api_key_env": "OPENAI_API_KEY",
+    "headers": {"x-portkey-provider": "openai", "X-Custom-Tenant": "acme"},
+    "headers_env": {"x-portkey-api-key": "PORTKEY_API_KEY"},
+}
+PORTKEY_SECRET = "pk-portkey-secret-7f3a"
+
+
+def test_an_upstreams_headers_are_read_and_their_secrets_never_shown() -> None:
+    config = parse_config(
+        {"upstreams": {"portkey": PORTKEY}},
+        env={"OPENAI_API_KEY": "sk-operator", "PORTKEY_API_KEY": PORTKEY_SECRET},
+    )
+    portkey = config.upstreams["portkey"]
+    assert dict(portkey.headers) == {"x-portkey-provider": "openai", "X-Custom-Tenant": "acme"}
+    assert dict(portkey.header_secrets) == {"x-portkey-api-key": PORTKEY_SECRET}
+    text = render_config(config)
+    assert 'headers = {"x-portkey-provider" = "openai", "X-Custom-Tenant" = "acme"}' in text
+    assert 'headers_env = {"x-portkey-api-key" = "PORTKEY_API_KEY"}' in text
+    assert PORTKEY_SECRET not in text and PORTKEY_SECRET not in repr(config)
+    # None by default, on [upstream] too.
+    assert parse_config({}, env={}).upstream.headers == {}
+
+
+def _headers_error(table: dict[str, object], env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as refused:
+        parse_config(
+            {"upstreams": {"portkey": {**NAMED_KEYS, "kind": "openai", **table}}},
+            env={"K": "sk-k", **(env or {})},
+        )
+    return str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        *((name, "frames each request") for name in ("Host", "Content-Length", "content-type")),
+        *((name, "frames each request") for name in ("Transfer-Encoding", "connection", "TE")),
+        *((name, "frames each request") for name in ("Accept-Encoding", "Expect", "Upgrade")),
+        *((name, "frames each request") for name in ("Proxy-Authorization", "proxy-x")),
+        *((name, "frames each request") for name in ("keep-alive", "trailer")),
+        *((name, "frames each request") for name in ("content-encoding",)),
+        *((name, "api_key_env") for name in ("Authorization", "x-api-key", "Api-Key")),
+        ("OpenAI-Organization", "organization option"),
+        ("openai-project", "project option"),
+        ("anthropic-workspace-id", "workspace option"),
+        ("x-request-id", "its own request id"),
+        ("anthropic-beta", "unseen by the meter"),
+    ],
+)
+def test_a_header_the_gateway_sets_itself_is_refused_naming_the_key(name: str, why: str) -> None:
+    # Framing (a second Content-Length is request smuggling), the upstream key,
+    # the account options, and what the meter checks per request.
+    for table in ("headers", "headers_env"):
+        message = _headers_error({table: {name: "E"}}, {"E": "v"})
+        assert message.startswith(f'upstreams.portkey.{table}."{name}": '), message
+        assert why in message, message
+
+
+@pytest.mark.parametrize(
+    ("table", "env", "message"),
+    [
+        ({"headers": {"bad name": "v"}}, {}, 'headers."bad name": not a valid HTTP header name'),
+        ({"headers": {"x:y": "v"}}, {}, 'headers."x:y": not a valid HTTP header name'),
+        ({"headers": {"": "v"}}, {}, 'headers."": not a valid HTTP header name'),
+        ({"headers": {"x-a": 7}}, {}, 'headers."x-a": expected a string'),
+        ({"headers": "x-a: b"}, {}, "headers: expected a table of strings"),
+        ({"headers_env": {"x-a": "MISSING"}}, {}, 'headers_env."x-a": the environment variable'),
+        ({"headers_env": {"x-a": "EMPTY"}}, {"EMPTY": ""}, "EMPTY is not set or empty"),
+        (
+            {"headers": {"X-Tenant": "a"}, "headers_env": {"x-tenant": "E"}},
+            {"E": "v"},
+            'headers_env."x-tenant": the header is already set by '
+            'upstreams.portkey.headers."X-Tenant"',
+        ),
+        (
+            {"headers": {"x-tenant": "a", "X-TENANT": "b"}},
+            {},
+            'headers."X-TENANT": the header is already set by upstreams.portkey.headers."x-tenant"',
+        ),
+    ],
+)
+def test_an_upstreams_headers_are_refused_naming_the_key(
+    table: dict[str, object], env: dict[str, str], message: str
+) -> None:
+    assert message in _headers_error(table, env)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "secret\r\nx-injected: 1",  # a header of its own, or a request smuggled after it
+        "secret\nx",
+        "secret\x00",
+        "secret\x7f",
+        " secret",
+        "secret\t",
+        "",
+        "sk-\u20ac",  # past Latin-1: no byte to send it as
+    ],
+)
+def test_a_header_value_that_cannot_be_sent_intact_is_refused_without_quoting_it(
+    value: str,
+) -> None:
+    literal = _headers_error({"headers": {"helicone-auth": value}})
+    assert literal.startswith('upstreams.portkey.headers."helicone-auth": the value is not')
+    secret = _headers_error({"headers_env": {"helicone-auth": "HELICONE"}}, {"HELICONE": value})
+    if value:
+        assert secret.startswith(
+            'upstreams.portkey.headers_env."helicone-auth": the value of HELICONE is not'
+        )
+    # An operator may have put a key in `headers` by mistake: neither is quoted.
+    assert "secret" not in literal and "secret" not in secret
+
+
+def test_a_header_value_may_hold_spaces_and_latin_1_inside() -> None:
+    config = parse_config(
+        {"upstream": {"headers": {"helicone-property-team": "Équipe A\tB"}}}, env={}
+    )
+    assert config.upstream.headers["helicone-property-team"] == "Équipe A\tB"
+
+
 def test_check_config_warns_of_one_key_variable_read_at_two_hosts() -> None:
     from gateway.cli import config_warnings
 

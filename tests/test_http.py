@@ -503,3 +503,33 @@ def test_key_mask_masks_keys_of_any_character(key: str) -> None:
     for spelled in (json.dumps(key), json.dumps(key, ensure_ascii=False)):
         assert mask.whole(spelled.encode()) == b'"***"'
     assert mask.whole(key.encode()) == b"***"
+
+
+def test_request_headers_drop_what_a_router_reads_spelled_with_underscores() -> None:
+    # A server that reads headers as CGI variables (WSGI's environ, PHP, a
+    # proxy normalising names) takes x_litellm_end_user_id for
+    # x-litellm-end-user-id: HTTP_X_LITELLM_END_USER_ID either way. Each name
+    # the gateway drops is dropped in that spelling too; other underscores pass.
+    kept = [
+        (b"content-type", b"application/json"),
+        (b"x_trace_id", b"t-1"),
+        (b"x_custom_flag", b"1"),
+    ]
+    dropped = [
+        (b"x_litellm_end_user_id", b"alice"),
+        (b"x-litellm_api_key", b"sk-other"),
+        (b"x_portkey_custom_host", b"https://attacker.example"),
+        (b"helicone_target_url", b"https://attacker.example"),
+        (b"cf_aig_custom_cost", b'{"total_cost":0}'),
+        (b"openai_organization", b"org-other"),
+        (b"anthropic_workspace_id", b"wrkspc-other"),
+        (b"x_api_key", b"sk-other"),
+        (b"api_key", b"sk-other"),
+        (b"x_request_id", b"someone-elses-answer"),
+        (b"x_user", b"bob"),  # the trusted user header, which the gateway reads
+        (b"content_type", b"text/plain"),
+        (b"transfer_encoding", b"chunked"),
+    ]
+    split = request_headers([*dropped[:5], *kept, *dropped[5:]], b"x-user", b"x-api-key")
+    assert split.forward == kept
+    assert split.user_header is None and split.api_key is None

@@ -22,6 +22,7 @@ import pytest
 import gateway.proxy
 from gateway.request_limits.protocol import BoundedHeadProtocol, HeadSettings
 from gateway.upstream_client import UpstreamClient
+from gateway.upstreams.dify import DifyUpstream
 from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, direct_request, running_gateway
 from tests.servers import read_body, serve
@@ -911,7 +912,7 @@ async def test_a_response_whose_head_could_not_be_sent_ends_its_connection(
                 (event,) = await h.events()
                 # The client reads again: what was written before, then the end
                 # (a close, or one after a 500: the reading ends either way).
-                data = b""
+                data = bytearray()  # (bytes += a piece: 8 MB copied per read, ~3 s)
                 async with asyncio.timeout(15):
                     with contextlib.suppress(ConnectionError):
                         while piece := await reader.read(1 << 20):
@@ -1128,9 +1129,17 @@ class QuotesKey:
     auth and budget errors do: ``padding`` bytes before it (and the key again
     at the end), gzip-encoded when the client accepts it and ``gzipped``."""
 
-    def __init__(self, status: int, *, padding: int = 0, gzipped: bool = False) -> None:
+    def __init__(
+        self,
+        status: int,
+        *,
+        padding: int = 0,
+        gzipped: bool = False,
+        header: bytes = b"authorization",
+    ) -> None:
         # (304: no body, and the Content-Length of the representation the client has)
         self.status, self.padding, self.gzipped = status, padding, gzipped
+        self.header = header  # the header whose key it quotes
         self.requests = 0
         self.accept_encoding: bytes | None = None
 
@@ -1141,7 +1150,7 @@ class QuotesKey:
         self.requests += 1
         headers = dict(scope["headers"])
         self.accept_encoding = headers.get(b"accept-encoding")
-        key = headers.get(b"authorization", b"").decode().removeprefix("Bearer ")
+        key = headers.get(self.header, b"").decode().removeprefix("Bearer ")
         message = f"{'.' * self.padding}Budget exceeded for key {key}. ({key})"
         body = orjson.dumps({"error": {"message": message, "type": "insufficient_quota"}})
         out = [(b"content-type", b"application/json")]
@@ -1480,6 +1489,33 @@ async def test_a_fallbacks_error_quoting_its_own_key_is_masked(sqlite_url: str) 
     assert _masked(response, BACKUP_KEY) == "Budget exceeded for key ***. (***)"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_error_quoting_a_secret_header_of_the_operators_reaches_the_user_masked(
+    sqlite_url: str, stream: bool
+) -> None:
+    # A router's own key (Portkey's x-portkey-api-key, from headers_env) is the
+    # operator's secret as the upstream key is: Portkey and LiteLLM quote the
+    # key they were sent in an auth or budget error.
+    secret = "pk-portkey-operator-secret"
+    upstream = QuotesKey(401, header=b"x-portkey-api-key")
+    settings = {
+        **OPENAI,
+        "upstream": {"kind": "openai", "headers_env": {"x-portkey-api-key": "PORTKEY_KEY"}},
+    }
+    async with running_gateway(
+        sqlite_url, upstream=upstream, settings=settings, env={"PORTKEY_KEY": secret}
+    ) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            response = await client.post(
+                "/v1/chat/completions",
+                json={**OPENAI_CHAT, "stream": stream},
+                headers=h.auth(**{"x-portkey-api-key": "pk-a-clients-own-key"}),
+            )
+        await h.probes.wait_finished(1)
+    assert upstream.requests == 1 and response.status_code == 401
+    assert _masked(response, secret) == "Budget exceeded for key ***. (***)"
+
+
 async def test_a_not_modified_reply_is_passed_on_as_it_is(sqlite_url: str) -> None:
     upstream = QuotesKey(304)
     async with running_gateway(sqlite_url, upstream=upstream) as h:
@@ -1514,3 +1550,41 @@ async def test_a_deflate_error_is_decoded_however_its_first_bytes_are_cut(wbits:
         parts = [body[:cut], body[cut:]] if cut else [body]
         assert await _inflate([b"", *parts], b"deflate") == message
     assert await _inflate([body[:1], body[1:2], body[2:]], b"deflate") == message
+
+
+class _Stream(httpx.AsyncByteStream):
+    """A response body from the given parts, that says whether it was closed."""
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for part in self.parts:
+            yield part
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_billed_failure_broken_past_its_error_closes_the_upstreams_response() -> None:
+    """A Dify blocking answer's billed 500 whose gzip breaks after the error's
+    JSON (a bad trailer, here) is the answer (`_billed_failure`), from what was
+    read of it; the upstream's response, left part-read, is closed there and
+    then: not left holding its connection until garbage collection."""
+    error = orjson.dumps({"code": "internal_server_error", "message": "node failed"})
+    packed = gzip.compress(error)
+    broken = packed[:-8] + bytes(8)  # the CRC and length wrong
+    stream = _Stream([broken[:-8], broken[-8:]])  # the error, then the trailer
+    response = httpx.Response(500, headers={"content-encoding": "gzip"}, stream=stream)
+    dify = DifyUpstream()
+    x = types.SimpleNamespace(
+        request_id="test",
+        dialect=dify,
+        route=dify.route("POST", "/chat-messages"),
+        answer_body={"response_mode": "blocking", "query": "hi"},
+    )
+    proxy = object.__new__(gateway.proxy.Proxy)
+    billed = await proxy._billed_failure(x, response)  # type: ignore[arg-type]
+    assert billed is not None and billed.content == error
+    assert stream.closed

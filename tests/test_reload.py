@@ -225,6 +225,38 @@ async def test_sections_that_need_a_restart_are_logged_and_not_applied(
     assert not (tmp_path / "other.db").exists()
 
 
+async def test_an_upstreams_headers_follow_a_reload(
+    tmp_path: Path, sqlite_url: str, client: httpx.AsyncClient
+) -> None:
+    # A router's headers are sent per request, not a connection's: a rotated
+    # Helicone key (headers_env) or a changed tenant follows a reload.
+    path = tmp_path / "gateway.toml"
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    env = {"HELICONE_KEY": "Bearer sk-helicone-one", "HELICONE_NEXT": "Bearer sk-helicone-two"}
+    settings = {
+        **limited(10),
+        "upstream": {
+            "headers": {"x-tenant": "acme"},
+            "headers_env": {"helicone-auth": "HELICONE_KEY"},
+        },
+    }
+    async with running_gateway(
+        sqlite_url, fake=fake, config_file=path, settings=settings, env=env
+    ) as h:
+        assert (await ask(client, h, **{"x-tenant": "mine"})).status_code == 200
+        ConfigFile(path).write(
+            upstream={
+                "headers": {"x-tenant": "acme-2"},
+                "headers_env": {"helicone-auth": "HELICONE_NEXT"},
+            }
+        )
+        await h.probes.reloads.wait_for(1)
+        assert (await ask(client, h, **{"x-tenant": "mine"})).status_code == 200
+        await h.probes.wait_finished(2)
+    sent = [(r.headers["x-tenant"], r.headers["helicone-auth"]) for r in fake.requests]
+    assert sent == [("acme", "Bearer sk-helicone-one"), ("acme-2", "Bearer sk-helicone-two")]
+
+
 async def test_an_auth_change_takes_effect_at_once(
     tmp_path: Path, sqlite_url: str, client: httpx.AsyncClient
 ) -> None:
