@@ -94,7 +94,8 @@ def chunked(draw: st.DrawFn, data: S) -> list[S]:
     characters, between the CR and the LF of a pair, at both ends (an empty
     first piece, and a last one: a chunking whose pieces end at the end of
     `data` has one). `data` may be a list (of pieces): it is cut the same way.
-    It costs hypothesis a draw (two from ~100 cuts on, n/100 for every byte).
+    It costs hypothesis one draw of a block, and one more for every ~100
+    pieces past the first hundred.
     """
     shape = Shape(draw)
     n = len(data)
