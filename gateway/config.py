@@ -900,11 +900,11 @@ def _check_account(upstream: UpstreamConfig, key: str) -> None:
 
 # An HTTP header's name (RFC 9110 5.6.2: a token).
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# What a header's value may hold (RFC 9110 5.5): visible ASCII, Latin-1's
-# obs-text, spaces and tabs inside; never CR, LF, NUL or another control.
-_HEADER_VALUE: Final = re.compile(
-    r"[\x21-\x7e\x80-\xff]([\x20-\x7e\x80-\xff\t]*[\x21-\x7e\x80-\xff])?"
-)
+# What a header's value may hold: visible ASCII, spaces and tabs inside; never
+# CR, LF, NUL or another control. Not RFC 9110's obs-text (5.5): its octets
+# are Latin-1 at best, and the transports write a str value as UTF-8 (review
+# 8, R8-4), so a router would read another value than the one configured.
+_HEADER_VALUE: Final = re.compile(r"[\x21-\x7e]([\x20-\x7e\t]*[\x21-\x7e])?")
 # Headers an upstream's `headers` may not set, with why: the gateway sets them
 # itself (framing, its key, the account options, its request id), or they
 # would change what an answer costs unseen by the meter.
@@ -927,13 +927,14 @@ _OWNED_HEADERS: Final = {
         "the gateway frames each request itself",
     ),
     **dict.fromkeys(
-        ("authorization", "x-api-key", "api-key"),
+        ("authorization", "x-api-key"),
         "the gateway sends the upstream key there: set it with api_key_env",
     ),
     "openai-organization": "set it with the upstream's organization option",
     "openai-project": "set it with the upstream's project option",
     "anthropic-workspace-id": "set it with the upstream's workspace option",
     "x-request-id": "the gateway sends its own request id",
+    "x-trace-id": "a request's own trace id is sent there (the client's, or the gateway's)",
     # A client's is checked per request (`Upstream.check_headers`): one set
     # here could open rates the price table does not hold.
     "anthropic-beta": "it can change what an answer costs unseen by the meter",
@@ -950,7 +951,9 @@ def _check_headers(upstream: UpstreamConfig, key: str, env: Mapping[str, str]) -
     for table in ("headers", "headers_env"):
         for name, value in getattr(upstream, table).items():
             path = f"{key}.{table}.{_toml_value(name)}"
-            lower = name.lower()
+            # Lower case, "-" for "_": a server reading headers as CGI variables
+            # takes x_tenant for x-tenant (both HTTP_X_TENANT; review 8, R8-2).
+            lower = name.lower().replace("_", "-")
             if not _HEADER_NAME.fullmatch(name):
                 raise ConfigError(f"{path}: not a valid HTTP header name")
             if lower in seen:
@@ -973,8 +976,8 @@ def _check_headers(upstream: UpstreamConfig, key: str, env: Mapping[str, str]) -
                 what = "the value"
             if not _HEADER_VALUE.fullmatch(value):
                 raise ConfigError(
-                    f"{path}: {what} is not a valid header value (printable ASCII or "
-                    "Latin-1, no control characters, no space at either end)"
+                    f"{path}: {what} is not a valid header value (visible ASCII, "
+                    "with spaces and tabs inside only)"
                 )
     return types.MappingProxyType(secrets)
 
@@ -1220,6 +1223,12 @@ def _coerce(value: Any, tp: Any, path: str, minimum: float | None) -> Any:
     if origin is Mapping:  # a table of strings (an upstream's headers)
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a table of strings, got {_kind(value)}")
+        if args[1] is str:  # a value is never quoted: it may be a key (review 8, R8-8)
+            for name, item in value.items():
+                if not isinstance(item, str):
+                    kind = _kind(item).split(" (", 1)[0]
+                    raise ConfigError(f"{path}.{_toml_value(name)}: expected a string, got {kind}")
+            return types.MappingProxyType(dict(value))
         return types.MappingProxyType(
             {
                 name: _coerce(item, args[1], f"{path}.{_toml_value(name)}", minimum)

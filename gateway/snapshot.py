@@ -103,10 +103,11 @@ class Target:
     url: str  # its base URL, without a trailing "/"
     # The headers with its own key (and the account it acts for), in its
     # dialect's form, then the operator's own (its ``headers`` and ``headers_env``).
-    credentials: tuple[tuple[bytes, bytes], ...]
+    credentials: tuple[tuple[bytes, bytes], ...] = dataclasses.field(repr=False)
     blocking_timeout: httpx.Timeout  # a blocking answer may take as long as any answer
-    # The operator's header names (lower case): a client's of the same name is
-    # never sent to this upstream, beside or instead of the operator's.
+    # The operator's header names, lower case with "-" for "_" (`_cgi`): a
+    # client's of the same name is never sent to this upstream, beside or
+    # instead of the operator's, in either spelling.
     owned: frozenset[bytes] = frozenset()
 
     def request_headers(self, forward: Headers) -> Headers:
@@ -125,11 +126,13 @@ class Target:
         owned = self.owned
         if not owned:
             return forward
-        return [
-            (name, value)
-            for name, value in forward
-            if name not in owned and (b"_" not in name or name.replace(b"_", b"-") not in owned)
-        ]
+        return [(name, value) for name, value in forward if _cgi(name) not in owned]
+
+
+def _cgi(name: bytes) -> bytes:
+    """A header's name as a server reading headers as CGI variables tells it
+    apart (HTTP_X_TENANT for x-tenant and x_tenant alike), lower case."""
+    return name.replace(b"_", b"-") if b"_" in name else name
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -329,7 +332,7 @@ def _target(up: UpstreamConfig, dialect: Upstream) -> Target:
     # The operator's headers for a router in front of the provider, checked at
     # load (gateway/config.py `_check_headers`): lower case, as HTTP/2 sends them.
     own = tuple(
-        (name.lower().encode(), value.encode("latin-1"))
+        (name.lower().encode(), value.encode())  # visible ASCII (checked at load)
         for name, value in (*up.headers.items(), *up.header_secrets.items())
     )
     return Target(
@@ -340,7 +343,7 @@ def _target(up: UpstreamConfig, dialect: Upstream) -> Target:
         # dialect's (Anthropic's x-api-key). Never another upstream's key, nor
         # another upstream's headers.
         credentials=dialect.upstream_credentials(up) + own,
-        owned=frozenset(name for name, _ in own),
+        owned=frozenset(_cgi(name) for name, _ in own),
         blocking_timeout=httpx.Timeout(
             connect=up.connect_timeout,
             read=up.total_timeout,

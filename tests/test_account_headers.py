@@ -443,3 +443,46 @@ async def test_a_fallback_never_gets_the_headers_of_the_upstream_before_it(
     # A name the backup's operator set nothing for is the client's there, as
     # any header outside the routers' families is.
     assert [v for k, v in sent if k == "x-custom-tenant"] == ["me"]
+
+
+class RawSeen:
+    """An upstream's app, recording each request's header values as bytes."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.headers: list[list[tuple[bytes, bytes]]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.headers.append(list(scope["headers"]))
+        await self.app(scope, receive, send)
+
+
+async def test_a_latin_1_header_value_reaches_the_upstream_as_configured(sqlite_url: str) -> None:
+    # R8-4. The load accepts a Latin-1 value ("printable ASCII or Latin-1",
+    # docs/configuration.md) and `_target` encodes it as Latin-1, but the
+    # default transport (httpx-aiohttp, `UpstreamClient._open_aiohttp`, and the
+    # model list through httpx) writes header values back as UTF-8: the router
+    # reads "Ã\x89quipe" (RFC 9110 5.5: a value's octets are ISO-8859-1 if
+    # anything). Either the value goes as configured, or such a value is
+    # refused at load.
+    from gateway.config import parse_config
+    from gateway.errors import ConfigError
+
+    value = "\u00c9quipe A"  # "Équipe A"
+    try:
+        parse_config({"upstream": {"headers": {"x-team": value}}}, env={})
+    except ConfigError:
+        return  # refused at load: nothing is sent otherwise than configured
+    upstream = RawSeen(FakeOpenAI(api_key=UPSTREAM_KEY))
+    settings = {"upstream": {"kind": "openai", "headers": {"x-team": value}}, "prices": PRICES}
+    async with running_gateway(sqlite_url, upstream=upstream, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            answered = await client.post(
+                "/v1/chat/completions", json=chat("gpt-4o-mini"), headers=h.auth()
+            )
+            listed = await client.get("/v1/models", headers=h.auth())
+        await h.probes.wait_finished(1)
+    assert (answered.status_code, listed.status_code) == (200, 200)
+    sent = [[v for k, v in headers if k == b"x-team"] for headers in upstream.headers]
+    assert sent == [[value.encode("latin-1")]] * 2

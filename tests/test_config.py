@@ -484,11 +484,12 @@ def _headers_error(table: dict[str, object], env: dict[str, str] | None = None) 
         *((name, "frames each request") for name in ("Proxy-Authorization", "proxy-x")),
         *((name, "frames each request") for name in ("keep-alive", "trailer")),
         *((name, "frames each request") for name in ("content-encoding",)),
-        *((name, "api_key_env") for name in ("Authorization", "x-api-key", "Api-Key")),
+        *((name, "api_key_env") for name in ("Authorization", "x-api-key", "X_Api_Key")),
         ("OpenAI-Organization", "organization option"),
         ("openai-project", "project option"),
         ("anthropic-workspace-id", "workspace option"),
         ("x-request-id", "its own request id"),
+        ("X-Trace-Id", "own trace id"),
         ("anthropic-beta", "unseen by the meter"),
     ],
 )
@@ -557,11 +558,22 @@ def test_a_header_value_that_cannot_be_sent_intact_is_refused_without_quoting_it
     assert "secret" not in literal and "secret" not in secret
 
 
-def test_a_header_value_may_hold_spaces_and_latin_1_inside() -> None:
+def test_a_header_value_may_hold_spaces_and_tabs_inside() -> None:
     config = parse_config(
-        {"upstream": {"headers": {"helicone-property-team": "Équipe A\tB"}}}, env={}
+        {"upstream": {"headers": {"helicone-property-team": "A team\tB"}}}, env={}
     )
-    assert config.upstream.headers["helicone-property-team"] == "Équipe A\tB"
+    assert config.upstream.headers["helicone-property-team"] == "A team\tB"
+
+
+def test_azures_api_key_header_may_carry_the_operators_key() -> None:
+    # No dialect sends the upstream key in api-key (Azure OpenAI's): an Azure
+    # deployment takes the operator's key there, from headers_env. A client's
+    # api-key is still never forwarded (gateway/http.py, `_KEY_HEADERS`).
+    config = parse_config(
+        {"upstream": {"kind": "openai", "headers_env": {"api-key": "AZURE_KEY"}}},
+        env={"AZURE_KEY": "azure-operator-key-123"},
+    )
+    assert config.upstream.header_secrets == {"api-key": "azure-operator-key-123"}
 
 
 def test_check_config_warns_of_one_key_variable_read_at_two_hosts() -> None:
@@ -647,3 +659,42 @@ def test_check_config_names_each_upstream_without_its_key() -> None:
         "the API key of upstream research is not set: set RESEARCH_KEY "
         "(upstreams.research.api_key_env); it will refuse every request"
     ]
+
+
+# --- review 8 ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("anthropic_beta", "unseen by the meter"),
+        ("x_request_id", "its own request id"),
+        ("openai_organization", "organization option"),
+        ("x_api_key", "api_key_env"),
+    ],
+)
+def test_a_refused_header_in_its_underscore_spelling_is_refused_too(name: str, why: str) -> None:
+    # R8-2. A router behind a server reading headers as CGI variables takes
+    # anthropic_beta for anthropic-beta (both HTTP_ANTHROPIC_BETA): the very
+    # spelling the gateway now drops from a client (`_dropped_as_cgi_reads`) is
+    # accepted from the operator, where the dashed one is refused.
+    message = _headers_error({"headers": {name: "v"}})
+    assert message.startswith(f'upstreams.portkey.headers."{name}": '), message
+    assert why in message, message
+
+
+def test_one_header_in_two_spellings_a_cgi_server_takes_for_one_is_refused() -> None:
+    # R8-2. x-tenant and x_tenant are one header there, as X-Tenant and x-tenant
+    # are everywhere (refused already): which value would the router read?
+    message = _headers_error({"headers": {"x-tenant": "a", "x_tenant": "b"}})
+    assert 'headers."x_tenant": the header is already set by' in message, message
+
+
+def test_a_header_value_of_the_wrong_type_is_refused_without_quoting_it() -> None:
+    # R8-8. "Load errors never quote either (an operator may have put a key in
+    # `headers` by mistake)" (docs/configuration.md): a TOML number there -
+    # an account number or numeric token written unquoted - is quoted by
+    # `_coerce`'s type error.
+    message = _headers_error({"headers": {"x-account-token": 73519046628411}})
+    assert message.startswith('upstreams.portkey.headers."x-account-token": expected a string')
+    assert "73519046628411" not in message, message

@@ -42,6 +42,7 @@ from gateway.upstreams.base import (
     Prepared,
     Route,
     StreamMeter,
+    drop_router_fields,
     keep_models,
     merge_model_lists,
 )
@@ -198,9 +199,13 @@ class AnthropicUpstream:
 
     def check_headers(self, route: Route, headers: Headers) -> None:
         """Refuse an ``anthropic-beta`` (a comma-separated list; the header may
-        come more than once) that opens rates the price table does not hold."""
+        come more than once) that opens rates the price table does not hold;
+        spelled with underscores too, which a router behind a server reading
+        headers as CGI variables takes for it (review 8, R8-7)."""
         for name, value in headers:
-            if name != _BETA_HEADER:
+            if name != _BETA_HEADER and (
+                b"_" not in name or name.replace(b"_", b"-") != _BETA_HEADER
+            ):
                 continue
             for beta in value.decode("latin-1").split(","):
                 beta = beta.strip()
@@ -240,6 +245,10 @@ class AnthropicUpstream:
             metadata["user_id"] = user_id
         else:
             raise BadRequest("metadata must be an object.", code="invalid_param")
+        # Not Anthropic's API, but the end user a router in front of it (LiteLLM)
+        # reads before metadata.user_id (review 8, R8-3).
+        body.pop("user", None)
+        drop_router_fields(body)
         return Prepared(body, query)
 
     def _check_priced(self, body: dict[str, Any]) -> None:

@@ -443,3 +443,18 @@ def names_file(value: object) -> bool:
         elif isinstance(node, list):
             stack.extend(child for child in node if isinstance(child, dict | list))
     return False
+
+
+def drop_router_fields(body: dict[str, Any]) -> None:
+    """Take out of an answer's body what a router in front of the provider
+    reads as its operator's choices, as it reads the header families the
+    gateway drops (gateway/http.py, `_ROUTER_PREFIXES`; review 8): LiteLLM's
+    ``litellm_metadata`` (its ``user`` is the end user, read before the
+    gateway's ``metadata.user_id``) and the tags it routes and budgets by
+    (``tags``, and ``metadata.tags`` when not a string: the providers'
+    metadata values are strings). None of them is the providers' API."""
+    body.pop("litellm_metadata", None)
+    body.pop("tags", None)
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and not isinstance(metadata.get("tags", ""), str):
+        del metadata["tags"]

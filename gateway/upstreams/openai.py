@@ -36,6 +36,7 @@ from gateway.upstreams.base import (
     Prepared,
     Route,
     StreamMeter,
+    drop_router_fields,
     keep_models,
     merge_model_lists,
 )
@@ -233,6 +234,7 @@ class OpenAIUpstream:
         body["user"] = user_id
         if "safety_identifier" in body:
             body["safety_identifier"] = user_id
+        drop_router_fields(body)
         # The names a compatible server gives its answer when the client chooses
         # them (vLLM's request_id, SGLang's rid): a stored answer is recorded
         # under the upstream's name, once, so a client reusing one would have

@@ -1015,3 +1015,80 @@ def test_whether_the_request_asked_for_a_one_hour_cache_is_asked_only_for_unspli
     assert asked == []
     usage = usage_from({"input_tokens": 5, "cache_creation_input_tokens": 40}, one_hour=one_hour)
     assert asked == [True] and usage.cache_write_1h_tokens == 40
+
+
+# --- review 8: the end user a router in front of Claude reads ----------------------------
+
+
+def _litellm_end_user(body: dict[str, Any]) -> str | None:
+    """The end user LiteLLM's proxy reads from a request body when no header
+    names one (litellm/proxy/auth/auth_utils.py,
+    ``get_end_user_id_from_request_body``, checks 3-5): the body's ``user``,
+    then ``litellm_metadata.user`` (an object, or a JSON string of one), then
+    ``metadata.user_id``."""
+    if body.get("user") is not None:
+        return str(body["user"])
+    litellm_metadata = body.get("litellm_metadata")
+    if isinstance(litellm_metadata, str):
+        try:
+            litellm_metadata = orjson.loads(litellm_metadata)
+        except orjson.JSONDecodeError:
+            litellm_metadata = None
+    if isinstance(litellm_metadata, dict) and litellm_metadata.get("user") is not None:
+        return str(litellm_metadata["user"])
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and metadata.get("user_id") is not None:
+        return str(metadata["user_id"])
+    return None
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"user": "victim"},
+        {"litellm_metadata": {"user": "victim"}},
+        {"litellm_metadata": '{"user": "victim"}'},
+        {"user": "victim", "metadata": {"user_id": "mallory"}},
+    ],
+)
+def test_a_router_in_front_of_claude_reads_the_authenticated_user_from_the_body(
+    extra: dict[str, Any],
+) -> None:
+    # R8-3. The gateway drops x-litellm-end-user-id (docs/security.md, "Routers'
+    # headers") and sets metadata.user_id, which the docs say LiteLLM reads.
+    # LiteLLM reads the body's "user" and "litellm_metadata.user" first: a
+    # client naming another user there is that user at LiteLLM (their spend,
+    # their end-user budget and rate limits), exactly what the dropped header
+    # did. Either the gateway's user wins there too, or the request is refused.
+    up = dialect()
+    body = {**BODY, **extra}
+    try:
+        prepared = up.prepare(
+            up.route("POST", "/messages"), body, b"", "alice", method="POST", request_id="r"
+        )
+    except BadRequest:
+        return
+    assert prepared.body is not None
+    assert _litellm_end_user(prepared.body) == "alice"
+
+
+def test_the_long_context_beta_in_its_underscore_spelling_is_refused_or_dropped() -> None:
+    # R8-7. A router behind a server reading headers as CGI variables takes
+    # anthropic_beta for anthropic-beta (both HTTP_ANTHROPIC_BETA), the reason
+    # the gateway now drops the underscore spelling of what it drops or reads
+    # (`http._dropped_as_cgi_reads`). anthropic-beta is read (checked per
+    # request, `check_headers`) but not dropped: its underscore spelling is
+    # neither dropped nor checked, and opens the 1M-token context unpriced.
+    up = dialect()
+    headers = request_headers(
+        [(b"anthropic-version", b"2023-06-01"), (b"anthropic_beta", b"context-1m-2025-08-07")],
+        b"x-user",
+        up.key_header,
+    )
+    try:
+        up.check_headers(up.route("POST", "/messages"), headers.forward)
+    except Forbidden as refused:
+        assert refused.code == "option_not_priced"
+        return
+    as_cgi = [v for k, v in headers.forward if k.replace(b"_", b"-") == b"anthropic-beta"]
+    assert as_cgi == []

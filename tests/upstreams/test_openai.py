@@ -1769,3 +1769,37 @@ def test_a_one_hour_ttl_litellm_injects_charges_its_writes_at_the_one_hour_rate(
     metered = up.meter_blocking(route, prepared.body, orjson.dumps(answer))
     assert metered.usage is not None
     assert metered.usage.cost == Decimal("0.00642")
+
+
+# --- review 8: a router's routing chosen in the body ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tags": ["premium-deployments"]},
+        {"metadata": {"tags": ["premium-deployments"]}},
+        {"litellm_metadata": {"tags": ["premium-deployments"]}},
+    ],
+)
+def test_a_client_cannot_choose_a_routers_tags_in_the_body(extra: dict[str, Any]) -> None:
+    # R8-6. x-litellm-tags is dropped as routing a client must not choose
+    # (gateway/http.py, the routers' families; docs/security.md). LiteLLM reads
+    # the same tags from the body ("tags", and "tags" in its metadata,
+    # litellm/proxy/litellm_pre_call_utils.py / get_tags_from_request_body):
+    # tag-based routing picks the deployments tagged so, and tag budgets and
+    # spend are charged to them. Either they are not forwarded, or refused.
+    up = dialect()
+    route = up.route("POST", "/chat/completions")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], **extra}
+    try:
+        prepared = up.prepare(route, body, b"", "alice", method="POST", request_id="r")
+    except (BadRequest, Forbidden):
+        return
+    sent = prepared.body
+    assert sent is not None
+    tags = [sent.get("tags")]
+    for name in ("metadata", "litellm_metadata"):
+        if isinstance(sent.get(name), dict):
+            tags.append(sent[name].get("tags"))
+    assert [t for t in tags if t is not None] == []
