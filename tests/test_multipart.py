@@ -9,6 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.multipart import MultipartError, UserFieldRewriter, boundary_from_content_type
+from tests.drawing import Shape
+from tests.drawing import chunked as chunks_of
 
 BOUNDARY = b"XyZzy"
 USER = "alice"
@@ -432,32 +434,48 @@ def test_boundary_from_content_type(content_type: str, boundary: bytes | None) -
 BCHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'()+_,-./:=? "
 
 
-@st.composite
-def boundaries(draw: st.DrawFn) -> bytes:
+_BOUNDARIES = [st.text(BCHARS, min_size=1, max_size=3), st.text(BCHARS, min_size=1, max_size=70)]
+
+
+def _boundary(draw: st.DrawFn, shape: Shape) -> bytes:
     # Mostly short, so that content collides with pieces of the boundary often.
-    text = draw(st.text(BCHARS, min_size=1, max_size=draw(st.sampled_from([3, 70]))))
+    text = draw(shape.pick(_BOUNDARIES))
     return (text.rstrip(" ") or "b").encode()
 
 
-def _pieces(boundary: bytes) -> st.SearchStrategy[bytes]:
-    delimiter = b"\r\n--" + boundary
-    return st.one_of(
-        st.binary(max_size=20),
-        st.sampled_from(
-            [
-                b"\r",
-                b"\n",
-                b"\r\n",
-                b"-",
-                b"--",
-                b"\r\n\r\n",
-                boundary,
-                b"--" + boundary,
-                b'name="user"',
-            ]
-        ),
-        st.integers(1, len(delimiter) - 1).map(lambda n: delimiter[:n]),  # partial delimiters
-    )
+class _Content:
+    """Content of up to 8 pieces, each read from a `Shape`: up to 20 bytes as
+    drawn, a piece of multipart syntax, or a delimiter cut short."""
+
+    def __init__(self, shape: Shape, boundary: bytes) -> None:
+        self._shape = shape
+        self._delimiter = b"\r\n--" + boundary
+        self._syntax = [
+            b"\r",
+            b"\n",
+            b"\r\n",
+            b"-",
+            b"--",
+            b"\r\n\r\n",
+            boundary,
+            b"--" + boundary,
+            b'name="user"',
+        ]
+
+    def piece(self) -> bytes:
+        shape = self._shape
+        kind = shape.below(3)
+        if kind == 0:
+            return shape.take(shape.below(21))
+        if kind == 1:
+            return shape.pick(self._syntax)
+        return self._delimiter[: 1 + shape.below(len(self._delimiter) - 1)]  # partial delimiters
+
+    def __call__(self) -> bytes:
+        return b"".join(self.piece() for _ in range(self._shape.below(9)))
+
+
+_NAMES = ["user", "user", "User", "x", "username"]
 
 
 def _break_delimiters(data: bytes, boundary: bytes, *, anywhere: bool = False) -> bytes:
@@ -474,22 +492,20 @@ def _break_delimiters(data: bytes, boundary: bytes, *, anywhere: bool = False) -
             return data
 
 
-@st.composite
-def bodies(draw: st.DrawFn) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+def _body(draw: st.DrawFn, shape: Shape) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
     """A well-formed body: (boundary, body, its (name, content) parts in order)."""
-    boundary = draw(boundaries())
-    content = st.lists(_pieces(boundary), max_size=8).map(b"".join)
-    names = st.sampled_from(["user", "user", "User", "x", "username"])
-    parts = draw(st.lists(st.tuples(names, content), max_size=4))
-    file = _break_delimiters(draw(content), boundary)
-    parts.insert(draw(st.integers(0, len(parts))), ("file", file))
+    boundary = _boundary(draw, shape)
+    content = _Content(shape, boundary)
+    parts = [(shape.pick(_NAMES), content()) for _ in range(shape.below(5))]
+    file = _break_delimiters(content(), boundary)
+    parts.insert(shape.below(len(parts) + 1), ("file", file))
     chunks: list[bytes] = []
-    if draw(st.booleans()):
-        chunks.append(_break_delimiters(draw(content), boundary, anywhere=True) + b"\r\n")
+    if shape.flag():
+        chunks.append(_break_delimiters(content(), boundary, anywhere=True) + b"\r\n")
     out: list[tuple[str, bytes]] = []
     for name, value in parts:
         value = _break_delimiters(value, boundary)
-        quoted = draw(st.booleans())
+        quoted = shape.flag()
         disposition = f'form-data; name="{name}"' if quoted else f"form-data; name={name}"
         if name == "file":
             disposition += '; filename="f.bin"'
@@ -497,17 +513,14 @@ def bodies(draw: st.DrawFn) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
         chunks.append(b"\r\n\r\n" + value + b"\r\n")
         out.append((name, value))
     chunks.append(b"--" + boundary + b"--")
-    if draw(st.booleans()):
-        chunks.append(b"\r\n" + draw(content))
+    if shape.flag():
+        chunks.append(b"\r\n" + content())
     return boundary, b"".join(chunks), out
 
 
 @st.composite
-def chunkings(draw: st.DrawFn, body: bytes) -> list[bytes]:
-    if draw(st.booleans()):
-        return one_byte(body)
-    cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=12)))
-    return [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+def bodies(draw: st.DrawFn) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    return _body(draw, Shape(draw))
 
 
 def _run(boundary: bytes, user_id: str, chunks: list[bytes]) -> tuple[bytes, UserFieldRewriter]:
@@ -527,7 +540,7 @@ def test_any_chunking_gives_the_one_shot_output(
 ) -> None:
     boundary, body, parts = sample
     whole, rewriter = _run(boundary, user_id, [body])
-    chunked, chunked_rewriter = _run(boundary, user_id, data.draw(chunkings(body)))
+    chunked, chunked_rewriter = _run(boundary, user_id, chunks_of(data.draw, body))
     assert chunked == whole
     assert len(whole) == len(body) + rewriter.added_bytes
     file = next(value for name, value in parts if name == "file")
@@ -544,30 +557,29 @@ def test_any_chunking_gives_the_one_shot_output(
 @st.composite
 def mutated(draw: st.DrawFn) -> tuple[bytes, bytes]:
     """A well-formed body with a few pieces of multipart syntax put in or cut out."""
-    boundary, body, _ = draw(bodies())
-    pieces = st.sampled_from(
-        [
-            b"--" + boundary,
-            b"\r\n--" + boundary + b"\r\n",
-            b"--" + boundary + b"--",
-            b"\r\n",
-            b"\r",
-            b"\n",
-            b"\r\n\r\n",
-            b" ",
-            b"-",
-            b"Content-Disposition: form-data; ",
-            b'name="user"',
-            b"name=user",
-            b"name*=",
-        ]
-    )
-    for _ in range(draw(st.integers(0, 3))):
-        at = draw(st.integers(0, len(body)))
-        if draw(st.booleans()):
-            body = body[:at] + draw(pieces) + body[at:]
+    shape = Shape(draw)
+    boundary, body, _ = _body(draw, shape)
+    pieces = [
+        b"--" + boundary,
+        b"\r\n--" + boundary + b"\r\n",
+        b"--" + boundary + b"--",
+        b"\r\n",
+        b"\r",
+        b"\n",
+        b"\r\n\r\n",
+        b" ",
+        b"-",
+        b"Content-Disposition: form-data; ",
+        b'name="user"',
+        b"name=user",
+        b"name*=",
+    ]
+    for _ in range(shape.below(4)):
+        at = shape.below(len(body) + 1)
+        if shape.flag():
+            body = body[:at] + shape.pick(pieces) + body[at:]
         else:
-            body = body[:at] + body[at + draw(st.integers(1, 4)) :]
+            body = body[:at] + body[at + 1 + shape.below(4) :]
     return boundary, body
 
 
@@ -583,7 +595,7 @@ def test_any_input_any_chunking_same_outcome(
     except MultipartError:
         whole = None
     try:
-        chunked: bytes | None = _run(boundary, USER, data.draw(chunkings(body)))[0]
+        chunked: bytes | None = _run(boundary, USER, chunks_of(data.draw, body))[0]
     except MultipartError:
         chunked = None
     assert chunked == whole

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.sse import ServerSentEvent, SSEDecoder
+from tests.drawing import Shape, chunked
 
 E = ServerSentEvent
 
@@ -158,27 +159,32 @@ def test_flush_resets() -> None:
     assert decoder.flush() == []
 
 
-# Hypothesis: random events, written with random line endings and cut at random places.
+# Hypothesis: random events, written with random line endings and cut at random
+# places. The structure is read from one drawn byte string and the cuts cost two
+# choices (tests/drawing.py); the values are drawn as text and integers.
 
 _text = st.text(st.characters(codec="utf-8", exclude_characters="\r\n\0"), max_size=12)
+_id = _text | st.just("a\0b")
+_retry = st.integers(0, 10**6).map(str) | st.just("1x")
+_EVENT_NAMES = ["", "message", "message_end", "ping"]
+_OPTIONAL = [("id", _id), ("retry", _retry), ("", _text), ("unknown", _text)]
+_MAX_BLOCKS = 6
 
 
-@st.composite
-def _blocks(draw: st.DrawFn) -> list[tuple[str, str]]:
-    """One block as (name, value) lines; name "" is a comment, "data" lines may be 0."""
-    lines: list[tuple[str, str]] = []
-    if draw(st.booleans()):
-        lines.append(("event", draw(st.sampled_from(["", "message", "message_end", "ping"]))))
-    if draw(st.booleans()):
-        lines.append(("id", draw(_text | st.just("a\0b"))))
-    if draw(st.booleans()):
-        lines.append(("retry", draw(st.integers(0, 10**6).map(str) | st.just("1x"))))
-    if draw(st.booleans()):
-        lines.append(("", draw(_text)))
-    if draw(st.booleans()):
-        lines.append(("unknown", draw(_text)))
-    lines += [("data", v) for v in draw(st.lists(_text, max_size=3))]
-    return draw(st.permutations(lines))
+def _blocks(draw: st.DrawFn, shape: Shape) -> list[list[tuple[str, str]]]:
+    """Blocks as (name, value) lines; name "" is a comment, "data" lines may be 0."""
+    blocks = []
+    for _ in range(shape.below(_MAX_BLOCKS + 1)):
+        lines: list[tuple[str, str]] = []
+        event = shape.pick(_EVENT_NAMES)
+        if shape.flag():
+            lines.append(("event", event))
+        for name, values in _OPTIONAL:
+            if shape.flag():
+                lines.append((name, draw(values)))
+        lines += [("data", draw(_text)) for _ in range(shape.below(4))]
+        blocks.append(shape.shuffled(lines))
+    return blocks
 
 
 def _expected(blocks: list[list[tuple[str, str]]]) -> list[ServerSentEvent]:
@@ -202,27 +208,23 @@ def _expected(blocks: list[list[tuple[str, str]]]) -> list[ServerSentEvent]:
 
 @st.composite
 def _streams(draw: st.DrawFn, *, endings: list[bytes]) -> tuple[bytes, list[ServerSentEvent]]:
-    blocks = draw(st.lists(_blocks(), max_size=6))
-    out = [b"\xef\xbb\xbf"] if draw(st.booleans()) else []
+    shape_ = Shape(draw)
+    blocks = _blocks(draw, shape_)
+    out = [b"\xef\xbb\xbf"] if shape_.flag() else []
     previous = b""
     lines: list[bytes] = []
     for block in blocks:
         lines += [(f"{n}: {v}" if n else f":{v}").encode() for n, v in block] + [b""]
     # Dify may close without the last blank line; flush still dispatches that event.
-    if lines and draw(st.booleans()):
+    if lines and shape_.flag():
         lines.pop()
     for line in lines:
-        ending = draw(st.sampled_from(endings))
+        ending = shape_.pick(endings)
         if previous == b"\r" and not line and ending == b"\n":
             ending = b"\r\n"  # "\r" + "\n" would be one line end, not an empty line
         out += [line, ending]
         previous = ending
     return b"".join(out), _expected(blocks)
-
-
-def _cuts(draw: st.DrawFn, stream: bytes) -> list[bytes]:
-    points = sorted(draw(st.sets(st.integers(0, len(stream)), max_size=len(stream) + 1)))
-    return [stream[i:j] for i, j in zip([0, *points], [*points, len(stream)], strict=True)]
 
 
 @settings(max_examples=200, deadline=None)
@@ -233,7 +235,7 @@ def test_any_chunking_gives_the_same_events(
     stream, expected = case
     whole = decode([stream])
     assert whole == expected
-    assert decode(_cuts(data.draw, stream)) == whole
+    assert decode(chunked(data.draw, stream)) == whole
     assert decode(one_byte_chunks(stream)) == whole
 
 
@@ -245,7 +247,7 @@ def test_any_chunking_and_line_endings_give_the_same_events(
     stream, expected = case
     whole = decode([stream])
     assert whole == expected
-    assert decode(_cuts(data.draw, stream)) == whole
+    assert decode(chunked(data.draw, stream)) == whole
     assert decode(one_byte_chunks(stream)) == whole
 
 
@@ -302,22 +304,25 @@ def test_chunks_of_several_one_line_events_read_as_the_general_path_reads_them()
     assert [e.id for e in expected][-3:] == ["9", "9", "9"]
 
 
+_PREFIXES = [b"data: ", b"data: ", b"data: ", b"data:", b"data:  ", b"event: "]
+_FIELD_LIKE = ["data: x", "data:", " data: ", "\u00e9data: "]
+_RUN_ENDS = [b"\n\n", b"\n\n", b"\n\n", b"\n", b"\n\n\n"]
+_run_text = st.text(st.characters(codec="utf-8", exclude_characters="\r\n\0"), max_size=8)
+
+
+@st.composite
+def _runs(draw: st.DrawFn) -> list[tuple[bytes, str, bytes]]:
+    shape_ = Shape(draw)
+    lines = []
+    for _ in range(1 + shape_.below(8)):
+        prefix = shape_.pick(_PREFIXES)
+        value = shape_.pick(_FIELD_LIKE) if shape_.flag() else draw(_run_text)
+        lines.append((prefix, value, shape_.pick(_RUN_ENDS)))
+    return lines
+
+
 @settings(max_examples=300, deadline=None)
-@given(
-    st.data(),
-    st.lists(
-        st.tuples(
-            st.sampled_from([b"data: ", b"data: ", b"data: ", b"data:", b"data:  ", b"event: "]),
-            st.one_of(
-                st.text(st.characters(codec="utf-8", exclude_characters="\r\n\0"), max_size=8),
-                st.sampled_from(["data: x", "data:", " data: ", "\u00e9data: "]),
-            ),
-            st.sampled_from([b"\n\n", b"\n\n", b"\n\n", b"\n", b"\n\n\n"]),
-        ),
-        min_size=1,
-        max_size=8,
-    ),
-)
+@given(st.data(), _runs())
 def test_runs_of_data_events_in_any_chunks_give_the_events_of_the_general_path(
     data: st.DataObject, lines: list[tuple[bytes, str, bytes]]
 ) -> None:
@@ -329,9 +334,6 @@ def test_runs_of_data_events_in_any_chunks_give_the_events_of_the_general_path(
     stream = b"".join(pieces)
     byte_by_byte = decode(one_byte_chunks(stream))
     assert decode([stream]) == byte_by_byte
-    assert decode(_cuts(data.draw, stream)) == byte_by_byte
-    ends = sorted(data.draw(st.sets(st.integers(1, len(pieces)))))
-    by_events = [
-        b"".join(pieces[i:j]) for i, j in zip([0, *ends], [*ends, len(pieces)], strict=True)
-    ]
+    assert decode(chunked(data.draw, stream)) == byte_by_byte
+    by_events = [b"".join(group) for group in chunked(data.draw, pieces)]
     assert decode([c for c in by_events if c]) == byte_by_byte

@@ -21,6 +21,7 @@ from gateway.upstreams.openai_wire import (
     has_usage_mark,
     usage_marks,
 )
+from tests.drawing import Shape
 
 # Pieces a chunk is made of, and the ones that trip a hand-written scan.
 _PIECES = [
@@ -61,20 +62,32 @@ _PIECES = [
     '"\\u0075sage":{',
     '"us\\u0061ge":null',
 ]
-_ANY = st.lists(st.sampled_from(_PIECES) | st.text(max_size=3), max_size=24).map("".join)
-# Chunks shaped like the usual one (one "content" string, a "usage" member), the
-# shape the scans read without the patterns, with anything around and inside.
-_FEW = st.lists(st.sampled_from(_PIECES) | st.text(max_size=2), max_size=6).map("".join)
-_USUAL = st.builds(
-    lambda before, value, after, usage: (
-        '{"id":"c",' + before + '"choices":[{"delta":{"content":"' + value + after + usage
-    ),
-    _FEW,
-    _FEW,
-    st.sampled_from(['"}}]', '"}}],', "", '\\"}}]']),
-    st.sampled_from(['"usage":null}', ',"usage":null}', '"usage": null}', '"usage":{}}', ""]),
-)
-texts = _ANY | _USUAL
+
+
+def _pieces(shape: Shape, *, most: int, chars: int) -> str:
+    """Up to `most` pieces: of `_PIECES`, or of up to `chars` characters."""
+    out = []
+    for _ in range(shape.below(most + 1)):
+        if shape.flag():
+            out.append(shape.chars(shape.below(chars + 1)))
+        else:
+            out.append(shape.pick(_PIECES))
+    return "".join(out)
+
+
+@st.composite
+def texts(draw: st.DrawFn) -> str:
+    """Any text of pieces, or one shaped like the usual chunk (one "content"
+    string, a "usage" member: the shape the scans read without the patterns),
+    with anything around and inside."""
+    shape = Shape(draw)
+    if not shape.flag():
+        return _pieces(shape, most=24, chars=3)
+    before = _pieces(shape, most=6, chars=2)
+    value = _pieces(shape, most=6, chars=2)
+    after = shape.pick(['"}}]', '"}}],', "", '\\"}}]'])
+    usage = shape.pick(['"usage":null}', ',"usage":null}', '"usage": null}', '"usage":{}}', ""])
+    return '{"id":"c",' + before + '"choices":[{"delta":{"content":"' + value + after + usage
 
 
 def _reference_text(data: str) -> int:
@@ -82,13 +95,13 @@ def _reference_text(data: str) -> int:
 
 
 @settings(max_examples=500)
-@given(texts)
+@given(texts())
 def test_text_in_chunk_is_the_patterns_count(data: str) -> None:
     assert _text_in_chunk(data) == _reference_text(data)
 
 
 @settings(max_examples=400)
-@given(texts)
+@given(texts())
 def test_usage_object_is_the_patterns_search(data: str) -> None:
     assert _usage_object_in(data) == (_USAGE_OBJECT.search(data) is not None)
     raw = data.encode()
@@ -96,7 +109,7 @@ def test_usage_object_is_the_patterns_search(data: str) -> None:
 
 
 @settings(max_examples=300)
-@given(texts)
+@given(texts())
 def test_usage_marks_are_where_the_pattern_matches(data: str) -> None:
     raw = data.encode()
     assert usage_marks(raw) == [m.start() for m in _USAGE_MARK_BYTES.finditer(raw)]
@@ -131,65 +144,61 @@ def _state(meter: ChatStreamMeter) -> tuple[object, ...]:
 # string's text (escapes, line feeds, a key's name), and how they go on after it
 # (a usage object, another text key, a second "usage", a string never closed).
 _USUAL_HEAD = '{"id":"c","model":"m","choices":[{"delta":{"content":"'
-_HEADS = st.sampled_from(
-    [
-        _USUAL_HEAD,
-        _USUAL_HEAD,
-        _USUAL_HEAD,
-        '{"id":"c","usage":null,"choices":[{"delta":{"content":"',
-        '{"error":{"message":"x"},"content":"',
-        ' {"id":"c","content":"',
-        '{"id":"c","choices":[{"delta":{"content" :"',
-        *(
-            '{"id":"c","' + key + '":"a","content":"'
-            for key in (
-                "text",
-                "arguments",
-                "refusal",
-                "reasoning_content",
-                "reasoning",
-                "transcript",
-            )
-        ),
-    ]
-)
-_VALUES = st.lists(
-    st.sampled_from(
-        ["ab", '\\"', "\\\\", "\\\n", "\n", "é", 'text"', 'usage"', 'content"', 'reasoning"', ":"]
+_HEADS = [
+    _USUAL_HEAD,
+    _USUAL_HEAD,
+    _USUAL_HEAD,
+    '{"id":"c","usage":null,"choices":[{"delta":{"content":"',
+    '{"error":{"message":"x"},"content":"',
+    ' {"id":"c","content":"',
+    '{"id":"c","choices":[{"delta":{"content" :"',
+    *(
+        '{"id":"c","' + key + '":"a","content":"'
+        for key in (
+            "text",
+            "arguments",
+            "refusal",
+            "reasoning_content",
+            "reasoning",
+            "transcript",
+        )
     ),
-    max_size=3,
-).map("".join)
-_RESTS = st.sampled_from(
-    [
-        '"}}]}',
-        '"}}],"usage":null}',
-        '"}}],"usage" : null}',
-        '"}}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}',
-        '"}}],"usage":null,"usage":{}}',
-        *(
-            '","' + key + '":"ab"}}]}'
-            for key in (
-                "text",
-                "arguments",
-                "refusal",
-                "reasoning_content",
-                "reasoning",
-                "transcript",
-                "content",
-            )
-        ),
-        "",
-    ]
-)
+]
+_VALUES = ["ab", '\\"', "\\\\", "\\\n", "\n", "é", 'text"', 'usage"', 'content"', 'reasoning"', ":"]
+_RESTS = [
+    '"}}]}',
+    '"}}],"usage":null}',
+    '"}}],"usage" : null}',
+    '"}}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}',
+    '"}}],"usage":null,"usage":{}}',
+    *(
+        '","' + key + '":"ab"}}]}'
+        for key in (
+            "text",
+            "arguments",
+            "refusal",
+            "reasoning_content",
+            "reasoning",
+            "transcript",
+            "content",
+        )
+    ),
+    "",
+]
+_MAX_CHUNKS = 10
 
 
 @st.composite
 def _streams(draw: st.DrawFn) -> list[str]:
     """Chunks most of which begin alike (one head per stream), a few otherwise."""
-    head = draw(_HEADS)
-    chunk = st.builds(lambda value, rest: head + value + rest, _VALUES, _RESTS)
-    other = st.builds(lambda h, value, rest: h + value + rest, _HEADS, _VALUES, _RESTS)
-    return draw(st.lists(chunk | chunk | chunk | other, min_size=1, max_size=10))
+    shape = Shape(draw)
+    head = shape.pick(_HEADS)
+    chunks = []
+    for _ in range(1 + shape.below(_MAX_CHUNKS)):
+        own = shape.pick(_HEADS) if shape.below(4) == 3 else head
+        value = "".join(shape.pick(_VALUES) for _ in range(shape.below(4)))
+        chunks.append(own + value + shape.pick(_RESTS))
+    return chunks
 
 
 @settings(max_examples=500)

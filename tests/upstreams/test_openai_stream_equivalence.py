@@ -23,19 +23,30 @@ from gateway.upstreams.openai_wire import (
     usage_marks,
 )
 from gateway.upstreams.transforms import DropEvents
+from tests.drawing import Shape, chunked
 from tests.upstreams.test_openai_scan import _state, _Unremembered
 
-_TEXT = st.lists(
-    st.sampled_from(
-        ['"usage":{', '"choices":[]', "\\", '"', '\\"', "\n", '"content":"', "é", "\u2028", "a b"]
-    )
-    | st.text(max_size=4),
-    max_size=6,
-).map("".join)
-_USAGE: Any = st.sampled_from(
-    [None, "absent", {"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12}, {}]
-)
+_TEXT_PIECES = [
+    '"usage":{', '"choices":[]', "\\", '"', '\\"', "\n", '"content":"', "é", "\u2028", "a b"
+]  # fmt: skip
+_USAGES: list[Any] = [
+    None,
+    "absent",
+    {"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12},
+    {},
+]
 _KINDS = ["content"] * 6 + ["role", "tool", "reasoning", "refusal", "final", "error", "multi"]
+
+
+def _text(shape: Shape) -> str:
+    """Up to 6 pieces: of `_TEXT_PIECES`, or up to 4 characters."""
+    pieces = []
+    for _ in range(shape.below(7)):
+        if shape.flag():
+            pieces.append(shape.chars(shape.below(5)))
+        else:
+            pieces.append(shape.pick(_TEXT_PIECES))
+    return "".join(pieces)
 
 
 def _dump(obj: dict[str, Any], how: int) -> str:
@@ -46,16 +57,15 @@ def _dump(obj: dict[str, Any], how: int) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-@st.composite
-def _chunk(draw: st.DrawFn, envelope: dict[str, Any]) -> str:
-    kind, usage, text = draw(st.sampled_from(_KINDS)), draw(_USAGE), draw(_TEXT)
+def _chunk(shape: Shape, envelope: dict[str, Any]) -> str:
+    kind, usage, text = shape.pick(_KINDS), shape.pick(_USAGES), _text(shape)
     obj: dict[str, Any] = dict(envelope)
     delta: dict[str, Any]
     if kind == "final":
         obj["choices"] = []
         usage = {
             "prompt_tokens": 3,
-            "completion_tokens": draw(st.integers(0, 99)),
+            "completion_tokens": shape.below(100),
             "total_tokens": 5,
         }
     elif kind == "error":
@@ -68,28 +78,27 @@ def _chunk(draw: st.DrawFn, envelope: dict[str, Any]) -> str:
         elif kind == "tool":
             delta = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
         elif kind == "reasoning":
-            delta = {
-                draw(st.sampled_from(["reasoning", "reasoning_content"])): text,
-                "content": None,
-            }
+            delta = {shape.pick(["reasoning", "reasoning_content"]): text, "content": None}
         else:
             delta = {"refusal": text}
         count = 2 if kind == "multi" else 1
         obj["choices"] = [{"index": i, "delta": delta} for i in range(count)]
     if usage != "absent":
         obj["usage"] = usage
-    return _dump(obj, draw(st.integers(0, 2)))
+    return _dump(obj, shape.below(3))
 
 
 @st.composite
 def _streams(draw: st.DrawFn) -> list[str]:
+    # Read from drawn bytes and characters (tests/drawing.py).
+    shape = Shape(draw)
     envelope = {
-        "id": draw(st.sampled_from(["chatcmpl-1", 'c\\"x', "x"])),
+        "id": shape.pick(["chatcmpl-1", 'c\\"x', "x"]),
         "object": "chat.completion.chunk",
         "created": 1,
-        "model": draw(_TEXT),
+        "model": _text(shape),
     }
-    return draw(st.lists(_chunk(envelope), min_size=1, max_size=14))
+    return [_chunk(shape, envelope) for _ in range(1 + shape.below(14))]
 
 
 @settings(max_examples=200, deadline=None)
@@ -106,11 +115,17 @@ def test_realistic_streams_are_metered_as_without_the_memo(chunks: list[str]) ->
     assert ours.finish(cut=False) == reference.finish(cut=False)
 
 
-_SEPARATORS = st.sampled_from([b"\n\n", b"\n\n", b"\n\n\n", b"\r\n\r\n", b"\r\r", b"\n\n: c\n\n"])
+_SEPARATORS = [b"\n\n", b"\n\n", b"\n\n\n", b"\r\n\r\n", b"\r\r", b"\n\n: c\n\n"]
+
+
+@st.composite
+def _separators(draw: st.DrawFn) -> list[bytes]:
+    shape = Shape(draw)
+    return [shape.pick(_SEPARATORS) for _ in range(14)]
 
 
 @settings(max_examples=200, deadline=None)
-@given(_streams(), st.lists(_SEPARATORS, min_size=14, max_size=14), st.data())
+@given(_streams(), _separators(), st.data())
 def test_marked_filter_forwards_what_testing_every_event_forwards(
     chunks: list[str], separators: list[bytes], data: st.DataObject
 ) -> None:
@@ -118,12 +133,8 @@ def test_marked_filter_forwards_what_testing_every_event_forwards(
         b"data: " + chunk.encode().replace(b"\n", b"\ndata: ") + sep
         for chunk, sep in zip(chunks, separators, strict=False)
     )
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=5)))
     ours = DropEvents(is_usage_only, marks=usage_marks)
     reference = DropEvents(is_usage_only)
-    start = 0
-    for cut in [*cuts, len(raw)]:
-        piece = raw[start:cut]
-        start = cut
+    for piece in chunked(data.draw, raw):
         assert ours.feed(piece) == reference.feed(piece)  # per read: no coalescing, no delay
     assert ours.flush() == reference.flush()

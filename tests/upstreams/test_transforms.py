@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from gateway.upstreams import transforms
 from gateway.upstreams.openai_wire import has_usage_mark, is_usage_only, usage_marks
 from gateway.upstreams.transforms import DropEvents
+from tests.drawing import Shape, chunked
 
 _EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
 
@@ -61,19 +62,20 @@ def drop_usage(event: bytes) -> bool:
     return b"usage" in event
 
 
-_ENDINGS = st.sampled_from([b"\n", b"\r\n", b"\r"])
-_LINE = st.sampled_from([b"data: a", b"data: usage", b": ping", b"event: x", b"", b"data:"])
+_ENDINGS = [b"\n", b"\r\n", b"\r"]
+_LINES = [b"data: a", b"data: usage", b": ping", b"event: x", b"", b"data:"]
 
 
 @st.composite
-def streams(draw: st.DrawFn, endings: st.SearchStrategy[bytes] = _ENDINGS) -> bytes:
-    parts = draw(st.lists(st.tuples(_LINE, endings), max_size=30))
-    return b"".join(line + end for line, end in parts)
+def streams(draw: st.DrawFn, endings: list[bytes] = _ENDINGS) -> bytes:
+    # Up to 30 lines, each a line and an ending, read from drawn bytes.
+    shape = Shape(draw)
+    lines = (shape.pick(_LINES) + shape.pick(endings) for _ in range(shape.below(31)))
+    return b"".join(lines)
 
 
 def _compare(stream: bytes, data: st.DataObject) -> None:
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
-    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    chunks = chunked(data.draw, stream)
     ours, reference = DropEvents(drop_usage), Reference(drop_usage)
     got = [ours.feed(c) for c in chunks] + [ours.flush()]
     want = [reference.feed(c) for c in chunks] + [reference.flush()]
@@ -89,7 +91,7 @@ def test_any_chunking_cuts_and_drops_as_a_whole_search_would(
 
 
 @settings(max_examples=500, deadline=None)
-@given(streams(st.just(b"\n")), st.data())
+@given(streams([b"\n"]), st.data())
 def test_streams_of_line_feeds_alone_are_cut_as_a_whole_search_would(
     stream: bytes, data: st.DataObject
 ) -> None:
@@ -109,10 +111,18 @@ def _kept_by_search(complete: bytes) -> bytes:
     return b"".join(kept)
 
 
+_RUN_PIECES = [b"\n", b"\r", b"data: a", b"usage", b"\n\n"]
+
+
+@st.composite
+def _runs(draw: st.DrawFn) -> bytes:
+    shape = Shape(draw)
+    return b"".join(shape.pick(_RUN_PIECES) for _ in range(shape.below(21)))
+
+
 @settings(max_examples=1000, deadline=None)
-@given(st.lists(st.sampled_from([b"\n", b"\r", b"data: a", b"usage", b"\n\n"]), max_size=20))
-def test_a_run_of_events_keeps_what_a_whole_search_kept(pieces: list[bytes]) -> None:
-    complete = b"".join(pieces)
+@given(_runs())
+def test_a_run_of_events_keeps_what_a_whole_search_kept(complete: bytes) -> None:
     assert DropEvents(drop_usage)._kept(complete) == _kept_by_search(complete)
 
 
@@ -163,37 +173,35 @@ def test_a_long_incomplete_event_costs_linear_time(monkeypatch: pytest.MonkeyPat
 # its marks (`usage_marks`), and only they are cut out and tested. It must keep
 # and drop what the filter does when it tests every event (no marks), with any
 # line ends, any chunking.
-_USAGE_LINES = st.sampled_from(
-    [
-        b"data: a",
-        b'data: {"usage":null}',
-        b'data: {"usage":{}}',
-        b'data: {"usage" : {}, "keep"}',
-        b'data: "usage":{"usage":{',
-        b": ping",
-        b"",
-    ]
-)
+_USAGE_LINES = [
+    b"data: a",
+    b'data: {"usage":null}',
+    b'data: {"usage":{}}',
+    b'data: {"usage" : {}, "keep"}',
+    b'data: "usage":{"usage":{',
+    b": ping",
+    b"",
+]
+_USAGE_ENDS = [b"\n", b"\n", b"\n\n", b"\r\n", b"\r"]
 
 
 def _drop_usage_object(event: bytes) -> bool:
     return has_usage_mark(event) and b"keep" not in event
 
 
+@st.composite
+def _usage_streams(draw: st.DrawFn) -> bytes:
+    shape = Shape(draw)
+    lines = (shape.pick(_USAGE_LINES) + shape.pick(_USAGE_ENDS) for _ in range(shape.below(17)))
+    return b"".join(lines)
+
+
 @settings(max_examples=500, deadline=None)
-@given(
-    st.lists(
-        st.tuples(_USAGE_LINES, st.sampled_from([b"\n", b"\n", b"\n\n", b"\r\n", b"\r"])),
-        max_size=16,
-    ),
-    st.data(),
-)
+@given(_usage_streams(), st.data())
 def test_marked_events_are_dropped_as_when_every_event_was_tested(
-    parts: list[tuple[bytes, bytes]], data: st.DataObject
+    stream: bytes, data: st.DataObject
 ) -> None:
-    stream = b"".join(line + end for line, end in parts)
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
-    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    chunks = chunked(data.draw, stream)
     ours = DropEvents(_drop_usage_object, marks=usage_marks)
     reference = DropEvents(_drop_usage_object)
     got = [ours.feed(c) for c in chunks] + [ours.flush()]

@@ -30,6 +30,7 @@ from gateway.upstreams.openai_wire import (
     usage_marks,
 )
 from gateway.upstreams.transforms import DropEvents
+from tests.drawing import Shape, chunked
 
 _BOM = b"\xef\xbb\xbf"
 
@@ -135,11 +136,6 @@ def metered(chunks: list[bytes]) -> Any:
     return meter.finish(cut=False).usage
 
 
-def _cut(stream: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(stream) + 1) for c in cuts})
-    return [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
-
-
 # --- generated streams -------------------------------------------------------------------
 
 _TEXTS = [
@@ -240,24 +236,28 @@ def _object(rng: random.Random, kind: str) -> dict[str, Any]:
     return obj
 
 
-_KINDS = st.sampled_from(
+_KINDS = (
     ["text"] * 5
     + ["usage_only", "usage_first", "usage_null_empty", "usage_with_text", "usage_dup"]
     + ["usage_as_value", "comment", "done", "named"]
 )
-_ENDS = st.sampled_from(["\n", "\n", "\r\n", "\r"])
+_ENDS = ["\n", "\n", "\r\n", "\r"]
 
 
 @st.composite
 def streams(draw: st.DrawFn, *, odd_blank_lines: bool = False) -> bytes:
+    # The events, how they are written and where their JSON is split into lines
+    # from drawn bytes; each line's prefix and ending from the seed
+    # that writes the JSON.
+    shape = Shape(draw)
     rng = random.Random(draw(st.integers(0, 2**32)))
-    escapes = draw(st.sampled_from([0.0, 0.0, 0.02, 0.3]))
-    spaces = draw(st.sampled_from([0.0, 0.0, 0.3]))
-    kinds = draw(st.lists(_KINDS, min_size=1, max_size=6))
-    ends = st.just("\n") if draw(st.booleans()) else _ENDS  # LF alone: the fast paths
+    escapes = shape.pick([0.0, 0.0, 0.02, 0.3])
+    spaces = shape.pick([0.0, 0.0, 0.3])
+    kinds = [shape.pick(_KINDS) for _ in range(1 + shape.below(6))]
+    ends = ["\n"] if not shape.flag() else _ENDS  # LF alone: the fast paths
     out = []
     for kind in kinds:
-        end = draw(ends)
+        end = shape.pick(ends)
         lines: list[str]
         if kind == "comment":
             lines = [": keep-alive"]
@@ -267,17 +267,17 @@ def streams(draw: st.DrawFn, *, odd_blank_lines: bool = False) -> bytes:
             writer = _Writer(rng, escapes, spaces)
             obj = _object(rng, kind)
             writer.value(obj)
-            json_lines = writer.lines(draw(st.sampled_from([0.0, 0.0, 0.1, 0.5])))
+            json_lines = writer.lines(shape.pick([0.0, 0.0, 0.1, 0.5]))
             if kind == "usage_dup":
                 json_lines = [line.replace("usage2", "usage") for line in json_lines]
-            lines = [draw(st.sampled_from(["data: ", "data:"])) + line for line in json_lines]
+            lines = [rng.choice(["data: ", "data:"]) + line for line in json_lines]
             if kind == "named":
                 lines = ["event: message", "id: 1", *lines]
         for line in lines:
-            out.append(line + draw(ends))
+            out.append(line + rng.choice(ends))
         out.append(end)  # the blank line
-        if odd_blank_lines and draw(st.booleans()):
-            out.append(draw(ends))
+        if odd_blank_lines and shape.flag():
+            out.append(shape.pick(ends))
     return "".join(out).encode()
 
 
@@ -285,11 +285,11 @@ def streams(draw: st.DrawFn, *, odd_blank_lines: bool = False) -> bytes:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(streams(), st.lists(st.integers(0, 10_000), max_size=6))
+@given(streams(), st.data())
 def test_generated_streams_are_filtered_and_metered_as_the_reference(
-    stream: bytes, cuts: list[int]
+    stream: bytes, data: st.DataObject
 ) -> None:
-    chunks = _cut(stream, cuts)
+    chunks = chunked(data.draw, stream)
     assert filtered(chunks) == expected_output(stream)
     want = expected_usage(stream)
     got = metered(chunks)
@@ -300,11 +300,11 @@ def test_generated_streams_are_filtered_and_metered_as_the_reference(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(streams(odd_blank_lines=True), st.lists(st.integers(0, 10_000), max_size=6))
+@given(streams(odd_blank_lines=True), st.data())
 def test_generated_streams_with_extra_blank_lines_are_metered_as_the_reference(
-    stream: bytes, cuts: list[int]
+    stream: bytes, data: st.DataObject
 ) -> None:
-    chunks = _cut(stream, cuts)
+    chunks = chunked(data.draw, stream)
     want = expected_usage(stream)
     got = metered(chunks)
     if want is None:
@@ -325,33 +325,37 @@ def _assert_same_to_a_client(out: bytes, want: bytes) -> None:
     assert [d for _, _, d in _events(out)] == [d for _, _, d in _events(want)]
 
 
-_SOUP = st.sampled_from(
-    [
-        b"\n",
-        b"\r",
-        b"\r\n",
-        b"\n\n",
-        b"data: ",
-        b"data:",
-        b": c",
-        b"data",
-        b'{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}',
-        b'{"choices":[],"usage":',
-        b'{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}',
-        b'{"choices":[],"\\u0075sage":{}}',
-        b'{"choices":[{"delta":{"content":"usage"}}],"usage":null}',
-        b'{"choices":[],"usage":null}',
-        b"[DONE]",
-    ]
-)
+_SOUP = [
+    b"\n",
+    b"\r",
+    b"\r\n",
+    b"\n\n",
+    b"data: ",
+    b"data:",
+    b": c",
+    b"data",
+    b'{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}',
+    b'{"choices":[],"usage":',
+    b'{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}',
+    b'{"choices":[],"\\u0075sage":{}}',
+    b'{"choices":[{"delta":{"content":"usage"}}],"usage":null}',
+    b'{"choices":[],"usage":null}',
+    b"[DONE]",
+]
+
+
+@st.composite
+def _soups(draw: st.DrawFn) -> bytes:
+    shape = Shape(draw)
+    return b"".join(shape.pick(_SOUP) for _ in range(shape.below(15)))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(_SOUP, max_size=14).map(b"".join), st.lists(st.integers(0, 10_000), max_size=6))
+@given(_soups(), st.data())
 def test_any_soup_of_lines_reaches_the_client_as_the_reference(
-    stream: bytes, cuts: list[int]
+    stream: bytes, data: st.DataObject
 ) -> None:
-    chunks = _cut(stream, cuts)
+    chunks = chunked(data.draw, stream)
     _assert_same_to_a_client(filtered(chunks), expected_output(stream))
     want = expected_usage(stream)
     got = metered(chunks)
