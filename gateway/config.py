@@ -1222,7 +1222,9 @@ def _coerce(value: Any, tp: Any, path: str, minimum: float | None) -> Any:
     args = typing.get_args(tp)
     if origin is Mapping:  # a table of strings (an upstream's headers)
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a table of strings, got {_kind(value)}")
+            # Not quoted: it may be a header with its key (review 9, R9-5).
+            kind = _kind(value).split(" (", 1)[0]
+            raise ConfigError(f"{path}: expected a table of strings, got {kind}")
         if args[1] is str:  # a value is never quoted: it may be a key (review 8, R8-8)
             for name, item in value.items():
                 if not isinstance(item, str):

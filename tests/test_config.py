@@ -698,3 +698,16 @@ def test_a_header_value_of_the_wrong_type_is_refused_without_quoting_it() -> Non
     message = _headers_error({"headers": {"x-account-token": 73519046628411}})
     assert message.startswith('upstreams.portkey.headers."x-account-token": expected a string')
     assert "73519046628411" not in message, message
+
+
+@pytest.mark.parametrize("table", ["headers", "headers_env"])
+@pytest.mark.parametrize("value", ["Authorization: Bearer sk-live-4f9a2c", 73519046628411])
+def test_a_headers_table_written_as_one_value_is_refused_without_quoting_it(
+    table: str, value: object
+) -> None:
+    # R9-5. R8-8 stopped quoting a wrongly typed value inside the table; the
+    # table itself written as a string or a number (`headers = "Authorization:
+    # Bearer sk-..."`, the mistake the docs name) is still quoted by `_kind`
+    # in "expected a table of strings, got a string ('...')".
+    message = _headers_error({table: value})
+    assert "sk-live-4f9a2c" not in message and "73519046628411" not in message, message

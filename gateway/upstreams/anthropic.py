@@ -36,6 +36,7 @@ from gateway.upstreams.anthropic_wire import (
     ServerCalls,
     meter_message,
     prompt_chars,
+    refuse_unpriced_betas,
 )
 from gateway.upstreams.base import (
     Headers,
@@ -89,17 +90,12 @@ _PRICED_OPTIONS: Final = {
     "speed": frozenset({"standard"}),
     "inference_geo": frozenset({"global"}),
 }
-# anthropic-beta values that change the rates: the 1M-token context window
-# (context-1m-2025-08-07), whose prompts over 200K tokens Anthropic bills at its
-# long-context rates (2x input, 1.5x output).
-_PRICED_BETA_PREFIXES: Final = ("context-1m",)
 # Where Anthropic reads a prompt cache's ``cache_control`` (and its ttl:
 # cache_ttl.py), besides the top level.
 _CACHED_PARTS: Final = ("system", "messages", "tools")
 # Values the client or the model chose that are not content blocks: a tool's
 # JSON Schema, a tool call's arguments.
 _NOT_BLOCKS: Final = frozenset({"input_schema", "input"})
-_BETA_HEADER: Final = b"anthropic-beta"
 
 # Anthropic's error "type" per status (its API reference, "Errors").
 _ERROR_TYPES: Final = {
@@ -198,24 +194,7 @@ class AnthropicUpstream:
         return anthropic_routes.refine_message(route, body)
 
     def check_headers(self, route: Route, headers: Headers) -> None:
-        """Refuse an ``anthropic-beta`` (a comma-separated list; the header may
-        come more than once) that opens rates the price table does not hold;
-        spelled with underscores too, which a router behind a server reading
-        headers as CGI variables takes for it (review 8, R8-7)."""
-        for name, value in headers:
-            if name != _BETA_HEADER and (
-                b"_" not in name or name.replace(b"_", b"-") != _BETA_HEADER
-            ):
-                continue
-            for beta in value.decode("latin-1").split(","):
-                beta = beta.strip()
-                if beta.lower().startswith(_PRICED_BETA_PREFIXES):
-                    option = f"anthropic-beta: {beta}"
-                    raise Forbidden(
-                        f"The option {option} has no price on this gateway, "
-                        "so it is not available.",
-                        code="option_not_priced",
-                    )
+        refuse_unpriced_betas(headers)
 
     def prepare(
         self,

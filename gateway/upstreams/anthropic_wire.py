@@ -33,6 +33,7 @@ from typing import Any, Final
 
 import orjson
 
+from gateway.errors import Forbidden
 from gateway.sse import ServerSentEvent
 from gateway.usage import (
     FieldReader,
@@ -49,10 +50,38 @@ __all__ = [
     "ServerCalls",
     "meter_message",
     "prompt_chars",
+    "refuse_unpriced_betas",
     "usage_from",
 ]
 
 _loads = orjson.loads
+
+# anthropic-beta values that change the rates: the 1M-token context window
+# (context-1m-2025-08-07), whose prompts over 200K tokens Anthropic bills at its
+# long-context rates (2x input, 1.5x output).
+_PRICED_BETA_PREFIXES: Final = ("context-1m",)
+_BETA_HEADER: Final = b"anthropic-beta"
+
+
+def refuse_unpriced_betas(headers: list[tuple[bytes, bytes]]) -> None:
+    """Refuse an ``anthropic-beta`` (a comma-separated list; the header may
+    come more than once) that opens rates the price table does not hold;
+    spelled with underscores too, which a router behind a server reading
+    headers as CGI variables takes for it (review 8, R8-7). The Anthropic
+    dialect's check, and the OpenAI dialect's: a router in front of Claude
+    (LiteLLM) passes a client's anthropic-beta on from any route (review 9)."""
+    for name, value in headers:
+        if name != _BETA_HEADER and (b"_" not in name or name.replace(b"_", b"-") != _BETA_HEADER):
+            continue
+        for beta in value.decode("latin-1").split(","):
+            beta = beta.strip()
+            if beta.lower().startswith(_PRICED_BETA_PREFIXES):
+                raise Forbidden(
+                    f"The option anthropic-beta: {beta} has no price on this gateway, "
+                    "so it is not available.",
+                    code="option_not_priced",
+                )
+
 
 # The events whose JSON the meter reads; text deltas are measured unparsed, and
 # ping, content_block_start/stop and message_stop carry nothing it needs.

@@ -118,8 +118,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, runtime_checkable
 
+from gateway.errors import BadRequest
 from gateway.sse import ServerSentEvent
 from gateway.usage import Metered
 
@@ -445,16 +446,44 @@ def names_file(value: object) -> bool:
     return False
 
 
+# What a router in front of the provider reads in a body as its operator's
+# choices, as it reads the header families the gateway drops (gateway/http.py,
+# `_ROUTER_PREFIXES`): none of them is the providers' API (reviews 8 and 9).
+# Taken out: LiteLLM's own metadata (its ``user`` is the end user, read before
+# the gateway's ``metadata.user_id``), the tags it routes and budgets by, and
+# the body forms of its x-litellm-timeout, -stream-timeout and -num-retries.
+_ROUTER_FIELDS: Final = ("litellm_metadata", "tags", "timeout", "stream_timeout", "num_retries")
+# Taken out of ``metadata``: LiteLLM's spend-log metadata and a deployment's
+# prices (``model_info``), which it registers for every later call.
+_ROUTER_METADATA: Final = ("spend_logs_metadata", "model_info")
+# Refused: ``extra_body`` is a client library's option, not an API field, and
+# LiteLLM hands it to the OpenAI SDK, which merges it over the checked fields
+# (``model``, ``user``, ``service_tier``); ``api_base``/``base_url`` with
+# ``api_key`` send the call, with a key of the client's, to a host of its choice.
+_REFUSED_FIELDS: Final = ("extra_body", "api_base", "base_url", "api_key")
+
+
 def drop_router_fields(body: dict[str, Any]) -> None:
-    """Take out of an answer's body what a router in front of the provider
-    reads as its operator's choices, as it reads the header families the
-    gateway drops (gateway/http.py, `_ROUTER_PREFIXES`; review 8): LiteLLM's
-    ``litellm_metadata`` (its ``user`` is the end user, read before the
-    gateway's ``metadata.user_id``) and the tags it routes and budgets by
-    (``tags``, and ``metadata.tags`` when not a string: the providers'
-    metadata values are strings). None of them is the providers' API."""
-    body.pop("litellm_metadata", None)
-    body.pop("tags", None)
+    """Take out of a body what a router in front of the provider reads as its
+    operator's choices (`_ROUTER_FIELDS`, `_ROUTER_METADATA`, per-request
+    prices ``*_cost_per_*``, ``metadata.tags`` when not a string: the
+    providers' metadata values are strings); refuse what would override what
+    the gateway checked (`_REFUSED_FIELDS`). A ``metadata`` that is not an
+    object is left to the dialect (refused: a router parses a string one)."""
+    for name in _REFUSED_FIELDS:
+        if name in body:
+            raise BadRequest(
+                f"The field {name} is not accepted: it is not part of the API, and a "
+                "router in front of the provider would read it over what the gateway checked.",
+                code="invalid_param",
+            )
+    for name in _ROUTER_FIELDS:
+        body.pop(name, None)
+    for name in [name for name in body if "_cost_per_" in name]:
+        del body[name]
     metadata = body.get("metadata")
-    if isinstance(metadata, dict) and not isinstance(metadata.get("tags", ""), str):
-        del metadata["tags"]
+    if isinstance(metadata, dict):
+        for name in _ROUTER_METADATA:
+            metadata.pop(name, None)
+        if not isinstance(metadata.get("tags", ""), str):
+            del metadata["tags"]

@@ -31,6 +31,7 @@ from gateway.errors import BadRequest, Forbidden
 from gateway.pricing import Audio, Price
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import openai_routes
+from gateway.upstreams.anthropic_wire import refuse_unpriced_betas
 from gateway.upstreams.base import (
     Headers,
     Prepared,
@@ -110,6 +111,9 @@ _SEARCH_MODEL: Final = re.compile(r"-search(?:-|$)")
 _PRICED_TIERS: Final = frozenset({"auto", "default", "flex"})
 # Per-answer calls of a chat completion.
 _CHAT_WEB_SEARCH: Final = "chat_web_search"
+# OpenRouter's web search: its plugin, and the model suffix that adds it.
+_WEB_PLUGIN: Final = "web"
+_ONLINE: Final = ":online"
 # The calls that are web searches, counted against web_searches_per_day (review-sec F4).
 _SEARCH_CALLS: Final = frozenset({*_WEB_SEARCH_TOOLS, _CHAT_WEB_SEARCH})
 _AUDIO_OUTPUT: Final = "audio_output"
@@ -204,7 +208,9 @@ class OpenAIUpstream:
         return openai_routes.refine_answer(route, body)
 
     def check_headers(self, route: Route, headers: Headers) -> None:
-        return None  # the service tier is a body field (_check_priced)
+        # The service tier is a body field (_check_priced); a router in front of
+        # Claude passes a client's anthropic-beta on (review 9, R9-6).
+        refuse_unpriced_betas(headers)
 
     def prepare(
         self,
@@ -234,6 +240,10 @@ class OpenAIUpstream:
         body["user"] = user_id
         if "safety_identifier" in body:
             body["safety_identifier"] = user_id
+        metadata = body.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            # A router parses a string one as JSON, and reads its tags (review 9).
+            raise BadRequest("metadata must be an object.", code="invalid_param")
         drop_router_fields(body)
         # The names a compatible server gives its answer when the client chooses
         # them (vLLM's request_id, SGLang's rid): a stored answer is recorded
@@ -282,6 +292,7 @@ class OpenAIUpstream:
         check_cache_ttls(
             body, self._prices, model, parts=_CACHED_PARTS, skip=_NOT_BLOCKS, injected=_INJECTED
         )
+        _check_plugins(route, body)
         if route.kind == "chat":
             asked = _chat_calls(body)
         elif route.kind == "response":
@@ -596,14 +607,46 @@ def _chat_calls(body: dict[str, Any]) -> list[str]:
     search model, or ``web_search_options``) and audio output."""
     calls = []
     model = _requested_model(body)
-    if body.get("web_search_options") is not None or (
-        model is not None and _SEARCH_MODEL.search(model) is not None
+    if (
+        body.get("web_search_options") is not None
+        or (model is not None and _SEARCH_MODEL.search(model) is not None)
+        or _asks_openrouters_web(body, model)
     ):
         calls.append(_CHAT_WEB_SEARCH)
     modalities = body.get("modalities")
     if body.get("audio") is not None or (isinstance(modalities, list) and "audio" in modalities):
         calls.append(_AUDIO_OUTPUT)
     return calls
+
+
+def _asks_openrouters_web(body: dict[str, Any], model: str | None) -> bool:
+    """OpenRouter's web search, which it bills per result on top of the model
+    (review 9, R9-7): its ``web`` plugin, or a model named with ``:online``."""
+    if model is not None and model.endswith(_ONLINE):
+        return True
+    plugins = body.get("plugins")
+    return isinstance(plugins, list) and any(
+        isinstance(p, dict) and p.get("id") == _WEB_PLUGIN for p in plugins
+    )
+
+
+def _check_plugins(route: Route, body: dict[str, Any]) -> None:
+    """OpenRouter's ``plugins``: each is paid work beside the model's (a web
+    search per result, a PDF's OCR per page) that no price here covers but a
+    chat's ``web``, which is priced and counted as a chat's web search; any
+    other is refused (review 9, R9-7)."""
+    plugins = body.get("plugins")
+    if plugins is None:
+        return
+    if not isinstance(plugins, list):
+        raise BadRequest("plugins must be an array.", code="invalid_param")
+    for plugin in plugins:
+        name = plugin.get("id") if isinstance(plugin, dict) else None
+        if route.kind != "chat" or name != _WEB_PLUGIN:
+            raise Forbidden(
+                f"The plugin {name!r} has no price on this gateway, so it is not available.",
+                code="tool_not_priced",
+            )
 
 
 def _ask_for_usage(body: dict[str, Any]) -> str | None:

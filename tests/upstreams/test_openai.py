@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from gateway.config import parse_config
 from gateway.errors import BadRequest, ConfigError, Forbidden
+from gateway.http import request_headers
 from gateway.pricing import Audio, Price, PriceTable
 from gateway.sse import SSEDecoder
 from gateway.upstreams import get_upstream, openai_wire
@@ -1088,6 +1089,9 @@ def tooled(call_prices: dict[str, Any] | None = None) -> OpenAIUpstream:
         ("/chat/completions", {"web_search_options": {}}, "chat_web_search"),
         ("/chat/completions", {"model": "gpt-4o-mini-search-preview"}, "chat_web_search"),
         ("/chat/completions", {"model": "gpt-4o-search-preview-2025-03-11"}, "chat_web_search"),
+        # OpenRouter's web search: its plugin, or a model named ":online" (review 9).
+        ("/chat/completions", {"plugins": [{"id": "web"}]}, "chat_web_search"),
+        ("/chat/completions", {"model": "gpt-4o-mini:online"}, "chat_web_search"),
         (
             "/chat/completions",
             {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
@@ -1099,7 +1103,12 @@ def tooled(call_prices: dict[str, Any] | None = None) -> OpenAIUpstream:
 def test_a_paid_tool_without_a_price_is_refused_naming_it(
     path: str, body: dict[str, Any], tool: str
 ) -> None:
-    prices = {**TOOL_PRICES, "gpt-4o-mini-search-preview": {}, "gpt-4o-search-preview": {}}
+    prices = {
+        **TOOL_PRICES,
+        "gpt-4o-mini-search-preview": {},
+        "gpt-4o-search-preview": {},
+        "gpt-4o-mini:online": {},
+    }
     up = OpenAIUpstream(parse_config({"prices": prices}, env={}))
     with pytest.raises(Forbidden) as refused:
         _prepare(up, path, {"model": "gpt-4o-mini", **body})
@@ -1803,3 +1812,226 @@ def test_a_client_cannot_choose_a_routers_tags_in_the_body(extra: dict[str, Any]
         if isinstance(sent.get(name), dict):
             tags.append(sent[name].get("tags"))
     assert [t for t in tags if t is not None] == []
+
+
+# --- review 9: what LiteLLM reads from the body beyond tags and the end user -------------
+
+
+def _as_litellm_sends(body: dict[str, Any]) -> dict[str, Any]:
+    """The body LiteLLM's proxy sends on to an OpenAI-compatible deployment:
+    ``extra_body`` (and every non-OpenAI key) goes to the OpenAI SDK's
+    ``extra_body`` (litellm/utils.py, ``add_provider_specific_params_to_optional_params``:
+    ``extra_body = dict(passed_params.pop("extra_body", None) or {})``), which
+    the SDK merges over the request's own fields (openai-python: extra_body
+    wins over ``model``, ``user``, ``service_tier``; checked with the openai
+    package in this venv)."""
+    sent = {k: v for k, v in body.items() if k != "extra_body"}
+    extra = body.get("extra_body")
+    if isinstance(extra, dict):
+        sent.update(extra)
+    return sent
+
+
+@pytest.mark.parametrize(
+    "extra_body",
+    [
+        {"model": "o1-pro"},  # a model the plan and the price table never allowed
+        {"service_tier": "priority"},  # a tier the gateway refuses top-level
+        {"user": "victim"},  # the end user the provider (and its abuse checks) sees
+        {"web_search_options": {}},  # a paid search without its call price
+    ],
+)
+def test_extra_body_cannot_override_what_the_gateway_checked(extra_body: dict[str, Any]) -> None:
+    # R9-1. LiteLLM's proxy passes a request body's `extra_body` to the
+    # deployment's OpenAI client, which merges it over the top-level fields.
+    # The gateway checks `model`, `service_tier`, `user`, the tools, at top
+    # level only and forwards `extra_body` unread: every check is bypassed.
+    up = dialect(pricing={"unpriced_models": "refuse"})
+    route = up.route("POST", "/chat/completions")
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "extra_body": extra_body,
+    }
+    try:
+        prepared = up.prepare(route, body, b"", "alice", method="POST", request_id="r")
+    except (BadRequest, Forbidden):
+        return
+    assert prepared.body is not None
+    sent = _as_litellm_sends(prepared.body)
+    assert sent["model"] == "gpt-4o-mini"
+    assert sent["user"] == "alice"
+    assert sent.get("service_tier") is None
+    assert "web_search_options" not in sent
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        '{"tags": ["premium-deployments"]}',
+        '{"tags": ["premium-deployments"], "purpose": "x"}',
+    ],
+)
+def test_metadata_as_a_json_string_cannot_carry_a_routers_tags(metadata: str) -> None:
+    # R9-2. LiteLLM's proxy parses a `metadata` that is a string as JSON
+    # (litellm_pre_call_utils.py, "Parse metadata if it's a string"), then
+    # routes and budgets by its `tags` (before the versions that strip client
+    # tags). drop_router_fields looks only into a dict `metadata`.
+    up = dialect()
+    route = up.route("POST", "/chat/completions")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    body["metadata"] = metadata
+    try:
+        prepared = up.prepare(route, body, b"", "alice", method="POST", request_id="r")
+    except (BadRequest, Forbidden):
+        return
+    assert prepared.body is not None
+    sent = prepared.body.get("metadata")
+    if isinstance(sent, str):
+        try:
+            sent = orjson.loads(sent)
+        except orjson.JSONDecodeError:
+            sent = None
+    assert not (isinstance(sent, dict) and "tags" in sent)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"input_cost_per_token": 0, "output_cost_per_token": 0},
+        {"input_cost_per_second": 0},
+        {"metadata": {"model_info": {"input_cost_per_token": 0, "output_cost_per_token": 0}}},
+    ],
+)
+def test_a_client_cannot_set_the_routers_prices(extra: dict[str, Any]) -> None:
+    # R9-3. LiteLLM's completion() registers per-request prices process-wide
+    # (litellm/main.py, "REGISTER CUSTOM MODEL PRICING -- IF GIVEN":
+    # litellm.register_model), and reads `model_info` in metadata as the
+    # deployment's prices: every later call of that model through the router
+    # is costed at the client's price - the operator's key, team and end-user
+    # budgets at LiteLLM stop counting. (LiteLLM's newest proxy strips them,
+    # `_CLIENT_PRICING_CONTROL_FIELDS`; the versions before do not.)
+    up = dialect()
+    route = up.route("POST", "/chat/completions")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], **extra}
+    try:
+        prepared = up.prepare(route, body, b"", "alice", method="POST", request_id="r")
+    except (BadRequest, Forbidden):
+        return
+    sent = prepared.body
+    assert sent is not None
+    metadata = sent.get("metadata")
+    found = [k for k in sent if k.endswith(("_cost_per_token", "_cost_per_second"))]
+    if isinstance(metadata, dict) and "model_info" in metadata:
+        found.append("metadata.model_info")
+    assert found == []
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"timeout": 0.5},  # x-litellm-timeout, dropped
+        {"stream_timeout": 0.5},  # x-litellm-stream-timeout, dropped
+        {"num_retries": 50},  # x-litellm-num-retries, dropped
+        {"metadata": {"spend_logs_metadata": {"team": "victim"}}},  # x-litellm-spend-logs-metadata
+        {"api_base": "http://169.254.169.254/latest", "api_key": "x"},  # LiteLLM lets both through
+    ],
+)
+def test_the_body_twins_of_litellms_dropped_headers_are_not_forwarded(
+    extra: dict[str, Any],
+) -> None:
+    # R9-4. The gateway drops x-litellm-timeout, -stream-timeout, -num-retries
+    # and -spend-logs-metadata (the x-litellm-* family, docs/security.md).
+    # LiteLLM reads the same controls from the body as call parameters
+    # (Router: kwargs["num_retries"] = kwargs.get("num_retries", ...);
+    # completion(timeout=...)), and takes `api_base` when `api_key` comes with
+    # it (auth_utils.py, is_request_body_safe / check_complete_credentials).
+    up = dialect()
+    route = up.route("POST", "/chat/completions")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], **extra}
+    try:
+        prepared = up.prepare(route, body, b"", "alice", method="POST", request_id="r")
+    except (BadRequest, Forbidden):
+        return
+    sent = prepared.body
+    assert sent is not None
+    metadata = sent.get("metadata")
+    left = [k for k in ("timeout", "stream_timeout", "num_retries", "api_base") if k in sent]
+    if isinstance(metadata, dict) and "spend_logs_metadata" in metadata:
+        left.append("metadata.spend_logs_metadata")
+    assert left == []
+
+
+def test_a_router_in_front_of_claude_gets_no_unpriced_beta_header() -> None:
+    # R9-6. LiteLLM's proxy forwards a client's anthropic-beta header to its
+    # Anthropic, Bedrock and Vertex deployments on every route, /chat/completions
+    # included, with no setting needed (litellm_pre_call_utils.py,
+    # `add_provider_specific_headers_to_request`, ANTHROPIC_API_HEADERS). The
+    # Anthropic dialect refuses `context-1m-*` (R8-7); the OpenAI dialect, the
+    # one used for a router in front of Claude (cache_ttl.py), checks nothing:
+    # the 1M-token context is answered at Anthropic's long-context rates and
+    # charged at the table's.
+    up = dialect()
+    headers = request_headers(
+        [(b"authorization", b"Bearer k"), (b"anthropic-beta", b"context-1m-2025-08-07")],
+        b"x-user",
+        up.key_header,
+    )
+    try:
+        up.check_headers(up.route("POST", "/chat/completions"), headers.forward)
+    except Forbidden:
+        return
+    assert [v for k, v in headers.forward if k.replace(b"_", b"-") == b"anthropic-beta"] == []
+
+
+@pytest.mark.parametrize(
+    "plugins",
+    [
+        [{"id": "web"}],  # $4 per 1,000 results, 5 by default
+        [{"id": "web", "max_results": 50}],  # $0.20 a request
+    ],
+)
+def test_openrouters_paid_web_plugin_is_priced_or_refused(plugins: list[Any]) -> None:
+    # R9-7. OpenRouter runs a web search for any model when the body lists
+    # its `web` plugin (openrouter.ai/docs/features/web-search: "$4 per 1000
+    # results", `max_results` chosen by the request). The gateway refuses a
+    # chat's `web_search_options` without [call_prices."openai.chat_web_search"]
+    # and counts it against web_searches_per_day; `plugins` is forwarded
+    # unread: an unpriced, uncounted search on the operator's credits.
+    up = dialect()
+    route = up.route("POST", "/chat/completions")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    body["plugins"] = plugins
+    try:
+        prepared = up.prepare(route, body, b"", "alice", method="POST", request_id="r")
+    except Forbidden:
+        return
+    assert prepared.body is not None
+    assert "plugins" not in prepared.body or up.asks_for_web_search(route, prepared.body)
+
+
+@pytest.mark.parametrize(
+    ("path", "plugins"),
+    [
+        ("/chat/completions", [{"id": "file-parser", "pdf": {"engine": "mistral-ocr"}}]),
+        ("/chat/completions", [{"id": "web"}, {"id": "response-healing"}]),
+        ("/chat/completions", ["web"]),
+        ("/responses", [{"id": "web"}]),
+    ],
+)
+def test_an_openrouter_plugin_no_price_covers_is_refused(path: str, plugins: list[Any]) -> None:
+    """Review 9, R9-7: OpenRouter bills its plugins beside the model (OCR per
+    page, search per result); only a chat's web search has a price here."""
+    up = dialect()
+    with pytest.raises(Forbidden) as refused:
+        _prepare(up, path, {"model": "gpt-4o-mini", "plugins": plugins})
+    assert refused.value.code == "tool_not_priced"
+
+
+@pytest.mark.parametrize("field", ["extra_body", "api_base", "base_url", "api_key"])
+def test_a_field_a_router_reads_over_the_checked_ones_is_refused(field: str) -> None:
+    """Review 9, R9-1 and R9-4: refused with a clear error, not forwarded."""
+    up = dialect()
+    with pytest.raises(BadRequest) as refused:
+        _prepare(up, "/chat/completions", {"model": "gpt-4o-mini", field: {"model": "o1-pro"}})
+    assert refused.value.code == "invalid_param" and field in refused.value.message

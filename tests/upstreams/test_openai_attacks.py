@@ -755,3 +755,74 @@ async def test_a_one_hour_cache_through_a_router_is_reserved_at_the_one_hour_rat
         await h.probes.wait_finished(1)
     assert admitted.status_code == 200, admitted.text
     assert len(fake.requests) == 1
+
+
+# --- review 9: a router's extra_body -------------------------------------------------------
+
+
+class _LiteLLMExtraBody:
+    """An OpenAI-compatible router in front of the fake as LiteLLM's proxy is:
+    the request's ``extra_body`` goes to the deployment's OpenAI client
+    (litellm/utils.py, ``add_provider_specific_params_to_optional_params``),
+    which merges it over the request's own fields (the openai package does:
+    ``extra_body`` wins over ``model``)."""
+
+    def __init__(self, inner: FakeOpenAI) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.inner(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        raw = b"".join(chunks)
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("extra_body"), dict):
+            body.update(body.pop("extra_body"))
+            raw = orjson.dumps(body)
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        headers.append((b"content-length", str(len(raw)).encode()))
+        given = False
+
+        async def replay() -> Any:
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": raw, "more_body": False}
+            return await receive()
+
+        await self.inner({**scope, "headers": headers}, replay, send)
+
+
+async def test_extra_body_runs_a_model_the_gateway_refuses_charged_as_the_cheap_one(
+    sqlite_url: str,
+) -> None:
+    # R9-1. "o1-pro" has no price: asked for at top level it is refused, 403,
+    # nothing forwarded. Asked for in extra_body behind LiteLLM, the router
+    # runs it on the operator's key, and the gateway charges gpt-4o-mini's
+    # price (an answer naming a model the table does not know is charged as
+    # the requested one). Expected once fixed: refused like the top-level ask,
+    # or the router answers with the model the gateway checked.
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    router = _LiteLLMExtraBody(fake)
+    async with running_gateway(sqlite_url, upstream=router, settings=settings()) as h:
+        direct = await post(h, "/v1/chat/completions", {**CHAT, "model": "o1-pro"})
+        openai_error(direct, 403, "model_not_priced")
+        await nothing_reserved(h, fake)
+        smuggled = await post(
+            h, "/v1/chat/completions", {**CHAT, "extra_body": {"model": "o1-pro"}}
+        )
+        charged = []
+        if smuggled.status_code == 200:
+            await h.probes.wait_finished(1)
+            charged = [(e.model, e.cost) for e in await h.events()]
+    ran = [r.json.get("model") for r in fake.requests if isinstance(r.json, dict)]
+    assert "o1-pro" not in ran, f"the router ran {ran}; charged {charged}"
