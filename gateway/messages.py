@@ -403,6 +403,12 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "The option {option} has no price on this gateway, so it is not available.",
         "Tùy chọn {option} chưa được định giá trên gateway này nên không dùng được.",
     ),
+    # OpenRouter's plugins but its web search (review 9).
+    "plugin_not_priced": _e(
+        "tool_not_priced",
+        "The plugin {plugin} has no price on this gateway, so it is not available.",
+        "Plugin {plugin} chưa được định giá trên gateway này nên không dùng được.",
+    ),
     # Anthropic's 1-hour prompt cache: opened per model by the price it names.
     "option_not_priced_setting": _e(
         "option_not_priced",
@@ -502,6 +508,19 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "invalid_param",
         "metadata must be an object.",
         "metadata phải là một đối tượng.",
+    ),
+    # Review 9: what a router in front of the provider reads over the checked body.
+    "router_field": _e(
+        "invalid_param",
+        "The field {field} is not accepted: it is not part of the API, and a router in "
+        "front of the provider would read it over what the gateway checked.",
+        "Trường {field} không được chấp nhận: nó không thuộc API, và bộ định tuyến phía "
+        "trước nhà cung cấp sẽ đọc nó thay cho những gì gateway đã kiểm tra.",
+    ),
+    "plugins_array": _e(
+        "invalid_param",
+        "plugins must be an array.",
+        "plugins phải là một mảng.",
     ),
     "max_tokens_required": _e(
         "invalid_param",
