@@ -1783,6 +1783,21 @@ def test_a_one_hour_ttl_litellm_injects_charges_its_writes_at_the_one_hour_rate(
 # --- review 8: a router's routing chosen in the body ---------------------------------------
 
 
+def _sent_or_refused(extra: dict[str, Any]) -> dict[str, Any] | None:
+    """The body a chat completion with ``extra`` is sent upstream with, or None
+    when the gateway refuses it (reviews 8 and 9: either is a fix)."""
+    up = dialect()
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], **extra}
+    try:
+        prepared = up.prepare(
+            up.route("POST", "/chat/completions"), body, b"", "alice", method="POST", request_id="r"
+        )
+    except (BadRequest, Forbidden):
+        return None
+    assert prepared.body is not None
+    return prepared.body
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -1798,15 +1813,9 @@ def test_a_client_cannot_choose_a_routers_tags_in_the_body(extra: dict[str, Any]
     # litellm/proxy/litellm_pre_call_utils.py / get_tags_from_request_body):
     # tag-based routing picks the deployments tagged so, and tag budgets and
     # spend are charged to them. Either they are not forwarded, or refused.
-    up = dialect()
-    route = up.route("POST", "/chat/completions")
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], **extra}
-    try:
-        prepared = up.prepare(route, body, b"", "alice", method="POST", request_id="r")
-    except (BadRequest, Forbidden):
-        return
-    sent = prepared.body
-    assert sent is not None
+    sent = _sent_or_refused(extra)
+    if sent is None:
+        return  # refused
     tags = [sent.get("tags")]
     for name in ("metadata", "litellm_metadata"):
         if isinstance(sent.get(name), dict):
@@ -1911,15 +1920,9 @@ def test_a_client_cannot_set_the_routers_prices(extra: dict[str, Any]) -> None:
     # is costed at the client's price - the operator's key, team and end-user
     # budgets at LiteLLM stop counting. (LiteLLM's newest proxy strips them,
     # `_CLIENT_PRICING_CONTROL_FIELDS`; the versions before do not.)
-    up = dialect()
-    route = up.route("POST", "/chat/completions")
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], **extra}
-    try:
-        prepared = up.prepare(route, body, b"", "alice", method="POST", request_id="r")
-    except (BadRequest, Forbidden):
-        return
-    sent = prepared.body
-    assert sent is not None
+    sent = _sent_or_refused(extra)
+    if sent is None:
+        return  # refused
     metadata = sent.get("metadata")
     found = [k for k in sent if k.endswith(("_cost_per_token", "_cost_per_second"))]
     if isinstance(metadata, dict) and "model_info" in metadata:
@@ -1946,15 +1949,9 @@ def test_the_body_twins_of_litellms_dropped_headers_are_not_forwarded(
     # (Router: kwargs["num_retries"] = kwargs.get("num_retries", ...);
     # completion(timeout=...)), and takes `api_base` when `api_key` comes with
     # it (auth_utils.py, is_request_body_safe / check_complete_credentials).
-    up = dialect()
-    route = up.route("POST", "/chat/completions")
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], **extra}
-    try:
-        prepared = up.prepare(route, body, b"", "alice", method="POST", request_id="r")
-    except (BadRequest, Forbidden):
-        return
-    sent = prepared.body
-    assert sent is not None
+    sent = _sent_or_refused(extra)
+    if sent is None:
+        return  # refused
     metadata = sent.get("metadata")
     left = [k for k in ("timeout", "stream_timeout", "num_retries", "api_base") if k in sent]
     if isinstance(metadata, dict) and "spend_logs_metadata" in metadata:
