@@ -522,6 +522,11 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "plugins must be an array.",
         "plugins phải là một mảng.",
     ),
+    "provider_object": _e(
+        "invalid_param",
+        "provider must be an object.",
+        "provider phải là một đối tượng.",
+    ),
     "max_tokens_required": _e(
         "invalid_param",
         "max_tokens must be a positive integer (the Messages API requires it).",

@@ -212,7 +212,10 @@ class AnthropicUpstream:
                 code="endpoint_not_metered",
             )
         if body is None or not route.produces_answer:
-            # count_tokens takes no metadata: passed on as it came.
+            # count_tokens takes no metadata: passed on as it came, but for what
+            # a router would read over it (review 10, R10-5).
+            if body is not None:
+                drop_router_fields(body)
             return Prepared(body, query)
         _check_request(body)
         self._check_priced(body)

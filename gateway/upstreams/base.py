@@ -460,7 +460,14 @@ _ROUTER_METADATA: Final = ("spend_logs_metadata", "model_info")
 # LiteLLM hands it to the OpenAI SDK, which merges it over the checked fields
 # (``model``, ``user``, ``service_tier``); ``api_base``/``base_url`` with
 # ``api_key`` send the call, with a key of the client's, to a host of its choice.
-_REFUSED_FIELDS: Final = ("extra_body", "api_base", "base_url", "api_key")
+_REFUSED_FIELDS: Final = (
+    "extra_body",
+    "extra_headers",  # headers LiteLLM sends on (an unpriced anthropic-beta)
+    "headers",
+    "api_base",
+    "base_url",
+    "api_key",
+)
 
 
 def drop_router_fields(body: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from gateway.errors import BadRequest, Forbidden
+from gateway.model_access import shown_model
 from gateway.pricing import Audio, Price
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import openai_routes
@@ -111,9 +112,19 @@ _SEARCH_MODEL: Final = re.compile(r"-search(?:-|$)")
 _PRICED_TIERS: Final = frozenset({"auto", "default", "flex"})
 # Per-answer calls of a chat completion.
 _CHAT_WEB_SEARCH: Final = "chat_web_search"
-# OpenRouter's web search: its plugin, and the model suffix that adds it.
+# OpenRouter's web search: its plugin, and the model suffix that adds it. It
+# bills per result: a chat's web search price holds its default of five.
 _WEB_PLUGIN: Final = "web"
 _ONLINE: Final = ":online"
+_WEB_RESULTS: Final = 5
+_WEB_PLUGIN_KEYS: Final = frozenset({"id", "max_results", "search_prompt"})
+_WEB_OPTION: Final = "plugins.web (more than 5 results, or another engine)"
+# OpenRouter's provider routing that cannot make an answer dearer than the
+# cheapest host it would choose itself (sort "price" too); order, only,
+# ignore, quantizations, other sorts and max_price can (review 10, R10-7).
+_PROVIDER_KEYS: Final = frozenset(
+    {"allow_fallbacks", "data_collection", "zdr", "require_parameters"}
+)
 # The calls that are web searches, counted against web_searches_per_day (review-sec F4).
 _SEARCH_CALLS: Final = frozenset({*_WEB_SEARCH_TOOLS, _CHAT_WEB_SEARCH})
 _AUDIO_OUTPUT: Final = "audio_output"
@@ -292,7 +303,7 @@ class OpenAIUpstream:
         check_cache_ttls(
             body, self._prices, model, parts=_CACHED_PARTS, skip=_NOT_BLOCKS, injected=_INJECTED
         )
-        _check_plugins(route, body)
+        _check_plugins(route, body, model)
         if route.kind == "chat":
             asked = _chat_calls(body)
         elif route.kind == "response":
@@ -321,7 +332,9 @@ class OpenAIUpstream:
         review-sec F4): a chat completion with ``web_search_options`` or a search
         model; a response listing a ``web_search*`` tool, or asking a search model."""
         if route.kind == "chat":
-            return _CHAT_WEB_SEARCH in _chat_calls(body)
+            return any(
+                call == _CHAT_WEB_SEARCH or "web_search" in call for call in _chat_calls(body)
+            )
         if route.kind != "response":
             return False
         model = _requested_model(body)
@@ -616,13 +629,22 @@ def _chat_calls(body: dict[str, Any]) -> list[str]:
     modalities = body.get("modalities")
     if body.get("audio") is not None or (isinstance(modalities, list) and "audio" in modalities):
         calls.append(_AUDIO_OUTPUT)
+    # A tool the server runs itself (a router's openrouter:web_search, Claude's
+    # web_search_* through LiteLLM): a paid call, priced by its type or refused
+    # (review 10, R10-1), as a response's tools are (`_FREE_TOOLS` cost nothing).
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        for tool in tools:
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind not in _FREE_TOOLS:
+                calls.append(kind if isinstance(kind, str) else "(no type)")
     return calls
 
 
 def _asks_openrouters_web(body: dict[str, Any], model: str | None) -> bool:
     """OpenRouter's web search, which it bills per result on top of the model
     (review 9, R9-7): its ``web`` plugin, or a model named with ``:online``."""
-    if model is not None and model.endswith(_ONLINE):
+    if model is not None and model.lower().endswith(_ONLINE):
         return True
     plugins = body.get("plugins")
     return isinstance(plugins, list) and any(
@@ -630,23 +652,53 @@ def _asks_openrouters_web(body: dict[str, Any], model: str | None) -> bool:
     )
 
 
-def _check_plugins(route: Route, body: dict[str, Any]) -> None:
-    """OpenRouter's ``plugins``: each is paid work beside the model's (a web
-    search per result, a PDF's OCR per page) that no price here covers but a
-    chat's ``web``, which is priced and counted as a chat's web search; any
-    other is refused (review 9, R9-7)."""
+def _check_plugins(route: Route, body: dict[str, Any], model: str | None) -> None:
+    """OpenRouter's ``plugins`` and ``provider``, and its ``:online`` models:
+    paid work beside the model's, or a host dearer than the one the table
+    prices (reviews 9 and 10). A chat's ``web`` plugin (at most
+    `_WEB_RESULTS` results, OpenRouter's default) and ``:online`` model are its
+    web search, priced and counted as a chat's; any other plugin, a web search
+    off a chat, and a provider choice that may cost more are refused."""
+    if route.kind != "chat":
+        for name in (model, *fallback_models(body)):
+            if isinstance(name, str) and name.lower().endswith(_ONLINE):
+                _refuse_plugin(_WEB_PLUGIN)
     plugins = body.get("plugins")
-    if plugins is None:
-        return
-    if not isinstance(plugins, list):
-        raise BadRequest("plugins must be an array.", code="invalid_param")
-    for plugin in plugins:
-        name = plugin.get("id") if isinstance(plugin, dict) else None
-        if route.kind != "chat" or name != _WEB_PLUGIN:
-            raise Forbidden(
-                f"The plugin {name!r} has no price on this gateway, so it is not available.",
-                code="tool_not_priced",
-            )
+    if plugins is not None:
+        if not isinstance(plugins, list):
+            raise BadRequest("plugins must be an array.", code="invalid_param")
+        for plugin in plugins:
+            name = plugin.get("id") if isinstance(plugin, dict) else None
+            if route.kind != "chat" or name != _WEB_PLUGIN:
+                _refuse_plugin(name)
+            assert isinstance(plugin, dict)
+            results = plugin.get("max_results", _WEB_RESULTS)
+            if not set(plugin) <= _WEB_PLUGIN_KEYS or not (
+                type(results) is int and 1 <= results <= _WEB_RESULTS
+            ):
+                raise Forbidden(
+                    f"The option {_WEB_OPTION} has no price on this gateway, so it is not available.",
+                    code="option_not_priced",
+                )
+    provider = body.get("provider")
+    if provider is not None:
+        if not isinstance(provider, dict):
+            raise BadRequest("provider must be an object.", code="invalid_param")
+        for key, value in provider.items():
+            if key not in _PROVIDER_KEYS and not (key == "sort" and value == "price"):
+                option = f"provider.{shown_model(str(key))}"
+                raise Forbidden(
+                    f"The option {option} has no price on this gateway, so it is not available.",
+                    code="option_not_priced",
+                )
+
+
+def _refuse_plugin(name: object) -> None:
+    shown = shown_model(name) if isinstance(name, str) else repr(name)
+    raise Forbidden(
+        f"The plugin {shown} has no price on this gateway, so it is not available.",
+        code="tool_not_priced",
+    )
 
 
 def _ask_for_usage(body: dict[str, Any]) -> str | None:

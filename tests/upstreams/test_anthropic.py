@@ -1092,3 +1092,17 @@ def test_the_long_context_beta_in_its_underscore_spelling_is_refused_or_dropped(
         return
     as_cgi = [v for k, v in headers.forward if k.replace(b"_", b"-") == b"anthropic-beta"]
     assert as_cgi == []
+
+
+@pytest.mark.parametrize("field", ["api_base", "base_url", "extra_body"])
+def test_count_tokens_refuses_a_field_a_router_reads_over_the_checked_ones(field: str) -> None:
+    # R10-5. Review 9 refuses api_base/base_url/extra_body in every OpenAI body
+    # and in an Anthropic answer, but Anthropic's count_tokens returns before
+    # drop_router_fields: a router in front of Anthropic (LiteLLM serves
+    # /v1/messages/count_tokens with the deployment's credentials) is handed a
+    # host of the client's choice for a call made with the operator's key.
+    up = dialect()
+    route = up.route("POST", "/messages/count_tokens")
+    body = {"model": MODEL, "messages": [], field: "https://attacker.example/v1"}
+    with pytest.raises(BadRequest):
+        up.prepare(route, body, b"", "alice", method="POST", request_id="r")

@@ -2032,3 +2032,152 @@ def test_a_field_a_router_reads_over_the_checked_ones_is_refused(field: str) -> 
     with pytest.raises(BadRequest) as refused:
         _prepare(up, "/chat/completions", {"model": "gpt-4o-mini", field: {"model": "o1-pro"}})
     assert refused.value.code == "invalid_param" and field in refused.value.message
+
+
+# --- review 10: OpenRouter's web search by other roads ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [
+        {"type": "openrouter:web_search"},
+        {"type": "openrouter:web_search", "parameters": {"max_results": 25}},
+        {"type": "openrouter:web_fetch"},
+        {"type": "openrouter:image_generation"},
+        # LiteLLM passes Anthropic's server tools on from a chat to Claude.
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 20},
+    ],
+    ids=["web_search", "web_search-25", "web_fetch", "image_generation", "claude-web_search"],
+)
+def test_a_server_tool_on_a_chat_is_priced_or_refused(tool: dict[str, Any]) -> None:
+    # R10-1. OpenRouter's server tools are listed in a chat's `tools` array
+    # (openrouter.ai/docs/guides/features/server-tools: type prefix
+    # `openrouter:*`; web search "0 to N times per request", Exa at $0.004 a
+    # result, native engines at the provider's price). The Responses path refuses
+    # an unpriced hosted tool by its type; the chat path reads no tool type, so
+    # the search (or fetch, or image) is run on the operator's credits, neither
+    # priced nor counted against web_searches_per_day. R9-7 closed `plugins`,
+    # which OpenRouter now calls deprecated in favour of this tool.
+    up = tooled()  # every OpenAI call priced, chat_web_search included
+    route = up.route("POST", "/chat/completions")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    body["tools"] = [tool]
+    try:
+        prepared = up.prepare(route, body, b"", "alice", method="POST", request_id="r")
+    except Forbidden as refused:
+        assert refused.code == "tool_not_priced"
+        return
+    assert prepared.body is not None
+    assert up.calls(route, prepared.body, {}), "forwarded, charged nothing"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/responses", {"model": "gpt-4o-mini:online", "input": "hi"}),
+        ("/responses", {"model": "gpt-4o-mini", "input": "hi", "models": ["gpt-4o-mini:online"]}),
+        ("/completions", {"model": "gpt-4o-mini:online", "prompt": "hi"}),
+    ],
+    ids=["responses-online", "responses-online-fallback", "completions-online"],
+)
+def test_an_online_model_off_the_chat_route_is_priced_or_refused(
+    path: str, body: dict[str, Any]
+) -> None:
+    # R10-2. `:online` is OpenRouter's shorthand for its web plugin on any of
+    # its answer endpoints (openrouter.ai/docs/api_reference/responses/web-search
+    # documents the plugin on /responses). R9-7 counts `:online` only in
+    # `_chat_calls`; on /responses and /completions the model is priced by its
+    # name and its web search ($4 per 1,000 results) is neither refused without
+    # [call_prices."openai.chat_web_search"] nor counted against
+    # web_searches_per_day. A fallback in `models` is compared with `calls`
+    # only on chats (check_fallbacks gets calls=None elsewhere).
+    prices = {**TOOL_PRICES, "gpt-4o-mini:online": {"input": "0.15", "output": "0.60"}}
+    up = OpenAIUpstream(parse_config({"prices": prices}, env={}))  # no call prices
+    with pytest.raises(Forbidden):
+        _prepare(up, path, body)
+
+
+@pytest.mark.parametrize(
+    "plugin",
+    [
+        {"id": "web", "max_results": 100},  # $0.40 of Exa results for one call price
+        {"id": "web", "engine": "native", "search_context_size": "high"},
+    ],
+    ids=["max_results-100", "native-high"],
+)
+def test_a_web_plugin_costlier_than_its_call_price_is_refused(plugin: dict[str, Any]) -> None:
+    # R10-3. OpenRouter bills the web plugin per result ($4 per 1,000, 5 by
+    # default: $0.02) or, with engine "native", at the provider's search price.
+    # The gateway charges one chat_web_search call price whatever the plugin
+    # asks: a client multiplies the operator's cost by max_results / 5 for the
+    # price of one search.
+    up = tooled()
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(Forbidden):
+        _prepare(up, "/chat/completions", {**body, "plugins": [plugin]})
+
+
+def test_a_body_extra_headers_cannot_carry_an_unpriced_beta() -> None:
+    # R10-4. R9-6 refuses `anthropic-beta: context-1m-*` as a header on the
+    # OpenAI routes. LiteLLM's proxy passes the request body to
+    # litellm.acompletion(**data), whose `extra_headers` become the provider
+    # call's headers: the same beta written in the body is forwarded unread.
+    up = tooled()
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "extra_headers": {"anthropic-beta": "context-1m-2025-08-07"},
+    }
+    try:
+        prepared = _prepare(up, "/chat/completions", body)
+    except (Forbidden, BadRequest):
+        return
+    assert "extra_headers" not in prepared.body
+
+
+def test_a_refused_plugin_is_named_as_a_model_is_shortened() -> None:
+    # R10-6. `_check_plugins` quotes the client's plugin id whole (`{name!r}`),
+    # where a refused model is shown through model_access.shown_model (cut to
+    # its first characters): a 100,000-character id comes back, and goes to the
+    # logs, as a 100,000-character message; a non-string id is shown as its
+    # Python repr.
+    up = dialect()
+    body = {"model": "gpt-4o-mini", "messages": [], "plugins": [{"id": "x" * 100_000}]}
+    with pytest.raises(Forbidden) as refused:
+        _prepare(up, "/chat/completions", body)
+    assert len(refused.value.message) < 500
+
+
+@pytest.mark.parametrize(
+    "provider",
+    [
+        {"order": ["the-dearest-host"], "allow_fallbacks": False},
+        {"only": ["the-dearest-host"]},
+        {"sort": "throughput"},
+        {"max_price": {"prompt": 1000, "completion": 1000}},
+    ],
+    ids=["order", "only", "sort-throughput", "max_price-raised"],
+)
+def test_a_routers_provider_choice_cannot_cost_more_than_the_table(
+    provider: dict[str, Any],
+) -> None:
+    # R10-7. OpenRouter's `provider` object (openrouter.ai/docs/features/
+    # provider-routing: order, only, allow_fallbacks, sort, max_price) picks which
+    # host serves the model; hosts of one open model are priced differently,
+    # and OpenRouter bills the one that answered. By default it "load balances
+    # ... prioritizing price"; with order/only/sort a client sends every call
+    # to the dearest host while the gateway charges the table's one price for
+    # the model's name. Forwarded unread on main.
+    up = dialect()
+    body = {"model": "gpt-4o-mini", "messages": [], "provider": provider}
+    try:
+        prepared = _prepare(up, "/chat/completions", body)
+    except (Forbidden, BadRequest):
+        return
+    sent = prepared.body.get("provider")
+    assert isinstance(sent, dict)
+    # Accepted only under a ceiling at the table's price (per million tokens).
+    ceiling = sent.get("max_price")
+    assert isinstance(ceiling, dict)
+    assert Decimal(str(ceiling.get("prompt"))) <= Decimal("0.15")
+    assert Decimal(str(ceiling.get("completion"))) <= Decimal("0.60")
