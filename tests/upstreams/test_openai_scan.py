@@ -144,6 +144,8 @@ def _state(meter: ChatStreamMeter) -> tuple[object, ...]:
 # string's text (escapes, line feeds, a key's name), and how they go on after it
 # (a usage object, another text key, a second "usage", a string never closed).
 _USUAL_HEAD = '{"id":"c","model":"m","choices":[{"delta":{"content":"'
+# Keys whose string values are text like content's, next to it in a chunk.
+_TEXT_KEYS = ("text", "arguments", "refusal", "reasoning_content", "reasoning", "transcript")
 _HEADS = [
     _USUAL_HEAD,
     _USUAL_HEAD,
@@ -152,17 +154,7 @@ _HEADS = [
     '{"error":{"message":"x"},"content":"',
     ' {"id":"c","content":"',
     '{"id":"c","choices":[{"delta":{"content" :"',
-    *(
-        '{"id":"c","' + key + '":"a","content":"'
-        for key in (
-            "text",
-            "arguments",
-            "refusal",
-            "reasoning_content",
-            "reasoning",
-            "transcript",
-        )
-    ),
+    *('{"id":"c","' + key + '":"a","content":"' for key in _TEXT_KEYS),
 ]
 _VALUES = ["ab", '\\"', "\\\\", "\\\n", "\n", "é", 'text"', 'usage"', 'content"', 'reasoning"', ":"]
 _RESTS = [
@@ -171,18 +163,7 @@ _RESTS = [
     '"}}],"usage" : null}',
     '"}}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}',
     '"}}],"usage":null,"usage":{}}',
-    *(
-        '","' + key + '":"ab"}}]}'
-        for key in (
-            "text",
-            "arguments",
-            "refusal",
-            "reasoning_content",
-            "reasoning",
-            "transcript",
-            "content",
-        )
-    ),
+    *('","' + key + '":"ab"}}]}' for key in (*_TEXT_KEYS, "content")),
     "",
 ]
 _MAX_CHUNKS = 10
