@@ -119,14 +119,16 @@ _ONLINE: Final = ":online"
 _WEB_RESULTS: Final = 5
 _WEB_PLUGIN_KEYS: Final = frozenset({"id", "max_results", "search_prompt"})
 _WEB_OPTION: Final = "plugins.web (more than 5 results, or another engine)"
-# OpenRouter's provider routing that cannot make an answer dearer than the
-# cheapest host it would choose itself (sort "price" too); order, only,
-# ignore, quantizations, other sorts and max_price can (review 10, R10-7).
-_PROVIDER_KEYS: Final = frozenset(
-    {"allow_fallbacks", "data_collection", "zdr", "require_parameters"}
-)
 # The calls that are web searches, counted against web_searches_per_day (review-sec F4).
 _SEARCH_CALLS: Final = frozenset({*_WEB_SEARCH_TOOLS, _CHAT_WEB_SEARCH})
+# OpenRouter's provider routing values that filter no host out (review 11).
+_PROVIDER_NEUTRAL: Final = {
+    "allow_fallbacks": True,
+    "data_collection": "allow",
+    "zdr": False,
+    "require_parameters": False,
+    "sort": "price",
+}
 _AUDIO_OUTPUT: Final = "audio_output"
 # Where a router in front of Claude (LiteLLM, Portkey, OpenRouter) reads
 # Anthropic's ``cache_control`` and passes it on, ttl included (review4 R4-2):
@@ -312,11 +314,14 @@ class OpenAIUpstream:
             return
         for tool in asked:
             if tool not in self._call_prices:
+                shown = shown_model(tool)  # a client's type: any length
                 raise Forbidden(
-                    f"The tool {tool!r} has no price on this gateway "
-                    f'([call_prices."openai.{tool}"]), so it is not available.',
+                    f"The tool {shown} has no price on this gateway "
+                    f'([call_prices."openai.{shown[1:-1]}"]), so it is not available.',
                     code="tool_not_priced",
                 )
+        if route.kind == "chat":
+            _check_server_searches(body)
 
     def asks_for_one_hour_cache(self, body: dict[str, Any]) -> bool:
         """Whether a request asks a router in front of Claude for a 1-hour
@@ -332,13 +337,11 @@ class OpenAIUpstream:
         review-sec F4): a chat completion with ``web_search_options`` or a search
         model; a response listing a ``web_search*`` tool, or asking a search model."""
         if route.kind == "chat":
-            return any(
-                call == _CHAT_WEB_SEARCH or "web_search" in call for call in _chat_calls(body)
-            )
+            return any(_is_web_search(call) for call in _chat_calls(body))
         if route.kind != "response":
             return False
         model = _requested_model(body)
-        return any(tool.startswith("web_search") for tool in _response_tools(body)) or (
+        return any(_is_web_search(tool) for tool in _response_tools(body)) or (
             model is not None and _SEARCH_MODEL.search(model) is not None
         )
 
@@ -513,7 +516,7 @@ class OpenAIUpstream:
         searches = 0
         if calls:
             usage = self._with_calls(usage, calls, ran=ran)
-            searches = sum(count for call, count in calls.items() if call in _SEARCH_CALLS)
+            searches = sum(count for call, count in calls.items() if _is_web_search(call))
         if usage is metered.usage and model == metered.model and searches == metered.web_searches:
             return metered
         # Built whole, not with dataclasses.replace (a loop over the fields on
@@ -641,6 +644,40 @@ def _chat_calls(body: dict[str, Any]) -> list[str]:
     return calls
 
 
+def _check_server_searches(body: dict[str, Any]) -> None:
+    """A chat's server-run web search is charged one call an answer: held to
+    one search's worth, as the web plugin is (review 11, R11-2) - OpenRouter's
+    at most `_WEB_RESULTS` results, Claude's (through LiteLLM) ``max_uses: 1``."""
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return
+    for tool in tools:
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if not isinstance(kind, str) or kind in _FREE_TOOLS or not _is_web_search(kind):
+            continue
+        assert isinstance(tool, dict)
+        parameters = tool.get("parameters")
+        results = (
+            parameters.get("max_results", _WEB_RESULTS)
+            if isinstance(parameters, dict)
+            else _WEB_RESULTS
+        )
+        uses = tool.get("max_uses", 1 if kind.startswith("openrouter:") else None)
+        if not (type(results) is int and 1 <= results <= _WEB_RESULTS and uses == 1):
+            option = f"tools.{shown_model(kind)} (more than one search an answer)"
+            raise Forbidden(
+                f"The option {option} has no price on this gateway, so it is not available.",
+                code="option_not_priced",
+            )
+
+
+def _is_web_search(call: str) -> bool:
+    """Whether a paid call is a web search (counted against
+    ``web_searches_per_day``): OpenAI's, and a server-run tool named one
+    (``openrouter:web_search``, Claude's ``web_search_20250305``; review 11)."""
+    return call in _SEARCH_CALLS or "web_search" in call
+
+
 def _asks_openrouters_web(body: dict[str, Any], model: str | None) -> bool:
     """OpenRouter's web search, which it bills per result on top of the model
     (review 9, R9-7): its ``web`` plugin, or a model named with ``:online``."""
@@ -685,7 +722,7 @@ def _check_plugins(route: Route, body: dict[str, Any], model: str | None) -> Non
         if not isinstance(provider, dict):
             raise BadRequest("provider must be an object.", code="invalid_param")
         for key, value in provider.items():
-            if key not in _PROVIDER_KEYS and not (key == "sort" and value == "price"):
+            if key not in _PROVIDER_NEUTRAL or value != _PROVIDER_NEUTRAL[key]:
                 option = f"provider.{shown_model(str(key))}"
                 raise Forbidden(
                     f"The option {option} has no price on this gateway, so it is not available.",

@@ -2181,3 +2181,109 @@ def test_a_routers_provider_choice_cannot_cost_more_than_the_table(
     assert isinstance(ceiling, dict)
     assert Decimal(str(ceiling.get("prompt"))) <= Decimal("0.15")
     assert Decimal(str(ceiling.get("completion"))) <= Decimal("0.60")
+
+
+# --- review 11: the chat's server tools and OpenRouter's provider filters ----------------
+
+_SERVER_SEARCH_PRICES = {
+    **CALL_PRICES,
+    "openai.web_search_20250305": {"price": "0.01"},
+    "openai.openrouter:web_search": {"price": "0.02"},
+}
+_CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [
+        # (max_uses 1: one search an answer, what one call price holds - R11-2)
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 1},
+        {"type": "openrouter:web_search"},
+    ],
+    ids=["claude-web_search", "openrouter-web_search"],
+)
+def test_a_chat_server_search_counts_against_web_searches_per_day(tool: dict[str, Any]) -> None:
+    # R11-1. Review 10 prices a chat's server tool by its type and
+    # asks_for_web_search reads any call with "web_search" in its name, so
+    # admission reserves a search; but `priced` counts only `_SEARCH_CALLS`
+    # (web_search, web_search_preview, chat_web_search) into
+    # Metered.web_searches, which is what the usage event records
+    # (proxy.py: int(result.web_searches > 0)). The answer settles with 0
+    # searches: the day's count never grows, web_searches_per_day never refuses.
+    up = tooled(_SERVER_SEARCH_PRICES)
+    route = up.route("POST", "/chat/completions")
+    prepared = _prepare(up, "/chat/completions", {**_CHAT, "tools": [tool]})
+    assert up.asks_for_web_search(route, prepared.body)
+    calls = up.calls(route, prepared.body, {})
+    metered = up.priced(
+        Metered(None, None, None, Usage(10, 5, 15), "ok"), "gpt-4o-mini", calls=calls
+    )
+    assert metered.web_searches, "searched, charged, but counted as no web search"
+
+
+@pytest.mark.parametrize(
+    ("tool", "searches"),
+    [
+        # Anthropic runs up to max_uses searches an answer ($10 per 1,000), none
+        # set: as many as the model likes.
+        ({"type": "web_search_20250305", "name": "web_search", "max_uses": 20}, 20),
+        # OpenRouter bills its search per result ($4 per 1,000); 25 results is
+        # five times the default R10-3 bounds the web plugin to.
+        ({"type": "openrouter:web_search", "parameters": {"max_results": 25}}, 5),
+    ],
+    ids=["claude-max_uses-20", "openrouter-max_results-25"],
+)
+def test_a_chat_server_search_is_bounded_like_the_web_plugin(
+    tool: dict[str, Any], searches: int
+) -> None:
+    # R11-2. A chat's calls are one per answer (`calls` ignores `reported` on
+    # chats): the server tool is charged, and held in the money bound, as one
+    # call whatever it runs. R10-3 refuses plugins [{"id": "web",
+    # "max_results": 25}] for exactly this; the same search as a tool passes.
+    up = tooled(_SERVER_SEARCH_PRICES)
+    route = up.route("POST", "/chat/completions")
+    try:
+        prepared = _prepare(up, "/chat/completions", {**_CHAT, "tools": [tool]})
+    except Forbidden:
+        return
+    assert sum(up.calls(route, prepared.body, {}).values()) >= searches
+
+
+def test_a_responses_server_search_is_held_by_the_web_search_allowance() -> None:
+    # R11-3. The same tool on /responses: priced by type at prepare, but
+    # asks_for_web_search reads `tool.startswith("web_search")` there, so
+    # admission neither checks nor reserves the user's web-search allowance
+    # (the chat path says True for the same tool).
+    up = tooled(_SERVER_SEARCH_PRICES)
+    route = up.route("POST", "/responses")
+    body = {"model": "gpt-4o-mini", "input": "hi", "tools": [{"type": "openrouter:web_search"}]}
+    prepared = _prepare(up, "/responses", body)
+    assert up.asks_for_web_search(route, prepared.body)
+
+
+@pytest.mark.parametrize(
+    "provider",
+    [{"zdr": True}, {"data_collection": "deny"}, {"require_parameters": True}],
+    ids=["zdr", "data_collection-deny", "require_parameters"],
+)
+def test_a_provider_filter_that_can_leave_only_dearer_hosts_is_refused(
+    provider: dict[str, Any],
+) -> None:
+    # R11-4. R10-7 refuses `ignore` and `only` because they can leave OpenRouter
+    # only hosts dearer than the one the table prices. zdr ("restrict routing
+    # to only ZDR endpoints"), data_collection "deny" ("use only providers which
+    # do not collect user data") and require_parameters ("only use providers
+    # that support all parameters") filter the same host list the same way
+    # (openrouter.ai/docs/features/provider-routing): `ignore` by another name.
+    up = tooled()
+    with pytest.raises(Forbidden):
+        _prepare(up, "/chat/completions", {**_CHAT, "provider": provider})
+
+
+@pytest.mark.parametrize(
+    "provider",
+    [{"zdr": False}, {"data_collection": "allow"}, {"require_parameters": False}, {}],
+)
+def test_provider_choices_that_filter_nothing_pass(provider: dict[str, Any]) -> None:
+    # The fix must not refuse the defaults a client library writes out.
+    assert _prepare(tooled(), "/chat/completions", {**_CHAT, "provider": provider}).body
