@@ -90,6 +90,9 @@ _PRICED_OPTIONS: Final = {
     "speed": frozenset({"standard"}),
     "inference_geo": frozenset({"global"}),
 }
+# OpenRouter's options on its Anthropic-compatible endpoint: paid plugins, the
+# host, fallback models and their order (`_check_router_options`).
+_ROUTER_OPTIONS: Final = ("plugins", "provider", "models", "route")
 # Where Anthropic reads a prompt cache's ``cache_control`` (and its ttl:
 # cache_ttl.py), besides the top level.
 _CACHED_PARTS: Final = ("system", "messages", "tools")
@@ -236,6 +239,7 @@ class AnthropicUpstream:
     def _check_priced(self, body: dict[str, Any]) -> None:
         """Refuse, before admission, an answer whose cost could not be told."""
         model = _requested_model(body)
+        _check_router_options(body, model)
         if not self._allow_unpriced and not self._prices.prices(model):
             named = f"The model {model!r}" if model is not None else "A request without a model"
             raise Forbidden(
@@ -452,6 +456,26 @@ class AnthropicUpstream:
     def stream_error(self, status: int, code: str, message: str) -> bytes:
         # The SDKs raise on an "error" event, as Anthropic sends one mid-stream.
         return b"event: error\ndata: " + self.error_body(status, code, message) + b"\n\n"
+
+
+def _check_router_options(body: dict[str, Any], model: str | None) -> None:
+    """Refuse what a router's Anthropic-compatible endpoint (OpenRouter's
+    /v1/messages) reads as paid work or a dearer choice: its plugins (a web
+    search billed per result, OCR per page), its host routing, fallback
+    models no price here was checked for, and an ``:online`` model (a web
+    search on every answer). None is Anthropic's API, which refuses unknown
+    fields; the OpenAI dialect prices the chat's web search instead (review 11)."""
+    for name in _ROUTER_OPTIONS:
+        if name in body:
+            raise Forbidden(
+                f"The option {name} has no price on this gateway, so it is not available.",
+                code="option_not_priced",
+            )
+    if model is not None and model.lower().endswith(":online"):
+        raise Forbidden(
+            "The plugin 'web' has no price on this gateway, so it is not available.",
+            code="tool_not_priced",
+        )
 
 
 def _check_request(body: dict[str, Any]) -> None:

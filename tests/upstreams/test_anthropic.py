@@ -1106,3 +1106,29 @@ def test_count_tokens_refuses_a_field_a_router_reads_over_the_checked_ones(field
     body = {"model": MODEL, "messages": [], field: "https://attacker.example/v1"}
     with pytest.raises(BadRequest):
         up.prepare(route, body, b"", "alice", method="POST", request_id="r")
+
+
+# --- OpenRouter's Anthropic-compatible endpoint ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"plugins": [{"id": "web"}]},  # a web search billed per result
+        {"plugins": [{"id": "file-parser"}]},  # OCR per page
+        {"provider": {"order": ["the-dearest-host"], "allow_fallbacks": False}},
+        {"models": ["claude-opus-4-1"]},  # a fallback no price here was checked for
+        {"route": "fallback"},
+        {"model": "claude-sonnet-4-5:online"},  # a web search on every answer
+    ],
+)
+def test_a_routers_paid_options_on_the_messages_route_are_refused(extra: dict[str, Any]) -> None:
+    """An ``anthropic`` upstream pointed at OpenRouter's /v1/messages: its
+    plugins, host routing, fallback models and ``:online`` models are paid work
+    or a dearer choice the table does not price (review 11's notes). None is
+    Anthropic's API."""
+    up = dialect()
+    body = {**BODY, **extra}
+    with pytest.raises(Forbidden) as refused:
+        up.prepare(up.route("POST", "/messages"), body, b"", "alice", method="POST", request_id="r")
+    assert refused.value.code in ("option_not_priced", "tool_not_priced")
