@@ -119,8 +119,6 @@ _ONLINE: Final = ":online"
 _WEB_RESULTS: Final = 5
 _WEB_PLUGIN_KEYS: Final = frozenset({"id", "max_results", "search_prompt"})
 _WEB_OPTION: Final = "plugins.web (more than 5 results, or another engine)"
-# The calls that are web searches, counted against web_searches_per_day (review-sec F4).
-_SEARCH_CALLS: Final = frozenset({*_WEB_SEARCH_TOOLS, _CHAT_WEB_SEARCH})
 # OpenRouter's provider routing values that filter no host out (review 11).
 _PROVIDER_NEUTRAL: Final = {
     "allow_fallbacks": True,
@@ -672,10 +670,11 @@ def _check_server_searches(body: dict[str, Any]) -> None:
 
 
 def _is_web_search(call: str) -> bool:
-    """Whether a paid call is a web search (counted against
-    ``web_searches_per_day``): OpenAI's, and a server-run tool named one
-    (``openrouter:web_search``, Claude's ``web_search_20250305``; review 11)."""
-    return call in _SEARCH_CALLS or "web_search" in call
+    """Whether a paid call is a web search, counted against
+    ``web_searches_per_day`` (review-sec F4): OpenAI's (``web_search``,
+    ``web_search_preview``, ``chat_web_search``), and a server-run tool named
+    one (``openrouter:web_search``, Claude's ``web_search_20250305``; review 11)."""
+    return "web_search" in call
 
 
 def _asks_openrouters_web(body: dict[str, Any], model: str | None) -> bool:
