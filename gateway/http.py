@@ -336,12 +336,19 @@ _DROP_REQUEST: Final = (
 )
 
 
+def cgi_spelling(name: bytes) -> bytes:
+    """A lower-case header name as a server reading headers as CGI variables
+    (WSGI's environ, PHP) tells it apart: "-" for "_" (HTTP_X_TENANT for
+    x-tenant and x_tenant alike)."""
+    return name.replace(b"_", b"-") if b"_" in name else name
+
+
 def _dropped_as_cgi_reads(name: bytes, user_header: bytes, key_header: bytes | None) -> bool:
     """A name with underscores that a server reading headers as CGI variables
-    (WSGI's environ, PHP; HTTP_X_LITELLM_END_USER_ID for both spellings) takes
-    for one the gateway reads or drops: dropped too, or a router behind such a
-    server would read ``x_litellm_end_user_id`` as the header the gateway drops."""
-    dashed = name.replace(b"_", b"-")
+    takes for one the gateway reads or drops (`cgi_spelling`): dropped too, or
+    a router behind such a server would read ``x_litellm_end_user_id`` as the
+    header the gateway drops."""
+    dashed = cgi_spelling(name)
     return (
         dashed in _DROP_REQUEST
         or dashed.startswith(_ROUTER_PREFIXES)

@@ -31,7 +31,7 @@ import httpx
 from gateway.accounts import effective_plan, team_plan
 from gateway.auth import Authenticator, TeamDirectory, UserDirectory
 from gateway.config import GENERAL_PREFIX, Config, Plan, UpstreamConfig, is_override_name
-from gateway.http import Headers
+from gateway.http import Headers, cgi_spelling
 from gateway.messages import Catalogue
 from gateway.mounts import RoutingTable, UpstreamRoute
 from gateway.pricing import PriceTable
@@ -105,7 +105,7 @@ class Target:
     # dialect's form, then the operator's own (its ``headers`` and ``headers_env``).
     credentials: tuple[tuple[bytes, bytes], ...] = dataclasses.field(repr=False)
     blocking_timeout: httpx.Timeout  # a blocking answer may take as long as any answer
-    # The operator's header names, lower case with "-" for "_" (`_cgi`): a
+    # The operator's header names, lower case with "-" for "_" (`cgi_spelling`): a
     # client's of the same name is never sent to this upstream, beside or
     # instead of the operator's, in either spelling.
     owned: frozenset[bytes] = frozenset()
@@ -122,17 +122,11 @@ class Target:
         """``forward`` without the headers the operator sets here (a request
         sent with no credentials: a CORS preflight), in either spelling a
         server reading them as CGI variables takes for one
-        (`gateway.http._dropped_as_cgi_reads`)."""
+        (`gateway.http.cgi_spelling`)."""
         owned = self.owned
         if not owned:
             return forward
-        return [(name, value) for name, value in forward if _cgi(name) not in owned]
-
-
-def _cgi(name: bytes) -> bytes:
-    """A header's name as a server reading headers as CGI variables tells it
-    apart (HTTP_X_TENANT for x-tenant and x_tenant alike), lower case."""
-    return name.replace(b"_", b"-") if b"_" in name else name
+        return [(name, value) for name, value in forward if cgi_spelling(name) not in owned]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -343,7 +337,7 @@ def _target(up: UpstreamConfig, dialect: Upstream) -> Target:
         # dialect's (Anthropic's x-api-key). Never another upstream's key, nor
         # another upstream's headers.
         credentials=dialect.upstream_credentials(up) + own,
-        owned=frozenset(_cgi(name) for name, _ in own),
+        owned=frozenset(cgi_spelling(name) for name, _ in own),
         blocking_timeout=httpx.Timeout(
             connect=up.connect_timeout,
             read=up.total_timeout,
