@@ -1223,12 +1223,12 @@ def _coerce(value: Any, tp: Any, path: str, minimum: float | None) -> Any:
     if origin is Mapping:  # a table of strings (an upstream's headers)
         if not isinstance(value, dict):
             # Not quoted: it may be a header with its key (review 9, R9-5).
-            kind = _kind(value).split(" (", 1)[0]
+            kind = _kind(value, quoted=False)
             raise ConfigError(f"{path}: expected a table of strings, got {kind}")
         if args[1] is str:  # a value is never quoted: it may be a key (review 8, R8-8)
             for name, item in value.items():
                 if not isinstance(item, str):
-                    kind = _kind(item).split(" (", 1)[0]
+                    kind = _kind(item, quoted=False)
                     raise ConfigError(f"{path}.{_toml_value(name)}: expected a string, got {kind}")
             return types.MappingProxyType(dict(value))
         return types.MappingProxyType(
@@ -1300,7 +1300,9 @@ def _decimal(value: Any, path: str, minimum: float | None) -> Decimal:
     return result
 
 
-def _kind(value: object) -> str:
+def _kind(value: object, *, quoted: bool = True) -> str:
+    """A value's TOML kind for an error, with the value itself unless not
+    ``quoted`` (one that may be a secret)."""
     names = {
         bool: "a boolean",
         int: "an integer",
@@ -1309,11 +1311,8 @@ def _kind(value: object) -> str:
         dict: "a table",
         list: "an array",
     }
-    return (
-        f"{names.get(type(value), type(value).__name__)} ({value!r})"
-        if not isinstance(value, dict | list)
-        else names[type(value)]
-    )
+    name = names.get(type(value), type(value).__name__)
+    return f"{name} ({value!r})" if quoted and not isinstance(value, dict | list) else name
 
 
 def mask_url(url: str) -> str:
