@@ -173,9 +173,12 @@ class _WarmConnections:
     without listeners, after the statement that ends a pooler's session
     (`_RESET`: the session's settings back to its start, its temporary tables,
     advisory locks and cursors gone). The storage still opens its pool and runs
-    its `init` on each connection it takes. Only tests on ``database_url`` take
-    them: a test on ``postgres_dsn`` changes what a connection starts with (the
-    database's defaults, roles) or counts the server's backends."""
+    its `init` on each connection it takes, and a test's own `asyncpg.connect`
+    to the database is lent one as well. Tests on ``database_url`` take them, and
+    tests on ``postgres_dsn`` marked ``warm_connections`` (a test that needs two
+    backends still gets two, warm ones); the others on ``postgres_dsn`` change
+    what a connection starts with (the database's defaults, roles) or count the
+    server's backends."""
 
     # DISCARD ALL without DEALLOCATE ALL and DISCARD PLANS: asyncpg keeps the
     # statements it prepared on the connection, which are what is warm.
@@ -186,7 +189,7 @@ class _WarmConnections:
     # Per pytest process, kept open on the server: most tests open two (the
     # admissions keep one); four runs at once on one server (helpers, CI) must
     # stay well under its max_connections.
-    _KEPT = 2
+    _KEPT = 3
     _QUERIES = 10_000  # a connection's statements before it is closed after all
 
     def __init__(self, dsn: str, loop: asyncio.AbstractEventLoop) -> None:
@@ -267,11 +270,32 @@ async def _warm_connections(postgres_dsn: str) -> AsyncIterator[_WarmConnections
     with pytest.MonkeyPatch.context() as patch:
         # The pool looks asyncpg.connection.connect up when it is made.
         patch.setattr(asyncpg.connection, "connect", warm.connect)
+        patch.setattr(asyncpg, "connect", warm.connect)  # a test's own connections
         patch.setattr(asyncpg.Connection, "close", lambda conn, **kw: warm.close(conn, **kw))
         try:
             yield warm
         finally:
             await warm.aclose()
+
+
+@pytest.fixture(autouse=True)
+def _lend_to_marked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Lends warm connections to a test on ``postgres_dsn`` marked
+    ``warm_connections`` (or in a module so marked, unless the test is marked
+    ``warm_connections(False)``), before any of its fixtures opens a storage
+    (autouse: set up first, torn down last). Nothing is emptied: such a test
+    empties what it uses, as before."""
+    marker = request.node.get_closest_marker("warm_connections")
+    lend = marker is not None and (marker.args or (True,))[0]
+    if not lend or "postgres_dsn" not in request.fixturenames:
+        yield
+        return
+    warm: _WarmConnections = request.getfixturevalue("_warm_connections")
+    warm.lending = True
+    try:
+        yield
+    finally:
+        warm.lending = False
 
 
 @pytest.fixture

@@ -25,6 +25,9 @@ from tests.processes import GatewayProcess
 from tests.servers import serve
 from tests.tcpproxy import TCPProxy
 
+# Its tests on postgres_dsn take warm connections (tests/conftest.py).
+pytestmark = pytest.mark.warm_connections
+
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming", "user": "x"}
 HCM = "Asia/Ho_Chi_Minh"  # UTC+7, no daylight saving
 

@@ -18,6 +18,9 @@ from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
 from tests.test_admission import CHAT, ask, plans, two_gateways
 
+# Its tests on postgres_dsn take warm connections (tests/conftest.py).
+pytestmark = pytest.mark.warm_connections
+
 # On a bucket's start (buckets of a minute's rate are 5 s long).
 T0 = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)
 

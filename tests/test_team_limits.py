@@ -19,6 +19,9 @@ from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
 from tests.test_admission import CHAT, ask, two_gateways
 
+# Its tests on postgres_dsn take warm connections (tests/conftest.py).
+pytestmark = pytest.mark.warm_connections
+
 T0 = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
 
 

@@ -36,6 +36,9 @@ from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml, until
 from tests.test_admission import CHAT, HCM, two_gateways
 
+# Its tests on postgres_dsn take warm connections (tests/conftest.py).
+pytestmark = pytest.mark.warm_connections
+
 # A token of this model costs 0.001 to read and 0.002 to write.
 PRICES = {"budget-model": {"input": "1000", "output": "2000"}}
 # The fake reports 10 prompt and 50 completion tokens: 0.01 + 0.10.

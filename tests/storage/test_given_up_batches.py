@@ -32,6 +32,9 @@ from tests.harness import until
 from tests.storage.test_group_commit import DAY, NOW, Runner, admit, group, turns
 from tests.tcpproxy import TCPProxy
 
+# Its tests on postgres_dsn take warm connections (tests/conftest.py).
+pytestmark = pytest.mark.warm_connections
+
 # --- the batcher ---------------------------------------------------------------------
 
 

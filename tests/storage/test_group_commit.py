@@ -63,6 +63,10 @@ from gateway.storage.sqlite import (
 )
 from tests.conftest import _truncate
 
+# The tests on postgres_dsn take warm connections (tests/conftest.py): a blocker
+# of their own is still a backend of its own.
+pytestmark = pytest.mark.warm_connections
+
 T = TypeVar("T")
 NOW = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
 DAY = date(2026, 11, 21)

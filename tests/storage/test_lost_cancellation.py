@@ -27,7 +27,8 @@ from tests.harness import until_async
 from tests.storage.test_group_commit import DAY, admit
 from tests.tcpproxy import TCPProxy
 
-pytestmark = pytest.mark.postgres
+# Its tests on postgres_dsn take warm connections (tests/conftest.py).
+pytestmark = [pytest.mark.postgres, pytest.mark.warm_connections]
 
 
 def _waiting_admissions(waiting: str) -> str:

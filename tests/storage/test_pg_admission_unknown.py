@@ -36,7 +36,8 @@ from tests.storage.test_given_up_batches import HeldProxy
 from tests.storage.test_group_commit import DAY, MONTH, NOW, admit, group_sent
 from tests.tcpproxy import TCPProxy
 
-pytestmark = pytest.mark.postgres
+# Its tests on postgres_dsn take warm connections (tests/conftest.py).
+pytestmark = [pytest.mark.postgres, pytest.mark.warm_connections]
 
 # Short enough to keep the tests fast: each waits out one or two of them.
 TIMEOUT = 0.4

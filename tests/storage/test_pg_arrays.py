@@ -35,7 +35,8 @@ from gateway.storage import (
 from gateway.storage.postgres import PostgresStorage, _joined, _numbers, _texts
 from tests.conftest import _truncate
 
-pytestmark = pytest.mark.postgres
+# Its tests on postgres_dsn take warm connections (tests/conftest.py).
+pytestmark = [pytest.mark.postgres, pytest.mark.warm_connections]
 
 NOW = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
 DAY = date(2026, 11, 21)
@@ -405,6 +406,8 @@ async def array_nulls_off(postgres_dsn: str) -> AsyncIterator[PostgresStorage]:
         await admin.close()
 
 
+# New connections: a lent one started before the database's default changed.
+@pytest.mark.warm_connections(False)
 async def test_array_nulls_off_keeps_none_null(array_nulls_off: PostgresStorage) -> None:
     """None is written as an unquoted NULL: under array_nulls = off that would be
     the text 'NULL' - a settle batch without a pending row (an answer admitted
@@ -422,6 +425,8 @@ async def test_array_nulls_off_keeps_none_null(array_nulls_off: PostgresStorage)
     assert len(recorded) == 3
 
 
+# New connections: a lent one started before the database's default changed.
+@pytest.mark.warm_connections(False)
 async def test_array_nulls_off_keeps_a_teams_limit_the_teams(
     array_nulls_off: PostgresStorage,
 ) -> None:

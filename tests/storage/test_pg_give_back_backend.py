@@ -43,7 +43,8 @@ from tests.storage.test_pg_admission_unknown import (
 from tests.storage.test_pg_give_back_order import LOCK_WAITERS, open_store, warm_up
 from tests.tcpproxy import TCPProxy
 
-pytestmark = pytest.mark.postgres
+# Its tests on postgres_dsn take warm connections (tests/conftest.py).
+pytestmark = [pytest.mark.postgres, pytest.mark.warm_connections]
 
 
 # --- A. the give-back's terminate() suppresses asyncpg's own cancellation ------------
@@ -166,6 +167,8 @@ async def other_role(postgres_dsn: str) -> AsyncIterator[str]:
         await conn.close()
 
 
+# New connections: the role it creates is dropped after it.
+@pytest.mark.warm_connections(False)
 async def test_a_give_back_of_a_store_whose_current_user_is_not_its_login_comes_after(
     postgres_dsn: str, lost_cancels: tuple[str, TCPProxy], other_role: str
 ) -> None:
@@ -306,6 +309,8 @@ async def test_an_upload_released_behind_a_pooler_comes_after_its_reservation(
         await store.close()
 
 
+# New connections: the backend it closes must end.
+@pytest.mark.warm_connections(False)
 async def test_a_backend_gone_when_it_was_to_be_ended_is_gone(
     postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -42,7 +42,8 @@ from tests.storage.test_pg_admission_unknown import (
 )
 from tests.tcpproxy import TCPProxy
 
-pytestmark = pytest.mark.postgres
+# Its tests on postgres_dsn take warm connections (tests/conftest.py).
+pytestmark = [pytest.mark.postgres, pytest.mark.warm_connections]
 
 TIMEOUT = 1.0  # the command timeout: long enough for the 250 ms batch lock timeout under load
 LATER = NOW + timedelta(days=1)

@@ -28,7 +28,8 @@ import pytest
 from gateway.storage.postgres import PostgresStorage
 from tests.conftest import _truncate
 
-pytestmark = pytest.mark.postgres
+# Its tests on postgres_dsn take warm connections (tests/conftest.py).
+pytestmark = [pytest.mark.postgres, pytest.mark.warm_connections]
 
 NOW = datetime.now(UTC)
 DAY = NOW.date()

@@ -25,7 +25,8 @@ from gateway.storage import AdmissionLimits, Pending, open_storage
 from gateway.storage.base import Lease, Storage, UsageEvent, WebSearch
 from tests.conftest import _truncate
 
-pytestmark = pytest.mark.postgres
+# Its tests on postgres_dsn take warm connections (tests/conftest.py).
+pytestmark = [pytest.mark.postgres, pytest.mark.warm_connections]
 
 NOW = datetime.now(UTC)
 DAY = NOW.date()

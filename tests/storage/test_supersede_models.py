@@ -17,6 +17,9 @@ from gateway.storage import AdmissionLimits, Pending, Storage, UsageEvent
 from gateway.storage.postgres import PostgresStorage
 from tests.conftest import _truncate
 
+# Its tests on postgres_dsn take warm connections (tests/conftest.py).
+pytestmark = pytest.mark.warm_connections
+
 DAY = date(2026, 11, 21)
 MONTH = date(2026, 11, 1)
 NOW = datetime(2026, 11, 21, 8, 0, tzinfo=UTC)
