@@ -187,8 +187,10 @@ class _WarmConnections:
         " SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
     )
     # Per pytest process, kept open on the server: most tests open two (the
-    # admissions keep one); four runs at once on one server (helpers, CI) must
-    # stay well under its max_connections.
+    # admissions keep one), a test with a blocker of its own three
+    # (storage/test_group_commit.py: 48 new connections with two kept, 9 with
+    # three); four runs at once on one server (helpers, CI) must stay well under
+    # its max_connections (four each per pytest process with the emptier's: 64).
     _KEPT = 3
     _QUERIES = 10_000  # a connection's statements before it is closed after all
 
