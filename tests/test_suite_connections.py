@@ -2,7 +2,9 @@
 lend each other (tests/conftest.py, `_WarmConnections`) start as clean as new
 ones: what a test left on its session (settings, temporary tables, advisory
 locks) is gone before the next storage gets it, and the storage's own start
-(`_init_connection`) runs on it again. The forwarder the tests cut
+(`_init_connection`) runs on it again; so do a test's own connections, in a test on
+``postgres_dsn`` marked ``warm_connections`` (this module is). A test's own
+database is a migrated one of its own. The forwarder the tests cut
 (tests/tcpproxy.py) gets its port back."""
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import asyncpg
 import pytest
 
 from gateway.config import DatabaseConfig
-from gateway.storage import open_storage
+from gateway.storage import migrations, open_storage
 from tests import tcpproxy
 from tests.tcpproxy import TCPProxy
+
+pytestmark = pytest.mark.warm_connections
 
 
 @pytest.mark.postgres
@@ -45,6 +50,67 @@ async def test_a_lent_connection_starts_as_clean_as_a_new_one(database_url: str)
             )
     finally:
         await second.close()
+
+
+@pytest.mark.postgres
+async def test_a_marked_test_on_postgres_dsn_gets_lent_connections(
+    postgres_dsn: str, _warm_connections: Any
+) -> None:
+    """A test marked ``warm_connections`` (this module) takes lent connections
+    for its own `asyncpg.connect` as for its storages', as clean as new ones;
+    two open at once are still two backends."""
+    await _warm_connections.aclose()  # none kept for other kinds of connection
+    first = await asyncpg.connect(postgres_dsn)
+    second = await asyncpg.connect(postgres_dsn)
+    try:
+        assert first.get_server_pid() != second.get_server_pid()
+        pid = first.get_server_pid()
+        await first.execute("SET lock_timeout = 1234; SELECT pg_advisory_lock(42)")
+    finally:
+        await first.close()
+    again = await asyncpg.connect(postgres_dsn)
+    try:
+        assert again.get_server_pid() == pid  # the same backend, lent
+        assert await again.fetchval("SHOW lock_timeout") == "0"
+        assert not await again.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+        )
+    finally:
+        await again.close()
+        await second.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.warm_connections(False)
+async def test_a_test_marked_not_to_take_them_gets_new_connections(postgres_dsn: str) -> None:
+    """Marked ``warm_connections(False)`` (closer than its module's mark), or
+    not marked, a test on ``postgres_dsn`` gets new backends: it may change what
+    a connection starts with, or wait for a backend it closed to end."""
+    first = await asyncpg.connect(postgres_dsn)
+    pid = first.get_server_pid()
+    await first.close()
+    again = await asyncpg.connect(postgres_dsn)
+    try:
+        assert again.get_server_pid() != pid
+    finally:
+        await again.close()
+
+
+@pytest.mark.postgres
+async def test_a_tests_own_database_is_migrated_and_commits_as_the_runs_does(
+    own_database: str, postgres_dsn: str
+) -> None:
+    """`own_database` is a copy of a migrated database, which does not take its
+    template's settings: they are set on the copy again."""
+    assert own_database != postgres_dsn
+    conn = await asyncpg.connect(own_database)
+    try:
+        assert await conn.fetchval("SHOW synchronous_commit") == "off"
+        applied = await conn.fetchval("SELECT count(*) FROM schema_migrations")
+        assert applied == len(migrations("postgres"))
+        assert await conn.fetchval("SELECT count(*) FROM users") == 0
+    finally:
+        await conn.close()
 
 
 async def test_a_cut_proxy_keeps_a_port_no_outgoing_connection_takes() -> None:
