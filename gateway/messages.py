@@ -409,6 +409,14 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "The plugin {plugin} has no price on this gateway, so it is not available.",
         "Plugin {plugin} chưa được định giá trên gateway này nên không dùng được.",
     ),
+    # Perplexity's Sonar Deep Research: it bills every search it decides to run.
+    "model_not_bounded": _e(
+        "model_not_bounded",
+        "The model {model} bills each web search it decides to run, and no request can "
+        "bound how many, so it is not available through the gateway.",
+        "Mô hình {model} tính phí từng lượt tìm kiếm web mà nó tự quyết định chạy, và "
+        "không yêu cầu nào giới hạn được số lượt đó, nên không dùng được qua gateway.",
+    ),
     # Anthropic's 1-hour prompt cache: opened per model by the price it names.
     "option_not_priced_setting": _e(
         "option_not_priced",

@@ -104,6 +104,27 @@ _MODEL_TOOLS: Final = frozenset({"image_generation"})
 # Chat-completions models that search the web on every answer (gpt-4o-search-preview,
 # gpt-4o-mini-search-preview-2025-03-11, gpt-5-search-api).
 _SEARCH_MODEL: Final = re.compile(r"-search(?:-|$)")
+# Perplexity's Sonar models, which search the web before every answer and bill a
+# request fee for it (docs.perplexity.ai/getting-started/pricing): ``sonar``,
+# ``sonar-pro``, ``sonar-reasoning-pro``..., asked of Perplexity itself or after a
+# router's provider prefix (OpenRouter's ``perplexity/sonar-pro``), with a
+# router's variant suffix (``:floor``). Not a model whose name only holds the
+# word ("mysonar", "llama-sonar").
+_SONAR: Final = re.compile(r"(?:^|/)sonar(?:[-:]|$)", re.IGNORECASE)
+# Sonar Deep Research bills each search it runs ($5 per 1,000), as many as it
+# decides ("you cannot control the exact number of search queries"), and its
+# citation and reasoning tokens at rates of their own: no request bounds it.
+_SONAR_UNBOUNDED: Final = re.compile(r"(?:^|/)sonar-deep-research(?:[-:]|$)", re.IGNORECASE)
+# What a Sonar request fee is set by beside the model, and the values one
+# chat_web_search price holds: Perplexity's defaults, a "low" search context and
+# a standard search. "medium" and "high" ($8 and $12 per 1,000 requests of sonar
+# against $5) and Pro Search ("pro", or "auto", which may choose it: $14 to $22)
+# bill more for the same call price, and are refused (as the web plugin's extra
+# results are, review 10 R10-3).
+_SONAR_FEE_OPTIONS: Final = {
+    "search_context_size": frozenset({"low"}),
+    "search_type": frozenset({"fast"}),
+}
 # The service tiers an answer may ask for (review-sec F2): absent or null, "auto"
 # and "default" run at the project's standard rates, which [prices] holds, and
 # "flex" at lower ones. Any other ("priority", billed at about twice the standard
@@ -304,6 +325,7 @@ class OpenAIUpstream:
             body, self._prices, model, parts=_CACHED_PARTS, skip=_NOT_BLOCKS, injected=_INJECTED
         )
         _check_plugins(route, body, model)
+        _check_sonar(route, body, model)
         if route.kind == "chat":
             asked = _chat_calls(body)
         elif route.kind == "response":
@@ -338,9 +360,8 @@ class OpenAIUpstream:
             return any(_is_web_search(call) for call in _chat_calls(body))
         if route.kind != "response":
             return False
-        model = _requested_model(body)
-        return any(_is_web_search(tool) for tool in _response_tools(body)) or (
-            model is not None and _SEARCH_MODEL.search(model) is not None
+        return any(_is_web_search(tool) for tool in _response_tools(body)) or _searches_always(
+            _requested_model(body)
         )
 
     # --- model allow-lists (issue 21, gateway/model_access.py) ---------------------
@@ -618,12 +639,13 @@ def _response_tools(body: dict[str, Any]) -> list[str]:
 
 def _chat_calls(body: dict[str, Any]) -> list[str]:
     """The paid calls a chat completion makes on every answer: a web search (a
-    search model, or ``web_search_options``) and audio output."""
+    search model - OpenAI's, or Perplexity's Sonar - or ``web_search_options``)
+    and audio output."""
     calls = []
     model = _requested_model(body)
     if (
         body.get("web_search_options") is not None
-        or (model is not None and _SEARCH_MODEL.search(model) is not None)
+        or _searches_always(model)
         or _asks_openrouters_web(body, model)
     ):
         calls.append(_CHAT_WEB_SEARCH)
@@ -640,6 +662,54 @@ def _chat_calls(body: dict[str, Any]) -> list[str]:
             if kind not in _FREE_TOOLS:
                 calls.append(kind if isinstance(kind, str) else "(no type)")
     return calls
+
+
+def _searches_always(model: str | None) -> bool:
+    """Whether ``model`` searches the web before every answer: OpenAI's search
+    models, and Perplexity's Sonar models."""
+    return model is not None and (
+        _SEARCH_MODEL.search(model) is not None or _SONAR.search(model) is not None
+    )
+
+
+def _check_sonar(route: Route, body: dict[str, Any], model: str | None) -> None:
+    """Perplexity's Sonar models (the one asked for, or a router's fallback):
+    one request fee an answer, charged as one ``chat_web_search``. Refused: Deep
+    Research, which bills every search it decides to run (nothing bounds them
+    at admission); a Sonar model off a chat completion (its search is priced
+    and counted on chats only, as OpenRouter's ``:online`` is); and the
+    ``web_search_options`` that raise the request fee above the default one
+    (`_SONAR_FEE_OPTIONS`)."""
+    sonar = False
+    for name in (model, *fallback_models(body)):
+        if not isinstance(name, str) or _SONAR.search(name) is None:
+            continue
+        if _SONAR_UNBOUNDED.search(name) is not None:
+            raise Forbidden(
+                f"The model {shown_model(name)} bills each web search it decides to run, "
+                "and no request can bound how many, so it is not available through the gateway.",
+                code="model_not_bounded",
+            )
+        if route.kind != "chat":
+            option = f"model {shown_model(name)} (a web search off a chat completion)"
+            raise Forbidden(
+                f"The option {option} has no price on this gateway, so it is not available.",
+                code="option_not_priced",
+            )
+        sonar = True
+    options = body.get("web_search_options")
+    if not sonar or not isinstance(options, dict):
+        return
+    for key, priced in _SONAR_FEE_OPTIONS.items():
+        value = options.get(key)
+        if value is None or (isinstance(value, str) and value in priced):
+            continue
+        shown = shown_model(value) if isinstance(value, str) else _json_type(value)
+        option = f"web_search_options.{key} {shown} (a dearer search fee)"
+        raise Forbidden(
+            f"The option {option} has no price on this gateway, so it is not available.",
+            code="option_not_priced",
+        )
 
 
 def _check_server_searches(body: dict[str, Any]) -> None:

@@ -165,6 +165,30 @@ def test_the_cost_bound_prices_the_bound_with_the_price_table(tmp_path: Path) ->
     ) == Decimal("0.5")
 
 
+def test_the_cost_bound_of_a_sonar_answer_holds_its_search_fee() -> None:
+    # Perplexity's Sonar models bill a request fee for the search every answer
+    # runs: a budget's bound holds it, so a budget is still a hard cap.
+    config = parse_config(
+        {
+            "upstream": {"kind": "openai"},
+            "prices": {"perplexity/sonar": PRICES["budget-model"]},
+            "call_prices": {"openai.chat_web_search": {"price": "0.006"}},
+        },
+        env={},
+    )
+    route = Route(name="chat/completions", kind="chat", role="answer")
+    body = {**BODY, "model": "perplexity/sonar"}
+    bound = cost_bound(
+        OpenAIUpstream(config),
+        route,
+        body,
+        reserve_output_tokens=4096,
+        answer_reservation=Decimal(0),
+    )
+    tokens = len(orjson.dumps(body)) * Decimal("0.001") + 100 * Decimal("0.002")
+    assert bound == tokens + Decimal("0.006")
+
+
 # --- end to end ---------------------------------------------------------------------------
 
 
