@@ -109,7 +109,9 @@ _SEARCH_MODEL: Final = re.compile(r"-search(?:-|$)")
 # ``sonar-pro``, ``sonar-reasoning-pro``..., asked of Perplexity itself or after a
 # router's provider prefix (OpenRouter's ``perplexity/sonar-pro``), with a
 # router's variant suffix (``:floor``). Not a model whose name only holds the
-# word ("mysonar", "llama-sonar").
+# word ("mysonar", "llama-sonar"). One fee an answer, whatever number of queries
+# its usage reports (``num_search_queries``): Perplexity bills these models per
+# request, not per query.
 _SONAR: Final = re.compile(r"(?:^|/)sonar(?:[-:]|$)", re.IGNORECASE)
 # Sonar Deep Research bills each search it runs ($5 per 1,000), as many as it
 # decides ("you cannot control the exact number of search queries"), and its
