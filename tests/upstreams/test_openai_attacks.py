@@ -259,7 +259,7 @@ def sonar_chat(model: str, **extra: Any) -> dict[str, Any]:
 @pytest.mark.parametrize("streamed", [False, True], ids=["blocking", "streamed"])
 @pytest.mark.parametrize("model", ["sonar", "perplexity/sonar-pro"])
 async def test_a_sonar_answer_is_charged_and_counted_as_a_web_search(
-    sqlite_url: str, model: str, streamed: bool
+    database_url: str, model: str, streamed: bool
 ) -> None:
     # Attack: a Sonar model (Perplexity itself, or through OpenRouter) searches
     # the web before every answer and bills a request fee for it; the gateway
@@ -270,7 +270,7 @@ async def test_a_sonar_answer_is_charged_and_counted_as_a_web_search(
         call_prices=SONAR_CALL_PRICES, plans={"free": {"web_searches_per_day": 1}}
     )
     body = sonar_chat(model, stream=streamed)
-    async with running_gateway(sqlite_url, upstream=fake, settings=config) as h:
+    async with running_gateway(database_url, upstream=fake, settings=config) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
             headers = h.auth(**STEER, **AS_PERPLEXITY)
             answered = await client.post("/v1/chat/completions", json=body, headers=headers)
