@@ -375,17 +375,33 @@ def config_warnings(config: Config) -> list[str]:
                 f"the API key of upstream {name} is not set: set {upstream.api_key_env} "
                 f"(upstreams.{name}.api_key_env); it will refuse every request"
             )
-    # One variable read by upstreams at different hosts: one of them is sent a key
-    # that was meant for another (or the operator's single key is sent to both).
+    # One variable read by upstreams at different hosts, as their key or as one of
+    # their headers (headers_env): one of them is sent a secret that was meant for
+    # another (or the operator's single secret is sent to both).
     hosts: dict[str, dict[str, str]] = {}
+    settings: dict[str, set[str]] = {}
     for name, upstream in config.upstreams.items():
-        hosts.setdefault(upstream.api_key_env, {})[name] = _host(upstream.url)
+        host = _host(upstream.url)
+        for variable, setting in (
+            (upstream.api_key_env, "api_key_env"),
+            *((variable, "headers_env") for variable in upstream.headers_env.values()),
+        ):
+            hosts.setdefault(variable, {})[name] = host
+            settings.setdefault(variable, set()).add(setting)
     for variable, by_name in hosts.items():
-        if len(set(by_name.values())) > 1:
+        if len(set(by_name.values())) < 2:
+            continue
+        names, where = ", ".join(by_name), ", ".join(sorted(set(by_name.values())))
+        if settings[variable] == {"api_key_env"}:
             warnings.append(
-                f"upstreams {', '.join(by_name)} read the same API key ({variable}) but are at "
-                f"different hosts ({', '.join(sorted(set(by_name.values())))}): each is sent "
-                "the others' key; give each its own api_key_env"
+                f"upstreams {names} read the same API key ({variable}) but are at different "
+                f"hosts ({where}): each is sent the others' key; give each its own api_key_env"
+            )
+        else:
+            warnings.append(
+                f"upstreams {names} read the same secret ({variable}, in "
+                f"{' and '.join(sorted(settings[variable]))}) but are at different hosts "
+                f"({where}): each is sent the others' secret; give each its own variable"
             )
     if all(upstream.kind == "dify" for upstream in config.upstreams.values()):
         # Issue 21: a Dify app fixes its own model; no request names one.

@@ -213,6 +213,14 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "Advanced RAG is turned off for your account.",
         "RAG nâng cao đã bị tắt đối với tài khoản của bạn.",
     ),
+    # Dify's blocking workflow run, under a money budget (review-dify D1).
+    "cost_unreported": _e(
+        "cost_unreported",
+        "A workflow run in blocking mode does not report what it cost, and your plan "
+        'limits spending: run it with "response_mode": "streaming".',
+        "Lượt chạy workflow ở chế độ blocking không báo chi phí, mà gói của bạn giới hạn "
+        'chi tiêu: hãy chạy với "response_mode": "streaming".',
+    ),
     "file_too_large": _e(
         "file_too_large",
         "The file is larger than your plan allows ({limit} MB).",
@@ -408,6 +416,14 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "tool_not_priced",
         "The plugin {plugin} has no price on this gateway, so it is not available.",
         "Plugin {plugin} chưa được định giá trên gateway này nên không dùng được.",
+    ),
+    # Perplexity's Sonar Deep Research: it bills every search it decides to run.
+    "model_not_bounded": _e(
+        "model_not_bounded",
+        "The model {model} bills each web search it decides to run, and no request can "
+        "bound how many, so it is not available through the gateway.",
+        "Mô hình {model} tính phí từng lượt tìm kiếm web mà nó tự quyết định chạy, và "
+        "không yêu cầu nào giới hạn được số lượt đó, nên không dùng được qua gateway.",
     ),
     # Anthropic's 1-hour prompt cache: opened per model by the price it names.
     "option_not_priced_setting": _e(

@@ -608,6 +608,48 @@ def test_check_config_warns_of_one_key_variable_read_at_two_hosts() -> None:
     ]
 
 
+def test_check_config_warns_of_a_header_secret_read_by_upstreams_at_two_hosts() -> None:
+    """A `headers_env` variable is a secret as the key is: one read by upstreams
+    at two hosts (or one upstream's key that is another's header) is sent to
+    the host it was not meant for."""
+    from gateway.cli import config_warnings
+
+    def warnings(second: dict[str, object]) -> list[str]:
+        config = parse_config(
+            {
+                "upstreams": {
+                    "portkey": {
+                        "kind": "openai",
+                        "url": "https://api.portkey.ai/v1",
+                        "api_key_env": "OPENAI_API_KEY",
+                        "headers_env": {"x-portkey-api-key": "PORTKEY_API_KEY"},
+                    },
+                    "other": {
+                        "kind": "openai",
+                        "url": "https://llm.example.com/v1",
+                        "api_key_env": "OTHER_KEY",
+                        "mount": "/other/v1",
+                        **second,
+                    },
+                }
+            },
+            env={"OPENAI_API_KEY": "sk-1", "PORTKEY_API_KEY": "pk-1", "OTHER_KEY": "sk-2"},
+        )
+        return [w for w in config_warnings(config) if "same" in w]
+
+    assert warnings({}) == []
+    assert warnings({"headers_env": {"x-auth": "PORTKEY_API_KEY"}}) == [
+        "upstreams portkey, other read the same secret (PORTKEY_API_KEY, in headers_env) but "
+        "are at different hosts (api.portkey.ai, llm.example.com): each is sent the others' "
+        "secret; give each its own variable"
+    ]
+    assert warnings({"api_key_env": "PORTKEY_API_KEY"}) == [
+        "upstreams portkey, other read the same secret (PORTKEY_API_KEY, in api_key_env and "
+        "headers_env) but are at different hosts (api.portkey.ai, llm.example.com): each is "
+        "sent the others' secret; give each its own variable"
+    ]
+
+
 def test_only_named_upstreams_leave_no_default() -> None:
     config = parse_config(
         {

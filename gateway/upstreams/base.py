@@ -116,6 +116,7 @@ uses it for one request:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, runtime_checkable
@@ -326,6 +327,13 @@ class Upstream(Protocol):
         in time (it may have generated, and billed, the answer all the same)."""
         ...
 
+    def cost_unreported(self, route: Route, body: dict[str, Any]) -> bool:
+        """Whether the answer to this request will not say what it cost, and the
+        gateway cannot price it either (Dify's blocking workflow run: its body
+        holds its total tokens only). A money budget cannot hold such an answer:
+        admission refuses it where one applies (`Admitter.admit`)."""
+        ...
+
     def requested_models(
         self, route: Route, body: dict[str, Any] | None
     ) -> tuple[str | None, ...] | None:
@@ -468,6 +476,28 @@ _REFUSED_FIELDS: Final = (
     "base_url",
     "api_key",
 )
+
+
+# Models that search the web before every answer, billed per answer whatever
+# the request asks: OpenAI's search models (gpt-4o-search-preview,
+# gpt-4o-mini-search-preview-2025-03-11, gpt-5-search-api) and Perplexity's
+# Sonar models (docs.perplexity.ai/getting-started/pricing: ``sonar``,
+# ``sonar-pro``, ``sonar-reasoning-pro``...), asked of Perplexity itself, after a
+# router's provider prefix (OpenRouter's ``perplexity/sonar-pro``), with a
+# router's variant suffix (``:floor``), or inside a router's own name for its
+# deployment (LiteLLM's example ``perplexity-sonar-reasoning-model``; review
+# R-SONAR-2) - "sonar" as a part of the name, between separators. Not a name
+# that only holds the letters ("mysonar", "sonarqube-coder").
+_SEARCH_MODEL: Final = re.compile(r"-search(?:-|$)")
+SONAR: Final = re.compile(r"(?:^|[/._-])sonar(?:[-_.:]|$)", re.IGNORECASE)
+
+
+def searches_every_answer(model: str | None) -> bool:
+    """Whether ``model`` searches the web before every answer (`SONAR`, and
+    OpenAI's ``-search`` models)."""
+    return model is not None and (
+        _SEARCH_MODEL.search(model) is not None or SONAR.search(model) is not None
+    )
 
 
 def drop_router_fields(body: dict[str, Any]) -> None:

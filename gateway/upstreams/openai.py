@@ -29,11 +29,12 @@ import orjson
 
 from gateway.errors import BadRequest, Forbidden
 from gateway.model_access import shown_model
-from gateway.pricing import Audio, Price
+from gateway.pricing import Audio, Price, PriceTable
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import openai_routes
 from gateway.upstreams.anthropic_wire import refuse_unpriced_betas
 from gateway.upstreams.base import (
+    SONAR,
     Headers,
     Prepared,
     Route,
@@ -41,6 +42,7 @@ from gateway.upstreams.base import (
     drop_router_fields,
     keep_models,
     merge_model_lists,
+    searches_every_answer,
 )
 from gateway.upstreams.cache_ttl import (
     INJECTION_POINTS,
@@ -101,9 +103,27 @@ _WEB_SEARCH_TOOLS: Final = ("web_search", "web_search_preview")
 # Responses tools that run a model of their own, named by the tool's "model"
 # (OpenAI's default when it is left out): checked against a plan's allow-list.
 _MODEL_TOOLS: Final = frozenset({"image_generation"})
-# Chat-completions models that search the web on every answer (gpt-4o-search-preview,
-# gpt-4o-mini-search-preview-2025-03-11, gpt-5-search-api).
-_SEARCH_MODEL: Final = re.compile(r"-search(?:-|$)")
+# Perplexity's Sonar models (`base.SONAR`): one fee an answer, whatever number
+# of queries its usage reports (``num_search_queries``): Perplexity bills these
+# models per request, not per query.
+# Sonar Deep Research bills each search it runs ($5 per 1,000), as many as it
+# decides ("you cannot control the exact number of search queries"), and its
+# citation and reasoning tokens at rates of their own: no request bounds it.
+_SONAR_UNBOUNDED: Final = re.compile(r"(?:^|[/._-])sonar-deep-research(?:[-_.:]|$)", re.IGNORECASE)
+# OpenRouter's Sonar Pro Search (``perplexity/sonar-pro-search``) is Perplexity's
+# Pro Search: $18 per 1,000 requests, three times sonar-pro's default fee, which
+# one chat_web_search price cannot hold beside the others (review R-SONAR-3).
+_SONAR_PRO_SEARCH: Final = re.compile(r"(?:^|[/._-])sonar-pro-search(?:[-_.:]|$)", re.IGNORECASE)
+# What a Sonar request fee is set by beside the model, and the values one
+# chat_web_search price holds: Perplexity's defaults, a "low" search context and
+# a standard search. "medium" and "high" ($8 and $12 per 1,000 requests of sonar
+# against $5) and Pro Search ("pro", or "auto", which may choose it: $14 to $22)
+# bill more for the same call price, and are refused (as the web plugin's extra
+# results are, review 10 R10-3).
+_SONAR_FEE_OPTIONS: Final = {
+    "search_context_size": frozenset({"low"}),
+    "search_type": frozenset({"fast"}),
+}
 # The service tiers an answer may ask for (review-sec F2): absent or null, "auto"
 # and "default" run at the project's standard rates, which [prices] holds, and
 # "flex" at lower ones. Any other ("priority", billed at about twice the standard
@@ -304,6 +324,7 @@ class OpenAIUpstream:
             body, self._prices, model, parts=_CACHED_PARTS, skip=_NOT_BLOCKS, injected=_INJECTED
         )
         _check_plugins(route, body, model)
+        _check_sonar(route, body, model, self._prices, allow_unpriced=self._allow_unpriced)
         if route.kind == "chat":
             asked = _chat_calls(body)
         elif route.kind == "response":
@@ -338,9 +359,8 @@ class OpenAIUpstream:
             return any(_is_web_search(call) for call in _chat_calls(body))
         if route.kind != "response":
             return False
-        model = _requested_model(body)
-        return any(_is_web_search(tool) for tool in _response_tools(body)) or (
-            model is not None and _SEARCH_MODEL.search(model) is not None
+        return any(_is_web_search(tool) for tool in _response_tools(body)) or searches_every_answer(
+            _requested_model(body)
         )
 
     # --- model allow-lists (issue 21, gateway/model_access.py) ---------------------
@@ -436,6 +456,15 @@ class OpenAIUpstream:
             )
             metered = dataclasses.replace(metered, usage=usage)
         calls = self.calls(route, body, extras.calls.counts())
+        if (
+            route.kind == "chat"
+            and _CHAT_WEB_SEARCH not in calls
+            and searches_every_answer(metered.model)
+        ):
+            # The model that answered searches on every answer, though the one
+            # asked for is not named so (a router's alias of its deployment:
+            # review R-SONAR-2): its search is charged and counted all the same.
+            calls[_CHAT_WEB_SEARCH] = 1
         ran = route.kind == "response"
         return self.priced(
             metered, _requested_model(body), calls=calls, ran=ran, audio=extras.audio
@@ -444,6 +473,11 @@ class OpenAIUpstream:
     def billed_error(
         self, route: Route, body: dict[str, Any], status: int, content: bytes | None
     ) -> bool:
+        return False
+
+    @staticmethod
+    def cost_unreported(route: Route, body: dict[str, Any]) -> bool:
+        """Never: the gateway prices every answer from its usage and [prices]."""
         return False
 
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
@@ -618,12 +652,13 @@ def _response_tools(body: dict[str, Any]) -> list[str]:
 
 def _chat_calls(body: dict[str, Any]) -> list[str]:
     """The paid calls a chat completion makes on every answer: a web search (a
-    search model, or ``web_search_options``) and audio output."""
+    search model - OpenAI's, or Perplexity's Sonar - or ``web_search_options``)
+    and audio output."""
     calls = []
     model = _requested_model(body)
     if (
         body.get("web_search_options") is not None
-        or (model is not None and _SEARCH_MODEL.search(model) is not None)
+        or searches_every_answer(model)
         or _asks_openrouters_web(body, model)
     ):
         calls.append(_CHAT_WEB_SEARCH)
@@ -640,6 +675,67 @@ def _chat_calls(body: dict[str, Any]) -> list[str]:
             if kind not in _FREE_TOOLS:
                 calls.append(kind if isinstance(kind, str) else "(no type)")
     return calls
+
+
+def _check_sonar(
+    route: Route,
+    body: dict[str, Any],
+    model: str | None,
+    prices: PriceTable,
+    *,
+    allow_unpriced: bool,
+) -> None:
+    """Perplexity's Sonar models (the one asked for, or a router's fallback):
+    one request fee an answer, charged as one ``chat_web_search``. Refused: Deep
+    Research, which bills every search it decides to run (nothing bounds them
+    at admission); Pro Search, whose fee is three times the others'; a Sonar
+    model priced only by ``"*"`` (review R-SONAR-3: the call price was set for
+    the Sonar models the table names, and a catch-all would take any other at
+    it); a Sonar model off a chat completion (its search is priced and counted
+    on chats only, as OpenRouter's ``:online`` is); and the
+    ``web_search_options`` that raise the request fee above the default one
+    (`_SONAR_FEE_OPTIONS`)."""
+    sonar = False
+    for name in (model, *fallback_models(body)):
+        if not isinstance(name, str) or SONAR.search(name) is None:
+            continue
+        if _SONAR_UNBOUNDED.search(name) is not None:
+            raise Forbidden(
+                f"The model {shown_model(name)} bills each web search it decides to run, "
+                "and no request can bound how many, so it is not available through the gateway.",
+                code="model_not_bounded",
+            )
+        if _SONAR_PRO_SEARCH.search(name) is not None:
+            option = f"model {shown_model(name)} (a dearer search fee)"
+            raise Forbidden(
+                f"The option {option} has no price on this gateway, so it is not available.",
+                code="option_not_priced",
+            )
+        if not allow_unpriced and prices.name(name) is None:
+            raise Forbidden(
+                f"The model {name!r} has no price on this gateway, so its use cannot be charged.",
+                code="model_not_priced",
+            )
+        if route.kind != "chat":
+            option = f"model {shown_model(name)} (a web search off a chat completion)"
+            raise Forbidden(
+                f"The option {option} has no price on this gateway, so it is not available.",
+                code="option_not_priced",
+            )
+        sonar = True
+    options = body.get("web_search_options")
+    if not sonar or not isinstance(options, dict):
+        return
+    for key, priced in _SONAR_FEE_OPTIONS.items():
+        value = options.get(key)
+        if value is None or (isinstance(value, str) and value in priced):
+            continue
+        shown = shown_model(value) if isinstance(value, str) else _json_type(value)
+        option = f"web_search_options.{key} {shown} (a dearer search fee)"
+        raise Forbidden(
+            f"The option {option} has no price on this gateway, so it is not available.",
+            code="option_not_priced",
+        )
 
 
 def _check_server_searches(body: dict[str, Any]) -> None:

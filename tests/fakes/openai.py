@@ -32,7 +32,12 @@ Tests steer it per request with headers:
   usage), ``no_usage`` (ignore ``include_usage``, as some compatible servers do),
   ``error_midstream`` (an error ``data:`` line after the first piece),
   ``hold`` (pause after the first piece until the client closes the connection or
-  `release_held` is called; a blocking answer is held before its headers).
+  `release_held` is called; a blocking answer is held before its headers),
+  ``perplexity`` (a chat completion shaped as Perplexity's Sonar models answer:
+  ``citations`` and ``search_results`` beside the answer, and a usage object with
+  Perplexity's search fields - ``search_context_size``, ``num_search_queries``,
+  ``citation_tokens``, a ``cost`` breakdown - on every streamed chunk, with no
+  usage-only chunk, whatever ``include_usage`` says).
 
 Like OpenAI, an answer stops being generated when its client closes the
 connection (there is no stop endpoint); ``closed`` counts such answers. What it
@@ -169,7 +174,46 @@ class _Answer:
     # --- usage objects -------------------------------------------------------------
 
     def chat_usage(self) -> JSON:
+        if "perplexity" in self.scenario:
+            return {**self._perplexity_usage(), **self.usage_extra}
         return {**self._chat_usage(), **self.usage_extra}
+
+    def _perplexity_usage(self) -> JSON:
+        # docs.perplexity.ai/api-reference/chat-completions-post: its usage, cost
+        # in USD (here a sonar request at a "low" search context: $5 per 1,000).
+        return {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+            "search_context_size": "low",
+            "citation_tokens": None,
+            "num_search_queries": 1,
+            "reasoning_tokens": self.reasoning or None,
+            "cost": {
+                "input_tokens_cost": self.prompt / 1_000_000,
+                "output_tokens_cost": self.completion / 1_000_000,
+                "request_cost": 0.005,
+                "total_cost": (self.prompt + self.completion) / 1_000_000 + 0.005,
+            },
+        }
+
+    def usage_so_far(self, pieces: int) -> JSON:
+        """A Perplexity chunk's usage: the completion tokens written so far."""
+        written = min(pieces, self.completion)
+        return {
+            **self.chat_usage(),
+            "completion_tokens": written,
+            "total_tokens": self.prompt + written,
+        }
+
+    def _search_fields(self) -> JSON:
+        if "perplexity" not in self.scenario:
+            return {}
+        url = "https://example.com/news"
+        return {
+            "citations": [url],
+            "search_results": [{"title": "News", "url": url, "date": None}],
+        }
 
     def _chat_usage(self) -> JSON:
         return {
@@ -218,6 +262,7 @@ class _Answer:
             ],
             "usage": self.chat_usage(),
             "system_fingerprint": "fp_fake",
+            **self._search_fields(),
         }
 
     def completion_body(self) -> JSON:
@@ -324,6 +369,10 @@ class _Answer:
             "system_fingerprint": "fp_fake",
         }
         usage_null: JSON = {"usage": None} if include_usage else {}
+        perplexity = "perplexity" in self.scenario and chat
+        if perplexity:
+            # Perplexity sends the usage so far on every chunk, and no chunk of its own.
+            include_usage = False
         out: list[bytes] = []
         pieces = list(ANSWER_PIECES)
         for i, piece in enumerate(pieces):
@@ -334,7 +383,11 @@ class _Answer:
                 choice: JSON = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
             else:
                 choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": None}
+            if perplexity:
+                usage_null = {"usage": self.usage_so_far(i + 1), **self._search_fields()}
             out.append(data({**base, "choices": [choice], **usage_null}))
+        if perplexity:
+            usage_null = {"usage": self.chat_usage(), **self._search_fields()}
         last: JSON = (
             {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
             if chat

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from gateway.config import parse_config
 from gateway.errors import BadRequest, ConfigError, Forbidden
 from gateway.http import request_headers
+from gateway.messages import recognise
 from gateway.pricing import Audio, Price, PriceTable
 from gateway.sse import SSEDecoder
 from gateway.upstreams import get_upstream, openai_wire
@@ -1092,6 +1093,9 @@ def tooled(call_prices: dict[str, Any] | None = None) -> OpenAIUpstream:
         # OpenRouter's web search: its plugin, or a model named ":online" (review 9).
         ("/chat/completions", {"plugins": [{"id": "web"}]}, "chat_web_search"),
         ("/chat/completions", {"model": "gpt-4o-mini:online"}, "chat_web_search"),
+        # Perplexity's Sonar models search before every answer, itself or via OpenRouter.
+        ("/chat/completions", {"model": "sonar"}, "chat_web_search"),
+        ("/chat/completions", {"model": "perplexity/sonar-reasoning-pro"}, "chat_web_search"),
         (
             "/chat/completions",
             {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
@@ -1108,6 +1112,8 @@ def test_a_paid_tool_without_a_price_is_refused_naming_it(
         "gpt-4o-mini-search-preview": {},
         "gpt-4o-search-preview": {},
         "gpt-4o-mini:online": {},
+        "sonar": {},
+        "perplexity/sonar-reasoning-pro": {},
     }
     up = OpenAIUpstream(parse_config({"prices": prices}, env={}))
     with pytest.raises(Forbidden) as refused:
@@ -1260,6 +1266,119 @@ def test_a_search_model_is_charged_its_search_even_unanswered() -> None:
     }
     result = up.unanswered(up.route("POST", "/chat/completions"), body)
     assert result.usage is not None and result.usage.cost == Decimal("0.00015") + Decimal("0.03")
+
+
+SONAR_MODELS = [
+    "sonar",
+    "sonar-pro",
+    "sonar-reasoning",
+    "sonar-reasoning-pro",
+    "Sonar-Pro",
+    "perplexity/sonar",
+    "perplexity/sonar-pro",
+    "perplexity/sonar-reasoning-pro",
+    "perplexity/sonar:nitro",
+    "openrouter/perplexity/sonar",  # LiteLLM's provider/model
+    # A router's name for its deployment (LiteLLM's own example, review
+    # R-SONAR-2), and Perplexity's earlier names.
+    "perplexity-sonar-reasoning-model",
+    "llama-3.1-sonar-small-128k-online",
+    "sonar_clone",
+]
+# Names that hold the letters, not the word, and are no Perplexity model: priced
+# by their tokens alone.
+NOT_SONAR = ["sonarqube-coder", "acme/mysonar-7b", "personar-8b", "gpt-4o-mini"]
+
+
+@pytest.mark.parametrize("model", SONAR_MODELS + NOT_SONAR)
+@pytest.mark.parametrize("streamed", [False, True], ids=["blocking", "streamed"])
+def test_a_sonar_answer_is_charged_one_search_and_counts_one(model: str, streamed: bool) -> None:
+    # Perplexity bills a Sonar answer its tokens plus one request fee
+    # (docs.perplexity.ai/getting-started/pricing), whatever number of queries
+    # the usage reports it ran (num_search_queries): one chat_web_search.
+    prices = {model: {"input": "0.15", "output": "0.60"}}
+    up = OpenAIUpstream(parse_config({"prices": prices, "call_prices": CALL_PRICES}, env={}))
+    body = {"model": model, "messages": [{"role": "user", "content": "news?"}]}
+    route = up.route("POST", "/chat/completions")
+    _prepare(up, "/chat/completions", dict(body))
+    headers = {"x-fake-scenario": "perplexity", "x-fake-usage-extra": '{"num_search_queries": 3}'}
+    answer = _fake("/chat/completions", body, **headers)
+    if streamed:
+        meter = up.stream_meter(route, {**body, "stream": True})
+        for event in SSEDecoder().feed(b"".join(answer.chunks())):
+            meter.feed(event)
+        result = meter.finish(cut=False)
+    else:
+        result = up.meter_blocking(route, body, orjson.dumps(answer.chat_completion()))
+    searches = 0 if model in NOT_SONAR else 1
+    assert result.usage is not None and result.usage.total_tokens == 19
+    assert result.usage.cost == TOKENS_COST + searches * Decimal("0.03")
+    assert result.web_searches == searches
+    assert up.asks_for_web_search(route, body) is bool(searches)
+    assert up.unanswered(route, body).web_searches == searches
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "code"),
+    [
+        ("/chat/completions", {"model": "sonar-deep-research"}, "model_not_bounded"),
+        ("/chat/completions", {"model": "perplexity/sonar-deep-research"}, "model_not_bounded"),
+        ("/chat/completions", {"model": "Sonar-Deep-Research"}, "model_not_bounded"),
+        ("/chat/completions", {"model": "sonar-pro", "models": ["sonar-deep-research"]},
+         "model_not_bounded"),
+        ("/responses", {"model": "sonar-deep-research"}, "model_not_bounded"),
+        ("/completions", {"model": "sonar"}, "option_not_priced"),
+        ("/chat/completions", {"model": "perplexity/sonar-pro-search"}, "option_not_priced"),
+        ("/responses", {"model": "perplexity/sonar"}, "option_not_priced"),
+        ("/responses", {"model": "gpt-4o-mini", "models": ["perplexity/sonar"]},
+         "option_not_priced"),
+        ("/chat/completions",
+         {"model": "sonar", "web_search_options": {"search_context_size": "medium"}},
+         "option_not_priced"),
+        ("/chat/completions",
+         {"model": "sonar-pro", "web_search_options": {"search_context_size": "high"}},
+         "option_not_priced"),
+        ("/chat/completions",
+         {"model": "sonar-pro", "web_search_options": {"search_type": "pro"}},
+         "option_not_priced"),
+        ("/chat/completions",
+         {"model": "sonar-pro", "web_search_options": {"search_type": "auto"}},
+         "option_not_priced"),
+        ("/chat/completions",
+         {"model": "sonar", "web_search_options": {"search_context_size": 3}},
+         "option_not_priced"),
+    ],
+)  # fmt: skip
+def test_a_sonar_search_that_one_call_price_cannot_hold_is_refused(
+    path: str, body: dict[str, Any], code: str
+) -> None:
+    # Deep Research bills each of the searches it decides to run; "medium" and
+    # "high" search contexts and Pro Search bill a dearer request fee; off a chat
+    # completion, the search would be neither charged nor counted.
+    names = [body["model"], *body.get("models", [])]
+    prices = {name: {"input": "3", "output": "15"} for name in names}
+    up = OpenAIUpstream(parse_config({"prices": prices, "call_prices": CALL_PRICES}, env={}))
+    with pytest.raises(Forbidden) as refused:
+        _prepare(up, path, {**body, "messages": [{"role": "user", "content": "hi"}]})
+    assert refused.value.code == code
+    assert recognise(refused.value.message) is not None  # a catalogued message
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"search_context_size": "low"}, {"search_type": "fast"}, {"search_context_size": None},
+     {"user_location": {"country": "VN"}}],
+)  # fmt: skip
+def test_a_sonar_search_at_the_default_fee_is_forwarded(options: dict[str, Any]) -> None:
+    up = OpenAIUpstream(
+        parse_config({"prices": {"sonar-pro": {"input": "3"}}, "call_prices": CALL_PRICES}, env={})
+    )
+    body = {"model": "sonar-pro", "messages": [], "web_search_options": options}
+    assert _prepare(up, "/chat/completions", body).body is not None
+    # The same options on an OpenAI search model are OpenAI's to bill, as before.
+    up = tooled()
+    body = {"model": "gpt-4o-mini", "web_search_options": {"search_context_size": "high"}}
+    assert _prepare(up, "/chat/completions", body).body is not None
 
 
 def test_a_call_price_in_another_currency_than_the_models_is_refused_at_load() -> None:
@@ -1462,6 +1581,12 @@ def test_files_sent_inline_and_new_containers_stay_the_callers() -> None:
         ("chat/completions", {"model": "gpt-4o-mini", "web_search_options": {}}, True),
         ("chat/completions", {"model": "gpt-4o-mini-search-preview"}, True),
         ("chat/completions", {"model": "gpt-5-search-api-2025-10-14"}, True),
+        ("chat/completions", {"model": "sonar"}, True),
+        ("chat/completions", {"model": "sonar-reasoning-pro"}, True),
+        ("chat/completions", {"model": "perplexity/sonar-pro"}, True),
+        ("chat/completions", {"model": "perplexity/sonar:floor"}, True),
+        ("chat/completions", {"model": "sonarqube-coder"}, False),
+        ("chat/completions", {"model": "acme/mysonar-7b"}, False),
         ("responses", {"model": "gpt-4o-mini", "tools": [{"type": "function", "name": "f"}]}, False),
         ("responses", {"model": "gpt-4o-mini", "tools": [{"type": "web_search"}]}, True),
         ("responses", {"model": "gpt-4o-mini",

@@ -227,6 +227,136 @@ async def test_spoken_answers_are_charged_their_audio_tokens_at_the_audio_rate(
     assert event.cost == Decimal("0.03") + Decimal("0.005")
 
 
+# --- Perplexity's Sonar models: a web search on every answer -----------------------------
+
+# Perplexity's published rates (docs.perplexity.ai/getting-started/pricing): sonar
+# $1 / $1 per million tokens and, at a "low" search context, a $5 per 1,000
+# requests fee; sonar-pro $3 / $15 and $6. One chat_web_search price holds the
+# dearer fee of the two.
+SONAR_PRICES = {
+    "sonar": {"input": "1", "output": "1"},
+    "perplexity/sonar-pro": {"input": "3", "output": "15"},
+    "sonar-deep-research": {"input": "2", "output": "8"},
+    "perplexity/sonar-deep-research": {"input": "2", "output": "8"},
+}
+SONAR_FEE = Decimal("0.006")
+SONAR_CALL_PRICES = {"openai.chat_web_search": {"price": str(SONAR_FEE)}}
+# 7,000 prompt and 200 completion tokens (STEER)
+SONAR_TOKENS_COST = {"sonar": Decimal("0.0072"), "perplexity/sonar-pro": Decimal("0.024")}
+# The fake answers as Perplexity does: its usage (num_search_queries, cost...) on
+# every chunk, citations beside the answer.
+AS_PERPLEXITY = {"x-fake-scenario": "perplexity"}
+
+
+def sonar_settings(**extra: Any) -> dict[str, Any]:
+    return {"upstream": {"kind": "openai"}, "prices": SONAR_PRICES, **extra}
+
+
+def sonar_chat(model: str, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "Tin tức hôm nay?"}], **extra}
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["blocking", "streamed"])
+@pytest.mark.parametrize("model", ["sonar", "perplexity/sonar-pro"])
+async def test_a_sonar_answer_is_charged_and_counted_as_a_web_search(
+    database_url: str, model: str, streamed: bool
+) -> None:
+    # Attack: a Sonar model (Perplexity itself, or through OpenRouter) searches
+    # the web before every answer and bills a request fee for it; the gateway
+    # took it for a plain chat model: the fee was never charged, and a plan's
+    # web_searches_per_day never held it (a user with no search left searched on).
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    config = sonar_settings(
+        call_prices=SONAR_CALL_PRICES, plans={"free": {"web_searches_per_day": 1}}
+    )
+    body = sonar_chat(model, stream=streamed)
+    async with running_gateway(database_url, upstream=fake, settings=config) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            headers = h.auth(**STEER, **AS_PERPLEXITY)
+            answered = await client.post("/v1/chat/completions", json=body, headers=headers)
+            await h.probes.wait_finished(1)
+            (event,) = await h.events()
+            day = h.gateway.today()
+            (row,) = await h.storage.daily(day, day, user_id=USER)
+            assert answered.status_code == 200
+            assert "citations" in answered.text  # Perplexity's answer, passed on
+            assert (event.total_tokens, event.estimated) == (7200, False)
+            assert event.cost == SONAR_TOKENS_COST[model] + SONAR_FEE
+            assert (event.web_searches, row.web_searches) == (1, 1)
+            refused = await client.post("/v1/chat/completions", json=body, headers=headers)
+    # The day's one search is spent: the next Sonar answer is refused, not searched.
+    error = openai_error(refused, 429, "web_search_limit")
+    assert refused.headers["x-ratelimit-resource"] == "web_searches_per_day"
+    assert "web searches" in error["message"]
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["blocking", "streamed"])
+async def test_a_sonar_model_without_a_search_price_is_refused(
+    sqlite_url: str, streamed: bool
+) -> None:
+    # The model has a token price; its search fee has none: refused, as any paid
+    # call without a price is, before anything is reserved or forwarded.
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, upstream=fake, settings=sonar_settings()) as h:
+        refused = await post(h, "/v1/chat/completions", sonar_chat("sonar", stream=streamed))
+        await nothing_reserved(h, fake)
+    error = openai_error(refused, 403, "tool_not_priced")
+    assert "'chat_web_search'" in error["message"]
+    assert 'call_prices."openai.chat_web_search"' in error["message"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        sonar_chat("sonar-deep-research"),
+        sonar_chat("perplexity/sonar-deep-research", stream=True),
+        # a router's fallback, cheaper per token than the model it stands in for
+        sonar_chat("perplexity/sonar-pro", models=["perplexity/sonar-deep-research"]),
+    ],
+    ids=["perplexity", "openrouter", "fallback"],
+)
+async def test_sonar_deep_research_is_refused_its_searches_cannot_be_bounded(
+    sqlite_url: str, body: dict[str, Any]
+) -> None:
+    # Attack: Deep Research bills each search it decides to run ($5 per 1,000;
+    # 30 in Perplexity's own example), which admission cannot bound: one call
+    # price reserved, dozens billed. Refused, with nothing reserved.
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    config = sonar_settings(call_prices=SONAR_CALL_PRICES)
+    async with running_gateway(sqlite_url, upstream=fake, settings=config) as h:
+        refused = await post(h, "/v1/chat/completions", body)
+        await nothing_reserved(h, fake)
+    error = openai_error(refused, 403, "model_not_bounded")
+    assert "sonar-deep-research'" in error["message"]
+    assert "web search" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", sonar_chat("sonar", web_search_options={"search_context_size": "high"})),
+        ("/v1/chat/completions",
+         sonar_chat("perplexity/sonar-pro", web_search_options={"search_type": "pro"})),
+        ("/v1/completions", {"model": "sonar", "prompt": "Tin tức hôm nay?"}),
+        ("/v1/responses", {"model": "perplexity/sonar-pro", "input": "Tin tức hôm nay?"}),
+    ],
+    ids=["context-high", "pro-search", "completions", "responses"],
+)  # fmt: skip
+async def test_a_sonar_search_dearer_than_its_price_is_refused(
+    sqlite_url: str, path: str, body: dict[str, Any]
+) -> None:
+    # A "high" search context bills sonar $12 per 1,000 requests against the $5
+    # the call price holds; Pro Search $14 to $22. Off a chat completion, the
+    # search would be neither priced nor counted.
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    config = sonar_settings(call_prices=SONAR_CALL_PRICES)
+    async with running_gateway(sqlite_url, upstream=fake, settings=config) as h:
+        refused = await post(h, path, body)
+        await nothing_reserved(h, fake)
+    openai_error(refused, 403, "option_not_priced")
+
+
 # --- service tiers (review-sec F2) -----------------------------------------------------
 
 RESPONSE = {"model": "gpt-4o-mini", "input": "Xin chào", "max_output_tokens": 100}
