@@ -334,6 +334,12 @@ class Admitter:
                     team_view.limits if team_view is not None else (),
                     models=(dialect.requested_models(route, body) if per_model else None),
                 )
+            if limits.counts_cost and dialect.cost_unreported(route, body):
+                # Its cost would be recorded as nothing: a money budget would
+                # never hold it (review-dify D1).
+                raise Forbidden(
+                    english("cost_unreported"), code="cost_unreported", key="cost_unreported"
+                )
             pending = self._pending(
                 snap, dialect, request_id, route, body, upstream, bounded=limits.counts_cost
             )

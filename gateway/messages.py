@@ -213,6 +213,14 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "Advanced RAG is turned off for your account.",
         "RAG nâng cao đã bị tắt đối với tài khoản của bạn.",
     ),
+    # Dify's blocking workflow run, under a money budget (review-dify D1).
+    "cost_unreported": _e(
+        "cost_unreported",
+        "A workflow run in blocking mode does not report what it cost, and your plan "
+        'limits spending: run it with "response_mode": "streaming".',
+        "Lượt chạy workflow ở chế độ blocking không báo chi phí, mà gói của bạn giới hạn "
+        'chi tiêu: hãy chạy với "response_mode": "streaming".',
+    ),
     "file_too_large": _e(
         "file_too_large",
         "The file is larger than your plan allows ({limit} MB).",

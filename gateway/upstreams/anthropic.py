@@ -391,6 +391,11 @@ class AnthropicUpstream:
     ) -> bool:
         return False
 
+    @staticmethod
+    def cost_unreported(route: Route, body: dict[str, Any]) -> bool:
+        """Never: the gateway prices every answer from its usage and [prices]."""
+        return False
+
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         prompt = estimate_tokens(prompt_chars(body))
         usage = Usage(prompt_tokens=prompt, total_tokens=prompt, estimated=True)

@@ -326,6 +326,13 @@ class Upstream(Protocol):
         in time (it may have generated, and billed, the answer all the same)."""
         ...
 
+    def cost_unreported(self, route: Route, body: dict[str, Any]) -> bool:
+        """Whether the answer to this request will not say what it cost, and the
+        gateway cannot price it either (Dify's blocking workflow run: its body
+        holds its total tokens only). A money budget cannot hold such an answer:
+        admission refuses it where one applies (`Admitter.admit`)."""
+        ...
+
     def requested_models(
         self, route: Route, body: dict[str, Any] | None
     ) -> tuple[str | None, ...] | None:

@@ -846,6 +846,13 @@ class DifyUpstream:
             and message.startswith(_RUN_FAILED)
         )
 
+    @staticmethod
+    def cost_unreported(route: Route, body: dict[str, Any]) -> bool:
+        """A workflow run not streamed (Dify runs it blocking unless asked to
+        stream): its body reports its total tokens, and no price nor split (the
+        streamed run's ``node_finished`` events carry the nodes' prices; dify.md)."""
+        return route.kind == "workflow" and body.get("response_mode") != "streaming"
+
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         # Only the prompt is known: the answer, if any, was never seen (its
         # title, if any, is generated as the run starts).

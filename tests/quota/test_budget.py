@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -1090,3 +1090,69 @@ async def test_a_bounded_pending_row_is_the_estimates_with_the_bound_added(
         assert bounds[2] == Decimal("0.2")  # a side call: its price
     finally:
         await storage.close()
+
+
+# --- an answer whose cost no one reports (review-dify D1) ---------------------------------
+
+
+WORKFLOW = {"inputs": {"q": "hi"}}
+
+
+@pytest.mark.parametrize("scope", ["user", "team"])
+@pytest.mark.parametrize("mode", [None, "blocking"])
+async def test_a_blocking_workflow_run_is_refused_where_a_money_budget_applies(
+    sqlite_url: str, client: httpx.AsyncClient, scope: str, mode: str | None
+) -> None:
+    """Dify's blocking workflow body reports the run's total tokens and no price
+    (the streamed run's node events carry the nodes' prices): forwarded, it was
+    recorded at cost 0, and a user under a money budget ran workflows past it.
+    Where a budget applies - the user's or the team's - such a run is refused
+    before anything is reserved or sent (Dify runs a workflow blocking when no
+    response_mode is given)."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    budget = {"cost_per_day": "100"}
+    plans = {"free": budget if scope == "user" else {}, "team": budget}
+    config = {"plans": plans, "accounting": {"timezone": HCM, "default_plan": "free"}}
+    async with running_gateway(sqlite_url, upstream=fake, settings=config) as h:
+        if scope == "team":
+            await h.gateway.accounts.create_team("acme", plan="team")
+            await h.gateway.accounts.set_team(USER, "acme")
+        body = WORKFLOW if mode is None else {**WORKFLOW, "response_mode": mode}
+        refused = await client.post(f"{h.url}/v1/workflows/run", json=body, headers=h.auth())
+        assert refused.status_code == 403
+        assert refused.json()["code"] == "cost_unreported"
+        assert '"response_mode": "streaming"' in refused.json()["message"]
+        assert fake.hits("/workflows/run") == 0
+        days = await h.storage.daily(date(2000, 1, 1), date(2100, 1, 1), user_id=USER)
+        assert sum(day.queries for day in days) == 0
+        # Streamed, the same run is forwarded and charged what its nodes cost.
+        streamed = await client.post(
+            f"{h.url}/v1/workflows/run",
+            json={**WORKFLOW, "response_mode": "streaming"},
+            headers=h.auth(**{"x-fake-message-id": "run-s"}),
+        )
+        assert streamed.status_code == 200
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+        assert event.answer_id == "run-s" and event.cost == fake.expected_workflow_usage()[3]
+        assert event.cost > 0
+
+
+async def test_a_blocking_workflow_run_without_a_money_budget_is_forwarded(
+    sqlite_url: str, client: httpx.AsyncClient
+) -> None:
+    """Without a money budget nothing depends on the run's cost: it goes through
+    as before, recorded with its tokens (docs/upstreams/dify.md)."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    config = {"plans": {"free": {"tokens_per_day": 100_000}}}
+    async with running_gateway(sqlite_url, upstream=fake, settings=config) as h:
+        response = await client.post(
+            f"{h.url}/v1/workflows/run",
+            json={**WORKFLOW, "response_mode": "blocking"},
+            headers=h.auth(**{"x-fake-message-id": "run-b"}),
+        )
+        assert response.status_code == 200
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+        assert event.answer_id == "run-b"
+        assert event.total_tokens == fake.expected_workflow_usage()[2]
