@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl, urlencode
 import orjson
 
 from gateway.errors import BadRequest, Forbidden
+from gateway.model_access import shown_model
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import anthropic_routes
 from gateway.upstreams.anthropic_wire import (
@@ -46,6 +47,7 @@ from gateway.upstreams.base import (
     drop_router_fields,
     keep_models,
     merge_model_lists,
+    searches_every_answer,
 )
 from gateway.upstreams.cache_ttl import asks_for_one_hour_cache, check_cache_ttls
 from gateway.upstreams.terms import calls_cost, pricing_terms
@@ -480,6 +482,16 @@ def _check_router_options(body: dict[str, Any], model: str | None) -> None:
         raise Forbidden(
             "The plugin 'web' has no price on this gateway, so it is not available.",
             code="tool_not_priced",
+        )
+    if searches_every_answer(model):
+        # A router's Perplexity Sonar or OpenAI search model searches the web
+        # before every answer, a fee Anthropic's API has no place for: the
+        # OpenAI dialect prices it as a chat's web search (review R-SONAR-1).
+        assert model is not None
+        option = f"model {shown_model(model)} (a web search on every answer)"
+        raise Forbidden(
+            f"The option {option} has no price on this gateway, so it is not available.",
+            code="option_not_priced",
         )
 
 

@@ -116,6 +116,7 @@ uses it for one request:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, runtime_checkable
@@ -475,6 +476,28 @@ _REFUSED_FIELDS: Final = (
     "base_url",
     "api_key",
 )
+
+
+# Models that search the web before every answer, billed per answer whatever
+# the request asks: OpenAI's search models (gpt-4o-search-preview,
+# gpt-4o-mini-search-preview-2025-03-11, gpt-5-search-api) and Perplexity's
+# Sonar models (docs.perplexity.ai/getting-started/pricing: ``sonar``,
+# ``sonar-pro``, ``sonar-reasoning-pro``...), asked of Perplexity itself, after a
+# router's provider prefix (OpenRouter's ``perplexity/sonar-pro``), with a
+# router's variant suffix (``:floor``), or inside a router's own name for its
+# deployment (LiteLLM's example ``perplexity-sonar-reasoning-model``; review
+# R-SONAR-2) - "sonar" as a part of the name, between separators. Not a name
+# that only holds the letters ("mysonar", "sonarqube-coder").
+_SEARCH_MODEL: Final = re.compile(r"-search(?:-|$)")
+SONAR: Final = re.compile(r"(?:^|[/._-])sonar(?:[-_.:]|$)", re.IGNORECASE)
+
+
+def searches_every_answer(model: str | None) -> bool:
+    """Whether ``model`` searches the web before every answer (`SONAR`, and
+    OpenAI's ``-search`` models)."""
+    return model is not None and (
+        _SEARCH_MODEL.search(model) is not None or SONAR.search(model) is not None
+    )
 
 
 def drop_router_fields(body: dict[str, Any]) -> None:

@@ -29,11 +29,12 @@ import orjson
 
 from gateway.errors import BadRequest, Forbidden
 from gateway.model_access import shown_model
-from gateway.pricing import Audio, Price
+from gateway.pricing import Audio, Price, PriceTable
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import openai_routes
 from gateway.upstreams.anthropic_wire import refuse_unpriced_betas
 from gateway.upstreams.base import (
+    SONAR,
     Headers,
     Prepared,
     Route,
@@ -41,6 +42,7 @@ from gateway.upstreams.base import (
     drop_router_fields,
     keep_models,
     merge_model_lists,
+    searches_every_answer,
 )
 from gateway.upstreams.cache_ttl import (
     INJECTION_POINTS,
@@ -101,22 +103,17 @@ _WEB_SEARCH_TOOLS: Final = ("web_search", "web_search_preview")
 # Responses tools that run a model of their own, named by the tool's "model"
 # (OpenAI's default when it is left out): checked against a plan's allow-list.
 _MODEL_TOOLS: Final = frozenset({"image_generation"})
-# Chat-completions models that search the web on every answer (gpt-4o-search-preview,
-# gpt-4o-mini-search-preview-2025-03-11, gpt-5-search-api).
-_SEARCH_MODEL: Final = re.compile(r"-search(?:-|$)")
-# Perplexity's Sonar models, which search the web before every answer and bill a
-# request fee for it (docs.perplexity.ai/getting-started/pricing): ``sonar``,
-# ``sonar-pro``, ``sonar-reasoning-pro``..., asked of Perplexity itself or after a
-# router's provider prefix (OpenRouter's ``perplexity/sonar-pro``), with a
-# router's variant suffix (``:floor``). Not a model whose name only holds the
-# word ("mysonar", "llama-sonar"). One fee an answer, whatever number of queries
-# its usage reports (``num_search_queries``): Perplexity bills these models per
-# request, not per query.
-_SONAR: Final = re.compile(r"(?:^|/)sonar(?:[-:]|$)", re.IGNORECASE)
+# Perplexity's Sonar models (`base.SONAR`): one fee an answer, whatever number
+# of queries its usage reports (``num_search_queries``): Perplexity bills these
+# models per request, not per query.
 # Sonar Deep Research bills each search it runs ($5 per 1,000), as many as it
 # decides ("you cannot control the exact number of search queries"), and its
 # citation and reasoning tokens at rates of their own: no request bounds it.
-_SONAR_UNBOUNDED: Final = re.compile(r"(?:^|/)sonar-deep-research(?:[-:]|$)", re.IGNORECASE)
+_SONAR_UNBOUNDED: Final = re.compile(r"(?:^|[/._-])sonar-deep-research(?:[-_.:]|$)", re.IGNORECASE)
+# OpenRouter's Sonar Pro Search (``perplexity/sonar-pro-search``) is Perplexity's
+# Pro Search: $18 per 1,000 requests, three times sonar-pro's default fee, which
+# one chat_web_search price cannot hold beside the others (review R-SONAR-3).
+_SONAR_PRO_SEARCH: Final = re.compile(r"(?:^|[/._-])sonar-pro-search(?:[-_.:]|$)", re.IGNORECASE)
 # What a Sonar request fee is set by beside the model, and the values one
 # chat_web_search price holds: Perplexity's defaults, a "low" search context and
 # a standard search. "medium" and "high" ($8 and $12 per 1,000 requests of sonar
@@ -327,7 +324,7 @@ class OpenAIUpstream:
             body, self._prices, model, parts=_CACHED_PARTS, skip=_NOT_BLOCKS, injected=_INJECTED
         )
         _check_plugins(route, body, model)
-        _check_sonar(route, body, model)
+        _check_sonar(route, body, model, self._prices, allow_unpriced=self._allow_unpriced)
         if route.kind == "chat":
             asked = _chat_calls(body)
         elif route.kind == "response":
@@ -362,7 +359,7 @@ class OpenAIUpstream:
             return any(_is_web_search(call) for call in _chat_calls(body))
         if route.kind != "response":
             return False
-        return any(_is_web_search(tool) for tool in _response_tools(body)) or _searches_always(
+        return any(_is_web_search(tool) for tool in _response_tools(body)) or searches_every_answer(
             _requested_model(body)
         )
 
@@ -459,6 +456,15 @@ class OpenAIUpstream:
             )
             metered = dataclasses.replace(metered, usage=usage)
         calls = self.calls(route, body, extras.calls.counts())
+        if (
+            route.kind == "chat"
+            and _CHAT_WEB_SEARCH not in calls
+            and searches_every_answer(metered.model)
+        ):
+            # The model that answered searches on every answer, though the one
+            # asked for is not named so (a router's alias of its deployment:
+            # review R-SONAR-2): its search is charged and counted all the same.
+            calls[_CHAT_WEB_SEARCH] = 1
         ran = route.kind == "response"
         return self.priced(
             metered, _requested_model(body), calls=calls, ran=ran, audio=extras.audio
@@ -653,7 +659,7 @@ def _chat_calls(body: dict[str, Any]) -> list[str]:
     model = _requested_model(body)
     if (
         body.get("web_search_options") is not None
-        or _searches_always(model)
+        or searches_every_answer(model)
         or _asks_openrouters_web(body, model)
     ):
         calls.append(_CHAT_WEB_SEARCH)
@@ -672,31 +678,44 @@ def _chat_calls(body: dict[str, Any]) -> list[str]:
     return calls
 
 
-def _searches_always(model: str | None) -> bool:
-    """Whether ``model`` searches the web before every answer: OpenAI's search
-    models, and Perplexity's Sonar models."""
-    return model is not None and (
-        _SEARCH_MODEL.search(model) is not None or _SONAR.search(model) is not None
-    )
-
-
-def _check_sonar(route: Route, body: dict[str, Any], model: str | None) -> None:
+def _check_sonar(
+    route: Route,
+    body: dict[str, Any],
+    model: str | None,
+    prices: PriceTable,
+    *,
+    allow_unpriced: bool,
+) -> None:
     """Perplexity's Sonar models (the one asked for, or a router's fallback):
     one request fee an answer, charged as one ``chat_web_search``. Refused: Deep
     Research, which bills every search it decides to run (nothing bounds them
-    at admission); a Sonar model off a chat completion (its search is priced
-    and counted on chats only, as OpenRouter's ``:online`` is); and the
+    at admission); Pro Search, whose fee is three times the others'; a Sonar
+    model priced only by ``"*"`` (review R-SONAR-3: the call price was set for
+    the Sonar models the table names, and a catch-all would take any other at
+    it); a Sonar model off a chat completion (its search is priced and counted
+    on chats only, as OpenRouter's ``:online`` is); and the
     ``web_search_options`` that raise the request fee above the default one
     (`_SONAR_FEE_OPTIONS`)."""
     sonar = False
     for name in (model, *fallback_models(body)):
-        if not isinstance(name, str) or _SONAR.search(name) is None:
+        if not isinstance(name, str) or SONAR.search(name) is None:
             continue
         if _SONAR_UNBOUNDED.search(name) is not None:
             raise Forbidden(
                 f"The model {shown_model(name)} bills each web search it decides to run, "
                 "and no request can bound how many, so it is not available through the gateway.",
                 code="model_not_bounded",
+            )
+        if _SONAR_PRO_SEARCH.search(name) is not None:
+            option = f"model {shown_model(name)} (a dearer search fee)"
+            raise Forbidden(
+                f"The option {option} has no price on this gateway, so it is not available.",
+                code="option_not_priced",
+            )
+        if not allow_unpriced and prices.name(name) is None:
+            raise Forbidden(
+                f"The model {name!r} has no price on this gateway, so its use cannot be charged.",
+                code="model_not_priced",
             )
         if route.kind != "chat":
             option = f"model {shown_model(name)} (a web search off a chat completion)"

@@ -1277,12 +1277,17 @@ SONAR_MODELS = [
     "perplexity/sonar",
     "perplexity/sonar-pro",
     "perplexity/sonar-reasoning-pro",
-    "perplexity/sonar-pro-search",
     "perplexity/sonar:nitro",
     "openrouter/perplexity/sonar",  # LiteLLM's provider/model
+    # A router's name for its deployment (LiteLLM's own example, review
+    # R-SONAR-2), and Perplexity's earlier names.
+    "perplexity-sonar-reasoning-model",
+    "llama-3.1-sonar-small-128k-online",
+    "sonar_clone",
 ]
-# Names that hold the word and are no Perplexity model: priced by their tokens alone.
-NOT_SONAR = ["sonarqube-coder", "acme/mysonar-7b", "llama-sonar-8b", "sonar_clone", "gpt-4o-mini"]
+# Names that hold the letters, not the word, and are no Perplexity model: priced
+# by their tokens alone.
+NOT_SONAR = ["sonarqube-coder", "acme/mysonar-7b", "personar-8b", "gpt-4o-mini"]
 
 
 @pytest.mark.parametrize("model", SONAR_MODELS + NOT_SONAR)
@@ -1323,6 +1328,7 @@ def test_a_sonar_answer_is_charged_one_search_and_counts_one(model: str, streame
          "model_not_bounded"),
         ("/responses", {"model": "sonar-deep-research"}, "model_not_bounded"),
         ("/completions", {"model": "sonar"}, "option_not_priced"),
+        ("/chat/completions", {"model": "perplexity/sonar-pro-search"}, "option_not_priced"),
         ("/responses", {"model": "perplexity/sonar"}, "option_not_priced"),
         ("/responses", {"model": "gpt-4o-mini", "models": ["perplexity/sonar"]},
          "option_not_priced"),

@@ -1,0 +1,219 @@
+"""Perplexity's per-answer search fee, through the ways a review of the Sonar
+change (R-SONAR-1 to 3) found it passed unmetered or under-charged: an
+anthropic-kind upstream at a router's /v1/messages, a router's alias for a
+Sonar deployment, and a Sonar model priced only by the "*" entry."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fakes.anthropic import FakeAnthropic
+from tests.fakes.openai import FakeOpenAI
+from tests.harness import UPSTREAM_KEY, USER, running_gateway
+
+# The prices an operator with OpenRouter sets for Sonar ([prices] is one table
+# for every upstream kind) and its search fee, as the Sonar tests do.
+SONAR_PRICES = {
+    "perplexity/sonar": {"input": "1", "output": "1"},
+    "perplexity/sonar-pro": {"input": "3", "output": "15"},
+    "perplexity/sonar-deep-research": {"input": "2", "output": "8"},
+}
+SONAR_FEE = Decimal("0.006")
+CALL_PRICES = {
+    "openai.chat_web_search": {"price": str(SONAR_FEE)},
+    "anthropic.web_search": {"price": "0.01"},
+}
+# No web search left today: a Sonar answer must not run.
+NO_SEARCH_LEFT = {"free": {"web_searches_per_day": 0}}
+VERSION = {"anthropic-version": "2023-06-01"}
+
+
+# --- R-SONAR-1: an anthropic upstream at a router's /v1/messages ----------------------
+
+
+@pytest.mark.parametrize(
+    "model", ["perplexity/sonar", "perplexity/sonar-pro", "perplexity/sonar-deep-research"]
+)
+@pytest.mark.parametrize("streamed", [False, True], ids=["blocking", "streamed"])
+async def test_sonar_through_an_anthropic_upstream_is_not_searched_unmetered(
+    sqlite_url: str, model: str, streamed: bool
+) -> None:
+    # Attack: an `anthropic` upstream pointed at OpenRouter's Anthropic-compatible
+    # /v1/messages (or LiteLLM's, which serves every model) - the setup
+    # anthropic.py's `_check_router_options` already guards (`:online`, plugins,
+    # models, route). The body names a Sonar model that the shared [prices]
+    # table prices: the anthropic dialect never asks whether it searches, so the
+    # answer runs Perplexity's billed search with no fee charged, no
+    # web_searches_per_day held (this user has none left), and Deep Research -
+    # refused on the openai dialect as unbounded - passes too.
+    fake = FakeAnthropic(api_key=UPSTREAM_KEY)
+    settings = {
+        "upstream": {"kind": "anthropic"},
+        "prices": SONAR_PRICES,
+        "call_prices": CALL_PRICES,
+        "plans": NO_SEARCH_LEFT,
+    }
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": 200,
+        "stream": streamed,
+        "messages": [{"role": "user", "content": "Tin tức hôm nay?"}],
+    }
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            answered = await client.post("/v1/messages", json=body, headers=h.auth(**VERSION))
+        if answered.status_code == 200:
+            await h.probes.wait_finished(1)
+        events = await h.events()
+    # Fixed: refused before anything is forwarded (403: the model, or its
+    # search, has no price on this dialect; 429: no web search left today).
+    assert answered.status_code in (403, 429), (answered.status_code, events)
+    assert fake.requests == []
+
+
+# --- R-SONAR-2: a Sonar deployment the router names otherwise ----------------------------
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["blocking", "streamed"])
+async def test_a_routers_alias_of_sonar_is_charged_its_search(
+    sqlite_url: str, streamed: bool
+) -> None:
+    # Attack: LiteLLM's own Perplexity example names its deployment
+    # `perplexity-sonar-reasoning-model` (model_list, litellm_params.model:
+    # perplexity/sonar-reasoning). `_SONAR` wants "sonar" at the start of the
+    # name or after a "/", so the alias is a plain chat model: no fee, no
+    # web_searches_per_day - though the answer says who answered ("model":
+    # "sonar-reasoning") and carries Perplexity's search usage
+    # (num_search_queries, search_context_size, citations). The operator has no
+    # way to say the alias searches.
+    alias = "perplexity-sonar-reasoning-model"
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    settings = {
+        "upstream": {"kind": "openai"},
+        "prices": {alias: {"input": "1", "output": "5"}},
+        "call_prices": CALL_PRICES,
+        "plans": NO_SEARCH_LEFT,
+    }
+    body: dict[str, Any] = {
+        "model": alias,
+        "stream": streamed,
+        "messages": [{"role": "user", "content": "Tin tức hôm nay?"}],
+    }
+    steer = {
+        "x-fake-prompt-tokens": "7000",
+        "x-fake-completion-tokens": "200",
+        "x-fake-scenario": "perplexity",
+        "x-fake-model": "sonar-reasoning",
+    }
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            answered = await client.post("/v1/chat/completions", json=body, headers=h.auth(**steer))
+        if answered.status_code != 200:
+            # Fixed at admission: refused, nothing forwarded.
+            assert fake.requests == []
+            return
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+        day = h.gateway.today()
+        (row,) = await h.storage.daily(day, day, user_id=USER)
+    assert "citations" in answered.text  # Perplexity searched
+    # Fixed at settlement: the search is charged and counted.
+    tokens = Decimal("0.008")  # 7000 * 1 + 200 * 5 per million
+    assert (event.web_searches, row.web_searches) == (1, 1)
+    assert event.cost == tokens + SONAR_FEE
+
+
+# --- R-SONAR-3: a Sonar model priced only by the "*" entry -------------------------------
+
+
+async def test_a_sonar_model_priced_only_by_the_catch_all_is_refused(sqlite_url: str) -> None:
+    # Attack: the operator follows docs/upstreams/openai.md - chat_web_search set
+    # at the dearest default fee of the Sonar models [prices] names (sonar,
+    # sonar-pro: 0.006) - and keeps a "*" entry for everything else. Every Sonar
+    # name is then priced, so `perplexity/sonar-pro-search` (OpenRouter: $18 per
+    # 1,000 requests, by the same docs) is admitted and charged the $6 fee: a
+    # third of what the operator is billed, on every answer.
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    settings = {
+        "upstream": {"kind": "openai"},
+        "prices": {"*": {"input": "3", "output": "15"}, **SONAR_PRICES},
+        "call_prices": CALL_PRICES,
+    }
+    body = {
+        "model": "perplexity/sonar-pro-search",
+        "messages": [{"role": "user", "content": "Tin tức hôm nay?"}],
+    }
+    steer = {"x-fake-scenario": "perplexity"}
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            answered = await client.post("/v1/chat/completions", json=body, headers=h.auth(**steer))
+    # Pro Search, three times the fee, is refused whatever prices it.
+    assert answered.status_code == 403, answered.text
+    assert answered.json()["error"]["code"] == "option_not_priced"
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("model", ["perplexity/sonar-reasoning", "sonar-huge-2027"])
+async def test_a_sonar_model_needs_a_price_of_its_own(sqlite_url: str, model: str) -> None:
+    # The call price was set for the Sonar models [prices] names; a "*" entry
+    # would take any other Sonar model - a dearer one Perplexity adds later - at
+    # it. A Sonar model is refused unless the table names it.
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    settings = {
+        "upstream": {"kind": "openai"},
+        "prices": {"*": {"input": "3", "output": "15"}, **SONAR_PRICES},
+        "call_prices": CALL_PRICES,
+    }
+    body = {"model": model, "messages": [{"role": "user", "content": "Tin tức hôm nay?"}]}
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            refused = await client.post("/v1/chat/completions", json=body, headers=h.auth())
+            named = await client.post(
+                "/v1/chat/completions",
+                json={**body, "model": "perplexity/sonar"},
+                headers=h.auth(**{"x-fake-scenario": "perplexity"}),
+            )
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"]["code"] == "model_not_priced"
+    assert named.status_code == 200
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["blocking", "streamed"])
+async def test_an_answer_from_a_search_model_is_charged_its_search(
+    sqlite_url: str, streamed: bool
+) -> None:
+    # A router's name that says nothing of Sonar ("news-bot"): the request
+    # cannot tell, the answer does - it names the model that answered. Its
+    # search is charged and counted then, as the model asked for would have been.
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    settings = {
+        "upstream": {"kind": "openai"},
+        "prices": {"news-bot": {"input": "1", "output": "5"}},
+        "call_prices": CALL_PRICES,
+    }
+    body: dict[str, Any] = {
+        "model": "news-bot",
+        "stream": streamed,
+        "messages": [{"role": "user", "content": "Tin tức hôm nay?"}],
+    }
+    steer = {
+        "x-fake-prompt-tokens": "7000",
+        "x-fake-completion-tokens": "200",
+        "x-fake-scenario": "perplexity",
+        "x-fake-model": "sonar-reasoning",
+    }
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            answered = await client.post("/v1/chat/completions", json=body, headers=h.auth(**steer))
+        assert answered.status_code == 200
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+        day = h.gateway.today()
+        (row,) = await h.storage.daily(day, day, user_id=USER)
+    assert (event.web_searches, row.web_searches) == (1, 1)
+    assert event.cost == Decimal("0.008") + SONAR_FEE
