@@ -93,15 +93,16 @@ _PARSED: Final = frozenset(
         *PAUSE_EVENTS,  # they name the paused run's forms (dify_resume.py)
     }
 )
-# An agent app's thought (Dify's FunctionCallAgentRunner / CotAgentRunner): a model
-# call's tool call and the tool's result. Dify reports an agent's usage only in
-# message_end, and a tool-calling model call streams no answer text, so a run that
-# fails after one (the next call past the context window, a provider error) ends
-# in an error event with neither: the thought is the proof that billed work
-# happened (review D3). Parsed (a few per answer); its "thought" repeats text
-# already streamed as agent_message, so only its tool call adds to the estimate.
+# An agent app's thought: a model call's text, tool call and the tool's result.
+# Dify reports an agent's usage only in message_end, and a tool-calling model call
+# streams no answer text, so a run that fails after one (the next call past the
+# context window, a provider error) ends in an error event with neither. Every
+# runner publishes a thought only once a model call answered: the function-calling
+# one at the call's first chunk, the ReAct one after its first call (then as each
+# later iteration opens), so any thought proves billed work (review D3). Parsed
+# (a few per answer, for its tool call); its "thought" repeats text already
+# streamed as agent_message, so only the tool call adds to the estimate.
 _THOUGHT: Final = "agent_thought"
-_THOUGHT_WORK: Final = ("thought", "tool", "tool_input", "observation")
 # Auto-play speech (review D2): with the app's text-to-speech on and auto-play
 # enabled, Dify synthesises the answer's speech while it streams (its
 # AppGeneratorTTSPublisher, for chat, agent, chatflow and workflow apps alike) and
@@ -297,7 +298,7 @@ class DifyStreamMeter:
         # /text-to-audio once the stream carries any.
         self._speech_price = speech_price
         self._speech = False
-        # An agent's thought that shows a model call (_THOUGHT), and the length
+        # An agent's thought, which shows a model call (_THOUGHT), and the length
         # of each thought's tool call, by the thought's id (Dify resends a
         # thought as it fills in).
         self._thought = False
@@ -455,11 +456,8 @@ class DifyStreamMeter:
             self._overhead[kind] = len(data) - len(text)
 
     def _on_thought(self, obj: dict[str, Any]) -> None:
-        """An agent's thought: one that holds any work (text, a tool call, a
-        tool's result) shows a model call Dify billed. Dify opens an empty one
-        before some model calls; that one proves nothing."""
-        if not any(obj.get(field) for field in _THOUGHT_WORK):
-            return
+        """An agent's thought, even an empty one, shows a model call Dify billed
+        (_THOUGHT); its tool call is text the model generated."""
         self._thought = True
         tool_input = obj.get("tool_input")
         if isinstance(tool_input, str) and tool_input:
@@ -626,13 +624,13 @@ class DifyUpstream:
     key_header = None  # the gateway key comes as a bearer token only
 
     def __init__(self, config: Config | None = None) -> None:
-        """Dify reports usage with its price; the one price the gateway adds is
-        the title Dify generates for a new conversation, at the rename's call
-        price (``[call_prices."dify.auto_generate_name"]``, review F6). Without
-        that price the title is not charged (docs/security.md). Auto-play
-        speech in a streamed answer is charged at the price of
-        ``/text-to-audio`` (``[call_prices."dify.text_to_audio"]``, review D2);
-        without it the answer is recorded and the speech counted as unpriced."""
+        """Dify reports usage with its price; the gateway adds two calls it
+        leaves out: the title Dify generates for a new conversation, at the
+        rename's call price (``[call_prices."dify.auto_generate_name"]``, review
+        F6; without that price the title is not charged, docs/security.md), and
+        the auto-play speech of a streamed answer, at the price of
+        ``/text-to-audio`` (``[call_prices."dify.text_to_audio"]``, review D2;
+        without it the answer is recorded and the speech counted as unpriced)."""
         prices = config.call_prices if config is not None else {}
         self._title_price = prices.get(dify_routes.AUTO_NAME.call or "")
         self._speech_price = prices.get(SPEECH_CALL)
