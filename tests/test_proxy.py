@@ -295,17 +295,6 @@ async def test_an_agent_run_failing_after_its_tool_call_is_charged_not_refunded(
         assert row.queries == 1  # not given back
 
 
-async def test_an_agent_run_failing_before_any_model_call_is_refunded(sqlite_url: str) -> None:
-    quota = {**CONTEXT_ERROR, "code": "provider_quota_exceeded", "message": "quota"}
-    upstream = Scripted(_sse(_thought("th1", 1), quota))
-    async with running_gateway(sqlite_url, upstream=upstream) as h:
-        await stream(h, "/v1/chat-messages", CHAT)
-        await h.probes.wait_finished(1)
-        assert await h.events() == []
-        (row,) = await h.storage.daily(*_today(h))
-        assert row.queries == 0  # the reserved query was given back
-
-
 SPOKEN = [
     *DIFY_EXAMPLE.split(b"\n\n")[:3],
     *(

@@ -1326,19 +1326,23 @@ def test_an_agent_run_failing_after_its_tool_call_is_charged_an_estimate() -> No
 
 @pytest.mark.parametrize(
     "work",
-    [{"thought": "Let me look."}, {"tool": "webscraper"}, {"observation": "page"}],
-    ids=["thought", "tool", "observation"],
+    [{}, {"thought": "Let me look."}, {"tool": "webscraper"}, {"observation": "page"}],
+    ids=["empty", "thought", "tool", "observation"],
 )
-def test_any_work_in_a_thought_proves_a_model_call(work: dict[str, str]) -> None:
-    _, result = run(CHAT, [thought("th1", 1, **work), CONTEXT_ERROR])
+def test_any_thought_proves_a_model_call(work: dict[str, str]) -> None:
+    """Dify publishes a thought only once a model call answered (the
+    function-calling runner at the call's first chunk, still empty): a run
+    failing after any is charged the prompt's estimate at least."""
+    _, result = run(CHAT, [thought("th1", 1, **work), CONTEXT_ERROR], {"query": "q" * 40})
     assert result.outcome == "error"
     assert result.usage is not None and result.usage.estimated
+    assert result.usage.prompt_tokens == estimate_tokens(40)
 
 
-def test_an_agent_run_failing_before_any_work_is_refunded() -> None:
-    """An empty thought is opened before a model call: it proves none. The run
-    that fails at its first call (a quota, a provider not set up) costs nothing."""
-    _, result = run(CHAT, [thought("th1", 1), error()])
+def test_an_agent_run_failing_at_its_first_model_call_is_refunded() -> None:
+    """The call that fails before answering (a quota, a provider not set up, a
+    bad request) publishes no thought: the run costs nothing, as before."""
+    _, result = run(CHAT, [error()], {"query": "fetch it", "inputs": {}, "conversation_id": "c2"})
     assert (result.outcome, result.error_code) == ("error", "provider_quota_exceeded")
     assert result.usage is None
 
