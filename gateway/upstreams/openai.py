@@ -561,6 +561,7 @@ class OpenAIUpstream:
             metadata=metered.metadata,
             model=model,
             web_searches=searches,
+            unpriced_calls=metered.unpriced_calls,
         )
 
     def _with_calls(
