@@ -1696,3 +1696,70 @@ async def test_a_billed_failure_broken_past_its_error_closes_the_upstreams_respo
     billed = await proxy._billed_failure(x, response)  # type: ignore[arg-type]
     assert billed is not None and billed.content == error
     assert stream.closed
+
+
+async def test_a_blocking_chatflow_that_pauses_is_charged_its_estimate(
+    sqlite_url: str,
+) -> None:
+    """A chatflow asked in blocking mode (no response_mode) that runs an LLM
+    node and pauses for human input answers with the pause (dify.md, "Human
+    input"): no usage, no answer text. Dify billed the node, and the resume's
+    meter counts only what follows the pause: the paused answer is charged the
+    prompt's estimate, not refunded (review F2). (Its cost is not reported:
+    docs/quotas.md.)"""
+
+    class PausedChatflow:
+        hits = 0
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            assert scope["type"] == "http"
+            PausedChatflow.hits += 1
+            while (await receive()).get("more_body"):
+                pass
+            body = (
+                b'{"event":"workflow_paused","task_id":"t-1","workflow_run_id":"run-c",'
+                b'"conversation_id":"c-1","message_id":"m-1","data":{"workflow_run_id":"run-c",'
+                b'"status":"paused","paused_nodes":["hi"],"reasons":[],'
+                b'"human_input_forms":[{"form_id":"f1","node_id":"hi","form_token":"tok-1"}]}}'
+            )
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+    upstream = PausedChatflow()
+    settings = {"plans": {"free": {"queries_per_day": 1}}}
+    async with running_gateway(sqlite_url, upstream=upstream, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            body = {"query": "Soạn thư " * 100, "inputs": {}, "conversation_id": "c-1"}
+            response = await client.post("/v1/chat-messages", json=body, headers=h.auth())
+            assert response.status_code == 200
+            await h.probes.wait_finished(1)
+            again = await client.post("/v1/chat-messages", json=body, headers=h.auth())
+        (event,) = await h.events()
+    assert event.estimated and event.prompt_tokens > 0 and event.outcome == "cut"
+    assert again.status_code == 429  # the query was not given back
+    assert PausedChatflow.hits == 1
+
+
+async def test_a_paused_workflow_padded_with_unused_inputs_keeps_its_nodes_cost(
+    sqlite_url: str,
+) -> None:
+    """A streamed workflow that pauses for human input ends with no
+    workflow_finished: it is charged the larger of its finished nodes' reports
+    (priced) and an estimate from the prompt (no price). The prompt counts every
+    string in `inputs`, which the caller writes (Dify drops the keys the app does
+    not declare): padded, the estimate's tokens win - and the nodes' cost, what
+    Dify billed, stays with them (review F1)."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = {"plans": {"free": {"cost_per_day": "100"}}}
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        body = {"inputs": {"topic": "hè", "pad": "x" * 400_000}, "response_mode": "streaming"}
+        headers = {**h.auth(), "x-fake-scenario": "pause", "x-fake-message-id": "run-p"}
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            response = await client.post("/v1/workflows/run", json=body, headers=headers)
+        assert response.status_code == 200 and b"workflow_paused" in response.content
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert fake.usage.total_price > 0
+    assert event.estimated and event.prompt_tokens >= 100_000  # the estimate's tokens
+    assert event.cost == fake.usage.total_price  # the node's price, as Dify billed it

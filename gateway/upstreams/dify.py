@@ -557,7 +557,13 @@ class DifyStreamMeter:
         nodes = self._nodes if not _is_zero(self._nodes) else None
         if estimate is None or nodes is None:
             return estimate or nodes
-        return nodes if nodes.total_tokens >= estimate.total_tokens else estimate
+        if nodes.total_tokens >= estimate.total_tokens:
+            return nodes
+        # More tokens in the estimate (the prompt's size, which the caller writes:
+        # an input the app does not declare counts there and costs nothing
+        # upstream), which has no price: the cost the nodes reported stays
+        # (review F1), never less than what Dify billed.
+        return dataclasses.replace(estimate, cost=nodes.cost, currency=nodes.currency)
 
     def finish(self, *, cut: bool) -> Metered:
         # `cut` does not change the outcome here: without usage, a cut stream and one
@@ -787,6 +793,13 @@ class DifyUpstream:
             usage = None
             if isinstance(answer, str) and answer:
                 usage = estimate_usage(_prompt_chars(body), len(answer))
+            elif task_id is not None:
+                # The run began (Dify named its task) and ended with neither an
+                # answer nor a usage: a chatflow's blocking pause for human input
+                # (dify.md), its LLM nodes before the pause billed, and charged by
+                # no resume (whose meter counts only what follows it). Never free,
+                # as in a stream (review F2): the prompt's estimate.
+                usage = estimate_usage(_prompt_chars(body), 0)
             outcome = "cut"
         usage = _with_call(usage, self._title(route, body))
         return Metered(answer_id, task_id, conversation_id, usage, outcome, metadata=metadata)
