@@ -46,6 +46,12 @@ COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
         "Answers whose reported numbers were out of range and were recorded clamped.",
         (),
     ),
+    # Review D2: a paid call an answer made, with no price to charge it at.
+    "gateway_unpriced_calls_total": (
+        "Paid side calls answers made that no call price covers (recorded without them), "
+        "by upstream and call.",
+        ("upstream", "call"),
+    ),
     "gateway_settle_retries_total": ("Ledger writes retried after a storage error.", ()),
     "gateway_settle_spooled_total": (
         "Ledger writes spooled to the local file after retries failed.",

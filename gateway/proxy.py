@@ -435,6 +435,9 @@ class Proxy:
         self._metrics = metrics
         self._in_flight = in_flight
         self._keep = keep
+        # (upstream, call) pairs of unpriced side calls already logged: once each
+        # per process (`_unpriced`).
+        self._warned: set[tuple[str, str]] = set()
         self.admitter = admitter
         self.clients = clients  # by upstream name
         self.guard = guard
@@ -1853,6 +1856,25 @@ class Proxy:
         )
         await self.admitter.refund(x.ticket, x.request_id)
 
+    def _unpriced(self, x: Exchange, calls: tuple[str, ...]) -> None:
+        """Paid calls an answer made that no ``[call_prices]`` entry prices
+        (Dify's auto-play speech, review D2): it had streamed, so it is recorded
+        without them; each is counted, and logged once per process and
+        upstream, so the operator learns to price it."""
+        upstream = x.target.name if x.target is not None else "-"
+        for call in calls:
+            self._metrics.inc("gateway_unpriced_calls_total", upstream=upstream, call=call)
+            if (upstream, call) in self._warned:
+                continue
+            self._warned.add((upstream, call))
+            log.warning(
+                "upstream %s: answers make %s calls, which have no price: they are not "
+                'charged; set [call_prices."%s"] (docs/security.md)',
+                upstream,
+                call,
+                call,
+            )
+
     async def _record(self, x: Exchange, result: Metered, outcome: str) -> None:
         """Record an answer's usage: from here the reservation is the ledger's."""
         ticket = x.ticket
@@ -1877,6 +1899,8 @@ class Proxy:
                 request_id,
                 ", ".join(usage.clamped),
             )
+        if result.unpriced_calls:
+            self._unpriced(x, result.unpriced_calls)
         # From here the reservation is the ledger's to settle, not to refund.
         ticket.release()
         upstream_ms, overhead_ms = x.timings()

@@ -241,6 +241,9 @@ class Metered:
     them reads them from the answer (OpenAI's web-search calls, Anthropic's
     ``server_tool_use.web_search_requests``); None where the ``[web_search]``
     rule reads ``metadata`` instead (Dify).
+    ``unpriced_calls``: the paid side calls the answer made that no
+    ``[call_prices]`` entry prices (Dify's auto-play speech): the answer is
+    recorded without them, and the proxy counts and logs them.
     """
 
     answer_id: str | None
@@ -252,6 +255,7 @@ class Metered:
     metadata: dict[str, object] | None = None
     model: str | None = None
     web_searches: int | None = None
+    unpriced_calls: tuple[str, ...] = ()
 
 
 def estimate_usage(prompt_chars: int, text_chars: int) -> Usage:

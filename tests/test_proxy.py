@@ -236,6 +236,114 @@ async def test_error_event_before_text_charges_nothing(gw: Harness) -> None:
     assert row.queries == 0  # the reserved query was given back
 
 
+def _sse(*events: dict[str, Any]) -> list[bytes]:
+    return [b"data: " + orjson.dumps(event) + b"\n\n" for event in events]
+
+
+AGENT_HEAD = {"conversation_id": "c1", "message_id": "m1", "task_id": "t1", "created_at": 1}
+TOOL_INPUT = '{"webscraper": {"url": "http://example.com/big"}}'
+
+
+def _thought(thought_id: str, position: int, **work: str) -> dict[str, Any]:
+    fields = {"thought": "", "observation": "", "tool": "", "tool_input": ""} | work
+    return {
+        "event": "agent_thought",
+        **AGENT_HEAD,
+        "id": thought_id,
+        "position": position,
+        **fields,
+    }
+
+
+CONTEXT_ERROR = {
+    "event": "error",
+    "conversation_id": "c1",
+    "message_id": "m1",
+    "status": 400,
+    "code": "completion_request_error",
+    "message": "[openai] Bad Request Error, maximum context length exceeded",
+}
+
+
+async def test_an_agent_run_failing_after_its_tool_call_is_charged_not_refunded(
+    sqlite_url: str,
+) -> None:
+    """Review D3. Attack: steer an agent app into a failure after its first,
+    billed model call (its tool's result past the context window): Dify streams
+    thoughts, no text, no usage, then an error. Recorded as an estimate with
+    outcome error; the query stays spent."""
+    upstream = Scripted(
+        _sse(
+            _thought("th1", 1),
+            {"event": "agent_message", **AGENT_HEAD, "id": "m1", "answer": ""},
+            _thought("th1", 1, tool="webscraper", tool_input=TOOL_INPUT),
+            _thought("th1", 1, tool="webscraper", tool_input=TOOL_INPUT, observation="x" * 20_000),
+            _thought("th2", 2),
+            CONTEXT_ERROR,
+        )
+    )
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        body = {**CHAT, "query": "fetch http://example.com/big and summarise it"}
+        response, data = await stream(h, "/v1/chat-messages", body)
+        assert response.status_code == 200
+        assert [e["event"] for e in sse_events(data)][-1] == "error"
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+        assert (event.answer_id, event.outcome, event.estimated) == ("m1", "error", True)
+        assert event.completion_tokens > 0 and event.prompt_tokens > 0
+        (row,) = await h.storage.daily(*_today(h))
+        assert row.queries == 1  # not given back
+
+
+SPOKEN = [
+    *DIFY_EXAMPLE.split(b"\n\n")[:3],
+    *(
+        b'data: {"event":"tts_message","conversation_id":"c1","message_id":"m1",'
+        b'"created_at":1705398420,"task_id":"t1","audio":"' + b"UklGRg==" * 4000 + b'"}'
+        for _ in range(3)
+    ),
+    DIFY_EXAMPLE.split(b"\n\n")[3],
+    b'data: {"event":"tts_message_end","conversation_id":"c1","message_id":"m1",'
+    b'"created_at":1705398420,"task_id":"t1","audio":""}',
+]
+SPOKEN_STREAM = b"".join(chunk + b"\n\n" for chunk in SPOKEN)
+
+
+async def test_auto_play_speech_in_a_streamed_answer_is_charged(sqlite_url: str) -> None:
+    """Review D2. Attack: stream answers of an app with auto-play text-to-speech;
+    the speech Dify synthesises is charged at /text-to-audio's price."""
+    settings = {"call_prices": {"dify.text_to_audio": {"price": "0.01", "currency": "USD"}}}
+    upstream = Scripted([SPOKEN_STREAM])
+    async with running_gateway(sqlite_url, upstream=upstream, settings=settings) as h:
+        _, data = await stream(h, "/v1/chat-messages", {**CHAT, "conversation_id": "c1"})
+        assert data == SPOKEN_STREAM  # passed on untouched
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+        assert usage_of(event) == (*FULL[:3], FULL[3] + Decimal("0.01"))
+        assert h.gateway.metrics.get("gateway_unpriced_calls_total") == 0
+
+
+async def test_unpriced_auto_play_speech_is_recorded_counted_and_logged_once(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without a price the speech has streamed: each answer is recorded as Dify
+    reported it, counted in gateway_unpriced_calls_total, and the operator warned
+    once per process and upstream."""
+    upstream = Scripted([SPOKEN_STREAM])
+    async with running_gateway(sqlite_url, upstream=upstream) as h:
+        for n, answer in enumerate((b"m1", b"m2")):
+            upstream.chunks = [SPOKEN_STREAM.replace(b'"m1"', b'"' + answer + b'"')]
+            await stream(h, "/v1/chat-messages", {**CHAT, "conversation_id": "c1"})
+            await h.probes.wait_finished(n + 1)
+        events = await h.events()
+        assert sorted((e.answer_id, usage_of(e)) for e in events) == [("m1", FULL), ("m2", FULL)]
+        labels = {"upstream": "default", "call": "dify.text_to_audio"}
+        assert h.gateway.metrics.get("gateway_unpriced_calls_total", **labels) == 2
+        warned = [r for r in caplog.records if "dify.text_to_audio" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].levelname == "WARNING"
+        assert "default" in warned[0].getMessage()
+
+
 async def test_upstream_cut_mid_stream_ends_with_an_error_event_and_an_estimate(
     gw: Harness,
 ) -> None:
@@ -1588,3 +1696,70 @@ async def test_a_billed_failure_broken_past_its_error_closes_the_upstreams_respo
     billed = await proxy._billed_failure(x, response)  # type: ignore[arg-type]
     assert billed is not None and billed.content == error
     assert stream.closed
+
+
+async def test_a_blocking_chatflow_that_pauses_is_charged_its_estimate(
+    sqlite_url: str,
+) -> None:
+    """A chatflow asked in blocking mode (no response_mode) that runs an LLM
+    node and pauses for human input answers with the pause (dify.md, "Human
+    input"): no usage, no answer text. Dify billed the node, and the resume's
+    meter counts only what follows the pause: the paused answer is charged the
+    prompt's estimate, not refunded (review F2). (Its cost is not reported:
+    docs/quotas.md.)"""
+
+    class PausedChatflow:
+        hits = 0
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            assert scope["type"] == "http"
+            PausedChatflow.hits += 1
+            while (await receive()).get("more_body"):
+                pass
+            body = (
+                b'{"event":"workflow_paused","task_id":"t-1","workflow_run_id":"run-c",'
+                b'"conversation_id":"c-1","message_id":"m-1","data":{"workflow_run_id":"run-c",'
+                b'"status":"paused","paused_nodes":["hi"],"reasons":[],'
+                b'"human_input_forms":[{"form_id":"f1","node_id":"hi","form_token":"tok-1"}]}}'
+            )
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+    upstream = PausedChatflow()
+    settings = {"plans": {"free": {"queries_per_day": 1}}}
+    async with running_gateway(sqlite_url, upstream=upstream, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            body = {"query": "Soạn thư " * 100, "inputs": {}, "conversation_id": "c-1"}
+            response = await client.post("/v1/chat-messages", json=body, headers=h.auth())
+            assert response.status_code == 200
+            await h.probes.wait_finished(1)
+            again = await client.post("/v1/chat-messages", json=body, headers=h.auth())
+        (event,) = await h.events()
+    assert event.estimated and event.prompt_tokens > 0 and event.outcome == "cut"
+    assert again.status_code == 429  # the query was not given back
+    assert PausedChatflow.hits == 1
+
+
+async def test_a_paused_workflow_padded_with_unused_inputs_keeps_its_nodes_cost(
+    sqlite_url: str,
+) -> None:
+    """A streamed workflow that pauses for human input ends with no
+    workflow_finished: it is charged the larger of its finished nodes' reports
+    (priced) and an estimate from the prompt (no price). The prompt counts every
+    string in `inputs`, which the caller writes (Dify drops the keys the app does
+    not declare): padded, the estimate's tokens win - and the nodes' cost, what
+    Dify billed, stays with them (review F1)."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = {"plans": {"free": {"cost_per_day": "100"}}}
+    async with running_gateway(sqlite_url, fake=fake, settings=settings) as h:
+        body = {"inputs": {"topic": "hè", "pad": "x" * 400_000}, "response_mode": "streaming"}
+        headers = {**h.auth(), "x-fake-scenario": "pause", "x-fake-message-id": "run-p"}
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            response = await client.post("/v1/workflows/run", json=body, headers=headers)
+        assert response.status_code == 200 and b"workflow_paused" in response.content
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert fake.usage.total_price > 0
+    assert event.estimated and event.prompt_tokens >= 100_000  # the estimate's tokens
+    assert event.cost == fake.usage.total_price  # the node's price, as Dify billed it

@@ -422,14 +422,20 @@ class AnthropicUpstream:
         requested = _requested_model(body)
         model = metered.model or requested
         usage = metered.usage
+        reported: Mapping[str, int] = calls.counts
+        if not reported.get(_WEB_SEARCH) and searches_every_answer(metered.model):
+            # The model that answered searches the web before every answer,
+            # though the one asked for was not named so (a router's alias at its
+            # /v1/messages; review F3): one web search, charged and counted.
+            reported = {**reported, _WEB_SEARCH: 1}
         if usage is not None:
             usage, _ = self._prices.priced(
                 usage, metered.model, requested, max_tokens=self._max_tokens
             )
-            charged = self.calls(body, calls.counts)
+            charged = self.calls(body, reported)
             if charged:
                 usage = self._with_calls(usage, charged)
-        searches = calls.counts.get(_WEB_SEARCH, 0)
+        searches = reported.get(_WEB_SEARCH, 0)
         if usage is metered.usage and model == metered.model and searches == metered.web_searches:
             return metered
         return dataclasses.replace(metered, usage=usage, model=model, web_searches=searches)

@@ -7,6 +7,7 @@ Every wire fact used here is in docs/upstreams/dify.md (cited below as
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from collections.abc import Callable
@@ -80,9 +81,7 @@ _EVENT_TYPE: Final = re.compile(r'\s*\{\s*"event"\s*:\s*"([a-z_]+)"')
 # Events whose answer text is counted for the estimate, and where the text sits.
 _TOP_LEVEL_TEXT: Final = frozenset({"message", "agent_message"})  # {"answer": ...}
 _WORKFLOW_TEXT: Final = "text_chunk"  # {"data": {"text": ...}}
-# Events that can carry usage or identifiers: always parsed. agent_thought's "thought"
-# repeats text already streamed as agent_message, so it only teaches ids (and only
-# while they are unknown, like any other event).
+# Events that can carry usage or identifiers: always parsed.
 _PARSED: Final = frozenset(
     {
         "message_end",
@@ -94,6 +93,25 @@ _PARSED: Final = frozenset(
         *PAUSE_EVENTS,  # they name the paused run's forms (dify_resume.py)
     }
 )
+# An agent app's thought: a model call's text, tool call and the tool's result.
+# Dify reports an agent's usage only in message_end, and a tool-calling model call
+# streams no answer text, so a run that fails after one (the next call past the
+# context window, a provider error) ends in an error event with neither. Every
+# runner publishes a thought only once a model call answered: the function-calling
+# one at the call's first chunk, the ReAct one after its first call (then as each
+# later iteration opens), so any thought proves billed work (review D3). Parsed
+# (a few per answer, for its tool call); its "thought" repeats text already
+# streamed as agent_message, so only the tool call adds to the estimate.
+_THOUGHT: Final = "agent_thought"
+# Auto-play speech (review D2): with the app's text-to-speech on and auto-play
+# enabled, Dify synthesises the answer's speech while it streams (its
+# AppGeneratorTTSPublisher, for chat, agent, chatflow and workflow apps alike) and
+# sends it as tts_message events, then tts_message_end: a paid TTS call left out of
+# the usage it reports. Known by the event's name alone: its base64 audio is
+# never parsed.
+_SPEECH: Final = frozenset({"tts_message", "tts_message_end"})
+# The call it is charged as: the same speech asked for through /text-to-audio.
+SPEECH_CALL: Final = dify_routes.TEXT_TO_AUDIO.call or "dify.text_to_audio"
 # Events whose "id" is the message id; agent_thought's "id" is the thought's own id.
 _MESSAGE_ID_EVENTS: Final = frozenset(
     {"message", "agent_message", "message_end", "message_replace"}
@@ -205,6 +223,19 @@ def _with_call(usage: Usage | None, price: CallPrice | None) -> Usage | None:
     return dataclasses.replace(usage, cost=usage.cost + price.price)
 
 
+def _charge_speech(result: Metered, price: CallPrice | None) -> Metered:
+    """An answer that streamed auto-play speech, with its TTS call: added to the
+    cost at ``[call_prices."dify.text_to_audio"]`` as the title is (`_with_call`);
+    without that price the answer streamed it anyway, so it is recorded as
+    reported and the call named in ``unpriced_calls`` (counted, logged:
+    docs/security.md). An answer charged nothing (usage None) made no call."""
+    if result.usage is None:
+        return result
+    if price is None:
+        return dataclasses.replace(result, unpriced_calls=(*result.unpriced_calls, SPEECH_CALL))
+    return dataclasses.replace(result, usage=_with_call(result.usage, price))
+
+
 def _prompt_chars(body: dict[str, Any]) -> int:
     query = body.get("query")
     chars = len(query) if isinstance(query, str) else 0
@@ -237,9 +268,13 @@ class DifyStreamMeter:
         "_overhead",
         "_prompt_chars",
         "_route",
+        "_speech",
+        "_speech_price",
         "_task_id",
         "_text_chars",
+        "_thought",
         "_title_price",
+        "_tool_inputs",
         "_workflow_clamped",
         "_workflow_finished",
         "_workflow_outputs",
@@ -248,12 +283,26 @@ class DifyStreamMeter:
     )
 
     def __init__(
-        self, route: Route, body: dict[str, Any], *, title_price: CallPrice | None = None
+        self,
+        route: Route,
+        body: dict[str, Any],
+        *,
+        title_price: CallPrice | None = None,
+        speech_price: CallPrice | None = None,
     ) -> None:
         self._route = route
         # The title Dify generates for a new conversation (review F6): charged
         # with the answer, at the rename's call price, when one is set.
         self._title_price = title_price
+        # Auto-play speech (review D2, _SPEECH): charged at the price of
+        # /text-to-audio once the stream carries any.
+        self._speech_price = speech_price
+        self._speech = False
+        # An agent's thought, which shows a model call (_THOUGHT), and the length
+        # of each thought's tool call, by the thought's id (Dify resends a
+        # thought as it fills in).
+        self._thought = False
+        self._tool_inputs: dict[str, int] = {}
         self._prompt_chars = _prompt_chars(body)
         self._task_id: str | None = None
         self._message_id: str | None = None
@@ -324,10 +373,14 @@ class DifyStreamMeter:
                 if extra > 0:
                     self._text_chars += extra
                 return
+            if kind in _SPEECH:
+                self._speech = True  # by its name: the audio is never parsed
+                return
             if not (
                 kind in _PARSED
                 or kind in _TOP_LEVEL_TEXT
                 or kind == _WORKFLOW_TEXT
+                or kind == _THOUGHT
                 or self._task_id is None  # learn the task id early to allow a stop call
             ):
                 return
@@ -376,6 +429,10 @@ class DifyStreamMeter:
                 self._error_code = _str_or_none(obj.get("code"))
         elif kind in PAUSE_EVENTS:
             self._forms += forms_named(kind, obj, self._workflow_run_id)
+        elif kind == _THOUGHT:
+            self._on_thought(obj)
+        elif kind in _SPEECH:  # an event whose type was not first (a full parse)
+            self._speech = True
         # message_replace (moderation) swaps the shown answer but not what the model
         # generated, so the text count stays; workflow_started only brings ids.
 
@@ -397,6 +454,15 @@ class DifyStreamMeter:
         self._text_chars += len(text)
         if kind not in self._overhead:
             self._overhead[kind] = len(data) - len(text)
+
+    def _on_thought(self, obj: dict[str, Any]) -> None:
+        """An agent's thought, even an empty one, shows a model call Dify billed
+        (_THOUGHT); its tool call is text the model generated."""
+        self._thought = True
+        tool_input = obj.get("tool_input")
+        if isinstance(tool_input, str) and tool_input:
+            key = _str_or_none(obj.get("id")) or ""
+            self._tool_inputs[key] = max(self._tool_inputs.get(key, 0), len(tool_input))
 
     def _on_message_end(self, obj: dict[str, Any]) -> None:
         metadata = obj.get("metadata")
@@ -481,14 +547,23 @@ class DifyStreamMeter:
 
     def _partial_usage(self) -> Usage | None:
         """The best lower bound when Dify reported no final usage: what finished nodes
-        reported, or an estimate from the text and the request, whichever is larger."""
+        reported, or an estimate from the text (an agent's tool calls included)
+        and the request, whichever is larger. An agent's thought alone makes an
+        estimate: its model call was billed, text or not."""
+        generated = self._text_chars + sum(self._tool_inputs.values())
         estimate = (
-            estimate_usage(self._prompt_chars, self._text_chars) if self._text_chars else None
+            estimate_usage(self._prompt_chars, generated) if generated or self._thought else None
         )
         nodes = self._nodes if not _is_zero(self._nodes) else None
         if estimate is None or nodes is None:
             return estimate or nodes
-        return nodes if nodes.total_tokens >= estimate.total_tokens else estimate
+        if nodes.total_tokens >= estimate.total_tokens:
+            return nodes
+        # More tokens in the estimate (the prompt's size, which the caller writes:
+        # an input the app does not declare counts there and costs nothing
+        # upstream), which has no price: the cost the nodes reported stays
+        # (review F1), never less than what Dify billed.
+        return dataclasses.replace(estimate, cost=nodes.cost, currency=nodes.currency)
 
     def finish(self, *, cut: bool) -> Metered:
         # `cut` does not change the outcome here: without usage, a cut stream and one
@@ -517,7 +592,7 @@ class DifyStreamMeter:
         else:
             answer_id = self._message_id or self._workflow_run_id
         metadata = self._metadata if self._metadata is not None else self._workflow_outputs
-        return Metered(
+        result = Metered(
             answer_id=answer_id,
             task_id=self._task_id,
             conversation_id=self._conversation_id,
@@ -526,6 +601,7 @@ class DifyStreamMeter:
             error_code=code,
             metadata=metadata,
         )
+        return _charge_speech(result, self._speech_price) if self._speech else result
 
 
 # A blocking answer's errors that come after the run started (`billed_error`).
@@ -542,7 +618,7 @@ _RUN_FAILED = "Run failed:"
 class DifyUpstream:
     """The Dify Service API (``.../v1``), as described in dify.md."""
 
-    __slots__ = ("_title_price",)
+    __slots__ = ("_speech_price", "_title_price")
 
     kind = "dify"
     user_field = "user"
@@ -554,12 +630,16 @@ class DifyUpstream:
     key_header = None  # the gateway key comes as a bearer token only
 
     def __init__(self, config: Config | None = None) -> None:
-        """Dify reports usage with its price; the one price the gateway adds is
-        the title Dify generates for a new conversation, at the rename's call
-        price (``[call_prices."dify.auto_generate_name"]``, review F6). Without
-        that price the title is not charged (docs/security.md)."""
+        """Dify reports usage with its price; the gateway adds two calls it
+        leaves out: the title Dify generates for a new conversation, at the
+        rename's call price (``[call_prices."dify.auto_generate_name"]``, review
+        F6; without that price the title is not charged, docs/security.md), and
+        the auto-play speech of a streamed answer, at the price of
+        ``/text-to-audio`` (``[call_prices."dify.text_to_audio"]``, review D2;
+        without it the answer is recorded and the speech counted as unpriced)."""
         prices = config.call_prices if config is not None else {}
         self._title_price = prices.get(dify_routes.AUTO_NAME.call or "")
+        self._speech_price = prices.get(SPEECH_CALL)
 
     def upstream_credentials(self, upstream: UpstreamConfig) -> tuple[tuple[bytes, bytes], ...]:
         return ((b"authorization", f"Bearer {upstream.api_key}".encode()),)
@@ -664,7 +744,9 @@ class DifyUpstream:
         )
 
     def stream_meter(self, route: Route, body: dict[str, Any]) -> DifyStreamMeter:
-        return DifyStreamMeter(route, body, title_price=self._title(route, body))
+        return DifyStreamMeter(
+            route, body, title_price=self._title(route, body), speech_price=self._speech_price
+        )
 
     # --- human-input resumes, followed by the gateway (gateway/follow.py) ------------
 
@@ -680,7 +762,11 @@ class DifyUpstream:
 
     def follow_meter(self, form_token: str) -> ResumeMeter:
         # Only the work after the pause (dify_resume.py).
-        return ResumeMeter(_node_usage, form_token=form_token)
+        return ResumeMeter(
+            _node_usage,
+            form_token=form_token,
+            spoken=functools.partial(_charge_speech, price=self._speech_price),
+        )
 
     def meter_blocking(self, route: Route, body: dict[str, Any], response: bytes) -> Metered:
         try:
@@ -707,6 +793,13 @@ class DifyUpstream:
             usage = None
             if isinstance(answer, str) and answer:
                 usage = estimate_usage(_prompt_chars(body), len(answer))
+            elif task_id is not None:
+                # The run began (Dify named its task) and ended with neither an
+                # answer nor a usage: a chatflow's blocking pause for human input
+                # (dify.md), its LLM nodes before the pause billed, and charged by
+                # no resume (whose meter counts only what follows it). Never free,
+                # as in a stream (review F2): the prompt's estimate.
+                usage = estimate_usage(_prompt_chars(body), 0)
             outcome = "cut"
         usage = _with_call(usage, self._title(route, body))
         return Metered(answer_id, task_id, conversation_id, usage, outcome, metadata=metadata)

@@ -48,6 +48,8 @@ _CONTAINER_NODES: Final = frozenset({"iteration", "loop"})
 PAUSE_EVENTS: Final = frozenset({"human_input_required", "workflow_paused"})
 _PARSED: Final = _TEXT | PAUSE_EVENTS | {"node_finished", "workflow_started", "error"}
 _ENDS: Final = frozenset({"workflow_finished"})
+# Auto-play speech (dify.py, _SPEECH): known by the event's name, never parsed.
+_SPEECH: Final = frozenset({"tts_message", "tts_message_end"})
 _FORM_PATH: Final = re.compile(r"/*form/human_input/([^/]+)/*")
 
 
@@ -145,16 +147,26 @@ class ResumeMeter:
         "_replaying",
         "_run_id",
         "_seen_nodes",
+        "_speech",
+        "_spoken",
         "_task_id",
         "_text_chars",
     )
 
     def __init__(
-        self, node_usage: Callable[[dict[str, Any]], Usage], *, form_token: str | None = None
+        self,
+        node_usage: Callable[[dict[str, Any]], Usage],
+        *,
+        form_token: str | None = None,
+        spoken: Callable[[Metered], Metered] | None = None,
     ) -> None:
         # How one node_finished.data reads as usage: the workflow meter's own rule
         # (dify.py, _node_usage), so both read node reports alike.
         self._node_usage = node_usage
+        # How a run that streamed auto-play speech is charged: the stream meter's
+        # own rule too (dify.py, _charge_speech).
+        self._spoken = spoken
+        self._speech = False
         self._form_token = form_token
         self._task_id: str | None = None
         self._run_id: str | None = None
@@ -190,6 +202,9 @@ class ResumeMeter:
             return
         match = _EVENT_TYPE.match(data)
         kind = match.group(1) if match else None
+        if kind in _SPEECH:
+            self._speech = True
+            return
         if kind is not None and kind not in _PARSED and kind not in _ENDS:
             return
         try:
@@ -231,6 +246,8 @@ class ResumeMeter:
         elif kind == "error":
             self._error = _str_or_none(obj.get("code")) or "error"
             self._done = True
+        elif kind in _SPEECH:  # its type was not first (a full parse)
+            self._speech = True
 
     def _on_pause(self, obj: dict[str, Any]) -> None:
         named = forms_named("workflow_paused", obj, self._run_id)
@@ -248,6 +265,7 @@ class ResumeMeter:
         self._nodes = Usage()
         self._seen_nodes = False
         self._text_chars = 0
+        self._speech = False
         self._forms = []
 
     def _on_node(self, data: object) -> None:
@@ -281,4 +299,7 @@ class ResumeMeter:
             outcome = "cut"
         # answer_id None: the ledger keys the row by the submit (gw-<request id>),
         # since the run's own id already names the row of the stream that paused.
-        return Metered(None, self._task_id, None, usage, outcome, error_code=self._error)
+        result = Metered(None, self._task_id, None, usage, outcome, error_code=self._error)
+        if self._speech and self._spoken is not None:
+            return self._spoken(result)
+        return result

@@ -456,14 +456,11 @@ class OpenAIUpstream:
             )
             metered = dataclasses.replace(metered, usage=usage)
         calls = self.calls(route, body, extras.calls.counts())
-        if (
-            route.kind == "chat"
-            and _CHAT_WEB_SEARCH not in calls
-            and searches_every_answer(metered.model)
-        ):
+        if searches_every_answer(metered.model) and not any(map(_is_web_search, calls)):
             # The model that answered searches on every answer, though the one
-            # asked for is not named so (a router's alias of its deployment:
-            # review R-SONAR-2): its search is charged and counted all the same.
+            # asked for is not named so (a router's alias of its deployment, on
+            # any answer route: reviews R-SONAR-2, F5): its search is charged
+            # and counted all the same, as a search model's chat is.
             calls[_CHAT_WEB_SEARCH] = 1
         ran = route.kind == "response"
         return self.priced(
@@ -564,6 +561,7 @@ class OpenAIUpstream:
             metadata=metered.metadata,
             model=model,
             web_searches=searches,
+            unpriced_calls=metered.unpriced_calls,
         )
 
     def _with_calls(

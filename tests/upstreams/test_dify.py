@@ -526,6 +526,9 @@ def test_unknown_events_are_ignored() -> None:
     _, result = run(CHAT, events)
     assert result.outcome == "complete"
     assert result.usage == DOC_COMPLETE
+    # Auto-play speech is not ignored (review D2): with no price for it, the
+    # answer costs what Dify reports and the speech is named as unpriced.
+    assert result.unpriced_calls == ("dify.text_to_audio",)
 
 
 # --- failures ------------------------------------------------------------------------------
@@ -1097,3 +1100,257 @@ def test_the_hot_paths_memo_meters_as_the_match_does(seed: int) -> None:
         assert with_memo.task_id == without.task_id
     assert with_memo.malformed == without.malformed
     assert with_memo.finish(cut=True) == without.finish(cut=True)
+
+
+# --- auto-play speech (review D2) ------------------------------------------------------------
+
+# With an app's text-to-speech auto-play on, Dify synthesises the answer's speech
+# while it streams (tts_message, base64 audio, then tts_message_end): a paid TTS
+# call that message_end's usage leaves out.
+AUDIO = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAEAfAAABAAgAZGF0YQAAAAA=" * 200
+
+
+def speech(task: str, message_id: str) -> list[ServerSentEvent]:
+    head = {"task_id": task, "message_id": message_id, "created_at": 1705407629}
+    return [
+        ev({"event": "tts_message", **head, "audio": AUDIO}),
+        ev({"event": "tts_message", **head, "audio": AUDIO}),
+        ev({"event": "tts_message_end", **head, "audio": ""}),
+    ]
+
+
+def _speaking(price: str = "0.01", currency: str = "USD") -> DifyUpstream:
+    config = parse_config(
+        {"call_prices": {"dify.text_to_audio": {"price": price, "currency": currency}}}, env={}
+    )
+    return DifyUpstream(config)
+
+
+WORKFLOW_COMPLETE = [*WORKFLOW_EVENTS, workflow_finished("t5", "r5", 95, {"summary": "cats"})]
+AGENT_USAGE = {**DOC_USAGE, "total_price": "0.0005800"}
+SPOKEN: list[tuple[Route, list[ServerSentEvent], Decimal]] = [
+    (CHAT, [ev(DOC_MESSAGE_1), *speech("t1", "m1"), ev(DOC_MESSAGE_END)], Decimal("0.0013030")),
+    (
+        CHAT,
+        [
+            agent_thought(1, "", tool="dalle3"),
+            message("I drew a cat.", event="agent_message", envelope=AGENT_ENVELOPE),
+            *speech("t2", "m2"),
+            message_end(AGENT_USAGE, envelope=AGENT_ENVELOPE),
+        ],
+        Decimal("0.0005800"),
+    ),
+    (CHAT, [*CHATFLOW_HEAD, *speech("t3", "m3"), CHATFLOW_END, CHATFLOW_WF_END], Decimal("0.0002")),
+    (
+        WORKFLOW,
+        [*WORKFLOW_EVENTS[:5], *speech("t5", "r5"), *WORKFLOW_COMPLETE[5:]],
+        Decimal("7.08E-5"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("route", "events", "reported"), SPOKEN, ids=["chat", "agent", "chatflow", "workflow"]
+)
+def test_auto_play_speech_is_charged_as_a_text_to_audio_call(
+    route: Route, events: list[ServerSentEvent], reported: Decimal
+) -> None:
+    """Attack: a user of an app with auto-play TTS streams answers, each with the
+    speech of the whole answer, which /text-to-audio would charge (or refuse
+    unpriced). Charged: the call's price on top of what Dify reports, once per
+    answer however many audio chunks came."""
+    up = _speaking()
+    meter = up.stream_meter(route, {"query": "hi", "inputs": {}, "conversation_id": "c"})
+    for event in events:
+        meter.feed(event)
+    result = meter.finish(cut=False)
+    assert result.outcome == "complete"
+    assert result.usage is not None and result.usage.cost == reported + Decimal("0.01")
+    assert result.unpriced_calls == ()
+    # The same answer without speech costs what Dify reports.
+    silent = up.stream_meter(route, {"query": "hi", "inputs": {}, "conversation_id": "c"})
+    for event in events:
+        if b"tts_message" not in event.data.encode()[:40]:
+            silent.feed(event)
+    plain = silent.finish(cut=False).usage
+    assert plain is not None and plain.cost == reported
+
+
+def test_speech_and_a_new_conversations_title_are_both_charged() -> None:
+    config = parse_config(
+        {
+            "call_prices": {
+                "dify.text_to_audio": {"price": "0.01", "currency": "USD"},
+                "dify.auto_generate_name": {"price": "0.001", "currency": "USD"},
+            }
+        },
+        env={},
+    )
+    up = DifyUpstream(config)
+    meter = up.stream_meter(CHAT, {"query": "hi", "inputs": {}})  # a new conversation
+    for event in [ev(DOC_MESSAGE_1), *speech("t1", "m1"), ev(DOC_MESSAGE_END)]:
+        meter.feed(event)
+    usage = meter.finish(cut=False).usage
+    assert usage is not None and usage.cost == Decimal("0.0013030") + Decimal("0.011")
+
+
+def test_speech_in_an_answer_cut_short_is_charged_with_its_estimate() -> None:
+    up = _speaking(price="0.02")
+    meter = up.stream_meter(CHAT, {"query": "hi", "inputs": {}, "conversation_id": "c1"})
+    for event in [ev(DOC_MESSAGE_1), *speech("t1", "m1")[:1]]:
+        meter.feed(event)
+    result = meter.finish(cut=True)
+    assert result.outcome == "cut"
+    assert result.usage is not None and result.usage.estimated
+    assert (result.usage.cost, result.usage.currency) == (Decimal("0.02"), "USD")
+
+
+def test_speech_in_an_answer_that_charged_nothing_adds_nothing() -> None:
+    up = _speaking()
+    meter = up.stream_meter(CHAT, {"query": "hi", "inputs": {}})
+    for event in [*speech("t1", "m1"), error()]:
+        meter.feed(event)
+    result = meter.finish(cut=False)
+    assert result.usage is None and result.unpriced_calls == ()
+
+
+def test_unpriced_speech_is_recorded_as_reported_and_named() -> None:
+    for route, events, reported in SPOKEN:
+        _, result = run(route, events, {"query": "hi", "inputs": {}, "conversation_id": "c"})
+        assert result.usage is not None and result.usage.cost == reported
+        assert result.unpriced_calls == ("dify.text_to_audio",)
+
+
+def test_speech_is_told_by_its_name_and_never_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The audio is large base64: the meter knows the event by its name alone,
+    even before any other event named the task."""
+    parsed: list[str] = []
+    loads = dify._loads
+
+    def counting(data: str | bytes) -> Any:
+        parsed.append(data if isinstance(data, str) else data.decode())
+        return loads(data)
+
+    monkeypatch.setattr(dify, "_loads", counting)
+    up = _speaking()
+    meter = up.stream_meter(CHAT, {"query": "hi", "inputs": {}, "conversation_id": "c1"})
+    for event in [
+        *speech("t1", "m1")[:1],
+        ev(DOC_MESSAGE_1),
+        *speech("t1", "m1"),
+        ev(DOC_MESSAGE_END),
+    ]:
+        meter.feed(event)
+    usage = meter.finish(cut=False).usage
+    assert usage is not None and usage.cost == Decimal("0.0113030")
+    assert not any("tts_message" in data for data in parsed)
+    assert len(parsed) == 2  # the first message and message_end
+
+
+def test_speech_whose_event_type_is_not_first_is_still_charged() -> None:
+    up = _speaking()
+    meter = up.stream_meter(CHAT, {"query": "hi", "inputs": {}, "conversation_id": "c1"})
+    late = '{"audio": "UklGRg==", "task_id": "t1", "event": "tts_message"}'
+    for event in [ev(DOC_MESSAGE_1), ev(late), ev(DOC_MESSAGE_END)]:
+        meter.feed(event)
+    usage = meter.finish(cut=False).usage
+    assert usage is not None and usage.cost == Decimal("0.0113030")
+
+
+# --- an agent run that fails after its tool calls (review D3) ----------------------------
+
+AGENT_HEAD: dict[str, Any] = {
+    "conversation_id": "c2",
+    "message_id": "m2",
+    "task_id": "t2",
+    "created_at": 1705407629,
+}
+TOOL_INPUT = '{"webscraper": {"url": "http://example.com/big"}}'
+
+
+def thought(thought_id: str, position: int, **work: str) -> ServerSentEvent:
+    fields = {"thought": "", "observation": "", "tool": "", "tool_input": ""} | work
+    return ev(
+        {
+            "event": "agent_thought",
+            **AGENT_HEAD,
+            "id": thought_id,
+            "position": position,
+            **fields,
+            "tool_labels": {},
+            "message_files": [],
+        }
+    )
+
+
+CONTEXT_ERROR = ev(
+    {
+        "event": "error",
+        "conversation_id": "c2",
+        "message_id": "m2",
+        "status": 400,
+        "code": "completion_request_error",
+        "message": "[openai] Bad Request Error, maximum context length exceeded",
+    }
+)
+# FunctionCallAgentRunner: the model answers with a tool call (no answer text),
+# the tool runs, the next model call fails.
+TOOL_CALLED = [
+    thought("th1", 1),
+    message("", event="agent_message", envelope={**AGENT_HEAD, "id": "m2"}),
+    thought("th1", 1, tool="webscraper", tool_input=TOOL_INPUT),
+    thought(
+        "th1",
+        1,
+        tool="webscraper",
+        tool_input=TOOL_INPUT,
+        observation='{"webscraper": "' + "x" * 2000 + '"}',
+    ),
+    thought("th2", 2),
+]
+
+
+def test_an_agent_run_failing_after_its_tool_call_is_charged_an_estimate() -> None:
+    """Attack: steer an agent into a failure after its first, billed model call
+    (a tool result past the context window): the stream ends in an error with
+    no text and no usage. Charged an estimate (the prompt and the tool call),
+    marked estimated, never refunded."""
+    body = {"query": "fetch http://example.com/big and summarise it", "inputs": {}}
+    _, result = run(CHAT, [*TOOL_CALLED, CONTEXT_ERROR], {**body, "conversation_id": "c2"})
+    assert (result.outcome, result.error_code) == ("error", "completion_request_error")
+    assert result.answer_id == "m2" and result.task_id == "t2"
+    assert result.usage is not None and result.usage.estimated
+    assert result.usage.prompt_tokens == estimate_tokens(len(body["query"]))
+    assert result.usage.completion_tokens == estimate_tokens(len(TOOL_INPUT))  # counted once
+
+
+@pytest.mark.parametrize(
+    "work",
+    [{}, {"thought": "Let me look."}, {"tool": "webscraper"}, {"observation": "page"}],
+    ids=["empty", "thought", "tool", "observation"],
+)
+def test_any_thought_proves_a_model_call(work: dict[str, str]) -> None:
+    """Dify publishes a thought only once a model call answered (the
+    function-calling runner at the call's first chunk, still empty): a run
+    failing after any is charged the prompt's estimate at least."""
+    _, result = run(CHAT, [thought("th1", 1, **work), CONTEXT_ERROR], {"query": "q" * 40})
+    assert result.outcome == "error"
+    assert result.usage is not None and result.usage.estimated
+    assert result.usage.prompt_tokens == estimate_tokens(40)
+
+
+def test_an_agent_run_failing_at_its_first_model_call_is_refunded() -> None:
+    """The call that fails before answering (a quota, a provider not set up, a
+    bad request) publishes no thought: the run costs nothing, as before."""
+    _, result = run(CHAT, [error()], {"query": "fetch it", "inputs": {}, "conversation_id": "c2"})
+    assert (result.outcome, result.error_code) == ("error", "provider_quota_exceeded")
+    assert result.usage is None
+
+
+def test_an_agent_run_that_ends_reports_dify_usage_not_the_estimate() -> None:
+    usage = {**DOC_USAGE, "total_price": "0.0005800"}
+    events = [*TOOL_CALLED, message_end(usage, envelope={**AGENT_HEAD, "id": "m2"})]
+    _, result = run(CHAT, events)
+    assert result.outcome == "complete"
+    assert result.usage is not None and not result.usage.estimated
+    assert result.usage.cost == Decimal("0.0005800")

@@ -16,6 +16,7 @@ import httpx
 import orjson
 import pytest
 
+from gateway.config import parse_config
 from gateway.follow import Follows
 from gateway.sse import ServerSentEvent
 from gateway.storage import UsageEvent, open_storage
@@ -459,6 +460,33 @@ def test_text_without_node_reports_is_estimated_and_an_error_ends_the_read() -> 
     assert usage is not None and usage.estimated and usage.completion_tokens == 10
     failed = meter_of(_node("b", 500), {"event": "error", "code": "internal_server_error"})
     assert failed.done and failed.finish(cut=False).outcome == "error"
+
+
+SPEECH = {"event": "tts_message", "workflow_run_id": "r9", "audio": "UklGRg==" * 100}
+SPEECH_END = {"event": "tts_message_end", "workflow_run_id": "r9", "audio": ""}
+
+
+def test_auto_play_speech_of_a_resumed_run_is_charged_once() -> None:
+    """Review D2: the resumed part's speech (auto-play TTS) is a text-to-audio
+    call, charged at its price as in any streamed answer; speech of the paused
+    part, replayed, was the paused stream's to charge."""
+    config = parse_config(
+        {"call_prices": {"dify.text_to_audio": {"price": "0.01", "currency": "USD"}}}, env={}
+    )
+    up = DifyUpstream(config)
+    resumed = [RESUMED_START, _node("b", 500), SPEECH, SPEECH, SPEECH_END, FINISHED]
+    replayed = [STARTED, SPEECH, _asked("tok"), _pause("tok"), _node("b", 500), FINISHED]
+    for payloads, cost in ((resumed, Decimal("0.011")), (replayed, Decimal("0.001"))):
+        meter = up.follow_meter("tok")
+        for event in _events(*payloads):
+            meter.feed(event)
+        result = meter.finish(cut=False)
+        assert result.usage is not None and result.usage.cost == cost
+        assert result.unpriced_calls == ()
+    # Unpriced, it is recorded as reported and named.
+    unpriced = meter_of(*resumed).finish(cut=False)
+    assert unpriced.usage is not None and unpriced.usage.cost == Decimal("0.001")
+    assert unpriced.unpriced_calls == ("dify.text_to_audio",)
 
 
 def test_the_forms_a_pause_names() -> None:

@@ -1497,6 +1497,7 @@ def test_priced_keeps_every_field_of_the_metered_answer() -> None:
         error_code="code",
         metadata={"k": "v"},
         model=None,
+        unpriced_calls=("a.call",),
     )
     for f in dataclasses.fields(Metered):
         if f.name not in ("model", "web_searches"):  # set by priced() itself

@@ -217,3 +217,82 @@ async def test_an_answer_from_a_search_model_is_charged_its_search(
         (row,) = await h.storage.daily(day, day, user_id=USER)
     assert (event.web_searches, row.web_searches) == (1, 1)
     assert event.cost == Decimal("0.008") + SONAR_FEE
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["blocking", "streamed"])
+async def test_a_routers_alias_of_sonar_at_an_anthropic_upstream_is_charged_its_search(
+    sqlite_url: str, streamed: bool
+) -> None:
+    """R-SONAR-2's attack through the anthropic dialect, the setup R-SONAR-1 is
+    about (LiteLLM's /v1/messages serves every deployment): the alias "news-bot"
+    is a Sonar deployment. `_check_router_options` refuses a search model by
+    the name asked for only, and only the OpenAI dialect's `priced_with` looks
+    at the model that answered: the answer says "sonar-reasoning" answered,
+    and is recorded with no search - no fee, no web_searches_per_day count
+    (this user has none left)."""
+    fake = FakeAnthropic(api_key=UPSTREAM_KEY)
+    settings = {
+        "upstream": {"kind": "anthropic"},
+        "prices": {"news-bot": {"input": "1", "output": "5"}},
+        "call_prices": CALL_PRICES,
+        "plans": {"free": {"web_searches_per_day": 0}},
+    }
+    body: dict[str, Any] = {
+        "model": "news-bot",
+        "max_tokens": 200,
+        "stream": streamed,
+        "messages": [{"role": "user", "content": "Tin tức hôm nay?"}],
+    }
+    steer = {**VERSION, "x-fake-model": "sonar-reasoning"}
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as c:
+            answered = await c.post("/v1/messages", json=body, headers=h.auth(**steer))
+        assert answered.status_code == 200, answered.text
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert event.model == "sonar-reasoning"
+    # The search the answering model ran is counted and charged, at the
+    # anthropic dialect's web-search price (review F3).
+    assert event.web_searches == 1, event
+    # The fake's 12 prompt and 7 completion tokens at 1 and 5 per million.
+    assert event.cost == Decimal("0.000047") + Decimal("0.01")
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/responses", {"model": "news-bot", "input": "Tin tức hôm nay?"}),
+        ("/v1/completions", {"model": "news-bot", "prompt": "Tin tức hôm nay?"}),
+    ],
+    ids=["responses", "completions"],
+)
+async def test_a_routers_alias_of_sonar_off_a_chat_is_charged_its_search(
+    sqlite_url: str, path: str, body: dict[str, Any]
+) -> None:
+    """A router that serves every deployment on every endpoint (LiteLLM bridges
+    /v1/responses and /v1/completions to any provider's chat API) answers the
+    alias "news-bot" with its Sonar deployment. `_check_sonar` refuses a Sonar
+    model off a chat by the name asked for only; `priced_with` adds the
+    answering model's search on `route.kind == "chat"` only: here the search is
+    neither charged nor counted (and the user has no search left)."""
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    settings = {
+        "upstream": {"kind": "openai"},
+        "prices": {"news-bot": {"input": "1", "output": "5"}},
+        "call_prices": CALL_PRICES,
+        "plans": {"free": {"web_searches_per_day": 0}},
+    }
+    steer = {
+        "x-fake-prompt-tokens": "7000",
+        "x-fake-completion-tokens": "200",
+        "x-fake-model": "sonar-reasoning",
+    }
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as c:
+            answered = await c.post(path, json=body, headers=h.auth(**steer))
+        assert answered.status_code == 200, answered.text
+        await h.probes.wait_finished(1)
+        (event,) = await h.events()
+    assert event.model == "sonar-reasoning"
+    assert event.web_searches == 1, event
+    assert event.cost == Decimal("0.008") + SONAR_FEE
