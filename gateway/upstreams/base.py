@@ -116,6 +116,7 @@ uses it for one request:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -494,10 +495,20 @@ SONAR: Final = re.compile(r"(?:^|[/._-])sonar(?:[-_.:]|$)", re.IGNORECASE)
 
 def searches_every_answer(model: str | None) -> bool:
     """Whether ``model`` searches the web before every answer (`SONAR`, and
-    OpenAI's ``-search`` models)."""
-    return model is not None and (
-        _SEARCH_MODEL.search(model) is not None or SONAR.search(model) is not None
-    )
+    OpenAI's ``-search`` models). Asked several times of every OpenAI answer:
+    a name is looked at once (`_searches`)."""
+    return model is not None and _searches(model)
+
+
+@functools.lru_cache(maxsize=1024)
+def _searches(model: str) -> bool:
+    return _SEARCH_MODEL.search(model) is not None or is_sonar(model)
+
+
+@functools.lru_cache(maxsize=1024)
+def is_sonar(model: str) -> bool:
+    """Whether ``model`` is one of Perplexity's Sonar models (`SONAR`)."""
+    return SONAR.search(model) is not None
 
 
 def drop_router_fields(body: dict[str, Any]) -> None:

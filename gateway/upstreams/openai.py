@@ -34,12 +34,12 @@ from gateway.sse import ServerSentEvent
 from gateway.upstreams import openai_routes
 from gateway.upstreams.anthropic_wire import refuse_unpriced_betas
 from gateway.upstreams.base import (
-    SONAR,
     Headers,
     Prepared,
     Route,
     StreamMeter,
     drop_router_fields,
+    is_sonar,
     keep_models,
     merge_model_lists,
     searches_every_answer,
@@ -695,7 +695,7 @@ def _check_sonar(
     (`_SONAR_FEE_OPTIONS`)."""
     sonar = False
     for name in (model, *fallback_models(body)):
-        if not isinstance(name, str) or SONAR.search(name) is None:
+        if not isinstance(name, str) or not is_sonar(name):
             continue
         if _SONAR_UNBOUNDED.search(name) is not None:
             raise Forbidden(
