@@ -108,8 +108,10 @@ _THOUGHT: Final = "agent_thought"
 # AppGeneratorTTSPublisher, for chat, agent, chatflow and workflow apps alike) and
 # sends it as tts_message events, then tts_message_end: a paid TTS call left out of
 # the usage it reports. Known by the event's name alone: its base64 audio is
-# never parsed.
-_SPEECH: Final = frozenset({"tts_message", "tts_message_end"})
+# never parsed. tts_message_end alone is no call: Dify sends it whenever
+# auto-play is on, and calls the model only for text (review R2-1: a pause or a
+# failure before any text, an empty answer).
+_SPEECH: Final = frozenset({"tts_message"})
 # The call it is charged as: the same speech asked for through /text-to-audio.
 SPEECH_CALL: Final = dify_routes.TEXT_TO_AUDIO.call or "dify.text_to_audio"
 # Events whose "id" is the message id; agent_thought's "id" is the thought's own id.
@@ -229,11 +231,14 @@ def _charge_speech(result: Metered, price: CallPrice | None) -> Metered:
     without that price the answer streamed it anyway, so it is recorded as
     reported and the call named in ``unpriced_calls`` (counted, logged:
     docs/security.md). An answer charged nothing (usage None) made no call."""
-    if result.usage is None:
+    usage = result.usage
+    if usage is None:
         return result
-    if price is None:
+    if price is None or (usage.cost and usage.currency != price.currency):
+        # (A price in another currency than Dify's own cannot be added to its
+        # cost: left out as an unpriced call is, and counted as one, review R2-2.)
         return dataclasses.replace(result, unpriced_calls=(*result.unpriced_calls, SPEECH_CALL))
-    return dataclasses.replace(result, usage=_with_call(result.usage, price))
+    return dataclasses.replace(result, usage=_with_call(usage, price))
 
 
 def _prompt_chars(body: dict[str, Any]) -> int:

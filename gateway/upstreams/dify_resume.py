@@ -49,7 +49,7 @@ PAUSE_EVENTS: Final = frozenset({"human_input_required", "workflow_paused"})
 _PARSED: Final = _TEXT | PAUSE_EVENTS | {"node_finished", "workflow_started", "error"}
 _ENDS: Final = frozenset({"workflow_finished"})
 # Auto-play speech (dify.py, _SPEECH): known by the event's name, never parsed.
-_SPEECH: Final = frozenset({"tts_message", "tts_message_end"})
+_SPEECH: Final = frozenset({"tts_message"})  # not tts_message_end alone (R2-1)
 _FORM_PATH: Final = re.compile(r"/*form/human_input/([^/]+)/*")
 
 
