@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from importlib import resources
 
@@ -99,14 +100,20 @@ def migrations(backend: str) -> list[tuple[int, str]]:
     """The versioned migrations of a backend: (version, SQL), in order.
 
     Files are named ``NNNN_description.sql`` under ``sql/<backend>/``; a version
-    once released is never edited, only followed by a new file.
+    once released is never edited, only followed by a new file. Read once per
+    process (`_read_migrations`): every start and every storage's `migrate` asks.
     """
+    return list(_read_migrations(backend))
+
+
+@functools.cache
+def _read_migrations(backend: str) -> tuple[tuple[int, str], ...]:
     folder = resources.files("gateway.storage") / "sql" / backend
     found = []
     for entry in folder.iterdir():
         if entry.name.endswith(".sql"):
             found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
-    return sorted(found)
+    return tuple(sorted(found))
 
 
 def functions(backend: str) -> tuple[str, list[str]]:
@@ -114,15 +121,21 @@ def functions(backend: str) -> tuple[str, list[str]]:
     file per function, each a CREATE OR REPLACE), in name order, and a hash of
     them all: `migrate` applies them whenever the hash differs from the one it
     applied last (issue 21: functions are defined once, not re-created in
-    migration after migration)."""
+    migration after migration). Read and hashed once per process."""
+    digest, texts = _read_functions(backend)
+    return digest, list(texts)
+
+
+@functools.cache
+def _read_functions(backend: str) -> tuple[str, tuple[str, ...]]:
     folder = resources.files("gateway.storage") / "sql" / backend / "functions"
     if not folder.is_dir():
-        return "", []
-    texts = [
+        return "", ()
+    texts = tuple(
         entry.read_text(encoding="utf-8")
         for entry in sorted(folder.iterdir(), key=lambda e: e.name)
         if entry.name.endswith(".sql")
-    ]
+    )
     digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
     return digest, texts
 

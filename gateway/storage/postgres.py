@@ -904,6 +904,8 @@ class PostgresStorage:
 
     async def migrate(self) -> int:
         with _mapped():
+            if await self._migrated():
+                return 0
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK, timeout=_MIGRATION_TIMEOUT
@@ -960,6 +962,33 @@ class PostgresStorage:
                         digest,
                     )
                 return count
+
+    async def _migrated(self) -> bool:
+        """Whether every migration and this release's functions are in already,
+        in one statement: every start asks, and a database is usually migrated
+        (five statements and a transaction fewer). Only when no migration is
+        under way: the statement tries the migration lock, held for its
+        transaction alone, and a migrate that finds it taken waits for it as
+        before (a restarting old pod then sees what the new one migrated and
+        stops, docs/deploy.md). A database without the functions' table
+        (before 0023), or with a migration or functions this release does not
+        know, takes the path that handles it."""
+        try:
+            row = await self._pool.fetchrow(
+                "SELECT pg_try_advisory_xact_lock($1) AS free, "
+                "ARRAY(SELECT version FROM schema_migrations) AS versions, "
+                "(SELECT hash FROM schema_function_set) AS hash",
+                _MIGRATION_LOCK,
+            )
+        except asyncpg.UndefinedTableError:
+            return False
+        assert row is not None
+        known = {version for version, _ in migrations("postgres")}
+        return (
+            bool(row["free"])
+            and set(row["versions"]) == known
+            and row["hash"] == functions("postgres")[0]
+        )
 
     # --- users --------------------------------------------------------------
 

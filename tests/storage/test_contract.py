@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
@@ -13,8 +14,9 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
+from gateway import storage as storage_package
 from gateway.config import DatabaseConfig
-from gateway.errors import NotFound
+from gateway.errors import NotFound, StorageError
 from gateway.quota.limits import Limit
 from gateway.storage import (
     Admission,
@@ -28,6 +30,7 @@ from gateway.storage import (
     UsageEvent,
     UsageGroup,
     WebSearch,
+    functions,
     migrations,
     open_storage,
 )
@@ -35,6 +38,7 @@ from gateway.storage import (
 NOW = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
 DAY = date(2026, 11, 21)
 MONTH = date(2026, 11, 1)
+BACKENDS = ("sqlite", "postgres")
 
 
 def event(
@@ -430,6 +434,75 @@ async def test_concurrent_migrations_on_a_fresh_database(
     finally:
         await first.close()
         await second.close()
+
+
+def test_the_migrations_and_functions_are_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every start migrates; the package's SQL files are read by the first.
+    first = {backend: (migrations(backend), functions(backend)) for backend in BACKENDS}
+
+    def unread(*args: object) -> None:
+        raise AssertionError("the SQL files were read again")
+
+    monkeypatch.setattr(storage_package.resources, "files", unread)
+    for backend in BACKENDS:
+        assert (migrations(backend), functions(backend)) == first[backend]
+        # Each caller gets lists of its own: changing one changes no later answer.
+        migrations(backend).clear()
+        functions(backend)[1].clear()
+        assert (migrations(backend), functions(backend)) == first[backend]
+    assert first["postgres"][1][1], "no PostgreSQL functions found"
+
+
+async def test_a_migrated_sqlite_database_migrates_beside_a_writer(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A restart finds its database migrated with one read: it does not wait for
+    # the write lock another process holds (a replica's long transaction).
+    path = tmp_path / "gateway.db"
+    url = f"sqlite:///{path}"
+    store = await open_storage(DatabaseConfig(url=url))
+    await store.migrate()
+    await store.close()
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        store = await open_storage(DatabaseConfig(url=url, command_timeout=0.5))
+        try:
+            assert await store.migrate() == 0
+        finally:
+            await store.close()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+async def test_a_migrated_postgres_database_migrates_with_reads_alone(own_database: str) -> None:
+    # A restart finds its database migrated with one statement: a role that may
+    # only read the migrations' record (no CREATE on the schema) starts the
+    # gateway; the full path's CREATE TABLE IF NOT EXISTS is refused to it.
+    role = f"gateway_reader_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(own_database)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN")
+        await admin.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        await admin.execute(f"GRANT SELECT ON schema_migrations, schema_function_set TO {role}")
+        base, _, rest = own_database.partition("://")
+        dsn = f"{base}://{role}@{rest.split('@', 1)[1]}"
+        store = await open_storage(DatabaseConfig(url=dsn))
+        try:
+            assert await store.migrate() == 0
+            # Not a migrate that lets anything through: a missing migration takes
+            # the full path (and this role may not make it).
+            await admin.execute(
+                "DELETE FROM schema_migrations WHERE version = "
+                "(SELECT max(version) FROM schema_migrations)"
+            )
+            with pytest.raises(StorageError):
+                await store.migrate()
+        finally:
+            await store.close()
+    finally:
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
 
 
 # --- concurrent-stream leases -------------------------------------------------------
