@@ -1425,16 +1425,17 @@ class SQLiteStorage:
 
     async def migrate(self) -> int:
         def migrated(conn: sqlite3.Connection) -> bool:
-            # Every start asks, and a database is usually migrated: a read tells
-            # (a write transaction's lock and group commit are left for when a
-            # migration is missing; only a committed one is seen here).
+            # Every start asks, and a database is usually migrated: a read on the
+            # connection's thread tells (a write transaction's lock and group
+            # commit are left for when a migration is missing; only a committed
+            # one is seen here).
             try:
                 applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
             except sqlite3.OperationalError:  # no such table: a new database
                 return False
             return applied == {version for version, _ in migrations("sqlite")}
 
-        if await self._run(migrated):
+        if await self._call(migrated):
             return 0
 
         def run(conn: sqlite3.Connection) -> int:
