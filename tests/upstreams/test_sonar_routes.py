@@ -9,8 +9,12 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
+from gateway.config import parse_config
+from gateway.sse import SSEDecoder
+from gateway.upstreams.openai import OpenAIUpstream
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
@@ -296,3 +300,51 @@ async def test_a_routers_alias_of_sonar_off_a_chat_is_charged_its_search(
     assert event.model == "sonar-reasoning"
     assert event.web_searches == 1, event
     assert event.cost == Decimal("0.008") + SONAR_FEE
+
+
+def _chunk(model: str, delta: dict[str, Any], **more: Any) -> bytes:
+    chunk = {
+        "id": "c-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": None}] if delta else [],
+        **more,
+    }
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+@pytest.mark.parametrize("first", ["news-bot", "sonar-reasoning"])
+def test_a_stream_that_names_a_search_model_after_its_first_chunk_is_charged_its_search(
+    first: str,
+) -> None:
+    # A router that writes its alias on the chunk it builds itself (the role
+    # chunk) and the deployment's name on the rest, the usage chunk included:
+    # the model that answered is the one the later chunks name (review F4).
+    up = OpenAIUpstream(
+        parse_config(
+            {
+                "upstream": {"kind": "openai"},
+                "prices": {"news-bot": {"input": "1", "output": "5"}},
+                "call_prices": CALL_PRICES,
+            },
+            env={},
+        )
+    )
+    body = {"model": "news-bot", "stream": True, "messages": [{"role": "user", "content": "?"}]}
+    route = up.route("POST", "/chat/completions")
+    meter = up.stream_meter(route, body)
+    usage = {"prompt_tokens": 7000, "completion_tokens": 200, "total_tokens": 7200}
+    stream = (
+        _chunk(first, {"role": "assistant", "content": ""})
+        + _chunk("sonar-reasoning", {"content": "Tin "})
+        + _chunk("sonar-reasoning", {"content": "tức"})
+        + _chunk("sonar-reasoning", {}, usage=usage)
+        + b"data: [DONE]\n\n"
+    )
+    for event in SSEDecoder().feed(stream):
+        meter.feed(event)
+    result = meter.finish(cut=False)
+    assert result.model == "sonar-reasoning"
+    assert result.web_searches == 1
+    assert result.usage is not None and result.usage.cost == Decimal("0.008") + SONAR_FEE
