@@ -20,6 +20,7 @@ from gateway.upstreams.anthropic import AnthropicUpstream
 from gateway.upstreams.openai import OpenAIUpstream
 from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
+from tests.upstreams.test_sonar_routes import answered_by
 
 _NAME_CHARS = 200_000  # well under the default max_json_body_bytes (1 MiB)
 _REQUESTS = 40  # distinct names: 40 * 200 kB = 8 MB if each is kept
@@ -107,12 +108,7 @@ async def test_web_searches_per_day_holds_an_alias_once_its_answers_show_it_sear
         "plans": {"free": {"web_searches_per_day": 1}},
     }
     body: dict[str, Any] = {"model": alias, "messages": [{"role": "user", "content": "Tin tức?"}]}
-    steer = {
-        "x-fake-prompt-tokens": "700",
-        "x-fake-completion-tokens": "20",
-        "x-fake-scenario": "perplexity",
-        "x-fake-model": "sonar-reasoning",
-    }
+    steer = answered_by("sonar-reasoning", 700, 20)
     statuses = []
     async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
@@ -148,12 +144,7 @@ async def test_an_unpriced_search_an_alias_ran_is_counted_as_an_unpriced_call(
     fake = FakeOpenAI(api_key=UPSTREAM_KEY)
     settings = {"upstream": {"kind": "openai"}, "prices": {alias: {"input": "1", "output": "5"}}}
     body: dict[str, Any] = {"model": alias, "messages": [{"role": "user", "content": "Tin tức?"}]}
-    steer = {
-        "x-fake-prompt-tokens": "700",
-        "x-fake-completion-tokens": "20",
-        "x-fake-scenario": "perplexity",
-        "x-fake-model": "sonar",
-    }
+    steer = answered_by("sonar", 700, 20)
     async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
             answered = await client.post("/v1/chat/completions", json=body, headers=h.auth(**steer))

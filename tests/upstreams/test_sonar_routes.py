@@ -36,6 +36,17 @@ NO_SEARCH_LEFT = {"free": {"web_searches_per_day": 0}}
 VERSION = {"anthropic-version": "2023-06-01"}
 
 
+def answered_by(model: str, prompt: int = 7000, completion: int = 200) -> dict[str, str]:
+    """The fake's headers for an answer made Perplexity's way (its usage
+    fields, citations) by ``model``, with these token counts."""
+    return {
+        "x-fake-prompt-tokens": str(prompt),
+        "x-fake-completion-tokens": str(completion),
+        "x-fake-scenario": "perplexity",
+        "x-fake-model": model,
+    }
+
+
 # --- R-SONAR-1: an anthropic upstream at a router's /v1/messages ----------------------
 
 
@@ -107,12 +118,7 @@ async def test_a_routers_alias_of_sonar_is_charged_its_search(
         "stream": streamed,
         "messages": [{"role": "user", "content": "Tin tức hôm nay?"}],
     }
-    steer = {
-        "x-fake-prompt-tokens": "7000",
-        "x-fake-completion-tokens": "200",
-        "x-fake-scenario": "perplexity",
-        "x-fake-model": "sonar-reasoning",
-    }
+    steer = answered_by("sonar-reasoning")
     async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
             answered = await client.post("/v1/chat/completions", json=body, headers=h.auth(**steer))
@@ -205,12 +211,7 @@ async def test_an_answer_from_a_search_model_is_charged_its_search(
         "stream": streamed,
         "messages": [{"role": "user", "content": "Tin tức hôm nay?"}],
     }
-    steer = {
-        "x-fake-prompt-tokens": "7000",
-        "x-fake-completion-tokens": "200",
-        "x-fake-scenario": "perplexity",
-        "x-fake-model": "sonar-reasoning",
-    }
+    steer = answered_by("sonar-reasoning")
     async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
             answered = await client.post("/v1/chat/completions", json=body, headers=h.auth(**steer))
