@@ -496,18 +496,35 @@ SONAR: Final = re.compile(r"(?:^|[/._-])sonar(?:[-_.:]|$)", re.IGNORECASE)
 def searches_every_answer(model: str | None) -> bool:
     """Whether ``model`` searches the web before every answer (`SONAR`, and
     OpenAI's ``-search`` models). Asked several times of every OpenAI answer:
-    a name is looked at once (`_searches`)."""
-    return model is not None and _searches(model)
+    a usual name is looked at once (`_searches`)."""
+    if model is None:
+        return False
+    if len(model) > _CACHED_NAME:
+        return _SEARCH_MODEL.search(model) is not None or SONAR.search(model) is not None
+    return _searches(model)
+
+
+def is_sonar(model: str) -> bool:
+    """Whether ``model`` is one of Perplexity's Sonar models (`SONAR`)."""
+    if len(model) > _CACHED_NAME:
+        return SONAR.search(model) is not None
+    return _sonar(model)
+
+
+# The longest model name the two checks keep their answer for. A client names
+# the model, and a request refused afterwards (an unpriced model) still asked:
+# names of any length kept would let a caller pin the body limit's size a name,
+# a thousand times over (review of the session, F1). Real names are far shorter.
+_CACHED_NAME: Final = 128
 
 
 @functools.lru_cache(maxsize=1024)
 def _searches(model: str) -> bool:
-    return _SEARCH_MODEL.search(model) is not None or is_sonar(model)
+    return _SEARCH_MODEL.search(model) is not None or _sonar(model)
 
 
 @functools.lru_cache(maxsize=1024)
-def is_sonar(model: str) -> bool:
-    """Whether ``model`` is one of Perplexity's Sonar models (`SONAR`)."""
+def _sonar(model: str) -> bool:
     return SONAR.search(model) is not None
 
 

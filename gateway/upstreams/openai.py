@@ -110,6 +110,11 @@ _MODEL_TOOLS: Final = frozenset({"image_generation"})
 # decides ("you cannot control the exact number of search queries"), and its
 # citation and reasoning tokens at rates of their own: no request bounds it.
 _SONAR_UNBOUNDED: Final = re.compile(r"(?:^|[/._-])sonar-deep-research(?:[-_.:]|$)", re.IGNORECASE)
+# The answer routes (`_searching` holds for each), and how many names, of what
+# length at most, `_searching` keeps.
+_ANSWER_KINDS: Final = frozenset({"chat", "response", "completion"})
+_NAME_KEPT: Final = 128
+_NAMES_KEPT: Final = 1024
 # OpenRouter's Sonar Pro Search (``perplexity/sonar-pro-search``) is Perplexity's
 # Pro Search: $18 per 1,000 requests, three times sonar-pro's default fee, which
 # one chat_web_search price cannot hold beside the others (review R-SONAR-3).
@@ -204,7 +209,7 @@ def _requested_model(body: dict[str, Any]) -> str | None:
 class OpenAIUpstream:
     """The OpenAI API (``https://api.openai.com/v1``) and compatible servers."""
 
-    __slots__ = ("_allow_unpriced", "_call_prices", "_max_tokens", "_prices")
+    __slots__ = ("_allow_unpriced", "_call_prices", "_max_tokens", "_prices", "_searching")
 
     kind = "openai"
     user_field = "user"
@@ -218,6 +223,11 @@ class OpenAIUpstream:
         self._max_tokens = terms.max_tokens
         self._allow_unpriced = terms.allow_unpriced
         self._call_prices = terms.call_prices
+        # Names asked for that a search model answered (a router's alias of its
+        # Sonar deployment, `priced_with`): from then on asked as search models,
+        # so web_searches_per_day and a money budget hold them at admission
+        # (review of the session, F2). Per process, until a reload; bounded.
+        self._searching: set[str] = set()
 
     # --- requests ------------------------------------------------------------------
 
@@ -330,7 +340,9 @@ class OpenAIUpstream:
         elif route.kind == "response":
             asked = [tool for tool in _response_tools(body) if tool not in _FREE_TOOLS]
         else:
-            return
+            asked = []
+        if self._searching and route.kind in _ANSWER_KINDS and self._learned(body):
+            asked = [*asked, _CHAT_WEB_SEARCH]  # a name a search model answered
         for tool in asked:
             if tool not in self._call_prices:
                 shown = shown_model(tool)  # a client's type: any length
@@ -354,7 +366,10 @@ class OpenAIUpstream:
     def asks_for_web_search(self, route: Route, body: dict[str, Any]) -> bool:
         """Whether an answer may search the web (held by ``web_searches_per_day``,
         review-sec F4): a chat completion with ``web_search_options`` or a search
-        model; a response listing a ``web_search*`` tool, or asking a search model."""
+        model; a response listing a ``web_search*`` tool, or asking a search model;
+        any answer asking for a name a search model has answered (`_searching`)."""
+        if self._searching and route.kind in _ANSWER_KINDS and self._learned(body):
+            return True
         if route.kind == "chat":
             return any(_is_web_search(call) for call in _chat_calls(body))
         if route.kind != "response":
@@ -460,8 +475,16 @@ class OpenAIUpstream:
             # The model that answered searches on every answer, though the one
             # asked for is not named so (a router's alias of its deployment, on
             # any answer route: reviews R-SONAR-2, F5): its search is charged
-            # and counted all the same, as a search model's chat is.
+            # and counted all the same, as a search model's chat is; and the
+            # name is asked as a search model's from now on (`_searching`).
             calls[_CHAT_WEB_SEARCH] = 1
+            asked = _requested_model(body)
+            if (
+                asked is not None
+                and len(asked) <= _NAME_KEPT
+                and len(self._searching) < _NAMES_KEPT
+            ):
+                self._searching.add(asked)
         ran = route.kind == "response"
         return self.priced(
             metered, _requested_model(body), calls=calls, ran=ran, audio=extras.audio
@@ -493,7 +516,21 @@ class OpenAIUpstream:
         """The paid calls an answer is charged, by call name (``[call_prices]``
         without the ``openai.`` prefix): a response's tool calls as it reported
         them, and a chat completion's web search and audio output, one per answer
-        that asked for them."""
+        that asked for them; an answer asking for a name a search model has
+        answered, its search (`_searching`)."""
+        if self._searching and route.kind in _ANSWER_KINDS and self._learned(body):
+            calls = self._calls(route, body, reported)
+            if not any(map(_is_web_search, calls)):
+                calls[_CHAT_WEB_SEARCH] = 1
+            return calls
+        return self._calls(route, body, reported)
+
+    def _learned(self, body: dict[str, Any]) -> bool:
+        return _requested_model(body) in self._searching
+
+    def _calls(
+        self, route: Route, body: dict[str, Any], reported: Mapping[str, int]
+    ) -> dict[str, int]:
         if route.kind == "chat":
             return dict.fromkeys(_chat_calls(body), 1)
         if route.kind != "response":
@@ -543,10 +580,23 @@ class OpenAIUpstream:
                 usage, metered.model, requested, max_tokens=self._max_tokens, audio=audio
             )
         searches = 0
+        unpriced = metered.unpriced_calls
         if calls:
             usage = self._with_calls(usage, calls, ran=ran)
             searches = sum(count for call, count in calls.items() if _is_web_search(call))
-        if usage is metered.usage and model == metered.model and searches == metered.web_searches:
+            if usage is not None and any(call not in self._call_prices for call in calls):
+                # A call the answer made that no price covers (a search an
+                # alias's search model ran: admission could not refuse it):
+                # counted as unpriced, as Dify's speech is (review F3).
+                unpriced += tuple(
+                    f"openai.{call}" for call in calls if call not in self._call_prices
+                )
+        if (
+            usage is metered.usage
+            and model == metered.model
+            and searches == metered.web_searches
+            and unpriced is metered.unpriced_calls
+        ):
             return metered
         # Built whole, not with dataclasses.replace (a loop over the fields on
         # every priced answer); tests/upstreams/test_openai.py fails if a field of
@@ -561,7 +611,7 @@ class OpenAIUpstream:
             metadata=metered.metadata,
             model=model,
             web_searches=searches,
-            unpriced_calls=metered.unpriced_calls,
+            unpriced_calls=unpriced,
         )
 
     def _with_calls(

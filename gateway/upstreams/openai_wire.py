@@ -30,6 +30,7 @@ import orjson
 
 from gateway.pricing import Audio
 from gateway.sse import ServerSentEvent
+from gateway.upstreams.base import searches_every_answer
 from gateway.usage import (
     FieldReader,
     Metered,
@@ -697,6 +698,18 @@ class ChatStreamMeter(_StreamMeter):
         if not self._started:
             self._started = True
             self._model = _str_or_none(obj.get("model"))
+        elif (
+            (named := obj.get("model")) != self._model
+            and isinstance(named, str)
+            and searches_every_answer(named)
+            and not searches_every_answer(self._model)
+        ):
+            # A later chunk (the usage chunk: always parsed) naming another model
+            # than the first, one that searches on every answer: a router that
+            # wrote its alias on the chunk it built and the deployment's name on
+            # the rest. That model answered, for its search's charge (review F4,
+            # `OpenAIUpstream.priced_with`).
+            self._model = named
         self._text_chars += self._chunk_text(obj)
         raw = obj.get("usage")
         if raw is not None:

@@ -9,8 +9,12 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
+from gateway.config import parse_config
+from gateway.sse import SSEDecoder
+from gateway.upstreams.openai import OpenAIUpstream
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.openai import FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
@@ -30,6 +34,17 @@ CALL_PRICES = {
 # No web search left today: a Sonar answer must not run.
 NO_SEARCH_LEFT = {"free": {"web_searches_per_day": 0}}
 VERSION = {"anthropic-version": "2023-06-01"}
+
+
+def answered_by(model: str, prompt: int = 7000, completion: int = 200) -> dict[str, str]:
+    """The fake's headers for an answer made Perplexity's way (its usage
+    fields, citations) by ``model``, with these token counts."""
+    return {
+        "x-fake-prompt-tokens": str(prompt),
+        "x-fake-completion-tokens": str(completion),
+        "x-fake-scenario": "perplexity",
+        "x-fake-model": model,
+    }
 
 
 # --- R-SONAR-1: an anthropic upstream at a router's /v1/messages ----------------------
@@ -103,12 +118,7 @@ async def test_a_routers_alias_of_sonar_is_charged_its_search(
         "stream": streamed,
         "messages": [{"role": "user", "content": "Tin tức hôm nay?"}],
     }
-    steer = {
-        "x-fake-prompt-tokens": "7000",
-        "x-fake-completion-tokens": "200",
-        "x-fake-scenario": "perplexity",
-        "x-fake-model": "sonar-reasoning",
-    }
+    steer = answered_by("sonar-reasoning")
     async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
             answered = await client.post("/v1/chat/completions", json=body, headers=h.auth(**steer))
@@ -201,12 +211,7 @@ async def test_an_answer_from_a_search_model_is_charged_its_search(
         "stream": streamed,
         "messages": [{"role": "user", "content": "Tin tức hôm nay?"}],
     }
-    steer = {
-        "x-fake-prompt-tokens": "7000",
-        "x-fake-completion-tokens": "200",
-        "x-fake-scenario": "perplexity",
-        "x-fake-model": "sonar-reasoning",
-    }
+    steer = answered_by("sonar-reasoning")
     async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
             answered = await client.post("/v1/chat/completions", json=body, headers=h.auth(**steer))
@@ -296,3 +301,51 @@ async def test_a_routers_alias_of_sonar_off_a_chat_is_charged_its_search(
     assert event.model == "sonar-reasoning"
     assert event.web_searches == 1, event
     assert event.cost == Decimal("0.008") + SONAR_FEE
+
+
+def _chunk(model: str, delta: dict[str, Any], **more: Any) -> bytes:
+    chunk = {
+        "id": "c-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": None}] if delta else [],
+        **more,
+    }
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+@pytest.mark.parametrize("first", ["news-bot", "sonar-reasoning"])
+def test_a_stream_that_names_a_search_model_after_its_first_chunk_is_charged_its_search(
+    first: str,
+) -> None:
+    # A router that writes its alias on the chunk it builds itself (the role
+    # chunk) and the deployment's name on the rest, the usage chunk included:
+    # the model that answered is the one the later chunks name (review F4).
+    up = OpenAIUpstream(
+        parse_config(
+            {
+                "upstream": {"kind": "openai"},
+                "prices": {"news-bot": {"input": "1", "output": "5"}},
+                "call_prices": CALL_PRICES,
+            },
+            env={},
+        )
+    )
+    body = {"model": "news-bot", "stream": True, "messages": [{"role": "user", "content": "?"}]}
+    route = up.route("POST", "/chat/completions")
+    meter = up.stream_meter(route, body)
+    usage = {"prompt_tokens": 7000, "completion_tokens": 200, "total_tokens": 7200}
+    stream = (
+        _chunk(first, {"role": "assistant", "content": ""})
+        + _chunk("sonar-reasoning", {"content": "Tin "})
+        + _chunk("sonar-reasoning", {"content": "tức"})
+        + _chunk("sonar-reasoning", {}, usage=usage)
+        + b"data: [DONE]\n\n"
+    )
+    for event in SSEDecoder().feed(stream):
+        meter.feed(event)
+    result = meter.finish(cut=False)
+    assert result.model == "sonar-reasoning"
+    assert result.web_searches == 1
+    assert result.usage is not None and result.usage.cost == Decimal("0.008") + SONAR_FEE
