@@ -110,11 +110,6 @@ _MODEL_TOOLS: Final = frozenset({"image_generation"})
 # decides ("you cannot control the exact number of search queries"), and its
 # citation and reasoning tokens at rates of their own: no request bounds it.
 _SONAR_UNBOUNDED: Final = re.compile(r"(?:^|[/._-])sonar-deep-research(?:[-_.:]|$)", re.IGNORECASE)
-# The answer routes (`_searching` holds for each), and how many names, of what
-# length at most, `_searching` keeps.
-_ANSWER_KINDS: Final = frozenset({"chat", "response", "completion"})
-_NAME_KEPT: Final = 128
-_NAMES_KEPT: Final = 1024
 # OpenRouter's Sonar Pro Search (``perplexity/sonar-pro-search``) is Perplexity's
 # Pro Search: $18 per 1,000 requests, three times sonar-pro's default fee, which
 # one chat_web_search price cannot hold beside the others (review R-SONAR-3).
@@ -137,6 +132,8 @@ _SONAR_FEE_OPTIONS: Final = {
 _PRICED_TIERS: Final = frozenset({"auto", "default", "flex"})
 # Per-answer calls of a chat completion.
 _CHAT_WEB_SEARCH: Final = "chat_web_search"
+# What a fallback that searches on every answer calls, off a chat (`check_fallbacks`).
+_SEARCHED: Final = (_CHAT_WEB_SEARCH,)
 # OpenRouter's web search: its plugin, and the model suffix that adds it. It
 # bills per result: a chat's web search price holds its default of five.
 _WEB_PLUGIN: Final = "web"
@@ -209,7 +206,7 @@ def _requested_model(body: dict[str, Any]) -> str | None:
 class OpenAIUpstream:
     """The OpenAI API (``https://api.openai.com/v1``) and compatible servers."""
 
-    __slots__ = ("_allow_unpriced", "_call_prices", "_max_tokens", "_prices", "_searching")
+    __slots__ = ("_allow_unpriced", "_call_prices", "_max_tokens", "_prices")
 
     kind = "openai"
     user_field = "user"
@@ -223,11 +220,6 @@ class OpenAIUpstream:
         self._max_tokens = terms.max_tokens
         self._allow_unpriced = terms.allow_unpriced
         self._call_prices = terms.call_prices
-        # Names asked for that a search model answered (a router's alias of its
-        # Sonar deployment, `priced_with`): from then on asked as search models,
-        # so web_searches_per_day and a money budget hold them at admission
-        # (review of the session, F2). Per process, until a reload; bounded.
-        self._searching: set[str] = set()
 
     # --- requests ------------------------------------------------------------------
 
@@ -319,8 +311,13 @@ class OpenAIUpstream:
                 code="model_not_priced",
             )
         # A router's fallbacks (openai_fallbacks.py): priced, and no dearer than model.
+        # (Off a chat, a fallback that searches on every answer is a paid call
+        # the model asked for does not make, as on a chat: review of the
+        # session, alias F1.)
         calls = (
-            (lambda name: _chat_calls({**body, "model": name})) if route.kind == "chat" else None
+            (lambda name: _chat_calls({**body, "model": name}))
+            if route.kind == "chat"
+            else (lambda name: _SEARCHED if searches_every_answer(name) else ())
         )
         check_fallbacks(body, model, self._prices, allow_unpriced=self._allow_unpriced, calls=calls)
         tier = body.get("service_tier")
@@ -340,9 +337,7 @@ class OpenAIUpstream:
         elif route.kind == "response":
             asked = [tool for tool in _response_tools(body) if tool not in _FREE_TOOLS]
         else:
-            asked = []
-        if self._searching and route.kind in _ANSWER_KINDS and self._learned(body):
-            asked = [*asked, _CHAT_WEB_SEARCH]  # a name a search model answered
+            return
         for tool in asked:
             if tool not in self._call_prices:
                 shown = shown_model(tool)  # a client's type: any length
@@ -366,10 +361,7 @@ class OpenAIUpstream:
     def asks_for_web_search(self, route: Route, body: dict[str, Any]) -> bool:
         """Whether an answer may search the web (held by ``web_searches_per_day``,
         review-sec F4): a chat completion with ``web_search_options`` or a search
-        model; a response listing a ``web_search*`` tool, or asking a search model;
-        any answer asking for a name a search model has answered (`_searching`)."""
-        if self._searching and route.kind in _ANSWER_KINDS and self._learned(body):
-            return True
+        model; a response listing a ``web_search*`` tool, or asking a search model."""
         if route.kind == "chat":
             return any(_is_web_search(call) for call in _chat_calls(body))
         if route.kind != "response":
@@ -475,16 +467,11 @@ class OpenAIUpstream:
             # The model that answered searches on every answer, though the one
             # asked for is not named so (a router's alias of its deployment, on
             # any answer route: reviews R-SONAR-2, F5): its search is charged
-            # and counted all the same, as a search model's chat is; and the
-            # name is asked as a search model's from now on (`_searching`).
+            # and counted all the same, as a search model's chat is. (Not
+            # reserved: the request did not say. Learning the name from the
+            # answer let one user's fallback make a model a search model for
+            # everyone: review of the session, alias F1.)
             calls[_CHAT_WEB_SEARCH] = 1
-            asked = _requested_model(body)
-            if (
-                asked is not None
-                and len(asked) <= _NAME_KEPT
-                and len(self._searching) < _NAMES_KEPT
-            ):
-                self._searching.add(asked)
         ran = route.kind == "response"
         return self.priced(
             metered, _requested_model(body), calls=calls, ran=ran, audio=extras.audio
@@ -516,21 +503,7 @@ class OpenAIUpstream:
         """The paid calls an answer is charged, by call name (``[call_prices]``
         without the ``openai.`` prefix): a response's tool calls as it reported
         them, and a chat completion's web search and audio output, one per answer
-        that asked for them; an answer asking for a name a search model has
-        answered, its search (`_searching`)."""
-        if self._searching and route.kind in _ANSWER_KINDS and self._learned(body):
-            calls = self._calls(route, body, reported)
-            if not any(map(_is_web_search, calls)):
-                calls[_CHAT_WEB_SEARCH] = 1
-            return calls
-        return self._calls(route, body, reported)
-
-    def _learned(self, body: dict[str, Any]) -> bool:
-        return _requested_model(body) in self._searching
-
-    def _calls(
-        self, route: Route, body: dict[str, Any], reported: Mapping[str, int]
-    ) -> dict[str, int]:
+        that asked for them."""
         if route.kind == "chat":
             return dict.fromkeys(_chat_calls(body), 1)
         if route.kind != "response":

@@ -1330,8 +1330,9 @@ def test_a_sonar_answer_is_charged_one_search_and_counts_one(model: str, streame
         ("/completions", {"model": "sonar"}, "option_not_priced"),
         ("/chat/completions", {"model": "perplexity/sonar-pro-search"}, "option_not_priced"),
         ("/responses", {"model": "perplexity/sonar"}, "option_not_priced"),
+        # (A fallback that searches, off a chat: dearer than the model, refused first.)
         ("/responses", {"model": "gpt-4o-mini", "models": ["perplexity/sonar"]},
-         "option_not_priced"),
+         "model_fallback_not_allowed"),
         ("/chat/completions",
          {"model": "sonar", "web_search_options": {"search_context_size": "medium"}},
          "option_not_priced"),

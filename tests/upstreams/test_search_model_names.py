@@ -1,7 +1,8 @@
-"""Search models behind names that do not say so, as a review of the session
-found them (F1-F3): a name is kept by the search-model checks only if short,
-a name a search model answered is asked as one from then on, and a search no
-price covers is counted as an unpriced call."""
+"""Search models behind names that do not say so, as reviews of the session
+found them: the search-model checks keep short names only, a fallback that
+searches is refused off a chat too, one answer by a search model changes
+nothing for the next request, and a search no price covers is counted as an
+unpriced call."""
 
 from __future__ import annotations
 
@@ -88,42 +89,74 @@ def test_openai_model_names_are_not_kept_by_the_search_model_cache() -> None:
     assert retained < 2_000_000, f"{retained} bytes of model names kept"
 
 
-# --- F2: web_searches_per_day never holds a router's alias of a search model ---------
+# --- a search model behind another name, or a fallback ------------------------------------
+
+PRICES = {
+    "gpt-4o": {"input": "2.5", "output": "10"},
+    # OpenAI's search model, cheaper than gpt-4o at every rate.
+    "gpt-4o-mini-search-preview": {"input": "0.15", "output": "0.6"},
+}
+SEARCH_MODEL = "gpt-4o-mini-search-preview"
 
 
-async def test_web_searches_per_day_holds_an_alias_once_its_answers_show_it_searches(
-    sqlite_url: str,
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/responses", {"model": "gpt-4o", "input": "hi", "models": [SEARCH_MODEL]}),
+        ("/v1/completions", {"model": "gpt-4o", "prompt": "hi", "models": [SEARCH_MODEL]}),
+    ],
+    ids=["responses", "completions"],
+)
+async def test_a_fallback_that_searches_on_every_answer_is_refused_off_a_chat(
+    sqlite_url: str, path: str, body: dict[str, Any]
 ) -> None:
-    """An alias the router maps to Sonar: `priced_with` charges and counts each
-    answer's search after the fact (the answering-model rule), but admission
-    asks only whether the *requested* name searches (`asks_for_web_search`),
-    so the day's limit is never checked for it: every further request runs
-    Perplexity's search past web_searches_per_day."""
-    alias = "news-answers"  # LiteLLM model_list: litellm_params.model perplexity/sonar
+    # A router's fallback that searches on every answer makes a paid call the
+    # model asked for does not: refused as dearer, as on a chat (a review of
+    # the session: an answer by it was charged its search after the fact, and
+    # web_searches_per_day never held it).
     fake = FakeOpenAI(api_key=UPSTREAM_KEY)
     settings = {
         "upstream": {"kind": "openai"},
-        "prices": {alias: {"input": "1", "output": "5"}},
+        "prices": PRICES,
         "call_prices": {"openai.chat_web_search": {"price": "0.006"}},
-        "plans": {"free": {"web_searches_per_day": 1}},
     }
-    body: dict[str, Any] = {"model": alias, "messages": [{"role": "user", "content": "Tin tức?"}]}
-    steer = answered_by("sonar-reasoning", 700, 20)
-    statuses = []
     async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
-            for n in range(1, 4):
-                answered = await client.post(
-                    "/v1/chat/completions", json=body, headers=h.auth(**steer)
-                )
-                statuses.append(answered.status_code)
-                if answered.status_code == 200:
-                    await h.probes.wait_finished(n)
-        day = h.gateway.today()
-        (row,) = await h.storage.daily(day, day, user_id=USER)
-    # Today's one search was used by the first answer; the others must not search.
-    assert row.web_searches <= 1, (statuses, row.web_searches)
-    assert len(fake.requests) <= 1, statuses
+            refused = await client.post(path, json=body, headers=h.auth())
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"]["code"] == "model_fallback_not_allowed"
+    assert fake.requests == []
+
+
+async def test_a_name_a_search_model_answered_stays_what_it_was_for_the_next_request(
+    sqlite_url: str,
+) -> None:
+    # One user's answer by a search model (whatever made it: a router's alias,
+    # a fallback) charges that answer its search, and changes nothing for the
+    # next request for the same name - another user's, answered by a plain
+    # model, is neither refused nor charged a search.
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    settings = {"upstream": {"kind": "openai"}, "prices": PRICES}
+    body: dict[str, Any] = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    async with running_gateway(sqlite_url, upstream=fake, settings=settings) as h:
+        bob = await h.add_user("bob")
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            searched = await client.post(
+                "/v1/chat/completions", json=body, headers=h.auth(**answered_by(SEARCH_MODEL))
+            )
+            assert searched.status_code == 200
+            await h.probes.wait_finished(1)
+            plain = await client.post(
+                "/v1/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {bob}", **answered_by("gpt-4o", 100, 10)},
+            )
+            assert plain.status_code == 200
+            await h.probes.wait_finished(2)
+        events = {event.user_id: event for event in await h.events()}
+    assert events[USER].web_searches == 1  # counted (no price: not charged)
+    assert events["bob"].web_searches == 0
+    assert events["bob"].cost == Decimal("0.00035")  # 100 * 2.5 + 10 * 10 per million
 
 
 # --- F3: an unpriced search fee an OpenAI answer ran is not in gateway_unpriced_calls_total
