@@ -82,7 +82,14 @@ uses it for one request:
 ``unanswered(route, body)``
     Usage of a streamed answer, of a blocking (one JSON body) answer, and an
     estimate for an answer the upstream took but never answered in time.
-    ``body`` is always the JSON body as sent upstream.
+    ``body`` is always the JSON body as sent upstream. A meter names the paid
+    calls an answer made that no call price covers in ``Metered.unpriced_calls``
+    (counted, logged once: the answer had already run).
+
+``cost_unreported(route, body) -> bool``
+    Whether the answer will not say what it cost and the gateway cannot price
+    it (Dify's blocking workflow run): admission refuses it where a money
+    budget applies, which could not hold it.
 
 ``stream_transform(route, prepared) -> StreamTransform | None``
     Lets the dialect change what the client receives of a stream, e.g. hide
