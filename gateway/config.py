@@ -30,6 +30,7 @@ from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.errors import ConfigError
+from gateway.http import cgi_spelling
 from gateway.pricing import CallPrice, Price, check_currencies
 from gateway.sse import DEFAULT_MAX_EVENT_BYTES
 from gateway.upstreams import DIALECTS
@@ -951,11 +952,12 @@ def _check_headers(upstream: UpstreamConfig, key: str, env: Mapping[str, str]) -
     for table in ("headers", "headers_env"):
         for name, value in getattr(upstream, table).items():
             path = f"{key}.{table}.{_toml_value(name)}"
-            # Lower case, "-" for "_": a server reading headers as CGI variables
-            # takes x_tenant for x-tenant (both HTTP_X_TENANT; review 8, R8-2).
-            lower = name.lower().replace("_", "-")
+            # As a server reading headers as CGI variables tells names apart: it
+            # takes x_tenant (and, lighttpd, x.tenant) for x-tenant (all
+            # HTTP_X_TENANT; review 8, R8-2; `gateway.http.cgi_spelling`).
             if not _HEADER_NAME.fullmatch(name):
                 raise ConfigError(f"{path}: not a valid HTTP header name")
+            lower = cgi_spelling(name.lower().encode("ascii")).decode("ascii")
             if lower in seen:
                 raise ConfigError(f"{path}: the header is already set by {seen[lower]}")
             why = _OWNED_HEADERS.get(lower)

@@ -338,16 +338,26 @@ _DROP_REQUEST: Final = (
 
 def cgi_spelling(name: bytes) -> bytes:
     """A lower-case header name as a server reading headers as CGI variables
-    (WSGI's environ, PHP) tells it apart: "-" for "_" (HTTP_X_TENANT for
-    x-tenant and x_tenant alike)."""
-    return name.replace(b"_", b"-") if b"_" in name else name
+    tells it apart: "-" for "_" (WSGI's environ, PHP: HTTP_X_TENANT for x-tenant
+    and x_tenant alike), and for any other character but a letter or a digit
+    (lighttpd: x.tenant too)."""
+    return name if is_dashed(name) else _NOT_DASHED.sub(b"-", name)
+
+
+def is_dashed(name: bytes) -> bool:
+    """Whether a lower-case header name holds letters, digits and "-" only:
+    every server reads it as it is."""
+    return name.replace(b"-", b"").isalnum()
+
+
+_NOT_DASHED: Final = re.compile(rb"[^a-z0-9-]")
 
 
 def _dropped_as_cgi_reads(name: bytes, user_header: bytes, key_header: bytes | None) -> bool:
-    """A name with underscores that a server reading headers as CGI variables
-    takes for one the gateway reads or drops (`cgi_spelling`): dropped too, or
-    a router behind such a server would read ``x_litellm_end_user_id`` as the
-    header the gateway drops."""
+    """A name with underscores (or dots...) that a server reading headers as
+    CGI variables takes for one the gateway reads or drops (`cgi_spelling`):
+    dropped too, or a router behind such a server would read
+    ``x_litellm_end_user_id`` as the header the gateway drops."""
     dashed = cgi_spelling(name)
     return (
         dashed in _DROP_REQUEST
@@ -438,7 +448,7 @@ def request_headers(
             continue
         if name.startswith(_ROUTER_PREFIXES):
             continue  # a router's: whose call it is, its key, provider, budget...
-        if b"_" in name and _dropped_as_cgi_reads(name, user_header, key_header):
+        if not is_dashed(name) and _dropped_as_cgi_reads(name, user_header, key_header):
             continue
         if name == b"content-type":
             if content_type:

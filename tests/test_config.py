@@ -753,3 +753,12 @@ def test_a_headers_table_written_as_one_value_is_refused_without_quoting_it(
     # in "expected a table of strings, got a string ('...')".
     message = _headers_error({table: value})
     assert "sk-live-4f9a2c" not in message and "73519046628411" not in message, message
+
+
+def test_one_header_spelled_with_a_dot_and_a_dash_is_refused() -> None:
+    # As x-tenant and x_tenant: a server that makes every other character "_"
+    # (lighttpd) reads x.tenant as the same header.
+    message = _headers_error({"headers": {"x-tenant": "a", "x.tenant": "b"}})
+    assert 'headers."x.tenant": the header is already set by' in message, message
+    message = _headers_error({"headers": {"anthropic.beta": "v"}})
+    assert "unseen by the meter" in message, message

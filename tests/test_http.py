@@ -533,3 +533,23 @@ def test_request_headers_drop_what_a_router_reads_spelled_with_underscores() -> 
     split = request_headers([*dropped[:5], *kept, *dropped[5:]], b"x-user", b"x-api-key")
     assert split.forward == kept
     assert split.user_header is None and split.api_key is None
+
+
+def test_request_headers_drop_what_a_router_reads_spelled_with_dots() -> None:
+    # A server that makes every character but a letter or a digit "_" in its
+    # CGI variables (lighttpd) takes x.litellm.end.user.id for
+    # x-litellm-end-user-id too: dropped as the underscore spelling is, while
+    # a name the gateway does not drop passes in any spelling.
+    kept = [(b"x.trace.id", b"t-1"), (b"x-custom.flag", b"1")]
+    dropped = [
+        (b"x.litellm.end.user.id", b"alice"),
+        (b"x-portkey.custom-host", b"https://attacker.example"),
+        (b"helicone.target.url", b"https://attacker.example"),
+        (b"openai.organization", b"org-other"),
+        (b"x.api.key", b"sk-other"),
+        (b"x.user", b"bob"),
+        (b"x~request~id", b"someone-elses-answer"),
+    ]
+    split = request_headers([*dropped, *kept], b"x-user", b"x-api-key")
+    assert split.forward == kept
+    assert split.user_header is None and split.api_key is None

@@ -56,3 +56,11 @@ def test_a_targets_repr_never_shows_the_key_nor_a_headers_env_secret() -> None:
     # so does a Snapshot's, through its targets).
     target = _target(headers_env={"x-portkey-api-key": "S"})
     assert KEY not in repr(target) and SECRET not in repr(target)
+
+
+def test_a_client_header_spelled_with_dots_for_an_operators_name_is_dropped() -> None:
+    # lighttpd makes x.tenant and x-tenant one CGI variable (HTTP_X_TENANT):
+    # the client's is dropped where the operator sets the header.
+    target = _target(headers={"x-tenant": "acme"})
+    sent = target.request_headers([(b"x.tenant", b"victim"), (b"accept", b"*/*")])
+    assert (b"x.tenant", b"victim") not in sent and (b"x-tenant", b"acme") in sent

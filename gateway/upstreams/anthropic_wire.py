@@ -34,6 +34,7 @@ from typing import Any, Final
 import orjson
 
 from gateway.errors import Forbidden
+from gateway.http import cgi_spelling, is_dashed
 from gateway.sse import ServerSentEvent
 from gateway.usage import (
     FieldReader,
@@ -71,7 +72,7 @@ def refuse_unpriced_betas(headers: list[tuple[bytes, bytes]]) -> None:
     dialect's check, and the OpenAI dialect's: a router in front of Claude
     (LiteLLM) passes a client's anthropic-beta on from any route (review 9)."""
     for name, value in headers:
-        if name != _BETA_HEADER and (b"_" not in name or name.replace(b"_", b"-") != _BETA_HEADER):
+        if name != _BETA_HEADER and (is_dashed(name) or cgi_spelling(name) != _BETA_HEADER):
             continue
         for beta in value.decode("latin-1").split(","):
             beta = beta.strip()

@@ -1132,3 +1132,17 @@ def test_a_routers_paid_options_on_the_messages_route_are_refused(extra: dict[st
     with pytest.raises(Forbidden) as refused:
         up.prepare(up.route("POST", "/messages"), body, b"", "alice", method="POST", request_id="r")
     assert refused.value.code in ("option_not_priced", "tool_not_priced")
+
+
+def test_the_long_context_beta_spelled_with_dots_is_refused_or_dropped() -> None:
+    # anthropic.beta is anthropic-beta to a server that makes every other
+    # character "_" (lighttpd): checked as the underscore spelling is.
+    up = dialect()
+    headers = request_headers(
+        [(b"anthropic-version", b"2023-06-01"), (b"anthropic.beta", b"context-1m-2025-08-07")],
+        b"x-user",
+        up.key_header,
+    )
+    with pytest.raises(Forbidden) as refused:
+        up.check_headers(up.route("POST", "/messages"), headers.forward)
+    assert refused.value.code == "option_not_priced"
