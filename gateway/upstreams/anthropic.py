@@ -45,8 +45,11 @@ from gateway.upstreams.base import (
     Route,
     StreamMeter,
     drop_router_fields,
+    is_online,
     keep_models,
     merge_model_lists,
+    refuse_option,
+    refuse_plugin,
     searches_every_answer,
 )
 from gateway.upstreams.cache_ttl import asks_for_one_hour_cache, check_cache_ttls
@@ -259,10 +262,7 @@ class AnthropicUpstream:
                     code="service_tier_not_priced",
                 )
             option = f"{name}: {value!r}"
-            raise Forbidden(
-                f"The option {option} has no price on this gateway, so it is not available.",
-                code="option_not_priced",
-            )
+            refuse_option(option)
         # Review2 R2-2: a 1-hour cache only where the model's price sets its writes'.
         check_cache_ttls(body, self._prices, model, parts=_CACHED_PARTS, skip=_NOT_BLOCKS)
         for tool in _paid_tools(body):
@@ -480,25 +480,16 @@ def _check_router_options(body: dict[str, Any], model: str | None) -> None:
     fields; the OpenAI dialect prices the chat's web search instead (review 11)."""
     for name in _ROUTER_OPTIONS:
         if name in body:
-            raise Forbidden(
-                f"The option {name} has no price on this gateway, so it is not available.",
-                code="option_not_priced",
-            )
-    if model is not None and model.lower().endswith(":online"):
-        raise Forbidden(
-            "The plugin 'web' has no price on this gateway, so it is not available.",
-            code="tool_not_priced",
-        )
+            refuse_option(name)
+    if is_online(model):
+        refuse_plugin("web")
     if searches_every_answer(model):
         # A router's Perplexity Sonar or OpenAI search model searches the web
         # before every answer, a fee Anthropic's API has no place for: the
         # OpenAI dialect prices it as a chat's web search (review R-SONAR-1).
         assert model is not None
         option = f"model {shown_model(model)} (a web search on every answer)"
-        raise Forbidden(
-            f"The option {option} has no price on this gateway, so it is not available.",
-            code="option_not_priced",
-        )
+        refuse_option(option)
 
 
 def _check_request(body: dict[str, Any]) -> None:

@@ -33,9 +33,9 @@ from typing import Any, Final
 
 import orjson
 
-from gateway.errors import Forbidden
 from gateway.http import cgi_spelling, is_dashed
 from gateway.sse import ServerSentEvent
+from gateway.upstreams.base import refuse_option
 from gateway.usage import (
     FieldReader,
     Metered,
@@ -77,11 +77,7 @@ def refuse_unpriced_betas(headers: list[tuple[bytes, bytes]]) -> None:
         for beta in value.decode("latin-1").split(","):
             beta = beta.strip()
             if beta.lower().startswith(_PRICED_BETA_PREFIXES):
-                raise Forbidden(
-                    f"The option anthropic-beta: {beta} has no price on this gateway, "
-                    "so it is not available.",
-                    code="option_not_priced",
-                )
+                refuse_option(f"anthropic-beta: {beta}")
 
 
 # The events whose JSON the meter reads; text deltas are measured unparsed, and

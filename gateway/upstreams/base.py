@@ -127,9 +127,10 @@ import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, Protocol, runtime_checkable
 
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, Forbidden
+from gateway.model_access import shown_model
 from gateway.sse import ServerSentEvent
 from gateway.usage import Metered
 
@@ -503,36 +504,57 @@ SONAR: Final = re.compile(r"(?:^|[/._-])sonar(?:[-_.:]|$)", re.IGNORECASE)
 def searches_every_answer(model: str | None) -> bool:
     """Whether ``model`` searches the web before every answer (`SONAR`, and
     OpenAI's ``-search`` models). Asked several times of every OpenAI answer:
-    a usual name is looked at once (`_searches`)."""
+    a usual name is looked at once (`_CACHED_NAME`)."""
     if model is None:
         return False
-    if len(model) > _CACHED_NAME:
-        return _SEARCH_MODEL.search(model) is not None or SONAR.search(model) is not None
-    return _searches(model)
+    return _searches_cached(model) if len(model) <= _CACHED_NAME else _searches(model)
 
 
 def is_sonar(model: str) -> bool:
     """Whether ``model`` is one of Perplexity's Sonar models (`SONAR`)."""
-    if len(model) > _CACHED_NAME:
-        return SONAR.search(model) is not None
-    return _sonar(model)
+    return _sonar_cached(model) if len(model) <= _CACHED_NAME else _sonar(model)
 
 
-# The longest model name the two checks keep their answer for. A client names
+def is_online(model: str | None) -> bool:
+    """Whether ``model`` is an OpenRouter ``:online`` model: its web plugin,
+    billed per result, on every answer (review 9, R9-7)."""
+    return model is not None and model.lower().endswith(":online")
+
+
+def _searches(model: str) -> bool:
+    return _SEARCH_MODEL.search(model) is not None or is_sonar(model)
+
+
+def _sonar(model: str) -> bool:
+    return SONAR.search(model) is not None
+
+
+# The longest model name the checks above keep their answer for. A client names
 # the model, and a request refused afterwards (an unpriced model) still asked:
 # names of any length kept would let a caller pin the body limit's size a name,
 # a thousand times over (review of the session, F1). Real names are far shorter.
 _CACHED_NAME: Final = 128
+_searches_cached = functools.lru_cache(maxsize=1024)(_searches)
+_sonar_cached = functools.lru_cache(maxsize=1024)(_sonar)
 
 
-@functools.lru_cache(maxsize=1024)
-def _searches(model: str) -> bool:
-    return _SEARCH_MODEL.search(model) is not None or _sonar(model)
+def refuse_option(option: str) -> NoReturn:
+    """Refuse a request for an option that would cost more than the gateway
+    prices (403 ``option_not_priced``; ``option`` as the message shows it)."""
+    raise Forbidden(
+        f"The option {option} has no price on this gateway, so it is not available.",
+        code="option_not_priced",
+    )
 
 
-@functools.lru_cache(maxsize=1024)
-def _sonar(model: str) -> bool:
-    return SONAR.search(model) is not None
+def refuse_plugin(name: object) -> NoReturn:
+    """Refuse a router's plugin that bills work the gateway does not price
+    (403 ``tool_not_priced``)."""
+    shown = shown_model(name) if isinstance(name, str) else repr(name)
+    raise Forbidden(
+        f"The plugin {shown} has no price on this gateway, so it is not available.",
+        code="tool_not_priced",
+    )
 
 
 def drop_router_fields(body: dict[str, Any]) -> None:

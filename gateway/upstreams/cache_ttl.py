@@ -17,6 +17,7 @@ from typing import Any, Final
 
 from gateway.errors import Forbidden
 from gateway.pricing import PriceTable
+from gateway.upstreams.base import refuse_option
 
 __all__ = [
     "INJECTION_POINTS",
@@ -136,7 +137,4 @@ def check_cache_ttls(
                 f"({price_key(prices, model)}.cache_write_1h_input), so it is not available.",
                 code="option_not_priced",
             )
-        raise Forbidden(
-            f"The option {option} has no price on this gateway, so it is not available.",
-            code="option_not_priced",
-        )
+        refuse_option(option)

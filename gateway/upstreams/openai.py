@@ -39,9 +39,12 @@ from gateway.upstreams.base import (
     Route,
     StreamMeter,
     drop_router_fields,
+    is_online,
     is_sonar,
     keep_models,
     merge_model_lists,
+    refuse_option,
+    refuse_plugin,
     searches_every_answer,
 )
 from gateway.upstreams.cache_ttl import (
@@ -137,7 +140,6 @@ _SEARCHED: Final = (_CHAT_WEB_SEARCH,)
 # OpenRouter's web search: its plugin, and the model suffix that adds it. It
 # bills per result: a chat's web search price holds its default of five.
 _WEB_PLUGIN: Final = "web"
-_ONLINE: Final = ":online"
 _WEB_RESULTS: Final = 5
 _WEB_PLUGIN_KEYS: Final = frozenset({"id", "max_results", "search_prompt"})
 _WEB_OPTION: Final = "plugins.web (more than 5 results, or another engine)"
@@ -728,10 +730,7 @@ def _check_sonar(
             )
         if _SONAR_PRO_SEARCH.search(name) is not None:
             option = f"model {shown_model(name)} (a dearer search fee)"
-            raise Forbidden(
-                f"The option {option} has no price on this gateway, so it is not available.",
-                code="option_not_priced",
-            )
+            refuse_option(option)
         if not allow_unpriced and prices.name(name) is None:
             raise Forbidden(
                 f"The model {name!r} has no price on this gateway, so its use cannot be charged.",
@@ -739,10 +738,7 @@ def _check_sonar(
             )
         if route.kind != "chat":
             option = f"model {shown_model(name)} (a web search off a chat completion)"
-            raise Forbidden(
-                f"The option {option} has no price on this gateway, so it is not available.",
-                code="option_not_priced",
-            )
+            refuse_option(option)
         sonar = True
     options = body.get("web_search_options")
     if not sonar or not isinstance(options, dict):
@@ -753,10 +749,7 @@ def _check_sonar(
             continue
         shown = shown_model(value) if isinstance(value, str) else _json_type(value)
         option = f"web_search_options.{key} {shown} (a dearer search fee)"
-        raise Forbidden(
-            f"The option {option} has no price on this gateway, so it is not available.",
-            code="option_not_priced",
-        )
+        refuse_option(option)
 
 
 def _check_server_searches(body: dict[str, Any]) -> None:
@@ -780,10 +773,7 @@ def _check_server_searches(body: dict[str, Any]) -> None:
         uses = tool.get("max_uses", 1 if kind.startswith("openrouter:") else None)
         if not (type(results) is int and 1 <= results <= _WEB_RESULTS and uses == 1):
             option = f"tools.{shown_model(kind)} (more than one search an answer)"
-            raise Forbidden(
-                f"The option {option} has no price on this gateway, so it is not available.",
-                code="option_not_priced",
-            )
+            refuse_option(option)
 
 
 def _is_web_search(call: str) -> bool:
@@ -797,7 +787,7 @@ def _is_web_search(call: str) -> bool:
 def _asks_openrouters_web(body: dict[str, Any], model: str | None) -> bool:
     """OpenRouter's web search, which it bills per result on top of the model
     (review 9, R9-7): its ``web`` plugin, or a model named with ``:online``."""
-    if model is not None and model.lower().endswith(_ONLINE):
+    if is_online(model):
         return True
     plugins = body.get("plugins")
     return isinstance(plugins, list) and any(
@@ -814,8 +804,8 @@ def _check_plugins(route: Route, body: dict[str, Any], model: str | None) -> Non
     off a chat, and a provider choice that may cost more are refused."""
     if route.kind != "chat":
         for name in (model, *fallback_models(body)):
-            if isinstance(name, str) and name.lower().endswith(_ONLINE):
-                _refuse_plugin(_WEB_PLUGIN)
+            if isinstance(name, str) and is_online(name):
+                refuse_plugin(_WEB_PLUGIN)
     plugins = body.get("plugins")
     if plugins is not None:
         if not isinstance(plugins, list):
@@ -823,16 +813,13 @@ def _check_plugins(route: Route, body: dict[str, Any], model: str | None) -> Non
         for plugin in plugins:
             name = plugin.get("id") if isinstance(plugin, dict) else None
             if route.kind != "chat" or name != _WEB_PLUGIN:
-                _refuse_plugin(name)
+                refuse_plugin(name)
             assert isinstance(plugin, dict)
             results = plugin.get("max_results", _WEB_RESULTS)
             if not set(plugin) <= _WEB_PLUGIN_KEYS or not (
                 type(results) is int and 1 <= results <= _WEB_RESULTS
             ):
-                raise Forbidden(
-                    f"The option {_WEB_OPTION} has no price on this gateway, so it is not available.",
-                    code="option_not_priced",
-                )
+                refuse_option(_WEB_OPTION)
     provider = body.get("provider")
     if provider is not None:
         if not isinstance(provider, dict):
@@ -840,18 +827,7 @@ def _check_plugins(route: Route, body: dict[str, Any], model: str | None) -> Non
         for key, value in provider.items():
             if key not in _PROVIDER_NEUTRAL or value != _PROVIDER_NEUTRAL[key]:
                 option = f"provider.{shown_model(str(key))}"
-                raise Forbidden(
-                    f"The option {option} has no price on this gateway, so it is not available.",
-                    code="option_not_priced",
-                )
-
-
-def _refuse_plugin(name: object) -> None:
-    shown = shown_model(name) if isinstance(name, str) else repr(name)
-    raise Forbidden(
-        f"The plugin {shown} has no price on this gateway, so it is not available.",
-        code="tool_not_priced",
-    )
+                refuse_option(option)
 
 
 def _ask_for_usage(body: dict[str, Any]) -> str | None:
