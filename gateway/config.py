@@ -947,16 +947,16 @@ def _check_headers(upstream: UpstreamConfig, key: str, env: Mapping[str, str]) -
     secret values ``headers_env`` names, read from ``env``. A value is never
     quoted in an error: an operator may have put a key in ``headers`` by
     mistake, and ``headers_env``'s are secrets."""
-    seen: dict[str, str] = {}  # lower-case name -> the key that set it
+    seen: dict[str, str] = {}  # a name as a CGI-reading server reads it -> the key that set it
     secrets: dict[str, str] = {}
     for table in ("headers", "headers_env"):
         for name, value in getattr(upstream, table).items():
             path = f"{key}.{table}.{_toml_value(name)}"
+            if not _HEADER_NAME.fullmatch(name):
+                raise ConfigError(f"{path}: not a valid HTTP header name")
             # As a server reading headers as CGI variables tells names apart: it
             # takes x_tenant (and, lighttpd, x.tenant) for x-tenant (all
             # HTTP_X_TENANT; review 8, R8-2; `gateway.http.cgi_spelling`).
-            if not _HEADER_NAME.fullmatch(name):
-                raise ConfigError(f"{path}: not a valid HTTP header name")
             lower = cgi_spelling(name.lower().encode("ascii")).decode("ascii")
             if lower in seen:
                 raise ConfigError(f"{path}: the header is already set by {seen[lower]}")

@@ -105,7 +105,7 @@ class Target:
     # dialect's form, then the operator's own (its ``headers`` and ``headers_env``).
     credentials: tuple[tuple[bytes, bytes], ...] = dataclasses.field(repr=False)
     blocking_timeout: httpx.Timeout  # a blocking answer may take as long as any answer
-    # The operator's header names, lower case with "-" for "_" (`cgi_spelling`): a
+    # The operator's header names as a CGI-reading server tells them apart (`cgi_spelling`): a
     # client's of the same name is never sent to this upstream, beside or
     # instead of the operator's, in either spelling.
     owned: frozenset[bytes] = frozenset()
