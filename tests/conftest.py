@@ -33,7 +33,7 @@ import pytest_asyncio
 from gateway.config import DatabaseConfig
 from gateway.storage import Storage, open_storage
 from tests.browser import chromium, require_chromium
-from tests.harness import MIGRATED
+from tests.migrated import MIGRATED
 from tests.sslcontexts import shared
 from tests.tcpproxy import TCPProxy
 
