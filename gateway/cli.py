@@ -403,6 +403,18 @@ def config_warnings(config: Config) -> list[str]:
                 f"{' and '.join(sorted(settings[variable]))}) but are at different hosts "
                 f"({where}): each is sent the others' secret; give each its own variable"
             )
+    # Review-meter F5: a prompt's 5-minute cache writes, which a client asks
+    # for at will (cache_control), are billed by Anthropic at 1.25x input and
+    # charged at input where the price does not set them. A price an anthropic
+    # upstream uses (any, then), or a Claude model's (a router in front of it).
+    anthropic = any(upstream.kind == "anthropic" for upstream in config.upstreams.values())
+    for model, price in config.prices.items():
+        if price.cache_write_input is None and (anthropic or "claude" in model.lower()):
+            warnings.append(
+                f"prices.{model!r} has no cache_write_input: Anthropic bills 5-minute cache "
+                "writes at 1.25x input, and they are charged at input; set it "
+                "(1.25 times its input price)"
+            )
     if all(upstream.kind == "dify" for upstream in config.upstreams.values()):
         # Issue 21: a Dify app fixes its own model; no request names one.
         for name, plan in config.plans.items():

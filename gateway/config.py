@@ -1362,6 +1362,17 @@ def setting_paths() -> list[str]:
     return paths
 
 
+# What an unset setting means, as `render_config` shows it (else "unlimited").
+_UNSET: Final = {"alert_thresholds": "alerts.thresholds", "models": "any model"}
+_UNSET_PRICES: Final = {
+    "cached_input": "the input price",
+    "cache_write_input": "the input price",
+    "cache_write_1h_input": "not set: a 1-hour cache is refused; writes reported anyway at 2x input",
+    "audio_input": "the input price",
+    "audio_output": "the output price",
+}
+
+
 def render_config(config: Config) -> str:
     """The effective configuration as TOML, secrets masked (for `gateway check-config`)."""
     lines = [f"# effective configuration (source: {config.source or 'built-in defaults'})"]
@@ -1376,10 +1387,10 @@ def render_config(config: Config) -> str:
             ):
                 continue
             if value is None:
-                # A plan's alert_thresholds unset means "as alerts.thresholds".
-                shown = {"alert_thresholds": "alerts.thresholds", "models": "any model"}.get(
-                    f.name, "unlimited"
-                )
+                # A plan's alert_thresholds unset means "as alerts.thresholds"; a
+                # price's rate unset, the rate it is billed at instead.
+                unset = _UNSET_PRICES if isinstance(obj, Price) else _UNSET
+                shown = unset.get(f.name, "unlimited")
                 lines.append(f"# {f.name} = {shown}")
                 continue
             if f.metadata.get("secret"):

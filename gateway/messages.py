@@ -425,6 +425,17 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "Mô hình {model} tính phí từng lượt tìm kiếm web mà nó tự quyết định chạy, và "
         "không yêu cầu nào giới hạn được số lượt đó, nên không dùng được qua gateway.",
     ),
+    # Review-meter F2: a server tool that runs a model of its own (Anthropic's
+    # advisor), as often as the answer decides, billed by that model's tokens.
+    "tool_not_bounded": _e(
+        "tool_not_bounded",
+        "The tool {tool} runs the model {model} as often as the answer decides, billed "
+        "by that model's tokens, which no call price holds, so it is not available "
+        "through the gateway.",
+        "Công cụ {tool} chạy mô hình {model} bao nhiêu lần tùy câu trả lời quyết định, "
+        "tính phí theo token của mô hình đó, điều mà không mức giá mỗi lượt gọi nào giới "
+        "hạn được, nên không dùng được qua gateway.",
+    ),
     # Anthropic's 1-hour prompt cache: opened per model by the price it names.
     "option_not_priced_setting": _e(
         "option_not_priced",

@@ -762,3 +762,42 @@ def test_one_header_spelled_with_a_dot_and_a_dash_is_refused() -> None:
     assert 'headers."x.tenant": the header is already set by' in message, message
     message = _headers_error({"headers": {"anthropic.beta": "v"}})
     assert "unseen by the meter" in message, message
+
+
+def test_check_config_warns_of_a_claude_price_without_its_cache_writes() -> None:
+    """Review-meter F5: Anthropic bills a 5-minute cache write at 1.25x input; a
+    price without cache_write_input charges the writes a client asks for
+    (cache_control) at input."""
+    from gateway.cli import config_warnings
+
+    def warnings(kind: str, prices: dict[str, dict[str, str]]) -> list[str]:
+        config = parse_config(
+            {"upstream": {"kind": kind}, "prices": prices}, env={"UPSTREAM_API_KEY": "k"}
+        )
+        return [w for w in config_warnings(config) if "cache_write_input" in w]
+
+    sonnet = {"input": "3", "output": "15"}
+    assert warnings("anthropic", {"claude-sonnet-4-5": sonnet}) == [
+        "prices.'claude-sonnet-4-5' has no cache_write_input: Anthropic bills 5-minute cache "
+        "writes at 1.25x input, and they are charged at input; set it (1.25 times its input "
+        "price)"
+    ]
+    assert len(warnings("anthropic", {"*": sonnet})) == 1  # any price an anthropic upstream uses
+    assert len(warnings("openai", {"anthropic/Claude-Sonnet-4.5": sonnet})) == 1  # a router's
+    assert warnings("openai", {"gpt-4o": sonnet}) == []
+    assert (
+        warnings("anthropic", {"claude-sonnet-4-5": {**sonnet, "cache_write_input": "3.75"}}) == []
+    )
+
+
+def test_the_effective_configuration_shows_an_unset_rate_as_what_is_billed_instead() -> None:
+    """An unset price of a cache write or of audio was shown as "unlimited",
+    which reads as free or as uncapped: it is the rate charged instead."""
+    config = parse_config(
+        {"upstream": {"kind": "openai"}, "prices": {"gpt-4o": {"input": "2.5", "output": "10"}}}
+    )
+    text = render_config(config)
+    section = text[text.index('[prices."gpt-4o"]') :]
+    assert "unlimited" not in section.split("\n\n")[0]
+    assert "# cache_write_input = the input price" in section
+    assert "# audio_output = the output price" in section

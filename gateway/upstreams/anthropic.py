@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl, urlencode
 import orjson
 
 from gateway.errors import BadRequest, Forbidden
+from gateway.messages import english
 from gateway.model_access import shown_model
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import anthropic_routes
@@ -134,6 +135,37 @@ def _tool_name(tool: object) -> str | None:
     if kind is None:
         return "custom"
     return _TOOL_VERSION.sub("", kind) if isinstance(kind, str) else None
+
+
+def _tool_models(body: dict[str, Any]) -> list[tuple[str, object]]:
+    """The server tools a Messages request lists that run a model of their own
+    (the tool's ``model``: Anthropic's advisor), as (tool name, model)."""
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return []
+    return [
+        (name, tool.get("model"))
+        for tool in tools
+        if isinstance(tool, dict)
+        and "model" in tool
+        and (name := _tool_name(tool)) is not None
+        and name not in _CLIENT_TOOLS
+    ]
+
+
+def _check_compaction(body: dict[str, Any]) -> None:
+    """Refuse server-side compaction (``context_management`` edits of a
+    ``compact_*`` type): a sampling step over the whole conversation each time
+    the prompt passes its trigger, billed beside the answer - more than the
+    request's money bound holds (review-meter F1). Its beta value is refused
+    too (`refuse_unpriced_betas`); the edits that clear tool results or
+    thinking only shorten the prompt."""
+    managed = body.get("context_management")
+    edits = managed.get("edits") if isinstance(managed, dict) else None
+    for edit in edits if isinstance(edits, list) else ():
+        kind = edit.get("type") if isinstance(edit, dict) else None
+        if isinstance(kind, str) and kind.lower().startswith("compact"):
+            refuse_option(f"context_management: {shown_model(kind)}")
 
 
 def _paid_tools(body: dict[str, Any]) -> list[str]:
@@ -265,6 +297,21 @@ class AnthropicUpstream:
             refuse_option(option)
         # Review2 R2-2: a 1-hour cache only where the model's price sets its writes'.
         check_cache_ttls(body, self._prices, model, parts=_CACHED_PARTS, skip=_NOT_BLOCKS)
+        _check_compaction(body)
+        for tool, runs in _tool_models(body):
+            # Review-meter F2: the advisor consults its model as often as the
+            # answer decides, each time over the whole transcript, billed by
+            # that model's tokens (usage.iterations): no call price holds it.
+            fields = {
+                "tool": shown_model(tool),
+                "model": shown_model(runs) if isinstance(runs, str) else repr(runs)[:64],
+            }
+            raise Forbidden(
+                english("tool_not_bounded", **fields),
+                code="tool_not_bounded",
+                key="tool_not_bounded",
+                fields=fields,
+            )
         for tool in _paid_tools(body):
             if tool not in self._call_prices:
                 raise Forbidden(
@@ -287,13 +334,20 @@ class AnthropicUpstream:
     ) -> tuple[str | None, ...] | None:
         """The model a message runs (the body's ``model``; None when absent or
         not a string, which the upstream refuses anyway) and the model a model
-        read names. ``count_tokens`` runs no model and is not checked."""
+        read names, and any model a server tool runs (the advisor's ``model``:
+        review-meter F2; None when not a string). ``count_tokens`` runs no model
+        and is not checked."""
         if route.model is not None:
             return (route.model,)
         if not route.admitted or body is None:
             return None
         model = body.get("model")
-        return (model if isinstance(model, str) and model else None,)
+        asked = model if isinstance(model, str) and model else None
+        tools = _tool_models(body)
+        if not tools:
+            return (asked,)
+        runs = [run if isinstance(run, str) and run else None for _, run in tools]
+        return (asked, *runs)
 
     def routed_model(self, route: Route, body: dict[str, Any] | None) -> str | None:
         """The body's ``model`` (any route that has one, a passthrough included),

@@ -59,8 +59,12 @@ _loads = orjson.loads
 
 # anthropic-beta values that change the rates: the 1M-token context window
 # (context-1m-2025-08-07), whose prompts over 200K tokens Anthropic bills at its
-# long-context rates (2x input, 1.5x output).
-_PRICED_BETA_PREFIXES: Final = ("context-1m",)
+# long-context rates (2x input, 1.5x output); server-side compaction
+# (compact-2026-01-12), a sampling step of its own over the whole conversation
+# whenever the prompt passes its trigger, billed beside the answer and reported
+# only in ``usage.iterations`` - more than a request's money bound holds (its
+# prompt once and its max_tokens; review-meter F1).
+_PRICED_BETA_PREFIXES: Final = ("context-1m", "compact-")
 _BETA_HEADER: Final = b"anthropic-beta"
 
 
@@ -157,6 +161,21 @@ def usage_from(
     written, written_1h = _cache_writes(read, raw.get("cache_creation"), written, base, one_hour)
     cached = count("cache_read_input_tokens", base.cached_tokens)
     output = count("output_tokens", base.completion_tokens)
+    iterations = raw.get("iterations")
+    if iterations is not None:
+        # The sampling steps of one request (a compaction, an advisor's turns,
+        # the answer's own): the top-level counts are the answer's steps only,
+        # and Anthropic bills the sum of every step (review-meter F1).
+        steps = _iteration_sums(read, iterations)
+        uncached, cached, output = (
+            max(uncached, steps[0]),
+            max(cached, steps[2]),
+            max(output, steps[3]),
+        )
+        if steps[1] > written:
+            if one_hour():  # writes past those the top level accounts for
+                written_1h += steps[1] - written
+            written = steps[1]
     prompt = uncached + written + cached
     usage = Usage(
         prompt_tokens=prompt,
@@ -167,6 +186,32 @@ def usage_from(
         cache_write_1h_tokens=written_1h,
     )
     return read.usable(usage)
+
+
+_STEP_COUNTS: Final = (
+    "input_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "output_tokens",
+)
+
+
+def _iteration_sums(read: FieldReader, iterations: object) -> list[int]:
+    """``usage.iterations``' counts summed over its steps, in the order of
+    `_STEP_COUNTS`. A list that is not one, or a step that is not an object,
+    is named (clamped) and counts nothing: the top-level counts stand."""
+    sums = [0, 0, 0, 0]
+    if not isinstance(iterations, list):
+        read.bad("iterations", iterations)
+        return sums
+    for step in iterations:
+        if not isinstance(step, dict):
+            read.bad("iterations[]", step)
+            continue
+        for at, name in enumerate(_STEP_COUNTS):
+            if step.get(name) is not None:
+                sums[at] += read.tokens(step, name)
+    return sums
 
 
 def _cache_writes(

@@ -350,6 +350,8 @@ class OpenAIUpstream:
                 )
         if route.kind == "chat":
             _check_server_searches(body)
+        else:
+            _check_tool_options(body)
 
     def asks_for_one_hour_cache(self, body: dict[str, Any]) -> bool:
         """Whether a request asks a router in front of Claude for a 1-hour
@@ -658,6 +660,40 @@ def _json_type(value: object) -> str:
     if isinstance(value, list):
         return "an array"
     return "an object"
+
+
+# Review-meter F3, F4: a paid tool's options that bill more than its one call
+# price. A container's memory past the default 1 GB (OpenAI bills a session by
+# its size: 4, 16, 64 times the 1 GB price), and image previews (each of
+# ``partial_images`` 100 image output tokens more, which no usage reports).
+_DEFAULT_MEMORY: Final = "1g"
+_CONTAINER_FIELDS: Final = ("container", "environment")
+
+
+def _check_tool_options(body: dict[str, Any]) -> None:
+    """Refuse a Responses tool asking for what its call price does not hold:
+    a code interpreter's (or a hosted shell's) container with a
+    ``memory_limit`` other than the default, an image generation with
+    ``partial_images`` (403 ``option_not_priced``)."""
+    tools = body.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        if not isinstance(tool, dict):
+            continue
+        for field in _CONTAINER_FIELDS:
+            container = tool.get(field)
+            if isinstance(container, dict):
+                memory = container.get("memory_limit")
+                if memory is not None and memory != _DEFAULT_MEMORY:
+                    refuse_option(f"memory_limit: {_shown(memory)}")
+        partial = tool.get("partial_images")
+        if partial is not None and partial != 0:
+            refuse_option(f"partial_images: {_shown(partial)}")
+
+
+def _shown(value: object) -> str:
+    """A client's value in a refusal: a string as a model name is shown, any
+    other value by its (cut) repr."""
+    return shown_model(value) if isinstance(value, str) else repr(value)[:64]
 
 
 def _response_tools(body: dict[str, Any]) -> list[str]:

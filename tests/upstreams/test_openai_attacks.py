@@ -956,3 +956,72 @@ async def test_extra_body_runs_a_model_the_gateway_refuses_charged_as_the_cheap_
             charged = [(e.model, e.cost) for e in await h.events()]
     ran = [r.json.get("model") for r in fake.requests if isinstance(r.json, dict)]
     assert "o1-pro" not in ran, f"the router ran {ran}; charged {charged}"
+
+
+# --- review-meter F3, F4: a paid tool's options past its one call price ---------------
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [
+        {"type": "code_interpreter", "container": {"type": "auto", "memory_limit": "64g"}},
+        {"type": "code_interpreter", "container": {"type": "auto", "memory_limit": "4G"}},
+        {"type": "code_interpreter", "container": {"type": "auto", "memory_limit": 4}},
+        {"type": "image_generation", "partial_images": 3},
+        {"type": "image_generation", "partial_images": "1"},
+    ],
+    ids=["container-64g", "container-4G", "container-number", "previews", "previews-text"],
+)
+async def test_a_paid_tools_dearer_options_are_refused(
+    database_url: str, tool: dict[str, Any]
+) -> None:
+    """The attacks: a 64 GB container session (billed 64 times the 1 GB one the
+    call price was set for) and three streamed image previews (100 image output
+    tokens each, in no usage), charged the one call price."""
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    settings = {
+        "upstream": {"kind": "openai"},
+        "prices": {"gpt-4o-mini": {"input": "0.15", "output": "0.60"}},
+        "call_prices": {
+            "openai.code_interpreter": {"price": "0.03"},
+            "openai.image_generation": {"price": "0.25"},
+        },
+    }
+    body = {"model": "gpt-4o-mini", "input": "Go.", "tools": [tool]}
+    async with running_gateway(database_url, upstream=fake, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            answer = await client.post("/v1/responses", json=body, headers=h.auth())
+        events = await h.events()
+    assert answer.status_code == 403, answer.text
+    assert answer.json()["error"]["code"] == "option_not_priced"
+    assert fake.requests == [] and events == []
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [
+        {"type": "code_interpreter", "container": {"type": "auto", "memory_limit": "1g"}},
+        {"type": "code_interpreter", "container": {"type": "auto"}},
+        {"type": "image_generation", "partial_images": 0},
+    ],
+    ids=["container-1g", "container-default", "no-previews"],
+)
+async def test_a_paid_tools_default_options_are_forwarded(
+    database_url: str, tool: dict[str, Any]
+) -> None:
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    settings = {
+        "upstream": {"kind": "openai"},
+        "prices": {"gpt-4o-mini": {"input": "0.15", "output": "0.60"}},
+        "call_prices": {
+            "openai.code_interpreter": {"price": "0.03"},
+            "openai.image_generation": {"price": "0.25"},
+        },
+    }
+    body = {"model": "gpt-4o-mini", "input": "Go.", "tools": [tool]}
+    async with running_gateway(database_url, upstream=fake, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            answer = await client.post("/v1/responses", json=body, headers=h.auth())
+        assert answer.status_code == 200, answer.text
+        await h.probes.wait_finished(1)
+    assert len(fake.requests) == 1
