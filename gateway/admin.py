@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
+from urllib.parse import quote
 
 import orjson
 from starlette.requests import Request
@@ -410,11 +411,17 @@ def _export(dataset: Dataset) -> Any:
         )
         media = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"
         filename = f"{dataset}-{start.isoformat()}-{end.isoformat()}{'-' + user_id if user_id else ''}.{fmt}"
-        safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in filename)
+        # An ASCII name for every client, and the whole name (a user id in any
+        # script) as RFC 6266's filename*: a header holds Latin-1 only, and a
+        # letter past it failed the export (500; review-auth A4).
+        safe = "".join(c if (c.isascii() and c.isalnum()) or c in "-._" else "_" for c in filename)
+        disposition = (
+            f"attachment; filename=\"{safe}\"; filename*=UTF-8''{quote(filename, safe='')}"
+        )
         return StreamingResponse(
             _guarded_stream(encode(columns, source, fmt)),
             media_type=media,
-            headers={"content-disposition": f'attachment; filename="{safe}"'},
+            headers={"content-disposition": disposition},
         )
 
     export.__name__ = f"export_{dataset}"
@@ -443,12 +450,12 @@ async def openapi(request: Request) -> Response:
 
 admin_routes: list[BaseRoute] = [
     Route("/users", list_users, methods=["GET"]),
-    Route("/users/{user_id}", get_user, methods=["GET"]),
-    Route("/users/{user_id}/plan", set_plan, methods=["PUT"]),
-    Route("/users/{user_id}/limits/{name}", set_limit, methods=["PUT"]),
-    Route("/users/{user_id}/limits/{name}", clear_limit, methods=["DELETE"]),
-    Route("/users/{user_id}/team", set_user_team, methods=["PUT"]),
-    Route("/users/{user_id}/keys", create_key, methods=["POST"]),
+    Route("/users/{user_id:path}", get_user, methods=["GET"]),
+    Route("/users/{user_id:path}/plan", set_plan, methods=["PUT"]),
+    Route("/users/{user_id:path}/limits/{name}", set_limit, methods=["PUT"]),
+    Route("/users/{user_id:path}/limits/{name}", clear_limit, methods=["DELETE"]),
+    Route("/users/{user_id:path}/team", set_user_team, methods=["PUT"]),
+    Route("/users/{user_id:path}/keys", create_key, methods=["POST"]),
     Route("/teams", list_teams, methods=["GET"]),
     Route("/teams", create_team, methods=["POST"]),
     Route("/teams/{team_id}", get_team, methods=["GET"]),

@@ -288,7 +288,11 @@ class _JWTVerifier:
                 audience=config.audience or None,
                 issuer=config.issuer or None,
                 leeway=config.leeway,
-                options={"require": required, "verify_aud": bool(config.audience)},
+                # The audience is checked even when none is configured: a token
+                # that names one (an access token of another API of the same
+                # identity provider, an ID token of another client or project
+                # on shared signing keys) is then refused (review-auth A2).
+                options={"require": required},
             )
         except jwt.MissingRequiredClaimError as exc:
             raise Unauthorized(f"Token has no {exc.claim!r} claim.") from None
@@ -347,6 +351,7 @@ class UserDirectory:
         refused, as configured; a plan the credential names is applied."""
         mark = self._users.mark()
         user = self._users.get(identity.user_id)
+        cached = user is not None
         if user is None:
             if create:
                 user = await self._storage.ensure_user(
@@ -357,10 +362,17 @@ class UserDirectory:
                 if found is None:
                     raise Unauthorized("Unknown user.")
                 user = found
-        if identity.plan is not None and identity.plan != user.plan:
-            await self._storage.set_plan(user.id, identity.plan)
-            user = dataclasses.replace(user, plan=identity.plan)
-        self._users.put(user.id, user, mark=mark)
+        plan = identity.plan
+        changed = plan is not None and plan != user.plan
+        if plan is not None and changed:
+            await self._storage.set_plan(user.id, plan)
+            user = dataclasses.replace(user, plan=plan)
+        if changed or not cached:
+            # Only what was read or written now: a hit put back would start its
+            # TTL again at every request, and a change made by another process
+            # (a plan, a team, a suspension) would never reach a user who keeps
+            # asking (review-auth A1).
+            self._users.put(user.id, user, mark=mark)
         return user
 
     def forget(self, user_id: str) -> None:

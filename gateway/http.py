@@ -396,14 +396,20 @@ class RequestHeaders:
         return self.content_type.split(b";", 1)[0].strip().lower()
 
 
+_OWS: Final = " \t"
+
+
 def bearer_token(authorization: bytes | None) -> str | None:
     """The token of an ``Authorization: Bearer`` header (scheme case-insensitive)."""
     if not authorization:
         return None
-    scheme, _, token = authorization.decode("latin-1").strip().partition(" ")
+    # Trimmed of HTTP's own whitespace only (RFC 9110 5.5: SP, HTAB): str.strip
+    # also takes NBSP and NEL, and a key followed by any run of them was the
+    # same key under endless spellings (review-auth A3).
+    scheme, _, token = authorization.decode("latin-1").strip(_OWS).partition(" ")
     if scheme.lower() != "bearer":
         return None
-    return token.strip() or None
+    return token.strip(_OWS) or None
 
 
 def request_headers(

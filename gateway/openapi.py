@@ -32,7 +32,13 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(code): _json(_ERROR, text[code]) for code in codes}
 
 
-_USER_ID = {"name": "user_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_USER_ID = {
+    "name": "user_id",
+    "in": "path",
+    "required": True,
+    "description": "The user's id, percent-encoded: an id may hold '/' (%2F).",
+    "schema": {"type": "string"},
+}
 _TEAM_ID = {"name": "team_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _DAYS = {
     "name": "days",

@@ -6,6 +6,7 @@ import asyncio
 import csv
 import dataclasses
 import io
+import re
 import sqlite3
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -347,7 +348,8 @@ async def test_csv_export_matches_the_ledger(gw: Harness) -> None:
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
     assert (
         response.headers["content-disposition"]
-        == f'attachment; filename="events-{start}-{end}.csv"'
+        == f'attachment; filename="events-{start}-{end}.csv"; '
+        f"filename*=UTF-8''events-{start}-{end}.csv"
     )
     parsed = list(csv.DictReader(io.StringIO(response.text)))
     ledger = [e async for e in gw.storage.events(start, end)]
@@ -519,7 +521,8 @@ async def test_a_large_export_streams_with_bounded_memory(sqlite_url: str) -> No
 
 def test_openapi_describes_exactly_the_routes() -> None:
     served = {
-        ("/admin" + r.path, m.lower())
+        # A path's converter ({user_id:path}) is Starlette's, not OpenAPI's.
+        ("/admin" + re.sub(r":\w+}", "}", r.path), m.lower())
         for r in admin_routes
         if isinstance(r, Route)
         for m in (r.methods or ())

@@ -197,7 +197,7 @@ async def lenient(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Har
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def closed(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Harness]:
     """HS256, refusing users the gateway has not seen."""
-    settings = jwt_settings(**HS256)
+    settings = jwt_settings(**HS256, audience=AUDIENCE)
     settings["auth"]["unknown_users"] = "refuse"
     async with _gateway(tmp_path_factory.mktemp("closed"), settings, ENV) as h:
         yield h
@@ -207,7 +207,9 @@ async def closed(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Harn
 async def rs(tmp_path_factory: pytest.TempPathFactory, rsa_pem: bytes) -> AsyncIterator[Harness]:
     tmp = tmp_path_factory.mktemp("rs")
     (tmp / "public.pem").write_bytes(rsa_pem)
-    settings = jwt_settings(algorithm="RS256", public_key_file=str(tmp / "public.pem"))
+    settings = jwt_settings(
+        algorithm="RS256", public_key_file=str(tmp / "public.pem"), audience=AUDIENCE
+    )
     async with _gateway(tmp, settings) as h:
         yield h
 
@@ -222,7 +224,7 @@ async def es(
         for kid, key in ec_keys.items()
     ]
     (tmp / "jwks.json").write_text(json.dumps({"keys": keys}))
-    settings = jwt_settings(algorithm="ES256", jwks_file=str(tmp / "jwks.json"))
+    settings = jwt_settings(algorithm="ES256", jwks_file=str(tmp / "jwks.json"), audience=AUDIENCE)
     async with _gateway(tmp, settings) as h:
         yield h
 
@@ -321,22 +323,36 @@ async def test_a_bad_token_is_refused_before_the_upstream(
         pytest.param(lambda: {"exp": ago(5)}, id="expired-within-leeway"),
         pytest.param(lambda: {"nbf": hence(5)}, id="not-before-within-leeway"),
         pytest.param(lambda: {"exp": None}, id="no-exp-when-not-required"),
-        pytest.param(lambda: {"aud": "anyone", "iss": "anybody"}, id="aud-iss-not-configured"),
+        pytest.param(lambda: {"iss": "anybody"}, id="iss-not-configured"),
     ],
 )
 async def test_leeway_and_optional_checks_accept(
     lenient: Harness, extra: Callable[[], dict[str, Any]]
 ) -> None:
     user = new_user()
-    token = hs256(claims(user, **extra()))
+    token = hs256(claims(user, **{"aud": None, **extra()}))
     response, (forwarded,) = await send(lenient, bearer(token))
     assert response.status_code == 200, response.text
     assert_forwarded_as(forwarded, user, token)
 
 
+async def test_a_token_naming_an_audience_is_refused_where_none_is_configured(
+    lenient: Harness,
+) -> None:
+    """Review-auth A2: the audience check was off without auth.jwt.audience, so a
+    token the identity provider minted for another API (or another client on
+    shared signing keys) was taken as its subject. PyJWT's rule: a token that
+    names an audience is refused unless the gateway names it."""
+    user = new_user()
+    response, forwarded = await send(lenient, bearer(hs256(claims(user, aud="another-api"))))
+    assert_unauthorized(response, r"audience")
+    assert forwarded == []
+    assert await lenient.storage.get_user(user) is None
+
+
 async def test_exp_is_checked_when_present_even_when_not_required(lenient: Harness) -> None:
     user = new_user()
-    response, forwarded = await send(lenient, bearer(hs256(claims(user, exp=ago(120)))))
+    response, forwarded = await send(lenient, bearer(hs256(claims(user, aud=None, exp=ago(120)))))
     assert_unauthorized(response, r"expired")
     assert forwarded == []
 
@@ -380,7 +396,7 @@ async def test_the_plan_claim_is_ignored_when_not_configured(lenient: Harness) -
     new, known = new_user(), new_user()
     await lenient.storage.ensure_user(known, plan="free")
     for user in (new, known):
-        response, _ = await send(lenient, bearer(hs256(claims(user, plan="pro"))))
+        response, _ = await send(lenient, bearer(hs256(claims(user, aud=None, plan="pro"))))
         assert response.status_code == 200, response.text
         assert (await lenient.storage.get_user(user)).plan == "free"  # type: ignore[union-attr]
 
