@@ -20,19 +20,21 @@ echoing any secret.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hmac
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar
-
-import jwt
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from gateway.config import AuthConfig, JWTConfig
 from gateway.errors import Unauthorized
 from gateway.http import bearer_token
 from gateway.keys import hash_key
 from gateway.storage import ApiKey, Directory, DirectoryReads, Team, User
+
+if TYPE_CHECKING:
+    import jwt
 
 _MAX_CACHED = 100_000
 K = TypeVar("K")
@@ -230,18 +232,29 @@ class Authenticator:
                 self._keys.pop(digest)
 
 
-_JWT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
-    (jwt.ExpiredSignatureError, "Token has expired."),
-    (jwt.ImmatureSignatureError, "Token is not yet valid."),
-    (jwt.InvalidAudienceError, "Token audience is not accepted."),
-    (jwt.InvalidIssuerError, "Token issuer is not accepted."),
-    (jwt.InvalidSignatureError, "Token signature is invalid."),
-    (jwt.InvalidAlgorithmError, "Token algorithm is not accepted."),
-)
+@functools.cache
+def _jwt_errors() -> tuple[tuple[type[Exception], str], ...]:
+    """What a refused token is told, by PyJWT's exception."""
+    import jwt
+
+    return (
+        (jwt.ExpiredSignatureError, "Token has expired."),
+        (jwt.ImmatureSignatureError, "Token is not yet valid."),
+        (jwt.InvalidAudienceError, "Token audience is not accepted."),
+        (jwt.InvalidIssuerError, "Token issuer is not accepted."),
+        (jwt.InvalidSignatureError, "Token signature is invalid."),
+        (jwt.InvalidAlgorithmError, "Token algorithm is not accepted."),
+    )
 
 
 class _JWTVerifier:
+    """PyJWT (and the cryptography it loads, ~40 ms of a process's start) is
+    imported by a gateway that verifies tokens, not by every process that imports
+    this module: the CLI's commands, the workers of a gateway on keys."""
+
     def __init__(self, config: JWTConfig) -> None:
+        import jwt
+
         self._config = config
         self._key: Any = None
         self._jwks: jwt.PyJWKSet | None = None
@@ -253,6 +266,8 @@ class _JWTVerifier:
             self._key = config.key_text
 
     def verify(self, token: str) -> Identity:
+        import jwt
+
         config = self._config
         try:
             header = jwt.get_unverified_header(token)
@@ -282,7 +297,7 @@ class _JWTVerifier:
         except jwt.MissingRequiredClaimError as exc:
             raise Unauthorized(f"Token has no {exc.claim!r} claim.") from None
         except jwt.InvalidTokenError as exc:
-            for kind, message in _JWT_ERRORS:
+            for kind, message in _jwt_errors():
                 if isinstance(exc, kind):
                     raise Unauthorized(message) from None
             raise Unauthorized("Token is invalid.") from None

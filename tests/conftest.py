@@ -33,7 +33,7 @@ import pytest_asyncio
 from gateway.config import DatabaseConfig
 from gateway.storage import Storage, open_storage
 from tests.browser import chromium, require_chromium
-from tests.harness import MIGRATED
+from tests.migrated import MIGRATED
 from tests.sslcontexts import shared
 from tests.tcpproxy import TCPProxy
 
@@ -607,6 +607,17 @@ def pytest_collection_modifyitems(
     yield
     if getattr(config.option, "loadgroup", False):  # an xdist worker, --dist loadgroup
         _name_groups(items)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup` (pyproject's addopts) on a scheduler whose bookkeeping is
+    linear in the run's tests, not quadratic (tests/scheduling.py); its decisions
+    are xdist's own."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from tests.scheduling import LinearLoadGroupScheduling
+
+    return LinearLoadGroupScheduling(config, log)
 
 
 def _name_groups(items: list[pytest.Item]) -> None:

@@ -2,7 +2,7 @@
 
 A fresh `python -m gateway serve` spends most of its start-up CPU (~0.6 s of
 ~0.8 s) starting the interpreter and importing the gateway, uvicorn, httpx,
-aiohttp, jwt and the rest, and the suite starts dozens of them. Each pytest
+aiohttp and the rest, and the suite starts dozens of them. Each pytest
 process (each xdist worker) instead starts one server process that imports all
 of that once, then forks a child per request. The child is the same program a
 fresh `python -m MODULE ARGS` would run (runpy's `-m`, in a process of its own,

@@ -22,17 +22,11 @@ from gateway.probes import Watermarks
 from gateway.runtime import Gateway
 from gateway.storage import Storage, UsageEvent, open_storage
 from tests.fakes.dify import FakeDify
+from tests.migrated import MIGRATED
 from tests.servers import serve
 
 UPSTREAM_KEY = "app-upstream-secret"
 USER = "alice"
-
-MIGRATED: set[str] = set()
-"""Database URLs the fixtures have migrated already (tests/conftest.py: each test's
-SQLite copy, the pytest process's PostgreSQL database): for those
-`running_gateway` skips its own migrate, a no-op there (~2.5 ms of Python and as
-much of PostgreSQL's CPU, on a new connection, per gateway). The gateway's start
-still migrates, as in production."""
 
 
 async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:

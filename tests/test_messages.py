@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from gateway.auth import _JWT_ERRORS
+from gateway.auth import _jwt_errors
 from gateway.config import parse_config, render_config
 from gateway.errors import ConfigError, Forbidden, GatewayError, QuotaExceeded
 from gateway.messages import (
@@ -185,7 +185,7 @@ def _raised_texts() -> list[tuple[str, str]]:
 def test_every_refusal_on_the_proxy_path_is_in_the_catalogue() -> None:
     texts = _raised_texts()
     assert len(texts) > 40  # the scan found the raise sites
-    texts += [("auth.py:_JWT_ERRORS", message) for _, message in _JWT_ERRORS]
+    texts += [("auth.py:_jwt_errors", message) for _, message in _jwt_errors()]
     # The OpenAI dialect names the model, or says there is none, in a variable.
     for named in ("The model 'o3-pro'", "A request without a model"):
         texts += [(w, t.replace("x1 has no price", f"{named} has no price")) for w, t in texts]

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.sse import ServerSentEvent, SSEDecoder
-from tests.drawing import Shape, chunked
+from tests.drawing import Shape, chunked, utf8_characters
 
 E = ServerSentEvent
 
@@ -163,7 +163,7 @@ def test_flush_resets() -> None:
 # places. The structure is read from one drawn byte string and the cuts cost two
 # choices (tests/drawing.py); the values are drawn as text and integers.
 
-_text = st.text(st.characters(codec="utf-8", exclude_characters="\r\n\0"), max_size=12)
+_text = st.text(utf8_characters("\r\n\0"), max_size=12)
 _id = _text | st.just("a\0b")
 _retry = st.integers(0, 10**6).map(str) | st.just("1x")
 _EVENT_NAMES = ["", "message", "message_end", "ping"]
@@ -307,7 +307,7 @@ def test_chunks_of_several_one_line_events_read_as_the_general_path_reads_them()
 _PREFIXES = [b"data: ", b"data: ", b"data: ", b"data:", b"data:  ", b"event: "]
 _FIELD_LIKE = ["data: x", "data:", " data: ", "\u00e9data: "]
 _RUN_ENDS = [b"\n\n", b"\n\n", b"\n\n", b"\n", b"\n\n\n"]
-_run_text = st.text(st.characters(codec="utf-8", exclude_characters="\r\n\0"), max_size=8)
+_run_text = st.text(utf8_characters("\r\n\0"), max_size=8)
 
 
 @st.composite
