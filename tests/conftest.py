@@ -609,17 +609,6 @@ def pytest_collection_modifyitems(
         _name_groups(items)
 
 
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """`--dist loadgroup` (pyproject's addopts) on a scheduler whose bookkeeping is
-    linear in the run's tests, not quadratic (tests/scheduling.py); its decisions
-    are xdist's own."""
-    if config.getvalue("dist") != "loadgroup":
-        return None
-    from tests.scheduling import LinearLoadGroupScheduling
-
-    return LinearLoadGroupScheduling(config, log)
-
-
 def _name_groups(items: list[pytest.Item]) -> None:
     """Each test of an xdist group gets its node id ending in ``@<group>``, which is
     all the controller's `--dist loadgroup` scheduling sees of the groups.
