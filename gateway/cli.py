@@ -403,13 +403,24 @@ def config_warnings(config: Config) -> list[str]:
                 f"{' and '.join(sorted(settings[variable]))}) but are at different hosts "
                 f"({where}): each is sent the others' secret; give each its own variable"
             )
+    if config.auth.mode == "jwt" and not config.auth.jwt.audience:
+        # Review-auth A2: a token that names an audience is refused unless it
+        # names this one; most identity providers' tokens name one.
+        warnings.append(
+            "auth.jwt.audience is not set: a token that names an audience (aud) is "
+            "refused, as the tokens of most identity providers (Auth0, Entra ID, Cognito, "
+            "Google, Keycloak, Okta) do; set it to the audience they are issued for"
+        )
     # Review-meter F5: a prompt's 5-minute cache writes, which a client asks
     # for at will (cache_control), are billed by Anthropic at 1.25x input and
-    # charged at input where the price does not set them. A price an anthropic
-    # upstream uses (any, then), or a Claude model's (a router in front of it).
+    # charged at input where the price does not set them. A Claude model's
+    # price (an anthropic upstream's, or a router's in front of it), and the
+    # "*" price where an anthropic upstream may use it.
     anthropic = any(upstream.kind == "anthropic" for upstream in config.upstreams.values())
     for model, price in config.prices.items():
-        if price.cache_write_input is None and (anthropic or "claude" in model.lower()):
+        if price.cache_write_input is None and (
+            "claude" in model.lower() or (anthropic and model == "*")
+        ):
             warnings.append(
                 f"prices.{model!r} has no cache_write_input: Anthropic bills 5-minute cache "
                 "writes at 1.25x input, and they are charged at input; set it "

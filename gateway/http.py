@@ -469,7 +469,7 @@ def request_headers(
     if (
         api_key is not None
         and authorization is not None
-        and bearer_token(authorization) != api_key.decode("latin-1").strip()
+        and bearer_token(authorization) != api_key.decode("latin-1").strip(_OWS)
     ):
         # Two credentials: whichever one were read, a proxy, log or rate limiter
         # in front of the gateway may have judged the caller by the other.

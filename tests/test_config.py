@@ -782,7 +782,8 @@ def test_check_config_warns_of_a_claude_price_without_its_cache_writes() -> None
         "writes at 1.25x input, and they are charged at input; set it (1.25 times its input "
         "price)"
     ]
-    assert len(warnings("anthropic", {"*": sonnet})) == 1  # any price an anthropic upstream uses
+    assert len(warnings("anthropic", {"*": sonnet})) == 1  # what an anthropic upstream may use
+    assert warnings("anthropic", {"gpt-4o-mini": sonnet}) == []  # (review of the fixes: noise)
     assert len(warnings("openai", {"anthropic/Claude-Sonnet-4.5": sonnet})) == 1  # a router's
     assert warnings("openai", {"gpt-4o": sonnet}) == []
     assert (
@@ -801,3 +802,24 @@ def test_the_effective_configuration_shows_an_unset_rate_as_what_is_billed_inste
     assert "unlimited" not in section.split("\n\n")[0]
     assert "# cache_write_input = the input price" in section
     assert "# audio_output = the output price" in section
+
+
+def test_check_config_warns_of_a_jwt_mode_without_an_audience() -> None:
+    """Review of the fixes: a token that names an audience is refused unless it
+    names the configured one, and most providers' tokens name one: a
+    deployment upgraded without setting it is told why every token is 401."""
+    from gateway.cli import config_warnings
+
+    def warnings(jwt: dict[str, str]) -> list[str]:
+        config = parse_config(
+            {"auth": {"mode": "jwt", "jwt": {"secret_env": "JWT_SECRET", **jwt}}},
+            env={"JWT_SECRET": "s" * 32, "GATEWAY_UPSTREAM_API_KEY": "k"},
+        )
+        return [w for w in config_warnings(config) if "audience" in w]
+
+    assert warnings({}) == [
+        "auth.jwt.audience is not set: a token that names an audience (aud) is refused, as the "
+        "tokens of most identity providers (Auth0, Entra ID, Cognito, Google, Keycloak, Okta) "
+        "do; set it to the audience they are issued for"
+    ]
+    assert warnings({"audience": "https://gateway.example/api"}) == []

@@ -29,7 +29,6 @@ from urllib.parse import parse_qsl, urlencode
 import orjson
 
 from gateway.errors import BadRequest, Forbidden
-from gateway.messages import english
 from gateway.model_access import shown_model
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import anthropic_routes
@@ -38,6 +37,7 @@ from gateway.upstreams.anthropic_wire import (
     ServerCalls,
     meter_message,
     prompt_chars,
+    refuse_compaction,
     refuse_unpriced_betas,
 )
 from gateway.upstreams.base import (
@@ -49,6 +49,7 @@ from gateway.upstreams.base import (
     is_online,
     keep_models,
     merge_model_lists,
+    refuse_model_tool,
     refuse_option,
     refuse_plugin,
     searches_every_answer,
@@ -151,21 +152,6 @@ def _tool_models(body: dict[str, Any]) -> list[tuple[str, object]]:
         and (name := _tool_name(tool)) is not None
         and name not in _CLIENT_TOOLS
     ]
-
-
-def _check_compaction(body: dict[str, Any]) -> None:
-    """Refuse server-side compaction (``context_management`` edits of a
-    ``compact_*`` type): a sampling step over the whole conversation each time
-    the prompt passes its trigger, billed beside the answer - more than the
-    request's money bound holds (review-meter F1). Its beta value is refused
-    too (`refuse_unpriced_betas`); the edits that clear tool results or
-    thinking only shorten the prompt."""
-    managed = body.get("context_management")
-    edits = managed.get("edits") if isinstance(managed, dict) else None
-    for edit in edits if isinstance(edits, list) else ():
-        kind = edit.get("type") if isinstance(edit, dict) else None
-        if isinstance(kind, str) and kind.lower().startswith("compact"):
-            refuse_option(f"context_management: {shown_model(kind)}")
 
 
 def _paid_tools(body: dict[str, Any]) -> list[str]:
@@ -297,21 +283,12 @@ class AnthropicUpstream:
             refuse_option(option)
         # Review2 R2-2: a 1-hour cache only where the model's price sets its writes'.
         check_cache_ttls(body, self._prices, model, parts=_CACHED_PARTS, skip=_NOT_BLOCKS)
-        _check_compaction(body)
+        refuse_compaction(body)
         for tool, runs in _tool_models(body):
             # Review-meter F2: the advisor consults its model as often as the
             # answer decides, each time over the whole transcript, billed by
             # that model's tokens (usage.iterations): no call price holds it.
-            fields = {
-                "tool": shown_model(tool),
-                "model": shown_model(runs) if isinstance(runs, str) else repr(runs)[:64],
-            }
-            raise Forbidden(
-                english("tool_not_bounded", **fields),
-                code="tool_not_bounded",
-                key="tool_not_bounded",
-                fields=fields,
-            )
+            refuse_model_tool(tool, runs)
         for tool in _paid_tools(body):
             if tool not in self._call_prices:
                 raise Forbidden(

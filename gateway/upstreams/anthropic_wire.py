@@ -51,6 +51,7 @@ __all__ = [
     "ServerCalls",
     "meter_message",
     "prompt_chars",
+    "refuse_compaction",
     "refuse_unpriced_betas",
     "usage_from",
 ]
@@ -82,6 +83,28 @@ def refuse_unpriced_betas(headers: list[tuple[bytes, bytes]]) -> None:
             beta = beta.strip()
             if beta.lower().startswith(_PRICED_BETA_PREFIXES):
                 refuse_option(f"anthropic-beta: {beta}")
+
+
+def refuse_compaction(body: dict[str, Any]) -> None:
+    """Refuse server-side compaction asked for in the body (403
+    ``option_not_priced``): a sampling step over the whole conversation each
+    time the prompt passes its trigger, billed beside the answer - more than
+    the request's money bound holds (review-meter F1). Anthropic's shape, a
+    ``context_management`` object whose ``edits`` hold a ``compact*`` type, and
+    the Responses API's, a list holding a ``compaction`` entry (which a router
+    in front of Claude turns into Anthropic's, beta header and all: review of
+    the fixes, 1). Its beta value is refused too (`refuse_unpriced_betas`); the
+    edits that clear tool results or thinking only shorten the prompt."""
+    managed = body.get("context_management")
+    if isinstance(managed, dict):
+        entries = managed.get("edits")
+    else:
+        entries = managed
+    for entry in entries if isinstance(entries, list) else ():
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if isinstance(kind, str) and kind.lower().startswith("compact"):
+            shown = repr(kind[:64])
+            refuse_option(f"context_management: {shown}")
 
 
 # The events whose JSON the meter reads; text deltas are measured unparsed, and

@@ -130,6 +130,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, Protocol, runtime_checkable
 
 from gateway.errors import BadRequest, Forbidden
+from gateway.messages import english
 from gateway.model_access import shown_model
 from gateway.sse import ServerSentEvent
 from gateway.usage import Metered
@@ -544,6 +545,23 @@ def refuse_option(option: str) -> NoReturn:
     raise Forbidden(
         f"The option {option} has no price on this gateway, so it is not available.",
         code="option_not_priced",
+    )
+
+
+def refuse_model_tool(tool: str, model: object) -> NoReturn:
+    """Refuse a server tool that runs a model of its own as often as the answer
+    decides, billed by that model's tokens (Anthropic's advisor, also through a
+    router's OpenAI-compatible routes): no call price holds it (403
+    ``tool_not_bounded``; review-meter F2)."""
+    fields = {
+        "tool": shown_model(tool),
+        "model": shown_model(model) if isinstance(model, str) else repr(model)[:64],
+    }
+    raise Forbidden(
+        english("tool_not_bounded", **fields),
+        code="tool_not_bounded",
+        key="tool_not_bounded",
+        fields=fields,
     )
 
 

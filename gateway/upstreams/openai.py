@@ -32,7 +32,7 @@ from gateway.model_access import shown_model
 from gateway.pricing import Audio, Price, PriceTable
 from gateway.sse import ServerSentEvent
 from gateway.upstreams import openai_routes
-from gateway.upstreams.anthropic_wire import refuse_unpriced_betas
+from gateway.upstreams.anthropic_wire import refuse_compaction, refuse_unpriced_betas
 from gateway.upstreams.base import (
     Headers,
     Prepared,
@@ -43,6 +43,7 @@ from gateway.upstreams.base import (
     is_sonar,
     keep_models,
     merge_model_lists,
+    refuse_model_tool,
     refuse_option,
     refuse_plugin,
     searches_every_answer,
@@ -334,6 +335,12 @@ class OpenAIUpstream:
         )
         _check_plugins(route, body, model)
         _check_sonar(route, body, model, self._prices, allow_unpriced=self._allow_unpriced)
+        # A router in front of Claude takes Anthropic's compaction and advisor
+        # on its OpenAI-compatible routes, the beta header added by itself, and
+        # reports their steps in no usage it passes on (review of the fixes).
+        refuse_compaction(body)
+        for tool, runs in _model_tools(body):
+            refuse_model_tool(tool, runs)
         if route.kind == "chat":
             asked = _chat_calls(body)
         elif route.kind == "response":
@@ -391,16 +398,20 @@ class OpenAIUpstream:
         if not route.admitted or body is None:
             return None
         models: list[str | None] = [_requested_model(body), *fallback_models(body)]
-        if route.kind == "response":
-            tools = body.get("tools")
-            for tool in tools if isinstance(tools, list) else ():
-                if not isinstance(tool, dict):
-                    continue
-                kind = tool.get("type")
-                runs_model = isinstance(kind, str) and (_TOOL_VERSION.sub("", kind) in _MODEL_TOOLS)
-                if "model" in tool or runs_model:
-                    model = tool.get("model")
-                    models.append(model if isinstance(model, str) and model else None)
+        tools = body.get("tools")
+        for tool in tools if isinstance(tools, list) else ():
+            if not isinstance(tool, dict):
+                continue
+            kind = tool.get("type")
+            runs_model = (
+                route.kind == "response"
+                and isinstance(kind, str)
+                and _TOOL_VERSION.sub("", kind) in _MODEL_TOOLS
+            )
+            # Any tool's own model, on a chat too (a router's advisor).
+            if "model" in tool or runs_model:
+                model = tool.get("model")
+                models.append(model if isinstance(model, str) and model else None)
         return tuple(models)
 
     def routed_model(self, route: Route, body: dict[str, Any] | None) -> str | None:
@@ -688,6 +699,21 @@ def _check_tool_options(body: dict[str, Any]) -> None:
         partial = tool.get("partial_images")
         if partial is not None and partial != 0:
             refuse_option(f"partial_images: {_shown(partial)}")
+
+
+def _model_tools(body: dict[str, Any]) -> list[tuple[str, object]]:
+    """The tools a request lists that name a model of their own, but those
+    priced per call whatever model they run (``image_generation``): as (tool
+    name, model)."""
+    tools = body.get("tools")
+    found = []
+    for tool in tools if isinstance(tools, list) else ():
+        if isinstance(tool, dict) and "model" in tool:
+            kind = tool.get("type")
+            name = _TOOL_VERSION.sub("", kind) if isinstance(kind, str) else repr(kind)[:64]
+            if name not in _MODEL_TOOLS:
+                found.append((name, tool.get("model")))
+    return found
 
 
 def _shown(value: object) -> str:

@@ -274,3 +274,36 @@ async def test_a_tool_that_runs_a_model_of_its_own_is_refused_whatever_its_call_
     assert error["code"] == "tool_not_bounded"
     assert "'advisor'" in error["message"] and repr(OPUS) in error["message"]
     assert upstream.requests == [] and events == []
+
+
+# --- review of the fixes: the same spellings through x-api-key ---------------------
+
+
+@pytest.mark.parametrize("tail", [b"\xa0", b"\x85\xa0\x85"], ids=["nbsp", "mix"])
+async def test_an_x_api_key_with_unicode_whitespace_is_not_the_authorizations_key(
+    database_url: str, tail: bytes
+) -> None:
+    """A3 trims the bearer token of SP and HTAB only, but the check that the
+    Authorization header and the dialect's x-api-key carry one credential
+    (gateway/http.py `request_headers`) still trims x-api-key with `str.strip`:
+    ``x-api-key: KEY<NBSP>`` beside ``Authorization: Bearer KEY`` is taken for
+    the same key and answered. A rate limiter or WAF in front that judges an
+    Anthropic SDK's caller by x-api-key (what the SDK sends) sees endless
+    spellings of one key - the very thing A3 closed on Authorization, and the
+    reason the check exists."""
+    upstream = CannedAnthropic({"input_tokens": 10, "output_tokens": 5})
+    async with running_gateway(database_url, upstream=upstream, settings=anthropic_settings()) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
+            response = await client.post(
+                "/v1/messages",
+                json=BODY,
+                headers={
+                    "Authorization": f"Bearer {h.key}",
+                    "x-api-key": h.key.encode() + tail,
+                    "anthropic-version": "2023-06-01",
+                },
+            )
+            if response.status_code == 200:
+                await h.probes.wait_finished(1)
+    assert response.status_code in (400, 401), (response.status_code, response.text[:160])
+    assert upstream.requests == []
