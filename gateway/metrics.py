@@ -57,6 +57,11 @@ COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
         "Ledger writes spooled to the local file after retries failed.",
         (),
     ),
+    "gateway_settle_rejected_total": (
+        "Usage records the database refused for good (their user gone), kept in "
+        "the spool's .rejected file and the log.",
+        (),
+    ),
     "gateway_storage_errors_total": (
         "Storage errors on the request path, by operation.",
         ("operation",),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
@@ -32,7 +33,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway.errors import StorageError
+from gateway.errors import NotFound, StorageError
 from gateway.logs import log_answer
 from gateway.metrics import Metrics
 from gateway.pricing import PriceTable
@@ -69,6 +70,11 @@ class Terms:
     prices: PriceTable = dataclasses.field(default_factory=lambda: PriceTable({}))
 
 
+class RecordRefused(StorageError):
+    """The database refuses a usage record for what it holds (its user is gone):
+    writing it again would fail again."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Write:
     """One ledger write: the answer, what it releases and claims, and what the
@@ -82,8 +88,12 @@ class Write:
     pending_id: str | None = None  # the answer's pending row (docs/quotas.md)
     plan: str = ""
     alerts: AlertRequest | None = None
-    # Not spooled: a replayed record is settled on the terms in force then.
+    # Spooled: the token bound (a replay after a restart with a lower one cut
+    # a record already settled under the higher, review-once F6). The price
+    # table, which only names the metrics' labels, is the one in force then.
     terms: Terms | None = None
+    # A replayed record's bound (None: the terms in force).
+    max_tokens: int | None = None
 
 
 _INT_FIELDS = frozenset(
@@ -136,6 +146,9 @@ def event_to_json(write: Write) -> bytes:
         record["_plan"] = write.plan
     if write.alerts is not None:
         record["_alerts"] = _alerts_to_json(write.alerts)
+    bound = write.terms.max_tokens_per_answer if write.terms is not None else write.max_tokens
+    if bound is not None:
+        record["_max_tokens"] = bound
     try:
         return orjson.dumps(record)
     except orjson.JSONEncodeError:
@@ -153,6 +166,7 @@ def event_from_json(line: bytes) -> Write:
     pending_id = raw.pop("_pending_id", None)
     plan = raw.pop("_plan", "")
     alerts = _alerts_read(raw.pop("_alerts", None))
+    bound = raw.pop("_max_tokens", None)
     raw["day"] = date.fromisoformat(raw["day"])
     raw["created_at"] = datetime.fromisoformat(raw["created_at"])
     raw["cost"] = Decimal(raw["cost"])
@@ -163,7 +177,8 @@ def event_from_json(line: bytes) -> Write:
         if isinstance(raw.get(name), str):
             raw[name] = float(raw[name])
     plan = plan if isinstance(plan, str) else ""
-    return Write(UsageEvent(**raw), lease_id, pending_id, plan, alerts)
+    bound = bound if isinstance(bound, int) and not isinstance(bound, bool) and bound > 0 else None
+    return Write(UsageEvent(**raw), lease_id, pending_id, plan, alerts, max_tokens=bound)
 
 
 def _alerts_to_json(alerts: AlertRequest) -> dict[str, Any]:
@@ -310,6 +325,8 @@ class Settler:
             # Without it the pending row's estimate would be charged instead.
             self._to_spool(write)
             raise
+        except RecordRefused as exc:
+            self._reject(write, exc)
         except StorageError as exc:
             log.warning("ledger write for %s failed, will retry: %s", event.answer_id, exc.message)
             self._metrics.inc("gateway_storage_errors_total", operation="settle")
@@ -389,6 +406,8 @@ class Settler:
         retry-then-spool way of any failed write: never lost, and never a
         traceback on the request that produced it."""
         terms = write.terms if write.terms is not None else self._terms()
+        if write.terms is None and write.max_tokens is not None:
+            terms = dataclasses.replace(terms, max_tokens_per_answer=write.max_tokens)
         event = write.event if bounded else self._bounded(write.event, terms)
         began = time.perf_counter()
         try:
@@ -397,6 +416,10 @@ class Settler:
             )
         except StorageError:
             raise
+        except NotFound as exc:
+            # Its user is gone (deleted while the record waited): no retry
+            # writes it, and a replay must not stop at it (review-once F5).
+            raise RecordRefused(f"the database refuses the record: {exc.message}") from exc
         except Exception as exc:
             log.exception("ledger write for %s failed unexpectedly", event.answer_id)
             raise StorageError(f"unexpected {type(exc).__name__}") from exc
@@ -453,11 +476,29 @@ class Settler:
             try:
                 await self._write(write)
                 return
+            except RecordRefused as exc:
+                self._reject(write, exc)
+                return
             except StorageError as exc:
                 log.warning(
                     "ledger write for %s failed again: %s", write.event.answer_id, exc.message
                 )
         self._to_spool(write)
+
+    def _reject(self, write: Write, exc: RecordRefused) -> None:
+        """A record the database refuses for good: kept whole, in the log and
+        beside the spool (``<spool>.rejected``), for the operator to look at;
+        never retried, never in the way of the records after it."""
+        self._metrics.inc("gateway_settle_rejected_total")
+        line = event_to_json(write)
+        if self._spool is not None:
+            try:
+                self._append(line, self._spool.with_name(self._spool.name + ".rejected"))
+            except OSError as error:
+                log.error("rejected usage record not kept (%s)", error)
+        log.error(
+            "usage record %s REJECTED (%s): %s", write.event.answer_id, exc.message, line.decode()
+        )
 
     def _to_spool(self, write: Write) -> None:
         self._metrics.inc("gateway_settle_spooled_total")
@@ -564,6 +605,8 @@ class Settler:
             try:
                 await self._write(write)
                 count += 1
+            except RecordRefused as exc:
+                self._reject(write, exc)
             except StorageError:
                 down = True
                 self._to_spool(write)
@@ -627,25 +670,38 @@ class Settler:
         except OSError as exc:
             log.error("LOST unreadable spooled line (%s): %r", exc, line)
 
-    def _append(self, line: bytes) -> None:
-        """Append one line to the spool, never to a file a replay has taken.
+    def _append(self, line: bytes, path: Path | None = None) -> None:
+        """Append one line to the spool (or to ``path``), never to a file a
+        replay has taken.
 
         One write of one line with O_APPEND: concurrent workers do not interleave.
         The shared lock keeps a replay from taking the file while the line is
         written; a file a replay holds (its exclusive lock) or has removed was
         renamed away from the spool's name, so opening the name again gives the
-        new spool."""
-        assert self._spool is not None
+        new spool. A write the disk cut short (full) raises, so the caller logs
+        the whole record; the torn line it left is ended by the next append,
+        whose line then starts on its own (review-once F4): the replay keeps the
+        torn one as unreadable and reads the next."""
+        target = path if path is not None else self._spool
+        assert target is not None
         for _ in range(_APPEND_TRIES):
-            fd = os.open(self._spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(target, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue
-                if os.fstat(fd).st_nlink == 0:
+                stat = os.fstat(fd)
+                if stat.st_nlink == 0:
                     continue
-                os.write(fd, line + b"\n")
+                data = line + b"\n"
+                if stat.st_size and os.pread(fd, 1, stat.st_size - 1) != b"\n":
+                    data = b"\n" + data  # after a torn line
+                written = os.write(fd, data)
+                if written < len(data):
+                    raise OSError(
+                        errno.ENOSPC, f"the disk took {written} of the line's {len(data)} bytes"
+                    )
                 os.fsync(fd)
                 return
             finally:
