@@ -50,6 +50,16 @@ def is_snapshot_suffix(suffix: str) -> bool:
     return _SNAPSHOT.fullmatch(suffix) is not None
 
 
+_SNAPSHOT_AT_END: Final = re.compile(_SNAPSHOT.pattern + "$")
+
+
+def snapshot_base(model: str) -> str | None:
+    """The model a dated snapshot is of ("gpt-4o" of "gpt-4o-2024-08-06"), as
+    the price table prices it; None for a name that ends in no date."""
+    found = _SNAPSHOT_AT_END.search(model)
+    return model[: found.start()] if found is not None and found.start() else None
+
+
 @dataclass(frozen=True, slots=True)
 class Price:
     """What one million tokens of a model cost.

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
 
+from gateway.pricing import snapshot_base
+
 Meter = Literal[
     "queries",
     "advanced_rag",
@@ -136,8 +138,12 @@ class Limit:
         if not self.models:
             return True
         return any(
-            model is not None and fnmatch.fnmatchcase(model, glob)
+            name is not None and fnmatch.fnmatchcase(name, glob)
             for model in models or ()
+            if model is not None
+            # A dated snapshot is its model's, as the price table prices it: a
+            # limit on "gpt-4o" holds "gpt-4o-2024-08-06" (review-limits F6).
+            for name in (model, snapshot_base(model))
             for glob in self.models
         )
 

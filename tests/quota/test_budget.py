@@ -421,6 +421,35 @@ async def test_a_per_model_budget_holds_and_counts_only_its_models(
     assert third.status_code == 200
 
 
+async def test_a_per_model_limit_holds_the_models_dated_snapshots(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    """Review-limits F6, the attack: a limit on "budget-model" (one query a
+    day) passed by asking for its snapshots, which the price table prices, and
+    the upstream serves, as that model. A name that only starts like it is
+    another model, held by the limit no more than the table prices it so."""
+    limit = {"meter": "queries", "per": "day", "max": 1, "models": ["budget-model"]}
+    prices = {**PRICES, "budget-model-mini": {"input": "1000", "output": "2000"}}
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    async with running_gateway(
+        database_url,
+        upstream=fake,
+        settings={**settings(limits=[limit]), "prices": prices},
+        clock=FixedClock(T0),
+    ) as h:
+        first = await ask(client, h)
+        await h.probes.wait_finished(1)
+        snapshots = [
+            await ask(client, h, {**BODY, "model": model})
+            for model in ("budget-model-2024-08-06", "budget-model-20241120", "budget-model-0613")
+        ]
+        other = await ask(client, h, {**BODY, "model": "budget-model-mini"})
+    assert first.status_code == 200
+    assert [r.status_code for r in snapshots] == [429, 429, 429]
+    assert snapshots[0].headers["x-ratelimit-resource"] == "queries_per_day[budget-model]"
+    assert other.status_code == 200
+
+
 def test_the_cost_bound_of_an_anthropic_request() -> None:
     from gateway.config import parse_config
 
