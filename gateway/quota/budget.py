@@ -109,7 +109,14 @@ def bound_usage(
     (False: the request set no output cap, ``reserve_output_tokens`` stands in)."""
     prompt = len(orjson.dumps(body))
     cap = output_cap(body, kind)
-    output = (reserve_output_tokens if cap is None else cap) * answers(body, kind)
+    each = reserve_output_tokens if cap is None else cap
+    prediction = body.get("prediction") if kind == "chat" else None
+    if prediction is not None:
+        # Predicted Outputs: the predicted tokens an answer does not use are
+        # billed at the completion rate too (review-limits F7); at most one a
+        # byte of the prediction.
+        each += len(orjson.dumps(prediction))
+    output = each * answers(body, kind)
     usage = Usage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
     return usage, cap is not None
 

@@ -152,6 +152,45 @@ def test_the_bound_covers_every_answer_the_request_can_get() -> None:
     assert not bounded and usage.completion_tokens == 4096
 
 
+def test_the_bound_holds_a_prediction_as_output() -> None:
+    """Predicted Outputs: the predicted tokens an answer does not use are billed
+    at the completion rate (review-limits F7): at most one a byte of the
+    prediction, for each answer, beside the cap."""
+    prediction = {"type": "content", "content": "a " * 100}
+    body = {**BODY, "n": 2, "prediction": prediction}
+    usage, bounded = bound_usage(body, reserve_output_tokens=4096, kind="chat")
+    assert bounded and usage.completion_tokens == 2 * (100 + len(orjson.dumps(prediction)))
+    assert usage.prompt_tokens == len(orjson.dumps(body))
+
+
+async def test_a_prediction_the_answer_rejects_is_held_by_a_hard_budget(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    """Review-limits F7, the attack: one output token asked for and a prediction
+    of 20,000 tokens, which the answer rejects and OpenAI bills at the output
+    rate (4x the input's here): reserved about 40, billed about 80, against a
+    budget of 50. It is now refused before it is sent."""
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    prices = {"budget-model": {"input": "1000", "output": "4000"}}
+    body = {
+        "model": "budget-model",
+        "max_completion_tokens": 1,
+        "messages": [{"role": "user", "content": "Rewrite the text below."}],
+        "prediction": {"type": "content", "content": "a " * 20000},
+    }
+    async with running_gateway(
+        database_url,
+        upstream=fake,
+        settings={**settings(cost_per_day="50.00"), "prices": prices},
+        clock=FixedClock(T0),
+    ) as h:
+        response = await ask(client, h, body)
+        rows = await h.storage.daily(T0.date(), T0.date())
+    assert response.status_code == 429, response.text
+    assert response.json()["error"]["code"] == "daily_cost_limit"
+    assert fake.requests == [] and sum((r.cost for r in rows), Decimal(0)) == 0
+
+
 def test_the_cost_bound_prices_the_bound_with_the_price_table(tmp_path: Path) -> None:
     path = tmp_path / "gateway.toml"
     path.write_text(to_toml(settings()))
