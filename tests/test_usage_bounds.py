@@ -223,12 +223,16 @@ async def test_absurd_event_with_the_database_down_is_spooled_and_replayed_clamp
     try:
         await storage.ensure_user("alice", plan="free")
         await proxy.cut()
-        settler = Settler(storage, metrics=Metrics(), spool=spool, retry_delays=(0,))
+        settler = Settler(
+            storage, metrics=Metrics(), spool=spool, retry_delays=(0,), max_tokens_per_answer=CAP
+        )
         await settler.record(ABSURD)
         await settler.close()  # the pending retry fails too: the record goes to the spool
         assert len(spool.read_bytes().splitlines()) == 1
         await proxy.restore()
-        replaying = Settler(storage, metrics=Metrics(), spool=spool, max_tokens_per_answer=CAP)
+        # Replayed under the bound it was settled under, whatever the replaying
+        # process's (review-once F6: the default's 10,000,000 here).
+        replaying = Settler(storage, metrics=Metrics(), spool=spool)
         assert await replaying.replay() == 1
         events = [e async for e in storage.events(date(2026, 1, 1), date(2026, 12, 31))]
     finally:
