@@ -77,7 +77,7 @@ MODES: dict[str, tuple[dict[str, Any], Callable[[str], dict[str, str]]]] = {
 }
 
 
-# --- A1: the user cache of the trusted-header and JWT modes never expires -------------
+# --- A1: the user cache of the trusted-header and JWT modes never expired ------------
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -87,9 +87,9 @@ async def test_a_plan_change_by_another_process_reaches_an_active_user_within_th
     """docs/configuration.md, auth.key_cache_ttl: a plan change made in another
     process (the CLI's `gateway users set-plan`, another replica's admin API)
     takes effect "in other processes within this time" (30 s). In the
-    trusted-header and JWT modes every request puts the user back in the cache
-    with a new 30 s (`UserDirectory.resolve`), so a user who asks at least every
-    30 s keeps the plan they had, forever: the operator's suspension never lands."""
+    trusted-header and JWT modes every request put the user back in the cache
+    with a new 30 s (`UserDirectory.resolve`), so a user who asked at least every
+    30 s kept the plan they had, forever: the operator's suspension never landed."""
     settings, credential = MODES[mode]
     async with running_gateway(postgres_dsn, settings=settings, env=ENV) as h:
         clock = cache_clock(h)
@@ -131,7 +131,7 @@ async def test_a_team_move_by_another_process_reaches_an_active_user_within_the_
 async def test_control_a_user_who_pauses_past_the_ttl_gets_the_new_plan(
     postgres_dsn: str, mode: str
 ) -> None:
-    """Control (passes on main): the suspended plan refuses, and a cached user is
+    """Control (passed before the fix too): the suspended plan refuses, and a cached user is
     read again once the TTL has passed without a request in between."""
     settings, credential = MODES[mode]
     async with running_gateway(postgres_dsn, settings=settings, env=ENV) as h:
@@ -146,7 +146,7 @@ async def test_control_a_user_who_pauses_past_the_ttl_gets_the_new_plan(
 async def test_control_a_team_move_reaches_a_user_who_pauses_past_the_ttl(
     postgres_dsn: str,
 ) -> None:
-    """Control (passes on main): the frozen team refuses its members once the
+    """Control (passed before the fix too): the frozen team refuses its members once the
     user's row is read again."""
     settings, credential = MODES["trusted_header"]
     async with running_gateway(postgres_dsn, settings=settings, env=ENV) as h:
@@ -160,7 +160,7 @@ async def test_control_a_team_move_reaches_a_user_who_pauses_past_the_ttl(
         assert (await ask(h, credential(user))).status_code == 429
 
 
-# --- A3: a bearer token is read with Python's whitespace trimmed off its ends ---------
+# --- A3: a bearer token was read with Python's whitespace trimmed off its ends --------
 
 
 @pytest.mark.parametrize(
@@ -169,11 +169,11 @@ async def test_control_a_team_move_reaches_a_user_who_pauses_past_the_ttl(
 async def test_a_gateway_key_with_unicode_whitespace_appended_is_not_the_same_key(
     postgres_dsn: str, tail: bytes
 ) -> None:
-    """`gateway.http.bearer_token` decodes the header as Latin-1 and trims it with
-    `str.strip`, which takes U+00A0 (NBSP) and U+0085 (NEL) for whitespace; RFC
-    9110 5.5 allows only spaces and tabs around a field value (what
-    `header_user_id` trims, for this very reason). So one key has endless
-    spellings the gateway accepts as that key, each a different credential to
+    """`gateway.http.bearer_token` decodes the header as Latin-1 and trimmed it
+    with `str.strip`, which takes U+00A0 (NBSP) and U+0085 (NEL) for whitespace;
+    RFC 9110 5.5 allows only spaces and tabs around a field value (what
+    `header_user_id` trims, for this very reason). So one key had endless
+    spellings the gateway accepted as that key, each a different credential to
     anything in front of it that judges the caller by the header's bytes (a rate
     limiter, a WAF or log correlation keyed on Authorization): the gateway's own
     argument for refusing two credentials that disagree (http.request_headers)."""
@@ -187,29 +187,30 @@ async def test_a_gateway_key_with_unicode_whitespace_appended_is_not_the_same_ke
         assert response.status_code == 401, (response.status_code, response.text[:120])
 
 
-# --- A2: a token minted for another audience is accepted -----------------------------
+# --- A2: a token minted for another audience was accepted ----------------------------
+
+
+def _rs256(tmp_path: Path, **auth: str) -> tuple[rsa.RSAPrivateKey, dict[str, Any]]:
+    """An identity provider's key, and a gateway in JWT mode on its public key
+    with no audience or issuer configured."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "idp.pem").write_bytes(pem)
+    jwt_settings = {"algorithm": "RS256", "public_key_file": str(tmp_path / "idp.pem")}
+    return key, {"auth": {"mode": "jwt", **auth, "jwt": jwt_settings}, "plans": PLANS}
 
 
 async def test_a_token_minted_for_another_api_of_the_same_idp_is_refused(
     postgres_dsn: str, tmp_path: Path
 ) -> None:
-    """With ``auth.jwt.audience`` unset (the default) the gateway turns PyJWT's
+    """With ``auth.jwt.audience`` unset (the default) the gateway turned PyJWT's
     audience check off altogether (``verify_aud: False``): PyJWT's own default
     refuses a token that carries an ``aud`` when the application names none.
     So an access token the same identity provider issued to another API (aud
-    names that API) is accepted: that API, or whoever it leaks to, replays a
+    names that API) was accepted: that API, or whoever it leaks to, replays a
     user's token here and spends the user's quota and reads their conversations
     with the operator's key (RFC 8725 3.9, token substitution across audiences)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
-    (tmp_path / "idp.pem").write_bytes(pem)
-    settings = {
-        "auth": {
-            "mode": "jwt",
-            "jwt": {"algorithm": "RS256", "public_key_file": str(tmp_path / "idp.pem")},
-        },
-        "plans": PLANS,
-    }
+    key, settings = _rs256(tmp_path)
     victim = f"erin-{secrets.token_hex(4)}"
     now = int(time.time())
     # What erin's browser sent to the calendar API, and that API now sends here.
@@ -229,20 +230,10 @@ async def test_a_token_of_another_project_on_a_shared_signing_key_is_not_its_sub
     """The shape of Firebase (Google's ``securetoken`` keys sign the ID tokens of
     every Firebase project; a project's owner picks any ``uid`` through a custom
     token, and it comes back as the ID token's ``sub``): the gateway keyed with
-    the shared key and no audience or issuer configured takes a token the
+    the shared key and no audience or issuer configured took a token the
     attacker's own project issued, naming a known user of the operator's
     project, as that user - even with ``unknown_users = "refuse"``."""
-    shared = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = shared.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
-    (tmp_path / "securetoken.pem").write_bytes(pem)
-    settings = {
-        "auth": {
-            "mode": "jwt",
-            "unknown_users": "refuse",
-            "jwt": {"algorithm": "RS256", "public_key_file": str(tmp_path / "securetoken.pem")},
-        },
-        "plans": PLANS,
-    }
+    shared, settings = _rs256(tmp_path, unknown_users="refuse")
     victim = f"uid-{secrets.token_hex(8)}"
     now = int(time.time())
     forged = jwt.encode(

@@ -13,16 +13,15 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
 
-from gateway.errors import StorageError
 from gateway.metrics import Metrics
 from gateway.settle import Settler, Write, event_to_json
 from gateway.storage import Storage, UsageEvent
 from tests.harness import until
+from tests.test_spool_replay import Down
 
 
 @contextlib.contextmanager
@@ -38,22 +37,6 @@ def _file_size_limit(limit: int) -> Iterator[None]:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
-
-
-class _Down:
-    """The real storage, with settle failing while ``down`` (the database away)."""
-
-    def __init__(self, storage: Storage) -> None:
-        self.storage = storage
-        self.down = True
-
-    async def settle(self, event: UsageEvent, **kwargs: Any) -> bool:
-        if self.down:
-            raise StorageError("database unreachable")
-        return await self.storage.settle(event, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.storage, name)
 
 
 def _event(answer_id: str) -> UsageEvent:
@@ -82,7 +65,7 @@ async def test_a_spool_line_cut_short_by_a_full_disk_does_not_take_the_next_reco
     await storage.ensure_user("alice", plan="free")
     spool = tmp_path / "spool.jsonl"
     spool.write_bytes(b"")
-    db = _Down(storage)
+    db = Down(storage)
     settler = Settler(db, metrics=Metrics(), spool=spool, retry_delays=())  # type: ignore[arg-type]
     with _file_size_limit(40):  # the disk fills 40 bytes into the first line
         await settler.record(_event("m-first"))
@@ -139,7 +122,7 @@ async def test_a_spooled_record_keeps_the_bound_it_was_settled_under(
     logged (`gateway.answers`) as settled."""
     await storage.ensure_user("alice", plan="free")
     spool = tmp_path / "spool.jsonl"
-    db = _Down(storage)
+    db = Down(storage)
     before = Settler(db, metrics=Metrics(), spool=spool, retry_delays=())  # type: ignore[arg-type]
     big = dataclasses.replace(
         _event("m-big"), prompt_tokens=40_000, completion_tokens=10_000, total_tokens=50_000

@@ -960,6 +960,16 @@ async def test_extra_body_runs_a_model_the_gateway_refuses_charged_as_the_cheap_
 
 # --- review-meter F3, F4: a paid tool's options past its one call price ---------------
 
+# The one call price of each (the 1 GB container's session, the dearest image).
+_PAID_TOOLS: dict[str, Any] = {
+    "upstream": {"kind": "openai"},
+    "prices": {"gpt-4o-mini": {"input": "0.15", "output": "0.60"}},
+    "call_prices": {
+        "openai.code_interpreter": {"price": "0.03"},
+        "openai.image_generation": {"price": "0.25"},
+    },
+}
+
 
 @pytest.mark.parametrize(
     "tool",
@@ -979,16 +989,8 @@ async def test_a_paid_tools_dearer_options_are_refused(
     call price was set for) and three streamed image previews (100 image output
     tokens each, in no usage), charged the one call price."""
     fake = FakeOpenAI(api_key=UPSTREAM_KEY)
-    settings = {
-        "upstream": {"kind": "openai"},
-        "prices": {"gpt-4o-mini": {"input": "0.15", "output": "0.60"}},
-        "call_prices": {
-            "openai.code_interpreter": {"price": "0.03"},
-            "openai.image_generation": {"price": "0.25"},
-        },
-    }
     body = {"model": "gpt-4o-mini", "input": "Go.", "tools": [tool]}
-    async with running_gateway(database_url, upstream=fake, settings=settings) as h:
+    async with running_gateway(database_url, upstream=fake, settings=_PAID_TOOLS) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
             answer = await client.post("/v1/responses", json=body, headers=h.auth())
         events = await h.events()
@@ -1010,16 +1012,8 @@ async def test_a_paid_tools_default_options_are_forwarded(
     database_url: str, tool: dict[str, Any]
 ) -> None:
     fake = FakeOpenAI(api_key=UPSTREAM_KEY)
-    settings = {
-        "upstream": {"kind": "openai"},
-        "prices": {"gpt-4o-mini": {"input": "0.15", "output": "0.60"}},
-        "call_prices": {
-            "openai.code_interpreter": {"price": "0.03"},
-            "openai.image_generation": {"price": "0.25"},
-        },
-    }
     body = {"model": "gpt-4o-mini", "input": "Go.", "tools": [tool]}
-    async with running_gateway(database_url, upstream=fake, settings=settings) as h:
+    async with running_gateway(database_url, upstream=fake, settings=_PAID_TOOLS) as h:
         async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
             answer = await client.post("/v1/responses", json=body, headers=h.auth())
         assert answer.status_code == 200, answer.text
