@@ -227,9 +227,12 @@ def _iteration_sums(read: FieldReader, iterations: object) -> list[int]:
     if not isinstance(iterations, list):
         read.bad("iterations", iterations)
         return sums
+    named = False
     for step in iterations:
         if not isinstance(step, dict):
-            read.bad("iterations[]", step)
+            if not named:  # (one is enough for the log: the list is the upstream's)
+                read.bad("iterations[]", step)
+                named = True
             continue
         for at, name in enumerate(_STEP_COUNTS):
             if step.get(name) is not None:
