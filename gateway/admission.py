@@ -340,6 +340,16 @@ class Admitter:
                 raise Forbidden(
                     english("cost_unreported"), code="cost_unreported", key="cost_unreported"
                 )
+            if limits.counts_cost and (option := dialect.cost_unbounded(route, body)):
+                # Its bound would not be one: the upstream adds to the prompt
+                # what the body does not hold (review-limits F1).
+                fields = {"option": option}
+                raise Forbidden(
+                    english("cost_unbounded", **fields),
+                    code="cost_unbounded",
+                    key="cost_unbounded",
+                    fields=fields,
+                )
             pending = self._pending(
                 snap, dialect, request_id, route, body, upstream, bounded=limits.counts_cost
             )

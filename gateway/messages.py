@@ -221,6 +221,13 @@ ENTRIES: Final[Mapping[str, Entry]] = {
         "Lượt chạy workflow ở chế độ blocking không báo chi phí, mà gói của bạn giới hạn "
         'chi tiêu: hãy chạy với "response_mode": "streaming".',
     ),
+    "cost_unbounded": _e(
+        "cost_unbounded",
+        "The option {option} makes the upstream add to the prompt what the request does "
+        "not hold, so its cost cannot be bounded, and your plan limits spending.",
+        "Tùy chọn {option} khiến upstream thêm vào prompt những nội dung không có trong yêu "
+        "cầu, nên không giới hạn được chi phí, mà gói của bạn giới hạn chi tiêu.",
+    ),
     "file_too_large": _e(
         "file_too_large",
         "The file is larger than your plan allows ({limit} MB).",

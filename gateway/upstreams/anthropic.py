@@ -429,6 +429,22 @@ class AnthropicUpstream:
         """Never: the gateway prices every answer from its usage and [prices]."""
         return False
 
+    @staticmethod
+    def cost_unbounded(route: Route, body: dict[str, Any]) -> str | None:
+        """The MCP connector (``mcp_servers``, and the ``mcp_toolset`` tools
+        that use them): Anthropic fetches each server's tool list and sends the
+        results of its calls into the context, billed as input the body does not
+        hold (review-limits F1)."""
+        servers = body.get("mcp_servers")
+        if servers:
+            return "mcp_servers"
+        tools = body.get("tools")
+        for tool in tools if isinstance(tools, list) else ():
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if isinstance(kind, str) and kind.lower().startswith("mcp"):
+                return f"tools: {shown_model(kind)}"
+        return None
+
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         prompt = estimate_tokens(prompt_chars(body))
         usage = Usage(prompt_tokens=prompt, total_tokens=prompt, estimated=True)

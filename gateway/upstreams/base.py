@@ -91,6 +91,12 @@ uses it for one request:
     it (Dify's blocking workflow run): admission refuses it where a money
     budget applies, which could not hold it.
 
+``cost_unbounded(route, body) -> str | None``
+    What in the request makes the upstream add to the prompt what the body
+    does not hold, so that no bound of its cost can be told (a remote MCP
+    server's tool list and results): admission refuses it where a money budget
+    applies, naming it; None for a request whose bound holds.
+
 ``stream_transform(route, prepared) -> StreamTransform | None``
     Lets the dialect change what the client receives of a stream, e.g. hide
     an SSE event it made the upstream add (an injected final usage chunk).
@@ -342,6 +348,13 @@ class Upstream(Protocol):
         gateway cannot price it either (Dify's blocking workflow run: its body
         holds its total tokens only). A money budget cannot hold such an answer:
         admission refuses it where one applies (`Admitter.admit`)."""
+        ...
+
+    def cost_unbounded(self, route: Route, body: dict[str, Any]) -> str | None:
+        """What makes the upstream add to the prompt what the body does not hold
+        (a remote MCP server's tools and results, billed as input), so that the
+        answer's money bound is not one: admission refuses it where a money
+        budget applies (`Admitter.admit`, review-limits F1). None: it holds."""
         ...
 
     def requested_models(

@@ -869,6 +869,12 @@ class DifyUpstream:
         streamed run's ``node_finished`` events carry the nodes' prices; dify.md)."""
         return route.kind == "workflow" and body.get("response_mode") != "streaming"
 
+    @staticmethod
+    def cost_unbounded(route: Route, body: dict[str, Any]) -> str | None:
+        """None: a Dify answer's money is reserved as a whole (the plan's
+        answer reservation), not bounded from the body."""
+        return None
+
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         # Only the prompt is known: the answer, if any, was never seen (its
         # title, if any, is generated as the run starts).

@@ -502,6 +502,13 @@ class OpenAIUpstream:
         """Never: the gateway prices every answer from its usage and [prices]."""
         return False
 
+    @staticmethod
+    def cost_unbounded(route: Route, body: dict[str, Any]) -> str | None:
+        """A remote MCP tool (``{"type": "mcp"}``, on responses, and on a chat
+        through a router that takes it): the server's tool list and the results
+        of its calls are billed as input the body does not hold."""
+        return _mcp_option(body, "tools")
+
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         prompt = estimate_tokens(prompt_chars(body))
         usage = Usage(prompt_tokens=prompt, total_tokens=prompt, estimated=True)
@@ -714,6 +721,17 @@ def _model_tools(body: dict[str, Any]) -> list[tuple[str, object]]:
             if name not in _MODEL_TOOLS:
                 found.append((name, tool.get("model")))
     return found
+
+
+def _mcp_option(body: dict[str, Any], field: str) -> str | None:
+    """``field: mcp`` when a tool of ``body[field]`` is a remote MCP server's
+    (its type ``mcp``, or Anthropic's ``mcp_toolset``), else None."""
+    tools = body.get(field)
+    for tool in tools if isinstance(tools, list) else ():
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str) and kind.lower().startswith("mcp"):
+            return f"{field}: {_shown(kind)}"
+    return None
 
 
 def _shown(value: object) -> str:

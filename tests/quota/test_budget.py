@@ -191,6 +191,95 @@ async def test_a_prediction_the_answer_rejects_is_held_by_a_hard_budget(
     assert fake.requests == [] and sum((r.cost for r in rows), Decimal(0)) == 0
 
 
+_MCP_SERVER = {"type": "url", "url": "https://attacker.example/mcp", "name": "big"}
+_MCP_TOOL = {
+    "type": "mcp",
+    "server_label": "big",
+    "server_url": "https://attacker.example/mcp",
+    "require_approval": "never",
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "body"),
+    [
+        (
+            "anthropic",
+            "/v1/messages",
+            {
+                "model": "budget-model",
+                "max_tokens": 10,
+                "messages": [{"role": "user", "content": "use the tools"}],
+                "mcp_servers": [_MCP_SERVER],
+            },
+        ),
+        (
+            "anthropic",
+            "/v1/messages",
+            {
+                "model": "budget-model",
+                "max_tokens": 10,
+                "messages": [{"role": "user", "content": "use the tools"}],
+                "mcp_servers": [_MCP_SERVER],
+                "tools": [{"type": "mcp_toolset", "mcp_server_name": "big"}],
+            },
+        ),
+        (
+            "openai",
+            "/v1/responses",
+            {"model": "budget-model", "input": "use the tools", "max_output_tokens": 10,
+             "tools": [_MCP_TOOL]},
+        ),
+    ],
+    ids=["anthropic-mcp-servers", "anthropic-mcp-toolset", "openai-mcp-tool"],
+)  # fmt: skip
+@pytest.mark.parametrize("budget", [True, False], ids=["money-budget", "no-money-budget"])
+async def test_a_remote_mcp_server_is_refused_where_a_money_budget_applies(
+    database_url: str, kind: str, path: str, body: dict[str, Any], budget: bool
+) -> None:
+    """Review-limits F1, the attack: a remote MCP server's tool list and the
+    results of its calls are billed as input the body does not hold - a request
+    of 300 bytes and 10 output tokens was admitted under a budget of 1.00 and
+    billed 50,000 input tokens (50.00). Where a money budget applies its bound
+    is not one: refused 403 `cost_unbounded`, nothing sent. Without one, it is
+    forwarded and charged what the answer reports."""
+    fake: FakeAnthropic | FakeOpenAI = (
+        FakeAnthropic(api_key=UPSTREAM_KEY)
+        if kind == "anthropic"
+        else FakeOpenAI(api_key=UPSTREAM_KEY)
+    )
+    plan = {"cost_per_day": "1.00"} if budget else {"queries_per_day": 10}
+    headers = (
+        {"anthropic-version": "2023-06-01", "anthropic-beta": "mcp-client-2025-11-20"}
+        if kind == "anthropic"
+        else {}
+    )
+    async with running_gateway(
+        database_url,
+        upstream=fake,
+        # (A server tool must have a call price: the toolset's calls cost tokens only.)
+        settings={
+            **settings(**plan),
+            "upstream": {"kind": kind},
+            "call_prices": {"anthropic.mcp_toolset": {"price": "0"}},
+        },
+        clock=FixedClock(T0),
+    ) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as http:
+            response = await http.post(path, json=body, headers=h.auth(**headers))
+        if not budget:
+            await h.probes.wait_finished(1)
+    if budget:
+        assert response.status_code == 403, response.text
+        error = response.json()["error"]
+        assert error["code"] == "cost_unbounded"
+        assert "mcp" in error["message"]
+        assert fake.requests == []
+    else:
+        assert response.status_code == 200, response.text
+        assert len(fake.requests) == 1
+
+
 def test_the_cost_bound_prices_the_bound_with_the_price_table(tmp_path: Path) -> None:
     path = tmp_path / "gateway.toml"
     path.write_text(to_toml(settings()))
