@@ -30,6 +30,7 @@ import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Mapping
+from datetime import datetime
 from typing import IO, TYPE_CHECKING, Any, Final, Literal, Protocol
 from urllib.parse import parse_qs, unquote
 
@@ -580,7 +581,23 @@ class Proxy:
         if route.owned_answer is not None:
             # A scoped read of a stored answer, or a side call on one (Dify's
             # text-to-audio of a message): the ledger must name the caller.
-            x.holder = await self.guard.check_owner(route, x.user_id)
+            owner = await self.guard.check_owner(route, x.user_id)
+            x.holder = owner.upstream if owner is not None else None
+            if owner is not None and x.method != "DELETE":
+                await self._check_window(x, route, owner.created_at)
+
+    async def _check_window(self, x: Exchange, route: Route, created_at: datetime | None) -> None:
+        """A stored answer older than the plan's history window is not read, nor
+        spoken, as if it were not there (review-limits F3: the lists hid it and
+        text-to-audio read it out). Deleting it stays the caller's."""
+        if created_at is None:
+            return
+        days = (await self.admitter.plan_of(x.snap, x.user_id)).chat_history_days
+        if days is None:
+            return
+        if created_at.timestamp() < self._clock.now().timestamp() - days * 86400:
+            answer_id = route.owned_answer
+            raise NotFound(f"No object found with id '{answer_id}'.", code="not_found")
 
     # --- read and rewrite ------------------------------------------------------------
 

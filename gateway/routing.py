@@ -32,7 +32,7 @@ from gateway.usage import Metered, Usage
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
-    from gateway.storage import Ownership
+    from gateway.storage import AnswerOwner, Ownership
 
 __all__ = ["ALLOWED", "RouteGuard", "side_cost_result"]
 
@@ -94,10 +94,11 @@ class RouteGuard:
             )
         return price
 
-    async def check_owner(self, route: Route, user_id: str) -> str | None:
+    async def check_owner(self, route: Route, user_id: str) -> AnswerOwner | None:
         """For a stored answer's object: refuse unless the ledger names the caller.
-        Returns the named upstream that gave the answer, where the object is kept
-        (issue 23); None for a route that names no stored answer."""
+        Returns the ledger's owner row: the named upstream that gave the answer,
+        where the object is kept (issue 23), and when; None for a route that
+        names no stored answer."""
         answer_id = route.owned_answer
         if answer_id is None:
             return None
@@ -110,7 +111,7 @@ class RouteGuard:
         if owner is None or owner.user_id != user_id:
             # 404, not 403: another user's object must not be told from a missing one.
             raise NotFound(f"No object found with id '{answer_id}'.", code="not_found")
-        return owner.upstream
+        return owner
 
     async def check_files(self, file_ids: frozenset[str], user_id: str) -> None:
         """For an answer naming stored files by id (Dify's uploads, review F9):

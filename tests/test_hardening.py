@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import uuid
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -16,6 +16,7 @@ import httpx
 import orjson
 import pytest
 
+from gateway.clock import FixedClock
 from gateway.errors import StorageError
 from gateway.metrics import Metrics
 from gateway.settle import Settler
@@ -1167,3 +1168,100 @@ async def test_only_answers_that_make_a_title_are_charged_for_one(sqlite_url: st
         assert [event.cost for event in events] == expected, priced
         assert [{k: v for k, v in r.items() if k in ("auto_generate_name", "conversation_id")}
                 for r in sent] == [body for body, _, _ in cases]  # fmt: skip
+
+
+# --- the chat-history window beyond the lists (review-limits F3) --------------------
+
+
+class _OldHistoryDify(_DifyWithTts):
+    """Dify with the caller's answers stored at ``created_at`` (set by the test,
+    in the past): ``GET /messages`` lists them, ``GET
+    /conversations/{id}/variables`` returns a conversation variable holding
+    the last answer (as a chatflow's memory variable does), and ``POST
+    /text-to-audio {"message_id"}`` speaks one (the "audio" is its text)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created_at = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "").removeprefix("/v1")
+        if (
+            scope.get("type") == "http"
+            and scope["method"] == "GET"
+            and path
+            in (
+                "/messages",
+                "/conversations/c/variables",
+            )
+        ):
+            if path == "/messages":
+                data = [
+                    {"id": mid, "conversation_id": "c", "query": "q", "answer": answer,
+                     "created_at": self.created_at}
+                    for mid, answer in self.messages.items()
+                ]  # fmt: skip
+            else:
+                data = [
+                    {"id": "v", "name": "memory", "value_type": "string",
+                     "value": "\n".join(self.messages.values()),
+                     "created_at": self.created_at, "updated_at": self.created_at}
+                    for _ in [1]
+                ]  # fmt: skip
+            raw = orjson.dumps({"limit": 20, "has_more": False, "data": data})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": raw})
+            return
+        await super().__call__(scope, receive, send)
+
+
+async def test_an_answer_outside_the_history_window_is_read_through_other_routes(
+    database_url: str,
+) -> None:
+    """Review-limits F3, the attack: ``chat_history_days`` filtered only ``GET
+    /conversations`` and ``GET /messages``. An answer 40 days old was hidden
+    from the message list of a 7-day plan, yet ``POST /text-to-audio
+    {"message_id": <it>}`` read it out whole (the ledger says it is the
+    caller's), and ``GET /conversations/{id}/variables`` returned the
+    conversation's variables (a chatflow's memory of it) unfiltered."""
+    upstream = _OldHistoryDify()
+    old = datetime.now(UTC) - timedelta(days=40)
+    clock = FixedClock(old)
+    settings = {**TTS_PRICED, "plans": {"free": {"chat_history_days": 7}}}
+    async with running_gateway(
+        database_url, upstream=upstream, settings=settings, clock=clock
+    ) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            asked = await client.post(
+                "/v1/chat-messages",
+                json={"query": "my diagnosis is X", "inputs": {}, "response_mode": "blocking"},
+                headers=h.auth(),
+            )
+            assert asked.status_code == 200, asked.text
+            message_id = asked.json()["message_id"]
+            await h.probes.wait_finished(1)
+            upstream.created_at = int(old.timestamp())
+            clock.set(datetime.now(UTC))  # 40 days later
+            listed = await client.get(
+                "/v1/messages", params={"conversation_id": "c"}, headers=h.auth()
+            )
+            spoken = await client.post(
+                "/v1/text-to-audio", json={"message_id": message_id}, headers=h.auth()
+            )
+            variables = await client.get("/v1/conversations/c/variables", headers=h.auth())
+    # The window hides the old answer from the list...
+    assert listed.status_code == 200 and listed.json()["data"] == []
+    # ...and everywhere else: the old message is not spoken (as if not there).
+    assert spoken.status_code == 404, spoken.text
+    leaks = [
+        name
+        for name, response in (("text-to-audio", spoken), ("variables", variables))
+        if b"my diagnosis is X" in response.content
+    ]
+    assert leaks == []

@@ -438,6 +438,9 @@ class AnswerOwner:
 
     user_id: str
     upstream: str = "default"
+    # When the answer was given (its ledger row's): the plan's history window
+    # holds reads of it (review-limits F3). None where a caller has no row's.
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1920,9 +1920,12 @@ class PostgresStorage:
         # answer_id is UNIQUE (0001_init.sql): one index probe.
         with _mapped():
             row = await self._pool.fetchrow(
-                "SELECT user_id, upstream FROM usage_events WHERE answer_id = $1", answer_id
+                "SELECT user_id, upstream, created_at FROM usage_events WHERE answer_id = $1",
+                answer_id,
             )
-        return None if row is None else AnswerOwner(row["user_id"], row["upstream"])
+        if row is None:
+            return None
+        return AnswerOwner(row["user_id"], row["upstream"], row["created_at"])
 
     async def conversation_upstream(self, user_id: str, conversation_id: str) -> str | None:
         # usage_events_conversation_idx (0021): one index probe.

@@ -2351,10 +2351,13 @@ class SQLiteStorage:
         # answer_id is UNIQUE (0001_init.sql): one index probe.
         row = await self._run(
             lambda conn: conn.execute(
-                "SELECT user_id, upstream FROM usage_events WHERE answer_id = ?", (answer_id,)
+                "SELECT user_id, upstream, created_at FROM usage_events WHERE answer_id = ?",
+                (answer_id,),
             ).fetchone()
         )
-        return None if row is None else AnswerOwner(str(row[0]), str(row[1]))
+        if row is None:
+            return None
+        return AnswerOwner(str(row[0]), str(row[1]), datetime.fromisoformat(row[2]))
 
     async def conversation_upstream(self, user_id: str, conversation_id: str) -> str | None:
         # usage_events_conversation_idx (0017): one index probe.

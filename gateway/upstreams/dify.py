@@ -21,7 +21,7 @@ from gateway.sse import ServerSentEvent
 from gateway.upstreams import dify_routes
 from gateway.upstreams.base import Headers, Prepared, Route
 from gateway.upstreams.dify_files import named_files, uploaded_file_id
-from gateway.upstreams.dify_history import filter_conversations, filter_messages
+from gateway.upstreams.dify_history import filter_conversations, filter_messages, filter_variables
 from gateway.upstreams.dify_resume import (
     PAUSE_EVENTS,
     ResumeMeter,
@@ -732,6 +732,8 @@ class DifyUpstream:
             return filter_conversations(
                 page, cutoff, sort_by=params.get("sort_by", ["-updated_at"])[0]
             )
+        if route.kind == "variables":
+            return filter_variables(page, cutoff)
         return filter_messages(page, cutoff)
 
     def is_streaming(self, route: Route, body: dict[str, Any]) -> bool:

@@ -123,7 +123,9 @@ _PATTERNS: Final[tuple[tuple[str, re.Pattern[str], Route], ...]] = tuple(
         (
             "GET",
             rf"conversations/{_SEG}/variables",
-            _scoped("variables", "conversations/variables"),
+            # A chatflow's memory of the conversation: held to the history
+            # window as its messages are (review-limits F3).
+            Route("variables", "conversations/variables", role="scoped", is_history=True),
         ),
         (
             "PUT",

@@ -1675,10 +1675,11 @@ async def test_answer_owner_names_the_user_whose_ledger_row_it_is(storage: Stora
     assert await storage.settle(event("resp_alice", user="alice"))
     assert await storage.settle(event("chatcmpl-bob", user="bob"))
     assert await storage.settle(replace(event("resp_carol", user="alice"), upstream="research"))
-    assert await storage.answer_owner("resp_alice") == AnswerOwner("alice", "default")
-    assert await storage.answer_owner("chatcmpl-bob") == AnswerOwner("bob", "default")
+    given = event("resp_alice").created_at  # when each answer was given (its ledger row's)
+    assert await storage.answer_owner("resp_alice") == AnswerOwner("alice", "default", given)
+    assert await storage.answer_owner("chatcmpl-bob") == AnswerOwner("bob", "default", given)
     # The upstream that gave it (issue 23): where the object is kept.
-    assert await storage.answer_owner("resp_carol") == AnswerOwner("alice", "research")
+    assert await storage.answer_owner("resp_carol") == AnswerOwner("alice", "research", given)
     assert await storage.answer_owner("resp_nobody") is None
     # Exact match only: no pattern or prefix reading of the id.
     assert await storage.answer_owner("resp_%") is None

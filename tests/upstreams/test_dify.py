@@ -836,7 +836,9 @@ def test_route(method: str, path: str, kind: str, name: str, role: str) -> None:
     route = UP.route(method, path)
     assert (route.kind, route.name, route.role) == (kind, name, role)
     assert route.produces_answer == (role == "answer")
-    assert route.is_history == (kind in ("conversations", "messages"))
+    # (A conversation's variables as read: a chatflow's memory, review-limits F3.)
+    history = kind in ("conversations", "messages") or (kind, method) == ("variables", "GET")
+    assert route.is_history == history
     assert route.is_upload == (kind == "upload")
     assert (route.call is not None) == (role == "side_cost")
 
