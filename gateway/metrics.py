@@ -57,6 +57,11 @@ COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
         "Ledger writes spooled to the local file after retries failed.",
         (),
     ),
+    "gateway_settle_lost_total": (
+        "Usage records neither written nor spooled (no spool file, or it could not be "
+        "written): each is in the log whole, as LOST usage record.",
+        (),
+    ),
     "gateway_settle_rejected_total": (
         "Usage records the database refused for good (their user gone), kept in "
         "the spool's .rejected file and the log.",

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from gateway.config import MAX_TOKENS_PER_ANSWER_LIMIT
 from gateway.errors import NotFound, StorageError
 from gateway.logs import log_answer
 from gateway.metrics import Metrics
@@ -177,7 +178,14 @@ def event_from_json(line: bytes) -> Write:
         if isinstance(raw.get(name), str):
             raw[name] = float(raw[name])
     plan = plan if isinstance(plan, str) else ""
-    bound = bound if isinstance(bound, int) and not isinstance(bound, bool) and bound > 0 else None
+    # A bound the configuration could set (a hand-edited line, from a LOST
+    # record's log, may hold anything: review-last L2).
+    if not (
+        isinstance(bound, int)
+        and not isinstance(bound, bool)
+        and 0 < bound <= MAX_TOKENS_PER_ANSWER_LIMIT
+    ):
+        bound = None
     return Write(UsageEvent(**raw), lease_id, pending_id, plan, alerts, max_tokens=bound)
 
 
@@ -501,15 +509,17 @@ class Settler:
         )
 
     def _to_spool(self, write: Write) -> None:
-        self._metrics.inc("gateway_settle_spooled_total")
         line = event_to_json(write)
         if self._spool is None:
+            self._metrics.inc("gateway_settle_lost_total")
             log.error("LOST usage record (no spool file configured): %s", line.decode())
             return
         try:
             self._append(line)
         except OSError as exc:
-            # The last resort: the whole record in the log, from where it can be replayed.
+            # The last resort: the whole record in the log, from where it can be
+            # replayed; counted as lost, not as spooled (review-last L4).
+            self._metrics.inc("gateway_settle_lost_total")
             log.error(
                 "LOST usage record (spool file %s not writable: %s): %s",
                 self._spool,
@@ -517,6 +527,7 @@ class Settler:
                 line.decode(),
             )
             return
+        self._metrics.inc("gateway_settle_spooled_total")
         self.backlog = True
         log.error(
             "usage record %s spooled to %s for replay when the database answers again",
@@ -680,23 +691,24 @@ class Settler:
         renamed away from the spool's name, so opening the name again gives the
         new spool. A write the disk cut short (full) raises, so the caller logs
         the whole record; the torn line it left is ended by the next append,
-        whose line then starts on its own (review-once F4): the replay keeps the
+        whose line starts on its own (review-once F4): the replay keeps the
         torn one as unreadable and reads the next."""
         target = path if path is not None else self._spool
         assert target is not None
         for _ in range(_APPEND_TRIES):
-            fd = os.open(target, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue
-                stat = os.fstat(fd)
-                if stat.st_nlink == 0:
+                if os.fstat(fd).st_nlink == 0:
                     continue
-                data = line + b"\n"
-                if stat.st_size and os.pread(fd, 1, stat.st_size - 1) != b"\n":
-                    data = b"\n" + data  # after a torn line
+                # Each line starts on a line of its own: after a line the disk
+                # cut short (this worker's or another's, whose append may land
+                # just before this one: review-last L1) it ends the torn one.
+                # The replay skips the blank lines this leaves.
+                data = b"\n" + line + b"\n"
                 written = os.write(fd, data)
                 if written < len(data):
                     raise OSError(

@@ -23,6 +23,7 @@ from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, to_toml
 from tests.processes import GatewayProcess
 from tests.servers import serve
+from tests.spool import spooled_lines
 from tests.tcpproxy import TCPProxy
 
 # Its tests on postgres_dsn take warm connections (tests/conftest.py).
@@ -363,7 +364,5 @@ async def test_database_down_during_admission(
     else:
         assert fake.hits("/chat-messages") == 2
         # the answer went through; its usage could not be written, so it was spooled
-        spooled = [
-            orjson.loads(line) for line in (tmp_path / "spool.jsonl").read_bytes().splitlines()
-        ]
+        spooled = [orjson.loads(line) for line in spooled_lines(tmp_path / "spool.jsonl")]
         assert [s["total_tokens"] for s in spooled] == [1168]

@@ -342,6 +342,7 @@ def test_the_alert_rules_page_on_what_an_operator_must_know() -> None:
         "GatewayStorageErrors": "gateway_storage_errors_total",
         "GatewayUsageSpooled": "gateway_settle_spooled_total",
         "GatewayUsageRejected": "gateway_settle_rejected_total",
+        "GatewayUsageLost": "gateway_settle_lost_total",
         "GatewaySpoolNotEmpty": "gateway_spool_bytes",
         "GatewayAdmissionSlow": "gateway_admission_seconds_bucket",
         "GatewayAlertDeliveryFailing": "gateway_alert_deliveries_total",

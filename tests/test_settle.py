@@ -18,6 +18,7 @@ from gateway.metrics import Metrics
 from gateway.settle import Settler, Write, event_from_json, event_to_json
 from gateway.storage import AdmissionLimits, AlertCheck, AlertRequest, Pending, Storage, UsageEvent
 from gateway.usage_bounds import DEFAULT_MAX_TOKENS_PER_ANSWER, bound_event
+from tests.spool import spooled_lines
 
 EVENT = UsageEvent(
     answer_id="m1",
@@ -150,13 +151,13 @@ async def test_records_that_cannot_be_written_are_spooled_and_replayed(
     )  # type: ignore[arg-type]
     await settler.record(EVENT)
     await next(iter(settler._tasks))
-    assert spool.read_bytes().count(b"\n") == 1
+    assert len(spooled_lines(spool)) == 1
 
     # Shutting down with a retry pending spools it too.
     slow = Settler(Flaky(storage, failures=100), metrics=Metrics(), spool=spool, retry_delays=(60,))  # type: ignore[arg-type]
     await slow.record(replace(EVENT, answer_id="m2"))
     await slow.close()
-    assert spool.read_bytes().count(b"\n") == 2
+    assert len(spooled_lines(spool)) == 2
 
     # The next start replays both; replaying again changes nothing.
     healthy = Settler(storage, metrics=Metrics(), spool=spool)
@@ -300,7 +301,7 @@ async def test_a_record_given_up_in_flight_is_spooled_and_counted_once(
     recording.cancel()
     with pytest.raises(asyncio.CancelledError):
         await recording
-    assert spool.read_bytes().count(b"\n") == 1
+    assert len(spooled_lines(spool)) == 1
 
     healthy = Settler(storage, metrics=Metrics(), spool=spool)
     assert await healthy.replay() == 1

@@ -21,6 +21,7 @@ from gateway.metrics import Metrics
 from gateway.settle import Settler, Write, event_to_json
 from gateway.storage import Storage, UsageEvent
 from tests.harness import until
+from tests.spool import spooled_lines
 from tests.test_spool_replay import Down
 
 
@@ -104,7 +105,7 @@ async def test_one_record_the_database_refuses_does_not_hold_back_the_spool(
     events = [e async for e in storage.events(date(2000, 1, 1), date(2100, 1, 1))]
     assert [e.answer_id for e in events] == ["m-alice"], spool.read_bytes()
     # The refused one is kept whole beside the spool and in the log, once.
-    rejected = (tmp_path / "spool.jsonl.rejected").read_bytes().splitlines()
+    rejected = spooled_lines(tmp_path / "spool.jsonl.rejected")
     assert [orjson.loads(line)["answer_id"] for line in rejected] == ["m-ghost"]
     assert not spool.exists() or spool.read_bytes() == b""
     logged = [r.getMessage() for r in caplog.records if "REJECTED" in r.getMessage()]

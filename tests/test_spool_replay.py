@@ -22,6 +22,7 @@ from gateway.storage import Storage, UsageEvent, open_storage
 from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
 from tests.servers import free_port, start_gateway
+from tests.spool import spooled_lines
 from tests.tcpproxy import TCPProxy
 from tests.test_settle import EVENT
 
@@ -174,7 +175,7 @@ async def test_a_spooled_answer_lands_when_the_database_returns_without_a_restar
         await h.gateway.idle()
         await asyncio.wait(list(settler._tasks))
         assert lost.status_code == 200
-        assert len(spool.read_bytes().splitlines()) == 1
+        assert len(spooled_lines(spool)) == 1
         await proxy.restore()
         if trigger == "write":
             after = await client.post(f"{h.url}/v1/chat-messages", json=CHAT, headers=h.auth())
@@ -274,7 +275,7 @@ async def test_a_recovery_pass_replays_the_spool_before_it_estimates(
         await h.gateway.idle()
         if settler._tasks:  # (the retry may have spooled it already)
             await asyncio.wait(list(settler._tasks))
-        assert len(spool.read_bytes().splitlines()) == 1
+        assert len(spooled_lines(spool)) == 1
         clock.advance(timedelta(minutes=5))  # the pending row is now old enough
         passes = h.probes.recoveries.value
         await proxy.restore()

@@ -24,6 +24,7 @@ from gateway.usage_bounds import CLAMPED, MAX_COST, MAX_MODEL_CHARS, bound_event
 from tests.fakes.dify import FakeDify
 from tests.fakes.openai import ANSWER_PIECES, FakeOpenAI
 from tests.harness import UPSTREAM_KEY, USER, running_gateway
+from tests.spool import spooled_lines
 from tests.tcpproxy import TCPProxy
 from tests.test_settle import EVENT
 from tests.upstreams.test_openai_sdk import PRICES
@@ -228,7 +229,7 @@ async def test_absurd_event_with_the_database_down_is_spooled_and_replayed_clamp
         )
         await settler.record(ABSURD)
         await settler.close()  # the pending retry fails too: the record goes to the spool
-        assert len(spool.read_bytes().splitlines()) == 1
+        assert len(spooled_lines(spool)) == 1
         await proxy.restore()
         # Replayed under the bound it was settled under, whatever the replaying
         # process's (review-once F6: the default's 10,000,000 here).

@@ -506,7 +506,11 @@ class OpenAIUpstream:
     def cost_unbounded(route: Route, body: dict[str, Any]) -> str | None:
         """A remote MCP tool (``{"type": "mcp"}``, on responses, and on a chat
         through a router that takes it): the server's tool list and the results
-        of its calls are billed as input the body does not hold."""
+        of its calls are billed as input the body does not hold. Anthropic's
+        ``mcp_servers`` too, which a router in front of Claude passes on
+        (review-last L3)."""
+        if body.get("mcp_servers"):
+            return "mcp_servers"
         return _mcp_option(body, "tools")
 
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:

@@ -16,6 +16,7 @@ from gateway.metrics import Metrics
 from gateway.recovery import Recovery
 from gateway.settle import Settler
 from gateway.storage import AdmissionLimits, Pending, Storage, UsageEvent, WebSearch
+from tests.spool import spooled_lines
 
 NOW = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
 DAY = date(2026, 11, 21)
@@ -69,7 +70,7 @@ async def test_a_replayed_record_supersedes_the_estimate_recovered_meanwhile(
     )
     await away.record(real, pending_id="req-1")
     await away.close()
-    assert len(spool.read_bytes().splitlines()) == 1
+    assert len(spooled_lines(spool)) == 1
 
     # Meanwhile a replica takes the answer for lost and charges its estimate.
     later = NOW + timedelta(hours=1)
