@@ -51,21 +51,21 @@ def filter_variables(page: dict[str, Any], cutoff: float) -> dict[str, Any]:
     """Keep a conversation's variables set (created or updated) at or after
     ``cutoff``: a chatflow's memory of the conversation is its history too
     (review-limits F3). A variable updated since holds what it holds now."""
-    data = page.get("data")
-    if not isinstance(data, list):
-        return page
-    kept = [item for item in data if _inside(item, cutoff, ("created_at", "updated_at"))]
-    if len(kept) == len(data):
-        return page
-    return {**page, "data": kept, "has_more": False}
+    return _newer(page, cutoff, ("created_at", "updated_at"))
 
 
 def filter_messages(page: dict[str, Any], cutoff: float) -> dict[str, Any]:
     """Keep the messages created at or after ``cutoff``."""
+    return _newer(page, cutoff, ("created_at",))
+
+
+def _newer(page: dict[str, Any], cutoff: float, fields: tuple[str, ...]) -> dict[str, Any]:
+    """``page`` with the items of its ``data`` dated (by any of ``fields``) at
+    or after ``cutoff``; none further back is shown (``has_more`` false)."""
     data = page.get("data")
     if not isinstance(data, list):
         return page
-    kept = [item for item in data if _inside(item, cutoff, ("created_at",))]
+    kept = [item for item in data if _inside(item, cutoff, fields)]
     if len(kept) == len(data):
         return page
     return {**page, "data": kept, "has_more": False}
