@@ -48,6 +48,7 @@ from gateway.upstreams.base import (
     drop_router_fields,
     is_online,
     keep_models,
+    mcp_option,
     merge_model_lists,
     refuse_model_tool,
     refuse_option,
@@ -435,15 +436,7 @@ class AnthropicUpstream:
         that use them): Anthropic fetches each server's tool list and sends the
         results of its calls into the context, billed as input the body does not
         hold (review-limits F1)."""
-        servers = body.get("mcp_servers")
-        if servers:
-            return "mcp_servers"
-        tools = body.get("tools")
-        for tool in tools if isinstance(tools, list) else ():
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            if isinstance(kind, str) and kind.lower().startswith("mcp"):
-                return f"tools: {shown_model(kind)}"
-        return None
+        return mcp_option(body)
 
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         prompt = estimate_tokens(prompt_chars(body))

@@ -35,7 +35,7 @@ import orjson
 
 from gateway.http import cgi_spelling, is_dashed
 from gateway.sse import ServerSentEvent
-from gateway.upstreams.base import refuse_option
+from gateway.upstreams.base import refuse_option, shown_value
 from gateway.usage import (
     FieldReader,
     Metered,
@@ -103,8 +103,7 @@ def refuse_compaction(body: dict[str, Any]) -> None:
     for entry in entries if isinstance(entries, list) else ():
         kind = entry.get("type") if isinstance(entry, dict) else None
         if isinstance(kind, str) and kind.lower().startswith("compact"):
-            shown = repr(kind[:64])
-            refuse_option(f"context_management: {shown}")
+            refuse_option(f"context_management: {shown_value(kind)}")
 
 
 # The events whose JSON the meter reads; text deltas are measured unparsed, and

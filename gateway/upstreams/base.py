@@ -136,7 +136,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, Protocol, runtime_checkable
 
 from gateway.errors import BadRequest, Forbidden
-from gateway.messages import english
+from gateway.messages import ENTRIES, english
 from gateway.model_access import shown_model
 from gateway.sse import ServerSentEvent
 from gateway.usage import Metered
@@ -552,13 +552,22 @@ _searches_cached = functools.lru_cache(maxsize=1024)(_searches)
 _sonar_cached = functools.lru_cache(maxsize=1024)(_sonar)
 
 
+def shown_value(value: object) -> str:
+    """A client's value in a refusal: a string as a model name is shown
+    (quoted, cut), any other value by its cut repr."""
+    return shown_model(value) if isinstance(value, str) else repr(value)[:64]
+
+
 def refuse_option(option: str) -> NoReturn:
     """Refuse a request for an option that would cost more than the gateway
     prices (403 ``option_not_priced``; ``option`` as the message shows it)."""
-    raise Forbidden(
-        f"The option {option} has no price on this gateway, so it is not available.",
-        code="option_not_priced",
-    )
+    refuse("option_not_priced", option=option)
+
+
+def refuse(key: str, **fields: str) -> NoReturn:
+    """403 with the message ``key`` of gateway/messages.py, in the caller's
+    language where it is known (its code is the message's)."""
+    raise Forbidden(english(key, **fields), code=ENTRIES[key].code, key=key, fields=fields)
 
 
 def refuse_model_tool(tool: str, model: object) -> NoReturn:
@@ -566,26 +575,29 @@ def refuse_model_tool(tool: str, model: object) -> NoReturn:
     decides, billed by that model's tokens (Anthropic's advisor, also through a
     router's OpenAI-compatible routes): no call price holds it (403
     ``tool_not_bounded``; review-meter F2)."""
-    fields = {
-        "tool": shown_model(tool),
-        "model": shown_model(model) if isinstance(model, str) else repr(model)[:64],
-    }
-    raise Forbidden(
-        english("tool_not_bounded", **fields),
-        code="tool_not_bounded",
-        key="tool_not_bounded",
-        fields=fields,
-    )
+    refuse("tool_not_bounded", tool=shown_model(tool), model=shown_value(model))
 
 
 def refuse_plugin(name: object) -> NoReturn:
     """Refuse a router's plugin that bills work the gateway does not price
     (403 ``tool_not_priced``)."""
-    shown = shown_model(name) if isinstance(name, str) else repr(name)
-    raise Forbidden(
-        f"The plugin {shown} has no price on this gateway, so it is not available.",
-        code="tool_not_priced",
-    )
+    refuse("plugin_not_priced", plugin=shown_value(name))
+
+
+def mcp_option(body: dict[str, Any]) -> str | None:
+    """What in a request asks the upstream for a remote MCP server, whose tool
+    list and results it bills as input the body does not hold (review-limits
+    F1): Anthropic's ``mcp_servers`` (which a router in front of Claude passes
+    on too), or a tool whose type is an MCP one (``mcp``, ``mcp_toolset``); as
+    a refusal names it, else None."""
+    if body.get("mcp_servers"):
+        return "mcp_servers"
+    tools = body.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str) and kind.lower().startswith("mcp"):
+            return f"tools: {shown_model(kind)}"
+    return None
 
 
 def drop_router_fields(body: dict[str, Any]) -> None:

@@ -42,11 +42,14 @@ from gateway.upstreams.base import (
     is_online,
     is_sonar,
     keep_models,
+    mcp_option,
     merge_model_lists,
+    refuse,
     refuse_model_tool,
     refuse_option,
     refuse_plugin,
     searches_every_answer,
+    shown_value,
 )
 from gateway.upstreams.cache_ttl import (
     INJECTION_POINTS,
@@ -509,9 +512,7 @@ class OpenAIUpstream:
         of its calls are billed as input the body does not hold. Anthropic's
         ``mcp_servers`` too, which a router in front of Claude passes on
         (review-last L3)."""
-        if body.get("mcp_servers"):
-            return "mcp_servers"
-        return _mcp_option(body, "tools")
+        return mcp_option(body)
 
     def unanswered(self, route: Route, body: dict[str, Any]) -> Metered:
         prompt = estimate_tokens(prompt_chars(body))
@@ -706,10 +707,10 @@ def _check_tool_options(body: dict[str, Any]) -> None:
             if isinstance(container, dict):
                 memory = container.get("memory_limit")
                 if memory is not None and memory != _DEFAULT_MEMORY:
-                    refuse_option(f"memory_limit: {_shown(memory)}")
+                    refuse_option(f"memory_limit: {shown_value(memory)}")
         partial = tool.get("partial_images")
         if partial is not None and partial != 0:
-            refuse_option(f"partial_images: {_shown(partial)}")
+            refuse_option(f"partial_images: {shown_value(partial)}")
 
 
 def _model_tools(body: dict[str, Any]) -> list[tuple[str, object]]:
@@ -725,23 +726,6 @@ def _model_tools(body: dict[str, Any]) -> list[tuple[str, object]]:
             if name not in _MODEL_TOOLS:
                 found.append((name, tool.get("model")))
     return found
-
-
-def _mcp_option(body: dict[str, Any], field: str) -> str | None:
-    """``field: mcp`` when a tool of ``body[field]`` is a remote MCP server's
-    (its type ``mcp``, or Anthropic's ``mcp_toolset``), else None."""
-    tools = body.get(field)
-    for tool in tools if isinstance(tools, list) else ():
-        kind = tool.get("type") if isinstance(tool, dict) else None
-        if isinstance(kind, str) and kind.lower().startswith("mcp"):
-            return f"{field}: {_shown(kind)}"
-    return None
-
-
-def _shown(value: object) -> str:
-    """A client's value in a refusal: a string as a model name is shown, any
-    other value by its (cut) repr."""
-    return shown_model(value) if isinstance(value, str) else repr(value)[:64]
 
 
 def _response_tools(body: dict[str, Any]) -> list[str]:
@@ -807,19 +791,12 @@ def _check_sonar(
         if not isinstance(name, str) or not is_sonar(name):
             continue
         if _SONAR_UNBOUNDED.search(name) is not None:
-            raise Forbidden(
-                f"The model {shown_model(name)} bills each web search it decides to run, "
-                "and no request can bound how many, so it is not available through the gateway.",
-                code="model_not_bounded",
-            )
+            refuse("model_not_bounded", model=shown_model(name))
         if _SONAR_PRO_SEARCH.search(name) is not None:
             option = f"model {shown_model(name)} (a dearer search fee)"
             refuse_option(option)
         if not allow_unpriced and prices.name(name) is None:
-            raise Forbidden(
-                f"The model {name!r} has no price on this gateway, so its use cannot be charged.",
-                code="model_not_priced",
-            )
+            refuse("model_not_priced", model=shown_model(name))
         if route.kind != "chat":
             option = f"model {shown_model(name)} (a web search off a chat completion)"
             refuse_option(option)

@@ -971,6 +971,41 @@ _PAID_TOOLS: dict[str, Any] = {
 }
 
 
+async def test_the_unpriced_option_refusals_are_in_the_users_language(database_url: str) -> None:
+    """The refusals of an option, a plugin and a tool that runs its own model
+    name their message (gateway/messages.py): a Vietnamese caller reads them in
+    Vietnamese, as every other refusal."""
+    fake = FakeOpenAI(api_key=UPSTREAM_KEY)
+    vi = {"accept-language": "vi"}
+    advisor = {"type": "advisor_20260301", "name": "advisor", "model": "claude-opus-4-8"}
+    price = _PAID_TOOLS["prices"]["gpt-4o-mini"]
+    settings = {**_PAID_TOOLS, "prices": {"gpt-4o-mini": price, "gpt-4o-mini:online": price}}
+    async with running_gateway(database_url, upstream=fake, settings=settings) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            bodies = [
+                {"model": "gpt-4o-mini", "input": "Go.", "tools": [{"type": "image_generation", "partial_images": 2}]},
+                {"model": "gpt-4o-mini:online", "input": "Go."},
+                {"model": "gpt-4o-mini", "input": "Go.", "tools": [advisor]},
+            ]  # fmt: skip
+            answers = [
+                await client.post("/v1/responses", json=body, headers=h.auth(**vi))
+                for body in bodies
+            ]
+    assert [a.status_code for a in answers] == [403, 403, 403]
+    assert [a.json()["error"]["code"] for a in answers] == [
+        "option_not_priced",
+        "tool_not_priced",
+        "tool_not_bounded",
+    ]
+    messages = [a.json()["error"]["message"] for a in answers]
+    assert messages[0] == (
+        "Tùy chọn partial_images: 2 chưa được định giá trên gateway này nên không dùng được."
+    )
+    assert messages[1] == "Plugin 'web' chưa được định giá trên gateway này nên không dùng được."
+    assert messages[2].startswith("Công cụ 'advisor_20260301' chạy mô hình 'claude-opus-4-8'")
+    assert fake.requests == []
+
+
 @pytest.mark.parametrize(
     "tool",
     [
