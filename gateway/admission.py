@@ -248,6 +248,24 @@ class UploadTicket:
         return not self.known or size != self.size
 
 
+def _check_bounded(dialect: Upstream, route: Route, body: dict[str, Any]) -> None:
+    """Refuse, where a money budget applies, an answer it could not hold: one
+    whose cost would be recorded as nothing (review-dify D1), or whose bound is
+    none, the upstream adding to the prompt what the body does not hold
+    (review-limits F1)."""
+    if dialect.cost_unreported(route, body):
+        raise Forbidden(english("cost_unreported"), code="cost_unreported", key="cost_unreported")
+    option = dialect.cost_unbounded(route, body)
+    if option is not None:
+        fields = {"option": option}
+        raise Forbidden(
+            english("cost_unbounded", **fields),
+            code="cost_unbounded",
+            key="cost_unbounded",
+            fields=fields,
+        )
+
+
 class Admitter:
     """Admits answer requests against the plans of a request's `Snapshot`, and
     gives reservations back (through the settler, which retries)."""
@@ -334,22 +352,8 @@ class Admitter:
                     team_view.limits if team_view is not None else (),
                     models=(dialect.requested_models(route, body) if per_model else None),
                 )
-            if limits.counts_cost and dialect.cost_unreported(route, body):
-                # Its cost would be recorded as nothing: a money budget would
-                # never hold it (review-dify D1).
-                raise Forbidden(
-                    english("cost_unreported"), code="cost_unreported", key="cost_unreported"
-                )
-            if limits.counts_cost and (option := dialect.cost_unbounded(route, body)):
-                # Its bound would not be one: the upstream adds to the prompt
-                # what the body does not hold (review-limits F1).
-                fields = {"option": option}
-                raise Forbidden(
-                    english("cost_unbounded", **fields),
-                    code="cost_unbounded",
-                    key="cost_unbounded",
-                    fields=fields,
-                )
+            if limits.counts_cost:
+                _check_bounded(dialect, route, body)
             pending = self._pending(
                 snap, dialect, request_id, route, body, upstream, bounded=limits.counts_cost
             )

@@ -586,6 +586,11 @@ class Proxy:
             if owner is not None and x.method != "DELETE":
                 await self._check_window(x, route, owner.created_at)
 
+    def _history_cutoff(self, days: int) -> float:
+        """The plan's history window's start, as a POSIX time: what is older is
+        not shown."""
+        return self._clock.now().timestamp() - days * 86400
+
     async def _check_window(self, x: Exchange, route: Route, created_at: datetime | None) -> None:
         """A stored answer older than the plan's history window is not read, nor
         spoken, as if it were not there (review-limits F3: the lists hid it and
@@ -595,7 +600,7 @@ class Proxy:
         days = (await self.admitter.plan_of(x.snap, x.user_id)).chat_history_days
         if days is None:
             return
-        if created_at.timestamp() < self._clock.now().timestamp() - days * 86400:
+        if created_at.timestamp() < self._history_cutoff(days):
             answer_id = route.owned_answer
             raise NotFound(f"No object found with id '{answer_id}'.", code="not_found")
 
@@ -1657,8 +1662,7 @@ class Proxy:
         Fails closed: a page that cannot be read is not passed on unfiltered.
         """
         raw, page = await self._read_page(response, "history page")
-        cutoff = self._clock.now().timestamp() - days * 86400
-        filtered = x.dialect.filter_history(x.route, x.query, page, cutoff)
+        filtered = x.dialect.filter_history(x.route, x.query, page, self._history_cutoff(days))
         await self._send_page(x, send, status, headers, raw, page, filtered)
 
     async def _models(

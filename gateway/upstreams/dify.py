@@ -24,6 +24,7 @@ from gateway.upstreams.dify_files import named_files, uploaded_file_id
 from gateway.upstreams.dify_history import filter_conversations, filter_messages, filter_variables
 from gateway.upstreams.dify_resume import (
     PAUSE_EVENTS,
+    SPEECH_EVENTS,
     ResumeMeter,
     blocking_forms,
     follow_request,
@@ -103,16 +104,8 @@ _PARSED: Final = frozenset(
 # (a few per answer, for its tool call); its "thought" repeats text already
 # streamed as agent_message, so only the tool call adds to the estimate.
 _THOUGHT: Final = "agent_thought"
-# Auto-play speech (review D2): with the app's text-to-speech on and auto-play
-# enabled, Dify synthesises the answer's speech while it streams (its
-# AppGeneratorTTSPublisher, for chat, agent, chatflow and workflow apps alike) and
-# sends it as tts_message events, then tts_message_end: a paid TTS call left out of
-# the usage it reports. Known by the event's name alone: its base64 audio is
-# never parsed. tts_message_end alone is no call: Dify sends it whenever
-# auto-play is on, and calls the model only for text (review R2-1: a pause or a
-# failure before any text, an empty answer).
-_SPEECH: Final = frozenset({"tts_message"})
-# The call it is charged as: the same speech asked for through /text-to-audio.
+# Auto-play speech (dify_resume.SPEECH_EVENTS) is charged as the same speech
+# asked for through /text-to-audio.
 SPEECH_CALL: Final = dify_routes.TEXT_TO_AUDIO.call or "dify.text_to_audio"
 # Events whose "id" is the message id; agent_thought's "id" is the thought's own id.
 _MESSAGE_ID_EVENTS: Final = frozenset(
@@ -299,7 +292,7 @@ class DifyStreamMeter:
         # The title Dify generates for a new conversation (review F6): charged
         # with the answer, at the rename's call price, when one is set.
         self._title_price = title_price
-        # Auto-play speech (review D2, _SPEECH): charged at the price of
+        # Auto-play speech (review D2, SPEECH_EVENTS): charged at the price of
         # /text-to-audio once the stream carries any.
         self._speech_price = speech_price
         self._speech = False
@@ -378,7 +371,7 @@ class DifyStreamMeter:
                 if extra > 0:
                     self._text_chars += extra
                 return
-            if kind in _SPEECH:
+            if kind in SPEECH_EVENTS:
                 self._speech = True  # by its name: the audio is never parsed
                 return
             if not (
@@ -436,7 +429,7 @@ class DifyStreamMeter:
             self._forms += forms_named(kind, obj, self._workflow_run_id)
         elif kind == _THOUGHT:
             self._on_thought(obj)
-        elif kind in _SPEECH:  # an event whose type was not first (a full parse)
+        elif kind in SPEECH_EVENTS:  # an event whose type was not first (a full parse)
             self._speech = True
         # message_replace (moderation) swaps the shown answer but not what the model
         # generated, so the text count stays; workflow_started only brings ids.

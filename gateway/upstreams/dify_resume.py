@@ -48,8 +48,16 @@ _CONTAINER_NODES: Final = frozenset({"iteration", "loop"})
 PAUSE_EVENTS: Final = frozenset({"human_input_required", "workflow_paused"})
 _PARSED: Final = _TEXT | PAUSE_EVENTS | {"node_finished", "workflow_started", "error"}
 _ENDS: Final = frozenset({"workflow_finished"})
-# Auto-play speech (dify.py, _SPEECH): known by the event's name, never parsed.
-_SPEECH: Final = frozenset({"tts_message"})  # not tts_message_end alone (R2-1)
+# Auto-play speech (review D2): with the app's text-to-speech on and auto-play
+# enabled, Dify synthesises the answer's speech while it streams (its
+# AppGeneratorTTSPublisher, for chat, agent, chatflow and workflow apps alike) and
+# sends it as tts_message events, then tts_message_end: a paid TTS call left out of
+# the usage it reports. Known by the event's name alone: its base64 audio is
+# never parsed. tts_message_end alone is no call: Dify sends it whenever
+# auto-play is on, and calls the model only for text (review R2-1: a pause or a
+# failure before any text, an empty answer). The stream meter's (dify.py) and
+# a resumed run's alike.
+SPEECH_EVENTS: Final = frozenset({"tts_message"})
 _FORM_PATH: Final = re.compile(r"/*form/human_input/([^/]+)/*")
 
 
@@ -202,7 +210,7 @@ class ResumeMeter:
             return
         match = _EVENT_TYPE.match(data)
         kind = match.group(1) if match else None
-        if kind in _SPEECH:
+        if kind in SPEECH_EVENTS:
             self._speech = True
             return
         if kind is not None and kind not in _PARSED and kind not in _ENDS:
@@ -246,7 +254,7 @@ class ResumeMeter:
         elif kind == "error":
             self._error = _str_or_none(obj.get("code")) or "error"
             self._done = True
-        elif kind in _SPEECH:  # its type was not first (a full parse)
+        elif kind in SPEECH_EVENTS:  # its type was not first (a full parse)
             self._speech = True
 
     def _on_pause(self, obj: dict[str, Any]) -> None:
