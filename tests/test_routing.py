@@ -5,7 +5,7 @@ that each is refused, confined to the caller, or charged."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -13,6 +13,7 @@ import httpx
 import orjson
 import pytest
 
+from gateway.clock import FixedClock
 from gateway.config import parse_config
 from gateway.errors import ConfigError, NotFound, StorageError
 from gateway.metrics import Metrics
@@ -393,6 +394,41 @@ async def test_a_stored_response_is_only_the_owners(
         ("GET", f"/responses/{response_id}"),
         ("DELETE", f"/responses/{response_id}"),
     ]
+
+
+async def test_a_stored_response_older_than_the_history_window_is_not_read(
+    database_url: str,
+) -> None:
+    """Review-limits F3 on OpenAI's stored objects: a 7-day plan's user reads,
+    and continues, only the responses given within the window - an older one
+    is answered 404 as if it were not there, and nothing reaches the upstream;
+    deleting it stays the caller's."""
+    upstream = StoredObjects()
+    settings = {**openai_settings(), "plans": {"free": {"chat_history_days": 7}}}
+    clock = FixedClock(datetime.now(UTC) - timedelta(days=40))
+    async with running_gateway(
+        database_url, upstream=upstream, settings=settings, clock=clock
+    ) as h:
+        created = await request(
+            h, "POST", "/v1/responses", json={"model": "gpt-4o-mini", "input": "hi"}
+        )
+        response_id = created.json()["id"]
+        await h.probes.wait_finished(1)
+        clock.set(datetime.now(UTC))  # 40 days later
+        read = await request(h, "GET", f"/v1/responses/{response_id}")
+        items = await request(h, "GET", f"/v1/responses/{response_id}/input_items")
+        continued = await request(
+            h,
+            "POST",
+            "/v1/responses",
+            json={"model": "gpt-4o-mini", "input": "and?", "previous_response_id": response_id},
+        )
+        deleted = await request(h, "DELETE", f"/v1/responses/{response_id}")
+    for refused in (read, items, continued):
+        openai_error(refused, 404, "not_found")
+    assert deleted.status_code == 200
+    assert upstream.seen == [("DELETE", f"/responses/{response_id}")]
+    assert len(upstream.fake.requests) == 1  # the first answer only
 
 
 async def test_a_stored_chat_completion_is_only_the_owners(
