@@ -682,7 +682,7 @@ class Settler:
         if isinstance(give_back, Refund) and give_back.pending_id is None:
             # Not idempotent without its pending row (a replay could give it
             # back twice), and no recovery charges it: logged, not spooled.
-            log.error("%s given up after retries", give_back)
+            log.error("%s given up (not spooled: it has no pending row)", give_back)
             return
         line = give_back_to_json(give_back)
         if self._spool is None:
