@@ -305,7 +305,7 @@ class Gateway:
             if ready:
                 await recovery.run_once()
             else:
-                log.warning("recovery at start-up left for later: give-backs wait in the spool")
+                log.warning("recovery at start-up left for later: a refund waits in the spool")
         except StorageError as exc:
             log.warning("could not recover pending answers at start-up: %s", exc.message)
         clients = {
@@ -489,7 +489,7 @@ class Gateway:
                 log.exception("spool replay before recovery failed")
                 ready = False
             if not ready:
-                log.warning("recovery pass skipped: give-backs wait in the spool")
+                log.warning("recovery pass skipped: a refund waits (spooled, or retried)")
                 self.probes.recovery_done()
                 continue
             try:

@@ -411,8 +411,8 @@ class Settler:
         # tools wait for a replay without sleeping.
         self.replayed = 0
         self._replay_done = asyncio.Event()
-        # A replay put a give-back back in the spool (`replay_before_recovery`).
-        self._give_backs_left = False
+        # A replay put a refund back in the spool (`replay_before_recovery`).
+        self._refunds_left = False
 
     async def record(
         self,
@@ -710,14 +710,19 @@ class Settler:
         """Replay whatever is spooled - by this process or another worker sharing
         the spool - ahead of a recovery pass, so that a spooled record settles
         its own pending row and a spooled refund gives its back before the
-        recovery could charge either an estimate. False when a give-back stays
-        in the spool because the database failed it: a recovery now could charge
-        the request it gives back, so the pass waits for the next one."""
-        if self._spool is None or not (self.backlog or self._has_spooled()):
-            return True
-        self._give_backs_left = False
-        await self.replay()
-        return not self._give_backs_left
+        recovery could charge either an estimate. False when a refund waits -
+        left in the spool because the database failed it again, or still
+        retried by this process: a recovery now could charge the request it
+        gives back, so the pass waits for the next one."""
+        if self._spool is not None and (self.backlog or self._has_spooled()):
+            self._refunds_left = False
+            await self.replay()
+            if self._refunds_left:
+                return False
+        return not any(
+            isinstance(item, Refund) and item.pending_id is not None
+            for item in self._writes.values()
+        )
 
     async def replay(self) -> int:
         """Settle what was spooled (by this run, an earlier one, or another worker);
@@ -797,8 +802,8 @@ class Settler:
                 continue
             if down:  # the database failed again: the rest waits for the next replay
                 self._to_spool(write)
-                if not isinstance(write, Write):
-                    self._give_backs_left = True
+                if isinstance(write, Refund):
+                    self._refunds_left = True
                 continue
             if not isinstance(write, Write):
                 try:
@@ -806,7 +811,8 @@ class Settler:
                     count += 1
                 except StorageError:
                     down = True
-                    self._give_backs_left = True
+                    if isinstance(write, Refund):
+                        self._refunds_left = True
                     self._to_spool(write)
                 continue
             try:

@@ -282,6 +282,22 @@ async def test_a_give_back_the_replay_cannot_write_holds_the_recovery_back(
     assert await healthy.replay_before_recovery()
 
 
+async def test_a_refund_still_retried_holds_the_recovery_back(
+    storage: Storage, tmp_path: Path
+) -> None:
+    """A refund this process still retries in memory (the database failed it a
+    moment ago) holds the recovery pass back too; an upload's release, which no
+    recovery touches, does not."""
+    spool = tmp_path / "spool.jsonl"
+    down = Settler(Refusing(storage), metrics=Metrics(), spool=spool, retry_delays=(60,))  # type: ignore[arg-type]
+    await down.release_upload("alice", key="up-1", size=300)
+    assert down.pending == 1 and await down.replay_before_recovery()
+    await down.refund("alice", day=DAY, lease_id=None, pending_id="r1")
+    assert down.pending == 2 and not await down.replay_before_recovery()
+    await down.close()
+    assert len(spooled_lines(spool)) == 2
+
+
 async def test_a_refund_without_its_pending_row_is_not_spooled(
     storage: Storage, tmp_path: Path
 ) -> None:
