@@ -30,6 +30,7 @@ __all__ = [
     "UPLOAD",
     "WORKFLOW",
     "asks_to_generate",
+    "conversation_of",
     "dify_route",
     "names_new_conversation",
     "spoken_message",
@@ -188,6 +189,18 @@ def _false_to_every_version(value: object) -> bool:
     if value is False:
         return True
     return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
+
+
+def conversation_of(route: Route, body: dict[str, Any] | None) -> str | None:
+    """The conversation a chat message continues, "" for a message that begins
+    one (``conversation_id`` absent, null or empty); None for any other route.
+    Dify answers a conversation's later messages with the inputs its first
+    message gave (review-limits F5): gateway/conversations.py holds them to
+    what that message asked for."""
+    if route is not CHAT or body is None:
+        return None
+    found = body.get("conversation_id")
+    return found if isinstance(found, str) else ""
 
 
 def names_new_conversation(route: Route, body: dict[str, Any] | None) -> bool:
