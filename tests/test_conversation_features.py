@@ -20,7 +20,7 @@ import httpx
 import orjson
 import pytest
 
-from gateway.conversations import ConversationHold, Conversations
+from gateway.conversations import ConversationHold, Conversations, listed_features
 from gateway.errors import StorageError
 from gateway.metrics import Metrics
 from gateway.storage import ConversationFeatures, Storage
@@ -194,6 +194,56 @@ async def test_a_later_message_sent_to_another_replica_at_the_first_event_is_cou
                 pass
     assert later.status_code == 403, later.text
     assert later.json()["code"] == "feature_not_in_plan"
+
+
+async def test_a_conversation_learnt_from_the_list_is_kept_before_the_list_is_sent(
+    database_url: str,
+) -> None:
+    """Attack: a conversation whose id the answer never showed (its stream cut,
+    or its client gone, before the first event - Dify made the conversation all
+    the same - or one begun before this release) is found in the user's list
+    of conversations, with the inputs it began with, and continued. The list
+    is read first: the conversation is kept, and its later messages count."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    begun = "3f2b8a9e-1c4d-4e5f-8a7b-9c0d1e2f3a4b"
+    fake.conversations.insert(
+        0,
+        {"id": begun, "name": "old", "inputs": {"rag_mode": "advanced"}, "status": "normal",
+         "introduction": "", "created_at": 1_765_000_000, "updated_at": 1_765_000_000},
+    )  # fmt: skip
+    fake.conversation_inputs[begun] = {"rag_mode": "advanced"}
+    async with running_gateway(database_url, fake=fake, settings=plans(advanced_rag=True)) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            listed = await client.get("/v1/conversations", params={"user": "x"}, headers=h.auth())
+        kept = await h.storage.conversation_features(USER, begun)
+        later = await post(h, {**CHAT, "conversation_id": begun})
+        await h.probes.wait_finished(2)
+        row = await today_row(h)
+    assert listed.status_code == 200
+    assert listed.json() == {"limit": 20, "has_more": False, "data": fake.conversations}
+    assert kept == ConversationFeatures(advanced_rag=True)
+    assert later.status_code == 200 and fake.ran_inputs == [{"rag_mode": "advanced"}]
+    assert (row.queries, row.advanced_rag) == (1, 1)
+
+
+def test_a_listed_conversation_is_judged_as_its_first_message_was() -> None:
+    from gateway.config import AdvancedRagConfig, WebSearchConfig
+
+    page = {
+        "data": [
+            {"id": "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "inputs": {"rag_mode": "advanced"}},
+            {"id": "c-2", "inputs": {"search_mode": "web"}},
+            {"id": "c-3", "inputs": {"search_mode": "web", "allow_web_fallback": False}},
+            {"id": "c-4", "inputs": {}},
+            {"id": "c-5"},
+            "not an item",
+        ]
+    }
+    assert listed_features(page, AdvancedRagConfig(), WebSearchConfig()) == [
+        ("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", ConversationFeatures(advanced_rag=True)),
+        ("c-2", ConversationFeatures(web_search=True)),
+    ]
+    assert listed_features({"data": "no"}, AdvancedRagConfig(), WebSearchConfig()) == []
 
 
 # --- the hold on the first bytes --------------------------------------------------------
