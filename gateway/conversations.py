@@ -60,6 +60,9 @@ NOTHING: Final = ConversationFeatures()
 # (the rows are read again as asked).
 _MAX_CACHED: Final = 65_536
 
+# Dify's keep-alive, a frame of its own (docs/upstreams/dify.md).
+_PING: Final = b"event: ping\n\n"
+
 # How much of a streamed answer is held looking for its first event: Dify's first
 # event is a few hundred bytes (a ping before it, none).
 _MAX_HELD_STREAM: Final = 1024 * 1024
@@ -210,6 +213,18 @@ class ConversationHold:
         if end or len(self._held) > self._limit:
             self.resolved = True
         return self.resolved
+
+    def pings(self) -> bytes:
+        """Dify's keep-alive frames at the front of what is held, taken out to be
+        sent now: they name nothing, and a client (or a proxy in front of it)
+        that hears nothing while Dify retrieves may give up on the answer."""
+        held = self._held
+        end = 0
+        while held.startswith(_PING, end):
+            end += len(_PING)
+        taken = bytes(held[:end])
+        del held[:end]
+        return taken
 
     def release(self) -> bytes:
         """The bytes held, to send now; the hold is over."""

@@ -1635,11 +1635,12 @@ class Proxy:
     async def _held(
         self, x: Exchange, hold: ConversationHold, chunk: bytes, *, end: bool = False
     ) -> bytes | None:
-        """Feed the hold; None while it holds, else every byte held, to send now -
-        once the conversation the bytes name is kept, so that no client can name
-        it before its later messages are held to what it began with."""
+        """Feed the hold; while it holds, the keep-alives before the first event
+        (None if there are none), else every byte held, to send now - once the
+        conversation the bytes name is kept, so that no client can name it
+        before its later messages are held to what it began with."""
         if not hold.feed(chunk, end=end):
-            return None
+            return hold.pings() or None
         assert x.ticket is not None
         if hold.found is None:
             log.info(

@@ -655,9 +655,6 @@ class FakeDify:
         # (`conversation.inputs if conversation else ...`; review-limits F5).
         self.conversation_inputs: dict[str, Any] = {}
         self.ran_inputs: list[Any] = []  # the inputs each answer ran with, in order
-        # Whether a conversation a chat begins joins the listed ones (newest first),
-        # as Dify's do: off by default, so the list stays the fixed one above.
-        self.lists_new_conversations = False
         # Human input: paused runs, their forms and subscribers (dify_hitl.py).
         self.hitl = HumanInput()
         self.messages: list[JSON] = _default_messages()
@@ -861,20 +858,6 @@ class FakeDify:
         ) or (str(uuid.uuid4()) if kind == "chat" else None)
         inputs = body.get("inputs") or {}
         if conversation_id is not None:
-            if conversation_id not in self.conversation_inputs and self.lists_new_conversations:
-                now = int(time.time())
-                self.conversations.insert(
-                    0,
-                    {
-                        "id": conversation_id,
-                        "name": "New conversation",
-                        "inputs": inputs,
-                        "status": "normal",
-                        "introduction": "",
-                        "created_at": now,
-                        "updated_at": now,
-                    },
-                )
             inputs = self.conversation_inputs.setdefault(conversation_id, inputs)
         self.ran_inputs.append(inputs)
         return _Run(
