@@ -63,10 +63,6 @@ _MAX_CACHED: Final = 65_536
 # Dify's keep-alive, a frame of its own (docs/upstreams/dify.md).
 _PING: Final = b"event: ping\n\n"
 
-# How much of a streamed answer is held looking for its first event: Dify's first
-# event is a few hundred bytes (a ping before it, none).
-_MAX_HELD_STREAM: Final = 1024 * 1024
-
 
 class ConversationStore(Protocol):
     """The storage this module uses (`gateway.storage.Ownership`'s)."""
@@ -176,16 +172,20 @@ class ConversationHold:
 
     A stream is read up to its first event with data (Dify's first event names
     the conversation: ``message``, ``agent_thought``, ``workflow_started``...);
-    a blocking answer until its body is whole (``end``). Past ``limit`` bytes, or
-    an answer with no id where it should be, the bytes go on without a row
-    (logged by the driver: `found` stays None)."""
+    a blocking answer until its body is whole (``end``). ``limit``: for a
+    stream, the relay's own bound on an event (one past it ends the answer
+    anyway), so a first event the relay passes on is always read; for a
+    blocking answer, the most of it held. Past that, or with no id where it
+    should be, the bytes go on without a row (logged by the driver: `found`
+    stays None; the conversation is kept when it is listed)."""
 
     __slots__ = ("_decoder", "_held", "_limit", "found", "resolved")
 
     def __init__(self, *, sse: bool, limit: int) -> None:
-        self._decoder = SSEDecoder(max_event_bytes=_MAX_HELD_STREAM) if sse else None
+        self._decoder = SSEDecoder(max_event_bytes=limit) if sse else None
         self._held = bytearray()
-        self._limit = min(limit, _MAX_HELD_STREAM) if sse else limit
+        # (A stream's first event may follow keep-alives and comments: room for them.)
+        self._limit = 2 * limit if sse else limit
         self.found: str | None = None
         self.resolved = False
 

@@ -1630,7 +1630,9 @@ class Proxy:
         (no transform), so they are the client's too."""
         if x.conversation != "" or x.ticket is None or not x.ticket.features:
             return None
-        return ConversationHold(sse=sse, limit=_MAX_BUFFERED_BODY)
+        assert x.target is not None
+        limit = x.target.settings.max_event_bytes if sse else _MAX_BUFFERED_BODY
+        return ConversationHold(sse=sse, limit=limit)
 
     async def _held(
         self, x: Exchange, hold: ConversationHold, chunk: bytes, *, end: bool = False
@@ -1643,8 +1645,9 @@ class Proxy:
             return hold.pings() or None
         assert x.ticket is not None
         if hold.found is None:
-            log.info(
-                "request %s: the answer names no conversation; what it asked for not kept",
+            log.warning(
+                "request %s: the answer began no conversation it names; what it asked "
+                "for is kept when the conversation is listed",
                 x.request_id,
             )
         else:

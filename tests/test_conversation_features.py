@@ -331,7 +331,7 @@ def test_the_hold_of_a_blocking_answer_waits_for_its_whole_body() -> None:
     [
         (True, [b'data: {"event":"error","message":"no"}\n\n']),  # no id in the first event
         (True, [b"data: not json\n\n"]),
-        (True, [b": comment\n" * 5, b": more\n" * 3]),  # past the limit with no event
+        (True, [b": comment\n" * 10, b": more\n" * 5]),  # past twice the limit, no event
         (False, [b"not json"]),
     ],
     ids=["error-event", "not-json", "past-the-limit", "blocking-not-json"],
