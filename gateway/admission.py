@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from gateway.alerts import alert_request
 from gateway.clock import Periods, periods_at
 from gateway.config import Plan, WebSearchConfig
+from gateway.conversations import NOTHING
 from gateway.errors import STORAGE_UNAVAILABLE, Forbidden, QuotaExceeded, StorageError
 from gateway.features import asks_for_advanced_rag, asks_for_web_search, set_path
 from gateway.messages import english
@@ -46,6 +47,7 @@ from gateway.storage import (
     Admission,
     AdmissionLimits,
     AlertRequest,
+    ConversationFeatures,
     Lease,
     Pending,
     ReportReads,
@@ -143,6 +145,7 @@ class Ticket:
         "alerts",
         "body_changed",
         "day",
+        "features",
         "lease_id",
         "pending_id",
         "plan",
@@ -172,6 +175,10 @@ class Ticket:
         # refund claim it, so neither can count after a recovery did.
         self.pending_id = pending_id
         self.body_changed = False  # admission rewrote the request body (web search off)
+        # What the answer runs with, of advanced RAG and web search: a Dify
+        # conversation it begins runs them on every later message (review-limits
+        # F5, gateway/conversations.py).
+        self.features = NOTHING
         # The named upstream the answer goes to (issue 23), recorded in the ledger
         # with it; whoever sends the request elsewhere (a fallback) sets it.
         self.upstream = upstream
@@ -316,11 +323,15 @@ class Admitter:
         *,
         dialect: Upstream | None = None,
         upstream: str = "default",
+        conversation: ConversationFeatures = NOTHING,
     ) -> tuple[Ticket, Headers]:
         """Reserve the answer or raise the refusal; may rewrite ``body`` (web search).
         ``dialect`` is the request's (its mount's, issue 23; default the primary
         upstream's); ``upstream``: the named upstream the answer is sent to, kept
-        on the pending row (a recovery charges it there) and on the ticket."""
+        on the pending row (a recovery charges it there) and on the ticket.
+        ``conversation``: what the Dify conversation the message continues asked
+        for when it began, which Dify runs again whatever the message's inputs
+        say (review-limits F5): the message is judged as asking for it too."""
         if dialect is None:
             dialect = snap.upstream
         config = snap.config
@@ -329,16 +340,21 @@ class Admitter:
         plan = config.plan(config.accounting.default_plan)
         web_search: WebSearch | None = None
         own: frozenset[str] = frozenset()
+        advanced = conversation.advanced_rag or asks_for_advanced_rag(body, config.advanced_rag)
+        searches = _asks_for_web_search(dialect, route, body, config.web_search)
+        if conversation.web_search:
+            # Dify searches with the conversation's first inputs, which the
+            # `disable` rewrite of this message's cannot reach: a spent
+            # allowance refuses.
+            searches = "refuse"
+        if searches is not None:
+            web_search = WebSearch(None, searches)
         try:
             user, view = await self._plan(snap, user_id)
             plan, own = view.plan, view.own
-            advanced = asks_for_advanced_rag(body, config.advanced_rag)
             if advanced and not plan.advanced_rag:
                 key = "feature_not_in_plan_own" if "advanced_rag" in own else "feature_not_in_plan"
                 raise Forbidden(english(key), key=key)
-            searches = _asks_for_web_search(dialect, route, body, config.web_search)
-            if searches is not None:
-                web_search = WebSearch(None, searches)
             team, team_view = await self._team(snap, user)
             per_model = view.per_model or (team_view is not None and team_view.per_model)
             if team_view is None and not per_model:
@@ -385,7 +401,7 @@ class Admitter:
             if capped is not None and admission.admitted:
                 body.update(capped)  # only the cap fields change
         except StorageError as exc:
-            return self._storage_failed(
+            failed = self._storage_failed(
                 snap,
                 exc,
                 plan,
@@ -395,6 +411,8 @@ class Admitter:
                 asks_web=web_search is not None,
                 upstream=upstream,
             )
+            failed[0].features = ConversationFeatures(advanced, web_search is not None)
+            return failed
 
         shown = reported_limit(admission, limits.limits, periods, now=now)
         rate_headers = shown.headers() if shown is not None else []
@@ -442,6 +460,10 @@ class Admitter:
             upstream=upstream,
         )
         ticket.body_changed = disabled or capped is not None
+        if advanced or (web_search is not None and not disabled):
+            ticket.features = ConversationFeatures(
+                advanced, web_search is not None and not disabled
+            )
         ticket.alerts = alert_request(plan, config.alerts, periods, limits.limits)
         return ticket, rate_headers
 

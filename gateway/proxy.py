@@ -51,6 +51,7 @@ from gateway.bodies import (
     stream_body,
 )
 from gateway.clock import periods_at
+from gateway.conversations import NOTHING, ConversationHold, Conversations
 from gateway.error_response import render_error
 from gateway.errors import (
     STORAGE_UNAVAILABLE,
@@ -94,6 +95,7 @@ from gateway.types import Message, Receive, Scope, Send
 from gateway.upstream_client import UpstreamClient, request_taken
 from gateway.upstreams import Prepared, Route, Upstream
 from gateway.upstreams.base import KeepsUploads
+from gateway.upstreams.dify_routes import conversation_of
 from gateway.usage import Metered
 
 if TYPE_CHECKING:
@@ -318,6 +320,7 @@ class Exchange:
         "body",
         "call_price",
         "client",
+        "conversation",
         "dialect",
         "failure",
         "follow",
@@ -388,6 +391,9 @@ class Exchange:
         # read owns the reservation (``followed``) and settles it.
         self.follow: Follow | None = None
         self.followed = False
+        # A Dify chat message: the conversation it continues, "" for one it
+        # begins (gateway/conversations.py); None for any other request.
+        self.conversation: str | None = None
 
     @property
     def answer_body(self) -> dict[str, Any]:
@@ -442,6 +448,7 @@ class Proxy:
         self.admitter = admitter
         self.clients = clients  # by upstream name
         self.guard = guard
+        self.conversations = Conversations(storage, metrics)
         self.follows = Follows(
             storage,
             clock=clock,
@@ -846,7 +853,16 @@ class Proxy:
     async def _admit(self, x: Exchange) -> None:
         began = time.perf_counter()
         try:
-            assert x.target is not None
+            assert x.target is not None and x.mount is not None
+            began_with = NOTHING
+            rules = x.snap.config
+            if x.mount.kind == "dify" and (
+                rules.advanced_rag.request_path or rules.web_search.request_path
+            ):
+                x.conversation = conversation_of(x.route, x.json)
+                if x.conversation:
+                    # Dify answers it with what its first message asked for.
+                    began_with = await self.conversations.features(x.user_id, x.conversation)
             admitted = await self.admitter.admit(
                 x.snap,
                 x.user_id,
@@ -855,6 +871,7 @@ class Proxy:
                 x.answer_body,
                 dialect=x.dialect,
                 upstream=x.target.name,
+                conversation=began_with,
             )
         finally:
             self._metrics.observe("gateway_admission_seconds", time.perf_counter() - began)
@@ -1412,6 +1429,9 @@ class Proxy:
             grace=settings.disconnect_grace,
             max_buffered=_MAX_BUFFERED_BODY,
         )
+        # The first bytes of an answer beginning a conversation that asked for
+        # advanced RAG or web search wait for its row (gateway/conversations.py).
+        hold = self._conversation_hold(x, sse)
         loop = asyncio.get_running_loop()
         # The task that notices a client leaving, and the deadline, matter only
         # while this relay waits (on the upstream, on the client's socket); when
@@ -1452,6 +1472,9 @@ class Proxy:
             whole = None if watcher is not None else client.whole(response)
             if whole is not None:
                 out = forward(whole)
+                if hold is not None and out is not None:
+                    out = await self._held(x, hold, out, end=True)
+                    hold = None
                 if out is not None:
                     x.first_byte(metrics)
                     last = out
@@ -1481,6 +1504,10 @@ class Proxy:
                                 meter_chunk(chunk)
                                 break
                         out = forward(chunk)
+                        if hold is not None and out is not None:
+                            out = await self._held(x, hold, out, end=ended is not None and ended())
+                            if hold.resolved:
+                                hold = None
                         if out is not None:
                             if first_byte:
                                 first_byte = False
@@ -1568,6 +1595,10 @@ class Proxy:
             # blocking answer's last chunk completes its Content-Length: the
             # client has it all): it may submit the form at once (gateway/follow.py).
             await self._kept(self.follows.keep_forms(forms, x.user_id, x.request_id))
+        if hold is not None and any(isinstance(command, End) for command in ending):
+            # The answer ended while its first bytes were held: they go with the
+            # end, once what the conversation began with is kept.
+            last = await self._held(x, hold, b"", end=True)
         if last is not None:
             if ending and isinstance(ending[0], End):
                 ending[0] = End(last + ending[0].body)
@@ -1579,6 +1610,37 @@ class Proxy:
             await self._execute(x, command, ending_sends)
         if cancelled is not None:
             raise cancelled
+
+    def _conversation_hold(self, x: Exchange, sse: bool) -> ConversationHold | None:
+        """A hold on the answer's first bytes when it begins a Dify conversation
+        that asked for advanced RAG or web search (`Ticket.features`), else None."""
+        if x.conversation != "" or x.ticket is None or not x.ticket.features:
+            return None
+        return ConversationHold(sse=sse, limit=_MAX_BUFFERED_BODY)
+
+    async def _held(
+        self, x: Exchange, hold: ConversationHold, chunk: bytes, *, end: bool = False
+    ) -> bytes | None:
+        """Feed the hold; None while it holds, else every byte held, to send now -
+        once the conversation the bytes name is kept, so that no client can name
+        it before its later messages are held to what it began with."""
+        if not hold.feed(chunk, end=end):
+            return None
+        assert x.ticket is not None
+        if hold.found is None:
+            log.info(
+                "request %s: the answer names no conversation; what it asked for not kept",
+                x.request_id,
+            )
+        else:
+            await self.conversations.remember(
+                x.user_id,
+                hold.found,
+                x.ticket.features,
+                upstream=x.ticket.upstream,
+                now=self._clock.now(),
+            )
+        return hold.release()
 
     def _unmetered_ending(
         self, x: Exchange, relay: Relay, unmetered: Exception | None

@@ -446,6 +446,19 @@ class AnswerOwner:
 
 
 @dataclass(frozen=True, slots=True)
+class ConversationFeatures:
+    """What a Dify conversation's first message asked for, which Dify runs again
+    on every later message of it (it answers them with the conversation's first
+    inputs: review-limits F5)."""
+
+    advanced_rag: bool = False
+    web_search: bool = False
+
+    def __bool__(self) -> bool:
+        return self.advanced_rag or self.web_search
+
+
+@dataclass(frozen=True, slots=True)
 class UsageGroup:
     """Answers of one model, or of one named upstream (issue 23), over a range of
     days, from the ledger: a user's, or a team's members'."""
@@ -975,6 +988,28 @@ class Ownership(Protocol):
         """The upstream that answered the first recorded message of this user's
         conversation (a Dify conversation lives in the app that made it), or None
         when the ledger has none."""
+        ...
+
+    async def remember_conversation(
+        self,
+        user_id: str,
+        conversation_id: str,
+        features: ConversationFeatures,
+        *,
+        upstream: str,
+        now: datetime,
+    ) -> None:
+        """Keep what this user's new conversation asked for (`ConversationFeatures`),
+        before the client can name the conversation. The first record of a
+        conversation wins; nothing is kept for a user who is not there (a user's
+        deletion forgets the user's conversations: PostgreSQL 0030, SQLite 0023)."""
+        ...
+
+    async def conversation_features(
+        self, user_id: str, conversation_id: str
+    ) -> ConversationFeatures | None:
+        """What this user's conversation asked for when it began, as kept by
+        `remember_conversation`, or None when nothing was kept for it."""
         ...
 
     async def remember_upload(

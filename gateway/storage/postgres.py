@@ -69,6 +69,7 @@ from gateway.storage.base import (
     AlertRequest,
     AnswerOwner,
     ApiKey,
+    ConversationFeatures,
     Crossing,
     DailyUsage,
     Delivery,
@@ -1937,6 +1938,45 @@ class PostgresStorage:
                 conversation_id,
             )
         return None if upstream is None else str(upstream)
+
+    async def remember_conversation(
+        self,
+        user_id: str,
+        conversation_id: str,
+        features: ConversationFeatures,
+        *,
+        upstream: str,
+        now: datetime,
+    ) -> None:
+        # Only for a user who is there, as remember_upload's (0029, 0030).
+        with _mapped():
+            await self._pool.execute(
+                "INSERT INTO conversation_features (user_id, conversation_id, upstream, "
+                "advanced_rag, web_search, created_at) "
+                "SELECT id, $2, $3::text, $4, $5, $6::timestamptz FROM users WHERE id = $1 "
+                "FOR KEY SHARE ON CONFLICT (user_id, conversation_id) DO NOTHING",
+                user_id,
+                conversation_id,
+                upstream,
+                features.advanced_rag,
+                features.web_search,
+                now,
+            )
+
+    async def conversation_features(
+        self, user_id: str, conversation_id: str
+    ) -> ConversationFeatures | None:
+        # The primary key: one index probe.
+        with _mapped():
+            row = await self._pool.fetchrow(
+                "SELECT advanced_rag, web_search FROM conversation_features "
+                "WHERE user_id = $1 AND conversation_id = $2",
+                user_id,
+                conversation_id,
+            )
+        if row is None:
+            return None
+        return ConversationFeatures(bool(row["advanced_rag"]), bool(row["web_search"]))
 
     async def remember_upload(
         self, upload_id: str, *, user_id: str, upstream: str, now: datetime

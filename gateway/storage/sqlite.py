@@ -113,6 +113,7 @@ from gateway.storage.base import (
     AlertRequest,
     AnswerOwner,
     ApiKey,
+    ConversationFeatures,
     Crossing,
     DailyUsage,
     Lease,
@@ -2409,6 +2410,49 @@ class SQLiteStorage:
             ).fetchone()
         )
         return None if row is None else str(row[0])
+
+    async def remember_conversation(
+        self,
+        user_id: str,
+        conversation_id: str,
+        features: ConversationFeatures,
+        *,
+        upstream: str,
+        now: datetime,
+    ) -> None:
+        # Only for a user who is there, as remember_upload's (0022, 0023).
+        row = (
+            conversation_id,
+            upstream,
+            int(features.advanced_rag),
+            int(features.web_search),
+            _ts(now),
+            user_id,
+        )
+        await self._tx(
+            lambda conn: conn.execute(
+                "INSERT INTO conversation_features (user_id, conversation_id, upstream, "
+                "advanced_rag, web_search, created_at) "
+                "SELECT id, ?, ?, ?, ?, ? FROM users WHERE id = ? "
+                "ON CONFLICT (user_id, conversation_id) DO NOTHING",
+                row,
+            )
+        )
+
+    async def conversation_features(
+        self, user_id: str, conversation_id: str
+    ) -> ConversationFeatures | None:
+        # The primary key: one index probe.
+        row = await self._run(
+            lambda conn: conn.execute(
+                "SELECT advanced_rag, web_search FROM conversation_features "
+                "WHERE user_id = ? AND conversation_id = ?",
+                (user_id, conversation_id),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        return ConversationFeatures(bool(row[0]), bool(row[1]))
 
     async def remember_upload(
         self, upload_id: str, *, user_id: str, upstream: str, now: datetime

@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from gateway.errors import BadRequest
 from gateway.upstreams.base import Route
-from gateway.upstreams.dify_files import canonical_file_id
+from gateway.upstreams.dify_files import canonical_uuid
 
 __all__ = [
     "AUTO_NAME",
@@ -30,6 +30,7 @@ __all__ = [
     "UPLOAD",
     "WORKFLOW",
     "asks_to_generate",
+    "conversation_of",
     "dify_route",
     "names_new_conversation",
     "spoken_message",
@@ -178,7 +179,7 @@ def spoken_message(route: Route, body: dict[str, Any] | None) -> Route:
         raise BadRequest("The message_id must be a string.")
     # The ledger keeps Dify's ids as Dify writes them (lower case); Dify reads
     # any spelling of the same UUID as that id.
-    return dataclasses.replace(route, owned_answer=canonical_file_id(message_id), by_body=False)
+    return dataclasses.replace(route, owned_answer=canonical_uuid(message_id), by_body=False)
 
 
 def _false_to_every_version(value: object) -> bool:
@@ -188,6 +189,21 @@ def _false_to_every_version(value: object) -> bool:
     if value is False:
         return True
     return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
+
+
+def conversation_of(route: Route, body: dict[str, Any] | None) -> str | None:
+    """The conversation a chat message continues, "" for a message that begins
+    one (``conversation_id`` absent, null or empty); None for any other route.
+    Dify answers a conversation's later messages with the inputs its first
+    message gave (review-limits F5): gateway/conversations.py holds them to
+    what that message asked for."""
+    if route is not CHAT or body is None:
+        return None
+    found = body.get("conversation_id")
+    # Dify reads the id as a UUID (``uuid.UUID``: upper case, braces, a
+    # ``urn:uuid:`` prefix or no hyphens name the same conversation): kept and
+    # looked up in its canonical form, or any spelling would be a new one.
+    return canonical_uuid(found) if isinstance(found, str) and found else ""
 
 
 def names_new_conversation(route: Route, body: dict[str, Any] | None) -> bool:

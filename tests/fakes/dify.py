@@ -505,6 +505,15 @@ _INFO: Final = _static(
 )
 
 
+def _as_uuid(value: str) -> str:
+    """A conversation id as Dify reads it (`uuid_value`: Python's `uuid.UUID`,
+    so upper case, braces, a urn prefix or no hyphens name one conversation)."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return value
+
+
 def _default_conversations() -> list[JSON]:
     base = 1_705_398_420
     return [
@@ -641,6 +650,11 @@ class FakeDify:
         self.upload_fields: list[dict[str, str]] = []  # the form fields beside the file
         self.holding = 0  # "hold" answers waiting on `release` right now
         self.conversations: list[JSON] = _default_conversations()
+        # The inputs each conversation began with, by its id: Dify answers every
+        # later message of a conversation with them, not with the message's own
+        # (`conversation.inputs if conversation else ...`; review-limits F5).
+        self.conversation_inputs: dict[str, Any] = {}
+        self.ran_inputs: list[Any] = []  # the inputs each answer ran with, in order
         # Human input: paused runs, their forms and subscribers (dify_hitl.py).
         self.hitl = HumanInput()
         self.messages: list[JSON] = _default_messages()
@@ -839,6 +853,13 @@ class FakeDify:
         conversation = body.get("conversation_id") if kind == "chat" else None
         extra = _json_object_header(headers, "x-fake-metadata")
         raw_usage = _json_object_header(headers, "x-fake-usage-json")
+        conversation_id = (
+            _as_uuid(conversation) if isinstance(conversation, str) and conversation else None
+        ) or (str(uuid.uuid4()) if kind == "chat" else None)
+        inputs = body.get("inputs") or {}
+        if conversation_id is not None:
+            inputs = self.conversation_inputs.setdefault(conversation_id, inputs)
+        self.ran_inputs.append(inputs)
         return _Run(
             extra_metadata=extra,
             raw_usage=raw_usage,
@@ -850,12 +871,9 @@ class FakeDify:
             pieces=self.answer,
             delay=delay,
             message_id=headers.get("x-fake-message-id") or str(uuid.uuid4()),
-            conversation_id=(
-                (conversation if isinstance(conversation, str) and conversation else None)
-                or (str(uuid.uuid4()) if kind == "chat" else None)
-            ),
+            conversation_id=conversation_id,
             workflow_id=params.get("workflow") or self.workflow_id,
-            inputs=body.get("inputs") or {},
+            inputs=inputs,
         )
 
     async def _answer(self, run: _Run, receive: Receive, send: Send) -> None:

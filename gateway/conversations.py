@@ -1,0 +1,207 @@
+"""What a Dify conversation's first message asked for, kept for its later ones.
+
+Dify answers every later message of a conversation with the inputs the
+conversation began with, not the message's own (each chat app generator takes
+``conversation.inputs if conversation else`` the request's): a conversation
+begun with advanced RAG or web search runs them on every message after, whatever
+those messages' inputs say (review-limits F5). So the gateway judges a later
+message as asking for what its conversation's first message asked for, as well
+as for what its own inputs ask (a conversation the gateway kept nothing for is
+judged by its inputs alone, as before).
+
+Two halves:
+
+- `Conversations` keeps and reads what each conversation asked for: the
+  database's `conversation_features` rows (PostgreSQL 0030, SQLite 0023), read
+  once per conversation and process (a row never changes).
+- `ConversationHold` finds a new conversation's id in the first bytes of its
+  answer and holds those bytes back until the row is written: the client cannot
+  name the conversation - on this replica or any other - before it is kept. Only
+  a message that begins a conversation asking for one of the two is held, and
+  only until its first event (a blocking answer, until its body is whole).
+
+A conversation's row is kept only when it asked for something: a conversation
+with no row began without them, or before this release (then its later messages
+are judged by their own inputs, as before), or while the database was away (its
+answer is let through, logged and counted, as web search fails open:
+docs/features.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import orjson
+
+from gateway.errors import StorageError
+from gateway.sse import EventTooLarge, SSEDecoder
+from gateway.storage import ConversationFeatures
+from gateway.upstreams.dify_files import canonical_uuid
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from gateway.metrics import Metrics
+
+log = logging.getLogger("gateway.conversations")
+
+NOTHING: Final = ConversationFeatures()
+
+# Conversations kept in memory, each a few hundred bytes; a full cache starts over
+# (the rows are read again as asked).
+_MAX_CACHED: Final = 65_536
+
+# How much of a streamed answer is held looking for its first event: Dify's first
+# event is a few hundred bytes (a ping before it, none).
+_MAX_HELD_STREAM: Final = 1024 * 1024
+
+
+class ConversationStore(Protocol):
+    """The storage this module uses (`gateway.storage.Ownership`'s)."""
+
+    async def remember_conversation(
+        self,
+        user_id: str,
+        conversation_id: str,
+        features: ConversationFeatures,
+        *,
+        upstream: str,
+        now: datetime,
+    ) -> None: ...
+
+    async def conversation_features(
+        self, user_id: str, conversation_id: str
+    ) -> ConversationFeatures | None: ...
+
+
+class Conversations:
+    """What users' Dify conversations asked for when they began."""
+
+    def __init__(self, storage: ConversationStore, metrics: Metrics) -> None:
+        self._storage = storage
+        self._metrics = metrics
+        self._known: dict[tuple[str, str], ConversationFeatures] = {}
+
+    async def features(self, user_id: str, conversation_id: str) -> ConversationFeatures:
+        """What the conversation asked for when it began (`NOTHING` when nothing
+        was kept for it). Without the database: `NOTHING`, logged and counted,
+        and not cached (the next message asks again)."""
+        key = (user_id, conversation_id)
+        found = self._known.get(key)
+        if found is not None:
+            return found
+        try:
+            kept = await self._storage.conversation_features(user_id, conversation_id)
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation="conversation_features")
+            log.warning(
+                "conversation %s of %s: what it began with not read, judged by its "
+                "message alone: %s",
+                conversation_id,
+                user_id,
+                exc.message,
+            )
+            return NOTHING
+        # A conversation with no row began without them: its row is written before
+        # its id reaches the client, so none can come later (a miss is cached too).
+        found = NOTHING if kept is None else kept
+        self._put(key, found)
+        return found
+
+    async def remember(
+        self,
+        user_id: str,
+        conversation_id: str,
+        features: ConversationFeatures,
+        *,
+        upstream: str,
+        now: datetime,
+    ) -> None:
+        """Keep what a new conversation asked for, in this process first (its own
+        later messages find it even if the database does not take it) and then
+        in the database. A database that does not take it is logged and
+        counted: other replicas then judge the conversation's later messages by
+        their own inputs."""
+        self._put((user_id, conversation_id), features)
+        try:
+            await self._storage.remember_conversation(
+                user_id, conversation_id, features, upstream=upstream, now=now
+            )
+        except StorageError as exc:
+            self._metrics.inc("gateway_storage_errors_total", operation="remember_conversation")
+            log.error(
+                "conversation %s of %s: what it began with (%s) not kept: %s",
+                conversation_id,
+                user_id,
+                features,
+                exc.message,
+            )
+
+    def _put(self, key: tuple[str, str], features: ConversationFeatures) -> None:
+        if len(self._known) >= _MAX_CACHED:
+            self._known.clear()
+        self._known[key] = features
+
+
+class ConversationHold:
+    """The first bytes of an answer that begins a conversation, held until the
+    conversation's id in them is known (`feed` returns True) and kept: the
+    driver then writes the row and sends `release()`.
+
+    A stream is read up to its first event with data (Dify's first event names
+    the conversation: ``message``, ``agent_thought``, ``workflow_started``...);
+    a blocking answer until its body is whole (``end``). Past ``limit`` bytes, or
+    an answer with no id where it should be, the bytes go on without a row
+    (logged by the driver: `found` stays None)."""
+
+    __slots__ = ("_decoder", "_held", "_limit", "found", "resolved")
+
+    def __init__(self, *, sse: bool, limit: int) -> None:
+        self._decoder = SSEDecoder(max_event_bytes=_MAX_HELD_STREAM) if sse else None
+        self._held = bytearray()
+        self._limit = min(limit, _MAX_HELD_STREAM) if sse else limit
+        self.found: str | None = None
+        self.resolved = False
+
+    def feed(self, chunk: bytes, *, end: bool = False) -> bool:
+        """Hold ``chunk``; whether the conversation's id is now decided (found, or
+        there is none to find). ``end``: nothing more will come."""
+        self._held += chunk
+        decoder = self._decoder
+        if decoder is not None:
+            try:
+                events = decoder.feed(chunk)
+                if end:
+                    events += decoder.flush()
+            except EventTooLarge:
+                events, end = [], True
+            for event in events:
+                if event.data:
+                    self.found = _conversation_id(event.data)
+                    self.resolved = True
+                    return True
+        elif end:
+            self.found = _conversation_id(bytes(self._held))
+        if end or len(self._held) > self._limit:
+            self.resolved = True
+        return self.resolved
+
+    def release(self) -> bytes:
+        """The bytes held, to send now; the hold is over."""
+        held = bytes(self._held)
+        self._held.clear()
+        return held
+
+
+def _conversation_id(data: str | bytes) -> str | None:
+    """The ``conversation_id`` of a JSON object (an event's data, a blocking
+    answer), or None."""
+    try:
+        obj: Any = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    found = obj.get("conversation_id")
+    return canonical_uuid(found) if isinstance(found, str) and found else None

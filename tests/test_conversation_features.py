@@ -1,0 +1,327 @@
+"""A Dify conversation's later messages run with what its first one asked for
+(review-limits F5, gateway/conversations.py).
+
+Dify answers every later message of a conversation with the inputs the
+conversation began with, not the message's own (the fake does the same:
+`FakeDify.conversation_inputs`). Before the fix the gateway judged each message
+by its own inputs: a conversation begun with advanced RAG ran it uncounted on
+every later message (and past a plan downgrade), and one begun with web search
+went on searching past a spent allowance.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from gateway.conversations import ConversationHold, Conversations
+from gateway.errors import StorageError
+from gateway.metrics import Metrics
+from gateway.storage import ConversationFeatures, Storage
+from tests.fakes.dify import FakeDify
+from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+from tests.test_admission import two_gateways
+from tests.test_hardening import _delete_user
+
+CHAT = {"query": "Và hôm qua?", "inputs": {}, "response_mode": "streaming", "user": "x"}
+ADVANCED = {**CHAT, "inputs": {"rag_mode": "advanced"}}
+WEB = {**CHAT, "inputs": {"search_mode": "web"}}
+WEB_ANSWER = {"x-fake-metadata": orjson.dumps({"source": "web_search"}).decode()}
+NOW = datetime(2026, 12, 8, 9, 30, tzinfo=UTC)
+
+
+def plans(**free: Any) -> dict[str, Any]:
+    return {"plans": {"free": free, "basic": {"advanced_rag": False}}}
+
+
+async def post(
+    h: Harness, body: dict[str, Any], *, url: str | None = None, **headers: str
+) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=url or h.url, timeout=20) as client:
+        return await client.post("/v1/chat-messages", json=body, headers=h.auth(**headers))
+
+
+def conversation_of(response: httpx.Response) -> str:
+    """The conversation id an answer names (its first event's, or the body's)."""
+    if response.headers["content-type"].startswith("text/event-stream"):
+        for line in response.text.splitlines():
+            if line.startswith("data:"):
+                found: str = orjson.loads(line[5:])["conversation_id"]
+                return found
+        raise AssertionError(response.text)
+    found = response.json()["conversation_id"]
+    return str(found)
+
+
+async def today_row(h: Harness) -> Any:
+    day = h.gateway.today()
+    rows = await h.storage.daily(day, day, user_id=USER)
+    return rows[0] if rows else None
+
+
+# --- attacks ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["streaming", "blocking"])
+async def test_advanced_rag_begun_in_a_conversation_is_counted_on_every_later_message(
+    database_url: str, mode: str
+) -> None:
+    """Attack: one message with advanced RAG (counted once), then plain ones in
+    the same conversation: Dify runs advanced RAG on each (the fake shows the
+    inputs it ran with), and each must count as an advanced-RAG query."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(database_url, fake=fake, settings=plans(advanced_rag=True)) as h:
+        first = await post(h, {**ADVANCED, "response_mode": mode})
+        conversation = conversation_of(first)
+        later = [
+            await post(h, {**CHAT, "conversation_id": conversation, "response_mode": mode})
+            for _ in range(2)
+        ]
+        await h.probes.wait_finished(3)
+        row = await today_row(h)
+    assert [r.status_code for r in (first, *later)] == [200, 200, 200]
+    assert fake.ran_inputs == [{"rag_mode": "advanced"}] * 3  # what Dify ran
+    assert (row.queries, row.advanced_rag) == (3, 3)
+
+
+@pytest.mark.parametrize(
+    "spell",
+    [str.upper, lambda c: "{" + c + "}", lambda c: "urn:uuid:" + c, lambda c: c.replace("-", "")],
+    ids=["upper-case", "braces", "urn", "no-hyphens"],
+)
+async def test_another_spelling_of_the_conversation_id_is_the_same_conversation(
+    sqlite_url: str, spell: Any
+) -> None:
+    """Attack: Dify reads `conversation_id` as a UUID (Python's `uuid.UUID`:
+    upper case, braces, a urn prefix, no hyphens), so each spelling continues
+    the one conversation, begun with advanced RAG: each must count as it."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(advanced_rag=True)) as h:
+        conversation = conversation_of(await post(h, ADVANCED))
+        spelled = spell(conversation)
+        assert spelled != conversation
+        later = await post(h, {**CHAT, "conversation_id": spelled})
+        await h.probes.wait_finished(2)
+        row = await today_row(h)
+    assert later.status_code == 200
+    assert fake.ran_inputs == [{"rag_mode": "advanced"}] * 2  # Dify's one conversation
+    assert (row.queries, row.advanced_rag) == (2, 2)
+
+
+async def test_a_plan_downgrade_stops_advanced_rag_in_a_conversation_begun_with_it(
+    database_url: str,
+) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(database_url, fake=fake, settings=plans(advanced_rag=True)) as h:
+        conversation = conversation_of(await post(h, ADVANCED))
+        await h.gateway.accounts.set_plan(USER, "basic")
+        refused = await post(h, {**CHAT, "conversation_id": conversation})
+        other = await post(h, CHAT)  # a conversation begun without it is fine
+    assert refused.status_code == 403
+    assert refused.json()["code"] == "feature_not_in_plan"
+    assert other.status_code == 200
+    assert fake.hits("/chat-messages") == 2
+
+
+@pytest.mark.parametrize("when_exhausted", ["refuse", "disable"])
+async def test_web_search_begun_in_a_conversation_is_held_to_the_allowance(
+    database_url: str, when_exhausted: str
+) -> None:
+    """Attack: a conversation begun with web search (the day's one search), then
+    a message with no inputs in it: Dify searches again with the conversation's
+    inputs. It must be refused - also where a spent allowance would otherwise
+    disable the search by rewriting the message's inputs, which Dify ignores."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    settings = {**plans(web_searches_per_day=1), "web_search": {"when_exhausted": when_exhausted}}
+    async with running_gateway(database_url, fake=fake, settings=settings) as h:
+        conversation = conversation_of(await post(h, WEB, **WEB_ANSWER))
+        await h.probes.wait_finished(1)
+        refused = await post(h, {**CHAT, "conversation_id": conversation}, **WEB_ANSWER)
+        other = await post(h, CHAT)  # a conversation begun without it is not held
+        await h.probes.wait_finished(3)
+        row = await today_row(h)
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "web_search_limit"
+    assert other.status_code == 200
+    assert fake.hits("/chat-messages") == 2
+    assert (row.queries, row.web_searches) == (2, 1)
+
+
+async def test_a_later_message_sent_to_another_replica_at_the_first_event_is_counted(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Attack across replicas: read the conversation's id from the first event of
+    an answer still streaming and send the next message at once to a second
+    gateway. The row is written before the first event reaches the client, so
+    the second gateway already knows what the conversation began with."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    limits = {"advanced_rag": False}
+    settings = {"plans": {"free": limits, "pro": {"advanced_rag": True}}}
+    async with two_gateways(database_url, tmp_path, fake, limits, settings=settings) as (
+        ports,
+        key,
+        storage,
+    ):
+        # The plan refuses advanced RAG: begin on one with it allowed for a moment.
+        await storage.set_plan(USER, "pro")
+        headers = {"authorization": f"Bearer {key}", "x-fake-scenario": "hold"}
+        async with (
+            httpx.AsyncClient(timeout=20) as client,
+            client.stream(
+                "POST",
+                f"http://127.0.0.1:{ports[0]}/v1/chat-messages",
+                json=ADVANCED,
+                headers=headers,
+            ) as first,
+        ):
+            lines = first.aiter_lines()
+            data = await anext(line async for line in lines if line.startswith("data:"))
+            conversation = orjson.loads(data[5:])["conversation_id"]
+            await storage.set_plan(USER, "free")
+            later = await client.post(
+                f"http://127.0.0.1:{ports[1]}/v1/chat-messages",
+                json={**CHAT, "conversation_id": conversation},
+                headers={"authorization": f"Bearer {key}"},
+            )
+            fake.release.set()
+            async for _ in lines:
+                pass
+    assert later.status_code == 403, later.text
+    assert later.json()["code"] == "feature_not_in_plan"
+
+
+# --- the hold on the first bytes --------------------------------------------------------
+
+
+async def test_the_answer_that_begins_the_conversation_reaches_the_client_unchanged(
+    database_url: str,
+) -> None:
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(database_url, fake=fake, settings=plans(advanced_rag=True)) as h:
+        held = await post(h, ADVANCED)
+        plain = await post(h, CHAT)
+        blocking = await post(h, {**ADVANCED, "response_mode": "blocking"})
+        kept = await h.storage.conversation_features(USER, conversation_of(held))
+        unkept = await h.storage.conversation_features(USER, conversation_of(plain))
+        kept_blocking = await h.storage.conversation_features(USER, conversation_of(blocking))
+    events = [line for line in held.text.splitlines() if line.startswith("data:")]
+    assert [orjson.loads(e[5:])["event"] for e in events][-1] == "message_end"
+    assert "".join(orjson.loads(e[5:]).get("answer", "") for e in events) == "".join(fake.answer)
+    assert blocking.json()["answer"] == "".join(fake.answer)
+    assert kept == kept_blocking == ConversationFeatures(advanced_rag=True)
+    assert unkept is None  # nothing is kept, nor held, for a plain conversation
+
+
+async def test_without_the_database_the_answer_goes_on_and_this_process_remembers(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database that does not take the row fails open, as web search does:
+    the answer is delivered, the failure logged and counted, and this process's
+    own memory still holds the conversation's later messages to it."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(advanced_rag=True)) as h:
+
+        async def broken(*args: object, **kwargs: object) -> None:
+            raise StorageError("database unreachable")
+
+        monkeypatch.setattr(h.storage, "remember_conversation", broken)
+        first = await post(h, ADVANCED)
+        later = await post(h, {**CHAT, "conversation_id": conversation_of(first)})
+        await h.probes.wait_finished(2)
+        row = await today_row(h)
+        failures = h.gateway.metrics.get(
+            "gateway_storage_errors_total", operation="remember_conversation"
+        )
+    assert first.status_code == later.status_code == 200
+    assert (row.queries, row.advanced_rag) == (2, 2)
+    assert failures == 1
+    assert any("not kept" in r.message for r in caplog.records if r.levelno == logging.ERROR)
+
+
+def test_the_hold_lets_go_at_the_first_event_with_data() -> None:
+    hold = ConversationHold(sse=True, limit=1 << 20)
+    assert not hold.feed(b"event: ping\n\n")  # no data: held on
+    assert not hold.feed(b'data: {"event":"message","conversation_id":"c-1"')
+    assert hold.feed(b',"answer":"x"}\n\ndata: {"event":"message_end"}\n\n')
+    assert hold.found == "c-1"
+    assert hold.release() == (
+        b'event: ping\n\ndata: {"event":"message","conversation_id":"c-1","answer":"x"}\n\n'
+        b'data: {"event":"message_end"}\n\n'
+    )
+
+
+def test_the_hold_of_a_blocking_answer_waits_for_its_whole_body() -> None:
+    hold = ConversationHold(sse=False, limit=1 << 20)
+    assert not hold.feed(b'{"conversation_id": "c-2", "answer": "a')
+    assert hold.feed(b'b"}', end=True)
+    assert hold.found == "c-2" and hold.release() == b'{"conversation_id": "c-2", "answer": "ab"}'
+
+
+@pytest.mark.parametrize(
+    ("sse", "chunks"),
+    [
+        (True, [b'data: {"event":"error","message":"no"}\n\n']),  # no id in the first event
+        (True, [b"data: not json\n\n"]),
+        (True, [b": comment\n" * 5, b": more\n" * 3]),  # past the limit with no event
+        (False, [b"not json"]),
+    ],
+    ids=["error-event", "not-json", "past-the-limit", "blocking-not-json"],
+)
+def test_the_hold_gives_up_without_an_id(sse: bool, chunks: list[bytes]) -> None:
+    hold = ConversationHold(sse=sse, limit=64)
+    resolved = [hold.feed(chunk) for chunk in chunks[:-1]]
+    resolved.append(hold.feed(chunks[-1], end=not sse))
+    assert resolved[-1] and not any(resolved[:-1])
+    assert hold.found is None
+    assert hold.release() == b"".join(chunks)
+
+
+# --- storage, both backends --------------------------------------------------------------
+
+
+async def test_storage_keeps_the_first_record_for_users_who_are_there(
+    database_url: str, storage: Storage
+) -> None:
+    await storage.ensure_user("ann", plan="free")
+    await storage.remember_conversation(
+        "ann", "c-1", ConversationFeatures(advanced_rag=True), upstream="default", now=NOW
+    )
+    await storage.remember_conversation(
+        "ann", "c-1", ConversationFeatures(web_search=True), upstream="default", now=NOW
+    )
+    await storage.remember_conversation(  # nobody: nothing kept
+        "ghost", "c-2", ConversationFeatures(web_search=True), upstream="default", now=NOW
+    )
+    assert await storage.conversation_features("ann", "c-1") == ConversationFeatures(True, False)
+    assert await storage.conversation_features("bob", "c-1") is None  # a user's own
+    assert await storage.conversation_features("ghost", "c-2") is None
+    await _delete_user(database_url, "ann")
+    assert await storage.conversation_features("ann", "c-1") is None  # gone with the user
+
+
+async def test_the_process_reads_a_conversation_once() -> None:
+    class Counting:
+        def __init__(self) -> None:
+            self.reads = 0
+
+        async def remember_conversation(self, *args: Any, **kwargs: Any) -> None:
+            raise AssertionError
+
+        async def conversation_features(
+            self, user_id: str, conversation_id: str
+        ) -> ConversationFeatures | None:
+            self.reads += 1
+            return ConversationFeatures(web_search=True) if conversation_id == "c-1" else None
+
+    store = Counting()
+    conversations = Conversations(store, Metrics())
+    for _ in range(3):
+        assert await conversations.features("ann", "c-1") == ConversationFeatures(web_search=True)
+        assert not await conversations.features("ann", "c-2")
+    assert store.reads == 2
