@@ -60,6 +60,10 @@ NOTHING: Final = ConversationFeatures()
 # (the rows are read again as asked).
 _MAX_CACHED: Final = 65_536
 
+# Conversations the database did not take, held for a retry (a few hundred
+# bytes each): past this many the oldest is dropped, logged.
+_MAX_UNKEPT: Final = 10_000
+
 # Dify's keep-alive, a frame of its own (docs/upstreams/dify.md).
 _PING: Final = b"event: ping\n\n"
 
@@ -89,6 +93,10 @@ class Conversations:
         self._storage = storage
         self._metrics = metrics
         self._known: dict[tuple[str, str], ConversationFeatures] = {}
+        # What the database did not take (`remember`), by key, with the upstream:
+        # held here until a later write goes through, and never dropped with the
+        # cache (for the replicas that cannot read it, it is the only record).
+        self._unkept: dict[tuple[str, str], tuple[ConversationFeatures, str]] = {}
 
     async def features(self, user_id: str, conversation_id: str) -> ConversationFeatures:
         """What the conversation asked for when it began (`NOTHING` when nothing
@@ -98,6 +106,9 @@ class Conversations:
         found = self._known.get(key)
         if found is not None:
             return found
+        unkept = self._unkept.get(key)
+        if unkept is not None:
+            return unkept[0]
         try:
             kept = await self._storage.conversation_features(user_id, conversation_id)
         except StorageError as exc:
@@ -128,9 +139,27 @@ class Conversations:
         """Keep what a new conversation asked for, in this process first (its own
         later messages find it even if the database does not take it) and then
         in the database. A database that does not take it is logged and
-        counted: other replicas then judge the conversation's later messages by
+        counted, and the row is written with the next one that goes through:
+        until then other replicas judge the conversation's later messages by
         their own inputs."""
-        self._put((user_id, conversation_id), features)
+        key = (user_id, conversation_id)
+        self._put(key, features)
+        if not await self._write(key, features, upstream, now):
+            if len(self._unkept) >= _MAX_UNKEPT:
+                dropped = next(iter(self._unkept))
+                del self._unkept[dropped]
+                log.error("conversation %s of %s: no longer held for a retry", *dropped[::-1])
+            self._unkept[key] = (features, upstream)
+            return
+        for held, (was, where) in list(self._unkept.items()):
+            if not await self._write(held, was, where, now):
+                return  # (the database is away again: the rest wait on)
+            del self._unkept[held]
+
+    async def _write(
+        self, key: tuple[str, str], features: ConversationFeatures, upstream: str, now: datetime
+    ) -> bool:
+        user_id, conversation_id = key
         try:
             await self._storage.remember_conversation(
                 user_id, conversation_id, features, upstream=upstream, now=now
@@ -144,6 +173,8 @@ class Conversations:
                 features,
                 exc.message,
             )
+            return False
+        return True
 
     async def remember_listed(
         self,

@@ -599,3 +599,48 @@ async def test_a_blank_conversation_id_begins_a_conversation_that_is_kept(
         later = await post(h, {**CHAT, "conversation_id": conversation})
     assert first.status_code == 200
     assert later.status_code == 403, (kept, later.status_code, fake.ran_inputs)
+
+
+async def test_a_row_the_database_did_not_take_is_held_and_written_with_the_next() -> None:
+    """The database refuses the row of c-1: this process still judges c-1 by it,
+    also once its cache has started over (random ids fill it cheaply), and the
+    row is written with the next one the database takes, so the other replicas
+    learn it too."""
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.down = True
+            self.rows: dict[tuple[str, str], ConversationFeatures] = {}
+
+        async def remember_conversation(
+            self,
+            user_id: str,
+            conversation_id: str,
+            features: ConversationFeatures,
+            *,
+            upstream: str,
+            now: datetime,
+        ) -> None:
+            if self.down:
+                raise StorageError("database unreachable")
+            self.rows.setdefault((user_id, conversation_id), features)
+
+        async def conversation_features(
+            self, user_id: str, conversation_id: str
+        ) -> ConversationFeatures | None:
+            if self.down:
+                raise StorageError("database unreachable")
+            return self.rows.get((user_id, conversation_id))
+
+    store = Flaky()
+    metrics = Metrics()
+    conversations = Conversations(store, metrics)
+    advanced = ConversationFeatures(advanced_rag=True)
+    await conversations.remember("ann", "c-1", advanced, upstream="default", now=NOW)
+    conversations._known.clear()  # the cache started over
+    assert await conversations.features("ann", "c-1") == advanced  # without the database
+    store.down = False
+    searching = ConversationFeatures(web_search=True)
+    await conversations.remember("ann", "c-2", searching, upstream="default", now=NOW)
+    assert store.rows == {("ann", "c-1"): advanced, ("ann", "c-2"): searching}
+    assert metrics.get("gateway_storage_errors_total", operation="remember_conversation") == 1
