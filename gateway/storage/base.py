@@ -453,9 +453,12 @@ class ConversationFeatures:
 
     advanced_rag: bool = False
     web_search: bool = False
+    # Its first inputs turned the web off (the `disable` rewrite's value): Dify
+    # never searches in it, whatever later messages say (review-conv2 F1).
+    web_off: bool = False
 
     def __bool__(self) -> bool:
-        return self.advanced_rag or self.web_search
+        return self.advanced_rag or self.web_search or self.web_off
 
 
 @dataclass(frozen=True, slots=True)
