@@ -174,7 +174,10 @@ async def test_a_recovery_by_a_clock_ahead_charges_no_answer_still_streaming(
         other_replica = Recovery(h.storage, clock=ahead, metrics=Metrics(), after=after)
         async with httpx.AsyncClient(base_url=h.url, timeout=10) as client:
             async with client.stream(
-                "POST", "/v1/chat-messages", json=CHAT, headers=h.auth(**{"x-fake-scenario": "hold"})
+                "POST",
+                "/v1/chat-messages",
+                json=CHAT,
+                headers=h.auth(**{"x-fake-scenario": "hold"}),
             ) as response:
                 chunks = response.aiter_raw()
                 assert b'"event":"message"' in await anext(chunks)
