@@ -490,7 +490,10 @@ class Gateway:
         running = self.running
         while True:
             await asyncio.sleep(interval)
-            await running.clock_watch.check()
+            try:
+                await running.clock_watch.check()
+            except Exception:  # the recovery loop must outlive a failed measure
+                log.exception("measuring the clock against the database's failed")
             if running.settler.backlog:
                 # As at start-up: a spooled record settles its own pending answer
                 # before a recovery could charge that answer the estimate.

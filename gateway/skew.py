@@ -15,9 +15,11 @@ stops the gateway with both clocks in the message, and before each periodic
 recovery pass (``database.recover_interval``), where it logs an error instead
 and keeps serving: a clock that drifts while replicas are up (or the
 database's own clock jumping) would otherwise stop every replica at once,
-refusing every user to protect a rate window. The offset is exported as
-``gateway_clock_offset_seconds`` for an alert (deploy/prometheus/alerts.yml);
-the cure is the machines' time service (docs/deploy.md, "Clocks").
+refusing every user to protect a rate window (/readyz does not report it for
+the same reason: a load balancer would take every replica out at once). The
+offset is exported as ``gateway_clock_offset_seconds`` for an alert
+(deploy/prometheus/alerts.yml); the cure is the machines' time service
+(docs/deploy.md, "Clocks").
 
 Recovery does not wait for this: gateway_recover takes a pending answer's age
 on the database's clock as well as on the caller's (gateway/recovery.py).
