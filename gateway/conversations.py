@@ -37,6 +37,7 @@ import orjson
 from gateway.errors import StorageError
 from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import ConversationFeatures
+from gateway.upstreams.dify_files import canonical_uuid
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -203,4 +204,4 @@ def _conversation_id(data: str | bytes) -> str | None:
     if not isinstance(obj, dict):
         return None
     found = obj.get("conversation_id")
-    return found if isinstance(found, str) and found else None
+    return canonical_uuid(found) if isinstance(found, str) and found else None

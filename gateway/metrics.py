@@ -54,12 +54,12 @@ COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
     ),
     "gateway_settle_retries_total": ("Ledger writes retried after a storage error.", ()),
     "gateway_settle_spooled_total": (
-        "Ledger writes spooled to the local file after retries failed.",
+        "Ledger writes and give-backs spooled to the local file after retries failed.",
         (),
     ),
     "gateway_settle_lost_total": (
-        "Usage records neither written nor spooled (no spool file, or it could not be "
-        "written): each is in the log whole, as LOST usage record.",
+        "Usage records (and give-backs) neither written nor spooled (no spool file, or it "
+        "could not be written): each is in the log whole, as LOST usage record (give-back).",
         (),
     ),
     "gateway_settle_rejected_total": (

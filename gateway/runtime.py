@@ -304,15 +304,19 @@ class Gateway:
             on_cost=money.cost_recorded,
             answer_log=config.server.answer_log,
         )
-        replayed = await settler.replay()
-        if replayed:
-            log.info("replayed %d spooled usage records", replayed)
-        # After the replay: a spooled record settles its own pending answer first.
+        # Before the recovery: a spooled record settles its own pending answer
+        # first, and a spooled refund gives its back (review-once F2).
+        ready = await settler.replay_before_recovery()
+        if settler.replayed:
+            log.info("replayed %d spooled usage records", settler.replayed)
         recovery = Recovery(
             storage, clock=self.clock, metrics=self.metrics, after=self.recover_after
         )
         try:
-            await recovery.run_once()
+            if ready:
+                await recovery.run_once()
+            else:
+                log.warning("recovery at start-up left for later: a refund waits in the spool")
         except StorageError as exc:
             log.warning("could not recover pending answers at start-up: %s", exc.message)
         clients = {
@@ -494,13 +498,18 @@ class Gateway:
                 await running.clock_watch.check()
             except Exception:  # the recovery loop must outlive a failed measure
                 log.exception("measuring the clock against the database's failed")
-            if running.settler.backlog:
-                # As at start-up: a spooled record settles its own pending answer
-                # before a recovery could charge that answer the estimate.
-                try:
-                    await running.settler.replay()
-                except Exception:  # the recovery loop must outlive a failed replay
-                    log.exception("spool replay before recovery failed")
+            # As at start-up: a spooled record settles its own pending answer,
+            # and a spooled refund gives its back, before a recovery could charge
+            # that answer the estimate - also what another worker spooled.
+            try:
+                ready = await running.settler.replay_before_recovery()
+            except Exception:  # the recovery loop must outlive a failed replay
+                log.exception("spool replay before recovery failed")
+                ready = False
+            if not ready:
+                log.warning("recovery pass skipped: a refund waits (spooled, or retried)")
+                self.probes.recovery_done()
+                continue
             try:
                 await running.recovery.run_once()
             except StorageError as exc:

@@ -11,6 +11,27 @@ Several worker processes share one spool file. A replay first renames the spool
 to a name of its own (atomic: one worker gets it), and replays a claimed file
 only under an exclusive lock on it, so a file a crashed replay left behind is
 picked up again by exactly one worker, never by two at once.
+
+Give-backs take the same way (review-once F2): a refund (an admitted answer
+that produced nothing gives its query back) or an upload's release that the
+database does not take is retried, then spooled, and spooled at shutdown; left
+in memory, the answer's pending row would stay and a recovery charge the user
+an estimate for an answer never given. Both are idempotent, so a replay may
+repeat them: a refund only while its pending row is there (it goes with the
+refund, and a settle or recovery that took it first leaves the refund nothing
+to do), a release only while its upload's reservation is. A recovery pass
+replays the spool first (`replay_before_recovery`).
+
+The spool's format: UTF-8 JSON objects, one a line, each line written after a
+newline of its own (so blank lines come between them, and a line a full disk
+cut short is ended by the next). A usage record is a line of the `UsageEvent`'s
+fields (`event_to_json`), with what the settle needs besides as keys starting
+with ``_`` (``_lease_id``, ``_pending_id``, ``_plan``, ``_alerts``,
+``_max_tokens``). A give-back is a line with ``"_give_back"``: ``"refund"``
+with ``user_id``, ``day``, ``pending_id`` and ``lease_id``, or
+``"release_upload"`` with ``user_id``, ``key`` and ``size`` (`give_back_to_json`).
+A line without ``_give_back`` is a record, so the files of earlier versions
+replay as they are.
 """
 
 from __future__ import annotations
@@ -25,7 +46,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -150,6 +171,24 @@ def event_to_json(write: Write) -> bytes:
     bound = write.terms.max_tokens_per_answer if write.terms is not None else write.max_tokens
     if bound is not None:
         record["_max_tokens"] = bound
+    return _dumps(record)
+
+
+def event_from_json(line: bytes) -> Write:
+    return _write_from(_loads(line))
+
+
+def _loads(line: bytes) -> dict[str, Any]:
+    try:
+        raw = orjson.loads(line)
+    except orjson.JSONDecodeError:  # a line the standard library wrote (see _dumps)
+        raw = json.loads(line)
+    if not isinstance(raw, dict):
+        raise TypeError(f"a spool line is an object, not {type(raw).__name__}")
+    return raw
+
+
+def _dumps(record: dict[str, Any]) -> bytes:
     try:
         return orjson.dumps(record)
     except orjson.JSONEncodeError:
@@ -158,11 +197,7 @@ def event_to_json(write: Write) -> bytes:
         return json.dumps(record, ensure_ascii=True).encode()
 
 
-def event_from_json(line: bytes) -> Write:
-    try:
-        raw: dict[str, Any] = orjson.loads(line)
-    except orjson.JSONDecodeError:  # a line the standard library wrote (see event_to_json)
-        raw = json.loads(line)
+def _write_from(raw: dict[str, Any]) -> Write:
     lease_id = raw.pop("_lease_id", None)
     pending_id = raw.pop("_pending_id", None)
     plan = raw.pop("_plan", "")
@@ -187,6 +222,85 @@ def event_from_json(line: bytes) -> Write:
     ):
         bound = None
     return Write(UsageEvent(**raw), lease_id, pending_id, plan, alerts, max_tokens=bound)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refund:
+    """The give-back of an admitted answer's query (and its stream slot): no
+    answer was produced. Spooled only with its pending row, which makes it
+    idempotent: the refund takes the row, and does nothing once it is gone."""
+
+    user_id: str
+    day: date
+    lease_id: str | None
+    pending_id: str | None
+
+    def __str__(self) -> str:
+        request = f" of request {self.pending_id}" if self.pending_id is not None else ""
+        return f"refund{request} for {self.user_id} on {self.day}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UploadRelease:
+    """The give-back of an upload the upstream did not take, by its reservation's
+    key: once at most."""
+
+    user_id: str
+    key: str
+    size: int
+
+    def __str__(self) -> str:
+        return f"give-back of an upload of {self.size} bytes of {self.user_id} ({self.key})"
+
+
+GiveBack = Refund | UploadRelease
+
+
+def give_back_to_json(give_back: GiveBack) -> bytes:
+    """One spool line for ``give_back`` (the module's docstring has the format)."""
+    if isinstance(give_back, Refund):
+        return _dumps(
+            {
+                "_give_back": "refund",
+                "user_id": give_back.user_id,
+                "day": give_back.day.isoformat(),
+                "lease_id": give_back.lease_id,
+                "pending_id": give_back.pending_id,
+            }
+        )
+    return _dumps(
+        {
+            "_give_back": "release_upload",
+            "user_id": give_back.user_id,
+            "key": give_back.key,
+            "size": give_back.size,
+        }
+    )
+
+
+def spool_line_from_json(line: bytes) -> Write | GiveBack:
+    """What one spool line holds: a give-back, or (any line without
+    ``_give_back``, as every line of earlier versions) a usage record. Raises
+    ValueError, TypeError or KeyError for a line it cannot read."""
+    raw = _loads(line)
+    kind = raw.get("_give_back")
+    if kind is None:
+        return _write_from(raw)
+    user_id = raw["user_id"]
+    if not isinstance(user_id, str):
+        raise TypeError("a give-back's user_id is a string")
+    if kind == "refund":
+        pending_id, lease_id = raw["pending_id"], raw.get("lease_id")
+        # Without its pending row a refund is not idempotent: never spooled.
+        if not isinstance(pending_id, str) or not isinstance(lease_id, str | None):
+            raise TypeError("a spooled refund has a pending_id (and a lease_id) as strings")
+        return Refund(user_id, date.fromisoformat(raw["day"]), lease_id, pending_id)
+    if kind == "release_upload":
+        key, size = raw["key"], raw.get("size", 0)
+        if not isinstance(key, str) or not isinstance(size, int):
+            raise TypeError("a spooled upload's give-back has a key and a size")
+        return UploadRelease(user_id, key, size)
+    raise ValueError(f"unknown give-back {kind!r}")
 
 
 def _alerts_to_json(alerts: AlertRequest) -> dict[str, Any]:
@@ -285,8 +399,8 @@ class Settler:
         metrics.spool.path = spool  # gateway_spool_bytes (gateway/metrics.py)
         self._delays = tuple(retry_delays)
         self._tasks = Tasks("settle retries")
-        # The write each retry of a record carries: spooled if shutdown cuts it.
-        self._writes: dict[asyncio.Task[None], Write] = {}
+        # The write (or give-back) each retry carries: spooled if shutdown cuts it.
+        self._writes: dict[asyncio.Task[None], Write | GiveBack] = {}
         self._closing = False
         # Whether this process has spooled records not replayed yet (or found a
         # spool it could not replay): what `run_replays` waits on.
@@ -297,6 +411,8 @@ class Settler:
         # tools wait for a replay without sleeping.
         self.replayed = 0
         self._replay_done = asyncio.Event()
+        # A replay put a refund back in the spool (`replay_before_recovery`).
+        self._refunds_left = False
 
     async def record(
         self,
@@ -349,50 +465,71 @@ class Settler:
         self, user_id: str, *, day: date, lease_id: str | None, pending_id: str | None = None
     ) -> None:
         """Give back a reserved query (and its stream slot); retried in the
-        background if the database does not answer. With ``pending_id`` a retry
-        cannot give it back twice (the pending row goes with the first)."""
-
-        async def give_back() -> None:
-            await self._storage.refund(user_id, day=day, lease_id=lease_id, pending_id=pending_id)
-
-        await self._give_back("refund", f"refund for {user_id} on {day}", give_back)
+        background if the database does not answer, then spooled. With
+        ``pending_id`` a retry or a replay cannot give it back twice (the pending
+        row goes with the first); without it, one that keeps failing is only
+        logged (no recovery charges a query that has no pending row)."""
+        await self._give_back(Refund(user_id, day, lease_id, pending_id))
 
     async def release_upload(self, user_id: str, *, key: str, size: int) -> None:
         """Give back an upload the upstream did not take; retried in the
-        background if the database does not answer. By its key, so a retry (or a
-        reservation whose outcome was lost) is given back once at most."""
+        background if the database does not answer, then spooled. By its key, so
+        a retry, a replay (or a reservation whose outcome was lost) is given back
+        once at most."""
+        await self._give_back(UploadRelease(user_id, key, size))
 
-        async def give_back() -> None:
-            await self._storage.release_upload(user_id, key=key)
-
-        await self._give_back(
-            "release_upload", f"give-back of an upload of {size} bytes of {user_id}", give_back
-        )
-
-    async def _give_back(
-        self, operation: str, what: str, give_back: Callable[[], Awaitable[None]]
-    ) -> None:
+    async def _give_back(self, give_back: GiveBack) -> None:
         try:
-            await give_back()
+            await self._give(give_back)
+        except asyncio.CancelledError:
+            # Given up in flight: as a record's write (`record`), the spool has
+            # it, and one that landed as well changes nothing when replayed.
+            self._to_spool(give_back)
+            raise
         except StorageError as exc:
+            operation = "refund" if isinstance(give_back, Refund) else "release_upload"
             self._metrics.inc("gateway_storage_errors_total", operation=operation)
-            log.warning("%s failed, will retry: %s", what, exc.message)
+            log.warning("%s failed, will retry: %s", give_back, exc.message)
             if self._closing:
-                log.error("%s lost at shutdown", what)
+                self._to_spool(give_back)
                 return
-            self._tasks.start(self._retry_give_back(what, give_back), name=f"{operation}-retry")
+            task = self._tasks.start(self._retry_give_back(give_back), name=f"{operation}-retry")
+            self._writes[task] = give_back
+            task.add_done_callback(self._writes.pop)
 
-    async def _retry_give_back(self, what: str, give_back: Callable[[], Awaitable[None]]) -> None:
+    async def _give(self, give_back: GiveBack) -> None:
+        """One give-back, now. Any failure is raised as StorageError, so the
+        give-back takes the retry-then-spool way (as `_write` does a record's)."""
+        storage = self._storage
+        try:
+            if isinstance(give_back, Refund):
+                given = await storage.refund(
+                    give_back.user_id,
+                    day=give_back.day,
+                    lease_id=give_back.lease_id,
+                    pending_id=give_back.pending_id,
+                )
+                if not given:
+                    log.info("%s: its pending row was gone, nothing to give back", give_back)
+            else:
+                await storage.release_upload(give_back.user_id, key=give_back.key)
+        except StorageError:
+            raise
+        except Exception as exc:
+            log.exception("%s failed unexpectedly", give_back)
+            raise StorageError(f"unexpected {type(exc).__name__}") from exc
+        if self.backlog:
+            self._wake.set()  # the database answers: time to replay the spool
+
+    async def _retry_give_back(self, give_back: GiveBack) -> None:
         for delay in self._delays:
             await asyncio.sleep(delay)
             try:
-                await give_back()
+                await self._give(give_back)
                 return
             except StorageError as exc:
-                log.warning("%s failed again: %s", what, exc.message)
-        # A give-back is worth one query or one upload: not worth a spool of its
-        # own. Logged.
-        log.error("%s given up after retries", what)
+                log.warning("%s failed again: %s", give_back, exc.message)
+        self._to_spool(give_back)
 
     def _bounded(self, event: UsageEvent, terms: Terms) -> UsageEvent:
         bounded, changed = bound_event(event, max_tokens=terms.max_tokens_per_answer)
@@ -508,7 +645,10 @@ class Settler:
             "usage record %s REJECTED (%s): %s", write.event.answer_id, exc.message, line.decode()
         )
 
-    def _to_spool(self, write: Write) -> None:
+    def _to_spool(self, write: Write | GiveBack) -> None:
+        if not isinstance(write, Write):
+            self._give_back_to_spool(write)
+            return
         line = event_to_json(write)
         if self._spool is None:
             self._metrics.inc("gateway_settle_lost_total")
@@ -535,10 +675,60 @@ class Settler:
             self._spool,
         )
 
+    def _give_back_to_spool(self, give_back: GiveBack) -> None:
+        """A give-back the database did not take, to the spool (counted with the
+        records: `gateway_settle_spooled_total`, or `gateway_settle_lost_total`
+        and the whole line in the log when it cannot be written there)."""
+        if isinstance(give_back, Refund) and give_back.pending_id is None:
+            # Not idempotent without its pending row (a replay could give it
+            # back twice), and no recovery charges it: logged, not spooled.
+            log.error("%s given up (not spooled: it has no pending row)", give_back)
+            return
+        line = give_back_to_json(give_back)
+        if self._spool is None:
+            self._metrics.inc("gateway_settle_lost_total")
+            log.error("LOST give-back (no spool file configured): %s", line.decode())
+            return
+        try:
+            self._append(line)
+        except OSError as exc:
+            self._metrics.inc("gateway_settle_lost_total")
+            log.error(
+                "LOST give-back (spool file %s not writable: %s): %s",
+                self._spool,
+                exc,
+                line.decode(),
+            )
+            return
+        self._metrics.inc("gateway_settle_spooled_total")
+        self.backlog = True
+        log.error(
+            "%s spooled to %s for replay when the database answers again", give_back, self._spool
+        )
+
+    async def replay_before_recovery(self) -> bool:
+        """Replay whatever is spooled - by this process or another worker sharing
+        the spool - ahead of a recovery pass, so that a spooled record settles
+        its own pending row and a spooled refund gives its back before the
+        recovery could charge either an estimate. False when a refund waits -
+        left in the spool because the database failed it again, or still
+        retried by this process: a recovery now could charge the request it
+        gives back, so the pass waits for the next one."""
+        if self._spool is not None and (self.backlog or self._has_spooled()):
+            self._refunds_left = False
+            await self.replay()
+            if self._refunds_left:
+                return False
+        return not any(
+            isinstance(item, Refund) and item.pending_id is not None
+            for item in self._writes.values()
+        )
+
     async def replay(self) -> int:
         """Settle what was spooled (by this run, an earlier one, or another worker);
-        returns how many records were written. Never raises: a file that cannot be
-        read or removed is logged and left for the next replay."""
+        returns how many records and give-backs were written. Never raises: a
+        file that cannot be read or removed is logged and left for the next
+        replay."""
         if self._spool is None:
             return 0
         async with self._replaying:
@@ -605,13 +795,25 @@ class Settler:
             if not line.strip():
                 continue
             try:
-                write = event_from_json(line)
+                write = spool_line_from_json(line)
             except (ValueError, TypeError, KeyError) as exc:
                 log.error("unreadable spooled usage record kept in %s: %s", self._spool, exc)
                 self._append_raw(line)
                 continue
             if down:  # the database failed again: the rest waits for the next replay
                 self._to_spool(write)
+                if isinstance(write, Refund):
+                    self._refunds_left = True
+                continue
+            if not isinstance(write, Write):
+                try:
+                    await self._give(write)
+                    count += 1
+                except StorageError:
+                    down = True
+                    if isinstance(write, Refund):
+                        self._refunds_left = True
+                    self._to_spool(write)
                 continue
             try:
                 await self._write(write)
@@ -635,7 +837,7 @@ class Settler:
         return claimed
 
     def _has_spooled(self) -> bool:
-        """Whether the spool (or a claimed file left behind) holds records."""
+        """Whether the spool (or a claimed file left behind) holds lines."""
         assert self._spool is not None
         with contextlib.suppress(OSError):
             if self._spool.stat().st_size:

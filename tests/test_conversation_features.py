@@ -90,6 +90,30 @@ async def test_advanced_rag_begun_in_a_conversation_is_counted_on_every_later_me
     assert (row.queries, row.advanced_rag) == (3, 3)
 
 
+@pytest.mark.parametrize(
+    "spell",
+    [str.upper, lambda c: "{" + c + "}", lambda c: "urn:uuid:" + c, lambda c: c.replace("-", "")],
+    ids=["upper-case", "braces", "urn", "no-hyphens"],
+)
+async def test_another_spelling_of_the_conversation_id_is_the_same_conversation(
+    sqlite_url: str, spell: Any
+) -> None:
+    """Attack: Dify reads `conversation_id` as a UUID (Python's `uuid.UUID`:
+    upper case, braces, a urn prefix, no hyphens), so each spelling continues
+    the one conversation, begun with advanced RAG: each must count as it."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    async with running_gateway(sqlite_url, fake=fake, settings=plans(advanced_rag=True)) as h:
+        conversation = conversation_of(await post(h, ADVANCED))
+        spelled = spell(conversation)
+        assert spelled != conversation
+        later = await post(h, {**CHAT, "conversation_id": spelled})
+        await h.probes.wait_finished(2)
+        row = await today_row(h)
+    assert later.status_code == 200
+    assert fake.ran_inputs == [{"rag_mode": "advanced"}] * 2  # Dify's one conversation
+    assert (row.queries, row.advanced_rag) == (2, 2)
+
+
 async def test_a_plan_downgrade_stops_advanced_rag_in_a_conversation_begun_with_it(
     database_url: str,
 ) -> None:

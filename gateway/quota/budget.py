@@ -13,6 +13,8 @@ table where the dialect prices answers itself (OpenAI, Anthropic):
   ``max_tokens``, ``max_output_tokens``) times ``n`` answers - or, for a request
   that sets none, ``accounting.reserve_output_tokens``, which is then not a
   bound (docs/quotas.md says by how much a budget can be passed then);
+- plus, for a request with tools, the prompt the provider adds for them, which
+  the body does not hold (`tool_prompt`);
 - plus the paid calls the request itself decides, at their call prices.
 
 Dify prices an answer only when it ends: admission reserves the configured
@@ -47,6 +49,20 @@ ROUTE_CAPS = {
 }
 # Far above any model's output; a larger count is priced as this many tokens.
 _MOST = 2**63
+# The prompt a provider adds to a request that lists tools, billed as input
+# though the body does not hold it (review-limits F2). Anthropic documents its
+# tool-use system prompt by model and `tool_choice`: 159 to 530 tokens for the
+# Claude 3 models, 346 for later ones (others report more for the newest);
+# twice the largest documented, as later models have grown it.
+TOOL_USE_PROMPT = 1_024
+# A tool of the provider's own schema (Anthropic's bash, text editor, computer
+# use, its server tools; a Responses API tool such as `computer_use_preview`)
+# is defined by the provider, not by the body: Anthropic documents 245 input
+# tokens for bash, 700 for the text editor, 735 for the computer tool beside
+# computer use's own system prompt. Each such tool is held as this many.
+SCHEMA_TOOL_PROMPT = 1_536
+# The tools a body defines itself (their definitions are in its bytes).
+_OWN_TOOL_TYPES = frozenset({"custom", "function"})
 
 
 def _count(value: object) -> int | None:
@@ -107,7 +123,7 @@ def bound_usage(
 ) -> tuple[Usage, bool]:
     """The most tokens a request's answer can use, and whether that is a bound
     (False: the request set no output cap, ``reserve_output_tokens`` stands in)."""
-    prompt = len(orjson.dumps(body))
+    prompt = len(orjson.dumps(body)) + tool_prompt(body)
     cap = output_cap(body, kind)
     each = reserve_output_tokens if cap is None else cap
     prediction = body.get("prediction") if kind == "chat" else None
@@ -119,6 +135,21 @@ def bound_usage(
     output = each * answers(body, kind)
     usage = Usage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
     return usage, cap is not None
+
+
+def tool_prompt(body: dict[str, Any]) -> int:
+    """The prompt tokens a provider adds for the tools a request lists, at most
+    (`TOOL_USE_PROMPT`, and `SCHEMA_TOOL_PROMPT` for each tool of its own
+    schema); 0 for a request without tools."""
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not tools:
+        return 0
+    added = TOOL_USE_PROMPT
+    for tool in tools:
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str) and kind not in _OWN_TOOL_TYPES:
+            added += SCHEMA_TOOL_PROMPT
+    return added
 
 
 def cost_bound(

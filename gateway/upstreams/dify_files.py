@@ -26,7 +26,7 @@ import orjson
 
 from gateway.errors import BadRequest
 
-__all__ = ["NO_FILES", "NamedFiles", "canonical_file_id", "named_files", "uploaded_file_id"]
+__all__ = ["NO_FILES", "NamedFiles", "canonical_uuid", "named_files", "uploaded_file_id"]
 
 # The keys under which a Dify build finds a file by id: the upload's
 # (``local_file``, and ``remote_url`` in builds that take an uploaded copy of a
@@ -49,7 +49,7 @@ _REFERENCE_PREFIX: Final = "dify-file-ref:"
 
 @dataclass(frozen=True, slots=True)
 class NamedFiles:
-    """The ids of the files a request names (canonical, `canonical_file_id`),
+    """The ids of the files a request names (canonical, `canonical_uuid`),
     and whether any file comes otherwise than as an upload (``by_value``: a
     ``transfer_method`` other than ``local_file``)."""
 
@@ -63,10 +63,10 @@ class NamedFiles:
 NO_FILES: Final = NamedFiles()
 
 
-def canonical_file_id(value: str) -> str:
-    """A file id as the ledger keeps it: a UUID in its canonical lower-case
-    form (Dify's ids are UUIDs, and PostgreSQL reads ``A1B2...``, braces or no
-    hyphens as the same one), anything else as it is."""
+def canonical_uuid(value: str) -> str:
+    """An id Dify reads as a UUID (a file's, a conversation's), as the gateway
+    keeps it: in its canonical lower-case form (Dify and PostgreSQL read
+    ``A1B2...``, braces or no hyphens as the same one), anything else as it is."""
     try:
         return str(uuid.UUID(value))
     except ValueError:
@@ -122,7 +122,7 @@ def named_files(body: dict[str, Any] | None) -> NamedFiles:
                 continue  # Dify reads an empty id as none
             if not isinstance(value, str):
                 raise BadRequest("A file id in the request must be a string.")
-            ids.add(canonical_file_id(_reference_id(value)))
+            ids.add(canonical_uuid(_reference_id(value)))
     if not ids and not by_value:
         return NO_FILES
     return NamedFiles(frozenset(ids), by_value)
@@ -136,4 +136,4 @@ def uploaded_file_id(body: bytes | bytearray) -> str | None:
     except orjson.JSONDecodeError:
         return None
     value = obj.get("id") if isinstance(obj, dict) else None
-    return canonical_file_id(value) if isinstance(value, str) and value else None
+    return canonical_uuid(value) if isinstance(value, str) and value else None

@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from gateway.errors import BadRequest
 from gateway.upstreams.base import Route
-from gateway.upstreams.dify_files import canonical_file_id
+from gateway.upstreams.dify_files import canonical_uuid
 
 __all__ = [
     "AUTO_NAME",
@@ -179,7 +179,7 @@ def spoken_message(route: Route, body: dict[str, Any] | None) -> Route:
         raise BadRequest("The message_id must be a string.")
     # The ledger keeps Dify's ids as Dify writes them (lower case); Dify reads
     # any spelling of the same UUID as that id.
-    return dataclasses.replace(route, owned_answer=canonical_file_id(message_id), by_body=False)
+    return dataclasses.replace(route, owned_answer=canonical_uuid(message_id), by_body=False)
 
 
 def _false_to_every_version(value: object) -> bool:
@@ -200,7 +200,10 @@ def conversation_of(route: Route, body: dict[str, Any] | None) -> str | None:
     if route is not CHAT or body is None:
         return None
     found = body.get("conversation_id")
-    return found if isinstance(found, str) else ""
+    # Dify reads the id as a UUID (``uuid.UUID``: upper case, braces, a
+    # ``urn:uuid:`` prefix or no hyphens name the same conversation): kept and
+    # looked up in its canonical form, or any spelling would be a new one.
+    return canonical_uuid(found) if isinstance(found, str) and found else ""
 
 
 def names_new_conversation(route: Route, body: dict[str, Any] | None) -> bool:

@@ -505,6 +505,15 @@ _INFO: Final = _static(
 )
 
 
+def _as_uuid(value: str) -> str:
+    """A conversation id as Dify reads it (`uuid_value`: Python's `uuid.UUID`,
+    so upper case, braces, a urn prefix or no hyphens name one conversation)."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return value
+
+
 def _default_conversations() -> list[JSON]:
     base = 1_705_398_420
     return [
@@ -845,7 +854,7 @@ class FakeDify:
         extra = _json_object_header(headers, "x-fake-metadata")
         raw_usage = _json_object_header(headers, "x-fake-usage-json")
         conversation_id = (
-            conversation if isinstance(conversation, str) and conversation else None
+            _as_uuid(conversation) if isinstance(conversation, str) and conversation else None
         ) or (str(uuid.uuid4()) if kind == "chat" else None)
         inputs = body.get("inputs") or {}
         if conversation_id is not None:

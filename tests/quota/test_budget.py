@@ -22,7 +22,15 @@ from gateway.clock import FixedClock
 from gateway.config import DatabaseConfig, load_config, parse_config
 from gateway.metrics import Metrics
 from gateway.pricing import Audio
-from gateway.quota.budget import bound_usage, cost_bound, lowered_cap, output_cap, with_cap
+from gateway.quota.budget import (
+    SCHEMA_TOOL_PROMPT,
+    TOOL_USE_PROMPT,
+    bound_usage,
+    cost_bound,
+    lowered_cap,
+    output_cap,
+    with_cap,
+)
 from gateway.settle import Settler
 from gateway.snapshot import build_snapshot
 from gateway.storage import AdmissionLimits, Pending, open_storage
@@ -278,6 +286,75 @@ async def test_a_remote_mcp_server_is_refused_where_a_money_budget_applies(
     else:
         assert response.status_code == 200, response.text
         assert len(fake.requests) == 1
+
+
+_BASH = {"type": "bash_20250124", "name": "bash"}
+_OWN_TOOL = {"name": "lookup", "input_schema": {"type": "object"}}
+
+
+@pytest.mark.parametrize(
+    ("tools", "added"),
+    [
+        (None, 0),
+        ([], 0),
+        ([_OWN_TOOL], TOOL_USE_PROMPT),
+        ([{"type": "function", "function": {"name": "f"}}], TOOL_USE_PROMPT),
+        ([_OWN_TOOL, _BASH], TOOL_USE_PROMPT + SCHEMA_TOOL_PROMPT),
+        ([{"type": "web_search_20250305", "name": "web_search"}, _BASH], 1024 + 2 * 1536),
+    ],
+    ids=["none", "empty", "own", "openai-function", "bash", "two-schema-tools"],
+)
+def test_the_bound_holds_the_prompt_a_provider_adds_for_tools(
+    tools: list[Any] | None, added: int
+) -> None:
+    body: dict[str, Any] = {"model": "m", "max_tokens": 10, "messages": []}
+    if tools is not None:
+        body["tools"] = tools
+    usage, _ = bound_usage(body, reserve_output_tokens=4096, kind="message")
+    assert usage.prompt_tokens == len(orjson.dumps(body)) + added
+
+
+async def test_a_tool_use_prompt_does_not_pass_a_hard_budget(
+    database_url: str, client: httpx.AsyncClient
+) -> None:
+    """Review-limits F2, the attack: a tiny Messages request listing the bash
+    tool. Anthropic bills its tool-use system prompt (346 tokens) and the bash
+    tool's definition (245) as input beside the body's 129 bytes: reserved
+    0.23, billed 0.82 against a budget of 0.50. The bound now holds them:
+    refused before it is sent."""
+    fake = FakeAnthropic(api_key=UPSTREAM_KEY)
+    body = {
+        "model": "claude-x",
+        "max_tokens": 10,
+        "tools": [_BASH],
+        "messages": [{"role": "user", "content": "ls"}],
+    }
+    billed = len(orjson.dumps(body)) + 346 + 245  # what Anthropic reports, at most
+    async with running_gateway(
+        database_url,
+        upstream=fake,
+        settings={
+            **settings(cost_per_day="0.50"),
+            "upstream": {"kind": "anthropic"},
+            "prices": {"claude-x": {"input": "1000", "output": "10000"}},
+        },
+        clock=FixedClock(T0),
+    ) as h:
+        response = await client.post(
+            f"{h.url}/v1/messages",
+            json=body,
+            headers={
+                **h.auth(),
+                "anthropic-version": "2023-06-01",
+                "x-fake-input-tokens": str(billed),
+                "x-fake-output-tokens": "10",
+            },
+        )
+        await h.probes.wait_finished(1)
+        rows = await h.storage.daily(T0.date(), T0.date())
+    assert response.status_code == 429, response.text
+    assert response.json()["error"]["type"] == "rate_limit_error"
+    assert fake.requests == [] and sum((r.cost for r in rows), Decimal(0)) == 0
 
 
 def test_the_cost_bound_prices_the_bound_with_the_price_table(tmp_path: Path) -> None:

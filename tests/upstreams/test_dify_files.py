@@ -14,7 +14,7 @@ from gateway.errors import BadRequest
 from gateway.upstreams.dify_files import (
     NO_FILES,
     NamedFiles,
-    canonical_file_id,
+    canonical_uuid,
     named_files,
     uploaded_file_id,
 )
@@ -76,9 +76,9 @@ def test_a_file_id_that_is_not_a_string_is_refused(value: object) -> None:
 
 
 def test_canonical_ids() -> None:
-    assert canonical_file_id(A.upper()) == A
-    assert canonical_file_id(A.replace("-", "")) == A
-    assert canonical_file_id("not-a-uuid") == "not-a-uuid"
+    assert canonical_uuid(A.upper()) == A
+    assert canonical_uuid(A.replace("-", "")) == A
+    assert canonical_uuid("not-a-uuid") == "not-a-uuid"
 
 
 def test_the_uploaded_file_id_is_read_from_the_upload_reply() -> None:
