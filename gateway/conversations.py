@@ -19,6 +19,12 @@ Two halves:
   name the conversation - on this replica or any other - before it is kept. Only
   a message that begins a conversation asking for one of the two is held, and
   only until its first event (a blocking answer, until its body is whole).
+- `listed_features` reads the other way a client learns a conversation's id, a
+  page of its conversations (``GET /conversations``): each item carries the
+  inputs the conversation began with, so one that asked for either is kept
+  before the page reaches the client. That covers a conversation whose answer
+  never showed its id (cut, or its client gone, before the first event: Dify
+  made the conversation all the same) and one begun before this release.
 
 A conversation's row is kept only when it asked for something: a conversation
 with no row began without them, or before this release (then its later messages
@@ -34,7 +40,9 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
 
+from gateway.config import AdvancedRagConfig, WebSearchConfig
 from gateway.errors import StorageError
+from gateway.features import asks_for_advanced_rag, asks_for_web_search, matches
 from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import ConversationFeatures
 from gateway.upstreams.dify_files import canonical_uuid
@@ -52,9 +60,8 @@ NOTHING: Final = ConversationFeatures()
 # (the rows are read again as asked).
 _MAX_CACHED: Final = 65_536
 
-# How much of a streamed answer is held looking for its first event: Dify's first
-# event is a few hundred bytes (a ping before it, none).
-_MAX_HELD_STREAM: Final = 1024 * 1024
+# Dify's keep-alive, a frame of its own (docs/upstreams/dify.md).
+_PING: Final = b"event: ping\n\n"
 
 
 class ConversationStore(Protocol):
@@ -138,6 +145,20 @@ class Conversations:
                 exc.message,
             )
 
+    async def remember_listed(
+        self,
+        user_id: str,
+        listed: list[tuple[str, ConversationFeatures]],
+        *,
+        upstream: str,
+        now: datetime,
+    ) -> None:
+        """Keep what the conversations of a page asked for (`listed_features`),
+        those this process does not know already."""
+        for conversation_id, features in listed:
+            if self._known.get((user_id, conversation_id)) != features:
+                await self.remember(user_id, conversation_id, features, upstream=upstream, now=now)
+
     def _put(self, key: tuple[str, str], features: ConversationFeatures) -> None:
         if len(self._known) >= _MAX_CACHED:
             self._known.clear()
@@ -151,16 +172,20 @@ class ConversationHold:
 
     A stream is read up to its first event with data (Dify's first event names
     the conversation: ``message``, ``agent_thought``, ``workflow_started``...);
-    a blocking answer until its body is whole (``end``). Past ``limit`` bytes, or
-    an answer with no id where it should be, the bytes go on without a row
-    (logged by the driver: `found` stays None)."""
+    a blocking answer until its body is whole (``end``). ``limit``: for a
+    stream, the relay's own bound on an event (one past it ends the answer
+    anyway), so a first event the relay passes on is always read; for a
+    blocking answer, the most of it held. Past that, or with no id where it
+    should be, the bytes go on without a row (logged by the driver: `found`
+    stays None; the conversation is kept when it is listed)."""
 
     __slots__ = ("_decoder", "_held", "_limit", "found", "resolved")
 
     def __init__(self, *, sse: bool, limit: int) -> None:
-        self._decoder = SSEDecoder(max_event_bytes=_MAX_HELD_STREAM) if sse else None
+        self._decoder = SSEDecoder(max_event_bytes=limit) if sse else None
         self._held = bytearray()
-        self._limit = min(limit, _MAX_HELD_STREAM) if sse else limit
+        # (A stream's first event may follow keep-alives and comments: room for them.)
+        self._limit = 2 * limit if sse else limit
         self.found: str | None = None
         self.resolved = False
 
@@ -168,6 +193,8 @@ class ConversationHold:
         """Hold ``chunk``; whether the conversation's id is now decided (found, or
         there is none to find). ``end``: nothing more will come."""
         self._held += chunk
+        if self.resolved:
+            return True
         decoder = self._decoder
         if decoder is not None:
             try:
@@ -187,11 +214,60 @@ class ConversationHold:
             self.resolved = True
         return self.resolved
 
+    def pings(self) -> bytes:
+        """Dify's keep-alive frames at the front of what is held, taken out to be
+        sent now: they name nothing, and a client (or a proxy in front of it)
+        that hears nothing while Dify retrieves may give up on the answer."""
+        held = self._held
+        end = 0
+        while held.startswith(_PING, end):
+            end += len(_PING)
+        taken = bytes(held[:end])
+        del held[:end]
+        return taken
+
     def release(self) -> bytes:
         """The bytes held, to send now; the hold is over."""
         held = bytes(self._held)
         self._held.clear()
         return held
+
+
+def listed_features(
+    page: object, advanced_rag: AdvancedRagConfig, web_search: WebSearchConfig
+) -> list[tuple[str, ConversationFeatures]]:
+    """The conversations of a Dify conversation page that began asking for
+    advanced RAG or web search, judged by the rules as a request is, from the
+    ``inputs`` each item carries (the conversation's first inputs, as Dify
+    keeps them). A search its inputs turned off (the `disable` rewrite's
+    value at ``disable_path``) is no search, as at admission."""
+    data = page.get("data") if isinstance(page, dict) else None
+    if not isinstance(data, list):
+        return []
+    off = _as_text(web_search.disable_value)
+    found: list[tuple[str, ConversationFeatures]] = []
+    for item in data:
+        if not isinstance(item, dict) or not isinstance(item.get("inputs"), dict):
+            continue
+        conversation_id = item.get("id")
+        if not isinstance(conversation_id, str) or not conversation_id:
+            continue
+        advanced = asks_for_advanced_rag(item, advanced_rag)
+        searches = asks_for_web_search(item, web_search) and not matches(
+            item, web_search.disable_path, (off,)
+        )
+        if advanced or searches:
+            found.append(
+                (canonical_uuid(conversation_id), ConversationFeatures(advanced, searches))
+            )
+    return found
+
+
+def _as_text(value: object) -> str:
+    """A configured value as `features.matches` compares it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def _conversation_id(data: str | bytes) -> str | None:

@@ -35,7 +35,7 @@ COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
     "gateway_refusals_total": ("Requests refused by the gateway, by code.", ("code",)),
     "gateway_answers_settled_total": ("Answers recorded in the ledger, by outcome.", ("outcome",)),
     "gateway_answers_duplicate_total": (
-        "Answers whose id was already in the ledger (not counted again).",
+        "Records of an answer already in the ledger (not counted again).",
         (),
     ),
     "gateway_usage_estimated_total": (

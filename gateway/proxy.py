@@ -51,7 +51,7 @@ from gateway.bodies import (
     stream_body,
 )
 from gateway.clock import periods_at
-from gateway.conversations import NOTHING, ConversationHold, Conversations
+from gateway.conversations import NOTHING, ConversationHold, Conversations, listed_features
 from gateway.error_response import render_error
 from gateway.errors import (
     STORAGE_UNAVAILABLE,
@@ -1247,8 +1247,9 @@ class Proxy:
                 return
         if ok and x.route.is_history and b"json" in content_type:
             days = (await self.admitter.plan_of(x.snap, x.user_id)).chat_history_days
-            if days is not None:
-                await self._history(x, send, response, status, headers, days)
+            listing = self._lists_conversations(x)
+            if days is not None or listing:
+                await self._history(x, send, response, status, headers, days, listing=listing)
                 return
         if ok and x.route.lists_models and b"json" in content_type:
             lists = await self._model_lists(x)
@@ -1472,9 +1473,10 @@ class Proxy:
             whole = None if watcher is not None else client.whole(response)
             if whole is not None:
                 out = forward(whole)
-                if hold is not None and out is not None:
-                    out = await self._held(x, hold, out, end=True)
+                if hold is not None:
+                    released = await self._held(x, hold, whole, end=True)
                     hold = None
+                    out = released if out is not None else None
                 if out is not None:
                     x.first_byte(metrics)
                     last = out
@@ -1502,12 +1504,19 @@ class Proxy:
                                 # in hand is metered first (it may be the first
                                 # sign the answer began, and billed).
                                 meter_chunk(chunk)
+                                if hold is not None:
+                                    hold.feed(chunk)  # (it may name the conversation)
                                 break
                         out = forward(chunk)
-                        if hold is not None and out is not None:
-                            out = await self._held(x, hold, out, end=ended is not None and ended())
+                        if hold is not None:
+                            # Fed whether the client is there or not: a conversation
+                            # begun is kept even if its first bytes go nowhere.
+                            released = await self._held(
+                                x, hold, chunk, end=ended is not None and ended()
+                            )
                             if hold.resolved:
                                 hold = None
+                            out = released if out is not None else None
                         if out is not None:
                             if first_byte:
                                 first_byte = False
@@ -1595,10 +1604,13 @@ class Proxy:
             # blocking answer's last chunk completes its Content-Length: the
             # client has it all): it may submit the form at once (gateway/follow.py).
             await self._kept(self.follows.keep_forms(forms, x.user_id, x.request_id))
-        if hold is not None and any(isinstance(command, End) for command in ending):
+        if hold is not None:
             # The answer ended while its first bytes were held: they go with the
-            # end, once what the conversation began with is kept.
-            last = await self._held(x, hold, b"", end=True)
+            # end (to a client still there), once what the conversation began
+            # with is kept.
+            released = await self._held(x, hold, b"", end=True)
+            if any(isinstance(command, End) for command in ending):
+                last = released
         if last is not None:
             if ending and isinstance(ending[0], End):
                 ending[0] = End(last + ending[0].body)
@@ -1613,23 +1625,29 @@ class Proxy:
 
     def _conversation_hold(self, x: Exchange, sse: bool) -> ConversationHold | None:
         """A hold on the answer's first bytes when it begins a Dify conversation
-        that asked for advanced RAG or web search (`Ticket.features`), else None."""
+        that asked for advanced RAG or web search (`Ticket.features`), else None.
+        It is fed the upstream's bytes: Dify's answers are relayed byte for byte
+        (no transform), so they are the client's too."""
         if x.conversation != "" or x.ticket is None or not x.ticket.features:
             return None
-        return ConversationHold(sse=sse, limit=_MAX_BUFFERED_BODY)
+        assert x.target is not None
+        limit = x.target.settings.max_event_bytes if sse else _MAX_BUFFERED_BODY
+        return ConversationHold(sse=sse, limit=limit)
 
     async def _held(
         self, x: Exchange, hold: ConversationHold, chunk: bytes, *, end: bool = False
     ) -> bytes | None:
-        """Feed the hold; None while it holds, else every byte held, to send now -
-        once the conversation the bytes name is kept, so that no client can name
-        it before its later messages are held to what it began with."""
+        """Feed the hold; while it holds, the keep-alives before the first event
+        (None if there are none), else every byte held, to send now - once the
+        conversation the bytes name is kept, so that no client can name it
+        before its later messages are held to what it began with."""
         if not hold.feed(chunk, end=end):
-            return None
+            return hold.pings() or None
         assert x.ticket is not None
         if hold.found is None:
-            log.info(
-                "request %s: the answer names no conversation; what it asked for not kept",
+            log.warning(
+                "request %s: the answer began no conversation it names; what it asked "
+                "for is kept when the conversation is listed",
                 x.request_id,
             )
         else:
@@ -1717,15 +1735,45 @@ class Proxy:
         response: httpx.Response,
         status: int,
         headers: Headers,
-        days: int,
+        days: int | None,
+        *,
+        listing: bool = False,
     ) -> None:
-        """A conversation or message page limited to the plan's history window.
+        """A conversation or message page limited to the plan's history window
+        (``days``, None: none). ``listing``: a page of Dify conversations, whose
+        items name conversations the client may continue: those that began
+        asking for advanced RAG or web search are kept before the client sees
+        the page (gateway/conversations.py).
 
         Fails closed: a page that cannot be read is not passed on unfiltered.
         """
         raw, page = await self._read_page(response, "history page")
-        filtered = x.dialect.filter_history(x.route, x.query, page, self._history_cutoff(days))
+        if listing:
+            config = x.snap.config
+            listed = listed_features(page, config.advanced_rag, config.web_search)
+            if listed:
+                assert x.target is not None
+                await self.conversations.remember_listed(
+                    x.user_id, listed, upstream=x.target.name, now=self._clock.now()
+                )
+        filtered = (
+            page
+            if days is None
+            else x.dialect.filter_history(x.route, x.query, page, self._history_cutoff(days))
+        )
         await self._send_page(x, send, status, headers, raw, page, filtered)
+
+    @staticmethod
+    def _lists_conversations(x: Exchange) -> bool:
+        """Whether the request lists Dify conversations while the rules that
+        read advanced RAG or web search from inputs are set."""
+        rules = x.snap.config
+        return (
+            x.mount is not None
+            and x.mount.kind == "dify"
+            and x.route.kind == "conversations"
+            and bool(rules.advanced_rag.request_path or rules.web_search.request_path)
+        )
 
     async def _models(
         self,

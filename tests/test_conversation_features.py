@@ -11,7 +11,11 @@ went on searching past a spent allowance.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,12 +24,12 @@ import httpx
 import orjson
 import pytest
 
-from gateway.conversations import ConversationHold, Conversations
+from gateway.conversations import ConversationHold, Conversations, listed_features
 from gateway.errors import StorageError
 from gateway.metrics import Metrics
 from gateway.storage import ConversationFeatures, Storage
 from tests.fakes.dify import FakeDify
-from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway
+from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, until
 from tests.test_admission import two_gateways
 from tests.test_hardening import _delete_user
 
@@ -196,6 +200,56 @@ async def test_a_later_message_sent_to_another_replica_at_the_first_event_is_cou
     assert later.json()["code"] == "feature_not_in_plan"
 
 
+async def test_a_conversation_learnt_from_the_list_is_kept_before_the_list_is_sent(
+    database_url: str,
+) -> None:
+    """Attack: a conversation whose id the answer never showed (its stream cut,
+    or its client gone, before the first event - Dify made the conversation all
+    the same - or one begun before this release) is found in the user's list
+    of conversations, with the inputs it began with, and continued. The list
+    is read first: the conversation is kept, and its later messages count."""
+    fake = FakeDify(api_key=UPSTREAM_KEY)
+    begun = "3f2b8a9e-1c4d-4e5f-8a7b-9c0d1e2f3a4b"
+    fake.conversations.insert(
+        0,
+        {"id": begun, "name": "old", "inputs": {"rag_mode": "advanced"}, "status": "normal",
+         "introduction": "", "created_at": 1_765_000_000, "updated_at": 1_765_000_000},
+    )  # fmt: skip
+    fake.conversation_inputs[begun] = {"rag_mode": "advanced"}
+    async with running_gateway(database_url, fake=fake, settings=plans(advanced_rag=True)) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            listed = await client.get("/v1/conversations", params={"user": "x"}, headers=h.auth())
+        kept = await h.storage.conversation_features(USER, begun)
+        later = await post(h, {**CHAT, "conversation_id": begun})
+        await h.probes.wait_finished(2)
+        row = await today_row(h)
+    assert listed.status_code == 200
+    assert listed.json() == {"limit": 20, "has_more": False, "data": fake.conversations}
+    assert kept == ConversationFeatures(advanced_rag=True)
+    assert later.status_code == 200 and fake.ran_inputs == [{"rag_mode": "advanced"}]
+    assert (row.queries, row.advanced_rag) == (1, 1)
+
+
+def test_a_listed_conversation_is_judged_as_its_first_message_was() -> None:
+    from gateway.config import AdvancedRagConfig, WebSearchConfig
+
+    page = {
+        "data": [
+            {"id": "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "inputs": {"rag_mode": "advanced"}},
+            {"id": "c-2", "inputs": {"search_mode": "web"}},
+            {"id": "c-3", "inputs": {"search_mode": "web", "allow_web_fallback": False}},
+            {"id": "c-4", "inputs": {}},
+            {"id": "c-5"},
+            "not an item",
+        ]
+    }
+    assert listed_features(page, AdvancedRagConfig(), WebSearchConfig()) == [
+        ("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", ConversationFeatures(advanced_rag=True)),
+        ("c-2", ConversationFeatures(web_search=True)),
+    ]
+    assert listed_features({"data": "no"}, AdvancedRagConfig(), WebSearchConfig()) == []
+
+
 # --- the hold on the first bytes --------------------------------------------------------
 
 
@@ -256,6 +310,15 @@ def test_the_hold_lets_go_at_the_first_event_with_data() -> None:
     )
 
 
+def test_the_hold_lets_dify_keep_alives_through() -> None:
+    hold = ConversationHold(sse=True, limit=1 << 20)
+    assert not hold.feed(b'event: ping\n\nevent: ping\n\ndata: {"event"')
+    assert hold.pings() == b"event: ping\n\nevent: ping\n\n"
+    assert hold.pings() == b""
+    assert hold.feed(b': "message", "conversation_id": "c-3"}\n\n')
+    assert hold.release() == b'data: {"event": "message", "conversation_id": "c-3"}\n\n'
+
+
 def test_the_hold_of_a_blocking_answer_waits_for_its_whole_body() -> None:
     hold = ConversationHold(sse=False, limit=1 << 20)
     assert not hold.feed(b'{"conversation_id": "c-2", "answer": "a')
@@ -268,7 +331,7 @@ def test_the_hold_of_a_blocking_answer_waits_for_its_whole_body() -> None:
     [
         (True, [b'data: {"event":"error","message":"no"}\n\n']),  # no id in the first event
         (True, [b"data: not json\n\n"]),
-        (True, [b": comment\n" * 5, b": more\n" * 3]),  # past the limit with no event
+        (True, [b": comment\n" * 10, b": more\n" * 5]),  # past twice the limit, no event
         (False, [b"not json"]),
     ],
     ids=["error-event", "not-json", "past-the-limit", "blocking-not-json"],
@@ -325,3 +388,214 @@ async def test_the_process_reads_a_conversation_once() -> None:
         assert await conversations.features("ann", "c-1") == ConversationFeatures(web_search=True)
         assert not await conversations.features("ann", "c-2")
     assert store.reads == 2
+
+
+# --- review-conv: Dify's own reading of ids, and its list of conversations -------------
+
+
+class Dify(FakeDify):
+    """FakeDify with real Dify's reading of conversation ids and listing of new
+    conversations; with ``gated``, a streamed answer beginning a conversation waits (pinging, as
+    Dify does while a long retrieval runs) before its first event until ``gate``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gated = False
+        self._gate: asyncio.Event | None = None
+        self._begins: set[str] = set()  # the answers that begin a conversation
+
+    @property
+    def gate(self) -> asyncio.Event:
+        if self._gate is None:
+            self._gate = asyncio.Event()
+        return self._gate
+
+    def _plan(self, kind: str, params: dict[str, str], headers: dict[str, str], body: Any) -> Any:
+        begins = True
+        if kind == "chat" and isinstance(body, dict):
+            value = body.get("conversation_id")
+            begins = not value
+            if isinstance(value, str):
+                value = value.strip()
+                body = {**body, "conversation_id": str(uuid.UUID(value)) if value else None}
+        run = super()._plan(kind, params, headers, body)
+        if begins:
+            self._begins.add(run.task_id)
+        if kind == "chat" and all(c["id"] != run.conversation_id for c in self.conversations):
+            now = int(time.time())
+            self.conversations.insert(
+                0,
+                {
+                    "id": run.conversation_id,
+                    "name": "",
+                    "inputs": run.inputs,
+                    "status": "normal",
+                    "introduction": "",
+                    "created_at": now,
+                    "updated_at": now,
+                },
+            )
+        return run
+
+    async def _chat(self, run: Any, out: Any) -> None:
+        if self.gated and run.streaming and run.task_id in self._begins:
+            while not self.gate.is_set():
+                await out.write(out.ping())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.gate.wait(), 0.005)
+        await super()._chat(run, out)
+
+
+def _new_conversation(listing: httpx.Response, fake: Dify) -> str:
+    """The id ``GET /conversations`` names that the fake's defaults do not."""
+    defaults = {c["id"] for c in FakeDify(api_key=UPSTREAM_KEY).conversations}
+    found = [c["id"] for c in listing.json()["data"] if c["id"] not in defaults]
+    assert len(found) == 1, listing.text
+    return str(found[0])
+
+
+# --- another spelling of the same conversation -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spell",
+    [
+        str.upper,
+        lambda c: "{" + c + "}",
+        lambda c: "urn:uuid:" + c,
+        lambda c: c.replace("-", ""),
+        lambda c: f" {c}\n",
+    ],
+    ids=["upper", "braces", "urn", "no-hyphens", "whitespace"],
+)
+async def test_another_spelling_of_the_conversation_id_is_held_after_a_downgrade(
+    database_url: str, spell: Any
+) -> None:
+    """Attack: begin a conversation with advanced RAG while the plan has it; after a
+    downgrade, send the next message naming the conversation in another spelling
+    of its UUID. Dify reads it as the same conversation and runs advanced RAG with
+    its first inputs; the gateway's lookup (dict key, TEXT primary key) misses."""
+    fake = Dify(api_key=UPSTREAM_KEY)
+    async with running_gateway(database_url, fake=fake, settings=plans(advanced_rag=True)) as h:
+        conversation = conversation_of(await post(h, ADVANCED))
+        await h.gateway.accounts.set_plan(USER, "basic")
+        later = await post(h, {**CHAT, "conversation_id": spell(conversation)})
+    assert later.status_code == 403, (later.status_code, fake.ran_inputs)
+    assert fake.ran_inputs == [{"rag_mode": "advanced"}]
+
+
+# --- the client leaves before the first event -------------------------------------------
+
+
+async def _begin_and_leave(h: Harness, fake: Dify) -> None:
+    """Begin a conversation with advanced RAG, and leave before its first event."""
+    fake.gated = True
+    async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+        task = asyncio.create_task(
+            client.post("/v1/chat-messages", json=ADVANCED, headers=h.auth())
+        )
+        await until(lambda: bool(fake.conversation_inputs))  # Dify has the conversation
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    # The gateway notices at the next ping; then the first event comes.
+    await until(lambda: h.gateway.metrics.get("gateway_client_disconnects_total") >= 1)
+    fake.gate.set()
+    await h.probes.wait_finished(1)
+
+
+async def test_a_client_that_leaves_before_the_first_event_cannot_escape_the_row(
+    database_url: str,
+) -> None:
+    """Attack: begin a conversation with advanced RAG (counted once) and drop the
+    connection before the first event (during the retrieval). The gateway reads
+    the answer on (drain) but never feeds the hold, so no row is written; the
+    conversation's id is in ``GET /conversations``. After a downgrade (or with the
+    allowance spent) every later message in it runs advanced RAG uncounted."""
+    fake = Dify(api_key=UPSTREAM_KEY)
+    async with running_gateway(database_url, fake=fake, settings=plans(advanced_rag=True)) as h:
+        await _begin_and_leave(h, fake)
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            listing = await client.get("/v1/conversations", headers=h.auth())
+        conversation = _new_conversation(listing, fake)
+        kept = await h.storage.conversation_features(USER, conversation)
+        await h.gateway.accounts.set_plan(USER, "basic")
+        later = await post(h, {**CHAT, "conversation_id": conversation})
+    assert later.status_code == 403, (kept, later.status_code, fake.ran_inputs)
+
+
+# --- the id is known from the list before the hold lets go -----------------
+
+
+async def test_a_conversation_named_from_the_list_while_its_first_answer_is_held(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Attack across replicas: begin a conversation with advanced RAG on replica A;
+    while its first answer is held (Dify is still retrieving), read the new id
+    from ``GET /conversations`` and send a plain message naming it to replica B.
+    B finds no row yet and caches the miss (`Conversations.features`), so once the
+    first answer is over and the row kept, B still judges every later message by
+    its own inputs: advanced RAG past the downgrade, on B only."""
+    fake = Dify(api_key=UPSTREAM_KEY)
+    limits = {"advanced_rag": False}
+    # Each request reads the plan afresh (no cached key: the downgrade is seen at once).
+    settings = {
+        "plans": {"free": limits, "pro": {"advanced_rag": True}},
+        "auth": {"key_cache_ttl": 0},
+    }
+    async with two_gateways(database_url, tmp_path, fake, limits, settings=settings) as (
+        ports,
+        key,
+        storage,
+    ):
+        await storage.set_plan(USER, "pro")
+        fake.gated = True
+        auth = {"authorization": f"Bearer {key}"}
+        a, b = (f"http://127.0.0.1:{port}" for port in ports)
+        async with httpx.AsyncClient(timeout=20) as client:
+            first = asyncio.create_task(
+                client.post(f"{a}/v1/chat-messages", json=ADVANCED, headers=auth)
+            )
+            await until(lambda: bool(fake.conversation_inputs))
+            listing = await client.get(f"{b}/v1/conversations", headers=auth)
+            conversation = _new_conversation(listing, fake)
+            await storage.set_plan(USER, "free")
+            during = await client.post(
+                f"{b}/v1/chat-messages",
+                json={**CHAT, "conversation_id": conversation},
+                headers=auth,
+            )
+            fake.gate.set()
+            assert (await first).status_code == 200
+            kept = await storage.conversation_features(USER, conversation)
+            after_b, after_a = [
+                await client.post(
+                    f"{url}/v1/chat-messages",
+                    json={**CHAT, "conversation_id": conversation},
+                    headers=auth,
+                )
+                for url in (b, a)
+            ]
+    assert kept is not None and kept.advanced_rag  # the row is there by now
+    assert [during.status_code, after_b.status_code, after_a.status_code] == [403, 403, 403]
+
+
+@pytest.mark.parametrize("blank", [" ", "\n", " \t "])
+async def test_a_blank_conversation_id_begins_a_conversation_that_is_kept(
+    database_url: str, blank: str
+) -> None:
+    """Attack without any race: begin the conversation with advanced RAG and
+    ``conversation_id`` of white space only. Dify (ChatRequestPayload strips it:
+    blank is none) begins a new conversation with these inputs; the gateway
+    (`conversation_of`: a non-empty string continues one) neither holds the
+    answer nor keeps a row. Every later message then runs advanced RAG past the
+    downgrade."""
+    fake = Dify(api_key=UPSTREAM_KEY)
+    async with running_gateway(database_url, fake=fake, settings=plans(advanced_rag=True)) as h:
+        first = await post(h, {**ADVANCED, "conversation_id": blank})
+        conversation = conversation_of(first)
+        kept = await h.storage.conversation_features(USER, conversation)
+        await h.gateway.accounts.set_plan(USER, "basic")
+        later = await post(h, {**CHAT, "conversation_id": conversation})
+    assert first.status_code == 200
+    assert later.status_code == 403, (kept, later.status_code, fake.ran_inputs)

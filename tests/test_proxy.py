@@ -204,14 +204,30 @@ async def test_blocking_answers_are_recorded(gw: Harness, path: str) -> None:
     assert usage_of(event) == FULL and event.answer_id == "b-1"
 
 
-async def test_the_same_answer_id_is_recorded_once(gw: Harness) -> None:
-    for _ in range(3):
-        await stream(gw, "/v1/chat-messages", CHAT, **{"x-fake-message-id": "same"})
-    await gw.probes.wait_finished(3)
-    (event,) = await gw.events()
-    user = await gw.storage.get_user(USER)
-    assert user is not None and user.lifetime_tokens == 1168
-    assert gw.gateway.metrics.get("gateway_answers_duplicate_total") == 2
+async def test_answers_under_one_upstream_id_are_each_charged(database_url: str) -> None:
+    """Attack (review-once F1): an upstream that gives every answer the same
+    message id - two of alice's, one of bob's. Each is charged (under
+    ``<id>#<request id>`` after the first); only a record of the same request
+    is a duplicate (a retried write, a replayed spool line: tests/storage). The
+    id stays the first answer's (whose object it names)."""
+    async with running_gateway(database_url) as gw:
+        bob = await gw.add_user("bob")
+        for n, key in enumerate((gw.key, gw.key, bob), start=1):
+            headers = {"Authorization": f"Bearer {key}", "x-fake-message-id": "same"}
+            await stream(gw, "/v1/chat-messages", CHAT, **headers)
+            await gw.probes.wait_finished(n)
+        events = await gw.events()  # in settle order
+        assert [e.user_id for e in events] == [USER, USER, "bob"]
+        assert [e.answer_id for e in events] == ["same"] + [
+            f"same#{e.request_id}" for e in events[1:]
+        ]
+        assert all(usage_of(e) == FULL for e in events)
+        for user, answers in ((USER, 2), ("bob", 1)):
+            charged = await gw.storage.get_user(user)
+            assert charged is not None and charged.lifetime_tokens == answers * 1168
+        assert gw.gateway.metrics.get("gateway_answers_duplicate_total") == 0
+        owner = await gw.storage.answer_owner("same")
+        assert owner is not None and owner.user_id == USER
 
 
 # --- failures ---------------------------------------------------------------------------

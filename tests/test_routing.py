@@ -396,6 +396,39 @@ async def test_a_stored_response_is_only_the_owners(
     ]
 
 
+SAME = "resp_repeated0123456789abcdef"
+
+
+async def test_a_response_id_an_upstream_repeats_charges_both_and_stays_the_firsts(
+    openai_gw: tuple[Harness, StoredObjects],
+) -> None:
+    """Attack (review-once F1): an upstream gives bob's answer the id it gave
+    alice's. Both are charged (bob's under ``<id>#<request id>``), and the id
+    still names alice's object: bob reads it no more than before."""
+    h, upstream = openai_gw
+    bob = await h.add_user("bob")
+    same = {"x-fake-id": SAME}
+    body = {"model": "gpt-4o-mini", "input": "hi"}
+    for key in (None, bob):
+        created = await request(h, "POST", "/v1/responses", key=key, headers=same, json=body)
+        assert created.status_code == 200 and created.json()["id"] == SAME
+        await h.probes.wait_finished(1 if key is None else 2)
+    events = {e.user_id: e for e in await h.events()}
+    assert events["alice"].answer_id == SAME
+    assert events["bob"].answer_id == f"{SAME}#{events['bob'].request_id}"
+    for user in ("alice", "bob"):
+        charged = await h.storage.get_user(user)
+        assert charged is not None and charged.lifetime_tokens == events[user].total_tokens > 0
+    # The object is alice's: bob is refused it, and no path names his row's
+    # id (a '#' in a path is refused: gateway/http.py, canonical_path).
+    openai_error(await request(h, "GET", f"/v1/responses/{SAME}", key=bob), 404, "not_found")
+    own_row = events["bob"].answer_id.replace("#", "%23")
+    openai_error(await request(h, "GET", f"/v1/responses/{own_row}", key=bob), 400, "invalid_param")
+    assert upstream.seen == []
+    assert (await request(h, "GET", f"/v1/responses/{SAME}")).status_code == 200
+    assert upstream.seen == [("GET", f"/responses/{SAME}")]
+
+
 async def test_a_stored_response_older_than_the_history_window_is_not_read(
     database_url: str,
 ) -> None:

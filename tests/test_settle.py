@@ -307,3 +307,31 @@ async def test_a_record_given_up_in_flight_is_spooled_and_counted_once(
     assert await healthy.replay() == 1
     user = await storage.get_user("alice")
     assert user is not None and user.lifetime_tokens == 1168
+
+
+async def test_a_landed_record_under_an_id_another_request_took_is_replayed_once(
+    storage: Storage, tmp_path: Path
+) -> None:
+    """An answer whose id an earlier request's answer has (an upstream that
+    repeats ids, review-once F1), given up in flight after its write landed and
+    replayed from the spool: charged, once (same request: a duplicate)."""
+    await storage.ensure_user("alice", plan="free")
+    assert await storage.settle(replace(EVENT, request_id="r0", total_tokens=10))
+    spool = tmp_path / "spool.jsonl"
+    held = Held(storage, lands=True)
+    settler = Settler(held, metrics=Metrics(), spool=spool)  # type: ignore[arg-type]
+    recording = asyncio.ensure_future(settler.record(replace(EVENT, request_id="r1")))
+    await held.entered.wait()
+    recording.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await recording
+    assert len(spooled_lines(spool)) == 1
+
+    metrics = Metrics()
+    healthy = Settler(storage, metrics=metrics, spool=spool)
+    assert await healthy.replay() == 1
+    assert metrics.get("gateway_answers_duplicate_total") == 1
+    events = [e async for e in storage.events(EVENT.day, EVENT.day)]
+    assert [(e.answer_id, e.total_tokens) for e in events] == [("m1", 10), ("m1#r1", 1168)]
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 10 + 1168

@@ -406,7 +406,9 @@ def admission(
 class UsageEvent:
     """One settled answer: a row of the ledger."""
 
-    answer_id: str  # the upstream's message id or workflow run id; unique
+    # The upstream's message id or workflow run id; unique: one that another
+    # request's answer holds is recorded as "<id>#<request id>" (`Accounting.settle`).
+    answer_id: str
     user_id: str
     day: date
     created_at: datetime
@@ -817,15 +819,26 @@ class Accounting(Protocol):
     ) -> bool:
         """Record one answer in the ledger, the day row and the lifetime totals,
         in one transaction, releasing its lease. Returns False, changing nothing
-        else, when the answer id is already recorded - or, with ``pending_id``,
-        when that pending answer is no longer there (settled or refunded
-        already); it is removed otherwise, and the web search admission reserved
-        with it is replaced by the count the answer used (``web_searches``).
+        else, when this request's answer is already recorded (a row under its id,
+        or one derived from it below, with the same ``request_id``: a retried
+        write, a replayed spool line) - or, with ``pending_id``, when that
+        pending answer is no longer there (settled or refunded already); it is
+        removed otherwise, and the web search admission reserved with it is
+        replaced by the count the answer used (``web_searches``).
+
+        An answer id the ledger holds for another request's answer (an upstream
+        repeating ids, review-once F1) is a new answer: recorded, and charged,
+        under ``<id>#<request id>`` (that too taken by another request's: with
+        ``#<request id>`` added again, and so on). The row of the id itself
+        stays the first answer's (`answer_owner`). An event with no
+        ``request_id`` cannot be told from another request's: its id taken, it
+        is a duplicate.
 
         With ``pending_id`` whose pending answer a recovery charged as an
         estimate (the ledger row ``gw-<pending id>``, outcome "recovered"), the
         answer supersedes the estimate, once: that ledger row takes this
-        answer's id and figures, and the day row and lifetime totals move by
+        answer's id (as above: ``<id>#<request id>`` when another request's
+        answer holds it) and figures, and the day row and lifetime totals move by
         the difference. Returns True then; a second settle finds no estimate
         left and changes nothing.
 
@@ -837,8 +850,9 @@ class Accounting(Protocol):
 
     async def recover(self, *, before: datetime, now: datetime, limit: int = 100) -> list[str]:
         """Charge up to ``limit`` pending answers admitted before ``before`` as
-        estimates (outcome "recovered", answer id ``gw-<pending id>``, request id
-        the pending id, recorded at ``now``), releasing their leases; their
+        estimates (outcome "recovered", answer id ``gw-<pending id>`` - as in
+        `settle` when another request's answer holds it -, request id the
+        pending id, recorded at ``now``), releasing their leases; their
         queries, and any web search reserved, stay spent. Returns the
         pending ids recovered. Safe to run from many processes at once: each
         pending answer is recovered by one of them, or settled by its gateway.
@@ -974,7 +988,9 @@ class Ownership(Protocol):
     async def answer_owner(self, answer_id: str) -> AnswerOwner | None:
         """The user whose ledger row has this answer id (an upstream object id such as
         OpenAI's ``resp_...``) and the upstream that gave it, or None when the
-        ledger has no such answer. Read before a caller may see or change the
+        ledger has no such answer. The row of the id is its first answer's: one
+        the upstream gave another request later under the same id is kept under
+        ``<id>#<request id>`` (`settle`), and does not make its user the owner. Read before a caller may see or change the
         object the answer created (and to send the request where it is kept)."""
         ...
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import sqlite3
@@ -880,10 +881,10 @@ def _supersede(conn: sqlite3.Connection, pending_id: str, event: UsageEvent) -> 
     """The answer's real record replaces the estimate a recovery charged for its
     pending row (docs/quotas.md, "Crash safety"): the ledger row takes the real
     figures and the day row, lifetime totals and per-model counters move by the
-    difference. False,
-    changing nothing, when there is no such estimate (it was superseded already,
-    or the row was settled or refunded) or the real answer id is in the ledger
-    under another row."""
+    difference. False, changing nothing, when there is no such estimate (it was
+    superseded already, or the row was settled or refunded) or this request's
+    answer is in the ledger already; a real id another request's answer holds
+    is this answer's under the id `_answer_id` gives it."""
     old = conn.execute(
         "SELECT answer_id, day, prompt_tokens, completion_tokens, total_tokens, cost, "
         "web_searches, scopes FROM usage_events WHERE answer_id = ? AND outcome = 'recovered' "
@@ -892,14 +893,11 @@ def _supersede(conn: sqlite3.Connection, pending_id: str, event: UsageEvent) -> 
     ).fetchone()
     if old is None:
         return False
-    if (
-        event.answer_id != old[0]
-        and conn.execute(
-            "SELECT 1 FROM usage_events WHERE answer_id = ?", (event.answer_id,)
-        ).fetchone()
-        is not None
-    ):
-        return False
+    if event.answer_id != old[0]:
+        answer_id = _answer_id(conn, event.answer_id, event.request_id)
+        if answer_id is None:
+            return False
+        event = dataclasses.replace(event, answer_id=answer_id)
     cost = Decimal(event.cost)
     conn.execute(
         "UPDATE usage_events SET answer_id = ?, created_at = ?, endpoint = ?, "
@@ -964,11 +962,74 @@ def _supersede(conn: sqlite3.Connection, pending_id: str, event: UsageEvent) -> 
     return True
 
 
-def _record(conn: sqlite3.Connection, event: UsageEvent) -> bool:
-    """Write one answer to the ledger, the day row and the lifetime totals; False,
-    changing nothing, when its answer id is recorded already."""
+def _answer_id(conn: sqlite3.Connection, answer_id: str, request_id: str | None) -> str | None:
+    """The ledger id an answer of request ``request_id`` is recorded under when
+    its own, ``answer_id``, may be taken (review-once F1; PostgreSQL's
+    gateway_answer_id): ``answer_id`` if no row holds it; None if the row that
+    does is this request's (a retried write, a replayed spool line: a
+    duplicate); else that row is another request's answer under the same
+    upstream id (a buggy or hostile upstream repeating it), and this one is a
+    new answer under ``<id>#<request id>``, looked up the same way in turn (an
+    upstream may know request ids: dialects pass them on). The upstream's own
+    id stays the first answer's, so `answer_owner` names its user. A record
+    with no request id cannot be told from another request's: a duplicate."""
+    while True:
+        row = conn.execute(
+            "SELECT request_id FROM usage_events WHERE answer_id = ?", (answer_id,)
+        ).fetchone()
+        if row is None:
+            return answer_id
+        if request_id is None or row[0] == request_id:
+            return None
+        answer_id = f"{answer_id}#{request_id}"
+
+
+def _record(conn: sqlite3.Connection, event: UsageEvent) -> str | None:
+    """Write one answer to the ledger, the day row and the lifetime totals; the id
+    it is recorded under (its own, or the one `_answer_id` gives it when another
+    request's answer holds that), or None, changing nothing, when this request's
+    answer is recorded already."""
+    if not _insert_event(conn, event):
+        # Taken: by this request's record, or another request's answer.
+        answer_id = _answer_id(conn, event.answer_id, event.request_id)
+        if answer_id is None:
+            return None
+        event = dataclasses.replace(event, answer_id=answer_id)
+        _insert_event(conn, event)  # free: the write lock is held
     cost = str(event.cost)
-    inserted = conn.execute(
+    conn.execute(
+        "INSERT INTO usage_daily (user_id, day, web_searches, prompt_tokens, completion_tokens, "
+        "total_tokens, cost) VALUES (?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (user_id, day) DO UPDATE SET "
+        "web_searches = web_searches + excluded.web_searches, "
+        "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+        "completion_tokens = completion_tokens + excluded.completion_tokens, "
+        "total_tokens = total_tokens + excluded.total_tokens, "
+        "cost = dec_add(cost, excluded.cost)",
+        (
+            event.user_id,
+            event.day.isoformat(),
+            event.web_searches,
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.total_tokens,
+            cost,
+        ),
+    )
+    conn.execute(
+        "UPDATE users SET lifetime_prompt_tokens = lifetime_prompt_tokens + ?, "
+        "lifetime_completion_tokens = lifetime_completion_tokens + ?, "
+        "lifetime_tokens = lifetime_tokens + ?, lifetime_cost = dec_add(lifetime_cost, ?) "
+        "WHERE id = ?",
+        (event.prompt_tokens, event.completion_tokens, event.total_tokens, cost, event.user_id),
+    )
+    return event.answer_id
+
+
+def _insert_event(conn: sqlite3.Connection, event: UsageEvent) -> bool:
+    """The ledger row of an answer; False, writing nothing, when its id is taken."""
+    cost = str(event.cost)
+    inserted: int = conn.execute(
         f"INSERT INTO usage_events ({EVENT_COLUMNS}) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (answer_id) DO NOTHING",
@@ -997,35 +1058,7 @@ def _record(conn: sqlite3.Connection, event: UsageEvent) -> bool:
             event.upstream,
         ),
     ).rowcount
-    if not inserted:
-        return False
-    conn.execute(
-        "INSERT INTO usage_daily (user_id, day, web_searches, prompt_tokens, completion_tokens, "
-        "total_tokens, cost) VALUES (?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (user_id, day) DO UPDATE SET "
-        "web_searches = web_searches + excluded.web_searches, "
-        "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-        "completion_tokens = completion_tokens + excluded.completion_tokens, "
-        "total_tokens = total_tokens + excluded.total_tokens, "
-        "cost = dec_add(cost, excluded.cost)",
-        (
-            event.user_id,
-            event.day.isoformat(),
-            event.web_searches,
-            event.prompt_tokens,
-            event.completion_tokens,
-            event.total_tokens,
-            cost,
-        ),
-    )
-    conn.execute(
-        "UPDATE users SET lifetime_prompt_tokens = lifetime_prompt_tokens + ?, "
-        "lifetime_completion_tokens = lifetime_completion_tokens + ?, "
-        "lifetime_tokens = lifetime_tokens + ?, lifetime_cost = dec_add(lifetime_cost, ?) "
-        "WHERE id = ?",
-        (event.prompt_tokens, event.completion_tokens, event.total_tokens, cost, event.user_id),
-    )
-    return True
+    return inserted > 0
 
 
 class SQLiteStorage:
@@ -2058,8 +2091,8 @@ class SQLiteStorage:
                 assert pending_id is not None
                 recorded = _supersede(conn, pending_id, event)
             else:
-                recorded = _record(conn, event)
-                # Whether or not the answer id was new, the reservation ends here.
+                recorded = _record(conn, event) is not None
+                # Whether or not the answer was new, the reservation ends here.
                 _release(conn, event.user_id, claimed)
                 if recorded:
                     _add_models(
@@ -2124,24 +2157,27 @@ class SQLiteStorage:
                     # The cost bound's reservation ends: the estimate below is
                     # charged instead (admission made it at least the bound).
                     _release(conn, user_id, claimed._replace(web_searches=0))
-                recorded = _record(
-                    conn,
-                    UsageEvent(
-                        answer_id=f"gw-{pending_id}",
-                        user_id=user_id,
-                        day=date.fromisoformat(day),
-                        created_at=now,
-                        endpoint=endpoint,
-                        prompt_tokens=prompt,
-                        completion_tokens=completion,
-                        total_tokens=total,
-                        cost=cost,
-                        currency=currency,
-                        outcome="recovered",
-                        estimated=True,
-                        request_id=pending_id,
-                        upstream=upstream,
-                    ),
+                recorded = (
+                    _record(
+                        conn,
+                        UsageEvent(
+                            answer_id=f"gw-{pending_id}",
+                            user_id=user_id,
+                            day=date.fromisoformat(day),
+                            created_at=now,
+                            endpoint=endpoint,
+                            prompt_tokens=prompt,
+                            completion_tokens=completion,
+                            total_tokens=total,
+                            cost=cost,
+                            currency=currency,
+                            outcome="recovered",
+                            estimated=True,
+                            request_id=pending_id,
+                            upstream=upstream,
+                        ),
+                    )
+                    is not None
                 )
                 if recorded and claimed is not None:
                     _add_models(
@@ -2163,12 +2199,16 @@ class SQLiteStorage:
                     # may have searched): the day row has it already, the ledger
                     # row now says so too, so a superseding record can correct it;
                     # so can it the per-model counters the row names (scopes).
+                    # (Its request's: under another id, `_answer_id`'s, when an
+                    # upstream named another answer so; none supersedes that.)
                     conn.execute(
-                        "UPDATE usage_events SET web_searches = ?, scopes = ? WHERE answer_id = ?",
+                        "UPDATE usage_events SET web_searches = ?, scopes = ? "
+                        "WHERE answer_id = ? AND request_id = ?",
                         (
                             web_searches,
                             orjson.dumps(keys).decode() if keys else None,
                             f"gw-{pending_id}",
+                            pending_id,
                         ),
                     )
             return [row[0] for row in rows]

@@ -673,6 +673,8 @@ class DifyUpstream:
     ) -> Prepared:
         if body is not None:
             body["user"] = user_id
+            # The conversation as the gateway reads it (review-conv F1).
+            dify_routes.canonical_conversation(route, body)
         # Requests without a body name the user in the query; any other request
         # that names one there gets it replaced, in whatever spelling it was given.
         query = with_param(query, "user", user_id, add=method in _QUERY_USER_METHODS)

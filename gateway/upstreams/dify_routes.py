@@ -30,6 +30,7 @@ __all__ = [
     "UPLOAD",
     "WORKFLOW",
     "asks_to_generate",
+    "canonical_conversation",
     "conversation_of",
     "dify_route",
     "names_new_conversation",
@@ -193,27 +194,43 @@ def _false_to_every_version(value: object) -> bool:
 
 def conversation_of(route: Route, body: dict[str, Any] | None) -> str | None:
     """The conversation a chat message continues, "" for a message that begins
-    one (``conversation_id`` absent, null or empty); None for any other route.
-    Dify answers a conversation's later messages with the inputs its first
-    message gave (review-limits F5): gateway/conversations.py holds them to
-    what that message asked for."""
+    one; None for any other route. Dify answers a conversation's later messages
+    with the inputs its first message gave (review-limits F5):
+    gateway/conversations.py holds them to what that message asked for.
+
+    The id as Dify reads it (``normalize_conversation_id``): stripped, blank (or
+    absent, null, empty) begins a conversation, and anything else is read as a
+    UUID (``uuid.UUID``: upper case, braces, a ``urn:uuid:`` prefix or no
+    hyphens name the same conversation), so the gateway keeps and looks it up
+    in its canonical form. The dialect forwards that form (`canonical_conversation`):
+    the gateway and Dify read one value."""
     if route is not CHAT or body is None:
         return None
     found = body.get("conversation_id")
-    # Dify reads the id as a UUID (``uuid.UUID``: upper case, braces, a
-    # ``urn:uuid:`` prefix or no hyphens name the same conversation): kept and
-    # looked up in its canonical form, or any spelling would be a new one.
-    return canonical_uuid(found) if isinstance(found, str) and found else ""
+    if not isinstance(found, str):
+        return ""
+    found = found.strip()
+    return canonical_uuid(found) if found else ""
+
+
+def canonical_conversation(route: Route, body: dict[str, Any] | None) -> None:
+    """Write a chat message's ``conversation_id`` in the form `conversation_of`
+    reads (canonical, "" for blank), so that Dify reads what the gateway judged."""
+    if body is not None and isinstance(body.get("conversation_id"), str):
+        read = conversation_of(route, body)
+        if read is not None:
+            body["conversation_id"] = read
 
 
 def names_new_conversation(route: Route, body: dict[str, Any] | None) -> bool:
     """Whether a chat request starts a conversation whose title Dify generates
-    with the app's model (review F6): no ``conversation_id`` (absent, null or
-    empty: Dify starts a new one) and ``auto_generate_name`` not false (absent
-    is true: Dify's default). An explicit null is no generation (reqparse keeps
-    it as None; pydantic refuses the request)."""
-    if route is not CHAT or body is None or body.get("conversation_id"):
+    with the app's model (review F6): no ``conversation_id`` (absent, null,
+    empty or blank: Dify starts a new one) and ``auto_generate_name`` not false
+    (absent is true: Dify's default). An explicit null is no generation
+    (reqparse keeps it as None; pydantic refuses the request)."""
+    if conversation_of(route, body) != "":
         return False
+    assert body is not None
     if "auto_generate_name" not in body:
         return True
     value = body["auto_generate_name"]

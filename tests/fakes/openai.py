@@ -21,6 +21,8 @@ Tests steer it per request with headers:
   (``cache_creation_input_tokens``, ``prompt_tokens_details`` with
   ``cache_creation_tokens``...);
 - ``x-fake-model``: the model it says answered (default: the one asked for);
+- ``x-fake-id``: the answer's id (default: one of its own for each answer), as
+  an upstream that repeats ids does;
 - ``x-fake-delay-ms``: the pause between two streamed events;
 - ``x-fake-status``: answer with this HTTP error status, in OpenAI's error shape;
 - ``x-fake-tool-calls``: a comma-separated list of output item types
@@ -148,7 +150,7 @@ class _Answer:
         self.container = headers.get("x-fake-container", "cntr_fake")
         self.usage_extra: JSON = orjson.loads(headers.get("x-fake-usage-extra", "{}"))
         self.created = int(time.time())
-        self.id = {
+        self.id = headers.get("x-fake-id") or {
             "/chat/completions": f"chatcmpl-fake{n:06d}",
             "/completions": f"cmpl-fake{n:06d}",
             "/responses": f"resp_fake{n:06d}",

@@ -1620,7 +1620,8 @@ async def test_only_the_estimate_of_the_same_request_and_user_is_superseded(
     assert await storage.recover(before=LATER, now=LATER) == ["r1", "r2"]
     # Another user's record naming alice's request: not hers to replace.
     assert not await storage.settle(event("m1", user="bob", tokens=70), pending_id="r1")
-    # A real answer id already in the ledger as another row: the estimate stays.
+    # A real answer id already in the ledger as another row, by a record that
+    # names no request (so cannot be told from that row's): the estimate stays.
     assert await storage.settle(event("m2", tokens=30))
     assert not await storage.settle(event("m2", tokens=30), pending_id="r2")
     assert sorted((e.answer_id, e.total_tokens) for e in await all_events(storage)) == [
@@ -1664,6 +1665,117 @@ async def test_racing_replays_of_a_record_supersede_its_estimate_once(
     assert await day_row(storage) == (10, 5, 1000)
     user = await storage.get_user("alice")
     assert user is not None and user.lifetime_tokens == 1000
+
+
+# --- answers under one upstream id (review-once F1) -----------------------------------------
+
+
+async def test_another_requests_answer_under_a_taken_id_is_charged(storage: Storage) -> None:
+    """Attack: an upstream (buggy or hostile) that repeats an answer id. Only a
+    record of the same request is a duplicate (a retried write, a replayed
+    spool line); another request's answer under the id is a new answer,
+    charged under ``<id>#<request id>``, and the id stays the first answer's."""
+    await storage.ensure_user("alice", plan="free")
+    await storage.ensure_user("bob", plan="free")
+    for name in ("r2", "r4"):
+        await admit_pending(storage, name)
+    assert await storage.settle(event("x", tokens=100, request_id="r1"))
+    # Alice's next answer and bob's, under the same id: each charged.
+    assert await storage.settle(event("x", tokens=40, request_id="r2"), pending_id="r2")
+    assert await storage.settle(event("x", user="bob", tokens=7, request_id="r3"))
+    # Replays of each record (with its pending row, or none: a fail-open
+    # answer): nothing more.
+    assert not await storage.settle(event("x", tokens=100, request_id="r1"))
+    assert not await storage.settle(event("x", tokens=40, request_id="r2"), pending_id="r2")
+    assert not await storage.settle(event("x", tokens=40, request_id="r2"))
+    assert not await storage.settle(event("x", user="bob", tokens=7, request_id="r3"))
+    # An upstream that named an answer of its own the id this request's would
+    # take (it may know request ids: they are passed on as trace ids).
+    assert await storage.settle(event("y#r4", user="bob", tokens=3, request_id="r9"))
+    assert await storage.settle(event("y", tokens=1, request_id="r8"))
+    assert await storage.settle(event("y", tokens=5, request_id="r4"), pending_id="r4")
+    assert not await storage.settle(event("y", tokens=5, request_id="r4"))
+    rows = sorted(
+        (e.answer_id, e.user_id, e.request_id, e.total_tokens) for e in await all_events(storage)
+    )
+    assert rows == [
+        ("x", "alice", "r1", 100),
+        ("x#r2", "alice", "r2", 40),
+        ("x#r3", "bob", "r3", 7),
+        ("y", "alice", "r8", 1),
+        ("y#r4", "bob", "r9", 3),
+        ("y#r4#r4", "alice", "r4", 5),
+    ]
+    users = {u: await storage.get_user(u) for u in ("alice", "bob")}
+    assert {u: user.lifetime_tokens for u, user in users.items() if user} == {
+        "alice": 146,
+        "bob": 10,
+    }
+    assert await day_row(storage) == (2, 0, 146)
+    assert await day_row(storage, "bob") == (0, 0, 10)
+    # Whose the object is: the first answer's user, not the one the upstream
+    # gave the same id later.
+    owner = await storage.answer_owner("x")
+    assert owner is not None and owner.user_id == "alice"
+    owner = await storage.answer_owner("y#r4")
+    assert owner is not None and owner.user_id == "bob"
+
+
+async def test_a_record_under_an_id_another_request_took_supersedes_its_estimate(
+    storage: Storage,
+) -> None:
+    """A recovered estimate whose real record comes back under an id another
+    request's answer took meanwhile: the record replaces the estimate (under its
+    own id), once; it neither doubles it nor leaves it."""
+    await storage.ensure_user("alice", plan="free")
+    await storage.ensure_user("bob", plan="free")
+    await admit_web(storage, "r1", limit=5)  # one web search reserved
+    assert await storage.recover(before=LATER, now=LATER) == ["r1"]
+    assert await day_row(storage) == (1, 1, 25)
+    assert await storage.settle(event("x", user="bob", tokens=70, request_id="r9"))
+    real = event("x", tokens=300, web_searches=0, request_id="r1", model="o3", cached_tokens=4)
+    assert await storage.settle(real, lease_id="r1", pending_id="r1")
+    # Replayed: nothing changes.
+    assert not await storage.settle(real, lease_id="r1", pending_id="r1")
+    assert not await storage.settle(real)
+    rows = {e.answer_id: e for e in await all_events(storage)}
+    assert sorted(rows) == ["x", "x#r1"]
+    mine = rows["x#r1"]
+    assert (mine.user_id, mine.request_id, mine.total_tokens, mine.outcome) == (
+        "alice",
+        "r1",
+        300,
+        "complete",
+    )
+    assert (mine.model, mine.cached_tokens, mine.web_searches) == ("o3", 4, 0)
+    assert (rows["x"].user_id, rows["x"].total_tokens) == ("bob", 70)
+    assert await day_row(storage) == (1, 0, 300)
+    assert await day_row(storage, "bob") == (0, 0, 70)
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 300
+    owner = await storage.answer_owner("x")
+    assert owner is not None and owner.user_id == "bob"
+
+
+async def test_an_estimate_under_an_id_another_answer_took_is_charged(storage: Storage) -> None:
+    """An upstream that named bob's answer ``gw-<alice's request id>``: alice's
+    recovered estimate is charged all the same, and bob's row is left as it is."""
+    await storage.ensure_user("alice", plan="free")
+    await storage.ensure_user("bob", plan="free")
+    await admit_web(storage, "r1", limit=5)
+    assert await storage.settle(event("gw-r1", user="bob", tokens=70, request_id="r9"))
+    assert await storage.recover(before=LATER, now=LATER) == ["r1"]
+    rows = sorted(
+        (e.answer_id, e.user_id, e.total_tokens, e.outcome, e.web_searches)
+        for e in await all_events(storage)
+    )
+    assert rows == [
+        ("gw-r1", "bob", 70, "complete", 0),
+        ("gw-r1#r1", "alice", 25, "recovered", 0),
+    ]
+    assert await day_row(storage) == (1, 1, 25)
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 25
 
 
 # --- ownership (issue 20, default deny) ----------------------------------------------------

@@ -603,6 +603,60 @@ async def test_batched_settles_write_what_single_settles_would(batching: Storage
     assert all(len(a.deliveries) == 2 for a in crossings)
 
 
+async def test_a_batch_charges_answers_under_ids_other_requests_took(batching: Storage) -> None:
+    """Attack (review-once F1), batched: an upstream repeating answer ids. An
+    element whose id the ledger, or an element before it in the batch, holds
+    for another request is a new answer (under ``<id>#<request id>``); one of
+    the same request - a replayed record, with its pending row or none - is
+    a duplicate, as when the settles are made one by one."""
+    pg = batching
+    for user in ("alice", "bob"):
+        await pg.ensure_user(user, plan="free")
+
+    def answer(answer_id: str, user: str, request: str, tokens: int) -> UsageEvent:
+        return dataclasses.replace(settle_event(answer_id, user, tokens), request_id=request)
+
+    assert await pg.settle(answer("x", "alice", "r0", 1))
+    names = ["r1", "r2", "r3", "r4"]
+    await asyncio.gather(*(admit(pg, "bob" if i % 2 else "alice", n) for i, n in enumerate(names)))
+    batches_before, sent_before = group_sent(pg, "settle")
+    results = await asyncio.gather(
+        pg.settle(answer("m", "alice", "r5", 1)),  # a fail-open answer (no pending row)
+        pg.settle(answer("x", "alice", "r1", 10), pending_id="r1"),  # x: r0's, in the ledger
+        pg.settle(answer("x", "bob", "r2", 20), pending_id="r2"),
+        pg.settle(answer("y", "alice", "r3", 30), pending_id="r3"),
+        pg.settle(answer("y", "bob", "r4", 40), pending_id="r4"),  # y: r3's, in the batch
+        # Replays.
+        pg.settle(answer("x", "alice", "r1", 10), pending_id="r1"),
+        pg.settle(answer("y", "bob", "r4", 40)),
+        pg.settle(answer("x", "alice", "r0", 1)),
+        pg.settle(answer("m", "alice", "r5", 1)),
+    )
+    assert results == [True] * 5 + [False] * 4
+    batches, sent = group_sent(pg, "settle")
+    assert sent - sent_before == 9 and batches - batches_before < 9
+    rows = sorted(
+        [(e.answer_id, e.user_id, e.request_id, e.total_tokens) async for e in pg.events(DAY, DAY)]
+    )
+    assert rows == [
+        ("m", "alice", "r5", 1),
+        ("x", "alice", "r0", 1),
+        ("x#r1", "alice", "r1", 10),
+        ("x#r2", "bob", "r2", 20),
+        ("y", "alice", "r3", 30),
+        ("y#r4", "bob", "r4", 40),
+    ]
+    users = {u: await pg.get_user(u) for u in ("alice", "bob")}
+    assert {u: user.lifetime_tokens for u, user in users.items() if user} == {
+        "alice": 42,
+        "bob": 60,
+    }
+    days = {d.user_id: (d.queries, d.total_tokens) for d in await pg.daily(DAY, DAY)}
+    assert days == {"alice": (2, 42), "bob": (2, 60)}
+    owner = await pg.answer_owner("x")
+    assert owner is not None and owner.user_id == "alice"
+
+
 async def test_a_settle_for_a_deleted_user_fails_alone(batching: Storage) -> None:
     pg = batching
     await pg.ensure_user("alice", plan="free")
@@ -900,11 +954,15 @@ async def test_a_batch_writes_what_its_calls_one_by_one_would(postgres_dsn: str,
     # after the whole batch (gateway_settle_many): it announces every crossing
     # the calls one by one announce - possibly with a larger count, possibly
     # one more that only a later call without checks reached - and each one it
-    # announces is real.
+    # announces is real. (Such a later call can make a batch announce a
+    # crossing in the first round that one by one a call of the second round
+    # announced, with what it counted by then: a count smaller than that
+    # call's, by an earlier answer's check.)
     found = {row[:4]: row for row in tables_batched["notifications"]}
-    for user, kind, period, threshold, _value, used, _ in tables_one_by_one["notifications"]:
+    for user, kind, period, threshold, _value, used, at in tables_one_by_one["notifications"]:
         assert (user, kind, period, threshold) in found
-        assert found[user, kind, period, threshold][5] >= used
+        batch = found[user, kind, period, threshold]
+        assert batch[5] >= used or batch[6] < at
     for _user, _kind, _period, threshold, value, used, _ in found.values():
         assert used * 100 >= value * threshold
     # One outbox row per channel for each crossing.

@@ -52,10 +52,13 @@ BEGIN
         END IF;
         IF v_recorded AND (r.web_searches <> 0 OR cardinality(r.scopes) > 0) THEN
             -- The ledger row keeps what a superseding record corrects: the web
-            -- searches reserved and the per-model counters' keys (0016).
+            -- searches reserved and the per-model counters' keys (0016). (Its
+            -- request's: an upstream could have named another answer
+            -- 'gw-<this request id>', and the estimate then went in under
+            -- another id, gateway_answer_id; no record supersedes that one.)
             UPDATE usage_events SET web_searches = r.web_searches,
                 scopes = CASE WHEN cardinality(r.scopes) > 0 THEN r.scopes END
-            WHERE answer_id = 'gw-' || r.id;
+            WHERE answer_id = 'gw-' || r.id AND request_id = r.id;
         END IF;
         IF cardinality(r.scopes) > 0 THEN
             PERFORM gateway_add_models(

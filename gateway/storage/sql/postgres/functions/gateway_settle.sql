@@ -5,9 +5,11 @@
 --    recovery then finds it gone; a settle whose pending row a recovery took
 --    supersedes the estimate it charged (gateway_supersede, 0011);
 -- 2. releases the lease and writes the answer - the ledger row with its model
---    and token parts, the lifetime totals, the day row - unless the answer id
---    is recorded already (the ledger's unique index decides, also across
---    replicas): then it changes nothing but ending the reservations;
+--    and token parts, the lifetime totals, the day row - unless this
+--    request's answer is recorded already (the ledger's unique index decides,
+--    also across replicas; an id another request's answer holds is a new
+--    answer under an id of its own, gateway_answer_id): then it changes
+--    nothing but ending the reservations;
 -- 3. ends the reservations made with the pending row (web searches, the cost
 --    bound, per-model counters) whether or not the answer was new, and counts
 --    its tokens in the token rates its admission counted it in;
@@ -42,6 +44,7 @@ DECLARE
     v_keys text[];
     v_recovered boolean;
     v_settled boolean;
+    v_answer text;
     -- true: the reservations ended on the answer's day row (NULL: not yet).
     v_ended boolean;
     -- Today's counters (both rows) and the month's tokens, for the alert
@@ -76,23 +79,18 @@ BEGIN
     IF v_recovered THEN
         -- A recovery took the pending row and charged an estimate.
         DELETE FROM stream_leases WHERE id = p_lease;
+        -- The estimate's row takes the answer's figures, its model and token
+        -- parts (0006, 0014) with them.
         IF NOT gateway_supersede(
             p_pending, p_answer_id, p_user, p_created_at, p_endpoint, p_prompt, p_completion,
             p_total, p_cost, p_currency, p_outcome, p_estimated, p_web_searches, p_conversation,
-            p_request, p_upstream_ms, p_overhead_ms, p_upstream
+            p_request, p_upstream_ms, p_overhead_ms, p_upstream, p_model, p_cached, p_reasoning,
+            p_cache_write
         ) THEN
             IF p_batched THEN
                 v_set := set_config('lock_timeout', v_timeout, true);
             END IF;
             RETURN false;
-        END IF;
-        -- The estimate's row now holds the answer's figures; its model and
-        -- token parts (0006, 0014) go with them.
-        IF p_model IS NOT NULL OR p_cached <> 0 OR p_reasoning <> 0 OR p_cache_write <> 0 THEN
-            UPDATE usage_events SET
-                model = p_model, cached_tokens = p_cached, reasoning_tokens = p_reasoning,
-                cache_write_tokens = p_cache_write
-            WHERE answer_id = p_answer_id;
         END IF;
     ELSE
         IF p_lease IS NOT NULL THEN
@@ -100,18 +98,28 @@ BEGIN
         END IF;
         -- A second settle of the same answer waits here on the unique index
         -- until the first commits, then inserts nothing and changes nothing.
-        INSERT INTO usage_events (
-            answer_id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens,
-            total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id,
-            request_id, upstream_latency_ms, overhead_ms, model, cached_tokens,
-            reasoning_tokens, cache_write_tokens, upstream
-        ) VALUES (
-            p_answer_id, p_user, p_day, p_created_at, p_endpoint, p_prompt, p_completion,
-            p_total, p_cost, p_currency, p_outcome, p_estimated, p_web_searches, p_conversation,
-            p_request, p_upstream_ms, p_overhead_ms, p_model, p_cached, p_reasoning,
-            p_cache_write, p_upstream
-        ) ON CONFLICT (answer_id) DO NOTHING;
-        v_settled := FOUND;
+        -- An id another request's answer holds is no such second settle: the
+        -- answer goes in under the id gateway_answer_id gives it (review-once
+        -- F1; v_answer NULL: the upstream's id, the usual case).
+        LOOP
+            INSERT INTO usage_events (
+                answer_id, user_id, day, created_at, endpoint, prompt_tokens, completion_tokens,
+                total_tokens, cost, currency, outcome, estimated, web_searches, conversation_id,
+                request_id, upstream_latency_ms, overhead_ms, model, cached_tokens,
+                reasoning_tokens, cache_write_tokens, upstream
+            ) VALUES (
+                coalesce(v_answer, p_answer_id), p_user, p_day, p_created_at, p_endpoint,
+                p_prompt, p_completion, p_total, p_cost, p_currency, p_outcome, p_estimated,
+                p_web_searches, p_conversation, p_request, p_upstream_ms, p_overhead_ms, p_model,
+                p_cached, p_reasoning, p_cache_write, p_upstream
+            ) ON CONFLICT (answer_id) DO NOTHING;
+            v_settled := FOUND;
+            EXIT WHEN v_settled;
+            -- (Taken again by the time of the insert: a concurrent settle took
+            -- the id given; the next look decides again.)
+            v_answer := gateway_answer_id(coalesce(v_answer, p_answer_id), p_request);
+            EXIT WHEN v_answer IS NULL;
+        END LOOP;
         IF v_settled THEN
             UPDATE users SET
                 lifetime_prompt_tokens = lifetime_prompt_tokens + p_prompt,

@@ -17,6 +17,10 @@ DECLARE
     v_ord bigint;
     v_candidates bigint[];
     v_inserted text[];
+    -- The elements written under an id of their own (review-once F1), and the
+    -- id one is given.
+    v_again bigint[];
+    v_answer text;
     v_settled boolean[];
     v_users bigint;
     v_found bigint;
@@ -157,12 +161,62 @@ BEGIN
     )
     SELECT coalesce(array_agg(answer_id), '{}') INTO v_inserted FROM written;
 
+    -- An element that may write a ledger row and did not found its id taken:
+    -- by a row of its own request (a retry, a replay: a duplicate), or by
+    -- another request's answer, in the ledger or before it in this batch, an
+    -- upstream repeated the id of (review-once F1). That one is a new answer,
+    -- written under the id gateway_answer_id gives it, one by one in (user,
+    -- position) order, as gateway_settle would. Only a batch that wrote fewer
+    -- rows than it has elements looks.
+    IF cardinality(v_inserted) < cardinality(p_answer_ids) THEN
+        FOR v_ord IN
+            SELECT f.ord FROM (
+                SELECT DISTINCT ON (coalesce(t.pending, '#' || t.ord)) t.answer_id, t.user_id, t.ord
+                FROM unnest(p_answer_ids, p_users, p_pending)
+                    WITH ORDINALITY AS t(answer_id, user_id, pending, ord)
+                WHERE t.pending IS NULL OR t.pending = ANY (v_claimed)
+                ORDER BY coalesce(t.pending, '#' || t.ord), t.user_id, t.ord
+            ) f
+            WHERE NOT (f.ord = ANY (v_candidates) AND f.answer_id = ANY (v_inserted))
+            ORDER BY f.user_id, f.ord
+        LOOP
+            v_answer := NULL;
+            LOOP
+                v_answer := gateway_answer_id(
+                    coalesce(v_answer, p_answer_ids[v_ord]), p_requests[v_ord]
+                );
+                EXIT WHEN v_answer IS NULL;
+                INSERT INTO usage_events (
+                    answer_id, user_id, day, created_at, endpoint, prompt_tokens,
+                    completion_tokens, total_tokens, cost, currency, outcome, estimated,
+                    web_searches, conversation_id, request_id, upstream_latency_ms, overhead_ms,
+                    model, cached_tokens, reasoning_tokens, cache_write_tokens, upstream
+                ) VALUES (
+                    v_answer, p_users[v_ord], p_days[v_ord], p_created_at[v_ord],
+                    p_endpoints[v_ord], p_prompt[v_ord], p_completion[v_ord], p_total[v_ord],
+                    p_cost[v_ord], p_currency[v_ord], p_outcomes[v_ord], p_estimated[v_ord],
+                    p_web_searches[v_ord], p_conversations[v_ord], p_requests[v_ord],
+                    p_upstream_ms[v_ord], p_overhead_ms[v_ord], p_models[v_ord], p_cached[v_ord],
+                    p_reasoning[v_ord], p_cache_write[v_ord], coalesce(p_upstreams[v_ord], 'default')
+                ) ON CONFLICT (answer_id) DO NOTHING;
+                IF FOUND THEN
+                    v_again := v_again || v_ord;
+                    v_inserted := v_inserted || v_answer;
+                    EXIT;
+                END IF;
+            END LOOP;
+        END LOOP;
+    END IF;
+
     -- (And how many users they are: each must be found below, 0025.)
-    SELECT array_agg(t.ord = ANY (v_candidates) AND t.answer_id = ANY (v_inserted) ORDER BY t.ord),
-        count(DISTINCT t.user_id)
-            FILTER (WHERE t.ord = ANY (v_candidates) AND t.answer_id = ANY (v_inserted))
+    SELECT array_agg(s.settled ORDER BY s.ord), count(DISTINCT s.user_id) FILTER (WHERE s.settled)
     INTO v_settled, v_users
-    FROM unnest(p_answer_ids, p_users) WITH ORDINALITY AS t(answer_id, user_id, ord);
+    FROM (
+        SELECT t.ord, t.user_id,
+            (t.ord = ANY (v_candidates) AND t.answer_id = ANY (v_inserted))
+                OR t.ord = ANY (coalesce(v_again, '{}')) AS settled
+        FROM unnest(p_answer_ids, p_users) WITH ORDINALITY AS t(answer_id, user_id, ord)
+    ) s;
 
     IF cardinality(v_inserted) > 0 OR v_give_back THEN
         -- The users' rows, locked in user order before any is written: those of
