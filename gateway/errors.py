@@ -3,6 +3,7 @@
     GatewayError
     ├── ConfigError                 invalid configuration (start-up, reload, CLI)
     ├── StorageError                the database failed or cannot be reached (503)
+    ├── ClockError                  this machine's clock is far from the database's (start-up)
     ├── NotFound                    a user or key that does not exist (404)
     ├── ClientError                 the caller's request is refused (4xx)
     │   ├── Unauthorized             missing or bad credential (401)
@@ -68,6 +69,13 @@ class ConfigError(GatewayError):
 class StorageError(GatewayError):
     status = 503
     code = "storage_unavailable"
+
+
+class ClockError(GatewayError):
+    """The gateway's clock is further from the database's than
+    ``database.max_clock_offset`` allows (gateway/skew.py): the gateway does not start."""
+
+    code = "clock_offset"
 
 
 # What a client is told of any storage failure: the driver's own text names the

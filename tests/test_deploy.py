@@ -336,7 +336,8 @@ def test_the_alert_rules_page_on_what_an_operator_must_know() -> None:
     assert all(
         rule["expr"] and rule["labels"]["severity"] in ("page", "ticket") for rule in rules()
     )
-    # Upstream errors, storage failures, spool growth, admission latency, alert delivery.
+    # Upstream errors, storage failures, spool growth, admission latency, alert delivery,
+    # a clock apart from the database's.
     wanted = {
         "GatewayUpstreamErrors": "gateway_upstream_errors_total",
         "GatewayStorageErrors": "gateway_storage_errors_total",
@@ -346,6 +347,7 @@ def test_the_alert_rules_page_on_what_an_operator_must_know() -> None:
         "GatewaySpoolNotEmpty": "gateway_spool_bytes",
         "GatewayAdmissionSlow": "gateway_admission_seconds_bucket",
         "GatewayAlertDeliveryFailing": "gateway_alert_deliveries_total",
+        "GatewayClockOffset": "gateway_clock_offset_seconds",
     }
     for alert, metric in wanted.items():
         assert metric in metric_names(by_name[alert]["expr"]), alert

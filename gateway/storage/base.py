@@ -630,10 +630,17 @@ def crossed(used: int | Decimal, check: AlertCheck, threshold: int) -> bool:
 
 
 class Health(Protocol):
-    """Whether the database answers (/readyz; the settler, before a spool replay)."""
+    """Whether the database answers (/readyz; the settler, before a spool replay),
+    and what its clock says."""
 
     async def ping(self) -> None:
         """Raise `StorageError` unless the database answers."""
+        ...
+
+    async def database_time(self) -> datetime | None:
+        """The database's clock now (PostgreSQL: ``clock_timestamp()``), for
+        gateway/skew.py to measure this machine's clock against; None where the
+        database is a file on this machine (SQLite: its clock is this one's)."""
         ...
 
 
@@ -851,7 +858,10 @@ class Accounting(Protocol):
         pending id, recorded at ``now``), releasing their leases; their
         queries, and any web search reserved, stay spent. Returns the
         pending ids recovered. Safe to run from many processes at once: each
-        pending answer is recovered by one of them, or settled by its gateway."""
+        pending answer is recovered by one of them, or settled by its gateway.
+        PostgreSQL also takes only answers older than ``now - before`` by the
+        database's own clock, so that a caller whose clock is ahead does not
+        charge live ones (gateway/recovery.py)."""
         ...
 
 

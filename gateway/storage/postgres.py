@@ -903,6 +903,13 @@ class PostgresStorage:
         with _mapped():
             await self._pool.fetchval("SELECT 1")
 
+    async def database_time(self) -> datetime:
+        # clock_timestamp(), not now(): the time the statement is read, not the
+        # start of its transaction (gateway/skew.py brackets the round trip).
+        with _mapped():
+            at: datetime = await self._pool.fetchval("SELECT clock_timestamp()")
+        return at
+
     async def migrate(self) -> int:
         with _mapped():
             if await self._migrated():
