@@ -17,6 +17,7 @@ import binascii
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import tomllib
@@ -1277,6 +1278,10 @@ def _coerce(value: Any, tp: Any, path: str, minimum: float | None) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: expected a number, got {_kind(value)}")
         value = float(value)
+        if not math.isfinite(value):
+            # TOML has nan and inf: nan passes every bound (each comparison is
+            # false) and would turn a check off without a word (review-skew F4).
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {_kind(value)}")

@@ -30,6 +30,7 @@ SQLite is a file on this machine, with this machine's clock: nothing to measure.
 from __future__ import annotations
 
 import logging
+import math
 
 from gateway.clock import Clock, Offset
 from gateway.errors import ClockError, StorageError
@@ -54,20 +55,33 @@ class ClockWatch:
         self._past = False  # the last measure found the offset past the bound
 
     async def measure(self, samples: int = 1) -> Offset | None:
-        """The database's clock minus ours (None on SQLite), exported as the gauge.
-        Raises `StorageError` when the database does not answer."""
+        """The database's clock minus ours (None on SQLite, the gauge then 0),
+        the gauge set to what the offset is at least (`exported`). Of several
+        samples the one with the shortest round trip; one the database did not
+        answer, or one across which this clock was stepped back (a negative
+        round trip), is left out (review-skew F1, F2). Raises `StorageError`
+        when no sample was answered."""
         best: Offset | None = None
+        failed: StorageError | None = None
         for _ in range(samples):
             sent = self._clock.now()
-            remote = await self._storage.database_time()
+            try:
+                remote = await self._storage.database_time()
+            except StorageError as exc:
+                failed = exc
+                continue
             received = self._clock.now()
             if remote is None:
+                self._metrics.set_gauge(OFFSET, 0.0)  # SQLite: one machine, one clock
                 return None
             offset = Offset.between(sent, remote, received)
+            if offset.round_trip < 0:
+                continue  # this clock was stepped while the database answered
             if best is None or offset.round_trip < best.round_trip:
                 best = offset
-        if best is not None:
-            self._metrics.set_gauge(OFFSET, best.seconds)
+        if best is None:
+            raise failed or StorageError("the database's clock was not read: this one stepped")
+        self._metrics.set_gauge(OFFSET, exported(best))
         return best
 
     async def at_start(self) -> Offset | None:
@@ -81,7 +95,7 @@ class ClockWatch:
             return None
         if offset is None:
             return None
-        if self.bound and offset.beyond(self.bound):
+        if self.bound and (offset.beyond(self.bound) or not math.isfinite(self.bound)):
             raise ClockError(
                 f"{describe(offset)}, more than database.max_clock_offset ({self.bound:g} s) "
                 "allows: replicas placing rate windows, days and stream leases by clocks this "
@@ -115,6 +129,15 @@ class ClockWatch:
             log.warning("%s: back within database.max_clock_offset", describe(offset))
         self._past = past
         return offset
+
+
+def exported(offset: Offset) -> float:
+    """The offset the gauge shows: the least it can be, the round trip's
+    uncertainty taken off (0 if that covers it), so an alert on it fires for a
+    clock that is off, not for a database slow to answer (a wait for a pooled
+    connection comes before the database reads its clock: review-skew F3)."""
+    least = max(0.0, abs(offset.seconds) - offset.round_trip / 2)
+    return math.copysign(least, offset.seconds)
 
 
 def describe(offset: Offset) -> str:

@@ -6,6 +6,8 @@ charges no answer still streaming (gateway/recovery.py)."""
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -14,15 +16,17 @@ import pytest
 
 from gateway.clock import FixedClock, Offset
 from gateway.config import parse_config
-from gateway.errors import ClockError, ConfigError
+from gateway.errors import ClockError, ConfigError, StorageError
 from gateway.metrics import Metrics
 from gateway.recovery import Recovery
 from gateway.runtime import Gateway
+from gateway.skew import ClockWatch
 from gateway.storage import AdmissionLimits, Pending, Storage
 from tests.harness import running_gateway
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming"}
 OFFSET = "gateway_clock_offset_seconds"
+T0 = datetime(2026, 12, 8, 1, 0, tzinfo=UTC)
 
 # SQLite is one machine: nothing to measure, no replica with another clock.
 ON_POSTGRES = pytest.mark.parametrize(
@@ -214,3 +218,119 @@ async def test_a_recovery_by_a_clock_ahead_still_charges_a_dead_gateways_answer(
     ahead = FixedClock(now + timedelta(minutes=30))
     recovery = Recovery(storage, clock=ahead, metrics=Metrics(), after=timedelta(minutes=10))
     assert await recovery.run_once() == 1
+
+
+class ScriptedDatabase:
+    """A Health whose clock answer is scripted: each call runs the next step, which
+    may move this machine's clock (the time the call took, a step by the time
+    service) and returns the database's clock or raises."""
+
+    def __init__(self, steps: list[Callable[[], datetime]]) -> None:
+        self._steps = list(steps)
+
+    async def ping(self) -> None:
+        return None
+
+    async def database_time(self) -> datetime | None:
+        return self._steps.pop(0)()
+
+
+def watch(steps: list[Callable[[], datetime]], clock: FixedClock, bound: float = 5) -> ClockWatch:
+    return ClockWatch(ScriptedDatabase(steps), clock=clock, metrics=Metrics(), bound=bound)
+
+
+# --- the measure's samples (review-skew F1-F4) ---------------------------------------
+
+
+async def test_one_slow_first_query_does_not_let_a_clock_70s_ahead_start() -> None:
+    """The first query on a fresh connection times out (skew.py itself says it
+    may be slow: that is why it takes three samples); the next two say this
+    machine is 70 s ahead. The start must still be refused, not waved through
+    with a warning."""
+    clock = FixedClock(T0)
+
+    def timed_out() -> datetime:
+        raise StorageError("PostgreSQL error: TimeoutError: ")
+
+    def database() -> datetime:
+        return clock.now() - timedelta(seconds=70)
+
+    with pytest.raises(ClockError):
+        await watch([timed_out, database, database], clock).at_start()
+
+
+async def test_a_clock_stepped_right_during_the_start_measure_is_not_refused() -> None:
+    """chrony steps the clock 8 s back (to the right time) while the first sample
+    is in flight; the other two samples find it within milliseconds of the
+    database's. The round trip is read on the wall clock: the first sample's is
+    -8 s, the "shortest", kept as the best, and its negative half-round-trip is
+    added to the offset instead of subtracted: the start is refused for a clock
+    that is right."""
+    clock = FixedClock(T0 + timedelta(seconds=8))  # 8 s ahead until the step
+
+    def stepped() -> datetime:
+        clock.set(T0 + timedelta(milliseconds=1))  # chrony's step: now right
+        return T0
+
+    def database() -> datetime:
+        clock.advance(timedelta(milliseconds=1))
+        at = clock.now()
+        clock.advance(timedelta(milliseconds=1))
+        return at
+
+    offset = await watch([stepped, database, database], clock).at_start()
+    assert offset is not None
+    assert offset.round_trip >= 0
+    assert abs(offset.seconds) < 0.1
+
+
+async def test_the_gauge_shows_the_least_the_offset_can_be() -> None:
+    """The machine's clock is right; under load the measure waits 4 s for a
+    pooled connection (all of it before the database reads its clock): the
+    midpoint makes that a 2 s offset, +/- 2 s. The gauge shows what the offset
+    is at least - 0 here - so GatewayClockOffset fires for a clock that is off,
+    not for a busy database; a clock 70 s off still shows about 70."""
+    clock = FixedClock(T0)
+
+    def queued() -> datetime:
+        clock.advance(timedelta(seconds=4))  # waiting for a connection
+        at = clock.now()  # the database reads its clock (the same as ours)
+        clock.advance(timedelta(milliseconds=1))
+        return at
+
+    def ahead() -> datetime:
+        return clock.now() - timedelta(seconds=70)
+
+    busy = watch([queued], clock)
+    await busy.check()
+    assert busy._metrics.get(OFFSET) == 0
+    off = watch([ahead], clock)
+    await off.check()
+    assert off._metrics.get(OFFSET) == pytest.approx(-70, abs=0.01)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_max_clock_offset_nan_or_inf_is_refused(value: float) -> None:
+    """TOML has ``nan`` and ``inf``: ``max_clock_offset = nan`` passed the
+    ``minimum=0`` check (nan < 0 is false) and turned the check off without a
+    word (every comparison with nan is false), as inf does."""
+    with pytest.raises(ConfigError, match=r"database\.max_clock_offset"):
+        parse_config(
+            {
+                "database": {"url": "sqlite:///x.db", "max_clock_offset": value},
+                "plans": {"free": {}},
+            },
+            env={},
+        )
+
+
+async def test_a_nan_bound_that_got_in_refuses_rather_than_checks_nothing() -> None:
+    """A nan bound that got in (the configuration refuses one) refuses the
+    start rather than letting a clock an hour ahead start unchecked."""
+    clock = FixedClock(T0)
+
+    def database() -> datetime:
+        return clock.now() - timedelta(hours=1)
+
+    with pytest.raises(ClockError):
+        await watch([database] * 3, clock, bound=math.nan).at_start()
