@@ -266,7 +266,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
 
     os.environ[GC_TUNING_ENV] = "1"
     workers = args.workers or config.server.workers
-    _check_currency(config)
+    _check_database(config)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with
     # the handler it found in place: ours, so a graceful stop exits 0 (as does a
     # SIGTERM arriving before uvicorn took over).
@@ -293,18 +293,31 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_currency(config: Config) -> None:
-    """Refuse to serve, with main's one-line configuration error, prices in another
-    currency than the money the database holds (gateway/currency.py). Each worker's
-    start-up checks again; checked here first so the refusal is not a traceback in
-    uvicorn's "application startup failed". A database that cannot be reached now
-    is left to the workers' start-up, as it was before."""
+def _check_database(config: Config) -> None:
+    """Refuse to serve, with main's one-line error, prices in another currency
+    than the money the database holds (gateway/currency.py), or a clock further
+    from the database's than ``database.max_clock_offset`` (gateway/skew.py).
+    Each worker's start-up checks again; checked here first so the refusal is
+    one line and a failing exit, not a traceback in uvicorn's "application
+    startup failed" (with several workers uvicorn's parent then exits 0:
+    review-skew F5). A database that cannot be reached now is left to the
+    workers' start-up, as it was before."""
 
     async def run() -> None:
+        from gateway.metrics import Metrics
+        from gateway.skew import ClockWatch
+
         storage = await open_storage(config.database)
         try:
             await storage.migrate()
             await currency_check(storage, config)
+            watch = ClockWatch(
+                storage,
+                clock=SystemClock(),
+                metrics=Metrics(),
+                bound=config.database.max_clock_offset,
+            )
+            await watch.at_start()
         finally:
             await storage.close()
 

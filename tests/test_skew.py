@@ -5,11 +5,16 @@ charges no answer still streaming (gateway/recovery.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import os
+import signal
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,6 +28,7 @@ from gateway.runtime import Gateway
 from gateway.skew import ClockWatch
 from gateway.storage import AdmissionLimits, Pending, Storage
 from tests.harness import running_gateway
+from tests.servers import free_port
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming"}
 OFFSET = "gateway_clock_offset_seconds"
@@ -334,3 +340,64 @@ async def test_a_nan_bound_that_got_in_refuses_rather_than_checks_nothing() -> N
 
     with pytest.raises(ClockError):
         await watch([database] * 3, clock, bound=math.nan).at_start()
+
+
+# --- `gateway serve` refused for its clock (review-skew F5) ------------------------
+
+# Loaded by every process of `gateway serve` (the workers are spawned, not
+# forked): this machine's clock 70 s ahead of the database's.
+AHEAD = """\
+from datetime import UTC, datetime, timedelta
+
+import gateway.clock
+
+gateway.clock.SystemClock.now = lambda self: datetime.now(UTC) + timedelta(seconds=70)
+"""
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_gateway_serve_refused_for_its_clock_fails_with_one_line(
+    own_database: str, tmp_path: Path, workers: int
+) -> None:
+    """`gateway serve` on a machine 70 s ahead: the start is refused in one line
+    and a failing exit. Before, it was a traceback in uvicorn's "Application
+    startup failed", and with more than one worker the command then exited 0,
+    as a clean stop (review-skew F5): the clock is now checked in the parent
+    first, as the currency is (cli._check_database)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(AHEAD)
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        "[server]\nreload_interval = 0\n\n"
+        f'[database]\nurl = "{own_database}"\nspool_file = ""\n\n[plans.free]\n'
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.getcwd()])}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "--config",
+        str(config),
+        "serve",
+        "--port",
+        str(free_port()),
+        "--workers",
+        str(workers),
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    log = err.decode(errors="replace")
+    assert "ahead of the database's" in log  # refused for its clock
+    assert proc.returncode != 0
+    assert "gateway: error: this machine's clock" in log
+    assert "Traceback" not in log
