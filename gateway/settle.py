@@ -842,6 +842,11 @@ class Settler:
         with contextlib.suppress(OSError):
             if self._spool.stat().st_size:
                 return True
+        # Looked for whether the spool is there or not (review-rec REC-5): a
+        # replay killed partway (OOM, kill -9, a lost node) leaves its claimed
+        # file with the lines it had not reached, and the spool itself absent
+        # until something new is spooled.
+        with contextlib.suppress(OSError):
             return any(self._spool.parent.glob(f"{self._spool.name}.*.replaying"))
         return False
 
