@@ -136,6 +136,7 @@ from gateway.storage.base import (
     model_counters,
     parse_alert_spec,
     rate_buckets,
+    stored_id,
     team_daily,
     team_summary,
     usage_group,
@@ -2389,6 +2390,7 @@ class SQLiteStorage:
     # --- ownership (issue 20, default deny) ---
 
     async def answer_owner(self, answer_id: str) -> AnswerOwner | None:
+        answer_id = stored_id(answer_id)  # as it was recorded (usage_bounds)
         # answer_id is UNIQUE (0001_init.sql): one index probe.
         row = await self._run(
             lambda conn: conn.execute(
@@ -2401,6 +2403,7 @@ class SQLiteStorage:
         return AnswerOwner(str(row[0]), str(row[1]), datetime.fromisoformat(row[2]))
 
     async def conversation_upstream(self, user_id: str, conversation_id: str) -> str | None:
+        conversation_id = stored_id(conversation_id)  # as it was recorded
         # usage_events_conversation_idx (0017): one index probe.
         row = await self._run(
             lambda conn: conn.execute(
@@ -2420,6 +2423,7 @@ class SQLiteStorage:
         upstream: str,
         now: datetime,
     ) -> None:
+        conversation_id = stored_id(conversation_id)  # an indexed key (stored_id)
         # Only for a user who is there, as remember_upload's (0022, 0023).
         row = (
             conversation_id,
@@ -2442,6 +2446,7 @@ class SQLiteStorage:
     async def conversation_features(
         self, user_id: str, conversation_id: str
     ) -> ConversationFeatures | None:
+        conversation_id = stored_id(conversation_id)  # as it was recorded
         # The primary key: one index probe.
         row = await self._run(
             lambda conn: conn.execute(
