@@ -964,6 +964,10 @@ class PostgresStorage:
                 if await conn.fetchval("SELECT to_regclass('schema_function_set')") is None:
                     return count
                 applied_hash = await conn.fetchval("SELECT hash FROM schema_function_set")
+                # Whichever set differs is replaced, older or newer: what keeps an
+                # older release from replacing a newer set is the check for an
+                # unknown migration above, so every change to the functions
+                # ships with a migration (`functions`; review-rec REC-4).
                 if applied_hash != digest:
                     # The files go in name order; a function may call one whose
                     # file comes later (as pg_dump restores them).
