@@ -1008,7 +1008,8 @@ class Ownership(Protocol):
         ledger has no such answer. The row of the id is its first answer's: one
         the upstream gave another request later under the same id is kept under
         ``<id>#<request id>`` (`settle`), and does not make its user the owner. Read before a caller may see or change the
-        object the answer created (and to send the request where it is kept)."""
+        object the answer created (and to send the request where it is kept).
+        An id too long to index is looked up as it was recorded (`stored_id`)."""
         ...
 
     async def conversation_upstream(self, user_id: str, conversation_id: str) -> str | None:
