@@ -30,7 +30,7 @@ from gateway.clock import Periods, periods_at
 from gateway.config import Plan, WebSearchConfig
 from gateway.conversations import NOTHING
 from gateway.errors import STORAGE_UNAVAILABLE, Forbidden, QuotaExceeded, StorageError
-from gateway.features import asks_for_advanced_rag, asks_for_web_search, set_path
+from gateway.features import asks_for_advanced_rag, asks_for_web_search, set_path, turns_web_off
 from gateway.messages import english
 from gateway.quota.budget import cost_bound, lowered_cap, with_cap
 from gateway.quota.limits import UPLOAD_METERS, Limit, refuses, upload_charge
@@ -87,6 +87,31 @@ def _asks_for_web_search(
     if isinstance(dialect, _COUNTS_OWN_SEARCHES):
         return "refuse" if dialect.asks_for_web_search(route, body) else None
     return rule.when_exhausted if asks_for_web_search(body, rule) else None
+
+
+def _continued_search(
+    searches: Literal["refuse", "disable"] | None,
+    conversation: ConversationFeatures,
+    rule: WebSearchConfig,
+) -> Literal["refuse", "disable"] | None:
+    """Whether a message continuing a Dify conversation may search, and what
+    then once the day's searches are spent. Dify answers it with the
+    conversation's first inputs, whatever the message's say (review-limits F5):
+    one whose first inputs turned the web off never searches; one that asked
+    for web search does; and in ``disable`` mode any other may fall back to the
+    web, which the rewrite of the message's inputs cannot stop (review-conv2
+    F1). Those last two need room for a search, and are refused without."""
+    if conversation.web_off:
+        return None
+    if conversation.web_search or rule.when_exhausted == "disable":
+        return "refuse"
+    return searches
+
+
+def _turns_web_off(dialect: Upstream, body: dict[str, Any], rule: WebSearchConfig) -> bool:
+    """Whether a Dify request's inputs turn the web off (the `disable` rewrite's
+    value at its path, written by the gateway or sent by the client)."""
+    return not isinstance(dialect, _COUNTS_OWN_SEARCHES) and turns_web_off(body, rule)
 
 
 def _plain(value: Decimal | int) -> Decimal | int:
@@ -323,15 +348,17 @@ class Admitter:
         *,
         dialect: Upstream | None = None,
         upstream: str = "default",
-        conversation: ConversationFeatures = NOTHING,
+        conversation: ConversationFeatures | None = None,
     ) -> tuple[Ticket, Headers]:
         """Reserve the answer or raise the refusal; may rewrite ``body`` (web search).
         ``dialect`` is the request's (its mount's, issue 23; default the primary
         upstream's); ``upstream``: the named upstream the answer is sent to, kept
         on the pending row (a recovery charges it there) and on the ticket.
         ``conversation``: what the Dify conversation the message continues asked
-        for when it began, which Dify runs again whatever the message's inputs
-        say (review-limits F5): the message is judged as asking for it too."""
+        for when it began (`NOTHING` if nothing was kept for it; None: the
+        message continues none), which Dify runs again whatever the message's
+        inputs say (review-limits F5): the message is judged as asking for it
+        too."""
         if dialect is None:
             dialect = snap.upstream
         config = snap.config
@@ -340,13 +367,11 @@ class Admitter:
         plan = config.plan(config.accounting.default_plan)
         web_search: WebSearch | None = None
         own: frozenset[str] = frozenset()
-        advanced = conversation.advanced_rag or asks_for_advanced_rag(body, config.advanced_rag)
+        began = NOTHING if conversation is None else conversation
+        advanced = began.advanced_rag or asks_for_advanced_rag(body, config.advanced_rag)
         searches = _asks_for_web_search(dialect, route, body, config.web_search)
-        if conversation.web_search:
-            # Dify searches with the conversation's first inputs, which the
-            # `disable` rewrite of this message's cannot reach: a spent
-            # allowance refuses.
-            searches = "refuse"
+        if conversation is not None:
+            searches = _continued_search(searches, conversation, config.web_search)
         if searches is not None:
             web_search = WebSearch(None, searches)
         try:
@@ -411,7 +436,9 @@ class Admitter:
                 asks_web=web_search is not None,
                 upstream=upstream,
             )
-            failed[0].features = ConversationFeatures(advanced, web_search is not None)
+            failed[0].features = ConversationFeatures(
+                advanced, web_search is not None, _turns_web_off(dialect, body, config.web_search)
+            )
             return failed
 
         shown = reported_limit(admission, limits.limits, periods, now=now)
@@ -460,9 +487,10 @@ class Admitter:
             upstream=upstream,
         )
         ticket.body_changed = disabled or capped is not None
-        if advanced or (web_search is not None and not disabled):
+        web_off = disabled or _turns_web_off(dialect, body, rule)
+        if advanced or (web_search is not None and not disabled) or web_off:
             ticket.features = ConversationFeatures(
-                advanced, web_search is not None and not disabled
+                advanced, web_search is not None and not disabled, web_off
             )
         ticket.alerts = alert_request(plan, config.alerts, periods, limits.limits)
         return ticket, rate_headers

@@ -44,6 +44,33 @@ class FixedClock:
 
 
 @dataclass(frozen=True, slots=True)
+class Offset:
+    """How far another clock (the database's) is from this machine's, read once.
+
+    The other clock was read somewhere between ``sent`` and ``received`` on
+    ours; taken against the midpoint, the true offset is within half the round
+    trip either side of ``seconds``.
+    """
+
+    seconds: float  # the other clock minus ours: positive when ours is behind
+    round_trip: float  # seconds between sending the question and reading the answer
+    local: datetime  # our clock at the midpoint of the round trip
+    remote: datetime  # what the other clock said
+
+    @classmethod
+    def between(cls, sent: datetime, remote: datetime, received: datetime) -> Offset:
+        """The offset of ``remote``, read between ``sent`` and ``received`` on our clock."""
+        round_trip = received - sent
+        local = sent + round_trip / 2
+        return cls((remote - local).total_seconds(), round_trip.total_seconds(), local, remote)
+
+    def beyond(self, bound: float) -> bool:
+        """Whether the offset is past ``bound`` seconds (either way) however the
+        round trip split: a slow answer alone never is."""
+        return abs(self.seconds) - self.round_trip / 2 > bound
+
+
+@dataclass(frozen=True, slots=True)
 class Periods:
     """The accounting periods that contain one instant."""
 

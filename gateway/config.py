@@ -171,6 +171,9 @@ class DatabaseConfig:
     max_batch: int = _setting(64, minimum=1)
     # issue 20, spool: replay while running
     replay_interval: float = _setting(5.0, minimum=0)
+    # PostgreSQL: the most this machine's clock may be from the database's at
+    # start-up, in seconds (gateway/skew.py); 0: not checked.
+    max_clock_offset: float = _setting(5.0, minimum=0)
 
 
 @dataclass(frozen=True, slots=True)

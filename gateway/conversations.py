@@ -12,8 +12,9 @@ judged by its inputs alone, as before).
 Two halves:
 
 - `Conversations` keeps and reads what each conversation asked for: the
-  database's `conversation_features` rows (PostgreSQL 0030, SQLite 0023), read
-  once per conversation and process (a row never changes).
+  database's `conversation_features` rows (PostgreSQL 0030 and 0031, SQLite
+  0023 and 0024), read once per conversation and process (a row never
+  changes; a conversation with no row is read again after `MISS_SECONDS`).
 - `ConversationHold` finds a new conversation's id in the first bytes of its
   answer and holds those bytes back until the row is written: the client cannot
   name the conversation - on this replica or any other - before it is kept. Only
@@ -36,6 +37,8 @@ docs/features.md).
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
@@ -59,6 +62,13 @@ NOTHING: Final = ConversationFeatures()
 # Conversations kept in memory, each a few hundred bytes; a full cache starts over
 # (the rows are read again as asked).
 _MAX_CACHED: Final = 65_536
+
+# How long a conversation read with no row is believed to have none.
+MISS_SECONDS: Final = 30.0
+
+# Conversations the database did not take, held for a retry (a few hundred
+# bytes each): past this many the oldest is dropped, logged.
+_MAX_UNKEPT: Final = 10_000
 
 # Dify's keep-alive, a frame of its own (docs/upstreams/dify.md).
 _PING: Final = b"event: ping\n\n"
@@ -85,10 +95,24 @@ class ConversationStore(Protocol):
 class Conversations:
     """What users' Dify conversations asked for when they began."""
 
-    def __init__(self, storage: ConversationStore, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        storage: ConversationStore,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._storage = storage
         self._metrics = metrics
+        self._clock = clock
         self._known: dict[tuple[str, str], ConversationFeatures] = {}
+        # Conversations read with no row, and until when that is believed: a row
+        # can still come for one (listed on another replica, a write retried).
+        self._missing: dict[tuple[str, str], float] = {}
+        # What the database did not take (`remember`), by key, with the upstream:
+        # held here until a later write goes through, and never dropped with the
+        # cache (for the replicas that cannot read it, it is the only record).
+        self._unkept: dict[tuple[str, str], tuple[ConversationFeatures, str]] = {}
 
     async def features(self, user_id: str, conversation_id: str) -> ConversationFeatures:
         """What the conversation asked for when it began (`NOTHING` when nothing
@@ -98,6 +122,12 @@ class Conversations:
         found = self._known.get(key)
         if found is not None:
             return found
+        unkept = self._unkept.get(key)
+        if unkept is not None:
+            return unkept[0]
+        until = self._missing.get(key)
+        if until is not None and self._clock() < until:
+            return NOTHING
         try:
             kept = await self._storage.conversation_features(user_id, conversation_id)
         except StorageError as exc:
@@ -110,11 +140,17 @@ class Conversations:
                 exc.message,
             )
             return NOTHING
-        # A conversation with no row began without them: its row is written before
-        # its id reaches the client, so none can come later (a miss is cached too).
-        found = NOTHING if kept is None else kept
-        self._put(key, found)
-        return found
+        if kept is None:
+            # Most conversations have no row (they began asking for nothing): a
+            # miss is believed for a while, not for good - a row comes later for
+            # one whose id the client learnt from a list (read on another
+            # replica, perhaps) rather than from its answer (review-conv2 F3).
+            if len(self._missing) >= _MAX_CACHED:
+                self._missing.clear()
+            self._missing[key] = self._clock() + MISS_SECONDS
+            return NOTHING
+        self._put(key, kept)
+        return kept
 
     async def remember(
         self,
@@ -128,9 +164,28 @@ class Conversations:
         """Keep what a new conversation asked for, in this process first (its own
         later messages find it even if the database does not take it) and then
         in the database. A database that does not take it is logged and
-        counted: other replicas then judge the conversation's later messages by
+        counted, and the row is written with the next one that goes through:
+        until then other replicas judge the conversation's later messages by
         their own inputs."""
-        self._put((user_id, conversation_id), features)
+        key = (user_id, conversation_id)
+        self._put(key, features)
+        self._missing.pop(key, None)
+        if not await self._write(key, features, upstream, now):
+            if len(self._unkept) >= _MAX_UNKEPT:
+                dropped = next(iter(self._unkept))
+                del self._unkept[dropped]
+                log.error("conversation %s of %s: no longer held for a retry", *dropped[::-1])
+            self._unkept[key] = (features, upstream)
+            return
+        for held, (was, where) in list(self._unkept.items()):
+            if not await self._write(held, was, where, now):
+                return  # (the database is away again: the rest wait on)
+            del self._unkept[held]
+
+    async def _write(
+        self, key: tuple[str, str], features: ConversationFeatures, upstream: str, now: datetime
+    ) -> bool:
+        user_id, conversation_id = key
         try:
             await self._storage.remember_conversation(
                 user_id, conversation_id, features, upstream=upstream, now=now
@@ -144,6 +199,8 @@ class Conversations:
                 features,
                 exc.message,
             )
+            return False
+        return True
 
     async def remember_listed(
         self,

@@ -4,6 +4,7 @@
     ├── ConfigError                 invalid configuration (start-up, reload, CLI)
     ├── StorageError                the database failed or cannot be reached (503)
     │   └── RecordRefused            a usage record it refuses for what it holds
+    ├── ClockError                  this machine's clock is far from the database's (start-up)
     ├── NotFound                    a user or key that does not exist (404)
     ├── ClientError                 the caller's request is refused (4xx)
     │   ├── Unauthorized             missing or bad credential (401)
@@ -75,6 +76,13 @@ class RecordRefused(StorageError):
     """The database refuses a usage record for what it holds (its user is gone, a
     value it cannot store or index): writing it again would fail again, so it is
     set aside (``<spool>.rejected``), not retried or taken for an outage."""
+
+
+class ClockError(GatewayError):
+    """The gateway's clock is further from the database's than
+    ``database.max_clock_offset`` allows (gateway/skew.py): the gateway does not start."""
+
+    code = "clock_offset"
 
 
 # What a client is told of any storage failure: the driver's own text names the

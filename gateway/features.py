@@ -154,6 +154,14 @@ def asks_for_advanced_rag(body: Mapping[str, Any], rule: AdvancedRagConfig) -> b
     return matches(body, rule.request_path, rule.request_values)
 
 
+def turns_web_off(body: Mapping[str, Any], rule: WebSearchConfig) -> bool:
+    """Whether a request's (or a conversation's) inputs hold the `disable`
+    rewrite's value at its path: the app answers without the web."""
+    value = rule.disable_value
+    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return matches(body, rule.disable_path, (text,))
+
+
 def used_web_search(metadata: Mapping[str, Any] | None, rule: WebSearchConfig) -> bool:
     """Whether an answer says it searched the web (directly or as a fallback)."""
     if not metadata:

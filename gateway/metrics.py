@@ -145,12 +145,19 @@ HISTOGRAMS: Mapping[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
 }
 
 # name -> (help, label names, multiprocess mode)
-GAUGES: Mapping[str, tuple[str, tuple[str, ...], Literal["livesum"]]] = {
+GAUGES: Mapping[str, tuple[str, tuple[str, ...], Literal["livesum", "livemostrecent"]]] = {
     "gateway_streams_in_flight": (
         "Streamed answers being relayed now.",
         (),
         # Summed over the live workers only: a dead worker's streams are gone.
         "livesum",
+    ),
+    "gateway_clock_offset_seconds": (
+        "The database's clock minus this gateway's, as last measured (PostgreSQL; 0 on SQLite).",
+        (),
+        # Every worker of a process measures the same machine's clock: the
+        # latest reading of a live one.
+        "livemostrecent",
     ),
 }
 
@@ -313,6 +320,10 @@ class Metrics:
             return
         counts = self._counts
         counts[child] = counts.get(child, 0) + amount
+
+    def set_gauge(self, name: str, value: float) -> None:
+        """Set a gauge (with no labels) to ``value``: a reading, not a count."""
+        self._child("gauge", name, {}).set(value)
 
     def observe(self, name: str, seconds: float, **labels: str) -> None:
         child = self._histogram_children.get((name, *labels.items()))

@@ -51,7 +51,7 @@ from gateway.bodies import (
     stream_body,
 )
 from gateway.clock import periods_at
-from gateway.conversations import NOTHING, ConversationHold, Conversations, listed_features
+from gateway.conversations import ConversationHold, Conversations, listed_features
 from gateway.error_response import render_error
 from gateway.errors import (
     STORAGE_UNAVAILABLE,
@@ -90,11 +90,12 @@ from gateway.relay import Send as RelaySend
 from gateway.relay import Stop as RelayStop
 from gateway.routing import ALLOWED, RouteGuard, side_cost_result
 from gateway.sse import EventTooLarge, SSEDecoder
-from gateway.storage import Accounting, Ownership, PausedForms, UsageEvent
+from gateway.storage import Accounting, ConversationFeatures, Ownership, PausedForms, UsageEvent
 from gateway.types import Message, Receive, Scope, Send
 from gateway.upstream_client import UpstreamClient, request_taken
 from gateway.upstreams import Prepared, Route, Upstream
 from gateway.upstreams.base import KeepsUploads
+from gateway.upstreams.dify_files import canonical_uuid
 from gateway.upstreams.dify_routes import conversation_of
 from gateway.usage import Metered
 
@@ -300,7 +301,11 @@ def _conversation_named(x: Exchange) -> str | None:
     if not found:
         match = _CONVERSATION_PATH.match(x.path)
         found = unquote(match.group(1)) if match else None
-    return found if isinstance(found, str) and found else None
+    if not isinstance(found, str) or not found.strip():
+        return None
+    # As Dify reads it (review-conv2 F4): any spelling of the UUID is the one
+    # the ledger records.
+    return canonical_uuid(found.strip())
 
 
 def _serialised(body: dict[str, Any]) -> bytes:
@@ -854,7 +859,7 @@ class Proxy:
         began = time.perf_counter()
         try:
             assert x.target is not None and x.mount is not None
-            began_with = NOTHING
+            began_with: ConversationFeatures | None = None  # (continues none)
             rules = x.snap.config
             if x.mount.kind == "dify" and (
                 rules.advanced_rag.request_path or rules.web_search.request_path

@@ -14,6 +14,20 @@ estimate is provisional: the answer's real record, when it is replayed, takes
 its place in the ledger (linked by the pending row's id, which is the request
 id: the estimate is ledger row ``gw-<request id>``), and the totals move by the
 difference - once (docs/quotas.md, "Crash safety").
+
+A pending row carries the admitting gateway's time and each replica judges its
+age by its own clock: one whose clock ran ahead of the admitter's by more than
+``after`` would charge answers still streaming (and keep the charge of one that
+then failed). So on PostgreSQL the age is also taken on the database's clock,
+in the recovery's own statement (gateway_recover: the row must be older than
+``after`` by both clocks: the earlier of the two cutoffs). That is
+exact where a measured offset would be a minute old, and needs no measure at
+all. What it leaves is the admitter's side: a replica whose clock is behind the
+database's writes rows that look older than they are, by that offset; its
+start-up refuses an offset past ``database.max_clock_offset`` and the periodic
+measure logs and exports one that grows later (gateway/skew.py), and
+``recover_after`` keeps a minute to spare by default. SQLite is one machine,
+one clock.
 """
 
 from __future__ import annotations

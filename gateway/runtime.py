@@ -39,6 +39,7 @@ from gateway.reports import Reports
 from gateway.routing import RouteGuard
 from gateway.services import Services
 from gateway.settle import Settler
+from gateway.skew import ClockWatch
 from gateway.snapshot import Current, Snapshot, build_snapshot, recover_after
 from gateway.storage import Storage, open_storage
 from gateway.tasks import Tasks
@@ -171,6 +172,7 @@ class Running:
     reports: Reports
     accounts: Accounts
     recovery: Recovery
+    clock_watch: ClockWatch  # this clock against the database's (gateway/skew.py)
     outbox: OutboxWorker
     services: Services  # what the gateway's own endpoints use
     money: Money  # the one currency the database keeps money in (gateway/currency.py)
@@ -282,6 +284,15 @@ class Gateway:
             self._storage = await open_storage(config.database)
         storage = self._storage
         await storage.migrate()
+        # Before anything is replayed, recovered or admitted by this clock: one too
+        # far from the database's (the other replicas') stops the start here.
+        clock_watch = ClockWatch(
+            storage,
+            clock=self.clock,
+            metrics=self.metrics,
+            bound=config.database.max_clock_offset,
+        )
+        await clock_watch.at_start()
         money = Money(config, await storage.costs_by_currency())
         current = Current(build_snapshot(config, storage))
         spool = Path(config.database.spool_file) if config.database.spool_file else None
@@ -344,6 +355,7 @@ class Gateway:
             reports=reports,
             accounts=accounts,
             recovery=recovery,
+            clock_watch=clock_watch,
             outbox=outbox,
             services=Services(
                 current=current,
@@ -476,10 +488,16 @@ class Gateway:
 
     async def _recover_every(self, interval: float) -> None:
         """Recover lost answers every ``interval`` seconds (docs/quotas.md, "Crash
-        safety"); a database failure waits for the next pass."""
+        safety"); a database failure waits for the next pass. Each pass first
+        measures this clock against the database's (gateway/skew.py): one query
+        per pass, no job of its own."""
         running = self.running
         while True:
             await asyncio.sleep(interval)
+            try:
+                await running.clock_watch.check()
+            except Exception:  # the recovery loop must outlive a failed measure
+                log.exception("measuring the clock against the database's failed")
             # As at start-up: a spooled record settles its own pending answer,
             # and a spooled refund gives its back, before a recovery could charge
             # that answer the estimate - also what another worker spooled.

@@ -24,7 +24,7 @@ import httpx
 import orjson
 import pytest
 
-from gateway.conversations import ConversationHold, Conversations, listed_features
+from gateway.conversations import MISS_SECONDS, ConversationHold, Conversations, listed_features
 from gateway.errors import StorageError
 from gateway.metrics import Metrics
 from gateway.storage import ConversationFeatures, Storage
@@ -32,6 +32,7 @@ from tests.fakes.dify import FakeDify
 from tests.harness import UPSTREAM_KEY, USER, Harness, running_gateway, until
 from tests.test_admission import two_gateways
 from tests.test_hardening import _delete_user
+from tests.test_named_upstreams import RESEARCH_KEY, SUPPORT_KEY, dify_with_fallback
 
 CHAT = {"query": "Và hôm qua?", "inputs": {}, "response_mode": "streaming", "user": "x"}
 ADVANCED = {**CHAT, "inputs": {"rag_mode": "advanced"}}
@@ -599,3 +600,194 @@ async def test_a_blank_conversation_id_begins_a_conversation_that_is_kept(
         later = await post(h, {**CHAT, "conversation_id": conversation})
     assert first.status_code == 200
     assert later.status_code == 403, (kept, later.status_code, fake.ran_inputs)
+
+
+async def test_a_row_the_database_did_not_take_is_held_and_written_with_the_next() -> None:
+    """The database refuses the row of c-1: this process still judges c-1 by it,
+    also once its cache has started over (random ids fill it cheaply), and the
+    row is written with the next one the database takes, so the other replicas
+    learn it too."""
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.down = True
+            self.rows: dict[tuple[str, str], ConversationFeatures] = {}
+
+        async def remember_conversation(
+            self,
+            user_id: str,
+            conversation_id: str,
+            features: ConversationFeatures,
+            *,
+            upstream: str,
+            now: datetime,
+        ) -> None:
+            if self.down:
+                raise StorageError("database unreachable")
+            self.rows.setdefault((user_id, conversation_id), features)
+
+        async def conversation_features(
+            self, user_id: str, conversation_id: str
+        ) -> ConversationFeatures | None:
+            if self.down:
+                raise StorageError("database unreachable")
+            return self.rows.get((user_id, conversation_id))
+
+    store = Flaky()
+    metrics = Metrics()
+    conversations = Conversations(store, metrics)
+    advanced = ConversationFeatures(advanced_rag=True)
+    await conversations.remember("ann", "c-1", advanced, upstream="default", now=NOW)
+    conversations._known.clear()  # the cache started over
+    assert await conversations.features("ann", "c-1") == advanced  # without the database
+    store.down = False
+    searching = ConversationFeatures(web_search=True)
+    await conversations.remember("ann", "c-2", searching, upstream="default", now=NOW)
+    assert store.rows == {("ann", "c-1"): advanced, ("ann", "c-2"): searching}
+    assert metrics.get("gateway_storage_errors_total", operation="remember_conversation") == 1
+
+
+class FallingBack(Dify):
+    """A Dify app as [web_search]'s defaults describe it: an answer that finds
+    nothing in the knowledge base falls back to the web (``source`` is
+    ``kb_fallback_web``) unless the inputs it RUNS WITH turn the fallback off
+    (``allow_web_fallback`` false). Dify runs a conversation's later messages
+    with the conversation's first inputs, so that is the value read."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sent_inputs: list[Any] = []  # the inputs each request carried
+
+    def _plan(self, kind: str, params: dict[str, str], headers: dict[str, str], body: Any) -> Any:
+        if isinstance(body, dict):
+            self.sent_inputs.append(body.get("inputs"))
+        run = super()._plan(kind, params, headers, body)
+        if isinstance(run.inputs, dict) and run.inputs.get("allow_web_fallback") is not False:
+            run.extra_metadata = {**run.extra_metadata, "source": "kb_fallback_web"}
+        return run
+
+
+# --- `disable` mode and a conversation's first inputs (review-conv2 F1) ----------------
+
+
+@pytest.mark.parametrize("mode", ["streaming", "blocking"])
+async def test_disable_mode_refuses_a_conversation_that_may_fall_back_once_the_allowance_is_spent(
+    database_url: str, mode: str
+) -> None:
+    """Attack: with ``when_exhausted = "disable"`` the gateway promises that once the
+    day's searches are spent no answer falls back to the web (it sets
+    ``inputs.allow_web_fallback = false`` on every answer request). Begin a
+    plain conversation while searches are left (nothing is rewritten: the
+    conversation's inputs let the app fall back), spend the allowance, then go
+    on chatting in that conversation: the rewrite lands on the later message's
+    inputs, which Dify ignores, and the app falls back to the web on every
+    message, past the allowance (1 a day here; 4 searches run)."""
+    fake = FallingBack(api_key=UPSTREAM_KEY)
+    settings = {
+        "plans": {"free": {"web_searches_per_day": 1}},
+        "web_search": {"when_exhausted": "disable"},
+    }
+    async with running_gateway(database_url, fake=fake, settings=settings) as h:
+        first = await post(h, {**CHAT, "response_mode": mode})  # the day's one search
+        conversation = conversation_of(first)
+        await h.probes.wait_finished(1)
+        later = [
+            await post(h, {**CHAT, "conversation_id": conversation, "response_mode": mode})
+            for _ in range(3)
+        ]
+        await h.probes.wait_finished(4)
+        row = await today_row(h)
+    assert first.status_code == 200
+    # Before, each later message was forwarded with the fallback turned off in
+    # its inputs, which Dify does not read: the app fell back on all four.
+    searched = sum(1 for inputs in fake.ran_inputs if inputs.get("allow_web_fallback") is not False)
+    seen = (fake.sent_inputs, fake.ran_inputs, [r.status_code for r in later], row.web_searches)
+    assert searched <= 1, seen
+    assert row.web_searches <= 1, seen
+
+
+async def test_disable_mode_continues_a_conversation_begun_with_the_web_off(
+    database_url: str,
+) -> None:
+    """The other side: a conversation begun once the allowance was spent has the
+    web turned off in its first inputs (the rewrite), so Dify never searches in
+    it: its later messages are forwarded, and one begun while searches were
+    left is refused. A plan with no web-search allowance is not held at all."""
+    fake = FallingBack(api_key=UPSTREAM_KEY)
+    settings = {
+        "plans": {"free": {"web_searches_per_day": 1}, "open": {}},
+        "web_search": {"when_exhausted": "disable"},
+    }
+    async with running_gateway(database_url, fake=fake, settings=settings) as h:
+        early = conversation_of(await post(h, CHAT))  # falls back: the day's one search
+        await h.probes.wait_finished(1)
+        late = conversation_of(await post(h, CHAT))  # begun with the web off
+        await h.probes.wait_finished(2)
+        go_on = await post(h, {**CHAT, "conversation_id": late})
+        refused = await post(h, {**CHAT, "conversation_id": early})
+        await h.gateway.accounts.set_plan(USER, "open")
+        unlimited = await post(h, {**CHAT, "conversation_id": early})
+    assert go_on.status_code == 200
+    assert refused.status_code == 429 and refused.json()["code"] == "web_search_limit"
+    assert unlimited.status_code == 200
+
+
+async def test_a_miss_is_read_again_after_a_while() -> None:
+    """A conversation read with no row is believed to have none for
+    `MISS_SECONDS`, then read again: a row can come later (listed on another
+    replica), and that replica's later messages must find it (review-conv2 F3)."""
+
+    class Store:
+        def __init__(self) -> None:
+            self.reads = 0
+            self.row: ConversationFeatures | None = None
+
+        async def remember_conversation(self, *args: Any, **kwargs: Any) -> None:
+            raise AssertionError
+
+        async def conversation_features(
+            self, user_id: str, conversation_id: str
+        ) -> ConversationFeatures | None:
+            self.reads += 1
+            return self.row
+
+    store = Store()
+    now = [100.0]
+    conversations = Conversations(store, Metrics(), clock=lambda: now[0])
+    assert not await conversations.features("ann", "c-1")
+    store.row = ConversationFeatures(advanced_rag=True)  # listed on another replica
+    now[0] += MISS_SECONDS - 1
+    assert not await conversations.features("ann", "c-1")
+    now[0] += 2
+    assert await conversations.features("ann", "c-1") == store.row
+    assert store.reads == 2
+
+
+@pytest.mark.parametrize(
+    "spell", [str.upper, lambda c: "{" + c + "}"], ids=["upper-case", "braces"]
+)
+async def test_another_spelling_of_a_conversation_goes_to_the_app_that_made_it(
+    database_url: str, spell: Any
+) -> None:
+    """On a Dify mount with a fallback app, a conversation lives in the app that
+    began it (the ledger's record, `_conversation_attempts`): the app is picked
+    by the id as Dify reads it, so an upper-case or braced id reaches that app
+    too, not the mount's first, which has no such conversation (review-conv2
+    F4)."""
+    support = FakeDify(api_key=SUPPORT_KEY)
+    research = FakeDify(api_key=RESEARCH_KEY)
+    async with dify_with_fallback(database_url, support, research) as h:
+        async with httpx.AsyncClient(base_url=h.url, timeout=20) as client:
+            blocking = {**CHAT, "response_mode": "blocking"}
+            first = await client.post("/support/v1/chat-messages", json=blocking, headers=h.auth())
+            conversation = first.json()["conversation_id"]
+            await h.probes.wait_finished(1)
+            second = await client.post(
+                "/support/v1/chat-messages",
+                json={**blocking, "conversation_id": spell(conversation)},
+                headers=h.auth(),
+            )
+    assert first.status_code == 200
+    assert second.status_code == 200
+    # Both messages of the conversation reach research, the app that has it.
+    assert [r.path for r in research.requests] == ["/v1/chat-messages"] * 2, support.requests

@@ -480,9 +480,12 @@ class ConversationFeatures:
 
     advanced_rag: bool = False
     web_search: bool = False
+    # Its first inputs turned the web off (the `disable` rewrite's value): Dify
+    # never searches in it, whatever later messages say (review-conv2 F1).
+    web_off: bool = False
 
     def __bool__(self) -> bool:
-        return self.advanced_rag or self.web_search
+        return self.advanced_rag or self.web_search or self.web_off
 
 
 @dataclass(frozen=True, slots=True)
@@ -654,10 +657,17 @@ def crossed(used: int | Decimal, check: AlertCheck, threshold: int) -> bool:
 
 
 class Health(Protocol):
-    """Whether the database answers (/readyz; the settler, before a spool replay)."""
+    """Whether the database answers (/readyz; the settler, before a spool replay),
+    and what its clock says."""
 
     async def ping(self) -> None:
         """Raise `StorageError` unless the database answers."""
+        ...
+
+    async def database_time(self) -> datetime | None:
+        """The database's clock now (PostgreSQL: ``clock_timestamp()``), for
+        gateway/skew.py to measure this machine's clock against; None where the
+        database is a file on this machine (SQLite: its clock is this one's)."""
         ...
 
 
@@ -875,7 +885,10 @@ class Accounting(Protocol):
         pending id, recorded at ``now``), releasing their leases; their
         queries, and any web search reserved, stay spent. Returns the
         pending ids recovered. Safe to run from many processes at once: each
-        pending answer is recovered by one of them, or settled by its gateway."""
+        pending answer is recovered by one of them, or settled by its gateway.
+        PostgreSQL also takes only answers older than ``now - before`` by the
+        database's own clock, so that a caller whose clock is ahead does not
+        charge live ones (gateway/recovery.py)."""
         ...
 
 

@@ -919,6 +919,13 @@ class PostgresStorage:
         with _mapped():
             await self._pool.fetchval("SELECT 1")
 
+    async def database_time(self) -> datetime:
+        # clock_timestamp(), not now(): the time the statement is read, not the
+        # start of its transaction (gateway/skew.py brackets the round trip).
+        with _mapped():
+            at: datetime = await self._pool.fetchval("SELECT clock_timestamp()")
+        return at
+
     async def migrate(self) -> int:
         with _mapped():
             if await self._migrated():
@@ -1975,14 +1982,15 @@ class PostgresStorage:
         with _mapped():
             await self._pool.execute(
                 "INSERT INTO conversation_features (user_id, conversation_id, upstream, "
-                "advanced_rag, web_search, created_at) "
-                "SELECT id, $2, $3::text, $4, $5, $6::timestamptz FROM users WHERE id = $1 "
+                "advanced_rag, web_search, web_off, created_at) "
+                "SELECT id, $2, $3::text, $4, $5, $6, $7::timestamptz FROM users WHERE id = $1 "
                 "FOR KEY SHARE ON CONFLICT (user_id, conversation_id) DO NOTHING",
                 user_id,
                 conversation_id,
                 upstream,
                 features.advanced_rag,
                 features.web_search,
+                features.web_off,
                 now,
             )
 
@@ -1993,14 +2001,16 @@ class PostgresStorage:
         # The primary key: one index probe.
         with _mapped():
             row = await self._pool.fetchrow(
-                "SELECT advanced_rag, web_search FROM conversation_features "
+                "SELECT advanced_rag, web_search, web_off FROM conversation_features "
                 "WHERE user_id = $1 AND conversation_id = $2",
                 user_id,
                 conversation_id,
             )
         if row is None:
             return None
-        return ConversationFeatures(bool(row["advanced_rag"]), bool(row["web_search"]))
+        return ConversationFeatures(
+            bool(row["advanced_rag"]), bool(row["web_search"]), bool(row["web_off"])
+        )
 
     async def remember_upload(
         self, upload_id: str, *, user_id: str, upstream: str, now: datetime

@@ -1458,6 +1458,11 @@ class SQLiteStorage:
     async def ping(self) -> None:
         await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
 
+    async def database_time(self) -> None:
+        """None: the database is a file on this machine, and SQLite has no clock
+        but the machine's (nothing to measure: gateway/skew.py)."""
+        return None
+
     async def migrate(self) -> int:
         def migrated(conn: sqlite3.Connection) -> bool:
             # Every start asks, and a database is usually migrated: a read on the
@@ -2430,14 +2435,15 @@ class SQLiteStorage:
             upstream,
             int(features.advanced_rag),
             int(features.web_search),
+            int(features.web_off),
             _ts(now),
             user_id,
         )
         await self._tx(
             lambda conn: conn.execute(
                 "INSERT INTO conversation_features (user_id, conversation_id, upstream, "
-                "advanced_rag, web_search, created_at) "
-                "SELECT id, ?, ?, ?, ?, ? FROM users WHERE id = ? "
+                "advanced_rag, web_search, web_off, created_at) "
+                "SELECT id, ?, ?, ?, ?, ?, ? FROM users WHERE id = ? "
                 "ON CONFLICT (user_id, conversation_id) DO NOTHING",
                 row,
             )
@@ -2450,14 +2456,14 @@ class SQLiteStorage:
         # The primary key: one index probe.
         row = await self._run(
             lambda conn: conn.execute(
-                "SELECT advanced_rag, web_search FROM conversation_features "
+                "SELECT advanced_rag, web_search, web_off FROM conversation_features "
                 "WHERE user_id = ? AND conversation_id = ?",
                 (user_id, conversation_id),
             ).fetchone()
         )
         if row is None:
             return None
-        return ConversationFeatures(bool(row[0]), bool(row[1]))
+        return ConversationFeatures(bool(row[0]), bool(row[1]), bool(row[2]))
 
     async def remember_upload(
         self, upload_id: str, *, user_id: str, upstream: str, now: datetime

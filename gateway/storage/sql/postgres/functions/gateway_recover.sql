@@ -6,7 +6,12 @@
 -- upstream's the answer was sent to (0017). The pending rows of users who are
 -- gone (no foreign key since 0024: deleted with triggers off, say) are dropped
 -- first, with their leases: they do not count in the batch the caller reads a
--- short one of as the end (review of 0024/0025).
+-- short one of as the end (review of 0024/0025). A row is taken only when it
+-- is older than the caller's age (p_now - p_before) by the database's clock as
+-- well as by the caller's: a replica whose clock runs ahead of the others' by
+-- more than that age would otherwise charge answers still streaming
+-- (gateway/recovery.py). Only ever later than the caller asked: a caller behind
+-- the database recovers by its own clock, as before.
 CREATE OR REPLACE FUNCTION gateway_recover(p_before timestamp with time zone, p_limit integer, p_now timestamp with time zone)
  RETURNS SETOF text
  LANGUAGE plpgsql
@@ -14,15 +19,16 @@ AS $$
 DECLARE
     r pending_answers%ROWTYPE;
     v_recorded boolean;
+    v_before timestamptz := LEAST(p_before, now() - (p_now - p_before));
 BEGIN
     WITH gone AS (
-        DELETE FROM pending_answers p WHERE p.created_at < p_before
+        DELETE FROM pending_answers p WHERE p.created_at < v_before
             AND NOT EXISTS (SELECT FROM users u WHERE u.id = p.user_id)
         RETURNING p.id
     )
     DELETE FROM stream_leases l USING gone WHERE l.id = gone.id;
     FOR r IN
-        SELECT * FROM pending_answers p WHERE p.created_at < p_before
+        SELECT * FROM pending_answers p WHERE p.created_at < v_before
         ORDER BY p.user_id, p.id LIMIT p_limit FOR UPDATE SKIP LOCKED
     LOOP
         DELETE FROM pending_answers WHERE id = r.id;
