@@ -644,31 +644,12 @@ class Settler:
         if not isinstance(write, Write):
             self._give_back_to_spool(write)
             return
-        line = event_to_json(write)
-        if self._spool is None:
-            self._metrics.inc("gateway_settle_lost_total")
-            log.error("LOST usage record (no spool file configured): %s", line.decode())
-            return
-        try:
-            self._append(line)
-        except OSError as exc:
-            # The last resort: the whole record in the log, from where it can be
-            # replayed; counted as lost, not as spooled (review-last L4).
-            self._metrics.inc("gateway_settle_lost_total")
+        if self._spooled(event_to_json(write), "usage record"):
             log.error(
-                "LOST usage record (spool file %s not writable: %s): %s",
+                "usage record %s spooled to %s for replay when the database answers again",
+                write.event.answer_id,
                 self._spool,
-                exc,
-                line.decode(),
             )
-            return
-        self._metrics.inc("gateway_settle_spooled_total")
-        self.backlog = True
-        log.error(
-            "usage record %s spooled to %s for replay when the database answers again",
-            write.event.answer_id,
-            self._spool,
-        )
 
     def _give_back_to_spool(self, give_back: GiveBack) -> None:
         """A give-back the database did not take, to the spool (counted with the
@@ -679,27 +660,37 @@ class Settler:
             # back twice), and no recovery charges it: logged, not spooled.
             log.error("%s given up (not spooled: it has no pending row)", give_back)
             return
-        line = give_back_to_json(give_back)
+        if self._spooled(give_back_to_json(give_back), "give-back"):
+            log.error(
+                "%s spooled to %s for replay when the database answers again",
+                give_back,
+                self._spool,
+            )
+
+    def _spooled(self, line: bytes, what: str) -> bool:
+        """Append ``line`` (a ``what``) to the spool: True once it is there
+        (counted spooled); else False, counted lost, the whole line in the log."""
         if self._spool is None:
             self._metrics.inc("gateway_settle_lost_total")
-            log.error("LOST give-back (no spool file configured): %s", line.decode())
-            return
+            log.error("LOST %s (no spool file configured): %s", what, line.decode())
+            return False
         try:
             self._append(line)
         except OSError as exc:
+            # The last resort: the whole line in the log, from where it can be
+            # replayed; counted as lost, not as spooled (review-last L4).
             self._metrics.inc("gateway_settle_lost_total")
             log.error(
-                "LOST give-back (spool file %s not writable: %s): %s",
+                "LOST %s (spool file %s not writable: %s): %s",
+                what,
                 self._spool,
                 exc,
                 line.decode(),
             )
-            return
+            return False
         self._metrics.inc("gateway_settle_spooled_total")
         self.backlog = True
-        log.error(
-            "%s spooled to %s for replay when the database answers again", give_back, self._spool
-        )
+        return True
 
     async def replay_before_recovery(self) -> bool:
         """Replay whatever is spooled - by this process or another worker sharing

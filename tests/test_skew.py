@@ -24,6 +24,11 @@ from tests.harness import running_gateway
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming"}
 OFFSET = "gateway_clock_offset_seconds"
 
+# SQLite is one machine: nothing to measure, no replica with another clock.
+ON_POSTGRES = pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+
 
 def config(database_url: str, **database: object) -> object:
     return parse_config(
@@ -91,11 +96,10 @@ async def test_a_gateway_whose_clock_is_far_from_the_database_does_not_start(
     assert 60 < seconds <= 70  # the database's clock went on meanwhile
 
 
+@ON_POSTGRES
 async def test_a_gateway_near_the_database_clock_starts_and_exports_the_offset(
     database_url: str, storage: Storage
 ) -> None:
-    if database_url.startswith("sqlite"):
-        pytest.skip("SQLite: nothing to measure")
     behind = FixedClock(datetime.now(UTC) - timedelta(seconds=2))
     gateway = Gateway(config(database_url), clock=behind, storage=storage)  # type: ignore[arg-type]
     await gateway.start()
@@ -120,11 +124,10 @@ async def test_a_gateway_near_the_database_clock_starts_and_exports_the_offset(
 # --- while serving --------------------------------------------------------------------
 
 
+@ON_POSTGRES
 async def test_a_clock_that_drifts_past_the_bound_is_logged_and_the_gateway_serves_on(
     database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if database_url.startswith("sqlite"):
-        pytest.skip("SQLite: nothing to measure")
     clock = FixedClock(datetime.now(UTC))
     # A bound wide enough for a loaded machine's start-up to pass under the
     # standing clock, a jump well past it.
@@ -157,6 +160,7 @@ async def test_a_clock_that_drifts_past_the_bound_is_logged_and_the_gateway_serv
 # --- recovery -------------------------------------------------------------------------
 
 
+@ON_POSTGRES
 async def test_a_recovery_by_a_clock_ahead_charges_no_answer_still_streaming(
     database_url: str,
 ) -> None:
@@ -164,8 +168,6 @@ async def test_a_recovery_by_a_clock_ahead_charges_no_answer_still_streaming(
     ahead by more than recover_after, looks for lost answers meanwhile. On
     PostgreSQL the age is also taken on the database's clock: the live answer
     is left to its gateway, and charged once, what it used."""
-    if database_url.startswith("sqlite"):
-        pytest.skip("SQLite is one machine: no replica has another clock")
     settings = {"database": {"recover_interval": 0}}
     async with running_gateway(database_url, settings=settings) as h:
         assert h.fake is not None
