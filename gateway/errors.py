@@ -3,6 +3,7 @@
     GatewayError
     ├── ConfigError                 invalid configuration (start-up, reload, CLI)
     ├── StorageError                the database failed or cannot be reached (503)
+    │   └── RecordRefused            a usage record it refuses for what it holds
     ├── ClockError                  this machine's clock is far from the database's (start-up)
     ├── NotFound                    a user or key that does not exist (404)
     ├── ClientError                 the caller's request is refused (4xx)
@@ -69,6 +70,12 @@ class ConfigError(GatewayError):
 class StorageError(GatewayError):
     status = 503
     code = "storage_unavailable"
+
+
+class RecordRefused(StorageError):
+    """The database refuses a usage record for what it holds (its user is gone, a
+    value it cannot store or index): writing it again would fail again, so it is
+    set aside (``<spool>.rejected``), not retried or taken for an outage."""
 
 
 class ClockError(GatewayError):

@@ -55,7 +55,7 @@ from typing import Any, Protocol
 import orjson
 
 from gateway.config import MAX_TOKENS_PER_ANSWER_LIMIT
-from gateway.errors import NotFound, StorageError
+from gateway.errors import NotFound, RecordRefused, StorageError
 from gateway.logs import log_answer
 from gateway.metrics import Metrics
 from gateway.pricing import PriceTable
@@ -90,11 +90,6 @@ class Terms:
 
     max_tokens_per_answer: int = DEFAULT_MAX_TOKENS_PER_ANSWER
     prices: PriceTable = dataclasses.field(default_factory=lambda: PriceTable({}))
-
-
-class RecordRefused(StorageError):
-    """The database refuses a usage record for what it holds (its user is gone):
-    writing it again would fail again."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -833,6 +828,11 @@ class Settler:
         with contextlib.suppress(OSError):
             if self._spool.stat().st_size:
                 return True
+        # Looked for whether the spool is there or not (review-rec REC-5): a
+        # replay killed partway (OOM, kill -9, a lost node) leaves its claimed
+        # file with the lines it had not reached, and the spool itself absent
+        # until something new is spooled.
+        with contextlib.suppress(OSError):
             return any(self._spool.parent.glob(f"{self._spool.name}.*.replaying"))
         return False
 

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from decimal import Decimal, localcontext
 
-from gateway.storage.base import UsageEvent
+from gateway.storage.base import MAX_ID_CHARS, UsageEvent, stored_id
 
 INT64_MAX = 2**63 - 1
 
@@ -79,7 +79,11 @@ _TEXT_FIELDS = ("answer_id", "conversation_id", "currency", "endpoint", "model",
 # The longest model name kept: model names are short (the longest of OpenAI's are
 # under 50 characters); a longer one is cut, and the record marked.
 MAX_MODEL_CHARS = 200
-_TEXT_CAPS = {"model": MAX_MODEL_CHARS}
+# The upstream's ids are indexed: a longer one becomes a prefix and a digest of
+# the whole (`stored_id`), not a cut, so that two ids stay two, and the record
+# is marked (review-rec REC-2).
+_IDS = ("answer_id", "conversation_id")
+_TEXT_CAPS = {"model": MAX_MODEL_CHARS, "answer_id": MAX_ID_CHARS, "conversation_id": MAX_ID_CHARS}
 
 # Counts that are parts of another: (part, whole). A part is never more than its
 # whole, so it is bounded by the whole once that is in range.
@@ -177,7 +181,9 @@ def bound_event(event: UsageEvent, *, max_tokens: int) -> tuple[UsageEvent, list
         cap = _TEXT_CAPS.get(name)
         if text.isascii() and "\x00" not in text and (cap is None or len(text) <= cap):
             continue  # the usual case: nothing to clean (ASCII holds no surrogates)
-        if (cleaned := clean_text(text)[:cap]) != text:
+        cleaned = clean_text(text)
+        cleaned = stored_id(cleaned) if name in _IDS else cleaned[:cap]
+        if cleaned != text:
             values[name] = cleaned
             changed.append(name)
     if changed:

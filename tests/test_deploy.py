@@ -26,6 +26,7 @@ import yaml
 from gateway.config import Config, parse_config
 from gateway.metrics import COUNTERS, GAUGES, HISTOGRAMS, SPOOL_BYTES
 from gateway.runtime import SHUTDOWN_GRACE
+from gateway.storage import functions, migrations
 from tests.harness import running_gateway
 
 ROOT = Path(__file__).parent.parent
@@ -463,3 +464,27 @@ def test_the_deploy_guide_is_linked_from_the_readme() -> None:
     guide = (ROOT / "docs" / "deploy.md").read_text()
     for path in ("deploy/compose.yaml", "deploy/kubernetes/", "/readyz", "/healthz"):
         assert path in guide
+
+
+# The PostgreSQL function set (gateway/storage/sql/postgres/functions/, its hash
+# as `functions` computes it) each migration number shipped with: a release
+# that changes a function adds a migration and a line here, and never edits a
+# line (review-rec REC-4: an older pod restarting in a rolling update refuses a
+# database holding a migration it does not know, but puts its own functions back
+# over any set that came without one).
+FUNCTION_SETS = {
+    32: "79ec8d786bd8b0e6985c2374223b54dc3068579343c0fe64db55972ddb353cb8",
+}
+
+
+def test_a_change_to_the_database_functions_comes_with_a_migration() -> None:
+    versions = [version for version, _ in migrations("postgres")]
+    digest, _texts = functions("postgres")
+    recorded = max(FUNCTION_SETS)
+    assert recorded in versions, f"FUNCTION_SETS names migration {recorded:04d}, not in the tree"
+    assert FUNCTION_SETS[recorded] == digest, (
+        "gateway/storage/sql/postgres/functions/ changed without a migration: add "
+        f"gateway/storage/sql/postgres/{versions[-1] + 1:04d}_<name>.sql (an empty marker "
+        f"will do, as 0032) and the line {versions[-1] + 1}: {digest!r} to FUNCTION_SETS "
+        "(docs/deploy.md, 'Upgrading')"
+    )

@@ -4,6 +4,7 @@ a recovery could charge the request it gives back (review-once F2)."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from gateway.settle import (
     spool_line_from_json,
 )
 from gateway.storage import AdmissionLimits, Pending, Storage
+from gateway.storage.base import stored_id
 from tests.harness import USER, running_gateway
 from tests.spool import spooled_lines
 from tests.test_settle import EVENT
@@ -359,3 +361,72 @@ async def test_a_recovery_pass_replays_a_refund_another_worker_spooled(
         assert await h.events() == []
         assert sum(row.queries for row in await h.storage.daily(day, day)) == 0
     assert not spool.exists()
+
+
+async def test_a_refund_in_a_crashed_replays_file_is_given_before_the_recovery(
+    storage: Storage, tmp_path: Path
+) -> None:
+    """A worker claimed the spool (renamed it ``<spool>.<pid>.<ns>.replaying``)
+    and was killed in the middle of its replay (OOM, kill -9, a node lost): the
+    refund of r1 is in the file it left, and nothing was spooled since, so
+    ``<spool>`` itself is absent. The next pass replays that file before it
+    recovers. Before (review-rec REC-5), the failed ``stat`` of the absent spool
+    hid the claimed file: no replay, and the recovery charged r1."""
+    await storage.ensure_user("alice", plan="free")
+    await _admit(storage, "r1")
+    spool = tmp_path / "spool.jsonl"
+    left = tmp_path / "spool.jsonl.4242.1765000000000000000.replaying"
+    left.write_bytes(b"\n" + give_back_to_json(Refund("alice", DAY, None, "r1")) + b"\n")
+    assert not spool.exists()
+
+    settler = Settler(storage, metrics=Metrics(), spool=spool)  # the next start's
+    if await settler.replay_before_recovery():
+        await _recover_an_hour_later(storage)
+
+    assert [e async for e in storage.events(DAY, DAY)] == []  # never charged
+    assert await _queries(storage) == 0
+    assert not left.exists()
+
+
+async def test_the_gateway_started_after_a_replay_crashed_does_not_charge_its_refund(
+    storage: Storage, database_url: str, tmp_path: Path
+) -> None:
+    """The same through a gateway's start-up: the database was back, a worker
+    replaying the spool died, the gateway starts an hour later. Its start-up
+    recovery does not charge the request whose refund waits in the file left
+    behind (review-rec REC-5)."""
+    await storage.ensure_user(USER, plan="free")
+    await _admit(storage, "r1", user=USER)
+    spool = tmp_path / "spool.jsonl"
+    left = tmp_path / "spool.jsonl.4242.1765000000000000000.replaying"
+    left.write_bytes(b"\n" + give_back_to_json(Refund(USER, DAY, None, "r1")) + b"\n")
+    clock = FixedClock(EVENT.created_at + HOUR)
+    settings = {"database": {"spool_file": str(spool), "recover_after": 900}}
+    async with running_gateway(database_url, settings=settings, clock=clock) as h:
+        assert await h.events() == []  # r1 not charged
+        assert await _queries(h.storage) == 0
+
+
+async def test_a_refund_behind_a_record_with_an_over_long_id_does_not_stop_recovery(
+    storage: Storage, tmp_path: Path
+) -> None:
+    """The spool holds, first, a record whose upstream id PostgreSQL cannot index
+    (spooled by a release before ids were bounded), then a refund. Before
+    (review-rec REC-2), each replay took the refused record for an outage, put
+    both back, and `replay_before_recovery` answered False on every pass: no
+    recovery pass ran again, in any worker sharing the spool, and the refund
+    was never given. Now the replay bounds the id and writes both."""
+    await storage.ensure_user("alice", plan="free")
+    await _admit(storage, "r1")
+    spool = tmp_path / "spool.jsonl"
+    over_long = "".join(f"{i:x}{i * 7919 % 65521:x}" for i in range(1200))  # ~9 KB, unrepeated
+    line = event_to_json(Write(replace(EVENT, answer_id=over_long, request_id="rx")))
+    refund = give_back_to_json(Refund("alice", DAY, None, "r1"))
+    spool.write_bytes(b"\n" + line + b"\n\n" + refund + b"\n")
+    ready = [await Settler(storage, metrics=Metrics(), spool=spool).replay_before_recovery()]
+    ready.append(await Settler(storage, metrics=Metrics(), spool=spool).replay_before_recovery())
+    assert ready == [True, True]  # the recovery passes run
+    assert await _queries(storage) == 0  # r1's query came back
+    assert not spool.exists()
+    (recorded,) = [e async for e in storage.events(DAY, DAY)]
+    assert (recorded.answer_id, recorded.total_tokens) == (stored_id(over_long), 1168)

@@ -3,8 +3,12 @@ lost, and the spool line for any event can always be written and replayed."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
@@ -20,6 +24,7 @@ from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.settle import Settler, Write, event_from_json, event_to_json
 from gateway.storage import Storage, UsageEvent, open_storage
+from gateway.storage.base import MAX_ID_CHARS, stored_id
 from gateway.usage_bounds import CLAMPED, MAX_COST, MAX_MODEL_CHARS, bound_event
 from tests.fakes.dify import FakeDify
 from tests.fakes.openai import ANSWER_PIECES, FakeOpenAI
@@ -355,3 +360,108 @@ async def test_absurd_openai_usage_is_recorded_clamped(
     assert errors == 0
     # Counted against the day's tokens like any answer.
     assert daily.total_tokens == event.total_tokens > 0
+
+
+# --- upstream ids past what the database can index (review-rec REC-2) ----------------------
+
+
+def _over_long_id(seed: str = "") -> str:
+    """An id past PostgreSQL's b-tree entry limit (about 2,700 bytes) that does
+    not compress: a buggy or hostile upstream's answer or conversation id."""
+    return "".join(hashlib.sha256(f"{seed}{i}".encode()).hexdigest() for i in range(63))
+
+
+def test_an_over_long_id_becomes_a_prefix_and_a_digest_of_the_whole() -> None:
+    long_id, other = _over_long_id("a"), _over_long_id("b")
+    event = replace(EVENT, answer_id=long_id, conversation_id=other)
+    bounded, changed = bound_event(event, max_tokens=CAP)
+    assert changed == ["answer_id", "conversation_id"] and bounded.outcome == CLAMPED
+    assert len(bounded.answer_id) == len(bounded.conversation_id or "") == MAX_ID_CHARS
+    assert bounded.answer_id.startswith(long_id[:128])
+    assert bounded.answer_id.endswith(hashlib.sha256(long_id.encode()).hexdigest())
+    # The same id maps the same way every time (a replay, a lookup); another,
+    # even one with the same beginning, maps elsewhere.
+    assert bound_event(event, max_tokens=CAP)[0] == bounded
+    same_start = long_id[:1000] + "x" + long_id[1001:]
+    assert stored_id(same_start) != stored_id(long_id) == bounded.answer_id
+    # Every real id is kept as it is.
+    kept = replace(EVENT, answer_id="resp_" + "a" * 200, conversation_id=str(uuid.uuid4()))
+    assert bound_event(kept, max_tokens=CAP) == (kept, [])
+    assert stored_id("x" * MAX_ID_CHARS) == "x" * MAX_ID_CHARS
+
+
+async def test_answers_settled_beside_an_over_long_id_are_recorded(
+    storage: Storage, tmp_path: Path
+) -> None:
+    """Review-rec REC-2: bob's two answers are settled in the same group-commit
+    batch as an answer whose upstream id PostgreSQL cannot index. Before, the
+    database refused the whole batch, its retries went out together and failed
+    again, all three were spooled, and every replay stopped at the first line
+    as if the database were down: bob's answers were never recorded. Now the
+    id is bounded before it is written: all three are recorded, once."""
+    await storage.ensure_user("alice", plan="free")
+    await storage.ensure_user("bob", plan="free")
+    spool = tmp_path / "spool.jsonl"
+    settler = Settler(storage, metrics=Metrics(), spool=spool, retry_delays=(0, 0.01))
+    long_id = _over_long_id()
+    await asyncio.gather(
+        settler.record(_answer(long_id, "alice", 10, "ra")),
+        settler.record(_answer("b1", "bob", 7, "rb1")),
+        settler.record(_answer("b2", "bob", 5, "rb2")),
+    )
+    if settler.pending:
+        await asyncio.wait(list(settler._tasks))
+    for _ in range(3):  # replays (run_replays', a restart's) change nothing more
+        await Settler(storage, metrics=Metrics(), spool=spool).replay()
+    events = await _events(storage)
+    assert sorted(e.answer_id for e in events if e.user_id == "bob") == ["b1", "b2"]
+    (alices,) = [e for e in events if e.user_id == "alice"]
+    assert (alices.answer_id, alices.outcome) == (stored_id(long_id), CLAMPED)
+    users = {u: await storage.get_user(u) for u in ("alice", "bob")}
+    assert {u: user.lifetime_tokens for u, user in users.items() if user} == {
+        "alice": 10,
+        "bob": 12,
+    }
+    assert not spool.exists()
+    # Its owner is found by the id the upstream gave (a later request naming
+    # the object), and its record written again is a duplicate.
+    owner = await storage.answer_owner(long_id)
+    assert owner is not None and owner.user_id == "alice"
+    await settler.record(_answer(long_id, "alice", 10, "ra"))
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 10
+
+
+async def test_a_conversation_with_an_over_long_id_is_recorded_and_found(
+    storage: Storage, tmp_path: Path
+) -> None:
+    """A Dify conversation id the database cannot index (review-rec REC-2): the
+    answer is recorded, and the conversation's upstream is found by the id the
+    upstream gave, as the proxy asks for it (`conversation_upstream`)."""
+    await storage.ensure_user("alice", plan="free")
+    settler = Settler(storage, metrics=Metrics(), spool=tmp_path / "spool.jsonl")
+    conversation = _over_long_id("conversation")
+    answer = replace(_answer("m1", "alice", 10, "ra"), conversation_id=conversation)
+    await settler.record(replace(answer, upstream="research"))
+    assert settler.pending == 0
+    (recorded,) = await _events(storage)
+    assert recorded.conversation_id == stored_id(conversation)
+    assert await storage.conversation_upstream("alice", conversation) == "research"
+
+
+def _answer(answer_id: str, user: str, tokens: int, request_id: str) -> UsageEvent:
+    return replace(
+        EVENT,
+        answer_id=answer_id,
+        user_id=user,
+        prompt_tokens=tokens,
+        completion_tokens=0,
+        total_tokens=tokens,
+        request_id=request_id,
+        estimated=False,
+        outcome="complete",
+    )
+
+
+async def _events(storage: Storage) -> list[UsageEvent]:
+    return [e async for e in storage.events(EVENT.day, EVENT.day)]

@@ -123,7 +123,13 @@ def functions(backend: str) -> tuple[str, list[str]]:
     file per function, each a CREATE OR REPLACE), in name order, and a hash of
     them all: `migrate` applies them whenever the hash differs from the one it
     applied last (issue 21: functions are defined once, not re-created in
-    migration after migration). Read and hashed once per process."""
+    migration after migration). Read and hashed once per process.
+
+    Every change to them ships with a migration (an empty marker will do, as
+    PostgreSQL 0032): the hash tells a set apart, not which is newer, and only
+    an unknown migration makes an older release's `migrate` refuse the
+    database instead of putting its own functions back during a rolling update
+    (review-rec REC-4; tests/test_deploy.py's FUNCTION_SETS checks it)."""
     digest, texts = _read_functions(backend)
     return digest, list(texts)
 

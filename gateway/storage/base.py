@@ -11,6 +11,7 @@ upsert, never read-modify-write in the application.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -400,6 +401,32 @@ def admission(
     return Admission(
         False, limits[refused].name, counters, refused=limits[refused], retry_after=retry_after
     )
+
+
+# The longest upstream id (an answer's, a Dify conversation's) kept as it is.
+# PostgreSQL refuses a b-tree index entry over about 2,700 bytes, and both ids
+# are indexed (usage_events' answer_id and (user_id, conversation_id);
+# conversation_features' key): an upstream's id longer than that, buggy or
+# hostile, failed every write of it, and with it its group-commit batch and the
+# spool's replay (review-rec REC-2). Real ids are far shorter (a UUID, OpenAI's
+# ``resp_...`` of about 50 characters).
+MAX_ID_CHARS = 256
+_ID_DIGEST_CHARS = 64  # a SHA-256 in hex
+
+
+def stored_id(value: str) -> str:
+    """An upstream's id as the database keeps it: itself when it is at most
+    `MAX_ID_CHARS` characters long (every real one), else a prefix of it, ``~``
+    and the SHA-256 of the whole, `MAX_ID_CHARS` characters in all. Distinct
+    ids stay distinct and one id maps the same way every time, on either
+    backend: a retry or a replay of a record finds the row it wrote, and a
+    lookup by the id the upstream gave (`Ownership.answer_owner`, a
+    conversation's) finds the row recorded under it. Recording bounds the ids
+    with it (gateway/usage_bounds.py), and the lookups apply it in turn."""
+    if len(value) <= MAX_ID_CHARS:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{value[: MAX_ID_CHARS - _ID_DIGEST_CHARS - 1]}~{digest}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -994,7 +1021,8 @@ class Ownership(Protocol):
         ledger has no such answer. The row of the id is its first answer's: one
         the upstream gave another request later under the same id is kept under
         ``<id>#<request id>`` (`settle`), and does not make its user the owner. Read before a caller may see or change the
-        object the answer created (and to send the request where it is kept)."""
+        object the answer created (and to send the request where it is kept).
+        An id too long to index is looked up as it was recorded (`stored_id`)."""
         ...
 
     async def conversation_upstream(self, user_id: str, conversation_id: str) -> str | None:

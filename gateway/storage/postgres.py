@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import asyncpg
 import orjson
 
-from gateway.errors import Conflict, NotFound, StorageError
+from gateway.errors import Conflict, NotFound, RecordRefused, StorageError
 from gateway.quota.limits import METERS, PERS, Limit, Meter, Per, counters_from, rate_counts
 from gateway.storage import functions, migrations
 from gateway.storage.base import (
@@ -91,6 +91,7 @@ from gateway.storage.base import (
     delivery,
     model_counters,
     rate_buckets,
+    stored_id,
     team_daily,
     team_summary,
     usage_group,
@@ -592,11 +593,26 @@ def _mapped_batch() -> Iterator[None]:
         yield
     except (
         asyncpg.DataError,
+        asyncpg.ProgramLimitExceededError,  # a value past an index entry's size
         asyncpg.IntegrityConstraintViolationError,
         asyncpg.TransactionRollbackError,
         asyncpg.LockNotAvailableError,  # the batch's lock_timeout (0010)
     ) as exc:
         raise SplitBatch(f"{type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _refused_record() -> Iterator[None]:
+    """A settle the database refuses for a value its record holds - one it cannot
+    take (class 22, data exception) or index (class 54: an id past a b-tree
+    entry's size) - is refused for good: sent again it fails again. Taken for an
+    outage, it was retried, spooled, and stopped every replay of the spool at
+    its line for good (review-rec REC-2). For a settle on its own: a batch it is
+    in splits first (`_mapped_batch`)."""
+    try:
+        yield
+    except (asyncpg.DataError, asyncpg.ProgramLimitExceededError) as exc:
+        raise RecordRefused(f"PostgreSQL refuses it: {type(exc).__name__}: {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -955,6 +971,10 @@ class PostgresStorage:
                 if await conn.fetchval("SELECT to_regclass('schema_function_set')") is None:
                     return count
                 applied_hash = await conn.fetchval("SELECT hash FROM schema_function_set")
+                # Whichever set differs is replaced, older or newer: what keeps an
+                # older release from replacing a newer set is the check for an
+                # unknown migration above, so every change to the functions
+                # ships with a migration (`functions`; review-rec REC-4).
                 if applied_hash != digest:
                     # The files go in name order; a function may call one whose
                     # file comes later (as pg_dump restores them).
@@ -1765,7 +1785,7 @@ class PostgresStorage:
         return await self._settles(_Settle(call, checked, channel_count))
 
     async def _settle_one(self, settle: _Settle) -> bool:
-        with _mapped():
+        with _mapped(), _refused_record():
             return bool(await self._pool.fetchval(_SETTLE, *settle.call))
 
     async def _settle_many(self, settles: Sequence[_Settle]) -> list[bool | Exception]:
@@ -1925,6 +1945,7 @@ class PostgresStorage:
     # --- ownership (issue 20, default deny) ---
 
     async def answer_owner(self, answer_id: str) -> AnswerOwner | None:
+        answer_id = stored_id(answer_id)  # as it was recorded (usage_bounds)
         # answer_id is UNIQUE (0001_init.sql): one index probe.
         with _mapped():
             row = await self._pool.fetchrow(
@@ -1936,6 +1957,7 @@ class PostgresStorage:
         return AnswerOwner(row["user_id"], row["upstream"], row["created_at"])
 
     async def conversation_upstream(self, user_id: str, conversation_id: str) -> str | None:
+        conversation_id = stored_id(conversation_id)  # as it was recorded
         # usage_events_conversation_idx (0021): one index probe.
         with _mapped():
             upstream = await self._pool.fetchval(
@@ -1955,6 +1977,7 @@ class PostgresStorage:
         upstream: str,
         now: datetime,
     ) -> None:
+        conversation_id = stored_id(conversation_id)  # an indexed key (stored_id)
         # Only for a user who is there, as remember_upload's (0029, 0030).
         with _mapped():
             await self._pool.execute(
@@ -1974,6 +1997,7 @@ class PostgresStorage:
     async def conversation_features(
         self, user_id: str, conversation_id: str
     ) -> ConversationFeatures | None:
+        conversation_id = stored_id(conversation_id)  # as it was recorded
         # The primary key: one index probe.
         with _mapped():
             row = await self._pool.fetchrow(

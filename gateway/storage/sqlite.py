@@ -136,6 +136,7 @@ from gateway.storage.base import (
     model_counters,
     parse_alert_spec,
     rate_buckets,
+    stored_id,
     team_daily,
     team_summary,
     usage_group,
@@ -2394,6 +2395,7 @@ class SQLiteStorage:
     # --- ownership (issue 20, default deny) ---
 
     async def answer_owner(self, answer_id: str) -> AnswerOwner | None:
+        answer_id = stored_id(answer_id)  # as it was recorded (usage_bounds)
         # answer_id is UNIQUE (0001_init.sql): one index probe.
         row = await self._run(
             lambda conn: conn.execute(
@@ -2406,6 +2408,7 @@ class SQLiteStorage:
         return AnswerOwner(str(row[0]), str(row[1]), datetime.fromisoformat(row[2]))
 
     async def conversation_upstream(self, user_id: str, conversation_id: str) -> str | None:
+        conversation_id = stored_id(conversation_id)  # as it was recorded
         # usage_events_conversation_idx (0017): one index probe.
         row = await self._run(
             lambda conn: conn.execute(
@@ -2425,6 +2428,7 @@ class SQLiteStorage:
         upstream: str,
         now: datetime,
     ) -> None:
+        conversation_id = stored_id(conversation_id)  # an indexed key (stored_id)
         # Only for a user who is there, as remember_upload's (0022, 0023).
         row = (
             conversation_id,
@@ -2448,6 +2452,7 @@ class SQLiteStorage:
     async def conversation_features(
         self, user_id: str, conversation_id: str
     ) -> ConversationFeatures | None:
+        conversation_id = stored_id(conversation_id)  # as it was recorded
         # The primary key: one index probe.
         row = await self._run(
             lambda conn: conn.execute(

@@ -24,6 +24,7 @@ from gateway.storage import (
     AlertCheck,
     AlertRequest,
     AnswerOwner,
+    ConversationFeatures,
     Lease,
     Pending,
     Storage,
@@ -34,6 +35,7 @@ from gateway.storage import (
     migrations,
     open_storage,
 )
+from gateway.storage.base import stored_id
 
 NOW = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
 DAY = date(2026, 11, 21)
@@ -1779,6 +1781,22 @@ async def test_an_estimate_under_an_id_another_answer_took_is_charged(storage: S
 
 
 # --- ownership (issue 20, default deny) ----------------------------------------------------
+
+
+async def test_a_conversation_with_an_id_too_long_to_index_is_kept_and_read(
+    storage: Storage,
+) -> None:
+    """A Dify conversation id past what PostgreSQL can index (review-rec REC-2: an
+    upstream's, buggy or hostile): what the conversation asked for is kept and
+    read by that same id, under its bounded form (`stored_id`), on both
+    backends. Before, PostgreSQL refused to keep it."""
+    await storage.ensure_user("alice", plan="free")
+    long_id = "".join(f"{i:x}{i * 7919 % 65521:x}" for i in range(1200))
+    asked = ConversationFeatures(advanced_rag=True, web_search=False)
+    await storage.remember_conversation("alice", long_id, asked, upstream="default", now=NOW)
+    assert await storage.conversation_features("alice", long_id) == asked
+    assert await storage.conversation_features("alice", long_id[:-1]) is None
+    assert await storage.conversation_features("alice", stored_id(long_id)) == asked
 
 
 async def test_answer_owner_names_the_user_whose_ledger_row_it_is(storage: Storage) -> None:

@@ -360,11 +360,13 @@ async def test_a_value_of_the_wrong_type_fails_its_settle_alone(store: PostgresS
     """A value the literals cannot write (an int where a text goes): asyncpg
     refused such a value alone, the batch split and only its call failed. It
     still does: the batch is split, not failed whole (which sent every call of
-    it, the good records too, to the spool)."""
+    it, the good records too, to the spool). The call that fails is refused for
+    good (RecordRefused, a StorageError: set aside, not retried, review-rec
+    REC-2): sent again it would fail again."""
     await store.ensure_user("alice", plan="free")
     events = [_event("b1"), _event("b2", conversation_id=12345), _event("b3")]
     results = await _settle_batch(store, events)
-    assert [type(r).__name__ for r in results] == ["bool", "StorageError", "bool"], results
+    assert [type(r).__name__ for r in results] == ["bool", "RecordRefused", "bool"], results
     assert await _ledger(store) == ["b1", "b3"]
 
 

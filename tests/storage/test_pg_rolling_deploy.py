@@ -200,3 +200,81 @@ async def test_a_migration_longer_than_the_command_timeout_completes(
         assert await storage.migrate() == len(slow)
     finally:
         await storage.close()
+
+
+def _release_before_0032() -> tuple[list[tuple[int, str]], tuple[str, list[str]]]:
+    """The migrations and function set of a release before 0032 whose functions
+    differ from this one's: review-once F1's (d30b531) against the release
+    before it (94f0c96), which had the same migrations. Modelled on this tree:
+    its migrations up to 0031, its set with gateway_answer_id's rule before F1
+    (an id the ledger holds is a duplicate, whoever's it is) under another
+    hash."""
+    before_f1 = """
+CREATE OR REPLACE FUNCTION gateway_answer_id(p_answer_id text, p_request text)
+ RETURNS text LANGUAGE sql
+AS $$
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM usage_events e WHERE e.answer_id = p_answer_id)
+        THEN NULL ELSE p_answer_id END
+$$;
+"""
+    _digest, texts = functions("postgres")
+    kept = [t for t in texts if "FUNCTION gateway_answer_id(" not in t]
+    known = [(v, sql) for v, sql in migrations("postgres") if v < 32]
+    return known, ("release-94f0c96", [*kept, before_f1])
+
+
+async def test_an_older_pod_restarting_refuses_and_leaves_the_answer_id_rule_alone(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review-rec REC-4: in the rollout of a release that changed only functions,
+    a pod of the release before it restarts (Kubernetes restarts it, a node
+    drains). Its migrate found every migration applied and the function set not
+    its own, so it dropped this release's functions and installed its own: from
+    then on every pod, new ones too, dropped an answer under an id another
+    request's answer holds, uncharged. Migration 0032 marks this set: the older
+    pod now refuses the database and changes nothing."""
+    digest, _texts = functions("postgres")
+    new_pod = await open_storage(DatabaseConfig(url=dsn))
+    try:
+        assert await new_pod.migrate() == 0
+        known, older_set = _release_before_0032()
+        with monkeypatch.context() as old:
+            old.setattr("gateway.storage.postgres.migrations", lambda _b: known)
+            old.setattr("gateway.storage.postgres.functions", lambda _b: older_set)
+            old_pod = await open_storage(DatabaseConfig(url=dsn))
+            try:
+                with pytest.raises(StorageError) as refused:
+                    await old_pod.migrate()
+            finally:
+                await old_pod.close()
+        assert "migration 0032 is unknown" in refused.value.message
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT hash FROM schema_function_set") == digest
+        finally:
+            await conn.close()
+        # The new pod's settles keep this release's rule: bob's answer under
+        # the id alice's holds is charged.
+        for user in ("alice", "bob"):
+            await new_pod.ensure_user(user, plan="free")
+        assert await new_pod.settle(_answer("x", "alice", "ra"))
+        assert await new_pod.settle(_answer("x", "bob", "rb"))
+        bob = await new_pod.get_user("bob")
+        assert bob is not None and bob.lifetime_tokens == 7
+    finally:
+        await new_pod.close()
+
+
+def _answer(answer_id: str, user: str, request_id: str) -> UsageEvent:
+    return UsageEvent(
+        answer_id=answer_id,
+        user_id=user,
+        day=DAY,
+        created_at=NOW,
+        endpoint="chat-messages",
+        prompt_tokens=5,
+        completion_tokens=2,
+        total_tokens=7,
+        cost=Decimal("0.001"),
+        request_id=request_id,
+    )

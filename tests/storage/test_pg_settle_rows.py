@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from gateway.config import DatabaseConfig
-from gateway.errors import NotFound
+from gateway.errors import NotFound, RecordRefused
 from gateway.storage import UsageEvent, open_storage
 from tests.harness import until_async
 
@@ -202,6 +202,43 @@ async def test_the_users_update_alone_refuses_an_unknown_user(dsn: str) -> None:
         assert isinstance(results[1], NotFound)
         assert await _ledger(admin, "ghost") == (0, 0)
         assert await _ledger(admin, "alice") == (2, 1)
+    finally:
+        await admin.close()
+        await storage.close()
+
+
+async def test_a_record_the_database_cannot_take_is_refused_and_its_batch_settles(
+    dsn: str,
+) -> None:
+    """A value PostgreSQL refuses for what it is - an id past a b-tree entry's
+    size (class 54, program limit exceeded), a NUL character (class 22, a data
+    exception) - is a refusal of that record (RecordRefused: set aside as
+    ``<spool>.rejected``), not the database down, and the others settled in
+    the same batch are recorded. Before (review-rec REC-2) the over-long id
+    failed its whole batch, and the record was retried and spooled as if the
+    database were down, holding back every replay behind it. (The settler
+    bounds ids before they come here; this is the backstop.)"""
+    storage = await open_storage(DatabaseConfig(url=dsn))
+    admin = await asyncpg.connect(dsn)
+    try:
+        for user in ("alice", "bob"):
+            await storage.ensure_user(user, plan="free")
+        over_long = "".join(f"{i:x}{i * 7919 % 65521:x}" for i in range(1200))
+        results = await asyncio.gather(
+            storage.settle(_event(over_long, "alice")),
+            storage.settle(_event("bob-1", "bob")),
+            storage.settle(_event("with\x00nul", "alice")),
+            storage.settle(_event("bob-2", "bob")),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], RecordRefused), results[0]
+        assert isinstance(results[2], RecordRefused), results[2]
+        assert results[1] is True and results[3] is True
+        assert await _ledger(admin, "alice") == (0, 0)
+        assert await _ledger(admin, "bob") == (2, 1)
+        # On its own too (a batch of one, as a replay sends it).
+        with pytest.raises(RecordRefused):
+            await storage.settle(_event(over_long, "alice"))
     finally:
         await admin.close()
         await storage.close()
