@@ -15,18 +15,20 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
+import asyncpg
 import httpx
 import pytest
 
-from gateway.clock import FixedClock, Offset
-from gateway.config import parse_config
+from gateway.clock import FixedClock, Offset, SystemClock
+from gateway.config import DatabaseConfig, parse_config
 from gateway.errors import ClockError, ConfigError, StorageError
 from gateway.metrics import Metrics
 from gateway.recovery import Recovery
 from gateway.runtime import Gateway
 from gateway.skew import ClockWatch
-from gateway.storage import AdmissionLimits, Pending, Storage
+from gateway.storage import AdmissionLimits, Pending, Storage, open_storage
 from tests.harness import running_gateway
 from tests.servers import free_port
 
@@ -401,3 +403,56 @@ async def test_gateway_serve_refused_for_its_clock_fails_with_one_line(
     assert proc.returncode != 0
     assert "gateway: error: this machine's clock" in log
     assert "Traceback" not in log
+
+
+# --- the database's cutoff in the session's time zone (review-skew F6) ----------------
+
+
+def last_fall_back(zone: ZoneInfo, before: datetime) -> datetime:
+    """The latest instant before ``before`` at which ``zone`` put its clocks back."""
+    at = before.replace(minute=0, second=0, microsecond=0)
+    while True:
+        earlier = at - timedelta(hours=1)
+        if earlier.astimezone(zone).utcoffset() > at.astimezone(zone).utcoffset():  # type: ignore[operator]
+            return at
+        at = earlier
+
+
+@pytest.mark.postgres
+async def test_a_recover_after_of_days_is_not_stretched_by_the_sessions_dst(
+    own_database: str,
+) -> None:
+    """gateway_recover's cutoff by the database's clock is ``now() - (p_now -
+    p_before)``: the difference of two timestamptz is justified into days
+    ("40 days", not 960 hours), and a timestamptz minus days is reckoned in the
+    session's TimeZone (the database's default: the gateway sets none). Across
+    a fall-back that is 25 hours a day: with clocks that agree, an answer older
+    than recover_after is left pending an hour more. (Needs recover_after of a
+    day or more, or `p_now` a day from `now()`.) The cutoff is now `p_before`
+    moved back by the clocks' difference alone (review-skew F6)."""
+    zone = ZoneInfo("America/New_York")
+    conn = await asyncpg.connect(own_database)
+    try:
+        database = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f"ALTER DATABASE \"{database}\" SET timezone TO 'America/New_York'")
+    finally:
+        await conn.close()
+    now = datetime.now(UTC)
+    after = timedelta(days=(now - last_fall_back(zone, now)).days + 1)
+    admitted = now - after - timedelta(minutes=30)  # lost half an hour past the age
+    storage = await open_storage(DatabaseConfig(url=own_database))
+    try:
+        await storage.ensure_user("alice", plan="free")
+        admission = await storage.admit(
+            "alice",
+            day=admitted.date(),
+            month_start=admitted.date().replace(day=1),
+            now=admitted,
+            limits=AdmissionLimits(queries_per_day=10),
+            pending=Pending(id="r1", endpoint="chat-messages", total_tokens=25, cost=Decimal(0)),
+        )
+        assert admission.admitted
+        recovery = Recovery(storage, clock=SystemClock(), metrics=Metrics(), after=after)
+        assert await recovery.run_once() == 1
+    finally:
+        await storage.close()

@@ -247,7 +247,7 @@ async def test_an_older_pod_restarting_refuses_and_leaves_the_answer_id_rule_alo
                     await old_pod.migrate()
             finally:
                 await old_pod.close()
-        assert "migration 0032 is unknown" in refused.value.message
+        assert "migration 0032" in refused.value.message  # (and any later one)
         conn = await asyncpg.connect(dsn)
         try:
             assert await conn.fetchval("SELECT hash FROM schema_function_set") == digest

@@ -19,7 +19,11 @@ AS $$
 DECLARE
     r pending_answers%ROWTYPE;
     v_recorded boolean;
-    v_before timestamptz := LEAST(p_before, now() - (p_now - p_before));
+    -- p_before moved back by how far the database's clock is behind the
+    -- caller's (never forward): a small interval, not the age of whole days,
+    -- which a timestamptz less days reckons in the session's time zone (an
+    -- hour off across a change of daylight saving time: review-skew F6).
+    v_before timestamptz := p_before + LEAST(interval '0', now() - p_now);
 BEGIN
     WITH gone AS (
         DELETE FROM pending_answers p WHERE p.created_at < v_before
