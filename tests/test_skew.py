@@ -30,7 +30,7 @@ from gateway.runtime import Gateway
 from gateway.skew import ClockWatch
 from gateway.storage import AdmissionLimits, Pending, Storage, open_storage
 from tests.harness import running_gateway
-from tests.servers import free_port
+from tests.servers import free_port, kill_tree, start_gateway
 
 CHAT = {"query": "Xin chào", "inputs": {}, "response_mode": "streaming"}
 OFFSET = "gateway_clock_offset_seconds"
@@ -456,3 +456,30 @@ async def test_a_recover_after_of_days_is_not_stretched_by_the_sessions_dst(
         assert await recovery.run_once() == 1
     finally:
         await storage.close()
+
+
+async def test_the_offset_gauge_reads_0_on_sqlite_under_several_workers(
+    tmp_path: Path,
+) -> None:
+    """docs/metrics.md: "0 on SQLite"; docs/deploy.md: "the gauge stays 0". Under
+    `gateway serve --workers 2` (the metrics shared through files) a gauge never
+    set in `livemostrecent` mode has no sample: /metrics shows its HELP and TYPE
+    lines and no value, where gateway_streams_in_flight (`livesum`) shows 0. The
+    measure now sets it to 0 where there is nothing to measure (review-skew F7)."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        "[server]\nreload_interval = 0\n\n[metrics]\npublic = true\n\n"
+        f'[database]\nurl = "sqlite:///{tmp_path / "gateway.db"}"\nspool_file = ""\n\n'
+        "[plans.free]\n"
+    )
+    port = free_port()
+    proc = await start_gateway(config, port, workers=2)
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            answer = await client.get(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        kill_tree(proc)
+        await proc.wait()
+    assert answer.status_code == 200
+    assert "\ngateway_streams_in_flight 0.0\n" in answer.text
+    assert "\ngateway_clock_offset_seconds 0.0\n" in answer.text
