@@ -45,7 +45,7 @@ import orjson
 
 from gateway.config import AdvancedRagConfig, WebSearchConfig
 from gateway.errors import StorageError
-from gateway.features import asks_for_advanced_rag, asks_for_web_search, matches
+from gateway.features import asks_for_advanced_rag, asks_for_web_search, turns_web_off
 from gateway.sse import EventTooLarge, SSEDecoder
 from gateway.storage import ConversationFeatures
 from gateway.upstreams.dify_files import canonical_uuid
@@ -294,14 +294,14 @@ def listed_features(
     page: object, advanced_rag: AdvancedRagConfig, web_search: WebSearchConfig
 ) -> list[tuple[str, ConversationFeatures]]:
     """The conversations of a Dify conversation page that began asking for
-    advanced RAG or web search, judged by the rules as a request is, from the
-    ``inputs`` each item carries (the conversation's first inputs, as Dify
-    keeps them). A search its inputs turned off (the `disable` rewrite's
-    value at ``disable_path``) is no search, as at admission."""
+    advanced RAG or web search, or with the web turned off, judged by the rules
+    as a request is, from the ``inputs`` each item carries (the conversation's
+    first inputs, as Dify keeps them). A search its inputs turned off (the
+    `disable` rewrite's value at ``disable_path``) is no search, as at
+    admission."""
     data = page.get("data") if isinstance(page, dict) else None
     if not isinstance(data, list):
         return []
-    off = _as_text(web_search.disable_value)
     found: list[tuple[str, ConversationFeatures]] = []
     for item in data:
         if not isinstance(item, dict) or not isinstance(item.get("inputs"), dict):
@@ -310,21 +310,13 @@ def listed_features(
         if not isinstance(conversation_id, str) or not conversation_id:
             continue
         advanced = asks_for_advanced_rag(item, advanced_rag)
-        searches = asks_for_web_search(item, web_search) and not matches(
-            item, web_search.disable_path, (off,)
-        )
-        if advanced or searches:
+        off = turns_web_off(item, web_search)
+        searches = asks_for_web_search(item, web_search) and not off
+        if advanced or searches or off:
             found.append(
-                (canonical_uuid(conversation_id), ConversationFeatures(advanced, searches))
+                (canonical_uuid(conversation_id), ConversationFeatures(advanced, searches, off))
             )
     return found
-
-
-def _as_text(value: object) -> str:
-    """A configured value as `features.matches` compares it."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def _conversation_id(data: str | bytes) -> str | None:

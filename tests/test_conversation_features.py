@@ -247,6 +247,7 @@ def test_a_listed_conversation_is_judged_as_its_first_message_was() -> None:
     assert listed_features(page, AdvancedRagConfig(), WebSearchConfig()) == [
         ("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", ConversationFeatures(advanced_rag=True)),
         ("c-2", ConversationFeatures(web_search=True)),
+        ("c-3", ConversationFeatures(web_off=True)),  # begun with the web turned off
     ]
     assert listed_features({"data": "no"}, AdvancedRagConfig(), WebSearchConfig()) == []
 
