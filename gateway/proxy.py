@@ -1436,7 +1436,8 @@ class Proxy:
             max_buffered=_MAX_BUFFERED_BODY,
         )
         # The first bytes of an answer beginning a conversation that asked for
-        # advanced RAG or web search wait for its row (gateway/conversations.py).
+        # advanced RAG or web search, or turned the web off, wait for its row
+        # (gateway/conversations.py).
         hold = self._conversation_hold(x, sse)
         loop = asyncio.get_running_loop()
         # The task that notices a client leaving, and the deadline, matter only
@@ -1630,7 +1631,8 @@ class Proxy:
 
     def _conversation_hold(self, x: Exchange, sse: bool) -> ConversationHold | None:
         """A hold on the answer's first bytes when it begins a Dify conversation
-        that asked for advanced RAG or web search (`Ticket.features`), else None.
+        that asked for advanced RAG or web search, or turned the web off
+        (`Ticket.features`), else None.
         It is fed the upstream's bytes: Dify's answers are relayed byte for byte
         (no transform), so they are the client's too."""
         if x.conversation != "" or x.ticket is None or not x.ticket.features:
