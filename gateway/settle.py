@@ -344,14 +344,18 @@ def _alerts_read(raw: object) -> AlertRequest | None:
         return None
 
 
+class _HeldElsewhere(Exception):
+    """Another process holds a claimed spool file's lock: it is replaying it."""
+
+
 def _locked_contents(fd: int) -> bytes | None:
     """The contents of the open file ``fd`` once this process holds its exclusive
-    lock; None when another process holds it (it is replaying the file) or the
-    file was removed before the lock was taken (it has been replayed)."""
+    lock; None when the file was removed before the lock was taken (it has been
+    replayed). Raises `_HeldElsewhere` when another process holds the lock."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return None
+        raise _HeldElsewhere from None
     if os.fstat(fd).st_nlink == 0:
         return None
     chunks = []
@@ -697,9 +701,10 @@ class Settler:
         the spool - ahead of a recovery pass, so that a spooled record settles
         its own pending row and a spooled refund gives its back before the
         recovery could charge either an estimate. False when a refund waits -
-        left in the spool because the database failed it again, or still
-        retried by this process: a recovery now could charge the request it
-        gives back, so the pass waits for the next one."""
+        left in the spool because the database failed it again, still retried
+        by this process, or in a claimed file another worker is replaying
+        (review-rec REC-1): a recovery now could charge the request it gives
+        back, so the pass waits for the next one."""
         if self._spool is not None and (self.backlog or self._has_spooled()):
             self._refunds_left = False
             await self.replay()
@@ -754,9 +759,16 @@ class Settler:
             self.backlog = True
             return 0
         try:
-            data = _locked_contents(fd)
+            try:
+                data = _locked_contents(fd)
+            except _HeldElsewhere:
+                # Another worker replays it, and its refunds may not be given
+                # yet: a recovery now could charge their requests (review-rec
+                # REC-1), so `replay_before_recovery` holds the pass back.
+                self._refunds_left = True
+                return 0
             if data is None:
-                return 0  # another worker replays it, or already has
+                return 0  # another worker has replayed it
             count = await self._replay_lines(data)
             try:
                 # While the lock is held: no other worker can have replayed it too.

@@ -430,3 +430,54 @@ async def test_a_refund_behind_a_record_with_an_over_long_id_does_not_stop_recov
     assert not spool.exists()
     (recorded,) = [e async for e in storage.events(DAY, DAY)]
     assert (recorded.answer_id, recorded.total_tokens) == (stored_id(over_long), 1168)
+
+
+class HeldRefunds:
+    """A real storage whose refunds wait at the door until let in: a worker in
+    the middle of replaying the spool (a long one, after an outage), holding
+    the claimed file's lock."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.arrived = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def refund(self, user_id: str, **kwargs: Any) -> bool:
+        self.arrived.set()
+        await self.go.wait()
+        return bool(await self.storage.refund(user_id, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.storage, name)
+
+
+async def test_a_refund_another_worker_is_replaying_holds_this_ones_recovery_back(
+    storage: Storage, tmp_path: Path
+) -> None:
+    """Two workers share the spool. Worker B claimed it (renamed and locked it)
+    and is replaying; the refund of r1 is in it, not given back yet. Worker A's
+    recovery pass asks `replay_before_recovery`, which finds the claimed file
+    locked, skips it - and said "ready": the recovery charged r1 the estimate of
+    an answer never produced, and B's refund then found the pending row gone
+    and gave nothing back (review-rec REC-1). A file another worker replays now
+    holds the pass back, as a refund still waiting does."""
+    await storage.ensure_user("alice", plan="free")
+    await _admit(storage, "r1")
+    spool = tmp_path / "spool.jsonl"
+    spool.write_bytes(give_back_to_json(Refund("alice", DAY, None, "r1")) + b"\n")
+    held = HeldRefunds(storage)
+    worker_b = Settler(held, metrics=Metrics(), spool=spool)  # type: ignore[arg-type]
+    replaying = asyncio.create_task(worker_b.replay())
+    await held.arrived.wait()
+
+    # Worker A's pass, as gateway/runtime.py runs it.
+    worker_a = Settler(storage, metrics=Metrics(), spool=spool)
+    if await worker_a.replay_before_recovery():
+        await _recover_an_hour_later(storage)
+    held.go.set()
+    await replaying
+
+    assert [e async for e in storage.events(DAY, DAY)] == []  # never charged
+    assert await _queries(storage) == 0  # the query came back
+    user = await storage.get_user("alice")
+    assert user is not None and user.lifetime_tokens == 0
