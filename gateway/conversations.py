@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
@@ -47,7 +47,7 @@ from gateway.config import AdvancedRagConfig, WebSearchConfig
 from gateway.errors import StorageError
 from gateway.features import asks_for_advanced_rag, asks_for_web_search, turns_web_off
 from gateway.sse import EventTooLarge, SSEDecoder
-from gateway.storage import ConversationFeatures
+from gateway.storage import ConversationFeatures, Ownership
 from gateway.upstreams.dify_files import canonical_uuid
 
 if TYPE_CHECKING:
@@ -74,30 +74,12 @@ _MAX_UNKEPT: Final = 10_000
 _PING: Final = b"event: ping\n\n"
 
 
-class ConversationStore(Protocol):
-    """The storage this module uses (`gateway.storage.Ownership`'s)."""
-
-    async def remember_conversation(
-        self,
-        user_id: str,
-        conversation_id: str,
-        features: ConversationFeatures,
-        *,
-        upstream: str,
-        now: datetime,
-    ) -> None: ...
-
-    async def conversation_features(
-        self, user_id: str, conversation_id: str
-    ) -> ConversationFeatures | None: ...
-
-
 class Conversations:
     """What users' Dify conversations asked for when they began."""
 
     def __init__(
         self,
-        storage: ConversationStore,
+        storage: Ownership,
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.monotonic,

@@ -370,22 +370,42 @@ async def test_storage_keeps_the_first_record_for_users_who_are_there(
     assert await storage.conversation_features("ann", "c-1") is None  # gone with the user
 
 
+class Rows:
+    """The two `Ownership` methods `Conversations` uses, over a dict; ``down``:
+    the database does not answer."""
+
+    def __init__(
+        self, rows: dict[tuple[str, str], ConversationFeatures] | None = None, *, down: bool = False
+    ) -> None:
+        self.rows = dict(rows or {})
+        self.down = down
+        self.reads = 0
+
+    async def remember_conversation(
+        self,
+        user_id: str,
+        conversation_id: str,
+        features: ConversationFeatures,
+        *,
+        upstream: str,
+        now: datetime,
+    ) -> None:
+        if self.down:
+            raise StorageError("database unreachable")
+        self.rows.setdefault((user_id, conversation_id), features)
+
+    async def conversation_features(
+        self, user_id: str, conversation_id: str
+    ) -> ConversationFeatures | None:
+        if self.down:
+            raise StorageError("database unreachable")
+        self.reads += 1
+        return self.rows.get((user_id, conversation_id))
+
+
 async def test_the_process_reads_a_conversation_once() -> None:
-    class Counting:
-        def __init__(self) -> None:
-            self.reads = 0
-
-        async def remember_conversation(self, *args: Any, **kwargs: Any) -> None:
-            raise AssertionError
-
-        async def conversation_features(
-            self, user_id: str, conversation_id: str
-        ) -> ConversationFeatures | None:
-            self.reads += 1
-            return ConversationFeatures(web_search=True) if conversation_id == "c-1" else None
-
-    store = Counting()
-    conversations = Conversations(store, Metrics())
+    store = Rows({("ann", "c-1"): ConversationFeatures(web_search=True)})
+    conversations = Conversations(store, Metrics())  # type: ignore[arg-type]
     for _ in range(3):
         assert await conversations.features("ann", "c-1") == ConversationFeatures(web_search=True)
         assert not await conversations.features("ann", "c-2")
@@ -609,34 +629,9 @@ async def test_a_row_the_database_did_not_take_is_held_and_written_with_the_next
     row is written with the next one the database takes, so the other replicas
     learn it too."""
 
-    class Flaky:
-        def __init__(self) -> None:
-            self.down = True
-            self.rows: dict[tuple[str, str], ConversationFeatures] = {}
-
-        async def remember_conversation(
-            self,
-            user_id: str,
-            conversation_id: str,
-            features: ConversationFeatures,
-            *,
-            upstream: str,
-            now: datetime,
-        ) -> None:
-            if self.down:
-                raise StorageError("database unreachable")
-            self.rows.setdefault((user_id, conversation_id), features)
-
-        async def conversation_features(
-            self, user_id: str, conversation_id: str
-        ) -> ConversationFeatures | None:
-            if self.down:
-                raise StorageError("database unreachable")
-            return self.rows.get((user_id, conversation_id))
-
-    store = Flaky()
+    store = Rows(down=True)
     metrics = Metrics()
-    conversations = Conversations(store, metrics)
+    conversations = Conversations(store, metrics)  # type: ignore[arg-type]
     advanced = ConversationFeatures(advanced_rag=True)
     await conversations.remember("ann", "c-1", advanced, upstream="default", now=NOW)
     conversations._known.clear()  # the cache started over
@@ -738,29 +733,16 @@ async def test_a_miss_is_read_again_after_a_while() -> None:
     `MISS_SECONDS`, then read again: a row can come later (listed on another
     replica), and that replica's later messages must find it (review-conv2 F3)."""
 
-    class Store:
-        def __init__(self) -> None:
-            self.reads = 0
-            self.row: ConversationFeatures | None = None
-
-        async def remember_conversation(self, *args: Any, **kwargs: Any) -> None:
-            raise AssertionError
-
-        async def conversation_features(
-            self, user_id: str, conversation_id: str
-        ) -> ConversationFeatures | None:
-            self.reads += 1
-            return self.row
-
-    store = Store()
+    store = Rows()
     now = [100.0]
-    conversations = Conversations(store, Metrics(), clock=lambda: now[0])
+    conversations = Conversations(store, Metrics(), clock=lambda: now[0])  # type: ignore[arg-type]
     assert not await conversations.features("ann", "c-1")
-    store.row = ConversationFeatures(advanced_rag=True)  # listed on another replica
+    listed = ConversationFeatures(advanced_rag=True)
+    store.rows[("ann", "c-1")] = listed  # kept from a list read on another replica
     now[0] += MISS_SECONDS - 1
     assert not await conversations.features("ann", "c-1")
     now[0] += 2
-    assert await conversations.features("ann", "c-1") == store.row
+    assert await conversations.features("ann", "c-1") == listed
     assert store.reads == 2
 
 

@@ -214,15 +214,7 @@ async def test_a_recovery_by_a_clock_ahead_still_charges_a_dead_gateways_answer(
     now = datetime.now(UTC)
     admitted = now - timedelta(hours=1)
     await storage.ensure_user("alice", plan="free")
-    admission = await storage.admit(
-        "alice",
-        day=admitted.date(),
-        month_start=admitted.date().replace(day=1),
-        now=admitted,
-        limits=AdmissionLimits(queries_per_day=10),
-        pending=Pending(id="r1", endpoint="chat-messages", total_tokens=25, cost=Decimal(0)),
-    )
-    assert admission.admitted
+    await _admit_r1(storage, admitted)
     ahead = FixedClock(now + timedelta(minutes=30))
     recovery = Recovery(storage, clock=ahead, metrics=Metrics(), after=timedelta(minutes=10))
     assert await recovery.run_once() == 1
@@ -443,15 +435,7 @@ async def test_a_recover_after_of_days_is_not_stretched_by_the_sessions_dst(
     storage = await open_storage(DatabaseConfig(url=own_database))
     try:
         await storage.ensure_user("alice", plan="free")
-        admission = await storage.admit(
-            "alice",
-            day=admitted.date(),
-            month_start=admitted.date().replace(day=1),
-            now=admitted,
-            limits=AdmissionLimits(queries_per_day=10),
-            pending=Pending(id="r1", endpoint="chat-messages", total_tokens=25, cost=Decimal(0)),
-        )
-        assert admission.admitted
+        await _admit_r1(storage, admitted)
         recovery = Recovery(storage, clock=SystemClock(), metrics=Metrics(), after=after)
         assert await recovery.run_once() == 1
     finally:
@@ -483,3 +467,17 @@ async def test_the_offset_gauge_reads_0_on_sqlite_under_several_workers(
     assert answer.status_code == 200
     assert "\ngateway_streams_in_flight 0.0\n" in answer.text
     assert "\ngateway_clock_offset_seconds 0.0\n" in answer.text
+
+
+async def _admit_r1(storage: Storage, admitted: datetime) -> None:
+    """Alice's request r1, admitted at ``admitted`` and pending since (its
+    gateway gone)."""
+    admission = await storage.admit(
+        "alice",
+        day=admitted.date(),
+        month_start=admitted.date().replace(day=1),
+        now=admitted,
+        limits=AdmissionLimits(queries_per_day=10),
+        pending=Pending(id="r1", endpoint="chat-messages", total_tokens=25, cost=Decimal(0)),
+    )
+    assert admission.admitted
